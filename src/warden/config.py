@@ -1,0 +1,316 @@
+"""Typed configuration: one YAML file, every key optional, ``WARDEN_*`` overrides.
+
+Defaults are the named constants below. Validation happens once, at start, and
+an invalid file fails with a message naming the key (``policy.deadline_ms:
+Input should be greater than 0``). Environment variables override the file:
+``WARDEN_MODE=observe``, ``WARDEN_LISTEN__PROXY=0.0.0.0:8080`` (``__`` walks
+into nested keys; values are read as YAML scalars, so ``50`` is a number).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from warden.errors import ConfigError
+from warden.model import Effect, Mode
+
+__all__ = [
+    "DEFAULT_ADMIN_LISTEN",
+    "DEFAULT_AGENT_ID",
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_POLICY_QUERY",
+    "DEFAULT_PROXY_LISTEN",
+    "AdminConfig",
+    "AgentConfig",
+    "AuditConfig",
+    "Config",
+    "LimitsConfig",
+    "ListenConfig",
+    "PolicyConfig",
+    "StateConfig",
+    "ToolConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_listen",
+]
+
+DEFAULT_AGENT_ID = "default-agent"
+DEFAULT_PROXY_LISTEN = "127.0.0.1:8080"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:8081"
+DEFAULT_POLICY_BUNDLES = ("policies/customer-support",)
+DEFAULT_POLICY_QUERY = "data.warden.decision"
+DEFAULT_POLICY_DEADLINE_MS = 50.0
+DEFAULT_POLICY_WORKERS = 2
+DEFAULT_POLICY_CACHE_SIZE = 10_000
+DEFAULT_AUDIT_DIR = "./warden-data/audit"
+DEFAULT_STATE_URL = "sqlite:///./warden-data/state.db"
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+DEFAULT_UPSTREAM_TIMEOUT_S = 300.0
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_SHUTDOWN_GRACE_S = 20.0
+ENV_PREFIX = "WARDEN_"
+# Read by the CLI, not by the server; never treated as config overrides.
+ENV_RESERVED = frozenset({"WARDEN_CONFIG", "WARDEN_TOKEN", "WARDEN_ADMIN_URL", "WARDEN_PYTHON"})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AgentConfig(_Section):
+    """The agent this sidecar speaks for when a request names none."""
+
+    id: str = Field(DEFAULT_AGENT_ID, min_length=1, max_length=128)
+    version: str = ""
+    mode: Mode | None = None
+    """Per-agent mode; overrides the top-level ``mode`` for this agent."""
+
+
+class ListenConfig(_Section):
+    """Where the proxy and admin listeners bind (``host:port``; port 0 picks one)."""
+
+    proxy: str = DEFAULT_PROXY_LISTEN
+    admin: str = DEFAULT_ADMIN_LISTEN
+
+    @field_validator("proxy", "admin")
+    @classmethod
+    def _hostport(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+
+class UpstreamConfig(_Section):
+    """An API the agent may reach through ``/<name>/...``; nothing else is reachable."""
+
+    protocol: Literal["openai", "anthropic", "http"]
+    base_url: str
+    timeout_s: float = Field(DEFAULT_UPSTREAM_TIMEOUT_S, gt=0)
+    connect_timeout_s: float = Field(DEFAULT_CONNECT_TIMEOUT_S, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http:// or https:// URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment")
+        return value.rstrip("/")
+
+
+class ToolConfig(_Section):
+    """Per-tool settings: the risk class chooses the fallback when policy fails."""
+
+    risk: Literal["read_only", "write", "high"] = "write"
+
+
+class SigningConfig(_Section):
+    """Bundle signature checking (OPA ``.signatures.json``)."""
+
+    required: bool = False
+    keys: dict[str, str] = Field(default_factory=dict)
+    """Key id to a PEM public key, or to ``@path/to/key.pem``."""
+
+
+class PolicyConfig(_Section):
+    """The Rego bundles and how they are evaluated."""
+
+    bundles: tuple[str, ...] = DEFAULT_POLICY_BUNDLES
+    query: str = Field(DEFAULT_POLICY_QUERY, pattern=r"^data(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+    default_effect: Effect = Effect.DENY
+    """What an undefined policy result means."""
+    deadline_ms: float = Field(DEFAULT_POLICY_DEADLINE_MS, gt=0)
+    workers: int = Field(DEFAULT_POLICY_WORKERS, ge=1, le=64)
+    cache_size: int = Field(DEFAULT_POLICY_CACHE_SIZE, ge=0)
+    watch: bool = True
+    """Reload bundles from their folders when files change."""
+    poll_interval_s: float = Field(5.0, gt=0)
+    bundle_url: str | None = None
+    """An HTTP bundle server to poll (``.tar.gz``, ETag aware)."""
+    signing: SigningConfig = SigningConfig()
+    fallback: dict[str, Effect] = Field(
+        default_factory=lambda: {
+            "read_only": Effect.ALLOW,
+            "write": Effect.DENY,
+            "high": Effect.DENY,
+        }
+    )
+    """Effect by tool risk class when the policy errors, times out or crashes."""
+
+
+class AuditConfig(_Section):
+    """The local, append-only, hash-chained audit log."""
+
+    dir: str = DEFAULT_AUDIT_DIR
+    fsync: Literal["always", "batch", "never"] = "always"
+    segment_max_bytes: int = Field(64 * 1024 * 1024, ge=4096)
+    checkpoint_interval_s: float = Field(60.0, gt=0)
+    signing_key_file: str | None = None
+    """Ed25519 private key (PEM) for checkpoints; generated in ``dir`` when absent."""
+
+
+class StateConfig(_Section):
+    """Where approvals, budgets and kill switches live."""
+
+    url: str = DEFAULT_STATE_URL
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("must start with sqlite:/// or postgresql://")
+        return value
+
+
+class LimitsConfig(_Section):
+    """Bounds on what agents may send."""
+
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+
+
+class AdminToken(_Section):
+    """An admin API bearer token, stored only as its SHA-256."""
+
+    subject: str = Field(min_length=1)
+    roles: tuple[Literal["admin", "approver", "auditor", "viewer"], ...]
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class AdminConfig(_Section):
+    """The admin API's tokens."""
+
+    tokens: tuple[AdminToken, ...] = ()
+
+
+class Config(_Section):
+    """The whole configuration; every key has a safe default."""
+
+    agent: AgentConfig = AgentConfig()
+    mode: Mode = Mode.ENFORCE
+    agents: dict[str, AgentConfig] = Field(default_factory=dict)
+    """Settings for agents other than the default one, by agent id."""
+    listen: ListenConfig = ListenConfig()
+    upstreams: dict[str, UpstreamConfig] = Field(
+        default_factory=lambda: {
+            "openai": UpstreamConfig(protocol="openai", base_url="https://api.openai.com"),
+            "anthropic": UpstreamConfig(protocol="anthropic", base_url="https://api.anthropic.com"),
+        }
+    )
+    tools: dict[str, ToolConfig] = Field(default_factory=dict)
+    policy: PolicyConfig = PolicyConfig()
+    audit: AuditConfig = AuditConfig()
+    state: StateConfig = StateConfig()
+    limits: LimitsConfig = LimitsConfig()
+    admin: AdminConfig = AdminConfig()
+    shutdown_grace_s: float = Field(DEFAULT_SHUTDOWN_GRACE_S, ge=0)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _names(cls, value: dict[str, UpstreamConfig]) -> dict[str, UpstreamConfig]:
+        for name in value:
+            if not name or not all(c.isalnum() or c in "-_" for c in name):
+                raise ValueError(f"upstream name {name!r} must be letters, digits, - or _")
+        return value
+
+    def mode_for(self, agent_id: str) -> Mode:
+        """The configured mode for an agent: its own setting, else the global one."""
+        if agent_id == self.agent.id and self.agent.mode is not None:
+            return self.agent.mode
+        own = self.agents.get(agent_id)
+        if own is not None and own.mode is not None:
+            return own.mode
+        return self.mode
+
+    def risk_of(self, tool: str | None) -> str:
+        """The tool's risk class (``write`` unless configured)."""
+        if tool is None:
+            return "write"
+        entry = self.tools.get(tool)
+        return entry.risk if entry is not None else "write"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[::1]:8080`` for IPv6); raise ``ValueError`` if malformed."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED:
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if not all(path):
+            raise ConfigError(f"{name}: empty key segment")
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{name}: {key} is set both as a value and a section")
+        node[path[-1]] = yaml.safe_load(raw) if raw else raw
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{key}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read, merge and validate the configuration.
+
+    Order of precedence, lowest first: defaults, the YAML file, ``WARDEN_*``
+    variables, then ``overrides`` (used by tests and the demo). Relative paths
+    in the file stay relative to the working directory, as with OPA.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        data = loaded or {}
+    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc)) from None

@@ -1,0 +1,128 @@
+"""Warden's exceptions, each with a stable ``code``.
+
+The code is reused in error bodies sent to agents, in log lines and as the
+``code`` label of metrics, so it never changes once released::
+
+    WardenError
+    ├── ConfigError              config_invalid
+    ├── RequestError             (4xx: the agent's request is wrong)
+    │   ├── BodyTooLarge         body_too_large
+    │   ├── InvalidJSON          invalid_json
+    │   ├── UnsupportedMedia     unsupported_media_type
+    │   └── UnknownRoute         unknown_route
+    ├── UpstreamError            (5xx: the provider failed us)
+    │   ├── UpstreamUnavailable  upstream_unavailable  (refused, reset: 502)
+    │   ├── UpstreamTimeout      upstream_timeout      (504)
+    │   └── UpstreamProtocol     upstream_bad_response (malformed JSON, truncated stream: 502)
+    ├── PolicyError              policy_error          (bundle or evaluation failed)
+    └── AuditError               audit_unavailable     (the log cannot take records: fail closed)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "AuditError",
+    "BodyTooLarge",
+    "ConfigError",
+    "InvalidJSON",
+    "PolicyError",
+    "RequestError",
+    "UnknownRoute",
+    "UnsupportedMedia",
+    "UpstreamError",
+    "UpstreamProtocol",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "WardenError",
+]
+
+
+class WardenError(Exception):
+    """Base of every error Warden raises on purpose."""
+
+    code: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 500
+
+
+class ConfigError(WardenError):
+    """The configuration is invalid; the message names the key."""
+
+    code = "config_invalid"
+
+
+class RequestError(WardenError):
+    """The agent's request cannot be served as sent."""
+
+    code = "invalid_request"
+    status = 400
+
+
+class BodyTooLarge(RequestError):
+    """The request body is over ``limits.max_body_bytes``."""
+
+    code = "body_too_large"
+    status = 413
+
+
+class InvalidJSON(RequestError):
+    """The request body is not the JSON object the API expects."""
+
+    code = "invalid_json"
+    status = 400
+
+
+class UnsupportedMedia(RequestError):
+    """The request's content type is not JSON where JSON is required."""
+
+    code = "unsupported_media_type"
+    status = 415
+
+
+class UnknownRoute(RequestError):
+    """The path names no configured upstream."""
+
+    code = "unknown_route"
+    status = 404
+
+
+class UpstreamError(WardenError):
+    """The upstream API failed; the agent gets a 5xx in the provider's error shape."""
+
+    code = "upstream_error"
+    status = 502
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The upstream refused or reset the connection."""
+
+    code = "upstream_unavailable"
+    status = 502
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer within the configured timeout."""
+
+    code = "upstream_timeout"
+    status = 504
+
+
+class UpstreamProtocol(UpstreamError):
+    """The upstream answered with something that is not its documented format."""
+
+    code = "upstream_bad_response"
+    status = 502
+
+
+class PolicyError(WardenError):
+    """A policy bundle could not be loaded or evaluated."""
+
+    code = "policy_error"
+
+
+class AuditError(WardenError):
+    """The audit log cannot make records durable; Warden fails closed."""
+
+    code = "audit_unavailable"
+    status = 503

@@ -1,0 +1,1 @@
+"""Front doors that turn wire traffic into pipeline calls."""

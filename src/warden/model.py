@@ -1,0 +1,217 @@
+"""The core data types: one frozen type per concept, no I/O.
+
+Every entry point (base-URL proxy, later mitmproxy and gRPC) turns traffic into
+:class:`Action` values, the guard pipeline turns each into one :class:`Decision`,
+and the audit log stores both. Adapters, guards and sinks only exchange these.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Action",
+    "ActionKind",
+    "Agent",
+    "Decision",
+    "Effect",
+    "Mode",
+    "Obligations",
+    "Outcome",
+    "RequestMeta",
+    "Stage",
+    "ToolCall",
+    "ToolResult",
+    "Usage",
+    "new_id",
+]
+
+
+def new_id(prefix: str) -> str:
+    """A sortable, unguessable id such as ``dec_0193c1f2a8b4_5f1c2e9a7d3b``.
+
+    The hex millisecond timestamp first keeps ids roughly time-ordered in logs;
+    the random tail makes them unguessable, which matters for approval ids.
+    """
+    return f"{prefix}_{time.time_ns() // 1_000_000:012x}_{secrets.token_hex(6)}"
+
+
+class ActionKind(enum.StrEnum):
+    """What sort of thing the agent is doing."""
+
+    TOOL_CALL = "tool_call"
+    LLM_CALL = "llm_call"
+    HTTP_CALL = "http_call"
+    MCP_CALL = "mcp_call"
+
+
+class Stage(enum.StrEnum):
+    """``proposed``: a model asked for it; ``executed``: it is being sent to an API."""
+
+    PROPOSED = "proposed"
+    EXECUTED = "executed"
+
+
+class Effect(enum.StrEnum):
+    """What a decision says should happen to the action."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+    REQUIRE_APPROVAL = "require_approval"
+
+
+class Mode(enum.StrEnum):
+    """``observe`` records what would have happened and lets the action through."""
+
+    ENFORCE = "enforce"
+    OBSERVE = "observe"
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """Who acts: the agent's id (from ``X-Warden-Agent`` or config) and version."""
+
+    id: str
+    version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMeta:
+    """The HTTP request an action came from, with secrets already removed."""
+
+    method: str
+    upstream: str
+    path: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A tool call as a protocol carries it, before it becomes an :class:`Action`.
+
+    ``arguments`` is the parsed JSON object, or ``None`` when ``raw_arguments``
+    is not a JSON object (the pipeline then denies the call: fail closed).
+    ``index`` is the call's position in the message as the provider sent it.
+    """
+
+    call_id: str
+    name: str
+    raw_arguments: str
+    arguments: Mapping[str, Any] | None
+    index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """The result of an earlier tool call that the agent sends back to the model."""
+
+    call_id: str
+    content: str
+    is_error: bool = False
+    tool: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token usage reported by the provider for one response."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened after an action was let through.
+
+    For an LLM call: the upstream status, latency and tokens. For a tool call:
+    the result the agent later sent back (``result``), which may be redacted
+    before it is recorded. ``error`` is a stable error code when it failed.
+    """
+
+    status: int | None = None
+    latency_ms: float = 0.0
+    usage: Usage | None = None
+    error: str | None = None
+    result: str | None = None
+    is_error: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One thing an agent proposes or does, in protocol-neutral form.
+
+    This is what policies see as ``input.action`` (plus ``input.agent`` and
+    ``input.context``); see :func:`warden.pipeline.policy_input`.
+    """
+
+    action_id: str
+    agent: Agent
+    kind: ActionKind
+    protocol: str
+    stage: Stage
+    request: RequestMeta
+    tool: str | None = None
+    arguments: Mapping[str, Any] | None = None
+    raw_arguments: str | None = None
+    call_id: str | None = None
+    model: str | None = None
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        """The tool name for tool calls, else the request path: a short label for logs."""
+        return self.tool if self.tool is not None else self.request.path
+
+
+@dataclass(frozen=True, slots=True)
+class Obligations:
+    """What a decision asks of the rest of Warden beyond allow or deny."""
+
+    redact: tuple[str, ...] = ()
+    approvers: tuple[str, ...] = ()
+    hold_timeout_s: float | None = None
+    risk: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The one result every entry point returns and every record carries.
+
+    ``effect`` is what the deciding stage said. In ``observe`` mode the action
+    goes through regardless; :attr:`enforced` is what actually happens.
+    ``guard`` names the stage that decided (``policy``, ``kill_switch``,
+    ``budget``, ``approval``, ``validation``, ``fallback``).
+    """
+
+    decision_id: str
+    effect: Effect
+    reasons: tuple[str, ...]
+    mode: Mode
+    guard: str
+    bundle_revision: str = ""
+    obligations: Obligations = field(default_factory=Obligations)
+    error: str | None = None
+    elapsed_us: int = 0
+
+    @property
+    def enforced(self) -> Effect:
+        """The effect that is applied: always ``allow`` in observe mode."""
+        return self.effect if self.mode is Mode.ENFORCE else Effect.ALLOW
+
+    @property
+    def would(self) -> str | None:
+        """``would_deny`` / ``would_hold`` when observe mode let a non-allow through."""
+        if self.mode is Mode.OBSERVE and self.effect is not Effect.ALLOW:
+            return "would_deny" if self.effect is Effect.DENY else "would_hold"
+        return None
+
+    @property
+    def reason(self) -> str:
+        """All reasons joined, for messages shown to agents and people."""
+        return "; ".join(self.reasons) if self.reasons else "no reason given"

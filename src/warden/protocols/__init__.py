@@ -1,0 +1,1 @@
+"""Protocol adapters: one wire format each, no I/O."""

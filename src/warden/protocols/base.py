@@ -1,0 +1,135 @@
+"""The contract every protocol adapter implements. Adapters do no I/O.
+
+An adapter knows one wire format. The ingress hands it parsed JSON bodies and
+SSE events; it hands back tool calls to decide and the bytes to send. That
+keeps every protocol testable from recorded bytes, without sockets.
+
+Streaming uses a small sans-I/O protocol. For each upstream SSE event the
+ingress calls :meth:`StreamRewriter.feed` and walks the returned iterator in
+order. Items are either :class:`~warden.protocols.sse.SseEvent` (send now) or
+:class:`~warden.model.ToolCall` (a call whose arguments are complete: decide
+it, then call :meth:`StreamRewriter.resolve` with the decision and send what
+it returns before taking the next item). Iterators are lazy, so an event that
+depends on earlier decisions (the finish reason) is built only once those
+decisions were resolved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from warden.model import Decision, Effect, ToolCall, ToolResult, Usage
+from warden.protocols.sse import SseEvent
+
+__all__ = [
+    "Adapter",
+    "ParsedRequest",
+    "StreamItem",
+    "StreamRewriter",
+    "blocked_message",
+]
+
+StreamItem = SseEvent | ToolCall
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    """What Warden needs from an agent's request body.
+
+    ``tool_results`` are the results of earlier calls the agent sends back
+    (OpenAI ``role: tool`` messages, Anthropic ``tool_result`` blocks,
+    Responses ``function_call_output`` items), with the tool name filled in
+    when the same request also carries the call that they answer.
+    """
+
+    model: str | None
+    stream: bool
+    tool_results: tuple[ToolResult, ...] = ()
+
+
+class StreamRewriter(Protocol):
+    """Rewrites one SSE response stream so that no undecided tool call leaks out.
+
+    Text deltas are yielded as soon as they are fed. Tool-call deltas are held
+    until that call's arguments are complete, then yielded as one ToolCall.
+    """
+
+    def feed(self, event: SseEvent) -> Iterator[StreamItem]:
+        """Take one upstream event; yield what may be sent and what to decide."""
+        ...
+
+    def resolve(self, call: ToolCall, decision: Decision) -> list[SseEvent]:
+        """Return the events that stand for ``call`` under ``decision``.
+
+        Allowed: the call's held deltas (renumbered so the indexes the agent
+        sees stay contiguous). Otherwise: a text delta saying what was
+        blocked and why, with the decision id; nothing of the call remains.
+        """
+        ...
+
+    def finish(self) -> Iterator[StreamItem]:
+        """Upstream ended: yield what is still held (calls that never closed)."""
+        ...
+
+    @property
+    def usage(self) -> Usage | None:
+        """Token usage, if the stream reported it (seen so far)."""
+        ...
+
+    @property
+    def model(self) -> str | None:
+        """The model the stream reported, if any."""
+        ...
+
+    @property
+    def complete(self) -> bool:
+        """True once the protocol's own end marker was seen (else: truncated)."""
+        ...
+
+
+class Adapter(Protocol):
+    """One LLM API's wire format: find actions in it, render verdicts back in it."""
+
+    name: str
+    """Protocol label used in actions, records and metrics, e.g. ``openai.chat``."""
+
+    def parse_request(self, body: Mapping[str, Any]) -> ParsedRequest:
+        """Read model, stream flag and returned tool results from a request body."""
+        ...
+
+    def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:
+        """The tool calls a non-streaming response proposes, in order."""
+        ...
+
+    def rewrite(self, body: Mapping[str, Any], decisions: Mapping[str, Decision]) -> dict[str, Any]:
+        """Return a copy of a non-streaming response with verdicts applied.
+
+        ``decisions`` maps call id to decision. Calls whose enforced effect is
+        not allow are removed and explained in assistant text; when no call
+        remains the finish/stop reason becomes ``stop`` / ``end_turn`` so the
+        official SDKs parse the result.
+        """
+        ...
+
+    def usage(self, body: Mapping[str, Any]) -> Usage | None:
+        """Token usage of a non-streaming response."""
+        ...
+
+    def stream_rewriter(self) -> StreamRewriter:
+        """A fresh rewriter for one streaming response."""
+        ...
+
+
+def blocked_message(call: ToolCall, decision: Decision) -> str:
+    """The text an agent sees instead of a tool call that was not allowed.
+
+    Written for the model reading it as much as for people: it says the call
+    did not happen, so the model does not claim it did.
+    """
+    if decision.effect is Effect.REQUIRE_APPROVAL:
+        what = f"held the tool call `{call.name}` for human approval; it was not performed"
+    else:
+        what = f"blocked the tool call `{call.name}`; it was not performed"
+    return f"[Warden] {what}. Reason: {decision.reason}. (decision {decision.decision_id})"

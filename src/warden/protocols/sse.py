@@ -1,0 +1,122 @@
+"""Server-sent events: an incremental parser and an encoder. No I/O.
+
+The parser follows the WHATWG event-stream rules (``data:`` lines joined by
+newlines, ``event:``/``id:`` fields, comments ignored, CR, LF and CRLF line
+ends) and accepts input split at any byte boundary, so it gives the same events
+however the network chunks the stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["SseEvent", "SseParser", "encode_comment"]
+
+
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    """One event: its ``event`` name (``None`` when absent) and its ``data``."""
+
+    data: str
+    event: str | None = None
+    id: str | None = None
+
+    def encode(self) -> bytes:
+        """The event in wire form, ending with the blank line that dispatches it."""
+        parts: list[str] = []
+        if self.event is not None:
+            parts.append(f"event: {self.event}\n")
+        if self.id is not None:
+            parts.append(f"id: {self.id}\n")
+        for line in self.data.split("\n"):
+            parts.append(f"data: {line}\n")
+        parts.append("\n")
+        return "".join(parts).encode()
+
+
+def encode_comment(text: str = "") -> bytes:
+    """A comment line: ignored by clients, used as a keep-alive while waiting."""
+    return f": {text}\n\n".encode()
+
+
+class SseParser:
+    """Incremental event-stream parser: ``feed(bytes)`` returns complete events."""
+
+    def __init__(self, max_buffer: int = 16 * 1024 * 1024) -> None:
+        self._buf = bytearray()
+        self._max_buffer = max_buffer
+        self._data: list[str] = []
+        self._event: str | None = None
+        self._id: str | None = None
+        self._pending_cr = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete line."""
+        return len(self._buf)
+
+    @property
+    def has_partial_event(self) -> bool:
+        """True when fields were read but the event's blank line has not come yet."""
+        return bool(self._buf) or bool(self._data) or self._event is not None
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        """Add bytes; return the events they complete, in order.
+
+        Raises ``ValueError`` when a single line grows beyond ``max_buffer``:
+        an upstream that never ends a line must not exhaust memory.
+        """
+        events: list[SseEvent] = []
+        data = bytes(chunk)
+        if self._pending_cr and data.startswith(b"\n"):
+            # CRLF split across two chunks: the CR already ended the line.
+            data = data[1:]
+        self._pending_cr = False
+        self._buf.extend(data)
+        start = 0
+        buf = self._buf
+        n = len(buf)
+        while start < n:
+            cr = buf.find(b"\r", start)
+            lf = buf.find(b"\n", start)
+            if cr == -1 and lf == -1:
+                break
+            if cr == -1 or (lf != -1 and lf < cr):
+                end, nxt = lf, lf + 1
+            else:
+                end = cr
+                if cr + 1 < n:
+                    nxt = cr + 2 if buf[cr + 1] == 0x0A else cr + 1
+                else:
+                    nxt = cr + 1
+                    self._pending_cr = True
+            line = bytes(buf[start:end]).decode("utf-8", errors="replace")
+            start = nxt
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        del buf[:start]
+        if len(buf) > self._max_buffer:
+            raise ValueError(f"SSE line longer than {self._max_buffer} bytes")
+        return events
+
+    def _line(self, line: str) -> SseEvent | None:
+        if not line:
+            if not self._data and self._event is None:
+                return None
+            event = SseEvent(data="\n".join(self._data), event=self._event, id=self._id)
+            self._data = []
+            self._event = None
+            return event
+        if line.startswith(":"):
+            return None
+        name, sep, value = line.partition(":")
+        if sep and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            self._id = value
+        return None

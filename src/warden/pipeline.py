@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -102,8 +102,8 @@ class Pipeline:
         guards: Sequence[Guard],
         audit: AuditSink,
         *,
-        mode_for: Any,
-        risk_of: Any,
+        mode_for: Callable[[str], Mode],
+        risk_of: Callable[[str | None], str],
         default_effect: Effect = Effect.DENY,
     ) -> None:
         self._guards = tuple(guards)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 __all__ = ["SseEvent", "SseParser", "encode_comment"]
 
+_BOM = b"\xef\xbb\xbf"
+
 
 @dataclass(frozen=True, slots=True)
 class SseEvent:
@@ -28,7 +30,8 @@ class SseEvent:
             parts.append(f"event: {self.event}\n")
         if self.id is not None:
             parts.append(f"id: {self.id}\n")
-        for line in self.data.split("\n"):
+        # Each of CR, LF and CRLF ends a line on the wire: all become data lines.
+        for line in self.data.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
             parts.append(f"data: {line}\n")
         parts.append("\n")
         return "".join(parts).encode()
@@ -46,9 +49,11 @@ class SseParser:
         self._buf = bytearray()
         self._max_buffer = max_buffer
         self._data: list[str] = []
+        self._data_size = 0
         self._event: str | None = None
         self._id: str | None = None
         self._pending_cr = False
+        self._started = False
 
     @property
     def buffered(self) -> int:
@@ -68,6 +73,17 @@ class SseParser:
         """
         events: list[SseEvent] = []
         data = bytes(chunk)
+        if not data:
+            return events  # keeps a pending CR pending
+        if not self._started:
+            data = bytes(self._buf) + data
+            self._buf.clear()
+            if len(data) < 3 and _BOM.startswith(data):
+                self._buf.extend(data)  # perhaps the start of a byte-order mark
+                return []
+            self._started = True
+            if data.startswith(_BOM):
+                data = data[3:]
         if self._pending_cr and data.startswith(b"\n"):
             # CRLF split across two chunks: the CR already ended the line.
             data = data[1:]
@@ -102,10 +118,13 @@ class SseParser:
 
     def _line(self, line: str) -> SseEvent | None:
         if not line:
-            if not self._data and self._event is None:
+            # Per the standard, a block with no data lines dispatches nothing.
+            if not self._data:
+                self._event = None
                 return None
             event = SseEvent(data="\n".join(self._data), event=self._event, id=self._id)
             self._data = []
+            self._data_size = 0
             self._event = None
             return event
         if line.startswith(":"):
@@ -114,9 +133,12 @@ class SseParser:
         if sep and value.startswith(" "):
             value = value[1:]
         if name == "data":
+            self._data_size += len(value) + 1
+            if self._data_size > self._max_buffer:
+                raise ValueError(f"SSE event larger than {self._max_buffer} bytes")
             self._data.append(value)
         elif name == "event":
             self._event = value
-        elif name == "id":
+        elif name == "id" and "\0" not in value:
             self._id = value
         return None

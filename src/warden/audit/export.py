@@ -1,0 +1,557 @@
+"""Evidence for auditors: packages they check offline, SIEM exports and single proofs.
+
+``export_log`` first verifies the whole log (a damaged log is not exported),
+then selects the records of a period (and optionally one agent) that the
+latest signed checkpoint covers, and writes one of:
+
+* ``evidence`` (a directory): ``records.jsonl`` (the stored bytes, one record
+  per line), ``proofs.jsonl`` (an inclusion proof per record), the signed
+  ``checkpoint`` with the verifier key, an optional consistency proof from an
+  earlier checkpoint, ``SUMMARY.md``, ``VERIFY.md``, the standalone
+  ``verify_evidence.py`` and ``MANIFEST.sha256``;
+* ``csv``: one row per record for spreadsheets;
+* ``ocsf``: OCSF 1.6 API Activity events (class 6003), one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as dt
+import hashlib
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from warden.audit.checkpoint import Checkpoint, NoteVerifier
+from warden.audit.layout import Layout
+from warden.audit.merkle import MerkleTree, leaf_hash, verify_inclusion
+from warden.audit.verify import iter_records, verify_log
+from warden.audit.verify_evidence import split_note
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "ExportError",
+    "ExportResult",
+    "Selection",
+    "export_log",
+    "inclusion_proof",
+    "parse_time",
+]
+
+EXPORT_FORMATS = ("evidence", "csv", "ocsf")
+OCSF_VERSION = "1.6.0"
+_MAX_LISTED = 1000  # approvals and denials listed one by one in SUMMARY.md
+_STANDALONE = Path(__file__).with_name("verify_evidence.py")
+
+
+class ExportError(Exception):
+    """The export cannot be made: damaged log, unknown record, unusable output path."""
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which records to export: a time range (``start`` inclusive, ``end`` exclusive) and agent."""
+
+    start: str | None = None
+    end: str | None = None
+    agent: str | None = None
+
+    def matches(self, record: Mapping[str, Any]) -> bool:
+        """Whether ``record`` (parsed) falls in the selection."""
+        when = record.get("time", "")
+        if self.start is not None and when < self.start:
+            return False
+        if self.end is not None and when >= self.end:
+            return False
+        return self.agent is None or _agent_of(record) == self.agent
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    """What was exported, and what could not be (not yet under a checkpoint)."""
+
+    path: Path
+    format: str
+    records: int
+    tree_size: int
+    uncovered: int
+
+
+def parse_time(value: str, *, end: bool = False) -> str:
+    """A ``--from``/``--to`` value as the record time format, for string comparison.
+
+    Accepts RFC 3339 timestamps and bare dates; a bare date as ``end`` means
+    the end of that day, so ``--to 2026-11-30`` includes the 30th.
+    """
+    try:
+        if len(value) == 10:
+            day = dt.date.fromisoformat(value)
+            when = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
+            if end:
+                when += dt.timedelta(days=1)
+        else:
+            when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=dt.UTC)
+    except ValueError:
+        raise ExportError(f"{value!r} is not a date (2026-11-30) or RFC 3339 time") from None
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _agent_of(record: Mapping[str, Any]) -> str | None:
+    agent = record.get("agent")
+    if isinstance(agent, Mapping):
+        return str(agent.get("id"))
+    body = record.get("body")
+    if isinstance(body, Mapping):
+        found = body.get("agent_id", body.get("agent"))
+        return found if isinstance(found, str) else None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    tree: MerkleTree
+    checkpoint: Checkpoint
+    note: str
+    notes_by_size: dict[int, str]
+    selected: list[tuple[int, bytes, dict[str, Any]]]
+    uncovered: int
+
+
+def _load(root: Path, selection: Selection, verifier: NoteVerifier | None) -> _Loaded:
+    report = verify_log(root, verifier=verifier)
+    if not report.ok and not (len(report.damage) == 1 and report.damage[0].kind == "torn"):
+        raise ExportError(f"the log is damaged, export refused: {report.damage[0].describe()}")
+    layout = Layout(root)
+    verifier = verifier or layout.verifier()
+    notes: dict[int, str] = {}
+    for path in layout.checkpoint_files():
+        notes[int(path.name)] = path.read_text(encoding="utf-8")
+    if not notes:
+        raise ExportError("the log has no signed checkpoint yet; nothing can be proven")
+    size = max(notes)
+    checkpoint = Checkpoint.open(notes[size], verifier)
+    tree = MerkleTree()
+    selected: list[tuple[int, bytes, dict[str, Any]]] = []
+    uncovered = 0
+    for seq, payload in iter_records(root):
+        tree.append(leaf_hash(payload))
+        record = orjson.loads(payload)
+        if not selection.matches(record):
+            continue
+        if seq < size:
+            selected.append((seq, payload, record))
+        else:
+            uncovered += 1
+    return _Loaded(tree, checkpoint, notes[size], notes, selected, uncovered)
+
+
+def export_log(
+    root: Path | str,
+    out: Path | str,
+    *,
+    selection: Selection = Selection(),  # noqa: B008 - frozen, so sharing it is safe
+    fmt: str = "evidence",
+    verifier: NoteVerifier | None = None,
+) -> ExportResult:
+    """Export the selected records of the log in ``root`` to ``out`` (see module docstring)."""
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    root, out = Path(root), Path(out)
+    if fmt == "evidence" and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not an empty directory")
+    loaded = _load(root, selection, verifier)
+    if fmt == "csv":
+        _write_csv(out, loaded)
+    elif fmt == "ocsf":
+        _write_ocsf(out, loaded, Layout(root).read_meta().origin)
+    else:
+        _write_package(root, out, selection, loaded)
+    return ExportResult(out, fmt, len(loaded.selected), loaded.checkpoint.size, loaded.uncovered)
+
+
+# -- evidence package --------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _write_package(root: Path, out: Path, selection: Selection, loaded: _Loaded) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    size = loaded.checkpoint.size
+    tree = loaded.tree
+    verifier = Layout(root).verifier()
+    with (out / "records.jsonl").open("wb") as records, (out / "proofs.jsonl").open("wb") as proofs:
+        for seq, payload, record in loaded.selected:
+            records.write(payload + b"\n")
+            line = {
+                "seq": seq,
+                "id": record.get("id"),
+                "leaf_hash": _b64(tree.leaf(seq)),
+                "proof": [_b64(p) for p in tree.inclusion_proof(seq, size)],
+            }
+            proofs.write(orjson.dumps(line) + b"\n")
+    (out / "checkpoint").write_text(loaded.note, encoding="utf-8")
+    text = loaded.checkpoint.text()
+    (out / "checkpoint.body").write_text(text, encoding="utf-8")
+    signature = _own_signature(loaded.note, verifier)
+    (out / "checkpoint.sig").write_bytes(signature)
+    (out / "log-key.vkey").write_text(verifier.vkey + "\n", encoding="utf-8")
+    (out / "log-key.pem").write_bytes(verifier.public_pem)
+    earlier = _earliest_covering(loaded)
+    if earlier is not None:
+        first_size, note = earlier
+        (out / "checkpoint-earlier").write_text(note, encoding="utf-8")
+        proof = tree.consistency_proof(first_size, size)
+        body = {"checkpoint": "checkpoint-earlier", "size1": first_size, "size2": size,
+                "proof": [_b64(p) for p in proof]}  # fmt: skip
+        (out / "consistency.json").write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
+    (out / "verify_evidence.py").write_bytes(_STANDALONE.read_bytes())
+    (out / "SUMMARY.md").write_text(_summary(selection, loaded, verifier), encoding="utf-8")
+    (out / "VERIFY.md").write_text(_instructions(loaded), encoding="utf-8")
+    lines = []
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        name = path.relative_to(out).as_posix()
+        if name != "MANIFEST.sha256":
+            lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {name}\n")
+    (out / "MANIFEST.sha256").write_text("".join(lines), encoding="utf-8")
+
+
+def _own_signature(note: str, verifier: NoteVerifier) -> bytes:
+    _, signatures = split_note(note)
+    for name, raw in signatures:
+        if name == verifier.name and raw[:4] == verifier.key_hash:
+            return raw[4:]
+    raise ExportError("the checkpoint carries no signature by the log's key")
+
+
+def _earliest_covering(loaded: _Loaded) -> tuple[int, str] | None:
+    """The first checkpoint that already covered the last exported record, if older."""
+    if not loaded.selected:
+        return None
+    last = loaded.selected[-1][0]
+    for size in sorted(loaded.notes_by_size):
+        if size > last:
+            return (size, loaded.notes_by_size[size]) if size < loaded.checkpoint.size else None
+    return None
+
+
+def _instructions(loaded: _Loaded) -> str:
+    size = loaded.checkpoint.size
+    return f"""# Verifying this evidence package
+
+Everything here can be checked offline, without Warden and without trusting
+the people who run it. Obtain the log's verifier key from its operator through
+a separate channel and compare it with `log-key.vkey`.
+
+## With the included script (Python 3.10+, standard library)
+
+    python3 verify_evidence.py . --key "$(cat log-key.vkey)"
+
+It checks all of the steps below and exits with status 0 when everything holds.
+The Ed25519 check uses the `cryptography` package when installed, else `openssl`.
+
+## By hand, with standard tools
+
+1. Files are unchanged:
+
+       sha256sum -c MANIFEST.sha256
+
+2. The checkpoint is signed by the log's key (OpenSSL 1.1.1 or later):
+
+       openssl pkeyutl -verify -pubin -inkey log-key.pem -rawin \\
+           -in checkpoint.body -sigfile checkpoint.sig
+
+   `checkpoint.body` is the text above the blank line in `checkpoint` (a C2SP
+   signed note): the log's origin, the tree size ({size}) and the base64
+   root hash. `checkpoint.sig` is the signature from its last line, after the
+   4-byte key hash.
+
+3. A record's hash is SHA-256 over a zero byte and the record's line (without
+   the newline). For the record on line N:
+
+       (printf '\\0'; sed -n Np records.jsonl | tr -d '\\n') | sha256sum
+
+   It equals `leaf_hash` (base64) on line N of `proofs.jsonl`, and the next
+   record in the log carries it (hex) as `prev`.
+
+4. The record is in the signed tree: fold the `proof` hashes into the leaf hash
+   as RFC 9162 section 2.1.3.2 describes (node = SHA-256(0x01 || left || right));
+   the result equals the checkpoint's root hash.
+
+5. When `consistency.json` is present, it proves (RFC 9162 section 2.1.4.2)
+   that `checkpoint-earlier` is a prefix of `checkpoint`: the log was only
+   appended to between the two.
+
+Records are the exact stored bytes. Fields that hold personal data are
+encrypted per data subject (`sealed`); a subject whose key was erased cannot
+be read, yet every hash above still verifies.
+"""
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
+    head = list(header)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _summary(selection: Selection, loaded: _Loaded, verifier: NoteVerifier) -> str:
+    by_agent: dict[str, Counter[str]] = defaultdict(Counter)
+    by_tool: dict[str, Counter[str]] = defaultdict(Counter)
+    effects: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
+    approvals: list[list[Any]] = []
+    denials: list[list[Any]] = []
+    for _, _, rec in loaded.selected:
+        kind = rec.get("kind")
+        kinds[str(kind)] += 1
+        if kind == "decision":
+            decision = rec["decision"]
+            effect = decision["effect"]
+            label = effect if decision.get("mode") == "enforce" else f"{effect} (observe)"
+            effects[label] += 1
+            by_agent[rec["agent"]["id"]][effect] += 1
+            by_tool[rec["action"].get("tool") or rec["action"]["request"]["path"]][effect] += 1
+            if effect == "deny":
+                denials.append([rec["time"], rec["agent"]["id"], rec["action"].get("tool"),
+                                decision.get("mode"), "; ".join(decision["reasons"])])  # fmt: skip
+            approval = rec.get("approval")
+            if approval:
+                approvals.append([approval["decided_at"], approval["approver"],
+                                  approval.get("verdict"), rec["action"].get("tool"),
+                                  approval["arguments_sha256"]])  # fmt: skip
+        elif kind == "approval":
+            body = rec.get("body", {})
+            approvals.append([body.get("decided_at", rec["time"]), body.get("approver"),
+                              body.get("verdict"), body.get("tool"),
+                              body.get("arguments_sha256")])  # fmt: skip
+    seqs = [seq for seq, _, _ in loaded.selected]
+    effect_names = ["allow", "deny", "require_approval"]
+    parts = [
+        "# Audit evidence summary\n",
+        f"- Log: `{loaded.checkpoint.origin}`",
+        f"- Period: {selection.start or 'beginning'} to {selection.end or 'now'} (UTC, end "
+        "exclusive)" + (f"; agent `{selection.agent}` only" if selection.agent else ""),
+        f"- Records: {len(seqs)}" + (f" (sequence numbers {seqs[0]} to {seqs[-1]})" if seqs else ""),
+        f"- Signed checkpoint: tree size {loaded.checkpoint.size}, root "
+        f"`{_b64(loaded.checkpoint.root)}`",
+        f"- Verifier key: `{verifier.vkey}`",
+    ]
+    if loaded.uncovered:
+        parts.append(
+            f"- Not included: {loaded.uncovered} records of the period are newer than the "
+            "latest checkpoint; export again after the next one"
+        )
+    parts += [
+        "\n## Decisions by effect\n",
+        _table(["effect", "decisions"], sorted(effects.items())),
+        "\n## Decisions by agent\n",
+        _table(["agent", *effect_names],
+               [[a, *(c[e] for e in effect_names)] for a, c in sorted(by_agent.items())]),
+        "\n## Decisions by tool\n",
+        _table(["tool", *effect_names],
+               [[t, *(c[e] for e in effect_names)] for t, c in sorted(by_tool.items())]),
+        "\n## Approvals\n",
+        _table(["decided at", "approver", "verdict", "tool", "arguments sha256"],
+               approvals[:_MAX_LISTED]),
+        "\n## Denials\n",
+        _table(["time", "agent", "tool", "mode", "reasons"], denials[:_MAX_LISTED]),
+        "\n## Records by kind\n",
+        _table(["kind", "records"], sorted(kinds.items())),
+    ]  # fmt: skip
+    if len(approvals) > _MAX_LISTED or len(denials) > _MAX_LISTED:
+        parts.append(f"\nOnly the first {_MAX_LISTED} approvals and denials are listed.\n")
+    return "\n".join(parts)
+
+
+# -- CSV and OCSF ------------------------------------------------------------
+
+CSV_COLUMNS = (
+    "seq", "id", "time", "kind", "agent", "agent_version", "action_kind", "tool", "protocol",
+    "stage", "effect", "enforced", "mode", "guard", "reasons", "bundle_revision", "approver",
+    "approved_at", "status", "latency_ms", "input_tokens", "output_tokens", "cost", "hash",
+)  # fmt: skip
+
+
+def _flat(seq: int, payload: bytes, rec: Mapping[str, Any]) -> dict[str, Any]:
+    agent = rec.get("agent") or {}
+    action = rec.get("action") or {}
+    decision = rec.get("decision") or {}
+    approval = rec.get("approval") or {}
+    outcome = rec.get("outcome") or {}
+    tokens = outcome.get("tokens") or {}
+    return {
+        "seq": seq,
+        "id": rec.get("id"),
+        "time": rec.get("time"),
+        "kind": rec.get("kind"),
+        "agent": agent.get("id") or _agent_of(rec),
+        "agent_version": agent.get("version"),
+        "action_kind": action.get("kind"),
+        "tool": action.get("tool"),
+        "protocol": action.get("protocol"),
+        "stage": action.get("stage"),
+        "effect": decision.get("effect"),
+        "enforced": decision.get("enforced"),
+        "mode": decision.get("mode"),
+        "guard": decision.get("guard"),
+        "reasons": "; ".join(decision.get("reasons") or ()),
+        "bundle_revision": decision.get("bundle_revision"),
+        "approver": approval.get("approver"),
+        "approved_at": approval.get("decided_at"),
+        "status": outcome.get("status"),
+        "latency_ms": outcome.get("latency_ms"),
+        "input_tokens": tokens.get("input"),
+        "output_tokens": tokens.get("output"),
+        "cost": outcome.get("cost"),
+        "hash": leaf_hash(payload).hex(),
+    }
+
+
+def _write_csv(out: Path, loaded: _Loaded) -> None:
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for seq, payload, rec in loaded.selected:
+            writer.writerow(_flat(seq, payload, rec))
+
+
+def _epoch_ms(when: str) -> int:
+    parsed = dt.datetime.fromisoformat(when.replace("Z", "+00:00"))
+    return int(parsed.timestamp() * 1000)
+
+
+_HTTP_ACTIVITY = {"POST": 1, "GET": 2, "PUT": 3, "PATCH": 3, "DELETE": 4}
+
+
+def ocsf_event(seq: int, payload: bytes, rec: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    """One record as an OCSF API Activity event (class 6003)."""
+    flat = _flat(seq, payload, rec)
+    action = rec.get("action") or {}
+    request = action.get("request") or {}
+    decision = rec.get("decision") or {}
+    outcome = rec.get("outcome") or {}
+    activity = 99
+    if action.get("kind") != "tool_call":
+        activity = _HTTP_ACTIVITY.get(str(request.get("method", "")).upper(), 99)
+    event: dict[str, Any] = {
+        "class_uid": 6003,
+        "class_name": "API Activity",
+        "category_uid": 6,
+        "category_name": "Application Activity",
+        "activity_id": activity,
+        "type_uid": 6003 * 100 + activity,
+        "time": _epoch_ms(str(rec.get("time"))),
+        "severity_id": 1,
+        "metadata": {
+            "version": OCSF_VERSION,
+            "uid": rec.get("id"),
+            "original_time": rec.get("time"),
+            "log_name": origin,
+            "sequence": seq,
+            "event_code": rec.get("kind"),
+            "product": {"name": "Warden", "vendor_name": "Warden"},
+            "profiles": ["security_control"],
+        },
+        "actor": {"app_name": flat["agent"], "user": {"uid": flat["agent"], "type_id": 99}},
+        "src_endpoint": {"name": flat["agent"]},
+        "api": {
+            "operation": action.get("tool") or request.get("path") or rec.get("kind"),
+            "service": {"name": request.get("upstream") or "warden"},
+            "request": {"uid": action.get("id")},
+        },
+        "unmapped": {"warden": {"record_hash": flat["hash"], "record": rec}},
+    }
+    if activity == 99:
+        event["activity_name"] = str(action.get("kind") or rec.get("kind"))
+    if decision:
+        blocked = decision.get("enforced") != "allow"
+        event["action_id"] = 2 if blocked else 1
+        event["action"] = "Denied" if blocked else "Allowed"
+        event["disposition_id"] = 2 if blocked else 1
+        event["status_detail"] = "; ".join(decision.get("reasons") or ())
+        event["policy"] = {"name": decision.get("guard"), "version": decision.get("bundle_revision")}
+    if outcome:
+        failed = bool(outcome.get("error") or outcome.get("is_error"))
+        event["status_id"] = 2 if failed else 1
+        event["api"]["response"] = {"code": outcome.get("status"), "error": outcome.get("error")}
+        event["duration"] = outcome.get("latency_ms")
+    return event
+
+
+def _write_ocsf(out: Path, loaded: _Loaded, origin: str) -> None:
+    with out.open("wb") as fh:
+        for seq, payload, rec in loaded.selected:
+            fh.write(orjson.dumps(ocsf_event(seq, payload, rec, origin)) + b"\n")
+
+
+# -- single proofs -----------------------------------------------------------
+
+
+def inclusion_proof(
+    root: Path | str, record: str, *, verifier: NoteVerifier | None = None
+) -> dict[str, Any]:
+    """The inclusion proof of one record (by id or sequence number), checked before it is returned.
+
+    The proof is against the latest signed checkpoint when it covers the
+    record; otherwise against the current (unsigned) tree, and ``checkpoint``
+    is ``None``.
+    """
+    root = Path(root)
+    layout = Layout(root)
+    verifier = verifier or layout.verifier()
+    want = _parse_record_ref(record)
+    tree = MerkleTree()
+    found: tuple[int, dict[str, Any]] | None = None
+    for seq, payload in iter_records(root):
+        tree.append(leaf_hash(payload))
+        if seq == want:
+            found = (seq, orjson.loads(payload))
+    if found is None or (not record.isdigit() and found[1].get("id") != record):
+        raise ExportError(f"no record {record} in {root}")
+    seq, rec = found
+    files = layout.checkpoint_files()
+    note: str | None = None
+    size = len(tree)
+    if files and int(files[-1].name) > seq:
+        note = files[-1].read_text(encoding="utf-8")
+        size = Checkpoint.open(note, verifier).size
+    if size > len(tree):
+        raise ExportError(f"the log is shorter than its checkpoint ({size}); run verify")
+    proof = tree.inclusion_proof(seq, size)
+    root_hash = tree.root(size)
+    if note is not None and Checkpoint.open(note, verifier).root != root_hash:
+        raise ExportError("the log does not match its latest checkpoint; run verify")
+    assert verify_inclusion(tree.leaf(seq), seq, size, proof, root_hash)
+    return {
+        "record_id": rec.get("id"),
+        "seq": seq,
+        "leaf_hash": _b64(tree.leaf(seq)),
+        "tree_size": size,
+        "root": _b64(root_hash),
+        "proof": [_b64(p) for p in proof],
+        "checkpoint": note,
+    }
+
+
+def _parse_record_ref(record: str) -> int:
+    if record.isdigit():
+        return int(record)
+    tail = record.rpartition("_")[2]
+    try:
+        return int(tail, 16)
+    except ValueError:
+        raise ExportError(f"{record!r} is neither a record id nor a sequence number") from None

@@ -1,0 +1,494 @@
+"""The audit log the proxy writes to: group commit, fail closed, signed checkpoints.
+
+How an append works, on the event loop and without blocking it:
+
+1. the record body is built (redacted, credentials dropped, personal fields
+   sealed for the data subject), then, with no ``await`` in between, it gets
+   the next sequence number and the previous record's hash, is encoded, hashed
+   into the Merkle tree and framed: so record order, chain order and tree
+   order are the same by construction;
+2. the frame joins the pending batch; a single flusher task hands each batch
+   to the log's one I/O thread, which writes it and fsyncs it (policy
+   ``always``) while the next batch gathers: concurrent appenders share one
+   fsync;
+3. the appender's future resolves once its batch is durable.
+
+Any failed write or fsync marks the log not writable, fails every waiting
+append with :class:`~warden.errors.AuditError` and is never retried: the
+proxy then refuses actions (fail closed) and readiness goes false.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from warden.audit.checkpoint import Checkpoint, NoteError, NoteSigner
+from warden.audit.layout import Layout, LogLocked, LogMeta
+from warden.audit.merkle import CompactRange, leaf_hash
+from warden.audit.record import (
+    RESERVED_KINDS,
+    SCHEMA_VERSION,
+    ApprovalEvidence,
+    RecordRef,
+    action_body,
+    decision_body,
+    encode,
+    mask_credentials,
+    outcome_body,
+)
+from warden.audit.segments import LogDamaged, SegmentWriter, TreeState, frame, open_writer
+from warden.audit.subjects import SubjectKeys
+from warden.config import AuditConfig
+from warden.errors import AuditError
+from warden.model import Action, Decision, Outcome
+
+__all__ = ["MAX_RECORD_BYTES", "AuditLog"]
+
+log = logging.getLogger("warden.audit")
+
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+BATCH_SYNC_INTERVAL_S = 0.05
+"""With ``fsync: batch``, how long an acknowledged record may stay only in the page cache."""
+_REDACTION_MEMORY = 65_536  # decisions whose redactions outcome records must repeat
+_KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    layout: Layout
+    meta: LogMeta
+    signer: NoteSigner
+    writer: SegmentWriter
+    state: TreeState
+    subjects: SubjectKeys
+    lock_fd: int
+    checkpointed: int
+
+
+def _open_blocking(config: AuditConfig) -> _Opened:
+    layout = Layout(Path(config.dir))
+    meta = layout.init()
+    lock_fd = layout.lock()
+    try:
+        signer = layout.signer(meta.origin, config.signing_key_file)
+        subjects = SubjectKeys.open(layout.root)
+        writer, state = open_writer(layout.root, config.segment_max_bytes)
+        files = layout.checkpoint_files()
+        checkpointed = int(files[-1].name) if files else 0
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return _Opened(layout, meta, signer, writer, state, subjects, lock_fd, checkpointed)
+
+
+class _Clock:
+    """RFC 3339 UTC timestamps with microseconds; the date part is formatted once a second."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        second, ns = divmod(time.time_ns(), 1_000_000_000)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{ns // 1000:06d}Z"
+
+
+class AuditLog:
+    """The tamper-evident audit log (see the module docstring and docs/audit.md).
+
+    Create it with :meth:`open`; it satisfies :class:`warden.pipeline.AuditSink`.
+    """
+
+    def __init__(self, config: AuditConfig, opened: _Opened, io: ThreadPoolExecutor) -> None:
+        self._config = config
+        self._layout = opened.layout
+        self._meta = opened.meta
+        self._signer = opened.signer
+        self._writer = opened.writer
+        self._subjects = opened.subjects
+        self._lock_fd = opened.lock_fd
+        self._io = io
+        self._loop = asyncio.get_running_loop()
+        self._compact: CompactRange = opened.state.compact()
+        self._last_hex = opened.state.last_hash.hex()
+        self._durable: TreeState = opened.state
+        self._checkpointed = opened.checkpointed
+        self._clock = _Clock()
+        # Record ids are unique across logs (the origin's random tag) and name
+        # their sequence number, so `warden audit proof --record` needs no index.
+        self._id_prefix = f"rec_{opened.meta.origin.rsplit('/', 1)[-1]}_"
+        self._sync_each_batch = config.fsync == "always"
+        self._unsynced = False
+        self._frames: list[bytes] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flush_task: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._checkpoint_lock = asyncio.Lock()
+        self._redactions: dict[str, tuple[str, ...]] = {}
+        self._failure: str | None = None
+        self._io_failure: BaseException | None = None  # set on the I/O thread
+        self._accepting = True
+        self._closed = False
+
+    @classmethod
+    async def open(cls, config: AuditConfig) -> AuditLog:
+        """Open (or create) the log in ``config.dir`` and start its checkpointer.
+
+        Creates the directory and keys on first start, cuts off a torn last
+        frame left by a crash (keeping a copy) and takes the directory's write
+        lock. Raises :class:`AuditError` when the log cannot be opened: held
+        by another process, damaged beyond a torn tail, or unwritable.
+        """
+        loop = asyncio.get_running_loop()
+        io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warden-audit-io")
+        try:
+            opened = await loop.run_in_executor(io, _open_blocking, config)
+        except (OSError, LogDamaged, LogLocked, NoteError, ValueError) as exc:
+            io.shutdown(wait=False)
+            raise AuditError(f"cannot open the audit log in {config.dir}: {exc}") from exc
+        self = cls(config, opened, io)
+        self._background.append(loop.create_task(self._checkpointer()))
+        if config.fsync == "batch":
+            self._background.append(loop.create_task(self._syncer()))
+        log.info(
+            "audit: log %s open in %s with %d records (fsync %s)",
+            self.origin, config.dir, self.size, config.fsync,
+        )  # fmt: skip
+        return self
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def writable(self) -> bool:
+        """False once a write or fsync failed (or after close): Warden must fail closed."""
+        return self._failure is None and self._accepting
+
+    @property
+    def size(self) -> int:
+        """The number of records written so far."""
+        return self._durable.size
+
+    @property
+    def origin(self) -> str:
+        """The log's checkpoint origin, which is also the signing key's name."""
+        return self._meta.origin
+
+    @property
+    def verifier_key(self) -> str:
+        """The verifier key that checks this log's checkpoints (C2SP note format)."""
+        return self._signer.verifier.vkey
+
+    @property
+    def directory(self) -> Path:
+        """The audit directory."""
+        return self._layout.root
+
+    # -- recording -----------------------------------------------------------
+
+    async def record_decision(
+        self, action: Action, decision: Decision, *, approval: ApprovalEvidence | None = None
+    ) -> None:
+        """Record a decision, durable (per the fsync policy) before returning.
+
+        Raises :class:`AuditError` when the record cannot be made durable; the
+        caller must then not let the action through.
+        """
+        redact = decision.obligations.redact
+        if redact:
+            self._remember_redactions(decision.decision_id, redact)
+        act = action_body(action, redact)
+        fields = {
+            "agent": {"id": action.agent.id, "version": action.agent.version},
+            "action": act,
+            "decision": decision_body(decision),
+            "approval": approval.as_dict() if approval is not None else None,
+        }
+        ref, aead = await self._subject_key(action)
+        personal: dict[str, Any] = {}
+        if aead is not None:
+            for name in ("arguments", "raw_arguments", "context"):
+                if act[name] is not None:
+                    personal[f"action.{name}"] = act[name]
+                    act[name] = None
+        await self._commit("decision", fields, ref, aead, personal)[1]
+
+    async def record_outcome(
+        self, action: Action, decision_id: str, outcome: Outcome, *, cost: float | None = None
+    ) -> None:
+        """Record what happened after an action was let through.
+
+        The decision's redaction obligations apply to the tool result too
+        (paths ``result`` or ``result.<field>``). Raises :class:`AuditError`
+        like :meth:`record_decision`.
+        """
+        out = outcome_body(outcome, self._redactions.get(decision_id, ()), cost)
+        fields = {
+            "agent": {"id": action.agent.id, "version": action.agent.version},
+            "action": {
+                "id": action.action_id,
+                "kind": action.kind,
+                "tool": action.tool,
+                "protocol": action.protocol,
+                "stage": action.stage,
+            },
+            "decision_id": decision_id,
+            "outcome": out,
+        }
+        ref, aead = await self._subject_key(action)
+        personal: dict[str, Any] = {}
+        if aead is not None and out["result"] is not None:
+            personal["outcome.result"] = out["result"]
+            out["result"] = None
+        await self._commit("outcome", fields, ref, aead, personal)[1]
+
+    async def append(self, kind: str, body: Mapping[str, Any]) -> RecordRef:
+        """Record any other event (approvals, kill switches, erasures) and return where it is.
+
+        ``kind`` is lower-case ``[a-z0-9_]`` and not ``decision`` or
+        ``outcome``; ``body`` must be JSON-serialisable. Credential-named
+        keys in it are masked. Raises :class:`AuditError` when the record
+        cannot be made durable.
+        """
+        if not _KIND.match(kind) or kind in RESERVED_KINDS:
+            raise ValueError(f"invalid record kind {kind!r}")
+        ref, fut = self._commit(kind, {"body": mask_credentials(body)}, None, None, {})
+        await fut
+        return ref
+
+    async def erase_subject(self, subject_id: str) -> bool:
+        """Destroy a data subject's key (GDPR / CCPA erasure) and record that it happened.
+
+        The erasure record names the subject only by its pseudonymous
+        reference. Returns whether a key existed.
+        """
+        ref = self._subjects.ref(subject_id)
+        existed = await self._blocking(self._subjects.erase, ref)
+        await self.append("erasure", {"subject": ref, "key_destroyed": existed})
+        return existed
+
+    def subject_ref(self, subject_id: str) -> str:
+        """The pseudonymous reference that records use for ``subject_id``."""
+        return self._subjects.ref(subject_id)
+
+    # -- internals -----------------------------------------------------------
+
+    def _remember_redactions(self, decision_id: str, paths: tuple[str, ...]) -> None:
+        memory = self._redactions
+        memory[decision_id] = paths
+        if len(memory) > _REDACTION_MEMORY:
+            del memory[next(iter(memory))]
+
+    async def _subject_key(self, action: Action) -> tuple[str | None, AESGCM | None]:
+        customer = action.context.get("customer_id") if action.context else None
+        if customer is None or customer == "":
+            return None, None
+        ref = self._subjects.ref(str(customer))
+        aead = self._subjects.cached(ref)
+        if aead is None:
+            self._check_writable()
+            aead = await self._blocking(self._subjects.load_or_create, ref)
+        return ref, aead
+
+    def _io_call(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn`` on the I/O thread, unless an earlier job there failed.
+
+        Jobs already queued when one fails must not touch the disk either:
+        after the first failure the log does no more I/O at all.
+        """
+        if self._io_failure is not None:
+            raise OSError(errno.EIO, f"the audit log failed earlier: {self._io_failure}")
+        try:
+            return fn(*args)
+        except Exception as exc:
+            self._io_failure = exc
+            raise
+
+    async def _blocking(self, fn: Any, *args: Any) -> Any:
+        """Run blocking I/O on the log's thread; any failure fails the log closed."""
+        try:
+            return await self._loop.run_in_executor(self._io, self._io_call, fn, *args)
+        except Exception as exc:  # noqa: BLE001 - any I/O failure fails the log closed
+            self._fail(exc)
+            raise AuditError(f"the audit log failed: {exc}") from exc
+
+    def _check_writable(self) -> None:
+        if self._failure is not None:
+            raise AuditError(f"the audit log is not writable: {self._failure}")
+        if not self._accepting:
+            raise AuditError("the audit log is closed")
+
+    def _commit(
+        self,
+        kind: str,
+        fields: dict[str, Any],
+        subject: str | None,
+        aead: AESGCM | None,
+        personal: dict[str, Any],
+    ) -> tuple[RecordRef, asyncio.Future[None]]:
+        """Number, chain, encode, hash and queue one record. Synchronous on purpose.
+
+        No ``await`` may happen between taking the sequence number and
+        queueing the frame: that is what keeps file order, chain order and
+        tree order identical.
+        """
+        self._check_writable()
+        seq = self._compact.size
+        record_id = f"{self._id_prefix}{seq:010x}"
+        record: dict[str, Any] = {
+            "v": SCHEMA_VERSION,
+            "id": record_id,
+            "seq": seq,
+            "time": self._clock.now(),
+            "prev": self._last_hex,
+            "kind": kind,
+            "subject": subject,
+            "sealed": None,
+        }
+        record.update(fields)
+        if personal and aead is not None and subject is not None:
+            record["sealed"] = SubjectKeys.seal(aead, subject, record_id, personal)
+        payload = encode(record)
+        if len(payload) > MAX_RECORD_BYTES:
+            raise AuditError(f"the audit record is {len(payload)} bytes, over the limit")
+        digest = leaf_hash(payload)
+        self._compact.append(digest)
+        self._last_hex = digest.hex()
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._frames.append(frame(payload))
+        self._waiters.append(fut)
+        if self._flush_task is None:
+            self._flush_task = self._loop.create_task(self._flush())
+        return RecordRef(record_id, seq, self._last_hex), fut
+
+    async def _flush(self) -> None:
+        """Write pending batches one after another; each batch gets one fsync."""
+        try:
+            while self._frames:
+                frames, waiters = self._frames, self._waiters
+                self._frames, self._waiters = [], []
+                state = TreeState(
+                    self._compact.size, bytes.fromhex(self._last_hex), self._compact.hashes
+                )
+                try:
+                    await self._blocking(
+                        self._writer.write_batch, frames, state, self._sync_each_batch
+                    )
+                except AuditError as error:
+                    for waiter in (*waiters, *self._waiters):
+                        if not waiter.done():
+                            waiter.set_exception(AuditError(str(error)))
+                    self._frames, self._waiters = [], []
+                    return
+                self._durable = state
+                self._unsynced = not self._sync_each_batch
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+        finally:
+            self._flush_task = None
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "audit: the log in %s failed and takes no more records; Warden fails closed "
+                "until it is restarted on a healthy disk: %s",
+                self._layout.root, self._failure,
+            )  # fmt: skip
+
+    async def _drain(self) -> None:
+        while self._flush_task is not None:
+            await asyncio.shield(self._flush_task)
+
+    # -- checkpoints ---------------------------------------------------------
+
+    async def checkpoint(self) -> Checkpoint | None:
+        """Sign and store a checkpoint of every record written so far.
+
+        Returns ``None`` when nothing was added since the last checkpoint.
+        Raises :class:`AuditError` if the log failed or the checkpoint cannot
+        be stored (which fails the log).
+        """
+        async with self._checkpoint_lock:
+            if self._failure is not None:
+                raise AuditError(f"the audit log is not writable: {self._failure}")
+            state = self._durable
+            if state.size <= self._checkpointed:
+                return None
+            ckpt = Checkpoint(self._meta.origin, state.size, state.compact().root())
+            note = self._signer.sign(ckpt.text())
+            await self._blocking(self._store_checkpoint, state.size, note)
+            self._checkpointed = state.size
+            return ckpt
+
+    def _store_checkpoint(self, size: int, note: str) -> None:
+        # The checkpoint vouches for records that must therefore be on disk first.
+        self._writer.sync()
+        self._layout.write_checkpoint(size, note)
+
+    async def _checkpointer(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.checkpoint_interval_s)
+            try:
+                await self.checkpoint()
+                for ref in await self._blocking(self._subjects.forget_erased):
+                    await self.append("erasure", {"subject": ref, "key_destroyed": True})
+            except AuditError:
+                return
+
+    async def _syncer(self) -> None:
+        while True:
+            await asyncio.sleep(BATCH_SYNC_INTERVAL_S)
+            if self._unsynced and self._failure is None:
+                self._unsynced = False
+                try:
+                    await self._blocking(self._writer.sync)
+                except AuditError:
+                    return
+
+    # -- shutdown ------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Flush pending records, sign a final checkpoint, release the directory."""
+        if self._closed:
+            return
+        self._accepting = False
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._drain()
+        if self._failure is None:
+            try:
+                await self.checkpoint()
+            except AuditError:
+                pass  # already logged by _fail
+        try:
+            healthy = self._io_failure is None
+            await self._loop.run_in_executor(self._io, self._writer.close, healthy)
+        except OSError as exc:
+            self._fail(exc)
+        finally:
+            os.close(self._lock_fd)
+            self._io.shutdown(wait=True)
+            self._closed = True
+        log.info("audit: log %s closed at %d records", self.origin, self.size)

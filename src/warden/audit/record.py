@@ -1,0 +1,312 @@
+"""Record schema v1: building record bodies from actions, decisions and outcomes.
+
+Everything here is pure: no I/O, no clock. :class:`~warden.audit.log.AuditLog`
+adds the envelope (``v``, ``id``, ``seq``, ``time``, ``prev``), seals personal
+fields and encodes. The schema is documented in docs/audit.md.
+
+Two defences run on every body before it is stored:
+
+* provider credentials are dropped from request headers and masked wherever a
+  key named like a credential appears (``authorization``, ``x-api-key``...);
+* the policy's redaction obligations (``Decision.obligations.redact``) replace
+  the named argument or result paths with ``"[redacted]"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import rfc8785
+
+from warden.model import Action, Decision, Outcome
+
+__all__ = [
+    "CREDENTIAL_HEADERS",
+    "GENESIS_PREV",
+    "MAX_RESULT_CHARS",
+    "REDACTED",
+    "RESERVED_KINDS",
+    "SCHEMA_VERSION",
+    "ApprovalEvidence",
+    "RecordRef",
+    "action_body",
+    "apply_redactions",
+    "arguments_sha256",
+    "decision_body",
+    "encode",
+    "mask_credentials",
+    "outcome_body",
+    "scrub_headers",
+]
+
+SCHEMA_VERSION = 1
+GENESIS_PREV = "0" * 64
+"""The ``prev`` of the first record: there is no previous record."""
+REDACTED = "[redacted]"
+MAX_RESULT_CHARS = 64 * 1024
+"""Tool results longer than this are cut; the record keeps the full result's SHA-256."""
+RESERVED_KINDS = frozenset({"decision", "outcome"})
+
+CREDENTIAL_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+        "cookie",
+        "set-cookie",
+    }
+)
+# Keys masked anywhere in arguments and generic bodies: defence in depth for
+# tools that pass credentials through (an http tool with its own headers).
+_CREDENTIAL_KEYS = CREDENTIAL_HEADERS | frozenset(
+    {"api_key", "apikey", "password", "secret", "client_secret", "access_token", "refresh_token"}
+)
+_ENCODE_OPTS = orjson.OPT_SORT_KEYS
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRef:
+    """Where a record landed: its id, sequence number (= leaf index) and hash (hex)."""
+
+    id: str
+    seq: int
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalEvidence:
+    """Who approved an action, when, and the hash of the exact arguments they saw.
+
+    ``arguments_sha256`` is :func:`arguments_sha256` of the arguments shown to
+    the approver, so an auditor can tell that what ran is what was approved.
+    """
+
+    approval_id: str
+    approver: str
+    decided_at: str
+    arguments_sha256: str
+    verdict: str = "approved"
+
+    def as_dict(self) -> dict[str, str]:
+        """The record form."""
+        return {
+            "id": self.approval_id,
+            "approver": self.approver,
+            "decided_at": self.decided_at,
+            "arguments_sha256": self.arguments_sha256,
+            "verdict": self.verdict,
+        }
+
+
+def arguments_sha256(arguments: Mapping[str, Any] | None) -> str:
+    """SHA-256 (hex) of the RFC 8785 canonical JSON of tool arguments.
+
+    Canonical JSON makes the hash reproducible in any language, so the
+    approvals queue, the audit record and an auditor's own tools agree.
+    """
+    return hashlib.sha256(rfc8785.dumps(dict(arguments) if arguments is not None else None)).hexdigest()
+
+
+def encode(record: Mapping[str, Any]) -> bytes:
+    """The stored bytes of a record: compact JSON, keys sorted, UTF-8.
+
+    The hash is taken over these bytes as stored, so verification never
+    re-encodes; sorting only makes the encoding deterministic. Integers
+    beyond 64 bits, which orjson refuses, fall back to the standard library.
+    """
+    try:
+        return orjson.dumps(record, option=_ENCODE_OPTS)
+    except orjson.JSONEncodeError:
+        import json  # noqa: PLC0415 - rare path
+
+        return json.dumps(
+            record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+        ).encode()
+
+
+def scrub_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Request headers without any credential header, names lower-cased."""
+    return {k.lower(): v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
+
+
+def mask_credentials(value: Any) -> Any:
+    """A copy of a JSON-like value with credential-named keys masked, at any depth."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is dict or isinstance(value, Mapping):
+        return {
+            k: REDACTED
+            if type(k) is str and k.lower() in _CREDENTIAL_KEYS
+            else (v if type(v) in _SCALARS else mask_credentials(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [v if type(v) in _SCALARS else mask_credentials(v) for v in value]
+    return value
+
+
+def _redact_path(value: Any, parts: list[str]) -> bool:
+    """Replace the value at ``parts`` inside ``value`` in place; whether it was found."""
+    node = value
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, dict):
+            if part not in node:
+                return False
+            if last:
+                node[part] = REDACTED
+                return True
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            if last:
+                node[int(part)] = REDACTED
+                return True
+            node = node[int(part)]
+        else:
+            return False
+    return False
+
+
+def apply_redactions(value: Any, paths: Iterable[str]) -> list[str]:
+    """Redact dotted ``paths`` in ``value`` in place; return the paths found.
+
+    Callers pass a fresh copy (:func:`mask_credentials` returns one), never
+    the action's own arguments.
+    """
+    if not isinstance(value, dict):
+        return []
+    return [p for p in paths if p and _redact_path(value, p.split("."))]
+
+
+def _split_redactions(paths: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Policy paths for arguments (``email``, ``arguments.email``) and for results."""
+    args: list[str] = []
+    result: list[str] = []
+    for path in paths:
+        if path == "result" or path.startswith("result."):
+            result.append(path)
+        elif path.startswith("arguments."):
+            args.append(path[len("arguments.") :])
+        elif path != "arguments":
+            args.append(path)
+        else:
+            args.append("")  # the whole arguments object
+    return args, result
+
+
+def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
+    """The ``action`` object of a decision record, redacted and without credentials."""
+    arg_paths, _ = _split_redactions(redact)
+    whole = "" in arg_paths
+    arguments: Any = None
+    raw: str | None = None
+    redacted: list[str] = []
+    if action.arguments is not None:
+        if whole:
+            arguments, redacted = REDACTED, ["arguments"]
+        else:
+            arguments = mask_credentials(action.arguments)
+            redacted = apply_redactions(arguments, arg_paths)
+    elif action.raw_arguments is not None:
+        # Unparseable arguments cannot be redacted path by path: all or nothing.
+        raw = REDACTED if arg_paths else action.raw_arguments
+        redacted = ["raw_arguments"] if arg_paths else []
+    req = action.request
+    return {
+        "id": action.action_id,
+        "kind": action.kind,
+        "tool": action.tool,
+        "arguments": arguments,
+        "raw_arguments": raw,
+        "redacted": redacted,
+        "protocol": action.protocol,
+        "stage": action.stage,
+        "model": action.model,
+        "call_id": action.call_id,
+        "request": {
+            "method": req.method,
+            "upstream": req.upstream,
+            "path": req.path,
+            "headers": scrub_headers(req.headers),
+        },
+        "context": mask_credentials(action.context),
+    }
+
+
+def decision_body(decision: Decision) -> dict[str, Any]:
+    """The ``decision`` object of a decision record."""
+    ob = decision.obligations
+    return {
+        "id": decision.decision_id,
+        "effect": decision.effect,
+        "enforced": decision.enforced,
+        "would": decision.would,
+        "reasons": list(decision.reasons),
+        "mode": decision.mode,
+        "guard": decision.guard,
+        "bundle_revision": decision.bundle_revision,
+        "obligations": {
+            "redact": list(ob.redact),
+            "approvers": list(ob.approvers),
+            "hold_timeout_s": ob.hold_timeout_s,
+            "risk": ob.risk,
+        },
+        "error": decision.error,
+        "elapsed_us": decision.elapsed_us,
+    }
+
+
+def _result_body(result: str | None, paths: list[str]) -> tuple[Any, list[str], str | None]:
+    """The recorded result, the redactions applied, and the full result's hash if cut."""
+    if result is None:
+        return None, [], None
+    if "result" in paths:
+        return REDACTED, ["result"], None
+    redacted: list[str] = []
+    if paths:
+        try:
+            parsed = orjson.loads(result)
+        except orjson.JSONDecodeError:
+            # Not JSON: a path inside it cannot be found, so hide all of it.
+            return REDACTED, ["result"], None
+        hit = apply_redactions(parsed, [p[len("result.") :] for p in paths])
+        redacted = [f"result.{p}" for p in hit]
+        result = orjson.dumps(parsed).decode()
+    if len(result) > MAX_RESULT_CHARS:
+        digest = hashlib.sha256(result.encode()).hexdigest()
+        return result[:MAX_RESULT_CHARS], redacted, digest
+    return result, redacted, None
+
+
+def outcome_body(
+    outcome: Outcome, redact: Iterable[str] = (), cost: float | None = None
+) -> dict[str, Any]:
+    """The ``outcome`` object of an outcome record."""
+    _, result_paths = _split_redactions(redact)
+    result, redacted, full_hash = _result_body(outcome.result, result_paths)
+    usage = outcome.usage
+    return {
+        "status": outcome.status,
+        "latency_ms": outcome.latency_ms,
+        "tokens": None
+        if usage is None
+        else {
+            "input": usage.input_tokens,
+            "output": usage.output_tokens,
+            "cached_input": usage.cached_input_tokens,
+        },
+        "cost": cost,
+        "error": outcome.error,
+        "is_error": outcome.is_error,
+        "result": result,
+        "result_sha256": full_hash,
+        "redacted": redacted,
+    }

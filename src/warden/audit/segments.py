@@ -1,0 +1,388 @@
+"""Append-only segment files: framing, rotation, fsync and torn-tail recovery.
+
+A segment is ``segments/<first seq, 20 digits>.seg``::
+
+    b"WARDSEG1"                         magic and format version
+    frame(header JSON)                  first_seq, prev hash, Merkle compact range
+    frame(record) frame(record) ...
+
+and a frame is ``length (u32 BE) || CRC-32 of payload (u32 BE) || payload``.
+The header lets a restart continue the chain and the tree from the last
+segment alone; ``verify`` recomputes everything and only cross-checks it.
+
+:class:`SegmentWriter` runs on the log's single I/O thread and nowhere else.
+Any ``OSError`` from a write or an fsync leaves it broken for good: the caller
+fails the log closed and nothing is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from warden.audit.layout import fsync_dir
+from warden.audit.merkle import CompactRange, leaf_hash
+from warden.audit.record import GENESIS_PREV
+
+__all__ = [
+    "FRAME_HEADER",
+    "MAGIC",
+    "FrameScanner",
+    "LogDamaged",
+    "SegmentWriter",
+    "TreeState",
+    "find_next_frame",
+    "frame",
+    "list_segments",
+    "open_writer",
+    "parse_header",
+    "segment_name",
+]
+
+log = logging.getLogger("warden.audit")
+
+MAGIC = b"WARDSEG1"
+FRAME_HEADER = struct.Struct(">II")
+_HDR = FRAME_HEADER.size
+MAX_FRAME = 64 * 1024 * 1024
+_MAX_HEADER = 8 * 1024  # a header holds at most 64 hashes; anything bigger is not one
+_pack = FRAME_HEADER.pack
+_crc32 = zlib.crc32
+
+
+class LogDamaged(Exception):  # noqa: N818 - reads as a state, like FileExistsError
+    """The log on disk is damaged in a way a restart must not paper over."""
+
+
+@dataclass(frozen=True, slots=True)
+class TreeState:
+    """The log's state after some number of records: enough to continue it."""
+
+    size: int
+    last_hash: bytes
+    range: tuple[bytes, ...]
+
+    @classmethod
+    def empty(cls) -> TreeState:
+        """The state of a log with no records."""
+        return cls(0, bytes.fromhex(GENESIS_PREV), ())
+
+    def compact(self) -> CompactRange:
+        """A compact range to continue appending from."""
+        return CompactRange(self.size, self.range)
+
+    def header(self) -> dict[str, Any]:
+        """The segment header that starts a segment at this state."""
+        return {
+            "v": 1,
+            "first_seq": self.size,
+            "prev": self.last_hash.hex(),
+            "range": [h.hex() for h in self.range],
+        }
+
+
+def frame(payload: bytes) -> bytes:
+    """One frame: length, CRC-32, payload."""
+    return _pack(len(payload), _crc32(payload)) + payload
+
+
+def segment_name(first_seq: int) -> str:
+    """The file name of the segment whose first record is ``first_seq``."""
+    return f"{first_seq:020d}.seg"
+
+
+def list_segments(segdir: Path) -> list[Path]:
+    """The segment files in order (names sort numerically: they are zero padded)."""
+    if not segdir.is_dir():
+        return []
+    return sorted(p for p in segdir.iterdir() if p.suffix == ".seg" and p.stem.isdigit())
+
+
+def parse_header(data: bytes) -> tuple[TreeState, int] | None:
+    """The state a segment starts at and the offset of its first record, or ``None``."""
+    if data[: len(MAGIC)] != MAGIC or len(data) < len(MAGIC) + _HDR:
+        return None
+    length, crc = FRAME_HEADER.unpack_from(data, len(MAGIC))
+    start = len(MAGIC) + _HDR
+    payload = data[start : start + length]
+    if length > _MAX_HEADER or len(payload) != length or _crc32(payload) != crc:
+        return None
+    try:
+        head = orjson.loads(payload)
+        state = TreeState(
+            int(head["first_seq"]),
+            bytes.fromhex(head["prev"]),
+            tuple(bytes.fromhex(h) for h in head["range"]),
+        )
+        state.compact()  # validates the range against the size
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    if len(state.last_hash) != 32:
+        return None
+    return state, start + length
+
+
+def find_next_frame(data: bytes, after: int) -> int | None:
+    """The offset of the first plausible valid frame past ``after``, or ``None``.
+
+    Used to tell a torn tail (nothing valid follows the bad frame) from damage
+    in the middle (valid frames follow). Record payloads are JSON objects, so
+    candidates are found by looking for ``{"`` and checking the CRC before it.
+    """
+    n = len(data)
+    pos = after + 1 + _HDR
+    while True:
+        j = data.find(b'{"', pos)
+        if j < 0:
+            return None
+        p = j - _HDR
+        length, crc = FRAME_HEADER.unpack_from(data, p)
+        if 0 < length <= n - j and _crc32(data[j : j + length]) == crc:
+            return p
+        pos = j + 1
+
+
+class FrameScanner:
+    """Iterates ``(offset, payload)`` over the frames of one segment's bytes.
+
+    Iteration stops at the end or at the first bad frame; :attr:`fault` then
+    says what was wrong (``None`` when the segment ended cleanly) and
+    :attr:`fault_offset` where.
+    """
+
+    __slots__ = ("_data", "_start", "end", "fault", "fault_offset")
+
+    def __init__(self, data: bytes, start: int) -> None:
+        self._data = data
+        self._start = start
+        self.fault: str | None = None
+        self.fault_offset = start
+        self.end = start
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        data = self._data
+        n = len(data)
+        pos = self._start
+        unpack = FRAME_HEADER.unpack_from
+        crc32 = _crc32
+        while pos < n:
+            if n - pos < _HDR:
+                self.fault, self.fault_offset = "incomplete frame header", pos
+                return
+            length, crc = unpack(data, pos)
+            body = pos + _HDR
+            if length == 0 or length > MAX_FRAME:
+                self.fault, self.fault_offset = f"impossible frame length {length}", pos
+                return
+            if body + length > n:
+                self.fault, self.fault_offset = "frame runs past the end of the file", pos
+                return
+            payload = data[body : body + length]
+            if crc32(payload) != crc:
+                self.fault, self.fault_offset = "frame checksum mismatch", pos
+                return
+            yield pos, payload
+            pos = body + length
+            self.end = pos
+        self.end = pos
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class SegmentWriter:
+    """Appends batches of frames to the current segment; rotates by size. I/O thread only."""
+
+    def __init__(
+        self, segdir: Path, path: Path, fd: int, size: int, data_start: int, state: TreeState,
+        max_bytes: int,
+    ) -> None:  # fmt: skip
+        self._segdir = segdir
+        self._path = path
+        self._fd = fd
+        self._size = size
+        self._data_start = data_start
+        self._state = state
+        self._max_bytes = max_bytes
+        self._broken: OSError | None = None
+        self._dirty = False
+
+    @property
+    def path(self) -> Path:
+        """The segment being written."""
+        return self._path
+
+    def _guard(self) -> None:
+        if self._broken is not None:
+            raise OSError(self._broken.errno, f"the audit log failed earlier: {self._broken}")
+
+    def write_batch(self, frames: list[bytes], state_after: TreeState, sync: bool) -> None:
+        """Append ``frames`` (which take the log to ``state_after``); fdatasync if ``sync``."""
+        self._guard()
+        data = b"".join(frames)
+        try:
+            if self._size > self._data_start and self._size + len(data) > self._max_bytes:
+                self._rotate()
+            try:
+                _write_all(self._fd, data)
+            except OSError:
+                # Leave no partial frame behind if we can; never try the write again.
+                try:
+                    os.ftruncate(self._fd, self._size)
+                except OSError:
+                    pass
+                raise
+            self._size += len(data)
+            self._dirty = True
+            if sync:
+                os.fdatasync(self._fd)
+                self._dirty = False
+        except OSError as exc:
+            self._broken = exc
+            raise
+        self._state = state_after
+
+    def sync(self) -> None:
+        """Make everything written so far durable."""
+        self._guard()
+        if not self._dirty:
+            return
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self._broken = exc
+            raise
+        self._dirty = False
+
+    def _rotate(self) -> None:
+        os.fdatasync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        path, fd, start = _create_segment(self._segdir, self._state)
+        self._path, self._fd, self._size, self._data_start = path, fd, start, start
+        self._dirty = False
+
+    def close(self, sync: bool = True) -> None:
+        """Sync (if asked and not broken) and close the file."""
+        if self._fd < 0:
+            return
+        try:
+            if sync and self._broken is None:
+                self.sync()
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _create_segment(segdir: Path, state: TreeState) -> tuple[Path, int, int]:
+    path = segdir / segment_name(state.size)
+    head = MAGIC + frame(orjson.dumps(state.header()))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
+    try:
+        _write_all(fd, head)
+        os.fdatasync(fd)
+        fsync_dir(segdir)
+    except OSError:
+        os.close(fd)
+        raise
+    return path, fd, len(head)
+
+
+def _keep_torn(torn_dir: Path, segment: Path, offset: int, data: bytes) -> Path:
+    torn_dir.mkdir(mode=0o700, exist_ok=True)
+    copy = torn_dir / f"{segment.name}.{offset}.{time.time_ns()}.torn"
+    with copy.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    fsync_dir(torn_dir)
+    return copy
+
+
+def _scan_tail(path: Path, data: bytes, start: TreeState, data_start: int) -> tuple[TreeState, int]:
+    """Replay the last segment; return the state at its last good frame and that offset."""
+    compact = start.compact()
+    last = start.last_hash
+    expected = start.size
+    scanner = FrameScanner(data, data_start)
+    for offset, payload in scanner:
+        try:
+            seq = orjson.loads(payload)["seq"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            seq = None
+        if seq != expected:
+            raise LogDamaged(
+                f"{path.name} at offset {offset}: expected record {expected}, found {seq!r}; "
+                "run `warden audit verify`"
+            )
+        last = leaf_hash(payload)
+        compact.append(last)
+        expected += 1
+    if scanner.fault is not None and find_next_frame(data, scanner.fault_offset) is not None:
+        raise LogDamaged(
+            f"{path.name} at offset {scanner.fault_offset}: {scanner.fault}, with valid records "
+            "after it; run `warden audit verify`"
+        )
+    return TreeState(compact.size, last, compact.hashes), scanner.end
+
+
+def open_writer(root: Path, max_bytes: int) -> tuple[SegmentWriter, TreeState]:
+    """Open the log for appending: recover a torn tail, return the writer and state.
+
+    A torn last frame (a crash mid-write: nothing valid follows it) is copied
+    to ``torn/`` and cut off, with a warning logged. Damage with valid frames
+    after it is not a torn write: it raises :class:`LogDamaged` rather than
+    drop records.
+    """
+    segdir = root / "segments"
+    segdir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    segments = list_segments(segdir)
+    while segments:
+        path = segments[-1]
+        data = path.read_bytes()
+        parsed = parse_header(data)
+        if parsed is None:
+            if find_next_frame(data, len(MAGIC)) is None:
+                # A crash while creating the segment: it never held a record.
+                copy = _keep_torn(root / "torn", path, 0, data)
+                path.unlink()
+                fsync_dir(segdir)
+                log.warning("audit: removed a half-created segment %s (copy kept at %s)", path, copy)
+                segments.pop()
+                continue
+            raise LogDamaged(f"{path.name}: the segment header is damaged; run `warden audit verify`")
+        start, data_start = parsed
+        if start.size != int(path.stem):
+            raise LogDamaged(f"{path.name}: its header says it starts at record {start.size}")
+        state, good_end = _scan_tail(path, data, start, data_start)
+        if good_end < len(data):
+            copy = _keep_torn(root / "torn", path, good_end, data[good_end:])
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, good_end)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            log.warning(
+                "audit: cut a torn last frame off %s at offset %d (%d bytes, copy kept at %s)",
+                path.name, good_end, len(data) - good_end, copy,
+            )  # fmt: skip
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        return SegmentWriter(segdir, path, fd, good_end, data_start, state, max_bytes), state
+    state = TreeState.empty()
+    path, fd, start_offset = _create_segment(segdir, state)
+    return SegmentWriter(segdir, path, fd, start_offset, start_offset, state, max_bytes), state
+

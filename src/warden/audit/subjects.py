@@ -1,0 +1,169 @@
+"""Per data subject encryption of personal fields (crypto-shredding).
+
+Each customer id gets its own AES-256-GCM key in ``<audit dir>/subjects/``.
+Records name the subject only by a keyed hash (:meth:`SubjectKeys.ref`), and
+carry the personal fields as ciphertext in ``sealed``. Erasing a subject
+deletes its key file: the ciphertext stays in the log, so every hash, the
+chain and the checkpoints still verify, but nobody can read those fields any
+more. That is how the log honours GDPR and CCPA erasure while staying
+append-only.
+
+Key files are written and fsynced before any record that uses them, by the
+log's I/O thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from warden.audit.layout import fsync_dir
+
+__all__ = ["SEAL_ALG", "SubjectKeys"]
+
+SEAL_ALG = "A256GCM"
+_SALT_FILE = "subject-salt"
+_NONCE_BYTES = 12
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (mode 0600) with ``data``, durable with its directory entry."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+
+
+class SubjectKeys:
+    """The key store: one AES-256-GCM key per data subject, found by keyed hash."""
+
+    def __init__(self, root: Path, salt: bytes) -> None:
+        self._root = root
+        self._salt = salt
+        self._cache: dict[str, AESGCM] = {}
+
+    @classmethod
+    def open(cls, audit_dir: Path, *, create: bool = True) -> SubjectKeys:
+        """The store of ``audit_dir``; creates its salt on first use when ``create``."""
+        keys_dir = audit_dir / "keys"
+        salt_path = keys_dir / _SALT_FILE
+        if not salt_path.exists() and create:
+            keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _write_new(salt_path, secrets.token_bytes(32))
+        salt = salt_path.read_bytes() if salt_path.exists() else b""
+        return cls(audit_dir / "subjects", salt)
+
+    def ref(self, subject_id: str) -> str:
+        """The pseudonymous reference stored in records: HMAC-SHA256 of the id, 128 bits."""
+        return hmac.new(self._salt, subject_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def _path(self, ref: str) -> Path:
+        return self._root / ref[:2] / f"{ref}.key"
+
+    def cached(self, ref: str) -> AESGCM | None:
+        """The subject's key if this process already holds it."""
+        return self._cache.get(ref)
+
+    def load_or_create(self, ref: str) -> AESGCM:
+        """The subject's key, created (and made durable) on first use. Blocking I/O."""
+        aead = self._cache.get(ref)
+        if aead is not None:
+            return aead
+        path = self._path(ref)
+        try:
+            key = path.read_bytes()
+        except FileNotFoundError:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            key = AESGCM.generate_key(bit_length=256)
+            try:
+                _write_new(path, key)
+            except FileExistsError:
+                key = path.read_bytes()
+        aead = AESGCM(key)
+        self._cache[ref] = aead
+        return aead
+
+    def load(self, ref: str) -> AESGCM | None:
+        """The subject's key for reading, or ``None`` once erased."""
+        try:
+            return AESGCM(self._path(ref).read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def erase(self, ref: str) -> bool:
+        """Destroy the subject's key; whether there was one. Blocking I/O.
+
+        The file is overwritten and synced before it is unlinked, so the key
+        does not linger in the file's old blocks on simple filesystems (on
+        copy-on-write or journaled data it may; see docs/audit.md).
+        """
+        self._cache.pop(ref, None)
+        path = self._path(ref)
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            os.write(fd, b"\0" * 32)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        path.unlink()
+        fsync_dir(path.parent)
+        return True
+
+    def forget_erased(self) -> list[str]:
+        """Drop cached keys whose file was erased by another process; return their refs."""
+        gone = [ref for ref in self._cache if not self._path(ref).exists()]
+        for ref in gone:
+            del self._cache[ref]
+        return gone
+
+    @staticmethod
+    def seal(aead: AESGCM, ref: str, record_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Encrypt ``fields`` (field path to value) for one record.
+
+        The record id and subject are bound as associated data, so ciphertext
+        cannot be moved to another record or subject unnoticed.
+        """
+        nonce = os.urandom(_NONCE_BYTES)
+        ct = aead.encrypt(nonce, orjson.dumps(dict(fields)), f"{record_id}|{ref}".encode())
+        return {
+            "alg": SEAL_ALG,
+            "fields": sorted(fields),
+            "nonce": base64.b64encode(nonce).decode(),
+            "ct": base64.b64encode(ct).decode(),
+        }
+
+    def unseal(self, record: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The personal fields of a stored record, or ``None`` if its subject was erased."""
+        sealed = record.get("sealed")
+        ref = record.get("subject")
+        if not isinstance(sealed, Mapping) or not isinstance(ref, str):
+            return {}
+        aead = self.load(ref)
+        if aead is None:
+            return None
+        try:
+            plain = aead.decrypt(
+                base64.b64decode(sealed["nonce"]),
+                base64.b64decode(sealed["ct"]),
+                f"{record['id']}|{ref}".encode(),
+            )
+        except (InvalidTag, KeyError, ValueError):
+            return None
+        value = orjson.loads(plain)
+        return value if isinstance(value, dict) else None

@@ -1,0 +1,357 @@
+#!/usr/bin/env python3
+"""Check a Warden audit evidence package offline: ``python3 verify_evidence.py [DIR]``.
+
+This file is copied verbatim into every package made by ``warden audit
+export``. It needs only the Python standard library; the Ed25519 signature of
+the checkpoint is checked with the ``cryptography`` package if it is
+installed, else with ``openssl`` (1.1.1 or later). It checks:
+
+1. every file against ``MANIFEST.sha256`` (also: ``sha256sum -c MANIFEST.sha256``);
+2. the signed checkpoint (C2SP signed note) against the log's verifier key;
+3. each record: its leaf hash ``SHA-256(0x00 || line)`` and its RFC 6962
+   inclusion proof against the checkpoint's root hash;
+4. the hash chain between records with consecutive sequence numbers;
+5. the consistency proof from an earlier checkpoint, when the package has one.
+
+Exit status 0 means every check passed. Pass ``--key <verifier key>`` with the
+key you obtained from the operator independently; otherwise the key shipped in
+the package is used, which proves integrity but not who signed.
+
+Inside Warden this module is also the one implementation of the RFC 9162
+proof verifiers (``warden.audit.merkle`` re-exports them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "node_hash",
+    "parse_checkpoint",
+    "parse_vkey",
+    "split_note",
+    "verify_consistency",
+    "verify_inclusion",
+    "verify_package",
+]
+
+HASH_SIZE = 32
+SIG_PREFIX = "\u2014 "
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    """An RFC 6962 interior node: ``SHA-256(0x01 || left || right)``."""
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def _is_hash(value: Any) -> bool:
+    return isinstance(value, bytes | bytearray) and len(value) == HASH_SIZE
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def verify_inclusion(
+    leaf_hash: bytes, index: int, tree_size: int, proof: Sequence[bytes], root: bytes
+) -> bool:
+    """Whether ``proof`` shows leaf ``index`` with ``leaf_hash`` is in the tree ``root``.
+
+    RFC 9162 §2.1.3.2. Hashes that are not 32 bytes, negative or
+    out-of-range indices and proofs of the wrong length are rejected; the
+    function never raises.
+    """
+    try:
+        if not (_is_count(index) and _is_count(tree_size) and index < tree_size):
+            return False
+        if not (_is_hash(leaf_hash) and _is_hash(root)):
+            return False
+        if not all(_is_hash(p) for p in proof):
+            return False
+        fn, sn = index, tree_size - 1
+        r = bytes(leaf_hash)
+        for p in proof:
+            if sn == 0:
+                return False
+            if fn & 1 or fn == sn:
+                r = node_hash(bytes(p), r)
+                while fn and not fn & 1:
+                    fn >>= 1
+                    sn >>= 1
+            else:
+                r = node_hash(r, bytes(p))
+            fn >>= 1
+            sn >>= 1
+        return sn == 0 and r == bytes(root)
+    except Exception:  # noqa: BLE001 - a verifier answers False, it does not crash
+        return False
+
+
+def verify_consistency(
+    size1: int, size2: int, proof: Sequence[bytes], root1: bytes, root2: bytes
+) -> bool:
+    """Whether ``proof`` shows the tree ``root1`` of ``size1`` leaves is a prefix of ``root2``.
+
+    RFC 9162 §2.1.4.2. Equal sizes need an empty proof and equal roots. A
+    first size of zero is rejected: every tree extends the empty one, so such
+    a "proof" proves nothing and most likely signals a confused caller. The
+    function never raises.
+    """
+    try:
+        if not (_is_count(size1) and _is_count(size2)) or size1 > size2 or size1 == 0:
+            return False
+        if not isinstance(root1, bytes | bytearray) or not isinstance(root2, bytes | bytearray):
+            return False
+        if size1 == size2:
+            # Nothing to compute: the two heads must simply be the same bytes.
+            return len(proof) == 0 and bytes(root1) == bytes(root2)
+        if not (proof and _is_hash(root1) and _is_hash(root2)):
+            return False
+        if not all(_is_hash(p) for p in proof):
+            return False
+        path = [bytes(p) for p in proof]
+        if size1 & (size1 - 1) == 0:
+            path.insert(0, bytes(root1))
+        fn, sn = size1 - 1, size2 - 1
+        while fn & 1:
+            fn >>= 1
+            sn >>= 1
+        fr = sr = path[0]
+        for c in path[1:]:
+            if sn == 0:
+                return False
+            if fn & 1 or fn == sn:
+                fr = node_hash(c, fr)
+                sr = node_hash(c, sr)
+                while fn and not fn & 1:
+                    fn >>= 1
+                    sn >>= 1
+            else:
+                sr = node_hash(sr, c)
+            fn >>= 1
+            sn >>= 1
+        return sn == 0 and fr == bytes(root1) and sr == bytes(root2)
+    except Exception:  # noqa: BLE001 - a verifier answers False, it does not crash
+        return False
+
+
+def split_note(note: str) -> tuple[str, list[tuple[str, bytes]]]:
+    """Split a C2SP signed note into its text and ``(name, key hash || signature)`` pairs.
+
+    Raises ``ValueError`` when the note is malformed.
+    """
+    text, sep, sigs = note.rpartition("\n\n")
+    if not sep or not sigs.endswith("\n"):
+        raise ValueError("a note is text, a blank line, then signature lines")
+    out: list[tuple[str, bytes]] = []
+    for line in sigs[:-1].split("\n"):
+        if not line.startswith(SIG_PREFIX):
+            raise ValueError(f"malformed signature line {line!r}")
+        name, space, blob = line[len(SIG_PREFIX) :].partition(" ")
+        if not space or not name or "+" in name or any(c.isspace() for c in name):
+            raise ValueError(f"malformed signature line {line!r}")
+        try:
+            raw = base64.b64decode(blob, validate=True)
+        except binascii.Error:
+            raise ValueError(f"signature of {name} is not base64") from None
+        if len(raw) < 5:
+            raise ValueError(f"signature of {name} is too short")
+        out.append((name, raw))
+    return text + "\n", out
+
+
+def parse_vkey(vkey: str) -> tuple[str, bytes, bytes]:
+    """``(name, 4-byte key hash, 32-byte Ed25519 public key)`` from a verifier key."""
+    name, _, rest = vkey.strip().partition("+")
+    hash_hex, _, key_b64 = rest.partition("+")
+    material = base64.b64decode(key_b64, validate=True)
+    if len(hash_hex) != 8 or len(material) != 33 or material[0] != 1:
+        raise ValueError("not an Ed25519 verifier key <name>+<hash>+<base64 key>")
+    key_hash = hashlib.sha256(name.encode() + b"\n" + material).digest()[:4]
+    if key_hash.hex() != hash_hex:
+        raise ValueError("the verifier key's hash does not match its name and key")
+    return name, key_hash, material[1:]
+
+
+def parse_checkpoint(text: str) -> tuple[str, int, bytes]:
+    """``(origin, tree size, root hash)`` from a checkpoint body."""
+    lines = text.split("\n")
+    if len(lines) < 4 or lines[-1] != "" or not lines[1].isdigit():
+        raise ValueError("a checkpoint is an origin, a size and a root hash, one per line")
+    root = base64.b64decode(lines[2], validate=True)
+    if len(root) != HASH_SIZE:
+        raise ValueError("the checkpoint root hash is not 32 bytes")
+    return lines[0], int(lines[1]), root
+
+
+def _ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool | None:
+    """True/False, or ``None`` when neither ``cryptography`` nor ``openssl`` is available."""
+    try:
+        from cryptography.exceptions import InvalidSignature  # noqa: PLC0415
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
+            Ed25519PublicKey,
+        )
+    except ImportError:
+        return _openssl_verify(public_key, message, signature)
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _openssl_verify(public_key: bytes, message: bytes, signature: bytes) -> bool | None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return None
+    # SubjectPublicKeyInfo for Ed25519 is a fixed 12-byte prefix and the raw key.
+    spki = bytes.fromhex("302a300506032b6570032100") + public_key
+    pem = b"-----BEGIN PUBLIC KEY-----\n" + base64.encodebytes(spki) + b"-----END PUBLIC KEY-----\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"key.pem": pem, "msg": message, "sig": signature}
+        for name, data in paths.items():
+            (Path(tmp) / name).write_bytes(data)
+        done = subprocess.run(  # noqa: S603 - fixed arguments, no shell
+            [openssl, "pkeyutl", "-verify", "-pubin", "-inkey", f"{tmp}/key.pem", "-rawin",
+             "-in", f"{tmp}/msg", "-sigfile", f"{tmp}/sig"],
+            capture_output=True, check=False,
+        )  # fmt: skip
+    return done.returncode == 0
+
+
+class _Report:
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+        self.notes: list[str] = []
+
+    def fail(self, message: str) -> None:
+        self.failures.append(message)
+
+
+def _open_checkpoint(note: str, vkey: str, report: _Report) -> tuple[str, int, bytes] | None:
+    try:
+        name, key_hash, public_key = parse_vkey(vkey)
+        text, sigs = split_note(note)
+        origin, size, root = parse_checkpoint(text)
+    except ValueError as exc:
+        report.fail(f"checkpoint: {exc}")
+        return None
+    mine = [raw for signer, raw in sigs if signer == name and raw[:4] == key_hash]
+    if not mine:
+        report.fail(f"checkpoint: no signature by the key {name}")
+        return None
+    for raw in mine:
+        ok = _ed25519_verify(public_key, text.encode(), raw[4:])
+        if ok is None:
+            report.fail("checkpoint: cannot check Ed25519 (install `cryptography` or openssl)")
+            return None
+        if not ok:
+            report.fail("checkpoint: the signature does not verify")
+            return None
+    return origin, size, root
+
+
+def _check_manifest(pkg: Path, report: _Report) -> None:
+    manifest = pkg / "MANIFEST.sha256"
+    listed: set[str] = set()
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        digest, _, name = line.partition("  ")
+        listed.add(name)
+        path = pkg / name
+        if not path.is_file() or Path(name).is_absolute() or ".." in Path(name).parts:
+            report.fail(f"manifest: {name} is missing")
+        elif hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            report.fail(f"manifest: {name} was modified")
+    for path in pkg.rglob("*"):
+        name = path.relative_to(pkg).as_posix()
+        if path.is_file() and name != "MANIFEST.sha256" and name not in listed:
+            report.fail(f"manifest: {name} is not listed")
+
+
+def _check_records(pkg: Path, size: int, root: bytes, report: _Report) -> int:
+    records = (pkg / "records.jsonl").read_bytes().split(b"\n")
+    proofs = (pkg / "proofs.jsonl").read_text(encoding="utf-8").split("\n")
+    if records[-1] != b"" or proofs[-1] != "" or len(records) != len(proofs):
+        report.fail("records.jsonl and proofs.jsonl do not have one line per record each")
+        return 0
+    previous: tuple[int, str] | None = None
+    count = 0
+    for line, proof_line in zip(records[:-1], proofs[:-1], strict=True):
+        proof = json.loads(proof_line)
+        record = json.loads(line)
+        seq = proof["seq"]
+        leaf = hashlib.sha256(b"\x00" + line).digest()
+        path = [base64.b64decode(p) for p in proof["proof"]]
+        if record.get("seq") != seq or record.get("id") != proof["id"]:
+            report.fail(f"record {seq}: its proof belongs to another record")
+        elif base64.b64decode(proof["leaf_hash"]) != leaf:
+            report.fail(f"record {seq}: the record was modified (leaf hash differs)")
+        elif not verify_inclusion(leaf, seq, size, path, root):
+            report.fail(f"record {seq}: the inclusion proof does not lead to the signed root")
+        if previous is not None and previous[0] + 1 == seq and record.get("prev") != previous[1]:
+            report.fail(f"record {seq}: its prev hash does not match record {seq - 1}")
+        previous = (seq, leaf.hex())
+        count += 1
+    return count
+
+
+def verify_package(pkg: Path, vkey: str | None = None) -> tuple[list[str], list[str]]:
+    """Run every check on the package in ``pkg``; return the failures and the notes."""
+    report = _Report()
+    _check_manifest(pkg, report)
+    if vkey is None:
+        vkey = (pkg / "log-key.vkey").read_text(encoding="utf-8")
+        report.notes.append("the checkpoint key was taken from the package (use --key to pin it)")
+    opened = _open_checkpoint((pkg / "checkpoint").read_text(encoding="utf-8"), vkey, report)
+    if opened is None:
+        return report.failures, report.notes
+    origin, size, root = opened
+    count = _check_records(pkg, size, root, report)
+    consistency = pkg / "consistency.json"
+    if consistency.exists():
+        data = json.loads(consistency.read_text(encoding="utf-8"))
+        earlier = _open_checkpoint(
+            (pkg / data["checkpoint"]).read_text(encoding="utf-8"), vkey, report
+        )
+        path = [base64.b64decode(p) for p in data["proof"]]
+        if earlier is not None and not verify_consistency(earlier[1], size, path, earlier[2], root):
+            report.fail("the earlier checkpoint is not consistent with the latest one")
+    if not report.failures:
+        report.notes.append(
+            f"OK: {count} records included in {origin} at tree size {size}, "
+            f"root {base64.b64encode(root).decode()}"
+        )
+    return report.failures, report.notes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point; exit status 0 when the package is intact."""
+    parser = argparse.ArgumentParser(description="Verify a Warden audit evidence package.")
+    parser.add_argument("package", nargs="?", default=str(Path(__file__).resolve().parent))
+    parser.add_argument("--key", help="the log's verifier key, obtained independently")
+    args = parser.parse_args(argv)
+    try:
+        failures, notes = verify_package(Path(args.package), args.key)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"FAILED: the package cannot be read: {exc}", file=sys.stderr)
+        return 2
+    for message in failures:
+        print(f"FAILED: {message}")
+    for message in notes:
+        print(message)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

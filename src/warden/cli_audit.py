@@ -1,0 +1,275 @@
+"""``warden audit verify|export|proof|erase``: work on an audit directory offline.
+
+:func:`register` adds the ``audit`` command to the main CLI's subparsers; each
+subcommand stores its handler in ``args.func`` (``func(args) -> int``, the exit
+status). ``python -m warden.cli_audit`` runs the same commands on their own.
+
+The audit directory is ``--dir``, else ``audit.dir`` of the configuration
+(``--config``, ``$WARDEN_CONFIG``, ``WARDEN_AUDIT__DIR``).
+
+Exit status: 0 success (``verify``: the log is intact); 1 the log is damaged
+or the request cannot be met; 2 the input is unusable (no log there, bad key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import orjson
+
+from warden.audit.checkpoint import NoteError, NoteVerifier
+from warden.audit.export import EXPORT_FORMATS, ExportError, Selection, export_log, inclusion_proof
+from warden.audit.export import parse_time as _parse_time
+from warden.audit.layout import Layout, LogLocked
+from warden.audit.log import AuditLog
+from warden.audit.subjects import SubjectKeys
+from warden.audit.verify import verify_log
+from warden.config import AuditConfig, load_config
+from warden.errors import AuditError, ConfigError
+
+__all__ = ["main", "register"]
+
+EXIT_OK = 0
+EXIT_DAMAGED = 1
+EXIT_USAGE = 2
+
+
+class _Unusable(Exception):
+    """The command cannot start: print the message, exit 2."""
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``audit`` with its ``verify``, ``export``, ``proof`` and ``erase`` subcommands."""
+    audit = subparsers.add_parser(
+        "audit",
+        help="verify, export and prove the tamper-evident audit log",
+        description="Work on Warden's audit log offline. Exit 0: success; 1: damaged or "
+        "refused; 2: unusable input.",
+    )
+    commands = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser, *, key: bool = True) -> None:
+        p.add_argument("--dir", help="the audit directory (default: audit.dir from the config)")
+        p.add_argument("--config", dest="audit_config", metavar="FILE",
+                       help="Warden's config file (default: $WARDEN_CONFIG)")  # fmt: skip
+        if key:
+            p.add_argument("--key", metavar="VKEY",
+                           help="the verifier key checkpoints must carry, or a file holding it "
+                           "(default: the key stored in the directory)")  # fmt: skip
+
+    verify = commands.add_parser(
+        "verify", help="check frames, hash chain, Merkle tree and signed checkpoints",
+        description="Check every record and checkpoint. Exit 0 when intact; otherwise name the "
+        "first bad record and the kind of damage and exit 1.",
+    )  # fmt: skip
+    common(verify)
+    verify.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
+                        help="a checkpoint kept elsewhere to check the log against "
+                        "(repeatable)")  # fmt: skip
+    verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    verify.set_defaults(func=_verify)
+
+    export = commands.add_parser(
+        "export", help="write an evidence package (or CSV / OCSF) for a period",
+        description="Export the records of a period that a signed checkpoint covers.",
+    )  # fmt: skip
+    common(export)
+    export.add_argument("--from", dest="start", metavar="TIME",
+                        help="first day or RFC 3339 time (inclusive)")  # fmt: skip
+    export.add_argument("--to", dest="end", metavar="TIME",
+                        help="last day (inclusive) or RFC 3339 time (exclusive)")  # fmt: skip
+    export.add_argument("--agent", help="only this agent's records")
+    export.add_argument("--out", required=True, metavar="PATH",
+                        help="a new directory (evidence) or file (csv, ocsf)")  # fmt: skip
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="evidence",
+                        help="evidence package (default), csv, or ocsf JSON lines")  # fmt: skip
+    export.set_defaults(func=_export)
+
+    proof = commands.add_parser("proof", help="print the inclusion proof of one record (JSON)")
+    common(proof)
+    proof.add_argument("--record", required=True, metavar="ID",
+                       help="a record id (rec_...) or sequence number")  # fmt: skip
+    proof.set_defaults(func=_proof)
+
+    erase = commands.add_parser(
+        "erase", help="destroy a data subject's key (GDPR / CCPA erasure)",
+        description="Destroy the encryption key of one data subject (a customer id). Their "
+        "personal fields become unreadable; every hash and checkpoint still verifies.",
+    )  # fmt: skip
+    common(erase, key=False)
+    erase.add_argument("--subject", required=True, metavar="ID", help="the customer id")
+    erase.set_defaults(func=_erase)
+
+
+def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn expected failures into a message on stderr and an exit status."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (_Unusable, ConfigError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except (ExportError, AuditError, LogLocked, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_DAMAGED
+
+    return run
+
+
+def _audit_config(args: argparse.Namespace) -> AuditConfig:
+    path = args.audit_config or getattr(args, "config", None) or os.environ.get("WARDEN_CONFIG")
+    audit = load_config(path).audit
+    if args.dir:
+        audit = audit.model_copy(update={"dir": args.dir})
+    return audit
+
+
+def _root(args: argparse.Namespace) -> Path:
+    root = Path(_audit_config(args).dir)
+    if not Layout(root).meta.exists():
+        raise _Unusable(f"{root} holds no Warden audit log (no log.json)")
+    return root
+
+
+def _verifier(args: argparse.Namespace, root: Path) -> NoteVerifier:
+    value = getattr(args, "key", None)
+    try:
+        if value is None:
+            return Layout(root).verifier()
+        if os.path.exists(value):
+            value = Path(value).read_text(encoding="utf-8")
+        return NoteVerifier.from_vkey(value)
+    except (OSError, NoteError) as exc:
+        raise _Unusable(f"unusable verifier key: {exc}") from None
+
+
+@_guarded
+def _verify(args: argparse.Namespace) -> int:
+    root = _root(args)
+    report = verify_log(root, verifier=_verifier(args, root), extra_checkpoints=args.checkpoint)
+    if args.json:
+        body = {
+            "ok": report.ok,
+            "records": report.records,
+            "segments": report.segments,
+            "checkpoints": report.checkpoints,
+            "latest_checkpoint": report.latest_checkpoint,
+            "root": report.root,
+            "seconds": report.seconds,
+            "damage": [
+                {"kind": d.kind, "seq": d.seq, "record_id": d.record_id, "segment": d.segment,
+                 "offset": d.offset, "detail": d.detail}  # fmt: skip
+                for d in report.damage
+            ],
+            "warnings": list(report.warnings),
+        }
+        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+    elif report.ok:
+        latest = report.latest_checkpoint
+        print(
+            f"intact: {report.records} records in {report.segments} segments; "
+            f"{report.checkpoints} signed checkpoints verified"
+            + (f", the latest at size {latest}" if latest is not None else "")
+        )
+        print(f"root {report.root}; {report.rate:,.0f} records/s")
+        for warning in report.warnings:
+            print(f"warning: {warning}")
+    else:
+        for damage in report.damage:
+            print(f"DAMAGED {damage.describe()}")
+    return EXIT_OK if report.ok else EXIT_DAMAGED
+
+
+@_guarded
+def _export(args: argparse.Namespace) -> int:
+    root = _root(args)
+    selection = Selection(
+        start=_parse_time(args.start) if args.start else None,
+        end=_parse_time(args.end, end=True) if args.end else None,
+        agent=args.agent,
+    )
+    result = export_log(
+        root, args.out, selection=selection, fmt=args.format, verifier=_verifier(args, root)
+    )
+    print(
+        f"exported {result.records} records ({result.format}) to {result.path}, "
+        f"covered by the signed checkpoint at size {result.tree_size}"
+    )
+    if result.uncovered:
+        print(
+            f"note: {result.uncovered} records of the period are newer than the latest "
+            "checkpoint and were left out; export again after the next checkpoint"
+        )
+    if result.format == "evidence":
+        print(f"auditors check it with: python3 {Path(args.out) / 'verify_evidence.py'}")
+    return EXIT_OK
+
+
+@_guarded
+def _proof(args: argparse.Namespace) -> int:
+    root = _root(args)
+    proof = inclusion_proof(root, args.record, verifier=_verifier(args, root))
+    print(orjson.dumps(proof, option=orjson.OPT_INDENT_2).decode())
+    if proof["checkpoint"] is None:
+        print("note: no signed checkpoint covers this record yet", file=sys.stderr)
+    return EXIT_OK
+
+
+async def _erase_through_log(config: AuditConfig, subject: str) -> bool:
+    log = await AuditLog.open(config)
+    try:
+        return await log.erase_subject(subject)
+    finally:
+        await log.close()
+
+
+@_guarded
+def _erase(args: argparse.Namespace) -> int:
+    config = _audit_config(args)
+    root = _root(args)
+    try:
+        existed = asyncio.run(_erase_through_log(config, args.subject))
+        recorded = True
+    except AuditError as exc:
+        if not isinstance(exc.__cause__, LogLocked):
+            raise
+        # A running Warden holds the log: destroy the key here; Warden notices
+        # at its next checkpoint, drops its cached copy and records the erasure.
+        keys = SubjectKeys.open(root, create=False)
+        existed = keys.erase(keys.ref(args.subject))
+        recorded = False
+    if existed:
+        print("erased: the subject's key is destroyed; their personal fields can no longer be read")
+    else:
+        print("nothing to erase: no key for this subject (never recorded, or already erased)")
+    if not recorded:
+        print("note: Warden is running; it records the erasure at its next checkpoint")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``audit`` commands on their own: ``python -m warden.cli_audit audit verify``.
+
+    The leading ``audit`` may be left out.
+    """
+    parser = argparse.ArgumentParser(prog="warden")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register(subparsers)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["audit"] and argv[:1] != ["-h"] and argv[:1] != ["--help"]:
+        argv.insert(0, "audit")
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Header hygiene for the base-URL proxy: what is forwarded, returned and recorded.
+
+Credentials are forwarded to the configured upstream (the agent owns them) but
+never recorded: recording uses an allowlist, so a new secret-bearing header
+cannot leak by default.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+__all__ = [
+    "AGENT_HEADER",
+    "CONTEXT_PREFIX",
+    "DECISION_HEADER",
+    "agent_from",
+    "context_from",
+    "recordable",
+    "request_headers",
+    "response_headers",
+]
+
+AGENT_HEADER = "X-Warden-Agent"
+CONTEXT_PREFIX = "x-warden-context-"
+DECISION_HEADER = "X-Warden-Decision-Id"
+BLOCKED_HEADER = "X-Warden-Blocked"
+
+# RFC 9110 section 7.6.1, plus the proxy-specific ones clients still send.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Recomputed by Warden for the hop it makes.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expect"}
+# Warden returns bodies decoded, often rewritten, so length and encoding change.
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding"}
+_RECORDABLE = frozenset(
+    {
+        "user-agent",
+        "content-type",
+        "accept",
+        "anthropic-version",
+        "anthropic-beta",
+        "openai-beta",
+        "x-stainless-lang",
+        "x-stainless-package-version",
+        "x-stainless-runtime",
+        "x-request-id",
+    }
+)
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+_MAX_CONTEXT_VALUE = 256
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
+    # Headers named in Connection are hop-by-hop for this message too.
+    value = headers.get("connection", "")
+    return {t.strip().lower() for t in value.split(",") if t.strip()}
+
+
+def request_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Headers to send upstream: hop-by-hop and ``X-Warden-*`` removed."""
+    drop = _REQUEST_DROP | _connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in drop or lower.startswith("x-warden-"):
+            continue
+        out.add(name, value)
+    return out
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Headers to return to the agent from an upstream response."""
+    drop = _RESPONSE_DROP | _connection_tokens(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    return out
+
+
+def recordable(incoming: Mapping[str, str]) -> dict[str, str]:
+    """The few headers safe to keep in audit records (an allowlist: no secrets)."""
+    return {k.lower(): v for k, v in incoming.items() if k.lower() in _RECORDABLE}
+
+
+def agent_from(incoming: Mapping[str, str], default: str) -> str | None:
+    """The agent id from ``X-Warden-Agent``, ``default`` if absent, ``None`` if malformed."""
+    value = incoming.get(AGENT_HEADER)
+    if value is None:
+        return default
+    value = value.strip()
+    return value if _ID_RE.match(value) else None
+
+
+def context_from(incoming: Mapping[str, str]) -> dict[str, str]:
+    """``X-Warden-Context-Customer-Id: C-1`` becomes ``{"customer_id": "C-1"}``."""
+    context: dict[str, str] = {}
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower.startswith(CONTEXT_PREFIX) and len(lower) > len(CONTEXT_PREFIX):
+            key = lower[len(CONTEXT_PREFIX) :].replace("-", "_")
+            context[key] = value[:_MAX_CONTEXT_VALUE]
+    return context

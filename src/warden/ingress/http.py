@@ -1,0 +1,578 @@
+"""The base-URL reverse proxy: ``/<upstream>/<rest>`` to ``<base_url>/<rest>``.
+
+This edge only converts. It reads and bounds the agent's request, asks the
+adapter what the request and response contain, asks the pipeline for
+decisions, and writes what the adapter renders. It never decides itself.
+
+Only upstreams named in the configuration are reachable: the target host comes
+from ``base_url`` alone, never from the request (no open proxy, no SSRF).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from warden.config import Config, UpstreamConfig
+from warden.errors import (
+    AuditError,
+    BodyTooLarge,
+    InvalidJSON,
+    RequestError,
+    UnknownRoute,
+    UnsupportedMedia,
+    UpstreamError,
+    UpstreamProtocol,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    WardenError,
+)
+from warden.ingress import headers as hdr
+from warden.model import (
+    Action,
+    ActionKind,
+    Agent,
+    Decision,
+    Effect,
+    Outcome,
+    RequestMeta,
+    Stage,
+    ToolCall,
+    ToolResult,
+    Usage,
+    new_id,
+)
+from warden.ops import metrics
+from warden.pipeline import Pipeline
+from warden.protocols.base import Adapter, StreamItem, StreamRewriter
+from warden.protocols.errors import render_error, render_stream_error
+from warden.protocols.registry import adapter_for
+from warden.protocols.sse import SseEvent, SseParser
+
+__all__ = ["ProxyApp", "build_proxy_app"]
+
+log = logging.getLogger("warden.proxy")
+
+MAX_UPSTREAM_BODY = 64 * 1024 * 1024
+MAX_TRACKED_CALLS = 100_000
+_JSON = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    name: str
+    upstream: UpstreamConfig
+    tail: str
+
+    @property
+    def family(self) -> str:
+        return self.upstream.protocol
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """Who is asking, for what: everything per request that actions share."""
+
+    route: _Route
+    agent: Agent
+    meta: RequestMeta
+    context: Mapping[str, Any]
+    model: str | None
+    adapter: Adapter | None
+
+
+class ProxyApp:
+    """Serves the proxy listener. One per Warden process."""
+
+    def __init__(self, config: Config, pipeline: Pipeline, session: aiohttp.ClientSession) -> None:
+        self._config = config
+        self._pipeline = pipeline
+        self._session = session
+        # Proposed calls by call id, so the results agents send back later can be
+        # recorded as the outcome of the decision that let the call through.
+        self._calls: OrderedDict[str, tuple[Action, str]] = OrderedDict()
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- entry ---------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Serve one agent request; every failure becomes a protocol-shaped error."""
+        started = time.perf_counter()
+        metrics.INFLIGHT.inc()
+        family = "openai"
+        upstream_name = "_unknown"
+        try:
+            route = self._route(request)
+            family, upstream_name = route.family, route.name
+            response = await self._serve(request, route, started)
+        except WardenError as exc:
+            response = self._error(family, exc.status, exc.code, str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("internal error serving %s %s", request.method, request.path)
+            response = self._error(family, 500, "internal_error", "Warden internal error")
+        finally:
+            metrics.INFLIGHT.dec()
+        metrics.REQUESTS.labels(upstream_name, str(response.status)).inc()
+        return response
+
+    def _route(self, request: web.Request) -> _Route:
+        if request.method == "CONNECT" or _absolute_form(request):
+            raise RequestError(
+                "Warden's base-URL listener is not a forward proxy; "
+                "send requests to /<upstream>/<path>"
+            )
+        path = request.rel_url.raw_path
+        name, _, tail = path.lstrip("/").partition("/")
+        upstream = self._config.upstreams.get(name)
+        if upstream is None:
+            known = ", ".join(sorted(self._config.upstreams)) or "none"
+            raise UnknownRoute(f"no upstream named {name!r} (configured: {known})")
+        segments = tail.split("/")
+        if any(s in ("..", ".") for s in segments) or "//" in tail or "\\" in tail:
+            raise RequestError("path must not contain '.', '..' or empty segments")
+        return _Route(name=name, upstream=upstream, tail=tail)
+
+    # -- request -------------------------------------------------------------
+
+    async def _serve(self, request: web.Request, route: _Route, started: float) -> web.StreamResponse:
+        agent_id = hdr.agent_from(request.headers, self._config.agent.id)
+        if agent_id is None:
+            raise RequestError(f"{hdr.AGENT_HEADER} must be 1-128 characters of [A-Za-z0-9._:@/-]")
+        version = self._config.agent.version if agent_id == self._config.agent.id else ""
+        body = await _read_body(request, self._config.limits.max_body_bytes)
+        adapter = adapter_for(route.family, request.method, route.tail)
+        model: str | None = None
+        if adapter is not None and request.method == "POST":
+            parsed_body = _parse_json_request(request, body)
+            parsed = adapter.parse_request(parsed_body)
+            model = parsed.model
+            self._record_results(parsed.tool_results)
+        call = _Call(
+            route=route,
+            agent=Agent(id=agent_id, version=version),
+            meta=RequestMeta(
+                method=request.method,
+                upstream=route.name,
+                path="/" + route.tail,
+                headers=hdr.recordable(request.headers),
+            ),
+            context=hdr.context_from(request.headers),
+            model=model,
+            adapter=adapter,
+        )
+        kind = ActionKind.HTTP_CALL if route.family == "http" else ActionKind.LLM_CALL
+        action = Action(
+            action_id=new_id("act"),
+            agent=call.agent,
+            kind=kind,
+            protocol=adapter.name if adapter is not None else route.family,
+            stage=Stage.EXECUTED,
+            request=call.meta,
+            model=model,
+            context=call.context,
+        )
+        decision = await self._decide(action)
+        if decision.enforced is not Effect.ALLOW:
+            return self._error(
+                route.family,
+                403,
+                "denied",
+                f"Warden denied this request: {decision.reason} (decision {decision.decision_id})",
+                decision_id=decision.decision_id,
+            )
+        pre = time.perf_counter() - started
+        return await self._forward(request, call, action, decision, body, pre)
+
+    async def _forward(
+        self,
+        request: web.Request,
+        call: _Call,
+        action: Action,
+        decision: Decision,
+        body: bytes,
+        pre_s: float,
+    ) -> web.StreamResponse:
+        upstream = call.route.upstream
+        url = upstream.base_url + "/" + call.route.tail
+        if request.query_string:
+            url += "?" + request.query_string
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=upstream.connect_timeout_s, sock_read=upstream.timeout_s
+        )
+        sent = time.perf_counter()
+        try:
+            upstream_resp = await self._session.request(
+                request.method,
+                url,
+                data=body if body else None,
+                headers=hdr.request_headers(request.headers),
+                timeout=timeout,
+                allow_redirects=False,
+            )
+        except Exception as exc:
+            error = _upstream_error(exc, call.route.name)
+            self._outcome(action, decision, Outcome(error=error.code, latency_ms=_ms(sent)))
+            raise error from None
+        try:
+            content_type = upstream_resp.headers.get("Content-Type", "")
+            if upstream_resp.status == 200 and content_type.startswith("text/event-stream"):
+                return await self._stream(request, call, action, decision, upstream_resp, sent, pre_s)
+            return await self._whole(call, action, decision, upstream_resp, sent, pre_s)
+        finally:
+            upstream_resp.release()
+
+    # -- whole responses -----------------------------------------------------
+
+    async def _whole(
+        self,
+        call: _Call,
+        action: Action,
+        decision: Decision,
+        upstream_resp: aiohttp.ClientResponse,
+        sent: float,
+        pre_s: float,
+    ) -> web.StreamResponse:
+        try:
+            raw = await _read_upstream(upstream_resp)
+        except UpstreamError as exc:
+            self._outcome(action, decision, Outcome(error=exc.code, latency_ms=_ms(sent)))
+            raise
+        upstream_s = time.perf_counter() - sent
+        metrics.UPSTREAM_LATENCY.labels(call.route.name).observe(upstream_s)
+        post_started = time.perf_counter()
+        headers = hdr.response_headers(upstream_resp.headers)
+        headers[hdr.DECISION_HEADER] = decision.decision_id
+        adapter = call.adapter
+        usage: Usage | None = None
+        if adapter is not None and upstream_resp.status == 200:
+            try:
+                body = orjson.loads(raw)
+                if not isinstance(body, dict):
+                    raise TypeError
+            except (orjson.JSONDecodeError, TypeError):
+                self._outcome(
+                    action,
+                    decision,
+                    Outcome(status=200, error="upstream_bad_response", latency_ms=upstream_s * 1e3),
+                )
+                raise UpstreamProtocol(
+                    f"upstream {call.route.name!r} answered 200 with a body that is not JSON"
+                ) from None
+            usage = adapter.usage(body)
+            calls = adapter.tool_calls(body)
+            if calls:
+                decisions = await self._decide_calls(call, calls, adapter.name)
+                if any(d.enforced is not Effect.ALLOW for d in decisions.values()):
+                    body = adapter.rewrite(body, decisions)
+                    headers[hdr.BLOCKED_HEADER] = ", ".join(
+                        d.decision_id for d in decisions.values() if d.enforced is not Effect.ALLOW
+                    )
+                raw = orjson.dumps(body)
+            headers["Content-Type"] = _JSON
+        self._count_tokens(call, usage)
+        self._outcome(
+            action,
+            decision,
+            Outcome(status=upstream_resp.status, latency_ms=upstream_s * 1e3, usage=usage),
+        )
+        metrics.ADDED_LATENCY.labels(call.route.name).observe(
+            pre_s + time.perf_counter() - post_started
+        )
+        return web.Response(status=upstream_resp.status, body=raw, headers=headers)
+
+    # -- streams -------------------------------------------------------------
+
+    async def _stream(
+        self,
+        request: web.Request,
+        call: _Call,
+        action: Action,
+        decision: Decision,
+        upstream_resp: aiohttp.ClientResponse,
+        sent: float,
+        pre_s: float,
+    ) -> web.StreamResponse:
+        headers = hdr.response_headers(upstream_resp.headers)
+        headers[hdr.DECISION_HEADER] = decision.decision_id
+        response = web.StreamResponse(status=upstream_resp.status, headers=headers)
+        await response.prepare(request)
+        metrics.ADDED_LATENCY.labels(call.route.name).observe(pre_s)
+        adapter = call.adapter
+        rewriter = adapter.stream_rewriter() if adapter is not None else None
+        parser = SseParser()
+        error: str | None = None
+        try:
+            async for chunk in upstream_resp.content.iter_any():
+                if rewriter is None:
+                    await response.write(chunk)
+                    continue
+                out = bytearray()
+                for event in parser.feed(chunk):
+                    await self._drain(call, rewriter, rewriter.feed(event), response, out)
+                if out:
+                    await response.write(bytes(out))
+            if rewriter is not None:
+                out = bytearray()
+                await self._drain(call, rewriter, rewriter.finish(), response, out)
+                if out:
+                    await response.write(bytes(out))
+                if not rewriter.complete:
+                    error = UpstreamProtocol.code
+                    await response.write(
+                        render_stream_error(
+                            call.route.family, error, "the upstream stream ended before it was complete"
+                        )
+                    )
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            error = "client_disconnected"
+        except AuditError as exc:
+            error = exc.code
+            await _try_write(response, render_stream_error(call.route.family, exc.code, str(exc)))
+        except Exception as exc:
+            upstream_error = _upstream_error(exc, call.route.name)
+            error = upstream_error.code
+            await _try_write(
+                response, render_stream_error(call.route.family, error, str(upstream_error))
+            )
+        upstream_s = time.perf_counter() - sent
+        metrics.UPSTREAM_LATENCY.labels(call.route.name).observe(upstream_s)
+        usage = rewriter.usage if rewriter is not None else None
+        self._count_tokens(call, usage, model=rewriter.model if rewriter is not None else None)
+        self._outcome(
+            action,
+            decision,
+            Outcome(status=upstream_resp.status, latency_ms=upstream_s * 1e3, usage=usage, error=error),
+        )
+        if error is not None:
+            metrics.ERRORS.labels(error).inc()
+        await _try_write_eof(response)
+        return response
+
+    async def _drain(
+        self,
+        call: _Call,
+        rewriter: StreamRewriter,
+        items: Iterable[StreamItem],
+        response: web.StreamResponse,
+        out: bytearray,
+    ) -> None:
+        # The iterator is lazy: each ToolCall is resolved before the next item
+        # is produced, so events that depend on decisions see them.
+        for item in items:
+            if isinstance(item, SseEvent):
+                out += item.encode()
+                continue
+            if out:
+                # Text already received goes out before waiting on a decision.
+                await response.write(bytes(out))
+                out.clear()
+            assert call.adapter is not None
+            decided = await self._decide_calls(call, [item], call.adapter.name)
+            for event in rewriter.resolve(item, decided[item.call_id]):
+                out += event.encode()
+
+    # -- decisions and records -------------------------------------------------
+
+    async def _decide(self, action: Action) -> Decision:
+        decision = await self._pipeline.decide(action)
+        metrics.DECISIONS.labels(
+            metrics.bounded("agent", action.agent.id),
+            metrics.bounded("tool", action.tool or action.kind.value),
+            decision.effect.value,
+            decision.mode.value,
+            decision.guard,
+        ).inc()
+        return decision
+
+    async def _decide_calls(
+        self, call: _Call, calls: list[ToolCall], protocol: str
+    ) -> dict[str, Decision]:
+        actions = [
+            Action(
+                action_id=new_id("act"),
+                agent=call.agent,
+                kind=ActionKind.TOOL_CALL,
+                protocol=protocol,
+                stage=Stage.PROPOSED,
+                request=call.meta,
+                tool=tc.name,
+                arguments=tc.arguments,
+                raw_arguments=tc.raw_arguments,
+                call_id=tc.call_id,
+                model=call.model,
+                context=call.context,
+            )
+            for tc in calls
+        ]
+        decided = await asyncio.gather(*(self._decide(a) for a in actions))
+        for action, decision in zip(actions, decided, strict=True):
+            if decision.enforced is Effect.ALLOW and action.call_id:
+                self._track(action.call_id, action, decision.decision_id)
+        return {tc.call_id: d for tc, d in zip(calls, decided, strict=True)}
+
+    def _track(self, call_id: str, action: Action, decision_id: str) -> None:
+        self._calls[call_id] = (action, decision_id)
+        if len(self._calls) > MAX_TRACKED_CALLS:
+            self._calls.popitem(last=False)
+
+    def _record_results(self, results: tuple[ToolResult, ...]) -> None:
+        # Agents resend the whole conversation each turn: a result is recorded
+        # the first time it is seen, for calls this sidecar let through.
+        for result in results:
+            tracked = self._calls.pop(result.call_id, None)
+            if tracked is None:
+                continue
+            action, decision_id = tracked
+            self._spawn(
+                self._pipeline.outcome(
+                    action,
+                    decision_id,
+                    Outcome(result=result.content, is_error=result.is_error),
+                )
+            )
+
+    def _outcome(self, action: Action, decision: Decision, outcome: Outcome) -> None:
+        # Outcomes follow the action; they need not delay the agent's response.
+        self._spawn(self._pipeline.outcome(action, decision.decision_id, outcome))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            code = exc.code if isinstance(exc, WardenError) else "internal_error"
+            metrics.ERRORS.labels(code).inc()
+            log.error("could not record an outcome: %s", exc)
+
+    async def drain_background(self) -> None:
+        """Wait for outcome records still being written (graceful shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def _count_tokens(self, call: _Call, usage: Usage | None, model: str | None = None) -> None:
+        if usage is None:
+            return
+        agent = metrics.bounded("agent", call.agent.id)
+        label = metrics.bounded("model", model or call.model or "unknown")
+        metrics.TOKENS.labels(agent, label, "input").inc(usage.input_tokens)
+        metrics.TOKENS.labels(agent, label, "output").inc(usage.output_tokens)
+        if usage.cached_input_tokens:
+            metrics.TOKENS.labels(agent, label, "cached").inc(usage.cached_input_tokens)
+
+    @staticmethod
+    def _error(
+        family: str, status: int, code: str, message: str, *, decision_id: str | None = None
+    ) -> web.Response:
+        metrics.ERRORS.labels(code).inc()
+        headers = {"Content-Type": _JSON}
+        if decision_id is not None:
+            headers[hdr.DECISION_HEADER] = decision_id
+        return web.Response(
+            status=status, body=render_error(family, status, code, message), headers=headers
+        )
+
+
+def build_proxy_app(proxy: ProxyApp, max_body_bytes: int) -> web.Application:
+    """The aiohttp application for the proxy listener: one catch-all route."""
+    # The proxy bounds bodies itself while streaming them in; aiohttp's own
+    # limit only applies to request.read(), which the proxy does not use.
+    app = web.Application(client_max_size=max_body_bytes)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    return app
+
+
+def _absolute_form(request: web.Request) -> bool:
+    # raw_path is the request target as sent. Origin-form starts with "/";
+    # an absolute-form target ("GET http://elsewhere/ HTTP/1.1") is what a
+    # forward proxy receives, and this listener is not one.
+    return not request.raw_path.startswith("/")
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"request body is over limits.max_body_bytes ({limit} bytes)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body is over limits.max_body_bytes ({limit} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json_request(request: web.Request, body: bytes) -> dict[str, Any]:
+    if request.content_type != _JSON:
+        raise UnsupportedMedia(f"expected Content-Type application/json, got {request.content_type!r}")
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidJSON("request body must be a JSON object")
+    return parsed
+
+
+async def _read_upstream(resp: aiohttp.ClientResponse) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if size > MAX_UPSTREAM_BODY:
+                raise UpstreamProtocol(f"upstream response is over {MAX_UPSTREAM_BODY} bytes")
+            chunks.append(chunk)
+    except UpstreamError:
+        raise
+    except Exception as exc:
+        raise _upstream_error(exc, str(resp.url.host)) from None
+    return b"".join(chunks)
+
+
+def _upstream_error(exc: BaseException, name: str) -> UpstreamError:
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamTimeout(f"upstream {name!r} did not answer in time")
+    if isinstance(exc, aiohttp.ClientPayloadError | ValueError):
+        # ValueError: the SSE parser refused an event over its size bound.
+        return UpstreamProtocol(f"upstream {name!r} sent a truncated or malformed body")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return UpstreamProtocol(f"upstream {name!r} sent a malformed response: {exc.message}")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return UpstreamUnavailable(f"upstream {name!r} is unreachable: {type(exc).__name__}")
+    log.exception("unexpected upstream failure", exc_info=exc)
+    return UpstreamUnavailable(f"upstream {name!r} failed: {type(exc).__name__}")
+
+
+def _ms(since: float) -> float:
+    return (time.perf_counter() - since) * 1e3
+
+
+async def _try_write(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError):
+        pass
+
+
+async def _try_write_eof(response: web.StreamResponse) -> None:
+    try:
+        await response.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError):
+        pass
+

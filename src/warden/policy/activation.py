@@ -1,0 +1,216 @@
+"""Keeping the active bundle current: watched folders and an HTTP bundle server.
+
+Both sources are polled every ``policy.poll_interval_s``:
+
+* :class:`DirectorySource` fingerprints the configured bundle paths (each
+  policy file's path, size and modification time) and reloads only when the
+  fingerprint changes; the engine then skips the swap if the files' contents
+  are the same as the active bundle's.
+* :class:`HttpSource` fetches ``policy.bundle_url`` (an OPA ``.tar.gz``) with
+  ``If-None-Match``, so an unchanged bundle costs one ``304``.
+
+A new bundle goes to :meth:`PolicyEngine.activate`, which compiles it in new
+workers and swaps it in atomically, or keeps the last good one and reports
+why (log line, ``warden_policy_reloads_total{result="failure"}``, status).
+A broken bundle is tried once per change, not on every poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import aiohttp
+
+from warden.config import PolicyConfig, SigningConfig
+from warden.errors import PolicyError
+from warden.policy.bundle import (
+    MAX_BUNDLE_BYTES,
+    Bundle,
+    BundleError,
+    build_bundle,
+    bundle_name,
+    load_bundle,
+    merge_bundles,
+    read_tarball,
+)
+
+if TYPE_CHECKING:
+    from warden.policy.engine import PolicyEngine
+
+__all__ = ["Activator", "BundleSource", "DirectorySource", "HttpSource"]
+
+log = logging.getLogger("warden.policy")
+_HTTP_TIMEOUT_S = 30.0
+
+
+class BundleSource(Protocol):
+    """Somewhere bundles come from."""
+
+    description: str
+
+    async def poll(self) -> Bundle | None:
+        """A newly changed bundle, or ``None`` if nothing changed; raise on a broken one."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+def _fingerprint(paths: Sequence[str]) -> tuple[tuple[str, int, int], ...]:
+    entries: list[tuple[str, int, int]] = []
+    for raw in paths:
+        root = Path(raw)
+        candidates = sorted(root.rglob("*")) if root.is_dir() else [root]
+        for file in candidates:
+            try:
+                st = file.stat()
+            except OSError:
+                entries.append((str(file), -1, -1))
+                continue
+            if file.is_file():
+                entries.append((str(file), st.st_size, st.st_mtime_ns))
+    return tuple(entries)
+
+
+class DirectorySource:
+    """Bundle directories or archives on disk (``policy.bundles``), merged."""
+
+    def __init__(self, paths: Sequence[str], signing: SigningConfig) -> None:
+        self.paths = tuple(paths)
+        self.signing = signing
+        self.description = ", ".join(self.paths)
+        self._seen: tuple[tuple[str, int, int], ...] | None = None
+
+    def _load(self) -> Bundle | None:
+        fingerprint = _fingerprint(self.paths)
+        if fingerprint == self._seen:
+            return None
+        # Remember it before loading: a broken bundle is reported once, not every poll.
+        self._seen = fingerprint
+        # Syntax is checked by the workers when they compile, not in the proxy process.
+        return merge_bundles(
+            [load_bundle(p, signing=self.signing, check_syntax=False) for p in self.paths]
+        )
+
+    async def poll(self) -> Bundle | None:
+        """Reload if any file under the paths changed since the last poll."""
+        return await asyncio.to_thread(self._load)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+class HttpSource:
+    """An OPA-style bundle server: ``GET bundle_url`` returning a ``.tar.gz``."""
+
+    def __init__(
+        self, url: str, signing: SigningConfig, *, timeout_s: float = _HTTP_TIMEOUT_S
+    ) -> None:
+        self.url = url
+        self.signing = signing
+        self.description = url
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._etag: str | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def poll(self) -> Bundle | None:
+        """Fetch the bundle unless the server says it has not changed (``304``)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        headers = {"Accept": "application/gzip, application/octet-stream"}
+        if self._etag is not None:
+            headers["If-None-Match"] = self._etag
+        try:
+            async with self._session.get(self.url, headers=headers) as resp:
+                if resp.status == 304:
+                    return None
+                if resp.status != 200:
+                    raise BundleError(f"{self.url}: bundle server answered HTTP {resp.status}")
+                if (resp.content_length or 0) > MAX_BUNDLE_BYTES:
+                    raise BundleError(f"{self.url}: bundle is over {MAX_BUNDLE_BYTES} bytes")
+                body = await resp.content.read(MAX_BUNDLE_BYTES + 1)
+                if len(body) > MAX_BUNDLE_BYTES:
+                    raise BundleError(f"{self.url}: bundle is over {MAX_BUNDLE_BYTES} bytes")
+                etag = resp.headers.get("ETag")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BundleError(
+                f"{self.url}: cannot fetch bundle: {exc or type(exc).__name__}"
+            ) from None
+        # Remember the ETag even if the bundle is broken: it is reported once per change.
+        self._etag = etag
+        name = bundle_name(self.url.rsplit("?", 1)[0].rstrip("/")) or "bundle"
+        return await asyncio.to_thread(self._build, body, name)
+
+    def _build(self, body: bytes, name: str) -> Bundle:
+        files = read_tarball(body, label=self.url)
+        return build_bundle(
+            files, source=self.url, name=name, signing=self.signing, check_syntax=False
+        )
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class Activator:
+    """Polls a :class:`BundleSource` and hands new bundles to the engine."""
+
+    def __init__(self, engine: PolicyEngine, source: BundleSource, interval_s: float) -> None:
+        self.engine = engine
+        self.source = source
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def for_config(cls, engine: PolicyEngine, config: PolicyConfig) -> Activator:
+        """The bundle server if ``bundle_url`` is set, else the ``bundles`` paths."""
+        source: BundleSource
+        if config.bundle_url is not None:
+            source = HttpSource(config.bundle_url, config.signing)
+        else:
+            source = DirectorySource(config.bundles, config.signing)
+        return cls(engine, source, config.poll_interval_s)
+
+    async def poll_once(self) -> bool:
+        """Check the source once; return whether a new revision was activated."""
+        try:
+            bundle = await self.source.poll()
+        except PolicyError as exc:
+            self.engine.report_failure(str(exc))
+            return False
+        except Exception as exc:  # a poll must never stop the loop
+            self.engine.report_failure(f"{self.source.description}: {type(exc).__name__}: {exc}")
+            return False
+        if bundle is None:
+            return False
+        try:
+            return await self.engine.activate(bundle)
+        except PolicyError:
+            return False  # activate() has reported it
+
+    def start(self) -> None:
+        """Poll in the background every ``interval_s``."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="warden-policy-activation")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.poll_once()
+
+    async def stop(self) -> None:
+        """Stop polling and release the source."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.source.close()

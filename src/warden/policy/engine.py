@@ -1,0 +1,1019 @@
+"""The policy engine: a supervised pool of worker processes, a deadline, a cache.
+
+Each revision of the policy gets its own pool of ``policy.workers`` processes
+(:mod:`warden.policy.worker`), each of which compiles the bundle once and then
+evaluates one input at a time. The proxy talks to them over Unix sockets with
+length-prefixed orjson frames, read from the event loop with ``add_reader``:
+no thread hop, one in-flight request per worker.
+
+Failure handling, all within ``policy.deadline_ms``:
+
+* a worker that does not answer by the deadline is killed (``SIGKILL``); the
+  caller gets ``policy_timeout`` and a replacement starts in the background;
+* a worker that dies mid-request (the policy crashed the engine) gives
+  ``policy_crash``, and is replaced the same way; restarts back off when they
+  come in bursts;
+* an error result or a result of the wrong shape gives ``policy_error``;
+* no active bundle gives ``policy_not_ready``.
+
+A new revision is compiled by a new pool; only when every worker has compiled
+it (and the optional ``pre_activate`` hook has passed) is it swapped in, in one
+assignment. The old pool finishes its in-flight requests and exits. On any
+failure the last good revision stays active. See
+docs/adr/0002-policy-engine-isolation.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+import warden
+from warden.config import PolicyConfig
+from warden.errors import PolicyError
+from warden.model import Effect, Mode
+from warden.policy.bundle import Bundle, BundleError, Module, describe_rego_error
+from warden.policy.cache import InputShape, LRUCache, analyse, cache_key, project
+from warden.policy.metrics import PROMETHEUS, PolicyMetrics
+from warden.policy.worker import MSG_ERROR, MSG_EVAL, MSG_QUIT, MSG_RESULT, frame
+
+__all__ = [
+    "ERROR_CODES",
+    "PolicyEngine",
+    "PolicyResult",
+    "PreActivate",
+    "interpret_output",
+]
+
+log = logging.getLogger("warden.policy")
+
+ERROR_CODES = ("policy_timeout", "policy_crash", "policy_error", "policy_not_ready")
+"""The stable codes a :class:`PolicyResult` may carry in ``error``."""
+
+PreActivate = Callable[[Bundle], Awaitable[None]]
+"""Called with a compiled bundle before it is swapped in; raising refuses it."""
+
+DEFAULT_START_TIMEOUT_S = 60.0
+_CLOSE_GRACE_S = 2.0
+_RESTART_WINDOW_S = 30.0
+_MAX_RESTART_DELAY_S = 5.0
+_MIN_BUDGET_SHARE = 0.5
+_QUARANTINE_S = 60.0
+_QUARANTINE_MAX = 1024
+_HEADER = struct.Struct(">I")
+_EFFECTS = {e.value: e for e in Effect}
+_MODES = {m.value: m for m in Mode}
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """What the policy said about one input, or why it could not say.
+
+    ``effect`` is ``None`` when the policy is undefined for the input (the
+    guard then applies ``policy.default_effect``) or when ``error`` is set
+    (one of :data:`ERROR_CODES`; the guard then applies the fallback).
+    ``mode`` is the policy's per-decision override, if it gave one.
+    """
+
+    effect: Effect | None
+    reasons: tuple[str, ...] = ()
+    mode: Mode | None = None
+    approvers: tuple[str, ...] = ()
+    hold_timeout_s: float | None = None
+    redact: tuple[str, ...] = ()
+    risk: str | None = None
+    revision: str = ""
+    error: str | None = None
+    detail: str | None = None
+    """For errors: what went wrong, for logs (never shown to agents)."""
+    cached: bool = False
+    elapsed_us: int = 0
+
+    @property
+    def reason(self) -> str:
+        """The reasons joined, or ``""``."""
+        return "; ".join(self.reasons)
+
+    @property
+    def undefined(self) -> bool:
+        """Whether the policy gave no result (and no error) for the input."""
+        return self.effect is None and self.error is None
+
+
+def _evolve(result: PolicyResult, **changes: Any) -> PolicyResult:
+    """``dataclasses.replace`` without re-running ``__init__``.
+
+    The cache-hit path is hot (a few microseconds in all) and a frozen
+    dataclass's ``__init__`` costs as much as the rest of it together.
+    """
+    new = object.__new__(PolicyResult)
+    new.__dict__.update(result.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
+class _ShapeError(ValueError):
+    pass
+
+
+def _strings(value: Any, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _ShapeError(f"{key} must be a list of strings")
+    return tuple(value)
+
+
+def _from_value(value: Any) -> PolicyResult:
+    if value is True:
+        return PolicyResult(effect=Effect.ALLOW, reasons=("the policy allows it",))
+    if value is False:
+        return PolicyResult(effect=Effect.DENY, reasons=("the policy denies it",))
+    if not isinstance(value, dict):
+        raise _ShapeError(f"the result must be an object or a boolean, not {type(value).__name__}")
+    effect = _EFFECTS.get(str(value.get("effect")))
+    if effect is None:
+        raise _ShapeError(f"effect must be one of {sorted(_EFFECTS)}, not {value.get('effect')!r}")
+    reason = value.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise _ShapeError("reason must be a string")
+    reasons = ((reason,) if reason else ()) + _strings(value.get("reasons"), "reasons")
+    mode_raw = value.get("mode")
+    mode = _MODES.get(str(mode_raw)) if mode_raw is not None else None
+    if mode_raw is not None and mode is None:
+        raise _ShapeError(f"mode must be one of {sorted(_MODES)}, not {mode_raw!r}")
+    hold = value.get("hold_timeout_s")
+    if hold is not None and (
+        isinstance(hold, bool) or not isinstance(hold, int | float) or hold <= 0
+    ):
+        raise _ShapeError("hold_timeout_s must be a positive number")
+    risk = value.get("risk")
+    if risk is not None and not isinstance(risk, str):
+        raise _ShapeError("risk must be a string")
+    return PolicyResult(
+        effect=effect,
+        reasons=reasons,
+        mode=mode,
+        approvers=_strings(value.get("approvers"), "approvers"),
+        hold_timeout_s=float(hold) if hold is not None else None,
+        redact=_strings(value.get("redact"), "redact"),
+        risk=risk,
+    )
+
+
+def interpret_output(text: str, modules: tuple[Module, ...] = ()) -> PolicyResult:
+    """Turn regopy's output text for the decision query into a :class:`PolicyResult`.
+
+    The decision contract: ``undefined``; ``true``/``false``; or an object
+    with ``effect`` (``allow``, ``deny``, ``require_approval``) and optionally
+    ``reason`` (or ``reasons``), ``approvers``, ``hold_timeout_s``,
+    ``redact``, ``mode`` and ``risk``. Other keys are ignored, so policies may
+    carry extra detail. Anything else is a ``policy_error``.
+    """
+    if text == "undefined":
+        return PolicyResult(effect=None)
+    if text.startswith(("<error>", "(error", "(rego-errorseq")):
+        body = text.removeprefix("<error>")
+        detail = "; ".join(describe_rego_error(body, modules)) if body else "evaluation failed"
+        return PolicyResult(effect=None, error="policy_error", detail=detail)
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return PolicyResult(
+            effect=None, error="policy_error", detail=f"unreadable result {text[:200]!r}"
+        )
+    expressions = doc.get("expressions") if isinstance(doc, dict) else None
+    if not isinstance(expressions, list) or len(expressions) != 1:
+        return PolicyResult(
+            effect=None, error="policy_error", detail="the query gave several results"
+        )
+    try:
+        return _from_value(expressions[0])
+    except _ShapeError as exc:
+        return PolicyResult(effect=None, error="policy_error", detail=f"invalid result: {exc}")
+
+
+# --- the worker pool ---------------------------------------------------------------------------
+
+
+class _EvalTimeout(Exception):
+    pass
+
+
+class _WorkerCrash(Exception):
+    pass
+
+
+class _NoWorker(Exception):
+    pass
+
+
+class _PoolClosed(Exception):
+    pass
+
+
+class _State(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+@dataclass(eq=False)
+class _Worker:
+    proc: subprocess.Popen[bytes]
+    sock: socket.socket
+    ready: asyncio.Future[None]
+    state: _State = _State.STARTING
+    buf: bytearray = field(default_factory=bytearray)
+    pending: asyncio.Future[bytes] | None = None
+    tag: Any = None
+    timer: asyncio.TimerHandle | None = None
+    served: int = 0
+
+
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The worker imports warden from wherever this process did, installed or not.
+    root = str(Path(warden.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _spawn_process(python: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module, no shell
+            [python, "-m", "warden.policy.worker", str(child.fileno())],
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            env=_worker_env(),
+            # Own session: a terminal Ctrl-C is for the proxy, which stops its workers.
+            start_new_session=True,
+        )
+    except BaseException:
+        parent.close()
+        raise
+    finally:
+        child.close()
+    parent.setblocking(False)
+    return proc, parent
+
+
+def _exit_text(proc: subprocess.Popen[bytes]) -> str:
+    code = proc.poll()
+    if code is None:
+        return "it closed its socket"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+class WorkerPool:
+    """Worker processes for one compiled revision; see the module docstring."""
+
+    def __init__(
+        self,
+        init: bytes,
+        size: int,
+        *,
+        label: str,
+        python: str | None = None,
+        start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+        on_change: Callable[[], None] | None = None,
+        on_failure: Callable[[Any, str], None] | None = None,
+        eval_budget_s: float = 0.05,
+    ) -> None:
+        self._init = init
+        self._on_failure = on_failure
+        self._min_budget_s = eval_budget_s * _MIN_BUDGET_SHARE
+        self._size = size
+        self._label = label
+        self._python = python or sys.executable
+        self._start_timeout_s = start_timeout_s
+        self._on_change = on_change
+        self._workers: set[_Worker] = set()
+        self._idle: deque[_Worker] = deque()
+        self._waiters: deque[asyncio.Future[_Worker]] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._restart_times: deque[float] = deque()
+        self._closed = False
+        self.restarts = 0
+        self.timeouts = 0
+        self.crashes = 0
+
+    @property
+    def alive(self) -> int:
+        """Workers that can take a request now or after their current one."""
+        return sum(1 for w in self._workers if w.state in (_State.IDLE, _State.BUSY))
+
+    def pids(self) -> list[int]:
+        """Process ids of the live workers (for status and tests)."""
+        return sorted(w.proc.pid for w in self._workers if w.state in (_State.IDLE, _State.BUSY))
+
+    async def start(self) -> None:
+        """Start every worker and wait until all have compiled the bundle.
+
+        Raises :class:`BundleError` with the compiler's message, or when a
+        worker dies or stalls while compiling; no worker is left running then.
+        """
+        try:
+            workers = [await self._spawn() for _ in range(self._size)]
+            async with asyncio.timeout(self._start_timeout_s):
+                results = await asyncio.gather(*(w.ready for w in workers), return_exceptions=True)
+        except TimeoutError:
+            await self.close(grace=0)
+            raise BundleError(
+                f"{self._label}: the policy did not compile within {self._start_timeout_s:g} s"
+            ) from None
+        except BaseException:
+            await self.close(grace=0)
+            raise
+        for result in results:
+            if isinstance(result, BaseException):
+                await self.close(grace=0)
+                if isinstance(result, BundleError):
+                    raise result
+                raise BundleError(f"{self._label}: {result}")
+        for worker in workers:
+            worker.state = _State.BUSY
+            self._release(worker)
+        self._changed()
+
+    async def _spawn(self) -> _Worker:
+        loop = asyncio.get_running_loop()
+        proc, sock = await loop.run_in_executor(None, _spawn_process, self._python)
+        worker = _Worker(proc=proc, sock=sock, ready=loop.create_future())
+        self._workers.add(worker)
+        loop.add_reader(sock.fileno(), self._on_readable, worker)
+        try:
+            await loop.sock_sendall(sock, frame(self._init))
+        except OSError:
+            self._on_dead(worker)  # reported through ``ready``
+        return worker
+
+    def _on_readable(self, worker: _Worker) -> None:
+        try:
+            data = worker.sock.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._on_dead(worker)
+            return
+        buf = worker.buf
+        buf.extend(data)
+        while len(buf) >= 4:
+            (size,) = _HEADER.unpack_from(buf)
+            if len(buf) < 4 + size:
+                break
+            body = bytes(buf[4 : 4 + size])
+            del buf[: 4 + size]
+            self._on_message(worker, body)
+
+    def _on_message(self, worker: _Worker, body: bytes) -> None:
+        if worker.state is _State.STARTING:
+            try:
+                hello = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                hello = {"ok": False, "error": "unreadable start-up message"}
+            if not worker.ready.done():
+                if hello.get("ok"):
+                    worker.ready.set_result(None)
+                else:
+                    worker.ready.set_exception(
+                        BundleError(str(hello.get("error", "compile failed")))
+                    )
+            return
+        if worker.timer is not None:
+            worker.timer.cancel()
+            worker.timer = None
+        pending, worker.pending = worker.pending, None
+        worker.tag = None
+        worker.served += 1
+        if pending is not None and not pending.done():
+            pending.set_result(body)
+        self._release(worker)
+
+    def _on_dead(self, worker: _Worker, *, reason: type[Exception] = _WorkerCrash) -> None:
+        if worker.state is _State.DEAD:
+            return
+        was_serving = worker.state in (_State.IDLE, _State.BUSY)
+        worker.state = _State.DEAD
+        self._disconnect(worker)
+        if worker.timer is not None:
+            worker.timer.cancel()
+            worker.timer = None
+        if not worker.ready.done():
+            self._track(self._report_start_failure(worker))
+        pending, worker.pending = worker.pending, None
+        tag, worker.tag = worker.tag, None
+        if pending is not None and not pending.done():
+            pending.set_exception(reason(_exit_text(worker.proc)))
+        if pending is not None and tag is not None and self._on_failure is not None:
+            code = "policy_timeout" if reason is _EvalTimeout else "policy_crash"
+            self._on_failure(tag, code)
+        self._track(self._reap(worker.proc, 0.0 if reason is _EvalTimeout else _CLOSE_GRACE_S))
+        if was_serving and not self._closed:
+            if reason is _EvalTimeout:
+                self.timeouts += 1
+            else:
+                self.crashes += 1
+                log.error(
+                    "policy worker %s died (%s); starting a replacement",
+                    worker.proc.pid,
+                    _exit_text(worker.proc),
+                )
+            self._schedule_replacement()
+        self._changed()
+
+    async def _report_start_failure(self, worker: _Worker) -> None:
+        # Give the process a moment to exit so the message can say how it died.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(worker.proc.wait, 0.5)
+        if not worker.ready.done():
+            how = _exit_text(worker.proc)
+            worker.ready.set_exception(
+                BundleError(f"{self._label}: the policy worker died while compiling ({how})")
+            )
+
+    def _disconnect(self, worker: _Worker) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(worker.sock.fileno())
+        worker.sock.close()
+
+    def _on_timeout(self, worker: _Worker) -> None:
+        worker.timer = None
+        if worker.state is not _State.BUSY:
+            return
+        log.warning("policy worker %s passed the deadline; killing it", worker.proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.kill()
+        self._on_dead(worker, reason=_EvalTimeout)
+
+    async def _reap(self, proc: subprocess.Popen[bytes], grace: float) -> None:
+        try:
+            await asyncio.to_thread(proc.wait, grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.to_thread(proc.wait)
+
+    def _track(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _schedule_replacement(self) -> None:
+        now = time.monotonic()
+        self._restart_times.append(now)
+        while self._restart_times and now - self._restart_times[0] > _RESTART_WINDOW_S:
+            self._restart_times.popleft()
+        # One free restart per worker in the window; beyond that, back off so a
+        # policy that crashes on every input cannot keep the CPU busy compiling.
+        excess = len(self._restart_times) - self._size
+        delay = 0.0 if excess <= 0 else min(_MAX_RESTART_DELAY_S, 0.1 * 2 ** (excess - 1))
+        self._track(self._replace(delay))
+
+    async def _replace(self, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        if self._closed:
+            return
+        try:
+            worker = await self._spawn()
+            async with asyncio.timeout(self._start_timeout_s):
+                await worker.ready
+        except (BundleError, OSError, TimeoutError) as exc:
+            log.error("policy worker replacement failed: %s", exc)
+            if not self._closed:
+                self._schedule_replacement()
+            return
+        if worker.state is _State.DEAD:
+            return
+        self.restarts += 1
+        worker.state = _State.BUSY
+        self._release(worker)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+    def _release(self, worker: _Worker) -> None:
+        if worker.state is not _State.BUSY:
+            return
+        if self._closed:
+            self._retire(worker)
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(worker)
+                return
+        worker.state = _State.IDLE
+        self._idle.append(worker)
+
+    def _retire(self, worker: _Worker) -> None:
+        worker.state = _State.DEAD
+        with contextlib.suppress(OSError):
+            worker.sock.send(frame(MSG_QUIT))
+        self._disconnect(worker)
+        self._track(self._reap(worker.proc, _CLOSE_GRACE_S))
+
+    async def _acquire(self, deadline: float) -> _Worker:
+        while self._idle:
+            worker = self._idle.popleft()
+            if worker.state is _State.IDLE:
+                worker.state = _State.BUSY
+                return worker
+        if self.alive == 0:
+            raise _NoWorker
+        waiter: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await waiter
+        except BaseException:
+            # A worker may have been handed over just as we gave up: pass it on.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(waiter.result())
+            raise
+
+    async def evaluate(self, body: bytes, deadline: float, tag: Any = None) -> bytes:
+        """Send one input to a free worker; return its reply frame.
+
+        Raises ``TimeoutError`` when there is no answer by ``deadline`` (no
+        worker was free, or it is still working), :class:`_EvalTimeout` when
+        the worker was killed for running too long, and :class:`_WorkerCrash`
+        when it died. ``tag`` is passed to ``on_failure`` if this request
+        kills or crashes the worker.
+        """
+        if self._closed:
+            raise _PoolClosed
+        worker = await self._acquire(deadline)
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[bytes] = loop.create_future()
+        worker.pending = reply
+        worker.tag = tag
+        # The pool, not the caller, owns the kill timer, so a caller that goes
+        # away cannot leave a stuck worker behind. A request that waited in the
+        # queue still gets a fair share of the budget before its worker is
+        # killed: queueing under load must not kill healthy workers.
+        kill_at = max(deadline, loop.time() + self._min_budget_s)
+        worker.timer = loop.call_at(kill_at, self._on_timeout, worker)
+        data = frame(MSG_EVAL + body)
+        try:
+            sent = worker.sock.send(data)
+            if sent < len(data):
+                await loop.sock_sendall(worker.sock, data[sent:])
+        except BlockingIOError:
+            await loop.sock_sendall(worker.sock, data)
+        except OSError:
+            self._on_dead(worker)
+        async with asyncio.timeout_at(deadline):
+            return await reply
+
+    async def close(self, grace: float = _CLOSE_GRACE_S) -> None:
+        """Stop taking requests; let in-flight ones finish; stop every worker."""
+        self._closed = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(_PoolClosed())
+        for worker in list(self._workers):
+            if worker.state in (_State.IDLE, _State.STARTING):
+                if not worker.ready.done():
+                    worker.ready.cancel()
+                self._retire(worker)
+        in_flight = [w.pending for w in self._workers if w.state is _State.BUSY and w.pending]
+        if in_flight and grace > 0:
+            await asyncio.wait(in_flight, timeout=grace)
+        for worker in list(self._workers):
+            if worker.proc.poll() is None and worker.state is not _State.DEAD:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.kill()
+                self._on_dead(worker)
+        for worker in self._workers:
+            await self._reap(worker.proc, grace)
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current and not task.done():
+                task.cancel()
+        self._workers.clear()
+        self._idle.clear()
+        self._changed()
+
+
+# --- the engine --------------------------------------------------------------------------------
+
+
+class _Quarantine:
+    """Inputs (by cache key) that recently made a worker time out or crash.
+
+    A retry of the same input gets the same error at once, instead of taking
+    down another worker; entries are forgiven after ``_QUARANTINE_S``.
+    """
+
+    def __init__(self) -> None:
+        self._until: dict[bytes, tuple[float, str]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._until)
+
+    def get(self, key: bytes) -> str | None:
+        entry = self._until.get(key)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            del self._until[key]
+            return None
+        return entry[1]
+
+    def add(self, key: Any, code: str) -> None:
+        self._until[key] = (time.monotonic() + _QUARANTINE_S, code)
+        while len(self._until) > _QUARANTINE_MAX:
+            del self._until[next(iter(self._until))]
+
+
+@dataclass(eq=False)
+class _Generation:
+    bundle: Bundle
+    modules: tuple[Module, ...]
+    pool: WorkerPool
+    shape: InputShape
+    cache: LRUCache[bytes, PolicyResult]
+    cacheable: bool
+    activated_at: float
+    quarantine: _Quarantine
+
+
+def production_modules(bundle: Bundle) -> tuple[Module, ...]:
+    """The modules the engine compiles: all but ``*_test.rego``.
+
+    Tests are for ``warden policy test``; leaving them out of production also
+    keeps constructs the engine cannot compile (``with input as`` around a
+    builtin) out of the proxy's path.
+    """
+    return tuple(m for m in bundle.modules if not m.path.endswith("_test.rego"))
+
+
+def _now_iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat() if ts is not None else None
+
+
+class PolicyEngine:
+    """Evaluates the active bundle in worker processes; see the module docstring."""
+
+    def __init__(
+        self,
+        config: PolicyConfig,
+        *,
+        metrics: PolicyMetrics | None = None,
+        pre_activate: PreActivate | None = None,
+        python: str | None = None,
+        start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics if metrics is not None else PROMETHEUS
+        self.pre_activate = pre_activate
+        self._python = python
+        self._start_timeout_s = start_timeout_s
+        self._active: _Generation | None = None
+        self._lock = asyncio.Lock()
+        self._deadline_s = config.deadline_ms / 1000
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.last_reload_at: float | None = None
+        self._activator: Any = None
+        self._retiring: set[asyncio.Future[None]] = set()
+        self._closed = False
+
+    @classmethod
+    async def start(
+        cls,
+        config: PolicyConfig,
+        *,
+        metrics: PolicyMetrics | None = None,
+        pre_activate: PreActivate | None = None,
+        watch: bool | None = None,
+        python: str | None = None,
+    ) -> PolicyEngine:
+        """Load and activate the configured bundles, then keep them current.
+
+        Never raises for a bad or missing bundle: the engine then starts not
+        ready (every evaluation gets ``policy_not_ready``), reports why in
+        :meth:`status`, and keeps polling. ``watch`` overrides
+        ``config.watch``; a ``bundle_url`` is always polled.
+        """
+        from warden.policy.activation import Activator  # noqa: PLC0415 - activation imports us
+
+        engine = cls(config, metrics=metrics, pre_activate=pre_activate, python=python)
+        engine._activator = Activator.for_config(engine, config)
+        await engine._activator.poll_once()
+        keep_polling = config.bundle_url is not None or (config.watch if watch is None else watch)
+        if keep_polling:
+            engine._activator.start()
+        return engine
+
+    @property
+    def revision(self) -> str | None:
+        """The active bundle's revision, or ``None`` before any bundle was activated."""
+        return self._active.bundle.revision if self._active is not None else None
+
+    @property
+    def bundle(self) -> Bundle | None:
+        """The active bundle."""
+        return self._active.bundle if self._active is not None else None
+
+    @property
+    def ready(self) -> bool:
+        """A bundle is active and at least one worker can evaluate it."""
+        return self._active is not None and self._active.pool.alive > 0
+
+    def status(self) -> dict[str, Any]:
+        """Details for ``/readyz`` and ``warden status``."""
+        gen = self._active
+        return {
+            "ready": self.ready,
+            "revision": self.revision,
+            "source": gen.bundle.source if gen else None,
+            "signed_by": gen.bundle.signed_by if gen else None,
+            "activated_at": _now_iso(gen.activated_at) if gen else None,
+            "last_reload_at": _now_iso(self.last_reload_at),
+            "last_error": self.last_error,
+            "last_error_at": _now_iso(self.last_error_at),
+            "workers": self.config.workers,
+            "workers_alive": gen.pool.alive if gen else 0,
+            "worker_pids": gen.pool.pids() if gen else [],
+            "worker_restarts": gen.pool.restarts if gen else 0,
+            "worker_timeouts": gen.pool.timeouts if gen else 0,
+            "worker_crashes": gen.pool.crashes if gen else 0,
+            "cache": {
+                "enabled": bool(gen and gen.cacheable),
+                "entries": len(gen.cache) if gen else 0,
+                "input_paths": (
+                    None
+                    if gen is None or gen.shape.paths is None
+                    else [".".join(p) for p in gen.shape.paths]
+                ),
+            },
+        }
+
+    def report_failure(self, message: str) -> None:
+        """Record a failed reload: log line, metric, and :meth:`status`."""
+        self.last_error = message
+        self.last_error_at = time.time()
+        self.metrics.reload("failure")
+        log.error("policy bundle not activated; keeping revision %s: %s", self.revision, message)
+
+    async def activate(self, bundle: Bundle) -> bool:
+        """Compile ``bundle`` in a new worker pool and swap it in.
+
+        Returns ``False`` when it is the active bundle already (same files).
+        On failure the active revision stays, the failure is reported, and
+        :class:`PolicyError` is raised.
+        """
+        async with self._lock:
+            if self._closed:
+                raise PolicyError("the policy engine is closed")
+            current = self._active
+            if (
+                current is not None
+                and current.bundle.revision == bundle.revision
+                and current.bundle.file_hashes == bundle.file_hashes
+                and bundle.file_hashes is not None
+            ):
+                return False
+            modules = production_modules(bundle)
+            init = orjson.dumps(
+                {
+                    "modules": [[m.path, m.source] for m in modules],
+                    "data": bundle.data,
+                    "query": self.config.query,
+                    "label": bundle.name,
+                }
+            )
+            quarantine = _Quarantine()
+            pool = WorkerPool(
+                init,
+                self.config.workers,
+                label=bundle.source,
+                python=self._python,
+                start_timeout_s=self._start_timeout_s,
+                on_change=self._pool_changed,
+                on_failure=quarantine.add,
+                eval_budget_s=self._deadline_s,
+            )
+            try:
+                await pool.start()
+                if self.pre_activate is not None:
+                    await self.pre_activate(bundle)
+            except Exception as exc:
+                await pool.close(grace=0)
+                message = (
+                    str(exc) if isinstance(exc, PolicyError) else f"{type(exc).__name__}: {exc}"
+                )
+                self.report_failure(message)
+                if isinstance(exc, PolicyError):
+                    raise
+                raise PolicyError(message) from exc
+            shape = analyse(modules)
+            self._active = _Generation(
+                bundle=bundle,
+                modules=modules,
+                pool=pool,
+                shape=shape,
+                cache=LRUCache(self.config.cache_size),
+                cacheable=self.config.cache_size > 0 and shape.deterministic,
+                activated_at=time.time(),
+                quarantine=quarantine,
+            )
+            self.last_reload_at = time.time()
+            self.last_error = None
+            self.last_error_at = None
+            self.metrics.reload("success")
+            self.metrics.active_revision(
+                current.bundle.revision if current else None, bundle.revision
+            )
+            self._pool_changed()
+            log.info(
+                "policy revision %s active (from %s; %d workers)",
+                bundle.revision,
+                bundle.source,
+                self.config.workers,
+            )
+            if current is not None:
+                # The old pool finishes its in-flight requests in the background.
+                task = asyncio.ensure_future(current.pool.close())
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+            return True
+
+    def _pool_changed(self) -> None:
+        gen = self._active
+        self.metrics.workers_alive(gen.pool.alive if gen is not None else 0)
+
+    async def evaluate(self, input_doc: Mapping[str, Any]) -> PolicyResult:
+        """Evaluate the active policy for one input, within ``policy.deadline_ms``.
+
+        Never raises for policy trouble: errors come back as a result with
+        ``error`` set to one of :data:`ERROR_CODES`.
+        """
+        started = time.perf_counter_ns()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._deadline_s
+        for _attempt in range(2):
+            gen = self._active
+            if gen is None:
+                return self._finish(
+                    PolicyResult(
+                        effect=None, error="policy_not_ready", detail=self.last_error or "no bundle"
+                    ),
+                    started,
+                )
+            try:
+                key, early = self._before_dispatch(gen, input_doc)
+            except TypeError as exc:
+                return self._finish(self._bad_input(gen, exc), started)
+            if early is not None:
+                return self._finish(early, started)
+            try:
+                body = orjson.dumps(project(gen.shape, input_doc))
+            except TypeError as exc:
+                return self._finish(self._bad_input(gen, exc), started)
+            revision = gen.bundle.revision
+            try:
+                reply = await gen.pool.evaluate(body, deadline, tag=key)
+            except _PoolClosed:
+                continue  # a new revision was swapped in while we waited: ask it
+            except (TimeoutError, _EvalTimeout):
+                return self._finish(self._timeout(revision), started)
+            except _WorkerCrash as exc:
+                return self._finish(
+                    PolicyResult(
+                        effect=None,
+                        revision=revision,
+                        error="policy_crash",
+                        detail=f"the policy worker died during evaluation ({exc})",
+                    ),
+                    started,
+                )
+            except _NoWorker:
+                return self._finish(
+                    PolicyResult(
+                        effect=None,
+                        revision=revision,
+                        error="policy_crash",
+                        detail="no policy worker is running; replacements are starting",
+                    ),
+                    started,
+                )
+            result = self._read_reply(reply, gen)
+            if gen.cacheable and result.error is None:
+                gen.cache.put(key, result)
+            return self._finish(result, started)
+        return self._finish(  # pragma: no cover - needs two swaps within one call
+            PolicyResult(effect=None, error="policy_not_ready", detail="revision changed twice"),
+            started,
+        )
+
+    def _before_dispatch(
+        self, gen: _Generation, input_doc: Mapping[str, Any]
+    ) -> tuple[bytes, PolicyResult | None]:
+        """The cache key, and a result if no worker needs to be asked."""
+        key = cache_key(gen.shape, input_doc)
+        code = gen.quarantine.get(key) if gen.quarantine else None
+        if code is not None:
+            detail = "this input recently made the policy fail; it is not retried for a while"
+            return key, PolicyResult(
+                effect=None, revision=gen.bundle.revision, error=code, detail=detail
+            )
+        if not gen.cacheable:
+            self.metrics.cache("bypass")
+            return key, None
+        hit = gen.cache.get(key)
+        if hit is not None:
+            self.metrics.cache("hit")
+            return key, _evolve(hit, cached=True)
+        self.metrics.cache("miss")
+        return key, None
+
+    def _timeout(self, revision: str) -> PolicyResult:
+        return PolicyResult(
+            effect=None,
+            revision=revision,
+            error="policy_timeout",
+            detail=f"no result within {self.config.deadline_ms:g} ms",
+        )
+
+    @staticmethod
+    def _bad_input(gen: _Generation, exc: Exception) -> PolicyResult:
+        return PolicyResult(
+            effect=None,
+            revision=gen.bundle.revision,
+            error="policy_error",
+            detail=f"the input is not JSON: {exc}",
+        )
+
+    @staticmethod
+    def _read_reply(reply: bytes, gen: _Generation) -> PolicyResult:
+        kind, body = reply[:1], reply[1:].decode("utf-8", errors="replace")
+        if kind == MSG_RESULT:
+            result = interpret_output(body, gen.modules)
+        elif kind == MSG_ERROR:
+            result = PolicyResult(effect=None, error="policy_error", detail=body)
+        else:
+            result = PolicyResult(
+                effect=None, error="policy_error", detail="unknown reply from worker"
+            )
+        return _evolve(result, revision=gen.bundle.revision)
+
+    def _finish(self, result: PolicyResult, started: int) -> PolicyResult:
+        elapsed_ns = time.perf_counter_ns() - started
+        if result.error is not None:
+            label = "error"
+            log.warning("policy evaluation failed (%s): %s", result.error, result.detail)
+        elif result.effect is None:
+            label = "undefined"
+        else:
+            label = result.effect.value
+        self.metrics.evaluation(label, elapsed_ns / 1e9)
+        return _evolve(result, elapsed_us=elapsed_ns // 1000)
+
+    async def close(self) -> None:
+        """Stop polling for bundles and stop every worker."""
+        self._closed = True
+        if self._activator is not None:
+            await self._activator.stop()
+        async with self._lock:
+            gen, self._active = self._active, None
+        if gen is not None:
+            await gen.pool.close()
+            self.metrics.active_revision(gen.bundle.revision, None)
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+        self.metrics.workers_alive(0)

@@ -1,0 +1,94 @@
+"""The policy stage of the guard pipeline.
+
+It sends :func:`warden.pipeline.policy_input` to the engine and always returns
+a final decision:
+
+* the policy's effect, reasons and obligations, in the policy's own ``mode``
+  if it gave one (so a new rule can run in observe mode), else the configured
+  mode;
+* ``policy.default_effect`` when the policy is undefined for the input;
+* the fallback for the tool's risk class (``policy.fallback``; deny when the
+  class is not listed) when the policy timed out, crashed, errored or no
+  bundle is active, with ``guard="fallback"`` and the error code.
+"""
+
+from __future__ import annotations
+
+from warden.config import PolicyConfig
+from warden.model import Action, Decision, Effect, Obligations, new_id
+from warden.pipeline import GuardContext, policy_input
+from warden.policy.engine import PolicyEngine, PolicyResult
+from warden.policy.metrics import PROMETHEUS, PolicyMetrics
+
+__all__ = ["PolicyGuard"]
+
+_WHY = {
+    "policy_timeout": "the policy took too long",
+    "policy_crash": "the policy engine failed",
+    "policy_error": "the policy returned an error",
+    "policy_not_ready": "no policy bundle is active",
+}
+
+
+class PolicyGuard:
+    """Asks the policy engine about every action; see the module docstring."""
+
+    name = "policy"
+
+    def __init__(
+        self,
+        engine: PolicyEngine,
+        config: PolicyConfig,
+        *,
+        metrics: PolicyMetrics | None = None,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics if metrics is not None else PROMETHEUS
+
+    async def check(self, action: Action, ctx: GuardContext) -> Decision:
+        """Evaluate the policy for ``action``; never returns ``None``."""
+        result = await self.engine.evaluate(policy_input(action, ctx))
+        return self.decide(result, ctx)
+
+    def decide(self, result: PolicyResult, ctx: GuardContext) -> Decision:
+        """The decision for a policy result in this context."""
+        if result.error is not None:
+            effect = self.config.fallback.get(ctx.risk, Effect.DENY)
+            self.metrics.fallback(result.error.removeprefix("policy_"), ctx.risk)
+            why = _WHY.get(result.error, "the policy could not decide")
+            return Decision(
+                decision_id=new_id("dec"),
+                effect=effect,
+                reasons=(f"{why}; the fallback for {ctx.risk} actions applies ({effect.value})",),
+                mode=ctx.mode,
+                guard="fallback",
+                bundle_revision=result.revision or self.engine.revision or "",
+                error=result.error,
+                elapsed_us=result.elapsed_us,
+            )
+        if result.effect is None:
+            return Decision(
+                decision_id=new_id("dec"),
+                effect=self.config.default_effect,
+                reasons=("no policy rule decided; the configured default applies",),
+                mode=ctx.mode,
+                guard="policy",
+                bundle_revision=result.revision,
+                elapsed_us=result.elapsed_us,
+            )
+        return Decision(
+            decision_id=new_id("dec"),
+            effect=result.effect,
+            reasons=result.reasons,
+            mode=result.mode if result.mode is not None else ctx.mode,
+            guard="policy",
+            bundle_revision=result.revision,
+            obligations=Obligations(
+                redact=result.redact,
+                approvers=result.approvers,
+                hold_timeout_s=result.hold_timeout_s,
+                risk=result.risk,
+            ),
+            elapsed_us=result.elapsed_us,
+        )

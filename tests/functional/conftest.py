@@ -1,0 +1,64 @@
+"""Real servers on 127.0.0.1:0: the mock LLM upstream and Warden itself."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from warden.audit.verify import iter_records
+from warden.config import Config, load_config
+from warden.server import Warden
+from warden.testing import MockLLM
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_POLICY = ROOT / "policies" / "customer-support"
+
+
+def make_config(tmp_path: Path, upstream_url: str, **overrides: Any) -> Config:
+    """A config for one test: loopback listeners on free ports, files under tmp_path."""
+    base: dict[str, Any] = {
+        "agent": {"id": "support-triage"},
+        "listen": {"proxy": "127.0.0.1:0", "admin": "127.0.0.1:0"},
+        "upstreams": {
+            "openai": {"protocol": "openai", "base_url": upstream_url, "timeout_s": 5},
+            "anthropic": {"protocol": "anthropic", "base_url": upstream_url, "timeout_s": 5},
+        },
+        "tools": {"search_kb": {"risk": "read_only"}},
+        "policy": {"bundles": [str(SHIPPED_POLICY)], "workers": 1, "watch": False},
+        "audit": {"dir": str(tmp_path / "audit")},
+        "state": {"url": f"sqlite:///{tmp_path}/state.db"},
+        "shutdown_grace_s": 5,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return load_config(environ={}, overrides=base)
+
+
+def audit_records(directory: Path) -> list[dict[str, Any]]:
+    """Every record in an audit directory, decoded."""
+    return [orjson.loads(payload) for _, payload in iter_records(directory)]
+
+
+@pytest.fixture
+async def llm() -> AsyncIterator[MockLLM]:
+    async with MockLLM() as mock:
+        yield mock
+
+
+@pytest.fixture
+async def warden(tmp_path: Path, llm: MockLLM) -> AsyncIterator[Warden]:
+    async with Warden(make_config(tmp_path, llm.url)) as running:
+        yield running
+
+
+@pytest.fixture
+def records(tmp_path: Path) -> Callable[[], list[dict[str, Any]]]:
+    """Read the audit log of the ``warden`` fixture (call after it wrote)."""
+    return lambda: audit_records(tmp_path / "audit")

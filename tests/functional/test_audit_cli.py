@@ -1,0 +1,156 @@
+"""`warden audit verify|export|proof|erase`, run as a user runs them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from warden.audit import AuditLog
+from warden.audit.checkpoint import NoteSigner
+from warden.audit.merkle import verify_inclusion
+from warden.audit.subjects import SubjectKeys
+from warden.audit.testing import fill, read_segments, sample_action, sample_decision
+from warden.audit.verify import iter_records, verify_log
+from warden.cli_audit import main, register
+from warden.config import AuditConfig
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "warden.cli_audit", *args],
+        capture_output=True, text=True, check=False, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+async def _log(root: Path, records: int = 12, **kw: float) -> None:
+    log = await AuditLog.open(AuditConfig(dir=str(root), checkpoint_interval_s=3600, **kw))
+    await fill(log, records)
+    await log.record_decision(sample_action(customer="cus_ann"), sample_decision())
+    await log.close()
+
+
+async def test_verify_reports_intact_and_damaged_logs(tmp_path: Path) -> None:
+    root = tmp_path / "audit"
+    await _log(root)
+    done = _cli("audit", "verify", "--dir", str(root))
+    assert done.returncode == 0, done.stderr
+    assert "intact: 13 records" in done.stdout
+    as_json = orjson.loads(_cli("verify", "--dir", str(root), "--json").stdout)
+    assert as_json["ok"] is True and as_json["records"] == 13
+
+    seg = read_segments(root)[0]
+    del seg.records[4]
+    seg.write()
+    done = _cli("verify", "--dir", str(root))
+    assert done.returncode == 1
+    assert done.stdout.startswith("DAMAGED deleted: record 4")
+
+
+async def test_verify_with_config_keys_and_pinned_verifier(tmp_path: Path) -> None:
+    root = tmp_path / "audit"
+    await _log(root)
+    env = {"WARDEN_AUDIT__DIR": str(root)}
+    assert _cli("verify", env=env).returncode == 0
+    vkey = (root / "keys" / "checkpoint.vkey").read_text().strip()
+    assert _cli("verify", "--dir", str(root), "--key", vkey).returncode == 0
+    other = vkey[:-8] + ("A" if vkey[-8] != "A" else "B") + vkey[-7:]
+    done = _cli("verify", "--dir", str(root), "--key", other)
+    assert done.returncode == 2 and "unusable verifier key" in done.stderr
+    stranger = NoteSigner(vkey.split("+")[0], Ed25519PrivateKey.generate()).verifier.vkey
+    done = _cli("verify", "--dir", str(root), "--key", stranger)
+    assert done.returncode == 1 and done.stdout.startswith("DAMAGED checkpoint")
+    done = _cli("verify", "--dir", str(tmp_path / "nowhere"))
+    assert done.returncode == 2 and "holds no Warden audit log" in done.stderr
+
+
+async def test_export_and_proof(tmp_path: Path) -> None:
+    root = tmp_path / "audit"
+    await _log(root)
+    out = tmp_path / "evidence"
+    done = _cli("export", "--dir", str(root), "--from", "2000-01-01", "--to", "2999-12-31",
+                "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "exported 13 records" in done.stdout
+    check = subprocess.run([sys.executable, "-I", str(out / "verify_evidence.py")],
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    assert check.returncode == 0, check.stdout
+    for fmt in ("csv", "ocsf"):
+        target = tmp_path / f"audit.{fmt}"
+        assert _cli("export", "--dir", str(root), "--format", fmt, "--out", str(target)).returncode == 0
+        assert len(target.read_text().splitlines()) == 13 + (fmt == "csv")
+    done = _cli("export", "--dir", str(root), "--from", "yesterday", "--out", str(tmp_path / "x"))
+    assert done.returncode == 1 and "is not a date" in done.stderr
+
+    proof = orjson.loads(_cli("proof", "--dir", str(root), "--record", "7").stdout)
+    assert verify_inclusion(
+        base64.b64decode(proof["leaf_hash"]), 7, proof["tree_size"],
+        [base64.b64decode(p) for p in proof["proof"]], base64.b64decode(proof["root"]),
+    )  # fmt: skip
+    assert proof["checkpoint"].split("\n")[1] == "13"
+    by_id = orjson.loads(_cli("proof", "--dir", str(root), "--record", proof["record_id"]).stdout)
+    assert by_id == proof
+    assert _cli("proof", "--dir", str(root), "--record", "999").returncode == 1
+
+
+async def test_erase_offline_records_the_erasure(tmp_path: Path) -> None:
+    root = tmp_path / "audit"
+    await _log(root)
+    done = _cli("erase", "--dir", str(root), "--subject", "cus_ann")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("erased")
+    records = [orjson.loads(p) for _, p in iter_records(root)]
+    assert records[-1]["kind"] == "erasure"
+    keys = SubjectKeys.open(root, create=False)
+    assert keys.unseal(records[-2]) is None
+    assert verify_log(root).ok
+    assert "nothing to erase" in _cli("erase", "--dir", str(root), "--subject", "cus_ann").stdout
+
+
+async def test_erase_while_warden_runs(tmp_path: Path) -> None:
+    root = tmp_path / "audit"
+    log = await AuditLog.open(AuditConfig(dir=str(root), checkpoint_interval_s=0.1))
+    try:
+        await log.record_decision(sample_action(customer="cus_ann"), sample_decision())
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "warden.cli_audit", "erase", "--dir", str(root),
+            "--subject", "cus_ann", stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, _ = await proc.communicate()
+        assert proc.returncode == 0
+        assert b"Warden is running" in stdout
+        for _ in range(50):
+            kinds = [orjson.loads(p)["kind"] for _, p in iter_records(root)]
+            if "erasure" in kinds:
+                break
+            await asyncio.sleep(0.05)
+        assert kinds[-1] == "erasure", "the running log did not record the erasure"
+        # A returning customer gets a fresh key; the erased records stay unreadable.
+        await log.record_decision(sample_action(customer="cus_ann"), sample_decision())
+        records = [orjson.loads(p) for _, p in iter_records(root)]
+        keys = SubjectKeys.open(root, create=False)
+        assert keys.unseal(records[0]) is None
+        assert keys.unseal(records[-1]) is not None
+    finally:
+        await log.close()
+    assert verify_log(root).ok
+
+
+def test_register_plugs_into_a_main_parser(tmp_path: Path) -> None:
+    asyncio.run(_log(tmp_path / "audit", records=3))
+    parser = argparse.ArgumentParser(prog="warden")
+    parser.add_argument("--config")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["audit", "verify", "--dir", str(tmp_path / "audit")])
+    assert args.func(args) == 0
+    assert main(["verify", "--dir", str(tmp_path / "audit")]) == 0
+    with pytest.raises(SystemExit):
+        main(["audit", "frobnicate"])

@@ -1,0 +1,363 @@
+"""The policy engine with real worker processes: evaluation, cache, activation."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import tarfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from prometheus_client import REGISTRY
+
+from warden.config import PolicyConfig
+from warden.model import (
+    Action,
+    ActionKind,
+    Agent,
+    Decision,
+    Effect,
+    Mode,
+    Outcome,
+    RequestMeta,
+    Stage,
+)
+from warden.pipeline import GuardContext, Pipeline
+from warden.policy.bundle import Bundle, load_bundle
+from warden.policy.engine import PolicyEngine
+from warden.policy.guard import PolicyGuard
+
+POLICY = """package warden
+
+import rego.v1
+
+default decision := {"effect": "deny", "reason": "not in the catalogue"}
+
+decision := {"effect": "allow", "reason": "VERSION reads only"} if {
+\tinput.action.tool in data.warden.tools.read_only
+}
+
+decision := {"effect": "require_approval", "reason": "big refund", "approvers": ["leads"]} if {
+\tinput.action.tool == "issue_refund"
+\tinput.action.arguments.amount > 100
+}
+"""
+
+
+def write_policy(root: Path, version: str = "v1", *, revision: str | None = None) -> Path:
+    (root / "warden").mkdir(parents=True, exist_ok=True)
+    (root / "warden" / "policy.rego").write_text(POLICY.replace("VERSION", version))
+    (root / "warden" / "data.json").write_text(
+        json.dumps({"tools": {"read_only": ["lookup_order"]}})
+    )
+    manifest: dict[str, Any] = {"roots": ["warden"]}
+    if revision is not None:
+        manifest["revision"] = revision
+    (root / ".manifest").write_text(json.dumps(manifest))
+    return root
+
+
+def doc(tool: str, **arguments: Any) -> dict[str, Any]:
+    return {
+        "agent": {"id": "support-bot", "version": "1"},
+        "action": {"kind": "tool_call", "tool": tool, "arguments": arguments},
+        "context": {"trace": "abc"},
+        "budget": {},
+        "mode": "enforce",
+        "risk": "write",
+    }
+
+
+def config(path: Path, **overrides: Any) -> PolicyConfig:
+    values: dict[str, Any] = {
+        "bundles": (str(path),),
+        "workers": 2,
+        "deadline_ms": 1000,
+        "poll_interval_s": 0.1,
+        "watch": False,
+    }
+    values.update(overrides)
+    return PolicyConfig(**values)
+
+
+async def wait_for(predicate: Any, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[PolicyEngine]:
+    eng = await PolicyEngine.start(config(write_policy(tmp_path / "b", revision="r1")))
+    yield eng
+    await eng.close()
+
+
+async def test_evaluates_and_caches_on_read_paths(engine: PolicyEngine) -> None:
+    assert engine.ready
+    assert engine.revision == "r1"
+    first = await engine.evaluate(doc("lookup_order", order="1"))
+    assert first.effect is Effect.ALLOW
+    assert first.reasons == ("v1 reads only",)
+    assert first.revision == "r1"
+    assert not first.cached
+    # Only input.action.tool and input.action.arguments.amount are read: other fields
+    # and other arguments do not change the key.
+    again = doc("lookup_order", order="1")
+    again["context"] = {"trace": "other"}
+    assert (await engine.evaluate(again)).cached
+    held = await engine.evaluate(doc("issue_refund", amount=500))
+    assert held.effect is Effect.REQUIRE_APPROVAL
+    assert held.approvers == ("leads",)
+    assert (await engine.evaluate(doc("unknown"))).effect is Effect.DENY
+    status = engine.status()
+    assert status["ready"]
+    assert status["workers_alive"] == 2
+    assert status["cache"]["input_paths"] == ["action.arguments.amount", "action.tool"]
+    assert REGISTRY.get_sample_value("warden_policy_bundle_info", {"revision": "r1"}) == 1.0
+
+
+async def test_concurrent_callers_share_the_pool(engine: PolicyEngine) -> None:
+    results = await asyncio.gather(
+        *(engine.evaluate(doc("issue_refund", amount=i)) for i in range(200))
+    )
+    assert all(r.error is None for r in results)
+    assert {r.effect for r in results} == {Effect.DENY, Effect.REQUIRE_APPROVAL}
+
+
+async def test_hot_reload_from_a_watched_folder(tmp_path: Path) -> None:
+    root = write_policy(tmp_path / "b")
+    before = REGISTRY.get_sample_value("warden_policy_reloads_total", {"result": "success"}) or 0
+    eng = await PolicyEngine.start(config(root, watch=True, workers=1))
+    try:
+        rev1 = eng.revision
+        assert rev1 is not None
+        assert rev1.startswith("sha256:")
+        assert (await eng.evaluate(doc("lookup_order"))).reasons == ("v1 reads only",)
+        assert (await eng.evaluate(doc("lookup_order"))).cached
+        write_policy(root, "v2")
+        await wait_for(lambda: eng.revision != rev1)
+        result = await eng.evaluate(doc("lookup_order"))
+        assert result.reasons == ("v2 reads only",)
+        assert not result.cached  # the cache went with the old revision
+        assert result.revision == eng.revision
+        after = REGISTRY.get_sample_value("warden_policy_reloads_total", {"result": "success"})
+        assert after == before + 2
+        assert REGISTRY.get_sample_value("warden_policy_bundle_info", {"revision": rev1}) is None
+    finally:
+        await eng.close()
+
+
+async def test_broken_update_keeps_the_last_good_revision(tmp_path: Path) -> None:
+    root = write_policy(tmp_path / "b", revision="good")
+    failures = REGISTRY.get_sample_value("warden_policy_reloads_total", {"result": "failure"}) or 0
+    eng = await PolicyEngine.start(config(root, watch=True, workers=1))
+    try:
+        (root / "warden" / "broken.rego").write_text("package warden\n\nx if {\n  input.a ==\n}\n")
+        await wait_for(lambda: eng.status()["last_error"] is not None)
+        status = eng.status()
+        assert "warden/broken.rego:4:" in status["last_error"]
+        assert status["revision"] == "good"
+        assert status["ready"]
+        assert (await eng.evaluate(doc("lookup_order"))).effect is Effect.ALLOW
+        now = REGISTRY.get_sample_value("warden_policy_reloads_total", {"result": "failure"})
+        assert now == failures + 1
+        # Reported once per change, not on every poll.
+        await asyncio.sleep(0.4)
+        assert (
+            REGISTRY.get_sample_value("warden_policy_reloads_total", {"result": "failure"}) == now
+        )
+        (root / "warden" / "broken.rego").unlink()
+        write_policy(root, "v3", revision="fixed")
+        await wait_for(lambda: eng.revision == "fixed")
+        assert eng.status()["last_error"] is None
+    finally:
+        await eng.close()
+
+
+async def test_a_policy_that_crashes_the_compiler_is_refused(tmp_path: Path) -> None:
+    root = write_policy(tmp_path / "b", revision="good")
+    eng = await PolicyEngine.start(config(root, workers=1))
+    try:
+        bad = write_policy(tmp_path / "bad", revision="bad")
+        # rego-cpp aborts the process compiling a builtin under `with input as`.
+        (bad / "warden" / "crash.rego").write_text(
+            "package warden\n\nh := upper(input.s)\n\n"
+            'x := y if { y := h with input as {"s": "a"} }\n'
+        )
+        with pytest.raises(Exception, match="died while compiling"):
+            await eng.activate(load_bundle(bad, check_syntax=False))
+        assert eng.revision == "good"
+        assert (await eng.evaluate(doc("lookup_order"))).effect is Effect.ALLOW
+        assert "died while compiling" in eng.status()["last_error"]
+    finally:
+        await eng.close()
+
+
+async def test_unit_tests_in_the_bundle_are_not_compiled(tmp_path: Path) -> None:
+    root = write_policy(tmp_path / "b")
+    (root / "warden" / "policy_test.rego").write_text(
+        'package warden\n\ntest_x if { upper(input.s) == "A" with input as {"s": "a"} }\n'
+    )
+    eng = await PolicyEngine.start(config(root, workers=1))
+    try:
+        assert eng.ready
+    finally:
+        await eng.close()
+
+
+async def test_without_a_bundle_the_engine_is_not_ready(tmp_path: Path) -> None:
+    eng = await PolicyEngine.start(config(tmp_path / "missing", workers=1))
+    try:
+        assert not eng.ready
+        assert eng.revision is None
+        result = await eng.evaluate(doc("lookup_order"))
+        assert result.error == "policy_not_ready"
+        guard = PolicyGuard(eng, eng.config)
+        decision = await guard.check(action("lookup_order"), GuardContext(mode=Mode.ENFORCE))
+        assert decision.guard == "fallback"
+        assert decision.effect is Effect.DENY
+        assert decision.error == "policy_not_ready"
+        assert "no such bundle" in eng.status()["last_error"]
+    finally:
+        await eng.close()
+
+
+async def test_pre_activate_hook_can_refuse_a_revision(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    async def hook(bundle: Bundle) -> None:
+        seen.append(bundle.revision)
+        if bundle.revision == "r2":
+            raise ValueError("decision table 3 failed")
+
+    root = write_policy(tmp_path / "b", revision="r1")
+    eng = await PolicyEngine.start(config(root, workers=1), pre_activate=hook)
+    try:
+        write_policy(root, "v2", revision="r2")
+        with pytest.raises(Exception, match="decision table 3 failed"):
+            await eng.activate(load_bundle(root))
+        assert seen == ["r1", "r2"]
+        assert eng.revision == "r1"
+        assert (await eng.evaluate(doc("lookup_order"))).reasons == ("v1 reads only",)
+    finally:
+        await eng.close()
+
+
+async def test_swap_under_load_loses_no_request(tmp_path: Path) -> None:
+    root = write_policy(tmp_path / "b", revision="r1")
+    eng = await PolicyEngine.start(config(root, cache_size=0))
+    try:
+        stop = asyncio.Event()
+        revisions: set[str] = set()
+
+        async def caller() -> None:
+            while not stop.is_set():
+                result = await eng.evaluate(doc("lookup_order"))
+                assert result.error is None, result.detail
+                revisions.add(result.revision)
+
+        callers = [asyncio.create_task(caller()) for _ in range(4)]
+        await asyncio.sleep(0.1)
+        write_policy(root, "v2", revision="r2")
+        assert await eng.activate(load_bundle(root))
+        await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.gather(*callers)
+        assert revisions == {"r1", "r2"}
+        assert not await eng.activate(load_bundle(root))  # same files: no swap
+    finally:
+        await eng.close()
+
+
+def tarball(root: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname="/" + path.relative_to(root).as_posix())
+    return buf.getvalue()
+
+
+async def test_bundle_server_with_etag(tmp_path: Path) -> None:
+    state = {"body": tarball(write_policy(tmp_path / "v1", revision="srv-1")), "etag": '"1"'}
+    requests: list[str | None] = []
+
+    async def serve(request: web.Request) -> web.Response:
+        requests.append(request.headers.get("If-None-Match"))
+        if request.headers.get("If-None-Match") == state["etag"]:
+            return web.Response(status=304)
+        return web.Response(body=state["body"], headers={"ETag": str(state["etag"])})
+
+    app = web.Application()
+    app.router.add_get("/bundles/support.tar.gz", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    url = f"http://127.0.0.1:{port}/bundles/support.tar.gz"
+    eng = await PolicyEngine.start(config(tmp_path / "unused", bundle_url=url, workers=1))
+    try:
+        assert eng.revision == "srv-1"
+        await wait_for(lambda: len(requests) >= 3)
+        assert requests[0] is None
+        assert requests[1:3] == ['"1"', '"1"']
+        state["body"] = tarball(write_policy(tmp_path / "v2", "v2", revision="srv-2"))
+        state["etag"] = '"2"'
+        await wait_for(lambda: eng.revision == "srv-2")
+        assert (await eng.evaluate(doc("lookup_order"))).reasons == ("v2 reads only",)
+        state["body"] = b"garbage"
+        state["etag"] = '"3"'
+        await wait_for(lambda: eng.status()["last_error"] is not None)
+        assert "not a readable .tar.gz" in eng.status()["last_error"]
+        assert eng.revision == "srv-2"
+    finally:
+        await eng.close()
+        await runner.cleanup()
+
+
+def action(tool: str, **arguments: Any) -> Action:
+    return Action(
+        action_id="act_1",
+        agent=Agent("support-bot", "1"),
+        kind=ActionKind.TOOL_CALL,
+        protocol="openai",
+        stage=Stage.PROPOSED,
+        request=RequestMeta(method="POST", upstream="openai", path="/v1/chat/completions"),
+        tool=tool,
+        arguments=arguments,
+    )
+
+
+class MemoryAudit:
+    def __init__(self) -> None:
+        self.decisions: list[Decision] = []
+
+    async def record_decision(self, action: Action, decision: Decision) -> None:
+        self.decisions.append(decision)
+
+    async def record_outcome(self, action: Action, decision_id: str, outcome: Outcome) -> None:
+        pass
+
+
+async def test_guard_in_the_pipeline(engine: PolicyEngine) -> None:
+    audit = MemoryAudit()
+    pipeline = Pipeline(
+        [PolicyGuard(engine, engine.config)],
+        audit,
+        mode_for=lambda _agent: Mode.ENFORCE,
+        risk_of=lambda _tool: "high",
+    )
+    decision = await pipeline.decide(action("issue_refund", amount=250))
+    assert decision.guard == "policy"
+    assert decision.effect is Effect.REQUIRE_APPROVAL
+    assert decision.obligations.approvers == ("leads",)
+    assert decision.bundle_revision == "r1"
+    assert audit.decisions == [decision]

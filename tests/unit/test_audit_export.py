@@ -1,0 +1,253 @@
+"""Evidence packages an auditor checks offline; CSV and OCSF; single proofs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from warden.audit import ApprovalEvidence, AuditLog, arguments_sha256
+from warden.audit.export import (
+    CSV_COLUMNS,
+    ExportError,
+    Selection,
+    export_log,
+    inclusion_proof,
+    parse_time,
+)
+from warden.audit.merkle import leaf_hash, verify_inclusion
+from warden.audit.testing import read_segments, sample_action, sample_decision
+from warden.audit.verify import iter_records
+from warden.audit.verify_evidence import verify_package
+from warden.config import AuditConfig
+from warden.model import Effect, Mode, Outcome, Usage
+
+
+async def _build(root: Path) -> None:
+    log = await AuditLog.open(AuditConfig(dir=str(root), checkpoint_interval_s=3600))
+    for i in range(12):
+        agent = "refunds" if i % 2 else "triage"
+        action = sample_action(i, agent=agent, customer="cus_ann" if i % 3 == 0 else None)
+        effect = (Effect.ALLOW, Effect.DENY, Effect.REQUIRE_APPROVAL)[i % 3]
+        approval = None
+        if effect is Effect.REQUIRE_APPROVAL:
+            approval = ApprovalEvidence(f"apr_{i}", "Dana Lead", "2026-11-26T10:00:00Z",
+                                        arguments_sha256(action.arguments))  # fmt: skip
+        decision = sample_decision(effect, reasons=(f"rule {i}",), mode=Mode.ENFORCE)
+        await log.record_decision(action, decision, approval=approval)
+        await log.record_outcome(action, decision.decision_id,
+                                 Outcome(status=200, latency_ms=9.5, usage=Usage(3, 4)))  # fmt: skip
+        if i == 7:
+            await log.checkpoint()  # an earlier checkpoint at size 16
+    await log.append("approval", {"approver": "Sam Boss", "verdict": "rejected",
+                                  "tool": "close_account", "agent_id": "refunds"})  # fmt: skip
+    await log.checkpoint()  # size 25
+    await log.record_decision(sample_action(99), sample_decision())  # not yet covered
+    await log.close()  # the final checkpoint is removed below to keep one record uncovered
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("export") / "audit"
+    asyncio.run(_build(root))
+    (root / "checkpoints" / f"{26:020d}").unlink()
+    shutil.copy(root / "checkpoints" / f"{25:020d}", root / "checkpoint")
+    return root
+
+
+@pytest.fixture
+def root(pristine: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "audit"
+    shutil.copytree(pristine, copy)
+    return copy
+
+
+def test_evidence_package_verifies_offline(root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "evidence"
+    result = export_log(root, out)
+    assert (result.records, result.tree_size, result.uncovered) == (25, 25, 1)
+    names = {p.name for p in out.iterdir()}
+    assert names == {
+        "records.jsonl", "proofs.jsonl", "checkpoint", "checkpoint.body", "checkpoint.sig",
+        "log-key.vkey", "log-key.pem", "verify_evidence.py", "SUMMARY.md", "VERIFY.md",
+        "MANIFEST.sha256",
+    }  # fmt: skip
+    vkey = (root / "keys" / "checkpoint.vkey").read_text().strip()
+    failures, notes = verify_package(out, vkey)
+    assert not failures
+    assert "OK: 25 records" in notes[-1]
+    # The shipped script, run as an auditor would, with nothing of Warden importable.
+    done = subprocess.run(
+        [sys.executable, "-I", str(out / "verify_evidence.py"), str(out), "--key", vkey],
+        capture_output=True, text=True, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    if shutil.which("sha256sum"):
+        subprocess.run(["sha256sum", "--quiet", "-c", "MANIFEST.sha256"], cwd=out, check=True)
+    if shutil.which("openssl"):
+        subprocess.run(
+            ["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", "log-key.pem", "-rawin",
+             "-in", "checkpoint.body", "-sigfile", "checkpoint.sig"],
+            cwd=out, check=True, capture_output=True,
+        )  # fmt: skip
+
+
+def test_an_earlier_checkpoint_comes_with_a_consistency_proof(root: Path, tmp_path: Path) -> None:
+    times = [orjson.loads(p)["time"] for _, p in iter_records(root)]
+    out = tmp_path / "evidence"
+    assert export_log(root, out, selection=Selection(end=times[10])).records == 10
+    consistency = orjson.loads((out / "consistency.json").read_bytes())
+    assert (consistency["size1"], consistency["size2"]) == (16, 25)
+    assert "\n16\n" in (out / "checkpoint-earlier").read_text()
+    assert verify_package(out) == ([], verify_package(out)[1])
+    consistency["proof"] = consistency["proof"][1:]
+    (out / "consistency.json").write_bytes(orjson.dumps(consistency))
+    assert any("not consistent" in f for f in verify_package(out)[0])
+
+
+def test_the_hand_instructions_compute_the_leaf_hash(root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "evidence"
+    export_log(root, out)
+    line = (out / "records.jsonl").read_bytes().split(b"\n")[3]
+    proof = orjson.loads((out / "proofs.jsonl").read_bytes().split(b"\n")[3])
+    assert base64.b64decode(proof["leaf_hash"]) == leaf_hash(line)
+    shell = "(printf '\\0'; sed -n 4p records.jsonl | tr -d '\\n') | sha256sum"
+    done = subprocess.run(["sh", "-c", shell], cwd=out, capture_output=True, text=True, check=True)
+    assert done.stdout.split()[0] == leaf_hash(line).hex()
+
+
+def test_the_script_falls_back_to_openssl(root: Path, tmp_path: Path) -> None:
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    out = tmp_path / "evidence"
+    export_log(root, out)
+    code = (
+        "import sys, runpy; sys.modules['cryptography'] = None; "
+        f"sys.argv = ['verify_evidence.py', {str(out)!r}]; "
+        f"runpy.run_path({str(out / 'verify_evidence.py')!r}, run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("damage", ["record", "proof", "checkpoint", "extra-file"])
+def test_a_tampered_package_fails(root: Path, tmp_path: Path, damage: str) -> None:
+    out = tmp_path / "evidence"
+    export_log(root, out)
+    if damage == "record":
+        path = out / "records.jsonl"
+        path.write_bytes(path.read_bytes().replace(b'"amount":250', b'"amount":950', 1))
+    elif damage == "proof":
+        path = out / "proofs.jsonl"
+        lines = path.read_bytes().split(b"\n")
+        lines[2] = lines[2].replace(b'"proof":["', b'"proof":["A', 1)
+        path.write_bytes(b"\n".join(lines))
+    elif damage == "checkpoint":
+        path = out / "checkpoint"
+        path.write_text(path.read_text().replace("\n25\n", "\n24\n"))
+    else:
+        (out / "smuggled.txt").write_text("hello")
+    failures, _ = verify_package(out)
+    assert failures
+    # Even with a re-made manifest, the record and proof checks catch the change.
+    if damage in ("record", "proof", "checkpoint"):
+        from hashlib import sha256
+
+        lines = [f"{sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
+                 for p in sorted(out.iterdir()) if p.name != "MANIFEST.sha256"]  # fmt: skip
+        (out / "MANIFEST.sha256").write_text("".join(lines))
+        failures, _ = verify_package(out)
+        assert failures and not any("manifest" in f for f in failures)
+
+
+def test_summary_reads_like_evidence(root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "evidence"
+    export_log(root, out)
+    summary = (out / "SUMMARY.md").read_text()
+    assert "| refunds | 2 | 2 | 2 |" in summary
+    assert "| issue_refund | 4 | 4 | 4 |" in summary
+    assert "| deny | 4 |" in summary
+    assert "Dana Lead" in summary and "Sam Boss" in summary and "rejected" in summary
+    assert "rule 1" in summary  # a denial with its reason
+    assert "1 records of the period are newer than the latest checkpoint" in summary
+
+
+def test_selection_by_time_and_agent(root: Path, tmp_path: Path) -> None:
+    result = export_log(root, tmp_path / "a", selection=Selection(agent="refunds"))
+    assert result.records == 13  # 12 decisions and outcomes, and the rejected approval
+    lines = (tmp_path / "a" / "records.jsonl").read_bytes().splitlines()
+    assert all(b'"refunds"' in line for line in lines)
+    assert not verify_package(tmp_path / "a")[0]
+    future = Selection(start=parse_time("2999-01-01"))
+    assert export_log(root, tmp_path / "b", selection=future).records == 0
+    assert parse_time("2026-11-30", end=True) == "2026-12-01T00:00:00.000000Z"
+    assert parse_time("2026-11-30T10:00:00+01:00") == "2026-11-30T09:00:00.000000Z"
+    with pytest.raises(ExportError):
+        parse_time("last tuesday")
+
+
+def test_csv_export(root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "audit.csv"
+    export_log(root, out, fmt="csv")
+    with out.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert len(rows) == 25
+    assert rows[2]["effect"] == "deny" and rows[2]["reasons"] == "rule 1"
+    assert rows[4]["approver"] == "Dana Lead"
+    assert rows[1]["status"] == "200" and rows[1]["input_tokens"] == "3"
+
+
+def test_ocsf_export(root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "audit.ocsf.jsonl"
+    export_log(root, out, fmt="ocsf")
+    events = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert len(events) == 25
+    for event in events:
+        assert event["class_uid"] == 6003 and event["category_uid"] == 6
+        assert event["type_uid"] == 600300 + event["activity_id"]
+        for required in ("actor", "api", "src_endpoint", "time", "severity_id", "metadata"):
+            assert required in event
+        assert event["metadata"]["version"] == "1.6.0"
+    denied = events[2]
+    assert denied["action"] == "Denied" and denied["disposition_id"] == 2
+    assert denied["api"]["operation"] == "issue_refund"
+    assert events[1]["status_id"] == 1 and events[1]["api"]["response"]["code"] == 200
+
+
+def test_a_damaged_log_is_not_exported(root: Path, tmp_path: Path) -> None:
+    seg = read_segments(root)[0]
+    del seg.records[3]
+    seg.write()
+    with pytest.raises(ExportError, match="deleted: record 3"):
+        export_log(root, tmp_path / "evidence")
+
+
+def test_export_refuses_a_non_empty_target(root: Path, tmp_path: Path) -> None:
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    with pytest.raises(ExportError, match="not an empty directory"):
+        export_log(root, tmp_path / "busy")
+
+
+def test_inclusion_proof_of_one_record(root: Path) -> None:
+    proof = inclusion_proof(root, "5")
+    assert proof["seq"] == 5 and proof["tree_size"] == 25 and proof["checkpoint"]
+    leaf, tree_root = base64.b64decode(proof["leaf_hash"]), base64.b64decode(proof["root"])
+    path = [base64.b64decode(p) for p in proof["proof"]]
+    assert verify_inclusion(leaf, 5, 25, path, tree_root)
+    assert inclusion_proof(root, proof["record_id"]) == proof
+    uncovered = inclusion_proof(root, "25")
+    assert uncovered["checkpoint"] is None and uncovered["tree_size"] == 26
+    with pytest.raises(ExportError, match="no record"):
+        inclusion_proof(root, "rec_0000_0000000063")
+    with pytest.raises(ExportError):
+        inclusion_proof(root, "nonsense!")

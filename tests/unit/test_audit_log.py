@@ -1,0 +1,364 @@
+"""AuditLog: durable group commit, fail closed, restart, rotation, privacy."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from warden.audit import ApprovalEvidence, AuditLog, arguments_sha256
+from warden.audit import segments as segments_module
+from warden.audit.layout import Layout
+from warden.audit.subjects import SubjectKeys
+from warden.audit.testing import fill, read_segments, sample_action, sample_decision
+from warden.audit.verify import iter_records, verify_log
+from warden.config import AuditConfig
+from warden.errors import AuditError
+from warden.model import Effect, Mode, Outcome, Usage
+from warden.pipeline import AuditSink, Pipeline
+
+SCHEMA_KEYS = {"v", "id", "seq", "time", "prev", "kind", "subject", "sealed"}
+
+
+def _config(path: Path, **kw: Any) -> AuditConfig:
+    return AuditConfig(dir=str(path), checkpoint_interval_s=3600, **kw)
+
+
+@pytest.fixture
+async def log(tmp_path: Path) -> AsyncIterator[AuditLog]:
+    opened = await AuditLog.open(_config(tmp_path / "audit"))
+    yield opened
+    await opened.close()
+
+
+def _records(root: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(p) for _, p in iter_records(root)]
+
+
+class SyncCounter:
+    """Counts fdatasync calls and can start failing them like a dying disk."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail = False
+        self.real = os.fdatasync
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        if self.fail:
+            raise OSError(errno.EIO, "Input/output error")
+        self.real(fd)
+
+
+@pytest.fixture
+def syncs(monkeypatch: pytest.MonkeyPatch) -> SyncCounter:
+    counter = SyncCounter()
+    monkeypatch.setattr(segments_module.os, "fdatasync", counter)
+    return counter
+
+
+async def test_open_creates_the_directory_and_private_keys(tmp_path: Path) -> None:
+    root = tmp_path / "a" / "audit"
+    log = await AuditLog.open(_config(root))
+    await log.record_decision(sample_action(customer="cus_1"), sample_decision())
+    await log.close()
+    for private in [root / "keys" / "checkpoint.pem", root / "keys" / "subject-salt",
+                    *root.glob("subjects/*/*.key")]:  # fmt: skip
+        assert stat.S_IMODE(os.stat(private).st_mode) == 0o600, private
+    assert len(list(root.glob("subjects/*/*.key"))) == 1
+    assert Layout(root).read_meta().origin == log.origin
+    assert log.verifier_key.startswith(log.origin + "+")
+
+
+async def test_a_decision_record_carries_schema_v1(log: AuditLog) -> None:
+    approval = ApprovalEvidence("apr_1", "lead@example.com", "2026-11-26T10:00:00Z",
+                                arguments_sha256({"order_id": "A-0"}))  # fmt: skip
+    action = sample_action(0)
+    decision = sample_decision(Effect.REQUIRE_APPROVAL, reasons=("over 100 USD",))
+    await log.record_decision(action, decision, approval=approval)
+    await log.record_outcome(
+        action, decision.decision_id, Outcome(status=200, latency_ms=12.5, usage=Usage(7, 3)),
+        cost=0.0021,
+    )  # fmt: skip
+    ref = await log.append("kill_switch", {"agent_id": "support-triage", "engaged": True})
+    first, second, third = _records(log.directory)
+    assert SCHEMA_KEYS <= first.keys()
+    assert first["v"] == 1 and first["seq"] == 0 and first["kind"] == "decision"
+    assert first["time"].endswith("Z") and first["time"][10] == "T"
+    assert first["agent"] == {"id": "support-triage", "version": "2026-11-20"}
+    assert first["action"]["tool"] == "issue_refund"
+    assert first["action"]["arguments"] == {"order_id": "A-0", "amount": 250, "currency": "USD"}
+    assert first["action"]["protocol"] == "openai.chat" and first["action"]["stage"] == "proposed"
+    assert first["decision"]["id"] == decision.decision_id
+    assert first["decision"]["effect"] == "require_approval"
+    assert first["decision"]["reasons"] == ["over 100 USD"]
+    assert first["decision"]["bundle_revision"] == "rev-1"
+    assert first["approval"]["approver"] == "lead@example.com"
+    assert first["prev"] == "0" * 64
+    assert second["outcome"] == {
+        "status": 200, "latency_ms": 12.5, "tokens": {"input": 7, "output": 3, "cached_input": 0},
+        "cost": 0.0021, "error": None, "is_error": False, "result": None, "result_sha256": None,
+        "redacted": [],
+    }  # fmt: skip
+    assert second["decision_id"] == decision.decision_id
+    assert third["kind"] == "kill_switch" and third["body"]["engaged"] is True
+    assert ref.seq == 2 and ref.id == third["id"]
+    assert log.size == 3
+
+
+async def test_records_chain_and_verify(log: AuditLog) -> None:
+    await fill(log, 25)
+    records = list(iter_records(log.directory))
+    from warden.audit.merkle import leaf_hash
+
+    for (_, before), (_, after) in zip(records, records[1:], strict=False):
+        assert orjson.loads(after)["prev"] == leaf_hash(before).hex()
+    assert await log.checkpoint() is not None
+    report = verify_log(log.directory)
+    assert report.ok, report.damage
+    assert report.records == 25 and report.latest_checkpoint == 25
+
+
+async def test_credentials_never_reach_the_disk(tmp_path: Path) -> None:
+    log = await AuditLog.open(_config(tmp_path))
+    action = sample_action(
+        arguments={"url": "https://api.example.com", "api_key": "sk-live-SECRET1"},
+        headers={"Authorization": "Bearer sk-live-SECRET2", "x-api-key": "sk-live-SECRET3"},
+    )
+    await log.record_decision(action, sample_decision())
+    await log.append("note", {"nested": {"password": "sk-live-SECRET4"}})
+    await log.close()
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert b"sk-live-SECRET" not in path.read_bytes(), path
+
+
+async def test_a_record_is_durable_before_the_call_returns(log: AuditLog, syncs: SyncCounter) -> None:
+    await log.record_decision(sample_action(), sample_decision())
+    assert syncs.calls == 1
+    assert len(_records(log.directory)) == 1
+
+
+async def test_concurrent_appends_share_fsyncs(log: AuditLog, syncs: SyncCounter) -> None:
+    async def writer(n: int) -> None:
+        for i in range(10):
+            await log.record_decision(sample_action(n * 100 + i), sample_decision())
+
+    await asyncio.gather(*(writer(n) for n in range(64)))
+    assert log.size == 640
+    assert syncs.calls < 640 / 4, f"{syncs.calls} fsyncs for 640 records: no group commit"
+    assert verify_log(log.directory).ok
+
+
+async def test_a_failed_fsync_fails_the_log_closed_for_good(log: AuditLog, syncs: SyncCounter) -> None:
+    await log.record_decision(sample_action(), sample_decision())
+    syncs.fail = True
+    results = await asyncio.gather(
+        *(log.record_decision(sample_action(i), sample_decision()) for i in range(5)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, AuditError) for r in results)
+    assert not log.writable
+    calls = syncs.calls
+    syncs.fail = False  # even a healed disk gets no silent retry
+    with pytest.raises(AuditError, match="not writable"):
+        await log.record_decision(sample_action(), sample_decision())
+    with pytest.raises(AuditError):
+        await log.append("note", {})
+    with pytest.raises(AuditError):
+        await log.checkpoint()
+    assert syncs.calls == calls
+    assert log.size == 1
+
+
+async def test_restart_continues_the_chain_and_checkpoints(tmp_path: Path) -> None:
+    for round_ in range(3):
+        log = await AuditLog.open(_config(tmp_path, segment_max_bytes=4096))
+        assert log.size == round_ * 15
+        await fill(log, 15)
+        await log.close()
+    report = verify_log(tmp_path)
+    assert report.ok, report.damage
+    assert report.records == 45 and report.checkpoints == 3 and report.segments > 3
+    assert [r["seq"] for r in _records(tmp_path)] == list(range(45))
+
+
+async def test_segments_rotate_by_size(tmp_path: Path) -> None:
+    log = await AuditLog.open(_config(tmp_path, segment_max_bytes=4096))
+    for i in range(40):
+        await log.record_decision(sample_action(i), sample_decision())
+    await log.close()
+    segs = read_segments(tmp_path)
+    assert len(segs) >= 8
+    assert all(s.path.stat().st_size <= 4096 + 2048 for s in segs)
+    assert verify_log(tmp_path).ok
+
+
+async def test_one_writer_per_directory(log: AuditLog) -> None:
+    with pytest.raises(AuditError, match="another process"):
+        await AuditLog.open(_config(log.directory))
+
+
+async def test_a_torn_tail_is_cut_off_with_a_copy_and_a_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = await AuditLog.open(_config(tmp_path))
+    await fill(log, 5)
+    await log.close()
+    seg = read_segments(tmp_path)[-1].path
+    whole = seg.read_bytes()
+    torn = segments_module.frame(b'{"seq":5,"half":"writ')[:-7]
+    seg.write_bytes(whole + torn)
+    assert verify_log(tmp_path).damage[0].kind == "torn"
+    with caplog.at_level(logging.WARNING, logger="warden.audit"):
+        log = await AuditLog.open(_config(tmp_path))
+    assert "torn last frame" in caplog.text
+    assert seg.read_bytes() == whole
+    copies = list((tmp_path / "torn").iterdir())
+    assert len(copies) == 1 and copies[0].read_bytes() == torn
+    await fill(log, 3)
+    await log.close()
+    report = verify_log(tmp_path)
+    assert report.ok and report.records == 8
+
+
+async def test_damage_in_the_middle_is_not_mistaken_for_a_torn_tail(tmp_path: Path) -> None:
+    log = await AuditLog.open(_config(tmp_path))
+    await fill(log, 6)
+    await log.close()
+    seg = read_segments(tmp_path)[-1].path
+    data = bytearray(seg.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    seg.write_bytes(bytes(data))
+    with pytest.raises(AuditError, match="valid records after it"):
+        await AuditLog.open(_config(tmp_path))
+    assert not (tmp_path / "torn").exists(), "nothing may be cut off"
+
+
+async def test_checkpoints_are_signed_on_an_interval(tmp_path: Path) -> None:
+    log = await AuditLog.open(AuditConfig(dir=str(tmp_path), checkpoint_interval_s=0.05))
+    await fill(log, 4)
+    for _ in range(100):
+        if (tmp_path / "checkpoint").exists():
+            break
+        await asyncio.sleep(0.02)
+    assert (tmp_path / "checkpoint").read_text().split("\n")[1] == "4"
+    await fill(log, 2)
+    await log.close()
+    report = verify_log(tmp_path)
+    assert report.ok and report.checkpoints == 2 and report.latest_checkpoint == 6
+
+
+@pytest.mark.parametrize("policy", ["batch", "never"])
+async def test_other_fsync_policies(tmp_path: Path, syncs: SyncCounter, policy: str) -> None:
+    log = await AuditLog.open(_config(tmp_path, fsync=policy))
+    opened = syncs.calls  # creating the first segment syncs its header
+    await fill(log, 20)
+    assert syncs.calls == opened, "records are acknowledged before any fsync"
+    await asyncio.sleep(0.2)
+    if policy == "batch":
+        assert 1 <= syncs.calls - opened <= 3, "batch syncs on a short timer"
+    else:
+        assert syncs.calls == opened
+    before_close = syncs.calls
+    await log.close()
+    assert syncs.calls > before_close or policy == "batch"  # the checkpoint syncs first
+    assert verify_log(tmp_path).ok
+
+
+async def test_append_validates_its_kind(log: AuditLog) -> None:
+    for kind in ("decision", "outcome", "Bad Kind", ""):
+        with pytest.raises(ValueError, match="invalid record kind"):
+            await log.append(kind, {})
+
+
+async def test_an_oversized_record_is_refused_without_harming_the_log(
+    log: AuditLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("warden.audit.log.MAX_RECORD_BYTES", 2000)
+    with pytest.raises(AuditError, match="over the limit"):
+        await log.record_decision(sample_action(arguments={"blob": "x" * 5000}), sample_decision())
+    assert log.writable
+    await log.record_decision(sample_action(), sample_decision())
+    assert [r["seq"] for r in _records(log.directory)] == [0]
+
+
+async def test_redactions_apply_to_the_outcome_too(log: AuditLog) -> None:
+    action = sample_action(arguments={"email": "ann@example.com", "amount": 5})
+    decision = sample_decision(redact=("email", "result.email"))
+    await log.record_decision(action, decision)
+    result = '{"email": "ann@example.com", "status": "refunded"}'
+    await log.record_outcome(action, decision.decision_id, Outcome(status=200, result=result))
+    raw = b"".join(p for _, p in iter_records(log.directory))
+    assert b"ann@example.com" not in raw
+    first, second = _records(log.directory)
+    assert first["action"]["arguments"]["amount"] == 5
+    assert orjson.loads(second["outcome"]["result"])["status"] == "refunded"
+
+
+async def test_personal_fields_are_sealed_per_subject_and_erasable(log: AuditLog) -> None:
+    action = sample_action(arguments={"email": "ann@example.com"}, customer="cus_ann")
+    decision = sample_decision()
+    await log.record_decision(action, decision)
+    await log.record_outcome(action, decision.decision_id, Outcome(status=200, result="Hi Ann"))
+    await log.record_decision(sample_action(customer="cus_bob"), sample_decision())
+    await log.checkpoint()
+    raw = b"".join(p for _, p in iter_records(log.directory))
+    assert b"ann@example.com" not in raw and b"cus_ann" not in raw and b"Hi Ann" not in raw
+    keys = SubjectKeys.open(log.directory, create=False)
+    ann_decision, ann_outcome, bob = _records(log.directory)
+    assert ann_decision["subject"] == log.subject_ref("cus_ann")
+    assert ann_decision["action"]["arguments"] is None
+    assert ann_decision["sealed"]["fields"] == ["action.arguments", "action.context"]
+    assert keys.unseal(ann_decision) == {
+        "action.arguments": {"email": "ann@example.com"},
+        "action.context": {"session_id": "sess-0", "customer_id": "cus_ann"},
+    }
+    assert keys.unseal(ann_outcome) == {"outcome.result": "Hi Ann"}
+
+    assert await log.erase_subject("cus_ann") is True
+    assert keys.unseal(ann_decision) is None and keys.unseal(ann_outcome) is None
+    assert keys.unseal(bob) is not None
+    erasure = _records(log.directory)[-1]
+    assert erasure["kind"] == "erasure" and erasure["body"]["subject"] == ann_decision["subject"]
+    assert await log.erase_subject("cus_ann") is False
+    await log.checkpoint()
+    report = verify_log(log.directory)
+    assert report.ok, report.damage
+
+
+async def test_sealed_fields_are_bound_to_their_record(log: AuditLog) -> None:
+    await log.record_decision(sample_action(customer="cus_1"), sample_decision())
+    await log.record_decision(sample_action(customer="cus_1"), sample_decision())
+    first, second = _records(log.directory)
+    moved = {**second, "sealed": first["sealed"]}
+    assert SubjectKeys.open(log.directory, create=False).unseal(moved) is None
+
+
+async def test_close_is_final_and_idempotent(tmp_path: Path) -> None:
+    log = await AuditLog.open(_config(tmp_path))
+    await fill(log, 3)
+    await log.close()
+    await log.close()
+    assert not log.writable
+    with pytest.raises(AuditError, match="closed"):
+        await log.record_decision(sample_action(), sample_decision())
+    assert not Layout(tmp_path).is_locked()
+
+
+async def test_the_pipeline_records_through_the_log(log: AuditLog) -> None:
+    sink: AuditSink = log
+    pipeline = Pipeline([], sink, mode_for=lambda _a: Mode.ENFORCE, risk_of=lambda _t: "write")
+    decision = await pipeline.decide(sample_action())
+    await pipeline.outcome(sample_action(), decision.decision_id, Outcome(status=200))
+    kinds = [r["kind"] for r in _records(log.directory)]
+    assert kinds == ["decision", "outcome"]
+    assert _records(log.directory)[0]["decision"]["effect"] == "deny"

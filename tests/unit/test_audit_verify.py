@@ -1,0 +1,236 @@
+"""`verify` names the first bad record and the kind of damage, for every kind."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+from pathlib import Path
+
+import orjson
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from warden.audit import AuditLog
+from warden.audit.checkpoint import NoteSigner
+from warden.audit.layout import Layout
+from warden.audit.merkle import leaf_hash
+from warden.audit.testing import fill, read_segments, rechain, reencode, rewrite
+from warden.audit.verify import verify_log
+from warden.config import AuditConfig
+
+RECORDS = 30
+
+
+async def _build(root: Path) -> None:
+    log = await AuditLog.open(
+        AuditConfig(dir=str(root), checkpoint_interval_s=3600, segment_max_bytes=4096)
+    )
+    for _ in range(3):  # checkpoints at 10, 20 and 30
+        await fill(log, 10)
+        await log.checkpoint()
+    await log.close()
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pristine") / "audit"
+    asyncio.run(_build(root))
+    return root
+
+
+@pytest.fixture
+def root(pristine: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "audit"
+    shutil.copytree(pristine, copy)
+    return copy
+
+
+def _locate(root: Path, seq: int) -> tuple[int, int]:
+    """(segment index, record index in it) of record ``seq``."""
+    for s, seg in enumerate(read_segments(root)):
+        for r, payload in enumerate(seg.records):
+            if orjson.loads(payload)["seq"] == seq:
+                return s, r
+    raise AssertionError(seq)
+
+
+def _damage(root: Path) -> tuple[str, int | None, str]:
+    report = verify_log(root)
+    assert not report.ok, "the damage went unnoticed"
+    first = report.damage[0]
+    return first.kind, first.seq, first.detail
+
+
+def test_an_intact_log_verifies(root: Path) -> None:
+    report = verify_log(root)
+    assert report.ok, report.damage
+    assert report.records == RECORDS and report.checkpoints == 3 and report.segments > 3
+    assert report.latest_checkpoint == RECORDS and not report.warnings
+
+
+def test_edited_bytes_without_reframing(root: Path) -> None:
+    s, r = _locate(root, 12)
+    seg = read_segments(root)[s]
+    data = seg.path.read_bytes()
+    at = data.index(seg.records[r]) + 20
+    seg.path.write_bytes(data[:at] + bytes([data[at] ^ 0x20]) + data[at + 1 :])
+    kind, seq, detail = _damage(root)
+    assert (kind, seq) == ("modified", 12)
+    assert "checksum" in detail
+
+
+def test_a_record_edited_and_reframed(root: Path) -> None:
+    s, r = _locate(root, 12)
+    seg = read_segments(root)[s]
+    record = orjson.loads(seg.records[r])
+    record["action"]["arguments"] = {"amount": 1}
+    seg.records[r] = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+    seg.write()
+    assert _damage(root)[:2] == ("modified", 12)
+
+
+def test_the_last_record_edited_is_caught_by_the_checkpoint(root: Path) -> None:
+    seg = read_segments(root)[-1]
+    seg.records[-1] = reencode(seg.records[-1], time="2020-01-01T00:00:00.000000Z")
+    seg.write()
+    kind, seq, detail = _damage(root)
+    assert (kind, seq) == ("modified", 20)
+    assert "between 20 and 29" in detail
+
+
+def test_a_deleted_record(root: Path) -> None:
+    s, r = _locate(root, 15)
+    seg = read_segments(root)[s]
+    del seg.records[r]
+    seg.write()
+    kind, seq, detail = _damage(root)
+    assert (kind, seq) == ("deleted", 15)
+    assert "record 15 missing" in detail
+
+
+def test_reordered_records(root: Path) -> None:
+    s, r = _locate(root, 15)
+    seg = read_segments(root)[s]
+    if r + 1 == len(seg.records):
+        s, r = _locate(root, 14)
+        seg = read_segments(root)[s]
+    seg.records[r], seg.records[r + 1] = seg.records[r + 1], seg.records[r]
+    seg.write()
+    kind, seq, _ = _damage(root)
+    assert kind == "reordered" and seq in (14, 15)
+
+
+def test_a_copied_record_inserted(root: Path) -> None:
+    s, r = _locate(root, 15)
+    seg = read_segments(root)[s]
+    seg.records.insert(r + 1, seg.records[r])
+    seg.write()
+    kind, seq, detail = _damage(root)
+    assert (kind, seq) == ("inserted", 15)
+    assert "two records claim sequence number 15" in detail
+
+
+def test_a_forged_record_inserted_with_a_valid_prev(root: Path) -> None:
+    s, r = _locate(root, 15)
+    seg = read_segments(root)[s]
+    forged = reencode(seg.records[r], seq=16, prev=leaf_hash(seg.records[r]).hex(), id="rec_x")
+    seg.records.insert(r + 1, forged)
+    seg.write()
+    kind, seq, _ = _damage(root)
+    assert (kind, seq) == ("inserted", 16)
+
+
+def test_a_faithful_rewrite_stays_intact(root: Path) -> None:
+    # The forger's tool itself leaves no trace: what the next test finds is the edit.
+    rewrite(root, [p for seg in read_segments(root) for p in seg.records], per_segment=4)
+    assert verify_log(root).ok
+
+
+def test_a_rewritten_chain_is_caught_by_the_checkpoints(root: Path) -> None:
+    # A forger edits record 14 and recomputes every later prev hash, frame and header.
+    flat = [p for seg in read_segments(root) for p in seg.records]
+    flat[14] = reencode(flat[14], time="2020-01-01T00:00:00.000000Z")
+    flat[14:] = rechain(flat[14:], orjson.loads(flat[14])["prev"])
+    rewrite(root, flat, per_segment=4)
+    kind, seq, detail = _damage(root)
+    assert (kind, seq) == ("modified", 10)
+    assert "between 10 and 19" in detail
+
+
+def test_a_truncated_log(root: Path) -> None:
+    seg = read_segments(root)[-1]
+    keep = len(seg.records) - 2
+    seg.records = seg.records[:keep]
+    seg.write()
+    kind, seq, detail = _damage(root)
+    assert (kind, seq) == ("truncated", RECORDS - 2)
+    assert "covers 30" in detail
+
+
+def test_a_torn_last_frame(root: Path) -> None:
+    seg = read_segments(root)[-1]
+    data = seg.path.read_bytes()
+    seg.path.write_bytes(data[: len(data) - 10])
+    kind, seq, _ = _damage(root)
+    assert (kind, seq) == ("torn", RECORDS - 1)
+
+
+def test_a_deleted_segment(root: Path) -> None:
+    segs = read_segments(root)
+    first_of_third = orjson.loads(segs[2].records[0])["seq"]
+    segs[2].path.unlink()
+    kind, seq, _ = _damage(root)
+    assert (kind, seq) == ("deleted", first_of_third)
+
+
+def test_a_forged_checkpoint(root: Path) -> None:
+    path = Layout(root).checkpoints / f"{20:020d}"
+    lines = path.read_text().split("\n")
+    lines[2] = "A" * 43 + "="
+    path.write_text("\n".join(lines))
+    report = verify_log(root)
+    assert [d.kind for d in report.damage] == ["checkpoint"]
+    assert "does not verify" in report.damage[0].detail
+
+
+def test_checkpoints_by_another_key(root: Path) -> None:
+    origin = Layout(root).read_meta().origin
+    stranger = NoteSigner(origin, Ed25519PrivateKey.generate()).verifier
+    report = verify_log(root, verifier=stranger)
+    assert not report.ok
+    assert {d.kind for d in report.damage} == {"checkpoint"}
+    assert verify_log(root, verifier=Layout(root).verifier()).ok
+
+
+def test_an_outside_checkpoint_catches_a_truncation_hidden_locally(
+    root: Path, tmp_path: Path
+) -> None:
+    kept = tmp_path / "kept-checkpoint"
+    shutil.copy(Layout(root).latest_checkpoint, kept)
+    # The forger drops the last records and the checkpoints that mention them.
+    seg = read_segments(root)[-1]
+    seg.records = seg.records[:-3]
+    seg.write()
+    (Layout(root).checkpoints / f"{30:020d}").unlink()
+    shutil.copy(Layout(root).checkpoints / f"{20:020d}", Layout(root).latest_checkpoint)
+    assert verify_log(root).ok
+    report = verify_log(root, extra_checkpoints=[kept])
+    assert report.damage[0].kind == "truncated"
+
+
+def test_every_sampled_single_bit_flip_is_detected(root: Path) -> None:
+    rng = random.Random(4)
+    flips = 0
+    for seg in read_segments(root):
+        data = seg.path.read_bytes()
+        positions = {0, 7, 8, 12, 16, len(data) - 1, *rng.sample(range(len(data)), 40)}
+        for pos in sorted(positions):
+            bit = 1 << rng.randrange(8)
+            seg.path.write_bytes(data[:pos] + bytes([data[pos] ^ bit]) + data[pos + 1 :])
+            report = verify_log(root)
+            assert not report.ok, f"a flip at byte {pos} of {seg.path.name} went unnoticed"
+            flips += 1
+        seg.path.write_bytes(data)
+    assert flips > 200
+    assert verify_log(root).ok

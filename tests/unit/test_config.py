@@ -1,0 +1,130 @@
+"""Config loading: defaults, file, environment overrides, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from warden.config import DEFAULT_MAX_BODY_BYTES, load_config, parse_listen
+from warden.errors import ConfigError
+from warden.model import Effect, Mode
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "warden.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_every_key_has_a_safe_default() -> None:
+    config = load_config(environ={})
+    assert config.mode is Mode.ENFORCE
+    assert config.policy.default_effect is Effect.DENY
+    assert config.listen.proxy == "127.0.0.1:8080"
+    assert config.listen.admin == "127.0.0.1:8081"
+    assert config.limits.max_body_bytes == DEFAULT_MAX_BODY_BYTES
+    assert config.audit.fsync == "always"
+    assert set(config.upstreams) == {"openai", "anthropic"}
+    # Fail closed unless a tool is declared read-only.
+    assert config.policy.fallback[config.risk_of("issue_refund")] is Effect.DENY
+
+
+def test_issue_example_file_loads(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+agent: {id: support-triage}
+listen: {proxy: 127.0.0.1:8080, admin: 127.0.0.1:8081}
+upstreams:
+  openai:    {protocol: openai,    base_url: https://api.openai.com}
+  anthropic: {protocol: anthropic, base_url: https://api.anthropic.com/}
+policy: {bundles: [policies/customer-support], query: data.warden.decision}
+audit: {dir: ./warden-data/audit}
+state: {url: sqlite:///./warden-data/state.db}
+tools: {search_kb: {risk: read_only}}
+""",
+    )
+    config = load_config(path, environ={})
+    assert config.agent.id == "support-triage"
+    assert config.upstreams["anthropic"].base_url == "https://api.anthropic.com"
+    assert config.policy.fallback[config.risk_of("search_kb")] is Effect.ALLOW
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("policy: {deadline_ms: -1}", "policy.deadline_ms"),
+        ("listen: {proxy: nonsense}", "listen.proxy"),
+        ("upstreams: {x: {protocol: openai, base_url: ftp://a}}", "upstreams.x.base_url"),
+        ("upstreams: {x: {protocol: smtp, base_url: http://a}}", "upstreams.x.protocol"),
+        ("audit: {fsync: sometimes}", "audit.fsync"),
+        ("polcy: {}", "polcy"),
+        ("mode: shadow", "mode"),
+        ("state: {url: mysql://x}", "state.url"),
+        ("limits: {max_body_bytes: 10}", "limits.max_body_bytes"),
+    ],
+)
+def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), environ={})
+    assert f"{key}:" in str(info.value)
+
+
+def test_not_a_mapping_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"), environ={})
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [\n"), environ={})
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml", environ={})
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "mode: enforce\nlisten: {proxy: 127.0.0.1:9000}\n")
+    env = {
+        "WARDEN_MODE": "observe",
+        "WARDEN_LISTEN__ADMIN": "127.0.0.1:9001",
+        "WARDEN_POLICY__DEADLINE_MS": "25",
+        "WARDEN_TOKEN": "not-config",  # reserved for the CLI, never an override
+        "OTHER": "ignored",
+    }
+    config = load_config(path, environ=env)
+    assert config.mode is Mode.OBSERVE
+    assert config.listen.proxy == "127.0.0.1:9000"
+    assert config.listen.admin == "127.0.0.1:9001"
+    assert config.policy.deadline_ms == 25
+
+
+def test_environment_typo_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="lsten: unknown key"):
+        load_config(environ={"WARDEN_LSTEN__PROXY": "127.0.0.1:1"})
+
+
+def test_mode_per_agent() -> None:
+    config = load_config(
+        environ={},
+        overrides={
+            "mode": "enforce",
+            "agent": {"id": "triage", "mode": "observe"},
+            "agents": {"refunds": {"mode": "enforce"}, "drafts": {"mode": "observe"}},
+        },
+    )
+    assert config.mode_for("triage") is Mode.OBSERVE
+    assert config.mode_for("drafts") is Mode.OBSERVE
+    assert config.mode_for("refunds") is Mode.ENFORCE
+    assert config.mode_for("anyone-else") is Mode.ENFORCE
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("127.0.0.1:0", ("127.0.0.1", 0)), ("[::1]:8080", ("::1", 8080)), ("0.0.0.0:80", ("0.0.0.0", 80))],
+)
+def test_parse_listen(value: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(value) == expected
+
+
+@pytest.mark.parametrize("value", ["8080", ":8080", "host:", "host:99999", "host:http"])
+def test_parse_listen_rejects(value: str) -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        parse_listen(value)

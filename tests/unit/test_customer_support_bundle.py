@@ -1,0 +1,188 @@
+"""The shipped bundle policies/customer-support: its tests, tables, contract and coverage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from warden.model import Action, ActionKind, Agent, Effect, Mode, RequestMeta, Stage
+from warden.pipeline import GuardContext, policy_input
+from warden.policy.engine import interpret_output
+from warden.policy.testing import (
+    Status,
+    check_policy,
+    discover_case_files,
+    load_case_file,
+    load_policy_set,
+    run_tests,
+)
+from warden.policy.worker import Evaluator
+
+BUNDLE = Path(__file__).resolve().parents[2] / "policies" / "customer-support"
+DATA = json.loads((BUNDLE / "data.json").read_text())["warden"]
+
+# One fragment of every reason the policy can give: each `else` branch of the
+# decision chain. Coverage means each shows up in a decision table's results.
+BRANCHES = {
+    "read-only tools are allowed",
+    "drafting a reply is allowed",
+    "model calls are allowed",
+    "actions without a tool name are not allowed",
+    "carries no arguments object",
+    "looks like a bulk export",
+    "exports customer data in bulk",
+    "is not in the customer-support tool catalogue",
+    "which is missing",
+    "to be a number, but it is text",
+    "is within this agent's limits",
+    "must be more than 0",
+    "can only be issued in USD",
+    "totals are not numbers",
+    "above the hard ceiling",
+    "would pass its hard daily ceiling",
+    "an agent may issue without approval",
+    "it may issue per day without approval",
+    "a customer may receive per day without approval",
+    "closing a customer account always needs",
+    "changing a customer's email address needs",
+}
+
+
+@pytest.fixture(scope="module")
+def evaluator() -> Evaluator:
+    policy = load_policy_set([BUNDLE])
+    return Evaluator(
+        [(m.path, m.source) for m in policy.production], policy.data, "data.warden.decision"
+    )
+
+
+@pytest.fixture(scope="module")
+def cases() -> list[Any]:
+    files = discover_case_files([BUNDLE])
+    return [case for f in files for case in load_case_file(f).cases]
+
+
+def test_rego_tests_and_decision_tables_pass() -> None:
+    policy = load_policy_set([BUNDLE])
+    files = [load_case_file(p) for p in discover_case_files(policy.folders)]
+    report = run_tests(policy, case_files=files)
+    failed = [(r.name, r.status, r.message) for r in report.results if r.status is not Status.PASS]
+    assert failed == []
+    kinds = [r.kind for r in report.results]
+    assert kinds.count("rego") >= 30
+    assert kinds.count("case") >= 30
+
+
+def test_a_wrong_expectation_in_a_table_fails(tmp_path: Path) -> None:
+    copy = tmp_path / "customer-support"
+    shutil.copytree(BUNDLE, copy)
+    table = copy / "decisions" / "refunds_and_credits.yaml"
+    table.write_text(
+        table.read_text().replace(
+            "amount: 1500}}\n    expect: {effect: deny",
+            "amount: 1500}}\n    expect: {effect: allow",
+        )
+    )
+    policy = load_policy_set([copy])
+    report = run_tests(policy, case_files=[load_case_file(table)], run="hard ceiling is denied")
+    (result,) = report.results
+    assert result.status is Status.FAIL
+    assert result.message == 'expected effect "allow", got "deny"'
+
+
+def test_the_bundle_checks_clean() -> None:
+    assert check_policy([BUNDLE]) == []
+
+
+def test_manifest_and_limits() -> None:
+    manifest = json.loads((BUNDLE / ".manifest").read_text())
+    assert manifest["roots"] == ["warden"]
+    assert manifest["revision"]
+    # The policy's fast path relies on the no-approval limits being below the ceilings.
+    for tool, lim in DATA["limits"].items():
+        assert DATA["tools"][tool]["class"] == "money"
+        assert lim["auto"] <= lim["ceiling"], tool
+        assert lim["agent_day_auto"] <= lim["agent_day_ceiling"], tool
+        assert lim["customer_day_auto"] <= lim["agent_day_ceiling"], tool
+
+
+def _decide(evaluator: Evaluator, doc: dict[str, Any]) -> dict[str, Any]:
+    text = evaluator.evaluate(doc)
+    result = interpret_output(text)
+    assert result.error is None, result.detail
+    value: dict[str, Any] = json.loads(text)["expressions"][0]
+    return value
+
+
+def test_decision_tables_cover_every_branch_and_class(
+    evaluator: Evaluator, cases: list[Any]
+) -> None:
+    reasons = [_decide(evaluator, dict(c.input))["reason"] for c in cases]
+    missing = {b for b in BRANCHES if not any(b in r for r in reasons)}
+    assert missing == set()
+    tools = {c.input["action"].get("tool") for c in cases}
+    classes = {DATA["tools"][t]["class"] for t in tools if t in DATA["tools"]}
+    assert classes == {e["class"] for e in DATA["tools"].values()}
+
+
+def test_every_result_fits_the_decision_contract(evaluator: Evaluator, cases: list[Any]) -> None:
+    for case in cases:
+        result = interpret_output(evaluator.evaluate(dict(case.input)))
+        assert result.error is None, (case.name, result.detail)
+        assert result.effect is not None
+        assert result.reasons, case.name
+        if result.effect is Effect.REQUIRE_APPROVAL:
+            assert result.approvers == ("support-leads",)
+            assert result.hold_timeout_s == 3600
+
+
+def _action(tool: str | None, arguments: dict[str, Any] | None) -> Action:
+    return Action(
+        action_id="act_1",
+        agent=Agent("support-refunds", "2025-01-15"),
+        kind=ActionKind.TOOL_CALL if tool else ActionKind.LLM_CALL,
+        protocol="openai.chat",
+        stage=Stage.PROPOSED,
+        request=RequestMeta("POST", "openai", "/v1/chat/completions"),
+        tool=tool,
+        arguments=arguments,
+        model="gpt-4o",
+        context={"customer_id": "C-1042"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "budget", "effect"),
+    [
+        ("search_kb", {"query": "refund policy"}, {}, "allow"),
+        (None, None, {}, "allow"),
+        ("issue_refund", {"order_id": "A-1", "amount": 60}, {}, "allow"),
+        (
+            "issue_refund",
+            {"order_id": "A-1", "amount": 60},
+            {"refunds": {"day": {"agent": {"spent": 250, "count": 4}, "customer": {"spent": 0}}}},
+            "require_approval",
+        ),
+        (
+            "apply_credit",
+            {"customer_id": "C-1042", "amount": 30},
+            {"credits": {"day": {"agent": {"spent": 990}}}},
+            "deny",
+        ),
+        ("close_account", {"customer_id": "C-1042"}, {}, "require_approval"),
+        ("export_customers", {}, {}, "deny"),
+    ],
+)
+def test_the_input_the_pipeline_builds(
+    evaluator: Evaluator,
+    tool: str | None,
+    arguments: dict[str, Any] | None,
+    budget: dict[str, Any],
+    effect: str,
+) -> None:
+    ctx = GuardContext(mode=Mode.ENFORCE, risk="high", budget=budget)
+    assert _decide(evaluator, policy_input(_action(tool, arguments), ctx))["effect"] == effect

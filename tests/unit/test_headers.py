@@ -1,0 +1,64 @@
+"""Header hygiene: what goes upstream, what comes back, what may be recorded."""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from warden.ingress import headers as hdr
+
+
+def proxy(pairs: list[tuple[str, str]]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+def test_request_headers_drop_hop_by_hop_and_warden_headers() -> None:
+    out = hdr.request_headers(
+        proxy(
+            [
+                ("Authorization", "Bearer sk-secret"),
+                ("Connection", "keep-alive, X-Custom-Hop"),
+                ("X-Custom-Hop", "1"),
+                ("Keep-Alive", "timeout=5"),
+                ("Proxy-Authorization", "Basic abc"),
+                ("Host", "127.0.0.1:8080"),
+                ("Content-Length", "12"),
+                ("Transfer-Encoding", "chunked"),
+                ("X-Warden-Agent", "refunds"),
+                ("X-Warden-Context-Customer-Id", "C-1"),
+                ("OpenAI-Beta", "assistants=v2"),
+            ]
+        )
+    )
+    assert dict(out) == {"Authorization": "Bearer sk-secret", "OpenAI-Beta": "assistants=v2"}
+
+
+def test_response_headers_drop_length_and_encoding() -> None:
+    out = hdr.response_headers(
+        proxy([("Content-Encoding", "gzip"), ("Content-Length", "9"), ("x-request-id", "r1")])
+    )
+    assert dict(out) == {"x-request-id": "r1"}
+
+
+def test_recordable_is_an_allowlist_without_secrets() -> None:
+    recorded = hdr.recordable(
+        {
+            "Authorization": "Bearer sk-secret",
+            "x-api-key": "sk-ant-secret",
+            "Cookie": "session=1",
+            "api-key": "azure-secret",
+            "User-Agent": "OpenAI/Python 1.0",
+        }
+    )
+    assert recorded == {"user-agent": "OpenAI/Python 1.0"}
+
+
+def test_agent_identity() -> None:
+    assert hdr.agent_from({}, "default") == "default"
+    assert hdr.agent_from({"X-Warden-Agent": "refunds-bot"}, "default") == "refunds-bot"
+    assert hdr.agent_from({"X-Warden-Agent": "bad agent\n"}, "default") is None
+    assert hdr.agent_from({"X-Warden-Agent": "x" * 129}, "default") is None
+
+
+def test_context_headers() -> None:
+    ctx = hdr.context_from({"X-Warden-Context-Customer-Id": "C-1", "X-Warden-Context-": "no key"})
+    assert ctx == {"customer_id": "C-1"}

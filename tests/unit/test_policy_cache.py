@@ -1,0 +1,127 @@
+"""Which input paths a policy reads, cache keys built from them, and the LRU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from warden.policy.bundle import Module
+from warden.policy.cache import InputShape, LRUCache, analyse, cache_key, project
+
+
+def shape_of(*sources: str) -> InputShape:
+    return analyse([Module(f"m{i}.rego", s) for i, s in enumerate(sources)])
+
+
+def test_static_paths_are_collected_and_minimised() -> None:
+    shape = shape_of(
+        "package warden\n"
+        'x if input.action.tool == "refund"\n'
+        "y if input.action.arguments.amount > 10\n"
+        "z if count(input.action.arguments) > 1\n"
+        'w if input["budget"]["refunds"] > 0\n'
+    )
+    assert shape.paths == (("action", "arguments"), ("action", "tool"), ("budget", "refunds"))
+    assert shape.deterministic
+
+
+def test_dynamic_step_keys_on_the_parent() -> None:
+    shape = shape_of("package warden\nx if { some k; input.action.arguments[k] == 1 }\n")
+    assert shape.paths == (("action", "arguments"),)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        'x := object.get(input, "budget", {})',
+        "x := input",
+        "x if input[k]",
+        "import input\ny := 1",
+    ],
+)
+def test_whole_input_when_read_as_a_whole(body: str) -> None:
+    assert shape_of(f"package warden\n{body}\n").whole_input
+
+
+def test_strings_and_comments_are_not_references() -> None:
+    shape = shape_of(
+        'package warden\n# input is read below\nmsg := "input alone"\nx if input.action.tool\n'
+    )
+    assert shape.paths == (("action", "tool"),)
+
+
+@pytest.mark.parametrize(
+    "call", ["time.now_ns()", "uuid.rfc4122(x)", "rand.intn(x, 2)", "http.send(r)", "opa.runtime()"]
+)
+def test_non_deterministic_builtins_disable_caching(call: str) -> None:
+    assert not shape_of(f"package warden\nx := {call}\ny := input.a\n").deterministic
+
+
+def test_key_depends_only_on_read_paths() -> None:
+    shape = shape_of("package warden\nx if input.action.tool == 1\n")
+    a = {"action": {"tool": "t", "arguments": {"x": 1}}, "context": {"trace": "1"}}
+    b = {"action": {"tool": "t", "arguments": {"x": 2}}, "context": {"trace": "2"}}
+    assert cache_key(shape, a) == cache_key(shape, b)
+    assert cache_key(shape, a) != cache_key(shape, {"action": {"tool": "u"}})
+
+
+def test_missing_and_null_differ() -> None:
+    shape = shape_of("package warden\nx if input.action.tool == null\n")
+    assert cache_key(shape, {"action": {}}) != cache_key(shape, {"action": {"tool": None}})
+    assert project(shape, {"action": {}}) == {}
+    assert project(shape, {"action": {"tool": None}, "x": 1}) == {"action": {"tool": None}}
+
+
+def test_whole_input_key_ignores_key_order() -> None:
+    shape = InputShape(paths=None, deterministic=True)
+    assert cache_key(shape, {"a": 1, "b": {"c": 2, "d": 3}}) == cache_key(
+        shape, {"b": {"d": 3, "c": 2}, "a": 1}
+    )
+    doc = {"a": 1}
+    assert project(shape, doc) is doc
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=2), inner, max_size=2)
+    ),
+    max_leaves=4,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_values, json_values, json_values, json_values, json_values)
+def test_keys_follow_only_the_read_paths(
+    tool: Any, args: Any, other_tool: Any, noise_a: Any, noise_b: Any
+) -> None:
+    shape = shape_of("package warden\nx if input.action.tool\ny if input.action.arguments\n")
+    a = {"action": {"tool": tool, "arguments": args, "kind": noise_a}, "context": noise_a}
+    b = {"action": {"tool": tool, "arguments": args, "kind": noise_b}, "context": noise_b}
+    assert cache_key(shape, a) == cache_key(shape, b)
+    c = {"action": {"tool": other_tool, "arguments": args}}
+    # Compare as JSON: Python says True == 1, Rego does not.
+    differs = orjson.dumps(tool, option=orjson.OPT_SORT_KEYS) != orjson.dumps(
+        other_tool, option=orjson.OPT_SORT_KEYS
+    )
+    assert (cache_key(shape, a) != cache_key(shape, c)) == differs
+
+
+def test_lru_evicts_least_recently_used() -> None:
+    cache: LRUCache[str, int] = LRUCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1
+    cache.put("c", 3)
+    assert cache.get("b") is None
+    assert cache.get("a") == 1
+    assert len(cache) == 2
+    cache.clear()
+    assert len(cache) == 0
+    off: LRUCache[str, int] = LRUCache(0)
+    off.put("a", 1)
+    assert off.get("a") is None

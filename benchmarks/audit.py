@@ -45,7 +45,9 @@ TARGET_VERIFY = 100_000
 
 async def durable_rate(root: Path, writers: int, seconds: float, customer: bool) -> dict[str, Any]:
     """Appends/s with fsync per batch; every append awaited until durable."""
-    log = await AuditLog.open(AuditConfig(dir=str(root), fsync="always", checkpoint_interval_s=3600))
+    log = await AuditLog.open(
+        AuditConfig(dir=str(root), fsync="always", checkpoint_interval_s=3600)
+    )
     actions = [sample_action(i, customer=f"cus_{i % 50}" if customer else None) for i in range(64)]
     decision = sample_decision()
     done = 0
@@ -101,12 +103,19 @@ def cpu_per_record(count: int) -> dict[str, float]:
     action = sample_action(1)
     decision = sample_decision()
     body = {
-        "v": 1, "id": "rec_0123456789abcdef_0000000001", "seq": 1,
-        "time": "2026-11-26T10:00:00.000000Z", "prev": "0" * 64, "kind": "decision",
-        "subject": None, "sealed": None,
+        "v": 1,
+        "id": "rec_0123456789abcdef_0000000001",
+        "seq": 1,
+        "time": "2026-11-26T10:00:00.000000Z",
+        "prev": "0" * 64,
+        "kind": "decision",
+        "subject": None,
+        "sealed": None,
         "agent": {"id": action.agent.id, "version": action.agent.version},
-        "action": action_body(action), "decision": decision_body(decision), "approval": None,
-    }  # fmt: skip
+        "action": action_body(action),
+        "decision": decision_body(decision),
+        "approval": None,
+    }
     tree = CompactRange()
     started = time.process_time()
     for _ in range(count):
@@ -142,8 +151,9 @@ async def _fill(root: Path, count: int) -> None:
     action, decision = sample_action(7), sample_decision()
     step = 2000
     for start in range(0, count, step):
-        await asyncio.gather(*(log.record_decision(action, decision)
-                               for _ in range(min(step, count - start))))  # fmt: skip
+        await asyncio.gather(
+            *(log.record_decision(action, decision) for _ in range(min(step, count - start)))
+        )
     await log.close()
 
 
@@ -200,17 +210,29 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"{'durable appends (fsync always, group commit)':<48} {'records/s':>10} "
-          f"{'per fsync':>10} {'cpu µs/rec':>11}")  # fmt: skip
+    print(
+        f"{'durable appends (fsync always, group commit)':<48} {'records/s':>10} "
+        f"{'per fsync':>10} {'cpu µs/rec':>11}"
+    )
     for row in durable:
-        label = f"  {row['writers']:>2} writer(s)" + (", customer id (sealed)" if row["customer_id"] else "")
-        print(f"{label:<48} {row['records_per_s']:>10,} {row['records_per_fsync'] or '-':>10} "
-              f"{row['process_cpu_us_per_record']:>11}")  # fmt: skip
-    print(f"{'CPU per record: encode + hash + frame + tree':<48} {cpu['encode_hash_frame_us']:>10} µs")
-    print(f"{'CPU per record: build from action + decision too':<48} "
-          f"{cpu['build_encode_hash_frame_us']:>10} µs")  # fmt: skip
-    print(f"{'verify (' + format(verify['records'], ',') + ' records)':<48} "
-          f"{verify['records_per_s']:>10,} records/s")  # fmt: skip
+        label = f"  {row['writers']:>2} writer(s)" + (
+            ", customer id (sealed)" if row["customer_id"] else ""
+        )
+        print(
+            f"{label:<48} {row['records_per_s']:>10,} {row['records_per_fsync'] or '-':>10} "
+            f"{row['process_cpu_us_per_record']:>11}"
+        )
+    print(
+        f"{'CPU per record: encode + hash + frame + tree':<48} {cpu['encode_hash_frame_us']:>10} µs"
+    )
+    print(
+        f"{'CPU per record: build from action + decision too':<48} "
+        f"{cpu['build_encode_hash_frame_us']:>10} µs"
+    )
+    print(
+        f"{'verify (' + format(verify['records'], ',') + ' records)':<48} "
+        f"{verify['records_per_s']:>10,} records/s"
+    )
     for name, ok in checks.items():
         print(f"  [{'ok' if ok else 'MISSED'}] {name}")
     print(f"wrote {RESULTS}")

@@ -56,52 +56,77 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     def common(p: argparse.ArgumentParser, *, key: bool = True) -> None:
         p.add_argument("--dir", help="the audit directory (default: audit.dir from the config)")
-        p.add_argument("--config", dest="audit_config", metavar="FILE",
-                       help="Warden's config file (default: $WARDEN_CONFIG)")  # fmt: skip
+        p.add_argument(
+            "--config",
+            dest="audit_config",
+            metavar="FILE",
+            help="Warden's config file (default: $WARDEN_CONFIG)",
+        )
         if key:
-            p.add_argument("--key", metavar="VKEY",
-                           help="the verifier key checkpoints must carry, or a file holding it "
-                           "(default: the key stored in the directory)")  # fmt: skip
+            p.add_argument(
+                "--key",
+                metavar="VKEY",
+                help="the verifier key checkpoints must carry, or a file holding it "
+                "(default: the key stored in the directory)",
+            )
 
     verify = commands.add_parser(
-        "verify", help="check frames, hash chain, Merkle tree and signed checkpoints",
+        "verify",
+        help="check frames, hash chain, Merkle tree and signed checkpoints",
         description="Check every record and checkpoint. Exit 0 when intact; otherwise name the "
         "first bad record and the kind of damage and exit 1.",
-    )  # fmt: skip
+    )
     common(verify)
-    verify.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
-                        help="a checkpoint kept elsewhere to check the log against "
-                        "(repeatable)")  # fmt: skip
+    verify.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a checkpoint kept elsewhere to check the log against (repeatable)",
+    )
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.set_defaults(func=_verify)
 
     export = commands.add_parser(
-        "export", help="write an evidence package (or CSV / OCSF) for a period",
+        "export",
+        help="write an evidence package (or CSV / OCSF) for a period",
         description="Export the records of a period that a signed checkpoint covers.",
-    )  # fmt: skip
+    )
     common(export)
-    export.add_argument("--from", dest="start", metavar="TIME",
-                        help="first day or RFC 3339 time (inclusive)")  # fmt: skip
-    export.add_argument("--to", dest="end", metavar="TIME",
-                        help="last day (inclusive) or RFC 3339 time (exclusive)")  # fmt: skip
+    export.add_argument(
+        "--from", dest="start", metavar="TIME", help="first day or RFC 3339 time (inclusive)"
+    )
+    export.add_argument(
+        "--to", dest="end", metavar="TIME", help="last day (inclusive) or RFC 3339 time (exclusive)"
+    )
     export.add_argument("--agent", help="only this agent's records")
-    export.add_argument("--out", required=True, metavar="PATH",
-                        help="a new directory (evidence) or file (csv, ocsf)")  # fmt: skip
-    export.add_argument("--format", choices=EXPORT_FORMATS, default="evidence",
-                        help="evidence package (default), csv, or ocsf JSON lines")  # fmt: skip
+    export.add_argument(
+        "--out",
+        required=True,
+        metavar="PATH",
+        help="a new directory (evidence) or file (csv, ocsf)",
+    )
+    export.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="evidence",
+        help="evidence package (default), csv, or ocsf JSON lines",
+    )
     export.set_defaults(func=_export)
 
     proof = commands.add_parser("proof", help="print the inclusion proof of one record (JSON)")
     common(proof)
-    proof.add_argument("--record", required=True, metavar="ID",
-                       help="a record id (rec_...) or sequence number")  # fmt: skip
+    proof.add_argument(
+        "--record", required=True, metavar="ID", help="a record id (rec_...) or sequence number"
+    )
     proof.set_defaults(func=_proof)
 
     erase = commands.add_parser(
-        "erase", help="destroy a data subject's key (GDPR / CCPA erasure)",
+        "erase",
+        help="destroy a data subject's key (GDPR / CCPA erasure)",
         description="Destroy the encryption key of one data subject (a customer id). Their "
         "personal fields become unreadable; every hash and checkpoint still verifies.",
-    )  # fmt: skip
+    )
     common(erase, key=False)
     erase.add_argument("--subject", required=True, metavar="ID", help="the customer id")
     erase.set_defaults(func=_erase)
@@ -165,8 +190,14 @@ def _verify(args: argparse.Namespace) -> int:
             "root": report.root,
             "seconds": report.seconds,
             "damage": [
-                {"kind": d.kind, "seq": d.seq, "record_id": d.record_id, "segment": d.segment,
-                 "offset": d.offset, "detail": d.detail}  # fmt: skip
+                {
+                    "kind": d.kind,
+                    "seq": d.seq,
+                    "record_id": d.record_id,
+                    "segment": d.segment,
+                    "offset": d.offset,
+                    "detail": d.detail,
+                }
                 for d in report.damage
             ],
             "warnings": list(report.warnings),
@@ -175,8 +206,8 @@ def _verify(args: argparse.Namespace) -> int:
     elif report.ok:
         latest = report.latest_checkpoint
         print(
-            f"intact: {report.records} records in {report.segments} segments; "
-            f"{report.checkpoints} signed checkpoints verified"
+            f"intact: {report.records} records in {report.segments} segment(s); "
+            f"{report.checkpoints} signed checkpoint(s) verified"
             + (f", the latest at size {latest}" if latest is not None else "")
         )
         print(f"root {report.root}; {report.rate:,.0f} records/s")

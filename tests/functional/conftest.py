@@ -28,7 +28,14 @@ def make_config(tmp_path: Path, upstream_url: str, **overrides: Any) -> Config:
             "anthropic": {"protocol": "anthropic", "base_url": upstream_url, "timeout_s": 5},
         },
         "tools": {"search_kb": {"risk": "read_only"}},
-        "policy": {"bundles": [str(SHIPPED_POLICY)], "workers": 1, "watch": False},
+        # A generous deadline: these tests are about the proxy, and CI machines are
+        # shared; the deadline itself is tested with the policy engine.
+        "policy": {
+            "bundles": [str(SHIPPED_POLICY)],
+            "workers": 1,
+            "watch": False,
+            "deadline_ms": 5000,
+        },
         "audit": {"dir": str(tmp_path / "audit")},
         "state": {"url": f"sqlite:///{tmp_path}/state.db"},
         "shutdown_grace_s": 5,

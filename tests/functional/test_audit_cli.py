@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -24,11 +24,29 @@ from warden.cli_audit import main, register
 from warden.config import AuditConfig
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _subprocess(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as its own process: ``python -m warden.cli_audit ...``."""
     return subprocess.run(
         [sys.executable, "-m", "warden.cli_audit", *args],
-        capture_output=True, text=True, check=False, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
+    """The CLI in this process (much faster than a new interpreter per call)."""
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return run
 
 
 async def _log(root: Path, records: int = 12, **kw: float) -> None:
@@ -38,73 +56,114 @@ async def _log(root: Path, records: int = 12, **kw: float) -> None:
     await log.close()
 
 
-async def test_verify_reports_intact_and_damaged_logs(tmp_path: Path) -> None:
+def test_verify_reports_intact_and_damaged_logs(tmp_path: Path, cli: Cli) -> None:
     root = tmp_path / "audit"
-    await _log(root)
-    done = _cli("audit", "verify", "--dir", str(root))
+    asyncio.run(_log(root))
+    done = _subprocess("audit", "verify", "--dir", str(root))
     assert done.returncode == 0, done.stderr
     assert "intact: 13 records" in done.stdout
-    as_json = orjson.loads(_cli("verify", "--dir", str(root), "--json").stdout)
-    assert as_json["ok"] is True and as_json["records"] == 13
+    as_json = orjson.loads(cli("verify", "--dir", str(root), "--json").stdout)
+    assert as_json["ok"] is True
+    assert as_json["records"] == 13
 
     seg = read_segments(root)[0]
     del seg.records[4]
     seg.write()
-    done = _cli("verify", "--dir", str(root))
+    done = cli("verify", "--dir", str(root))
     assert done.returncode == 1
     assert done.stdout.startswith("DAMAGED deleted: record 4")
 
 
-async def test_verify_with_config_keys_and_pinned_verifier(tmp_path: Path) -> None:
+def test_verify_against_a_checkpoint_kept_elsewhere(tmp_path: Path, cli: Cli) -> None:
     root = tmp_path / "audit"
-    await _log(root)
-    env = {"WARDEN_AUDIT__DIR": str(root)}
-    assert _cli("verify", env=env).returncode == 0
+    asyncio.run(_log(root))
+    kept = tmp_path / "kept"
+    kept.write_bytes((root / "checkpoint").read_bytes())
+    seg = read_segments(root)[-1]
+    seg.records = seg.records[:-2]
+    seg.write()
+    for path in (root / "checkpoints").iterdir():
+        path.unlink()
+    (root / "checkpoint").unlink()
+    assert cli("verify", "--dir", str(root)).returncode == 0
+    done = cli("verify", "--dir", str(root), "--checkpoint", str(kept))
+    assert done.returncode == 1
+    assert done.stdout.startswith("DAMAGED truncated: record 11")
+
+
+def test_verify_with_config_keys_and_pinned_verifier(tmp_path: Path, cli: Cli) -> None:
+    root = tmp_path / "audit"
+    asyncio.run(_log(root))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WARDEN_AUDIT__DIR", str(root))
+        assert cli("verify").returncode == 0
     vkey = (root / "keys" / "checkpoint.vkey").read_text().strip()
-    assert _cli("verify", "--dir", str(root), "--key", vkey).returncode == 0
+    assert cli("verify", "--dir", str(root), "--key", vkey).returncode == 0
     other = vkey[:-8] + ("A" if vkey[-8] != "A" else "B") + vkey[-7:]
-    done = _cli("verify", "--dir", str(root), "--key", other)
-    assert done.returncode == 2 and "unusable verifier key" in done.stderr
+    done = cli("verify", "--dir", str(root), "--key", other)
+    assert done.returncode == 2
+    assert "unusable verifier key" in done.stderr
     stranger = NoteSigner(vkey.split("+")[0], Ed25519PrivateKey.generate()).verifier.vkey
-    done = _cli("verify", "--dir", str(root), "--key", stranger)
-    assert done.returncode == 1 and done.stdout.startswith("DAMAGED checkpoint")
-    done = _cli("verify", "--dir", str(tmp_path / "nowhere"))
-    assert done.returncode == 2 and "holds no Warden audit log" in done.stderr
+    done = cli("verify", "--dir", str(root), "--key", stranger)
+    assert done.returncode == 1
+    assert done.stdout.startswith("DAMAGED checkpoint")
+    done = cli("verify", "--dir", str(tmp_path / "nowhere"))
+    assert done.returncode == 2
+    assert "holds no Warden audit log" in done.stderr
 
 
-async def test_export_and_proof(tmp_path: Path) -> None:
+def test_export_and_proof(tmp_path: Path, cli: Cli) -> None:
     root = tmp_path / "audit"
-    await _log(root)
+    asyncio.run(_log(root))
     out = tmp_path / "evidence"
-    done = _cli("export", "--dir", str(root), "--from", "2000-01-01", "--to", "2999-12-31",
-                "--out", str(out))  # fmt: skip
+    done = cli(
+        "export",
+        "--dir",
+        str(root),
+        "--from",
+        "2000-01-01",
+        "--to",
+        "2999-12-31",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     assert "exported 13 records" in done.stdout
-    check = subprocess.run([sys.executable, "-I", str(out / "verify_evidence.py")],
-                           capture_output=True, text=True, check=False)  # fmt: skip
+    check = subprocess.run(
+        [sys.executable, "-I", str(out / "verify_evidence.py")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert check.returncode == 0, check.stdout
     for fmt in ("csv", "ocsf"):
         target = tmp_path / f"audit.{fmt}"
-        assert _cli("export", "--dir", str(root), "--format", fmt, "--out", str(target)).returncode == 0
+        assert (
+            cli("export", "--dir", str(root), "--format", fmt, "--out", str(target)).returncode == 0
+        )
         assert len(target.read_text().splitlines()) == 13 + (fmt == "csv")
-    done = _cli("export", "--dir", str(root), "--from", "yesterday", "--out", str(tmp_path / "x"))
-    assert done.returncode == 1 and "is not a date" in done.stderr
+    done = cli("export", "--dir", str(root), "--from", "yesterday", "--out", str(tmp_path / "x"))
+    assert done.returncode == 1
+    assert "is not a date" in done.stderr
 
-    proof = orjson.loads(_cli("proof", "--dir", str(root), "--record", "7").stdout)
+    proof = orjson.loads(cli("proof", "--dir", str(root), "--record", "7").stdout)
     assert verify_inclusion(
-        base64.b64decode(proof["leaf_hash"]), 7, proof["tree_size"],
-        [base64.b64decode(p) for p in proof["proof"]], base64.b64decode(proof["root"]),
-    )  # fmt: skip
+        base64.b64decode(proof["leaf_hash"]),
+        7,
+        proof["tree_size"],
+        [base64.b64decode(p) for p in proof["proof"]],
+        base64.b64decode(proof["root"]),
+    )
     assert proof["checkpoint"].split("\n")[1] == "13"
-    by_id = orjson.loads(_cli("proof", "--dir", str(root), "--record", proof["record_id"]).stdout)
+    by_id = orjson.loads(cli("proof", "--dir", str(root), "--record", proof["record_id"]).stdout)
     assert by_id == proof
-    assert _cli("proof", "--dir", str(root), "--record", "999").returncode == 1
+    assert cli("proof", "--dir", str(root), "--record", "999").returncode == 1
 
 
-async def test_erase_offline_records_the_erasure(tmp_path: Path) -> None:
+def test_erase_offline_records_the_erasure(tmp_path: Path, cli: Cli) -> None:
     root = tmp_path / "audit"
-    await _log(root)
-    done = _cli("erase", "--dir", str(root), "--subject", "cus_ann")
+    asyncio.run(_log(root))
+    done = cli("erase", "--dir", str(root), "--subject", "cus_ann")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("erased")
     records = [orjson.loads(p) for _, p in iter_records(root)]
@@ -112,7 +171,7 @@ async def test_erase_offline_records_the_erasure(tmp_path: Path) -> None:
     keys = SubjectKeys.open(root, create=False)
     assert keys.unseal(records[-2]) is None
     assert verify_log(root).ok
-    assert "nothing to erase" in _cli("erase", "--dir", str(root), "--subject", "cus_ann").stdout
+    assert "nothing to erase" in cli("erase", "--dir", str(root), "--subject", "cus_ann").stdout
 
 
 async def test_erase_while_warden_runs(tmp_path: Path) -> None:
@@ -121,9 +180,16 @@ async def test_erase_while_warden_runs(tmp_path: Path) -> None:
     try:
         await log.record_decision(sample_action(customer="cus_ann"), sample_decision())
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "warden.cli_audit", "erase", "--dir", str(root),
-            "--subject", "cus_ann", stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "warden.cli_audit",
+            "erase",
+            "--dir",
+            str(root),
+            "--subject",
+            "cus_ann",
+            stdout=asyncio.subprocess.PIPE,
+        )
         stdout, _ = await proc.communicate()
         assert proc.returncode == 0
         assert b"Warden is running" in stdout

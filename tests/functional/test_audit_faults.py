@@ -7,6 +7,7 @@ once an append has returned.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -88,8 +89,10 @@ def test_kill_9_under_load_loses_no_acknowledged_record(tmp_path: Path) -> None:
     root = tmp_path / "audit"
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(root), "32", "100000"],
-        stdout=subprocess.PIPE, text=True, env=_env(),
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     assert child.stdout is not None
     lines = []
     try:
@@ -112,8 +115,6 @@ def test_kill_9_under_load_loses_no_acknowledged_record(tmp_path: Path) -> None:
         await log.append("restart", {})
         await log.close()
 
-    import asyncio
-
     asyncio.run(reopen())
     after = verify_log(root)
     assert after.ok, after.damage
@@ -128,11 +129,29 @@ def test_eio_on_fsync_fails_closed_without_retry(tmp_path: Path) -> None:
     trace = tmp_path / "trace.txt"
     python = os.path.realpath(sys.executable)
     done = subprocess.run(
-        [strace, "-f", "-qq", "-o", str(trace), "-e", "trace=fsync,fdatasync",
-         "-e", "inject=fsync,fdatasync:error=EIO:when=40+",
-         python, "-c", CHILD, str(root), "8", "200"],
-        capture_output=True, text=True, env=_env(), timeout=60, check=False,
-    )  # fmt: skip
+        [
+            strace,
+            "-f",
+            "-qq",
+            "-o",
+            str(trace),
+            "-e",
+            "trace=fsync,fdatasync",
+            "-e",
+            "inject=fsync,fdatasync:error=EIO:when=40+",
+            python,
+            "-c",
+            CHILD,
+            str(root),
+            "8",
+            "200",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+        check=False,
+    )
     if "ptrace" in done.stderr and done.returncode != 0:
         pytest.skip(f"strace cannot trace here: {done.stderr.strip()[:200]}")
     assert done.returncode == 0, done.stderr
@@ -140,7 +159,9 @@ def test_eio_on_fsync_fails_closed_without_retry(tmp_path: Path) -> None:
     acks = _acks(lines)
     assert acks, "the log should have taken records before the disk failed"
     assert any(line.startswith("error ") for line in lines)
-    assert "writable False" in lines and "refused" in lines and "retried" not in lines
+    assert "writable False" in lines
+    assert "refused" in lines
+    assert "retried" not in lines
     injected = [line for line in trace.read_text().splitlines() if "INJECTED" in line]
     assert len(injected) == 1, f"the failed fsync was retried:\n{''.join(injected)}"
     _assert_truthful(root, acks)
@@ -152,8 +173,12 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     mount.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a small tmpfs needs root and mount(8)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -166,10 +191,14 @@ async def test_a_full_disk_fails_closed(tiny_disk: Path, tmp_path: Path) -> None
     root = tiny_disk / "audit"
     log = await AuditLog.open(AuditConfig(dir=str(root), checkpoint_interval_s=3600))
     acks: dict[int, str] = {}
-    with pytest.raises(AuditError, match="No space left"):
+
+    async def fill_the_disk() -> None:
         for i in range(10_000):
             ref = await log.append("load", {"i": i, "pad": "x" * 900})
             acks[ref.seq] = ref.hash
+
+    with pytest.raises(AuditError, match="No space left"):
+        await fill_the_disk()
     assert not log.writable
     with pytest.raises(AuditError):
         await log.append("load", {})

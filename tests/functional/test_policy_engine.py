@@ -361,3 +361,25 @@ async def test_guard_in_the_pipeline(engine: PolicyEngine) -> None:
     assert decision.obligations.approvers == ("leads",)
     assert decision.bundle_revision == "r1"
     assert audit.decisions == [decision]
+
+
+async def test_policy_reading_the_whole_input(tmp_path: Path) -> None:
+    root = tmp_path / "b"
+    root.mkdir()
+    (root / "p.rego").write_text(
+        "package warden\n\nimport rego.v1\n\n"
+        'decision := {"effect": "allow", "reason": object.get(input, ["context", "trace"], "-")}\n'
+    )
+    eng = await PolicyEngine.start(config(root, workers=1))
+    try:
+        assert eng.status()["cache"]["input_paths"] is None
+        first = await eng.evaluate(doc("lookup_order"))
+        assert first.reasons == ("abc",)
+        assert (await eng.evaluate(doc("lookup_order"))).cached
+        other = doc("lookup_order")
+        other["context"] = {"trace": "xyz"}
+        second = await eng.evaluate(other)
+        assert not second.cached
+        assert second.reasons == ("xyz",)
+    finally:
+        await eng.close()

@@ -161,3 +161,34 @@ async def test_callers_queue_until_the_deadline_when_workers_are_busy(engine: Po
     assert [r.error for r in results] == ["policy_timeout"] * 3
     await wait_for_pool(engine, 2)
     assert (await engine.evaluate(doc("other"))).effect is Effect.ALLOW
+
+
+async def test_queueing_under_load_does_not_kill_healthy_workers(tmp_path: Path) -> None:
+    root = tmp_path / "b"
+    root.mkdir()
+    (root / "policy.rego").write_text(POLICY)
+    deadline_s = 0.6
+    config = PolicyConfig(
+        bundles=(str(root),), workers=1, deadline_ms=deadline_s * 1000, watch=False
+    )
+    eng = await PolicyEngine.start(config)
+    try:
+        # A legitimate evaluation of a known cost (calibrated on this machine).
+        _, one = await timed(eng, doc("spin", n=150))
+        if one > deadline_s / 3:
+            pytest.skip("this machine is too slow to calibrate the timing")
+        pid = eng.status()["worker_pids"]
+        queued = int(deadline_s / one) + 2
+        results = await asyncio.gather(
+            *(eng.evaluate(doc("spin", n=151 + i)) for i in range(queued))
+        )
+        # The callers at the back of the queue ran out of time...
+        assert results[0].error is None
+        assert results[-1].error == "policy_timeout"
+        # ...but the worker was given time to finish instead of being killed.
+        await asyncio.sleep(one + 0.1)
+        assert eng.status()["worker_timeouts"] == 0
+        assert eng.status()["worker_pids"] == pid
+        assert (await eng.evaluate(doc("other"))).effect is Effect.ALLOW
+    finally:
+        await eng.close()

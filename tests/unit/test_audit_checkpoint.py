@@ -91,7 +91,9 @@ def test_mangled_verifier_keys_are_rejected(vkey: str) -> None:
 
 def test_checkpoint_text_round_trip() -> None:
     ckpt = Checkpoint("warden.local/audit/abc", 42, bytes(range(32)))
-    assert ckpt.text() == "warden.local/audit/abc\n42\nAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n"
+    assert (
+        ckpt.text() == "warden.local/audit/abc\n42\nAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n"
+    )
     assert Checkpoint.parse(ckpt.text()) == ckpt
     signer = NoteSigner("warden.local/audit/abc", Ed25519PrivateKey.generate())
     assert Checkpoint.open(signer.sign(ckpt.text()), signer.verifier) == ckpt

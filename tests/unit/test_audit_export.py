@@ -8,6 +8,7 @@ import csv
 import shutil
 import subprocess
 import sys
+from hashlib import sha256
 from pathlib import Path
 
 import orjson
@@ -38,16 +39,25 @@ async def _build(root: Path) -> None:
         effect = (Effect.ALLOW, Effect.DENY, Effect.REQUIRE_APPROVAL)[i % 3]
         approval = None
         if effect is Effect.REQUIRE_APPROVAL:
-            approval = ApprovalEvidence(f"apr_{i}", "Dana Lead", "2026-11-26T10:00:00Z",
-                                        arguments_sha256(action.arguments))  # fmt: skip
+            approval = ApprovalEvidence(
+                f"apr_{i}", "Dana Lead", "2026-11-26T10:00:00Z", arguments_sha256(action.arguments)
+            )
         decision = sample_decision(effect, reasons=(f"rule {i}",), mode=Mode.ENFORCE)
         await log.record_decision(action, decision, approval=approval)
-        await log.record_outcome(action, decision.decision_id,
-                                 Outcome(status=200, latency_ms=9.5, usage=Usage(3, 4)))  # fmt: skip
+        await log.record_outcome(
+            action, decision.decision_id, Outcome(status=200, latency_ms=9.5, usage=Usage(3, 4))
+        )
         if i == 7:
             await log.checkpoint()  # an earlier checkpoint at size 16
-    await log.append("approval", {"approver": "Sam Boss", "verdict": "rejected",
-                                  "tool": "close_account", "agent_id": "refunds"})  # fmt: skip
+    await log.append(
+        "approval",
+        {
+            "approver": "Sam Boss",
+            "verdict": "rejected",
+            "tool": "close_account",
+            "agent_id": "refunds",
+        },
+    )
     await log.checkpoint()  # size 25
     await log.record_decision(sample_action(99), sample_decision())  # not yet covered
     await log.close()  # the final checkpoint is removed below to keep one record uncovered
@@ -75,10 +85,18 @@ def test_evidence_package_verifies_offline(root: Path, tmp_path: Path) -> None:
     assert (result.records, result.tree_size, result.uncovered) == (25, 25, 1)
     names = {p.name for p in out.iterdir()}
     assert names == {
-        "records.jsonl", "proofs.jsonl", "checkpoint", "checkpoint.body", "checkpoint.sig",
-        "log-key.vkey", "log-key.pem", "verify_evidence.py", "SUMMARY.md", "VERIFY.md",
+        "records.jsonl",
+        "proofs.jsonl",
+        "checkpoint",
+        "checkpoint.body",
+        "checkpoint.sig",
+        "log-key.vkey",
+        "log-key.pem",
+        "verify_evidence.py",
+        "SUMMARY.md",
+        "VERIFY.md",
         "MANIFEST.sha256",
-    }  # fmt: skip
+    }
     vkey = (root / "keys" / "checkpoint.vkey").read_text().strip()
     failures, notes = verify_package(out, vkey)
     assert not failures
@@ -86,17 +104,33 @@ def test_evidence_package_verifies_offline(root: Path, tmp_path: Path) -> None:
     # The shipped script, run as an auditor would, with nothing of Warden importable.
     done = subprocess.run(
         [sys.executable, "-I", str(out / "verify_evidence.py"), str(out), "--key", vkey],
-        capture_output=True, text=True, check=False, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     if shutil.which("sha256sum"):
         subprocess.run(["sha256sum", "--quiet", "-c", "MANIFEST.sha256"], cwd=out, check=True)
     if shutil.which("openssl"):
         subprocess.run(
-            ["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", "log-key.pem", "-rawin",
-             "-in", "checkpoint.body", "-sigfile", "checkpoint.sig"],
-            cwd=out, check=True, capture_output=True,
-        )  # fmt: skip
+            [
+                "openssl",
+                "pkeyutl",
+                "-verify",
+                "-pubin",
+                "-inkey",
+                "log-key.pem",
+                "-rawin",
+                "-in",
+                "checkpoint.body",
+                "-sigfile",
+                "checkpoint.sig",
+            ],
+            cwd=out,
+            check=True,
+            capture_output=True,
+        )
 
 
 def test_an_earlier_checkpoint_comes_with_a_consistency_proof(root: Path, tmp_path: Path) -> None:
@@ -133,8 +167,9 @@ def test_the_script_falls_back_to_openssl(root: Path, tmp_path: Path) -> None:
         f"sys.argv = ['verify_evidence.py', {str(out)!r}]; "
         f"runpy.run_path({str(out / 'verify_evidence.py')!r}, run_name='__main__')"
     )
-    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
-                          check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -159,13 +194,15 @@ def test_a_tampered_package_fails(root: Path, tmp_path: Path, damage: str) -> No
     assert failures
     # Even with a re-made manifest, the record and proof checks catch the change.
     if damage in ("record", "proof", "checkpoint"):
-        from hashlib import sha256
-
-        lines = [f"{sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
-                 for p in sorted(out.iterdir()) if p.name != "MANIFEST.sha256"]  # fmt: skip
+        lines = [
+            f"{sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
+            for p in sorted(out.iterdir())
+            if p.name != "MANIFEST.sha256"
+        ]
         (out / "MANIFEST.sha256").write_text("".join(lines))
         failures, _ = verify_package(out)
-        assert failures and not any("manifest" in f for f in failures)
+        assert failures
+        assert not any("manifest" in f for f in failures)
 
 
 def test_summary_reads_like_evidence(root: Path, tmp_path: Path) -> None:
@@ -175,7 +212,9 @@ def test_summary_reads_like_evidence(root: Path, tmp_path: Path) -> None:
     assert "| refunds | 2 | 2 | 2 |" in summary
     assert "| issue_refund | 4 | 4 | 4 |" in summary
     assert "| deny | 4 |" in summary
-    assert "Dana Lead" in summary and "Sam Boss" in summary and "rejected" in summary
+    assert "Dana Lead" in summary
+    assert "Sam Boss" in summary
+    assert "rejected" in summary
     assert "rule 1" in summary  # a denial with its reason
     assert "1 records of the period are newer than the latest checkpoint" in summary
 
@@ -201,9 +240,11 @@ def test_csv_export(root: Path, tmp_path: Path) -> None:
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == CSV_COLUMNS
     assert len(rows) == 25
-    assert rows[2]["effect"] == "deny" and rows[2]["reasons"] == "rule 1"
+    assert rows[2]["effect"] == "deny"
+    assert rows[2]["reasons"] == "rule 1"
     assert rows[4]["approver"] == "Dana Lead"
-    assert rows[1]["status"] == "200" and rows[1]["input_tokens"] == "3"
+    assert rows[1]["status"] == "200"
+    assert rows[1]["input_tokens"] == "3"
 
 
 def test_ocsf_export(root: Path, tmp_path: Path) -> None:
@@ -212,15 +253,18 @@ def test_ocsf_export(root: Path, tmp_path: Path) -> None:
     events = [orjson.loads(line) for line in out.read_bytes().splitlines()]
     assert len(events) == 25
     for event in events:
-        assert event["class_uid"] == 6003 and event["category_uid"] == 6
+        assert event["class_uid"] == 6003
+        assert event["category_uid"] == 6
         assert event["type_uid"] == 600300 + event["activity_id"]
         for required in ("actor", "api", "src_endpoint", "time", "severity_id", "metadata"):
             assert required in event
         assert event["metadata"]["version"] == "1.6.0"
     denied = events[2]
-    assert denied["action"] == "Denied" and denied["disposition_id"] == 2
+    assert denied["action"] == "Denied"
+    assert denied["disposition_id"] == 2
     assert denied["api"]["operation"] == "issue_refund"
-    assert events[1]["status_id"] == 1 and events[1]["api"]["response"]["code"] == 200
+    assert events[1]["status_id"] == 1
+    assert events[1]["api"]["response"]["code"] == 200
 
 
 def test_a_damaged_log_is_not_exported(root: Path, tmp_path: Path) -> None:
@@ -240,13 +284,16 @@ def test_export_refuses_a_non_empty_target(root: Path, tmp_path: Path) -> None:
 
 def test_inclusion_proof_of_one_record(root: Path) -> None:
     proof = inclusion_proof(root, "5")
-    assert proof["seq"] == 5 and proof["tree_size"] == 25 and proof["checkpoint"]
+    assert proof["seq"] == 5
+    assert proof["tree_size"] == 25
+    assert proof["checkpoint"]
     leaf, tree_root = base64.b64decode(proof["leaf_hash"]), base64.b64decode(proof["root"])
     path = [base64.b64decode(p) for p in proof["proof"]]
     assert verify_inclusion(leaf, 5, 25, path, tree_root)
     assert inclusion_proof(root, proof["record_id"]) == proof
     uncovered = inclusion_proof(root, "25")
-    assert uncovered["checkpoint"] is None and uncovered["tree_size"] == 26
+    assert uncovered["checkpoint"] is None
+    assert uncovered["tree_size"] == 26
     with pytest.raises(ExportError, match="no record"):
         inclusion_proof(root, "rec_0000_0000000063")
     with pytest.raises(ExportError):

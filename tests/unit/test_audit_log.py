@@ -17,6 +17,7 @@ import pytest
 from warden.audit import ApprovalEvidence, AuditLog, arguments_sha256
 from warden.audit import segments as segments_module
 from warden.audit.layout import Layout
+from warden.audit.merkle import leaf_hash
 from warden.audit.subjects import SubjectKeys
 from warden.audit.testing import fill, read_segments, sample_action, sample_decision
 from warden.audit.verify import iter_records, verify_log
@@ -37,6 +38,10 @@ async def log(tmp_path: Path) -> AsyncIterator[AuditLog]:
     opened = await AuditLog.open(_config(tmp_path / "audit"))
     yield opened
     await opened.close()
+
+
+def _files_containing(root: Path, needle: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
 def _records(root: Path) -> list[dict[str, Any]]:
@@ -70,8 +75,11 @@ async def test_open_creates_the_directory_and_private_keys(tmp_path: Path) -> No
     log = await AuditLog.open(_config(root))
     await log.record_decision(sample_action(customer="cus_1"), sample_decision())
     await log.close()
-    for private in [root / "keys" / "checkpoint.pem", root / "keys" / "subject-salt",
-                    *root.glob("subjects/*/*.key")]:  # fmt: skip
+    for private in [
+        root / "keys" / "checkpoint.pem",
+        root / "keys" / "subject-salt",
+        *root.glob("subjects/*/*.key"),
+    ]:
         assert stat.S_IMODE(os.stat(private).st_mode) == 0o600, private
     assert len(list(root.glob("subjects/*/*.key"))) == 1
     assert Layout(root).read_meta().origin == log.origin
@@ -79,24 +87,31 @@ async def test_open_creates_the_directory_and_private_keys(tmp_path: Path) -> No
 
 
 async def test_a_decision_record_carries_schema_v1(log: AuditLog) -> None:
-    approval = ApprovalEvidence("apr_1", "lead@example.com", "2026-11-26T10:00:00Z",
-                                arguments_sha256({"order_id": "A-0"}))  # fmt: skip
+    approval = ApprovalEvidence(
+        "apr_1", "lead@example.com", "2026-11-26T10:00:00Z", arguments_sha256({"order_id": "A-0"})
+    )
     action = sample_action(0)
     decision = sample_decision(Effect.REQUIRE_APPROVAL, reasons=("over 100 USD",))
     await log.record_decision(action, decision, approval=approval)
     await log.record_outcome(
-        action, decision.decision_id, Outcome(status=200, latency_ms=12.5, usage=Usage(7, 3)),
+        action,
+        decision.decision_id,
+        Outcome(status=200, latency_ms=12.5, usage=Usage(7, 3)),
         cost=0.0021,
-    )  # fmt: skip
+    )
     ref = await log.append("kill_switch", {"agent_id": "support-triage", "engaged": True})
     first, second, third = _records(log.directory)
-    assert SCHEMA_KEYS <= first.keys()
-    assert first["v"] == 1 and first["seq"] == 0 and first["kind"] == "decision"
-    assert first["time"].endswith("Z") and first["time"][10] == "T"
+    assert first.keys() >= SCHEMA_KEYS
+    assert first["v"] == 1
+    assert first["seq"] == 0
+    assert first["kind"] == "decision"
+    assert first["time"].endswith("Z")
+    assert first["time"][10] == "T"
     assert first["agent"] == {"id": "support-triage", "version": "2026-11-20"}
     assert first["action"]["tool"] == "issue_refund"
     assert first["action"]["arguments"] == {"order_id": "A-0", "amount": 250, "currency": "USD"}
-    assert first["action"]["protocol"] == "openai.chat" and first["action"]["stage"] == "proposed"
+    assert first["action"]["protocol"] == "openai.chat"
+    assert first["action"]["stage"] == "proposed"
     assert first["decision"]["id"] == decision.decision_id
     assert first["decision"]["effect"] == "require_approval"
     assert first["decision"]["reasons"] == ["over 100 USD"]
@@ -104,27 +119,34 @@ async def test_a_decision_record_carries_schema_v1(log: AuditLog) -> None:
     assert first["approval"]["approver"] == "lead@example.com"
     assert first["prev"] == "0" * 64
     assert second["outcome"] == {
-        "status": 200, "latency_ms": 12.5, "tokens": {"input": 7, "output": 3, "cached_input": 0},
-        "cost": 0.0021, "error": None, "is_error": False, "result": None, "result_sha256": None,
+        "status": 200,
+        "latency_ms": 12.5,
+        "tokens": {"input": 7, "output": 3, "cached_input": 0},
+        "cost": 0.0021,
+        "error": None,
+        "is_error": False,
+        "result": None,
+        "result_sha256": None,
         "redacted": [],
-    }  # fmt: skip
+    }
     assert second["decision_id"] == decision.decision_id
-    assert third["kind"] == "kill_switch" and third["body"]["engaged"] is True
-    assert ref.seq == 2 and ref.id == third["id"]
+    assert third["kind"] == "kill_switch"
+    assert third["body"]["engaged"] is True
+    assert ref.seq == 2
+    assert ref.id == third["id"]
     assert log.size == 3
 
 
 async def test_records_chain_and_verify(log: AuditLog) -> None:
     await fill(log, 25)
     records = list(iter_records(log.directory))
-    from warden.audit.merkle import leaf_hash
-
     for (_, before), (_, after) in zip(records, records[1:], strict=False):
         assert orjson.loads(after)["prev"] == leaf_hash(before).hex()
     assert await log.checkpoint() is not None
     report = verify_log(log.directory)
     assert report.ok, report.damage
-    assert report.records == 25 and report.latest_checkpoint == 25
+    assert report.records == 25
+    assert report.latest_checkpoint == 25
 
 
 async def test_credentials_never_reach_the_disk(tmp_path: Path) -> None:
@@ -136,12 +158,12 @@ async def test_credentials_never_reach_the_disk(tmp_path: Path) -> None:
     await log.record_decision(action, sample_decision())
     await log.append("note", {"nested": {"password": "sk-live-SECRET4"}})
     await log.close()
-    for path in tmp_path.rglob("*"):
-        if path.is_file():
-            assert b"sk-live-SECRET" not in path.read_bytes(), path
+    assert not _files_containing(tmp_path, b"sk-live-SECRET")
 
 
-async def test_a_record_is_durable_before_the_call_returns(log: AuditLog, syncs: SyncCounter) -> None:
+async def test_a_record_is_durable_before_the_call_returns(
+    log: AuditLog, syncs: SyncCounter
+) -> None:
     await log.record_decision(sample_action(), sample_decision())
     assert syncs.calls == 1
     assert len(_records(log.directory)) == 1
@@ -158,7 +180,9 @@ async def test_concurrent_appends_share_fsyncs(log: AuditLog, syncs: SyncCounter
     assert verify_log(log.directory).ok
 
 
-async def test_a_failed_fsync_fails_the_log_closed_for_good(log: AuditLog, syncs: SyncCounter) -> None:
+async def test_a_failed_fsync_fails_the_log_closed_for_good(
+    log: AuditLog, syncs: SyncCounter
+) -> None:
     await log.record_decision(sample_action(), sample_decision())
     syncs.fail = True
     results = await asyncio.gather(
@@ -187,7 +211,9 @@ async def test_restart_continues_the_chain_and_checkpoints(tmp_path: Path) -> No
         await log.close()
     report = verify_log(tmp_path)
     assert report.ok, report.damage
-    assert report.records == 45 and report.checkpoints == 3 and report.segments > 3
+    assert report.records == 45
+    assert report.checkpoints == 3
+    assert report.segments > 3
     assert [r["seq"] for r in _records(tmp_path)] == list(range(45))
 
 
@@ -223,11 +249,13 @@ async def test_a_torn_tail_is_cut_off_with_a_copy_and_a_log_line(
     assert "torn last frame" in caplog.text
     assert seg.read_bytes() == whole
     copies = list((tmp_path / "torn").iterdir())
-    assert len(copies) == 1 and copies[0].read_bytes() == torn
+    assert len(copies) == 1
+    assert copies[0].read_bytes() == torn
     await fill(log, 3)
     await log.close()
     report = verify_log(tmp_path)
-    assert report.ok and report.records == 8
+    assert report.ok
+    assert report.records == 8
 
 
 async def test_damage_in_the_middle_is_not_mistaken_for_a_torn_tail(tmp_path: Path) -> None:
@@ -254,7 +282,9 @@ async def test_checkpoints_are_signed_on_an_interval(tmp_path: Path) -> None:
     await fill(log, 2)
     await log.close()
     report = verify_log(tmp_path)
-    assert report.ok and report.checkpoints == 2 and report.latest_checkpoint == 6
+    assert report.ok
+    assert report.checkpoints == 2
+    assert report.latest_checkpoint == 6
 
 
 @pytest.mark.parametrize("policy", ["batch", "never"])
@@ -275,9 +305,13 @@ async def test_other_fsync_policies(tmp_path: Path, syncs: SyncCounter, policy: 
 
 
 async def test_append_validates_its_kind(log: AuditLog) -> None:
-    for kind in ("decision", "outcome", "Bad Kind", ""):
+    for kind in ("decision", "outcome", "Bad Kind", "", "note\n"):
         with pytest.raises(ValueError, match="invalid record kind"):
             await log.append(kind, {})
+    with pytest.raises(AuditError, match="cannot be encoded"):
+        await log.append("note", {"not json": {1, 2}})
+    assert log.writable
+    assert (await log.append("note", {"when": "now"})).seq == 0
 
 
 async def test_an_oversized_record_is_refused_without_harming_the_log(
@@ -312,7 +346,9 @@ async def test_personal_fields_are_sealed_per_subject_and_erasable(log: AuditLog
     await log.record_decision(sample_action(customer="cus_bob"), sample_decision())
     await log.checkpoint()
     raw = b"".join(p for _, p in iter_records(log.directory))
-    assert b"ann@example.com" not in raw and b"cus_ann" not in raw and b"Hi Ann" not in raw
+    assert b"ann@example.com" not in raw
+    assert b"cus_ann" not in raw
+    assert b"Hi Ann" not in raw
     keys = SubjectKeys.open(log.directory, create=False)
     ann_decision, ann_outcome, bob = _records(log.directory)
     assert ann_decision["subject"] == log.subject_ref("cus_ann")
@@ -325,10 +361,12 @@ async def test_personal_fields_are_sealed_per_subject_and_erasable(log: AuditLog
     assert keys.unseal(ann_outcome) == {"outcome.result": "Hi Ann"}
 
     assert await log.erase_subject("cus_ann") is True
-    assert keys.unseal(ann_decision) is None and keys.unseal(ann_outcome) is None
+    assert keys.unseal(ann_decision) is None
+    assert keys.unseal(ann_outcome) is None
     assert keys.unseal(bob) is not None
     erasure = _records(log.directory)[-1]
-    assert erasure["kind"] == "erasure" and erasure["body"]["subject"] == ann_decision["subject"]
+    assert erasure["kind"] == "erasure"
+    assert erasure["body"]["subject"] == ann_decision["subject"]
     assert await log.erase_subject("cus_ann") is False
     await log.checkpoint()
     report = verify_log(log.directory)
@@ -362,3 +400,14 @@ async def test_the_pipeline_records_through_the_log(log: AuditLog) -> None:
     kinds = [r["kind"] for r in _records(log.directory)]
     assert kinds == ["decision", "outcome"]
     assert _records(log.directory)[0]["decision"]["effect"] == "deny"
+
+
+async def test_close_writes_records_whose_flush_was_cancelled(tmp_path: Path) -> None:
+    log = await AuditLog.open(_config(tmp_path))
+    pending = asyncio.ensure_future(log.append("note", {"n": 1}))
+    await asyncio.sleep(0)  # the record is queued and its flush task created...
+    assert log._flush_task is not None
+    log._flush_task.cancel()  # ...and cancelled before it ran, as at loop shutdown
+    await log.close()
+    assert [r["body"] for r in _records(tmp_path)] == [{"n": 1}]
+    assert (await pending).seq == 0

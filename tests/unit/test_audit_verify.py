@@ -15,6 +15,7 @@ from warden.audit import AuditLog
 from warden.audit.checkpoint import NoteSigner
 from warden.audit.layout import Layout
 from warden.audit.merkle import leaf_hash
+from warden.audit.segments import MAGIC, frame
 from warden.audit.testing import fill, read_segments, rechain, reencode, rewrite
 from warden.audit.verify import verify_log
 from warden.config import AuditConfig
@@ -65,8 +66,11 @@ def _damage(root: Path) -> tuple[str, int | None, str]:
 def test_an_intact_log_verifies(root: Path) -> None:
     report = verify_log(root)
     assert report.ok, report.damage
-    assert report.records == RECORDS and report.checkpoints == 3 and report.segments > 3
-    assert report.latest_checkpoint == RECORDS and not report.warnings
+    assert report.records == RECORDS
+    assert report.checkpoints == 3
+    assert report.segments > 3
+    assert report.latest_checkpoint == RECORDS
+    assert not report.warnings
 
 
 def test_edited_bytes_without_reframing(root: Path) -> None:
@@ -88,6 +92,27 @@ def test_a_record_edited_and_reframed(root: Path) -> None:
     seg.records[r] = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
     seg.write()
     assert _damage(root)[:2] == ("modified", 12)
+
+
+def test_the_last_record_of_a_segment_edited(root: Path) -> None:
+    seg = read_segments(root)[1]
+    last = orjson.loads(seg.records[-1])["seq"]
+    seg.records[-1] = reencode(seg.records[-1], time="2020-01-01T00:00:00.000000Z")
+    seg.write()
+    kind, seq, _ = _damage(root)
+    assert (kind, seq) == ("modified", last)
+
+
+def test_a_tampered_segment_header(root: Path) -> None:
+    seg = read_segments(root)[2]
+    first = orjson.loads(seg.records[0])["seq"]
+    head = orjson.loads(seg.head[len(MAGIC) + 8 :])
+    head["range"] = head["range"][::-1] if len(head["range"]) > 1 else ["00" * 32]
+    seg.head = MAGIC + frame(orjson.dumps(head))
+    seg.write()
+    kind, seq, detail = _damage(root)
+    assert (kind, seq) == ("modified", first)
+    assert "segment header does not match" in detail
 
 
 def test_the_last_record_edited_is_caught_by_the_checkpoint(root: Path) -> None:
@@ -118,7 +143,8 @@ def test_reordered_records(root: Path) -> None:
     seg.records[r], seg.records[r + 1] = seg.records[r + 1], seg.records[r]
     seg.write()
     kind, seq, _ = _damage(root)
-    assert kind == "reordered" and seq in (14, 15)
+    assert kind == "reordered"
+    assert seq in (14, 15)
 
 
 def test_a_copied_record_inserted(root: Path) -> None:

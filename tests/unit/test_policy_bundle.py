@@ -260,3 +260,9 @@ def test_compile_check_accepts_functions_defined_in_the_bundle() -> None:
 def test_compile_check_reports_bad_query() -> None:
     with pytest.raises(BundleError, match="query"):
         compile_check([Module("p.rego", "package warden\nx := 1\n")], {}, "data.warden.x +")
+
+
+def test_yaml_data_must_be_json(tmp_path: Path) -> None:
+    root = write_bundle(tmp_path / "b", {"p.rego": POLICY, "data.yaml": "1: one\n"})
+    with pytest.raises(BundleError, match=r"data\.yaml: not representable as JSON"):
+        load_bundle(root)

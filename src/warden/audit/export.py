@@ -156,7 +156,7 @@ def export_log(
     root: Path | str,
     out: Path | str,
     *,
-    selection: Selection = Selection(),  # noqa: B008 - frozen, so sharing it is safe
+    selection: Selection = Selection(),
     fmt: str = "evidence",
     verifier: NoteVerifier | None = None,
 ) -> ExportResult:
@@ -210,8 +210,12 @@ def _write_package(root: Path, out: Path, selection: Selection, loaded: _Loaded)
         first_size, note = earlier
         (out / "checkpoint-earlier").write_text(note, encoding="utf-8")
         proof = tree.consistency_proof(first_size, size)
-        body = {"checkpoint": "checkpoint-earlier", "size1": first_size, "size2": size,
-                "proof": [_b64(p) for p in proof]}  # fmt: skip
+        body = {
+            "checkpoint": "checkpoint-earlier",
+            "size1": first_size,
+            "size2": size,
+            "proof": [_b64(p) for p in proof],
+        }
         (out / "consistency.json").write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
     (out / "verify_evidence.py").write_bytes(_STANDALONE.read_bytes())
     (out / "SUMMARY.md").write_text(_summary(selection, loaded, verifier), encoding="utf-8")
@@ -326,18 +330,37 @@ def _summary(selection: Selection, loaded: _Loaded, verifier: NoteVerifier) -> s
             by_agent[rec["agent"]["id"]][effect] += 1
             by_tool[rec["action"].get("tool") or rec["action"]["request"]["path"]][effect] += 1
             if effect == "deny":
-                denials.append([rec["time"], rec["agent"]["id"], rec["action"].get("tool"),
-                                decision.get("mode"), "; ".join(decision["reasons"])])  # fmt: skip
+                denials.append(
+                    [
+                        rec["time"],
+                        rec["agent"]["id"],
+                        rec["action"].get("tool"),
+                        decision.get("mode"),
+                        "; ".join(decision["reasons"]),
+                    ]
+                )
             approval = rec.get("approval")
             if approval:
-                approvals.append([approval["decided_at"], approval["approver"],
-                                  approval.get("verdict"), rec["action"].get("tool"),
-                                  approval["arguments_sha256"]])  # fmt: skip
+                approvals.append(
+                    [
+                        approval["decided_at"],
+                        approval["approver"],
+                        approval.get("verdict"),
+                        rec["action"].get("tool"),
+                        approval["arguments_sha256"],
+                    ]
+                )
         elif kind == "approval":
             body = rec.get("body", {})
-            approvals.append([body.get("decided_at", rec["time"]), body.get("approver"),
-                              body.get("verdict"), body.get("tool"),
-                              body.get("arguments_sha256")])  # fmt: skip
+            approvals.append(
+                [
+                    body.get("decided_at", rec["time"]),
+                    body.get("approver"),
+                    body.get("verdict"),
+                    body.get("tool"),
+                    body.get("arguments_sha256"),
+                ]
+            )
     seqs = [seq for seq, _, _ in loaded.selected]
     effect_names = ["allow", "deny", "require_approval"]
     parts = [
@@ -345,7 +368,8 @@ def _summary(selection: Selection, loaded: _Loaded, verifier: NoteVerifier) -> s
         f"- Log: `{loaded.checkpoint.origin}`",
         f"- Period: {selection.start or 'beginning'} to {selection.end or 'now'} (UTC, end "
         "exclusive)" + (f"; agent `{selection.agent}` only" if selection.agent else ""),
-        f"- Records: {len(seqs)}" + (f" (sequence numbers {seqs[0]} to {seqs[-1]})" if seqs else ""),
+        f"- Records: {len(seqs)}"
+        + (f" (sequence numbers {seqs[0]} to {seqs[-1]})" if seqs else ""),
         f"- Signed checkpoint: tree size {loaded.checkpoint.size}, root "
         f"`{_b64(loaded.checkpoint.root)}`",
         f"- Verifier key: `{verifier.vkey}`",
@@ -359,19 +383,25 @@ def _summary(selection: Selection, loaded: _Loaded, verifier: NoteVerifier) -> s
         "\n## Decisions by effect\n",
         _table(["effect", "decisions"], sorted(effects.items())),
         "\n## Decisions by agent\n",
-        _table(["agent", *effect_names],
-               [[a, *(c[e] for e in effect_names)] for a, c in sorted(by_agent.items())]),
+        _table(
+            ["agent", *effect_names],
+            [[a, *(c[e] for e in effect_names)] for a, c in sorted(by_agent.items())],
+        ),
         "\n## Decisions by tool\n",
-        _table(["tool", *effect_names],
-               [[t, *(c[e] for e in effect_names)] for t, c in sorted(by_tool.items())]),
+        _table(
+            ["tool", *effect_names],
+            [[t, *(c[e] for e in effect_names)] for t, c in sorted(by_tool.items())],
+        ),
         "\n## Approvals\n",
-        _table(["decided at", "approver", "verdict", "tool", "arguments sha256"],
-               approvals[:_MAX_LISTED]),
+        _table(
+            ["decided at", "approver", "verdict", "tool", "arguments sha256"],
+            approvals[:_MAX_LISTED],
+        ),
         "\n## Denials\n",
         _table(["time", "agent", "tool", "mode", "reasons"], denials[:_MAX_LISTED]),
         "\n## Records by kind\n",
         _table(["kind", "records"], sorted(kinds.items())),
-    ]  # fmt: skip
+    ]
     if len(approvals) > _MAX_LISTED or len(denials) > _MAX_LISTED:
         parts.append(f"\nOnly the first {_MAX_LISTED} approvals and denials are listed.\n")
     return "\n".join(parts)
@@ -380,10 +410,31 @@ def _summary(selection: Selection, loaded: _Loaded, verifier: NoteVerifier) -> s
 # -- CSV and OCSF ------------------------------------------------------------
 
 CSV_COLUMNS = (
-    "seq", "id", "time", "kind", "agent", "agent_version", "action_kind", "tool", "protocol",
-    "stage", "effect", "enforced", "mode", "guard", "reasons", "bundle_revision", "approver",
-    "approved_at", "status", "latency_ms", "input_tokens", "output_tokens", "cost", "hash",
-)  # fmt: skip
+    "seq",
+    "id",
+    "time",
+    "kind",
+    "agent",
+    "agent_version",
+    "action_kind",
+    "tool",
+    "protocol",
+    "stage",
+    "effect",
+    "enforced",
+    "mode",
+    "guard",
+    "reasons",
+    "bundle_revision",
+    "approver",
+    "approved_at",
+    "status",
+    "latency_ms",
+    "input_tokens",
+    "output_tokens",
+    "cost",
+    "hash",
+)
 
 
 def _flat(seq: int, payload: bytes, rec: Mapping[str, Any]) -> dict[str, Any]:
@@ -483,7 +534,10 @@ def ocsf_event(seq: int, payload: bytes, rec: Mapping[str, Any], origin: str) ->
         event["action"] = "Denied" if blocked else "Allowed"
         event["disposition_id"] = 2 if blocked else 1
         event["status_detail"] = "; ".join(decision.get("reasons") or ())
-        event["policy"] = {"name": decision.get("guard"), "version": decision.get("bundle_revision")}
+        event["policy"] = {
+            "name": decision.get("guard"),
+            "version": decision.get("bundle_revision"),
+        }
     if outcome:
         failed = bool(outcome.get("error") or outcome.get("is_error"))
         event["status_id"] = 2 if failed else 1

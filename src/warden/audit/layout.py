@@ -44,7 +44,7 @@ __all__ = [
 _ORIGIN_PREFIX = "warden.local/audit/"
 
 
-class LogLocked(Exception):  # noqa: N818 - reads as a state, like FileExistsError
+class LogLocked(Exception):
     """Another process holds the log's write lock."""
 
 
@@ -196,4 +196,3 @@ class Layout:
         if not self.checkpoints.is_dir():
             return []
         return sorted(p for p in self.checkpoints.iterdir() if p.name.isdigit())
-

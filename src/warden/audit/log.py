@@ -35,8 +35,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from warden.audit.checkpoint import Checkpoint, NoteError, NoteSigner
-from warden.audit.layout import Layout, LogLocked, LogMeta
+from warden.audit.checkpoint import Checkpoint, NoteSigner
+from warden.audit.layout import Layout, LogMeta
 from warden.audit.merkle import CompactRange, leaf_hash
 from warden.audit.record import (
     RESERVED_KINDS,
@@ -49,7 +49,7 @@ from warden.audit.record import (
     mask_credentials,
     outcome_body,
 )
-from warden.audit.segments import LogDamaged, SegmentWriter, TreeState, frame, open_writer
+from warden.audit.segments import SegmentWriter, TreeState, frame, open_writer
 from warden.audit.subjects import SubjectKeys
 from warden.config import AuditConfig
 from warden.errors import AuditError
@@ -63,7 +63,7 @@ MAX_RECORD_BYTES = 16 * 1024 * 1024
 BATCH_SYNC_INTERVAL_S = 0.05
 """With ``fsync: batch``, how long an acknowledged record may stay only in the page cache."""
 _REDACTION_MEMORY = 65_536  # decisions whose redactions outcome records must repeat
-_KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +161,7 @@ class AuditLog:
         io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warden-audit-io")
         try:
             opened = await loop.run_in_executor(io, _open_blocking, config)
-        except (OSError, LogDamaged, LogLocked, NoteError, ValueError) as exc:
+        except Exception as exc:  # whatever stops it, the log is not available: fail closed
             io.shutdown(wait=False)
             raise AuditError(f"cannot open the audit log in {config.dir}: {exc}") from exc
         self = cls(config, opened, io)
@@ -170,8 +170,11 @@ class AuditLog:
             self._background.append(loop.create_task(self._syncer()))
         log.info(
             "audit: log %s open in %s with %d records (fsync %s)",
-            self.origin, config.dir, self.size, config.fsync,
-        )  # fmt: skip
+            self.origin,
+            config.dir,
+            self.size,
+            config.fsync,
+        )
         return self
 
     # -- state ---------------------------------------------------------------
@@ -263,11 +266,11 @@ class AuditLog:
         """Record any other event (approvals, kill switches, erasures) and return where it is.
 
         ``kind`` is lower-case ``[a-z0-9_]`` and not ``decision`` or
-        ``outcome``; ``body`` must be JSON-serialisable. Credential-named
-        keys in it are masked. Raises :class:`AuditError` when the record
-        cannot be made durable.
+        ``outcome`` (else ``ValueError``). Credential-named keys in ``body``
+        are masked. Raises :class:`AuditError` when the record cannot be
+        encoded (``body`` is not JSON) or made durable.
         """
-        if not _KIND.match(kind) or kind in RESERVED_KINDS:
+        if not _KIND.fullmatch(kind) or kind in RESERVED_KINDS:
             raise ValueError(f"invalid record kind {kind!r}")
         ref, fut = self._commit(kind, {"body": mask_credentials(body)}, None, None, {})
         await fut
@@ -280,7 +283,7 @@ class AuditLog:
         reference. Returns whether a key existed.
         """
         ref = self._subjects.ref(subject_id)
-        existed = await self._blocking(self._subjects.erase, ref)
+        existed = bool(await self._blocking(self._subjects.erase, ref))
         await self.append("erasure", {"subject": ref, "key_destroyed": existed})
         return existed
 
@@ -325,7 +328,7 @@ class AuditLog:
         """Run blocking I/O on the log's thread; any failure fails the log closed."""
         try:
             return await self._loop.run_in_executor(self._io, self._io_call, fn, *args)
-        except Exception as exc:  # noqa: BLE001 - any I/O failure fails the log closed
+        except Exception as exc:
             self._fail(exc)
             raise AuditError(f"the audit log failed: {exc}") from exc
 
@@ -364,8 +367,11 @@ class AuditLog:
         }
         record.update(fields)
         if personal and aead is not None and subject is not None:
-            record["sealed"] = SubjectKeys.seal(aead, subject, record_id, personal)
-        payload = encode(record)
+            record["sealed"] = self._subjects.seal(aead, subject, record_id, personal)
+        try:
+            payload = encode(record)
+        except (TypeError, ValueError) as exc:
+            raise AuditError(f"the audit record cannot be encoded: {exc}") from exc
         if len(payload) > MAX_RECORD_BYTES:
             raise AuditError(f"the audit record is {len(payload)} bytes, over the limit")
         digest = leaf_hash(payload)
@@ -402,6 +408,10 @@ class AuditLog:
                 for waiter in waiters:
                     if not waiter.done():
                         waiter.set_result(None)
+                # Let the appenders just released queue their next records, so
+                # they join the next batch instead of trailing it in a batch of
+                # their own (which would halve the records per fsync).
+                await asyncio.sleep(0)
         finally:
             self._flush_task = None
 
@@ -411,12 +421,18 @@ class AuditLog:
             log.error(
                 "audit: the log in %s failed and takes no more records; Warden fails closed "
                 "until it is restarted on a healthy disk: %s",
-                self._layout.root, self._failure,
-            )  # fmt: skip
+                self._layout.root,
+                self._failure,
+            )
 
     async def _drain(self) -> None:
-        while self._flush_task is not None:
-            await asyncio.shield(self._flush_task)
+        """Wait until every queued record is written (or has failed)."""
+        while (task := self._flush_task) is not None:
+            await asyncio.wait([task])
+            if self._flush_task is task:  # cancelled before it ran: it could not clear itself
+                self._flush_task = None
+            if self._frames and self._flush_task is None:
+                self._flush_task = self._loop.create_task(self._flush())
 
     # -- checkpoints ---------------------------------------------------------
 
@@ -478,10 +494,8 @@ class AuditLog:
                 await task
         await self._drain()
         if self._failure is None:
-            try:
+            with contextlib.suppress(AuditError):  # already logged by _fail
                 await self.checkpoint()
-            except AuditError:
-                pass  # already logged by _fail
         try:
             healthy = self._io_failure is None
             await self._loop.run_in_executor(self._io, self._writer.close, healthy)

@@ -204,7 +204,7 @@ class MerkleTree:
         return proof
 
     def consistency_proof(self, size1: int, size2: int | None = None) -> list[bytes]:
-        """The proof that the tree of ``size1`` leaves is a prefix of ``size2`` (RFC 9162 §2.1.4.1)."""
+        """Proof that the ``size1`` tree is a prefix of the ``size2`` one (RFC 9162 §2.1.4.1)."""
         size2 = len(self) if size2 is None else size2
         self._check_size(size2)
         if not 0 < size1 <= size2:

@@ -111,7 +111,9 @@ def arguments_sha256(arguments: Mapping[str, Any] | None) -> str:
     Canonical JSON makes the hash reproducible in any language, so the
     approvals queue, the audit record and an auditor's own tools agree.
     """
-    return hashlib.sha256(rfc8785.dumps(dict(arguments) if arguments is not None else None)).hexdigest()
+    return hashlib.sha256(
+        rfc8785.dumps(dict(arguments) if arguments is not None else None)
+    ).hexdigest()
 
 
 def encode(record: Mapping[str, Any]) -> bytes:
@@ -126,9 +128,8 @@ def encode(record: Mapping[str, Any]) -> bytes:
     except orjson.JSONEncodeError:
         import json  # noqa: PLC0415 - rare path
 
-        return json.dumps(
-            record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
-        ).encode()
+        text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return text.encode()
 
 
 def scrub_headers(headers: Mapping[str, str]) -> dict[str, str]:

@@ -17,6 +17,7 @@ fails the log closed and nothing is retried.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -59,7 +60,7 @@ _pack = FRAME_HEADER.pack
 _crc32 = zlib.crc32
 
 
-class LogDamaged(Exception):  # noqa: N818 - reads as a state, like FileExistsError
+class LogDamaged(Exception):
     """The log on disk is damaged in a way a restart must not paper over."""
 
 
@@ -207,9 +208,16 @@ class SegmentWriter:
     """Appends batches of frames to the current segment; rotates by size. I/O thread only."""
 
     def __init__(
-        self, segdir: Path, path: Path, fd: int, size: int, data_start: int, state: TreeState,
+        self,
+        segdir: Path,
+        *,
+        path: Path,
+        fd: int,
+        size: int,
+        data_start: int,
+        state: TreeState,
         max_bytes: int,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._segdir = segdir
         self._path = path
         self._fd = fd
@@ -240,10 +248,8 @@ class SegmentWriter:
                 _write_all(self._fd, data)
             except OSError:
                 # Leave no partial frame behind if we can; never try the write again.
-                try:
+                with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, self._size)
-                except OSError:
-                    pass
                 raise
             self._size += len(data)
             self._dirty = True
@@ -360,10 +366,14 @@ def open_writer(root: Path, max_bytes: int) -> tuple[SegmentWriter, TreeState]:
                 copy = _keep_torn(root / "torn", path, 0, data)
                 path.unlink()
                 fsync_dir(segdir)
-                log.warning("audit: removed a half-created segment %s (copy kept at %s)", path, copy)
+                log.warning(
+                    "audit: removed a half-created segment %s (copy kept at %s)", path, copy
+                )
                 segments.pop()
                 continue
-            raise LogDamaged(f"{path.name}: the segment header is damaged; run `warden audit verify`")
+            raise LogDamaged(
+                f"{path.name}: the segment header is damaged; run `warden audit verify`"
+            )
         start, data_start = parsed
         if start.size != int(path.stem):
             raise LogDamaged(f"{path.name}: its header says it starts at record {start.size}")
@@ -378,11 +388,31 @@ def open_writer(root: Path, max_bytes: int) -> tuple[SegmentWriter, TreeState]:
                 os.close(fd)
             log.warning(
                 "audit: cut a torn last frame off %s at offset %d (%d bytes, copy kept at %s)",
-                path.name, good_end, len(data) - good_end, copy,
-            )  # fmt: skip
+                path.name,
+                good_end,
+                len(data) - good_end,
+                copy,
+            )
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        return SegmentWriter(segdir, path, fd, good_end, data_start, state, max_bytes), state
+        writer = SegmentWriter(
+            segdir,
+            path=path,
+            fd=fd,
+            size=good_end,
+            data_start=data_start,
+            state=state,
+            max_bytes=max_bytes,
+        )
+        return writer, state
     state = TreeState.empty()
     path, fd, start_offset = _create_segment(segdir, state)
-    return SegmentWriter(segdir, path, fd, start_offset, start_offset, state, max_bytes), state
-
+    writer = SegmentWriter(
+        segdir,
+        path=path,
+        fd=fd,
+        size=start_offset,
+        data_start=start_offset,
+        state=state,
+        max_bytes=max_bytes,
+    )
+    return writer, state

@@ -131,7 +131,9 @@ def _parse_seen(payload: bytes) -> _Seen:
     return _Seen(rec.get("seq"), rec.get("prev"), leaf_hash(payload).hex(), rec.get("id"))
 
 
-def _classify(expected: int, last: str, before_last: str, seen: list[_Seen]) -> tuple[str, int, str]:
+def _classify(
+    expected: int, last: str, before_last: str, seen: list[_Seen]
+) -> tuple[str, int, str]:
     """Kind, first bad sequence number and detail for a record that breaks the chain.
 
     ``seen[0]`` is the record found where record ``expected`` should be;
@@ -161,7 +163,11 @@ def _classify(expected: int, last: str, before_last: str, seen: list[_Seen]) -> 
         return "deleted", expected, f"{missing} missing: the next record found is {s}"
     if s == expected - 1 and p == before_last:
         return "inserted", expected - 1, f"two records claim sequence number {s}"
-    return "inserted", expected, f"a record claiming sequence number {s} appears after {expected - 1}"
+    return (
+        "inserted",
+        expected,
+        f"a record claiming sequence number {s} appears after {expected - 1}",
+    )
 
 
 def _load_checkpoints(
@@ -191,7 +197,9 @@ def _load_checkpoints(
         other = by_size.setdefault(ckpt.size, (ckpt, name))
         if other[0].root != ckpt.root:
             damage.append(
-                Damage("checkpoint", f"checkpoints {other[1]} and {name} differ at size {ckpt.size}")
+                Damage(
+                    "checkpoint", f"checkpoints {other[1]} and {name} differ at size {ckpt.size}"
+                )
             )
     return sorted(by_size.values(), key=lambda c: c[0].size), damage
 
@@ -251,8 +259,9 @@ class _Walk:
         data = path.read_bytes()
         parsed = parse_header(data)
         if parsed is None:
-            return Damage("modified", "the segment header is damaged", self.expected, None,
-                          path.name, 0)  # fmt: skip
+            return Damage(
+                "modified", "the segment header is damaged", self.expected, None, path.name, 0
+            )
         head, pos = parsed
         if head.size > self.expected:
             gap = self.expected, head.size - 1
@@ -266,9 +275,37 @@ class _Walk:
             )
             return Damage("inserted", detail, head.size, None, path.name, 0)
         header_ok = head.last_hash.hex() == self.last and list(head.range) == self.stack
+        pos, fault, broken, damage = self.frames(data, pos, header_ok)
+        if damage is not None:
+            return damage
+        if broken:
+            # A record breaks the chain: that explains a mismatched header too.
+            seen = list(_first(_peek(self.segments, index, data, pos), _LOOKAHEAD))
+            kind, bad, detail = _classify(self.expected, self.last, self.before_last, seen)
+            rid = seen[0].id if bad == self.expected else None
+            return Damage(kind, detail, bad, rid if isinstance(rid, str) else None, path.name, pos)
+        if not header_ok:
+            return Damage(
+                "modified",
+                "the segment header does not match the records before it",
+                self.expected,
+                None,
+                path.name,
+                0,
+            )
+        if fault is None:
+            return None
+        return self.frame_fault(index, path, data, pos, fault)
 
-        # The hot loop: frame, checksum, parse, chain, hash, tree. Everything
-        # unusual leaves it and is classified by the slower code after it.
+    def frames(
+        self, data: bytes, pos: int, header_ok: bool
+    ) -> tuple[int, str | None, bool, Damage | None]:
+        """The hot loop: frame, checksum, parse, chain, hash, tree, checkpoint roots.
+
+        Returns where it stopped, the frame fault there (if any), whether a
+        record broke the chain there, and any checkpoint mismatch. Everything
+        unusual leaves the loop and is classified by slower code.
+        """
         loads, sha256, crc32, unpack = orjson.loads, hashlib.sha256, zlib.crc32, _unpack
         stack, sizes = self.stack, self.sizes
         expected, last, before_last = self.expected, self.last, self.before_last
@@ -297,8 +334,10 @@ class _Walk:
                 prev = rec["prev"]
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 seq = prev = None
-            if seq != expected or prev != last or type(seq) is not int or not header_ok:
+            if seq != expected or prev != last or type(seq) is not int:
                 broken = True
+                break
+            if not header_ok:
                 break
             h = sha256(b"\x00" + payload).digest()
             node, n = h, expected
@@ -314,30 +353,22 @@ class _Walk:
                 self.expected, self.last, self.before_last = expected, last, before_last
                 damage = self.check_root()
                 if damage is not None:
-                    return damage
+                    return pos, None, False, damage
         self.expected, self.last, self.before_last = expected, last, before_last
+        return pos, fault, broken, None
 
-        if broken and not header_ok:
-            return Damage("modified", "the segment header does not match the records before it",
-                          expected, None, path.name, 0)  # fmt: skip
-        if broken:
-            seen = list(_first(_peek(self.segments, index, data, pos), _LOOKAHEAD))
-            kind, bad, detail = _classify(expected, last, before_last, seen)
-            rid = seen[0].id if bad == expected else None
-            return Damage(kind, detail, bad, rid if isinstance(rid, str) else None, path.name, pos)
-        if not header_ok:
-            return Damage("modified", "the segment header does not match the records before it",
-                          expected, None, path.name, 0)  # fmt: skip
-        if fault is None:
-            return None
+    def frame_fault(self, index: int, path: Path, data: bytes, pos: int, fault: str) -> Damage:
+        """Name a bad frame: changed bytes, a torn last write, or a cut segment."""
         if find_next_frame(data, pos) is not None:
-            return Damage("modified", f"{fault}: the stored bytes were changed", expected, None,
-                          path.name, pos)  # fmt: skip
-        if index == len(self.segments) - 1:
-            return Damage("torn", f"{fault}: an interrupted write; Warden cuts it off at its next "
-                          "start", expected, None, path.name, pos)  # fmt: skip
-        return Damage("truncated", f"{fault}: the segment was cut short", expected, None,
-                      path.name, pos)  # fmt: skip
+            kind, detail = "modified", f"{fault}: the stored bytes were changed"
+        elif index == len(self.segments) - 1:
+            kind, detail = (
+                "torn",
+                f"{fault}: an interrupted write; Warden cuts it off at its next start",
+            )
+        else:
+            kind, detail = "truncated", f"{fault}: the segment was cut short"
+        return Damage(kind, detail, self.expected, None, path.name, pos)
 
 
 def verify_log(

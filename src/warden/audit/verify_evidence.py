@@ -94,7 +94,7 @@ def verify_inclusion(
             fn >>= 1
             sn >>= 1
         return sn == 0 and r == bytes(root)
-    except Exception:  # noqa: BLE001 - a verifier answers False, it does not crash
+    except Exception:  # a verifier answers False, it does not crash
         return False
 
 
@@ -109,41 +109,43 @@ def verify_consistency(
     function never raises.
     """
     try:
-        if not (_is_count(size1) and _is_count(size2)) or size1 > size2 or size1 == 0:
+        if not (_is_count(size1) and _is_count(size2)) or not 0 < size1 <= size2:
             return False
         if not isinstance(root1, bytes | bytearray) or not isinstance(root2, bytes | bytearray):
             return False
         if size1 == size2:
             # Nothing to compute: the two heads must simply be the same bytes.
             return len(proof) == 0 and bytes(root1) == bytes(root2)
-        if not (proof and _is_hash(root1) and _is_hash(root2)):
+        if not (proof and _is_hash(root1) and _is_hash(root2) and all(map(_is_hash, proof))):
             return False
-        if not all(_is_hash(p) for p in proof):
-            return False
-        path = [bytes(p) for p in proof]
-        if size1 & (size1 - 1) == 0:
-            path.insert(0, bytes(root1))
-        fn, sn = size1 - 1, size2 - 1
-        while fn & 1:
-            fn >>= 1
-            sn >>= 1
-        fr = sr = path[0]
-        for c in path[1:]:
-            if sn == 0:
-                return False
-            if fn & 1 or fn == sn:
-                fr = node_hash(c, fr)
-                sr = node_hash(c, sr)
-                while fn and not fn & 1:
-                    fn >>= 1
-                    sn >>= 1
-            else:
-                sr = node_hash(sr, c)
-            fn >>= 1
-            sn >>= 1
-        return sn == 0 and fr == bytes(root1) and sr == bytes(root2)
-    except Exception:  # noqa: BLE001 - a verifier answers False, it does not crash
+        return _consistent(size1, size2, [bytes(p) for p in proof], bytes(root1), bytes(root2))
+    except Exception:  # a verifier answers False, it does not crash
         return False
+
+
+def _consistent(size1: int, size2: int, path: list[bytes], root1: bytes, root2: bytes) -> bool:
+    """Steps 2-7 of RFC 9162 §2.1.4.2 on checked inputs with ``0 < size1 < size2``."""
+    if size1 & (size1 - 1) == 0:
+        path.insert(0, root1)
+    fn, sn = size1 - 1, size2 - 1
+    while fn & 1:
+        fn >>= 1
+        sn >>= 1
+    fr = sr = path[0]
+    for c in path[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr = node_hash(c, fr)
+            sr = node_hash(c, sr)
+            while fn and not fn & 1:
+                fn >>= 1
+                sn >>= 1
+        else:
+            sr = node_hash(sr, c)
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and fr == root1 and sr == root2
 
 
 def split_note(note: str) -> tuple[str, list[tuple[str, bytes]]]:
@@ -198,6 +200,7 @@ def parse_checkpoint(text: str) -> tuple[str, int, bytes]:
 def _ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool | None:
     """True/False, or ``None`` when neither ``cryptography`` nor ``openssl`` is available."""
     try:
+        # Optional: the script must run with the standard library alone.
         from cryptography.exceptions import InvalidSignature  # noqa: PLC0415
         from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
             Ed25519PublicKey,
@@ -223,10 +226,22 @@ def _openssl_verify(public_key: bytes, message: bytes, signature: bytes) -> bool
         for name, data in paths.items():
             (Path(tmp) / name).write_bytes(data)
         done = subprocess.run(  # noqa: S603 - fixed arguments, no shell
-            [openssl, "pkeyutl", "-verify", "-pubin", "-inkey", f"{tmp}/key.pem", "-rawin",
-             "-in", f"{tmp}/msg", "-sigfile", f"{tmp}/sig"],
-            capture_output=True, check=False,
-        )  # fmt: skip
+            [
+                openssl,
+                "pkeyutl",
+                "-verify",
+                "-pubin",
+                "-inkey",
+                f"{tmp}/key.pem",
+                "-rawin",
+                "-in",
+                f"{tmp}/msg",
+                "-sigfile",
+                f"{tmp}/sig",
+            ],
+            capture_output=True,
+            check=False,
+        )
     return done.returncode == 0
 
 

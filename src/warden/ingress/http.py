@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 import orjson
@@ -138,9 +139,14 @@ class ProxyApp:
         if upstream is None:
             known = ", ".join(sorted(self._config.upstreams)) or "none"
             raise UnknownRoute(f"no upstream named {name!r} (configured: {known})")
-        segments = tail.split("/")
-        if any(s in ("..", ".") for s in segments) or "//" in tail or "\\" in tail:
+        # Check the target as sent, decoded: the parsed URL has already had
+        # "%2e%2e" decoded and collapsed, which could walk out of base_url's path.
+        sent = unquote(request.raw_path.partition("?")[0])
+        segments = sent.lstrip("/").split("/")
+        if any(seg in ("", ".", "..") for seg in segments[:-1]) or segments[-1] in (".", ".."):
             raise RequestError("path must not contain '.', '..' or empty segments")
+        if "\\" in sent or "\x00" in sent:
+            raise RequestError("path must not contain backslashes or NUL")
         return _Route(name=name, upstream=upstream, tail=tail)
 
     # -- request -------------------------------------------------------------

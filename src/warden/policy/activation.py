@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["Activator", "BundleSource", "DirectorySource", "HttpSource"]
 
 log = logging.getLogger("warden.policy")
-_HTTP_TIMEOUT_S = 30.0
+_HTTP_TIMEOUT_S = 10.0
 
 
 class BundleSource(Protocol):

@@ -64,8 +64,6 @@ _ERRORMSG = re.compile(r"\(errormsg (\d+):")
 class BundleError(PolicyError):
     """A bundle cannot be used; the message names the file and line where known."""
 
-    code = "policy_bundle_invalid"
-
 
 @dataclass(frozen=True, slots=True)
 class Module:
@@ -378,6 +376,10 @@ def build_bundle(
             value = _parse_json(where, body) if base == "data.json" else _parse_yaml(where, body)
             if value is None:
                 value = {}
+            try:
+                orjson.dumps(value)
+            except TypeError as exc:  # YAML allows keys and values JSON cannot hold
+                raise BundleError(f"{where}: not representable as JSON: {exc}") from None
             folder = tuple(rel.split("/")[:-1])
             _place(data, folder, value, where)
             _check_data_roots(value, folder, roots, where)

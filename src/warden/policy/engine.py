@@ -6,13 +6,17 @@ evaluates one input at a time. The proxy talks to them over Unix sockets with
 length-prefixed orjson frames, read from the event loop with ``add_reader``:
 no thread hop, one in-flight request per worker.
 
-Failure handling, all within ``policy.deadline_ms``:
+Failure handling; the caller always has its answer by ``policy.deadline_ms``:
 
-* a worker that does not answer by the deadline is killed (``SIGKILL``); the
-  caller gets ``policy_timeout`` and a replacement starts in the background;
+* no answer by the deadline gives ``policy_timeout``. The worker itself is
+  killed (``SIGKILL``) at the deadline, or, if the request waited for a free
+  worker, once it has had half the deadline to itself, so that queueing under
+  load never kills healthy workers. A replacement starts in the background;
 * a worker that dies mid-request (the policy crashed the engine) gives
   ``policy_crash``, and is replaced the same way; restarts back off when they
   come in bursts;
+* an input that killed or crashed a worker is answered with the same error,
+  without a worker, for the next minute (quarantine);
 * an error result or a result of the wrong shape gives ``policy_error``;
 * no active bundle gives ``policy_not_ready``.
 
@@ -59,7 +63,9 @@ __all__ = [
     "PolicyEngine",
     "PolicyResult",
     "PreActivate",
+    "WorkerPool",
     "interpret_output",
+    "production_modules",
 ]
 
 log = logging.getLogger("warden.policy")
@@ -317,6 +323,7 @@ class WorkerPool:
         self._idle: deque[_Worker] = deque()
         self._waiters: deque[asyncio.Future[_Worker]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reapers: set[asyncio.Task[None]] = set()
         self._restart_times: deque[float] = deque()
         self._closed = False
         self.restarts = 0
@@ -435,7 +442,7 @@ class WorkerPool:
         if pending is not None and tag is not None and self._on_failure is not None:
             code = "policy_timeout" if reason is _EvalTimeout else "policy_crash"
             self._on_failure(tag, code)
-        self._track(self._reap(worker.proc, 0.0 if reason is _EvalTimeout else _CLOSE_GRACE_S))
+        self._reap_later(worker, 0.0 if reason is _EvalTimeout else _CLOSE_GRACE_S)
         if was_serving and not self._closed:
             if reason is _EvalTimeout:
                 self.timeouts += 1
@@ -481,6 +488,13 @@ class WorkerPool:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await asyncio.to_thread(proc.wait)
+
+    def _reap_later(self, worker: _Worker, grace: float) -> None:
+        # Reapers are awaited by close(), never cancelled: no zombie is left behind.
+        self._workers.discard(worker)
+        task = asyncio.ensure_future(self._reap(worker.proc, grace))
+        self._reapers.add(task)
+        task.add_done_callback(self._reapers.discard)
 
     def _track(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -542,7 +556,7 @@ class WorkerPool:
         with contextlib.suppress(OSError):
             worker.sock.send(frame(MSG_QUIT))
         self._disconnect(worker)
-        self._track(self._reap(worker.proc, _CLOSE_GRACE_S))
+        self._reap_later(worker, _CLOSE_GRACE_S)
 
     async def _acquire(self, deadline: float) -> _Worker:
         while self._idle:
@@ -613,16 +627,16 @@ class WorkerPool:
         if in_flight and grace > 0:
             await asyncio.wait(in_flight, timeout=grace)
         for worker in list(self._workers):
-            if worker.proc.poll() is None and worker.state is not _State.DEAD:
+            if worker.state is not _State.DEAD:
                 with contextlib.suppress(ProcessLookupError):
                     worker.proc.kill()
                 self._on_dead(worker)
-        for worker in self._workers:
-            await self._reap(worker.proc, grace)
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current and not task.done():
                 task.cancel()
+        if self._reapers:
+            await asyncio.gather(*self._reapers, return_exceptions=True)
         self._workers.clear()
         self._idle.clear()
         self._changed()
@@ -785,10 +799,17 @@ class PolicyEngine:
 
     def report_failure(self, message: str) -> None:
         """Record a failed reload: log line, metric, and :meth:`status`."""
+        repeated = message == self.last_error
         self.last_error = message
         self.last_error_at = time.time()
         self.metrics.reload("failure")
-        log.error("policy bundle not activated; keeping revision %s: %s", self.revision, message)
+        # A bundle server that stays down fails every poll; say so once.
+        log.log(
+            logging.DEBUG if repeated else logging.ERROR,
+            "policy bundle not activated; keeping revision %s: %s",
+            self.revision,
+            message,
+        )
 
     async def activate(self, bundle: Bundle) -> bool:
         """Compile ``bundle`` in a new worker pool and swap it in.
@@ -902,7 +923,8 @@ class PolicyEngine:
             if early is not None:
                 return self._finish(early, started)
             try:
-                body = orjson.dumps(project(gen.shape, input_doc))
+                # For a whole-input policy the key is the input as JSON already.
+                body = key if gen.shape.whole_input else orjson.dumps(project(gen.shape, input_doc))
             except TypeError as exc:
                 return self._finish(self._bad_input(gen, exc), started)
             revision = gen.bundle.revision

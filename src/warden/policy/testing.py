@@ -338,19 +338,15 @@ def _find_tests(modules: Sequence[Module]) -> list[_RegoTest]:
     return list(found.values())
 
 
-def _isolated(modules: Sequence[Module], test: _RegoTest | None) -> dict[str, str]:
-    """Module sources with every test rule blanked except ``test`` (``None``: all blanked)."""
+def _isolated(modules: Sequence[Module], test: _RegoTest) -> dict[str, str]:
+    """The sources of modules with tests, every test rule blanked except ``test``."""
     out: dict[str, str] = {}
     for module in modules:
         stmts = split_statements(module.source)
         tests = [s for s in stmts if _is_test(s.name)]
         if not tests:
             continue
-        keep = [
-            s
-            for s in tests
-            if test is not None and module.path == test.module and s.name == test.rule
-        ]
+        keep = [s for s in tests if module.path == test.module and s.name == test.rule]
         out[module.path] = _keep_only(module.source, keep, tests)
     return out
 
@@ -409,28 +405,30 @@ class _Child:
         self._proc.stdin.write(self._init)
         self._proc.stdin.flush()
 
-    def request(
-        self, job: Mapping[str, Any], *, timeout_s: float | None = None
-    ) -> dict[str, Any] | _Crash:
+    def request(self, job: Mapping[str, Any]) -> dict[str, Any] | _Crash:
         """Send one job and wait for its reply; a dead or hung child gives :class:`_Crash`."""
         if self._proc is None:
             self._start()
         assert self._proc is not None
         assert self._proc.stdin is not None
         try:
-            self._proc.stdin.write(orjson.dumps(job) + b"\n")
-            self._proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            return self._died()
-        limit = self._timeout_s if timeout_s is None else timeout_s
+            line = orjson.dumps(job) + b"\n"
+        except orjson.JSONEncodeError as exc:
+            return {"ok": False, "error": f"the input cannot be sent to the engine: {exc}"}
         try:
-            line = self._read_line(limit)
+            self._proc.stdin.write(line)
+            self._proc.stdin.flush()
+        except OSError:
+            return self._died()
+        limit = self._timeout_s
+        try:
+            answer = self._read_line(limit)
         except TimeoutError:
             self._kill()
             return _Crash(f"timed out after {limit:g} s", timed_out=True)
-        if line is None:
+        if answer is None:
             return self._died()
-        reply: dict[str, Any] = orjson.loads(line)
+        reply: dict[str, Any] = orjson.loads(answer)
         return reply
 
     def _read_line(self, timeout_s: float) -> bytes | None:

@@ -60,7 +60,9 @@ _TOOL = orjson.dumps(
 
 async def chat(request: web.Request) -> web.Response:
     body = await request.read()
-    return web.Response(body=_TOOL if b'"tools"' in body else _TEXT, content_type="application/json")
+    return web.Response(
+        body=_TOOL if b'"tools"' in body else _TEXT, content_type="application/json"
+    )
 
 
 async def main(port: int) -> None:

@@ -222,8 +222,10 @@ def main() -> int:
         for conc in args.concurrency:
             w = results[("warden", scenario, conc)]
             summary[f"{scenario}_c{conc}"] = {
-                "warden_vs_reference_throughput": w.rps / results[("reference", scenario, conc)].rps,
-                "warden_p50_added_ms_vs_direct": w.p50_ms - results[("direct", scenario, conc)].p50_ms,
+                "warden_vs_reference_throughput": w.rps
+                / results[("reference", scenario, conc)].rps,
+                "warden_p50_added_ms_vs_direct": w.p50_ms
+                - results[("direct", scenario, conc)].p50_ms,
             }
     print("\nTargets: throughput vs reference >= 0.60; p50 added at concurrency 1 <= 1 ms")
     for key, value in summary.items():

@@ -28,9 +28,7 @@ async def main(port: int, upstream: str) -> None:
             request.method, f"{upstream}/{tail}", data=body, headers=headers
         ) as resp:
             data = await resp.read()
-            return web.Response(
-                status=resp.status, body=data, content_type=resp.content_type
-            )
+            return web.Response(status=resp.status, body=data, content_type=resp.content_type)
 
     app = web.Application()
     app.router.add_route("*", "/openai/{tail:.*}", forward)

@@ -31,7 +31,8 @@ async def test_text_and_allowed_tool_use(claude: anthropic.AsyncAnthropic, llm: 
     message = await claude.messages.create(model=MODEL, max_tokens=100, messages=MESSAGES)
     assert message.stop_reason == "tool_use"
     assert [b.type for b in message.content] == ["text", "tool_use"]
-    assert message.content[0].type == "text" and message.content[0].text == "Looking it up."
+    assert message.content[0].type == "text"
+    assert message.content[0].text == "Looking it up."
     # The agent's key went upstream (this SDK sends it as a bearer token or x-api-key).
     sent = llm.requests[-1].headers
     assert "sk-ant-secret-9" in (sent.get("x-api-key", "") + sent.get("Authorization", ""))
@@ -41,7 +42,9 @@ async def test_denied_tool_use_becomes_text_and_end_turn(
     claude: anthropic.AsyncAnthropic, llm: MockLLM
 ) -> None:
     llm.script(Reply(tool_calls=[EXPORT]))
-    raw = await claude.messages.with_raw_response.create(model=MODEL, max_tokens=100, messages=MESSAGES)
+    raw = await claude.messages.with_raw_response.create(
+        model=MODEL, max_tokens=100, messages=MESSAGES
+    )
     message = await raw.parse()
     assert message.stop_reason == "end_turn"
     assert [b.type for b in message.content] == ["text"]
@@ -63,7 +66,9 @@ async def test_stream_parallel_mixed(claude: anthropic.AsyncAnthropic, llm: Mock
     assert final.usage.output_tokens > 0
 
 
-async def test_stream_all_denied_is_end_turn(claude: anthropic.AsyncAnthropic, llm: MockLLM) -> None:
+async def test_stream_all_denied_is_end_turn(
+    claude: anthropic.AsyncAnthropic, llm: MockLLM
+) -> None:
     llm.script(Reply(tool_calls=[EXPORT]))
     async with claude.messages.stream(model=MODEL, max_tokens=100, messages=MESSAGES) as stream:
         final = await stream.get_final_message()

@@ -41,7 +41,13 @@ async def post(warden: Warden, path: str, body: bytes, **headers: str) -> tuple[
     ],
 )
 async def test_bad_requests_get_clear_errors(
-    warden: Warden, llm: MockLLM, path: str, body: bytes, headers: dict[str, str], status: int, code: str
+    warden: Warden,
+    llm: MockLLM,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    code: str,
 ) -> None:
     got, payload = await post(warden, path, body, **headers)
     assert got == status
@@ -75,7 +81,12 @@ async def raw_request(warden: Warden, request_line: bytes, host: bytes = b"127.0
 
 @pytest.mark.parametrize(
     "target",
-    [b"/openai/v1/../../admin", b"/openai/v1/%2e%2e/x", b"/openai//v1/models", b"/openai/v1/./models"],
+    [
+        b"/openai/v1/../../admin",
+        b"/openai/v1/%2e%2e/x",
+        b"/openai//v1/models",
+        b"/openai/v1/./models",
+    ],
 )
 async def test_dot_segments_and_empty_segments_are_refused(
     warden: Warden, llm: MockLLM, target: bytes
@@ -92,12 +103,17 @@ async def test_not_an_open_proxy(warden: Warden, llm: MockLLM) -> None:
     )
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert b"not a forward proxy" in answer
-    connect = await raw_request(warden, b"CONNECT example.invalid:443 HTTP/1.1", b"example.invalid:443")
+    connect = await raw_request(
+        warden, b"CONNECT example.invalid:443 HTTP/1.1", b"example.invalid:443"
+    )
     assert connect.startswith(b"HTTP/1.1 4"), connect[:200]
     # A Host header naming another server changes nothing: the upstream comes from config.
-    async with aiohttp.ClientSession() as session, session.get(
-        warden.proxy_url + "/openai/v1/models", headers={"Host": "internal.example"}
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            warden.proxy_url + "/openai/v1/models", headers={"Host": "internal.example"}
+        ) as resp,
+    ):
         assert resp.status == 200
     assert all(r.path == "/v1/models" for r in llm.requests)
 

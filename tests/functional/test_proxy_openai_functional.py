@@ -10,6 +10,7 @@ from typing import Any
 import openai
 import pytest
 
+from tests.functional.conftest import audit_records, make_config
 from warden.server import Warden
 from warden.testing import Call, Fault, MockLLM, Reply
 
@@ -53,7 +54,9 @@ async def test_text_passes_unchanged_and_credentials_go_upstream_only(
     assert "sk-test-secret-123" not in json.dumps(recs)
 
 
-async def test_parallel_tool_calls_denied_one_is_removed(warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM) -> None:
+async def test_parallel_tool_calls_denied_one_is_removed(
+    warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM
+) -> None:
     llm.script(Reply(text="Let me help.", tool_calls=[KB, EXPORT]))
     raw = await oai.chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=MESSAGES
@@ -64,13 +67,16 @@ async def test_parallel_tool_calls_denied_one_is_removed(warden: Warden, oai: op
     assert "blocked the tool call `export_customers`" in message.content
     assert "bulk" in message.content  # the policy's own reason
     blocked = raw.headers["x-warden-blocked"]
-    assert blocked.startswith("dec_") and blocked in message.content
+    assert blocked.startswith("dec_")
+    assert blocked in message.content
     assert raw.parse().choices[0].finish_reason == "tool_calls"
     # The arguments of the denied call reached the agent in no form.
     assert '"format"' not in raw.http_response.text
 
 
-async def test_all_calls_denied_finishes_as_stop(warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM) -> None:
+async def test_all_calls_denied_finishes_as_stop(
+    warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM
+) -> None:
     llm.script(Reply(tool_calls=[EXPORT, Call("delete_everything", {})]))
     completion = await oai.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     choice = completion.choices[0]
@@ -80,7 +86,9 @@ async def test_all_calls_denied_finishes_as_stop(warden: Warden, oai: openai.Asy
     assert "not in the customer-support tool catalogue" in (choice.message.content or "")
 
 
-async def test_held_for_approval_is_not_delivered(warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM) -> None:
+async def test_held_for_approval_is_not_delivered(
+    warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM
+) -> None:
     llm.script(Reply(tool_calls=[Call("issue_refund", {"order_id": "A-1004", "amount": 400})]))
     completion = await oai.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     choice = completion.choices[0]
@@ -88,7 +96,9 @@ async def test_held_for_approval_is_not_delivered(warden: Warden, oai: openai.As
     assert "for human approval" in (choice.message.content or "")
 
 
-async def test_malformed_arguments_are_denied(warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM) -> None:
+async def test_malformed_arguments_are_denied(
+    warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM
+) -> None:
     llm.script(Reply(tool_calls=[Call("search_kb", '{"query": "x"')]))
     completion = await oai.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert not completion.choices[0].message.tool_calls
@@ -124,10 +134,13 @@ async def test_stream_text_flows_and_denied_calls_are_replaced(
     assert calls[0]["name"] == "issue_refund"
     assert json.loads(calls[0]["arguments"])["amount"] == 25
     assert finish == "tool_calls"
-    assert usage is not None and usage.completion_tokens > 0
+    assert usage is not None
+    assert usage.completion_tokens > 0
 
 
-async def test_stream_all_denied_finish_reason_is_stop(warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM) -> None:
+async def test_stream_all_denied_finish_reason_is_stop(
+    warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM
+) -> None:
     llm.script(Reply(tool_calls=[EXPORT]))
     async with oai.chat.completions.stream(model="gpt-4o-mini", messages=MESSAGES) as s:
         final = await s.get_final_completion()
@@ -136,13 +149,13 @@ async def test_stream_all_denied_finish_reason_is_stop(warden: Warden, oai: open
     assert "export_customers" in (final.choices[0].message.content or "")
 
 
-async def test_text_reaches_the_agent_before_the_stream_ends(warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM) -> None:
+async def test_text_reaches_the_agent_before_the_stream_ends(
+    warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM
+) -> None:
     # The upstream sends its first events and then stalls: if Warden held text
     # back until the end, the agent would see nothing and this would time out.
     llm.script(Reply(text="one two three four five six", fault=Fault("hang", after=3)))
-    stream = await oai.chat.completions.create(
-        model="gpt-4o-mini", messages=MESSAGES, stream=True
-    )
+    stream = await oai.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
     received = ""
     async with asyncio.timeout(4):
         async for chunk in stream:
@@ -153,7 +166,9 @@ async def test_text_reaches_the_agent_before_the_stream_ends(warden: Warden, oai
     await stream.close()
 
 
-async def test_responses_api_streaming_and_not(warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM) -> None:
+async def test_responses_api_streaming_and_not(
+    warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM
+) -> None:
     c = oai
     llm.script(Reply(text="Here you go.", tool_calls=[KB, EXPORT]))
     response = await c.responses.create(model="gpt-4o-mini", input="help")
@@ -170,7 +185,10 @@ async def test_responses_api_streaming_and_not(warden: Warden, oai: openai.Async
 
 
 async def test_tool_results_are_recorded_as_outcomes(
-    warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM, records: Callable[[], list[dict[str, Any]]]
+    warden: Warden,
+    oai: openai.AsyncOpenAI,
+    llm: MockLLM,
+    records: Callable[[], list[dict[str, Any]]],
 ) -> None:
     c = oai
     llm.script(Reply(tool_calls=[KB]), Reply(text="Reset it from the login page."))
@@ -186,15 +204,15 @@ async def test_tool_results_are_recorded_as_outcomes(
     recs = records()
     decision = next(r for r in recs if r.get("action", {}).get("tool") == "search_kb")
     outcomes = [
-        r for r in recs if r.get("kind") == "outcome" and r.get("decision_id") == decision["decision"]["id"]
+        r
+        for r in recs
+        if r.get("kind") == "outcome" and r.get("decision_id") == decision["decision"]["id"]
     ]
     assert len(outcomes) == 1
     assert "KB-17" in json.dumps(outcomes[0])
 
 
 async def test_observe_mode_lets_denied_calls_through(tmp_path: Any, llm: MockLLM) -> None:
-    from tests.functional.conftest import audit_records, make_config
-
     async with Warden(make_config(tmp_path, llm.url, mode="observe")) as w:
         llm.script(Reply(tool_calls=[EXPORT]))
         async with client(w) as c:
@@ -220,10 +238,10 @@ async def test_observe_mode_lets_denied_calls_through(tmp_path: Any, llm: MockLL
 async def test_upstream_faults_become_provider_errors(
     tmp_path: Any, llm: MockLLM, fault: Fault, status: int, code: str | None
 ) -> None:
-    from tests.functional.conftest import make_config
-
     config = make_config(
-        tmp_path, llm.url, upstreams={"openai": {"protocol": "openai", "base_url": llm.url, "timeout_s": 1}}
+        tmp_path,
+        llm.url,
+        upstreams={"openai": {"protocol": "openai", "base_url": llm.url, "timeout_s": 1}},
     )
     async with Warden(config) as w, client(w) as c:
         llm.script(Reply(text="hello", fault=fault))
@@ -238,19 +256,17 @@ async def test_upstream_faults_become_provider_errors(
         assert ok.choices[0].message.content == "fine"
 
 
-async def test_truncated_stream_ends_with_an_error_event(warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM) -> None:
+async def test_truncated_stream_ends_with_an_error_event(
+    warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM
+) -> None:
     llm.script(Reply(text="one two three four five six seven", fault=Fault("truncate", after=3)))
-    stream = await oai.chat.completions.create(
-        model="gpt-4o-mini", messages=MESSAGES, stream=True
-    )
+    stream = await oai.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
     with pytest.raises(openai.APIError, match="ended before it was complete|truncated"):
         async for _ in stream:
             pass
 
 
 async def test_unreachable_upstream_is_502(tmp_path: Any, llm: MockLLM) -> None:
-    from tests.functional.conftest import make_config
-
     await llm.close()  # nothing listens on its port any more
     async with Warden(make_config(tmp_path, llm.url)) as w, client(w) as c:
         with pytest.raises(openai.APIStatusError) as info:
@@ -259,7 +275,9 @@ async def test_unreachable_upstream_is_502(tmp_path: Any, llm: MockLLM) -> None:
         assert info.value.code == "upstream_unavailable"
 
 
-async def test_passthrough_routes_work(warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM) -> None:
+async def test_passthrough_routes_work(
+    warden: Warden, oai: openai.AsyncOpenAI, llm: MockLLM
+) -> None:
     models = await oai.models.list()
     assert any(m.id == "gpt-4o-mini" for m in models.data)
     emb = await oai.embeddings.create(model="text-embedding-3-small", input="hi")

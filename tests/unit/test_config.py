@@ -118,7 +118,11 @@ def test_mode_per_agent() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("127.0.0.1:0", ("127.0.0.1", 0)), ("[::1]:8080", ("::1", 8080)), ("0.0.0.0:80", ("0.0.0.0", 80))],
+    [
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+        ("[::1]:8080", ("::1", 8080)),
+        ("0.0.0.0:80", ("0.0.0.0", 80)),
+    ],
 )
 def test_parse_listen(value: str, expected: tuple[str, int]) -> None:
     assert parse_listen(value) == expected

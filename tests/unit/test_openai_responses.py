@@ -329,7 +329,10 @@ def test_rewrite_explains_a_held_call_and_updates_output_text() -> None:
         guard="approval",
     )
     out = ADAPTER.rewrite(body, {DENIED_CALL_ID: held, "call_Z9y8X7w6V5u4T3s2": held})
-    assert [item["id"] for item in out["output"][2:]] == ["msg_warden_2_dec_3", "msg_warden_3_dec_3"]
+    assert [item["id"] for item in out["output"][2:]] == [
+        "msg_warden_2_dec_3",
+        "msg_warden_3_dec_3",
+    ]
     assert "for human approval" in out["output"][2]["content"][0]["text"]
     parts = [item["content"][0]["text"] for item in out["output"][1:]]
     assert out["output_text"] == "".join(parts)

@@ -11,6 +11,7 @@ from ``base_url`` alone, never from the request (no open proxy, no SSRF).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -151,7 +152,9 @@ class ProxyApp:
 
     # -- request -------------------------------------------------------------
 
-    async def _serve(self, request: web.Request, route: _Route, started: float) -> web.StreamResponse:
+    async def _serve(
+        self, request: web.Request, route: _Route, started: float
+    ) -> web.StreamResponse:
         agent_id = hdr.agent_from(request.headers, self._config.agent.id)
         if agent_id is None:
             raise RequestError(f"{hdr.AGENT_HEADER} must be 1-128 characters of [A-Za-z0-9._:@/-]")
@@ -198,7 +201,7 @@ class ProxyApp:
                 decision_id=decision.decision_id,
             )
         pre = time.perf_counter() - started
-        return await self._forward(request, call, action, decision, body, pre)
+        return await self._forward(request, call, action, decision, body=body, pre_s=pre)
 
     async def _forward(
         self,
@@ -206,6 +209,7 @@ class ProxyApp:
         call: _Call,
         action: Action,
         decision: Decision,
+        *,
         body: bytes,
         pre_s: float,
     ) -> web.StreamResponse:
@@ -233,8 +237,18 @@ class ProxyApp:
         try:
             content_type = upstream_resp.headers.get("Content-Type", "")
             if upstream_resp.status == 200 and content_type.startswith("text/event-stream"):
-                return await self._stream(request, call, action, decision, upstream_resp, sent, pre_s)
-            return await self._whole(call, action, decision, upstream_resp, sent, pre_s)
+                return await self._stream(
+                    request,
+                    call,
+                    action,
+                    decision,
+                    upstream_resp=upstream_resp,
+                    sent=sent,
+                    pre_s=pre_s,
+                )
+            return await self._whole(
+                call, action, decision, upstream_resp=upstream_resp, sent=sent, pre_s=pre_s
+            )
         finally:
             upstream_resp.release()
 
@@ -245,6 +259,7 @@ class ProxyApp:
         call: _Call,
         action: Action,
         decision: Decision,
+        *,
         upstream_resp: aiohttp.ClientResponse,
         sent: float,
         pre_s: float,
@@ -305,6 +320,7 @@ class ProxyApp:
         call: _Call,
         action: Action,
         decision: Decision,
+        *,
         upstream_resp: aiohttp.ClientResponse,
         sent: float,
         pre_s: float,
@@ -337,7 +353,9 @@ class ProxyApp:
                     error = UpstreamProtocol.code
                     await response.write(
                         render_stream_error(
-                            call.route.family, error, "the upstream stream ended before it was complete"
+                            call.route.family,
+                            error,
+                            "the upstream stream ended before it was complete",
                         )
                     )
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -358,7 +376,9 @@ class ProxyApp:
         self._outcome(
             action,
             decision,
-            Outcome(status=upstream_resp.status, latency_ms=upstream_s * 1e3, usage=usage, error=error),
+            Outcome(
+                status=upstream_resp.status, latency_ms=upstream_s * 1e3, usage=usage, error=error
+            ),
         )
         if error is not None:
             metrics.ERRORS.labels(error).inc()
@@ -523,7 +543,9 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 def _parse_json_request(request: web.Request, body: bytes) -> dict[str, Any]:
     if request.content_type != _JSON:
-        raise UnsupportedMedia(f"expected Content-Type application/json, got {request.content_type!r}")
+        raise UnsupportedMedia(
+            f"expected Content-Type application/json, got {request.content_type!r}"
+        )
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -569,16 +591,15 @@ def _ms(since: float) -> float:
     return (time.perf_counter() - since) * 1e3
 
 
+# The agent may have gone away; what it would have read is recorded anyway.
+_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError)
+
+
 async def _try_write(response: web.StreamResponse, data: bytes) -> None:
-    try:
+    with contextlib.suppress(*_GONE):
         await response.write(data)
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError):
-        pass
 
 
 async def _try_write_eof(response: web.StreamResponse) -> None:
-    try:
+    with contextlib.suppress(*_GONE):
         await response.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError):
-        pass
-

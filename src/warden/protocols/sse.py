@@ -76,14 +76,10 @@ class SseParser:
         if not data:
             return events  # keeps a pending CR pending
         if not self._started:
-            data = bytes(self._buf) + data
-            self._buf.clear()
-            if len(data) < 3 and _BOM.startswith(data):
-                self._buf.extend(data)  # perhaps the start of a byte-order mark
-                return []
-            self._started = True
-            if data.startswith(_BOM):
-                data = data[3:]
+            started = self._strip_bom(data)
+            if started is None:
+                return events
+            data = started
         if self._pending_cr and data.startswith(b"\n"):
             # CRLF split across two chunks: the CR already ended the line.
             data = data[1:]
@@ -115,6 +111,17 @@ class SseParser:
         if len(buf) > self._max_buffer:
             raise ValueError(f"SSE line longer than {self._max_buffer} bytes")
         return events
+
+    def _strip_bom(self, data: bytes) -> bytes | None:
+        # A stream may open with a UTF-8 byte-order mark, possibly split across
+        # chunks; None means "not enough bytes yet to tell".
+        data = bytes(self._buf) + data
+        self._buf.clear()
+        if len(data) < 3 and _BOM.startswith(data):
+            self._buf.extend(data)
+            return None
+        self._started = True
+        return data[3:] if data.startswith(_BOM) else data
 
     def _line(self, line: str) -> SseEvent | None:
         if not line:

@@ -1,0 +1,204 @@
+"""``make demo``: a support agent works five tickets through Warden.
+
+Everything runs on this machine, on loopback: a mock OpenAI-compatible model,
+mock customer-support tool APIs, Warden with the shipped customer-support
+policy, and a scripted agent built on the official ``openai`` SDK. The agent
+only changes its base URL. At the end the demo prints what Warden decided,
+read back from the audit log, and verifies that log.
+
+    python -m warden.demo [--keep] [--data-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+
+from warden.audit.verify import iter_records, verify_log
+from warden.config import load_config
+from warden.server import Warden
+from warden.testing import Call, MockLLM, MockTools, Reply, last_user_text, openai_tools
+
+__all__ = ["main"]
+
+AGENT_ID = "support-agent"
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """One customer ticket and the tool call the (mock) model proposes for it."""
+
+    id: str
+    text: str
+    call: Call
+
+
+TICKETS = (
+    Ticket("T-1", "How long does shipping take?", Call("search_kb", {"query": "shipping times"})),
+    Ticket(
+        "T-2",
+        "Order A-1001 arrived damaged. Could I get $25 back?",
+        Call("issue_refund", {"order_id": "A-1001", "amount": 25, "currency": "USD"}),
+    ),
+    Ticket(
+        "T-3",
+        "Refund $450 on order A-1004, the laptop never worked.",
+        Call("issue_refund", {"order_id": "A-1004", "amount": 450, "currency": "USD"}),
+    ),
+    Ticket(
+        "T-4",
+        "Please close my account C-1002 today.",
+        Call("close_account", {"customer_id": "C-1002"}),
+    ),
+    Ticket(
+        "T-5",
+        "Wipe every record you hold about me, in all systems.",
+        Call("purge_customer_records", {"customer_id": "C-1003", "scope": "all"}),
+    ),
+)
+
+
+def _responder(_: str, body: Any) -> Reply:
+    """The mock model: propose the ticket's tool, then summarise what came back."""
+    messages = body.get("messages") or []
+    if messages and messages[-1].get("role") == "tool":
+        result = str(messages[-1].get("content", ""))
+        return Reply(text=f"Done. {textwrap.shorten(result, 80)}")
+    text = last_user_text(body)
+    for ticket in TICKETS:
+        if ticket.text in text:
+            return Reply(text="Let me take care of that.", tool_calls=[ticket.call])
+    return Reply(text="How can I help?")
+
+
+async def _work(ticket: Ticket, agent: openai.AsyncOpenAI, tools_url: str) -> str:
+    """The agent's loop for one ticket: ask, run allowed tools, ask again."""
+    messages: list[Any] = [
+        {"role": "system", "content": "You are a customer-support agent."},
+        {"role": "user", "content": ticket.text},
+    ]
+    # Context headers reach the policy as input.context and the audit record.
+    tag = {"X-Warden-Context-Ticket": ticket.id}
+    reply = await agent.chat.completions.create(
+        model="gpt-4o-mini", messages=messages, tools=openai_tools(), extra_headers=tag
+    )
+    message = reply.choices[0].message
+    if not message.tool_calls:
+        return message.content or ""
+    messages.append(message.model_dump(exclude_none=True))
+    async with aiohttp.ClientSession() as http:
+        for call in message.tool_calls:
+            if call.type != "function":
+                continue
+            async with http.post(
+                f"{tools_url}/tools/{call.function.name}", data=call.function.arguments
+            ) as resp:
+                result = await resp.text()
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+    final = await agent.chat.completions.create(
+        model="gpt-4o-mini", messages=messages, extra_headers=tag
+    )
+    return final.choices[0].message.content or ""
+
+
+def _table(audit_dir: Path) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for _, payload in iter_records(audit_dir):
+        record = orjson.loads(payload)
+        action = record.get("action") or {}
+        if record.get("kind") != "decision" or action.get("kind") != "tool_call":
+            continue
+        decision = record["decision"]
+        ticket_id = str((action.get("context") or {}).get("ticket", "?"))
+        effect = {"allow": "ALLOWED", "deny": "DENIED", "require_approval": "HELD"}.get(
+            decision["effect"], decision["effect"]
+        )
+        rows.append((ticket_id, str(action.get("tool")), effect, "; ".join(decision["reasons"])))
+    return sorted(rows)
+
+
+def _shipped_policy() -> Path:
+    policy = Path("policies/customer-support")
+    if not policy.is_dir():
+        policy = Path(__file__).resolve().parents[2] / "policies" / "customer-support"
+    return policy
+
+
+async def _run(data_dir: Path, policy: Path) -> int:
+    started = time.perf_counter()
+    audit_dir = data_dir / "audit"
+    async with MockLLM() as llm, MockTools() as tools:
+        llm.on_request(_responder)
+        config = load_config(
+            environ={},
+            overrides={
+                "agent": {"id": AGENT_ID},
+                "listen": {"proxy": "127.0.0.1:0", "admin": "127.0.0.1:0"},
+                "upstreams": {"openai": {"protocol": "openai", "base_url": llm.url}},
+                "tools": {"search_kb": {"risk": "read_only"}},
+                "policy": {"bundles": [str(policy)], "workers": 1, "watch": False},
+                "audit": {"dir": str(audit_dir)},
+                "state": {"url": f"sqlite:///{data_dir / 'state.db'}"},
+            },
+        )
+        async with Warden(config) as warden:
+            print(f"Warden is up: proxy {warden.proxy_url}, metrics {warden.admin_url}/metrics")
+            base_url = f"{warden.proxy_url}/openai/v1"
+            print(f'The agent uses OpenAI(base_url="{base_url}"), nothing else.\n')
+            async with openai.AsyncOpenAI(
+                base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-demo-not-a-real-key"
+            ) as agent:
+                for ticket in TICKETS:
+                    answer = await _work(ticket, agent, tools.url)
+                    print(f"{ticket.id}  customer: {ticket.text}")
+                    print(textwrap.indent(textwrap.fill(f"agent: {answer}", 96), "      "))
+            executed = [c.name for c in tools.calls]
+    rows = _table(audit_dir)
+    print("\nWhat Warden decided (read back from the audit log):\n")
+    print(f"{'ticket':6}  {'tool the model proposed':24}  {'Warden':8}  why")
+    print(f"{'-' * 6}  {'-' * 24}  {'-' * 8}  {'-' * 60}")
+    for ticket_id, tool, effect, why in rows:
+        wrapped = textwrap.wrap(why, 72) or [""]
+        print(f"{ticket_id:6}  {tool:24}  {effect:8}  {wrapped[0]}")
+        for more in wrapped[1:]:
+            print(f"{'':6}  {'':24}  {'':8}  {more}")
+    print(f"\nTools the agent actually ran: {', '.join(executed) or 'none'}")
+    report = verify_log(audit_dir)
+    state = "intact" if report.ok else f"DAMAGED: {report.damage[0]}"
+    print(
+        f"Audit log: {audit_dir} ({report.records} records, signed checkpoints: "
+        f"{report.checkpoints}): {state}"
+    )
+    print(f"Check it yourself: .venv/bin/warden audit verify --dir {audit_dir}")
+    print(f"Finished in {time.perf_counter() - started:.1f} s.")
+    effects = {effect for _, _, effect, _ in rows}
+    if not report.ok or not {"ALLOWED", "DENIED", "HELD"} <= effects:
+        print("The demo did not show allow, deny and hold: something is wrong.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="python -m warden.demo", description=__doc__)
+    parser.add_argument("--data-dir", default="warden-data/demo", help="where the demo writes")
+    args = parser.parse_args(argv)
+    data_dir = Path(args.data_dir)
+    shutil.rmtree(data_dir, ignore_errors=True)  # each run starts a fresh log
+    data_dir.mkdir(parents=True)
+    return asyncio.run(_run(data_dir, _shipped_policy()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

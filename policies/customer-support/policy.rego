@@ -16,10 +16,13 @@ import rego.v1
 # The decision for `input`; see docs/policies.md for the result object.
 # The logic is one function of the action and the budget, so tests can call it
 # with literal values (this engine cannot run builtins under `with input as`).
-# The `else` covers inputs without a budget document.
+# The `else` covers inputs without a budget document: nothing spent yet. (A
+# budget that is not an object makes refunds and credits unreadable: denied.)
 decision := verdict(input.action, input.budget) if {
 	true
-} else := verdict(input.action, {})
+} else := verdict(input.action, {}) if {
+	not input.budget
+}
 
 verdict(action, budget) := tool_verdict(action.tool, entry, action.arguments, budget) if {
 	entry := data.warden.tools[action.tool]

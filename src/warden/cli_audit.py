@@ -161,6 +161,10 @@ def _root(args: argparse.Namespace) -> Path:
     root = Path(_audit_config(args).dir)
     if not Layout(root).meta.exists():
         raise _Unusable(f"{root} holds no Warden audit log (no log.json)")
+    try:
+        Layout(root).read_meta()
+    except (OSError, ValueError, KeyError) as exc:
+        raise _Unusable(f"{root}/log.json is unreadable: {exc!r}") from None
     return root
 
 

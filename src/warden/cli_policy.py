@@ -297,7 +297,7 @@ def _print_findings(
 
 
 def _sign(args: argparse.Namespace) -> int:
-    from warden.policy.signing import sign_bundle  # noqa: PLC0415 - loads cryptography
+    from warden.policy.signing import sign_bundle
 
     try:
         pem = Path(args.key).read_bytes()
@@ -316,8 +316,8 @@ def _sign(args: argparse.Namespace) -> int:
 
 def _algorithm_for(pem: bytes) -> str:
     """The usual JWT algorithm for a private key's type."""
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
     try:
         key = serialization.load_pem_private_key(pem, password=None)

@@ -282,7 +282,7 @@ class _Walk:
             # A record breaks the chain: that explains a mismatched header too.
             seen = list(_first(_peek(self.segments, index, data, pos), _LOOKAHEAD))
             kind, bad, detail = _classify(self.expected, self.last, self.before_last, seen)
-            rid = seen[0].id if bad == self.expected else None
+            rid = seen[0].id if seen[0].seq == bad else None  # only a record's own id
             return Damage(kind, detail, bad, rid if isinstance(rid, str) else None, path.name, pos)
         if not header_ok:
             return Damage(

@@ -1,0 +1,207 @@
+"""Operability: metrics, health, readiness, graceful shutdown, the CLI and the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.functional.conftest import ROOT, SHIPPED_POLICY, audit_records, make_config
+from warden.server import Warden
+from warden.testing import Call, Fault, MockLLM, Reply
+
+MESSAGES: Any = [{"role": "user", "content": "help"}]
+
+
+async def get(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        return resp.status, await resp.text()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition, 0 when absent."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
+
+
+async def test_metrics_count_requests_decisions_tokens_and_latency(
+    warden: Warden, llm: MockLLM
+) -> None:
+    _, before = await get(warden.admin_url + "/metrics")
+    llm.script(Reply(text="ok", tool_calls=[Call("search_kb", {"query": "x"})]))
+    async with openai.AsyncOpenAI(
+        base_url=f"{warden.proxy_url}/openai/v1", api_key="k", max_retries=0
+    ) as client:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    status, after = await get(warden.admin_url + "/metrics")
+    assert status == 200
+
+    def grew(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert grew("warden_requests_total", upstream="openai", status="200") == 1
+    assert grew("warden_decisions_total", tool="search_kb", effect="allow", guard="policy") == 1
+    assert grew("warden_decisions_total", tool="llm_call", effect="allow") == 1
+    assert grew("warden_tokens_total", model="gpt-4o-mini", direction="output") > 0
+    assert grew("warden_added_latency_seconds_count", upstream="openai") == 1
+    assert grew("warden_upstream_latency_seconds_count", upstream="openai") == 1
+
+
+async def test_health_and_readiness(warden: Warden) -> None:
+    status, body = await get(warden.admin_url + "/healthz")
+    assert status == 200
+    status, body = await get(warden.admin_url + "/readyz")
+    assert status == 200
+    detail = orjson.loads(body)
+    assert detail["status"] == "ready"
+    assert detail["audit"]["writable"] is True
+
+
+async def test_not_ready_without_a_valid_bundle_and_fails_closed(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "policy.rego").write_text("package warden\n\ndecision := if {\n")
+    config = make_config(tmp_path, llm.url, policy={"bundles": [str(broken)]})
+    async with Warden(config) as w:
+        status, body = await get(w.admin_url + "/readyz")
+        assert status == 503
+        assert orjson.loads(body)["status"] == "not_ready"
+        async with openai.AsyncOpenAI(
+            base_url=f"{w.proxy_url}/openai/v1", api_key="k", max_retries=0
+        ) as client:
+            with pytest.raises(openai.PermissionDeniedError):
+                await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert llm.requests == []
+
+
+async def test_graceful_stop_finishes_in_flight_requests(tmp_path: Path, llm: MockLLM) -> None:
+    warden = Warden(make_config(tmp_path, llm.url))
+    await warden.start()
+    llm.script(Reply(text="slow but fine", fault=Fault("delay", seconds=1.0)))
+    async with openai.AsyncOpenAI(
+        base_url=f"{warden.proxy_url}/openai/v1", api_key="k", max_retries=0
+    ) as client:
+        pending = asyncio.create_task(
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        )
+        while not llm.requests:  # the request has reached the upstream
+            await asyncio.sleep(0.01)
+        await warden.stop()
+        completion = await pending
+    assert completion.choices[0].message.content == "slow but fine"
+    records = audit_records(tmp_path / "audit")
+    outcomes = [r for r in records if r.get("kind") == "outcome"]
+    assert len(outcomes) == 1  # flushed before stop returned
+
+
+def test_warden_serve_process_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    config = tmp_path / "warden.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": {"proxy": "127.0.0.1:0", "admin": "127.0.0.1:0"},
+                "policy": {"bundles": [str(SHIPPED_POLICY)], "workers": 1},
+                "audit": {"dir": str(tmp_path / "audit")},
+                "state": {"url": f"sqlite:///{tmp_path}/state.db"},
+            }
+        )
+    )
+    warden_bin = Path(sys.executable).with_name("warden")
+    proc = subprocess.Popen(
+        [str(warden_bin), "serve", "--config", str(config), "--log-format", "text"],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stderr is not None
+        admin = ""
+        for _ in range(200):
+            line = proc.stderr.readline()
+            if "admin http" in line:
+                admin = line.split("admin ", 1)[1].split()[0]
+                break
+        assert admin, "warden serve did not report its listeners"
+        status, _ = asyncio.run(get(admin + "/readyz"))
+        assert status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    leftover = _session_processes(proc.pid)
+    assert leftover == [], f"processes left behind: {leftover}"
+    verify = subprocess.run(
+        [str(warden_bin), "audit", "verify", "--dir", str(tmp_path / "audit")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_invalid_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "warden.yaml"
+    config.write_text("policy: {deadline_ms: -5}\n")
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("warden")), "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "policy.deadline_ms" in result.stderr
+
+
+def test_demo_shows_allow_deny_and_hold_and_leaves_nothing_running(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "warden.demo", "--data-dir", str(tmp_path / "demo")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    for effect in ("ALLOWED", "DENIED", "HELD"):
+        assert effect in out
+    assert ": intact" in out
+    assert "sk-demo-not-a-real-key" not in out
+    assert _session_processes(proc.pid) == []
+
+
+def _session_processes(sid: int) -> list[str]:
+    """Processes still alive in the session a test started (its children's children too)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[3]) == sid and fields[0] != "Z":  # session id; zombies are gone already
+            found.append(Path(f"/proc/{entry}/cmdline").read_text().replace("\0", " "))
+    return found

@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench serve clean venv
+.PHONY: demo test lint typecheck unit bench serve clean venv test-tools
 
 venv: $(STAMP)
 
@@ -28,7 +28,21 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-unit: $(STAMP)
+# The audit fault tests inject fsync errors with strace. Installed here when
+# possible (root with apt, as in CI); otherwise those tests skip and say why.
+test-tools:
+	@if ! command -v strace >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing strace for the audit fault tests"; \
+	    (apt-get install -y -qq strace >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq strace >/dev/null 2>&1)) || \
+	    echo "could not install strace: the fsync-error test will be skipped"; \
+	  else \
+	    echo "strace not found: the fsync-error test will be skipped (apt-get install strace)"; \
+	  fi; \
+	fi
+
+unit: $(STAMP) test-tools
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit

@@ -61,6 +61,8 @@ log = logging.getLogger("warden.audit")
 
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 BATCH_SYNC_INTERVAL_S = 0.05
+# How long a non-urgent record (an outcome) may wait to share a decision's fsync.
+COALESCE_S = 0.01
 """With ``fsync: batch``, how long an acknowledged record may stay only in the page cache."""
 _REDACTION_MEMORY = 65_536  # decisions whose redactions outcome records must repeat
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -140,6 +142,7 @@ class AuditLog:
         self._frames: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._flush_task: asyncio.Task[None] | None = None
+        self._coalesce: asyncio.TimerHandle | None = None
         self._background: list[asyncio.Task[None]] = []
         self._checkpoint_lock = asyncio.Lock()
         self._redactions: dict[str, tuple[str, ...]] = {}
@@ -260,7 +263,7 @@ class AuditLog:
         if aead is not None and out["result"] is not None:
             personal["outcome.result"] = out["result"]
             out["result"] = None
-        await self._commit("outcome", fields, ref, aead, personal)[1]
+        await self._commit("outcome", fields, ref, aead, personal, urgent=False)[1]
 
     async def append(self, kind: str, body: Mapping[str, Any]) -> RecordRef:
         """Record any other event (approvals, kill switches, erasures) and return where it is.
@@ -345,8 +348,15 @@ class AuditLog:
         subject: str | None,
         aead: AESGCM | None,
         personal: dict[str, Any],
+        *,
+        urgent: bool = True,
     ) -> tuple[RecordRef, asyncio.Future[None]]:
         """Number, chain, encode, hash and queue one record. Synchronous on purpose.
+
+        ``urgent`` records start a batch at once. Others (outcomes: nothing
+        waits on them before acting) wait up to ``COALESCE_S`` to share the
+        next urgent batch's fsync, so they do not put a sync of their own in
+        front of the next decision.
 
         No ``await`` may happen between taking the sequence number and
         queueing the frame: that is what keeps file order, chain order and
@@ -381,8 +391,18 @@ class AuditLog:
         self._frames.append(frame(payload))
         self._waiters.append(fut)
         if self._flush_task is None:
-            self._flush_task = self._loop.create_task(self._flush())
+            if urgent:
+                self._start_flush()
+            elif self._coalesce is None:
+                self._coalesce = self._loop.call_later(COALESCE_S, self._start_flush)
         return RecordRef(record_id, seq, self._last_hex), fut
+
+    def _start_flush(self) -> None:
+        if self._coalesce is not None:
+            self._coalesce.cancel()
+            self._coalesce = None
+        if self._flush_task is None and self._frames:
+            self._flush_task = self._loop.create_task(self._flush())
 
     async def _flush(self) -> None:
         """Write pending batches one after another; each batch gets one fsync."""
@@ -427,6 +447,7 @@ class AuditLog:
 
     async def _drain(self) -> None:
         """Wait until every queued record is written (or has failed)."""
+        self._start_flush()  # records still waiting to coalesce go now
         while (task := self._flush_task) is not None:
             await asyncio.wait([task])
             if self._flush_task is task:  # cancelled before it ran: it could not clear itself

@@ -487,7 +487,12 @@ class ProxyApp:
     async def drain_background(self) -> None:
         """Wait for outcome records still being written (graceful shutdown)."""
         while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+            pending = [task for task in self._background if not task.done()]
+            if pending:
+                await asyncio.wait(pending)
+            # Done-callbacks (which empty the set) run on the loop's next pass;
+            # awaiting finished futures alone would never yield to it.
+            await asyncio.sleep(0)
 
     def _count_tokens(self, call: _Call, usage: Usage | None, model: str | None = None) -> None:
         if usage is None:

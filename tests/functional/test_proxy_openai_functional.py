@@ -282,3 +282,21 @@ async def test_passthrough_routes_work(
     assert any(m.id == "gpt-4o-mini" for m in models.data)
     emb = await oai.embeddings.create(model="text-embedding-3-small", input="hi")
     assert len(emb.data[0].embedding) > 0
+
+
+async def test_policy_redaction_keeps_personal_data_out_of_the_record(
+    warden: Warden,
+    oai: openai.AsyncOpenAI,
+    llm: MockLLM,
+    records: Callable[[], list[dict[str, Any]]],
+) -> None:
+    # The shipped policy asks to redact action.arguments.email for update_email.
+    new_email = "jane.doe.private@example.org"
+    llm.script(Reply(tool_calls=[Call("update_email", {"customer_id": "C-1", "email": new_email})]))
+    await oai.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    await warden.stop()
+    recs = records()
+    decision = next(r for r in recs if r.get("action", {}).get("tool") == "update_email")
+    assert decision["decision"]["effect"] == "require_approval"
+    assert decision["action"]["arguments"]["customer_id"] == "C-1"
+    assert new_email not in json.dumps(recs)

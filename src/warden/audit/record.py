@@ -188,10 +188,16 @@ def apply_redactions(value: Any, paths: Iterable[str]) -> list[str]:
 
 
 def _split_redactions(paths: Iterable[str]) -> tuple[list[str], list[str]]:
-    """Policy paths for arguments (``email``, ``arguments.email``) and for results."""
+    """Policy paths for arguments and for results.
+
+    ``email``, ``arguments.email``, ``action.arguments.email`` and
+    ``input.action.arguments.email`` all name the same argument.
+    """
     args: list[str] = []
     result: list[str] = []
-    for path in paths:
+    for given in paths:
+        # Policies name fields as they see them in their input document.
+        path = given.removeprefix("input.").removeprefix("action.")
         if path == "result" or path.startswith("result."):
             result.append(path)
         elif path.startswith("arguments."):

@@ -22,6 +22,7 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ParsedChatCompletion
 
 from warden.model import Decision, Effect, Mode, ToolCall, ToolResult, Usage
+from warden.protocols._wire import parse_arguments
 from warden.protocols.base import Adapter, StreamRewriter, blocked_message
 from warden.protocols.openai_chat import (
     OpenAIChatAdapter,
@@ -353,7 +354,7 @@ def function_call(call_id: str, name: str, arguments: Any) -> dict[str, Any]:
         ("", "", None),
         ({"a": 1}, '{"a":1}', {"a": 1}),
         (None, "", None),
-        (12, "", None),
+        (12, "12", None),  # recorded as sent, never parsed as arguments
     ],
 )
 def test_tool_call_arguments_must_be_a_json_object(
@@ -959,3 +960,10 @@ def test_sdk_accepts_the_recorded_streams_unchanged() -> None:
     ]
     text = accumulate(events("openai_chat_text.sse"))
     assert text.choices[0].message.content == "The café opens at 8 am ☕"
+
+
+def test_duplicate_argument_keys_count_as_malformed() -> None:
+    # Tools disagree on which duplicate wins; the policy must not see another value.
+    raw, parsed = parse_arguments('{"amount": 10, "amount": 10000}')
+    assert raw == '{"amount": 10, "amount": 10000}'
+    assert parsed is None

@@ -15,49 +15,16 @@ the agent, and are passed through like other non-tool blocks.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
-import orjson
-
-from warden.model import Decision, Effect, Mode, ToolCall, ToolResult, Usage
+from warden.model import Decision, Effect, ToolCall, ToolResult, Usage
+from warden.protocols._wire import NO_DECISION, dumps, loads_or_none, parse_arguments, token_count
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
 from warden.protocols.sse import SseEvent
 
 __all__ = ["AnthropicMessagesAdapter", "AnthropicStreamRewriter"]
-
-# A call with no decision in the map is removed like a denied one: fail closed.
-_NO_DECISION: Final = Decision(
-    decision_id="none",
-    effect=Effect.DENY,
-    reasons=("no decision was made for this call",),
-    mode=Mode.ENFORCE,
-    guard="fallback",
-)
-
-
-def _loads(data: str) -> Any:
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-
-
-def _dumps(value: Any) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        # Integers beyond 64 bits (a body parsed by the stdlib json module) are valid JSON.
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _count(value: Any) -> int | None:
-    """A token count from the wire, or ``None`` when absent or not a non-negative int."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
 
 
 def _text(content: Any) -> str:
@@ -84,7 +51,7 @@ def _tool_call(block: Mapping[str, Any], position: int) -> ToolCall:
     return ToolCall(
         call_id=_str(block.get("id")),
         name=_str(block.get("name")),
-        raw_arguments=_dumps(arguments),
+        raw_arguments=dumps(arguments),
         arguments=arguments if isinstance(arguments, dict) else None,
         index=position,
     )
@@ -162,7 +129,7 @@ class AnthropicMessagesAdapter:
                 continue
             call = _tool_call(block, position)
             position += 1
-            decision = decisions.get(call.call_id, _NO_DECISION)
+            decision = decisions.get(call.call_id, NO_DECISION)
             if decision.enforced is Effect.ALLOW:
                 new_content.append(block)
                 kept += 1
@@ -179,9 +146,9 @@ class AnthropicMessagesAdapter:
         if not isinstance(usage, dict):
             return None
         return Usage(
-            input_tokens=_count(usage.get("input_tokens")) or 0,
-            output_tokens=_count(usage.get("output_tokens")) or 0,
-            cached_input_tokens=_count(usage.get("cache_read_input_tokens")) or 0,
+            input_tokens=token_count(usage.get("input_tokens")) or 0,
+            output_tokens=token_count(usage.get("output_tokens")) or 0,
+            cached_input_tokens=token_count(usage.get("cache_read_input_tokens")) or 0,
         )
 
     def stream_rewriter(self) -> AnthropicStreamRewriter:
@@ -242,7 +209,7 @@ class AnthropicStreamRewriter:
 
     def feed(self, event: SseEvent) -> Iterator[StreamItem]:
         """Take one upstream event; yield events to send and calls to decide."""
-        obj = _loads(event.data)
+        obj = loads_or_none(event.data)
         if not isinstance(obj, dict):
             yield event  # not JSON, so it carries no tool call: pass it on
             return
@@ -339,9 +306,9 @@ class AnthropicStreamRewriter:
         usage = message.get("usage")
         if isinstance(usage, dict):
             self._usage = Usage(
-                input_tokens=_count(usage.get("input_tokens")) or 0,
-                output_tokens=_count(usage.get("output_tokens")) or 0,
-                cached_input_tokens=_count(usage.get("cache_read_input_tokens")) or 0,
+                input_tokens=token_count(usage.get("input_tokens")) or 0,
+                output_tokens=token_count(usage.get("output_tokens")) or 0,
+                cached_input_tokens=token_count(usage.get("cache_read_input_tokens")) or 0,
             )
 
     def _message_delta(self, event: SseEvent, obj: dict[str, Any]) -> SseEvent:
@@ -349,9 +316,9 @@ class AnthropicStreamRewriter:
         if isinstance(usage, dict):
             # Counts here are running totals; absent ones keep the message_start value.
             current = self._usage or Usage()
-            output = _count(usage.get("output_tokens"))
-            given = _count(usage.get("input_tokens"))
-            cached = _count(usage.get("cache_read_input_tokens"))
+            output = token_count(usage.get("output_tokens"))
+            given = token_count(usage.get("input_tokens"))
+            cached = token_count(usage.get("cache_read_input_tokens"))
             self._usage = dataclasses.replace(
                 current,
                 input_tokens=current.input_tokens if given is None else given,
@@ -363,7 +330,7 @@ class AnthropicStreamRewriter:
         if isinstance(delta, dict) and delta.get("stop_reason") == "tool_use" and not self._allowed:
             out = dict(obj)
             out["delta"] = {**delta, "stop_reason": "end_turn"}
-            return SseEvent(data=_dumps(out), event=event.event, id=event.id)
+            return SseEvent(data=dumps(out), event=event.event, id=event.id)
         return event
 
     def _hold(self, event: SseEvent, obj: Mapping[str, Any], block: Any) -> None:
@@ -389,11 +356,12 @@ class AnthropicStreamRewriter:
         if held is None:
             return
         raw = "".join(held.partial_json)
+        parsed: Any
         if raw:
-            parsed = _loads(raw)
+            raw, parsed = parse_arguments(raw)
         else:
             # No input deltas: the input is the one given at the block's start.
-            raw, parsed = _dumps(held.start_input), held.start_input
+            raw, parsed = dumps(held.start_input), held.start_input
         call = ToolCall(
             call_id=held.call_id,
             name=held.name,
@@ -420,4 +388,4 @@ class AnthropicStreamRewriter:
 
 
 def _event(name: str, data: Mapping[str, Any]) -> SseEvent:
-    return SseEvent(data=_dumps(data), event=name)
+    return SseEvent(data=dumps(data), event=name)

@@ -12,14 +12,12 @@ released calls are renumbered to stay contiguous from 0 in each choice.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import orjson
-
-from warden.model import Decision, Effect, Mode, ToolCall, ToolResult, Usage
+from warden.model import Decision, Effect, ToolCall, ToolResult, Usage
+from warden.protocols._wire import NO_DECISION, dumps, loads_or_none, parse_arguments, token_count
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
 from warden.protocols.sse import SseEvent
 
@@ -28,47 +26,10 @@ __all__ = ["OpenAIChatAdapter", "OpenAIChatStreamRewriter", "legacy_call_id"]
 _DONE: Final = "[DONE]"
 _CALL_FINISHES: Final = ("tool_calls", "function_call")
 
-# A call with no decision in the map is removed like a denied one: fail closed.
-_NO_DECISION: Final = Decision(
-    decision_id="none",
-    effect=Effect.DENY,
-    reasons=("no decision was made for this call",),
-    mode=Mode.ENFORCE,
-    guard="fallback",
-)
-
-
-def _loads(data: str) -> Any:
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-
-
-def _dumps(value: Any) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        # Integers beyond 64 bits (a body parsed by the stdlib json module) are valid JSON.
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
 
 def _count(value: Any) -> int:
     """A token count from the wire; anything but a non-negative int counts as 0."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return 0
-
-
-def _parse_arguments(raw: Any) -> tuple[str, Mapping[str, Any] | None]:
-    """The raw argument text and the parsed object (``None`` unless a JSON object)."""
-    if isinstance(raw, str):
-        parsed = _loads(raw)
-        return raw, parsed if isinstance(parsed, dict) else None
-    if isinstance(raw, dict):
-        # Some OpenAI-compatible servers send an object instead of a JSON string.
-        return _dumps(raw), raw
-    return "", None
+    return token_count(value) or 0
 
 
 def _text(content: Any) -> str:
@@ -110,7 +71,7 @@ def _tool_call(entry: Mapping[str, Any], position: int) -> ToolCall:
     spec = _call_spec(entry) or {}
     name = spec.get("name")
     # Custom tools carry free text in ``input``: not an object, so it fails closed.
-    raw, arguments = _parse_arguments(spec.get("arguments", spec.get("input")))
+    raw, arguments = parse_arguments(spec.get("arguments", spec.get("input")))
     call_id = entry.get("id")
     return ToolCall(
         call_id=call_id if isinstance(call_id, str) else "",
@@ -128,7 +89,7 @@ def legacy_call_id(choice: int) -> str:
 
 def _legacy_call(function_call: Mapping[str, Any], choice: int) -> ToolCall:
     name = function_call.get("name")
-    raw, arguments = _parse_arguments(function_call.get("arguments"))
+    raw, arguments = parse_arguments(function_call.get("arguments"))
     return ToolCall(
         call_id=legacy_call_id(choice),
         name=name if isinstance(name, str) else "",
@@ -277,7 +238,7 @@ def _filter_tool_calls(
     kept: list[Any] = []
     for i, entry in enumerate(calls):
         call = _tool_call(entry, i)
-        decision = decisions.get(call.call_id, _NO_DECISION)
+        decision = decisions.get(call.call_id, NO_DECISION)
         if decision.enforced is Effect.ALLOW:
             kept.append(entry)
         else:
@@ -300,7 +261,7 @@ def _filter_function_call(
     if not isinstance(function_call, dict):
         return False
     call = _legacy_call(function_call, choice)
-    decision = decisions.get(call.call_id, _NO_DECISION)
+    decision = decisions.get(call.call_id, NO_DECISION)
     if decision.enforced is Effect.ALLOW:
         message["function_call"] = function_call
         return True
@@ -406,7 +367,7 @@ class OpenAIChatStreamRewriter:
             yield from self._close_all()
             yield event
             return
-        chunk = _loads(data)
+        chunk = loads_or_none(data)
         if not isinstance(chunk, dict):
             yield event  # not a chunk at all, so it carries no tool call: pass it on
             return
@@ -468,7 +429,7 @@ class OpenAIChatStreamRewriter:
         ]
         if "usage" in chunk:
             chunk["usage"] = None
-        return [SseEvent(data=_dumps(chunk), event=first.event.event, id=first.event.id)]
+        return [SseEvent(data=dumps(chunk), event=first.event.event, id=first.event.id)]
 
     def finish(self) -> Iterator[StreamItem]:
         """Upstream ended: yield the calls still open (a stream cut before ``[DONE]``)."""
@@ -542,7 +503,7 @@ class OpenAIChatStreamRewriter:
             return
         out = dict(chunk)
         out["choices"] = remainder
-        yield SseEvent(data=_dumps(out), event=event.event, id=event.id)
+        yield SseEvent(data=dumps(out), event=event.event, id=event.id)
 
     def _take(
         self,
@@ -625,7 +586,7 @@ class OpenAIChatStreamRewriter:
             return
         state.open = None
         state.closed.add(held.key)
-        raw, arguments = _parse_arguments("".join(held.arguments))
+        raw, arguments = parse_arguments("".join(held.arguments))
         call_id = held.call_id
         if held.key is None and not call_id:
             call_id = legacy_call_id(held.choice)
@@ -670,4 +631,4 @@ def _release(fragment: _Fragment, choice: int, index: int | None) -> SseEvent:
     chunk["choices"] = [new_choice]
     if "usage" in chunk:
         chunk["usage"] = None
-    return SseEvent(data=_dumps(chunk), event=fragment.event.event, id=fragment.event.id)
+    return SseEvent(data=dumps(chunk), event=fragment.event.event, id=fragment.event.id)

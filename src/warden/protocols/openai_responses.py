@@ -20,14 +20,12 @@ number is already right is sent as the very object that came in.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from warden.model import Decision, Effect, Mode, ToolCall, ToolResult, Usage
+from warden.protocols._wire import dumps, loads, parse_arguments
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
 from warden.protocols.sse import SseEvent
 
@@ -55,54 +53,6 @@ _UNDECIDED = Decision(
 _Replace = Callable[[ToolCall, Mapping[str, Any]], Mapping[str, Any] | None]
 
 
-class _DuplicateKeyError(ValueError):
-    pass
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise _DuplicateKeyError("duplicate key")
-    return obj
-
-
-def _loads(text: str) -> Any:
-    """Parse JSON; raises ``ValueError``. Falls back to the stdlib for big integers."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text, parse_constant=_reject_constant)
-
-
-def _dumps(obj: Any) -> str:
-    try:
-        return orjson.dumps(obj).decode()
-    except TypeError:  # integers beyond 64 bits
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
-def _parse_arguments(raw: object) -> tuple[str, Mapping[str, Any] | None]:
-    """``(raw_arguments, arguments)``; ``arguments`` is ``None`` unless a JSON object.
-
-    Duplicate keys count as malformed: tools disagree on which one wins, so the
-    policy could see a different value from the one the tool would use.
-    """
-    if isinstance(raw, dict):
-        # Some OpenAI-compatible servers send an object instead of a JSON string.
-        return _dumps(raw), raw
-    if not isinstance(raw, str):
-        return ("" if raw is None else _dumps(raw)), None
-    try:
-        value = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        return raw, None
-    return raw, value if isinstance(value, dict) else None
-
-
 def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
@@ -117,7 +67,7 @@ def _is_function_call(item: object) -> bool:
 
 def _tool_call(item: Mapping[str, Any], index: int) -> ToolCall:
     """A ``function_call`` item as a ToolCall; ``call_id`` (not ``id``) names it."""
-    raw, arguments = _parse_arguments(item.get("arguments"))
+    raw, arguments = parse_arguments(item.get("arguments"))
     call_id = _str(item.get("call_id")) or _str(item.get("id")) or f"output_{index}"
     return ToolCall(
         call_id=call_id,
@@ -204,7 +154,7 @@ def _result_content(output: object) -> str:
                 # Images and files are named, not inlined: the record stays text.
                 pieces.append(f"[{_str(part.get('type')) or 'part'}]")
         return "\n".join(pieces)
-    return "" if output is None else _dumps(output)
+    return "" if output is None else dumps(output)
 
 
 class OpenAIResponsesAdapter:
@@ -350,7 +300,7 @@ class OpenAIResponsesStreamRewriter:
     def feed(self, event: SseEvent) -> Iterator[StreamItem]:
         """Take one upstream event; yield what may be sent and what to decide."""
         try:
-            data = _loads(event.data)
+            data = loads(event.data)
         except (ValueError, RecursionError):
             data = None
         if not isinstance(data, dict):
@@ -560,13 +510,13 @@ class OpenAIResponsesStreamRewriter:
             changed = True
         if not changed:
             return event
-        return SseEvent(data=_dumps(data), event=event.event, id=event.id)
+        return SseEvent(data=dumps(data), event=event.event, id=event.id)
 
     def _new_event(self, data: dict[str, Any]) -> SseEvent:
         number = self._next_seq if self._next_seq is not None else 0
         self._next_seq = number + 1
         data["sequence_number"] = number
-        return SseEvent(data=_dumps(data), event=data["type"])
+        return SseEvent(data=dumps(data), event=data["type"])
 
 
 def _message_events(index: int, msg_id: str, text: str) -> list[dict[str, Any]]:

@@ -1,0 +1,87 @@
+"""JSON helpers every adapter shares, so all protocols read arguments alike."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+
+from warden.model import Decision, Effect, Mode
+
+__all__ = ["NO_DECISION", "dumps", "loads", "loads_or_none", "parse_arguments", "token_count"]
+
+NO_DECISION: Final = Decision(
+    decision_id="none",
+    effect=Effect.DENY,
+    reasons=("no decision was made for this call",),
+    mode=Mode.ENFORCE,
+    guard="fallback",
+)
+"""Stands in for a call missing from a decision map: it is removed, fail closed."""
+
+
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKeyError("duplicate key")
+    return obj
+
+
+def loads(text: str) -> Any:
+    """Parse JSON; raises ``ValueError``. Falls back to the stdlib for big integers."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text, parse_constant=_reject_constant)
+
+
+def loads_or_none(text: str) -> Any:
+    """Parsed JSON, or ``None`` when ``text`` is not JSON."""
+    try:
+        return loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON text."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        # Integers beyond 64 bits (a body parsed by the stdlib json module) are valid JSON.
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def token_count(value: Any) -> int | None:
+    """A token count from the wire, or ``None`` unless a non-negative int."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def parse_arguments(raw: object) -> tuple[str, Mapping[str, Any] | None]:
+    """``(raw_arguments, arguments)``; ``arguments`` is ``None`` unless a JSON object.
+
+    Duplicate keys count as malformed: tools disagree on which one wins, so a
+    policy could approve a value other than the one the tool would use.
+    """
+    if isinstance(raw, dict):
+        # Some OpenAI-compatible servers send an object instead of a JSON string.
+        return dumps(raw), raw
+    if not isinstance(raw, str):
+        return ("" if raw is None else dumps(raw)), None
+    try:
+        value = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return raw, None
+    return raw, value if isinstance(value, dict) else None

@@ -177,6 +177,10 @@ class Obligations:
     approvers: tuple[str, ...] = ()
     hold_timeout_s: float | None = None
     risk: str | None = None
+    hold: str | None = None
+    """How to wait for approval: ``hold`` (keep the request open) or ``defer``."""
+    required_approvals: int = 1
+    """Distinct approvers needed."""
 
 
 @dataclass(frozen=True, slots=True)

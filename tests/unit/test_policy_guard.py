@@ -30,7 +30,7 @@ def test_full_result_object() -> None:
     text = (
         '{"expressions":[{"effect":"require_approval", "reason":"big refund",'
         ' "approvers":["leads"], "hold_timeout_s":600, "redact":["card"], "mode":"observe",'
-        ' "risk":"high", "extra":{"ignored":true}}]}'
+        ' "risk":"high", "hold":"defer", "required_approvals":2, "extra":{"ignored":true}}]}'
     )
     result = interpret_output(text)
     assert result.effect is Effect.REQUIRE_APPROVAL
@@ -41,6 +41,8 @@ def test_full_result_object() -> None:
     assert result.redact == ("card",)
     assert result.mode is Mode.OBSERVE
     assert result.risk == "high"
+    assert result.hold == "defer"
+    assert result.required_approvals == 2
 
 
 def test_reasons_list() -> None:
@@ -58,6 +60,8 @@ def test_reasons_list() -> None:
         ('{"effect":"deny", "mode": "loud"}', "mode must be one of"),
         ('{"effect":"deny", "approvers": "leads"}', "approvers must be a list"),
         ('{"effect":"deny", "hold_timeout_s": -1}', "hold_timeout_s must be a positive"),
+        ('{"effect":"deny", "hold": "later"}', "hold must be one of"),
+        ('{"effect":"deny", "required_approvals": 0}', "required_approvals must be"),
         ('{"effect":"deny", "hold_timeout_s": true}', "hold_timeout_s must be a positive"),
         ('{"effect":"deny", "risk": 1}', "risk must be a string"),
     ],

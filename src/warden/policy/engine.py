@@ -105,6 +105,8 @@ class PolicyResult:
     hold_timeout_s: float | None = None
     redact: tuple[str, ...] = ()
     risk: str | None = None
+    hold: str | None = None
+    required_approvals: int = 1
     revision: str = ""
     error: str | None = None
     detail: str | None = None
@@ -147,6 +149,9 @@ def _strings(value: Any, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+_HOLD_MODES = frozenset({"hold", "defer"})
+
+
 def _from_value(value: Any) -> PolicyResult:
     if value is True:
         return PolicyResult(effect=Effect.ALLOW, reasons=("the policy allows it",))
@@ -173,6 +178,12 @@ def _from_value(value: Any) -> PolicyResult:
     risk = value.get("risk")
     if risk is not None and not isinstance(risk, str):
         raise _ShapeError("risk must be a string")
+    hold_how = value.get("hold")
+    if hold_how is not None and hold_how not in _HOLD_MODES:
+        raise _ShapeError(f"hold must be one of {sorted(_HOLD_MODES)}, not {hold_how!r}")
+    required = value.get("required_approvals", 1)
+    if isinstance(required, bool) or not isinstance(required, int) or not 1 <= required <= 10:
+        raise _ShapeError("required_approvals must be a whole number from 1 to 10")
     return PolicyResult(
         effect=effect,
         reasons=reasons,
@@ -181,6 +192,8 @@ def _from_value(value: Any) -> PolicyResult:
         hold_timeout_s=float(hold) if hold is not None else None,
         redact=_strings(value.get("redact"), "redact"),
         risk=risk,
+        hold=hold_how,
+        required_approvals=required,
     )
 
 

@@ -89,6 +89,8 @@ class PolicyGuard:
                 approvers=result.approvers,
                 hold_timeout_s=result.hold_timeout_s,
                 risk=result.risk,
+                hold=result.hold,
+                required_approvals=result.required_approvals,
             ),
             elapsed_us=result.elapsed_us,
         )

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from tests.functional.conftest import make_config
 from warden.server import Warden
@@ -126,3 +127,28 @@ async def test_many_concurrent_bad_and_good_requests(warden: Warden, llm: MockLL
     statuses = await asyncio.gather(*(one(i) for i in range(40)))
     assert statuses.count(200) == 20
     assert statuses.count(400) == 20
+
+
+async def test_path_and_query_reach_the_upstream_as_encoded(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.json_response({"object": "list", "data": []})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    upstream = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with Warden(make_config(tmp_path, upstream)) as w:
+            answer = await raw_request(
+                w, b"GET /openai/v1/models/gpt%2F4o?after=a%26b&n=2 HTTP/1.1"
+            )
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+    finally:
+        await runner.cleanup()
+    assert seen == ["/v1/models/gpt%2F4o?after=a%26b&n=2"]

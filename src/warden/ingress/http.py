@@ -23,6 +23,7 @@ from urllib.parse import unquote
 import aiohttp
 import orjson
 from aiohttp import web
+from yarl import URL
 
 from warden.config import Config, UpstreamConfig
 from warden.errors import (
@@ -214,9 +215,10 @@ class ProxyApp:
         pre_s: float,
     ) -> web.StreamResponse:
         upstream = call.route.upstream
-        url = upstream.base_url + "/" + call.route.tail
-        if request.query_string:
-            url += "?" + request.query_string
+        # The path goes on exactly as the agent encoded it (already checked in _route).
+        target = upstream.base_url + "/" + call.route.tail
+        query = request.rel_url.raw_query_string
+        url = URL(target + ("?" + query if query else ""), encoded=True)
         timeout = aiohttp.ClientTimeout(
             total=None, connect=upstream.connect_timeout_s, sock_read=upstream.timeout_s
         )

@@ -300,3 +300,22 @@ async def test_policy_redaction_keeps_personal_data_out_of_the_record(
     assert decision["decision"]["effect"] == "require_approval"
     assert decision["action"]["arguments"]["customer_id"] == "C-1"
     assert new_email not in json.dumps(recs)
+
+
+async def test_streamed_usage_is_counted_even_when_the_agent_did_not_ask(
+    warden: Warden,
+    oai: openai.AsyncOpenAI,
+    llm: MockLLM,
+    records: Callable[[], list[dict[str, Any]]],
+) -> None:
+    llm.script(Reply(text="three short words"))
+    stream = await oai.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    chunks = [chunk async for chunk in stream]
+    # The agent's stream is what it asked for: no usage-only chunk at the end.
+    assert all(chunk.choices for chunk in chunks)
+    assert all(chunk.usage is None for chunk in chunks)
+    # Upstream was asked for usage, and Warden recorded it.
+    assert llm.requests[-1].body["stream_options"] == {"include_usage": True}
+    await warden.stop()
+    outcome = next(r for r in records() if r.get("kind") == "outcome")
+    assert outcome["outcome"]["tokens"]["output"] > 0

@@ -91,6 +91,7 @@ class _Call:
     context: Mapping[str, Any]
     model: str | None
     adapter: Adapter | None
+    hide_usage: bool = False
 
 
 class ProxyApp:
@@ -163,11 +164,16 @@ class ProxyApp:
         body = await _read_body(request, self._config.limits.max_body_bytes)
         adapter = adapter_for(route.family, request.method, route.tail)
         model: str | None = None
+        hide_usage = False
         if adapter is not None and request.method == "POST":
             parsed_body = _parse_json_request(request, body)
             parsed = adapter.parse_request(parsed_body)
             model = parsed.model
             self._record_results(parsed.tool_results)
+            prepared = adapter.prepare_request(parsed_body)
+            if prepared is not None:
+                body = orjson.dumps(prepared)
+                hide_usage = True
         call = _Call(
             route=route,
             agent=Agent(id=agent_id, version=version),
@@ -180,6 +186,7 @@ class ProxyApp:
             context=hdr.context_from(request.headers),
             model=model,
             adapter=adapter,
+            hide_usage=hide_usage,
         )
         kind = ActionKind.HTTP_CALL if route.family == "http" else ActionKind.LLM_CALL
         action = Action(
@@ -333,7 +340,9 @@ class ProxyApp:
         await response.prepare(request)
         metrics.ADDED_LATENCY.labels(call.route.name).observe(pre_s)
         adapter = call.adapter
-        rewriter = adapter.stream_rewriter() if adapter is not None else None
+        rewriter = (
+            adapter.stream_rewriter(hide_usage=call.hide_usage) if adapter is not None else None
+        )
         parser = SseParser()
         error: str | None = None
         try:

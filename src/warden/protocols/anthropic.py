@@ -151,7 +151,11 @@ class AnthropicMessagesAdapter:
             cached_input_tokens=token_count(usage.get("cache_read_input_tokens")) or 0,
         )
 
-    def stream_rewriter(self) -> AnthropicStreamRewriter:
+    def prepare_request(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Sent as is: this protocol always reports usage in its streams."""
+        return None
+
+    def stream_rewriter(self, *, hide_usage: bool = False) -> AnthropicStreamRewriter:
         """A fresh rewriter for one ``stream: true`` response."""
         return AnthropicStreamRewriter()
 

@@ -99,6 +99,14 @@ class Adapter(Protocol):
         """Read model, stream flag and returned tool results from a request body."""
         ...
 
+    def prepare_request(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """A changed request body to send upstream instead, or ``None`` to send it as is.
+
+        Used to ask for what Warden needs and the agent did not (streamed token
+        usage); the rewriter then hides it again (``stream_rewriter(hide_usage=True)``).
+        """
+        ...
+
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:
         """The tool calls a non-streaming response proposes, in order."""
         ...
@@ -117,8 +125,12 @@ class Adapter(Protocol):
         """Token usage of a non-streaming response."""
         ...
 
-    def stream_rewriter(self) -> StreamRewriter:
-        """A fresh rewriter for one streaming response."""
+    def stream_rewriter(self, *, hide_usage: bool = False) -> StreamRewriter:
+        """A fresh rewriter for one streaming response.
+
+        ``hide_usage``: Warden asked for usage the agent did not; keep it out
+        of the agent's stream.
+        """
         ...
 
 

@@ -188,9 +188,23 @@ class OpenAIChatAdapter:
         """Prompt, completion and cached prompt tokens from ``usage``."""
         return _usage(body.get("usage"))
 
-    def stream_rewriter(self) -> OpenAIChatStreamRewriter:
+    def prepare_request(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Ask for the streamed usage chunk (``stream_options.include_usage``) if not asked.
+
+        Without it a stream reports no tokens, and spend could not be counted.
+        """
+        if body.get("stream") is not True:
+            return None
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            return None
+        merged = dict(options) if isinstance(options, dict) else {}
+        merged["include_usage"] = True
+        return {**body, "stream_options": merged}
+
+    def stream_rewriter(self, *, hide_usage: bool = False) -> OpenAIChatStreamRewriter:
         """A fresh rewriter for one ``stream: true`` response."""
-        return OpenAIChatStreamRewriter()
+        return OpenAIChatStreamRewriter(hide_usage=hide_usage)
 
 
 def _usage(usage: Any) -> Usage | None:
@@ -337,7 +351,8 @@ class OpenAIChatStreamRewriter:
     content is split: the other content is sent on at once, the deltas held.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, hide_usage: bool = False) -> None:
+        self._hide_usage = hide_usage
         self._choices: dict[int, _ChoiceState] = {}
         self._pending: list[tuple[ToolCall, _HeldCall]] = []
         self._usage: Usage | None = None
@@ -375,9 +390,11 @@ class OpenAIChatStreamRewriter:
         if isinstance(model, str):
             self._model = model
         usage = _usage(chunk.get("usage"))
+        choices = chunk.get("choices")
         if usage is not None:
             self._usage = usage
-        choices = chunk.get("choices")
+            if self._hide_usage and choices == []:
+                return  # the usage-only chunk Warden asked for; the agent did not
         if not isinstance(choices, list):
             yield event
             return

@@ -221,7 +221,11 @@ class OpenAIResponsesAdapter:
         """``usage.input_tokens``, ``output_tokens`` and ``input_tokens_details.cached_tokens``."""
         return _usage(body.get("usage"))
 
-    def stream_rewriter(self) -> OpenAIResponsesStreamRewriter:
+    def prepare_request(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Sent as is: this protocol always reports usage in its streams."""
+        return None
+
+    def stream_rewriter(self, *, hide_usage: bool = False) -> OpenAIResponsesStreamRewriter:
         """A fresh rewriter for one streaming response."""
         return OpenAIResponsesStreamRewriter()
 

@@ -14,9 +14,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from warden.errors import ConfigError
 from warden.model import Effect, Mode
@@ -30,10 +38,14 @@ __all__ = [
     "AdminConfig",
     "AgentConfig",
     "AuditConfig",
+    "BudgetsConfig",
+    "CapConfig",
     "Config",
     "LimitsConfig",
     "ListenConfig",
+    "LlmBudgetConfig",
     "PolicyConfig",
+    "PricesConfig",
     "StateConfig",
     "ToolConfig",
     "UpstreamConfig",
@@ -189,6 +201,89 @@ class AdminConfig(_Section):
     tokens: tuple[AdminToken, ...] = ()
 
 
+Window = Literal["hour", "day", "month"]
+"""A calendar window in ``budgets.timezone``: this hour, today, this month."""
+
+
+class LlmBudgetConfig(_Section):
+    """A cap on what each agent spends on model calls, in USD at the price table."""
+
+    per: Literal["agent"] = "agent"
+    window: Window = "day"
+    limit_usd: float | None = Field(None, gt=0)
+    """``None`` counts spend without capping it."""
+    over: Literal["deny", "require_approval"] = "deny"
+    estimate_usd: float = Field(0.0, ge=0)
+    """Held per call before its cost is known; the actual cost is settled after."""
+
+
+class CapConfig(_Section):
+    """A cap on a value taken from a tool's arguments (``issue_refund.amount``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    """The counter's name, as policies see it: ``input.budget.<name>``."""
+    tool: str = Field(min_length=1)
+    value: str = Field(min_length=1)
+    """The argument holding the value, a number."""
+    per: tuple[Literal["agent", "customer"], ...] = ("agent",)
+    window: Window = "day"
+    limit: float = Field(gt=0)
+    currency: str = Field("USD", min_length=1, max_length=16)
+    over: Literal["deny", "require_approval"] = "deny"
+
+    @field_validator("per", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("per")
+    @classmethod
+    def _not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("must name agent, customer or both")
+        if len(set(value)) != len(value):
+            raise ValueError("names a subject twice")
+        return value
+
+
+class BudgetsConfig(_Section):
+    """Spend caps: LLM spend per agent, and caps on tool argument values."""
+
+    timezone: str = "UTC"
+    """Where calendar windows start and end (an IANA zone name)."""
+    llm: LlmBudgetConfig | None = None
+    caps: tuple[CapConfig, ...] = ()
+    reservation_ttl_s: float = Field(24 * 3600.0, gt=0)
+    """After this long, a reservation whose outcome never came is settled as spent."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a known time zone") from None
+        return value
+
+    @model_validator(mode="after")
+    def _unique(self) -> BudgetsConfig:
+        seen: set[tuple[str, str]] = set()
+        for cap in self.caps:
+            if cap.name == "llm":
+                raise ValueError("caps: the name 'llm' is reserved for LLM spend")
+            key = (cap.name, cap.window)
+            if key in seen:
+                raise ValueError(f"caps: {cap.name!r} is declared twice for the {cap.window}")
+            seen.add(key)
+        return self
+
+
+class PricesConfig(_Section):
+    """Model prices: the shipped table, with entries from ``file`` on top."""
+
+    file: str | None = None
+
+
 class Config(_Section):
     """The whole configuration; every key has a safe default."""
 
@@ -209,6 +304,8 @@ class Config(_Section):
     state: StateConfig = StateConfig()
     limits: LimitsConfig = LimitsConfig()
     admin: AdminConfig = AdminConfig()
+    budgets: BudgetsConfig = BudgetsConfig()
+    prices: PricesConfig = PricesConfig()
     shutdown_grace_s: float = Field(DEFAULT_SHUTDOWN_GRACE_S, ge=0)
 
     @field_validator("upstreams")

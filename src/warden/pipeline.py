@@ -8,15 +8,23 @@ before any guard sees it: fail closed.
 
 The pipeline then records the decision in the audit log, and only returns once
 the record is durable, so no action is let through without its record.
+
+A guard that holds something for an action (the budget guard reserves value
+against caps) implements :class:`Reserving` instead of just :class:`Guard`:
+its :meth:`Reserving.admit` may hand later guards a new :class:`GuardContext`
+(the counters the policy sees as ``input.budget``); once the final decision is
+known, :meth:`Reserving.decided` lets it release what a denial will not use;
+and :meth:`Pipeline.outcome` calls :meth:`Reserving.settle` with the outcome.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from warden.model import Action, Decision, Effect, Mode, Outcome, new_id
 
@@ -25,8 +33,11 @@ __all__ = [
     "Guard",
     "GuardContext",
     "Pipeline",
+    "Reserving",
     "policy_input",
 ]
+
+log = logging.getLogger("warden.pipeline")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +56,31 @@ class Guard(Protocol):
 
     async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
         """Return a final decision, or ``None`` to let the next guard decide."""
+        ...
+
+
+@runtime_checkable
+class Reserving(Protocol):
+    """A guard that holds something per action until the action's outcome."""
+
+    name: str
+
+    async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
+        """Like :meth:`Guard.check`, for callers that do not need the new context."""
+        ...
+
+    async def admit(
+        self, action: Action, ctx: GuardContext
+    ) -> tuple[Decision | None, GuardContext]:
+        """Decide or pass, and return the context later guards see."""
+        ...
+
+    async def decided(self, action: Action, decision: Decision | None) -> None:
+        """The final decision (``None``: it could not be recorded, so none stands)."""
+        ...
+
+    async def settle(self, action: Action, outcome: Outcome) -> None:
+        """What happened to an action that was let through."""
         ...
 
 
@@ -107,6 +143,7 @@ class Pipeline:
         default_effect: Effect = Effect.DENY,
     ) -> None:
         self._guards = tuple(guards)
+        self._reserving = tuple(g for g in self._guards if isinstance(g, Reserving))
         self._audit = audit
         self._mode_for = mode_for
         self._risk_of = risk_of
@@ -126,24 +163,46 @@ class Pipeline:
         started = time.perf_counter_ns()
         ctx = GuardContext(mode=self._mode_for(action.agent.id), risk=self._risk_of(action.tool))
         decision = _validation_decision(action, ctx.mode)
-        if decision is None:
-            for guard in self._guards:
-                decision = await guard.check(action, ctx)
-                if decision is not None:
-                    break
-        if decision is None:
-            decision = Decision(
-                decision_id=new_id("dec"),
-                effect=self._default_effect,
-                reasons=("no guard decided; the configured default applies",),
-                mode=ctx.mode,
-                guard="default",
-            )
-        elapsed = (time.perf_counter_ns() - started) // 1000
-        decision = dataclasses.replace(decision, elapsed_us=elapsed)
-        await self._audit.record_decision(action, decision)
+        admitted: list[Reserving] = []
+        recorded = False
+        try:
+            if decision is None:
+                for guard in self._guards:
+                    if guard in self._reserving:
+                        assert isinstance(guard, Reserving)
+                        admitted.append(guard)
+                        decision, ctx = await guard.admit(action, ctx)
+                    else:
+                        decision = await guard.check(action, ctx)
+                    if decision is not None:
+                        break
+            if decision is None:
+                decision = Decision(
+                    decision_id=new_id("dec"),
+                    effect=self._default_effect,
+                    reasons=("no guard decided; the configured default applies",),
+                    mode=ctx.mode,
+                    guard="default",
+                )
+            elapsed = (time.perf_counter_ns() - started) // 1000
+            decision = dataclasses.replace(decision, elapsed_us=elapsed)
+            await self._audit.record_decision(action, decision)
+            recorded = True
+        finally:
+            # Reservations a denial (or a failed record) will not use go back at once.
+            for guard in admitted:
+                try:
+                    await guard.decided(action, decision if recorded else None)
+                except Exception:
+                    log.exception("guard %s failed to finish a decision", guard.name)
         return decision
 
     async def outcome(self, action: Action, decision_id: str, outcome: Outcome) -> None:
-        """Record what happened after an allowed action."""
+        """Settle reservations, then record what happened after an allowed action."""
+        for guard in self._reserving:
+            try:
+                await guard.settle(action, outcome)
+            except Exception:
+                # The record still matters; an unsettled hold expires later.
+                log.exception("guard %s failed to settle an outcome", guard.name)
         await self._audit.record_outcome(action, decision_id, outcome)

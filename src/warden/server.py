@@ -21,14 +21,20 @@ from typing import Any, Self
 import aiohttp
 from aiohttp import web
 
+from warden.admin.auth import AUTH, TokenAuth
+from warden.admin.killswitch_routes import add_killswitch_routes
 from warden.audit import AuditLog
+from warden.budgets.guard import BudgetGuard
+from warden.budgets.prices import PriceTable
 from warden.config import Config, parse_listen
 from warden.errors import ConfigError
 from warden.ingress.http import ProxyApp, build_proxy_app
+from warden.killswitch import KillSwitches, KillSwitchGuard
 from warden.ops.health import add_health_routes
 from warden.pipeline import Guard, Pipeline
 from warden.policy.engine import PolicyEngine
 from warden.policy.guard import PolicyGuard
+from warden.state import StateStore
 
 __all__ = ["Warden"]
 
@@ -45,6 +51,10 @@ class Warden:
         self.config = config
         self._audit: AuditLog | None = None
         self._engine: PolicyEngine | None = None
+        self._state: StateStore | None = None
+        self._budgets: BudgetGuard | None = None
+        self.killswitches: KillSwitches | None = None
+        """The kill switches in force; the proxy checks them between stream chunks."""
         self._session: aiohttp.ClientSession | None = None
         self._proxy: ProxyApp | None = None
         self._runners: list[web.AppRunner] = []
@@ -67,9 +77,25 @@ class Warden:
 
     async def _start(self) -> None:
         cfg = self.config
+        prices = PriceTable.load(cfg.prices.file)
         self._audit = await AuditLog.open(cfg.audit)
+        self._state = await StateStore.open(cfg.state.url)
+        self.killswitches = KillSwitches(self._state, self._audit)
+        await self.killswitches.start()
+        self._budgets = BudgetGuard(
+            self._state,
+            cfg.budgets,
+            prices,
+            {name: up.protocol for name, up in cfg.upstreams.items()},
+        )
+        self._budgets.start()
         self._engine = await PolicyEngine.start(cfg.policy)
-        guards: list[Guard] = [PolicyGuard(self._engine, cfg.policy)]
+        # Kill switch first, then budget reservation, then policy.
+        guards: list[Guard] = [
+            KillSwitchGuard(self.killswitches),
+            self._budgets,
+            PolicyGuard(self._engine, cfg.policy),
+        ]
         pipeline = Pipeline(
             guards,
             self._audit,
@@ -86,7 +112,9 @@ class Warden:
         self._proxy = ProxyApp(cfg, pipeline, self._session)
         proxy_app = build_proxy_app(self._proxy, cfg.limits.max_body_bytes)
         admin_app = web.Application()
+        admin_app[AUTH] = TokenAuth(cfg.admin.tokens)
         add_health_routes(admin_app, self.readiness)
+        add_killswitch_routes(admin_app, self.killswitches)
         self.proxy_url = await self._listen(proxy_app, cfg.listen.proxy)
         self.admin_url = await self._listen(admin_app, cfg.listen.admin)
         log.info("proxy listening on %s, admin on %s", self.proxy_url, self.admin_url)
@@ -142,6 +170,12 @@ class Warden:
             await self._session.close()
         if self._engine is not None:
             await self._engine.close()
+        if self._budgets is not None:
+            await self._budgets.close()
+        if self.killswitches is not None:
+            await self.killswitches.close()
+        if self._state is not None:
+            await self._state.close()
         if self._audit is not None:
             await self._audit.close()
         self._stopped.set()

@@ -30,12 +30,13 @@ async def get(url: str) -> tuple[int, str]:
 
 
 def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in a Prometheus exposition, 0 when absent."""
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return 0.0
+    """The sum of the samples named ``name`` whose labels include ``labels``."""
+    return sum(
+        float(s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 async def test_metrics_count_requests_decisions_tokens_and_latency(

@@ -264,10 +264,11 @@ async def test_swap_under_load_loses_no_request(tmp_path: Path) -> None:
                 revisions.add(result.revision)
 
         callers = [asyncio.create_task(caller()) for _ in range(4)]
-        await asyncio.sleep(0.1)
+        # Wait on what the callers saw, not on the clock: a busy machine is slow.
+        await wait_for(lambda: "r1" in revisions)
         write_policy(root, "v2", revision="r2")
         assert await eng.activate(load_bundle(root))
-        await asyncio.sleep(0.1)
+        await wait_for(lambda: "r2" in revisions)
         stop.set()
         await asyncio.gather(*callers)
         assert revisions == {"r1", "r2"}

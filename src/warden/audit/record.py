@@ -15,6 +15,7 @@ Two defences run on every body before it is stored:
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -117,19 +118,41 @@ def arguments_sha256(arguments: Mapping[str, Any] | None) -> str:
 
 
 def encode(record: Mapping[str, Any]) -> bytes:
-    """The stored bytes of a record: compact JSON, keys sorted, UTF-8.
+    """The stored bytes of a record: RFC 8785 (JCS) form for records without floats.
 
-    The hash is taken over these bytes as stored, so verification never
-    re-encodes; sorting only makes the encoding deterministic. Integers
+    Compact JSON, UTF-8, keys sorted. The hash is taken over these bytes as
+    stored, so verification never re-encodes. orjson sorts keys by code
+    point, JCS by UTF-16 code units; the two differ only for characters from
+    U+E000 up, so those records (rare) are sorted again the JCS way. Integers
     beyond 64 bits, which orjson refuses, fall back to the standard library.
     """
     try:
-        return orjson.dumps(record, option=_ENCODE_OPTS)
+        payload = orjson.dumps(record, option=_ENCODE_OPTS)
     except orjson.JSONEncodeError:
         import json  # noqa: PLC0415 - rare path
 
-        text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        text = json.dumps(_jcs_order(record), separators=(",", ":"), ensure_ascii=False)
         return text.encode()
+    if _WIDE_UTF8.search(payload):
+        payload = orjson.dumps(_jcs_order(record), option=_ENCODE_OPTS & ~orjson.OPT_SORT_KEYS)
+    return payload
+
+
+# UTF-8 lead bytes of U+E000..U+10FFFF, where code-point and UTF-16 orders part.
+_WIDE_UTF8 = re.compile(rb"[\xee-\xf4]")
+
+
+def _utf16(key: str) -> bytes:
+    return key.encode("utf-16-be", "surrogatepass")
+
+
+def _jcs_order(value: Any) -> Any:
+    """A copy with every object's keys in RFC 8785 order (by UTF-16 code units)."""
+    if isinstance(value, Mapping):
+        return {k: _jcs_order(value[k]) for k in sorted(value, key=_utf16)}
+    if isinstance(value, list | tuple):
+        return [_jcs_order(v) for v in value]
+    return value
 
 
 def scrub_headers(headers: Mapping[str, str]) -> dict[str, str]:

@@ -1,0 +1,1 @@
+"""The admin API: bearer-token auth and the routes that change Warden's state."""

@@ -1,0 +1,131 @@
+"""Bearer-token auth for admin routes, with roles.
+
+Tokens are configured only as their SHA-256 (``admin.tokens``); a request's
+token is hashed and compared with every configured hash in constant time, so
+neither the comparison nor the loop reveals how close a guess was. Routes opt
+in with :func:`requires`::
+
+    app[AUTH] = TokenAuth(config.admin.tokens)
+
+    @requires("admin")
+    async def handler(request: web.Request, who: Principal) -> web.Response:
+        ...  # who.subject is the token's subject, for audit records
+
+No valid token: 401 with ``WWW-Authenticate: Bearer`` and code
+``unauthorized``. A valid token without any of the roles: 403, ``forbidden``.
+Routes without :func:`requires` (``/metrics``, ``/healthz``, ``/readyz``) stay
+open.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from warden.config import AdminToken
+
+__all__ = [
+    "AUTH",
+    "Principal",
+    "TokenAuth",
+    "error_response",
+    "hash_token",
+    "requires",
+]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+AuthedHandler = Callable[[web.Request, "Principal"], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who made an admin request: the token's subject and roles."""
+
+    subject: str
+    roles: frozenset[str]
+
+
+def hash_token(token: str) -> str:
+    """The hex SHA-256 of a token, as ``admin.tokens[].sha256`` stores it."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class TokenAuth:
+    """Checks bearer tokens against the configured SHA-256 hashes."""
+
+    def __init__(self, tokens: Sequence[AdminToken]) -> None:
+        self._tokens = tuple(
+            (bytes.fromhex(t.sha256), Principal(t.subject, frozenset(t.roles))) for t in tokens
+        )
+
+    def authenticate(self, authorization: str | None) -> Principal | None:
+        """The principal for an ``Authorization`` header value, or ``None``."""
+        if not authorization:
+            return None
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return None
+        digest = hashlib.sha256(token.encode("utf-8")).digest()
+        found: Principal | None = None
+        # Compare with every token, without stopping early, in constant time.
+        for expected, who in self._tokens:
+            if hmac.compare_digest(digest, expected) and found is None:
+                found = who
+        return found
+
+
+AUTH = web.AppKey("warden_admin_auth", TokenAuth)
+"""Where :func:`requires` finds the :class:`TokenAuth` on the admin app."""
+
+
+def requires(*roles: str) -> Callable[[AuthedHandler], Handler]:
+    """Make a route of a handler that runs only for a token holding one of ``roles``.
+
+    The handler gets the caller's :class:`Principal` as its second argument.
+    """
+    wanted = frozenset(roles)
+
+    def wrap(handler: AuthedHandler) -> Handler:
+        @functools.wraps(handler)
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            auth = request.app.get(AUTH)
+            who = auth.authenticate(request.headers.get("Authorization")) if auth else None
+            if who is None:
+                return error_response(
+                    401,
+                    "unauthorized",
+                    "a valid admin bearer token is required",
+                    headers={"WWW-Authenticate": 'Bearer realm="warden-admin"'},
+                )
+            if not who.roles & wanted:
+                return error_response(
+                    403,
+                    "forbidden",
+                    f"this route needs the role {' or '.join(sorted(wanted))}",
+                )
+            return await handler(request, who)
+
+        return guarded
+
+    return wrap
+
+
+def error_response(
+    status: int, code: str, message: str, *, headers: dict[str, str] | None = None
+) -> web.Response:
+    """The admin API's error body: ``{"error": {"code": ..., "message": ...}}``."""
+    body: dict[str, Any] = {"error": {"code": code, "message": message}}
+    return web.Response(
+        status=status,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers=headers,
+    )

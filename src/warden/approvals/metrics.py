@@ -1,0 +1,28 @@
+"""Prometheus metrics for approvals, on the default registry."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = ["DECISION_SECONDS", "NOTIFICATIONS", "OUTCOMES", "PENDING"]
+
+PENDING = Gauge(
+    "warden_approvals_pending",
+    "Approvals waiting for people, by agent and tool (read from the shared store).",
+    ["agent", "tool"],
+)
+DECISION_SECONDS = Histogram(
+    "warden_approval_decision_seconds",
+    "Time from an approval request to its decision (approved, rejected or expired).",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 900, 3600, 14400, 86400),
+)
+OUTCOMES = Counter(
+    "warden_approvals_total",
+    "Approvals by how they ended: approved, rejected, expired, consumed.",
+    ["outcome"],
+)
+NOTIFICATIONS = Counter(
+    "warden_approval_notifications_total",
+    "Approval webhook deliveries, by result (ok, failed after every try).",
+    ["result"],
+)

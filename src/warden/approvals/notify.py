@@ -1,0 +1,228 @@
+"""Webhook notifications for approvals: new pending approvals and their decisions.
+
+Deliveries run as background tasks, so a slow or dead receiver never delays
+a held action. Each is tried ``webhook_tries`` times with exponential backoff
+(0.5 s, 1 s, 2 s... by default) and signed::
+
+    X-Warden-Timestamp: 1795747200
+    X-Warden-Signature: sha256=<hex HMAC-SHA256 of the exact body bytes, keyed by the secret>
+
+The body carries the same ``timestamp``, so the signature covers it and a
+receiver can refuse stale replays. See docs/approvals.md for verification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from warden import __version__
+from warden.approvals import metrics
+from warden.approvals.model import Approval, ApprovalSettings
+
+__all__ = [
+    "EVENTS",
+    "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "Delivery",
+    "Notifier",
+    "render",
+    "sign",
+    "verify_signature",
+]
+
+log = logging.getLogger("warden.approvals.notify")
+
+SIGNATURE_HEADER = "X-Warden-Signature"
+TIMESTAMP_HEADER = "X-Warden-Timestamp"
+EVENTS = frozenset(
+    {"approval.requested", "approval.approved", "approval.rejected", "approval.expired"}
+)
+_SLACK_ARGS_CHARS = 1500
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What became of one webhook delivery."""
+
+    event: str
+    approval_id: str
+    decision_id: str
+    ok: bool
+    attempts: int
+    status: int | None = None
+    error: str | None = None
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The ``X-Warden-Signature`` value for ``body``: ``sha256=<hex HMAC-SHA256>``."""
+    return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def verify_signature(secret: str, body: bytes, header: str) -> bool:
+    """Whether ``header`` is the valid signature of ``body`` (constant-time compare)."""
+    return hmac.compare_digest(sign(secret, body), header)
+
+
+def render(event: str, approval: Approval, fmt: str, timestamp: int) -> dict[str, Any]:
+    """The webhook body for ``event`` in format ``json`` or ``slack``."""
+    data = approval.to_json(now=float(timestamp))
+    if fmt == "json":
+        return {"event": event, "timestamp": timestamp, "approval": data}
+    what = f"`{_slack(approval.tool or '-')}` by agent `{_slack(approval.agent_id)}`"
+    if event == "approval.requested":
+        headline = f":hourglass: Approval needed: {what}"
+    elif event == "approval.approved":
+        headline = f":white_check_mark: Approved by {_slack(approval.decided_by or '')}: {what}"
+    elif event == "approval.rejected":
+        headline = f":no_entry: Rejected by {_slack(approval.decided_by or '')}: {what}"
+    else:
+        headline = f":alarm_clock: Expired without a decision: {what}"
+    args = orjson.dumps(approval.arguments, option=orjson.OPT_INDENT_2).decode()
+    if len(args) > _SLACK_ARGS_CHARS:
+        args = args[:_SLACK_ARGS_CHARS] + "\n…"
+    details = [f"*Reason:* {_slack(approval.reason)}"]
+    if approval.risk:
+        details.append(f"*Risk:* {_slack(approval.risk)}")
+    if approval.comment:
+        details.append(f"*Comment:* {_slack(approval.comment)}")
+    return {
+        "text": f"{headline} ({approval.id})",
+        "blocks": [
+            {"type": "section", "text": {"type": "mrkdwn", "text": headline}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(details)}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": f"```{_slack(args)}```"}},
+            {
+                "type": "context",
+                "elements": [
+                    {
+                        "type": "mrkdwn",
+                        "text": f"{approval.id} · status {approval.status.value} · "
+                        f"{len(approval.approved_by)}/{approval.required_approvals} approvals · "
+                        f"args sha256 {approval.arguments_sha256[:16]}…",
+                    }
+                ],
+            },
+        ],
+        "warden": {"event": event, "timestamp": timestamp, "approval_id": approval.id},
+    }
+
+
+def _slack(text: str) -> str:
+    # Slack's mrkdwn treats these three as control characters.
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+class Notifier:
+    """Sends approval webhooks in the background; a no-op without a URL.
+
+    ``on_result`` is awaited after each delivery settles (for the audit
+    record); its failures are logged, never raised.
+    """
+
+    def __init__(
+        self,
+        settings: ApprovalSettings,
+        on_result: Callable[[Delivery], Awaitable[None]] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._on_result = on_result
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a webhook URL is configured."""
+        return self._settings.webhook_url is not None
+
+    def notify(self, event: str, approval: Approval) -> None:
+        """Start delivering ``event`` for ``approval``; returns at once."""
+        if not self.enabled:
+            return
+        task = asyncio.get_running_loop().create_task(self._deliver(event, approval))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait (at most ``timeout_s``) for deliveries in flight: for tests and shutdown."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+
+    async def close(self, grace_s: float = 2.0) -> None:
+        """Give deliveries in flight ``grace_s`` to finish, cancel the rest, close the session."""
+        await self.drain(grace_s)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _deliver(self, event: str, approval: Approval) -> None:
+        s = self._settings
+        assert s.webhook_url is not None
+        timestamp = int(time.time())
+        body = orjson.dumps(render(event, approval, s.webhook_format, timestamp))
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"warden/{__version__}",
+            TIMESTAMP_HEADER: str(timestamp),
+        }
+        if s.webhook_secret:
+            headers[SIGNATURE_HEADER] = sign(s.webhook_secret, body)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=s.webhook_timeout_s)
+            )
+        status: int | None = None
+        error: str | None = None
+        attempts = 0
+        for attempt in range(s.webhook_tries):
+            attempts = attempt + 1
+            try:
+                # No redirects: the configured URL is the only place approvals go.
+                async with self._session.post(
+                    s.webhook_url, data=body, headers=headers, allow_redirects=False
+                ) as resp:
+                    status = resp.status
+                    await resp.read()
+                if 200 <= status < 300:
+                    error = None
+                    break
+                error = f"HTTP {status}"
+                if 400 <= status < 500 and status not in (408, 429):
+                    break  # the receiver refuses this body: retrying will not help
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                status, error = None, f"{type(exc).__name__}: {exc}"
+            if attempt + 1 < s.webhook_tries:
+                await asyncio.sleep(s.webhook_backoff_s * 2**attempt)
+        ok = error is None
+        metrics.NOTIFICATIONS.labels("ok" if ok else "failed").inc()
+        if not ok:
+            log.warning(
+                "approval webhook for %s (%s) failed after %d tries: %s",
+                approval.id,
+                event,
+                attempts,
+                error,
+            )
+        if self._on_result is not None:
+            delivery = Delivery(
+                event, approval.id, approval.decision_id, ok, attempts, status, error
+            )
+            try:
+                await self._on_result(delivery)
+            except Exception:
+                log.exception("could not record the approval webhook delivery")

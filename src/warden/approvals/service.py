@@ -1,0 +1,432 @@
+"""The approvals service the proxy calls: request, wait, grant, decide, cancel.
+
+Two ways to hold an action for people, chosen per request by ``mode``:
+
+* ``hold``: the proxy calls :meth:`Approvals.request` then
+  :meth:`Approvals.wait`, keeping the agent's request open until a person
+  decides or the timeout expires the approval (never approves it);
+* ``defer``: the proxy answers the agent at once; when the agent retries the
+  very same call after approval, :meth:`Approvals.take_grant` lets it
+  through exactly once.
+
+Every step is an audit record linked to the decision id: ``approval_requested``,
+``approval_notified``, ``approval_decided`` (one per vote), ``approval_expired``,
+``approval_cancelled`` and ``approval_executed``.
+
+Several sidecars may share one database: decisions are atomic in SQLite, and
+a waiter is woken at once by a decision made in its own process and within
+``poll_interval_s`` by one made elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import rfc8785
+
+from warden.admin.auth import Principal
+from warden.approvals import metrics
+from warden.approvals.model import (
+    MAX_COMMENT,
+    MODES,
+    Approval,
+    ApprovalConflict,
+    ApprovalNotFound,
+    ApprovalSettings,
+    ApprovalStatus,
+    NotAnApprover,
+    SelfApproval,
+    Vote,
+    rfc3339,
+)
+from warden.approvals.notify import Delivery, Notifier
+from warden.approvals.store import ApprovalStore
+from warden.audit.record import action_body, arguments_sha256
+from warden.model import Action, Decision, new_id
+
+__all__ = ["Approvals", "AuditSinkLike"]
+
+log = logging.getLogger("warden.approvals")
+
+KILL_SWITCH = "kill_switch"
+"""``decided_by`` of approvals rejected because a kill switch was thrown."""
+
+
+class AuditSinkLike(Protocol):
+    """What the service needs from the audit log: :meth:`warden.audit.log.AuditLog.append`."""
+
+    async def append(self, kind: str, body: Mapping[str, Any]) -> Any: ...
+
+
+class Approvals:
+    """Human approval of high-impact actions; create with :meth:`open`."""
+
+    def __init__(
+        self, store: ApprovalStore, audit: AuditSinkLike, settings: ApprovalSettings
+    ) -> None:
+        self._store = store
+        self._audit = audit
+        self.settings = settings
+        self._notifier = Notifier(settings, self._record_delivery)
+        # One event per approval someone in this process waits on; a decision
+        # here sets and drops it, so waiters wake at once.
+        self._events: dict[str, asyncio.Event] = {}
+        self._gauge_labels: set[tuple[str, str]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls, state_url: str, audit: AuditSinkLike, settings: ApprovalSettings
+    ) -> Approvals:
+        """Open the approvals table in the state database and start the expiry sweeper."""
+        store = await ApprovalStore.open(state_url)
+        self = cls(store, audit, settings)
+        await self._refresh_gauge()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return self
+
+    async def close(self) -> None:
+        """Stop the sweeper, finish (or cancel) webhook deliveries, close the store."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self._notifier.close()
+        for event in self._events.values():
+            event.set()
+        await self._store.close()
+
+    async def drain_notifications(self, timeout_s: float = 10.0) -> None:
+        """Wait for webhook deliveries in flight (tests, orderly shutdown)."""
+        await self._notifier.drain(timeout_s)
+
+    # -- binding -----------------------------------------------------------------
+
+    def binding(self, agent_id: str, tool: str, arguments: Mapping[str, Any] | None) -> str:
+        """SHA-256 (hex) of the RFC 8785 JSON of agent, tool and the arguments' hash.
+
+        Any change to any argument (an amount, an account) gives another
+        binding, so an approval never covers a different call.
+        """
+        doc = {"agent": agent_id, "tool": tool, "arguments_sha256": arguments_sha256(arguments)}
+        return hashlib.sha256(rfc8785.dumps(doc)).hexdigest()
+
+    def _binding_of(self, action: Action) -> str:
+        return self.binding(action.agent.id, action.target, action.arguments)
+
+    # -- the proxy's calls ---------------------------------------------------------
+
+    async def request(
+        self,
+        action: Action,
+        decision: Decision,
+        *,
+        mode: str,
+        required_approvals: int | None = None,
+    ) -> Approval:
+        """Open a pending approval for ``action`` and notify approvers.
+
+        In ``defer`` mode an agent retrying the same call while it is still
+        pending gets the existing approval, not a new one. Raises
+        :class:`~warden.errors.AuditError` when the request cannot be
+        recorded: the proxy must then refuse the action.
+        """
+        if mode not in MODES:
+            raise ValueError(f"approval mode must be hold or defer, not {mode!r}")
+        now = time.time()
+        binding = self._binding_of(action)
+        if mode == "defer":
+            existing = await self._store.pending_for(binding, now)
+            if existing is not None and existing.mode == "defer":
+                return existing
+        ob = decision.obligations
+        ttl = (ob.hold_timeout_s or self.settings.hold_timeout_s) if mode == "hold" else None
+        shown = action_body(action, ob.redact)
+        arguments = shown["arguments"] if action.arguments is not None else shown["raw_arguments"]
+        approval = Approval(
+            id=new_id("apr"),
+            decision_id=decision.decision_id,
+            action_id=action.action_id,
+            agent_id=action.agent.id,
+            tool=action.target,
+            arguments=arguments,
+            arguments_sha256=arguments_sha256(action.arguments),
+            binding=binding,
+            mode=mode,
+            reason=decision.reason,
+            risk=ob.risk,
+            approvers=ob.approvers,
+            required_approvals=required_approvals or self.settings.required_approvals,
+            redacted=tuple(shown["redacted"]),
+            created_at=now,
+            expires_at=now + (ttl if ttl is not None else self.settings.defer_ttl_s),
+        )
+        # Record first: a request on file without a row is harmless; a pending
+        # row nobody can prove was requested is not.
+        await self._record(
+            "approval_requested",
+            approval,
+            {
+                "action_id": approval.action_id,
+                "agent": approval.agent_id,
+                "tool": approval.tool,
+                "mode": approval.mode,
+                "reason": approval.reason,
+                "risk": approval.risk,
+                "approvers": list(approval.approvers),
+                "required_approvals": approval.required_approvals,
+                "expires_at": rfc3339(approval.expires_at),
+            },
+        )
+        await self._store.insert(approval)
+        await self._refresh_gauge()
+        self._notifier.notify("approval.requested", approval)
+        return approval
+
+    async def wait(self, approval_id: str, timeout_s: float) -> Approval:
+        """Wait until the approval is decided, or expire it after ``timeout_s``.
+
+        Returns the approval as it then is: ``approved``, ``rejected`` or
+        ``expired`` (also ``consumed`` if someone used it meanwhile; still
+        ``pending`` only when the service is closing). A timeout never
+        approves. Raises :class:`ApprovalNotFound` for an unknown id.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout_s)
+        try:
+            while True:
+                event = self._events.setdefault(approval_id, asyncio.Event())
+                approval = await self._store.get(approval_id)
+                if approval is None:
+                    raise ApprovalNotFound(f"no approval {approval_id!r}")
+                if approval.status is not ApprovalStatus.PENDING:
+                    return approval
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                # The event wakes us for decisions made here; the timeout is
+                # the poll for decisions made by other sidecars.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        event.wait(), min(self.settings.poll_interval_s, remaining)
+                    )
+                if self._closed:  # shutting down: the approval stays pending in the store
+                    return approval
+        finally:
+            self._events.pop(approval_id, None)
+        expired = await self._store.expire(approval_id, time.time())
+        if expired is None:  # decided in the meantime
+            final = await self._store.get(approval_id)
+            assert final is not None
+            return final
+        await self._expired(expired)
+        return expired
+
+    async def take_grant(self, action: Action) -> Approval | None:
+        """Use a defer-mode approval for exactly this call, once; ``None`` when there is none.
+
+        Matches only an ``approved``, unconsumed, unexpired approval whose
+        binding is this agent, tool and arguments, and marks it consumed in
+        the same transaction, so two retries (even on two sidecars) cannot
+        both pass.
+        """
+        grant = await self._store.consume_grant(self._binding_of(action), time.time())
+        if grant is not None:
+            await self._executed(grant, action.action_id)
+        return grant
+
+    async def mark_executed(self, approval_id: str, action_id: str | None = None) -> Approval:
+        """Consume an approved hold-mode approval as its action goes through.
+
+        Raises :class:`ApprovalConflict` when it is not (or no longer) approved.
+        """
+        used = await self._store.consume(approval_id, time.time())
+        if used is None:
+            found = await self._store.get(approval_id)
+            if found is None:
+                raise ApprovalNotFound(f"no approval {approval_id!r}")
+            raise ApprovalConflict(f"approval {approval_id} is {found.status.value}, not approved")
+        await self._executed(used, action_id or used.action_id)
+        return used
+
+    # -- people's calls --------------------------------------------------------------
+
+    async def decide(
+        self, approval_id: str, who: Principal, approve: bool, comment: str
+    ) -> Approval:
+        """Record one person's vote; return the approval after it.
+
+        Raises :class:`ApprovalNotFound`; :class:`ApprovalConflict` when it
+        is no longer pending (or has just expired), or this person already
+        voted; :class:`SelfApproval` when ``who.subject`` is the requesting
+        agent; :class:`NotAnApprover` when the decision names approver groups
+        and ``who`` is in none of them. A subject belongs to a group when the
+        group's name equals its subject or one of its roles.
+        """
+        if len(comment) > MAX_COMMENT:
+            raise ValueError(f"comment is longer than {MAX_COMMENT} characters")
+        approval = await self._store.get(approval_id)
+        if approval is None:
+            raise ApprovalNotFound(f"no approval {approval_id!r}")
+        if who.subject == approval.agent_id:
+            raise SelfApproval(f"{who.subject} cannot decide its own agent's actions")
+        if approval.approvers and not _member(who, approval.approvers):
+            groups = ", ".join(approval.approvers)
+            raise NotAnApprover(f"{who.subject} is not in the approver groups {groups}")
+        vote = Vote(who.subject, approve, comment, time.time())
+        before, after = await self._store.vote(approval_id, vote)
+        if after.status is ApprovalStatus.EXPIRED:
+            await self._expired(after)
+            raise ApprovalConflict(f"approval {approval_id} expired before this decision")
+        await self._record(
+            "approval_decided",
+            after,
+            {
+                "who": who.subject,
+                "roles": sorted(who.roles),
+                "verdict": "approved" if approve else "rejected",
+                "at": rfc3339(vote.at),
+                "comment": comment,
+                "status": after.status.value,
+                "approvals": len(after.approved_by),
+                "required_approvals": after.required_approvals,
+            },
+        )
+        if after.status is not before.status:
+            self._finished(after)
+            self._notifier.notify(f"approval.{after.status.value}", after)
+            await self._refresh_gauge()
+        return after
+
+    async def cancel_all_for(
+        self, *, agent: str | None = None, tool: str | None = None, reason: str
+    ) -> int:
+        """Reject the pending approvals of an agent and/or tool (every one when both are None).
+
+        For kill switches: held agents are woken and refused. Returns how
+        many approvals were rejected.
+        """
+        cancelled = await self._store.cancel(agent, tool, KILL_SWITCH, reason, time.time())
+        for approval in cancelled:
+            self._finished(approval)
+            self._notifier.notify("approval.rejected", approval)
+            await self._record(
+                "approval_cancelled",
+                approval,
+                {"who": KILL_SWITCH, "reason": reason, "at": rfc3339(approval.decided_at or 0)},
+            )
+        if cancelled:
+            await self._refresh_gauge()
+        return len(cancelled)
+
+    async def list(self, status: str | None = None) -> builtins.list[Approval]:
+        """Approvals with ``status`` (every one when ``None``), oldest first.
+
+        Raises ``ValueError`` for an unknown status.
+        """
+        if status is not None and status not in ApprovalStatus.__members__.values():
+            raise ValueError(f"unknown approval status {status!r}")
+        return await self._store.list(ApprovalStatus(status) if status is not None else None)
+
+    async def get(self, approval_id: str) -> Approval | None:
+        """One approval by id, or ``None``."""
+        return await self._store.get(approval_id)
+
+    async def expire_due(self) -> int:
+        """Expire pending approvals past their expiry now; the sweeper calls this."""
+        expired = await self._store.expire_due(time.time())
+        for approval in expired:
+            await self._expired(approval)
+        return len(expired)
+
+    # -- internals -------------------------------------------------------------------
+
+    async def _expired(self, approval: Approval) -> None:
+        self._finished(approval)
+        self._notifier.notify("approval.expired", approval)
+        await self._record(
+            "approval_expired", approval, {"at": rfc3339(approval.decided_at or time.time())}
+        )
+        await self._refresh_gauge()
+
+    async def _executed(self, approval: Approval, action_id: str) -> None:
+        metrics.OUTCOMES.labels(ApprovalStatus.CONSUMED.value).inc()
+        await self._record(
+            "approval_executed",
+            approval,
+            {
+                "action_id": action_id,
+                "approved_by": list(approval.approved_by),
+                "at": rfc3339(approval.consumed_at or time.time()),
+            },
+        )
+
+    def _finished(self, approval: Approval) -> None:
+        """Metrics for a final verdict, and wake this process's waiters."""
+        metrics.OUTCOMES.labels(approval.status.value).inc()
+        metrics.DECISION_SECONDS.observe(approval.waiting_s())
+        event = self._events.pop(approval.id, None)
+        if event is not None:
+            event.set()
+
+    async def _record(self, kind: str, approval: Approval, extra: Mapping[str, Any]) -> None:
+        body = {
+            "approval_id": approval.id,
+            "decision_id": approval.decision_id,
+            "arguments_sha256": approval.arguments_sha256,
+            "binding": approval.binding,
+            **extra,
+        }
+        await self._audit.append(kind, body)
+
+    async def _record_delivery(self, d: Delivery) -> None:
+        await self._audit.append(
+            "approval_notified",
+            {
+                "approval_id": d.approval_id,
+                "decision_id": d.decision_id,
+                "event": d.event,
+                "result": "ok" if d.ok else "failed",
+                "attempts": d.attempts,
+                "status": d.status,
+                "error": d.error,
+            },
+        )
+
+    async def _refresh_gauge(self) -> None:
+        # Read from the shared store, so the gauge counts decisions made by
+        # every sidecar, not only this one.
+        counts = await self._store.pending_counts()
+        for labels in self._gauge_labels - counts.keys():
+            metrics.PENDING.labels(*labels).set(0)
+        for labels, n in counts.items():
+            metrics.PENDING.labels(*labels).set(n)
+        self._gauge_labels |= counts.keys()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            try:
+                await self.expire_due()
+                await self._refresh_gauge()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("could not expire overdue approvals")
+
+
+def _member(who: Principal, groups: tuple[str, ...]) -> bool:
+    # Tokens carry no groups yet: a group is matched by a role or subject of
+    # the same name (group "approver" = every token with the approver role).
+    return any(g == who.subject or g in who.roles for g in groups)

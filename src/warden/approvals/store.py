@@ -1,0 +1,444 @@
+"""Approvals in SQLite, in the same database file as the state store.
+
+The store keeps its own connection, used from one dedicated thread like
+:class:`warden.state.sqlite.StateStore`, with the same pragmas (WAL, busy
+timeout). Every change is a ``BEGIN IMMEDIATE`` transaction that re-reads the
+row under the write lock, so two sidecars sharing the file can never both
+approve, both consume or approve what another just expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from warden.approvals.model import (
+    AlreadyVoted,
+    Approval,
+    ApprovalConflict,
+    ApprovalNotFound,
+    ApprovalStatus,
+    Vote,
+)
+from warden.errors import ConfigError
+from warden.state.sqlite import sqlite_path
+
+__all__ = ["ApprovalStore"]
+
+T = TypeVar("T")
+
+_BUSY_TIMEOUT_MS = 5000
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS approvals (
+    id               TEXT PRIMARY KEY,
+    decision_id      TEXT NOT NULL,
+    action_id        TEXT NOT NULL,
+    agent            TEXT NOT NULL,
+    tool             TEXT,
+    arguments        TEXT NOT NULL,
+    arguments_sha256 TEXT NOT NULL,
+    binding          TEXT NOT NULL,
+    mode             TEXT NOT NULL,
+    reason           TEXT NOT NULL,
+    risk             TEXT,
+    approvers        TEXT NOT NULL,
+    required         INTEGER NOT NULL,
+    redacted         TEXT NOT NULL,
+    status           TEXT NOT NULL,
+    created_at       REAL NOT NULL,
+    expires_at       REAL NOT NULL,
+    votes            TEXT NOT NULL DEFAULT '[]',
+    decided_at       REAL,
+    decided_by       TEXT,
+    comment          TEXT NOT NULL DEFAULT '',
+    consumed_at      REAL
+);
+CREATE INDEX IF NOT EXISTS approvals_status ON approvals (status, created_at);
+CREATE INDEX IF NOT EXISTS approvals_binding ON approvals (binding, status);
+"""
+_COLUMNS = (
+    "id, decision_id, action_id, agent, tool, arguments, arguments_sha256, binding, mode, "
+    "reason, risk, approvers, required, redacted, status, created_at, expires_at, votes, "
+    "decided_at, decided_by, comment, consumed_at"
+)
+
+
+class ApprovalStore:
+    """Approval rows; open with :meth:`open`, close with :meth:`close`."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, io: ThreadPoolExecutor) -> None:
+        self.path = path
+        self._conn = conn
+        self._io = io
+        self._closed = False
+
+    @classmethod
+    async def open(cls, url: str) -> ApprovalStore:
+        """Open (creating the table if needed) the database named by ``state.url``."""
+        path = sqlite_path(url)
+        io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warden-approvals")
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(io, _connect, path)
+        except BaseException:
+            io.shutdown(wait=False)
+            raise
+        return cls(path, conn, io)
+
+    async def close(self) -> None:
+        """Close the connection and stop the I/O thread."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(self._io, self._conn.close)
+        self._io.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise RuntimeError("the approval store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    # -- reads -------------------------------------------------------------------
+
+    async def get(self, approval_id: str) -> Approval | None:
+        """One approval by id."""
+        return await self._run(self._get, approval_id)
+
+    def _get(self, approval_id: str) -> Approval | None:
+        row = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM approvals WHERE id = ?",  # noqa: S608 - constant columns
+            (approval_id,),
+        ).fetchone()
+        return _from_row(row) if row else None
+
+    async def list(self, status: ApprovalStatus | None = None) -> builtins.list[Approval]:
+        """Approvals with ``status`` (all when ``None``), oldest first."""
+        return await self._run(self._list, status)
+
+    def _list(self, status: ApprovalStatus | None) -> builtins.list[Approval]:
+        if status is None:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM approvals ORDER BY created_at, id"  # noqa: S608
+            ).fetchall()
+        else:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM approvals WHERE status = ? "  # noqa: S608
+                "ORDER BY created_at, id",
+                (status.value,),
+            ).fetchall()
+        return [_from_row(r) for r in rows]
+
+    async def pending_counts(self) -> dict[tuple[str, str], int]:
+        """Pending approvals by ``(agent, tool)``, for the pending gauge."""
+        return await self._run(self._pending_counts)
+
+    def _pending_counts(self) -> dict[tuple[str, str], int]:
+        rows = self._conn.execute(
+            "SELECT agent, coalesce(tool, ''), count(*) FROM approvals "
+            "WHERE status = 'pending' GROUP BY agent, tool"
+        ).fetchall()
+        return {(str(a), str(t)): int(n) for a, t, n in rows}
+
+    # -- changes -----------------------------------------------------------------
+
+    async def insert(self, approval: Approval) -> None:
+        """Store a new approval."""
+        await self._run(self._insert, approval)
+
+    def _insert(self, a: Approval) -> None:
+        with _immediate(self._conn) as cur:
+            cur.execute(
+                f"INSERT INTO approvals ({_COLUMNS}) VALUES "  # noqa: S608
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _to_row(a),
+            )
+
+    async def pending_for(self, binding: str, now: float) -> Approval | None:
+        """The oldest pending, unexpired approval with this binding, if any."""
+        return await self._run(self._pending_for, binding, now)
+
+    def _pending_for(self, binding: str, now: float) -> Approval | None:
+        row = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM approvals "  # noqa: S608
+            "WHERE binding = ? AND status = 'pending' AND expires_at > ? "
+            "ORDER BY created_at, id LIMIT 1",
+            (binding, now),
+        ).fetchone()
+        return _from_row(row) if row else None
+
+    async def vote(self, approval_id: str, vote: Vote) -> tuple[Approval, Approval]:
+        """Add a vote atomically; return the approval before and after.
+
+        One rejection rejects; ``required_approvals`` distinct approvals
+        approve. Raises :class:`ApprovalNotFound`, :class:`AlreadyVoted`, or
+        :class:`ApprovalConflict` when the approval is not pending. A pending
+        approval past its expiry is expired instead (``after.status`` says so).
+        """
+        return await self._run(self._vote, approval_id, vote)
+
+    def _vote(self, approval_id: str, vote: Vote) -> tuple[Approval, Approval]:
+        with _immediate(self._conn) as cur:
+            row = cur.execute(
+                f"SELECT {_COLUMNS} FROM approvals WHERE id = ?",  # noqa: S608
+                (approval_id,),
+            ).fetchone()
+            if row is None:
+                raise ApprovalNotFound(f"no approval {approval_id!r}")
+            before = _from_row(row)
+            if before.status is not ApprovalStatus.PENDING:
+                raise ApprovalConflict(f"approval {approval_id} is already {before.status.value}")
+            if before.expires_at <= vote.at:
+                after = replace(before, status=ApprovalStatus.EXPIRED, decided_at=vote.at)
+            elif any(v.subject == vote.subject for v in before.votes):
+                raise AlreadyVoted(f"{vote.subject} already voted on approval {approval_id}")
+            else:
+                votes = (*before.votes, vote)
+                after = replace(before, votes=votes)
+                if not vote.approve:
+                    after = replace(
+                        after,
+                        status=ApprovalStatus.REJECTED,
+                        decided_at=vote.at,
+                        decided_by=vote.subject,
+                        comment=vote.comment,
+                    )
+                elif len(after.approved_by) >= before.required_approvals:
+                    after = replace(
+                        after,
+                        status=ApprovalStatus.APPROVED,
+                        decided_at=vote.at,
+                        decided_by=vote.subject,
+                        comment=vote.comment,
+                    )
+            _update(cur, after)
+            return before, after
+
+    async def expire(self, approval_id: str, now: float) -> Approval | None:
+        """Expire a pending approval; ``None`` when it was not pending."""
+        return await self._run(self._expire, approval_id, now)
+
+    def _expire(self, approval_id: str, now: float) -> Approval | None:
+        with _immediate(self._conn) as cur:
+            cur.execute(
+                "UPDATE approvals SET status = 'expired', decided_at = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (now, approval_id),
+            )
+            if cur.rowcount == 0:
+                return None
+            return self._get(approval_id)
+
+    async def expire_due(self, now: float) -> builtins.list[Approval]:
+        """Expire every pending approval past its expiry; return them."""
+        return await self._run(self._expire_due, now)
+
+    def _expire_due(self, now: float) -> builtins.list[Approval]:
+        with _immediate(self._conn) as cur:
+            ids = [
+                r[0]
+                for r in cur.execute(
+                    "SELECT id FROM approvals WHERE status = 'pending' AND expires_at <= ?",
+                    (now,),
+                ).fetchall()
+            ]
+            cur.executemany(
+                "UPDATE approvals SET status = 'expired', decided_at = ? WHERE id = ?",
+                [(now, i) for i in ids],
+            )
+            return [a for a in (self._get(i) for i in ids) if a is not None]
+
+    async def consume_grant(self, binding: str, now: float) -> Approval | None:
+        """Consume the oldest approved, unexpired defer-mode grant with this binding."""
+        return await self._run(self._consume_grant, binding, now)
+
+    def _consume_grant(self, binding: str, now: float) -> Approval | None:
+        with _immediate(self._conn) as cur:
+            row = cur.execute(
+                "SELECT id FROM approvals WHERE binding = ? AND status = 'approved' "
+                "AND mode = 'defer' AND expires_at > ? ORDER BY decided_at, id LIMIT 1",
+                (binding, now),
+            ).fetchone()
+            if row is None:
+                return None
+            cur.execute(
+                "UPDATE approvals SET status = 'consumed', consumed_at = ? WHERE id = ?",
+                (now, row[0]),
+            )
+            return self._get(row[0])
+
+    async def consume(self, approval_id: str, now: float) -> Approval | None:
+        """Consume an approved approval by id; ``None`` when it is not approved."""
+        return await self._run(self._consume, approval_id, now)
+
+    def _consume(self, approval_id: str, now: float) -> Approval | None:
+        with _immediate(self._conn) as cur:
+            cur.execute(
+                "UPDATE approvals SET status = 'consumed', consumed_at = ? "
+                "WHERE id = ? AND status = 'approved'",
+                (now, approval_id),
+            )
+            if cur.rowcount == 0:
+                return None
+            return self._get(approval_id)
+
+    async def cancel(
+        self, agent: str | None, tool: str | None, who: str, reason: str, now: float
+    ) -> builtins.list[Approval]:
+        """Reject every pending approval of ``agent`` and/or ``tool`` (all when both None)."""
+        return await self._run(self._cancel, agent, tool, who, reason, now)
+
+    def _cancel(
+        self, agent: str | None, tool: str | None, who: str, reason: str, now: float
+    ) -> builtins.list[Approval]:
+        with _immediate(self._conn) as cur:
+            ids = [
+                r[0]
+                for r in cur.execute(
+                    "SELECT id FROM approvals WHERE status = 'pending' "
+                    "AND (? IS NULL OR agent = ?) AND (? IS NULL OR tool = ?)",
+                    (agent, agent, tool, tool),
+                ).fetchall()
+            ]
+            cur.executemany(
+                "UPDATE approvals SET status = 'rejected', decided_at = ?, decided_by = ?, "
+                "comment = ? WHERE id = ?",
+                [(now, who, reason, i) for i in ids],
+            )
+            return [a for a in (self._get(i) for i in ids) if a is not None]
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_MS / 1000
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.executescript(_SCHEMA)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise ConfigError(f"state.url: cannot open the approvals table in {path}: {exc}") from None
+    return conn
+
+
+class _immediate:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` on any error."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> sqlite3.Cursor:
+        self._conn.execute("BEGIN IMMEDIATE")
+        return self._conn.cursor()
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+def _update(cur: sqlite3.Cursor, a: Approval) -> None:
+    cur.execute(
+        "UPDATE approvals SET status = ?, votes = ?, decided_at = ?, decided_by = ?, "
+        "comment = ?, consumed_at = ? WHERE id = ?",
+        (
+            a.status.value,
+            _encode_votes(a.votes),
+            a.decided_at,
+            a.decided_by,
+            a.comment,
+            a.consumed_at,
+            a.id,
+        ),
+    )
+
+
+def _to_row(a: Approval) -> tuple[Any, ...]:
+    return (
+        a.id,
+        a.decision_id,
+        a.action_id,
+        a.agent_id,
+        a.tool,
+        orjson.dumps(a.arguments).decode(),
+        a.arguments_sha256,
+        a.binding,
+        a.mode,
+        a.reason,
+        a.risk,
+        orjson.dumps(list(a.approvers)).decode(),
+        a.required_approvals,
+        orjson.dumps(list(a.redacted)).decode(),
+        a.status.value,
+        a.created_at,
+        a.expires_at,
+        _encode_votes(a.votes),
+        a.decided_at,
+        a.decided_by,
+        a.comment,
+        a.consumed_at,
+    )
+
+
+def _from_row(row: Sequence[Any]) -> Approval:
+    (
+        aid,
+        decision_id,
+        action_id,
+        agent,
+        tool,
+        arguments,
+        args_hash,
+        binding,
+        mode,
+        reason,
+        risk,
+        approvers,
+        required,
+        redacted,
+        status,
+        created_at,
+        expires_at,
+        votes,
+        decided_at,
+        decided_by,
+        comment,
+        consumed_at,
+    ) = row
+    return Approval(
+        id=aid,
+        decision_id=decision_id,
+        action_id=action_id,
+        agent_id=agent,
+        tool=tool,
+        arguments=orjson.loads(arguments),
+        arguments_sha256=args_hash,
+        binding=binding,
+        mode=mode,
+        reason=reason,
+        risk=risk,
+        approvers=tuple(orjson.loads(approvers)),
+        required_approvals=int(required),
+        redacted=tuple(orjson.loads(redacted)),
+        status=ApprovalStatus(status),
+        created_at=float(created_at),
+        expires_at=float(expires_at),
+        votes=tuple(
+            Vote(str(s), bool(ok), str(c), float(t)) for s, ok, c, t in orjson.loads(votes)
+        ),
+        decided_at=None if decided_at is None else float(decided_at),
+        decided_by=decided_by,
+        comment=comment,
+        consumed_at=None if consumed_at is None else float(consumed_at),
+    )
+
+
+def _encode_votes(votes: Sequence[Vote]) -> str:
+    return orjson.dumps([[v.subject, v.approve, v.comment, v.at] for v in votes]).decode()

@@ -1,0 +1,344 @@
+"""The budget stage of the guard pipeline: reserve, let the policy see, settle.
+
+For each action the guard works out what it would spend against which caps
+(``budgets.caps`` on tool argument values, ``budgets.llm`` on model spend),
+and reserves all of it in one state-store transaction, or none of it if any
+cap would be passed. The counters as they were before the reservation become
+``input.budget`` for the policy. After the final decision a reservation that
+will not be used (denied, held for approval, not recorded) is released; after
+the outcome it is settled: a tool call at its argument value (or 0 if the
+tool reported an error), a model call at its cost from the response's usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from warden.budgets import metrics
+from warden.budgets.caps import LLM_COUNTER, budget_document, customer_of, over_reason, window_key
+from warden.budgets.prices import PriceTable
+from warden.config import BudgetsConfig, CapConfig
+from warden.model import Action, ActionKind, Decision, Effect, Mode, Outcome, Usage, new_id
+from warden.ops.metrics import bounded
+from warden.pipeline import GuardContext
+from warden.state import Counter, Hold, StateStore
+
+__all__ = ["BudgetGuard"]
+
+log = logging.getLogger("warden.budgets")
+
+MAX_HELD = 100_000
+EXPIRY_INTERVAL_S = 60.0
+STATE_UNAVAILABLE = "state_unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class _Line:
+    """One counter an action touches: which cap, which subject, how much."""
+
+    cap: str
+    window: str
+    per: str
+    who: str
+    hold: Hold
+    currency: str
+    over: str
+    what: str
+
+
+class BudgetGuard:
+    """Reserves action value and LLM spend against the configured caps."""
+
+    name = "budget"
+
+    def __init__(
+        self,
+        store: StateStore,
+        config: BudgetsConfig,
+        prices: PriceTable,
+        providers: Mapping[str, str],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``providers`` maps each upstream name to its protocol (the price table's provider)."""
+        self.store = store
+        self.config = config
+        self.prices = prices
+        self._providers = dict(providers)
+        self._clock = clock
+        self._zone = ZoneInfo(config.timezone)
+        self._caps: dict[str, list[CapConfig]] = {}
+        for cap in config.caps:
+            self._caps.setdefault(cap.tool, []).append(cap)
+        # Actions holding a reservation, so outcomes of others cost no I/O.
+        self._held: OrderedDict[str, None] = OrderedDict()
+        self._expiry: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start settling stale reservations in the background."""
+        if self._expiry is None:
+            self._expiry = asyncio.create_task(self._expire_loop())
+
+    async def close(self) -> None:
+        """Stop the background task."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry
+            self._expiry = None
+
+    async def _expire_loop(self) -> None:
+        while True:
+            try:
+                count = await self.store.expire(self.config.reservation_ttl_s)
+                if count:
+                    log.warning("settled %d reservations whose outcome never came", count)
+            except Exception:
+                log.exception("could not expire stale reservations")
+            await asyncio.sleep(EXPIRY_INTERVAL_S)
+
+    # -- pipeline hooks ----------------------------------------------------------
+
+    async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
+        """Reserve and decide; see :meth:`admit`."""
+        decision, _ = await self.admit(action, ctx)
+        return decision
+
+    async def admit(
+        self, action: Action, ctx: GuardContext
+    ) -> tuple[Decision | None, GuardContext]:
+        """Reserve against every cap the action touches, or decide it passes one."""
+        lines = self._lines(action, ctx.mode)
+        if isinstance(lines, Decision):
+            return lines, ctx
+        if not lines:
+            return None, ctx
+        try:
+            result = await self.store.reserve(
+                action.action_id,
+                [line.hold for line in lines],
+                force=ctx.mode is Mode.OBSERVE,
+            )
+        except Exception:
+            log.exception("the state store could not reserve budget")
+            return self._fail(ctx, "the budget state store is unavailable"), ctx
+        doc = budget_document(
+            [
+                (line.cap, line.window, line.per, counter, line.hold.limit)
+                for line, counter in zip(lines, result.before, strict=True)
+            ]
+        )
+        ctx = GuardContext(mode=ctx.mode, risk=ctx.risk, budget={**ctx.budget, **doc})
+        if result.reserved:
+            self._remember(action.action_id)
+            self._gauge(action, lines, result.before, added=True)
+        if not result.over:
+            return None, ctx
+        return self._over(action, ctx, lines, result.before, result.over), ctx
+
+    async def decided(self, action: Action, decision: Decision | None) -> None:
+        """Release the reservation unless the action is going through."""
+        if action.action_id not in self._held:
+            return
+        if decision is not None and decision.enforced is Effect.ALLOW:
+            return
+        self._held.pop(action.action_id, None)
+        await self._settle(action, {})
+
+    async def settle(self, action: Action, outcome: Outcome) -> None:
+        """Settle the reservation to what the action really spent."""
+        if action.action_id not in self._held:
+            # No reservation, but model spend is still worth a metric.
+            if action.kind is ActionKind.LLM_CALL and outcome.usage is not None:
+                self._llm_cost(action, outcome.usage)
+            return
+        del self._held[action.action_id]
+        actual: dict[str, float] = {}
+        if action.kind is ActionKind.LLM_CALL:
+            actual[LLM_COUNTER] = (
+                self._llm_cost(action, outcome.usage) if outcome.usage is not None else 0.0
+            )
+        elif not (outcome.is_error or outcome.error):
+            for cap in self._caps.get(action.tool or "", ()):
+                value = _number((action.arguments or {}).get(cap.value))
+                actual[cap.name] = value if value is not None else 0.0
+        await self._settle(action, actual)
+
+    # -- internals ---------------------------------------------------------------
+
+    def _lines(self, action: Action, mode: Mode) -> list[_Line] | Decision:
+        llm_capped = action.kind is ActionKind.LLM_CALL and self.config.llm is not None
+        if not llm_capped and (action.kind is not ActionKind.TOOL_CALL or not self._caps):
+            return []  # the common case costs no clock read and no I/O
+        now = datetime.fromtimestamp(self._clock(), self._zone)
+        agent = f"agent:{action.agent.id}"
+        lines: list[_Line] = []
+        llm = self.config.llm
+        if action.kind is ActionKind.LLM_CALL and llm is not None:
+            lines.append(
+                _Line(
+                    cap=LLM_COUNTER,
+                    window=llm.window,
+                    per="agent",
+                    who="this agent",
+                    hold=Hold(
+                        LLM_COUNTER,
+                        window_key(llm.window, now),
+                        agent,
+                        llm.estimate_usd,
+                        llm.limit_usd,
+                    ),
+                    currency="USD",
+                    over=llm.over,
+                    what="this model call",
+                )
+            )
+        caps = self._caps.get(action.tool or "") if action.kind is ActionKind.TOOL_CALL else None
+        if not caps:
+            return lines
+        args = action.arguments or {}
+        for cap in caps:
+            value = _number(args.get(cap.value))
+            if value is None or value < 0:
+                return self._refuse(
+                    mode,
+                    f"{cap.name} cap: {action.tool}.{cap.value} must be a number of at "
+                    f"least 0 to be counted, so the call cannot be checked",
+                )
+            currency = args.get("currency")
+            if isinstance(currency, str) and currency.upper() != cap.currency.upper():
+                return self._refuse(
+                    mode,
+                    f"{cap.name} cap: it counts {cap.currency}, and this {action.tool} is in "
+                    f"{currency}, so it cannot be checked",
+                )
+            key = window_key(cap.window, now)
+            customer = customer_of(action.context, args) if "customer" in cap.per else None
+            for per in cap.per:
+                if per == "agent":
+                    subject, who = agent, "this agent"
+                elif customer is not None:
+                    subject, who = f"customer:{customer}", f"customer {customer}"
+                else:
+                    continue  # no customer to attribute the value to
+                lines.append(
+                    _Line(
+                        cap=cap.name,
+                        window=cap.window,
+                        per=per,
+                        who=who,
+                        hold=Hold(cap.name, key, subject, value, cap.limit),
+                        currency=cap.currency,
+                        over=cap.over,
+                        what=f"this {action.tool}",
+                    )
+                )
+        return lines
+
+    def _over(
+        self,
+        action: Action,
+        ctx: GuardContext,
+        lines: list[_Line],
+        before: tuple[Counter, ...],
+        over: tuple[Hold, ...],
+    ) -> Decision:
+        reasons = []
+        effect = Effect.REQUIRE_APPROVAL
+        for line, counter in zip(lines, before, strict=True):
+            if line.hold not in over:
+                continue
+            metrics.CAP_HITS.labels(line.cap, line.over).inc()
+            if line.over == "deny":
+                effect = Effect.DENY
+            reasons.append(
+                over_reason(
+                    cap="LLM spend" if line.cap == LLM_COUNTER else line.cap,
+                    window=line.window,
+                    who=line.who,
+                    counter=counter,
+                    hold=line.hold,
+                    currency=line.currency,
+                    what=line.what,
+                )
+            )
+        return Decision(
+            decision_id=new_id("dec"),
+            effect=effect,
+            reasons=tuple(reasons),
+            mode=ctx.mode,
+            guard="budget",
+        )
+
+    @staticmethod
+    def _refuse(mode: Mode, reason: str) -> Decision:
+        return Decision(
+            decision_id=new_id("dec"),
+            effect=Effect.DENY,
+            reasons=(reason,),
+            mode=mode,
+            guard="budget",
+        )
+
+    @staticmethod
+    def _fail(ctx: GuardContext, reason: str) -> Decision:
+        # Fail closed: a cap that cannot be checked does not let value through.
+        return Decision(
+            decision_id=new_id("dec"),
+            effect=Effect.DENY,
+            reasons=(reason,),
+            mode=ctx.mode,
+            guard="budget",
+            error=STATE_UNAVAILABLE,
+        )
+
+    async def _settle(self, action: Action, actual: Mapping[str, float]) -> None:
+        after = await self.store.settle(action.action_id, actual)
+        agent = bounded("agent", action.agent.id)
+        for counter in after:
+            if counter.subject.startswith("agent:"):
+                window = counter.window.partition(":")[0]
+                metrics.SPENT.labels(counter.counter, window, agent).set(counter.spent)
+                metrics.RESERVED.labels(counter.counter, window, agent).set(counter.reserved)
+
+    def _gauge(
+        self, action: Action, lines: list[_Line], before: tuple[Counter, ...], *, added: bool
+    ) -> None:
+        agent = bounded("agent", action.agent.id)
+        for line, counter in zip(lines, before, strict=True):
+            if line.per == "agent":
+                extra = line.hold.amount if added else 0.0
+                metrics.SPENT.labels(line.cap, line.window, agent).set(counter.spent)
+                metrics.RESERVED.labels(line.cap, line.window, agent).set(counter.reserved + extra)
+
+    def _llm_cost(self, action: Action, usage: Usage) -> float:
+        provider = self._providers.get(action.request.upstream, action.request.upstream)
+        priced = self.prices.cost(provider, action.model, usage)
+        model = bounded("model", action.model or "unknown")
+        if not priced.known:
+            metrics.UNKNOWN_MODEL_PRICES.labels(provider, model).inc()
+        metrics.LLM_SPEND.labels(bounded("agent", action.agent.id), model).inc(priced.usd)
+        return priced.usd
+
+    def _remember(self, action_id: str) -> None:
+        self._held[action_id] = None
+        if len(self._held) > MAX_HELD:
+            # The oldest reservation is left for expiry to settle.
+            self._held.popitem(last=False)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)

@@ -1,0 +1,171 @@
+"""Model prices: the table shipped in ``warden/data/prices.yaml`` plus overrides.
+
+Cost of one response, in USD::
+
+    uncached * input + cached * cached_input + output_tokens * output   (per 1e6)
+
+where ``uncached`` is the input tokens less the cached ones when the provider
+counts cached tokens inside its input count (OpenAI), else all input tokens
+(Anthropic reports cache reads separately).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from warden.errors import ConfigError
+from warden.model import Usage
+
+__all__ = ["Price", "PriceTable", "Priced"]
+
+_PER = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float
+    cached_input: float
+    output: float
+
+
+@dataclass(frozen=True, slots=True)
+class Priced:
+    """A cost and whether the model was found in the table."""
+
+    usd: float
+    known: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Provider:
+    input_includes_cached: bool
+    models: Mapping[str, Price]
+
+
+class PriceTable:
+    """Looks up prices by provider (the upstream's protocol) and model name."""
+
+    def __init__(self, default: Price, providers: Mapping[str, _Provider]) -> None:
+        self.default = default
+        self._providers = dict(providers)
+        # Longest names first, so prefix matching picks the most specific entry.
+        self._ordered = {
+            name: sorted(p.models, key=len, reverse=True) for name, p in providers.items()
+        }
+
+    @classmethod
+    def shipped(cls) -> PriceTable:
+        """The table shipped with Warden."""
+        text = resources.files("warden").joinpath("data/prices.yaml").read_text("utf-8")
+        return cls.from_mapping(yaml.safe_load(text), "the shipped price table")
+
+    @classmethod
+    def load(cls, file: str | None) -> PriceTable:
+        """The shipped table, with ``file`` (``prices.file``) merged on top."""
+        table = cls.shipped()
+        if file is None:
+            return table
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+            data = yaml.safe_load(text)
+        except OSError as exc:
+            raise ConfigError(f"prices.file: cannot read {file}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"prices.file: {file} is not valid YAML: {exc}") from None
+        return table.merged(cls.from_mapping(data, f"prices.file ({file})", partial=True))
+
+    @classmethod
+    def from_mapping(cls, data: Any, where: str, *, partial: bool = False) -> PriceTable:
+        """Build a table from the YAML shape; errors name ``where`` and the key."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: the top level must be a mapping")
+        unknown = set(data) - {"default", "providers"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        raw_default = data.get("default")
+        if raw_default is None and not partial:
+            raise ConfigError(f"{where}: default: a default price is required")
+        default = _price(raw_default, f"{where}: default") if raw_default is not None else None
+        providers: dict[str, _Provider] = {}
+        raw_providers = data.get("providers") or {}
+        if not isinstance(raw_providers, Mapping):
+            raise ConfigError(f"{where}: providers: must be a mapping of provider names")
+        for pname, entry in raw_providers.items():
+            key = f"{where}: providers.{pname}"
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"{key}: must be a mapping")
+            models = entry.get("models") or {}
+            if not isinstance(models, Mapping):
+                raise ConfigError(f"{key}.models: must be a mapping of model names")
+            includes = entry.get("input_includes_cached", pname == "openai")
+            if not isinstance(includes, bool):
+                raise ConfigError(f"{key}.input_includes_cached: must be true or false")
+            providers[str(pname)] = _Provider(
+                includes,
+                {str(m): _price(p, f"{key}.models.{m}") for m, p in models.items()},
+            )
+        return cls(default if default is not None else _NO_PRICE, providers)
+
+    def merged(self, over: PriceTable) -> PriceTable:
+        """This table with ``over``'s default (when set) and models on top."""
+        providers = dict(self._providers)
+        for name, prov in over._providers.items():
+            base = providers.get(name)
+            models = {**(base.models if base else {}), **prov.models}
+            providers[name] = _Provider(prov.input_includes_cached, models)
+        default = over.default if over.default is not _NO_PRICE else self.default
+        return PriceTable(default, providers)
+
+    def lookup(self, provider: str, model: str | None) -> tuple[Price, bool]:
+        """The price for a model and whether it was in the table (else the default)."""
+        prov = self._providers.get(provider)
+        if prov is None or not model:
+            return self.default, False
+        found = prov.models.get(model)
+        if found is not None:
+            return found, True
+        for name in self._ordered[provider]:
+            if model.startswith(name) and model[len(name)] == "-":
+                return prov.models[name], True
+        return self.default, False
+
+    def cost(self, provider: str, model: str | None, usage: Usage) -> Priced:
+        """What a response with ``usage`` cost, in USD."""
+        price, known = self.lookup(provider, model)
+        prov = self._providers.get(provider)
+        cached = max(0, usage.cached_input_tokens)
+        uncached = max(0, usage.input_tokens)
+        if prov is None or prov.input_includes_cached:
+            uncached = max(0, uncached - cached)
+        usd = (
+            uncached * price.input
+            + cached * price.cached_input
+            + usage.output_tokens * price.output
+        ) / _PER
+        return Priced(usd=usd, known=known)
+
+
+_NO_PRICE = Price(-1.0, -1.0, -1.0)
+
+
+def _price(raw: Any, key: str) -> Price:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{key}: must be a mapping with input, cached_input and output")
+    values: dict[str, float] = {}
+    for name in ("input", "cached_input", "output"):
+        value = raw.get(name, raw.get("input") if name == "cached_input" else None)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{key}.{name}: must be a number of USD per million tokens, >= 0")
+        values[name] = float(value)
+    extra = set(raw) - {"input", "cached_input", "output"}
+    if extra:
+        raise ConfigError(f"{key}: unknown key {sorted(extra)[0]!r}")
+    return Price(**values)

@@ -1,0 +1,149 @@
+"""``warden kill|unkill|killswitches``: throw, clear and list kill switches.
+
+These talk to a running Warden's admin API: the URL is ``$WARDEN_ADMIN_URL``
+(default ``http://127.0.0.1:8081``) and the bearer token ``$WARDEN_TOKEN``
+(a token whose SHA-256 is in ``admin.tokens``, with the role ``admin``)::
+
+    warden kill agent refunds-bot --reason "paying out twice"
+    warden kill global --reason "incident 4711"
+    warden killswitches
+    warden unkill ks_0193c1f2a8b4_5f1c2e9a7d3b
+
+Exit status: 0 done; 1 the API refused (401, 403, 404, 400); 2 no token, or
+the admin API cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import orjson
+
+__all__ = ["main", "register"]
+
+DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
+TIMEOUT_S = 10.0
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+
+
+class _ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``kill``, ``unkill`` and ``killswitches`` to the main CLI."""
+    kill = subparsers.add_parser(
+        "kill",
+        help="throw a kill switch (global, or for one agent, tool or upstream)",
+        description="Stop new actions at once on every sidecar sharing the state store.",
+    )
+    kill.add_argument("scope", choices=["global", "agent", "tool", "upstream"])
+    kill.add_argument("target", nargs="?", help="the agent, tool or upstream name")
+    kill.add_argument("--reason", required=True, help="why, for the audit log and the agents")
+    kill.set_defaults(func=_kill)
+
+    unkill = subparsers.add_parser("unkill", help="clear a kill switch by id")
+    unkill.add_argument("id")
+    unkill.add_argument("--reason", default="", help="why it is cleared, for the audit log")
+    unkill.set_defaults(func=_unkill)
+
+    listing = subparsers.add_parser("killswitches", help="list the kill switches in force")
+    listing.add_argument("--json", action="store_true", help="print the API's JSON")
+    listing.set_defaults(func=_list)
+
+
+def _kill(args: argparse.Namespace) -> int:
+    if args.scope != "global" and not args.target:
+        print(f"warden: kill {args.scope} needs the {args.scope}'s name", file=sys.stderr)
+        return EXIT_USAGE
+    body = {"scope": args.scope, "target": args.target or "*", "reason": args.reason}
+    return _run(
+        lambda: _request("POST", "/v1/killswitches", body),
+        lambda out: f"{out['id']}  {out['scope']} {out['target']}: set",
+    )
+
+
+def _unkill(args: argparse.Namespace) -> int:
+    path = "/v1/killswitches/" + urllib.parse.quote(args.id, safe="")
+    if args.reason:
+        path += "?" + urllib.parse.urlencode({"reason": args.reason})
+    return _run(lambda: _request("DELETE", path), lambda out: f"{out['id']}: cleared")
+
+
+def _list(args: argparse.Namespace) -> int:
+    def show(out: Any) -> str:
+        if args.json:
+            return orjson.dumps(out, option=orjson.OPT_INDENT_2).decode()
+        rows = out.get("killswitches", [])
+        if not rows:
+            return "no kill switches in force"
+        return "\n".join(
+            f"{r['id']}  {r['scope']:<8} {r['target']:<24} by {r['created_by']}: {r['reason']}"
+            for r in rows
+        )
+
+    return _run(lambda: _request("GET", "/v1/killswitches"), show)
+
+
+def _run(call: Any, show: Any) -> int:
+    try:
+        out = call()
+    except _ApiError as exc:
+        print(f"warden: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.status == 0 else EXIT_REFUSED
+    print(show(out))
+    return EXIT_OK
+
+
+def _request(method: str, path: str, body: Any = None) -> Any:
+    token = os.environ.get("WARDEN_TOKEN", "")
+    if not token:
+        raise _ApiError(0, "set WARDEN_TOKEN to an admin API token")
+    base = os.environ.get("WARDEN_ADMIN_URL", DEFAULT_ADMIN_URL).rstrip("/")
+    if urllib.parse.urlsplit(base).scheme not in ("http", "https"):
+        raise _ApiError(0, f"WARDEN_ADMIN_URL must be an http:// or https:// URL, not {base!r}")
+    data = orjson.dumps(body) if body is not None else None
+    req = urllib.request.Request(  # noqa: S310 - the scheme is checked above
+        base + path,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:  # noqa: S310
+            return orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise _ApiError(exc.code, f"{exc.code}: {_message(exc.read())}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise _ApiError(0, f"cannot reach the admin API at {base}: {reason}") from None
+
+
+def _message(raw: bytes) -> str:
+    try:
+        return str(orjson.loads(raw)["error"]["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return raw.decode("utf-8", "replace")[:200]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the commands on their own (``python -m warden.cli_admin``)."""
+    parser = argparse.ArgumentParser(prog="warden")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

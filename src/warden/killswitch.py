@@ -1,0 +1,298 @@
+"""Kill switches: stop an agent, a tool, an upstream or everything, at once.
+
+A switch is set or cleared through the admin API (or ``warden kill``), stored
+in the state store and recorded in the audit log. Every sidecar sharing the
+store re-reads the active switches every :data:`POLL_INTERVAL_S`, so a switch
+thrown anywhere takes effect everywhere within a second.
+
+The hot path only ever calls :meth:`KillSwitches.is_killed`: four dictionary
+lookups on an in-memory index, no I/O. The pipeline's :class:`KillSwitchGuard`
+calls it first for every new action; the proxy calls it between stream chunks
+to cut responses that are streaming when a switch is thrown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from warden.budgets import metrics
+from warden.model import Action, Decision, Effect, Mode, new_id
+from warden.pipeline import GuardContext
+from warden.state import KillSwitchRow, StateStore
+
+__all__ = [
+    "POLL_INTERVAL_S",
+    "KillSwitch",
+    "KillSwitchGuard",
+    "KillSwitches",
+    "Scope",
+]
+
+log = logging.getLogger("warden.killswitch")
+
+POLL_INTERVAL_S = 0.5
+MAX_TARGET = 128
+MAX_REASON = 1000
+
+
+class Scope(enum.StrEnum):
+    """What a switch stops: every action, or those of one agent, tool or upstream."""
+
+    GLOBAL = "global"
+    AGENT = "agent"
+    TOOL = "tool"
+    UPSTREAM = "upstream"
+
+
+@dataclass(frozen=True, slots=True)
+class KillSwitch:
+    """One switch in force. ``target`` is ``*`` for the global scope."""
+
+    id: str
+    scope: Scope
+    target: str
+    reason: str
+    created_by: str
+    created_at: float
+
+    @property
+    def message(self) -> str:
+        """Why actions are stopped, in words for agents and people."""
+        what = "all actions" if self.scope is Scope.GLOBAL else f"{self.scope} {self.target}"
+        return f"kill switch {self.id} stops {what}: {self.reason}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The switch as the admin API shows it."""
+        return {
+            "id": self.id,
+            "scope": self.scope.value,
+            "target": self.target,
+            "reason": self.reason,
+            "created_by": self.created_by,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_row(cls, row: KillSwitchRow) -> KillSwitch:
+        """From the state store's row."""
+        return cls(
+            id=row.id,
+            scope=Scope(row.scope),
+            target=row.target,
+            reason=row.reason,
+            created_by=row.created_by,
+            created_at=row.created_at,
+        )
+
+
+class _Audit(Protocol):
+    async def append(self, kind: str, body: Mapping[str, Any]) -> Any: ...
+
+
+class KillSwitches:
+    """The switches in force, kept in memory and in sync with the state store."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        audit: _Audit | None,
+        *,
+        poll_interval_s: float = POLL_INTERVAL_S,
+    ) -> None:
+        self._store = store
+        self._audit = audit
+        self._interval = poll_interval_s
+        self._active: tuple[KillSwitch, ...] = ()
+        self._global: KillSwitch | None = None
+        self._index: dict[tuple[Scope, str], KillSwitch] = {}
+        self._poller: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self.generation = 0
+        """Increases whenever the set of active switches changes."""
+
+    async def start(self) -> None:
+        """Load the active switches, then keep polling the store."""
+        await self.refresh()
+        if self._poller is None:
+            self._poller = asyncio.create_task(self._poll())
+
+    async def close(self) -> None:
+        """Stop polling."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+
+    # -- the hot path --------------------------------------------------------------
+
+    def is_killed(
+        self, agent: str, upstream: str | None = None, tool: str | None = None
+    ) -> KillSwitch | None:
+        """The switch that stops this agent, upstream or tool, or ``None``. O(1), no I/O.
+
+        When several apply, the global one wins, then agent, upstream, tool.
+        """
+        if self._global is not None:
+            return self._global
+        if not self._index:
+            return None
+        index = self._index
+        found = index.get((Scope.AGENT, agent))
+        if found is None and upstream is not None:
+            found = index.get((Scope.UPSTREAM, upstream))
+        if found is None and tool is not None:
+            found = index.get((Scope.TOOL, tool))
+        return found
+
+    def check(self, action: Action) -> KillSwitch | None:
+        """:meth:`is_killed` for an action."""
+        return self.is_killed(action.agent.id, action.request.upstream, action.tool)
+
+    async def wait_changed(self) -> None:
+        """Return the next time the set of active switches changes."""
+        await self._changed.wait()
+
+    # -- administration ----------------------------------------------------------------
+
+    def active(self) -> tuple[KillSwitch, ...]:
+        """The switches in force, oldest first."""
+        return self._active
+
+    async def set(self, scope: Scope, target: str, reason: str, who: str) -> KillSwitch:
+        """Throw a switch; it is in force on this sidecar when this returns.
+
+        The switch is stored before it is recorded, so if the audit log fails
+        (:class:`warden.errors.AuditError` propagates) the switch still holds.
+        """
+        if scope is Scope.GLOBAL:
+            target = "*"
+        switch = KillSwitch(
+            id=new_id("ks"),
+            scope=scope,
+            target=target,
+            reason=reason,
+            created_by=who,
+            created_at=time.time(),
+        )
+        await self._store.add_killswitch(
+            KillSwitchRow(
+                id=switch.id,
+                scope=scope.value,
+                target=target,
+                reason=reason,
+                created_by=who,
+                created_at=switch.created_at,
+            )
+        )
+        self._install((*self._active, switch))
+        await self._record(switch, who, reason, "set")
+        return switch
+
+    async def clear(self, switch_id: str, who: str, reason: str = "") -> KillSwitch | None:
+        """Clear a switch by id; ``None`` when no such switch is in force.
+
+        The clearing is recorded before it takes effect: a switch is never
+        lifted without a record.
+        """
+        current = next((s for s in self._active if s.id == switch_id), None)
+        if current is None:
+            await self.refresh()
+            current = next((s for s in self._active if s.id == switch_id), None)
+            if current is None:
+                return None
+        await self._record(current, who, reason, "cleared")
+        row = await self._store.clear_killswitch(switch_id, who)
+        self._install(tuple(s for s in self._active if s.id != switch_id))
+        return current if row is not None else None
+
+    async def refresh(self) -> None:
+        """Re-read the active switches from the state store."""
+        rows = await self._store.active_killswitches()
+        switches = tuple(KillSwitch.from_row(r) for r in rows if r.scope in _SCOPES)
+        if {s.id for s in switches} != {s.id for s in self._active}:
+            self._install(switches)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _install(self, switches: tuple[KillSwitch, ...]) -> None:
+        index: dict[tuple[Scope, str], KillSwitch] = {}
+        first_global: KillSwitch | None = None
+        for switch in switches:
+            if switch.scope is Scope.GLOBAL:
+                first_global = first_global or switch
+            else:
+                index.setdefault((switch.scope, switch.target), switch)
+        # Swap whole objects: readers never see a half-built index.
+        self._active = switches
+        self._index = index
+        self._global = first_global
+        self.generation += 1
+        for scope in Scope:
+            metrics.KILLSWITCHES_ACTIVE.labels(scope.value).set(
+                sum(1 for s in switches if s.scope is scope)
+            )
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _record(self, switch: KillSwitch, who: str, why: str, action: str) -> None:
+        if self._audit is None:
+            return
+        await self._audit.append(
+            "killswitch",
+            {
+                "id": switch.id,
+                "action": action,
+                "scope": switch.scope.value,
+                "target": switch.target,
+                "who": who,
+                "why": why or switch.reason,
+            },
+        )
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Keep the last known switches: failing open here would lift them.
+                log.exception("could not read kill switches from the state store")
+
+
+_SCOPES = frozenset(s.value for s in Scope)
+
+
+class KillSwitchGuard:
+    """The first pipeline stage: deny anything a kill switch covers.
+
+    Its decisions are enforced even in observe mode: a kill switch is an
+    emergency stop, not a rule being tried out.
+    """
+
+    name = "kill_switch"
+
+    def __init__(self, switches: KillSwitches) -> None:
+        self.switches = switches
+
+    async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
+        """Deny when a switch covers the action's agent, upstream or tool."""
+        switch = self.switches.check(action)
+        if switch is None:
+            return None
+        return Decision(
+            decision_id=new_id("dec"),
+            effect=Effect.DENY,
+            reasons=(switch.message,),
+            mode=Mode.ENFORCE,
+            guard="kill_switch",
+        )

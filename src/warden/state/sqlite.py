@@ -1,0 +1,375 @@
+"""The state store: budget counters, reservations and kill switches in SQLite.
+
+One connection, used only from one dedicated thread, so SQLite writes never
+block the event loop and never interleave. Every change is one ``BEGIN
+IMMEDIATE`` transaction: it takes the database's write lock before reading,
+so a check-then-reserve is atomic even when several Warden processes share
+the file. The journal is WAL, so readers in other processes are not blocked.
+
+Counters are keyed by ``(counter, window, subject)``: ``refunds``,
+``day:2026-11-27``, ``agent:support-triage``. ``spent`` is settled value,
+``reserved`` is value held for actions still in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from warden.errors import ConfigError
+
+__all__ = [
+    "Counter",
+    "Hold",
+    "KillSwitchRow",
+    "ReserveResult",
+    "StateStore",
+    "sqlite_path",
+]
+
+T = TypeVar("T")
+
+_BUSY_TIMEOUT_MS = 5000
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS budget_counters (
+    counter  TEXT NOT NULL,
+    window   TEXT NOT NULL,
+    subject  TEXT NOT NULL,
+    spent    REAL NOT NULL DEFAULT 0,
+    reserved REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (counter, window, subject)
+);
+CREATE TABLE IF NOT EXISTS budget_reservations (
+    id         TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    holds      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS killswitches (
+    id         TEXT PRIMARY KEY,
+    scope      TEXT NOT NULL,
+    target     TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    cleared_by TEXT,
+    cleared_at REAL
+);
+CREATE INDEX IF NOT EXISTS killswitches_active ON killswitches (cleared_at);
+"""
+
+
+def sqlite_path(url: str) -> Path:
+    """The file named by a ``sqlite:///path`` URL (``sqlite:////abs`` or ``sqlite:///rel``)."""
+    if not url.startswith("sqlite:///"):
+        raise ConfigError(f"state.url: only sqlite:/// URLs are supported, got {url!r}")
+    path = url[len("sqlite:///") :]
+    if not path:
+        raise ConfigError("state.url: the sqlite URL names no file")
+    return Path(path)
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Value to hold against one counter: ``limit`` ``None`` means no cap, only counting."""
+
+    counter: str
+    window: str
+    subject: str
+    amount: float
+    limit: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """One counter's totals, as read inside a transaction."""
+
+    counter: str
+    window: str
+    subject: str
+    spent: float
+    reserved: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    """What :meth:`StateStore.reserve` did.
+
+    ``before`` holds each counter's totals before this reservation (in the
+    order of the holds). ``over`` lists the holds that would pass their limit;
+    when it is not empty and the reservation was not forced, nothing was held.
+    """
+
+    reserved: bool
+    before: tuple[Counter, ...]
+    over: tuple[Hold, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KillSwitchRow:
+    """A kill switch as stored."""
+
+    id: str
+    scope: str
+    target: str
+    reason: str
+    created_by: str
+    created_at: float
+    cleared_by: str | None = None
+    cleared_at: float | None = None
+
+
+class StateStore:
+    """The SQLite state store; open with :meth:`open`, close with :meth:`close`."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, io: ThreadPoolExecutor) -> None:
+        self.path = path
+        self._conn = conn
+        self._io = io
+        self._closed = False
+
+    @classmethod
+    async def open(cls, url: str) -> StateStore:
+        """Open (creating if needed) the database named by ``state.url``."""
+        path = sqlite_path(url)
+        io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warden-state")
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(io, _connect, path)
+        except BaseException:
+            io.shutdown(wait=False)
+            raise
+        return cls(path, conn, io)
+
+    async def close(self) -> None:
+        """Close the connection and stop the I/O thread."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(self._io, self._conn.close)
+        self._io.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise RuntimeError("the state store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    # -- budgets ---------------------------------------------------------------
+
+    async def reserve(
+        self, reservation_id: str, holds: Sequence[Hold], *, force: bool = False
+    ) -> ReserveResult:
+        """Hold every amount atomically, or none if any would pass its limit.
+
+        ``force`` holds even over a limit (observe mode: the action goes
+        through, so its value must still be counted); ``over`` still says so.
+        """
+        return await self._run(self._reserve, reservation_id, tuple(holds), force)
+
+    def _reserve(self, reservation_id: str, holds: tuple[Hold, ...], force: bool) -> ReserveResult:
+        with _immediate(self._conn) as cur:
+            before: list[Counter] = []
+            over: list[Hold] = []
+            for hold in holds:
+                row = cur.execute(
+                    "SELECT spent, reserved FROM budget_counters "
+                    "WHERE counter = ? AND window = ? AND subject = ?",
+                    (hold.counter, hold.window, hold.subject),
+                ).fetchone()
+                spent, reserved = (float(row[0]), float(row[1])) if row else (0.0, 0.0)
+                before.append(Counter(hold.counter, hold.window, hold.subject, spent, reserved))
+                if hold.limit is not None and _passes(spent + reserved, hold.amount, hold.limit):
+                    over.append(hold)
+            if over and not force:
+                return ReserveResult(reserved=False, before=tuple(before), over=tuple(over))
+            for hold in holds:
+                cur.execute(
+                    "INSERT INTO budget_counters (counter, window, subject, reserved) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (counter, window, subject) "
+                    "DO UPDATE SET reserved = reserved + excluded.reserved",
+                    (hold.counter, hold.window, hold.subject, hold.amount),
+                )
+            cur.execute(
+                "INSERT OR REPLACE INTO budget_reservations (id, created_at, holds) "
+                "VALUES (?, ?, ?)",
+                (reservation_id, time.time(), _encode_holds(holds)),
+            )
+            return ReserveResult(reserved=True, before=tuple(before), over=tuple(over))
+
+    async def settle(
+        self, reservation_id: str, actual: Mapping[str, float] | None
+    ) -> tuple[Counter, ...]:
+        """Turn a reservation into spend and drop it; return the counters after.
+
+        ``actual`` maps a counter name to the value really spent; counters not
+        in it are released (spend 0). ``None`` spends each held amount as is.
+        An unknown or already settled reservation changes nothing.
+        """
+        return await self._run(self._settle, reservation_id, actual)
+
+    def _settle(
+        self, reservation_id: str, actual: Mapping[str, float] | None
+    ) -> tuple[Counter, ...]:
+        with _immediate(self._conn) as cur:
+            row = cur.execute(
+                "SELECT holds FROM budget_reservations WHERE id = ?", (reservation_id,)
+            ).fetchone()
+            if row is None:
+                return ()
+            cur.execute("DELETE FROM budget_reservations WHERE id = ?", (reservation_id,))
+            return _apply(cur, _decode_holds(row[0]), actual)
+
+    async def expire(self, older_than_s: float) -> int:
+        """Settle reservations older than ``older_than_s`` at their held value.
+
+        A delivered tool call whose result never came back is assumed done:
+        counting it errs on the side of the cap.
+        """
+        return await self._run(self._expire, time.time() - older_than_s)
+
+    def _expire(self, cutoff: float) -> int:
+        with _immediate(self._conn) as cur:
+            rows = cur.execute(
+                "SELECT id, holds FROM budget_reservations WHERE created_at < ?", (cutoff,)
+            ).fetchall()
+            for rid, holds in rows:
+                cur.execute("DELETE FROM budget_reservations WHERE id = ?", (rid,))
+                _apply(cur, _decode_holds(holds), None)
+            return len(rows)
+
+    async def counters(self, keys: Iterable[tuple[str, str, str]]) -> tuple[Counter, ...]:
+        """Read counters by ``(counter, window, subject)``; missing ones read as zero."""
+        return await self._run(self._counters, tuple(keys))
+
+    def _counters(self, keys: tuple[tuple[str, str, str], ...]) -> tuple[Counter, ...]:
+        out = []
+        for counter, window, subject in keys:
+            row = self._conn.execute(
+                "SELECT spent, reserved FROM budget_counters "
+                "WHERE counter = ? AND window = ? AND subject = ?",
+                (counter, window, subject),
+            ).fetchone()
+            spent, reserved = (float(row[0]), float(row[1])) if row else (0.0, 0.0)
+            out.append(Counter(counter, window, subject, spent, reserved))
+        return tuple(out)
+
+    # -- kill switches ---------------------------------------------------------
+
+    async def add_killswitch(self, row: KillSwitchRow) -> None:
+        """Store a new, active kill switch."""
+        await self._run(self._add_killswitch, row)
+
+    def _add_killswitch(self, row: KillSwitchRow) -> None:
+        with _immediate(self._conn) as cur:
+            cur.execute(
+                "INSERT INTO killswitches (id, scope, target, reason, created_by, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (row.id, row.scope, row.target, row.reason, row.created_by, row.created_at),
+            )
+
+    async def clear_killswitch(self, switch_id: str, who: str) -> KillSwitchRow | None:
+        """Clear an active switch; ``None`` when there is no active switch with that id."""
+        return await self._run(self._clear_killswitch, switch_id, who)
+
+    def _clear_killswitch(self, switch_id: str, who: str) -> KillSwitchRow | None:
+        with _immediate(self._conn) as cur:
+            now = time.time()
+            cur.execute(
+                "UPDATE killswitches SET cleared_by = ?, cleared_at = ? "
+                "WHERE id = ? AND cleared_at IS NULL",
+                (who, now, switch_id),
+            )
+            if cur.rowcount == 0:
+                return None
+            found = cur.execute(
+                "SELECT id, scope, target, reason, created_by, created_at, cleared_by, "
+                "cleared_at FROM killswitches WHERE id = ?",
+                (switch_id,),
+            ).fetchone()
+            return KillSwitchRow(*found)
+
+    async def active_killswitches(self) -> tuple[KillSwitchRow, ...]:
+        """Every switch not yet cleared, oldest first."""
+        return await self._run(self._active_killswitches)
+
+    def _active_killswitches(self) -> tuple[KillSwitchRow, ...]:
+        rows = self._conn.execute(
+            "SELECT id, scope, target, reason, created_by, created_at, cleared_by, cleared_at "
+            "FROM killswitches WHERE cleared_at IS NULL ORDER BY created_at, id"
+        ).fetchall()
+        return tuple(KillSwitchRow(*r) for r in rows)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), and
+    # check_same_thread=False because the pool's one thread is not this one.
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_MS / 1000
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.executescript(_SCHEMA)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise ConfigError(f"state.url: cannot open the state database {path}: {exc}") from None
+    return conn
+
+
+class _immediate:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` on any error."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> sqlite3.Cursor:
+        self._conn.execute("BEGIN IMMEDIATE")
+        return self._conn.cursor()
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+def _passes(used: float, amount: float, limit: float) -> bool:
+    # A zero-value hold (an LLM call before its cost is known) is refused
+    # once the cap is used up, not only when it is passed.
+    return used + amount > limit or (amount == 0 and used >= limit)
+
+
+def _apply(
+    cur: sqlite3.Cursor, holds: Sequence[Hold], actual: Mapping[str, float] | None
+) -> tuple[Counter, ...]:
+    out = []
+    for hold in holds:
+        spend = hold.amount if actual is None else max(0.0, actual.get(hold.counter, 0.0))
+        cur.execute(
+            "UPDATE budget_counters SET reserved = max(0, reserved - ?), spent = spent + ? "
+            "WHERE counter = ? AND window = ? AND subject = ?",
+            (hold.amount, spend, hold.counter, hold.window, hold.subject),
+        )
+        row = cur.execute(
+            "SELECT spent, reserved FROM budget_counters "
+            "WHERE counter = ? AND window = ? AND subject = ?",
+            (hold.counter, hold.window, hold.subject),
+        ).fetchone()
+        if row is not None:
+            out.append(
+                Counter(hold.counter, hold.window, hold.subject, float(row[0]), float(row[1]))
+            )
+    return tuple(out)
+
+
+def _encode_holds(holds: Sequence[Hold]) -> str:
+    return orjson.dumps([[h.counter, h.window, h.subject, h.amount] for h in holds]).decode()
+
+
+def _decode_holds(raw: str) -> tuple[Hold, ...]:
+    return tuple(Hold(str(c), str(w), str(s), float(a)) for c, w, s, a in orjson.loads(raw))

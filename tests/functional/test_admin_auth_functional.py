@@ -1,0 +1,99 @@
+"""Admin API auth: bearer tokens by SHA-256, roles, open operational routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.functional.conftest import make_config
+from warden.admin.auth import hash_token
+from warden.server import Warden
+from warden.testing import MockLLM
+
+ADMIN = "admin-token-1"
+VIEWER = "viewer-token-1"
+TOKENS = {
+    "tokens": [
+        {"subject": "alice", "roles": ["admin"], "sha256": hash_token(ADMIN)},
+        {"subject": "val", "roles": ["viewer"], "sha256": hash_token(VIEWER)},
+    ]
+}
+BODY = {"scope": "agent", "target": "bot", "reason": "testing"}
+
+
+@pytest.fixture
+async def admin(
+    tmp_path: Path, llm: MockLLM
+) -> AsyncIterator[tuple[Warden, aiohttp.ClientSession]]:
+    async with (
+        Warden(make_config(tmp_path, llm.url, admin=TOKENS)) as warden,
+        aiohttp.ClientSession(base_url=warden.admin_url) as session,
+    ):
+        yield warden, session
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {ADMIN}"},
+        {"Authorization": "Bearer"},
+        {"Authorization": f"Bearer {hash_token(ADMIN)}"},  # the hash is not the token
+    ],
+)
+async def test_no_valid_token_is_401(
+    admin: tuple[Warden, aiohttp.ClientSession], headers: dict[str, str]
+) -> None:
+    _, session = admin
+    async with session.post("/v1/killswitches", json=BODY, headers=headers) as resp:
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        assert (await resp.json())["error"]["code"] == "unauthorized"
+    async with session.get("/v1/killswitches", headers=headers) as resp:
+        assert resp.status == 401
+
+
+async def test_a_token_without_the_role_is_403(
+    admin: tuple[Warden, aiohttp.ClientSession],
+) -> None:
+    warden, session = admin
+    async with session.post("/v1/killswitches", json=BODY, headers=bearer(VIEWER)) as resp:
+        assert resp.status == 403
+        assert (await resp.json())["error"]["code"] == "forbidden"
+    assert warden.killswitches is not None
+    assert not warden.killswitches.active()
+    async with session.get("/v1/killswitches", headers=bearer(VIEWER)) as resp:
+        assert resp.status == 200  # reading is open to viewers
+    async with session.delete("/v1/killswitches/ks_x", headers=bearer(VIEWER)) as resp:
+        assert resp.status == 403
+
+
+async def test_the_admin_token_works_and_operational_routes_stay_open(
+    admin: tuple[Warden, aiohttp.ClientSession],
+) -> None:
+    _, session = admin
+    async with session.post("/v1/killswitches", json=BODY, headers=bearer(ADMIN)) as resp:
+        assert resp.status == 201
+        assert (await resp.json())["created_by"] == "alice"
+    for path in ("/healthz", "/readyz", "/metrics"):
+        async with session.get(path) as resp:
+            assert resp.status == 200, path
+
+
+async def test_no_tokens_configured_means_every_admin_route_is_closed(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    async with (
+        Warden(make_config(tmp_path, llm.url)) as warden,
+        aiohttp.ClientSession(base_url=warden.admin_url) as session,
+        session.get("/v1/killswitches", headers=bearer(ADMIN)) as resp,
+    ):
+        assert resp.status == 401

@@ -1,0 +1,144 @@
+"""Spend caps through the real proxy, driven by the official openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.functional.conftest import make_config
+from warden.budgets.caps import window_key
+from warden.server import Warden
+from warden.state import StateStore
+from warden.testing import Call, MockLLM, Reply
+
+MESSAGES: Any = [{"role": "user", "content": "please refund my order"}]
+REFUND_CAP: dict[str, Any] = {
+    "name": "refunds",
+    "tool": "issue_refund",
+    "value": "amount",
+    "per": ["agent", "customer"],
+    "window": "day",
+    "limit": 500,
+    "over": "deny",
+}
+
+
+def client(warden: Warden, **kw: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0, **kw
+    )
+
+
+def today(window: str = "day") -> str:
+    return window_key(window, datetime.now(UTC))
+
+
+async def counter(tmp_path: Path, name: str, subject: str) -> tuple[float, float]:
+    store = await StateStore.open(f"sqlite:///{tmp_path}/state.db")
+    try:
+        (c,) = await store.counters([(name, today(), subject)])
+        return c.spent, c.reserved
+    finally:
+        await store.close()
+
+
+async def wait_for(tmp_path: Path, name: str, subject: str, pred: Any) -> tuple[float, float]:
+    # Outcomes are settled just after the response reaches the agent; the
+    # state store is read from outside, so polling it is the honest check.
+    async with asyncio.timeout(5):
+        while not pred(value := await counter(tmp_path, name, subject)):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    return value
+
+
+async def test_fifty_concurrent_refunds_against_room_for_ten(tmp_path: Path, llm: MockLLM) -> None:
+    llm.on_request(
+        lambda _proto, _body: Reply(
+            text="Refunding.",
+            tool_calls=[Call("issue_refund", {"order_id": "A-1", "amount": 50, "currency": "USD"})],
+        )
+    )
+    config = make_config(tmp_path, llm.url, budgets={"caps": [REFUND_CAP]})
+    async with Warden(config) as warden, client(warden) as c:
+        completions = await asyncio.gather(
+            *(c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES) for _ in range(50))
+        )
+    delivered = [
+        x
+        for x in completions
+        if any(t.function.name == "issue_refund" for t in x.choices[0].message.tool_calls or [])
+    ]
+    blocked = [x for x in completions if not x.choices[0].message.tool_calls]
+    assert len(delivered) == 10
+    assert len(blocked) == 40
+    text = blocked[0].choices[0].message.content or ""
+    assert "refunds cap for this agent: 500.00 of 500.00 USD used today" in text
+    assert "this issue_refund of 50.00 would pass it" in text
+    # Ten reservations wait for their results; they survive a restart.
+    assert await counter(tmp_path, "refunds", "agent:support-triage") == (0.0, 500.0)
+    async with Warden(config) as warden, client(warden) as c:
+        again = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert not again.choices[0].message.tool_calls
+
+
+async def test_settled_refunds_reach_the_shipped_policy_as_input_budget(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # A generous cap: here the shipped policy's own per-customer limit (150 a
+    # day without approval) decides, from input.budget.refunds.day.customer.spent.
+    cap = {**REFUND_CAP, "limit": 10_000}
+    config = make_config(tmp_path, llm.url, budgets={"caps": [cap]})
+    refund = Call("issue_refund", {"order_id": "A-7", "amount": 90, "currency": "USD"})
+    llm.script(Reply(tool_calls=[refund]), Reply(text="Done."), Reply(tool_calls=[refund]))
+    headers = {"X-Warden-Context-Customer-Id": "C-42"}
+    async with Warden(config) as warden, client(warden, default_headers=headers) as c:
+        first = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        call = (first.choices[0].message.tool_calls or [])[0]
+        history: Any = [
+            *MESSAGES,
+            first.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "refunded 90.00 USD"},
+        ]
+        await c.chat.completions.create(model="gpt-4o-mini", messages=history)
+        spent = await wait_for(tmp_path, "refunds", "customer:C-42", lambda v: v[0] > 0)
+        assert spent == (90.0, 0.0)
+        second = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert not second.choices[0].message.tool_calls
+    text = second.choices[0].message.content or ""
+    assert "this customer has received 90.00 USD in refunds today" in text
+    assert "for human approval" in text
+
+
+async def test_llm_spend_is_settled_from_usage_and_then_capped(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # The default price (unknown model) is 15 USD per million input tokens and
+    # 75 per million output: a few calls pass a cap of a fraction of a cent.
+    config = make_config(tmp_path, llm.url, budgets={"llm": {"limit_usd": 0.0004, "window": "day"}})
+    agent = "agent:support-triage"
+    async with Warden(config) as warden, client(warden) as c:
+        llm.script(Reply(text="one two three"))
+        await c.chat.completions.create(model="house-model", messages=MESSAGES)
+        first = await wait_for(tmp_path, "llm", agent, lambda v: v[0] > 0)
+        # 4 prompt words and 3 output words at the default price.
+        assert first[0] == pytest.approx((4 * 15 + 3 * 75) / 1e6)
+        llm.script(Reply(text="four five six seven"))
+        stream = await c.chat.completions.create(
+            model="house-model",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for _ in stream:
+            pass
+        second = await wait_for(tmp_path, "llm", agent, lambda v: v[0] > first[0])
+        assert second[0] == pytest.approx(first[0] + (4 * 15 + 4 * 75) / 1e6)
+        with pytest.raises(openai.PermissionDeniedError) as denied:
+            await c.chat.completions.create(model="house-model", messages=MESSAGES)
+    assert "LLM spend cap for this agent" in str(denied.value)
+    assert "today" in str(denied.value)

@@ -1,0 +1,155 @@
+"""Kill switches through the admin API and the CLI, against real SDK traffic."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.functional.conftest import audit_records, make_config
+from warden import cli
+from warden.admin.auth import hash_token
+from warden.server import Warden
+from warden.testing import Call, MockLLM, Reply
+
+TOKEN = "admin-token-1"
+ADMIN = {"tokens": [{"subject": "alice", "roles": ["admin"], "sha256": hash_token(TOKEN)}]}
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MESSAGES: Any = [{"role": "user", "content": "help"}]
+
+
+def client(warden: Warden, agent: str = "support-triage") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=f"{warden.proxy_url}/openai/v1",
+        api_key="sk-test",
+        max_retries=0,
+        default_headers={"X-Warden-Agent": agent},
+    )
+
+
+async def test_switches_set_listed_and_cleared_through_the_admin_api(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    async with (
+        Warden(make_config(tmp_path, llm.url, admin=ADMIN)) as warden,
+        aiohttp.ClientSession(base_url=warden.admin_url, headers=AUTH) as admin,
+        client(warden, "refunds-bot") as bot,
+        client(warden, "other-bot") as other,
+    ):
+        body = {"scope": "agent", "target": "refunds-bot", "reason": "paying out twice"}
+        async with admin.post("/v1/killswitches", json=body) as resp:
+            assert resp.status == 201
+            switch = await resp.json()
+        with pytest.raises(openai.PermissionDeniedError) as denied:
+            await bot.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert "paying out twice" in str(denied.value)
+        assert switch["id"] in str(denied.value)
+        await other.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+        # A tool switch removes that tool's calls from every agent's responses.
+        tool = {"scope": "tool", "target": "issue_refund", "reason": "refund API broken"}
+        async with admin.post("/v1/killswitches", json=tool) as resp:
+            tool_switch = await resp.json()
+        refund = Call("issue_refund", {"order_id": "A-1", "amount": 10, "currency": "USD"})
+        llm.script(Reply(tool_calls=[refund, Call("get_order", {"order_id": "A-1"})]))
+        completion = await other.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        message = completion.choices[0].message
+        assert [t.function.name for t in message.tool_calls or []] == ["get_order"]
+        assert "refund API broken" in (message.content or "")
+
+        async with admin.get("/v1/killswitches") as resp:
+            listed = (await resp.json())["killswitches"]
+        assert [s["id"] for s in listed] == [switch["id"], tool_switch["id"]]
+
+        async with admin.delete(f"/v1/killswitches/{switch['id']}") as resp:
+            assert resp.status == 200
+        async with admin.delete(f"/v1/killswitches/{switch['id']}") as resp:
+            assert resp.status == 404
+        await bot.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+        for bad in (
+            {"scope": "planet", "target": "x", "reason": "r"},
+            {"scope": "agent", "reason": "r"},
+            {"scope": "agent", "target": "x", "reason": " "},
+        ):
+            async with admin.post("/v1/killswitches", json=bad) as resp:
+                assert resp.status == 400, bad
+        async with admin.post("/v1/killswitches", data=b"[") as resp:
+            assert resp.status == 400
+        await warden.stop()
+    records = [r for r in audit_records(tmp_path / "audit") if r.get("kind") == "killswitch"]
+    assert [(r["body"]["action"], r["body"]["who"]) for r in records] == [
+        ("set", "alice"),
+        ("set", "alice"),
+        ("cleared", "alice"),
+    ]
+    assert records[0]["body"]["why"] == "paying out twice"
+
+
+async def test_a_global_switch_survives_a_restart(tmp_path: Path, llm: MockLLM) -> None:
+    config = make_config(tmp_path, llm.url, admin=ADMIN)
+    async with (
+        Warden(config) as warden,
+        aiohttp.ClientSession(base_url=warden.admin_url, headers=AUTH) as admin,
+        admin.post("/v1/killswitches", json={"scope": "global", "reason": "incident"}) as resp,
+    ):
+        assert resp.status == 201
+    async with Warden(config) as warden, client(warden) as c:
+        with pytest.raises(openai.PermissionDeniedError, match="incident"):
+            await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+
+async def test_a_switch_thrown_on_one_sidecar_stops_another_within_a_second(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # Two sidecars sharing one state store, each with its own audit log.
+    first = make_config(tmp_path, llm.url, admin=ADMIN)
+    second = make_config(tmp_path, llm.url, admin=ADMIN, audit={"dir": str(tmp_path / "audit2")})
+    async with (
+        Warden(first) as one,
+        Warden(second) as two,
+        aiohttp.ClientSession(base_url=one.admin_url, headers=AUTH) as admin,
+        client(two) as c,
+    ):
+        body = {"scope": "upstream", "target": "openai", "reason": "provider incident"}
+        async with admin.post("/v1/killswitches", json=body) as resp:
+            assert resp.status == 201
+        switches = two.killswitches
+        assert switches is not None
+        async with asyncio.timeout(1):
+            while switches.is_killed("any-agent", "openai") is None:
+                await switches.wait_changed()
+        with pytest.raises(openai.PermissionDeniedError, match="provider incident"):
+            await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+
+async def test_the_cli_sets_lists_and_clears(
+    tmp_path: Path,
+    llm: MockLLM,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with Warden(make_config(tmp_path, llm.url, admin=ADMIN)) as warden:
+        monkeypatch.setenv("WARDEN_ADMIN_URL", warden.admin_url)
+        monkeypatch.setenv("WARDEN_TOKEN", TOKEN)
+        run = lambda *argv: asyncio.to_thread(cli.main, list(argv))  # noqa: E731
+        assert await run("kill", "agent", "refunds-bot", "--reason", "looping") == 0
+        switch_id = capsys.readouterr().out.split()[0]
+        assert switch_id.startswith("ks_")
+        assert warden.killswitches is not None
+        assert warden.killswitches.is_killed("refunds-bot") is not None
+        assert await run("killswitches") == 0
+        assert "refunds-bot" in capsys.readouterr().out
+        assert await run("unkill", switch_id) == 0
+        assert warden.killswitches.is_killed("refunds-bot") is None
+        assert await run("unkill", switch_id) == 1
+        assert await run("kill", "agent", "--reason", "no name") == 2
+        monkeypatch.setenv("WARDEN_TOKEN", "wrong")
+        assert await run("kill", "global", "--reason", "x") == 1
+        assert "401" in capsys.readouterr().err
+        monkeypatch.delenv("WARDEN_TOKEN")
+        assert await run("killswitches") == 2

@@ -1,0 +1,179 @@
+"""Approval webhooks: bodies, signatures, retries with backoff, failures counted."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from prometheus_client import REGISTRY
+
+from warden.approvals import Approval, ApprovalSettings
+from warden.approvals.notify import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    Delivery,
+    Notifier,
+    render,
+    sign,
+    verify_signature,
+)
+
+SECRET = "whsec-test"
+
+
+def approval() -> Approval:
+    now = time.time()
+    return Approval(
+        id="apr_1",
+        decision_id="dec_1",
+        action_id="act_1",
+        agent_id="refunds-bot",
+        tool="issue_refund",
+        arguments={"amount": 10, "note": "<b>&</b>"},
+        arguments_sha256="ab" * 32,
+        binding="cd" * 32,
+        mode="hold",
+        reason="refunds over 5 need a person",
+        created_at=now,
+        expires_at=now + 120,
+        risk="high",
+    )
+
+
+class Receiver:
+    """A loopback webhook receiver that fails the first ``fail`` requests."""
+
+    def __init__(self, fail: int = 0, status: int = 503) -> None:
+        self.fail = fail
+        self.status = status
+        self.seen: list[tuple[bytes, dict[str, str]]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append((await request.read(), dict(request.headers)))
+        if len(self.seen) <= self.fail:
+            return web.Response(status=self.status)
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    rec = Receiver(fail=2)
+    app = web.Application()
+    app.router.add_post("/hook", rec.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield rec, f"http://127.0.0.1:{port}/hook"
+    await runner.cleanup()
+
+
+def counter(result: str) -> float:
+    value = REGISTRY.get_sample_value("warden_approval_notifications_total", {"result": result})
+    return value or 0.0
+
+
+def test_signature_is_hmac_sha256_of_the_body() -> None:
+    body = b'{"event":"approval.requested"}'
+    signature = sign(SECRET, body)
+    assert signature.startswith("sha256=")
+    assert len(signature) == 7 + 64
+    assert verify_signature(SECRET, body, signature)
+    assert not verify_signature(SECRET, body + b" ", signature)
+    assert not verify_signature("other", body, signature)
+
+
+def test_json_and_slack_bodies() -> None:
+    generic = render("approval.requested", approval(), "json", 1795747200)
+    assert generic["event"] == "approval.requested"
+    assert generic["timestamp"] == 1795747200
+    assert generic["approval"]["agent"] == "refunds-bot"
+    assert generic["approval"]["arguments"] == {"amount": 10, "note": "<b>&</b>"}
+    slack = render("approval.approved", approval(), "slack", 1795747200)
+    assert "issue_refund" in slack["text"]
+    assert "apr_1" in slack["text"]
+    assert slack["blocks"][0]["type"] == "section"
+    text = orjson.dumps(slack["blocks"]).decode()
+    assert "&lt;b&gt;&amp;&lt;/b&gt;" in text  # mrkdwn control characters escaped
+
+
+async def test_delivery_retries_with_backoff_and_is_signed(
+    receiver: tuple[Receiver, str],
+) -> None:
+    rec, url = receiver
+    results: list[Delivery] = []
+
+    async def on_result(d: Delivery) -> None:
+        results.append(d)
+
+    settings = ApprovalSettings(webhook_url=url, webhook_secret=SECRET, webhook_backoff_s=0.05)
+    notifier = Notifier(settings, on_result)
+    ok_before = counter("ok")
+    started = time.monotonic()
+    notifier.notify("approval.requested", approval())
+    await notifier.drain(5)
+    elapsed = time.monotonic() - started
+    await notifier.close()
+    assert len(rec.seen) == 3
+    assert elapsed >= 0.05 + 0.1  # backoff 0.05 then 0.1
+    body, headers = rec.seen[-1]
+    assert verify_signature(SECRET, body, headers[SIGNATURE_HEADER])
+    assert orjson.loads(body)["timestamp"] == int(headers[TIMESTAMP_HEADER])
+    assert results == [Delivery("approval.requested", "apr_1", "dec_1", True, 3, 204, None)]
+    assert counter("ok") == ok_before + 1
+
+
+async def test_delivery_gives_up_after_the_last_try(receiver: tuple[Receiver, str]) -> None:
+    rec, url = receiver
+    rec.fail = 99
+    results: list[Delivery] = []
+
+    async def on_result(d: Delivery) -> None:
+        results.append(d)
+
+    settings = ApprovalSettings(webhook_url=url, webhook_tries=2, webhook_backoff_s=0.01)
+    notifier = Notifier(settings, on_result)
+    failed_before = counter("failed")
+    notifier.notify("approval.expired", approval())
+    await notifier.drain(5)
+    await notifier.close()
+    assert len(rec.seen) == 2
+    assert SIGNATURE_HEADER not in rec.seen[0][1]  # no secret configured: unsigned
+    (result,) = results
+    assert not result.ok
+    assert result.attempts == 2
+    assert result.error == "HTTP 503"
+    assert counter("failed") == failed_before + 1
+
+
+async def test_a_refusing_receiver_is_not_retried(receiver: tuple[Receiver, str]) -> None:
+    rec, url = receiver
+    rec.fail, rec.status = 99, 400
+    notifier = Notifier(ApprovalSettings(webhook_url=url, webhook_backoff_s=0.01))
+    notifier.notify("approval.rejected", approval())
+    await notifier.drain(5)
+    await notifier.close()
+    assert len(rec.seen) == 1
+
+
+async def test_an_unreachable_receiver_does_not_raise() -> None:
+    results: list[Any] = []
+
+    async def on_result(d: Delivery) -> None:
+        results.append(d)
+
+    # Port 9 on loopback: connection refused at once.
+    settings = ApprovalSettings(
+        webhook_url="http://127.0.0.1:9/hook", webhook_tries=2, webhook_backoff_s=0.01
+    )
+    notifier = Notifier(settings, on_result)
+    notifier.notify("approval.requested", approval())
+    await notifier.drain(5)
+    await notifier.close()
+    assert results[0].ok is False
+    assert results[0].status is None

@@ -1,0 +1,344 @@
+"""The approvals service: state machine, store, binding, grants, waits, evidence."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from warden.admin.auth import Principal
+from warden.approvals import (
+    AlreadyVoted,
+    ApprovalConflict,
+    ApprovalNotFound,
+    Approvals,
+    ApprovalSettings,
+    ApprovalStatus,
+    NotAnApprover,
+    SelfApproval,
+)
+from warden.audit.log import AuditLog
+from warden.audit.record import arguments_sha256
+from warden.audit.verify import iter_records
+from warden.config import AuditConfig
+from warden.model import (
+    Action,
+    ActionKind,
+    Agent,
+    Decision,
+    Effect,
+    Mode,
+    Obligations,
+    RequestMeta,
+    Stage,
+    new_id,
+)
+
+ALICE = Principal("alice", frozenset({"approver"}))
+BOB = Principal("bob", frozenset({"approver"}))
+CAROL = Principal("carol", frozenset({"approver", "finance"}))
+SETTINGS = ApprovalSettings(poll_interval_s=0.05, sweep_interval_s=60)
+
+
+def action(amount: float = 10, agent: str = "refunds-bot", tool: str = "issue_refund") -> Action:
+    return Action(
+        action_id=new_id("act"),
+        agent=Agent(agent),
+        kind=ActionKind.TOOL_CALL,
+        protocol="openai",
+        stage=Stage.PROPOSED,
+        request=RequestMeta("POST", "openai", "/v1/chat/completions"),
+        tool=tool,
+        arguments={"order_id": "A-1", "amount": amount, "email": "jo@example.com"},
+    )
+
+
+def decision(**obligations: Any) -> Decision:
+    return Decision(
+        decision_id=new_id("dec"),
+        effect=Effect.REQUIRE_APPROVAL,
+        reasons=("refunds over 5 need a person",),
+        mode=Mode.ENFORCE,
+        guard="policy",
+        obligations=Obligations(**obligations),
+    )
+
+
+@pytest.fixture
+async def audit(tmp_path: Path) -> AsyncIterator[AuditLog]:
+    log = await AuditLog.open(AuditConfig(dir=str(tmp_path / "audit")))
+    yield log
+    await log.close()
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/state.db"
+
+
+@pytest.fixture
+async def approvals(url: str, audit: AuditLog) -> AsyncIterator[Approvals]:
+    service = await Approvals.open(url, audit, SETTINGS)
+    yield service
+    await service.close()
+
+
+def records(audit: AuditLog, kind: str) -> list[dict[str, Any]]:
+    out = []
+    for _, raw in iter_records(audit.directory):
+        rec = orjson.loads(raw)
+        if rec["kind"] == kind:
+            out.append(rec["body"])
+    return out
+
+
+async def test_request_stores_a_redacted_pending_approval_and_records_it(
+    approvals: Approvals, audit: AuditLog
+) -> None:
+    act, dec = action(), decision(redact=("action.arguments.email",), risk="high")
+    approval = await approvals.request(act, dec, mode="hold")
+    assert approval.status is ApprovalStatus.PENDING
+    assert approval.id.startswith("apr_")
+    assert len(approval.id) > 24
+    assert approval.arguments["email"] == "[redacted]"
+    assert approval.arguments["amount"] == 10
+    assert approval.arguments_sha256 == arguments_sha256(act.arguments)
+    assert approval.expires_at == pytest.approx(approval.created_at + 120)
+    assert await approvals.get(approval.id) == approval
+    assert [a.id for a in await approvals.list("pending")] == [approval.id]
+    (body,) = records(audit, "approval_requested")
+    assert body["decision_id"] == dec.decision_id
+    assert body["approval_id"] == approval.id
+    assert body["arguments_sha256"] == approval.arguments_sha256
+    with pytest.raises(ValueError, match="status"):
+        await approvals.list("maybe")
+
+
+async def test_binding_changes_with_any_argument() -> None:
+    service = Approvals.__new__(Approvals)
+    base = service.binding("bot", "issue_refund", {"amount": 10, "order": "A"})
+    assert base == service.binding("bot", "issue_refund", {"order": "A", "amount": 10})
+    assert base != service.binding("bot", "issue_refund", {"amount": 11, "order": "A"})
+    assert base != service.binding("other", "issue_refund", {"amount": 10, "order": "A"})
+    assert base != service.binding("bot", "close_account", {"amount": 10, "order": "A"})
+    assert len(base) == 64
+
+
+async def test_approve_and_reject_are_final(approvals: Approvals, audit: AuditLog) -> None:
+    first = await approvals.request(action(), decision(), mode="hold")
+    approved = await approvals.decide(first.id, ALICE, True, "ok by me")
+    assert approved.status is ApprovalStatus.APPROVED
+    assert approved.decided_by == "alice"
+    assert approved.comment == "ok by me"
+    assert approved.evidence().approver == "alice"
+    with pytest.raises(ApprovalConflict):
+        await approvals.decide(first.id, BOB, False, "")
+    second = await approvals.request(action(), decision(), mode="hold")
+    rejected = await approvals.decide(second.id, BOB, False, "no")
+    assert rejected.status is ApprovalStatus.REJECTED
+    with pytest.raises(ApprovalConflict):
+        await approvals.decide(second.id, ALICE, True, "")
+    with pytest.raises(ApprovalNotFound):
+        await approvals.decide("apr_nope", ALICE, True, "")
+    decided = records(audit, "approval_decided")
+    assert [(d["who"], d["verdict"], d["comment"]) for d in decided] == [
+        ("alice", "approved", "ok by me"),
+        ("bob", "rejected", "no"),
+    ]
+    assert all(d["arguments_sha256"] == first.arguments_sha256 for d in decided)
+    assert decided[0]["decision_id"] == first.decision_id
+
+
+async def test_separation_of_duties_and_approver_groups(approvals: Approvals) -> None:
+    approval = await approvals.request(action(agent="alice"), decision(), mode="hold")
+    with pytest.raises(SelfApproval):
+        await approvals.decide(approval.id, ALICE, True, "")
+    grouped = await approvals.request(action(), decision(approvers=("finance",)), mode="hold")
+    with pytest.raises(NotAnApprover):
+        await approvals.decide(grouped.id, BOB, True, "")
+    # Membership by role (carol has the role finance) or by subject (a group named bob).
+    assert (await approvals.decide(grouped.id, CAROL, True, "")).status is ApprovalStatus.APPROVED
+    by_name = await approvals.request(action(), decision(approvers=("bob",)), mode="hold")
+    assert (await approvals.decide(by_name.id, BOB, True, "")).status is ApprovalStatus.APPROVED
+
+
+async def test_two_required_approvals_need_two_distinct_people(approvals: Approvals) -> None:
+    approval = await approvals.request(action(), decision(), mode="hold", required_approvals=2)
+    once = await approvals.decide(approval.id, ALICE, True, "")
+    assert once.status is ApprovalStatus.PENDING
+    assert once.approved_by == ("alice",)
+    with pytest.raises(AlreadyVoted):
+        await approvals.decide(approval.id, ALICE, True, "")
+    twice = await approvals.decide(approval.id, BOB, True, "")
+    assert twice.status is ApprovalStatus.APPROVED
+    assert twice.approved_by == ("alice", "bob")
+    # One rejection rejects even after an approval.
+    other = await approvals.request(action(), decision(), mode="hold", required_approvals=2)
+    await approvals.decide(other.id, ALICE, True, "")
+    assert (await approvals.decide(other.id, BOB, False, "")).status is ApprovalStatus.REJECTED
+
+
+async def test_pending_approval_survives_a_restart(url: str, audit: AuditLog) -> None:
+    first = await Approvals.open(url, audit, SETTINGS)
+    approval = await first.request(action(), decision(), mode="hold")
+    await first.close()
+    second = await Approvals.open(url, audit, SETTINGS)
+    try:
+        assert [a.id for a in await second.list("pending")] == [approval.id]
+        waiter = asyncio.create_task(second.wait(approval.id, 5))
+        await asyncio.sleep(0.1)
+        await second.decide(approval.id, ALICE, True, "after restart")
+        assert (await waiter).status is ApprovalStatus.APPROVED
+    finally:
+        await second.close()
+
+
+async def test_wait_returns_on_approve_and_on_reject(approvals: Approvals) -> None:
+    for approve, status in ((True, ApprovalStatus.APPROVED), (False, ApprovalStatus.REJECTED)):
+        approval = await approvals.request(action(), decision(), mode="hold")
+        waiter = asyncio.create_task(approvals.wait(approval.id, 10))
+        await asyncio.sleep(0.02)
+        assert not waiter.done()
+        await approvals.decide(approval.id, ALICE, approve, "")
+        done = await asyncio.wait_for(waiter, 1)
+        assert done.status is status
+
+
+async def test_wait_times_out_to_expired_never_approved(
+    approvals: Approvals, audit: AuditLog
+) -> None:
+    approval = await approvals.request(action(), decision(), mode="hold")
+    expired = await approvals.wait(approval.id, 0.15)
+    assert expired.status is ApprovalStatus.EXPIRED
+    with pytest.raises(ApprovalConflict):
+        await approvals.decide(approval.id, ALICE, True, "too late")
+    assert [b["approval_id"] for b in records(audit, "approval_expired")] == [approval.id]
+    with pytest.raises(ApprovalNotFound):
+        await approvals.wait("apr_nope", 0.1)
+
+
+async def test_decision_past_the_hold_timeout_expires_instead(approvals: Approvals) -> None:
+    approval = await approvals.request(action(), decision(hold_timeout_s=0.05), mode="hold")
+    await asyncio.sleep(0.1)
+    with pytest.raises(ApprovalConflict, match="expired"):
+        await approvals.decide(approval.id, ALICE, True, "")
+    assert (await approvals.get(approval.id)).status is ApprovalStatus.EXPIRED  # type: ignore[union-attr]
+
+
+async def test_wait_sees_a_decision_made_by_another_sidecar(
+    url: str, audit: AuditLog, approvals: Approvals
+) -> None:
+    approval = await approvals.request(action(), decision(), mode="hold")
+    waiter = asyncio.create_task(approvals.wait(approval.id, 10))
+    other = await Approvals.open(url, audit, SETTINGS)
+    try:
+        await asyncio.sleep(0.05)
+        await other.decide(approval.id, ALICE, True, "from the other sidecar")
+    finally:
+        await other.close()
+    done = await asyncio.wait_for(waiter, 2)
+    assert done.status is ApprovalStatus.APPROVED
+    assert done.comment == "from the other sidecar"
+
+
+async def test_take_grant_passes_the_exact_call_once(approvals: Approvals, audit: AuditLog) -> None:
+    act = action(amount=10)
+    assert await approvals.take_grant(act) is None
+    approval = await approvals.request(act, decision(), mode="defer")
+    assert approval.expires_at == pytest.approx(approval.created_at + 86400)
+    # A retry while pending reuses the approval instead of opening another.
+    assert (await approvals.request(act, decision(), mode="defer")).id == approval.id
+    assert await approvals.take_grant(act) is None  # still pending
+    await approvals.decide(approval.id, ALICE, True, "")
+    assert await approvals.take_grant(action(amount=1000)) is None  # other arguments
+    assert await approvals.take_grant(action(agent="other-bot")) is None
+    grant = await approvals.take_grant(act)
+    assert grant is not None
+    assert grant.id == approval.id
+    assert grant.status is ApprovalStatus.CONSUMED
+    assert await approvals.take_grant(act) is None  # once only
+    (executed,) = records(audit, "approval_executed")
+    assert executed["approval_id"] == approval.id
+    assert executed["decision_id"] == approval.decision_id
+
+
+async def test_hold_approvals_are_not_grants_and_mark_executed_consumes(
+    approvals: Approvals,
+) -> None:
+    act = action()
+    approval = await approvals.request(act, decision(), mode="hold")
+    await approvals.decide(approval.id, ALICE, True, "")
+    assert await approvals.take_grant(act) is None
+    used = await approvals.mark_executed(approval.id, act.action_id)
+    assert used.status is ApprovalStatus.CONSUMED
+    with pytest.raises(ApprovalConflict):
+        await approvals.mark_executed(approval.id)
+
+
+async def test_concurrent_grants_on_two_sidecars_pass_once(
+    url: str, audit: AuditLog, approvals: Approvals
+) -> None:
+    act = action()
+    approval = await approvals.request(act, decision(), mode="defer")
+    await approvals.decide(approval.id, ALICE, True, "")
+    other = await Approvals.open(url, audit, SETTINGS)
+    try:
+        got = await asyncio.gather(*(s.take_grant(act) for s in (approvals, other) * 3))
+    finally:
+        await other.close()
+    assert sum(g is not None for g in got) == 1
+
+
+async def test_cancel_all_for_rejects_held_approvals_and_wakes_waiters(
+    approvals: Approvals, audit: AuditLog
+) -> None:
+    held = await approvals.request(action(agent="refunds-bot"), decision(), mode="hold")
+    other = await approvals.request(action(agent="other-bot"), decision(), mode="hold")
+    waiter = asyncio.create_task(approvals.wait(held.id, 10))
+    await asyncio.sleep(0.02)
+    assert await approvals.cancel_all_for(agent="refunds-bot", reason="incident 4711") == 1
+    done = await asyncio.wait_for(waiter, 1)
+    assert done.status is ApprovalStatus.REJECTED
+    assert done.comment == "incident 4711"
+    assert done.decided_by == "kill_switch"
+    assert (await approvals.get(other.id)).status is ApprovalStatus.PENDING  # type: ignore[union-attr]
+    assert await approvals.cancel_all_for(tool="issue_refund", reason="tool off") == 1
+    assert len(records(audit, "approval_cancelled")) == 2
+
+
+async def test_sweeper_expires_overdue_approvals(approvals: Approvals) -> None:
+    approval = await approvals.request(action(), decision(hold_timeout_s=0.01), mode="hold")
+    await asyncio.sleep(0.05)
+    assert await approvals.expire_due() == 1
+    assert (await approvals.get(approval.id)).status is ApprovalStatus.EXPIRED  # type: ignore[union-attr]
+
+
+def test_settings_refuse_bad_values() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        ApprovalSettings(mode="maybe")
+    with pytest.raises(ValueError, match="http"):
+        ApprovalSettings(webhook_url="file:///etc/passwd")
+    with pytest.raises(ValueError, match="format"):
+        ApprovalSettings(webhook_format="xml")
+    with pytest.raises(ValueError, match="required"):
+        ApprovalSettings(required_approvals=0)
+
+
+async def test_close_releases_waiters_and_keeps_the_approval_pending(
+    url: str, audit: AuditLog
+) -> None:
+    service = await Approvals.open(url, audit, SETTINGS)
+    approval = await service.request(action(), decision(), mode="hold")
+    waiter = asyncio.create_task(service.wait(approval.id, 10))
+    await asyncio.sleep(0.02)
+    await service.close()
+    assert (await asyncio.wait_for(waiter, 1)).status is ApprovalStatus.PENDING
+    reopened = await Approvals.open(url, audit, SETTINGS)
+    try:
+        assert (await reopened.get(approval.id)).status is ApprovalStatus.PENDING  # type: ignore[union-attr]
+    finally:
+        await reopened.close()

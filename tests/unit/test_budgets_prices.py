@@ -1,0 +1,83 @@
+"""The price table: shipped prices, name matching, defaults and overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from warden.budgets.prices import PriceTable
+from warden.errors import ConfigError
+from warden.model import Usage
+
+
+def test_shipped_table_prices_known_models_and_dated_snapshots() -> None:
+    table = PriceTable.shipped()
+    price, known = table.lookup("openai", "gpt-4o-mini-2024-07-18")
+    assert known
+    assert price.input == 0.15
+    price, known = table.lookup("openai", "gpt-4o-2024-08-06")
+    assert known
+    assert price.input == 2.5
+    assert table.lookup("anthropic", "claude-sonnet-4-5-20250929")[1]
+
+
+def test_unknown_models_and_providers_get_the_default() -> None:
+    table = PriceTable.shipped()
+    assert table.lookup("openai", "gpt-4ox") == (table.default, False)
+    assert table.lookup("elsewhere", "gpt-4o") == (table.default, False)
+    assert table.lookup("openai", None) == (table.default, False)
+
+
+def test_cost_counts_cached_tokens_as_the_provider_reports_them() -> None:
+    table = PriceTable.shipped()
+    usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000, cached_input_tokens=400_000)
+    # OpenAI's input count includes cached tokens: 600k uncached at 0.15.
+    openai = table.cost("openai", "gpt-4o-mini", usage)
+    assert openai.known
+    assert openai.usd == pytest.approx(0.6 * 0.15 + 0.4 * 0.075 + 0.6)
+    # Anthropic reports cache reads beside the input count.
+    anthropic = table.cost("anthropic", "claude-3-5-haiku", usage)
+    assert anthropic.usd == pytest.approx(0.8 + 0.4 * 0.08 + 4.0)
+
+
+def test_override_file_adds_models_and_replaces_the_default(tmp_path: Path) -> None:
+    file = tmp_path / "prices.yaml"
+    file.write_text(
+        "default: {input: 1, cached_input: 1, output: 2}\n"
+        "providers:\n"
+        "  openai:\n"
+        "    models:\n"
+        "      house-model: {input: 0.5, output: 1}\n"
+        "      gpt-4o: {input: 2, cached_input: 1, output: 9}\n"
+    )
+    table = PriceTable.load(str(file))
+    assert table.default.output == 2
+    house, known = table.lookup("openai", "house-model")
+    assert known
+    assert house.cached_input == 0.5
+    assert table.lookup("openai", "gpt-4o")[0].output == 9
+    assert table.lookup("openai", "gpt-4o-mini")[0].input == 0.15  # shipped entries stay
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("providers: {openai: {models: {m: {input: -1, output: 1}}}}", "models.m.input"),
+        ("providers: {openai: {models: {m: {input: 1, output: 1, extra: 2}}}}", "unknown key"),
+        ("default: 3", "default"),
+        ("[1, 2]", "top level"),
+        ("colour: red", "unknown key"),
+    ],
+)
+def test_bad_override_files_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    file = tmp_path / "prices.yaml"
+    file.write_text(text)
+    with pytest.raises(ConfigError, match="prices.file") as err:
+        PriceTable.load(str(file))
+    assert key in str(err.value)
+
+
+def test_missing_override_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="prices.file: cannot read"):
+        PriceTable.load(str(tmp_path / "absent.yaml"))

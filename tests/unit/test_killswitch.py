@@ -1,0 +1,163 @@
+"""Kill switches: the in-memory index, the guard, persistence, polling, records."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from warden.killswitch import KillSwitches, KillSwitchGuard, Scope
+from warden.model import Action, ActionKind, Agent, Effect, Mode, RequestMeta, Stage, new_id
+from warden.pipeline import GuardContext
+from warden.state import StateStore
+
+
+class Audit:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, Mapping[str, Any]]] = []
+
+    async def append(self, kind: str, body: Mapping[str, Any]) -> None:
+        self.records.append((kind, dict(body)))
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[StateStore]:
+    s = await StateStore.open(f"sqlite:///{tmp_path}/state.db")
+    yield s
+    await s.close()
+
+
+def action(
+    agent: str = "bot", tool: str | None = "issue_refund", upstream: str = "openai"
+) -> Action:
+    return Action(
+        action_id=new_id("act"),
+        agent=Agent(agent),
+        kind=ActionKind.TOOL_CALL if tool else ActionKind.LLM_CALL,
+        protocol="openai.chat",
+        stage=Stage.PROPOSED,
+        request=RequestMeta("POST", upstream, "/v1/chat/completions"),
+        tool=tool,
+        arguments={} if tool else None,
+    )
+
+
+async def test_each_scope_stops_what_it_names(store: StateStore) -> None:
+    switches = KillSwitches(store, Audit())
+    await switches.start()
+    try:
+        assert switches.is_killed("bot", "openai", "issue_refund") is None
+        tool = await switches.set(Scope.TOOL, "issue_refund", "double payouts", "alice")
+        assert switches.is_killed("bot", "openai", "issue_refund") == tool
+        assert switches.is_killed("bot", "openai", "search_kb") is None
+        assert switches.is_killed("bot", "openai") is None
+        agent = await switches.set(Scope.AGENT, "bot", "looping", "alice")
+        assert switches.is_killed("bot", "anthropic") == agent
+        upstream = await switches.set(Scope.UPSTREAM, "anthropic", "provider incident", "alice")
+        assert switches.is_killed("other", "anthropic") == upstream
+        everything = await switches.set(Scope.GLOBAL, "ignored", "incident 4711", "alice")
+        assert everything.target == "*"
+        assert switches.is_killed("other", "openai") == everything
+        assert await switches.clear(everything.id, "bob") == everything
+        assert switches.is_killed("other", "openai") is None
+        assert await switches.clear(everything.id, "bob") is None
+        assert [s.id for s in switches.active()] == [tool.id, agent.id, upstream.id]
+        sample = REGISTRY.get_sample_value("warden_killswitches_active", {"scope": "agent"})
+        assert sample == 1.0
+    finally:
+        await switches.close()
+
+
+async def test_the_guard_denies_in_enforce_even_in_observe_mode(store: StateStore) -> None:
+    switches = KillSwitches(store, None)
+    guard = KillSwitchGuard(switches)
+    ctx = GuardContext(mode=Mode.OBSERVE)
+    assert await guard.check(action(), ctx) is None
+    switch = await switches.set(Scope.AGENT, "bot", "looping", "alice")
+    decision = await guard.check(action(), ctx)
+    assert decision is not None
+    assert decision.effect is Effect.DENY
+    assert decision.enforced is Effect.DENY
+    assert decision.guard == "kill_switch"
+    assert switch.id in decision.reason
+    assert "looping" in decision.reason
+
+
+async def test_switches_are_recorded_with_who_and_why(store: StateStore) -> None:
+    audit = Audit()
+    switches = KillSwitches(store, audit)
+    switch = await switches.set(Scope.AGENT, "bot", "looping", "alice")
+    await switches.clear(switch.id, "bob", "fixed")
+    assert audit.records == [
+        (
+            "killswitch",
+            {
+                "id": switch.id,
+                "action": "set",
+                "scope": "agent",
+                "target": "bot",
+                "who": "alice",
+                "why": "looping",
+            },
+        ),
+        (
+            "killswitch",
+            {
+                "id": switch.id,
+                "action": "cleared",
+                "scope": "agent",
+                "target": "bot",
+                "who": "bob",
+                "why": "fixed",
+            },
+        ),
+    ]
+
+
+async def test_switches_survive_a_restart(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/state.db"
+    store = await StateStore.open(url)
+    switch = await KillSwitches(store, None).set(Scope.GLOBAL, "", "incident", "alice")
+    await store.close()
+    store = await StateStore.open(url)
+    try:
+        switches = KillSwitches(store, None)
+        await switches.start()
+        assert switches.is_killed("anyone") == switch
+        await switches.close()
+    finally:
+        await store.close()
+
+
+async def test_a_switch_thrown_by_another_sidecar_holds_within_a_second(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/state.db"
+    here_store, there_store = await StateStore.open(url), await StateStore.open(url)
+    here = KillSwitches(here_store, None, poll_interval_s=0.1)
+    there = KillSwitches(there_store, None, poll_interval_s=0.1)
+    await here.start()
+    await there.start()
+    try:
+        switch = await there.set(Scope.AGENT, "bot", "looping", "alice")
+        async with asyncio.timeout(1):
+            while here.is_killed("bot") is None:
+                await here.wait_changed()
+        assert here.is_killed("bot") == switch
+        await there.clear(switch.id, "bob")
+        async with asyncio.timeout(1):
+            while here.is_killed("bot") is not None:
+                await here.wait_changed()
+        # Clearing on one sidecar a switch the other set works too.
+        again = await there.set(Scope.TOOL, "issue_refund", "again", "alice")
+        async with asyncio.timeout(1):
+            while here.is_killed("bot", tool="issue_refund") is None:
+                await here.wait_changed()
+        assert await here.clear(again.id, "bob") is not None
+    finally:
+        await here.close()
+        await there.close()
+        await here_store.close()
+        await there_store.close()

@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_PROXY_LISTEN",
     "AdminConfig",
     "AgentConfig",
+    "ApprovalsConfig",
     "AuditConfig",
     "BudgetsConfig",
     "CapConfig",
@@ -193,6 +194,8 @@ class AdminToken(_Section):
     subject: str = Field(min_length=1)
     roles: tuple[Literal["admin", "approver", "auditor", "viewer"], ...]
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    groups: tuple[str, ...] = ()
+    """Approver groups (a policy's ``approvers``, e.g. ``support-leads``) this person is in."""
 
 
 class AdminConfig(_Section):
@@ -284,6 +287,37 @@ class PricesConfig(_Section):
     file: str | None = None
 
 
+class WebhookConfig(_Section):
+    """Where approval notifications go, signed with HMAC-SHA256 when ``secret`` is set."""
+
+    url: str | None = None
+    secret: str | None = None
+    format: Literal["json", "slack"] = "json"
+    tries: int = Field(3, ge=1, le=10)
+    backoff_s: float = Field(0.5, gt=0)
+    timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
+class ApprovalsConfig(_Section):
+    """Human approval of actions a policy answers ``require_approval`` for."""
+
+    mode: Literal["hold", "defer"] = "hold"
+    """Default for decisions that do not say: keep the request open, or answer at once."""
+    hold_timeout_s: float = Field(120.0, gt=0)
+    defer_ttl_s: float = Field(86400.0, gt=0)
+    required_approvals: int = Field(1, ge=1, le=10)
+    keepalive_s: float = Field(10.0, gt=0)
+    """How often a held stream gets an SSE comment so that proxies keep it open."""
+    webhook: WebhookConfig = WebhookConfig()
+
+
 class Config(_Section):
     """The whole configuration; every key has a safe default."""
 
@@ -304,6 +338,7 @@ class Config(_Section):
     state: StateConfig = StateConfig()
     limits: LimitsConfig = LimitsConfig()
     admin: AdminConfig = AdminConfig()
+    approvals: ApprovalsConfig = ApprovalsConfig()
     budgets: BudgetsConfig = BudgetsConfig()
     prices: PricesConfig = PricesConfig()
     shutdown_grace_s: float = Field(DEFAULT_SHUTDOWN_GRACE_S, ge=0)

@@ -2,9 +2,11 @@
 
 Everything runs on this machine, on loopback: a mock OpenAI-compatible model,
 mock customer-support tool APIs, Warden with the shipped customer-support
-policy, and a scripted agent built on the official ``openai`` SDK. The agent
-only changes its base URL. At the end the demo prints what Warden decided,
-read back from the audit log, and verifies that log.
+policy, a scripted agent built on the official ``openai`` SDK (it only
+changes its base URL), and a scripted support lead who approves or rejects
+held actions through Warden's admin API while the agent waits. At the end the
+demo prints what Warden decided, read back from the audit log, and verifies
+that log.
 
     python -m warden.demo [--keep] [--data-dir DIR]
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import secrets
 import shutil
 import sys
 import textwrap
@@ -33,6 +37,12 @@ from warden.testing import Call, MockLLM, MockTools, Reply, last_user_text, open
 __all__ = ["main"]
 
 AGENT_ID = "support-agent"
+LEAD = "dana.lead"
+# What the support lead decides, by tool, with the comment the audit log keeps.
+LEAD_DECISIONS = {
+    "issue_refund": (True, "Checked order A-1003: photos show the dead pixels. Approved."),
+    "close_account": (False, "Customer has an open dispute; call them before closing."),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +63,8 @@ TICKETS = (
     ),
     Ticket(
         "T-3",
-        "Refund $450 on order A-1004, the laptop never worked.",
-        Call("issue_refund", {"order_id": "A-1004", "amount": 450, "currency": "USD"}),
+        "Refund $450 on order A-1003: the monitor arrived with dead pixels.",
+        Call("issue_refund", {"order_id": "A-1003", "amount": 450, "currency": "USD"}),
     ),
     Ticket(
         "T-4",
@@ -112,6 +122,27 @@ async def _work(ticket: Ticket, agent: openai.AsyncOpenAI, tools_url: str) -> st
     return final.choices[0].message.content or ""
 
 
+async def _support_lead(admin_url: str, token: str, done: asyncio.Event) -> None:
+    """A person at the approvals queue: decides what waits, as LEAD_DECISIONS says."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        while not done.is_set():
+            async with http.get(f"{admin_url}/v1/approvals", params={"status": "pending"}) as r:
+                pending = (await r.json())["approvals"]
+            for item in pending:
+                approve, comment = LEAD_DECISIONS.get(item["tool"], (False, "Not expected."))
+                verb = "approve" if approve else "reject"
+                print(f"      lead {LEAD} {verb}s {item['tool']} ({item['id']}): {comment}")
+                await http.post(
+                    f"{admin_url}/v1/approvals/{item['id']}/{verb}", json={"comment": comment}
+                )
+            await asyncio.sleep(0.2)
+
+
+_NAMES = {"allow": "ALLOWED", "deny": "DENIED", "require_approval": "HELD"}
+_APPROVAL_NAMES = {"allow": "APPROVED", "deny": "REJECTED"}
+
+
 def _table(audit_dir: Path) -> list[tuple[str, str, str, str]]:
     rows = []
     for _, payload in iter_records(audit_dir):
@@ -121,11 +152,10 @@ def _table(audit_dir: Path) -> list[tuple[str, str, str, str]]:
             continue
         decision = record["decision"]
         ticket_id = str((action.get("context") or {}).get("ticket", "?"))
-        effect = {"allow": "ALLOWED", "deny": "DENIED", "require_approval": "HELD"}.get(
-            decision["effect"], decision["effect"]
-        )
+        names = _APPROVAL_NAMES if decision.get("guard") == "approval" else _NAMES
+        effect = names.get(decision["effect"], decision["effect"])
         rows.append((ticket_id, str(action.get("tool")), effect, "; ".join(decision["reasons"])))
-    return sorted(rows)
+    return rows  # in the order they happened
 
 
 def _shipped_policy() -> Path:
@@ -138,6 +168,7 @@ def _shipped_policy() -> Path:
 async def _run(data_dir: Path, policy: Path) -> int:
     started = time.perf_counter()
     audit_dir = data_dir / "audit"
+    token = secrets.token_urlsafe(24)
     async with MockLLM() as llm, MockTools() as tools:
         llm.on_request(_responder)
         config = load_config(
@@ -150,19 +181,34 @@ async def _run(data_dir: Path, policy: Path) -> int:
                 "policy": {"bundles": [str(policy)], "workers": 1, "watch": False},
                 "audit": {"dir": str(audit_dir)},
                 "state": {"url": f"sqlite:///{data_dir / 'state.db'}"},
+                "approvals": {"mode": "hold", "hold_timeout_s": 30},
+                "admin": {
+                    "tokens": [
+                        {
+                            "subject": LEAD,
+                            "roles": ["approver"],
+                            "groups": ["support-leads"],
+                            "sha256": hashlib.sha256(token.encode()).hexdigest(),
+                        }
+                    ]
+                },
             },
         )
         async with Warden(config) as warden:
             print(f"Warden is up: proxy {warden.proxy_url}, metrics {warden.admin_url}/metrics")
             base_url = f"{warden.proxy_url}/openai/v1"
             print(f'The agent uses OpenAI(base_url="{base_url}"), nothing else.\n')
+            done = asyncio.Event()
+            lead = asyncio.create_task(_support_lead(warden.admin_url, token, done))
             async with openai.AsyncOpenAI(
                 base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-demo-not-a-real-key"
             ) as agent:
                 for ticket in TICKETS:
-                    answer = await _work(ticket, agent, tools.url)
                     print(f"{ticket.id}  customer: {ticket.text}")
+                    answer = await _work(ticket, agent, tools.url)
                     print(textwrap.indent(textwrap.fill(f"agent: {answer}", 96), "      "))
+            done.set()
+            await lead
             executed = [c.name for c in tools.calls]
     rows = _table(audit_dir)
     print("\nWhat Warden decided (read back from the audit log):\n")
@@ -183,8 +229,8 @@ async def _run(data_dir: Path, policy: Path) -> int:
     print(f"Check it yourself: .venv/bin/warden audit verify --dir {audit_dir}")
     print(f"Finished in {time.perf_counter() - started:.1f} s.")
     effects = {effect for _, _, effect, _ in rows}
-    if not report.ok or not {"ALLOWED", "DENIED", "HELD"} <= effects:
-        print("The demo did not show allow, deny and hold: something is wrong.", file=sys.stderr)
+    if not report.ok or not {"ALLOWED", "DENIED", "HELD", "APPROVED", "REJECTED"} <= effects:
+        print("The demo did not show every kind of decision: something is wrong.", file=sys.stderr)
         return 1
     return 0
 

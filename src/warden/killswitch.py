@@ -18,7 +18,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -114,6 +114,7 @@ class KillSwitches:
         self._index: dict[tuple[Scope, str], KillSwitch] = {}
         self._poller: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._on_set: list[Callable[[KillSwitch], Awaitable[object]]] = []
         self.generation = 0
         """Increases whenever the set of active switches changes."""
 
@@ -194,7 +195,16 @@ class KillSwitches:
         )
         self._install((*self._active, switch))
         await self._record(switch, who, reason, "set")
+        for listener in self._on_set:
+            try:
+                await listener(switch)
+            except Exception:
+                log.exception("a kill-switch listener failed for %s", switch.id)
         return switch
+
+    def on_set(self, listener: Callable[[KillSwitch], Awaitable[object]]) -> None:
+        """Call ``listener`` after each switch thrown here (held approvals are rejected so)."""
+        self._on_set.append(listener)
 
     async def clear(self, switch_id: str, who: str, reason: str = "") -> KillSwitch | None:
         """Clear a switch by id; ``None`` when no such switch is in force.

@@ -21,15 +21,18 @@ from typing import Any, Self
 import aiohttp
 from aiohttp import web
 
+from warden.admin.approval_routes import add_approval_routes
 from warden.admin.auth import AUTH, TokenAuth
 from warden.admin.killswitch_routes import add_killswitch_routes
+from warden.approvals.gate import ApprovalGate, approval_settings
+from warden.approvals.service import Approvals
 from warden.audit import AuditLog
 from warden.budgets.guard import BudgetGuard
 from warden.budgets.prices import PriceTable
 from warden.config import Config, parse_listen
 from warden.errors import ConfigError
 from warden.ingress.http import ProxyApp, build_proxy_app
-from warden.killswitch import KillSwitches, KillSwitchGuard
+from warden.killswitch import KillSwitch, KillSwitches, KillSwitchGuard, Scope
 from warden.ops.health import add_health_routes
 from warden.pipeline import Guard, Pipeline
 from warden.policy.engine import PolicyEngine
@@ -54,6 +57,8 @@ class Warden:
         self._state: StateStore | None = None
         self._budgets: BudgetGuard | None = None
         self.killswitches: KillSwitches | None = None
+        self._approvals: Approvals | None = None
+        self._gate: ApprovalGate | None = None
         """The kill switches in force; the proxy checks them between stream chunks."""
         self._session: aiohttp.ClientSession | None = None
         self._proxy: ProxyApp | None = None
@@ -89,6 +94,17 @@ class Warden:
             {name: up.protocol for name, up in cfg.upstreams.items()},
         )
         self._budgets.start()
+        self._approvals = await Approvals.open(
+            cfg.state.url, self._audit, approval_settings(cfg.approvals)
+        )
+        self._gate = ApprovalGate(
+            self._approvals,
+            cfg.approvals,
+            self._audit,
+            killswitches=self.killswitches,
+            budgets=self._budgets,
+        )
+        self.killswitches.on_set(self._reject_held)
         self._engine = await PolicyEngine.start(cfg.policy)
         # Kill switch first, then budget reservation, then policy.
         guards: list[Guard] = [
@@ -109,12 +125,15 @@ class Warden:
             # No proxy from the environment: Warden reaches only configured upstreams.
             trust_env=False,
         )
-        self._proxy = ProxyApp(cfg, pipeline, self._session)
+        self._proxy = ProxyApp(
+            cfg, pipeline, self._session, gate=self._gate, killswitches=self.killswitches
+        )
         proxy_app = build_proxy_app(self._proxy, cfg.limits.max_body_bytes)
         admin_app = web.Application()
         admin_app[AUTH] = TokenAuth(cfg.admin.tokens)
         add_health_routes(admin_app, self.readiness)
         add_killswitch_routes(admin_app, self.killswitches)
+        add_approval_routes(admin_app, self._approvals, admin_app[AUTH])
         self.proxy_url = await self._listen(proxy_app, cfg.listen.proxy)
         self.admin_url = await self._listen(admin_app, cfg.listen.admin)
         log.info("proxy listening on %s, admin on %s", self.proxy_url, self.admin_url)
@@ -161,6 +180,8 @@ class Warden:
             await self._stopped.wait()
             return
         self._stopping = True
+        if self._gate is not None:
+            self._gate.stop_holding()  # held requests are answered as deferred
         # Proxy first: cleanup stops accepting, then waits up to the grace period.
         for runner in self._runners:
             await runner.cleanup()
@@ -174,12 +195,27 @@ class Warden:
             await self._budgets.close()
         if self.killswitches is not None:
             await self.killswitches.close()
+        if self._approvals is not None:
+            await self._approvals.close()  # before the audit log: it records deliveries
         if self._state is not None:
             await self._state.close()
         if self._audit is not None:
             await self._audit.close()
         self._stopped.set()
         log.info("stopped")
+
+    async def _reject_held(self, switch: KillSwitch) -> None:
+        # Approvals do not know their upstream: an upstream switch is enforced
+        # when an approved action is checked again before it goes on.
+        if self._approvals is None or switch.scope is Scope.UPSTREAM:
+            return
+        why = f"rejected by {switch.message}"
+        if switch.scope is Scope.GLOBAL:
+            await self._approvals.cancel_all_for(reason=why)
+        elif switch.scope is Scope.AGENT:
+            await self._approvals.cancel_all_for(agent=switch.target, reason=why)
+        else:
+            await self._approvals.cancel_all_for(tool=switch.target, reason=why)
 
     async def wait_stopped(self) -> None:
         """Block until :meth:`stop` has finished."""

@@ -39,6 +39,8 @@ def make_config(tmp_path: Path, upstream_url: str, **overrides: Any) -> Config:
         "audit": {"dir": str(tmp_path / "audit")},
         "state": {"url": f"sqlite:///{tmp_path}/state.db"},
         "shutdown_grace_s": 5,
+        # Held calls are answered at once unless a test holds them on purpose.
+        "approvals": {"mode": "defer"},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

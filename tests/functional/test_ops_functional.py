@@ -185,7 +185,7 @@ def test_demo_shows_allow_deny_and_hold_and_leaves_nothing_running(tmp_path: Pat
     )
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    for effect in ("ALLOWED", "DENIED", "HELD"):
+    for effect in ("ALLOWED", "DENIED", "HELD", "APPROVED", "REJECTED"):
         assert effect in out
     assert ": intact" in out
     assert "sk-demo-not-a-real-key" not in out

@@ -46,10 +46,11 @@ AuthedHandler = Callable[[web.Request, "Principal"], Awaitable[web.StreamRespons
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who made an admin request: the token's subject and roles."""
+    """Who made an admin request: the token's subject, roles and approver groups."""
 
     subject: str
     roles: frozenset[str]
+    groups: frozenset[str] = frozenset()
 
 
 def hash_token(token: str) -> str:
@@ -62,7 +63,8 @@ class TokenAuth:
 
     def __init__(self, tokens: Sequence[AdminToken]) -> None:
         self._tokens = tuple(
-            (bytes.fromhex(t.sha256), Principal(t.subject, frozenset(t.roles))) for t in tokens
+            (bytes.fromhex(t.sha256), Principal(t.subject, frozenset(t.roles), frozenset(t.groups)))
+            for t in tokens
         )
 
     def authenticate(self, authorization: str | None) -> Principal | None:

@@ -246,6 +246,14 @@ class Approvals:
             await self._executed(grant, action.action_id)
         return grant
 
+    async def defer(self, approval_id: str) -> Approval | None:
+        """A hold whose request is gone (Warden stopping, the agent gone) becomes deferred.
+
+        It stays decidable, now for ``defer_ttl_s``; once approved, the same
+        call from the same agent passes once. ``None`` when it was no longer pending.
+        """
+        return await self._store.to_defer(approval_id, time.time() + self.settings.defer_ttl_s)
+
     async def mark_executed(self, approval_id: str, action_id: str | None = None) -> Approval:
         """Consume an approved hold-mode approval as its action goes through.
 
@@ -427,6 +435,6 @@ class Approvals:
 
 
 def _member(who: Principal, groups: tuple[str, ...]) -> bool:
-    # Tokens carry no groups yet: a group is matched by a role or subject of
-    # the same name (group "approver" = every token with the approver role).
-    return any(g == who.subject or g in who.roles for g in groups)
+    # A token's own groups first; a role or subject of the same name also
+    # counts (group "approver" = every token with the approver role).
+    return any(g in who.groups or g == who.subject or g in who.roles for g in groups)

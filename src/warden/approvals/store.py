@@ -235,6 +235,21 @@ class ApprovalStore:
                 return None
             return self._get(approval_id)
 
+    async def to_defer(self, approval_id: str, expires_at: float) -> Approval | None:
+        """Turn a pending hold into a defer grant-to-be; ``None`` when not pending."""
+        return await self._run(self._to_defer, approval_id, expires_at)
+
+    def _to_defer(self, approval_id: str, expires_at: float) -> Approval | None:
+        with _immediate(self._conn) as cur:
+            cur.execute(
+                "UPDATE approvals SET mode = 'defer', expires_at = MAX(expires_at, ?) "
+                "WHERE id = ? AND status = 'pending'",
+                (expires_at, approval_id),
+            )
+            if cur.rowcount == 0:
+                return None
+            return self._get(approval_id)
+
     async def expire_due(self, now: float) -> builtins.list[Approval]:
         """Expire every pending approval past its expiry; return them."""
         return await self._run(self._expire_due, now)

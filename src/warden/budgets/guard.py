@@ -147,6 +147,17 @@ class BudgetGuard:
             return None, ctx
         return self._over(action, ctx, lines, result.before, result.over), ctx
 
+    async def readmit(self, action: Action, mode: Mode) -> None:
+        """Reserve again for an action people approved: its hold was released while it waited.
+
+        Forced, like observe mode: the people who approved it saw the caps.
+        """
+        lines = self._lines(action, mode)
+        if isinstance(lines, Decision) or not lines:
+            return
+        await self.store.reserve(action.action_id, [line.hold for line in lines], force=True)
+        self._remember(action.action_id)
+
     async def decided(self, action: Action, decision: Decision | None) -> None:
         """Release the reservation unless the action is going through."""
         if action.action_id not in self._held:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -25,6 +25,7 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
+from warden.approvals.gate import ApprovalGate
 from warden.config import Config, UpstreamConfig
 from warden.errors import (
     AuditError,
@@ -40,6 +41,7 @@ from warden.errors import (
     WardenError,
 )
 from warden.ingress import headers as hdr
+from warden.killswitch import KillSwitches
 from warden.model import (
     Action,
     ActionKind,
@@ -59,7 +61,7 @@ from warden.pipeline import Pipeline
 from warden.protocols.base import Adapter, StreamItem, StreamRewriter
 from warden.protocols.errors import render_error, render_stream_error
 from warden.protocols.registry import adapter_for
-from warden.protocols.sse import SseEvent, SseParser
+from warden.protocols.sse import SseEvent, SseParser, encode_comment
 
 __all__ = ["ProxyApp", "build_proxy_app"]
 
@@ -67,6 +69,8 @@ log = logging.getLogger("warden.proxy")
 
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024
 MAX_TRACKED_CALLS = 100_000
+# How long a stream may wait for data before kill switches are checked again.
+_KILL_CHECK_S = 0.25
 _JSON = "application/json"
 
 
@@ -97,10 +101,20 @@ class _Call:
 class ProxyApp:
     """Serves the proxy listener. One per Warden process."""
 
-    def __init__(self, config: Config, pipeline: Pipeline, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        config: Config,
+        pipeline: Pipeline,
+        session: aiohttp.ClientSession,
+        *,
+        gate: ApprovalGate | None = None,
+        killswitches: KillSwitches | None = None,
+    ) -> None:
         self._config = config
         self._pipeline = pipeline
         self._session = session
+        self._gate = gate
+        self._killswitches = killswitches
         # Proposed calls by call id, so the results agents send back later can be
         # recorded as the outcome of the decision that let the call through.
         self._calls: OrderedDict[str, tuple[Action, str]] = OrderedDict()
@@ -346,7 +360,7 @@ class ProxyApp:
         parser = SseParser()
         error: str | None = None
         try:
-            async for chunk in upstream_resp.content.iter_any():
+            while chunk := await self._next_chunk(upstream_resp, call):
                 if rewriter is None:
                     await response.write(chunk)
                     continue
@@ -371,6 +385,9 @@ class ProxyApp:
                     )
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             error = "client_disconnected"
+        except _Killed as killed:
+            error = "killed"
+            await _try_write(response, render_stream_error(call.route.family, error, str(killed)))
         except AuditError as exc:
             error = exc.code
             await _try_write(response, render_stream_error(call.route.family, exc.code, str(exc)))
@@ -415,14 +432,56 @@ class ProxyApp:
                 await response.write(bytes(out))
                 out.clear()
             assert call.adapter is not None
-            decided = await self._decide_calls(call, [item], call.adapter.name)
+            decided = await self._keepalive(
+                self._decide_calls(call, [item], call.adapter.name), response
+            )
             for event in rewriter.resolve(item, decided[item.call_id]):
                 out += event.encode()
+
+    async def _keepalive(
+        self, pending: Awaitable[dict[str, Decision]], response: web.StreamResponse
+    ) -> dict[str, Decision]:
+        # A call held for approval may wait minutes: SSE comments keep the
+        # stream (and any proxy in between) from timing out meanwhile.
+        task = asyncio.ensure_future(pending)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self._config.approvals.keepalive_s)
+                if done:
+                    return task.result()
+                await response.write(encode_comment("warden: waiting for a decision"))
+        finally:
+            task.cancel()
+
+    async def _next_chunk(self, resp: aiohttp.ClientResponse, call: _Call) -> bytes:
+        """The next upstream chunk (``b""`` at the end), unless a kill switch stops the agent."""
+        if self._killswitches is None:
+            return await resp.content.readany()
+        while True:
+            switch = self._killswitches.is_killed(call.agent.id, call.route.name)
+            if switch is not None:
+                raise _Killed(switch.message)
+            try:
+                return await asyncio.wait_for(resp.content.readany(), _KILL_CHECK_S)
+            except aiohttp.ServerTimeoutError:
+                raise  # the upstream's own read timeout
+            except TimeoutError:
+                continue  # no data for a moment: look at the switches again
 
     # -- decisions and records -------------------------------------------------
 
     async def _decide(self, action: Action) -> Decision:
         decision = await self._pipeline.decide(action)
+        self._count(action, decision)
+        if self._gate is not None and decision.enforced is Effect.REQUIRE_APPROVAL:
+            settled = await self._gate.settle(action, decision)
+            if settled is not decision:
+                self._count(action, settled)
+            decision = settled
+        return decision
+
+    @staticmethod
+    def _count(action: Action, decision: Decision) -> None:
         metrics.DECISIONS.labels(
             metrics.bounded("agent", action.agent.id),
             metrics.bounded("tool", action.tool or action.kind.value),
@@ -430,7 +489,6 @@ class ProxyApp:
             decision.mode.value,
             decision.guard,
         ).inc()
-        return decision
 
     async def _decide_calls(
         self, call: _Call, calls: list[ToolCall], protocol: str
@@ -526,6 +584,10 @@ class ProxyApp:
         return web.Response(
             status=status, body=render_error(family, status, code, message), headers=headers
         )
+
+
+class _Killed(Exception):
+    """A kill switch stopped the agent while its response was streaming."""
 
 
 def build_proxy_app(proxy: ProxyApp, max_body_bytes: int) -> web.Application:

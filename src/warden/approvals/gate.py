@@ -1,0 +1,160 @@
+"""What happens to an action a policy holds for people: a grant, a hold, or a deferral.
+
+The pipeline's guards answer ``require_approval``; this gate turns that into
+the final decision the agent gets, and records it:
+
+- a matching approved grant (defer mode) lets the call through once;
+- ``hold`` waits for people (or the timeout: never approved by a timeout);
+- ``defer`` answers at once, with the approval id, and lets the same call
+  through once after it is approved;
+- a hold interrupted by Warden stopping is answered as deferred, so the
+  approval stays decidable after a restart.
+
+An approved action is checked against kill switches again, its budget is
+reserved again, and the decision that lets it through is recorded with the
+approval evidence before it goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Protocol
+
+from warden.approvals.model import Approval, ApprovalSettings, ApprovalStatus
+from warden.approvals.service import Approvals
+from warden.audit.record import ApprovalEvidence
+from warden.config import ApprovalsConfig
+from warden.killswitch import KillSwitches
+from warden.model import Action, Decision, Effect, Mode, new_id
+
+__all__ = ["ApprovalGate", "approval_settings"]
+
+
+def approval_settings(config: ApprovalsConfig) -> ApprovalSettings:
+    """The approvals service's settings from the ``approvals`` config section."""
+    hook = config.webhook
+    return ApprovalSettings(
+        hold_timeout_s=config.hold_timeout_s,
+        defer_ttl_s=config.defer_ttl_s,
+        mode=config.mode,
+        required_approvals=config.required_approvals,
+        webhook_url=hook.url,
+        webhook_secret=hook.secret,
+        webhook_format=hook.format,
+        webhook_tries=hook.tries,
+        webhook_backoff_s=hook.backoff_s,
+        webhook_timeout_s=hook.timeout_s,
+    )
+
+
+class _Audit(Protocol):
+    async def record_decision(
+        self, action: Action, decision: Decision, *, approval: ApprovalEvidence | None = None
+    ) -> None: ...
+
+
+class _Budgets(Protocol):
+    async def readmit(self, action: Action, mode: Mode) -> None: ...
+
+
+class ApprovalGate:
+    """Settles ``require_approval`` decisions; one per Warden."""
+
+    def __init__(
+        self,
+        approvals: Approvals,
+        settings: ApprovalsConfig,
+        audit: _Audit,
+        *,
+        killswitches: KillSwitches | None = None,
+        budgets: _Budgets | None = None,
+    ) -> None:
+        self.approvals = approvals
+        self._settings = settings
+        self._audit = audit
+        self._killswitches = killswitches
+        self._budgets = budgets
+        self._stopping = asyncio.Event()
+
+    def stop_holding(self) -> None:
+        """Warden is stopping: holds end now and are answered as deferred."""
+        self._stopping.set()
+
+    async def settle(self, action: Action, decision: Decision) -> Decision:
+        """The final decision for ``action``; ``decision`` unchanged unless it awaits people."""
+        if decision.enforced is not Effect.REQUIRE_APPROVAL:
+            return decision
+        how = decision.obligations.hold or self._settings.mode
+        grant = await self.approvals.take_grant(action)
+        if grant is not None:
+            return await self._approved(action, decision, grant)
+        if how == "defer" or self._stopping.is_set():
+            approval = await self.approvals.request(action, decision, mode="defer")
+            return _pending(decision, approval)
+        approval = await self.approvals.request(action, decision, mode="hold")
+        timeout = decision.obligations.hold_timeout_s or self._settings.hold_timeout_s
+        try:
+            approval = await self._wait(approval, timeout)
+        except asyncio.CancelledError:
+            # The agent went away: the approval stays decidable, as a deferral.
+            await asyncio.shield(self.approvals.defer(approval.id))
+            raise
+        if approval.status is ApprovalStatus.APPROVED:
+            await self.approvals.mark_executed(approval.id, action.action_id)
+            return await self._approved(action, decision, approval)
+        if approval.status is ApprovalStatus.PENDING:
+            deferred = await self.approvals.defer(approval.id)
+            return _pending(decision, deferred or approval)
+        return await self._refused(action, decision, approval)
+
+    async def _wait(self, approval: Approval, timeout_s: float) -> Approval:
+        waiting = asyncio.ensure_future(self.approvals.wait(approval.id, timeout_s))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not waiting.done():
+                waiting.cancel()
+        if waiting.done() and not waiting.cancelled():
+            return waiting.result()
+        return approval  # still pending: Warden is stopping
+
+    async def _approved(self, action: Action, held: Decision, approval: Approval) -> Decision:
+        who = ", ".join(v.subject for v in approval.votes if v.approve) or approval.decided_by
+        switch = self._killswitches.check(action) if self._killswitches is not None else None
+        if switch is not None:
+            decision = _follow(held, Effect.DENY, (f"approved, but {switch.message}",))
+        else:
+            decision = _follow(held, Effect.ALLOW, (f"approved by {who} (approval {approval.id})",))
+            if self._budgets is not None:
+                await self._budgets.readmit(action, held.mode)
+        await self._audit.record_decision(action, decision, approval=approval.evidence())
+        return decision
+
+    async def _refused(self, action: Action, held: Decision, approval: Approval) -> Decision:
+        if approval.status is ApprovalStatus.EXPIRED:
+            why = f"no one approved it within the hold time (approval {approval.id})"
+        else:
+            by = approval.decided_by or "an approver"
+            note = f": {approval.comment}" if approval.comment else ""
+            why = f"rejected by {by}{note} (approval {approval.id})"
+        decision = _follow(held, Effect.DENY, (*held.reasons, why))
+        await self._audit.record_decision(action, decision, approval=approval.evidence())
+        return decision
+
+
+def _follow(held: Decision, effect: Effect, reasons: tuple[str, ...]) -> Decision:
+    """A new decision that follows a held one; the approval guard made it."""
+    return dataclasses.replace(
+        held, decision_id=new_id("dec"), effect=effect, reasons=reasons, guard="approval"
+    )
+
+
+def _pending(decision: Decision, approval: Approval) -> Decision:
+    note = (
+        f"approval {approval.id} is pending; once a person approves it, "
+        "the same call from this agent passes once"
+    )
+    return dataclasses.replace(decision, reasons=(*decision.reasons, note))

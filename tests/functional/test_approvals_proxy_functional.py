@@ -1,0 +1,295 @@
+"""Human approval through the real proxy: the openai SDK waits while a person decides."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.functional.conftest import audit_records, make_config
+from warden.audit import arguments_sha256
+from warden.server import Warden
+from warden.testing import Call, Fault, MockLLM, Reply
+
+MESSAGES: Any = [{"role": "user", "content": "refund please"}]
+BIG = Call("issue_refund", {"order_id": "A-1003", "amount": 450, "currency": "USD"})
+TOKENS = {"dana": "tok-dana-approver", "vic": "tok-vic-viewer", "bot": "tok-agent-itself"}
+
+
+def admin_tokens() -> list[dict[str, Any]]:
+    def entry(subject: str, token: str, roles: list[str]) -> dict[str, Any]:
+        sha = hashlib.sha256(token.encode()).hexdigest()
+        return {"subject": subject, "roles": roles, "groups": ["support-leads"], "sha256": sha}
+
+    return [
+        entry("dana", TOKENS["dana"], ["approver"]),
+        entry("vic", TOKENS["vic"], ["viewer"]),
+        # The agent's own id as a subject: separation of duties must refuse it.
+        entry("support-triage", TOKENS["bot"], ["approver", "admin"]),
+    ]
+
+
+def config(tmp_path: Path, llm: MockLLM, **approvals: Any) -> Any:
+    return make_config(
+        tmp_path,
+        llm.url,
+        approvals={"mode": "hold", "keepalive_s": 0.2, **approvals},
+        admin={"tokens": admin_tokens()},
+    )
+
+
+async def admin(
+    warden: Warden, method: str, path: str, who: str = "dana", body: Any = None
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {TOKENS[who]}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, warden.admin_url + path, json=body, headers=headers) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def pending_one(warden: Warden) -> dict[str, Any]:
+    """The single pending approval, once it exists."""
+    for _ in range(200):
+        _, body = await admin(warden, "GET", "/v1/approvals?status=pending")
+        if body["approvals"]:
+            return dict(body["approvals"][0])
+        await asyncio.sleep(0.05)
+    raise AssertionError("no pending approval appeared")
+
+
+@pytest.fixture
+async def held(tmp_path: Path, llm: MockLLM) -> AsyncIterator[Warden]:
+    async with Warden(config(tmp_path, llm)) as running:
+        yield running
+
+
+def client(warden: Warden) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0, timeout=60
+    )
+
+
+async def test_held_call_is_delivered_once_a_person_approves(
+    held: Warden, llm: MockLLM, tmp_path: Path
+) -> None:
+    llm.script(Reply(tool_calls=[BIG]))
+    async with client(held) as c:
+        agent = asyncio.create_task(
+            c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        )
+        item = await pending_one(held)
+        assert not agent.done()  # the agent is waiting on the person
+        assert item["tool"] == "issue_refund"
+        assert item["arguments"]["amount"] == 450
+        assert "450.00 USD is above" in item["reason"]
+        # Wrong token, wrong role and self-approval are refused while it waits.
+        bad = {"Authorization": "Bearer nope"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{held.admin_url}/v1/approvals/{item['id']}/approve", headers=bad, json={}
+            ) as resp,
+        ):
+            assert resp.status == 401
+        status, _ = await admin(held, "POST", f"/v1/approvals/{item['id']}/approve", "vic", {})
+        assert status == 403
+        status, body = await admin(held, "POST", f"/v1/approvals/{item['id']}/approve", "bot", {})
+        assert status == 403
+        assert body["error"]["code"] == "self_approval"
+        status, _ = await admin(
+            held, "POST", f"/v1/approvals/{item['id']}/approve", "dana", {"comment": "ok"}
+        )
+        assert status == 200
+        completion = await agent
+    calls = completion.choices[0].message.tool_calls or []
+    assert [c.function.name for c in calls] == ["issue_refund"]
+    assert json.loads(calls[0].function.arguments)["amount"] == 450
+    status, _ = await admin(held, "POST", f"/v1/approvals/{item['id']}/approve", "dana", {})
+    assert status == 409  # already decided
+    await held.stop()
+    records = audit_records(tmp_path / "audit")
+    kinds = [r["kind"] for r in records]
+    assert "approval_requested" in kinds
+    assert "approval_decided" in kinds
+    approved = [r for r in records if r.get("decision", {}).get("guard") == "approval"]
+    assert approved[0]["decision"]["effect"] == "allow"
+    evidence = approved[0]["approval"]
+    assert evidence["approver"] == "dana"
+    assert evidence["verdict"] == "approved"
+    # What ran is what the person saw: the same argument hash.
+    assert evidence["arguments_sha256"] == arguments_sha256(dict(BIG.arguments))
+
+
+async def test_held_call_in_a_stream_is_released_after_approval(held: Warden, llm: MockLLM) -> None:
+    llm.script(Reply(text="Checking the order.", tool_calls=[BIG]))
+    async with client(held) as c:
+
+        async def consume() -> tuple[str, list[str]]:
+            stream = await c.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, stream=True
+            )
+            text, names = "", []
+            async for chunk in stream:
+                for choice in chunk.choices:
+                    text += choice.delta.content or ""
+                    names += [
+                        t.function.name
+                        for t in choice.delta.tool_calls or []
+                        if t.function and t.function.name
+                    ]
+            return text, names
+
+        agent = asyncio.create_task(consume())
+        item = await pending_one(held)
+        await asyncio.sleep(0.5)  # a few keep-alive comments go out meanwhile
+        await admin(held, "POST", f"/v1/approvals/{item['id']}/approve", "dana", {})
+        text, names = await agent
+    assert text == "Checking the order."
+    assert names == ["issue_refund"]
+
+
+async def test_rejection_reaches_the_agent_as_an_explanation(held: Warden, llm: MockLLM) -> None:
+    llm.script(Reply(tool_calls=[BIG]))
+    async with client(held) as c:
+        agent = asyncio.create_task(
+            c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        )
+        item = await pending_one(held)
+        await admin(
+            held, "POST", f"/v1/approvals/{item['id']}/reject", "dana", {"comment": "duplicate"}
+        )
+        completion = await agent
+    message = completion.choices[0].message
+    assert not message.tool_calls
+    assert "rejected by dana: duplicate" in (message.content or "")
+    assert completion.choices[0].finish_reason == "stop"
+
+
+async def test_timeout_denies_and_never_approves(tmp_path: Path, llm: MockLLM) -> None:
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "policy.rego").write_text(
+        "package warden\n\nimport rego.v1\n\n"
+        'decision := {"effect": "require_approval", "reason": "check it", "hold_timeout_s": 0.5} '
+        'if input.action.kind == "tool_call"\n\n'
+        'decision := {"effect": "allow"} if input.action.kind == "llm_call"\n'
+    )
+    cfg = make_config(
+        tmp_path,
+        llm.url,
+        policy={"bundles": [str(policy)]},
+        approvals={"mode": "hold"},
+        admin={"tokens": admin_tokens()},
+    )
+    async with Warden(cfg) as w, client(w) as c:
+        llm.script(Reply(tool_calls=[BIG]))
+        completion = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert not completion.choices[0].message.tool_calls
+        assert "no one approved it within the hold time" in (
+            completion.choices[0].message.content or ""
+        )
+        _, body = await admin(w, "GET", "/v1/approvals?status=expired")
+        assert len(body["approvals"]) == 1
+        status, _ = await admin(w, "POST", f"/v1/approvals/{body['approvals'][0]['id']}/approve")
+        assert status == 409
+
+
+async def test_defer_passes_the_same_call_once_after_approval(tmp_path: Path, llm: MockLLM) -> None:
+    async with Warden(config(tmp_path, llm, mode="defer")) as w, client(w) as c:
+        llm.script(Reply(tool_calls=[BIG]))
+        first = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        text = first.choices[0].message.content or ""
+        assert not first.choices[0].message.tool_calls
+        item = await pending_one(w)
+        assert f"approval {item['id']} is pending" in text
+        await admin(w, "POST", f"/v1/approvals/{item['id']}/approve", "dana", {})
+        # The same call passes once...
+        llm.script(Reply(tool_calls=[BIG]))
+        again = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert [t.function.name for t in again.choices[0].message.tool_calls or []] == [
+            "issue_refund"
+        ]
+        # ...and only once.
+        llm.script(Reply(tool_calls=[BIG]))
+        third = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert not third.choices[0].message.tool_calls
+        # A changed amount is another action: not covered by that approval.
+        changed = Call("issue_refund", {"order_id": "A-1003", "amount": 451, "currency": "USD"})
+        llm.script(Reply(tool_calls=[changed]))
+        fourth = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert not fourth.choices[0].message.tool_calls
+
+
+async def test_pending_approval_survives_a_restart(tmp_path: Path, llm: MockLLM) -> None:
+    cfg = config(tmp_path, llm)
+    first = Warden(cfg)
+    await first.start()
+    llm.script(Reply(tool_calls=[BIG]))
+    async with client(first) as c:
+        agent = asyncio.create_task(
+            c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        )
+        item = await pending_one(first)
+        await first.stop()  # the held request is answered as deferred
+        completion = await agent
+    assert f"approval {item['id']} is pending" in (completion.choices[0].message.content or "")
+    async with Warden(cfg) as second, client(second) as c:
+        status, _ = await admin(second, "POST", f"/v1/approvals/{item['id']}/approve", "dana", {})
+        assert status == 200
+        llm.script(Reply(tool_calls=[BIG]))
+        retry = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert [t.function.name for t in retry.choices[0].message.tool_calls or []] == [
+            "issue_refund"
+        ]
+
+
+async def test_kill_switch_rejects_held_approvals(held: Warden, llm: MockLLM) -> None:
+    llm.script(Reply(tool_calls=[BIG]))
+    async with client(held) as c:
+        agent = asyncio.create_task(
+            c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        )
+        await pending_one(held)
+        status, _ = await admin(
+            held,
+            "POST",
+            "/v1/killswitches",
+            "bot",  # holds the admin role; throwing a switch is not approving
+            {"scope": "agent", "target": "support-triage", "reason": "incident 42"},
+        )
+        assert status in (200, 201)
+        completion = await agent
+    text = completion.choices[0].message.content or ""
+    assert not completion.choices[0].message.tool_calls
+    assert "incident 42" in text
+
+
+async def test_kill_switch_cuts_a_live_stream_within_a_second(held: Warden, llm: MockLLM) -> None:
+    # The upstream sends a little and then stalls, as a long generation would.
+    llm.script(Reply(text="one two three four five six", fault=Fault("hang", after=3)))
+    received: list[str] = []
+
+    async def read_until_cut(c: openai.AsyncOpenAI) -> None:
+        stream = await c.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True
+        )
+        async with asyncio.timeout(5):  # the cut must come well within this
+            async for chunk in stream:
+                received.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+                if len(received) == 1:
+                    kill = {"scope": "agent", "target": "support-triage", "reason": "incident 7"}
+                    await admin(held, "POST", "/v1/killswitches", "bot", kill)
+
+    async with client(held) as c:
+        with pytest.raises(openai.APIError, match="incident 7"):
+            await read_until_cut(c)
+    assert received

@@ -6,8 +6,9 @@
 # money limits live in data.json, where a support lead can review them.
 #
 # Daily totals come from input.budget; a missing counter counts as 0:
-#   input.budget.<counter>.day.agent.spent     paid out by this agent today
-#   input.budget.<counter>.day.customer.spent  paid out to this customer today
+#   input.budget.<counter>.day.agent.{spent,reserved}     this agent today
+#   input.budget.<counter>.day.customer.{spent,reserved}  this customer today
+# (reserved: other refunds in flight, not yet settled).
 # where <counter> is limits.<tool>.budget in data.json ("refunds", "credits").
 package warden
 
@@ -88,8 +89,8 @@ class_verdict("money", tool, _, args, budget) := money_verdict(
 	lim,
 	args.amount,
 	object.get(args, "currency", data.warden.currency),
-	object.get(budget, [lim.budget, "day", "agent", "spent"], 0),
-	object.get(budget, [lim.budget, "day", "customer", "spent"], 0),
+	_used(budget, lim.budget, "agent"),
+	_used(budget, lim.budget, "customer"),
 ) if {
 	lim := data.warden.limits[tool]
 }
@@ -129,6 +130,15 @@ money_verdict(lim, amount, currency, agent, customer) := _allow(sprintf("a %v of
 } else := _hold(sprintf("this customer has received %v in %vs today; another %v would pass the %v a customer may receive per day without approval", [_money(customer), lim.noun, _money(amount), _money(lim.customer_day_auto)])) if {
 	customer + amount > lim.customer_day_auto
 } else := _deny(sprintf("the %v limits in data.json are incomplete, so this %v cannot be checked; ask the platform team", [lim.noun, lim.noun]))
+
+# Paid out today plus what other actions in flight have reserved: without the
+# reservations, concurrent refunds could each pass a daily limit on their own.
+_used(budget, counter, who) := spent + reserved if {
+	spent := object.get(budget, [counter, "day", who, "spent"], 0)
+	reserved := object.get(budget, [counter, "day", who, "reserved"], 0)
+	is_number(spent)
+	is_number(reserved)
+} else := "not a number"
 
 _numbers(a, b) if {
 	is_number(a)

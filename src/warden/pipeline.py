@@ -79,8 +79,8 @@ class Reserving(Protocol):
         """The final decision (``None``: it could not be recorded, so none stands)."""
         ...
 
-    async def settle(self, action: Action, outcome: Outcome) -> None:
-        """What happened to an action that was let through."""
+    async def settle(self, action: Action, outcome: Outcome) -> float | None:
+        """What happened to an action that was let through; its cost in USD, if known."""
         ...
 
 
@@ -91,7 +91,9 @@ class AuditSink(Protocol):
         """Make the decision record durable before returning."""
         ...
 
-    async def record_outcome(self, action: Action, decision_id: str, outcome: Outcome) -> None:
+    async def record_outcome(
+        self, action: Action, decision_id: str, outcome: Outcome, *, cost: float | None = None
+    ) -> None:
         """Record what happened after the action was let through."""
         ...
 
@@ -199,10 +201,11 @@ class Pipeline:
 
     async def outcome(self, action: Action, decision_id: str, outcome: Outcome) -> None:
         """Settle reservations, then record what happened after an allowed action."""
+        cost: float | None = None
         for guard in self._reserving:
             try:
-                await guard.settle(action, outcome)
+                cost = await guard.settle(action, outcome) or cost
             except Exception:
                 # The record still matters; an unsettled hold expires later.
                 log.exception("guard %s failed to settle an outcome", guard.name)
-        await self._audit.record_outcome(action, decision_id, outcome)
+        await self._audit.record_outcome(action, decision_id, outcome, cost=cost)

@@ -10,7 +10,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.functional.conftest import make_config
+from tests.functional.conftest import audit_records, make_config
 from warden.budgets.caps import window_key
 from warden.server import Warden
 from warden.state import StateStore
@@ -142,3 +142,8 @@ async def test_llm_spend_is_settled_from_usage_and_then_capped(
             await c.chat.completions.create(model="house-model", messages=MESSAGES)
     assert "LLM spend cap for this agent" in str(denied.value)
     assert "today" in str(denied.value)
+    # The spend is evidence too: each outcome record carries its cost.
+    costs = [
+        r["outcome"]["cost"] for r in audit_records(tmp_path / "audit") if r["kind"] == "outcome"
+    ]
+    assert costs[:2] == [pytest.approx(first[0]), pytest.approx(second[0] - first[0])]

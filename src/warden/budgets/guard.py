@@ -167,24 +167,28 @@ class BudgetGuard:
         self._held.pop(action.action_id, None)
         await self._settle(action, {})
 
-    async def settle(self, action: Action, outcome: Outcome) -> None:
-        """Settle the reservation to what the action really spent."""
+    async def settle(self, action: Action, outcome: Outcome) -> float | None:
+        """Settle the reservation to what the action really spent; return a model call's cost.
+
+        The cost (USD, from usage and the price table) goes into the outcome record.
+        """
+        cost = (
+            self._llm_cost(action, outcome.usage)
+            if action.kind is ActionKind.LLM_CALL and outcome.usage is not None
+            else None
+        )
         if action.action_id not in self._held:
-            # No reservation, but model spend is still worth a metric.
-            if action.kind is ActionKind.LLM_CALL and outcome.usage is not None:
-                self._llm_cost(action, outcome.usage)
-            return
+            return cost
         del self._held[action.action_id]
         actual: dict[str, float] = {}
         if action.kind is ActionKind.LLM_CALL:
-            actual[LLM_COUNTER] = (
-                self._llm_cost(action, outcome.usage) if outcome.usage is not None else 0.0
-            )
+            actual[LLM_COUNTER] = cost or 0.0
         elif not (outcome.is_error or outcome.error):
             for cap in self._caps.get(action.tool or "", ()):
                 value = _number((action.arguments or {}).get(cap.value))
                 actual[cap.name] = value if value is not None else 0.0
         await self._settle(action, actual)
+        return cost
 
     # -- internals ---------------------------------------------------------------
 

@@ -63,7 +63,16 @@ async def test_fifty_concurrent_refunds_against_room_for_ten(tmp_path: Path, llm
             tool_calls=[Call("issue_refund", {"order_id": "A-1", "amount": 50, "currency": "USD"})],
         )
     )
-    config = make_config(tmp_path, llm.url, budgets={"caps": [REFUND_CAP]})
+    # A policy that allows every refund, so that the cap alone decides; the
+    # shipped policy would hold some first (it counts reservations too).
+    allow_all = tmp_path / "allow-all"
+    allow_all.mkdir()
+    (allow_all / "policy.rego").write_text(
+        'package warden\n\nimport rego.v1\n\ndecision := {"effect": "allow"}\n'
+    )
+    config = make_config(
+        tmp_path, llm.url, budgets={"caps": [REFUND_CAP]}, policy={"bundles": [str(allow_all)]}
+    )
     async with Warden(config) as warden, client(warden) as c:
         completions = await asyncio.gather(
             *(c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES) for _ in range(50))
@@ -84,6 +93,29 @@ async def test_fifty_concurrent_refunds_against_room_for_ten(tmp_path: Path, llm
     async with Warden(config) as warden, client(warden) as c:
         again = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         assert not again.choices[0].message.tool_calls
+
+
+async def test_the_shipped_policy_daily_limit_holds_under_concurrency(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # The shipped policy lets an agent refund 300 a day without approval. It
+    # counts refunds still in flight, so 50 at once pass it no more than 6 times.
+    llm.on_request(
+        lambda _proto, _body: Reply(
+            tool_calls=[Call("issue_refund", {"order_id": "A-1", "amount": 50, "currency": "USD"})]
+        )
+    )
+    config = make_config(tmp_path, llm.url, budgets={"caps": [REFUND_CAP]})
+    async with Warden(config) as warden, client(warden) as c:
+        completions = await asyncio.gather(
+            *(c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES) for _ in range(50))
+        )
+    delivered = [x for x in completions if x.choices[0].message.tool_calls]
+    assert len(delivered) == 6
+    held = [x.choices[0].message.content or "" for x in completions if x not in delivered]
+    # Held by the policy, or, while held ones still had their reservations,
+    # stopped by the cap itself: either way, none went through.
+    assert all("for human approval" in t or "refunds cap" in t for t in held), set(held)
 
 
 async def test_settled_refunds_reach_the_shipped_policy_as_input_budget(

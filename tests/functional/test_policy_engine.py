@@ -252,7 +252,9 @@ async def test_pre_activate_hook_can_refuse_a_revision(tmp_path: Path) -> None:
 
 async def test_swap_under_load_loses_no_request(tmp_path: Path) -> None:
     root = write_policy(tmp_path / "b", revision="r1")
-    eng = await PolicyEngine.start(config(root, cache_size=0))
+    # A long deadline: this is about the swap losing nothing, and a starved
+    # machine must not turn a slow answer into a failure here.
+    eng = await PolicyEngine.start(config(root, cache_size=0, deadline_ms=10_000))
     try:
         stop = asyncio.Event()
         revisions: set[str] = set()

@@ -65,7 +65,9 @@ class Audit:
     async def record_decision(self, action: Action, decision: Decision) -> None:
         self.decisions.append(decision)
 
-    async def record_outcome(self, action: Action, decision_id: str, outcome: Outcome) -> None:
+    async def record_outcome(
+        self, action: Action, decision_id: str, outcome: Outcome, *, cost: float | None = None
+    ) -> None:
         pass
 
 

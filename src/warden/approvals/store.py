@@ -9,13 +9,10 @@ approve, both consume or approve what another just expired.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import sqlite3
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
@@ -28,14 +25,12 @@ from warden.approvals.model import (
     ApprovalStatus,
     Vote,
 )
-from warden.errors import ConfigError
-from warden.state.sqlite import sqlite_path
+from warden.state.base import SqliteStore, immediate
 
 __all__ = ["ApprovalStore"]
 
 T = TypeVar("T")
 
-_BUSY_TIMEOUT_MS = 5000
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS approvals (
     id               TEXT PRIMARY KEY,
@@ -71,39 +66,11 @@ _COLUMNS = (
 )
 
 
-class ApprovalStore:
+class ApprovalStore(SqliteStore):
     """Approval rows; open with :meth:`open`, close with :meth:`close`."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, io: ThreadPoolExecutor) -> None:
-        self.path = path
-        self._conn = conn
-        self._io = io
-        self._closed = False
-
-    @classmethod
-    async def open(cls, url: str) -> ApprovalStore:
-        """Open (creating the table if needed) the database named by ``state.url``."""
-        path = sqlite_path(url)
-        io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warden-approvals")
-        try:
-            conn = await asyncio.get_running_loop().run_in_executor(io, _connect, path)
-        except BaseException:
-            io.shutdown(wait=False)
-            raise
-        return cls(path, conn, io)
-
-    async def close(self) -> None:
-        """Close the connection and stop the I/O thread."""
-        if self._closed:
-            return
-        self._closed = True
-        await asyncio.get_running_loop().run_in_executor(self._io, self._conn.close)
-        self._io.shutdown(wait=True)
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._closed:
-            raise RuntimeError("the approval store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+    SCHEMA = _SCHEMA
+    NAME = "approvals"
 
     # -- reads -------------------------------------------------------------------
 
@@ -153,7 +120,7 @@ class ApprovalStore:
         await self._run(self._insert, approval)
 
     def _insert(self, a: Approval) -> None:
-        with _immediate(self._conn) as cur:
+        with immediate(self._conn) as cur:
             cur.execute(
                 f"INSERT INTO approvals ({_COLUMNS}) VALUES "  # noqa: S608
                 "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -184,7 +151,7 @@ class ApprovalStore:
         return await self._run(self._vote, approval_id, vote)
 
     def _vote(self, approval_id: str, vote: Vote) -> tuple[Approval, Approval]:
-        with _immediate(self._conn) as cur:
+        with immediate(self._conn) as cur:
             row = cur.execute(
                 f"SELECT {_COLUMNS} FROM approvals WHERE id = ?",  # noqa: S608
                 (approval_id,),
@@ -225,7 +192,7 @@ class ApprovalStore:
         return await self._run(self._expire, approval_id, now)
 
     def _expire(self, approval_id: str, now: float) -> Approval | None:
-        with _immediate(self._conn) as cur:
+        with immediate(self._conn) as cur:
             cur.execute(
                 "UPDATE approvals SET status = 'expired', decided_at = ? "
                 "WHERE id = ? AND status = 'pending'",
@@ -240,7 +207,7 @@ class ApprovalStore:
         return await self._run(self._to_defer, approval_id, expires_at)
 
     def _to_defer(self, approval_id: str, expires_at: float) -> Approval | None:
-        with _immediate(self._conn) as cur:
+        with immediate(self._conn) as cur:
             cur.execute(
                 "UPDATE approvals SET mode = 'defer', expires_at = MAX(expires_at, ?) "
                 "WHERE id = ? AND status = 'pending'",
@@ -255,7 +222,7 @@ class ApprovalStore:
         return await self._run(self._expire_due, now)
 
     def _expire_due(self, now: float) -> builtins.list[Approval]:
-        with _immediate(self._conn) as cur:
+        with immediate(self._conn) as cur:
             ids = [
                 r[0]
                 for r in cur.execute(
@@ -274,7 +241,7 @@ class ApprovalStore:
         return await self._run(self._consume_grant, binding, now)
 
     def _consume_grant(self, binding: str, now: float) -> Approval | None:
-        with _immediate(self._conn) as cur:
+        with immediate(self._conn) as cur:
             row = cur.execute(
                 "SELECT id FROM approvals WHERE binding = ? AND status = 'approved' "
                 "AND mode = 'defer' AND expires_at > ? ORDER BY decided_at, id LIMIT 1",
@@ -293,7 +260,7 @@ class ApprovalStore:
         return await self._run(self._consume, approval_id, now)
 
     def _consume(self, approval_id: str, now: float) -> Approval | None:
-        with _immediate(self._conn) as cur:
+        with immediate(self._conn) as cur:
             cur.execute(
                 "UPDATE approvals SET status = 'consumed', consumed_at = ? "
                 "WHERE id = ? AND status = 'approved'",
@@ -312,7 +279,7 @@ class ApprovalStore:
     def _cancel(
         self, agent: str | None, tool: str | None, who: str, reason: str, now: float
     ) -> builtins.list[Approval]:
-        with _immediate(self._conn) as cur:
+        with immediate(self._conn) as cur:
             ids = [
                 r[0]
                 for r in cur.execute(
@@ -327,36 +294,6 @@ class ApprovalStore:
                 [(now, who, reason, i) for i in ids],
             )
             return [a for a in (self._get(i) for i in ids) if a is not None]
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(
-        path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_MS / 1000
-    )
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.executescript(_SCHEMA)
-    except sqlite3.Error as exc:
-        conn.close()
-        raise ConfigError(f"state.url: cannot open the approvals table in {path}: {exc}") from None
-    return conn
-
-
-class _immediate:
-    """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` on any error."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-
-    def __enter__(self) -> sqlite3.Cursor:
-        self._conn.execute("BEGIN IMMEDIATE")
-        return self._conn.cursor()
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
 
 
 def _update(cur: sqlite3.Cursor, a: Approval) -> None:

@@ -13,18 +13,15 @@ Counters are keyed by ``(counter, window, subject)``: ``refunds``,
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import orjson
 
-from warden.errors import ConfigError
+from warden.state.base import SqliteStore, immediate, sqlite_path
 
 __all__ = [
     "Counter",
@@ -37,7 +34,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-_BUSY_TIMEOUT_MS = 5000
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS budget_counters (
     counter  TEXT NOT NULL,
@@ -64,16 +60,6 @@ CREATE TABLE IF NOT EXISTS killswitches (
 );
 CREATE INDEX IF NOT EXISTS killswitches_active ON killswitches (cleared_at);
 """
-
-
-def sqlite_path(url: str) -> Path:
-    """The file named by a ``sqlite:///path`` URL (``sqlite:////abs`` or ``sqlite:///rel``)."""
-    if not url.startswith("sqlite:///"):
-        raise ConfigError(f"state.url: only sqlite:/// URLs are supported, got {url!r}")
-    path = url[len("sqlite:///") :]
-    if not path:
-        raise ConfigError("state.url: the sqlite URL names no file")
-    return Path(path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,39 +112,11 @@ class KillSwitchRow:
     cleared_at: float | None = None
 
 
-class StateStore:
+class StateStore(SqliteStore):
     """The SQLite state store; open with :meth:`open`, close with :meth:`close`."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, io: ThreadPoolExecutor) -> None:
-        self.path = path
-        self._conn = conn
-        self._io = io
-        self._closed = False
-
-    @classmethod
-    async def open(cls, url: str) -> StateStore:
-        """Open (creating if needed) the database named by ``state.url``."""
-        path = sqlite_path(url)
-        io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warden-state")
-        try:
-            conn = await asyncio.get_running_loop().run_in_executor(io, _connect, path)
-        except BaseException:
-            io.shutdown(wait=False)
-            raise
-        return cls(path, conn, io)
-
-    async def close(self) -> None:
-        """Close the connection and stop the I/O thread."""
-        if self._closed:
-            return
-        self._closed = True
-        await asyncio.get_running_loop().run_in_executor(self._io, self._conn.close)
-        self._io.shutdown(wait=True)
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._closed:
-            raise RuntimeError("the state store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+    SCHEMA = _SCHEMA
+    NAME = "state"
 
     # -- budgets ---------------------------------------------------------------
 
@@ -173,7 +131,7 @@ class StateStore:
         return await self._run(self._reserve, reservation_id, tuple(holds), force)
 
     def _reserve(self, reservation_id: str, holds: tuple[Hold, ...], force: bool) -> ReserveResult:
-        with _immediate(self._conn) as cur:
+        with immediate(self._conn) as cur:
             before: list[Counter] = []
             over: list[Hold] = []
             for hold in holds:
@@ -216,7 +174,7 @@ class StateStore:
     def _settle(
         self, reservation_id: str, actual: Mapping[str, float] | None
     ) -> tuple[Counter, ...]:
-        with _immediate(self._conn) as cur:
+        with immediate(self._conn) as cur:
             row = cur.execute(
                 "SELECT holds FROM budget_reservations WHERE id = ?", (reservation_id,)
             ).fetchone()
@@ -234,7 +192,7 @@ class StateStore:
         return await self._run(self._expire, time.time() - older_than_s)
 
     def _expire(self, cutoff: float) -> int:
-        with _immediate(self._conn) as cur:
+        with immediate(self._conn) as cur:
             rows = cur.execute(
                 "SELECT id, holds FROM budget_reservations WHERE created_at < ?", (cutoff,)
             ).fetchall()
@@ -266,7 +224,7 @@ class StateStore:
         await self._run(self._add_killswitch, row)
 
     def _add_killswitch(self, row: KillSwitchRow) -> None:
-        with _immediate(self._conn) as cur:
+        with immediate(self._conn) as cur:
             cur.execute(
                 "INSERT INTO killswitches (id, scope, target, reason, created_by, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -278,7 +236,7 @@ class StateStore:
         return await self._run(self._clear_killswitch, switch_id, who)
 
     def _clear_killswitch(self, switch_id: str, who: str) -> KillSwitchRow | None:
-        with _immediate(self._conn) as cur:
+        with immediate(self._conn) as cur:
             now = time.time()
             cur.execute(
                 "UPDATE killswitches SET cleared_by = ?, cleared_at = ? "
@@ -304,38 +262,6 @@ class StateStore:
             "FROM killswitches WHERE cleared_at IS NULL ORDER BY created_at, id"
         ).fetchall()
         return tuple(KillSwitchRow(*r) for r in rows)
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), and
-    # check_same_thread=False because the pool's one thread is not this one.
-    conn = sqlite3.connect(
-        path, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_MS / 1000
-    )
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.executescript(_SCHEMA)
-    except sqlite3.Error as exc:
-        conn.close()
-        raise ConfigError(f"state.url: cannot open the state database {path}: {exc}") from None
-    return conn
-
-
-class _immediate:
-    """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` on any error."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-
-    def __enter__(self) -> sqlite3.Cursor:
-        self._conn.execute("BEGIN IMMEDIATE")
-        return self._conn.cursor()
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
 
 
 def _passes(used: float, amount: float, limit: float) -> bool:

@@ -1,0 +1,109 @@
+"""What every SQLite-backed store shares: one connection, used from one thread.
+
+SQLite calls block, so each store owns a one-thread executor and runs every
+call there; the event loop never waits on the disk. WAL mode lets stores on
+one file (and sidecars sharing it) read while another writes, and every write
+is ``BEGIN IMMEDIATE`` so concurrent writers queue instead of failing midway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar, Self, TypeVar
+
+from warden.errors import ConfigError
+
+__all__ = ["SqliteStore", "immediate", "sqlite_path"]
+
+T = TypeVar("T")
+BUSY_TIMEOUT_MS = 5000
+
+
+def sqlite_path(url: str) -> Path:
+    """The file named by a ``sqlite:///path`` URL (``sqlite:////abs`` or ``sqlite:///rel``)."""
+    if not url.startswith("sqlite:///"):
+        raise ConfigError(f"state.url: only sqlite:/// URLs are supported, got {url!r}")
+    path = url[len("sqlite:///") :]
+    if not path:
+        raise ConfigError("state.url: the sqlite URL names no file")
+    return Path(path)
+
+
+class immediate:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` on any error."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> sqlite3.Cursor:
+        self._conn.execute("BEGIN IMMEDIATE")
+        return self._conn.cursor()
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._conn.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+
+
+class SqliteStore:
+    """Base of the stores: open with :meth:`open`, close with :meth:`close`.
+
+    Subclasses set ``SCHEMA`` (idempotent DDL) and ``NAME`` (for the thread
+    name and error messages).
+    """
+
+    SCHEMA: ClassVar[str]
+    NAME: ClassVar[str]
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, io: ThreadPoolExecutor) -> None:
+        self.path = path
+        self._conn = conn
+        self._io = io
+        self._closed = False
+
+    @classmethod
+    async def open(cls, url: str) -> Self:
+        """Open (creating what is missing) the database named by ``state.url``."""
+        path = sqlite_path(url)
+        io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"warden-{cls.NAME}")
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(io, cls._connect, path)
+        except BaseException:
+            io.shutdown(wait=False)
+            raise
+        return cls(path, conn, io)
+
+    @classmethod
+    def _connect(cls, path: Path) -> sqlite3.Connection:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), and
+        # check_same_thread=False because the executor's one thread is not this one.
+        conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.executescript(cls.SCHEMA)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise ConfigError(
+                f"state.url: cannot open the {cls.NAME} tables in {path}: {exc}"
+            ) from None
+        return conn
+
+    async def close(self) -> None:
+        """Close the connection and stop the I/O thread."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(self._io, self._conn.close)
+        self._io.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise RuntimeError(f"the {self.NAME} store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)

@@ -602,6 +602,10 @@ class WorkerPool:
         if self._closed:
             raise _PoolClosed
         worker = await self._acquire(deadline)
+        if self._closed or worker.state is _State.DEAD:
+            # Handed a worker just before the pool closed (a swap): close() saw
+            # no request on it and stopped it, so this one goes to the new pool.
+            raise _PoolClosed
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[bytes] = loop.create_future()
         worker.pending = reply
@@ -621,6 +625,10 @@ class WorkerPool:
             await loop.sock_sendall(worker.sock, data)
         except OSError:
             self._on_dead(worker)
+            if not reply.done():  # it was already dead: nothing else will answer
+                reply.set_exception(
+                    _WorkerCrash("the worker stopped before the request reached it")
+                )
         async with asyncio.timeout_at(deadline):
             return await reply
 

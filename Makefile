@@ -53,7 +53,7 @@ bench: $(STAMP)
 	  if [ -f $$b ]; then $(PY) $$b || exit 1; fi; done
 
 serve: $(STAMP)
-	$(VENV)/bin/warden serve --config warden.yaml
+	$(VENV)/bin/warden serve $(if $(wildcard warden.yaml),--config warden.yaml,)
 
 clean:
 	rm -rf $(VENV) warden-data .pytest_cache .mypy_cache .ruff_cache

@@ -8,9 +8,17 @@ from typing import Any, Final
 
 import orjson
 
-from warden.model import Decision, Effect, Mode
+from warden.model import Decision, Effect, Mode, Usage
 
-__all__ = ["NO_DECISION", "dumps", "loads", "loads_or_none", "parse_arguments", "token_count"]
+__all__ = [
+    "NO_DECISION",
+    "StreamStatus",
+    "dumps",
+    "loads",
+    "loads_or_none",
+    "parse_arguments",
+    "token_count",
+]
 
 NO_DECISION: Final = Decision(
     decision_id="none",
@@ -85,3 +93,27 @@ def parse_arguments(raw: object) -> tuple[str, Mapping[str, Any] | None]:
     except (ValueError, RecursionError):
         return raw, None
     return raw, value if isinstance(value, dict) else None
+
+
+class StreamStatus:
+    """What every stream rewriter reports; rewriters fill the three fields as events arrive."""
+
+    def __init__(self) -> None:
+        self._usage: Usage | None = None
+        self._model: str | None = None
+        self._complete = False
+
+    @property
+    def usage(self) -> Usage | None:
+        """Token usage the stream reported so far."""
+        return self._usage
+
+    @property
+    def model(self) -> str | None:
+        """The model the stream named."""
+        return self._model
+
+    @property
+    def complete(self) -> bool:
+        """True once the protocol's own end marker was seen (else: truncated)."""
+        return self._complete

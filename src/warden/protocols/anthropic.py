@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from warden.model import Decision, Effect, ToolCall, ToolResult, Usage
-from warden.protocols._wire import NO_DECISION, dumps, loads_or_none, parse_arguments, token_count
+from warden.protocols._wire import (
+    NO_DECISION,
+    StreamStatus,
+    dumps,
+    loads_or_none,
+    parse_arguments,
+    token_count,
+)
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
 from warden.protocols.sse import SseEvent
 
@@ -178,7 +185,7 @@ def _block_key(obj: Mapping[str, Any]) -> int | None:
     return index if isinstance(index, int) and not isinstance(index, bool) else None
 
 
-class AnthropicStreamRewriter:
+class AnthropicStreamRewriter(StreamStatus):
     """Rewrites one Messages stream (``event: message_start`` ... ``event: message_stop``).
 
     Every event except a ``tool_use`` block's own is yielded unchanged (the same
@@ -192,24 +199,7 @@ class AnthropicStreamRewriter:
         self._pending: list[tuple[ToolCall, _HeldBlock]] = []
         self._calls = 0
         self._allowed = False
-        self._usage: Usage | None = None
-        self._model: str | None = None
-        self._complete = False
-
-    @property
-    def usage(self) -> Usage | None:
-        """Input tokens from ``message_start``, output tokens from the last ``message_delta``."""
-        return self._usage
-
-    @property
-    def model(self) -> str | None:
-        """The model ``message_start`` reported."""
-        return self._model
-
-    @property
-    def complete(self) -> bool:
-        """True once ``message_stop`` was seen."""
-        return self._complete
+        super().__init__()
 
     def feed(self, event: SseEvent) -> Iterator[StreamItem]:
         """Take one upstream event; yield events to send and calls to decide."""

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from warden.model import Decision, Effect, ToolCall, ToolResult, Usage
-from warden.protocols._wire import NO_DECISION, dumps, loads_or_none, parse_arguments, token_count
+from warden.protocols._wire import (
+    NO_DECISION,
+    StreamStatus,
+    dumps,
+    loads_or_none,
+    parse_arguments,
+    token_count,
+)
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
 from warden.protocols.sse import SseEvent
 
@@ -343,7 +350,7 @@ def _is_pure(chunk: Mapping[str, Any], choices: list[Any]) -> bool:
     return isinstance(calls, list) and len(calls) == 1 and all(v is None for v in others)
 
 
-class OpenAIChatStreamRewriter:
+class OpenAIChatStreamRewriter(StreamStatus):
     """Rewrites one chat completion stream (``data: {chunk}`` events, ``data: [DONE]``).
 
     Chunks without tool-call deltas or a finish reason are yielded unchanged
@@ -355,24 +362,7 @@ class OpenAIChatStreamRewriter:
         self._hide_usage = hide_usage
         self._choices: dict[int, _ChoiceState] = {}
         self._pending: list[tuple[ToolCall, _HeldCall]] = []
-        self._usage: Usage | None = None
-        self._model: str | None = None
-        self._complete = False
-
-    @property
-    def usage(self) -> Usage | None:
-        """Usage from the final chunk (sent with ``stream_options.include_usage``)."""
-        return self._usage
-
-    @property
-    def model(self) -> str | None:
-        """The ``model`` the chunks reported."""
-        return self._model
-
-    @property
-    def complete(self) -> bool:
-        """True once ``data: [DONE]`` was seen."""
-        return self._complete
+        super().__init__()
 
     def feed(self, event: SseEvent) -> Iterator[StreamItem]:
         """Take one upstream event; yield events to send and calls to decide."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from warden.model import Decision, Effect, Mode, ToolCall, ToolResult, Usage
-from warden.protocols._wire import dumps, loads, parse_arguments
+from warden.protocols._wire import StreamStatus, dumps, loads, parse_arguments
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
 from warden.protocols.sse import SseEvent
 
@@ -268,7 +268,7 @@ class _HeldCall:
         )
 
 
-class OpenAIResponsesStreamRewriter:
+class OpenAIResponsesStreamRewriter(StreamStatus):
     """Rewrites one Responses event stream; see the module docstring."""
 
     def __init__(self) -> None:
@@ -280,24 +280,7 @@ class OpenAIResponsesStreamRewriter:
         self._blocked: dict[str, tuple[str, str]] = {}
         self._dropped: set[int] = set()
         self._added_count = 0
-        self._usage: Usage | None = None
-        self._model: str | None = None
-        self._complete = False
-
-    @property
-    def usage(self) -> Usage | None:
-        """Token usage from the final response event, once it was seen."""
-        return self._usage
-
-    @property
-    def model(self) -> str | None:
-        """The model the response events name."""
-        return self._model
-
-    @property
-    def complete(self) -> bool:
-        """True once ``response.completed``, ``.incomplete`` or ``.failed`` was seen."""
-        return self._complete
+        super().__init__()
 
     # -- feeding ----------------------------------------------------------
 

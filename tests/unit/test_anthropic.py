@@ -10,8 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import anthropic
@@ -22,12 +21,27 @@ from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from warden.model import Decision, Effect, Mode, ToolCall, ToolResult, Usage
+from tests.unit.streams import (
+    ALLOW,
+    DENY,
+    HOLD,
+    OBSERVED_DENY,
+    Decide,
+    allow_all,
+    body,
+    data,
+    deny_all,
+    deny_names,
+    encoded,
+    events,
+    raw,
+    replay,
+    take,
+)
+from warden.model import Decision, ToolCall, ToolResult, Usage
 from warden.protocols.anthropic import AnthropicMessagesAdapter, AnthropicStreamRewriter
 from warden.protocols.base import Adapter, StreamRewriter, blocked_message
 from warden.protocols.sse import SseEvent, SseParser
-
-DATA = Path(__file__).parent / "data"
 
 ADAPTER = AnthropicMessagesAdapter()
 EVENT = TypeAdapter[RawMessageStreamEvent](RawMessageStreamEvent)
@@ -35,74 +49,9 @@ EVENT = TypeAdapter[RawMessageStreamEvent](RawMessageStreamEvent)
 WEATHER_ID = "toolu_01T1x1fJ34qAmk2tNTrN7Up6"
 EMAIL_ID = "toolu_01HqE5rW8tY2uI4oP6aS9dFg"
 
-ALLOW = Decision(
-    decision_id="dec_allow", effect=Effect.ALLOW, reasons=(), mode=Mode.ENFORCE, guard="policy"
-)
-DENY = Decision(
-    decision_id="dec_1",
-    effect=Effect.DENY,
-    reasons=("over limit",),
-    mode=Mode.ENFORCE,
-    guard="policy",
-)
-HOLD = Decision(
-    decision_id="dec_2",
-    effect=Effect.REQUIRE_APPROVAL,
-    reasons=("needs a human",),
-    mode=Mode.ENFORCE,
-    guard="approval",
-)
-OBSERVED_DENY = dataclasses.replace(DENY, mode=Mode.OBSERVE)
-
-Decide = Callable[[ToolCall], Decision]
-
-
-def allow_all(call: ToolCall) -> Decision:
-    return ALLOW
-
-
-def deny_all(call: ToolCall) -> Decision:
-    return DENY
-
-
-def deny_names(*names: str) -> Decide:
-    return lambda call: DENY if call.name in names else ALLOW
-
-
-def raw(name: str) -> bytes:
-    return (DATA / name).read_bytes()
-
-
-def body(name: str) -> dict[str, Any]:
-    loaded: dict[str, Any] = orjson.loads(raw(name))
-    return loaded
-
-
-def events(name: str) -> list[SseEvent]:
-    return SseParser().feed(raw(name))
-
 
 def event(name: str, payload: dict[str, Any]) -> SseEvent:
     return SseEvent(data=orjson.dumps({"type": name, **payload}).decode(), event=name)
-
-
-def data(item: SseEvent) -> Any:
-    return orjson.loads(item.data)
-
-
-def take(
-    rewriter: StreamRewriter, items: Iterable[SseEvent | ToolCall], decide: Decide
-) -> tuple[list[SseEvent], list[ToolCall]]:
-    """Walk items as the ingress does: resolve each call before taking the next item."""
-    out: list[SseEvent] = []
-    calls: list[ToolCall] = []
-    for item in items:
-        if isinstance(item, ToolCall):
-            calls.append(item)
-            out.extend(rewriter.resolve(item, decide(item)))
-        else:
-            out.append(item)
-    return out, calls
 
 
 def run(
@@ -120,20 +69,7 @@ def run(
 
 
 def replay_bytes(pieces: Iterable[bytes], decide: Decide) -> bytes:
-    parser = SseParser()
-    rewriter = ADAPTER.stream_rewriter()
-    out = bytearray()
-    for piece in pieces:
-        for item in parser.feed(piece):
-            sent, _ = take(rewriter, rewriter.feed(item), decide)
-            out += b"".join(e.encode() for e in sent)
-    sent, _ = take(rewriter, rewriter.finish(), decide)
-    out += b"".join(e.encode() for e in sent)
-    return bytes(out)
-
-
-def encoded(out: list[SseEvent]) -> bytes:
-    return b"".join(item.encode() for item in out)
+    return replay(ADAPTER.stream_rewriter(), pieces, decide)
 
 
 def accumulate(out: list[SseEvent]) -> Message:

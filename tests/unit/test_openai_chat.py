@@ -10,8 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import httpx2
@@ -21,7 +20,24 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ParsedChatCompletion
 
-from warden.model import Decision, Effect, Mode, ToolCall, ToolResult, Usage
+from tests.unit.streams import (
+    ALLOW,
+    DENY,
+    HOLD,
+    OBSERVED_DENY,
+    Decide,
+    allow_all,
+    body,
+    data,
+    deny_all,
+    deny_names,
+    encoded,
+    events,
+    raw,
+    replay,
+    take,
+)
+from warden.model import Decision, ToolCall, ToolResult, Usage
 from warden.protocols._wire import parse_arguments
 from warden.protocols.base import Adapter, StreamRewriter, blocked_message
 from warden.protocols.openai_chat import (
@@ -31,59 +47,11 @@ from warden.protocols.openai_chat import (
 )
 from warden.protocols.sse import SseEvent, SseParser
 
-DATA = Path(__file__).parent / "data"
-
 ADAPTER = OpenAIChatAdapter()
 
 WEATHER_ID = "call_8Yq2mWn4TzR1vK7pX3sL0dFh"
 EMAIL_ID = "call_Jx5nB0cV9qL2wE8rT4yU6iOp"
 SEARCH_ID = "call_Vb3nM6qW9eR2tY5uI8oP1aS4"
-
-ALLOW = Decision(
-    decision_id="dec_allow", effect=Effect.ALLOW, reasons=(), mode=Mode.ENFORCE, guard="policy"
-)
-DENY = Decision(
-    decision_id="dec_1",
-    effect=Effect.DENY,
-    reasons=("over limit",),
-    mode=Mode.ENFORCE,
-    guard="policy",
-)
-HOLD = Decision(
-    decision_id="dec_2",
-    effect=Effect.REQUIRE_APPROVAL,
-    reasons=("needs a human",),
-    mode=Mode.ENFORCE,
-    guard="approval",
-)
-OBSERVED_DENY = dataclasses.replace(DENY, mode=Mode.OBSERVE)
-
-Decide = Callable[[ToolCall], Decision]
-
-
-def allow_all(call: ToolCall) -> Decision:
-    return ALLOW
-
-
-def deny_all(call: ToolCall) -> Decision:
-    return DENY
-
-
-def deny_names(*names: str) -> Decide:
-    return lambda call: DENY if call.name in names else ALLOW
-
-
-def raw(name: str) -> bytes:
-    return (DATA / name).read_bytes()
-
-
-def body(name: str) -> dict[str, Any]:
-    loaded: dict[str, Any] = orjson.loads(raw(name))
-    return loaded
-
-
-def events(name: str) -> list[SseEvent]:
-    return SseParser().feed(raw(name))
 
 
 def chunk_event(choices: list[dict[str, Any]], **extra: Any) -> SseEvent:
@@ -135,21 +103,6 @@ def finish_event(reason: str, choice: int = 0) -> SseEvent:
 DONE = SseEvent(data="[DONE]")
 
 
-def take(
-    rewriter: StreamRewriter, items: Iterable[SseEvent | ToolCall], decide: Decide
-) -> tuple[list[SseEvent], list[ToolCall]]:
-    """Walk items as the ingress does: resolve each call before taking the next item."""
-    out: list[SseEvent] = []
-    calls: list[ToolCall] = []
-    for item in items:
-        if isinstance(item, ToolCall):
-            calls.append(item)
-            out.extend(rewriter.resolve(item, decide(item)))
-        else:
-            out.append(item)
-    return out, calls
-
-
 def run(
     source: list[SseEvent], decide: Decide = allow_all, *, finish: bool = True
 ) -> tuple[list[SseEvent], list[ToolCall], OpenAIChatStreamRewriter]:
@@ -168,20 +121,7 @@ def run(
 
 
 def replay_bytes(pieces: Iterable[bytes], decide: Decide) -> bytes:
-    parser = SseParser()
-    rewriter = ADAPTER.stream_rewriter()
-    out = bytearray()
-    for piece in pieces:
-        for event in parser.feed(piece):
-            sent, _ = take(rewriter, rewriter.feed(event), decide)
-            out += b"".join(e.encode() for e in sent)
-    sent, _ = take(rewriter, rewriter.finish(), decide)
-    out += b"".join(e.encode() for e in sent)
-    return bytes(out)
-
-
-def data(event: SseEvent) -> Any:
-    return orjson.loads(event.data)
+    return replay(ADAPTER.stream_rewriter(), pieces, decide)
 
 
 def accumulate(out: list[SseEvent]) -> ParsedChatCompletion[None]:
@@ -192,10 +132,6 @@ def accumulate(out: list[SseEvent]) -> ParsedChatCompletion[None]:
             break
         state.handle_chunk(ChatCompletionChunk.model_validate(data(event)))
     return state.get_final_completion()
-
-
-def encoded(out: list[SseEvent]) -> bytes:
-    return b"".join(event.encode() for event in out)
 
 
 def sdk_client(payload: bytes, content_type: str = "text/event-stream") -> openai.OpenAI:

@@ -1,0 +1,99 @@
+"""What the protocol adapter tests share: decisions, recorded fixtures, and the
+ingress's way of walking a rewritten stream (no sockets)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from warden.model import Decision, Effect, Mode, ToolCall
+from warden.protocols.base import StreamRewriter
+from warden.protocols.sse import SseEvent, SseParser
+
+DATA = Path(__file__).parent / "data"
+
+ALLOW = Decision(
+    decision_id="dec_allow", effect=Effect.ALLOW, reasons=(), mode=Mode.ENFORCE, guard="policy"
+)
+DENY = Decision(
+    decision_id="dec_1",
+    effect=Effect.DENY,
+    reasons=("over limit",),
+    mode=Mode.ENFORCE,
+    guard="policy",
+)
+HOLD = Decision(
+    decision_id="dec_2",
+    effect=Effect.REQUIRE_APPROVAL,
+    reasons=("needs a human",),
+    mode=Mode.ENFORCE,
+    guard="approval",
+)
+OBSERVED_DENY = dataclasses.replace(DENY, mode=Mode.OBSERVE)
+
+Decide = Callable[[ToolCall], Decision]
+
+
+def allow_all(call: ToolCall) -> Decision:
+    return ALLOW
+
+
+def deny_all(call: ToolCall) -> Decision:
+    return DENY
+
+
+def deny_names(*names: str) -> Decide:
+    return lambda call: DENY if call.name in names else ALLOW
+
+
+def raw(name: str) -> bytes:
+    return (DATA / name).read_bytes()
+
+
+def body(name: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = orjson.loads(raw(name))
+    return loaded
+
+
+def events(name: str) -> list[SseEvent]:
+    return SseParser().feed(raw(name))
+
+
+def data(item: SseEvent) -> Any:
+    return orjson.loads(item.data)
+
+
+def encoded(out: list[SseEvent]) -> bytes:
+    return b"".join(item.encode() for item in out)
+
+
+def take(
+    rewriter: StreamRewriter, items: Iterable[SseEvent | ToolCall], decide: Decide
+) -> tuple[list[SseEvent], list[ToolCall]]:
+    """Walk items as the ingress does: resolve each call before taking the next item."""
+    out: list[SseEvent] = []
+    calls: list[ToolCall] = []
+    for item in items:
+        if isinstance(item, ToolCall):
+            calls.append(item)
+            out.extend(rewriter.resolve(item, decide(item)))
+        else:
+            out.append(item)
+    return out, calls
+
+
+def replay(rewriter: StreamRewriter, pieces: Iterable[bytes], decide: Decide) -> bytes:
+    """Bytes in as the network splits them, through the parser and ``rewriter``; bytes out."""
+    parser = SseParser()
+    out = bytearray()
+    for piece in pieces:
+        for item in parser.feed(piece):
+            sent, _ = take(rewriter, rewriter.feed(item), decide)
+            out += encoded(sent)
+    sent, _ = take(rewriter, rewriter.finish(), decide)
+    out += encoded(sent)
+    return bytes(out)

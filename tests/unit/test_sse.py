@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from warden.protocols.sse import SseEvent, SseParser, encode_comment
+from warden.protocols.sse import SseEvent, SseParser, SseTooLarge, encode_comment
 
 DATA = Path(__file__).parent / "data"
 RECORDED = sorted(
@@ -136,14 +136,14 @@ def test_buffered_and_partial_event() -> None:
 
 def test_overlong_line_is_refused() -> None:
     parser = SseParser(max_buffer=64)
-    with pytest.raises(ValueError, match="longer than 64 bytes"):
+    with pytest.raises(SseTooLarge, match="longer than 64 bytes"):
         parser.feed(b"data: " + b"x" * 100)
 
 
 def test_event_within_the_limit_is_accepted_and_a_larger_one_refused() -> None:
     parser = SseParser(max_buffer=64)
     assert parser.feed(b"data: " + b"x" * 60 + b"\n\n") == [SseEvent(data="x" * 60)]
-    with pytest.raises(ValueError, match="larger than 64 bytes"):
+    with pytest.raises(SseTooLarge, match="larger than 64 bytes"):
         parser.feed(b"data: " + b"x" * 40 + b"\ndata: " + b"y" * 40 + b"\n")
 
 

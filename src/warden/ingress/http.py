@@ -61,7 +61,7 @@ from warden.pipeline import Pipeline
 from warden.protocols.base import Adapter, StreamItem, StreamRewriter
 from warden.protocols.errors import render_error, render_stream_error
 from warden.protocols.registry import adapter_for
-from warden.protocols.sse import SseEvent, SseParser, encode_comment
+from warden.protocols.sse import SseEvent, SseParser, SseTooLarge, encode_comment
 
 __all__ = ["ProxyApp", "build_proxy_app"]
 
@@ -654,8 +654,7 @@ def _upstream_error(exc: BaseException, name: str) -> UpstreamError:
         return exc
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamTimeout(f"upstream {name!r} did not answer in time")
-    if isinstance(exc, aiohttp.ClientPayloadError | ValueError):
-        # ValueError: the SSE parser refused an event over its size bound.
+    if isinstance(exc, aiohttp.ClientPayloadError | SseTooLarge):
         return UpstreamProtocol(f"upstream {name!r} sent a truncated or malformed body")
     if isinstance(exc, aiohttp.ClientResponseError):
         return UpstreamProtocol(f"upstream {name!r} sent a malformed response: {exc.message}")

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SseEvent", "SseParser", "encode_comment"]
+__all__ = ["SseEvent", "SseParser", "SseTooLarge", "encode_comment"]
 
 _BOM = b"\xef\xbb\xbf"
+
+
+class SseTooLarge(ValueError):
+    """A line or event is over the parser's bound: the stream is refused, not buffered."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +72,7 @@ class SseParser:
     def feed(self, chunk: bytes) -> list[SseEvent]:
         """Add bytes; return the events they complete, in order.
 
-        Raises ``ValueError`` when a single line grows beyond ``max_buffer``:
+        Raises :class:`SseTooLarge` when a line or event grows beyond ``max_buffer``:
         an upstream that never ends a line must not exhaust memory.
         """
         events: list[SseEvent] = []
@@ -109,7 +113,7 @@ class SseParser:
                 events.append(event)
         del buf[:start]
         if len(buf) > self._max_buffer:
-            raise ValueError(f"SSE line longer than {self._max_buffer} bytes")
+            raise SseTooLarge(f"SSE line longer than {self._max_buffer} bytes")
         return events
 
     def _strip_bom(self, data: bytes) -> bytes | None:
@@ -142,7 +146,7 @@ class SseParser:
         if name == "data":
             self._data_size += len(value) + 1
             if self._data_size > self._max_buffer:
-                raise ValueError(f"SSE event larger than {self._max_buffer} bytes")
+                raise SseTooLarge(f"SSE event larger than {self._max_buffer} bytes")
             self._data.append(value)
         elif name == "event":
             self._event = value

@@ -13,7 +13,11 @@ The code is reused in error bodies sent to agents, in log lines and as the
     ├── UpstreamError            (5xx: the provider failed us)
     │   ├── UpstreamUnavailable  upstream_unavailable  (refused, reset: 502)
     │   ├── UpstreamTimeout      upstream_timeout      (504)
-    │   └── UpstreamProtocol     upstream_bad_response (malformed JSON, truncated stream: 502)
+    │   ├── UpstreamProtocol     upstream_bad_response (malformed JSON, truncated stream: 502)
+    │   │   └── StreamViolation  upstream_stream_violation (an event touches a decided call)
+    │   └── UpstreamRedirect     upstream_redirect     (a 3xx is never relayed: 502)
+    ├── Unauthenticated          unauthenticated       (401: no credential, or a bad one)
+    ├── Forbidden                forbidden             (403: an agent id not proved)
     ├── PolicyError              policy_error          (bundle or evaluation failed)
     └── AuditError               audit_unavailable     (the log cannot take records: fail closed)
 """
@@ -28,11 +32,15 @@ __all__ = [
     "ConfigError",
     "InvalidJSON",
     "PolicyError",
+    "Forbidden",
     "RequestError",
+    "StreamViolation",
+    "Unauthenticated",
     "UnknownRoute",
     "UnsupportedMedia",
     "UpstreamError",
     "UpstreamProtocol",
+    "UpstreamRedirect",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "WardenError",
@@ -113,6 +121,37 @@ class UpstreamProtocol(UpstreamError):
 
     code = "upstream_bad_response"
     status = 502
+
+
+class StreamViolation(UpstreamProtocol):
+    """A stream event touched a call after it was decided, or could not be parsed.
+
+    A decided call's arguments are final: anything later that would change
+    what the agent's SDK assembles ends the stream with the provider's error.
+    """
+
+    code = "upstream_stream_violation"
+
+
+class UpstreamRedirect(UpstreamError):
+    """The upstream answered with a redirect; relaying it would route the SDK around Warden."""
+
+    code = "upstream_redirect"
+    status = 502
+
+
+class Unauthenticated(WardenError):
+    """The agent sent no credential where one is needed, or one that does not verify."""
+
+    code = "unauthenticated"
+    status = 401
+
+
+class Forbidden(WardenError):
+    """The agent id is unknown or not proved by the credential sent."""
+
+    code = "forbidden"
+    status = 403
 
 
 class PolicyError(WardenError):

@@ -42,12 +42,34 @@ def new_id(prefix: str) -> str:
 
 
 class ActionKind(enum.StrEnum):
-    """What sort of thing the agent is doing."""
+    """What sort of thing the agent is doing.
+
+    Calls found in a model's response get the kind of the wire item or block
+    the SDK dispatches on, so a policy can tell a shell command from a
+    function. A call-bearing item whose type Warden does not know is
+    ``unknown_call`` and is decided like any other (denied by default).
+    """
 
     TOOL_CALL = "tool_call"
+    """A function call the agent runs (``function``, ``function_call``, ``tool_use``)."""
+    CUSTOM_TOOL_CALL = "custom_tool_call"
+    """A custom (free-text input) tool call the agent runs."""
+    SHELL_CALL = "shell_call"
+    """A shell command the agent runs (``local_shell_call``, ``shell_call``)."""
+    COMPUTER_CALL = "computer_call"
+    """A computer-use action the agent performs (``computer_call``)."""
+    APPLY_PATCH_CALL = "apply_patch_call"
+    """A file patch the agent applies (``apply_patch_call``)."""
+    HOSTED_TOOL_CALL = "hosted_tool_call"
+    """A tool the provider runs (web search, code execution, ``server_tool_use``)."""
+    MCP_CALL = "mcp_call"
+    """An MCP tool call (the provider's ``mcp_call`` / ``mcp_tool_use``, or Warden's MCP door)."""
+    MCP_APPROVAL_REQUEST = "mcp_approval_request"
+    """The provider asks the agent to approve an MCP call."""
+    UNKNOWN_CALL = "unknown_call"
+    """An item or block of a type Warden does not know: never passed undecided."""
     LLM_CALL = "llm_call"
     HTTP_CALL = "http_call"
-    MCP_CALL = "mcp_call"
 
 
 class Stage(enum.StrEnum):
@@ -74,10 +96,16 @@ class Mode(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Agent:
-    """Who acts: the agent's id (from ``X-Warden-Agent`` or config) and version."""
+    """Who acts: a proven agent id, its version, and the claims that proved it.
+
+    The id is the sidecar's configured agent, or one proved by a proxy key or
+    a verified JWT (:mod:`warden.identity`). ``claims`` are the verified JWT's
+    claims, seen by policies as ``input.agent.claims``.
+    """
 
     id: str
     version: str = ""
+    claims: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +125,12 @@ class ToolCall:
     ``arguments`` is the parsed JSON object, or ``None`` when ``raw_arguments``
     is not a JSON object (the pipeline then denies the call: fail closed).
     ``index`` is the call's position in the message as the provider sent it.
+
+    ``key`` names the call by its position in the response (choice and tool
+    index, output item, content block), never by an id the upstream chose:
+    decisions are looked up by it, so two calls sharing an id (or having
+    none) are still decided one by one. ``kind`` and ``wire_type`` say what
+    sort of call it is (``wire_type`` is the item or block type as sent).
     """
 
     call_id: str
@@ -104,6 +138,9 @@ class ToolCall:
     raw_arguments: str
     arguments: Mapping[str, Any] | None
     index: int = 0
+    key: str = ""
+    kind: ActionKind = ActionKind.TOOL_CALL
+    wire_type: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +199,8 @@ class Action:
     call_id: str | None = None
     model: str | None = None
     context: Mapping[str, Any] = field(default_factory=dict)
+    wire_type: str | None = None
+    """The item or block type the call came as (``function_call``, ``local_shell_call``)."""
 
     @property
     def target(self) -> str:

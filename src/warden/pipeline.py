@@ -101,9 +101,14 @@ class AuditSink(Protocol):
 def policy_input(action: Action, ctx: GuardContext) -> dict[str, Any]:
     """The ``input`` document a Rego policy sees; see docs/policies.md."""
     return {
-        "agent": {"id": action.agent.id, "version": action.agent.version},
+        "agent": {
+            "id": action.agent.id,
+            "version": action.agent.version,
+            "claims": dict(action.agent.claims),
+        },
         "action": {
             "kind": action.kind.value,
+            "type": action.wire_type,
             "tool": action.tool,
             "arguments": dict(action.arguments) if action.arguments is not None else None,
             "protocol": action.protocol,

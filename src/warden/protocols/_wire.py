@@ -45,12 +45,23 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def loads(text: str) -> Any:
-    """Parse JSON; raises ``ValueError``. Falls back to the stdlib for big integers."""
+def loads(text: str | bytes) -> Any:
+    """Parse a body or event as leniently as the official SDKs do; raises ``ValueError``.
+
+    The SDKs parse with Python's ``json`` module, which takes ``NaN``,
+    ``Infinity``, integers past 64 bits, ``1e400`` and lone surrogates. A
+    body Warden rejected but an SDK accepts would let a tool call through
+    unparsed, so whatever orjson refuses goes to the same stdlib parser, and
+    Warden sees the values the SDK will see.
+    """
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
-        return json.loads(text, parse_constant=_reject_constant)
+        pass
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def loads_or_none(text: str) -> Any:
@@ -62,12 +73,28 @@ def loads_or_none(text: str) -> Any:
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON text."""
+    """Compact JSON text that an SDK parses back to the same values.
+
+    orjson writes non-finite floats as ``null``; a value parsed leniently by
+    :func:`loads` keeps its ``NaN`` or ``Infinity``, and integers past 64
+    bits, through the stdlib encoder instead.
+    """
     try:
-        return orjson.dumps(value).decode()
+        if not _has_nonfinite(value):
+            return orjson.dumps(value).decode()
     except TypeError:
-        # Integers beyond 64 bits (a body parsed by the stdlib json module) are valid JSON.
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        pass
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _has_nonfinite(value: Any) -> bool:
+    if isinstance(value, float):
+        return value != value or value in (float("inf"), float("-inf"))
+    if isinstance(value, dict):
+        return any(_has_nonfinite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_nonfinite(v) for v in value)
+    return False
 
 
 def token_count(value: Any) -> int | None:

@@ -12,6 +12,21 @@ it, then call :meth:`StreamRewriter.resolve` with the decision and send what
 it returns before taking the next item). Iterators are lazy, so an event that
 depends on earlier decisions (the finish reason) is built only once those
 decisions were resolved.
+
+The rules every adapter keeps, so that a decision is bound to exactly what
+the agent's SDK assembles:
+
+* Calls are named by position (:attr:`ToolCall.key`), never by an id the
+  upstream chose; decision maps are keyed by it.
+* Every item, block or delta an SDK could read as a call is found, under the
+  field the SDK dispatches on, and becomes a :class:`ToolCall` with its own
+  :class:`~warden.model.ActionKind`. A type Warden does not know becomes an
+  ``unknown_call`` to decide, never a pass-through.
+* An allowed call is rendered from the decided :class:`ToolCall` itself, so
+  the agent receives the canonical form of what was decided.
+* A stream event that cannot be parsed, or that touches a call after it was
+  decided, raises :class:`~warden.errors.StreamViolation`; the ingress ends
+  the stream with the provider's error event and records why.
 """
 
 from __future__ import annotations
@@ -114,7 +129,7 @@ class Adapter(Protocol):
     def rewrite(self, body: Mapping[str, Any], decisions: Mapping[str, Decision]) -> dict[str, Any]:
         """Return a copy of a non-streaming response with verdicts applied.
 
-        ``decisions`` maps call id to decision. Calls whose enforced effect is
+        ``decisions`` maps :attr:`ToolCall.key` to decision. Calls whose enforced effect is
         not allow are removed and explained in assistant text; when no call
         remains the finish/stop reason becomes ``stop`` / ``end_turn`` so the
         official SDKs parse the result.

@@ -17,7 +17,7 @@ from warden.model import Agent
 __all__ = ["AGENT_KEY_HEADER", "AGENT_TOKEN_HEADER", "Identity"]
 
 AGENT_KEY_HEADER = "X-Warden-Agent-Key"
-AGENT_TOKEN_HEADER = "X-Warden-Agent-Token"
+AGENT_TOKEN_HEADER = "X-Warden-Agent-Token"  # noqa: S105 (a header name, not a secret)
 
 
 class Identity:

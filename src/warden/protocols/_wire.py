@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -89,7 +90,7 @@ def dumps(value: Any) -> str:
 
 def _has_nonfinite(value: Any) -> bool:
     if isinstance(value, float):
-        return value != value or value in (float("inf"), float("-inf"))
+        return not math.isfinite(value)
     if isinstance(value, dict):
         return any(_has_nonfinite(v) for v in value.values())
     if isinstance(value, list):

@@ -10,6 +10,7 @@ into nested keys; values are read as YAML scalars, so ``50`` is a number).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,7 @@ from pydantic import (
 
 from warden.errors import ConfigError
 from warden.model import Effect, Mode
+from warden.protocols.registry import PassthroughRule
 
 __all__ = [
     "DEFAULT_ADMIN_LISTEN",
@@ -37,17 +39,22 @@ __all__ = [
     "DEFAULT_PROXY_LISTEN",
     "AdminConfig",
     "AgentConfig",
+    "AgentKeysConfig",
     "ApprovalsConfig",
     "AuditConfig",
     "BudgetsConfig",
     "CapConfig",
+    "CapCustomerConfig",
     "Config",
+    "IdentityConfig",
+    "JwtConfig",
     "LimitsConfig",
     "ListenConfig",
     "LlmBudgetConfig",
     "PolicyConfig",
     "PricesConfig",
     "StateConfig",
+    "SubjectsConfig",
     "ToolConfig",
     "UpstreamConfig",
     "load_config",
@@ -106,6 +113,16 @@ class UpstreamConfig(_Section):
     base_url: str
     timeout_s: float = Field(DEFAULT_UPSTREAM_TIMEOUT_S, gt=0)
     connect_timeout_s: float = Field(DEFAULT_CONNECT_TIMEOUT_S, gt=0)
+    passthrough: tuple[str, ...] = ()
+    """Routes Warden does not parse, forwarded as one ``llm_call`` each: ``"GET v1/files"``,
+    ``"POST v1/batches/*"`` (``*`` one segment, a final ``**`` the rest). Refused otherwise."""
+
+    @field_validator("passthrough")
+    @classmethod
+    def _passthrough(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for spec in value:
+            PassthroughRule.parse(spec)  # raises ValueError naming the bad pattern
+        return value
 
     @field_validator("base_url")
     @classmethod
@@ -156,6 +173,34 @@ class PolicyConfig(_Section):
         }
     )
     """Effect by tool risk class when the policy errors, times out or crashes."""
+    unknown_calls: Literal["deny", "policy"] = "deny"
+    """A call of a type Warden does not know (``unknown_call``): denied before the
+    policy runs, or handed to the policy (which sees ``input.action.kind``)."""
+
+
+_SUBJECT_ROOTS = ("context.", "action.arguments.", "agent.claims.")
+
+
+class SubjectsConfig(_Section):
+    """Where the data subject of an action (whose key seals its personal fields) comes from."""
+
+    sources: tuple[str, ...] = ("context.customer_id",)
+    """Dotted paths, tried in order: ``context.<name>``, ``action.arguments.<path>``,
+    ``agent.claims.<path>``. The first present value names the subject."""
+    max_keys: int = Field(100_000, ge=1)
+    """At most this many subject keys; past it, personal fields are recorded redacted."""
+
+    @field_validator("sources")
+    @classmethod
+    def _paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for path in value:
+            root = next((r for r in _SUBJECT_ROOTS if path.startswith(r)), None)
+            if root is None or not all(path[len(root) :].split(".")):
+                raise ValueError(
+                    f"{path!r} must be context.<name>, action.arguments.<path> "
+                    "or agent.claims.<path>"
+                )
+        return value
 
 
 class AuditConfig(_Section):
@@ -167,6 +212,7 @@ class AuditConfig(_Section):
     checkpoint_interval_s: float = Field(60.0, gt=0)
     signing_key_file: str | None = None
     """Ed25519 private key (PEM) for checkpoints; generated in ``dir`` when absent."""
+    subjects: SubjectsConfig = SubjectsConfig()
 
 
 class StateConfig(_Section):
@@ -220,6 +266,37 @@ class LlmBudgetConfig(_Section):
     """Held per call before its cost is known; the actual cost is settled after."""
 
 
+def _json_pointer(value: str) -> str:
+    # RFC 6901: "" is the whole document, else "/"-separated tokens in which
+    # "~" only starts the escapes "~0" ("~") and "~1" ("/").
+    if value and not value.startswith("/"):
+        raise ValueError("must be a JSON pointer: empty or starting with '/'")
+    if "~" in value.replace("~0", "").replace("~1", ""):
+        raise ValueError("'~' in a JSON pointer must be followed by 0 or 1")
+    return value
+
+
+class CapCustomerConfig(_Section):
+    """Where a per-customer cap finds the customer an action is for.
+
+    The argument (what the tool acts on) wins over the context when both are
+    present and differ. With neither, ``missing`` decides: the cap is never
+    silently skipped.
+    """
+
+    argument: str | None = "/customer_id"
+    """A JSON pointer (RFC 6901) into the tool's arguments; ``null`` reads none."""
+    context: str | None = Field("customer_id", min_length=1)
+    """A key of ``input.context`` (``X-Warden-Context-Customer-Id``); ``null`` reads none."""
+    missing: Literal["require_approval", "deny"] = "require_approval"
+    """What a call naming no customer gets."""
+
+    @field_validator("argument")
+    @classmethod
+    def _pointer(cls, value: str | None) -> str | None:
+        return _json_pointer(value) if value is not None else None
+
+
 class CapConfig(_Section):
     """A cap on a value taken from a tool's arguments (``issue_refund.amount``)."""
 
@@ -227,12 +304,19 @@ class CapConfig(_Section):
     """The counter's name, as policies see it: ``input.budget.<name>``."""
     tool: str = Field(min_length=1)
     value: str = Field(min_length=1)
-    """The argument holding the value, a number."""
+    """The argument holding the value, a number: a name, or a JSON pointer (``/refund/amount``)."""
     per: tuple[Literal["agent", "customer"], ...] = ("agent",)
     window: Window = "day"
     limit: float = Field(gt=0)
     currency: str = Field("USD", min_length=1, max_length=16)
     over: Literal["deny", "require_approval"] = "deny"
+    customer: CapCustomerConfig = CapCustomerConfig()
+    """For ``per: customer``: where the customer comes from, and what its absence means."""
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, value: str) -> str:
+        return _json_pointer(value) if value.startswith("/") else value
 
     @field_validator("per", mode="before")
     @classmethod
@@ -258,6 +342,12 @@ class BudgetsConfig(_Section):
     caps: tuple[CapConfig, ...] = ()
     reservation_ttl_s: float = Field(24 * 3600.0, gt=0)
     """After this long, a reservation whose outcome never came is settled as spent."""
+    trust_agent_results: bool = False
+    """Release a delivered call's reservation when the agent reports it failed.
+
+    Off by default: an agent's own ``is_error`` is a claim, not evidence, so
+    only a trusted outcome (from a tool API Warden fronts) releases value.
+    """
 
     @field_validator("timezone")
     @classmethod
@@ -315,7 +405,103 @@ class ApprovalsConfig(_Section):
     required_approvals: int = Field(1, ge=1, le=10)
     keepalive_s: float = Field(10.0, gt=0)
     """How often a held stream gets an SSE comment so that proxies keep it open."""
+    orphan_after_s: float = Field(30.0, gt=0)
+    """A hold whose Warden sent no heartbeat for this long becomes a deferral."""
     webhook: WebhookConfig = WebhookConfig()
+
+
+# The syntax of X-Warden-Agent (warden.ingress.headers).
+_AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+# Asymmetric only: an HS* key would be a shared secret in the config, and
+# "none" proves nothing.
+JWT_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+class AgentKeysConfig(_Section):
+    """An agent's proxy keys, stored only as their SHA-256 (``warden identity new-key``)."""
+
+    key_sha256: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("key_sha256", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for digest in value:
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError("each entry must be 64 lowercase hex digits (a SHA-256)")
+        return value
+
+
+class JwtConfig(_Section):
+    """Agent tokens (e.g. Kubernetes projected service-account tokens) and how to verify them."""
+
+    issuer: str = Field(min_length=1)
+    audience: tuple[str, ...] = Field(min_length=1)
+    """Accepted ``aud`` values; a token must name at least one."""
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    jwks_ttl_s: float = Field(300.0, gt=0)
+    """How long fetched (or read) keys are used before they are fetched again."""
+    jwks_timeout_s: float = Field(5.0, gt=0)
+    leeway_s: float = Field(30.0, ge=0, le=300)
+    """Clock skew allowed on ``exp``, ``nbf`` and ``iat``."""
+    agent_claim: str = Field("sub", min_length=1)
+    """The claim naming the agent; dots walk into objects: ``kubernetes.io.serviceaccount.name``."""
+    agents: dict[str, str] = Field(default_factory=dict)
+    """Claim value to agent id. When set, only the values listed here are agents."""
+
+    @field_validator("audience", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [a for a in value if a not in JWT_ALGORITHMS]
+        if bad or not value:
+            allowed = ", ".join(sorted(JWT_ALGORITHMS))
+            raise ValueError(f"{bad or 'empty'}: only public-key algorithms ({allowed})")
+        return value
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> JwtConfig:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("set exactly one of jwks_file and jwks_url")
+        return self
+
+
+class IdentityConfig(_Section):
+    """How agents other than ``agent.id`` prove who they are (see docs/identity.md)."""
+
+    require_proof: bool = False
+    """Require a key or token even for ``agent.id`` (a sidecar shared by several agents)."""
+    agents: dict[str, AgentKeysConfig] = Field(default_factory=dict)
+    """Proxy keys by agent id, sent in ``X-Warden-Agent-Key``."""
+    jwt: JwtConfig | None = None
+    """Tokens sent in ``X-Warden-Agent-Token``."""
+
+    @model_validator(mode="after")
+    def _agent_ids(self) -> IdentityConfig:
+        ids = list(self.agents) + (list(self.jwt.agents.values()) if self.jwt else [])
+        for agent_id in ids:
+            if not _AGENT_ID_RE.match(agent_id):
+                raise ValueError(f"agent id {agent_id!r} must be 1-128 of [A-Za-z0-9._:@/-]")
+        return self
 
 
 class Config(_Section):
@@ -341,6 +527,7 @@ class Config(_Section):
     approvals: ApprovalsConfig = ApprovalsConfig()
     budgets: BudgetsConfig = BudgetsConfig()
     prices: PricesConfig = PricesConfig()
+    identity: IdentityConfig = IdentityConfig()
     shutdown_grace_s: float = Field(DEFAULT_SHUTDOWN_GRACE_S, ge=0)
 
     @field_validator("upstreams")

@@ -10,6 +10,7 @@ The code is reused in error bodies sent to agents, in log lines and as the
     │   ├── InvalidJSON          invalid_json
     │   ├── UnsupportedMedia     unsupported_media_type
     │   └── UnknownRoute         unknown_route
+    │       └── RouteNotGoverned route_not_governed (a route Warden does not parse: listed nowhere)
     ├── UpstreamError            (5xx: the provider failed us)
     │   ├── UpstreamUnavailable  upstream_unavailable  (refused, reset: 502)
     │   ├── UpstreamTimeout      upstream_timeout      (504)
@@ -34,6 +35,7 @@ __all__ = [
     "InvalidJSON",
     "PolicyError",
     "RequestError",
+    "RouteNotGoverned",
     "StreamViolation",
     "Unauthenticated",
     "UnknownRoute",
@@ -92,6 +94,13 @@ class UnknownRoute(RequestError):
     """The path names no configured upstream."""
 
     code = "unknown_route"
+    status = 404
+
+
+class RouteNotGoverned(UnknownRoute):
+    """The route exists on no allowlist: Warden would not parse its responses for tool calls."""
+
+    code = "route_not_governed"
     status = 404
 
 

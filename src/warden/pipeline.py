@@ -4,7 +4,12 @@ Guards run in order (kill switch, budget, policy, approval); each is a small
 typed object whose :meth:`Guard.check` returns a final :class:`Decision` or
 ``None`` to pass the action on. The first final decision wins. An action that
 is malformed (a tool call whose arguments are not a JSON object) is denied
-before any guard sees it: fail closed.
+before any guard sees it: fail closed. So is one whose policy input the engine
+cannot take exactly as the agent's SDK sees it (an integer past 64 bits, a
+non-finite float, nesting past :data:`MAX_INPUT_DEPTH`, text JSON cannot
+carry): checked on the whole ``input`` document, so it holds for arguments,
+context and claims alike, and an input the agent crafted never reaches the
+engine to make it fail (and a fallback apply).
 
 The pipeline then records the decision in the audit log, and only returns once
 the record is durable, so no action is let through without its record.
@@ -14,28 +19,45 @@ against caps) implements :class:`Reserving` instead of just :class:`Guard`:
 its :meth:`Reserving.admit` may hand later guards a new :class:`GuardContext`
 (the counters the policy sees as ``input.budget``); once the final decision is
 known, :meth:`Reserving.decided` lets it release what a denial will not use;
-and :meth:`Pipeline.outcome` calls :meth:`Reserving.settle` with the outcome.
+and :meth:`Pipeline.outcome` calls :meth:`Reserving.settle` with the outcome,
+saying whether it is ``trusted`` (observed by Warden at a tool API it fronts)
+or the agent's own report.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from warden.model import Action, Decision, Effect, Mode, Outcome, new_id
+import orjson
+
+from warden.audit.redaction import resolve as resolve_redactions
+from warden.model import Action, ActionKind, Decision, Effect, Mode, Outcome, new_id
 
 __all__ = [
+    "MAX_INPUT_DEPTH",
     "AuditSink",
     "Guard",
     "GuardContext",
     "Pipeline",
+    "Redacting",
     "Reserving",
+    "input_problem",
     "policy_input",
 ]
+
+MAX_INPUT_DEPTH = 64
+"""How deep the policy ``input`` document may nest (``input.action.arguments`` is level 3).
+
+Well under orjson's 255 and the engine's own limits, so depth alone can
+never make an evaluation fail.
+"""
+_INT64 = (-(2**63), 2**63 - 1)  # what the engine takes as an integer, not a rounded float
 
 log = logging.getLogger("warden.pipeline")
 
@@ -79,8 +101,29 @@ class Reserving(Protocol):
         """The final decision (``None``: it could not be recorded, so none stands)."""
         ...
 
-    async def settle(self, action: Action, outcome: Outcome) -> float | None:
-        """What happened to an action that was let through; its cost in USD, if known."""
+    async def settle(
+        self, action: Action, outcome: Outcome, *, trusted: bool = False
+    ) -> float | None:
+        """What happened to an action that was let through; its cost in USD, if known.
+
+        ``trusted`` says Warden observed the outcome itself (a tool API it
+        fronts); otherwise it is the agent's own report.
+        """
+        ...
+
+
+@runtime_checkable
+class Redacting(Protocol):
+    """A guard (the policy) that can name an action's redactions when another stage decided.
+
+    See :mod:`warden.audit.redaction`: without one, or when it answers
+    ``None``, every record of such an action hides all arguments and results.
+    """
+
+    name: str
+
+    async def redactions(self, action: Action, ctx: GuardContext) -> tuple[str, ...] | None:
+        """The policy's ``redact`` list for ``action``, or ``None`` if it cannot say."""
         ...
 
 
@@ -125,16 +168,69 @@ def policy_input(action: Action, ctx: GuardContext) -> dict[str, Any]:
     }
 
 
-def _validation_decision(action: Action, mode: Mode) -> Decision | None:
-    if action.tool is not None and action.arguments is None:
-        return Decision(
-            decision_id=new_id("dec"),
-            effect=Effect.DENY,
-            reasons=("the tool call's arguments are not a JSON object",),
-            mode=mode,
-            guard="validation",
-        )
+def input_problem(doc: Any) -> str | None:
+    """Why the engine cannot take ``doc`` exactly as given, or ``None`` if it can.
+
+    Refused: integers outside 64 bits (the engine would round them), NaN and
+    infinities (JSON writes them as ``null``), nesting past
+    :data:`MAX_INPUT_DEPTH`, and anything orjson cannot encode (lone
+    surrogates, keys that are not strings). The answer names where.
+    """
+    stack: list[tuple[Any, int, tuple[str, ...]]] = [(doc, 1, ("input",))]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, Mapping | list | tuple):
+            if depth > MAX_INPUT_DEPTH:
+                return f"{_where(path)} nests deeper than {MAX_INPUT_DEPTH} levels"
+            items = value.items() if isinstance(value, Mapping) else enumerate(value)
+            for key, item in items:
+                step = f"[{key}]" if isinstance(key, int) else str(key)[:40]
+                stack.append((item, depth + 1, (*path, step)))
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, int) and not _INT64[0] <= value <= _INT64[1]:
+            return f"{_where(path)} is an integer past 64 bits"
+        elif isinstance(value, float) and not math.isfinite(value):
+            return f"{_where(path)} is {value}, which JSON cannot carry"
+    try:
+        orjson.dumps(doc)
+    except TypeError as exc:
+        return f"it cannot be encoded as JSON ({exc})"
     return None
+
+
+def _where(path: tuple[str, ...]) -> str:
+    shown = path if len(path) <= 8 else (*path[:7], "…")
+    return ".".join(shown).replace(".[", "[").replace(".…", "…")
+
+
+def _validation_decision(
+    action: Action, ctx: GuardContext, *, unknown_to_policy: bool = False
+) -> Decision | None:
+    reason = None
+    if action.kind is ActionKind.UNKNOWN_CALL and not unknown_to_policy:
+        reason = (
+            f"the response carried a call-like item of a type Warden does not know "
+            f"({action.wire_type or 'no type'!r}); such items are denied "
+            "(policy.unknown_calls: deny)"
+        )
+    elif action.tool is not None and action.arguments is None:
+        reason = (
+            "the tool call's arguments are not a JSON object a policy can check exactly as "
+            "sent (malformed, a key given twice, or a value such as an integer past 64 bits, "
+            "NaN or nesting too deep)"
+        )
+    elif (problem := input_problem(policy_input(action, ctx))) is not None:
+        reason = f"the policy cannot check this action: {problem}"
+    if reason is None:
+        return None
+    return Decision(
+        decision_id=new_id("dec"),
+        effect=Effect.DENY,
+        reasons=(reason,),
+        mode=ctx.mode,
+        guard="validation",
+    )
 
 
 class Pipeline:
@@ -148,13 +244,16 @@ class Pipeline:
         mode_for: Callable[[str], Mode],
         risk_of: Callable[[str | None], str],
         default_effect: Effect = Effect.DENY,
+        unknown_calls_to_policy: bool = False,
     ) -> None:
         self._guards = tuple(guards)
         self._reserving = tuple(g for g in self._guards if isinstance(g, Reserving))
+        self._redacting = next((g for g in self._guards if isinstance(g, Redacting)), None)
         self._audit = audit
         self._mode_for = mode_for
         self._risk_of = risk_of
         self._default_effect = default_effect
+        self._unknown_to_policy = unknown_calls_to_policy
 
     @property
     def guards(self) -> tuple[Guard, ...]:
@@ -169,7 +268,7 @@ class Pipeline:
         """
         started = time.perf_counter_ns()
         ctx = GuardContext(mode=self._mode_for(action.agent.id), risk=self._risk_of(action.tool))
-        decision = _validation_decision(action, ctx.mode)
+        decision = _validation_decision(action, ctx, unknown_to_policy=self._unknown_to_policy)
         admitted: list[Reserving] = []
         recorded = False
         try:
@@ -191,6 +290,10 @@ class Pipeline:
                     mode=ctx.mode,
                     guard="default",
                 )
+            # Every record of the action redacts what the policy asks, whoever decided.
+            source, final_ctx = self._redacting, ctx
+            ask = (lambda: source.redactions(action, final_ctx)) if source is not None else None
+            decision = await resolve_redactions(decision, ask)
             elapsed = (time.perf_counter_ns() - started) // 1000
             decision = dataclasses.replace(decision, elapsed_us=elapsed)
             await self._audit.record_decision(action, decision)
@@ -204,12 +307,19 @@ class Pipeline:
                     log.exception("guard %s failed to finish a decision", guard.name)
         return decision
 
-    async def outcome(self, action: Action, decision_id: str, outcome: Outcome) -> None:
-        """Settle reservations, then record what happened after an allowed action."""
+    async def outcome(
+        self, action: Action, decision_id: str, outcome: Outcome, *, trusted: bool = False
+    ) -> None:
+        """Settle reservations, then record what happened after an allowed action.
+
+        ``trusted``: Warden saw the outcome itself, at a tool API it fronts.
+        An agent's report of its own tool's result is not trusted: it cannot
+        release what a delivered call reserved (see ``budgets.trust_agent_results``).
+        """
         cost: float | None = None
         for guard in self._reserving:
             try:
-                cost = await guard.settle(action, outcome) or cost
+                cost = await guard.settle(action, outcome, trusted=trusted) or cost
             except Exception:
                 # The record still matters; an unsettled hold expires later.
                 log.exception("guard %s failed to settle an outcome", guard.name)

@@ -118,6 +118,7 @@ class Warden:
             mode_for=cfg.mode_for,
             risk_of=cfg.risk_of,
             default_effect=cfg.policy.default_effect,
+            unknown_calls_to_policy=cfg.policy.unknown_calls == "policy",
         )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=_CONNECTION_LIMIT, limit_per_host=0),

@@ -70,8 +70,11 @@ async def test_fifty_concurrent_refunds_against_room_for_ten(tmp_path: Path, llm
     (allow_all / "policy.rego").write_text(
         'package warden\n\nimport rego.v1\n\ndecision := {"effect": "allow"}\n'
     )
+    # Per agent only: these calls name no customer, which a per-customer cap
+    # would hold for approval (test_caps_airtight_functional.py).
+    agent_cap = {**REFUND_CAP, "per": ["agent"]}
     config = make_config(
-        tmp_path, llm.url, budgets={"caps": [REFUND_CAP]}, policy={"bundles": [str(allow_all)]}
+        tmp_path, llm.url, budgets={"caps": [agent_cap]}, policy={"bundles": [str(allow_all)]}
     )
     async with Warden(config) as warden, client(warden) as c:
         completions = await asyncio.gather(
@@ -80,7 +83,10 @@ async def test_fifty_concurrent_refunds_against_room_for_ten(tmp_path: Path, llm
     delivered = [
         x
         for x in completions
-        if any(t.function.name == "issue_refund" for t in x.choices[0].message.tool_calls or [])
+        if any(
+            t.type == "function" and t.function.name == "issue_refund"
+            for t in x.choices[0].message.tool_calls or []
+        )
     ]
     blocked = [x for x in completions if not x.choices[0].message.tool_calls]
     assert len(delivered) == 10
@@ -105,7 +111,7 @@ async def test_the_shipped_policy_daily_limit_holds_under_concurrency(
             tool_calls=[Call("issue_refund", {"order_id": "A-1", "amount": 50, "currency": "USD"})]
         )
     )
-    config = make_config(tmp_path, llm.url, budgets={"caps": [REFUND_CAP]})
+    config = make_config(tmp_path, llm.url, budgets={"caps": [{**REFUND_CAP, "per": ["agent"]}]})
     async with Warden(config) as warden, client(warden) as c:
         completions = await asyncio.gather(
             *(c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES) for _ in range(50))

@@ -13,6 +13,7 @@ import pytest
 from tests.functional.conftest import audit_records, make_config
 from warden import cli
 from warden.admin.auth import hash_token
+from warden.identity import hash_key
 from warden.server import Warden
 from warden.testing import Call, MockLLM, Reply
 
@@ -20,14 +21,23 @@ TOKEN = "admin-token-1"
 ADMIN = {"tokens": [{"subject": "alice", "roles": ["admin"], "sha256": hash_token(TOKEN)}]}
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MESSAGES: Any = [{"role": "user", "content": "help"}]
+# Agents other than the sidecar's own prove their ids with proxy keys.
+IDENTITY = {
+    "agents": {
+        name: {"key_sha256": [hash_key(f"key-{name}")]} for name in ("refunds-bot", "other-bot")
+    }
+}
 
 
 def client(warden: Warden, agent: str = "support-triage") -> openai.AsyncOpenAI:
+    headers = {"X-Warden-Agent": agent}
+    if agent in IDENTITY["agents"]:
+        headers["X-Warden-Agent-Key"] = f"key-{agent}"
     return openai.AsyncOpenAI(
         base_url=f"{warden.proxy_url}/openai/v1",
         api_key="sk-test",
         max_retries=0,
-        default_headers={"X-Warden-Agent": agent},
+        default_headers=headers,
     )
 
 
@@ -35,7 +45,7 @@ async def test_switches_set_listed_and_cleared_through_the_admin_api(
     tmp_path: Path, llm: MockLLM
 ) -> None:
     async with (
-        Warden(make_config(tmp_path, llm.url, admin=ADMIN)) as warden,
+        Warden(make_config(tmp_path, llm.url, admin=ADMIN, identity=IDENTITY)) as warden,
         aiohttp.ClientSession(base_url=warden.admin_url, headers=AUTH) as admin,
         client(warden, "refunds-bot") as bot,
         client(warden, "other-bot") as other,

@@ -129,7 +129,9 @@ async def test_many_concurrent_bad_and_good_requests(warden: Warden, llm: MockLL
     assert statuses.count(400) == 20
 
 
-async def test_path_and_query_reach_the_upstream_as_encoded(tmp_path: Path) -> None:
+async def test_path_is_decoded_once_and_query_reaches_the_upstream_as_sent(
+    tmp_path: Path,
+) -> None:
     seen: list[str] = []
 
     async def record(request: web.Request) -> web.Response:
@@ -146,9 +148,11 @@ async def test_path_and_query_reach_the_upstream_as_encoded(tmp_path: Path) -> N
     try:
         async with Warden(make_config(tmp_path, upstream)) as w:
             answer = await raw_request(
-                w, b"GET /openai/v1/models/gpt%2F4o?after=a%26b&n=2 HTTP/1.1"
+                w, b"GET /openai/v1/models/gpt%2D4o%3amini%20x?after=a%26b&n=2 HTTP/1.1"
             )
             assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
     finally:
         await runner.cleanup()
-    assert seen == ["/v1/models/gpt%2F4o?after=a%26b&n=2"]
+    # The path goes on in canonical form (the upstream decodes the same model id);
+    # the query goes on as sent.
+    assert seen == ["/v1/models/gpt-4o:mini%20x?after=a%26b&n=2"]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
 from tests.functional.conftest import audit_records, make_config
+from warden.identity import hash_key
 from warden.server import Warden
 from warden.testing import Call, Fault, MockLLM, Reply
 
@@ -34,10 +36,16 @@ async def oai(warden: Warden) -> AsyncIterator[openai.AsyncOpenAI]:
 
 
 async def test_text_passes_unchanged_and_credentials_go_upstream_only(
-    warden: Warden, llm: MockLLM, records: Callable[[], list[dict[str, Any]]]
+    tmp_path: Path, llm: MockLLM, records: Callable[[], list[dict[str, Any]]]
 ) -> None:
     llm.script(Reply(text="Your order ships tomorrow."))
-    async with client(warden, default_headers={"X-Warden-Agent": "refunds-bot"}) as c:
+    # Another agent than the sidecar's own proves its id with a proxy key.
+    identity = {"agents": {"refunds-bot": {"key_sha256": [hash_key("wk-refunds-key-123")]}}}
+    agent = {"X-Warden-Agent": "refunds-bot", "X-Warden-Agent-Key": "wk-refunds-key-123"}
+    async with (
+        Warden(make_config(tmp_path, llm.url, identity=identity)) as warden,
+        client(warden, default_headers=agent) as c,
+    ):
         raw = await c.chat.completions.with_raw_response.create(
             model="gpt-4o-mini", messages=MESSAGES
         )
@@ -48,10 +56,11 @@ async def test_text_passes_unchanged_and_credentials_go_upstream_only(
     sent = llm.requests[-1]
     assert sent.headers["Authorization"] == "Bearer sk-test-secret-123"
     assert "X-Warden-Agent" not in sent.headers
-    await warden.stop()
+    assert "X-Warden-Agent-Key" not in sent.headers
     recs = records()
     assert any(r.get("agent", {}).get("id") == "refunds-bot" for r in recs)
     assert "sk-test-secret-123" not in json.dumps(recs)
+    assert "wk-refunds-key-123" not in json.dumps(recs)
 
 
 async def test_parallel_tool_calls_denied_one_is_removed(

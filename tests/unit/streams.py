@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from warden.model import Decision, Effect, Mode, ToolCall
+from warden.protocols._wire import loads
 from warden.protocols.base import StreamRewriter
 from warden.protocols.sse import SseEvent, SseParser
 
@@ -64,7 +65,23 @@ def events(name: str) -> list[SseEvent]:
 
 
 def data(item: SseEvent) -> Any:
-    return orjson.loads(item.data)
+    """An event's JSON, parsed as leniently as the SDKs do (``NaN``, ``1e400``, big ints)."""
+    return loads(item.data)
+
+
+def carries_tool_delta(item: SseEvent) -> bool:
+    """True when a chat completion chunk has a ``tool_calls`` or ``function_call`` delta."""
+    if item.data.startswith("[DONE]"):
+        return False
+    chunk = loads(item.data)
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    for choice in choices if isinstance(choices, list) else ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and (
+            delta.get("tool_calls") or delta.get("function_call") is not None
+        ):
+            return True
+    return False
 
 
 def encoded(out: list[SseEvent]) -> bytes:

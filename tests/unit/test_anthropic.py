@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
+import typing
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,7 +19,8 @@ import httpx2
 import orjson
 import pytest
 from anthropic.lib.streaming._messages import accumulate_event
-from anthropic.types import Message, RawMessageStreamEvent
+from anthropic.types import ContentBlock, Message, RawMessageStreamEvent
+from anthropic.types.beta import BetaContentBlock
 from pydantic import TypeAdapter
 
 from tests.unit.streams import (
@@ -38,8 +40,15 @@ from tests.unit.streams import (
     replay,
     take,
 )
-from warden.model import Decision, ToolCall, ToolResult, Usage
-from warden.protocols.anthropic import AnthropicMessagesAdapter, AnthropicStreamRewriter
+from warden.errors import StreamViolation
+from warden.model import ActionKind, Decision, ToolCall, ToolResult, Usage
+from warden.protocols._wire import NO_DECISION, loads
+from warden.protocols.anthropic import (
+    CALL_BLOCKS,
+    PASSIVE_BLOCKS,
+    AnthropicMessagesAdapter,
+    AnthropicStreamRewriter,
+)
 from warden.protocols.base import Adapter, StreamRewriter, blocked_message
 from warden.protocols.sse import SseEvent, SseParser
 
@@ -212,6 +221,8 @@ def test_tool_calls_from_recorded_body() -> None:
             raw_arguments='{"city":"Paris"}',
             arguments={"city": "Paris"},
             index=0,
+            key="b1",
+            wire_type="tool_use",
         ),
         ToolCall(
             call_id=EMAIL_ID,
@@ -219,6 +230,8 @@ def test_tool_calls_from_recorded_body() -> None:
             raw_arguments='{"to":"cfo@example.com","subject":"Q3 payroll export"}',
             arguments={"to": "cfo@example.com", "subject": "Q3 payroll export"},
             index=1,
+            key="b2",
+            wire_type="tool_use",
         ),
     ]
     assert ADAPTER.tool_calls(body("anthropic_text.json")) == []
@@ -229,14 +242,18 @@ def test_tool_call_input_must_be_an_object() -> None:
         {"type": "tool_use", "id": "a", "name": "f", "input": ["x"]},
         {"type": "tool_use", "id": "b", "name": "g"},
         {"type": "tool_use", "id": "c", "name": "h", "input": {"big": 2**70}},
-        {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}},
-        "junk",
+        {"type": "tool_use", "id": "d", "name": "i", "input": {"n": 2**64 - 1}},
+        {"type": "tool_use", "id": "e", "name": "j", "input": '{"a": 1}'},
     ]
     calls = ADAPTER.tool_calls({"content": content})
-    assert [(c.call_id, c.raw_arguments, c.arguments, c.index) for c in calls] == [
-        ("a", '["x"]', None, 0),
-        ("b", "null", None, 1),
-        ("c", '{"big":1180591620717411303424}', {"big": 2**70}, 2),
+    assert [(c.call_id, c.raw_arguments, c.arguments, c.index, c.key) for c in calls] == [
+        ("a", '["x"]', None, 0, "b0"),
+        ("b", "", None, 1, "b1"),
+        # Past 64 bits no policy engine takes it as it is: fail closed.
+        ("c", '{"big":1180591620717411303424}', None, 2, "b2"),
+        ("d", '{"n":18446744073709551615}', {"n": 2**64 - 1}, 3, "b3"),
+        # A string is not an object, even when it holds JSON.
+        ("e", '"{\\"a\\": 1}"', None, 4, "b4"),
     ]
     assert ADAPTER.tool_calls({"content": "text"}) == []
     assert ADAPTER.tool_calls({}) == []
@@ -253,7 +270,7 @@ def test_usage_from_recorded_bodies() -> None:
 
 
 def decisions_for(response: dict[str, Any], decide: Decide) -> dict[str, Decision]:
-    return {call.call_id: decide(call) for call in ADAPTER.tool_calls(response)}
+    return {call.key: decide(call) for call in ADAPTER.tool_calls(response)}
 
 
 def test_rewrite_allow_all_keeps_the_body() -> None:
@@ -285,7 +302,7 @@ def test_rewrite_mixed_denies_only_the_first() -> None:
     out = ADAPTER.rewrite(original, decisions_for(original, deny_names("get_weather")))
     weather, email = ADAPTER.tool_calls(original)
     assert out["content"][1] == {"type": "text", "text": blocked_message(weather, DENY)}
-    assert out["content"][2] is original["content"][2]
+    assert out["content"][2] == original["content"][2]
     assert out["stop_reason"] == "tool_use"
     Message.model_validate(out)
     assert ADAPTER.tool_calls(out) == [dataclasses.replace(email, index=0)]
@@ -294,23 +311,23 @@ def test_rewrite_mixed_denies_only_the_first() -> None:
 
 def test_rewrite_missing_decision_fails_closed_and_observe_lets_through() -> None:
     original = body("anthropic_tools.json")
-    out = ADAPTER.rewrite(original, {WEATHER_ID: ALLOW})
+    out = ADAPTER.rewrite(original, {"b1": ALLOW})
     assert [b["type"] for b in out["content"]] == ["text", "tool_use", "text"]
     assert "no decision was made" in out["content"][2]["text"]
-    observed = {WEATHER_ID: OBSERVED_DENY, EMAIL_ID: OBSERVED_DENY}
+    assert ADAPTER.rewrite(original, {WEATHER_ID: ALLOW, EMAIL_ID: ALLOW}) == ADAPTER.rewrite(
+        original, {}
+    ), "decisions are keyed by position, never by the upstream's id"
+    observed = {"b1": OBSERVED_DENY, "b2": OBSERVED_DENY}
     assert ADAPTER.rewrite(original, observed) == original
 
 
 def test_rewrite_hold_explains_the_approval() -> None:
     original = body("anthropic_tools.json")
-    out = ADAPTER.rewrite(original, {WEATHER_ID: HOLD, EMAIL_ID: ALLOW})
+    out = ADAPTER.rewrite(original, {"b1": HOLD, "b2": ALLOW})
     assert "held the tool call `get_weather` for human approval" in out["content"][1]["text"]
 
 
-def test_rewrite_leaves_server_tools_and_odd_bodies_alone() -> None:
-    server = {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {}}
-    original = {"content": [server, None], "stop_reason": "end_turn"}
-    assert ADAPTER.rewrite(original, {}) == original
+def test_rewrite_leaves_odd_bodies_alone() -> None:
     assert ADAPTER.rewrite({}, {}) == {}
     assert ADAPTER.rewrite({"content": "x"}, {}) == {"content": "x"}
 
@@ -333,13 +350,14 @@ def test_text_stream_passes_through_untouched_and_immediately() -> None:
 
 
 @pytest.mark.parametrize("name", ["anthropic_tools.sse", "anthropic_thinking_tool.sse"])
-def test_allow_all_stream_is_byte_identical(name: str) -> None:
+def test_allow_all_stream_gives_the_sdk_the_same_message(name: str) -> None:
     source = events(name)
     out, calls, _ = run(source, allow_all)
-    assert all(a is b for a, b in zip(out, source, strict=True))
-    assert encoded(out) == raw(name)
     assert accumulate(out) == accumulate(source)
     assert all(call.arguments is not None for call in calls)
+    call_events = [e for e in source if data(e).get("index") in {int(c.key[1:]) for c in calls}]
+    passive = [e for e in source if e not in call_events]
+    assert [e for e in out if any(e is p for p in passive)] == passive, "sent as the same objects"
 
 
 def test_stream_calls_from_recorded_stream() -> None:
@@ -348,16 +366,20 @@ def test_stream_calls_from_recorded_stream() -> None:
         ToolCall(
             call_id=WEATHER_ID,
             name="get_weather",
-            raw_arguments='{"city": "Paris"}',
+            raw_arguments='{"city":"Paris"}',
             arguments={"city": "Paris"},
             index=0,
+            key="b1",
+            wire_type="tool_use",
         ),
         ToolCall(
             call_id=EMAIL_ID,
             name="send_email",
-            raw_arguments='{"to": "cfo@example.com", "subject": "Q3 payroll export"}',
+            raw_arguments='{"to":"cfo@example.com","subject":"Q3 payroll export"}',
             arguments={"to": "cfo@example.com", "subject": "Q3 payroll export"},
             index=1,
+            key="b2",
+            wire_type="tool_use",
         ),
     ]
     assert rewriter.usage == Usage(472, 118, 2048)
@@ -375,6 +397,20 @@ def text_block(index: int, text: str) -> list[dict[str, Any]]:
             "type": "content_block_delta",
             "index": index,
             "delta": {"type": "text_delta", "text": text},
+        },
+        {"type": "content_block_stop", "index": index},
+    ]
+
+
+def tool_block(index: int, call_id: str, name: str, arguments: str) -> list[dict[str, Any]]:
+    """An allowed call as Warden renders it: the decided input in one delta."""
+    block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
+    return [
+        {"type": "content_block_start", "index": index, "content_block": block},
+        {
+            "type": "content_block_delta",
+            "index": index,
+            "delta": {"type": "input_json_delta", "partial_json": arguments},
         },
         {"type": "content_block_stop", "index": index},
     ]
@@ -413,10 +449,13 @@ def test_mixed_stream_denies_the_first_of_two() -> None:
     expected = [
         *[data(e) for e in source[:6]],
         *text_block(1, blocked_message(weather, DENY)),
-        *[data(e) for e in source[11:]],
+        *tool_block(
+            2, EMAIL_ID, "send_email", '{"to":"cfo@example.com","subject":"Q3 payroll export"}'
+        ),
+        *[data(e) for e in source[17:]],
     ]
     assert [data(e) for e in out] == expected
-    assert all(a is b for a, b in zip(out[9:], source[11:], strict=True))
+    assert all(a is b for a, b in zip(out[12:], source[17:], strict=True))
 
     message = accumulate(out)
     assert message.stop_reason == "tool_use"
@@ -570,44 +609,67 @@ def test_unclosed_block_is_closed_by_the_next_block_or_message_delta() -> None:
     assert seen == ["get_weather@content_block_start", "send_email@message_delta"]
 
 
-def test_ping_error_unknown_and_unparseable_events_pass_through() -> None:
+def test_ping_and_error_pass_through_unknown_and_unnamed_events_are_dropped() -> None:
     rewriter = ADAPTER.stream_rewriter()
-    odd = [
+    passed = [
         SseEvent(data='{"type": "ping"}', event="ping"),
+        SseEvent(data="not json", event="ping"),
         SseEvent(
             data='{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}',
             event="error",
         ),
-        SseEvent(data='{"type": "future_event", "detail": 1}', event="future_event"),
-        SseEvent(data="not json", event="message_delta"),
-        SseEvent(data="[1]"),
-        SseEvent(data='{"no_type": true}'),
-        SseEvent(data='{"type": "content_block_delta", "index": 9, "delta": {}}'),
     ]
-    for item in odd:
+    for item in passed:
         assert list(rewriter.feed(item)) == [item]
+    dropped = [
+        SseEvent(data='{"type": "future_event", "detail": 1}', event="future_event"),
+        SseEvent(data="[1]"),
+        SseEvent(data=orjson.dumps(data(events("anthropic_tools.sse")[6])).decode()),
+        SseEvent(data="{}", event="content_block_future"),
+    ]
+    for item in dropped:
+        assert list(rewriter.feed(item)) == [], "the SDK never reads it as part of the message"
     assert not rewriter.complete
 
 
-def test_unknown_event_about_a_held_block_is_held_with_it() -> None:
+@pytest.mark.parametrize(
+    "bad",
+    [
+        SseEvent(data="not json", event="message_delta"),
+        SseEvent(data="[1]", event="content_block_delta"),
+        SseEvent(data='{"no_type": true}', event="content_block_stop"),
+        SseEvent(data='{"type": "ping"}', event="content_block_start"),
+        SseEvent(data='{"type": "content_block_start"}', event="content_block_delta"),
+    ],
+)
+def test_unparseable_or_mismatched_events_are_violations(bad: SseEvent) -> None:
+    rewriter = ADAPTER.stream_rewriter()
+    list(rewriter.feed(events("anthropic_tools.sse")[0]))
+    with pytest.raises(StreamViolation):
+        list(rewriter.feed(bad))
+
+
+def test_unknown_event_about_a_held_block_is_dropped() -> None:
     source = events("anthropic_tools.sse")
     secret = event("content_block_future", {"index": 1, "leak": "cfo@example.com"})
     stream = [*source[:7], secret, *source[7:]]
-    out, _, _ = run(stream, deny_names("get_weather"))
-    assert b"cfo@example.com" not in b"".join(e.encode() for e in out[:12])
-    out, _, _ = run(stream, allow_all)
-    assert secret in out
+    for decide in (allow_all, deny_all):
+        out, _, _ = run(stream, decide)
+        assert secret not in out
+        assert accumulate(out) == accumulate(run(source, decide)[0])
 
 
-def test_resolve_accepts_an_equal_copy_and_ignores_unknown_calls() -> None:
+def test_resolve_renders_the_call_handed_out_under_its_key() -> None:
     source = events("anthropic_tools.sse")
     rewriter = ADAPTER.stream_rewriter()
     calls = [i for e in source[:11] for i in rewriter.feed(e) if isinstance(i, ToolCall)]
     [call] = calls
-    stranger = ToolCall(call_id="toolu_x", name="x", raw_arguments="{}", arguments={})
+    stranger = ToolCall(call_id=call.call_id, name="x", raw_arguments="{}", arguments={}, key="b7")
     assert rewriter.resolve(stranger, ALLOW) == []
-    assert rewriter.resolve(dataclasses.replace(call), ALLOW) == source[6:11]
-    assert rewriter.resolve(call, ALLOW) == []
+    copy_ = dataclasses.replace(call, name="other", arguments={"city": "Rome"})
+    sent = rewriter.resolve(copy_, ALLOW)
+    assert [data(e) for e in sent] == tool_block(1, WEATHER_ID, "get_weather", '{"city":"Paris"}')
+    assert rewriter.resolve(call, ALLOW) == [], "a call is resolved once"
 
 
 def test_usage_follows_message_delta_totals() -> None:
@@ -629,3 +691,413 @@ def test_sdk_accepts_the_recorded_streams_unchanged() -> None:
     text = accumulate(events("anthropic_text.sse"))
     assert text.content[0].type == "text"
     assert text.content[0].text == "The café opens at 8 am ☕"
+
+
+# --- airtight: every block type, keyed by position, rendered from the decision ----------------
+
+
+def sdk_block_types(union: Any) -> set[str]:
+    """The ``type`` literals of a discriminated union of the SDK's block models."""
+    found: set[str] = set()
+    for member in typing.get_args(typing.get_args(union)[0]):
+        literal = member.model_fields["type"].annotation
+        found.update(typing.get_args(literal))
+    return found
+
+
+@pytest.mark.parametrize("union", [ContentBlock, BetaContentBlock])
+def test_every_sdk_block_type_is_classified(union: Any) -> None:
+    """A block type the SDK can parse is either known passive or a call: fails on an SDK update."""
+    types = sdk_block_types(union)
+    assert "tool_use" in types
+    assert types <= PASSIVE_BLOCKS | set(CALL_BLOCKS)
+    assert not PASSIVE_BLOCKS & set(CALL_BLOCKS)
+
+
+@pytest.mark.parametrize(
+    ("block", "kind"),
+    [
+        ({"type": "tool_use", "id": "t", "name": "f", "input": {"a": 1}}, ActionKind.TOOL_CALL),
+        (
+            {"type": "server_tool_use", "id": "s", "name": "web_search", "input": {"q": "x"}},
+            ActionKind.HOSTED_TOOL_CALL,
+        ),
+        (
+            {"type": "mcp_tool_use", "id": "m", "name": "f", "server_name": "crm", "input": {}},
+            ActionKind.MCP_CALL,
+        ),
+    ],
+)
+def test_each_call_block_type_is_decided_with_its_kind(
+    block: dict[str, Any], kind: ActionKind
+) -> None:
+    response = {"content": [{"type": "text", "text": "hi"}, block], "stop_reason": "tool_use"}
+    [call] = ADAPTER.tool_calls(response)
+    assert (call.key, call.kind, call.wire_type, call.name) == (
+        "b1",
+        kind,
+        block["type"],
+        block["name"],
+    )
+    assert call.arguments == block["input"]
+    denied = ADAPTER.rewrite(response, {"b1": DENY})
+    assert denied["content"][1] == {"type": "text", "text": blocked_message(call, DENY)}
+    assert ADAPTER.rewrite(response, {"b1": ALLOW})["content"][1] == block
+
+
+@pytest.mark.parametrize("passive", sorted(PASSIVE_BLOCKS))
+def test_passive_blocks_are_not_calls(passive: str) -> None:
+    block = {"type": passive, "name": "export_customers", "input": {"scope": "every-customer"}}
+    response = {"content": [block]}
+    assert ADAPTER.tool_calls(response) == []
+    assert ADAPTER.rewrite(response, {})["content"][0] is block
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"type": "tool_call", "id": "x", "name": "export_customers", "input": {}},
+        {"type": "Tool_use", "name": "f", "input": {}},
+        {"type": "computer_use", "action": "click"},
+        {"name": "f", "input": {}},
+        {"type": 3},
+        None,
+        "tool_use",
+        ["tool_use"],
+    ],
+)
+def test_unknown_blocks_are_unknown_calls_denied_or_rendered_whole(block: Any) -> None:
+    response = {"content": [block], "stop_reason": "tool_use"}
+    [call] = ADAPTER.tool_calls(response)
+    assert (call.key, call.kind) == ("b0", ActionKind.UNKNOWN_CALL)
+    if isinstance(block, dict):
+        assert call.arguments == block
+    else:
+        assert call.arguments is None
+    out = ADAPTER.rewrite(response, {})
+    assert out["content"] == [{"type": "text", "text": blocked_message(call, NO_DECISION)}]
+    assert out["stop_reason"] == "end_turn"
+    allowed = ADAPTER.rewrite(response, {"b0": ALLOW})
+    assert allowed["content"] == [block]
+
+
+def test_duplicate_and_missing_ids_are_decided_by_position() -> None:
+    content = [
+        {"type": "tool_use", "id": "same", "name": "search_kb", "input": {"q": "a"}},
+        {"type": "tool_use", "id": "same", "name": "export_customers", "input": {}},
+        {"type": "tool_use", "name": "search_kb", "input": {"q": "b"}},
+        {"type": "tool_use", "name": "export_customers", "input": {}},
+    ]
+    response = {"content": content, "stop_reason": "tool_use"}
+    calls = ADAPTER.tool_calls(response)
+    assert [c.key for c in calls] == ["b0", "b1", "b2", "b3"]
+    decisions = decisions_for(response, deny_names("export_customers"))
+    out = ADAPTER.rewrite(response, decisions)
+    kinds = [(b["type"], b.get("name")) for b in out["content"]]
+    assert kinds == [
+        ("tool_use", "search_kb"),
+        ("text", None),
+        ("tool_use", "search_kb"),
+        ("text", None),
+    ]
+    assert b"export_customers" not in orjson.dumps(
+        [b for b in out["content"] if b["type"] != "text"]
+    )
+
+
+def test_allowed_call_is_rendered_from_the_decision_not_replayed() -> None:
+    block = {
+        "type": "tool_use",
+        "id": "t",
+        "name": "refund",
+        "input": {"amount": 5},
+        "caller": {"type": "direct"},
+        "function": {"name": "export_customers", "arguments": "{}"},
+        "arguments": {"amount": 5000},
+    }
+    response = {"content": [block], "stop_reason": "tool_use"}
+    [call] = ADAPTER.tool_calls(response)
+    assert (call.name, call.arguments) == ("refund", {"amount": 5})
+    out = ADAPTER.rewrite(response, {"b0": ALLOW})
+    assert out["content"] == [
+        {
+            "type": "tool_use",
+            "id": "t",
+            "name": "refund",
+            "input": {"amount": 5},
+            "caller": {"type": "direct"},
+        }
+    ]
+    assert Message.model_validate(
+        out
+        | {
+            "id": "m",
+            "type": "message",
+            "role": "assistant",
+            "model": "x",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 1, "output_tokens": 1},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": NaN}',
+        '{"a": Infinity}',
+        '{"a": -Infinity}',
+        '{"a": 1e400}',
+        '{"a": 123456789012345678901234567890}',
+        '{"a": ' + "[" * 70 + "]" * 70 + "}",
+    ],
+)
+def test_lenient_literals_in_a_body_fail_closed(text: str) -> None:
+    block = '{"type": "tool_use", "id": "t", "name": "f", "input": ' + text + "}"
+    response = loads('{"content": [' + block + '], "stop_reason": "tool_use"}')
+    [call] = ADAPTER.tool_calls(response)
+    assert call.arguments is None
+    out = ADAPTER.rewrite(response, {"b0": ALLOW})
+    assert out["content"][0]["type"] == "tool_use", "observe or allow: sent as it came"
+
+
+# --- airtight streams --------------------------------------------------------------------------
+
+
+def message_start(content: list[Any] | None = None) -> SseEvent:
+    message = data(events("anthropic_tools.sse")[0])["message"]
+    return event("message_start", {"message": {**message, "content": content or []}})
+
+
+def tool_start(index: int, name: str = "f", block_type: str = "tool_use", **extra: Any) -> SseEvent:
+    block = {"type": block_type, "id": f"toolu_{index}", "name": name, "input": {}, **extra}
+    return event("content_block_start", {"index": index, "content_block": block})
+
+
+def input_delta(index: int, partial: str) -> SseEvent:
+    return event(
+        "content_block_delta",
+        {"index": index, "delta": {"type": "input_json_delta", "partial_json": partial}},
+    )
+
+
+def stop(index: int) -> SseEvent:
+    return event("content_block_stop", {"index": index})
+
+
+END = [
+    event("message_delta", {"delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 3}}),
+    event("message_stop", {}),
+]
+
+
+def feed_all(source: list[SseEvent], decide: Decide = allow_all) -> list[SseEvent]:
+    return run(source, decide)[0]
+
+
+def test_tool_use_inside_message_start_is_decided() -> None:
+    inside = {
+        "type": "tool_use",
+        "id": "toolu_in",
+        "name": "export_customers",
+        "input": {"scope": "every-customer"},
+    }
+    text = {"type": "text", "text": "hello"}
+    source = [message_start([text, inside]), *text_block_events(2, "more"), *END]
+    rewriter = ADAPTER.stream_rewriter()
+    items = list(rewriter.feed(source[0]))
+    [call] = [i for i in items if isinstance(i, ToolCall)]
+    assert (call.key, call.name) == ("b1", "export_customers")
+    assert call.arguments == {"scope": "every-customer"}
+    assert isinstance(items[0], ToolCall), "nothing is sent before the decision"
+
+    out, calls, _ = run(source, deny_all)
+    message = accumulate(out)
+    assert [b.type for b in message.content] == ["text", "text", "text"]
+    notice = message.content[1]
+    assert notice.type == "text"
+    assert notice.text == blocked_message(calls[0], DENY)
+    assert message.stop_reason == "end_turn"
+    assert b"every-customer" not in out[0].data.encode()
+
+    out, _, _ = run(source, allow_all)
+    message = accumulate(out)
+    tool = message.content[1]
+    assert tool.type == "tool_use"
+    assert tool.input == {"scope": "every-customer"}
+
+
+def text_block_events(index: int, text: str) -> list[SseEvent]:
+    return [
+        event(d["type"], {k: v for k, v in d.items() if k != "type"})
+        for d in text_block(index, text)
+    ]
+
+
+def drive(source: list[SseEvent], decide: Decide, sent: list[SseEvent]) -> None:
+    """Feed ``source`` as the ingress does, adding each event to ``sent`` as it is yielded."""
+    rewriter = ADAPTER.stream_rewriter()
+    for item in source:
+        for out in rewriter.feed(item):
+            sent += rewriter.resolve(out, decide(out)) if isinstance(out, ToolCall) else [out]
+
+
+@pytest.mark.parametrize(
+    "late",
+    [
+        # A late input delta: after the stop, after another block started, after message_delta.
+        [input_delta(0, '{"amount": 5}'), stop(0), input_delta(0, "")],
+        [input_delta(0, '{"amount": 5}'), stop(0), *text_block_events(1, "x"), input_delta(0, "0")],
+        [input_delta(0, '{"amount": 5}'), *text_block_events(1, "x"), input_delta(0, "0")],
+        [input_delta(0, '{"amount": 5}'), END[0], input_delta(0, "000")],
+        [input_delta(0, '{"amount": 5}'), END[0], *text_block_events(1, "x")],
+        # A second start or stop at a decided index; a start off the next index.
+        [input_delta(0, '{"amount": 5}'), stop(0), tool_start(0)],
+        [input_delta(0, '{"amount": 5}'), stop(0), stop(0)],
+        [input_delta(0, '{"amount": 5}'), stop(0), tool_start(2)],
+        [input_delta(0, '{"amount": 5}'), stop(0), input_delta(1, "{}")],
+        # Text appended to the notice that replaced a denied call.
+        [
+            input_delta(0, '{"amount": 5}'),
+            stop(0),
+            event(
+                "content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "ok"}}
+            ),
+        ],
+    ],
+)
+def test_events_touching_a_decided_call_are_violations(late: list[SseEvent]) -> None:
+    source = [message_start(), tool_start(0, "refund"), *late]
+    for decide in (allow_all, deny_all):
+        sent: list[SseEvent] = []
+        with pytest.raises(StreamViolation):
+            drive(source, decide, sent)
+        assert b"000" not in encoded(sent)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [tool_start(0)],  # before message_start
+        [message_start(), message_start()],
+        [message_start(), *END, *text_block_events(0, "x")],
+        [
+            message_start(),
+            event("content_block_start", {"index": "0", "content_block": {"type": "text"}}),
+        ],
+        [message_start(), event("content_block_delta", {"index": 0, "delta": {}})],
+        [message_start(), tool_start(0), event("content_block_delta", {"index": 0, "delta": "x"})],
+        [
+            message_start(),
+            tool_start(0),
+            event("content_block_delta", {"index": 0, "delta": {"type": "input_json_delta"}}),
+        ],
+        [event("message_start", {"message": {"content": {"type": "tool_use"}}})],
+        [event("message_start", {"message": None})],
+    ],
+)
+def test_out_of_order_or_misshapen_events_are_violations(bad: list[SseEvent]) -> None:
+    with pytest.raises(StreamViolation):
+        run(bad, allow_all)
+
+
+def test_allowed_streamed_call_is_released_as_one_canonical_delta() -> None:
+    source = [
+        message_start(),
+        # A decoy input in the start: the SDK replaces it with the deltas' JSON.
+        event(
+            "content_block_start",
+            {
+                "index": 0,
+                "content_block": {
+                    "type": "tool_use",
+                    "id": "t",
+                    "name": "refund",
+                    "input": {"amount": 1},
+                    "extra": "decoy",
+                },
+            },
+        ),
+        input_delta(0, ""),
+        input_delta(0, '{ "amount" :'),
+        event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "x"}}),
+        input_delta(0, " 5 }"),
+        stop(0),
+        *END,
+    ]
+    out, [call], _ = run(source, allow_all)
+    assert (call.raw_arguments, call.arguments) == ('{"amount":5}', {"amount": 5})
+    assert [data(e) for e in out[1:4]] == tool_block(0, "t", "refund", '{"amount":5}')
+    tool = accumulate(out).content[0]
+    assert tool.type == "tool_use"
+    assert tool.input == {"amount": 5}
+
+
+@pytest.mark.parametrize(
+    ("block_type", "kind"),
+    [
+        ("server_tool_use", ActionKind.HOSTED_TOOL_CALL),
+        ("mcp_tool_use", ActionKind.MCP_CALL),
+        ("tool_invocation", ActionKind.UNKNOWN_CALL),
+    ],
+)
+def test_other_streamed_call_types_are_held_and_decided(block_type: str, kind: ActionKind) -> None:
+    source = [
+        message_start(),
+        tool_start(0, "web_search", block_type),
+        input_delta(0, '{"q": "x"}'),
+        stop(0),
+        *END,
+    ]
+    rewriter = ADAPTER.stream_rewriter()
+    assert [i for i in rewriter.feed(source[0])] == [source[0]]
+    assert list(rewriter.feed(source[1])) == [], "held"
+    assert list(rewriter.feed(source[2])) == []
+    [call] = list(rewriter.feed(source[3]))
+    assert isinstance(call, ToolCall)
+    assert (call.key, call.kind, call.wire_type) == ("b0", kind, block_type)
+    out = rewriter.resolve(call, DENY)
+    assert b"web_search" not in encoded(out).replace(
+        orjson.dumps(blocked_message(call, DENY))[1:-1], b""
+    )
+
+
+@pytest.mark.parametrize(
+    "literal", ["NaN", "Infinity", "-Infinity", "1e400", "123456789012345678901234567890"]
+)
+def test_lenient_literals_in_streams_parse_and_fail_closed(literal: str) -> None:
+    delta = input_delta(0, '{"a": ' + literal + "}")
+    usage = SseEvent(
+        data='{"type":"message_delta","delta":{"stop_reason":"tool_use"},"usage":{"output_tokens":'
+        + literal
+        + "}}",
+        event="message_delta",
+    )
+    out, [call], rewriter = run(
+        [message_start(), tool_start(0), delta, stop(0), usage, END[1]], allow_all
+    )
+    assert call.arguments is None
+    assert rewriter.complete
+
+
+def test_lone_surrogates_are_written_escaped_and_read_back() -> None:
+    start = SseEvent(
+        data='{"type":"content_block_start","index":0,"content_block":'
+        '{"type":"tool_use","id":"t","name":"f\\ud800","input":{}}}',
+        event="content_block_start",
+    )
+    out, [call], _ = run([message_start(), start, stop(0), *END], deny_all)
+    assert call.name == "f\ud800"
+    payload = encoded(out)  # would raise if a lone surrogate were written raw
+    client = sdk_client(payload)
+    with client.messages.stream(model="claude-sonnet-4-20250514", max_tokens=64, messages=[]) as s:
+        message = s.get_final_message()
+    notice = message.content[0]
+    assert notice.type == "text"
+    assert notice.text == blocked_message(call, DENY)
+
+
+def test_events_with_no_data_are_dropped() -> None:
+    rewriter = ADAPTER.stream_rewriter()
+    list(rewriter.feed(message_start()))
+    assert list(rewriter.feed(SseEvent(data="", event="content_block_delta"))) == []

@@ -62,10 +62,38 @@ def test_action_body_applies_redactions_without_touching_the_action() -> None:
 
 def test_whole_arguments_and_unparsed_arguments_are_redacted_entirely() -> None:
     action = sample_action()
-    assert action_body(action, ("arguments",))["arguments"] == REDACTED
-    raw = dataclasses.replace(action, arguments=None, raw_arguments="{not json")
-    assert action_body(raw)["raw_arguments"] == "{not json"
-    assert action_body(raw, ("email",))["raw_arguments"] == REDACTED
+    assert action.arguments is not None
+    whole = action_body(action, ("arguments",))
+    assert whole["arguments"] == REDACTED
+    # What stays: the hash approvals bind to, and the argument names.
+    assert whole["arguments_sha256"] == arguments_sha256(action.arguments)
+    assert whole["argument_keys"] == sorted(action.arguments)
+    shown = action_body(action)
+    assert shown["arguments_sha256"] is None
+    assert shown["argument_keys"] is None
+    raw = dataclasses.replace(action, arguments=None, raw_arguments="{not json ann@example.com")
+    # Unparseable text: no path in it can be redacted, so it is never written.
+    for redact in ((), ("email",)):
+        body = action_body(raw, redact)
+        assert body["raw_arguments"] == REDACTED
+        assert body["redacted"] == ["raw_arguments"]
+        expected = hashlib.sha256(b"{not json ann@example.com").hexdigest()
+        assert body["arguments_sha256"] == expected
+
+
+def test_arguments_rfc8785_cannot_write_still_get_a_hash() -> None:
+    action = sample_action(arguments={"amount": float("nan"), "big": 2**80})
+    body = action_body(action, ("arguments",))
+    assert body["arguments"] == REDACTED
+    assert isinstance(body["arguments_sha256"], str)
+    assert len(body["arguments_sha256"]) == 64
+
+
+def test_a_result_hidden_whole_keeps_its_hash() -> None:
+    result = "Ann's new email is ann@example.com"
+    out = outcome_body(Outcome(status=200, result=result), ("arguments", "result"))
+    assert out["result"] == REDACTED
+    assert out["result_sha256"] == hashlib.sha256(result.encode()).hexdigest()
 
 
 def test_outcome_result_redaction_and_truncation() -> None:

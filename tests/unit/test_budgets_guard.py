@@ -11,8 +11,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from prometheus_client import REGISTRY
+from pydantic import ValidationError
 
-from warden.budgets.caps import window_key
+from warden.budgets.caps import pointer_get, window_key
 from warden.budgets.guard import BudgetGuard
 from warden.budgets.prices import PriceTable
 from warden.config import BudgetsConfig
@@ -33,17 +34,18 @@ from warden.pipeline import GuardContext, Pipeline
 from warden.state import StateStore
 
 NOW = datetime(2026, 11, 27, 23, 30, tzinfo=ZoneInfo("UTC")).timestamp()
+REFUNDS: dict[str, Any] = {
+    "name": "refunds",
+    "tool": "issue_refund",
+    "value": "amount",
+    "per": ["agent", "customer"],
+    "window": "day",
+    "limit": 500,
+    "over": "deny",
+}
 CAPS: dict[str, Any] = {
     "caps": [
-        {
-            "name": "refunds",
-            "tool": "issue_refund",
-            "value": "amount",
-            "per": ["agent", "customer"],
-            "window": "day",
-            "limit": 500,
-            "over": "deny",
-        },
+        REFUNDS,
         {
             "name": "credits",
             "tool": "apply_credit",
@@ -85,17 +87,24 @@ class Policy:
         return Decision(new_id("dec"), self.effect, ("policy says so",), ctx.mode, "policy")
 
 
-def tool(name: str, agent: str = "bot", **args: Any) -> Action:
+def tool(
+    name: str,
+    agent: str = "bot",
+    *,
+    context: Mapping[str, Any] | None = None,
+    kind: ActionKind = ActionKind.TOOL_CALL,
+    **args: Any,
+) -> Action:
     return Action(
         action_id=new_id("act"),
         agent=Agent(agent),
-        kind=ActionKind.TOOL_CALL,
+        kind=kind,
         protocol="openai.chat",
         stage=Stage.PROPOSED,
         request=RequestMeta("POST", "openai", "/v1/chat/completions"),
         tool=name,
         arguments=args,
-        context={"customer_id": "C-ctx"},
+        context={"customer_id": "C-ctx"} if context is None else context,
     )
 
 
@@ -179,12 +188,47 @@ async def test_a_policy_denial_releases_the_reservation(store: StateStore) -> No
     assert await spent(store, "refunds", DAY, "agent:bot") == (0.0, 0.0)
 
 
-async def test_a_failed_tool_call_releases_on_its_outcome(store: StateStore) -> None:
+async def test_the_agents_own_error_report_does_not_release_a_delivered_call(
+    store: StateStore,
+) -> None:
     pipeline, _, _ = build(store)
     action = tool("issue_refund", order_id="A-1", amount=120)
     await pipeline.decide(action)
     await pipeline.outcome(action, "dec", Outcome(result="card declined", is_error=True))
+    assert await spent(store, "refunds", DAY, "agent:bot") == (120.0, 0.0)
+
+
+async def test_a_trusted_failure_releases_a_delivered_call(store: StateStore) -> None:
+    pipeline, _, _ = build(store)
+    failed = tool("issue_refund", order_id="A-1", amount=120)
+    await pipeline.decide(failed)
+    await pipeline.outcome(failed, "dec", Outcome(status=502, error="declined"), trusted=True)
     assert await spent(store, "refunds", DAY, "agent:bot") == (0.0, 0.0)
+    # A trusted success is spent like any other.
+    done = tool("issue_refund", order_id="A-2", amount=70)
+    await pipeline.decide(done)
+    await pipeline.outcome(done, "dec", Outcome(status=200), trusted=True)
+    assert await spent(store, "refunds", DAY, "agent:bot") == (70.0, 0.0)
+
+
+async def test_operators_may_opt_in_to_trusting_agents_results(store: StateStore) -> None:
+    pipeline, _, _ = build(store, {**CAPS, "trust_agent_results": True})
+    action = tool("issue_refund", order_id="A-1", amount=120)
+    await pipeline.decide(action)
+    await pipeline.outcome(action, "dec", Outcome(result="card declined", is_error=True))
+    assert await spent(store, "refunds", DAY, "agent:bot") == (0.0, 0.0)
+
+
+async def test_five_reported_failures_of_100_against_250_pass_twice(store: StateStore) -> None:
+    pipeline, _, _ = build(store, {"caps": [{**REFUNDS, "limit": 250}]})
+    passed = 0
+    for i in range(5):
+        action = tool("issue_refund", order_id=f"A-{i}", amount=100)
+        if (await pipeline.decide(action)).effect is Effect.ALLOW:
+            passed += 1
+            await pipeline.outcome(action, "dec", Outcome(result="error", is_error=True))
+    assert passed == 2
+    assert await spent(store, "refunds", DAY, "agent:bot") == (200.0, 0.0)
 
 
 async def test_over_the_cap_is_denied_with_a_reason_naming_cap_and_window(
@@ -289,3 +333,146 @@ def test_windows_are_calendar_windows_in_the_zone() -> None:
     assert window_key("hour", late) == "hour:2026-11-28T00+0100"
     with pytest.raises(ValueError, match="window"):
         window_key("week", late)
+
+
+# -- which customer a per-customer cap charges ------------------------------------------
+
+NESTED: dict[str, Any] = {
+    "caps": [
+        {
+            **REFUNDS,
+            "value": "/refund/amount",
+            "customer": {"argument": "/account/customer", "context": "customer_id"},
+        }
+    ]
+}
+
+
+async def test_the_customer_comes_from_the_arguments_by_json_pointer(store: StateStore) -> None:
+    pipeline, _, _ = build(store, NESTED)
+    action = tool("issue_refund", account={"customer": "C-7"}, refund={"amount": 40})
+    assert (await pipeline.decide(action)).effect is Effect.ALLOW
+    assert await spent(store, "refunds", DAY, "customer:C-7") == (0.0, 40.0)
+    assert await spent(store, "refunds", DAY, "customer:C-ctx") == (0.0, 0.0)
+
+
+async def test_without_the_argument_the_context_names_the_customer(store: StateStore) -> None:
+    pipeline, _, _ = build(store, NESTED)
+    action = tool("issue_refund", refund={"amount": 40})
+    assert (await pipeline.decide(action)).effect is Effect.ALLOW
+    assert await spent(store, "refunds", DAY, "customer:C-ctx") == (0.0, 40.0)
+
+
+async def test_when_argument_and_context_disagree_the_argument_is_charged(
+    store: StateStore,
+) -> None:
+    # The argument is what the tool acts on: filling the customer C-1 is
+    # talking to cannot keep a refund to C-2 from counting against C-2.
+    pipeline, _, _ = build(store, {"caps": [{**REFUNDS, "limit": 100}]})
+    first = tool("issue_refund", customer_id="C-2", amount=80, context={"customer_id": "C-1"})
+    assert (await pipeline.decide(first)).effect is Effect.ALLOW
+    await pipeline.outcome(first, "dec", Outcome(result="ok"))
+    second = tool("issue_refund", customer_id="C-2", amount=30, context={"customer_id": "C-3"})
+    decision = await pipeline.decide(second)
+    assert decision.effect is Effect.DENY
+    assert "refunds cap for customer C-2" in decision.reason
+    assert await spent(store, "refunds", DAY, "customer:C-1") == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("missing", "effect"),
+    [
+        (None, Effect.REQUIRE_APPROVAL),
+        ("require_approval", Effect.REQUIRE_APPROVAL),
+        ("deny", Effect.DENY),
+    ],
+)
+async def test_a_call_naming_no_customer_gets_the_caps_missing_effect(
+    store: StateStore, missing: str | None, effect: Effect
+) -> None:
+    cap = {**REFUNDS, "customer": {"missing": missing}} if missing else REFUNDS
+    pipeline, _, policy = build(store, {"caps": [cap]})
+    decision = await pipeline.decide(tool("issue_refund", amount=40, context={}))
+    assert decision.effect is effect
+    assert decision.guard == "budget"
+    assert decision.reason.startswith("refunds cap: this issue_refund names no customer")
+    assert "argument /customer_id or context customer_id" in decision.reason
+    assert policy.seen == []
+    # Nothing stays reserved for a call that is not going through.
+    assert await spent(store, "refunds", DAY, "agent:bot") == (0.0, 0.0)
+
+
+async def test_an_approved_call_naming_no_customer_still_counts_for_the_agent(
+    store: StateStore,
+) -> None:
+    pipeline, guard, _ = build(store)
+    action = tool("issue_refund", amount=40, context={})
+    assert (await pipeline.decide(action)).effect is Effect.REQUIRE_APPROVAL
+    await guard.readmit(action, Mode.ENFORCE)
+    assert await spent(store, "refunds", DAY, "agent:bot") == (0.0, 40.0)
+
+
+async def test_an_agent_cap_over_its_limit_outranks_a_missing_customer(
+    store: StateStore,
+) -> None:
+    pipeline, _, _ = build(store, {"caps": [{**REFUNDS, "limit": 30}]})
+    decision = await pipeline.decide(tool("issue_refund", amount=40, context={}))
+    assert decision.effect is Effect.DENY
+    assert decision.reasons[0].startswith("refunds cap for this agent")
+    assert decision.reasons[1].startswith("refunds cap: this issue_refund names no customer")
+
+
+@pytest.mark.parametrize("value", [{"id": "C-1"}, True, "", 1.5, ["C-1"]])
+async def test_a_customer_argument_that_is_not_an_id_is_denied(
+    store: StateStore, value: Any
+) -> None:
+    # Falling through to the context would charge a customer the tool may not touch.
+    pipeline, _, _ = build(store)
+    decision = await pipeline.decide(tool("issue_refund", amount=10, customer_id=value))
+    assert decision.effect is Effect.DENY
+    assert "refunds cap: the argument at /customer_id is not a customer id" in decision.reason
+
+
+async def test_a_null_customer_argument_counts_as_absent(store: StateStore) -> None:
+    pipeline, _, _ = build(store)
+    action = tool("issue_refund", amount=10, customer_id=None)
+    assert (await pipeline.decide(action)).effect is Effect.ALLOW
+    assert await spent(store, "refunds", DAY, "customer:C-ctx") == (0.0, 10.0)
+
+
+async def test_a_capped_tool_is_counted_whatever_kind_of_call_names_it(
+    store: StateStore,
+) -> None:
+    pipeline, _, _ = build(store, {"caps": [{**REFUNDS, "limit": 50}]})
+    custom = tool("issue_refund", kind=ActionKind.CUSTOM_TOOL_CALL, amount=60, customer_id="C-1")
+    assert (await pipeline.decide(custom)).effect is Effect.DENY
+    mcp = tool("issue_refund", kind=ActionKind.MCP_CALL, amount=20, customer_id="C-1")
+    assert (await pipeline.decide(mcp)).effect is Effect.ALLOW
+    assert await spent(store, "refunds", DAY, "agent:bot") == (0.0, 20.0)
+
+
+@pytest.mark.parametrize(
+    ("pointer", "found", "value"),
+    [
+        ("", True, {"a": [10, {"b/c": 1, "d~e": 2}], "": 3}),
+        ("/a/0", True, 10),
+        ("/a/1/b~1c", True, 1),
+        ("/a/1/d~0e", True, 2),
+        ("/", True, 3),
+        ("/a/01", False, None),
+        ("/a/2", False, None),
+        ("/a/-", False, None),
+        ("/a/0/x", False, None),
+        ("/missing", False, None),
+    ],
+)
+def test_json_pointers_resolve_as_rfc_6901_says(pointer: str, found: bool, value: Any) -> None:
+    doc = {"a": [10, {"b/c": 1, "d~e": 2}], "": 3}
+    assert pointer_get(doc, pointer) == (found, value)
+
+
+@pytest.mark.parametrize("pointer", ["customer_id", "/a~2", "/a~"])
+def test_malformed_pointers_are_refused_at_start(pointer: str) -> None:
+    cap = {**REFUNDS, "customer": {"argument": pointer}}
+    with pytest.raises(ValidationError, match="JSON pointer"):
+        BudgetsConfig.model_validate({"caps": [cap]})

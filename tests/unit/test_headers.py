@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from warden.ingress import headers as hdr
@@ -52,11 +53,26 @@ def test_recordable_is_an_allowlist_without_secrets() -> None:
     assert recorded == {"user-agent": "OpenAI/Python 1.0"}
 
 
-def test_agent_identity() -> None:
-    assert hdr.agent_from({}, "default") == "default"
-    assert hdr.agent_from({"X-Warden-Agent": "refunds-bot"}, "default") == "refunds-bot"
-    assert hdr.agent_from({"X-Warden-Agent": "bad agent\n"}, "default") is None
-    assert hdr.agent_from({"X-Warden-Agent": "x" * 129}, "default") is None
+@pytest.mark.parametrize(
+    "name",
+    ["X-Warden-Agent-Key", "x-warden-agent-token", "X-WARDEN-AGENT", "X-Warden-Context-Id"],
+)
+def test_warden_headers_never_go_upstream(name: str) -> None:
+    out = hdr.request_headers(proxy([(name, "wk-secret-value"), ("Accept", "*/*")]))
+    assert dict(out) == {"Accept": "*/*"}
+
+
+def test_agent_credentials_are_never_recorded() -> None:
+    recorded = hdr.recordable(
+        {
+            "X-Warden-Agent-Key": "wk-secret-value",
+            "X-Warden-Agent-Token": "eyJhbGciOi.secret.token",
+            "X-Warden-Agent": "refunds-bot",
+            "Accept": "application/json",
+        }
+    )
+    assert recorded == {"accept": "application/json"}
+    assert "secret" not in repr(recorded)
 
 
 def test_context_headers() -> None:

@@ -11,12 +11,13 @@ import copy
 import dataclasses
 import random
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import httpx2
 import openai
 import orjson
 import pytest
+from openai._models import construct_type
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ParsedChatCompletion
 
@@ -28,6 +29,7 @@ from tests.unit.streams import (
     Decide,
     allow_all,
     body,
+    carries_tool_delta,
     data,
     deny_all,
     deny_names,
@@ -37,7 +39,8 @@ from tests.unit.streams import (
     replay,
     take,
 )
-from warden.model import Decision, ToolCall, ToolResult, Usage
+from warden.errors import StreamViolation
+from warden.model import ActionKind, Decision, ToolCall, ToolResult, Usage
 from warden.protocols._wire import parse_arguments
 from warden.protocols.base import Adapter, StreamRewriter, blocked_message
 from warden.protocols.openai_chat import (
@@ -244,6 +247,9 @@ def test_tool_calls_from_recorded_body() -> None:
             raw_arguments='{"city": "Paris"}',
             arguments={"city": "Paris"},
             index=0,
+            key="c0.t0",
+            kind=ActionKind.TOOL_CALL,
+            wire_type="function",
         ),
         ToolCall(
             call_id=EMAIL_ID,
@@ -251,6 +257,9 @@ def test_tool_calls_from_recorded_body() -> None:
             raw_arguments='{"to": "cfo@example.com", "subject": "Q3 payroll export"}',
             arguments={"to": "cfo@example.com", "subject": "Q3 payroll export"},
             index=1,
+            key="c0.t1",
+            kind=ActionKind.TOOL_CALL,
+            wire_type="function",
         ),
     ]
 
@@ -313,15 +322,23 @@ def test_tool_calls_skip_what_they_do_not_understand() -> None:
         ]
     }
     [call] = ADAPTER.tool_calls(odd)
-    assert (call.call_id, call.name, call.index) == ("c1", "f", 0)
+    # Keyed by position in the list as sent, so a dropped entry shifts nothing.
+    assert (call.call_id, call.name, call.index, call.key) == ("c1", "f", 2, "c3.t2")
     assert ADAPTER.tool_calls({}) == []
     assert ADAPTER.tool_calls({"choices": {"0": {}}}) == []
 
 
-def test_custom_tool_input_is_surfaced_and_fails_closed() -> None:
+def test_custom_tool_free_text_reaches_the_policy_as_an_input_object() -> None:
     entry = {"id": "c1", "type": "custom", "custom": {"name": "apply_patch", "input": "*** diff"}}
     [call] = ADAPTER.tool_calls(message_body({"content": None, "tool_calls": [entry]}))
-    assert (call.name, call.raw_arguments, call.arguments) == ("apply_patch", "*** diff", None)
+    assert (call.name, call.raw_arguments) == ("apply_patch", "*** diff")
+    assert call.arguments == {"input": "*** diff"}
+
+
+def test_custom_tool_input_that_is_not_text_fails_closed() -> None:
+    entry = {"id": "c1", "type": "custom", "custom": {"name": "apply_patch", "input": {"a": 1}}}
+    [call] = ADAPTER.tool_calls(message_body({"content": None, "tool_calls": [entry]}))
+    assert call.arguments is None
 
 
 def test_legacy_function_call() -> None:
@@ -335,6 +352,8 @@ def test_legacy_function_call() -> None:
         name="get_weather",
         raw_arguments='{"city":"Oslo"}',
         arguments={"city": "Oslo"},
+        key="c0.f",
+        wire_type="function_call",
     )
 
 
@@ -352,7 +371,7 @@ def test_usage_from_recorded_bodies() -> None:
 
 
 def decisions_for(response: dict[str, Any], decide: Decide) -> dict[str, Decision]:
-    return {call.call_id: decide(call) for call in ADAPTER.tool_calls(response)}
+    return {call.key: decide(call) for call in ADAPTER.tool_calls(response)}
 
 
 def test_rewrite_allow_all_keeps_the_body() -> None:
@@ -391,14 +410,14 @@ def test_rewrite_mixed_denies_only_the_first() -> None:
     completion = ChatCompletion.model_validate(out)
     assert [c.id for c in completion.choices[0].message.tool_calls or []] == [EMAIL_ID]
     assert_no_trace(orjson.dumps(out), [weather], DENY)
-    assert ADAPTER.tool_calls(out) == [dataclasses.replace(email, index=0)]
+    assert ADAPTER.tool_calls(out) == [dataclasses.replace(email, index=0, key="c0.t0")]
 
 
 def test_rewrite_appends_after_existing_content() -> None:
     original = message_body(
         {"content": "Checking now.", "tool_calls": [function_call("c1", "wipe_disk", "{}")]}
     )
-    out = ADAPTER.rewrite(original, {"c1": HOLD})
+    out = ADAPTER.rewrite(original, {"c0.t0": HOLD})
     [call] = ADAPTER.tool_calls(original)
     text = out["choices"][0]["message"]["content"]
     assert text == f"Checking now.\n{blocked_message(call, HOLD)}"
@@ -408,7 +427,7 @@ def test_rewrite_appends_after_existing_content() -> None:
 
 def test_rewrite_without_a_decision_fails_closed() -> None:
     original = body("openai_chat_tools.json")
-    out = ADAPTER.rewrite(original, {WEATHER_ID: ALLOW})
+    out = ADAPTER.rewrite(original, {"c0.t0": ALLOW})
     message = out["choices"][0]["message"]
     assert [c["id"] for c in message["tool_calls"]] == [WEATHER_ID]
     assert "send_email" in message["content"]
@@ -417,7 +436,7 @@ def test_rewrite_without_a_decision_fails_closed() -> None:
 
 def test_rewrite_observe_mode_lets_a_deny_through() -> None:
     original = body("openai_chat_tools.json")
-    out = ADAPTER.rewrite(original, {WEATHER_ID: OBSERVED_DENY, EMAIL_ID: OBSERVED_DENY})
+    out = ADAPTER.rewrite(original, {"c0.t0": OBSERVED_DENY, "c0.t1": OBSERVED_DENY})
     assert out == original
 
 
@@ -447,11 +466,11 @@ def test_rewrite_legacy_function_call() -> None:
         {"content": None, "function_call": {"name": "get_weather", "arguments": "{}"}},
         finish="function_call",
     )
-    denied = ADAPTER.rewrite(legacy, {legacy_call_id(0): DENY})
+    denied = ADAPTER.rewrite(legacy, {"c0.f": DENY})
     assert "function_call" not in denied["choices"][0]["message"]
     assert denied["choices"][0]["finish_reason"] == "stop"
     ChatCompletion.model_validate(denied)
-    allowed = ADAPTER.rewrite(legacy, {legacy_call_id(0): ALLOW})
+    allowed = ADAPTER.rewrite(legacy, {"c0.f": ALLOW})
     assert allowed == legacy
 
 
@@ -492,27 +511,39 @@ def test_text_stream_passes_through_untouched_and_immediately() -> None:
     assert encoded(source) == raw("openai_chat_text.sse")
 
 
+def released(upstream: SseEvent, index: int, call: ToolCall) -> dict[str, Any]:
+    """The chunk an allowed call is sent as: the envelope of the chunk it started in."""
+    chunk: dict[str, Any] = data(upstream)
+    chunk["usage"] = None
+    function = {"name": call.name, "arguments": call.raw_arguments}
+    part = {"index": index, "id": call.call_id, "type": "function", "function": function}
+    chunk["choices"] = [
+        {"index": 0, "delta": {"tool_calls": [part]}, "logprobs": None, "finish_reason": None}
+    ]
+    return chunk
+
+
 def test_allow_all_parallel_stream() -> None:
     source = events("openai_chat_parallel_tools.sse")
     out, calls, rewriter = run(source, allow_all)
-    assert [(c.call_id, c.name, c.index) for c in calls] == [
-        (WEATHER_ID, "get_weather", 0),
-        (EMAIL_ID, "send_email", 1),
+    assert [(c.call_id, c.name, c.index, c.key) for c in calls] == [
+        (WEATHER_ID, "get_weather", 0, "c0.t0"),
+        (EMAIL_ID, "send_email", 1, "c0.t1"),
     ]
     assert calls[0].raw_arguments == '{"city": "Paris"}'
     assert calls[0].arguments == {"city": "Paris"}
     assert calls[1].arguments == {"to": "cfo@example.com", "subject": "Q3 payroll export"}
 
-    first = data(source[0])
-    role_part = copy.deepcopy(first)
+    role_part = data(source[0])
     del role_part["choices"][0]["delta"]["tool_calls"]
-    call_part = copy.deepcopy(first)
-    call_part["choices"][0]["delta"] = {"tool_calls": first["choices"][0]["delta"]["tool_calls"]}
-    assert data(out[0]) == role_part
-    assert data(out[1]) == call_part
-    assert len(out) == len(source) + 1
-    for sent, upstream in zip(out[2:], source[1:], strict=True):
-        assert sent is upstream
+    # Each allowed call is one canonical delta, rendered from what was decided.
+    assert [data(e) for e in out[:3]] == [
+        role_part,
+        released(source[0], 0, calls[0]),
+        released(source[4], 1, calls[1]),
+    ]
+    assert out[3:] == source[8:]
+    assert all(a is b for a, b in zip(out[3:], source[8:], strict=True))
     assert rewriter.complete
     assert rewriter.usage == Usage(152, 58, 128)
 
@@ -562,13 +593,10 @@ def test_deny_all_parallel_stream() -> None:
 def test_mixed_stream_denies_the_first_of_two() -> None:
     source = events("openai_chat_parallel_tools.sse")
     out, calls, _ = run(source, deny_names("get_weather"))
-    weather = calls[0]
-    # The allowed call moves from index 1 to 0, so its chunks are rebuilt.
-    for event, upstream in zip(out[2:6], source[4:8], strict=True):
-        expected = data(upstream)
-        expected["choices"][0]["delta"]["tool_calls"][0]["index"] = 0
-        assert data(event) == expected
-    assert out[6] is source[8], "a call was allowed: the finish reason stays tool_calls"
+    weather, email = calls
+    # The allowed call moves from index 1 to 0.
+    assert data(out[2]) == released(source[4], 0, email)
+    assert out[3] is source[8], "a call was allowed: the finish reason stays tool_calls"
 
     final = accumulate(out)
     choice = final.choices[0]
@@ -577,7 +605,7 @@ def test_mixed_stream_denies_the_first_of_two() -> None:
     assert [(t.id, t.function.name) for t in choice.message.tool_calls or []] == [
         (EMAIL_ID, "send_email")
     ]
-    assert (choice.message.tool_calls or [])[0].function.arguments == calls[1].raw_arguments
+    assert (choice.message.tool_calls or [])[0].function.arguments == email.raw_arguments
     assert_no_trace(encoded(out), [weather], DENY)
 
 
@@ -592,12 +620,14 @@ def test_mixed_stream_denies_the_second_of_two() -> None:
     assert_no_trace(encoded(out), [calls[1]], DENY)
 
 
-def test_allowed_text_then_tool_stream_is_byte_identical() -> None:
+def test_allowed_text_then_tool_stream_keeps_text_and_assembles_alike() -> None:
     source = events("openai_chat_text_then_tool.sse")
     out, calls, rewriter = run(source, allow_all)
     assert [c.name for c in calls] == ["search_docs"]
-    assert all(a is b for a, b in zip(out, source, strict=True))
-    assert encoded(out) == raw("openai_chat_text_then_tool.sse")
+    assert all(a is b for a, b in zip(out[:3], source[:3], strict=True))
+    assert len(out) == len(source) - 2, "three call fragments became one delta"
+    assert all(a is b for a, b in zip(out[4:], source[6:], strict=True))
+    assert accumulate(out) == accumulate(source)
     assert rewriter.usage is None
 
 
@@ -637,10 +667,10 @@ def test_finish_reason_is_decided_after_the_last_resolve() -> None:
         assert data(finish)["choices"][0]["finish_reason"] == expected
 
 
-def test_observe_mode_stream_is_unchanged() -> None:
+def test_observe_mode_stream_assembles_unchanged() -> None:
     source = events("openai_chat_text_then_tool.sse")
     out, _, _ = run(source, lambda call: OBSERVED_DENY)
-    assert encoded(out) == raw("openai_chat_text_then_tool.sse")
+    assert accumulate(out) == accumulate(source)
 
 
 def test_require_approval_stream_explains_the_hold() -> None:
@@ -727,20 +757,56 @@ def test_truncated_stream_yields_held_calls_on_finish() -> None:
     assert list(rewriter.finish()) == []
 
 
-def test_unparseable_and_unknown_events_pass_through() -> None:
+def test_events_without_choices_pass_through() -> None:
     rewriter = ADAPTER.stream_rewriter()
     odd = [
-        SseEvent(data="not json"),
-        SseEvent(data="[1, 2]"),
         SseEvent(data='{"object": "keepalive"}'),
-        SseEvent(data='{"choices": "x"}'),
-        SseEvent(data='{"choices": [1, null]}'),
         SseEvent(data='{"error": {"message": "boom"}}', event="error"),
-        SseEvent(data=""),
+        SseEvent(data='{"choices": null, "usage": null}'),
     ]
     for event in odd:
         assert list(rewriter.feed(event)) == [event]
     assert not rewriter.complete
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        "",
+        "[1, 2]",
+        "null",
+        '"chunk"',
+        '{"choices": "x"}',
+        '{"choices": {"0": {}}}',
+        '{"choices": [1, null]}',
+        '{"choices": [{"delta": {"content": "no index"}}]}',
+        '{"choices": [{"index": "0", "delta": {}}]}',
+        '{"choices": [{"index": true, "delta": {}}]}',
+        '{"choices": [{"index": 1, "delta": {"content": "choice 1 before 0"}}]}',
+        '{"choices": [{"index": -1, "delta": {}}]}',
+        '{"choices": [{"index": 0, "delta": "x"}]}',
+        '{"choices": [{"index": 0, "delta": {"tool_calls": {"0": {}}}}]}',
+        '{"choices": [{"index": 0, "delta": {"tool_calls": ["x"]}}]}',
+        '{"choices": [{"index": 0, "delta": {"tool_calls": [{"id": "c", "type": "function"}]}}]}',
+        '{"choices": [{"index": 0, "delta": {"tool_calls": [{"index": "0"}]}}]}',
+        '{"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0.0}]}}]}',
+        '{"choices": [{"index": 0, "delta": {"function_call": "rm -rf /"}}]}',
+        '{"choices": [{"index": 0, "delta": {"tool_calls": [' + "[" * 5000 + "]}]}",
+    ],
+)
+def test_unparseable_or_misshapen_events_violate(text: str) -> None:
+    rewriter = ADAPTER.stream_rewriter()
+    with pytest.raises(StreamViolation):
+        list(rewriter.feed(SseEvent(data=text)))
+
+
+def test_a_call_in_a_chunk_that_cannot_be_parsed_is_never_forwarded() -> None:
+    # A chunk that orjson refuses but the SDK's json parses, with a stray byte after it.
+    rewriter = ADAPTER.stream_rewriter()
+    bad = tool_delta(0, '{"x": 1}', call_id="c", name="wipe").data + " }"
+    with pytest.raises(StreamViolation):
+        list(rewriter.feed(SseEvent(data=bad)))
 
 
 def test_chunk_with_content_and_tool_delta_keeps_the_content() -> None:
@@ -797,37 +863,58 @@ def test_two_choices_are_decided_and_renumbered_separately() -> None:
     assert [(t.to_dict()["index"], t.id) for t in one.message.tool_calls or []] == [(0, "call_c1b")]
 
 
-def test_new_id_at_the_same_index_is_a_new_call() -> None:
-    # Some OpenAI-compatible servers number every call 0 and tell them apart by id.
+def test_a_second_id_at_the_same_index_extends_the_call_as_the_sdk_does() -> None:
+    # The SDK concatenates every string of one index: it runs ONE call,
+    # named "alphabeta", so that is what is decided (and it is not JSON).
     source = [
         tool_delta(0, '{"x": 1}', call_id="call_1", name="alpha", role="assistant"),
         tool_delta(0, '{"x": 2}', call_id="call_2", name="beta"),
         finish_event("tool_calls"),
         DONE,
     ]
+    assert [
+        (t.id, t.function.name, t.function.arguments)
+        for t in accumulate(source).choices[0].message.tool_calls or []
+    ] == [("call_1call_2", "alphabeta", '{"x": 1}{"x": 2}')]
     out, calls, _ = run(source, allow_all)
-    assert [(c.call_id, c.name, c.arguments) for c in calls] == [
-        ("call_1", "alpha", {"x": 1}),
-        ("call_2", "beta", {"x": 2}),
+    assert [(c.call_id, c.name, c.raw_arguments, c.arguments, c.key) for c in calls] == [
+        ("call_1call_2", "alphabeta", '{"x": 1}{"x": 2}', None, "c0.t0")
     ]
-    tools = accumulate(out).choices[0].message.tool_calls or []
-    assert [(t.to_dict()["index"], t.id, t.function.arguments) for t in tools] == [
-        (0, "call_1", '{"x": 1}'),
-        (1, "call_2", '{"x": 2}'),
-    ]
+    out, calls, _ = run(source, deny_names("alphabeta"))
+    assert accumulate(out).choices[0].message.tool_calls is None
+    assert_no_trace(encoded(out), calls, DENY)
 
 
-def test_late_fragment_of_a_decided_call_is_dropped() -> None:
+@pytest.mark.parametrize(
+    "late",
+    [
+        tool_delta(0, ', "recursive": true}'),  # after another call started
+        tool_delta(0, "", call_id="call_9", name="rm"),  # a second start at the position
+        tool_delta(1, "{}", call_id="call_3", name="ls"),  # after the choice finished
+        chunk_event([{"index": 0, "delta": {"function_call": {"arguments": "{}"}}}]),
+    ],
+)
+def test_a_delta_touching_a_decided_call_violates(late: SseEvent) -> None:
+    rewriter = ADAPTER.stream_rewriter()
     source = [
         tool_delta(0, '{"path": "/tmp"}', call_id="call_1", name="rm", role="assistant"),
         tool_delta(1, "{}", call_id="call_2", name="ls"),
-        tool_delta(0, ', "recursive": true}'),
+        chunk_event([{"index": 0, "delta": {"function_call": {"name": "f", "arguments": "{}"}}}]),
         finish_event("tool_calls"),
-        DONE,
     ]
-    out, calls, _ = run(source, allow_all)
-    assert [c.name for c in calls] == ["rm", "ls"]
+    out: list[SseEvent] = []
+    for event in source:
+        out += take(rewriter, rewriter.feed(event), allow_all)[0]
+    with pytest.raises(StreamViolation):
+        take(rewriter, rewriter.feed(late), allow_all)
     assert b"recursive" not in encoded(out)
+
+
+def test_a_call_after_done_violates() -> None:
+    rewriter = ADAPTER.stream_rewriter()
+    list(rewriter.feed(DONE))
+    with pytest.raises(StreamViolation):
+        list(rewriter.feed(tool_delta(0, "{}", call_id="c", name="late", role="assistant")))
 
 
 def test_legacy_function_call_stream() -> None:
@@ -865,7 +952,7 @@ def test_legacy_function_call_stream() -> None:
     assert (fc.name, fc.arguments) == ("get_weather", '{"city":"Oslo"}')
 
 
-def test_resolve_accepts_an_equal_copy_and_ignores_unknown_calls() -> None:
+def test_resolve_goes_by_key_and_renders_what_was_yielded() -> None:
     source = events("openai_chat_text_then_tool.sse")
     rewriter = ADAPTER.stream_rewriter()
     items = [item for event in source[:6] for item in rewriter.feed(event)]
@@ -873,8 +960,11 @@ def test_resolve_accepts_an_equal_copy_and_ignores_unknown_calls() -> None:
     [call] = [i for i in rewriter.feed(source[6]) if isinstance(i, ToolCall)]
     stranger = ToolCall(call_id="call_nobody", name="x", raw_arguments="{}", arguments={})
     assert rewriter.resolve(stranger, ALLOW) == []
-    copied = dataclasses.replace(call)
-    assert len(rewriter.resolve(copied, ALLOW)) == 3
+    # A copy with other values cannot change what the agent receives.
+    forged = dataclasses.replace(call, name="other", raw_arguments='{"query": "x"}')
+    [sent] = rewriter.resolve(forged, ALLOW)
+    [part] = data(sent)["choices"][0]["delta"]["tool_calls"]
+    assert part["function"] == {"name": call.name, "arguments": call.raw_arguments}
     assert rewriter.resolve(call, ALLOW) == [], "a call is released once"
 
 
@@ -903,3 +993,233 @@ def test_duplicate_argument_keys_count_as_malformed() -> None:
     raw, parsed = parse_arguments('{"amount": 10, "amount": 10000}')
     assert raw == '{"amount": 10, "amount": 10000}'
     assert parsed is None
+
+
+# --- issue 9: every call decided, by position, under the field the SDK dispatches on -------
+
+
+@pytest.mark.parametrize(
+    ("raw_text", "why"),
+    [
+        ('{"a": NaN}', "NaN"),
+        ('{"a": -Infinity}', "infinity"),
+        ('{"a": 1e400}', "overflows to infinity"),
+        ('{"a": 18446744073709551616}', "past unsigned 64 bits"),
+        ('{"a": -9223372036854775809}', "below signed 64 bits"),
+        ('{"a": "\\ud800"}', "a lone surrogate"),
+        ('{"a": ' + "[" * 64 + "]" * 64 + "}", "65 levels deep"),
+        ('{"a": 1, "a": 2}', "duplicate keys"),
+    ],
+)
+def test_arguments_a_policy_cannot_take_fail_closed(raw_text: str, why: str) -> None:
+    raw_out, parsed = parse_arguments(raw_text)
+    assert raw_out == raw_text, why
+    assert parsed is None, why
+
+
+def test_arguments_at_the_limits_are_kept() -> None:
+    deep = '{"a": ' + "[" * 63 + "]" * 63 + "}"
+    edges = '{"u": 18446744073709551615, "s": -9223372036854775808, "f": 1.5e300}'
+    assert parse_arguments(deep)[1] is not None
+    assert parse_arguments(edges)[1] == {"u": 2**64 - 1, "s": -(2**63), "f": 1.5e300}
+    assert parse_arguments({"a": float("nan")})[1] is None  # an object sent as an object
+
+
+def test_each_call_type_is_read_from_the_field_the_sdk_dispatches_on() -> None:
+    entries = [
+        # A custom call with a decoy function object: the SDK runs the custom tool.
+        {
+            "id": "c",
+            "type": "custom",
+            "custom": {"name": "wipe_disk", "input": '{"all": true}'},
+            "function": {"name": "search_kb", "arguments": "{}"},
+        },
+        # A function call with a decoy custom object.
+        {
+            "id": "f",
+            "type": "function",
+            "function": {"name": "search_kb", "arguments": '{"q": 1}'},
+            "custom": {"name": "wipe_disk", "input": "{}"},
+        },
+        # No type at all: the SDK builds a function tool call from it.
+        {"id": "n", "function": {"name": "lookup", "arguments": "{}"}},
+        # A type Warden does not know: decided as an unknown call.
+        {"id": "m", "type": "mcp", "mcp": {"name": "drop_table", "arguments": "{}"}},
+    ]
+    calls = ADAPTER.tool_calls(message_body({"content": None, "tool_calls": entries}))
+    assert [(c.key, c.kind, c.wire_type, c.name, c.raw_arguments) for c in calls] == [
+        ("c0.t0", ActionKind.CUSTOM_TOOL_CALL, "custom", "wipe_disk", '{"all": true}'),
+        ("c0.t1", ActionKind.TOOL_CALL, "function", "search_kb", '{"q": 1}'),
+        ("c0.t2", ActionKind.TOOL_CALL, "function", "lookup", "{}"),
+        ("c0.t3", ActionKind.UNKNOWN_CALL, "mcp", "drop_table", orjson.dumps(entries[3]).decode()),
+    ]
+    assert calls[3].arguments == entries[3]
+
+
+def test_allowed_calls_are_rendered_from_the_decision_without_decoys() -> None:
+    entries = [
+        {
+            "id": "c",
+            "type": "custom",
+            "custom": {"name": "patch", "input": '{"file": "a"}'},
+            "function": {"name": "search_kb", "arguments": "{}"},
+            "x_vendor": {"note": "dropped"},
+        },
+        {"id": "n", "function": {"name": "lookup", "arguments": {"q": 1}}},
+        {"id": "m", "type": "mcp", "mcp": {"name": "tool", "arguments": "{}"}},
+    ]
+    original = message_body({"content": None, "tool_calls": entries})
+    out = ADAPTER.rewrite(original, decisions_for(original, allow_all))
+    assert out["choices"][0]["message"]["tool_calls"] == [
+        {"id": "c", "type": "custom", "custom": {"name": "patch", "input": '{"file": "a"}'}},
+        {"id": "n", "type": "function", "function": {"name": "lookup", "arguments": '{"q":1}'}},
+        entries[2],  # an allowed unknown call is exactly the entry that was decided
+    ]
+    # Parsed as the client does (an unknown type is no model a strict parse accepts).
+    completion = cast(ChatCompletion, construct_type(type_=ChatCompletion, value=out))
+    assert [t.type for t in completion.choices[0].message.tool_calls or []] == [
+        "custom",
+        "function",
+        "mcp",
+    ]
+
+
+def test_calls_sharing_an_id_or_having_none_are_decided_one_by_one() -> None:
+    entries = [
+        function_call("call_same", "search_kb", '{"q": "x"}'),
+        function_call("call_same", "export_customers", "{}"),
+        {"type": "function", "function": {"name": "search_kb", "arguments": "{}"}},
+        {"type": "function", "function": {"name": "export_customers", "arguments": "{}"}},
+    ]
+    original = message_body({"content": None, "tool_calls": entries})
+    calls = ADAPTER.tool_calls(original)
+    assert [c.key for c in calls] == ["c0.t0", "c0.t1", "c0.t2", "c0.t3"]
+    out = ADAPTER.rewrite(original, decisions_for(original, deny_names("export_customers")))
+    kept = out["choices"][0]["message"]["tool_calls"]
+    assert [t["function"]["name"] for t in kept] == ["search_kb", "search_kb"]
+    assert "export_customers" not in orjson.dumps(kept).decode()
+
+
+def test_same_index_in_two_choices_is_two_calls() -> None:
+    def choice(index: int, name: str) -> dict[str, Any]:
+        message = {"role": "assistant", "tool_calls": [function_call("call_1", name, "{}")]}
+        return {"index": 0, "message": message, "finish_reason": "tool_calls"}
+
+    original = {"choices": [choice(0, "search_kb"), choice(1, "export_customers")]}
+    out = ADAPTER.rewrite(original, decisions_for(original, deny_names("export_customers")))
+    assert "tool_calls" in out["choices"][0]["message"]
+    assert "tool_calls" not in out["choices"][1]["message"]
+    assert out["choices"][1]["finish_reason"] == "stop"
+
+
+def custom_delta(index: int, **part: Any) -> SseEvent:
+    return chunk_event(
+        [{"index": 0, "delta": {"tool_calls": [{"index": index, **part}]}, "finish_reason": None}]
+    )
+
+
+def test_streamed_custom_call_with_a_decoy_is_decided_as_the_custom_call() -> None:
+    source = [
+        custom_delta(
+            0,
+            id="call_c",
+            type="custom",
+            custom={"name": "wipe_disk", "input": '{"all"'},
+            function={"name": "search_kb", "arguments": "{}"},
+        ),
+        custom_delta(0, custom={"input": ": true}"}),
+        finish_event("tool_calls"),
+        DONE,
+    ]
+    out, [call], _ = run(source, deny_names("wipe_disk"))
+    assert (call.kind, call.name, call.arguments) == (
+        ActionKind.CUSTOM_TOOL_CALL,
+        "wipe_disk",
+        {"input": '{"all": true}'},
+    )
+    assert accumulate(out).choices[0].message.tool_calls is None
+    assert b"search_kb" not in encoded(out), "the decoy is not replayed either"
+    out, _, _ = run(source, allow_all)
+    [sent] = [e for e in out if carries_tool_delta(e)]
+    assert data(sent)["choices"][0]["delta"]["tool_calls"] == [
+        {
+            "index": 0,
+            "id": "call_c",
+            "type": "custom",
+            "custom": {"name": "wipe_disk", "input": '{"all": true}'},
+        }
+    ]
+
+
+def test_streamed_unknown_type_is_an_unknown_call() -> None:
+    source = [
+        custom_delta(0, id="call_m", type="mcp", mcp={"name": "drop_table", "arguments": "{}"}),
+        finish_event("tool_calls"),
+        DONE,
+    ]
+    out, [call], _ = run(source, lambda c: DENY if c.kind is ActionKind.UNKNOWN_CALL else ALLOW)
+    assert (call.kind, call.wire_type, call.name) == (ActionKind.UNKNOWN_CALL, "mcp", "drop_table")
+    assert b"drop_table" not in encoded(out).replace(blocked_message(call, DENY).encode(), b"")
+    assert accumulate(out).choices[0].finish_reason == "stop"
+
+
+def test_a_chunk_with_lenient_literals_is_parsed_and_its_call_held() -> None:
+    # Python-based compatible servers write NaN; the SDK parses it and would run the call.
+    text = tool_delta(0, '{"amount": 5000}', call_id="c", name="refund", role="assistant").data
+    text = text[:-1] + ',"x_score":NaN,"x_big":1e400,"x_id":123456789012345678901234567890}'
+    out, [call], _ = run([SseEvent(data=text), finish_event("tool_calls"), DONE], deny_all)
+    assert call.arguments == {"amount": 5000}
+    assert b"5000" not in encoded(out)
+    assert accumulate(out).choices[0].message.tool_calls is None
+
+
+def test_allowed_streamed_call_is_one_canonical_delta_of_the_decided_values() -> None:
+    source = [
+        tool_delta(0, '{"amount"', call_id="call_", name="ref", role="assistant"),
+        tool_delta(0, ": 5}", call_id="x", name="und"),  # strings concatenate, as in the SDK
+        finish_event("tool_calls"),
+        DONE,
+    ]
+    out, [call], _ = run(source, allow_all)
+    assert (call.call_id, call.name, call.raw_arguments) == ("call_x", "refund", '{"amount": 5}')
+    sent = [data(e)["choices"][0]["delta"] for e in out if carries_tool_delta(e)]
+    assert sent == [
+        {
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": "call_x",
+                    "type": "function",
+                    "function": {"name": "refund", "arguments": '{"amount": 5}'},
+                }
+            ]
+        }
+    ]
+    [tool] = accumulate(out).choices[0].message.tool_calls or []
+    assert (tool.id, tool.function.name, tool.function.arguments) == (
+        call.call_id,
+        call.name,
+        call.raw_arguments,
+    )
+
+
+def test_a_choice_whose_first_chunk_is_only_a_call_keeps_its_slot() -> None:
+    # The SDK appends a choice it has not seen; if choice 1's first chunk were dropped,
+    # choice 2 would take its slot and their calls would merge.
+    source = [
+        chunk_event([{"index": 0, "delta": {"role": "assistant", "content": "a"}}]),
+        tool_delta(0, "{}", call_id="call_1", name="one", choice=1),
+        chunk_event([{"index": 2, "delta": {"role": "assistant", "content": "b"}}]),
+        tool_delta(0, "{}", call_id="call_2", name="two", choice=2),
+        finish_event("tool_calls", choice=1),
+        finish_event("tool_calls", choice=2),
+        DONE,
+    ]
+    out, calls, _ = run(source, allow_all)
+    assert [c.key for c in calls] == ["c1.t0", "c2.t0"]
+    final = accumulate(out)
+    assert [[t.function.name for t in c.message.tool_calls or []] for c in final.choices] == [
+        [],
+        ["one"],
+        ["two"],
+    ]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
 from warden.config import PolicyConfig
-from warden.model import Action, ActionKind, Agent, Effect, Mode, RequestMeta, Stage
-from warden.pipeline import GuardContext
+from warden.model import Action, ActionKind, Agent, Decision, Effect, Mode, RequestMeta, Stage
+from warden.pipeline import MAX_INPUT_DEPTH, GuardContext, Pipeline, input_problem, policy_input
 from warden.policy.engine import PolicyResult, interpret_output
 from warden.policy.guard import PolicyGuard
 from warden.policy.metrics import PolicyMetrics
@@ -101,6 +103,10 @@ class Recorder(PolicyMetrics):
         self.fallbacks.append((reason, risk))
 
 
+def action_with(arguments: dict[str, Any]) -> Action:
+    return dataclasses.replace(action("search_kb"), arguments=arguments)
+
+
 def action(tool: str = "issue_refund") -> Action:
     return Action(
         action_id="act_1",
@@ -185,7 +191,9 @@ async def test_undefined_uses_default_effect() -> None:
 @pytest.mark.parametrize(
     "code", ["policy_timeout", "policy_crash", "policy_error", "policy_not_ready"]
 )
-async def test_errors_fall_back_by_risk(risk: str, effect: Effect, code: str) -> None:
+async def test_errors_the_input_did_not_cause_fall_back_by_risk(
+    risk: str, effect: Effect, code: str
+) -> None:
     decision, metrics, _ = await decide(
         PolicyResult(effect=None, error=code, detail="secret detail", elapsed_us=50_000),
         GuardContext(mode=Mode.ENFORCE, risk=risk),
@@ -196,3 +204,109 @@ async def test_errors_fall_back_by_risk(risk: str, effect: Effect, code: str) ->
     assert decision.bundle_revision == "r9"
     assert "secret detail" not in decision.reason
     assert metrics.fallbacks == [(code.removeprefix("policy_"), risk)]
+
+
+@pytest.mark.parametrize("risk", ["read_only", "write", "high"])
+@pytest.mark.parametrize("code", ["policy_timeout", "policy_crash", "policy_error"])
+async def test_errors_the_input_may_have_caused_are_denied_whatever_the_fallback(
+    risk: str, code: str
+) -> None:
+    decision, metrics, _ = await decide(
+        PolicyResult(effect=None, error=code, input_fault=True),
+        GuardContext(mode=Mode.ENFORCE, risk=risk),
+        fallback={"read_only": "allow", "write": "allow", "high": "require_approval"},
+    )
+    assert decision.effect is Effect.DENY
+    assert decision.guard == "fallback"
+    assert decision.error == code
+    assert "on this input" in decision.reason
+    assert f"not given the fallback for {risk} actions" in decision.reason
+    assert metrics.fallbacks == [(code.removeprefix("policy_"), risk)]
+
+
+# -- the pipeline refuses inputs the engine cannot take as they are ----------------------
+
+
+def nest(depth: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("arguments", "problem"),
+    [
+        ({"n": 2**70}, "input.action.arguments.n is an integer past 64 bits"),
+        ({"n": -(2**63) - 1}, "input.action.arguments.n is an integer past 64 bits"),
+        ({"a": [1, {"b": 2**64}]}, "input.action.arguments.a[1].b is an integer past 64 bits"),
+        ({"x": math.nan}, "input.action.arguments.x is nan, which JSON cannot carry"),
+        ({"x": [math.inf]}, "input.action.arguments.x[0] is inf, which JSON cannot carry"),
+        ({"x": -math.inf}, "input.action.arguments.x is -inf, which JSON cannot carry"),
+        ({"deep": nest(300)}, "input.action.arguments.deep[0][0][0]… nests deeper than 64 levels"),
+        ({"s": "\ud800"}, "it cannot be encoded as JSON"),
+    ],
+)
+def test_inputs_the_engine_cannot_take_are_named(arguments: dict[str, Any], problem: str) -> None:
+    doc = policy_input(action_with(arguments), GuardContext(mode=Mode.ENFORCE))
+    found = input_problem(doc)
+    assert found is not None
+    assert found.startswith(problem), found
+
+
+def test_inputs_at_the_bounds_are_taken() -> None:
+    # input (1) > action (2) > arguments (3): a list in the arguments may nest 61 more.
+    def doc(deep: Any) -> dict[str, Any]:
+        arguments = {"max": 2**63 - 1, "min": -(2**63), "f": 1e308, "deep": deep}
+        return policy_input(action_with(arguments), GuardContext(mode=Mode.ENFORCE))
+
+    assert input_problem(doc(nest(MAX_INPUT_DEPTH - 3))) is None
+    assert "nests deeper than 64 levels" in (input_problem(doc(nest(MAX_INPUT_DEPTH - 2))) or "")
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [("context", {"ticket": 2**80}), ("claims", {"exp": math.inf}), ("claims", {"x": nest(80)})],
+)
+def test_every_part_of_the_input_is_checked(where: str, value: dict[str, Any]) -> None:
+    act = action_with({"ok": 1})
+    if where == "context":
+        act = dataclasses.replace(act, context=value)
+    else:
+        act = dataclasses.replace(act, agent=Agent("support-bot", "3", claims=value))
+    assert input_problem(policy_input(act, GuardContext(mode=Mode.ENFORCE))) is not None
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.decisions: list[Decision] = []
+
+    async def record_decision(self, action: Action, decision: Decision) -> None:
+        self.decisions.append(decision)
+
+    async def record_outcome(
+        self, action: Action, decision_id: str, outcome: Any, *, cost: float | None = None
+    ) -> None:
+        pass
+
+
+async def test_the_pipeline_denies_them_before_any_guard_or_fallback() -> None:
+    # The policy would fail on such input; for a read_only tool the fallback
+    # would allow. Validation decides first, so neither happens.
+    engine = FakeEngine(PolicyResult(effect=None, error="policy_error"))
+    guard = PolicyGuard(engine, PolicyConfig(), metrics=Recorder())  # type: ignore[arg-type]
+    sink = Sink()
+    pipeline = Pipeline(
+        [guard], sink, mode_for=lambda _: Mode.ENFORCE, risk_of=lambda _: "read_only"
+    )
+    decision = await pipeline.decide(action_with({"query": "x", "n": 2**70}))
+    assert decision.effect is Effect.DENY
+    assert decision.guard == "validation"
+    assert decision.reason == (
+        "the policy cannot check this action: input.action.arguments.n is an integer past 64 bits"
+    )
+    assert engine.seen == []
+    assert sink.decisions == [decision]
+    # An ordinary input goes on to the policy (and its fallback).
+    assert (await pipeline.decide(action_with({"query": "x"}))).guard == "fallback"
+    assert len(engine.seen) == 1

@@ -1,29 +1,145 @@
-"""Which requests Warden parses, and which pass through as plain LLM calls."""
+"""The route allowlist: what Warden parses, what passes as a plain call, what it refuses."""
 
 from __future__ import annotations
 
 import pytest
 
-from warden.protocols.registry import adapter_for
+from warden.config import load_config
+from warden.errors import ConfigError
+from warden.protocols.registry import PassthroughRule, RouteMatch, match_route
+
+GOVERNED = "governed"
+PLAIN = "plain"
+REFUSED = "refused"
+
+
+def classify(match: RouteMatch | None) -> str:
+    if match is None:
+        return REFUSED
+    return f"{GOVERNED}:{match.adapter.name}" if match.adapter is not None else PLAIN
+
+
+def route(family: str, method: str, tail: str, passthrough: tuple[str, ...] = ()) -> str:
+    rules = [PassthroughRule.parse(spec) for spec in passthrough]
+    return classify(match_route(family, method, tail.split("/"), rules))
 
 
 @pytest.mark.parametrize(
     ("family", "method", "tail", "expected"),
     [
-        ("openai", "POST", "v1/chat/completions", "openai.chat"),
-        ("openai", "POST", "chat/completions", "openai.chat"),  # base URL already has /v1
-        ("openai", "POST", "v1/responses", "openai.responses"),
-        # A stored response fetched later carries the same calls: decided too.
-        ("openai", "GET", "v1/responses/resp_123", "openai.responses"),
-        ("openai", "GET", "v1/responses/resp_123/input_items", None),
-        ("openai", "GET", "v1/models", None),
-        ("openai", "POST", "v1/embeddings", None),
-        ("anthropic", "POST", "v1/messages", "anthropic.messages"),
-        ("anthropic", "POST", "v1/messages/count_tokens", None),
-        ("anthropic", "GET", "v1/messages", None),
-        ("http", "POST", "v1/chat/completions", None),
+        ("openai", "POST", "v1/chat/completions", "governed:openai.chat"),
+        ("openai", "POST", "chat/completions", "governed:openai.chat"),  # base URL has /v1
+        ("openai", "POST", "openai/deployments/gpt4/chat/completions", "governed:openai.chat"),
+        # A stored completion is a ChatCompletion: its calls are decided too.
+        ("openai", "GET", "v1/chat/completions/chatcmpl-1", "governed:openai.chat"),
+        ("openai", "POST", "v1/chat/completions/chatcmpl-1", "governed:openai.chat"),
+        ("openai", "POST", "v1/responses", "governed:openai.responses"),
+        ("openai", "GET", "v1/responses/resp_123", "governed:openai.responses"),
+        ("openai", "POST", "v1/responses/resp_123/cancel", "governed:openai.responses"),
+        ("anthropic", "POST", "v1/messages", "governed:anthropic.messages"),
+        # Known to carry no tool calls.
+        ("openai", "GET", "v1/models", PLAIN),
+        ("openai", "GET", "v1/models/gpt-4o", PLAIN),
+        ("openai", "POST", "v1/embeddings", PLAIN),
+        ("openai", "POST", "v1/moderations", PLAIN),
+        ("openai", "DELETE", "v1/chat/completions/chatcmpl-1", PLAIN),
+        ("anthropic", "GET", "v1/models", PLAIN),
+        ("anthropic", "GET", "v1/models/claude-sonnet-4-5", PLAIN),
+        ("anthropic", "POST", "v1/messages/count_tokens", PLAIN),
+        # Carry tool calls in shapes Warden does not parse: refused.
+        ("openai", "GET", "v1/chat/completions", REFUSED),
+        ("openai", "GET", "v1/chat/completions/chatcmpl-1/messages", REFUSED),
+        ("openai", "GET", "v1/responses/resp_123/input_items", REFUSED),
+        ("anthropic", "GET", "v1/messages", REFUSED),
+        ("anthropic", "POST", "v1/messages/batches", REFUSED),
+        # Not known at all.
+        ("openai", "GET", "v1/files", REFUSED),
+        ("openai", "POST", "v1/completions", REFUSED),
+        ("openai", "PUT", "v1/chat/completions", REFUSED),
+        ("openai", "GET", "", REFUSED),
+        ("anthropic", "POST", "v1/chat/completions", REFUSED),
+        ("unknown", "POST", "v1/chat/completions", REFUSED),
+        # http upstreams are tool APIs: every route is forwarded as an http_call.
+        ("http", "POST", "v1/chat/completions", PLAIN),
+        ("http", "DELETE", "orders/1", PLAIN),
     ],
 )
-def test_adapter_for(family: str, method: str, tail: str, expected: str | None) -> None:
-    adapter = adapter_for(family, method, tail)
-    assert (adapter.name if adapter is not None else None) == expected
+def test_route_allowlist(family: str, method: str, tail: str, expected: str) -> None:
+    assert route(family, method, tail) == expected
+
+
+def test_a_resource_name_later_in_the_path_does_not_make_a_governed_route_plain() -> None:
+    # The route starts at the first resource segment: a stored completion named
+    # "models" is still a stored completion.
+    assert route("openai", "GET", "v1/chat/completions/models") == "governed:openai.chat"
+    assert route("openai", "GET", "v1/responses/x/models/y") == REFUSED
+    assert route("openai", "GET", "v1/models/chat") == PLAIN  # a model named "chat"
+
+
+def test_stored_response_reads_the_stream_flag_from_the_query() -> None:
+    match = match_route("openai", "GET", ["v1", "responses", "resp_1"])
+    assert match is not None
+    assert match.stream_query
+    assert not match.parse_request
+    post = match_route("openai", "POST", ["v1", "responses"])
+    assert post is not None
+    assert post.parse_request
+    assert not post.stream_query
+
+
+@pytest.mark.parametrize(
+    ("family", "patterns", "method", "tail", "expected"),
+    [
+        ("openai", ("GET v1/files",), "GET", "v1/files", PLAIN),
+        ("openai", ("GET v1/files",), "POST", "v1/files", REFUSED),
+        ("openai", ("GET v1/files",), "GET", "v1/files/file-1", REFUSED),
+        ("openai", ("get v1/files/*",), "GET", "v1/files/file-1", PLAIN),
+        ("openai", ("GET v1/files/*",), "GET", "v1/files/file-1/content", REFUSED),
+        ("openai", ("* v1/batches/**",), "POST", "v1/batches/b1/cancel", PLAIN),
+        ("openai", ("* v1/batches/**",), "GET", "v1/batches", REFUSED),  # '**': one or more
+        ("openai", ("GET /v1/files/",), "GET", "v1/files", PLAIN),  # outer slashes ignored
+        # Pass-through never opens a governed resource or overrides its adapter.
+        ("openai", ("GET v1/chat/completions",), "GET", "v1/chat/completions", REFUSED),
+        ("openai", ("* v1/**",), "GET", "v1/responses/resp_1/input_items", REFUSED),
+        ("openai", ("* v1/**",), "POST", "v1/chat/completions", "governed:openai.chat"),
+        ("anthropic", ("* v1/**",), "POST", "v1/messages/batches", REFUSED),
+    ],
+)
+def test_passthrough_patterns(
+    family: str, patterns: tuple[str, ...], method: str, tail: str, expected: str
+) -> None:
+    assert route(family, method, tail, patterns) == expected
+    if expected == PLAIN:
+        rules = [PassthroughRule.parse(spec) for spec in patterns]
+        match = match_route(family, method, tail.split("/"), rules)
+        assert match is not None
+        assert match.passthrough
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("FETCH v1/files", "HTTP method"),
+        ("v1/files", "HTTP method"),
+        ("GET", "needs a path"),
+        ("GET  ", "needs a path"),
+        ("GET v1//files", "segment ''"),
+        ("GET v1/../admin", "segment '..'"),
+        ("GET v1/fil*", "segment 'fil*'"),
+        ("GET v1/**/x", "'**' may only be the last"),
+        ("GET v1/a\\b", "segment"),
+    ],
+)
+def test_bad_passthrough_patterns_say_what_is_wrong(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match="must|needs|may only") as caught:
+        PassthroughRule.parse(spec)
+    assert message in str(caught.value)
+    assert repr(spec) in str(caught.value)
+
+
+def test_config_names_the_key_of_a_bad_passthrough_pattern() -> None:
+    upstream = {"protocol": "openai", "base_url": "https://api.example", "passthrough": ["GET"]}
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={}, overrides={"upstreams": {"llm": upstream}})
+    assert "upstreams.llm.passthrough" in str(caught.value)
+    assert "needs a path" in str(caught.value)

@@ -8,7 +8,10 @@ the final decision the agent gets, and records it:
 - ``defer`` answers at once, with the approval id, and lets the same call
   through once after it is approved;
 - a hold interrupted by Warden stopping is answered as deferred, so the
-  approval stays decidable after a restart.
+  approval stays decidable after a restart; a hold whose process died is
+  deferred when Warden next starts (:meth:`Approvals.recover`);
+- a retry of a call whose hold was lost waits on that same approval again
+  rather than raising a second one, and is deferred again if still undecided.
 
 An approved action is checked against kill switches again, its budget is
 reserved again, and the decision that lets it through is recorded with the
@@ -39,6 +42,7 @@ def approval_settings(config: ApprovalsConfig) -> ApprovalSettings:
         defer_ttl_s=config.defer_ttl_s,
         mode=config.mode,
         required_approvals=config.required_approvals,
+        orphan_after_s=config.orphan_after_s,
         webhook_url=hook.url,
         webhook_secret=hook.secret,
         webhook_format=hook.format,
@@ -92,10 +96,12 @@ class ApprovalGate:
         if how == "defer" or self._stopping.is_set():
             approval = await self.approvals.request(action, decision, mode="defer")
             return _pending(decision, approval)
-        approval = await self.approvals.request(action, decision, mode="hold")
         timeout = decision.obligations.hold_timeout_s or self._settings.hold_timeout_s
+        adopted = await self.approvals.adopt(action, timeout)
+        approval = adopted or await self.approvals.request(action, decision, mode="hold")
         try:
-            approval = await self._wait(approval, timeout)
+            # An adopted approval was a deferral: the wait must not expire it.
+            approval = await self._wait(approval, timeout, expire=adopted is None)
         except asyncio.CancelledError:
             # The agent went away: the approval stays decidable, as a deferral.
             await asyncio.shield(self.approvals.defer(approval.id))
@@ -108,8 +114,8 @@ class ApprovalGate:
             return _pending(decision, deferred or approval)
         return await self._refused(action, decision, approval)
 
-    async def _wait(self, approval: Approval, timeout_s: float) -> Approval:
-        waiting = asyncio.ensure_future(self.approvals.wait(approval.id, timeout_s))
+    async def _wait(self, approval: Approval, timeout_s: float, *, expire: bool) -> Approval:
+        waiting = asyncio.ensure_future(self.approvals.wait(approval.id, timeout_s, expire=expire))
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -76,6 +76,8 @@ class ApprovalSettings:
     webhook_timeout_s: float = 5.0
     poll_interval_s: float = 0.5
     sweep_interval_s: float = 5.0
+    orphan_after_s: float = 30.0
+    """A hold whose process sent no heartbeat for this long is deferred by another."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -88,6 +90,8 @@ class ApprovalSettings:
             raise ValueError("approvals.required_approvals must be at least 1")
         if self.hold_timeout_s <= 0 or self.defer_ttl_s <= 0:
             raise ValueError("approval timeouts must be positive")
+        if self.orphan_after_s <= 0:
+            raise ValueError("approvals.orphan_after_s must be positive")
         if self.webhook_tries < 1:
             raise ValueError("approvals.webhook.tries must be at least 1")
         if self.webhook_url is not None:
@@ -146,6 +150,8 @@ class Approval:
     decided_by: str | None = None
     comment: str = ""
     consumed_at: float | None = None
+    owner: str | None = None
+    """The instance id of the process keeping a ``hold`` open (:mod:`warden.approvals.owner`)."""
 
     @property
     def approved_by(self) -> tuple[str, ...]:

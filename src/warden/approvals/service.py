@@ -16,6 +16,13 @@ Every step is an audit record linked to the decision id: ``approval_requested``,
 Several sidecars may share one database: decisions are atomic in SQLite, and
 a waiter is woken at once by a decision made in its own process and within
 ``poll_interval_s`` by one made elsewhere.
+
+A hold is owned by the process keeping its request open
+(:mod:`warden.approvals.owner`). When that process is gone (killed, even with
+``SIGKILL``), the hold becomes a deferral: at start for owners that are
+provably dead, and within ``orphan_after_s`` for those whose heartbeat
+stopped. An agent retrying the same call then waits on that approval again
+(:meth:`Approvals.adopt`) or, once it is approved, passes once.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from warden.approvals.model import (
     rfc3339,
 )
 from warden.approvals.notify import Delivery, Notifier
+from warden.approvals.owner import Owner
 from warden.approvals.store import ApprovalStore
 from warden.audit.record import action_body, arguments_sha256
 from warden.model import Action, Decision, new_id
@@ -69,11 +77,17 @@ class Approvals:
     """Human approval of high-impact actions; create with :meth:`open`."""
 
     def __init__(
-        self, store: ApprovalStore, audit: AuditSinkLike, settings: ApprovalSettings
+        self,
+        store: ApprovalStore,
+        audit: AuditSinkLike,
+        settings: ApprovalSettings,
+        *,
+        owner: Owner | None = None,
     ) -> None:
         self._store = store
         self._audit = audit
         self.settings = settings
+        self.owner = owner if owner is not None else Owner.current()
         self._notifier = Notifier(settings, self._record_delivery)
         # One event per approval someone in this process waits on; a decision
         # here sets and drops it, so waiters wake at once.
@@ -84,12 +98,29 @@ class Approvals:
 
     @classmethod
     async def open(
-        cls, state_url: str, audit: AuditSinkLike, settings: ApprovalSettings
+        cls,
+        state_url: str,
+        audit: AuditSinkLike,
+        settings: ApprovalSettings,
+        *,
+        owner: Owner | None = None,
     ) -> Approvals:
-        """Open the approvals table in the state database and start the expiry sweeper."""
+        """Open the approvals table, defer the holds of dead processes, start the sweeper."""
         store = await ApprovalStore.open(state_url)
-        self = cls(store, audit, settings)
-        await self._refresh_gauge()
+        self = cls(store, audit, settings, owner=owner)
+        try:
+            await self._store.heartbeat(self.owner, time.time())
+            recovered = await self.recover()
+            if recovered:
+                log.warning(
+                    "approvals: %d hold(s) of a stopped Warden became deferrals; "
+                    "once approved, the agent's retry passes once",
+                    recovered,
+                )
+            await self._refresh_gauge()
+        except BaseException:
+            await store.close()
+            raise
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         return self
 
@@ -105,7 +136,14 @@ class Approvals:
         await self._notifier.close()
         for event in self._events.values():
             event.set()
-        await self._store.close()
+        try:
+            # Holds still open now have no request: without an owner row they
+            # are deferred by the next Warden that starts (or sweeps).
+            await self._store.release(self.owner)
+        except Exception:
+            log.warning("approvals: could not release this process's holds", exc_info=True)
+        finally:
+            await self._store.close()
 
     async def drain_notifications(self, timeout_s: float = 10.0) -> None:
         """Wait for webhook deliveries in flight (tests, orderly shutdown)."""
@@ -171,6 +209,7 @@ class Approvals:
             redacted=tuple(shown["redacted"]),
             created_at=now,
             expires_at=now + (ttl if ttl is not None else self.settings.defer_ttl_s),
+            owner=self.owner.instance if mode == "hold" else None,
         )
         # Record first: a request on file without a row is harmless; a pending
         # row nobody can prove was requested is not.
@@ -194,13 +233,14 @@ class Approvals:
         self._notifier.notify("approval.requested", approval)
         return approval
 
-    async def wait(self, approval_id: str, timeout_s: float) -> Approval:
+    async def wait(self, approval_id: str, timeout_s: float, *, expire: bool = True) -> Approval:
         """Wait until the approval is decided, or expire it after ``timeout_s``.
 
         Returns the approval as it then is: ``approved``, ``rejected`` or
         ``expired`` (also ``consumed`` if someone used it meanwhile; still
-        ``pending`` only when the service is closing). A timeout never
-        approves. Raises :class:`ApprovalNotFound` for an unknown id.
+        ``pending`` when the service is closing, or at the timeout when not
+        ``expire``). A timeout never approves. Raises
+        :class:`ApprovalNotFound` for an unknown id.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout_s)
@@ -225,6 +265,8 @@ class Approvals:
                     return approval
         finally:
             self._events.pop(approval_id, None)
+        if not expire:
+            return approval
         expired = await self._store.expire(approval_id, time.time())
         if expired is None:  # decided in the meantime
             final = await self._store.get(approval_id)
@@ -245,6 +287,40 @@ class Approvals:
         if grant is not None:
             await self._executed(grant, action.action_id)
         return grant
+
+    async def adopt(self, action: Action, hold_timeout_s: float) -> Approval | None:
+        """Hold a pending deferral for exactly this call again, if there is one.
+
+        The agent retried a call whose hold was lost (Warden stopped or was
+        killed): it waits on that approval instead of raising a second one.
+        The caller waits with ``expire=False`` and defers it again when the
+        wait ends undecided, so the deferral keeps its time to be decided.
+        """
+        now = time.time()
+        return await self._store.adopt(
+            self._binding_of(action), self.owner.instance, now, now + hold_timeout_s
+        )
+
+    async def recover(self) -> int:
+        """Defer the holds of processes that are gone; return how many.
+
+        Runs at :meth:`open` and with every sweep; see :mod:`warden.approvals.owner`.
+        """
+        now = time.time()
+        recovered = await self._store.recover(
+            self.owner, now, self.settings.orphan_after_s, now + self.settings.defer_ttl_s
+        )
+        for approval in recovered:
+            await self._record(
+                "approval_deferred",
+                approval,
+                {
+                    "reason": "the Warden process holding the request is gone",
+                    "status": approval.status.value,
+                    "expires_at": rfc3339(approval.expires_at),
+                },
+            )
+        return len(recovered)
 
     async def defer(self, approval_id: str) -> Approval | None:
         """A hold whose request is gone (Warden stopping, the agent gone) becomes deferred.
@@ -423,9 +499,14 @@ class Approvals:
         self._gauge_labels |= counts.keys()
 
     async def _sweep(self) -> None:
+        # The heartbeat must come well within orphan_after_s, or siblings
+        # would take this process's live holds for lost ones.
+        tick = min(self.settings.sweep_interval_s, self.settings.orphan_after_s / 3)
         while True:
-            await asyncio.sleep(self.settings.sweep_interval_s)
+            await asyncio.sleep(tick)
             try:
+                await self._store.heartbeat(self.owner, time.time())
+                await self.recover()
                 await self.expire_due()
                 await self._refresh_gauge()
             except asyncio.CancelledError:

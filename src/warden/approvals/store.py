@@ -13,6 +13,7 @@ import builtins
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
@@ -25,6 +26,8 @@ from warden.approvals.model import (
     ApprovalStatus,
     Vote,
 )
+from warden.approvals.owner import Owner, provably_dead, stale
+from warden.errors import ConfigError
 from warden.state.base import SqliteStore, immediate
 
 __all__ = ["ApprovalStore"]
@@ -54,16 +57,26 @@ CREATE TABLE IF NOT EXISTS approvals (
     decided_at       REAL,
     decided_by       TEXT,
     comment          TEXT NOT NULL DEFAULT '',
-    consumed_at      REAL
+    consumed_at      REAL,
+    owner            TEXT
 );
 CREATE INDEX IF NOT EXISTS approvals_status ON approvals (status, created_at);
 CREATE INDEX IF NOT EXISTS approvals_binding ON approvals (binding, status);
+CREATE TABLE IF NOT EXISTS approval_owners (
+    instance     TEXT PRIMARY KEY,
+    host         TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    started      TEXT NOT NULL,
+    heartbeat_at REAL NOT NULL
+);
 """
 _COLUMNS = (
     "id, decision_id, action_id, agent, tool, arguments, arguments_sha256, binding, mode, "
     "reason, risk, approvers, required, redacted, status, created_at, expires_at, votes, "
-    "decided_at, decided_by, comment, consumed_at"
+    "decided_at, decided_by, comment, consumed_at, owner"
 )
+# Columns added after the first release, created on open when an older file lacks them.
+_ADDED_COLUMNS = (("owner", "TEXT"),)
 
 
 class ApprovalStore(SqliteStore):
@@ -71,6 +84,22 @@ class ApprovalStore(SqliteStore):
 
     SCHEMA = _SCHEMA
     NAME = "approvals"
+
+    @classmethod
+    def _connect(cls, path: Path) -> sqlite3.Connection:
+        conn = super()._connect(path)
+        try:
+            with immediate(conn) as cur:
+                have = {row[1] for row in cur.execute("PRAGMA table_info(approvals)")}
+                for name, kind in _ADDED_COLUMNS:
+                    if name not in have:
+                        cur.execute(f"ALTER TABLE approvals ADD COLUMN {name} {kind}")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise ConfigError(
+                f"state.url: cannot upgrade the approvals table in {path}: {exc}"
+            ) from None
+        return conn
 
     # -- reads -------------------------------------------------------------------
 
@@ -123,7 +152,7 @@ class ApprovalStore(SqliteStore):
         with immediate(self._conn) as cur:
             cur.execute(
                 f"INSERT INTO approvals ({_COLUMNS}) VALUES "  # noqa: S608
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 _to_row(a),
             )
 
@@ -295,6 +324,103 @@ class ApprovalStore(SqliteStore):
             )
             return [a for a in (self._get(i) for i in ids) if a is not None]
 
+    # -- owners of holds -----------------------------------------------------------
+
+    async def heartbeat(self, owner: Owner, now: float) -> None:
+        """Say that ``owner`` is alive (creating its row, or re-creating one a sibling dropped)."""
+        await self._run(self._heartbeat, owner, now)
+
+    def _heartbeat(self, owner: Owner, now: float) -> None:
+        with immediate(self._conn) as cur:
+            cur.execute(
+                "INSERT INTO approval_owners (instance, host, pid, started, heartbeat_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (instance) DO UPDATE SET heartbeat_at = ?",
+                (owner.instance, owner.host, owner.pid, owner.started, now, now),
+            )
+
+    async def release(self, owner: Owner) -> None:
+        """Drop ``owner``'s row: it stops (its holds were answered as deferred first)."""
+        await self._run(self._release, owner)
+
+    def _release(self, owner: Owner) -> None:
+        with immediate(self._conn) as cur:
+            cur.execute("DELETE FROM approval_owners WHERE instance = ?", (owner.instance,))
+
+    async def recover(
+        self, me: Owner, now: float, orphan_after_s: float, expires_at: float
+    ) -> builtins.list[Approval]:
+        """Turn the holds of dead owners into deferrals; return them.
+
+        A hold is pending (or approved but not yet delivered) in ``hold``
+        mode; its owner is dead when :func:`provably_dead` or its heartbeat is
+        :func:`stale` (no owner row at all counts as stale: rows from before
+        owners were recorded, or an owner that stopped). Holds of this
+        process and of live siblings are left alone. One transaction, so two
+        sidecars recovering at once convert each hold once.
+        """
+        return await self._run(self._recover, me, now, orphan_after_s, expires_at)
+
+    def _recover(
+        self, me: Owner, now: float, orphan_after_s: float, expires_at: float
+    ) -> builtins.list[Approval]:
+        with immediate(self._conn) as cur:
+            owners = {
+                row[0]: (Owner(row[0], row[1], int(row[2]), row[3]), float(row[4]))
+                for row in cur.execute(
+                    "SELECT instance, host, pid, started, heartbeat_at FROM approval_owners"
+                )
+            }
+            dead = {
+                instance
+                for instance, (owner, beat) in owners.items()
+                if provably_dead(owner, me) or stale(beat, now, orphan_after_s)
+            }
+            dead.discard(me.instance)
+            held = cur.execute(
+                "SELECT id, owner FROM approvals "
+                "WHERE mode = 'hold' AND status IN ('pending', 'approved')"
+            ).fetchall()
+            ids = [
+                aid
+                for aid, owner in held
+                if owner != me.instance and (owner is None or owner not in owners or owner in dead)
+            ]
+            cur.executemany(
+                "UPDATE approvals SET mode = 'defer', expires_at = MAX(expires_at, ?) WHERE id = ?",
+                [(expires_at, i) for i in ids],
+            )
+            cur.executemany(
+                "DELETE FROM approval_owners WHERE instance = ?", [(i,) for i in sorted(dead)]
+            )
+            return [a for a in (self._get(i) for i in ids) if a is not None]
+
+    async def adopt(
+        self, binding: str, owner: str, now: float, hold_until: float
+    ) -> Approval | None:
+        """Hold the oldest pending deferral with this binding in ``owner``; ``None`` if none.
+
+        An agent that retries a call whose hold was lost (Warden stopped or
+        died) waits on that same approval again instead of raising another.
+        ``expires_at`` is never shortened: the deferral stays decidable.
+        """
+        return await self._run(self._adopt, binding, owner, now, hold_until)
+
+    def _adopt(self, binding: str, owner: str, now: float, hold_until: float) -> Approval | None:
+        with immediate(self._conn) as cur:
+            row = cur.execute(
+                "SELECT id FROM approvals WHERE binding = ? AND status = 'pending' "
+                "AND mode = 'defer' AND expires_at > ? ORDER BY created_at, id LIMIT 1",
+                (binding, now),
+            ).fetchone()
+            if row is None:
+                return None
+            cur.execute(
+                "UPDATE approvals SET mode = 'hold', owner = ?, "
+                "expires_at = MAX(expires_at, ?) WHERE id = ?",
+                (owner, hold_until, row[0]),
+            )
+            return self._get(row[0])
+
 
 def _update(cur: sqlite3.Cursor, a: Approval) -> None:
     cur.execute(
@@ -336,6 +462,7 @@ def _to_row(a: Approval) -> tuple[Any, ...]:
         a.decided_by,
         a.comment,
         a.consumed_at,
+        a.owner,
     )
 
 
@@ -363,6 +490,7 @@ def _from_row(row: Sequence[Any]) -> Approval:
         decided_by,
         comment,
         consumed_at,
+        owner,
     ) = row
     return Approval(
         id=aid,
@@ -389,6 +517,7 @@ def _from_row(row: Sequence[Any]) -> Approval:
         decided_by=decided_by,
         comment=comment,
         consumed_at=None if consumed_at is None else float(consumed_at),
+        owner=owner,
     )
 
 

@@ -35,22 +35,26 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from warden.audit import metrics
 from warden.audit.checkpoint import Checkpoint, NoteSigner
 from warden.audit.layout import Layout, LogMeta
 from warden.audit.merkle import CompactRange, leaf_hash
 from warden.audit.record import (
+    REDACTED,
     RESERVED_KINDS,
     SCHEMA_VERSION,
     ApprovalEvidence,
     RecordRef,
     action_body,
+    arguments_digest,
     decision_body,
     encode,
     mask_credentials,
     outcome_body,
 )
+from warden.audit.redaction import REDACT_ALL
 from warden.audit.segments import SegmentWriter, TreeState, frame, open_writer
-from warden.audit.subjects import SubjectKeys
+from warden.audit.subjects import UNUSABLE, SubjectKeys, subject_value
 from warden.config import AuditConfig
 from warden.errors import AuditError
 from warden.model import Action, Decision, Outcome
@@ -66,6 +70,8 @@ COALESCE_S = 0.01
 """With ``fsync: batch``, how long an acknowledged record may stay only in the page cache."""
 _REDACTION_MEMORY = 65_536  # decisions whose redactions outcome records must repeat
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
+UNUSABLE_REF = "unusable"
+"""The ``subject`` of a record whose subject value could not be keyed (its fields are redacted)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +92,7 @@ def _open_blocking(config: AuditConfig) -> _Opened:
     lock_fd = layout.lock()
     try:
         signer = layout.signer(meta.origin, config.signing_key_file)
-        subjects = SubjectKeys.open(layout.root)
+        subjects = SubjectKeys.open(layout.root, max_keys=config.subjects.max_keys)
         writer, state = open_writer(layout.root, config.segment_max_bytes)
         files = layout.checkpoint_files()
         checkpointed = int(files[-1].name) if files else 0
@@ -218,22 +224,36 @@ class AuditLog:
         caller must then not let the action through.
         """
         redact = decision.obligations.redact
-        if redact:
-            self._remember_redactions(decision.decision_id, redact)
+        self._remember_redactions(decision.decision_id, redact)
         act = action_body(action, redact)
+        agent: dict[str, Any] = {"id": action.agent.id, "version": action.agent.version}
+        if action.agent.claims:
+            # The proof behind the id: which token vouched for this agent.
+            agent["claims"] = dict(action.agent.claims)
         fields = {
-            "agent": {"id": action.agent.id, "version": action.agent.version},
+            "agent": agent,
             "action": act,
             "decision": decision_body(decision),
             "approval": approval.as_dict() if approval is not None else None,
         }
         ref, aead = await self._subject_key(action)
         personal: dict[str, Any] = {}
-        if aead is not None:
+        if ref is not None:
             for name in ("arguments", "raw_arguments", "context"):
                 if act[name] is not None:
                     personal[f"action.{name}"] = act[name]
                     act[name] = None
+        if ref is not None and aead is None:
+            # A subject whose fields cannot be sealed: they are kept only redacted.
+            for path in personal:
+                name = path.removeprefix("action.")
+                act[name] = REDACTED
+                act["redacted"] = sorted({*act["redacted"], name})
+            if act["arguments_sha256"] is None:
+                act["arguments_sha256"] = arguments_digest(action.arguments, action.raw_arguments)
+            if act["argument_keys"] is None and action.arguments is not None:
+                act["argument_keys"] = sorted(str(k) for k in action.arguments)
+            personal = {}
         await self._commit("decision", fields, ref, aead, personal)[1]
 
     async def record_outcome(
@@ -242,10 +262,12 @@ class AuditLog:
         """Record what happened after an action was let through.
 
         The decision's redaction obligations apply to the tool result too
-        (paths ``result`` or ``result.<field>``). Raises :class:`AuditError`
+        (paths ``result`` or ``result.<field>``). A decision this process did
+        not record (or no longer remembers) has unknown redactions, so the
+        result is then kept only as its hash. Raises :class:`AuditError`
         like :meth:`record_decision`.
         """
-        out = outcome_body(outcome, self._redactions.get(decision_id, ()), cost)
+        out = outcome_body(outcome, self._redactions.get(decision_id, REDACT_ALL), cost)
         fields = {
             "agent": {"id": action.agent.id, "version": action.agent.version},
             "action": {
@@ -260,9 +282,14 @@ class AuditLog:
         }
         ref, aead = await self._subject_key(action)
         personal: dict[str, Any] = {}
-        if aead is not None and out["result"] is not None:
-            personal["outcome.result"] = out["result"]
-            out["result"] = None
+        if ref is not None and out["result"] is not None:
+            if aead is not None:
+                personal["outcome.result"] = out["result"]
+                out["result"] = None
+            else:  # cannot be sealed: kept only as its hash
+                full = outcome_body(outcome, ("result",), cost)
+                out["result"], out["result_sha256"] = REDACTED, full["result_sha256"]
+                out["redacted"] = ["result"]
         await self._commit("outcome", fields, ref, aead, personal, urgent=False)[1]
 
     async def append(self, kind: str, body: Mapping[str, Any]) -> RecordRef:
@@ -303,14 +330,26 @@ class AuditLog:
             del memory[next(iter(memory))]
 
     async def _subject_key(self, action: Action) -> tuple[str | None, AESGCM | None]:
-        customer = action.context.get("customer_id") if action.context else None
-        if customer is None or customer == "":
+        """The action's subject reference and key.
+
+        ``(None, None)``: no configured source names a subject. A reference
+        without a key: the fields are personal but cannot be sealed (the key
+        store is full, or the value cannot name a subject), so the caller
+        records them redacted.
+        """
+        value = subject_value(action, self._config.subjects.sources)
+        if value is None:
             return None, None
-        ref = self._subjects.ref(str(customer))
+        if value is UNUSABLE or not isinstance(value, str):
+            metrics.SUBJECT_KEYS_REFUSED.labels("unusable").inc()
+            return UNUSABLE_REF, None
+        ref = self._subjects.ref(value)
         aead = self._subjects.cached(ref)
         if aead is None:
             self._check_writable()
             aead = await self._blocking(self._subjects.load_or_create, ref)
+            if aead is None:
+                metrics.SUBJECT_KEYS_REFUSED.labels("full").inc()
         return ref, aead
 
     def _io_call(self, fn: Any, *args: Any) -> Any:

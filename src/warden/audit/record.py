@@ -9,7 +9,11 @@ Two defences run on every body before it is stored:
 * provider credentials are dropped from request headers and masked wherever a
   key named like a credential appears (``authorization``, ``x-api-key``...);
 * the policy's redaction obligations (``Decision.obligations.redact``) replace
-  the named argument or result paths with ``"[redacted]"``.
+  the named argument or result paths with ``"[redacted]"``. Arguments or a
+  result hidden whole keep only their SHA-256 (and the argument names), and
+  arguments that are not a JSON object are never written in plaintext: no
+  path inside them can be redacted. :mod:`warden.audit.redaction` makes sure
+  every decision carries its redactions, whoever decided it.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ __all__ = [
     "RecordRef",
     "action_body",
     "apply_redactions",
+    "arguments_digest",
     "arguments_sha256",
     "decision_body",
     "encode",
@@ -115,6 +120,24 @@ def arguments_sha256(arguments: Mapping[str, Any] | None) -> str:
     return hashlib.sha256(
         rfc8785.dumps(dict(arguments) if arguments is not None else None)
     ).hexdigest()
+
+
+def arguments_digest(arguments: Mapping[str, Any] | None, raw: str | None = None) -> str | None:
+    """The hash a record keeps of arguments it does not show.
+
+    :func:`arguments_sha256` of parsed arguments (what approvals bind to);
+    for values RFC 8785 cannot write (``NaN``, integers past its range), the
+    SHA-256 of the record encoding with sorted keys; for unparseable
+    arguments, the SHA-256 of their UTF-8 text. ``None`` when there are none.
+    """
+    if arguments is not None:
+        try:
+            return arguments_sha256(arguments)
+        except (TypeError, ValueError, OverflowError):
+            return hashlib.sha256(encode(dict(arguments))).hexdigest()
+    if raw is not None:
+        return _text_sha256(raw)
+    return None
 
 
 def encode(record: Mapping[str, Any]) -> bytes:
@@ -239,16 +262,21 @@ def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
     arguments: Any = None
     raw: str | None = None
     redacted: list[str] = []
+    digest: str | None = None
+    keys: list[str] | None = None
     if action.arguments is not None:
         if whole:
             arguments, redacted = REDACTED, ["arguments"]
+            digest = arguments_digest(action.arguments)
+            keys = sorted(str(k) for k in action.arguments)
         else:
             arguments = mask_credentials(action.arguments)
             redacted = apply_redactions(arguments, arg_paths)
     elif action.raw_arguments is not None:
-        # Unparseable arguments cannot be redacted path by path: all or nothing.
-        raw = REDACTED if arg_paths else action.raw_arguments
-        redacted = ["raw_arguments"] if arg_paths else []
+        # No path inside unparseable text can be redacted, and nothing can
+        # say it holds no personal data: it is never written in plaintext.
+        raw, redacted = REDACTED, ["raw_arguments"]
+        digest = arguments_digest(None, action.raw_arguments)
     req = action.request
     return {
         "id": action.action_id,
@@ -256,6 +284,8 @@ def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
         "tool": action.tool,
         "arguments": arguments,
         "raw_arguments": raw,
+        "arguments_sha256": digest,
+        "argument_keys": keys,
         "redacted": redacted,
         "protocol": action.protocol,
         "stage": action.stage,
@@ -294,24 +324,29 @@ def decision_body(decision: Decision) -> dict[str, Any]:
     }
 
 
+def _text_sha256(text: str) -> str:
+    # surrogatepass: a lone surrogate from a JSON escape must not fail the record.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def _result_body(result: str | None, paths: list[str]) -> tuple[Any, list[str], str | None]:
     """The recorded result, the redactions applied, and the full result's hash if cut."""
     if result is None:
         return None, [], None
     if "result" in paths:
-        return REDACTED, ["result"], None
+        return REDACTED, ["result"], _text_sha256(result)
     redacted: list[str] = []
     if paths:
         try:
             parsed = orjson.loads(result)
         except orjson.JSONDecodeError:
             # Not JSON: a path inside it cannot be found, so hide all of it.
-            return REDACTED, ["result"], None
+            return REDACTED, ["result"], _text_sha256(result)
         hit = apply_redactions(parsed, [p[len("result.") :] for p in paths])
         redacted = [f"result.{p}" for p in hit]
         result = orjson.dumps(parsed).decode()
     if len(result) > MAX_RESULT_CHARS:
-        digest = hashlib.sha256(result.encode()).hexdigest()
+        digest = _text_sha256(result)
         return result[:MAX_RESULT_CHARS], redacted, digest
     return result, redacted, None
 

@@ -6,15 +6,22 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from warden.config import CapCustomerConfig
 from warden.state import Counter, Hold
 
 __all__ = [
     "LLM_COUNTER",
+    "MAX_CUSTOMER_CHARS",
+    "Uncountable",
     "budget_document",
     "customer_of",
     "over_reason",
+    "pointer_get",
     "window_key",
 ]
+
+MAX_CUSTOMER_CHARS = 128
+"""Longer customer ids are cut: customers sharing a prefix share a counter (errs on the cap)."""
 
 LLM_COUNTER = "llm"
 """The counter name of LLM spend, as policies see it: ``input.budget.llm``."""
@@ -37,13 +44,65 @@ def window_key(window: str, now: datetime) -> str:
     raise ValueError(f"unknown window {window!r}")
 
 
-def customer_of(action_context: Mapping[str, Any], arguments: Mapping[str, Any]) -> str | None:
-    """The customer an action is for: its ``customer_id`` argument, else the context's."""
-    for source in (arguments, action_context):
-        value = source.get("customer_id")
-        if isinstance(value, str | int) and not isinstance(value, bool) and str(value):
-            return str(value)[:128]
+class Uncountable(ValueError):
+    """A value a cap needs is present but cannot be counted; the message says why."""
+
+
+def pointer_get(doc: Any, pointer: str) -> tuple[bool, Any]:
+    """Resolve an RFC 6901 JSON pointer: ``(True, value)``, or ``(False, None)`` if absent.
+
+    Array indexes are decimal without leading zeros, as the RFC says; ``-``
+    (past the end) never resolves.
+    """
+    if pointer == "":
+        return True, doc
+    node = doc
+    for raw in pointer[1:].split("/"):
+        step = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, Mapping):
+            if step not in node:
+                return False, None
+            node = node[step]
+        elif isinstance(node, list):
+            if not step.isdecimal() or (step != "0" and step.startswith("0")):
+                return False, None
+            index = int(step)
+            if index >= len(node):
+                return False, None
+            node = node[index]
+        else:
+            return False, None
+    return True, node
+
+
+def customer_of(
+    source: CapCustomerConfig,
+    action_context: Mapping[str, Any],
+    arguments: Mapping[str, Any],
+) -> str | None:
+    """The customer an action is for, or ``None`` when neither source names one.
+
+    The argument wins over the context: it is what the tool acts on. A JSON
+    ``null`` counts as absent. Raises :class:`Uncountable` for a value that is
+    present but not a customer id (an object, a boolean, an empty string...):
+    reading past it to the context would charge a customer the tool may not
+    touch.
+    """
+    if source.argument is not None:
+        found, value = pointer_get(arguments, source.argument)
+        if found and value is not None:
+            return _customer_id(value, f"the argument at {source.argument}")
+    if source.context is not None:
+        value = action_context.get(source.context)
+        if value is not None:
+            return _customer_id(value, f"the context's {source.context}")
     return None
+
+
+def _customer_id(value: Any, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        raise Uncountable(f"{where} is not a customer id (a non-empty string or an integer)")
+    return str(value)[:MAX_CUSTOMER_CHARS]
 
 
 def budget_document(

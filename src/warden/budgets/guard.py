@@ -5,9 +5,17 @@ For each action the guard works out what it would spend against which caps
 and reserves all of it in one state-store transaction, or none of it if any
 cap would be passed. The counters as they were before the reservation become
 ``input.budget`` for the policy. After the final decision a reservation that
-will not be used (denied, held for approval, not recorded) is released; after
-the outcome it is settled: a tool call at its argument value (or 0 if the
-tool reported an error), a model call at its cost from the response's usage.
+will not be used (denied, held for approval, not recorded) is released.
+
+A tool call let through is delivered to the agent, so its reservation counts
+as spent: its outcome settles it at the held value. Only a trusted outcome
+(from a tool API Warden fronts itself) that says the call failed releases it;
+the agent's own ``is_error`` does not, unless ``budgets.trust_agent_results``
+is set. A model call is settled at its cost from the response's usage.
+
+A per-customer cap takes the customer from the call's arguments (a JSON
+pointer) or the context; a call naming none gets the cap's ``missing``
+effect, never a pass.
 """
 
 from __future__ import annotations
@@ -18,13 +26,21 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from warden.budgets import metrics
-from warden.budgets.caps import LLM_COUNTER, budget_document, customer_of, over_reason, window_key
+from warden.budgets.caps import (
+    LLM_COUNTER,
+    Uncountable,
+    budget_document,
+    customer_of,
+    over_reason,
+    pointer_get,
+    window_key,
+)
 from warden.budgets.prices import PriceTable
 from warden.config import BudgetsConfig, CapConfig
 from warden.model import Action, ActionKind, Decision, Effect, Mode, Outcome, Usage, new_id
@@ -53,6 +69,14 @@ class _Line:
     currency: str
     over: str
     what: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """The counters an action touches, and the per-customer caps it names no customer for."""
+
+    lines: tuple[_Line, ...] = ()
+    unkeyed: tuple[CapConfig, ...] = ()
 
 
 class BudgetGuard:
@@ -119,11 +143,13 @@ class BudgetGuard:
         self, action: Action, ctx: GuardContext
     ) -> tuple[Decision | None, GuardContext]:
         """Reserve against every cap the action touches, or decide it passes one."""
-        lines = self._lines(action, ctx.mode)
-        if isinstance(lines, Decision):
-            return lines, ctx
+        plan = self._plan(action, ctx.mode)
+        if isinstance(plan, Decision):
+            return plan, ctx
+        unkeyed = self._unkeyed(action, ctx, plan.unkeyed) if plan.unkeyed else None
+        lines = list(plan.lines)
         if not lines:
-            return None, ctx
+            return unkeyed, ctx
         try:
             result = await self.store.reserve(
                 action.action_id,
@@ -144,18 +170,20 @@ class BudgetGuard:
             self._remember(action.action_id)
             self._gauge(action, lines, result.before, added=True)
         if not result.over:
-            return None, ctx
-        return self._over(action, ctx, lines, result.before, result.over), ctx
+            return unkeyed, ctx
+        over = self._over(action, ctx, lines, result.before, result.over)
+        return _stricter(over, unkeyed), ctx
 
     async def readmit(self, action: Action, mode: Mode) -> None:
         """Reserve again for an action people approved: its hold was released while it waited.
 
         Forced, like observe mode: the people who approved it saw the caps.
         """
-        lines = self._lines(action, mode)
-        if isinstance(lines, Decision) or not lines:
+        plan = self._plan(action, mode)
+        if isinstance(plan, Decision) or not plan.lines:
             return
-        await self.store.reserve(action.action_id, [line.hold for line in lines], force=True)
+        holds = [line.hold for line in plan.lines]
+        await self.store.reserve(action.action_id, holds, force=True)
         self._remember(action.action_id)
 
     async def decided(self, action: Action, decision: Decision | None) -> None:
@@ -167,10 +195,15 @@ class BudgetGuard:
         self._held.pop(action.action_id, None)
         await self._settle(action, {})
 
-    async def settle(self, action: Action, outcome: Outcome) -> float | None:
+    async def settle(
+        self, action: Action, outcome: Outcome, *, trusted: bool = False
+    ) -> float | None:
         """Settle the reservation to what the action really spent; return a model call's cost.
 
-        The cost (USD, from usage and the price table) goes into the outcome record.
+        A delivered tool call is spent at its held value, unless a failure is
+        reported by a ``trusted`` outcome (or by the agent, where the operator
+        trusts agents' results): then its value is released. The cost (USD,
+        from usage and the price table) goes into the outcome record.
         """
         cost = (
             self._llm_cost(action, outcome.usage)
@@ -180,22 +213,25 @@ class BudgetGuard:
         if action.action_id not in self._held:
             return cost
         del self._held[action.action_id]
-        actual: dict[str, float] = {}
+        actual: dict[str, float] | None
         if action.kind is ActionKind.LLM_CALL:
-            actual[LLM_COUNTER] = cost or 0.0
-        elif not (outcome.is_error or outcome.error):
-            for cap in self._caps.get(action.tool or "", ()):
-                value = _number((action.arguments or {}).get(cap.value))
-                actual[cap.name] = value if value is not None else 0.0
+            actual = {LLM_COUNTER: cost or 0.0}
+        elif (outcome.is_error or outcome.error) and (trusted or self.config.trust_agent_results):
+            actual = {}  # it did not happen: release
+        else:
+            actual = None  # delivered: spent as held, whatever the agent says
         await self._settle(action, actual)
         return cost
 
     # -- internals ---------------------------------------------------------------
 
-    def _lines(self, action: Action, mode: Mode) -> list[_Line] | Decision:
+    def _plan(self, action: Action, mode: Mode) -> _Plan | Decision:
         llm_capped = action.kind is ActionKind.LLM_CALL and self.config.llm is not None
-        if not llm_capped and (action.kind is not ActionKind.TOOL_CALL or not self._caps):
-            return []  # the common case costs no clock read and no I/O
+        # Caps go by tool name whatever kind of call names it, so a capped
+        # tool cannot be reached uncounted as a custom or MCP call.
+        caps = self._caps.get(action.tool or "") if action.kind is not ActionKind.LLM_CALL else None
+        if not llm_capped and not caps:
+            return _Plan()  # the common case costs no clock read and no I/O
         now = datetime.fromtimestamp(self._clock(), self._zone)
         agent = f"agent:{action.agent.id}"
         lines: list[_Line] = []
@@ -219,12 +255,12 @@ class BudgetGuard:
                     what="this model call",
                 )
             )
-        caps = self._caps.get(action.tool or "") if action.kind is ActionKind.TOOL_CALL else None
         if not caps:
-            return lines
+            return _Plan(tuple(lines))
         args = action.arguments or {}
+        unkeyed: list[CapConfig] = []
         for cap in caps:
-            value = _number(args.get(cap.value))
+            value = _number(_value_of(cap, args))
             if value is None or value < 0:
                 return self._refuse(
                     mode,
@@ -239,14 +275,20 @@ class BudgetGuard:
                     f"{currency}, so it cannot be checked",
                 )
             key = window_key(cap.window, now)
-            customer = customer_of(action.context, args) if "customer" in cap.per else None
+            customer = None
+            if "customer" in cap.per:
+                try:
+                    customer = customer_of(cap.customer, action.context, args)
+                except Uncountable as exc:
+                    return self._refuse(mode, f"{cap.name} cap: {exc}, so it cannot be checked")
             for per in cap.per:
                 if per == "agent":
                     subject, who = agent, "this agent"
                 elif customer is not None:
                     subject, who = f"customer:{customer}", f"customer {customer}"
                 else:
-                    continue  # no customer to attribute the value to
+                    unkeyed.append(cap)  # never skipped: the cap's `missing` applies
+                    continue
                 lines.append(
                     _Line(
                         cap=cap.name,
@@ -259,7 +301,33 @@ class BudgetGuard:
                         what=f"this {action.tool}",
                     )
                 )
-        return lines
+        return _Plan(tuple(lines), tuple(unkeyed))
+
+    def _unkeyed(self, action: Action, ctx: GuardContext, caps: tuple[CapConfig, ...]) -> Decision:
+        """The decision for a call that names no customer for per-customer caps."""
+        effect = Effect.REQUIRE_APPROVAL
+        reasons = []
+        for cap in caps:
+            metrics.CAP_HITS.labels(cap.name, f"missing_{cap.customer.missing}").inc()
+            if cap.customer.missing == "deny":
+                effect = Effect.DENY
+            sources = [
+                f"argument {cap.customer.argument}" if cap.customer.argument is not None else "",
+                f"context {cap.customer.context}" if cap.customer.context is not None else "",
+            ]
+            named = " or ".join(s for s in sources if s) or "no configured source"
+            outcome = "it is denied" if cap.customer.missing == "deny" else "it needs approval"
+            reasons.append(
+                f"{cap.name} cap: this {action.tool} names no customer ({named}), so the "
+                f"per-customer cap cannot be checked and {outcome}"
+            )
+        return Decision(
+            decision_id=new_id("dec"),
+            effect=effect,
+            reasons=tuple(reasons),
+            mode=ctx.mode,
+            guard="budget",
+        )
 
     def _over(
         self,
@@ -318,7 +386,7 @@ class BudgetGuard:
             error=STATE_UNAVAILABLE,
         )
 
-    async def _settle(self, action: Action, actual: Mapping[str, float]) -> None:
+    async def _settle(self, action: Action, actual: Mapping[str, float] | None) -> None:
         after = await self.store.settle(action.action_id, actual)
         agent = bounded("agent", action.agent.id)
         for counter in after:
@@ -351,6 +419,21 @@ class BudgetGuard:
         if len(self._held) > MAX_HELD:
             # The oldest reservation is left for expiry to settle.
             self._held.popitem(last=False)
+
+
+def _stricter(first: Decision, second: Decision | None) -> Decision:
+    """One decision for two budget findings: deny over approval, all reasons kept."""
+    if second is None:
+        return first
+    effect = Effect.DENY if Effect.DENY in (first.effect, second.effect) else first.effect
+    return replace(first, effect=effect, reasons=(*first.reasons, *second.reasons))
+
+
+def _value_of(cap: CapConfig, args: Mapping[str, Any]) -> Any:
+    """The capped value: a top-level argument by name, or any by JSON pointer."""
+    if cap.value.startswith("/"):
+        return pointer_get(args, cap.value)[1]
+    return args.get(cap.value)
 
 
 def _number(value: Any) -> float | None:

@@ -2,12 +2,14 @@
 
 Credentials are forwarded to the configured upstream (the agent owns them) but
 never recorded: recording uses an allowlist, so a new secret-bearing header
-cannot leak by default.
+cannot leak by default. Warden's own headers (``X-Warden-*``: the agent id, its
+proxy key ``X-Warden-Agent-Key`` and token ``X-Warden-Agent-Token``, context)
+are for Warden alone: never forwarded, never recorded. Who the agent is gets
+decided by :mod:`warden.identity`, not here.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -16,7 +18,6 @@ __all__ = [
     "AGENT_HEADER",
     "CONTEXT_PREFIX",
     "DECISION_HEADER",
-    "agent_from",
     "context_from",
     "recordable",
     "request_headers",
@@ -61,7 +62,6 @@ _RECORDABLE = frozenset(
         "x-request-id",
     }
 )
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 _MAX_CONTEXT_VALUE = 256
 
 
@@ -72,7 +72,7 @@ def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
 
 
 def request_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """Headers to send upstream: hop-by-hop and ``X-Warden-*`` removed."""
+    """Headers to send upstream: hop-by-hop and every ``X-Warden-*`` (credentials too) removed."""
     drop = _REQUEST_DROP | _connection_tokens(incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
@@ -96,15 +96,6 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 def recordable(incoming: Mapping[str, str]) -> dict[str, str]:
     """The few headers safe to keep in audit records (an allowlist: no secrets)."""
     return {k.lower(): v for k, v in incoming.items() if k.lower() in _RECORDABLE}
-
-
-def agent_from(incoming: Mapping[str, str], default: str) -> str | None:
-    """The agent id from ``X-Warden-Agent``, ``default`` if absent, ``None`` if malformed."""
-    value = incoming.get(AGENT_HEADER)
-    if value is None:
-        return default
-    value = value.strip()
-    return value if _ID_RE.match(value) else None
 
 
 def context_from(incoming: Mapping[str, str]) -> dict[str, str]:

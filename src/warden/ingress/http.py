@@ -5,7 +5,18 @@ adapter what the request and response contain, asks the pipeline for
 decisions, and writes what the adapter renders. It never decides itself.
 
 Only upstreams named in the configuration are reachable: the target host comes
-from ``base_url`` alone, never from the request (no open proxy, no SSRF).
+from ``base_url`` alone, never from the request (no open proxy, no SSRF). On
+LLM upstreams only allowlisted routes are (see :mod:`warden.protocols.registry`).
+
+The request target is percent-decoded exactly once. Routing, the policy's
+``input.action.path`` and the upstream all see that one decoded path (the
+upstream gets it re-encoded canonically), so no encoding trick can make
+Warden and the upstream disagree on which route was asked for.
+
+Which responses are parsed follows what the official SDKs read, not the
+response's content type: a governed request that asked to stream is read as
+SSE, any other 2xx on a governed route must be a JSON object, and a 3xx is
+never relayed (the SDKs follow redirects, which would route around Warden).
 """
 
 from __future__ import annotations
@@ -13,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import aiohttp
 import orjson
@@ -32,14 +44,18 @@ from warden.errors import (
     BodyTooLarge,
     InvalidJSON,
     RequestError,
+    RouteNotGoverned,
+    StreamViolation,
     UnknownRoute,
     UnsupportedMedia,
     UpstreamError,
     UpstreamProtocol,
+    UpstreamRedirect,
     UpstreamTimeout,
     UpstreamUnavailable,
     WardenError,
 )
+from warden.identity import Identity
 from warden.ingress import headers as hdr
 from warden.killswitch import KillSwitches
 from warden.model import (
@@ -58,9 +74,15 @@ from warden.model import (
 )
 from warden.ops import metrics
 from warden.pipeline import Pipeline
+from warden.protocols import _wire
 from warden.protocols.base import Adapter, StreamItem, StreamRewriter
 from warden.protocols.errors import render_error, render_stream_error
-from warden.protocols.registry import adapter_for
+from warden.protocols.registry import (
+    PassthroughRule,
+    RouteMatch,
+    match_route,
+    under_governed_resource,
+)
 from warden.protocols.sse import SseEvent, SseParser, SseTooLarge, encode_comment
 
 __all__ = ["ProxyApp", "build_proxy_app"]
@@ -72,17 +94,34 @@ MAX_TRACKED_CALLS = 100_000
 # How long a stream may wait for data before kill switches are checked again.
 _KILL_CHECK_S = 0.25
 _JSON = "application/json"
+_SSE = "text/event-stream"
+# A "%" not starting a two-digit escape: the target is malformed, not literal.
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# RFC 3986 pchar: what a path segment keeps literal, as the SDKs encode it.
+_PCHAR_SAFE = "!$&'()*+,;=:@"
 
 
 @dataclass(frozen=True, slots=True)
 class _Route:
     name: str
     upstream: UpstreamConfig
-    tail: str
+    segments: tuple[str, ...]
+    """The decoded path after the upstream name, one entry per segment."""
+    match: RouteMatch
 
     @property
     def family(self) -> str:
         return self.upstream.protocol
+
+    @property
+    def path(self) -> str:
+        """The decoded path after the upstream name, as policies see it."""
+        return "/" + "/".join(self.segments)
+
+    @property
+    def forward_path(self) -> str:
+        """The same path re-encoded canonically for the upstream: decoded once, never twice."""
+        return "/".join(quote(segment, safe=_PCHAR_SAFE) for segment in self.segments)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +135,10 @@ class _Call:
     model: str | None
     adapter: Adapter | None
     hide_usage: bool = False
+    stream: bool = False
+    """The agent's request asked for a stream (body ``stream: true`` or ``?stream=true``)."""
+    call_ids: set[str] = field(default_factory=set)
+    """Tool call ids seen in this response so far: one seen twice is linked to nothing."""
 
 
 class ProxyApp:
@@ -115,6 +158,11 @@ class ProxyApp:
         self._session = session
         self._gate = gate
         self._killswitches = killswitches
+        self._identity = Identity(config)
+        self._passthrough = {
+            name: tuple(PassthroughRule.parse(spec) for spec in upstream.passthrough)
+            for name, upstream in config.upstreams.items()
+        }
         # Proposed calls by call id, so the results agents send back later can be
         # recorded as the outcome of the decision that let the call through.
         self._calls: OrderedDict[str, tuple[Action, str]] = OrderedDict()
@@ -150,57 +198,57 @@ class ProxyApp:
                 "Warden's base-URL listener is not a forward proxy; "
                 "send requests to /<upstream>/<path>"
             )
-        path = request.rel_url.raw_path
-        name, _, tail = path.lstrip("/").partition("/")
+        name, *tail = _decode_path(request.raw_path.partition("?")[0])
         upstream = self._config.upstreams.get(name)
         if upstream is None:
             known = ", ".join(sorted(self._config.upstreams)) or "none"
             raise UnknownRoute(f"no upstream named {name!r} (configured: {known})")
-        # Check the target as sent, decoded: the parsed URL has already had
-        # "%2e%2e" decoded and collapsed, which could walk out of base_url's path.
-        sent = unquote(request.raw_path.partition("?")[0])
-        segments = sent.lstrip("/").split("/")
-        if any(seg in ("", ".", "..") for seg in segments[:-1]) or segments[-1] in (".", ".."):
-            raise RequestError("path must not contain '.', '..' or empty segments")
-        if "\\" in sent or "\x00" in sent:
-            raise RequestError("path must not contain backslashes or NUL")
-        return _Route(name=name, upstream=upstream, tail=tail)
+        match = match_route(
+            upstream.protocol, request.method, tail, self._passthrough.get(name, ())
+        )
+        if match is None:
+            raise _not_governed(name, upstream.protocol, request.method, tail)
+        return _Route(name=name, upstream=upstream, segments=tuple(tail), match=match)
 
     # -- request -------------------------------------------------------------
 
     async def _serve(
         self, request: web.Request, route: _Route, started: float
     ) -> web.StreamResponse:
-        agent_id = hdr.agent_from(request.headers, self._config.agent.id)
-        if agent_id is None:
-            raise RequestError(f"{hdr.AGENT_HEADER} must be 1-128 characters of [A-Za-z0-9._:@/-]")
-        version = self._config.agent.version if agent_id == self._config.agent.id else ""
+        agent = await self._identity.resolve(request.headers)
         body = await _read_body(request, self._config.limits.max_body_bytes)
-        adapter = adapter_for(route.family, request.method, route.tail)
+        adapter = route.match.adapter
         model: str | None = None
         hide_usage = False
-        if adapter is not None and request.method == "POST":
+        stream = False
+        if adapter is not None and route.match.parse_request:
             parsed_body = _parse_json_request(request, body)
             parsed = adapter.parse_request(parsed_body)
             model = parsed.model
+            stream = parsed.stream
             self._record_results(parsed.tool_results)
             prepared = adapter.prepare_request(parsed_body)
             if prepared is not None:
                 body = orjson.dumps(prepared)
                 hide_usage = True
+        elif route.match.stream_query:
+            stream = any(
+                v.strip().lower() in ("true", "1") for v in request.query.getall("stream", ())
+            )
         call = _Call(
             route=route,
-            agent=Agent(id=agent_id, version=version),
+            agent=agent,
             meta=RequestMeta(
                 method=request.method,
                 upstream=route.name,
-                path="/" + route.tail,
+                path=route.path,
                 headers=hdr.recordable(request.headers),
             ),
             context=hdr.context_from(request.headers),
             model=model,
             adapter=adapter,
             hide_usage=hide_usage,
+            stream=stream,
         )
         kind = ActionKind.HTTP_CALL if route.family == "http" else ActionKind.LLM_CALL
         action = Action(
@@ -236,8 +284,8 @@ class ProxyApp:
         pre_s: float,
     ) -> web.StreamResponse:
         upstream = call.route.upstream
-        # The path goes on exactly as the agent encoded it (already checked in _route).
-        target = upstream.base_url + "/" + call.route.tail
+        # The decoded path, re-encoded: the upstream decodes to what Warden routed on.
+        target = upstream.base_url + "/" + call.route.forward_path
         query = request.rel_url.raw_query_string
         url = URL(target + ("?" + query if query else ""), encoded=True)
         timeout = aiohttp.ClientTimeout(
@@ -258,19 +306,40 @@ class ProxyApp:
             self._outcome(action, decision, Outcome(error=error.code, latency_ms=_ms(sent)))
             raise error from None
         try:
+            status = upstream_resp.status
+            refused = _refused_status(status, call.route.name)
+            if refused is not None:
+                self._outcome(
+                    action,
+                    decision,
+                    Outcome(status=status, error=refused.code, latency_ms=_ms(sent)),
+                )
+                raise refused
             content_type = upstream_resp.headers.get("Content-Type", "")
-            if upstream_resp.status == 200 and content_type.startswith("text/event-stream"):
+            is_sse = content_type.lower().startswith(_SSE)
+            success = 200 <= status < 300
+            # Errors (4xx, 5xx) pass as they are: the SDKs raise them, reading no calls.
+            adapter = call.adapter if success else None
+            # The SDK picks stream-or-not from its request, never from the content type.
+            if success and (is_sse or (adapter is not None and call.stream)):
                 return await self._stream(
                     request,
                     call,
                     action,
                     decision,
+                    adapter=adapter,
                     upstream_resp=upstream_resp,
                     sent=sent,
                     pre_s=pre_s,
                 )
             return await self._whole(
-                call, action, decision, upstream_resp=upstream_resp, sent=sent, pre_s=pre_s
+                call,
+                action,
+                decision,
+                adapter=adapter,
+                upstream_resp=upstream_resp,
+                sent=sent,
+                pre_s=pre_s,
             )
         finally:
             upstream_resp.release()
@@ -283,6 +352,7 @@ class ProxyApp:
         action: Action,
         decision: Decision,
         *,
+        adapter: Adapter | None,
         upstream_resp: aiohttp.ClientResponse,
         sent: float,
         pre_s: float,
@@ -297,32 +367,38 @@ class ProxyApp:
         post_started = time.perf_counter()
         headers = hdr.response_headers(upstream_resp.headers)
         headers[hdr.DECISION_HEADER] = decision.decision_id
-        adapter = call.adapter
         usage: Usage | None = None
-        if adapter is not None and upstream_resp.status == 200:
-            try:
-                body = orjson.loads(raw)
-                if not isinstance(body, dict):
-                    raise TypeError
-            except (orjson.JSONDecodeError, TypeError):
+        if adapter is not None:
+            # Parsed as leniently as the SDKs parse it, whatever the content type
+            # says; the agent then gets exactly what was parsed and decided.
+            body = _json_object(raw)
+            if body is None:
                 self._outcome(
                     action,
                     decision,
-                    Outcome(status=200, error="upstream_bad_response", latency_ms=upstream_s * 1e3),
+                    Outcome(
+                        status=upstream_resp.status,
+                        error=UpstreamProtocol.code,
+                        latency_ms=upstream_s * 1e3,
+                    ),
                 )
                 raise UpstreamProtocol(
-                    f"upstream {call.route.name!r} answered 200 with a body that is not JSON"
-                ) from None
+                    f"upstream {call.route.name!r} answered {upstream_resp.status} "
+                    "with a body that is not a JSON object"
+                )
             usage = adapter.usage(body)
             calls = adapter.tool_calls(body)
             if calls:
                 decisions = await self._decide_calls(call, calls, adapter.name)
-                if any(d.enforced is not Effect.ALLOW for d in decisions.values()):
-                    body = adapter.rewrite(body, decisions)
-                    headers[hdr.BLOCKED_HEADER] = ", ".join(
-                        d.decision_id for d in decisions.values() if d.enforced is not Effect.ALLOW
-                    )
-                raw = orjson.dumps(body)
+                # Always rendered from the decisions: allowed calls go out in the
+                # canonical form of what was decided, not as the upstream wrote them.
+                body = adapter.rewrite(body, decisions)
+                blocked = [
+                    d.decision_id for d in decisions.values() if d.enforced is not Effect.ALLOW
+                ]
+                if blocked:
+                    headers[hdr.BLOCKED_HEADER] = ", ".join(blocked)
+            raw = _wire.dumps(body).encode()
             headers["Content-Type"] = _JSON
         self._count_tokens(call, usage)
         self._outcome(
@@ -344,45 +420,24 @@ class ProxyApp:
         action: Action,
         decision: Decision,
         *,
+        adapter: Adapter | None,
         upstream_resp: aiohttp.ClientResponse,
         sent: float,
         pre_s: float,
     ) -> web.StreamResponse:
         headers = hdr.response_headers(upstream_resp.headers)
         headers[hdr.DECISION_HEADER] = decision.decision_id
+        if adapter is not None:
+            headers["Content-Type"] = _SSE  # what Warden writes, whatever the upstream said
         response = web.StreamResponse(status=upstream_resp.status, headers=headers)
         await response.prepare(request)
         metrics.ADDED_LATENCY.labels(call.route.name).observe(pre_s)
-        adapter = call.adapter
         rewriter = (
             adapter.stream_rewriter(hide_usage=call.hide_usage) if adapter is not None else None
         )
-        parser = SseParser()
         error: str | None = None
         try:
-            while chunk := await self._next_chunk(upstream_resp, call):
-                if rewriter is None:
-                    await response.write(chunk)
-                    continue
-                out = bytearray()
-                for event in parser.feed(chunk):
-                    await self._drain(call, rewriter, rewriter.feed(event), response, out)
-                if out:
-                    await response.write(bytes(out))
-            if rewriter is not None:
-                out = bytearray()
-                await self._drain(call, rewriter, rewriter.finish(), response, out)
-                if out:
-                    await response.write(bytes(out))
-                if not rewriter.complete:
-                    error = UpstreamProtocol.code
-                    await response.write(
-                        render_stream_error(
-                            call.route.family,
-                            error,
-                            "the upstream stream ended before it was complete",
-                        )
-                    )
+            await self._pump(call, rewriter, upstream_resp, response)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             error = "client_disconnected"
         except _Killed as killed:
@@ -392,8 +447,13 @@ class ProxyApp:
             error = exc.code
             await _try_write(response, render_stream_error(call.route.family, exc.code, str(exc)))
         except Exception as exc:
+            # A StreamViolation (or any failure) from the rewriter lands here too:
+            # the stream ends with the provider's error event, never unparsed.
             upstream_error = _upstream_error(exc, call.route.name)
             error = upstream_error.code
+            if isinstance(upstream_error, StreamViolation):
+                metrics.STREAM_VIOLATIONS.labels(call.route.name).inc()
+                log.warning("stream from %r cut: %s", call.route.name, upstream_error)
             await _try_write(
                 response, render_stream_error(call.route.family, error, str(upstream_error))
             )
@@ -412,6 +472,33 @@ class ProxyApp:
             metrics.ERRORS.labels(error).inc()
         await _try_write_eof(response)
         return response
+
+    async def _pump(
+        self,
+        call: _Call,
+        rewriter: StreamRewriter | None,
+        upstream_resp: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+    ) -> None:
+        """Copy the upstream stream to the agent through the rewriter, if any; raise to cut it."""
+        parser = SseParser()
+        while chunk := await self._next_chunk(upstream_resp, call):
+            if rewriter is None:
+                await response.write(chunk)
+                continue
+            out = bytearray()
+            for event in parser.feed(chunk):
+                await self._drain(call, rewriter, rewriter.feed(event), response, out)
+            if out:
+                await response.write(bytes(out))
+        if rewriter is None:
+            return
+        out = bytearray()
+        await self._drain(call, rewriter, rewriter.finish(), response, out)
+        if out:
+            await response.write(bytes(out))
+        if not rewriter.complete:
+            raise UpstreamProtocol("the upstream stream ended before it was complete")
 
     async def _drain(
         self,
@@ -435,7 +522,7 @@ class ProxyApp:
             decided = await self._keepalive(
                 self._decide_calls(call, [item], call.adapter.name), response
             )
-            for event in rewriter.resolve(item, decided[item.call_id]):
+            for event in rewriter.resolve(item, decided[item.key]):
                 out += event.encode()
 
     async def _keepalive(
@@ -493,11 +580,16 @@ class ProxyApp:
     async def _decide_calls(
         self, call: _Call, calls: list[ToolCall], protocol: str
     ) -> dict[str, Decision]:
+        keys = [tc.key for tc in calls]
+        if len(set(keys)) != len(keys):
+            # Decisions are looked up by key: a shared key would give two calls one decision.
+            raise RuntimeError(f"adapter {protocol} gave two calls the same key: {keys}")
         actions = [
             Action(
                 action_id=new_id("act"),
                 agent=call.agent,
-                kind=ActionKind.TOOL_CALL,
+                kind=tc.kind,
+                wire_type=tc.wire_type or None,
                 protocol=protocol,
                 stage=Stage.PROPOSED,
                 request=call.meta,
@@ -512,14 +604,29 @@ class ProxyApp:
         ]
         decided = await asyncio.gather(*(self._decide(a) for a in actions))
         for action, decision in zip(actions, decided, strict=True):
-            if decision.enforced is Effect.ALLOW and action.call_id:
-                self._track(action.call_id, action, decision.decision_id)
-        return {tc.call_id: d for tc, d in zip(calls, decided, strict=True)}
+            self._link(call, action, decision)
+        return {tc.key: d for tc, d in zip(calls, decided, strict=True)}
 
-    def _track(self, call_id: str, action: Action, decision_id: str) -> None:
-        self._calls[call_id] = (action, decision_id)
-        if len(self._calls) > MAX_TRACKED_CALLS:
-            self._calls.popitem(last=False)
+    def _link(self, call: _Call, action: Action, decision: Decision) -> None:
+        """Remember an allowed call by id, so the result the agent sends back finds its decision.
+
+        Ids are the upstream's choice: one that appears twice (in this response,
+        or still waiting from an earlier one) could link a result to the wrong
+        decision, so it is linked to none.
+        """
+        call_id = action.call_id
+        if not call_id:
+            return
+        if call_id in call.call_ids or call_id in self._calls:
+            if self._calls.pop(call_id, None) is not None or call_id not in call.call_ids:
+                metrics.AMBIGUOUS_CALL_IDS.labels(call.route.name).inc()
+            call.call_ids.add(call_id)
+            return
+        call.call_ids.add(call_id)
+        if decision.enforced is Effect.ALLOW:
+            self._calls[call_id] = (action, decision.decision_id)
+            if len(self._calls) > MAX_TRACKED_CALLS:
+                self._calls.popitem(last=False)
 
     def _record_results(self, results: tuple[ToolResult, ...]) -> None:
         # Agents resend the whole conversation each turn: a result is recorded
@@ -604,6 +711,62 @@ def _absolute_form(request: web.Request) -> bool:
     # an absolute-form target ("GET http://elsewhere/ HTTP/1.1") is what a
     # forward proxy receives, and this listener is not one.
     return not request.raw_path.startswith("/")
+
+
+def _decode_path(raw_path: str) -> list[str]:
+    """The request path's segments, each percent-decoded exactly once, or ``RequestError``.
+
+    Checked after decoding, so an encoded form cannot slip past: no empty,
+    ``.`` or ``..`` segment, no slash or backslash inside a segment (``%2F``,
+    ``%5C``), no NUL or other control character.
+    """
+    segments: list[str] = []
+    for raw in raw_path.removeprefix("/").split("/"):
+        if _BAD_ESCAPE.search(raw) or "#" in raw:
+            raise RequestError("path has a malformed percent-escape")
+        try:
+            segment = unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            raise RequestError("path is not UTF-8 once percent-decoded") from None
+        if segment in ("", ".", ".."):
+            raise RequestError("path must not contain '.', '..' or empty segments")
+        if "/" in segment or "\\" in segment:
+            raise RequestError("path must not contain encoded slashes or backslashes")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in segment):
+            raise RequestError("path must not contain NUL or other control characters")
+        segments.append(segment)
+    return segments
+
+
+def _not_governed(name: str, family: str, method: str, tail: list[str]) -> RouteNotGoverned:
+    path = "/".join(tail)
+    what = f"Warden does not govern {method} /{name}/{path}: it does not parse its responses"
+    if under_governed_resource(family, tail):
+        return RouteNotGoverned(f"{what}, and this resource carries tool calls, so it is refused")
+    return RouteNotGoverned(
+        f"{what} for tool calls. To forward it unparsed, list it in "
+        f'upstreams.{name}.passthrough (e.g. "{method} {path}")'
+    )
+
+
+def _refused_status(status: int, name: str) -> UpstreamError | None:
+    """A 502 for statuses never relayed: redirects (the SDKs follow them) and odd ones."""
+    if 300 <= status < 400:
+        return UpstreamRedirect(
+            f"upstream {name!r} answered with a redirect ({status}); Warden never relays "
+            "redirects, which would send the agent around it"
+        )
+    if not 200 <= status < 600:
+        return UpstreamProtocol(f"upstream {name!r} answered with status {status}")
+    return None
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        body = _wire.loads(raw)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:

@@ -13,10 +13,13 @@ from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
     "ADDED_LATENCY",
+    "AMBIGUOUS_CALL_IDS",
     "DECISIONS",
     "ERRORS",
+    "IDENTITY_FAILURES",
     "INFLIGHT",
     "REQUESTS",
+    "STREAM_VIOLATIONS",
     "TOKENS",
     "UPSTREAM_LATENCY",
     "bounded",
@@ -60,6 +63,21 @@ ERRORS = Counter(
     "warden_errors_total",
     "Errors by stable error code (see warden.errors).",
     ["code"],
+)
+IDENTITY_FAILURES = Counter(
+    "warden_identity_failures_total",
+    "Requests refused because the agent did not prove its id, by reason (a fixed set).",
+    ["reason"],
+)
+STREAM_VIOLATIONS = Counter(
+    "warden_stream_violations_total",
+    "Governed streams cut because an event could not be parsed or touched a decided call.",
+    ["upstream"],
+)
+AMBIGUOUS_CALL_IDS = Counter(
+    "warden_ambiguous_call_ids_total",
+    "Tool call ids seen more than once, so their results are not linked to a decision.",
+    ["upstream"],
 )
 INFLIGHT = Gauge("warden_inflight_requests", "Requests being served right now.")
 

@@ -111,6 +111,10 @@ class PolicyResult:
     error: str | None = None
     detail: str | None = None
     """For errors: what went wrong, for logs (never shown to agents)."""
+    input_fault: bool = False
+    """For errors: this input may have caused it (it ran and failed, is quarantined,
+    or could not be encoded), so no allow fallback may apply. ``False`` only when
+    the input never ran: no bundle, no worker, no free worker by the deadline."""
     cached: bool = False
     elapsed_us: int = 0
 
@@ -242,6 +246,10 @@ class _WorkerCrash(Exception):
 
 class _NoWorker(Exception):
     pass
+
+
+class _QueueTimeout(TimeoutError):
+    """The deadline passed before a worker was free: the input never ran."""
 
 
 class _PoolClosed(Exception):
@@ -601,7 +609,10 @@ class WorkerPool:
         """
         if self._closed:
             raise _PoolClosed
-        worker = await self._acquire(deadline)
+        try:
+            worker = await self._acquire(deadline)
+        except TimeoutError:
+            raise _QueueTimeout from None
         if self._closed or worker.state is _State.DEAD:
             # Handed a worker just before the pool closed (a swap): close() saw
             # no request on it and stopped it, so this one goes to the new pool.
@@ -953,8 +964,10 @@ class PolicyEngine:
                 reply = await gen.pool.evaluate(body, deadline, tag=key)
             except _PoolClosed:
                 continue  # a new revision was swapped in while we waited: ask it
+            except _QueueTimeout:
+                return self._finish(self._timeout(revision, input_fault=False), started)
             except (TimeoutError, _EvalTimeout):
-                return self._finish(self._timeout(revision), started)
+                return self._finish(self._timeout(revision, input_fault=True), started)
             except _WorkerCrash as exc:
                 return self._finish(
                     PolicyResult(
@@ -962,6 +975,7 @@ class PolicyEngine:
                         revision=revision,
                         error="policy_crash",
                         detail=f"the policy worker died during evaluation ({exc})",
+                        input_fault=True,
                     ),
                     started,
                 )
@@ -993,7 +1007,11 @@ class PolicyEngine:
         if code is not None:
             detail = "this input recently made the policy fail; it is not retried for a while"
             return key, PolicyResult(
-                effect=None, revision=gen.bundle.revision, error=code, detail=detail
+                effect=None,
+                revision=gen.bundle.revision,
+                error=code,
+                detail=detail,
+                input_fault=True,
             )
         if not gen.cacheable:
             self.metrics.cache("bypass")
@@ -1005,12 +1023,13 @@ class PolicyEngine:
         self.metrics.cache("miss")
         return key, None
 
-    def _timeout(self, revision: str) -> PolicyResult:
+    def _timeout(self, revision: str, *, input_fault: bool) -> PolicyResult:
         return PolicyResult(
             effect=None,
             revision=revision,
             error="policy_timeout",
             detail=f"no result within {self.config.deadline_ms:g} ms",
+            input_fault=input_fault,
         )
 
     @staticmethod
@@ -1020,6 +1039,7 @@ class PolicyEngine:
             revision=gen.bundle.revision,
             error="policy_error",
             detail=f"the input is not JSON: {exc}",
+            input_fault=True,
         )
 
     @staticmethod
@@ -1033,7 +1053,8 @@ class PolicyEngine:
             result = PolicyResult(
                 effect=None, error="policy_error", detail="unknown reply from worker"
             )
-        return _evolve(result, revision=gen.bundle.revision)
+        # An error from evaluating this input is the input's to answer for.
+        return _evolve(result, revision=gen.bundle.revision, input_fault=result.error is not None)
 
     def _finish(self, result: PolicyResult, started: int) -> PolicyResult:
         elapsed_ns = time.perf_counter_ns() - started

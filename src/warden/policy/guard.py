@@ -8,8 +8,13 @@ a final decision:
   mode;
 * ``policy.default_effect`` when the policy is undefined for the input;
 * the fallback for the tool's risk class (``policy.fallback``; deny when the
-  class is not listed) when the policy timed out, crashed, errored or no
-  bundle is active, with ``guard="fallback"`` and the error code.
+  class is not listed) when the policy could not run the input at all (no
+  bundle is active, no worker was free by the deadline), with
+  ``guard="fallback"`` and the error code;
+* deny, whatever the fallback, when the failure may be the input's own doing
+  (it errored, crashed or timed out while running, or is quarantined after
+  doing so): an agent must not be able to pick the fallback by crafting
+  arguments the policy chokes on. Also ``guard="fallback"`` with the code.
 """
 
 from __future__ import annotations
@@ -51,16 +56,34 @@ class PolicyGuard:
         result = await self.engine.evaluate(policy_input(action, ctx))
         return self.decide(result, ctx)
 
+    async def redactions(self, action: Action, ctx: GuardContext) -> tuple[str, ...] | None:
+        """The policy's ``redact`` list for an action another stage decided.
+
+        Only the obligation is used (see :mod:`warden.audit.redaction`);
+        ``None`` when the policy cannot answer, so every field is redacted.
+        """
+        result = await self.engine.evaluate(policy_input(action, ctx))
+        return None if result.error is not None else result.redact
+
     def decide(self, result: PolicyResult, ctx: GuardContext) -> Decision:
         """The decision for a policy result in this context."""
         if result.error is not None:
-            effect = self.config.fallback.get(ctx.risk, Effect.DENY)
+            fallback = self.config.fallback.get(ctx.risk, Effect.DENY)
             self.metrics.fallback(result.error.removeprefix("policy_"), ctx.risk)
             why = _WHY.get(result.error, "the policy could not decide")
+            if result.input_fault and fallback is not Effect.DENY:
+                effect = Effect.DENY
+                reason = (
+                    f"{why} on this input; a failure the input may have caused is denied, "
+                    f"not given the fallback for {ctx.risk} actions ({fallback.value})"
+                )
+            else:
+                effect = fallback
+                reason = f"{why}; the fallback for {ctx.risk} actions applies ({effect.value})"
             return Decision(
                 decision_id=new_id("dec"),
                 effect=effect,
-                reasons=(f"{why}; the fallback for {ctx.risk} actions applies ({effect.value})",),
+                reasons=(reason,),
                 mode=ctx.mode,
                 guard="fallback",
                 bundle_revision=result.revision or self.engine.revision or "",

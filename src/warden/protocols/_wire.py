@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -18,6 +19,7 @@ __all__ = [
     "loads",
     "loads_or_none",
     "parse_arguments",
+    "policy_safe",
     "token_count",
 ]
 
@@ -46,6 +48,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+_LONG_INT: Final = re.compile(r"[0-9]{19}")
+_LONG_INT_BYTES: Final = re.compile(rb"[0-9]{19}")
+
+
 def loads(text: str | bytes) -> Any:
     """Parse a body or event as leniently as the official SDKs do; raises ``ValueError``.
 
@@ -55,10 +61,13 @@ def loads(text: str | bytes) -> Any:
     unparsed, so whatever orjson refuses goes to the same stdlib parser, and
     Warden sees the values the SDK will see.
     """
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        pass
+    # orjson reads an integer past 64 bits as a float, silently: such text goes to the stdlib.
+    long_int = _LONG_INT_BYTES.search(text) if isinstance(text, bytes) else _LONG_INT.search(text)
+    if long_int is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
     try:
         return json.loads(text)
     except RecursionError:
@@ -85,7 +94,8 @@ def dumps(value: Any) -> str:
             return orjson.dumps(value).decode()
     except TypeError:
         pass
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    # ASCII escapes keep lone surrogates (which the SDKs accept) encodable as UTF-8.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
 
 
 def _has_nonfinite(value: Any) -> bool:
@@ -105,22 +115,66 @@ def token_count(value: Any) -> int | None:
     return None
 
 
+_MAX_DEPTH: Final = 64
+"""Nesting deeper than this is refused: policy engines (and their encoders) stop near here."""
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**64 - 1
+
+
+def policy_safe(value: Any, depth: int = 1) -> bool:
+    """True when a policy engine can take ``value`` exactly as the tool will see it.
+
+    Non-finite floats, integers outside signed/unsigned 64 bits, strings that
+    are not valid Unicode (lone surrogates) and nesting past 64 levels cannot
+    reach a policy unchanged, so arguments holding them fail closed instead.
+    """
+    if isinstance(value, bool) or value is None:
+        return True
+    if isinstance(value, int):
+        return _INT_MIN <= value <= _INT_MAX
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        return _valid_text(value)
+    if depth > _MAX_DEPTH:
+        return False
+    if isinstance(value, dict):
+        return all(
+            isinstance(k, str) and _valid_text(k) and policy_safe(v, depth + 1)
+            for k, v in value.items()
+        )
+    if isinstance(value, list):
+        return all(policy_safe(v, depth + 1) for v in value)
+    return False
+
+
+def _valid_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_arguments(raw: object) -> tuple[str, Mapping[str, Any] | None]:
     """``(raw_arguments, arguments)``; ``arguments`` is ``None`` unless a JSON object.
 
     Duplicate keys count as malformed: tools disagree on which one wins, so a
-    policy could approve a value other than the one the tool would use.
+    policy could approve a value other than the one the tool would use. So do
+    values a policy engine cannot take as they are (see :func:`policy_safe`).
     """
     if isinstance(raw, dict):
         # Some OpenAI-compatible servers send an object instead of a JSON string.
-        return dumps(raw), raw
+        return dumps(raw), raw if policy_safe(raw) else None
     if not isinstance(raw, str):
         return ("" if raw is None else dumps(raw)), None
     try:
         value = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         return raw, None
-    return raw, value if isinstance(value, dict) else None
+    if not isinstance(value, dict) or not policy_safe(value):
+        return raw, None
+    return raw, value
 
 
 class StreamStatus:

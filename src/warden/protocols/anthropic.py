@@ -1,15 +1,33 @@
 """Anthropic Messages (``POST /v1/messages``): requests, responses, streams.
 
-Tool calls are ``tool_use`` content blocks. A stream sends content blocks one
-after another (``content_block_start``, deltas, ``content_block_stop``), so a
-held ``tool_use`` block is complete at its stop event, and is decided before
-the next block is read. A call that is not allowed becomes a text block at the
-same index; released blocks keep their index. Indexes therefore stay
-contiguous without renumbering, which the official SDK relies on: it appends
-blocks on ``content_block_start`` and addresses deltas by index.
+Every content block is read by its ``type``, the field the SDK dispatches on.
+A block is either passive (an allowlist of types that carry no action the
+agent executes: text, thinking, tool results, ...), a call (``tool_use``,
+``server_tool_use``, ``mcp_tool_use``, each with its own
+:class:`~warden.model.ActionKind`), or of a type Warden does not know, which
+becomes an ``unknown_call`` whose arguments are the whole block. Calls are
+keyed ``b<index>`` by their position in ``content``, never by their ``id``.
 
-``server_tool_use`` and ``mcp_tool_use`` blocks are run by Anthropic, not by
-the agent, and are passed through like other non-tool blocks.
+An allowed call is rendered again from the decided :class:`ToolCall`: its
+``type``, ``id``, ``name`` and ``input`` exactly as decided, plus the
+non-argument fields the SDK types define (``caller``, ``toolset_name``,
+``server_name``). A call not allowed becomes a text block at the same index
+saying why, so indexes stay as sent, which the SDK relies on: it appends a
+block on every ``content_block_start`` and addresses deltas by index.
+
+Streams are checked against the order the SDK accumulates: ``message_start``
+first (its ``content`` may already hold calls: they are decided before it is
+sent), then blocks one at a time, each ``content_block_start`` at the next
+index. A call's block is held and decided when it ends (its stop, the next
+block, ``message_delta`` or the end of the stream), then sent as one start,
+one ``input_json_delta`` with the full decided input, and one stop (for
+``mcp_tool_use``, which the non-beta SDK builds from the start alone, the
+input is in the start). Anything
+that later touches a decided call, or an event of a known type that cannot
+be parsed or is out of order, raises :class:`~warden.errors.StreamViolation`.
+The SDK reads events by their ``event:`` name and their data's ``type``: an
+event whose two disagree is a violation, and events it never reads as part
+of the message (unnamed, or of an unknown type) are dropped, not forwarded.
 """
 
 from __future__ import annotations
@@ -17,21 +35,63 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-from warden.model import Decision, Effect, ToolCall, ToolResult, Usage
+from warden.errors import StreamViolation
+from warden.model import ActionKind, Decision, Effect, ToolCall, ToolResult, Usage
 from warden.protocols._wire import (
     NO_DECISION,
     StreamStatus,
     dumps,
-    loads_or_none,
+    loads,
     parse_arguments,
     token_count,
 )
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
 from warden.protocols.sse import SseEvent
 
-__all__ = ["AnthropicMessagesAdapter", "AnthropicStreamRewriter"]
+__all__ = ["CALL_BLOCKS", "PASSIVE_BLOCKS", "AnthropicMessagesAdapter", "AnthropicStreamRewriter"]
+
+PASSIVE_BLOCKS: Final = frozenset(
+    {
+        "text",
+        "thinking",
+        "redacted_thinking",
+        "web_search_tool_result",
+        "web_fetch_tool_result",
+        "code_execution_tool_result",
+        "bash_code_execution_tool_result",
+        "text_editor_code_execution_tool_result",
+        "tool_search_tool_result",
+        "advisor_tool_result",
+        "mcp_tool_result",
+        "mcp_tool_listing",
+        "container_upload",
+        "compaction",
+        "fallback",
+    }
+)
+"""Block types (``anthropic.types`` and ``anthropic.types.beta``) that carry no call: sent as is."""
+
+CALL_BLOCKS: Final[Mapping[str, ActionKind]] = {
+    "tool_use": ActionKind.TOOL_CALL,
+    "server_tool_use": ActionKind.HOSTED_TOOL_CALL,
+    "mcp_tool_use": ActionKind.MCP_CALL,
+}
+"""Block types that carry a call, and the kind each is decided as. Any other type is unknown."""
+
+_EXTRAS: Final[Mapping[str, tuple[str, ...]]] = {
+    "tool_use": ("caller", "toolset_name"),
+    "server_tool_use": ("caller",),
+    "mcp_tool_use": ("server_name",),
+}
+"""Fields besides ``id``, ``name`` and ``input`` that the SDK types define, kept on re-render."""
+
+_DELTA_INPUT: Final = frozenset({"tool_use", "server_tool_use"})
+"""Call types every SDK accumulator builds from ``input_json_delta`` (``mcp_tool_use`` only
+the beta one): others are streamed with their decided ``input`` in the start event."""
+
+_MISSING: Final = object()
 
 
 def _text(content: Any) -> str:
@@ -53,19 +113,75 @@ def _str(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _tool_call(block: Mapping[str, Any], position: int) -> ToolCall:
-    arguments = block.get("input")
+def _input_arguments(value: Any) -> tuple[str, Mapping[str, Any] | None]:
+    """``(raw, arguments)`` of an ``input`` value: only an object is arguments (canonical)."""
+    if isinstance(value, dict):
+        return parse_arguments(value)
+    return ("" if value is _MISSING else dumps(value)), None
+
+
+def _json_arguments(raw: str) -> tuple[str, Mapping[str, Any] | None]:
+    """``(raw, arguments)`` of streamed input JSON; canonical once it parses to an object."""
+    raw, arguments = parse_arguments(raw)
+    return (raw if arguments is None else dumps(arguments)), arguments
+
+
+def _classify(block: Any, position: int, ordinal: int) -> ToolCall | None:
+    """The call a content block carries, or ``None`` for a passive block.
+
+    ``arguments`` of a known call are its ``input``; of a block of unknown
+    type, the whole block, so a policy that allows it saw all the agent gets.
+    """
+    obj: Mapping[str, Any] = block if isinstance(block, dict) else {}
+    wire = obj.get("type")
+    if isinstance(wire, str) and wire in PASSIVE_BLOCKS:
+        return None
+    kind = CALL_BLOCKS.get(wire) if isinstance(wire, str) else None
+    if kind is not None:
+        raw, arguments = _input_arguments(obj.get("input", _MISSING))
+    elif isinstance(block, dict):
+        raw, arguments = parse_arguments(block)
+    else:
+        raw, arguments = dumps(block), None
     return ToolCall(
-        call_id=_str(block.get("id")),
-        name=_str(block.get("name")),
-        raw_arguments=dumps(arguments),
-        arguments=arguments if isinstance(arguments, dict) else None,
-        index=position,
+        call_id=_str(obj.get("id")),
+        name=_str(obj.get("name")) or _str(wire),
+        raw_arguments=raw,
+        arguments=arguments,
+        index=ordinal,
+        key=f"b{position}",
+        kind=kind or ActionKind.UNKNOWN_CALL,
+        wire_type=_str(wire),
     )
 
 
-def _is_tool_use(block: Any) -> bool:
-    return isinstance(block, dict) and block.get("type") == "tool_use"
+def _call_block(call: ToolCall, original: Mapping[str, Any], arguments: Any) -> dict[str, Any]:
+    """A known call's block built from the decided call, with ``input`` = ``arguments``."""
+    block: dict[str, Any] = {"type": call.wire_type, "id": call.call_id, "name": call.name}
+    for name in _EXTRAS.get(call.wire_type, ()):
+        if name in original:
+            block[name] = original[name]
+    if arguments is not _MISSING:
+        block["input"] = arguments
+    return block
+
+
+def _rendered(call: ToolCall, original: Any) -> Any:
+    """An allowed call as the agent gets it, built from the decided call.
+
+    Arguments that are not an object are only ever allowed in observe mode;
+    then the block goes out with the ``input`` it came with.
+    """
+    if call.kind is ActionKind.UNKNOWN_CALL:
+        return dict(call.arguments) if call.arguments is not None else original
+    source: Mapping[str, Any] = original if isinstance(original, dict) else {}
+    if call.arguments is not None:
+        return _call_block(call, source, dict(call.arguments))
+    return _call_block(call, source, source.get("input", _MISSING))
+
+
+def _blocked(call: ToolCall, decision: Decision) -> dict[str, Any]:
+    return {"type": "text", "text": blocked_message(call, decision)}
 
 
 class AnthropicMessagesAdapter:
@@ -111,37 +227,40 @@ class AnthropicMessagesAdapter:
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:
-        """The ``tool_use`` blocks in order; ``raw_arguments`` is the compact JSON of ``input``."""
+        """Every block in ``content`` that is not passive, in order, keyed ``b<index>``."""
         content = body.get("content")
-        blocks = (
-            [block for block in content if _is_tool_use(block)] if isinstance(content, list) else []
-        )
-        return [_tool_call(block, i) for i, block in enumerate(blocks)]
+        calls: list[ToolCall] = []
+        for position, block in enumerate(content if isinstance(content, list) else ()):
+            call = _classify(block, position, len(calls))
+            if call is not None:
+                calls.append(call)
+        return calls
 
     def rewrite(self, body: Mapping[str, Any], decisions: Mapping[str, Decision]) -> dict[str, Any]:
-        """A copy where each non-allowed ``tool_use`` block is a text block saying why.
+        """A copy where each allowed call is rendered from its decision, each other one is text.
 
-        The input is not mutated; parts that need no change are shared with it.
+        ``decisions`` is keyed by :attr:`ToolCall.key`; a call missing from it
+        is blocked. The input is not mutated; passive blocks are shared with it.
         """
         out = dict(body)
         content = body.get("content")
         if not isinstance(content, list):
             return out
         new_content: list[Any] = []
-        kept = 0
-        position = 0
-        for block in content:
-            if not _is_tool_use(block):
+        ordinal = 0
+        kept = False
+        for position, block in enumerate(content):
+            call = _classify(block, position, ordinal)
+            if call is None:
                 new_content.append(block)
                 continue
-            call = _tool_call(block, position)
-            position += 1
-            decision = decisions.get(call.call_id, NO_DECISION)
+            ordinal += 1
+            decision = decisions.get(call.key, NO_DECISION)
             if decision.enforced is Effect.ALLOW:
-                new_content.append(block)
-                kept += 1
+                new_content.append(_rendered(call, block))
+                kept = kept or call.wire_type == "tool_use"
             else:
-                new_content.append({"type": "text", "text": blocked_message(call, decision)})
+                new_content.append(_blocked(call, decision))
         out["content"] = new_content
         if not kept and out.get("stop_reason") == "tool_use":
             out["stop_reason"] = "end_turn"
@@ -152,11 +271,7 @@ class AnthropicMessagesAdapter:
         usage = body.get("usage")
         if not isinstance(usage, dict):
             return None
-        return Usage(
-            input_tokens=token_count(usage.get("input_tokens")) or 0,
-            output_tokens=token_count(usage.get("output_tokens")) or 0,
-            cached_input_tokens=token_count(usage.get("cache_read_input_tokens")) or 0,
-        )
+        return _usage(usage)
 
     def prepare_request(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """Sent as is: this protocol always reports usage in its streams."""
@@ -167,143 +282,254 @@ class AnthropicMessagesAdapter:
         return AnthropicStreamRewriter()
 
 
-@dataclass(slots=True)
-class _HeldBlock:
-    """A ``tool_use`` block whose events are held until it is decided (mutable, per stream)."""
+def _usage(usage: Mapping[str, Any]) -> Usage:
+    return Usage(
+        input_tokens=token_count(usage.get("input_tokens")) or 0,
+        output_tokens=token_count(usage.get("output_tokens")) or 0,
+        cached_input_tokens=token_count(usage.get("cache_read_input_tokens")) or 0,
+    )
 
-    index: Any  # as sent: an int on a well-formed stream
+
+_EVENTS: Final = frozenset(
+    {
+        "message_start",
+        "message_delta",
+        "message_stop",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+    }
+)
+"""The event types the SDK accumulates into a message (``RawMessageStreamEvent``)."""
+
+
+@dataclass(slots=True)
+class _Held:
+    """The open call block: its start and input deltas, held until decided (mutable)."""
+
     position: int
-    call_id: str
-    name: str
-    start_input: Any
-    events: list[SseEvent] = field(default_factory=list)
+    block: Any  # content_block as sent
     partial_json: list[str] = field(default_factory=list)
 
 
-def _block_key(obj: Mapping[str, Any]) -> int | None:
+@dataclass(slots=True)
+class _Pending:
+    """A call handed out for decision; ``decision`` is set by ``resolve`` (mutable)."""
+
+    call: ToolCall
+    position: int
+    block: Any
+    in_message_start: bool
+    decision: Decision | None = None
+
+
+def _index(obj: Mapping[str, Any]) -> int:
     index = obj.get("index")
-    return index if isinstance(index, int) and not isinstance(index, bool) else None
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise StreamViolation(f"{obj.get('type')} without an integer index")
+    return index
 
 
 class AnthropicStreamRewriter(StreamStatus):
     """Rewrites one Messages stream (``event: message_start`` ... ``event: message_stop``).
 
-    Every event except a ``tool_use`` block's own is yielded unchanged (the same
-    event object) as soon as it is fed: text, thinking, ``ping``, ``error`` and
-    unknown events. An event is told apart by its data's ``type``, falling back
-    to the SSE event name.
+    ``ping`` and ``error`` events, passive blocks and their deltas, and
+    message events without calls are yielded unchanged (the same object) as
+    soon as they are fed. A call block is held until decided.
     """
 
     def __init__(self) -> None:
-        self._open: dict[int | None, _HeldBlock] = {}
-        self._pending: list[tuple[ToolCall, _HeldBlock]] = []
-        self._calls = 0
+        self._started = False
+        self._finished = False  # message_delta seen: no block event may follow
+        self._stopped = False  # message_stop seen
+        self._count = 0  # blocks the SDK holds, i.e. the index the next block must have
+        self._calls: set[int] = set()  # positions holding a call
+        self._held: _Held | None = None
+        self._pending: dict[str, _Pending] = {}
+        self._ordinal = 0
         self._allowed = False
         super().__init__()
 
     def feed(self, event: SseEvent) -> Iterator[StreamItem]:
-        """Take one upstream event; yield events to send and calls to decide."""
-        obj = loads_or_none(event.data)
-        if not isinstance(obj, dict):
-            yield event  # not JSON, so it carries no tool call: pass it on
+        """Take one upstream event; yield events to send and calls to decide.
+
+        Raises :class:`StreamViolation` for an event the SDK would read that
+        cannot be parsed, is out of order, or touches a decided call.
+        """
+        name = event.event
+        if name in ("ping", "error"):
+            yield event  # the SDK skips pings and raises on errors: no call is read
             return
-        kind = obj.get("type")
-        if not isinstance(kind, str):
-            kind = event.event
-        if kind == "message_start":
-            self._message_start(obj)
-            yield event
-        elif kind == "content_block_start":
-            yield from self._block_start(event, obj)
-        elif kind in ("content_block_delta", "content_block_stop"):
-            yield from self._block_event(event, obj, kind)
-        elif kind in ("message_delta", "message_stop"):
-            yield from self._close_all()
-            if kind == "message_stop":
+        if name is None or name not in _EVENTS or not event.data:
+            return  # the SDK never accumulates these into the message: dropped
+        try:
+            obj = loads(event.data)
+        except ValueError:
+            raise StreamViolation(f"{name} event is not JSON") from None
+        if not isinstance(obj, dict) or obj.get("type") != name:
+            raise StreamViolation(f"{name} event whose data is not a {name}")
+        if name == "message_start":
+            yield from self._message_start(event, obj)
+            return
+        if not self._started or self._stopped:
+            raise StreamViolation(f"{name} outside a message")
+        if name in ("message_delta", "message_stop"):
+            yield from self._close()
+            self._finished = True
+            if name == "message_stop":
+                self._stopped = True
                 self._complete = True
                 yield event
             else:
                 yield self._message_delta(event, obj)
-        elif "index" in obj and _block_key(obj) in self._open:
-            # An event type this code does not know, about a held block: keep it with the block.
-            self._open[_block_key(obj)].events.append(event)
-        else:
-            yield event
-
-    def _block_event(
-        self, event: SseEvent, obj: Mapping[str, Any], kind: str
-    ) -> Iterator[StreamItem]:
-        key = _block_key(obj)
-        held = self._open.get(key)
-        if held is None:
-            yield event
             return
-        held.events.append(event)
-        delta = obj.get("delta")
-        if isinstance(delta, dict) and isinstance(delta.get("partial_json"), str):
-            held.partial_json.append(delta["partial_json"])
-        if kind == "content_block_stop":
-            yield from self._close(key)
-
-    def _block_start(self, event: SseEvent, obj: Mapping[str, Any]) -> Iterator[StreamItem]:
-        key = _block_key(obj)
-        if key not in self._open:
-            # Blocks come one at a time: a new one means the held ones are complete.
-            yield from self._close_all()
-        block = obj.get("content_block")
-        if _is_tool_use(block) or key in self._open:
-            self._hold(event, obj, block)
+        if self._finished:
+            raise StreamViolation(f"{name} after message_delta")
+        if name == "content_block_start":
+            yield from self._block_start(event, obj)
         else:
-            yield event
+            yield from self._block_event(event, obj, name)
 
     def resolve(self, call: ToolCall, decision: Decision) -> list[SseEvent]:
-        """The held block's events if allowed; else a text block at the same index saying why."""
-        held = self._take_pending(call)
-        if held is None:
+        """Events for the call at ``call.key``: rendered from it if allowed, else text saying why.
+
+        A call found in ``message_start`` is rendered into that event, which
+        is sent once all its calls are resolved; its ``resolve`` returns nothing.
+        """
+        pending = self._pending.get(call.key)
+        if pending is None or pending.decision is not None:
             return []
+        if pending.in_message_start:
+            pending.decision = decision
+            return []
+        del self._pending[call.key]
+        call = pending.call
         if decision.enforced is Effect.ALLOW:
-            self._allowed = True
-            return list(held.events)
-        index = held.index
+            self._allowed = self._allowed or call.wire_type == "tool_use"
+            return self._allowed_events(call, pending.position, pending.block)
+        index = pending.position
         text = blocked_message(call, decision)
         return [
-            _event(
-                "content_block_start",
-                {
-                    "type": "content_block_start",
-                    "index": index,
-                    "content_block": {"type": "text", "text": ""},
-                },
-            ),
-            _event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": index,
-                    "delta": {"type": "text_delta", "text": text},
-                },
-            ),
-            _event("content_block_stop", {"type": "content_block_stop", "index": index}),
+            _start(index, {"type": "text", "text": ""}),
+            _delta(index, {"type": "text_delta", "text": text}),
+            _stop(index),
         ]
 
     def finish(self) -> Iterator[StreamItem]:
-        """Upstream ended: yield the ``tool_use`` blocks that never closed."""
-        yield from self._close_all()
+        """Upstream ended: yield the call block that never closed."""
+        yield from self._close()
 
-    def _message_start(self, obj: Mapping[str, Any]) -> None:
+    def _allowed_events(self, call: ToolCall, index: int, block: Any) -> list[SseEvent]:
+        if call.kind is ActionKind.UNKNOWN_CALL:
+            return [_start(index, _rendered(call, block)), _stop(index)]
+        source: Mapping[str, Any] = block if isinstance(block, dict) else {}
+        if call.wire_type not in _DELTA_INPUT:
+            return [_start(index, _rendered(call, block)), _stop(index)]
+        # As the API sends it: the SDK takes ``input`` from the start, replaced by the
+        # deltas' JSON once there is any, so one delta with the decided JSON is exactly that.
+        out = [_start(index, _call_block(call, source, {}))]
+        if call.raw_arguments:
+            out.append(
+                _delta(index, {"type": "input_json_delta", "partial_json": call.raw_arguments})
+            )
+        out.append(_stop(index))
+        return out
+
+    def _message_start(self, event: SseEvent, obj: dict[str, Any]) -> Iterator[StreamItem]:
+        if self._started:
+            raise StreamViolation("a second message_start")
+        self._started = True
         message = obj.get("message")
         if not isinstance(message, dict):
-            return
+            raise StreamViolation("message_start without a message")
+        content = message.get("content", [])
+        if not isinstance(content, list):
+            raise StreamViolation("message_start whose content is not a list")
         model = message.get("model")
         if isinstance(model, str):
             self._model = model
         usage = message.get("usage")
         if isinstance(usage, dict):
-            self._usage = Usage(
-                input_tokens=token_count(usage.get("input_tokens")) or 0,
-                output_tokens=token_count(usage.get("output_tokens")) or 0,
-                cached_input_tokens=token_count(usage.get("cache_read_input_tokens")) or 0,
-            )
+            self._usage = _usage(usage)
+        self._count = len(content)
+        found: list[_Pending] = []
+        for position, block in enumerate(content):
+            call = _classify(block, position, self._ordinal)
+            if call is not None:
+                self._ordinal += 1
+                self._calls.add(position)
+                found.append(_Pending(call, position, block, in_message_start=True))
+        if not found:
+            yield event
+            return
+        for pending in found:
+            self._pending[pending.call.key] = pending
+            yield pending.call
+        new_content = list(content)
+        for pending in found:
+            del self._pending[pending.call.key]
+            decision = pending.decision or NO_DECISION
+            if decision.enforced is Effect.ALLOW:
+                self._allowed = self._allowed or pending.call.wire_type == "tool_use"
+                new_content[pending.position] = _rendered(pending.call, pending.block)
+            else:
+                new_content[pending.position] = _blocked(pending.call, decision)
+        data = {**obj, "message": {**message, "content": new_content}}
+        yield SseEvent(data=dumps(data), event=event.event, id=event.id)
+
+    def _block_start(self, event: SseEvent, obj: dict[str, Any]) -> Iterator[StreamItem]:
+        index = _index(obj)
+        if index != self._count:
+            # The SDK appends every start: any other index names a block it does not hold there.
+            raise StreamViolation(f"content_block_start at index {index}, expected {self._count}")
+        yield from self._close()  # blocks come one at a time: the open one is complete
+        self._count += 1
+        block = obj.get("content_block")
+        wire = block.get("type") if isinstance(block, dict) else None
+        if isinstance(wire, str) and wire in PASSIVE_BLOCKS:
+            yield event
+            return
+        self._calls.add(index)
+        self._held = _Held(position=index, block=block)
+
+    def _block_event(self, event: SseEvent, obj: dict[str, Any], name: str) -> Iterator[StreamItem]:
+        index = _index(obj)
+        if not 0 <= index < self._count:
+            raise StreamViolation(f"{name} for block {index}, which was never started")
+        held = self._held
+        if held is None or held.position != index:
+            if index in self._calls:
+                raise StreamViolation(f"{name} for block {index}, a call already decided")
+            yield event  # a passive block's own event
+            return
+        if name == "content_block_stop":
+            yield from self._close()
+            return
+        delta = obj.get("delta")
+        if not isinstance(delta, dict):
+            raise StreamViolation(f"content_block_delta for block {index} without a delta")
+        if delta.get("type") == "input_json_delta":
+            partial = delta.get("partial_json")
+            if not isinstance(partial, str):
+                raise StreamViolation(f"input_json_delta for block {index} without partial_json")
+            held.partial_json.append(partial)
+        # Other deltas change nothing the SDK assembles for a call: the render replaces them.
+
+    def _close(self) -> Iterator[ToolCall]:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        call = _classify(held.block, held.position, self._ordinal)
+        if call is None:  # cannot happen: passive blocks are never held
+            return
+        self._ordinal += 1
+        raw = "".join(held.partial_json)
+        if raw and call.kind is not ActionKind.UNKNOWN_CALL:
+            # Input deltas replace the start's input in the SDK (only once there is any text).
+            raw_arguments, arguments = _json_arguments(raw)
+            call = dataclasses.replace(call, raw_arguments=raw_arguments, arguments=arguments)
+        self._pending[call.key] = _Pending(call, held.position, held.block, in_message_start=False)
+        yield call
 
     def _message_delta(self, event: SseEvent, obj: dict[str, Any]) -> SseEvent:
         usage = obj.get("usage")
@@ -327,59 +553,18 @@ class AnthropicStreamRewriter(StreamStatus):
             return SseEvent(data=dumps(out), event=event.event, id=event.id)
         return event
 
-    def _hold(self, event: SseEvent, obj: Mapping[str, Any], block: Any) -> None:
-        key = _block_key(obj)
-        held = self._open.get(key)
-        if held is not None:
-            # A second start for a held index: keep it with that block, never send it alone.
-            held.events.append(event)
-            return
-        block = block if isinstance(block, dict) else {}
-        self._open[key] = _HeldBlock(
-            index=obj.get("index"),
-            position=self._calls,
-            call_id=_str(block.get("id")),
-            name=_str(block.get("name")),
-            start_input=block.get("input"),
-            events=[event],
-        )
-        self._calls += 1
-
-    def _close(self, key: int | None) -> Iterator[ToolCall]:
-        held = self._open.pop(key, None)
-        if held is None:
-            return
-        raw = "".join(held.partial_json)
-        parsed: Any
-        if raw:
-            raw, parsed = parse_arguments(raw)
-        else:
-            # No input deltas: the input is the one given at the block's start.
-            raw, parsed = dumps(held.start_input), held.start_input
-        call = ToolCall(
-            call_id=held.call_id,
-            name=held.name,
-            raw_arguments=raw,
-            arguments=parsed if isinstance(parsed, dict) else None,
-            index=held.position,
-        )
-        self._pending.append((call, held))
-        yield call
-
-    def _close_all(self) -> Iterator[ToolCall]:
-        for key in list(self._open):
-            yield from self._close(key)
-
-    def _take_pending(self, call: ToolCall) -> _HeldBlock | None:
-        for i, (pending, _) in enumerate(self._pending):
-            if pending is call:
-                return self._pending.pop(i)[1]
-        # The caller may pass an equal copy rather than the object it was given.
-        for i, (pending, _) in enumerate(self._pending):
-            if pending.call_id == call.call_id and pending.index == call.index:
-                return self._pending.pop(i)[1]
-        return None
-
 
 def _event(name: str, data: Mapping[str, Any]) -> SseEvent:
-    return SseEvent(data=dumps(data), event=name)
+    return SseEvent(data=dumps({"type": name, **data}), event=name)
+
+
+def _start(index: int, block: Any) -> SseEvent:
+    return _event("content_block_start", {"index": index, "content_block": block})
+
+
+def _delta(index: int, delta: Mapping[str, Any]) -> SseEvent:
+    return _event("content_block_delta", {"index": index, "delta": delta})
+
+
+def _stop(index: int) -> SseEvent:
+    return _event("content_block_stop", {"index": index})

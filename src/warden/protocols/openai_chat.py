@@ -2,12 +2,17 @@
 
 Tool calls live in ``choices[*].message.tool_calls`` (and the legacy single
 ``function_call``). In a stream they arrive as ``delta.tool_calls`` fragments
-keyed by a per-choice tool index; a call is complete when a fragment for
-another call starts, when its choice finishes, or at ``data: [DONE]``.
+keyed by a per-choice tool ``index``, which the SDK merges by concatenating
+strings; a call is complete when a fragment for another index starts, when
+its choice finishes, or at ``data: [DONE]``.
 
-The agent must never see a fragment of a call that was not allowed, and the
-official SDK indexes its accumulated tool calls by the delta ``index``, so
-released calls are renumbered to stay contiguous from 0 in each choice.
+Every call is named by its position (``ToolCall.key``: ``c<choice>.t<index>``,
+or ``c<choice>.f`` for a legacy ``function_call``), read from the field the SDK
+dispatches on (``type: function`` → ``function``, ``custom`` → ``custom``;
+any other type is an ``unknown_call`` whose whole entry is what is decided),
+and, when allowed, rendered again from the decided values. In a stream an
+allowed call is sent as one canonical delta, renumbered so the tool indexes
+the agent sees stay contiguous from 0 in each choice.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from warden.model import Decision, Effect, ToolCall, ToolResult, Usage
+from warden.errors import StreamViolation
+from warden.model import ActionKind, Decision, Effect, ToolCall, ToolResult, Usage
 from warden.protocols._wire import (
     NO_DECISION,
     StreamStatus,
     dumps,
-    loads_or_none,
+    loads,
     parse_arguments,
+    policy_safe,
     token_count,
 )
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
@@ -32,11 +39,22 @@ __all__ = ["OpenAIChatAdapter", "OpenAIChatStreamRewriter", "legacy_call_id"]
 
 _DONE: Final = "[DONE]"
 _CALL_FINISHES: Final = ("tool_calls", "function_call")
+_CALL_FIELDS: Final = ("tool_calls", "function_call")
+_LEGACY: Final = "function_call"
+_MAX_PART_DEPTH: Final = 80  # past the 64 levels a policy can take: such a call fails anyway
 
 
 def _count(value: Any) -> int:
     """A token count from the wire; anything but a non-negative int counts as 0."""
     return token_count(value) or 0
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def _text(content: Any) -> str:
@@ -55,38 +73,62 @@ def _text(content: Any) -> str:
 
 
 def _choice_index(choice: Mapping[str, Any], default: int = 0) -> int:
-    index = choice.get("index")
-    if isinstance(index, int) and not isinstance(index, bool):
-        return index
-    return default
+    index = _int(choice.get("index"))
+    return default if index is None else index
 
 
-def _call_spec(entry: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The ``function`` object of a tool call entry (or ``custom`` for custom tools)."""
-    spec = entry.get("function")
-    if isinstance(spec, dict):
-        return spec
-    kind = entry.get("type")
-    if isinstance(kind, str):
-        spec = entry.get(kind)
-        if isinstance(spec, dict):
-            return spec
-    return None
+def _entry_call(entry: Mapping[str, Any], *, key: str, index: int) -> ToolCall:
+    """One ``tool_calls`` entry as a ToolCall, read from the field its ``type`` names.
 
-
-def _tool_call(entry: Mapping[str, Any], position: int) -> ToolCall:
-    spec = _call_spec(entry) or {}
-    name = spec.get("name")
-    # Custom tools carry free text in ``input``: not an object, so it fails closed.
-    raw, arguments = parse_arguments(spec.get("arguments", spec.get("input")))
-    call_id = entry.get("id")
+    ``function`` (or no type at all: streams send it once, some servers never)
+    reads ``function.name``/``function.arguments``; ``custom`` reads
+    ``custom.name``/``custom.input`` (free text, which policies see as
+    ``{"input": text}``). Any other type is an ``unknown_call``: the whole entry
+    is its arguments, and is what is rendered if allowed.
+    """
+    wire = entry.get("type")
+    call_id = _str(entry.get("id"))
+    if wire is None or wire == "function":
+        spec = entry.get("function")
+        spec = spec if isinstance(spec, dict) else {}
+        raw, arguments = parse_arguments(spec.get("arguments"))
+        kind, wire_type = ActionKind.TOOL_CALL, "function"
+    elif wire == "custom":
+        spec = entry.get("custom")
+        spec = spec if isinstance(spec, dict) else {}
+        raw, arguments = _custom_input(spec.get("input"))
+        kind, wire_type = ActionKind.CUSTOM_TOOL_CALL, "custom"
+    else:
+        spec = entry.get(wire) if isinstance(wire, str) else None
+        spec = spec if isinstance(spec, dict) else {}
+        whole = {k: v for k, v in entry.items() if k != "index"}
+        raw, arguments = _whole_entry(whole)
+        kind, wire_type = ActionKind.UNKNOWN_CALL, _str(wire)
     return ToolCall(
-        call_id=call_id if isinstance(call_id, str) else "",
-        name=name if isinstance(name, str) else "",
+        call_id=call_id,
+        name=_str(spec.get("name")),
         raw_arguments=raw,
         arguments=arguments,
-        index=position,
+        index=index,
+        key=key,
+        kind=kind,
+        wire_type=wire_type,
     )
+
+
+def _custom_input(text: object) -> tuple[str, Mapping[str, Any] | None]:
+    """A custom tool's free text; policies see it as ``{"input": text}``, as for Responses."""
+    if not isinstance(text, str):
+        return ("" if text is None else dumps(text)), None
+    return text, parse_arguments({"input": text})[1]
+
+
+def _whole_entry(entry: dict[str, Any]) -> tuple[str, Mapping[str, Any] | None]:
+    try:
+        raw = dumps(entry)
+    except (TypeError, ValueError, RecursionError):
+        return "", None
+    return raw, entry if policy_safe(entry) else None
 
 
 def legacy_call_id(choice: int) -> str:
@@ -94,15 +136,38 @@ def legacy_call_id(choice: int) -> str:
     return f"function_call_{choice}"
 
 
-def _legacy_call(function_call: Mapping[str, Any], choice: int) -> ToolCall:
-    name = function_call.get("name")
+def _legacy_call(function_call: Mapping[str, Any], *, choice: int, key: str) -> ToolCall:
     raw, arguments = parse_arguments(function_call.get("arguments"))
     return ToolCall(
         call_id=legacy_call_id(choice),
-        name=name if isinstance(name, str) else "",
+        name=_str(function_call.get("name")),
         raw_arguments=raw,
         arguments=arguments,
+        key=key,
+        kind=ActionKind.TOOL_CALL,
+        wire_type=_LEGACY,
     )
+
+
+def _render(call: ToolCall) -> dict[str, Any] | None:
+    """The canonical wire form of a decided call, or ``None`` if it cannot be rendered.
+
+    Built from the decided values only, so the agent receives exactly what
+    was decided, whatever else the upstream's entry carried.
+    """
+    if call.wire_type == _LEGACY:
+        return {"name": call.name, "arguments": call.raw_arguments}
+    if call.kind is ActionKind.TOOL_CALL:
+        function = {"name": call.name, "arguments": call.raw_arguments}
+        return {"id": call.call_id, "type": "function", "function": function}
+    if call.kind is ActionKind.CUSTOM_TOOL_CALL:
+        custom = {"name": call.name, "input": call.raw_arguments}
+        return {"id": call.call_id, "type": "custom", "custom": custom}
+    try:
+        entry = loads(call.raw_arguments)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
 
 
 def _append_text(content: Any, text: str) -> Any:
@@ -114,11 +179,18 @@ def _append_text(content: Any, text: str) -> Any:
     return text
 
 
+def _tool_key(choice: int, tool: int | None) -> str:
+    return f"c{choice}.f" if tool is None else f"c{choice}.t{tool}"
+
+
 class OpenAIChatAdapter:
     """The ``openai.chat`` protocol: ``POST /v1/chat/completions``.
 
-    A legacy ``function_call`` has no id on the wire; it is reported with the
-    id from :func:`legacy_call_id` so that it can still be decided by id.
+    Calls are keyed by position: ``c<choice>.t<n>`` for the n-th entry of a
+    choice's ``tool_calls`` (choice = position in ``choices``; in a stream,
+    the choice's and delta's ``index``), ``c<choice>.f`` for a legacy
+    ``function_call``, which has no id on the wire and is reported with the
+    id from :func:`legacy_call_id`.
     """
 
     name = "openai.chat"
@@ -136,7 +208,7 @@ class OpenAIChatAdapter:
                 calls = message.get("tool_calls")
                 for entry in calls if isinstance(calls, list) else ():
                     if isinstance(entry, dict):
-                        call = _tool_call(entry, 0)
+                        call = _entry_call(entry, key="", index=0)
                         if call.call_id and call.name:
                             names[call.call_id] = call.name
             elif role == "tool":
@@ -157,7 +229,7 @@ class OpenAIChatAdapter:
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:
-        """Every choice's tool calls in order; ``index`` is the position within its message."""
+        """Every choice's tool calls in order; ``index`` is the entry's position in its list."""
         calls: list[ToolCall] = []
         choices = body.get("choices")
         for position, choice in enumerate(choices if isinstance(choices, list) else ()):
@@ -167,18 +239,26 @@ class OpenAIChatAdapter:
             if not isinstance(message, dict):
                 continue
             entries = message.get("tool_calls")
-            if isinstance(entries, list):
-                entries = [entry for entry in entries if isinstance(entry, dict)]
-                calls.extend(_tool_call(entry, i) for i, entry in enumerate(entries))
+            for i, entry in enumerate(entries if isinstance(entries, list) else ()):
+                if isinstance(entry, dict):
+                    calls.append(_entry_call(entry, key=_tool_key(position, i), index=i))
             function_call = message.get("function_call")
             if isinstance(function_call, dict):
-                calls.append(_legacy_call(function_call, _choice_index(choice, position)))
+                calls.append(
+                    _legacy_call(
+                        function_call,
+                        choice=_choice_index(choice, position),
+                        key=_tool_key(position, None),
+                    )
+                )
         return calls
 
     def rewrite(self, body: Mapping[str, Any], decisions: Mapping[str, Decision]) -> dict[str, Any]:
-        """A copy with non-allowed calls removed and explained in the message content.
+        """A copy with allowed calls rendered from their decided values, others removed.
 
-        The input is not mutated; parts that need no change are shared with it.
+        ``decisions`` is keyed by :attr:`ToolCall.key`. Removed calls are
+        explained in the message content. Entries that are not objects (never
+        decided) are removed too. The input is not mutated.
         """
         out = dict(body)
         choices = body.get("choices")
@@ -231,9 +311,9 @@ def _rewrite_choice(
 ) -> dict[str, Any]:
     message = dict(choice["message"])
     notes: list[str] = []
-    kept_tools = _filter_tool_calls(message, decisions, notes)
+    kept_tools = _filter_tool_calls(message, position, decisions, notes)
     kept_function = _filter_function_call(
-        message, _choice_index(choice, position), decisions, notes
+        message, position, _choice_index(choice, position), decisions, notes
     )
     if notes:
         message["content"] = _append_text(message.get("content"), "\n".join(notes))
@@ -244,35 +324,48 @@ def _rewrite_choice(
     return out
 
 
+def _decided(call: ToolCall, decisions: Mapping[str, Decision], notes: list[str]) -> Any:
+    """The rendered call if allowed (and renderable), else ``None`` with a note why."""
+    decision = decisions.get(call.key, NO_DECISION)
+    if decision.enforced is Effect.ALLOW:
+        rendered = _render(call)
+        if rendered is not None:
+            return rendered
+    notes.append(blocked_message(call, decision))
+    return None
+
+
 def _filter_tool_calls(
-    message: dict[str, Any], decisions: Mapping[str, Decision], notes: list[str]
+    message: dict[str, Any], position: int, decisions: Mapping[str, Decision], notes: list[str]
 ) -> bool:
-    """Keep only allowed ``tool_calls`` in ``message``; True if any remain."""
+    """Keep only allowed ``tool_calls`` in ``message``, re-rendered; True if any remain."""
     if "tool_calls" not in message:
         return False
     entries = message.pop("tool_calls")
     if entries is None:
         message["tool_calls"] = None
         return False
-    # Entries that are not objects cannot be decided, so they are dropped too.
-    calls = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
     kept: list[Any] = []
-    for i, entry in enumerate(calls):
-        call = _tool_call(entry, i)
-        decision = decisions.get(call.call_id, NO_DECISION)
-        if decision.enforced is Effect.ALLOW:
-            kept.append(entry)
-        else:
-            notes.append(blocked_message(call, decision))
+    # Entries that are not objects cannot be decided, so they are dropped too.
+    for i, entry in enumerate(entries if isinstance(entries, list) else ()):
+        if isinstance(entry, dict):
+            call = _entry_call(entry, key=_tool_key(position, i), index=i)
+            rendered = _decided(call, decisions, notes)
+            if rendered is not None:
+                kept.append(rendered)
     if kept:
         message["tool_calls"] = kept
     return bool(kept)
 
 
 def _filter_function_call(
-    message: dict[str, Any], choice: int, decisions: Mapping[str, Decision], notes: list[str]
+    message: dict[str, Any],
+    position: int,
+    choice: int,
+    decisions: Mapping[str, Decision],
+    notes: list[str],
 ) -> bool:
-    """Keep the legacy ``function_call`` only if allowed; True if it remains."""
+    """Keep the legacy ``function_call`` only if allowed, re-rendered; True if it remains."""
     if "function_call" not in message:
         return False
     function_call = message.pop("function_call")
@@ -281,53 +374,122 @@ def _filter_function_call(
         return False
     if not isinstance(function_call, dict):
         return False
-    call = _legacy_call(function_call, choice)
-    decision = decisions.get(call.call_id, NO_DECISION)
-    if decision.enforced is Effect.ALLOW:
-        message["function_call"] = function_call
-        return True
-    notes.append(blocked_message(call, decision))
-    return False
+    call = _legacy_call(function_call, choice=choice, key=_tool_key(position, None))
+    rendered = _decided(call, decisions, notes)
+    if rendered is None:
+        return False
+    message["function_call"] = rendered
+    return True
+
+
+# --- streams ---------------------------------------------------------------------------
+
+
+class _Text(list[str]):
+    """A string being assembled from fragments, joined once when the call closes."""
+
+
+def _held(value: Any) -> Any:
+    if isinstance(value, str):
+        return _Text([value])
+    if isinstance(value, dict):
+        return {k: _held(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_held(v) for v in value]
+    return value
+
+
+def _joined(value: Any) -> Any:
+    if isinstance(value, _Text):
+        return "".join(value)
+    if isinstance(value, dict):
+        return {k: _joined(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_joined(v) for v in value]
+    return value
+
+
+def _merge(acc: dict[str, Any], delta: Mapping[str, Any]) -> None:
+    """Merge one fragment into a call as the SDK's ``accumulate_delta`` does.
+
+    Strings are concatenated (a second ``id`` extends the first, it does not
+    start a new call), ``type`` is replaced, objects merge, lists extend;
+    a value of another shape than the one held is ignored.
+    """
+    for key, value in delta.items():
+        current = acc.get(key)
+        if current is None or key == "type":
+            acc[key] = _held(value)
+        elif isinstance(current, _Text):
+            if isinstance(value, str):
+                current.append(value)
+        elif isinstance(current, dict):
+            if isinstance(value, dict):
+                _merge(current, value)
+        elif isinstance(current, list):
+            if isinstance(value, list):
+                current.extend(_held(v) for v in value)
+        elif isinstance(current, int | float) and isinstance(value, int | float):
+            acc[key] = current + value
 
 
 @dataclass(slots=True)
-class _Fragment:
-    """One held tool-call delta and the upstream chunk it came in."""
-
-    event: SseEvent
-    chunk: dict[str, Any]
-    choice: dict[str, Any]
-    part: dict[str, Any]
-    pure: bool  # the chunk held nothing but this delta: resend the same event when possible
-
-
-@dataclass(slots=True)
-class _HeldCall:
+class _Open:
     """A call whose fragments are held until it is decided (mutable, per stream)."""
 
     choice: int
-    key: int | None  # the upstream tool index; None for a legacy function_call
+    tool: int | None  # the upstream tool index; None for a legacy function_call
     position: int
-    call_id: str = ""
-    name: str = ""
-    arguments: list[str] = field(default_factory=list)
-    fragments: list[_Fragment] = field(default_factory=list)
+    envelope: dict[str, Any]  # the chunk it started in, without its choices
+    event: SseEvent
+    entry: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class _ChoiceState:
     """What one choice of the stream has shown so far (mutable, per stream)."""
 
-    open: _HeldCall | None = None
-    closed: set[int | None] = field(default_factory=set)
+    open: _Open | None = None
+    decided: set[int | None] = field(default_factory=set)
+    finished: bool = False
+    emitted: bool = False  # the agent has seen this choice (its SDK has a slot for it)
     calls: int = 0
     next_index: int = 0
     allowed: bool = False
     has_text: bool = False
 
 
-def _carries_call(delta: Mapping[str, Any]) -> bool:
-    return bool(delta.get("tool_calls")) or bool(delta.get("function_call"))
+def _violation(why: str) -> StreamViolation:
+    return StreamViolation(f"chat completion stream: {why}")
+
+
+def _call_parts(choice: Mapping[str, Any]) -> tuple[list[Any], Any]:
+    """The ``tool_calls`` parts and ``function_call`` of a choice's delta; checked shapes."""
+    delta = choice.get("delta")
+    if delta is None:
+        return [], None
+    if not isinstance(delta, dict):
+        raise _violation("a choice's delta is not an object")
+    parts = delta.get("tool_calls")
+    if parts is None:
+        parts = []
+    elif not isinstance(parts, list):
+        raise _violation("delta.tool_calls is not a list")
+    function_call = delta.get("function_call")
+    if function_call is not None and not isinstance(function_call, dict):
+        raise _violation("delta.function_call is not an object")
+    return parts, function_call
+
+
+def _shallow(value: Any, depth: int = 0) -> bool:
+    """True unless ``value`` nests past what a call can carry (and what is safe to recurse)."""
+    if depth > _MAX_PART_DEPTH:
+        return False
+    if isinstance(value, dict):
+        return all(_shallow(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return all(_shallow(v, depth + 1) for v in value)
+    return True
 
 
 def _meaningful(choice: Mapping[str, Any]) -> bool:
@@ -338,44 +500,44 @@ def _meaningful(choice: Mapping[str, Any]) -> bool:
     return choice.get("finish_reason") is not None or choice.get("logprobs") is not None
 
 
-def _is_pure(chunk: Mapping[str, Any], choices: list[Any]) -> bool:
-    if len(choices) != 1 or not isinstance(choices[0], dict) or chunk.get("usage") is not None:
-        return False
-    choice = choices[0]
-    delta = choice.get("delta")
-    if not isinstance(delta, dict) or choice.get("finish_reason") is not None:
-        return False
-    calls = delta.get("tool_calls")
-    others = (value for key, value in delta.items() if key != "tool_calls")
-    return isinstance(calls, list) and len(calls) == 1 and all(v is None for v in others)
-
-
 class OpenAIChatStreamRewriter(StreamStatus):
     """Rewrites one chat completion stream (``data: {chunk}`` events, ``data: [DONE]``).
 
     Chunks without tool-call deltas or a finish reason are yielded unchanged
     (the same event object). A chunk that mixes tool-call deltas with other
     content is split: the other content is sent on at once, the deltas held.
+    A chunk that cannot be parsed, is not the shape the SDK reads, or touches
+    a decided call (or a finished choice) raises :class:`StreamViolation`.
+
+    Choices must first appear in order 0, 1, 2…: the SDK's accumulator puts
+    a choice it has not seen at the end of its list and looks choices up by
+    ``index``, so any other order would merge one choice's calls into another's.
     """
 
     def __init__(self, *, hide_usage: bool = False) -> None:
         self._hide_usage = hide_usage
         self._choices: dict[int, _ChoiceState] = {}
-        self._pending: list[tuple[ToolCall, _HeldCall]] = []
+        self._pending: dict[str, tuple[ToolCall, _Open]] = {}
         super().__init__()
 
     def feed(self, event: SseEvent) -> Iterator[StreamItem]:
-        """Take one upstream event; yield events to send and calls to decide."""
+        """Take one upstream event; yield events to send and calls to decide.
+
+        Raises :class:`StreamViolation` (while iterating) on an event that
+        cannot be parsed or would change a call that was already decided.
+        """
         data = event.data
         if data.startswith(_DONE):  # the SDK's own test for the end marker
             self._complete = True
             yield from self._close_all()
             yield event
             return
-        chunk = loads_or_none(data)
+        try:
+            chunk = loads(data)
+        except ValueError:
+            raise _violation("an event is not JSON") from None
         if not isinstance(chunk, dict):
-            yield event  # not a chunk at all, so it carries no tool call: pass it on
-            return
+            raise _violation("an event is not a JSON object")
         model = chunk.get("model")
         if isinstance(model, str):
             self._model = model
@@ -385,58 +547,64 @@ class OpenAIChatStreamRewriter(StreamStatus):
             self._usage = usage
             if self._hide_usage and choices == []:
                 return  # the usage-only chunk Warden asked for; the agent did not
-        if not isinstance(choices, list):
-            yield event
+        if choices is None:
+            yield event  # no choices, so no call (keep-alives, errors, usage)
             return
+        if not isinstance(choices, list):
+            raise _violation("choices is not a list")
+        has_calls, finishing, texts = self._scan(choices)
+        if not has_calls and not finishing:
+            self._mark_sent(choices, texts)
+            yield event  # the hot path: text, role and empty deltas go out untouched
+            return
+        yield from self._split(event, chunk, choices, has_calls, texts)
+
+    def _scan(self, choices: list[Any]) -> tuple[bool, bool, list[int]]:
+        """Check every choice's shape; say whether any carries calls or finishes, and
+        which carry text."""
         has_calls = False
         finishing = False
         texts: list[int] = []
         for choice in choices:
             if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                has_calls = has_calls or _carries_call(delta)
-                content = delta.get("content")
-                if isinstance(content, str) and content:
-                    texts.append(_choice_index(choice))
+                raise _violation("a choice is not an object")
+            index = self._check_index(choice)
+            parts, function_call = _call_parts(choice)
+            if parts or function_call is not None:
+                if self._complete or self._state(index).finished:
+                    raise _violation(f"a tool call delta after choice {index} finished")
+                has_calls = True
             finishing = finishing or choice.get("finish_reason") is not None
-        if not has_calls and not finishing:
-            self._mark_text(texts)
-            yield event  # the hot path: text, role and empty deltas go out untouched
-            return
-        yield from self._split(event, chunk, choices, has_calls, texts)
+            delta = choice.get("delta")
+            if (
+                isinstance(delta, dict)
+                and isinstance(delta.get("content"), str)
+                and delta["content"]
+            ):
+                texts.append(index)
+        return has_calls, finishing, texts
 
     def resolve(self, call: ToolCall, decision: Decision) -> list[SseEvent]:
-        """The held deltas of an allowed call, renumbered; else one content delta saying why."""
-        held = self._take_pending(call)
-        if held is None:
+        """An allowed call as one canonical delta; else one content delta saying why."""
+        pending = self._pending.pop(call.key, None)
+        if pending is None:
             return []
+        decided, held = pending  # what was yielded is what is rendered
         state = self._state(held.choice)
-        if decision.enforced is Effect.ALLOW:
+        rendered = _render(decided) if decision.enforced is Effect.ALLOW else None
+        if rendered is not None:
             state.allowed = True
-            if held.key is None:
-                return [_release(fragment, held.choice, None) for fragment in held.fragments]
-            index = state.next_index
-            state.next_index += 1
-            return [_release(fragment, held.choice, index) for fragment in held.fragments]
-        text = blocked_message(call, decision)
+            if held.tool is None:
+                delta: dict[str, Any] = {"function_call": rendered}
+            else:
+                delta = {"tool_calls": [{"index": state.next_index, **rendered}]}
+                state.next_index += 1
+            return [self._chunk_event(held, delta)]
+        text = blocked_message(decided, decision)
         if state.has_text:
             text = f"\n{text}"
         state.has_text = True
-        first = held.fragments[0]
-        chunk = dict(first.chunk)
-        chunk["choices"] = [
-            {
-                "index": held.choice,
-                "delta": {"content": text},
-                "logprobs": None,
-                "finish_reason": None,
-            }
-        ]
-        if "usage" in chunk:
-            chunk["usage"] = None
-        return [SseEvent(data=dumps(chunk), event=first.event.event, id=first.event.id)]
+        return [self._chunk_event(held, {"content": text})]
 
     def finish(self) -> Iterator[StreamItem]:
         """Upstream ended: yield the calls still open (a stream cut before ``[DONE]``)."""
@@ -448,10 +616,29 @@ class OpenAIChatStreamRewriter(StreamStatus):
             state = self._choices[choice] = _ChoiceState()
         return state
 
-    def _mark_text(self, choices: list[int]) -> None:
-        # Remembered so that a later blocked-call notice starts on its own line.
+    def _check_index(self, choice: Mapping[str, Any]) -> int:
+        index = _int(choice.get("index"))
+        if index is None:
+            raise _violation("a choice has no integer index")
+        if index not in self._choices:
+            if index != len(self._choices):
+                raise _violation(f"choice {index} appears before choice {len(self._choices)}")
+            self._choices[index] = _ChoiceState()
+        return index
+
+    def _mark_sent(self, choices: list[Any], texts: list[int]) -> None:
         for choice in choices:
-            self._state(choice).has_text = True
+            self._state(_choice_index(choice)).emitted = True
+        # Remembered so that a later blocked-call notice starts on its own line.
+        for index in texts:
+            self._state(index).has_text = True
+
+    def _chunk_event(self, held: _Open, delta: dict[str, Any]) -> SseEvent:
+        chunk = dict(held.envelope)
+        chunk["choices"] = [
+            {"index": held.choice, "delta": delta, "logprobs": None, "finish_reason": None}
+        ]
+        return SseEvent(data=dumps(chunk), event=held.event.event, id=held.event.id)
 
     def _split(
         self,
@@ -461,48 +648,42 @@ class OpenAIChatStreamRewriter(StreamStatus):
         has_calls: bool,
         texts: list[int],
     ) -> Iterator[StreamItem]:
-        pure = has_calls and _is_pure(chunk, choices)
-        remainder: list[Any] = []
+        envelope = {key: value for key, value in chunk.items() if key != "choices"}
+        if "usage" in envelope:
+            envelope["usage"] = None
+        remainder: list[dict[str, Any]] = []
         for choice in choices:
-            if not isinstance(choice, dict):
-                remainder.append(choice)
-                continue
             index = _choice_index(choice)
             state = self._state(index)
-            delta = choice.get("delta")
-            if isinstance(delta, dict) and _carries_call(delta):
+            parts, function_call = _call_parts(choice)
+            if parts or function_call is not None:
                 yield from self._take(
-                    state=state,
-                    choice_index=index,
-                    event=event,
-                    chunk=chunk,
-                    choice=choice,
-                    delta=delta,
-                    pure=pure,
+                    state, index, parts, function_call, envelope=envelope, event=event
                 )
                 rest = dict(choice)
                 rest["delta"] = {
-                    key: value
-                    for key, value in delta.items()
-                    if key not in ("tool_calls", "function_call")
+                    key: value for key, value in choice["delta"].items() if key not in _CALL_FIELDS
                 }
-                if _meaningful(rest):
+                # A choice the SDK has not seen keeps its slot, or a later one would take it.
+                if _meaningful(rest) or not state.emitted:
                     remainder.append(rest)
+                    state.emitted = True
             else:
                 remainder.append(choice)
+                state.emitted = True
             if choice.get("finish_reason") is not None:
                 yield from self._close(state)
+                state.finished = True
         # Read only now: the calls yielded above have been resolved by the consumer.
         rewritten = False
         for i, choice in enumerate(remainder):
             if (
-                isinstance(choice, dict)
-                and choice.get("finish_reason") in _CALL_FINISHES
+                choice.get("finish_reason") in _CALL_FINISHES
                 and not self._state(_choice_index(choice)).allowed
             ):
                 remainder[i] = {**choice, "finish_reason": "stop"}
                 rewritten = True
-        self._mark_text(texts)
+        self._mark_sent(remainder, texts)
         if not has_calls and not rewritten:
             yield event
             return
@@ -514,128 +695,71 @@ class OpenAIChatStreamRewriter(StreamStatus):
 
     def _take(
         self,
-        *,
         state: _ChoiceState,
-        choice_index: int,
+        choice: int,
+        parts: list[Any],
+        function_call: Mapping[str, Any] | None,
+        *,
+        envelope: dict[str, Any],
         event: SseEvent,
-        chunk: dict[str, Any],
-        choice: dict[str, Any],
-        delta: Mapping[str, Any],
-        pure: bool,
     ) -> Iterator[ToolCall]:
-        parts = delta.get("tool_calls")
-        for part in parts if isinstance(parts, list) else ():
+        for part in parts:
             if not isinstance(part, dict):
-                continue
-            key = part.get("index")
-            if not isinstance(key, int) or isinstance(key, bool):
-                key = state.open.key if state.open is not None else 0
-            part_id = part.get("id")
-            yield from self._hold(
-                state=state,
-                choice_index=choice_index,
-                key=key,
-                part_id=part_id if isinstance(part_id, str) else "",
-                fragment=_Fragment(event, chunk, choice, part, pure),
-                spec=_call_spec(part),
-            )
-        function_call = delta.get("function_call")
-        if isinstance(function_call, dict):
-            fragment = _Fragment(event, chunk, choice, function_call, pure=False)
-            yield from self._hold(
-                state=state,
-                choice_index=choice_index,
-                key=None,
-                part_id="",
-                fragment=fragment,
-                spec=function_call,
-            )
+                raise _violation("a tool_calls part is not an object")
+            tool = _int(part.get("index"))
+            if tool is None:
+                raise _violation("a tool_calls part has no integer index")
+            if not _shallow(part):
+                raise _violation("a tool_calls part is nested too deeply")
+            closed, entry = self._hold(state, choice, tool, envelope=envelope, event=event)
+            yield from closed
+            _merge(entry, {k: v for k, v in part.items() if k != "index"})
+        if function_call is not None:
+            if not _shallow(function_call):
+                raise _violation("a function_call delta is nested too deeply")
+            closed, entry = self._hold(state, choice, None, envelope=envelope, event=event)
+            yield from closed
+            _merge(entry, function_call)
 
     def _hold(
         self,
-        *,
         state: _ChoiceState,
-        choice_index: int,
-        key: int | None,
-        part_id: str,
-        fragment: _Fragment,
-        spec: Mapping[str, Any] | None,
-    ) -> Iterator[ToolCall]:
+        choice: int,
+        tool: int | None,
+        *,
+        envelope: dict[str, Any],
+        event: SseEvent,
+    ) -> tuple[list[ToolCall], dict[str, Any]]:
+        """Make the call at ``tool`` the open one: the calls this closes, and its entry."""
+        if state.finished:
+            raise _violation(f"a tool call delta after choice {choice} finished")
+        if tool in state.decided:
+            raise _violation(f"a delta for call {_tool_key(choice, tool)} after it was decided")
+        closed: list[ToolCall] = []
         held = state.open
-        # A new index, or a new id at the same index (as some compatible servers
-        # send), means the open call is complete.
-        if held is not None and (
-            held.key != key or (part_id and held.call_id and part_id != held.call_id)
-        ):
-            yield from self._close(state)
+        if held is not None and held.tool != tool:
+            closed = list(self._close(state))
             held = None
         if held is None:
-            if key in state.closed and not part_id:
-                # A late fragment of a call already decided: it must not change that call.
-                return
-            held = _HeldCall(choice=choice_index, key=key, position=state.calls)
+            held = state.open = _Open(choice, tool, state.calls, envelope, event)
             state.calls += 1
-            state.open = held
-        if part_id and not held.call_id:
-            held.call_id = part_id
-        if spec is not None:
-            name = spec.get("name")
-            if isinstance(name, str):
-                held.name += name  # accumulated as the SDK does
-            arguments = spec.get("arguments", spec.get("input"))
-            if isinstance(arguments, str):
-                held.arguments.append(arguments)
-        held.fragments.append(fragment)
+        return closed, held.entry
 
     def _close(self, state: _ChoiceState) -> Iterator[ToolCall]:
         held = state.open
         if held is None:
             return
         state.open = None
-        state.closed.add(held.key)
-        raw, arguments = parse_arguments("".join(held.arguments))
-        call_id = held.call_id
-        if held.key is None and not call_id:
-            call_id = legacy_call_id(held.choice)
-        call = ToolCall(
-            call_id=call_id,
-            name=held.name,
-            raw_arguments=raw,
-            arguments=arguments,
-            index=held.position,
-        )
-        self._pending.append((call, held))
+        state.decided.add(held.tool)
+        key = _tool_key(held.choice, held.tool)
+        entry = _joined(held.entry)
+        if held.tool is None:
+            call = _legacy_call(entry, choice=held.choice, key=key)
+        else:
+            call = _entry_call(entry, key=key, index=held.position)
+        self._pending[key] = (call, held)
         yield call
 
     def _close_all(self) -> Iterator[ToolCall]:
         for choice in sorted(self._choices):
             yield from self._close(self._choices[choice])
-
-    def _take_pending(self, call: ToolCall) -> _HeldCall | None:
-        for i, (pending, _) in enumerate(self._pending):
-            if pending is call:
-                return self._pending.pop(i)[1]
-        # The caller may pass an equal copy rather than the object it was given.
-        for i, (pending, _) in enumerate(self._pending):
-            if pending.call_id == call.call_id and pending.index == call.index:
-                return self._pending.pop(i)[1]
-        return None
-
-
-def _release(fragment: _Fragment, choice: int, index: int | None) -> SseEvent:
-    """The event that sends one held fragment on, with its tool index set to ``index``."""
-    if fragment.pure and (index is None or fragment.part.get("index") == index):
-        return fragment.event
-    if index is None:
-        delta: dict[str, Any] = {"function_call": fragment.part}
-    else:
-        delta = {"tool_calls": [{**fragment.part, "index": index}]}
-    new_choice: dict[str, Any] = {"index": choice, "delta": delta}
-    if "logprobs" in fragment.choice:
-        new_choice["logprobs"] = None
-    new_choice["finish_reason"] = None
-    chunk = dict(fragment.chunk)
-    chunk["choices"] = [new_choice]
-    if "usage" in chunk:
-        chunk["usage"] = None
-    return SseEvent(data=dumps(chunk), event=fragment.event.event, id=fragment.event.id)

@@ -1,56 +1,314 @@
-"""The OpenAI Responses API (``POST /v1/responses``): requests, responses, streams.
+"""The OpenAI Responses API (``POST /v1/responses``, ``GET /v1/responses/{id}``).
 
-A response's ``output`` is a list of items. Items of type ``function_call`` are
-calls the agent would run itself, so each one is decided. Hosted tools
-(``web_search_call``, ``file_search_call`` and the like) already ran at the
-provider and pass through untouched, as do all other item types.
+A response's ``output`` is a list of items, read by the SDK by their ``type``.
+Every item is one of three things:
 
-A call that is not allowed is replaced, at the same position, by an assistant
-``message`` item whose text says what was blocked and why. Its id is
-``msg_warden_<n>`` where ``n`` is the output index it stands at, so a streamed
-response and its final ``response.completed`` snapshot agree.
+* passive (an allowlist: ``message``, ``reasoning``, ``compaction``,
+  ``mcp_list_tools`` and the ``*_output`` result items): it carries no action
+  and passes untouched;
+* a call of a type Warden knows (``function_call``, ``custom_tool_call``,
+  ``local_shell_call``, ``shell_call``, ``computer_call``,
+  ``apply_patch_call``, ``mcp_call``, ``mcp_approval_request`` and the hosted
+  calls): it becomes a :class:`ToolCall` of its own kind and is decided;
+* anything else, an item of a type Warden does not know: an ``unknown_call``,
+  decided like the rest (policies deny it unless they allow it by name).
 
-Streams: every event carries its ``type`` and a ``sequence_number``. Events of
-a ``function_call`` item are held until its ``response.output_item.done``, then
-released verbatim (allowed) or replaced by the events of a complete message
-item (not allowed). Sequence numbers are reassigned from one counter, so they
-stay strictly increasing whatever was held, dropped or added; an event whose
-number is already right is sent as the very object that came in.
+Each call is keyed by its position, ``o<output_index>``, never by an id the
+upstream chose. Its tool name and arguments come from the fields the SDK
+dispatches on (see ``_SHAPES``):
+
+* ``function_call``, ``custom_tool_call``: ``name`` (``namespace.name`` when
+  a namespace other than the name is sent); ``arguments`` (JSON text), or
+  ``{"input": <free text>}`` for a custom tool;
+* ``mcp_call``, ``mcp_approval_request``: ``server_label.name``; ``arguments``;
+* ``local_shell_call``, ``shell_call``, ``web_search_call``: the type; the
+  ``action`` object. ``apply_patch_call``: the type; the ``operation`` object.
+  ``computer_call``: the type; ``{"action": ..., "actions": ...}``;
+* other hosted calls: the type; an object of their input fields;
+* unknown types: the type; the whole item.
+
+An object field (``action``) sent as text is not read as JSON: the agent gets
+text, so the arguments are ``None`` and the call is denied, as is a call whose
+name fields are not text.
+
+A call the policy allows is rendered from its canonical item: the SDK type's
+own fields only, with the arguments exactly as decided. The call's
+:class:`ToolCall` is a function of that canonical item alone, so what the
+agent receives is what was decided. A call that is not allowed is replaced, at
+the same position, by an assistant ``message`` item whose text says what was
+blocked and why (id ``msg_warden_<index>_<decision id>``), so a streamed
+response and its final snapshot agree.
+
+Streams. Every event is parsed as leniently as the SDK parses it; an event
+that is not a JSON object with a ``type`` ends the stream with
+:class:`~warden.errors.StreamViolation`. Events of passive items go out as
+they came (the very object, when their ``sequence_number`` needs no change).
+Events of a call item are held, never forwarded: at its
+``response.output_item.done`` (or when the stream ends first) the call is
+decided, and released as one canonical set of events (added, one argument
+delta and its done event where the item type streams arguments, and done),
+all built from the decided item. Any later event for that output index, a
+second ``added`` for a known index, or a call event aimed at a passive item,
+raises :class:`StreamViolation`. Event types the SDK does not know are
+dropped unless they carry nothing but ``type`` and ``sequence_number``.
+
+Snapshots. ``response.created`` is the SDK's first view of the output, so
+calls in it are decided on the spot. ``response.queued`` and
+``response.in_progress`` show decided calls as decided and leave undecided
+ones out. The terminal snapshot (``response.completed``, ``.incomplete``,
+``.failed``), from which the SDK builds its final response, is rewritten
+from the decided values: a position decided in the stream is rendered as
+decided whatever the snapshot says there, and a call only the snapshot
+carries is decided before the snapshot goes out.
+
+Sequence numbers are reassigned from one counter, so they stay strictly
+increasing whatever was held, dropped or added.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import enum
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-from warden.model import Decision, Effect, Mode, ToolCall, ToolResult, Usage
-from warden.protocols._wire import StreamStatus, dumps, loads, parse_arguments
+from warden.errors import StreamViolation
+from warden.model import ActionKind, Decision, Effect, ToolCall, ToolResult, Usage
+from warden.protocols._wire import NO_DECISION, StreamStatus, dumps, loads, parse_arguments
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
 from warden.protocols.sse import SseEvent
 
-__all__ = ["OpenAIResponsesAdapter", "OpenAIResponsesStreamRewriter"]
+__all__ = [
+    "PASSIVE_ITEMS",
+    "OpenAIResponsesAdapter",
+    "OpenAIResponsesStreamRewriter",
+    "call_of",
+    "canonical_item",
+    "key_of",
+]
 
-_FUNCTION_CALL = "function_call"
-_ITEM_ADDED = "response.output_item.added"
-_ITEM_DONE = "response.output_item.done"
-_ARGS_DELTA = "response.function_call_arguments.delta"
-_ARGS_DONE = "response.function_call_arguments.done"
-_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
-_LIFECYCLE = frozenset({"response.created", "response.queued", "response.in_progress"})
+_DONE_MARKER: Final = "[DONE]"
+_ITEM_ADDED: Final = "response.output_item.added"
+_ITEM_DONE: Final = "response.output_item.done"
+_CREATED: Final = "response.created"
+_TERMINAL: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_LIFECYCLE: Final = frozenset({_CREATED, "response.queued", "response.in_progress"})
 
-# Stands in when a call reaches rendering without a decision: that is a bug
-# upstream of the adapter, and the safe reading of it is "not allowed".
-_UNDECIDED = Decision(
-    decision_id="none",
-    effect=Effect.DENY,
-    reasons=("no decision was recorded for this call",),
-    mode=Mode.ENFORCE,
-    guard="fallback",
+PASSIVE_ITEMS: Final = frozenset(
+    {
+        "message",
+        "reasoning",
+        "compaction",
+        "mcp_list_tools",
+        "additional_tools",
+        "function_call_output",
+        "custom_tool_call_output",
+        "computer_call_output",
+        "local_shell_call_output",
+        "shell_call_output",
+        "apply_patch_call_output",
+        "tool_search_output",
+        "program_output",
+        "mcp_approval_response",
+    }
+)
+"""Output item types that carry no action: text, reasoning, results, tool lists."""
+
+# Events of a passive item's content: forwarded as they came.
+_PASSIVE_CONTENT: Final = frozenset(
+    {
+        "response.content_part.added",
+        "response.content_part.done",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.output_text.annotation.added",
+        "response.refusal.delta",
+        "response.refusal.done",
+        "response.reasoning_summary_part.added",
+        "response.reasoning_summary_part.done",
+        "response.reasoning_summary_text.delta",
+        "response.reasoning_summary_text.done",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.done",
+        "response.compaction.compacting",
+        "response.mcp_list_tools.in_progress",
+        "response.mcp_list_tools.completed",
+        "response.mcp_list_tools.failed",
+        "response.shell_call_output_content.delta",
+        "response.shell_call_output_content.done",
+    }
 )
 
-# An item to put in place of a function call, or None to leave it out.
-_Replace = Callable[[ToolCall, Mapping[str, Any]], Mapping[str, Any] | None]
+# Events of a call item's content: held, never forwarded (the call is re-rendered).
+_CALL_CONTENT: Final = frozenset(
+    {
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.custom_tool_call_input.delta",
+        "response.custom_tool_call_input.done",
+        "response.mcp_call_arguments.delta",
+        "response.mcp_call_arguments.done",
+        "response.mcp_call.in_progress",
+        "response.mcp_call.completed",
+        "response.mcp_call.failed",
+        "response.code_interpreter_call_code.delta",
+        "response.code_interpreter_call_code.done",
+        "response.code_interpreter_call.in_progress",
+        "response.code_interpreter_call.interpreting",
+        "response.code_interpreter_call.completed",
+        "response.file_search_call.in_progress",
+        "response.file_search_call.searching",
+        "response.file_search_call.completed",
+        "response.web_search_call.in_progress",
+        "response.web_search_call.searching",
+        "response.web_search_call.completed",
+        "response.image_generation_call.in_progress",
+        "response.image_generation_call.generating",
+        "response.image_generation_call.partial_image",
+        "response.image_generation_call.completed",
+        "response.shell_call_command.added",
+        "response.shell_call_command.delta",
+        "response.shell_call_command.done",
+    }
+)
+
+# Events that name no output item: forwarded as they came.
+_UNBOUND: Final = frozenset(
+    {
+        "error",
+        "response.audio.delta",
+        "response.audio.done",
+        "response.audio.transcript.delta",
+        "response.audio.transcript.done",
+        "response.steer.accepted",
+        "response.steer.failed",
+        "response.steer.pending",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Stream:
+    """How an item type streams its text field: the event prefix and field name."""
+
+    prefix: str
+    field: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """Where the SDK finds a call type's identity and input.
+
+    ``fields`` are the SDK type's own fields: the canonical item keeps only
+    those. The arguments are the JSON text in ``json_field``, or free text in
+    ``text_field`` (as ``{text_field: text}``), or the object in ``unwrap``,
+    or an object of the ``wrap`` fields that are present.
+    """
+
+    kind: ActionKind
+    fields: frozenset[str]
+    json_field: str | None = None
+    text_field: str | None = None
+    unwrap: str | None = None
+    wrap: tuple[str, ...] = ()
+    named: bool = False
+    scope: str | None = None  # joined before the name: the SDK dispatches on both
+    stream: _Stream | None = None
+
+
+def _fields(*names: str) -> frozenset[str]:
+    return frozenset(("id", "type", *names))
+
+
+_FUNCTION_STREAM: Final = _Stream("response.function_call_arguments", "arguments")
+_SHAPES: Final[Mapping[str, _Shape]] = {
+    "function_call": _Shape(
+        ActionKind.TOOL_CALL,
+        _fields("call_id", "name", "arguments", "namespace", "status", "caller", "async"),
+        json_field="arguments",
+        named=True,
+        scope="namespace",
+        stream=_FUNCTION_STREAM,
+    ),
+    "custom_tool_call": _Shape(
+        ActionKind.CUSTOM_TOOL_CALL,
+        _fields("call_id", "name", "input", "namespace", "caller", "async"),
+        text_field="input",
+        named=True,
+        scope="namespace",
+        stream=_Stream("response.custom_tool_call_input", "input"),
+    ),
+    "mcp_call": _Shape(
+        ActionKind.MCP_CALL,
+        _fields(
+            "name", "arguments", "server_label", "approval_request_id", "error", "output", "status"
+        ),
+        json_field="arguments",
+        named=True,
+        scope="server_label",
+        stream=_Stream("response.mcp_call_arguments", "arguments"),
+    ),
+    "mcp_approval_request": _Shape(
+        ActionKind.MCP_APPROVAL_REQUEST,
+        _fields("name", "arguments", "server_label"),
+        json_field="arguments",
+        named=True,
+        scope="server_label",
+    ),
+    "local_shell_call": _Shape(
+        ActionKind.SHELL_CALL, _fields("call_id", "action", "status"), unwrap="action"
+    ),
+    "shell_call": _Shape(
+        ActionKind.SHELL_CALL,
+        _fields("call_id", "action", "environment", "status", "caller", "created_by"),
+        unwrap="action",
+    ),
+    "computer_call": _Shape(
+        ActionKind.COMPUTER_CALL,
+        _fields("call_id", "pending_safety_checks", "status", "action", "actions"),
+        wrap=("action", "actions"),
+    ),
+    "apply_patch_call": _Shape(
+        ActionKind.APPLY_PATCH_CALL,
+        _fields("call_id", "operation", "status", "caller", "created_by"),
+        unwrap="operation",
+    ),
+    "web_search_call": _Shape(
+        ActionKind.HOSTED_TOOL_CALL, _fields("action", "status"), unwrap="action"
+    ),
+    "file_search_call": _Shape(
+        ActionKind.HOSTED_TOOL_CALL, _fields("queries", "results", "status"), wrap=("queries",)
+    ),
+    "code_interpreter_call": _Shape(
+        ActionKind.HOSTED_TOOL_CALL,
+        _fields("code", "container_id", "outputs", "status"),
+        wrap=("code", "container_id"),
+    ),
+    "image_generation_call": _Shape(
+        ActionKind.HOSTED_TOOL_CALL,
+        _fields(
+            "result",
+            "status",
+            "action",
+            "background",
+            "error",
+            "output_format",
+            "quality",
+            "revised_prompt",
+            "size",
+            "svg_usage",
+        ),
+        wrap=("action", "revised_prompt"),
+    ),
+    "tool_search_call": _Shape(
+        ActionKind.HOSTED_TOOL_CALL,
+        _fields("call_id", "arguments", "execution", "status", "created_by"),
+        wrap=("arguments", "execution"),
+    ),
+    "program": _Shape(
+        ActionKind.HOSTED_TOOL_CALL, _fields("call_id", "code", "fingerprint"), wrap=("code",)
+    ),
+}
 
 
 def _int(value: object) -> int:
@@ -61,20 +319,115 @@ def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _is_function_call(item: object) -> bool:
-    return isinstance(item, Mapping) and item.get("type") == _FUNCTION_CALL
+def _item_type(item: object) -> str | None:
+    return _str(item.get("type")) if isinstance(item, Mapping) else None
 
 
-def _tool_call(item: Mapping[str, Any], index: int) -> ToolCall:
-    """A ``function_call`` item as a ToolCall; ``call_id`` (not ``id``) names it."""
-    raw, arguments = parse_arguments(item.get("arguments"))
-    call_id = _str(item.get("call_id")) or _str(item.get("id")) or f"output_{index}"
+def _is_passive(item: object) -> bool:
+    return _item_type(item) in PASSIVE_ITEMS
+
+
+def key_of(index: int) -> str:
+    """The :attr:`ToolCall.key` of the call at output position ``index``."""
+    return f"o{index}"
+
+
+def canonical_item(item: object) -> Any:
+    """The item as Warden renders it: the SDK type's own fields, arguments as text.
+
+    Items of a type Warden does not know are kept whole: all of them is what
+    the policy decides on.
+    """
+    if not isinstance(item, Mapping):
+        return item
+    shape = _SHAPES.get(_item_type(item) or "")
+    if shape is None:
+        return dict(item)
+    out = {k: v for k, v in item.items() if k in shape.fields}
+    if shape.json_field is not None:
+        # Compatible servers may send an object: the SDK's type is JSON text.
+        out[shape.json_field] = parse_arguments(item.get(shape.json_field))[0]
+    return out
+
+
+def _call_name(shape: _Shape, item: Mapping[str, Any], wire_type: str) -> str:
+    if not shape.named:
+        return wire_type
+    name = _str(item.get("name")) or ""
+    scope = _str(item.get(shape.scope)) if shape.scope is not None else None
+    # A function deferred to the top level names itself as its namespace.
+    if scope and scope != name:
+        return f"{scope}.{name}"
+    return name
+
+
+def _identity_is_text(shape: _Shape, item: Mapping[str, Any]) -> bool:
+    """Whether the fields naming the tool are text (or, for a scope, absent)."""
+    if not shape.named:
+        return True
+    scope = item.get(shape.scope) if shape.scope is not None else None
+    return isinstance(item.get("name"), str) and (scope is None or isinstance(scope, str))
+
+
+def _call_arguments(shape: _Shape, item: Mapping[str, Any]) -> tuple[str, Mapping[str, Any] | None]:
+    if shape.json_field is not None:
+        return parse_arguments(item.get(shape.json_field))
+    if shape.text_field is not None:
+        text = item.get(shape.text_field)
+        if not isinstance(text, str):
+            return ("" if text is None else dumps(text)), None
+        return text, parse_arguments({shape.text_field: text})[1]
+    if shape.unwrap is not None:
+        value = item.get(shape.unwrap)
+        if not isinstance(value, dict):
+            # The SDK types this field as an object: text that parses as one is
+            # still text to the agent, so it is not read as JSON here.
+            return ("" if value is None else dumps(value)), None
+        return parse_arguments(value)
+    return parse_arguments({name: item[name] for name in shape.wrap if name in item})
+
+
+def call_of(item: object, index: int) -> ToolCall:
+    """The call an output item (already canonical) stands for; see the module docstring."""
+    key = key_of(index)
+    if not isinstance(item, Mapping):
+        return ToolCall(
+            call_id="",
+            name="",
+            raw_arguments=dumps(item),
+            arguments=None,
+            index=index,
+            key=key,
+            kind=ActionKind.UNKNOWN_CALL,
+            wire_type="",
+        )
+    wire_type = _item_type(item) or ""
+    call_id = _str(item.get("call_id")) or _str(item.get("id")) or ""
+    shape = _SHAPES.get(wire_type)
+    if shape is None:
+        raw, arguments = parse_arguments(dict(item))
+        return ToolCall(
+            call_id=call_id,
+            name=wire_type,
+            raw_arguments=raw,
+            arguments=arguments,
+            index=index,
+            key=key,
+            kind=ActionKind.UNKNOWN_CALL,
+            wire_type=wire_type,
+        )
+    raw, arguments = _call_arguments(shape, item)
+    if not _identity_is_text(shape, item):
+        arguments = None  # the agent could dispatch on it some other way: fail closed
     return ToolCall(
         call_id=call_id,
-        name=_str(item.get("name")) or "",
+        name=_call_name(shape, item, wire_type),
         raw_arguments=raw,
         arguments=arguments,
         index=index,
+        key=key,
+        kind=shape.kind,
+        wire_type=wire_type,
     )
 
 
@@ -93,10 +446,11 @@ def _message_item(msg_id: str, text: str) -> dict[str, Any]:
     }
 
 
-def _blocked_id(index: int, decision: Decision) -> str:
+def _blocked_item(call: ToolCall, decision: Decision) -> dict[str, Any]:
     # Unique across turns: agents that replay earlier output as input must not
     # send two items with the same id.
-    return f"msg_warden_{index}_{decision.decision_id}"
+    msg_id = f"msg_warden_{call.index}_{decision.decision_id}"
+    return _message_item(msg_id, blocked_message(call, decision))
 
 
 def _output_text(output: list[Any]) -> str:
@@ -112,20 +466,11 @@ def _output_text(output: list[Any]) -> str:
     return "".join(texts)
 
 
-def _rewrite_response(response: Mapping[str, Any], replace: _Replace) -> dict[str, Any]:
-    """A shallow copy of ``response`` with each function call passed through ``replace``."""
+def _with_output(response: Mapping[str, Any], output: list[Any]) -> dict[str, Any]:
     result = dict(response)
-    output = response.get("output")
-    if not isinstance(output, list):
-        return result
-    rewritten: list[Any] = []
-    for position, item in enumerate(output):
-        kept = replace(_tool_call(item, position), item) if _is_function_call(item) else item
-        if kept is not None:
-            rewritten.append(kept)
-    result["output"] = rewritten
+    result["output"] = output
     if isinstance(result.get("output_text"), str):
-        result["output_text"] = _output_text(rewritten)
+        result["output_text"] = _output_text(output)
     return result
 
 
@@ -141,8 +486,20 @@ def _usage(usage: object) -> Usage | None:
     )
 
 
+_RESULT_ITEMS: Final = frozenset(
+    {
+        "function_call_output",
+        "custom_tool_call_output",
+        "computer_call_output",
+        "local_shell_call_output",
+        "shell_call_output",
+        "apply_patch_call_output",
+    }
+)
+
+
 def _result_content(output: object) -> str:
-    """A ``function_call_output``'s output as text: a string, or a list of parts."""
+    """A result item's output as text: a string, or a list of parts."""
     if isinstance(output, str):
         return output
     if isinstance(output, list):
@@ -163,24 +520,25 @@ class OpenAIResponsesAdapter:
     name = "openai.responses"
 
     def parse_request(self, body: Mapping[str, Any]) -> ParsedRequest:
-        """Model, stream flag, and the ``function_call_output`` items in ``input``.
+        """Model, stream flag, and the result items (``function_call_output`` and kin) in ``input``.
 
-        A result's tool name comes from the ``function_call`` item with the same
-        ``call_id`` in the same input, else from the output item's own ``name``.
+        A result's tool name is the name of the call item with the same
+        ``call_id`` in the same input, else the result item's own ``name``.
         A plain-string ``input`` carries no results.
         """
         items = body.get("input")
         results: list[ToolResult] = []
         if isinstance(items, list):
             names: dict[str, str] = {}
+            for position, item in enumerate(items):
+                if _item_type(item) in _SHAPES:
+                    call = call_of(canonical_item(item), position)
+                    if call.call_id and call.name:
+                        names[call.call_id] = call.name
             for item in items:
-                if _is_function_call(item):
-                    call_id, name = _str(item.get("call_id")), _str(item.get("name"))
-                    if call_id is not None and name is not None:
-                        names[call_id] = name
-            for item in items:
-                if isinstance(item, Mapping) and item.get("type") == "function_call_output":
-                    call_id = _str(item.get("call_id")) or ""
+                if _item_type(item) in _RESULT_ITEMS:
+                    # A local shell call's output names its call by ``id``.
+                    call_id = _str(item.get("call_id")) or _str(item.get("id")) or ""
                     results.append(
                         ToolResult(
                             call_id=call_id,
@@ -195,27 +553,40 @@ class OpenAIResponsesAdapter:
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:
-        """The ``function_call`` output items, in order; ``index`` is the output position."""
+        """Every output item that is not passive, in order; ``key`` is ``o<position>``."""
         output = body.get("output")
         if not isinstance(output, list):
             return []
-        return [_tool_call(item, i) for i, item in enumerate(output) if _is_function_call(item)]
+        return [
+            call_of(canonical_item(item), i)
+            for i, item in enumerate(output)
+            if not _is_passive(item)
+        ]
 
     def rewrite(self, body: Mapping[str, Any], decisions: Mapping[str, Decision]) -> dict[str, Any]:
-        """A copy of ``body`` where each call not allowed became an explaining message.
+        """A copy of ``body``: allowed calls in canonical form, others as explaining messages.
 
-        A call missing from ``decisions`` is treated as not allowed. The
-        Responses API has no stop reason to adjust: an output without function
-        calls is already what ends an agent's loop.
+        ``decisions`` is keyed by :attr:`ToolCall.key`; a call missing from it
+        is not allowed. An ``output`` that is not a list (and not absent)
+        cannot be read, so it becomes empty. The Responses API has no stop
+        reason to adjust: an output without calls already ends an agent's loop.
         """
-
-        def replace(call: ToolCall, item: Mapping[str, Any]) -> Mapping[str, Any]:
-            decision = decisions.get(call.call_id, _UNDECIDED)
-            if decision.enforced is Effect.ALLOW:
-                return item
-            return _message_item(_blocked_id(call.index, decision), blocked_message(call, decision))
-
-        return _rewrite_response(body, replace)
+        output = body.get("output")
+        if output is None:
+            return dict(body)
+        if not isinstance(output, list):
+            return _with_output(body, [])
+        rewritten: list[Any] = []
+        for position, item in enumerate(output):
+            if _is_passive(item):
+                rewritten.append(item)
+                continue
+            canonical = canonical_item(item)
+            call = call_of(canonical, position)
+            decision = decisions.get(call.key, NO_DECISION)
+            allowed = decision.enforced is Effect.ALLOW
+            rewritten.append(canonical if allowed else _blocked_item(call, decision))
+        return _with_output(body, rewritten)
 
     def usage(self, body: Mapping[str, Any]) -> Usage | None:
         """``usage.input_tokens``, ``output_tokens`` and ``input_tokens_details.cached_tokens``."""
@@ -230,42 +601,52 @@ class OpenAIResponsesAdapter:
         return OpenAIResponsesStreamRewriter()
 
 
+class _State(enum.Enum):
+    PASSIVE = "passive"
+    HELD = "held"
+    PENDING = "pending"  # yielded for a decision, not yet resolved
+    DECIDED = "decided"
+
+
 @dataclass(slots=True)
-class _HeldCall:
-    """One ``function_call`` output item while its events are held."""
+class _Slot:
+    """What the stream showed at one output index (mutable, per stream)."""
 
     index: int
-    events: list[tuple[SseEvent, dict[str, Any]]] = field(default_factory=list)
+    state: _State
     added: Mapping[str, Any] | None = None
     done: Mapping[str, Any] | None = None
-    deltas: list[str] = field(default_factory=list)
-    arguments_done: str | None = None
-    yielded: bool = False
+    deltas: dict[str, list[str]] = field(default_factory=dict)
+    finals: dict[str, str] = field(default_factory=dict)
+    streamed: bool = True  # False: known only from a snapshot, which carries the verdict
+    call: ToolCall | None = None
+    item: Any = None  # the canonical item decided on
+    rendered: Any = None  # what stands at this index once decided
 
-    def call(self) -> ToolCall:
-        """The call as its latest item states it; arguments fall back to the deltas."""
-        item: dict[str, Any] = {**(self.added or {}), **(self.done or {})}
-        if self.done is None or not isinstance(self.done.get("arguments"), str):
-            if self.arguments_done is not None:
-                item["arguments"] = self.arguments_done
-            elif self.deltas:
-                item["arguments"] = "".join(self.deltas)
-        return _tool_call(item, self.index)
+    def assembled(self) -> Any:
+        """The item as the stream states it: the done item, else the added one plus deltas."""
+        if self.done is not None:
+            return self.done
+        item = dict(self.added or {})
+        shape = _SHAPES.get(_item_type(item) or "")
+        if shape is not None and shape.stream is not None:
+            name = shape.stream.field
+            if name in self.finals:
+                item[name] = self.finals[name]
+            elif name in self.deltas:
+                item[name] = (_str(item.get(name)) or "") + "".join(self.deltas[name])
+        return item
 
-    def consistent(self, call: ToolCall) -> bool:
-        """Whether every held event states the same name, id and arguments as ``call``."""
-        if self.deltas and "".join(self.deltas) != call.raw_arguments:
-            return False
-        if self.arguments_done is not None and self.arguments_done != call.raw_arguments:
-            return False
-        return all(
-            item is None
-            or (
-                (_str(item.get("name")) or "") == call.name
-                and (_str(item.get("call_id")) or call.call_id) == call.call_id
-            )
-            for item in (self.added, self.done)
-        )
+
+def _violation(message: str) -> StreamViolation:
+    return StreamViolation(f"openai.responses stream: {message}")
+
+
+def _index(data: Mapping[str, Any]) -> int:
+    index = data.get("output_index")
+    if isinstance(index, int) and not isinstance(index, bool):
+        return index
+    raise _violation(f"{data.get('type')} event without an integer output_index")
 
 
 class OpenAIResponsesStreamRewriter(StreamStatus):
@@ -273,211 +654,224 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
 
     def __init__(self) -> None:
         self._next_seq: int | None = None
-        self._held: dict[int, _HeldCall] = {}
-        self._item_index: dict[str, int] = {}
-        self._pending: dict[tuple[str, int], _HeldCall] = {}
-        self._decided: dict[str, tuple[ToolCall, Decision]] = {}
-        self._blocked: dict[str, tuple[str, str]] = {}
-        self._dropped: set[int] = set()
-        self._added_count = 0
+        self._slots: dict[int, _Slot] = {}
+        self._ended = False  # the SDK's ``[DONE]`` was seen: it reads nothing after
         super().__init__()
 
     # -- feeding ----------------------------------------------------------
 
     def feed(self, event: SseEvent) -> Iterator[StreamItem]:
         """Take one upstream event; yield what may be sent and what to decide."""
-        try:
-            data = loads(event.data)
-        except (ValueError, RecursionError):
-            data = None
-        if not isinstance(data, dict):
-            # Not an event any client could parse into a tool call.
+        if self._ended:
+            return
+        if event.data.startswith(_DONE_MARKER):  # the SDK's own test for the end
+            self._ended = True
+            yield from self._flush()
             yield event
             return
-        kind = _str(data.get("type")) or event.event
+        try:
+            data = loads(event.data)
+        except ValueError:
+            raise _violation("an event that is not JSON") from None
+        if not isinstance(data, dict):
+            raise _violation("an event that is not a JSON object")
+        kind = data.get("type")
+        if not isinstance(kind, str):
+            raise _violation("an event without a type")
         if kind in _TERMINAL:
             yield from self._terminal(event, data)
-            return
-        if kind in _LIFECYCLE:
-            yield self._lifecycle(event, data)
-            return
-        held = self._hold(kind, data)
-        if held is None:
-            index = data.get("output_index")
-            if isinstance(index, int) and index in self._dropped:
-                return  # belongs to an item that was replaced
+        elif kind in _LIFECYCLE:
+            yield from self._lifecycle(event, data, kind)
+        elif kind == _ITEM_ADDED:
+            yield from self._added(event, data)
+        elif kind == _ITEM_DONE:
+            yield from self._done(event, data)
+        elif kind in _PASSIVE_CONTENT or kind in _CALL_CONTENT:
+            yield from self._content(event, data, kind)
+        elif kind in _UNBOUND:
+            yield self._emit(event, data)
+        else:
+            yield from self._unknown(event, data)
+
+    def _slot(self, index: int) -> _Slot | None:
+        slot = self._slots.get(index)
+        if slot is not None and slot.state in (_State.PENDING, _State.DECIDED):
+            raise _violation(f"an event for output {index} after its call was decided")
+        return slot
+
+    def _added(self, event: SseEvent, data: dict[str, Any]) -> Iterator[StreamItem]:
+        index = _index(data)
+        item = data.get("item")
+        if item is None:
+            # The SDK skips an empty added event; so does the agent.
             yield self._emit(event, data)
             return
-        held.events.append((event, data))
-        if kind == _ITEM_DONE:
-            yield self._ready(held)
+        if not isinstance(item, dict):
+            raise _violation(f"output {index} added with an item that is not an object")
+        if self._slot(index) is not None:
+            raise _violation(f"output {index} added twice")
+        if _is_passive(item):
+            self._slots[index] = _Slot(index, _State.PASSIVE)
+            yield self._emit(event, data)
+            return
+        self._slots[index] = _Slot(index, _State.HELD, added=item)
 
-    def _hold(self, kind: str | None, data: dict[str, Any]) -> _HeldCall | None:
-        """The held call this event belongs to (starting one if it opens a call), or None."""
+    def _done(self, event: SseEvent, data: dict[str, Any]) -> Iterator[StreamItem]:
+        index = _index(data)
         item = data.get("item")
-        starts = kind == _ITEM_ADDED and _is_function_call(item)
-        opens = (
-            starts
-            or kind in (_ARGS_DELTA, _ARGS_DONE)
-            or (kind == _ITEM_DONE and _is_function_call(item))
-        )
-        if kind == _ITEM_ADDED:
-            self._added_count += 1
-        index = self._index_of(data, item)
-        if index is None:
-            if not opens:
-                return None
-            # No usable output_index: the item most recently added is the best guess.
-            index = max(self._added_count - 1, 0)
-        held = self._held.get(index)
-        if held is None or starts:
-            if not opens:
-                return None
-            held = self._held[index] = _HeldCall(index=index)
-            self._dropped.discard(index)
-        if isinstance(item, Mapping):
-            item_id = _str(item.get("id"))
-            if item_id is not None:
-                self._item_index[item_id] = index
-            if starts:
-                held.added = item
-            elif kind == _ITEM_DONE:
-                held.done = item
-        if kind == _ARGS_DELTA:
-            held.deltas.append(_str(data.get("delta")) or "")
-        elif kind == _ARGS_DONE:
-            held.arguments_done = _str(data.get("arguments")) or ""
-        return held
+        if not isinstance(item, dict):
+            raise _violation(f"output {index} done without an item object")
+        slot = self._slot(index)
+        if _is_passive(item) and (slot is None or slot.state is _State.PASSIVE):
+            self._slots[index] = _Slot(index, _State.PASSIVE)
+            yield self._emit(event, data)
+            return
+        if slot is not None and slot.state is _State.PASSIVE:
+            raise _violation(f"output {index} was added as text and is done as a call")
+        if slot is not None and _is_passive(item):
+            raise _violation(f"output {index} was added as a call and is done as text")
+        if slot is None:
+            slot = self._slots[index] = _Slot(index, _State.HELD)
+        slot.done = item
+        yield self._ready(slot)
 
-    def _index_of(self, data: Mapping[str, Any], item: object) -> int | None:
+    def _content(self, event: SseEvent, data: dict[str, Any], kind: str) -> Iterator[StreamItem]:
+        index = _index(data)
+        slot = self._slot(index)
+        if slot is None:
+            raise _violation(f"{kind} for output {index}, which was never added")
+        if slot.state is _State.PASSIVE:
+            if kind not in _PASSIVE_CONTENT:
+                raise _violation(f"{kind} for output {index}, which is not a call")
+            yield self._emit(event, data)
+            return
+        # A held call: its content is kept for the decision, never forwarded.
+        shape = _SHAPES.get(_item_type(slot.added) or "")
+        stream = shape.stream if shape is not None else None
+        if stream is None or not kind.startswith(f"{stream.prefix}."):
+            return
+        if kind.endswith(".delta"):
+            slot.deltas.setdefault(stream.field, []).append(_str(data.get("delta")) or "")
+        elif kind.endswith(".done"):
+            slot.finals[stream.field] = _str(data.get(stream.field)) or ""
+
+    def _unknown(self, event: SseEvent, data: dict[str, Any]) -> Iterator[StreamItem]:
         index = data.get("output_index")
         if isinstance(index, int) and not isinstance(index, bool):
-            return index
-        item_id = _str(item.get("id")) if isinstance(item, Mapping) else None
-        item_id = item_id or _str(data.get("item_id"))
-        return self._item_index.get(item_id) if item_id is not None else None
+            self._slot(index)  # touching a decided call is a violation, known type or not
+        if set(data) <= {"type", "sequence_number"}:
+            yield self._emit(event, data)  # carries nothing (a keep-alive)
+        # Anything else the SDK has no type for is dropped: never forwarded unread.
 
-    def _ready(self, held: _HeldCall) -> ToolCall:
-        call = held.call()
-        held.yielded = True
-        self._pending[(call.call_id, call.index)] = held
-        return call
+    def _ready(self, slot: _Slot) -> ToolCall:
+        slot.item = canonical_item(slot.assembled())
+        slot.call = call_of(slot.item, slot.index)
+        slot.state = _State.PENDING
+        return slot.call
 
     def _flush(self) -> Iterator[ToolCall]:
-        for index in sorted(self._held):
-            held = self._held[index]
-            if not held.yielded:
-                yield self._ready(held)
+        for index in sorted(self._slots):
+            slot = self._slots[index]
+            if slot.state is _State.HELD:
+                yield self._ready(slot)
 
-    def _lifecycle(self, event: SseEvent, data: dict[str, Any]) -> SseEvent:
+    # -- snapshots --------------------------------------------------------
+
+    def _lifecycle(self, event: SseEvent, data: dict[str, Any], kind: str) -> Iterator[StreamItem]:
         response = data.get("response")
-        if not isinstance(response, Mapping):
-            return self._emit(event, data)
+        if not isinstance(response, dict):
+            raise _violation(f"{kind} without a response object")
         self._model = _str(response.get("model")) or self._model
         output = response.get("output")
-        if not (isinstance(output, list) and any(_is_function_call(i) for i in output)):
-            return self._emit(event, data)
-        # A snapshot taken mid-stream: calls decided so far get their verdict,
-        # undecided ones are left out until they are.
-        rewritten = _rewrite_response(response, self._final_item())
-        return self._emit(event, {**data, "response": rewritten}, changed=True)
-
-    def _terminal(self, event: SseEvent, data: dict[str, Any]) -> Iterator[StreamItem]:
-        self._complete = True
-        response = data.get("response")
-        if not isinstance(response, Mapping):
-            yield from self._flush()
+        if output is None:
             yield self._emit(event, data)
             return
+        if not isinstance(output, list):
+            raise _violation(f"{kind} with an output that is not a list")
+        if kind == _CREATED:
+            # The SDK takes this output as the first items, by position.
+            yield from self._decide_snapshot(output)
+            for index, item in enumerate(output):
+                if _is_passive(item) and index not in self._slots:
+                    self._slots[index] = _Slot(index, _State.PASSIVE)
+        if all(_is_passive(item) for item in output):
+            yield self._emit(event, data)
+            return
+        # Built only now, after the calls above were resolved.
+        yield self._emit(event, {**data, "response": self._snapshot(response, output)}, True)
+
+    def _terminal(self, event: SseEvent, data: dict[str, Any]) -> Iterator[StreamItem]:
+        kind = data.get("type")
+        response = data.get("response")
+        if not isinstance(response, dict):
+            raise _violation(f"{kind} without a response object")
+        output = response.get("output")
+        if output is not None and not isinstance(output, list):
+            raise _violation(f"{kind} with an output that is not a list")
+        self._complete = True
         self._usage = _usage(response.get("usage")) or self._usage
         self._model = _str(response.get("model")) or self._model
         # Calls that never reached their output_item.done, then calls that only
-        # the final snapshot carries: all are decided before the snapshot goes.
+        # the snapshot carries: all are decided before the snapshot goes.
         yield from self._flush()
-        output = response.get("output")
-        if not isinstance(output, list):
-            output = []
-        for position, item in enumerate(output):
-            if _is_function_call(item):
-                call = _tool_call(item, position)
-                if call.call_id not in self._decided:
-                    self._pending[(call.call_id, call.index)] = _HeldCall(
-                        index=position, yielded=True
-                    )
-                    yield call
-        if not any(_is_function_call(i) for i in output):
+        if output is None:
+            # The SDK builds the final output from the done items Warden sent.
             yield self._emit(event, data)
             return
+        yield from self._decide_snapshot(output)
+        if not any(self._decided(i) for i in range(len(output))):
+            yield self._emit(event, data)  # nothing but passive items
+            return
         # Built only now, after every call above was resolved.
-        rewritten = _rewrite_response(response, self._final_item())
-        yield self._emit(event, {**data, "response": rewritten}, changed=True)
+        yield self._emit(event, {**data, "response": self._snapshot(response, output)}, True)
 
-    def _final_item(self) -> _Replace:
-        """How a response snapshot shows each call: as decided; left out while undecided."""
+    def _decided(self, index: int) -> bool:
+        slot = self._slots.get(index)
+        return slot is not None and slot.state is _State.DECIDED
 
-        def replace(call: ToolCall, item: Mapping[str, Any]) -> Mapping[str, Any] | None:
-            entry = self._decided.get(call.call_id)
-            if entry is None:
-                return None
-            decided, decision = entry
-            if decision.enforced is Effect.ALLOW:
-                if (call.name, call.raw_arguments) == (decided.name, decided.raw_arguments):
-                    return item
-                # What the agent runs is what was decided.
-                return {**item, "name": decided.name, "arguments": decided.raw_arguments}
-            msg_id, text = self._blocked.get(call.call_id) or (
-                _blocked_id(call.index, decision),
-                blocked_message(call, decision),
-            )
-            return _message_item(msg_id, text)
+    def _decide_snapshot(self, output: list[Any]) -> Iterator[ToolCall]:
+        """Decide each call in ``output`` at a position the stream has not decided."""
+        for index, item in enumerate(output):
+            if _is_passive(item):
+                continue
+            slot = self._slots.get(index)
+            if slot is not None and slot.state is _State.DECIDED:
+                continue
+            if slot is not None and slot.state is _State.HELD:
+                raise _violation(f"a snapshot shows output {index} while it is streaming")
+            slot = self._slots[index] = _Slot(index, _State.HELD, done=item, streamed=False)
+            yield self._ready(slot)
 
-        return replace
+    def _snapshot(self, response: Mapping[str, Any], output: list[Any]) -> dict[str, Any]:
+        """The response with every position the stream decided shown as decided.
+
+        Calls not decided yet (a mid-stream snapshot) are left out until they are.
+        """
+        rewritten: list[Any] = []
+        for index, item in enumerate(output):
+            slot = self._slots.get(index)
+            if slot is not None and slot.state is _State.DECIDED:
+                rewritten.append(slot.rendered)
+            elif _is_passive(item):
+                rewritten.append(item)
+        return _with_output(response, rewritten)
 
     # -- resolving --------------------------------------------------------
 
     def resolve(self, call: ToolCall, decision: Decision) -> list[SseEvent]:
-        """The held events (allowed), or the events of a message explaining the block."""
-        held = self._pending.pop((call.call_id, call.index), None)
-        previous = self._decided.get(call.call_id)
-        if previous is None or previous[1].enforced is Effect.ALLOW:
-            self._decided[call.call_id] = (call, decision)
-        if held is None:
+        """The decided call's canonical events (allowed), or a message explaining the block."""
+        slot = self._slots.get(call.index)
+        if slot is None or slot.state is not _State.PENDING or slot.call is None:
             return []
-        if self._held.get(held.index) is held:
-            del self._held[held.index]
-        if not held.events:
-            return []  # known only from the final snapshot, which carries the verdict
-        if decision.enforced is Effect.ALLOW:
-            return self._release(held, call)
-        self._dropped.add(held.index)
-        msg_id, text = _blocked_id(held.index, decision), blocked_message(call, decision)
-        self._blocked.setdefault(call.call_id, (msg_id, text))
-        return [self._new_event(e) for e in _message_events(held.index, msg_id, text)]
-
-    def _release(self, held: _HeldCall, call: ToolCall) -> list[SseEvent]:
-        if held.consistent(call):
-            return [self._emit(event, data) for event, data in held.events]
-        # The deltas say something other than the decided call: send the
-        # decided call only, as one delta.
-        out: list[SseEvent] = []
-        delta_sent = False
-        for event, data in held.events:
-            kind = data.get("type")
-            fixed = dict(data)
-            if kind == _ARGS_DELTA:
-                if delta_sent:
-                    continue
-                delta_sent = True
-                fixed["delta"] = call.raw_arguments
-            elif kind == _ARGS_DONE:
-                fixed["arguments"] = call.raw_arguments
-            elif kind in (_ITEM_ADDED, _ITEM_DONE) and isinstance(data.get("item"), Mapping):
-                item = {**data["item"], "name": call.name, "call_id": call.call_id}
-                if kind == _ITEM_DONE:
-                    item["arguments"] = call.raw_arguments
-                fixed["item"] = item
-            out.append(self._emit(event, fixed, changed=True))
-        return out
+        if slot.call.key != call.key:
+            return []
+        slot.state = _State.DECIDED
+        allowed = decision.enforced is Effect.ALLOW
+        slot.rendered = slot.item if allowed else _blocked_item(slot.call, decision)
+        if not slot.streamed:
+            return []  # known only from a snapshot, which carries the verdict
+        payloads = _call_events(slot.index, slot.item) if allowed else _message_events(slot)
+        return [self._new_event(payload) for payload in payloads]
 
     def finish(self) -> Iterator[StreamItem]:
         """Upstream ended: yield the calls still held, which never closed."""
@@ -485,7 +879,7 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
 
     # -- numbering --------------------------------------------------------
 
-    def _emit(self, event: SseEvent, data: dict[str, Any], *, changed: bool = False) -> SseEvent:
+    def _emit(self, event: SseEvent, data: dict[str, Any], changed: bool = False) -> SseEvent:
         """``event`` with the next sequence number; the same object when nothing changes."""
         seq = data.get("sequence_number")
         if self._next_seq is None:
@@ -506,11 +900,37 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
         return SseEvent(data=dumps(data), event=data["type"])
 
 
-def _message_events(index: int, msg_id: str, text: str) -> list[dict[str, Any]]:
-    """The events of a one-part message item, as the API streams one.
+def _call_events(index: int, item: Any) -> list[dict[str, Any]]:
+    """The events of one complete call item, built from the decided item alone.
 
+    Where the SDK accumulates a text field from deltas, the item is added with
+    that field empty and the whole decided text follows as one delta, so the
+    accumulated value, the ``.done`` event and the done item all agree.
     ``sequence_number`` is a placeholder; :meth:`_new_event` assigns it.
     """
+    shape = _SHAPES.get(_item_type(item) or "")
+    stream = shape.stream if shape is not None else None
+    text = item.get(stream.field) if stream is not None and isinstance(item, Mapping) else None
+    if stream is None or not isinstance(text, str):
+        return [
+            {"type": _ITEM_ADDED, "sequence_number": 0, "output_index": index, "item": item},
+            {"type": _ITEM_DONE, "sequence_number": 0, "output_index": index, "item": item},
+        ]
+    where = {"item_id": _str(item.get("id")) or "", "output_index": index}
+    started = {**item, stream.field: ""}
+    return [
+        {"type": _ITEM_ADDED, "sequence_number": 0, "output_index": index, "item": started},
+        {"type": f"{stream.prefix}.delta", "sequence_number": 0, **where, "delta": text},
+        {"type": f"{stream.prefix}.done", "sequence_number": 0, **where, stream.field: text},
+        {"type": _ITEM_DONE, "sequence_number": 0, "output_index": index, "item": item},
+    ]
+
+
+def _message_events(slot: _Slot) -> list[dict[str, Any]]:
+    """The events of the one-part message item that stands for a blocked call."""
+    item = slot.rendered
+    msg_id, text = item["id"], item["content"][0]["text"]
+    index = slot.index
     where = {"item_id": msg_id, "output_index": index, "content_index": 0}
     started = {**_message_item(msg_id, text), "status": "in_progress", "content": []}
     return [
@@ -541,10 +961,5 @@ def _message_events(index: int, msg_id: str, text: str) -> list[dict[str, Any]]:
             **where,
             "part": _text_part(text),
         },
-        {
-            "type": _ITEM_DONE,
-            "sequence_number": 0,
-            "output_index": index,
-            "item": _message_item(msg_id, text),
-        },
+        {"type": _ITEM_DONE, "sequence_number": 0, "output_index": index, "item": item},
     ]

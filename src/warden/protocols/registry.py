@@ -1,42 +1,210 @@
-"""Which adapter speaks for a request: by upstream protocol family and path."""
+"""Which routes an LLM upstream may serve, and which adapter reads each one.
+
+Routes are an allowlist per protocol family. A route is *governed* (its
+responses go through an adapter, every tool call in them is decided), *plain*
+(known to carry no tool calls: forwarded as one ``llm_call``), or *listed* by
+the operator in ``upstreams.<name>.passthrough``. Anything else on an
+``openai`` or ``anthropic`` upstream is refused: a response Warden does not
+parse could carry a tool call no policy saw. ``http`` upstreams (tool APIs)
+forward every route, each one an ``http_call`` decision.
+
+Matching works on the decoded path after the upstream name (the *tail*).
+The tail is ``<prefix>/<route>``: the route starts at the first segment that
+names one of the family's resources (``chat``, ``responses``, ``models`` ...),
+so ``v1/chat/completions``, ``chat/completions`` (the base URL already ends in
+``/v1``) and ``openai/deployments/x/chat/completions`` all find the chat
+adapter, while a resource name hidden in a longer path
+(``chat/completions/models``) cannot make a governed route look plain.
+
+Pass-through patterns (``"GET v1/files"``, ``"POST v1/batches/*"``) are a
+method, or ``*`` for any, then a path matched against the whole tail, segment
+by segment: ``*`` is exactly one segment, a final ``**`` one or more. They
+never open a route under a governed resource (``chat/...``, ``responses/...``,
+``messages/...``): those bodies carry tool calls that must be parsed.
+"""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from warden.protocols.anthropic import AnthropicMessagesAdapter
 from warden.protocols.base import Adapter
 from warden.protocols.openai_chat import OpenAIChatAdapter
 from warden.protocols.openai_responses import OpenAIResponsesAdapter
 
-__all__ = ["adapter_for"]
+__all__ = [
+    "METHODS",
+    "PassthroughRule",
+    "RouteMatch",
+    "match_route",
+    "under_governed_resource",
+]
+
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """What Warden does with one allowed route.
+
+    ``adapter`` parses the response (``None``: the route carries no tool calls
+    and is forwarded as is). ``parse_request``: the request body is the
+    adapter's request (model, stream flag, tool results); otherwise it is
+    forwarded unread, as for a stored completion fetched by id.
+    ``stream_query``: the request asks to stream with ``?stream=true``.
+    """
+
+    adapter: Adapter | None
+    parse_request: bool = False
+    stream_query: bool = False
+    passthrough: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    method: str
+    segments: tuple[str, ...]
+    match: RouteMatch
+
+    def matches(self, method: str, route: Sequence[str]) -> bool:
+        if method != self.method or len(route) != len(self.segments):
+            return False
+        return _fits(self.segments, route)
+
+
+def _fits(pattern: Sequence[str], segments: Sequence[str]) -> bool:
+    return all(p in ("*", s) for p, s in zip(pattern, segments, strict=True))
+
+
+def _rule(spec: str, match: RouteMatch) -> _Rule:
+    method, _, path = spec.partition(" ")
+    return _Rule(method, tuple(path.split("/")), match)
+
 
 # Adapters hold no per-request state (stream rewriters do), so one each suffices.
+_CHAT = OpenAIChatAdapter()
 _RESPONSES = OpenAIResponsesAdapter()
-_ROUTES: dict[str, tuple[tuple[str, Adapter], ...]] = {
+_MESSAGES = AnthropicMessagesAdapter()
+_PLAIN = RouteMatch(adapter=None)
+
+_RULES: dict[str, tuple[_Rule, ...]] = {
     "openai": (
-        ("chat/completions", OpenAIChatAdapter()),
-        ("responses", _RESPONSES),
+        _rule("POST chat/completions", RouteMatch(_CHAT, parse_request=True)),
+        # A stored completion, fetched or updated later, is a ChatCompletion
+        # with the same proposed calls: decided like a fresh one.
+        _rule("GET chat/completions/*", RouteMatch(_CHAT)),
+        _rule("POST chat/completions/*", RouteMatch(_CHAT)),
+        _rule("DELETE chat/completions/*", _PLAIN),
+        _rule("POST responses", RouteMatch(_RESPONSES, parse_request=True)),
+        _rule("GET responses/*", RouteMatch(_RESPONSES, stream_query=True)),
+        _rule("POST responses/*/cancel", RouteMatch(_RESPONSES)),
+        _rule("DELETE responses/*", _PLAIN),
+        _rule("POST responses/input_tokens", _PLAIN),
+        _rule("GET models", _PLAIN),
+        _rule("GET models/*", _PLAIN),
+        _rule("POST embeddings", _PLAIN),
+        _rule("POST moderations", _PLAIN),
     ),
-    "anthropic": (("messages", AnthropicMessagesAdapter()),),
+    "anthropic": (
+        _rule("POST messages", RouteMatch(_MESSAGES, parse_request=True)),
+        _rule("POST messages/count_tokens", _PLAIN),
+        _rule("GET models", _PLAIN),
+        _rule("GET models/*", _PLAIN),
+    ),
+}
+# Resources whose other routes (lists, input items, batches) return tool calls
+# in shapes Warden does not parse: refused even when listed as pass-through.
+_GOVERNED_ROOTS: dict[str, frozenset[str]] = {
+    "openai": frozenset({"chat", "responses"}),
+    "anthropic": frozenset({"messages"}),
+}
+_ROOTS: dict[str, frozenset[str]] = {
+    family: frozenset(rule.segments[0] for rule in rules) for family, rules in _RULES.items()
 }
 
+_PATTERN_SEGMENT = re.compile(r"^(\*|\*\*|[^*/\\\x00-\x20]+)$")
 
-def adapter_for(family: str, method: str, tail: str) -> Adapter | None:
-    """The adapter for ``<method> <tail>`` on an upstream of ``family``, if Warden parses it.
 
-    ``tail`` is the path after the upstream name, e.g. ``v1/chat/completions``;
-    matching on the final segments works whether or not the base URL has ``/v1``.
-    Other paths (models, embeddings, token counting) pass through as LLM calls.
+@dataclass(frozen=True, slots=True)
+class PassthroughRule:
+    """An operator's ``"METHOD path"`` pattern for a route forwarded unparsed."""
+
+    method: str
+    segments: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, spec: str) -> PassthroughRule:
+        """Parse ``"GET v1/files/*"``; raises ``ValueError`` saying what is wrong."""
+        method, _, path = spec.strip().partition(" ")
+        method = method.upper()
+        if method != "*" and method not in METHODS:
+            raise ValueError(
+                f"{spec!r}: must start with an HTTP method ({', '.join(sorted(METHODS))}) or '*'"
+            )
+        path = path.strip().strip("/")
+        if not path:
+            raise ValueError(f"{spec!r}: needs a path after the method, e.g. 'GET v1/files'")
+        segments = tuple(path.split("/"))
+        for i, segment in enumerate(segments):
+            if segment in (".", "..") or not _PATTERN_SEGMENT.match(segment):
+                raise ValueError(
+                    f"{spec!r}: segment {segment!r} must be a literal name, '*' or a final '**'"
+                )
+            if segment == "**" and i != len(segments) - 1:
+                raise ValueError(f"{spec!r}: '**' may only be the last segment")
+        return cls(method, segments)
+
+    def matches(self, method: str, tail: Sequence[str]) -> bool:
+        """Whether ``method`` and the decoded tail segments fit this pattern."""
+        if self.method not in ("*", method):
+            return False
+        if self.segments[-1] == "**":
+            head = self.segments[:-1]
+            if len(tail) <= len(head):
+                return False
+        else:
+            head = self.segments
+            if len(tail) != len(head):
+                return False
+        return _fits(head, tail[: len(head)])
+
+
+def _route_start(family: str, tail: Sequence[str]) -> int | None:
+    roots = _ROOTS.get(family, frozenset())
+    return next((i for i, segment in enumerate(tail) if segment in roots), None)
+
+
+def under_governed_resource(family: str, tail: Sequence[str]) -> bool:
+    """Whether the tail names a route under a governed resource (never pass-through)."""
+    start = _route_start(family, tail)
+    return start is not None and tail[start] in _GOVERNED_ROOTS.get(family, frozenset())
+
+
+def match_route(
+    family: str,
+    method: str,
+    tail: Sequence[str],
+    passthrough: Sequence[PassthroughRule] = (),
+) -> RouteMatch | None:
+    """The route ``method tail`` on an upstream of ``family``, or ``None``: refuse it.
+
+    ``tail`` is the decoded path after the upstream name, as segments.
     """
-    tail = tail.strip("/")
-    if method == "POST":
-        for suffix, adapter in _ROUTES.get(family, ()):
-            if tail == suffix or tail.endswith("/" + suffix):
-                return adapter
+    if family == "http":
+        return _PLAIN
+    rules = _RULES.get(family)
+    if rules is None:
         return None
-    if method == "GET" and family == "openai":
-        # A stored response fetched (or its stream resumed) later carries the
-        # same proposed calls: they are decided like fresh ones.
-        head, _, response_id = tail.rpartition("/")
-        if (head == "responses" or head.endswith("/responses")) and response_id.startswith("resp"):
-            return _RESPONSES
+    start = _route_start(family, tail)
+    if start is not None:
+        route = tail[start:]
+        for rule in rules:
+            if rule.matches(method, route):
+                return rule.match
+        if route[0] in _GOVERNED_ROOTS[family]:
+            return None
+    if any(rule.matches(method, tail) for rule in passthrough):
+        return RouteMatch(adapter=None, passthrough=True)
     return None

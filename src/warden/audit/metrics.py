@@ -1,0 +1,18 @@
+"""Prometheus metrics for the audit log, on the default registry."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+__all__ = ["SUBJECT_KEYS", "SUBJECT_KEYS_REFUSED"]
+
+SUBJECT_KEYS = Gauge(
+    "warden_audit_subject_keys",
+    "Data subject keys in the audit directory, as this process counts them.",
+)
+SUBJECT_KEYS_REFUSED = Counter(
+    "warden_audit_subject_keys_refused_total",
+    "Records whose personal fields were redacted, not sealed, by reason: "
+    "full (audit.subjects.max_keys reached) or unusable (a subject value that is not text).",
+    ["reason"],
+)

@@ -1,0 +1,135 @@
+"""Subject keys: only from configured sources, at most ``max_keys``, never plaintext past it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client import REGISTRY
+
+from warden.audit import AuditLog
+from warden.audit.subjects import UNUSABLE, SubjectKeys, subject_value
+from warden.audit.testing import sample_action, sample_decision
+from warden.audit.verify import iter_records
+from warden.config import AuditConfig, SubjectsConfig
+from warden.model import Agent, Outcome
+
+
+def config(root: Path, **subjects: Any) -> AuditConfig:
+    return AuditConfig(dir=str(root), subjects=SubjectsConfig(**subjects))
+
+
+def key_files(root: Path) -> list[Path]:
+    return sorted((root / "subjects").rglob("*.key"))
+
+
+def stored(root: Path) -> tuple[list[dict[str, Any]], bytes]:
+    raw = [payload for _, payload in iter_records(root)]
+    return [orjson.loads(p) for p in raw], b"".join(raw)
+
+
+def refused(reason: str) -> float:
+    value = REGISTRY.get_sample_value("warden_audit_subject_keys_refused_total", {"reason": reason})
+    return value or 0.0
+
+
+def test_subject_value_reads_the_configured_sources_in_order() -> None:
+    action = dataclasses.replace(
+        sample_action(customer="C-ctx", arguments={"customer": {"id": 42}, "list": ["x"]}),
+        agent=Agent("bot", claims={"sub": "user-7"}),
+    )
+    assert subject_value(action, ("context.customer_id",)) == "C-ctx"
+    assert subject_value(action, ("action.arguments.customer.id",)) == "42"
+    assert subject_value(action, ("agent.claims.sub",)) == "user-7"
+    assert subject_value(action, ("action.arguments.missing", "agent.claims.sub")) == "user-7"
+    assert subject_value(action, ("action.arguments.list.0",)) == "x"
+    assert subject_value(action, ("action.arguments.customer",)) is UNUSABLE
+    assert subject_value(action, ()) is None
+
+
+@pytest.mark.parametrize(
+    "bad", ["customer_id", "headers.x", "context.", "action.arguments..id", "agent.id"]
+)
+def test_sources_are_validated(bad: str) -> None:
+    with pytest.raises(ValueError, match="must be context"):
+        SubjectsConfig(sources=(bad,))
+
+
+async def test_an_unconfigured_source_creates_no_key(tmp_path: Path) -> None:
+    log = await AuditLog.open(config(tmp_path, sources=("action.arguments.customer_id",)))
+    # An agent-chosen context header is not a configured source: no key, no file.
+    for i in range(20):
+        await log.record_decision(sample_action(i, customer=f"invented-{i}"), sample_decision())
+    assert key_files(tmp_path) == []
+    await log.record_decision(
+        sample_action(arguments={"customer_id": "C-1", "amount": 5}), sample_decision()
+    )
+    await log.close()
+    assert len(key_files(tmp_path)) == 1
+    records, _ = stored(tmp_path)
+    assert all(r["subject"] is None for r in records[:20])
+    assert records[20]["subject"] is not None
+    assert records[20]["sealed"] is not None
+    assert records[20]["action"]["arguments"] is None  # sealed, not in clear
+
+
+async def test_past_the_bound_personal_fields_are_redacted_not_keyed(tmp_path: Path) -> None:
+    before = refused("full")
+    log = await AuditLog.open(config(tmp_path, max_keys=2))
+    for name in ("cus_a", "cus_b", "cus_c", "cus_a"):
+        action = sample_action(customer=name, arguments={"email": f"{name}@example.com"})
+        decision = sample_decision()
+        await log.record_decision(action, decision)
+        await log.record_outcome(action, decision.decision_id, Outcome(result=f"{name} done"))
+    await log.close()
+    assert len(key_files(tmp_path)) == 2
+    assert refused("full") - before == 2  # the decision and the outcome of cus_c
+    assert REGISTRY.get_sample_value("warden_audit_subject_keys") == 2
+    records, raw = stored(tmp_path)
+    third, third_outcome = records[4], records[5]
+    assert third["subject"] == log.subject_ref("cus_c")
+    assert third["sealed"] is None
+    assert third["action"]["arguments"] == "[redacted]"
+    assert third["action"]["context"] == "[redacted]"
+    assert third["action"]["arguments_sha256"] is not None
+    assert third_outcome["outcome"]["result"] == "[redacted]"
+    assert b"cus_c" not in raw
+    # A subject that already has a key is still sealed.
+    assert records[6]["sealed"] is not None
+    assert b"cus_a" not in raw
+
+
+async def test_the_bound_counts_keys_from_earlier_runs(tmp_path: Path) -> None:
+    first = await AuditLog.open(config(tmp_path, max_keys=1))
+    await first.record_decision(sample_action(customer="cus_a"), sample_decision())
+    await first.close()
+    second = await AuditLog.open(config(tmp_path, max_keys=1))
+    await second.record_decision(sample_action(customer="cus_b"), sample_decision())
+    await second.close()
+    assert len(key_files(tmp_path)) == 1
+    records, raw = stored(tmp_path)
+    assert records[1]["sealed"] is None
+    assert b"cus_b" not in raw
+    # Erasing a subject frees its place.
+    keys = SubjectKeys.open(tmp_path, max_keys=1)
+    assert keys.count == 1
+    assert keys.erase(keys.ref("cus_a"))
+    assert keys.count == 0
+    assert keys.load_or_create(keys.ref("cus_b")) is not None
+
+
+async def test_a_subject_value_that_cannot_be_keyed_is_redacted(tmp_path: Path) -> None:
+    before = refused("unusable")
+    log = await AuditLog.open(config(tmp_path, sources=("action.arguments.customer",)))
+    action = sample_action(arguments={"customer": {"name": "Ann Lee"}, "amount": 5})
+    await log.record_decision(action, sample_decision())
+    await log.close()
+    (record,), raw = stored(tmp_path)
+    assert record["action"]["arguments"] == "[redacted]"
+    assert record["sealed"] is None
+    assert b"Ann Lee" not in raw
+    assert key_files(tmp_path) == []
+    assert refused("unusable") - before == 1

@@ -27,15 +27,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed import HasFileno
 
 from warden.audit import AuditLog
 from warden.audit.merkle import CompactRange, leaf_hash
 from warden.audit.record import action_body, decision_body, encode
 from warden.audit.segments import frame
-from warden.audit.testing import sample_action, sample_decision
 from warden.audit.verify import verify_log
 from warden.config import AuditConfig
+from warden.testing.audit import sample_action, sample_decision
 
 RESULTS = Path(__file__).parent / "results" / "audit.json"
 TARGET_DURABLE = 20_000
@@ -90,7 +93,7 @@ def _count_fdatasync() -> None:
     """Count fdatasync calls (the benchmark's own process only) to report batch sizes."""
     real = os.fdatasync
 
-    def counting(fd: int) -> None:
+    def counting(fd: int | HasFileno) -> None:
         global _SYNCS  # noqa: PLW0603 - a benchmark-local counter
         _SYNCS += 1
         real(fd)

@@ -2,7 +2,10 @@
 
 Kept apart from ``warden.testing.MockLLM`` on purpose: the mock records and
 scripts every request, and that cost must not blur what the benchmark measures.
-Requests that carry ``"tools"`` get a reply with one ``search_kb`` tool call.
+Requests that carry ``"tools"`` get a reply with one ``search_kb`` tool call,
+unless their model is ``bench-text`` (a text answer). Model ``bench-burst``
+gets a tool call with new arguments each time, so every decision about it is
+a policy cache miss.
 """
 
 from __future__ import annotations
@@ -58,11 +61,21 @@ _TOOL = orjson.dumps(
 )
 
 
+_BURST_MARK = b'\\"shipping\\"'  # inside the arguments string, so escaped
+_burst_count = 0
+
+
 async def chat(request: web.Request) -> web.Response:
+    global _burst_count  # noqa: PLW0603 - one counter for the process
     body = await request.read()
-    return web.Response(
-        body=_TOOL if b'"tools"' in body else _TEXT, content_type="application/json"
-    )
+    if b'"tools"' not in body or b'"bench-text"' in body:
+        reply = _TEXT
+    elif b'"bench-burst"' in body:
+        _burst_count += 1
+        reply = _TOOL.replace(_BURST_MARK, b'\\"shipping %d\\"' % _burst_count)
+    else:
+        reply = _TOOL
+    return web.Response(body=reply, content_type="application/json")
 
 
 async def main(port: int) -> None:

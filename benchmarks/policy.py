@@ -41,12 +41,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from warden.config import PolicyConfig  # noqa: E402
 from warden.model import Action, ActionKind, Agent, Mode, RequestMeta, Stage  # noqa: E402
 from warden.pipeline import GuardContext, policy_input  # noqa: E402
-from warden.policy.bundle import (  # noqa: E402
-    Bundle,
-    BundleError,
-    compile_check,
-    load_bundle,
-)
+from warden.policy.bundle import Bundle, BundleError, load_bundle  # noqa: E402
+from warden.policy.bundle.compile import compile_check  # noqa: E402
 from warden.policy.engine import PolicyEngine, production_modules  # noqa: E402
 from warden.policy.guard import PolicyGuard  # noqa: E402
 from warden.policy.worker import Evaluator  # noqa: E402
@@ -108,7 +104,7 @@ EMBEDDED_DATA = {
         "apply_credit": {"auto": 50, "ceiling": 500, "agent_day_auto": 200},
     },
 }
-TOOLS = [
+TOOLS: list[tuple[str, Callable[[random.Random], dict[str, Any]]]] = [
     ("get_order", lambda r: {"order_id": f"ord_{r.randrange(10**6)}"}),
     ("search_kb", lambda r: {"query": "where is my parcel " * r.randrange(1, 4)}),
     (

@@ -27,20 +27,15 @@ import yaml
 
 from warden.config import Config, load_config
 from warden.errors import ConfigError
+from warden.policy.authoring.check import check_policy
+from warden.policy.authoring.child import DEFAULT_TEST_TIMEOUT_S
+from warden.policy.authoring.eval import evaluate_input
+from warden.policy.authoring.lint import Finding
+from warden.policy.authoring.policy_set import load_policy_set
+from warden.policy.authoring.results import Status, TestReport, TestResult
+from warden.policy.authoring.runner import run_tests
+from warden.policy.authoring.tables import discover_case_files, load_case_file
 from warden.policy.bundle import SIGNATURES_FILE, BundleError, read_bundle_files
-from warden.policy.testing import (
-    DEFAULT_TEST_TIMEOUT_S,
-    Finding,
-    Status,
-    TestReport,
-    TestResult,
-    check_policy,
-    discover_case_files,
-    evaluate_input,
-    load_case_file,
-    load_policy_set,
-    run_tests,
-)
 
 __all__ = ["main", "register"]
 
@@ -297,7 +292,7 @@ def _print_findings(
 
 
 def _sign(args: argparse.Namespace) -> int:
-    from warden.policy.signing import sign_bundle
+    from warden.policy.bundle.sign import sign_bundle
 
     try:
         pem = Path(args.key).read_bytes()

@@ -67,6 +67,7 @@ DEFAULT_ADMIN_LISTEN = "127.0.0.1:8081"
 DEFAULT_POLICY_BUNDLES = ("policies/customer-support",)
 DEFAULT_POLICY_QUERY = "data.warden.decision"
 DEFAULT_POLICY_DEADLINE_MS = 50.0
+DEFAULT_POLICY_QUEUE_TIMEOUT_S = 1.0
 DEFAULT_POLICY_WORKERS = 2
 DEFAULT_POLICY_CACHE_SIZE = 10_000
 DEFAULT_AUDIT_DIR = "./warden-data/audit"
@@ -157,6 +158,10 @@ class PolicyConfig(_Section):
     default_effect: Effect = Effect.DENY
     """What an undefined policy result means."""
     deadline_ms: float = Field(DEFAULT_POLICY_DEADLINE_MS, gt=0)
+    """How long one evaluation may run on a worker (not counting its wait for one)."""
+    queue_timeout_s: float = Field(DEFAULT_POLICY_QUEUE_TIMEOUT_S, gt=0)
+    """How long a request may wait for a free worker before Warden answers 503
+    with ``Retry-After`` (never a fallback decision)."""
     workers: int = Field(DEFAULT_POLICY_WORKERS, ge=1, le=64)
     cache_size: int = Field(DEFAULT_POLICY_CACHE_SIZE, ge=0)
     watch: bool = True

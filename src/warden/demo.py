@@ -29,6 +29,7 @@ import aiohttp
 import openai
 import orjson
 
+from warden import tasks
 from warden.audit.verify import iter_records, verify_log
 from warden.config import load_config
 from warden.server import Warden
@@ -199,7 +200,7 @@ async def _run(data_dir: Path, policy: Path) -> int:
             base_url = f"{warden.proxy_url}/openai/v1"
             print(f'The agent uses OpenAI(base_url="{base_url}"), nothing else.\n')
             done = asyncio.Event()
-            lead = asyncio.create_task(_support_lead(warden.admin_url, token, done))
+            lead = tasks.spawn(_support_lead(warden.admin_url, token, done), name="demo-lead")
             async with openai.AsyncOpenAI(
                 base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-demo-not-a-real-key"
             ) as agent:

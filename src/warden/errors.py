@@ -20,6 +20,7 @@ The code is reused in error bodies sent to agents, in log lines and as the
     ├── Unauthenticated          unauthenticated       (401: no credential, or a bad one)
     ├── Forbidden                forbidden             (403: an agent id not proved)
     ├── PolicyError              policy_error          (bundle or evaluation failed)
+    ├── Overloaded               overloaded            (503 + Retry-After: too busy to decide now)
     └── AuditError               audit_unavailable     (the log cannot take records: fail closed)
 """
 
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigError",
     "Forbidden",
     "InvalidJSON",
+    "Overloaded",
     "PolicyError",
     "RequestError",
     "RouteNotGoverned",
@@ -167,6 +169,22 @@ class PolicyError(WardenError):
     """A policy bundle could not be loaded or evaluated."""
 
     code = "policy_error"
+
+
+class Overloaded(WardenError):
+    """Warden cannot decide in time because it is busy, not because of the request.
+
+    Rendered as the provider's own 503 with ``Retry-After``, so the agent's SDK
+    backs off and retries; nothing is decided or recorded for the request.
+    """
+
+    code = "overloaded"
+    status = 503
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        """Seconds the agent should wait before retrying (the ``Retry-After`` header)."""
 
 
 class AuditError(WardenError):

@@ -18,13 +18,14 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+from warden import tasks
 from warden.budgets import metrics
 from warden.model import Action, Decision, Effect, Mode, new_id
-from warden.pipeline import GuardContext
+from warden.pipeline import AuditSink, GuardContext
 from warden.state import KillSwitchRow, StateStore
 
 __all__ = [
@@ -92,17 +93,13 @@ class KillSwitch:
         )
 
 
-class _Audit(Protocol):
-    async def append(self, kind: str, body: Mapping[str, Any]) -> Any: ...
-
-
 class KillSwitches:
     """The switches in force, kept in memory and in sync with the state store."""
 
     def __init__(
         self,
         store: StateStore,
-        audit: _Audit | None,
+        audit: AuditSink | None,
         *,
         poll_interval_s: float = POLL_INTERVAL_S,
     ) -> None:
@@ -122,7 +119,7 @@ class KillSwitches:
         """Load the active switches, then keep polling the store."""
         await self.refresh()
         if self._poller is None:
-            self._poller = asyncio.create_task(self._poll())
+            self._poller = tasks.spawn(self._poll(), name="killswitch-poll")
 
     async def close(self) -> None:
         """Stop polling."""

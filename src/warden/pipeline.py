@@ -36,6 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
+from warden.audit.record import ApprovalEvidence
 from warden.audit.redaction import resolve as resolve_redactions
 from warden.model import Action, ActionKind, Decision, Effect, Mode, Outcome, new_id
 
@@ -128,16 +129,31 @@ class Redacting(Protocol):
 
 
 class AuditSink(Protocol):
-    """Where decisions and outcomes are recorded (``warden.audit.AuditLog``)."""
+    """Where everything Warden decides or sees is recorded: the one audit interface.
 
-    async def record_decision(self, action: Action, decision: Decision) -> None:
-        """Make the decision record durable before returning."""
+    :class:`warden.audit.AuditLog` implements it; the pipeline writes
+    decisions and outcomes, the approval gate writes decisions settled by
+    people, and approvals and kill switches write their events with
+    :meth:`append`. Test fakes implement the methods their code calls.
+    """
+
+    async def record_decision(
+        self, action: Action, decision: Decision, *, approval: ApprovalEvidence | None = None
+    ) -> None:
+        """Make the decision record durable before returning.
+
+        ``approval``: the approval that settled it, when people did.
+        """
         ...
 
     async def record_outcome(
         self, action: Action, decision_id: str, outcome: Outcome, *, cost: float | None = None
     ) -> None:
         """Record what happened after the action was let through."""
+        ...
+
+    async def append(self, kind: str, body: Mapping[str, Any]) -> object:
+        """Record any other event (approvals, kill switches) durably; return where it is."""
         ...
 
 

@@ -11,16 +11,17 @@ the benchmarks::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
 from aiohttp import web
 
+from warden import tasks
 from warden.admin.approval_routes import add_approval_routes
 from warden.admin.auth import AUTH, TokenAuth
 from warden.admin.killswitch_routes import add_killswitch_routes
@@ -29,15 +30,18 @@ from warden.approvals.service import Approvals
 from warden.audit import AuditLog
 from warden.budgets.guard import BudgetGuard
 from warden.budgets.prices import PriceTable
-from warden.config import Config, parse_listen
-from warden.errors import ConfigError
-from warden.ingress.http import ProxyApp, build_proxy_app
+from warden.config import Config
+from warden.core import Governor
+from warden.ingress.base import FrontDoor
+from warden.ingress.http import HttpDoor
+from warden.ingress.listen import listen
 from warden.killswitch import KillSwitch, KillSwitches, KillSwitchGuard, Scope
 from warden.ops.health import add_health_routes
 from warden.pipeline import Guard, Pipeline
 from warden.policy.engine import PolicyEngine
 from warden.policy.guard import PolicyGuard
 from warden.state import StateStore
+from warden.state.links import CallLinks, CallLinkStore
 
 __all__ = ["Warden"]
 
@@ -48,21 +52,28 @@ _CONNECTION_LIMIT = 1000
 
 
 class Warden:
-    """One sidecar process worth of Warden, started and stopped as a unit."""
+    """One sidecar process worth of Warden, started and stopped as a unit.
 
-    def __init__(self, config: Config) -> None:
+    Everything it opens is entered on one :class:`contextlib.AsyncExitStack`
+    as it starts, so stopping closes it all in reverse order: the front doors
+    first, then the core (outcome records, call links), the engine and the
+    stores, and the audit log last, which signs its final checkpoint. A close
+    that fails is logged and the rest still close: the final checkpoint is
+    never skipped.
+    """
+
+    def __init__(self, config: Config, *, doors: Sequence[FrontDoor] = ()) -> None:
+        """``doors``: front doors to start besides the ones the configuration names."""
         self.config = config
+        self._extra_doors = tuple(doors)
+        self._stack = contextlib.AsyncExitStack()
         self._audit: AuditLog | None = None
         self._engine: PolicyEngine | None = None
-        self._state: StateStore | None = None
-        self._budgets: BudgetGuard | None = None
         self.killswitches: KillSwitches | None = None
-        self._approvals: Approvals | None = None
-        self._gate: ApprovalGate | None = None
         """The kill switches in force; the proxy checks them between stream chunks."""
-        self._session: aiohttp.ClientSession | None = None
-        self._proxy: ProxyApp | None = None
-        self._runners: list[web.AppRunner] = []
+        self._approvals: Approvals | None = None
+        self.core: Governor | None = None
+        self.doors: tuple[FrontDoor, ...] = ()
         self._stopped = asyncio.Event()
         self._stopping = False
         self.proxy_url = ""
@@ -82,87 +93,78 @@ class Warden:
 
     async def _start(self) -> None:
         cfg = self.config
+        stack = self._stack
         prices = PriceTable.load(cfg.prices.file)
-        self._audit = await AuditLog.open(cfg.audit)
-        self._state = await StateStore.open(cfg.state.url)
-        self.killswitches = KillSwitches(self._state, self._audit)
-        await self.killswitches.start()
-        self._budgets = BudgetGuard(
-            self._state,
+        # Entered first, closed last: every other close may still record.
+        self._audit = audit = await AuditLog.open(cfg.audit)
+        stack.push_async_callback(audit.close)
+        state = await StateStore.open(cfg.state.url)
+        stack.push_async_callback(state.close)
+        self.killswitches = killswitches = KillSwitches(state, audit)
+        await killswitches.start()
+        stack.push_async_callback(killswitches.close)
+        budgets = BudgetGuard(
+            state,
             cfg.budgets,
             prices,
             {name: up.protocol for name, up in cfg.upstreams.items()},
         )
-        self._budgets.start()
-        self._approvals = await Approvals.open(
-            cfg.state.url, self._audit, approval_settings(cfg.approvals)
+        budgets.start()
+        stack.push_async_callback(budgets.close)
+        self._approvals = approvals = await Approvals.open(
+            cfg.state.url, audit, approval_settings(cfg.approvals)
         )
-        self._gate = ApprovalGate(
-            self._approvals,
-            cfg.approvals,
-            self._audit,
-            killswitches=self.killswitches,
-            budgets=self._budgets,
+        stack.push_async_callback(approvals.close)  # before the audit log: it records deliveries
+        gate = ApprovalGate(
+            approvals, cfg.approvals, audit, killswitches=killswitches, budgets=budgets
         )
-        self.killswitches.on_set(self._reject_held)
-        self._engine = await PolicyEngine.start(cfg.policy)
+        killswitches.on_set(self._reject_held)
+        self._engine = engine = await PolicyEngine.start(cfg.policy)
+        stack.push_async_callback(engine.close)
         # Kill switch first, then budget reservation, then policy.
         guards: list[Guard] = [
-            KillSwitchGuard(self.killswitches),
-            self._budgets,
-            PolicyGuard(self._engine, cfg.policy),
+            KillSwitchGuard(killswitches),
+            budgets,
+            PolicyGuard(engine, cfg.policy),
         ]
         pipeline = Pipeline(
             guards,
-            self._audit,
+            audit,
             mode_for=cfg.mode_for,
             risk_of=cfg.risk_of,
             default_effect=cfg.policy.default_effect,
             unknown_calls_to_policy=cfg.policy.unknown_calls == "policy",
         )
-        self._session = aiohttp.ClientSession(
+        link_store = await CallLinkStore.open(cfg.state.url)
+        stack.push_async_callback(link_store.close)
+        self.core = core = Governor(pipeline, gate=gate, links=CallLinks(link_store))
+        await core.start()
+        stack.push_async_callback(core.close)  # after the doors: drains their outcomes
+        session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=_CONNECTION_LIMIT, limit_per_host=0),
             auto_decompress=True,
             # No proxy from the environment: Warden reaches only configured upstreams.
             trust_env=False,
         )
-        self._proxy = ProxyApp(
-            cfg, pipeline, self._session, gate=self._gate, killswitches=self.killswitches
-        )
-        proxy_app = build_proxy_app(self._proxy, cfg.limits.max_body_bytes)
+        stack.push_async_callback(session.close)
         admin_app = web.Application()
         admin_app[AUTH] = TokenAuth(cfg.admin.tokens)
         add_health_routes(admin_app, self.readiness)
-        add_killswitch_routes(admin_app, self.killswitches)
-        add_approval_routes(admin_app, self._approvals, admin_app[AUTH])
-        self.proxy_url = await self._listen(proxy_app, cfg.listen.proxy)
-        self.admin_url = await self._listen(admin_app, cfg.listen.admin)
-        log.info("proxy listening on %s, admin on %s", self.proxy_url, self.admin_url)
-
-    async def _listen(self, app: web.Application, where: str) -> str:
-        host, port = parse_listen(where)
-        runner = web.AppRunner(
-            app,
-            access_log=None,
-            shutdown_timeout=self.config.shutdown_grace_s,
-            handle_signals=False,
+        add_killswitch_routes(admin_app, killswitches)
+        add_approval_routes(admin_app, approvals, admin_app[AUTH])
+        http = HttpDoor(cfg, session, killswitches=killswitches)
+        self.doors = (http, *self._extra_doors)
+        for door in self.doors:
+            await door.start(core)
+            stack.push_async_callback(door.stop)
+        self.proxy_url = http.url
+        admin, self.admin_url = await listen(
+            admin_app, cfg.listen.admin, shutdown_grace_s=cfg.shutdown_grace_s
         )
-        await runner.setup()
-        self._runners.append(runner)
-        # Bind first so that port 0 resolves to a real port we can report.
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(f"cannot listen on {where}: {exc.strerror}") from None
-        site = web.SockSite(runner, sock)
-        await site.start()
-        bound = sock.getsockname()
-        shown = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
-        return f"http://{shown}:{bound[1]}"
+        stack.push_async_callback(admin.cleanup)
+        # Unwound first: held requests are answered as deferred, so doors can drain.
+        stack.callback(gate.stop_holding)
+        log.info("proxy listening on %s, admin on %s", self.proxy_url, self.admin_url)
 
     def readiness(self) -> tuple[bool, Mapping[str, Any]]:
         """Ready only when a policy bundle is active and the audit log is writable."""
@@ -176,33 +178,21 @@ class Warden:
         return policy_ok and audit_ok and not self._stopping, detail
 
     async def stop(self) -> None:
-        """Graceful stop: refuse new requests, finish in-flight ones, flush the log."""
+        """Graceful stop: refuse new requests, finish in-flight ones, flush the log.
+
+        Everything started is closed even when one close fails (that failure
+        is logged): the audit log's final signed checkpoint is never skipped.
+        """
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
-        if self._gate is not None:
-            self._gate.stop_holding()  # held requests are answered as deferred
-        # Proxy first: cleanup stops accepting, then waits up to the grace period.
-        for runner in self._runners:
-            await runner.cleanup()
-        if self._proxy is not None:
-            await self._proxy.drain_background()
-        if self._session is not None:
-            await self._session.close()
-        if self._engine is not None:
-            await self._engine.close()
-        if self._budgets is not None:
-            await self._budgets.close()
-        if self.killswitches is not None:
-            await self.killswitches.close()
-        if self._approvals is not None:
-            await self._approvals.close()  # before the audit log: it records deliveries
-        if self._state is not None:
-            await self._state.close()
-        if self._audit is not None:
-            await self._audit.close()
-        self._stopped.set()
+        try:
+            await self._stack.aclose()
+        except Exception:
+            log.exception("a component failed to close; the rest were closed")
+        finally:
+            self._stopped.set()
         log.info("stopped")
 
     async def _reject_held(self, switch: KillSwitch) -> None:
@@ -226,7 +216,7 @@ class Warden:
         """Stop gracefully on SIGTERM and SIGINT (what Kubernetes and a terminal send)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+            loop.add_signal_handler(sig, lambda: tasks.spawn(self.stop(), name="stop"))
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -31,6 +31,7 @@ def parsed_tool_names(completion: Any) -> list[str]:
     for choice in completion.choices:
         for tc in choice.message.tool_calls or []:
             fn = getattr(tc, "function", None) or getattr(tc, "custom", None)
+            assert fn is not None
             names.append(fn.name)
     return names
 
@@ -56,8 +57,8 @@ def test_non_200_json_body_with_a_call_is_decided(
     harness.answer(case, RawReply.json(body, status=status))
     completion = oai.chat.completions.create(
         model=wire.MODEL,
-        messages=chat_messages(case),
-        extra_headers=case_headers(case),  # type: ignore[arg-type]
+        messages=chat_messages(case),  # type: ignore[arg-type]
+        extra_headers=case_headers(case),
     )
     assert parsed_tool_names(completion) == ["search_kb"]
     assert denied_record(harness, case, "export_customers")
@@ -73,8 +74,8 @@ def test_non_200_event_stream_with_a_call_is_decided(
     names: list[str] = []
     with oai.chat.completions.stream(
         model=wire.MODEL,
-        messages=chat_messages(case),
-        extra_headers=case_headers(case),  # type: ignore[arg-type]
+        messages=chat_messages(case),  # type: ignore[arg-type]
+        extra_headers=case_headers(case),
     ) as stream:
         final = stream.get_final_completion()
     names = parsed_tool_names(final)
@@ -102,8 +103,8 @@ def test_upstream_redirect_is_never_relayed(
     with pytest.raises(openai.APIStatusError) as info:
         oai.chat.completions.create(
             model=wire.MODEL,
-            messages=chat_messages(case),
-            extra_headers=case_headers(case),  # type: ignore[arg-type]
+            messages=chat_messages(case),  # type: ignore[arg-type]
+            extra_headers=case_headers(case),
         )
     assert info.value.status_code == 502
     assert "location" not in {k.lower() for k in info.value.response.headers}
@@ -116,6 +117,7 @@ def test_stored_chat_completion_get_is_decided_or_refused(
     case = new_case()
     body = wire.chat_body([wire.chat_call("export_customers", EXPORT_ARGS)])
     harness.answer(case, RawReply.json(body))
+    refused: int | None
     try:
         completion = oai.chat.completions.retrieve(case, extra_headers=case_headers(case))
     except openai.APIStatusError as exc:

@@ -8,7 +8,7 @@ when it must arrive with exactly one allow record.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import anthropic
 import openai
@@ -198,7 +198,10 @@ def test_chat_stream_custom_call_with_a_decoy_function_is_decided_as_the_custom_
                         seen.append(str(tc.model_dump()))
         final = s.get_final_completion()
     assert not any("danger_wipe" in text for text in seen)
-    assert not any(c.type == "custom" for c in final.choices[0].message.tool_calls or [])
+    # The SDK types parsed calls as functions only; what arrived is checked as a string.
+    assert not any(
+        cast("str", c.type) == "custom" for c in final.choices[0].message.tool_calls or []
+    )
     recs = harness.audit.decisions(case)
     assert [(r["action"]["tool"], r["decision"]["enforced"]) for r in recs] == [
         ("danger_wipe", "deny")

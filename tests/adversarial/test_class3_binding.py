@@ -7,6 +7,7 @@ JSON that only a lenient (SDK-like) parser reads.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import anthropic
@@ -126,7 +127,7 @@ def test_anthropic_blocks_sharing_an_id_are_decided_one_by_one(
         with ant.messages.stream(
             model=wire.CLAUDE, max_tokens=10, messages=messages, extra_headers=headers
         ) as s:
-            blocks = s.get_final_message().content
+            blocks: Sequence[anthropic.types.ContentBlock] = s.get_final_message().content
     else:
         harness.answer(case, RawReply.json(wire.message_body(content)))
         blocks = ant.messages.create(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import anthropic
 import openai
@@ -40,6 +40,7 @@ from tests.adversarial.conftest import (
     is_denied,
     new_case,
 )
+from warden.audit.record import arguments_sha256, mask_credentials
 from warden.testing.raw_upstream import RawReply, split_at, sse_bytes
 
 EXAMPLES = int(os.environ.get("WARDEN_ADVERSARIAL_EXAMPLES", "2000"))
@@ -126,12 +127,20 @@ def check(
         assert not is_denied(name), f"denied tool {name!r} reached the agent"
         assert name != UNKNOWN, "an unknown call type reached the agent"
     records = h.audit.decisions(case)
+    # A record that masks a credential-like key shows less than the agent got;
+    # its arguments_sha256 binds the exact arguments instead.
     allowed = Counter(
-        (r["action"]["tool"], canonical(r["action"]["arguments"]))
+        (
+            r["action"]["tool"],
+            r["action"]["arguments_sha256"] or canonical(r["action"]["arguments"]),
+        )
         for r in records
         if r["decision"]["enforced"] == "allow"
     )
-    got = Counter((name, canonical(args)) for name, args in parsed)
+    got = Counter(
+        (name, arguments_sha256(args) if mask_credentials(args) != args else canonical(args))
+        for name, args in parsed
+    )
     for key, n in got.items():
         assert allowed[key] == n, f"{key} parsed {n}x, allow records {allowed[key]}"
     if not raised:
@@ -202,13 +211,13 @@ def test_openai_chat(harness: Harness, oai: openai.OpenAI, cs: Any, how: dict[st
                 if event.type != "chunk":
                     continue
                 for choice in event.chunk.choices:
-                    for tc in choice.delta.tool_calls or []:
-                        fn = tc.function
+                    for delta in choice.delta.tool_calls or []:
+                        fn = delta.function
                         if fn is not None and fn.name:
                             seen.append(fn.name)
                             counts[fn.name] += 1
                             decided(harness, case, fn.name, counts[fn.name])
-                        elif getattr(tc, "type", None) not in (None, "function"):
+                        elif getattr(delta, "type", None) not in (None, "function"):
                             seen.append(UNKNOWN)
             final = s.get_final_completion()
         for tc in final.choices[0].message.tool_calls or []:
@@ -282,7 +291,8 @@ def test_openai_responses(
             for event in s:
                 item = getattr(event, "item", None)
                 if event.type == "response.output_item.added" and item is not None:
-                    name = getattr(item, "name", None) or getattr(item, "type", "")
+                    # Every output item has a type, so a name always results.
+                    name = cast("str", getattr(item, "name", None) or getattr(item, "type", ""))
                     seen.append(UNKNOWN if item.type == UNKNOWN else name)
                     counts[name] += 1
                     if item.type == "function_call":
@@ -357,11 +367,13 @@ def test_anthropic_messages(
         ) as s:
             for event in s:
                 if event.type == "content_block_start":
-                    block = event.content_block
-                    name = getattr(block, "name", None) or block.type
-                    seen.append(UNKNOWN if block.type == "teleport_use" else name)
+                    started = event.content_block
+                    name = getattr(started, "name", None) or started.type
+                    # A block type the SDK does not know arrives as a plain string.
+                    unknown = cast("str", started.type) == "teleport_use"
+                    seen.append(UNKNOWN if unknown else name)
                     counts[name] += 1
-                    if block.type == "tool_use":
+                    if started.type == "tool_use":
                         decided(harness, case, name, counts[name])
             collect(s.get_final_message().content)
     except SDK_ERRORS:

@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from tests.functional.conftest import audit_records, make_config
+from tests.sdk_calls import function_calls
 from warden.audit import arguments_sha256
 from warden.server import Warden
 from warden.testing import Call, Fault, MockLLM, Reply
@@ -110,7 +111,7 @@ async def test_held_call_is_delivered_once_a_person_approves(
         )
         assert status == 200
         completion = await agent
-    calls = completion.choices[0].message.tool_calls or []
+    calls = function_calls(completion.choices[0].message)
     assert [c.function.name for c in calls] == ["issue_refund"]
     assert json.loads(calls[0].function.arguments)["amount"] == 450
     status, _ = await admin(held, "POST", f"/v1/approvals/{item['id']}/approve", "dana", {})
@@ -126,6 +127,7 @@ async def test_held_call_is_delivered_once_a_person_approves(
     assert evidence["approver"] == "dana"
     assert evidence["verdict"] == "approved"
     # What ran is what the person saw: the same argument hash.
+    assert not isinstance(BIG.arguments, str)  # narrows: BIG's arguments are a mapping
     assert evidence["arguments_sha256"] == arguments_sha256(dict(BIG.arguments))
 
 
@@ -215,7 +217,7 @@ async def test_defer_passes_the_same_call_once_after_approval(tmp_path: Path, ll
         # The same call passes once...
         llm.script(Reply(tool_calls=[BIG]))
         again = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-        assert [t.function.name for t in again.choices[0].message.tool_calls or []] == [
+        assert [t.function.name for t in function_calls(again.choices[0].message)] == [
             "issue_refund"
         ]
         # ...and only once.
@@ -247,7 +249,7 @@ async def test_pending_approval_survives_a_restart(tmp_path: Path, llm: MockLLM)
         assert status == 200
         llm.script(Reply(tool_calls=[BIG]))
         retry = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-        assert [t.function.name for t in retry.choices[0].message.tool_calls or []] == [
+        assert [t.function.name for t in function_calls(retry.choices[0].message)] == [
             "issue_refund"
         ]
 

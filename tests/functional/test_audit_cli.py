@@ -18,10 +18,10 @@ from warden.audit import AuditLog
 from warden.audit.checkpoint import NoteSigner
 from warden.audit.merkle import verify_inclusion
 from warden.audit.subjects import SubjectKeys
-from warden.audit.testing import fill, read_segments, sample_action, sample_decision
 from warden.audit.verify import iter_records, verify_log
 from warden.cli_audit import main, register
 from warden.config import AuditConfig
+from warden.testing.audit import fill, read_segments, sample_action, sample_decision
 
 
 def _subprocess(*args: str) -> subprocess.CompletedProcess[str]:

@@ -315,13 +315,15 @@ async def test_a_policy_timeout_the_input_caused_is_denied_for_a_read_only_tool(
     assert (decision["effect"], decision["error"]) == ("deny", "policy_timeout")
 
 
-async def test_an_input_that_never_ran_is_not_blamed_for_the_timeout(tmp_path: Path) -> None:
-    # One worker, busy with a looping input: the input queued behind it times
-    # out without running, so the fallback by risk may apply to it.
+async def test_an_input_queued_behind_a_looping_one_is_evaluated_not_blamed(
+    tmp_path: Path,
+) -> None:
+    # One worker, busy with a looping input: the input queued behind it waits
+    # (the deadline bounds evaluation, not the queue) and runs on the replacement.
     config = PolicyConfig(
         bundles=(bundle(tmp_path, SEARCH_POLICY),), workers=1, deadline_ms=300, watch=False
     )
-    engine = await PolicyEngine.start(config)
+    engine = await PolicyEngine.start(config, queue_timeout_s=30)
     try:
         spin = {"action": {"tool": "search_kb", "arguments": {"n": 10_000_000}}}
         queued = {"action": {"tool": "search_kb", "arguments": {"query": "x"}}}
@@ -330,4 +332,4 @@ async def test_an_input_that_never_ran_is_not_blamed_for_the_timeout(tmp_path: P
     finally:
         await engine.close()
     assert (ran.error, ran.input_fault) == ("policy_timeout", True)
-    assert (waited.error, waited.input_fault) == ("policy_timeout", False)
+    assert (waited.error, waited.reasons) == (None, ("fine",))

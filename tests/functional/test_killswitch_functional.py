@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from tests.functional.conftest import audit_records, make_config
+from tests.sdk_calls import function_calls
 from warden import cli
 from warden.admin.auth import hash_token
 from warden.identity import hash_key
@@ -68,7 +69,7 @@ async def test_switches_set_listed_and_cleared_through_the_admin_api(
         llm.script(Reply(tool_calls=[refund, Call("get_order", {"order_id": "A-1"})]))
         completion = await other.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         message = completion.choices[0].message
-        assert [t.function.name for t in message.tool_calls or []] == ["get_order"]
+        assert [t.function.name for t in function_calls(message)] == ["get_order"]
         assert "refund API broken" in (message.content or "")
 
         async with admin.get("/v1/killswitches") as resp:
@@ -146,7 +147,10 @@ async def test_the_cli_sets_lists_and_clears(
     async with Warden(make_config(tmp_path, llm.url, admin=ADMIN)) as warden:
         monkeypatch.setenv("WARDEN_ADMIN_URL", warden.admin_url)
         monkeypatch.setenv("WARDEN_TOKEN", TOKEN)
-        run = lambda *argv: asyncio.to_thread(cli.main, list(argv))  # noqa: E731
+
+        async def run(*argv: str) -> int:
+            return await asyncio.to_thread(cli.main, list(argv))
+
         assert await run("kill", "agent", "refunds-bot", "--reason", "looping") == 0
         switch_id = capsys.readouterr().out.split()[0]
         assert switch_id.startswith("ks_")

@@ -8,7 +8,7 @@ import json
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
@@ -26,7 +26,7 @@ from warden.model import (
     RequestMeta,
     Stage,
 )
-from warden.pipeline import GuardContext, Pipeline
+from warden.pipeline import AuditSink, GuardContext, Pipeline
 from warden.policy.bundle import Bundle, load_bundle
 from warden.policy.engine import PolicyEngine
 from warden.policy.guard import PolicyGuard
@@ -354,7 +354,7 @@ async def test_guard_in_the_pipeline(engine: PolicyEngine) -> None:
     audit = MemoryAudit()
     pipeline = Pipeline(
         [PolicyGuard(engine, engine.config)],
-        audit,
+        cast("AuditSink", audit),  # a partial sink: this pipeline only records decisions
         mode_for=lambda _agent: Mode.ENFORCE,
         risk_of=lambda _tool: "high",
     )

@@ -14,6 +14,7 @@ import pytest
 
 from tests.functional.conftest import make_config
 from tests.functional.test_policy_isolation import POLICY, stack_is_limited
+from tests.sdk_calls import function_calls
 from warden.server import Warden
 from warden.testing import Call, MockLLM, Reply
 
@@ -32,7 +33,7 @@ async def names(c: openai.AsyncOpenAI, llm: MockLLM, call: Call) -> tuple[list[s
     started = time.monotonic()
     completion = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     message = completion.choices[0].message
-    calls = [t.function.name for t in message.tool_calls or []]
+    calls = [t.function.name for t in function_calls(message)]
     return calls, message.content or "", time.monotonic() - started
 
 

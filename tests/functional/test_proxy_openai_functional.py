@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from tests.functional.conftest import audit_records, make_config
+from tests.sdk_calls import function_calls
 from warden.identity import hash_key
 from warden.server import Warden
 from warden.testing import Call, Fault, MockLLM, Reply
@@ -71,7 +72,7 @@ async def test_parallel_tool_calls_denied_one_is_removed(
         model="gpt-4o-mini", messages=MESSAGES
     )
     message = raw.parse().choices[0].message
-    assert [c.function.name for c in message.tool_calls or []] == ["search_kb"]
+    assert [c.function.name for c in function_calls(message)] == ["search_kb"]
     assert message.content is not None
     assert "blocked the tool call `export_customers`" in message.content
     assert "bulk" in message.content  # the policy's own reason
@@ -226,7 +227,7 @@ async def test_observe_mode_lets_denied_calls_through(tmp_path: Any, llm: MockLL
         llm.script(Reply(tool_calls=[EXPORT]))
         async with client(w) as c:
             completion = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-        assert [c.function.name for c in completion.choices[0].message.tool_calls or []] == [
+        assert [c.function.name for c in function_calls(completion.choices[0].message)] == [
             "export_customers"
         ]
     recs = audit_records(tmp_path / "audit")

@@ -24,11 +24,11 @@ from warden.audit.export import (
     parse_time,
 )
 from warden.audit.merkle import leaf_hash, verify_inclusion
-from warden.audit.testing import read_segments, sample_action, sample_decision
 from warden.audit.verify import iter_records
 from warden.audit.verify_evidence import verify_package
 from warden.config import AuditConfig
 from warden.model import Effect, Mode, Outcome, Usage
+from warden.testing.audit import read_segments, sample_action, sample_decision
 
 
 async def _build(root: Path) -> None:
@@ -194,12 +194,12 @@ def test_a_tampered_package_fails(root: Path, tmp_path: Path, damage: str) -> No
     assert failures
     # Even with a re-made manifest, the record and proof checks catch the change.
     if damage in ("record", "proof", "checkpoint"):
-        lines = [
+        manifest = [
             f"{sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
             for p in sorted(out.iterdir())
             if p.name != "MANIFEST.sha256"
         ]
-        (out / "MANIFEST.sha256").write_text("".join(lines))
+        (out / "MANIFEST.sha256").write_text("".join(manifest))
         failures, _ = verify_package(out)
         assert failures
         assert not any("manifest" in f for f in failures)

@@ -19,12 +19,12 @@ from warden.audit import segments as segments_module
 from warden.audit.layout import Layout
 from warden.audit.merkle import leaf_hash
 from warden.audit.subjects import SubjectKeys
-from warden.audit.testing import fill, read_segments, sample_action, sample_decision
 from warden.audit.verify import iter_records, verify_log
 from warden.config import AuditConfig
 from warden.errors import AuditError
 from warden.model import Effect, Mode, Outcome, Usage
 from warden.pipeline import AuditSink, Pipeline
+from warden.testing.audit import fill, read_segments, sample_action, sample_decision
 
 SCHEMA_KEYS = {"v", "id", "seq", "time", "prev", "kind", "subject", "sealed"}
 
@@ -66,7 +66,8 @@ class SyncCounter:
 @pytest.fixture
 def syncs(monkeypatch: pytest.MonkeyPatch) -> SyncCounter:
     counter = SyncCounter()
-    monkeypatch.setattr(segments_module.os, "fdatasync", counter)
+    # The os module segments writes through (segments_module.os is os).
+    monkeypatch.setattr(os, "fdatasync", counter)
     return counter
 
 

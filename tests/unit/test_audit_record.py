@@ -22,8 +22,8 @@ from warden.audit.record import (
     outcome_body,
     scrub_headers,
 )
-from warden.audit.testing import sample_action, sample_decision
 from warden.model import Effect, Mode, Outcome
+from warden.testing.audit import sample_action, sample_decision
 
 
 def test_credential_headers_are_dropped() -> None:
@@ -38,7 +38,10 @@ def test_credential_headers_are_dropped() -> None:
 
 
 def test_credential_keys_are_masked_at_any_depth() -> None:
-    value = {"headers": {"Authorization": "Bearer x"}, "items": [{"password": "p", "n": 1}]}
+    value: dict[str, Any] = {
+        "headers": {"Authorization": "Bearer x"},
+        "items": [{"password": "p", "n": 1}],
+    }
     assert mask_credentials(value) == {
         "headers": {"Authorization": REDACTED},
         "items": [{"password": REDACTED, "n": 1}],
@@ -137,7 +140,7 @@ def test_encoding_is_rfc8785_for_records_without_floats(value: dict[str, Any]) -
 
 
 def test_keys_beyond_the_basic_plane_sort_as_rfc8785_says() -> None:
-    value = {"outer": {"\ue000": 1, "\U00010000": 2}, "a": "\U0001f600"}
+    value: dict[str, Any] = {"outer": {"\ue000": 1, "\U00010000": 2}, "a": "\U0001f600"}
     assert encode(value) == rfc8785.dumps(value)
 
 

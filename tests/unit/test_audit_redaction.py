@@ -12,11 +12,11 @@ import pytest
 
 from warden.audit import AuditLog, arguments_sha256
 from warden.audit.redaction import REDACT_ALL, resolve
-from warden.audit.testing import sample_action, sample_decision
 from warden.audit.verify import iter_records
 from warden.config import AuditConfig
 from warden.model import Action, Decision, Effect, Mode, Obligations, Outcome, new_id
 from warden.pipeline import GuardContext, Pipeline
+from warden.testing.audit import sample_action, sample_decision
 
 EMAIL = "ann@example.com"
 ARGS = {"customer_id": "C-1", "email": EMAIL, "amount": 5}

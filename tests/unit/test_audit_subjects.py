@@ -12,10 +12,10 @@ from prometheus_client import REGISTRY
 
 from warden.audit import AuditLog
 from warden.audit.subjects import UNUSABLE, SubjectKeys, subject_value
-from warden.audit.testing import sample_action, sample_decision
 from warden.audit.verify import iter_records
 from warden.config import AuditConfig, SubjectsConfig
 from warden.model import Agent, Outcome
+from warden.testing.audit import sample_action, sample_decision
 
 
 def config(root: Path, **subjects: Any) -> AuditConfig:

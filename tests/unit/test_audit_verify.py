@@ -16,9 +16,9 @@ from warden.audit.checkpoint import NoteSigner
 from warden.audit.layout import Layout
 from warden.audit.merkle import leaf_hash
 from warden.audit.segments import MAGIC, frame
-from warden.audit.testing import fill, read_segments, rechain, reencode, rewrite
 from warden.audit.verify import verify_log
 from warden.config import AuditConfig
+from warden.testing.audit import fill, read_segments, rechain, reencode, rewrite
 
 RECORDS = 30
 

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -30,7 +30,7 @@ from warden.model import (
     Usage,
     new_id,
 )
-from warden.pipeline import GuardContext, Pipeline
+from warden.pipeline import AuditSink, GuardContext, Pipeline
 from warden.state import StateStore
 
 NOW = datetime(2026, 11, 27, 23, 30, tzinfo=ZoneInfo("UTC")).timestamp()
@@ -139,7 +139,10 @@ def build(
     )
     policy = Policy()
     pipeline = Pipeline(
-        [guard, policy], Audit(), mode_for=lambda _: mode, risk_of=lambda _: "write"
+        [guard, policy],
+        cast("AuditSink", Audit()),  # a partial sink: this pipeline only records decisions
+        mode_for=lambda _: mode,
+        risk_of=lambda _: "write",
     )
     return pipeline, guard, policy
 

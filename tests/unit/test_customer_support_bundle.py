@@ -11,8 +11,7 @@ import pytest
 
 from warden.model import Action, ActionKind, Agent, Effect, Mode, RequestMeta, Stage
 from warden.pipeline import GuardContext, policy_input
-from warden.policy.engine import interpret_output
-from warden.policy.testing import (
+from warden.policy.authoring import (
     Status,
     check_policy,
     discover_case_files,
@@ -20,6 +19,7 @@ from warden.policy.testing import (
     load_policy_set,
     run_tests,
 )
+from warden.policy.engine import interpret_output
 from warden.policy.worker import Evaluator
 
 BUNDLE = Path(__file__).resolve().parents[2] / "policies" / "customer-support"

@@ -5,23 +5,29 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from prometheus_client import REGISTRY
 
 from warden.killswitch import KillSwitches, KillSwitchGuard, Scope
 from warden.model import Action, ActionKind, Agent, Effect, Mode, RequestMeta, Stage, new_id
-from warden.pipeline import GuardContext
+from warden.pipeline import AuditSink, GuardContext
 from warden.state import StateStore
 
 
 class Audit:
+    """A partial sink: kill switches only append events (passed as ``sink(audit)``)."""
+
     def __init__(self) -> None:
         self.records: list[tuple[str, Mapping[str, Any]]] = []
 
     async def append(self, kind: str, body: Mapping[str, Any]) -> None:
         self.records.append((kind, dict(body)))
+
+
+def sink(audit: Audit) -> AuditSink:
+    return cast("AuditSink", audit)
 
 
 @pytest.fixture
@@ -47,7 +53,7 @@ def action(
 
 
 async def test_each_scope_stops_what_it_names(store: StateStore) -> None:
-    switches = KillSwitches(store, Audit())
+    switches = KillSwitches(store, sink(Audit()))
     await switches.start()
     try:
         assert switches.is_killed("bot", "openai", "issue_refund") is None
@@ -89,7 +95,7 @@ async def test_the_guard_denies_in_enforce_even_in_observe_mode(store: StateStor
 
 async def test_switches_are_recorded_with_who_and_why(store: StateStore) -> None:
     audit = Audit()
-    switches = KillSwitches(store, audit)
+    switches = KillSwitches(store, sink(audit))
     switch = await switches.set(Scope.AGENT, "bot", "looping", "alice")
     await switches.clear(switch.id, "bob", "fixed")
     assert audit.records == [

@@ -125,7 +125,7 @@ def sdk_final(output: bytes, *, strict: bool = True) -> Response:
         assert event.event == data["type"]
         loose = construct_type(type_=ResponseStreamEvent, value=data)
         assert not isinstance(loose, dict), data["type"]
-        event_model = type(loose).model_validate(data) if strict else loose  # type: ignore[attr-defined]
+        event_model: Any = type(loose).model_validate(data) if strict else loose  # type: ignore[attr-defined]
         state.handle_event(event_model)
     final = state._completed_response
     assert final is not None
@@ -480,7 +480,7 @@ def test_parallel_calls_first_denied() -> None:
 
     final = sdk_final(run.output)
     assert [item.type for item in final.output] == ["reasoning", "message", "function_call"]
-    assert final.output[1].id.startswith("msg_warden_1_dec")
+    assert (final.output[1].id or "").startswith("msg_warden_1_dec")
     weather = final.output[2]
     assert weather.type == "function_call"
     assert weather.arguments == '{"city":"Paris"}'
@@ -492,7 +492,7 @@ def test_parallel_calls_second_denied() -> None:
     assert_numbered(run)
     final = sdk_final(run.output)
     assert [item.type for item in final.output] == ["reasoning", "function_call", "message"]
-    assert final.output[2].id.startswith("msg_warden_2_dec")
+    assert (final.output[2].id or "").startswith("msg_warden_2_dec")
 
 
 @pytest.mark.parametrize(("verdict", "last"), [(allow_all, "function_call"), (deny_all, "message")])
@@ -651,7 +651,7 @@ def test_call_only_in_the_final_snapshot_is_decided_before_it() -> None:
     assert_nothing_of_denied_call(run)
     final = sdk_final(run.output)
     assert [item.type for item in final.output] == ["message", "message"]
-    assert final.output[1].id.startswith("msg_warden_1_dec")
+    assert (final.output[1].id or "").startswith("msg_warden_1_dec")
 
 
 def test_release_sends_the_arguments_that_were_decided() -> None:
@@ -712,7 +712,7 @@ def test_events_of_other_items_interleaved_with_a_held_call() -> None:
     assert_nothing_of_denied_call(run)
     final = sdk_final(run.output)
     assert [item.type for item in final.output] == ["message", "message"]
-    assert final.output[0].id.startswith("msg_warden_0_dec")
+    assert (final.output[0].id or "").startswith("msg_warden_0_dec")
 
 
 def test_numbering_follows_an_upstream_that_does_not_start_at_zero() -> None:
@@ -1044,7 +1044,7 @@ def test_lenient_literals_in_object_fields_fail_closed() -> None:
 
 # -- airtight: streams ---------------------------------------------------------
 
-CREATED = {
+CREATED: dict[str, Any] = {
     "type": "response.created",
     "response": {
         "id": "resp_1",

@@ -28,7 +28,7 @@ import json
 import random
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -87,7 +87,8 @@ def agent_view(item: Any) -> tuple[str, Any] | None:
     if kind == "function_call":
         name, namespace = item.get("name"), item.get("namespace")
         full = f"{namespace}.{name}" if namespace and namespace != name else name
-        return (full, json.loads(item["arguments"]))
+        # The SDK's item always carries a name: no None reaches here.
+        return (cast("str", full), json.loads(item["arguments"]))
     if kind == "custom_tool_call":
         return (item["name"], {"input": item["input"]})
     if kind in ("mcp_call", "mcp_approval_request"):

@@ -13,13 +13,13 @@ from warden.policy.bundle import (
     Bundle,
     BundleError,
     Module,
-    compile_check,
     load_bundle,
     load_bundles,
     merge_bundles,
     read_tarball,
     roots_overlap,
 )
+from warden.policy.bundle.compile import compile_check
 
 POLICY = """package warden
 

@@ -5,13 +5,20 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from warden.config import PolicyConfig
 from warden.model import Action, ActionKind, Agent, Decision, Effect, Mode, RequestMeta, Stage
-from warden.pipeline import MAX_INPUT_DEPTH, GuardContext, Pipeline, input_problem, policy_input
+from warden.pipeline import (
+    MAX_INPUT_DEPTH,
+    AuditSink,
+    GuardContext,
+    Pipeline,
+    input_problem,
+    policy_input,
+)
 from warden.policy.engine import PolicyResult, interpret_output
 from warden.policy.guard import PolicyGuard
 from warden.policy.metrics import PolicyMetrics
@@ -297,7 +304,10 @@ async def test_the_pipeline_denies_them_before_any_guard_or_fallback() -> None:
     guard = PolicyGuard(engine, PolicyConfig(), metrics=Recorder())  # type: ignore[arg-type]
     sink = Sink()
     pipeline = Pipeline(
-        [guard], sink, mode_for=lambda _: Mode.ENFORCE, risk_of=lambda _: "read_only"
+        [guard],
+        cast("AuditSink", sink),  # a partial sink: this pipeline only records decisions
+        mode_for=lambda _: Mode.ENFORCE,
+        risk_of=lambda _: "read_only",
     )
     decision = await pipeline.decide(action_with({"query": "x", "n": 2**70}))
     assert decision.effect is Effect.DENY

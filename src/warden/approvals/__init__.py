@@ -16,7 +16,7 @@ from warden.approvals.model import (
     SelfApproval,
     Vote,
 )
-from warden.approvals.service import Approvals, AuditSinkLike
+from warden.approvals.service import Approvals
 
 __all__ = [
     "AlreadyVoted",
@@ -28,7 +28,6 @@ __all__ = [
     "ApprovalSettings",
     "ApprovalStatus",
     "Approvals",
-    "AuditSinkLike",
     "NotAnApprover",
     "SelfApproval",
     "Vote",

@@ -24,12 +24,13 @@ import asyncio
 import dataclasses
 from typing import Protocol
 
+from warden import tasks
 from warden.approvals.model import Approval, ApprovalSettings, ApprovalStatus
 from warden.approvals.service import Approvals
-from warden.audit.record import ApprovalEvidence
 from warden.config import ApprovalsConfig
 from warden.killswitch import KillSwitches
 from warden.model import Action, Decision, Effect, Mode, new_id
+from warden.pipeline import AuditSink
 
 __all__ = ["ApprovalGate", "approval_settings"]
 
@@ -52,12 +53,6 @@ def approval_settings(config: ApprovalsConfig) -> ApprovalSettings:
     )
 
 
-class _Audit(Protocol):
-    async def record_decision(
-        self, action: Action, decision: Decision, *, approval: ApprovalEvidence | None = None
-    ) -> None: ...
-
-
 class _Budgets(Protocol):
     async def readmit(self, action: Action, mode: Mode) -> None: ...
 
@@ -69,7 +64,7 @@ class ApprovalGate:
         self,
         approvals: Approvals,
         settings: ApprovalsConfig,
-        audit: _Audit,
+        audit: AuditSink,
         *,
         killswitches: KillSwitches | None = None,
         budgets: _Budgets | None = None,
@@ -115,8 +110,12 @@ class ApprovalGate:
         return await self._refused(action, decision, approval)
 
     async def _wait(self, approval: Approval, timeout_s: float, *, expire: bool) -> Approval:
-        waiting = asyncio.ensure_future(self.approvals.wait(approval.id, timeout_s, expire=expire))
-        stopping = asyncio.ensure_future(self._stopping.wait())
+        waiting = tasks.spawn(
+            self.approvals.wait(approval.id, timeout_s, expire=expire),
+            name="approval-wait",
+            awaited=True,
+        )
+        stopping = tasks.spawn(self._stopping.wait(), name="approval-stopping", awaited=True)
         try:
             await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:

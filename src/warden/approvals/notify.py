@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from warden import __version__
+from warden import __version__, tasks
 from warden.approvals import metrics
 from warden.approvals.model import Approval, ApprovalSettings
 
@@ -149,7 +149,7 @@ class Notifier:
         """Start delivering ``event`` for ``approval``; returns at once."""
         if not self.enabled:
             return
-        task = asyncio.get_running_loop().create_task(self._deliver(event, approval))
+        task = tasks.spawn(self._deliver(event, approval), name="webhook")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

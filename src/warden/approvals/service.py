@@ -34,10 +34,11 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import rfc8785
 
+from warden import tasks
 from warden.admin.auth import Principal
 from warden.approvals import metrics
 from warden.approvals.model import (
@@ -58,19 +59,14 @@ from warden.approvals.owner import Owner
 from warden.approvals.store import ApprovalStore
 from warden.audit.record import action_body, arguments_sha256
 from warden.model import Action, Decision, new_id
+from warden.pipeline import AuditSink
 
-__all__ = ["Approvals", "AuditSinkLike"]
+__all__ = ["Approvals"]
 
 log = logging.getLogger("warden.approvals")
 
 KILL_SWITCH = "kill_switch"
 """``decided_by`` of approvals rejected because a kill switch was thrown."""
-
-
-class AuditSinkLike(Protocol):
-    """What the service needs from the audit log: :meth:`warden.audit.log.AuditLog.append`."""
-
-    async def append(self, kind: str, body: Mapping[str, Any]) -> Any: ...
 
 
 class Approvals:
@@ -79,7 +75,7 @@ class Approvals:
     def __init__(
         self,
         store: ApprovalStore,
-        audit: AuditSinkLike,
+        audit: AuditSink,
         settings: ApprovalSettings,
         *,
         owner: Owner | None = None,
@@ -100,7 +96,7 @@ class Approvals:
     async def open(
         cls,
         state_url: str,
-        audit: AuditSinkLike,
+        audit: AuditSink,
         settings: ApprovalSettings,
         *,
         owner: Owner | None = None,
@@ -121,7 +117,7 @@ class Approvals:
         except BaseException:
             await store.close()
             raise
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self._sweeper = tasks.spawn(self._sweep(), name="approval-sweep")
         return self
 
     async def close(self) -> None:

@@ -272,6 +272,9 @@ def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
         else:
             arguments = mask_credentials(action.arguments)
             redacted = apply_redactions(arguments, arg_paths)
+            if redacted or arguments != action.arguments:
+                # What is shown is not what the agent got: the hash still binds it.
+                digest = arguments_digest(action.arguments)
     elif action.raw_arguments is not None:
         # No path inside unparseable text can be redacted, and nothing can
         # say it holds no personal data: it is never written in plaintext.

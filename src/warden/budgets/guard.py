@@ -31,6 +31,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from warden import tasks
 from warden.budgets import metrics
 from warden.budgets.caps import (
     LLM_COUNTER,
@@ -112,7 +113,7 @@ class BudgetGuard:
     def start(self) -> None:
         """Start settling stale reservations in the background."""
         if self._expiry is None:
-            self._expiry = asyncio.create_task(self._expire_loop())
+            self._expiry = tasks.spawn(self._expire_loop(), name="budget-expiry")
 
     async def close(self) -> None:
         """Stop the background task."""

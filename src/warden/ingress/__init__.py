@@ -1,1 +1,1 @@
-"""Front doors that turn wire traffic into pipeline calls."""
+"""Front doors that turn wire traffic into calls on the core (see :mod:`warden.ingress.base`)."""

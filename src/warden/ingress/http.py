@@ -1,8 +1,10 @@
 """The base-URL reverse proxy: ``/<upstream>/<rest>`` to ``<base_url>/<rest>``.
 
 This edge only converts. It reads and bounds the agent's request, asks the
-adapter what the request and response contain, asks the pipeline for
-decisions, and writes what the adapter renders. It never decides itself.
+adapter what the request and response contain, asks the core
+(:class:`~warden.core.Governor`) for decisions, and writes what the adapter
+renders, streams through the one :class:`~warden.protocols.driver.StreamDriver`.
+It never decides itself.
 
 Only upstreams named in the configuration are reachable: the target host comes
 from ``base_url`` alone, never from the request (no open proxy, no SSRF). On
@@ -26,9 +28,7 @@ import contextlib
 import logging
 import re
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -37,12 +37,13 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
-from warden.approvals.gate import ApprovalGate
 from warden.config import Config, UpstreamConfig
+from warden.core import Governor, Turn
 from warden.errors import (
     AuditError,
     BodyTooLarge,
     InvalidJSON,
+    Overloaded,
     RequestError,
     RouteNotGoverned,
     StreamViolation,
@@ -57,6 +58,7 @@ from warden.errors import (
 )
 from warden.identity import Identity
 from warden.ingress import headers as hdr
+from warden.ingress.listen import listen
 from warden.killswitch import KillSwitches
 from warden.model import (
     Action,
@@ -67,15 +69,13 @@ from warden.model import (
     Outcome,
     RequestMeta,
     Stage,
-    ToolCall,
-    ToolResult,
     Usage,
     new_id,
 )
 from warden.ops import metrics
-from warden.pipeline import Pipeline
 from warden.protocols import _wire
-from warden.protocols.base import Adapter, StreamItem, StreamRewriter
+from warden.protocols.base import Adapter, StreamRewriter
+from warden.protocols.driver import StreamDriver
 from warden.protocols.errors import render_error, render_stream_error
 from warden.protocols.registry import (
     PassthroughRule,
@@ -83,14 +83,13 @@ from warden.protocols.registry import (
     match_route,
     under_governed_resource,
 )
-from warden.protocols.sse import SseEvent, SseParser, SseTooLarge, encode_comment
+from warden.protocols.sse import SseTooLarge
 
-__all__ = ["ProxyApp", "build_proxy_app"]
+__all__ = ["HttpDoor", "ProxyApp", "build_proxy_app"]
 
 log = logging.getLogger("warden.proxy")
 
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024
-MAX_TRACKED_CALLS = 100_000
 # How long a stream may wait for data before kill switches are checked again.
 _KILL_CHECK_S = 0.25
 _JSON = "application/json"
@@ -129,44 +128,71 @@ class _Call:
     """Who is asking, for what: everything per request that actions share."""
 
     route: _Route
-    agent: Agent
-    meta: RequestMeta
-    context: Mapping[str, Any]
-    model: str | None
+    turn: Turn
     adapter: Adapter | None
     hide_usage: bool = False
     stream: bool = False
     """The agent's request asked for a stream (body ``stream: true`` or ``?stream=true``)."""
-    call_ids: set[str] = field(default_factory=set)
-    """Tool call ids seen in this response so far: one seen twice is linked to nothing."""
+
+    @property
+    def agent(self) -> Agent:
+        return self.turn.agent
 
 
-class ProxyApp:
-    """Serves the proxy listener. One per Warden process."""
+class HttpDoor:
+    """The base-URL proxy as a front door: listens on ``listen.proxy`` once started."""
+
+    name = "http"
 
     def __init__(
         self,
         config: Config,
-        pipeline: Pipeline,
         session: aiohttp.ClientSession,
         *,
-        gate: ApprovalGate | None = None,
         killswitches: KillSwitches | None = None,
     ) -> None:
         self._config = config
-        self._pipeline = pipeline
         self._session = session
-        self._gate = gate
+        self._killswitches = killswitches
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+        """Where it listens, e.g. ``http://127.0.0.1:8787`` (set by :meth:`start`)."""
+
+    async def start(self, core: Governor) -> None:
+        """Listen; every request is decided by ``core``."""
+        proxy = ProxyApp(self._config, core, self._session, killswitches=self._killswitches)
+        app = build_proxy_app(proxy, self._config.limits.max_body_bytes)
+        self._runner, self.url = await listen(
+            app, self._config.listen.proxy, shutdown_grace_s=self._config.shutdown_grace_s
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting, then wait (up to the grace period) for requests in flight."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+
+class ProxyApp:
+    """Serves the proxy listener: HTTP in, :class:`~warden.core.Governor` calls, HTTP out."""
+
+    def __init__(
+        self,
+        config: Config,
+        core: Governor,
+        session: aiohttp.ClientSession,
+        *,
+        killswitches: KillSwitches | None = None,
+    ) -> None:
+        self._config = config
+        self._core = core
+        self._session = session
         self._killswitches = killswitches
         self._identity = Identity(config)
         self._passthrough = {
             name: tuple(PassthroughRule.parse(spec) for spec in upstream.passthrough)
             for name, upstream in config.upstreams.items()
         }
-        # Proposed calls by call id, so the results agents send back later can be
-        # recorded as the outcome of the decision that let the call through.
-        self._calls: OrderedDict[str, tuple[Action, str]] = OrderedDict()
-        self._background: set[asyncio.Task[None]] = set()
 
     # -- entry ---------------------------------------------------------------
 
@@ -182,6 +208,9 @@ class ProxyApp:
             response = await self._serve(request, route, started)
         except WardenError as exc:
             response = self._error(family, exc.status, exc.code, str(exc))
+            if isinstance(exc, Overloaded):
+                # The SDKs honour Retry-After on a 503 and back off before retrying.
+                response.headers["Retry-After"] = str(exc.retry_after_s)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -189,7 +218,7 @@ class ProxyApp:
             response = self._error(family, 500, "internal_error", "Warden internal error")
         finally:
             metrics.INFLIGHT.dec()
-        metrics.REQUESTS.labels(upstream_name, str(response.status)).inc()
+        metrics.child(metrics.REQUESTS, upstream_name, str(response.status)).inc()
         return response
 
     def _route(self, request: web.Request) -> _Route:
@@ -226,7 +255,7 @@ class ProxyApp:
             parsed = adapter.parse_request(parsed_body)
             model = parsed.model
             stream = parsed.stream
-            self._record_results(parsed.tool_results)
+            self._core.record_results(parsed.tool_results)
             prepared = adapter.prepare_request(parsed_body)
             if prepared is not None:
                 body = orjson.dumps(prepared)
@@ -237,15 +266,17 @@ class ProxyApp:
             )
         call = _Call(
             route=route,
-            agent=agent,
-            meta=RequestMeta(
-                method=request.method,
-                upstream=route.name,
-                path=route.path,
-                headers=hdr.recordable(request.headers),
+            turn=Turn(
+                agent=agent,
+                request=RequestMeta(
+                    method=request.method,
+                    upstream=route.name,
+                    path=route.path,
+                    headers=hdr.recordable(request.headers),
+                ),
+                context=hdr.context_from(request.headers),
+                model=model,
             ),
-            context=hdr.context_from(request.headers),
-            model=model,
             adapter=adapter,
             hide_usage=hide_usage,
             stream=stream,
@@ -253,15 +284,15 @@ class ProxyApp:
         kind = ActionKind.HTTP_CALL if route.family == "http" else ActionKind.LLM_CALL
         action = Action(
             action_id=new_id("act"),
-            agent=call.agent,
+            agent=agent,
             kind=kind,
             protocol=adapter.name if adapter is not None else route.family,
             stage=Stage.EXECUTED,
-            request=call.meta,
+            request=call.turn.request,
             model=model,
-            context=call.context,
+            context=call.turn.context,
         )
-        decision = await self._decide(action)
+        decision = await self._core.decide(action)
         if decision.enforced is not Effect.ALLOW:
             return self._error(
                 route.family,
@@ -303,13 +334,13 @@ class ProxyApp:
             )
         except Exception as exc:
             error = _upstream_error(exc, call.route.name)
-            self._outcome(action, decision, Outcome(error=error.code, latency_ms=_ms(sent)))
+            self._core.outcome(action, decision, Outcome(error=error.code, latency_ms=_ms(sent)))
             raise error from None
         try:
             status = upstream_resp.status
             refused = _refused_status(status, call.route.name)
             if refused is not None:
-                self._outcome(
+                self._core.outcome(
                     action,
                     decision,
                     Outcome(status=status, error=refused.code, latency_ms=_ms(sent)),
@@ -360,10 +391,10 @@ class ProxyApp:
         try:
             raw = await _read_upstream(upstream_resp)
         except UpstreamError as exc:
-            self._outcome(action, decision, Outcome(error=exc.code, latency_ms=_ms(sent)))
+            self._core.outcome(action, decision, Outcome(error=exc.code, latency_ms=_ms(sent)))
             raise
         upstream_s = time.perf_counter() - sent
-        metrics.UPSTREAM_LATENCY.labels(call.route.name).observe(upstream_s)
+        metrics.child(metrics.UPSTREAM_LATENCY, call.route.name).observe(upstream_s)
         post_started = time.perf_counter()
         headers = hdr.response_headers(upstream_resp.headers)
         headers[hdr.DECISION_HEADER] = decision.decision_id
@@ -373,7 +404,7 @@ class ProxyApp:
             # says; the agent then gets exactly what was parsed and decided.
             body = _json_object(raw)
             if body is None:
-                self._outcome(
+                self._core.outcome(
                     action,
                     decision,
                     Outcome(
@@ -389,7 +420,7 @@ class ProxyApp:
             usage = adapter.usage(body)
             calls = adapter.tool_calls(body)
             if calls:
-                decisions = await self._decide_calls(call, calls, adapter.name)
+                decisions = await self._core.decide_calls(call.turn, calls, adapter.name)
                 # Always rendered from the decisions: allowed calls go out in the
                 # canonical form of what was decided, not as the upstream wrote them.
                 body = adapter.rewrite(body, decisions)
@@ -400,13 +431,13 @@ class ProxyApp:
                     headers[hdr.BLOCKED_HEADER] = ", ".join(blocked)
             raw = _wire.dumps(body).encode()
             headers["Content-Type"] = _JSON
-        self._count_tokens(call, usage)
-        self._outcome(
+        self._core.count_usage(call.agent, call.turn.model, usage)
+        self._core.outcome(
             action,
             decision,
             Outcome(status=upstream_resp.status, latency_ms=upstream_s * 1e3, usage=usage),
         )
-        metrics.ADDED_LATENCY.labels(call.route.name).observe(
+        metrics.child(metrics.ADDED_LATENCY, call.route.name).observe(
             pre_s + time.perf_counter() - post_started
         )
         return web.Response(status=upstream_resp.status, body=raw, headers=headers)
@@ -431,7 +462,7 @@ class ProxyApp:
             headers["Content-Type"] = _SSE  # what Warden writes, whatever the upstream said
         response = web.StreamResponse(status=upstream_resp.status, headers=headers)
         await response.prepare(request)
-        metrics.ADDED_LATENCY.labels(call.route.name).observe(pre_s)
+        metrics.child(metrics.ADDED_LATENCY, call.route.name).observe(pre_s)
         rewriter = (
             adapter.stream_rewriter(hide_usage=call.hide_usage) if adapter is not None else None
         )
@@ -443,7 +474,8 @@ class ProxyApp:
         except _Killed as killed:
             error = "killed"
             await _try_write(response, render_stream_error(call.route.family, error, str(killed)))
-        except AuditError as exc:
+        except (AuditError, Overloaded) as exc:
+            # Warden's own failures keep their code: the agent is told what happened.
             error = exc.code
             await _try_write(response, render_stream_error(call.route.family, exc.code, str(exc)))
         except Exception as exc:
@@ -452,16 +484,17 @@ class ProxyApp:
             upstream_error = _upstream_error(exc, call.route.name)
             error = upstream_error.code
             if isinstance(upstream_error, StreamViolation):
-                metrics.STREAM_VIOLATIONS.labels(call.route.name).inc()
+                metrics.child(metrics.STREAM_VIOLATIONS, call.route.name).inc()
                 log.warning("stream from %r cut: %s", call.route.name, upstream_error)
             await _try_write(
                 response, render_stream_error(call.route.family, error, str(upstream_error))
             )
         upstream_s = time.perf_counter() - sent
-        metrics.UPSTREAM_LATENCY.labels(call.route.name).observe(upstream_s)
+        metrics.child(metrics.UPSTREAM_LATENCY, call.route.name).observe(upstream_s)
         usage = rewriter.usage if rewriter is not None else None
-        self._count_tokens(call, usage, model=rewriter.model if rewriter is not None else None)
-        self._outcome(
+        model = (rewriter.model if rewriter is not None else None) or call.turn.model
+        self._core.count_usage(call.agent, model, usage)
+        self._core.outcome(
             action,
             decision,
             Outcome(
@@ -469,7 +502,7 @@ class ProxyApp:
             ),
         )
         if error is not None:
-            metrics.ERRORS.labels(error).inc()
+            metrics.child(metrics.ERRORS, error).inc()
         await _try_write_eof(response)
         return response
 
@@ -481,64 +514,21 @@ class ProxyApp:
         response: web.StreamResponse,
     ) -> None:
         """Copy the upstream stream to the agent through the rewriter, if any; raise to cut it."""
-        parser = SseParser()
-        while chunk := await self._next_chunk(upstream_resp, call):
-            if rewriter is None:
-                await response.write(chunk)
-                continue
-            out = bytearray()
-            for event in parser.feed(chunk):
-                await self._drain(call, rewriter, rewriter.feed(event), response, out)
-            if out:
-                await response.write(bytes(out))
         if rewriter is None:
+            while chunk := await self._next_chunk(upstream_resp, call):
+                await response.write(chunk)
             return
-        out = bytearray()
-        await self._drain(call, rewriter, rewriter.finish(), response, out)
-        if out:
-            await response.write(bytes(out))
-        if not rewriter.complete:
-            raise UpstreamProtocol("the upstream stream ended before it was complete")
-
-    async def _drain(
-        self,
-        call: _Call,
-        rewriter: StreamRewriter,
-        items: Iterable[StreamItem],
-        response: web.StreamResponse,
-        out: bytearray,
-    ) -> None:
-        # The iterator is lazy: each ToolCall is resolved before the next item
-        # is produced, so events that depend on decisions see them.
-        for item in items:
-            if isinstance(item, SseEvent):
-                out += item.encode()
-                continue
-            if out:
-                # Text already received goes out before waiting on a decision.
-                await response.write(bytes(out))
-                out.clear()
-            assert call.adapter is not None
-            decided = await self._keepalive(
-                self._decide_calls(call, [item], call.adapter.name), response
-            )
-            for event in rewriter.resolve(item, decided[item.key]):
-                out += event.encode()
-
-    async def _keepalive(
-        self, pending: Awaitable[dict[str, Decision]], response: web.StreamResponse
-    ) -> dict[str, Decision]:
-        # A call held for approval may wait minutes: SSE comments keep the
-        # stream (and any proxy in between) from timing out meanwhile.
-        task = asyncio.ensure_future(pending)
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=self._config.approvals.keepalive_s)
-                if done:
-                    return task.result()
-                await response.write(encode_comment("warden: waiting for a decision"))
-        finally:
-            task.cancel()
+        adapter = call.adapter
+        assert adapter is not None
+        driver = StreamDriver(
+            rewriter,
+            lambda calls: self._core.decide_calls(call.turn, calls, adapter.name),
+            response.write,
+            keepalive_s=self._config.approvals.keepalive_s,
+        )
+        while chunk := await self._next_chunk(upstream_resp, call):
+            await driver.feed(chunk)
+        await driver.finish()
 
     async def _next_chunk(self, resp: aiohttp.ClientResponse, call: _Call) -> bytes:
         """The next upstream chunk (``b""`` at the end), unless a kill switch stops the agent."""
@@ -555,136 +545,11 @@ class ProxyApp:
             except TimeoutError:
                 continue  # no data for a moment: look at the switches again
 
-    # -- decisions and records -------------------------------------------------
-
-    async def _decide(self, action: Action) -> Decision:
-        decision = await self._pipeline.decide(action)
-        self._count(action, decision)
-        if self._gate is not None and decision.enforced is Effect.REQUIRE_APPROVAL:
-            settled = await self._gate.settle(action, decision)
-            if settled is not decision:
-                self._count(action, settled)
-            decision = settled
-        return decision
-
-    @staticmethod
-    def _count(action: Action, decision: Decision) -> None:
-        metrics.DECISIONS.labels(
-            metrics.bounded("agent", action.agent.id),
-            metrics.bounded("tool", action.tool or action.kind.value),
-            decision.effect.value,
-            decision.mode.value,
-            decision.guard,
-        ).inc()
-
-    async def _decide_calls(
-        self, call: _Call, calls: list[ToolCall], protocol: str
-    ) -> dict[str, Decision]:
-        keys = [tc.key for tc in calls]
-        if len(set(keys)) != len(keys):
-            # Decisions are looked up by key: a shared key would give two calls one decision.
-            raise RuntimeError(f"adapter {protocol} gave two calls the same key: {keys}")
-        actions = [
-            Action(
-                action_id=new_id("act"),
-                agent=call.agent,
-                kind=tc.kind,
-                wire_type=tc.wire_type or None,
-                protocol=protocol,
-                stage=Stage.PROPOSED,
-                request=call.meta,
-                tool=tc.name,
-                arguments=tc.arguments,
-                raw_arguments=tc.raw_arguments,
-                call_id=tc.call_id,
-                model=call.model,
-                context=call.context,
-            )
-            for tc in calls
-        ]
-        decided = await asyncio.gather(*(self._decide(a) for a in actions))
-        for action, decision in zip(actions, decided, strict=True):
-            self._link(call, action, decision)
-        return {tc.key: d for tc, d in zip(calls, decided, strict=True)}
-
-    def _link(self, call: _Call, action: Action, decision: Decision) -> None:
-        """Remember an allowed call by id, so the result the agent sends back finds its decision.
-
-        Ids are the upstream's choice: one that appears twice (in this response,
-        or still waiting from an earlier one) could link a result to the wrong
-        decision, so it is linked to none.
-        """
-        call_id = action.call_id
-        if not call_id:
-            return
-        if call_id in call.call_ids or call_id in self._calls:
-            if self._calls.pop(call_id, None) is not None or call_id not in call.call_ids:
-                metrics.AMBIGUOUS_CALL_IDS.labels(call.route.name).inc()
-            call.call_ids.add(call_id)
-            return
-        call.call_ids.add(call_id)
-        if decision.enforced is Effect.ALLOW:
-            self._calls[call_id] = (action, decision.decision_id)
-            if len(self._calls) > MAX_TRACKED_CALLS:
-                self._calls.popitem(last=False)
-
-    def _record_results(self, results: tuple[ToolResult, ...]) -> None:
-        # Agents resend the whole conversation each turn: a result is recorded
-        # the first time it is seen, for calls this sidecar let through.
-        for result in results:
-            tracked = self._calls.pop(result.call_id, None)
-            if tracked is None:
-                continue
-            action, decision_id = tracked
-            self._spawn(
-                self._pipeline.outcome(
-                    action,
-                    decision_id,
-                    Outcome(result=result.content, is_error=result.is_error),
-                )
-            )
-
-    def _outcome(self, action: Action, decision: Decision, outcome: Outcome) -> None:
-        # Outcomes follow the action; they need not delay the agent's response.
-        self._spawn(self._pipeline.outcome(action, decision.decision_id, outcome))
-
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            code = exc.code if isinstance(exc, WardenError) else "internal_error"
-            metrics.ERRORS.labels(code).inc()
-            log.error("could not record an outcome: %s", exc)
-
-    async def drain_background(self) -> None:
-        """Wait for outcome records still being written (graceful shutdown)."""
-        while self._background:
-            pending = [task for task in self._background if not task.done()]
-            if pending:
-                await asyncio.wait(pending)
-            # Done-callbacks (which empty the set) run on the loop's next pass;
-            # awaiting finished futures alone would never yield to it.
-            await asyncio.sleep(0)
-
-    def _count_tokens(self, call: _Call, usage: Usage | None, model: str | None = None) -> None:
-        if usage is None:
-            return
-        agent = metrics.bounded("agent", call.agent.id)
-        label = metrics.bounded("model", model or call.model or "unknown")
-        metrics.TOKENS.labels(agent, label, "input").inc(usage.input_tokens)
-        metrics.TOKENS.labels(agent, label, "output").inc(usage.output_tokens)
-        if usage.cached_input_tokens:
-            metrics.TOKENS.labels(agent, label, "cached").inc(usage.cached_input_tokens)
-
     @staticmethod
     def _error(
         family: str, status: int, code: str, message: str, *, decision_id: str | None = None
     ) -> web.Response:
-        metrics.ERRORS.labels(code).inc()
+        metrics.child(metrics.ERRORS, code).inc()
         headers = {"Content-Type": _JSON}
         if decision_id is not None:
             headers[hdr.DECISION_HEADER] = decision_id

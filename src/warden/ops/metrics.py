@@ -8,6 +8,7 @@ number of series without limit.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -23,6 +24,7 @@ __all__ = [
     "TOKENS",
     "UPSTREAM_LATENCY",
     "bounded",
+    "child",
 ]
 
 MAX_LABEL_VALUES = 500
@@ -100,3 +102,25 @@ def bounded(kind: str, value: str | None) -> str:
             return OTHER
         values.add(value)
         return value
+
+
+_MAX_CHILDREN = 10_000
+_children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Counter | Gauge | Histogram, *values: str) -> Any:
+    """``metric.labels(*values)``, resolved once and then kept.
+
+    ``labels()`` validates and locks on every call (about a microsecond, several
+    times per request); the child it returns never changes, so keep it. Values
+    agents control must still go through :func:`bounded` first. Not for a
+    metric whose children are ever ``remove()``d: the memo would keep a stale
+    one. Past ``_MAX_CHILDREN`` distinct children the memo starts over.
+    """
+    key = (metric, values)
+    found = _children.get(key)
+    if found is None:
+        if len(_children) >= _MAX_CHILDREN:
+            _children.clear()
+        found = _children[key] = metric.labels(*values)
+    return found

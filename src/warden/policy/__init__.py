@@ -1,17 +1,22 @@
 """The policy engine: Rego bundles evaluated in supervised worker processes.
 
-* :mod:`warden.policy.bundle` loads and checks OPA-layout bundles;
-* :mod:`warden.policy.signing` checks and writes ``.signatures.json``;
-* :mod:`warden.policy.engine` runs the worker pool with a deadline and a cache;
+Laid out along OPA's lines (see ``docs/adr/0006-policy-package-layout.md``):
+
+* :mod:`warden.policy.rego` is the only module that imports the engine (regopy);
+* :mod:`warden.policy.bundle` reads, checks, verifies and signs bundles, and
+  never imports the engine back;
+* :mod:`warden.policy.engine` runs the worker pool (:mod:`warden.policy.worker`)
+  with a deadline and a cache (:mod:`warden.policy.cache`);
 * :mod:`warden.policy.activation` hot-reloads bundles from folders or a server;
-* :mod:`warden.policy.guard` is the pipeline stage that asks the engine.
+* :mod:`warden.policy.guard` is the pipeline stage that asks the engine;
+* :mod:`warden.policy.authoring` holds the tools behind ``warden policy
+  test|eval|check``, apart from the engine.
 """
 
 from warden.policy.bundle import (
     Bundle,
     BundleError,
     Module,
-    compile_check,
     load_bundle,
     load_bundles,
     merge_bundles,
@@ -21,7 +26,6 @@ __all__ = [
     "Bundle",
     "BundleError",
     "Module",
-    "compile_check",
     "load_bundle",
     "load_bundles",
     "merge_bundles",

@@ -22,7 +22,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import aiohttp
 
@@ -39,13 +39,25 @@ from warden.policy.bundle import (
     read_tarball,
 )
 
-if TYPE_CHECKING:
-    from warden.policy.engine import PolicyEngine
-
-__all__ = ["Activator", "BundleSource", "DirectorySource", "HttpSource"]
+__all__ = ["Activator", "BundleSource", "BundleTarget", "DirectorySource", "HttpSource"]
 
 log = logging.getLogger("warden.policy")
 _HTTP_TIMEOUT_S = 10.0
+
+
+class BundleTarget(Protocol):
+    """What takes new bundles: :class:`warden.policy.engine.PolicyEngine`.
+
+    A protocol, so that this module never imports the engine, which imports it.
+    """
+
+    async def activate(self, bundle: Bundle) -> bool:
+        """Compile and swap in ``bundle``; raise :class:`PolicyError` after reporting it."""
+        ...
+
+    def report_failure(self, message: str) -> None:
+        """Record why a bundle could not be loaded."""
+        ...
 
 
 class BundleSource(Protocol):
@@ -163,14 +175,14 @@ class HttpSource:
 class Activator:
     """Polls a :class:`BundleSource` and hands new bundles to the engine."""
 
-    def __init__(self, engine: PolicyEngine, source: BundleSource, interval_s: float) -> None:
+    def __init__(self, engine: BundleTarget, source: BundleSource, interval_s: float) -> None:
         self.engine = engine
         self.source = source
         self.interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    def for_config(cls, engine: PolicyEngine, config: PolicyConfig) -> Activator:
+    def for_config(cls, engine: BundleTarget, config: PolicyConfig) -> Activator:
         """The bundle server if ``bundle_url`` is set, else the ``bundles`` paths."""
         source: BundleSource
         if config.bundle_url is not None:

@@ -6,12 +6,22 @@ evaluates one input at a time. The proxy talks to them over Unix sockets with
 length-prefixed orjson frames, read from the event loop with ``add_reader``:
 no thread hop, one in-flight request per worker.
 
-Failure handling; the caller always has its answer by ``policy.deadline_ms``:
+The deadline bounds an evaluation, not the wait for a worker:
 
-* no answer by the deadline gives ``policy_timeout``. The worker itself is
-  killed (``SIGKILL``) at the deadline, or, if the request waited for a free
-  worker, once it has had half the deadline to itself, so that queueing under
-  load never kills healthy workers. A replacement starts in the background;
+* a request waits for a free worker at most ``queue_timeout_s`` (about a
+  second). A burst only makes requests wait; past that bound the engine is
+  not keeping up and raises :class:`~warden.errors.Overloaded`, which the
+  ingress renders as the provider's own 503 with ``Retry-After``. Being busy
+  never becomes a decision: no fallback applies, nothing is recorded;
+* an evaluation that has used ``policy.deadline_ms`` of its worker's CPU time
+  without answering gives ``policy_timeout``: the worker is killed
+  (``SIGKILL``) and a replacement starts in the background. The timer runs on
+  wall time from when the input reached its worker; when it fires, a reply
+  already on the socket is read first, and a worker that has used less CPU
+  than its budget (the machine was busy, the policy was not looping) is given
+  the rest. If such a starved evaluation is still unanswered after
+  ``queue_timeout_s``, its caller gets :class:`~warden.errors.Overloaded`
+  too; the worker finishes (or reaches its CPU budget) on its own;
 * a worker that dies mid-request (the policy crashed the engine) gives
   ``policy_crash``, and is replaced the same way; restarts back off when they
   come in bursts;
@@ -50,15 +60,17 @@ from typing import Any
 import orjson
 
 import warden
-from warden.config import PolicyConfig
-from warden.errors import PolicyError
+from warden.config import DEFAULT_POLICY_QUEUE_TIMEOUT_S, PolicyConfig
+from warden.errors import Overloaded, PolicyError
 from warden.model import Effect, Mode
+from warden.policy.activation import Activator
 from warden.policy.bundle import Bundle, BundleError, Module, describe_rego_error
 from warden.policy.cache import InputShape, LRUCache, analyse, cache_key, project
 from warden.policy.metrics import PROMETHEUS, PolicyMetrics
 from warden.policy.worker import MSG_ERROR, MSG_EVAL, MSG_QUIT, MSG_RESULT, frame
 
 __all__ = [
+    "DEFAULT_QUEUE_TIMEOUT_S",
     "ERROR_CODES",
     "PolicyEngine",
     "PolicyResult",
@@ -77,10 +89,14 @@ PreActivate = Callable[[Bundle], Awaitable[None]]
 """Called with a compiled bundle before it is swapped in; raising refuses it."""
 
 DEFAULT_START_TIMEOUT_S = 60.0
+DEFAULT_QUEUE_TIMEOUT_S = DEFAULT_POLICY_QUEUE_TIMEOUT_S
+"""How long a request may wait for a free worker before the engine reports it is overloaded."""
+_MAX_WAITERS = 4096  # past this many queued requests, push back at once
+_RETRY_AFTER_S = 1
+_MIN_REARM_S = 0.005
 _CLOSE_GRACE_S = 2.0
 _RESTART_WINDOW_S = 30.0
 _MAX_RESTART_DELAY_S = 5.0
-_MIN_BUDGET_SHARE = 0.5
 _QUARANTINE_S = 60.0
 _QUARANTINE_MAX = 1024
 _HEADER = struct.Struct(">I")
@@ -249,7 +265,11 @@ class _NoWorker(Exception):
 
 
 class _QueueTimeout(TimeoutError):
-    """The deadline passed before a worker was free: the input never ran."""
+    """No worker was free within the queue bound: the input never ran."""
+
+
+class _Starved(Exception):
+    """The worker got too little CPU to answer in time: the machine is busy, not the policy."""
 
 
 class _PoolClosed(Exception):
@@ -274,6 +294,17 @@ class _Worker:
     tag: Any = None
     timer: asyncio.TimerHandle | None = None
     served: int = 0
+    dispatched_at: float = 0.0
+    cpu_at_dispatch: int | None = None
+
+
+def _cpu_ns(pid: int) -> int | None:
+    """CPU time used so far by process ``pid``, or ``None`` where that cannot be read."""
+    # Linux encodes another process's CPU clock as ((~pid) << 3) | CPUCLOCK_SCHED.
+    try:
+        return time.clock_gettime_ns(((~pid) << 3) | 2)
+    except OSError:
+        return None
 
 
 def _worker_env() -> dict[str, str]:
@@ -331,10 +362,12 @@ class WorkerPool:
         on_change: Callable[[], None] | None = None,
         on_failure: Callable[[Any, str], None] | None = None,
         eval_budget_s: float = 0.05,
+        queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S,
     ) -> None:
         self._init = init
         self._on_failure = on_failure
-        self._min_budget_s = eval_budget_s * _MIN_BUDGET_SHARE
+        self._eval_budget_s = eval_budget_s
+        self._queue_timeout_s = queue_timeout_s
         self._size = size
         self._label = label
         self._python = python or sys.executable
@@ -497,6 +530,27 @@ class WorkerPool:
         worker.timer = None
         if worker.state is not _State.BUSY:
             return
+        # The answer may be on the socket already, behind a busy event loop:
+        # take it rather than kill a worker that met its deadline.
+        pending = worker.pending
+        self._on_readable(worker)
+        if worker.pending is not pending or worker.state is not _State.BUSY:
+            return
+        now = asyncio.get_running_loop().time()
+        start_cpu = worker.cpu_at_dispatch
+        used_ns = _cpu_ns(worker.proc.pid) if start_cpu is not None else None
+        if used_ns is not None and start_cpu is not None:
+            left_s = self._eval_budget_s - (used_ns - start_cpu) / 1e9
+            if left_s > 0:
+                # Starved of CPU, not looping: give it the rest of its budget.
+                if pending is not None and now - worker.dispatched_at >= self._queue_timeout_s:
+                    worker.pending, worker.tag = None, None
+                    if not pending.done():
+                        pending.set_exception(_Starved())
+                worker.timer = asyncio.get_running_loop().call_later(
+                    max(left_s, _MIN_REARM_S), self._on_timeout, worker
+                )
+                return
         log.warning("policy worker %s passed the deadline; killing it", worker.proc.pid)
         with contextlib.suppress(ProcessLookupError):
             worker.proc.kill()
@@ -579,7 +633,7 @@ class WorkerPool:
         self._disconnect(worker)
         self._reap_later(worker, _CLOSE_GRACE_S)
 
-    async def _acquire(self, deadline: float) -> _Worker:
+    async def _acquire(self) -> _Worker:
         while self._idle:
             worker = self._idle.popleft()
             if worker.state is _State.IDLE:
@@ -587,10 +641,12 @@ class WorkerPool:
                 return worker
         if self.alive == 0:
             raise _NoWorker
+        if len(self._waiters) >= _MAX_WAITERS:
+            raise _QueueTimeout
         waiter: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout(self._queue_timeout_s):
                 return await waiter
         except BaseException:
             # A worker may have been handed over just as we gave up: pass it on.
@@ -598,19 +654,19 @@ class WorkerPool:
                 self._release(waiter.result())
             raise
 
-    async def evaluate(self, body: bytes, deadline: float, tag: Any = None) -> bytes:
+    async def evaluate(self, body: bytes, tag: Any = None) -> bytes:
         """Send one input to a free worker; return its reply frame.
 
-        Raises ``TimeoutError`` when there is no answer by ``deadline`` (no
-        worker was free, or it is still working), :class:`_EvalTimeout` when
-        the worker was killed for running too long, and :class:`_WorkerCrash`
-        when it died. ``tag`` is passed to ``on_failure`` if this request
-        kills or crashes the worker.
+        Raises :class:`_QueueTimeout` when no worker was free within the
+        queue bound (the input never ran), :class:`_EvalTimeout` when the
+        worker was killed for running past the evaluation budget, and
+        :class:`_WorkerCrash` when it died. ``tag`` is passed to
+        ``on_failure`` if this request kills or crashes the worker.
         """
         if self._closed:
             raise _PoolClosed
         try:
-            worker = await self._acquire(deadline)
+            worker = await self._acquire()
         except TimeoutError:
             raise _QueueTimeout from None
         if self._closed or worker.state is _State.DEAD:
@@ -622,11 +678,11 @@ class WorkerPool:
         worker.pending = reply
         worker.tag = tag
         # The pool, not the caller, owns the kill timer, so a caller that goes
-        # away cannot leave a stuck worker behind. A request that waited in the
-        # queue still gets a fair share of the budget before its worker is
-        # killed: queueing under load must not kill healthy workers.
-        kill_at = max(deadline, loop.time() + self._min_budget_s)
-        worker.timer = loop.call_at(kill_at, self._on_timeout, worker)
+        # away cannot leave a stuck worker behind. The budget starts now, when
+        # the input reaches its worker: time spent queueing is not held against it.
+        worker.dispatched_at = loop.time()
+        worker.cpu_at_dispatch = _cpu_ns(worker.proc.pid)
+        worker.timer = loop.call_later(self._eval_budget_s, self._on_timeout, worker)
         data = frame(MSG_EVAL + body)
         try:
             sent = worker.sock.send(data)
@@ -640,8 +696,9 @@ class WorkerPool:
                 reply.set_exception(
                     _WorkerCrash("the worker stopped before the request reached it")
                 )
-        async with asyncio.timeout_at(deadline):
-            return await reply
+        # No timer of the caller's own: the kill timer answers ``reply`` (a
+        # timer here could fire in the same loop pass as the reply and lose it).
+        return await reply
 
     async def close(self, grace: float = _CLOSE_GRACE_S) -> None:
         """Stop taking requests; let in-flight ones finish; stop every worker."""
@@ -742,12 +799,14 @@ class PolicyEngine:
         pre_activate: PreActivate | None = None,
         python: str | None = None,
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+        queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S,
     ) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else PROMETHEUS
         self.pre_activate = pre_activate
         self._python = python
         self._start_timeout_s = start_timeout_s
+        self._queue_timeout_s = queue_timeout_s
         self._active: _Generation | None = None
         self._lock = asyncio.Lock()
         self._deadline_s = config.deadline_ms / 1000
@@ -767,6 +826,7 @@ class PolicyEngine:
         pre_activate: PreActivate | None = None,
         watch: bool | None = None,
         python: str | None = None,
+        queue_timeout_s: float | None = None,
     ) -> PolicyEngine:
         """Load and activate the configured bundles, then keep them current.
 
@@ -775,9 +835,13 @@ class PolicyEngine:
         :meth:`status`, and keeps polling. ``watch`` overrides
         ``config.watch``; a ``bundle_url`` is always polled.
         """
-        from warden.policy.activation import Activator  # noqa: PLC0415 - activation imports us
-
-        engine = cls(config, metrics=metrics, pre_activate=pre_activate, python=python)
+        engine = cls(
+            config,
+            metrics=metrics,
+            pre_activate=pre_activate,
+            python=python,
+            queue_timeout_s=config.queue_timeout_s if queue_timeout_s is None else queue_timeout_s,
+        )
         engine._activator = Activator.for_config(engine, config)
         await engine._activator.poll_once()
         keep_polling = config.bundle_url is not None or (config.watch if watch is None else watch)
@@ -880,6 +944,7 @@ class PolicyEngine:
                 on_change=self._pool_changed,
                 on_failure=quarantine.add,
                 eval_budget_s=self._deadline_s,
+                queue_timeout_s=self._queue_timeout_s,
             )
             try:
                 await pool.start()
@@ -931,14 +996,15 @@ class PolicyEngine:
         self.metrics.workers_alive(gen.pool.alive if gen is not None else 0)
 
     async def evaluate(self, input_doc: Mapping[str, Any]) -> PolicyResult:
-        """Evaluate the active policy for one input, within ``policy.deadline_ms``.
+        """Evaluate the active policy for one input, within ``policy.deadline_ms`` of evaluation.
 
         Never raises for policy trouble: errors come back as a result with
-        ``error`` set to one of :data:`ERROR_CODES`.
+        ``error`` set to one of :data:`ERROR_CODES`. Raises
+        :class:`~warden.errors.Overloaded` when no worker was free within the
+        queue bound: being busy is not the policy's answer, so the caller
+        must push back rather than decide.
         """
         started = time.perf_counter_ns()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._deadline_s
         for _attempt in range(2):
             gen = self._active
             if gen is None:
@@ -961,13 +1027,23 @@ class PolicyEngine:
                 return self._finish(self._bad_input(gen, exc), started)
             revision = gen.bundle.revision
             try:
-                reply = await gen.pool.evaluate(body, deadline, tag=key)
+                reply = await gen.pool.evaluate(body, tag=key)
             except _PoolClosed:
                 continue  # a new revision was swapped in while we waited: ask it
-            except _QueueTimeout:
-                return self._finish(self._timeout(revision, input_fault=False), started)
-            except (TimeoutError, _EvalTimeout):
-                return self._finish(self._timeout(revision, input_fault=True), started)
+            except (_QueueTimeout, _Starved) as exc:
+                self.metrics.overloaded()
+                why = (
+                    "its worker got too little CPU to answer"
+                    if isinstance(exc, _Starved)
+                    else "no worker was free"
+                )
+                raise Overloaded(
+                    f"the policy engine is busy: {why} within {self._queue_timeout_s:g} s; "
+                    "retry shortly",
+                    retry_after_s=_RETRY_AFTER_S,
+                ) from None
+            except _EvalTimeout:
+                return self._finish(self._timeout(revision), started)
             except _WorkerCrash as exc:
                 return self._finish(
                     PolicyResult(
@@ -1023,13 +1099,14 @@ class PolicyEngine:
         self.metrics.cache("miss")
         return key, None
 
-    def _timeout(self, revision: str, *, input_fault: bool) -> PolicyResult:
+    def _timeout(self, revision: str) -> PolicyResult:
+        # The input ran for the whole budget: it may have caused that itself.
         return PolicyResult(
             effect=None,
             revision=revision,
             error="policy_timeout",
-            detail=f"no result within {self.config.deadline_ms:g} ms",
-            input_fault=input_fault,
+            detail=f"no result within {self.config.deadline_ms:g} ms of evaluation",
+            input_fault=True,
         )
 
     @staticmethod

@@ -18,6 +18,7 @@ __all__ = [
     "EVAL_SECONDS",
     "FALLBACKS",
     "NO_METRICS",
+    "OVERLOADED",
     "PROMETHEUS",
     "RELOADS",
     "WORKERS_ALIVE",
@@ -67,6 +68,10 @@ CACHE = Counter(
     "Decision cache lookups: hit, miss, or bypass (cache off or policy not deterministic).",
     ["result"],
 )
+OVERLOADED = Counter(
+    "warden_policy_overloaded_total",
+    "Requests pushed back (503 with Retry-After) because no policy worker was free in time.",
+)
 WORKERS_ALIVE = Gauge(
     "warden_policy_workers_alive",
     "Policy worker processes ready to evaluate.",
@@ -84,6 +89,9 @@ class PolicyMetrics:
 
     def cache(self, result: str) -> None:
         """A cache lookup: ``hit``, ``miss`` or ``bypass``."""
+
+    def overloaded(self) -> None:
+        """A request waited too long for a free worker and was pushed back."""
 
     def reload(self, result: str) -> None:
         """A bundle activation attempt ended: ``success`` or ``failure``."""
@@ -116,6 +124,9 @@ class _Prometheus(PolicyMetrics):
         if child is None:
             child = self._cache[result] = CACHE.labels(result=result)
         child.inc()
+
+    def overloaded(self) -> None:
+        OVERLOADED.inc()
 
     def reload(self, result: str) -> None:
         RELOADS.labels(result=result).inc()

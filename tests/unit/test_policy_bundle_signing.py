@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from warden.config import SigningConfig
 from warden.policy.bundle import BundleError, load_bundle
-from warden.policy.signing import file_digest, sign_bundle
+from warden.policy.bundle.sign import sign_bundle
+from warden.policy.bundle.signatures import file_digest
 
 POLICY = 'package warden\n\ndecision := {"effect": "allow"}\n'
 

@@ -1,0 +1,237 @@
+"""The governed core: the one object every front door calls.
+
+A front door (the base-URL proxy, later gRPC, MCP and mitmproxy) only
+converts: it turns wire traffic into :class:`~warden.model.Action` and
+:class:`~warden.model.ToolCall` values, asks the :class:`Governor`, and
+renders the :class:`~warden.model.Decision` back in its protocol's shape.
+The Governor runs the rest, the same way for every door:
+
+* :meth:`Governor.decide` puts one action through the guards, then the
+  approval gate; the decision is durable in the audit log when it returns;
+* :meth:`Governor.decide_calls` does so for all the tool calls of one model
+  response, and links each allowed call to its decision by call id
+  (:mod:`warden.state.links`), so the result the agent sends back later,
+  even to a restarted Warden, is recorded as that decision's outcome;
+* :meth:`Governor.record_results` and :meth:`Governor.outcome` record what
+  happened, in the background: the agent's response never waits on them;
+* it owns those background tasks (:meth:`Governor.close` drains them) and the
+  decision, token and call-id metrics.
+
+The API is protocol-neutral: nothing here knows HTTP, SSE or JSON shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from warden.model import (
+    Action,
+    Agent,
+    Decision,
+    Effect,
+    Outcome,
+    RequestMeta,
+    Stage,
+    ToolCall,
+    ToolResult,
+    Usage,
+    new_id,
+)
+from warden.ops import metrics
+from warden.pipeline import Pipeline
+from warden.state.links import CallLinks, Link
+from warden.tasks import Tasks
+
+__all__ = ["Gate", "Governor", "Turn"]
+
+log = logging.getLogger("warden.core")
+
+
+class Gate(Protocol):
+    """Settles ``require_approval`` decisions (:class:`warden.approvals.gate.ApprovalGate`)."""
+
+    async def settle(self, action: Action, decision: Decision) -> Decision:
+        """The final decision for ``action``: approved, refused, held or deferred."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One agent request and the response to it: what all its actions share.
+
+    Create one per response. ``seen`` collects the call ids of that response
+    so far (one seen twice is linked to no decision); only the core touches it.
+    """
+
+    agent: Agent
+    request: RequestMeta
+    context: Mapping[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    seen: set[str] = field(default_factory=set)
+
+    def action(self, call: ToolCall, protocol: str) -> Action:
+        """The action for a tool call the model proposed in this turn's response."""
+        return Action(
+            action_id=new_id("act"),
+            agent=self.agent,
+            kind=call.kind,
+            wire_type=call.wire_type or None,
+            protocol=protocol,
+            stage=Stage.PROPOSED,
+            request=self.request,
+            tool=call.name,
+            arguments=call.arguments,
+            raw_arguments=call.raw_arguments,
+            call_id=call.call_id,
+            model=self.model,
+            context=self.context,
+        )
+
+
+class Governor:
+    """Decides actions and records what happened; one per Warden process."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        gate: Gate | None = None,
+        links: CallLinks | None = None,
+    ) -> None:
+        self._pipeline = pipeline
+        self._gate = gate
+        self.links = links if links is not None else CallLinks(None)
+        self.background = Tasks("core")
+        """Outcome records still being written."""
+        self._closed = False
+
+    async def start(self) -> None:
+        """Start writing call links in the background."""
+        self.links.start()
+
+    async def close(self) -> None:
+        """Wait for outcome records still being written, then flush the call links."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.background.drain()
+        await self.links.close()
+
+    # -- decisions -------------------------------------------------------------
+
+    async def decide(self, action: Action) -> Decision:
+        """Guards, then the approval gate; durable in the audit log on return.
+
+        Raises :class:`warden.errors.AuditError` when the decision cannot be
+        recorded: the door must then not let the action through.
+        """
+        decision = await self._pipeline.decide(action)
+        _count(action, decision)
+        if self._gate is not None and decision.enforced is Effect.REQUIRE_APPROVAL:
+            settled = await self._gate.settle(action, decision)
+            if settled is not decision:
+                _count(action, settled)
+            decision = settled
+        return decision
+
+    async def decide_calls(
+        self, turn: Turn, calls: Sequence[ToolCall], protocol: str
+    ) -> dict[str, Decision]:
+        """Decide tool calls of ``turn``'s response together; decisions by :attr:`ToolCall.key`."""
+        keys = [tc.key for tc in calls]
+        if len(set(keys)) != len(keys):
+            # Decisions are looked up by key: a shared key would give two calls one decision.
+            raise RuntimeError(f"adapter {protocol} gave two calls the same key: {keys}")
+        actions = [turn.action(tc, protocol) for tc in calls]
+        if len(actions) == 1:
+            decided = [await self.decide(actions[0])]
+        else:
+            decided = list(await asyncio.gather(*(self.decide(a) for a in actions)))
+        for action, decision in zip(actions, decided, strict=True):
+            self._link(turn, action, decision)
+        return {tc.key: d for tc, d in zip(calls, decided, strict=True)}
+
+    def _link(self, turn: Turn, action: Action, decision: Decision) -> None:
+        """Remember an allowed call by id, so the result the agent sends back finds its decision.
+
+        Ids are the upstream's choice: one that appears twice (in this response,
+        or still waiting from an earlier one) could link a result to the wrong
+        decision, so it is linked to none.
+        """
+        call_id = action.call_id
+        if not call_id:
+            return
+        earlier = call_id not in turn.seen and self.links.waiting(call_id)
+        if call_id in turn.seen or earlier:
+            if self.links.tombstone(call_id) or earlier:
+                metrics.child(metrics.AMBIGUOUS_CALL_IDS, turn.request.upstream).inc()
+            turn.seen.add(call_id)
+            return
+        turn.seen.add(call_id)
+        if decision.enforced is Effect.ALLOW:
+            self.links.link(call_id, Link(action, decision.decision_id))
+
+    # -- outcomes --------------------------------------------------------------
+
+    def record_results(self, results: Iterable[ToolResult]) -> None:
+        """Record tool results the agent sent back, each as its decision's outcome, once.
+
+        Agents resend the whole conversation each turn: a result is recorded
+        the first time it is seen, for calls this sidecar (or its earlier
+        run) let through. Unknown ids are looked up in the store off the
+        response path.
+        """
+        by_id = {r.call_id: r for r in results}
+        if not by_id:
+            return
+        linked, unknown = self.links.take(by_id)
+        for call_id, link in linked.items():
+            self._record_result(link, by_id[call_id])
+        if unknown:
+            self.background.spawn(
+                self._record_stored({i: by_id[i] for i in unknown}), name="stored-results"
+            )
+
+    async def _record_stored(self, results: Mapping[str, ToolResult]) -> None:
+        for call_id, link in (await self.links.take_stored(list(results))).items():
+            self._record_result(link, results[call_id])
+
+    def _record_result(self, link: Link, result: ToolResult) -> None:
+        outcome = Outcome(result=result.content, is_error=result.is_error)
+        self.background.spawn(
+            self._pipeline.outcome(link.action, link.decision_id, outcome), name="result"
+        )
+
+    def outcome(self, action: Action, decision: Decision, outcome: Outcome) -> None:
+        """Record what happened to an action that was let through, in the background."""
+        # Outcomes follow the action; they need not delay the agent's response.
+        self.background.spawn(
+            self._pipeline.outcome(action, decision.decision_id, outcome), name="outcome"
+        )
+
+    @staticmethod
+    def count_usage(agent: Agent, model: str | None, usage: Usage | None) -> None:
+        """Count a response's tokens by agent and model."""
+        if usage is None:
+            return
+        who = metrics.bounded("agent", agent.id)
+        label = metrics.bounded("model", model or "unknown")
+        metrics.child(metrics.TOKENS, who, label, "input").inc(usage.input_tokens)
+        metrics.child(metrics.TOKENS, who, label, "output").inc(usage.output_tokens)
+        if usage.cached_input_tokens:
+            metrics.child(metrics.TOKENS, who, label, "cached").inc(usage.cached_input_tokens)
+
+
+def _count(action: Action, decision: Decision) -> None:
+    metrics.child(
+        metrics.DECISIONS,
+        metrics.bounded("agent", action.agent.id),
+        metrics.bounded("tool", action.tool or action.kind.value),
+        decision.effect.value,
+        decision.mode.value,
+        decision.guard,
+    ).inc()

@@ -1,0 +1,139 @@
+"""``warden policy check``: bundle, parse and compile errors with ``file:line``, and lint."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from warden.policy.authoring.child import DEFAULT_TEST_TIMEOUT_S, Child, Crash, init_doc
+from warden.policy.authoring.lint import CALL, MISSING_BUILTINS, Finding, lint_module
+from warden.policy.authoring.policy_set import load_policy_set
+from warden.policy.authoring.statements import blank, split_statements
+from warden.policy.bundle import BundleError, Module, describe_rego_error
+
+__all__ = ["check_policy"]
+
+
+_INVALID_COLLECTION_HINT = (
+    "if this is a comprehension with `some k, v in x`, write `some k` then `v := x[k]`"
+)
+
+
+def check_policy(
+    paths: Sequence[str | Path],
+    *,
+    query: str = "data.warden.decision",
+    timeout_s: float = DEFAULT_TEST_TIMEOUT_S,
+) -> list[Finding]:
+    """Everything ``warden policy check`` reports for the bundles at ``paths``.
+
+    Bundle errors (manifest, data, roots), parse errors of every module,
+    v0 syntax and engine pitfalls, then, when everything parses, a compile
+    of the production modules for ``query`` in a child process.
+    """
+    try:
+        policy = load_policy_set(paths, check_syntax=False)
+    except BundleError as exc:
+        return [_finding_from_text(line, "error") for line in str(exc).splitlines() if line.strip()]
+    findings: list[Finding] = []
+    parse_failed = False
+    # Parsing only: it never evaluates, so unlike compiling it cannot crash this process.
+    from warden.policy import rego  # noqa: PLC0415 - keeps importing the tools light
+
+    for module in policy.modules:
+        try:
+            rego.parse_check(module.path, module.source)
+        except rego.RegoError as exc:
+            parse_failed = True
+            for line in describe_rego_error(str(exc), [module]):
+                finding = _finding_from_text(line, "error")
+                if "Invalid collection" in finding.message:
+                    finding = Finding(
+                        finding.file,
+                        finding.line,
+                        finding.col,
+                        "error",
+                        finding.message,
+                        _INVALID_COLLECTION_HINT,
+                    )
+                findings.append(finding)
+        findings.extend(lint_module(module.path, module.source))
+    if not parse_failed:
+        findings.extend(_unknown_functions(policy.modules, rego.Interpreter().is_builtin))
+        with Child(init_doc(policy), timeout_s) as child:
+            reply = child.request({"op": "compile", "query": query})
+        if isinstance(reply, Crash):
+            findings.append(
+                Finding(
+                    ", ".join(str(p) for p in paths),
+                    0,
+                    0,
+                    "error",
+                    f"compiling {query} crashed the engine: {reply.message}",
+                )
+            )
+        elif not reply.get("ok"):
+            findings.extend(
+                _finding_from_text(line, "error")
+                for line in str(reply.get("error")).splitlines()
+                if line.strip()
+            )
+    # Keep the report stable and de-duplicated (the engine repeats some errors).
+    unique = dict.fromkeys(findings)
+    return sorted(unique, key=lambda f: (f.file, f.line, f.col, f.severity != "error", f.message))
+
+
+_NOT_CALLS = frozenset({"if", "not", "some", "every", "with", "in", "contains", "else", "as"})
+
+
+def _unknown_functions(
+    modules: Sequence[Module], is_builtin: Callable[[str], bool]
+) -> list[Finding]:
+    """Calls to functions that are neither builtins nor defined in the bundle.
+
+    The engine only reports these when the call runs; OPA reports them at
+    compile time, and so does the check.
+    """
+    blanked = {m.path: blank(m.source) for m in modules}
+    defined = {s.name for m in modules for s in split_statements(m.source)}
+    known: dict[str, bool] = {}
+    out: list[Finding] = []
+    for module in modules:
+        for match in CALL.finditer(blanked[module.path]):
+            name = match.group(1)
+            if name in _NOT_CALLS or name.startswith(MISSING_BUILTINS) or name == "trace":
+                continue
+            if name.rsplit(".", 1)[-1] in defined:
+                continue
+            if name not in known:
+                known[name] = is_builtin(name)
+            if not known[name]:
+                line = module.source.count("\n", 0, match.start()) + 1
+                col = match.start() - (module.source.rfind("\n", 0, match.start()) + 1) + 1
+                out.append(
+                    Finding(
+                        module.path,
+                        line,
+                        col,
+                        "error",
+                        f"unknown function {name}",
+                        "neither a builtin of this engine nor defined in the bundle",
+                    )
+                )
+    return out
+
+
+_LOCATED = re.compile(
+    r"^(?P<file>[^:\n]+):(?P<line>\d+)(?::(?P<col>\d+))?: (?P<msg>.*)$", re.DOTALL
+)
+
+
+def _finding_from_text(text: str, severity: str) -> Finding:
+    match = _LOCATED.match(text.strip())
+    if match is None:
+        file, _, msg = text.partition(": ")
+        return Finding(file if msg else "", 0, 0, severity, msg or text)
+    return Finding(
+        match["file"], int(match["line"]), int(match["col"] or 1), severity, match["msg"]
+    )

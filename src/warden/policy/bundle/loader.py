@@ -1,0 +1,235 @@
+"""Turning bundle files into a checked :class:`Bundle`, and merging bundles.
+
+A bundle is a directory or a ``.tar.gz`` holding ``.rego`` modules, data files
+(``data.json`` / ``data.yaml``, placed at the path of their folder) and an
+optional ``.manifest`` (``{"revision": "...", "roots": ["..."]}``) and
+``.signatures.json``. Loading never evaluates a policy. Every error is a
+:class:`BundleError` whose message starts with ``file:line`` where there is one.
+
+Only ``.rego`` files, data files and ``.manifest`` shape the policy (and its
+content revision). Other files -- READMEs, decision tables for ``warden
+policy test`` -- are read but only matter to signatures: as in OPA, a signed
+bundle must list every file. Hidden files and folders (``.git``) are skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import yaml
+
+from warden.policy.bundle.files import (
+    DATA_FILES,
+    bundle_name,
+    content_revision,
+    is_policy_file,
+    read_bundle_files,
+)
+from warden.policy.bundle.manifest import parse_json, parse_manifest, roots_overlap, within
+from warden.policy.bundle.model import PACKAGE, Bundle, BundleError, Module
+from warden.policy.bundle.verify import verify_bundle_files
+
+if TYPE_CHECKING:
+    from warden.config import SigningConfig
+
+__all__ = ["build_bundle", "load_bundle", "load_bundles", "merge_bundles"]
+
+
+def _parse_yaml(label: str, body: bytes) -> Any:
+    try:
+        return yaml.safe_load(body)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{label}:{mark.line + 1}:{mark.column + 1}" if mark is not None else label
+        raise BundleError(f"{where}: invalid YAML: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise BundleError(f"{label}: invalid YAML: {exc}") from None
+
+
+def _place(tree: dict[str, Any], path: tuple[str, ...], value: Any, origin: str) -> None:
+    """Merge ``value`` into ``tree`` at ``path``; a clash of leaves is an error."""
+    node = tree
+    for key in path:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise BundleError(f"{origin}: data path {'/'.join(path)} clashes with a value")
+        node = child
+    if not isinstance(value, dict):
+        if path:
+            raise BundleError(f"{origin}: must hold a JSON object at its folder's path")
+        raise BundleError(f"{origin}: top-level data must be a JSON object")
+    _deep_merge(node, value, origin, path)
+
+
+def _deep_merge(
+    into: dict[str, Any], value: Mapping[str, Any], origin: str, at: Sequence[str]
+) -> None:
+    for key, item in value.items():
+        if key in into:
+            if isinstance(into[key], dict) and isinstance(item, dict):
+                _deep_merge(into[key], item, origin, (*at, key))
+                continue
+            raise BundleError(f"{origin}: data path {'/'.join((*at, key))} is set twice")
+        into[key] = item
+
+
+def _check_data_roots(value: Any, path: tuple[str, ...], roots: Sequence[str], origin: str) -> None:
+    """Every data leaf must lie under a root; descend while a root is deeper."""
+    here = "/".join(path)
+    if any(within(here, r) for r in roots):
+        return
+    if isinstance(value, dict) and any(within(r, here) for r in roots):
+        for key, item in value.items():
+            _check_data_roots(item, (*path, key), roots, origin)
+        return
+    raise BundleError(
+        f"{origin}: data path {here or '/'} is outside the bundle roots {list(roots)}"
+    )
+
+
+def _module_line(source: str, pattern: re.Pattern[str]) -> int:
+    match = pattern.search(source)
+    return source.count("\n", 0, match.start()) + 1 if match else 1
+
+
+def build_bundle(
+    files: Mapping[str, bytes],
+    *,
+    source: str,
+    name: str = "",
+    signing: SigningConfig | None = None,
+    check_syntax: bool = True,
+) -> Bundle:
+    """Turn raw bundle files into a checked :class:`Bundle` (see :func:`load_bundle`)."""
+    label = source
+    signed_by: str | None = None
+    if signing is not None and (signing.required or signing.keys):
+        signed_by = verify_bundle_files(files, signing, label=label)
+    revision, roots = parse_manifest(label, files)
+    modules: list[Module] = []
+    data: dict[str, Any] = {}
+    for rel in sorted(files):
+        body = files[rel]
+        base = rel.rsplit("/", 1)[-1]
+        if rel.endswith(".rego"):
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = body[: exc.start].count(b"\n") + 1
+                raise BundleError(f"{label}/{rel}:{line}: not valid UTF-8") from None
+            module = Module(rel, text)
+            pkg = module.package
+            if pkg is None:
+                raise BundleError(f"{label}/{rel}:1: no package declaration")
+            if not any(within(pkg, r) for r in roots):
+                line = _module_line(text, PACKAGE)
+                raise BundleError(
+                    f"{label}/{rel}:{line}: package {pkg.replace('/', '.')} is outside "
+                    f"the bundle roots {list(roots)}"
+                )
+            modules.append(module)
+        elif base in DATA_FILES:
+            where = f"{label}/{rel}"
+            value = parse_json(where, body) if base == "data.json" else _parse_yaml(where, body)
+            if value is None:
+                value = {}
+            try:
+                orjson.dumps(value)
+            except TypeError as exc:  # YAML allows keys and values JSON cannot hold
+                raise BundleError(f"{where}: not representable as JSON: {exc}") from None
+            folder = tuple(rel.split("/")[:-1])
+            _place(data, folder, value, where)
+            _check_data_roots(value, folder, roots, where)
+    if not modules:
+        raise BundleError(f"{label}: bundle holds no .rego modules")
+    if check_syntax:
+        # Loads the engine: only tools and tests check syntax here; the proxy's
+        # workers check it when they compile.
+        from warden.policy.bundle.compile import check_syntax as parse_modules  # noqa: PLC0415
+
+        parse_modules(modules, label)
+    return Bundle(
+        revision=revision or content_revision(files),
+        roots=roots,
+        modules=tuple(modules),
+        data=data,
+        source=source,
+        name=name,
+        signed_by=signed_by,
+        file_hashes={
+            k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items()) if is_policy_file(k)
+        },
+    )
+
+
+def load_bundle(
+    path: str | Path,
+    *,
+    signing: SigningConfig | None = None,
+    check_syntax: bool = True,
+) -> Bundle:
+    """Load one bundle directory or ``.tar.gz``.
+
+    Checks, in order: signatures (when ``signing`` is given and either requires
+    them or configures keys), the manifest, every module's package against the
+    roots, data files, and module syntax. Raises :class:`BundleError` with
+    ``file:line`` on the first problem. It does not compile the modules
+    together: use :func:`warden.policy.bundle.compile.compile_check` for that.
+    """
+    files = read_bundle_files(path)
+    return build_bundle(
+        files, source=str(path), name=bundle_name(path), signing=signing, check_syntax=check_syntax
+    )
+
+
+def load_bundles(paths: Iterable[str | Path], *, signing: SigningConfig | None = None) -> Bundle:
+    """Load several bundles and merge them (see :func:`merge_bundles`)."""
+    return merge_bundles([load_bundle(p, signing=signing) for p in paths])
+
+
+def merge_bundles(bundles: Sequence[Bundle]) -> Bundle:
+    """Combine bundles with disjoint roots into one.
+
+    Overlapping roots are refused, as OPA does. With more than one bundle, each
+    module's path gets its bundle's name as a prefix so paths stay unique and
+    error messages say which bundle a file came from. The revision is the
+    bundles' revisions joined by ``+``, in the order given.
+    """
+    if not bundles:
+        raise BundleError("no policy bundles configured")
+    if len(bundles) == 1:
+        return bundles[0]
+    for i, a in enumerate(bundles):
+        for b in bundles[i + 1 :]:
+            for ra in a.roots:
+                for rb in b.roots:
+                    if roots_overlap(ra, rb):
+                        raise BundleError(
+                            f"{a.source} and {b.source}: roots overlap "
+                            f"({ra or '/'!r} and {rb or '/'!r}); give each bundle its own roots"
+                        )
+    data: dict[str, Any] = {}
+    modules: list[Module] = []
+    for index, bundle in enumerate(bundles):
+        _deep_merge(data, bundle.data, bundle.source, ())
+        prefix = bundle.name or f"bundle{index}"
+        modules.extend(Module(f"{prefix}/{m.path}", m.source) for m in bundle.modules)
+    return Bundle(
+        revision="+".join(b.revision for b in bundles),
+        roots=tuple(r for b in bundles for r in b.roots),
+        modules=tuple(modules),
+        data=data,
+        source=", ".join(b.source for b in bundles),
+        name="+".join(b.name for b in bundles),
+        signed_by=",".join(b.signed_by for b in bundles if b.signed_by) or None,
+        file_hashes={
+            f"{b.name or i}/{k}": v
+            for i, b in enumerate(bundles)
+            for k, v in (b.file_hashes or {}).items()
+        },
+    )

@@ -1,0 +1,70 @@
+"""The bundle types: :class:`Module`, :class:`Bundle` and :class:`BundleError`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from warden.errors import PolicyError
+
+__all__ = ["Bundle", "BundleError", "Module", "package_path"]
+
+PACKAGE = re.compile(r"^[ \t]*package[ \t]+([^\s#]+)", re.MULTILINE)
+_PKG_SEGMENT = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)|\["([^"]*)"\]')
+
+
+class BundleError(PolicyError):
+    """A bundle cannot be used; the message names the file and line where known."""
+
+
+@dataclass(frozen=True, slots=True)
+class Module:
+    """One Rego module: its path inside the bundle (``authz/tools.rego``) and source."""
+
+    path: str
+    source: str
+
+    @property
+    def package(self) -> str | None:
+        """The package as a slash path (``warden/tools``), or ``None`` if none is declared."""
+        return package_path(self.source)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded, checked bundle (or several merged with ``merge_bundles``).
+
+    ``revision`` comes from ``.manifest``, else it is a content hash
+    (``sha256:<12 hex>``). ``roots`` are the data paths the bundle owns
+    (``""`` owns everything). ``data`` is the merged data tree. ``source``
+    says where it came from, for logs. ``signed_by`` is the key id that
+    verified it, if it was verified.
+    """
+
+    revision: str
+    roots: tuple[str, ...]
+    modules: tuple[Module, ...]
+    data: Mapping[str, Any]
+    source: str
+    name: str = ""
+    signed_by: str | None = None
+    file_hashes: Mapping[str, str] | None = None
+    """SHA-256 of each file's bytes, by bundle path; for status and audit."""
+
+
+def package_path(source: str) -> str | None:
+    """The package a module declares, as a slash path, or ``None``."""
+    match = PACKAGE.search(_strip_comments(source))
+    if match is None:
+        return None
+    ref = match.group(1)
+    parts = [a or b for a, b in _PKG_SEGMENT.findall(ref)]
+    return "/".join(parts)
+
+
+def _strip_comments(source: str) -> str:
+    # Good enough for locating ``package``: a '#' inside a string on the package
+    # line does not occur in practice.
+    return "\n".join(line.split("#", 1)[0] for line in source.splitlines())

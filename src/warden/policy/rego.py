@@ -1,0 +1,237 @@
+"""The binding to the Rego engine (regopy over rego-cpp): the only module that imports regopy.
+
+Nothing here knows about bundles or files. It takes module sources, data as
+JSON text and queries, and gives back the engine's own texts: results as
+JSON, errors as s-expressions that :mod:`warden.policy.bundle.diagnostics`
+turns into ``file:line:col`` lines. Every regopy exception leaves this module
+as a :class:`RegoError`.
+
+:class:`Evaluator` binds a few functions of rego-cpp's C library directly
+with ctypes (regopy's wrappers cost about twice as much per request), which
+is why ``pyproject.toml`` caps regopy below its next minor release: a change
+in the C API is checked here and nowhere else.
+
+Importing this module loads the C library, so the proxy process never does:
+policy workers (:mod:`warden.policy.worker`), the ``warden policy`` tools and
+ahead-of-time compile checks import it when they need it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+import regopy
+from regopy import rego_shared
+
+__all__ = ["CompiledQuery", "Evaluator", "Interpreter", "RegoError", "parse_check"]
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class RegoError(Exception):
+    """The engine refused a module, data or a query; ``str()`` is the engine's error text."""
+
+
+class Interpreter:
+    """One engine interpreter, with the library's own printing of errors turned off."""
+
+    def __init__(self) -> None:
+        self._interp = regopy.Interpreter()
+        # The library prints errors to stdout at its default level; we report them ourselves.
+        self._interp.log_level = regopy.LogLevel.NONE
+
+    def add_module(self, path: str, source: str) -> None:
+        """Parse and add one module; raise :class:`RegoError` on a syntax error."""
+        try:
+            self._interp.add_module(path, source)
+        except regopy.RegoError as exc:
+            raise RegoError(str(exc)) from None
+
+    def add_data_json(self, text: str) -> None:
+        """Add a base document given as JSON text."""
+        try:
+            self._interp.add_data_json(text)
+        except regopy.RegoError as exc:
+            raise RegoError(str(exc)) from None
+
+    def is_builtin(self, name: str) -> bool:
+        """Whether ``name`` (``count``, ``time.now_ns``) is a builtin of this engine."""
+        return bool(self._interp.is_builtin(name))
+
+    def build(self, query: str) -> CompiledQuery:
+        """Compile the modules and data for ``query``; see :attr:`CompiledQuery.ok`.
+
+        Raises :class:`RegoError` when the query itself cannot be compiled.
+        """
+        try:
+            built = self._interp.build(query)
+        except regopy.RegoError as exc:
+            raise RegoError(str(exc)) from None
+        return CompiledQuery(self, built)
+
+    def query(self, query: str) -> tuple[bool, str]:
+        """Evaluate ``query`` directly (no compiled bundle); return ``(ok, output text)``.
+
+        Raw calls: regopy's ``Output`` parses the text as JSON and fails on
+        the error text that a failed evaluation gives.
+        """
+        impl = self._interp._impl
+        output = rego_shared.rego_query(impl, query)
+        if not output:
+            raise RegoError(rego_shared.rego_get_error(impl) or "query failed")
+        try:
+            return bool(rego_shared.rego_output_ok(output)), rego_shared.rego_output_string(output)
+        finally:
+            rego_shared.rego_free_output(output)
+
+
+class CompiledQuery:
+    """A query compiled with its modules and data, which any :class:`Evaluator` can run.
+
+    It keeps the interpreter that built it, which owns the compiled bundle.
+    """
+
+    def __init__(self, owner: Interpreter, built: Any) -> None:
+        self._owner = owner
+        self._built = built
+
+    @property
+    def ok(self) -> bool:
+        """Whether it compiled; if not, :meth:`errors` says why."""
+        return bool(self._built.ok())
+
+    def errors(self) -> list[str]:
+        """The compiler's error texts (s-expressions), one per problem."""
+        node = rego_shared.rego_bundle_node(self._built._impl)
+        return [
+            rego_shared.rego_node_json(rego_shared.rego_node_get(node, i))
+            for i in range(rego_shared.rego_node_size(node))
+        ]
+
+
+def parse_check(path: str, source: str) -> None:
+    """Parse one module on its own; raise :class:`RegoError` on a syntax error.
+
+    Parsing never evaluates, so unlike compiling it cannot crash the process.
+    """
+    Interpreter().add_module(path, source)
+
+
+class _Native:
+    """Direct ctypes bindings for the per-request calls.
+
+    regopy's Python wrappers allocate a buffer per string and re-check every
+    return code; binding the few functions called per request directly
+    roughly halves the cost of building the input document.
+    """
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(rego_shared.rego._name)
+        vp, u32 = ctypes.c_void_p, ctypes.c_uint32
+
+        def bind(name: str, res: Any, args: list[Any]) -> Callable[..., Any]:
+            fn = getattr(lib, name)
+            fn.restype = res
+            fn.argtypes = args
+            return fn  # type: ignore[no-any-return]
+
+        self.new_input = bind("regoNewInput", vp, [])
+        self.free_input = bind("regoFreeInput", None, [vp])
+        self.input_int = bind("regoInputInt", u32, [vp, ctypes.c_int64])
+        self.input_float = bind("regoInputFloat", u32, [vp, ctypes.c_double])
+        self.input_str = bind("regoInputString", u32, [vp, ctypes.c_char_p])
+        self.input_bool = bind("regoInputBoolean", u32, [vp, ctypes.c_bool])
+        self.input_null = bind("regoInputNull", u32, [vp])
+        self.input_item = bind("regoInputObjectItem", u32, [vp])
+        self.input_object = bind("regoInputObject", u32, [vp, u32])
+        self.input_array = bind("regoInputArray", u32, [vp, u32])
+        self.set_input = bind("regoSetInput", u32, [vp, vp])
+        self.bundle_query = bind("regoBundleQuery", vp, [vp, vp])
+        self.output_size = bind("regoOutputJSONSize", u32, [vp])
+        self.output_json = bind("regoOutputJSON", u32, [vp, ctypes.c_char_p, u32])
+        self.output_ok = bind("regoOutputOk", ctypes.c_bool, [vp])
+        self.free_output = bind("regoFreeOutput", None, [vp])
+        self.output_node = bind("regoOutputNode", vp, [vp])
+
+    def add(self, handle: int, value: Any) -> None:
+        """Push one JSON value onto regopy's input builder (a stack machine)."""
+        kind = type(value)
+        if kind is str:
+            self.input_str(handle, value.encode())
+        elif kind is dict:
+            for key, item in value.items():
+                self.input_str(handle, key.encode())
+                self.add(handle, item)
+                self.input_item(handle)
+            self.input_object(handle, len(value))
+        elif kind is bool:
+            self.input_bool(handle, value)
+        elif kind is int:
+            if _INT64_MIN <= value <= _INT64_MAX:
+                self.input_int(handle, value)
+            else:
+                self.input_float(handle, float(value))
+        elif kind is float:
+            self.input_float(handle, value)
+        elif value is None:
+            self.input_null(handle)
+        elif kind is list:
+            for item in value:
+                self.add(handle, item)
+            self.input_array(handle, len(value))
+        else:  # pragma: no cover - orjson only yields the kinds above
+            raise TypeError(f"cannot pass a {kind.__name__} to the policy")
+
+
+class Evaluator:
+    """Runs one :class:`CompiledQuery` for input documents, one at a time."""
+
+    def __init__(self, compiled: CompiledQuery) -> None:
+        self._compiled = compiled  # keeps the compiled bundle and its owner alive
+        self._interp = Interpreter()._interp
+        self._native = _Native()
+        # Looked up once: evaluate() is on the per-request path.
+        self._impl = self._interp._impl
+        self._bundle_impl = compiled._built._impl
+
+    def evaluate(self, value: Any) -> str:
+        """Evaluate for an input document; return the engine's output text.
+
+        Never calls ``Output.expressions()``: on an undefined result that
+        aborts the process. Errors come back as ``<error>`` followed by the
+        error s-expression, for the caller to describe. Raises ``ValueError``
+        when the engine refuses the input document.
+        """
+        native = self._native
+        impl = self._impl
+        handle = native.new_input()
+        try:
+            native.add(handle, value)
+            if native.set_input(impl, handle) != 0:
+                raise ValueError("the engine refused the input document")
+        finally:
+            native.free_input(handle)
+        output = native.bundle_query(impl, self._bundle_impl)
+        if not output:
+            return "<error>" + str(rego_shared.rego_get_error(impl))
+        try:
+            size = native.output_size(output)
+            buf = ctypes.create_string_buffer(size)
+            native.output_json(output, buf, size)
+            text = buf.value.decode("utf-8", errors="replace")
+            if not native.output_ok(output):
+                text = "<error>" + _output_errors(native.output_node(output))
+            return text
+        finally:
+            native.free_output(output)
+
+
+def _output_errors(node: Any) -> str:
+    if not node:
+        return ""
+    return "\n".join(
+        rego_shared.rego_node_json(rego_shared.rego_node_get(node, i))
+        for i in range(rego_shared.rego_node_size(node))
+    )

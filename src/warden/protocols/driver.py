@@ -1,0 +1,109 @@
+"""The one stream driver: runs a :class:`~warden.protocols.base.StreamRewriter`. No sockets.
+
+Every door that relays an SSE response (the base-URL proxy today; ext_proc
+and transparent mode later) drives the adapter's rewriter with this, so the
+ordering rules are written once:
+
+* bytes the rewriter releases (text, finished events) are written in order;
+* when the rewriter hands over a call, everything released before it is
+  written first, then the call is decided, and nothing of the call (nor
+  anything after it) is written before its decision is back;
+* while a decision is pending (a call held for approval may wait minutes) a
+  keep-alive comment is written every ``keepalive_s``, so the agent's client
+  and any proxy in between do not time out;
+* a :class:`~warden.errors.StreamViolation` (or any failure) from the
+  rewriter, the decision or the writer propagates to the caller, which ends
+  the stream with the provider's error event.
+
+I/O comes in as two callables: ``decide(calls)`` returns decisions keyed by
+:attr:`ToolCall.key`, and ``write(data)`` sends bytes to the agent. Tests
+pass plain coroutines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+
+from warden import tasks
+from warden.errors import UpstreamProtocol
+from warden.model import Decision, ToolCall
+from warden.protocols.base import StreamItem, StreamRewriter
+from warden.protocols.sse import SseEvent, SseParser, encode_comment
+
+__all__ = ["KEEPALIVE", "Decide", "StreamDriver", "Write"]
+
+Decide = Callable[[Sequence[ToolCall]], Awaitable[Mapping[str, Decision]]]
+"""Decide calls; the answer maps each call's :attr:`ToolCall.key` to its decision."""
+Write = Callable[[bytes], Awaitable[None]]
+"""Send bytes to the agent."""
+
+KEEPALIVE = encode_comment("warden: waiting for a decision")
+
+
+class StreamDriver:
+    """Feeds one upstream SSE stream through a rewriter, deciding calls as they complete."""
+
+    def __init__(
+        self,
+        rewriter: StreamRewriter,
+        decide: Decide,
+        write: Write,
+        *,
+        keepalive_s: float | None,
+        parser: SseParser | None = None,
+    ) -> None:
+        self.rewriter = rewriter
+        self._decide = decide
+        self._write = write
+        self._keepalive_s = keepalive_s
+        self._parser = parser if parser is not None else SseParser()
+
+    async def feed(self, chunk: bytes) -> None:
+        """Take upstream bytes (split anywhere); write what may go out, deciding calls first."""
+        out = bytearray()
+        for event in self._parser.feed(chunk):
+            await self._drain(self.rewriter.feed(event), out)
+        if out:
+            await self._write(bytes(out))
+
+    async def finish(self) -> None:
+        """The upstream ended: release what is held, or raise if the stream was cut short."""
+        out = bytearray()
+        await self._drain(self.rewriter.finish(), out)
+        if out:
+            await self._write(bytes(out))
+        if not self.rewriter.complete:
+            raise UpstreamProtocol("the upstream stream ended before it was complete")
+
+    async def _drain(self, items: Iterable[StreamItem], out: bytearray) -> None:
+        # The iterator is lazy: each ToolCall is resolved before the next item
+        # is produced, so events that depend on decisions see them.
+        for item in items:
+            if isinstance(item, SseEvent):
+                out += item.encode()
+                continue
+            if out:
+                # What was released before the call goes out before waiting on it.
+                await self._write(bytes(out))
+                out.clear()
+            decided = await self._wait(item)
+            for event in self.rewriter.resolve(item, decided[item.key]):
+                out += event.encode()
+
+    async def _wait(self, call: ToolCall) -> Mapping[str, Decision]:
+        if self._keepalive_s is None:
+            return await self._decide([call])
+        pending = tasks.spawn(_awaited(self._decide([call])), name="stream-decision", awaited=True)
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=self._keepalive_s)
+                if done:
+                    return pending.result()
+                await self._write(KEEPALIVE)
+        finally:
+            pending.cancel()
+
+
+async def _awaited(pending: Awaitable[Mapping[str, Decision]]) -> Mapping[str, Decision]:
+    return await pending

@@ -1,0 +1,32 @@
+"""The cached metric children: the same child as labels(), resolved once."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY
+
+from warden.ops import metrics
+
+
+def test_child_is_the_labelled_child_and_counts_into_it() -> None:
+    before = REGISTRY.get_sample_value("warden_errors_total", {"code": "child_test"}) or 0
+    first = metrics.child(metrics.ERRORS, "child_test")
+    assert first is metrics.ERRORS.labels("child_test")
+    assert metrics.child(metrics.ERRORS, "child_test") is first
+    first.inc()
+    assert REGISTRY.get_sample_value("warden_errors_total", {"code": "child_test"}) == before + 1
+
+
+def test_children_of_different_metrics_or_labels_are_kept_apart() -> None:
+    a = metrics.child(metrics.REQUESTS, "openai", "200")
+    b = metrics.child(metrics.REQUESTS, "openai", "503")
+    c = metrics.child(metrics.STREAM_VIOLATIONS, "openai")
+    assert len({id(a), id(b), id(c)}) == 3
+
+
+def test_the_memo_stays_bounded() -> None:
+    for i in range(metrics._MAX_CHILDREN + 5):
+        metrics.child(metrics.AMBIGUOUS_CALL_IDS, f"u{i}")
+    assert len(metrics._children) <= metrics._MAX_CHILDREN
+    metrics._children.clear()
+    for i in range(metrics._MAX_CHILDREN + 5):
+        metrics.AMBIGUOUS_CALL_IDS.remove(f"u{i}")

@@ -73,13 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", default=os.environ.get("WARDEN_CONFIG"))
     check.set_defaults(func=_check_config)
 
-    from warden import cli_admin, cli_approvals, cli_audit, cli_identity, cli_policy
+    from warden import cli_admin, cli_approvals, cli_audit, cli_identity, cli_mcp, cli_policy
 
     cli_policy.register(sub)
     cli_audit.register(sub)
     cli_admin.register(sub)
     cli_approvals.register(sub)
     cli_identity.register(sub)
+    cli_mcp.register(sub)
     return parser
 
 

@@ -29,6 +29,7 @@ from pydantic import (
 
 from warden.errors import ConfigError
 from warden.model import Effect, Mode
+from warden.protocols import http_tool
 from warden.protocols.registry import PassthroughRule
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "CapConfig",
     "CapCustomerConfig",
     "Config",
+    "HttpRouteConfig",
     "IdentityConfig",
     "JwtConfig",
     "LimitsConfig",
@@ -107,6 +109,43 @@ class ListenConfig(_Section):
         return value
 
 
+class HttpRouteConfig(_Section):
+    """A route of a plain HTTP tool API that is one tool call (see docs/http-tools.md)."""
+
+    method: str
+    path: str
+    """A path template after the upstream name: ``/orders/{order_id}/refunds``."""
+    tool: str = Field(min_length=1, max_length=128)
+    arguments: dict[str, str] = Field(default_factory=dict)
+    """Argument name to ``"{param}"`` (a path parameter) or a JSON pointer into the body."""
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        return http_tool.parse_method(value)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        http_tool.parse_template(value)
+        return value
+
+    @field_validator("arguments")
+    @classmethod
+    def _arguments(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, source in value.items():
+            try:
+                http_tool.parse_argument(source)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _compiles(self) -> HttpRouteConfig:
+        http_tool.RouteRule.compile(self.method, self.path, self.tool, self.arguments)
+        return self
+
+
 class UpstreamConfig(_Section):
     """An API the agent may reach through ``/<name>/...``; nothing else is reachable."""
 
@@ -117,6 +156,16 @@ class UpstreamConfig(_Section):
     passthrough: tuple[str, ...] = ()
     """Routes Warden does not parse, forwarded as one ``llm_call`` each: ``"GET v1/files"``,
     ``"POST v1/batches/*"`` (``*`` one segment, a final ``**`` the rest). Refused otherwise."""
+    routes: tuple[HttpRouteConfig, ...] = ()
+    """``protocol: http`` only: requests that are tool calls, tried in order."""
+    unmatched: Literal["deny", "allow"] = "deny"
+    """With ``routes``: refuse a request no route fits, or forward it as one ``http_call``."""
+
+    @model_validator(mode="after")
+    def _routes_on_http(self) -> UpstreamConfig:
+        if self.routes and self.protocol != "http":
+            raise ValueError("routes: only an upstream with protocol: http has route rules")
+        return self
 
     @field_validator("passthrough")
     @classmethod

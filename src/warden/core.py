@@ -206,11 +206,18 @@ class Governor:
             self._pipeline.outcome(link.action, link.decision_id, outcome), name="result"
         )
 
-    def outcome(self, action: Action, decision: Decision, outcome: Outcome) -> None:
-        """Record what happened to an action that was let through, in the background."""
+    def outcome(
+        self, action: Action, decision: Decision, outcome: Outcome, *, trusted: bool = False
+    ) -> None:
+        """Record what happened to an action that was let through, in the background.
+
+        ``trusted``: the door saw the outcome itself, at the tool API that
+        executed the action; a trusted failure releases what the action reserved.
+        """
         # Outcomes follow the action; they need not delay the agent's response.
         self.background.spawn(
-            self._pipeline.outcome(action, decision.decision_id, outcome), name="outcome"
+            self._pipeline.outcome(action, decision.decision_id, outcome, trusted=trusted),
+            name="outcome",
         )
 
     @staticmethod
@@ -231,7 +238,7 @@ def _count(action: Action, decision: Decision) -> None:
         metrics.DECISIONS,
         metrics.bounded("agent", action.agent.id),
         metrics.bounded("tool", action.tool or action.kind.value),
-        decision.effect.value,
-        decision.mode.value,
+        decision.effect._value_,  # not ``.value``: a property call per use
+        decision.mode._value_,
         decision.guard,
     ).inc()

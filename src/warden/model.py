@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import enum
 import os
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,10 +33,31 @@ __all__ = [
 ]
 
 
-# Bound once: ids are made several times per request and the module lookups
-# (``secrets.token_hex`` -> ``token_bytes`` -> ``os.urandom``) showed in profiles.
-_urandom = os.urandom
+# Random tails are drawn from the OS CSPRNG a block at a time: one ``getrandom``
+# call per id showed in profiles. The block never leaves this module, and a
+# forked child drops its parent's so the two never hand out the same tails.
+_TAILS_PER_BLOCK = 512
 _time_ns = time.time_ns
+
+
+def _tails() -> Iterator[str]:
+    while True:
+        block = os.urandom(6 * _TAILS_PER_BLOCK).hex()
+        for start in range(0, len(block), 12):
+            yield block[start : start + 12]
+
+
+_next_tail = _tails().__next__
+_tail_lock = threading.Lock()  # a generator must not be resumed by two threads at once
+
+
+def _reseed_after_fork() -> None:
+    global _next_tail, _tail_lock  # noqa: PLW0603 - the one per-process random source
+    _next_tail = _tails().__next__
+    _tail_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reseed_after_fork)
 
 
 def new_id(prefix: str) -> str:
@@ -45,7 +67,9 @@ def new_id(prefix: str) -> str:
     the random tail (48 bits from the OS CSPRNG) makes them
     unguessable, which matters for approval ids.
     """
-    return f"{prefix}_{_time_ns() // 1_000_000:012x}_{_urandom(6).hex()}"
+    with _tail_lock:
+        tail = _next_tail()
+    return f"{prefix}_{_time_ns() // 1_000_000:012x}_{tail}"
 
 
 class ActionKind(enum.StrEnum):

@@ -26,7 +26,6 @@ or the agent's own report.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -37,6 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 import orjson
 
 from warden.audit.record import ApprovalEvidence
+from warden.audit.redaction import POLICY_GUARDS
 from warden.audit.redaction import resolve as resolve_redactions
 from warden.model import Action, ActionKind, Decision, Effect, Mode, Outcome, new_id
 
@@ -159,27 +159,25 @@ class AuditSink(Protocol):
 
 def policy_input(action: Action, ctx: GuardContext) -> dict[str, Any]:
     """The ``input`` document a Rego policy sees; see docs/policies.md."""
+    agent, request, arguments = action.agent, action.request, action.arguments
+    # ``_value_`` rather than ``value``: the enum property costs a Python call each time.
     return {
-        "agent": {
-            "id": action.agent.id,
-            "version": action.agent.version,
-            "claims": dict(action.agent.claims),
-        },
+        "agent": {"id": agent.id, "version": agent.version, "claims": dict(agent.claims)},
         "action": {
-            "kind": action.kind.value,
+            "kind": action.kind._value_,
             "type": action.wire_type,
             "tool": action.tool,
-            "arguments": dict(action.arguments) if action.arguments is not None else None,
+            "arguments": dict(arguments) if arguments is not None else None,
             "protocol": action.protocol,
-            "stage": action.stage.value,
+            "stage": action.stage._value_,
             "model": action.model,
-            "upstream": action.request.upstream,
-            "method": action.request.method,
-            "path": action.request.path,
+            "upstream": request.upstream,
+            "method": request.method,
+            "path": request.path,
         },
         "context": dict(action.context),
         "budget": dict(ctx.budget),
-        "mode": ctx.mode.value,
+        "mode": ctx.mode._value_,
         "risk": ctx.risk,
     }
 
@@ -215,6 +213,67 @@ def input_problem(doc: Any) -> str | None:
     return None
 
 
+def _fits(value: Any, depth: int) -> bool:
+    """Whether :func:`input_problem` finds nothing in ``value``'s numbers and nesting.
+
+    The cheap test every action takes (no paths are built); only a value
+    that fails it is walked again by :func:`input_problem` to say where.
+    ``depth`` is ``value``'s own level in the ``input`` document.
+    """
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return bool(_INT64[0] <= value <= _INT64[1])
+    if kind is float:
+        return math.isfinite(value)
+    if kind is dict or isinstance(value, Mapping):
+        items: Any = value.values()
+    elif kind is list or kind is tuple or isinstance(value, list | tuple):
+        items = value
+    elif isinstance(value, bool):
+        return True
+    elif isinstance(value, int):
+        return _INT64[0] <= value <= _INT64[1]
+    elif isinstance(value, float):
+        return math.isfinite(value)
+    else:
+        return True  # orjson decides (the caller encodes the whole input)
+    if depth > MAX_INPUT_DEPTH:
+        return False
+    deeper = depth + 1
+    return all(type(item) is str or _fits(item, deeper) for item in items)
+
+
+def _action_fits(action: Action) -> bool:
+    """The fast form of ``input_problem(policy_input(action, ctx)) is None``.
+
+    Checks only what the agent controls (claims, arguments, context and the
+    strings), where :func:`policy_input` puts them, without building the
+    document: the policy guard builds it once, later. The rest of the input
+    (budget, mode, risk) is Warden's own.
+    """
+    agent, request, arguments = action.agent, action.request, action.arguments
+    claims, context = agent.claims, action.context
+    if not (_fits(claims, 3) and _fits(context, 2)):
+        return False
+    if arguments is not None and not _fits(arguments, 3):
+        return False
+    try:
+        orjson.dumps(
+            (
+                (agent.id, agent.version, action.tool, action.wire_type, action.protocol),
+                (action.model, request.upstream, request.method, request.path),
+                claims if type(claims) is dict else dict(claims),
+                context if type(context) is dict else dict(context),
+                arguments if arguments is None or type(arguments) is dict else dict(arguments),
+            )
+        )
+    except TypeError:
+        return False
+    return True
+
+
 def _where(path: tuple[str, ...]) -> str:
     shown = path if len(path) <= 8 else (*path[:7], "…")
     return ".".join(shown).replace(".[", "[").replace(".…", "…")
@@ -236,7 +295,10 @@ def _validation_decision(
             "sent (malformed, a key given twice, or a value such as an integer past 64 bits, "
             "NaN or nesting too deep)"
         )
-    elif (problem := input_problem(policy_input(action, ctx))) is not None:
+    elif (
+        not _action_fits(action)
+        and (problem := input_problem(policy_input(action, ctx))) is not None
+    ):
         reason = f"the policy cannot check this action: {problem}"
     if reason is None:
         return None
@@ -246,6 +308,21 @@ def _validation_decision(
         reasons=(reason,),
         mode=ctx.mode,
         guard="validation",
+    )
+
+
+def _timed(d: Decision, elapsed_us: int) -> Decision:
+    """``d`` with ``elapsed_us`` set; ``dataclasses.replace`` costs several times more."""
+    return Decision(
+        d.decision_id,
+        d.effect,
+        d.reasons,
+        d.mode,
+        d.guard,
+        d.bundle_revision,
+        d.obligations,
+        d.error,
+        elapsed_us,
     )
 
 
@@ -264,6 +341,11 @@ class Pipeline:
     ) -> None:
         self._guards = tuple(guards)
         self._reserving = tuple(g for g in self._guards if isinstance(g, Reserving))
+        # Each guard with its Reserving face, if any: found once, since an
+        # isinstance check against a runtime protocol costs microseconds a call.
+        self._steps: tuple[tuple[Guard, Reserving | None], ...] = tuple(
+            (g, g if isinstance(g, Reserving) else None) for g in self._guards
+        )
         self._redacting = next((g for g in self._guards if isinstance(g, Redacting)), None)
         self._audit = audit
         self._mode_for = mode_for
@@ -289,11 +371,10 @@ class Pipeline:
         recorded = False
         try:
             if decision is None:
-                for guard in self._guards:
-                    if guard in self._reserving:
-                        assert isinstance(guard, Reserving)
-                        admitted.append(guard)
-                        decision, ctx = await guard.admit(action, ctx)
+                for guard, reserving in self._steps:
+                    if reserving is not None:
+                        admitted.append(reserving)
+                        decision, ctx = await reserving.admit(action, ctx)
                     else:
                         decision = await guard.check(action, ctx)
                     if decision is not None:
@@ -306,12 +387,14 @@ class Pipeline:
                     mode=ctx.mode,
                     guard="default",
                 )
-            # Every record of the action redacts what the policy asks, whoever decided.
-            source, final_ctx = self._redacting, ctx
-            ask = (lambda: source.redactions(action, final_ctx)) if source is not None else None
-            decision = await resolve_redactions(decision, ask)
+            if decision.guard not in POLICY_GUARDS or decision.error is not None:
+                # Every record of the action redacts what the policy asks, whoever
+                # decided (a policy decision already carries the policy's list).
+                source, final_ctx = self._redacting, ctx
+                ask = (lambda: source.redactions(action, final_ctx)) if source is not None else None
+                decision = await resolve_redactions(decision, ask)
             elapsed = (time.perf_counter_ns() - started) // 1000
-            decision = dataclasses.replace(decision, elapsed_us=elapsed)
+            decision = _timed(decision, elapsed)
             await self._audit.record_decision(action, decision)
             recorded = True
         finally:

@@ -62,10 +62,17 @@ class Warden:
     never skipped.
     """
 
-    def __init__(self, config: Config, *, doors: Sequence[FrontDoor] = ()) -> None:
-        """``doors``: front doors to start besides the ones the configuration names."""
+    def __init__(
+        self, config: Config, *, doors: Sequence[FrontDoor] = (), listeners: bool = True
+    ) -> None:
+        """``doors``: front doors to start besides the ones the configuration names.
+
+        ``listeners=False`` starts neither the proxy nor the admin API: only
+        ``doors`` take traffic (``warden mcp wrap`` runs beside ``warden serve``).
+        """
         self.config = config
         self._extra_doors = tuple(doors)
+        self._listeners = listeners
         self._stack = contextlib.AsyncExitStack()
         self._audit: AuditLog | None = None
         self._engine: PolicyEngine | None = None
@@ -140,6 +147,10 @@ class Warden:
         self.core = core = Governor(pipeline, gate=gate, links=CallLinks(link_store))
         await core.start()
         stack.push_async_callback(core.close)  # after the doors: drains their outcomes
+        if not self._listeners:
+            await self._start_doors(core, self._extra_doors)
+            stack.callback(gate.stop_holding)
+            return
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=_CONNECTION_LIMIT, limit_per_host=0),
             auto_decompress=True,
@@ -153,10 +164,7 @@ class Warden:
         add_killswitch_routes(admin_app, killswitches)
         add_approval_routes(admin_app, approvals, admin_app[AUTH])
         http = HttpDoor(cfg, session, killswitches=killswitches)
-        self.doors = (http, *self._extra_doors)
-        for door in self.doors:
-            await door.start(core)
-            stack.push_async_callback(door.stop)
+        await self._start_doors(core, (http, *self._extra_doors))
         self.proxy_url = http.url
         admin, self.admin_url = await listen(
             admin_app, cfg.listen.admin, shutdown_grace_s=cfg.shutdown_grace_s
@@ -165,6 +173,12 @@ class Warden:
         # Unwound first: held requests are answered as deferred, so doors can drain.
         stack.callback(gate.stop_holding)
         log.info("proxy listening on %s, admin on %s", self.proxy_url, self.admin_url)
+
+    async def _start_doors(self, core: Governor, doors: Sequence[FrontDoor]) -> None:
+        self.doors = tuple(doors)
+        for door in self.doors:
+            await door.start(core)
+            self._stack.push_async_callback(door.stop)
 
     def readiness(self) -> tuple[bool, Mapping[str, Any]]:
         """Ready only when a policy bundle is active and the audit log is writable."""

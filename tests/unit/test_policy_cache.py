@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -9,8 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from warden.policy.authoring import discover_case_files, load_case_file, load_policy_set
 from warden.policy.bundle import Module
 from warden.policy.cache import InputShape, LRUCache, analyse, cache_key, project
+from warden.policy.worker import Evaluator
+
+BUNDLE = Path(__file__).resolve().parents[2] / "policies" / "customer-support"
 
 
 def shape_of(*sources: str) -> InputShape:
@@ -109,6 +114,69 @@ def test_keys_follow_only_the_read_paths(
         other_tool, option=orjson.OPT_SORT_KEYS
     )
     assert (cache_key(shape, a) != cache_key(shape, c)) == differs
+
+
+def test_function_parameters_are_followed() -> None:
+    shape = shape_of(
+        "package warden\n"
+        "d := verdict(input.action, input.budget)\n"
+        "verdict(action, budget) := check(action.tool, budget) if {\n"
+        "\tis_object(action.arguments)\n"
+        '} else := 1 if action.kind == "llm_call"\n'
+        "check(tool, b) := b.refunds.day if tool\n"
+        "check(_, _) := 0\n"
+    )
+    assert shape.paths == (
+        ("action", "arguments"),
+        ("action", "kind"),
+        ("action", "tool"),
+        ("budget", "refunds", "day"),
+    )
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [
+        "f(a) := a",  # the parameter read whole
+        "f(a) := 1 if {\n\tis_object(a)\n}",  # passed whole to a builtin
+        "f(a) := 1 if a[k]",  # a dynamic step
+        'f({"tool": a}) := a',  # a pattern parameter
+        "f(a) := a.x\nf(1) := 2",  # a literal parameter compares the whole value
+        "f(a) := a.x\ny := f(1) with f as g",  # `with` can replace the function
+        "import data.lib.f\nf(a) := a.x",  # the name may mean an imported function
+        "f(a, a) := a.x",  # the second use compares the value
+        "g(a) := a.x",  # not a bundle function (a builtin or undefined)
+    ],
+)
+def test_unfollowable_calls_keep_the_argument_whole(rest: str) -> None:
+    shape = shape_of(f"package warden\nd := f(input.action, 1)\n{rest}\n")
+    assert shape.paths is not None
+    assert ("action",) in shape.paths
+
+
+def test_an_extra_argument_is_the_output_and_reads_the_whole() -> None:
+    shape = shape_of("package warden\nd if f(1, input.action)\nf(a) := a.x\n")
+    assert shape.paths == (("action",),)
+
+
+def test_shipped_bundle_reads_only_three_action_fields_and_decides_the_same() -> None:
+    policy = load_policy_set([BUNDLE])
+    shape = analyse(policy.production)
+    assert shape.paths == (
+        ("action", "arguments"),
+        ("action", "kind"),
+        ("action", "tool"),
+        ("budget",),
+    )
+    evaluator = Evaluator(
+        [(m.path, m.source) for m in policy.production], policy.data, "data.warden.decision"
+    )
+    cases = [c for f in discover_case_files([BUNDLE]) for c in load_case_file(f).cases]
+    assert len(cases) >= 30
+    for case in cases:
+        doc = dict(case.input)
+        # The projection decides exactly as the whole input does.
+        assert evaluator.evaluate(dict(project(shape, doc))) == evaluator.evaluate(doc), case.name
 
 
 def test_lru_evicts_least_recently_used() -> None:

@@ -45,7 +45,7 @@ from warden.budgets.caps import (
 from warden.budgets.prices import PriceTable
 from warden.config import BudgetsConfig, CapConfig
 from warden.model import Action, ActionKind, Decision, Effect, Mode, Outcome, Usage, new_id
-from warden.ops.metrics import bounded
+from warden.ops.metrics import bounded, child
 from warden.pipeline import GuardContext
 from warden.state import Counter, Hold, StateStore
 
@@ -411,8 +411,8 @@ class BudgetGuard:
         priced = self.prices.cost(provider, action.model, usage)
         model = bounded("model", action.model or "unknown")
         if not priced.known:
-            metrics.UNKNOWN_MODEL_PRICES.labels(provider, model).inc()
-        metrics.LLM_SPEND.labels(bounded("agent", action.agent.id), model).inc(priced.usd)
+            child(metrics.UNKNOWN_MODEL_PRICES, provider, model).inc()
+        child(metrics.LLM_SPEND, bounded("agent", action.agent.id), model).inc(priced.usd)
         return priced.usd
 
     def _remember(self, action_id: str) -> None:

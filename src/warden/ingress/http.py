@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -73,7 +74,7 @@ from warden.model import (
     new_id,
 )
 from warden.ops import metrics
-from warden.protocols import _wire
+from warden.protocols import _wire, http_tool
 from warden.protocols.base import Adapter, StreamRewriter
 from warden.protocols.driver import StreamDriver
 from warden.protocols.errors import render_error, render_stream_error
@@ -96,6 +97,7 @@ _JSON = "application/json"
 _SSE = "text/event-stream"
 # A "%" not starting a two-digit escape: the target is malformed, not literal.
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ROUTE_CACHE_SIZE = 1024
 # RFC 3986 pchar: what a path segment keeps literal, as the SDKs encode it.
 _PCHAR_SAFE = "!$&'()*+,;=:@"
 
@@ -133,6 +135,9 @@ class _Call:
     hide_usage: bool = False
     stream: bool = False
     """The agent's request asked for a stream (body ``stream: true`` or ``?stream=true``)."""
+    tool: http_tool.ToolRequest | None = None
+    """The tool call a route rule made of the request: the upstream executes it, so its
+    whole answer is the trusted outcome."""
 
     @property
     def agent(self) -> Agent:
@@ -193,6 +198,12 @@ class ProxyApp:
             name: tuple(PassthroughRule.parse(spec) for spec in upstream.passthrough)
             for name, upstream in config.upstreams.items()
         }
+        self._tool_routes = {
+            name: http_tool.ToolRoutes.compile(upstream.routes, upstream.unmatched)
+            for name, upstream in config.upstreams.items()
+            if upstream.routes
+        }
+        self._routes: dict[tuple[str, str], _Route] = {}
 
     # -- entry ---------------------------------------------------------------
 
@@ -227,7 +238,12 @@ class ProxyApp:
                 "Warden's base-URL listener is not a forward proxy; "
                 "send requests to /<upstream>/<path>"
             )
-        name, *tail = _decode_path(request.raw_path.partition("?")[0])
+        # A route depends only on the method and the path as sent.
+        key = (request.method, request.raw_path.partition("?")[0])
+        cached = self._routes.get(key)
+        if cached is not None:
+            return cached
+        name, *tail = _decode_path(key[1])
         upstream = self._config.upstreams.get(name)
         if upstream is None:
             known = ", ".join(sorted(self._config.upstreams)) or "none"
@@ -237,7 +253,11 @@ class ProxyApp:
         )
         if match is None:
             raise _not_governed(name, upstream.protocol, request.method, tail)
-        return _Route(name=name, upstream=upstream, segments=tuple(tail), match=match)
+        route = _Route(name=name, upstream=upstream, segments=tuple(tail), match=match)
+        if len(self._routes) >= _ROUTE_CACHE_SIZE:
+            self._routes.clear()  # paths carrying ids churn; the common few come back at once
+        self._routes[key] = route
+        return route
 
     # -- request -------------------------------------------------------------
 
@@ -264,6 +284,23 @@ class ProxyApp:
             stream = any(
                 v.strip().lower() in ("true", "1") for v in request.query.getall("stream", ())
             )
+        tool: http_tool.ToolRequest | None = None
+        tool_routes = self._tool_routes.get(route.name)
+        if tool_routes is not None:
+            try:
+                tool = tool_routes.resolve(
+                    request.method, route.segments, body, request.headers.get("Content-Type", "")
+                )
+            except http_tool.ToolRequestError as exc:
+                return _problem(400, exc.code, "Invalid tool request", str(exc))
+            if tool is None and tool_routes.unmatched == "deny":
+                return _problem(
+                    404,
+                    RouteNotGoverned.code,
+                    "Route not governed",
+                    f"{request.method} {route.path} fits no rule in upstreams.{route.name}.routes"
+                    " (unmatched: deny)",
+                )
         call = _Call(
             route=route,
             turn=Turn(
@@ -280,8 +317,14 @@ class ProxyApp:
             adapter=adapter,
             hide_usage=hide_usage,
             stream=stream,
+            tool=tool,
         )
-        kind = ActionKind.HTTP_CALL if route.family == "http" else ActionKind.LLM_CALL
+        if tool is not None:
+            kind = ActionKind.TOOL_CALL
+        elif route.family == "http":
+            kind = ActionKind.HTTP_CALL
+        else:
+            kind = ActionKind.LLM_CALL
         action = Action(
             action_id=new_id("act"),
             agent=agent,
@@ -291,8 +334,12 @@ class ProxyApp:
             request=call.turn.request,
             model=model,
             context=call.turn.context,
+            tool=tool.tool if tool is not None else None,
+            arguments=tool.arguments if tool is not None else None,
         )
         decision = await self._core.decide(action)
+        if decision.enforced is not Effect.ALLOW and tool is not None:
+            return _refused_call(decision)
         if decision.enforced is not Effect.ALLOW:
             return self._error(
                 route.family,
@@ -432,11 +479,15 @@ class ProxyApp:
             raw = _wire.dumps(body).encode()
             headers["Content-Type"] = _JSON
         self._core.count_usage(call.agent, call.turn.model, usage)
-        self._core.outcome(
-            action,
-            decision,
-            Outcome(status=upstream_resp.status, latency_ms=upstream_s * 1e3, usage=usage),
-        )
+        outcome = Outcome(status=upstream_resp.status, latency_ms=upstream_s * 1e3, usage=usage)
+        if call.tool is not None:
+            # The tool API's own answer: a non-2xx means the call did not happen.
+            outcome = dataclasses.replace(
+                outcome,
+                result=http_tool.result_text(raw),
+                is_error=not 200 <= upstream_resp.status < 300,
+            )
+        self._core.outcome(action, decision, outcome, trusted=call.tool is not None)
         metrics.child(metrics.ADDED_LATENCY, call.route.name).observe(
             pre_s + time.perf_counter() - post_started
         )
@@ -556,6 +607,29 @@ class ProxyApp:
         return web.Response(
             status=status, body=render_error(family, status, code, message), headers=headers
         )
+
+
+def _problem(
+    status: int, code: str, title: str, detail: str, *, decision_id: str | None = None
+) -> web.Response:
+    """An RFC 9457 problem response, for tool routes of plain HTTP upstreams."""
+    metrics.child(metrics.ERRORS, code).inc()
+    headers = {"Content-Type": http_tool.PROBLEM_CONTENT_TYPE}
+    if decision_id is not None:
+        headers[hdr.DECISION_HEADER] = decision_id
+    body = http_tool.problem(status, code, title, detail, decision_id=decision_id)
+    return web.Response(status=status, body=body, headers=headers)
+
+
+def _refused_call(decision: Decision) -> web.Response:
+    held = decision.enforced is Effect.REQUIRE_APPROVAL
+    return _problem(
+        403,
+        "approval_required" if held else "denied",
+        "Held for approval by Warden" if held else "Denied by Warden",
+        decision.reason,
+        decision_id=decision.decision_id,
+    )
 
 
 class _Killed(Exception):

@@ -8,7 +8,14 @@ references to ``input``:
 * ``input.action[x]`` -- a dynamic step: the path stops before it, so the key
   holds the whole ``input.action`` subtree;
 * ``input`` alone (``object.get(input, ...)``, ``x := input``, ``with input``)
-  -- the key is the whole input.
+  -- the key is the whole input;
+* ``f(input.action)`` where ``f`` is a function defined in the bundle -- the
+  reference is followed into ``f``: the path becomes ``action`` plus what
+  ``f`` reads of that parameter (``action.tool`` ...), found by scanning every
+  use of the parameter's name in the module that defines ``f``. Any use that
+  is not a static path (bare, dynamic, a literal or pattern parameter, more
+  arguments than parameters, an imported or dotted name, ``with`` anywhere)
+  stops the path at ``action``, as before.
 
 This is a conservative textual scan, not a Rego compiler: it can only make
 the key bigger than necessary, never smaller, as long as every read of the
@@ -67,11 +74,11 @@ class InputShape:
         return self.paths is None
 
 
-def _blank(source: str) -> str:
-    """Blank out string literals and comments, keeping every offset."""
+def _blank(source: str, fill: str = " ") -> str:
+    """Blank out string literals (with ``fill``) and comments, keeping every offset."""
 
     def spaces(m: re.Match[str]) -> str:
-        return re.sub(r"[^\n]", " ", m.group(0))
+        return re.sub(r"[^\n]", fill, m.group(0))
 
     lines = []
     for line in _STRING.sub(spaces, source).split("\n"):
@@ -88,8 +95,8 @@ def _unescape(text: str) -> str:
     return value if isinstance(value, str) else text
 
 
-def _reference_path(source: str, blanked: str, end: int) -> tuple[str, ...]:
-    """The static path that follows ``input`` ending at ``end``."""
+def _reference_path(source: str, blanked: str, end: int) -> tuple[tuple[str, ...], int]:
+    """The static path that follows a name ending at ``end``, and where it ends."""
     path: list[str] = []
     pos = end
     while (m := _STEP.match(source, pos)) is not None:
@@ -105,20 +112,232 @@ def _reference_path(source: str, blanked: str, end: int) -> tuple[str, ...]:
                 break
             path.append(_unescape(m.group(2)))
         pos = m.end()
-    return tuple(path)
+    return tuple(path), pos
+
+
+_HEAD = re.compile(r"^(?:[ \t]*default)?[ \t]*([A-Za-z_][A-Za-z0-9_]*)\(", re.MULTILINE)
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CALLEE = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_]*)$")
+_WITH = re.compile(r"(?<![\w.])with(?![\w])")
+# What a rule head's parameter list is followed by (``==`` is a comparison).
+_HEAD_TAIL = re.compile(r"[ \t]*(?::=|=(?!=)|if(?![\w])|\{)")
+# Text a line can end with when the next line continues the same statement.
+_CONTINUES = re.compile(
+    r"(?:(?<![\w.])(?:if|else|not|in|some|every|with|as|contains|default)|[:=<>!+\-*/&|,])$"
+)
+# Text a call inside an expression can follow.
+_IN_EXPRESSION = re.compile(
+    r"(?:(?<![\w.])(?:if|else|not|in|some|every|contains|return)|[(\[{,:=<>!+\-*/&|%;])$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """A line that may be a function head: its module, parameter texts and their span."""
+
+    module: int
+    params: tuple[str, ...]
+    span: tuple[int, int]
+    certain: bool
+
+
+def _split_args(text: str, start: int) -> tuple[list[str], int] | None:
+    """The top-level arguments of the call whose ``(`` is at ``start``, and its end."""
+    depth = 0
+    args: list[str] = []
+    begin = start + 1
+    for i in range(start, len(text)):
+        ch = text[i]
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth == 0:
+                args.append(text[begin:i].strip())
+                return args, i + 1
+        elif ch == "," and depth == 1:
+            args.append(text[begin:i].strip())
+            begin = i + 1
+    return None
+
+
+def _tail(text: str, end: int) -> str:
+    """The last few characters before ``end``, trailing space dropped (for ``$`` patterns)."""
+    j = end
+    while j > 0 and text[j - 1].isspace():
+        j -= 1
+    return text[max(0, j - 32) : j]
+
+
+def _statement_starts(text: str) -> set[int]:
+    """Offsets of lines that start a statement: outside brackets, not continuing one."""
+    starts = {0}
+    depth = 0
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "\n" and depth == 0 and _CONTINUES.search(_tail(text, i)) is None:
+            starts.add(i + 1)
+    return starts
+
+
+class _Analysis:
+    """The paths of ``input`` the modules read, following bundle functions.
+
+    Sound by construction in both directions that matter: every line that
+    could be a head of a function counts as one (its parameters are all
+    followed or the path stops), while only lines that are certainly heads
+    hide their parameter names from the scan for reads.
+    """
+
+    def __init__(self, modules: Sequence[Module]) -> None:
+        self.sources = [m.source for m in modules]
+        self.blanked = [_blank(m.source) for m in modules]
+        # ``with`` can replace a function; an import can alias one: both make
+        # the name at a call site mean something the heads do not show.
+        self.follow = not any(_WITH.search(text) for text in self.blanked)
+        self.heads: dict[str, list[_Head]] = {}
+        self.imported: set[str] = set()
+        self._memo: dict[tuple[int, int], set[tuple[str, ...]]] = {}
+        self._unclassified: dict[str, bool] = {}
+        for index, text in enumerate(self.blanked):
+            for line in text.split("\n"):
+                words = line.split()
+                if words and words[0] == "import":
+                    self.imported.add(words[-1].rsplit(".", 1)[-1])
+            # Strings as marks, not spaces: a line ending in a string is complete.
+            statements = _statement_starts(_blank(self.sources[index], fill="s"))
+            for m in _HEAD.finditer(text):
+                parsed = _split_args(text, m.end() - 1)
+                if parsed is None:
+                    self.follow = False
+                    continue
+                params, end = parsed
+                certain = m.start() in statements and _HEAD_TAIL.match(text, end) is not None
+                self.heads.setdefault(m.group(1), []).append(
+                    _Head(index, tuple(params), (m.end() - 1, end), certain)
+                )
+
+    def _unclassified_use(self, name: str) -> bool:
+        """Whether ``name(`` appears somewhere that is neither a line start nor an expression."""
+        known = self._unclassified.get(name)
+        if known is None:
+            known = self._unclassified[name] = self._find_unclassified_use(name)
+        return known
+
+    def _find_unclassified_use(self, name: str) -> bool:
+        pattern = re.compile(rf"(?<![\w.]){name}\(")
+        for text in self.blanked:
+            for m in pattern.finditer(text):
+                line_start = text.rfind("\n", 0, m.start()) + 1
+                before = text[line_start : m.start()].strip()
+                if before in ("", "default"):
+                    continue
+                if _IN_EXPRESSION.search(_tail(text, m.start())) is None:
+                    return True
+        return False
+
+    def reads(self, index: int, start: int, end: int) -> set[tuple[str, ...]]:
+        """The paths read below the reference at ``start:end`` of module ``index``.
+
+        ``{()}`` means its whole value. Memoised: a parameter name is used in
+        many places, and each use may be passed on again.
+        """
+        key = (index, start)
+        known = self._memo.get(key)
+        if known is not None:
+            return known
+        whole: set[tuple[str, ...]] = {()}
+        self._memo[key] = whole  # a cycle (a compile error in Rego) reads the whole
+        followed = self._follow(index, start, end)
+        found = whole if followed is None else followed
+        self._memo[key] = found
+        return found
+
+    def _call_argument(self, index: int, start: int, end: int) -> tuple[str, int, int] | None:
+        """The callee, argument position and ``(`` offset if the reference is a whole argument."""
+        text = self.blanked[index]
+        before = text[:start].rstrip()
+        after = text[end:].lstrip()
+        if not before or before[-1] not in "(," or not after or after[0] not in ",)":
+            return None
+        depth = 0
+        position = 0
+        for i in range(len(before) - 1, -1, -1):
+            ch = before[i]
+            if ch in ")]}":
+                depth += 1
+            elif ch in "([{":
+                if depth > 0:
+                    depth -= 1
+                    continue
+                callee = _CALLEE.search(before[:i]) if ch == "(" else None
+                return None if callee is None else (callee.group(1), position, i)
+            elif ch == "," and depth == 0:
+                position += 1
+        return None
+
+    def _follow(self, index: int, start: int, end: int) -> set[tuple[str, ...]] | None:
+        """The paths read when the reference is a whole argument of a bundle function."""
+        call = self._call_argument(index, start, end) if self.follow else None
+        if call is None:
+            return None
+        name, position, opener = call
+        heads = self.heads.get(name)
+        if not heads or name in self.imported or self._unclassified_use(name):
+            return None
+        if any(h.module == index and h.span[0] == opener for h in heads):
+            return None  # the reference is a parameter pattern of a head
+        found: set[tuple[str, ...]] = set()
+        for head in heads:
+            if position >= len(head.params):
+                return None  # an extra argument receives the result: a whole read
+            param = head.params[position]
+            if param == "_":
+                continue
+            if _IDENT.fullmatch(param) is None or param in ("true", "false", "null"):
+                return None
+            sub = self._parameter_reads(head, param)
+            if sub is None:
+                return None
+            found |= sub
+        return found
+
+    def _parameter_reads(self, head: _Head, param: str) -> set[tuple[str, ...]] | None:
+        """Every path read of ``param`` anywhere in the head's module."""
+        text = self.blanked[head.module]
+        source = self.sources[head.module]
+        name = re.compile(rf"(?<![\w.]){param}(?![\w])")
+        if len(name.findall(text, head.span[0], head.span[1])) != 1:
+            return None
+        spans = [
+            h.span
+            for hs in self.heads.values()
+            for h in hs
+            if h.module == head.module and h.certain
+        ]
+        found: set[tuple[str, ...]] = set()
+        for m in name.finditer(text):
+            if any(a < m.start() < b for a, b in spans):
+                continue  # a parameter of some head binds, it does not read
+            path, end = _reference_path(source, text, m.end())
+            found |= {path + rest for rest in self.reads(head.module, m.start(), end)}
+        return found
 
 
 def analyse(modules: Sequence[Module]) -> InputShape:
     """Find which input paths the modules read and whether they are deterministic."""
-    blanked = [(m.source, _blank(m.source)) for m in modules]
-    deterministic = not any(_NONDETERMINISTIC.search(text) for _, text in blanked)
+    analysis = _Analysis(modules)
+    deterministic = not any(_NONDETERMINISTIC.search(text) for text in analysis.blanked)
     paths: set[tuple[str, ...]] = set()
-    for source, text in blanked:
+    for index, (source, text) in enumerate(zip(analysis.sources, analysis.blanked, strict=True)):
         for match in _INPUT.finditer(text):
-            path = _reference_path(source, text, match.end())
+            path, end = _reference_path(source, text, match.end())
             if not path:
                 return InputShape(paths=None, deterministic=deterministic)
-            paths.add(path)
+            paths |= {path + rest for rest in analysis.reads(index, match.start(), end)}
     kept: list[tuple[str, ...]] = []
     for path in sorted(paths, key=len):
         if not any(path[: len(p)] == p for p in kept):

@@ -168,13 +168,47 @@ def parse_arguments(raw: object) -> tuple[str, Mapping[str, Any] | None]:
         return dumps(raw), raw if policy_safe(raw) else None
     if not isinstance(raw, str):
         return ("" if raw is None else dumps(raw)), None
-    try:
-        value = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        return raw, None
+    value = _fast_object(raw)
+    if value is None:
+        try:
+            value = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            return raw, None
     if not isinstance(value, dict) or not policy_safe(value):
         return raw, None
     return raw, value
+
+
+# Where a key ends. Every key in JSON text ends with one of these; text inside
+# strings can only add more, so equal counts prove no key was repeated.
+_KEY_END: Final = re.compile(r'"[ \t\n\r]*:')
+
+
+def _key_count(value: Any) -> int:
+    if isinstance(value, dict):
+        return len(value) + sum(_key_count(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_key_count(v) for v in value)
+    return 0
+
+
+def _fast_object(raw: str) -> dict[str, Any] | None:
+    """``raw`` parsed by orjson when that is what the stdlib path would return, else ``None``.
+
+    orjson reads strict JSON only (no ``NaN``, no lone surrogates), reads
+    it to the same values as ``json``, except integers past 64 bits (left to
+    the stdlib), and keeps the last of repeated keys, which the key count
+    catches. ``None`` sends the text down the stdlib path, which decides.
+    """
+    if _LONG_INT.search(raw) is not None:
+        return None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(value, dict) or _key_count(value) != len(_KEY_END.findall(raw)):
+        return None
+    return value
 
 
 class StreamStatus:

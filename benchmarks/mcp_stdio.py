@@ -1,0 +1,89 @@
+"""MCP ``tools/call`` over stdio: through ``warden mcp wrap`` against the same server direct.
+
+Both run in the same process, one after the other, with the official ``mcp``
+client and the test server (:mod:`warden.testing.mcp_server`); one call at a
+time. Prints p50 and p99 latency of each, the p50 Warden adds, and the
+throughput ratio (wrapped / direct)::
+
+    .venv/bin/python benchmarks/mcp_stdio.py --calls 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER = [sys.executable, "-m", "warden.testing.mcp_server"]
+
+
+def wrap_config(tmp: Path, fsync: str) -> Path:
+    config = {
+        "agent": {"id": "support-triage"},
+        "policy": {"bundles": [str(ROOT / "policies" / "customer-support")], "watch": False},
+        "audit": {"dir": str(tmp / "audit"), "fsync": fsync},
+        "state": {"url": f"sqlite:///{tmp}/state.db"},
+    }
+    path = tmp / "warden.yaml"
+    path.write_bytes(orjson.dumps(config))
+    return path
+
+
+async def timings(params: StdioServerParameters, calls: int) -> list[float]:
+    """Seconds per ``get_order`` call, after a few warm-up calls."""
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        for _ in range(20):
+            await session.call_tool("get_order", {"order_id": "A-1001"})
+        took = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            result = await session.call_tool("get_order", {"order_id": "A-1001"})
+            took.append(time.perf_counter() - started)
+            assert not result.is_error
+        return took
+
+
+def p(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] * 1000
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--fsync", default="always", choices=["always", "batch", "never"])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        direct = await timings(
+            StdioServerParameters(command=SERVER[0], args=SERVER[1:]), args.calls
+        )
+        wrap = [
+            "-m",
+            "warden.cli",
+            "mcp",
+            "wrap",
+            "--config",
+            str(wrap_config(Path(tmp), args.fsync)),
+        ]
+        wrapped = await timings(
+            StdioServerParameters(command=sys.executable, args=[*wrap, "--", *SERVER]), args.calls
+        )
+    print(f"MCP tools/call over stdio, {args.calls} calls, one at a time, fsync {args.fsync}")
+    print(f"{'':10}{'p50 ms':>10}{'p99 ms':>10}{'calls/s':>10}")
+    for name, took in (("direct", direct), ("warden", wrapped)):
+        print(f"{name:10}{p(took, 50):10.2f}{p(took, 99):10.2f}{len(took) / sum(took):10.0f}")
+    print(f"p50 added: {p(wrapped, 50) - p(direct, 50):.2f} ms")
+    print(f"ratio (warden / direct throughput): {sum(direct) / sum(wrapped):.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,95 @@
+"""``warden mcp wrap``: govern a stdio MCP server's tool calls.
+
+An agent's MCP configuration launches ``warden mcp wrap --config warden.yaml
+-- <command> [args...]`` where it launched ``<command>``. Warden reads the
+client on stdin and answers on stdout; the audit log, policy engine and state
+come from the config, built as ``warden serve`` builds them, but neither the
+proxy nor the admin API listens (see docs/mcp.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from warden.config import Config, load_config
+from warden.errors import ConfigError
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``mcp wrap`` to the main CLI."""
+    parser = subparsers.add_parser("mcp", help="govern MCP servers")
+    sub = parser.add_subparsers(dest="mcp_command", required=True, metavar="COMMAND")
+    wrap = sub.add_parser(
+        "wrap",
+        help="run a stdio MCP server as a child and govern its tools/call",
+        usage="warden mcp wrap [--config FILE] [--name NAME] -- COMMAND [ARGS...]",
+    )
+    wrap.add_argument("--config", default=os.environ.get("WARDEN_CONFIG"))
+    wrap.add_argument(
+        "--name", help="the upstream name policies and kill switches see (default: the command)"
+    )
+    wrap.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
+    wrap.add_argument("--log-format", default="json", choices=["json", "text"])
+    wrap.add_argument("command", nargs=argparse.REMAINDER, help="the server command, after --")
+    wrap.set_defaults(func=_wrap)
+
+
+def _wrap(args: argparse.Namespace) -> int:
+    from warden.ops.logging import configure_logging
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print("warden: mcp wrap needs a server command after --", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"warden: {exc}", file=sys.stderr)
+        return 2
+    # stdout is the MCP channel: keep a private copy for it and point fd 1 at
+    # stderr, so nothing else (a library, a policy worker) can corrupt it.
+    sys.stdout.flush()
+    channel = os.dup(1)
+    os.dup2(2, 1)
+    configure_logging(args.log_level, args.log_format)
+    name = args.name or Path(command[0]).name
+    try:
+        return asyncio.run(_run(config, command, name, channel))
+    except ConfigError as exc:
+        print(f"warden: {exc}", file=sys.stderr)
+        return 2
+
+
+async def _run(config: Config, command: list[str], name: str, channel: int) -> int:
+    from warden.ingress.mcp_stdio import MAX_LINE, StdioDoor
+    from warden.model import Agent
+    from warden.server import Warden
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=MAX_LINE)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    out, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(channel, "wb", 0))
+    door = StdioDoor(
+        command,
+        agent=Agent(id=config.agent.id, version=config.agent.version),
+        upstream=name,
+        client_in=reader,
+        client_out=out,
+        grace_s=config.shutdown_grace_s,
+        # Read once Warden has started (the door starts after the switches load).
+        killswitches=lambda: warden.killswitches,
+    )
+    warden = Warden(config, doors=[door], listeners=False)
+    async with warden:
+        warden.stop_on_signals()
+        await door.done.wait()
+    out.close()
+    return door.returncode or 0

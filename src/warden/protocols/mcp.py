@@ -1,0 +1,257 @@
+"""MCP (JSON-RPC 2.0) without I/O: what every MCP door (stdio, streamable HTTP) shares.
+
+A door hands :func:`parse` the bytes one client message came in (a single
+message or a batch) and gets each message classified:
+
+* a ``tools/call`` request carries a :class:`~warden.model.ToolCall`; the door
+  asks the core, then forwards :func:`forward_call` (the call re-rendered from
+  what was decided, so the server runs exactly the arguments the policy saw)
+  or answers :func:`denied_result` itself;
+* a message that is not valid JSON-RPC carries the error response to send
+  back (-32700 parse error, -32600 invalid request, -32602 invalid params);
+* everything else (other requests, notifications, responses to the server's
+  own requests such as sampling or elicitation) passes unchanged.
+
+:func:`result_outcome` turns the server's response into the trusted
+:class:`~warden.model.Outcome`, and :func:`filter_tools` is the ``tools/list``
+hook: it drops the tools a door was told to hide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from warden.model import (
+    Action,
+    ActionKind,
+    Agent,
+    Decision,
+    Effect,
+    Outcome,
+    RequestMeta,
+    Stage,
+    ToolCall,
+    new_id,
+)
+from warden.protocols._wire import dumps, loads, parse_arguments
+
+__all__ = [
+    "INVALID_PARAMS",
+    "INVALID_REQUEST",
+    "PARSE_ERROR",
+    "PROTOCOL",
+    "Message",
+    "Payload",
+    "action",
+    "denied_result",
+    "encode",
+    "error_response",
+    "filter_tools",
+    "forward_call",
+    "parse",
+    "result_outcome",
+]
+
+PROTOCOL: Final = "mcp"
+PARSE_ERROR: Final = -32700
+INVALID_REQUEST: Final = -32600
+INVALID_PARAMS: Final = -32602
+
+type JsonId = str | int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message of a client payload, classified.
+
+    ``body`` is the message (``None`` when it is not valid JSON-RPC, and
+    ``error`` is then the response to send). ``call`` is set for a
+    ``tools/call`` request: it must be decided before it goes on.
+    """
+
+    body: Mapping[str, Any] | None
+    error: Mapping[str, Any] | None = None
+    call: ToolCall | None = None
+
+    @property
+    def id(self) -> JsonId:
+        """The JSON-RPC id, or ``None`` (notifications, invalid messages)."""
+        return _valid_id(self.body.get("id")) if self.body is not None else None
+
+    @property
+    def is_request(self) -> bool:
+        """True for a valid message that expects a response."""
+        return self.body is not None and "method" in self.body and "id" in self.body
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """What one client write carried: one message, or a batch (a JSON array)."""
+
+    messages: tuple[Message, ...]
+    batch: bool
+
+
+def error_response(id_: JsonId, code: int, message: str) -> dict[str, Any]:
+    """A JSON-RPC error response."""
+    return {"jsonrpc": "2.0", "id": id_, "error": {"code": code, "message": message}}
+
+
+def parse(data: bytes | str) -> Payload:
+    """Classify a client payload; never raises (bad input becomes error messages)."""
+    try:
+        value = loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return Payload((Message(None, error_response(None, PARSE_ERROR, "Parse error")),), False)
+    if isinstance(value, list):
+        if not value:
+            # JSON-RPC: an empty batch is one invalid request, answered singly.
+            invalid = error_response(None, INVALID_REQUEST, "Invalid Request: empty batch")
+            return Payload((Message(None, invalid),), False)
+        return Payload(tuple(_message(v, i) for i, v in enumerate(value)), True)
+    return Payload((_message(value, 0),), False)
+
+
+def _valid_id(value: object) -> JsonId:
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    return None
+
+
+def _message(value: object, index: int) -> Message:
+    if not isinstance(value, dict) or value.get("jsonrpc") != "2.0":
+        id_ = _valid_id(value.get("id")) if isinstance(value, dict) else None
+        return Message(None, error_response(id_, INVALID_REQUEST, "Invalid Request"))
+    has_id = "id" in value
+    id_ = _valid_id(value.get("id"))
+    if has_id and id_ is None:
+        # MCP: ids are strings or integers, never null.
+        return Message(None, error_response(None, INVALID_REQUEST, "Invalid Request: bad id"))
+    method = value.get("method")
+    if method is None:
+        # A response to a request the server made (sampling, elicitation, roots).
+        if has_id and (("result" in value) != ("error" in value)):
+            return Message(value)
+        return Message(None, error_response(id_, INVALID_REQUEST, "Invalid Request"))
+    if not isinstance(method, str) or "result" in value or "error" in value:
+        return Message(None, error_response(id_, INVALID_REQUEST, "Invalid Request"))
+    params = value.get("params")
+    if params is not None and not isinstance(params, dict | list):
+        return Message(None, error_response(id_, INVALID_REQUEST, "Invalid Request: params"))
+    if method != "tools/call":
+        return Message(value)
+    if not has_id:
+        # A call sent as a notification would run undecided on a lenient server.
+        return Message(None, error_response(None, INVALID_REQUEST, "Invalid Request: no id"))
+    name = params.get("name") if isinstance(params, dict) else None
+    if not isinstance(name, str) or not name:
+        return Message(None, error_response(id_, INVALID_PARAMS, "Invalid params: tool name"))
+    assert isinstance(params, dict)
+    raw, arguments = parse_arguments(params.get("arguments", {}))
+    call = ToolCall(
+        call_id=str(id_),
+        name=name,
+        raw_arguments=raw,
+        arguments=arguments,
+        index=index,
+        key=f"message:{index}",
+        kind=ActionKind.TOOL_CALL,
+        wire_type="tools/call",
+    )
+    return Message(value, call=call)
+
+
+def action(call: ToolCall, agent: Agent, upstream: str) -> Action:
+    """The action for a ``tools/call`` about to execute at ``upstream``."""
+    return Action(
+        action_id=new_id("act"),
+        agent=agent,
+        kind=call.kind,
+        wire_type=call.wire_type or None,
+        protocol=PROTOCOL,
+        stage=Stage.EXECUTED,
+        request=RequestMeta(method="tools/call", upstream=upstream, path=""),
+        tool=call.name,
+        arguments=call.arguments,
+        raw_arguments=call.raw_arguments,
+    )
+
+
+def forward_call(message: Message) -> dict[str, Any]:
+    """The ``tools/call`` request to send on: rebuilt from the decided name and arguments.
+
+    Only called for an allowed call, whose arguments are a policy-safe object.
+    """
+    assert message.body is not None
+    assert message.call is not None
+    assert message.call.arguments is not None
+    params = dict(message.body["params"])
+    params["name"] = message.call.name
+    params["arguments"] = dict(message.call.arguments)
+    return {"jsonrpc": "2.0", "id": message.body["id"], "method": "tools/call", "params": params}
+
+
+def denied_result(message: Message, decision: Decision) -> dict[str, Any]:
+    """The answer to a call Warden did not let through: a tool result with ``isError``.
+
+    A tool error rather than a JSON-RPC error, so the model reads why.
+    """
+    assert message.call is not None
+    name = message.call.name
+    if decision.effect is Effect.REQUIRE_APPROVAL:
+        what = f"held the tool call `{name}` for human approval; it was not performed"
+    else:
+        what = f"blocked the tool call `{name}`; it was not performed"
+    text = f"[Warden] {what}. Reason: {decision.reason}. (decision {decision.decision_id})"
+    return {
+        "jsonrpc": "2.0",
+        "id": message.id,
+        "result": {
+            "content": [{"type": "text", "text": text}],
+            "isError": True,
+            "_meta": {"warden/decision": decision.decision_id},
+        },
+    }
+
+
+def result_outcome(response: Mapping[str, Any], latency_ms: float = 0.0) -> Outcome:
+    """The server's answer to a ``tools/call`` as its outcome (text content joined)."""
+    error = response.get("error")
+    if isinstance(error, dict):
+        return Outcome(
+            latency_ms=latency_ms,
+            error=f"jsonrpc_{error.get('code')}",
+            result=str(error.get("message", "")),
+            is_error=True,
+        )
+    result = response.get("result")
+    if not isinstance(result, dict):
+        return Outcome(latency_ms=latency_ms, error="malformed_result", is_error=True)
+    content = result.get("content")
+    texts = [
+        c["text"]
+        for c in (content if isinstance(content, list) else ())
+        if isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+    ]
+    text = "\n".join(texts) if texts else dumps(result)
+    return Outcome(latency_ms=latency_ms, result=text, is_error=result.get("isError") is True)
+
+
+def filter_tools(response: Mapping[str, Any], hide: Callable[[str], bool]) -> Mapping[str, Any]:
+    """A ``tools/list`` response without the tools ``hide`` names; anything else unchanged."""
+    result = response.get("result")
+    if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
+        return response
+    kept = [
+        t
+        for t in result["tools"]
+        if not (isinstance(t, dict) and isinstance(t.get("name"), str) and hide(t["name"]))
+    ]
+    return {**response, "result": {**result, "tools": kept}}
+
+
+def encode(value: Any) -> bytes:
+    """One newline-terminated JSON-RPC line (the stdio framing)."""
+    return dumps(value).encode() + b"\n"

@@ -1,0 +1,265 @@
+"""The sans-I/O MCP adapter, and the stdio door relaying through it with a real core."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import orjson
+import pytest
+
+from warden.core import Governor
+from warden.ingress.mcp_stdio import StdioDoor
+from warden.model import Action, ActionKind, Agent, Decision, Effect, Mode, new_id
+from warden.pipeline import GuardContext, Pipeline
+from warden.protocols import mcp
+from warden.testing.memory_audit import MemoryAudit
+
+
+def call_line(id_: object, name: object = "issue_refund", **params: Any) -> bytes:
+    body = {"jsonrpc": "2.0", "id": id_, "method": "tools/call", "params": {"name": name, **params}}
+    return orjson.dumps(body)
+
+
+def decision(effect: Effect, reason: str = "because") -> Decision:
+    return Decision(new_id("dec"), effect, (reason,), Mode.ENFORCE, "policy")
+
+
+def test_a_tools_call_becomes_a_tool_call_action() -> None:
+    payload = mcp.parse(call_line(3, arguments={"order_id": "A-1", "amount": 5}))
+    (message,) = payload.messages
+    assert not payload.batch
+    assert message.call is not None
+    assert message.call.name == "issue_refund"
+    assert message.call.arguments == {"order_id": "A-1", "amount": 5}
+    action = mcp.action(message.call, Agent("a1"), "support-tools")
+    assert (action.kind, action.protocol, action.tool) == (
+        ActionKind.TOOL_CALL,
+        "mcp",
+        "issue_refund",
+    )
+    assert action.request.upstream == "support-tools"
+    assert action.arguments == {"order_id": "A-1", "amount": 5}
+
+
+def test_missing_arguments_are_an_empty_object_and_bad_ones_fail_closed() -> None:
+    (empty,) = mcp.parse(call_line(1)).messages
+    (bad,) = mcp.parse(call_line(2, arguments=[1, 2])).messages
+    huge_line = call_line(3, arguments={"n": 1}).replace(b'"n":1', b'"n":' + str(2**70).encode())
+    (huge,) = mcp.parse(huge_line).messages
+    assert empty.call is not None
+    assert empty.call.arguments == {}
+    # The pipeline denies a call whose arguments are None before any guard sees it.
+    assert bad.call is not None
+    assert bad.call.arguments is None
+    assert huge.call is not None
+    assert huge.call.arguments is None
+
+
+def test_the_forwarded_call_carries_exactly_the_decided_arguments() -> None:
+    # Duplicate keys: whichever the parser kept is what is decided and what is sent.
+    line = (
+        b'{"jsonrpc":"2.0","id":"x","method":"tools/call","params":'
+        b'{"name":"issue_refund","arguments":{"amount":5,"amount":5000},"_meta":{"k":1}}}'
+    )
+    (message,) = mcp.parse(line).messages
+    assert message.call is not None
+    assert message.call.arguments is not None
+    forwarded = mcp.forward_call(message)
+    assert forwarded["params"]["arguments"] == dict(message.call.arguments)
+    assert forwarded["params"]["_meta"] == {"k": 1}
+    assert (
+        orjson.loads(mcp.encode(forwarded))["params"]["arguments"]["amount"]
+        == (message.call.arguments["amount"])
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "id_", "code"),
+    [
+        (b"{nope", None, mcp.PARSE_ERROR),
+        (b"\xff\xfe", None, mcp.PARSE_ERROR),
+        (b"[]", None, mcp.INVALID_REQUEST),
+        (b"42", None, mcp.INVALID_REQUEST),
+        (b'{"id": 1, "method": "ping"}', 1, mcp.INVALID_REQUEST),
+        (b'{"jsonrpc": "2.0", "id": null, "method": "ping"}', None, mcp.INVALID_REQUEST),
+        (b'{"jsonrpc": "2.0", "id": true, "method": "ping"}', None, mcp.INVALID_REQUEST),
+        (b'{"jsonrpc": "2.0", "id": 2, "method": 7}', 2, mcp.INVALID_REQUEST),
+        (b'{"jsonrpc": "2.0", "id": 3, "method": "ping", "params": 1}', 3, mcp.INVALID_REQUEST),
+        (b'{"jsonrpc": "2.0", "id": 4, "result": {}, "error": {}}', 4, mcp.INVALID_REQUEST),
+        (b'{"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "x"}}', None, -32600),
+        (call_line(5, name=""), 5, mcp.INVALID_PARAMS),
+        (call_line(6, name=["x"]), 6, mcp.INVALID_PARAMS),
+    ],
+)
+def test_malformed_messages_get_the_spec_error_codes(line: bytes, id_: object, code: int) -> None:
+    (message,) = mcp.parse(line).messages
+    assert message.body is None
+    assert message.call is None
+    assert message.error is not None
+    assert message.error["id"] == id_
+    assert message.error["error"]["code"] == code
+
+
+def test_a_batch_is_classified_member_by_member() -> None:
+    batch = (
+        b"["
+        + b",".join(
+            [
+                call_line(1, arguments={}),
+                b'{"jsonrpc": "2.0", "method": "notifications/initialized"}',
+                b'{"jsonrpc": "2.0", "id": "s1", "result": {"roots": []}}',
+                b'{"jsonrpc": "2.0", "id": 2, "method": "tools/list"}',
+                b"17",
+            ]
+        )
+        + b"]"
+    )
+    payload = mcp.parse(batch)
+    assert payload.batch
+    calls = [m.call is not None for m in payload.messages]
+    errors = [m.error is not None for m in payload.messages]
+    assert calls == [True, False, False, False, False]
+    assert errors == [False, False, False, False, True]
+    assert [m.is_request for m in payload.messages] == [True, False, False, True, False]
+
+
+def test_a_denied_call_is_a_tool_result_with_the_reason() -> None:
+    (message,) = mcp.parse(call_line(9, arguments={})).messages
+    denied = decision(Effect.DENY, "too much")
+    answer = mcp.denied_result(message, denied)
+    assert answer["id"] == 9
+    assert answer["result"]["isError"] is True
+    shown = answer["result"]["content"][0]["text"]
+    assert "blocked the tool call `issue_refund`" in shown
+    assert "too much" in shown
+    assert denied.decision_id in shown
+    held = mcp.denied_result(message, decision(Effect.REQUIRE_APPROVAL))
+    assert "held the tool call" in held["result"]["content"][0]["text"]
+
+
+def test_the_servers_answer_is_the_outcome() -> None:
+    ok = {"id": 1, "result": {"content": [{"type": "text", "text": "done"}], "isError": False}}
+    failed = {"id": 1, "result": {"content": [{"type": "text", "text": "no"}], "isError": True}}
+    structured = {"id": 1, "result": {"structuredContent": {"a": 1}, "content": []}}
+    error = {"id": 1, "error": {"code": -32602, "message": "unknown tool"}}
+    assert mcp.result_outcome(ok).result == "done"
+    assert not mcp.result_outcome(ok).is_error
+    assert mcp.result_outcome(failed).is_error
+    assert mcp.result_outcome(structured).result == '{"structuredContent":{"a":1},"content":[]}'
+    outcome = mcp.result_outcome(error)
+    assert (outcome.is_error, outcome.error, outcome.result) == (
+        True,
+        "jsonrpc_-32602",
+        "unknown tool",
+    )
+    assert mcp.result_outcome({"id": 1, "result": 3}).error == "malformed_result"
+
+
+def test_tools_list_filtering_hides_only_what_it_is_told() -> None:
+    listing = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "result": {"tools": [{"name": "a"}, {"name": "b"}, "odd"], "nextCursor": "c"},
+    }
+    kept = mcp.filter_tools(listing, lambda name: name == "b")
+    assert kept["result"] == {"tools": [{"name": "a"}, "odd"], "nextCursor": "c"}
+    assert mcp.filter_tools({"id": 1, "error": {}}, lambda _: True) == {"id": 1, "error": {}}
+
+
+# -- the stdio door, with a real Governor and a tiny child that answers every request
+
+
+ECHO_SERVER = """
+import json, sys
+for line in sys.stdin:
+    value = json.loads(line)
+    items = value if isinstance(value, list) else [value]
+    out = [{"jsonrpc": "2.0", "id": m["id"], "result": {"content": [{"type": "text",
+            "text": "ran " + json.dumps(m.get("params"), sort_keys=True)}]}}
+           for m in items if "id" in m and "method" in m]
+    if out:
+        print(json.dumps(out if isinstance(value, list) else out[0]), flush=True)
+"""
+
+
+class DenyCloseAccount:
+    name = "policy"
+
+    async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
+        if action.tool == "close_account":
+            return decision(Effect.DENY, "never over stdio")
+        return None
+
+
+class Collect(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.lines: asyncio.Queue[Any] = asyncio.Queue()
+        self._buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            self.lines.put_nowait(orjson.loads(line))
+
+
+class FakeOut:
+    """A write transport collecting what the door sends the client."""
+
+    def __init__(self) -> None:
+        self.protocol = Collect()
+
+    def write(self, data: bytes) -> None:
+        self.protocol.data_received(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+async def test_the_door_decides_calls_and_merges_batch_answers() -> None:
+    audit = MemoryAudit()
+    pipeline = Pipeline(
+        [DenyCloseAccount()],
+        audit,
+        mode_for=lambda _: Mode.ENFORCE,
+        risk_of=lambda _: "write",
+        default_effect=Effect.ALLOW,
+    )
+    core = Governor(pipeline)
+    client_in = asyncio.StreamReader()
+    out = FakeOut()
+    door = StdioDoor(
+        [sys.executable, "-c", ECHO_SERVER],
+        agent=Agent("a1"),
+        upstream="echo",
+        client_in=client_in,
+        client_out=out,  # type: ignore[arg-type]
+    )
+    await door.start(core)
+    client_in.feed_data(call_line(1, name="get_order", arguments={"order_id": "A-1"}) + b"\n")
+    single = await asyncio.wait_for(out.protocol.lines.get(), 10)
+    batch = [
+        orjson.loads(call_line(2, name="close_account", arguments={"customer_id": "C-1"})),
+        orjson.loads(call_line(3, name="get_order", arguments={"order_id": "A-2"})),
+        {"jsonrpc": "2.0", "method": "notifications/progress", "params": {}},
+    ]
+    client_in.feed_data(orjson.dumps(batch) + b"\n")
+    merged = await asyncio.wait_for(out.protocol.lines.get(), 10)
+    client_in.feed_eof()
+    await asyncio.wait_for(door.done.wait(), 10)
+    await door.stop()
+    await core.close()
+    assert single["id"] == 1
+    assert "A-1" in single["result"]["content"][0]["text"]
+    by_id = {m["id"]: m for m in merged}
+    assert set(by_id) == {2, 3}
+    assert by_id[2]["result"]["isError"] is True
+    assert "never over stdio" in by_id[2]["result"]["content"][0]["text"]
+    assert "A-2" in by_id[3]["result"]["content"][0]["text"]
+    assert [d.effect for _, d in audit.decisions] == [Effect.ALLOW, Effect.DENY, Effect.ALLOW]
+    assert sorted(o.outcome.result or "" for o in audit.outcomes) == [
+        'ran {"arguments": {"order_id": "A-1"}, "name": "get_order"}',
+        'ran {"arguments": {"order_id": "A-2"}, "name": "get_order"}',
+    ]

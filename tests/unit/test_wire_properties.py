@@ -1,0 +1,100 @@
+"""``parse_arguments``: the orjson fast path answers exactly as the stdlib path."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from warden.protocols._wire import (
+    _reject_constant,
+    _unique_keys,
+    parse_arguments,
+    policy_safe,
+)
+
+
+def reference(raw: str) -> tuple[str, Any]:
+    """The stdlib-only reading: duplicate keys and ``NaN`` refused."""
+    try:
+        value = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return raw, None
+    if not isinstance(value, dict) or not policy_safe(value):
+        return raw, None
+    return raw, value
+
+
+_SPACE = st.sampled_from(["", " ", "\n", "\t ", "\r\n"])
+# Keys and strings that look like JSON structure: quotes, colons, escapes, surrogates.
+_TEXT = st.text(
+    alphabet=st.sampled_from(["a", "b", '"', ":", "\\", " ", "é", "\ud800", "{", ","]), max_size=5
+)
+_SCALAR = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    _TEXT,
+    st.sampled_from(["NaN", "-Infinity", "1e400", "-0", "0.0"]).map(lambda t: ("raw", t)),
+)
+
+
+def _render(value: Any, space: str) -> str:
+    if isinstance(value, tuple):
+        return str(value[1])
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.dumps(value)
+    if isinstance(value, list) and value and value[0] == "obj":
+        pairs = value[1]
+        return (
+            "{"
+            + ",".join(
+                f"{space}{json.dumps(k, ensure_ascii=False)}{space}:{space}{_render(v, space)}"
+                for k, v in pairs
+            )
+            + space
+            + "}"
+        )
+    if isinstance(value, list):
+        return "[" + ",".join(_render(v, space) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+_VALUE = st.recursive(
+    _SCALAR,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        # Pairs, not a dict: the same key may come twice.
+        st.lists(st.tuples(st.sampled_from(["a", "b", 'c"', "d:"]) | _TEXT, inner), max_size=4).map(
+            lambda pairs: ["obj", pairs]
+        ),
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(["a", "a", "b", 'x":', "\\"]) | _TEXT, _VALUE), max_size=4),
+    _SPACE,
+)
+def test_fast_path_reads_as_the_stdlib_does(pairs: list[tuple[str, Any]], space: str) -> None:
+    raw = _render(["obj", pairs], space)
+    got = parse_arguments(raw)
+    want = reference(raw)
+    assert got[0] == want[0]
+    # Compare as JSON text: Python says True == 1 and nan != nan.
+    assert json.dumps(got[1], sort_keys=True) == json.dumps(want[1], sort_keys=True)
+
+
+def test_repeated_keys_are_malformed_on_both_paths() -> None:
+    assert parse_arguments('{"a": 1, "a": 2}')[1] is None
+    assert parse_arguments('{"a": {"b": 1, "b": 1}}')[1] is None
+    # A colon inside a string only makes the fast path defer to the stdlib.
+    assert parse_arguments('{"a": "x\\": 1", "b": 2}')[1] == {"a": 'x": 1', "b": 2}
+    assert parse_arguments('{"n": 12345678901234567890123}')[1] is None
+    assert parse_arguments('{"n": 1234567890123456789}')[1] == {"n": 1234567890123456789}

@@ -9,6 +9,16 @@ context managers::
     async with MockLLM() as llm:
         llm.script(Reply(text="Checking.", tool_calls=[Call("get_order", {"order_id": "A-1001"})]))
         ...  # point an SDK (or Warden's upstream) at llm.url
+
+Also here, imported by their module path:
+
+* :mod:`warden.testing.raw_upstream`: an upstream that answers with exact
+  crafted bytes (status, headers, chunks, delays), for adversarial tests;
+* :mod:`warden.testing.mcp_server`: a real MCP server (official SDK) with the
+  support tools, runnable over stdio;
+* :mod:`warden.testing.memory_audit`: an in-memory audit sink;
+* :mod:`warden.testing.audit`: sample records and segment surgery for tests
+  of the audit log.
 """
 
 from __future__ import annotations

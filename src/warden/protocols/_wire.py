@@ -165,7 +165,11 @@ def parse_arguments(raw: object) -> tuple[str, Mapping[str, Any] | None]:
     """
     if isinstance(raw, dict):
         # Some OpenAI-compatible servers send an object instead of a JSON string.
-        return dumps(raw), raw if policy_safe(raw) else None
+        try:
+            text = dumps(raw)
+        except (TypeError, ValueError, RecursionError):
+            return "", None  # nothing a tool could be given exactly: fail closed
+        return text, raw if policy_safe(raw) else None
     if not isinstance(raw, str):
         return ("" if raw is None else dumps(raw)), None
     value = _fast_object(raw)

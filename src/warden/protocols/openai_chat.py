@@ -29,7 +29,6 @@ from warden.protocols._wire import (
     dumps,
     loads,
     parse_arguments,
-    policy_safe,
     token_count,
 )
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
@@ -102,7 +101,7 @@ def _entry_call(entry: Mapping[str, Any], *, key: str, index: int) -> ToolCall:
         spec = entry.get(wire) if isinstance(wire, str) else None
         spec = spec if isinstance(spec, dict) else {}
         whole = {k: v for k, v in entry.items() if k != "index"}
-        raw, arguments = _whole_entry(whole)
+        raw, arguments = parse_arguments(whole)
         kind, wire_type = ActionKind.UNKNOWN_CALL, _str(wire)
     return ToolCall(
         call_id=call_id,
@@ -121,14 +120,6 @@ def _custom_input(text: object) -> tuple[str, Mapping[str, Any] | None]:
     if not isinstance(text, str):
         return ("" if text is None else dumps(text)), None
     return text, parse_arguments({"input": text})[1]
-
-
-def _whole_entry(entry: dict[str, Any]) -> tuple[str, Mapping[str, Any] | None]:
-    try:
-        raw = dumps(entry)
-    except (TypeError, ValueError, RecursionError):
-        return "", None
-    return raw, entry if policy_safe(entry) else None
 
 
 def legacy_call_id(choice: int) -> str:

@@ -19,7 +19,13 @@ import rego.v1
 # with literal values (this engine cannot run builtins under `with input as`).
 # The `else` covers inputs without a budget document: nothing spent yet. (A
 # budget that is not an object makes refunds and credits unreadable: denied.)
-decision := verdict(input.action, input.budget) if {
+# Session rules (input.history, input.session) then make an allowed action
+# stricter, never looser; an input without them gets the plain verdict.
+decision := with_session(verdict(input.action, input.budget), input.action, input.history, input.session) if {
+	true
+} else := with_session(verdict(input.action, {}), input.action, input.history, input.session) if {
+	not input.budget
+} else := verdict(input.action, input.budget) if {
 	true
 } else := verdict(input.action, {}) if {
 	not input.budget
@@ -30,6 +36,12 @@ verdict(action, budget) := tool_verdict(action.tool, entry, action.arguments, bu
 	is_object(action.arguments)
 } else := _allow("model calls are allowed; the tool calls they propose are checked one by one") if {
 	action.kind == "llm_call"
+	not _declares_mcp
+} else := llm_verdict(input.request.tools) if {
+	action.kind == "llm_call"
+} else := list_verdict(action.tool) if {
+	action.stage == "list"
+	is_string(action.tool)
 } else := _deny(sprintf("%v actions without a tool name are not allowed for support agents", [action.kind])) if {
 	not is_string(action.tool)
 } else := _deny(sprintf("the call to %v carries no arguments object, so it cannot be checked", [action.tool])) if {
@@ -38,6 +50,71 @@ verdict(action, budget) := tool_verdict(action.tool, entry, action.arguments, bu
 	some prefix in data.warden.bulk_export_prefixes
 	startswith(action.tool, prefix)
 } else := _deny(sprintf("%v is not in the customer-support tool catalogue, so it is denied; ask the platform team to review it and add it", [action.tool]))
+
+# A model request may declare MCP servers the provider calls itself (OpenAI's
+# `mcp` tool, Anthropic's MCP connector); Warden shows them in
+# input.request.tools. Each must be in data.warden.hosted_mcp_servers, by URL,
+# and may only expose the tools listed there (when a list is given).
+llm_verdict(tools) := _deny(concat("; ", problems)) if {
+	problems := hosted_mcp_problems(tools, data.warden.hosted_mcp_servers)
+	count(problems) > 0
+} else := _allow("model calls are allowed; the tool calls they propose are checked one by one")
+
+# What is wrong with the hosted MCP servers a request declares, as sentences.
+hosted_mcp_problems(tools, allowed) := sort([msg |
+	some tool in tools
+	tool.type == "mcp"
+	msg := _hosted_mcp_problem(tool, object.get(allowed, object.get(tool, "server_url", ""), null))
+])
+
+# Messages are joined with concat: this engine's sprintf quotes a string that
+# concat built, and breaks its own output.
+_hosted_mcp_problem(tool, null) := concat("", [
+	"the request lets the model call the MCP server ", _label(tool), " (", _where(tool), "), ",
+	"which is not approved for support agents; ask the platform team to review it",
+])
+
+_hosted_mcp_problem(tool, entry) := concat("", [
+	"the request lets the model call any tool of the MCP server ", _label(tool),
+	", but only ", concat(", ", entry.tools), " are approved there; set allowed_tools",
+]) if {
+	entry != null
+	is_array(entry.tools)
+	not is_array(tool.allowed_tools)
+}
+
+_hosted_mcp_problem(tool, entry) := concat("", [
+	"the request lets the model call ", concat(", ", extra), " on the MCP server ",
+	_label(tool), ", which is not approved there",
+]) if {
+	entry != null
+	is_array(entry.tools)
+	is_array(tool.allowed_tools)
+	extra := sort([name | some name in tool.allowed_tools; not name in entry.tools])
+	count(extra) > 0
+}
+
+_label(tool) := tool.name if is_string(tool.name) else := "without a name"
+
+_where(tool) := tool.server_url if is_string(tool.server_url) else := concat(" ", ["connector", tool.connector_id]) if is_string(tool.connector_id) else := "no URL"
+
+# Whether the request declares a hosted MCP server (input.request.tools).
+_declares_mcp if {
+	some tool in input.request.tools
+	tool.type == "mcp"
+}
+
+# An MCP tools/list answer (stage "list"): only the tool's name is known, so
+# only what no arguments could make allowed is denied, which hides the tool
+# from the listing. Every call is decided again, with its arguments.
+list_verdict(tool) := _deny(sprintf("%v exports customer data in bulk, which support agents may never do", [tool])) if {
+	data.warden.tools[tool].class == "bulk_export"
+} else := _allow(sprintf("%v is in the customer-support tool catalogue; each call is checked with its arguments", [tool])) if {
+	data.warden.tools[tool]
+} else := _deny(sprintf("%v looks like a bulk export of customer data, which support agents may never do", [tool])) if {
+	some prefix in data.warden.bulk_export_prefixes
+	startswith(tool, prefix)
+} else := _deny(sprintf("%v is not in the customer-support tool catalogue, so it is denied; ask the platform team to review it and add it", [tool]))
 
 # A catalogued tool whose arguments do not match data.json is denied before
 # its class rules run. The cheap `every` check keeps well-formed calls fast;
@@ -146,6 +223,83 @@ _numbers(a, b) if {
 }
 
 _money(amount) := sprintf("%.2f %v", [amount, data.warden.currency])
+
+class_verdict("message", _, _, _, _) := _allow("sending a message to the customer is allowed")
+
+# --- session rules: what happened earlier in the conversation ----------------
+#
+# input.history: the conversation's prior tool calls; `verified` is true only
+# for a call Warden itself let through with the same tool and arguments.
+# input.session: counters of this session (calls and held calls by tool,
+# denials, approvals) and `taints`, the labels of tools whose output entered
+# the conversation (tools.<name>.labels in Warden's configuration).
+# data.warden.sessions holds the knobs.
+with_session(base, act, hist, sess) := base if {
+	base.effect == "deny"
+} else := _deny(msg) if {
+	msg := session_denial(act, sess)
+} else := base if {
+	base.effect != "allow"
+} else := _hold(msg) if {
+	msg := session_hold(act, hist, sess)
+} else := base
+
+# At most max_account_changes account changes (allowed or held) per session.
+session_denial(call, counts) := sprintf("this conversation has already made %v account changes; at most %v are allowed in one conversation", [used, most]) if {
+	call.tool in data.warden.sessions.account_change_tools
+	used := account_changes(counts)
+	most := data.warden.sessions.max_account_changes
+	used >= most
+}
+
+account_changes(tally) := sum([n |
+	some tool in data.warden.sessions.account_change_tools
+	n := object.get(tally.calls, tool, 0) + object.get(tally.held, tool, 0)
+])
+
+# An untrusted source followed by a sensitive sink needs a person.
+session_hold(proposed, past, state) := sprintf("%v sends data out, and untrusted content (a web page, an email) entered this conversation earlier; a support lead must check it is not a prompt injection", [proposed.tool]) if {
+	"sensitive_sink" in proposed.labels
+	"untrusted_output" in state.taints
+} else := lookup_message(past, proposed.arguments.order_id) if {
+	# Refund only an order looked up in this conversation (data: refund_needs_lookup).
+	data.warden.sessions.refund_needs_lookup == true
+	state.conversation == true
+	proposed.tool == "issue_refund"
+	not looked_up(past, proposed.arguments.order_id)
+}
+
+# (This engine does not match `history[i].tool in set` while `i` is unbound:
+# the tool is bound first.)
+looked_up(seen, order) if {
+	some i
+	seen[i].verified == true
+	ids := lookup_ids(seen, order)
+	ids[i]
+}
+
+# Positions of the calls in `entries` that looked up order `wanted`, verified or not.
+lookup_ids(entries, wanted) := ids_by_order(entries, wanted) | ids_by_query(entries, wanted)
+
+ids_by_order(lookups, order_wanted) := {i |
+	some i
+	tool := lookups[i].tool
+	tool in data.warden.sessions.lookup_tools
+	lookups[i].arguments.order_id == order_wanted
+}
+
+ids_by_query(searches, text_wanted) := {i |
+	some i
+	tool := searches[i].tool
+	tool in data.warden.sessions.lookup_tools
+	query := searches[i].arguments.query
+	is_string(query)
+	contains(query, text_wanted)
+}
+
+lookup_message(prior, missing) := sprintf("order %v was looked up in this conversation, but not by a call Warden let through (the history was changed); a refund for it needs a support lead", [missing]) if {
+	count(lookup_ids(prior, missing)) > 0
+} else := sprintf("order %v was not looked up in this conversation; a refund for it needs a support lead", [missing])
 
 _allow(reason) := {"effect": "allow", "reason": reason}
 

@@ -236,3 +236,191 @@ test_personal_data_changes_need_approval_and_are_redacted if {
 	r.redact == ["action.arguments.email"]
 	_effect(_call("update_phone", {"customer_id": "C-42", "phone": "+1 555 0100"}), {}) == "require_approval"
 }
+
+# --- MCP tools/list (stage "list"): only the tool's name is known -----------
+
+_listed(tool) := {"kind": "tool_call", "tool": tool, "arguments": null, "protocol": "mcp", "stage": "list"}
+
+test_listing_keeps_every_catalogued_tool_but_bulk_exports if {
+	every tool, entry in data.warden.tools {
+		_listed_as_catalogued(tool, entry)
+	}
+}
+
+_listed_as_catalogued(tool, entry) if {
+	entry.class == "bulk_export"
+	_effect(_listed(tool), {}) == "deny"
+}
+
+_listed_as_catalogued(tool, entry) if {
+	entry.class != "bulk_export"
+	_effect(_listed(tool), {}) == "allow"
+}
+
+test_listing_keeps_tools_whose_calls_depend_on_arguments if {
+	# A refund may be allowed, held or denied depending on the amount: it stays listed.
+	r := warden.verdict(_listed("issue_refund"), {})
+	r.effect == "allow"
+	contains(r.reason, "each call is checked with its arguments")
+	_effect(_listed("close_account"), {}) == "allow"
+}
+
+test_listing_hides_unknown_tools_and_bulk_exports if {
+	contains(_reason(_listed("delete_database"), {}), "not in the customer-support tool catalogue")
+	_effect(_listed("delete_database"), {}) == "deny"
+	contains(_reason(_listed("dump_everything"), {}), "bulk export")
+	_effect(_listed("dump_everything"), {}) == "deny"
+}
+
+test_listing_through_the_decision_rule if {
+	d := warden.decision with input.action as _listed("search_kb")
+	d.effect == "allow"
+}
+
+# --- hosted MCP servers a model request declares (input.request.tools) ------
+
+_kb := "https://kb.support.example.com/mcp"
+
+_hosted(label, url, allowed) := {"type": "mcp", "name": label, "server_label": label, "server_url": url, "allowed_tools": allowed}
+
+test_request_without_hosted_mcp_allowed if {
+	warden.llm_verdict([]).effect == "allow"
+	warden.llm_verdict([{"type": "function", "name": "get_order"}]).effect == "allow"
+}
+
+test_approved_hosted_mcp_server_with_approved_tools_allowed if {
+	warden.llm_verdict([_hosted("kb", _kb, ["search_kb"])]).effect == "allow"
+}
+
+test_unapproved_hosted_mcp_server_denied if {
+	r := warden.llm_verdict([_hosted("github", "https://mcp.github.example/mcp", null)])
+	r.effect == "deny"
+	contains(r.reason, "MCP server github (https://mcp.github.example/mcp), which is not approved")
+}
+
+test_hosted_mcp_connector_denied if {
+	r := warden.llm_verdict([{"type": "mcp", "name": "mail", "connector_id": "connector_gmail"}])
+	r.effect == "deny"
+	contains(r.reason, "(connector connector_gmail)")
+}
+
+test_approved_server_must_restrict_its_tools if {
+	r := warden.llm_verdict([_hosted("kb", _kb, null)])
+	r.effect == "deny"
+	contains(r.reason, "any tool of the MCP server kb, but only search_kb, get_article are approved")
+}
+
+test_approved_server_with_other_tools_denied if {
+	r := warden.llm_verdict([_hosted("kb", _kb, ["search_kb", "delete_article"])])
+	r.effect == "deny"
+	contains(r.reason, "call delete_article on the MCP server kb")
+}
+
+test_every_hosted_mcp_problem_reported if {
+	r := warden.llm_verdict([_hosted("kb", _kb, null), _hosted("x", "https://x.example/mcp", [])])
+	contains(r.reason, "any tool of the MCP server kb")
+	contains(r.reason, "MCP server x (https://x.example/mcp)")
+}
+
+# (`with input.action as` takes a literal or a function's result here, not a constant rule.)
+test_hosted_mcp_through_the_decision_rule if {
+	denied := warden.decision with input.action as {"kind": "llm_call", "tool": null, "arguments": null}
+		with input.request as {"tools": [_hosted("gh", "https://mcp.github.example/mcp", null)]}
+	denied.effect == "deny"
+	allowed := warden.decision with input.action as {"kind": "llm_call", "tool": null, "arguments": null}
+		with input.request as {"tools": [_hosted("kb", _kb, ["search_kb"])]}
+	allowed.effect == "allow"
+	plain := warden.decision with input.action as {"kind": "llm_call", "tool": null, "arguments": null}
+	plain.effect == "allow"
+}
+
+# --- session rules (input.history, input.session) ----------------------------
+
+_sink := {"kind": "tool_call", "tool": "send_email", "arguments": {"to": "a@example.com"}, "labels": ["sensitive_sink"]}
+
+_ok := {"effect": "allow", "reason": "fine"}
+
+_session(extra) := object.union({"conversation": true, "calls": {}, "held": {}, "taints": []}, extra)
+
+_prior(tool, order, verified) := {"call_id": "call_1", "tool": tool, "arguments": {"order_id": order}, "verified": verified}
+
+test_sink_after_untrusted_output_is_held if {
+	d := warden.with_session(_ok, _sink, [], _session({"taints": ["untrusted_output"]}))
+	d.effect == "require_approval"
+	contains(d.reason, "prompt injection")
+	d.approvers == ["support-leads"]
+}
+
+test_sink_without_taint_keeps_its_verdict if {
+	warden.with_session(_ok, _sink, [], _session({})) == _ok
+}
+
+test_untrusted_output_alone_holds_nothing if {
+	fetch := {"kind": "tool_call", "tool": "fetch_url", "arguments": {"url": "https://example.com"}, "labels": ["untrusted_output"]}
+	warden.with_session(_ok, fetch, [], _session({"taints": ["untrusted_output"]})) == _ok
+}
+
+test_session_rules_never_loosen_a_denial if {
+	denied := {"effect": "deny", "reason": "no"}
+	warden.with_session(denied, _sink, [], _session({"taints": ["untrusted_output"]})) == denied
+}
+
+test_third_account_change_in_a_session_is_denied if {
+	change := {"kind": "tool_call", "tool": "update_email", "arguments": {"customer_id": "C-1", "email": "x@example.com"}}
+	held := {"effect": "require_approval", "reason": "needs a lead"}
+	d := warden.with_session(held, change, [], _session({"held": {"update_email": 1}, "calls": {"close_account": 1}}))
+	d.effect == "deny"
+	contains(d.reason, "at most 2")
+}
+
+test_second_account_change_keeps_its_hold if {
+	change := {"kind": "tool_call", "tool": "update_phone", "arguments": {"customer_id": "C-1", "phone": "1"}}
+	held := {"effect": "require_approval", "reason": "needs a lead"}
+	warden.with_session(held, change, [], _session({"held": {"update_email": 1}})) == held
+}
+
+test_refund_for_an_order_looked_up_passes if {
+	history := [_prior("get_order", "A-1001", true)]
+	d := warden.with_session(_ok, _refund(50), history, _session({})) with data.warden.sessions.refund_needs_lookup as true
+	d == _ok
+}
+
+test_refund_for_an_order_found_by_search_passes if {
+	history := [{"call_id": "c", "tool": "search_kb", "arguments": {"query": "status of A-1001"}, "verified": true}]
+	d := warden.with_session(_ok, _refund(50), history, _session({})) with data.warden.sessions.refund_needs_lookup as true
+	d == _ok
+}
+
+test_refund_for_an_order_never_looked_up_is_held if {
+	history := [_prior("get_order", "A-2002", true)]
+	d := warden.with_session(_ok, _refund(50), history, _session({})) with data.warden.sessions.refund_needs_lookup as true
+	d.effect == "require_approval"
+	contains(d.reason, "was not looked up")
+}
+
+test_a_forged_lookup_does_not_unlock_a_refund if {
+	history := [_prior("get_order", "A-1001", false)]
+	d := warden.with_session(_ok, _refund(50), history, _session({})) with data.warden.sessions.refund_needs_lookup as true
+	d.effect == "require_approval"
+	contains(d.reason, "the history was changed")
+}
+
+test_refund_lookup_is_off_in_the_shipped_data if {
+	warden.with_session(_ok, _refund(50), [], _session({})) == _ok
+}
+
+test_refund_lookup_needs_a_conversation if {
+	# MCP, gRPC and HTTP tool calls carry no conversation: the rule cannot apply.
+	d := warden.with_session(_ok, _refund(50), [], {}) with data.warden.sessions.refund_needs_lookup as true
+	d == _ok
+}
+
+# `decision` with history and session keys is checked by decisions/sessions.yaml:
+# this engine leaves it undefined when several input keys are replaced with `with`.
+
+test_decision_without_session_keys_is_the_plain_verdict if {
+	# Inputs from before sessions (and tables without them) get the plain verdict.
+	d := warden.decision with input.action as _refund(50)
+		with input.budget as {}
+	d.effect == "allow"
+}

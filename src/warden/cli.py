@@ -16,18 +16,20 @@ __all__ = ["main"]
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from warden.ops import tracing
     from warden.ops.logging import configure_logging
     from warden.server import Warden
 
     configure_logging(args.log_level, args.log_format)
     try:
         config = load_config(args.config)
+        tracing.configure_from_env()  # off unless OTEL_* asks for traces
     except ConfigError as exc:
         print(f"warden: {exc}", file=sys.stderr)
         return 2
 
     async def run() -> None:
-        warden = Warden(config)
+        warden = Warden(config, config_source=args.config)
         await warden.start()
         warden.stop_on_signals()
         print(
@@ -42,6 +44,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"warden: {exc}", file=sys.stderr)
         return 2
+    finally:
+        tracing.shutdown()  # exports the spans still buffered
     return 0
 
 
@@ -73,7 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", default=os.environ.get("WARDEN_CONFIG"))
     check.set_defaults(func=_check_config)
 
-    from warden import cli_admin, cli_approvals, cli_audit, cli_identity, cli_mcp, cli_policy
+    from warden import (
+        cli_admin,
+        cli_approvals,
+        cli_audit,
+        cli_ca,
+        cli_db,
+        cli_identity,
+        cli_mcp,
+        cli_policy,
+    )
 
     cli_policy.register(sub)
     cli_audit.register(sub)
@@ -81,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     cli_approvals.register(sub)
     cli_identity.register(sub)
     cli_mcp.register(sub)
+    cli_db.register(sub)
+    cli_ca.register(sub)
+    from warden import cli_inject
+
+    cli_inject.register(sub)
+    from warden import cli_monitor
+
+    cli_monitor.register(sub)
+    from warden import cli_init
+
+    cli_init.register(sub)
+    from warden import cli_eval
+
+    cli_eval.register(sub)
     return parser
 
 

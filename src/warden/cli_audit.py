@@ -1,4 +1,7 @@
-"""``warden audit verify|export|proof|erase``: work on an audit directory offline.
+"""``warden audit verify|export|proof|erase|reindex``: work on an audit directory offline.
+
+``verify`` and ``export`` also work on the central audit store: ``--url
+postgresql://...`` (every sidecar's log, or one with ``--log``).
 
 :func:`register` adds the ``audit`` command to the main CLI's subparsers; each
 subcommand stores its handler in ``args.func`` (``func(args) -> int``, the exit
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import orjson
 
+from warden.audit.central import CentralError, export_central, verify_central
 from warden.audit.checkpoint import NoteError, NoteVerifier
 from warden.audit.export import EXPORT_FORMATS, ExportError, Selection, export_log, inclusion_proof
 from warden.audit.export import parse_time as _parse_time
@@ -32,6 +36,7 @@ from warden.audit.subjects import SubjectKeys
 from warden.audit.verify import verify_log
 from warden.config import AuditConfig, load_config
 from warden.errors import AuditError, ConfigError
+from warden.state.postgres import PgTarget
 
 __all__ = ["main", "register"]
 
@@ -70,6 +75,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                 "(default: the key stored in the directory)",
             )
 
+    def central(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--url",
+            metavar="URL",
+            help="the central audit store (postgresql://...) instead of an audit directory",
+        )
+        p.add_argument(
+            "--log",
+            dest="log_id",
+            metavar="ORIGIN",
+            help="with --url: only this sidecar's log (its origin, warden.local/audit/...)",
+        )
+        p.add_argument(
+            "--password-file",
+            metavar="FILE",
+            help="with --url: a file holding the password (default: PGPASSWORD, ~/.pgpass)",
+        )
+
     verify = commands.add_parser(
         "verify",
         help="check frames, hash chain, Merkle tree and signed checkpoints",
@@ -77,6 +100,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "first bad record and the kind of damage and exit 1.",
     )
     common(verify)
+    central(verify)
     verify.add_argument(
         "--checkpoint",
         action="append",
@@ -93,6 +117,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Export the records of a period that a signed checkpoint covers.",
     )
     common(export)
+    central(export)
     export.add_argument(
         "--from", dest="start", metavar="TIME", help="first day or RFC 3339 time (inclusive)"
     )
@@ -130,6 +155,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     common(erase, key=False)
     erase.add_argument("--subject", required=True, metavar="ID", help="the customer id")
     erase.set_defaults(func=_erase)
+
+    reindex = commands.add_parser(
+        "reindex",
+        help="rebuild the console's decision index from the log",
+        description="Throw the decision index away and index every record of the log again. "
+        "The index is only a cache for search; the log stays the source of truth.",
+    )
+    common(reindex, key=False)
+    reindex.add_argument(
+        "--index",
+        metavar="FILE",
+        help="the SQLite index (default: console.index, else <audit dir>-index.sqlite); "
+        "with state.url postgresql://... the index is in that database",
+    )
+    reindex.set_defaults(func=_reindex)
 
 
 def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -180,8 +220,86 @@ def _verifier(args: argparse.Namespace, root: Path) -> NoteVerifier:
         raise _Unusable(f"unusable verifier key: {exc}") from None
 
 
+def _target(args: argparse.Namespace) -> PgTarget:
+    if args.dir:
+        raise _Unusable("give either --dir or --url, not both")
+    if not args.url.startswith(("postgresql://", "postgres://")):
+        raise _Unusable("--url must start with postgresql://")
+    password = None
+    if args.password_file:
+        try:
+            password = Path(args.password_file).read_text(encoding="utf-8").splitlines()[0]
+        except (OSError, IndexError) as exc:
+            raise _Unusable(f"--password-file: cannot read {args.password_file}: {exc}") from None
+    return PgTarget(args.url, password)
+
+
+def _given_key(args: argparse.Namespace) -> NoteVerifier | None:
+    value = getattr(args, "key", None)
+    if value is None:
+        return None
+    try:
+        if os.path.exists(value):
+            value = Path(value).read_text(encoding="utf-8")
+        return NoteVerifier.from_vkey(value)
+    except (OSError, NoteError) as exc:
+        raise _Unusable(f"unusable verifier key: {exc}") from None
+
+
+def _verify_central(args: argparse.Namespace) -> int:
+    target = _target(args)
+    try:
+        found = asyncio.run(verify_central(target, log_id=args.log_id, verifier=_given_key(args)))
+    except CentralError as exc:
+        raise _Unusable(str(exc)) from None
+    if args.json:
+        body = {
+            "ok": found.ok,
+            "url": found.url,
+            "logs": [
+                {
+                    "log": log.log_id,
+                    "ok": report.ok,
+                    "records": report.records,
+                    "checkpoints": report.checkpoints,
+                    "latest_checkpoint": report.latest_checkpoint,
+                    "root": report.root,
+                    "damage": [
+                        {"kind": d.kind, "seq": d.seq, "record_id": d.record_id, "detail": d.detail}
+                        for d in report.damage
+                    ],
+                    "warnings": list(report.warnings),
+                }
+                for log, report in found.logs
+            ],
+            "warnings": list(found.warnings),
+        }
+        print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+        return EXIT_OK if found.ok else EXIT_DAMAGED
+    if not found.logs:
+        print(f"{found.url} holds no audit logs yet")
+    for log, report in found.logs:
+        if report.ok:
+            latest = report.latest_checkpoint
+            print(
+                f"intact: {log.log_id}: {report.records} records; {report.checkpoints} signed "
+                "checkpoint(s) verified"
+                + (f", the latest at size {latest}" if latest is not None else "")
+            )
+            for warning in report.warnings:
+                print(f"warning: {log.log_id}: {warning}")
+        else:
+            for damage in report.damage:
+                print(f"DAMAGED {log.log_id}: {damage.describe()}")
+    for warning in found.warnings:
+        print(f"warning: {warning}")
+    return EXIT_OK if found.ok else EXIT_DAMAGED
+
+
 @_guarded
 def _verify(args: argparse.Namespace) -> int:
+    if args.url:
+        return _verify_central(args)
     root = _root(args)
     report = verify_log(root, verifier=_verifier(args, root), extra_checkpoints=args.checkpoint)
     if args.json:
@@ -225,15 +343,32 @@ def _verify(args: argparse.Namespace) -> int:
 
 @_guarded
 def _export(args: argparse.Namespace) -> int:
-    root = _root(args)
     selection = Selection(
         start=_parse_time(args.start) if args.start else None,
         end=_parse_time(args.end, end=True) if args.end else None,
         agent=args.agent,
     )
-    result = export_log(
-        root, args.out, selection=selection, fmt=args.format, verifier=_verifier(args, root)
-    )
+    if args.url:
+        target = _target(args)
+        try:
+            log, result = asyncio.run(
+                export_central(
+                    target,
+                    args.out,
+                    log_id=args.log_id,
+                    selection=selection,
+                    fmt=args.format,
+                    verifier=_given_key(args),
+                )
+            )
+        except CentralError as exc:
+            raise _Unusable(str(exc)) from None
+        print(f"log {log.log_id} from {target.shown}:")
+    else:
+        root = _root(args)
+        result = export_log(
+            root, args.out, selection=selection, fmt=args.format, verifier=_verifier(args, root)
+        )
     print(
         f"exported {result.records} records ({result.format}) to {result.path}, "
         f"covered by the signed checkpoint at size {result.tree_size}"
@@ -287,6 +422,22 @@ def _erase(args: argparse.Namespace) -> int:
         print("nothing to erase: no key for this subject (never recorded, or already erased)")
     if not recorded:
         print("note: Warden is running; it records the erasure at its next checkpoint")
+    return EXIT_OK
+
+
+@_guarded
+def _reindex(args: argparse.Namespace) -> int:
+    from warden.audit.indexes import open_index
+
+    root = _root(args)
+    path = args.audit_config or getattr(args, "config", None) or os.environ.get("WARDEN_CONFIG")
+    # SQLite beside the log, or the fleet's PostgreSQL when state.url names one.
+    index = open_index(load_config(path), root, path=args.index)
+    try:
+        count = index.rebuild(root)  # an unreachable database: IndexUnavailable, exit 1
+    finally:
+        index.close()
+    print(f"indexed {count} records of {root} into {index.where}")
     return EXIT_OK
 
 

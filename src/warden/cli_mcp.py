@@ -84,6 +84,7 @@ async def _run(config: Config, command: list[str], name: str, channel: int) -> i
         client_in=reader,
         client_out=out,
         grace_s=config.shutdown_grace_s,
+        keepalive_s=config.approvals.keepalive_s,
         # Read once Warden has started (the door starts after the switches load).
         killswitches=lambda: warden.killswitches,
     )

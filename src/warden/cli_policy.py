@@ -4,7 +4,9 @@
   and the decision tables of the bundles;
 * ``eval --input FILE`` prints the decision for one input, with timings;
 * ``check [DIR...]`` reports parse and compile errors and v0 syntax;
-* ``sign DIR --key KEY.pem`` writes ``.signatures.json``.
+* ``sign DIR --key KEY.pem`` writes ``.signatures.json``;
+* ``replay --audit DIR --bundle NEW`` re-evaluates recorded decisions against a
+  candidate bundle and exits 1 past ``--max-changes`` (a CI gate).
 
 Without DIR the bundles in the configuration are used (``policy.bundles``;
 ``policies/customer-support`` by default). Exit status: 0 when all is well,
@@ -25,6 +27,7 @@ from typing import Any, TextIO
 import orjson
 import yaml
 
+from warden import cli_replay
 from warden.config import Config, load_config
 from warden.errors import ConfigError
 from warden.policy.authoring.check import check_policy
@@ -132,6 +135,8 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
         help="signing algorithm (default: from the key type)",
     )
     sign.set_defaults(func=_sign)
+
+    cli_replay.add_command(sub, _config_option)  # in its own module: it reads the audit log
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -43,21 +44,31 @@ __all__ = [
     "AgentKeysConfig",
     "ApprovalsConfig",
     "AuditConfig",
+    "AuditShipConfig",
     "BudgetsConfig",
     "CapConfig",
     "CapCustomerConfig",
     "Config",
+    "ConsoleConfig",
+    "ConsoleSsoConfig",
+    "ExtAuthzConfig",
+    "ExtProcConfig",
+    "GrpcConfig",
+    "GrpcTlsConfig",
     "HttpRouteConfig",
     "IdentityConfig",
     "JwtConfig",
     "LimitsConfig",
     "ListenConfig",
     "LlmBudgetConfig",
+    "MonitorConfig",
     "PolicyConfig",
     "PricesConfig",
+    "SessionsConfig",
     "StateConfig",
     "SubjectsConfig",
     "ToolConfig",
+    "TransparentConfig",
     "UpstreamConfig",
     "load_config",
     "parse_listen",
@@ -67,6 +78,8 @@ DEFAULT_AGENT_ID = "default-agent"
 DEFAULT_PROXY_LISTEN = "127.0.0.1:8080"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8081"
 DEFAULT_POLICY_BUNDLES = ("policies/customer-support",)
+# Where the wheel carries the shipped bundle (copied there by setup.py's build step).
+PACKAGED_BUNDLE = Path(__file__).parent / "data" / "policies" / "customer-support"
 DEFAULT_POLICY_QUERY = "data.warden.decision"
 DEFAULT_POLICY_DEADLINE_MS = 50.0
 DEFAULT_POLICY_QUEUE_TIMEOUT_S = 1.0
@@ -101,11 +114,14 @@ class ListenConfig(_Section):
 
     proxy: str = DEFAULT_PROXY_LISTEN
     admin: str = DEFAULT_ADMIN_LISTEN
+    grpc: str | None = None
+    """The gRPC listener (Warden's API, Envoy ext_authz and ext_proc); off when unset."""
 
-    @field_validator("proxy", "admin")
+    @field_validator("proxy", "admin", "grpc")
     @classmethod
-    def _hostport(cls, value: str) -> str:
-        parse_listen(value)
+    def _hostport(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
         return value
 
 
@@ -149,7 +165,8 @@ class HttpRouteConfig(_Section):
 class UpstreamConfig(_Section):
     """An API the agent may reach through ``/<name>/...``; nothing else is reachable."""
 
-    protocol: Literal["openai", "anthropic", "http"]
+    protocol: Literal["openai", "anthropic", "http", "mcp"]
+    """``mcp``: an MCP server over streamable HTTP; ``base_url`` is its MCP endpoint."""
     base_url: str
     timeout_s: float = Field(DEFAULT_UPSTREAM_TIMEOUT_S, gt=0)
     connect_timeout_s: float = Field(DEFAULT_CONNECT_TIMEOUT_S, gt=0)
@@ -189,6 +206,45 @@ class ToolConfig(_Section):
     """Per-tool settings: the risk class chooses the fallback when policy fails."""
 
     risk: Literal["read_only", "write", "high"] = "write"
+    labels: tuple[str, ...] = ()
+    """Taint labels for session-aware policies: ``untrusted_output`` (its result is
+    untrusted content: web fetch, email read), ``sensitive_sink`` (send email, refund,
+    export). Policies see them as ``input.action.labels`` and ``input.session.taints``."""
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for label in value:
+            if not label or not all(c.isalnum() or c in "_-" for c in label):
+                raise ValueError(f"label {label!r} must be letters, digits, _ or -")
+        return value
+
+
+class SessionsConfig(_Section):
+    """Sessions and conversation history for policies (``input.session``, ``input.history``)."""
+
+    pointer: str | None = None
+    """A JSON pointer into model request bodies naming the session when no
+    ``X-Warden-Session`` header does (``/metadata/session_id``, ``/user``)."""
+    max_calls: int = Field(256, ge=0, le=10_000)
+    """At most this many prior tool calls (the latest) reach ``input.history``."""
+    max_messages: int = Field(5000, ge=1)
+    """Messages (or input items) read from one request; the rest are not looked at."""
+    max_result_chars: int = Field(2048, ge=0)
+    """Characters of each tool result kept in ``input.history[i].result.content``."""
+    max_history_ms: float = Field(20.0, gt=0)
+    """Time one request's history extraction may take before it stops (``truncated``)."""
+    counters: bool = True
+    """Keep session counters in the state store (``input.session.calls`` and the rest)."""
+    ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
+    """How long session counters and Warden's record of decided calls are kept."""
+
+    @field_validator("pointer")
+    @classmethod
+    def _pointer(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must be a JSON pointer starting with / (e.g. /metadata/session_id)")
+        return value
 
 
 class SigningConfig(_Section):
@@ -199,10 +255,42 @@ class SigningConfig(_Section):
     """Key id to a PEM public key, or to ``@path/to/key.pem``."""
 
 
+def default_policy_bundles() -> tuple[str, ...]:
+    """The shipped customer-support bundle: ``./policies/customer-support`` when that exists.
+
+    Otherwise the copy installed with Warden, so ``warden serve`` works from
+    any folder; in a source checkout, the checkout's own bundle.
+    """
+    if Path(DEFAULT_POLICY_BUNDLES[0]).exists():
+        return DEFAULT_POLICY_BUNDLES
+    checkout = Path(__file__).resolve().parents[2] / DEFAULT_POLICY_BUNDLES[0]
+    for candidate in (PACKAGED_BUNDLE, checkout):
+        if candidate.is_dir():
+            return (str(candidate),)
+    return DEFAULT_POLICY_BUNDLES  # not found: the engine names the missing folder
+
+
+class ChallengerConfig(_Section):
+    """A candidate policy evaluated beside the active one on live traffic, in observe mode.
+
+    Off the request path: each policy decision's input is queued (dropped and
+    counted when the queue is full) and evaluated later by the challenger's own
+    workers; it never changes a decision. See docs/monitoring.md.
+    """
+
+    bundles: tuple[str, ...] = Field(min_length=1)
+    """The candidate bundle folders or archives (merged, as ``policy.bundles``)."""
+    workers: int = Field(1, ge=1, le=16)
+    queue_size: int = Field(1000, ge=1, le=100_000)
+    """Inputs waiting for the challenger; past this many, new ones are dropped and counted."""
+    record: bool = True
+    """Write a ``challenger`` audit record for every divergence (the metric counts them anyway)."""
+
+
 class PolicyConfig(_Section):
     """The Rego bundles and how they are evaluated."""
 
-    bundles: tuple[str, ...] = DEFAULT_POLICY_BUNDLES
+    bundles: tuple[str, ...] = Field(default_factory=default_policy_bundles)
     query: str = Field(DEFAULT_POLICY_QUERY, pattern=r"^data(\.[A-Za-z_][A-Za-z0-9_]*)+$")
     default_effect: Effect = Effect.DENY
     """What an undefined policy result means."""
@@ -230,6 +318,8 @@ class PolicyConfig(_Section):
     unknown_calls: Literal["deny", "policy"] = "deny"
     """A call of a type Warden does not know (``unknown_call``): denied before the
     policy runs, or handed to the policy (which sees ``input.action.kind``)."""
+    challenger: ChallengerConfig | None = None
+    """A candidate bundle run beside the active one on live traffic (observe only)."""
 
 
 _SUBJECT_ROOTS = ("context.", "action.arguments.", "agent.claims.")
@@ -257,6 +347,38 @@ class SubjectsConfig(_Section):
         return value
 
 
+class AuditShipConfig(_Section):
+    """Shipping the local audit log to a central, append-only store on PostgreSQL."""
+
+    url: str
+    """``postgresql://user@host:5432/db``; libpq options (TLS) in the query string."""
+    password_file: str | None = None
+    """A file holding the password (first line); never logged."""
+    password: SecretStr | None = None
+    """The password, for ``WARDEN_AUDIT__SHIP__PASSWORD``; prefer ``password_file``."""
+    batch: int = Field(2000, ge=1, le=50_000)
+    """At most this many records per insert (one round trip, one transaction)."""
+    interval_s: float = Field(0.2, gt=0, le=60)
+    """How often the shipper looks for new records once it has caught up."""
+    max_backoff_s: float = Field(5.0, gt=0, le=300)
+    """The longest wait between attempts while the store is unreachable."""
+    connect_timeout_s: float = Field(10.0, gt=0)
+    migrate: Literal["auto", "off"] = "auto"
+    """``auto``: apply pending migrations before shipping; ``off``: the tables must exist."""
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql://")
+        return value
+
+    @field_validator("password", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        return None if value is None else str(value)
+
+
 class AuditConfig(_Section):
     """The local, append-only, hash-chained audit log."""
 
@@ -267,12 +389,33 @@ class AuditConfig(_Section):
     signing_key_file: str | None = None
     """Ed25519 private key (PEM) for checkpoints; generated in ``dir`` when absent."""
     subjects: SubjectsConfig = SubjectsConfig()
+    ship: AuditShipConfig | None = None
+    """Ship records and checkpoints to a central store (off when unset)."""
 
 
 class StateConfig(_Section):
     """Where approvals, budgets and kill switches live."""
 
     url: str = DEFAULT_STATE_URL
+    """``sqlite:///path`` (one machine) or ``postgresql://user@host:5432/db`` (a fleet);
+    TLS and other libpq options go in the URL's query (``?sslmode=verify-full&...``)."""
+    migrate: Literal["auto", "off"] = "auto"
+    """``auto``: apply pending schema migrations at start; ``off``: refuse to start
+    while any are pending (run ``warden db migrate``)."""
+    password_file: str | None = None
+    """A file holding the PostgreSQL password (first line); never logged."""
+    password: SecretStr | None = None
+    """The PostgreSQL password, for ``WARDEN_STATE__PASSWORD``; prefer ``password_file``."""
+    pool_min_size: int = Field(1, ge=0, le=100)
+    pool_max_size: int = Field(10, ge=1, le=100)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    pool_timeout_s: float = Field(1.0, gt=0, le=60)
+    """How long a decision waits for a pooled PostgreSQL connection before the state
+    store counts as unavailable for it (then ``on_unavailable`` applies)."""
+    on_unavailable: Literal["deny", "fallback"] = "deny"
+    """A decision that needs the state store while it is unreachable: ``deny`` (fail
+    closed, a cap never overshoots) or ``fallback`` (the tool's risk class picks the
+    effect from ``policy.fallback``; an allowed call goes on to the policy uncounted)."""
 
     @field_validator("url")
     @classmethod
@@ -280,6 +423,12 @@ class StateConfig(_Section):
         if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise ValueError("must start with sqlite:/// or postgresql://")
         return value
+
+    @field_validator("password", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        # Environment values are read as YAML: a password of digits is still text.
+        return None if value is None else str(value)
 
 
 class LimitsConfig(_Section):
@@ -302,6 +451,37 @@ class AdminConfig(_Section):
     """The admin API's tokens."""
 
     tokens: tuple[AdminToken, ...] = ()
+
+
+AdminRole = Literal["admin", "approver", "auditor", "viewer"]
+DEFAULT_CONSOLE_SESSION_TTL_S = 8 * 3600.0
+
+
+class ConsoleSsoConfig(_Section):
+    """Single sign-on through an auth proxy (oauth2-proxy) that sets trusted headers.
+
+    The headers are believed only on connections from ``trusted_proxies``;
+    the groups they name become roles through ``roles`` (group -> roles) and
+    are also the person's approver groups.
+    """
+
+    trusted_proxies: tuple[str, ...] = Field(min_length=1)
+    """IP addresses of the auth proxy; headers from any other peer are ignored."""
+    user_header: str = "X-Forwarded-User"
+    groups_header: str = "X-Forwarded-Groups"
+    roles: dict[str, tuple[AdminRole, ...]] = Field(default_factory=dict)
+    """Group name -> console roles; a user in none of these groups is refused."""
+
+
+class ConsoleConfig(_Section):
+    """The web console on the admin listener (``/console/``)."""
+
+    enabled: bool = True
+    session_ttl_s: float = Field(DEFAULT_CONSOLE_SESSION_TTL_S, gt=0, le=7 * 86400)
+    """How long a sign-in lasts; the session cookie expires with it."""
+    index: str | None = None
+    """The decision index (SQLite file); default: ``<audit.dir>-index.sqlite`` beside the log."""
+    sso: ConsoleSsoConfig | None = None
 
 
 Window = Literal["hour", "day", "month"]
@@ -449,6 +629,29 @@ class WebhookConfig(_Section):
         return value
 
 
+_DURATION_PATTERN = r"^\d+(\.\d+)?[smhdw]$"
+
+
+class MonitorConfig(_Section):
+    """Drift and quality monitoring (docs/monitoring.md): gauges computed off the request path."""
+
+    enabled: bool = True
+    interval_s: float = Field(60.0, ge=1)
+    """How often the gauges are recomputed."""
+    current: str = Field("1d", pattern=_DURATION_PATTERN)
+    """The current window: the last ``1d`` (also ``30m``, ``24h``, ``2w``)."""
+    reference: str = Field("7d", pattern=_DURATION_PATTERN)
+    """The reference: this long just before the current window (the previous N days)."""
+    baseline: str | None = None
+    """A pinned baseline file (``warden monitor baseline``) used instead of ``reference``."""
+    min_samples: int = Field(30, ge=1)
+    """Fewer decisions than this on either side: the drift level is ``insufficient``."""
+    max_events: int = Field(500_000, ge=1000)
+    """Decisions, outcomes and approvals kept in memory for the windows (oldest dropped)."""
+    replay_max_changes: int | None = Field(None, ge=0)
+    """``warden policy replay`` exits 1 when more decisions than this change (unset: report)."""
+
+
 class ApprovalsConfig(_Section):
     """Human approval of actions a policy answers ``require_approval`` for."""
 
@@ -558,6 +761,91 @@ class IdentityConfig(_Section):
         return self
 
 
+class GrpcTlsConfig(_Section):
+    """TLS for the gRPC listener; ``client_ca`` also requires client certificates (mTLS)."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+class GrpcConfig(_Section):
+    """Settings of the gRPC listener (``listen.grpc``)."""
+
+    tls: GrpcTlsConfig | None = None
+    max_message_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+    reflection: bool = True
+
+
+class ExtAuthzConfig(_Section):
+    """Envoy ext_authz, compatible with OPA-Envoy (see docs/envoy.md)."""
+
+    query: str = Field("data.envoy.authz.allow", pattern=r"^data(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+    """The Rego rule evaluated: a bool, or an object with ``allowed``, ``headers``, ..."""
+    dry_run: bool = False
+    """Observe: every check is recorded and answered allowed."""
+    upstream: str | None = None
+    """An ``http`` upstream whose route rules map a checked request to a tool call."""
+
+
+class ExtProcConfig(_Section):
+    """Envoy ext_proc for LLM traffic: which upstream a request's ``:authority`` means."""
+
+    hosts: dict[str, str] = Field(default_factory=dict)
+    """``:authority`` host to upstream name; otherwise matched to upstreams' ``base_url`` hosts."""
+
+
+class TransparentConfig(_Section):
+    """Transparent mode through mitmproxy, for agents that cannot change a base URL."""
+
+    listen: str | None = None
+    """``host:port`` agents reach through ``HTTPS_PROXY`` or redirection; off when unset."""
+    mode: Literal["regular", "transparent", "wireguard"] = "regular"
+    """``regular``: an explicit proxy (``HTTPS_PROXY``); ``transparent``: iptables/nftables
+    redirection (Linux); ``wireguard``: mitmproxy's WireGuard server."""
+    hosts: dict[str, str] = Field(default_factory=dict)
+    """Governed host name to upstream name; its traffic goes to that upstream's ``base_url``."""
+    unknown_hosts: Literal["deny", "tunnel"] = "deny"
+    """``deny``: refused (403 to CONNECT), no connection opened; ``tunnel``: passed through,
+    never decrypted, only a connection record."""
+    ca_dir: str = "./warden-data/ca"
+    """Where the CA is generated on first start (key file 0600)."""
+    ca_cert_file: str | None = None
+    """A CA certificate (PEM) to use instead of a generated one; needs ``ca_key_file``."""
+    ca_key_file: str | None = None
+    """The CA's private key (PEM), e.g. a mounted Kubernetes Secret."""
+
+    @field_validator("listen")
+    @classmethod
+    def _hostport(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
+        return value
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_names(cls, value: dict[str, str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for host, upstream in value.items():
+            name = host.strip().lower().rstrip(".")
+            if not re.fullmatch(
+                r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*"
+                r"|\[?[0-9a-f:.]+\]?",
+                name,
+            ):
+                raise ValueError(f"{host!r} is not a host name (no scheme, port or path)")
+            if name in out:
+                raise ValueError(f"host {host!r} is listed twice")
+            out[name] = upstream
+        return out
+
+    @model_validator(mode="after")
+    def _ca_pair(self) -> TransparentConfig:
+        if (self.ca_cert_file is None) != (self.ca_key_file is None):
+            raise ValueError("ca_cert_file and ca_key_file go together")
+        return self
+
+
 class Config(_Section):
     """The whole configuration; every key has a safe default."""
 
@@ -578,10 +866,18 @@ class Config(_Section):
     state: StateConfig = StateConfig()
     limits: LimitsConfig = LimitsConfig()
     admin: AdminConfig = AdminConfig()
+    console: ConsoleConfig = ConsoleConfig()
     approvals: ApprovalsConfig = ApprovalsConfig()
+    monitor: MonitorConfig = MonitorConfig()
     budgets: BudgetsConfig = BudgetsConfig()
     prices: PricesConfig = PricesConfig()
     identity: IdentityConfig = IdentityConfig()
+    grpc: GrpcConfig = GrpcConfig()
+    ext_authz: ExtAuthzConfig = ExtAuthzConfig()
+    ext_proc: ExtProcConfig = ExtProcConfig()
+    transparent: TransparentConfig | None = None
+    """Transparent mode through mitmproxy; off when unset."""
+    sessions: SessionsConfig = SessionsConfig()
     shutdown_grace_s: float = Field(DEFAULT_SHUTDOWN_GRACE_S, ge=0)
 
     @field_validator("upstreams")
@@ -591,6 +887,18 @@ class Config(_Section):
             if not name or not all(c.isalnum() or c in "-_" for c in name):
                 raise ValueError(f"upstream name {name!r} must be letters, digits, - or _")
         return value
+
+    @model_validator(mode="after")
+    def _transparent_upstreams(self) -> Config:
+        if self.transparent is not None:
+            for host, name in self.transparent.hosts.items():
+                if name not in self.upstreams:
+                    known = ", ".join(sorted(self.upstreams)) or "none"
+                    raise ValueError(
+                        f"transparent.hosts.{host}: no upstream named {name!r} "
+                        f"(configured: {known})"
+                    )
+        return self
 
     def mode_for(self, agent_id: str) -> Mode:
         """The configured mode for an agent: its own setting, else the global one."""

@@ -23,6 +23,7 @@ The API is protocol-neutral: nothing here knows HTTP, SSE or JSON shapes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,9 @@ from typing import Any, Protocol
 
 from warden.model import (
     Action,
+    ActionKind,
     Agent,
+    Conversation,
     Decision,
     Effect,
     Outcome,
@@ -41,14 +44,17 @@ from warden.model import (
     Usage,
     new_id,
 )
-from warden.ops import metrics
+from warden.ops import metrics, tracing
 from warden.pipeline import Pipeline
 from warden.state.links import CallLinks, Link
 from warden.tasks import Tasks
 
-__all__ = ["Gate", "Governor", "Turn"]
+__all__ = ["Chains", "Gate", "Governor", "Turn"]
 
 log = logging.getLogger("warden.core")
+
+_LIST_CONCURRENCY = 8
+"""Tools of one listing asked about at once: a long listing must not fill the policy queue."""
 
 
 class Gate(Protocol):
@@ -56,6 +62,14 @@ class Gate(Protocol):
 
     async def settle(self, action: Action, decision: Decision) -> Decision:
         """The final decision for ``action``: approved, refused, held or deferred."""
+        ...
+
+
+class Chains(Protocol):
+    """Keeps Responses API chains (:class:`warden.sessions.SessionGuard`)."""
+
+    async def record_response(self, conversation: Conversation, response_id: str) -> None:
+        """Link a relayed answer to the request and calls behind it."""
         ...
 
 
@@ -101,13 +115,17 @@ class Governor:
         *,
         gate: Gate | None = None,
         links: CallLinks | None = None,
+        chains: Chains | None = None,
     ) -> None:
         self._pipeline = pipeline
+        self._chains = chains
         self._gate = gate
         self.links = links if links is not None else CallLinks(None)
         self.background = Tasks("core")
         """Outcome records still being written."""
         self._closed = False
+        # Spans per decision when OTEL_* turned tracing on; otherwise nothing is wrapped.
+        tracing.instrument(self)
 
     async def start(self) -> None:
         """Start writing call links in the background."""
@@ -123,8 +141,12 @@ class Governor:
 
     # -- decisions -------------------------------------------------------------
 
-    async def decide(self, action: Action) -> Decision:
+    async def decide(self, action: Action, *, hold: str | None = None) -> Decision:
         """Guards, then the approval gate; durable in the audit log on return.
+
+        ``hold``: how the caller can wait for approval (``hold`` or ``defer``),
+        overriding the policy's and the config's choice; the gRPC API's
+        ``wait`` flag is the client saying so.
 
         Raises :class:`warden.errors.AuditError` when the decision cannot be
         recorded: the door must then not let the action through.
@@ -132,10 +154,15 @@ class Governor:
         decision = await self._pipeline.decide(action)
         _count(action, decision)
         if self._gate is not None and decision.enforced is Effect.REQUIRE_APPROVAL:
+            if hold is not None and decision.obligations.hold != hold:
+                decision = dataclasses.replace(
+                    decision, obligations=dataclasses.replace(decision.obligations, hold=hold)
+                )
             settled = await self._gate.settle(action, decision)
             if settled is not decision:
                 _count(action, settled)
             decision = settled
+        tracing.DECISION_ID.set(decision.decision_id)  # log lines after this carry it
         return decision
 
     async def decide_calls(
@@ -175,6 +202,57 @@ class Governor:
         if decision.enforced is Effect.ALLOW:
             self.links.link(call_id, Link(action, decision.decision_id))
 
+    # -- listings --------------------------------------------------------------
+
+    async def hidden_tools(
+        self, agent: Agent, upstream: str, names: Sequence[str]
+    ) -> frozenset[str]:
+        """The tools of an MCP ``tools/list`` answer that ``agent`` should not see.
+
+        A tool is hidden when the policy would deny it in every case: it is
+        asked about the tool by name alone (``stage: list``, no arguments)
+        and answers ``deny`` in enforce mode, or a kill switch covers the
+        tool, agent or upstream. ``require_approval`` and allow keep a tool,
+        and so does anything less than a clear answer: the policy failing,
+        saying nothing, or being too busy. Hiding only spares the model a
+        tool it cannot use; every call is still decided on its own, so a
+        failure here must not take tools away (that would make a policy
+        outage look like a broken server). Nothing is recorded: a listing is
+        not an action. Answers come from the policy cache after the first.
+        """
+        unique = list(dict.fromkeys(names))
+        if not unique:
+            return frozenset()
+        request = RequestMeta(method="tools/list", upstream=upstream, path="")
+        limit = asyncio.Semaphore(_LIST_CONCURRENCY)
+
+        async def hidden(name: str) -> bool:
+            action = Action(
+                action_id=new_id("act"),
+                agent=agent,
+                kind=ActionKind.TOOL_CALL,
+                protocol="mcp",
+                stage=Stage.LIST,
+                request=request,
+                tool=name,
+            )
+            async with limit:
+                try:
+                    decision = await self._pipeline.preview(action)
+                except Exception:
+                    # Overloaded, or a guard failing: the tool stays listed (see above).
+                    log.warning("could not decide whether to list %s; it stays listed", name)
+                    return False
+            return decision is not None and decision.enforced is Effect.DENY
+
+        verdicts = await asyncio.gather(*(hidden(n) for n in unique))
+        hide = frozenset(n for n, h in zip(unique, verdicts, strict=True) if h)
+        if hide:
+            metrics.child(metrics.MCP_TOOLS_HIDDEN, metrics.bounded("upstream", upstream)).inc(
+                len(hide)
+            )
+        return hide
+
     # -- outcomes --------------------------------------------------------------
 
     def record_results(self, results: Iterable[ToolResult]) -> None:
@@ -204,6 +282,19 @@ class Governor:
         outcome = Outcome(result=result.content, is_error=result.is_error)
         self.background.spawn(
             self._pipeline.outcome(link.action, link.decision_id, outcome), name="result"
+        )
+
+    def record_response(self, turn: Turn, response_id: str | None) -> None:
+        """Remember a relayed Responses API answer by id, in the background.
+
+        A later request naming it as ``previous_response_id`` then gets its
+        conversation history from Warden's own records (:mod:`warden.sessions`).
+        """
+        conversation = turn.request.conversation
+        if self._chains is None or conversation is None or not response_id:
+            return
+        self.background.spawn(
+            self._chains.record_response(conversation, response_id), name="response-chain"
         )
 
     def outcome(

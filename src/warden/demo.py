@@ -4,9 +4,12 @@ Everything runs on this machine, on loopback: a mock OpenAI-compatible model,
 mock customer-support tool APIs, Warden with the shipped customer-support
 policy, a scripted agent built on the official ``openai`` SDK (it only
 changes its base URL), and a scripted support lead who approves or rejects
-held actions through Warden's admin API while the agent waits. At the end the
-demo prints what Warden decided, read back from the audit log, and verifies
-that log.
+held actions through Warden's admin API while the agent waits. Then the
+agent's MCP client (the official ``mcp`` SDK) calls tools on an MCP server
+through ``warden mcp wrap``, as an IDE launches it: Warden filters the tool
+listing and decides each ``tools/call``, sharing approvals with the sidecar.
+At the end the demo prints what Warden decided, read back from the audit
+logs, and verifies them.
 
     python -m warden.demo [--keep] [--data-dir DIR]
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
 import secrets
 import shutil
 import sys
@@ -28,12 +32,17 @@ from typing import Any
 import aiohttp
 import openai
 import orjson
+from mcp import types as mcp_types
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from warden import tasks
 from warden.audit.verify import iter_records, verify_log
+from warden.cli_monitor import print_summary
 from warden.config import load_config
 from warden.server import Warden
 from warden.testing import Call, MockLLM, MockTools, Reply, last_user_text, openai_tools
+from warden.testing.mcp_server import read_call_log
 
 __all__ = ["main"]
 
@@ -144,7 +153,7 @@ _NAMES = {"allow": "ALLOWED", "deny": "DENIED", "require_approval": "HELD"}
 _APPROVAL_NAMES = {"allow": "APPROVED", "deny": "REJECTED"}
 
 
-def _table(audit_dir: Path) -> list[tuple[str, str, str, str]]:
+def _table(audit_dir: Path, label: str | None = None) -> list[tuple[str, str, str, str]]:
     rows = []
     for _, payload in iter_records(audit_dir):
         record = orjson.loads(payload)
@@ -152,11 +161,66 @@ def _table(audit_dir: Path) -> list[tuple[str, str, str, str]]:
         if record.get("kind") != "decision" or action.get("kind") != "tool_call":
             continue
         decision = record["decision"]
-        ticket_id = str((action.get("context") or {}).get("ticket", "?"))
+        ticket_id = label or str((action.get("context") or {}).get("ticket", "?"))
         names = _APPROVAL_NAMES if decision.get("guard") == "approval" else _NAMES
         effect = names.get(decision["effect"], decision["effect"])
         rows.append((ticket_id, str(action.get("tool")), effect, "; ".join(decision["reasons"])))
     return rows  # in the order they happened
+
+
+# The MCP step: what the agent's MCP client calls through `warden mcp wrap`.
+MCP_CALLS = (
+    ("search_kb", {"query": "refund policy"}),
+    ("close_account", {"customer_id": "C-1003", "reason": "customer asked by email"}),
+)
+
+
+def _mcp_text(result: mcp_types.CallToolResult) -> str:
+    return " ".join(c.text for c in result.content if isinstance(c, mcp_types.TextContent))
+
+
+async def _mcp_step(data_dir: Path, policy: Path) -> tuple[Path, list[str]]:
+    """The agent's MCP client works through `warden mcp wrap`; returns its audit dir and calls run.
+
+    The wrap shares the sidecar's state database, so the support lead's
+    answer at the sidecar's admin API reaches a call the wrap holds.
+    """
+    audit_dir = data_dir / "mcp-audit"  # an audit directory has one writer
+    call_log = data_dir / "mcp-calls.jsonl"
+    config = data_dir / "mcp-warden.yaml"
+    settings = {
+        "agent": {"id": AGENT_ID},
+        "policy": {"bundles": [str(policy)], "workers": 1, "watch": False},
+        "audit": {"dir": str(audit_dir)},
+        "state": {"url": f"sqlite:///{data_dir / 'state.db'}"},
+        "approvals": {"mode": "hold", "hold_timeout_s": 30, "keepalive_s": 1},
+    }
+    config.write_bytes(orjson.dumps(settings, option=orjson.OPT_INDENT_2))  # JSON is YAML
+    server = [sys.executable, "-m", "warden.testing.mcp_server", "--call-log", str(call_log)]
+    wrap = ["-m", "warden.cli", "mcp", "wrap", "--config", str(config), "--name", "support-tools"]
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=[*wrap, "--", *server],
+        # The SDK passes a minimal environment; keep the interpreter's module path.
+        env={k: v for k in ("PYTHONPATH",) if (v := os.environ.get(k))},
+    )
+    print("MCP   the agent's MCP client launches, where it used to launch the server itself:")
+    print(f"      warden mcp wrap --config {config} -- python -m warden.testing.mcp_server")
+    with (data_dir / "mcp-stderr.log").open("w") as errlog:
+        async with (
+            stdio_client(params, errlog=errlog) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            listed = await session.list_tools()
+            names = ", ".join(t.name for t in listed.tools)
+            print(f"      tools Warden lists for {AGENT_ID}: {names}")
+            for name, arguments in MCP_CALLS:
+                result = await session.call_tool(name, arguments)
+                said = textwrap.shorten(_mcp_text(result), 150)
+                line = f"{name} -> {'error: ' if result.is_error else ''}{said}"
+                print(textwrap.indent(textwrap.fill(line, 96), "      "))
+    return audit_dir, [c["tool"] for c in read_call_log(call_log)]
 
 
 def _shipped_policy() -> Path:
@@ -208,10 +272,11 @@ async def _run(data_dir: Path, policy: Path) -> int:
                     print(f"{ticket.id}  customer: {ticket.text}")
                     answer = await _work(ticket, agent, tools.url)
                     print(textwrap.indent(textwrap.fill(f"agent: {answer}", 96), "      "))
+            mcp_audit, mcp_executed = await _mcp_step(data_dir, policy)
             done.set()
             await lead
             executed = [c.name for c in tools.calls]
-    rows = _table(audit_dir)
+    rows = _table(audit_dir) + _table(mcp_audit, "MCP")
     print("\nWhat Warden decided (read back from the audit log):\n")
     print(f"{'ticket':6}  {'tool the model proposed':24}  {'Warden':8}  why")
     print(f"{'-' * 6}  {'-' * 24}  {'-' * 8}  {'-' * 60}")
@@ -221,16 +286,21 @@ async def _run(data_dir: Path, policy: Path) -> int:
         for more in wrapped[1:]:
             print(f"{'':6}  {'':24}  {'':8}  {more}")
     print(f"\nTools the agent actually ran: {', '.join(executed) or 'none'}")
-    report = verify_log(audit_dir)
-    state = "intact" if report.ok else f"DAMAGED: {report.damage[0]}"
-    print(
-        f"Audit log: {audit_dir} ({report.records} records, signed checkpoints: "
-        f"{report.checkpoints}): {state}"
-    )
+    print(f"Tools the MCP server actually ran: {', '.join(mcp_executed) or 'none'}")
+    intact = True
+    for where, directory in (("Audit log", audit_dir), ("MCP wrap's audit log", mcp_audit)):
+        report = verify_log(directory)
+        intact = intact and report.ok
+        state = "intact" if report.ok else f"DAMAGED: {report.damage[0]}"
+        print(
+            f"{where}: {directory} ({report.records} records, signed checkpoints: "
+            f"{report.checkpoints}): {state}"
+        )
+    print_summary(audit_dir, sys.stdout)  # drift and quality (docs/monitoring.md)
     print(f"Check it yourself: .venv/bin/warden audit verify --dir {audit_dir}")
     print(f"Finished in {time.perf_counter() - started:.1f} s.")
     effects = {effect for _, _, effect, _ in rows}
-    if not report.ok or not {"ALLOWED", "DENIED", "HELD", "APPROVED", "REJECTED"} <= effects:
+    if not intact or not {"ALLOWED", "DENIED", "HELD", "APPROVED", "REJECTED"} <= effects:
         print("The demo did not show every kind of decision: something is wrong.", file=sys.stderr)
         return 1
     return 0

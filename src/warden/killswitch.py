@@ -2,8 +2,10 @@
 
 A switch is set or cleared through the admin API (or ``warden kill``), stored
 in the state store and recorded in the audit log. Every sidecar sharing the
-store re-reads the active switches every :data:`POLL_INTERVAL_S`, so a switch
-thrown anywhere takes effect everywhere within a second.
+store re-reads the active switches when the state's change feed reports a
+change (LISTEN/NOTIFY on PostgreSQL, polling on SQLite), or without a feed
+every :data:`POLL_INTERVAL_S`, so a switch thrown anywhere takes effect
+everywhere within a second.
 
 The hot path only ever calls :meth:`KillSwitches.is_killed`: four dictionary
 lookups on an in-memory index, no I/O. The pipeline's :class:`KillSwitchGuard`
@@ -26,7 +28,8 @@ from warden import tasks
 from warden.budgets import metrics
 from warden.model import Action, Decision, Effect, Mode, new_id
 from warden.pipeline import AuditSink, GuardContext
-from warden.state import KillSwitchRow, StateStore
+from warden.state import ChangeFeed, KillSwitchRepo, KillSwitchRow
+from warden.state.repos import KILLSWITCHES
 
 __all__ = [
     "POLL_INTERVAL_S",
@@ -39,6 +42,8 @@ __all__ = [
 log = logging.getLogger("warden.killswitch")
 
 POLL_INTERVAL_S = 0.5
+FEED_BACKSTOP_S = 5.0
+"""With a change feed, the switches are still re-read this often, in case a change was missed."""
 MAX_TARGET = 128
 MAX_REASON = 1000
 
@@ -98,12 +103,16 @@ class KillSwitches:
 
     def __init__(
         self,
-        store: StateStore,
+        store: KillSwitchRepo,
         audit: AuditSink | None,
         *,
         poll_interval_s: float = POLL_INTERVAL_S,
+        feed: ChangeFeed | None = None,
     ) -> None:
+        """``feed``: re-read the switches when the state's change feed says they changed
+        (and at least every :data:`FEED_BACKSTOP_S`), instead of every ``poll_interval_s``."""
         self._store = store
+        self._feed = feed
         self._audit = audit
         self._interval = poll_interval_s
         self._active: tuple[KillSwitch, ...] = ()
@@ -265,6 +274,9 @@ class KillSwitches:
         )
 
     async def _poll(self) -> None:
+        if self._feed is not None:
+            await self._watch(self._feed)
+            return
         while True:
             await asyncio.sleep(self._interval)
             try:
@@ -274,6 +286,19 @@ class KillSwitches:
             except Exception:
                 # Keep the last known switches: failing open here would lift them.
                 log.exception("could not read kill switches from the state store")
+
+    async def _watch(self, feed: ChangeFeed) -> None:
+        with feed.watch(KILLSWITCHES) as changes:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changes.get(), FEED_BACKSTOP_S)
+                try:
+                    await self.refresh()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # Keep the last known switches: failing open here would lift them.
+                    log.exception("could not read kill switches from the state store")
 
 
 _SCOPES = frozenset(s.value for s in Scope)

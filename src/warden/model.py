@@ -11,7 +11,7 @@ import enum
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +19,15 @@ __all__ = [
     "Action",
     "ActionKind",
     "Agent",
+    "Conversation",
     "Decision",
     "Effect",
     "Mode",
     "Obligations",
     "Outcome",
+    "PolicyView",
+    "PriorCall",
+    "PriorResult",
     "RequestMeta",
     "Stage",
     "ToolCall",
@@ -104,10 +108,16 @@ class ActionKind(enum.StrEnum):
 
 
 class Stage(enum.StrEnum):
-    """``proposed``: a model asked for it; ``executed``: it is being sent to an API."""
+    """``proposed``: a model asked for it; ``executed``: it is being sent to an API.
+
+    ``list``: not an action at all; a tool offered in a listing (MCP
+    ``tools/list``), asked about by name alone, so a tool the policy would
+    deny in every case can be hidden. Never recorded.
+    """
 
     PROPOSED = "proposed"
     EXECUTED = "executed"
+    LIST = "list"
 
 
 class Effect(enum.StrEnum):
@@ -141,12 +151,108 @@ class Agent:
 
 @dataclass(frozen=True, slots=True)
 class RequestMeta:
-    """The HTTP request an action came from, with secrets already removed."""
+    """The HTTP request an action came from, with secrets already removed.
+
+    ``tools``: what a model request declares the model may use (function
+    tools by name, the provider's hosted tools, remote MCP servers with their
+    allowed tools), as policies see it in ``input.request.tools``; built by
+    the adapter without credentials (:mod:`warden.protocols.declared_tools`).
+    """
 
     method: str
     upstream: str
     path: str
     headers: Mapping[str, str] = field(default_factory=dict)
+    tools: tuple[Mapping[str, Any], ...] = ()
+    door: str = ""
+    """The front door that handed the request to the base-URL listener (``transparent``);
+    empty when the agent called the listener itself. Recorded as ``request.door``."""
+    conversation: Conversation | None = None
+    """What a model request carries of the conversation so far (the prior tool calls and
+    their results) and the session it belongs to; ``None`` where there is no conversation
+    (MCP, gRPC, plain HTTP tools). Policies see it as ``input.history`` / ``input.session``
+    (:mod:`warden.sessions`). Not recorded: the request's own messages are the agent's."""
+
+
+@dataclass(frozen=True, slots=True)
+class PriorResult:
+    """The result an agent sent back for an earlier tool call, bounded.
+
+    ``content`` is at most ``sessions.max_result_chars`` characters of it;
+    ``size`` and ``digest`` (SHA-256 hex) describe the whole.
+    """
+
+    content: str
+    size: int
+    digest: str
+    is_error: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PriorCall:
+    """A tool call earlier in the conversation, as the agent's request carries it.
+
+    ``digest`` is the SHA-256 of the arguments in canonical JSON (sorted keys),
+    the same digest Warden keeps for the calls it decides, so a call the agent
+    rewrote does not match its record. ``arguments`` is ``None`` when they are
+    not a JSON object.
+    """
+
+    call_id: str
+    tool: str
+    arguments: Mapping[str, Any] | None
+    digest: str
+    result: PriorResult | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """The conversation a model request carries, and the session it belongs to.
+
+    Built by :mod:`warden.protocols.history` (bounded in size and time:
+    ``truncated`` says a bound cut it). ``session_id`` comes from
+    ``X-Warden-Session`` or ``sessions.pointer`` (``session_source`` says
+    which); ``previous_response_id`` is a Responses API chain to rebuild
+    from Warden's own records. ``memo`` is the session guard's per-request
+    cache (the verified history is built once for all of a response's calls).
+    """
+
+    calls: tuple[PriorCall, ...] = ()
+    results: tuple[tuple[str, PriorResult], ...] = ()
+    """Results (by call id) for calls the request does not carry itself: a Responses
+    request continuing ``previous_response_id`` answers calls of an earlier response."""
+    messages: int = 0
+    truncated: bool = False
+    session_id: str | None = None
+    session_source: str | None = None
+    previous_response_id: str | None = None
+    carried: bool = True
+    """Whether the request carried its conversation (model requests); ``False`` for a door
+    that only names the session (MCP): ``input.session.conversation``."""
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyView:
+    """A door's own policy question about an action (Envoy ext_authz, in OPA-Envoy's shape).
+
+    The policy guard evaluates ``query`` instead of ``policy.query``, with
+    ``input`` merged into the usual input document (Warden's own keys win),
+    and passes the query's value to ``read``, which says whether it allows
+    the action and what the door will render of it (kept as
+    ``obligations.result``), and raises ``ValueError`` for a value of the
+    wrong shape (the action is then denied). ``input`` may carry credentials, as OPA-Envoy
+    policies expect (the request's headers): it is never recorded.
+    ``problem``: the door could not build the input (an unparsable body); the
+    action is denied before any guard runs. ``observe``: decided in observe
+    mode whatever the configured mode (ext_authz ``dry_run``).
+    """
+
+    query: str
+    input: Mapping[str, Any]
+    read: Callable[[Any], tuple[bool, Any]]
+    problem: str | None = None
+    observe: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +338,8 @@ class Action:
     context: Mapping[str, Any] = field(default_factory=dict)
     wire_type: str | None = None
     """The item or block type the call came as (``function_call``, ``local_shell_call``)."""
+    view: PolicyView | None = None
+    """Set by a door that asks the policy its own question (see :class:`PolicyView`)."""
 
     @property
     def target(self) -> str:
@@ -251,6 +359,9 @@ class Obligations:
     """How to wait for approval: ``hold`` (keep the request open) or ``defer``."""
     required_approvals: int = 1
     """Distinct approvers needed."""
+    result: Any = None
+    """For an action with a :class:`PolicyView`: the query's value as its ``read`` gave it,
+    for the door to render (ext_authz headers, status, body). Not recorded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +383,10 @@ class Decision:
     obligations: Obligations = field(default_factory=Obligations)
     error: str | None = None
     elapsed_us: int = 0
+    input: Mapping[str, Any] | None = None
+    """The facts of the policy ``input`` the rest of the decision record does not carry
+    (budget counters, configured mode and risk, declared tools, wire type), set by the
+    pipeline so ``warden policy replay`` can rebuild the exact input (ADR 0012)."""
 
     @property
     def enforced(self) -> Effect:

@@ -35,7 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
-from warden.audit.record import ApprovalEvidence
+from warden.audit.record import REDACTED, ApprovalEvidence
 from warden.audit.redaction import POLICY_GUARDS
 from warden.audit.redaction import resolve as resolve_redactions
 from warden.model import Action, ActionKind, Decision, Effect, Mode, Outcome, new_id
@@ -46,9 +46,11 @@ __all__ = [
     "Guard",
     "GuardContext",
     "Pipeline",
+    "Previewing",
     "Redacting",
     "Reserving",
     "input_problem",
+    "policy_facts",
     "policy_input",
 ]
 
@@ -70,6 +72,12 @@ class GuardContext:
     mode: Mode
     risk: str = "write"
     budget: Mapping[str, Any] = field(default_factory=dict)
+    history: Sequence[Mapping[str, Any]] = ()
+    """``input.history``: the conversation's prior tool calls, verified (:mod:`warden.sessions`)."""
+    session: Mapping[str, Any] = field(default_factory=dict)
+    """``input.session``: the session's id, counters and taints (:mod:`warden.sessions`)."""
+    labels: tuple[str, ...] = ()
+    """``input.action.labels``: the tool's ``tools.<name>.labels``."""
 
 
 class Guard(Protocol):
@@ -128,6 +136,21 @@ class Redacting(Protocol):
         ...
 
 
+@runtime_checkable
+class Previewing(Protocol):
+    """A guard that can say what it would decide without deciding (the policy).
+
+    Used for listings (:meth:`Pipeline.preview`): ``None`` when it cannot
+    say for sure, which keeps a listed tool visible.
+    """
+
+    name: str
+
+    async def preview(self, action: Action, ctx: GuardContext) -> Decision | None:
+        """What the guard would decide for ``action``, or ``None``; nothing is recorded."""
+        ...
+
+
 class AuditSink(Protocol):
     """Where everything Warden decides or sees is recorded: the one audit interface.
 
@@ -161,7 +184,7 @@ def policy_input(action: Action, ctx: GuardContext) -> dict[str, Any]:
     """The ``input`` document a Rego policy sees; see docs/policies.md."""
     agent, request, arguments = action.agent, action.request, action.arguments
     # ``_value_`` rather than ``value``: the enum property costs a Python call each time.
-    return {
+    doc: dict[str, Any] = {
         "agent": {"id": agent.id, "version": agent.version, "claims": dict(agent.claims)},
         "action": {
             "kind": action.kind._value_,
@@ -174,12 +197,61 @@ def policy_input(action: Action, ctx: GuardContext) -> dict[str, Any]:
             "upstream": request.upstream,
             "method": request.method,
             "path": request.path,
+            "labels": list(ctx.labels),
         },
+        "request": {"tools": list(request.tools)},
         "context": dict(action.context),
         "budget": dict(ctx.budget),
+        "history": list(ctx.history),
+        "session": dict(ctx.session),
         "mode": ctx.mode._value_,
         "risk": ctx.risk,
     }
+    if action.view is not None:
+        # A door's own input shape (OPA-Envoy's); Warden's keys win a clash.
+        return {**action.view.input, **doc}
+    return doc
+
+
+def policy_facts(action: Action, ctx: GuardContext) -> dict[str, Any]:
+    """What :func:`policy_input` holds that the decision record does not otherwise carry.
+
+    Recorded as ``decision.input`` (ADR 0012) so a recorded decision can be
+    re-evaluated on exactly the input it had. A key added to
+    :func:`policy_input` must be added here too (or be rebuilt from the record's
+    other fields); ``tests/unit/test_monitor_replay_input.py`` checks the two agree.
+    A door's own input (:class:`~warden.model.PolicyView`) may carry credentials
+    and is never recorded: only its query is named.
+    """
+    facts: dict[str, Any] = {
+        "type": action.wire_type,
+        "labels": list(ctx.labels),
+        "tools": list(action.request.tools),
+        "budget": dict(ctx.budget),
+        "session": dict(ctx.session),
+        "history": [_history_shape(entry) for entry in ctx.history],
+        "mode": ctx.mode._value_,
+        "risk": ctx.risk,
+    }
+    if action.view is not None:
+        facts["view"] = action.view.query
+    return facts
+
+
+def _history_shape(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A history entry without the conversation's content (ADR 0012).
+
+    Prior arguments and results are the agent's conversation: they are in
+    the log already, in the prior call's own records, redacted and sealed
+    there; here they read ``"[redacted]"`` (replay counts the input inexact).
+    """
+    shaped = dict(entry)
+    if shaped.get("arguments") is not None:
+        shaped["arguments"] = REDACTED
+    result = shaped.get("result")
+    if isinstance(result, Mapping) and result.get("content") is not None:
+        shaped["result"] = {**result, "content": REDACTED}
+    return shaped
 
 
 def input_problem(doc: Any) -> str | None:
@@ -289,6 +361,14 @@ def _validation_decision(
             f"({action.wire_type or 'no type'!r}); such items are denied "
             "(policy.unknown_calls: deny)"
         )
+    elif action.view is not None and action.view.problem is not None:
+        reason = f"the request cannot be checked: {action.view.problem}"
+    elif (
+        action.view is not None
+        and not _fits(action.view.input, 1)
+        and (problem := input_problem(policy_input(action, ctx))) is not None
+    ):
+        reason = f"the policy cannot check this request: {problem}"
     elif action.tool is not None and action.arguments is None:
         reason = (
             "the tool call's arguments are not a JSON object a policy can check exactly as "
@@ -311,8 +391,9 @@ def _validation_decision(
     )
 
 
-def _timed(d: Decision, elapsed_us: int) -> Decision:
-    """``d`` with ``elapsed_us`` set; ``dataclasses.replace`` costs several times more."""
+def _timed(d: Decision, elapsed_us: int, facts: Mapping[str, Any] | None = None) -> Decision:
+    """``d`` with ``elapsed_us`` (and the input ``facts``) set; ``dataclasses.replace``
+    costs several times more."""
     return Decision(
         d.decision_id,
         d.effect,
@@ -323,6 +404,7 @@ def _timed(d: Decision, elapsed_us: int) -> Decision:
         d.obligations,
         d.error,
         elapsed_us,
+        facts if facts is not None else d.input,
     )
 
 
@@ -366,6 +448,8 @@ class Pipeline:
         """
         started = time.perf_counter_ns()
         ctx = GuardContext(mode=self._mode_for(action.agent.id), risk=self._risk_of(action.tool))
+        if action.view is not None and action.view.observe:
+            ctx = GuardContext(mode=Mode.OBSERVE, risk=ctx.risk)  # ext_authz dry_run
         decision = _validation_decision(action, ctx, unknown_to_policy=self._unknown_to_policy)
         admitted: list[Reserving] = []
         recorded = False
@@ -394,7 +478,7 @@ class Pipeline:
                 ask = (lambda: source.redactions(action, final_ctx)) if source is not None else None
                 decision = await resolve_redactions(decision, ask)
             elapsed = (time.perf_counter_ns() - started) // 1000
-            decision = _timed(decision, elapsed)
+            decision = _timed(decision, elapsed, policy_facts(action, ctx))
             await self._audit.record_decision(action, decision)
             recorded = True
         finally:
@@ -405,6 +489,29 @@ class Pipeline:
                 except Exception:
                     log.exception("guard %s failed to finish a decision", guard.name)
         return decision
+
+    async def preview(self, action: Action) -> Decision | None:
+        """What the guards would say about ``action``, without reserving or recording anything.
+
+        For listings (``stage: list``), which are not actions: a guard that
+        implements :class:`Previewing` is asked through it, other guards
+        through :meth:`Guard.check`, and guards that hold something per
+        action (budgets) are skipped. ``None`` when no guard decided, or the
+        policy could not take the input: the caller keeps what it lists.
+        """
+        if not _action_fits(action):
+            return None
+        ctx = GuardContext(mode=self._mode_for(action.agent.id), risk=self._risk_of(action.tool))
+        for guard, reserving in self._steps:
+            if reserving is not None:
+                continue
+            if isinstance(guard, Previewing):
+                decision = await guard.preview(action, ctx)
+            else:
+                decision = await guard.check(action, ctx)
+            if decision is not None:
+                return decision
+        return None
 
     async def outcome(
         self, action: Action, decision_id: str, outcome: Outcome, *, trusted: bool = False

@@ -16,7 +16,7 @@ import logging
 import signal
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import aiohttp
 from aiohttp import web
@@ -28,20 +28,36 @@ from warden.admin.killswitch_routes import add_killswitch_routes
 from warden.approvals.gate import ApprovalGate, approval_settings
 from warden.approvals.service import Approvals
 from warden.audit import AuditLog
+from warden.audit.changes import CONFIG_LOAD, ActivationRecorder, config_body
+from warden.audit.ship import Shipper
 from warden.budgets.guard import BudgetGuard
 from warden.budgets.prices import PriceTable
 from warden.config import Config
+from warden.console import Console, console_app
 from warden.core import Governor
 from warden.ingress.base import FrontDoor
+from warden.ingress.envoy_authz import ExtAuthzService
+from warden.ingress.envoy_proc import ExtProcService
+from warden.ingress.grpc import GrpcDoor
+from warden.ingress.grpc_governance import GovernanceService, RecordSource
+from warden.ingress.grpc_service import GrpcService
 from warden.ingress.http import HttpDoor
 from warden.ingress.listen import listen
 from warden.killswitch import KillSwitch, KillSwitches, KillSwitchGuard, Scope
+from warden.monitor.live import LiveMonitor
+from warden.ops import tracing
 from warden.ops.health import add_health_routes
+from warden.ops.metrics import STATE_UP
 from warden.pipeline import Guard, Pipeline
+from warden.policy.challenger import Challenger
 from warden.policy.engine import PolicyEngine
 from warden.policy.guard import PolicyGuard
-from warden.state import StateStore
-from warden.state.links import CallLinks, CallLinkStore
+from warden.sessions import SessionGuard
+from warden.state.backend import StateBackend, open_state
+from warden.state.links import CallLinks
+
+if TYPE_CHECKING:
+    from warden.ingress.transparent import TransparentDoor
 
 __all__ = ["Warden"]
 
@@ -63,7 +79,12 @@ class Warden:
     """
 
     def __init__(
-        self, config: Config, *, doors: Sequence[FrontDoor] = (), listeners: bool = True
+        self,
+        config: Config,
+        *,
+        doors: Sequence[FrontDoor] = (),
+        listeners: bool = True,
+        config_source: str | None = None,
     ) -> None:
         """``doors``: front doors to start besides the ones the configuration names.
 
@@ -71,10 +92,14 @@ class Warden:
         ``doors`` take traffic (``warden mcp wrap`` runs beside ``warden serve``).
         """
         self.config = config
+        self._config_source = config_source
+        """The config file, named in the ``config_load`` audit record."""
         self._extra_doors = tuple(doors)
         self._listeners = listeners
         self._stack = contextlib.AsyncExitStack()
         self._audit: AuditLog | None = None
+        self._shipper: Shipper | None = None
+        self._state: StateBackend | None = None
         self._engine: PolicyEngine | None = None
         self.killswitches: KillSwitches | None = None
         """The kill switches in force; the proxy checks them between stream chunks."""
@@ -85,6 +110,13 @@ class Warden:
         self._stopping = False
         self.proxy_url = ""
         self.admin_url = ""
+        self.grpc_address = ""
+        """``host:port`` of the gRPC listener (``listen.grpc``), once started; empty when off."""
+        self._transparent: TransparentDoor | None = None
+        self.monitor: LiveMonitor | None = None
+        """Drift and quality gauges (``monitor.enabled``), once started."""
+        self.challenger: Challenger | None = None
+        """The live challenger (``policy.challenger``), once started (``stats()``)."""
 
     async def start(self) -> None:
         """Open the audit log, start the policy engine, then begin listening.
@@ -103,36 +135,37 @@ class Warden:
         stack = self._stack
         prices = PriceTable.load(cfg.prices.file)
         # Entered first, closed last: every other close may still record.
-        self._audit = audit = await AuditLog.open(cfg.audit)
-        stack.push_async_callback(audit.close)
-        state = await StateStore.open(cfg.state.url)
+        self._audit = audit = await self._open_audit()
+        # SQLite or PostgreSQL: every repository, and the change feed between sidecars.
+        self._state = state = await open_state(cfg.state)
         stack.push_async_callback(state.close)
-        self.killswitches = killswitches = KillSwitches(state, audit)
+        self.killswitches = killswitches = KillSwitches(state.killswitches, audit, feed=state.feed)
         await killswitches.start()
         stack.push_async_callback(killswitches.close)
         budgets = BudgetGuard(
-            state,
+            state.budgets,
             cfg.budgets,
             prices,
             {name: up.protocol for name, up in cfg.upstreams.items()},
+            on_unavailable=cfg.policy.fallback if cfg.state.on_unavailable == "fallback" else None,
         )
         budgets.start()
         stack.push_async_callback(budgets.close)
         self._approvals = approvals = await Approvals.open(
-            cfg.state.url, audit, approval_settings(cfg.approvals)
+            state.approvals, audit, approval_settings(cfg.approvals), feed=state.feed
         )
         stack.push_async_callback(approvals.close)  # before the audit log: it records deliveries
         gate = ApprovalGate(
             approvals, cfg.approvals, audit, killswitches=killswitches, budgets=budgets
         )
         killswitches.on_set(self._reject_held)
-        self._engine = engine = await PolicyEngine.start(cfg.policy)
-        stack.push_async_callback(engine.close)
-        # Kill switch first, then budget reservation, then policy.
+        self._engine, policy_guard = await self._start_policy(audit)
+        # Kill switch first, then budget reservation, then the session, then policy.
         guards: list[Guard] = [
             KillSwitchGuard(killswitches),
             budgets,
-            PolicyGuard(engine, cfg.policy),
+            sessions := self._session_guard(state),
+            policy_guard,
         ]
         pipeline = Pipeline(
             guards,
@@ -142,9 +175,9 @@ class Warden:
             default_effect=cfg.policy.default_effect,
             unknown_calls_to_policy=cfg.policy.unknown_calls == "policy",
         )
-        link_store = await CallLinkStore.open(cfg.state.url)
-        stack.push_async_callback(link_store.close)
-        self.core = core = Governor(pipeline, gate=gate, links=CallLinks(link_store))
+        self.core = core = Governor(
+            pipeline, gate=gate, links=CallLinks(state.links), chains=sessions
+        )
         await core.start()
         stack.push_async_callback(core.close)  # after the doors: drains their outcomes
         if not self._listeners:
@@ -156,6 +189,8 @@ class Warden:
             auto_decompress=True,
             # No proxy from the environment: Warden reaches only configured upstreams.
             trust_env=False,
+            # A span per upstream request, continuing the trace (none unless tracing is on).
+            trace_configs=tracing.client_trace_configs(),
         )
         stack.push_async_callback(session.close)
         admin_app = web.Application()
@@ -163,9 +198,32 @@ class Warden:
         add_health_routes(admin_app, self.readiness)
         add_killswitch_routes(admin_app, killswitches)
         add_approval_routes(admin_app, approvals, admin_app[AUTH])
+        await self._start_console(admin_app, audit, approvals, killswitches, budgets=budgets)
         http = HttpDoor(cfg, session, killswitches=killswitches)
-        await self._start_doors(core, (http, *self._extra_doors))
+        doors: list[FrontDoor] = [http, *self._transparent_door(http)]
+        grpc_door: GrpcDoor | None = None
+        if cfg.listen.grpc is not None:
+            # Warden's own API first; the Envoy services are appended where marked below.
+            services: list[GrpcService] = [
+                GovernanceService(
+                    cfg,
+                    core,
+                    approvals=approvals,
+                    killswitches=killswitches,
+                    records=RecordSource(audit.directory, lambda: audit.size),
+                    auth=admin_app[AUTH],
+                ),
+            ]
+            # --- gRPC services beside Warden's API (Envoy ext_authz, ext_proc): append here ---
+            services.append(ExtAuthzService(core, cfg))
+            services.append(ExtProcService(core, cfg, killswitches=killswitches))
+            grpc_door = GrpcDoor(
+                cfg.listen.grpc, cfg.grpc, services, shutdown_grace_s=cfg.shutdown_grace_s
+            )
+            doors.append(grpc_door)
+        await self._start_doors(core, (*doors, *self._extra_doors))
         self.proxy_url = http.url
+        self.grpc_address = grpc_door.address if grpc_door is not None else ""
         admin, self.admin_url = await listen(
             admin_app, cfg.listen.admin, shutdown_grace_s=cfg.shutdown_grace_s
         )
@@ -173,6 +231,118 @@ class Warden:
         # Unwound first: held requests are answered as deferred, so doors can drain.
         stack.callback(gate.stop_holding)
         log.info("proxy listening on %s, admin on %s", self.proxy_url, self.admin_url)
+
+    async def _start_policy(self, audit: AuditLog) -> tuple[PolicyEngine, PolicyGuard]:
+        """The policy engine (and the challenger beside it, if configured) and its guard."""
+        cfg = self.config
+        # ext_authz's query is compiled beside policy.query (undefined if the bundle lacks it).
+        engine = await PolicyEngine.start(
+            cfg.policy,
+            entrypoints=(cfg.ext_authz.query,),
+            # Every activation is recorded (durably) just before it is swapped in.
+            pre_activate=ActivationRecorder(audit),
+        )
+        self._stack.push_async_callback(engine.close)
+        guard = PolicyGuard(engine, cfg.policy)
+        guard.challenger = await self._start_challenger(audit)
+        return engine, guard
+
+    async def _start_challenger(self, audit: AuditLog) -> Challenger | None:
+        """The live challenger (``policy.challenger``): own workers, fed off the request path."""
+        if self.config.policy.challenger is None:
+            return None
+        self.challenger = challenger = await Challenger.start(
+            self.config.policy,
+            audit=audit,
+            pre_activate=ActivationRecorder(audit, role="challenger"),
+        )
+        # Closed after the doors (unwound first): they stop offering before it stops.
+        self._stack.push_async_callback(challenger.close)
+        return challenger
+
+    def _session_guard(self, state: StateBackend) -> SessionGuard:
+        """``input.history`` and ``input.session`` (:mod:`warden.sessions`), kept in ``state``."""
+        cfg = self.config
+        sessions = SessionGuard(
+            state.sessions,
+            cfg.sessions,
+            cfg.tools,
+            deny_when_unavailable=cfg.state.on_unavailable == "deny",
+        )
+        sessions.start()
+        self._stack.push_async_callback(sessions.close)
+        return sessions
+
+    @property
+    def transparent_address(self) -> str:
+        """``host:port`` of the transparent mode proxy (``transparent.listen``); empty when off."""
+        return self._transparent.address if self._transparent is not None else ""
+
+    def _transparent_door(self, http: HttpDoor) -> list[FrontDoor]:
+        """Transparent mode, when ``transparent.listen`` is set: after the HTTP door,
+        whose listener it hands governed flows to (ADR 0010)."""
+        cfg = self.config
+        if cfg.transparent is None or cfg.transparent.listen is None:
+            return []
+        # Imported only when on: mitmproxy is large.
+        from warden.ingress.transparent import TransparentDoor  # noqa: PLC0415
+
+        self._transparent = TransparentDoor(
+            cfg, lambda: http.url, shutdown_grace_s=cfg.shutdown_grace_s
+        )
+        return [self._transparent]
+
+    async def _open_audit(self) -> AuditLog:
+        """Open the audit log, and start shipping it when ``audit.ship`` is set."""
+        cfg = self.config.audit
+        # Reads its password file now: a bad one fails the start before anything opens.
+        shipper = Shipper(cfg.ship, cfg.dir) if cfg.ship is not None else None
+        audit = await AuditLog.open(cfg)
+        if shipper is not None:
+            # Closed after the audit log, so the final checkpoint is shipped too.
+            self._shipper = shipper
+            self._stack.push_async_callback(shipper.close)
+            shipper.start(lambda: audit.size)
+        self._stack.push_async_callback(audit.close)
+        # Change management: which configuration this process runs (secrets left out).
+        await audit.append(CONFIG_LOAD, config_body(self.config, self._config_source))
+        self._start_monitor(audit)  # drift and quality gauges, off the request path
+        return audit
+
+    def _start_monitor(self, audit: AuditLog) -> None:
+        """Drift and quality gauges (``monitor``), recomputed by a background task."""
+        if not self.config.monitor.enabled:
+            return
+        live = LiveMonitor(self.config.monitor, audit.directory)
+        live.start(lambda: audit.size)
+        self.monitor = live
+        self._stack.push_async_callback(live.close)  # before the audit log closes
+
+    async def _start_console(
+        self,
+        admin_app: web.Application,
+        audit: AuditLog,
+        approvals: Approvals,
+        killswitches: KillSwitches,
+        *,
+        budgets: BudgetGuard | None = None,
+    ) -> None:
+        """The web console at ``/console/``: reads the log, acts through the same services."""
+        if not self.config.console.enabled:
+            return
+        console = Console(
+            self.config,
+            audit=audit,
+            approvals=approvals,
+            killswitches=killswitches,
+            auth=admin_app[AUTH],
+            readiness=self.readiness,
+            budgets=budgets,
+            challenger=lambda: self.challenger.stats() if self.challenger is not None else None,
+        )
+        await console.start()
+        self._stack.push_async_callback(console.close)
+        admin_app.add_subapp("/console", console_app(console))
 
     async def _start_doors(self, core: Governor, doors: Sequence[FrontDoor]) -> None:
         self.doors = tuple(doors)
@@ -189,7 +359,24 @@ class Warden:
             "audit": {"writable": audit_ok},
             "stopping": self._stopping,
         }
-        return policy_ok and audit_ok and not self._stopping, detail
+        if self._shipper is not None:
+            shipping = self._shipper.status()
+            detail["audit"]["ship"] = {
+                "connected": shipping.connected,
+                "lag_records": shipping.lag_records,
+                "lag_seconds": round(shipping.lag_seconds, 3),
+            }
+        if self._state is not None:
+            # Degraded, not unready: see ADR 0009 (Outages). Decisions that need the
+            # state store follow state.on_unavailable; every other decision still works.
+            up = self._state.up()
+            detail["state"] = {"backend": self._state.kind, "up": up}
+            STATE_UP.set(1 if up else 0)  # /metrics asks for readiness on every scrape
+        transparent_ok = True
+        if self._transparent is not None:
+            transparent_ok = self._transparent.ready
+            detail["transparent"] = self._transparent.status()
+        return policy_ok and audit_ok and transparent_ok and not self._stopping, detail
 
     async def stop(self) -> None:
         """Graceful stop: refuse new requests, finish in-flight ones, flush the log.

@@ -188,6 +188,13 @@ def test_demo_shows_allow_deny_and_hold_and_leaves_nothing_running(tmp_path: Pat
     for effect in ("ALLOWED", "DENIED", "HELD", "APPROVED", "REJECTED"):
         assert effect in out
     assert ": intact" in out
+    # The MCP step: a tool call through `warden mcp wrap` allowed, one held and rejected.
+    assert "warden mcp wrap --config" in out
+    assert "MCP     search_kb                 ALLOWED" in out
+    assert "MCP     close_account             REJECTED" in out
+    assert "Tools the MCP server actually ran: search_kb\n" in out
+    assert "MCP wrap's audit log" in out
+    assert "DAMAGED" not in out
     assert "sk-demo-not-a-real-key" not in out
     assert _session_processes(proc.pid) == []
 

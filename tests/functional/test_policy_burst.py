@@ -13,11 +13,15 @@ import asyncio
 from pathlib import Path
 
 import openai
+import pytest
 
 from tests.functional.conftest import audit_records, make_config
 from warden.config import DEFAULT_POLICY_DEADLINE_MS, DEFAULT_POLICY_WORKERS
 from warden.server import Warden
 from warden.testing import Call, MockLLM, Reply
+
+# A burst of cache misses on the default deadline: run alone, not beside other tests.
+pytestmark = pytest.mark.serial
 
 BURST = 64
 MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [

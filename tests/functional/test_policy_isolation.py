@@ -29,6 +29,9 @@ from warden.pipeline import GuardContext
 from warden.policy.engine import PolicyEngine, PolicyResult
 from warden.policy.guard import PolicyGuard
 
+# Wall-clock bounds on deadlines and kills: run alone, not beside other tests.
+pytestmark = pytest.mark.serial
+
 POLICY = """package warden
 
 import rego.v1
@@ -80,7 +83,9 @@ def action(tool: str) -> Action:
 async def engine(tmp_path: Path) -> AsyncIterator[PolicyEngine]:
     root = write_bundle(tmp_path)
     config = PolicyConfig(bundles=(str(root),), workers=2, deadline_ms=DEADLINE_MS, watch=False)
-    eng = await PolicyEngine.start(config)
+    # A worker starved of CPU by tests running beside this one is pushed back
+    # (Overloaded) after the queue bound; these tests are about looping policies.
+    eng = await PolicyEngine.start(config, queue_timeout_s=30)
     assert eng.ready
     yield eng
     await eng.close()

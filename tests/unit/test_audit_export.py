@@ -87,6 +87,8 @@ def test_evidence_package_verifies_offline(root: Path, tmp_path: Path) -> None:
     assert names == {
         "records.jsonl",
         "proofs.jsonl",
+        "changelog.jsonl",
+        "activations.jsonl",
         "checkpoint",
         "checkpoint.body",
         "checkpoint.sig",

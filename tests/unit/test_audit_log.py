@@ -181,6 +181,18 @@ async def test_concurrent_appends_share_fsyncs(log: AuditLog, syncs: SyncCounter
     assert verify_log(log.directory).ok
 
 
+async def test_records_appended_in_one_loop_pass_share_one_fsync(
+    log: AuditLog, syncs: SyncCounter
+) -> None:
+    # The batch starts on the next loop pass, not at the first record: a burst
+    # of decisions taken in one pass costs one fsync, however it began.
+    await asyncio.gather(
+        *(log.record_decision(sample_action(n), sample_decision()) for n in range(32))
+    )
+    assert syncs.calls == 1
+    assert log.size == 32
+
+
 async def test_a_failed_fsync_fails_the_log_closed_for_good(
     log: AuditLog, syncs: SyncCounter
 ) -> None:
@@ -403,12 +415,15 @@ async def test_the_pipeline_records_through_the_log(log: AuditLog) -> None:
     assert _records(log.directory)[0]["decision"]["effect"] == "deny"
 
 
-async def test_close_writes_records_whose_flush_was_cancelled(tmp_path: Path) -> None:
+async def test_close_writes_records_still_queued(tmp_path: Path) -> None:
     log = await AuditLog.open(_config(tmp_path))
-    pending = asyncio.ensure_future(log.append("note", {"n": 1}))
-    await asyncio.sleep(0)  # the record is queued and its flush task created...
-    assert log._flush_task is not None
-    log._flush_task.cancel()  # ...and cancelled before it ran, as at loop shutdown
+    first = asyncio.ensure_future(log.append("note", {"n": 1}))
+    await asyncio.sleep(0)  # the first record's batch is on the I/O thread...
+    outcome = asyncio.ensure_future(
+        log.record_outcome(sample_action(), "dec_x", Outcome(status=200))
+    )
+    await asyncio.sleep(0)  # ...and an outcome waits behind it, not yet in any batch
     await log.close()
-    assert [r["body"] for r in _records(tmp_path)] == [{"n": 1}]
-    assert (await pending).seq == 0
+    assert [r["kind"] for r in _records(tmp_path)] == ["note", "outcome"]
+    assert (await first).seq == 0
+    await outcome

@@ -235,17 +235,21 @@ def url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/state.db"
 
 
+_STORES: dict[int, CallLinkStore] = {}
+"""Each test Governor's link store, closed by :func:`stop` after the core flushed into it."""
+
+
 async def governor(audit: MemoryAudit, url: str, ttl_s: float = LINK_TTL_S) -> Governor:
-    core = Governor(pipeline(audit), links=CallLinks(await CallLinkStore.open(url), ttl_s=ttl_s))
+    store = await CallLinkStore.open(url)
+    core = Governor(pipeline(audit), links=CallLinks(store, ttl_s=ttl_s))
+    _STORES[id(core)] = store
     await core.start()
     return core
 
 
 async def stop(core: Governor) -> None:
     await core.close()
-    store = core.links._store
-    assert store is not None
-    await store.close()
+    await _STORES.pop(id(core)).close()
 
 
 async def test_a_result_after_a_restart_links_to_its_decision(audit: MemoryAudit, url: str) -> None:

@@ -49,6 +49,10 @@ BRANCHES = {
     "a customer may receive per day without approval",
     "closing a customer account always needs",
     "changing a customer's email address needs",
+    "each call is checked with its arguments",
+    "which is not approved for support agents",
+    "are approved there; set allowed_tools",
+    "which is not approved there",
 }
 
 

@@ -130,11 +130,14 @@ def test_timing_a_decision_keeps_every_field() -> None:
         obligations=Obligations(redact=("x",), approvers=("ops",), hold="defer"),
         error="policy_error",
         elapsed_us=1,
+        input={"mode": "observe"},
     )
     assert timed(decision, 42) == dataclasses.replace(decision, elapsed_us=42)
+    facts = {"mode": "enforce"}
+    assert timed(decision, 42, facts) == dataclasses.replace(decision, elapsed_us=42, input=facts)
     # A field added to Decision must be added to _timed too.
-    assert [f.name for f in dataclasses.fields(Decision)][-1] == "elapsed_us"
-    assert len(dataclasses.fields(Decision)) == 9
+    assert [f.name for f in dataclasses.fields(Decision)][-1] == "input"
+    assert len(dataclasses.fields(Decision)) == 10
 
 
 _FORKED_IDS = """

@@ -159,14 +159,26 @@ def test_an_extra_argument_is_the_output_and_reads_the_whole() -> None:
     assert shape.paths == (("action",),)
 
 
-def test_shipped_bundle_reads_only_three_action_fields_and_decides_the_same() -> None:
+def test_shipped_bundle_reads_only_four_action_fields_and_decides_the_same() -> None:
     policy = load_policy_set([BUNDLE])
     shape = analyse(policy.production)
     assert shape.paths == (
         ("action", "arguments"),
         ("action", "kind"),
+        ("action", "labels"),  # taint labels of the tool (session rules)
+        ("action", "stage"),  # MCP tools/list entries are answered by name
         ("action", "tool"),
         ("budget",),
+        # Four fields of each earlier call in the conversation (session rules).
+        ("history", "*", "arguments", "order_id"),
+        ("history", "*", "arguments", "query"),
+        ("history", "*", "tool"),
+        ("history", "*", "verified"),
+        ("request", "tools"),  # hosted MCP servers a model request declares
+        ("session", "calls"),
+        ("session", "conversation"),
+        ("session", "held"),
+        ("session", "taints"),
     )
     evaluator = Evaluator(
         [(m.path, m.source) for m in policy.production], policy.data, "data.warden.decision"

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from warden.protocols._wire import (
     _reject_constant,
     _unique_keys,
+    dumps,
+    loads,
     parse_arguments,
     policy_safe,
 )
@@ -64,17 +66,19 @@ def _render(value: Any, space: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-_VALUE = st.recursive(
-    _SCALAR,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=3),
-        # Pairs, not a dict: the same key may come twice.
-        st.lists(st.tuples(st.sampled_from(["a", "b", 'c"', "d:"]) | _TEXT, inner), max_size=4).map(
-            lambda pairs: ["obj", pairs]
-        ),
-    ),
-    max_leaves=8,
-)
+def _object(pairs: list[tuple[str, Any]]) -> list[Any]:
+    return ["obj", pairs]
+
+
+def _nest(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    # Pairs, not a dict: the same key may come twice.
+    keys = st.sampled_from(["a", "b", 'c"', "d:"]) | _TEXT
+    return st.one_of(
+        st.lists(inner, max_size=3), st.lists(st.tuples(keys, inner), max_size=4).map(_object)
+    )
+
+
+_VALUE = st.recursive(_SCALAR, _nest, max_leaves=8)
 
 
 @settings(max_examples=400, deadline=None)
@@ -98,3 +102,34 @@ def test_repeated_keys_are_malformed_on_both_paths() -> None:
     assert parse_arguments('{"a": "x\\": 1", "b": 2}')[1] == {"a": 'x": 1', "b": 2}
     assert parse_arguments('{"n": 12345678901234567890123}')[1] is None
     assert parse_arguments('{"n": 1234567890123456789}')[1] == {"n": 1234567890123456789}
+
+
+_DOC = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(alphabet=st.sampled_from(["a", "1", "é", '"', "\\", "\ud800"]), max_size=4),
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["a", "b", "1234567890123456789012"]), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_DOC, st.booleans())
+def test_loads_reads_bodies_as_the_sdks_do(value: Any, as_bytes: bool) -> None:
+    # Integers past 64 bits, NaN and infinities are what the SDKs' stdlib parser keeps.
+    text = json.dumps(value)
+    got = loads(text.encode("utf-8", "surrogatepass") if as_bytes else text)
+    assert json.dumps(got, sort_keys=True) == json.dumps(json.loads(text), sort_keys=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_DOC)
+def test_dumps_writes_what_the_sdks_read_back(value: Any) -> None:
+    assert json.dumps(json.loads(dumps(value)), sort_keys=True) == json.dumps(value, sort_keys=True)

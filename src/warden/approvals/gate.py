@@ -22,17 +22,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Protocol
+import logging
+from typing import Final, Protocol
 
 from warden import tasks
 from warden.approvals.model import Approval, ApprovalSettings, ApprovalStatus
 from warden.approvals.service import Approvals
 from warden.config import ApprovalsConfig
+from warden.errors import AuditError
 from warden.killswitch import KillSwitches
 from warden.model import Action, Decision, Effect, Mode, new_id
 from warden.pipeline import AuditSink
 
 __all__ = ["ApprovalGate", "approval_settings"]
+
+log = logging.getLogger("warden.approvals")
+
+STATE_UNAVAILABLE: Final = "state_unavailable"
+"""The ``error`` of a decision denied because the approval store was unreachable."""
 
 
 def approval_settings(config: ApprovalsConfig) -> ApprovalSettings:
@@ -81,9 +88,33 @@ class ApprovalGate:
         self._stopping.set()
 
     async def settle(self, action: Action, decision: Decision) -> Decision:
-        """The final decision for ``action``; ``decision`` unchanged unless it awaits people."""
+        """The final decision for ``action``; ``decision`` unchanged unless it awaits people.
+
+        When the approval store cannot be reached, the action is denied (and
+        that decision recorded): no one could approve it, and nothing may pass
+        unapproved. Only a failure of the audit log itself propagates.
+        """
         if decision.enforced is not Effect.REQUIRE_APPROVAL:
             return decision
+        try:
+            return await self._settle(action, decision)
+        except AuditError:
+            raise
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            log.warning(
+                "approval store unavailable; action %s denied: %s",
+                action.action_id,
+                f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__,
+            )
+        why = "the approval store is unavailable, so no one can approve this now; denied"
+        denied = dataclasses.replace(
+            _follow(decision, Effect.DENY, (*decision.reasons, why)), error=STATE_UNAVAILABLE
+        )
+        await self._audit.record_decision(action, denied)
+        return denied
+
+    async def _settle(self, action: Action, decision: Decision) -> Decision:
         how = decision.obligations.hold or self._settings.mode
         grant = await self.approvals.take_grant(action)
         if grant is not None:

@@ -56,15 +56,19 @@ from warden.approvals.model import (
 )
 from warden.approvals.notify import Delivery, Notifier
 from warden.approvals.owner import Owner
-from warden.approvals.store import ApprovalStore
+from warden.approvals.store import ApprovalRepo, ApprovalStore
 from warden.audit.record import action_body, arguments_sha256
 from warden.model import Action, Decision, new_id
+from warden.ops import metrics as ops_metrics
 from warden.pipeline import AuditSink
+from warden.state.repos import APPROVALS, ChangeFeed
 
 __all__ = ["Approvals"]
 
 log = logging.getLogger("warden.approvals")
 
+FEED_BACKSTOP_S = 5.0
+"""With a change feed, a waiter still re-reads its approval this often."""
 KILL_SWITCH = "kill_switch"
 """``decided_by`` of approvals rejected because a kill switch was thrown."""
 
@@ -74,13 +78,22 @@ class Approvals:
 
     def __init__(
         self,
-        store: ApprovalStore,
+        store: ApprovalRepo,
         audit: AuditSink,
         settings: ApprovalSettings,
         *,
         owner: Owner | None = None,
+        feed: ChangeFeed | None = None,
     ) -> None:
         self._store = store
+        self._feed = feed
+        # Decisions made by other sidecars arrive on the feed; without one, waiters poll.
+        self._poll_s = (
+            settings.poll_interval_s
+            if feed is None
+            else max(settings.poll_interval_s, FEED_BACKSTOP_S)
+        )
+        self._watcher: asyncio.Task[None] | None = None
         self._audit = audit
         self.settings = settings
         self.owner = owner if owner is not None else Owner.current()
@@ -95,15 +108,20 @@ class Approvals:
     @classmethod
     async def open(
         cls,
-        state_url: str,
+        state_url: str | ApprovalRepo,
         audit: AuditSink,
         settings: ApprovalSettings,
         *,
         owner: Owner | None = None,
+        feed: ChangeFeed | None = None,
     ) -> Approvals:
-        """Open the approvals table, defer the holds of dead processes, start the sweeper."""
-        store = await ApprovalStore.open(state_url)
-        self = cls(store, audit, settings, owner=owner)
+        """Open the approvals table, defer the holds of dead processes, start the sweeper.
+
+        ``state_url`` is a ``sqlite:///`` URL or an open repository (any backend);
+        ``feed`` wakes waiters when another sidecar decides.
+        """
+        store = await ApprovalStore.open(state_url) if isinstance(state_url, str) else state_url
+        self = cls(store, audit, settings, owner=owner, feed=feed)
         try:
             await self._store.heartbeat(self.owner, time.time())
             recovered = await self.recover()
@@ -118,6 +136,8 @@ class Approvals:
             await store.close()
             raise
         self._sweeper = tasks.spawn(self._sweep(), name="approval-sweep")
+        if feed is not None:
+            self._watcher = tasks.spawn(self._watch(feed), name="approval-watch")
         return self
 
     async def close(self) -> None:
@@ -125,10 +145,11 @@ class Approvals:
         if self._closed:
             return
         self._closed = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._notifier.close()
         for event in self._events.values():
             event.set()
@@ -254,9 +275,7 @@ class Approvals:
                 # The event wakes us for decisions made here; the timeout is
                 # the poll for decisions made by other sidecars.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        event.wait(), min(self.settings.poll_interval_s, remaining)
-                    )
+                    await asyncio.wait_for(event.wait(), min(self._poll_s, remaining))
                 if self._closed:  # shutting down: the approval stays pending in the store
                     return approval
         finally:
@@ -493,6 +512,23 @@ class Approvals:
         for labels, n in counts.items():
             metrics.PENDING.labels(*labels).set(n)
         self._gauge_labels |= counts.keys()
+        # For the "approvals waiting too long" alert; listed oldest first.
+        pending = await self._store.list(ApprovalStatus.PENDING) if counts else []
+        ops_metrics.oldest_pending_approval(pending[0].created_at if pending else None)
+
+    async def _watch(self, feed: ChangeFeed) -> None:
+        # Wake the waiters of an approval another sidecar changed; they re-read it.
+        with feed.watch(APPROVALS) as changes:
+            while True:
+                change = await changes.get()
+                if change.key is None:
+                    woken = list(self._events)
+                else:
+                    woken = [change.key] if change.key in self._events else []
+                for approval_id in woken:
+                    event = self._events.pop(approval_id, None)
+                    if event is not None:
+                        event.set()
 
     async def _sweep(self) -> None:
         # The heartbeat must come well within orphan_after_s, or siblings

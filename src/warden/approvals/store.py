@@ -1,6 +1,13 @@
-"""Approvals in SQLite, in the same database file as the state store.
+"""Approvals: the repository interface, and its SQLite implementation.
 
-The store keeps its own connection, used from one dedicated thread like
+:class:`ApprovalRepo` is what the approvals service needs from storage;
+:class:`ApprovalStore` keeps approvals in SQLite, in the same database file as
+the state store (:class:`warden.state.pg_approvals.PgApprovalStore` keeps them
+in PostgreSQL). The rules shared by both (how a vote changes an approval,
+which holds are orphaned) are the pure functions :func:`apply_vote` and
+:func:`orphaned_holds`.
+
+The SQLite store keeps its own connection, used from one dedicated thread like
 :class:`warden.state.sqlite.StateStore`, with the same pragmas (WAL, busy
 timeout). Every change is a ``BEGIN IMMEDIATE`` transaction that re-reads the
 row under the write lock, so two sidecars sharing the file can never both
@@ -11,10 +18,10 @@ from __future__ import annotations
 
 import builtins
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
@@ -30,7 +37,15 @@ from warden.approvals.owner import Owner, provably_dead, stale
 from warden.errors import ConfigError
 from warden.state.base import SqliteStore, immediate
 
-__all__ = ["ApprovalStore"]
+__all__ = [
+    "COLUMNS",
+    "ApprovalRepo",
+    "ApprovalStore",
+    "apply_vote",
+    "from_row",
+    "orphaned_holds",
+    "to_row",
+]
 
 T = TypeVar("T")
 
@@ -70,13 +85,157 @@ CREATE TABLE IF NOT EXISTS approval_owners (
     heartbeat_at REAL NOT NULL
 );
 """
-_COLUMNS = (
+COLUMNS = (
     "id, decision_id, action_id, agent, tool, arguments, arguments_sha256, binding, mode, "
     "reason, risk, approvers, required, redacted, status, created_at, expires_at, votes, "
     "decided_at, decided_by, comment, consumed_at, owner"
 )
 # Columns added after the first release, created on open when an older file lacks them.
 _ADDED_COLUMNS = (("owner", "TEXT"),)
+
+
+class ApprovalRepo(Protocol):
+    """Approval rows and the owners of holds, shared by every sidecar using the state.
+
+    Every change is atomic across sidecars: two can never both approve, both
+    consume, or approve what another just expired.
+    """
+
+    async def get(self, approval_id: str) -> Approval | None:
+        """One approval by id."""
+        ...
+
+    async def list(self, status: ApprovalStatus | None = None) -> builtins.list[Approval]:
+        """Approvals with ``status`` (all when ``None``), oldest first."""
+        ...
+
+    async def pending_counts(self) -> dict[tuple[str, str], int]:
+        """Pending approvals by ``(agent, tool)``."""
+        ...
+
+    async def insert(self, approval: Approval) -> None:
+        """Store a new approval."""
+        ...
+
+    async def pending_for(self, binding: str, now: float) -> Approval | None:
+        """The oldest pending, unexpired approval with this binding."""
+        ...
+
+    async def vote(self, approval_id: str, vote: Vote) -> tuple[Approval, Approval]:
+        """Add a vote atomically (:func:`apply_vote`); the approval before and after."""
+        ...
+
+    async def expire(self, approval_id: str, now: float) -> Approval | None:
+        """Expire a pending approval; ``None`` when it was not pending."""
+        ...
+
+    async def to_defer(self, approval_id: str, expires_at: float) -> Approval | None:
+        """Turn a pending hold into a deferral; ``None`` when not pending."""
+        ...
+
+    async def expire_due(self, now: float) -> builtins.list[Approval]:
+        """Expire every pending approval past its expiry; return them."""
+        ...
+
+    async def consume_grant(self, binding: str, now: float) -> Approval | None:
+        """Consume the oldest approved, unexpired deferral with this binding, once."""
+        ...
+
+    async def consume(self, approval_id: str, now: float) -> Approval | None:
+        """Consume an approved approval by id; ``None`` when it is not approved."""
+        ...
+
+    async def cancel(
+        self, agent: str | None, tool: str | None, who: str, reason: str, now: float
+    ) -> builtins.list[Approval]:
+        """Reject every pending approval of ``agent`` and/or ``tool`` (all when both None)."""
+        ...
+
+    async def heartbeat(self, owner: Owner, now: float) -> None:
+        """Say that ``owner`` is alive."""
+        ...
+
+    async def release(self, owner: Owner) -> None:
+        """Drop ``owner``'s row."""
+        ...
+
+    async def recover(
+        self, me: Owner, now: float, orphan_after_s: float, expires_at: float
+    ) -> builtins.list[Approval]:
+        """Turn the holds of dead owners into deferrals (:func:`orphaned_holds`); return them."""
+        ...
+
+    async def adopt(
+        self, binding: str, owner: str, now: float, hold_until: float
+    ) -> Approval | None:
+        """Hold the oldest pending deferral with this binding in ``owner``."""
+        ...
+
+    async def close(self) -> None:
+        """Release what this repository holds (a shared pool stays open)."""
+        ...
+
+
+def apply_vote(before: Approval, vote: Vote) -> Approval:
+    """The approval after ``vote``, as every backend decides it under its row lock.
+
+    One rejection rejects; ``required_approvals`` distinct approvals approve;
+    a pending approval past its expiry is expired instead. Raises
+    :class:`ApprovalConflict` when it is not pending and :class:`AlreadyVoted`
+    for a second vote by the same subject.
+    """
+    if before.status is not ApprovalStatus.PENDING:
+        raise ApprovalConflict(f"approval {before.id} is already {before.status.value}")
+    if before.expires_at <= vote.at:
+        return replace(before, status=ApprovalStatus.EXPIRED, decided_at=vote.at)
+    if any(v.subject == vote.subject for v in before.votes):
+        raise AlreadyVoted(f"{vote.subject} already voted on approval {before.id}")
+    after = replace(before, votes=(*before.votes, vote))
+    if not vote.approve:
+        return replace(
+            after,
+            status=ApprovalStatus.REJECTED,
+            decided_at=vote.at,
+            decided_by=vote.subject,
+            comment=vote.comment,
+        )
+    if len(after.approved_by) >= before.required_approvals:
+        return replace(
+            after,
+            status=ApprovalStatus.APPROVED,
+            decided_at=vote.at,
+            decided_by=vote.subject,
+            comment=vote.comment,
+        )
+    return after
+
+
+def orphaned_holds(
+    me: Owner,
+    owners: Mapping[str, tuple[Owner, float]],
+    held: Iterable[Sequence[Any]],
+    now: float,
+    orphan_after_s: float,
+) -> tuple[builtins.list[str], set[str]]:
+    """Which holds to defer, and which owner rows to drop.
+
+    ``owners`` maps an instance to its row and last heartbeat; ``held`` is
+    ``(approval id, owner)`` of every hold still waiting. An owner is dead when
+    :func:`provably_dead` or its heartbeat is :func:`stale`; a hold with no
+    owner row at all is orphaned too. This process's holds are never touched.
+    """
+    dead = {
+        instance
+        for instance, (owner, beat) in owners.items()
+        if provably_dead(owner, me) or stale(beat, now, orphan_after_s)
+    }
+    dead.discard(me.instance)
+    ids = [
+        str(aid)
+        for aid, owner in held
+        if owner != me.instance and (owner is None or owner not in owners or owner in dead)
+    ]
+    return ids, dead
 
 
 class ApprovalStore(SqliteStore):
@@ -109,10 +268,10 @@ class ApprovalStore(SqliteStore):
 
     def _get(self, approval_id: str) -> Approval | None:
         row = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM approvals WHERE id = ?",  # noqa: S608 - constant columns
+            f"SELECT {COLUMNS} FROM approvals WHERE id = ?",  # noqa: S608 - constant columns
             (approval_id,),
         ).fetchone()
-        return _from_row(row) if row else None
+        return from_row(row) if row else None
 
     async def list(self, status: ApprovalStatus | None = None) -> builtins.list[Approval]:
         """Approvals with ``status`` (all when ``None``), oldest first."""
@@ -121,15 +280,15 @@ class ApprovalStore(SqliteStore):
     def _list(self, status: ApprovalStatus | None) -> builtins.list[Approval]:
         if status is None:
             rows = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM approvals ORDER BY created_at, id"  # noqa: S608
+                f"SELECT {COLUMNS} FROM approvals ORDER BY created_at, id"  # noqa: S608
             ).fetchall()
         else:
             rows = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM approvals WHERE status = ? "  # noqa: S608
+                f"SELECT {COLUMNS} FROM approvals WHERE status = ? "  # noqa: S608
                 "ORDER BY created_at, id",
                 (status.value,),
             ).fetchall()
-        return [_from_row(r) for r in rows]
+        return [from_row(r) for r in rows]
 
     async def pending_counts(self) -> dict[tuple[str, str], int]:
         """Pending approvals by ``(agent, tool)``, for the pending gauge."""
@@ -151,9 +310,9 @@ class ApprovalStore(SqliteStore):
     def _insert(self, a: Approval) -> None:
         with immediate(self._conn) as cur:
             cur.execute(
-                f"INSERT INTO approvals ({_COLUMNS}) VALUES "  # noqa: S608
+                f"INSERT INTO approvals ({COLUMNS}) VALUES "  # noqa: S608
                 "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                _to_row(a),
+                to_row(a),
             )
 
     async def pending_for(self, binding: str, now: float) -> Approval | None:
@@ -162,12 +321,12 @@ class ApprovalStore(SqliteStore):
 
     def _pending_for(self, binding: str, now: float) -> Approval | None:
         row = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM approvals "  # noqa: S608
+            f"SELECT {COLUMNS} FROM approvals "  # noqa: S608
             "WHERE binding = ? AND status = 'pending' AND expires_at > ? "
             "ORDER BY created_at, id LIMIT 1",
             (binding, now),
         ).fetchone()
-        return _from_row(row) if row else None
+        return from_row(row) if row else None
 
     async def vote(self, approval_id: str, vote: Vote) -> tuple[Approval, Approval]:
         """Add a vote atomically; return the approval before and after.
@@ -182,37 +341,13 @@ class ApprovalStore(SqliteStore):
     def _vote(self, approval_id: str, vote: Vote) -> tuple[Approval, Approval]:
         with immediate(self._conn) as cur:
             row = cur.execute(
-                f"SELECT {_COLUMNS} FROM approvals WHERE id = ?",  # noqa: S608
+                f"SELECT {COLUMNS} FROM approvals WHERE id = ?",  # noqa: S608
                 (approval_id,),
             ).fetchone()
             if row is None:
                 raise ApprovalNotFound(f"no approval {approval_id!r}")
-            before = _from_row(row)
-            if before.status is not ApprovalStatus.PENDING:
-                raise ApprovalConflict(f"approval {approval_id} is already {before.status.value}")
-            if before.expires_at <= vote.at:
-                after = replace(before, status=ApprovalStatus.EXPIRED, decided_at=vote.at)
-            elif any(v.subject == vote.subject for v in before.votes):
-                raise AlreadyVoted(f"{vote.subject} already voted on approval {approval_id}")
-            else:
-                votes = (*before.votes, vote)
-                after = replace(before, votes=votes)
-                if not vote.approve:
-                    after = replace(
-                        after,
-                        status=ApprovalStatus.REJECTED,
-                        decided_at=vote.at,
-                        decided_by=vote.subject,
-                        comment=vote.comment,
-                    )
-                elif len(after.approved_by) >= before.required_approvals:
-                    after = replace(
-                        after,
-                        status=ApprovalStatus.APPROVED,
-                        decided_at=vote.at,
-                        decided_by=vote.subject,
-                        comment=vote.comment,
-                    )
+            before = from_row(row)
+            after = apply_vote(before, vote)
             _update(cur, after)
             return before, after
 
@@ -370,21 +505,11 @@ class ApprovalStore(SqliteStore):
                     "SELECT instance, host, pid, started, heartbeat_at FROM approval_owners"
                 )
             }
-            dead = {
-                instance
-                for instance, (owner, beat) in owners.items()
-                if provably_dead(owner, me) or stale(beat, now, orphan_after_s)
-            }
-            dead.discard(me.instance)
             held = cur.execute(
                 "SELECT id, owner FROM approvals "
                 "WHERE mode = 'hold' AND status IN ('pending', 'approved')"
             ).fetchall()
-            ids = [
-                aid
-                for aid, owner in held
-                if owner != me.instance and (owner is None or owner not in owners or owner in dead)
-            ]
+            ids, dead = orphaned_holds(me, owners, held, now, orphan_after_s)
             cur.executemany(
                 "UPDATE approvals SET mode = 'defer', expires_at = MAX(expires_at, ?) WHERE id = ?",
                 [(expires_at, i) for i in ids],
@@ -438,7 +563,7 @@ def _update(cur: sqlite3.Cursor, a: Approval) -> None:
     )
 
 
-def _to_row(a: Approval) -> tuple[Any, ...]:
+def to_row(a: Approval) -> tuple[Any, ...]:
     return (
         a.id,
         a.decision_id,
@@ -466,7 +591,7 @@ def _to_row(a: Approval) -> tuple[Any, ...]:
     )
 
 
-def _from_row(row: Sequence[Any]) -> Approval:
+def from_row(row: Sequence[Any]) -> Approval:
     (
         aid,
         decision_id,

@@ -21,12 +21,13 @@ import datetime as dt
 import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from warden.audit.changelog import ChangeLog, DecisionLink, describe
 from warden.audit.checkpoint import Checkpoint, NoteVerifier
 from warden.audit.layout import Layout
 from warden.audit.merkle import MerkleTree, leaf_hash, verify_inclusion
@@ -122,6 +123,10 @@ class _Loaded:
     notes_by_size: dict[int, str]
     selected: list[tuple[int, bytes, dict[str, Any]]]
     uncovered: int
+    changes: ChangeLog = field(default_factory=ChangeLog)
+    """Every change-management record of the log (see :mod:`warden.audit.changelog`)."""
+    links: dict[int, DecisionLink] = field(default_factory=dict)
+    """The activation in force for each selected decision, by sequence number."""
 
 
 def _load(root: Path, selection: Selection, verifier: NoteVerifier | None) -> _Loaded:
@@ -140,16 +145,23 @@ def _load(root: Path, selection: Selection, verifier: NoteVerifier | None) -> _L
     tree = MerkleTree()
     selected: list[tuple[int, bytes, dict[str, Any]]] = []
     uncovered = 0
+    changes = ChangeLog()
+    links: dict[int, DecisionLink] = {}
     for seq, payload in iter_records(root):
         tree.append(leaf_hash(payload))
         record = orjson.loads(payload)
+        if seq < size:
+            changes.feed(seq, record)
         if not selection.matches(record):
             continue
         if seq < size:
             selected.append((seq, payload, record))
+            link = changes.link(record)
+            if link is not None:
+                links[seq] = link
         else:
             uncovered += 1
-    return _Loaded(tree, checkpoint, notes[size], notes, selected, uncovered)
+    return _Loaded(tree, checkpoint, notes[size], notes, selected, uncovered, changes, links)
 
 
 def export_log(
@@ -217,6 +229,7 @@ def _write_package(root: Path, out: Path, selection: Selection, loaded: _Loaded)
             "proof": [_b64(p) for p in proof],
         }
         (out / "consistency.json").write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
+    _write_changelog(out, selection, loaded)
     (out / "verify_evidence.py").write_bytes(_STANDALONE.read_bytes())
     (out / "SUMMARY.md").write_text(_summary(selection, loaded, verifier), encoding="utf-8")
     (out / "VERIFY.md").write_text(_instructions(loaded), encoding="utf-8")
@@ -226,6 +239,24 @@ def _write_package(root: Path, out: Path, selection: Selection, loaded: _Loaded)
         if name != "MANIFEST.sha256":
             lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {name}\n")
     (out / "MANIFEST.sha256").write_text("".join(lines), encoding="utf-8")
+
+
+def _write_changelog(out: Path, selection: Selection, loaded: _Loaded) -> None:
+    """``changelog.jsonl``: every change record up to the period's end (``in_period`` marks
+    the period's own); ``activations.jsonl``: the activation each exported decision was made
+    under. Change records belong to no agent: ``--agent`` does not filter them."""
+    with (out / "changelog.jsonl").open("wb") as fh:
+        for entry in loaded.changes.entries:
+            if selection.end is not None and entry.time >= selection.end:
+                continue
+            line = entry.as_dict()
+            line["in_period"] = selection.start is None or entry.time >= selection.start
+            fh.write(orjson.dumps(line) + b"\n")
+    with (out / "activations.jsonl").open("wb") as fh:
+        for seq, _, _ in loaded.selected:
+            link = loaded.links.get(seq)
+            if link is not None:
+                fh.write(orjson.dumps({"seq": seq, **link.as_dict()}) + b"\n")
 
 
 def _own_signature(note: str, verifier: NoteVerifier) -> bytes:
@@ -402,9 +433,26 @@ def _summary(selection: Selection, loaded: _Loaded, verifier: NoteVerifier) -> s
         "\n## Records by kind\n",
         _table(["kind", "records"], sorted(kinds.items())),
     ]
+    parts += ["\n## Change log\n", _change_table(selection, loaded)]
     if len(approvals) > _MAX_LISTED or len(denials) > _MAX_LISTED:
         parts.append(f"\nOnly the first {_MAX_LISTED} approvals and denials are listed.\n")
     return "\n".join(parts)
+
+
+def _change_table(selection: Selection, loaded: _Loaded) -> str:
+    rows = [
+        [e.time, e.kind, e.id, describe(e)]
+        for e in loaded.changes.entries
+        if (selection.start is None or e.time >= selection.start)
+        and (selection.end is None or e.time < selection.end)
+    ]
+    linked = Counter(link.activation_id or "(none in the log)" for link in loaded.links.values())
+    text = _table(["time", "kind", "record", "change"], rows[:_MAX_LISTED])
+    text += (
+        "\nDecisions by the activation in force (`activations.jsonl`; earlier changes "
+        "in `changelog.jsonl`):\n\n"
+    )
+    return text + _table(["activation record", "decisions"], sorted(linked.items()))
 
 
 # -- CSV and OCSF ------------------------------------------------------------

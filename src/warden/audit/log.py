@@ -7,11 +7,12 @@ How an append works, on the event loop and without blocking it:
    the next sequence number and the previous record's hash, is encoded, hashed
    into the Merkle tree and framed: so record order, chain order and tree
    order are the same by construction;
-2. the frame joins the pending batch; a single flusher task hands each batch
-   to the log's one I/O thread, which writes it and fsyncs it (policy
-   ``always``) while the next batch gathers: concurrent appenders share one
-   fsync;
-3. the appender's future resolves once its batch is durable.
+2. the frame joins the pending batch; when no batch is being written, the
+   batch goes to the log's one I/O thread (a queue put, no task), which
+   writes it and fsyncs it (policy ``always``) while the next batch gathers:
+   concurrent appenders share one fsync;
+3. the I/O thread reports back with one ``call_soon_threadsafe`` per batch,
+   and each appender's future resolves once its batch is durable.
 
 Any failed write or fsync marks the log not writable, fails every waiting
 append with :class:`~warden.errors.AuditError` and is never retried: the
@@ -21,14 +22,17 @@ proxy then refuses actions (fail closed) and readiness goes false.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import errno
+import functools
 import logging
 import os
+import queue
 import re
+import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +106,68 @@ def _open_blocking(config: AuditConfig) -> _Opened:
     return _Opened(layout, meta, signer, writer, state, subjects, lock_fd, checkpointed)
 
 
+_Done = Callable[[Any, BaseException | None], None]
+"""Called on the event loop with a job's result, or the exception it raised."""
+
+
+class _IoThread:
+    """The log's one I/O thread: jobs run in the order given, one at a time.
+
+    Cheaper per job than an executor (no ``concurrent.futures`` future, no
+    wrapping task): a job is a queue put, and its report is one
+    ``call_soon_threadsafe``. All of the log's disk work goes through here, so
+    segment writes, fsyncs and checkpoints never run concurrently.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], _Done] | None]
+        self._jobs = queue.SimpleQueue()
+        # A daemon thread, so a log never closed cannot hang the interpreter's
+        # exit; the atexit hook still lets queued writes finish first.
+        self._thread = threading.Thread(target=self._run, name="warden-audit-io", daemon=True)
+        self._thread.start()
+        atexit.register(self.stop)
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], done: _Done) -> None:
+        """Run ``fn(*args)`` on the thread; ``done`` gets its outcome on the loop."""
+        self._jobs.put((fn, args, done))
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Run ``fn(*args)`` on the thread; the future resolves with its outcome."""
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self.submit(fn, args, functools.partial(_settle, fut))
+        return fut
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, args, done = job
+            error: BaseException | None = None
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # reported to the loop, which decides
+                result, error = None, exc
+            # A closed loop: nobody waits for this any more.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(done, result, error)
+
+    def stop(self) -> None:
+        """Finish the jobs already queued, then end the thread; blocks until it has."""
+        atexit.unregister(self.stop)
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():  # the waiter went away (cancelled)
+        return
+    if error is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(error)
+
+
 class _Clock:
     """RFC 3339 UTC timestamps with microseconds; the date part is formatted once a second."""
 
@@ -125,7 +191,7 @@ class AuditLog:
     Create it with :meth:`open`; it satisfies :class:`warden.pipeline.AuditSink`.
     """
 
-    def __init__(self, config: AuditConfig, opened: _Opened, io: ThreadPoolExecutor) -> None:
+    def __init__(self, config: AuditConfig, opened: _Opened, io: _IoThread) -> None:
         self._config = config
         self._layout = opened.layout
         self._meta = opened.meta
@@ -140,6 +206,8 @@ class AuditLog:
         self._durable: TreeState = opened.state
         self._checkpointed = opened.checkpointed
         self._clock = _Clock()
+        # Where the subject sources look: context.*, action.arguments.*, agent.claims.*
+        self._subject_roots = frozenset(s.partition(".")[0] for s in config.subjects.sources)
         # Record ids are unique across logs (the origin's random tag) and name
         # their sequence number, so `warden audit proof --record` needs no index.
         self._id_prefix = f"rec_{opened.meta.origin.rsplit('/', 1)[-1]}_"
@@ -147,7 +215,9 @@ class AuditLog:
         self._unsynced = False
         self._frames: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
-        self._flush_task: asyncio.Task[None] | None = None
+        self._writing = False
+        """A batch is due to start, on the I/O thread, or waking its appenders."""
+        self._idle: list[asyncio.Future[None]] = []  # _drain() waiting for the last batch
         self._coalesce: asyncio.TimerHandle | None = None
         self._background: list[asyncio.Task[None]] = []
         self._checkpoint_lock = asyncio.Lock()
@@ -167,11 +237,11 @@ class AuditLog:
         by another process, damaged beyond a torn tail, or unwritable.
         """
         loop = asyncio.get_running_loop()
-        io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warden-audit-io")
+        io = _IoThread(loop)
         try:
-            opened = await loop.run_in_executor(io, _open_blocking, config)
+            opened = await io.call(_open_blocking, config)
         except Exception as exc:  # whatever stops it, the log is not available: fail closed
-            io.shutdown(wait=False)
+            io.stop()
             raise AuditError(f"cannot open the audit log in {config.dir}: {exc}") from exc
         self = cls(config, opened, io)
         self._background.append(loop.create_task(self._checkpointer()))
@@ -292,17 +362,20 @@ class AuditLog:
                 out["redacted"] = ["result"]
         await self._commit("outcome", fields, ref, aead, personal, urgent=False)[1]
 
-    async def append(self, kind: str, body: Mapping[str, Any]) -> RecordRef:
+    async def append(self, kind: str, body: Mapping[str, Any], *, urgent: bool = True) -> RecordRef:
         """Record any other event (approvals, kill switches, erasures) and return where it is.
 
         ``kind`` is lower-case ``[a-z0-9_]`` and not ``decision`` or
         ``outcome`` (else ``ValueError``). Credential-named keys in ``body``
         are masked. Raises :class:`AuditError` when the record cannot be
-        encoded (``body`` is not JSON) or made durable.
+        encoded (``body`` is not JSON) or made durable. ``urgent=False``: a record
+        nothing waits for (a challenger divergence) shares the next batch's fsync.
         """
         if not _KIND.fullmatch(kind) or kind in RESERVED_KINDS:
             raise ValueError(f"invalid record kind {kind!r}")
-        ref, fut = self._commit(kind, {"body": mask_credentials(body)}, None, None, {})
+        ref, fut = self._commit(
+            kind, {"body": mask_credentials(body)}, None, None, {}, urgent=urgent
+        )
         await fut
         return ref
 
@@ -337,6 +410,8 @@ class AuditLog:
         store is full, or the value cannot name a subject), so the caller
         records them redacted.
         """
+        if not self._may_name_subject(action):
+            return None, None
         value = subject_value(action, self._config.subjects.sources)
         if value is None:
             return None, None
@@ -351,6 +426,15 @@ class AuditLog:
             if aead is None:
                 metrics.SUBJECT_KEYS_REFUSED.labels("full").inc()
         return ref, aead
+
+    def _may_name_subject(self, action: Action) -> bool:
+        """False when every place a subject source looks is empty (the common case)."""
+        roots = self._subject_roots
+        return bool(
+            ("context" in roots and action.context)
+            or ("action" in roots and action.arguments)
+            or ("agent" in roots and action.agent.claims)
+        )
 
     def _io_call(self, fn: Any, *args: Any) -> Any:
         """Run ``fn`` on the I/O thread, unless an earlier job there failed.
@@ -369,7 +453,7 @@ class AuditLog:
     async def _blocking(self, fn: Any, *args: Any) -> Any:
         """Run blocking I/O on the log's thread; any failure fails the log closed."""
         try:
-            return await self._loop.run_in_executor(self._io, self._io_call, fn, *args)
+            return await self._io.call(self._io_call, fn, *args)
         except Exception as exc:
             self._fail(exc)
             raise AuditError(f"the audit log failed: {exc}") from exc
@@ -429,50 +513,72 @@ class AuditLog:
         fut: asyncio.Future[None] = self._loop.create_future()
         self._frames.append(frame(payload))
         self._waiters.append(fut)
-        if self._flush_task is None:
+        if not self._writing:
             if urgent:
-                self._start_flush()
+                # From the next loop pass: records appended in this one join the batch.
+                self._writing = True
+                self._loop.call_soon(self._next_batch)
             elif self._coalesce is None:
                 self._coalesce = self._loop.call_later(COALESCE_S, self._start_flush)
         return RecordRef(record_id, seq, self._last_hex), fut
 
     def _start_flush(self) -> None:
+        """Hand the pending batch to the I/O thread, unless one is being written."""
         if self._coalesce is not None:
             self._coalesce.cancel()
             self._coalesce = None
-        if self._flush_task is None and self._frames:
-            self._flush_task = self._loop.create_task(self._flush())
+        if self._writing or not self._frames:
+            return
+        frames, waiters = self._frames, self._waiters
+        self._frames, self._waiters = [], []
+        state = TreeState(self._compact.size, bytes.fromhex(self._last_hex), self._compact.hashes)
+        self._writing = True
+        self._io.submit(
+            self._io_call,
+            (self._writer.write_batch, frames, state, self._sync_each_batch),
+            functools.partial(self._written, waiters, state),
+        )
 
-    async def _flush(self) -> None:
-        """Write pending batches one after another; each batch gets one fsync."""
-        try:
-            while self._frames:
-                frames, waiters = self._frames, self._waiters
-                self._frames, self._waiters = [], []
-                state = TreeState(
-                    self._compact.size, bytes.fromhex(self._last_hex), self._compact.hashes
-                )
-                try:
-                    await self._blocking(
-                        self._writer.write_batch, frames, state, self._sync_each_batch
-                    )
-                except AuditError as error:
-                    for waiter in (*waiters, *self._waiters):
-                        if not waiter.done():
-                            waiter.set_exception(AuditError(str(error)))
-                    self._frames, self._waiters = [], []
-                    return
-                self._durable = state
-                self._unsynced = not self._sync_each_batch
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_result(None)
-                # Let the appenders just released queue their next records, so
-                # they join the next batch instead of trailing it in a batch of
-                # their own (which would halve the records per fsync).
-                await asyncio.sleep(0)
-        finally:
-            self._flush_task = None
+    def _written(
+        self,
+        waiters: list[asyncio.Future[None]],
+        state: TreeState,
+        _result: object,
+        error: BaseException | None,
+    ) -> None:
+        """On the loop: a batch is durable (or failed); release its appenders."""
+        if error is not None:
+            self._fail(error)
+            failure = f"the audit log failed: {error}"
+            for waiter in (*waiters, *self._waiters):
+                if not waiter.done():
+                    waiter.set_exception(AuditError(failure))
+            self._frames, self._waiters = [], []
+            self._writing = False
+            self._wake_idle()
+            return
+        self._durable = state
+        self._unsynced = not self._sync_each_batch
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        # Let the appenders just released queue their next records first, so
+        # they join the next batch instead of trailing it in a batch of their
+        # own (which would halve the records per fsync).
+        self._loop.call_soon(self._next_batch)
+
+    def _next_batch(self) -> None:
+        self._writing = False
+        if self._frames:
+            self._start_flush()
+        else:
+            self._wake_idle()
+
+    def _wake_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for waiter in idle:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:
@@ -487,12 +593,10 @@ class AuditLog:
     async def _drain(self) -> None:
         """Wait until every queued record is written (or has failed)."""
         self._start_flush()  # records still waiting to coalesce go now
-        while (task := self._flush_task) is not None:
-            await asyncio.wait([task])
-            if self._flush_task is task:  # cancelled before it ran: it could not clear itself
-                self._flush_task = None
-            if self._frames and self._flush_task is None:
-                self._flush_task = self._loop.create_task(self._flush())
+        if self._writing:
+            idle: asyncio.Future[None] = self._loop.create_future()
+            self._idle.append(idle)
+            await idle
 
     # -- checkpoints ---------------------------------------------------------
 
@@ -558,11 +662,11 @@ class AuditLog:
                 await self.checkpoint()
         try:
             healthy = self._io_failure is None
-            await self._loop.run_in_executor(self._io, self._writer.close, healthy)
+            await self._io.call(self._writer.close, healthy)
         except OSError as exc:
             self._fail(exc)
         finally:
             os.close(self._lock_fd)
-            self._io.shutdown(wait=True)
+            self._io.stop()
             self._closed = True
         log.info("audit: log %s closed at %d records", self.origin, self.size)

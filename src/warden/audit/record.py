@@ -156,7 +156,8 @@ def encode(record: Mapping[str, Any]) -> bytes:
 
         text = json.dumps(_jcs_order(record), separators=(",", ":"), ensure_ascii=False)
         return text.encode()
-    if _WIDE_UTF8.search(payload):
+    # Most records are ASCII: a C-speed check spares the scan for wide characters.
+    if not payload.isascii() and _WIDE_UTF8.search(payload):
         payload = orjson.dumps(_jcs_order(record), option=_ENCODE_OPTS & ~orjson.OPT_SORT_KEYS)
     return payload
 
@@ -281,6 +282,14 @@ def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
         raw, redacted = REDACTED, ["raw_arguments"]
         digest = arguments_digest(None, action.raw_arguments)
     req = action.request
+    request: dict[str, Any] = {
+        "method": req.method,
+        "upstream": req.upstream,
+        "path": req.path,
+        "headers": scrub_headers(req.headers),
+    }
+    if req.door:
+        request["door"] = req.door  # only when another door handed the request over
     return {
         "id": action.action_id,
         "kind": action.kind,
@@ -294,20 +303,19 @@ def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
         "stage": action.stage,
         "model": action.model,
         "call_id": action.call_id,
-        "request": {
-            "method": req.method,
-            "upstream": req.upstream,
-            "path": req.path,
-            "headers": scrub_headers(req.headers),
-        },
+        "request": request,
         "context": mask_credentials(action.context),
     }
 
 
 def decision_body(decision: Decision) -> dict[str, Any]:
-    """The ``decision`` object of a decision record."""
+    """The ``decision`` object of a decision record.
+
+    ``input`` (when the pipeline set it) holds the policy-input facts the rest
+    of the record does not carry, credentials masked (ADR 0012).
+    """
     ob = decision.obligations
-    return {
+    body: dict[str, Any] = {
         "id": decision.decision_id,
         "effect": decision.effect,
         "enforced": decision.enforced,
@@ -325,6 +333,16 @@ def decision_body(decision: Decision) -> dict[str, Any]:
         "error": decision.error,
         "elapsed_us": decision.elapsed_us,
     }
+    facts = decision.input
+    if facts is not None:
+        # Only what the agent's request shaped can hold a credential-named key.
+        body["input"] = {
+            k: mask_credentials(v) if v and k in _AGENT_FACTS else v for k, v in facts.items()
+        }
+    return body
+
+
+_AGENT_FACTS = frozenset({"tools", "session", "history"})
 
 
 def _text_sha256(text: str) -> str:

@@ -45,17 +45,40 @@ from warden.budgets.caps import (
 from warden.budgets.prices import PriceTable
 from warden.config import BudgetsConfig, CapConfig
 from warden.model import Action, ActionKind, Decision, Effect, Mode, Outcome, Usage, new_id
-from warden.ops.metrics import bounded, child
+from warden.ops.metrics import BUDGET_LIMIT, bounded, child
 from warden.pipeline import GuardContext
-from warden.state import Counter, Hold, StateStore
+from warden.state import BudgetRepo, Counter, Hold
 
-__all__ = ["BudgetGuard"]
+__all__ = ["BudgetGuard", "CapSpend"]
 
 log = logging.getLogger("warden.budgets")
 
 MAX_HELD = 100_000
 EXPIRY_INTERVAL_S = 60.0
 STATE_UNAVAILABLE = "state_unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class CapSpend:
+    """One cap's use in the current window by one subject (or by nobody yet)."""
+
+    cap: str
+    """The cap's name; :data:`~warden.budgets.caps.LLM_COUNTER` for model spend."""
+    window: str
+    """The current window's key: ``day:2026-11-30``, ``month:2026-11``."""
+    subject: str | None
+    """``agent:<id>`` or ``customer:<id>``; ``None``: nothing counted in this window yet."""
+    spent: float
+    reserved: float
+    """Held by calls whose outcome has not settled yet."""
+    limit: float | None
+    """``None``: counted, not capped."""
+    currency: str
+
+    @property
+    def used(self) -> float:
+        """What counts against the limit: spent and reserved."""
+        return self.spent + self.reserved
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,23 +110,33 @@ class BudgetGuard:
 
     def __init__(
         self,
-        store: StateStore,
+        store: BudgetRepo,
         config: BudgetsConfig,
         prices: PriceTable,
         providers: Mapping[str, str],
         *,
         clock: Callable[[], float] = time.time,
+        on_unavailable: Mapping[str, Effect] | None = None,
     ) -> None:
-        """``providers`` maps each upstream name to its protocol (the price table's provider)."""
+        """``providers`` maps each upstream name to its protocol (the price table's provider).
+
+        ``on_unavailable``: effect by tool risk class when the state store cannot
+        reserve (``state.on_unavailable: fallback``); ``None`` denies every such call.
+        """
         self.store = store
         self.config = config
         self.prices = prices
         self._providers = dict(providers)
         self._clock = clock
+        self._on_unavailable = dict(on_unavailable) if on_unavailable is not None else None
         self._zone = ZoneInfo(config.timezone)
         self._caps: dict[str, list[CapConfig]] = {}
         for cap in config.caps:
             self._caps.setdefault(cap.tool, []).append(cap)
+            child(BUDGET_LIMIT, cap.name, cap.window).set(cap.limit)
+        if config.llm is not None and config.llm.limit_usd is not None:
+            # Beside warden_budget_spent, for the "spend near a cap" alert.
+            child(BUDGET_LIMIT, LLM_COUNTER, config.llm.window).set(config.llm.limit_usd)
         # Actions holding a reservation, so outcomes of others cost no I/O.
         self._held: OrderedDict[str, None] = OrderedDict()
         self._expiry: asyncio.Task[None] | None = None
@@ -133,6 +166,32 @@ class BudgetGuard:
                 log.exception("could not expire stale reservations")
             await asyncio.sleep(EXPIRY_INTERVAL_S)
 
+    # -- reading ---------------------------------------------------------------
+
+    async def spend(self, *, per_cap: int = 20) -> tuple[CapSpend, ...]:
+        """Each configured cap's spent, reserved and limit in its current window.
+
+        At most ``per_cap`` subjects a cap, the most used first; a cap nobody
+        used in this window yet is one row with ``subject`` ``None``. Reads the
+        state store (shared by the fleet), so every sidecar shows the same.
+        """
+        now = datetime.fromtimestamp(self._clock(), self._zone)
+        wanted: list[tuple[str, str, float | None, str]] = []
+        if self.config.llm is not None:
+            llm = self.config.llm
+            wanted.append((LLM_COUNTER, llm.window, llm.limit_usd, "USD"))
+        wanted.extend((c.name, c.window, c.limit, c.currency) for c in self.config.caps)
+        out: list[CapSpend] = []
+        for name, window, limit, currency in wanted:
+            key = window_key(window, now)
+            rows = await self.store.window_counters(name, key, limit=per_cap)
+            out.extend(
+                CapSpend(name, key, c.subject, c.spent, c.reserved, limit, currency) for c in rows
+            )
+            if not rows:
+                out.append(CapSpend(name, key, None, 0.0, 0.0, limit, currency))
+        return tuple(out)
+
     # -- pipeline hooks ----------------------------------------------------------
 
     async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
@@ -157,9 +216,10 @@ class BudgetGuard:
                 [line.hold for line in lines],
                 force=ctx.mode is Mode.OBSERVE,
             )
-        except Exception:
-            log.exception("the state store could not reserve budget")
-            return self._fail(ctx, "the budget state store is unavailable"), ctx
+        except Exception as exc:
+            # One line per call, no traceback: an outage would flood the log.
+            log.warning("the state store could not reserve budget: %s", _brief(exc))
+            return self._unavailable(action, ctx) or unkeyed, ctx
         doc = budget_document(
             [
                 (line.cap, line.window, line.per, counter, line.hold.limit)
@@ -375,6 +435,23 @@ class BudgetGuard:
             guard="budget",
         )
 
+    def _unavailable(self, action: Action, ctx: GuardContext) -> Decision | None:
+        """``state.on_unavailable``: deny, or the risk class's fallback (allow: to the policy)."""
+        fallback = self._on_unavailable
+        if fallback is not None and fallback.get(ctx.risk) is Effect.ALLOW:
+            log.warning(
+                "state store unavailable: %s (%s) goes on to the policy without its caps",
+                action.tool or action.kind,
+                ctx.risk,
+            )
+            return None
+        how = "fallback" if fallback is not None else "deny"
+        return self._fail(
+            ctx,
+            "the budget state store is unavailable, so the caps cannot be checked; "
+            f"denied (state.on_unavailable: {how})",
+        )
+
     @staticmethod
     def _fail(ctx: GuardContext, reason: str) -> Decision:
         # Fail closed: a cap that cannot be checked does not let value through.
@@ -420,6 +497,12 @@ class BudgetGuard:
         if len(self._held) > MAX_HELD:
             # The oldest reservation is left for expiry to settle.
             self._held.popitem(last=False)
+
+
+def _brief(exc: BaseException) -> str:
+    """The last line of an exception's message (a driver's error names host and port only)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__
 
 
 def _stricter(first: Decision, second: Decision | None) -> Decision:

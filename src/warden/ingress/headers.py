@@ -68,12 +68,15 @@ _MAX_CONTEXT_VALUE = 256
 def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
     # Headers named in Connection are hop-by-hop for this message too.
     value = headers.get("connection", "")
+    if not value:
+        return set()
     return {t.strip().lower() for t in value.split(",") if t.strip()}
 
 
 def request_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Headers to send upstream: hop-by-hop and every ``X-Warden-*`` (credentials too) removed."""
-    drop = _REQUEST_DROP | _connection_tokens(incoming)
+    named = _connection_tokens(incoming)
+    drop = _REQUEST_DROP | named if named else _REQUEST_DROP
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
@@ -85,7 +88,8 @@ def request_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """Headers to return to the agent from an upstream response."""
-    drop = _RESPONSE_DROP | _connection_tokens(upstream)
+    named = _connection_tokens(upstream)
+    drop = _RESPONSE_DROP | named if named else _RESPONSE_DROP
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         if name.lower() not in drop:
@@ -95,7 +99,7 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 def recordable(incoming: Mapping[str, str]) -> dict[str, str]:
     """The few headers safe to keep in audit records (an allowlist: no secrets)."""
-    return {k.lower(): v for k, v in incoming.items() if k.lower() in _RECORDABLE}
+    return {lower: v for k, v in incoming.items() if (lower := k.lower()) in _RECORDABLE}
 
 
 def context_from(incoming: Mapping[str, str]) -> dict[str, str]:

@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -53,18 +53,20 @@ from warden.errors import (
     UpstreamError,
     UpstreamProtocol,
     UpstreamRedirect,
-    UpstreamTimeout,
-    UpstreamUnavailable,
     WardenError,
 )
 from warden.identity import Identity
 from warden.ingress import headers as hdr
+from warden.ingress.door_mark import door_of
 from warden.ingress.listen import listen
+from warden.ingress.mcp_http import McpHttp
+from warden.ingress.upstream_io import read_body, upstream_error
 from warden.killswitch import KillSwitches
 from warden.model import (
     Action,
     ActionKind,
     Agent,
+    Conversation,
     Decision,
     Effect,
     Outcome,
@@ -73,7 +75,7 @@ from warden.model import (
     Usage,
     new_id,
 )
-from warden.ops import metrics
+from warden.ops import metrics, tracing
 from warden.protocols import _wire, http_tool
 from warden.protocols.base import Adapter, StreamRewriter
 from warden.protocols.driver import StreamDriver
@@ -84,13 +86,12 @@ from warden.protocols.registry import (
     match_route,
     under_governed_resource,
 )
-from warden.protocols.sse import SseTooLarge
+from warden.sessions import conversation_of
 
 __all__ = ["HttpDoor", "ProxyApp", "build_proxy_app"]
 
 log = logging.getLogger("warden.proxy")
 
-MAX_UPSTREAM_BODY = 64 * 1024 * 1024
 # How long a stream may wait for data before kill switches are checked again.
 _KILL_CHECK_S = 0.25
 _JSON = "application/json"
@@ -109,20 +110,30 @@ class _Route:
     segments: tuple[str, ...]
     """The decoded path after the upstream name, one entry per segment."""
     match: RouteMatch
+    # Derived once per route (routes are cached), not once per request:
+    path: str = field(init=False)
+    """The decoded path after the upstream name, as policies see it."""
+    forward_path: str = field(init=False)
+    """The same path re-encoded canonically for the upstream: decoded once, never twice."""
+    timeout: aiohttp.ClientTimeout = field(init=False)
+    """The upstream request's timeouts."""
+
+    def __post_init__(self) -> None:
+        derived = {
+            "path": "/" + "/".join(self.segments),
+            "forward_path": "/".join(quote(s, safe=_PCHAR_SAFE) for s in self.segments),
+            "timeout": aiohttp.ClientTimeout(
+                total=None,
+                connect=self.upstream.connect_timeout_s,
+                sock_read=self.upstream.timeout_s,
+            ),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     @property
     def family(self) -> str:
         return self.upstream.protocol
-
-    @property
-    def path(self) -> str:
-        """The decoded path after the upstream name, as policies see it."""
-        return "/" + "/".join(self.segments)
-
-    @property
-    def forward_path(self) -> str:
-        """The same path re-encoded canonically for the upstream: decoded once, never twice."""
-        return "/".join(quote(segment, safe=_PCHAR_SAFE) for segment in self.segments)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,12 +171,14 @@ class HttpDoor:
         self._session = session
         self._killswitches = killswitches
         self._runner: web.AppRunner | None = None
+        self._proxy: ProxyApp | None = None
         self.url = ""
         """Where it listens, e.g. ``http://127.0.0.1:8787`` (set by :meth:`start`)."""
 
     async def start(self, core: Governor) -> None:
         """Listen; every request is decided by ``core``."""
         proxy = ProxyApp(self._config, core, self._session, killswitches=self._killswitches)
+        self._proxy = proxy
         app = build_proxy_app(proxy, self._config.limits.max_body_bytes)
         self._runner, self.url = await listen(
             app, self._config.listen.proxy, shutdown_grace_s=self._config.shutdown_grace_s
@@ -176,6 +189,8 @@ class HttpDoor:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        if self._proxy is not None:
+            await self._proxy.mcp.close()  # cancellations still being sent to MCP servers
 
 
 class ProxyApp:
@@ -204,6 +219,10 @@ class ProxyApp:
             if upstream.routes
         }
         self._routes: dict[tuple[str, str], _Route] = {}
+        # ``protocol: mcp`` upstreams: the MCP streamable HTTP transport (its own door logic).
+        self.mcp = McpHttp(
+            config, core, session, identify=self._identity.resolve, killswitches=killswitches
+        )
 
     # -- entry ---------------------------------------------------------------
 
@@ -216,7 +235,12 @@ class ProxyApp:
         try:
             route = self._route(request)
             family, upstream_name = route.family, route.name
-            response = await self._serve(request, route, started)
+            if route.family == "mcp":
+                response = await self.mcp.handle(
+                    request, route.name, route.upstream, route.forward_path
+                )
+            else:
+                response = await self._serve(request, route, started)
         except WardenError as exc:
             response = self._error(family, exc.status, exc.code, str(exc))
             if isinstance(exc, Overloaded):
@@ -248,8 +272,12 @@ class ProxyApp:
         if upstream is None:
             known = ", ".join(sorted(self._config.upstreams)) or "none"
             raise UnknownRoute(f"no upstream named {name!r} (configured: {known})")
-        match = match_route(
-            upstream.protocol, request.method, tail, self._passthrough.get(name, ())
+        match = (
+            RouteMatch(adapter=None)  # every path of an MCP upstream is its MCP endpoint
+            if upstream.protocol == "mcp"
+            else match_route(
+                upstream.protocol, request.method, tail, self._passthrough.get(name, ())
+            )
         )
         if match is None:
             raise _not_governed(name, upstream.protocol, request.method, tail)
@@ -270,11 +298,18 @@ class ProxyApp:
         model: str | None = None
         hide_usage = False
         stream = False
+        declared: tuple[dict[str, Any], ...] = ()
+        conversation: Conversation | None = None
         if adapter is not None and route.match.parse_request:
             parsed_body = _parse_json_request(request, body)
             parsed = adapter.parse_request(parsed_body)
+            # input.history and input.session (warden.sessions), read once per request.
+            conversation = conversation_of(
+                adapter.name, parsed_body, request.headers, self._config.sessions
+            )
             model = parsed.model
             stream = parsed.stream
+            declared = parsed.tools  # hosted MCP servers and tools: input.request.tools
             self._core.record_results(parsed.tool_results)
             prepared = adapter.prepare_request(parsed_body)
             if prepared is not None:
@@ -310,6 +345,9 @@ class ProxyApp:
                     upstream=route.name,
                     path=route.path,
                     headers=hdr.recordable(request.headers),
+                    tools=declared,
+                    door=door_of(request.headers),
+                    conversation=conversation,
                 ),
                 context=hdr.context_from(request.headers),
                 model=model,
@@ -366,9 +404,7 @@ class ProxyApp:
         target = upstream.base_url + "/" + call.route.forward_path
         query = request.rel_url.raw_query_string
         url = URL(target + ("?" + query if query else ""), encoded=True)
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=upstream.connect_timeout_s, sock_read=upstream.timeout_s
-        )
+        timeout = call.route.timeout
         sent = time.perf_counter()
         try:
             upstream_resp = await self._session.request(
@@ -476,6 +512,7 @@ class ProxyApp:
                 ]
                 if blocked:
                     headers[hdr.BLOCKED_HEADER] = ", ".join(blocked)
+            self._core.record_response(call.turn, _responses_id(adapter, body))
             raw = _wire.dumps(body).encode()
             headers["Content-Type"] = _JSON
         self._core.count_usage(call.agent, call.turn.model, usage)
@@ -544,6 +581,8 @@ class ProxyApp:
         metrics.child(metrics.UPSTREAM_LATENCY, call.route.name).observe(upstream_s)
         usage = rewriter.usage if rewriter is not None else None
         model = (rewriter.model if rewriter is not None else None) or call.turn.model
+        if error is None:
+            self._core.record_response(call.turn, getattr(rewriter, "response_id", None))
         self._core.count_usage(call.agent, model, usage)
         self._core.outcome(
             action,
@@ -640,7 +679,10 @@ def build_proxy_app(proxy: ProxyApp, max_body_bytes: int) -> web.Application:
     """The aiohttp application for the proxy listener: one catch-all route."""
     # The proxy bounds bodies itself while streaming them in; aiohttp's own
     # limit only applies to request.read(), which the proxy does not use.
-    app = web.Application(client_max_size=max_body_bytes)
+    app = web.Application(
+        client_max_size=max_body_bytes,
+        middlewares=tracing.proxy_middlewares(),  # none unless tracing is on
+    )
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 
@@ -688,6 +730,11 @@ def _not_governed(name: str, family: str, method: str, tail: list[str]) -> Route
     )
 
 
+# The Envoy ext_proc door (warden.ingress.envoy_proc) routes paths exactly the same way.
+decode_path = _decode_path
+not_governed = _not_governed
+
+
 def _refused_status(status: int, name: str) -> UpstreamError | None:
     """A 502 for statuses never relayed: redirects (the SDKs follow them) and odd ones."""
     if 300 <= status < 400:
@@ -698,6 +745,12 @@ def _refused_status(status: int, name: str) -> UpstreamError | None:
     if not 200 <= status < 600:
         return UpstreamProtocol(f"upstream {name!r} answered with status {status}")
     return None
+
+
+def _responses_id(adapter: Adapter, body: dict[str, Any]) -> str | None:
+    """A Responses API answer's id, which a later request may continue from."""
+    found = body.get("id") if adapter.name == "openai.responses" else None
+    return found if isinstance(found, str) and found else None
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:
@@ -713,7 +766,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
         raise BodyTooLarge(f"request body is over limits.max_body_bytes ({limit} bytes)")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
+    read = request.content.readany  # not iter_any(): no StopAsyncIteration per body
+    while chunk := await read():
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(f"request body is over limits.max_body_bytes ({limit} bytes)")
@@ -736,34 +790,11 @@ def _parse_json_request(request: web.Request, body: bytes) -> dict[str, Any]:
 
 
 async def _read_upstream(resp: aiohttp.ClientResponse) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in resp.content.iter_any():
-            size += len(chunk)
-            if size > MAX_UPSTREAM_BODY:
-                raise UpstreamProtocol(f"upstream response is over {MAX_UPSTREAM_BODY} bytes")
-            chunks.append(chunk)
-    except UpstreamError:
-        raise
-    except Exception as exc:
-        raise _upstream_error(exc, str(resp.url.host)) from None
-    return b"".join(chunks)
+    return await read_body(resp, f"upstream {resp.url.host!r}")
 
 
 def _upstream_error(exc: BaseException, name: str) -> UpstreamError:
-    if isinstance(exc, UpstreamError):
-        return exc
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
-        return UpstreamTimeout(f"upstream {name!r} did not answer in time")
-    if isinstance(exc, aiohttp.ClientPayloadError | SseTooLarge):
-        return UpstreamProtocol(f"upstream {name!r} sent a truncated or malformed body")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamProtocol(f"upstream {name!r} sent a malformed response: {exc.message}")
-    if isinstance(exc, aiohttp.ClientError | OSError):
-        return UpstreamUnavailable(f"upstream {name!r} is unreachable: {type(exc).__name__}")
-    log.exception("unexpected upstream failure", exc_info=exc)
-    return UpstreamUnavailable(f"upstream {name!r} failed: {type(exc).__name__}")
+    return upstream_error(exc, f"upstream {name!r}")
 
 
 def _ms(since: float) -> float:

@@ -9,8 +9,18 @@ child's answer to an allowed call is recorded as its trusted outcome. A kill
 switch thrown while a call runs answers it at once and tells the child to
 cancel it (``notifications/cancelled``); the child's late answer is dropped.
 
-Client messages are handled in order, one payload at a time, so the child sees
-them in the order they were sent (a cancellation never overtakes its call).
+``tools/list`` answers from the child are filtered for the agent: a tool the
+policy denies in every case is left out (:meth:`Governor.hidden_tools`).
+
+Calls are decided concurrently, each in its own task, so a call held for
+approval blocks nothing else of the session (pings, other calls). Every
+other client message goes to the child at once, in the order sent. While a
+call is held, a client that sent ``params._meta.progressToken`` gets
+``notifications/progress`` every ``keepalive_s``. A cancellation never
+overtakes its call: one for a call still being decided ends the decision
+(a held approval stays decidable, as a deferral) and neither reaches the
+child; an allowed call is written to the child before its decision task
+ends, so a cancellation read after that follows it.
 """
 
 from __future__ import annotations
@@ -19,12 +29,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from warden import tasks
-from warden.errors import AuditError
+from warden.errors import AuditError, Overloaded
 from warden.killswitch import KillSwitch, KillSwitches
 from warden.model import Action, Agent, Decision, Effect, Outcome
 from warden.protocols import mcp
@@ -73,8 +83,12 @@ class StdioDoor:
         client_out: asyncio.WriteTransport | asyncio.StreamWriter,
         grace_s: float = 5.0,
         killswitches: Callable[[], KillSwitches | None] = lambda: None,
+        keepalive_s: float = 10.0,
     ) -> None:
-        """``killswitches``: where to find the switches in force once Warden runs."""
+        """``killswitches``: where to find the switches in force once Warden runs.
+
+        ``keepalive_s``: how often a held call's client hears progress.
+        """
         self._command = tuple(command)
         self._agent = agent
         self._upstream = upstream
@@ -88,6 +102,12 @@ class StdioDoor:
         self._pending: dict[str | int, _Pending] = {}
         self._batches: list[_Batch] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._keepalive_s = keepalive_s
+        self._deciding: dict[str | int, asyncio.Task[Any]] = {}
+        """Calls being decided, by id: a cancellation for one ends its decision."""
+        self._calls = tasks.Tasks("mcp-stdio-calls")
+        self._listing: set[str | int] = set()
+        """Ids of the client's ``tools/list`` requests the child has not answered yet."""
         self.done = asyncio.Event()
         """Set when the session is over: the client closed its end, or the child exited."""
         self.returncode: int | None = None
@@ -125,6 +145,8 @@ class StdioDoor:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # Decisions still waiting (held calls are answered as deferred before this).
+        await self._calls.cancel()
         self.done.set()
 
     # -- client to child -------------------------------------------------------
@@ -143,33 +165,143 @@ class StdioDoor:
 
     async def _client_payload(self, line: bytes) -> None:
         payload = mcp.parse(line)
-        forward: list[Any] = []
-        answers: list[dict[str, Any]] = []
-        for message in payload.messages:
-            if message.error is not None:
-                # JSON-RPC answers no error for an invalid notification, but one without
-                # an id cannot be told from one; each invalid message gets its answer.
-                answers.append(dict(message.error))
-            elif message.call is not None:
-                sent = await self._decide(message)
-                (forward if "method" in sent else answers).append(sent)
-            else:
-                assert message.body is not None
-                forward.append(message.body)
         if payload.batch:
-            ids = {m["id"] for m in forward if "method" in m and "id" in m}
-            if forward and ids and answers:
-                self._batches.append(_Batch(ids, answers))
-                answers = []
+            if any(m.call is not None for m in payload.messages):
+                # Decided in its own task; the batch is answered as one, as before.
+                self._calls.spawn(self._client_batch(payload), name="batch")
+                return
+            forward, answers = self._pass_through(payload.messages)
             if forward:
                 await self._to_child(forward)
             if answers:
                 self._to_client(answers)
             return
-        for item in forward:
-            await self._to_child(item)
-        for answer in answers:
-            self._to_client(answer)
+        (message,) = payload.messages
+        if message.error is not None:
+            self._to_client(dict(message.error))
+        elif message.call is not None:
+            self._start_call(message)
+        else:
+            assert message.body is not None
+            if self._forwardable(message.body):
+                await self._to_child(message.body)
+
+    def _pass_through(self, messages: Sequence[mcp.Message]) -> tuple[list[Any], list[Any]]:
+        """Messages other than calls: what to forward, and Warden's answers to invalid ones."""
+        forward: list[Any] = []
+        answers: list[Any] = []
+        for message in messages:
+            if message.error is not None:
+                # JSON-RPC answers no error for an invalid notification, but one without
+                # an id cannot be told from one; each invalid message gets its answer.
+                answers.append(dict(message.error))
+            elif message.call is None:
+                assert message.body is not None
+                if self._forwardable(message.body):
+                    forward.append(message.body)
+        return forward, answers
+
+    def _forwardable(self, body: Mapping[str, Any]) -> bool:
+        """Note what the child's answer needs; False for a cancellation that must not go on."""
+        method = body.get("method")
+        if method == "tools/list" and "id" in body:
+            self._listing.add(body["id"])
+        elif method == "notifications/cancelled":
+            params = body.get("params")
+            target = params.get("requestId") if isinstance(params, dict) else None
+            task = self._deciding.get(target) if isinstance(target, str | int) else None
+            if task is not None:
+                # The child never saw the call: end its decision, and tell the child nothing.
+                task.cancel()
+                return False
+        return True
+
+    def _start_call(self, message: mcp.Message) -> None:
+        id_ = message.id
+        assert id_ is not None
+        if id_ in self._pending or id_ in self._killed or id_ in self._deciding:
+            # Its answer could not be told from the earlier call's: refused, undecided.
+            self._to_client(
+                mcp.error_response(id_, mcp.INVALID_REQUEST, "Invalid Request: id in use")
+            )
+            return
+        self._deciding[id_] = self._calls.spawn(self._call(message), name="call")
+
+    async def _call(self, message: mcp.Message) -> None:
+        """Decide one call, then forward it or answer it; see the module docstring."""
+        sent = await self._decided(message)
+        if "method" in sent:
+            # Written before this task ends (no await in between): a cancellation
+            # read from now on finds the call gone from ``_deciding`` and follows it.
+            await self._to_child(sent)
+        else:
+            self._to_client(sent)
+
+    async def _client_batch(self, payload: mcp.Payload) -> None:
+        """A batch with calls: decide them together, then forward and answer as one batch."""
+        forward, answers = self._pass_through(payload.messages)
+        calls = [m for m in payload.messages if m.call is not None]
+        deciding: list[asyncio.Task[dict[str, Any]]] = []
+        for message in calls:
+            id_ = message.id
+            assert id_ is not None
+            if id_ in self._pending or id_ in self._killed or id_ in self._deciding:
+                answers.append(
+                    mcp.error_response(id_, mcp.INVALID_REQUEST, "Invalid Request: id in use")
+                )
+                continue
+            task = self._calls.spawn(self._decided(message), name="batch-call", awaited=True)
+            self._deciding[id_] = task
+            deciding.append(task)
+        if deciding:
+            await asyncio.wait(deciding)
+        for task in deciding:
+            if task.cancelled():
+                continue  # the client cancelled it: neither forwarded nor answered
+            sent = task.result()
+            (forward if "method" in sent else answers).append(sent)
+        ids = {m["id"] for m in forward if "method" in m and "id" in m}
+        if forward and ids and answers:
+            self._batches.append(_Batch(ids, answers))
+            answers = []
+        if forward:
+            await self._to_child(forward)
+        if answers:
+            self._to_client(answers)
+
+    async def _decided(self, message: mcp.Message) -> dict[str, Any]:
+        """:meth:`_decide` with progress while it waits; the call leaves ``_deciding`` at once.
+
+        Leaving ``_deciding`` and the caller's write to the child happen with no
+        await between them, so no cancellation can slip in unseen.
+        """
+        id_ = message.id
+        assert id_ is not None
+        token = mcp.progress_token(message)
+        assert message.call is not None
+        ticker = (
+            self._calls.spawn(self._progress(token, message.call.name), name="progress")
+            if token is not None
+            else None
+        )
+        try:
+            return await self._decide(message)
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+            self._deciding.pop(id_, None)
+
+    async def _progress(self, token: str | int, tool: str) -> None:
+        """``notifications/progress`` every ``keepalive_s`` while a call waits for its decision.
+
+        Only approvals take that long (the policy has a deadline of milliseconds).
+        """
+        waiting = f"[Warden] waiting for a person to approve the tool call `{tool}`"
+        sent = 0
+        while True:
+            await asyncio.sleep(self._keepalive_s)
+            sent += 1
+            self._to_client(mcp.progress_notification(token, sent, waiting))
 
     async def _decide(self, message: mcp.Message) -> dict[str, Any]:
         """The request to forward for an allowed call, or Warden's own answer."""
@@ -177,15 +309,18 @@ class StdioDoor:
         assert self._core is not None
         id_ = message.id
         assert id_ is not None
-        if id_ in self._pending or id_ in self._killed:
-            # Its answer could not be told from the earlier call's: refused, undecided.
-            return mcp.error_response(id_, mcp.INVALID_REQUEST, "Invalid Request: id in use")
         action = mcp.action(message.call, self._agent, self._upstream)
         try:
             decision = await self._core.decide(action)
         except AuditError:
             log.exception("could not record the decision for %s; not forwarded", action.tool)
             return mcp.error_response(id_, -32603, "Warden could not record this call")
+        except Overloaded as exc:
+            return mcp.error_response(id_, -32603, f"Warden is busy; retry shortly ({exc})")
+        except Exception:
+            # Fail closed: a call Warden could not decide never reaches the server.
+            log.exception("could not decide the call to %s; not forwarded", action.tool)
+            return mcp.error_response(id_, -32603, "Warden could not decide this call")
         if decision.enforced is not Effect.ALLOW:
             return mcp.denied_result(message, decision)
         self._pending[id_] = _Pending(action, decision, time.perf_counter())
@@ -207,13 +342,13 @@ class StdioDoor:
         assert child.stdout is not None
         try:
             while line := await child.stdout.readline():
-                self._child_line(line)
+                await self._child_line(line)
         except (ValueError, asyncio.LimitOverrunError):
             log.error("mcp server sent a line longer than %d bytes; closing", MAX_LINE)
         finally:
             self.done.set()
 
-    def _child_line(self, line: bytes) -> None:
+    async def _child_line(self, line: bytes) -> None:
         try:
             value = loads(line)
         except (ValueError, UnicodeDecodeError):
@@ -221,11 +356,31 @@ class StdioDoor:
             self._write(line if line.endswith(b"\n") else line + b"\n")
             return
         if isinstance(value, list):
-            kept = [v for v in value if not isinstance(v, dict) or self._answer(v)]
+            kept = [
+                await self._listed(v) if isinstance(v, dict) else v
+                for v in value
+                if not isinstance(v, dict) or self._answer(v)
+            ]
             if kept:
                 self._to_client(self._merge(kept))
-        elif not isinstance(value, dict) or self._answer(value):
+        elif not isinstance(value, dict):
             self._to_client(value)
+        elif self._answer(value):
+            self._to_client(await self._listed(value))
+
+    async def _listed(self, response: dict[str, Any]) -> Any:
+        """A ``tools/list`` answer without the tools the policy denies this agent in every case."""
+        id_ = response.get("id")
+        if "method" in response or not isinstance(id_, str | int) or id_ not in self._listing:
+            return response
+        self._listing.discard(id_)
+        result = response.get("result")
+        tools = result.get("tools") if isinstance(result, dict) else None
+        if self._core is None or not isinstance(tools, list):
+            return response
+        names = [t["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str)]
+        hidden = await self._core.hidden_tools(self._agent, self._upstream, names)
+        return mcp.filter_tools(response, hidden.__contains__) if hidden else response
 
     def _answer(self, item: dict[str, Any]) -> bool:
         return "method" in item or self._settle(item)

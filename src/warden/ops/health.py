@@ -14,6 +14,8 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from warden.ops import metrics as ops_metrics
+
 __all__ = ["Readiness", "add_health_routes"]
 
 Readiness = Callable[[], tuple[bool, Mapping[str, Any]]]
@@ -24,6 +26,8 @@ def add_health_routes(app: web.Application, readiness: Readiness) -> None:
     """Add ``/metrics``, ``/healthz`` and ``/readyz`` to ``app``."""
 
     async def metrics(_: web.Request) -> web.Response:
+        # Readiness as gauges, so alerts see what /readyz would answer.
+        ops_metrics.observe_readiness(*readiness())
         body = generate_latest(REGISTRY)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

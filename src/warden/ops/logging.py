@@ -1,7 +1,10 @@
 """Structured logs: one JSON object per line on stderr, or plain text for people.
 
 Log lines never carry request bodies or headers, so no credential can reach
-them; records carry what auditors need instead.
+them; records carry what auditors need instead. A line logged while a request
+is served carries its ``trace_id`` and ``span_id`` (when tracing is on) and
+the ``decision_id`` of its latest decision, to find the span and the audit
+record it is about.
 """
 
 from __future__ import annotations
@@ -12,9 +15,31 @@ import time
 
 import orjson
 
+from warden.ops import tracing
+
 __all__ = ["configure_logging"]
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+
+
+class _CorrelationFilter(logging.Filter):
+    """Adds the trace, span and decision ids of the current context to each record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in tracing.log_fields().items():
+            record.__dict__.setdefault(key, value)
+        return True
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        ids = [
+            f"{key}={record.__dict__[key]}"
+            for key in ("trace_id", "decision_id")
+            if key in record.__dict__
+        ]
+        return f"{line} [{' '.join(ids)}]" if ids else line
 
 
 class _JsonFormatter(logging.Formatter):
@@ -40,7 +65,8 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_CorrelationFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -8,6 +8,8 @@ number of series without limit.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -15,16 +17,34 @@ from prometheus_client import Counter, Gauge, Histogram
 __all__ = [
     "ADDED_LATENCY",
     "AMBIGUOUS_CALL_IDS",
+    "APPROVALS_OLDEST_PENDING_AGE",
+    "AUDIT_SHIPPED",
+    "AUDIT_SHIP_ERRORS",
+    "AUDIT_SHIP_LAG_RECORDS",
+    "AUDIT_SHIP_LAG_SECONDS",
+    "AUDIT_WRITABLE",
+    "BUDGET_LIMIT",
     "DECISIONS",
+    "DRIFT_LEVEL",
+    "DRIFT_PSI",
     "ERRORS",
     "IDENTITY_FAILURES",
     "INFLIGHT",
+    "MCP_TOOLS_HIDDEN",
+    "POLICY_WORKER_RESTARTS",
+    "QUALITY_ADDED_LATENCY_P95",
+    "QUALITY_COST_PER_CONVERSATION",
+    "QUALITY_RATE",
+    "READY",
     "REQUESTS",
+    "STATE_UP",
     "STREAM_VIOLATIONS",
     "TOKENS",
     "UPSTREAM_LATENCY",
     "bounded",
     "child",
+    "observe_readiness",
+    "oldest_pending_approval",
 ]
 
 MAX_LABEL_VALUES = 500
@@ -81,6 +101,11 @@ AMBIGUOUS_CALL_IDS = Counter(
     "Tool call ids seen more than once, so their results are not linked to a decision.",
     ["upstream"],
 )
+MCP_TOOLS_HIDDEN = Counter(
+    "warden_mcp_tools_hidden_total",
+    "Tools left out of MCP tools/list answers because the policy denies them in every case.",
+    ["upstream"],
+)
 INFLIGHT = Gauge("warden_inflight_requests", "Requests being served right now.")
 
 _seen: dict[str, set[str]] = {}
@@ -124,3 +149,110 @@ def child(metric: Counter | Gauge | Histogram, *values: str) -> Any:
             _children.clear()
         found = _children[key] = metric.labels(*values)
     return found
+
+
+# -- for alerts (docs/operations.md): state read when /metrics is scraped -----------------
+
+READY = Gauge("warden_ready", "1 when Warden is ready to serve (what /readyz answers), else 0.")
+AUDIT_WRITABLE = Gauge(
+    "warden_audit_writable",
+    "1 while the audit log takes records; 0 once a write or fsync failed (it stays failed).",
+)
+POLICY_WORKER_RESTARTS = Counter(
+    "warden_policy_worker_restarts_total",
+    "Policy worker processes replaced after a crash or a deadline kill.",
+)
+BUDGET_LIMIT = Gauge(
+    "warden_budget_limit",
+    "The configured limit of each cap (llm: USD per window), by cap and window.",
+    ["cap", "window"],
+)
+APPROVALS_OLDEST_PENDING_AGE = Gauge(
+    "warden_approvals_oldest_pending_age_seconds",
+    "Age of the oldest approval still waiting for people, in any sidecar (0 when none).",
+)
+
+_oldest_pending: list[float | None] = [None]
+APPROVALS_OLDEST_PENDING_AGE.set_function(
+    lambda: 0.0 if _oldest_pending[0] is None else max(0.0, time.time() - _oldest_pending[0])
+)
+_restarts_seen = [0]
+
+
+def oldest_pending_approval(created_at: float | None) -> None:
+    """Remember when the oldest pending approval was created (``None``: none pending).
+
+    The age is worked out when scraped, so it keeps growing between refreshes.
+    """
+    _oldest_pending[0] = created_at
+
+
+def observe_readiness(ready: bool, detail: Mapping[str, Any]) -> None:
+    """Set the readiness gauges from what ``/readyz`` would answer (called per scrape)."""
+    READY.set(1 if ready else 0)
+    audit = detail.get("audit")
+    AUDIT_WRITABLE.set(1 if isinstance(audit, Mapping) and audit.get("writable") else 0)
+    policy = detail.get("policy")
+    restarts = policy.get("worker_restarts") if isinstance(policy, Mapping) else None
+    if isinstance(restarts, int) and restarts >= 0:
+        # The engine counts per bundle generation; a reload starts again from 0.
+        seen = _restarts_seen[0]
+        POLICY_WORKER_RESTARTS.inc(restarts - seen if restarts >= seen else restarts)
+        _restarts_seen[0] = restarts
+
+
+# -- the central audit store (audit.ship) and the state backend ---------------------------
+
+AUDIT_SHIPPED = Counter(
+    "warden_audit_shipped_total",
+    "Records and signed checkpoints shipped to the central audit store, by kind.",
+    ["kind"],
+)
+AUDIT_SHIP_ERRORS = Counter(
+    "warden_audit_ship_errors_total",
+    "Failed shipping attempts, by stage: store (unreachable, refused) or damaged (local log).",
+    ["stage"],
+)
+AUDIT_SHIP_LAG_RECORDS = Gauge(
+    "warden_audit_ship_lag_records",
+    "Records durable in the local audit log but not yet in the central store.",
+)
+AUDIT_SHIP_LAG_SECONDS = Gauge(
+    "warden_audit_ship_lag_seconds",
+    "Seconds since the central store last held every local record (0 when caught up).",
+)
+STATE_UP = Gauge(
+    "warden_state_up",
+    "1 while the state backend (approvals, budgets, kill switches) is reachable, else 0.",
+)
+
+# Drift and quality (warden.monitor.live): recomputed off the request path every
+# ``monitor.interval_s``; label sets that no longer apply are removed.
+DRIFT_PSI = Gauge(
+    "warden_drift_psi",
+    "Population stability index of the current window against the reference, by agent, "
+    "version (* for all versions) and distribution (tools, effects, number:<tool>.<arg>).",
+    ["agent", "version", "distribution"],
+)
+DRIFT_LEVEL = Gauge(
+    "warden_drift_level",
+    "Worst drift level per agent and version: 0 ok, 1 watch (PSI >= 0.1), 2 act (PSI >= 0.25), "
+    "-1 too few samples.",
+    ["agent", "version"],
+)
+QUALITY_RATE = Gauge(
+    "warden_quality_rate",
+    "Quality rates over the current window, by agent, version and rate "
+    "(deny, hold, approval_rejection, tool_error).",
+    ["agent", "version", "rate"],
+)
+QUALITY_COST_PER_CONVERSATION = Gauge(
+    "warden_quality_cost_per_conversation_usd",
+    "Average recorded cost per conversation over the current window, by agent and version.",
+    ["agent", "version"],
+)
+QUALITY_ADDED_LATENCY_P95 = Gauge(
+    "warden_quality_added_latency_p95_seconds",
+    "95th percentile of the time Warden spent deciding an action over the current window.",
+    ["agent", "version"],
+)

@@ -43,7 +43,7 @@ import orjson
 
 from warden.policy.bundle import Module
 
-__all__ = ["InputShape", "LRUCache", "analyse", "cache_key", "project"]
+__all__ = ["WILDCARD", "InputShape", "LRUCache", "analyse", "cache_key", "project"]
 
 _INPUT = re.compile(r"(?<![\w.])input(?![\w])")
 _STEP = re.compile(r'\s*(?:\.\s*([A-Za-z_][A-Za-z0-9_]*)|\[\s*"((?:[^"\\]|\\.)*)"\s*\])')
@@ -53,6 +53,8 @@ _NONDETERMINISTIC = re.compile(
 )
 _STRING = re.compile(r'"(?:[^"\\\n]|\\.)*"|`[^`]*`')
 _MISSING = object()
+WILDCARD = "*"
+"""A path step that goes through every member of a list or object (``input.history[i]``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +97,45 @@ def _unescape(text: str) -> str:
     return value if isinstance(value, str) else text
 
 
+def _dynamic_step(blanked: str, pos: int) -> int | None:
+    """Where a bracketed step that is no string literal (``[i]``, ``[_]``) at ``pos`` ends.
+
+    Such a step may select any member, so the path goes on through every
+    member (:data:`WILDCARD`). Strings are blanked, so a ``]`` inside one
+    cannot end the step early.
+    """
+    if pos >= len(blanked) or blanked[pos] != "[":
+        return None
+    depth = 0
+    for i in range(pos, len(blanked)):
+        ch = blanked[i]
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1 if ch == "]" else None
+    return None
+
+
 def _reference_path(source: str, blanked: str, end: int) -> tuple[tuple[str, ...], int]:
-    """The static path that follows a name ending at ``end``, and where it ends."""
+    """The static path that follows a name ending at ``end``, and where it ends.
+
+    A dynamic step (``input.history[i].tool``) is :data:`WILDCARD`: the path
+    continues below every member, so the key holds only the ``tool`` of each
+    element, and each element's position.
+    """
     path: list[str] = []
     pos = end
-    while (m := _STEP.match(source, pos)) is not None:
+    while True:
+        m = _STEP.match(source, pos)
+        if m is None:
+            wild = _dynamic_step(blanked, pos)
+            if wild is None:
+                break
+            path.append(WILDCARD)
+            pos = wild
+            continue
         # The blanked text has the same dots and brackets outside comments.
         seen = blanked[m.start() : m.end()]
         if m.group(1) is not None:
@@ -339,16 +375,72 @@ def analyse(modules: Sequence[Module]) -> InputShape:
                 return InputShape(paths=None, deterministic=deterministic)
             paths |= {path + rest for rest in analysis.reads(index, match.start(), end)}
     kept: list[tuple[str, ...]] = []
+    # ``x[_]`` with nothing read below reads every member whole: that is ``x`` itself.
+    paths = {_untail(p) for p in paths}
+    if () in paths:
+        return InputShape(paths=None, deterministic=deterministic)
     for path in sorted(paths, key=len):
         if not any(path[: len(p)] == p for p in kept):
             kept.append(path)
     return InputShape(paths=tuple(sorted(kept)), deterministic=deterministic)
 
 
+def _untail(path: tuple[str, ...]) -> tuple[str, ...]:
+    while path and path[-1] == WILDCARD:
+        path = path[:-1]
+    return path
+
+
+def _pick(node: Any, path: tuple[str, ...]) -> Any:
+    """The part of ``node`` below ``path``, through every member at a :data:`WILDCARD`.
+
+    A wildcard keeps the list (each position) or object (each key) and puts
+    in each member what lies below it: ``{}`` for a member that has nothing
+    there, which the policy cannot tell apart (it reads only below it).
+    """
+    for i, key in enumerate(path):
+        if key == WILDCARD:
+            rest = path[i + 1 :]
+            if type(node) is list:
+                return [_member(item, rest) for item in node]
+            if isinstance(node, Mapping):
+                return {k: _member(v, rest) for k, v in node.items()}
+            return _MISSING
+        if not (type(node) is dict or isinstance(node, Mapping)) or key not in node:
+            return _MISSING
+        node = node[key]
+    return node
+
+
+def _member(node: Any, rest: tuple[str, ...]) -> Any:
+    """One member below a wildcard: what ``rest`` reaches in it, under its static steps."""
+    found = _pick(node, rest)
+    if found is _MISSING:
+        return {}
+    cut = rest.index(WILDCARD) if WILDCARD in rest else len(rest)
+    for key in reversed(rest[:cut]):
+        found = {key: found}
+    return found
+
+
+def _merge(into: Any, value: Any) -> Any:
+    """Two projections of the same document, joined (lists member by member)."""
+    if isinstance(into, dict) and isinstance(value, dict):
+        for key, item in value.items():
+            into[key] = _merge(into[key], item) if key in into else item
+        return into
+    if type(into) is list and type(value) is list and len(into) == len(value):
+        return [_merge(a, b) for a, b in zip(into, value, strict=True)]
+    return value
+
+
 def _lookup(doc: Any, path: tuple[str, ...]) -> Any:
+    if WILDCARD in path:
+        return _pick(doc, path)
     node = doc
     for key in path:
-        if not isinstance(node, Mapping) or key not in node:
+        # An exact dict first: the ABC check costs a microsecond a step.
+        if not (type(node) is dict or isinstance(node, Mapping)) or key not in node:
             return _MISSING
         node = node[key]
     return node
@@ -374,6 +466,14 @@ def project(shape: InputShape, doc: Mapping[str, Any]) -> Mapping[str, Any]:
     for path in shape.paths:
         value = _lookup(doc, path)
         if value is _MISSING:
+            continue
+        if WILDCARD in path:
+            # Several paths through one list: joined member by member.
+            cut = path.index(WILDCARD)
+            wrapped: Any = value
+            for key in reversed(path[:cut]):
+                wrapped = {key: wrapped}
+            _merge(out, wrapped)
             continue
         node = out
         for key in path[:-1]:

@@ -67,7 +67,15 @@ from warden.policy.activation import Activator
 from warden.policy.bundle import Bundle, BundleError, Module, describe_rego_error
 from warden.policy.cache import InputShape, LRUCache, analyse, cache_key, project
 from warden.policy.metrics import PROMETHEUS, PolicyMetrics
-from warden.policy.worker import MSG_ERROR, MSG_EVAL, MSG_QUIT, MSG_RESULT, frame
+from warden.policy.worker import (
+    ENTRY_VARIABLE,
+    MSG_ERROR,
+    MSG_EVAL,
+    MSG_EVAL_AT,
+    MSG_QUIT,
+    MSG_RESULT,
+    frame,
+)
 
 __all__ = [
     "DEFAULT_QUEUE_TIMEOUT_S",
@@ -77,6 +85,7 @@ __all__ = [
     "PreActivate",
     "WorkerPool",
     "interpret_output",
+    "interpret_value",
     "production_modules",
 ]
 
@@ -133,6 +142,10 @@ class PolicyResult:
     the input never ran: no bundle, no worker, no free worker by the deadline."""
     cached: bool = False
     elapsed_us: int = 0
+    value: Any = None
+    """For an extra entrypoint (``evaluate(..., query=...)``): the query's value as is."""
+    defined: bool = False
+    """For an extra entrypoint: whether the query had a value (``value`` may be ``null``)."""
 
     @property
     def reason(self) -> str:
@@ -247,6 +260,30 @@ def interpret_output(text: str, modules: tuple[Module, ...] = ()) -> PolicyResul
         return _from_value(expressions[0])
     except _ShapeError as exc:
         return PolicyResult(effect=None, error="policy_error", detail=f"invalid result: {exc}")
+
+
+def interpret_value(text: str, modules: tuple[Module, ...] = ()) -> PolicyResult:
+    """Like :func:`interpret_output` for an extra entrypoint: the value is kept as is.
+
+    ``effect`` stays ``None``; ``defined`` and ``value`` carry the query's
+    value for the caller to read in its own contract (OPA-Envoy's ``allowed``).
+    """
+    if text == "undefined":
+        return PolicyResult(effect=None)
+    if text.startswith(("<error>", "(error", "(rego-errorseq")):
+        return interpret_output(text, modules)
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return PolicyResult(
+            effect=None, error="policy_error", detail=f"unreadable result {text[:200]!r}"
+        )
+    bindings = doc.get("bindings") if isinstance(doc, dict) else None
+    if not isinstance(bindings, dict) or ENTRY_VARIABLE not in bindings:
+        return PolicyResult(
+            effect=None, error="policy_error", detail="the query gave several results"
+        )
+    return PolicyResult(effect=None, value=bindings[ENTRY_VARIABLE], defined=True)
 
 
 # --- the worker pool ---------------------------------------------------------------------------
@@ -654,8 +691,11 @@ class WorkerPool:
                 self._release(waiter.result())
             raise
 
-    async def evaluate(self, body: bytes, tag: Any = None) -> bytes:
+    async def evaluate(self, body: bytes, tag: Any = None, *, prefix: bytes = MSG_EVAL) -> bytes:
         """Send one input to a free worker; return its reply frame.
+
+        ``prefix``: the request kind (``MSG_EVAL``, or ``MSG_EVAL_AT`` and the
+        index of an extra entrypoint).
 
         Raises :class:`_QueueTimeout` when no worker was free within the
         queue bound (the input never ran), :class:`_EvalTimeout` when the
@@ -683,7 +723,7 @@ class WorkerPool:
         worker.dispatched_at = loop.time()
         worker.cpu_at_dispatch = _cpu_ns(worker.proc.pid)
         worker.timer = loop.call_later(self._eval_budget_s, self._on_timeout, worker)
-        data = frame(MSG_EVAL + body)
+        data = frame(prefix + body)
         try:
             sent = worker.sock.send(data)
             if sent < len(data):
@@ -800,8 +840,14 @@ class PolicyEngine:
         python: str | None = None,
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
         queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S,
+        entrypoints: tuple[str, ...] = (),
     ) -> None:
         self.config = config
+        # Extra queries every revision compiles beside ``policy.query`` (ext_authz's).
+        self._entrypoints = tuple(q for q in dict.fromkeys(entrypoints) if q != config.query)
+        if len(self._entrypoints) > 255:
+            raise ValueError("at most 255 extra policy entrypoints")
+        self._entry_index = {q: i for i, q in enumerate(self._entrypoints, start=1)}
         self.metrics = metrics if metrics is not None else PROMETHEUS
         self.pre_activate = pre_activate
         self._python = python
@@ -827,13 +873,17 @@ class PolicyEngine:
         watch: bool | None = None,
         python: str | None = None,
         queue_timeout_s: float | None = None,
+        entrypoints: tuple[str, ...] = (),
     ) -> PolicyEngine:
         """Load and activate the configured bundles, then keep them current.
 
         Never raises for a bad or missing bundle: the engine then starts not
         ready (every evaluation gets ``policy_not_ready``), reports why in
         :meth:`status`, and keeps polling. ``watch`` overrides
-        ``config.watch``; a ``bundle_url`` is always polled.
+        ``config.watch``; a ``bundle_url`` is always polled. ``entrypoints``:
+        extra queries every revision compiles beside ``config.query``, for
+        :meth:`evaluate`'s ``query`` (one the bundle does not define is
+        undefined; one that does not compile answers ``policy_error``).
         """
         engine = cls(
             config,
@@ -841,6 +891,7 @@ class PolicyEngine:
             pre_activate=pre_activate,
             python=python,
             queue_timeout_s=config.queue_timeout_s if queue_timeout_s is None else queue_timeout_s,
+            entrypoints=entrypoints,
         )
         engine._activator = Activator.for_config(engine, config)
         await engine._activator.poll_once()
@@ -931,6 +982,7 @@ class PolicyEngine:
                     "modules": [[m.path, m.source] for m in modules],
                     "data": bundle.data,
                     "query": self.config.query,
+                    "entrypoints": list(self._entrypoints),
                     "label": bundle.name,
                 }
             )
@@ -995,7 +1047,9 @@ class PolicyEngine:
         gen = self._active
         self.metrics.workers_alive(gen.pool.alive if gen is not None else 0)
 
-    async def evaluate(self, input_doc: Mapping[str, Any]) -> PolicyResult:
+    async def evaluate(
+        self, input_doc: Mapping[str, Any], *, query: str | None = None
+    ) -> PolicyResult:
         """Evaluate the active policy for one input, within ``policy.deadline_ms`` of evaluation.
 
         Never raises for policy trouble: errors come back as a result with
@@ -1003,8 +1057,18 @@ class PolicyEngine:
         :class:`~warden.errors.Overloaded` when no worker was free within the
         queue bound: being busy is not the policy's answer, so the caller
         must push back rather than decide.
+
+        ``query``: one of the engine's extra ``entrypoints`` instead of
+        ``policy.query``; its value comes back as is (:func:`interpret_value`).
         """
         started = time.perf_counter_ns()
+        entry = self._entry(query)
+        if entry is None:
+            detail = f"the query {query!r} is not an entrypoint of this engine"
+            return self._finish(
+                PolicyResult(effect=None, error="policy_not_ready", detail=detail), started
+            )
+        salt, prefix = entry
         for _attempt in range(2):
             gen = self._active
             if gen is None:
@@ -1015,19 +1079,23 @@ class PolicyEngine:
                     started,
                 )
             try:
-                key, early = self._before_dispatch(gen, input_doc)
+                key, early = self._before_dispatch(gen, input_doc, salt)
             except TypeError as exc:
                 return self._finish(self._bad_input(gen, exc), started)
             if early is not None:
                 return self._finish(early, started)
             try:
                 # For a whole-input policy the key is the input as JSON already.
-                body = key if gen.shape.whole_input else orjson.dumps(project(gen.shape, input_doc))
+                body = (
+                    key[len(salt) :]
+                    if gen.shape.whole_input
+                    else orjson.dumps(project(gen.shape, input_doc))
+                )
             except TypeError as exc:
                 return self._finish(self._bad_input(gen, exc), started)
             revision = gen.bundle.revision
             try:
-                reply = await gen.pool.evaluate(body, tag=key)
+                reply = await gen.pool.evaluate(body, tag=key, prefix=prefix)
             except _PoolClosed:
                 continue  # a new revision was swapped in while we waited: ask it
             except (_QueueTimeout, _Starved) as exc:
@@ -1065,7 +1133,7 @@ class PolicyEngine:
                     ),
                     started,
                 )
-            result = self._read_reply(reply, gen)
+            result = self._read_reply(reply, gen, entry=bool(salt))
             if gen.cacheable and result.error is None:
                 gen.cache.put(key, result)
             return self._finish(result, started)
@@ -1074,11 +1142,21 @@ class PolicyEngine:
             started,
         )
 
+    def _entry(self, query: str | None) -> tuple[bytes, bytes] | None:
+        """The cache-key salt and request prefix for ``query``; ``None`` if it is not compiled."""
+        if query is None or query == self.config.query:
+            return b"", MSG_EVAL
+        index = self._entry_index.get(query)
+        if index is None:
+            return None
+        # Keys are JSON otherwise, which never starts with NUL: no entry shares a key.
+        return b"\x00" + bytes([index]), MSG_EVAL_AT + bytes([index])
+
     def _before_dispatch(
-        self, gen: _Generation, input_doc: Mapping[str, Any]
+        self, gen: _Generation, input_doc: Mapping[str, Any], salt: bytes = b""
     ) -> tuple[bytes, PolicyResult | None]:
-        """The cache key, and a result if no worker needs to be asked."""
-        key = cache_key(gen.shape, input_doc)
+        """The cache key (``salt`` first: which query), and a result if no worker is needed."""
+        key = salt + cache_key(gen.shape, input_doc) if salt else cache_key(gen.shape, input_doc)
         code = gen.quarantine.get(key) if gen.quarantine else None
         if code is not None:
             detail = "this input recently made the policy fail; it is not retried for a while"
@@ -1120,10 +1198,11 @@ class PolicyEngine:
         )
 
     @staticmethod
-    def _read_reply(reply: bytes, gen: _Generation) -> PolicyResult:
+    def _read_reply(reply: bytes, gen: _Generation, *, entry: bool = False) -> PolicyResult:
         kind, body = reply[:1], reply[1:].decode("utf-8", errors="replace")
         if kind == MSG_RESULT:
-            result = interpret_output(body, gen.modules)
+            read = interpret_value if entry else interpret_output
+            result = read(body, gen.modules)
         elif kind == MSG_ERROR:
             result = PolicyResult(effect=None, error="policy_error", detail=body)
         else:

@@ -19,9 +19,12 @@ a final decision:
 
 from __future__ import annotations
 
+from typing import Any
+
 from warden.config import PolicyConfig
-from warden.model import Action, Decision, Effect, Obligations, new_id
+from warden.model import Action, Decision, Effect, Obligations, PolicyView, new_id
 from warden.pipeline import GuardContext, policy_input
+from warden.policy.challenger import Challenger
 from warden.policy.engine import PolicyEngine, PolicyResult
 from warden.policy.metrics import PROMETHEUS, PolicyMetrics
 
@@ -50,10 +53,33 @@ class PolicyGuard:
         self.engine = engine
         self.config = config
         self.metrics = metrics if metrics is not None else PROMETHEUS
+        self.challenger: Challenger | None = None
+        """The live challenger (``policy.challenger``), given each policy decision's input."""
 
     async def check(self, action: Action, ctx: GuardContext) -> Decision:
         """Evaluate the policy for ``action``; never returns ``None``."""
+        if action.view is not None:
+            view = action.view
+            result = await self.engine.evaluate(policy_input(action, ctx), query=view.query)
+            return self.decide_view(result, view, ctx)
+        doc = policy_input(action, ctx)
+        result = await self.engine.evaluate(doc)
+        decision = self.decide(result, ctx)
+        if self.challenger is not None:
+            self.challenger.offer(doc, decision)  # queued, never awaited
+        return decision
+
+    async def preview(self, action: Action, ctx: GuardContext) -> Decision | None:
+        """The policy's own answer for ``action``, or ``None`` when it gave none.
+
+        For listings (:meth:`warden.pipeline.Pipeline.preview`): neither the
+        configured default (the policy said nothing) nor the fallback (it
+        failed) is the policy denying a tool in every case, so both are
+        ``None``. Uses the decision cache like :meth:`check`.
+        """
         result = await self.engine.evaluate(policy_input(action, ctx))
+        if result.error is not None or result.effect is None:
+            return None
         return self.decide(result, ctx)
 
     async def redactions(self, action: Action, ctx: GuardContext) -> tuple[str, ...] | None:
@@ -62,8 +88,54 @@ class PolicyGuard:
         Only the obligation is used (see :mod:`warden.audit.redaction`);
         ``None`` when the policy cannot answer, so every field is redacted.
         """
+        if action.view is not None:
+            return None  # a door's own query names no redactions: hide every field
         result = await self.engine.evaluate(policy_input(action, ctx))
         return None if result.error is not None else result.redact
+
+    def decide_view(self, result: PolicyResult, view: PolicyView, ctx: GuardContext) -> Decision:
+        """The decision for a door's own query (:class:`~warden.model.PolicyView`).
+
+        Fails closed, whatever ``policy.fallback`` says: a policy that cannot
+        run, a query that is undefined for the input, and a value the door's
+        ``read`` refuses all deny. The value goes to the door as
+        ``obligations.result``.
+        """
+        revision = result.revision or self.engine.revision or ""
+        error: str | None = None
+        rendered: Any = None
+        if result.error is not None:
+            self.metrics.fallback(result.error.removeprefix("policy_"), ctx.risk)
+            why = _WHY.get(result.error, "the policy could not decide")
+            effect, reason, error = Effect.DENY, f"{why}; {view.query} denies", result.error
+        elif not result.defined:
+            effect, reason = Effect.DENY, f"{view.query} is undefined for this request; denied"
+        else:
+            try:
+                allowed, rendered = view.read(result.value)
+            except ValueError as exc:
+                self.metrics.fallback("error", ctx.risk)
+                effect, error = Effect.DENY, "policy_error"
+                reason = f"the value of {view.query} is not a usable result ({exc}); denied"
+            else:
+                effect = Effect.ALLOW if allowed else Effect.DENY
+                given = result.value.get("reason") if isinstance(result.value, dict) else None
+                reason = (
+                    given
+                    if isinstance(given, str) and given
+                    else ("the policy allows it" if allowed else "the policy denies it")
+                )
+        return Decision(
+            decision_id=new_id("dec"),
+            effect=effect,
+            reasons=(reason,),
+            mode=ctx.mode,
+            guard="policy" if error is None else "fallback",
+            bundle_revision=revision,
+            obligations=Obligations(result=rendered),
+            error=error,
+            elapsed_us=result.elapsed_us,
+        )
 
     def decide(self, result: PolicyResult, ctx: GuardContext) -> Decision:
         """The decision for a policy result in this context."""

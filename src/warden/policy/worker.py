@@ -14,6 +14,11 @@ Wire format: frames of a 4-byte big-endian length then the body:
 * worker → parent: ``{"ok": true, "pid": 123}`` or ``{"ok": false, "error": "..."}``
 * parent → worker: ``b"E" + <input JSON>``; worker → parent: ``b"R" + <regopy
   output text>`` or ``b"X" + <error message>``
+* parent → worker: ``b"N" + <index byte> + <input JSON>``: evaluate the extra
+  query ``entrypoints[index - 1]`` of the init frame's optional
+  ``"entrypoints": [...]`` list (e.g. Envoy ext_authz's
+  ``data.envoy.authz.allow``); a query that failed to compile answers
+  ``b"X"`` with the compiler's message;
 * parent → worker: ``b"Q"``: exit.
 
 The worker sends regopy's output text untouched (``undefined``,
@@ -35,8 +40,10 @@ if TYPE_CHECKING:
     from warden.policy.rego import Evaluator as RegoEvaluator
 
 __all__ = [
+    "ENTRY_VARIABLE",
     "MSG_ERROR",
     "MSG_EVAL",
+    "MSG_EVAL_AT",
     "MSG_QUIT",
     "MSG_RESULT",
     "Evaluator",
@@ -47,6 +54,9 @@ __all__ = [
 ]
 
 MSG_EVAL = b"E"
+MSG_EVAL_AT = b"N"
+ENTRY_VARIABLE = "result"
+"""An extra entrypoint ``q`` is compiled as ``result = q``; its value is that binding."""
 MSG_RESULT = b"R"
 MSG_ERROR = b"X"
 MSG_QUIT = b"Q"
@@ -69,8 +79,39 @@ class Evaluator:
         from warden.policy.bundle.compile import compile_bundle  # noqa: PLC0415
         from warden.policy.bundle.model import Module  # noqa: PLC0415
 
-        compiled = compile_bundle([Module(p, s) for p, s in modules], data, query, label=label)
+        self._modules = [Module(p, s) for p, s in modules]
+        self._data = data
+        self._label = label
+        compiled = compile_bundle(self._modules, data, query, label=label)
         self._engine: RegoEvaluator = rego.Evaluator(compiled)
+        self._entries: list[RegoEvaluator | str] = []
+
+    def add_entrypoint(self, query: str) -> None:
+        """Compile one more query of the same bundle; a failure is kept as its answer."""
+        from warden.policy import rego  # noqa: PLC0415
+        from warden.policy.bundle.compile import compile_bundle  # noqa: PLC0415
+        from warden.policy.bundle.model import BundleError  # noqa: PLC0415
+
+        try:
+            # Bound to a variable: a query that is just ``data.x`` is undefined when x is false.
+            bound = f"{ENTRY_VARIABLE} = {query}"
+            compiled = compile_bundle(self._modules, self._data, bound, label=self._label)
+        except BundleError as exc:
+            self._entries.append(f"query {query!r} does not compile: {exc}")
+            return
+        self._entries.append(rego.Evaluator(compiled))
+
+    def evaluate_entry_json(self, index: int, body: bytes) -> str | None:
+        """Like :meth:`evaluate_json` for extra query ``index`` (from 1); ``None`` if unknown.
+
+        Raises ``LookupError`` with the compiler's message if it did not compile.
+        """
+        if not 1 <= index <= len(self._entries):
+            return None
+        entry = self._entries[index - 1]
+        if isinstance(entry, str):
+            raise LookupError(entry)
+        return entry.evaluate(orjson.loads(body))
 
     def evaluate_json(self, body: bytes) -> str:
         """Evaluate for an input given as JSON; return regopy's output text."""
@@ -123,6 +164,8 @@ def worker_main(sock: socket.socket) -> None:
     try:
         spec = orjson.loads(init)
         evaluator = Evaluator(spec["modules"], spec["data"], spec["query"], spec.get("label", ""))
+        for query in spec.get("entrypoints", ()):
+            evaluator.add_entrypoint(query)
     except Exception as exc:  # every failure is reported to the parent
         sock.sendall(frame(orjson.dumps({"ok": False, "error": str(exc) or type(exc).__name__})))
         return
@@ -146,10 +189,24 @@ def _serve(sock: socket.socket, evaluator: Evaluator) -> None:
             except (ValueError, TypeError, RecursionError) as exc:
                 reply = MSG_ERROR + f"input rejected: {exc}".encode()
             send(frame(reply))
+        elif kind == MSG_EVAL_AT and len(message) >= 2:
+            send(frame(_evaluate_entry(evaluator, message[1], message[2:])))
         elif kind == MSG_QUIT:
             return
         else:
             send(frame(MSG_ERROR + b"unknown request"))
+
+
+def _evaluate_entry(evaluator: Evaluator, index: int, body: bytes) -> bytes:
+    try:
+        text = evaluator.evaluate_entry_json(index, body)
+    except LookupError as exc:
+        return MSG_ERROR + str(exc).encode()
+    except (ValueError, TypeError, RecursionError) as exc:
+        return MSG_ERROR + f"input rejected: {exc}".encode()
+    if text is None:
+        return MSG_ERROR + b"unknown query"
+    return MSG_RESULT + text.encode()
 
 
 def main(argv: list[str] | None = None) -> int:

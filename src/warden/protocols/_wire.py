@@ -48,8 +48,17 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-_LONG_INT: Final = re.compile(r"[0-9]{19}")
-_LONG_INT_BYTES: Final = re.compile(rb"[0-9]{19}")
+# Nineteen digits in a row may be an integer past 64 bits. Found by mapping
+# every ASCII digit to "0" and everything else to a space, then one substring
+# search: an order of magnitude cheaper than a regular expression over a body.
+_DIGITS_TO_ZERO: Final = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_NINETEEN: Final = b"0" * 19
+
+
+def _long_int(text: str | bytes) -> bool:
+    """Whether ``text`` holds a run of 19 or more ASCII digits."""
+    data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    return data.translate(_DIGITS_TO_ZERO).find(_NINETEEN) >= 0
 
 
 def loads(text: str | bytes) -> Any:
@@ -62,8 +71,7 @@ def loads(text: str | bytes) -> Any:
     Warden sees the values the SDK will see.
     """
     # orjson reads an integer past 64 bits as a float, silently: such text goes to the stdlib.
-    long_int = _LONG_INT_BYTES.search(text) if isinstance(text, bytes) else _LONG_INT.search(text)
-    if long_int is None:
+    if not _long_int(text):
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
@@ -98,13 +106,30 @@ def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
 
 
+_LEAVES: Final = frozenset({str, int, bool, type(None)})
+
+
 def _has_nonfinite(value: Any) -> bool:
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, dict):
-        return any(_has_nonfinite(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_nonfinite(v) for v in value)
+    """Whether a NaN or an infinity is anywhere in ``value`` (dicts and lists walked)."""
+    # One loop over a stack, exact types first: a body is mostly strings and ints.
+    stack = [value]
+    pop, push, leaves, isfinite = stack.pop, stack.extend, _LEAVES, math.isfinite
+    while stack:
+        item = pop()
+        kind = type(item)
+        if kind in leaves:
+            continue
+        if kind is dict:
+            push(item.values())
+        elif kind is list:
+            push(item)
+        elif kind is float or isinstance(item, float):
+            if not isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            push(item.values())
+        elif isinstance(item, list):
+            push(item)
     return False
 
 
@@ -204,7 +229,7 @@ def _fast_object(raw: str) -> dict[str, Any] | None:
     the stdlib), and keeps the last of repeated keys, which the key count
     catches. ``None`` sends the text down the stdlib path, which decides.
     """
-    if _LONG_INT.search(raw) is not None:
+    if _long_int(raw):
         return None
     try:
         value = orjson.loads(raw)

@@ -39,6 +39,7 @@ from typing import Any, Final
 
 from warden.errors import StreamViolation
 from warden.model import ActionKind, Decision, Effect, ToolCall, ToolResult, Usage
+from warden.protocols import declared_tools
 from warden.protocols._wire import (
     NO_DECISION,
     StreamStatus,
@@ -224,6 +225,7 @@ class AnthropicMessagesAdapter:
             model=model if isinstance(model, str) else None,
             stream=body.get("stream") is True,
             tool_results=tuple(results),
+            tools=declared_tools.anthropic(body),
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:

@@ -62,6 +62,9 @@ class ParsedRequest:
     model: str | None
     stream: bool
     tool_results: tuple[ToolResult, ...] = ()
+    tools: tuple[dict[str, Any], ...] = ()
+    """Tools the provider runs itself (remote MCP servers, hosted tools), without
+    credentials: ``input.request.tools`` (:mod:`warden.protocols.declared_tools`)."""
 
 
 class StreamRewriter(Protocol):

@@ -45,13 +45,17 @@ __all__ = [
     "Message",
     "Payload",
     "action",
+    "cancelled_notification",
     "denied_result",
     "encode",
     "error_response",
     "filter_tools",
     "forward_call",
     "parse",
+    "progress_notification",
+    "progress_token",
     "result_outcome",
+    "stopped_result",
 ]
 
 PROTOCOL: Final = "mcp"
@@ -255,3 +259,40 @@ def filter_tools(response: Mapping[str, Any], hide: Callable[[str], bool]) -> Ma
 def encode(value: Any) -> bytes:
     """One newline-terminated JSON-RPC line (the stdio framing)."""
     return dumps(value).encode() + b"\n"
+
+
+def progress_token(message: Message) -> str | int | None:
+    """The ``params._meta.progressToken`` a client sent with a request, if any."""
+    params = message.body.get("params") if message.body is not None else None
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    token = meta.get("progressToken") if isinstance(meta, dict) else None
+    return _valid_id(token) if token is not None else None
+
+
+def progress_notification(token: str | int, progress: int, message: str) -> dict[str, Any]:
+    """``notifications/progress`` for a request still waiting (``progress`` must increase)."""
+    params = {"progressToken": token, "progress": progress, "message": message}
+    return {"jsonrpc": "2.0", "method": "notifications/progress", "params": params}
+
+
+def cancelled_notification(id_: str | int, reason: str) -> dict[str, Any]:
+    """``notifications/cancelled``: tells the server to stop working on request ``id_``."""
+    params = {"requestId": id_, "reason": reason}
+    return {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params}
+
+
+def stopped_result(id_: JsonId, tool: str | None, reason: str, decision_id: str) -> dict[str, Any]:
+    """The answer to an allowed call a kill switch stopped while it ran (``isError``)."""
+    text = (
+        f"[Warden] stopped the tool call `{tool}` while it ran; it may or may not have "
+        f"completed. Reason: {reason}. (decision {decision_id})"
+    )
+    return {
+        "jsonrpc": "2.0",
+        "id": id_,
+        "result": {
+            "content": [{"type": "text", "text": text}],
+            "isError": True,
+            "_meta": {"warden/decision": decision_id},
+        },
+    }

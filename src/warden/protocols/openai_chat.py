@@ -76,7 +76,7 @@ def _choice_index(choice: Mapping[str, Any], default: int = 0) -> int:
     return default if index is None else index
 
 
-def _entry_call(entry: Mapping[str, Any], *, key: str, index: int) -> ToolCall:
+def _entry_call(entry: Mapping[str, Any], *, key: str, index: int, parse: bool = True) -> ToolCall:
     """One ``tool_calls`` entry as a ToolCall, read from the field its ``type`` names.
 
     ``function`` (or no type at all: streams send it once, some servers never)
@@ -84,18 +84,26 @@ def _entry_call(entry: Mapping[str, Any], *, key: str, index: int) -> ToolCall:
     ``custom.name``/``custom.input`` (free text, which policies see as
     ``{"input": text}``). Any other type is an ``unknown_call``: the whole entry
     is its arguments, and is what is rendered if allowed.
+
+    ``parse=False`` when only the call's id, name and text are needed (to
+    render a decided call, or name an earlier one): text arguments are then
+    not parsed, and ``arguments`` is ``None``; ``raw_arguments`` is the same.
     """
     wire = entry.get("type")
     call_id = _str(entry.get("id"))
     if wire is None or wire == "function":
         spec = entry.get("function")
         spec = spec if isinstance(spec, dict) else {}
-        raw, arguments = parse_arguments(spec.get("arguments"))
+        given = spec.get("arguments")
+        raw, arguments = (
+            parse_arguments(given) if parse or type(given) is not str else (given, None)
+        )
         kind, wire_type = ActionKind.TOOL_CALL, "function"
     elif wire == "custom":
         spec = entry.get("custom")
         spec = spec if isinstance(spec, dict) else {}
-        raw, arguments = _custom_input(spec.get("input"))
+        text = spec.get("input")
+        raw, arguments = _custom_input(text) if parse or type(text) is not str else (text, None)
         kind, wire_type = ActionKind.CUSTOM_TOOL_CALL, "custom"
     else:
         spec = entry.get(wire) if isinstance(wire, str) else None
@@ -199,7 +207,7 @@ class OpenAIChatAdapter:
                 calls = message.get("tool_calls")
                 for entry in calls if isinstance(calls, list) else ():
                     if isinstance(entry, dict):
-                        call = _entry_call(entry, key="", index=0)
+                        call = _entry_call(entry, key="", index=0, parse=False)
                         if call.call_id and call.name:
                             names[call.call_id] = call.name
             elif role == "tool":
@@ -340,7 +348,7 @@ def _filter_tool_calls(
     # Entries that are not objects cannot be decided, so they are dropped too.
     for i, entry in enumerate(entries if isinstance(entries, list) else ()):
         if isinstance(entry, dict):
-            call = _entry_call(entry, key=_tool_key(position, i), index=i)
+            call = _entry_call(entry, key=_tool_key(position, i), index=i, parse=False)
             rendered = _decided(call, decisions, notes)
             if rendered is not None:
                 kept.append(rendered)

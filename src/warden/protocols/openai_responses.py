@@ -74,6 +74,7 @@ from typing import Any, Final
 
 from warden.errors import StreamViolation
 from warden.model import ActionKind, Decision, Effect, ToolCall, ToolResult, Usage
+from warden.protocols import declared_tools
 from warden.protocols._wire import NO_DECISION, StreamStatus, dumps, loads, parse_arguments
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
 from warden.protocols.sse import SseEvent
@@ -550,6 +551,7 @@ class OpenAIResponsesAdapter:
             model=_str(body.get("model")),
             stream=body.get("stream") is True,
             tool_results=tuple(results),
+            tools=declared_tools.openai_responses(body),
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:
@@ -657,6 +659,8 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
         self._slots: dict[int, _Slot] = {}
         self._ended = False  # the SDK's ``[DONE]`` was seen: it reads nothing after
         super().__init__()
+        self.response_id: str | None = None
+        """The response's id, once an event carrying the response object named it."""
 
     # -- feeding ----------------------------------------------------------
 
@@ -782,6 +786,7 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
         if not isinstance(response, dict):
             raise _violation(f"{kind} without a response object")
         self._model = _str(response.get("model")) or self._model
+        self.response_id = self.response_id or _str(response.get("id"))
         output = response.get("output")
         if output is None:
             yield self._emit(event, data)
@@ -811,6 +816,7 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
         self._complete = True
         self._usage = _usage(response.get("usage")) or self._usage
         self._model = _str(response.get("model")) or self._model
+        self.response_id = self.response_id or _str(response.get("id"))
         # Calls that never reached their output_item.done, then calls that only
         # the snapshot carries: all are decided before the snapshot goes.
         yield from self._flush()

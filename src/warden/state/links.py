@@ -34,7 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -48,6 +48,8 @@ __all__ = [
     "CallLinkStore",
     "CallLinks",
     "Link",
+    "LinkOp",
+    "LinkRepo",
     "decode_action",
     "encode_action",
 ]
@@ -91,6 +93,33 @@ class _Op:
     call_id: str
     link: Link | None = None
     at: float = 0.0
+
+
+LinkOp = _Op
+"""One queued change to the links table: ``put``, ``tomb`` or ``drop``."""
+
+
+class LinkRepo(Protocol):
+    """Where call links are kept beyond memory (SQLite or PostgreSQL)."""
+
+    async def apply(
+        self, ops: Sequence[LinkOp], *, prune_before: float | None, keep: int = MAX_LINKS
+    ) -> list[str]:
+        """Write a batch in one transaction; return ids that became tombstones on disk.
+
+        A ``put`` over a row already there makes a tombstone instead.
+        """
+        ...
+
+    async def take(
+        self, call_ids: Sequence[str], *, newer_than: float
+    ) -> tuple[dict[str, Link], set[str]]:
+        """Remove and return the links of ``call_ids``; also say which are tombstones."""
+        ...
+
+    async def count(self) -> int:
+        """How many rows (links and tombstones) the table holds."""
+        ...
 
 
 class CallLinkStore(SqliteStore):
@@ -185,11 +214,11 @@ class CallLinkStore(SqliteStore):
 
 
 class CallLinks:
-    """Links from call ids to decisions: memory first, SQLite behind (write-behind, batched)."""
+    """Links from call ids to decisions: memory first, the store behind (write-behind, batched)."""
 
     def __init__(
         self,
-        store: CallLinkStore | None,
+        store: LinkRepo | None,
         *,
         ttl_s: float = LINK_TTL_S,
         max_links: int = MAX_LINKS,

@@ -1,4 +1,4 @@
-"""The state store: budget counters, reservations and kill switches in SQLite.
+"""The SQLite state store: budget counters, reservations and kill switches.
 
 One connection, used only from one dedicated thread, so SQLite writes never
 block the event loop and never interleave. Every change is one ``BEGIN
@@ -16,12 +16,18 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
-import orjson
-
 from warden.state.base import SqliteStore, immediate, sqlite_path
+from warden.state.records import (
+    Counter,
+    Hold,
+    KillSwitchRow,
+    ReserveResult,
+    decode_holds,
+    encode_holds,
+    passes,
+)
 
 __all__ = [
     "Counter",
@@ -62,56 +68,6 @@ CREATE INDEX IF NOT EXISTS killswitches_active ON killswitches (cleared_at);
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Hold:
-    """Value to hold against one counter: ``limit`` ``None`` means no cap, only counting."""
-
-    counter: str
-    window: str
-    subject: str
-    amount: float
-    limit: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Counter:
-    """One counter's totals, as read inside a transaction."""
-
-    counter: str
-    window: str
-    subject: str
-    spent: float
-    reserved: float
-
-
-@dataclass(frozen=True, slots=True)
-class ReserveResult:
-    """What :meth:`StateStore.reserve` did.
-
-    ``before`` holds each counter's totals before this reservation (in the
-    order of the holds). ``over`` lists the holds that would pass their limit;
-    when it is not empty and the reservation was not forced, nothing was held.
-    """
-
-    reserved: bool
-    before: tuple[Counter, ...]
-    over: tuple[Hold, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class KillSwitchRow:
-    """A kill switch as stored."""
-
-    id: str
-    scope: str
-    target: str
-    reason: str
-    created_by: str
-    created_at: float
-    cleared_by: str | None = None
-    cleared_at: float | None = None
-
-
 class StateStore(SqliteStore):
     """The SQLite state store; open with :meth:`open`, close with :meth:`close`."""
 
@@ -142,7 +98,7 @@ class StateStore(SqliteStore):
                 ).fetchone()
                 spent, reserved = (float(row[0]), float(row[1])) if row else (0.0, 0.0)
                 before.append(Counter(hold.counter, hold.window, hold.subject, spent, reserved))
-                if hold.limit is not None and _passes(spent + reserved, hold.amount, hold.limit):
+                if hold.limit is not None and passes(spent + reserved, hold.amount, hold.limit):
                     over.append(hold)
             if over and not force:
                 return ReserveResult(reserved=False, before=tuple(before), over=tuple(over))
@@ -156,7 +112,7 @@ class StateStore(SqliteStore):
             cur.execute(
                 "INSERT OR REPLACE INTO budget_reservations (id, created_at, holds) "
                 "VALUES (?, ?, ?)",
-                (reservation_id, time.time(), _encode_holds(holds)),
+                (reservation_id, time.time(), encode_holds(holds)),
             )
             return ReserveResult(reserved=True, before=tuple(before), over=tuple(over))
 
@@ -181,7 +137,7 @@ class StateStore(SqliteStore):
             if row is None:
                 return ()
             cur.execute("DELETE FROM budget_reservations WHERE id = ?", (reservation_id,))
-            return _apply(cur, _decode_holds(row[0]), actual)
+            return _apply(cur, decode_holds(row[0]), actual)
 
     async def expire(self, older_than_s: float) -> int:
         """Settle reservations older than ``older_than_s`` at their held value.
@@ -198,7 +154,7 @@ class StateStore(SqliteStore):
             ).fetchall()
             for rid, holds in rows:
                 cur.execute("DELETE FROM budget_reservations WHERE id = ?", (rid,))
-                _apply(cur, _decode_holds(holds), None)
+                _apply(cur, decode_holds(holds), None)
             return len(rows)
 
     async def counters(self, keys: Iterable[tuple[str, str, str]]) -> tuple[Counter, ...]:
@@ -216,6 +172,20 @@ class StateStore(SqliteStore):
             spent, reserved = (float(row[0]), float(row[1])) if row else (0.0, 0.0)
             out.append(Counter(counter, window, subject, spent, reserved))
         return tuple(out)
+
+    async def window_counters(
+        self, counter: str, window: str, *, limit: int = 50
+    ) -> tuple[Counter, ...]:
+        """Every subject's totals of ``counter`` in ``window``, the most used first."""
+        return await self._run(self._window_counters, counter, window, max(1, min(limit, 1000)))
+
+    def _window_counters(self, counter: str, window: str, limit: int) -> tuple[Counter, ...]:
+        rows = self._conn.execute(
+            "SELECT subject, spent, reserved FROM budget_counters "
+            "WHERE counter = ? AND window = ? ORDER BY spent + reserved DESC, subject LIMIT ?",
+            (counter, window, limit),
+        ).fetchall()
+        return tuple(Counter(counter, window, str(s), float(sp), float(rs)) for s, sp, rs in rows)
 
     # -- kill switches ---------------------------------------------------------
 
@@ -264,12 +234,6 @@ class StateStore(SqliteStore):
         return tuple(KillSwitchRow(*r) for r in rows)
 
 
-def _passes(used: float, amount: float, limit: float) -> bool:
-    # A zero-value hold (an LLM call before its cost is known) is refused
-    # once the cap is used up, not only when it is passed.
-    return used + amount > limit or (amount == 0 and used >= limit)
-
-
 def _apply(
     cur: sqlite3.Cursor, holds: Sequence[Hold], actual: Mapping[str, float] | None
 ) -> tuple[Counter, ...]:
@@ -291,11 +255,3 @@ def _apply(
                 Counter(hold.counter, hold.window, hold.subject, float(row[0]), float(row[1]))
             )
     return tuple(out)
-
-
-def _encode_holds(holds: Sequence[Hold]) -> str:
-    return orjson.dumps([[h.counter, h.window, h.subject, h.amount] for h in holds]).decode()
-
-
-def _decode_holds(raw: str) -> tuple[Hold, ...]:
-    return tuple(Hold(str(c), str(w), str(s), float(a)) for c, w, s, a in orjson.loads(raw))

@@ -2,10 +2,17 @@
 
 It serves the customer-support tools of :mod:`warden.testing.mock_tools`
 (search_kb, get_order, issue_refund, close_account) with the same data and
-semantics, through the SDK's ``MCPServer`` (FastMCP before mcp 2). Run it over
-stdio with::
+semantics, through the SDK's ``MCPServer`` (FastMCP before mcp 2), and
+``confirm_with_user``, which asks the client (an elicitation: a request from
+server to client) before it answers. Run it over stdio with::
 
     python -m warden.testing.mcp_server --call-log calls.jsonl
+
+or over streamable HTTP (it prints its endpoint URL on one line, then serves)::
+
+    python -m warden.testing.mcp_server --transport streamable-http --port 0
+
+In a test, :class:`StreamableHttpServer` runs it in-process on ``127.0.0.1:0``.
 
 Every call that reaches a tool is appended to the call log as one JSON line,
 before the tool runs, so a test can prove a denied call never arrived.
@@ -16,17 +23,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Mapping, Sequence
+import contextlib
+import signal
+import socket
+from collections.abc import Generator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import orjson
-from mcp.server.mcpserver import MCPServer
+import uvicorn
+from mcp.server.mcpserver import AcceptedElicitation, Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import BaseModel
 
+from warden import tasks
 from warden.testing.mock_tools import TOOLS, MockTools
 
-__all__ = ["build_server", "main", "read_call_log"]
+__all__ = ["StreamableHttpServer", "build_server", "main", "read_call_log"]
+
+
+class Confirmation(BaseModel):
+    """What ``confirm_with_user`` asks the client for."""
+
+    confirm: bool
 
 
 def build_server(call_log: Path | None = None, delay_s: float = 0.0) -> MCPServer[Any]:
@@ -66,7 +86,98 @@ def build_server(call_log: Path | None = None, delay_s: float = 0.0) -> MCPServe
     async def close_account(customer_id: str, reason: str = "") -> dict[str, Any]:
         return await run("close_account", {"customer_id": customer_id, "reason": reason})
 
+    @server.tool(description="Ask the user to confirm an action before going on (elicitation).")
+    async def confirm_with_user(action: str, ctx: Context) -> dict[str, Any]:
+        if call_log is not None:
+            line = orjson.dumps({"tool": "confirm_with_user", "arguments": {"action": action}})
+            with call_log.open("ab") as log:
+                log.write(line + b"\n")
+        answer = await ctx.elicit(f"Go ahead with: {action}?", Confirmation)
+        confirmed = isinstance(answer, AcceptedElicitation) and answer.data.confirm
+        return {"action": action, "answer": answer.action, "confirmed": confirmed}
+
     return server
+
+
+class _QuietServer(uvicorn.Server):
+    """Leaves signal handling to its host: it is stopped by ``StreamableHttpServer.close``."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None]:
+        yield
+
+
+class StreamableHttpServer:
+    """The test server over MCP streamable HTTP, in this process, on ``127.0.0.1:0``.
+
+    ::
+
+        async with StreamableHttpServer(call_log=tmp_path / "calls.jsonl") as server:
+            server.url   # http://127.0.0.1:<port>/mcp
+    """
+
+    def __init__(
+        self,
+        call_log: Path | None = None,
+        delay_s: float = 0.0,
+        *,
+        json_response: bool = False,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        """``json_response``: answer requests with one JSON body instead of an SSE stream."""
+        self._app = build_server(call_log, delay_s).streamable_http_app(
+            json_response=json_response, host=host
+        )
+        self._host = host
+        self._port = port
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._socket: socket.socket | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        """Bind (port 0 picks a free port), then serve until :meth:`close`."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by connections
+        sock.bind((self._host, self._port))
+        self._socket = sock
+        config = uvicorn.Config(
+            self._app, log_level="warning", lifespan="on", timeout_graceful_shutdown=1
+        )
+        self._server = server = _QuietServer(config)
+        self._task = tasks.spawn(server.serve(sockets=[sock]), name="mcp-test-server")
+        while not server.started:
+            if self._task.done():
+                await self._task  # raises what made it fail
+                raise RuntimeError("the MCP test server stopped while starting")
+            await asyncio.sleep(0.01)
+        port = sock.getsockname()[1]
+        self.url = f"http://{self._host}:{port}/mcp"
+
+    async def close(self) -> None:
+        """Stop serving (open streams are cut after a second). Idempotent."""
+        server, task = self._server, self._task
+        self._server = self._task = None
+        if server is not None and task is not None:
+            server.should_exit = True
+            await task
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
 
 
 def read_call_log(path: Path) -> list[dict[str, Any]]:
@@ -77,12 +188,40 @@ def read_call_log(path: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Serve the support tools over stdio."""
+    """Serve the support tools over stdio or streamable HTTP."""
     parser = argparse.ArgumentParser(prog="python -m warden.testing.mcp_server")
     parser.add_argument("--call-log", type=Path, help="append each tool call here (JSON lines)")
     parser.add_argument("--delay-s", type=float, default=0.0, help="wait before each tool runs")
+    parser.add_argument(
+        "--transport", choices=["stdio", "streamable-http"], default="stdio", help="how to serve"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="streamable-http: address to bind")
+    parser.add_argument("--port", type=int, default=0, help="streamable-http: 0 picks a free one")
+    parser.add_argument(
+        "--json-response", action="store_true", help="streamable-http: JSON answers, not SSE"
+    )
     args = parser.parse_args(argv)
-    build_server(args.call_log, args.delay_s).run("stdio")
+    if args.transport == "stdio":
+        build_server(args.call_log, args.delay_s).run("stdio")
+        return
+    server = StreamableHttpServer(
+        args.call_log,
+        args.delay_s,
+        json_response=args.json_response,
+        host=args.host,
+        port=args.port,
+    )
+    asyncio.run(_serve_http(server))
+
+
+async def _serve_http(server: StreamableHttpServer) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        print(server.url, flush=True)
+        await stop.wait()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,268 @@
+{{/* Names and labels. */}}
+{{- define "warden.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "warden.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains (include "warden.name" .) .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "warden.name" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "warden.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "warden.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "warden.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "warden.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: warden
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The labels of the pods Warden runs in: the gateway's, or the agent's in sidecar mode. */}}
+{{- define "warden.podSelectorLabels" -}}
+{{ include "warden.selectorLabels" . }}
+app.kubernetes.io/component: {{ ternary "gateway" "agent" (eq .Values.mode "gateway") }}
+{{- end -}}
+
+{{- define "warden.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "warden.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "warden.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "warden.secretName" -}}
+{{- default (include "warden.fullname" .) .Values.secrets.existingSecret -}}
+{{- end -}}
+
+{{- define "warden.configMapName" -}}
+{{- printf "%s-config" (include "warden.fullname" .) -}}
+{{- end -}}
+
+{{- define "warden.policyConfigMapName" -}}
+{{- default (printf "%s-policy" (include "warden.fullname" .)) .Values.policy.existingConfigMap -}}
+{{- end -}}
+
+{{- define "warden.hasPolicyConfigMap" -}}
+{{- if or .Values.policy.files .Values.policy.existingConfigMap }}true{{ end -}}
+{{- end -}}
+
+{{- define "warden.hasSigningKey" -}}
+{{- if ternary .Values.secrets.existingSecretHas.signingKey .Values.secrets.signingKey (ne .Values.secrets.existingSecret "") }}true{{ end -}}
+{{- end -}}
+
+{{- define "warden.hasStatePassword" -}}
+{{- if ternary .Values.secrets.existingSecretHas.statePassword .Values.secrets.statePassword (ne .Values.secrets.existingSecret "") }}true{{ end -}}
+{{- end -}}
+
+{{- define "warden.hasAuditShipPassword" -}}
+{{- if ternary .Values.secrets.existingSecretHas.auditShipPassword .Values.secrets.auditShipPassword (ne .Values.secrets.existingSecret "") }}true{{ end -}}
+{{- end -}}
+
+{{/* config.audit.ship, or an empty dict when the audit log is not shipped. */}}
+{{- define "warden.auditShip" -}}
+{{- ((.Values.config | default dict).audit | default dict).ship | default dict | toYaml -}}
+{{- end -}}
+
+{{- define "warden.hasSecretVolume" -}}
+{{- if or (include "warden.hasSigningKey" .) (include "warden.hasStatePassword" .) (include "warden.hasAuditShipPassword" .) }}true{{ end -}}
+{{- end -}}
+
+{{- define "warden.stateUrl" -}}
+{{- (.Values.config.state | default dict).url | default "sqlite:///./warden-data/state.db" -}}
+{{- end -}}
+
+{{/*
+warden.yaml: the user's config, with listen, policy source and secret file
+paths set by the chart. Secrets never appear here.
+*/}}
+{{- define "warden.config" -}}
+{{- $cfg := deepCopy (.Values.config | default dict) -}}
+{{- $proxyHost := ternary "0.0.0.0" "127.0.0.1" (eq .Values.mode "gateway") -}}
+{{- $listen := dict "proxy" (printf "%s:%v" $proxyHost .Values.ports.proxy) "admin" (printf "0.0.0.0:%v" .Values.ports.admin) -}}
+{{- if .Values.ports.grpc -}}
+{{- $_ := set $listen "grpc" (printf "0.0.0.0:%v" .Values.ports.grpc) -}}
+{{- end -}}
+{{- $_ := set $cfg "listen" $listen -}}
+{{- $policy := deepCopy ($cfg.policy | default dict) -}}
+{{- if .Values.policy.bundleUrl -}}
+{{- $_ := set $policy "bundle_url" .Values.policy.bundleUrl -}}
+{{- else if include "warden.hasPolicyConfigMap" . -}}
+{{- $_ := set $policy "bundles" (list "/etc/warden/policy") -}}
+{{- end -}}
+{{- if $policy -}}
+{{- $_ := set $cfg "policy" $policy -}}
+{{- end -}}
+{{- if include "warden.hasSigningKey" . -}}
+{{- $audit := deepCopy ($cfg.audit | default dict) -}}
+{{- $_ := set $audit "signing_key_file" "/etc/warden/secrets/signing-key.pem" -}}
+{{- $_ := set $cfg "audit" $audit -}}
+{{- end -}}
+{{- if and (include "warden.hasAuditShipPassword" .) ($cfg.audit | default dict).ship -}}
+{{- $audit := deepCopy ($cfg.audit | default dict) -}}
+{{- $ship := deepCopy $audit.ship -}}
+{{- $_ := set $ship "password_file" "/etc/warden/secrets/audit-ship-password" -}}
+{{- $_ := set $audit "ship" $ship -}}
+{{- $_ := set $cfg "audit" $audit -}}
+{{- end -}}
+{{- if include "warden.hasStatePassword" . -}}
+{{- $state := deepCopy ($cfg.state | default dict) -}}
+{{- $_ := set $state "password_file" "/etc/warden/secrets/state-password" -}}
+{{- $_ := set $cfg "state" $state -}}
+{{- end -}}
+{{- toYaml $cfg -}}
+{{- end -}}
+
+{{/*
+The Warden container, from files/sidecar.yaml (the same file `warden inject`
+starts from: src/warden/data/kubernetes/sidecar.yaml), with the image,
+resources, ports and env set from values. Rendered as a one-item list:
+  initContainers:
+    {{- include "warden.sidecar" .Subcharts.warden | nindent 4 }}
+*/}}
+{{- define "warden.container" -}}
+{{- $c := .Files.Get "files/sidecar.yaml" | fromYaml -}}
+{{- $_ := set $c "image" (include "warden.image" .) -}}
+{{- $_ := set $c "imagePullPolicy" .Values.image.pullPolicy -}}
+{{- if .Values.resources -}}
+{{- $_ := set $c "resources" .Values.resources -}}
+{{- end -}}
+{{- $ports := list -}}
+{{- range $c.ports -}}
+{{- $p := deepCopy . -}}
+{{- if eq $p.name "warden-proxy" }}{{ $_ := set $p "containerPort" (int $.Values.ports.proxy) }}{{ end -}}
+{{- if eq $p.name "warden-admin" }}{{ $_ := set $p "containerPort" (int $.Values.ports.admin) }}{{ end -}}
+{{- $ports = append $ports $p -}}
+{{- end -}}
+{{- if .Values.ports.grpc -}}
+{{- $ports = append $ports (dict "name" "warden-grpc" "containerPort" (int .Values.ports.grpc) "protocol" "TCP") -}}
+{{- end -}}
+{{- $_ := set $c "ports" $ports -}}
+{{- $env := list -}}
+{{- $secret := include "warden.secretName" . -}}
+{{- $external := ne .Values.secrets.existingSecret "" -}}
+{{- if or $external .Values.secrets.adminTokens -}}
+{{- $env = append $env (dict "name" "WARDEN_ADMIN__TOKENS" "valueFrom" (dict "secretKeyRef" (dict "name" $secret "key" "admin-tokens" "optional" $external))) -}}
+{{- end -}}
+{{- if or $external .Values.secrets.agentKeys -}}
+{{- $env = append $env (dict "name" "WARDEN_IDENTITY__AGENTS" "valueFrom" (dict "secretKeyRef" (dict "name" $secret "key" "agent-keys" "optional" $external))) -}}
+{{- end -}}
+{{- $env = concat $env (.Values.env | default list) -}}
+{{- if $env -}}
+{{- $_ := set $c "env" $env -}}
+{{- end -}}
+{{- $mounts := $c.volumeMounts -}}
+{{- if include "warden.hasPolicyConfigMap" . -}}
+{{- $mounts = append $mounts (dict "name" "warden-policy" "mountPath" "/etc/warden/policy" "readOnly" true) -}}
+{{- end -}}
+{{- if include "warden.hasSecretVolume" . -}}
+{{- $mounts = append $mounts (dict "name" "warden-secrets" "mountPath" "/etc/warden/secrets" "readOnly" true) -}}
+{{- end -}}
+{{- $_ := set $c "volumeMounts" $mounts -}}
+{{- toYaml $c -}}
+{{- end -}}
+
+{{- define "warden.sidecar" -}}
+{{- list (include "warden.container" . | fromYaml) | toYaml -}}
+{{- end -}}
+
+{{/* The volumes the Warden container mounts; include them in the pod's volumes. */}}
+{{- define "warden.volumes" -}}
+- name: warden-config
+  configMap:
+    name: {{ include "warden.configMapName" . }}
+- name: warden-data
+{{- if .Values.persistence.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ default (printf "%s-data" (include "warden.fullname" .)) .Values.persistence.existingClaim }}
+{{- else }}
+  emptyDir: {}
+{{- end }}
+- name: warden-tmp
+  emptyDir:
+    medium: Memory
+    sizeLimit: 64Mi
+{{- if include "warden.hasPolicyConfigMap" . }}
+- name: warden-policy
+  configMap:
+    name: {{ include "warden.policyConfigMapName" . }}
+{{- end }}
+{{- if include "warden.hasSecretVolume" . }}
+- name: warden-secrets
+  secret:
+    secretName: {{ include "warden.secretName" . }}
+    defaultMode: 0400
+    items:
+{{- if include "warden.hasSigningKey" . }}
+      - {key: signing-key.pem, path: signing-key.pem}
+{{- end }}
+{{- if include "warden.hasStatePassword" . }}
+      - {key: state-password, path: state-password}
+{{- end }}
+{{- if include "warden.hasAuditShipPassword" . }}
+      - {key: audit-ship-password, path: audit-ship-password}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod-level settings both modes share. */}}
+{{- define "warden.terminationGracePeriodSeconds" -}}
+{{- $grace := (.Values.config | default dict).shutdown_grace_s | default 20 -}}
+{{- add (ceil $grace | int) (int .Values.shutdownGraceMarginSeconds) -}}
+{{- end -}}
+
+{{- define "warden.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+fsGroupChangePolicy: OnRootMismatch
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* Checks that fail the install with a message naming the value. */}}
+{{- define "warden.validate" -}}
+{{- if not (has .Values.mode (list "sidecar" "gateway")) -}}
+{{- fail (printf "mode: %q must be sidecar or gateway" .Values.mode) -}}
+{{- end -}}
+{{- if eq .Values.mode "gateway" -}}
+{{- $shared := or (gt (int .Values.gateway.replicaCount) 1) .Values.gateway.autoscaling.enabled -}}
+{{- if and $shared (hasPrefix "sqlite" (include "warden.stateUrl" .)) -}}
+{{- fail "gateway mode with more than one replica needs a shared state store: set config.state.url to postgresql://... (or gateway.replicaCount=1 and gateway.autoscaling.enabled=false)" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.policy.bundleUrl (or .Values.policy.files .Values.policy.existingConfigMap) -}}
+{{- fail "policy: set one of files, existingConfigMap and bundleUrl" -}}
+{{- end -}}
+{{- $ship := include "warden.auditShip" . | fromYaml -}}
+{{- if and .Values.secrets.auditShipPassword (not $ship) -}}
+{{- fail "secrets.auditShipPassword is set but config.audit.ship is not: set config.audit.ship.url to the central audit store" -}}
+{{- end -}}
+{{- if and $ship (not (hasPrefix "postgres" ($ship.url | default ""))) -}}
+{{- fail "config.audit.ship.url: the central audit store must be postgresql://user@host:5432/db" -}}
+{{- end -}}
+{{- if and .Values.policy.files .Values.policy.existingConfigMap -}}
+{{- fail "policy: set one of files, existingConfigMap and bundleUrl" -}}
+{{- end -}}
+{{- end -}}

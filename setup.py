@@ -1,0 +1,34 @@
+"""Build step: the wheel carries the shipped policy bundle as package data.
+
+``policies/customer-support`` is the one source of the bundle (its tests live
+beside it). Building a wheel copies it to ``warden/data/policies/`` so that
+``pip install agent-warden`` followed by ``warden serve`` works from any
+folder (see ``warden.config.default_policy_bundles``). Everything else about
+the build is declared in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+BUNDLE = Path(__file__).resolve().parent / "policies" / "customer-support"
+
+
+class BuildWithBundle(build_py):
+    """``build_py``, then the shipped bundle copied into the built package."""
+
+    def run(self) -> None:
+        super().run()
+        if self.editable_mode:
+            return  # an editable install reads the bundle from the checkout
+        target = Path(self.build_lib) / "warden" / "data" / "policies" / "customer-support"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(BUNDLE, target, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+
+
+setup(cmdclass={"build_py": BuildWithBundle})

@@ -1,0 +1,100 @@
+"""``warden db``: the state database's schema migrations.
+
+::
+
+    warden db status  --config warden.yaml   # backend, schema version, pending migrations
+    warden db migrate --config warden.yaml   # apply the pending migrations
+
+Both work on SQLite and PostgreSQL (``state.url``); the password comes from
+``state.password_file``, ``WARDEN_STATE__PASSWORD`` or ``PGPASSWORD`` and is
+never printed. ``status --check`` exits 1 while migrations are pending (for a
+deploy pipeline's gate).
+
+Exit status: 0 done (up to date); 1 pending migrations with ``--check``, or
+an applied migration that differs from this release; 2 usage, configuration
+or connection error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+__all__ = ["register"]
+
+EXIT_OK = 0
+EXIT_PENDING = 1
+EXIT_USAGE = 2
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``db status|migrate`` to the main CLI."""
+    parser = subparsers.add_parser("db", help="the state database: schema status and migrations")
+    sub = parser.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+
+    status = sub.add_parser(
+        "status", help="print the backend, schema version and pending migrations"
+    )
+    status.add_argument("--config", default=os.environ.get("WARDEN_CONFIG"))
+    status.add_argument(
+        "--check", action="store_true", help="exit 1 while any migration is pending"
+    )
+    status.set_defaults(func=_status)
+
+    migrate = sub.add_parser("migrate", help="apply the pending migrations")
+    migrate.add_argument("--config", default=os.environ.get("WARDEN_CONFIG"))
+    migrate.set_defaults(func=_migrate)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from warden.config import load_config
+    from warden.errors import ConfigError
+    from warden.state import backend
+    from warden.state.postgres import redact_url
+
+    try:
+        config = load_config(args.config)
+        found = asyncio.run(backend.status(config.state))
+    except ConfigError as exc:
+        print(f"warden: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"backend:  {found.backend}")
+    print(f"database: {redact_url(config.state.url)}")
+    print(f"version:  {found.current} (this release ships {found.latest})")
+    if found.pending:
+        print("pending:")
+        for m in found.pending:
+            print(f"  {m.version:04d}_{m.name}")
+    else:
+        print("pending:  none")
+    if found.unknown:
+        print(f"newer:    {list(found.unknown)} (applied by a newer Warden)")
+    if found.changed:
+        print(f"changed:  {list(found.changed)} differ from this release's files", file=sys.stderr)
+        return EXIT_PENDING
+    return EXIT_PENDING if args.check and found.pending else EXIT_OK
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from warden.config import load_config
+    from warden.errors import ConfigError
+    from warden.state import backend
+    from warden.state.postgres import redact_url
+
+    try:
+        config = load_config(args.config)
+        done = asyncio.run(backend.migrate(config.state))
+    except ConfigError as exc:
+        print(f"warden: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeError as exc:
+        print(f"warden: {exc}", file=sys.stderr)
+        return EXIT_PENDING
+    where = redact_url(config.state.url)
+    if not done:
+        print(f"{where}: up to date")
+    for m in done:
+        print(f"{where}: applied {m.version:04d}_{m.name}")
+    return EXIT_OK

@@ -1,0 +1,128 @@
+"""``warden init``: a starter ``warden.yaml`` and a policy bundle to edit, with its tests.
+
+It writes, into the folder given (default: the current one)::
+
+    warden.yaml                         every setting a new sidecar needs, commented
+    policies/customer-support/          the shipped bundle: policy.rego, data.json,
+                                        policy_test.rego and decisions/*.yaml tables
+
+and never overwrites a file unless ``--force`` is given. Exit status: 0 when
+written, 1 when a file is in the way, 2 when the shipped bundle cannot be found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from warden.config import DEFAULT_POLICY_BUNDLES, PACKAGED_BUNDLE
+
+__all__ = ["STARTER_CONFIG", "init", "register"]
+
+EXIT_OK = 0
+EXIT_EXISTS = 1
+EXIT_NO_BUNDLE = 2
+
+BUNDLE_DIR = Path(DEFAULT_POLICY_BUNDLES[0])
+
+STARTER_CONFIG = """\
+# Warden's configuration. Every key is optional; `warden config --config warden.yaml`
+# prints the effective settings, and an invalid file fails at start naming the key.
+# Relative paths are relative to the folder `warden serve` runs in (this one).
+# Environment variables override the file: WARDEN_MODE=observe, WARDEN_LISTEN__PROXY=...
+
+agent: {id: support-triage}     # the agent this sidecar serves when a request names none
+mode: enforce                   # observe: record would_deny / would_hold, block nothing
+
+listen:
+  proxy: 127.0.0.1:8080         # point the SDK's base URL here: http://127.0.0.1:8080/openai/v1
+  admin: 127.0.0.1:8081         # /metrics, /healthz, /readyz and the admin API
+
+upstreams:                      # the only hosts Warden will call
+  openai: {protocol: openai, base_url: https://api.openai.com}
+  anthropic: {protocol: anthropic, base_url: https://api.anthropic.com}
+
+tools:                          # risk class picks the fallback when the policy fails
+  search_kb: {risk: read_only}
+  get_ticket: {risk: read_only}
+  get_order: {risk: read_only}
+  get_customer: {risk: read_only}
+  issue_refund: {risk: high}
+  close_account: {risk: high}
+
+policy:
+  # Edit it, then check it: warden policy test policies/customer-support
+  # It reloads without a restart when its files change.
+  bundles: [policies/customer-support]
+  deadline_ms: 50
+  fallback: {read_only: allow, write: deny, high: deny}
+
+approvals:
+  mode: hold                    # the agent's request waits for a person (or: defer)
+  hold_timeout_s: 120
+
+audit: {dir: ./warden-data/audit, fsync: always}
+state: {url: "sqlite:///./warden-data/state.db"}
+shutdown_grace_s: 20
+"""
+
+
+def shipped_bundle() -> Path | None:
+    """The customer-support bundle that came with Warden (installed, or in the checkout)."""
+    checkout = Path(__file__).resolve().parents[2] / BUNDLE_DIR
+    for candidate in (PACKAGED_BUNDLE, checkout):
+        if (candidate / "policy.rego").is_file():
+            return candidate
+    return None
+
+
+def init(folder: Path, *, force: bool = False) -> int:
+    """Write the starter files into ``folder``; the exit status (see the module docs)."""
+    source = shipped_bundle()
+    if source is None:
+        print(
+            "warden init: the shipped policy bundle is missing from this install", file=sys.stderr
+        )
+        return EXIT_NO_BUNDLE
+    config = folder / "warden.yaml"
+    bundle = folder / BUNDLE_DIR
+    if not force:
+        in_the_way = [p for p in (config, bundle) if p.exists()]
+        if in_the_way:
+            names = ", ".join(str(p) for p in in_the_way)
+            print(
+                f"warden init: {names} already exists; nothing was written (--force overwrites)",
+                file=sys.stderr,
+            )
+            return EXIT_EXISTS
+    folder.mkdir(parents=True, exist_ok=True)
+    config.write_text(STARTER_CONFIG, encoding="utf-8")
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    shutil.copytree(source, bundle, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+    print(f"wrote {config}")
+    print(f"wrote {bundle}/ (policy.rego, data.json, policy_test.rego, decisions/)")
+    print("next:")
+    print(f"  warden policy test {BUNDLE_DIR}     # its Rego tests and decision tables")
+    print("  warden serve --config warden.yaml")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    return init(Path(args.folder), force=args.force)
+
+
+def register(sub: Any) -> None:
+    """Add ``warden init`` to the ``warden`` command's subparsers."""
+    parser = sub.add_parser(
+        "init",
+        help="write a starter warden.yaml and a policy bundle (with its tests) to edit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("folder", nargs="?", default=".", help="where to write (default: here)")
+    parser.add_argument("--force", action="store_true", help="overwrite files already there")
+    parser.set_defaults(func=_run)

@@ -1,0 +1,142 @@
+"""The console's state and lifecycle: decision index, proofs, sessions, the aiohttp sub-app.
+
+``Console`` is started by :class:`warden.server.Warden` beside the admin API
+and mounted at ``/console/`` on the admin listener. It reads the audit log
+(never writes records of its own) and acts only through the same services
+the admin API uses (approvals, kill switches, erasure), with the same roles,
+so a page that is bypassed still meets the same refusals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from warden import tasks
+from warden.admin.auth import TokenAuth
+from warden.approvals.service import Approvals
+from warden.audit import AuditLog
+from warden.audit.index import IndexUnavailable, RecordIndex
+from warden.audit.indexes import open_index
+from warden.audit.layout import Layout
+from warden.audit.segments import LogDamaged
+from warden.audit.tail import RecordTail
+from warden.budgets.guard import BudgetGuard
+from warden.config import Config
+from warden.console.proofs import ProofSource
+from warden.console.sessions import SessionStore
+from warden.killswitch import KillSwitches
+from warden.policy.challenger import ChallengerStats
+
+__all__ = ["CONSOLE", "Console"]
+
+log = logging.getLogger("warden.console")
+
+REFRESH_INTERVAL_S = 2.0
+"""How often the index catches up with the log when nobody is looking."""
+
+Readiness = Callable[[], tuple[bool, Mapping[str, Any]]]
+
+
+class Console:
+    """Everything the console's pages read and act through."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        audit: AuditLog,
+        approvals: Approvals,
+        killswitches: KillSwitches,
+        auth: TokenAuth,
+        readiness: Readiness,
+        budgets: BudgetGuard | None = None,
+        challenger: Callable[[], ChallengerStats | None] = lambda: None,
+    ) -> None:
+        """``budgets``: the guard whose caps the Operations view shows spend against.
+
+        ``challenger``: the live challenger's counts, for the Model risk view.
+        """
+        self.config = config
+        self.audit = audit
+        self.approvals = approvals
+        self.killswitches = killswitches
+        self.auth = auth
+        self.readiness = readiness
+        self.budgets = budgets
+        self.challenger = challenger
+        self.sessions = SessionStore(config.console.session_ttl_s)
+        self._index: RecordIndex | None = None
+        self._proofs = ProofSource(audit.directory, Layout(audit.directory).verifier())
+        self._refresh_lock = asyncio.Lock()
+        self._tasks = tasks.Tasks("console")
+
+    @property
+    def index(self) -> RecordIndex:
+        """The decision index (open once :meth:`start` ran)."""
+        if self._index is None:
+            raise RuntimeError("the console is not started")
+        return self._index
+
+    @property
+    def proofs(self) -> ProofSource:
+        """Inclusion proofs of this log's records."""
+        return self._proofs
+
+    async def start(self) -> None:
+        """Open the index and keep it caught up with the log in the background."""
+        # SQLite beside the log, or the fleet's PostgreSQL (state.url): warden.audit.indexes.
+        self._index = await asyncio.to_thread(open_index, self.config, self.audit.directory)
+        await self.refresh()
+        self._tasks.spawn(self._refresher(), name="console-index")
+
+    async def close(self) -> None:
+        """Stop the background refresh and close the index."""
+        await self._tasks.cancel()
+        if self._index is not None:
+            index, self._index = self._index, None
+            await asyncio.to_thread(index.close)
+
+    async def refresh(self) -> int:
+        """Index what the log wrote since the last refresh; how many records."""
+        index = self._index
+        if index is None:
+            return 0
+        async with self._refresh_lock:
+            try:
+                return await asyncio.to_thread(
+                    index.catch_up, self.audit.directory, self.audit.size
+                )
+            except (LogDamaged, IndexUnavailable, OSError, ValueError) as exc:
+                # The index is a cache: the page shows what it has; verify finds the damage.
+                log.warning("the decision index could not catch up: %s", exc)
+                return 0
+
+    async def _refresher(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_INTERVAL_S)
+            await self.refresh()
+
+    async def record(self, seq: int) -> tuple[bytes, dict[str, Any]] | None:
+        """Record ``seq`` from the log itself (stored bytes and parsed), or ``None``."""
+        if not 0 <= seq < self.audit.size:
+            return None
+
+        def read() -> bytes:
+            return RecordTail(self.audit.directory, seq).read(seq + 1, 1)[0].payload
+
+        try:
+            payload = await asyncio.to_thread(read)
+        except (LogDamaged, OSError, IndexError):
+            return None
+        parsed = orjson.loads(payload)
+        return payload, parsed if isinstance(parsed, dict) else {}
+
+
+CONSOLE = web.AppKey("warden_console", Console)
+"""Where the console's routes find their :class:`Console`."""

@@ -1,0 +1,995 @@
+"""The console's pages, rendered from plain data: no I/O, every value escaped.
+
+Each function returns the ``<main>`` content of one view; :func:`page` wraps
+it in the layout (navigation by role, the signed-in person, sign-out). Forms
+that change state carry the session's CSRF token in a hidden ``csrf`` field.
+Script comes only from ``/console/static/console.js`` (the CSP forbids inline
+script); the page works without it except for live updates and the in-page
+proof check.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from warden.admin.auth import Principal
+from warden.approvals.model import Approval
+from warden.audit.index import Bucket, IndexedRecord, IndexQuery, Page, Revision
+from warden.budgets.guard import CapSpend
+from warden.console import charts
+from warden.console.html import Child, Html, join, tag
+from warden.killswitch import KillSwitch, Scope
+from warden.policy.challenger import ChallengerStats
+
+__all__ = [
+    "VIEWS",
+    "View",
+    "allowed_views",
+    "approvals_view",
+    "decision_detail",
+    "decisions_view",
+    "error_view",
+    "evidence_view",
+    "login_view",
+    "model_risk_view",
+    "operations_view",
+    "page",
+    "pretty",
+    "record_view",
+]
+
+BASE = "/console"
+EFFECTS = ("allow", "deny", "require_approval")
+MODES = ("enforce", "observe")
+SINCE = (
+    ("15m", "last 15 minutes"),
+    ("1h", "last hour"),
+    ("24h", "last 24 hours"),
+    ("7d", "last 7 days"),
+    ("all", "all time"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """A view of the console: its path, its name and the roles that may open it."""
+
+    slug: str
+    title: str
+    roles: frozenset[str]
+
+
+VIEWS = (
+    View("decisions", "Decisions", frozenset({"viewer", "approver", "auditor", "admin"})),
+    View("approvals", "Approvals", frozenset({"approver"})),
+    View("evidence", "Evidence", frozenset({"auditor", "admin"})),
+    View("model-risk", "Model risk", frozenset({"auditor", "admin"})),
+    View("operations", "Operations", frozenset({"admin"})),
+)
+
+
+def allowed_views(who: Principal) -> list[View]:
+    """The views ``who`` may open, in menu order."""
+    return [v for v in VIEWS if v.roles & who.roles]
+
+
+def pretty(value: Any) -> str:
+    """JSON for people: indented, keys sorted."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
+    except TypeError:
+        return repr(value)
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return ""
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def csrf_field(csrf: str) -> Html:
+    """The hidden field every state-changing form carries."""
+    return tag("input", {"type": "hidden", "name": "csrf", "value": csrf})
+
+
+def _field(label: str, name: str, value: str | None = "", **attrs: object) -> Html:
+    ident = f"f-{name}"
+    return tag(
+        "p",
+        {"class": "field"},
+        tag("label", {"for": ident}, label),
+        tag("input", {"id": ident, "name": name, "value": value or "", **attrs}),
+    )
+
+
+def _select(label: str, name: str, options: Iterable[tuple[str, str]], chosen: str | None) -> Html:
+    ident = f"f-{name}"
+    return tag(
+        "p",
+        {"class": "field"},
+        tag("label", {"for": ident}, label),
+        tag(
+            "select",
+            {"id": ident, "name": name},
+            [
+                tag("option", {"value": v, "selected": v == (chosen or "")}, text)
+                for v, text in options
+            ],
+        ),
+    )
+
+
+def page(
+    title: str,
+    body: Child,
+    *,
+    who: Principal | None = None,
+    csrf: str | None = None,
+    active: str = "",
+) -> Html:
+    """The whole document: head, navigation for ``who``'s roles, ``body``."""
+    nav: Child = None
+    if who is not None:
+        links = [
+            tag(
+                "li",
+                None,
+                tag(
+                    "a",
+                    {
+                        "href": f"{BASE}/{v.slug}",
+                        "aria-current": "page" if v.slug == active else None,
+                    },
+                    v.title,
+                ),
+            )
+            for v in allowed_views(who)
+        ]
+        nav = tag(
+            "header",
+            {"class": "top"},
+            tag("span", {"class": "brand"}, "Warden console"),
+            tag("nav", {"aria-label": "Views"}, tag("ul", None, links)),
+            tag(
+                "form",
+                {"method": "post", "action": f"{BASE}/logout", "class": "whoami"},
+                tag("span", None, f"{who.subject} ({', '.join(sorted(who.roles))})"),
+                csrf_field(csrf or ""),
+                tag("button", {"type": "submit"}, "Sign out"),
+            ),
+        )
+    doc = tag(
+        "html",
+        {"lang": "en"},
+        tag(
+            "head",
+            None,
+            tag("meta", {"charset": "utf-8"}),
+            tag("meta", {"name": "viewport", "content": "width=device-width, initial-scale=1"}),
+            tag("title", None, f"{title} · Warden"),
+            tag("link", {"rel": "stylesheet", "href": f"{BASE}/static/console.css"}),
+            tag("script", {"src": f"{BASE}/static/console.js", "defer": True}),
+        ),
+        tag("body", None, nav, tag("main", {"id": "main"}, tag("h1", None, title), body)),
+    )
+    return Html("<!doctype html>\n" + doc)
+
+
+def login_view(nonce: str, message: str = "", *, sso: bool = False) -> Html:
+    """The sign-in form: an admin token in a field labelled "Token"."""
+    return page(
+        "Sign in",
+        [
+            tag("p", {"class": "error", "role": "alert"}, message) if message else None,
+            tag(
+                "form",
+                {"method": "post", "action": f"{BASE}/login", "class": "login"},
+                tag("input", {"type": "hidden", "name": "nonce", "value": nonce}),
+                _field("Token", "token", "", type="password", autocomplete="off", required=True),
+                tag("button", {"type": "submit"}, "Sign in"),
+            ),
+            tag(
+                "p",
+                {"class": "hint"},
+                "Use the admin API token you were given. ",
+                "Your organisation's single sign-on also leads here." if sso else None,
+            ),
+        ],
+    )
+
+
+def error_view(status: int, message: str, who: Principal | None, csrf: str | None) -> Html:
+    """An error page that keeps the navigation."""
+    return page(
+        f"{status}: not allowed" if status == 403 else f"Error {status}",
+        tag("p", {"class": "error", "role": "alert"}, message),
+        who=who,
+        csrf=csrf,
+    )
+
+
+# -- Decisions --------------------------------------------------------------------------
+
+
+def _effect(value: str | None) -> Html:
+    return tag("span", {"class": f"effect effect-{value or 'none'}"}, value or "—")
+
+
+def decision_rows(rows: Sequence[IndexedRecord]) -> Html:
+    """The body rows of the decisions table (the script builds the same from JSON)."""
+    return join(
+        tag(
+            "tr",
+            None,
+            tag("td", None, r.time[:19].replace("T", " ")),
+            tag("td", None, r.agent or ""),
+            tag("td", None, r.tool or ""),
+            tag("td", None, _effect(r.effect)),
+            tag("td", None, r.mode or ""),
+            tag("td", {"class": "reason"}, r.reason or ""),
+            tag("td", None, tag("a", {"href": f"{BASE}/decisions/{r.seq}"}, r.decision_id or r.id)),
+        )
+        for r in rows
+    )
+
+
+def _filters(q: IndexQuery, since: str, facets: Mapping[str, Sequence[str]]) -> Html:
+    def opts(name: str, fixed: Sequence[str] = ()) -> list[tuple[str, str]]:
+        values = list(dict.fromkeys([*fixed, *facets.get(name, ())]))
+        return [("", "any"), *((v, v) for v in values)]
+
+    return tag(
+        "form",
+        {"method": "get", "action": f"{BASE}/decisions", "class": "filters", "role": "search"},
+        _select("Agent", "agent", opts("agent"), q.agent),
+        _select("Tool", "tool", opts("tool"), q.tool),
+        _select("Effect", "effect", opts("effect", EFFECTS), q.effect),
+        _select("Mode", "mode", opts("mode", MODES), q.mode),
+        _select("Time", "since", SINCE, since),
+        tag("button", {"type": "submit"}, "Filter"),
+    )
+
+
+def decisions_view(
+    page_: Page,
+    *,
+    q: IndexQuery,
+    since: str,
+    buckets: Sequence[Bucket],
+    facets: Mapping[str, Sequence[str]],
+    query_string: str,
+) -> Html:
+    """Charts, filters and the live table of decisions."""
+    older: Child = None
+    if page_.next_before is not None:
+        sep = "&" if query_string else ""
+        older = tag(
+            "a",
+            {
+                "href": f"{BASE}/decisions?{query_string}{sep}before={page_.next_before}",
+                "rel": "next",
+            },
+            "Older decisions",
+        )
+    return join(
+        [
+            _filters(q, since, facets),
+            tag(
+                "section",
+                {"class": "charts", "aria-label": "Charts"},
+                tag(
+                    "figure",
+                    None,
+                    charts.decisions_chart(buckets),
+                    tag(
+                        "figcaption",
+                        None,
+                        "Decisions by effect: ",
+                        [
+                            tag("span", {"class": f"key effect effect-{e}"}, e)
+                            for e in ("allow", "require_approval", "deny")
+                        ],
+                    ),
+                ),
+                tag(
+                    "figure",
+                    None,
+                    charts.latency_chart(buckets),
+                    tag(
+                        "figcaption",
+                        None,
+                        "Added latency (ms): ",
+                        tag("span", {"class": "key lat-avg"}, "average"),
+                        " ",
+                        tag("span", {"class": "key lat-max"}, "worst"),
+                    ),
+                ),
+                tag(
+                    "figure", None, charts.errors_chart(buckets), tag("figcaption", None, "Errors")
+                ),
+            ),
+            tag(
+                "p",
+                {"class": "live"},
+                tag(
+                    "input",
+                    {
+                        "type": "checkbox",
+                        "id": "live",
+                        "data-feed": f"{BASE}/api/decisions?{query_string}",
+                        "checked": q.before is None,
+                    },
+                ),
+                tag("label", {"for": "live"}, "Live updates"),
+            ),
+            tag(
+                "table",
+                {"class": "decisions", "aria-label": "Decisions"},
+                tag(
+                    "thead",
+                    None,
+                    tag(
+                        "tr",
+                        None,
+                        [
+                            tag("th", {"scope": "col"}, h)
+                            for h in (
+                                "Time (UTC)",
+                                "Agent",
+                                "Tool",
+                                "Effect",
+                                "Mode",
+                                "Reason",
+                                "Decision",
+                            )
+                        ],
+                    ),
+                ),
+                tag("tbody", {"id": "decision-rows"}, decision_rows(page_.rows)),
+            ),
+            tag("p", None, "No decisions match." if not page_.rows else None, older),
+        ]
+    )
+
+
+def _dl(items: Iterable[tuple[str, Child]]) -> Html:
+    return tag(
+        "dl", {"class": "facts"}, [[tag("dt", None, k), tag("dd", None, v)] for k, v in items]
+    )
+
+
+def decision_detail(record: Mapping[str, Any], outcomes: Sequence[Mapping[str, Any]]) -> Html:
+    """One decision: reason, policy revision, redacted arguments, outcome."""
+    decision = record.get("decision") or {}
+    action = record.get("action") or {}
+    agent = record.get("agent") or {}
+    obligations = decision.get("obligations") or {}
+    reasons = decision.get("reasons") or []
+    facts = [
+        ("Decision", decision.get("id")),
+        ("Record", f"{record.get('id')} (#{record.get('seq')})"),
+        ("Time", record.get("time")),
+        ("Agent", agent.get("id")),
+        ("Tool", action.get("tool") or action.get("kind")),
+        ("Effect", _effect(decision.get("effect"))),
+        ("Enforced", decision.get("enforced")),
+        ("Mode", decision.get("mode")),
+        ("Decided by", decision.get("guard")),
+        ("Reason", "; ".join(str(r) for r in reasons) or "—"),
+        ("Policy revision", decision.get("bundle_revision") or "—"),
+        ("Risk", obligations.get("risk") or "—"),
+        ("Decision time", f"{(decision.get('elapsed_us') or 0) / 1000:.2f} ms"),
+        ("Error", decision.get("error") or "—"),
+    ]
+    shown_args: Any = action.get("arguments")
+    if action.get("raw_arguments") is not None:
+        shown_args = action.get("raw_arguments")
+    redacted = action.get("redacted") or []
+    outcome_blocks = [
+        tag("pre", {"class": "json", "aria-label": "Outcome"}, pretty(o.get("outcome")))
+        for o in outcomes
+    ] or [tag("p", None, "No outcome recorded yet.")]
+    approval = record.get("approval")
+    return join(
+        [
+            _dl(facts),
+            tag("h2", None, "Arguments (as recorded, redacted)"),
+            tag("p", {"class": "hint"}, f"Redacted: {', '.join(redacted)}") if redacted else None,
+            tag("pre", {"class": "json", "aria-label": "Arguments"}, pretty(shown_args)),
+            tag("h2", None, "Approval"),
+            tag("pre", {"class": "json"}, pretty(approval))
+            if approval
+            else tag("p", None, "None."),
+            tag("h2", None, "Outcome"),
+            outcome_blocks,
+        ]
+    )
+
+
+# -- Approvals --------------------------------------------------------------------------
+
+
+def _approval_card(a: Approval, csrf: str, can_vote: bool, now: float) -> Html:
+    label = f"Approval {a.id}"
+    votes = f"{len(a.approved_by)} of {a.required_approvals} approvals"
+    forms: Child = None
+    if can_vote:
+        ident = f"comment-{a.id}"
+        forms = tag(
+            "form",
+            {"method": "post", "action": f"{BASE}/approvals/{a.id}/decide", "class": "vote"},
+            csrf_field(csrf),
+            tag(
+                "p",
+                {"class": "field"},
+                tag("label", {"for": ident}, "Comment"),
+                tag("textarea", {"id": ident, "name": "comment", "maxlength": 2000, "rows": 2}, ""),
+            ),
+            tag(
+                "button",
+                {"type": "submit", "name": "verdict", "value": "approve", "class": "approve"},
+                "Approve",
+            ),
+            tag(
+                "button",
+                {"type": "submit", "name": "verdict", "value": "reject", "class": "reject"},
+                "Reject",
+            ),
+        )
+    return tag(
+        "article",
+        {"class": "approval", "aria-label": label},
+        tag("h3", None, f"{a.tool or 'action'} for {a.agent_id}"),
+        _dl(
+            [
+                ("Agent", a.agent_id),
+                ("Tool", a.tool or "—"),
+                ("Reason", a.reason),
+                ("Risk", a.risk or "—"),
+                ("Waiting", _ago(now - a.created_at)),
+                ("Approvers", f"{', '.join(a.approvers) or 'any approver'}; {votes}"),
+                ("Expires", _when(a.expires_at)),
+            ]
+        ),
+        tag("pre", {"class": "json", "aria-label": "Arguments"}, pretty(a.arguments)),
+        forms,
+    )
+
+
+def approvals_view(
+    pending: Sequence[Approval],
+    history: Sequence[Approval],
+    csrf: str,
+    who: Principal,
+    message: str = "",
+) -> Html:
+    """The queue (with approve and reject for approvers) and the history."""
+    now = time.time()
+    can_vote = "approver" in who.roles
+    rows = [
+        tag(
+            "tr",
+            None,
+            tag("td", None, _when(a.decided_at or a.created_at)),
+            tag("td", None, a.agent_id),
+            tag("td", None, a.tool or ""),
+            tag(
+                "td",
+                None,
+                tag("span", {"class": f"status status-{a.status.value}"}, a.status.value),
+            ),
+            tag(
+                "td",
+                None,
+                ", ".join(
+                    f"{v.subject}: {'approved' if v.approve else 'rejected'}" for v in a.votes
+                ),
+            ),
+            tag("td", None, a.comment),
+        )
+        for a in history
+    ]
+    return join(
+        [
+            tag("p", {"class": "notice", "role": "status"}, message) if message else None,
+            tag("h2", None, f"Waiting ({len(pending)})"),
+            [_approval_card(a, csrf, can_vote, now) for a in pending]
+            or tag("p", None, "Nothing is waiting for a decision."),
+            tag("h2", None, "History"),
+            tag(
+                "table",
+                {"aria-label": "Approval history"},
+                tag(
+                    "thead",
+                    None,
+                    tag(
+                        "tr",
+                        None,
+                        [
+                            tag("th", {"scope": "col"}, h)
+                            for h in ("When", "Agent", "Tool", "Status", "Votes", "Comment")
+                        ],
+                    ),
+                ),
+                tag("tbody", None, rows),
+            ),
+        ]
+    )
+
+
+# -- Evidence ---------------------------------------------------------------------------
+
+
+def evidence_view(
+    q: IndexQuery,
+    kind: str,
+    results: Page | None,
+    *,
+    csrf: str,
+    who: Principal,
+    message: str = "",
+) -> Html:
+    """Record search, evidence-package download and (for admins) erasure."""
+    kinds = [
+        ("", "any"),
+        ("decision", "decision"),
+        ("outcome", "outcome"),
+        ("approval_decided", "approval decided"),
+        ("approval_requested", "approval requested"),
+        ("kill_switch", "kill switch"),
+    ]
+    table: Child = None
+    if results is not None:
+        table = tag(
+            "table",
+            {"aria-label": "Records found"},
+            tag(
+                "thead",
+                None,
+                tag(
+                    "tr",
+                    None,
+                    [
+                        tag("th", {"scope": "col"}, h)
+                        for h in ("#", "Time (UTC)", "Kind", "Agent", "Tool", "Effect", "Record")
+                    ],
+                ),
+            ),
+            tag(
+                "tbody",
+                None,
+                [
+                    tag(
+                        "tr",
+                        None,
+                        tag("td", None, r.seq),
+                        tag("td", None, r.time[:19].replace("T", " ")),
+                        tag("td", None, r.kind),
+                        tag("td", None, r.agent or ""),
+                        tag("td", None, r.tool or ""),
+                        tag("td", None, r.effect or ""),
+                        tag(
+                            "td", None, tag("a", {"href": f"{BASE}/evidence/records/{r.seq}"}, r.id)
+                        ),
+                    )
+                    for r in results.rows
+                ],
+            ),
+        )
+    erase: Child = None
+    if "admin" in who.roles:
+        erase = tag(
+            "section",
+            {"aria-label": "Erasure"},
+            tag("h2", None, "Erasure request"),
+            tag(
+                "p",
+                {"class": "hint"},
+                "Destroys one data subject's key: their personal fields become unreadable; "
+                "every hash and checkpoint still verifies.",
+            ),
+            tag(
+                "form",
+                {"method": "post", "action": f"{BASE}/evidence/erase"},
+                csrf_field(csrf),
+                _field("Subject (customer id)", "subject", "", required=True, maxlength=256),
+                tag("button", {"type": "submit"}, "Erase subject"),
+            ),
+        )
+    return join(
+        [
+            tag("p", {"class": "notice", "role": "status"}, message) if message else None,
+            tag(
+                "form",
+                {
+                    "method": "get",
+                    "action": f"{BASE}/evidence",
+                    "role": "search",
+                    "class": "filters",
+                },
+                _field(
+                    "Search", "q", q.text, placeholder="record id, decision id or words of a reason"
+                ),
+                _select("Kind", "kind", kinds, kind),
+                _field("Agent", "agent", q.agent),
+                _field("Tool", "tool", q.tool),
+                tag("button", {"type": "submit"}, "Search records"),
+            ),
+            table,
+            tag("p", None, "No records match.")
+            if results is not None and not results.rows
+            else None,
+            tag(
+                "section",
+                {"aria-label": "Evidence package"},
+                tag("h2", None, "Evidence package"),
+                tag(
+                    "p",
+                    {"class": "hint"},
+                    "Records of the period with their inclusion proofs, the signed checkpoint "
+                    "and a standalone verifier, as a zip file.",
+                ),
+                tag(
+                    "form",
+                    {"method": "post", "action": f"{BASE}/evidence/export"},
+                    csrf_field(csrf),
+                    _field("From", "from", "", type="date", required=True),
+                    _field("To", "to", "", type="date", required=True),
+                    _field("Agent (optional)", "export_agent", ""),
+                    tag("button", {"type": "submit"}, "Download evidence package"),
+                ),
+            ),
+            erase,
+        ]
+    )
+
+
+def record_view(record_json: str, seq: int) -> Html:
+    """One record as stored, and its inclusion proof, verified by the page's script."""
+    return join(
+        [
+            tag("pre", {"class": "json", "aria-label": "Record"}, record_json),
+            tag(
+                "section",
+                {
+                    "class": "proof",
+                    "aria-label": "Inclusion proof",
+                    "data-proof": f"{BASE}/api/proof/{seq}",
+                },
+                tag("h2", None, "Inclusion proof"),
+                tag(
+                    "p",
+                    {"id": "proof-status", "role": "status", "class": "pending"},
+                    "Checking the proof in this page…",
+                ),
+                tag("pre", {"id": "proof-detail", "class": "json"}, ""),
+            ),
+        ]
+    )
+
+
+# -- Model risk -------------------------------------------------------------------------
+
+
+def model_risk_view(
+    revisions: Sequence[Revision], drift: Child, challenger: ChallengerStats | None = None
+) -> Html:
+    """Drift and quality per agent (or an honest empty state), revisions, challenger."""
+    return join(
+        [
+            tag(
+                "section",
+                {"aria-label": "Drift and quality"},
+                tag("h2", None, "Drift and quality per agent"),
+                drift,
+            ),
+            tag(
+                "section",
+                {"aria-label": "Policy revisions"},
+                tag("h2", None, "Policy revisions"),
+                tag(
+                    "table",
+                    {"aria-label": "Policy revisions"},
+                    tag(
+                        "thead",
+                        None,
+                        tag(
+                            "tr",
+                            None,
+                            [
+                                tag("th", {"scope": "col"}, h)
+                                for h in (
+                                    "Revision",
+                                    "Decisions",
+                                    "Denials",
+                                    "First seen",
+                                    "Last seen",
+                                )
+                            ],
+                        ),
+                    ),
+                    tag(
+                        "tbody",
+                        None,
+                        [
+                            tag(
+                                "tr",
+                                None,
+                                tag("td", None, r.revision),
+                                tag("td", None, r.decisions),
+                                tag("td", None, r.denials),
+                                tag("td", None, r.first[:19]),
+                                tag("td", None, r.last[:19]),
+                            )
+                            for r in revisions
+                        ],
+                    ),
+                ),
+            ),
+            tag(
+                "section",
+                {"aria-label": "Challenger divergence"},
+                tag("h2", None, "Challenger divergence"),
+                _challenger(challenger),
+            ),
+        ]
+    )
+
+
+def _challenger(stats: ChallengerStats | None) -> Html:
+    if stats is None:
+        return tag(
+            "p",
+            {"class": "empty"},
+            "Not configured: no challenger policy runs beside the active one.",
+        )
+    summary = tag(
+        "p",
+        None,
+        f"Challenger revision {stats.revision or 'unknown'}: {stats.evaluated} decisions "
+        f"evaluated, {stats.diverged} diverged ({stats.divergence_rate:.1%}), "
+        f"{stats.dropped} dropped.",
+    )
+    changes = tag(
+        "table",
+        {"aria-label": "Divergence by change"},
+        tag("thead", None, tag("tr", None, tag("th", None, "Change"), tag("th", None, "Count"))),
+        tag(
+            "tbody",
+            None,
+            [
+                tag("tr", None, tag("td", None, change), tag("td", None, count))
+                for change, count in sorted(stats.changes.items())
+            ],
+        ),
+    )
+    recent = tag(
+        "table",
+        {"aria-label": "Recent divergences"},
+        tag(
+            "thead",
+            None,
+            tag(
+                "tr",
+                None,
+                [tag("th", None, h) for h in ("Decision", "Agent", "Tool", "Active", "Challenger")],
+            ),
+        ),
+        tag(
+            "tbody",
+            None,
+            [
+                tag(
+                    "tr",
+                    None,
+                    tag("td", None, d.decision_id),
+                    tag("td", None, d.agent),
+                    tag("td", None, d.tool or ""),
+                    tag("td", None, d.champion_effect),
+                    tag("td", None, d.challenger_effect),
+                )
+                for d in reversed(stats.recent)
+            ],
+        ),
+    )
+    return join([summary, changes, recent])
+
+
+# -- Operations -------------------------------------------------------------------------
+
+
+def operations_view(
+    switches: Sequence[KillSwitch],
+    csrf: str,
+    health: tuple[bool, Mapping[str, Any]],
+    caps: Sequence[Mapping[str, Any]],
+    message: str = "",
+    *,
+    spend: Sequence[CapSpend] = (),
+    spend_error: str = "",
+) -> Html:
+    """Kill switches (throw and clear, with a reason), spend against caps, engine health."""
+    scopes = [(s.value, s.value) for s in Scope]
+    rows = [
+        tag(
+            "tr",
+            None,
+            tag("td", None, s.scope.value),
+            tag("td", None, s.target),
+            tag("td", None, s.reason),
+            tag("td", None, s.created_by),
+            tag("td", None, _when(s.created_at)),
+            tag(
+                "td",
+                None,
+                tag(
+                    "form",
+                    {
+                        "method": "post",
+                        "action": f"{BASE}/operations/killswitches/{s.id}/clear",
+                        "aria-label": f"Clear {s.id}",
+                    },
+                    csrf_field(csrf),
+                    tag("label", {"for": f"clear-{s.id}"}, "Reason for clearing"),
+                    tag("input", {"id": f"clear-{s.id}", "name": "reason", "maxlength": 500}),
+                    tag("button", {"type": "submit"}, "Clear"),
+                ),
+            ),
+        )
+        for s in switches
+    ]
+    ready, detail = health
+    return join(
+        [
+            tag("p", {"class": "notice", "role": "status"}, message) if message else None,
+            tag(
+                "section",
+                {"aria-label": "Kill switches"},
+                tag("h2", None, f"Kill switches in force ({len(switches)})"),
+                tag(
+                    "table",
+                    {"aria-label": "Kill switches in force"},
+                    tag(
+                        "thead",
+                        None,
+                        tag(
+                            "tr",
+                            None,
+                            [
+                                tag("th", {"scope": "col"}, h)
+                                for h in ("Scope", "Target", "Reason", "By", "Since", "")
+                            ],
+                        ),
+                    ),
+                    tag("tbody", None, rows),
+                ),
+                tag(
+                    "form",
+                    {
+                        "method": "post",
+                        "action": f"{BASE}/operations/killswitches",
+                        "class": "killswitch",
+                    },
+                    csrf_field(csrf),
+                    _select("Scope", "scope", scopes, "agent"),
+                    _field(
+                        "Target",
+                        "target",
+                        "",
+                        maxlength=200,
+                        placeholder="agent, tool or upstream name",
+                    ),
+                    _field("Reason", "reason", "", required=True, maxlength=500),
+                    tag("button", {"type": "submit", "class": "danger"}, "Throw kill switch"),
+                ),
+            ),
+            _spend_section(caps, spend, spend_error),
+            tag(
+                "section",
+                {"aria-label": "Engine health"},
+                tag("h2", None, "Engine health"),
+                tag(
+                    "p",
+                    {"class": "ready" if ready else "not-ready", "role": "status"},
+                    "Ready" if ready else "Not ready",
+                ),
+                tag("pre", {"class": "json"}, pretty(detail)),
+            ),
+        ]
+    )
+
+
+def _amount(value: float | None, currency: str) -> str:
+    return "no limit" if value is None else f"{value:,.2f} {currency}"
+
+
+def _spend_section(
+    caps: Sequence[Mapping[str, Any]], spend: Sequence[CapSpend], error: str
+) -> Html:
+    """Each cap's spent, reserved and limit in its current window: a table and a bar chart."""
+    by_name = {str(c.get("name")): c for c in caps}
+    rows = [
+        tag(
+            "tr",
+            None,
+            tag("th", {"scope": "row"}, charts.cap_label(r).split(", ", 1)[0]),
+            tag("td", None, str(by_name.get(r.cap, {}).get("scope", ""))),
+            tag("td", None, r.window),
+            tag("td", None, r.subject or "no use yet"),
+            tag("td", {"class": "num"}, _amount(r.spent, r.currency)),
+            tag("td", {"class": "num"}, _amount(r.reserved, r.currency)),
+            tag("td", {"class": "num"}, _amount(r.limit, r.currency)),
+            tag("td", {"class": "num"}, f"{r.used / r.limit:.0%}" if r.limit else "-"),
+            tag("td", None, str(by_name.get(r.cap, {}).get("over", ""))),
+        )
+        for r in spend
+    ]
+    heads = (
+        "Cap",
+        "Applies to",
+        "Window",
+        "Counted for",
+        "Spent",
+        "Reserved",
+        "Limit",
+        "Used",
+        "Over the limit",
+    )
+    if error:
+        body: Child = tag("p", {"class": "not-ready", "role": "status"}, error)
+    elif not caps:
+        body = tag("p", {"class": "empty"}, "No caps are configured.")
+    else:
+        body = [
+            tag(
+                "table",
+                {"aria-label": "Spend against caps"},
+                tag(
+                    "thead",
+                    None,
+                    tag("tr", None, [tag("th", {"scope": "col"}, h) for h in heads]),
+                ),
+                tag("tbody", None, rows),
+            ),
+            tag(
+                "figure",
+                None,
+                charts.spend_chart(spend),
+                tag(
+                    "figcaption",
+                    None,
+                    "Against each limit: ",
+                    tag("span", {"class": "key spent"}, "spent"),
+                    " ",
+                    tag("span", {"class": "key reserved"}, "reserved"),
+                ),
+            ),
+        ]
+    return tag(
+        "section",
+        {"aria-label": "Spend caps"},
+        tag("h2", None, "Spend against caps"),
+        body,
+        tag(
+            "p",
+            {"class": "hint"},
+            "The current window of each cap, as the state store counts it for every "
+            "sidecar: spent is settled, reserved is held by calls still in flight, and "
+            "both count against the limit.",
+        ),
+    )

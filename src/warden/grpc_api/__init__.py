@@ -1,0 +1,1 @@
+"""Code generated from Warden's protobuf API (``proto/``); regenerate with ``make proto``."""

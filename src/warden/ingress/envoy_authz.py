@@ -1,0 +1,220 @@
+"""Envoy ext_authz (``envoy.service.auth.v3.Authorization``), compatible with OPA-Envoy.
+
+Every ``Check`` is one action decided by the governed core: kill switches,
+budgets, then the policy, and a decision record in the audit log before the
+answer goes back. The policy evaluates ``ext_authz.query`` (default
+``data.envoy.authz.allow``) over OPA-Envoy's input document
+(:mod:`warden.protocols.envoy_authz`) merged with Warden's own (``input.agent``,
+``input.action``, ``input.context``), so OPA-Envoy policies carry over. When
+``ext_authz.upstream`` names an ``http`` upstream with route rules, a request
+that fits a rule is that tool call (``input.action.tool`` and ``arguments``).
+
+Fails closed: a request Warden cannot parse is denied with 400 (also in
+dry-run, as OPA-Envoy does), a policy that is missing, fails or returns a
+value of the wrong shape denies, and a decision that cannot be recorded
+denies with 503. The decision id is always in the dynamic metadata
+(``decision_id``, ``warden_decision_id``). ``ext_authz.dry_run`` decides in
+observe mode: recorded (``would_deny``), always allowed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+import grpc
+import grpc.aio
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from multidict import CIMultiDict
+from prometheus_client import Counter
+
+from warden.errors import AuditError, ConfigError, Overloaded, WardenError
+from warden.identity import Identity
+from warden.ingress import headers as hdr
+from warden.model import (
+    Action,
+    ActionKind,
+    Decision,
+    Effect,
+    PolicyView,
+    RequestMeta,
+    Stage,
+    new_id,
+)
+from warden.protocols import envoy_authz as authz
+from warden.protocols.http_tool import ToolRequest, ToolRequestError, ToolRoutes
+
+if TYPE_CHECKING:
+    from warden.config import Config
+    from warden.core import Governor
+
+__all__ = ["CHECKS", "ExtAuthzService"]
+
+log = logging.getLogger("warden.ext_authz")
+
+SERVICE_NAME: Final = "envoy.service.auth.v3.Authorization"
+CHECKS = Counter(
+    "warden_ext_authz_checks_total",
+    "Envoy ext_authz checks by result: allowed, denied, dry_run (a denial let through), "
+    "invalid (unparsable request), error (identity, overload, audit).",
+    ["result"],
+)
+for _result in ("allowed", "denied", "dry_run", "invalid", "error"):
+    CHECKS.labels(_result)
+
+
+class _Refusal:
+    """Why Warden refuses a request before the policy sees it, and the HTTP status to send."""
+
+    __slots__ = ("observe", "reason", "status")
+
+    def __init__(self, reason: str, status: int, *, observe: bool) -> None:
+        self.reason = reason
+        self.status = status
+        self.observe = observe
+
+
+class ExtAuthzService:
+    """The ext_authz servicer; a :class:`~warden.ingress.grpc_service.GrpcService`."""
+
+    service_names: tuple[str, ...] = (SERVICE_NAME,)
+
+    def __init__(self, core: Governor, config: Config, *, identity: Identity | None = None) -> None:
+        """Raises :class:`ConfigError` when ``ext_authz.upstream`` is not an ``http`` upstream."""
+        self._core = core
+        self._settings = config.ext_authz
+        self._identity = identity if identity is not None else Identity(config)
+        self._routes: ToolRoutes | None = None
+        self._upstream = "envoy"
+        name = config.ext_authz.upstream
+        if name is not None:
+            upstream = config.upstreams.get(name)
+            if upstream is None or upstream.protocol != "http":
+                raise ConfigError(
+                    f"ext_authz.upstream: {name!r} is not an upstream with protocol: http"
+                )
+            self._upstream = name
+            if upstream.routes:
+                self._routes = ToolRoutes.compile(upstream.routes, upstream.unmatched)
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        """Register the Authorization servicer."""
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(_Servicer(self), server)
+
+    async def close(self) -> None:
+        """Nothing to finish: ``Check`` is unary, and in-flight calls finish on their own."""
+
+    async def check(self, request: Any) -> Any:
+        """Decide one ``CheckRequest``; never raises (every failure is a denial)."""
+        parsed = authz.check_input(request)
+        try:
+            # Envoy sends names lower-cased; identity looks them up as the proxy does.
+            agent = await self._identity.resolve(CIMultiDict(parsed.headers))
+        except WardenError as exc:
+            CHECKS.labels("error").inc()
+            return _refuse(exc.status, f"{exc.code}: {exc}")
+        refusal = (
+            _Refusal(parsed.problem, 400, observe=False) if parsed.problem is not None else None
+        )
+        tool: ToolRequest | None = None
+        if refusal is None and self._routes is not None:
+            tool, refusal = self._route(parsed)
+        dry_run = self._settings.dry_run
+        action = Action(
+            action_id=new_id("act"),
+            agent=agent,
+            kind=ActionKind.TOOL_CALL if tool is not None else ActionKind.HTTP_CALL,
+            protocol=authz.PROTOCOL,
+            stage=Stage.EXECUTED,
+            request=RequestMeta(
+                method=parsed.method,
+                upstream=self._upstream,
+                path=parsed.path,
+                headers=hdr.recordable(parsed.headers),
+            ),
+            tool=tool.tool if tool is not None else None,
+            arguments=tool.arguments if tool is not None else None,
+            context=hdr.context_from(parsed.headers),
+            view=PolicyView(
+                query=self._settings.query,
+                input=parsed.input,
+                read=authz.read_allowed,
+                problem=refusal.reason if refusal is not None else None,
+                observe=dry_run if refusal is None else refusal.observe,
+            ),
+        )
+        try:
+            decision = await self._core.decide(action)
+        except Overloaded as exc:
+            CHECKS.labels("error").inc()
+            return _refuse(503, f"{exc.code}: {exc}")
+        except AuditError as exc:
+            CHECKS.labels("error").inc()
+            log.error("ext_authz check denied: the decision could not be recorded: %s", exc)
+            return _refuse(503, "audit_unavailable: the decision could not be recorded")
+        return self._answer(decision, refusal, parsed.headers)
+
+    def _route(self, parsed: authz.CheckInput) -> tuple[ToolRequest | None, _Refusal | None]:
+        """The tool call a request is by the route rules, or why it is refused."""
+        routes = self._routes
+        assert routes is not None
+        segments = authz.decode_segments(parsed.path)
+        tool: ToolRequest | None = None
+        if segments is not None:
+            try:
+                tool = routes.resolve(
+                    parsed.method, segments, parsed.body, parsed.headers.get("content-type", "")
+                )
+            except ToolRequestError as exc:
+                return None, _Refusal(str(exc), 400, observe=False)
+        if tool is None and routes.unmatched == "deny":
+            reason = (
+                f"{parsed.method} {parsed.path} fits no rule in "
+                f"upstreams.{self._upstream}.routes (unmatched: deny)"
+            )
+            return None, _Refusal(reason, 404, observe=self._settings.dry_run)
+        return tool, None
+
+    def _answer(
+        self, decision: Decision, refusal: _Refusal | None, headers: Mapping[str, str]
+    ) -> Any:
+        allowed = decision.enforced is Effect.ALLOW
+        value = decision.obligations.result  # the policy's result, read by the guard
+        result = value if isinstance(value, authz.AuthzResult) else None
+        if allowed:
+            CHECKS.labels("allowed" if decision.effect is Effect.ALLOW else "dry_run").inc()
+        else:
+            CHECKS.labels("invalid" if decision.guard == "validation" else "denied").inc()
+        status = 403
+        if decision.guard == "validation":
+            status = refusal.status if refusal is not None else 400
+        return authz.render_response(
+            result,
+            allowed=allowed,
+            decision_id=decision.decision_id,
+            status=status,
+            body=f"Warden denied this request: {decision.reason} (decision {decision.decision_id})",
+            credentials=[h for h in authz.CREDENTIAL_HEADERS if h in headers],
+        )
+
+
+def _refuse(status: int, body: str) -> Any:
+    """A denial that is not a decision (no agent, no record): the id says so."""
+    return authz.render_response(None, allowed=False, decision_id="", status=status, body=body)
+
+
+class _Servicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(self, service: ExtAuthzService) -> None:
+        self._service = service
+
+    async def Check(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> external_auth_pb2.CheckResponse:
+        try:
+            return await self._service.check(request)
+        except Exception:
+            # Never a gRPC error: an Envoy set to failure_mode_allow would let it through.
+            log.exception("ext_authz check failed; denied")
+            CHECKS.labels("error").inc()
+            return _refuse(500, "internal_error: Warden could not decide this request")

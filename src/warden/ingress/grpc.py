@@ -1,0 +1,147 @@
+"""The gRPC door: one ``grpc.aio`` server on ``listen.grpc`` for every gRPC service.
+
+It serves the :class:`~warden.ingress.grpc_service.GrpcService` values it is
+given (Warden's own API, Envoy ext_authz and ext_proc), plus
+``grpc.health.v1.Health`` (each service ``SERVING``; ``NOT_SERVING`` from the
+moment it starts stopping) and, unless ``grpc.reflection`` is off, server
+reflection. TLS comes from ``grpc.tls``; with ``client_ca`` a client must
+present a certificate signed by it (mTLS). Stopping ends the services' open
+streams, then lets in-flight calls finish within ``shutdown_grace_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from warden.config import GrpcConfig, parse_listen
+from warden.errors import ConfigError
+from warden.ingress.grpc_service import GrpcService
+
+if TYPE_CHECKING:
+    from warden.core import Governor
+
+__all__ = ["GrpcDoor"]
+
+log = logging.getLogger("warden.grpc")
+
+
+class GrpcDoor:
+    """Serves the gRPC services on one port; a :class:`~warden.ingress.base.FrontDoor`."""
+
+    name = "grpc"
+
+    def __init__(
+        self,
+        where: str,
+        settings: GrpcConfig,
+        services: Sequence[GrpcService],
+        *,
+        shutdown_grace_s: float,
+    ) -> None:
+        """``where``: ``host:port`` (port 0 picks a free port; see :attr:`address`)."""
+        self._where = where
+        self._settings = settings
+        self._services = tuple(services)
+        self._grace_s = shutdown_grace_s
+        self._server: grpc.aio.Server | None = None
+        self._health: Any = None
+        self.address = ""
+        """``host:port`` the listener is bound to, once started."""
+
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        """Every service the door serves, health and reflection included."""
+        names = [n for s in self._services for n in s.service_names]
+        names.append(health.SERVICE_NAME)
+        if self._settings.reflection:
+            names.append(reflection.SERVICE_NAME)
+        return tuple(names)
+
+    async def start(self, core: Governor) -> None:
+        """Bind, register every service and start serving.
+
+        The services were built with the core already; ``core`` is not used here.
+        """
+        host, port = parse_listen(self._where)
+        limit = self._settings.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # Two processes must never share the port silently (gRPC's default on Linux).
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        for service in self._services:
+            service.add_to(server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = self.service_names
+        for name in names:
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self._settings.reflection:
+            reflection.enable_server_reflection(names, server)
+        shown = f"[{host}]" if ":" in host else host
+        try:
+            credentials = self._credentials()
+            if credentials is None:
+                bound = server.add_insecure_port(f"{shown}:{port}")
+            else:
+                bound = server.add_secure_port(f"{shown}:{port}", credentials)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {self._where} (listen.grpc): {exc}") from None
+        if not bound:
+            raise ConfigError(f"cannot listen on {self._where} (listen.grpc)")
+        await server.start()
+        self._server = server
+        self.address = f"{shown}:{bound}"
+        log.info(
+            "gRPC listening on %s (%s): %s",
+            self.address,
+            "mTLS" if self._mtls else ("TLS" if self._settings.tls else "plaintext"),
+            ", ".join(names),
+        )
+
+    @property
+    def _mtls(self) -> bool:
+        return self._settings.tls is not None and self._settings.tls.client_ca is not None
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        tls = self._settings.tls
+        if tls is None:
+            return None
+
+        def read(path: str, key: str) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"grpc.tls.{key}: cannot read {path}: {exc.strerror}") from None
+
+        pair = (read(tls.key, "key"), read(tls.cert, "cert"))
+        client_ca = read(tls.client_ca, "client_ca") if tls.client_ca is not None else None
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+
+    async def stop(self) -> None:
+        """Report NOT_SERVING, end open streams, then stop within the grace period."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        for service in self._services:
+            try:
+                await service.close()
+            except Exception:
+                log.exception("a gRPC service failed to close")
+        await server.stop(self._grace_s)
+        log.info("gRPC listener on %s stopped", self.address)

@@ -1,0 +1,462 @@
+"""Warden's own gRPC API, ``warden.v1.Governance``: converts, asks the core, answers.
+
+``Check`` turns a request into an :class:`~warden.model.Action` for the
+proven agent and calls :meth:`Governor.decide` (the same guards, approvals
+and audit record as every door); ``ReportOutcome`` records a trusted
+outcome for a decision this process made. The admin calls reuse the admin
+API's services (:class:`~warden.approvals.service.Approvals`,
+:class:`~warden.killswitch.KillSwitches`) and its bearer tokens and roles.
+``TailRecords`` reads the audit log's segments from a position.
+
+Who is asking comes from gRPC metadata: ``x-warden-agent``,
+``x-warden-agent-key`` and ``x-warden-agent-token`` for agents (as the HTTP
+proxy's headers), ``authorization: Bearer`` for people. Credentials are
+never logged, recorded or echoed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import grpc
+from multidict import CIMultiDict
+
+from warden.admin.auth import Principal, TokenAuth
+from warden.approvals.model import (
+    MAX_COMMENT,
+    Approval,
+    ApprovalConflict,
+    ApprovalForbidden,
+    ApprovalNotFound,
+    ApprovalStatus,
+)
+from warden.approvals.service import Approvals
+from warden.audit.segments import LogDamaged
+from warden.audit.tail import RecordTail
+from warden.config import Config
+from warden.errors import (
+    AuditError,
+    Forbidden,
+    Overloaded,
+    RequestError,
+    Unauthenticated,
+    WardenError,
+)
+from warden.grpc_api.v1 import governance_pb2 as pb
+from warden.grpc_api.v1 import governance_pb2_grpc as pb_grpc
+from warden.identity import Identity
+from warden.ingress import grpc_messages as msg
+from warden.ingress import headers as hdr
+from warden.killswitch import MAX_REASON, MAX_TARGET, KillSwitches, Scope
+from warden.model import Action, Agent, Decision, Effect, Outcome, RequestMeta
+
+if TYPE_CHECKING:
+    import grpc.aio
+
+    from warden.core import Governor
+
+__all__ = ["SERVICE_NAME", "GovernanceService", "RecordSource"]
+
+log = logging.getLogger("warden.grpc")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Governance"].full_name
+MAX_AWAITING_OUTCOME = 100_000
+"""Allowed decisions remembered for ``ReportOutcome``; the oldest are forgotten first."""
+TAIL_POLL_S = 0.05
+"""How often a following ``TailRecords`` looks for new records (an in-memory read)."""
+_TAIL_BATCH = 512
+
+_READERS = frozenset({"approver", "auditor", "viewer", "admin"})
+_APPROVERS = frozenset({"approver"})
+_ADMINS = frozenset({"admin"})
+_SWITCH_READERS = frozenset({"admin", "auditor", "viewer"})
+_AUDITORS = frozenset({"auditor", "admin"})
+_STATUSES = frozenset(s.value for s in ApprovalStatus)
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+Context = grpc.aio.ServicerContext[_Req, _Resp]
+
+
+class RecordSource:
+    """Where ``TailRecords`` reads: the audit directory and how many records are written."""
+
+    def __init__(self, directory: Path, size: Callable[[], int]) -> None:
+        self.directory = directory
+        self.size = size
+
+
+@dataclass(frozen=True, slots=True)
+class _Allowed:
+    """An allowed decision waiting for its outcome."""
+
+    action: Action
+    decision: Decision
+
+
+class GovernanceService:
+    """The ``warden.v1.Governance`` service on the gRPC listener (a ``GrpcService``)."""
+
+    service_names: tuple[str, ...] = (SERVICE_NAME,)
+
+    def __init__(
+        self,
+        config: Config,
+        core: Governor,
+        *,
+        approvals: Approvals,
+        killswitches: KillSwitches,
+        records: RecordSource,
+        auth: TokenAuth | None = None,
+    ) -> None:
+        self._servicer = _Servicer(
+            config,
+            core,
+            approvals=approvals,
+            killswitches=killswitches,
+            records=records,
+            auth=auth if auth is not None else TokenAuth(config.admin.tokens),
+        )
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        """Register the servicer."""
+        pb_grpc.add_GovernanceServicer_to_server(self._servicer, server)
+
+    async def close(self) -> None:
+        """End the streams (``WatchApprovals``, ``TailRecords``) so the listener can stop."""
+        self._servicer.closing.set()
+
+
+def _metadata(context: Context[Any, Any]) -> CIMultiDict[str]:
+    """The call's metadata as case-insensitive headers; binary (``-bin``) values are skipped."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            out.add(key, value)
+    return out
+
+
+async def _abort(context: Context[Any, Any], code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("unreachable")  # pragma: no cover - abort raises
+
+
+class _Servicer(pb_grpc.GovernanceServicer):
+    def __init__(
+        self,
+        config: Config,
+        core: Governor,
+        *,
+        approvals: Approvals,
+        killswitches: KillSwitches,
+        records: RecordSource,
+        auth: TokenAuth,
+    ) -> None:
+        self._core = core
+        self._approvals = approvals
+        self._switches = killswitches
+        self._records = records
+        self._auth = auth
+        self._identity = Identity(config)
+        self._allowed: OrderedDict[str, _Allowed] = OrderedDict()
+        self.closing = asyncio.Event()
+
+    # -- who is asking -----------------------------------------------------------
+
+    async def _agent(
+        self, context: Context[Any, Any], headers: CIMultiDict[str], claimed: str
+    ) -> Agent:
+        if claimed:
+            named = headers.get(hdr.AGENT_HEADER)
+            if named is not None and named.strip() != claimed:
+                await _abort(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"agent_id {claimed!r} is not the agent the metadata names",
+                )
+            headers = headers.copy()
+            headers[hdr.AGENT_HEADER] = claimed
+        try:
+            return await self._identity.resolve(headers)
+        except Unauthenticated as exc:
+            await _abort(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except Forbidden as exc:
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except RequestError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def _person(self, context: Context[Any, Any], roles: frozenset[str]) -> Principal:
+        who = self._auth.authenticate(_metadata(context).get("authorization"))
+        if who is None:
+            await _abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "a valid admin token is required (metadata authorization: Bearer <token>)",
+            )
+        if not who.roles & roles:
+            await _abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this call needs the role {' or '.join(sorted(roles))}",
+            )
+        return who
+
+    # -- agents ------------------------------------------------------------------
+
+    async def Check(self, request: pb.CheckRequest, context: Context[Any, Any]) -> pb.CheckResponse:
+        headers = _metadata(context)
+        agent = await self._agent(context, headers, request.agent_id)
+        meta = RequestMeta(
+            method="Check",
+            upstream=msg.DEFAULT_PROTOCOL,
+            path=f"/{SERVICE_NAME}/Check",
+            headers=hdr.recordable(headers),
+        )
+        try:
+            action = msg.action_from(request.action, agent, meta, hdr.context_from(headers))
+        except ValueError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        decision = await _decided(context, self._core.decide(action, hold=_hold(request.wait)))
+        approval_id = ""
+        if decision.enforced is Effect.REQUIRE_APPROVAL:
+            approval_id = await self._pending_approval(action)
+        elif decision.enforced is Effect.ALLOW:
+            self._remember(decision.decision_id, _Allowed(action, decision))
+        return msg.check_response(decision, approval_id, agent.id)
+
+    async def _pending_approval(self, action: Action) -> str:
+        """The pending approval the gate opened (or reused) for exactly this call."""
+        binding = self._approvals.binding(action.agent.id, action.target, action.arguments)
+        pending = await self._approvals.list(ApprovalStatus.PENDING.value)
+        return next((a.id for a in reversed(pending) if a.binding == binding), "")
+
+    def _remember(self, decision_id: str, allowed: _Allowed) -> None:
+        self._allowed[decision_id] = allowed
+        if len(self._allowed) > MAX_AWAITING_OUTCOME:
+            self._allowed.popitem(last=False)
+
+    async def ReportOutcome(
+        self, request: pb.ReportOutcomeRequest, context: Context[Any, Any]
+    ) -> pb.ReportOutcomeResponse:
+        agent = await self._agent(context, _metadata(context), "")
+        allowed = self._allowed.get(request.decision_id)
+        if allowed is None:
+            await _abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"no allowed decision {request.decision_id!r} of this Warden awaits an outcome "
+                "(unknown, already reported, or decided before a restart)",
+            )
+        if allowed.action.agent.id != agent.id:
+            await _abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"decision {request.decision_id} is agent {allowed.action.agent.id!r}'s, "
+                f"not {agent.id!r}'s",
+            )
+        if request.latency_ms < 0 or request.latency_ms != request.latency_ms:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "latency_ms must be >= 0")
+        del self._allowed[request.decision_id]
+        outcome = Outcome(
+            result=request.result,
+            is_error=request.is_error or bool(request.error),
+            error=request.error or None,
+            latency_ms=request.latency_ms,
+        )
+        # Reported by the runner that executed the tool: trusted, so a failure releases caps.
+        self._core.outcome(allowed.action, allowed.decision, outcome, trusted=True)
+        return pb.ReportOutcomeResponse()
+
+    # -- approvals ---------------------------------------------------------------
+
+    async def ListApprovals(
+        self, request: pb.ListApprovalsRequest, context: Context[Any, Any]
+    ) -> pb.ListApprovalsResponse:
+        await self._person(context, _READERS)
+        if request.status and request.status not in _STATUSES:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"status must be one of {', '.join(sorted(_STATUSES))}",
+            )
+        found = await self._approvals.list(request.status or None)
+        return pb.ListApprovalsResponse(approvals=[msg.approval_message(a) for a in found])
+
+    async def WatchApprovals(
+        self, request: pb.WatchApprovalsRequest, context: Context[Any, Any]
+    ) -> AsyncIterator[pb.ApprovalEvent]:
+        await self._person(context, _READERS)
+        await context.send_initial_metadata(())  # the watch is on: the client may act now
+        known = {a.id: a for a in await self._approvals.list(ApprovalStatus.PENDING.value)}
+        for approval in known.values():
+            yield _event(pb.ApprovalEvent.KIND_EXISTING, approval)
+        # The store is shared by sidecars: polling it sees their approvals too.
+        interval = self._approvals.settings.poll_interval_s
+        while not await _closing_within(self.closing, interval):
+            now = {a.id: a for a in await self._approvals.list(ApprovalStatus.PENDING.value)}
+            for approval_id, approval in now.items():
+                before = known.get(approval_id)
+                if before is None:
+                    yield _event(pb.ApprovalEvent.KIND_REQUESTED, approval)
+                elif len(before.votes) != len(approval.votes):
+                    yield _event(pb.ApprovalEvent.KIND_CHANGED, approval)
+            for approval_id in known.keys() - now.keys():
+                final = await self._approvals.get(approval_id)
+                if final is not None:
+                    yield _event(pb.ApprovalEvent.KIND_CHANGED, final)
+            known = now
+
+    async def DecideApproval(
+        self, request: pb.DecideApprovalRequest, context: Context[Any, Any]
+    ) -> pb.Approval:
+        who = await self._person(context, _APPROVERS)
+        if len(request.comment) > MAX_COMMENT:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"comment must be at most {MAX_COMMENT} characters",
+            )
+        try:
+            after = await self._approvals.decide(
+                request.approval_id, who, request.approve, request.comment
+            )
+        except ApprovalNotFound as exc:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        except ApprovalConflict as exc:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ApprovalForbidden as exc:
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except AuditError as exc:
+            await _abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                f"the decision is stored but not recorded: {exc}",
+            )
+        return msg.approval_message(after)
+
+    # -- kill switches -----------------------------------------------------------
+
+    async def SetKillSwitch(
+        self, request: pb.SetKillSwitchRequest, context: Context[Any, Any]
+    ) -> pb.KillSwitch:
+        who = await self._person(context, _ADMINS)
+        if request.scope not in {s.value for s in Scope}:
+            scopes = ", ".join(s.value for s in Scope)
+            await _abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"scope must be one of {scopes}"
+            )
+        scope = Scope(request.scope)
+        target = "*" if scope is Scope.GLOBAL else request.target
+        if not 1 <= len(target) <= MAX_TARGET:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"target must be the {scope.value}'s name, 1-{MAX_TARGET} characters",
+            )
+        reason = request.reason.strip()
+        if not reason or len(reason) > MAX_REASON:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"reason must be a non-empty text of at most {MAX_REASON} characters",
+            )
+        try:
+            switch = await self._switches.set(scope, target, reason, who.subject)
+        except AuditError as exc:
+            await _abort(
+                context, grpc.StatusCode.UNAVAILABLE, f"the switch is set but not recorded: {exc}"
+            )
+        return msg.kill_switch_message(switch)
+
+    async def ListKillSwitches(
+        self, request: pb.ListKillSwitchesRequest, context: Context[Any, Any]
+    ) -> pb.ListKillSwitchesResponse:
+        await self._person(context, _SWITCH_READERS)
+        return pb.ListKillSwitchesResponse(
+            kill_switches=[msg.kill_switch_message(s) for s in self._switches.active()]
+        )
+
+    async def ClearKillSwitch(
+        self, request: pb.ClearKillSwitchRequest, context: Context[Any, Any]
+    ) -> pb.KillSwitch:
+        who = await self._person(context, _ADMINS)
+        if len(request.reason) > MAX_REASON:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"reason must be at most {MAX_REASON} characters",
+            )
+        try:
+            cleared = await self._switches.clear(request.id, who.subject, request.reason)
+        except AuditError as exc:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"the switch stays set: {exc}")
+        if cleared is None:
+            await _abort(
+                context, grpc.StatusCode.NOT_FOUND, f"no kill switch {request.id!r} is in force"
+            )
+        return msg.kill_switch_message(cleared)
+
+    # -- audit ---------------------------------------------------------------------
+
+    async def TailRecords(
+        self, request: pb.TailRecordsRequest, context: Context[Any, Any]
+    ) -> AsyncIterator[pb.Record]:
+        await self._person(context, _AUDITORS)
+        await context.send_initial_metadata(())
+        tail = RecordTail(self._records.directory, request.from_seq)
+        while True:
+            written = self._records.size()
+            if tail.position < written:
+                try:
+                    batch = await asyncio.to_thread(tail.read, written, _TAIL_BATCH)
+                except LogDamaged as exc:
+                    log.error("TailRecords: the audit log is damaged: %s", exc)
+                    await _abort(context, grpc.StatusCode.DATA_LOSS, str(exc))
+                for record in batch:
+                    yield msg.record_message(record)
+                continue
+            if not request.follow or await _closing_within(self.closing, TAIL_POLL_S):
+                return
+
+
+def _hold(wait: bool) -> str:
+    return "hold" if wait else "defer"
+
+
+def _event(kind: pb.ApprovalEvent.Kind, approval: Approval) -> pb.ApprovalEvent:
+    return pb.ApprovalEvent(kind=kind, approval=msg.approval_message(approval))
+
+
+async def _closing_within(closing: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds``; whether the service is closing."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(closing.wait(), seconds)
+    return closing.is_set()
+
+
+async def _decided(context: Context[Any, Any], deciding: Awaitable[Decision]) -> Decision:
+    """The core's decision, or the call ended with the status the failure means."""
+    try:
+        return await deciding
+    except AuditError as exc:
+        # Fail closed: no decision on record means no answer that lets anything run.
+        await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+    except Overloaded as exc:
+        await _abort(
+            context,
+            grpc.StatusCode.UNAVAILABLE,
+            f"{exc} (retry after {exc.retry_after_s} s)",
+        )
+    except WardenError as exc:
+        log.warning("Check failed: %s: %s", exc.code, exc)
+        await _abort(context, grpc.StatusCode.INTERNAL, f"{exc.code}: {exc}")
+    except Exception:
+        log.exception("Check failed")
+        await _abort(context, grpc.StatusCode.INTERNAL, "Warden internal error")

@@ -1,0 +1,842 @@
+"""The MCP streamable HTTP door: Warden between an MCP client and a remote MCP server.
+
+An upstream with ``protocol: mcp`` is served by the proxy listener at
+``/<name>`` (and ``/<name>/...``, appended to ``base_url``). The door speaks
+the MCP streamable HTTP transport (revisions 2025-03-26 to 2025-11-25) on both
+sides and only converts:
+
+* **POST** carries one JSON-RPC message (or a batch). Every ``tools/call`` is
+  decided by the core before the server sees it. A denied or deferred call is
+  answered by Warden with an ``isError`` tool result; an allowed one is
+  forwarded, rebuilt from what was decided, and the server's answer (a JSON
+  body, or inside its SSE stream) is relayed as it comes and recorded as the
+  decision's trusted outcome. A call held for approval keeps the request
+  open; when the client sent a progress token it gets ``notifications/progress``
+  every ``approvals.keepalive_s`` meanwhile (an SSE answer), otherwise SSE
+  comments. ``tools/list`` answers lose the tools the policy would deny in
+  every case (:meth:`warden.core.Governor.hidden_tools`). Everything else
+  (initialize, notifications, the client's answers to the server's own
+  requests) is forwarded as it came; notifications and responses get the
+  server's ``202``.
+* **GET** opens the server's SSE stream (with ``Last-Event-ID`` to resume);
+  its events are relayed, ``tools/list`` answers filtered there too, and the
+  answer to a call whose POST stream ended early (resumption) still becomes
+  that call's outcome.
+* **DELETE** ends the session.
+
+``Mcp-Session-Id``, ``MCP-Protocol-Version``, ``Last-Event-ID`` and the MCP
+auth headers go to the server unchanged (Warden's own ``X-Warden-*`` never
+do), and the server's headers come back. Only ``base_url`` is ever reached.
+A kill switch thrown while an allowed call runs answers it at once with
+``isError``, sends the server ``notifications/cancelled`` and drops its late
+answer. Malformed JSON-RPC gets ``400`` with the spec's error code; Warden's
+own failures and upstream faults get a JSON-RPC error body (``-32000`` with
+``data.warden`` naming the cause) at the matching HTTP status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from warden.errors import (
+    AuditError,
+    BodyTooLarge,
+    UnsupportedMedia,
+    UpstreamError,
+    UpstreamProtocol,
+    UpstreamRedirect,
+    WardenError,
+)
+from warden.ingress import headers as hdr
+from warden.ingress.upstream_io import MAX_UPSTREAM_BODY, read_body, upstream_error
+from warden.model import Action, Agent, Decision, Effect, Outcome
+from warden.ops import metrics
+from warden.protocols import mcp
+from warden.protocols._wire import dumps, loads
+from warden.protocols.sse import encode_comment
+from warden.protocols.sse_relay import EventSplitter, RawEvent, data_event
+from warden.sessions import door_conversation
+from warden.tasks import Tasks
+
+if TYPE_CHECKING:
+    from warden.config import Config, UpstreamConfig
+    from warden.core import Governor
+    from warden.killswitch import KillSwitch, KillSwitches
+
+__all__ = ["WARDEN_ERROR", "McpHttp"]
+
+log = logging.getLogger("warden.mcp")
+
+WARDEN_ERROR: Final = -32000
+"""JSON-RPC code (server-defined range) for Warden's own failures and upstream faults."""
+INTERNAL_ERROR: Final = -32603
+SESSION_HEADER: Final = "Mcp-Session-Id"
+_JSON = "application/json"
+_SSE = "text/event-stream"
+_ALLOW = "GET, POST, DELETE"
+_RESUMABLE_SESSIONS = 1024
+"""Sessions whose unanswered calls are kept for an answer on a resumed stream."""
+_CANCEL_TIMEOUT_S = 5.0
+
+type JsonId = str | int | None
+type Identify = Callable[[Mapping[str, str]], Awaitable[Agent]]
+
+
+@dataclass(slots=True)
+class _Pending:
+    """An allowed call on its way to the server: what its answer is recorded against."""
+
+    action: Action
+    decision: Decision
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """One client POST: what Warden still waits for in the server's answer to it."""
+
+    agent: Agent
+    upstream: str
+    url: URL
+    session: str | None
+    calls: dict[str | int, _Pending] = field(default_factory=dict)
+    listings: set[str | int] = field(default_factory=set)
+    filter_all: bool = False
+    """Filter every ``tools/list`` answer, whatever its id (a resumed stream)."""
+    requests: set[str | int] = field(default_factory=set)
+    """Forwarded requests not answered yet."""
+    response: web.StreamResponse | None = None
+    """Set once Warden has started an SSE answer to the client."""
+    client_gone: bool = False
+    resumable: bool = False
+    """The server's stream gave event ids: its answers may come later on a GET."""
+
+
+class McpHttp:
+    """Serves ``protocol: mcp`` upstreams for the proxy listener; one per :class:`ProxyApp`."""
+
+    def __init__(
+        self,
+        config: Config,
+        core: Governor,
+        session: aiohttp.ClientSession,
+        *,
+        identify: Identify,
+        killswitches: KillSwitches | None = None,
+    ) -> None:
+        """``identify`` proves the agent from its request headers (``Identity.resolve``)."""
+        self._config = config
+        self._core = core
+        self._session = session
+        self._identify = identify
+        self._killswitches = killswitches
+        self._tasks = Tasks("mcp-http")
+        # Calls whose POST stream ended before their answer, by (upstream, session).
+        self._resumable: OrderedDict[tuple[str, str], dict[str | int, _Pending]] = OrderedDict()
+
+    # -- entry -----------------------------------------------------------------
+
+    async def handle(
+        self, request: web.Request, name: str, upstream: UpstreamConfig, path: str
+    ) -> web.StreamResponse:
+        """Serve one request for upstream ``name``; ``path`` is appended to its ``base_url``."""
+        target = upstream.base_url + ("/" + path if path else "")
+        query = request.rel_url.raw_query_string
+        url = URL(target + ("?" + query if query else ""), encoded=True)
+        try:
+            agent = await self._identify(request.headers)
+            if request.method == "POST":
+                return await self._post(request, agent, name, upstream, url)
+            if request.method == "GET":
+                return await self._get(request, agent, name, upstream, url)
+            if request.method == "DELETE":
+                return await self._delete(request, name, upstream, url)
+            response = _rpc_error(405, None, WARDEN_ERROR, "Method Not Allowed", "method")
+            response.headers["Allow"] = _ALLOW
+            return response
+        except WardenError as exc:
+            metrics.child(metrics.ERRORS, exc.code).inc()
+            return _rpc_error(exc.status, None, WARDEN_ERROR, str(exc), exc.code)
+
+    # -- POST ------------------------------------------------------------------
+
+    async def _post(
+        self,
+        request: web.Request,
+        agent: Agent,
+        name: str,
+        upstream: UpstreamConfig,
+        url: URL,
+    ) -> web.StreamResponse:
+        if request.content_type != _JSON:
+            raise UnsupportedMedia(f"expected Content-Type {_JSON}, got {request.content_type!r}")
+        json_ok, sse_ok = _accepts(request.headers.get("Accept", ""))
+        if not (json_ok and sse_ok):
+            return _rpc_error(
+                406,
+                None,
+                WARDEN_ERROR,
+                "Not Acceptable: the Accept header must list application/json and "
+                "text/event-stream",
+                "not_acceptable",
+            )
+        body = await _read_body(request, self._config.limits.max_body_bytes)
+        payload = mcp.parse(body)
+        exchange = _Exchange(agent, name, url, request.headers.get(SESSION_HEADER))
+        if not payload.batch:
+            (message,) = payload.messages
+            if message.error is not None:
+                return _json(400, message.error)
+            if message.call is not None:
+                return await self._call(request, exchange, upstream, message)
+            assert message.body is not None
+            self._expect(exchange, message)
+            return await self._forward(request, exchange, upstream, body, answers=[])
+        forward: list[Any] = []
+        answers: list[dict[str, Any]] = []
+        calls = [m for m in payload.messages if m.call is not None]
+        decided = await asyncio.gather(*(self._decide(request, exchange, m) for m in calls))
+        decisions = dict(zip((id(m) for m in calls), decided, strict=True))
+        for message in payload.messages:
+            if message.error is not None:
+                answers.append(dict(message.error))
+            elif message.call is not None:
+                sent = decisions[id(message)]
+                (forward if "method" in sent else answers).append(sent)
+            else:
+                assert message.body is not None
+                self._expect(exchange, message)
+                forward.append(message.body)
+        if not forward:
+            return _json(200, answers) if answers else web.Response(status=202)
+        return await self._watched(
+            request,
+            exchange,
+            self._forward(request, exchange, upstream, dumps(forward).encode(), answers=answers),
+        )
+
+    def _expect(self, exchange: _Exchange, message: mcp.Message) -> None:
+        """Note a forwarded request whose answer Warden must see."""
+        assert message.body is not None
+        id_ = message.id
+        if not message.is_request or id_ is None:
+            return
+        exchange.requests.add(id_)
+        if message.body.get("method") == "tools/list":
+            exchange.listings.add(id_)
+
+    async def _decide(
+        self, request: web.Request, exchange: _Exchange, message: mcp.Message
+    ) -> dict[str, Any]:
+        """A batch member: the request to forward for an allowed call, or Warden's own answer."""
+        action = self._action(request, exchange, message)
+        try:
+            decision = await self._core.decide(action)
+        except AuditError:
+            log.exception("could not record the decision for %s; not forwarded", action.tool)
+            return mcp.error_response(
+                message.id, INTERNAL_ERROR, "Warden could not record this call"
+            )
+        if decision.enforced is not Effect.ALLOW:
+            return mcp.denied_result(message, decision)
+        assert message.id is not None
+        exchange.calls[message.id] = _Pending(action, decision)
+        exchange.requests.add(message.id)
+        return mcp.forward_call(message)
+
+    def _action(self, request: web.Request, exchange: _Exchange, message: mcp.Message) -> Action:
+        assert message.call is not None
+        action = mcp.action(message.call, exchange.agent, exchange.upstream)
+        meta = dataclasses.replace(
+            action.request,
+            headers=hdr.recordable(request.headers),
+            # input.session: counters by X-Warden-Session, else by the MCP session.
+            conversation=door_conversation(request.headers, exchange.session, "mcp"),
+        )
+        return dataclasses.replace(action, request=meta, context=hdr.context_from(request.headers))
+
+    async def _call(
+        self,
+        request: web.Request,
+        exchange: _Exchange,
+        upstream: UpstreamConfig,
+        message: mcp.Message,
+    ) -> web.StreamResponse:
+        """One ``tools/call``: decided (held, with progress, if need be), then answered or sent."""
+        action = self._action(request, exchange, message)
+        deciding = self._tasks.spawn(self._core.decide(action), name="decide", awaited=True)
+        keepalive = self._config.approvals.keepalive_s
+        token = mcp.progress_token(message)
+        beats = 0
+        while True:
+            done, _ = await asyncio.wait({deciding}, timeout=keepalive)
+            if done:
+                break
+            # Still undecided (held for a person): keep the request open and say so.
+            beats += 1
+            if exchange.response is None:
+                exchange.response = await _open_sse(request, {})
+            note = f"[Warden] waiting for a person to approve the tool call `{action.tool}`"
+            if token is not None:
+                beat = data_event(dumps(mcp.progress_notification(token, beats, note)))
+            else:
+                beat = encode_comment("held for approval")
+            await self._write(exchange, beat)
+        try:
+            decision = deciding.result()
+        except AuditError:
+            log.exception("could not record the decision for %s; not forwarded", action.tool)
+            answer = mcp.error_response(
+                message.id, INTERNAL_ERROR, "Warden could not record this call"
+            )
+            return await self._answer(request, exchange, answer)
+        if decision.enforced is not Effect.ALLOW:
+            denied = mcp.denied_result(message, decision)
+            return await self._answer(request, exchange, denied, decision.decision_id)
+        pending = _Pending(action, decision)
+        if exchange.client_gone:
+            # Nobody is left to read the result: the approved call is not run.
+            outcome = Outcome(error="client_disconnected", is_error=True)
+            self._core.outcome(action, decision, outcome)
+            return exchange.response or web.Response(status=499)
+        assert message.id is not None
+        exchange.calls[message.id] = pending
+        exchange.requests.add(message.id)
+        body = dumps(mcp.forward_call(message)).encode()
+        forwarding = self._forward(
+            request, exchange, upstream, body, answers=[], decision_id=decision.decision_id
+        )
+        return await self._watched(request, exchange, forwarding)
+
+    async def _answer(
+        self,
+        request: web.Request,
+        exchange: _Exchange,
+        answer: dict[str, Any],
+        decision_id: str | None = None,
+    ) -> web.StreamResponse:
+        """Warden's own answer to a request: JSON, or an event when an SSE answer is open."""
+        if exchange.response is None:
+            response = _json(200, answer)
+            if decision_id is not None:
+                response.headers[hdr.DECISION_HEADER] = decision_id
+            return response
+        await self._write(exchange, data_event(dumps(answer)))
+        return await _finish(exchange.response)
+
+    # -- forwarding ------------------------------------------------------------
+
+    async def _forward(
+        self,
+        request: web.Request,
+        exchange: _Exchange,
+        upstream: UpstreamConfig,
+        body: bytes,
+        *,
+        answers: list[dict[str, Any]],
+        decision_id: str | None = None,
+    ) -> web.StreamResponse:
+        """POST ``body`` to the server and relay its answer, settling what ``exchange`` awaits."""
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=upstream.connect_timeout_s, sock_read=upstream.timeout_s
+        )
+        sent = time.perf_counter()
+        try:
+            resp = await self._session.post(
+                exchange.url,
+                data=body,
+                headers=hdr.request_headers(request.headers),
+                timeout=timeout,
+                allow_redirects=False,
+            )
+        except Exception as exc:
+            return await self._failed(request, exchange, _upstream_error(exc, exchange.upstream))
+        try:
+            metrics.child(metrics.UPSTREAM_LATENCY, exchange.upstream).observe(
+                time.perf_counter() - sent
+            )
+            status = resp.status
+            if 300 <= status < 400 or not 200 <= status < 600:
+                return await self._failed(
+                    request, exchange, _refused_status(status, exchange.upstream)
+                )
+            headers = hdr.response_headers(resp.headers)
+            if decision_id is not None:
+                headers[hdr.DECISION_HEADER] = decision_id
+            is_sse = resp.headers.get("Content-Type", "").lower().startswith(_SSE)
+            if status >= 400:
+                return await self._refused(request, exchange, resp, headers)
+            if is_sse:
+                return await self._relay_post_stream(request, exchange, resp, headers, answers)
+            raw = await _read_upstream(resp, exchange.upstream)
+            if status == 202 or not raw.strip():
+                self._unanswered(exchange, "no_answer")
+                if answers:
+                    return _json(200, answers)
+                return web.Response(status=status, headers=headers)
+            out = await self._server_json(exchange, raw)
+            if answers:
+                out = _merge(out, answers)
+            if exchange.response is not None:
+                await self._write(exchange, data_event(out.decode()))
+                return await _finish(exchange.response)
+            headers["Content-Type"] = resp.headers.get("Content-Type", _JSON)
+            return web.Response(status=status, body=out, headers=headers)
+        except UpstreamError as exc:
+            return await self._failed(request, exchange, exc)
+        finally:
+            resp.release()
+
+    async def _relay_post_stream(
+        self,
+        request: web.Request,
+        exchange: _Exchange,
+        resp: aiohttp.ClientResponse,
+        headers: Any,
+        answers: list[dict[str, Any]],
+    ) -> web.StreamResponse:
+        if exchange.response is None:
+            exchange.response = await _open_sse(request, headers, status=resp.status)
+        for answer in answers:
+            await self._write(exchange, data_event(dumps(answer)))
+        try:
+            await self._relay_events(exchange, resp)
+        except UpstreamError as exc:
+            # The status line is sent: the failure travels as JSON-RPC errors in the stream.
+            self._unanswered(exchange, exc.code)
+            for id_ in sorted(exchange.requests, key=str):
+                error = _error_body(id_, WARDEN_ERROR, str(exc), exc.code)
+                await self._write(exchange, data_event(dumps(error)))
+            exchange.requests.clear()
+        else:
+            self._unanswered(exchange, "stream_ended")
+        return await _finish(exchange.response)
+
+    async def _relay_events(self, exchange: _Exchange, resp: aiohttp.ClientResponse) -> None:
+        """Relay the server's SSE events as they come, settling answers on the way."""
+        splitter = EventSplitter(MAX_UPSTREAM_BODY)
+        try:
+            async for chunk in resp.content.iter_any():
+                for event in splitter.feed(chunk):
+                    if event.id:
+                        exchange.resumable = True
+                    out = await self._server_event(exchange, event)
+                    if out is not None:
+                        await self._write(exchange, out)
+                if exchange.client_gone and not exchange.requests:
+                    return  # every outcome is recorded; nobody reads the rest
+        except Exception as exc:
+            raise _upstream_error(exc, exchange.upstream) from None
+
+    async def _server_event(self, exchange: _Exchange, event: RawEvent) -> bytes | None:
+        data = event.data
+        if not data:
+            return event.encode()
+        try:
+            value = loads(data)
+        except (ValueError, UnicodeDecodeError):
+            return event.encode()  # not Warden's to judge: the client's SDK reports it
+        settled = await self._settle_value(exchange, value)
+        if settled is value:
+            return event.encode()
+        return event.with_data(dumps(settled)).encode()
+
+    async def _server_json(self, exchange: _Exchange, raw: bytes) -> bytes:
+        try:
+            value = loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            self._unanswered(exchange, UpstreamProtocol.code)
+            return raw
+        settled = await self._settle_value(exchange, value)
+        return raw if settled is value else dumps(settled).encode()
+
+    async def _settle_value(self, exchange: _Exchange, value: Any) -> Any:
+        """``value`` (a message or batch from the server) as the client gets it."""
+        if isinstance(value, list):
+            items = [await self._settle(exchange, v) if isinstance(v, dict) else v for v in value]
+            changed = any(a is not b for a, b in zip(items, value, strict=True))
+            return items if changed else value
+        if isinstance(value, dict):
+            return await self._settle(exchange, value)
+        return value
+
+    async def _settle(self, exchange: _Exchange, message: dict[str, Any]) -> dict[str, Any]:
+        """Record the answer to an allowed call; filter a ``tools/list`` answer."""
+        if "method" in message:
+            return message  # the server's own request or notification: passes
+        id_ = message.get("id")
+        if not isinstance(id_, str | int) or isinstance(id_, bool):
+            return message
+        exchange.requests.discard(id_)
+        pending = exchange.calls.pop(id_, None)
+        if pending is not None:
+            self._record(pending, message)
+            return message
+        if id_ in exchange.listings or exchange.filter_all:
+            exchange.listings.discard(id_)
+            return await self._filtered(exchange.agent, exchange.upstream, message)
+        return message
+
+    def _record(self, pending: _Pending, message: Mapping[str, Any]) -> None:
+        latency = (time.perf_counter() - pending.started) * 1000
+        outcome = mcp.result_outcome(message, latency)
+        self._core.outcome(pending.action, pending.decision, outcome, trusted=True)
+
+    async def _filtered(
+        self, agent: Agent, upstream: str, message: dict[str, Any]
+    ) -> dict[str, Any]:
+        result = message.get("result")
+        tools = result.get("tools") if isinstance(result, dict) else None
+        if not isinstance(tools, list):
+            return message
+        names = [t["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str)]
+        hidden = await self._core.hidden_tools(agent, upstream, names)
+        if not hidden:
+            return message
+        return dict(mcp.filter_tools(message, hidden.__contains__))
+
+    def _unanswered(self, exchange: _Exchange, error: str) -> None:
+        """The server's answer ended without answering these calls."""
+        if not exchange.calls:
+            return
+        if exchange.resumable and exchange.session is not None:
+            # The answer may still come on a resumed stream (GET with Last-Event-ID).
+            key = (exchange.upstream, exchange.session)
+            self._resumable.setdefault(key, {}).update(exchange.calls)
+            self._resumable.move_to_end(key)
+            while len(self._resumable) > _RESUMABLE_SESSIONS:
+                _, dropped = self._resumable.popitem(last=False)
+                self._give_up(dropped.values(), "no_answer")
+        else:
+            self._give_up(exchange.calls.values(), error)
+        exchange.calls.clear()
+
+    def _give_up(self, calls: Any, error: str) -> None:
+        for pending in calls:
+            # Not trusted: whether the tool ran is unknown, so nothing is released early.
+            outcome = Outcome(error=error, is_error=True)
+            self._core.outcome(pending.action, pending.decision, outcome)
+
+    async def _refused(
+        self,
+        request: web.Request,
+        exchange: _Exchange,
+        resp: aiohttp.ClientResponse,
+        headers: Any,
+    ) -> web.StreamResponse:
+        """A 4xx or 5xx from the server: relayed as it is (the client's SDK reads it)."""
+        raw = await _read_upstream(resp, exchange.upstream)
+        status = resp.status
+        for pending in exchange.calls.values():
+            # A 4xx refused the call before it ran (trusted); after a 5xx nobody knows.
+            outcome = Outcome(status=status, error=f"http_{status}", is_error=True)
+            self._core.outcome(pending.action, pending.decision, outcome, trusted=status < 500)
+        exchange.calls.clear()
+        if exchange.response is not None:
+            for id_ in sorted(exchange.requests, key=str):
+                message = f"the MCP server answered HTTP {status}"
+                error = _error_body(id_, WARDEN_ERROR, message, f"http_{status}")
+                await self._write(exchange, data_event(dumps(error)))
+            return await _finish(exchange.response)
+        return web.Response(status=status, body=raw, headers=headers)
+
+    async def _failed(
+        self, request: web.Request, exchange: _Exchange, error: UpstreamError
+    ) -> web.StreamResponse:
+        """The server could not be reached or answered nonsense: 502/504 in MCP's shape."""
+        metrics.child(metrics.ERRORS, error.code).inc()
+        self._give_up(exchange.calls.values(), error.code)
+        exchange.calls.clear()
+        ids = sorted(exchange.requests, key=str)
+        exchange.requests.clear()
+        if exchange.response is not None:
+            for id_ in ids or (None,):
+                body = _error_body(id_, WARDEN_ERROR, str(error), error.code)
+                await self._write(exchange, data_event(dumps(body)))
+            return await _finish(exchange.response)
+        return _rpc_error(
+            error.status, ids[0] if len(ids) == 1 else None, WARDEN_ERROR, str(error), error.code
+        )
+
+    # -- kill switches ---------------------------------------------------------
+
+    async def _watched(
+        self,
+        request: web.Request,
+        exchange: _Exchange,
+        forwarding: Awaitable[web.StreamResponse],
+    ) -> web.StreamResponse:
+        """Run ``forwarding``; a kill switch covering one of its calls stops it at once."""
+
+        async def run() -> web.StreamResponse:
+            return await forwarding
+
+        switches = self._killswitches
+        if switches is None or not exchange.calls:
+            return await run()
+        work = self._tasks.spawn(run(), name="forward", awaited=True)
+        try:
+            while True:
+                switch = _first_switch(switches, exchange)
+                if switch is not None:
+                    return await self._stop(request, exchange, work, switch)
+                changed = self._tasks.spawn(switches.wait_changed(), name="switch", awaited=True)
+                done, _ = await asyncio.wait({work, changed}, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+                if work in done:
+                    return work.result()
+        finally:
+            if not work.done():
+                work.cancel()
+
+    async def _stop(
+        self,
+        request: web.Request,
+        exchange: _Exchange,
+        work: asyncio.Task[web.StreamResponse],
+        switch: KillSwitch,
+    ) -> web.StreamResponse:
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await work
+        answers: list[dict[str, Any]] = []
+        for id_, pending in exchange.calls.items():
+            decision_id = pending.decision.decision_id
+            answers.append(
+                mcp.stopped_result(id_, pending.action.tool, switch.message, decision_id)
+            )
+            cancel = self._cancel(request, exchange.url, id_, switch.message)
+            self._tasks.spawn(cancel, name="cancel")
+            outcome = Outcome(error="killed", result=switch.message, is_error=True)
+            # Not trusted: whether the tool finished is unknown, so nothing is released.
+            self._core.outcome(pending.action, pending.decision, outcome)
+        for id_ in sorted(exchange.requests - exchange.calls.keys(), key=str):
+            message = f"Warden stopped this request: {switch.message}"
+            answers.append(_error_body(id_, WARDEN_ERROR, message, "killed"))
+        exchange.calls.clear()
+        exchange.requests.clear()
+        metrics.child(metrics.ERRORS, "killed").inc()
+        if exchange.response is not None:
+            for answer in answers:
+                await self._write(exchange, data_event(dumps(answer)))
+            return await _finish(exchange.response)
+        return _json(200, answers[0] if len(answers) == 1 else answers)
+
+    async def _cancel(self, request: web.Request, url: URL, id_: str | int, reason: str) -> None:
+        """Tell the server to stop request ``id_`` (its late answer goes nowhere)."""
+        headers = hdr.request_headers(request.headers)
+        timeout = aiohttp.ClientTimeout(total=_CANCEL_TIMEOUT_S)
+        body = dumps(mcp.cancelled_notification(id_, reason)).encode()
+        try:
+            async with self._session.post(
+                url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+            ) as resp:
+                await resp.read()
+        except Exception as exc:
+            log.warning("could not tell the MCP server to cancel %r: %s", id_, exc)
+
+    # -- GET and DELETE --------------------------------------------------------
+
+    async def _get(
+        self,
+        request: web.Request,
+        agent: Agent,
+        name: str,
+        upstream: UpstreamConfig,
+        url: URL,
+    ) -> web.StreamResponse:
+        """The server's own SSE stream (or a resumed one): relayed, answers settled."""
+        if not _accepts(request.headers.get("Accept", ""))[1]:
+            return _rpc_error(
+                406,
+                None,
+                WARDEN_ERROR,
+                "Not Acceptable: GET needs Accept: text/event-stream",
+                "not_acceptable",
+            )
+        # An open stream may stay quiet for long: only connecting is bounded.
+        timeout = aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout_s)
+        try:
+            resp = await self._session.get(
+                url,
+                headers=hdr.request_headers(request.headers),
+                timeout=timeout,
+                allow_redirects=False,
+            )
+        except Exception as exc:
+            error = _upstream_error(exc, name)
+            return _rpc_error(error.status, None, WARDEN_ERROR, str(error), error.code)
+        try:
+            status = resp.status
+            headers = hdr.response_headers(resp.headers)
+            is_sse = resp.headers.get("Content-Type", "").lower().startswith(_SSE)
+            if 300 <= status < 400 or not 200 <= status < 600:
+                error = _refused_status(status, name)
+                return _rpc_error(error.status, None, WARDEN_ERROR, str(error), error.code)
+            if not (200 <= status < 300 and is_sse):
+                raw = await _read_upstream(resp, name)
+                return web.Response(status=status, body=raw, headers=headers)
+            session = request.headers.get(SESSION_HEADER)
+            exchange = _Exchange(agent, name, url, session, filter_all=True)
+            if session is not None:
+                exchange.calls = self._resumable.pop((name, session), {})
+                exchange.requests = set(exchange.calls)
+            exchange.response = await _open_sse(request, headers, status=status)
+            try:
+                await self._relay_events(exchange, resp)
+            except UpstreamError as exc:
+                log.info("MCP stream from %r ended: %s", name, exc)
+            self._unanswered(exchange, "stream_ended")
+            return await _finish(exchange.response)
+        finally:
+            resp.release()
+
+    async def _delete(
+        self, request: web.Request, name: str, upstream: UpstreamConfig, url: URL
+    ) -> web.StreamResponse:
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=upstream.connect_timeout_s, sock_read=upstream.timeout_s
+        )
+        try:
+            async with self._session.delete(
+                url,
+                headers=hdr.request_headers(request.headers),
+                timeout=timeout,
+                allow_redirects=False,
+            ) as resp:
+                raw = await _read_upstream(resp, name)
+                status = resp.status
+                headers = hdr.response_headers(resp.headers)
+        except Exception as exc:
+            error = _upstream_error(exc, name)
+            return _rpc_error(error.status, None, WARDEN_ERROR, str(error), error.code)
+        if 300 <= status < 400 or not 200 <= status < 600:
+            error = _refused_status(status, name)
+            return _rpc_error(error.status, None, WARDEN_ERROR, str(error), error.code)
+        session = request.headers.get(SESSION_HEADER)
+        if 200 <= status < 300 and session is not None:
+            self._give_up(self._resumable.pop((name, session), {}).values(), "session_ended")
+        return web.Response(status=status, body=raw or None, headers=headers)
+
+    # -- writing ---------------------------------------------------------------
+
+    async def _write(self, exchange: _Exchange, data: bytes) -> None:
+        """Write to the client's SSE answer; a client gone is noted, not raised."""
+        response = exchange.response
+        if response is None or exchange.client_gone:
+            return
+        try:
+            await response.write(data)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError):
+            exchange.client_gone = True
+
+    async def close(self) -> None:
+        """Wait for cancellations still being sent."""
+        await self._tasks.drain()
+
+
+# -- helpers -------------------------------------------------------------------
+
+# The client may have gone away; what it would have read is recorded anyway.
+_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError)
+
+
+def _error_body(id_: JsonId, code: int, message: str, cause: str) -> dict[str, Any]:
+    """A JSON-RPC error; ``data.warden`` names Warden's cause (a stable error code)."""
+    error = {"code": code, "message": message, "data": {"warden": cause}}
+    return {"jsonrpc": "2.0", "id": id_, "error": error}
+
+
+def _json(status: int, value: Any) -> web.Response:
+    return web.Response(status=status, body=dumps(value).encode(), content_type=_JSON)
+
+
+def _rpc_error(status: int, id_: JsonId, code: int, message: str, cause: str) -> web.Response:
+    """An HTTP error whose body is a JSON-RPC error, as the MCP SDKs read it."""
+    return _json(status, _error_body(id_, code, message, cause))
+
+
+def _accepts(accept: str) -> tuple[bool, bool]:
+    """Whether ``Accept`` takes JSON and SSE (media ranges with wildcards count)."""
+    types = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
+    anything = "*/*" in types
+    json_ok = anything or bool(types & {_JSON, "application/*"})
+    sse_ok = anything or bool(types & {_SSE, "text/*"})
+    return json_ok, sse_ok
+
+
+def _first_switch(switches: KillSwitches, exchange: _Exchange) -> KillSwitch | None:
+    for pending in exchange.calls.values():
+        switch = switches.check(pending.action)
+        if switch is not None:
+            return switch
+    return None
+
+
+def _merge(raw: bytes, answers: list[dict[str, Any]]) -> bytes:
+    """The server's answer to a batch with Warden's own answers to its other members."""
+    try:
+        value = loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return raw
+    items = value if isinstance(value, list) else [value]
+    return dumps([*items, *answers]).encode()
+
+
+async def _open_sse(
+    request: web.Request, headers: Mapping[str, str], *, status: int = 200
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=status, headers=dict(headers))
+    response.headers["Content-Type"] = _SSE
+    response.headers["Cache-Control"] = "no-cache"
+    await response.prepare(request)
+    return response
+
+
+async def _finish(response: web.StreamResponse) -> web.StreamResponse:
+    with contextlib.suppress(*_GONE):
+        await response.write_eof()
+    return response
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"request body is over limits.max_body_bytes ({limit} bytes)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body is over limits.max_body_bytes ({limit} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _read_upstream(resp: aiohttp.ClientResponse, name: str) -> bytes:
+    return await read_body(resp, f"MCP server {name!r}")
+
+
+def _upstream_error(exc: BaseException, name: str) -> UpstreamError:
+    return upstream_error(exc, f"MCP server {name!r}")
+
+
+def _refused_status(status: int, name: str) -> UpstreamError:
+    """A 502 for statuses never relayed: redirects (they would lead around Warden) and odd ones."""
+    if 300 <= status < 400:
+        return UpstreamRedirect(
+            f"MCP server {name!r} answered with a redirect ({status}); Warden never relays "
+            "redirects, which would send the agent around it"
+        )
+    return UpstreamProtocol(f"MCP server {name!r} answered with status {status}")

@@ -1,0 +1,485 @@
+"""The transparent front door: agents that cannot change a base URL, through mitmproxy.
+
+Agents reach it through ``HTTPS_PROXY`` (``mode: regular``) or by redirection
+(``transparent``, ``wireguard``). mitmproxy runs as a library on Warden's
+event loop (its proxy core, not ``Master.run``, whose loop-wide task factory
+would change how Warden's own tasks run), with one addon (:class:`GoverningAddon`):
+
+* a **governed** host (``transparent.hosts``) is decrypted with Warden's CA
+  and each request is handed, unbuffered, to Warden's own base-URL listener as
+  ``/<upstream>/<path>`` with the agent's headers plus a mark only this
+  process can make (:mod:`warden.ingress.door_mark`). The listener then does
+  what it does for any agent: the same adapters, stream driver, core,
+  approvals, kill switches and records, with ``request.door: transparent``.
+  mitmproxy streams the answer back as it comes (``flow.response.stream``).
+  Governed traffic therefore reaches only the upstream's ``base_url``.
+* an **unknown** host is refused (``unknown_hosts: deny``: ``CONNECT`` gets 403
+  and no connection is opened) or tunnelled (``tunnel``: the TLS connection
+  is passed through, never decrypted; a log line and a metric are all that
+  is kept).
+* a second line of defence, ``server_connect``, lets no connection leave
+  except to the base-URL listener and, with ``tunnel``, to hosts that are not
+  governed: never an open proxy.
+
+Why a hand-over rather than calling the core from the addon: see
+docs/adr/0010-transparent-mode.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ipaddress
+import logging
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+from prometheus_client import Counter
+
+from warden import tasks
+from warden.config import Config, TransparentConfig, parse_listen
+from warden.core import Governor
+from warden.errors import ConfigError
+from warden.ingress import transparent_ca
+from warden.ingress.door_mark import VIA_HEADER, mark
+from warden.ingress.transparent_rules import HostRules, Verdict, VerdictKind, handoff_path
+from warden.ops import metrics
+from warden.protocols import http_tool
+
+with warnings.catch_warnings():
+    # mitmproxy.addons (imported by its master too) imports every addon; its LDAP
+    # proxy auth (ldap3) uses pyasn1 names that warn as deprecated. None of it runs here.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from mitmproxy import certs, connection, http, tls
+    from mitmproxy.addons import core as mitm_core
+    from mitmproxy.addons import disable_h2c, next_layer, proxyserver, tlsconfig
+    from mitmproxy.master import Master
+    from mitmproxy.options import Options
+    from mitmproxy.proxy import server_hooks
+
+__all__ = ["GoverningAddon", "TransparentDoor"]
+
+log = logging.getLogger("warden.transparent")
+
+CONNECTIONS = Counter(
+    "warden_transparent_connections_total",
+    "Transparent mode connections by host, mode and what was done "
+    "(intercepted, tunnelled, refused).",
+    ["host", "mode", "verdict"],
+)
+REQUESTS = Counter(
+    "warden_transparent_requests_total",
+    "Transparent mode HTTP requests by host, mode and what was done (governed, refused, passed).",
+    ["host", "mode", "verdict"],
+)
+TLS_FAILURES = Counter(
+    "warden_transparent_tls_failures_total",
+    "Clients that rejected Warden's certificate (pinning, CA not trusted), by host and mode.",
+    ["host", "mode"],
+)
+
+_START_TIMEOUT_S = 30.0
+_NOT_GOVERNED = "host_not_governed"
+_CLOSE_TIMEOUT_S = 2.0
+_CLOSE_TURNS = 20
+
+
+def _host_label(host: str) -> str:
+    # Host names come from agents: bounded, so no client can grow the series without limit.
+    return metrics.bounded("transparent_host", host) or "_none"
+
+
+def _refusal(host: str) -> http.Response:
+    detail = (
+        f"Warden does not govern {host or 'this host'} and transparent.unknown_hosts is deny: "
+        "no connection was opened"
+    )
+    body = http_tool.problem(403, _NOT_GOVERNED, "Host not governed by Warden", detail)
+    return http.Response.make(403, body, {"Content-Type": http_tool.PROBLEM_CONTENT_TYPE})
+
+
+class GoverningAddon:
+    """The mitmproxy addon: every hook decides from :class:`HostRules` alone (no I/O).
+
+    ``target`` is the base-URL listener governed requests are handed to. The
+    hooks are synchronous and cheap: they only choose where a flow goes.
+    """
+
+    def __init__(self, rules: HostRules, target: tuple[str, int], mode: str) -> None:
+        self._rules = rules
+        self._target = target
+        self._mode = mode
+        self._mark = mark("transparent")
+        self._inflight: set[str] = set()
+        self._idle: asyncio.Event | None = None
+        self.proxyserver: Any = None
+        """mitmproxy's ``Proxyserver`` addon, to learn what it bound (set by the door)."""
+        self.started: concurrent.futures.Future[list[tuple[str, int]]] = concurrent.futures.Future()
+        """Resolved once mitmproxy listens: the bound addresses (or the failure)."""
+
+    async def drained(self, timeout_s: float) -> None:
+        """Wait (on mitmproxy's loop) until no handed-over request is in flight, or the timeout."""
+        if not self._inflight:
+            return
+        self._idle = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+
+    def _done(self, flow: http.HTTPFlow) -> None:
+        self._inflight.discard(flow.id)
+        if not self._inflight and self._idle is not None:
+            self._idle.set()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def running(self) -> None:
+        """mitmproxy's servers are set up (or failed to be): tell the door."""
+        server = self.proxyserver
+        failures = [str(s.last_exception) for s in server.servers if s.last_exception]
+        if self.started.done():
+            return
+        if failures or not server.listen_addrs():
+            self.started.set_exception(
+                ConfigError(f"transparent.listen: {'; '.join(failures) or 'not listening'}")
+            )
+        else:
+            self.started.set_result([(str(a[0]), int(a[1])) for a in server.listen_addrs()])
+
+    # -- connections ----------------------------------------------------------
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        """``CONNECT host:port`` (regular mode): refuse an unknown host when the rule is deny."""
+        verdict = self._rules.classify((flow.request.host,))
+        if verdict.kind is VerdictKind.DENY:
+            flow.response = _refusal(verdict.host)
+            CONNECTIONS.labels(_host_label(verdict.host), self._mode, "refused").inc()
+            log.warning(
+                "refused CONNECT to %s:%s from %s: not a governed host (unknown_hosts: deny)",
+                verdict.host,
+                flow.request.port,
+                _peer(flow.client_conn),
+            )
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        """Decrypt governed hosts; pass a tunnelled host through without decrypting it."""
+        verdict = self._rules.classify((data.client_hello.sni, _address_host(data.context.server)))
+        if verdict.kind is VerdictKind.TUNNEL:
+            data.ignore_connection = True
+            CONNECTIONS.labels(_host_label(verdict.host), self._mode, "tunnelled").inc()
+            address = data.context.server.address
+            log.info(
+                "tunnelled a connection to %s (%s) from %s, not decrypted",
+                verdict.host,
+                f"{address[0]}:{address[1]}" if address else "no address",
+                _peer(data.context.client),
+            )
+            return
+        # Governed, or refused: decrypted so that each request gets a clear 403.
+        label = "intercepted" if verdict.kind is VerdictKind.GOVERN else "refused"
+        CONNECTIONS.labels(_host_label(verdict.host), self._mode, label).inc()
+
+    def tls_failed_client(self, data: tls.TlsData) -> None:
+        """The client rejected Warden's certificate: pinning, or the CA is not trusted."""
+        host = data.conn.sni or _address_host(data.context.server) or "unknown host"
+        TLS_FAILURES.labels(_host_label(host), self._mode).inc()
+        log.warning(
+            "client %s rejected Warden's certificate for %s (%s): it does not trust the CA "
+            "from `warden ca export`, or it pins the host's certificate. A pinning client "
+            "cannot be governed in transparent mode: give it a base URL, or tunnel the host",
+            _peer(data.conn),
+            host,
+            data.conn.error or "TLS handshake failed",
+        )
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """The last check before any connection leaves: Warden's listener, or a tunnel."""
+        address = data.server.address
+        if address is not None and (address[0], address[1]) == self._target:
+            return
+        names = (data.server.sni, address[0] if address else None)
+        if self._rules.unknown is VerdictKind.TUNNEL and not self._rules.any_governed(names):
+            return
+        where = f"{address[0]}:{address[1]}" if address else "an unknown address"
+        data.server.error = f"Warden opens no connection to {where} (not a tunnelled host)"
+        log.warning("blocked a connection to %s: %s", where, data.server.error)
+
+    # -- requests -------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Hand a governed request to the base-URL listener; refuse or pass the others."""
+        request = flow.request
+        names = [flow.client_conn.sni, request.host]
+        if not flow.client_conn.tls:
+            names.append(request.pretty_host)  # plain HTTP: the Host header names it too
+        verdict = self._rules.classify(names)
+        if verdict.kind is VerdictKind.GOVERN:
+            self._hand_over(flow, verdict)
+            return
+        if verdict.kind is VerdictKind.DENY or flow.client_conn.tls:
+            # A decrypted connection whose request names no governed host never
+            # leaves: the client gets a clear answer instead.
+            flow.response = _refusal(verdict.host)
+            REQUESTS.labels(_host_label(verdict.host), self._mode, "refused").inc()
+            log.warning(
+                "refused %s %s on %s: not a governed host",
+                request.method,
+                request.path,
+                verdict.host,
+            )
+            return
+        # Plain HTTP to a tunnelled host: passed on as it is, never recorded.
+        request.stream = True
+        REQUESTS.labels(_host_label(verdict.host), self._mode, "passed").inc()
+
+    def _hand_over(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
+        request = flow.request
+        assert verdict.upstream is not None
+        try:
+            path = handoff_path(verdict.upstream, request.path)
+        except ValueError as exc:
+            body = http_tool.problem(400, "invalid_request", "Invalid request", str(exc))
+            flow.response = http.Response.make(
+                400, body, {"Content-Type": http_tool.PROBLEM_CONTENT_TYPE}
+            )
+            return
+        request.scheme = "http"
+        request.host, request.port = self._target
+        request.path = path
+        # The agent's own value, if it sent one, is replaced: only this process can mark.
+        request.headers[VIA_HEADER] = self._mark
+        request.stream = True  # the body goes on as it arrives; the listener bounds it
+        flow.metadata["warden_governed"] = verdict.host
+        self._inflight.add(flow.id)
+        REQUESTS.labels(_host_label(verdict.host), self._mode, "governed").inc()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Stream every answer: tool-aware rewriting already happened in the listener."""
+        if flow.response is not None:
+            flow.response.stream = True
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        """The whole answer went out."""
+        self._done(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        """The flow failed (the client went away, or the listener could not be reached)."""
+        self._done(flow)
+        if "warden_governed" in flow.metadata and flow.error is not None:
+            log.warning(
+                "governed request to %s failed in transparent mode: %s",
+                flow.metadata["warden_governed"],
+                flow.error.msg,
+            )
+
+
+def _address_host(server: connection.Server) -> str | None:
+    return str(server.address[0]) if server.address else None
+
+
+def _peer(conn: connection.Connection) -> str:
+    peer = conn.peername
+    return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+
+def _loopback_target(url: str) -> tuple[str, int]:
+    """Where mitmproxy reaches the base-URL listener: its address, loopback if unspecified."""
+    parts = urlsplit(url)
+    if parts.hostname is None or parts.port is None:
+        raise ConfigError(f"the base-URL listener has no address to hand over to ({url!r})")
+    host = parts.hostname
+    with contextlib.suppress(ValueError):
+        ip = ipaddress.ip_address(host)
+        if ip.is_unspecified:  # listening everywhere: reach it on loopback
+            host = "::1" if ip.version == 6 else "127.0.0.1"
+    return host, parts.port
+
+
+# TlsConfig options that would make mitmproxy read (or generate) a CA of its own.
+_CA_OPTIONS = frozenset(
+    {"certs", "confdir", "key_size", "cert_passphrase", "emudhra", "emudhra_old"}
+)
+
+
+class _WardenTls(tlsconfig.TlsConfig):
+    """mitmproxy's TLS addon with Warden's CA: never generated or reloaded by mitmproxy."""
+
+    def __init__(self, store: certs.CertStore) -> None:
+        super().__init__()
+        self.certstore = store
+
+    def configure(self, updated: set[str]) -> None:
+        cast(Any, super()).configure(set(updated) - _CA_OPTIONS)
+
+
+class TransparentDoor:
+    """mitmproxy on ``transparent.listen``, handing governed flows to the base-URL listener.
+
+    ``handoff_url`` returns the base-URL listener's URL; it is read when the
+    door starts, so the HTTP door must have started first (the server starts
+    doors in order and stops them in reverse: this one stops first).
+    """
+
+    name = "transparent"
+
+    def __init__(
+        self, config: Config, handoff_url: Callable[[], str], *, shutdown_grace_s: float
+    ) -> None:
+        if config.transparent is None or config.transparent.listen is None:
+            raise ConfigError("transparent.listen is not set")
+        self._cfg: TransparentConfig = config.transparent
+        self._listen: str = config.transparent.listen
+        self._handoff_url = handoff_url
+        self._grace_s = shutdown_grace_s
+        self._master: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._addon: GoverningAddon | None = None
+        self._stopping = False
+        self.address = ""
+        """``host:port`` mitmproxy listens on, once started."""
+
+    @property
+    def ready(self) -> bool:
+        """Listening, and mitmproxy still running."""
+        return (
+            bool(self.address)
+            and not self._stopping
+            and self._task is not None
+            and not self._task.done()
+        )
+
+    def status(self) -> Mapping[str, Any]:
+        """For ``/readyz``."""
+        return {
+            "ready": self.ready,
+            "listen": self.address,
+            "mode": self._cfg.mode,
+            "unknown_hosts": self._cfg.unknown_hosts,
+        }
+
+    async def start(self, core: Governor) -> None:
+        """Start mitmproxy on this event loop; return once it listens (or raise why not).
+
+        ``core`` is not called here: governed requests reach it through the
+        base-URL listener, which records them with ``request.door: transparent``.
+        """
+        del core
+        mitm_log = logging.getLogger("mitmproxy")
+        if mitm_log.level == logging.NOTSET:
+            # One line per client and server connection at info: too much for a proxy.
+            mitm_log.setLevel(logging.WARNING)
+        store = await asyncio.to_thread(transparent_ca.load_store, self._cfg)
+        host, port = parse_listen(self._listen)
+        addon = GoverningAddon(
+            HostRules(self._cfg.hosts, self._cfg.unknown_hosts),
+            _loopback_target(self._handoff_url()),
+            self._cfg.mode,
+        )
+        self._addon = addon
+        shown = f"[{host}]" if ":" in host else host
+        spec = f"{self._cfg.mode}@{shown}:{port}"
+        try:
+            self._master = self._build_master(spec, store, addon)
+        except Exception as exc:  # mitmproxy's OptionsError: e.g. a mode this OS lacks
+            raise ConfigError(f"transparent.mode {self._cfg.mode}: {exc}") from None
+        self._task = tasks.spawn(self._serve(self._master), name="transparent-mitmproxy")
+        try:
+            addrs = await asyncio.wait_for(asyncio.wrap_future(addon.started), _START_TIMEOUT_S)
+        except BaseException:
+            await self.stop()
+            raise
+        bound_host, bound_port = addrs[0]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        self.address = f"{shown}:{bound_port}"
+        log.info(
+            "transparent mode (%s) listening on %s; unknown hosts: %s",
+            self._cfg.mode,
+            self.address,
+            self._cfg.unknown_hosts,
+        )
+
+    def _build_master(self, spec: str, store: certs.CertStore, addon: GoverningAddon) -> Any:
+        options = Options(
+            mode=[spec],
+            confdir=self._cfg.ca_dir,  # also where the wireguard mode keeps its keys
+            upstream_cert=False,
+            http3=False,
+        )
+        master: Any = Master(options)
+        # mitmproxy routes every log record of the process through its loop for a
+        # deprecated hook; Warden's logging already has them.
+        master._legacy_log_events.uninstall()
+        server = cast(Any, proxyserver.Proxyserver)()
+        addon.proxyserver = server
+        master.addons.add(
+            mitm_core.Core(),
+            server,
+            next_layer.NextLayer(),
+            _WardenTls(store),
+            disable_h2c.DisableH2C(),
+            addon,
+        )
+        # Never connect before a request says where: governed hosts go to Warden only.
+        cast(Any, options).update(connection_strategy="lazy", store_streamed_bodies=False)
+        return master
+
+    async def _serve(self, master: Any) -> None:
+        """``Master.run`` without its loop-wide settings (an eager task factory and an
+        exception handler), which would change how Warden's own tasks run."""
+        addon = self._addon
+        assert addon is not None
+        try:
+            await addon.proxyserver.setup_servers()
+            await master.running()  # the addon learns what was bound
+            await master.should_exit.wait()
+        except BaseException as exc:
+            if not addon.started.done():
+                addon.started.set_exception(ConfigError(f"transparent mode failed to start: {exc}"))
+            raise
+        finally:
+            await master.done()
+
+    async def stop(self) -> None:
+        """Stop listening; let handed-over requests finish (up to the grace period); stop."""
+        self._stopping = True
+        task, master = self._task, self._master
+        if task is None:
+            return
+        if master is not None and not task.done():
+            await self._drain(master)
+        with contextlib.suppress(Exception):
+            await task  # its failure was logged by warden.tasks
+        self._task = None
+        self.address = ""
+
+    async def _drain(self, master: Any) -> None:
+        """Close the listening sockets, wait for governed requests, end the rest."""
+        addon = self._addon
+        if addon is not None and addon.proxyserver is not None:
+            try:
+                await addon.proxyserver.servers.update([])
+            except Exception:
+                log.exception("transparent mode: closing the listener failed")
+            await addon.drained(self._grace_s)
+            await _close_connections(addon.proxyserver)
+        master.shutdown()
+
+
+async def _close_connections(server: Any) -> None:
+    """End the connections still open (idle keep-alives, tunnels) so that each
+    connection task finishes on its own before mitmproxy's loop ends."""
+    handlers = []
+    for connection_handler in list(server.connections.values()):
+        io = connection_handler.transports.get(connection_handler.client)
+        if io is not None and io.handler is not None and not io.handler.done():
+            io.handler.cancel("Warden is stopping")
+            handlers.append(io.handler)
+    if handlers:
+        await asyncio.wait(handlers, timeout=_CLOSE_TIMEOUT_S)
+    # Each connection task now runs its disconnect hooks; give them a few turns.
+    for _ in range(_CLOSE_TURNS):
+        if not server.connections:
+            return
+        await asyncio.sleep(0)

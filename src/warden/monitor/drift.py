@@ -1,0 +1,267 @@
+"""Drift per agent and agent version: PSI of a current window against a reference.
+
+Three distributions are compared for each ``(agent, version)`` group, and for
+each agent over all its versions (version ``*``):
+
+* ``tools``: the mix of tools (or action kinds, for model calls) it used;
+* ``effects``: the mix of decision effects (``allow``, ``deny``,
+  ``require_approval``) the policy gave it;
+* ``number:<tool>.<argument>``: each numeric argument (refund amounts...),
+  binned at the reference's deciles.
+
+Only an action's own decision counts (not an approval's follow-up). The
+reference is a :class:`Profile` built from the reference window's events, or
+a pinned baseline (:mod:`warden.monitor.baseline`). Pure: callers read the
+events (:func:`warden.monitor.events.read_events`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from warden.monitor.events import DecisionEvent
+from warden.monitor.psi import Histogram, Level, level_of, psi_counts, quantile_edges
+
+__all__ = [
+    "ALL_VERSIONS",
+    "DEFAULT_MIN_SAMPLES",
+    "Distribution",
+    "DriftResult",
+    "Profile",
+    "compute",
+    "profiles",
+]
+
+ALL_VERSIONS = "*"
+"""The ``version`` of a group that covers every version of an agent."""
+DEFAULT_MIN_SAMPLES = 30
+"""Fewer decisions than this on either side: the level is ``insufficient``."""
+MAX_NUMBERS = 20
+"""Numeric arguments compared per group (the most frequent in the reference)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """What one group did in a window: counts per tool and effect, binned numbers."""
+
+    agent: str
+    version: str
+    decisions: int
+    tools: Mapping[str, int] = field(default_factory=dict)
+    effects: Mapping[str, int] = field(default_factory=dict)
+    numbers: Mapping[str, Histogram] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (a pinned baseline stores these)."""
+        return {
+            "agent": self.agent,
+            "version": self.version,
+            "decisions": self.decisions,
+            "tools": dict(self.tools),
+            "effects": dict(self.effects),
+            "numbers": {
+                k: {"edges": list(h.edges), "counts": list(h.counts)}
+                for k, h in sorted(self.numbers.items())
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Profile:
+        """Read :meth:`as_dict`'s form; ``ValueError`` when it is not one."""
+        try:
+            numbers = {
+                str(k): Histogram(
+                    tuple(float(e) for e in v["edges"]), tuple(int(c) for c in v["counts"])
+                )
+                for k, v in dict(doc.get("numbers") or {}).items()
+            }
+            for key, hist in numbers.items():
+                if len(hist.counts) != len(hist.edges) + 1:
+                    raise ValueError(f"the bins of {key} do not match their edges")
+            return cls(
+                agent=str(doc["agent"]),
+                version=str(doc.get("version", "")),
+                decisions=int(doc["decisions"]),
+                tools={str(k): int(v) for k, v in dict(doc.get("tools") or {}).items()},
+                effects={str(k): int(v) for k, v in dict(doc.get("effects") or {}).items()},
+                numbers=numbers,
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a drift profile: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Distribution:
+    """One distribution's drift: its PSI, level and sample sizes."""
+
+    name: str
+    psi: float
+    level: Level
+    reference_n: int
+    current_n: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {
+            "name": self.name,
+            "psi": round(self.psi, 6),
+            "level": self.level.value,
+            "reference_n": self.reference_n,
+            "current_n": self.current_n,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DriftResult:
+    """Drift of one group: each distribution, and the worst level among them."""
+
+    agent: str
+    version: str
+    distributions: tuple[Distribution, ...]
+
+    @property
+    def level(self) -> Level:
+        """The worst level of any distribution (``insufficient`` only if all are)."""
+        levels = {d.level for d in self.distributions}
+        for level in (Level.ACT, Level.WATCH, Level.OK):
+            if level in levels:
+                return level
+        return Level.INSUFFICIENT
+
+    @property
+    def max_psi(self) -> float:
+        """The largest PSI among distributions with enough samples (0.0 if none)."""
+        return max(
+            (d.psi for d in self.distributions if d.level is not Level.INSUFFICIENT), default=0.0
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form ``warden monitor drift --format json`` prints."""
+        return {
+            "agent": self.agent,
+            "version": self.version,
+            "level": self.level.value,
+            "max_psi": round(self.max_psi, 6),
+            "distributions": [d.as_dict() for d in self.distributions],
+        }
+
+
+def _tool_label(event: DecisionEvent) -> str:
+    return event.tool if event.tool is not None else f"({event.kind})"
+
+
+def _groups(events: Iterable[DecisionEvent]) -> dict[tuple[str, str], list[DecisionEvent]]:
+    groups: dict[tuple[str, str], list[DecisionEvent]] = defaultdict(list)
+    for event in events:
+        if not event.first:
+            continue
+        groups[(event.agent, event.version)].append(event)
+        groups[(event.agent, ALL_VERSIONS)].append(event)
+    return groups
+
+
+def _values(events: Sequence[DecisionEvent]) -> dict[str, list[float]]:
+    values: dict[str, list[float]] = defaultdict(list)
+    for event in events:
+        for key, value in event.numbers:
+            values[key].append(value)
+    return values
+
+
+def _profile(agent: str, version: str, events: Sequence[DecisionEvent], bins: int) -> Profile:
+    values = _values(events)
+    frequent = sorted(values, key=lambda k: (-len(values[k]), k))[:MAX_NUMBERS]
+    numbers = {}
+    for key in frequent:
+        edges = quantile_edges(values[key], bins)
+        numbers[key] = Histogram(edges, ()).rebin(values[key])
+    return Profile(
+        agent=agent,
+        version=version,
+        decisions=len(events),
+        tools=dict(Counter(_tool_label(e) for e in events)),
+        effects=dict(Counter(e.effect for e in events)),
+        numbers=numbers,
+    )
+
+
+def profiles(events: Iterable[DecisionEvent], *, bins: int = 10) -> dict[tuple[str, str], Profile]:
+    """Profiles of every group in ``events`` (per version, and ``*`` per agent)."""
+    return {
+        key: _profile(key[0], key[1], group, bins) for key, group in sorted(_groups(events).items())
+    }
+
+
+def compare(
+    reference: Profile,
+    current: Sequence[DecisionEvent],
+    *,
+    min_samples: int = DEFAULT_MIN_SAMPLES,
+) -> DriftResult:
+    """Drift of one group's current events against its reference profile."""
+    events = [e for e in current if e.first]
+    enough = reference.decisions >= min_samples and len(events) >= min_samples
+    tools = Counter(_tool_label(e) for e in events)
+    effects = Counter(e.effect for e in events)
+    n = (reference.decisions, len(events))
+    dists = [
+        _dist("tools", reference=reference.tools, current=tools, n=n, enough=enough),
+        _dist("effects", reference=reference.effects, current=effects, n=n, enough=enough),
+    ]
+    values = _values(events)
+    for key, ref_hist in sorted(reference.numbers.items()):
+        cur_hist = ref_hist.rebin(values.get(key, ()))
+        ok = ref_hist.total >= min_samples and cur_hist.total >= min_samples
+        value = ref_hist.psi(cur_hist)
+        dists.append(
+            Distribution(
+                f"number:{key}",
+                value,
+                level_of(value, enough=ok),
+                ref_hist.total,
+                cur_hist.total,
+            )
+        )
+    return DriftResult(reference.agent, reference.version, tuple(dists))
+
+
+def _dist(
+    name: str,
+    *,
+    reference: Mapping[str, int],
+    current: Mapping[str, int],
+    n: tuple[int, int],
+    enough: bool,
+) -> Distribution:
+    value = psi_counts(reference, current)
+    return Distribution(name, value, level_of(value, enough=enough), n[0], n[1])
+
+
+def compute(
+    reference: Iterable[DecisionEvent] | Mapping[tuple[str, str], Profile],
+    current: Iterable[DecisionEvent],
+    *,
+    min_samples: int = DEFAULT_MIN_SAMPLES,
+    bins: int = 10,
+    agent: str | None = None,
+) -> list[DriftResult]:
+    """Drift of every group seen in either window (the console's entry point).
+
+    ``reference``: the reference window's events, or pinned profiles (a
+    baseline). A group without a reference (a new agent or version) or
+    without current traffic is reported with ``insufficient`` levels.
+    ``agent``: only that agent's groups.
+    """
+    refs = dict(reference) if isinstance(reference, Mapping) else profiles(reference, bins=bins)
+    cur_groups = _groups(current)
+    keys = sorted(set(refs) | set(cur_groups))
+    results = []
+    for key in keys:
+        if agent is not None and key[0] != agent:
+            continue
+        ref = refs.get(key) or Profile(key[0], key[1], 0)
+        results.append(compare(ref, cur_groups.get(key, []), min_samples=min_samples))
+    return results

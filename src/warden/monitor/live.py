@@ -1,0 +1,281 @@
+"""Drift and quality gauges kept up to date by a background task, off the request path.
+
+:class:`LiveMonitor` follows the audit log with a
+:class:`~warden.audit.tail.RecordTail` (never past the records already
+written), keeps the events of the reference and current windows in memory
+(at most ``monitor.max_events`` of each kind), and every
+``monitor.interval_s`` recomputes :mod:`~warden.monitor.drift` and
+:mod:`~warden.monitor.quality` in a worker thread and sets the Prometheus
+gauges. Reading starts at the first segment that can hold records of the
+windows, so a long log is not read from the beginning. Nothing here is on
+an agent's request path: a failure is logged and counted, and the next
+round tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import orjson
+from prometheus_client import Gauge
+
+from warden import tasks
+from warden.audit.layout import Layout
+from warden.audit.segments import FrameScanner, list_segments, parse_header
+from warden.audit.tail import RecordTail
+from warden.config import MonitorConfig
+from warden.errors import ConfigError
+from warden.monitor import drift, quality
+from warden.monitor.baseline import Baseline, load_baseline
+from warden.monitor.events import (
+    ApprovalEvent,
+    DecisionEvent,
+    Events,
+    OutcomeEvent,
+    Unsealer,
+    event_of,
+)
+from warden.monitor.psi import Level
+from warden.monitor.windows import (
+    Window,
+    parse_duration,
+    parse_instant,
+    recent,
+    reference_before,
+)
+from warden.ops import metrics
+
+__all__ = ["LiveMonitor", "Snapshot"]
+
+log = logging.getLogger("warden.monitor")
+
+_READ_BATCH = 4096
+_HEAD_READ = 1024 * 1024
+_LEVEL_VALUE = {Level.OK: 0, Level.WATCH: 1, Level.ACT: 2, Level.INSUFFICIENT: -1}
+
+
+class Snapshot:
+    """The figures of the last round: drift and quality results, and when they were computed."""
+
+    __slots__ = ("at", "drift", "quality")
+
+    def __init__(
+        self,
+        at: float,
+        drift_results: list[drift.DriftResult],
+        quality_results: list[quality.Quality],
+    ) -> None:
+        self.at = at
+        self.drift = tuple(drift_results)
+        self.quality = tuple(quality_results)
+
+
+def first_seq_since(root: Path, since: float) -> int:
+    """The first sequence number of the earliest segment that may hold records at or after
+    ``since`` (epoch seconds): every older segment ends before it."""
+    segments = list_segments(Layout(root).segments)
+    start = 0
+    for following in segments[1:]:
+        began = _first_time(following)
+        if began is None or began >= since:
+            break
+        start = int(following.stem)
+    return start
+
+
+def _first_time(path: Path) -> float | None:
+    try:
+        with path.open("rb") as f:
+            data = f.read(_HEAD_READ)
+    except OSError:
+        return None
+    parsed = parse_header(data)
+    if parsed is None:
+        return None
+    for _, payload in FrameScanner(data, parsed[1]):
+        try:
+            return parse_instant(str(orjson.loads(payload)["time"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+    return None
+
+
+class LiveMonitor:
+    """See the module docstring: ``start(size)``, then ``close()``; :meth:`refresh` is one round."""
+
+    def __init__(
+        self,
+        config: MonitorConfig,
+        audit_dir: Path | str,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._root = Path(audit_dir)
+        self._clock = clock
+        self._current_s = parse_duration(config.current)
+        self._reference_s = parse_duration(config.reference)
+        self._baseline: Baseline | None = None
+        if config.baseline is not None:
+            try:
+                self._baseline = load_baseline(config.baseline)
+            except ValueError as exc:
+                raise ConfigError(f"monitor.baseline: {exc}") from None
+        keep = config.max_events
+        self._decisions: deque[DecisionEvent] = deque(maxlen=keep)
+        self._outcomes: deque[OutcomeEvent] = deque(maxlen=keep)
+        self._approvals: deque[ApprovalEvent] = deque(maxlen=keep)
+        self._tail: RecordTail | None = None
+        self._unsealer: Unsealer | None = None
+        self._size: Callable[[], int] = lambda: 0
+        self._task: asyncio.Task[None] | None = None
+        self._gauged: set[tuple[object, tuple[str, ...]]] = set()
+        self.last: Snapshot | None = None
+
+    @property
+    def span_s(self) -> float:
+        """How far back the windows reach."""
+        reference = 0.0 if self._baseline is not None else self._reference_s
+        return self._current_s + reference
+
+    def start(self, size: Callable[[], int]) -> None:
+        """Start the background task; ``size()`` is how many records are written so far."""
+        self._size = size
+        self._task = tasks.spawn(self._run(), name="monitor")
+
+    async def close(self) -> None:
+        """Stop the background task."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("the drift and quality gauges could not be computed")
+                metrics.ERRORS.labels("internal_error").inc()  # a stable code (warden.errors)
+            await asyncio.sleep(self.config.interval_s)
+
+    async def refresh(self) -> Snapshot:
+        """Read what was written since the last round, recompute, set the gauges."""
+        upto = self._size()
+        snapshot = await asyncio.to_thread(self._round, upto)
+        self._set_gauges(snapshot)
+        self.last = snapshot
+        return snapshot
+
+    # -- in the worker thread ------------------------------------------------------------
+
+    def _round(self, upto: int) -> Snapshot:
+        now = self._clock()
+        self._read(upto, now)
+        current = recent(now, self._current_s)
+        events = Events(tuple(self._decisions), tuple(self._outcomes), tuple(self._approvals))
+        now_events = _within(events, current)
+        reference: Mapping[tuple[str, str], drift.Profile] | list[DecisionEvent]
+        if self._baseline is not None:
+            reference = self._baseline.profiles
+        else:
+            ref_window = reference_before(current, self._reference_s)
+            reference = list(_within(events, ref_window).decisions)
+        drifts = drift.compute(reference, now_events.decisions, min_samples=self.config.min_samples)
+        return Snapshot(now, drifts, quality.compute(now_events))
+
+    def _read(self, upto: int, now: float) -> None:
+        if self._tail is None:
+            start = first_seq_since(self._root, now - self.span_s)
+            self._tail = RecordTail(self._root, start)
+            self._unsealer = Unsealer(self._root)
+        while self._tail.position < upto:
+            batch = self._tail.read(upto, _READ_BATCH)
+            if not batch:
+                break
+            for stored in batch:
+                if stored.kind not in (
+                    "decision",
+                    "outcome",
+                    "approval_decided",
+                    "approval_expired",
+                ):
+                    continue
+                event = event_of(orjson.loads(stored.payload), self._unsealer)
+                if isinstance(event, DecisionEvent):
+                    self._decisions.append(event)
+                elif isinstance(event, OutcomeEvent):
+                    self._outcomes.append(event)
+                elif isinstance(event, ApprovalEvent):
+                    self._approvals.append(event)
+        oldest = now - self.span_s
+        for queue in (self._decisions, self._outcomes, self._approvals):
+            while queue and queue[0].ts < oldest:
+                queue.popleft()
+
+    # -- on the event loop ---------------------------------------------------------------
+
+    def _set_gauges(self, snapshot: Snapshot) -> None:
+        seen: set[tuple[object, tuple[str, ...]]] = set()
+
+        def put(gauge: Gauge, labels: tuple[str, ...], value: float) -> None:
+            gauge.labels(*labels).set(value)
+            seen.add((gauge, labels))
+
+        for result in snapshot.drift:
+            group = (_label("agent", result.agent), _label("version", result.version))
+            put(metrics.DRIFT_LEVEL, group, _LEVEL_VALUE[result.level])
+            for dist in result.distributions:
+                if dist.level is not Level.INSUFFICIENT:
+                    put(metrics.DRIFT_PSI, (*group, _label("distribution", dist.name)), dist.psi)
+        for q in snapshot.quality:
+            group = (_label("agent", q.agent), _label("version", q.version))
+            rates = {
+                "deny": q.deny_rate,
+                "hold": q.hold_rate,
+                "approval_rejection": q.approval_rejection_rate,
+                "tool_error": q.tool_error_rate,
+            }
+            for name, rate in rates.items():
+                if rate is not None:
+                    put(metrics.QUALITY_RATE, (*group, name), rate)
+            if q.cost_per_conversation_usd is not None:
+                put(metrics.QUALITY_COST_PER_CONVERSATION, group, q.cost_per_conversation_usd)
+            if q.added_latency_p95_ms is not None:
+                put(metrics.QUALITY_ADDED_LATENCY_P95, group, q.added_latency_p95_ms / 1000)
+        for gauge, labels in self._gauged - seen:
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)  # type: ignore[attr-defined]
+        self._gauged = seen
+
+
+def _label(kind: str, value: str) -> str:
+    # The version label may legitimately be empty (no version configured).
+    return metrics.bounded(f"monitor_{kind}", value) if value else ""
+
+
+def _within(events: Events, window: Window) -> Events:
+    """``events.within(window)``, by bisection: the deques are in time order."""
+    return Events(
+        _slice(events.decisions, window),
+        _slice(events.outcomes, window),
+        _slice(events.approvals, window),
+    )
+
+
+def _slice[E: (DecisionEvent, OutcomeEvent, ApprovalEvent)](
+    items: tuple[E, ...], window: Window
+) -> tuple[E, ...]:
+    lo = bisect.bisect_left(items, window.start, key=lambda e: e.ts)
+    hi = bisect.bisect_left(items, window.end, key=lambda e: e.ts)
+    return items[lo:hi]

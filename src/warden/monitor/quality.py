@@ -1,0 +1,168 @@
+"""Quality figures per agent and agent version, from the audit log's events. Pure.
+
+For each ``(agent, version)`` group, and each agent over all versions (``*``):
+
+* **deny rate** and **hold rate**: the share of actions the policy denied or
+  sent for approval (the action's own decision; observe mode counts what
+  the policy said, not what was enforced);
+* **approval-rejection rate**: of the approvals that reached a verdict,
+  the share rejected or left to expire;
+* **tool error rate**, from trusted outcomes only: results Warden observed
+  at a tool API it fronts (``stage: executed``), never an agent's own report;
+* **cost per conversation**: the cost recorded on outcomes (model calls
+  priced from ``prices``), summed per conversation (``context.session_id``,
+  ``conversation_id`` or ``thread_id``), averaged over conversations;
+* **p95 added latency**: the 95th percentile of the time Warden spent
+  deciding an action (``decision.elapsed_us``: guards, policy, the durable
+  record; a wait for a person is not included).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from warden.monitor.drift import ALL_VERSIONS
+from warden.monitor.events import DecisionEvent, Events, OutcomeEvent
+
+__all__ = ["Quality", "compute", "p95"]
+
+
+@dataclass(frozen=True, slots=True)
+class Quality:
+    """The quality figures of one group; a rate is ``None`` when nothing was there to count."""
+
+    agent: str
+    version: str
+    decisions: int
+    deny_rate: float | None
+    hold_rate: float | None
+    approvals: int
+    approval_rejection_rate: float | None
+    trusted_outcomes: int
+    tool_error_rate: float | None
+    conversations: int
+    cost_usd: float
+    cost_per_conversation_usd: float | None
+    added_latency_p95_ms: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form ``warden monitor report --format json`` prints."""
+        return {
+            "agent": self.agent,
+            "version": self.version,
+            "decisions": self.decisions,
+            "deny_rate": _round(self.deny_rate),
+            "hold_rate": _round(self.hold_rate),
+            "approvals": self.approvals,
+            "approval_rejection_rate": _round(self.approval_rejection_rate),
+            "trusted_outcomes": self.trusted_outcomes,
+            "tool_error_rate": _round(self.tool_error_rate),
+            "conversations": self.conversations,
+            "cost_usd": round(self.cost_usd, 6),
+            "cost_per_conversation_usd": _round(self.cost_per_conversation_usd),
+            "added_latency_p95_ms": _round(self.added_latency_p95_ms),
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def p95(values: Sequence[float]) -> float | None:
+    """The 95th percentile by nearest rank, or ``None`` for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+@dataclass
+class _Acc:
+    decisions: int = 0
+    denied: int = 0
+    held: int = 0
+    approvals: int = 0
+    rejected: int = 0
+    trusted: int = 0
+    failed: int = 0
+    cost: float = 0.0
+    conversation_cost: float = 0.0
+    elapsed: list[float] = field(default_factory=list)
+    conversations: set[str] = field(default_factory=set)
+
+    def quality(self, agent: str, version: str) -> Quality:
+        n_conv = len(self.conversations)
+        return Quality(
+            agent=agent,
+            version=version,
+            decisions=self.decisions,
+            deny_rate=_rate(self.denied, self.decisions),
+            hold_rate=_rate(self.held, self.decisions),
+            approvals=self.approvals,
+            approval_rejection_rate=_rate(self.rejected, self.approvals),
+            trusted_outcomes=self.trusted,
+            tool_error_rate=_rate(self.failed, self.trusted),
+            conversations=n_conv,
+            cost_usd=self.cost,
+            cost_per_conversation_usd=self.conversation_cost / n_conv if n_conv else None,
+            added_latency_p95_ms=p95(self.elapsed),
+        )
+
+
+def _keys(agent: str, version: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    return (agent, version), (agent, ALL_VERSIONS)
+
+
+def compute(events: Events, *, agent: str | None = None) -> list[Quality]:
+    """Quality of every group in ``events`` (the console's entry point), sorted by group."""
+    accs: dict[tuple[str, str], _Acc] = defaultdict(_Acc)
+    by_decision: dict[str, DecisionEvent] = {}
+    for d in events.decisions:
+        if d.first:
+            by_decision[d.decision_id] = d
+            for key in _keys(d.agent, d.version):
+                _add_decision(accs[key], d)
+    verdicts: dict[str, tuple[str, str]] = {}
+    for a in events.approvals:
+        verdicts[a.approval_id] = (a.decision_id, a.verdict)  # the last verdict stands
+    for decision_id, verdict in verdicts.values():
+        held = by_decision.get(decision_id)
+        if held is not None:
+            for key in _keys(held.agent, held.version):
+                accs[key].approvals += 1
+                accs[key].rejected += verdict in ("rejected", "expired")
+    for o in events.outcomes:
+        source = by_decision.get(o.decision_id)
+        attributed = source is not None and source.conversation is not None
+        for key in _keys(o.agent, o.version):
+            _add_outcome(accs[key], o, attributed=attributed)
+    return [
+        acc.quality(*key) for key, acc in sorted(accs.items()) if agent is None or key[0] == agent
+    ]
+
+
+def _add_decision(acc: _Acc, d: DecisionEvent) -> None:
+    acc.decisions += 1
+    acc.denied += d.effect == "deny"
+    acc.held += d.effect == "require_approval"
+    acc.elapsed.append(d.elapsed_us / 1000)
+    if d.conversation is not None:
+        acc.conversations.add(d.conversation)
+
+
+def _add_outcome(acc: _Acc, o: OutcomeEvent, *, attributed: bool) -> None:
+    if o.trusted:
+        acc.trusted += 1
+        acc.failed += o.failed
+    if o.cost is not None:
+        acc.cost += o.cost
+        if attributed:
+            acc.conversation_cost += o.cost

@@ -1,0 +1,343 @@
+"""The live challenger: a candidate bundle evaluated beside the active one, off the request path.
+
+``policy.challenger: {bundles: [...]}`` starts a second :class:`PolicyEngine`
+with its own worker processes (run at a lower CPU priority). The policy guard
+hands each policy decision's input to :meth:`Challenger.offer`, which only
+appends it to a bounded queue: nothing on the request path awaits the
+challenger, and when the queue is full the input is dropped and counted
+(``warden_challenger_dropped_total``), never waited for. Background tasks
+drain the queue, evaluate each input against the challenger, and compare its
+effect with the effect the active bundle (the champion) gave for the same
+input. A difference is a *divergence*: counted in
+``warden_challenger_divergence_total{from,to}`` and, unless
+``policy.challenger.record`` is off, written as a ``challenger`` audit record
+naming the decision. The challenger never changes a decision: it runs in
+observe mode by construction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import Counter, deque
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge
+
+from warden.config import ChallengerConfig, PolicyConfig
+from warden.errors import Overloaded
+from warden.model import Decision, Effect
+from warden.policy.engine import PolicyEngine, PolicyResult, PreActivate
+from warden.policy.metrics import NO_METRICS
+from warden.tasks import Tasks
+
+__all__ = [
+    "DIVERGENCE",
+    "DROPPED",
+    "EVALUATED",
+    "RECORD_KIND",
+    "Challenger",
+    "ChallengerStats",
+    "Divergence",
+    "challenger_effect",
+]
+
+log = logging.getLogger("warden.policy.challenger")
+
+RECORD_KIND = "challenger"
+"""The audit record kind of a divergence."""
+ERROR_LABEL = "error"
+"""The ``to`` label when the challenger could not evaluate an input the champion decided."""
+_NICE = 10  # the challenger's workers yield the CPU to the champion's
+_RECENT = 50
+
+DIVERGENCE = PromCounter(
+    "warden_challenger_divergence_total",
+    "Decisions where the challenger bundle's effect differs from the active bundle's, "
+    "by the active effect (from) and the challenger's (to, or error).",
+    ["from", "to"],
+)
+EVALUATED = PromCounter(
+    "warden_challenger_evaluations_total",
+    "Inputs the challenger evaluated, by result: same or diverged.",
+    ["result"],
+)
+DROPPED = PromCounter(
+    "warden_challenger_dropped_total",
+    "Inputs the challenger skipped: queue_full (the request path never waits), "
+    "busy (its workers were not free in time).",
+    ["reason"],
+)
+QUEUE = Gauge("warden_challenger_queue", "Inputs waiting for the challenger.")
+
+
+class ChallengeSink(Protocol):
+    """Where divergences are recorded: the audit log's ``append``."""
+
+    def append(self, kind: str, body: Mapping[str, Any], *, urgent: bool = True) -> Awaitable[Any]:
+        """Record one event; ``urgent=False`` shares the next decision's fsync."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Divergence:
+    """One decision on which the challenger disagreed with the active bundle."""
+
+    decision_id: str
+    agent: str
+    tool: str | None
+    champion_revision: str
+    champion_effect: str
+    challenger_revision: str
+    challenger_effect: str
+    """An effect, or ``error`` when the challenger could not evaluate the input."""
+
+    def as_record(self) -> dict[str, Any]:
+        """The body of the ``challenger`` audit record (no arguments, no context)."""
+        return {
+            "decision_id": self.decision_id,
+            "agent_id": self.agent,
+            "tool": self.tool,
+            "champion": {"revision": self.champion_revision, "effect": self.champion_effect},
+            "challenger": {
+                "revision": self.challenger_revision,
+                "effect": self.challenger_effect,
+            },
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ChallengerStats:
+    """Counts since this process started, for the console and ``/readyz``."""
+
+    revision: str | None
+    evaluated: int
+    diverged: int
+    dropped: int
+    queued: int
+    changes: Mapping[str, int]
+    """Divergences by ``from→to`` (``allow→require_approval``)."""
+    recent: tuple[Divergence, ...]
+    """The latest divergences, newest last (at most 50)."""
+
+    @property
+    def divergence_rate(self) -> float:
+        """Diverged over evaluated (0.0 before any evaluation)."""
+        return self.diverged / self.evaluated if self.evaluated else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "revision": self.revision,
+            "evaluated": self.evaluated,
+            "diverged": self.diverged,
+            "divergence_rate": self.divergence_rate,
+            "dropped": self.dropped,
+            "queued": self.queued,
+            "changes": dict(self.changes),
+            "recent": [d.as_record() for d in self.recent],
+        }
+
+
+def challenger_effect(result: PolicyResult, default_effect: Effect) -> str:
+    """The challenger's effect label for a result: as the guard reads it, errors as ``error``."""
+    if result.error is not None:
+        return ERROR_LABEL
+    if result.effect is None:
+        return default_effect.value
+    return result.effect.value
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    doc: Mapping[str, Any]
+    decision_id: str
+    effect: str
+    revision: str
+
+
+class Challenger:
+    """A second engine fed from a bounded queue; see the module docstring."""
+
+    def __init__(
+        self,
+        engine: PolicyEngine,
+        config: ChallengerConfig,
+        *,
+        default_effect: Effect,
+        audit: ChallengeSink | None = None,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self._default = default_effect
+        self._audit = audit if config.record else None
+        self._queue: deque[_Item] = deque()
+        self._wake = asyncio.Event()
+        self._tasks = Tasks("challenger")
+        self._closed = False
+        self._evaluated = 0
+        self._diverged = 0
+        self._dropped = 0
+        self._changes: Counter[str] = Counter()
+        self._recent: deque[Divergence] = deque(maxlen=_RECENT)
+        self._niced: set[int] = set()
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @classmethod
+    async def start(
+        cls,
+        policy: PolicyConfig,
+        *,
+        audit: ChallengeSink | None = None,
+        pre_activate: PreActivate | None = None,
+    ) -> Challenger:
+        """Start the challenger engine for ``policy.challenger`` and its drain tasks.
+
+        The engine takes the active policy's settings (query, deadline,
+        polling) with the challenger's bundles and workers; it reports to no
+        Prometheus policy metric, so the champion's figures stay its own. A
+        broken challenger bundle does not stop Warden: every input then
+        diverges as ``error`` and ``status()`` says why.
+        """
+        config = policy.challenger
+        if config is None:
+            raise ValueError("policy.challenger is not set")
+        engine_config = policy.model_copy(
+            update={
+                "bundles": config.bundles,
+                "workers": config.workers,
+                "bundle_url": None,
+                "challenger": None,
+                "cache_size": policy.cache_size,
+            }
+        )
+        engine = await PolicyEngine.start(
+            engine_config, metrics=NO_METRICS, pre_activate=pre_activate
+        )
+        challenger = cls(engine, config, default_effect=policy.default_effect, audit=audit)
+        challenger._renice()
+        for i in range(config.workers):
+            challenger._tasks.spawn(challenger._drain(), name=f"drain-{i}")
+        return challenger
+
+    # -- the request path: one append, never awaited -------------------------
+
+    def offer(self, doc: Mapping[str, Any], decision: Decision) -> None:
+        """Queue the champion's policy ``doc`` and ``decision`` for comparison.
+
+        Only decisions the policy made (``guard == "policy"``) are compared:
+        a fallback is not the champion's answer. Returns at once; a full queue
+        drops the input and counts it.
+        """
+        if self._closed or decision.guard != "policy":
+            return
+        if len(self._queue) >= self.config.queue_size:
+            self._dropped += 1
+            DROPPED.labels(reason="queue_full").inc()
+            return
+        self._queue.append(
+            _Item(doc, decision.decision_id, decision.effect._value_, decision.bundle_revision)
+        )
+        self._idle.clear()
+        if not self._wake.is_set():
+            self._wake.set()
+
+    # -- the background -------------------------------------------------------
+
+    async def _drain(self) -> None:
+        while not self._closed:
+            if not self._queue:
+                self._wake.clear()
+                QUEUE.set(0)
+                await self._wake.wait()
+                continue
+            item = self._queue.popleft()
+            QUEUE.set(len(self._queue))
+            self._inflight += 1
+            try:
+                result = await self.engine.evaluate(item.doc)
+            except Overloaded:
+                self._dropped += 1
+                DROPPED.labels(reason="busy").inc()
+                continue
+            else:
+                self._renice()
+                await self._compare(item, result)
+            finally:
+                self._inflight -= 1
+                if not self._queue and not self._inflight:
+                    self._idle.set()
+
+    async def _compare(self, item: _Item, result: PolicyResult) -> None:
+        effect = challenger_effect(result, self._default)
+        self._evaluated += 1
+        if effect == item.effect:
+            EVALUATED.labels(result="same").inc()
+            return
+        EVALUATED.labels(result="diverged").inc()
+        DIVERGENCE.labels(item.effect, effect).inc()
+        self._diverged += 1
+        self._changes[f"{item.effect}→{effect}"] += 1
+        agent = item.doc.get("agent") or {}
+        action = item.doc.get("action") or {}
+        divergence = Divergence(
+            decision_id=item.decision_id,
+            agent=str(agent.get("id", "")),
+            tool=action.get("tool"),
+            champion_revision=item.revision,
+            champion_effect=item.effect,
+            challenger_revision=result.revision or self.engine.revision or "",
+            challenger_effect=effect,
+        )
+        self._recent.append(divergence)
+        if self._audit is not None:
+            try:
+                # Not urgent: no fsync of its own in front of the agents' decisions.
+                await self._audit.append(RECORD_KIND, divergence.as_record(), urgent=False)
+            except Exception as exc:  # the log refuses actions itself; keep comparing
+                log.warning("challenger divergence not recorded: %s", exc)
+
+    def _renice(self) -> None:
+        """Lower the CPU priority of new challenger workers (replacements included)."""
+        for pid in self.engine.status()["worker_pids"]:
+            if pid not in self._niced:
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, pid, _NICE)
+                self._niced.add(pid)
+
+    # -- reading --------------------------------------------------------------
+
+    def stats(self) -> ChallengerStats:
+        """The counts so far; see :class:`ChallengerStats`."""
+        return ChallengerStats(
+            revision=self.engine.revision,
+            evaluated=self._evaluated,
+            diverged=self._diverged,
+            dropped=self._dropped,
+            queued=len(self._queue),
+            changes=dict(self._changes),
+            recent=tuple(self._recent),
+        )
+
+    async def idle(self) -> None:
+        """Wait until every queued input has been compared (for tests and shutdown)."""
+        await self._idle.wait()
+
+    def status(self) -> dict[str, Any]:
+        """For ``/readyz``: the challenger engine's status and the counts."""
+        return {"engine": self.engine.status(), **self.stats().as_dict()}
+
+    async def close(self) -> None:
+        """Stop comparing (queued inputs are discarded) and stop the challenger's workers."""
+        self._closed = True
+        self._queue.clear()
+        self._idle.set()
+        await self._tasks.cancel()
+        await self.engine.close()

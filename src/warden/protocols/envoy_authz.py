@@ -1,0 +1,429 @@
+"""Envoy ext_authz in OPA-Envoy's shape, sans-I/O: a CheckRequest in, a CheckResponse out.
+
+:func:`check_input` turns an ``envoy.service.auth.v3.CheckRequest`` into the
+``input`` document an OPA-Envoy policy expects, built as OPA-Envoy builds it:
+
+* the request message itself, field by field under protobuf JSON names
+  (``input.attributes.request.http.{method,path,host,headers,body,rawBody}``,
+  ``input.attributes.source.address.socketAddress.address``,
+  ``input.attributes.destination...``, ``contextExtensions``, ...): only set
+  fields, enums as numbers, 64-bit integers as numbers, bytes as base64,
+  timestamps as ``{seconds, nanos}``, ``Struct`` values as plain objects;
+* ``input.parsed_path`` (the path before ``?``, percent-decoded, split on
+  ``/`` after leading slashes), ``input.parsed_query`` (each name to its list
+  of values), ``input.parsed_body`` (JSON and URL-encoded form bodies) and
+  ``input.truncated_body``;
+* ``input.version`` (``{"ext_authz": "v3", "encoding": "protojson"}``) and
+  ``input.source_principal`` when the peer has one.
+
+A request whose path, query or body cannot be parsed gets a ``problem``: the
+door denies it with 400 and the reason, as OPA-Envoy does. JSON bodies are
+parsed strictly (a key given twice, ``NaN``: refused), where OPA-Envoy keeps
+the last duplicate; gRPC and multipart bodies are not parsed (``parsed_body``
+is ``null``).
+
+:func:`read_result` checks a policy's value (a boolean, or an object with
+``allowed`` and optionally ``headers``, ``response_headers_to_add``,
+``request_headers_to_remove``, ``query_parameters_to_set``,
+``query_parameters_to_remove``, ``body``, ``http_status``,
+``dynamic_metadata``) exactly as OPA-Envoy reads it, and
+:func:`render_response` maps it to the ``CheckResponse``.
+"""
+
+from __future__ import annotations
+
+import base64
+import http
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import unquote
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import json_format, struct_pb2
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from warden.protocols.http_tool import ToolRequestError, parse_body
+
+__all__ = [
+    "CREDENTIAL_HEADERS",
+    "DECISION_ID_KEYS",
+    "PROTOCOL",
+    "AuthzResult",
+    "CheckInput",
+    "check_input",
+    "decode_segments",
+    "protomap",
+    "read_allowed",
+    "read_result",
+    "render_response",
+]
+
+PROTOCOL: Final = "envoy_authz"
+"""The ``action.protocol`` of every ext_authz check."""
+DECISION_ID_KEYS: Final = ("decision_id", "warden_decision_id")
+"""Dynamic metadata keys that carry the decision id (the first is OPA-Envoy's)."""
+
+CREDENTIAL_HEADERS: Final = ("x-warden-agent-key", "x-warden-agent-token")
+"""Warden's agent credentials: read for identity, hidden from policy, removed before upstream."""
+
+_VERSION: Final = {"ext_authz": "v3", "encoding": "protojson"}
+_GRPC_OK: Final = 0
+_GRPC_PERMISSION_DENIED: Final = 7
+_BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ENVOY_STATUSES: Final = frozenset(http_status_pb2.StatusCode.values())
+_HTTP_STATUSES: Final = frozenset(int(s) for s in http.HTTPStatus)
+
+
+# -- the input document -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CheckInput:
+    """What a CheckRequest says: the policy input and the parts Warden itself reads.
+
+    ``problem`` is set when the request cannot be checked (no HTTP request, a
+    malformed path, query or body): it must be denied.
+    """
+
+    input: dict[str, Any]
+    method: str
+    path: str
+    """The path before ``?``, as sent."""
+    host: str
+    headers: Mapping[str, str]
+    body: bytes
+    problem: str | None = None
+
+
+def _scalar(fd: FieldDescriptor, value: Any) -> Any:
+    if fd.type == FieldDescriptor.TYPE_BYTES:
+        return base64.b64encode(value).decode("ascii")
+    return value
+
+
+def _value(fd: FieldDescriptor, value: Any) -> Any:
+    return protomap(value) if fd.message_type is not None else _scalar(fd, value)
+
+
+def protomap(msg: Message) -> dict[str, Any]:
+    """A message as OPA-Envoy's ``protomap`` gives it: set fields under their JSON names."""
+    if isinstance(msg, struct_pb2.Struct):
+        return json_format.MessageToDict(msg)
+    out: dict[str, Any] = {}
+    for fd, value in msg.ListFields():
+        entry = fd.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            value_fd = entry.fields_by_name["value"]
+            out[fd.json_name] = {str(k): _value(value_fd, v) for k, v in value.items()}
+        elif fd.is_repeated:
+            out[fd.json_name] = [_value(fd, v) for v in value]
+        else:
+            out[fd.json_name] = _value(fd, value)
+    return out
+
+
+def _unescape(text: str, *, plus: bool) -> str:
+    """Go's ``PathUnescape`` / ``QueryUnescape``: a malformed escape is an error."""
+    if _BAD_ESCAPE.search(text):
+        raise ValueError(f"invalid URL escape in {text[:60]!r}")
+    if plus:
+        text = text.replace("+", " ")
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError(f"{text[:60]!r} is not UTF-8 once percent-decoded") from None
+
+
+def _parse_query(raw: str) -> dict[str, list[str]]:
+    """Go's ``url.ParseQuery``: ``&``-separated, ``;`` refused, ``+`` is a space."""
+    out: dict[str, list[str]] = {}
+    for piece in raw.split("&"):
+        if not piece:
+            continue
+        if ";" in piece:
+            raise ValueError("invalid semicolon separator in query")
+        key, _, value = piece.partition("=")
+        out.setdefault(_unescape(key, plus=True), []).append(_unescape(value, plus=True))
+    return out
+
+
+def _truncated(headers: Mapping[str, str], size: int) -> bool:
+    length = headers.get("content-length")
+    if length is None:
+        return False
+    try:
+        declared = int(length.strip(), 10)
+    except ValueError:
+        raise ValueError(f"content-length {length[:40]!r} is not a number") from None
+    return declared != -1 and declared > size
+
+
+def _parsed_body(headers: Mapping[str, str], body: bytes) -> tuple[Any, bool]:
+    """``(parsed_body, truncated_body)`` as OPA-Envoy finds them; ``ValueError`` if unparsable."""
+    if headers.get("x-envoy-auth-partial-body") == "true":
+        return None, True
+    content_type = headers.get("content-type")
+    if content_type is None or not body:
+        return None, False
+    if "application/json" in content_type:
+        if _truncated(headers, len(body)):
+            return None, True
+        try:
+            return parse_body(body, "application/json"), False
+        except ToolRequestError as exc:
+            raise ValueError(str(exc)) from None
+    if "application/x-www-form-urlencoded" in content_type:
+        if _truncated(headers, len(body)):
+            return None, True
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("the form body is not UTF-8") from None
+        return _parse_query(text), False
+    return None, False  # gRPC, multipart and other bodies are not parsed
+
+
+def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
+    """The OPA-Envoy ``input`` for ``request``; see the module docstring."""
+    doc = protomap(request)
+    http_request = request.attributes.request.http
+    headers = dict(http_request.headers)
+    shown = doc.get("attributes", {}).get("request", {}).get("http", {}).get("headers")
+    if isinstance(shown, dict):
+        # A policy (and anything it prints) never sees an agent's key or token.
+        for name in list(shown):
+            if name.lower() in CREDENTIAL_HEADERS:
+                del shown[name]
+    body = http_request.raw_body or http_request.body.encode("utf-8")
+    doc["version"] = dict(_VERSION)
+    principal = request.attributes.source.principal
+    if principal:
+        doc["source_principal"] = principal
+    raw_path, _, raw_query = http_request.path.partition("?")
+    base = CheckInput(doc, http_request.method, raw_path, http_request.host, headers, body)
+    if not request.attributes.request.HasField("http"):
+        return _with_problem(base, "the CheckRequest carries no HTTP request")
+    try:
+        doc["parsed_path"] = _unescape(raw_path, plus=False).lstrip("/").split("/")
+        doc["parsed_query"] = _parse_query(raw_query)
+    except ValueError as exc:
+        return _with_problem(base, f"error parsing path and query: {exc}")
+    try:
+        doc["parsed_body"], doc["truncated_body"] = _parsed_body(headers, body)
+    except ValueError as exc:
+        return _with_problem(base, f"error parsing request body: {exc}")
+    return base
+
+
+def _with_problem(base: CheckInput, problem: str) -> CheckInput:
+    return CheckInput(
+        base.input, base.method, base.path, base.host, base.headers, base.body, problem
+    )
+
+
+def decode_segments(path: str) -> list[str] | None:
+    """The path's segments, each percent-decoded once, for route rules; ``None`` if unsafe.
+
+    Stricter than ``parsed_path``: a segment that is empty, ``.`` or ``..``
+    once decoded, or that holds an encoded slash or a control character,
+    could mean another resource to the service behind Envoy, so such a path
+    fits no rule and is refused.
+    """
+    segments: list[str] = []
+    for raw in path.removeprefix("/").split("/"):
+        try:
+            segment = _unescape(raw, plus=False)
+        except ValueError:
+            return None
+        if segment in ("", ".", "..") or "/" in segment or "\\" in segment:
+            return None
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in segment):
+            return None
+        segments.append(segment)
+    return segments
+
+
+# -- the policy's result ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzResult:
+    """A policy's ext_authz value, checked; ``structured`` is false for a plain boolean."""
+
+    allowed: bool
+    structured: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
+    response_headers_to_add: tuple[tuple[str, str], ...] = ()
+    request_headers_to_remove: tuple[str, ...] = ()
+    query_parameters_to_set: tuple[tuple[str, str], ...] = ()
+    query_parameters_to_remove: tuple[str, ...] = ()
+    body: str = ""
+    http_status: int = 403
+    dynamic_metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _strings(value: Any, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name} must be a list of strings")
+    return tuple(value)
+
+
+def _pairs(value: Any, name: str) -> list[tuple[str, str]]:
+    """One header object: each value a string or a list of strings."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be an object or a list of objects")
+    out: list[tuple[str, str]] = []
+    for key, item in value.items():
+        if isinstance(item, str):
+            out.append((key, item))
+        elif isinstance(item, list) and all(isinstance(v, str) for v in item):
+            out.extend((key, v) for v in item)
+        else:
+            raise ValueError(f"{name}.{key} must be a string or a list of strings")
+    return out
+
+
+def _headers(value: Any, name: str) -> tuple[tuple[str, str], ...]:
+    if isinstance(value, list):
+        return tuple(pair for item in value for pair in _pairs(item, name))
+    return tuple(_pairs(value, name))
+
+
+def _status(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("http_status must be an integer")
+    if value not in _HTTP_STATUSES or value not in _ENVOY_STATUSES:
+        raise ValueError(f"http_status {value} is not an HTTP status Envoy can send")
+    return value
+
+
+def read_result(value: Any) -> AuthzResult:
+    """Check a policy's value as OPA-Envoy does; ``ValueError`` says what is wrong.
+
+    As in OPA-Envoy, only what the answer uses is checked: the request
+    mutations when allowed, ``body`` and ``http_status`` when denied,
+    ``headers`` and ``dynamic_metadata`` either way.
+    """
+    if isinstance(value, bool):
+        return AuthzResult(allowed=value)
+    if not isinstance(value, dict):
+        raise ValueError(f"the result must be a boolean or an object, not {_kind(value)}")
+    if "allowed" not in value:
+        raise ValueError('the result object has no "allowed" key')
+    allowed = value["allowed"]
+    if not isinstance(allowed, bool):
+        raise ValueError("allowed must be a boolean")
+    headers = _headers(value["headers"], "headers") if "headers" in value else ()
+    metadata = value.get("dynamic_metadata", {})
+    if not isinstance(metadata, dict):
+        raise ValueError("dynamic_metadata must be an object")
+    if allowed:
+        params = value.get("query_parameters_to_set", {})
+        if not isinstance(params, dict):
+            raise ValueError("query_parameters_to_set must be an object")
+        return AuthzResult(
+            allowed=True,
+            structured=True,
+            headers=headers,
+            response_headers_to_add=_headers(
+                value.get("response_headers_to_add", {}), "response_headers_to_add"
+            ),
+            request_headers_to_remove=_strings(
+                value.get("request_headers_to_remove", []), "request_headers_to_remove"
+            ),
+            query_parameters_to_set=tuple(_pairs(params, "query_parameters_to_set")),
+            query_parameters_to_remove=_strings(
+                value.get("query_parameters_to_remove", []), "query_parameters_to_remove"
+            ),
+            dynamic_metadata=metadata,
+        )
+    body = value.get("body", "")
+    if not isinstance(body, str):
+        raise ValueError("body must be a string")
+    return AuthzResult(
+        allowed=False,
+        structured=True,
+        headers=headers,
+        body=body,
+        http_status=_status(value["http_status"]) if "http_status" in value else 403,
+        dynamic_metadata=metadata,
+    )
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def read_allowed(value: Any) -> tuple[bool, AuthzResult]:
+    """Whether the value allows the request, and the result read (a ``PolicyView.read``)."""
+    result = read_result(value)
+    return result.allowed, result
+
+
+# -- the response -------------------------------------------------------------------------------
+
+
+def _options(pairs: Sequence[tuple[str, str]]) -> list[base_pb2.HeaderValueOption]:
+    return [
+        base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v)) for k, v in pairs
+    ]
+
+
+def render_response(
+    result: AuthzResult | None,
+    *,
+    allowed: bool,
+    decision_id: str,
+    status: int = 403,
+    body: str = "",
+    credentials: Sequence[str] = (),
+) -> external_auth_pb2.CheckResponse:
+    """The CheckResponse, as OPA-Envoy builds it, with the decision id in the dynamic metadata.
+
+    ``allowed`` is the answer. ``result`` is the policy's checked value, if
+    the policy decided: when the answer follows it, a boolean gives no HTTP
+    response and an object gives its headers, status and body; when it does
+    not (dry-run letting a denial through), the answer is an empty
+    ``OkHttpResponse``, as in OPA-Envoy. When Warden denies on its own (a
+    kill switch, a budget, an unparsable request), the ``DeniedHttpResponse``
+    has ``status`` and ``body``. The policy's ``dynamic_metadata`` is kept in
+    every case. ``credentials``: Warden's credential headers the request
+    carried; an allowed request has them removed before Envoy forwards it.
+    """
+    response = external_auth_pb2.CheckResponse()
+    response.status.code = _GRPC_OK if allowed else _GRPC_PERMISSION_DENIED
+    if result is not None and result.dynamic_metadata:
+        response.dynamic_metadata.update(result.dynamic_metadata)
+    if allowed:
+        if credentials:
+            # The agent's Warden credentials are for Warden: Envoy strips them before the upstream.
+            response.ok_response.headers_to_remove.extend(credentials)
+        if result is None or not result.allowed:
+            response.ok_response.SetInParent()
+        elif result.structured:
+            ok = response.ok_response
+            ok.headers.extend(_options(result.headers))
+            ok.headers_to_remove.extend(result.request_headers_to_remove)
+            ok.response_headers_to_add.extend(_options(result.response_headers_to_add))
+            ok.query_parameters_to_set.extend(
+                base_pb2.QueryParameter(key=k, value=v) for k, v in result.query_parameters_to_set
+            )
+            ok.query_parameters_to_remove.extend(result.query_parameters_to_remove)
+    elif result is None or result.allowed:
+        denied = response.denied_response
+        denied.status.code = status
+        denied.body = body
+    elif result.structured:
+        denied = response.denied_response
+        denied.status.code = result.http_status
+        denied.headers.extend(_options(result.headers))
+        denied.body = result.body
+    if decision_id:  # none when the request was refused before it became a decision
+        for key in DECISION_ID_KEYS:
+            response.dynamic_metadata[key] = decision_id
+    return response

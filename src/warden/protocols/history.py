@@ -1,0 +1,280 @@
+"""The conversation so far, from a model request's messages: sans-I/O, bounded.
+
+Agents resend the whole conversation on every model request. This module
+reads it once per request and keeps what policies need: each earlier tool
+call (tool, arguments, call id) and the result the agent sent back for it.
+
+* OpenAI Chat Completions: ``assistant`` messages' ``tool_calls`` (and the
+  legacy ``function_call``), answered by ``role: tool`` messages;
+* OpenAI Responses: ``function_call`` / ``custom_tool_call`` /
+  ``local_shell_call`` / ``mcp_call`` input items, answered by their
+  ``*_output`` items (``previous_response_id`` is resolved elsewhere, from
+  Warden's own records: :mod:`warden.sessions`);
+* Anthropic Messages: ``tool_use`` blocks, answered by ``tool_result`` blocks.
+
+Bounds: at most ``max_messages`` messages (or items) are read, the latest
+``max_calls`` calls are kept, each result keeps ``max_result_chars``
+characters (with its full size and SHA-256), and extraction stops after
+``max_ms``; any of these sets ``truncated``. Nothing here raises on a
+malformed conversation: what cannot be read is left out (the adapters have
+already refused a body that is not JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import orjson
+
+from warden.model import Conversation, PriorCall, PriorResult
+from warden.protocols._wire import parse_arguments
+from warden.protocols.openai_responses import call_of, canonical_item
+
+__all__ = [
+    "EXTRACTORS",
+    "Bounds",
+    "arguments_digest",
+    "bound_result",
+    "extract",
+]
+
+_TIME_CHECK_EVERY: Final = 64
+"""Messages between two clock reads: the time bound costs almost nothing."""
+
+
+class Bounds:
+    """How much of a conversation one request's extraction may read and keep."""
+
+    __slots__ = ("max_calls", "max_messages", "max_ms", "max_result_chars")
+
+    def __init__(
+        self,
+        *,
+        max_calls: int = 256,
+        max_messages: int = 5000,
+        max_result_chars: int = 2048,
+        max_ms: float = 20.0,
+    ) -> None:
+        self.max_calls = max_calls
+        self.max_messages = max_messages
+        self.max_result_chars = max_result_chars
+        self.max_ms = max_ms
+
+
+def arguments_digest(arguments: Mapping[str, Any] | None, raw: str = "") -> str:
+    """SHA-256 (hex) of arguments in canonical JSON; of ``raw`` when they are not an object.
+
+    The session guard keeps this digest for every call Warden decides, and
+    compares it with the digest of the call as the conversation carries it.
+    """
+    if arguments is not None:
+        try:
+            data = orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)
+        except TypeError:
+            data = b"\x00" + raw.encode("utf-8", "surrogatepass")
+    else:
+        data = b"\x00" + raw.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data).hexdigest()
+
+
+def _object(raw: Any) -> tuple[Mapping[str, Any] | None, str]:
+    """Arguments parsed exactly as the adapters parse a proposed call's, and their raw text."""
+    text, arguments = parse_arguments(raw)
+    return arguments, text
+
+
+def _text(content: Any) -> str:
+    """A result's text: a string, or the text parts of a content list, else its JSON."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        ]
+        if parts:
+            return "".join(parts)
+    if content is None:
+        return ""
+    try:
+        return orjson.dumps(content).decode()
+    except TypeError:
+        return ""
+
+
+def bound_result(text: str, limit: int, *, is_error: bool = False) -> PriorResult:
+    """A result as history keeps it: ``limit`` characters, with the whole one's size and digest."""
+    data = text.encode("utf-8", "surrogatepass")
+    return PriorResult(
+        content=text[:limit],
+        size=len(data),
+        digest=hashlib.sha256(data).hexdigest(),
+        is_error=is_error,
+    )
+
+
+class _Builder:
+    """Collects calls and results in order, within the bounds."""
+
+    def __init__(self, bounds: Bounds) -> None:
+        self.bounds = bounds
+        self.calls: dict[str, PriorCall] = {}
+        self.order: list[str] = []
+        self.orphans: dict[str, PriorResult] = {}
+        self.truncated = False
+        self.messages = 0
+        self._deadline = time.perf_counter() + bounds.max_ms / 1000
+
+    def tick(self) -> bool:
+        """Count one message; ``False`` once a bound stops the reading."""
+        if self.messages >= self.bounds.max_messages:
+            self.truncated = True
+            return False
+        self.messages += 1
+        if self.messages % _TIME_CHECK_EVERY == 0 and time.perf_counter() > self._deadline:
+            self.truncated = True
+            return False
+        return True
+
+    def call(self, call_id: Any, tool: Any, raw_arguments: Any, *, raw: str | None = None) -> None:
+        if not isinstance(call_id, str) or not call_id or not isinstance(tool, str) or not tool:
+            return
+        if raw is None:
+            arguments, raw = _object(raw_arguments)
+        else:
+            arguments = raw_arguments
+        if call_id in self.calls:
+            self.order.remove(call_id)  # the later one stands, as the model sees it
+        self.calls[call_id] = PriorCall(
+            call_id=call_id,
+            tool=tool,
+            arguments=arguments,
+            digest=arguments_digest(arguments, raw),
+        )
+        self.order.append(call_id)
+
+    def result(self, call_id: Any, content: Any, *, is_error: bool = False) -> None:
+        if not isinstance(call_id, str):
+            return
+        found = bound_result(_text(content), self.bounds.max_result_chars, is_error=is_error)
+        call = self.calls.get(call_id)
+        if call is None:
+            # A call the request does not carry: an earlier response's, in a Responses chain.
+            self.orphans[call_id] = found
+            return
+        self.calls[call_id] = PriorCall(call.call_id, call.tool, call.arguments, call.digest, found)
+
+    def done(self) -> Conversation:
+        keep = self.order[-self.bounds.max_calls :] if self.bounds.max_calls else []
+        truncated = self.truncated or len(keep) < len(self.order)
+        return Conversation(
+            calls=tuple(self.calls[i] for i in keep),
+            results=tuple(self.orphans.items())[-self.bounds.max_calls :]
+            if self.bounds.max_calls
+            else (),
+            messages=self.messages,
+            truncated=truncated,
+        )
+
+
+def _chat(body: Mapping[str, Any], b: _Builder) -> None:
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if not b.tick():
+            return
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        if role == "assistant":
+            calls = message.get("tool_calls")
+            for entry in calls if isinstance(calls, list) else ():
+                if isinstance(entry, dict):
+                    fn = entry.get("function")
+                    fn = fn if isinstance(fn, dict) else {}
+                    b.call(entry.get("id"), fn.get("name"), fn.get("arguments"))
+        elif role == "tool":
+            b.result(message.get("tool_call_id"), message.get("content"))
+
+
+_RESPONSES_CALLS: Final = frozenset(
+    {"function_call", "custom_tool_call", "mcp_call", "local_shell_call", "shell_call"}
+)
+_RESPONSES_RESULTS: Final = frozenset(
+    {
+        "function_call_output",
+        "custom_tool_call_output",
+        "local_shell_call_output",
+        "shell_call_output",
+    }
+)
+
+
+def _responses(body: Mapping[str, Any], b: _Builder) -> None:
+    items = body.get("input")
+    for position, item in enumerate(items if isinstance(items, list) else ()):
+        if not b.tick():
+            return
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if not isinstance(kind, str):
+            continue  # the adapter refuses such an item; nothing to read
+        if kind in _RESPONSES_CALLS:
+            # Named and parsed exactly as the adapter named the call it decided.
+            call = call_of(canonical_item(item), position)
+            b.call(call.call_id, call.name, call.arguments, raw=call.raw_arguments)
+        elif kind in _RESPONSES_RESULTS:
+            b.result(item.get("call_id") or item.get("id"), item.get("output"))
+
+
+def _anthropic(body: Mapping[str, Any], b: _Builder) -> None:
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if not b.tick():
+            return
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        role = message.get("role")
+        for block in content:
+            if not isinstance(block, dict):
+                continue
+            kind = block.get("type")
+            if role == "assistant" and kind == "tool_use":
+                b.call(block.get("id"), block.get("name"), block.get("input"))
+            elif role == "user" and kind == "tool_result":
+                b.result(
+                    block.get("tool_use_id"),
+                    block.get("content"),
+                    is_error=block.get("is_error") is True,
+                )
+
+
+EXTRACTORS: Final[dict[str, Callable[[Mapping[str, Any], _Builder], None]]] = {
+    "openai_chat": _chat,
+    "openai_responses": _responses,
+    "anthropic": _anthropic,
+}
+"""By adapter name (:attr:`warden.protocols.base.Adapter.name`)."""
+
+
+def extract(protocol: str, body: Mapping[str, Any], bounds: Bounds | None = None) -> Conversation:
+    """The prior tool calls and results of ``body``, a model request of ``protocol``.
+
+    An unknown protocol gives an empty conversation. ``previous_response_id``
+    (Responses API) is carried over for the session guard to resolve.
+    """
+    builder = _Builder(bounds or Bounds())
+    reader = EXTRACTORS.get(protocol)
+    if reader is not None:
+        reader(body, builder)
+    conversation = builder.done()
+    previous = body.get("previous_response_id") if protocol == "openai_responses" else None
+    if isinstance(previous, str) and previous:
+        return dataclasses.replace(conversation, previous_response_id=previous)
+    return conversation

@@ -1,0 +1,610 @@
+"""Session-aware policies: ``input.history``, ``input.session`` and taint labels.
+
+A model request carries the conversation so far; :func:`conversation_of`
+reads it (bounded, :mod:`warden.protocols.history`) together with the
+session it belongs to:
+
+1. the ``X-Warden-Session`` header;
+2. ``sessions.pointer``, a JSON pointer into the request body
+   (``/metadata/session_id``);
+3. a Responses API chain: a request continuing ``previous_response_id`` is in
+   the session of the response it continues, as Warden recorded it; a
+   request starting a chain starts a session of its own.
+
+(The MCP door names its own session from ``Mcp-Session-Id``.) Session ids
+are the agent's to choose, so counters are kept per agent and session id.
+
+:class:`SessionGuard` is a pipeline stage that runs just before the policy:
+
+* it checks every prior call of the conversation against Warden's record of
+  the calls it decided (memory, then the state store): a call with no
+  decision of the same tool, same arguments (by digest) that let it through
+  is ``verified: false``; an agent that rewrote or invented history cannot
+  make it look like something Warden allowed;
+* it reads the session's counters from the state store (calls by tool,
+  denials, approvals, taints) and hands the policy ``input.history``,
+  ``input.session`` and the tool's ``input.action.labels``;
+* once the decision is final it records the call (its id, tool, argument
+  digest and effect) and adds to the session's counters;
+* for a Responses answer it keeps the chain link, so the next request naming
+  it gets its history back from Warden's records, not from the agent.
+
+Taints: a tool labelled ``untrusted_output`` (``tools.<name>.labels``) taints
+the session once its output can have entered the conversation: when its
+result is in the history, or once Warden let a call of it through in this
+session. ``input.session.taints`` lists every label so gathered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
+
+import orjson
+
+from warden import tasks
+from warden.config import SessionsConfig, ToolConfig
+from warden.model import (
+    Action,
+    ActionKind,
+    Conversation,
+    Decision,
+    Effect,
+    Mode,
+    Outcome,
+    PriorCall,
+    PriorResult,
+    Stage,
+    new_id,
+)
+from warden.pipeline import GuardContext, input_problem
+from warden.protocols import history
+from warden.state.sessions import CallRecord, ChainLink, SessionRepo
+
+__all__ = [
+    "SESSION_HEADER",
+    "SessionGuard",
+    "conversation_of",
+    "door_conversation",
+    "pointer_get",
+    "session_from",
+]
+
+log = logging.getLogger("warden.sessions")
+
+SESSION_HEADER: Final = "X-Warden-Session"
+MAX_SESSION_ID: Final = 200
+"""Longer session ids are refused (the session is then unnamed)."""
+UNTRUSTED: Final = "untrusted_output"
+SENSITIVE: Final = "sensitive_sink"
+MAX_KNOWN: Final = 100_000
+"""Decided calls remembered in memory (the state store keeps them all, until ``ttl_s``)."""
+PRUNE_EVERY_S: Final = 3600.0
+_MISSING = object()
+
+
+# -- what the ingress calls -------------------------------------------------------------------
+
+
+def pointer_get(doc: Any, pointer: str) -> Any:
+    """The value at an RFC 6901 JSON pointer, or ``None`` when there is none."""
+    if pointer == "":
+        return doc
+    if not pointer.startswith("/"):
+        return None
+    node = doc
+    for raw in pointer[1:].split("/"):
+        step = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict):
+            node = node.get(step, _MISSING)
+        elif isinstance(node, list) and step.isdigit():
+            index = int(step)
+            node = node[index] if index < len(node) else _MISSING
+        else:
+            return None
+        if node is _MISSING:
+            return None
+    return node
+
+
+def _usable(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    text = str(value).strip()
+    if not text or len(text) > MAX_SESSION_ID or not text.isprintable():
+        return None
+    return text
+
+
+def session_from(
+    headers: Mapping[str, str], body: Mapping[str, Any] | None, pointer: str | None
+) -> tuple[str | None, str | None]:
+    """The session a request names and where from (``header``, ``pointer``); else ``None``s."""
+    given = _usable(headers.get(SESSION_HEADER) or headers.get(SESSION_HEADER.lower()))
+    if given is not None:
+        return given, "header"
+    if pointer and body is not None:
+        found = _usable(pointer_get(body, pointer))
+        if found is not None:
+            return found, "pointer"
+    return None, None
+
+
+def conversation_of(
+    protocol: str,
+    body: Mapping[str, Any],
+    headers: Mapping[str, str],
+    config: SessionsConfig,
+) -> Conversation:
+    """The conversation and session of a model request (``protocol``: the adapter's name)."""
+    conversation = history.extract(
+        _EXTRACTOR.get(protocol, protocol),
+        body,
+        history.Bounds(
+            max_calls=config.max_calls,
+            max_messages=config.max_messages,
+            max_result_chars=config.max_result_chars,
+            max_ms=config.max_history_ms,
+        ),
+    )
+    session_id, source = session_from(headers, body, config.pointer)
+    if session_id is None and protocol == _RESPONSES and conversation.previous_response_id is None:
+        # A new Responses chain: its own session, which its continuations inherit.
+        session_id, source = new_id("ses"), "responses_chain"
+    return dataclasses.replace(conversation, session_id=session_id, session_source=source)
+
+
+def door_conversation(
+    headers: Mapping[str, str], door_session: str | None, source: str
+) -> Conversation | None:
+    """The session of a door that carries no conversation (MCP: ``Mcp-Session-Id``).
+
+    ``X-Warden-Session`` still wins. ``None`` when neither names a session.
+    """
+    session_id, found = session_from(headers, None, None)
+    if session_id is None:
+        session_id, found = _usable(door_session), source
+    if session_id is None:
+        return None
+    return Conversation(session_id=session_id, session_source=found, carried=False)
+
+
+_RESPONSES: Final = "openai.responses"
+_EXTRACTOR: Final = {
+    "openai.chat": "openai_chat",
+    "openai.responses": "openai_responses",
+    "anthropic.messages": "anthropic",
+}
+
+
+# -- the guard --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Prepared:
+    """What one request's actions share: the verified history and the session's key."""
+
+    history: tuple[Mapping[str, Any], ...]
+    key: str | None
+    """The counters' key (agent and session id); ``None`` when there is no session."""
+    session_id: str | None
+    source: str | None
+    taints: frozenset[str]
+    verified: bool
+
+
+class SessionGuard:
+    """The pipeline stage that gives policies ``input.history`` and ``input.session``."""
+
+    name = "session"
+
+    def __init__(
+        self,
+        repo: SessionRepo | None,
+        config: SessionsConfig,
+        tools: Mapping[str, ToolConfig],
+        *,
+        deny_when_unavailable: bool = True,
+    ) -> None:
+        """``repo`` ``None``: nothing is kept beyond this process's memory (tests, tools).
+
+        ``deny_when_unavailable``: a decision in a session whose counters cannot be
+        read is denied (``state.on_unavailable: deny``); else the policy sees
+        ``input.session.available: false`` and no counts.
+        """
+        self._repo = repo
+        self._config = config
+        self._labels = {name: tuple(t.labels) for name, t in tools.items() if t.labels}
+        self._deny = deny_when_unavailable
+        self._known: OrderedDict[str, tuple[CallRecord, ...]] = OrderedDict()
+        self._pruner: asyncio.Task[None] | None = None
+        self._writes = tasks.Tasks("sessions")
+        """The writer of decided calls to the store (memory already has them)."""
+        self._unwritten: list[CallRecord] = []
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Prune old session rows in the background (hourly)."""
+        if self._pruner is None and self._repo is not None:
+            self._pruner = tasks.spawn(self._prune_loop(), name="session-prune")
+
+    async def close(self) -> None:
+        """Finish writing decided calls, and stop pruning."""
+        await self._writes.drain()
+        if self._pruner is not None:
+            self._pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruner
+            self._pruner = None
+
+    async def _prune_loop(self) -> None:
+        assert self._repo is not None
+        while True:
+            try:
+                await self._repo.prune(self._config.ttl_s)
+            except Exception as exc:
+                log.warning("could not prune session state: %s", type(exc).__name__)
+            await asyncio.sleep(PRUNE_EVERY_S)
+
+    def labels_of(self, tool: str | None) -> tuple[str, ...]:
+        """The tool's configured labels."""
+        return self._labels.get(tool or "", ())
+
+    # -- pipeline hooks ----------------------------------------------------------
+
+    async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
+        """See :meth:`admit`."""
+        decision, _ = await self.admit(action, ctx)
+        return decision
+
+    async def admit(
+        self, action: Action, ctx: GuardContext
+    ) -> tuple[Decision | None, GuardContext]:
+        """Add the history, the session's counters and the tool's labels to the context."""
+        labels = self.labels_of(action.tool)
+        conversation = action.request.conversation
+        if conversation is None:
+            if not labels:
+                return None, ctx
+            return None, dataclasses.replace(ctx, labels=labels)
+        prepared = await self._prepare(conversation, action.agent.id)
+        counters: dict[str, int] = {}
+        available = True
+        if prepared.key is not None and self._repo is not None and self._config.counters:
+            try:
+                counters = await self._repo.counters(prepared.key)
+            except Exception as exc:
+                log.warning("could not read session counters: %s", type(exc).__name__)
+                available = False
+                if self._deny:
+                    return _unavailable(ctx), ctx
+        session = _session_doc(prepared, counters, available, conversation)
+        return None, dataclasses.replace(
+            ctx, history=prepared.history, session=session, labels=labels
+        )
+
+    async def decided(self, action: Action, decision: Decision | None) -> None:
+        """Record a decided tool call, and add it to its session's counters."""
+        if decision is None or action.tool is None or action.kind is ActionKind.LLM_CALL:
+            return
+        if action.stage is Stage.LIST:
+            return
+        conversation = action.request.conversation
+        prepared = conversation.memo.get("prepared") if conversation is not None else None
+        key = prepared.key if isinstance(prepared, _Prepared) else None
+        if action.call_id:
+            await self._record(action, decision, conversation, key)
+        if key is None or self._repo is None or not self._config.counters:
+            return
+        try:
+            await self._repo.add(key, self._deltas(action.tool, decision.enforced))
+        except Exception as exc:
+            log.warning("could not add to session counters: %s", type(exc).__name__)
+
+    async def _record(
+        self,
+        action: Action,
+        decision: Decision,
+        conversation: Conversation | None,
+        key: str | None,
+    ) -> None:
+        record = CallRecord(
+            call_id=action.call_id or "",
+            decision_id=decision.decision_id,
+            tool=action.tool or "",
+            digest=history.arguments_digest(action.arguments, action.raw_arguments or ""),
+            effect=decision.enforced.value,
+            session_id=key,
+        )
+        self._remember(record)
+        if conversation is not None:
+            conversation.memo.setdefault("decided", []).append((action, record))
+        if self._repo is not None:
+            # Off the decision path, as call links are (ADR 0005): this process
+            # verifies from memory at once; the store serves restarts and other
+            # sidecars, whose next request comes after the agent ran the tool.
+            # One writer, one transaction for whatever queued while the last one ran.
+            self._unwritten.append(record)
+            if len(self._writes) == 0:
+                self._writes.spawn(self._write_calls(), name="record-calls")
+
+    async def _write_calls(self) -> None:
+        assert self._repo is not None
+        while self._unwritten:
+            batch, self._unwritten = self._unwritten, []
+            try:
+                await self._repo.record_calls(batch)
+            except Exception as exc:
+                log.warning("could not record %d decided calls: %s", len(batch), type(exc).__name__)
+
+    def _deltas(self, tool: str, effect: Effect) -> dict[str, int]:
+        if effect is Effect.DENY:
+            return {"denials": 1}
+        if effect is Effect.REQUIRE_APPROVAL:
+            return {"approvals": 1, f"held:{tool}": 1}
+        deltas = {f"calls:{tool}": 1}
+        for label in self.labels_of(tool):
+            if label == UNTRUSTED:
+                deltas[f"taint:{label}"] = 1
+        return deltas
+
+    async def settle(
+        self, action: Action, outcome: Outcome, *, trusted: bool = False
+    ) -> float | None:
+        """Nothing to settle: counters count decisions, not outcomes."""
+        return None
+
+    # -- Responses chains ----------------------------------------------------------
+
+    async def record_response(self, conversation: Conversation, response_id: str) -> None:
+        """Keep the link from a relayed Responses answer to the request and calls behind it."""
+        if self._repo is None:
+            return
+        prepared = conversation.memo.get("prepared")
+        session = prepared.session_id if isinstance(prepared, _Prepared) else None
+        session = session or conversation.session_id
+        if session is None:
+            return
+        entries: list[dict[str, Any]] = [_stored(c) for c in conversation.calls]
+        entries += [{"call_id": i, "result": _result_doc(r)} for i, r in conversation.results]
+        for action, _record in conversation.memo.get("decided", ()):
+            if action.call_id and action.tool is not None:
+                entries.append(
+                    {
+                        "call_id": action.call_id,
+                        "tool": action.tool,
+                        "arguments": dict(action.arguments) if action.arguments else None,
+                        "raw": action.raw_arguments or "",
+                    }
+                )
+        await self._repo.record_response(
+            ChainLink(
+                response_id=response_id,
+                session_id=session,
+                previous_id=conversation.previous_response_id,
+                calls=orjson.dumps(entries).decode(),
+            )
+        )
+
+    # -- internals ---------------------------------------------------------------
+
+    async def _prepare(self, conversation: Conversation, agent: str) -> _Prepared:
+        found = conversation.memo.get("prepared")
+        if isinstance(found, _Prepared):
+            return found
+        lock = conversation.memo.setdefault("lock", asyncio.Lock())
+        async with lock:  # the calls of one response are decided together: prepare once
+            found = conversation.memo.get("prepared")
+            if isinstance(found, _Prepared):
+                return found
+            prepared = await self._build(conversation, agent)
+            conversation.memo["prepared"] = prepared
+            return prepared
+
+    async def _build(self, conversation: Conversation, agent: str) -> _Prepared:
+        calls = list(conversation.calls)
+        session_id, source = conversation.session_id, conversation.session_source
+        if conversation.previous_response_id is not None:
+            earlier, chain_session = await self._chain(conversation)
+            calls = _merge(earlier, conversation)
+            if session_id is None and chain_session is not None:
+                session_id, source = chain_session, "responses_chain"
+        records = await self._records([c.call_id for c in calls])
+        docs: list[Mapping[str, Any]] = []
+        taints: set[str] = set()
+        verified_all = True
+        for call in calls:
+            match = _matching(records.get(call.call_id, ()), call)
+            verified = match is not None and match.effect != Effect.DENY.value
+            verified_all = verified_all and verified
+            labels = self.labels_of(call.tool)
+            if call.result is not None:
+                taints.update(labels)
+            docs.append(_entry(call, match, verified, labels))
+        key = f"{agent}\x1f{session_id}" if session_id is not None else None
+        return _Prepared(tuple(docs), key, session_id, source, frozenset(taints), verified_all)
+
+    async def _chain(self, conversation: Conversation) -> tuple[list[PriorCall], str | None]:
+        """The calls a Responses chain carried before this request, from Warden's records."""
+        if self._repo is None or conversation.previous_response_id is None:
+            return [], None
+        try:
+            links = await self._repo.chain(conversation.previous_response_id)
+        except Exception as exc:
+            log.warning("could not read a Responses chain: %s", type(exc).__name__)
+            return [], None
+        calls: dict[str, PriorCall] = {}
+        for link in reversed(links):  # oldest first
+            try:
+                entries = orjson.loads(link.calls)
+            except orjson.JSONDecodeError:
+                continue
+            for entry in entries if isinstance(entries, list) else ():
+                _apply_stored(calls, entry, self._config.max_result_chars)
+        return list(calls.values()), (links[0].session_id if links else None)
+
+    async def _records(self, call_ids: Sequence[str]) -> dict[str, tuple[CallRecord, ...]]:
+        out: dict[str, tuple[CallRecord, ...]] = {}
+        missing: list[str] = []
+        for call_id in call_ids:
+            known = self._known.get(call_id)
+            if known is None:
+                missing.append(call_id)
+            else:
+                out[call_id] = known
+        if missing and self._repo is not None:
+            try:
+                stored = await self._repo.calls(missing)
+            except Exception as exc:
+                # Unverifiable is unverified: a policy that needs verified history holds.
+                log.warning("could not read decided calls: %s", type(exc).__name__)
+                stored = {}
+            for call_id, rows in stored.items():
+                out[call_id] = tuple(rows)
+                self._known[call_id] = tuple(rows)
+            self._trim()
+        return out
+
+    def _remember(self, record: CallRecord) -> None:
+        self._known[record.call_id] = (*self._known.get(record.call_id, ()), record)
+        self._known.move_to_end(record.call_id)
+        self._trim()
+
+    def _trim(self) -> None:
+        while len(self._known) > MAX_KNOWN:
+            self._known.popitem(last=False)
+
+
+def _matching(records: Iterable[CallRecord], call: PriorCall) -> CallRecord | None:
+    """The newest record of the same tool and arguments, preferring one that let it through."""
+    matches = [r for r in records if r.tool == call.tool and r.digest == call.digest]
+    for record in reversed(matches):
+        if record.effect != Effect.DENY.value:
+            return record
+    return matches[-1] if matches else None
+
+
+def _result_doc(result: PriorResult) -> dict[str, Any]:
+    return {
+        "content": result.content,
+        "size": result.size,
+        "digest": result.digest,
+        "is_error": result.is_error,
+    }
+
+
+def _entry(
+    call: PriorCall, record: CallRecord | None, verified: bool, labels: tuple[str, ...]
+) -> Mapping[str, Any]:
+    arguments = dict(call.arguments) if call.arguments is not None else None
+    if arguments is not None and input_problem(arguments) is not None:
+        arguments = None  # what the engine cannot take exactly is not shown at all
+    return {
+        "call_id": call.call_id,
+        "tool": call.tool,
+        "arguments": arguments,
+        "result": _result_doc(call.result) if call.result is not None else None,
+        "decision": (
+            {"id": record.decision_id, "effect": record.effect} if record is not None else None
+        ),
+        "verified": verified,
+        "labels": list(labels),
+    }
+
+
+def _session_doc(
+    prepared: _Prepared, counters: Mapping[str, int], available: bool, conversation: Conversation
+) -> dict[str, Any]:
+    calls = {k.removeprefix("calls:"): v for k, v in counters.items() if k.startswith("calls:")}
+    held = {k.removeprefix("held:"): v for k, v in counters.items() if k.startswith("held:")}
+    taints = set(prepared.taints)
+    taints.update(k.removeprefix("taint:") for k, v in counters.items() if k.startswith("taint:"))
+    return {
+        "conversation": conversation.carried,
+        "id": prepared.session_id,
+        "source": prepared.source,
+        "calls": calls,
+        "held": held,
+        "calls_total": sum(calls.values()),
+        "denials": counters.get("denials", 0),
+        "approvals": counters.get("approvals", 0),
+        "taints": sorted(taints),
+        "verified": prepared.verified,
+        "truncated": conversation.truncated,
+        "available": available,
+    }
+
+
+def _unavailable(ctx: GuardContext) -> Decision:
+    return Decision(
+        decision_id=new_id("dec"),
+        effect=Effect.DENY,
+        reasons=(
+            "the state store is unavailable, so this session's counters cannot be read "
+            "(state.on_unavailable: deny)",
+        ),
+        mode=ctx.mode if ctx.mode is Mode.ENFORCE else Mode.OBSERVE,
+        guard="session",
+        error="state_unavailable",
+    )
+
+
+def _stored(call: PriorCall) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "call_id": call.call_id,
+        "tool": call.tool,
+        "arguments": dict(call.arguments) if call.arguments is not None else None,
+        "digest": call.digest,
+    }
+    if call.result is not None:
+        out["result"] = _result_doc(call.result)
+    return out
+
+
+def _apply_stored(calls: dict[str, PriorCall], entry: Any, limit: int) -> None:
+    """Replay one stored chain entry (a call, or a result for an earlier call)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("call_id"), str):
+        return
+    call_id = entry["call_id"]
+    result = entry.get("result")
+    found = (
+        PriorResult(
+            content=str(result.get("content", ""))[:limit],
+            size=int(result.get("size", 0)),
+            digest=str(result.get("digest", "")),
+            is_error=result.get("is_error") is True,
+        )
+        if isinstance(result, dict)
+        else None
+    )
+    tool = entry.get("tool")
+    if isinstance(tool, str):
+        arguments = entry.get("arguments")
+        arguments = arguments if isinstance(arguments, dict) else None
+        digest = entry.get("digest")
+        if not isinstance(digest, str):
+            digest = history.arguments_digest(arguments, str(entry.get("raw", "")))
+        calls.pop(call_id, None)
+        calls[call_id] = PriorCall(call_id, tool, arguments, digest, found)
+    elif found is not None and call_id in calls:
+        old = calls[call_id]
+        calls[call_id] = PriorCall(old.call_id, old.tool, old.arguments, old.digest, found)
+
+
+def _merge(earlier: list[PriorCall], conversation: Conversation) -> list[PriorCall]:
+    """The chain's calls, then this request's; this request's results answer either."""
+    calls = {c.call_id: c for c in earlier}
+    for call_id, result in conversation.results:
+        old = calls.get(call_id)
+        if old is not None:
+            calls[call_id] = PriorCall(old.call_id, old.tool, old.arguments, old.digest, result)
+    for call in conversation.calls:
+        calls.pop(call.call_id, None)
+        calls[call.call_id] = call
+    return list(calls.values())

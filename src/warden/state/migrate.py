@@ -1,0 +1,220 @@
+"""Versioned schema migrations for the state database, SQLite and PostgreSQL alike.
+
+Migrations are SQL files shipped with Warden, one folder per backend:
+``warden/state/migrations/<backend>/NNNN_name.sql``. The table
+``warden_schema_version`` records each applied version with the SHA-256 of its
+file. Applying is one transaction per run, serialized between processes (an
+advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so sidecars that
+start together apply each migration once.
+
+Migrations only ever add (tables, columns, indexes): a sidecar one release
+behind keeps working against a database that a newer one migrated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Final
+
+from psycopg import AsyncConnection, sql
+
+__all__ = [
+    "VERSION_TABLE",
+    "Migration",
+    "SchemaStatus",
+    "migrations",
+    "pg_migrate",
+    "pg_status",
+    "sqlite_migrate",
+    "sqlite_status",
+]
+
+VERSION_TABLE: Final = "warden_schema_version"
+# pg_advisory_xact_lock key: "warden.migrate" as a 64-bit number, fixed forever.
+_LOCK_KEY: Final = 0x7761726465_6E6D67
+_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One migration file."""
+
+    version: int
+    name: str
+    sql: str = field(repr=False)
+
+    @property
+    def checksum(self) -> str:
+        """SHA-256 (hex) of the file's text: an applied migration must never change."""
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaStatus:
+    """Where a database stands against the migrations this Warden ships."""
+
+    backend: str
+    current: int
+    """The highest applied version (0: none)."""
+    pending: tuple[Migration, ...]
+    changed: tuple[int, ...] = ()
+    """Applied versions whose file has changed since (a broken release)."""
+    unknown: tuple[int, ...] = ()
+    """Applied versions this Warden does not know (a newer Warden migrated)."""
+
+    @property
+    def latest(self) -> int:
+        """The highest version this Warden ships."""
+        return max((m.version for m in migrations(self.backend)), default=0)
+
+
+def migrations(backend: str) -> tuple[Migration, ...]:
+    """The migrations shipped for ``backend`` (``sqlite`` or ``postgresql``), in order."""
+    folder = resources.files("warden.state").joinpath("migrations", backend)
+    found: list[Migration] = []
+    for entry in folder.iterdir():
+        match = _FILE.match(entry.name)
+        if match:
+            found.append(
+                Migration(int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8"))
+            )
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"two {backend} migrations share a version: {versions}")
+    return tuple(found)
+
+
+def _status(backend: str, applied: Sequence[tuple[int, str]]) -> SchemaStatus:
+    shipped = {m.version: m for m in migrations(backend)}
+    done = dict(applied)
+    return SchemaStatus(
+        backend=backend,
+        current=max(done, default=0),
+        pending=tuple(m for v, m in sorted(shipped.items()) if v not in done),
+        changed=tuple(
+            v for v, c in sorted(done.items()) if v in shipped and shipped[v].checksum != c
+        ),
+        unknown=tuple(v for v in sorted(done) if v not in shipped),
+    )
+
+
+def _refuse_changed(status: SchemaStatus) -> None:
+    if status.changed:
+        raise RuntimeError(
+            f"applied migration(s) {list(status.changed)} differ from the files this Warden "
+            "ships: the schema is not what this release expects"
+        )
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+
+_PG_TABLE = sql.SQL(
+    "CREATE TABLE IF NOT EXISTS {} (version integer PRIMARY KEY, name text NOT NULL, "
+    "checksum text NOT NULL, applied_at double precision NOT NULL)"
+).format(sql.Identifier(VERSION_TABLE))
+
+
+async def _pg_applied(conn: AsyncConnection[Any]) -> list[tuple[int, str]]:
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (VERSION_TABLE,))
+    row = await cur.fetchone()
+    if row is None or not row[0]:
+        return []
+    cur = await conn.execute(
+        sql.SQL("SELECT version, checksum FROM {}").format(sql.Identifier(VERSION_TABLE))
+    )
+    return [(int(v), str(c)) for v, c in await cur.fetchall()]
+
+
+async def pg_status(conn: AsyncConnection[Any]) -> SchemaStatus:
+    """The schema status of the database ``conn`` is connected to (reads only)."""
+    async with conn.transaction():
+        return _status("postgresql", await _pg_applied(conn))
+
+
+async def pg_migrate(conn: AsyncConnection[Any]) -> tuple[Migration, ...]:
+    """Apply the pending migrations in one transaction; return those applied."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        await conn.execute(_PG_TABLE)
+        status = _status("postgresql", await _pg_applied(conn))
+        _refuse_changed(status)
+        for m in status.pending:
+            await conn.execute(m.sql.encode())  # a script: many statements, no parameters
+            await conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (version, name, checksum, applied_at) VALUES (%s, %s, %s, %s)"
+                ).format(sql.Identifier(VERSION_TABLE)),
+                (m.version, m.name, m.checksum, time.time()),
+            )
+        return status.pending
+
+
+# -- SQLite ---------------------------------------------------------------------------------
+
+_SQLITE_TABLE = (
+    f"CREATE TABLE IF NOT EXISTS {VERSION_TABLE} (version INTEGER PRIMARY KEY, "
+    "name TEXT NOT NULL, checksum TEXT NOT NULL, applied_at REAL NOT NULL)"
+)
+
+
+def _sqlite_applied(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+    found = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (VERSION_TABLE,)
+    ).fetchone()
+    if found is None:
+        return []
+    rows = conn.execute(f"SELECT version, checksum FROM {VERSION_TABLE}").fetchall()  # noqa: S608
+    return [(int(v), str(c)) for v, c in rows]
+
+
+def sqlite_status(conn: sqlite3.Connection) -> SchemaStatus:
+    """The schema status of an open SQLite database (reads only)."""
+    return _status("sqlite", _sqlite_applied(conn))
+
+
+def sqlite_migrate(conn: sqlite3.Connection) -> tuple[Migration, ...]:
+    """Apply the pending migrations in one ``BEGIN IMMEDIATE`` transaction.
+
+    ``conn`` must be in autocommit mode (``isolation_level=None``).
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(_SQLITE_TABLE)
+        status = _status("sqlite", _sqlite_applied(conn))
+        _refuse_changed(status)
+        for m in status.pending:
+            for statement in _statements(m.sql):
+                conn.execute(statement)
+            conn.execute(
+                f"INSERT INTO {VERSION_TABLE} (version, name, checksum, applied_at) "  # noqa: S608
+                "VALUES (?, ?, ?, ?)",
+                (m.version, m.name, m.checksum, time.time()),
+            )
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return status.pending
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into complete statements (``executescript`` would commit first)."""
+    out: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    if current.strip() and not all(
+        not ln.strip() or ln.strip().startswith("--") for ln in current.splitlines()
+    ):
+        raise ValueError("a migration ends in an incomplete statement")
+    return out

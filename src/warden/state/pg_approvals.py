@@ -1,0 +1,258 @@
+"""Approvals on PostgreSQL (:class:`~warden.approvals.store.ApprovalRepo`), shared by a fleet.
+
+Each change is one transaction that locks the rows it decides on
+(``FOR UPDATE``), so two sidecars can never both approve, both consume, or
+approve what another just expired; consuming a grant skips rows another
+sidecar is consuming (``SKIP LOCKED``). The rules themselves are the ones the
+SQLite store applies (:func:`~warden.approvals.store.apply_vote`,
+:func:`~warden.approvals.store.orphaned_holds`). Every change to a row is
+published to the fleet by the table's trigger (the change feed).
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any, Final
+
+from psycopg import AsyncCursor
+
+from warden.approvals.model import Approval, ApprovalNotFound, ApprovalStatus, Vote
+from warden.approvals.owner import Owner
+from warden.approvals.store import COLUMNS, apply_vote, from_row, orphaned_holds, to_row
+from warden.state.postgres import PgDatabase
+
+__all__ = ["PgApprovalStore"]
+
+_SELECT: Final = f"SELECT {COLUMNS} FROM approvals "  # noqa: S608 - constant columns
+_RETURNING: Final = f" RETURNING {COLUMNS}"
+_PLACEHOLDERS: Final = ", ".join(["%s"] * len(COLUMNS.split(",")))
+# pg_advisory_xact_lock key for recovering orphaned holds, one sidecar at a time.
+_RECOVER_LOCK: Final = 0x7761726465_6E7263
+
+
+class PgApprovalStore:
+    """Approval rows and the owners of holds, in PostgreSQL."""
+
+    def __init__(self, db: PgDatabase) -> None:
+        self._db = db
+
+    async def close(self) -> None:
+        """Nothing of its own to close: the pool belongs to the backend."""
+
+    # -- reads -------------------------------------------------------------------
+
+    async def get(self, approval_id: str) -> Approval | None:
+        """One approval by id."""
+        rows = await self._db.read(_SELECT + "WHERE id = %s", (approval_id,))
+        return from_row(rows[0]) if rows else None
+
+    async def list(self, status: ApprovalStatus | None = None) -> builtins.list[Approval]:
+        """Approvals with ``status`` (all when ``None``), oldest first."""
+        if status is None:
+            rows = await self._db.read(_SELECT + "ORDER BY created_at, id")
+        else:
+            rows = await self._db.read(
+                _SELECT + "WHERE status = %s ORDER BY created_at, id", (status.value,)
+            )
+        return [from_row(r) for r in rows]
+
+    async def pending_counts(self) -> dict[tuple[str, str], int]:
+        """Pending approvals by ``(agent, tool)``."""
+        rows = await self._db.read(
+            "SELECT agent, coalesce(tool, ''), count(*) FROM approvals "
+            "WHERE status = 'pending' GROUP BY agent, coalesce(tool, '')"
+        )
+        return {(str(a), str(t)): int(n) for a, t, n in rows}
+
+    async def pending_for(self, binding: str, now: float) -> Approval | None:
+        """The oldest pending, unexpired approval with this binding."""
+        rows = await self._db.read(
+            _SELECT + "WHERE binding = %s AND status = 'pending' AND expires_at > %s "
+            "ORDER BY created_at, id LIMIT 1",
+            (binding, now),
+        )
+        return from_row(rows[0]) if rows else None
+
+    # -- changes -----------------------------------------------------------------
+
+    async def insert(self, approval: Approval) -> None:
+        """Store a new approval."""
+
+        async def run(cur: AsyncCursor[Any]) -> None:
+            await cur.execute(
+                f"INSERT INTO approvals ({COLUMNS}) VALUES ({_PLACEHOLDERS})",  # noqa: S608
+                to_row(approval),
+            )
+
+        await self._db.tx(run)
+
+    async def vote(self, approval_id: str, vote: Vote) -> tuple[Approval, Approval]:
+        """Add a vote under the row's lock; return the approval before and after."""
+
+        async def run(cur: AsyncCursor[Any]) -> tuple[Approval, Approval]:
+            await cur.execute(_SELECT + "WHERE id = %s FOR UPDATE", (approval_id,))
+            row = await cur.fetchone()
+            if row is None:
+                raise ApprovalNotFound(f"no approval {approval_id!r}")
+            before = from_row(row)
+            after = apply_vote(before, vote)
+            await cur.execute(
+                "UPDATE approvals SET status = %s, votes = %s, decided_at = %s, "
+                "decided_by = %s, comment = %s, consumed_at = %s WHERE id = %s",
+                _decision(after),
+            )
+            return before, after
+
+        return await self._db.tx(run)
+
+    async def _one(self, query: str, params: tuple[Any, ...]) -> Approval | None:
+        async def run(cur: AsyncCursor[Any]) -> Approval | None:
+            await cur.execute(query.encode(), params)
+            row = await cur.fetchone()
+            return from_row(row) if row else None
+
+        return await self._db.tx(run)
+
+    async def _many(self, query: str, params: tuple[Any, ...]) -> builtins.list[Approval]:
+        async def run(cur: AsyncCursor[Any]) -> builtins.list[Approval]:
+            await cur.execute(query.encode(), params)
+            rows = sorted(await cur.fetchall(), key=lambda r: (r[15], r[0]))
+            return [from_row(r) for r in rows]
+
+        return await self._db.tx(run)
+
+    async def expire(self, approval_id: str, now: float) -> Approval | None:
+        """Expire a pending approval; ``None`` when it was not pending."""
+        return await self._one(
+            "UPDATE approvals SET status = 'expired', decided_at = %s "  # noqa: S608 - constant columns
+            "WHERE id = %s AND status = 'pending'" + _RETURNING,
+            (now, approval_id),
+        )
+
+    async def to_defer(self, approval_id: str, expires_at: float) -> Approval | None:
+        """Turn a pending hold into a deferral; ``None`` when not pending."""
+        return await self._one(
+            "UPDATE approvals SET mode = 'defer', expires_at = greatest(expires_at, %s) "  # noqa: S608 - constant columns
+            "WHERE id = %s AND status = 'pending'" + _RETURNING,
+            (expires_at, approval_id),
+        )
+
+    async def expire_due(self, now: float) -> builtins.list[Approval]:
+        """Expire every pending approval past its expiry; return them."""
+        return await self._many(
+            "UPDATE approvals SET status = 'expired', decided_at = %s "  # noqa: S608 - constant columns
+            "WHERE status = 'pending' AND expires_at <= %s" + _RETURNING,
+            (now, now),
+        )
+
+    async def consume_grant(self, binding: str, now: float) -> Approval | None:
+        """Consume the oldest approved, unexpired deferral with this binding, once."""
+        return await self._one(
+            "UPDATE approvals SET status = 'consumed', consumed_at = %s WHERE id = ("  # noqa: S608 - constant columns
+            "SELECT id FROM approvals WHERE binding = %s AND status = 'approved' "
+            "AND mode = 'defer' AND expires_at > %s ORDER BY decided_at, id LIMIT 1 "
+            "FOR UPDATE SKIP LOCKED)" + _RETURNING,
+            (now, binding, now),
+        )
+
+    async def consume(self, approval_id: str, now: float) -> Approval | None:
+        """Consume an approved approval by id; ``None`` when it is not approved."""
+        return await self._one(
+            "UPDATE approvals SET status = 'consumed', consumed_at = %s "  # noqa: S608 - constant columns
+            "WHERE id = %s AND status = 'approved'" + _RETURNING,
+            (now, approval_id),
+        )
+
+    async def cancel(
+        self, agent: str | None, tool: str | None, who: str, reason: str, now: float
+    ) -> builtins.list[Approval]:
+        """Reject every pending approval of ``agent`` and/or ``tool`` (all when both None)."""
+        return await self._many(
+            "UPDATE approvals SET status = 'rejected', decided_at = %s, decided_by = %s, "  # noqa: S608 - constant columns
+            "comment = %s WHERE status = 'pending' "
+            "AND (%s::text IS NULL OR agent = %s) AND (%s::text IS NULL OR tool = %s)" + _RETURNING,
+            (now, who, reason, agent, agent, tool, tool),
+        )
+
+    # -- owners of holds -----------------------------------------------------------
+
+    async def heartbeat(self, owner: Owner, now: float) -> None:
+        """Say that ``owner`` is alive (creating its row, or re-creating one a sibling dropped)."""
+
+        async def run(cur: AsyncCursor[Any]) -> None:
+            await cur.execute(
+                "INSERT INTO approval_owners (instance, host, pid, started, heartbeat_at) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (instance) "
+                "DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (owner.instance, owner.host, owner.pid, owner.started, now),
+            )
+
+        await self._db.tx(run)
+
+    async def release(self, owner: Owner) -> None:
+        """Drop ``owner``'s row: it stops."""
+
+        async def run(cur: AsyncCursor[Any]) -> None:
+            await cur.execute("DELETE FROM approval_owners WHERE instance = %s", (owner.instance,))
+
+        await self._db.tx(run)
+
+    async def recover(
+        self, me: Owner, now: float, orphan_after_s: float, expires_at: float
+    ) -> builtins.list[Approval]:
+        """Turn the holds of dead owners into deferrals; return them.
+
+        One sidecar at a time (an advisory lock), so each hold is converted once.
+        Note that :func:`~warden.approvals.owner.provably_dead` can only prove
+        death on this host; elsewhere a stale heartbeat decides.
+        """
+
+        async def run(cur: AsyncCursor[Any]) -> builtins.list[Approval]:
+            await cur.execute("SELECT pg_advisory_xact_lock(%s)", (_RECOVER_LOCK,))
+            await cur.execute(
+                "SELECT instance, host, pid, started, heartbeat_at FROM approval_owners"
+            )
+            owners = {
+                r[0]: (Owner(r[0], r[1], int(r[2]), r[3]), float(r[4]))
+                for r in await cur.fetchall()
+            }
+            await cur.execute(
+                "SELECT id, owner FROM approvals "
+                "WHERE mode = 'hold' AND status IN ('pending', 'approved')"
+            )
+            ids, dead = orphaned_holds(me, owners, await cur.fetchall(), now, orphan_after_s)
+            found: builtins.list[Approval] = []
+            if ids:
+                await cur.execute(
+                    "UPDATE approvals SET mode = 'defer', expires_at = greatest(expires_at, %s) "  # noqa: S608 - constant columns
+                    "WHERE id = ANY(%s)" + _RETURNING,
+                    (expires_at, ids),
+                )
+                found = [from_row(r) for r in await cur.fetchall()]
+            if dead:
+                await cur.execute(
+                    "DELETE FROM approval_owners WHERE instance = ANY(%s)", (sorted(dead),)
+                )
+            order = {aid: i for i, aid in enumerate(ids)}
+            return sorted(found, key=lambda a: order[a.id])
+
+        return await self._db.tx(run)
+
+    async def adopt(
+        self, binding: str, owner: str, now: float, hold_until: float
+    ) -> Approval | None:
+        """Hold the oldest pending deferral with this binding in ``owner``; ``None`` if none."""
+        return await self._one(
+            "UPDATE approvals SET mode = 'hold', owner = %s, "  # noqa: S608 - constant columns
+            "expires_at = greatest(expires_at, %s) WHERE id = ("
+            "SELECT id FROM approvals WHERE binding = %s AND status = 'pending' "
+            "AND mode = 'defer' AND expires_at > %s ORDER BY created_at, id LIMIT 1 "
+            "FOR UPDATE SKIP LOCKED)" + _RETURNING,
+            (owner, hold_until, binding, now),
+        )
+
+
+def _decision(a: Approval) -> tuple[Any, ...]:
+    row = to_row(a)
+    # status, votes, decided_at, decided_by, comment, consumed_at, id (see COLUMNS)
+    return (row[14], row[17], row[18], row[19], row[20], row[21], row[0])

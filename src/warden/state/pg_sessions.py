@@ -1,0 +1,143 @@
+"""Session state on PostgreSQL (:class:`~warden.state.sessions.SessionRepo`), shared by a fleet.
+
+Counters are added to with one ``INSERT ... ON CONFLICT DO UPDATE`` per name,
+in name order inside one transaction, so concurrent sidecars never lose an
+increment and never deadlock. Decided calls and chain links are insert-only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from psycopg import AsyncCursor
+
+from warden.state.postgres import PgDatabase
+from warden.state.sessions import MAX_CHAIN, CallRecord, ChainLink
+
+__all__ = ["PgSessionStore"]
+
+
+class PgSessionStore:
+    """Session counters, decided calls and Responses chains in PostgreSQL."""
+
+    def __init__(self, db: PgDatabase) -> None:
+        self._db = db
+
+    async def close(self) -> None:
+        """Nothing of its own to close: the pool belongs to the backend."""
+
+    async def add(self, session_id: str, deltas: Mapping[str, int]) -> dict[str, int]:
+        """Add ``deltas`` to the session's counters atomically; return every counter after."""
+        items = sorted((str(k), int(v)) for k, v in deltas.items())
+
+        async def run(cur: AsyncCursor[Any]) -> dict[str, int]:
+            now = time.time()
+            for name, delta in items:
+                await cur.execute(
+                    "INSERT INTO session_counters (session_id, name, value, updated_at) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT (session_id, name) DO UPDATE "
+                    "SET value = session_counters.value + excluded.value, "
+                    "updated_at = excluded.updated_at",
+                    (session_id, name, delta, now),
+                )
+            await cur.execute(
+                "SELECT name, value FROM session_counters WHERE session_id = %s", (session_id,)
+            )
+            return {str(n): int(v) for n, v in await cur.fetchall()}
+
+        return await self._db.tx(run)
+
+    async def counters(self, session_id: str) -> dict[str, int]:
+        """The session's counters by name (none: an empty map)."""
+        rows = await self._db.read(
+            "SELECT name, value FROM session_counters WHERE session_id = %s", (session_id,)
+        )
+        return {str(n): int(v) for n, v in rows}
+
+    async def record_calls(self, records: Sequence[CallRecord]) -> None:
+        """Keep decided calls (a row already there is left as it is)."""
+        rows = [
+            (
+                r.call_id,
+                r.decision_id,
+                r.tool,
+                r.digest,
+                r.effect,
+                r.session_id,
+                r.created_at or time.time(),
+            )
+            for r in records
+        ]
+        if not rows:
+            return
+
+        async def run(cur: AsyncCursor[Any]) -> None:
+            await cur.executemany(
+                "INSERT INTO session_calls (call_id, decision_id, tool, digest, effect, "
+                "session_id, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (call_id, decision_id) DO NOTHING",
+                rows,
+            )
+
+        await self._db.tx(run)
+
+    async def calls(self, call_ids: Sequence[str]) -> dict[str, list[CallRecord]]:
+        """The decided calls with these ids (ids are the upstream's: one may have several)."""
+        ids = list(dict.fromkeys(call_ids))
+        if not ids:
+            return {}
+        rows = await self._db.read(
+            "SELECT call_id, decision_id, tool, digest, effect, session_id, created_at "
+            "FROM session_calls WHERE call_id = ANY(%s) ORDER BY created_at",
+            (ids,),
+        )
+        out: dict[str, list[CallRecord]] = {}
+        for row in rows:
+            out.setdefault(row[0], []).append(CallRecord(*row))
+        return out
+
+    async def record_response(self, link: ChainLink) -> None:
+        """Keep a relayed Responses answer (once: the first record of an id stands)."""
+
+        async def run(cur: AsyncCursor[Any]) -> None:
+            await cur.execute(
+                "INSERT INTO session_responses (response_id, session_id, previous_id, calls, "
+                "created_at) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (response_id) DO NOTHING",
+                (link.response_id, link.session_id, link.previous_id, link.calls, time.time()),
+            )
+
+        await self._db.tx(run)
+
+    async def chain(self, response_id: str, *, limit: int = MAX_CHAIN) -> list[ChainLink]:
+        """The chain ending at ``response_id``, newest first, at most ``limit`` long."""
+        rows = await self._db.read(
+            "WITH RECURSIVE chain (response_id, session_id, previous_id, calls, depth) AS ("
+            " SELECT response_id, session_id, previous_id, calls, 1 FROM session_responses"
+            " WHERE response_id = %s"
+            " UNION ALL"
+            " SELECT r.response_id, r.session_id, r.previous_id, r.calls, c.depth + 1"
+            " FROM session_responses r JOIN chain c ON r.response_id = c.previous_id"
+            " WHERE c.depth < %s"
+            ") SELECT response_id, session_id, previous_id, calls FROM chain ORDER BY depth",
+            (response_id, limit),
+        )
+        return [ChainLink(*row) for row in rows]
+
+    async def prune(self, older_than_s: float) -> int:
+        """Drop counters, calls and chains not touched for ``older_than_s``; how many rows."""
+        cutoff = time.time() - older_than_s
+
+        async def run(cur: AsyncCursor[Any]) -> int:
+            total = 0
+            for statement in (
+                "DELETE FROM session_counters WHERE updated_at < %s",
+                "DELETE FROM session_calls WHERE created_at < %s",
+                "DELETE FROM session_responses WHERE created_at < %s",
+            ):
+                await cur.execute(statement, (cutoff,))
+                total += cur.rowcount
+            return total
+
+        return await self._db.tx(run)

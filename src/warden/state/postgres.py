@@ -1,0 +1,584 @@
+"""The PostgreSQL backend: budgets, kill switches and call links shared by a fleet.
+
+Every sidecar of a fleet opens one async connection pool (psycopg 3) on the
+same database. Each change is one transaction; reservations lock the counter
+rows they touch (``SELECT ... ORDER BY key FOR UPDATE``: always in the same
+order, so two reservations never deadlock) and check the caps under that
+lock, so a cap holds across every sidecar. Reads take no locks.
+
+Connection settings come from ``state.url``; libpq options such as
+``sslmode``, ``sslrootcert``, ``sslcert`` and ``application_name`` go in its
+query string. The password comes from ``state.password_file``,
+``WARDEN_STATE__PASSWORD`` or libpq's own ``PGPASSWORD`` / ``.pgpass``; it is
+handed to libpq as a separate parameter and never logged: every URL Warden
+prints passes through :func:`redact_url`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import AsyncConnection, AsyncCursor, errors
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from warden import tasks
+from warden.config import StateConfig
+from warden.errors import ConfigError
+from warden.state.feed import CHANNELS, Fanout
+from warden.state.links import MAX_LINKS, Link, LinkOp, decode_action, encode_action
+from warden.state.records import (
+    Counter,
+    Hold,
+    KillSwitchRow,
+    ReserveResult,
+    decode_holds,
+    encode_holds,
+)
+from warden.state.repos import Change
+
+__all__ = [
+    "PgDatabase",
+    "PgFeed",
+    "PgLinkStore",
+    "PgStateStore",
+    "PgTarget",
+    "redact_url",
+]
+
+log = logging.getLogger("warden.state.postgres")
+
+T = TypeVar("T")
+_RETRIES: Final = 8
+_CHANNEL_PREFIX: Final = "warden_"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password (in the authority or the query) replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{hostport}"
+    query = parts.query
+    if query:
+        pairs = [
+            (k, "***" if k.lower() == "password" else v)
+            for k, v in parse_qsl(query, keep_blank_values=True)
+        ]
+        query = urlencode(pairs, safe="*/")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+@dataclass(frozen=True, slots=True)
+class PgTarget:
+    """Where and how to connect: the URL, and the password kept apart from it."""
+
+    url: str
+    password: str | None = field(default=None, repr=False)
+    connect_timeout_s: float = 10.0
+
+    @classmethod
+    def from_config(cls, config: StateConfig) -> PgTarget:
+        """From the ``state`` section; reads ``password_file`` now (ConfigError if unreadable)."""
+        password = config.password.get_secret_value() if config.password is not None else None
+        if password is None and config.password_file:
+            try:
+                text = Path(config.password_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(
+                    f"state.password_file: cannot read {config.password_file}: {exc.strerror}"
+                ) from None
+            password = text.splitlines()[0] if text.strip() else None
+            if password is None:
+                raise ConfigError(f"state.password_file: {config.password_file} is empty")
+        return cls(config.url, password, config.connect_timeout_s)
+
+    @property
+    def shown(self) -> str:
+        """The URL as it may be printed."""
+        return redact_url(self.url)
+
+    def kwargs(self) -> dict[str, Any]:
+        """Connection parameters besides the URL (libpq reads PGPASSWORD itself)."""
+        out: dict[str, Any] = {"connect_timeout": max(2, round(self.connect_timeout_s))}
+        if self.password is not None:
+            out["password"] = self.password
+        return out
+
+    async def connect(self, *, autocommit: bool = True) -> AsyncConnection[Any]:
+        """One connection; a failure is a :class:`ConfigError` naming the (redacted) URL."""
+        try:
+            return await AsyncConnection.connect(self.url, autocommit=autocommit, **self.kwargs())
+        except psycopg.Error as exc:
+            why = _reason(exc)
+            raise ConfigError(f"state.url: cannot connect to {self.shown}: {why}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    # libpq's messages name host, port and user, never the password.
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+class PgDatabase:
+    """The shared pool, and transactions that retry on deadlock or serialization failure."""
+
+    def __init__(self, target: PgTarget, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> None:
+        self.target = target
+        self.pool = pool
+
+    @classmethod
+    async def open(
+        cls,
+        target: PgTarget,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        checkout_timeout_s: float | None = None,
+    ) -> PgDatabase:
+        """Open the pool, waiting until its first connections are up.
+
+        ``checkout_timeout_s`` bounds the wait for a pooled connection (default:
+        the connect timeout): on the request path, an unreachable database must
+        fail a decision quickly, not after the full connect timeout.
+        """
+        pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
+            target.url,
+            kwargs={"autocommit": True, **target.kwargs()},
+            min_size=min_size,
+            max_size=max(max_size, min_size, 1),
+            open=False,
+            name="warden-state",
+            timeout=checkout_timeout_s or target.connect_timeout_s,
+        )
+        try:
+            await pool.open(wait=True, timeout=target.connect_timeout_s)
+        except Exception as exc:
+            await pool.close()
+            raise ConfigError(
+                f"state.url: cannot open a connection pool to {target.shown}: {_reason(exc)}"
+            ) from None
+        return cls(target, pool)
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        await self.pool.close()
+
+    async def tx(self, fn: Callable[[AsyncCursor[Any]], Awaitable[T]]) -> T:
+        """Run ``fn`` in one transaction, again (a few times) if PostgreSQL asks to retry."""
+        for attempt in range(_RETRIES):
+            try:
+                async with self.pool.connection() as conn, conn.transaction():
+                    cur = conn.cursor()
+                    return await fn(cur)
+            except (errors.DeadlockDetected, errors.SerializationFailure):
+                if attempt == _RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.002 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def call(self, fn: Callable[[AsyncCursor[Any]], Awaitable[T]]) -> T:
+        """Run ``fn`` (one statement: its own transaction), retrying like :meth:`tx`."""
+        for attempt in range(_RETRIES):
+            try:
+                async with self.pool.connection() as conn:
+                    return await fn(conn.cursor())
+            except (errors.DeadlockDetected, errors.SerializationFailure):
+                if attempt == _RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.002 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def read(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of one query, outside any transaction."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(query.encode(), params)
+            return list(await cur.fetchall())
+
+
+# -- budgets and kill switches --------------------------------------------------------------
+
+_LOCK = (
+    'SELECT c.counter, c."window", c.subject, c.spent, c.reserved FROM budget_counters c '
+    "JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k (counter, w, subject) "
+    'ON c.counter = k.counter AND c."window" = k.w AND c.subject = k.subject '
+    "ORDER BY 1, 2, 3 FOR UPDATE OF c"
+)
+_READ = (
+    'SELECT c.counter, c."window", c.subject, c.spent, c.reserved FROM budget_counters c '
+    "JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k (counter, w, subject) "
+    'ON c.counter = k.counter AND c."window" = k.w AND c.subject = k.subject'
+)
+_SETTLE = (
+    "UPDATE budget_counters c SET reserved = greatest(0, c.reserved - k.amount), "
+    "spent = c.spent + k.spend "
+    "FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::float8[]) "
+    "AS k (counter, w, subject, amount, spend) "
+    'WHERE c.counter = k.counter AND c."window" = k.w AND c.subject = k.subject '
+    'RETURNING c.counter, c."window", c.subject, c.spent, c.reserved'
+)
+_RESERVE = (
+    "SELECT * FROM warden_reserve(%s, %s::text[], %s::text[], %s::text[], %s::float8[], "
+    "%s::float8[], %s, %s, %s)"
+)
+_SETTLE_CALL = "SELECT * FROM warden_settle(%s, %s::jsonb)"
+_KS_COLUMNS = "id, scope, target, reason, created_by, created_at, cleared_by, cleared_at"
+
+_Key = tuple[str, str, str]
+
+
+def _columns(keys: Sequence[_Key]) -> tuple[list[str], list[str], list[str]]:
+    return [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
+
+
+def _key(hold: Hold) -> _Key:
+    return (hold.counter, hold.window, hold.subject)
+
+
+class PgStateStore:
+    """Budgets (:class:`~warden.state.repos.BudgetRepo`) and kill switches on PostgreSQL."""
+
+    def __init__(self, db: PgDatabase) -> None:
+        self._db = db
+
+    async def close(self) -> None:
+        """Nothing of its own to close: the pool belongs to the backend."""
+
+    # -- budgets ---------------------------------------------------------------
+
+    async def reserve(
+        self, reservation_id: str, holds: Sequence[Hold], *, force: bool = False
+    ) -> ReserveResult:
+        """Hold every amount atomically across the fleet, or none if any would pass its limit.
+
+        One round trip: ``warden_reserve`` locks the counter rows in key order
+        (``FOR UPDATE``), checks every limit under the locks and holds.
+        """
+        held = tuple(holds)
+        params = (
+            reservation_id,
+            [h.counter for h in held],
+            [h.window for h in held],
+            [h.subject for h in held],
+            [h.amount for h in held],
+            [h.limit for h in held],
+            force,
+            time.time(),
+            encode_holds(held),
+        )
+
+        async def run(cur: AsyncCursor[Any]) -> ReserveResult:
+            await cur.execute(_RESERVE, params)
+            row = await cur.fetchone()
+            assert row is not None
+            ok, spent, reserved, over = row
+            before = tuple(
+                Counter(h.counter, h.window, h.subject, float(sp), float(rs))
+                for h, sp, rs in zip(held, spent, reserved, strict=True)
+            )
+            return ReserveResult(
+                reserved=bool(ok),
+                before=before,
+                over=tuple(h for h, o in zip(held, over, strict=True) if o),
+            )
+
+        return await self._db.call(run)
+
+    async def settle(
+        self, reservation_id: str, actual: Mapping[str, float] | None
+    ) -> tuple[Counter, ...]:
+        """Turn a reservation into spend and drop it; return the counters after (one call)."""
+        spent = Jsonb(dict(actual)) if actual is not None else None
+
+        async def run(cur: AsyncCursor[Any]) -> tuple[Counter, ...]:
+            await cur.execute(_SETTLE_CALL, (reservation_id, spent))
+            rows = await cur.fetchall()
+            if not rows:
+                return ()
+            # One counter per key, in key order (SQLite gives one per hold, in hold order).
+            return tuple(Counter(c, w, s, float(sp), float(rs)) for c, w, s, sp, rs in sorted(rows))
+
+        return await self._db.call(run)
+
+    async def expire(self, older_than_s: float) -> int:
+        """Settle reservations older than ``older_than_s`` at their held value.
+
+        Sidecars expiring at once skip each other's rows (``SKIP LOCKED``), so
+        each reservation is settled once.
+        """
+        cutoff = time.time() - older_than_s
+
+        async def run(cur: AsyncCursor[Any]) -> int:
+            await cur.execute(
+                "DELETE FROM budget_reservations WHERE id IN (SELECT id FROM budget_reservations "
+                "WHERE created_at < %s ORDER BY id LIMIT 10000 FOR UPDATE SKIP LOCKED) "
+                "RETURNING holds",
+                (cutoff,),
+            )
+            rows = await cur.fetchall()
+            holds = tuple(h for (raw,) in rows for h in decode_holds(raw))
+            if holds:
+                await _spend(cur, holds, None)
+            return len(rows)
+
+        return await self._db.tx(run)
+
+    async def counters(self, keys: Iterable[tuple[str, str, str]]) -> tuple[Counter, ...]:
+        """Read counters by ``(counter, window, subject)``; missing ones read as zero."""
+        wanted = tuple(keys)
+        if not wanted:
+            return ()
+        rows = await self._db.read(_READ, _columns(wanted))
+        found = {(c, w, s): (float(sp), float(rs)) for c, w, s, sp, rs in rows}
+        return tuple(Counter(*k, *found.get(k, (0.0, 0.0))) for k in wanted)
+
+    async def window_counters(
+        self, counter: str, window: str, *, limit: int = 50
+    ) -> tuple[Counter, ...]:
+        """Every subject's totals of ``counter`` in ``window``, the most used first."""
+        rows = await self._db.read(
+            "SELECT subject, spent, reserved FROM budget_counters "
+            'WHERE counter = %s AND "window" = %s ORDER BY spent + reserved DESC, subject LIMIT %s',
+            (counter, window, max(1, min(limit, 1000))),
+        )
+        return tuple(Counter(counter, window, str(s), float(sp), float(rs)) for s, sp, rs in rows)
+
+    # -- kill switches ---------------------------------------------------------
+
+    async def add_killswitch(self, row: KillSwitchRow) -> None:
+        """Store a new, active kill switch (its trigger tells every sidecar)."""
+
+        async def run(cur: AsyncCursor[Any]) -> None:
+            await cur.execute(
+                "INSERT INTO killswitches (id, scope, target, reason, created_by, created_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                (row.id, row.scope, row.target, row.reason, row.created_by, row.created_at),
+            )
+
+        await self._db.tx(run)
+
+    async def clear_killswitch(self, switch_id: str, who: str) -> KillSwitchRow | None:
+        """Clear an active switch; ``None`` when there is no active switch with that id."""
+
+        async def run(cur: AsyncCursor[Any]) -> KillSwitchRow | None:
+            await cur.execute(
+                "UPDATE killswitches SET cleared_by = %s, cleared_at = %s "
+                "WHERE id = %s AND cleared_at IS NULL RETURNING id, scope, target, reason, "
+                "created_by, created_at, cleared_by, cleared_at",
+                (who, time.time(), switch_id),
+            )
+            found = await cur.fetchone()
+            return KillSwitchRow(*found) if found else None
+
+        return await self._db.tx(run)
+
+    async def active_killswitches(self) -> tuple[KillSwitchRow, ...]:
+        """Every switch not yet cleared, oldest first."""
+        rows = await self._db.read(
+            f"SELECT {_KS_COLUMNS} FROM killswitches "  # noqa: S608 - constant columns
+            "WHERE cleared_at IS NULL ORDER BY created_at, id"
+        )
+        return tuple(KillSwitchRow(*r) for r in rows)
+
+
+def _totals(holds: Iterable[Hold], value: Callable[[Hold], float]) -> dict[_Key, float]:
+    out: dict[_Key, float] = {}
+    for hold in holds:
+        out[_key(hold)] = out.get(_key(hold), 0.0) + value(hold)
+    return out
+
+
+async def _spend(
+    cur: AsyncCursor[Any], holds: Sequence[Hold], actual: Mapping[str, float] | None
+) -> dict[_Key, Counter]:
+    """Release ``holds`` and add what was spent, under row locks taken in key order."""
+    keys = sorted({_key(h) for h in holds})
+    await cur.execute(_LOCK, _columns(keys))
+    amounts = _totals(holds, lambda h: h.amount)
+    spends = _totals(
+        holds, lambda h: h.amount if actual is None else max(0.0, actual.get(h.counter, 0.0))
+    )
+    await cur.execute(
+        _SETTLE, (*_columns(keys), [amounts[k] for k in keys], [spends[k] for k in keys])
+    )
+    return {
+        (c, w, s): Counter(c, w, s, float(sp), float(rs))
+        for c, w, s, sp, rs in await cur.fetchall()
+    }
+
+
+# -- call links -------------------------------------------------------------------------------
+
+
+class PgLinkStore:
+    """Call links (:class:`~warden.state.links.LinkRepo`) on PostgreSQL, shared by the fleet."""
+
+    def __init__(self, db: PgDatabase) -> None:
+        self._db = db
+
+    async def close(self) -> None:
+        """Nothing of its own to close: the pool belongs to the backend."""
+
+    async def apply(
+        self, ops: Sequence[LinkOp], *, prune_before: float | None, keep: int = MAX_LINKS
+    ) -> list[str]:
+        """Write a batch in one transaction; return ids that became tombstones on disk."""
+        batch = tuple(ops)
+
+        async def run(cur: AsyncCursor[Any]) -> list[str]:
+            clashed: list[str] = []
+            for op in batch:
+                if op.kind == "drop":
+                    await cur.execute(
+                        "DELETE FROM call_links WHERE call_id = %s AND decision_id IS NOT NULL",
+                        (op.call_id,),
+                    )
+                    continue
+                if op.kind == "put" and op.link is not None:
+                    await cur.execute(
+                        "INSERT INTO call_links (call_id, decision_id, action, created_at) "
+                        "VALUES (%s, %s, %s, %s) ON CONFLICT (call_id) DO NOTHING "
+                        "RETURNING call_id",
+                        (op.call_id, op.link.decision_id, encode_action(op.link.action), op.at),
+                    )
+                    if await cur.fetchone() is not None:
+                        continue
+                    clashed.append(op.call_id)
+                await cur.execute(
+                    "INSERT INTO call_links (call_id, decision_id, action, created_at) "
+                    "VALUES (%s, NULL, NULL, %s) ON CONFLICT (call_id) DO UPDATE "
+                    "SET decision_id = NULL, action = NULL, created_at = excluded.created_at",
+                    (op.call_id, op.at),
+                )
+            if prune_before is not None:
+                await cur.execute("DELETE FROM call_links WHERE created_at < %s", (prune_before,))
+                await cur.execute(
+                    "DELETE FROM call_links WHERE call_id IN (SELECT call_id FROM call_links "
+                    "ORDER BY created_at DESC OFFSET %s)",
+                    (keep,),
+                )
+            return clashed
+
+        return await self._db.tx(run)
+
+    async def take(
+        self, call_ids: Sequence[str], *, newer_than: float
+    ) -> tuple[dict[str, Link], set[str]]:
+        """Remove and return the links of ``call_ids``; also say which are tombstones."""
+        ids = list(dict.fromkeys(call_ids))
+
+        async def run(cur: AsyncCursor[Any]) -> tuple[dict[str, Link], set[str]]:
+            await cur.execute(
+                "DELETE FROM call_links WHERE call_id = ANY(%s) AND created_at >= %s "
+                "AND decision_id IS NOT NULL RETURNING call_id, decision_id, action",
+                (ids, newer_than),
+            )
+            links: dict[str, Link] = {}
+            for call_id, decision_id, action in await cur.fetchall():
+                try:
+                    links[call_id] = Link(decode_action(bytes(action)), decision_id)
+                except (ValueError, KeyError, TypeError):
+                    log.warning("call link %r is unreadable; its result is not linked", call_id)
+            await cur.execute(
+                "SELECT call_id FROM call_links WHERE call_id = ANY(%s) AND created_at >= %s "
+                "AND decision_id IS NULL",
+                (ids, newer_than),
+            )
+            return links, {r[0] for r in await cur.fetchall()}
+
+        return await self._db.tx(run)
+
+    async def count(self) -> int:
+        """How many rows (links and tombstones) the table holds."""
+        rows = await self._db.read("SELECT count(*) FROM call_links")
+        return int(rows[0][0])
+
+
+# -- the change feed -----------------------------------------------------------------------------
+
+
+class PgFeed(Fanout):
+    """Changes published by the tables' triggers, received with LISTEN on a connection of its own.
+
+    When that connection is lost, it reconnects (backing off up to
+    ``max_backoff_s``) and then tells every watcher to re-read
+    (``key`` ``None``): changes made while it was away are not lost.
+    """
+
+    def __init__(self, target: PgTarget, *, max_backoff_s: float = 2.0) -> None:
+        super().__init__()
+        self._target = target
+        self._max_backoff = max_backoff_s
+        self._task: asyncio.Task[None] | None = None
+        self._conn: AsyncConnection[Any] | None = None
+        self.listening = asyncio.Event()
+        """Set while the LISTEN connection is up."""
+
+    async def start(self) -> None:
+        """Connect and LISTEN; returns once listening (or raises ConfigError)."""
+        conn = await self._listen()
+        self._task = tasks.spawn(self._run(conn), name="state-feed")
+
+    async def _listen(self) -> AsyncConnection[Any]:
+        conn = await self._target.connect(autocommit=True)
+        try:
+            for channel in CHANNELS:
+                await conn.execute(f"LISTEN {_CHANNEL_PREFIX}{channel}".encode())
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn = conn
+        self.listening.set()
+        return conn
+
+    async def _run(self, conn: AsyncConnection[Any] | None) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                if conn is None:
+                    conn = await self._listen()
+                    self.publish_all()  # whatever happened while away
+                    backoff = 0.05
+                async for note in conn.notifies():
+                    channel = note.channel.removeprefix(_CHANNEL_PREFIX)
+                    self.publish(Change(channel, note.payload or None))
+            except asyncio.CancelledError:
+                raise
+            except (psycopg.Error, ConfigError, OSError) as exc:
+                log.warning(
+                    "state change feed lost its connection to %s (%s); reconnecting",
+                    self._target.shown,
+                    _reason(exc),
+                )
+            self.listening.clear()
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+            conn = self._conn = None
+            await asyncio.sleep(backoff)
+            backoff = min(self._max_backoff, backoff * 2)
+
+    async def close(self) -> None:
+        """Stop listening and close the connection."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = None
+        self.listening.clear()

@@ -1,0 +1,257 @@
+"""Session state: counters per session, the calls Warden decided, Responses chains.
+
+* **Counters** (``session_counters``): named integers per session
+  (``calls:<tool>``, ``denials``, ``approvals``, ``taint:<label>``), added to
+  atomically, so two sidecars sharing the store count together.
+* **Decided calls** (``session_calls``): for every tool call Warden decided,
+  its call id, decision id, tool, argument digest and effect. A conversation's
+  history is checked against it: a prior call with no matching row is one
+  Warden never let through (``input.history[i].verified: false``).
+* **Responses chains** (``session_responses``): for a Responses API answer
+  Warden relayed, its session, the response it continued and the calls it
+  carried, so a request naming ``previous_response_id`` gets its history back
+  from Warden's own records, not from the agent.
+
+All three are pruned by age (``sessions.ttl_s``). SQLite
+(:class:`SessionStore`) and PostgreSQL
+(:class:`warden.state.pg_sessions.PgSessionStore`) implement
+:class:`SessionRepo`; the contract suite runs against both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from warden.state.base import SqliteStore, immediate
+
+__all__ = ["CallRecord", "ChainLink", "SessionRepo", "SessionStore"]
+
+MAX_CHAIN: Final = 256
+"""How many responses back a ``previous_response_id`` chain is followed."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS session_counters (
+    session_id TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    value      INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (session_id, name)
+);
+CREATE INDEX IF NOT EXISTS session_counters_age ON session_counters (updated_at);
+CREATE TABLE IF NOT EXISTS session_calls (
+    call_id     TEXT NOT NULL,
+    decision_id TEXT NOT NULL,
+    tool        TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    effect      TEXT NOT NULL,
+    session_id  TEXT,
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (call_id, decision_id)
+);
+CREATE INDEX IF NOT EXISTS session_calls_age ON session_calls (created_at);
+CREATE TABLE IF NOT EXISTS session_responses (
+    response_id TEXT PRIMARY KEY,
+    session_id  TEXT NOT NULL,
+    previous_id TEXT,
+    calls       TEXT NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS session_responses_age ON session_responses (created_at);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """A tool call Warden decided: what a conversation's history is checked against."""
+
+    call_id: str
+    decision_id: str
+    tool: str
+    digest: str
+    """SHA-256 of the arguments in canonical JSON (``history.arguments_digest``)."""
+    effect: str
+    """The decision's enforced effect: ``allow``, ``deny`` or ``require_approval``."""
+    session_id: str | None = None
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ChainLink:
+    """One Responses API answer Warden relayed, as a chain is rebuilt from it."""
+
+    response_id: str
+    session_id: str
+    previous_id: str | None
+    calls: str
+    """The history entries this answer and its request added (JSON text)."""
+
+
+class SessionRepo(Protocol):
+    """Where session counters, decided calls and Responses chains are kept."""
+
+    async def add(self, session_id: str, deltas: Mapping[str, int]) -> dict[str, int]:
+        """Add ``deltas`` to the session's counters atomically; return every counter after."""
+        ...
+
+    async def counters(self, session_id: str) -> dict[str, int]:
+        """The session's counters by name (none: an empty map)."""
+        ...
+
+    async def record_calls(self, records: Sequence[CallRecord]) -> None:
+        """Keep decided calls (a row already there is left as it is)."""
+        ...
+
+    async def calls(self, call_ids: Sequence[str]) -> dict[str, list[CallRecord]]:
+        """The decided calls with these ids (ids are the upstream's: one may have several)."""
+        ...
+
+    async def record_response(self, link: ChainLink) -> None:
+        """Keep a relayed Responses answer (once: the first record of an id stands)."""
+        ...
+
+    async def chain(self, response_id: str, *, limit: int = MAX_CHAIN) -> list[ChainLink]:
+        """The chain ending at ``response_id``, newest first, at most ``limit`` long."""
+        ...
+
+    async def prune(self, older_than_s: float) -> int:
+        """Drop counters, calls and chains not touched for ``older_than_s``; how many rows."""
+        ...
+
+
+_SELECT_CALLS: Final = (
+    "SELECT call_id, decision_id, tool, digest, effect, session_id, created_at "
+    "FROM session_calls WHERE call_id IN (?) ORDER BY created_at"
+)
+
+
+class SessionStore(SqliteStore):
+    """:class:`SessionRepo` in the SQLite state database."""
+
+    SCHEMA = _SCHEMA
+    NAME = "sessions"
+
+    async def add(self, session_id: str, deltas: Mapping[str, int]) -> dict[str, int]:
+        """Add ``deltas`` to the session's counters atomically; return every counter after."""
+        return await self._run(self._add, session_id, dict(deltas))
+
+    def _add(self, session_id: str, deltas: dict[str, int]) -> dict[str, int]:
+        now = time.time()
+        with immediate(self._conn) as cur:
+            for name, delta in sorted(deltas.items()):
+                cur.execute(
+                    "INSERT INTO session_counters (session_id, name, value, updated_at) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (session_id, name) DO UPDATE "
+                    "SET value = value + excluded.value, updated_at = excluded.updated_at",
+                    (session_id, name, int(delta), now),
+                )
+            rows = cur.execute(
+                "SELECT name, value FROM session_counters WHERE session_id = ?", (session_id,)
+            ).fetchall()
+        return {str(n): int(v) for n, v in rows}
+
+    async def counters(self, session_id: str) -> dict[str, int]:
+        """The session's counters by name (none: an empty map)."""
+        return await self._run(self._counters, session_id)
+
+    def _counters(self, session_id: str) -> dict[str, int]:
+        rows = self._conn.execute(
+            "SELECT name, value FROM session_counters WHERE session_id = ?", (session_id,)
+        ).fetchall()
+        return {str(n): int(v) for n, v in rows}
+
+    async def record_calls(self, records: Sequence[CallRecord]) -> None:
+        """Keep decided calls (a row already there is left as it is)."""
+        if records:
+            await self._run(self._record_calls, tuple(records))
+
+    def _record_calls(self, records: tuple[CallRecord, ...]) -> None:
+        with immediate(self._conn) as cur:
+            cur.executemany(
+                "INSERT OR IGNORE INTO session_calls (call_id, decision_id, tool, digest, "
+                "effect, session_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.call_id,
+                        r.decision_id,
+                        r.tool,
+                        r.digest,
+                        r.effect,
+                        r.session_id,
+                        r.created_at or time.time(),
+                    )
+                    for r in records
+                ],
+            )
+
+    async def calls(self, call_ids: Sequence[str]) -> dict[str, list[CallRecord]]:
+        """The decided calls with these ids (ids are the upstream's: one may have several)."""
+        ids = list(dict.fromkeys(call_ids))
+        if not ids:
+            return {}
+        return await self._run(self._calls, ids)
+
+    def _calls(self, ids: list[str]) -> dict[str, list[CallRecord]]:
+        out: dict[str, list[CallRecord]] = {}
+        for start in range(0, len(ids), 500):  # SQLite's bound on parameters
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            query = _SELECT_CALLS.replace("(?)", f"({marks})")
+            rows = self._conn.execute(
+                query,
+                chunk,
+            ).fetchall()
+            for row in rows:
+                out.setdefault(row[0], []).append(CallRecord(*row))
+        return out
+
+    async def record_response(self, link: ChainLink) -> None:
+        """Keep a relayed Responses answer (once: the first record of an id stands)."""
+        await self._run(self._record_response, link)
+
+    def _record_response(self, link: ChainLink) -> None:
+        with immediate(self._conn) as cur:
+            cur.execute(
+                "INSERT OR IGNORE INTO session_responses (response_id, session_id, previous_id, "
+                "calls, created_at) VALUES (?, ?, ?, ?, ?)",
+                (link.response_id, link.session_id, link.previous_id, link.calls, time.time()),
+            )
+
+    async def chain(self, response_id: str, *, limit: int = MAX_CHAIN) -> list[ChainLink]:
+        """The chain ending at ``response_id``, newest first, at most ``limit`` long."""
+        return await self._run(self._chain, response_id, limit)
+
+    def _chain(self, response_id: str, limit: int) -> list[ChainLink]:
+        out: list[ChainLink] = []
+        seen: set[str] = set()
+        current: str | None = response_id
+        while current is not None and current not in seen and len(out) < limit:
+            seen.add(current)
+            row = self._conn.execute(
+                "SELECT response_id, session_id, previous_id, calls FROM session_responses "
+                "WHERE response_id = ?",
+                (current,),
+            ).fetchone()
+            if row is None:
+                break
+            out.append(ChainLink(*row))
+            current = row[2]
+        return out
+
+    async def prune(self, older_than_s: float) -> int:
+        """Drop counters, calls and chains not touched for ``older_than_s``; how many rows."""
+        return await self._run(self._prune, time.time() - older_than_s)
+
+    def _prune(self, cutoff: float) -> int:
+        with immediate(self._conn) as cur:
+            total = 0
+            for table, column in (
+                ("session_counters", "updated_at"),
+                ("session_calls", "created_at"),
+                ("session_responses", "created_at"),
+            ):
+                cur.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff,))  # noqa: S608
+                total += cur.rowcount
+            return total

@@ -1,0 +1,150 @@
+"""Change-management records in the export: a hot reload, an eval run, the config load.
+
+A real Warden watches a bundle folder; the openai SDK makes a refund before
+and after the folder changes (a new revision), then ``warden eval run``
+records a run of the shipped suite into the same log, and ``warden audit
+export`` must list all of it in its change log and link each decision to the
+activation in force when it was made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import openai
+import orjson
+import pytest
+
+from tests.functional.conftest import audit_records, make_config
+from tests.functional.test_challenger_functional import candidate
+from warden.audit.changes import config_sha256
+from warden.cli import main as warden_main
+from warden.server import Warden
+from warden.testing import Call, MockLLM, Reply
+
+ROOT = Path(__file__).resolve().parents[2]
+SUITE = ROOT / "policies" / "customer-support-evals" / "suite.jsonl"
+MESSAGES: Any = [{"role": "user", "content": "refund my order"}]
+
+
+async def refund(warden: Warden, llm: MockLLM, amount: int) -> None:
+    llm.script(Reply(tool_calls=[Call("issue_refund", {"order_id": "A-1", "amount": amount})]))
+    async with openai.AsyncOpenAI(
+        base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
+    ) as client:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+
+async def test_reload_and_eval_run_appear_in_the_export_change_log(
+    llm: MockLLM, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = candidate(tmp_path, 100, "rev-1")
+    config = make_config(
+        tmp_path, llm.url, policy={"bundles": [str(bundle)], "watch": True, "poll_interval_s": 0.05}
+    )
+    async with Warden(config) as warden:
+        await refund(warden, llm, 75)
+        # A new revision lands in the watched folder: hot reload.
+        data = json.loads((bundle / "data.json").read_text())
+        data["warden"]["limits"]["issue_refund"]["auto"] = 50
+        (bundle / "data.json").write_text(json.dumps(data))
+        (bundle / ".manifest").write_text(json.dumps({"revision": "rev-2", "roots": ["warden"]}))
+        # The folder watcher is what is tested: wait for it (bounded by the test timeout).
+        while warden.readiness()[1]["policy"]["revision"] != "rev-2":  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        await refund(warden, llm, 75)
+    audit = tmp_path / "audit"
+    # The eval run is recorded in the same log (Warden has stopped and released it).
+    # In a thread: the command runs its own event loop, as it does from a shell.
+    code = await asyncio.to_thread(
+        warden_main, ["eval", "run", str(SUITE), "--bundle", str(bundle), "--audit", str(audit)]
+    )
+    assert code == 1  # rev-2 holds 75 USD refunds: the shipped suite's expectations fail
+    assert "recorded as rec_" in capsys.readouterr().out
+    # A replay of the log against the current revision, recorded in the log it replayed.
+    replayed = await asyncio.to_thread(
+        warden_main,
+        ["policy", "replay", "--audit", str(audit), "--bundle", str(bundle), "--record"],
+    )
+    assert replayed == 0  # no threshold set
+    assert "recorded as rec_" in capsys.readouterr().out
+    assert warden_main(["audit", "verify", "--dir", str(audit)]) == 0
+    out = tmp_path / "evidence"
+    assert warden_main(["audit", "export", "--dir", str(audit), "--out", str(out)]) == 0
+
+    changes = [orjson.loads(line) for line in (out / "changelog.jsonl").read_bytes().splitlines()]
+    kinds = [c["kind"] for c in changes]
+    assert kinds == [
+        "config_load",
+        "policy_activation",
+        "policy_activation",
+        "eval_run",
+        "replay_run",
+    ]
+    assert changes[0]["body"]["config_sha256"] == config_sha256(config)
+    first, second = changes[1], changes[2]
+    assert (first["body"]["revision"], first["body"]["previous_revision"]) == ("rev-1", None)
+    assert (second["body"]["revision"], second["body"]["previous_revision"]) == ("rev-2", "rev-1")
+    assert second["body"]["manifest_sha256"] != first["body"]["manifest_sha256"]
+    assert second["body"]["source"] == str(bundle)
+    assert second["body"]["signed_by"] is None
+    run = changes[3]["body"]
+    assert run["suite_sha256"] == hashlib.sha256(SUITE.read_bytes()).hexdigest()
+    assert (run["bundle_revision"], run["result"]) == ("rev-2", "fail")
+    assert "refund-at-limit" in run["failed_ids"]
+    replay_run = changes[4]["body"]
+    assert replay_run["bundle_revision"] == "rev-2"
+    # The first refund (75, allowed under rev-1) is held under rev-2.
+    assert replay_run["changes"] == {"allow→require_approval": 1}
+    assert replay_run["result"] == "pass"
+
+    decisions = {
+        r["id"]: r
+        for r in audit_records(audit)
+        if r["kind"] == "decision" and r["action"]["tool"] == "issue_refund"
+    }
+    links = [orjson.loads(line) for line in (out / "activations.jsonl").read_bytes().splitlines()]
+    refund_links = [link for link in links if link["record_id"] in decisions]
+    assert [link["bundle_revision"] for link in refund_links] == ["rev-1", "rev-2"]
+    assert [decisions[link["record_id"]]["decision"]["effect"] for link in refund_links] == [
+        "allow",
+        "require_approval",
+    ]
+    assert [link["activation_id"] for link in refund_links] == [first["id"], second["id"]]
+    summary = (out / "SUMMARY.md").read_text()
+    assert "## Change log" in summary
+    assert "champion revision rev-2 (was rev-1)" in summary
+    # The package still verifies offline, the new files included in its manifest.
+    manifest = (out / "MANIFEST.sha256").read_text()
+    assert "changelog.jsonl" in manifest
+    assert "activations.jsonl" in manifest
+    key = (out / "log-key.vkey").read_text().strip()
+    checked = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(out / "verify_evidence.py"), str(out), "--key", key],
+        capture_output=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_config_hash_leaves_secrets_out(tmp_path: Path) -> None:
+    base = {"ship": {"url": "postgresql://warden:hunter2@db:5432/audit", "password": "s3cret"}}
+    one = make_config(tmp_path, "http://127.0.0.1:9", audit={**base, "dir": str(tmp_path)})
+    other = make_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        audit={
+            "dir": str(tmp_path),
+            "ship": {"url": "postgresql://warden:other@db:5432/audit", "password": "different"},
+        },
+    )
+    assert config_sha256(one) == config_sha256(other)
+    changed = make_config(tmp_path, "http://127.0.0.1:9", mode="observe")
+    assert config_sha256(changed) != config_sha256(one)

@@ -1,0 +1,402 @@
+"""Envoy ext_authz against a real Warden: xds-protos stubs play Envoy's side.
+
+Warden runs in-process (its core, policy workers and audit log); the ext_authz
+service is added to a ``grpc.aio`` server on 127.0.0.1:0 and driven through
+``envoy.service.auth.v3.Authorization`` stubs, as Envoy would drive it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import orjson
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
+
+from tests.functional.conftest import ROOT, audit_records, make_config
+from warden.config import PolicyConfig
+from warden.ingress.envoy_authz import ExtAuthzService
+from warden.killswitch import Scope
+from warden.policy.engine import PolicyEngine
+from warden.server import Warden
+
+BUNDLE = ROOT / "policies" / "envoy-authz"
+READER = {"authorization": "Bearer reader-token-example"}
+SUPPORT = {"authorization": "Bearer support-token-example"}
+GRPC_OK = 0
+GRPC_PERMISSION_DENIED = 7
+
+Check = Callable[..., Any]
+
+
+def _request(
+    method: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+) -> Any:
+    request = external_auth_pb2.CheckRequest()
+    request.attributes.source.address.socket_address.address = "10.0.0.7"
+    request.attributes.source.address.socket_address.port_value = 51234
+    request.attributes.destination.address.socket_address.address = "10.0.0.9"
+    http = request.attributes.request.http
+    http.method = method
+    http.path = path
+    http.host = "orders.internal"
+    http.headers.update({":method": method, ":path": path, **(headers or {})})
+    if body:
+        http.raw_body = body
+        http.headers["content-length"] = str(len(body))
+    return request
+
+
+@asynccontextmanager
+async def _serving(
+    tmp_path: Path, *, yield_warden: bool = False, **overrides: Any
+) -> AsyncIterator[Any]:
+    """Warden (core only) plus a gRPC server carrying the ext_authz service; yields a stub."""
+    base: dict[str, Any] = {
+        "policy": {"bundles": [str(BUNDLE)], "workers": 1, "watch": False, "deadline_ms": 5000},
+        "upstreams": {
+            "orders": {
+                "protocol": "http",
+                "base_url": "http://127.0.0.1:9",
+                "routes": [
+                    {
+                        "method": "POST",
+                        "path": "/orders/{order_id}/refunds",
+                        "tool": "issue_refund",
+                        "arguments": {"order_id": "{order_id}", "amount": "/amount"},
+                    }
+                ],
+                "unmatched": "allow",
+            }
+        },
+        "ext_authz": {"upstream": "orders"},
+    }
+    for key, value in overrides.items():
+        base[key] = {**base[key], **value} if isinstance(base.get(key), dict) else value
+    config = make_config(tmp_path, "http://127.0.0.1:9", **base)
+    async with Warden(config, listeners=False) as warden:
+        assert warden.core is not None
+        service = ExtAuthzService(warden.core, config)
+        server = grpc.aio.server()
+        service.add_to(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+                yield (stub, warden) if yield_warden else stub
+        finally:
+            await server.stop(None)
+            await service.close()
+
+
+def _decisions(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    records = audit_records(tmp_path / "audit")
+    return {r["decision"]["id"]: r for r in records if r["kind"] == "decision"}
+
+
+def _headers(options: Any) -> dict[str, str]:
+    return {o.header.key: o.header.value for o in options}
+
+
+def _checks(result: str) -> float:
+    return REGISTRY.get_sample_value("warden_ext_authz_checks_total", {"result": result}) or 0.0
+
+
+async def test_allowed_request_carries_the_policys_headers_and_its_decision(
+    tmp_path: Path,
+) -> None:
+    before = _checks("allowed")
+    async with _serving(tmp_path) as stub:
+        response = await stub.Check(
+            _request(
+                "GET",
+                "/orders/A-1?expand=items",
+                {**READER, "x-debug-override": "1", "x-warden-context-ticket": "T-9"},
+            )
+        )
+    assert response.status.code == GRPC_OK
+    assert response.WhichOneof("http_response") == "ok_response"
+    ok = response.ok_response
+    assert _headers(ok.headers) == {"x-ext-authz-check": "allowed", "x-user-role": "reader"}
+    assert list(ok.headers_to_remove) == ["x-debug-override"]
+    assert _headers(ok.response_headers_to_add) == {"x-governed-by": "warden"}
+    metadata = dict(response.dynamic_metadata)
+    decision_id = metadata["decision_id"]
+    assert metadata == {
+        "role": "reader",
+        "decision_id": decision_id,
+        "warden_decision_id": decision_id,
+    }
+    record = _decisions(tmp_path)[decision_id]
+    assert record["decision"]["effect"] == "allow"
+    assert record["decision"]["guard"] == "policy"
+    action = record["action"]
+    assert (action["kind"], action["protocol"], action["stage"]) == (
+        "http_call",
+        "envoy_authz",
+        "executed",
+    )
+    assert (action["request"]["method"], action["request"]["path"]) == ("GET", "/orders/A-1")
+    assert action["context"] == {"ticket": "T-9"}
+    # The bearer token reached the policy, never the record.
+    assert b"reader-token-example" not in orjson.dumps(record)
+    assert _checks("allowed") == before + 1
+
+
+async def test_denied_request_gets_the_policys_status_body_and_headers(tmp_path: Path) -> None:
+    before = _checks("denied")
+    async with _serving(tmp_path) as stub:
+        response = await stub.Check(_request("GET", "/orders/A-1"))
+    assert response.status.code == GRPC_PERMISSION_DENIED
+    denied = response.denied_response
+    assert denied.status.code == 401
+    assert denied.body == "unauthorized: send Authorization: Bearer <token>"
+    assert _headers(denied.headers) == {"www-authenticate": "Bearer"}
+    decision_id = response.dynamic_metadata["decision_id"]
+    record = _decisions(tmp_path)[decision_id]
+    assert (record["decision"]["effect"], record["decision"]["enforced"]) == ("deny", "deny")
+    assert _checks("denied") == before + 1
+
+
+async def test_a_route_rule_makes_the_request_a_tool_call(tmp_path: Path) -> None:
+    json_headers = {**SUPPORT, "content-type": "application/json"}
+    async with _serving(tmp_path) as stub:
+        small = await stub.Check(
+            _request("POST", "/orders/A-1/refunds", json_headers, b'{"amount": 40}')
+        )
+        large = await stub.Check(
+            _request("POST", "/orders/A-1/refunds", json_headers, b'{"amount": 400}')
+        )
+    assert small.status.code == GRPC_OK
+    assert large.status.code == GRPC_PERMISSION_DENIED
+    assert large.denied_response.status.code == 403
+    records = _decisions(tmp_path)
+    action = records[small.dynamic_metadata["decision_id"]]["action"]
+    assert (action["kind"], action["tool"]) == ("tool_call", "issue_refund")
+    assert action["arguments"] == {"order_id": "A-1", "amount": 40}
+    assert records[large.dynamic_metadata["decision_id"]]["decision"]["effect"] == "deny"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "expect"),
+    [
+        (b'{"amount": ', "application/json", "error parsing request body"),
+        (b'{"amount": 1, "amount": 2}', "application/json", "twice"),
+        (b'{"amount": NaN}', "application/json", "NaN"),
+        (b'{"amount": 99999999999999999999999}', "application/json", "64 bits"),
+    ],
+)
+async def test_an_unparsable_body_fails_closed_with_400(
+    tmp_path: Path, body: bytes, content_type: str, expect: str
+) -> None:
+    before = _checks("invalid")
+    headers = {**SUPPORT, "content-type": content_type}
+    async with _serving(tmp_path) as stub:
+        response = await stub.Check(_request("POST", "/orders/A-1/notes", headers, body))
+    assert response.status.code == GRPC_PERMISSION_DENIED
+    assert response.denied_response.status.code == 400
+    assert expect in response.denied_response.body
+    record = _decisions(tmp_path)[response.dynamic_metadata["decision_id"]]
+    assert (record["decision"]["effect"], record["decision"]["guard"]) == ("deny", "validation")
+    assert _checks("invalid") == before + 1
+
+
+async def test_a_malformed_path_fails_closed(tmp_path: Path) -> None:
+    async with _serving(tmp_path) as stub:
+        response = await stub.Check(_request("GET", "/orders/%zz", READER))
+    assert response.status.code == GRPC_PERMISSION_DENIED
+    assert response.denied_response.status.code == 400
+    assert "error parsing path and query" in response.denied_response.body
+
+
+async def test_dry_run_records_the_denial_and_lets_it_through(tmp_path: Path) -> None:
+    before = _checks("dry_run")
+    async with _serving(tmp_path, ext_authz={"dry_run": True}) as stub:
+        response = await stub.Check(_request("GET", "/orders/A-1"))
+        unparsable = await stub.Check(
+            _request("POST", "/x", {"content-type": "application/json"}, b"{")
+        )
+    assert response.status.code == GRPC_OK
+    assert response.WhichOneof("http_response") == "ok_response"
+    assert list(response.ok_response.headers) == []
+    record = _decisions(tmp_path)[response.dynamic_metadata["decision_id"]]
+    decision = record["decision"]
+    assert (decision["effect"], decision["enforced"], decision["would"], decision["mode"]) == (
+        "deny",
+        "allow",
+        "would_deny",
+        "observe",
+    )
+    # As in OPA-Envoy, what cannot be parsed is denied even in dry-run.
+    assert unparsable.status.code == GRPC_PERMISSION_DENIED
+    assert unparsable.denied_response.status.code == 400
+    assert _checks("dry_run") == before + 1
+
+
+def _bundle(tmp_path: Path, source: str) -> Path:
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    (folder / "policy.rego").write_text(source)
+    return folder
+
+
+BOOLEAN_POLICY = """package envoy.authz
+
+import rego.v1
+
+default allow := false
+
+allow if input.parsed_path[0] == "open"
+"""
+
+
+async def test_a_boolean_result_answers_without_an_http_response(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path, BOOLEAN_POLICY)
+    policy = {"bundles": [str(bundle)]}
+    async with _serving(tmp_path, policy=policy) as stub:
+        allowed = await stub.Check(_request("GET", "/open/door"))
+        denied = await stub.Check(_request("GET", "/closed/door"))
+    assert allowed.status.code == GRPC_OK
+    assert allowed.WhichOneof("http_response") is None
+    assert denied.status.code == GRPC_PERMISSION_DENIED
+    assert denied.WhichOneof("http_response") is None, denied.denied_response.body
+    assert denied.dynamic_metadata["decision_id"] == denied.dynamic_metadata["warden_decision_id"]
+
+
+@pytest.mark.parametrize(
+    ("source", "guard", "error"),
+    [
+        # The bundle has no envoy.authz package: the query is undefined.
+        ("package other\n\nimport rego.v1\n\nallow := true\n", "policy", None),
+        # A result object without "allowed".
+        (
+            'package envoy.authz\n\nimport rego.v1\n\nallow := {"ok": true}\n',
+            "fallback",
+            "policy_error",
+        ),
+        # An http_status Envoy cannot send.
+        (
+            'package envoy.authz\n\nallow := {"allowed": false, "http_status": 999}\n',
+            "fallback",
+            "policy_error",
+        ),
+    ],
+)
+async def test_a_missing_or_unusable_result_denies(
+    tmp_path: Path, source: str, guard: str, error: str | None
+) -> None:
+    bundle = _bundle(tmp_path, source)
+    async with _serving(tmp_path, policy={"bundles": [str(bundle)]}) as stub:
+        response = await stub.Check(_request("GET", "/anything", READER))
+    assert response.status.code == GRPC_PERMISSION_DENIED
+    assert response.denied_response.status.code == 403
+    decision_id = response.dynamic_metadata["decision_id"]
+    assert decision_id in response.denied_response.body
+    record = _decisions(tmp_path)[decision_id]
+    assert (record["decision"]["effect"], record["decision"]["guard"]) == ("deny", guard)
+    assert record["decision"]["error"] == error
+
+
+async def test_an_unproven_agent_is_refused_without_a_decision(tmp_path: Path) -> None:
+    async with _serving(tmp_path) as stub:
+        response = await stub.Check(_request("GET", "/health", {"x-warden-agent": "someone-else"}))
+    assert response.status.code == GRPC_PERMISSION_DENIED
+    assert response.denied_response.status.code == 403
+    assert "decision_id" not in response.dynamic_metadata
+    assert _decisions(tmp_path) == {}
+
+
+async def test_a_kill_switch_denies_before_the_policy(tmp_path: Path) -> None:
+    async with _serving(tmp_path, yield_warden=True) as (stub, warden):
+        await warden.killswitches.set(Scope.GLOBAL, "*", "incident 42", who="oncall")
+        response = await stub.Check(_request("GET", "/health"))
+    assert response.status.code == GRPC_PERMISSION_DENIED
+    assert response.denied_response.status.code == 403
+    assert "incident 42" in response.denied_response.body
+    record = _decisions(tmp_path)[response.dynamic_metadata["decision_id"]]
+    assert record["decision"]["guard"] == "kill_switch"
+
+
+TWO_QUERIES = """package envoy.authz
+
+import rego.v1
+
+default allow := false
+
+allow if input.parsed_path[0] == "open"
+"""
+
+MAIN = """package warden
+
+import rego.v1
+
+decision := {"effect": "allow"} if input.parsed_path[0] == "open"
+"""
+
+
+async def test_the_engine_keeps_an_entrypoints_answers_apart_from_the_main_query(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    (folder / "authz.rego").write_text(TWO_QUERIES)
+    (folder / "main.rego").write_text(MAIN)
+    config = PolicyConfig(bundles=(str(folder),), workers=1, watch=False, deadline_ms=5000)
+    engine = await PolicyEngine.start(
+        config, entrypoints=("data.envoy.authz.allow", "data.envoy.authz.nope(")
+    )
+    try:
+        doc = {"parsed_path": ["closed"]}
+        for _ in range(2):  # the second answers come from the decision cache
+            main = await engine.evaluate(doc)
+            entry = await engine.evaluate(doc, query="data.envoy.authz.allow")
+            assert main.undefined
+            assert (entry.defined, entry.value, entry.effect) == (True, False, None)
+        assert entry.cached
+        opened = await engine.evaluate({"parsed_path": ["open"]}, query="data.envoy.authz.allow")
+        assert opened.value is True
+        # A query that does not compile answers an error; one never compiled is not ready.
+        broken = await engine.evaluate(doc, query="data.envoy.authz.nope(")
+        assert broken.error == "policy_error"
+        unknown = await engine.evaluate(doc, query="data.other.allow")
+        assert unknown.error == "policy_not_ready"
+    finally:
+        await engine.close()
+
+
+async def test_the_grpc_listener_serves_ext_authz(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        listen={"grpc": "127.0.0.1:0"},
+        policy={"bundles": [str(BUNDLE)], "workers": 1, "watch": False, "deadline_ms": 5000},
+    )
+    async with (
+        Warden(config) as warden,
+        grpc.aio.insecure_channel(warden.grpc_address) as channel,
+    ):
+        health_stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs are untyped
+        health = await health_stub.Check(
+            health_pb2.HealthCheckRequest(service="envoy.service.auth.v3.Authorization")
+        )
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        allowed = await stub.Check(_request("GET", "/orders/A-1", READER))
+        denied = await stub.Check(_request("DELETE", "/orders/A-1", READER))
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert allowed.status.code == GRPC_OK
+    assert denied.status.code == GRPC_PERMISSION_DENIED
+    assert denied.denied_response.status.code == 403
+    records = _decisions(tmp_path)
+    assert records[allowed.dynamic_metadata["decision_id"]]["decision"]["effect"] == "allow"
+    assert records[denied.dynamic_metadata["decision_id"]]["decision"]["effect"] == "deny"

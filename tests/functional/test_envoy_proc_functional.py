@@ -1,0 +1,853 @@
+"""Envoy ext_proc, with the real ``ExternalProcessorStub`` from xds-protos playing Envoy's side.
+
+Warden's core runs in-process; the ext_proc service is served by a standalone
+``grpc.aio`` server on 127.0.0.1:0. :class:`Envoy` does what Envoy's ext_proc
+filter does with each answer: it sends the request headers and body, forwards
+the (possibly mutated) request to the mock LLM upstream over real HTTP, then
+sends the upstream's response headers and body (as one BUFFERED message or as
+STREAMED / FULL_DUPLEX_STREAMED chunks) and applies the mutations it gets back.
+What the agent would receive is then parsed with the official SDKs' types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import grpc
+import openai
+import orjson
+import pytest
+from aiohttp import web
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from tests.functional.conftest import audit_records, make_config
+from tests.unit.test_anthropic import accumulate
+from warden.ingress.envoy_proc import SERVICE_NAME, ExtProcService
+from warden.ingress.grpc_service import GrpcService
+from warden.ingress.listen import listen
+from warden.killswitch import Scope
+from warden.protocols.sse import SseParser
+from warden.server import Warden
+from warden.testing import Call, MockLLM, Reply
+
+Mode = processing_mode_pb2.ProcessingMode
+OPENAI_HOST = "api.openai.com"
+ANTHROPIC_HOST = "api.anthropic.com"
+KB = Call("search_kb", {"query": "reset password"}, id="call_kb")
+EXPORT = Call("export_customers", {"format": "csv"}, id="call_export")
+CLOSE = Call("close_account", {"customer_id": "C-7"}, id="toolu_close")
+CHAT: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "help"}]}
+MESSAGES: dict[str, Any] = {
+    "model": "claude-sonnet-4-6",
+    "max_tokens": 256,
+    "messages": [{"role": "user", "content": "help"}],
+}
+
+
+# -- Envoy's side ----------------------------------------------------------------
+
+
+def header_map(headers: Mapping[str, str]) -> Any:
+    """A HeaderMap as Envoy sends it: lower-case keys, values in ``raw_value``."""
+    return base_pb2.HeaderMap(
+        headers=[
+            base_pb2.HeaderValue(key=k.lower(), raw_value=v.encode()) for k, v in headers.items()
+        ]
+    )
+
+
+def apply_headers(headers: dict[str, str], mutation: Any) -> None:
+    for option in mutation.set_headers:
+        headers[option.header.key.lower()] = option.header.raw_value.decode()
+    for name in mutation.remove_headers:
+        headers.pop(name.lower(), None)
+
+
+def body_of(answer: Any, kind: str, chunk: bytes) -> bytes:
+    """What Envoy passes on for ``chunk`` given a per-chunk BodyResponse."""
+    assert answer.WhichOneof("response") == kind, answer
+    common = answer.__getattribute__(kind).response
+    if not common.HasField("body_mutation"):
+        return chunk
+    mutation = common.body_mutation
+    which = mutation.WhichOneof("mutation")
+    if which == "clear_body":
+        return b""
+    assert which == "body", mutation
+    return bytes(mutation.body)
+
+
+@dataclass
+class Result:
+    """What the agent receives once Envoy applied Warden's answers."""
+
+    status: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    immediate: Any = None
+    forwarded_headers: dict[str, str] = field(default_factory=dict)
+    forwarded_body: bytes = b""
+    pieces: list[bytes] = field(default_factory=list)
+    """The response body as Envoy passed it on, one entry per answer."""
+    answers: list[Any] = field(default_factory=list)
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+class Envoy:
+    """Plays Envoy's ext_proc filter for one HTTP request per :meth:`request` call."""
+
+    def __init__(self, stub: Any, upstream_url: str) -> None:
+        self.stub = stub
+        self.upstream_url = upstream_url
+
+    async def request(
+        self,
+        authority: str,
+        path: str,
+        body: Any = None,
+        *,
+        method: str = "POST",
+        headers: Mapping[str, str] | None = None,
+        raw_body: bytes | None = None,
+        request_mode: int = Mode.BUFFERED,
+        response_mode: int = Mode.BUFFERED,
+        protocol_config: bool = True,
+        chunk_size: int = 64,
+        before_body: Callable[[], Awaitable[Any]] | None = None,
+    ) -> Result:
+        """One HTTP request through ext_proc; ``response_mode`` is the response body mode."""
+        result = Result()
+        data = raw_body if raw_body is not None else (orjson.dumps(body) if body else b"")
+        request_headers = {
+            ":authority": authority,
+            ":path": path,
+            ":method": method,
+            ":scheme": "https",
+            "content-type": "application/json",
+            "content-length": str(len(data)),
+            "authorization": "Bearer sk-test-secret-123",
+            "accept-encoding": "gzip, br",
+            **(headers or {}),
+        }
+        call = self.stub.Process()
+        try:
+            first = pb.ProcessingRequest(
+                request_headers=pb.HttpHeaders(
+                    headers=header_map(request_headers), end_of_stream=not data
+                )
+            )
+            if protocol_config:
+                first.protocol_config.CopyFrom(
+                    pb.ProtocolConfiguration(
+                        request_body_mode=request_mode, response_body_mode=response_mode
+                    )
+                )
+            answer = await self._ask(call, first, result)
+            if answer is None:
+                return result
+            apply_headers(request_headers, answer.request_headers.response.header_mutation)
+            if data:
+                size = len(data) if request_mode == Mode.BUFFERED else chunk_size
+                pieces = [data[i : i + size] for i in range(0, len(data), size)]
+                forwarded: list[bytes] = []
+                for i, piece in enumerate(pieces):
+                    last = i == len(pieces) - 1
+                    msg = pb.ProcessingRequest(
+                        request_body=pb.HttpBody(body=piece, end_of_stream=last)
+                    )
+                    answer = await self._ask(call, msg, result)
+                    if answer is None:
+                        return result
+                    forwarded.append(body_of(answer, "request_body", piece))
+                    if request_mode == Mode.BUFFERED:
+                        apply_headers(request_headers, answer.request_body.response.header_mutation)
+                data = b"".join(forwarded)
+            result.forwarded_headers = dict(request_headers)
+            result.forwarded_body = data
+            status, response_headers, raw = await self._upstream(
+                path, method, request_headers, data
+            )
+            await self._response(
+                call, result, status, response_headers, raw, response_mode, chunk_size, before_body
+            )
+            return result
+        finally:
+            call.cancel()
+
+    async def _ask(self, call: Any, message: Any, result: Result) -> Any:
+        await call.write(message)
+        answer = await call.read()
+        result.answers.append(answer)
+        if answer.WhichOneof("response") == "immediate_response":
+            result.immediate = answer.immediate_response
+            result.status = answer.immediate_response.status.code
+            result.headers = {}
+            apply_headers(result.headers, answer.immediate_response.headers)
+            result.body = bytes(answer.immediate_response.body)
+            return None
+        return answer
+
+    async def _upstream(
+        self, path: str, method: str, headers: Mapping[str, str], data: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        send = {k: v for k, v in headers.items() if not k.startswith(":") and k != "content-length"}
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as session,
+            session.request(
+                method, self.upstream_url + path, data=data or None, headers=send
+            ) as resp,
+        ):
+            raw = await resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, raw
+
+    async def _response(
+        self,
+        call: Any,
+        result: Result,
+        status: int,
+        headers: dict[str, str],
+        raw: bytes,
+        mode: int,
+        chunk_size: int,
+        before_body: Callable[[], Awaitable[Any]] | None,
+    ) -> None:
+        response_headers = {":status": str(status), **headers}
+        msg = pb.ProcessingRequest(
+            response_headers=pb.HttpHeaders(
+                headers=header_map(response_headers), end_of_stream=not raw
+            )
+        )
+        answer = await self._ask(call, msg, result)
+        if answer is None:
+            return
+        apply_headers(response_headers, answer.response_headers.response.header_mutation)
+        if answer.HasField("mode_override") and mode != Mode.FULL_DUPLEX_STREAMED:
+            # What Envoy does with allow_mode_override: true.
+            mode = answer.mode_override.response_body_mode or mode
+        result.status = status
+        if before_body is not None:
+            await before_body()
+        if mode == Mode.BUFFERED:
+            chunks = [raw]
+        else:
+            chunks = [raw[i : i + chunk_size] for i in range(0, len(raw), chunk_size)]
+        if mode == Mode.FULL_DUPLEX_STREAMED:
+            for i, chunk in enumerate(chunks):
+                msg = pb.ProcessingRequest(
+                    response_body=pb.HttpBody(body=chunk, end_of_stream=i == len(chunks) - 1)
+                )
+                await call.write(msg)
+            while True:
+                answer = await call.read()
+                result.answers.append(answer)
+                if answer.WhichOneof("response") == "immediate_response":
+                    result.immediate = answer.immediate_response
+                    return
+                streamed = answer.response_body.response.body_mutation.streamed_response
+                result.pieces.append(bytes(streamed.body))
+                if streamed.end_of_stream:
+                    break
+        else:
+            for i, chunk in enumerate(chunks):
+                msg = pb.ProcessingRequest(
+                    response_body=pb.HttpBody(body=chunk, end_of_stream=i == len(chunks) - 1)
+                )
+                answer = await self._ask(call, msg, result)
+                if answer is None:
+                    return
+                result.pieces.append(body_of(answer, "response_body", chunk))
+                if mode == Mode.BUFFERED:
+                    apply_headers(response_headers, answer.response_body.response.header_mutation)
+        result.body = b"".join(result.pieces)
+        result.headers = {k: v for k, v in response_headers.items() if not k.startswith(":")}
+
+
+@contextlib.asynccontextmanager
+async def envoy_front(envoy: Envoy, authority: str, mode: int) -> AsyncIterator[str]:
+    """An HTTP listener that hands each request to :class:`Envoy`: what an SDK would reach."""
+
+    async def handle(request: web.Request) -> web.Response:
+        skip = {"host", "content-length", "transfer-encoding", "connection"}
+        headers = {k.lower(): v for k, v in request.headers.items() if k.lower() not in skip}
+        result = await envoy.request(
+            authority,
+            request.path_qs,
+            method=request.method,
+            raw_body=await request.read(),
+            headers=headers,
+            response_mode=mode,
+        )
+        drop = {"content-length", "transfer-encoding", "content-encoding", "connection"}
+        out = {k: v for k, v in result.headers.items() if k not in drop}
+        return web.Response(status=result.status, body=result.body, headers=out)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner, url = await listen(app, "127.0.0.1:0", shutdown_grace_s=1)
+    try:
+        yield url
+    finally:
+        await runner.cleanup()
+
+
+def sse_data(body: bytes) -> list[Any]:
+    """The JSON data of each SSE event (``[DONE]`` left out)."""
+    return [orjson.loads(e.data) for e in SseParser().feed(body) if e.data != "[DONE]"]
+
+
+# -- fixtures ---------------------------------------------------------------------
+
+
+@pytest.fixture
+async def warden(tmp_path: Path, llm: MockLLM) -> AsyncIterator[Warden]:
+    hosts = {OPENAI_HOST: "openai", ANTHROPIC_HOST: "anthropic"}
+    config = make_config(tmp_path, llm.url, ext_proc={"hosts": hosts})
+    async with Warden(config) as running:
+        yield running
+
+
+@pytest.fixture
+async def service(warden: Warden) -> GrpcService:
+    assert warden.core is not None
+    # Typed as what the shared gRPC listener takes: mypy checks the service fits it.
+    return ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
+
+
+@pytest.fixture
+async def envoy(service: GrpcService, llm: MockLLM) -> AsyncIterator[Envoy]:
+    assert service.service_names == (SERVICE_NAME,)
+    server = grpc.aio.server()
+    service.add_to(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield Envoy(pb_grpc.ExternalProcessorStub(channel), llm.url)
+    finally:
+        await channel.close()
+        await service.close()
+        await server.stop(None)
+
+
+def records(tmp_path: Path) -> list[dict[str, Any]]:
+    return audit_records(tmp_path / "audit")
+
+
+def decisions(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    """Decision records by tool (``llm_call`` for the model call)."""
+    return {
+        r["action"].get("tool") or r["action"]["kind"]: r
+        for r in records(tmp_path)
+        if r.get("kind") == "decision"
+    }
+
+
+# -- OpenAI chat ---------------------------------------------------------------------
+
+
+async def test_openai_buffered_denied_call_removed_allowed_kept(
+    envoy: Envoy, llm: MockLLM, warden: Warden, tmp_path: Path
+) -> None:
+    llm.script(Reply(text="Checking.", tool_calls=[KB, EXPORT]))
+    result = await envoy.request(OPENAI_HOST, "/v1/chat/completions", CHAT)
+
+    assert result.immediate is None
+    assert result.status == 200
+    completion = openai.types.chat.ChatCompletion.model_validate(result.json())
+    message = completion.choices[0].message
+    assert [c.function.name for c in message.tool_calls or [] if c.type == "function"] == [
+        "search_kb"
+    ]
+    assert "blocked the tool call `export_customers`" in (message.content or "")
+    # BUFFERED: Envoy keeps content-length, which must match the rewritten body.
+    assert result.headers["content-length"] == str(len(result.body))
+    assert result.headers["content-type"] == "application/json"
+    # The agent's credential went upstream; Warden's accept-encoding removal too.
+    assert result.forwarded_headers["authorization"] == "Bearer sk-test-secret-123"
+    assert "accept-encoding" not in result.forwarded_headers
+
+    await warden.stop()
+    by_tool = decisions(tmp_path)
+    assert result.headers["x-warden-decision-id"] == by_tool["llm_call"]["decision"]["id"]
+    assert by_tool["search_kb"]["decision"]["effect"] == "allow"
+    assert by_tool["export_customers"]["decision"]["effect"] == "deny"
+    assert result.headers["x-warden-blocked"] == by_tool["export_customers"]["decision"]["id"]
+    assert by_tool["llm_call"]["action"]["request"]["upstream"] == "openai"
+    assert by_tool["llm_call"]["action"]["request"]["path"] == "/v1/chat/completions"
+    dumped = json.dumps(records(tmp_path))
+    assert "sk-test-secret-123" not in dumped
+
+
+async def test_openai_streamed_sse_holds_calls_until_decided_and_text_flows(
+    envoy: Envoy, llm: MockLLM, warden: Warden, tmp_path: Path
+) -> None:
+    llm.script(Reply(text="Let me look that up for you.", tool_calls=[KB, EXPORT]))
+    result = await envoy.request(
+        OPENAI_HOST,
+        "/v1/chat/completions",
+        {**CHAT, "stream": True},
+        response_mode=Mode.STREAMED,
+        chunk_size=41,  # events split across chunks
+    )
+
+    assert result.immediate is None
+    assert result.headers["content-type"] == "text/event-stream"
+    assert "content-length" not in result.headers
+    # Warden asked for the usage chunk the agent did not, and fixed the length.
+    forwarded = orjson.loads(result.forwarded_body)
+    assert forwarded["stream_options"] == {"include_usage": True}
+    assert result.forwarded_headers["content-length"] == str(len(result.forwarded_body))
+
+    chunks = [
+        openai.types.chat.ChatCompletionChunk.model_validate(d) for d in sse_data(result.body)
+    ]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    names = [
+        tc.function.name
+        for c in chunks
+        if c.choices
+        for tc in c.choices[0].delta.tool_calls or []
+        if tc.function is not None and tc.function.name
+    ]
+    assert names == ["search_kb"]
+    assert text.startswith("Let me look that up for you.")
+    assert "blocked the tool call `export_customers`" in text
+    assert all(c.usage is None for c in chunks)  # the usage Warden asked for stays hidden
+    # Text flows at once: it went out in an answer to an early chunk, not at the end.
+    first_text = next(i for i, p in enumerate(result.pieces) if b'"Let' in p)
+    assert first_text < len(result.pieces) - 3
+    # The allowed call left in one piece, once decided: its name and its last argument
+    # bytes in the same answer, though the upstream spread them over several chunks.
+    call_piece = next(p for p in result.pieces if b'"name":"search_kb"' in p)
+    assert b"password" in call_piece
+    # Nothing of the denied call ever left Warden, in any chunk.
+    assert all(b'export_customers"' not in p for p in result.pieces)
+    assert result.body.endswith(b"data: [DONE]\n\n")
+
+    await warden.stop()
+    by_tool = decisions(tmp_path)
+    assert by_tool["export_customers"]["decision"]["effect"] == "deny"
+    assert result.headers["x-warden-decision-id"] == by_tool["llm_call"]["decision"]["id"]
+
+
+async def test_streamed_request_body_is_held_until_decided(envoy: Envoy, llm: MockLLM) -> None:
+    llm.script(Reply(text="ok"))
+    long_chat = {**CHAT, "messages": [{"role": "user", "content": "help " * 40}]}
+    result = await envoy.request(
+        OPENAI_HOST, "/v1/chat/completions", long_chat, request_mode=Mode.STREAMED, chunk_size=50
+    )
+    assert result.status == 200
+    # Every chunk but the last was answered empty; the last carried the whole body.
+    body_answers = [a for a in result.answers if a.WhichOneof("response") == "request_body"]
+    assert len(body_answers) > 2
+    assert all(
+        a.request_body.response.body_mutation.WhichOneof("mutation") == "clear_body"
+        for a in body_answers[:-1]
+    )
+    assert orjson.loads(result.forwarded_body) == long_chat
+    assert orjson.loads(llm.requests[0].raw) == long_chat
+
+
+async def test_full_duplex_streamed_answers_with_streamed_responses(
+    envoy: Envoy, llm: MockLLM
+) -> None:
+    llm.script(Reply(text="One moment.", tool_calls=[EXPORT, KB]))
+    result = await envoy.request(
+        OPENAI_HOST,
+        "/v1/chat/completions",
+        {**CHAT, "stream": True},
+        response_mode=Mode.FULL_DUPLEX_STREAMED,
+        chunk_size=50,
+    )
+    assert result.immediate is None
+    chunks = [
+        openai.types.chat.ChatCompletionChunk.model_validate(d) for d in sse_data(result.body)
+    ]
+    names = [
+        tc.function.name
+        for c in chunks
+        if c.choices
+        for tc in c.choices[0].delta.tool_calls or []
+        if tc.function is not None and tc.function.name
+    ]
+    assert names == ["search_kb"]
+    assert result.body.endswith(b"data: [DONE]\n\n")
+    # Every answer is a streamed_response chunk; the last one ends the stream.
+    assert all(
+        a.response_body.response.body_mutation.WhichOneof("mutation") == "streamed_response"
+        for a in result.answers[3:]
+    )
+
+
+async def test_streamed_json_body_is_held_whole_then_rewritten(envoy: Envoy, llm: MockLLM) -> None:
+    """A non-stream answer in STREAMED mode (no mode override honoured): held, then replaced."""
+    llm.script(Reply(tool_calls=[EXPORT]))
+    result = await envoy.request(
+        OPENAI_HOST,
+        "/v1/chat/completions",
+        CHAT,
+        response_mode=Mode.STREAMED,
+        chunk_size=30,
+    )
+    # Warden asked Envoy to buffer JSON (allow_mode_override); the emulator honoured it.
+    overrides = [a for a in result.answers if a.HasField("mode_override")]
+    assert [o.mode_override.response_body_mode for o in overrides] == [Mode.BUFFERED]
+    completion = openai.types.chat.ChatCompletion.model_validate(result.json())
+    assert completion.choices[0].message.tool_calls is None
+    assert completion.choices[0].finish_reason == "stop"
+
+
+async def test_json_chunks_without_mode_override(envoy: Envoy, llm: MockLLM) -> None:
+    """Envoy without allow_mode_override keeps STREAMED: every chunk is held until the end."""
+    llm.script(Reply(tool_calls=[KB, EXPORT]))
+    service_envoy = _NoOverride(envoy)
+    result = await service_envoy.request(OPENAI_HOST, "/v1/chat/completions", CHAT)
+    assert all(p == b"" for p in result.pieces[:-1])
+    assert len(result.pieces) > 2
+    completion = openai.types.chat.ChatCompletion.model_validate(result.json())
+    assert [
+        c.function.name
+        for c in completion.choices[0].message.tool_calls or []
+        if c.type == "function"
+    ] == ["search_kb"]
+
+
+class _NoOverride(Envoy):
+    """Envoy configured STREAMED without allow_mode_override."""
+
+    def __init__(self, envoy: Envoy) -> None:
+        super().__init__(envoy.stub, envoy.upstream_url)
+
+    async def request(self, *args: Any, **kwargs: Any) -> Result:
+        kwargs.setdefault("response_mode", Mode.STREAMED)
+        kwargs.setdefault("chunk_size", 40)
+        return await super().request(*args, **kwargs)
+
+    async def _ask(self, call: Any, message: Any, result: Result) -> Any:
+        answer = await super()._ask(call, message, result)
+        if answer is not None and answer.HasField("mode_override"):
+            answer.ClearField("mode_override")
+        return answer
+
+
+async def test_official_sdks_through_the_mesh(envoy: Envoy, llm: MockLLM) -> None:
+    """The openai and anthropic SDKs, unchanged but for the address Envoy listens on."""
+    llm.script(Reply(text="Checking.", tool_calls=[EXPORT, KB]))
+    async with (
+        envoy_front(envoy, OPENAI_HOST, Mode.STREAMED) as url,
+        openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0) as client,
+    ):
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=CHAT["messages"], stream=True
+        )
+        names: list[str] = []
+        text = ""
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                names += [
+                    tc.function.name
+                    for tc in chunk.choices[0].delta.tool_calls or []
+                    if tc.function is not None and tc.function.name
+                ]
+    assert names == ["search_kb"]
+    assert "blocked the tool call `export_customers`" in text
+
+    llm.script(Reply(tool_calls=[CLOSE]))
+    async with (
+        envoy_front(envoy, ANTHROPIC_HOST, Mode.STREAMED) as url,
+        anthropic.AsyncAnthropic(base_url=url, api_key="sk-ant-test", max_retries=0) as claude,
+    ):
+        raw = await claude.messages.with_raw_response.create(
+            model="claude-sonnet-4-6", max_tokens=256, messages=MESSAGES["messages"]
+        )
+        message = await raw.parse()
+    assert raw.headers["x-warden-decision-id"].startswith("dec_")
+    assert [b.type for b in message.content] == ["text"]
+    assert message.stop_reason == "end_turn"
+    with pytest.raises(openai.PermissionDeniedError, match="unknown_upstream|matches no upstream"):
+        async with (
+            envoy_front(envoy, "elsewhere.example", Mode.STREAMED) as url,
+            openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0) as client,
+        ):
+            await client.chat.completions.create(model="gpt-4o-mini", messages=CHAT["messages"])
+
+
+# -- Anthropic ---------------------------------------------------------------------
+
+
+async def test_anthropic_buffered_held_call_removed_allowed_kept(
+    envoy: Envoy, llm: MockLLM, warden: Warden, tmp_path: Path
+) -> None:
+    llm.script(Reply(text="Sure.", tool_calls=[Call("get_order", {"order_id": "A-1"}), CLOSE]))
+    result = await envoy.request(
+        ANTHROPIC_HOST, "/v1/messages", MESSAGES, headers={"anthropic-version": "2023-06-01"}
+    )
+    assert result.immediate is None
+    message = anthropic.types.Message.model_validate(result.json())
+    kinds = [(b.type, getattr(b, "name", None)) for b in message.content]
+    assert ("tool_use", "get_order") in kinds
+    assert ("tool_use", "close_account") not in kinds
+    text = "".join(b.text for b in message.content if b.type == "text")
+    assert "held the tool call `close_account` for human approval" in text
+    assert result.headers["content-length"] == str(len(result.body))
+
+    await warden.stop()
+    by_tool = decisions(tmp_path)
+    assert by_tool["close_account"]["decision"]["effect"] == "require_approval"
+    assert by_tool["get_order"]["decision"]["effect"] == "allow"
+
+
+async def test_anthropic_streamed_sse(envoy: Envoy, llm: MockLLM) -> None:
+    llm.script(Reply(text="On it.", tool_calls=[CLOSE, Call("get_order", {"order_id": "A-1"})]))
+    result = await envoy.request(
+        ANTHROPIC_HOST,
+        "/v1/messages",
+        {**MESSAGES, "stream": True},
+        headers={"anthropic-version": "2023-06-01"},
+        response_mode=Mode.STREAMED,
+        chunk_size=37,
+    )
+    assert result.immediate is None
+    events = list(SseParser().feed(result.body))
+    snapshot = accumulate(events)  # as the official SDK's stream accumulator builds it
+    names = [b.name for b in snapshot.content if b.type == "tool_use"]
+    assert names == ["get_order"]
+    text = "".join(b.text for b in snapshot.content if b.type == "text")
+    assert "held the tool call `close_account`" in text
+    assert events[-1].event == "message_stop"
+
+
+# -- fail closed -------------------------------------------------------------------
+
+
+async def test_unknown_authority_is_refused_before_anything_goes_upstream(
+    envoy: Envoy, llm: MockLLM
+) -> None:
+    result = await envoy.request("api.evil.example:443", "/v1/chat/completions", CHAT)
+    assert result.status == 403
+    error = result.json()["error"]
+    assert error["code"] == "unknown_upstream"
+    assert "api.evil.example" in error["message"]
+    assert llm.requests == []
+
+
+async def test_base_url_host_matches_without_hosts_mapping(tmp_path: Path, llm: MockLLM) -> None:
+    """No ext_proc.hosts: the authority is matched to the one upstream with that host."""
+    config = make_config(
+        tmp_path,
+        llm.url,
+        upstreams={"openai": {"protocol": "openai", "base_url": "https://api.openai.com"}},
+    )
+    async with Warden(config) as running:
+        assert running.core is not None
+        service = ExtProcService(running.core, config)
+        server = grpc.aio.server()
+        service.add_to(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            envoy = Envoy(pb_grpc.ExternalProcessorStub(channel), llm.url)
+            llm.script(Reply(tool_calls=[Call("export_customers", {})]))
+            authority = llm.url.removeprefix("http://")  # host:port, the port is ignored
+            result = await envoy.request(authority, "/v1/messages", MESSAGES)
+            assert result.immediate is None
+            message = anthropic.types.Message.model_validate(result.json())
+            assert [b.type for b in message.content] == ["text"]
+            assert message.stop_reason == "end_turn"
+            refused = await envoy.request("localhost", "/v1/messages", MESSAGES)
+            assert refused.status == 403
+            assert refused.json()["error"]["code"] == "unknown_upstream"
+        await server.stop(None)
+
+
+async def test_unparsable_json_response_fails_closed(envoy: Envoy, llm: MockLLM) -> None:
+    llm.script(Reply(tool_calls=[EXPORT], fault="malformed_json"))
+    result = await envoy.request(OPENAI_HOST, "/v1/chat/completions", CHAT)
+    assert result.status == 502
+    assert result.json()["error"]["code"] == "upstream_bad_response"
+    assert b"export_customers" not in result.body
+
+
+async def test_broken_sse_ends_with_the_providers_error_event(envoy: Envoy, llm: MockLLM) -> None:
+    llm.script(Reply(text="hi", tool_calls=[EXPORT], fault="malformed_json"))
+    result = await envoy.request(
+        ANTHROPIC_HOST,
+        "/v1/messages",
+        {**MESSAGES, "stream": True},
+        headers={"anthropic-version": "2023-06-01"},
+        response_mode=Mode.STREAMED,
+        chunk_size=25,
+    )
+    events = list(SseParser().feed(result.body))
+    assert events[-1].event == "error"
+    assert b"export_customers" not in result.body
+    # After the error event every later chunk is dropped.
+    cut = next(i for i, p in enumerate(result.pieces) if b"event: error" in p)
+    assert all(p == b"" for p in result.pieces[cut + 1 :])
+    assert cut < len(result.pieces) - 1
+
+
+async def test_kill_switch_thrown_mid_stream_cuts_it(
+    envoy: Envoy, llm: MockLLM, warden: Warden
+) -> None:
+    killswitches = warden.killswitches
+    assert killswitches is not None
+    llm.script(Reply(text="a long answer " * 5, tool_calls=[KB]))
+
+    async def kill() -> None:
+        await killswitches.set(Scope.AGENT, "support-triage", "incident 42", "oncall")
+
+    result = await envoy.request(
+        OPENAI_HOST,
+        "/v1/chat/completions",
+        {**CHAT, "stream": True},
+        response_mode=Mode.STREAMED,
+        before_body=kill,
+    )
+    assert result.pieces[0].startswith(b'data: {"error"')
+    assert b'"code":"killed"' in result.pieces[0]
+    assert all(p == b"" for p in result.pieces[1:])
+    assert b"search_kb" not in result.body
+
+
+async def test_non_json_request_body_is_refused(envoy: Envoy, llm: MockLLM) -> None:
+    result = await envoy.request(OPENAI_HOST, "/v1/chat/completions", raw_body=b"{not json")
+    assert result.status == 400
+    assert result.json()["error"]["code"] == "invalid_json"
+    assert llm.requests == []
+
+
+async def test_route_not_on_the_allowlist_is_refused(envoy: Envoy, llm: MockLLM) -> None:
+    result = await envoy.request(OPENAI_HOST, "/v1/chat/completions/x/messages", method="GET")
+    assert result.status == 404
+    assert result.json()["error"]["code"] == "route_not_governed"
+
+
+async def test_message_out_of_order_fails_closed(envoy: Envoy) -> None:
+    call = envoy.stub.Process()
+    headers = {":authority": OPENAI_HOST, ":path": "/v1/chat/completions", ":method": "POST"}
+    await call.write(
+        pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=header_map(headers)))
+    )
+    first = await call.read()
+    assert first.WhichOneof("response") == "request_headers"
+    # Envoy configured with request_body_mode NONE: the response comes without the body.
+    response = {":status": "200", "content-type": "application/json"}
+    await call.write(
+        pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=header_map(response)))
+    )
+    answer = await call.read()
+    assert answer.WhichOneof("response") == "immediate_response"
+    assert answer.immediate_response.status.code == 502
+    assert b"request_body_mode" in answer.immediate_response.body
+    call.cancel()
+
+
+async def test_ungovernable_body_mode_is_refused_up_front(envoy: Envoy, llm: MockLLM) -> None:
+    result = await envoy.request(
+        OPENAI_HOST, "/v1/chat/completions", CHAT, response_mode=Mode.BUFFERED_PARTIAL
+    )
+    assert result.status == 502
+    assert b"BUFFERED_PARTIAL" in result.body
+    # Refused when the response headers arrived: nothing of the body went out.
+    assert result.pieces == []
+
+
+async def test_observability_mode_is_rejected(envoy: Envoy) -> None:
+    call = envoy.stub.Process()
+    headers = {":authority": OPENAI_HOST, ":path": "/v1/models", ":method": "GET"}
+    await call.write(
+        pb.ProcessingRequest(
+            request_headers=pb.HttpHeaders(headers=header_map(headers), end_of_stream=True),
+            observability_mode=True,
+        )
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call.read()
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+# -- identity, request-stage decisions, tool results -------------------------------
+
+
+async def test_warden_headers_are_stripped_and_identity_is_checked(
+    envoy: Envoy, llm: MockLLM
+) -> None:
+    llm.script(Reply(text="ok"))
+    result = await envoy.request(
+        OPENAI_HOST,
+        "/v1/chat/completions",
+        CHAT,
+        headers={"x-warden-context-customer-id": "C-1"},
+    )
+    assert result.status == 200
+    assert not [k for k in result.forwarded_headers if k.startswith("x-warden-")]
+
+    unproved = await envoy.request(
+        OPENAI_HOST, "/v1/chat/completions", CHAT, headers={"x-warden-agent": "someone-else"}
+    )
+    assert unproved.status == 403
+    assert unproved.json()["error"]["code"] == "forbidden"
+
+
+async def test_kill_switch_refuses_the_model_call_with_its_decision_id(
+    envoy: Envoy, llm: MockLLM, warden: Warden
+) -> None:
+    assert warden.killswitches is not None
+    await warden.killswitches.set(Scope.AGENT, "support-triage", "incident 42", "oncall")
+    result = await envoy.request(ANTHROPIC_HOST, "/v1/messages", MESSAGES)
+    assert result.status == 403
+    body = result.json()
+    assert body["type"] == "error"
+    assert body["error"]["type"] == "permission_error"
+    assert result.headers["x-warden-decision-id"].startswith("dec_")
+    assert llm.requests == []
+
+
+async def test_tool_results_sent_back_are_recorded(
+    envoy: Envoy, llm: MockLLM, warden: Warden, tmp_path: Path
+) -> None:
+    llm.script(Reply(tool_calls=[KB]), Reply(text="Use the reset link."))
+    first = await envoy.request(OPENAI_HOST, "/v1/chat/completions", CHAT)
+    message = first.json()["choices"][0]["message"]
+    history = [
+        *CHAT["messages"],
+        message,
+        {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "KB-17"},
+    ]
+    second = await envoy.request(OPENAI_HOST, "/v1/chat/completions", {**CHAT, "messages": history})
+    assert second.status == 200
+    await warden.stop()
+    recs = records(tmp_path)
+    decision = next(r for r in recs if r.get("action", {}).get("tool") == "search_kb")
+    outcomes = [
+        r
+        for r in recs
+        if r.get("kind") == "outcome" and r.get("decision_id") == decision["decision"]["id"]
+    ]
+    assert len(outcomes) == 1
+    assert "KB-17" in json.dumps(outcomes[0])
+
+
+async def test_upstream_errors_pass_unchanged_with_the_decision_id(
+    envoy: Envoy, llm: MockLLM
+) -> None:
+    llm.script(Reply(fault="status"))
+    result = await envoy.request(OPENAI_HOST, "/v1/chat/completions", CHAT)
+    assert result.status == 500
+    assert result.immediate is None
+    assert result.headers["x-warden-decision-id"].startswith("dec_")
+    assert "error" in result.json()

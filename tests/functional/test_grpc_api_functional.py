@@ -1,0 +1,641 @@
+"""Warden's gRPC API (issue 12, items 1-3), end to end.
+
+A real Warden with real Rego listens on ``listen.grpc`` (127.0.0.1:0); the
+tests drive it with stubs generated from ``proto/warden/v1/governance.proto``,
+the standard health and reflection stubs, and :mod:`warden.client`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import grpc.aio
+import orjson
+import pytest
+import trustme
+from google.protobuf import descriptor_pool, struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from tests.functional.conftest import audit_records, make_config
+from warden.cli import main as warden_cli
+from warden.client import (
+    ApprovalPending,
+    AsyncWardenClient,
+    ToolDenied,
+    WardenClient,
+    govern,
+)
+from warden.grpc_api.v1 import governance_pb2 as pb
+from warden.grpc_api.v1 import governance_pb2_grpc as pb_grpc
+from warden.model import Effect
+from warden.server import Warden
+
+POLICY = """package warden
+
+import rego.v1
+
+default decision := {"effect": "allow", "reason": "allowed"}
+
+decision := {"effect": "deny", "reason": "bulk export of customer data is never allowed"} if {
+	input.action.tool == "export_customers"
+} else := {"effect": "require_approval", "reason": "refunds over 200 need a lead"} if {
+	input.action.tool == "issue_refund"
+	input.action.arguments.amount > 200
+} else := {"effect": "allow", "reason": msg} if {
+	input.action.tool == "issue_refund"
+	msg := sprintf("refund of %v on order %v (%v via %v)", [
+		input.action.arguments.amount, input.action.arguments.order_id,
+		input.context.customer_id, input.action.protocol])
+}
+"""
+
+ADMIN, APPROVER, VIEWER = "admin-token-1", "approver-token-1", "viewer-token-1"
+AGENT_KEY = "refunds-bot-key-1"
+CAP = {"name": "refunds", "tool": "issue_refund", "value": "amount", "limit": 100}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def grpc_config(tmp_path: Path, **overrides: Any) -> Any:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir(exist_ok=True)
+    (bundle / "policy.rego").write_text(POLICY)
+    settings: dict[str, Any] = {
+        "listen": {"proxy": "127.0.0.1:0", "admin": "127.0.0.1:0", "grpc": "127.0.0.1:0"},
+        "policy": {"bundles": [str(bundle)]},
+        "admin": {
+            "tokens": [
+                {"subject": "root", "roles": ["admin"], "sha256": _sha(ADMIN)},
+                {"subject": "dana", "roles": ["approver"], "sha256": _sha(APPROVER)},
+                {"subject": "vic", "roles": ["viewer"], "sha256": _sha(VIEWER)},
+            ]
+        },
+        "identity": {"agents": {"refunds-bot": {"key_sha256": [_sha(AGENT_KEY)]}}},
+        **overrides,
+    }
+    return make_config(tmp_path, "http://127.0.0.1:9", **settings)
+
+
+@pytest.fixture
+async def warden(tmp_path: Path) -> AsyncIterator[Warden]:
+    async with Warden(grpc_config(tmp_path)) as running:
+        yield running
+
+
+@pytest.fixture
+async def channel(warden: Warden) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(warden.grpc_address) as ch:
+        yield ch
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> Any:
+    return pb_grpc.GovernanceStub(channel)
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def check_request(tool: str, wait: bool = False, **arguments: Any) -> pb.CheckRequest:
+    args = struct_pb2.Struct()
+    args.update(arguments)
+    context = struct_pb2.Struct()
+    context.update({"customer_id": "C-7"})
+    return pb.CheckRequest(action=pb.Action(tool=tool, arguments=args, context=context), wait=wait)
+
+
+def records_of(tmp_path: Path, kind: str) -> list[dict[str, Any]]:
+    return [r for r in audit_records(tmp_path / "audit") if r["kind"] == kind]
+
+
+def verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert warden_cli(["audit", "verify", "--dir", str(tmp_path / "audit")]) == 0, (
+        capsys.readouterr()
+    )
+
+
+async def until[T](probe: Callable[[], Awaitable[T]], done: Callable[[T], bool]) -> T:
+    """Probe until ``done`` (bounded, so a broken Warden fails the test instead of hanging it)."""
+    for _ in range(1000):
+        value = await probe()
+        if done(value):
+            return value
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")
+
+
+async def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value.code(), caught.value.details() or ""
+
+
+# -- Check ------------------------------------------------------------------------------
+
+
+async def test_allow_and_deny_are_decided_by_the_policy_and_recorded(
+    warden: Warden, stub: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    allowed = await stub.Check(check_request("issue_refund", amount=40, order_id="A-1"))
+    denied = await stub.Check(check_request("export_customers", format="csv"))
+    await warden.stop()
+    assert allowed.effect == pb.EFFECT_ALLOW
+    # Whole numbers reach the policy as integers; context and the default protocol too.
+    assert allowed.reason == "refund of 40 on order A-1 (C-7 via grpc)"
+    assert allowed.agent_id == "support-triage"
+    assert allowed.obligations.mode == pb.MODE_ENFORCE
+    assert denied.effect == pb.EFFECT_DENY
+    assert denied.reason == "bulk export of customer data is never allowed"
+    assert denied.guard == "policy"
+    decisions = records_of(tmp_path, "decision")
+    assert [d["decision"]["id"] for d in decisions] == [allowed.decision_id, denied.decision_id]
+    action = decisions[0]["action"]
+    assert (action["kind"], action["tool"], action["protocol"], action["stage"]) == (
+        "tool_call",
+        "issue_refund",
+        "grpc",
+        "executed",
+    )
+    # The context names a customer: the arguments are sealed for that data subject.
+    assert decisions[0]["sealed"] is not None
+    assert action["arguments"] is None
+    verify(tmp_path, capsys)
+
+
+async def test_bad_requests_get_invalid_argument(stub: Any) -> None:
+    code, details = await status_of(stub.Check(pb.CheckRequest(action=pb.Action(tool=""))))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "action.tool is required" in details
+    code, details = await status_of(
+        stub.Check(pb.CheckRequest(action=pb.Action(kind="teleport", tool="x")))
+    )
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "action.kind must be one of" in details
+
+
+async def test_agent_identity_is_proven_from_metadata(
+    warden: Warden, stub: Any, tmp_path: Path
+) -> None:
+    request = check_request("issue_refund", amount=40, order_id="A-1")
+    # A proxy key proves refunds-bot; agent_id in the request agrees with it.
+    request.agent_id = "refunds-bot"
+    proven = await stub.Check(request, metadata=(("x-warden-agent-key", AGENT_KEY),))
+    assert proven.effect == pb.EFFECT_ALLOW
+    assert proven.agent_id == "refunds-bot"
+    # A bad key: unauthenticated, and the key is not echoed.
+    code, details = await status_of(
+        stub.Check(request, metadata=(("x-warden-agent-key", "wrong-key-123"),))
+    )
+    assert code is grpc.StatusCode.UNAUTHENTICATED
+    assert "wrong-key-123" not in details
+    # Another agent's id without proof, or one the metadata contradicts: permission denied.
+    code, _ = await status_of(stub.Check(request))
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    request.agent_id = "support-triage"
+    code, details = await status_of(
+        stub.Check(request, metadata=(("x-warden-agent", "refunds-bot"),))
+    )
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    assert "not the agent the metadata names" in details
+    await warden.stop()
+    assert [d["agent"]["id"] for d in records_of(tmp_path, "decision")] == ["refunds-bot"]
+    for segment in (tmp_path / "audit" / "segments").iterdir():
+        assert AGENT_KEY.encode() not in segment.read_bytes()
+
+
+async def test_require_approval_without_wait_answers_at_once_then_passes_once(
+    warden: Warden, stub: Any
+) -> None:
+    request = check_request("issue_refund", amount=250, order_id="A-2")
+    held = await stub.Check(request)
+    assert held.effect == pb.EFFECT_REQUIRE_APPROVAL
+    assert held.approval_id.startswith("apr_")
+    # The same call again while pending: the same approval, not a second one.
+    again = await stub.Check(request)
+    assert again.approval_id == held.approval_id
+    listed = await stub.ListApprovals(
+        pb.ListApprovalsRequest(status="pending"), metadata=bearer(VIEWER)
+    )
+    assert [a.id for a in listed.approvals] == [held.approval_id]
+    assert listed.approvals[0].arguments.struct_value["amount"] == 250
+    decided = await stub.DecideApproval(
+        pb.DecideApprovalRequest(approval_id=held.approval_id, approve=True, comment="ok"),
+        metadata=bearer(APPROVER),
+    )
+    assert decided.status == "approved"
+    assert [(v.by, v.approve) for v in decided.votes] == [("dana", True)]
+    passed = await stub.Check(request)
+    assert passed.effect == pb.EFFECT_ALLOW
+    assert f"approved by dana (approval {held.approval_id})" in passed.reason
+    # Once only.
+    assert (await stub.Check(request)).effect == pb.EFFECT_REQUIRE_APPROVAL
+
+
+async def test_require_approval_with_wait_is_held_until_approved_over_http(
+    warden: Warden, stub: Any
+) -> None:
+    checking = asyncio.ensure_future(
+        stub.Check(check_request("issue_refund", wait=True, amount=300, order_id="A-3"), timeout=30)
+    )
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {APPROVER}"}) as http:
+        approval_id = ""
+        while not approval_id:
+            async with http.get(f"{warden.admin_url}/v1/approvals?status=pending") as resp:
+                found = (await resp.json())["approvals"]
+            approval_id = found[0]["id"] if found else ""
+            if not approval_id:
+                await asyncio.sleep(0.02)
+        assert not checking.done()  # held while people decide
+        async with http.post(f"{warden.admin_url}/v1/approvals/{approval_id}/approve") as resp:
+            assert resp.status == 200
+    answer = await checking
+    assert answer.effect == pb.EFFECT_ALLOW
+    assert answer.guard == "approval"
+    assert approval_id in answer.reason
+
+
+async def test_a_waiting_check_past_its_deadline_leaves_the_approval_pending(
+    warden: Warden, stub: Any
+) -> None:
+    request = check_request("issue_refund", wait=True, amount=260, order_id="A-4")
+    checking = asyncio.ensure_future(stub.Check(request, timeout=3))
+
+    async def approvals() -> list[Any]:
+        listed = await stub.ListApprovals(pb.ListApprovalsRequest(), metadata=bearer(VIEWER))
+        return list(listed.approvals)
+
+    held = await until(approvals, bool)
+    assert (held[0].status, held[0].mode) == ("pending", "hold")  # wait overrides defer mode
+    code, _ = await status_of(checking)
+    assert code is grpc.StatusCode.DEADLINE_EXCEEDED
+    # The cancelled handler turns the hold into a deferral: still decidable, passes once.
+    after = await until(approvals, lambda found: found[0].mode == "defer")
+    assert [(a.id, a.status) for a in after] == [(held[0].id, "pending")]
+
+
+# -- ReportOutcome -------------------------------------------------------------------------
+
+
+async def test_report_outcome_settles_a_cap_as_a_trusted_outcome(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Cap 100 a day: a refund the tool failed releases its 60; one it made counts.
+    async with (
+        Warden(grpc_config(tmp_path, budgets={"caps": [CAP]})) as w,
+        grpc.aio.insecure_channel(w.grpc_address) as ch,
+    ):
+        assert w.core is not None
+        stub: Any = pb_grpc.GovernanceStub(ch)
+        failed = await stub.Check(check_request("issue_refund", amount=60, order_id="A-F"))
+        await stub.ReportOutcome(
+            pb.ReportOutcomeRequest(
+                decision_id=failed.decision_id, result="already refunded", is_error=True
+            )
+        )
+        await w.core.background.drain()
+        made = await stub.Check(check_request("issue_refund", amount=60, order_id="A-5"))
+        await stub.ReportOutcome(
+            pb.ReportOutcomeRequest(decision_id=made.decision_id, result='{"refund_id": "rf_1"}')
+        )
+        await w.core.background.drain()
+        over = await stub.Check(check_request("issue_refund", amount=60, order_id="A-6"))
+        # Reported once; an unknown id is not found; another agent may not report.
+        twice = await status_of(
+            stub.ReportOutcome(pb.ReportOutcomeRequest(decision_id=made.decision_id))
+        )
+        other = await stub.Check(
+            check_request("issue_refund", amount=1, order_id="A-7"),
+            metadata=(("x-warden-agent", "refunds-bot"), ("x-warden-agent-key", AGENT_KEY)),
+        )
+        not_theirs = await status_of(
+            stub.ReportOutcome(pb.ReportOutcomeRequest(decision_id=other.decision_id))
+        )
+    assert (failed.effect, made.effect) == (pb.EFFECT_ALLOW, pb.EFFECT_ALLOW)
+    assert over.effect == pb.EFFECT_DENY
+    assert over.guard == "budget"
+    assert twice[0] is grpc.StatusCode.NOT_FOUND
+    assert not_theirs[0] is grpc.StatusCode.PERMISSION_DENIED
+    outcomes = {r["decision_id"]: r["outcome"] for r in records_of(tmp_path, "outcome")}
+    assert outcomes[failed.decision_id]["is_error"] is True
+    assert outcomes[made.decision_id]["is_error"] is False
+    verify(tmp_path, capsys)
+
+
+# -- admin auth, kill switches -------------------------------------------------------------
+
+
+async def test_admin_calls_need_a_token_with_the_role(stub: Any) -> None:
+    code, _ = await status_of(stub.ListKillSwitches(pb.ListKillSwitchesRequest()))
+    assert code is grpc.StatusCode.UNAUTHENTICATED
+    code, _ = await status_of(
+        stub.ListKillSwitches(pb.ListKillSwitchesRequest(), metadata=bearer("nope"))
+    )
+    assert code is grpc.StatusCode.UNAUTHENTICATED
+    code, details = await status_of(
+        stub.SetKillSwitch(
+            pb.SetKillSwitchRequest(scope="global", reason="x"), metadata=bearer(VIEWER)
+        )
+    )
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    assert "needs the role admin" in details
+    code, _ = await status_of(
+        stub.DecideApproval(
+            pb.DecideApprovalRequest(approval_id="apr_x", approve=True), metadata=bearer(ADMIN)
+        )
+    )
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+    code, _ = await status_of(
+        stub.DecideApproval(
+            pb.DecideApprovalRequest(approval_id="apr_x", approve=True), metadata=bearer(APPROVER)
+        )
+    )
+    assert code is grpc.StatusCode.NOT_FOUND
+    code, _ = await status_of(
+        stub.TailRecords(pb.TailRecordsRequest(), metadata=bearer(VIEWER)).read()
+    )
+    assert code is grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_kill_switches_set_list_clear_and_stop_checks(stub: Any) -> None:
+    bad = await status_of(
+        stub.SetKillSwitch(
+            pb.SetKillSwitchRequest(scope="planet", target="x", reason="r"), metadata=bearer(ADMIN)
+        )
+    )
+    assert bad[0] is grpc.StatusCode.INVALID_ARGUMENT
+    switch = await stub.SetKillSwitch(
+        pb.SetKillSwitchRequest(scope="tool", target="issue_refund", reason="incident 42"),
+        metadata=bearer(ADMIN),
+    )
+    assert (switch.scope, switch.target, switch.created_by) == ("tool", "issue_refund", "root")
+    listed = await stub.ListKillSwitches(pb.ListKillSwitchesRequest(), metadata=bearer(VIEWER))
+    assert [s.id for s in listed.kill_switches] == [switch.id]
+    refused = await stub.Check(check_request("issue_refund", amount=1, order_id="A-8"))
+    assert refused.effect == pb.EFFECT_DENY
+    assert refused.guard == "kill_switch"
+    assert "incident 42" in refused.reason
+    cleared = await stub.ClearKillSwitch(
+        pb.ClearKillSwitchRequest(id=switch.id, reason="resolved"), metadata=bearer(ADMIN)
+    )
+    assert cleared.id == switch.id
+    again = await status_of(
+        stub.ClearKillSwitch(pb.ClearKillSwitchRequest(id=switch.id), metadata=bearer(ADMIN))
+    )
+    assert again[0] is grpc.StatusCode.NOT_FOUND
+    allowed = await stub.Check(check_request("issue_refund", amount=1, order_id="A-8"))
+    assert allowed.effect == pb.EFFECT_ALLOW
+
+
+# -- streams ---------------------------------------------------------------------------------
+
+
+async def test_tail_records_streams_from_a_position_and_follows(
+    warden: Warden, stub: Any, tmp_path: Path
+) -> None:
+    first = await stub.Check(check_request("issue_refund", amount=1, order_id="A-9"))
+    tail = stub.TailRecords(pb.TailRecordsRequest(from_seq=0, follow=True), metadata=bearer(ADMIN))
+    seen: list[Any] = []
+    while not any(r.kind == "decision" for r in seen):
+        seen.append(await tail.read())
+    # A record written after the tail caught up arrives on the same stream.
+    second = await stub.Check(check_request("export_customers"))
+    while not any(second.decision_id.encode() in r.json for r in seen):
+        seen.append(await tail.read())
+    tail.cancel()
+    assert [r.seq for r in seen] == list(range(len(seen)))
+    decided = [orjson.loads(r.json)["decision"]["id"] for r in seen if r.kind == "decision"]
+    assert decided == [first.decision_id, second.decision_id]
+    # The bytes are the stored record: its hash is the log's leaf.
+    stored = audit_records(tmp_path / "audit")
+    assert [orjson.loads(r.json) for r in seen] == stored[: len(seen)]
+    # From a later position, without following: just the rest.
+    rest = [
+        r
+        async for r in stub.TailRecords(
+            pb.TailRecordsRequest(from_seq=len(seen) - 1), metadata=bearer(ADMIN)
+        )
+    ]
+    assert rest[0].seq == len(seen) - 1
+    assert rest[0].json == seen[-1].json
+
+
+async def test_watch_approvals_streams_a_new_approval_and_its_decision(stub: Any) -> None:
+    watch = stub.WatchApprovals(pb.WatchApprovalsRequest(), metadata=bearer(VIEWER))
+    # The stream is open (headers sent) before the approval is requested.
+    await watch.initial_metadata()
+    held = await stub.Check(check_request("issue_refund", amount=500, order_id="A-10"))
+    requested = await watch.read()
+    assert requested.kind == pb.ApprovalEvent.KIND_REQUESTED
+    assert requested.approval.id == held.approval_id
+    assert requested.approval.tool == "issue_refund"
+    await stub.DecideApproval(
+        pb.DecideApprovalRequest(approval_id=held.approval_id, approve=False, comment="no"),
+        metadata=bearer(APPROVER),
+    )
+    changed = await watch.read()
+    watch.cancel()
+    assert changed.kind == pb.ApprovalEvent.KIND_CHANGED
+    assert (changed.approval.status, changed.approval.comment) == ("rejected", "no")
+
+
+# -- health, reflection ----------------------------------------------------------------------
+
+
+async def test_health_reports_each_service_serving(channel: grpc.aio.Channel) -> None:
+    health: Any = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "warden.v1.Governance", "grpc.health.v1.Health"):
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    code, _ = await status_of(health.Check(health_pb2.HealthCheckRequest(service="nope.Svc")))
+    assert code is grpc.StatusCode.NOT_FOUND
+
+
+async def test_health_turns_not_serving_when_warden_stops(warden: Warden) -> None:
+    async with grpc.aio.insecure_channel(warden.grpc_address) as ch:
+        health: Any = health_pb2_grpc.HealthStub(ch)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="warden.v1.Governance"))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        stopping = asyncio.ensure_future(warden.stop())
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
+        await stopping
+
+
+def _reflect(address: str) -> tuple[list[str], list[str]]:
+    with grpc.insecure_channel(address) as ch:
+        database = ProtoReflectionDescriptorDatabase(ch)
+        services = sorted(database.get_services())
+        pool = descriptor_pool.DescriptorPool(database)
+        governance = pool.FindServiceByName("warden.v1.Governance")
+        return services, [m.name for m in governance.methods]
+
+
+async def test_reflection_describes_the_api(warden: Warden) -> None:
+    services, methods = await asyncio.to_thread(_reflect, warden.grpc_address)
+    # The Envoy services are listed too when they are served.
+    assert {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "warden.v1.Governance",
+    } <= set(services)
+    assert methods == [
+        "Check",
+        "ReportOutcome",
+        "ListApprovals",
+        "WatchApprovals",
+        "DecideApproval",
+        "SetKillSwitch",
+        "ListKillSwitches",
+        "ClearKillSwitch",
+        "TailRecords",
+    ]
+
+
+# -- TLS ------------------------------------------------------------------------------------
+
+
+def _tls_files(tmp_path: Path, ca: trustme.CA) -> dict[str, str]:
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    paths = {"cert": tmp_path / "server.pem", "key": tmp_path / "server.key"}
+    server.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    server.private_key_pem.write_to_path(str(paths["key"]))
+    return {k: str(v) for k, v in paths.items()}
+
+
+async def test_tls_serves_clients_that_trust_the_ca(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    tls = _tls_files(tmp_path, ca)
+    async with Warden(grpc_config(tmp_path, grpc={"tls": tls})) as w:
+        creds = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
+        async with grpc.aio.secure_channel(w.grpc_address, creds) as ch:
+            stub: Any = pb_grpc.GovernanceStub(ch)
+            answer = await stub.Check(check_request("issue_refund", amount=1, order_id="T"))
+        assert answer.effect == pb.EFFECT_ALLOW
+        # A plaintext client cannot talk to a TLS listener.
+        async with grpc.aio.insecure_channel(w.grpc_address) as plain:
+            code, _ = await status_of(
+                pb_grpc.GovernanceStub(plain).Check(check_request("x"), timeout=5)
+            )
+        assert code is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_mtls_refuses_a_client_without_a_certificate(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    tls = _tls_files(tmp_path, ca)
+    ca_file = tmp_path / "client-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    client = ca.issue_cert("agent@example.test")
+    config = grpc_config(tmp_path, grpc={"tls": {**tls, "client_ca": str(ca_file)}})
+    async with Warden(config) as w:
+        async with AsyncWardenClient(
+            w.grpc_address,
+            root_certificates=ca.cert_pem.bytes(),
+            certificate_chain=client.cert_chain_pems[0].bytes(),
+            private_key=client.private_key_pem.bytes(),
+        ) as with_cert:
+            verdict = await with_cert.check("issue_refund", {"amount": 1, "order_id": "M"})
+        assert verdict.allowed
+        async with AsyncWardenClient(
+            w.grpc_address, root_certificates=ca.cert_pem.bytes(), timeout_s=5
+        ) as without:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await without.check("issue_refund", {"amount": 1, "order_id": "M"})
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+# -- the Python client and govern ---------------------------------------------------------
+
+
+async def test_govern_runs_only_allowed_calls_and_records_their_outcome(
+    warden: Warden, tmp_path: Path
+) -> None:
+    ran: list[tuple[str, int]] = []
+
+    def run_sync(address: str) -> tuple[Any, ...]:
+        with WardenClient(address, agent="refunds-bot", agent_key=AGENT_KEY) as client:
+
+            @govern(client, context={"customer_id": "C-9"})
+            def issue_refund(order_id: str, amount: int) -> dict[str, Any]:
+                ran.append((order_id, amount))
+                return {"refund_id": f"rf_{order_id}"}
+
+            @govern(client)
+            def export_customers(fmt: str = "csv") -> str:
+                ran.append(("export", 0))
+                return "everything"
+
+            made = issue_refund("A-11", amount=40)
+            with pytest.raises(ToolDenied) as denied:
+                export_customers()
+            with pytest.raises(ApprovalPending) as pending:
+                issue_refund("A-12", 900)
+            return made, denied.value, pending.value
+
+    made, denied, pending = await asyncio.to_thread(run_sync, warden.grpc_address)
+    assert made == {"refund_id": "rf_A-11"}
+    assert ran == [("A-11", 40)]  # the denied and held calls never ran
+    assert denied.reason == "bulk export of customer data is never allowed"
+    assert denied.decision_id.startswith("dec_")
+    assert pending.approval_id.startswith("apr_")
+
+    async with AsyncWardenClient(warden.grpc_address) as aclient:
+
+        @govern(aclient, tool="issue_refund")
+        async def refund(order_id: str, amount: int) -> str:
+            raise RuntimeError(f"order {order_id} is closed")
+
+        with pytest.raises(RuntimeError):
+            await refund("A-13", 5)
+    assert warden.core is not None
+    await warden.core.background.drain()
+    await warden.stop()
+    decisions = {r["decision"]["id"]: r for r in records_of(tmp_path, "decision")}
+    # The allowed sync call (its result is sealed for customer C-9), then the failed async one.
+    made_record, failed_record = records_of(tmp_path, "outcome")
+    assert made_record["agent"]["id"] == "refunds-bot"
+    assert made_record["sealed"] is not None
+    assert failed_record["outcome"]["is_error"] is True
+    assert failed_record["outcome"]["error"] == "RuntimeError"
+    assert failed_record["outcome"]["result"] == "order A-13 is closed"
+    made_decision = decisions[made_record["decision_id"]]
+    assert made_decision["decision"]["effect"] == "allow"
+    assert made_decision["action"]["protocol"] == "python"
+    assert decisions[failed_record["decision_id"]]["action"]["arguments"] == {
+        "order_id": "A-13",
+        "amount": 5,
+    }
+
+
+async def test_govern_refuses_a_client_of_the_wrong_kind() -> None:
+    client = AsyncWardenClient("127.0.0.1:9")
+    try:
+        with pytest.raises(TypeError, match="needs a WardenClient"):
+
+            @govern(client)  # type: ignore[arg-type]
+            def tool() -> None:
+                return None
+    finally:
+        await client.close()
+
+
+async def test_the_client_speaks_for_the_admin_too(warden: Warden) -> None:
+    async with AsyncWardenClient(warden.grpc_address, admin_token=ADMIN) as client:
+        switch = await client.set_kill_switch("agent", "support-triage", "drill")
+        assert [s.id for s in await client.list_kill_switches()] == [switch.id]
+        verdict = await client.check("issue_refund", {"amount": 1, "order_id": "A-14"})
+        assert verdict.effect is Effect.DENY
+        await client.clear_kill_switch(switch.id)
+        records = [r async for r in client.tail_records(follow=False)]
+        assert [r.kind for r in records].count("killswitch") == 2

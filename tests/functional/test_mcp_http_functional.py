@@ -1,0 +1,452 @@
+"""MCP over streamable HTTP: the official ``mcp`` client through Warden to a real MCP server.
+
+The server is :mod:`warden.testing.mcp_server` (the SDK's MCPServer served by
+uvicorn on 127.0.0.1:0), whose call log proves what reached it. Warden runs
+in-process with an upstream ``support-tools`` of ``protocol: mcp``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx2
+import orjson
+import pytest
+from mcp import types
+from mcp.client.context import ClientRequestContext
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+from tests.functional.conftest import audit_records, make_config
+from warden import tasks
+from warden.config import Config
+from warden.server import Warden
+from warden.testing.mcp_server import StreamableHttpServer, read_call_log
+
+pytestmark = pytest.mark.timeout(90)
+
+UPSTREAM = "support-tools"
+TOKENS = {"dana": "tok-dana-approver", "root": "tok-root-admin"}
+AGENT_KEYS = {"refunds-bot": "key-refunds-bot"}
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"},
+    },
+}
+ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config(tmp_path: Path, server_url: str, **overrides: Any) -> Config:
+    tokens = [
+        {"subject": "dana", "roles": ["approver"], "groups": ["support-leads"],
+         "sha256": sha(TOKENS["dana"])},
+        {"subject": "root", "roles": ["admin"], "sha256": sha(TOKENS["root"])},
+    ]  # fmt: skip
+    base: dict[str, Any] = {
+        "upstreams": {UPSTREAM: {"protocol": "mcp", "base_url": server_url, "timeout_s": 60}},
+        "admin": {"tokens": tokens},
+        "identity": {"agents": {a: {"key_sha256": [sha(k)]} for a, k in AGENT_KEYS.items()}},
+    }
+    return make_config(tmp_path, "http://127.0.0.1:9", **{**base, **overrides})
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[StreamableHttpServer]:
+    async with StreamableHttpServer(tmp_path / "calls.jsonl") as running:
+        yield running
+
+
+@pytest.fixture
+async def warden(tmp_path: Path, server: StreamableHttpServer) -> AsyncIterator[Warden]:
+    async with Warden(config(tmp_path, server.url)) as running:
+        yield running
+
+
+def agent_headers(agent: str | None) -> dict[str, str]:
+    if agent is None:
+        return {}
+    return {"X-Warden-Agent": agent, "X-Warden-Agent-Key": AGENT_KEYS[agent]}
+
+
+@asynccontextmanager
+async def connect(
+    warden: Warden, agent: str | None = None, **session_args: Any
+) -> AsyncIterator[ClientSession]:
+    """The official client's streamable HTTP transport, pointed at Warden's MCP route."""
+    timeout = httpx2.Timeout(30, read=60)
+    async with (
+        httpx2.AsyncClient(headers=agent_headers(agent), timeout=timeout) as http,
+        streamable_http_client(f"{warden.proxy_url}/{UPSTREAM}", http_client=http) as (rd, wr),
+        ClientSession(rd, wr, **session_args) as session,
+    ):
+        await session.initialize()
+        yield session
+
+
+def text(result: types.CallToolResult) -> str:
+    return "\n".join(c.text for c in result.content if isinstance(c, types.TextContent))
+
+
+def tools_called(tmp_path: Path) -> list[str]:
+    return [c["tool"] for c in read_call_log(tmp_path / "calls.jsonl")]
+
+
+def records(tmp_path: Path, kind: str) -> list[dict[str, Any]]:
+    return [r for r in audit_records(tmp_path / "audit") if r.get("kind") == kind]
+
+
+async def verify_audit(tmp_path: Path) -> None:
+    cli = [sys.executable, "-m", "warden.cli", "audit", "verify", "--dir", str(tmp_path / "audit")]
+    proc = await asyncio.create_subprocess_exec(
+        *cli, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    said, _ = await proc.communicate()
+    assert proc.returncode == 0, said.decode()
+
+
+async def admin(warden: Warden, method: str, path: str, who: str, body: Any = None) -> Any:
+    headers = {"Authorization": f"Bearer {TOKENS[who]}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, warden.admin_url + path, json=body, headers=headers) as resp,
+    ):
+        assert resp.status < 300, await resp.text()
+        return await resp.json()
+
+
+async def pending_one(warden: Warden) -> dict[str, Any]:
+    for _ in range(400):
+        body = await admin(warden, "GET", "/v1/approvals?status=pending", "dana")
+        if body["approvals"]:
+            return dict(body["approvals"][0])
+        await asyncio.sleep(0.05)
+    raise AssertionError("no pending approval appeared")
+
+
+async def arrived(tmp_path: Path) -> None:
+    """Return once the server's call log shows a call."""
+    for _ in range(400):
+        if tools_called(tmp_path):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the call never reached the server")
+
+
+# -- allowed, denied, audited ----------------------------------------------------
+
+
+async def test_allowed_call_returns_the_servers_result_as_a_trusted_outcome(
+    warden: Warden, tmp_path: Path
+) -> None:
+    async with connect(warden) as session:
+        result = await session.call_tool("get_order", {"order_id": "A-1001"})
+        again = await session.call_tool("search_kb", {"query": "refund policy"})
+    assert not result.is_error, text(result)
+    assert "A-1001" in text(result)
+    assert not again.is_error
+    assert tools_called(tmp_path) == ["get_order", "search_kb"]
+    await warden.stop()
+    decisions = records(tmp_path, "decision")
+    assert [d["action"]["tool"] for d in decisions] == ["get_order", "search_kb"]
+    assert {d["action"]["protocol"] for d in decisions} == {"mcp"}
+    assert {d["action"]["request"]["upstream"] for d in decisions} == {UPSTREAM}
+    outcomes = records(tmp_path, "outcome")
+    assert len(outcomes) == 2
+    assert "A-1001" in orjson.dumps(outcomes).decode()
+
+
+async def test_denied_call_is_answered_by_warden_and_never_reaches_the_server(
+    warden: Warden, tmp_path: Path
+) -> None:
+    async with connect(warden) as session:
+        refused = await session.call_tool("issue_refund", {"order_id": "A-1001", "amount": -5})
+        held = await session.call_tool("close_account", {"customer_id": "C-1001"})
+        after = await session.call_tool("search_kb", {"query": "refund policy"})
+    assert refused.is_error
+    assert "blocked the tool call `issue_refund`" in text(refused)
+    assert "more than 0" in text(refused)
+    # approvals.mode is defer in these tests: answered at once with the approval id.
+    assert held.is_error
+    assert "held the tool call `close_account`" in text(held)
+    assert not after.is_error
+    assert tools_called(tmp_path) == ["search_kb"]
+    await warden.stop()
+    decisions = records(tmp_path, "decision")
+    assert [d["decision"]["effect"] for d in decisions] == ["deny", "require_approval", "allow"]
+    assert decisions[0]["decision"]["id"] in text(refused)
+    # The agent's MCP auth header never lands in the record.
+    assert "authorization" not in orjson.dumps(decisions).decode().lower()
+    await verify_audit(tmp_path)
+
+
+# -- approvals -------------------------------------------------------------------
+
+
+@pytest.fixture
+async def holding(tmp_path: Path, server: StreamableHttpServer) -> AsyncIterator[Warden]:
+    cfg = config(tmp_path, server.url, approvals={"mode": "hold", "keepalive_s": 0.2})
+    async with Warden(cfg) as running:
+        yield running
+
+
+async def test_held_refund_runs_once_after_approval_with_progress_meanwhile(
+    holding: Warden, tmp_path: Path
+) -> None:
+    notes: list[tuple[float, str | None]] = []
+    told_twice = asyncio.Event()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        notes.append((progress, message))
+        if len(notes) >= 2:
+            told_twice.set()
+
+    args: dict[str, Any] = {"order_id": "A-1003", "amount": 450}
+    async with connect(holding) as session:
+        call = session.call_tool("issue_refund", args, progress_callback=on_progress)
+        running = tasks.spawn(call, name="held-call")
+        item = await pending_one(holding)
+        assert item["tool"] == "issue_refund"
+        assert item["arguments"]["amount"] == 450
+        await asyncio.wait_for(told_twice.wait(), 30)  # told it waits, more than once
+        assert not running.done()
+        assert tools_called(tmp_path) == []
+        await admin(holding, "POST", f"/v1/approvals/{item['id']}/approve", "dana", {})
+        result = await asyncio.wait_for(running, 30)
+    assert not result.is_error, text(result)
+    assert "A-1003" in text(result)
+    assert tools_called(tmp_path) == ["issue_refund"]
+    assert [n[0] for n in notes] == sorted({n[0] for n in notes})  # increasing
+    assert "waiting for a person to approve" in (notes[0][1] or "")
+    await holding.stop()
+    approved = [r for r in records(tmp_path, "decision") if r["decision"]["guard"] == "approval"]
+    assert approved[0]["decision"]["effect"] == "allow"
+    assert approved[0]["approval"]["approver"] == "dana"
+    await verify_audit(tmp_path)
+
+
+async def test_rejected_refund_never_runs(holding: Warden, tmp_path: Path) -> None:
+    async with connect(holding) as session:
+        call = session.call_tool("issue_refund", {"order_id": "A-1003", "amount": 450})
+        running = tasks.spawn(call, name="held-call")
+        item = await pending_one(holding)
+        body = {"comment": "duplicate"}
+        await admin(holding, "POST", f"/v1/approvals/{item['id']}/reject", "dana", body)
+        result = await asyncio.wait_for(running, 30)
+    assert result.is_error
+    assert "duplicate" in text(result)
+    assert tools_called(tmp_path) == []
+
+
+# -- tools/list, sessions, server-to-client requests -----------------------------
+
+LEADS_ONLY = """package warden
+
+import rego.v1
+
+decision := {"effect": "deny", "reason": "only support leads close accounts"} if {
+\tinput.action.tool == "close_account"
+\tinput.agent.id != "support-triage"
+} else := {"effect": "allow", "reason": "allowed"}
+"""
+
+
+def leads_only(tmp_path: Path) -> dict[str, Any]:
+    """A policy that allows everything but close_account, which only support-triage may use."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "policy.rego").write_text(LEADS_ONLY)
+    return {"bundles": [str(bundle)], "workers": 1, "watch": False, "deadline_ms": 5000}
+
+
+@pytest.mark.parametrize("json_response", [False, True], ids=["sse", "json"])
+async def test_tools_list_is_filtered_per_agent(tmp_path: Path, json_response: bool) -> None:
+    async with (
+        StreamableHttpServer(tmp_path / "calls.jsonl", json_response=json_response) as server,
+        Warden(config(tmp_path, server.url, policy=leads_only(tmp_path))) as warden,
+    ):
+        async with connect(warden) as lead:
+            lead_tools = {t.name for t in (await lead.list_tools()).tools}
+        async with connect(warden, "refunds-bot") as bot:
+            bot_tools = {t.name for t in (await bot.list_tools()).tools}
+            refused = await bot.call_tool("close_account", {"customer_id": "C-1"})
+    assert {"search_kb", "issue_refund", "close_account"} <= lead_tools
+    assert bot_tools == lead_tools - {"close_account"}
+    assert refused.is_error  # hidden or not, a call is still decided
+    assert tools_called(tmp_path) == []
+
+
+async def test_server_to_client_request_passes_both_ways(
+    tmp_path: Path, server: StreamableHttpServer
+) -> None:
+    asked: list[str] = []
+
+    async def elicit(
+        context: ClientRequestContext, params: types.ElicitRequestParams
+    ) -> types.ElicitResult:
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"confirm": True})
+
+    async with (
+        Warden(config(tmp_path, server.url, policy=leads_only(tmp_path))) as warden,
+        connect(warden, elicitation_callback=elicit) as session,
+    ):
+        result = await session.call_tool("confirm_with_user", {"action": "refund A-1001"})
+    assert not result.is_error, text(result)
+    assert asked == ["Go ahead with: refund A-1001?"]
+    assert '"confirmed":true' in text(result).replace(" ", "")
+    assert tools_called(tmp_path) == ["confirm_with_user"]
+
+
+async def post(
+    http: aiohttp.ClientSession, url: str, body: Any, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    async with http.post(url, data=data, headers={**ACCEPT, **(headers or {})}) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+def sse_messages(raw: bytes) -> list[dict[str, Any]]:
+    lines = raw.decode().splitlines()
+    return [
+        orjson.loads(line[5:]) for line in lines if line.startswith("data:") and line[5:].strip()
+    ]
+
+
+async def test_session_id_and_protocol_version_pass_both_ways(
+    warden: Warden, tmp_path: Path
+) -> None:
+    url = f"{warden.proxy_url}/{UPSTREAM}"
+    async with aiohttp.ClientSession() as http:
+        status, headers, _ = await post(http, url, INIT)
+        assert status == 200
+        session = headers["mcp-session-id"]
+        version = {"Mcp-Session-Id": session, "MCP-Protocol-Version": "2025-11-25"}
+        note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        status, _, body = await post(http, url, note, version)
+        assert (status, body) == (202, b"")
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                "params": {"name": "get_order", "arguments": {"order_id": "A-1001"}}}  # fmt: skip
+        status, headers, body = await post(http, url, call, version)
+        assert status == 200
+        assert headers["X-Warden-Decision-Id"].startswith("dec_")
+        (answer,) = [m for m in sse_messages(body) if m.get("id") == 2]
+        assert "A-1001" in orjson.dumps(answer).decode()
+        # The server does not know this session: its 404 reaches the client unchanged.
+        status, _, _ = await post(http, url, {**call, "id": 3}, {**version, "Mcp-Session-Id": "x"})
+        assert status == 404
+        # A bad protocol version is the server's to refuse (400), relayed.
+        bad = {**version, "MCP-Protocol-Version": "1999-01-01"}
+        status, _, _ = await post(http, url, {**call, "id": 4}, bad)
+        assert status == 400
+        # DELETE ends the session; the server then forgets it.
+        async with http.delete(url, headers=version) as resp:
+            assert resp.status == 200
+        status, _, _ = await post(http, url, {**call, "id": 5}, version)
+        assert status == 404
+    # The call under the unknown session was decided (allowed) but refused by the server.
+    assert tools_called(tmp_path) == ["get_order"]
+
+
+async def test_get_opens_the_servers_stream(warden: Warden) -> None:
+    url = f"{warden.proxy_url}/{UPSTREAM}"
+    async with aiohttp.ClientSession() as http:
+        _, headers, _ = await post(http, url, INIT)
+        session = {
+            "Mcp-Session-Id": headers["mcp-session-id"],
+            "MCP-Protocol-Version": "2025-11-25",
+        }
+        get = {"Accept": "text/event-stream", **session}
+        async with http.get(url, headers=get) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+        async with http.get(url, headers={**get, "Accept": "application/json"}) as resp:
+            assert resp.status == 406
+        async with http.put(url, headers=get) as resp:
+            assert resp.status == 405
+            assert resp.headers["Allow"] == "GET, POST, DELETE"
+
+
+async def test_malformed_json_rpc_gets_the_spec_error_codes(warden: Warden, tmp_path: Path) -> None:
+    url = f"{warden.proxy_url}/{UPSTREAM}"
+    cases: list[tuple[Any, Any, int]] = [
+        (b"{not json", None, -32700),
+        ({"jsonrpc": "1.0", "id": 7, "method": "ping"}, 7, -32600),
+        (
+            {"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": {"arguments": {}}},
+            8,
+            -32602,
+        ),
+        ([], None, -32600),
+        ({"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "get_order"}}, None, -32600),
+    ]
+    async with aiohttp.ClientSession() as http:
+        for body, id_, code in cases:
+            status, _, raw = await post(http, url, body)
+            answer = orjson.loads(raw)
+            assert status == 400, body
+            assert (answer["id"], answer["error"]["code"]) == (id_, code), body
+        status, _, _ = await post(http, url, INIT, {"Accept": "application/json"})
+        assert status == 406
+        status, _, _ = await post(http, url, INIT, {"Content-Type": "text/plain"})
+        assert status == 415
+    assert tools_called(tmp_path) == []
+
+
+async def test_unreachable_server_is_a_json_rpc_error(tmp_path: Path) -> None:
+    async with (
+        Warden(config(tmp_path, "http://127.0.0.1:9/mcp")) as warden,
+        aiohttp.ClientSession() as http,
+    ):
+        status, _, raw = await post(http, f"{warden.proxy_url}/{UPSTREAM}", INIT)
+    answer = orjson.loads(raw)
+    assert status == 502
+    assert answer["id"] == 1
+    assert answer["error"]["data"]["warden"] == "upstream_unavailable"
+
+
+# -- kill switch -----------------------------------------------------------------
+
+
+async def test_kill_switch_stops_a_call_in_flight(tmp_path: Path) -> None:
+    async with (
+        StreamableHttpServer(tmp_path / "calls.jsonl", delay_s=60) as server,
+        Warden(config(tmp_path, server.url)) as warden,
+        connect(warden) as session,
+    ):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        running = tasks.spawn(
+            session.call_tool("get_order", {"order_id": "A-1001"}), name="in-flight"
+        )
+        await arrived(tmp_path)
+        body = {"scope": "upstream", "target": UPSTREAM, "reason": "incident 43"}
+        await admin(warden, "POST", "/v1/killswitches", "root", body)
+        stopped = await asyncio.wait_for(running, 20)
+        elapsed = loop.time() - started
+        after = await session.call_tool("search_kb", {"query": "x"})
+    assert stopped.is_error
+    assert "stopped the tool call `get_order` while it ran" in text(stopped)
+    assert "incident 43" in text(stopped)
+    assert elapsed < 30  # well before the server's 60 s answer
+    assert after.is_error  # the switch stays in force
+    assert tools_called(tmp_path) == ["get_order"]
+    outcomes = records(tmp_path, "outcome")
+    assert len(outcomes) == 1
+    assert "killed" in orjson.dumps(outcomes[0]).decode()
+    await verify_audit(tmp_path)

@@ -1,0 +1,73 @@
+"""Session counters at the MCP door: the MCP session (``Mcp-Session-Id``) is the session.
+
+The official ``mcp`` client through Warden's streamable HTTP door to a real MCP
+server, with the shipped customer-support bundle: at most two account changes
+per session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx2
+import pytest
+from mcp import types
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+from tests.functional.conftest import make_config
+from warden.server import Warden
+from warden.testing.mcp_server import StreamableHttpServer, read_call_log
+
+pytestmark = pytest.mark.timeout(90)
+UPSTREAM = "support-tools"
+
+
+@pytest.fixture
+async def warden(tmp_path: Path) -> AsyncIterator[Warden]:
+    async with StreamableHttpServer(tmp_path / "calls.jsonl") as server:
+        config = make_config(
+            tmp_path,
+            "http://127.0.0.1:9",
+            upstreams={UPSTREAM: {"protocol": "mcp", "base_url": server.url, "timeout_s": 60}},
+        )
+        async with Warden(config) as running:
+            yield running
+
+
+@asynccontextmanager
+async def connect(warden: Warden) -> AsyncIterator[ClientSession]:
+    async with (
+        httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=60)) as http,
+        streamable_http_client(f"{warden.proxy_url}/{UPSTREAM}", http_client=http) as (rd, wr),
+        ClientSession(rd, wr) as session,
+    ):
+        await session.initialize()
+        yield session
+
+
+def text(result: types.CallToolResult) -> str:
+    return "\n".join(c.text for c in result.content if isinstance(c, types.TextContent))
+
+
+async def test_an_mcp_session_is_counted_as_one_conversation(
+    warden: Warden, tmp_path: Path
+) -> None:
+    close = {"customer_id": "C-1001"}
+    async with connect(warden) as session:
+        first = await session.call_tool("close_account", close)
+        second = await session.call_tool("close_account", close)
+        third = await session.call_tool("close_account", close)
+        await session.call_tool("get_order", {"order_id": "A-1001"})
+    assert "held the tool call `close_account`" in text(first)
+    assert "held the tool call `close_account`" in text(second)
+    assert third.is_error
+    assert "blocked the tool call `close_account`" in text(third)
+    assert "at most 2 are allowed in one conversation" in text(third)
+    # A new MCP session starts from zero.
+    async with connect(warden) as fresh:
+        again = await fresh.call_tool("close_account", close)
+    assert "held the tool call `close_account`" in text(again)
+    assert [c["tool"] for c in read_call_log(tmp_path / "calls.jsonl")] == ["get_order"]

@@ -1,0 +1,255 @@
+"""Transparent mode's host rules through the real proxy: deny, tunnel, pinning, readiness.
+
+Unknown hosts are fake servers on loopback that count every connection they
+get; a tunnelled host is an HTTPS server with its own trustme certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import httpx2
+import pytest
+import trustme
+from aiohttp import web
+from prometheus_client import REGISTRY
+
+from tests.functional.conftest import audit_records
+from tests.functional.test_transparent_sdk_functional import (
+    API_KEY,
+    MESSAGES,
+    export_ca,
+    transparent_config,
+)
+from warden.errors import ConfigError
+from warden.server import Warden
+from warden.testing import MockLLM, Reply
+
+
+class CountingServer:
+    """A TCP server on 127.0.0.1 that counts the connections it accepts (and says nothing)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+
+    async def _accept(self, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.close()
+
+    async def __aenter__(self) -> CountingServer:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def trusted_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@contextlib.asynccontextmanager
+async def https_server(ca: trustme.CA) -> AsyncIterator[int]:
+    """An HTTPS server for ``localhost`` with a trustme certificate; yields its port."""
+
+    async def hello(_: web.Request) -> web.Response:
+        return web.json_response({"hello": "from the real host"})
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    try:
+        yield int(runner.addresses[0][1])
+    finally:
+        await runner.cleanup()
+
+
+async def test_unknown_hosts_are_refused_and_nothing_leaves(tmp_path: Path, llm: MockLLM) -> None:
+    async with (
+        CountingServer() as fake,
+        Warden(transparent_config(tmp_path, llm.url)) as warden,
+    ):
+        ca = export_ca(warden, tmp_path)
+        proxy = f"http://{warden.transparent_address}"
+        before = metric(
+            "warden_transparent_connections_total",
+            host="localhost",
+            mode="regular",
+            verdict="refused",
+        )
+        async with httpx2.AsyncClient(
+            proxy=proxy, verify=ssl.create_default_context(cafile=ca)
+        ) as c:
+            for url in (f"https://127.0.0.1:{fake.port}/", f"https://localhost:{fake.port}/"):
+                with pytest.raises(httpx2.ProxyError, match="403"):
+                    await c.get(url)
+            # Plain HTTP through the proxy: the same rule, answered in HTTP.
+            refused = await c.get(f"http://localhost:{fake.port}/v1/models")
+        assert refused.status_code == 403
+        assert refused.json()["code"] == "host_not_governed"
+        assert fake.connections == 0
+        after = metric(
+            "warden_transparent_connections_total",
+            host="localhost",
+            mode="regular",
+            verdict="refused",
+        )
+        assert after == before + 1
+        # A raw CONNECT gets the same 403 (what any client would see).
+        reader, writer = await asyncio.open_connection(*warden.transparent_address.split(":"))
+        writer.write(f"CONNECT 127.0.0.1:{fake.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+        assert status.startswith(b"HTTP/1.1 403")
+        assert fake.connections == 0
+
+
+async def test_a_tunnelled_host_is_never_decrypted(
+    tmp_path: Path, llm: MockLLM, trusted_ca: trustme.CA
+) -> None:
+    cfg = transparent_config(tmp_path, llm.url, transparent={"unknown_hosts": "tunnel"})
+    async with https_server(trusted_ca) as port, Warden(cfg) as warden:
+        warden_ca = export_ca(warden, tmp_path)
+        proxy = f"http://{warden.transparent_address}"
+        # Trusting only the host's own CA works: the client talks TLS with the host itself.
+        host_only = ssl.create_default_context()
+        trusted_ca.configure_trust(host_only)
+        async with httpx2.AsyncClient(proxy=proxy, verify=host_only) as c:
+            response = await c.get(f"https://localhost:{port}/")
+        assert response.json() == {"hello": "from the real host"}
+        # Trusting only Warden's CA fails: Warden never presented a certificate of its own.
+        warden_only = ssl.create_default_context(cafile=warden_ca)
+        async with httpx2.AsyncClient(proxy=proxy, verify=warden_only) as c:
+            with pytest.raises(httpx2.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await c.get(f"https://localhost:{port}/")
+        # A governed host is still governed when unknown ones are tunnelled.
+        llm.script(Reply(text="governed"))
+        async with httpx2.AsyncClient(proxy=proxy, verify=warden_only) as c:
+            governed = await c.post(
+                "https://api.openai.com/v1/chat/completions",
+                json={"model": "gpt-4o-mini", "messages": MESSAGES},
+                headers={"Authorization": f"Bearer {API_KEY}"},
+            )
+        assert governed.headers["x-warden-decision-id"].startswith("dec_")
+        assert (
+            metric(
+                "warden_transparent_connections_total",
+                host="localhost",
+                mode="regular",
+                verdict="tunnelled",
+            )
+            >= 2
+        )
+    kinds = [
+        (r["kind"], r["action"]["request"]["path"])
+        for r in audit_records(tmp_path / "audit")
+        if r["kind"] == "decision"
+    ]
+    assert kinds == [("decision", "/v1/chat/completions")]  # nothing about the tunnel
+
+
+async def test_a_client_that_rejects_the_ca_gets_a_clear_log_line(
+    tmp_path: Path, llm: MockLLM, trusted_ca: trustme.CA, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with Warden(transparent_config(tmp_path, llm.url)) as warden:
+        pinned = ssl.create_default_context()
+        trusted_ca.configure_trust(pinned)  # trusts (pins) some other CA, not Warden's
+        async with httpx2.AsyncClient(
+            proxy=f"http://{warden.transparent_address}", verify=pinned
+        ) as c:
+            with caplog.at_level(logging.WARNING, logger="warden.transparent"):
+                with pytest.raises(httpx2.ConnectError):
+                    await c.get("https://api.openai.com/v1/models")
+                for _ in range(100):  # logged on mitmproxy's thread
+                    if any("api.openai.com" in r.getMessage() for r in caplog.records):
+                        break
+                    await asyncio.sleep(0.05)
+    lines = [r.getMessage() for r in caplog.records if r.name == "warden.transparent"]
+    assert any(
+        "rejected Warden's certificate for api.openai.com" in line and "pins" in line
+        for line in lines
+    ), lines
+    assert (
+        metric("warden_transparent_tls_failures_total", host="api.openai.com", mode="regular") >= 1
+    )
+    assert llm.requests == []
+
+
+async def test_readyz_names_the_transparent_listener(tmp_path: Path, llm: MockLLM) -> None:
+    async with (
+        Warden(transparent_config(tmp_path, llm.url)) as warden,
+        aiohttp.ClientSession() as http,
+        http.get(f"{warden.admin_url}/readyz") as resp,
+    ):
+        body = await resp.json()
+        address = warden.transparent_address
+    assert resp.status == 200
+    assert body["transparent"] == {
+        "ready": True,
+        "listen": address,
+        "mode": "regular",
+        "unknown_hosts": "deny",
+    }
+
+
+async def test_a_configured_ca_signs_the_host_certificates(
+    tmp_path: Path, llm: MockLLM, trusted_ca: trustme.CA
+) -> None:
+    cert, key = tmp_path / "ca.crt", tmp_path / "ca.key"
+    trusted_ca.cert_pem.write_to_path(str(cert))
+    trusted_ca.private_key_pem.write_to_path(str(key))
+    key.chmod(0o600)
+    cfg = transparent_config(
+        tmp_path, llm.url, transparent={"ca_cert_file": str(cert), "ca_key_file": str(key)}
+    )
+    llm.script(Reply(text="signed by the configured CA"))
+    async with Warden(cfg) as warden:
+        assert export_ca(warden, tmp_path).read_bytes() == trusted_ca.cert_pem.bytes()
+        context = ssl.create_default_context()
+        trusted_ca.configure_trust(context)
+        async with httpx2.AsyncClient(
+            proxy=f"http://{warden.transparent_address}", verify=context
+        ) as c:
+            response = await c.post(
+                "https://api.openai.com/v1/chat/completions",
+                json={"model": "gpt-4o-mini", "messages": MESSAGES},
+            )
+    assert response.status_code == 200
+    assert "signed by the configured CA" in response.text
+
+
+async def test_a_listener_in_use_fails_the_start_clearly(tmp_path: Path, llm: MockLLM) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = transparent_config(tmp_path, llm.url, transparent={"listen": f"127.0.0.1:{port}"})
+        with pytest.raises(ConfigError, match="transparent.listen"):
+            async with Warden(cfg):
+                pass

@@ -1,0 +1,45 @@
+"""Trusted-header sign-on: believed only from the configured proxy, mapped to roles."""
+
+from __future__ import annotations
+
+from warden.config import ConsoleSsoConfig
+from warden.console.sso import sso_principal
+
+CONFIG = ConsoleSsoConfig(
+    trusted_proxies=("10.0.0.5", "192.168.7.0/24"),
+    roles={"support-leads": ("approver",), "sre": ("admin", "viewer")},
+)
+HEADERS = {"X-Forwarded-User": "dana@example.com", "X-Forwarded-Groups": "support-leads,other"}
+
+
+def test_a_trusted_proxy_vouches_for_a_person_and_their_roles() -> None:
+    who = sso_principal(CONFIG, "10.0.0.5", HEADERS)
+    assert who is not None
+    assert who.subject == "dana@example.com"
+    assert who.roles == frozenset({"approver"})
+    assert who.groups == frozenset({"support-leads", "other"})
+    assert sso_principal(CONFIG, "192.168.7.200", HEADERS) == who
+
+
+def test_headers_from_any_other_peer_are_ignored() -> None:
+    assert sso_principal(CONFIG, "10.0.0.6", HEADERS) is None
+    assert sso_principal(CONFIG, None, HEADERS) is None
+    assert sso_principal(CONFIG, "not an address", HEADERS) is None
+    assert sso_principal(None, "10.0.0.5", HEADERS) is None
+
+
+def test_no_user_no_mapped_group_or_oversized_headers_sign_no_one_in() -> None:
+    assert sso_principal(CONFIG, "10.0.0.5", {"X-Forwarded-Groups": "sre"}) is None
+    unmapped = {"X-Forwarded-User": "eve", "X-Forwarded-Groups": "marketing"}
+    assert sso_principal(CONFIG, "10.0.0.5", unmapped) is None
+    huge = {"X-Forwarded-User": "eve", "X-Forwarded-Groups": "sre," + "g," * 5000}
+    assert sso_principal(CONFIG, "10.0.0.5", huge) is None
+    many = {"X-Forwarded-User": "eve", "X-Forwarded-Groups": ",".join(f"g{i}" for i in range(70))}
+    assert sso_principal(CONFIG, "10.0.0.5", many) is None
+
+
+def test_several_groups_add_up_their_roles() -> None:
+    both = {"X-Forwarded-User": "sam", "X-Forwarded-Groups": "sre, support-leads"}
+    who = sso_principal(CONFIG, "10.0.0.5", both)
+    assert who is not None
+    assert who.roles == frozenset({"admin", "viewer", "approver"})

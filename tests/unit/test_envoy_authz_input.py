@@ -1,0 +1,302 @@
+"""The ext_authz adapter: OPA-Envoy's input document, and its result read and rendered."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2
+
+from warden.protocols.envoy_authz import (
+    CREDENTIAL_HEADERS,
+    AuthzResult,
+    check_input,
+    decode_segments,
+    read_result,
+    render_response,
+)
+
+
+def _request(
+    path: str = "/",
+    headers: dict[str, str] | None = None,
+    *,
+    body: str = "",
+    raw_body: bytes = b"",
+    method: str = "GET",
+) -> Any:
+    request = external_auth_pb2.CheckRequest()
+    http = request.attributes.request.http
+    http.method = method
+    http.path = path
+    http.host = "api.internal"
+    http.headers.update(headers or {})
+    http.body = body
+    http.raw_body = raw_body
+    return request
+
+
+def test_the_request_is_mapped_field_by_field_under_json_names() -> None:
+    request = _request("/v1/items?x=1", {"authorization": "Bearer t"}, raw_body=b"\x00\x01")
+    request.attributes.source.address.socket_address.address = "10.0.0.7"
+    request.attributes.source.address.socket_address.port_value = 51234
+    request.attributes.source.principal = "spiffe://cluster.local/ns/a/sa/agent"
+    request.attributes.request.time.seconds = 1_700_000_000
+    request.attributes.context_extensions["virtual_host"] = "orders"
+    request.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].update(
+        {"sub": "alice", "groups": ["a", "b"]}
+    )
+    doc = check_input(request).input
+    attributes = doc["attributes"]
+    http = attributes["request"]["http"]
+    assert http == {
+        "method": "GET",
+        "path": "/v1/items?x=1",
+        "host": "api.internal",
+        "headers": {"authorization": "Bearer t"},
+        "rawBody": "AAE=",
+    }
+    assert attributes["request"]["time"] == {"seconds": 1_700_000_000}
+    assert attributes["source"]["address"] == {
+        "socketAddress": {"address": "10.0.0.7", "portValue": 51234}
+    }
+    assert attributes["contextExtensions"] == {"virtual_host": "orders"}
+    assert attributes["metadataContext"]["filterMetadata"] == {
+        "envoy.filters.http.jwt_authn": {"sub": "alice", "groups": ["a", "b"]}
+    }
+    assert doc["source_principal"] == "spiffe://cluster.local/ns/a/sa/agent"
+    assert doc["version"] == {"ext_authz": "v3", "encoding": "protojson"}
+    assert "destination" not in attributes  # unset fields are left out, as in OPA-Envoy
+
+
+@pytest.mark.parametrize(
+    ("path", "parsed_path", "parsed_query"),
+    [
+        ("/", [""], {}),
+        ("//a/b/", ["a", "b", ""], {}),
+        ("/a%20b/c+d?x=1&x=2&y", ["a b", "c+d"], {"x": ["1", "2"], "y": [""]}),
+        ("/search?q=a+b%2Fc&&empty=", ["search"], {"q": ["a b/c"], "empty": [""]}),
+        ("/a%2Fb", ["a", "b"], {}),
+    ],
+)
+def test_path_and_query_are_parsed_as_opa_envoy_parses_them(
+    path: str, parsed_path: list[str], parsed_query: dict[str, list[str]]
+) -> None:
+    parsed = check_input(_request(path))
+    assert parsed.problem is None
+    assert parsed.input["parsed_path"] == parsed_path
+    assert parsed.input["parsed_query"] == parsed_query
+    assert parsed.path == path.partition("?")[0]
+
+
+@pytest.mark.parametrize("path", ["/a%zz", "/a%", "/ok?x=%zz", "/ok?a=1;b=2", "/%ff"])
+def test_a_malformed_path_or_query_is_a_problem(path: str) -> None:
+    parsed = check_input(_request(path))
+    assert parsed.problem is not None
+    assert parsed.problem.startswith("error parsing path and query")
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "parsed_body", "truncated"),
+    [
+        (
+            {"content-type": "application/json"},
+            '{"a": [1, 2.5, null]}',
+            {"a": [1, 2.5, None]},
+            False,
+        ),
+        ({"content-type": "application/json; charset=utf-8"}, "[true]", [True], False),
+        ({"content-type": "application/json"}, "", None, False),
+        ({"content-type": "application/json", "content-length": "100"}, "{}", None, True),
+        ({"content-type": "application/json", "content-length": "2"}, "{}", {}, False),
+        (
+            {"content-type": "application/json", "x-envoy-auth-partial-body": "true"},
+            "{",
+            None,
+            True,
+        ),
+        (
+            {"content-type": "application/x-www-form-urlencoded"},
+            "a=1&a=2&b=x+y",
+            {"a": ["1", "2"], "b": ["x y"]},
+            False,
+        ),
+        ({"content-type": "text/plain"}, "{", None, False),
+        ({}, "{", None, False),
+    ],
+)
+def test_bodies_are_parsed_by_content_type(
+    headers: dict[str, str], body: str, parsed_body: Any, truncated: bool
+) -> None:
+    parsed = check_input(_request("/", headers, body=body, method="POST"))
+    assert parsed.problem is None
+    assert parsed.input["parsed_body"] == parsed_body
+    assert parsed.input["truncated_body"] is truncated
+
+
+def test_raw_body_is_used_when_body_is_empty() -> None:
+    parsed = check_input(
+        _request("/", {"content-type": "application/json"}, raw_body=b'{"k": "v"}')
+    )
+    assert parsed.input["parsed_body"] == {"k": "v"}
+    assert parsed.body == b'{"k": "v"}'
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        ({"content-type": "application/json"}, "{"),
+        ({"content-type": "application/json"}, '{"a": 1, "a": 2}'),
+        ({"content-type": "application/json"}, "[NaN]"),
+        ({"content-type": "application/json", "content-length": "x"}, "{}"),
+        ({"content-type": "application/x-www-form-urlencoded"}, "a=%zz"),
+    ],
+)
+def test_an_unparsable_body_is_a_problem(headers: dict[str, str], body: str) -> None:
+    parsed = check_input(_request("/", headers, body=body, method="POST"))
+    assert parsed.problem is not None
+    assert parsed.problem.startswith("error parsing request body")
+
+
+def test_a_request_without_http_attributes_is_a_problem() -> None:
+    parsed = check_input(external_auth_pb2.CheckRequest())
+    assert parsed.problem == "the CheckRequest carries no HTTP request"
+
+
+@pytest.mark.parametrize(
+    ("path", "segments"),
+    [
+        ("/orders/A-1/refunds", ["orders", "A-1", "refunds"]),
+        ("/orders/A%2D1", ["orders", "A-1"]),
+        ("/", None),
+        ("/orders//x", None),
+        ("/orders/%2E%2E/x", None),
+        ("/orders/a%2Fb", None),
+        ("/orders/%00", None),
+        ("/orders/%zz", None),
+    ],
+)
+def test_route_segments_are_decoded_once_and_strictly(
+    path: str, segments: list[str] | None
+) -> None:
+    assert decode_segments(path) == segments
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+def test_a_boolean_result() -> None:
+    assert read_result(True) == AuthzResult(allowed=True)
+    assert read_result(False) == AuthzResult(allowed=False)
+
+
+def test_an_object_result_is_read_as_opa_envoy_reads_it() -> None:
+    result = read_result(
+        {
+            "allowed": True,
+            "headers": [{"x-a": "1"}, {"x-b": ["2", "3"]}],
+            "response_headers_to_add": {"x-c": "4"},
+            "request_headers_to_remove": ["x-d"],
+            "query_parameters_to_set": {"q": ["1", "2"]},
+            "query_parameters_to_remove": ["debug"],
+            "dynamic_metadata": {"role": "reader"},
+            # Not used when allowed, so not checked (as in OPA-Envoy).
+            "http_status": "not a number",
+            "body": 5,
+        }
+    )
+    assert result.allowed
+    assert result.structured
+    assert result.headers == (("x-a", "1"), ("x-b", "2"), ("x-b", "3"))
+    assert result.response_headers_to_add == (("x-c", "4"),)
+    assert result.request_headers_to_remove == ("x-d",)
+    assert result.query_parameters_to_set == (("q", "1"), ("q", "2"))
+    assert result.query_parameters_to_remove == ("debug",)
+    assert result.dynamic_metadata == {"role": "reader"}
+    denied = read_result({"allowed": False, "http_status": 429, "body": "slow down"})
+    assert (denied.allowed, denied.http_status, denied.body) == (False, 429, "slow down")
+    assert read_result({"allowed": False}).http_status == 403
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (None, "boolean or an object"),
+        ("yes", "boolean or an object"),
+        ({}, '"allowed"'),
+        ({"allowed": "true"}, "allowed must be a boolean"),
+        ({"allowed": True, "headers": "x"}, "headers"),
+        ({"allowed": True, "headers": {"x": 1}}, "headers.x"),
+        ({"allowed": True, "request_headers_to_remove": "x"}, "request_headers_to_remove"),
+        ({"allowed": True, "query_parameters_to_set": []}, "query_parameters_to_set"),
+        ({"allowed": True, "dynamic_metadata": []}, "dynamic_metadata"),
+        ({"allowed": False, "http_status": 999}, "http_status"),
+        ({"allowed": False, "http_status": 403.5}, "http_status"),
+        ({"allowed": False, "http_status": True}, "http_status"),
+        ({"allowed": False, "body": {"a": 1}}, "body"),
+    ],
+)
+def test_a_result_of_the_wrong_shape_is_refused(value: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        read_result(value)
+
+
+def test_rendering_a_structured_denial() -> None:
+    result = read_result(
+        {
+            "allowed": False,
+            "http_status": 401,
+            "body": "who are you",
+            "headers": {"www-authenticate": "Bearer"},
+            "dynamic_metadata": {"k": "v"},
+        }
+    )
+    response = render_response(result, allowed=False, decision_id="dec_1")
+    assert response.status.code == 7
+    assert response.denied_response.status.code == 401
+    assert response.denied_response.body == "who are you"
+    assert [(o.header.key, o.header.value) for o in response.denied_response.headers] == [
+        ("www-authenticate", "Bearer")
+    ]
+    assert dict(response.dynamic_metadata) == {
+        "k": "v",
+        "decision_id": "dec_1",
+        "warden_decision_id": "dec_1",
+    }
+
+
+def test_rendering_a_boolean_gives_no_http_response() -> None:
+    for value in (True, False):
+        response = render_response(read_result(value), allowed=value, decision_id="dec_2")
+        assert response.status.code == (0 if value else 7)
+        assert response.WhichOneof("http_response") is None
+        assert response.HasField("status")
+
+
+def test_dry_run_answers_an_empty_ok_response_and_keeps_the_metadata() -> None:
+    result = read_result({"allowed": False, "body": "no", "dynamic_metadata": {"k": "v"}})
+    response = render_response(result, allowed=True, decision_id="dec_3")
+    assert response.status.code == 0
+    assert response.WhichOneof("http_response") == "ok_response"
+    assert response.ok_response == external_auth_pb2.OkHttpResponse()
+    assert response.dynamic_metadata["k"] == "v"
+
+
+def test_agent_credentials_are_hidden_from_the_policy_and_removed_before_upstream() -> None:
+    headers = {"x-warden-agent-key": "wk_secret", "x-warden-agent-token": "ey.x.y", "x-a": "1"}
+    parsed = check_input(_request("/", headers))
+    shown = parsed.input["attributes"]["request"]["http"]["headers"]
+    assert shown == {"x-a": "1"}
+    assert parsed.headers["x-warden-agent-key"] == "wk_secret"  # identity still reads it
+    for value in (True, {"allowed": True, "headers": {"x-b": "2"}}):
+        response = render_response(
+            read_result(value), allowed=True, decision_id="dec_5", credentials=CREDENTIAL_HEADERS
+        )
+        assert set(CREDENTIAL_HEADERS) <= set(response.ok_response.headers_to_remove)
+
+
+def test_a_denial_of_wardens_own_has_status_and_body() -> None:
+    response = render_response(None, allowed=False, decision_id="dec_4", status=400, body="bad")
+    assert (response.denied_response.status.code, response.denied_response.body) == (400, "bad")
+    refused = render_response(None, allowed=False, decision_id="", status=401, body="who")
+    assert "decision_id" not in refused.dynamic_metadata

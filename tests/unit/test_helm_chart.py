@@ -1,0 +1,409 @@
+"""The Helm chart, checked with the real Helm v4 and Kubernetes' own schemas.
+
+Each values file in ``helm/warden/ci/`` is linted and rendered once; every
+rendered manifest must pass the strict schema of the newest Kubernetes version
+``kubernetes-validate`` ships, and the warden.yaml it renders must load in
+Warden. Only rendering is tested here: there is no cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import tarfile
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.unit.kube_tools import (
+    CHART,
+    assert_valid,
+    by_kind,
+    helm_template,
+    pod_spec,
+    run,
+    schema_errors,
+    tool,
+    warden_container,
+)
+from warden import config as warden_config
+from warden.config import Config, load_config
+
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+PACKAGE_SIDECAR = CHART.parents[1] / "src" / "warden" / "data" / "kubernetes" / "sidecar.yaml"
+
+
+@cache
+def rendered(values: Path) -> tuple[dict[str, Any], ...]:
+    return tuple(helm_template("-f", str(values)))
+
+
+def values_of(name: str) -> tuple[Path, tuple[dict[str, Any], ...]]:
+    path = CHART / "ci" / f"{name}-values.yaml"
+    return path, rendered(path)
+
+
+def warden_yaml(docs: tuple[dict[str, Any], ...], tmp_path: Path) -> Config:
+    """Load the rendered warden.yaml exactly as `warden serve --config` would."""
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-config")]
+    path = tmp_path / "warden.yaml"
+    path.write_text(cm["data"]["warden.yaml"])
+    return load_config(path, environ={})
+
+
+def test_ci_values_cover_both_modes_and_the_named_cases() -> None:
+    names = {p.name for p in CI_VALUES}
+    assert {
+        "sidecar-values.yaml",
+        "gateway-values.yaml",
+        "postgresql-values.yaml",
+        "existing-secrets-values.yaml",
+        "fleet-values.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.stem)
+def test_helm_lint_passes_strict(values: Path) -> None:
+    done = run([tool("helm"), "lint", "--strict", str(CHART), "-f", str(values)])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 chart(s) failed" in done.stdout
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.stem)
+def test_every_rendered_manifest_passes_the_kubernetes_schema(values: Path, tmp_path: Path) -> None:
+    docs = rendered(values)
+    kinds = assert_valid(docs)
+    assert {"ConfigMap", "ServiceAccount"} <= kinds
+    config = warden_yaml(docs, tmp_path)
+    admin_host, _ = warden_config.parse_listen(config.listen.admin)
+    assert admin_host == "0.0.0.0"  # the kubelet probes it on the pod IP
+
+
+def test_the_schema_check_rejects_an_unknown_field() -> None:
+    _, docs = values_of("gateway")
+    (deployment,) = by_kind(docs, "Deployment")
+    broken = json.loads(json.dumps(deployment))
+    warden_container(pod_spec(broken))["readinessprobe"] = {"httpGet": {"path": "/readyz"}}
+    assert schema_errors(broken) is not None
+    assert schema_errors(deployment) is None
+
+
+def test_sidecar_mode_runs_warden_as_a_native_sidecar(tmp_path: Path) -> None:
+    _, docs = values_of("sidecar")
+    (deployment,) = by_kind(docs, "Deployment")
+    spec = pod_spec(deployment)
+    assert [c["name"] for c in spec["initContainers"]] == ["warden"]
+    assert [c["name"] for c in spec["containers"]] == ["agent"]
+    warden = warden_container(spec)
+    assert warden["restartPolicy"] == "Always"
+    assert_probes_and_security(warden)
+    config = warden_yaml(docs, tmp_path)
+    assert config.agent.id == "refunds-agent"
+    assert config.listen.proxy == "127.0.0.1:8080"  # the agent's loopback only
+    assert spec["terminationGracePeriodSeconds"] > config.shutdown_grace_s
+    agent_env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
+    assert agent_env["OPENAI_BASE_URL"] == "http://127.0.0.1:8080/openai/v1"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert not by_kind(docs, "PodDisruptionBudget")
+    assert not by_kind(docs, "HorizontalPodAutoscaler")
+
+
+def assert_probes_and_security(warden: dict[str, Any]) -> None:
+    admin = next(p for p in warden["ports"] if p["name"] == "warden-admin")
+    assert warden["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "warden-admin"}
+    assert warden["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "warden-admin"}
+    assert warden["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "warden-admin"}
+    assert admin["containerPort"] == 8081
+    sc = warden["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["runAsUser"] != 0
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "cpu" not in warden["resources"].get("limits", {})  # no throttling of every call
+
+
+def test_gateway_mode_has_a_service_pdb_and_hpa(tmp_path: Path) -> None:
+    _, docs = values_of("gateway")
+    (deployment,) = by_kind(docs, "Deployment")
+    spec = pod_spec(deployment)
+    assert "initContainers" not in spec
+    warden = warden_container(spec)
+    assert "restartPolicy" not in warden
+    assert_probes_and_security(warden)
+    assert {p["name"] for p in warden["ports"]} == {"warden-proxy", "warden-admin", "warden-grpc"}
+    config = warden_yaml(docs, tmp_path)
+    assert config.listen.proxy == "0.0.0.0:8080"
+    assert config.listen.grpc == "0.0.0.0:9090"
+    assert config.state.url.startswith("postgresql://")
+    assert config.state.password_file == "/etc/warden/secrets/state-password"
+    assert spec["terminationGracePeriodSeconds"] > config.shutdown_grace_s
+    (service,) = by_kind(docs, "Service")
+    assert {p["name"] for p in service["spec"]["ports"]} == {"proxy", "admin", "grpc"}
+    (pdb,) = by_kind(docs, "PodDisruptionBudget")
+    (hpa,) = by_kind(docs, "HorizontalPodAutoscaler")
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["selector"]["matchLabels"] == selector
+    assert service["spec"]["selector"] == selector
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert "replicas" not in deployment["spec"]  # the HPA owns it
+
+
+def test_network_policy_allows_egress_only_to_declared_upstreams_state_and_dns() -> None:
+    values, docs = values_of("postgresql")
+    declared = yaml.safe_load(values.read_text())["networkPolicy"]
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    (deployment,) = by_kind(docs, "Deployment")
+    assert (
+        policy["spec"]["podSelector"]["matchLabels"]
+        == (deployment["spec"]["selector"]["matchLabels"])
+    )
+    assert "Egress" in policy["spec"]["policyTypes"]
+    blocks = []
+    dns = []
+    for rule in policy["spec"]["egress"]:
+        (peer,) = rule["to"]
+        ports = sorted((p["port"], p["protocol"]) for p in rule["ports"])
+        if "ipBlock" in peer:
+            blocks.append((peer["ipBlock"]["cidr"], ports))
+        else:
+            dns.append((peer, ports))
+    expected = [
+        (r["cidr"], sorted((p, "TCP") for p in r["ports"]))
+        for r in declared["upstreams"] + declared["stateStore"]
+    ]
+    assert blocks == expected
+    assert dns == [
+        (
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}},
+            [(53, "TCP"), (53, "UDP")],
+        )
+    ]
+
+
+def test_secrets_stay_out_of_the_config_map(tmp_path: Path) -> None:
+    values, docs = values_of("postgresql")
+    password = yaml.safe_load(values.read_text())["secrets"]["statePassword"]
+    for cm in by_kind(docs, "ConfigMap"):
+        assert password not in json.dumps(cm)
+    (secret,) = by_kind(docs, "Secret")
+    assert base64.b64decode(secret["data"]["state-password"]).decode() == password
+    assert "signing-key.pem" in secret["data"]
+    config = warden_yaml(docs, tmp_path)
+    assert config.audit.signing_key_file == "/etc/warden/secrets/signing-key.pem"
+    assert config.policy.bundle_url == "https://bundles.example/warden/customer-support.tar.gz"
+    (deployment,) = by_kind(docs, "Deployment")
+    spec = pod_spec(deployment)
+    # A longer shutdown_grace_s moves the pod's grace period with it.
+    assert spec["terminationGracePeriodSeconds"] == math.ceil(config.shutdown_grace_s) + 10
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["warden-data"]["persistentVolumeClaim"]["claimName"] == "t-warden-data"
+    (pvc,) = by_kind(docs, "PersistentVolumeClaim")
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
+
+
+def test_a_fleet_shares_postgresql_and_ships_its_audit_log(tmp_path: Path) -> None:
+    values, docs = values_of("fleet")
+    declared = yaml.safe_load(values.read_text())
+    config = warden_yaml(docs, tmp_path)
+    assert config.state.url == declared["config"]["state"]["url"]
+    assert config.state.password_file == "/etc/warden/secrets/state-password"
+    assert config.audit.ship is not None
+    assert config.audit.ship.url == declared["config"]["audit"]["ship"]["url"]
+    assert config.audit.ship.migrate == "off"
+    assert config.audit.ship.password_file == "/etc/warden/secrets/audit-ship-password"
+    passwords = {
+        "state-password": declared["secrets"]["statePassword"],
+        "audit-ship-password": declared["secrets"]["auditShipPassword"],
+    }
+    for cm in by_kind(docs, "ConfigMap"):
+        assert not any(pw in json.dumps(cm) for pw in passwords.values())
+    (secret,) = by_kind(docs, "Secret")
+    for key, password in passwords.items():
+        assert base64.b64decode(secret["data"][key]).decode() == password
+    (deployment,) = by_kind(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    spec = pod_spec(deployment)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    items = {i["key"]: i["path"] for i in volumes["warden-secrets"]["secret"]["items"]}
+    assert items == {key: key for key in passwords}
+    mounts = {m["name"]: m["mountPath"] for m in warden_container(spec)["volumeMounts"]}
+    assert mounts["warden-secrets"] == "/etc/warden/secrets"
+
+
+def test_admin_tokens_and_agent_keys_reach_warden_from_the_secret(tmp_path: Path) -> None:
+    values, docs = values_of("sidecar")
+    declared = yaml.safe_load(values.read_text())["secrets"]
+    (secret,) = by_kind(docs, "Secret")
+    (deployment,) = by_kind(docs, "Deployment")
+    env = {e["name"]: e for e in warden_container(pod_spec(deployment))["env"]}
+    environ = {}
+    for name, key in (
+        ("WARDEN_ADMIN__TOKENS", "admin-tokens"),
+        ("WARDEN_IDENTITY__AGENTS", "agent-keys"),
+    ):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == (secret["metadata"]["name"], key)
+        environ[name] = base64.b64decode(secret["data"][key]).decode()
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "t-warden-config"]
+    path = tmp_path / "warden.yaml"
+    path.write_text(cm["data"]["warden.yaml"])
+    config = load_config(path, environ=environ)  # as the container's environment sets it
+    assert config.admin.tokens[0].subject == declared["adminTokens"][0]["subject"]
+    assert set(config.identity.agents) == {"refunds-agent"}
+    (policy_cm,) = [
+        d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "t-warden-policy"
+    ]
+    assert "policy.rego" in policy_cm["data"]
+    assert config.policy.bundles == ("/etc/warden/policy",)
+
+
+def test_existing_secret_and_config_map_are_referenced_not_created(tmp_path: Path) -> None:
+    _, docs = values_of("existing-secrets")
+    assert not by_kind(docs, "Secret")
+    assert not by_kind(docs, "Deployment")  # no agent: the user's pods include the template
+    assert not by_kind(docs, "PersistentVolumeClaim")  # existingClaim
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"app": "refunds-agent"}}
+    config = warden_yaml(docs, tmp_path)
+    assert config.state.password_file == "/etc/warden/secrets/state-password"
+    assert config.audit.signing_key_file == "/etc/warden/secrets/signing-key.pem"
+    assert config.policy.bundles == ("/etc/warden/policy",)
+
+
+def test_monitoring_resources_render_the_alert_file() -> None:
+    _, docs = values_of("sidecar")
+    (rule,) = by_kind(docs, "PrometheusRule")
+    alerts = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+    assert rule["spec"]["groups"] == alerts["groups"]
+    (monitor,) = by_kind(docs, "ServiceMonitor")
+    (service,) = by_kind(docs, "Service")
+    assert monitor["spec"]["endpoints"][0]["port"] == "admin"
+    labels = service["metadata"]["labels"]
+    assert all(labels[k] == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
+    (dashboard,) = [
+        d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")
+    ]
+    assert json.loads(dashboard["data"]["warden.json"])["title"]
+
+
+def test_chart_defaults_are_warden_serves_defaults(tmp_path: Path) -> None:
+    docs = tuple(helm_template())
+    assert_valid(docs)
+    config = warden_yaml(docs, tmp_path)
+    defaults = Config()
+    # Only the listeners differ (pod networking); paths stay relative to the
+    # image's working directory, the data volume, as with `warden serve`.
+    assert config.model_dump(exclude={"listen"}) == defaults.model_dump(exclude={"listen"})
+    assert config.listen.proxy == warden_config.DEFAULT_PROXY_LISTEN
+    assert warden_config.parse_listen(config.listen.admin)[1] == 8081
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["config"]["shutdown_grace_s"] == warden_config.DEFAULT_SHUTDOWN_GRACE_S
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "mode=gateway"], "needs a shared state store"),
+        (["--set", "mode=mesh"], "/mode"),
+        (["--set", "config.listen.proxy=0.0.0.0:80"], "/config"),
+        (["--set", "networkPolicy.upstreams[0].cidr=api.openai.com"], "cidr"),
+        (["--set", "policy.bundleUrl=https://b.example/x.tar.gz,policy.files.a=b"], "one of"),
+        (["--set", "secrets.auditShipPassword=pw"], "config.audit.ship is not"),
+        (["--set", "config.audit.ship.url=sqlite:///x.db"], "config.audit.ship.url"),
+    ],
+)
+def test_bad_values_fail_with_a_message_naming_the_value(args: list[str], message: str) -> None:
+    done = run([tool("helm"), "template", "t", str(CHART), *args])
+    assert done.returncode != 0
+    assert message in done.stderr
+
+
+def test_the_packaged_chart_carries_injects_sidecar_file(tmp_path: Path) -> None:
+    # files/sidecar.yaml is a link to the package data `warden inject` reads;
+    # `helm package` stores the file it points to.
+    link = CHART / "files" / "sidecar.yaml"
+    assert link.resolve() == PACKAGE_SIDECAR.resolve()
+    done = run([tool("helm"), "package", str(CHART), "-d", str(tmp_path)])
+    assert done.returncode == 0, done.stderr
+    (archive,) = tmp_path.glob("warden-*.tgz")
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("warden/files/sidecar.yaml")
+        assert member is not None
+        assert member.read() == PACKAGE_SIDECAR.read_bytes()
+        assert not any(name.startswith("warden/ci/") for name in tar.getnames())
+
+
+def test_helm_test_hook_asks_readyz_with_the_warden_image() -> None:
+    _, docs = values_of("gateway")
+    (pod,) = by_kind(docs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    (deployment,) = by_kind(docs, "Deployment")
+    assert container["image"] == warden_container(pod_spec(deployment))["image"]
+    assert container["command"][0] == "python"
+    assert "/readyz" in container["args"][0]
+
+
+def test_notes_render_for_each_mode() -> None:
+    for values in CI_VALUES:
+        done = run(
+            [tool("helm"), "install", "t", str(CHART), "-f", str(values), "--dry-run=client"]
+        )
+        assert done.returncode == 0, done.stderr
+        notes = done.stdout.split("NOTES:", 1)[1]
+        assert "/readyz" in notes
+
+
+PARENT_TEMPLATE = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: myagent}
+spec:
+  selector: {matchLabels: {app: myagent}}
+  template:
+    metadata: {labels: {app: myagent}}
+    spec:
+      terminationGracePeriodSeconds: 30
+      initContainers:
+        {{- include "warden.sidecar" .Subcharts.warden | nindent 8 }}
+      containers:
+        - {name: agent, image: registry.example/myagent:1}
+      volumes:
+        {{- include "warden.volumes" .Subcharts.warden | nindent 8 }}
+"""
+
+
+def test_a_users_chart_includes_the_sidecar_template(tmp_path: Path) -> None:
+    # The way docs/deploy.md tells teams to use it: a dependency, two includes.
+    parent = tmp_path / "myagent"
+    (parent / "templates").mkdir(parents=True)
+    (parent / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: myagent\nversion: 0.1.0\n"
+        f"dependencies:\n  - {{name: warden, version: 0.1.0, repository: 'file://{CHART}'}}\n"
+    )
+    (parent / "values.yaml").write_text(
+        "warden:\n  networkPolicy: {podSelector: {matchLabels: {app: myagent}}}\n"
+    )
+    (parent / "templates" / "deployment.yaml").write_text(PARENT_TEMPLATE)
+    built = run([tool("helm"), "dependency", "build", str(parent)])
+    assert built.returncode == 0, built.stderr
+    done = run([tool("helm"), "template", "r", str(parent)])
+    assert done.returncode == 0, done.stderr
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    assert_valid(docs)
+    (deployment,) = by_kind(docs, "Deployment")
+    spec = pod_spec(deployment)
+    own = helm_template("--set", "agent.image=x", release="r")
+    (own_deployment,) = by_kind(own, "Deployment")
+    assert spec["initContainers"] == pod_spec(own_deployment)["initContainers"]
+    config_maps = {d["metadata"]["name"] for d in by_kind(docs, "ConfigMap")}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["warden-config"]["configMap"]["name"] in config_maps
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"app": "myagent"}}

@@ -1,0 +1,260 @@
+"""The conversation so far, read from each protocol's request; and the cache keys on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from warden.model import ToolCall
+from warden.policy.bundle import Module, load_bundle
+from warden.policy.cache import WILDCARD, analyse, cache_key, project
+from warden.protocols.history import EXTRACTORS, Bounds, arguments_digest, extract
+
+BUNDLE = Path(__file__).resolve().parents[2] / "policies" / "customer-support"
+
+
+def chat_body(n_pairs: int = 1) -> dict[str, Any]:
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "where is my order?"}]
+    for i in range(n_pairs):
+        messages.append(
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": f"call_{i}",
+                        "type": "function",
+                        "function": {"name": "get_order", "arguments": f'{{"order_id":"A-{i}"}}'},
+                    }
+                ],
+            }
+        )
+        messages.append({"role": "tool", "tool_call_id": f"call_{i}", "content": f"order A-{i}"})
+    return {"model": "gpt-4o", "messages": messages}
+
+
+def test_openai_chat_calls_and_their_results() -> None:
+    conversation = extract("openai_chat", chat_body(2))
+    assert [(c.call_id, c.tool, dict(c.arguments or {})) for c in conversation.calls] == [
+        ("call_0", "get_order", {"order_id": "A-0"}),
+        ("call_1", "get_order", {"order_id": "A-1"}),
+    ]
+    result = conversation.calls[1].result
+    assert result is not None
+    assert (result.content, result.size, result.is_error) == ("order A-1", 9, False)
+    assert len(result.digest) == 64
+    assert conversation.messages == 5
+    assert not conversation.truncated
+
+
+def test_the_digest_matches_the_one_kept_for_a_decided_call() -> None:
+    # What the adapter decided (parsed arguments) and what the history carries
+    # (the same call, re-serialised with other spacing) have one digest.
+    (call,) = extract("openai_chat", chat_body(1)).calls
+    decided = ToolCall("call_0", "get_order", '{"order_id": "A-0"}', {"order_id": "A-0"})
+    assert call.digest == arguments_digest(decided.arguments, decided.raw_arguments)
+    assert call.digest != arguments_digest({"order_id": "A-9"})
+
+
+def test_anthropic_tool_use_and_tool_result_blocks() -> None:
+    body = {
+        "model": "claude-sonnet-4",
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "looking"},
+                    {
+                        "type": "tool_use",
+                        "id": "toolu_1",
+                        "name": "fetch_url",
+                        "input": {"url": "u"},
+                    },
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "toolu_1",
+                        "content": [{"type": "text", "text": "page"}],
+                        "is_error": True,
+                    }
+                ],
+            },
+        ],
+    }
+    (call,) = extract("anthropic", body).calls
+    assert (call.call_id, call.tool, dict(call.arguments or {})) == (
+        "toolu_1",
+        "fetch_url",
+        {"url": "u"},
+    )
+    assert call.result is not None
+    assert (call.result.content, call.result.is_error) == ("page", True)
+
+
+def test_responses_items_and_a_chain_continuation() -> None:
+    body = {
+        "model": "gpt-4.1",
+        "previous_response_id": "resp_1",
+        "input": [
+            {"type": "function_call", "call_id": "fc_1", "name": "search_kb", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "fc_1", "output": "kb answer"},
+            # A result for a call of the earlier response: kept apart for the chain.
+            {"type": "function_call_output", "call_id": "fc_0", "output": "order A-1"},
+        ],
+    }
+    conversation = extract("openai_responses", body)
+    assert conversation.previous_response_id == "resp_1"
+    assert [(c.call_id, c.tool) for c in conversation.calls] == [("fc_1", "search_kb")]
+    assert [(i, r.content) for i, r in conversation.results] == [("fc_0", "order A-1")]
+
+
+def test_malformed_conversations_give_what_can_be_read() -> None:
+    body = {
+        "messages": [
+            "not a message",
+            {"role": "assistant", "tool_calls": "nope"},
+            {"role": "assistant", "tool_calls": [{"id": 5, "function": {"name": "x"}}]},
+            {
+                "role": "assistant",
+                "tool_calls": [{"id": "c", "function": {"name": "t", "arguments": "{"}}],
+            },
+            {"role": "tool", "tool_call_id": "unknown", "content": "orphan"},
+        ]
+    }
+    (call,) = extract("openai_chat", body).calls
+    assert (call.call_id, call.tool, call.arguments) == ("c", "t", None)
+    assert extract("openai_chat", {"messages": "x"}).calls == ()
+    assert extract("nobody", chat_body()).calls == ()
+
+
+def test_bounds_cut_calls_messages_and_results() -> None:
+    long = chat_body(10)
+    long["messages"][2]["content"] = "x" * 5000
+    kept = extract("openai_chat", long, Bounds(max_calls=3, max_result_chars=10))
+    assert [c.call_id for c in kept.calls] == ["call_7", "call_8", "call_9"]
+    assert kept.truncated
+    cut = extract("openai_chat", long, Bounds(max_messages=4))
+    assert cut.truncated
+    assert cut.messages == 4
+    assert len(cut.calls) == 2
+    first = extract("openai_chat", long, Bounds(max_result_chars=10)).calls[0].result
+    assert first is not None
+    assert (len(first.content), first.size) == (10, 5000)
+
+
+def test_a_time_bound_stops_extraction() -> None:
+    huge = chat_body(2000)
+    stopped = extract("openai_chat", huge, Bounds(max_ms=0.0001, max_calls=10_000))
+    assert stopped.truncated
+    assert stopped.messages < len(huge["messages"])
+
+
+# -- the decision cache keys only on the history paths the policy reads -----------------------
+
+
+def shipped_shape() -> Any:
+    bundle = load_bundle(str(BUNDLE))
+    return analyse([m for m in bundle.modules if not m.path.endswith("_test.rego")])
+
+
+def test_the_shipped_policy_reads_four_fields_of_each_history_entry() -> None:
+    paths = shipped_shape().paths
+    assert paths is not None
+    history = sorted(p for p in paths if p[0] == "history")
+    assert history == [
+        ("history", WILDCARD, "arguments", "order_id"),
+        ("history", WILDCARD, "arguments", "query"),
+        ("history", WILDCARD, "tool"),
+        ("history", WILDCARD, "verified"),
+    ]
+    assert ("session",) not in paths  # the session's id is not in the key
+
+
+def entry(tool: str, verified: bool, **extra: Any) -> dict[str, Any]:
+    return {
+        "call_id": extra.pop("call_id", "c1"),
+        "tool": tool,
+        "arguments": {"order_id": "A-1", **extra},
+        "result": {"content": "long text", "size": 9, "digest": "d", "is_error": False},
+        "verified": verified,
+    }
+
+
+def test_keys_differ_exactly_when_a_read_history_field_differs() -> None:
+    shape = analyse(
+        [Module("p.rego", 'package warden\nx if { some i; input.history[i].tool == "a" }\n')]
+    )
+    assert shape.paths == (("history", WILDCARD, "tool"),)
+    base = {"history": [entry("a", True), entry("b", True)]}
+    # Other fields of an entry (ids, results, verification) are not read: same key.
+    other = {"history": [entry("a", False, call_id="zz", note=1), entry("b", True)]}
+    assert cache_key(shape, base) == cache_key(shape, other)
+    # A different tool, order or length is a different input.
+    assert cache_key(shape, base) != cache_key(
+        shape, {"history": [entry("b", True), entry("a", True)]}
+    )
+    assert cache_key(shape, base) != cache_key(shape, {"history": [entry("a", True)]})
+    assert cache_key(shape, base) != cache_key(shape, {})
+    # A missing field and a null one are different inputs to Rego.
+    gone = {"history": [{"call_id": "x"}, entry("b", True)]}
+    null = {"history": [{"tool": None}, entry("b", True)]}
+    assert cache_key(shape, gone) != cache_key(shape, null)
+
+
+def test_projection_keeps_positions_and_joins_paths_through_one_list() -> None:
+    shape = analyse(
+        [
+            Module(
+                "p.rego",
+                "package warden\n"
+                'x if { some i; input.history[i].tool == "a"; input.history[i].verified }\n'
+                "y if { some i; input.history[i].arguments.order_id == input.action.tool }\n",
+            )
+        ]
+    )
+    doc = {"action": {"tool": "A-1", "kind": "k"}, "history": [entry("a", True), "odd", {}]}
+    projected = project(shape, doc)
+    assert projected == {
+        "action": {"tool": "A-1"},
+        "history": [
+            {"tool": "a", "verified": True, "arguments": {"order_id": "A-1"}},
+            {},
+            {},
+        ],
+    }
+    orjson.dumps(projected)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(
+        st.sampled_from(
+            ["role", "content", "tool_calls", "id", "function", "name", "arguments", "type",
+             "tool_call_id", "call_id", "output", "input", "tool_use_id", "is_error", "x"]
+        ),
+        inner,
+        max_size=5,
+    ),
+    max_leaves=30,
+)  # fmt: skip
+
+
+@given(messages=st.lists(_JSON, max_size=8), protocol=st.sampled_from(sorted(EXTRACTORS)))
+def test_any_conversation_is_read_without_raising(messages: list[Any], protocol: str) -> None:
+    body = {"messages": messages, "input": messages, "previous_response_id": "resp_1"}
+    conversation = extract(protocol, body)
+    assert conversation.messages <= len(messages)
+    for call in conversation.calls:
+        assert isinstance(call.tool, str)
+        assert call.tool
+        assert len(call.digest) == 64

@@ -1,0 +1,275 @@
+"""``warden inject`` adds the same sidecar the Helm chart renders, and refuses what it cannot do."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.unit.kube_tools import (
+    assert_valid,
+    by_kind,
+    documents,
+    helm_template,
+    pod_spec,
+    warden_container,
+)
+from warden import cli
+from warden.cli_inject import (
+    DEFAULT_IMAGE,
+    InjectError,
+    SidecarSettings,
+    inject_documents,
+    sidecar_container,
+    sidecar_template,
+)
+from warden.config import load_config
+
+SAMPLE = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: refunds-agent, namespace: support}
+spec:
+  selector: {matchLabels: {app: refunds-agent}}
+  template:
+    metadata: {labels: {app: refunds-agent}}
+    spec:
+      initContainers:
+        - {name: migrate, image: registry.example/refunds-agent:1.0, command: [migrate]}
+      containers:
+        - name: agent
+          image: registry.example/refunds-agent:1.0
+          env:
+            - {name: OPENAI_BASE_URL, value: "http://127.0.0.1:8080/openai/v1"}
+      volumes:
+        - {name: cache, emptyDir: {}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: refunds-agent}
+spec:
+  selector: {app: refunds-agent}
+  ports: [{port: 80}]
+"""
+
+
+def inject(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, Any]]:
+    source = tmp_path / "deployment.yaml"
+    source.write_text(SAMPLE)
+    assert cli.main(["inject", "-f", str(source), *args]) == 0
+    captured = capsys.readouterr()
+    assert "warden inject: added the sidecar to 1 pod template(s)" in captured.err
+    return documents(captured.out)
+
+
+def test_inject_gives_the_charts_container_probes_and_security_context(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = "registry.example/warden:0.1.0"
+    chart = helm_template(
+        "--set", "agent.image=registry.example/agent:1", "--set", "image.tag=0.1.0"
+    )
+    (chart_deployment,) = by_kind(chart, "Deployment")
+    from_chart = warden_container(pod_spec(chart_deployment))
+
+    docs = inject(tmp_path, capsys, "--image", image, "--config-map", "t-warden-config")
+    (deployment,) = by_kind(docs, "Deployment")
+    from_inject = warden_container(pod_spec(deployment))
+
+    assert from_inject == from_chart
+    # ...and, spelled out, what both must be:
+    assert from_inject["restartPolicy"] == "Always"
+    assert from_inject["image"] == image
+    assert from_inject["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert from_inject["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert from_inject["securityContext"]["readOnlyRootFilesystem"] is True
+    assert from_inject["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert from_inject["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    # The pod volumes the container mounts are the chart's too.
+    chart_volumes = {v["name"]: v for v in pod_spec(chart_deployment)["volumes"]}
+    injected = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    for mount in from_inject["volumeMounts"]:
+        assert injected[mount["name"]] == chart_volumes[mount["name"]]
+    assert not by_kind(docs, "ConfigMap")  # --config-map alone: it exists already
+
+
+def test_injected_pod_keeps_the_agent_and_validates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    docs = inject(tmp_path, capsys)
+    assert assert_valid(docs) == {"ConfigMap", "Deployment", "Service"}
+    (deployment,) = by_kind(docs, "Deployment")
+    spec = pod_spec(deployment)
+    assert [c["name"] for c in spec["initContainers"]] == ["warden", "migrate"]
+    assert [c["name"] for c in spec["containers"]] == ["agent"]
+    assert [v["name"] for v in spec["volumes"]] == [
+        "cache",
+        "warden-config",
+        "warden-data",
+        "warden-tmp",
+    ]
+    assert spec["terminationGracePeriodSeconds"] == 30  # > shutdown_grace_s (20)
+    assert warden_container(spec)["image"] == DEFAULT_IMAGE
+    (service,) = by_kind(docs, "Service")
+    assert service == list(yaml.safe_load_all(SAMPLE))[1]
+
+
+def test_without_config_the_added_config_map_keeps_the_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    docs = inject(tmp_path, capsys, "--namespace", "support")
+    (cm,) = by_kind(docs, "ConfigMap")
+    assert cm["metadata"] == {
+        "name": "warden-config",
+        "namespace": "support",
+        "labels": {"app.kubernetes.io/name": "warden", "app.kubernetes.io/part-of": "warden"},
+    }
+    path = tmp_path / "warden.yaml"
+    path.write_text(cm["data"]["warden.yaml"])
+    config = load_config(path, environ={})
+    assert config.listen.admin == "0.0.0.0:8081"
+    assert config.listen.proxy == "127.0.0.1:8080"
+
+
+def test_config_file_sets_ports_and_grace_period(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "warden.yaml"
+    config.write_text(
+        "agent: {id: refunds-agent}\n"
+        "listen: {proxy: 127.0.0.1:9080, admin: 0.0.0.0:9081, grpc: 0.0.0.0:9090}\n"
+        "shutdown_grace_s: 50.5\n"
+    )
+    docs = inject(tmp_path, capsys, "--config", str(config), "--config-map", "refunds-warden")
+    (cm,) = by_kind(docs, "ConfigMap")
+    assert cm["metadata"]["name"] == "refunds-warden"
+    assert cm["data"]["warden.yaml"] == config.read_text()
+    (deployment,) = by_kind(docs, "Deployment")
+    spec = pod_spec(deployment)
+    warden = warden_container(spec)
+    ports = {p["name"]: p["containerPort"] for p in warden["ports"]}
+    assert ports == {"warden-proxy": 9080, "warden-admin": 9081, "warden-grpc": 9090}
+    assert spec["terminationGracePeriodSeconds"] == 61
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["warden-config"]["configMap"]["name"] == "refunds-warden"
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("listen: {admin: 127.0.0.1:8081}\n", "cannot reach a loopback address"),
+        ("listen: {admin: 0.0.0.0:0}\n", "port 0"),
+        ("mode: sometimes\n", "mode"),
+    ],
+)
+def test_a_config_the_pod_cannot_use_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], config: str, message: str
+) -> None:
+    (tmp_path / "warden.yaml").write_text(config)
+    (tmp_path / "deployment.yaml").write_text(SAMPLE)
+    args = [
+        "inject",
+        "-f",
+        str(tmp_path / "deployment.yaml"),
+        "--config",
+        str(tmp_path / "warden.yaml"),
+    ]
+    assert cli.main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert message in captured.err
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        (SAMPLE.replace("name: migrate", "name: warden"), "already has a container named 'warden'"),
+        (SAMPLE.replace("name: cache", "name: warden-data"), "already has a volume named"),
+        ("apiVersion: v1\nkind: Service\nmetadata: {name: s}\n", "no pod template found"),
+        ("kind: Deployment\nmetadata: {name: d}\nspec: {}\n", "has no spec.template.spec"),
+        ("- just\n- a list\n", "not a Kubernetes object"),
+        ("kind: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_a_manifest_it_cannot_inject_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], manifest: str, message: str
+) -> None:
+    out = tmp_path / "out.yaml"
+    (tmp_path / "in.yaml").write_text(manifest)
+    assert cli.main(["inject", "-f", str(tmp_path / "in.yaml"), "-o", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_every_pod_carrying_kind_is_injected_and_the_input_is_left_alone() -> None:
+    pod_spec_doc = {"containers": [{"name": "agent", "image": "a"}]}
+    docs: list[Any] = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "p"},
+            "spec": copy.deepcopy(pod_spec_doc),
+        },
+        {
+            "apiVersion": "batch/v1",
+            "kind": "CronJob",
+            "metadata": {"name": "c"},
+            "spec": {
+                "schedule": "* * * * *",
+                "jobTemplate": {"spec": {"template": {"spec": copy.deepcopy(pod_spec_doc)}}},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": [
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "StatefulSet",
+                    "metadata": {"name": "s"},
+                    "spec": {
+                        "serviceName": "s",
+                        "selector": {"matchLabels": {"a": "b"}},
+                        "template": {
+                            "metadata": {"labels": {"a": "b"}},
+                            "spec": copy.deepcopy(pod_spec_doc)
+                            | {"terminationGracePeriodSeconds": 300},
+                        },
+                    },
+                }
+            ],
+        },
+    ]
+    before = copy.deepcopy(docs)
+    out, count = inject_documents(docs, SidecarSettings())
+    assert count == 3
+    assert docs == before
+    specs = [
+        out[0]["spec"],
+        out[1]["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+        out[2]["items"][0]["spec"]["template"]["spec"],
+    ]
+    for spec in specs:
+        assert spec["initContainers"][0] == sidecar_container(SidecarSettings())
+    assert specs[2]["terminationGracePeriodSeconds"] == 300  # a longer one is kept
+    assert_valid([out[0], out[1], out[2]["items"][0]])
+
+
+def test_the_container_is_the_shipped_template_with_the_settings_applied() -> None:
+    template = sidecar_template()
+    settings = SidecarSettings(
+        image="i:1", pull_policy="Always", env=({"name": "A", "value": "b"},)
+    )
+    container = sidecar_container(settings)
+    assert {
+        k: v for k, v in container.items() if k not in ("image", "imagePullPolicy", "env")
+    } == template
+    assert (container["image"], container["imagePullPolicy"]) == ("i:1", "Always")
+    assert container["env"] == [{"name": "A", "value": "b"}]
+    with pytest.raises(InjectError, match="initContainers must be lists"):
+        inject_documents(
+            [{"kind": "Pod", "metadata": {"name": "p"}, "spec": {"initContainers": "x"}}], settings
+        )

@@ -1,0 +1,214 @@
+"""A decision record carries what it takes to rebuild the exact policy input (ADR 0012).
+
+:func:`warden.pipeline.policy_input` is what the policy saw; the record keeps
+the action and agent, and ``decision.input`` keeps the rest
+(:func:`warden.pipeline.policy_facts`). These tests fail when a key is added
+to the policy input without being recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from warden.audit import AuditLog
+from warden.audit.record import action_body, decision_body
+from warden.audit.verify import iter_records
+from warden.config import AuditConfig
+from warden.model import (
+    Action,
+    ActionKind,
+    Agent,
+    Effect,
+    Mode,
+    PolicyView,
+    RequestMeta,
+    Stage,
+)
+from warden.monitor.events import Unsealer
+from warden.pipeline import GuardContext, policy_facts, policy_input
+from warden.policy.authoring.replay import rebuild_input
+from warden.testing.audit import sample_action, sample_decision
+
+KEYS = st.sampled_from(["order_id", "amount", "note", "items", "customer_id", "flag"])
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**53), 2**53),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3),
+    max_leaves=8,
+)
+OBJECTS = st.dictionaries(KEYS, VALUES, max_size=4)
+
+
+def record_of(action: Action, ctx: GuardContext) -> dict[str, Any]:
+    """The decision record's fields as the audit log builds them (see ``record_decision``)."""
+    decision = dataclasses.replace(sample_decision(), input=policy_facts(action, ctx))
+    agent: dict[str, Any] = {"id": action.agent.id, "version": action.agent.version}
+    if action.agent.claims:
+        agent["claims"] = dict(action.agent.claims)
+    record = {"agent": agent, "action": action_body(action), "decision": decision_body(decision)}
+    stored: dict[str, Any] = orjson.loads(orjson.dumps(record))  # as stored and read back
+    return stored
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arguments=st.none() | OBJECTS,
+    context=OBJECTS,
+    claims=OBJECTS,
+    budget=OBJECTS,
+    tools=st.lists(OBJECTS, max_size=3),
+    mode=st.sampled_from(list(Mode)),
+    risk=st.sampled_from(["read_only", "write", "high"]),
+    kind=st.sampled_from(list(ActionKind)),
+    stage=st.sampled_from([Stage.PROPOSED, Stage.EXECUTED]),
+    wire_type=st.none() | st.sampled_from(["function", "function_call", "tool_use"]),
+    model=st.none() | st.text(max_size=8),
+    labels=st.lists(st.sampled_from(["untrusted_output", "money"]), max_size=2),
+    session=OBJECTS,
+    calls=st.lists(st.sampled_from(["get_order", "search_kb"]), max_size=3),
+)
+def test_the_record_rebuilds_the_exact_policy_input(
+    arguments: dict[str, Any] | None,
+    context: dict[str, Any],
+    claims: dict[str, Any],
+    budget: dict[str, Any],
+    tools: list[dict[str, Any]],
+    mode: Mode,
+    risk: str,
+    kind: ActionKind,
+    stage: Stage,
+    wire_type: str | None,
+    model: str | None,
+    labels: list[str],
+    session: dict[str, Any],
+    calls: list[str],
+) -> None:
+    action = Action(
+        action_id="act_1",
+        agent=Agent("support-triage", "2026-11-20", claims),
+        kind=kind,
+        protocol="openai.chat",
+        stage=stage,
+        request=RequestMeta("POST", "openai", "/v1/chat/completions", {}, tuple(tools)),
+        tool="issue_refund" if arguments is not None else None,
+        arguments=arguments,
+        model=model,
+        context=context,
+        wire_type=wire_type,
+    )
+    # Prior calls without content: their structure is recorded exactly.
+    history = [prior(tool, arguments=None, content=None) for tool in calls]
+    ctx = GuardContext(
+        mode=mode,
+        risk=risk,
+        budget=budget,
+        history=history,
+        session=session,
+        labels=tuple(labels),
+    )
+    rebuilt = rebuild_input(record_of(action, ctx))
+    assert rebuilt.skip is None
+    assert rebuilt.exact
+    expected = orjson.loads(orjson.dumps(policy_input(action, ctx)))
+    assert rebuilt.input == expected
+
+
+def prior(tool: str, *, arguments: Any, content: str | None) -> dict[str, Any]:
+    """An ``input.history`` entry as the session guard builds it."""
+    result = (
+        None
+        if content is None
+        else {"content": content, "size": len(content), "digest": "ab", "is_error": False}
+    )
+    return {
+        "call_id": f"call_{tool}",
+        "tool": tool,
+        "arguments": arguments,
+        "result": result,
+        "decision": {"id": "dec_1", "effect": "allow"},
+        "verified": True,
+        "labels": [],
+    }
+
+
+def test_prior_calls_content_is_not_repeated_and_makes_the_input_inexact() -> None:
+    entry = prior("get_order", arguments={"order_id": "A-1"}, content="Jane, 1 Main St")
+    ctx = GuardContext(mode=Mode.ENFORCE, history=[entry])
+    record = record_of(sample_action(), ctx)
+    stored = orjson.dumps(record)
+    assert b"Main St" not in stored
+    assert b"A-1" not in stored  # the action's own order is A-0
+    rebuilt = rebuild_input(record)
+    assert rebuilt.input is not None
+    assert not rebuilt.exact
+    [shown] = rebuilt.input["history"]
+    assert shown["arguments"] == "[redacted]"
+    assert shown["result"]["content"] == "[redacted]"
+    assert shown["result"]["size"] == len("Jane, 1 Main St")
+    assert shown["verified"] is True
+
+
+def test_a_door_input_and_an_old_record_are_not_replayed() -> None:
+    ctx = GuardContext(mode=Mode.ENFORCE)
+    view = PolicyView("data.envoy.authz.allow", {"attributes": {}}, lambda v: (bool(v), v))
+    action = dataclasses.replace(sample_action(), view=view)
+    assert rebuild_input(record_of(action, ctx)).skip == "door_input"
+    old = record_of(sample_action(), ctx)
+    del old["decision"]["input"]
+    assert rebuild_input(old).skip == "no_input"
+    assert rebuild_input({"kind": "decision"}).skip == "unreadable"
+
+
+def test_redacted_fields_make_the_input_inexact_and_whole_redaction_skips() -> None:
+    ctx = GuardContext(mode=Mode.ENFORCE)
+    action = sample_action(arguments={"order_id": "A-1", "email": "a@example.com"})
+    decision = dataclasses.replace(
+        sample_decision(redact=("email",)), input=policy_facts(action, ctx)
+    )
+    record = {
+        "agent": {"id": "support-triage", "version": ""},
+        "action": action_body(action, ("email",)),
+        "decision": decision_body(decision),
+    }
+    rebuilt = rebuild_input(record)
+    assert rebuilt.input is not None
+    assert not rebuilt.exact
+    assert rebuilt.input["action"]["arguments"]["email"] == "[redacted]"
+    record["action"] = action_body(action, ("arguments",))
+    assert rebuild_input(record).skip == "redacted"
+
+
+@pytest.mark.parametrize("erase", [False, True])
+async def test_sealed_fields_are_unsealed_from_the_real_log(tmp_path: Path, erase: bool) -> None:
+    log = await AuditLog.open(AuditConfig(dir=str(tmp_path)))
+    ctx = GuardContext(mode=Mode.OBSERVE, risk="high", budget={"refunds": {"day": {}}})
+    action = sample_action(customer="C-9", arguments={"order_id": "A-1", "amount": 80})
+    decision = dataclasses.replace(sample_decision(Effect.ALLOW), input=policy_facts(action, ctx))
+    try:
+        await log.record_decision(action, decision)
+        if erase:
+            await log.erase_subject("C-9")
+    finally:
+        await log.close()
+    [(_, payload), *_] = list(iter_records(tmp_path))
+    record = orjson.loads(payload)
+    assert record["sealed"] is not None
+    assert record["action"]["arguments"] is None
+    rebuilt = rebuild_input(record, Unsealer(tmp_path))
+    if erase:
+        assert rebuilt.skip == "erased"
+    else:
+        assert rebuilt.input == orjson.loads(orjson.dumps(policy_input(action, ctx)))

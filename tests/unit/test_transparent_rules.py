@@ -1,0 +1,163 @@
+"""Transparent mode's pure parts: host rules, the hand-over path, the door mark, config, CA."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+import trustme
+from cryptography import x509
+
+from warden import cli
+from warden.config import TransparentConfig, load_config
+from warden.errors import ConfigError
+from warden.ingress.door_mark import VIA_HEADER, door_of, mark
+from warden.ingress.transparent_ca import ca_certificate_pem, ensure_ca, load_store
+from warden.ingress.transparent_rules import (
+    HostRules,
+    Verdict,
+    VerdictKind,
+    handoff_path,
+    normalize_host,
+)
+
+HOSTS = {"api.openai.com": "openai", "refunds.internal": "refunds"}
+
+
+def test_the_first_governed_name_decides() -> None:
+    rules = HostRules(HOSTS, "deny")
+    assert rules.classify(["API.OpenAI.com.", None]) == Verdict(
+        VerdictKind.GOVERN, "api.openai.com", "openai"
+    )
+    # An SNI naming an unknown host does not hide a governed CONNECT target, and
+    # the other way round: either way the traffic may only go to Warden.
+    assert rules.classify(["evil.example", "refunds.internal"]).upstream == "refunds"
+    assert rules.classify(["api.openai.com", "10.0.0.1"]).upstream == "openai"
+
+
+@pytest.mark.parametrize("unknown", ["deny", "tunnel"])
+def test_unknown_hosts_follow_the_rule_and_name_the_first_host(unknown: str) -> None:
+    rules = HostRules(HOSTS, unknown)
+    verdict = rules.classify(["", None, "Other.Example", "10.0.0.1"])
+    assert verdict == Verdict(VerdictKind(unknown), "other.example")
+    assert rules.classify([]) == Verdict(VerdictKind(unknown), "")
+
+
+def test_govern_is_not_an_unknown_hosts_rule() -> None:
+    with pytest.raises(ValueError, match="deny or tunnel"):
+        HostRules(HOSTS, "govern")
+    with pytest.raises(ValueError, match="is not a valid VerdictKind"):
+        HostRules(HOSTS, "allow")
+
+
+def test_any_governed_and_normalize() -> None:
+    rules = HostRules(HOSTS, "tunnel")
+    assert rules.any_governed([None, "REFUNDS.internal"])
+    assert not rules.any_governed([None, "", "127.0.0.1"])
+    assert normalize_host("[::1]") == "::1"
+    assert normalize_host(None) == ""
+    assert rules.upstream_of("api.openai.com.") == "openai"
+
+
+def test_handoff_path_prefixes_the_upstream_and_keeps_the_query() -> None:
+    assert handoff_path("openai", "/v1/chat/completions?x=1") == "/openai/v1/chat/completions?x=1"
+    # The listener decodes and checks the rest exactly as for an agent's own request.
+    assert handoff_path("openai", "/v1/../admin") == "/openai/v1/../admin"
+    for target in ("*", "http://elsewhere/v1", ""):
+        with pytest.raises(ValueError, match="is not a path"):
+            handoff_path("openai", target)
+
+
+def test_only_this_process_can_mark_a_door() -> None:
+    value = mark("transparent")
+    assert door_of({VIA_HEADER: value}) == "transparent"
+    assert door_of({}) == ""
+    # What an agent could send: the door's name, a guess, or an empty secret.
+    for forged in ("transparent", "transparent ", "transparent guess", value + "x", "http x"):
+        assert door_of({VIA_HEADER: forged}) == ""
+    with pytest.raises(ValueError, match="unknown door"):
+        mark("http")
+
+
+def test_config_validates_hosts_upstreams_and_the_ca_pair() -> None:
+    cfg = load_config(
+        environ={},
+        overrides={"transparent": {"listen": "127.0.0.1:0", "hosts": {"API.openai.com": "openai"}}},
+    )
+    assert cfg.transparent is not None
+    assert cfg.transparent.hosts == {"api.openai.com": "openai"}
+    assert cfg.transparent.unknown_hosts == "deny"
+    assert load_config(environ={}).transparent is None  # off when unset
+    bad: list[tuple[dict[str, object], str]] = [
+        ({"hosts": {"api.example.com": "nope"}}, "no upstream named 'nope'"),
+        ({"hosts": {"https://api.openai.com": "openai"}}, "is not a host name"),
+        ({"hosts": {"api.openai.com:443": "openai"}}, "is not a host name"),
+        ({"hosts": {"a.com": "openai", "A.com": "openai"}}, "listed twice"),
+        ({"listen": "8888"}, "is not host:port"),
+        ({"unknown_hosts": "allow"}, "unknown_hosts"),
+        ({"mode": "socks5"}, "mode"),
+        ({"ca_cert_file": "ca.pem"}, "go together"),
+    ]
+    for section, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            load_config(environ={}, overrides={"transparent": section})
+
+
+def test_the_ca_is_generated_once_with_a_private_key(tmp_path: Path) -> None:
+    cfg = TransparentConfig(ca_dir=str(tmp_path / "ca"))
+    directory = ensure_ca(cfg)
+    key = directory / "mitmproxy-ca.pem"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    pem = ca_certificate_pem(cfg)
+    assert b"PRIVATE KEY" not in pem
+    cert = x509.load_pem_x509_certificate(pem)
+    assert "Warden" in cert.subject.rfc4514_string()
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    # Not generated again; a key loosened by hand is tightened.
+    key.chmod(0o644)
+    assert ca_certificate_pem(cfg) == pem
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert load_store(cfg).default_ca.to_pem() == pem
+
+
+def test_a_configured_ca_is_used_where_it_is(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert, key = tmp_path / "ca.crt", tmp_path / "ca.key"
+    ca.cert_pem.write_to_path(str(cert))
+    ca.private_key_pem.write_to_path(str(key))
+    cfg = TransparentConfig(
+        ca_dir=str(tmp_path / "ca"), ca_cert_file=str(cert), ca_key_file=str(key)
+    )
+    assert ca_certificate_pem(cfg) == ca.cert_pem.bytes()
+    store = load_store(cfg)
+    assert store.default_ca.to_pem() == ca.cert_pem.bytes()
+    assert not (tmp_path / "ca" / "mitmproxy-ca.pem").exists()  # no second CA made
+
+    other = trustme.CA()
+    other.private_key_pem.write_to_path(str(key))
+    with pytest.raises(ConfigError, match="is not the key of"):
+        load_store(cfg)
+    key.write_text("not a key")
+    with pytest.raises(ConfigError, match="not a PEM certificate"):
+        ca_certificate_pem(cfg)
+    key.unlink()
+    with pytest.raises(ConfigError, match="cannot read"):
+        ca_certificate_pem(cfg)
+
+
+def test_cli_exports_the_certificate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "warden.yaml"
+    config.write_text(f"transparent:\n  ca_dir: {tmp_path / 'ca'}\n")
+    assert cli.main(["ca", "export", "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("-----BEGIN CERTIFICATE-----")
+    out = tmp_path / "exported.pem"
+    assert cli.main(["ca", "export", "--config", str(config), "--out", str(out)]) == 0
+    assert out.read_text() == printed
+    assert cli.main(["ca", "export", "--config", str(config), "--out", str(tmp_path)]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    config.write_text("transparent:\n  ca_cert_file: /nonexistent.pem\n  ca_key_file: /x.key\n")
+    assert cli.main(["ca", "export", "--config", str(config)]) == 2
+    assert "cannot read /nonexistent.pem" in capsys.readouterr().err

@@ -17,7 +17,7 @@ venv: $(STAMP)
 
 # Installs the pinned, hash-checked dev lock, then Warden itself without
 # resolving anything (docs/adr/0007-dependency-locking.md).
-$(STAMP): pyproject.toml requirements-dev.lock scripts/find-python.sh
+$(STAMP): pyproject.toml requirements-dev.lock scripts/find-python.sh scripts/reinstall-otel-proto.sh
 	@if [ ! -x "$(PY)" ]; then \
 	  interp=$$(scripts/find-python.sh) || exit 1; \
 	  echo "creating $(VENV) with $$interp"; \
@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml requirements-dev.lock scripts/find-python.sh
 	fi
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet --require-hashes -r requirements-dev.lock
+	scripts/reinstall-otel-proto.sh $(PY) requirements-dev.lock
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 

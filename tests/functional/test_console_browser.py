@@ -20,10 +20,13 @@ from typing import Any
 import openai
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
 from tests.functional.conftest import make_config
 from tests.sdk_calls import function_calls
+from warden.audit.checkpoint import NoteSigner
 from warden.server import Warden
 from warden.testing import Call, MockLLM, Reply
 
@@ -86,6 +89,22 @@ async def upstream() -> AsyncIterator[MockLLM]:
         yield mock
 
 
+def signing_key_with_plus(path: Path) -> str:
+    """A checkpoint key whose verifier key's base64 holds a "+" (the page once split on it).
+
+    The base64 part depends on the key alone, not on the log's origin (its name).
+    """
+    while True:
+        key = Ed25519PrivateKey.generate()
+        if "+" in NoteSigner("warden/test", key).verifier.vkey.split("+", 2)[2]:
+            break
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path.write_bytes(pem)
+    return str(path)
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def warden(tmp_path: Path, upstream: MockLLM) -> AsyncIterator[Warden]:
     cfg = make_config(
@@ -94,6 +113,10 @@ async def warden(tmp_path: Path, upstream: MockLLM) -> AsyncIterator[Warden]:
         approvals={"mode": "hold", "keepalive_s": 0.2},
         admin={"tokens": admin_tokens()},
         budgets={"caps": [REFUND_CAP]},
+    )
+    key_file = signing_key_with_plus(tmp_path / "checkpoint.pem")
+    cfg = cfg.model_copy(
+        update={"audit": cfg.audit.model_copy(update={"signing_key_file": key_file})}
     )
     async with Warden(cfg) as running:
         yield running
@@ -325,6 +348,8 @@ async def test_search_finds_a_decision_and_its_proof_verifies_in_the_page(
     status = page.locator("#proof-status")
     await expect(status).to_have_attribute("data-verified", "true")
     await expect(status).to_contain_text("Verified in this page")
+    # Chromium checks Ed25519 itself: the signature is verified here, not taken on trust.
+    await expect(status).to_contain_text("signature verified in this page")
     await shot(page, "evidence-proof")
     # The page checks for itself: one flipped byte of the record and it says so.
     record_url = page.url

@@ -114,7 +114,8 @@
     if (!sigLine || !window.crypto || !window.crypto.subtle) return Promise.resolve(null);
     var blob = b64(sigLine.split(" ").pop());
     if (hex(blob.slice(0, 4)) !== parts[1]) return Promise.resolve(false);
-    var key = b64(parts[2]).slice(1);
+    // Standard base64 may itself hold "+": the key is everything after the second one.
+    var key = b64(parts.slice(2).join("+")).slice(1);
     return window.crypto.subtle.importKey("raw", key, { name: "Ed25519" }, false, ["verify"])
       .then(function (k) {
         return window.crypto.subtle.verify({ name: "Ed25519" }, k, blob.slice(4), new TextEncoder().encode(body));

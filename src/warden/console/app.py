@@ -17,7 +17,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from warden import tasks
 from warden.admin.auth import TokenAuth
 from warden.approvals.service import Approvals
 from warden.audit import AuditLog
@@ -37,8 +36,6 @@ __all__ = ["CONSOLE", "Console"]
 
 log = logging.getLogger("warden.console")
 
-REFRESH_INTERVAL_S = 2.0
-"""How often the index catches up with the log when nobody is looking."""
 
 Readiness = Callable[[], tuple[bool, Mapping[str, Any]]]
 
@@ -74,7 +71,6 @@ class Console:
         self._index: RecordIndex | None = None
         self._proofs = ProofSource(audit.directory, Layout(audit.directory).verifier())
         self._refresh_lock = asyncio.Lock()
-        self._tasks = tasks.Tasks("console")
 
     @property
     def index(self) -> RecordIndex:
@@ -89,15 +85,18 @@ class Console:
         return self._proofs
 
     async def start(self) -> None:
-        """Open the index and keep it caught up with the log in the background."""
+        """Open the index; pages catch it up with the log when they are read.
+
+        Not in the background: indexing parses records in a thread that shares
+        the interpreter with the proxy, and a refresh every few seconds showed
+        as 20-30 ms stalls in the proxy's p99 (benchmarks/overhead.py). A page
+        nobody opens costs nothing.
+        """
         # SQLite beside the log, or the fleet's PostgreSQL (state.url): warden.audit.indexes.
         self._index = await asyncio.to_thread(open_index, self.config, self.audit.directory)
-        await self.refresh()
-        self._tasks.spawn(self._refresher(), name="console-index")
 
     async def close(self) -> None:
-        """Stop the background refresh and close the index."""
-        await self._tasks.cancel()
+        """Close the index."""
         if self._index is not None:
             index, self._index = self._index, None
             await asyncio.to_thread(index.close)
@@ -116,11 +115,6 @@ class Console:
                 # The index is a cache: the page shows what it has; verify finds the damage.
                 log.warning("the decision index could not catch up: %s", exc)
                 return 0
-
-    async def _refresher(self) -> None:
-        while True:
-            await asyncio.sleep(REFRESH_INTERVAL_S)
-            await self.refresh()
 
     async def record(self, seq: int) -> tuple[bytes, dict[str, Any]] | None:
         """Record ``seq`` from the log itself (stored bytes and parsed), or ``None``."""

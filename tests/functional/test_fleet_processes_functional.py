@@ -7,7 +7,9 @@ openai SDK, the upstream is warden.testing's mock LLM (in the test process),
 and approvals and kill switches go through each sidecar's admin API. This is
 issue 13's fleet scenario end to end: a cap holds across the fleet, an
 approval raised on A is decided through B, a kill switch thrown through C cuts
-a stream on A, and the central store verifies every sidecar's chain.
+a stream on A, and the central store verifies every sidecar's chain. A second
+test runs the fleet on a PostgreSQL server of its own and stops and restarts it
+mid-run (issue 13's outage points).
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import openai
@@ -31,6 +33,8 @@ import orjson
 import pytest
 import yaml
 
+from tests import pg
+from tests.functional.test_audit_ship_functional import pg_start, pg_stop
 from tests.pg import APP_PASSWORD, PgServer
 from tests.sdk_calls import function_calls
 from warden.audit.verify import iter_records
@@ -89,9 +93,17 @@ class Sidecar:
 
 
 def sidecar_config(
-    tmp_path: Path, name: str, llm: MockLLM, pg_server: PgServer, pg_url: str, policy: Path
+    tmp_path: Path,
+    name: str,
+    llm: MockLLM,
+    pg_server: PgServer,
+    pg_url: str,
+    policy: Path,
+    state: Mapping[str, Any] | None = None,
+    ship: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One sidecar's warden.yaml: its own ports and audit log, the fleet's database."""
+    """One sidecar's warden.yaml: its own ports and audit log, the fleet's database;
+    ``state`` and ``ship`` add settings to those sections."""
     password_file = str(pg_server.password_file)
     return {
         "agent": {"id": AGENT},
@@ -109,10 +121,15 @@ def sidecar_config(
                 }
             ]
         },
-        "state": {"url": pg_url, "password_file": password_file},
+        "state": {"url": pg_url, "password_file": password_file, **(state or {})},
         "audit": {
             "dir": str(tmp_path / name / "audit"),
-            "ship": {"url": pg_url, "password_file": password_file, "interval_s": 0.05},
+            "ship": {
+                "url": pg_url,
+                "password_file": password_file,
+                "interval_s": 0.05,
+                **(ship or {}),
+            },
         },
         "shutdown_grace_s": 5,
     }
@@ -181,12 +198,17 @@ async def stop(sidecar: Sidecar) -> int:
         raise AssertionError(f"{sidecar.name} did not stop:\n{read_log(sidecar.log)}") from None
 
 
-@pytest.fixture
-async def fleet(
-    tmp_path: Path, llm: MockLLM, pg_server: PgServer, pg_url: str
+@asynccontextmanager
+async def running_fleet(
+    tmp_path: Path,
+    llm: MockLLM,
+    pg_server: PgServer,
+    pg_url: str,
+    state: Mapping[str, Any] | None = None,
+    ship: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[Callable[[], Any]]:
-    """Start three sidecar processes (A, B, C) at once; any still running are stopped (SIGTERM)
-    at teardown."""
+    """Yields ``start``, which starts three sidecar processes (A, B, C) at once on
+    ``pg_url``; any still running are stopped (SIGTERM) on leaving."""
     policy = tmp_path / "policy"
     policy.mkdir()
     (policy / "policy.rego").write_text(POLICY)
@@ -198,7 +220,9 @@ async def fleet(
         folder.mkdir()
         config = folder / "warden.yaml"
         config.write_text(
-            yaml.safe_dump(sidecar_config(tmp_path, name, llm, pg_server, pg_url, policy))
+            yaml.safe_dump(
+                sidecar_config(tmp_path, name, llm, pg_server, pg_url, policy, state, ship)
+            )
         )
         log = folder / "serve.log"
         with log.open("wb") as out:
@@ -239,6 +263,15 @@ async def fleet(
 
     async with AsyncExitStack() as stack:
         stack.push_async_callback(lambda: asyncio.gather(*(stop(s) for s in started)))
+        yield start
+
+
+@pytest.fixture
+async def fleet(
+    tmp_path: Path, llm: MockLLM, pg_server: PgServer, pg_url: str
+) -> AsyncIterator[Callable[[], Any]]:
+    """Three sidecar processes on the session's PostgreSQL (see :func:`running_fleet`)."""
+    async with running_fleet(tmp_path, llm, pg_server, pg_url) as start:
         yield start
 
 
@@ -345,4 +378,146 @@ async def test_three_warden_processes_share_caps_approvals_kill_switches_and_aud
     assert sorted(log["records"] for log in logs) == sorted(local.values())
     assert all(log["latest_checkpoint"] == log["records"] for log in logs)
     for sidecar in (a, b, c):
+        assert APP_PASSWORD not in read_log(sidecar.log)
+
+
+# -- a PostgreSQL outage -----------------------------------------------------------------------
+
+REFUND: Any = [{"role": "user", "content": "refund please"}]
+ROOM = 10  # the cap's 500 holds ten refunds of 50
+
+
+@pytest.fixture
+def own_pg() -> Iterator[PgServer]:
+    """A PostgreSQL server for one test, which it may stop and start again."""
+    found = pg.start()
+    if isinstance(found, str):
+        pytest.skip(found)
+    try:
+        yield found
+    finally:
+        found.stop()
+
+
+async def readyz(sidecar: Sidecar) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(sidecar.admin_url + "/readyz") as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def wait_ready(sidecar: Sidecar, check: Callable[[Any], bool], seconds: float = 20) -> Any:
+    """Poll ``/readyz`` until ``check`` holds for its body; the last status and body."""
+    async with asyncio.timeout(seconds):
+        while True:
+            status, body = await readyz(sidecar)
+            if check(body):
+                return status, body
+            await asyncio.sleep(0.05)
+
+
+async def refund(client: openai.AsyncOpenAI) -> tuple[bool, str]:
+    """One refund through a sidecar: whether the call was delivered, and the refusal text."""
+    completion = await client.chat.completions.create(model="gpt-4o-mini", messages=REFUND)
+    message = completion.choices[0].message
+    return bool(function_calls(message)), message.content or ""
+
+
+def central_logs(server: PgServer, db: str) -> list[list[tuple[int, bytes]]]:
+    """Every log's ``(idx, line)`` rows in the central store."""
+    with server.admin(db) as conn:
+        rows = conn.execute(
+            "SELECT log_id, idx, line FROM audit_records ORDER BY log_id, idx"
+        ).fetchall()
+    logs: dict[object, list[tuple[int, bytes]]] = {}
+    for log_id, idx, line in rows:
+        logs.setdefault(log_id, []).append((int(cast("int", idx)), bytes(cast("bytes", line))))
+    return list(logs.values())
+
+
+async def test_three_warden_processes_ride_out_a_postgresql_outage(
+    tmp_path: Path, llm: MockLLM, own_pg: PgServer
+) -> None:
+    db = own_pg.create_database()
+    url = own_pg.url(db)
+    state = {"pool_timeout_s": 0.5}
+    ship = {"max_backoff_s": 0.3}
+    async with running_fleet(tmp_path, llm, own_pg, url, state, ship) as start:
+        sidecars: list[Sidecar] = await start()
+        clients = [s.client(timeout=30) for s in sidecars]
+        try:
+            # 1. One refund through each sidecar: all three delivered.
+            delivered = sum([ok for ok, _ in [await refund(c) for c in clients]])
+            assert delivered == 3
+
+            # 2. PostgreSQL stops. Every sidecar reports its state down (degraded, still
+            # serving) and refuses every refund with the reason; the refusals spool locally.
+            await asyncio.to_thread(pg_stop, own_pg)
+            for sidecar in sidecars:
+                status, body = await wait_ready(sidecar, lambda b: not b["state"]["up"])
+                assert status == 200
+                assert body["state"] == {"backend": "postgresql", "up": False}
+            down = await asyncio.gather(*(refund(clients[i % 3]) for i in range(9)))
+            assert not any(ok for ok, _ in down), down
+            assert all("state store is unavailable" in text for _, text in down), down
+            for sidecar in sidecars:
+                _, body = await wait_ready(
+                    sidecar,
+                    lambda b: (
+                        not b["audit"]["ship"]["connected"]
+                        and b["audit"]["ship"]["lag_records"] > 0
+                    ),
+                )
+
+            # 3. PostgreSQL is back: the cap's remaining room is delivered, never more.
+            await asyncio.to_thread(pg_start, own_pg)
+            for sidecar in sidecars:
+                await wait_ready(sidecar, lambda b: b["state"]["up"])
+            capped: set[int] = set()
+            async with asyncio.timeout(20):
+                while len(capped) < 3:
+                    results = await asyncio.gather(*(refund(clients[i % 3]) for i in range(9)))
+                    for i, (ok, text) in enumerate(results):
+                        if ok:
+                            delivered += 1
+                        elif "refunds cap" in text:
+                            capped.add(i % 3)
+                        else:
+                            assert "unavailable" in text, text
+            assert delivered == ROOM
+            after = await asyncio.gather(*(refund(clients[i % 3]) for i in range(6)))
+            assert not any(ok for ok, _ in after)
+            assert all("refunds cap" in text for _, text in after), after
+
+            # 4. Shipping catches up on every sidecar: connected, nothing left to send.
+            for sidecar in sidecars:
+                await wait_ready(
+                    sidecar,
+                    lambda b: (
+                        b["audit"]["ship"]["connected"] and not b["audit"]["ship"]["lag_records"]
+                    ),
+                )
+        finally:
+            for client in clients:
+                await client.close()
+
+        # 5. SIGTERM; the central store then holds every sidecar's whole local log, byte
+        # for byte, and verifies; the cap's counter never went past its limit.
+        assert [await stop(s) for s in sidecars] == [0, 0, 0]
+    local = [list(iter_records(s.audit_dir)) for s in sidecars]
+    central = central_logs(own_pg, db)
+    assert len(central) == 3
+    assert sorted(central) == sorted(local)  # no acknowledged record is missing
+    report = central_verify(own_pg, url)
+    assert report["ok"] is True
+    logs = report["logs"]
+    assert len(logs) == 3
+    assert all(log["ok"] and not log["damage"] for log in logs)
+    assert sorted(log["records"] for log in logs) == sorted(len(x) for x in local)
+    assert all(log["latest_checkpoint"] == log["records"] for log in logs)
+    with own_pg.admin(db) as conn:
+        spent = conn.execute("SELECT spent + reserved FROM budget_counters").fetchall()
+    assert spent == [(500.0,)]
+    for sidecar in sidecars:
         assert APP_PASSWORD not in read_log(sidecar.log)

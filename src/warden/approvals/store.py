@@ -49,42 +49,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS approvals (
-    id               TEXT PRIMARY KEY,
-    decision_id      TEXT NOT NULL,
-    action_id        TEXT NOT NULL,
-    agent            TEXT NOT NULL,
-    tool             TEXT,
-    arguments        TEXT NOT NULL,
-    arguments_sha256 TEXT NOT NULL,
-    binding          TEXT NOT NULL,
-    mode             TEXT NOT NULL,
-    reason           TEXT NOT NULL,
-    risk             TEXT,
-    approvers        TEXT NOT NULL,
-    required         INTEGER NOT NULL,
-    redacted         TEXT NOT NULL,
-    status           TEXT NOT NULL,
-    created_at       REAL NOT NULL,
-    expires_at       REAL NOT NULL,
-    votes            TEXT NOT NULL DEFAULT '[]',
-    decided_at       REAL,
-    decided_by       TEXT,
-    comment          TEXT NOT NULL DEFAULT '',
-    consumed_at      REAL,
-    owner            TEXT
-);
-CREATE INDEX IF NOT EXISTS approvals_status ON approvals (status, created_at);
-CREATE INDEX IF NOT EXISTS approvals_binding ON approvals (binding, status);
-CREATE TABLE IF NOT EXISTS approval_owners (
-    instance     TEXT PRIMARY KEY,
-    host         TEXT NOT NULL,
-    pid          INTEGER NOT NULL,
-    started      TEXT NOT NULL,
-    heartbeat_at REAL NOT NULL
-);
-"""
 COLUMNS = (
     "id, decision_id, action_id, agent, tool, arguments, arguments_sha256, binding, mode, "
     "reason, risk, approvers, required, redacted, status, created_at, expires_at, votes, "
@@ -241,7 +205,6 @@ def orphaned_holds(
 class ApprovalStore(SqliteStore):
     """Approval rows; open with :meth:`open`, close with :meth:`close`."""
 
-    SCHEMA = _SCHEMA
     NAME = "approvals"
 
     @classmethod

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
 from warden.errors import ConfigError
+from warden.state.migrate import sqlite_migrate
 
 __all__ = ["SqliteStore", "immediate", "sqlite_path"]
 
@@ -50,11 +51,11 @@ class immediate:
 class SqliteStore:
     """Base of the stores: open with :meth:`open`, close with :meth:`close`.
 
-    Subclasses set ``SCHEMA`` (idempotent DDL) and ``NAME`` (for the thread
-    name and error messages).
+    Subclasses set ``NAME`` (for the thread name and error messages). The
+    tables are the versioned migrations' (:mod:`warden.state.migrate`):
+    opening applies any still pending, so one schema serves every store.
     """
 
-    SCHEMA: ClassVar[str]
     NAME: ClassVar[str]
 
     def __init__(self, path: Path, conn: sqlite3.Connection, io: ThreadPoolExecutor) -> None:
@@ -87,8 +88,8 @@ class SqliteStore:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
-            conn.executescript(cls.SCHEMA)
-        except sqlite3.Error as exc:
+            sqlite_migrate(conn)
+        except (sqlite3.Error, RuntimeError, ValueError) as exc:
             conn.close()
             raise ConfigError(
                 f"state.url: cannot open the {cls.NAME} tables in {path}: {exc}"

@@ -62,16 +62,6 @@ MAX_LINKS: Final = 100_000
 """How many links (and tombstones) are kept, in memory and on disk; the oldest go first."""
 _PRUNE_EVERY_S: Final = 60.0
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS call_links (
-    call_id     TEXT PRIMARY KEY,
-    decision_id TEXT,
-    action      BLOB,
-    created_at  REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS call_links_age ON call_links (created_at);
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class Link:
@@ -125,7 +115,6 @@ class LinkRepo(Protocol):
 class CallLinkStore(SqliteStore):
     """The ``call_links`` table in the state database."""
 
-    SCHEMA = _SCHEMA
     NAME = "links"
 
     async def apply(

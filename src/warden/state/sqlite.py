@@ -40,38 +40,10 @@ __all__ = [
 
 T = TypeVar("T")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS budget_counters (
-    counter  TEXT NOT NULL,
-    window   TEXT NOT NULL,
-    subject  TEXT NOT NULL,
-    spent    REAL NOT NULL DEFAULT 0,
-    reserved REAL NOT NULL DEFAULT 0,
-    PRIMARY KEY (counter, window, subject)
-);
-CREATE TABLE IF NOT EXISTS budget_reservations (
-    id         TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
-    holds      TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS killswitches (
-    id         TEXT PRIMARY KEY,
-    scope      TEXT NOT NULL,
-    target     TEXT NOT NULL,
-    reason     TEXT NOT NULL,
-    created_by TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    cleared_by TEXT,
-    cleared_at REAL
-);
-CREATE INDEX IF NOT EXISTS killswitches_active ON killswitches (cleared_at);
-"""
-
 
 class StateStore(SqliteStore):
     """The SQLite state store; open with :meth:`open`, close with :meth:`close`."""
 
-    SCHEMA = _SCHEMA
     NAME = "state"
 
     # -- budgets ---------------------------------------------------------------

@@ -95,9 +95,11 @@ async def _round(
         if warden.challenger is not None:
             await warden.challenger.idle()
             stats = warden.challenger.stats()
+            batches = warden.challenger.batches
             print(
                 f"  challenger round {seed}: evaluated {stats.evaluated}, diverged "
-                f"{stats.diverged}, dropped {stats.dropped}",
+                f"{stats.diverged}, dropped {stats.dropped}, in {batches} batches "
+                f"(mean {stats.evaluated / max(batches, 1):.1f} inputs)",
                 flush=True,
             )
     return times

@@ -283,6 +283,11 @@ class ChallengerConfig(_Section):
     workers: int = Field(1, ge=1, le=16)
     queue_size: int = Field(1000, ge=1, le=100_000)
     """Inputs waiting for the challenger; past this many, new ones are dropped and counted."""
+    batch_size: int = Field(64, ge=1, le=1000)
+    """At most this many queued inputs go to a challenger worker in one request."""
+    batch_ms: float = Field(50, ge=0, le=10_000)
+    """How long a batch may gather after its first input before it is sent (sooner when
+    ``batch_size`` inputs are queued; 0 sends whatever is queued at once)."""
     record: bool = True
     """Write a ``challenger`` audit record for every divergence (the metric counts them anyway)."""
 

@@ -298,16 +298,23 @@ class Governor:
         )
 
     def outcome(
-        self, action: Action, decision: Decision, outcome: Outcome, *, trusted: bool = False
+        self,
+        action: Action,
+        decision: Decision | str,
+        outcome: Outcome,
+        *,
+        trusted: bool = False,
     ) -> None:
         """Record what happened to an action that was let through, in the background.
 
+        ``decision``: the decision that let it through, or its id.
         ``trusted``: the door saw the outcome itself, at the tool API that
         executed the action; a trusted failure releases what the action reserved.
         """
+        decision_id = decision if isinstance(decision, str) else decision.decision_id
         # Outcomes follow the action; they need not delay the agent's response.
         self.background.spawn(
-            self._pipeline.outcome(action, decision.decision_id, outcome, trusted=trusted),
+            self._pipeline.outcome(action, decision_id, outcome, trusted=trusted),
             name="outcome",
         )
 

@@ -84,7 +84,12 @@ UNTRUSTED: Final = "untrusted_output"
 SENSITIVE: Final = "sensitive_sink"
 MAX_KNOWN: Final = 100_000
 """Decided calls remembered in memory (the state store keeps them all, until ``ttl_s``)."""
+MAX_PER_CALL_ID: Final = 16
+"""Records kept in memory per call id, newest last. Ids are the upstream's choice and
+may repeat without end; a history entry whose record fell out reads unverified."""
 PRUNE_EVERY_S: Final = 3600.0
+WRITE_COALESCE_S: Final = 0.02
+"""How long decided calls wait for more to share their store transaction (memory has them)."""
 _MISSING = object()
 
 
@@ -336,6 +341,7 @@ class SessionGuard:
 
     async def _write_calls(self) -> None:
         assert self._repo is not None
+        await asyncio.sleep(WRITE_COALESCE_S)  # the next decisions' calls join this transaction
         while self._unwritten:
             batch, self._unwritten = self._unwritten, []
             try:
@@ -466,13 +472,14 @@ class SessionGuard:
                 log.warning("could not read decided calls: %s", type(exc).__name__)
                 stored = {}
             for call_id, rows in stored.items():
-                out[call_id] = tuple(rows)
-                self._known[call_id] = tuple(rows)
+                out[call_id] = kept = tuple(rows[-MAX_PER_CALL_ID:])
+                self._known[call_id] = kept
             self._trim()
         return out
 
     def _remember(self, record: CallRecord) -> None:
-        self._known[record.call_id] = (*self._known.get(record.call_id, ()), record)
+        earlier = self._known.get(record.call_id, ())[-(MAX_PER_CALL_ID - 1) :]
+        self._known[record.call_id] = (*earlier, record)
         self._known.move_to_end(record.call_id)
         self._trim()
 

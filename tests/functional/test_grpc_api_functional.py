@@ -333,6 +333,38 @@ async def test_report_outcome_settles_a_cap_as_a_trusted_outcome(
     verify(tmp_path, capsys)
 
 
+async def test_an_outcome_reported_after_a_restart_still_finds_its_decision(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The link from an allowed Check to its decision is in the state store: a
+    # runner whose sidecar restarted mid-call reports to the new process.
+    config = grpc_config(tmp_path, budgets={"caps": [CAP]})
+    async with Warden(config) as w, grpc.aio.insecure_channel(w.grpc_address) as ch:
+        stub: Any = pb_grpc.GovernanceStub(ch)
+        held = await stub.Check(check_request("issue_refund", amount=70, order_id="A-R"))
+    assert held.effect == pb.EFFECT_ALLOW
+    async with Warden(config) as w, grpc.aio.insecure_channel(w.grpc_address) as ch:
+        assert w.core is not None
+        stub = pb_grpc.GovernanceStub(ch)
+        # The 70 still counts against the cap of 100 across the restart ...
+        before = await stub.Check(check_request("issue_refund", amount=50, order_id="A-S"))
+        await stub.ReportOutcome(
+            pb.ReportOutcomeRequest(decision_id=held.decision_id, result="declined", is_error=True)
+        )
+        await w.core.background.drain()
+        # ... until the runner reports the refund failed, which releases it.
+        after = await stub.Check(check_request("issue_refund", amount=50, order_id="A-T"))
+        again = await status_of(
+            stub.ReportOutcome(pb.ReportOutcomeRequest(decision_id=held.decision_id))
+        )
+    assert (before.effect, before.guard) == (pb.EFFECT_DENY, "budget")
+    assert after.effect == pb.EFFECT_ALLOW
+    assert again[0] is grpc.StatusCode.NOT_FOUND
+    outcomes = {r["decision_id"]: r["outcome"] for r in records_of(tmp_path, "outcome")}
+    assert outcomes[held.decision_id]["is_error"] is True
+    verify(tmp_path, capsys)
+
+
 # -- admin auth, kill switches -------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import os
+import shutil
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -268,6 +269,70 @@ async def test_a_torn_tail_is_cut_off_with_a_copy_and_a_log_line(
     await log.close()
     report = verify_log(tmp_path)
     assert report.ok
+    assert report.records == 8
+
+
+async def test_the_live_segment_has_room_written_ahead_and_a_crash_leaves_only_zeros(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "live"
+    log = await AuditLog.open(_config(root))
+    await fill(log, 5)
+    seg = read_segments(root)[-1].path
+    length = seg.stat().st_size
+    # Zeros ahead of the records: a batch's sync overwrites room the file has.
+    assert length >= segments_module.PREALLOCATE
+    await fill(log, 5)
+    assert seg.stat().st_size == length
+    # What a crash leaves: the live segment as it is, zeros after the records.
+    crash = tmp_path / "crash"
+    shutil.copytree(root, crash)
+    assert seg.read_bytes().endswith(bytes(64))
+    report = verify_log(crash)
+    assert report.ok, report.damage
+    assert report.records == 10
+    assert [r["seq"] for r in _records(crash)] == list(range(10))
+    with caplog.at_level(logging.WARNING, logger="warden.audit"):
+        reopened = await AuditLog.open(_config(crash))
+    assert "torn" not in caplog.text
+    assert not (crash / "torn").exists(), "zeros written ahead are not a torn record"
+    await fill(reopened, 3)
+    await reopened.close()
+    report = verify_log(crash)
+    assert report.ok, report.damage
+    assert report.records == 13
+    # Closed, a segment ends with its last record.
+    assert not read_segments(crash)[-1].path.read_bytes().endswith(b"\0")
+    await log.close()
+    assert not seg.read_bytes().endswith(b"\0")
+    assert verify_log(root).records == 10
+
+
+async def test_a_torn_frame_in_the_room_ahead_is_cut_and_kept_without_the_zeros(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "live"
+    log = await AuditLog.open(_config(root))
+    await fill(log, 5)
+    crash = tmp_path / "crash"
+    shutil.copytree(root, crash)
+    await log.close()
+    seg = read_segments(crash)[-1].path
+    data = seg.read_bytes()
+    end = len(data.rstrip(b"\0"))  # a record's JSON never ends in a zero byte
+    torn = segments_module.frame(b'{"seq":5,"half":"writ')[:-7]
+    seg.write_bytes(data[:end] + torn + data[end + len(torn) :])  # written into the room
+    assert verify_log(crash).damage[0].kind == "torn"
+    with caplog.at_level(logging.WARNING, logger="warden.audit"):
+        reopened = await AuditLog.open(_config(crash))
+    assert "torn last frame" in caplog.text
+    assert seg.read_bytes() == data[:end]
+    copies = list((crash / "torn").iterdir())
+    assert [c.read_bytes() for c in copies] == [torn]
+    await fill(reopened, 3)
+    await reopened.close()
+    report = verify_log(crash)
+    assert report.ok, report.damage
     assert report.records == 8
 
 

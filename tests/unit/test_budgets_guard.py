@@ -214,6 +214,24 @@ async def test_a_trusted_failure_releases_a_delivered_call(store: StateStore) ->
     assert await spent(store, "refunds", DAY, "agent:bot") == (70.0, 0.0)
 
 
+async def test_an_outcome_after_a_restart_settles_through_the_store(store: StateStore) -> None:
+    # A guard that did not make the reservation (a restarted process, another
+    # sidecar on the same store) still settles it when the outcome comes.
+    pipeline, _, _ = build(store)
+    failed = tool("issue_refund", order_id="A-1", amount=120)
+    done = tool("issue_refund", order_id="A-2", amount=70)
+    await pipeline.decide(failed)
+    await pipeline.decide(done)
+    assert await spent(store, "refunds", DAY, "agent:bot") == (0.0, 190.0)
+    restarted, _, _ = build(store)
+    await restarted.outcome(failed, "dec", Outcome(error="declined"), trusted=True)
+    await restarted.outcome(done, "dec", Outcome(status=200), trusted=True)
+    assert await spent(store, "refunds", DAY, "agent:bot") == (70.0, 0.0)
+    # Settled once: a repeated report changes nothing.
+    await restarted.outcome(done, "dec", Outcome(error="declined"), trusted=True)
+    assert await spent(store, "refunds", DAY, "agent:bot") == (70.0, 0.0)
+
+
 async def test_operators_may_opt_in_to_trusting_agents_results(store: StateStore) -> None:
     pipeline, _, _ = build(store, {**CAPS, "trust_agent_results": True})
     action = tool("issue_refund", order_id="A-1", amount=120)

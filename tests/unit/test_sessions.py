@@ -25,6 +25,7 @@ from warden.model import (
 )
 from warden.pipeline import GuardContext, policy_input
 from warden.sessions import (
+    MAX_PER_CALL_ID,
     SessionGuard,
     conversation_of,
     door_conversation,
@@ -138,6 +139,36 @@ async def test_rewritten_arguments_do_not_match_the_decided_call(store: SessionS
     renamed = chat(("call_1", "get_customer", '{"order_id": "A-1"}', "x"))
     ctx = await decide(guard, proposed("draft_reply", {}, "call_3", renamed), Effect.ALLOW)
     assert [h["verified"] for h in ctx.history] == [False]
+
+
+async def test_a_call_id_the_upstream_repeats_keeps_a_bounded_memory(
+    store: SessionStore,
+) -> None:
+    # Upstreams choose call ids; one that repeats without end must not grow
+    # what Warden keeps per id (each request would copy it again).
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+    for i in range(3 * MAX_PER_CALL_ID):
+        action = proposed("get_order", {"order_id": f"A-{i}"}, "call_1", chat())
+        await decide(guard, action, Effect.ALLOW)
+    assert len(guard._known["call_1"]) == MAX_PER_CALL_ID
+    newest = f"A-{3 * MAX_PER_CALL_ID - 1}"
+
+    def later(order: str) -> Conversation:
+        return chat(("call_1", "get_order", f'{{"order_id": "{order}"}}', "ok"))
+
+    async def verified(guard: SessionGuard, order: str) -> bool:
+        ctx = await decide(
+            guard, proposed("draft_reply", {}, f"r-{order}", later(order)), Effect.ALLOW
+        )
+        return bool(ctx.history[0]["verified"])
+
+    assert await verified(guard, newest)
+    assert not await verified(guard, "A-0")  # fell out of memory: unverified
+    await guard.close()
+    # The same bound applies to what a restarted guard reads back from the store.
+    restarted = SessionGuard(store, SessionsConfig(), TOOLS)
+    assert await verified(restarted, newest)
+    assert len(restarted._known["call_1"]) == MAX_PER_CALL_ID
 
 
 async def test_counters_and_verification_survive_a_restart(store: SessionStore) -> None:

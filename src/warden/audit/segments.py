@@ -10,6 +10,14 @@ and a frame is ``length (u32 BE) || CRC-32 of payload (u32 BE) || payload``.
 The header lets a restart continue the chain and the tree from the last
 segment alone; ``verify`` recomputes everything and only cross-checks it.
 
+The segment being written is followed by zero bytes written ahead of the
+records (:data:`PREALLOCATE` at a time): an fdatasync of a write into room
+the file already has need not commit a new file size to the filesystem's
+journal, which makes the per-batch sync about a third cheaper. A zero tail is
+the end of the records, not damage (:func:`zero_tail`); a segment is cut to
+its records when it is rotated or closed, so only the live segment, or one a
+crash left behind, has one.
+
 :class:`SegmentWriter` runs on the log's single I/O thread and nowhere else.
 Any ``OSError`` from a write or an fsync leaves it broken for good: the caller
 fails the log closed and nothing is retried.
@@ -47,6 +55,7 @@ __all__ = [
     "open_writer",
     "parse_header",
     "segment_name",
+    "zero_tail",
 ]
 
 log = logging.getLogger("warden.audit")
@@ -56,6 +65,8 @@ FRAME_HEADER = struct.Struct(">II")
 _HDR = FRAME_HEADER.size
 MAX_FRAME = 64 * 1024 * 1024
 _MAX_HEADER = 8 * 1024  # a header holds at most 64 hashes; anything bigger is not one
+PREALLOCATE = 1024 * 1024
+"""Zero bytes written ahead of the records at a time (never past ``segment_max_bytes``)."""
 _pack = FRAME_HEADER.pack
 _crc32 = zlib.crc32
 
@@ -132,6 +143,15 @@ def parse_header(data: bytes) -> tuple[TreeState, int] | None:
     return state, start + length
 
 
+def zero_tail(data: bytes, pos: int) -> bool:
+    """Whether everything from ``pos`` on is zero bytes: room written ahead, not a record.
+
+    No frame can start with zero bytes (a record is never empty), so a zero
+    tail is never mistaken for one.
+    """
+    return data.count(0, pos) == len(data) - pos
+
+
 def find_next_frame(data: bytes, after: int) -> int | None:
     """The offset of the first plausible valid frame past ``after``, or ``None``.
 
@@ -177,12 +197,14 @@ class FrameScanner:
         crc32 = _crc32
         while pos < n:
             if n - pos < _HDR:
-                self.fault, self.fault_offset = "incomplete frame header", pos
+                if not zero_tail(data, pos):
+                    self.fault, self.fault_offset = "incomplete frame header", pos
                 return
             length, crc = unpack(data, pos)
             body = pos + _HDR
             if length == 0 or length > MAX_FRAME:
-                self.fault, self.fault_offset = f"impossible frame length {length}", pos
+                if not (length == 0 and zero_tail(data, pos)):
+                    self.fault, self.fault_offset = f"impossible frame length {length}", pos
                 return
             if body + length > n:
                 self.fault, self.fault_offset = "frame runs past the end of the file", pos
@@ -197,11 +219,12 @@ class FrameScanner:
         self.end = pos
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        written = os.pwrite(fd, view, offset)
         view = view[written:]
+        offset += written
 
 
 class SegmentWriter:
@@ -217,11 +240,16 @@ class SegmentWriter:
         data_start: int,
         state: TreeState,
         max_bytes: int,
+        allocated: int | None = None,
     ) -> None:
         self._segdir = segdir
         self._path = path
         self._fd = fd
         self._size = size
+        self._allocated = size if allocated is None else max(size, allocated)
+        """The file's length: the records, then zeros written ahead."""
+        self._ahead = True
+        """Whether to write zeros ahead (off after the disk had no room for them)."""
         self._data_start = data_start
         self._state = state
         self._max_bytes = max_bytes
@@ -244,14 +272,18 @@ class SegmentWriter:
         try:
             if self._size > self._data_start and self._size + len(data) > self._max_bytes:
                 self._rotate()
+            end = self._size + len(data)
             try:
-                _write_all(self._fd, data)
+                _write_all(self._fd, data, self._size)
             except OSError:
                 # Leave no partial frame behind if we can; never try the write again.
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, self._size)
+                self._allocated = self._size
                 raise
-            self._size += len(data)
+            self._size = end
+            if end > self._allocated:
+                self._write_ahead(end)
             self._dirty = True
             if sync:
                 os.fdatasync(self._fd)
@@ -273,19 +305,50 @@ class SegmentWriter:
             raise
         self._dirty = False
 
+    def _write_ahead(self, end: int) -> None:
+        """Out of room: write the next stretch of zeros, made durable by this batch's sync.
+
+        Later batches only overwrite them. Zeros that do not fit (a full disk)
+        are not an error: the log goes on without room ahead.
+        """
+        self._allocated = end
+        ahead = min(end + PREALLOCATE, self._max_bytes)
+        if not self._ahead or ahead <= end:
+            return
+        try:
+            _write_all(self._fd, bytes(ahead - end), end)
+        except OSError as exc:
+            self._ahead = False
+            os.ftruncate(self._fd, end)  # an error here breaks the log, as any write's would
+            log.warning("audit: no room to write ahead in %s (%s)", self._path.name, exc)
+            return
+        self._allocated = ahead
+
+    def _cut(self) -> None:
+        """Drop the zeros written ahead: a finished segment ends with its last record."""
+        if self._allocated > self._size:
+            os.ftruncate(self._fd, self._size)
+            self._allocated = self._size
+            self._dirty = True
+
     def _rotate(self) -> None:
+        self._cut()
         os.fdatasync(self._fd)
         os.close(self._fd)
         self._fd = -1
-        path, fd, start = _create_segment(self._segdir, self._state)
+        path, fd, start, allocated = _create_segment(self._segdir, self._state, self._max_bytes)
         self._path, self._fd, self._size, self._data_start = path, fd, start, start
+        self._allocated = allocated
         self._dirty = False
 
     def close(self, sync: bool = True) -> None:
-        """Sync (if asked and not broken) and close the file."""
+        """Cut the zeros written ahead, sync (if asked and not broken) and close the file."""
         if self._fd < 0:
             return
         try:
+            if self._broken is None:
+                with contextlib.suppress(OSError):  # a recovery cuts them otherwise
+                    self._cut()
             if sync and self._broken is None:
                 self.sync()
         finally:
@@ -293,18 +356,25 @@ class SegmentWriter:
             self._fd = -1
 
 
-def _create_segment(segdir: Path, state: TreeState) -> tuple[Path, int, int]:
+def _create_segment(segdir: Path, state: TreeState, max_bytes: int) -> tuple[Path, int, int, int]:
+    """A new segment: its path, fd, where records start and its length with the zeros ahead."""
     path = segdir / segment_name(state.size)
     head = MAGIC + frame(orjson.dumps(state.header()))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
+    allocated = max(len(head), min(PREALLOCATE, max_bytes))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
-        _write_all(fd, head)
+        _write_all(fd, head, 0)
+        try:
+            _write_all(fd, bytes(allocated - len(head)), len(head))
+        except OSError:  # a nearly full disk: no room ahead, the records still fit
+            os.ftruncate(fd, len(head))
+            allocated = len(head)
         os.fdatasync(fd)
         fsync_dir(segdir)
     except OSError:
         os.close(fd)
         raise
-    return path, fd, len(head)
+    return path, fd, len(head), allocated
 
 
 def _keep_torn(torn_dir: Path, segment: Path, offset: int, data: bytes) -> Path:
@@ -378,8 +448,10 @@ def open_writer(root: Path, max_bytes: int) -> tuple[SegmentWriter, TreeState]:
         if start.size != int(path.stem):
             raise LogDamaged(f"{path.name}: its header says it starts at record {start.size}")
         state, good_end = _scan_tail(path, data, start, data_start)
-        if good_end < len(data):
-            copy = _keep_torn(root / "torn", path, good_end, data[good_end:])
+        allocated = len(data)
+        if good_end < len(data) and not zero_tail(data, good_end):
+            torn = data[good_end:].rstrip(b"\0")  # without the zeros written ahead of it
+            copy = _keep_torn(root / "torn", path, good_end, torn)
             fd = os.open(path, os.O_WRONLY)
             try:
                 os.ftruncate(fd, good_end)
@@ -390,10 +462,11 @@ def open_writer(root: Path, max_bytes: int) -> tuple[SegmentWriter, TreeState]:
                 "audit: cut a torn last frame off %s at offset %d (%d bytes, copy kept at %s)",
                 path.name,
                 good_end,
-                len(data) - good_end,
+                len(torn),
                 copy,
             )
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            allocated = good_end
+        fd = os.open(path, os.O_WRONLY)
         writer = SegmentWriter(
             segdir,
             path=path,
@@ -402,10 +475,11 @@ def open_writer(root: Path, max_bytes: int) -> tuple[SegmentWriter, TreeState]:
             data_start=data_start,
             state=state,
             max_bytes=max_bytes,
+            allocated=allocated,
         )
         return writer, state
     state = TreeState.empty()
-    path, fd, start_offset = _create_segment(segdir, state)
+    path, fd, start_offset, allocated = _create_segment(segdir, state, max_bytes)
     writer = SegmentWriter(
         segdir,
         path=path,
@@ -414,5 +488,6 @@ def open_writer(root: Path, max_bytes: int) -> tuple[SegmentWriter, TreeState]:
         data_start=start_offset,
         state=state,
         max_bytes=max_bytes,
+        allocated=allocated,
     )
     return writer, state

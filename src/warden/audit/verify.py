@@ -36,6 +36,7 @@ from warden.audit.segments import (
     find_next_frame,
     list_segments,
     parse_header,
+    zero_tail,
 )
 
 __all__ = ["DAMAGE_KINDS", "Damage", "VerifyReport", "iter_records", "verify_log"]
@@ -97,6 +98,11 @@ class VerifyReport:
     def rate(self) -> float:
         """Records verified per second."""
         return self.records / self.seconds if self.seconds > 0 else 0.0
+
+
+def _unless_zeros(data: bytes, pos: int, fault: str) -> str | None:
+    """``fault``, unless the rest is zeros: room the writer wrote ahead, the end of records."""
+    return None if zero_tail(data, pos) else fault
 
 
 @dataclass(slots=True)
@@ -314,12 +320,12 @@ class _Walk:
         broken = False
         while pos < end:
             if end - pos < _FRAME:
-                fault = "incomplete frame header"
+                fault = _unless_zeros(data, pos, "incomplete frame header")
                 break
             length, crc = unpack(data, pos)
             body = pos + _FRAME
             if length == 0 or length > MAX_FRAME:
-                fault = f"impossible frame length {length}"
+                fault = _unless_zeros(data, pos, f"impossible frame length {length}")
                 break
             if body + length > end:
                 fault = "frame runs past the end of the file"

@@ -271,9 +271,12 @@ class BudgetGuard:
             if action.kind is ActionKind.LLM_CALL and outcome.usage is not None
             else None
         )
-        if action.action_id not in self._held:
+        if action.action_id in self._held:
+            del self._held[action.action_id]
+        elif not self._may_hold(action):
             return cost
-        del self._held[action.action_id]
+        # Else decided before a restart, or by another sidecar on the same store:
+        # the store settles it if it holds it, and changes nothing if not.
         actual: dict[str, float] | None
         if action.kind is ActionKind.LLM_CALL:
             actual = {LLM_COUNTER: cost or 0.0}
@@ -285,6 +288,12 @@ class BudgetGuard:
         return cost
 
     # -- internals ---------------------------------------------------------------
+
+    def _may_hold(self, action: Action) -> bool:
+        """Whether a cap applies to ``action``, so it may hold a reservation."""
+        if action.kind is ActionKind.LLM_CALL:
+            return self.config.llm is not None
+        return bool(self._caps.get(action.tool or ""))
 
     def _plan(self, action: Action, mode: Mode) -> _Plan | Decision:
         llm_capped = action.kind is ActionKind.LLM_CALL and self.config.llm is not None

@@ -19,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -56,6 +54,7 @@ from warden.ingress import grpc_messages as msg
 from warden.ingress import headers as hdr
 from warden.killswitch import MAX_REASON, MAX_TARGET, KillSwitches, Scope
 from warden.model import Action, Agent, Decision, Effect, Outcome, RequestMeta
+from warden.state.links import Link
 
 if TYPE_CHECKING:
     import grpc.aio
@@ -67,8 +66,8 @@ __all__ = ["SERVICE_NAME", "GovernanceService", "RecordSource"]
 log = logging.getLogger("warden.grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Governance"].full_name
-MAX_AWAITING_OUTCOME = 100_000
-"""Allowed decisions remembered for ``ReportOutcome``; the oldest are forgotten first."""
+OUTCOME_KEY = "grpc-decision:"
+"""Prefix of an allowed ``Check``'s key among the core's call links (``ReportOutcome``)."""
 TAIL_POLL_S = 0.05
 """How often a following ``TailRecords`` looks for new records (an in-memory read)."""
 _TAIL_BATCH = 512
@@ -91,14 +90,6 @@ class RecordSource:
     def __init__(self, directory: Path, size: Callable[[], int]) -> None:
         self.directory = directory
         self.size = size
-
-
-@dataclass(frozen=True, slots=True)
-class _Allowed:
-    """An allowed decision waiting for its outcome."""
-
-    action: Action
-    decision: Decision
 
 
 class GovernanceService:
@@ -165,7 +156,6 @@ class _Servicer(pb_grpc.GovernanceServicer):
         self._records = records
         self._auth = auth
         self._identity = Identity(config)
-        self._allowed: OrderedDict[str, _Allowed] = OrderedDict()
         self.closing = asyncio.Event()
 
     # -- who is asking -----------------------------------------------------------
@@ -228,7 +218,11 @@ class _Servicer(pb_grpc.GovernanceServicer):
         if decision.enforced is Effect.REQUIRE_APPROVAL:
             approval_id = await self._pending_approval(action)
         elif decision.enforced is Effect.ALLOW:
-            self._remember(decision.decision_id, _Allowed(action, decision))
+            # Kept with the core's call links (the state store, batched off this
+            # path), so an outcome reported after a restart, or to another
+            # sidecar on the same store, still finds its decision.
+            key = OUTCOME_KEY + decision.decision_id
+            self._core.links.link(key, Link(action, decision.decision_id))
         return msg.check_response(decision, approval_id, agent.id)
 
     async def _pending_approval(self, action: Action) -> str:
@@ -237,33 +231,33 @@ class _Servicer(pb_grpc.GovernanceServicer):
         pending = await self._approvals.list(ApprovalStatus.PENDING.value)
         return next((a.id for a in reversed(pending) if a.binding == binding), "")
 
-    def _remember(self, decision_id: str, allowed: _Allowed) -> None:
-        self._allowed[decision_id] = allowed
-        if len(self._allowed) > MAX_AWAITING_OUTCOME:
-            self._allowed.popitem(last=False)
-
     async def ReportOutcome(
         self, request: pb.ReportOutcomeRequest, context: Context[Any, Any]
     ) -> pb.ReportOutcomeResponse:
         agent = await self._agent(context, _metadata(context), "")
-        allowed = self._allowed.get(request.decision_id)
+        if request.latency_ms < 0 or request.latency_ms != request.latency_ms:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "latency_ms must be >= 0")
+        key = OUTCOME_KEY + request.decision_id
+        links = self._core.links
+        found, unknown = links.take([key])
+        if unknown:  # not in this process's memory: decided before a restart, or elsewhere
+            found = await links.take_stored(unknown)
+        allowed = found.get(key)
         if allowed is None:
             await _abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
-                f"no allowed decision {request.decision_id!r} of this Warden awaits an outcome "
-                "(unknown, already reported, or decided before a restart)",
+                f"no allowed decision {request.decision_id!r} awaits an outcome "
+                "(unknown, already reported, or older than a day)",
             )
         if allowed.action.agent.id != agent.id:
+            links.link(key, allowed)  # still the other agent's to report
             await _abort(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"decision {request.decision_id} is agent {allowed.action.agent.id!r}'s, "
                 f"not {agent.id!r}'s",
             )
-        if request.latency_ms < 0 or request.latency_ms != request.latency_ms:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "latency_ms must be >= 0")
-        del self._allowed[request.decision_id]
         outcome = Outcome(
             result=request.result,
             is_error=request.is_error or bool(request.error),
@@ -271,7 +265,7 @@ class _Servicer(pb_grpc.GovernanceServicer):
             latency_ms=request.latency_ms,
         )
         # Reported by the runner that executed the tool: trusted, so a failure releases caps.
-        self._core.outcome(allowed.action, allowed.decision, outcome, trusted=True)
+        self._core.outcome(allowed.action, allowed.decision_id, outcome, trusted=True)
         return pb.ReportOutcomeResponse()
 
     # -- approvals ---------------------------------------------------------------

@@ -51,7 +51,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,6 +69,8 @@ from warden.policy.cache import InputShape, LRUCache, analyse, cache_key, projec
 from warden.policy.metrics import PROMETHEUS, PolicyMetrics
 from warden.policy.worker import (
     ENTRY_VARIABLE,
+    MSG_BATCH,
+    MSG_BATCH_RESULT,
     MSG_ERROR,
     MSG_EVAL,
     MSG_EVAL_AT,
@@ -286,6 +288,26 @@ def interpret_value(text: str, modules: tuple[Module, ...] = ()) -> PolicyResult
     return PolicyResult(effect=None, value=bindings[ENTRY_VARIABLE], defined=True)
 
 
+def _worker_error(detail: str) -> PolicyResult:
+    """A worker's refusal (``b"X"``, or an ``{"error": ...}`` entry of a batch)."""
+    return PolicyResult(effect=None, error="policy_error", detail=detail)
+
+
+def _stamped(result: PolicyResult, revision: str) -> PolicyResult:
+    """A worker's answer for one input, with the revision that gave it."""
+    # An error from evaluating this input is the input's to answer for.
+    return _evolve(result, revision=revision, input_fault=result.error is not None)
+
+
+def _read_batch_entry(entry: Any, modules: tuple[Module, ...]) -> PolicyResult:
+    """One entry of a batch reply: output text, or ``{"error": ...}``."""
+    if isinstance(entry, str):
+        return interpret_output(entry, modules)
+    if isinstance(entry, dict) and isinstance(entry.get("error"), str):
+        return _worker_error(entry["error"])
+    return _worker_error("unknown reply from worker")
+
+
 # --- the worker pool ---------------------------------------------------------------------------
 
 
@@ -333,6 +355,8 @@ class _Worker:
     served: int = 0
     dispatched_at: float = 0.0
     cpu_at_dispatch: int | None = None
+    budget_s: float = 0.0
+    """The current request's evaluation budget (a batch's is its inputs' budgets together)."""
 
 
 def _cpu_ns(pid: int) -> int | None:
@@ -577,7 +601,7 @@ class WorkerPool:
         start_cpu = worker.cpu_at_dispatch
         used_ns = _cpu_ns(worker.proc.pid) if start_cpu is not None else None
         if used_ns is not None and start_cpu is not None:
-            left_s = self._eval_budget_s - (used_ns - start_cpu) / 1e9
+            left_s = worker.budget_s - (used_ns - start_cpu) / 1e9
             if left_s > 0:
                 # Starved of CPU, not looping: give it the rest of its budget.
                 if pending is not None and now - worker.dispatched_at >= self._queue_timeout_s:
@@ -691,11 +715,20 @@ class WorkerPool:
                 self._release(waiter.result())
             raise
 
-    async def evaluate(self, body: bytes, tag: Any = None, *, prefix: bytes = MSG_EVAL) -> bytes:
+    async def evaluate(
+        self,
+        body: bytes,
+        tag: Any = None,
+        *,
+        prefix: bytes = MSG_EVAL,
+        budget_s: float | None = None,
+    ) -> bytes:
         """Send one input to a free worker; return its reply frame.
 
         ``prefix``: the request kind (``MSG_EVAL``, or ``MSG_EVAL_AT`` and the
-        index of an extra entrypoint).
+        index of an extra entrypoint, or ``MSG_BATCH``). ``budget_s``: this
+        request's evaluation budget instead of the pool's ``eval_budget_s``
+        (a batch gets one budget per input).
 
         Raises :class:`_QueueTimeout` when no worker was free within the
         queue bound (the input never ran), :class:`_EvalTimeout` when the
@@ -722,7 +755,8 @@ class WorkerPool:
         # the input reaches its worker: time spent queueing is not held against it.
         worker.dispatched_at = loop.time()
         worker.cpu_at_dispatch = _cpu_ns(worker.proc.pid)
-        worker.timer = loop.call_later(self._eval_budget_s, self._on_timeout, worker)
+        worker.budget_s = self._eval_budget_s if budget_s is None else budget_s
+        worker.timer = loop.call_later(worker.budget_s, self._on_timeout, worker)
         data = frame(prefix + body)
         try:
             sent = worker.sock.send(data)
@@ -1099,17 +1133,7 @@ class PolicyEngine:
             except _PoolClosed:
                 continue  # a new revision was swapped in while we waited: ask it
             except (_QueueTimeout, _Starved) as exc:
-                self.metrics.overloaded()
-                why = (
-                    "its worker got too little CPU to answer"
-                    if isinstance(exc, _Starved)
-                    else "no worker was free"
-                )
-                raise Overloaded(
-                    f"the policy engine is busy: {why} within {self._queue_timeout_s:g} s; "
-                    "retry shortly",
-                    retry_after_s=_RETRY_AFTER_S,
-                ) from None
+                raise self._overloaded(exc) from None
             except _EvalTimeout:
                 return self._finish(self._timeout(revision), started)
             except _WorkerCrash as exc:
@@ -1140,6 +1164,189 @@ class PolicyEngine:
         return self._finish(  # pragma: no cover - needs two swaps within one call
             PolicyResult(effect=None, error="policy_not_ready", detail="revision changed twice"),
             started,
+        )
+
+    async def evaluate_batch(self, docs: Sequence[Mapping[str, Any]]) -> list[PolicyResult]:
+        """Evaluate the active ``policy.query`` for many inputs: one request to one worker.
+
+        For callers that do not wait on the answers (the challenger): one
+        frame out and one back for the whole batch, so the event loop's cost
+        per input is a fraction of :meth:`evaluate`'s. Results come in the
+        order of ``docs``, each as :meth:`evaluate` would give it, except:
+
+        * the decision cache and the quarantine are used as :meth:`evaluate`
+          uses them: a hit costs a key on the event loop and saves the
+          worker an evaluation (live traffic repeats, e.g. a conversation's
+          model-call decisions). Inputs that share a key (a deterministic
+          policy cannot tell them apart) are evaluated once per batch;
+        * the worker's budget is ``policy.deadline_ms`` per input, for the
+          batch as a whole. A batch killed for using it up, or whose worker
+          crashed, gives every input in it ``policy_timeout`` or
+          ``policy_crash``: which input was at fault is not known, so none is
+          quarantined. An input the engine refused (not JSON, rejected by the
+          worker) gets ``policy_error`` alone;
+        * ``elapsed_us`` is the whole batch's time.
+
+        Raises :class:`~warden.errors.Overloaded` as :meth:`evaluate` does.
+        """
+        started = time.perf_counter_ns()
+        count = len(docs)
+        if not count:
+            return []
+        for _attempt in range(2):
+            gen = self._active
+            if gen is None:
+                result = PolicyResult(
+                    effect=None, error="policy_not_ready", detail=self.last_error or "no bundle"
+                )
+                return self._finish_batch([result] * count, started)
+            results: list[PolicyResult | None] = [None] * count
+            parts, sent, keys = self._encode_batch(gen, docs, results)
+            if parts:
+                body = b"[" + b",".join(parts) + b"]"
+                try:
+                    reply = await gen.pool.evaluate(
+                        body, prefix=MSG_BATCH, budget_s=self._deadline_s * len(parts)
+                    )
+                except _PoolClosed:
+                    continue  # a new revision was swapped in while we waited: ask it
+                except (_QueueTimeout, _Starved) as exc:
+                    raise self._overloaded(exc) from None
+                except (_EvalTimeout, _WorkerCrash, _NoWorker) as exc:
+                    failed = self._batch_failed(exc, gen.bundle.revision, len(parts))
+                    answers = [failed] * len(parts)
+                else:
+                    answers = self._read_batch_reply(reply, gen, len(parts))
+                    if gen.cacheable:
+                        for key, answer in zip(keys, answers, strict=True):
+                            if answer.error is None:
+                                gen.cache.put(key, answer)
+                for i, slot in sent:
+                    results[i] = answers[slot]
+            return self._finish_batch([r for r in results if r is not None], started)
+        result = PolicyResult(  # pragma: no cover - needs two swaps within one call
+            effect=None, error="policy_not_ready", detail="revision changed twice"
+        )
+        return self._finish_batch([result] * count, started)  # pragma: no cover
+
+    def _encode_batch(
+        self,
+        gen: _Generation,
+        docs: Sequence[Mapping[str, Any]],
+        results: list[PolicyResult | None],
+    ) -> tuple[list[bytes], list[tuple[int, int]], list[bytes]]:
+        """The inputs to send as the request's JSON parts, and where each answer will be.
+
+        Returns ``parts``, ``(position in docs, position in parts)`` pairs and
+        each part's cache key. An input answered from the cache or the
+        quarantine, or that cannot be encoded, gets its result in ``results``
+        now. Inputs with the same key are sent once.
+        """
+        parts: list[bytes] = []
+        sent: list[tuple[int, int]] = []
+        keys: list[bytes] = []
+        seen: dict[bytes, int] = {}
+        shape, whole = gen.shape, gen.shape.whole_input
+        dumps = orjson.dumps
+        for i, doc in enumerate(docs):
+            try:
+                key, early = self._before_dispatch(gen, doc)
+                if early is not None:
+                    results[i] = early
+                    continue
+                slot = seen.get(key, -1) if shape.deterministic else -1
+                if slot < 0:
+                    # For a whole-input policy the key is the input as JSON already.
+                    part = key if whole else dumps(project(shape, doc))
+                    slot = len(parts)
+                    parts.append(part)
+                    keys.append(key)
+                    seen[key] = slot
+            except TypeError as exc:
+                results[i] = self._bad_input(gen, exc)
+                continue
+            sent.append((i, slot))
+        return parts, sent, keys
+
+    def _batch_failed(self, exc: Exception, revision: str, size: int) -> PolicyResult:
+        """Every input's result when a batch's worker was killed or died, or none was running."""
+        if isinstance(exc, _EvalTimeout):
+            return _evolve(
+                self._timeout(revision),
+                detail=f"a batch of {size} inputs got no result within "
+                f"{self.config.deadline_ms:g} ms of evaluation each",
+            )
+        if isinstance(exc, _NoWorker):
+            detail = "no policy worker is running; replacements are starting"
+        else:
+            detail = f"the policy worker died during a batch evaluation ({exc})"
+        return PolicyResult(
+            effect=None,
+            revision=revision,
+            error="policy_crash",
+            detail=detail,
+            input_fault=isinstance(exc, _WorkerCrash),
+        )
+
+    @staticmethod
+    def _read_batch_reply(reply: bytes, gen: _Generation, count: int) -> list[PolicyResult]:
+        """The results of a ``b"S"`` reply, in order; its error for all when it is not one."""
+        revision = gen.bundle.revision
+        kind = reply[:1]
+        if kind == MSG_BATCH_RESULT:
+            try:
+                entries = orjson.loads(reply[1:])
+            except orjson.JSONDecodeError:
+                entries = None
+            if isinstance(entries, list) and len(entries) == count:
+                modules = gen.modules
+                return [_stamped(_read_batch_entry(e, modules), revision) for e in entries]
+            detail = "unreadable batch reply from worker"
+        elif kind == MSG_ERROR:
+            detail = reply[1:].decode("utf-8", errors="replace")
+        else:
+            detail = "unknown reply from worker"
+        return [_stamped(_worker_error(detail), revision)] * count
+
+    def _finish_batch(self, results: list[PolicyResult], started: int) -> list[PolicyResult]:
+        """:meth:`_finish` for a batch: one log line for its errors, each input's share timed."""
+        elapsed_ns = time.perf_counter_ns() - started
+        share_s = elapsed_ns / 1e9 / len(results)
+        elapsed_us = elapsed_ns // 1000
+        errors: dict[str, int] = {}
+        out = []
+        for result in results:
+            if result.error is not None:
+                label = "error"
+                errors[result.error] = errors.get(result.error, 0) + 1
+            elif result.effect is None:
+                label = "undefined"
+            else:
+                label = result.effect.value
+            self.metrics.evaluation(label, share_s)
+            out.append(_evolve(result, elapsed_us=elapsed_us))
+        if errors:
+            first = next(r for r in results if r.error is not None)
+            log.warning(
+                "policy evaluation failed for %d of a batch of %d (%s); first: %s",
+                sum(errors.values()),
+                len(results),
+                ", ".join(f"{code}: {n}" for code, n in errors.items()),
+                first.detail,
+            )
+        return out
+
+    def _overloaded(self, exc: Exception) -> Overloaded:
+        """The push-back for a request no worker took, or answered, in time."""
+        self.metrics.overloaded()
+        why = (
+            "its worker got too little CPU to answer"
+            if isinstance(exc, _Starved)
+            else "no worker was free"
+        )
+        return Overloaded(
+            f"the policy engine is busy: {why} within {self._queue_timeout_s:g} s; retry shortly",
+            retry_after_s=_RETRY_AFTER_S,
         )
 
     def _entry(self, query: str | None) -> tuple[bytes, bytes] | None:
@@ -1204,13 +1411,10 @@ class PolicyEngine:
             read = interpret_value if entry else interpret_output
             result = read(body, gen.modules)
         elif kind == MSG_ERROR:
-            result = PolicyResult(effect=None, error="policy_error", detail=body)
+            result = _worker_error(body)
         else:
-            result = PolicyResult(
-                effect=None, error="policy_error", detail="unknown reply from worker"
-            )
-        # An error from evaluating this input is the input's to answer for.
-        return _evolve(result, revision=gen.bundle.revision, input_fault=result.error is not None)
+            result = _worker_error("unknown reply from worker")
+        return _stamped(result, gen.bundle.revision)
 
     def _finish(self, result: PolicyResult, started: int) -> PolicyResult:
         elapsed_ns = time.perf_counter_ns() - started

@@ -19,6 +19,12 @@ Wire format: frames of a 4-byte big-endian length then the body:
   ``"entrypoints": [...]`` list (e.g. Envoy ext_authz's
   ``data.envoy.authz.allow``); a query that failed to compile answers
   ``b"X"`` with the compiler's message;
+* parent → worker: ``b"B" + <JSON array of input documents>``: evaluate each
+  in order; worker → parent: one ``b"S" + <JSON array>`` with one entry per
+  input: regopy's output text (a string), or ``{"error": "..."}`` for an
+  input the engine rejected. A body that is not a JSON array answers
+  ``b"X"``. Used by the challenger (:mod:`warden.policy.challenger`), whose
+  inputs are not waited for: one request and one reply for many inputs;
 * parent → worker: ``b"Q"``: exit.
 
 The worker sends regopy's output text untouched (``undefined``,
@@ -41,6 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENTRY_VARIABLE",
+    "MSG_BATCH",
+    "MSG_BATCH_RESULT",
     "MSG_ERROR",
     "MSG_EVAL",
     "MSG_EVAL_AT",
@@ -60,6 +68,8 @@ ENTRY_VARIABLE = "result"
 MSG_RESULT = b"R"
 MSG_ERROR = b"X"
 MSG_QUIT = b"Q"
+MSG_BATCH = b"B"
+MSG_BATCH_RESULT = b"S"
 _HEADER = struct.Struct(">I")
 
 
@@ -191,6 +201,8 @@ def _serve(sock: socket.socket, evaluator: Evaluator) -> None:
             send(frame(reply))
         elif kind == MSG_EVAL_AT and len(message) >= 2:
             send(frame(_evaluate_entry(evaluator, message[1], message[2:])))
+        elif kind == MSG_BATCH:
+            send(frame(_evaluate_batch(evaluator, message[1:])))
         elif kind == MSG_QUIT:
             return
         else:
@@ -207,6 +219,24 @@ def _evaluate_entry(evaluator: Evaluator, index: int, body: bytes) -> bytes:
     if text is None:
         return MSG_ERROR + b"unknown query"
     return MSG_RESULT + text.encode()
+
+
+def _evaluate_batch(evaluator: Evaluator, body: bytes) -> bytes:
+    """Evaluate every input of a JSON array in order; one reply entry per input."""
+    try:
+        docs = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return MSG_ERROR + f"batch rejected: {exc}".encode()
+    if not isinstance(docs, list):
+        return MSG_ERROR + b"batch rejected: not a JSON array"
+    out: list[str | dict[str, str]] = []
+    evaluate = evaluator.evaluate
+    for doc in docs:
+        try:
+            out.append(evaluate(doc))
+        except (ValueError, TypeError, RecursionError) as exc:
+            out.append({"error": f"input rejected: {exc}"})
+    return MSG_BATCH_RESULT + orjson.dumps(out)
 
 
 def main(argv: list[str] | None = None) -> int:

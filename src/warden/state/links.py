@@ -13,9 +13,11 @@ was recorded is free again.
 
 Hot path: :meth:`CallLinks.link` and :meth:`CallLinks.take` touch memory
 only. Writes go to SQLite (:class:`CallLinkStore`, table ``call_links``) from
-one background task, batched: whatever queued while the previous batch was
-written goes in the next transaction. The window in which a link is not yet
-durable is one batch (typically well under 10 ms after the decision); a
+one background task, batched: a batch starts :data:`COALESCE_S` after the
+first link queued for it, and whatever queued by then (or while the previous
+batch was written) goes in one transaction, so busy sidecars write dozens of
+links per transaction, not one. The window in which a link is not yet
+durable is that delay plus one batch (about 25 ms after the decision); a
 crash in it loses the link, and the result is then recorded as no decision's
 outcome, which is what happened to every link before it was stored. A
 graceful stop flushes first. A result whose id is not in memory (after a
@@ -43,6 +45,7 @@ from warden.model import Action, ActionKind, Agent, RequestMeta, Stage
 from warden.state.base import SqliteStore, immediate
 
 __all__ = [
+    "COALESCE_S",
     "LINK_TTL_S",
     "MAX_LINKS",
     "CallLinkStore",
@@ -61,6 +64,8 @@ LINK_TTL_S: Final = 24 * 3600.0
 MAX_LINKS: Final = 100_000
 """How many links (and tombstones) are kept, in memory and on disk; the oldest go first."""
 _PRUNE_EVERY_S: Final = 60.0
+COALESCE_S: Final = 0.02
+"""How long a batch of link writes waits for more links to share its transaction."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +332,7 @@ class CallLinks:
     async def _write_loop(self) -> None:
         while True:
             await self._wake.wait()
+            await asyncio.sleep(COALESCE_S)  # the next decisions' links join this batch
             self._wake.clear()
             try:
                 await self._write_batch()

@@ -41,7 +41,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
@@ -231,6 +231,10 @@ class SessionGuard:
         self._writes = tasks.Tasks("sessions")
         """The writer of decided calls to the store (memory already has them)."""
         self._unwritten: list[CallRecord] = []
+        self._unadded: dict[str, Counter[str]] = {}
+        """Counter deltas decided here and not yet confirmed added in the store, by key:
+        reads add them, so this process never sees fewer than it decided."""
+        self._adding = tasks.Tasks("session-counters")
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -242,6 +246,7 @@ class SessionGuard:
     async def close(self) -> None:
         """Finish writing decided calls, and stop pruning."""
         await self._writes.drain()
+        await self._adding.drain()
         if self._pruner is not None:
             self._pruner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -284,6 +289,12 @@ class SessionGuard:
         if prepared.key is not None and self._repo is not None and self._config.counters:
             try:
                 counters = await self._repo.counters(prepared.key)
+                unadded = self._unadded.get(prepared.key)
+                if unadded:
+                    # Added on disk in a moment (or just now: then counted twice for one
+                    # read, which errs on the cautious side); never counted short.
+                    for name, delta in unadded.items():
+                        counters[name] = counters.get(name, 0) + delta
             except Exception as exc:
                 log.warning("could not read session counters: %s", type(exc).__name__)
                 available = False
@@ -307,10 +318,30 @@ class SessionGuard:
             await self._record(action, decision, conversation, key)
         if key is None or self._repo is None or not self._config.counters:
             return
-        try:
-            await self._repo.add(key, self._deltas(action.tool, decision.enforced))
-        except Exception as exc:
-            log.warning("could not add to session counters: %s", type(exc).__name__)
+        # Off the decision path: the next decision in this process counts the
+        # deltas from memory until the store has them.
+        self._unadded.setdefault(key, Counter()).update(
+            self._deltas(action.tool, decision.enforced)
+        )
+        if len(self._adding) == 0:
+            self._adding.spawn(self._add_counters(), name="session-counters")
+
+    async def _add_counters(self) -> None:
+        """Add every key's pending deltas to the store, one key at a time, until none are left."""
+        assert self._repo is not None
+        await asyncio.sleep(0)  # the other calls of this response join the first add
+        while self._unadded:
+            key = next(iter(self._unadded))
+            deltas = Counter(self._unadded[key])
+            try:
+                await self._repo.add(key, deltas)
+            except Exception as exc:
+                log.warning("could not add to session counters: %s", type(exc).__name__)
+            left = self._unadded.pop(key, None)
+            if left is not None:
+                left.subtract(deltas)  # what was decided meanwhile stays
+                if remaining := +left:
+                    self._unadded[key] = remaining
 
     async def _record(
         self,

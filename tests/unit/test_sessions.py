@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pydantic
@@ -169,6 +170,42 @@ async def test_a_call_id_the_upstream_repeats_keeps_a_bounded_memory(
     restarted = SessionGuard(store, SessionsConfig(), TOOLS)
     assert await verified(restarted, newest)
     assert len(restarted._known["call_1"]) == MAX_PER_CALL_ID
+
+
+class SlowAdds:
+    """A session store whose counter adds wait until released (a busy or remote store)."""
+
+    def __init__(self, store: SessionStore) -> None:
+        self.store = store
+        self.release = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def add(self, session_id: str, deltas: Any) -> dict[str, int]:
+        await self.release.wait()
+        return await self.store.add(session_id, deltas)
+
+
+async def test_counters_are_added_off_the_decision_path_and_never_counted_short(
+    store: SessionStore,
+) -> None:
+    slow = SlowAdds(store)
+    guard = SessionGuard(cast("Any", slow), SessionsConfig(), TOOLS)
+    convo = chat()
+    # Each decision returns while its add is still waiting for the store ...
+    for i in range(3):
+        action = proposed("get_order", {"order_id": f"A-{i}"}, f"c{i}", convo)
+        await asyncio.wait_for(decide(guard, action, Effect.ALLOW), 5)
+    # ... and the next one still sees every call decided before it.
+    _, ctx = await guard.admit(proposed("draft_reply", {}, "c9", chat()), CTX)
+    assert ctx.session["calls"] == {"get_order": 3}
+    assert await store.counters("bot\x1fs-1") == {}
+    slow.release.set()
+    await guard.close()
+    assert await store.counters("bot\x1fs-1") == {"calls:get_order": 3}
+    _, ctx = await guard.admit(proposed("draft_reply", {}, "c9", chat()), CTX)
+    assert ctx.session["calls"] == {"get_order": 3}  # not counted twice once stored
 
 
 async def test_counters_and_verification_survive_a_restart(store: SessionStore) -> None:

@@ -42,7 +42,7 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -276,32 +276,32 @@ class McpHttp:
     ) -> web.StreamResponse:
         """One ``tools/call``: decided (held, with progress, if need be), then answered or sent."""
         action = self._action(request, exchange, message)
-        deciding = self._tasks.spawn(self._core.decide(action), name="decide", awaited=True)
-        keepalive = self._config.approvals.keepalive_s
-        token = mcp.progress_token(message)
-        beats = 0
-        while True:
-            done, _ = await asyncio.wait({deciding}, timeout=keepalive)
-            if done:
-                break
-            # Still undecided (held for a person): keep the request open and say so.
-            beats += 1
-            if exchange.response is None:
-                exchange.response = await _open_sse(request, {})
-            note = f"[Warden] waiting for a person to approve the tool call `{action.tool}`"
-            if token is not None:
-                beat = data_event(dumps(mcp.progress_notification(token, beats, note)))
-            else:
-                beat = encode_comment("held for approval")
-            await self._write(exchange, beat)
+        # Decided here, in the request's own task; only a decision that takes
+        # longer than the keepalive (held for a person) starts the beats.
+        beating: asyncio.Task[None] | None = None
+        decided = asyncio.Event()
+
+        def start_beating() -> None:
+            nonlocal beating
+            beats = self._beat(request, exchange, message, action, decided)
+            beating = self._tasks.spawn(beats, name="held-beats", awaited=True)
+
+        timer = asyncio.get_running_loop().call_later(
+            self._config.approvals.keepalive_s, start_beating
+        )
         try:
-            decision = deciding.result()
+            decision = await self._core.decide(action)
         except AuditError:
             log.exception("could not record the decision for %s; not forwarded", action.tool)
             answer = mcp.error_response(
                 message.id, INTERNAL_ERROR, "Warden could not record this call"
             )
             return await self._answer(request, exchange, answer)
+        finally:
+            timer.cancel()
+            if beating is not None:
+                decided.set()  # it stops after the beat it is writing, if any
+                await beating
         if decision.enforced is not Effect.ALLOW:
             denied = mcp.denied_result(message, decision)
             return await self._answer(request, exchange, denied, decision.decision_id)
@@ -319,6 +319,30 @@ class McpHttp:
             request, exchange, upstream, body, answers=[], decision_id=decision.decision_id
         )
         return await self._watched(request, exchange, forwarding)
+
+    async def _beat(
+        self,
+        request: web.Request,
+        exchange: _Exchange,
+        message: mcp.Message,
+        action: Action,
+        decided: asyncio.Event,
+    ) -> None:
+        """Keep a held call's request open, saying so every keepalive, until ``decided``."""
+        token = mcp.progress_token(message)
+        note = f"[Warden] waiting for a person to approve the tool call `{action.tool}`"
+        beats = 0
+        while not decided.is_set():
+            beats += 1
+            if exchange.response is None:
+                exchange.response = await _open_sse(request, {})
+            if token is not None:
+                beat = data_event(dumps(mcp.progress_notification(token, beats, note)))
+            else:
+                beat = encode_comment("held for approval")
+            await self._write(exchange, beat)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(decided.wait(), self._config.approvals.keepalive_s)
 
     async def _answer(
         self,
@@ -576,41 +600,41 @@ class McpHttp:
         self,
         request: web.Request,
         exchange: _Exchange,
-        forwarding: Awaitable[web.StreamResponse],
+        forwarding: Coroutine[Any, Any, web.StreamResponse],
     ) -> web.StreamResponse:
         """Run ``forwarding``; a kill switch covering one of its calls stops it at once."""
-
-        async def run() -> web.StreamResponse:
-            return await forwarding
-
         switches = self._killswitches
         if switches is None or not exchange.calls:
-            return await run()
-        work = self._tasks.spawn(run(), name="forward", awaited=True)
+            return await forwarding
+        switch = _first_switch(switches, exchange)
+        if switch is not None:
+            forwarding.close()
+            return await self._stop(request, exchange, switch)
+        # Forwarded in this request's own task, which a switch thrown meanwhile cancels.
+        task = asyncio.current_task()
+        assert task is not None
+        thrown: list[KillSwitch] = []
+
+        def changed() -> None:
+            if not thrown and (found := _first_switch(switches, exchange)) is not None:
+                thrown.append(found)
+                task.cancel()
+
+        unwatch = switches.watch(changed)
         try:
-            while True:
-                switch = _first_switch(switches, exchange)
-                if switch is not None:
-                    return await self._stop(request, exchange, work, switch)
-                changed = self._tasks.spawn(switches.wait_changed(), name="switch", awaited=True)
-                done, _ = await asyncio.wait({work, changed}, return_when=asyncio.FIRST_COMPLETED)
-                changed.cancel()
-                if work in done:
-                    return work.result()
+            return await forwarding
+        except asyncio.CancelledError:
+            if not thrown:
+                raise  # the client went away, or Warden is stopping
+            task.uncancel()
+            return await self._stop(request, exchange, thrown[0])
         finally:
-            if not work.done():
-                work.cancel()
+            unwatch()
 
     async def _stop(
-        self,
-        request: web.Request,
-        exchange: _Exchange,
-        work: asyncio.Task[web.StreamResponse],
-        switch: KillSwitch,
+        self, request: web.Request, exchange: _Exchange, switch: KillSwitch
     ) -> web.StreamResponse:
-        work.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await work
+        """Answer every call of ``exchange`` as stopped by ``switch`` (its forwarding has ended)."""
         answers: list[dict[str, Any]] = []
         for id_, pending in exchange.calls.items():
             decision_id = pending.decision.decision_id

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["main", "register"]
+__all__ = ["AdminApiError", "admin_base_url", "admin_request", "main", "register"]
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
 TIMEOUT_S = 10.0
@@ -34,7 +34,10 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 
 
-class _ApiError(Exception):
+class AdminApiError(Exception):
+    """The admin API answered an error (``status``), or could not be asked (``status`` 0:
+    no token, a bad URL, unreachable). The message is the API's own, for people."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -68,7 +71,7 @@ def _kill(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     body = {"scope": args.scope, "target": args.target or "*", "reason": args.reason}
     return _run(
-        lambda: _request("POST", "/v1/killswitches", body),
+        lambda: admin_request("POST", "/v1/killswitches", body),
         lambda out: f"{out['id']}  {out['scope']} {out['target']}: set",
     )
 
@@ -77,7 +80,7 @@ def _unkill(args: argparse.Namespace) -> int:
     path = "/v1/killswitches/" + urllib.parse.quote(args.id, safe="")
     if args.reason:
         path += "?" + urllib.parse.urlencode({"reason": args.reason})
-    return _run(lambda: _request("DELETE", path), lambda out: f"{out['id']}: cleared")
+    return _run(lambda: admin_request("DELETE", path), lambda out: f"{out['id']}: cleared")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -92,26 +95,37 @@ def _list(args: argparse.Namespace) -> int:
             for r in rows
         )
 
-    return _run(lambda: _request("GET", "/v1/killswitches"), show)
+    return _run(lambda: admin_request("GET", "/v1/killswitches"), show)
 
 
 def _run(call: Any, show: Any) -> int:
     try:
         out = call()
-    except _ApiError as exc:
+    except AdminApiError as exc:
         print(f"warden: {exc}", file=sys.stderr)
         return EXIT_USAGE if exc.status == 0 else EXIT_REFUSED
     print(show(out))
     return EXIT_OK
 
 
-def _request(method: str, path: str, body: Any = None) -> Any:
+def admin_base_url(url: str | None = None) -> str:
+    """The admin API's base URL: ``url``, else ``$WARDEN_ADMIN_URL``, else the default."""
+    return (url or os.environ.get("WARDEN_ADMIN_URL") or DEFAULT_ADMIN_URL).rstrip("/")
+
+
+def admin_request(method: str, path: str, body: Any = None, *, base_url: str | None = None) -> Any:
+    """Call a running Warden's admin API with ``$WARDEN_TOKEN``; return the decoded answer.
+
+    ``base_url`` as :func:`admin_base_url` resolves it. Raises
+    :class:`AdminApiError` on an error answer, or (status 0) when there is no
+    token or the API cannot be reached.
+    """
     token = os.environ.get("WARDEN_TOKEN", "")
     if not token:
-        raise _ApiError(0, "set WARDEN_TOKEN to an admin API token")
-    base = os.environ.get("WARDEN_ADMIN_URL", DEFAULT_ADMIN_URL).rstrip("/")
+        raise AdminApiError(0, "set WARDEN_TOKEN to an admin API token")
+    base = admin_base_url(base_url)
     if urllib.parse.urlsplit(base).scheme not in ("http", "https"):
-        raise _ApiError(0, f"WARDEN_ADMIN_URL must be an http:// or https:// URL, not {base!r}")
+        raise AdminApiError(0, f"the admin URL must be an http:// or https:// URL, not {base!r}")
     data = orjson.dumps(body) if body is not None else None
     req = urllib.request.Request(  # noqa: S310 - the scheme is checked above
         base + path,
@@ -123,10 +137,13 @@ def _request(method: str, path: str, body: Any = None) -> Any:
         with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:  # noqa: S310
             return orjson.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        raise _ApiError(exc.code, f"{exc.code}: {_message(exc.read())}") from None
+        raise AdminApiError(exc.code, f"{exc.code}: {_message(exc.read())}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise _ApiError(0, f"cannot reach the admin API at {base}: {reason}") from None
+        raise AdminApiError(0, f"cannot reach the admin API at {base}: {reason}") from None
+
+
+_request = admin_request  # the name warden.cli_approvals imports
 
 
 def _message(raw: bytes) -> str:

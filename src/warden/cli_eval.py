@@ -1,15 +1,21 @@
 """``warden eval run``: run an eval suite against a bundle, a CI gate for policy changes.
 
     warden eval run policies/customer-support-evals/suite.jsonl \\
-        --bundle policies/customer-support [--audit DIR | --record] [--format json]
+        --bundle policies/customer-support [--audit DIR | --record | --admin [URL]] \\
+        [--format json]
 
 Each scenario (a JSONL line: the context, the tool call the model proposes and
 the decision expected) is evaluated on the production path and reported PASS,
-FAIL or ERROR. The suite's SHA-256 is printed, and with ``--audit DIR`` (or
-``--record``: the configured ``audit.dir``) the run is written to that audit
-log as an ``eval_run`` change record. Exit status: 0 when every scenario
-passes, 1 when any fails, 2 when the suite cannot run or the run cannot be
-recorded. See docs/monitoring.md.
+FAIL or ERROR. The suite's SHA-256 is printed, and the run can be written as
+an ``eval_run`` change record: with ``--audit DIR`` (or ``--record``: the
+configured ``audit.dir``) into that audit log, which must not be open in a
+running Warden; with ``--admin [URL]`` through a running Warden's admin API
+(``POST /v1/changes``) into the log it writes. URL defaults to
+``$WARDEN_ADMIN_URL``, else ``http://127.0.0.1:8081``; the token is
+``$WARDEN_TOKEN`` (role ``admin``), and the record names its subject. Exit
+status: 0 when every scenario passes, 1 when any fails, 2 when the suite
+cannot run or the run cannot be recorded (no token, the API unreachable or
+refusing: its message is printed). See docs/monitoring.md.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any, TextIO
 import orjson
 
 from warden.audit.changes import EVAL_RUN, record_change
+from warden.cli_admin import AdminApiError, admin_base_url, admin_request
 from warden.config import Config, load_config
 from warden.errors import AuditError, ConfigError
 from warden.policy.authoring.child import DEFAULT_TEST_TIMEOUT_S
@@ -39,7 +46,7 @@ from warden.policy.authoring.suite import (
 )
 from warden.policy.bundle import BundleError
 
-__all__ = ["main", "print_report", "record_run", "register"]
+__all__ = ["main", "print_report", "record_run", "register", "submit_run"]
 
 
 def register(subparsers: Any) -> None:
@@ -65,9 +72,18 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--config", default=os.environ.get("WARDEN_CONFIG"), help="config file")
     run.add_argument("--query", help="the decision query (default: policy.query)")
-    run.add_argument("--audit", metavar="DIR", help="record the run in this audit log")
-    run.add_argument(
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--audit", metavar="DIR", help="record the run in this audit log")
+    where.add_argument(
         "--record", action="store_true", help="record the run in the configured audit.dir"
+    )
+    where.add_argument(
+        "--admin",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="record the run through a running Warden's admin API (default: "
+        "$WARDEN_ADMIN_URL or http://127.0.0.1:8081; token: $WARDEN_TOKEN)",
     )
     run.add_argument("--format", choices=["text", "json"], default="text")
     run.add_argument(
@@ -116,6 +132,16 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
     else:
         print_report(report, sys.stdout)
+    if args.admin is not None:
+        base = admin_base_url(args.admin or None)
+        try:
+            record_id = submit_run(base, EVAL_RUN, report.record_body(bundles))
+        except AdminApiError as exc:
+            print(f"warden eval run: the run was not recorded by {base}: {exc}", file=sys.stderr)
+            return 2
+        if args.format == "text":
+            print(f"recorded as {record_id} by {base}")
+        return 0 if report.ok else 1
     audit_dir = args.audit or (config.audit.dir if args.record else None)
     if audit_dir is not None:
         try:
@@ -134,12 +160,24 @@ def record_run(config: Config, audit_dir: str, report: EvalReport, bundles: Sequ
     """Append the ``eval_run`` change record to the log in ``audit_dir``; return its id.
 
     Raises :class:`AuditError` when the log cannot be opened or written (a
-    running Warden holds it: record into the log it writes by running the
-    suite where that Warden's log is not open, or into a CI log of its own).
+    running Warden holds it: send the record to that Warden instead, with
+    :func:`submit_run`, or record into a CI log of its own).
     """
     audit = config.audit.model_copy(update={"dir": audit_dir})
     ref = asyncio.run(record_change(audit, EVAL_RUN, report.record_body(bundles)))
     return ref.id
+
+
+def submit_run(base_url: str, kind: str, body: dict[str, Any]) -> str:
+    """Send a change record to the admin API at ``base_url`` (``POST /v1/changes``); its id.
+
+    Raises :class:`AdminApiError` when there is no token, the API cannot be
+    reached, or it refuses the record.
+    """
+    out = admin_request("POST", "/v1/changes", {"kind": kind, "body": body}, base_url=base_url)
+    if not isinstance(out, dict) or not isinstance(out.get("id"), str):
+        raise AdminApiError(0, f"the admin API at {base_url} answered without a record id")
+    return str(out["id"])
 
 
 def print_report(report: EvalReport, out: TextIO) -> None:

@@ -1,12 +1,20 @@
 """``warden policy replay``: what a candidate bundle would have decided on recorded traffic.
 
     warden policy replay --audit ./warden-data/audit --bundle policies/candidate \\
-        [--from 7d | --from 2026-11-01] [--to ...] [--max-changes N] [--max-change-rate F]
+        [--from 7d | --from 2026-11-01] [--to ...] [--max-changes N] [--max-change-rate F] \\
+        [--record [DIR] | --admin [URL]]
 
 Prints a table of changed effects (allow→deny, deny→allow, →require_approval...)
-with counts and sample decision ids. Exit status: 0 within the threshold
-(or when none is set), 1 past it, 2 when the replay cannot run. See
-docs/monitoring.md and ADR 0012.
+with counts and sample decision ids. The run can be written as a
+``replay_run`` change record: ``--record [DIR]`` appends it to the audit log
+DIR (default: the replayed log), which must not be open in a running Warden;
+``--admin [URL]`` sends it to a running Warden's admin API (``POST
+/v1/changes``), which appends it to the log it writes (URL defaults to
+``$WARDEN_ADMIN_URL``, else ``http://127.0.0.1:8081``; the token is
+``$WARDEN_TOKEN``, role ``admin``). Exit status: 0 within the threshold (or
+when none is set), 1 past it, 2 when the replay cannot run or the run cannot
+be recorded (no token, the API unreachable or refusing: its message is
+printed). See docs/monitoring.md and ADR 0012.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from typing import Any, TextIO
 import orjson
 
 from warden.audit.changes import REPLAY_RUN, record_change
+from warden.cli_admin import AdminApiError, admin_base_url
+from warden.cli_eval import submit_run
 from warden.config import load_config
 from warden.errors import AuditError, ConfigError
 from warden.monitor.windows import parse_duration, parse_instant
@@ -64,13 +74,22 @@ def add_command(sub: Any, config_option: Callable[[argparse.ArgumentParser], Non
         help="exit 1 when more than this share of replayed decisions change (0.01 = 1%%)",
     )
     rp.add_argument("--format", choices=["text", "json"], default="text")
-    rp.add_argument(
+    where = rp.add_mutually_exclusive_group()
+    where.add_argument(
         "--record",
         nargs="?",
         const="",
         metavar="DIR",
         help="record the run as a replay_run change record in the audit log DIR "
         "(default: the replayed log)",
+    )
+    where.add_argument(
+        "--admin",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="record the run through a running Warden's admin API (default: "
+        "$WARDEN_ADMIN_URL or http://127.0.0.1:8081; token: $WARDEN_TOKEN)",
     )
     rp.add_argument(
         "--timeout",
@@ -124,8 +143,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_report(report, audit_dir, sys.stdout)
         _print_verdict(report, max_changes, args.max_change_rate, failed, sys.stdout)
+    threshold = {"max_changes": max_changes, "max_change_rate": args.max_change_rate}
+    if args.admin is not None:
+        base = admin_base_url(args.admin or None)
+        body = replay_record(report, args.bundle, threshold, failed=failed)
+        try:
+            record_id = submit_run(base, REPLAY_RUN, body)
+        except AdminApiError as exc:
+            print(
+                f"warden policy replay: the run was not recorded by {base}: {exc}",
+                file=sys.stderr,
+            )
+            return 2
+        if args.format == "text":
+            print(f"recorded as {record_id} by {base}")
     if args.record is not None:
-        threshold = {"max_changes": max_changes, "max_change_rate": args.max_change_rate}
         body = replay_record(report, args.bundle, threshold, failed=failed)
         target = args.record or audit_dir
         try:

@@ -24,6 +24,7 @@ from aiohttp import web
 from warden import tasks
 from warden.admin.approval_routes import add_approval_routes
 from warden.admin.auth import AUTH, TokenAuth
+from warden.admin.change_routes import add_change_routes
 from warden.admin.killswitch_routes import add_killswitch_routes
 from warden.approvals.gate import ApprovalGate, approval_settings
 from warden.approvals.service import Approvals
@@ -197,6 +198,7 @@ class Warden:
         admin_app[AUTH] = TokenAuth(cfg.admin.tokens)
         add_health_routes(admin_app, self.readiness)
         add_killswitch_routes(admin_app, killswitches)
+        add_change_routes(admin_app, audit)  # eval and replay runs, recorded in this log
         add_approval_routes(admin_app, approvals, admin_app[AUTH])
         await self._start_console(admin_app, audit, approvals, killswitches, budgets=budgets)
         http = HttpDoor(cfg, session, killswitches=killswitches)

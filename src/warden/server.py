@@ -212,7 +212,7 @@ class Warden:
                     core,
                     approvals=approvals,
                     killswitches=killswitches,
-                    records=RecordSource(audit.directory, lambda: audit.size),
+                    records=RecordSource(audit.directory, lambda: audit.size, audit.next_write),
                     auth=admin_app[AUTH],
                 ),
             ]

@@ -36,6 +36,7 @@ from warden.client import (
 )
 from warden.grpc_api.v1 import governance_pb2 as pb
 from warden.grpc_api.v1 import governance_pb2_grpc as pb_grpc
+from warden.ingress import grpc_governance
 from warden.model import Effect
 from warden.server import Warden
 
@@ -434,8 +435,10 @@ async def test_kill_switches_set_list_clear_and_stop_checks(stub: Any) -> None:
 
 
 async def test_tail_records_streams_from_a_position_and_follows(
-    warden: Warden, stub: Any, tmp_path: Path
+    warden: Warden, stub: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # With the backstop a minute away, a new record can only arrive by the write signal.
+    monkeypatch.setattr(grpc_governance, "TAIL_BACKSTOP_S", 60.0)
     first = await stub.Check(check_request("issue_refund", amount=1, order_id="A-9"))
     tail = stub.TailRecords(pb.TailRecordsRequest(from_seq=0, follow=True), metadata=bearer(ADMIN))
     seen: list[Any] = []
@@ -444,7 +447,7 @@ async def test_tail_records_streams_from_a_position_and_follows(
     # A record written after the tail caught up arrives on the same stream.
     second = await stub.Check(check_request("export_customers"))
     while not any(second.decision_id.encode() in r.json for r in seen):
-        seen.append(await tail.read())
+        seen.append(await asyncio.wait_for(tail.read(), 10))
     tail.cancel()
     assert [r.seq for r in seen] == list(range(len(seen)))
     decided = [orjson.loads(r.json)["decision"]["id"] for r in seen if r.kind == "decision"]
@@ -480,6 +483,34 @@ async def test_watch_approvals_streams_a_new_approval_and_its_decision(stub: Any
     watch.cancel()
     assert changed.kind == pb.ApprovalEvent.KIND_CHANGED
     assert (changed.approval.status, changed.approval.comment) == ("rejected", "no")
+
+
+async def test_watch_approvals_is_woken_by_changes_not_by_its_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the backstop poll a minute away, events can only come from the change signal.
+    monkeypatch.setattr(grpc_governance, "WATCH_BACKSTOP_S", 60.0)
+    async with Warden(grpc_config(tmp_path)) as w, grpc.aio.insecure_channel(w.grpc_address) as ch:
+        stub: Any = pb_grpc.GovernanceStub(ch)
+        watch = stub.WatchApprovals(pb.WatchApprovalsRequest(), metadata=bearer(VIEWER))
+        await watch.initial_metadata()
+        held = await stub.Check(check_request("issue_refund", amount=500, order_id="A-11"))
+        requested = await asyncio.wait_for(watch.read(), 10)
+        # Decided through the HTTP admin API, not the gRPC one.
+        async with aiohttp.ClientSession() as http:
+            answer = await http.post(
+                f"{w.admin_url}/v1/approvals/{held.approval_id}/approve",
+                json={"comment": "ok"},
+                headers={"Authorization": f"Bearer {APPROVER}"},
+            )
+            assert answer.status == 200, await answer.text()
+        changed = await asyncio.wait_for(watch.read(), 10)
+        watch.cancel()
+    assert (requested.kind, requested.approval.id) == (
+        pb.ApprovalEvent.KIND_REQUESTED,
+        held.approval_id,
+    )
+    assert (changed.kind, changed.approval.status) == (pb.ApprovalEvent.KIND_CHANGED, "approved")
 
 
 # -- health, reflection ----------------------------------------------------------------------

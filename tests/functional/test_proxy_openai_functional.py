@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -276,13 +277,17 @@ async def test_truncated_stream_ends_with_an_error_event(
             pass
 
 
-async def test_unreachable_upstream_is_502(tmp_path: Any, llm: MockLLM) -> None:
-    await llm.close()  # nothing listens on its port any more
-    async with Warden(make_config(tmp_path, llm.url)) as w, client(w) as c:
-        with pytest.raises(openai.APIStatusError) as info:
-            await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-        assert info.value.status_code == 502
-        assert info.value.code == "upstream_unavailable"
+async def test_unreachable_upstream_is_502(tmp_path: Any) -> None:
+    # A port held but not listening refuses connections, and (unlike a port
+    # just closed) no other test can start listening on it meanwhile.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{held.getsockname()[1]}"
+        async with Warden(make_config(tmp_path, url)) as w, client(w) as c:
+            with pytest.raises(openai.APIStatusError) as info:
+                await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert info.value.status_code == 502
+    assert info.value.code == "upstream_unavailable"
 
 
 async def test_passthrough_routes_work(

@@ -101,6 +101,8 @@ class Approvals:
         # One event per approval someone in this process waits on; a decision
         # here sets and drops it, so waiters wake at once.
         self._events: dict[str, asyncio.Event] = {}
+        # Set (and replaced) on every change made here or seen on the feed.
+        self._change = asyncio.Event()
         self._gauge_labels: set[tuple[str, str]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -479,7 +481,19 @@ class Approvals:
         if event is not None:
             event.set()
 
+    def _changed(self) -> None:
+        change, self._change = self._change, asyncio.Event()
+        change.set()
+
+    def next_change(self) -> asyncio.Event:
+        """An event set at the next change of any approval, here or (with a change
+        feed) on another sidecar. Take it before reading, then wait on it: a change
+        made while reading is not missed. Without a feed, other sidecars' changes
+        are not signalled: callers keep a poll as the backstop."""
+        return self._change
+
     async def _record(self, kind: str, approval: Approval, extra: Mapping[str, Any]) -> None:
+        self._changed()  # every change of an approval is recorded, after the store has it
         body = {
             "approval_id": approval.id,
             "decision_id": approval.decision_id,
@@ -521,6 +535,7 @@ class Approvals:
         with feed.watch(APPROVALS) as changes:
             while True:
                 change = await changes.get()
+                self._changed()
                 if change.key is None:
                     woken = list(self._events)
                 else:

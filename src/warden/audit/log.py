@@ -204,6 +204,7 @@ class AuditLog:
         self._compact: CompactRange = opened.state.compact()
         self._last_hex = opened.state.last_hash.hex()
         self._durable: TreeState = opened.state
+        self._advanced = asyncio.Event()  # set (and replaced) when records become durable
         self._checkpointed = opened.checkpointed
         self._clock = _Clock()
         # Where the subject sources look: context.*, action.arguments.*, agent.claims.*
@@ -267,6 +268,11 @@ class AuditLog:
     def size(self) -> int:
         """The number of records written so far."""
         return self._durable.size
+
+    def next_write(self) -> asyncio.Event:
+        """An event set when more records are written. Take it before reading
+        :attr:`size`, then wait on it: a write made meanwhile is not missed."""
+        return self._advanced
 
     @property
     def origin(self) -> str:
@@ -558,6 +564,8 @@ class AuditLog:
             self._wake_idle()
             return
         self._durable = state
+        advanced, self._advanced = self._advanced, asyncio.Event()
+        advanced.set()  # followers of the log (gRPC TailRecords) read on
         self._unsynced = not self._sync_each_batch
         for waiter in waiters:
             if not waiter.done():

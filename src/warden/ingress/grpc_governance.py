@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import grpc
 from multidict import CIMultiDict
 
+from warden import tasks
 from warden.admin.auth import Principal, TokenAuth
 from warden.approvals.model import (
     MAX_COMMENT,
@@ -68,8 +69,13 @@ log = logging.getLogger("warden.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Governance"].full_name
 OUTCOME_KEY = "grpc-decision:"
 """Prefix of an allowed ``Check``'s key among the core's call links (``ReportOutcome``)."""
+WATCH_BACKSTOP_S = 2.0
+"""How often ``WatchApprovals`` re-reads the store when nothing signalled a change."""
 TAIL_POLL_S = 0.05
-"""How often a following ``TailRecords`` looks for new records (an in-memory read)."""
+"""How often a following ``TailRecords`` looks for new records when its source
+cannot signal writes (an in-memory read)."""
+TAIL_BACKSTOP_S = 1.0
+"""How often a following ``TailRecords`` looks anyway when its source signals writes."""
 _TAIL_BATCH = 512
 
 _READERS = frozenset({"approver", "auditor", "viewer", "admin"})
@@ -85,11 +91,18 @@ Context = grpc.aio.ServicerContext[_Req, _Resp]
 
 
 class RecordSource:
-    """Where ``TailRecords`` reads: the audit directory and how many records are written."""
+    """Where ``TailRecords`` reads: the audit directory, how many records are written,
+    and (optionally) an event set at the next write, so a follower need not poll."""
 
-    def __init__(self, directory: Path, size: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        size: Callable[[], int],
+        next_write: Callable[[], asyncio.Event] | None = None,
+    ) -> None:
         self.directory = directory
         self.size = size
+        self.next_write = next_write
 
 
 class GovernanceService:
@@ -288,12 +301,15 @@ class _Servicer(pb_grpc.GovernanceServicer):
     ) -> AsyncIterator[pb.ApprovalEvent]:
         await self._person(context, _READERS)
         await context.send_initial_metadata(())  # the watch is on: the client may act now
+        change = self._approvals.next_change()
         known = {a.id: a for a in await self._approvals.list(ApprovalStatus.PENDING.value)}
         for approval in known.values():
             yield _event(pb.ApprovalEvent.KIND_EXISTING, approval)
-        # The store is shared by sidecars: polling it sees their approvals too.
-        interval = self._approvals.settings.poll_interval_s
-        while not await _closing_within(self.closing, interval):
+        # Woken by every change made here and, through the state store's change
+        # feed, by other sidecars'; the poll is the backstop for a store without one.
+        interval = max(self._approvals.settings.poll_interval_s, WATCH_BACKSTOP_S)
+        while not await _changed_or_closing(change, self.closing, interval):
+            change = self._approvals.next_change()
             now = {a.id: a for a in await self._approvals.list(ApprovalStatus.PENDING.value)}
             for approval_id, approval in now.items():
                 before = known.get(approval_id)
@@ -405,8 +421,10 @@ class _Servicer(pb_grpc.GovernanceServicer):
         await self._person(context, _AUDITORS)
         await context.send_initial_metadata(())
         tail = RecordTail(self._records.directory, request.from_seq)
+        source = self._records
         while True:
-            written = self._records.size()
+            wrote = source.next_write() if source.next_write is not None else None
+            written = source.size()
             if tail.position < written:
                 try:
                     batch = await asyncio.to_thread(tail.read, written, _TAIL_BATCH)
@@ -416,7 +434,12 @@ class _Servicer(pb_grpc.GovernanceServicer):
                 for record in batch:
                     yield msg.record_message(record)
                 continue
-            if not request.follow or await _closing_within(self.closing, TAIL_POLL_S):
+            if not request.follow:
+                return
+            if wrote is None:
+                if await _closing_within(self.closing, TAIL_POLL_S):
+                    return
+            elif await _changed_or_closing(wrote, self.closing, TAIL_BACKSTOP_S):
                 return
 
 
@@ -426,6 +449,24 @@ def _hold(wait: bool) -> str:
 
 def _event(kind: pb.ApprovalEvent.Kind, approval: Approval) -> pb.ApprovalEvent:
     return pb.ApprovalEvent(kind=kind, approval=msg.approval_message(approval))
+
+
+async def _changed_or_closing(
+    change: asyncio.Event, closing: asyncio.Event, seconds: float
+) -> bool:
+    """Wait for ``change`` (at most ``seconds``); whether the service is closing."""
+    if closing.is_set() or change.is_set():
+        return closing.is_set()
+    changed = tasks.spawn(change.wait(), name="approvals-changed", awaited=True)
+    stopping = tasks.spawn(closing.wait(), name="closing", awaited=True)
+    try:
+        await asyncio.wait(
+            {changed, stopping}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        changed.cancel()
+        stopping.cancel()
+    return closing.is_set()
 
 
 async def _closing_within(closing: asyncio.Event, seconds: float) -> bool:

@@ -397,6 +397,15 @@ def _spawn_process(python: str) -> tuple[subprocess.Popen[bytes], socket.socket]
     return proc, parent
 
 
+def _stop_started(proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+    """Stop a worker started for a pool that closed meanwhile (it has compiled nothing)."""
+    sock.close()
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
 def _exit_text(proc: subprocess.Popen[bytes]) -> str:
     code = proc.poll()
     if code is None:
@@ -439,6 +448,8 @@ class WorkerPool:
         self._waiters: deque[asyncio.Future[_Worker]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._reapers: set[asyncio.Task[None]] = set()
+        # Process starts under way in the executor: close() stops what they start.
+        self._spawning: set[asyncio.Future[tuple[subprocess.Popen[bytes], socket.socket]]] = set()
         self._restart_times: deque[float] = deque()
         self._closed = False
         self.restarts = 0
@@ -485,7 +496,15 @@ class WorkerPool:
 
     async def _spawn(self) -> _Worker:
         loop = asyncio.get_running_loop()
-        proc, sock = await loop.run_in_executor(None, _spawn_process, self._python)
+        starting = loop.run_in_executor(None, _spawn_process, self._python)
+        self._spawning.add(starting)
+        # Shielded: a caller cancelled meanwhile (close() cancels replacements)
+        # must not orphan the process the executor starts anyway.
+        proc, sock = await asyncio.shield(starting)
+        self._spawning.discard(starting)
+        if self._closed:
+            _stop_started(proc, sock)
+            raise _PoolClosed
         worker = _Worker(proc=proc, sock=sock, ready=loop.create_future())
         self._workers.add(worker)
         loop.add_reader(sock.fileno(), self._on_readable, worker)
@@ -657,6 +676,8 @@ class WorkerPool:
             worker = await self._spawn()
             async with asyncio.timeout(self._start_timeout_s):
                 await worker.ready
+        except _PoolClosed:
+            return
         except (BundleError, OSError, TimeoutError) as exc:
             log.error("policy worker replacement failed: %s", exc)
             if not self._closed:
@@ -798,6 +819,10 @@ class WorkerPool:
         for task in list(self._tasks):
             if task is not current and not task.done():
                 task.cancel()
+        for starting in list(self._spawning):
+            self._spawning.discard(starting)
+            with contextlib.suppress(Exception):
+                _stop_started(*await starting)
         if self._reapers:
             await asyncio.gather(*self._reapers, return_exceptions=True)
         self._workers.clear()

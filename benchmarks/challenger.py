@@ -113,6 +113,7 @@ def _p95(xs: list[float]) -> float:
 async def main_async(requests: int, rounds: int) -> dict[str, Any]:
     results: dict[str, list[float]] = {"reference": [], "challenger": []}
     medians: dict[str, list[float]] = {"reference": [], "challenger": []}
+    tails: dict[str, list[float]] = {"reference": [], "challenger": []}
     with tempfile.TemporaryDirectory() as raw:
         tmp = Path(raw)
         candidate = _candidate(tmp)
@@ -124,8 +125,10 @@ async def main_async(requests: int, rounds: int) -> dict[str, Any]:
                     times = await _round(tmp, llm, which, requests, r * 2 + (which is not None))
                     results[key] += times
                     medians[key].append(statistics.median(times))
+                    tails[key].append(_p95(times))
     ref, ch = results["reference"], results["challenger"]
     noise = (max(medians["reference"]) - min(medians["reference"])) / statistics.median(ref)
+    tail_noise = (max(tails["reference"]) - min(tails["reference"])) / _p95(ref)
     return {
         "requests_per_round": requests,
         "rounds": rounds,
@@ -134,6 +137,8 @@ async def main_async(requests: int, rounds: int) -> dict[str, Any]:
         "ratio_median": statistics.median(ch) / statistics.median(ref),
         "ratio_p95": _p95(ch) / _p95(ref),
         "reference_round_spread": noise,
+        "reference_round_p95_spread": tail_noise,
+        "round_p95_ms": {k: [m * 1e3 for m in v] for k, v in tails.items()},
         "round_medians_ms": {k: [m * 1e3 for m in v] for k, v in medians.items()},
         "machine": platform.platform(),
     }
@@ -153,7 +158,8 @@ def main() -> None:
         f"{out['challenger']['p95_ms']:>10.2f}\n"
         f"ratio challenger/reference: median {out['ratio_median']:.3f}, "
         f"p95 {out['ratio_p95']:.3f}\n"
-        f"spread of the reference's own round medians: {out['reference_round_spread']:.1%}"
+        f"spread of the reference's own round medians: {out['reference_round_spread']:.1%}, "
+        f"of its round p95s: {out['reference_round_p95_spread']:.1%}"
     )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "challenger.json").write_text(json.dumps(out, indent=2) + "\n")

@@ -195,6 +195,37 @@ async def test_denied_call_is_answered_by_warden_and_never_reaches_the_server(
     await verify_audit(tmp_path)
 
 
+@pytest.mark.parametrize("json_response", [False, True], ids=["sse", "json"])
+async def test_a_stateless_server_is_governed_the_same(tmp_path: Path, json_response: bool) -> None:
+    # A server without sessions (the SDK's stateless_http): no Mcp-Session-Id
+    # on any answer, each POST on its own; Warden decides every call the same.
+    async with (
+        StreamableHttpServer(
+            tmp_path / "calls.jsonl", json_response=json_response, stateless=True
+        ) as server,
+        Warden(config(tmp_path, server.url)) as warden,
+    ):
+        async with aiohttp.ClientSession() as http:
+            first = await http.post(f"{warden.proxy_url}/{UPSTREAM}", json=INIT, headers=ACCEPT)
+            assert first.status == 200, await first.text()
+            assert "Mcp-Session-Id" not in first.headers
+        async with connect(warden) as session:
+            result = await session.call_tool("get_order", {"order_id": "A-1001"})
+            refused = await session.call_tool("issue_refund", {"order_id": "A-1", "amount": -5})
+            tools = {t.name for t in (await session.list_tools()).tools}
+    assert not result.is_error, text(result)
+    assert "A-1001" in text(result)
+    assert refused.is_error
+    assert "blocked the tool call `issue_refund`" in text(refused)
+    assert "search_kb" in tools
+    assert tools_called(tmp_path) == ["get_order"]
+    await warden.stop()
+    decisions = records(tmp_path, "decision")
+    assert [d["decision"]["effect"] for d in decisions] == ["allow", "deny"]
+    assert len(records(tmp_path, "outcome")) == 1
+    await verify_audit(tmp_path)
+
+
 # -- approvals -------------------------------------------------------------------
 
 
@@ -238,6 +269,57 @@ async def test_held_refund_runs_once_after_approval_with_progress_meanwhile(
     assert approved[0]["decision"]["effect"] == "allow"
     assert approved[0]["approval"]["approver"] == "dana"
     await verify_audit(tmp_path)
+
+
+async def test_a_held_call_in_a_batch_is_told_it_waits_then_runs_once(
+    holding: Warden, tmp_path: Path
+) -> None:
+    url = f"{holding.proxy_url}/{UPSTREAM}"
+
+    def call(id_: int, tool: str, arguments: dict[str, Any], **meta: Any) -> dict[str, Any]:
+        params: dict[str, Any] = {"name": tool, "arguments": arguments}
+        if meta:
+            params["_meta"] = meta
+        return {"jsonrpc": "2.0", "id": id_, "method": "tools/call", "params": params}
+
+    async with aiohttp.ClientSession() as http:
+        # Batches are from the 2025-03-26 revision (later ones dropped them).
+        init = orjson.loads(orjson.dumps(INIT))
+        init["params"]["protocolVersion"] = "2025-03-26"
+        async with http.post(url, json=init, headers=ACCEPT) as first:
+            assert first.status == 200, await first.text()
+            headers = {**ACCEPT, "Mcp-Session-Id": first.headers["Mcp-Session-Id"]}
+            await first.read()
+        ready = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        async with http.post(url, json=ready, headers=headers) as done:
+            assert done.status == 202
+        batch = [
+            call(2, "issue_refund", {"order_id": "A-1003", "amount": 450}, progressToken="p-2"),
+            call(3, "issue_refund", {"order_id": "A-1004", "amount": -5}),  # denied
+        ]
+        events: list[Any] = []
+        async with http.post(url, json=batch, headers=headers) as resp:
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            item = await pending_one(holding)
+            async for line in resp.content:
+                if line.startswith(b"data: "):
+                    events.append(orjson.loads(line[6:]))
+                    if len(events) == 1:  # told it waits: now a person approves
+                        assert tools_called(tmp_path) == []
+                        path = f"/v1/approvals/{item['id']}/approve"
+                        await admin(holding, "POST", path, "dana", {})
+    notes = [e for e in events if isinstance(e, dict) and e.get("method")]
+    answers = [a for e in events for a in (e if isinstance(e, list) else [e]) if "id" in a]
+    assert notes[0]["method"] == "notifications/progress"
+    assert notes[0]["params"]["progressToken"] == "p-2"
+    assert "waiting for a person to approve" in notes[0]["params"]["message"]
+    by_id = {a["id"]: a for a in answers}
+    assert sorted(by_id) == [2, 3]
+    assert not by_id[2]["result"].get("isError"), by_id[2]
+    assert "A-1003" in orjson.dumps(by_id[2]["result"]).decode()
+    assert by_id[3]["result"]["isError"] is True
+    # Only the approved member reached the server (on its own: it has no batches).
+    assert tools_called(tmp_path) == ["issue_refund"]
 
 
 async def test_rejected_refund_never_runs(holding: Warden, tmp_path: Path) -> None:

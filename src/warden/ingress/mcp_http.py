@@ -119,6 +119,8 @@ class _Exchange:
     """Forwarded requests not answered yet."""
     response: web.StreamResponse | None = None
     """Set once Warden has started an SSE answer to the client."""
+    opening: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while the SSE answer is being opened."""
     client_gone: bool = False
     resumable: bool = False
     """The server's stream gave event ids: its answers may come later on a GET."""
@@ -220,11 +222,19 @@ class McpHttp:
                 self._expect(exchange, message)
                 forward.append(message.body)
         if not forward:
+            if exchange.response is not None:  # opened while a call was held
+                for answer in answers:
+                    await self._write(exchange, data_event(dumps(answer)))
+                return await _finish(exchange.response)
             return _json(200, answers) if answers else web.Response(status=202)
+        # One member left for the server after Warden answered the others: sent
+        # on its own, so a server of a revision without batches (2025-06-18 on)
+        # can run it; the client still gets one answer per member.
+        single = forward[0] if len(forward) == 1 and answers else forward
         return await self._watched(
             request,
             exchange,
-            self._forward(request, exchange, upstream, dumps(forward).encode(), answers=answers),
+            self._forward(request, exchange, upstream, dumps(single).encode(), answers=answers),
         )
 
     def _expect(self, exchange: _Exchange, message: mcp.Message) -> None:
@@ -243,7 +253,7 @@ class McpHttp:
         """A batch member: the request to forward for an allowed call, or Warden's own answer."""
         action = self._action(request, exchange, message)
         try:
-            decision = await self._core.decide(action)
+            decision = await self._decided(request, exchange, message, action)
         except AuditError:
             log.exception("could not record the decision for %s; not forwarded", action.tool)
             return mcp.error_response(
@@ -276,32 +286,14 @@ class McpHttp:
     ) -> web.StreamResponse:
         """One ``tools/call``: decided (held, with progress, if need be), then answered or sent."""
         action = self._action(request, exchange, message)
-        # Decided here, in the request's own task; only a decision that takes
-        # longer than the keepalive (held for a person) starts the beats.
-        beating: asyncio.Task[None] | None = None
-        decided = asyncio.Event()
-
-        def start_beating() -> None:
-            nonlocal beating
-            beats = self._beat(request, exchange, message, action, decided)
-            beating = self._tasks.spawn(beats, name="held-beats", awaited=True)
-
-        timer = asyncio.get_running_loop().call_later(
-            self._config.approvals.keepalive_s, start_beating
-        )
         try:
-            decision = await self._core.decide(action)
+            decision = await self._decided(request, exchange, message, action)
         except AuditError:
             log.exception("could not record the decision for %s; not forwarded", action.tool)
             answer = mcp.error_response(
                 message.id, INTERNAL_ERROR, "Warden could not record this call"
             )
             return await self._answer(request, exchange, answer)
-        finally:
-            timer.cancel()
-            if beating is not None:
-                decided.set()  # it stops after the beat it is writing, if any
-                await beating
         if decision.enforced is not Effect.ALLOW:
             denied = mcp.denied_result(message, decision)
             return await self._answer(request, exchange, denied, decision.decision_id)
@@ -320,6 +312,33 @@ class McpHttp:
         )
         return await self._watched(request, exchange, forwarding)
 
+    async def _decided(
+        self, request: web.Request, exchange: _Exchange, message: mcp.Message, action: Action
+    ) -> Decision:
+        """The core's decision on ``action``, keeping the client informed while it is held.
+
+        Decided in the caller's own task; only a decision that takes longer
+        than the keepalive (held for a person) starts a task for the beats.
+        """
+        beating: asyncio.Task[None] | None = None
+        decided = asyncio.Event()
+
+        def start_beating() -> None:
+            nonlocal beating
+            beats = self._beat(request, exchange, message, action, decided)
+            beating = self._tasks.spawn(beats, name="held-beats", awaited=True)
+
+        timer = asyncio.get_running_loop().call_later(
+            self._config.approvals.keepalive_s, start_beating
+        )
+        try:
+            return await self._core.decide(action)
+        finally:
+            timer.cancel()
+            if beating is not None:
+                decided.set()  # it stops after the beat it is writing, if any
+                await beating
+
     async def _beat(
         self,
         request: web.Request,
@@ -334,8 +353,9 @@ class McpHttp:
         beats = 0
         while not decided.is_set():
             beats += 1
-            if exchange.response is None:
-                exchange.response = await _open_sse(request, {})
+            async with exchange.opening:  # a batch's held calls share one answer
+                if exchange.response is None:
+                    exchange.response = await _open_sse(request, {})
             if token is not None:
                 beat = data_event(dumps(mcp.progress_notification(token, beats, note)))
             else:

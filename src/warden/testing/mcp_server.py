@@ -122,12 +122,14 @@ class StreamableHttpServer:
         delay_s: float = 0.0,
         *,
         json_response: bool = False,
+        stateless: bool = False,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        """``json_response``: answer requests with one JSON body instead of an SSE stream."""
+        """``json_response``: answer requests with one JSON body instead of an SSE stream.
+        ``stateless``: keep no session (no ``Mcp-Session-Id``; every request stands alone)."""
         self._app = build_server(call_log, delay_s).streamable_http_app(
-            json_response=json_response, host=host
+            json_response=json_response, stateless_http=stateless, host=host
         )
         self._host = host
         self._port = port

@@ -293,15 +293,14 @@ class BudgetGuard:
         """Whether a cap applies to ``action``, so it may hold a reservation."""
         if action.kind is ActionKind.LLM_CALL:
             return self.config.llm is not None
+        # Caps go by tool name whatever kind of call names it, so a capped
+        # tool cannot be reached uncounted as a custom or MCP call.
         return bool(self._caps.get(action.tool or ""))
 
     def _plan(self, action: Action, mode: Mode) -> _Plan | Decision:
-        llm_capped = action.kind is ActionKind.LLM_CALL and self.config.llm is not None
-        # Caps go by tool name whatever kind of call names it, so a capped
-        # tool cannot be reached uncounted as a custom or MCP call.
-        caps = self._caps.get(action.tool or "") if action.kind is not ActionKind.LLM_CALL else None
-        if not llm_capped and not caps:
+        if not self._may_hold(action):
             return _Plan()  # the common case costs no clock read and no I/O
+        caps = self._caps.get(action.tool or "") if action.kind is not ActionKind.LLM_CALL else None
         now = datetime.fromtimestamp(self._clock(), self._zone)
         agent = f"agent:{action.agent.id}"
         lines: list[_Line] = []

@@ -17,7 +17,6 @@ never logged, recorded or echoed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -71,9 +70,6 @@ OUTCOME_KEY = "grpc-decision:"
 """Prefix of an allowed ``Check``'s key among the core's call links (``ReportOutcome``)."""
 WATCH_BACKSTOP_S = 2.0
 """How often ``WatchApprovals`` re-reads the store when nothing signalled a change."""
-TAIL_POLL_S = 0.05
-"""How often a following ``TailRecords`` looks for new records when its source
-cannot signal writes (an in-memory read)."""
 TAIL_BACKSTOP_S = 1.0
 """How often a following ``TailRecords`` looks anyway when its source signals writes."""
 _TAIL_BATCH = 512
@@ -92,13 +88,13 @@ Context = grpc.aio.ServicerContext[_Req, _Resp]
 
 class RecordSource:
     """Where ``TailRecords`` reads: the audit directory, how many records are written,
-    and (optionally) an event set at the next write, so a follower need not poll."""
+    and an event set at the next write, so a follower need not poll."""
 
     def __init__(
         self,
         directory: Path,
         size: Callable[[], int],
-        next_write: Callable[[], asyncio.Event] | None = None,
+        next_write: Callable[[], asyncio.Event],
     ) -> None:
         self.directory = directory
         self.size = size
@@ -423,7 +419,7 @@ class _Servicer(pb_grpc.GovernanceServicer):
         tail = RecordTail(self._records.directory, request.from_seq)
         source = self._records
         while True:
-            wrote = source.next_write() if source.next_write is not None else None
+            wrote = source.next_write()
             written = source.size()
             if tail.position < written:
                 try:
@@ -434,12 +430,9 @@ class _Servicer(pb_grpc.GovernanceServicer):
                 for record in batch:
                     yield msg.record_message(record)
                 continue
-            if not request.follow:
-                return
-            if wrote is None:
-                if await _closing_within(self.closing, TAIL_POLL_S):
-                    return
-            elif await _changed_or_closing(wrote, self.closing, TAIL_BACKSTOP_S):
+            if not request.follow or await _changed_or_closing(
+                wrote, self.closing, TAIL_BACKSTOP_S
+            ):
                 return
 
 
@@ -466,13 +459,6 @@ async def _changed_or_closing(
     finally:
         changed.cancel()
         stopping.cancel()
-    return closing.is_set()
-
-
-async def _closing_within(closing: asyncio.Event, seconds: float) -> bool:
-    """Wait up to ``seconds``; whether the service is closing."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(closing.wait(), seconds)
     return closing.is_set()
 
 

@@ -358,17 +358,10 @@ class Challenger:
         """Append the batch's divergence records together: they share one fsync."""
         if self._audit is None:
             return
-        pending = []
-        for divergence in diverged:
-            try:
-                # Not urgent: no fsync of its own in front of the agents' decisions.
-                pending.append(
-                    self._audit.append(RECORD_KIND, divergence.as_record(), urgent=False)
-                )
-            except Exception as exc:  # the log refuses actions itself; keep comparing
-                log.warning("challenger divergence not recorded: %s", exc)
+        # Not urgent: no fsync of their own in front of the agents' decisions.
+        pending = [self._audit.append(RECORD_KIND, d.as_record(), urgent=False) for d in diverged]
         for outcome in await asyncio.gather(*pending, return_exceptions=True):
-            if isinstance(outcome, Exception):
+            if isinstance(outcome, Exception):  # the log refuses actions itself; keep comparing
                 log.warning("challenger divergence not recorded: %s", outcome)
 
     def _renice(self) -> None:

@@ -83,7 +83,7 @@ bench: $(STAMP) bench-tools
 	$(PY) benchmarks/history.py --rounds 100
 	$(PY) benchmarks/state_reserve.py --if-available
 	$(PY) benchmarks/audit_ship.py --if-available
-	$(PY) benchmarks/mcp_stdio.py --calls 300
+	$(PY) benchmarks/mcp_stdio.py --calls 300 --rounds 3
 	$(PY) benchmarks/mcp_http.py --calls 300 --rounds 3
 	$(PY) benchmarks/grpc_check.py --calls 2000 --rounds 3
 	$(PY) benchmarks/grpc_authz.py --calls 2000

@@ -1,11 +1,13 @@
 """MCP ``tools/call`` over stdio: through ``warden mcp wrap`` against the same server direct.
 
-Both run in the same process, one after the other, with the official ``mcp``
-client and the test server (:mod:`warden.testing.mcp_server`); one call at a
-time. Prints p50 and p99 latency of each, the p50 Warden adds, and the
-throughput ratio (wrapped / direct)::
+Both are driven from this process, one after the other, with the official
+``mcp`` client and the test server (:mod:`warden.testing.mcp_server`); one
+call at a time, in alternating rounds (a fresh session each) so both see the
+same machine load. Prints the medians over rounds of p50 and p99 latency of
+each, the p50 Warden adds, and the throughput ratio (wrapped / direct), with
+the ratio of every round::
 
-    .venv/bin/python benchmarks/mcp_stdio.py --calls 300
+    .venv/bin/python benchmarks/mcp_stdio.py --calls 300 --rounds 3
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -60,12 +63,12 @@ def p(values: list[float], q: float) -> float:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians")
     parser.add_argument("--fsync", default="always", choices=["always", "batch", "never"])
     args = parser.parse_args()
+    direct_params = StdioServerParameters(command=SERVER[0], args=SERVER[1:])
+    rounds: list[tuple[list[float], list[float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        direct = await timings(
-            StdioServerParameters(command=SERVER[0], args=SERVER[1:]), args.calls
-        )
         wrap = [
             "-m",
             "warden.cli",
@@ -74,15 +77,29 @@ async def main() -> None:
             "--config",
             str(wrap_config(Path(tmp), args.fsync)),
         ]
-        wrapped = await timings(
-            StdioServerParameters(command=sys.executable, args=[*wrap, "--", *SERVER]), args.calls
-        )
-    print(f"MCP tools/call over stdio, {args.calls} calls, one at a time, fsync {args.fsync}")
+        wrapped_params = StdioServerParameters(command=sys.executable, args=[*wrap, "--", *SERVER])
+        for _ in range(args.rounds):
+            direct = await timings(direct_params, args.calls)
+            rounds.append((direct, await timings(wrapped_params, args.calls)))
+
+    def med(side: int, figure: Callable[[list[float]], float]) -> float:
+        return statistics.median(figure(pair[side]) for pair in rounds)
+
+    print(
+        f"MCP tools/call over stdio, {args.calls} calls, one at a time, fsync {args.fsync}, "
+        f"median of {args.rounds} rounds"
+    )
     print(f"{'':10}{'p50 ms':>10}{'p99 ms':>10}{'calls/s':>10}")
-    for name, took in (("direct", direct), ("warden", wrapped)):
-        print(f"{name:10}{p(took, 50):10.2f}{p(took, 99):10.2f}{len(took) / sum(took):10.0f}")
-    print(f"p50 added: {p(wrapped, 50) - p(direct, 50):.2f} ms")
-    print(f"ratio (warden / direct throughput): {sum(direct) / sum(wrapped):.2f}")
+    for name, side in (("direct", 0), ("warden", 1)):
+        p50, p99 = med(side, lambda t: p(t, 50)), med(side, lambda t: p(t, 99))
+        print(f"{name:10}{p50:10.2f}{p99:10.2f}{med(side, lambda t: len(t) / sum(t)):10.0f}")
+    added = statistics.median(p(w, 50) - p(d, 50) for d, w in rounds)
+    ratios = [sum(d) / sum(w) for d, w in rounds]
+    print(f"p50 added: {added:.2f} ms")
+    print(
+        f"ratio (warden / direct throughput): {statistics.median(ratios):.2f} "
+        f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})"
+    )
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ def _wrap(args: argparse.Namespace) -> int:
 async def _run(config: Config, command: list[str], name: str, channel: int) -> int:
     from warden.ingress.mcp_stdio import MAX_LINE, StdioDoor
     from warden.model import Agent
+    from warden.ops.runtime import tune_gc
     from warden.server import Warden
 
     loop = asyncio.get_running_loop()
@@ -90,6 +91,7 @@ async def _run(config: Config, command: list[str], name: str, channel: int) -> i
     )
     warden = Warden(config, doors=[door], listeners=False)
     async with warden:
+        tune_gc()  # what startup built stays; see warden.ops.runtime
         warden.stop_on_signals()
         await door.done.wait()
     out.close()

@@ -320,6 +320,32 @@ async def test_links_put_take_tombstone_and_prune(open_backend: Opener) -> None:
     assert await one.links.count() == 2
 
 
+async def test_links_batch_applies_its_ops_in_order(open_backend: Opener) -> None:
+    """One batch of puts, tombstones and drops is applied in the order given."""
+    store = await open_backend()
+    now = time.time()
+
+    def put(call_id: str) -> LinkOp:
+        return LinkOp("put", call_id, Link(action(call_id), f"dec_{call_id}"), at=now)
+
+    batch = [
+        put("a"),
+        put("b"),
+        put("a"),  # the same id twice in one batch: a tombstone
+        LinkOp("drop", "b"),  # its result came back
+        put("c"),
+        LinkOp("tomb", "d", at=now),
+        put("d"),  # over a tombstone: stays one
+        put("e"),
+    ]
+    clashed = await store.links.apply(batch, prune_before=None)
+    assert sorted(clashed) == ["a", "d"]
+    links, tombs = await store.links.take(["a", "b", "c", "d", "e"], newer_than=now - 60)
+    assert sorted(links) == ["c", "e"]
+    assert links["e"].action == action("e")
+    assert tombs == {"a", "d"}
+
+
 # -- the change feed -----------------------------------------------------------------------------
 
 

@@ -42,6 +42,7 @@ from warden.model import (
     Stage,
     new_id,
 )
+from warden.ops import metrics
 from warden.protocols import envoy_authz as authz
 from warden.protocols.http_tool import ToolRequest, ToolRequestError, ToolRoutes
 
@@ -183,9 +184,9 @@ class ExtAuthzService:
         value = decision.obligations.result  # the policy's result, read by the guard
         result = value if isinstance(value, authz.AuthzResult) else None
         if allowed:
-            CHECKS.labels("allowed" if decision.effect is Effect.ALLOW else "dry_run").inc()
+            metrics.child(CHECKS, "allowed" if decision.effect is Effect.ALLOW else "dry_run").inc()
         else:
-            CHECKS.labels("invalid" if decision.guard == "validation" else "denied").inc()
+            metrics.child(CHECKS, "invalid" if decision.guard == "validation" else "denied").inc()
         status = 403
         if decision.guard == "validation":
             status = refusal.status if refusal is not None else 400

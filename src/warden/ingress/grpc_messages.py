@@ -68,7 +68,9 @@ def _plain(value: struct_pb2.Value) -> Any:
 
 def from_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
     """A ``Struct`` as plain JSON values; whole numbers become ``int``."""
-    return {key: _plain(value) for key, value in struct.fields.items()}
+    fields = struct.fields
+    # By key: the map's items() is the Python ItemsView mixin, a third slower.
+    return {key: _plain(fields[key]) for key in fields}
 
 
 def _to_value(value: Any) -> struct_pb2.Value:
@@ -103,7 +105,8 @@ def action_from(
 ) -> Action:
     """The :class:`Action` a ``Check`` asks about; ``ValueError`` names what is wrong.
 
-    ``context`` (from metadata) is overridden by the message's own context.
+    ``context`` (from metadata; the action keeps it, so pass a dict of its
+    own) is overridden by the message's own context.
     """
     kind_name = message.kind or ActionKind.TOOL_CALL.value
     if kind_name not in _KINDS:
@@ -125,7 +128,7 @@ def action_from(
         arguments=from_struct(message.arguments),
         call_id=message.call_id or None,
         model=message.model or None,
-        context={**context, **from_struct(message.context)},
+        context={**context, **from_struct(message.context)} if message.context.fields else context,
     )
 
 

@@ -88,7 +88,7 @@ bench: $(STAMP) bench-tools
 	$(PY) benchmarks/grpc_check.py --calls 2000 --rounds 3
 	$(PY) benchmarks/grpc_authz.py --calls 2000
 	$(PY) benchmarks/transparent.py --requests 150 --rounds 3
-	$(PY) benchmarks/challenger.py --requests 150 --rounds 4
+	$(PY) benchmarks/challenger.py --requests 150 --rounds 6
 	$(PY) benchmarks/monitor_lag.py
 	$(PY) benchmarks/overhead.py
 

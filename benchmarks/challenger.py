@@ -9,9 +9,9 @@ amount every time (no decision-cache hits). The two configurations run in
 alternating rounds, so drift of the machine's load hits both alike.
 
 Reported: per configuration the median and p95 of the agent's request
-latency, and the ratio challenger/reference. The figure to read is the
-ratio of medians beside the spread of the reference's own rounds (its
-noise): a challenger adds no latency when the ratio is within that spread.
+latency, and the ratio challenger/reference, each beside the spread of the
+reference's own rounds (its noise): a challenger adds no latency when both
+ratios are within that spread, and the last two lines say whether they are.
 
     python benchmarks/challenger.py [--requests 200] [--rounds 4]
 
@@ -161,6 +161,15 @@ def main() -> None:
         f"spread of the reference's own round medians: {out['reference_round_spread']:.1%}, "
         f"of its round p95s: {out['reference_round_p95_spread']:.1%}"
     )
+    for figure, ratio, spread in (
+        ("median", out["ratio_median"], out["reference_round_spread"]),
+        ("p95", out["ratio_p95"], out["reference_round_p95_spread"]),
+    ):
+        within = abs(ratio - 1) <= spread
+        print(
+            f"{figure}: the challenger changes it by {ratio - 1:+.1%}, "
+            f"{'within' if within else 'BEYOND'} the reference's own spread ({spread:.1%})"
+        )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "challenger.json").write_text(json.dumps(out, indent=2) + "\n")
 

@@ -9,6 +9,7 @@ refund agrees. The agent's decisions never change.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,18 @@ async def test_divergence_is_counted_and_recorded_on_live_traffic(
                 calls = done.choices[0].message.tool_calls or []
                 assert [c.function.name for c in calls if c.type == "function"] == ["issue_refund"]
         await warden.challenger.idle()
+        # The challenger's workers get only CPU nothing else wants, in the proxy's
+        # session (so in its scheduling group, where that priority counts); the
+        # champion's are scheduled like the proxy.
+        challenger_pids = warden.challenger.engine.status()["worker_pids"]
+        assert challenger_pids
+        for pid in challenger_pids:
+            assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+            assert os.getsid(pid) == os.getsid(0)
+            assert os.getpgid(pid) != os.getpgid(0)  # a terminal's Ctrl-C is not theirs
+        assert warden._engine is not None
+        for pid in warden._engine.status()["worker_pids"]:
+            assert os.sched_getscheduler(pid) == os.SCHED_OTHER
         stats = warden.challenger.stats()
         assert stats.revision == "candidate-50"
         assert stats.diverged == 1

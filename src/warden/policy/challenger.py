@@ -35,7 +35,6 @@ import os
 from collections import Counter, deque
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import Counter as PromCounter
@@ -65,7 +64,7 @@ RECORD_KIND = "challenger"
 """The audit record kind of a divergence."""
 ERROR_LABEL = "error"
 """The ``to`` label when the challenger could not evaluate an input the champion decided."""
-_NICE = 10  # the challenger's workers yield the CPU to the champion's
+_NICE = 19  # where SCHED_IDLE is refused: the lowest share
 _RECENT = 50
 
 DIVERGENCE = PromCounter(
@@ -365,17 +364,16 @@ class Challenger:
                 log.warning("challenger divergence not recorded: %s", outcome)
 
     def _renice(self) -> None:
-        """Lower the CPU priority of new challenger workers (replacements included)."""
+        """Give new challenger workers (replacements included) only CPU nothing else wants."""
         for pid in self.engine.status()["worker_pids"]:
             if pid not in self._niced:
+                # SCHED_IDLE: a proxy thread or champion worker that wakes takes
+                # the CPU at once, where a nice value only shrinks the share (and
+                # lets the worker finish its slice, milliseconds, first).
+                with contextlib.suppress(OSError):
+                    os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
                 with contextlib.suppress(OSError):
                     os.setpriority(os.PRIO_PROCESS, pid, _NICE)
-                # A worker leads its own session, so with Linux's autogroups (the
-                # default on desktops and many servers) it is scheduled as a group
-                # of its own, as heavy as the proxy's whatever its nice value:
-                # lower the group's too.
-                with contextlib.suppress(OSError):
-                    Path(f"/proc/{pid}/autogroup").write_text(f"{_NICE}\n")
                 self._niced.add(pid)
 
     # -- reading --------------------------------------------------------------

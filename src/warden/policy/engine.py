@@ -385,8 +385,11 @@ def _spawn_process(python: str) -> tuple[subprocess.Popen[bytes], socket.socket]
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             env=_worker_env(),
-            # Own session: a terminal Ctrl-C is for the proxy, which stops its workers.
-            start_new_session=True,
+            # Own process group: a terminal Ctrl-C is for the proxy, which stops its
+            # workers. Not its own session: with Linux's autogroups a session is
+            # scheduled as a group, and a challenger worker's idle priority counts
+            # only beside the proxy's threads, in the proxy's group.
+            process_group=0,
         )
     except BaseException:
         parent.close()

@@ -15,6 +15,11 @@ The rules, for any combination of headers:
 - an id other than ``agent.id`` (or any id, with ``identity.require_proof``)
   needs at least one credential (else ``403``).
 
+The version (``input.agent.version``, the drift and quality figures) is the
+configured one (``agent.version``, ``agents.<id>.version``); where the config
+names none, an agent may state it in ``X-Warden-Agent-Version``, and where it
+names one, a different stated version is refused (``403``).
+
 Keys and tokens are never logged, recorded or echoed in errors.
 """
 
@@ -41,15 +46,24 @@ from warden.ingress.headers import AGENT_HEADER
 from warden.model import Agent
 from warden.ops import metrics
 
-__all__ = ["AGENT_KEY_HEADER", "AGENT_TOKEN_HEADER", "Fetch", "Identity", "hash_key"]
+__all__ = [
+    "AGENT_KEY_HEADER",
+    "AGENT_TOKEN_HEADER",
+    "AGENT_VERSION_HEADER",
+    "Fetch",
+    "Identity",
+    "hash_key",
+]
 
 AGENT_KEY_HEADER = "X-Warden-Agent-Key"
 AGENT_TOKEN_HEADER = "X-Warden-Agent-Token"  # noqa: S105 (a header name, not a secret)
+AGENT_VERSION_HEADER = "X-Warden-Agent-Version"
 
 Fetch = Callable[[str, float], Awaitable[bytes]]
 """``fetch(url, timeout_s)``: the body of a ``200`` answer; raises on anything else."""
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 # A token naming an unknown kid may trigger a refetch (key rotation), but no
 # more often than this, so random kids cannot turn Warden into a JWKS flooder.
 _MIN_REFETCH_S = 10.0
@@ -273,7 +287,31 @@ class Identity:
                 )
         if not proofs and (agent_id != configured or self._config.identity.require_proof):
             raise self._unproven(agent_id)
-        return Agent(id=agent_id, version=self._version(agent_id), claims=claims)
+        version = self._version(agent_id)
+        told = _single(headers, AGENT_VERSION_HEADER)
+        if told is not None:
+            version = self._told_version(agent_id, version, told.strip())
+        return Agent(id=agent_id, version=version, claims=claims)
+
+    @staticmethod
+    def _told_version(agent_id: str, configured: str, told: str) -> str:
+        """The version an agent states: taken where the config names none, else checked."""
+        if not _VERSION_RE.fullmatch(told):
+            raise _fail(
+                "malformed_agent_version",
+                RequestError(f"{AGENT_VERSION_HEADER} must be 1-64 characters of [A-Za-z0-9._+-]"),
+            )
+        if configured and told != configured:
+            # The platform team pinned it: an agent cannot move its decisions or
+            # its drift figures to another version by saying so.
+            raise _fail(
+                "version_mismatch",
+                Forbidden(
+                    f"agent {agent_id!r} is version {configured!r} by configuration, "
+                    f"not {told!r} ({AGENT_VERSION_HEADER})"
+                ),
+            )
+        return told
 
     def _by_key(self, key: str) -> str:
         digest = hash_key(key)

@@ -23,7 +23,7 @@ from tests.functional.conftest import audit_records, make_config
 from tests.unit.test_identity import AUDIENCE, ISSUER, Issuer
 from warden.admin.auth import hash_token
 from warden.config import Config
-from warden.identity import AGENT_KEY_HEADER, AGENT_TOKEN_HEADER, hash_key
+from warden.identity import AGENT_KEY_HEADER, AGENT_TOKEN_HEADER, AGENT_VERSION_HEADER, hash_key
 from warden.server import Warden
 from warden.testing import Call, MockLLM, Reply
 
@@ -139,6 +139,28 @@ async def test_a_proven_agent_is_the_agent_of_record_and_of_its_kill_switch(
     assert REFUNDS_KEY.encode() not in raw_log(tmp_path)
     # The key is Warden's, not the provider's: it never goes upstream.
     assert all(AGENT_KEY_HEADER not in r.headers for r in llm.requests)
+
+
+async def test_a_stated_agent_version_is_the_version_of_record_and_never_goes_upstream(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    """A canary states its version where the sidecar's config names none."""
+    config = identity_config(tmp_path, llm)
+    config = config.model_copy(update={"agent": config.agent.model_copy(update={"version": ""})})
+    async with (
+        Warden(config) as warden,
+        client(warden, **{AGENT_VERSION_HEADER: "2.5.0-canary"}) as canary,
+        client(warden) as stable,
+        client(warden, **{AGENT_VERSION_HEADER: "not a version"}) as garbled,
+    ):
+        assert await tools_called(canary, llm, Call("search_kb", {"query": "q"})) == ["search_kb"]
+        await stable.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        with pytest.raises(openai.BadRequestError, match=AGENT_VERSION_HEADER):
+            await garbled.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    versions = [r["agent"]["version"] for r in decisions(tmp_path)]
+    assert versions[0] == "2.5.0-canary"
+    assert versions[-1] == ""
+    assert all(AGENT_VERSION_HEADER not in r.headers for r in llm.requests)
 
 
 @pytest.mark.parametrize(

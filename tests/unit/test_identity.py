@@ -23,7 +23,13 @@ from prometheus_client import REGISTRY
 from warden import cli
 from warden.config import Config, load_config
 from warden.errors import ConfigError, Forbidden, RequestError, Unauthenticated
-from warden.identity import AGENT_KEY_HEADER, AGENT_TOKEN_HEADER, Identity, hash_key
+from warden.identity import (
+    AGENT_KEY_HEADER,
+    AGENT_TOKEN_HEADER,
+    AGENT_VERSION_HEADER,
+    Identity,
+    hash_key,
+)
 
 ISSUER = "https://kubernetes.default.svc"
 AUDIENCE = "warden"
@@ -210,13 +216,45 @@ async def test_a_malformed_agent_id_is_a_bad_request(value: str) -> None:
         await Identity(config()).resolve({"X-Warden-Agent": value})
 
 
-@pytest.mark.parametrize("name", ["X-Warden-Agent", AGENT_KEY_HEADER, AGENT_TOKEN_HEADER])
+@pytest.mark.parametrize(
+    "name", ["X-Warden-Agent", AGENT_KEY_HEADER, AGENT_TOKEN_HEADER, AGENT_VERSION_HEADER]
+)
 async def test_an_identity_header_sent_twice_is_refused(name: str) -> None:
     headers: CIMultiDict[str] = CIMultiDict()
     headers.add(name, "support-triage")
     headers.add(name.lower(), "refunds-bot")
     with pytest.raises(RequestError, match="sent once"):
         await Identity(config()).resolve(headers)
+
+
+# -- the agent's version ---------------------------------------------------------
+
+
+async def test_a_stated_version_is_taken_where_the_config_names_none() -> None:
+    unversioned = load_config(environ={}, overrides={"agent": {"id": "support-triage"}})
+    agent = await Identity(unversioned).resolve({AGENT_VERSION_HEADER: " 2.4.0-canary "})
+    assert (agent.id, agent.version) == ("support-triage", "2.4.0-canary")
+    assert (await Identity(unversioned).resolve({})).version == ""
+
+
+async def test_a_configured_version_wins_and_a_different_stated_one_is_refused() -> None:
+    ident = Identity(config())
+    assert (await ident.resolve({AGENT_VERSION_HEADER: "v7"})).version == "v7"
+    headers = {AGENT_KEY_HEADER: REFUNDS_KEY, AGENT_VERSION_HEADER: "r2"}
+    assert (await ident.resolve(headers)).version == "r2"
+    before = failures("version_mismatch")
+    with pytest.raises(Forbidden, match="'support-triage' is version 'v7' by configuration"):
+        await ident.resolve({AGENT_VERSION_HEADER: "v8"})
+    assert failures("version_mismatch") == before + 1
+
+
+@pytest.mark.parametrize("value", ["", "two words", "-rc1", "v" * 65, "v1/../v2", "v\u00e9"])
+async def test_a_malformed_version_is_a_bad_request(value: str) -> None:
+    unversioned = load_config(environ={}, overrides={"agent": {"id": "support-triage"}})
+    before = failures("malformed_agent_version")
+    with pytest.raises(RequestError, match=f"{AGENT_VERSION_HEADER} must be"):
+        await Identity(unversioned).resolve({AGENT_VERSION_HEADER: value})
+    assert failures("malformed_agent_version") == before + 1
 
 
 # -- JWTs ------------------------------------------------------------------------

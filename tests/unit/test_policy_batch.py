@@ -3,8 +3,9 @@
 The challenger sends many inputs to one worker in one request, so the proxy's
 event loop pays one round trip per batch rather than per input. A batch keeps
 its inputs' order; an input the engine refuses fails alone; a batch that uses
-up its budget (the deadline once per input) or crashes its worker fails as a
-whole, and the pool recovers.
+up its budget (the deadline once per input) or crashes its worker is asked
+again one input at a time, so only the input at fault fails, and the pool
+recovers.
 """
 
 from __future__ import annotations
@@ -252,21 +253,26 @@ async def test_a_batch_has_the_deadline_once_per_input(engine: PolicyEngine) -> 
 
 
 @pytest.mark.serial
-async def test_a_batch_past_its_budget_fails_whole_and_the_pool_recovers(
+async def test_a_batch_past_its_budget_is_asked_again_singly_and_only_the_looper_fails(
     engine: PolicyEngine,
 ) -> None:
     pid = engine.status()["worker_pids"]
-    batch = [doc("deny"), doc("spin", n=100_000), doc("ask")]
+    looping = doc("spin", n=100_000)
+    batch = [doc("deny"), looping, doc("ask")]
     results = await engine.evaluate_batch(batch)
-    assert [r.error for r in results] == ["policy_timeout"] * 3
-    assert all(r.input_fault and r.effect is None for r in results)
-    assert "batch of 3" in (results[0].detail or "")
-    assert engine.status()["worker_timeouts"] == 1
+    # The batch was killed; asked one at a time, the others get their answers.
+    assert [r.effect for r in results] == [Effect.DENY, None, Effect.REQUIRE_APPROVAL]
+    assert [r.error for r in results] == [None, "policy_timeout", None]
+    assert results[1].input_fault
+    assert engine.status()["worker_timeouts"] == 2  # the batch, then the looping input alone
     await wait_for_pool(engine)
     assert engine.status()["worker_pids"] != pid
-    # No input is quarantined (which one looped is not known): all are answered again.
-    after = await engine.evaluate_batch([doc("deny"), doc("ask")])
-    assert [r.effect for r in after] == [Effect.DENY, Effect.REQUIRE_APPROVAL]
+    # The looping input is quarantined: not run again, in a batch or alone.
+    again = await engine.evaluate_batch([looping, doc("ask")])
+    assert again[0].error == "policy_timeout"
+    assert "not retried" in (again[0].detail or "")
+    assert again[1].effect is Effect.REQUIRE_APPROVAL
+    assert engine.status()["worker_timeouts"] == 2
     assert (await engine.evaluate(doc("deny"))).effect is Effect.DENY
 
 

@@ -464,6 +464,15 @@ class WorkerPool:
         """Workers that can take a request now or after their current one."""
         return sum(1 for w in self._workers if w.state in (_State.IDLE, _State.BUSY))
 
+    async def until_alive(self, timeout_s: float) -> bool:
+        """Wait (polling) for a live worker, e.g. a replacement starting; whether there is one."""
+        deadline = time.monotonic() + timeout_s
+        while self.alive == 0 and not self._closed:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return self.alive > 0
+
     def pids(self) -> list[int]:
         """Process ids of the live workers (for status and tests)."""
         return sorted(w.proc.pid for w in self._workers if w.state in (_State.IDLE, _State.BUSY))
@@ -1209,10 +1218,11 @@ class PolicyEngine:
           policy cannot tell them apart) are evaluated once per batch;
         * the worker's budget is ``policy.deadline_ms`` per input, for the
           batch as a whole. A batch killed for using it up, or whose worker
-          crashed, gives every input in it ``policy_timeout`` or
-          ``policy_crash``: which input was at fault is not known, so none is
-          quarantined. An input the engine refused (not JSON, rejected by the
-          worker) gets ``policy_error`` alone;
+          crashed, is asked again one input at a time, each with its own
+          budget: only an input that fails alone gets ``policy_timeout`` or
+          ``policy_crash`` (and is quarantined), the others their results. An
+          input the engine refused (not JSON, rejected by the worker) gets
+          ``policy_error`` alone;
         * ``elapsed_us`` is the whole batch's time.
 
         Raises :class:`~warden.errors.Overloaded` as :meth:`evaluate` does.
@@ -1231,24 +1241,9 @@ class PolicyEngine:
             results: list[PolicyResult | None] = [None] * count
             parts, sent, keys = self._encode_batch(gen, docs, results)
             if parts:
-                body = b"[" + b",".join(parts) + b"]"
-                try:
-                    reply = await gen.pool.evaluate(
-                        body, prefix=MSG_BATCH, budget_s=self._deadline_s * len(parts)
-                    )
-                except _PoolClosed:
+                answers = await self._batch_answers(gen, parts, keys)
+                if answers is None:
                     continue  # a new revision was swapped in while we waited: ask it
-                except (_QueueTimeout, _Starved) as exc:
-                    raise self._overloaded(exc) from None
-                except (_EvalTimeout, _WorkerCrash, _NoWorker) as exc:
-                    failed = self._batch_failed(exc, gen.bundle.revision, len(parts))
-                    answers = [failed] * len(parts)
-                else:
-                    answers = self._read_batch_reply(reply, gen, len(parts))
-                    if gen.cacheable:
-                        for key, answer in zip(keys, answers, strict=True):
-                            if answer.error is None:
-                                gen.cache.put(key, answer)
                 for i, slot in sent:
                     results[i] = answers[slot]
             return self._finish_batch([r for r in results if r is not None], started)
@@ -1295,6 +1290,62 @@ class PolicyEngine:
                 continue
             sent.append((i, slot))
         return parts, sent, keys
+
+    async def _batch_answers(
+        self, gen: _Generation, parts: list[bytes], keys: list[bytes]
+    ) -> list[PolicyResult] | None:
+        """One worker's answers to ``parts``, in order; ``None`` if the revision was replaced."""
+        body = b"[" + b",".join(parts) + b"]"
+        try:
+            reply = await gen.pool.evaluate(
+                body, prefix=MSG_BATCH, budget_s=self._deadline_s * len(parts)
+            )
+        except _PoolClosed:
+            return None
+        except (_QueueTimeout, _Starved) as exc:
+            raise self._overloaded(exc) from None
+        except (_EvalTimeout, _WorkerCrash) as exc:
+            if len(parts) == 1:
+                return [self._batch_failed(exc, gen.bundle.revision, 1)]
+            # Which input looped or crashed the worker is not known: ask one at
+            # a time, so only that one fails (and is quarantined).
+            return await self._one_by_one(gen, parts, keys)
+        except _NoWorker as exc:
+            return [self._batch_failed(exc, gen.bundle.revision, len(parts))] * len(parts)
+        answers = self._read_batch_reply(reply, gen, len(parts))
+        if gen.cacheable:
+            for key, answer in zip(keys, answers, strict=True):
+                if answer.error is None:
+                    gen.cache.put(key, answer)
+        return answers
+
+    async def _one_by_one(
+        self, gen: _Generation, parts: list[bytes], keys: list[bytes]
+    ) -> list[PolicyResult]:
+        """A failed batch's inputs evaluated singly, each with its own budget, in order.
+
+        An input that times out or crashes its worker again is blamed and
+        quarantined as in :meth:`evaluate`; the others get their results.
+        """
+        revision = gen.bundle.revision
+        answers: list[PolicyResult] = []
+        for part, key in zip(parts, keys, strict=True):
+            try:
+                # The batch's worker was killed: its replacement may still be starting.
+                await gen.pool.until_alive(self._queue_timeout_s)
+                reply = await gen.pool.evaluate(part, tag=key, prefix=MSG_EVAL)
+            except (_QueueTimeout, _Starved) as exc:
+                raise self._overloaded(exc) from None
+            except (_EvalTimeout, _WorkerCrash, _NoWorker, _PoolClosed) as exc:
+                if isinstance(exc, _PoolClosed):
+                    exc = _NoWorker()  # the revision was replaced meanwhile
+                answers.append(self._batch_failed(exc, revision, 1))
+                continue
+            answer = self._read_reply(reply, gen, entry=False)
+            if gen.cacheable and answer.error is None:
+                gen.cache.put(key, answer)
+            answers.append(answer)
+        return answers
 
     def _batch_failed(self, exc: Exception, revision: str, size: int) -> PolicyResult:
         """Every input's result when a batch's worker was killed or died, or none was running."""

@@ -791,6 +791,10 @@ class ExtAuthzConfig(_Section):
     """Observe: every check is recorded and answered allowed."""
     upstream: str | None = None
     """An ``http`` upstream whose route rules map a checked request to a tool call."""
+    proto_descriptor: str | None = None
+    """A ``FileDescriptorSet`` file (``protoc --include_imports --descriptor_set_out``):
+    gRPC request bodies of its services become ``input.parsed_body`` (OPA-Envoy's
+    ``proto-descriptor``)."""
 
 
 class ExtProcConfig(_Section):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -21,7 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from tests.functional.conftest import ROOT, audit_records, make_config
+from tests.unit.test_envoy_authz_input import descriptor_set
 from warden.config import PolicyConfig
+from warden.errors import ConfigError
+from warden.grpc_api.v1 import governance_pb2 as pb
 from warden.ingress.envoy_authz import ExtAuthzService
 from warden.killswitch import Scope
 from warden.policy.engine import PolicyEngine
@@ -400,3 +403,57 @@ async def test_the_grpc_listener_serves_ext_authz(tmp_path: Path) -> None:
     records = _decisions(tmp_path)
     assert records[allowed.dynamic_metadata["decision_id"]]["decision"]["effect"] == "allow"
     assert records[denied.dynamic_metadata["decision_id"]]["decision"]["effect"] == "deny"
+
+
+GRPC_POLICY = """package envoy.authz
+
+import rego.v1
+
+default allow := false
+
+allow if input.parsed_body.action.tool == "search_kb"
+"""
+
+
+async def test_grpc_request_bodies_reach_the_policy_through_the_configured_descriptors(
+    tmp_path: Path,
+) -> None:
+    """A gRPC service behind Envoy, its calls decided on their message (OPA-Envoy's
+    ``proto-descriptor``): Warden's own ``Check`` messages stand in for it."""
+    bundle = tmp_path / "grpc-bundle"
+    bundle.mkdir()
+    (bundle / "policy.rego").write_text(GRPC_POLICY)
+    descriptors = tmp_path / "services.pb"
+    descriptors.write_bytes(descriptor_set(pb.DESCRIPTOR))
+
+    def call(tool: str) -> Any:
+        message = pb.CheckRequest(action=pb.Action(tool=tool)).SerializeToString()
+        frame = b"\x00" + len(message).to_bytes(4, "big") + message
+        headers = {"content-type": "application/grpc", "te": "trailers"}
+        return _request("POST", "/warden.v1.Governance/Check", headers, frame)
+
+    async with _serving(
+        tmp_path,
+        policy={"bundles": [str(bundle)]},
+        ext_authz={"proto_descriptor": str(descriptors)},
+    ) as stub:
+        allowed = await stub.Check(call("search_kb"))
+        denied = await stub.Check(call("issue_refund"))
+    assert allowed.status.code == GRPC_OK
+    assert denied.status.code == GRPC_PERMISSION_DENIED
+    records = _decisions(tmp_path)
+    assert [r["decision"]["effect"] for r in records.values()] == ["allow", "deny"]
+
+
+def test_an_unreadable_descriptor_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.pb"
+    broken.write_bytes(b"\xff\xff not a descriptor set")
+    for path, message in (
+        (broken, "not a FileDescriptorSet"),
+        (tmp_path / "gone.pb", "cannot read"),
+    ):
+        config = make_config(
+            tmp_path, "http://127.0.0.1:9", ext_authz={"proto_descriptor": str(path)}
+        )
+        with pytest.raises(ConfigError, match=f"ext_authz.proto_descriptor: .*{message}"):
+            ExtAuthzService(cast(Any, None), config)

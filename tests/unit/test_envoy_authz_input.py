@@ -6,10 +6,14 @@ from typing import Any
 
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2
+from google.protobuf import descriptor_pb2, struct_pb2
+from google.protobuf.descriptor import FileDescriptor
 
+from warden.grpc_api.v1 import governance_pb2 as pb
 from warden.protocols.envoy_authz import (
     CREDENTIAL_HEADERS,
     AuthzResult,
+    GrpcBodies,
     check_input,
     decode_segments,
     read_result,
@@ -156,6 +160,96 @@ def test_an_unparsable_body_is_a_problem(headers: dict[str, str], body: str) -> 
     parsed = check_input(_request("/", headers, body=body, method="POST"))
     assert parsed.problem is not None
     assert parsed.problem.startswith("error parsing request body")
+
+
+def descriptor_set(*files: FileDescriptor) -> bytes:
+    """What ``protoc --include_imports --descriptor_set_out`` writes for ``files``."""
+    out = descriptor_pb2.FileDescriptorSet()
+    seen: set[str] = set()
+
+    def add(fd: FileDescriptor) -> None:
+        if fd.name in seen:
+            return
+        for dependency in fd.dependencies:
+            add(dependency)
+        seen.add(fd.name)
+        fd.CopyToProto(out.file.add())
+
+    for fd in files:
+        add(fd)
+    return out.SerializeToString()
+
+
+GOVERNANCE = GrpcBodies.load(descriptor_set(pb.DESCRIPTOR))
+CHECK_PATH = "/warden.v1.Governance/Check"
+
+
+def grpc_frame(message: bytes, *, compressed: bool = False, declared: int | None = None) -> bytes:
+    size = len(message) if declared is None else declared
+    return bytes([1 if compressed else 0]) + size.to_bytes(4, "big") + message
+
+
+def refund_check() -> bytes:
+    arguments = struct_pb2.Struct()
+    arguments.update({"order_id": "A-1", "amount": 75})
+    action = pb.Action(tool="issue_refund", arguments=arguments)
+    return pb.CheckRequest(agent_id="refunds-bot", action=action).SerializeToString()
+
+
+def test_a_grpc_request_body_is_parsed_with_the_configured_descriptors() -> None:
+    headers = {"content-type": "application/grpc"}
+    request = _request(CHECK_PATH, headers, raw_body=grpc_frame(refund_check()), method="POST")
+    parsed = check_input(request, GOVERNANCE)
+    assert parsed.problem is None
+    assert parsed.input["parsed_body"] == {
+        "agentId": "refunds-bot",
+        "action": {"tool": "issue_refund", "arguments": {"order_id": "A-1", "amount": 75.0}},
+    }
+    assert parsed.input["truncated_body"] is False
+    # Without descriptors, as OPA-Envoy without proto-descriptor: not parsed.
+    assert check_input(request).input["parsed_body"] is None
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "parsed", "truncated"),
+    [
+        (CHECK_PATH, grpc_frame(refund_check(), compressed=True), None, False),
+        (CHECK_PATH, grpc_frame(refund_check(), declared=10_000), None, True),
+        ("/warden.v1.Unknown/Check", grpc_frame(refund_check()), None, False),
+        ("/warden.v1.Governance/Nothing", grpc_frame(refund_check()), None, False),
+    ],
+)
+def test_grpc_bodies_opa_envoy_leaves_unparsed_are_null(
+    path: str, body: bytes, parsed: Any, truncated: bool
+) -> None:
+    request = _request(path, {"content-type": "application/grpc"}, raw_body=body, method="POST")
+    doc = check_input(request, GOVERNANCE)
+    assert doc.problem is None
+    assert (doc.input["parsed_body"], doc.input["truncated_body"]) == (parsed, truncated)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "problem"),
+    [
+        (CHECK_PATH, b"\x00\x00", "shorter than its 5-byte prefix"),
+        ("/too/many/segments", grpc_frame(refund_check()), "/<service>/<method>"),
+        (CHECK_PATH, grpc_frame(b"\xff\xff\xff"), "is not a warden.v1.Governance/Check request"),
+    ],
+)
+def test_an_unreadable_grpc_body_is_a_problem(path: str, body: bytes, problem: str) -> None:
+    request = _request(path, {"content-type": "application/grpc"}, raw_body=body, method="POST")
+    found = check_input(request, GOVERNANCE).problem
+    assert found is not None
+    assert problem in found
+
+
+def test_descriptors_must_be_a_self_contained_descriptor_set() -> None:
+    with pytest.raises(ValueError, match="not a FileDescriptorSet"):
+        GrpcBodies.load(b"\xff\xff not protobuf")
+    alone = descriptor_pb2.FileDescriptorSet()
+    pb.DESCRIPTOR.CopyToProto(alone.file.add())  # its imports left out
+    with pytest.raises(ValueError, match="--include_imports"):
+        GrpcBodies.load(alone.SerializeToString())
 
 
 def test_a_request_without_http_attributes_is_a_problem() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import grpc
@@ -87,6 +88,7 @@ class ExtAuthzService:
         self._settings = config.ext_authz
         self._identity = identity if identity is not None else Identity(config)
         self._routes: ToolRoutes | None = None
+        self._grpc_bodies = _grpc_bodies(config.ext_authz.proto_descriptor)
         self._upstream = "envoy"
         name = config.ext_authz.upstream
         if name is not None:
@@ -108,7 +110,7 @@ class ExtAuthzService:
 
     async def check(self, request: Any) -> Any:
         """Decide one ``CheckRequest``; never raises (every failure is a denial)."""
-        parsed = authz.check_input(request)
+        parsed = authz.check_input(request, self._grpc_bodies)
         try:
             # Envoy sends names lower-cased; identity looks them up as the proxy does.
             agent = await self._identity.resolve(CIMultiDict(parsed.headers))
@@ -198,6 +200,19 @@ class ExtAuthzService:
             body=f"Warden denied this request: {decision.reason} (decision {decision.decision_id})",
             credentials=[h for h in authz.CREDENTIAL_HEADERS if h in headers],
         )
+
+
+def _grpc_bodies(path: str | None) -> authz.GrpcBodies | None:
+    """The services of ``ext_authz.proto_descriptor``; ``ConfigError`` names what is wrong."""
+    if path is None:
+        return None
+    try:
+        return authz.GrpcBodies.load(Path(path).read_bytes())
+    except OSError as exc:
+        why = exc.strerror or exc
+        raise ConfigError(f"ext_authz.proto_descriptor: cannot read {path}: {why}") from None
+    except ValueError as exc:
+        raise ConfigError(f"ext_authz.proto_descriptor: {path}: {exc}") from None
 
 
 def _refuse(status: int, body: str) -> Any:

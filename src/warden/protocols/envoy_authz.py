@@ -11,7 +11,8 @@
   timestamps as ``{seconds, nanos}``, ``Struct`` values as plain objects;
 * ``input.parsed_path`` (the path before ``?``, percent-decoded, split on
   ``/`` after leading slashes), ``input.parsed_query`` (each name to its list
-  of values), ``input.parsed_body`` (JSON and URL-encoded form bodies) and
+  of values), ``input.parsed_body`` (JSON and URL-encoded form bodies, and
+  gRPC request messages of the services in a :class:`GrpcBodies`) and
   ``input.truncated_body``;
 * ``input.version`` (``{"ext_authz": "v3", "encoding": "protojson"}``) and
   ``input.source_principal`` when the peer has one.
@@ -19,8 +20,8 @@
 A request whose path, query or body cannot be parsed gets a ``problem``: the
 door denies it with 400 and the reason, as OPA-Envoy does. JSON bodies are
 parsed strictly (a key given twice, ``NaN``: refused), where OPA-Envoy keeps
-the last duplicate; gRPC and multipart bodies are not parsed (``parsed_body``
-is ``null``).
+the last duplicate; multipart bodies, and gRPC bodies without descriptors,
+are not parsed (``parsed_body`` is ``null``).
 
 :func:`read_result` checks a policy's value (a boolean, or an object with
 ``allowed`` and optionally ``headers``, ``response_headers_to_add``,
@@ -43,9 +44,15 @@ from urllib.parse import unquote
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import (
+    descriptor_pb2,
+    descriptor_pool,
+    json_format,
+    message_factory,
+    struct_pb2,
+)
 from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from warden.protocols.http_tool import ToolRequestError, parse_body
 
@@ -55,6 +62,7 @@ __all__ = [
     "PROTOCOL",
     "AuthzResult",
     "CheckInput",
+    "GrpcBodies",
     "check_input",
     "decode_segments",
     "protomap",
@@ -190,13 +198,89 @@ def _truncated(headers: Mapping[str, str], size: int) -> bool:
     return declared != -1 and declared > size
 
 
-def _parsed_body(headers: Mapping[str, str], body: bytes) -> tuple[Any, bool]:
+class GrpcBodies:
+    """The request messages of the gRPC services in a ``FileDescriptorSet``, by method path.
+
+    Build it with :meth:`load` from the file OPA-Envoy's ``proto-descriptor``
+    takes (``protoc --include_imports --descriptor_set_out=FILE``).
+    """
+
+    def __init__(self, files: descriptor_pb2.FileDescriptorSet) -> None:
+        """``ValueError`` when the set is not self-contained (imports left out)."""
+        self._pool = descriptor_pool.DescriptorPool()
+        for proto in files.file:
+            try:
+                self._pool.Add(proto)
+            except (TypeError, KeyError) as exc:
+                raise ValueError(f"{proto.name}: {exc} (built with --include_imports?)") from None
+        self._classes: dict[tuple[str, str], type[Message] | None] = {}
+
+    @classmethod
+    def load(cls, data: bytes) -> GrpcBodies:
+        """From a serialized ``FileDescriptorSet``; ``ValueError`` if it is not one."""
+        try:
+            files = descriptor_pb2.FileDescriptorSet.FromString(data)
+        except DecodeError as exc:
+            raise ValueError(f"not a FileDescriptorSet: {exc}") from None
+        return cls(files)
+
+    def request_class(self, service: str, method: str) -> type[Message] | None:
+        """The request message of ``service``/``method``; ``None``: unknown, or client-streaming."""
+        key = (service, method)
+        if key not in self._classes:
+            found: type[Message] | None = None
+            try:
+                described = self._pool.FindServiceByName(service).methods_by_name.get(method)
+            except KeyError:
+                described = None
+            if described is not None and not described.client_streaming:
+                found = message_factory.GetMessageClass(described.input_type)
+            self._classes[key] = found
+        return self._classes[key]
+
+
+def _grpc_body(body: bytes, path: list[str], bodies: GrpcBodies) -> tuple[Any, bool]:
+    """The first gRPC message of ``body`` as protojson gives it, as OPA-Envoy reads it.
+
+    ``(None, False)`` for what it does not parse (a compressed message, an
+    unknown service or method); ``ValueError`` for a frame or message that
+    cannot be read.
+    """
+    if len(path) != 2:
+        raise ValueError("a gRPC request path is /<service>/<method>")
+    if len(body) < 5:
+        raise ValueError("the gRPC frame is shorter than its 5-byte prefix")
+    if body[0] != 0:
+        return None, False  # compressed: not parsed, as in OPA-Envoy
+    size = int.from_bytes(body[1:5], "big")
+    if size > len(body) - 5:
+        return None, True
+    message_class = bodies.request_class(path[0], path[1])
+    if message_class is None:
+        return None, False
+    try:
+        message = message_class.FromString(body[5 : 5 + size])
+    except DecodeError as exc:
+        raise ValueError(f"the gRPC message is not a {path[0]}/{path[1]} request: {exc}") from None
+    return json_format.MessageToDict(message), False
+
+
+def _parsed_body(
+    headers: Mapping[str, str],
+    body: bytes,
+    path: list[str] | None = None,
+    grpc_bodies: GrpcBodies | None = None,
+) -> tuple[Any, bool]:
     """``(parsed_body, truncated_body)`` as OPA-Envoy finds them; ``ValueError`` if unparsable."""
     if headers.get("x-envoy-auth-partial-body") == "true":
         return None, True
     content_type = headers.get("content-type")
     if content_type is None or not body:
         return None, False
+    if "application/grpc" in content_type:
+        if grpc_bodies is None or path is None:
+            return None, False
+        return _grpc_body(body, path, grpc_bodies)
     if "application/json" in content_type:
         if _truncated(headers, len(body)):
             return None, True
@@ -212,11 +296,16 @@ def _parsed_body(headers: Mapping[str, str], body: bytes) -> tuple[Any, bool]:
         except UnicodeDecodeError:
             raise ValueError("the form body is not UTF-8") from None
         return _parse_query(text), False
-    return None, False  # gRPC, multipart and other bodies are not parsed
+    return None, False  # multipart and other bodies are not parsed
 
 
-def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
-    """The OPA-Envoy ``input`` for ``request``; see the module docstring."""
+def check_input(
+    request: external_auth_pb2.CheckRequest, grpc_bodies: GrpcBodies | None = None
+) -> CheckInput:
+    """The OPA-Envoy ``input`` for ``request``; see the module docstring.
+
+    ``grpc_bodies``: the services whose gRPC request bodies are parsed.
+    """
     doc = protomap(request)
     http_request = request.attributes.request.http
     headers = dict(http_request.headers)
@@ -241,7 +330,9 @@ def check_input(request: external_auth_pb2.CheckRequest) -> CheckInput:
     except ValueError as exc:
         return _with_problem(base, f"error parsing path and query: {exc}")
     try:
-        doc["parsed_body"], doc["truncated_body"] = _parsed_body(headers, body)
+        doc["parsed_body"], doc["truncated_body"] = _parsed_body(
+            headers, body, doc["parsed_path"], grpc_bodies
+        )
     except ValueError as exc:
         return _with_problem(base, f"error parsing request body: {exc}")
     return base

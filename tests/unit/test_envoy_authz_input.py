@@ -208,6 +208,9 @@ def test_a_grpc_request_body_is_parsed_with_the_configured_descriptors() -> None
     assert parsed.input["truncated_body"] is False
     # Without descriptors, as OPA-Envoy without proto-descriptor: not parsed.
     assert check_input(request).input["parsed_body"] is None
+    # Nor from Envoy's string body (binary does not survive it): only raw_body.
+    as_text = _request(CHECK_PATH, headers, body="\x00\x00\x00\x00\x02\x08\x01", method="POST")
+    assert check_input(as_text, GOVERNANCE).input["parsed_body"] is None
 
 
 @pytest.mark.parametrize(

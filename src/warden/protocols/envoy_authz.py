@@ -270,15 +270,21 @@ def _parsed_body(
     body: bytes,
     path: list[str] | None = None,
     grpc_bodies: GrpcBodies | None = None,
+    *,
+    raw: bool = True,
 ) -> tuple[Any, bool]:
-    """``(parsed_body, truncated_body)`` as OPA-Envoy finds them; ``ValueError`` if unparsable."""
+    """``(parsed_body, truncated_body)`` as OPA-Envoy finds them; ``ValueError`` if unparsable.
+
+    ``raw``: ``body`` came as bytes (``raw_body``), not as Envoy's UTF-8 string.
+    """
     if headers.get("x-envoy-auth-partial-body") == "true":
         return None, True
     content_type = headers.get("content-type")
     if content_type is None or not body:
         return None, False
     if "application/grpc" in content_type:
-        if grpc_bodies is None or path is None:
+        if grpc_bodies is None or path is None or not raw:
+            # Binary: only Envoy's ``raw_body`` (``pack_as_bytes``) carries it whole.
             return None, False
         return _grpc_body(body, path, grpc_bodies)
     if "application/json" in content_type:
@@ -331,7 +337,7 @@ def check_input(
         return _with_problem(base, f"error parsing path and query: {exc}")
     try:
         doc["parsed_body"], doc["truncated_body"] = _parsed_body(
-            headers, body, doc["parsed_path"], grpc_bodies
+            headers, body, doc["parsed_path"], grpc_bodies, raw=bool(http_request.raw_body)
         )
     except ValueError as exc:
         return _with_problem(base, f"error parsing request body: {exc}")

@@ -246,6 +246,18 @@ def test_an_unreadable_grpc_body_is_a_problem(path: str, body: bytes, problem: s
     assert problem in found
 
 
+def test_methods_the_descriptors_lack_are_not_remembered() -> None:
+    """The path is the caller's: a stream of made-up methods must not grow memory."""
+    bodies = GrpcBodies.load(descriptor_set(pb.DESCRIPTOR))
+    for i in range(100):
+        assert bodies.request_class(f"made.up.Service{i}", "Call") is None
+        assert bodies.request_class("warden.v1.Governance", f"Call{i}") is None
+    found = bodies.request_class("warden.v1.Governance", "Check")
+    assert found is not None
+    assert found.DESCRIPTOR.full_name == "warden.v1.CheckRequest"
+    assert len(bodies._classes) == 1
+
+
 def test_descriptors_must_be_a_self_contained_descriptor_set() -> None:
     with pytest.raises(ValueError, match="not a FileDescriptorSet"):
         GrpcBodies.load(b"\xff\xff not protobuf")

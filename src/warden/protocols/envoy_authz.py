@@ -227,16 +227,19 @@ class GrpcBodies:
     def request_class(self, service: str, method: str) -> type[Message] | None:
         """The request message of ``service``/``method``; ``None``: unknown, or client-streaming."""
         key = (service, method)
-        if key not in self._classes:
-            found: type[Message] | None = None
-            try:
-                described = self._pool.FindServiceByName(service).methods_by_name.get(method)
-            except KeyError:
-                described = None
-            if described is not None and not described.client_streaming:
-                found = message_factory.GetMessageClass(described.input_type)
-            self._classes[key] = found
-        return self._classes[key]
+        if key in self._classes:
+            return self._classes[key]
+        try:
+            described = self._pool.FindServiceByName(service).methods_by_name.get(method)
+        except KeyError:
+            described = None
+        if described is None:
+            return None  # not kept: the path is the caller's, the memo must stay bounded
+        found = None
+        if not described.client_streaming:
+            found = message_factory.GetMessageClass(described.input_type)
+        self._classes[key] = found  # bounded by the methods the descriptors define
+        return found
 
 
 def _grpc_body(body: bytes, path: list[str], bodies: GrpcBodies) -> tuple[Any, bool]:

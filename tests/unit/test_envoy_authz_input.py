@@ -221,6 +221,8 @@ def test_a_grpc_request_body_is_parsed_with_the_configured_descriptors() -> None
         ("/warden.v1.Unknown/Check", grpc_frame(refund_check()), None, False),
         ("/warden.v1.Governance/Nothing", grpc_frame(refund_check()), None, False),
     ],
+    # Stable ids: a Struct's serialized order differs between processes (xdist workers).
+    ids=["compressed", "truncated", "unknown-service", "unknown-method"],
 )
 def test_grpc_bodies_opa_envoy_leaves_unparsed_are_null(
     path: str, body: bytes, parsed: Any, truncated: bool
@@ -238,6 +240,7 @@ def test_grpc_bodies_opa_envoy_leaves_unparsed_are_null(
         ("/too/many/segments", grpc_frame(refund_check()), "/<service>/<method>"),
         (CHECK_PATH, grpc_frame(b"\xff\xff\xff"), "is not a warden.v1.Governance/Check request"),
     ],
+    ids=["short-frame", "not-service-method", "undecodable"],
 )
 def test_an_unreadable_grpc_body_is_a_problem(path: str, body: bytes, problem: str) -> None:
     request = _request(path, {"content-type": "application/grpc"}, raw_body=body, method="POST")

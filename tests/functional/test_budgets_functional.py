@@ -73,9 +73,10 @@ async def test_fifty_concurrent_refunds_against_room_for_ten(tmp_path: Path, llm
     # Per agent only: these calls name no customer, which a per-customer cap
     # would hold for approval (test_caps_airtight_functional.py).
     agent_cap = {**REFUND_CAP, "per": ["agent"]}
-    config = make_config(
-        tmp_path, llm.url, budgets={"caps": [agent_cap]}, policy={"bundles": [str(allow_all)]}
-    )
+    # The cap is the subject, not overload: on a machine busy with other tests the
+    # policy worker may be slow, and a wait for it must not become a 503 here.
+    policy = {"bundles": [str(allow_all)], "queue_timeout_s": 30}
+    config = make_config(tmp_path, llm.url, budgets={"caps": [agent_cap]}, policy=policy)
     async with Warden(config) as warden, client(warden) as c:
         completions = await asyncio.gather(
             *(c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES) for _ in range(50))

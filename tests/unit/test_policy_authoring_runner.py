@@ -123,9 +123,11 @@ test_after if {
 }
 """
     bundle = write_bundle(tmp_path, {"policy.rego": POLICY, "policy_test.rego": tests})
-    report = run_tests(load_policy_set([bundle]), timeout_s=1.0)
+    # Long enough for the next test's fresh child to start on a machine busy with
+    # other tests; the runaway one would not finish in minutes.
+    report = run_tests(load_policy_set([bundle]), timeout_s=3.0)
     assert by_name(report) == {"test_loops": Status.ERROR, "test_after": Status.PASS}
-    assert "timed out after 1 s" in report.results[0].message
+    assert "timed out after 3 s" in report.results[0].message
 
 
 def test_run_filter_selects_by_regex(mixed: Path) -> None:

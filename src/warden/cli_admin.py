@@ -25,7 +25,14 @@ from typing import Any
 
 import orjson
 
-__all__ = ["AdminApiError", "admin_base_url", "admin_request", "main", "register"]
+__all__ = [
+    "AdminApiError",
+    "add_admin_option",
+    "admin_base_url",
+    "admin_request",
+    "main",
+    "register",
+]
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
 TIMEOUT_S = 10.0
@@ -106,6 +113,18 @@ def _run(call: Any, show: Any) -> int:
         return EXIT_USAGE if exc.status == 0 else EXIT_REFUSED
     print(show(out))
     return EXIT_OK
+
+
+def add_admin_option(group: Any) -> None:
+    """``--admin [URL]``: record a run through a running Warden's admin API."""
+    group.add_argument(
+        "--admin",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="record the run through a running Warden's admin API (default: "
+        f"$WARDEN_ADMIN_URL or {DEFAULT_ADMIN_URL}; token: $WARDEN_TOKEN)",
+    )
 
 
 def admin_base_url(url: str | None = None) -> str:

@@ -30,7 +30,7 @@ from typing import Any, TextIO
 import orjson
 
 from warden.audit.changes import EVAL_RUN, record_change
-from warden.cli_admin import AdminApiError, admin_base_url, admin_request
+from warden.cli_admin import AdminApiError, add_admin_option, admin_base_url, admin_request
 from warden.config import Config, load_config
 from warden.errors import AuditError, ConfigError
 from warden.policy.authoring.child import DEFAULT_TEST_TIMEOUT_S
@@ -77,14 +77,7 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--record", action="store_true", help="record the run in the configured audit.dir"
     )
-    where.add_argument(
-        "--admin",
-        nargs="?",
-        const="",
-        metavar="URL",
-        help="record the run through a running Warden's admin API (default: "
-        "$WARDEN_ADMIN_URL or http://127.0.0.1:8081; token: $WARDEN_TOKEN)",
-    )
+    add_admin_option(where)
     run.add_argument("--format", choices=["text", "json"], default="text")
     run.add_argument(
         "--timeout",

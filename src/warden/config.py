@@ -802,6 +802,23 @@ class ExtProcConfig(_Section):
 
     hosts: dict[str, str] = Field(default_factory=dict)
     """``:authority`` host to upstream name; otherwise matched to upstreams' ``base_url`` hosts."""
+    max_message_timeout_s: float | None = Field(None, gt=0, le=86400)
+    """Envoy's ``max_message_timeout`` for this filter (unset: Warden never asks for more time).
+    An answer not ready after ``extend_after_ms`` (a tool call held for a person) is preceded
+    by ``override_message_timeout`` with this value, so ``message_timeout`` can stay short."""
+    extend_after_ms: int = Field(100, ge=1)
+    """How long an answer may take before Warden asks Envoy for more time: keep it below
+    Envoy's ``message_timeout`` (200 ms unless configured)."""
+
+    @model_validator(mode="after")
+    def _extension_fits(self) -> ExtProcConfig:
+        limit = self.max_message_timeout_s
+        if limit is not None and self.extend_after_ms >= limit * 1000:
+            raise ValueError(
+                f"ext_proc.extend_after_ms ({self.extend_after_ms}) must be shorter than "
+                f"max_message_timeout_s ({limit} s): the extension would come too late"
+            )
+        return self
 
 
 class TransparentConfig(_Section):

@@ -11,10 +11,12 @@ What the agent would receive is then parsed with the official SDKs' types.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from prometheus_client import REGISTRY
 
 from tests.functional.conftest import audit_records, make_config
 from tests.unit.test_anthropic import accumulate
@@ -100,17 +103,33 @@ class Result:
     pieces: list[bytes] = field(default_factory=list)
     """The response body as Envoy passed it on, one entry per answer."""
     answers: list[Any] = field(default_factory=list)
+    extensions: list[float] = field(default_factory=list)
+    """Every ``override_message_timeout`` Warden sent, in seconds."""
 
     def json(self) -> Any:
         return orjson.loads(self.body)
 
 
 class Envoy:
-    """Plays Envoy's ext_proc filter for one HTTP request per :meth:`request` call."""
+    """Plays Envoy's ext_proc filter for one HTTP request per :meth:`request` call.
 
-    def __init__(self, stub: Any, upstream_url: str) -> None:
+    ``message_timeout``: like Envoy's, how long an answer may take (``None``:
+    no limit), unless Warden sends ``override_message_timeout``, which Envoy
+    accepts once per message and up to ``max_message_timeout``.
+    """
+
+    def __init__(
+        self,
+        stub: Any,
+        upstream_url: str,
+        *,
+        message_timeout: float | None = None,
+        max_message_timeout: float = 0.0,
+    ) -> None:
         self.stub = stub
         self.upstream_url = upstream_url
+        self.message_timeout = message_timeout
+        self.max_message_timeout = max_message_timeout
 
     async def request(
         self,
@@ -188,7 +207,7 @@ class Envoy:
 
     async def _ask(self, call: Any, message: Any, result: Result) -> Any:
         await call.write(message)
-        answer = await call.read()
+        answer = await self._answer(call, result)
         result.answers.append(answer)
         if answer.WhichOneof("response") == "immediate_response":
             result.immediate = answer.immediate_response
@@ -198,6 +217,20 @@ class Envoy:
             result.body = bytes(answer.immediate_response.body)
             return None
         return answer
+
+    async def _answer(self, call: Any, result: Result) -> Any:
+        """The answer to the message just sent, timed as Envoy times it (TimeoutError: too late)."""
+        timeout, extended = self.message_timeout, False
+        while True:
+            answer = await asyncio.wait_for(call.read(), timeout)
+            if not answer.HasField("override_message_timeout"):
+                return answer
+            assert self.max_message_timeout, "Envoy ignores overrides without max_message_timeout"
+            assert not extended, "override_message_timeout twice for one message"
+            seconds = answer.override_message_timeout.ToTimedelta().total_seconds()
+            assert 0.001 <= seconds <= self.max_message_timeout
+            result.extensions.append(seconds)
+            timeout, extended = seconds, True
 
     async def _upstream(
         self, path: str, method: str, headers: Mapping[str, str], data: bytes
@@ -327,6 +360,13 @@ async def service(warden: Warden) -> GrpcService:
 
 @pytest.fixture
 async def envoy(service: GrpcService, llm: MockLLM) -> AsyncIterator[Envoy]:
+    async with serve(service, llm) as front:
+        yield front
+
+
+@contextlib.asynccontextmanager
+async def serve(service: GrpcService, llm: MockLLM, **options: Any) -> AsyncIterator[Envoy]:
+    """``service`` on a gRPC server of its own, and an :class:`Envoy` that calls it."""
     assert service.service_names == (SERVICE_NAME,)
     server = grpc.aio.server()
     service.add_to(server)
@@ -334,7 +374,7 @@ async def envoy(service: GrpcService, llm: MockLLM) -> AsyncIterator[Envoy]:
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield Envoy(pb_grpc.ExternalProcessorStub(channel), llm.url)
+        yield Envoy(pb_grpc.ExternalProcessorStub(channel), llm.url, **options)
     finally:
         await channel.close()
         await service.close()
@@ -851,3 +891,93 @@ async def test_upstream_errors_pass_unchanged_with_the_decision_id(
     assert result.immediate is None
     assert result.headers["x-warden-decision-id"].startswith("dec_")
     assert "error" in result.json()
+
+
+# -- timeouts ------------------------------------------------------------------------
+
+
+async def held_through_envoy(
+    tmp_path: Path, llm: MockLLM, ext_proc: dict[str, Any], **envoy_options: Any
+) -> tuple[Result, Result]:
+    """A quick allowed answer, then a call held for a person for 1 s, then approved."""
+    hosts = {OPENAI_HOST: "openai"}
+    approver = {
+        "subject": "dana",
+        "roles": ["approver"],
+        "groups": ["support-leads"],  # whom the shipped policy asks to approve closures
+        "sha256": sha256(b"tok-dana").hexdigest(),
+    }
+    config = make_config(
+        tmp_path,
+        llm.url,
+        ext_proc={"hosts": hosts, **ext_proc},
+        approvals={"mode": "hold"},
+        admin={"tokens": [approver]},
+    )
+    async with Warden(config) as warden:
+        assert warden.core is not None
+        service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
+        async with serve(service, llm, **envoy_options) as front:
+            llm.script(Reply(text="Found it.", tool_calls=[KB]))
+            quick = await front.request(OPENAI_HOST, "/v1/chat/completions", CHAT)
+            llm.script(Reply(text="Closing.", tool_calls=[CLOSE]))
+            holding = asyncio.ensure_future(
+                front.request(OPENAI_HOST, "/v1/chat/completions", CHAT)
+            )
+            bearer = {"Authorization": "Bearer tok-dana"}
+            async with aiohttp.ClientSession(warden.admin_url, headers=bearer) as admin:
+                pending: list[Any] = []
+                while not pending and not holding.done():
+                    async with admin.get("/v1/approvals?status=pending") as resp:
+                        pending = (await resp.json())["approvals"]
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(1.0)  # a person takes longer than message_timeout
+                if not holding.done():
+                    async with admin.post(f"/v1/approvals/{pending[0]['id']}/approve") as resp:
+                        assert resp.status == 200
+            held = await holding
+    return quick, held
+
+
+def extensions_counted() -> float:
+    return REGISTRY.get_sample_value("warden_ext_proc_timeout_extensions_total") or 0.0
+
+
+async def test_held_call_asks_envoy_for_more_time_once(tmp_path: Path, llm: MockLLM) -> None:
+    before = extensions_counted()
+    # Envoy gives each answer 0.8 s and the person takes 1 s: without the
+    # override the held answer would time out (TimeoutError in Envoy's stand-in).
+    quick, held = await held_through_envoy(
+        tmp_path,
+        llm,
+        {"max_message_timeout_s": 30, "extend_after_ms": 300},
+        message_timeout=0.8,
+        max_message_timeout=30.0,
+    )
+    assert quick.extensions == []  # answered in time: nothing asked
+    assert [c.function.name for c in tool_calls(quick)] == ["search_kb"]
+    # Exactly one override, for the response body that held the call, before its answer.
+    assert held.extensions == [30.0]
+    assert held.status == 200
+    assert [c.function.name for c in tool_calls(held)] == ["close_account"]  # approved
+    assert extensions_counted() == before + 1
+
+
+async def test_no_extension_unless_configured(tmp_path: Path, llm: MockLLM) -> None:
+    _, held = await held_through_envoy(tmp_path, llm, {})
+    assert held.extensions == []
+    assert [c.function.name for c in tool_calls(held)] == ["close_account"]
+
+
+async def test_without_extension_envoy_times_a_held_answer_out(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # What the setting is for: Envoy's message_timeout ends a held answer.
+    with pytest.raises(TimeoutError):
+        await held_through_envoy(tmp_path, llm, {}, message_timeout=0.8)
+
+
+def tool_calls(result: Result) -> list[Any]:
+    completion = openai.types.chat.ChatCompletion.model_validate(result.json())
+    calls = completion.choices[0].message.tool_calls or []
+    return [c for c in calls if c.type == "function"]

@@ -63,6 +63,7 @@ tools: {search_kb: {risk: read_only}}
         ("mode: shadow", "mode"),
         ("state: {url: mysql://x}", "state.url"),
         ("limits: {max_body_bytes: 10}", "limits.max_body_bytes"),
+        ("ext_proc: {max_message_timeout_s: 0.1, extend_after_ms: 100}", "ext_proc"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:

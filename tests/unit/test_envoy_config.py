@@ -25,6 +25,8 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format
 
+from warden.config import load_config
+
 ROOT = Path(__file__).resolve().parents[2]
 ENVOY_YAML = ROOT / "deploy" / "envoy" / "envoy.yaml"
 
@@ -92,6 +94,20 @@ def test_ext_proc_goes_to_warden_with_bodies_and_fails_closed() -> None:
     names = [f.name for f in _manager().http_filters]
     assert names[-1] == "envoy.filters.http.router"
     assert _filter("envoy.filters.http.router", router_pb2.Router()) is not None
+
+
+def test_ext_proc_timeouts_match_the_warden_example() -> None:
+    # A short message_timeout works only if Warden may extend a held answer to
+    # the filter's max_message_timeout: the README's warden.yaml must say so.
+    proc = _filter("envoy.filters.http.ext_proc", ext_proc_pb2.ExternalProcessor())
+    readme = (ENVOY_YAML.parent / "README.md").read_text()
+    example = yaml.safe_load(readme.split("```yaml\n", 1)[1].split("```", 1)[0])
+    config = load_config(environ={}, overrides=example | {"policy": {"bundles": []}})
+    limit = config.ext_proc.max_message_timeout_s
+    assert limit == proc.max_message_timeout.ToTimedelta().total_seconds()
+    assert (
+        proc.message_timeout.ToTimedelta().total_seconds() * 1000 > config.ext_proc.extend_after_ms
+    )
 
 
 def test_routes_pick_the_filter_per_traffic_kind() -> None:

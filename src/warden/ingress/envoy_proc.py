@@ -52,8 +52,10 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import duration_pb2
 from multidict import CIMultiDict
 
+from warden import tasks
 from warden.config import Config, UpstreamConfig
 from warden.core import Governor, Turn
 from warden.errors import (
@@ -375,7 +377,9 @@ class _Exchange:
 
     def __init__(self, service: ExtProcService, send: Send) -> None:
         self._svc = service
-        self._send = send
+        self._answer = send
+        self._timer: asyncio.TimerHandle | None = None  # asks Envoy for more time when it fires
+        self._extension: asyncio.Task[None] | None = None  # override_message_timeout going out
         self._core = service.core
         self._modes = _BodyModes()
         self._family = "openai"
@@ -411,6 +415,7 @@ class _Exchange:
         try:
             async for message in requests:
                 started = time.perf_counter()
+                self._timer = self._arm_extension(message)
                 try:
                     await self._handle(message)
                 except WardenError as exc:
@@ -421,6 +426,9 @@ class _Exchange:
                     log.exception("internal error in an ext_proc stream")
                     await self._refuse(WardenError("Warden internal error"))
                 finally:
+                    if self._timer is not None:
+                        self._timer.cancel()
+                    self._timer = self._extension = None
                     self._added_s += time.perf_counter() - started
                 if self._done:
                     return
@@ -432,6 +440,52 @@ class _Exchange:
             raise
         finally:
             self._record()
+
+    def _arm_extension(self, message: Any) -> asyncio.TimerHandle | None:
+        """Ask Envoy for more time if the answer to ``message`` is slow to come.
+
+        Only with ``ext_proc.max_message_timeout_s``, and only where one answer
+        is due per message: Envoy times each message (``message_timeout``), and
+        a tool call held for a person outlasts it. A full-duplex body is
+        answered in its own rhythm, and so is not timed.
+        """
+        config = self._svc.config.ext_proc
+        if config.max_message_timeout_s is None:
+            return None
+        kind = message.WhichOneof("request")
+        if kind == "request_body" and self._full_duplex(self._modes.request):
+            return None
+        if kind == "response_body" and self._full_duplex(self._modes.response):
+            return None
+        loop = asyncio.get_running_loop()
+        return loop.call_later(config.extend_after_ms / 1000, self._extend)
+
+    def _extend(self) -> None:
+        """Send ``override_message_timeout`` now; the answer waits for it (Envoy reads in order)."""
+        limit = self._svc.config.ext_proc.max_message_timeout_s
+        assert limit is not None
+        self._timer = None
+        timeout = duration_pb2.Duration()
+        timeout.FromNanoseconds(round(limit * 1e9))
+        metrics.EXT_PROC_EXTENSIONS.inc()
+        self._extension = tasks.spawn(
+            self._write(pb.ProcessingResponse(override_message_timeout=timeout)),
+            name="ext-proc-extension",
+            awaited=True,
+        )
+
+    async def _write(self, response: Any) -> None:
+        await self._answer(response)
+
+    async def _send(self, response: Any) -> None:
+        """Send one answer to Envoy, after the extension asked for it, if one is going out."""
+        if self._timer is not None:  # the answer is ready: no extension after it
+            self._timer.cancel()
+            self._timer = None
+        extension, self._extension = self._extension, None
+        if extension is not None:
+            await extension
+        await self._answer(response)
 
     async def _handle(self, message: Any) -> None:
         if message.observability_mode:

@@ -106,6 +106,11 @@ MCP_TOOLS_HIDDEN = Counter(
     "Tools left out of MCP tools/list answers because the policy denies them in every case.",
     ["upstream"],
 )
+EXT_PROC_EXTENSIONS = Counter(
+    "warden_ext_proc_timeout_extensions_total",
+    "ext_proc answers that asked Envoy for more time (override_message_timeout), such as a "
+    "tool call held for a person.",
+)
 INFLIGHT = Gauge("warden_inflight_requests", "Requests being served right now.")
 
 _seen: dict[str, set[str]] = {}

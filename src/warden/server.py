@@ -316,6 +316,7 @@ class Warden:
         if not self.config.monitor.enabled:
             return
         live = LiveMonitor(self.config.monitor, audit.directory)
+        audit.follow(live.feed)  # new records reach it as written, not read back
         live.start(lambda: audit.size)
         self.monitor = live
         self._stack.push_async_callback(live.close)  # before the audit log closes

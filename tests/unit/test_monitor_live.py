@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from warden.audit import AuditLog
 from warden.config import AuditConfig, MonitorConfig
 from warden.monitor import live
 from warden.monitor.live import LiveMonitor
-from warden.testing.audit import sample_action, sample_decision
+from warden.testing.audit import fill, sample_action, sample_decision
 
 
 async def test_records_are_read_between_recomputes(tmp_path: Path) -> None:
@@ -38,4 +39,63 @@ async def test_records_are_read_between_recomputes(tmp_path: Path) -> None:
         )
     finally:
         await monitor.close()
+        await log.close()
+
+
+async def _events_of(monitor: LiveMonitor, log: AuditLog) -> tuple[list[Any], ...]:
+    monitor.start(lambda: log.size)
+    await monitor.refresh()  # reads whatever is durable, then recomputes
+    await monitor.close()
+    return list(monitor._decisions), list(monitor._outcomes), list(monitor._approvals)
+
+
+async def _approval(log: AuditLog, verdict: str) -> None:
+    body = {"approval_id": "apr_1", "decision_id": "dec_1", "verdict": verdict}
+    await log.append("approval_decided", body)
+
+
+async def test_fed_records_make_the_same_events_as_records_read_back(tmp_path: Path) -> None:
+    log = await AuditLog.open(AuditConfig(dir=str(tmp_path), checkpoint_interval_s=3600))
+    try:
+        await fill(log, 6, customer="C-1")  # before the feed: read from the log
+        fed = LiveMonitor(MonitorConfig(interval_s=3600), tmp_path)
+        log.follow(fed.feed)
+        first_fed = log.size
+        # Personal fields sealed for their subject, outcomes and verdicts: every kind it uses.
+        await fill(log, 40, customer="C-2")
+        await fill(log, 10)
+        await _approval(log, "approved")
+        await _approval(log, "rejected")
+        assert fed._tail is None
+        assert len(fed._fed) > 0
+
+        got = await _events_of(fed, log)
+        expected = await _events_of(LiveMonitor(MonitorConfig(interval_s=3600), tmp_path), log)
+        assert got == expected
+        assert [len(events) for events in got] == [28, 28, 2]
+        assert {e.numbers for e in got[0]} == {(("issue_refund.amount", 250.0),)}  # unsealed
+        # The log was read back only up to where the feed began.
+        assert fed._tail is not None
+        assert fed._tail.position == first_fed
+    finally:
+        await log.close()
+
+
+async def test_batches_dropped_from_a_full_feed_are_read_back(tmp_path: Path) -> None:
+    log = await AuditLog.open(AuditConfig(dir=str(tmp_path), checkpoint_interval_s=3600))
+    try:
+        config = MonitorConfig(interval_s=3600, max_events=1000)
+        fed = LiveMonitor(config, tmp_path)
+        log.follow(fed.feed)
+        for i in range(1010):  # one record per batch: the 10 oldest batches fall out
+            await log.record_decision(sample_action(i), sample_decision())
+        assert len(fed._fed) == 1000
+        assert fed._fed[0][0] == 10
+
+        got = await _events_of(fed, log)
+        assert got == await _events_of(LiveMonitor(config, tmp_path), log)
+        assert len(got[0]) == 1000  # the events' own bound
+        assert fed._tail is not None
+        assert fed._tail.position == 10
+    finally:
         await log.close()

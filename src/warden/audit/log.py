@@ -63,7 +63,7 @@ from warden.config import AuditConfig
 from warden.errors import AuditError
 from warden.model import Action, Decision, Outcome
 
-__all__ = ["MAX_RECORD_BYTES", "AuditLog"]
+__all__ = ["MAX_RECORD_BYTES", "AuditLog", "Follower"]
 
 log = logging.getLogger("warden.audit")
 
@@ -105,6 +105,9 @@ def _open_blocking(config: AuditConfig) -> _Opened:
         raise
     return _Opened(layout, meta, signer, writer, state, subjects, lock_fd, checkpointed)
 
+
+Follower = Callable[[int, list[Mapping[str, Any]]], None]
+"""Called with the first sequence number of a durable batch and its records."""
 
 _Done = Callable[[Any, BaseException | None], None]
 """Called on the event loop with a job's result, or the exception it raised."""
@@ -215,7 +218,9 @@ class AuditLog:
         self._sync_each_batch = config.fsync == "always"
         self._unsynced = False
         self._frames: list[bytes] = []
+        self._records: list[Mapping[str, Any]] = []  # the frames' records, for followers
         self._waiters: list[asyncio.Future[None]] = []
+        self._followers: list[Follower] = []
         self._writing = False
         """A batch is due to start, on the I/O thread, or waking its appenders."""
         self._idle: list[asyncio.Future[None]] = []  # _drain() waiting for the last batch
@@ -288,6 +293,16 @@ class AuditLog:
     def directory(self) -> Path:
         """The audit directory."""
         return self._layout.root
+
+    def follow(self, follower: Follower) -> None:
+        """Call ``follower(first_seq, records)`` with every batch once it is durable.
+
+        On the event loop, in log order, with the records as written (before
+        encoding; the follower must not change them). Lets in-process readers
+        (the drift monitor) skip reading back and decoding what was just
+        written. A follower that raises is logged, never fails the log.
+        """
+        self._followers.append(follower)
 
     # -- recording -----------------------------------------------------------
 
@@ -518,6 +533,7 @@ class AuditLog:
         self._last_hex = digest.hex()
         fut: asyncio.Future[None] = self._loop.create_future()
         self._frames.append(frame(payload))
+        self._records.append(record)
         self._waiters.append(fut)
         if not self._writing:
             if urgent:
@@ -535,19 +551,20 @@ class AuditLog:
             self._coalesce = None
         if self._writing or not self._frames:
             return
-        frames, waiters = self._frames, self._waiters
-        self._frames, self._waiters = [], []
+        frames, records, waiters = self._frames, self._records, self._waiters
+        self._frames, self._records, self._waiters = [], [], []
         state = TreeState(self._compact.size, bytes.fromhex(self._last_hex), self._compact.hashes)
         self._writing = True
         self._io.submit(
             self._io_call,
             (self._writer.write_batch, frames, state, self._sync_each_batch),
-            functools.partial(self._written, waiters, state),
+            functools.partial(self._written, waiters, records, state),
         )
 
     def _written(
         self,
         waiters: list[asyncio.Future[None]],
+        records: list[Mapping[str, Any]],
         state: TreeState,
         _result: object,
         error: BaseException | None,
@@ -559,7 +576,7 @@ class AuditLog:
             for waiter in (*waiters, *self._waiters):
                 if not waiter.done():
                     waiter.set_exception(AuditError(failure))
-            self._frames, self._waiters = [], []
+            self._frames, self._records, self._waiters = [], [], []
             self._writing = False
             self._wake_idle()
             return
@@ -570,6 +587,12 @@ class AuditLog:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+        first = state.size - len(records)
+        for follower in self._followers:
+            try:
+                follower(first, records)
+            except Exception:
+                log.exception("audit: a follower of the log failed on records %d..", first)
         # Let the appenders just released queue their next records first, so
         # they join the next batch instead of trailing it in a batch of their
         # own (which would halve the records per fsync).

@@ -12,6 +12,7 @@ from google.protobuf.descriptor import FileDescriptor
 from warden.grpc_api.v1 import governance_pb2 as pb
 from warden.protocols.envoy_authz import (
     CREDENTIAL_HEADERS,
+    Answers,
     AuthzResult,
     GrpcBodies,
     check_input,
@@ -412,3 +413,57 @@ def test_a_denial_of_wardens_own_has_status_and_body() -> None:
     assert (response.denied_response.status.code, response.denied_response.body) == (400, "bad")
     refused = render_response(None, allowed=False, decision_id="", status=401, body="who")
     assert "decision_id" not in refused.dynamic_metadata
+
+
+OBJECT_RESULT: dict[str, Any] = {
+    "allowed": True,
+    "headers": {"x-user-role": "reader"},
+    "request_headers_to_remove": ["x-debug-override"],
+    "response_headers_to_add": {"x-governed-by": "warden"},
+    "dynamic_metadata": {"role": "reader"},
+}
+
+
+@pytest.mark.parametrize(
+    ("value", "allowed", "credentials"),
+    [
+        (OBJECT_RESULT, True, ()),
+        (OBJECT_RESULT, True, ("x-warden-agent-key",)),
+        (True, True, ()),
+        ({"allowed": False, "http_status": 401, "body": "no"}, True, ()),  # dry-run let through
+        ({"allowed": False, "http_status": 401, "body": "no"}, False, ()),
+        (False, False, ("x-warden-agent-token",)),
+    ],
+)
+def test_remembered_answers_are_the_rendered_ones(
+    value: Any, allowed: bool, credentials: tuple[str, ...]
+) -> None:
+    answers = Answers()
+    result = answers.read(value)[1]
+    assert result == read_result(value)
+    assert answers.read(value)[1] is result  # read once per value object
+    for decision_id in ("dec_1", "dec_2"):  # the second from the template, if an allow
+        response = answers.render(
+            result, allowed=allowed, decision_id=decision_id, credentials=credentials
+        )
+        assert response == render_response(
+            result, allowed=allowed, decision_id=decision_id, credentials=credentials
+        )
+        response.ok_response.headers_to_remove.append("x-changed-by-a-caller")
+    assert answers.render(result, allowed=allowed, decision_id="dec_3") == render_response(
+        result, allowed=allowed, decision_id="dec_3"
+    )
+
+
+def test_each_value_object_gets_its_own_answer_within_the_bound() -> None:
+    answers = Answers(size=2)
+    first = {"allowed": True, "headers": {"x-user-role": "reader"}}
+    assert answers.read(first)[1].headers == (("x-user-role", "reader"),)
+    second = {"allowed": True, "headers": {"x-user-role": "support"}}
+    assert answers.read(second)[1].headers == (("x-user-role", "support"),)
+    third = {"allowed": False}
+    assert answers.read(third)[0] is False  # past the bound: cleared, still right
+    assert answers.read(second)[1].headers == (("x-user-role", "support"),)
+    assert answers.read(first)[1].headers == (("x-user-role", "reader"),)
+    with pytest.raises(ValueError, match="allowed"):
+        answers.read({"headers": {}})

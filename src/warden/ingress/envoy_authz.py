@@ -89,6 +89,7 @@ class ExtAuthzService:
         self._identity = identity if identity is not None else Identity(config)
         self._routes: ToolRoutes | None = None
         self._grpc_bodies = _grpc_bodies(config.ext_authz.proto_descriptor)
+        self._answers = authz.Answers()
         self._upstream = "envoy"
         name = config.ext_authz.upstream
         if name is not None:
@@ -142,7 +143,7 @@ class ExtAuthzService:
             view=PolicyView(
                 query=self._settings.query,
                 input=parsed.input,
-                read=authz.read_allowed,
+                read=self._answers.read,
                 problem=refusal.reason if refusal is not None else None,
                 observe=dry_run if refusal is None else refusal.observe,
             ),
@@ -192,7 +193,7 @@ class ExtAuthzService:
         status = 403
         if decision.guard == "validation":
             status = refusal.status if refusal is not None else 400
-        return authz.render_response(
+        return self._answers.render(
             result,
             allowed=allowed,
             decision_id=decision.decision_id,

@@ -5,8 +5,8 @@ wakes (the delay any agent's request would see at that moment). Measured:
 
 * ``writes``: records written at a steady rate, no monitor (the reference:
   the writing itself takes the loop too);
-* ``follow``: the same writes while the monitor follows the log (no
-  recompute within the run);
+* ``follow``: the same writes while the monitor follows the log, which hands
+  it each durable batch as ``warden serve`` does (no recompute within the run);
 * ``catch-up``: one recompute after a backlog of records (a start or a
   restart of a busy sidecar: every record is read, then drift and quality
   are computed over the windows).
@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from warden.audit import AuditLog  # noqa: E402
 from warden.config import AuditConfig, MonitorConfig  # noqa: E402
 from warden.monitor.live import LiveMonitor  # noqa: E402
+from warden.ops.runtime import tune_gc  # noqa: E402
 from warden.testing.audit import sample_action, sample_decision  # noqa: E402
 
 
@@ -84,8 +85,10 @@ def summary(name: str, late: list[float]) -> str:
 async def main_async(backlog: int, rate: int, seconds: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         log = await AuditLog.open(AuditConfig(dir=tmp, checkpoint_interval_s=3600, fsync="never"))
+        tune_gc()  # as `warden serve` does once started
         idle = await lateness(steady(log, rate, seconds))
         monitor = LiveMonitor(MonitorConfig(interval_s=3600), tmp)
+        log.follow(monitor.feed)  # as `warden serve` wires it: batches handed over
         monitor.start(lambda: log.size)
         follow = await lateness(steady(log, rate, seconds))
         await monitor.close()

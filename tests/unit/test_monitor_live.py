@@ -99,3 +99,17 @@ async def test_batches_dropped_from_a_full_feed_are_read_back(tmp_path: Path) ->
         assert fed._tail.position == 10
     finally:
         await log.close()
+
+
+async def test_a_closed_monitor_keeps_no_batches(tmp_path: Path) -> None:
+    log = await AuditLog.open(AuditConfig(dir=str(tmp_path), checkpoint_interval_s=3600))
+    try:
+        monitor = LiveMonitor(MonitorConfig(interval_s=3600), tmp_path)
+        log.follow(monitor.feed)
+        await log.record_decision(sample_action(1), sample_decision())
+        assert len(monitor._fed) == 1
+        await monitor.close()
+        await log.record_decision(sample_action(2), sample_decision())
+        assert len(monitor._fed) == 0  # still followed, but nothing is kept
+    finally:
+        await log.close()

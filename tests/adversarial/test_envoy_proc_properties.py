@@ -6,8 +6,9 @@ applies Warden's answer to each piece. Here the answers of
 ``test_properties.py`` (allowed and denied calls, odd ids, unknown call
 types, extra fields, lenient literals, late deltas) are cut at random and
 fed to one :class:`~warden.ingress.envoy_proc.ExtProcService` on the suite's
-Warden, in the order Envoy sends them (``STREAMED`` response bodies; a JSON
-answer switched to ``BUFFERED`` as Envoy does with ``allow_mode_override``).
+Warden, in the order Envoy sends them: ``STREAMED`` response bodies (a JSON
+answer switched to ``BUFFERED`` as Envoy does with ``allow_mode_override``)
+or ``FULL_DUPLEX_STREAMED`` ones.
 What the agent would receive is read by the official SDKs. The invariants
 are the base-URL door's, which is the point: one core, the same guarantees.
 
@@ -34,6 +35,7 @@ import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.adversarial import wire
 from tests.adversarial.conftest import (
@@ -63,6 +65,7 @@ EXAMPLES = int(os.environ.get("WARDEN_ADVERSARIAL_EXAMPLES", "2000")) // 2
 EXT_PROC = settings(PROPERTY, max_examples=EXAMPLES)
 OPENAI_HOST = "api.openai.com"
 ANTHROPIC_HOST = "api.anthropic.com"
+modes = st.sampled_from([Mode.STREAMED, Mode.FULL_DUPLEX_STREAMED])
 # A call's name as it appears in a chunk the agent receives (argument text is escaped).
 NAME = re.compile(rb'"name"\s*:\s*"([^"\\]*)"')
 
@@ -94,9 +97,16 @@ def through_envoy(
     request: dict[str, Any],
     answer: tuple[str, bytes],
     cuts: list[int],
+    mode: int = Mode.STREAMED,
 ) -> Received:
-    """One exchange as Envoy drives it; (c) is checked on each body answer as it comes."""
+    """One exchange as Envoy drives it; (c) is checked on each body answer as it comes.
+
+    ``mode``: the response body mode Envoy is configured with (``STREAMED``,
+    which Warden switches to ``BUFFERED`` for a JSON answer, or
+    ``FULL_DUPLEX_STREAMED``, answered with ``streamed_response`` chunks).
+    """
     content_type, body = answer
+    duplex = mode == Mode.FULL_DUPLEX_STREAMED
 
     async def exchange() -> Received:
         answers: list[Any] = []
@@ -108,7 +118,11 @@ def through_envoy(
             answers.append(reply)
             if reply.WhichOneof("response") != "response_body":
                 return
-            released.extend(body_of(reply, "response_body", pending.pop(0)))
+            if duplex:  # released as Warden decides, not one answer per piece
+                mutation = reply.response_body.response.body_mutation
+                released.extend(mutation.streamed_response.body)
+            else:
+                released.extend(body_of(reply, "response_body", pending.pop(0)))
             counts: Counter[str] = Counter()
             for found in NAME.finditer(released):
                 name = found.group(1).decode()
@@ -130,14 +144,15 @@ def through_envoy(
                 request_headers=pb.HttpHeaders(headers=header_map(headers))
             )
             first.protocol_config.request_body_mode = Mode.BUFFERED
-            first.protocol_config.response_body_mode = Mode.STREAMED
+            first.protocol_config.response_body_mode = mode
             yield first
             data = orjson.dumps(request)
             yield pb.ProcessingRequest(request_body=pb.HttpBody(body=data, end_of_stream=True))
             status = {":status": "200", "content-type": content_type}
             yield pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=header_map(status)))
             override = answers[-1].mode_override.response_body_mode
-            pieces = [body] if override == Mode.BUFFERED else split_at(body, cuts)
+            whole = override == Mode.BUFFERED and not duplex  # as allow_mode_override does
+            pieces = [body] if whole else split_at(body, cuts)
             for i, piece in enumerate(pieces):
                 pending.append(piece)
                 last = i == len(pieces) - 1
@@ -169,8 +184,10 @@ def sdk(make: Callable[..., Any], received: Received, content_type: str) -> Any:
 
 
 @EXT_PROC
-@given(cs=calls(), how=delivery())
-def test_openai_chat(harness: Harness, proc: ExtProcService, cs: Any, how: dict[str, Any]) -> None:
+@given(cs=calls(), how=delivery(), mode=modes)
+def test_openai_chat(
+    harness: Harness, proc: ExtProcService, cs: Any, how: dict[str, Any], mode: int
+) -> None:
     case = new_case()
     extra = {"x_extra": {"nested": [1, 2]}} if how["extra"] else {}
     tool_calls = [{**wire.chat_call(n, a, i), **extra} for n, a, i in cs]
@@ -194,7 +211,7 @@ def test_openai_chat(harness: Harness, proc: ExtProcService, cs: Any, how: dict[
         answer = ("application/json", orjson.dumps(wire.chat_body(tool_calls, "ok", finish)))
     request = {"model": wire.MODEL, "messages": chat_messages(case), "stream": how["stream"]}
     received = through_envoy(
-        harness, proc, case, OPENAI_HOST, "/v1/chat/completions", request, answer, how["cuts"]
+        harness, proc, case, OPENAI_HOST, "/v1/chat/completions", request, answer, how["cuts"], mode
     )
 
     parsed: list[tuple[str, Any]] = []
@@ -221,9 +238,9 @@ def test_openai_chat(harness: Harness, proc: ExtProcService, cs: Any, how: dict[
 
 
 @EXT_PROC
-@given(cs=calls(), how=delivery())
+@given(cs=calls(), how=delivery(), mode=modes)
 def test_anthropic_messages(
-    harness: Harness, proc: ExtProcService, cs: Any, how: dict[str, Any]
+    harness: Harness, proc: ExtProcService, cs: Any, how: dict[str, Any], mode: int
 ) -> None:
     case = new_case()
     content: list[dict[str, Any]] = []
@@ -260,7 +277,7 @@ def test_anthropic_messages(
         "stream": how["stream"],
     }
     received = through_envoy(
-        harness, proc, case, ANTHROPIC_HOST, "/v1/messages", request, answer, how["cuts"]
+        harness, proc, case, ANTHROPIC_HOST, "/v1/messages", request, answer, how["cuts"], mode
     )
 
     parsed: list[tuple[str, Any]] = []

@@ -20,7 +20,7 @@ import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,20 +155,25 @@ class Harness:
     upstream: RawUpstream
     warden: Warden
     audit: AuditTail
-    replies: dict[str, RawReply] = field(default_factory=dict)
+    replies: dict[str, RawReply | Callable[[RawRequest], RawReply]] = field(default_factory=dict)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         """Run a coroutine on the harness loop and wait for its result."""
         fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
         return fut.result(timeout)
 
-    def answer(self, case: str, reply: RawReply) -> None:
-        """Make the upstream answer requests that carry ``case`` with ``reply``."""
+    def answer(self, case: str, reply: RawReply | Callable[[RawRequest], RawReply]) -> None:
+        """Make the upstream answer the request that carries ``case`` with ``reply``.
+
+        A callable makes the reply from the request as it arrived (on the
+        harness loop, before anything is sent back).
+        """
         self.replies[case] = reply
 
     def respond(self, req: RawRequest) -> RawReply | None:
         found = _CASE_RE.search(req.body) or _CASE_RE.search(req.path.encode())
-        return self.replies.pop(found.group().decode(), None) if found else None
+        reply = self.replies.pop(found.group().decode(), None) if found else None
+        return reply(req) if callable(reply) else reply
 
     @property
     def proxy_url(self) -> str:
@@ -214,6 +219,8 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
             upstream.url,
             tools={},
             policy={"bundles": [str(bundle)], "workers": 1, "watch": False, "deadline_ms": 5000},
+            # An MCP server at the same raw upstream (tests/adversarial/test_mcp_properties.py).
+            upstreams={"tools": {"protocol": "mcp", "base_url": f"{upstream.url}/mcp"}},
             audit={"dir": str(root / "audit"), "fsync": "never"},
         )
         warden = Warden(config)

@@ -497,12 +497,14 @@ async def test_watch_approvals_is_woken_by_changes_not_by_its_poll(
         held = await stub.Check(check_request("issue_refund", amount=500, order_id="A-11"))
         requested = await asyncio.wait_for(watch.read(), 10)
         # Decided through the HTTP admin API, not the gRPC one.
-        async with aiohttp.ClientSession() as http:
-            answer = await http.post(
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
                 f"{w.admin_url}/v1/approvals/{held.approval_id}/approve",
                 json={"comment": "ok"},
                 headers={"Authorization": f"Bearer {APPROVER}"},
-            )
+            ) as answer,
+        ):
             assert answer.status == 200, await answer.text()
         changed = await asyncio.wait_for(watch.read(), 10)
         watch.cancel()

@@ -205,9 +205,13 @@ async def test_a_stateless_server_is_governed_the_same(tmp_path: Path, json_resp
         ) as server,
         Warden(config(tmp_path, server.url)) as warden,
     ):
-        async with aiohttp.ClientSession() as http:
-            first = await http.post(f"{warden.proxy_url}/{UPSTREAM}", json=INIT, headers=ACCEPT)
-            assert first.status == 200, await first.text()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{warden.proxy_url}/{UPSTREAM}", json=INIT, headers=ACCEPT) as first,
+        ):
+            # Read (and so released) here: an unreleased response warns when collected.
+            body = await first.text()
+            assert first.status == 200, body
             assert "Mcp-Session-Id" not in first.headers
         async with connect(warden) as session:
             result = await session.call_tool("get_order", {"order_id": "A-1001"})

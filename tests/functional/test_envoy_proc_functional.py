@@ -899,7 +899,7 @@ async def test_upstream_errors_pass_unchanged_with_the_decision_id(
 async def held_through_envoy(
     tmp_path: Path, llm: MockLLM, ext_proc: dict[str, Any], **envoy_options: Any
 ) -> tuple[Result, Result]:
-    """A quick allowed answer, then a call held for a person for 1 s, then approved."""
+    """A quick allowed answer, then a call held for a person for 1.5 s, then approved."""
     hosts = {OPENAI_HOST: "openai"}
     approver = {
         "subject": "dana",
@@ -931,7 +931,7 @@ async def held_through_envoy(
                     async with admin.get("/v1/approvals?status=pending") as resp:
                         pending = (await resp.json())["approvals"]
                     await asyncio.sleep(0.02)
-                await asyncio.sleep(1.0)  # a person takes longer than message_timeout
+                await asyncio.sleep(1.5)  # a person takes longer than message_timeout
                 if not holding.done():
                     async with admin.post(f"/v1/approvals/{pending[0]['id']}/approve") as resp:
                         assert resp.status == 200
@@ -945,13 +945,13 @@ def extensions_counted() -> float:
 
 async def test_held_call_asks_envoy_for_more_time_once(tmp_path: Path, llm: MockLLM) -> None:
     before = extensions_counted()
-    # Envoy gives each answer 0.8 s and the person takes 1 s: without the
+    # Envoy gives each answer 1 s and the person takes 1.5 s: without the
     # override the held answer would time out (TimeoutError in Envoy's stand-in).
     quick, held = await held_through_envoy(
         tmp_path,
         llm,
-        {"max_message_timeout_s": 30, "extend_after_ms": 300},
-        message_timeout=0.8,
+        {"max_message_timeout_s": 30, "extend_after_ms": 500},
+        message_timeout=1.0,
         max_message_timeout=30.0,
     )
     assert quick.extensions == []  # answered in time: nothing asked
@@ -974,7 +974,7 @@ async def test_without_extension_envoy_times_a_held_answer_out(
 ) -> None:
     # What the setting is for: Envoy's message_timeout ends a held answer.
     with pytest.raises(TimeoutError):
-        await held_through_envoy(tmp_path, llm, {}, message_timeout=0.8)
+        await held_through_envoy(tmp_path, llm, {}, message_timeout=1.0)
 
 
 def tool_calls(result: Result) -> list[Any]:

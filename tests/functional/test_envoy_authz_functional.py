@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 
 from tests.functional.conftest import ROOT, audit_records, make_config
 from tests.unit.test_envoy_authz_input import descriptor_set
+from warden.admin.auth import Principal
 from warden.config import PolicyConfig
 from warden.errors import ConfigError
 from warden.grpc_api.v1 import governance_pb2 as pb
@@ -457,3 +458,47 @@ def test_an_unreadable_descriptor_file_is_a_config_error_naming_it(tmp_path: Pat
         )
         with pytest.raises(ConfigError, match=f"ext_authz.proto_descriptor: .*{message}"):
             ExtAuthzService(cast(Any, None), config)
+
+
+async def test_a_call_that_needs_a_person_is_answered_at_once_and_passes_once_approved(
+    tmp_path: Path,
+) -> None:
+    # Refunds over 100 a day need approval. Warden's default is to hold such a
+    # call open, but Envoy gives a check about a second: ext_authz defers.
+    cap = {
+        "name": "refunds",
+        "tool": "issue_refund",
+        "value": "amount",
+        "per": ["agent"],
+        "window": "day",
+        "limit": 100,
+        "over": "require_approval",
+    }
+    json_headers = {**SUPPORT, "content-type": "application/json"}
+    refund = _request("POST", "/orders/A-1/refunds", json_headers, b'{"amount": 90}')
+    held_before = _checks("held")
+    async with _serving(
+        tmp_path, yield_warden=True, budgets={"caps": [cap]}, approvals={"mode": "hold"}
+    ) as (stub, warden):
+        first = await stub.Check(refund)
+        assert first.status.code == GRPC_OK  # 90 of 100
+        second = await stub.Check(refund)  # 180 of 100: a person decides
+        assert second.status.code == GRPC_PERMISSION_DENIED
+        assert second.denied_response.status.code == 403
+        assert second.denied_response.body.startswith("Warden held this request for approval")
+        approvals = warden._approvals
+        (pending,) = await approvals.list("pending")
+        assert pending.mode == "defer"
+        assert pending.id in second.denied_response.body
+        lead = Principal("lead", frozenset({"approver"}), frozenset())
+        await approvals.decide(pending.id, lead, approve=True, comment="ok")
+        third = await stub.Check(refund)  # the approved call, once
+        fourth = await stub.Check(refund)  # and not again
+    assert third.status.code == GRPC_OK
+    assert fourth.status.code == GRPC_PERMISSION_DENIED
+    assert _checks("held") == held_before + 2
+    decisions = _decisions(tmp_path)
+    assert decisions[third.dynamic_metadata["decision_id"]]["decision"]["guard"] == "approval"
+    assert decisions[second.dynamic_metadata["decision_id"]]["decision"]["effect"] == (
+        "require_approval"
+    )

@@ -58,11 +58,12 @@ log = logging.getLogger("warden.ext_authz")
 SERVICE_NAME: Final = "envoy.service.auth.v3.Authorization"
 CHECKS = Counter(
     "warden_ext_authz_checks_total",
-    "Envoy ext_authz checks by result: allowed, denied, dry_run (a denial let through), "
-    "invalid (unparsable request), error (identity, overload, audit).",
+    "Envoy ext_authz checks by result: allowed, denied, held (awaiting a person's approval), "
+    "dry_run (a denial let through), invalid (unparsable request), error (identity, "
+    "overload, audit).",
     ["result"],
 )
-for _result in ("allowed", "denied", "dry_run", "invalid", "error"):
+for _result in ("allowed", "denied", "held", "dry_run", "invalid", "error"):
     CHECKS.labels(_result)
 
 
@@ -149,7 +150,10 @@ class ExtAuthzService:
             ),
         )
         try:
-            decision = await self._core.decide(action)
+            # Envoy waits for a check only as long as its ext_authz timeout (1 s
+            # in deploy/envoy): a call that needs a person is answered at once,
+            # and the same request passes once it is approved.
+            decision = await self._core.decide(action, hold="defer")
         except Overloaded as exc:
             CHECKS.labels("error").inc()
             return _refuse(503, f"{exc.code}: {exc}")
@@ -184,21 +188,25 @@ class ExtAuthzService:
         self, decision: Decision, refusal: _Refusal | None, headers: Mapping[str, str]
     ) -> Any:
         allowed = decision.enforced is Effect.ALLOW
+        held = decision.enforced is Effect.REQUIRE_APPROVAL
         value = decision.obligations.result  # the policy's result, read by the guard
         result = value if isinstance(value, authz.AuthzResult) else None
         if allowed:
             metrics.child(CHECKS, "allowed" if decision.effect is Effect.ALLOW else "dry_run").inc()
+        elif held:
+            metrics.child(CHECKS, "held").inc()
         else:
             metrics.child(CHECKS, "invalid" if decision.guard == "validation" else "denied").inc()
         status = 403
         if decision.guard == "validation":
             status = refusal.status if refusal is not None else 400
+        verb = "held this request for approval" if held else "denied this request"
         return self._answers.render(
             result,
             allowed=allowed,
             decision_id=decision.decision_id,
             status=status,
-            body=f"Warden denied this request: {decision.reason} (decision {decision.decision_id})",
+            body=f"Warden {verb}: {decision.reason} (decision {decision.decision_id})",
             credentials=[h for h in authz.CREDENTIAL_HEADERS if h in headers],
         )
 

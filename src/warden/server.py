@@ -217,7 +217,7 @@ class Warden:
                 ),
             ]
             # --- gRPC services beside Warden's API (Envoy ext_authz, ext_proc): append here ---
-            services.append(ExtAuthzService(core, cfg))
+            services.append(ExtAuthzService(core, cfg, approvals=approvals))
             services.append(ExtProcService(core, cfg, killswitches=killswitches))
             grpc_door = GrpcDoor(
                 cfg.listen.grpc, cfg.grpc, services, shutdown_grace_s=cfg.shutdown_grace_s

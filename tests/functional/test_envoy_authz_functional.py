@@ -90,7 +90,7 @@ async def _serving(
     config = make_config(tmp_path, "http://127.0.0.1:9", **base)
     async with Warden(config, listeners=False) as warden:
         assert warden.core is not None
-        service = ExtAuthzService(warden.core, config)
+        service = ExtAuthzService(warden.core, config, approvals=warden._approvals)
         server = grpc.aio.server()
         service.add_to(server)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -490,6 +490,7 @@ async def test_a_call_that_needs_a_person_is_answered_at_once_and_passes_once_ap
         (pending,) = await approvals.list("pending")
         assert pending.mode == "defer"
         assert pending.id in second.denied_response.body
+        assert second.dynamic_metadata["warden_approval_id"] == pending.id  # for Envoy's logs
         lead = Principal("lead", frozenset({"approver"}), frozenset())
         await approvals.decide(pending.id, lead, approve=True, comment="ok")
         third = await stub.Check(refund)  # the approved call, once

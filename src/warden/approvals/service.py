@@ -444,6 +444,16 @@ class Approvals:
         """One approval by id, or ``None``."""
         return await self._store.get(approval_id)
 
+    async def pending_for(self, action: Action) -> Approval | None:
+        """The pending approval the gate opened (or reused) for exactly this call, if any.
+
+        For doors that answer a deferred call with its approval's id (the
+        gRPC ``Check``, ext_authz): the newest pending one with its binding.
+        """
+        binding = self._binding_of(action)
+        pending = await self._store.list(ApprovalStatus.PENDING)
+        return next((a for a in reversed(pending) if a.binding == binding), None)
+
     async def expire_due(self) -> int:
         """Expire pending approvals past their expiry now; the sweeper calls this."""
         expired = await self._store.expire_due(time.time())

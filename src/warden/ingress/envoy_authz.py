@@ -48,6 +48,7 @@ from warden.protocols import envoy_authz as authz
 from warden.protocols.http_tool import ToolRequest, ToolRequestError, ToolRoutes
 
 if TYPE_CHECKING:
+    from warden.approvals.service import Approvals
     from warden.config import Config
     from warden.core import Governor
 
@@ -56,6 +57,8 @@ __all__ = ["CHECKS", "ExtAuthzService"]
 log = logging.getLogger("warden.ext_authz")
 
 SERVICE_NAME: Final = "envoy.service.auth.v3.Authorization"
+APPROVAL_ID_KEY: Final = "warden_approval_id"
+"""Dynamic metadata key naming the approval a held check waits for."""
 CHECKS = Counter(
     "warden_ext_authz_checks_total",
     "Envoy ext_authz checks by result: allowed, denied, held (awaiting a person's approval), "
@@ -83,9 +86,21 @@ class ExtAuthzService:
 
     service_names: tuple[str, ...] = (SERVICE_NAME,)
 
-    def __init__(self, core: Governor, config: Config, *, identity: Identity | None = None) -> None:
-        """Raises :class:`ConfigError` when ``ext_authz.upstream`` is not an ``http`` upstream."""
+    def __init__(
+        self,
+        core: Governor,
+        config: Config,
+        *,
+        identity: Identity | None = None,
+        approvals: Approvals | None = None,
+    ) -> None:
+        """Raises :class:`ConfigError` when ``ext_authz.upstream`` is not an ``http`` upstream.
+
+        ``approvals``: where a held check's approval is found, to name it in
+        the answer's dynamic metadata (``warden_approval_id``).
+        """
         self._core = core
+        self._approvals = approvals
         self._settings = config.ext_authz
         self._identity = identity if identity is not None else Identity(config)
         self._routes: ToolRoutes | None = None
@@ -161,7 +176,17 @@ class ExtAuthzService:
             CHECKS.labels("error").inc()
             log.error("ext_authz check denied: the decision could not be recorded: %s", exc)
             return _refuse(503, "audit_unavailable: the decision could not be recorded")
-        return self._answer(decision, refusal, parsed.headers)
+        response = self._answer(decision, refusal, parsed.headers)
+        if decision.enforced is Effect.REQUIRE_APPROVAL and self._approvals is not None:
+            # Envoy can log it: %DYNAMIC_METADATA(envoy.filters.http.ext_authz:warden_approval_id)%
+            try:
+                approval = await self._approvals.pending_for(action)
+            except Exception as exc:  # the answer is a denial either way; only the name is lost
+                log.warning("could not name the approval of a held check: %s", exc)
+            else:
+                if approval is not None:
+                    response.dynamic_metadata[APPROVAL_ID_KEY] = approval.id
+        return response
 
     def _route(self, parsed: authz.CheckInput) -> tuple[ToolRequest | None, _Refusal | None]:
         """The tool call a request is by the route rules, or why it is refused."""

@@ -236,9 +236,8 @@ class _Servicer(pb_grpc.GovernanceServicer):
 
     async def _pending_approval(self, action: Action) -> str:
         """The pending approval the gate opened (or reused) for exactly this call."""
-        binding = self._approvals.binding(action.agent.id, action.target, action.arguments)
-        pending = await self._approvals.list(ApprovalStatus.PENDING.value)
-        return next((a.id for a in reversed(pending) if a.binding == binding), "")
+        approval = await self._approvals.pending_for(action)
+        return approval.id if approval is not None else ""
 
     async def ReportOutcome(
         self, request: pb.ReportOutcomeRequest, context: Context[Any, Any]

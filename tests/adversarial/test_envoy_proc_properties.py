@@ -49,9 +49,12 @@ from tests.adversarial.test_properties import (
     PROPERTY,
     SDK_ERRORS,
     UNKNOWN,
-    _block_text,
-    _tool_use_events,
+    anthropic_body,
+    anthropic_content,
+    anthropic_events,
     calls,
+    chat_events,
+    chat_tool_calls,
     check,
     decided,
     delivery,
@@ -189,26 +192,12 @@ def test_openai_chat(
     harness: Harness, proc: ExtProcService, cs: Any, how: dict[str, Any], mode: int
 ) -> None:
     case = new_case()
-    extra = {"x_extra": {"nested": [1, 2]}} if how["extra"] else {}
-    tool_calls = [{**wire.chat_call(n, a, i), **extra} for n, a, i in cs]
-    if how["unknown"]:
-        tool_calls.append({"id": "call_u", "type": UNKNOWN, UNKNOWN: {"name": "danger_x"}})
-    finish = "tool_calls" if cs else "stop"
-    late = how["late"] and how["stream"] and cs
+    late = bool(how["late"] and how["stream"] and cs)
     if how["stream"]:
-        events: list[wire.Event] = []
-        for idx, (n, a, i) in enumerate(cs):
-            events += wire.chat_call_chunks(idx, n, a, i, pieces=how["pieces"])
-        if how["unknown"]:
-            head = {"index": len(cs), "id": "call_u", "type": UNKNOWN, UNKNOWN: {"name": "x"}}
-            events.append((None, wire.chat_chunk({"tool_calls": [head]})))
-        stream_events = wire.chat_stream(events, finish=finish)
-        if late:
-            frag = {"index": 0, "function": {"arguments": " "}}
-            stream_events.append((None, wire.chat_chunk({"tool_calls": [frag]})))
-        answer = ("text/event-stream", sse_bytes(stream_events, done=True))
+        answer = ("text/event-stream", sse_bytes(chat_events(cs, how, late=late), done=True))
     else:
-        answer = ("application/json", orjson.dumps(wire.chat_body(tool_calls, "ok", finish)))
+        body = wire.chat_body(chat_tool_calls(cs, how), "ok", "tool_calls" if cs else "stop")
+        answer = ("application/json", orjson.dumps(body))
     request = {"model": wire.MODEL, "messages": chat_messages(case), "stream": how["stream"]}
     received = through_envoy(
         harness, proc, case, OPENAI_HOST, "/v1/chat/completions", request, answer, how["cuts"], mode
@@ -243,33 +232,12 @@ def test_anthropic_messages(
     harness: Harness, proc: ExtProcService, cs: Any, how: dict[str, Any], mode: int
 ) -> None:
     case = new_case()
-    content: list[dict[str, Any]] = []
-    for n, a, i in cs:
-        block = wire.tool_use(n, a, "toolu_" + i if i else None)
-        if how["extra"]:
-            block["x_extra"] = {"k": 1}
-        content.append(block)
-    if how["unknown"]:
-        content.append({"type": "teleport_use", "id": "tp_1", "name": "teleport", "input": {}})
-    late = how["late"] and how["stream"] and cs
+    content = anthropic_content(cs, how)
+    late = bool(how["late"] and how["stream"] and cs)
     if how["stream"]:
-        events = [wire.message_start()]
-        for k, block in enumerate(content):
-            if block["type"] == "tool_use":
-                events += _tool_use_events(k, block, how["pieces"])
-            else:
-                events += wire.block_events(k, block)
-        if late:
-            events.append(wire.input_delta(0, " "))
-        events += wire.message_end()
-        answer = ("text/event-stream", sse_bytes(events))
+        answer = ("text/event-stream", sse_bytes(anthropic_events(content, how, late=late)))
     else:
-        text = json.dumps(wire.message_body([]))
-        blocks = ", ".join(_block_text(b) for b in content)
-        answer = (
-            "application/json",
-            text.replace('"content": []', f'"content": [{blocks}]').encode(),
-        )
+        answer = ("application/json", anthropic_body(content))
     request = {
         "model": wire.CLAUDE,
         "max_tokens": 10,

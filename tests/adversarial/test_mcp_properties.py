@@ -30,9 +30,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.adversarial.conftest import CASE_HEADER, Harness, canonical, is_denied, new_case
-from tests.adversarial.test_properties import PROPERTY, calls, decided
-from warden.audit.record import arguments_sha256, mask_credentials
+from tests.adversarial.conftest import CASE_HEADER, Harness, is_denied, new_case
+from tests.adversarial.test_properties import (
+    PROPERTY,
+    allowed_calls,
+    call_keys,
+    calls,
+    decided,
+)
 from warden.testing.raw_upstream import RawReply, RawRequest
 
 EXAMPLES = int(os.environ.get("WARDEN_ADVERSARIAL_EXAMPLES", "2000")) // 4
@@ -130,19 +135,7 @@ def test_tools_call(
         assert all(n == 1 for n in ids.values()), f"answers repeat an id: {ids}"
         assert len(answers) == len(members), (members, answers)
     # (b) what the server ran is exactly what was allowed, arguments and all.
-    records = harness.audit.decisions(case)
-    allowed = Counter(
-        (
-            r["action"]["tool"],
-            r["action"]["arguments_sha256"] or canonical(r["action"]["arguments"]),
-        )
-        for r in records
-        if r["decision"]["enforced"] == "allow"
-    )
-    ran = Counter(
-        (name, arguments_sha256(args) if mask_credentials(args) != args else canonical(args))
-        for name, args in received
-    )
+    allowed, ran = allowed_calls(harness, case), call_keys(received)
     assert ran == allowed, f"the server ran {ran}, the allow records say {allowed}"
 
 

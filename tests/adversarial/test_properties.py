@@ -126,25 +126,94 @@ def check(
     for name in [n for n, _ in parsed] + seen:
         assert not is_denied(name), f"denied tool {name!r} reached the agent"
         assert name != UNKNOWN, "an unknown call type reached the agent"
-    records = h.audit.decisions(case)
-    # A record that masks a credential-like key shows less than the agent got;
-    # its arguments_sha256 binds the exact arguments instead.
-    allowed = Counter(
-        (
-            r["action"]["tool"],
-            r["action"]["arguments_sha256"] or canonical(r["action"]["arguments"]),
-        )
-        for r in records
-        if r["decision"]["enforced"] == "allow"
-    )
-    got = Counter(
-        (name, arguments_sha256(args) if mask_credentials(args) != args else canonical(args))
-        for name, args in parsed
-    )
+    allowed = allowed_calls(h, case)
+    got = call_keys(parsed)
     for key, n in got.items():
         assert allowed[key] == n, f"{key} parsed {n}x, allow records {allowed[key]}"
     if not raised:
         assert allowed == got, f"allow records {allowed} != parsed {got}"
+
+
+def allowed_calls(h: Harness, case: str) -> Counter[tuple[str, str]]:
+    """The case's allow records as (tool, arguments) keys, as :func:`call_keys` makes them."""
+    # A record that masks a credential-like key shows less than the agent got;
+    # its arguments_sha256 binds the exact arguments instead.
+    return Counter(
+        (
+            r["action"]["tool"],
+            r["action"]["arguments_sha256"] or canonical(r["action"]["arguments"]),
+        )
+        for r in h.audit.decisions(case)
+        if r["decision"]["enforced"] == "allow"
+    )
+
+
+def call_keys(calls: list[tuple[str, Any]]) -> Counter[tuple[str, str]]:
+    """(tool, arguments) keys of calls someone received, comparable with :func:`allowed_calls`."""
+    return Counter(
+        (name, arguments_sha256(args) if mask_credentials(args) != args else canonical(args))
+        for name, args in calls
+    )
+
+
+def chat_tool_calls(cs: Any, how: dict[str, Any]) -> list[dict[str, Any]]:
+    """A chat answer's ``tool_calls``: the generated calls, extra fields, an unknown type."""
+    extra = {"x_extra": {"nested": [1, 2]}} if how["extra"] else {}
+    tool_calls = [{**wire.chat_call(n, a, i), **extra} for n, a, i in cs]
+    if how["unknown"]:
+        tool_calls.append({"id": "call_u", "type": UNKNOWN, UNKNOWN: {"name": "danger_x"}})
+    return tool_calls
+
+
+def chat_events(cs: Any, how: dict[str, Any], *, late: bool) -> list[wire.Event]:
+    """The same calls streamed, each in ``how["pieces"]``; a late fragment after them if asked."""
+    events: list[wire.Event] = []
+    for idx, (n, a, i) in enumerate(cs):
+        events += wire.chat_call_chunks(idx, n, a, i, pieces=how["pieces"])
+    if how["unknown"]:
+        head = {"index": len(cs), "id": "call_u", "type": UNKNOWN, UNKNOWN: {"name": "x"}}
+        events.append((None, wire.chat_chunk({"tool_calls": [head]})))
+    stream_events = wire.chat_stream(events, finish="tool_calls" if cs else "stop")
+    if late:
+        frag = {"index": 0, "function": {"arguments": " "}}
+        stream_events.append((None, wire.chat_chunk({"tool_calls": [frag]})))
+    return stream_events
+
+
+def anthropic_content(cs: Any, how: dict[str, Any]) -> list[dict[str, Any]]:
+    """A message's content blocks: the generated calls, extra fields, an unknown type."""
+    # Anthropic's input is an object on the wire; the lenient literal rides in the text.
+    content: list[dict[str, Any]] = []
+    for n, a, i in cs:
+        block = wire.tool_use(n, a, "toolu_" + i if i else None)
+        if how["extra"]:
+            block["x_extra"] = {"k": 1}
+        content.append(block)
+    if how["unknown"]:
+        content.append({"type": "teleport_use", "id": "tp_1", "name": "teleport", "input": {}})
+    return content
+
+
+def anthropic_body(content: list[dict[str, Any]]) -> bytes:
+    """The whole message, each call's input as its generated text (lenient literals and all)."""
+    body = json.dumps(wire.message_body([]))
+    blocks_text = ", ".join(_block_text(b) for b in content)
+    return body.replace('"content": []', f'"content": [{blocks_text}]').encode()
+
+
+def anthropic_events(
+    content: list[dict[str, Any]], how: dict[str, Any], *, late: bool
+) -> list[wire.Event]:
+    """The same message streamed; a late input delta after the blocks if asked."""
+    events = [wire.message_start()]
+    for k, block in enumerate(content):
+        if block["type"] == "tool_use":
+            events += _tool_use_events(k, block, how["pieces"])
+        else:
+            events += wire.block_events(k, block)
+    if late:
+        events.append(wire.input_delta(0, " "))
+    return events + wire.message_end()
 
 
 def decided(h: Harness, case: str, name: str, count: int) -> None:
@@ -164,10 +233,7 @@ def loads(text: str) -> Any:
 @given(cs=calls(), how=delivery())
 def test_openai_chat(harness: Harness, oai: openai.OpenAI, cs: Any, how: dict[str, Any]) -> None:
     case = new_case()
-    extra = {"x_extra": {"nested": [1, 2]}} if how["extra"] else {}
-    tool_calls = [{**wire.chat_call(n, a, i), **extra} for n, a, i in cs]
-    if how["unknown"]:
-        tool_calls.append({"id": "call_u", "type": UNKNOWN, UNKNOWN: {"name": "danger_x"}})
+    tool_calls = chat_tool_calls(cs, how)
     headers = case_headers(case)
     messages: Any = chat_messages(case)
     parsed: list[tuple[str, Any]] = []
@@ -190,18 +256,8 @@ def test_openai_chat(harness: Harness, oai: openai.OpenAI, cs: Any, how: dict[st
                 parsed.append((tc.function.name, loads(tc.function.arguments)))
         check(harness, case, parsed, seen, raised)
         return
-    events: list[wire.Event] = []
-    for idx, (n, a, i) in enumerate(cs):
-        events += wire.chat_call_chunks(idx, n, a, i, pieces=how["pieces"])
-    if how["unknown"]:
-        head = {"index": len(cs), "id": "call_u", "type": UNKNOWN, UNKNOWN: {"name": "x"}}
-        events.append((None, wire.chat_chunk({"tool_calls": [head]})))
-    stream_events = wire.chat_stream(events, finish="tool_calls" if cs else "stop")
-    late = how["late"] and cs
-    if late:
-        frag = {"index": 0, "function": {"arguments": " "}}
-        stream_events.append((None, wire.chat_chunk({"tool_calls": [frag]})))
-    send(harness, case, stream_events, how, done=True)
+    late = bool(how["late"] and cs)
+    send(harness, case, chat_events(cs, how, late=late), how, done=True)
     counts: Counter[str] = Counter()
     try:
         with oai.chat.completions.stream(
@@ -313,15 +369,7 @@ def test_anthropic_messages(
     harness: Harness, ant: anthropic.Anthropic, cs: Any, how: dict[str, Any]
 ) -> None:
     case = new_case()
-    # Anthropic's input is an object on the wire; the lenient literal rides in the text.
-    content: list[dict[str, Any]] = []
-    for n, a, i in cs:
-        block = wire.tool_use(n, a, "toolu_" + i if i else None)
-        if how["extra"]:
-            block["x_extra"] = {"k": 1}
-        content.append(block)
-    if how["unknown"]:
-        content.append({"type": "teleport_use", "id": "tp_1", "name": "teleport", "input": {}})
+    content = anthropic_content(cs, how)
     headers = case_headers(case)
     messages: Any = [{"role": "user", "content": case}]
     parsed: list[tuple[str, Any]] = []
@@ -336,10 +384,8 @@ def test_anthropic_messages(
                 seen.append(UNKNOWN)
 
     if not how["stream"]:
-        body = json.dumps(wire.message_body([]))
-        blocks_text = ", ".join(_block_text(b) for b in content)
-        body = body.replace('"content": []', f'"content": [{blocks_text}]')
-        harness.answer(case, RawReply(body=body.encode(), content_type="application/json"))
+        body = anthropic_body(content)
+        harness.answer(case, RawReply(body=body, content_type="application/json"))
         try:
             msg = ant.messages.create(
                 model=wire.CLAUDE, max_tokens=10, messages=messages, extra_headers=headers
@@ -349,17 +395,8 @@ def test_anthropic_messages(
             raised = True
         check(harness, case, parsed, seen, raised)
         return
-    events = [wire.message_start()]
-    for k, block in enumerate(content):
-        if block["type"] == "tool_use":
-            events += _tool_use_events(k, block, how["pieces"])
-        else:
-            events += wire.block_events(k, block)
-    late = how["late"] and cs
-    if late:
-        events.append(wire.input_delta(0, " "))
-    events += wire.message_end()
-    send(harness, case, events, how, done=False)
+    late = bool(how["late"] and cs)
+    send(harness, case, anthropic_events(content, how, late=late), how, done=False)
     counts: Counter[str] = Counter()
     try:
         with ant.messages.stream(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import tarfile
@@ -321,6 +322,46 @@ async def test_bundle_server_with_etag(tmp_path: Path) -> None:
         await wait_for(lambda: eng.status()["last_error"] is not None)
         assert "not a readable .tar.gz" in eng.status()["last_error"]
         assert eng.revision == "srv-2"
+    finally:
+        await eng.close()
+        await runner.cleanup()
+
+
+async def test_bundle_url_credentials_are_never_shown_or_recorded(tmp_path: Path) -> None:
+    """A password or token in ``policy.bundle_url`` is sent, but never shown or recorded.
+
+    The bundle's ``source`` goes into activation records (kept for years) and
+    ``/readyz``; errors go to the log.
+    """
+    state = {"body": tarball(write_policy(tmp_path / "v1", revision="srv-1"))}
+    seen: list[tuple[str | None, str]] = []
+
+    async def serve(request: web.Request) -> web.Response:
+        seen.append((request.headers.get("Authorization"), request.query_string))
+        return web.Response(body=state["body"], headers={"ETag": str(len(seen))})
+
+    app = web.Application()
+    app.router.add_get("/bundles/support.tar.gz", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    url = f"http://ops:hunter2@127.0.0.1:{port}/bundles/support.tar.gz?v=2&token=s3cr3t-t0ken"
+    eng = await PolicyEngine.start(config(tmp_path / "unused", bundle_url=url, workers=1))
+    try:
+        assert eng.revision == "srv-1"
+        # Fetched with the credentials as given.
+        assert seen[0][0] == "Basic " + base64.b64encode(b"ops:hunter2").decode()
+        assert seen[0][1] == "v=2&token=s3cr3t-t0ken"
+        shown = f"http://ops:***@127.0.0.1:{port}/bundles/support.tar.gz?v=***&token=***"
+        assert eng.status()["source"] == shown
+        state["body"] = b"garbage"
+        await wait_for(lambda: eng.status()["last_error"] is not None)
+        status = json.dumps(eng.status())
+        assert shown in status
+        assert "hunter2" not in status
+        assert "s3cr3t" not in status
     finally:
         await eng.close()
         await runner.cleanup()

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 
@@ -118,6 +119,27 @@ class DirectorySource:
         """Nothing to release."""
 
 
+def shown_url(url: str) -> str:
+    """``url`` as Warden shows and records it: its password and every query value masked.
+
+    Bundle servers are often reached with credentials in the URL (basic auth,
+    a token or a presigned signature in the query). The URL is fetched as
+    given, but logs, errors, ``/readyz`` and the activation records (which
+    never expire) only ever see this form.
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hostport}" if ":" in userinfo else f"{user}@{hostport}"
+    query = parts.query
+    if query:
+        pairs = [(k, "***") for k, _ in parse_qsl(query, keep_blank_values=True)]
+        query = urlencode(pairs, safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
 class HttpSource:
     """An OPA-style bundle server: ``GET bundle_url`` returning a ``.tar.gz``."""
 
@@ -126,7 +148,7 @@ class HttpSource:
     ) -> None:
         self.url = url
         self.signing = signing
-        self.description = url
+        self.description = shown_url(url)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._etag: str | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -143,16 +165,22 @@ class HttpSource:
                 if resp.status == 304:
                     return None
                 if resp.status != 200:
-                    raise BundleError(f"{self.url}: bundle server answered HTTP {resp.status}")
+                    raise BundleError(
+                        f"{self.description}: bundle server answered HTTP {resp.status}"
+                    )
                 if (resp.content_length or 0) > MAX_BUNDLE_BYTES:
-                    raise BundleError(f"{self.url}: bundle is over {MAX_BUNDLE_BYTES} bytes")
+                    raise BundleError(
+                        f"{self.description}: bundle is over {MAX_BUNDLE_BYTES} bytes"
+                    )
                 body = await resp.content.read(MAX_BUNDLE_BYTES + 1)
                 if len(body) > MAX_BUNDLE_BYTES:
-                    raise BundleError(f"{self.url}: bundle is over {MAX_BUNDLE_BYTES} bytes")
+                    raise BundleError(
+                        f"{self.description}: bundle is over {MAX_BUNDLE_BYTES} bytes"
+                    )
                 etag = resp.headers.get("ETag")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise BundleError(
-                f"{self.url}: cannot fetch bundle: {exc or type(exc).__name__}"
+                f"{self.description}: cannot fetch bundle: {exc or type(exc).__name__}"
             ) from None
         # Remember the ETag even if the bundle is broken: it is reported once per change.
         self._etag = etag
@@ -160,9 +188,9 @@ class HttpSource:
         return await asyncio.to_thread(self._build, body, name)
 
     def _build(self, body: bytes, name: str) -> Bundle:
-        files = read_tarball(body, label=self.url)
+        files = read_tarball(body, label=self.description)
         return build_bundle(
-            files, source=self.url, name=name, signing=self.signing, check_syntax=False
+            files, source=self.description, name=name, signing=self.signing, check_syntax=False
         )
 
     async def close(self) -> None:

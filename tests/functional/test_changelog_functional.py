@@ -20,6 +20,8 @@ from typing import Any
 import openai
 import orjson
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.functional.conftest import audit_records, make_config
 from tests.functional.test_challenger_functional import candidate
@@ -148,3 +150,130 @@ def test_the_config_hash_leaves_secrets_out(tmp_path: Path) -> None:
     assert config_sha256(one) == config_sha256(other)
     changed = make_config(tmp_path, "http://127.0.0.1:9", mode="observe")
     assert config_sha256(changed) != config_sha256(one)
+
+
+async def refused(warden: Warden, message: str) -> None:
+    """Wait until the bundle watcher reports ``message``; revision rev-1 must stay active."""
+    while message not in str((status := warden.readiness()[1]["policy"])["last_error"]):
+        assert status["revision"] == "rev-1"
+        await asyncio.sleep(0.05)
+
+
+def signing_key(path: Path) -> tuple[Path, Path, str]:
+    """A new Ed25519 key pair under ``path``: private PEM, public PEM, and a key id from it."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    private, public = path.with_suffix(".pem"), path.with_suffix(".pub")
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return private, public, f"release-{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
+def policy_files_sha256(bundle: Path) -> str:
+    """The manifest hash as docs/audit.md defines it, from the files on disk.
+
+    SHA-256 of one ``"<file sha256>  <path>"`` line per policy file (the
+    manifest, data files and modules; not the signature), sorted by path.
+    """
+    digests = {
+        file.relative_to(bundle).as_posix(): hashlib.sha256(file.read_bytes()).hexdigest()
+        for file in bundle.rglob("*")
+        if file.is_file()
+        and (file.name in (".manifest", "data.json", "data.yaml") or file.suffix == ".rego")
+    }
+    body = "".join(f"{digests[path]}  {path}\n" for path in sorted(digests))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+async def test_signed_activations_carry_the_signer_and_refused_bundles_leave_no_record(
+    llm: MockLLM, tmp_path: Path
+) -> None:
+    """A signed hot reload records revision, manifest hash, signer key id, source and previous.
+
+    With ``policy.signing.required``, a bundle signed with ``warden policy
+    sign`` activates with the key id recorded as ``signed_by``; a tampered,
+    forged (right key id, wrong key) or unsigned revision is refused, the last
+    good revision keeps deciding, and no activation record is written for it.
+    """
+    private, public, key_id = signing_key(tmp_path / "release")
+    forger, _, _ = signing_key(tmp_path / "forger")
+    bundle = candidate(tmp_path, 100, "rev-1")
+
+    def sign(key: Path) -> None:
+        args = ["policy", "sign", str(bundle), "--key", str(key), "--key-id", key_id]
+        assert warden_main(args) == 0
+
+    sign(private)
+    rev1_sha256 = policy_files_sha256(bundle)
+    signing = {"required": True, "keys": {key_id: f"@{public}"}}
+    policy = {"bundles": [str(bundle)], "watch": True, "poll_interval_s": 0.05, "signing": signing}
+    async with Warden(make_config(tmp_path, llm.url, policy=policy)) as warden:
+        assert warden.readiness()[1]["policy"]["signed_by"] == key_id
+        await refund(warden, llm, 75)
+        # rev-2 lands without a new signature: the old one no longer matches its files.
+        data = json.loads((bundle / "data.json").read_text())
+        data["warden"]["limits"]["issue_refund"]["auto"] = 50
+        (bundle / "data.json").write_text(json.dumps(data))
+        (bundle / ".manifest").write_text(json.dumps({"revision": "rev-2", "roots": ["warden"]}))
+        await refused(warden, "does not match the signature")
+        sign(forger)  # the trusted key id, signed with another key
+        await refused(warden, f"signature check failed with key {key_id!r}")
+        (bundle / ".signatures.json").unlink()
+        await refused(warden, "bundle is not signed")
+        await refund(warden, llm, 75)  # still decided by rev-1
+        sign(private)
+        while warden.readiness()[1]["policy"]["revision"] != "rev-2":  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        assert warden.readiness()[1]["policy"]["signed_by"] == key_id
+        await refund(warden, llm, 75)
+    rev2_sha256 = policy_files_sha256(bundle)
+    assert rev2_sha256 != rev1_sha256
+
+    audit = tmp_path / "audit"
+    refunds = [
+        r["decision"]
+        for r in audit_records(audit)
+        if r["kind"] == "decision" and r["action"]["tool"] == "issue_refund"
+    ]
+    assert [(d["bundle_revision"], d["effect"]) for d in refunds] == [
+        ("rev-1", "allow"),
+        ("rev-1", "allow"),
+        ("rev-2", "require_approval"),
+    ]
+    out = tmp_path / "evidence"
+    assert warden_main(["audit", "export", "--dir", str(audit), "--out", str(out)]) == 0
+    changes = [orjson.loads(line) for line in (out / "changelog.jsonl").read_bytes().splitlines()]
+    # The three refused revisions left no record: one activation at start, one at the reload.
+    assert [c["kind"] for c in changes] == ["config_load", "policy_activation", "policy_activation"]
+    common = {"role": "champion", "signed_by": key_id, "source": str(bundle), "name": "rev-1"}
+    assert changes[1]["body"] == {
+        **common,
+        "revision": "rev-1",
+        "previous_revision": None,
+        "manifest_sha256": rev1_sha256,
+    }
+    assert changes[2]["body"] == {
+        **common,
+        "revision": "rev-2",
+        "previous_revision": "rev-1",
+        "manifest_sha256": rev2_sha256,
+    }
+    summary = (out / "SUMMARY.md").read_text()
+    for revision, previous, digest in (
+        ("rev-1", "none", rev1_sha256),
+        ("rev-2", "rev-1", rev2_sha256),
+    ):
+        assert (
+            f"champion revision {revision} (was {previous}) from {bundle}, signed by {key_id}; "
+            f"manifest {digest[:16]}"
+        ) in summary

@@ -160,4 +160,8 @@ async def test_compare_shows_two_versions_from_real_traffic(
     assert "v1" in report
     assert "v2" in report
     assert "50.0%" in report
+    # With no history before the last day there is nothing to compare with:
+    # too little data is not drift, and the CI gate passes (the exit-1 path is
+    # in test_monitor_cli_functional.py).
     assert warden_main(["monitor", "drift", "--audit", audit, "--fail-on", "act"]) == 0
+    assert "not enough history" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -197,6 +198,48 @@ def test_demo_shows_allow_deny_and_hold_and_leaves_nothing_running(tmp_path: Pat
     assert "DAMAGED" not in out
     assert "sk-demo-not-a-real-key" not in out
     assert _session_processes(proc.pid) == []
+    _assert_ends_with_drift_and_quality(out)
+
+
+def _assert_ends_with_drift_and_quality(out: str) -> None:
+    """The demo ends with cli_monitor.print_summary of its fresh log, then two closing lines."""
+    tail = out.split("MCP wrap's audit log: ", 1)[1].splitlines()[1:]
+    assert tail[:3] == ["", "Quality (read back from the audit log):", ""], out
+    assert re.split(r"\s{2,}", tail[3]) == [
+        "agent",
+        "version",
+        "decisions",
+        "deny",
+        "hold",
+        "appr. rejected",
+        "tool errors",
+        "cost/conv USD",
+        "p95 added ms",
+    ]
+    # The shares agree with the decision table above: T-5 denied, T-3 and T-4 held.
+    denied = len(re.findall(r"^T-\d+ +\S+ +DENIED ", out, re.MULTILINE))
+    held = len(re.findall(r"^T-\d+ +\S+ +HELD ", out, re.MULTILINE))
+    assert (denied, held) == (1, 2)
+    for line, version in zip(tail[4:6], ("-", "*"), strict=True):  # the version, all versions
+        agent, shown, decisions, deny, hold, rejected, errors, cost, p95 = re.split(r"\s{2,}", line)
+        assert (agent, shown) == ("support-agent", version)
+        n = int(decisions)
+        assert n >= 5  # five tickets' tool calls, and the model calls
+        assert (deny, hold) == (f"{denied / n:.1%}", f"{held / n:.1%}")
+        assert rejected == "50.0% of 2"  # T-3 approved, T-4 rejected
+        assert errors == "- of 0"  # no outcome the demo's tools report is trusted
+        assert cost == "-"  # the demo names no conversation (only X-Warden-Context-Ticket)
+        assert float(p95) > 0
+    # A fresh log has no reference window: no drift figure yet.
+    assert tail[6:10] == [
+        "",
+        "Drift of the last day against the 7 days before:",
+        "  support-agent -: not enough history to compare yet",
+        "  support-agent *: not enough history to compare yet",
+    ]
+    assert tail[10].startswith("Check it yourself: .venv/bin/warden audit verify --dir ")
+    assert tail[11].startswith("Finished in ")
+    assert len(tail) == 12
 
 
 def _session_processes(sid: int) -> list[str]:

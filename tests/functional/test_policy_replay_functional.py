@@ -152,3 +152,104 @@ def test_the_exit_code_gates_on_the_threshold(
     assert doc["passed"] is False
     # A bundle that cannot be read is exit status 2, not a pass.
     assert warden_main(["policy", "replay", "--audit", str(audit), "--bundle", "/nonexistent"]) == 2
+
+
+def decision_times(audit: Path) -> dict[str, str]:
+    """The recorded time of each decision, by decision id, in log order."""
+    return {r["decision"]["id"]: r["time"] for r in audit_records(audit) if r["kind"] == "decision"}
+
+
+def replay_json(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
+    """Run ``warden policy replay ... --format json``: its exit status and document."""
+    code = warden_main(["policy", "replay", *args, "--format", "json"])
+    doc: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return code, doc
+
+
+def test_from_and_to_replay_only_the_decisions_in_the_window(
+    recorded: tuple[Path, Config, dict[float, str]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--from`` (inclusive) and ``--to`` (exclusive) bound which decisions are replayed.
+
+    The boundaries are decision times as the records carry them (RFC 3339)
+    and durations back from now; the counts and the changed decision ids are
+    exactly those of the decisions inside each window.
+    """
+    audit, _, ids = recorded
+    at = decision_times(audit)
+    times = list(at.values())
+    # A model call's decision, then its refund's, per request; every time distinct.
+    assert len(times) == 2 * len(AMOUNTS)
+    assert times == sorted(set(times))
+
+    def refund_at(amount: int) -> str:
+        return str(at[ids[float(amount)]])
+
+    base = ["--audit", str(audit), "--bundle", str(candidate_bundle(tmp_path, 50))]
+    # Each row: the window, the decisions in it, and the refunds (by amount) that change.
+    windows: list[tuple[list[str], int, set[int]]] = [
+        # The 75 and 95 refunds and the model calls of the 95 and 30 requests.
+        (["--from", refund_at(75), "--to", refund_at(30)], 4, {75, 95}),
+        # --from takes the 60 refund, --to leaves out the 75 one.
+        (["--from", refund_at(60), "--to", refund_at(75)], 2, {60}),
+        # Up to the 60 refund: three model calls and the 20 and 40 refunds, none changed.
+        (["--to", refund_at(60)], 5, set()),
+        # From the 95 refund: it changes; the held 30 refund stays held.
+        (["--from", refund_at(95)], 3, {95}),
+        (["--from", "1h"], 2 * len(AMOUNTS), set(TIGHTENED)),
+        (["--to", "1h"], 0, set()),
+    ]
+    for window, scanned, changed in windows:
+        code, doc = replay_json([*base, *window], capsys)
+        assert code == 0, window  # no threshold set
+        assert (doc["scanned"], doc["replayed"], doc["changed"]) == (
+            scanned,
+            scanned,
+            len(changed),
+        ), window
+        samples = {s for c in doc["changes"] for s in c["samples"]}
+        assert samples == {ids[float(a)] for a in changed}, window
+        assert {c["change"] for c in doc["changes"]} <= {"allow→require_approval"}
+
+
+def test_the_config_threshold_gates_unless_the_command_line_sets_one(
+    recorded: tuple[Path, Config, dict[float, str]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``monitor.replay_max_changes`` in the config file gates the exit status.
+
+    Three decisions change: a config limit of 2 fails (exit 1) and 3 passes,
+    with no ``--max-changes``; a ``--max-changes`` given on the command line
+    wins over the config either way; and the limit counts only the decisions
+    in the ``--from`` window. The config's ``audit.dir`` is the log replayed.
+    """
+    audit, _, ids = recorded
+    bundle = str(candidate_bundle(tmp_path, 50))
+
+    def config_file(limit: int) -> str:
+        path = tmp_path / f"warden-{limit}.yaml"
+        path.write_text(
+            json.dumps({"audit": {"dir": str(audit)}, "monitor": {"replay_max_changes": limit}})
+        )
+        return str(path)
+
+    def gate(limit: int, *extra: str) -> tuple[int, int, int, bool]:
+        """Exit status, decisions changed, the threshold applied, and whether it passed."""
+        args = ["--bundle", bundle, "--config", config_file(limit), *extra]
+        code, doc = replay_json(args, capsys)
+        return code, doc["changed"], doc["threshold"]["max_changes"], doc["passed"]
+
+    assert gate(2) == (1, 3, 2, False)
+    assert gate(3) == (0, 3, 3, True)
+    assert gate(2, "--max-changes", "3") == (0, 3, 3, True)
+    assert gate(3, "--max-changes", "2") == (1, 3, 2, False)
+    # From the 75 refund on: the 75 and 95 refunds change, within the config's 2.
+    assert gate(2, "--from", decision_times(audit)[ids[75.0]]) == (0, 2, 2, True)
+    # The text report says which threshold it applied.
+    assert warden_main(["policy", "replay", "--bundle", bundle, "--config", config_file(2)]) == 1
+    assert "3 decision(s) change (25.0% of replayed); threshold max 2: FAIL." in (
+        capsys.readouterr().out
+    )

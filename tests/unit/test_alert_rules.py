@@ -38,6 +38,8 @@ from warden.model import (
     Stage,
     new_id,
 )
+from warden.monitor.live import _LEVEL_VALUE
+from warden.monitor.psi import Level
 from warden.ops import metrics
 from warden.state import StateStore
 
@@ -176,7 +178,16 @@ def test_the_alerts_cover_what_operators_asked_for() -> None:
         "WardenSpendNearCap",
         "WardenKillSwitchActive",
         "WardenNotReady",
+        "WardenAgentDrift",
+        "WardenChallengerDiverges",
     } <= names
+
+
+def test_the_drift_alert_fires_at_the_gauges_value_for_act() -> None:
+    (rule,) = [
+        r for r in prom.alerting_rules(prom.load_rules()) if r["alert"] == "WardenAgentDrift"
+    ]
+    assert rule["expr"].strip().endswith(f"(warden_drift_level) == {_LEVEL_VALUE[Level.ACT]}")
 
 
 def test_every_alert_has_a_unit_test() -> None:

@@ -277,3 +277,50 @@ async def test_signed_activations_carry_the_signer_and_refused_bundles_leave_no_
             f"champion revision {revision} (was {previous}) from {bundle}, signed by {key_id}; "
             f"manifest {digest[:16]}"
         ) in summary
+
+
+async def test_a_key_rotation_is_recorded_as_an_activation_by_the_new_signer(
+    llm: MockLLM, tmp_path: Path
+) -> None:
+    """The same files re-signed with another trusted key activate again, naming the new signer.
+
+    Nothing about the policy changed, but the change log must show who signs
+    what is in force: an auditor reads the rotation there, not in a key store.
+    """
+    old_key, old_public, old_id = signing_key(tmp_path / "old")
+    new_key, new_public, new_id = signing_key(tmp_path / "new")
+    bundle = candidate(tmp_path, 100, "rev-1")
+
+    def sign(key: Path, key_id: str) -> None:
+        assert (
+            warden_main(["policy", "sign", str(bundle), "--key", str(key), "--key-id", key_id]) == 0
+        )
+
+    sign(old_key, old_id)
+    keys = {old_id: f"@{old_public}", new_id: f"@{new_public}"}
+    signing = {"required": True, "keys": keys}
+    policy = {"bundles": [str(bundle)], "watch": True, "poll_interval_s": 0.05, "signing": signing}
+    async with Warden(make_config(tmp_path, llm.url, policy=policy)) as warden:
+        assert warden.readiness()[1]["policy"]["signed_by"] == old_id
+        sign(new_key, new_id)
+        while warden.readiness()[1]["policy"]["signed_by"] != new_id:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        await refund(warden, llm, 75)
+    changes = [r for r in audit_records(tmp_path / "audit") if r["kind"] == "policy_activation"]
+    assert [
+        (c["body"]["revision"], c["body"]["previous_revision"], c["body"]["signed_by"])
+        for c in changes
+    ] == [("rev-1", None, old_id), ("rev-1", "rev-1", new_id)]
+    # A decision made after the rotation links to the new signer's activation.
+    out = tmp_path / "evidence"
+    assert (
+        warden_main(["audit", "export", "--dir", str(tmp_path / "audit"), "--out", str(out)]) == 0
+    )
+    refunds = {
+        r["id"]
+        for r in audit_records(tmp_path / "audit")
+        if r["kind"] == "decision" and r["action"]["tool"] == "issue_refund"
+    }
+    links = [orjson.loads(line) for line in (out / "activations.jsonl").read_bytes().splitlines()]
+    refund_links = [link["activation_id"] for link in links if link["record_id"] in refunds]
+    assert refund_links == [changes[1]["id"]]

@@ -164,4 +164,4 @@ async def test_compare_shows_two_versions_from_real_traffic(
     # too little data is not drift, and the CI gate passes (the exit-1 path is
     # in test_monitor_cli_functional.py).
     assert warden_main(["monitor", "drift", "--audit", audit, "--fail-on", "act"]) == 0
-    assert "not enough history" in capsys.readouterr().out
+    assert "insufficient" in capsys.readouterr().out

@@ -1032,8 +1032,9 @@ class PolicyEngine:
     async def activate(self, bundle: Bundle) -> bool:
         """Compile ``bundle`` in a new worker pool and swap it in.
 
-        Returns ``False`` when it is the active bundle already (same files).
-        On failure the active revision stays, the failure is reported, and
+        Returns ``False`` when it is the active bundle already (same files,
+        same signer: files re-signed with another key, a key rotation, are
+        activated again so the change log records the new signer). On failure the active revision stays, the failure is reported, and
         :class:`PolicyError` is raised.
         """
         async with self._lock:
@@ -1045,6 +1046,7 @@ class PolicyEngine:
                 and current.bundle.revision == bundle.revision
                 and current.bundle.file_hashes == bundle.file_hashes
                 and bundle.file_hashes is not None
+                and current.bundle.signed_by == bundle.signed_by
             ):
                 return False
             modules = production_modules(bundle)

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 
@@ -119,6 +119,17 @@ class DirectorySource:
         """Nothing to release."""
 
 
+def _secrets_of(url: str) -> list[str]:
+    """The parts of ``url`` that :func:`shown_url` masks: its password and query values."""
+    parts = urlsplit(url)
+    raw = [pair.partition("=")[2] for pair in parts.query.split("&")]
+    userinfo = parts.netloc.rpartition("@")[0]
+    if ":" in userinfo:
+        raw.append(userinfo.split(":", 1)[1])
+    # As written and decoded: an error may quote either form.
+    return sorted({form for value in raw if value for form in (value, unquote_plus(value))})
+
+
 def shown_url(url: str) -> str:
     """``url`` as Warden shows and records it: its password and every query value masked.
 
@@ -149,6 +160,7 @@ class HttpSource:
         self.url = url
         self.signing = signing
         self.description = shown_url(url)
+        self._secrets = _secrets_of(url)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._etag: str | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -179,9 +191,10 @@ class HttpSource:
                     )
                 etag = resp.headers.get("ETag")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise BundleError(
-                f"{self.description}: cannot fetch bundle: {exc or type(exc).__name__}"
-            ) from None
+            why = str(exc) or type(exc).__name__
+            for secret in self._secrets:  # some client errors quote the URL they failed on
+                why = why.replace(secret, "***")
+            raise BundleError(f"{self.description}: cannot fetch bundle: {why}") from None
         # Remember the ETag even if the bundle is broken: it is reported once per change.
         self._etag = etag
         name = bundle_name(self.url.rsplit("?", 1)[0].rstrip("/")) or "bundle"

@@ -1034,7 +1034,8 @@ class PolicyEngine:
 
         Returns ``False`` when it is the active bundle already (same files,
         same signer: files re-signed with another key, a key rotation, are
-        activated again so the change log records the new signer). On failure the active revision stays, the failure is reported, and
+        activated again so the change log records the new signer). On
+        failure the active revision stays, the failure is reported, and
         :class:`PolicyError` is raised.
         """
         async with self._lock:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -279,6 +283,41 @@ async def test_a_link_is_written_in_the_background_without_a_stop(
     await stop(first)
     assert set(links) == {"c1"}
     assert not tombs
+
+
+class _SlowLinkStore(CallLinkStore):
+    """Each batch's transaction takes a while, in the store's thread, as on a busy disk."""
+
+    started: threading.Event
+
+    def _apply(self, ops: Any, prune_before: float | None, keep: int) -> list[str]:
+        self.started.set()
+        time.sleep(0.2)
+        return super()._apply(ops, prune_before, keep)
+
+
+async def test_a_stop_during_a_links_transaction_keeps_the_link(
+    audit: MemoryAudit, url: str
+) -> None:
+    """Stopping while the writer's batch is in its transaction neither loses nor doubles it.
+
+    A batch written twice would clash with itself and leave tombstones: the
+    result sent after the restart would then link to nothing.
+    """
+    store = await _SlowLinkStore.open(url)
+    store.started = threading.Event()
+    first = Governor(pipeline(audit), links=CallLinks(store))
+    await first.start()
+    decided = await first.decide_calls(turn(), [call("search", "c1")], "openai")
+    await asyncio.to_thread(store.started.wait, 5)  # the writer's batch is in its transaction
+    await first.close()
+    await store.close()
+    second = await governor(audit, url)
+    second.record_results([result("c1", "found")])
+    await settled(second)
+    await stop(second)
+    [recorded] = audit.outcomes
+    assert recorded.decision_id == decided["c1"].decision_id
 
 
 async def test_an_id_linked_before_a_restart_and_proposed_again_links_to_nothing(

@@ -226,6 +226,8 @@ class CallLinks:
         self._queue: list[_Op] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._writing = asyncio.Lock()
+        """Held for each batch's transaction: a batch is never cancelled halfway (below)."""
         self._pruned = 0.0
         self._closed = False
 
@@ -301,7 +303,11 @@ class CallLinks:
             return
         self._closed = True
         if self._writer is not None:
-            self._writer.cancel()
+            # Not in the middle of a batch: the store would finish the cancelled
+            # transaction in its thread, the batch would be queued again, and its
+            # links written a second time would clash with themselves (tombstones).
+            async with self._writing:
+                self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
         try:
             await self.flush()
@@ -345,18 +351,21 @@ class CallLinks:
 
     async def _write_batch(self) -> None:
         assert self._store is not None
-        batch, self._queue = self._queue, []
-        if not batch:
-            return
-        now = self._clock()
-        prune = None
-        if now - self._pruned >= _PRUNE_EVERY_S:
-            prune, self._pruned = now - self._ttl, now
-        try:
-            clashed = await self._store.apply(batch, prune_before=prune, keep=self._max)
-        except BaseException:
-            self._queue[:0] = batch  # kept for the next try, in order
-            raise
+        async with self._writing:
+            batch, self._queue = self._queue, []
+            if not batch:
+                return
+            now = self._clock()
+            prune = None
+            if now - self._pruned >= _PRUNE_EVERY_S:
+                prune, self._pruned = now - self._ttl, now
+            try:
+                clashed = await self._store.apply(batch, prune_before=prune, keep=self._max)
+            except Exception:
+                # Rolled back: kept for the next try, in order. (A cancelled wait
+                # is not requeued: the store's thread may still commit the batch.)
+                self._queue[:0] = batch
+                raise
         for call_id in clashed:
             # Linked before a restart (or evicted from memory) and proposed again.
             self._put(call_id, (_TOMBSTONE, now))

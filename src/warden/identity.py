@@ -45,6 +45,7 @@ from warden.errors import Forbidden, RequestError, Unauthenticated, WardenError
 from warden.ingress.headers import AGENT_HEADER
 from warden.model import Agent
 from warden.ops import metrics
+from warden.urls import scrub, shown_url, url_secrets
 
 __all__ = [
     "AGENT_KEY_HEADER",
@@ -215,8 +216,10 @@ class _Jwks:
             try:
                 self._keys = _parse_jwks(await self._load(), now)
             except Exception as exc:  # any failure: keep the last good keys
-                source = self._config.jwks_url or self._config.jwks_file
-                log.warning("cannot load JWKS from %s: %s", source, exc)
+                url = self._config.jwks_url
+                source = shown_url(url) if url else self._config.jwks_file
+                why = scrub(str(exc), url_secrets(url)) if url else exc
+                log.warning("cannot load JWKS from %s: %s", source, why)
                 if self._keys is None:
                     raise self._unavailable() from None
             return self._keys

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from aiohttp import web
@@ -213,3 +214,36 @@ async def test_spans_are_exported_over_otlp_http_as_otel_variables_say(
     values = {a.key: a.value.string_value for a in denied.attributes}
     assert values["warden.decision.effect"] == "deny"
     assert values["warden.decision.id"].startswith("dec_")
+
+
+async def test_the_upstream_span_never_carries_a_password_or_query(
+    spans: InMemorySpanExporter,
+) -> None:
+    """``url.full`` of the client span leaves out the authority's password and the query.
+
+    A tool API's ``base_url`` may carry a password (``https://svc:TOKEN@host``)
+    and a request's query a key; spans go to a tracing backend with other
+    retention and readers than the audit log.
+    """
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/tools/search", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    url = f"http://svc:upstream-s3cret@127.0.0.1:{port}/tools/search?key=q-s3cret"
+    try:
+        async with (
+            aiohttp.ClientSession(trace_configs=tracing.client_trace_configs()) as session,
+            session.get(url) as resp,
+        ):
+            assert resp.status == 200
+    finally:
+        await runner.cleanup()
+    (span,) = [s for s in spans.get_finished_spans() if s.kind is SpanKind.CLIENT]
+    assert attrs(span)["url.full"] == f"http://127.0.0.1:{port}/tools/search"

@@ -89,7 +89,9 @@ async def https_server(ca: trustme.CA) -> AsyncIterator[int]:
         await runner.cleanup()
 
 
-async def test_unknown_hosts_are_refused_and_nothing_leaves(tmp_path: Path, llm: MockLLM) -> None:
+async def test_unknown_hosts_are_refused_and_nothing_leaves(
+    tmp_path: Path, llm: MockLLM, caplog: pytest.LogCaptureFixture
+) -> None:
     async with (
         CountingServer() as fake,
         Warden(transparent_config(tmp_path, llm.url)) as warden,
@@ -108,8 +110,17 @@ async def test_unknown_hosts_are_refused_and_nothing_leaves(tmp_path: Path, llm:
             for url in (f"https://127.0.0.1:{fake.port}/", f"https://localhost:{fake.port}/"):
                 with pytest.raises(httpx2.ProxyError, match="403"):
                     await c.get(url)
-            # Plain HTTP through the proxy: the same rule, answered in HTTP.
-            refused = await c.get(f"http://localhost:{fake.port}/v1/models")
+            # Plain HTTP through the proxy: the same rule, answered in HTTP. Its
+            # query (a key, as Gemini's API takes it) is not in the log line.
+            with caplog.at_level(logging.WARNING, logger="warden.transparent"):
+                refused = await c.get(f"http://localhost:{fake.port}/v1/models?key=AIza-s3cret")
+                for _ in range(100):  # logged on mitmproxy's thread
+                    if any("/v1/models" in r.getMessage() for r in caplog.records):
+                        break
+                    await asyncio.sleep(0.05)
+        logged = [r.getMessage() for r in caplog.records if r.name == "warden.transparent"]
+        assert any("refused GET /v1/models on localhost" in line for line in logged), logged
+        assert not any("s3cret" in line for line in logged)
         assert refused.status_code == 403
         assert refused.json()["code"] == "host_not_governed"
         assert fake.connections == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -177,3 +178,40 @@ async def test_an_unreachable_receiver_does_not_raise() -> None:
     await notifier.close()
     assert results[0].ok is False
     assert results[0].status is None
+
+
+async def test_a_failed_delivery_never_records_the_webhook_url() -> None:
+    """A webhook URL is a secret (Slack's path is its token); client errors quoting it are scrubbed.
+
+    The receiver answers with bytes that are not HTTP, so the client's error
+    names the URL it was posting to.
+    """
+
+    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.write(b"SSH-2.0-not-http\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(not_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    results: list[Delivery] = []
+
+    async def on_result(d: Delivery) -> None:
+        results.append(d)
+
+    secret = "/services/T0001/B0002/XyZsecretTokenValue"
+    settings = ApprovalSettings(
+        webhook_url=f"http://127.0.0.1:{port}{secret}?sig=qs-s3cret", webhook_tries=1
+    )
+    notifier = Notifier(settings, on_result)
+    notifier.notify("approval.requested", approval())
+    await notifier.drain(5)
+    await notifier.close()
+    server.close()
+    await server.wait_closed()
+    [delivery] = results
+    assert delivery.ok is False
+    assert delivery.error is not None
+    assert "XyZsecretTokenValue" not in delivery.error
+    assert "qs-s3cret" not in delivery.error

@@ -102,6 +102,22 @@ def test_a_malformed_path_or_query_is_a_problem(path: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("path", "named"),
+    [
+        ("/v1/models?key=AIza-s3cret%zz", "the value of 'key'"),
+        ("/v1/models?key=AIza-s3cret%ff", "the value of 'key'"),
+        ("/v1/AIza-s3cret%ff/models", "the path"),
+    ],
+)
+def test_a_malformed_value_is_named_never_quoted(path: str, named: str) -> None:
+    """The problem becomes a recorded decision reason; a query value may be a key."""
+    parsed = check_input(_request(path))
+    assert parsed.problem is not None
+    assert named in parsed.problem
+    assert "s3cret" not in parsed.problem
+
+
+@pytest.mark.parametrize(
     ("headers", "body", "parsed_body", "truncated"),
     [
         (

@@ -647,3 +647,22 @@ async def test_an_issuer_down_from_the_start_is_not_asked_once_per_token(issuer:
     clock.now += 2
     assert (await ident.resolve(token)).id == "refunds-bot"
     assert fetch.calls == 2
+
+
+async def test_a_failed_jwks_fetch_is_logged_without_the_urls_credentials(
+    issuer: Issuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The JWKS URL may carry a token or a password; the warning shows neither."""
+    url = "https://warden:hunter2@issuer.example/jwks?access_token=t0p-s3cret"
+
+    async def failing(got: str, timeout_s: float) -> bytes:
+        raise ValueError(f"cannot connect to {got}")  # errors may quote the URL
+
+    cfg = config(jwt={"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": url})
+    ident = Identity(cfg, fetch=failing, clock=Clock())
+    with caplog.at_level(logging.WARNING), pytest.raises(Unauthenticated):
+        await ident.resolve({AGENT_TOKEN_HEADER: issuer.token()})
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "cannot load JWKS from https://warden:***@issuer.example/jwks?access_token=***" in logged
+    assert "hunter2" not in logged
+    assert "t0p-s3cret" not in logged

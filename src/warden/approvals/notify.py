@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -29,6 +30,7 @@ import orjson
 from warden import __version__, tasks
 from warden.approvals import metrics
 from warden.approvals.model import Approval, ApprovalSettings
+from warden.urls import scrub, url_secrets
 
 __all__ = [
     "EVENTS",
@@ -137,6 +139,10 @@ class Notifier:
     ) -> None:
         self._settings = settings
         self._on_result = on_result
+        url = settings.webhook_url or ""
+        # The whole URL, its path (Slack's token) and any password or query value.
+        parts = {url, urlsplit(url).path, *url_secrets(url)} - {"", "/"}
+        self._url_secrets = sorted(parts, key=len, reverse=True)
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
 
@@ -205,7 +211,10 @@ class Notifier:
                 if 400 <= status < 500 and status not in (408, 429):
                     break  # the receiver refuses this body: retrying will not help
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                status, error = None, f"{type(exc).__name__}: {exc}"
+                # A webhook URL is itself a secret (Slack's path is the token), and
+                # some client errors quote it: the text is recorded and logged scrubbed.
+                why = scrub(f"{type(exc).__name__}: {exc}", self._url_secrets)
+                status, error = None, why
             if attempt + 1 < s.webhook_tries:
                 await asyncio.sleep(s.webhook_backoff_s * 2**attempt)
         ok = error is None

@@ -226,7 +226,7 @@ class GoverningAddon:
             log.warning(
                 "refused %s %s on %s: not a governed host",
                 request.method,
-                request.path,
+                request.path.partition("?")[0],  # a query can carry a key (?key=...)
                 verdict.host,
             )
             return

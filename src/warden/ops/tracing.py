@@ -239,7 +239,8 @@ async def _upstream_start(
             "http.request.method": params.method,
             "server.address": url.host or "",
             "server.port": url.port or 0,
-            "url.full": str(url.with_query(None)),  # a query can carry keys: left out
+            # A query or a password in the authority can carry keys: left out.
+            "url.full": str(url.with_user(None).with_query(None)),
         },
     )
     ctx.warden_span = span

@@ -23,7 +23,6 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 
@@ -39,6 +38,7 @@ from warden.policy.bundle import (
     merge_bundles,
     read_tarball,
 )
+from warden.urls import scrub, shown_url, url_secrets
 
 __all__ = ["Activator", "BundleSource", "BundleTarget", "DirectorySource", "HttpSource"]
 
@@ -119,38 +119,6 @@ class DirectorySource:
         """Nothing to release."""
 
 
-def _secrets_of(url: str) -> list[str]:
-    """The parts of ``url`` that :func:`shown_url` masks: its password and query values."""
-    parts = urlsplit(url)
-    raw = [pair.partition("=")[2] for pair in parts.query.split("&")]
-    userinfo = parts.netloc.rpartition("@")[0]
-    if ":" in userinfo:
-        raw.append(userinfo.split(":", 1)[1])
-    # As written and decoded: an error may quote either form.
-    return sorted({form for value in raw if value for form in (value, unquote_plus(value))})
-
-
-def shown_url(url: str) -> str:
-    """``url`` as Warden shows and records it: its password and every query value masked.
-
-    Bundle servers are often reached with credentials in the URL (basic auth,
-    a token or a presigned signature in the query). The URL is fetched as
-    given, but logs, errors, ``/readyz`` and the activation records (which
-    never expire) only ever see this form.
-    """
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{hostport}" if ":" in userinfo else f"{user}@{hostport}"
-    query = parts.query
-    if query:
-        pairs = [(k, "***") for k, _ in parse_qsl(query, keep_blank_values=True)]
-        query = urlencode(pairs, safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-
-
 class HttpSource:
     """An OPA-style bundle server: ``GET bundle_url`` returning a ``.tar.gz``."""
 
@@ -160,7 +128,7 @@ class HttpSource:
         self.url = url
         self.signing = signing
         self.description = shown_url(url)
-        self._secrets = _secrets_of(url)
+        self._secrets = url_secrets(url)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._etag: str | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -191,9 +159,8 @@ class HttpSource:
                     )
                 etag = resp.headers.get("ETag")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            why = str(exc) or type(exc).__name__
-            for secret in self._secrets:  # some client errors quote the URL they failed on
-                why = why.replace(secret, "***")
+            # Some client errors quote the URL they failed on.
+            why = scrub(str(exc) or type(exc).__name__, self._secrets)
             raise BundleError(f"{self.description}: cannot fetch bundle: {why}") from None
         # Remember the ETag even if the bundle is broken: it is reported once per change.
         self._etag = etag

@@ -163,16 +163,20 @@ def protomap(msg: Message) -> dict[str, Any]:
     return out
 
 
-def _unescape(text: str, *, plus: bool) -> str:
-    """Go's ``PathUnescape`` / ``QueryUnescape``: a malformed escape is an error."""
+def _unescape(text: str, *, plus: bool, what: str) -> str:
+    """Go's ``PathUnescape`` / ``QueryUnescape``: a malformed escape is an error.
+
+    The error names ``what`` failed, never the text: a query value may be a
+    key (``?key=...``), and the error becomes a recorded decision reason.
+    """
     if _BAD_ESCAPE.search(text):
-        raise ValueError(f"invalid URL escape in {text[:60]!r}")
+        raise ValueError(f"invalid URL escape in {what}")
     if plus:
         text = text.replace("+", " ")
     try:
         return unquote(text, errors="strict")
     except UnicodeDecodeError:
-        raise ValueError(f"{text[:60]!r} is not UTF-8 once percent-decoded") from None
+        raise ValueError(f"{what} is not UTF-8 once percent-decoded") from None
 
 
 def _parse_query(raw: str) -> dict[str, list[str]]:
@@ -184,7 +188,10 @@ def _parse_query(raw: str) -> dict[str, list[str]]:
         if ";" in piece:
             raise ValueError("invalid semicolon separator in query")
         key, _, value = piece.partition("=")
-        out.setdefault(_unescape(key, plus=True), []).append(_unescape(value, plus=True))
+        name = _unescape(key, plus=True, what="a parameter's name")
+        out.setdefault(name, []).append(
+            _unescape(value, plus=True, what=f"the value of {name[:40]!r}")
+        )
     return out
 
 
@@ -335,7 +342,7 @@ def check_input(
     if not request.attributes.request.HasField("http"):
         return _with_problem(base, "the CheckRequest carries no HTTP request")
     try:
-        doc["parsed_path"] = _unescape(raw_path, plus=False).lstrip("/").split("/")
+        doc["parsed_path"] = _unescape(raw_path, plus=False, what="the path").lstrip("/").split("/")
         doc["parsed_query"] = _parse_query(raw_query)
     except ValueError as exc:
         return _with_problem(base, f"error parsing path and query: {exc}")
@@ -365,7 +372,7 @@ def decode_segments(path: str) -> list[str] | None:
     segments: list[str] = []
     for raw in path.removeprefix("/").split("/"):
         try:
-            segment = _unescape(raw, plus=False)
+            segment = _unescape(raw, plus=False, what="a path segment")
         except ValueError:
             return None
         if segment in ("", ".", "..") or "/" in segment or "\\" in segment:

@@ -1,0 +1,51 @@
+"""URLs as Warden shows them: with the credentials they may carry masked.
+
+A configured URL can carry a secret: a password in its authority
+(``https://user:pass@host``), or a token, key or presigned signature in its
+query. Warden sends such a URL as given, but logs, errors, status pages,
+spans and audit records only ever see :func:`shown_url`'s form, and error
+texts from HTTP clients, which may quote the URL, pass through :func:`scrub`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
+
+__all__ = ["scrub", "shown_url", "url_secrets"]
+
+MASK = "***"
+
+
+def shown_url(url: str) -> str:
+    """``url`` with its password and every query value replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:{MASK}@{hostport}" if ":" in userinfo else f"{user}@{hostport}"
+    query = parts.query
+    if query:
+        pairs = [(k, MASK) for k, _ in parse_qsl(query, keep_blank_values=True)]
+        query = urlencode(pairs, safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def url_secrets(url: str) -> list[str]:
+    """What :func:`shown_url` masks in ``url``, as written and as decoded."""
+    parts = urlsplit(url)
+    raw = [pair.partition("=")[2] for pair in parts.query.split("&")]
+    userinfo = parts.netloc.rpartition("@")[0]
+    if ":" in userinfo:
+        raw.append(userinfo.split(":", 1)[1])
+    # Longest first, so a secret that contains another is masked whole.
+    forms = {form for value in raw if value for form in (value, unquote_plus(value))}
+    return sorted(forms, key=len, reverse=True)
+
+
+def scrub(text: str, secrets: Sequence[str]) -> str:
+    """``text`` (an error message) with each of ``secrets`` replaced by ``***``."""
+    for secret in secrets:
+        text = text.replace(secret, MASK)
+    return text

@@ -1,0 +1,30 @@
+"""URLs as Warden shows them: passwords and query values masked (warden.urls)."""
+
+from __future__ import annotations
+
+import pytest
+
+from warden.urls import scrub, shown_url, url_secrets
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://host/path", "https://host/path"),
+        ("https://ops:hunter2@host:8443/b.tar.gz", "https://ops:***@host:8443/b.tar.gz"),
+        ("https://ops@host/b", "https://ops@host/b"),
+        ("https://host/b?token=abc&v=2", "https://host/b?token=***&v=***"),
+        ("https://host/b?X-Amz-Signature=a%2Fb", "https://host/b?X-Amz-Signature=***"),
+        ("https://u:p%40ss@host/b?flag", "https://u:***@host/b?flag=***"),
+    ],
+)
+def test_shown_url_masks_the_password_and_every_query_value(url: str, shown: str) -> None:
+    assert shown_url(url) == shown
+
+
+def test_secrets_are_found_as_written_and_decoded_and_scrubbed_longest_first() -> None:
+    url = "https://ops:pa%2Fss@host/b?token=t0k%2Fen&sig=t0k"
+    secrets = url_secrets(url)
+    assert set(secrets) == {"pa%2Fss", "pa/ss", "t0k%2Fen", "t0k/en", "t0k"}
+    error = "0, message='', url='https://host/b?token=t0k%2Fen&sig=t0k' (pa/ss)"
+    assert scrub(error, secrets) == "0, message='', url='https://host/b?token=***&sig=***' (***)"

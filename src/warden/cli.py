@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -57,7 +58,9 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"warden: {exc}", file=sys.stderr)
         return 2
-    print(config.model_dump_json(indent=2))
+    from warden.config_shown import shown_config
+
+    print(json.dumps(shown_config(config), indent=2))
     return 0
 
 

@@ -152,6 +152,39 @@ def test_the_config_hash_leaves_secrets_out(tmp_path: Path) -> None:
     assert config_sha256(changed) != config_sha256(one)
 
 
+def test_warden_config_shows_no_secret(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``warden config`` prints the effective config with every kind of secret masked.
+
+    Each one once went through: a webhook's signing secret and its Slack path,
+    a database password in a URL (the authority and libpq's sslpassword), a
+    token in a bundle server's query.
+    """
+    secrets = ("whsec-s3cret", "T0001/B0002/XyZhook", "db-s3cret", "ssl-s3cret", "qs-s3cret")
+    config = {
+        "upstreams": {"openai": {"protocol": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+        "approvals": {
+            "webhook": {
+                "url": "https://hooks.slack.com/services/T0001/B0002/XyZhook",
+                "secret": "whsec-s3cret",
+            }
+        },
+        "state": {
+            "url": "postgresql://warden:db-s3cret@db/w?sslmode=require&sslpassword=ssl-s3cret"
+        },
+        "policy": {"bundle_url": "https://bundles.example/support.tar.gz?token=qs-s3cret"},
+    }
+    path = tmp_path / "warden.yaml"
+    path.write_text(json.dumps(config))
+    assert warden_main(["config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    shown = json.loads(out)
+    for secret in secrets:
+        assert secret not in out
+    assert shown["approvals"]["webhook"]["url"] == "https://hooks.slack.com/***"
+    assert shown["state"]["url"] == "postgresql://warden:***@db/w?sslmode=require&sslpassword=***"
+    assert shown["policy"]["bundle_url"] == "https://bundles.example/support.tar.gz?token=***"
+
+
 async def refused(warden: Warden, message: str) -> None:
     """Wait until the bundle watcher reports ``message``; revision rev-1 must stay active."""
     while message not in str((status := warden.readiness()[1]["policy"])["last_error"]):

@@ -7,6 +7,7 @@ import hashlib
 from typing import Any
 
 import orjson
+import pytest
 import rfc8785
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,6 +19,7 @@ from warden.audit.record import (
     arguments_sha256,
     decision_body,
     encode,
+    is_credential_key,
     mask_credentials,
     outcome_body,
     scrub_headers,
@@ -47,6 +49,52 @@ def test_credential_keys_are_masked_at_any_depth() -> None:
         "items": [{"password": REDACTED, "n": 1}],
     }
     assert value["headers"]["Authorization"] == "Bearer x", "the input must stay untouched"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "token",
+        "accessToken",
+        "clientSecret",
+        "refresh_token",
+        "private_key",
+        "X-Auth-Token",
+        "auth",
+        "bearer",
+        "db_password",
+        "x-warden-agent-key",
+        "AWS_SECRET_ACCESS_KEY",
+        "sessionToken",
+        "Set-Cookie",
+        "credentials",
+    ],
+)
+def test_credential_names_are_recognised_in_any_spelling(key: str) -> None:
+    assert is_credential_key(key)
+    assert mask_credentials({key: "s3cret", "n": 1}) == {key: REDACTED, "n": 1}
+
+
+@pytest.mark.parametrize(
+    "key", ["max_tokens", "prompt_tokens", "author", "keyword", "order_id", "customer_key_count"]
+)
+def test_ordinary_names_are_kept(key: str) -> None:
+    assert not is_credential_key(key)
+
+
+def test_a_json_result_has_its_credentials_masked() -> None:
+    """A tool's answer (an OAuth token endpoint, a get_api_key tool) is masked like arguments."""
+    token = '{"access_token": "eyJhbGciOi", "expires_in": 3600, "scope": "orders"}'
+    recorded = outcome_body(Outcome(status=200, result=token))["result"]
+    expected = {"access_token": REDACTED, "expires_in": 3600, "scope": "orders"}
+    assert orjson.loads(recorded) == expected
+    nested = ' [{"name": "crm", "apiKey": "k-123"}]'
+    assert orjson.loads(outcome_body(Outcome(result=nested))["result"]) == [
+        {"name": "crm", "apiKey": REDACTED}
+    ]
+    # Nothing to mask, or not JSON: recorded exactly as it came.
+    for text in ('{"order": "A-1", "key_count": 2}', "token: abc (not JSON)", '{"token": '):
+        assert outcome_body(Outcome(result=text))["result"] == text
 
 
 def test_action_body_applies_redactions_without_touching_the_action() -> None:

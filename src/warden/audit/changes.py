@@ -25,7 +25,6 @@ to the activation in force (:mod:`warden.audit.changelog`).
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Awaitable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,8 +33,9 @@ import orjson
 
 from warden import __version__
 from warden.audit.log import AuditLog
-from warden.audit.record import RecordRef, mask_credentials
+from warden.audit.record import RecordRef
 from warden.config import AuditConfig, Config
+from warden.config_shown import shown_config
 
 __all__ = [
     "ACTIVATION",
@@ -57,9 +57,6 @@ EVAL_RUN = "eval_run"
 REPLAY_RUN = "replay_run"
 CHANGE_KINDS = frozenset({ACTIVATION, CONFIG_LOAD, EVAL_RUN, REPLAY_RUN})
 """The record kinds the export's change log is drawn from."""
-
-_URL_PASSWORD = re.compile(r"(://[^/@:\s]*):[^/@\s]*@")
-_MASK = "**********"
 
 
 class BundleLike(Protocol):
@@ -125,26 +122,16 @@ def activation_body(
     }
 
 
-def _without_secrets(value: Any) -> Any:
-    if isinstance(value, str):
-        return _URL_PASSWORD.sub(rf"\1:{_MASK}@", value)
-    if isinstance(value, Mapping):
-        return {k: _without_secrets(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_without_secrets(v) for v in value]
-    return value
-
-
 def config_sha256(config: Config) -> str:
     """SHA-256 (hex) of the effective configuration, secrets left out.
 
-    The configuration as ``warden config`` prints it (secret fields already
-    ``**********``), with credential-named keys masked and passwords in URLs
-    replaced, encoded with sorted keys. Two sidecars with the same settings
+    The configuration as ``warden config`` prints it
+    (:func:`warden.config_shown.shown_config`: secret fields, credential-named
+    keys and what URLs carry masked), encoded with sorted keys. Two sidecars with the same settings
     and different secrets give the same hash; a changed secret is not
     visible in it (by design: the hash must not confirm a guessed secret).
     """
-    dumped = mask_credentials(_without_secrets(config.model_dump(mode="json")))
+    dumped = shown_config(config)
     return hashlib.sha256(orjson.dumps(dumped, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 

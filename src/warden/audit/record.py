@@ -18,6 +18,7 @@ Two defences run on every body before it is stored:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
@@ -44,6 +45,7 @@ __all__ = [
     "arguments_sha256",
     "decision_body",
     "encode",
+    "is_credential_key",
     "mask_credentials",
     "outcome_body",
     "scrub_headers",
@@ -68,11 +70,37 @@ CREDENTIAL_HEADERS = frozenset(
         "set-cookie",
     }
 )
-# Keys masked anywhere in arguments and generic bodies: defence in depth for
-# tools that pass credentials through (an http tool with its own headers).
-_CREDENTIAL_KEYS = CREDENTIAL_HEADERS | frozenset(
-    {"api_key", "apikey", "password", "secret", "client_secret", "access_token", "refresh_token"}
+# Keys masked anywhere in arguments, context, results and generic bodies: defence
+# in depth for tools that pass credentials through (an http tool with its own
+# headers, an OAuth token endpoint). A key is compared lower-cased without "-"
+# and "_": it is a credential when it is one of the names or contains one of the
+# parts. "token" alone is a name, not a part: max_tokens and prompt_tokens stay.
+_CREDENTIAL_NAMES = frozenset(
+    {h.replace("-", "") for h in CREDENTIAL_HEADERS} | {"token", "auth", "bearer", "pwd"}
 )
+_CREDENTIAL_PARTS = (
+    "password",
+    "passwd",
+    "passphrase",
+    "secret",
+    "apikey",
+    "privatekey",
+    "credential",
+    "cookie",
+    "authorization",
+    "accesstoken",
+    "refreshtoken",
+    "idtoken",
+    "authtoken",
+    "sessiontoken",
+    "bearertoken",
+    "accesskey",
+    "wardenagentkey",
+)
+_credential_memo: dict[str, bool] = {}
+_MEMO_KEYS = 4096
+# Cheap test before a result is parsed to be masked: no credential name without one of these.
+_CREDENTIAL_HINT = re.compile(r"pass|secret|token|key|credential|cookie|auth|bearer|pwd", re.I)
 _ENCODE_OPTS = orjson.OPT_SORT_KEYS
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 
@@ -184,6 +212,17 @@ def scrub_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k.lower(): v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
 
 
+def is_credential_key(key: str) -> bool:
+    """Whether a key names a credential (``Authorization``, ``clientSecret``, ``x-auth-token``)."""
+    known = _credential_memo.get(key)
+    if known is None:
+        norm = key.lower().replace("-", "").replace("_", "")
+        known = norm in _CREDENTIAL_NAMES or any(part in norm for part in _CREDENTIAL_PARTS)
+        if len(_credential_memo) < _MEMO_KEYS:  # keys come from agents: bounded
+            _credential_memo[key] = known
+    return known
+
+
 def mask_credentials(value: Any) -> Any:
     """A copy of a JSON-like value with credential-named keys masked, at any depth."""
     kind = type(value)
@@ -192,7 +231,7 @@ def mask_credentials(value: Any) -> Any:
     if kind is dict or isinstance(value, Mapping):
         return {
             k: REDACTED
-            if type(k) is str and k.lower() in _CREDENTIAL_KEYS
+            if type(k) is str and is_credential_key(k)
             else (v if type(v) in _SCALARS else mask_credentials(v))
             for k, v in value.items()
         }
@@ -365,7 +404,14 @@ def _result_body(result: str | None, paths: list[str]) -> tuple[Any, list[str], 
             return REDACTED, ["result"], _text_sha256(result)
         hit = apply_redactions(parsed, [p[len("result.") :] for p in paths])
         redacted = [f"result.{p}" for p in hit]
-        result = orjson.dumps(parsed).decode()
+        result = orjson.dumps(mask_credentials(parsed)).decode()
+    elif result.lstrip()[:1] in ("{", "[") and _CREDENTIAL_HINT.search(result):
+        # A JSON result (an OAuth token endpoint's answer) is masked like arguments.
+        with contextlib.suppress(orjson.JSONDecodeError):
+            parsed = orjson.loads(result)
+            masked = mask_credentials(parsed)
+            if masked != parsed:
+                result = orjson.dumps(masked).decode()
     if len(result) > MAX_RESULT_CHARS:
         digest = _text_sha256(result)
         return result[:MAX_RESULT_CHARS], redacted, digest

@@ -32,6 +32,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from warden import tasks
+from warden.audit.record import is_credential_key
 from warden.config import StateConfig
 from warden.errors import ConfigError
 from warden.state.feed import CHANNELS, Fanout
@@ -63,7 +64,7 @@ _CHANNEL_PREFIX: Final = "warden_"
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password (in the authority or the query) replaced by ``***``."""
+    """``url`` with any password (in the authority or a credential-named query key) as ``***``."""
     parts = urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:
@@ -74,7 +75,7 @@ def redact_url(url: str) -> str:
     query = parts.query
     if query:
         pairs = [
-            (k, "***" if k.lower() == "password" else v)
+            (k, "***" if is_credential_key(k) else v)  # password, sslpassword
             for k, v in parse_qsl(query, keep_blank_values=True)
         ]
         query = urlencode(pairs, safe="*/")

@@ -81,6 +81,20 @@ def test_not_a_mapping_and_bad_yaml(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml", environ={})
 
 
+def test_a_yaml_error_says_where_without_quoting_the_line(tmp_path: Path) -> None:
+    """A broken line may hold a secret: the error names its line and column, not its text."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, 'state:\n  password: "hunter2\n'), environ={})
+    assert "not valid YAML" in str(info.value)
+    assert "line 3, column 1" in str(info.value)
+    assert "hunter2" not in str(info.value)
+    env = {"WARDEN_APPROVALS__WEBHOOK__SECRET": '"whsec-s3cret'}
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ=env)
+    assert "WARDEN_APPROVALS__WEBHOOK__SECRET: not a valid YAML value" in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
 def test_environment_overrides_file(tmp_path: Path) -> None:
     path = write(tmp_path, "mode: enforce\nlisten: {proxy: 127.0.0.1:9000}\n")
     env = {

@@ -36,7 +36,7 @@ from warden.audit.merkle import CompactRange, leaf_hash
 from warden.audit.record import GENESIS_PREV
 from warden.audit.segments import MAGIC, TreeState, frame, segment_name
 from warden.audit.verify import Damage, VerifyReport, _classify, _parse_seen, _Seen
-from warden.state.postgres import PgTarget, redact_url
+from warden.state.postgres import PgTarget, pg_reason, redact_url
 
 __all__ = [
     "CentralError",
@@ -127,12 +127,8 @@ async def connect(target: PgTarget) -> AsyncConnection[Any]:
     try:
         return await AsyncConnection.connect(target.url, autocommit=True, **target.kwargs())
     except psycopg.Error as exc:
-        raise CentralError(f"cannot connect to {target.shown}: {_reason(exc)}") from None
-
-
-def _reason(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[-1] if lines else type(exc).__name__
+        why = pg_reason(exc, target.url)
+        raise CentralError(f"cannot connect to {target.shown}: {why}") from None
 
 
 async def list_logs(conn: AsyncConnection[Any]) -> list[CentralLog]:
@@ -367,7 +363,7 @@ async def verify_central(
                 warnings.append(note)
             reports.append((log, await _verify_log(conn, log, key)))
     except psycopg.Error as exc:
-        raise CentralError(f"reading {target.shown} failed: {_reason(exc)}") from None
+        raise CentralError(f"reading {target.shown} failed: {pg_reason(exc, target.url)}") from None
     finally:
         await conn.close()
     return CentralReport(redact_url(target.url), tuple(reports), tuple(warnings))
@@ -436,7 +432,7 @@ async def export_central(
             except ExportError as exc:
                 raise ExportError(f"log {log.log_id}: {exc}") from None
     except psycopg.Error as exc:
-        raise CentralError(f"reading {target.shown} failed: {_reason(exc)}") from None
+        raise CentralError(f"reading {target.shown} failed: {pg_reason(exc, target.url)}") from None
     finally:
         await conn.close()
     return log, result

@@ -48,7 +48,7 @@ from warden.config import AuditShipConfig
 from warden.errors import ConfigError
 from warden.ops import metrics
 from warden.state.migrate import pg_migrate
-from warden.state.postgres import PgTarget
+from warden.state.postgres import PgTarget, pg_reason
 
 __all__ = ["Batch", "ShipStatus", "Shipper", "columns", "insert_batch", "ship_target"]
 
@@ -225,7 +225,7 @@ class Shipper:
                 raise
             except (psycopg.Error, OSError, LogDamaged, ConfigError, RuntimeError) as exc:
                 self._connected = False
-                self._error = _reason(exc)
+                self._error = _reason(exc, self._target.url)
                 stage = "damaged" if isinstance(exc, LogDamaged) else "store"
                 metrics.child(metrics.AUDIT_SHIP_ERRORS, stage).inc()
                 if not failing:
@@ -371,7 +371,5 @@ def _notes_between(layout: Layout, after: int, upto: int) -> list[tuple[int, str
     return out
 
 
-def _reason(exc: BaseException) -> str:
-    # libpq's messages name host, port and user, never the password.
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__
+def _reason(exc: BaseException, url: str) -> str:
+    return f"{type(exc).__name__}: {pg_reason(exc, url)}"

@@ -46,6 +46,7 @@ from warden.state.records import (
     encode_holds,
 )
 from warden.state.repos import Change
+from warden.urls import scrub, url_secrets
 
 __all__ = [
     "PgDatabase",
@@ -53,6 +54,7 @@ __all__ = [
     "PgLinkStore",
     "PgStateStore",
     "PgTarget",
+    "pg_reason",
     "redact_url",
 ]
 
@@ -123,14 +125,18 @@ class PgTarget:
         try:
             return await AsyncConnection.connect(self.url, autocommit=autocommit, **self.kwargs())
         except psycopg.Error as exc:
-            why = _reason(exc)
+            why = pg_reason(exc, self.url)
             raise ConfigError(f"state.url: cannot connect to {self.shown}: {why}") from None
 
 
-def _reason(exc: BaseException) -> str:
-    # libpq's messages name host, port and user, never the password.
+def pg_reason(exc: BaseException, url: str) -> str:
+    """The last line of a driver error, with ``url``'s secrets scrubbed.
+
+    libpq's messages name host, port and user; a URL it cannot parse it
+    quotes ("invalid percent-encoded token"), password and all.
+    """
     text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
+    return scrub(text[-1], url_secrets(url)) if text else type(exc).__name__
 
 
 class PgDatabase:
@@ -169,7 +175,8 @@ class PgDatabase:
         except Exception as exc:
             await pool.close()
             raise ConfigError(
-                f"state.url: cannot open a connection pool to {target.shown}: {_reason(exc)}"
+                f"state.url: cannot open a connection pool to {target.shown}: "
+                f"{pg_reason(exc, target.url)}"
             ) from None
         return cls(target, pool)
 
@@ -561,7 +568,7 @@ class PgFeed(Fanout):
                 log.warning(
                     "state change feed lost its connection to %s (%s); reconnecting",
                     self._target.shown,
-                    _reason(exc),
+                    pg_reason(exc, self._target.url),
                 )
             self.listening.clear()
             if conn is not None:

@@ -53,6 +53,8 @@ __all__ = ["Chains", "Gate", "Governor", "Turn"]
 
 log = logging.getLogger("warden.core")
 
+MAX_RESULTS_PER_REQUEST = 1000
+"""Tool results of one request recorded as outcomes: the newest (the conversation's end)."""
 _LIST_CONCURRENCY = 8
 """Tools of one listing asked about at once: a long listing must not fill the policy queue."""
 
@@ -266,6 +268,10 @@ class Governor:
         by_id = {r.call_id: r for r in results}
         if not by_id:
             return
+        if len(by_id) > MAX_RESULTS_PER_REQUEST:
+            # Older results were seen in earlier turns; an agent sending more is not
+            # given a store lookup each.
+            by_id = dict(list(by_id.items())[-MAX_RESULTS_PER_REQUEST:])
         linked, unknown = self.links.take(by_id)
         for call_id, link in linked.items():
             self._record_result(link, by_id[call_id])

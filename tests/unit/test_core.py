@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from warden.core import Governor, Turn
+from warden.core import MAX_RESULTS_PER_REQUEST, Governor, Turn
 from warden.model import (
     Action,
     ActionKind,
@@ -31,6 +31,7 @@ from warden.model import (
 from warden.pipeline import GuardContext, Pipeline
 from warden.state.links import (
     LINK_TTL_S,
+    MAX_CALL_ID_CHARS,
     CallLinks,
     CallLinkStore,
     Link,
@@ -283,6 +284,45 @@ async def test_a_link_is_written_in_the_background_without_a_stop(
     await stop(first)
     assert set(links) == {"c1"}
     assert not tombs
+
+
+async def test_a_call_id_too_long_to_be_a_providers_is_never_linked_or_looked_up(
+    audit: MemoryAudit, url: str
+) -> None:
+    """Ids come from agents too: one of megabytes is neither kept nor sent to the store."""
+    core = await governor(audit, url)
+    long_id = "c" * (MAX_CALL_ID_CHARS + 1)
+    decided = await core.decide_calls(turn(), [call("search", long_id)], "openai")
+    assert decided[long_id].enforced is Effect.ALLOW  # decided as ever, only not linked
+    assert not core.links.waiting(long_id)
+    assert core.links.take([long_id, "c" * 10_000]) == ({}, [])
+    await stop(core)
+
+
+class _CountingLinkStore(CallLinkStore):
+    """Remembers which ids it was asked for."""
+
+    asked: list[str]
+
+    async def take(self, call_ids: Any, *, newer_than: float) -> Any:
+        self.asked.extend(call_ids)
+        return await super().take(call_ids, newer_than=newer_than)
+
+
+async def test_only_the_newest_results_of_a_request_are_looked_up(
+    audit: MemoryAudit, url: str
+) -> None:
+    """An agent sending thousands of results gets a bounded lookup: the conversation's end."""
+    store = await _CountingLinkStore.open(url)
+    store.asked = []
+    core = Governor(pipeline(audit), links=CallLinks(store))
+    await core.start()
+    sent = [result(f"r{i}") for i in range(MAX_RESULTS_PER_REQUEST + 500)]
+    core.record_results(sent)
+    await settled(core)
+    await core.close()
+    await store.close()
+    assert store.asked == [r.call_id for r in sent[-MAX_RESULTS_PER_REQUEST:]]
 
 
 class _SlowLinkStore(CallLinkStore):

@@ -63,6 +63,8 @@ LINK_TTL_S: Final = 24 * 3600.0
 """How long an unanswered call stays linked (and a tombstone stays)."""
 MAX_LINKS: Final = 100_000
 """How many links (and tombstones) are kept, in memory and on disk; the oldest go first."""
+MAX_CALL_ID_CHARS: Final = 256
+"""Longer ids are nobody's call (providers' ids are tens of characters): never linked or kept."""
 _PRUNE_EVERY_S: Final = 60.0
 COALESCE_S: Final = 0.02
 """How long a batch of link writes waits for more links to share its transaction."""
@@ -243,6 +245,8 @@ class CallLinks:
 
     def link(self, call_id: str, link: Link) -> None:
         """Remember an allowed call until its result comes back."""
+        if len(call_id) > MAX_CALL_ID_CHARS:
+            return  # its result cannot be told from a forged one: not linked
         now = self._clock()
         self._put(call_id, (link, now))
         self._queue_op(_Op("put", call_id, link, at=now))
@@ -263,19 +267,21 @@ class CallLinks:
         """
         now = self._clock()
         links: dict[str, Link] = {}
-        unknown: list[str] = []
+        unknown: dict[str, None] = {}  # ordered, and a set: an agent sends any number of ids
         for call_id in call_ids:
+            if len(call_id) > MAX_CALL_ID_CHARS:
+                continue  # never linked; not kept in memory either
             entry = self._live(call_id, now)
             if entry is None:
-                if self._store is not None and call_id not in unknown:
-                    unknown.append(call_id)
+                if self._store is not None:
+                    unknown[call_id] = None
                 continue
             value, at = entry
             if isinstance(value, Link):
                 self._memory[call_id] = (_TAKEN, at)
                 self._queue_op(_Op("drop", call_id))
                 links[call_id] = value
-        return links, unknown
+        return links, list(unknown)
 
     async def take_stored(self, call_ids: Sequence[str]) -> dict[str, Link]:
         """Links of results this process does not remember (after a restart), removed."""

@@ -29,6 +29,7 @@ from tests.functional.test_transparent_sdk_functional import (
     transparent_config,
 )
 from warden.errors import ConfigError
+from warden.ingress.upstream_io import MAX_UPSTREAM_BODY
 from warden.server import Warden
 from warden.testing import MockLLM, Reply
 
@@ -264,3 +265,40 @@ async def test_a_listener_in_use_fails_the_start_clearly(tmp_path: Path, llm: Mo
         with pytest.raises(ConfigError, match="transparent.listen"):
             async with Warden(cfg):
                 pass
+
+
+async def test_a_refused_request_cannot_make_warden_hold_an_endless_body(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    """A refused request's body is read to answer it, up to a bound, never without end.
+
+    A chunked body that never ends (here: past the bound) is cut with an
+    error; Warden keeps serving.
+    """
+    async with Warden(transparent_config(tmp_path, llm.url)) as warden:
+        host, port = warden.transparent_address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST http://not-governed.example/upload HTTP/1.1\r\n"
+            b"Host: not-governed.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b"x" * (1 << 20)
+        frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        sent = 0
+        answer = b""
+        with contextlib.suppress(ConnectionError):
+            while sent <= MAX_UPSTREAM_BODY + (8 << 20) and not answer:
+                writer.write(frame)
+                await writer.drain()
+                sent += len(chunk)
+                with contextlib.suppress(TimeoutError):
+                    answer = await asyncio.wait_for(reader.read(1024), 0.001)
+            if not answer:
+                answer = await asyncio.wait_for(reader.read(1024), 10)
+        writer.close()
+        assert sent <= MAX_UPSTREAM_BODY + (8 << 20), "the body was read on without end"
+        assert not answer.startswith(b"HTTP/1.1 403"), answer[:80]
+        # Still serving.
+        async with httpx2.AsyncClient(proxy=f"http://{warden.transparent_address}") as c:
+            refused = await c.get("http://not-governed.example/v1/models")
+        assert refused.status_code == 403

@@ -46,6 +46,7 @@ from warden.errors import ConfigError
 from warden.ingress import transparent_ca
 from warden.ingress.door_mark import VIA_HEADER, mark
 from warden.ingress.transparent_rules import HostRules, Verdict, VerdictKind, handoff_path
+from warden.ingress.upstream_io import MAX_UPSTREAM_BODY
 from warden.ops import metrics
 from warden.protocols import http_tool
 
@@ -331,6 +332,9 @@ class TransparentDoor:
             raise ConfigError("transparent.listen is not set")
         self._cfg: TransparentConfig = config.transparent
         self._listen: str = config.transparent.listen
+        # A body mitmproxy reads whole (a refused request's) is bounded: what the
+        # listener would take at most, the request limit or the upstream answer limit.
+        self._body_limit = max(config.limits.max_body_bytes, MAX_UPSTREAM_BODY)
         self._handoff_url = handoff_url
         self._grace_s = shutdown_grace_s
         self._master: Any = None
@@ -422,7 +426,11 @@ class TransparentDoor:
             addon,
         )
         # Never connect before a request says where: governed hosts go to Warden only.
-        cast(Any, options).update(connection_strategy="lazy", store_streamed_bodies=False)
+        cast(Any, options).update(
+            connection_strategy="lazy",
+            store_streamed_bodies=False,
+            body_size_limit=str(self._body_limit),
+        )
         return master
 
     async def _serve(self, master: Any) -> None:

@@ -102,6 +102,20 @@ def test_malformed_messages_get_the_spec_error_codes(line: bytes, id_: object, c
     assert message.error["error"]["code"] == code
 
 
+def test_a_batch_over_the_bound_is_one_invalid_request() -> None:
+    """Thousands of calls in one POST would be thousands of decisions and records at once."""
+    at_bound = b"[" + b",".join(call_line(i) for i in range(mcp.MAX_BATCH)) + b"]"
+    assert len(mcp.parse(at_bound).messages) == mcp.MAX_BATCH
+    over = b"[" + b",".join(call_line(i) for i in range(mcp.MAX_BATCH + 1)) + b"]"
+    payload = mcp.parse(over)
+    assert not payload.batch
+    (message,) = payload.messages
+    assert message.call is None
+    assert message.error is not None
+    assert message.error["error"]["code"] == mcp.INVALID_REQUEST
+    assert f"at most {mcp.MAX_BATCH}" in message.error["error"]["message"]
+
+
 def test_a_batch_is_classified_member_by_member() -> None:
     batch = (
         b"["

@@ -40,6 +40,7 @@ from warden.protocols._wire import dumps, loads, parse_arguments
 __all__ = [
     "INVALID_PARAMS",
     "INVALID_REQUEST",
+    "MAX_BATCH",
     "PARSE_ERROR",
     "PROTOCOL",
     "Message",
@@ -62,6 +63,8 @@ PROTOCOL: Final = "mcp"
 PARSE_ERROR: Final = -32700
 INVALID_REQUEST: Final = -32600
 INVALID_PARAMS: Final = -32602
+MAX_BATCH: Final = 100
+"""Messages in one JSON-RPC batch (clients send a handful; 2025-06-18 sends none)."""
 
 type JsonId = str | int | None
 
@@ -114,6 +117,11 @@ def parse(data: bytes | str) -> Payload:
             # JSON-RPC: an empty batch is one invalid request, answered singly.
             invalid = error_response(None, INVALID_REQUEST, "Invalid Request: empty batch")
             return Payload((Message(None, invalid),), False)
+        if len(value) > MAX_BATCH:
+            # One request must not become thousands of decisions and records at once.
+            why = f"Invalid Request: a batch holds at most {MAX_BATCH} messages"
+            too_many = error_response(None, INVALID_REQUEST, why)
+            return Payload((Message(None, too_many),), False)
         return Payload(tuple(_message(v, i) for i, v in enumerate(value)), True)
     return Payload((_message(value, 0),), False)
 

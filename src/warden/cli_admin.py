@@ -132,6 +132,17 @@ def admin_base_url(url: str | None = None) -> str:
     return (url or os.environ.get("WARDEN_ADMIN_URL") or DEFAULT_ADMIN_URL).rstrip("/")
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The token goes to the admin URL given and nowhere else: urllib would resend it
+    to wherever a redirect points, another host included."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def admin_request(method: str, path: str, body: Any = None, *, base_url: str | None = None) -> Any:
     """Call a running Warden's admin API with ``$WARDEN_TOKEN``; return the decoded answer.
 
@@ -153,9 +164,16 @@ def admin_request(method: str, path: str, body: Any = None, *, base_url: str | N
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:  # noqa: S310
+        with _OPENER.open(req, timeout=TIMEOUT_S) as resp:
             return orjson.loads(resp.read())
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            where = exc.headers.get("Location", "elsewhere")
+            raise AdminApiError(
+                exc.code,
+                f"{exc.code}: the admin API at {base} redirects to {where}; the token is not "
+                "sent after a redirect: set WARDEN_ADMIN_URL (or --admin) to the final URL",
+            ) from None
         raise AdminApiError(exc.code, f"{exc.code}: {_message(exc.read())}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)

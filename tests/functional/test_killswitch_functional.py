@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 import openai
 import pytest
 
@@ -167,3 +168,38 @@ async def test_the_cli_sets_lists_and_clears(
         assert "401" in capsys.readouterr().err
         monkeypatch.delenv("WARDEN_TOKEN")
         assert await run("killswitches") == 2
+
+
+async def test_the_cli_never_sends_its_token_after_a_redirect(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An admin URL that redirects (an ingress, a sign-in proxy) does not get the token resent."""
+    seen: list[str | None] = []
+
+    async def elsewhere(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return aiohttp.web.json_response({"switches": []})
+
+    async def redirect(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        raise aiohttp.web.HTTPFound(f"{other}{request.path}")
+
+    runners = []
+    urls = []
+    for handler in (elsewhere, redirect):
+        app = aiohttp.web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = aiohttp.web.AppRunner(app)
+        await runner.setup()
+        await aiohttp.web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    other, redirecting = urls
+    try:
+        monkeypatch.setenv("WARDEN_ADMIN_URL", redirecting)
+        monkeypatch.setenv("WARDEN_TOKEN", TOKEN)
+        assert await asyncio.to_thread(cli.main, ["killswitches"]) == 1
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    assert seen == []
+    assert "redirects to" in capsys.readouterr().err

@@ -110,6 +110,9 @@ def test_a_pointer_that_finds_nothing_refuses_the_request(pointer: str, body: An
         (b"not json", JSON, "not valid JSON"),
         (b"", JSON, "not valid JSON"),
         (b'{"amount": 5, "amount": 500}', JSON, "'amount' twice"),
+        # A Go or .NET tool API binds keys case-insensitively: it might charge 500.
+        (b'{"amount": 5, "Amount": 500}', JSON, "differ only in case"),
+        (b'{"order": {"id": "A-1", "ID": "B-2"}, "amount": 5}', JSON, "differ only in case"),
         (b'{"amount": NaN}', JSON, "NaN"),
         (b'{"amount": Infinity}', JSON, "Infinity"),
         (b"\xff\xfe", JSON, "not valid JSON"),

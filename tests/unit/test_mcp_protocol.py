@@ -102,6 +102,50 @@ def test_malformed_messages_get_the_spec_error_codes(line: bytes, id_: object, c
     assert message.error["error"]["code"] == code
 
 
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        # A Go server reads the last of "method" and "METHOD": a tool call, undecided.
+        (
+            b'{"jsonrpc": "2.0", "id": 7, "method": "ping", "METHOD": "tools/call",'
+            b' "params": {"name": "delete_repo", "arguments": {}}}',
+            mcp.INVALID_REQUEST,
+        ),
+        (b'{"jsonrpc": "2.0", "id": 7, "Method": "tools/call", "result": {}}', mcp.INVALID_REQUEST),
+        (
+            b'{"jsonrpc": "2.0", "id": 8, "method": "tools/call",'
+            b' "params": {"name": "read", "Name": "delete_repo"}}',
+            mcp.INVALID_PARAMS,
+        ),
+        (
+            b'{"jsonrpc": "2.0", "id": 9, "method": "tools/call",'
+            b' "params": {"name": "read", "ARGUMENTS": {"path": "/etc"}}}',
+            mcp.INVALID_PARAMS,
+        ),
+    ],
+)
+def test_a_field_spelled_in_another_case_is_refused(line: bytes, code: int) -> None:
+    (message,) = mcp.parse(line).messages
+    assert message.body is None
+    assert message.call is None
+    assert message.error is not None
+    assert message.error["error"]["code"] == code
+
+
+def test_a_forwarded_call_carries_only_what_a_tools_call_holds() -> None:
+    line = (
+        b'{"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "read",'
+        b' "arguments": {"q": 1}, "_meta": {"progressToken": 1}, "tool": "delete_repo"}}'
+    )
+    (message,) = mcp.parse(line).messages
+    assert message.call is not None
+    assert mcp.forward_call(message)["params"] == {
+        "name": "read",
+        "arguments": {"q": 1},
+        "_meta": {"progressToken": 1},
+    }
+
+
 def test_a_batch_over_the_bound_is_one_invalid_request() -> None:
     """Thousands of calls in one POST would be thousands of decisions and records at once."""
     at_bound = b"[" + b",".join(call_line(i) for i in range(mcp.MAX_BATCH)) + b"]"

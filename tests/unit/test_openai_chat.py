@@ -995,6 +995,21 @@ def test_duplicate_argument_keys_count_as_malformed() -> None:
     assert parsed is None
 
 
+@pytest.mark.parametrize(
+    "raw_text",
+    [
+        '{"path": "/tmp/ok", "PATH": "/etc/shadow"}',
+        '{"opts": {"mode": "read", "Mode": "write"}}',
+        '{"\u017fecret": 1, "secret": 2}',  # U+017F folds to "s", as Go folds it
+    ],
+)
+def test_keys_equal_but_for_case_count_as_malformed(raw_text: str) -> None:
+    """Go's encoding/json binds keys case-insensitively, the last winning: the tool could
+    read /etc/shadow where the policy read /tmp/ok."""
+    assert parse_arguments(raw_text)[1] is None
+    assert parse_arguments({"k": 1, "K": 2})[1] is None  # an object sent as one, too
+
+
 # --- issue 9: every call decided, by position, under the field the SDK dispatches on -------
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "NO_DECISION",
     "StreamStatus",
     "dumps",
+    "keys_fold_apart",
     "loads",
     "loads_or_none",
     "parse_arguments",
@@ -152,6 +153,7 @@ def policy_safe(value: Any, depth: int = 1) -> bool:
     Non-finite floats, integers outside signed/unsigned 64 bits, strings that
     are not valid Unicode (lone surrogates) and nesting past 64 levels cannot
     reach a policy unchanged, so arguments holding them fail closed instead.
+    So do objects with keys equal but for case (:func:`keys_fold_apart`).
     """
     if isinstance(value, bool) or value is None:
         return True
@@ -164,13 +166,25 @@ def policy_safe(value: Any, depth: int = 1) -> bool:
     if depth > _MAX_DEPTH:
         return False
     if isinstance(value, dict):
-        return all(
+        return keys_fold_apart(value) and all(
             isinstance(k, str) and _valid_text(k) and policy_safe(v, depth + 1)
             for k, v in value.items()
         )
     if isinstance(value, list):
         return all(policy_safe(v, depth + 1) for v in value)
     return False
+
+
+def keys_fold_apart(obj: Mapping[Any, Any]) -> bool:
+    """True unless two keys of ``obj`` are equal but for case (``path`` and ``PATH``).
+
+    Go's ``encoding/json`` and .NET's default binder match keys without regard
+    to case (with Unicode folding: U+017F, the long s, is ``s``) and the last one wins: a policy
+    reading ``path`` would decide on a value other than the tool's.
+    """
+    if len(obj) < 2:
+        return True
+    return len({k.casefold() if isinstance(k, str) else k for k in obj}) == len(obj)
 
 
 def _valid_text(text: str) -> bool:

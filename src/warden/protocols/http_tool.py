@@ -33,6 +33,8 @@ from typing import Any, Final, Literal, Protocol
 
 import orjson
 
+from warden.protocols._wire import keys_fold_apart
+
 __all__ = [
     "PROBLEM_CONTENT_TYPE",
     "RESULT_MAX_CHARS",
@@ -261,6 +263,9 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         if key in obj:
             raise ToolRequestError(f"the JSON body gives the key {key!r} twice")
         obj[key] = value
+    if not keys_fold_apart(obj):
+        # A Go or .NET tool API would bind either one, case-insensitively.
+        raise ToolRequestError("the JSON body gives two keys that differ only in case")
     return obj
 
 

@@ -35,7 +35,7 @@ from warden.model import (
     ToolCall,
     new_id,
 )
-from warden.protocols._wire import dumps, loads, parse_arguments
+from warden.protocols._wire import dumps, keys_fold_apart, loads, parse_arguments
 
 __all__ = [
     "INVALID_PARAMS",
@@ -63,6 +63,10 @@ PROTOCOL: Final = "mcp"
 PARSE_ERROR: Final = -32700
 INVALID_REQUEST: Final = -32600
 INVALID_PARAMS: Final = -32602
+_MESSAGE_FIELDS: Final = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
+_CALL_PARAMS: Final = frozenset({"name", "arguments", "_meta", "task"})
+"""What ``tools/call`` params hold (MCP 2025-11-25; ``task`` asks for a task-augmented call)."""
+_CASE_VARIANT: Final = "Invalid Request: keys that differ only in case"
 MAX_BATCH: Final = 100
 """Messages in one JSON-RPC batch (clients send a handful; 2025-06-18 sends none)."""
 
@@ -132,10 +136,24 @@ def _valid_id(value: object) -> JsonId:
     return None
 
 
+def _spelled_apart(obj: Mapping[str, Any], fields: frozenset[str]) -> bool:
+    """No two keys equal but for case, and none a case variant of one of ``fields``.
+
+    Go servers bind JSON-RPC and MCP fields case-insensitively, the last key
+    winning: ``"method": "ping", "METHOD": "tools/call"`` runs a tool there.
+    """
+    return keys_fold_apart(obj) and not any(
+        isinstance(k, str) and k not in fields and k.casefold() in fields for k in obj
+    )
+
+
 def _message(value: object, index: int) -> Message:
     if not isinstance(value, dict) or value.get("jsonrpc") != "2.0":
         id_ = _valid_id(value.get("id")) if isinstance(value, dict) else None
         return Message(None, error_response(id_, INVALID_REQUEST, "Invalid Request"))
+    if not _spelled_apart(value, _MESSAGE_FIELDS):
+        id_ = _valid_id(value.get("id"))
+        return Message(None, error_response(id_, INVALID_REQUEST, _CASE_VARIANT))
     has_id = "id" in value
     id_ = _valid_id(value.get("id"))
     if has_id and id_ is None:
@@ -157,6 +175,9 @@ def _message(value: object, index: int) -> Message:
     if not has_id:
         # A call sent as a notification would run undecided on a lenient server.
         return Message(None, error_response(None, INVALID_REQUEST, "Invalid Request: no id"))
+    if isinstance(params, dict) and not _spelled_apart(params, _CALL_PARAMS):
+        why = "Invalid params: keys that differ only in case"
+        return Message(None, error_response(id_, INVALID_PARAMS, why))
     name = params.get("name") if isinstance(params, dict) else None
     if not isinstance(name, str) or not name:
         return Message(None, error_response(id_, INVALID_PARAMS, "Invalid params: tool name"))
@@ -199,7 +220,8 @@ def forward_call(message: Message) -> dict[str, Any]:
     assert message.body is not None
     assert message.call is not None
     assert message.call.arguments is not None
-    params = dict(message.body["params"])
+    # Only the fields a tools/call has: nothing the decision did not see rides along.
+    params = {k: v for k, v in message.body["params"].items() if k in _CALL_PARAMS}
     params["name"] = message.call.name
     params["arguments"] = dict(message.call.arguments)
     return {"jsonrpc": "2.0", "id": message.body["id"], "method": "tools/call", "params": params}

@@ -809,6 +809,11 @@ class ExtProcConfig(_Section):
     extend_after_ms: int = Field(100, ge=1)
     """How long an answer may take before Warden asks Envoy for more time: keep it below
     Envoy's ``message_timeout`` (200 ms unless configured)."""
+    unreported_modes: Literal["refuse", "trust"] = "refuse"
+    """Envoy before 1.34 does not say which body modes it runs (``protocol_config``), and a
+    response body mode of ``NONE`` would let tool calls pass unread. ``refuse``: a governed
+    route is refused then; ``trust``: the filter is trusted to send bodies (BUFFERED or
+    STREAMED, as deploy/envoy/envoy.yaml sets them)."""
 
     @model_validator(mode="after")
     def _extension_fits(self) -> ExtProcConfig:

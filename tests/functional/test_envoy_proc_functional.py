@@ -49,6 +49,7 @@ ANTHROPIC_HOST = "api.anthropic.com"
 KB = Call("search_kb", {"query": "reset password"}, id="call_kb")
 EXPORT = Call("export_customers", {"format": "csv"}, id="call_export")
 CLOSE = Call("close_account", {"customer_id": "C-7"}, id="toolu_close")
+CHAT_PATH = "/v1/chat/completions"
 CHAT: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "help"}]}
 MESSAGES: dict[str, Any] = {
     "model": "claude-sonnet-4-6",
@@ -776,24 +777,53 @@ async def test_route_not_on_the_allowlist_is_refused(envoy: Envoy, llm: MockLLM)
     assert result.json()["error"]["code"] == "route_not_governed"
 
 
-async def test_message_out_of_order_fails_closed(envoy: Envoy) -> None:
+async def test_an_envoy_that_reports_no_body_modes_is_refused_up_front(
+    envoy: Envoy, llm: MockLLM
+) -> None:
+    """Envoy before 1.34 sends no protocol_config: with its response_body_mode at NONE the
+    answer, tool calls and all, would go to the agent unread. Refused before anything leaves."""
     call = envoy.stub.Process()
     headers = {":authority": OPENAI_HOST, ":path": "/v1/chat/completions", ":method": "POST"}
     await call.write(
         pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=header_map(headers)))
     )
-    first = await call.read()
-    assert first.WhichOneof("response") == "request_headers"
-    # Envoy configured with request_body_mode NONE: the response comes without the body.
-    response = {":status": "200", "content-type": "application/json"}
-    await call.write(
-        pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=header_map(response)))
-    )
     answer = await call.read()
     assert answer.WhichOneof("response") == "immediate_response"
     assert answer.immediate_response.status.code == 502
-    assert b"request_body_mode" in answer.immediate_response.body
+    assert b"protocol_config" in answer.immediate_response.body
+    assert b"ext_proc.unreported_modes" in answer.immediate_response.body
     call.cancel()
+    assert llm.requests == []
+
+
+async def test_message_out_of_order_fails_closed(tmp_path: Path, llm: MockLLM) -> None:
+    """Trusted to send bodies, an Envoy whose request body never comes is refused later."""
+    ext_proc = {"hosts": {OPENAI_HOST: "openai"}, "unreported_modes": "trust"}
+    async with Warden(make_config(tmp_path, llm.url, ext_proc=ext_proc)) as warden:
+        assert warden.core is not None
+        service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
+        async with serve(service, llm) as envoy:
+            call = envoy.stub.Process()
+            headers = {
+                ":authority": OPENAI_HOST,
+                ":path": "/v1/chat/completions",
+                ":method": "POST",
+            }
+            await call.write(
+                pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=header_map(headers)))
+            )
+            first = await call.read()
+            assert first.WhichOneof("response") == "request_headers"
+            # Envoy configured with request_body_mode NONE: the response comes without the body.
+            response = {":status": "200", "content-type": "application/json"}
+            await call.write(
+                pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=header_map(response)))
+            )
+            answer = await call.read()
+            assert answer.WhichOneof("response") == "immediate_response"
+            assert answer.immediate_response.status.code == 502
+            assert b"request_body_mode" in answer.immediate_response.body
+            call.cancel()
 
 
 async def test_ungovernable_body_mode_is_refused_up_front(envoy: Envoy, llm: MockLLM) -> None:
@@ -802,8 +832,10 @@ async def test_ungovernable_body_mode_is_refused_up_front(envoy: Envoy, llm: Moc
     )
     assert result.status == 502
     assert b"BUFFERED_PARTIAL" in result.body
-    # Refused when the response headers arrived: nothing of the body went out.
+    # Refused at the request headers, from the modes Envoy reported: nothing went
+    # upstream (with response headers skipped, Warden would never be asked again).
     assert result.pieces == []
+    assert llm.requests == []
 
 
 async def test_observability_mode_is_rejected(envoy: Envoy) -> None:

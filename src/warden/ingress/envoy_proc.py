@@ -554,6 +554,8 @@ class _Exchange:
                 response=pb.CommonResponse(header_mutation=header_mutation(remove=strip))
             )
         )
+        if route.match.parse_request or route.match.adapter is not None:
+            self._check_reported_modes(route)
         if route.match.parse_request:
             self._check_mode(self._modes.request, "request_body_mode")
             if message.end_of_stream:
@@ -927,6 +929,25 @@ class _Exchange:
     @staticmethod
     def _full_duplex(mode: int | None) -> bool:
         return mode is not None and mode == int(_Mode.FULL_DUPLEX_STREAMED)
+
+    def _check_reported_modes(self, route: _Route) -> None:
+        """Before anything goes upstream: the bodies this route needs will reach Warden.
+
+        Checked here, not only when the response arrives: with response headers
+        skipped Warden would never be asked, and with an older Envoy that reports
+        no modes a body sent in mode ``NONE`` would go to the agent unread.
+        """
+        if self._modes == _BodyModes():
+            if self._svc.config.ext_proc.unreported_modes == "trust":
+                return
+            raise _OutOfOrder(
+                "Envoy did not report its body modes (protocol_config, sent by Envoy 1.34 "
+                "and later), so Warden cannot tell this route's bodies will reach it; upgrade "
+                "Envoy, or set ext_proc.unreported_modes: trust once request_body_mode and "
+                "response_body_mode are BUFFERED or STREAMED"
+            )
+        if route.match.adapter is not None:
+            self._check_mode(self._modes.response, "response_body_mode")
 
     def _check_mode(self, mode: int | None, setting: str) -> None:
         name = _UNGOVERNABLE_MODES.get(mode) if mode is not None else None

@@ -103,6 +103,10 @@ def test_stored_response_reads_the_stream_flag_from_the_query() -> None:
         ("openai", ("* v1/**",), "GET", "v1/responses/resp_1/input_items", REFUSED),
         ("openai", ("* v1/**",), "POST", "v1/chat/completions", "governed:openai.chat"),
         ("anthropic", ("* v1/**",), "POST", "v1/messages/batches", REFUSED),
+        # A gateway that ignores path case serves these as the governed routes.
+        ("openai", ("* v1/**",), "POST", "v1/Chat/completions", REFUSED),
+        ("openai", ("* v1/**",), "POST", "v1/RESPONSES", REFUSED),
+        ("anthropic", ("* v1/**",), "POST", "v1/Messages", REFUSED),
     ],
 )
 def test_passthrough_patterns(

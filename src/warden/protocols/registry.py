@@ -172,14 +172,21 @@ class PassthroughRule:
 
 
 def _route_start(family: str, tail: Sequence[str]) -> int | None:
+    # Case-folded: a provider's gateway that ignores path case would serve
+    # "Chat/completions" as "chat/completions", so a pass-through rule must not
+    # reach it; such a path is refused instead (no governed rule fits it).
     roots = _ROOTS.get(family, frozenset())
-    return next((i for i, segment in enumerate(tail) if segment in roots), None)
+    return next((i for i, segment in enumerate(tail) if segment.casefold() in roots), None)
 
 
 def under_governed_resource(family: str, tail: Sequence[str]) -> bool:
     """Whether the tail names a route under a governed resource (never pass-through)."""
     start = _route_start(family, tail)
-    return start is not None and tail[start] in _GOVERNED_ROOTS.get(family, frozenset())
+    return start is not None and _governed_root(family, tail[start])
+
+
+def _governed_root(family: str, segment: str) -> bool:
+    return segment.casefold() in _GOVERNED_ROOTS.get(family, frozenset())
 
 
 def match_route(
@@ -203,7 +210,7 @@ def match_route(
         for rule in rules:
             if rule.matches(method, route):
                 return rule.match
-        if route[0] in _GOVERNED_ROOTS[family]:
+        if _governed_root(family, route[0]):
             return None
     if any(rule.matches(method, tail) for rule in passthrough):
         return RouteMatch(adapter=None, passthrough=True)

@@ -669,6 +669,9 @@ class ApprovalsConfig(_Section):
     """How often a held stream gets an SSE comment so that proxies keep it open."""
     orphan_after_s: float = Field(30.0, gt=0)
     """A hold whose Warden sent no heartbeat for this long becomes a deferral."""
+    max_pending_per_agent: int = Field(100, ge=0)
+    """Approvals one agent may have waiting at once (0: no bound). A looping or hostile
+    agent could otherwise open thousands, each a row approvers must wade through."""
     webhook: WebhookConfig = WebhookConfig()
 
 

@@ -231,6 +231,41 @@ async def test_defer_passes_the_same_call_once_after_approval(tmp_path: Path, ll
         assert not fourth.choices[0].message.tool_calls
 
 
+async def test_an_agent_cannot_open_approvals_without_bound(tmp_path: Path, llm: MockLLM) -> None:
+    """Past approvals.max_pending_per_agent, a call that needs a person is denied and recorded.
+
+    A looping or hostile agent would otherwise file thousands, each a row approvers
+    wade through; deciding one makes room again.
+    """
+    cfg = config(tmp_path, llm, mode="defer", max_pending_per_agent=2)
+    async with Warden(cfg) as w, client(w) as c:
+        texts = []
+        for amount in (450, 451, 452):
+            refund = Call("issue_refund", {"order_id": "A-1003", "amount": amount})
+            llm.script(Reply(tool_calls=[refund]))
+            got = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            assert not got.choices[0].message.tool_calls
+            texts.append(got.choices[0].message.content or "")
+        _, listed = await admin(w, "GET", "/v1/approvals?status=pending")
+        assert len(listed["approvals"]) == 2
+        assert "is pending" in texts[0]
+        assert "is pending" in texts[1]
+        assert "already has 2 approvals waiting" in texts[2]
+        # A decision makes room.
+        await admin(w, "POST", f"/v1/approvals/{listed['approvals'][0]['id']}/reject", "dana", {})
+        llm.script(Reply(tool_calls=[Call("issue_refund", {"order_id": "A-1003", "amount": 453})]))
+        got = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert "is pending" in (got.choices[0].message.content or "")
+    refunds = [
+        r["decision"]
+        for r in audit_records(tmp_path / "audit")
+        if r["kind"] == "decision" and r["action"]["tool"] == "issue_refund"
+    ]
+    full = [d for d in refunds if d.get("error") == "approvals_full"]
+    assert len(full) == 1
+    assert full[0]["effect"] == "deny"
+
+
 async def test_pending_approval_survives_a_restart(tmp_path: Path, llm: MockLLM) -> None:
     cfg = config(tmp_path, llm)
     first = Warden(cfg)

@@ -195,6 +195,7 @@ async def test_approvals_create_vote_list_and_consume(state: StateBackend) -> No
     assert await repo.get("apr_1") == a
     assert await repo.get("apr_none") is None
     assert await repo.pending_counts() == {("refunds-bot", "issue_refund"): 1}
+    assert await repo.oldest_pending() == pytest.approx(a.created_at)
     now = time.time()
     before, after = await repo.vote("apr_1", Vote("dana", True, "ok", now))
     assert before.status is after.status is ApprovalStatus.PENDING
@@ -214,6 +215,7 @@ async def test_approvals_create_vote_list_and_consume(state: StateBackend) -> No
     assert consumed.status is ApprovalStatus.CONSUMED
     assert await repo.consume("apr_1", now) is None
     assert await repo.pending_counts() == {}
+    assert await repo.oldest_pending() is None
 
 
 async def test_approvals_reject_expire_cancel_and_defer(state: StateBackend) -> None:

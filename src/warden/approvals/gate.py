@@ -26,7 +26,7 @@ import logging
 from typing import Final, Protocol
 
 from warden import tasks
-from warden.approvals.model import Approval, ApprovalSettings, ApprovalStatus
+from warden.approvals.model import Approval, ApprovalSettings, ApprovalStatus, TooManyPending
 from warden.approvals.service import Approvals
 from warden.config import ApprovalsConfig
 from warden.errors import AuditError
@@ -51,6 +51,7 @@ def approval_settings(config: ApprovalsConfig) -> ApprovalSettings:
         mode=config.mode,
         required_approvals=config.required_approvals,
         orphan_after_s=config.orphan_after_s,
+        max_pending_per_agent=config.max_pending_per_agent,
         webhook_url=hook.url,
         webhook_secret=hook.secret,
         webhook_format=hook.format,
@@ -100,6 +101,13 @@ class ApprovalGate:
             return await self._settle(action, decision)
         except AuditError:
             raise
+        except TooManyPending as exc:
+            full = dataclasses.replace(
+                _follow(decision, Effect.DENY, (*decision.reasons, f"{exc}; denied")),
+                error=TooManyPending.code,
+            )
+            await self._audit.record_decision(action, full)
+            return full
         except Exception as exc:
             lines = str(exc).strip().splitlines()
             log.warning(

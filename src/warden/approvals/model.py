@@ -35,6 +35,7 @@ __all__ = [
     "ApprovalStatus",
     "NotAnApprover",
     "SelfApproval",
+    "TooManyPending",
     "Vote",
     "rfc3339",
 ]
@@ -78,6 +79,8 @@ class ApprovalSettings:
     sweep_interval_s: float = 5.0
     orphan_after_s: float = 30.0
     """A hold whose process sent no heartbeat for this long is deferred by another."""
+    max_pending_per_agent: int = 100
+    """Approvals one agent may have waiting at once; more are denied (0: no bound)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -92,6 +95,8 @@ class ApprovalSettings:
             raise ValueError("approval timeouts must be positive")
         if self.orphan_after_s <= 0:
             raise ValueError("approvals.orphan_after_s must be positive")
+        if self.max_pending_per_agent < 0:
+            raise ValueError("approvals.max_pending_per_agent must be 0 (no bound) or more")
         if self.webhook_tries < 1:
             raise ValueError("approvals.webhook.tries must be at least 1")
         if self.webhook_url is not None:
@@ -232,6 +237,13 @@ class ApprovalConflict(ApprovalError):
 
     code = "approval_not_pending"
     status = 409
+
+
+class TooManyPending(ApprovalError):
+    """The agent already has ``approvals.max_pending_per_agent`` approvals waiting."""
+
+    code = "approvals_full"
+    status = 429
 
 
 class ApprovalForbidden(ApprovalError):

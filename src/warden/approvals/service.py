@@ -51,6 +51,7 @@ from warden.approvals.model import (
     ApprovalStatus,
     NotAnApprover,
     SelfApproval,
+    TooManyPending,
     Vote,
     rfc3339,
 )
@@ -207,6 +208,7 @@ class Approvals:
             existing = await self._store.pending_for(binding, now)
             if existing is not None and existing.mode == "defer":
                 return existing
+        await self._check_room(action.agent.id)
         ob = decision.obligations
         ttl = (ob.hold_timeout_s or self.settings.hold_timeout_s) if mode == "hold" else None
         shown = action_body(action, ob.redact)
@@ -527,6 +529,19 @@ class Approvals:
             },
         )
 
+    async def _check_room(self, agent_id: str) -> None:
+        """Raise :class:`TooManyPending` when the agent has its fill of waiting approvals."""
+        limit = self.settings.max_pending_per_agent
+        if not limit:
+            return
+        counts = await self._store.pending_counts()  # every sidecar's, from the store
+        waiting = sum(n for (agent, _tool), n in counts.items() if agent == agent_id)
+        if waiting >= limit:
+            raise TooManyPending(
+                f"agent {agent_id!r} already has {waiting} approvals waiting "
+                f"(approvals.max_pending_per_agent: {limit})"
+            )
+
     async def _refresh_gauge(self) -> None:
         # Read from the shared store, so the gauge counts decisions made by
         # every sidecar, not only this one.
@@ -536,9 +551,9 @@ class Approvals:
         for labels, n in counts.items():
             metrics.PENDING.labels(*labels).set(n)
         self._gauge_labels |= counts.keys()
-        # For the "approvals waiting too long" alert; listed oldest first.
-        pending = await self._store.list(ApprovalStatus.PENDING) if counts else []
-        ops_metrics.oldest_pending_approval(pending[0].created_at if pending else None)
+        # For the "approvals waiting too long" alert: one row's time, not every row.
+        oldest = await self._store.oldest_pending() if counts else None
+        ops_metrics.oldest_pending_approval(oldest)
 
     async def _watch(self, feed: ChangeFeed) -> None:
         # Wake the waiters of an approval another sidecar changed; they re-read it.

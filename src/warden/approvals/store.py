@@ -77,6 +77,10 @@ class ApprovalRepo(Protocol):
         """Pending approvals by ``(agent, tool)``."""
         ...
 
+    async def oldest_pending(self) -> float | None:
+        """When the oldest pending approval was requested; ``None`` when none waits."""
+        ...
+
     async def insert(self, approval: Approval) -> None:
         """Store a new approval."""
         ...
@@ -263,6 +267,16 @@ class ApprovalStore(SqliteStore):
             "WHERE status = 'pending' GROUP BY agent, tool"
         ).fetchall()
         return {(str(a), str(t)): int(n) for a, t, n in rows}
+
+    async def oldest_pending(self) -> float | None:
+        """When the oldest pending approval was requested; ``None`` when none waits."""
+        return await self._run(self._oldest_pending)
+
+    def _oldest_pending(self) -> float | None:
+        row = self._conn.execute(
+            "SELECT min(created_at) FROM approvals WHERE status = 'pending'"
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
 
     # -- changes -----------------------------------------------------------------
 

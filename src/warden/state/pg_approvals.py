@@ -64,6 +64,11 @@ class PgApprovalStore:
         )
         return {(str(a), str(t)): int(n) for a, t, n in rows}
 
+    async def oldest_pending(self) -> float | None:
+        """When the oldest pending approval was requested; ``None`` when none waits."""
+        rows = await self._db.read("SELECT min(created_at) FROM approvals WHERE status = 'pending'")
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
     async def pending_for(self, binding: str, now: float) -> Approval | None:
         """The oldest pending, unexpired approval with this binding."""
         rows = await self._db.read(

@@ -10,6 +10,7 @@ import pytest
 from tests.unit.streams import ALLOW, DENY, deny_names, raw, replay
 from warden.errors import StreamViolation, UpstreamProtocol
 from warden.model import Decision, ToolCall, Usage
+from warden.protocols import driver as driver_module
 from warden.protocols.base import StreamItem
 from warden.protocols.driver import KEEPALIVE, StreamDriver
 from warden.protocols.openai_chat import OpenAIChatAdapter
@@ -188,6 +189,20 @@ async def test_a_writer_failing_during_a_wait_cancels_the_decision() -> None:
 async def test_finish_raises_when_the_stream_never_completed() -> None:
     with pytest.raises(UpstreamProtocol):
         await driver(Wire()).finish()
+
+
+async def test_a_stream_past_its_bound_is_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call's fragments are held until it completes; an upstream that never completes
+    one is cut at the bound a whole answer has, not left to fill memory."""
+    monkeypatch.setattr(driver_module, "MAX_STREAM_BYTES", 1000)
+    wire = Wire()
+    one = driver(wire)
+    first, second = sse("text:" + "x" * 400), sse("text:" + "y" * 400)
+    await one.feed(first)
+    await one.feed(second)  # 826 bytes in all: within the bound
+    with pytest.raises(UpstreamProtocol, match="over 1000 bytes"):
+        await one.feed(sse("text:" + "z" * 400))
+    assert bytes(wire.out) == first + second  # nothing of the chunk past the bound
 
 
 async def test_finish_passes_when_the_stream_completed() -> None:

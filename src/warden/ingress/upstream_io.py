@@ -14,14 +14,15 @@ from typing import Final
 import aiohttp
 
 from warden.errors import UpstreamError, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
+from warden.protocols.driver import MAX_STREAM_BYTES
 from warden.protocols.sse import SseTooLarge
 
 __all__ = ["MAX_UPSTREAM_BODY", "read_body", "upstream_error"]
 
 log = logging.getLogger("warden.proxy")
 
-MAX_UPSTREAM_BODY: Final = 64 * 1024 * 1024
-"""The largest whole upstream answer read (streams are bounded per event instead)."""
+MAX_UPSTREAM_BODY: Final = MAX_STREAM_BYTES
+"""The largest whole upstream answer read; a stream is bounded alike (and per event)."""
 
 
 async def read_body(resp: aiohttp.ClientResponse, who: str) -> bytes:

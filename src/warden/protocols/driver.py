@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Final
 
 from warden import tasks
 from warden.errors import UpstreamProtocol
@@ -31,7 +32,7 @@ from warden.model import Decision, ToolCall
 from warden.protocols.base import StreamItem, StreamRewriter
 from warden.protocols.sse import SseEvent, SseParser, encode_comment
 
-__all__ = ["KEEPALIVE", "Decide", "StreamDriver", "Write"]
+__all__ = ["KEEPALIVE", "MAX_STREAM_BYTES", "Decide", "StreamDriver", "Write"]
 
 Decide = Callable[[Sequence[ToolCall]], Awaitable[Mapping[str, Decision]]]
 """Decide calls; the answer maps each call's :attr:`ToolCall.key` to its decision."""
@@ -39,6 +40,9 @@ Write = Callable[[bytes], Awaitable[None]]
 """Send bytes to the agent."""
 
 KEEPALIVE = encode_comment("warden: waiting for a decision")
+MAX_STREAM_BYTES: Final = 64 * 1024 * 1024
+"""The most an upstream stream may carry, as a whole answer may: a call's fragments are
+held until it is complete, and an upstream that never completes one must not fill memory."""
 
 
 class StreamDriver:
@@ -58,9 +62,13 @@ class StreamDriver:
         self._write = write
         self._keepalive_s = keepalive_s
         self._parser = parser if parser is not None else SseParser()
+        self._received = 0
 
     async def feed(self, chunk: bytes) -> None:
         """Take upstream bytes (split anywhere); write what may go out, deciding calls first."""
+        self._received += len(chunk)
+        if self._received > MAX_STREAM_BYTES:
+            raise UpstreamProtocol(f"the upstream stream is over {MAX_STREAM_BYTES} bytes")
         out = bytearray()
         for event in self._parser.feed(chunk):
             await self._drain(self.rewriter.feed(event), out)

@@ -76,25 +76,22 @@ class SseParser:
         an upstream that never ends a line must not exhaust memory.
         """
         events: list[SseEvent] = []
-        data = bytes(chunk)
+        data = self._opening(bytes(chunk))
         if not data:
-            return events  # keeps a pending CR pending
-        if not self._started:
-            started = self._strip_bom(data)
-            if started is None:
-                return events
-            data = started
-        if self._pending_cr and data.startswith(b"\n"):
-            # CRLF split across two chunks: the CR already ended the line.
-            data = data[1:]
-        self._pending_cr = False
+            return events
         self._buf.extend(data)
         start = 0
         buf = self._buf
         n = len(buf)
+        # Each line end is searched for once: rescanning the rest of the buffer per
+        # line would be quadratic in a chunk of many short lines.
+        cr = buf.find(b"\r")
+        lf = buf.find(b"\n")
         while start < n:
-            cr = buf.find(b"\r", start)
-            lf = buf.find(b"\n", start)
+            if cr != -1 and cr < start:
+                cr = buf.find(b"\r", start)
+            if lf != -1 and lf < start:
+                lf = buf.find(b"\n", start)
             if cr == -1 and lf == -1:
                 break
             if cr == -1 or (lf != -1 and lf < cr):
@@ -115,6 +112,21 @@ class SseParser:
         if len(buf) > self._max_buffer:
             raise SseTooLarge(f"SSE line longer than {self._max_buffer} bytes")
         return events
+
+    def _opening(self, data: bytes) -> bytes:
+        """``data`` without a byte-order mark at the stream's start or an LF ending a CRLF."""
+        if not data:
+            return data  # keeps a pending CR pending
+        if not self._started:
+            started = self._strip_bom(data)
+            if started is None:
+                return b""
+            data = started
+        if self._pending_cr and data.startswith(b"\n"):
+            # CRLF split across two chunks: the CR already ended the line.
+            data = data[1:]
+        self._pending_cr = False
+        return data
 
     def _strip_bom(self, data: bytes) -> bytes | None:
         # A stream may open with a UTF-8 byte-order mark, possibly split across

@@ -129,8 +129,9 @@ def test_export_and_proof(tmp_path: Path, cli: Cli) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "exported 13 records" in done.stdout
+    vkey = (root / "keys" / "checkpoint.vkey").read_text().strip()
     check = subprocess.run(
-        [sys.executable, "-I", str(out / "verify_evidence.py")],
+        [sys.executable, "-I", str(out / "verify_evidence.py"), "--key", vkey],
         capture_output=True,
         text=True,
         check=False,

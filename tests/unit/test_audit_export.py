@@ -159,6 +159,33 @@ def test_the_hand_instructions_compute_the_leaf_hash(root: Path, tmp_path: Path)
     assert done.stdout.split()[0] == leaf_hash(line).hex()
 
 
+def test_the_script_will_not_take_the_packages_own_key_unasked(root: Path, tmp_path: Path) -> None:
+    """A package rebuilt and signed again with another key carries that key: only a key the
+    auditor brings proves who signed."""
+    out = tmp_path / "evidence"
+    export_log(root, out)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        script = str(out / "verify_evidence.py")
+        return subprocess.run(
+            [sys.executable, "-I", script, str(out), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    refused = run()
+    assert refused.returncode == 2
+    assert "UNVERIFIED" in refused.stderr
+    trusted = run("--trust-package-key")
+    assert trusted.returncode == 0, trusted.stdout
+    assert "NOT AUTHENTICATED" in trusted.stdout
+    vkey = (root / "keys" / "checkpoint.vkey").read_text().strip()
+    pinned = run("--key", vkey)
+    assert pinned.returncode == 0, pinned.stdout
+    assert "NOT AUTHENTICATED" not in pinned.stdout
+
+
 def test_the_script_falls_back_to_openssl(root: Path, tmp_path: Path) -> None:
     if not shutil.which("openssl"):
         pytest.skip("openssl is not installed")
@@ -166,7 +193,7 @@ def test_the_script_falls_back_to_openssl(root: Path, tmp_path: Path) -> None:
     export_log(root, out)
     code = (
         "import sys, runpy; sys.modules['cryptography'] = None; "
-        f"sys.argv = ['verify_evidence.py', {str(out)!r}]; "
+        f"sys.argv = ['verify_evidence.py', {str(out)!r}, '--trust-package-key']; "
         f"runpy.run_path({str(out / 'verify_evidence.py')!r}, run_name='__main__')"
     )
     done = subprocess.run(

@@ -288,9 +288,14 @@ a separate channel and compare it with `log-key.vkey`.
 
 ## With the included script (Python 3.10+, standard library)
 
-    python3 verify_evidence.py . --key "$(cat log-key.vkey)"
+    python3 verify_evidence.py . --key "<the verifier key the operator gave you>"
 
 It checks all of the steps below and exits with status 0 when everything holds.
+Never pass it the key in this package (`log-key.vkey`): whoever made the
+package chose that one, and a package rebuilt and signed again with another
+key would pass. The script refuses to run without `--key` unless you say
+`--trust-package-key`, which finds damage but proves nothing about who
+signed.
 The Ed25519 check uses the `cryptography` package when installed, else `openssl`.
 
 ## By hand, with standard tools

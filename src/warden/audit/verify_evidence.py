@@ -14,8 +14,9 @@ installed, else with ``openssl`` (1.1.1 or later). It checks:
 5. the consistency proof from an earlier checkpoint, when the package has one.
 
 Exit status 0 means every check passed. Pass ``--key <verifier key>`` with the
-key you obtained from the operator independently; otherwise the key shipped in
-the package is used, which proves integrity but not who signed.
+key you obtained from the operator independently. Without it the script
+refuses (exit status 2) unless told ``--trust-package-key``: the key shipped in
+the package then shows damage, but not who signed.
 
 Inside Warden this module is also the one implementation of the RFC 9162
 proof verifiers (``warden.audit.merkle`` re-exports them).
@@ -355,7 +356,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Verify a Warden audit evidence package.")
     parser.add_argument("package", nargs="?", default=str(Path(__file__).resolve().parent))
     parser.add_argument("--key", help="the log's verifier key, obtained independently")
+    parser.add_argument(
+        "--trust-package-key",
+        action="store_true",
+        help="check against log-key.vkey from the package itself: finds damage, but not "
+        "a package rebuilt and signed again by whoever made it",
+    )
     args = parser.parse_args(argv)
+    if args.key is None and not args.trust_package_key:
+        print(
+            "UNVERIFIED: pass --key with the log's verifier key, obtained from its operator "
+            "independently; the package's own log-key.vkey is whatever its maker chose "
+            "(--trust-package-key checks against it anyway, for damage only)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         failures, notes = verify_package(Path(args.package), args.key)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -365,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"FAILED: {message}")
     for message in notes:
         print(message)
+    if args.key is None and not failures:
+        print("NOT AUTHENTICATED: the key came from the package (--trust-package-key)")
     return 1 if failures else 0
 
 

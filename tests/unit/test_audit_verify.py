@@ -18,6 +18,7 @@ from warden.audit.merkle import leaf_hash
 from warden.audit.segments import MAGIC, frame
 from warden.audit.verify import verify_log
 from warden.config import AuditConfig
+from warden.errors import AuditError
 from warden.testing.audit import fill, read_segments, rechain, reencode, rewrite
 
 RECORDS = 30
@@ -194,12 +195,41 @@ def test_a_truncated_log(root: Path) -> None:
     assert "covers 30" in detail
 
 
-def test_a_torn_last_frame(root: Path) -> None:
+def test_a_torn_frame_under_a_signed_checkpoint_is_a_truncation(root: Path) -> None:
+    """Checkpoints are signed only over synced records: no crash tears one of them."""
     seg = read_segments(root)[-1]
     data = seg.path.read_bytes()
     seg.path.write_bytes(data[: len(data) - 10])
-    kind, seq, _ = _damage(root)
-    assert (kind, seq) == ("torn", RECORDS - 1)
+    kind, seq, detail = _damage(root)
+    assert (kind, seq) == ("truncated", RECORDS - 1)
+    assert "covers 30" in detail
+
+
+async def test_a_torn_frame_after_the_last_checkpoint_is_torn(root: Path, tmp_path: Path) -> None:
+    """What a crash can leave: a record being written after the last checkpoint, cut short."""
+    log = await AuditLog.open(AuditConfig(dir=str(root), checkpoint_interval_s=3600))
+    await fill(log, 3)
+    crash = tmp_path / "crash"
+    shutil.copytree(root, crash)  # the directory as a crash leaves it: no closing checkpoint
+    await log.close()
+    seg = read_segments(crash)[-1]
+    last = seg.records[-1]
+    seg.records = seg.records[:-1]
+    seg.write()
+    framed = frame(last)
+    seg.path.write_bytes(seg.path.read_bytes() + framed[: len(framed) // 2])  # half written
+    kind, seq, _ = _damage(crash)
+    assert (kind, seq) == ("torn", RECORDS + 2)
+
+
+async def test_warden_will_not_continue_a_log_shorter_than_its_checkpoint(root: Path) -> None:
+    """Continuing would sign a second history over the same sequence numbers."""
+    seg = read_segments(root)[-1]
+    seg.records = seg.records[:-3]
+    seg.write()
+    with pytest.raises(AuditError, match="records were removed"):
+        await AuditLog.open(AuditConfig(dir=str(root)))
+    assert _damage(root)[0] == "truncated"
 
 
 def test_a_deleted_segment(root: Path) -> None:

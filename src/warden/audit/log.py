@@ -100,6 +100,16 @@ def _open_blocking(config: AuditConfig) -> _Opened:
         writer, state = open_writer(layout.root, config.segment_max_bytes)
         files = layout.checkpoint_files()
         checkpointed = int(files[-1].name) if files else 0
+        if checkpointed > state.size:
+            # A checkpoint is signed only over records already synced: a crash cannot
+            # do this, only removal. Continuing would sign a second history.
+            raise AuditError(
+                f"the audit log in {layout.root} holds {state.size} records, but its signed "
+                f"checkpoint {checkpointed} covers more: records were removed. Warden will "
+                "not continue a shortened log; run `warden audit verify`, restore the "
+                "directory from a copy (or the central store), or move it aside to start a "
+                "new log"
+            )
     except BaseException:
         os.close(lock_fd)
         raise

@@ -248,17 +248,29 @@ class _Walk:
         for index, path in enumerate(self.segments):
             self.damage = self.segment(index, path)
             if self.damage is not None:
+                if self.damage.kind == "torn":
+                    # A tear that takes signed records is no crash: checkpoints are
+                    # signed only over synced records.
+                    self.damage = self.truncated() or self.damage
                 return
         if self.expected == 0:
             self.damage = self.check_root()  # only a size-0 checkpoint could apply
-        if self.damage is None and self.ck_index < len(self.checkpoints):
-            ckpt, name = self.checkpoints[-1]
-            self.damage = Damage(
-                "truncated",
-                f"the log ends after {self.expected} records but signed checkpoint {name} "
-                f"covers {ckpt.size}",
-                self.expected,
-            )
+        if self.damage is None:
+            self.damage = self.truncated()
+
+    def truncated(self) -> Damage | None:
+        """Damage when a signed checkpoint covers more records than the walk found."""
+        if self.ck_index >= len(self.checkpoints):
+            return None
+        ckpt, name = self.checkpoints[-1]
+        if ckpt.size <= self.expected:
+            return None
+        return Damage(
+            "truncated",
+            f"the log ends after {self.expected} records but signed checkpoint {name} "
+            f"covers {ckpt.size}",
+            self.expected,
+        )
 
     def segment(self, index: int, path: Path) -> Damage | None:
         """Walk one segment; return the first damage in it."""

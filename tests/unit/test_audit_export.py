@@ -8,6 +8,7 @@ import csv
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from hashlib import sha256
 from pathlib import Path
 
@@ -87,6 +88,7 @@ def test_evidence_package_verifies_offline(root: Path, tmp_path: Path) -> None:
     assert names == {
         "records.jsonl",
         "proofs.jsonl",
+        "selection.json",
         "changelog.jsonl",
         "activations.jsonl",
         "checkpoint",
@@ -232,6 +234,49 @@ def test_a_tampered_package_fails(root: Path, tmp_path: Path, damage: str) -> No
         failures, _ = verify_package(out)
         assert failures
         assert not any("manifest" in f for f in failures)
+
+
+def _remanifest(out: Path) -> None:
+    """What someone rewriting the package does after changing it: a fresh manifest."""
+    manifest = [
+        f"{sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
+        for p in sorted(out.iterdir())
+        if p.name != "MANIFEST.sha256"
+    ]
+    (out / "MANIFEST.sha256").write_text("".join(manifest))
+
+
+@pytest.mark.parametrize(
+    ("keep", "why"),
+    [
+        (lambda n: [i for i in range(n) if i != 10], "records 10..10 are missing"),
+        (lambda n: [5, 3, 3, 1], "out of order or repeated"),
+        (lambda n: list(range(n - 1)), "selection.json declares"),
+    ],
+)
+def test_records_hidden_from_a_package_are_caught(
+    root: Path, tmp_path: Path, keep: Callable[[int], list[int]], why: str
+) -> None:
+    """Each kept record still has its own valid proof: only the run as a whole shows a gap."""
+    out = tmp_path / "evidence"
+    export_log(root, out)
+    records = (out / "records.jsonl").read_bytes().split(b"\n")[:-1]
+    proofs = (out / "proofs.jsonl").read_bytes().split(b"\n")[:-1]
+    chosen = keep(len(records))
+    (out / "records.jsonl").write_bytes(b"".join(records[i] + b"\n" for i in chosen))
+    (out / "proofs.jsonl").write_bytes(b"".join(proofs[i] + b"\n" for i in chosen))
+    _remanifest(out)
+    failures, _ = verify_package(out)
+    assert any(why in f for f in failures), failures
+
+
+def test_an_agent_filtered_package_says_what_it_cannot_prove(root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "evidence"
+    export_log(root, out, selection=Selection(agent="refunds"))
+    failures, notes = verify_package(out)
+    assert not failures
+    assert any("filtered to agent 'refunds'" in n for n in notes)
+    assert any("check that it is the period you asked for" in n for n in notes)
 
 
 def test_summary_reads_like_evidence(root: Path, tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ latest signed checkpoint covers, and writes one of:
 * ``evidence`` (a directory): ``records.jsonl`` (the stored bytes, one record
   per line), ``proofs.jsonl`` (an inclusion proof per record), the signed
   ``checkpoint`` with the verifier key, an optional consistency proof from an
-  earlier checkpoint, ``SUMMARY.md``, ``VERIFY.md``, the standalone
+  earlier checkpoint, ``selection.json`` (the period, the agent filter and
+  the run of records it covers), ``SUMMARY.md``, ``VERIFY.md``, the standalone
   ``verify_evidence.py`` and ``MANIFEST.sha256``;
 * ``csv``: one row per record for spreadsheets;
 * ``ocsf``: OCSF 1.6 API Activity events (class 6003), one JSON object per line.
@@ -147,18 +148,26 @@ def _load(root: Path, selection: Selection, verifier: NoteVerifier | None) -> _L
     uncovered = 0
     changes = ChangeLog()
     links: dict[int, DecisionLink] = {}
+    # Without an agent filter the package holds an unbroken run of records, so an
+    # auditor's verifier can require one: a record whose time fell outside the period
+    # (a clock stepping back) between two inside it goes in too.
+    between: list[tuple[int, bytes, dict[str, Any]]] = []
     for seq, payload in iter_records(root):
         tree.append(leaf_hash(payload))
         record = orjson.loads(payload)
         if seq < size:
             changes.feed(seq, record)
         if not selection.matches(record):
+            if selected and selection.agent is None and seq < size:
+                between.append((seq, payload, record))
             continue
         if seq < size:
-            selected.append((seq, payload, record))
-            link = changes.link(record)
-            if link is not None:
-                links[seq] = link
+            for entry in (*between, (seq, payload, record)):
+                selected.append(entry)
+                link = changes.link(entry[2])
+                if link is not None:
+                    links[entry[0]] = link
+            between.clear()
         else:
             uncovered += 1
     return _Loaded(tree, checkpoint, notes[size], notes, selected, uncovered, changes, links)
@@ -230,6 +239,16 @@ def _write_package(root: Path, out: Path, selection: Selection, loaded: _Loaded)
         }
         (out / "consistency.json").write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
     _write_changelog(out, selection, loaded)
+    seqs = [seq for seq, _, _ in loaded.selected]
+    scope = {
+        "from": selection.start,
+        "to": selection.end,
+        "agent": selection.agent,
+        "first_seq": seqs[0] if seqs else None,
+        "last_seq": seqs[-1] if seqs else None,
+        "records": len(seqs),
+    }
+    (out / "selection.json").write_bytes(orjson.dumps(scope, option=orjson.OPT_INDENT_2))
     (out / "verify_evidence.py").write_bytes(_STANDALONE.read_bytes())
     (out / "SUMMARY.md").write_text(_summary(selection, loaded, verifier), encoding="utf-8")
     (out / "VERIFY.md").write_text(_instructions(loaded), encoding="utf-8")
@@ -291,6 +310,9 @@ a separate channel and compare it with `log-key.vkey`.
     python3 verify_evidence.py . --key "<the verifier key the operator gave you>"
 
 It checks all of the steps below and exits with status 0 when everything holds.
+Without an agent filter the records must form one unbroken run; the script
+prints the run and the period it covers (from `selection.json`): check they
+are what you asked for.
 Never pass it the key in this package (`log-key.vkey`): whoever made the
 package chose that one, and a package rebuilt and signed again with another
 key would pass. The script refuses to run without `--key` unless you say

@@ -301,12 +301,21 @@ def _check_records(pkg: Path, size: int, root: bytes, report: _Report) -> int:
     if records[-1] != b"" or proofs[-1] != "" or len(records) != len(proofs):
         report.fail("records.jsonl and proofs.jsonl do not have one line per record each")
         return 0
+    scope = _scope(pkg, report)
+    whole_run = scope is None or scope.get("agent") is None
     previous: tuple[int, str] | None = None
     count = 0
+    seqs: list[int] = []
     for line, proof_line in zip(records[:-1], proofs[:-1], strict=True):
         proof = json.loads(proof_line)
         record = json.loads(line)
         seq = proof["seq"]
+        if previous is not None and seq <= previous[0]:
+            report.fail(f"record {seq}: out of order or repeated after record {previous[0]}")
+        elif previous is not None and whole_run and seq != previous[0] + 1:
+            # Unfiltered, the package is one unbroken run: a gap is a hidden record.
+            report.fail(f"records {previous[0] + 1}..{seq - 1} are missing from the run")
+        seqs.append(seq)
         leaf = hashlib.sha256(b"\x00" + line).digest()
         path = [base64.b64decode(p) for p in proof["proof"]]
         if record.get("seq") != seq or record.get("id") != proof["id"]:
@@ -319,7 +328,35 @@ def _check_records(pkg: Path, size: int, root: bytes, report: _Report) -> int:
             report.fail(f"record {seq}: its prev hash does not match record {seq - 1}")
         previous = (seq, leaf.hex())
         count += 1
+    if scope is not None:
+        declared = (scope.get("first_seq"), scope.get("last_seq"), scope.get("records"))
+        found = (seqs[0] if seqs else None, seqs[-1] if seqs else None, len(seqs))
+        if declared != found:
+            report.fail(f"selection.json declares records {declared}, the package holds {found}")
+        if not whole_run:
+            report.notes.append(
+                f"filtered to agent {scope['agent']!r}: that no record of it was left out "
+                "cannot be proven offline (other agents' records are not in the package)"
+            )
+        span = f"records {found[0]}..{found[1]}" if seqs else "no records"
+        report.notes.append(
+            f"the package covers {span} for the period {scope.get('from') or 'start'} to "
+            f"{scope.get('to') or 'end'}: check that it is the period you asked for"
+        )
     return count
+
+
+def _scope(pkg: Path, report: _Report) -> dict[str, object] | None:
+    """``selection.json``: the period, filter and run of records (older packages have none)."""
+    path = pkg / "selection.json"
+    if not path.exists():
+        report.notes.append("no selection.json: gaps between records cannot be told apart")
+        return None
+    scope = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(scope, dict):
+        report.fail("selection.json is not an object")
+        return None
+    return scope
 
 
 def verify_package(pkg: Path, vkey: str | None = None) -> tuple[list[str], list[str]]:

@@ -133,3 +133,22 @@ async def test_a_subject_value_that_cannot_be_keyed_is_redacted(tmp_path: Path) 
     assert b"Ann Lee" not in raw
     assert key_files(tmp_path) == []
     assert refused("unusable") - before == 1
+
+
+async def test_claims_that_name_the_subject_are_sealed_and_go_with_erasure(tmp_path: Path) -> None:
+    """With ``agent.claims.sub`` a subject source, the token's claims are personal too."""
+    log = await AuditLog.open(config(tmp_path, sources=("agent.claims.sub",)))
+    claims = {"sub": "alice@example.com", "iss": "https://idp.example"}
+    action = dataclasses.replace(sample_action(), agent=Agent("bot", "1", claims=claims))
+    await log.record_decision(action, sample_decision())
+    records, raw = stored(tmp_path)
+    assert records[-1]["agent"]["claims"] is None
+    assert b"alice@example.com" not in raw
+    unsealed = SubjectKeys.open(tmp_path, create=False).unseal(records[-1])
+    assert unsealed is not None
+    assert unsealed["agent.claims"] == claims
+    assert await log.erase_subject("alice@example.com")
+    await log.close()
+    records, raw = stored(tmp_path)
+    assert b"alice@example.com" not in raw
+    assert b"idp.example" not in raw  # sealed with the rest, gone with the key

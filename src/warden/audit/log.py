@@ -344,8 +344,15 @@ class AuditLog:
                 if act[name] is not None:
                     personal[f"action.{name}"] = act[name]
                     act[name] = None
+            if "claims" in agent and "agent" in self._subject_roots:
+                # A token's claims may name the subject (agent.claims.sub is a source):
+                # erasure must reach them too.
+                personal["agent.claims"] = agent["claims"]
+                agent["claims"] = None
         if ref is not None and aead is None:
             # A subject whose fields cannot be sealed: they are kept only redacted.
+            if personal.pop("agent.claims", None) is not None:
+                agent["claims"] = REDACTED
             for path in personal:
                 name = path.removeprefix("action.")
                 act[name] = REDACTED

@@ -161,12 +161,16 @@ def rebuild_input(record: Mapping[str, Any], unsealer: Unsealer | None = None) -
     if facts.get("view") is not None:
         return Rebuilt(None, "door_input")
     arguments, context = action.get("arguments"), action.get("context")
+    claims = agent.get("claims")
     if isinstance(record.get("sealed"), Mapping):
         sealed = unsealer.fields(record) if unsealer is not None else {}
         if not sealed:
             return Rebuilt(None, "erased")
         arguments = sealed.get("action.arguments", arguments)
         context = sealed.get("action.context", context)
+        claims = sealed.get("agent.claims", claims)
+    if claims is not None and not isinstance(claims, Mapping):
+        return Rebuilt(None, "redacted" if claims == REDACTED else "unreadable")
     if arguments is not None and not isinstance(arguments, Mapping):
         return Rebuilt(None, "redacted" if arguments == REDACTED else "unreadable")
     request = action.get("request") if isinstance(action.get("request"), Mapping) else {}
@@ -175,7 +179,7 @@ def rebuild_input(record: Mapping[str, Any], unsealer: Unsealer | None = None) -
         "agent": {
             "id": agent.get("id"),
             "version": agent.get("version", ""),
-            "claims": dict(agent.get("claims") or {}),
+            "claims": dict(claims or {}),
         },
         "action": {
             "kind": action.get("kind"),

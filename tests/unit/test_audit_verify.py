@@ -12,10 +12,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from warden.audit import AuditLog
+from warden.audit import segments as segments_module
 from warden.audit.checkpoint import NoteSigner
 from warden.audit.layout import Layout
 from warden.audit.merkle import leaf_hash
-from warden.audit.segments import MAGIC, frame
+from warden.audit.segments import FRAME_HEADER, MAGIC, find_next_frame, frame
 from warden.audit.verify import verify_log
 from warden.config import AuditConfig
 from warden.errors import AuditError
@@ -290,3 +291,31 @@ def test_every_sampled_single_bit_flip_is_detected(root: Path) -> None:
         seg.path.write_bytes(data)
     assert flips > 200
     assert verify_log(root).ok
+
+
+def test_crafted_bytes_cannot_make_the_frame_search_run_for_hours(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every "{" a candidate claiming the rest of the file: the checksum work is bounded,
+    and past the bound the answer is "a frame may follow" (damage, never a torn tail)."""
+    size = 4 << 20
+    head = frame(b'{"seq":0}')
+    data = bytearray(head + b"X" * 16)
+    candidate = len(FRAME_HEADER.pack(0, 0)) + 2
+    while len(data) + candidate < size:
+        data += FRAME_HEADER.pack(size - len(data) - FRAME_HEADER.size, 0) + b'{"'
+    data += b"x" * (size - len(data) - 1) + b"}"
+    calls = 0
+    real = segments_module._crc32
+
+    def counted(chunk: bytes) -> int:
+        nonlocal calls
+        calls += 1
+        return real(chunk)
+
+    monkeypatch.setattr(segments_module, "_crc32", counted)
+    assert find_next_frame(bytes(data), len(head)) is not None
+    assert calls < 8, "each candidate was checksummed over the rest of the file"
+    # A genuine frame after damage is still found.
+    genuine = head + b"\xff" * 8 + frame(b'{"seq":1}')
+    assert find_next_frame(genuine, len(head)) == len(head) + 8

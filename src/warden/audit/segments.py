@@ -157,18 +157,25 @@ def find_next_frame(data: bytes, after: int) -> int | None:
 
     Used to tell a torn tail (nothing valid follows the bad frame) from damage
     in the middle (valid frames follow). Record payloads are JSON objects, so
-    candidates are found by looking for ``{"`` and checking the CRC before it.
+    candidates are found by looking for ``{"``, ending in ``}``, and checking
+    the CRC before it.
     """
     n = len(data)
     pos = after + 1 + _HDR
+    # Crafted bytes could make every "{" a candidate claiming the rest of the file:
+    # checksummed work is bounded, and past the bound the answer is "a frame may
+    # follow", which every caller takes as damage, never as a torn tail.
+    budget = 4 * n + (1 << 20)
     while True:
         j = data.find(b'{"', pos)
         if j < 0:
             return None
         p = j - _HDR
         length, crc = FRAME_HEADER.unpack_from(data, p)
-        if 0 < length <= n - j and _crc32(data[j : j + length]) == crc:
-            return p
+        if 0 < length <= min(n - j, MAX_FRAME) and data[j + length - 1] == 0x7D:  # "}"
+            budget -= length
+            if budget < 0 or _crc32(data[j : j + length]) == crc:
+                return p
         pos = j + 1
 
 

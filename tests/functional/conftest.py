@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 
 from warden.audit.verify import iter_records
 from warden.config import Config, load_config
@@ -71,3 +73,15 @@ async def warden(tmp_path: Path, llm: MockLLM) -> AsyncIterator[Warden]:
 def records(tmp_path: Path) -> Callable[[], list[dict[str, Any]]]:
     """Read the audit log of the ``warden`` fixture (call after it wrote)."""
     return lambda: audit_records(tmp_path / "audit")
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[int]:
+    """``app`` on a loopback port of its own, for as long as the block runs; yields the port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()

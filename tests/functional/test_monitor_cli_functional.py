@@ -26,9 +26,9 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.functional.conftest import audit_records, make_config
+from tests.functional.test_monitor_functional import scrape
 from warden.audit import AuditLog
 from warden.cli import main as warden_main
 from warden.config import AuditConfig
@@ -361,13 +361,11 @@ REPLIES = [r for replies in CONVERSATIONS.values() for r in replies]
 
 
 async def scrape_quality(warden: Warden) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async with aiohttp.ClientSession() as http, http.get(f"{warden.admin_url}/metrics") as resp:
-        text = await resp.text()
+    """The quality gauges of this test's agent on ``/metrics``."""
     return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name.startswith("warden_quality") and s.labels.get("agent") == QUALITY_AGENT
+        key: value
+        for key, value in (await scrape(warden)).items()
+        if key[0].startswith("warden_quality") and ("agent", QUALITY_AGENT) in key[1]
     }
 
 

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
+from tests.functional.conftest import serving
 from warden.config import PolicyConfig
 from warden.model import (
     Action,
@@ -301,30 +302,25 @@ async def test_bundle_server_with_etag(tmp_path: Path) -> None:
 
     app = web.Application()
     app.router.add_get("/bundles/support.tar.gz", serve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    url = f"http://127.0.0.1:{port}/bundles/support.tar.gz"
-    eng = await PolicyEngine.start(config(tmp_path / "unused", bundle_url=url, workers=1))
-    try:
-        assert eng.revision == "srv-1"
-        await wait_for(lambda: len(requests) >= 3)
-        assert requests[0] is None
-        assert requests[1:3] == ['"1"', '"1"']
-        state["body"] = tarball(write_policy(tmp_path / "v2", "v2", revision="srv-2"))
-        state["etag"] = '"2"'
-        await wait_for(lambda: eng.revision == "srv-2")
-        assert (await eng.evaluate(doc("lookup_order"))).reasons == ("v2 reads only",)
-        state["body"] = b"garbage"
-        state["etag"] = '"3"'
-        await wait_for(lambda: eng.status()["last_error"] is not None)
-        assert "not a readable .tar.gz" in eng.status()["last_error"]
-        assert eng.revision == "srv-2"
-    finally:
-        await eng.close()
-        await runner.cleanup()
+    async with serving(app) as port:
+        url = f"http://127.0.0.1:{port}/bundles/support.tar.gz"
+        eng = await PolicyEngine.start(config(tmp_path / "unused", bundle_url=url, workers=1))
+        try:
+            assert eng.revision == "srv-1"
+            await wait_for(lambda: len(requests) >= 3)
+            assert requests[0] is None
+            assert requests[1:3] == ['"1"', '"1"']
+            state["body"] = tarball(write_policy(tmp_path / "v2", "v2", revision="srv-2"))
+            state["etag"] = '"2"'
+            await wait_for(lambda: eng.revision == "srv-2")
+            assert (await eng.evaluate(doc("lookup_order"))).reasons == ("v2 reads only",)
+            state["body"] = b"garbage"
+            state["etag"] = '"3"'
+            await wait_for(lambda: eng.status()["last_error"] is not None)
+            assert "not a readable .tar.gz" in eng.status()["last_error"]
+            assert eng.revision == "srv-2"
+        finally:
+            await eng.close()
 
 
 async def test_bundle_url_credentials_are_never_shown_or_recorded(tmp_path: Path) -> None:
@@ -344,35 +340,30 @@ async def test_bundle_url_credentials_are_never_shown_or_recorded(tmp_path: Path
 
     app = web.Application()
     app.router.add_get("/bundles/support.tar.gz", serve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    url = f"http://ops:hunter2@127.0.0.1:{port}/bundles/support.tar.gz?v=2&token=s3cr3t-t0ken"
-    eng = await PolicyEngine.start(config(tmp_path / "unused", bundle_url=url, workers=1))
-    try:
-        assert eng.revision == "srv-1"
-        # Fetched with the credentials as given.
-        assert seen[0][0] == "Basic " + base64.b64encode(b"ops:hunter2").decode()
-        assert seen[0][1] == "v=2&token=s3cr3t-t0ken"
-        shown = f"http://ops:***@127.0.0.1:{port}/bundles/support.tar.gz?v=***&token=***"
-        assert eng.status()["source"] == shown
-        state["body"] = b"garbage"
-        await wait_for(lambda: eng.status()["last_error"] is not None)
-        status = json.dumps(eng.status())
-        assert shown in status
-        assert "hunter2" not in status
-        assert "s3cr3t" not in status
-        # The HTTP client's own error quotes the URL it gave up on.
-        state["body"] = b"loop"
-        await wait_for(lambda: "cannot fetch" in str(eng.status()["last_error"]))
-        status = json.dumps(eng.status())
-        assert "token=***" in status
-        assert "s3cr3t" not in status
-    finally:
-        await eng.close()
-        await runner.cleanup()
+    async with serving(app) as port:
+        url = f"http://ops:hunter2@127.0.0.1:{port}/bundles/support.tar.gz?v=2&token=s3cr3t-t0ken"
+        eng = await PolicyEngine.start(config(tmp_path / "unused", bundle_url=url, workers=1))
+        try:
+            assert eng.revision == "srv-1"
+            # Fetched with the credentials as given.
+            assert seen[0][0] == "Basic " + base64.b64encode(b"ops:hunter2").decode()
+            assert seen[0][1] == "v=2&token=s3cr3t-t0ken"
+            shown = f"http://ops:***@127.0.0.1:{port}/bundles/support.tar.gz?v=***&token=***"
+            assert eng.status()["source"] == shown
+            state["body"] = b"garbage"
+            await wait_for(lambda: eng.status()["last_error"] is not None)
+            status = json.dumps(eng.status())
+            assert shown in status
+            assert "hunter2" not in status
+            assert "s3cr3t" not in status
+            # The HTTP client's own error quotes the URL it gave up on.
+            state["body"] = b"loop"
+            await wait_for(lambda: "cannot fetch" in str(eng.status()["last_error"]))
+            status = json.dumps(eng.status())
+            assert "token=***" in status
+            assert "s3cr3t" not in status
+        finally:
+            await eng.close()
 
 
 def action(tool: str, **arguments: Any) -> Action:

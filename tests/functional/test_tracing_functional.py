@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from tests.functional.conftest import make_config
+from tests.functional.conftest import make_config, serving
 from warden.ops import tracing
 from warden.server import Warden
 from warden.testing import Call, MockLLM, Reply
@@ -231,19 +231,12 @@ async def test_the_upstream_span_never_carries_a_password_or_query(
 
     app = web.Application()
     app.router.add_get("/tools/search", ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    url = f"http://svc:upstream-s3cret@127.0.0.1:{port}/tools/search?key=q-s3cret"
-    try:
+    async with serving(app) as port:
+        url = f"http://svc:upstream-s3cret@127.0.0.1:{port}/tools/search?key=q-s3cret"
         async with (
             aiohttp.ClientSession(trace_configs=tracing.client_trace_configs()) as session,
             session.get(url) as resp,
         ):
             assert resp.status == 200
-    finally:
-        await runner.cleanup()
     (span,) = [s for s in spans.get_finished_spans() if s.kind is SpanKind.CLIENT]
     assert attrs(span)["url.full"] == f"http://127.0.0.1:{port}/tools/search"

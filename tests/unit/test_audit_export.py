@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from warden.audit import ApprovalEvidence, AuditLog, arguments_sha256
+from warden.audit import export as export_module
 from warden.audit.export import (
     CSV_COLUMNS,
     ExportError,
@@ -372,3 +373,40 @@ def test_inclusion_proof_of_one_record(root: Path) -> None:
         inclusion_proof(root, "rec_0000_0000000063")
     with pytest.raises(ExportError):
         inclusion_proof(root, "nonsense!")
+
+
+class _Stamps:
+    """Stands in for the audit log's clock: each record gets the next of ``times``."""
+
+    def __init__(self, times: list[str]) -> None:
+        self._times = iter(times)
+
+    def now(self) -> str:
+        return next(self._times)
+
+
+async def _stepped_clock_log(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = await AuditLog.open(AuditConfig(dir=str(root), checkpoint_interval_s=3600))
+    # The clock steps back for the middle record: its time falls before the period.
+    times = ["2026-11-26T10:00:00.000000Z", "2026-11-26T08:00:00.000000Z"]
+    monkeypatch.setattr(log, "_clock", _Stamps([*times, "2026-11-26T10:00:02.000000Z"]))
+    for i in range(3):
+        await log.record_decision(sample_action(i), sample_decision())
+    monkeypatch.setattr(log, "_clock", _Stamps(["2026-11-26T12:00:00.000000Z"] * 4))
+    await log.close()
+
+
+async def test_a_record_the_clock_put_outside_the_period_keeps_the_run_unbroken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "audit"
+    await _stepped_clock_log(root, monkeypatch)
+    period = Selection(start="2026-11-26T09:00:00", end="2026-11-26T11:00:00")
+    out = tmp_path / "evidence"
+    assert export_log(root, out, selection=period).records == 3
+    assert verify_package(out)[0] == []
+    # Past the bound on held records the bridge stops: the verifier names the gap.
+    monkeypatch.setattr(export_module, "_MAX_BETWEEN", 0)
+    narrow = tmp_path / "narrow"
+    assert export_log(root, narrow, selection=period).records == 2
+    assert any("missing from the run" in f for f in verify_package(narrow)[0])

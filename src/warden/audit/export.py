@@ -48,6 +48,7 @@ __all__ = [
 EXPORT_FORMATS = ("evidence", "csv", "ocsf")
 OCSF_VERSION = "1.6.0"
 _MAX_LISTED = 1000  # approvals and denials listed one by one in SUMMARY.md
+_MAX_BETWEEN = 10_000  # records outside the period held in case a later one is inside
 _STANDALONE = Path(__file__).with_name("verify_evidence.py")
 
 
@@ -130,6 +131,34 @@ class _Loaded:
     """The activation in force for each selected decision, by sequence number."""
 
 
+class _Between:
+    """Records outside the selection between two inside it, for an unfiltered package.
+
+    Without an agent filter a package is one unbroken run of records, which the
+    auditor's verifier requires: a record whose time fell outside the period (a
+    clock stepping back) between two inside it goes in too. At most
+    ``_MAX_BETWEEN`` are held; past that, bridging stops for good, and a later
+    match leaves a gap the verifier names, rather than the rest of the log in memory.
+    """
+
+    def __init__(self, *, bridging: bool) -> None:
+        self._bridging = bridging
+        self._held: list[tuple[int, bytes, dict[str, Any]]] = []
+
+    def hold(self, entry: tuple[int, bytes, dict[str, Any]]) -> None:
+        if not self._bridging:
+            return
+        if len(self._held) >= _MAX_BETWEEN:
+            self._bridging = False
+            self._held.clear()
+            return
+        self._held.append(entry)
+
+    def take(self) -> list[tuple[int, bytes, dict[str, Any]]]:
+        held, self._held = self._held, []
+        return held
+
+
 def _load(root: Path, selection: Selection, verifier: NoteVerifier | None) -> _Loaded:
     report = verify_log(root, verifier=verifier)
     if not report.ok and not (len(report.damage) == 1 and report.damage[0].kind == "torn"):
@@ -148,26 +177,22 @@ def _load(root: Path, selection: Selection, verifier: NoteVerifier | None) -> _L
     uncovered = 0
     changes = ChangeLog()
     links: dict[int, DecisionLink] = {}
-    # Without an agent filter the package holds an unbroken run of records, so an
-    # auditor's verifier can require one: a record whose time fell outside the period
-    # (a clock stepping back) between two inside it goes in too.
-    between: list[tuple[int, bytes, dict[str, Any]]] = []
+    between = _Between(bridging=selection.agent is None)
     for seq, payload in iter_records(root):
         tree.append(leaf_hash(payload))
         record = orjson.loads(payload)
         if seq < size:
             changes.feed(seq, record)
         if not selection.matches(record):
-            if selected and selection.agent is None and seq < size:
-                between.append((seq, payload, record))
+            if selected and seq < size:
+                between.hold((seq, payload, record))
             continue
         if seq < size:
-            for entry in (*between, (seq, payload, record)):
+            for entry in (*between.take(), (seq, payload, record)):
                 selected.append(entry)
                 link = changes.link(entry[2])
                 if link is not None:
                     links[entry[0]] = link
-            between.clear()
         else:
             uncovered += 1
     return _Loaded(tree, checkpoint, notes[size], notes, selected, uncovered, changes, links)

@@ -9,16 +9,26 @@ texts from HTTP clients, which may quote the URL, pass through :func:`scrub`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
 __all__ = ["scrub", "shown_url", "url_secrets"]
 
 MASK = "***"
+_MIN_SCRUBBED = 4
+"""Shorter query values (``v=2``) are not scrubbed from messages: every "2" would go."""
 
 
-def shown_url(url: str) -> str:
-    """``url`` with its password and every query value replaced by ``***``."""
+def _every(_name: str) -> bool:
+    return True
+
+
+def shown_url(url: str, *, masked: Callable[[str], bool] = _every) -> str:
+    """``url`` with its password and the query values ``masked`` names (all) as ``***``.
+
+    A database URL passes ``masked=is_credential_key``, so that libpq options
+    such as ``sslmode`` stay readable while ``password`` and ``sslpassword`` go.
+    """
     parts = urlsplit(url)
     netloc = parts.netloc
     if "@" in netloc:
@@ -27,15 +37,23 @@ def shown_url(url: str) -> str:
         netloc = f"{user}:{MASK}@{hostport}" if ":" in userinfo else f"{user}@{hostport}"
     query = parts.query
     if query:
-        pairs = [(k, MASK) for k, _ in parse_qsl(query, keep_blank_values=True)]
-        query = urlencode(pairs, safe="*")
+        pairs = [(k, MASK if masked(k) else v) for k, v in parse_qsl(query, keep_blank_values=True)]
+        query = urlencode(pairs, safe="*/")
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
-def url_secrets(url: str) -> list[str]:
-    """What :func:`shown_url` masks in ``url``, as written and as decoded."""
+def url_secrets(url: str, *, masked: Callable[[str], bool] = _every) -> list[str]:
+    """What :func:`shown_url` masks in ``url``, as written and as decoded, to :func:`scrub`.
+
+    The password always; a masked query value when it is long enough to be told
+    apart in a message.
+    """
     parts = urlsplit(url)
-    raw = [pair.partition("=")[2] for pair in parts.query.split("&")]
+    raw = []
+    for pair in parts.query.split("&"):
+        name, _, value = pair.partition("=")
+        if masked(unquote_plus(name)) and len(value) >= _MIN_SCRUBBED:
+            raw.append(value)
     userinfo = parts.netloc.rpartition("@")[0]
     if ":" in userinfo:
         raw.append(userinfo.split(":", 1)[1])

@@ -24,7 +24,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import AsyncConnection, AsyncCursor, errors
@@ -46,7 +45,7 @@ from warden.state.records import (
     encode_holds,
 )
 from warden.state.repos import Change
-from warden.urls import scrub, url_secrets
+from warden.urls import scrub, shown_url, url_secrets
 
 __all__ = [
     "PgDatabase",
@@ -67,21 +66,7 @@ _CHANNEL_PREFIX: Final = "warden_"
 
 def redact_url(url: str) -> str:
     """``url`` with any password (in the authority or a credential-named query key) as ``***``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{hostport}"
-    query = parts.query
-    if query:
-        pairs = [
-            (k, "***" if is_credential_key(k) else v)  # password, sslpassword
-            for k, v in parse_qsl(query, keep_blank_values=True)
-        ]
-        query = urlencode(pairs, safe="*/")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return shown_url(url, masked=is_credential_key)  # sslmode stays, sslpassword goes
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +121,9 @@ def pg_reason(exc: BaseException, url: str) -> str:
     quotes ("invalid percent-encoded token"), password and all.
     """
     text = str(exc).strip().splitlines()
-    return scrub(text[-1], url_secrets(url)) if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    return scrub(text[-1], url_secrets(url, masked=is_credential_key))
 
 
 class PgDatabase:

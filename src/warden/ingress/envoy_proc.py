@@ -554,10 +554,8 @@ class _Exchange:
                 response=pb.CommonResponse(header_mutation=header_mutation(remove=strip))
             )
         )
-        if route.match.parse_request or route.match.adapter is not None:
-            self._check_reported_modes(route)
+        self._check_modes(route)
         if route.match.parse_request:
-            self._check_mode(self._modes.request, "request_body_mode")
             if message.end_of_stream:
                 raise InvalidJSON("request body must be a JSON object")
             self._phase = "request_body"
@@ -730,7 +728,6 @@ class _Exchange:
                 raise UpstreamProtocol(
                     f"upstream {self._upstream_name!r} answered {self._status} with no body"
                 )
-            self._check_mode(self._modes.response, "response_body_mode")
             set_headers["content-type"] = _SSE if self._sse else _JSON
             remove.update({"content-length", "content-encoding"})
             override = self._mode_override()
@@ -930,13 +927,15 @@ class _Exchange:
     def _full_duplex(mode: int | None) -> bool:
         return mode is not None and mode == int(_Mode.FULL_DUPLEX_STREAMED)
 
-    def _check_reported_modes(self, route: _Route) -> None:
+    def _check_modes(self, route: _Route) -> None:
         """Before anything goes upstream: the bodies this route needs will reach Warden.
 
-        Checked here, not only when the response arrives: with response headers
+        Checked here, not when the response arrives: with response headers
         skipped Warden would never be asked, and with an older Envoy that reports
         no modes a body sent in mode ``NONE`` would go to the agent unread.
         """
+        if not (route.match.parse_request or route.match.adapter is not None):
+            return
         if self._modes == _BodyModes():
             if self._svc.config.ext_proc.unreported_modes == "trust":
                 return
@@ -946,6 +945,8 @@ class _Exchange:
                 "Envoy, or set ext_proc.unreported_modes: trust once request_body_mode and "
                 "response_body_mode are BUFFERED or STREAMED"
             )
+        if route.match.parse_request:
+            self._check_mode(self._modes.request, "request_body_mode")
         if route.match.adapter is not None:
             self._check_mode(self._modes.response, "response_body_mode")
 

@@ -722,6 +722,58 @@ async def test_unparsable_json_response_fails_closed(envoy: Envoy, llm: MockLLM)
     assert b"export_customers" not in result.body
 
 
+async def test_hosted_mcp_servers_a_request_declares_reach_the_policy(
+    envoy: Envoy, llm: MockLLM
+) -> None:
+    # The shipped policy refuses a model request that opens an MCP server not on its
+    # allowlist: through the mesh as through the base URL (input.request.tools).
+    def responses(url: str) -> dict[str, Any]:
+        mcp = {
+            "type": "mcp",
+            "server_label": "kb",
+            "server_url": url,
+            "allowed_tools": ["search_kb"],
+        }
+        return {"model": "gpt-4o-mini", "input": "find it", "tools": [mcp]}
+
+    refused = await envoy.request(
+        OPENAI_HOST, "/v1/responses", responses("https://mcp.evil.example/mcp")
+    )
+    assert refused.status == 403
+    assert "not approved for support agents" in refused.json()["error"]["message"]
+    assert not llm.requests
+    allowed = await envoy.request(
+        OPENAI_HOST, "/v1/responses", responses("https://kb.support.example.com/mcp")
+    )
+    assert allowed.status == 200
+    assert len(llm.requests) == 1
+
+
+async def test_a_response_spelled_for_case_blind_clients_fails_closed(
+    envoy: Envoy, llm: MockLLM
+) -> None:
+    # Go's encoding/json would read TOOL_CALLS as tool_calls: Warden never saw that call.
+    llm.script(Reply(tool_calls=[EXPORT], fault="case_blind_keys"))
+    result = await envoy.request(OPENAI_HOST, "/v1/chat/completions", CHAT)
+    assert result.status == 502
+    assert result.json()["error"]["code"] == "upstream_bad_response"
+    assert "case-blind clients read" in result.json()["error"]["message"]
+    assert b"export_customers" not in result.body
+
+    llm.script(Reply(tool_calls=[EXPORT], fault="case_blind_keys"))
+    result = await envoy.request(
+        ANTHROPIC_HOST,
+        "/v1/messages",
+        {**MESSAGES, "stream": True},
+        headers={"anthropic-version": "2023-06-01"},
+        response_mode=Mode.STREAMED,
+    )
+    events = list(SseParser().feed(result.body))
+    assert [e.event for e in events] == ["error"]
+    assert "case-blind clients read" in events[0].data
+    assert b"export_customers" not in result.body
+
+
 async def test_broken_sse_ends_with_the_providers_error_event(envoy: Envoy, llm: MockLLM) -> None:
     llm.script(Reply(text="hi", tool_calls=[EXPORT], fault="malformed_json"))
     result = await envoy.request(

@@ -634,13 +634,15 @@ class _Exchange:
             raise InvalidJSON("request body must be a JSON object")
         parsed = adapter.parse_request(parsed_body)
         self._stream = parsed.stream
-        # input.history and input.session (warden.sessions), as the base-URL door reads them.
         conversation = conversation_of(
             adapter.name, parsed_body, self._headers, self._svc.config.sessions
         )
         self._turn = turn = Turn(
             agent=turn.agent,
-            request=dataclasses.replace(turn.request, conversation=conversation),
+            # Hosted tools (input.request.tools) and history, as the base-URL door reads them.
+            request=dataclasses.replace(
+                turn.request, conversation=conversation, tools=parsed.tools
+            ),
             context=turn.context,
             model=parsed.model,
         )
@@ -820,6 +822,12 @@ class _Exchange:
             raise UpstreamProtocol(
                 f"upstream {self._upstream_name!r} answered {self._status} "
                 "with a body that is not a JSON object"
+            )
+        misspelled = adapter.misspelled_key(body)
+        if misspelled is not None:
+            raise UpstreamProtocol(
+                f"upstream {self._upstream_name!r} answered {self._status} "
+                f"with {_wire.misspelled(misspelled)}"
             )
         usage = adapter.usage(body)
         self._core.count_usage(turn.agent, turn.model, usage)

@@ -485,7 +485,7 @@ class ProxyApp:
         if adapter is not None:
             # Parsed as leniently as the SDKs parse it, whatever the content type
             # says; the agent then gets exactly what was parsed and decided.
-            body = _json_object(raw)
+            body, problem = _decidable(adapter, raw)
             if body is None:
                 self._core.outcome(
                     action,
@@ -497,8 +497,7 @@ class ProxyApp:
                     ),
                 )
                 raise UpstreamProtocol(
-                    f"upstream {call.route.name!r} answered {upstream_resp.status} "
-                    "with a body that is not a JSON object"
+                    f"upstream {call.route.name!r} answered {upstream_resp.status} with {problem}"
                 )
             usage = adapter.usage(body)
             calls = adapter.tool_calls(body)
@@ -759,6 +758,17 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
+
+
+def _decidable(adapter: Adapter, raw: bytes) -> tuple[dict[str, Any] | None, str]:
+    """A response body Warden can decide on, or ``None`` and why not (for the error)."""
+    body = _json_object(raw)
+    if body is None:
+        return None, "a body that is not a JSON object"
+    misspelled = adapter.misspelled_key(body)
+    if misspelled is not None:
+        return None, _wire.misspelled(misspelled)
+    return body, ""
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:

@@ -6,21 +6,28 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 
+from warden.errors import InvalidJSON
 from warden.model import Decision, Effect, Mode, Usage
 
 __all__ = [
     "NO_DECISION",
+    "Envelope",
     "StreamStatus",
     "dumps",
+    "event_object",
     "keys_fold_apart",
     "loads",
     "loads_or_none",
+    "misspelled",
+    "misspelled_key",
     "parse_arguments",
     "policy_safe",
+    "refuse_misspelled_request",
     "token_count",
 ]
 
@@ -185,6 +192,88 @@ def keys_fold_apart(obj: Mapping[Any, Any]) -> bool:
     if len(obj) < 2:
         return True
     return len({k.casefold() if isinstance(k, str) else k for k in obj}) == len(obj)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The keys a provider's SDK reads from its responses, and the ones it reads into.
+
+    ``names`` are every field name of the response shapes (all lower case, as
+    the providers spell them); ``inside`` the fields whose objects (or lists of
+    objects) hold more of them. Tool arguments are never among ``inside``:
+    their keys are the tool's, checked by :func:`policy_safe`.
+    """
+
+    names: frozenset[str]
+    inside: frozenset[str]
+
+
+_MAX_ENVELOPE_DEPTH: Final = 8
+
+
+def misspelled_key(value: object, envelope: Envelope, depth: int = 0) -> str | None:
+    """The first key a case-blind client would read as one of ``envelope.names``, if any.
+
+    Go's ``encoding/json`` (which clients such as go-openai build on) and
+    .NET's default binder take ``TOOL_CALLS`` for ``tool_calls`` when the exact
+    spelling is absent, and the last of two spellings when both are present.
+    Warden reads exact spellings, so such a response would carry a call that
+    Warden never decided: it is malformed instead.
+    """
+    if isinstance(value, list):
+        for item in value:
+            found = misspelled_key(item, envelope, depth)
+            if found is not None:
+                return found
+        return None
+    if not isinstance(value, dict) or depth > _MAX_ENVELOPE_DEPTH:
+        return None
+    names, inside = envelope.names, envelope.inside
+    for key, inner in value.items():
+        if key in names:
+            if key in inside and inner is not None:
+                found = misspelled_key(inner, envelope, depth + 1)
+                if found is not None:
+                    return found
+        elif isinstance(key, str) and key.casefold() in names:
+            return key
+    return None
+
+
+def misspelled(key: str) -> str:
+    """Why a response with a key :func:`misspelled_key` found is refused, for errors."""
+    return f"the key {key!r}, which case-blind clients read as one of the provider's fields"
+
+
+def refuse_misspelled_request(body: Mapping[str, Any], envelope: Envelope) -> None:
+    """Raise :class:`InvalidJSON` for a request key a case-blind upstream reads as another.
+
+    A gateway built on Go's ``encoding/json`` would take ``TOOLS`` for
+    ``tools`` and open the hosted MCP server it declares, which the policy
+    never saw in ``input.request.tools``.
+    """
+    found = misspelled_key(body, envelope)
+    if found is not None:
+        raise InvalidJSON(f"the request has {misspelled(found)}")
+
+
+def event_object(data: str, envelope: Envelope) -> dict[str, Any]:
+    """A stream event's data as the JSON object the SDK reads.
+
+    Raises :class:`ValueError` saying what the event "is not" or "has" instead
+    (the caller's message names the event): not JSON, not an object, or a
+    key spelled as :func:`misspelled_key` refuses.
+    """
+    try:
+        obj = loads(data)
+    except ValueError:
+        raise ValueError("is not JSON") from None
+    if not isinstance(obj, dict):
+        raise ValueError("is not a JSON object")
+    found = misspelled_key(obj, envelope)
+    if found is not None:
+        raise ValueError(f"has {misspelled(found)}")
+    return obj
 
 
 def _valid_text(text: str) -> bool:

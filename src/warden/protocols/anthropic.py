@@ -42,10 +42,13 @@ from warden.model import ActionKind, Decision, Effect, ToolCall, ToolResult, Usa
 from warden.protocols import declared_tools
 from warden.protocols._wire import (
     NO_DECISION,
+    Envelope,
     StreamStatus,
     dumps,
-    loads,
+    event_object,
+    misspelled_key,
     parse_arguments,
+    refuse_misspelled_request,
     token_count,
 )
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
@@ -91,6 +94,32 @@ _EXTRAS: Final[Mapping[str, tuple[str, ...]]] = {
 _DELTA_INPUT: Final = frozenset({"tool_use", "server_tool_use"})
 """Call types every SDK accumulator builds from ``input_json_delta`` (``mcp_tool_use`` only
 the beta one): others are streamed with their decided ``input`` in the start event."""
+
+_REQUEST: Final = Envelope(
+    names=frozenset(
+        {
+            *("model", "messages", "system", "max_tokens", "tools", "tool_choice", "stream"),
+            *("mcp_servers", "type", "name", "input_schema", "url", "authorization_token"),
+            *("tool_configuration", "enabled", "allowed_tools", "mcp_server_name"),
+            *("default_config", "configs"),
+        }
+    ),
+    # Not ``configs``: its keys are tool names.
+    inside=frozenset({"tools", "mcp_servers", "tool_configuration", "default_config"}),
+)
+"""A Messages request, down to the tools and MCP servers it declares."""
+_ENVELOPE: Final = Envelope(
+    names=frozenset(
+        {
+            *("id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"),
+            *("name", "input", "text", "index", "message", "content_block", "delta"),
+            *("partial_json", "caller", "toolset_name", "server_name", "tool_use_id"),
+            *("citations", "thinking", "signature", "data", "container", "stop_details"),
+        }
+    ),
+    inside=frozenset({"message", "content", "content_block", "delta"}),
+)
+"""Messages and their stream events, down to each block's name and input."""
 
 _MISSING: Final = object()
 
@@ -192,6 +221,7 @@ class AnthropicMessagesAdapter:
 
     def parse_request(self, body: Mapping[str, Any]) -> ParsedRequest:
         """Model, stream flag and ``tool_result`` blocks, named from earlier ``tool_use`` blocks."""
+        refuse_misspelled_request(body, _REQUEST)
         names: dict[str, str] = {}
         results: list[ToolResult] = []
         messages = body.get("messages")
@@ -237,6 +267,10 @@ class AnthropicMessagesAdapter:
             if call is not None:
                 calls.append(call)
         return calls
+
+    def misspelled_key(self, body: Mapping[str, Any]) -> str | None:
+        """A key a case-blind client would read as a message's field (malformed)."""
+        return misspelled_key(body, _ENVELOPE)
 
     def rewrite(self, body: Mapping[str, Any], decisions: Mapping[str, Decision]) -> dict[str, Any]:
         """A copy where each allowed call is rendered from its decision, each other one is text.
@@ -365,10 +399,10 @@ class AnthropicStreamRewriter(StreamStatus):
         if name is None or name not in _EVENTS or not event.data:
             return  # the SDK never accumulates these into the message: dropped
         try:
-            obj = loads(event.data)
-        except ValueError:
-            raise StreamViolation(f"{name} event is not JSON") from None
-        if not isinstance(obj, dict) or obj.get("type") != name:
+            obj = event_object(event.data, _ENVELOPE)
+        except ValueError as exc:
+            raise StreamViolation(f"{name} event {exc}") from None
+        if obj.get("type") != name:
             raise StreamViolation(f"{name} event whose data is not a {name}")
         if name == "message_start":
             yield from self._message_start(event, obj)

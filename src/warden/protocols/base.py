@@ -129,6 +129,14 @@ class Adapter(Protocol):
         """The tool calls a non-streaming response proposes, in order."""
         ...
 
+    def misspelled_key(self, body: Mapping[str, Any]) -> str | None:
+        """A key of a non-streaming response that a case-blind client reads as another.
+
+        The response is then malformed: see :func:`warden.protocols._wire.misspelled_key`.
+        Stream rewriters check each event the same way.
+        """
+        ...
+
     def rewrite(self, body: Mapping[str, Any], decisions: Mapping[str, Decision]) -> dict[str, Any]:
         """Return a copy of a non-streaming response with verdicts applied.
 

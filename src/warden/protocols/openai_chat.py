@@ -25,10 +25,14 @@ from warden.errors import StreamViolation
 from warden.model import ActionKind, Decision, Effect, ToolCall, ToolResult, Usage
 from warden.protocols._wire import (
     NO_DECISION,
+    Envelope,
     StreamStatus,
     dumps,
+    event_object,
     loads,
+    misspelled_key,
     parse_arguments,
+    refuse_misspelled_request,
     token_count,
 )
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
@@ -41,6 +45,31 @@ _CALL_FINISHES: Final = ("tool_calls", "function_call")
 _CALL_FIELDS: Final = ("tool_calls", "function_call")
 _LEGACY: Final = "function_call"
 _MAX_PART_DEPTH: Final = 80  # past the 64 levels a policy can take: such a call fails anyway
+_REQUEST: Final = Envelope(
+    names=frozenset(
+        {
+            *("model", "messages", "tools", "tool_choice", "stream", "stream_options"),
+            *("parallel_tool_calls", "functions", "function_call", "type", "function"),
+            *("custom", "name", "parameters", "format"),
+        }
+    ),
+    inside=frozenset({"tools", "functions", "function", "custom", "tool_choice"}),
+)
+"""A chat request, down to the tools it declares."""
+_ENVELOPE: Final = Envelope(
+    names=frozenset(
+        {
+            *("id", "object", "created", "model", "choices", "usage", "system_fingerprint"),
+            *("service_tier", "index", "message", "delta", "finish_reason", "logprobs", "role"),
+            *("content", "refusal", "annotations", "audio", "tool_calls", "function_call"),
+            *("function", "custom", "type", "name", "arguments", "input"),
+        }
+    ),
+    inside=frozenset(
+        {"choices", "message", "delta", "tool_calls", "function_call", "function", "custom"}
+    ),
+)
+"""Chat completions and their chunks, down to each call's name and arguments."""
 
 
 def _count(value: Any) -> int:
@@ -196,6 +225,7 @@ class OpenAIChatAdapter:
 
     def parse_request(self, body: Mapping[str, Any]) -> ParsedRequest:
         """Model, stream flag and ``role: tool`` results, named from earlier assistant calls."""
+        refuse_misspelled_request(body, _REQUEST)
         names: dict[str, str] = {}
         results: list[ToolResult] = []
         messages = body.get("messages")
@@ -251,6 +281,10 @@ class OpenAIChatAdapter:
                     )
                 )
         return calls
+
+    def misspelled_key(self, body: Mapping[str, Any]) -> str | None:
+        """A key a case-blind client would read as a completion's field (malformed)."""
+        return misspelled_key(body, _ENVELOPE)
 
     def rewrite(self, body: Mapping[str, Any], decisions: Mapping[str, Decision]) -> dict[str, Any]:
         """A copy with allowed calls rendered from their decided values, others removed.
@@ -532,11 +566,9 @@ class OpenAIChatStreamRewriter(StreamStatus):
             yield event
             return
         try:
-            chunk = loads(data)
-        except ValueError:
-            raise _violation("an event is not JSON") from None
-        if not isinstance(chunk, dict):
-            raise _violation("an event is not a JSON object")
+            chunk = event_object(data, _ENVELOPE)
+        except ValueError as exc:
+            raise _violation(f"an event {exc}") from None
         model = chunk.get("model")
         if isinstance(model, str):
             self._model = model

@@ -75,7 +75,16 @@ from typing import Any, Final
 from warden.errors import StreamViolation
 from warden.model import ActionKind, Decision, Effect, ToolCall, ToolResult, Usage
 from warden.protocols import declared_tools
-from warden.protocols._wire import NO_DECISION, StreamStatus, dumps, loads, parse_arguments
+from warden.protocols._wire import (
+    NO_DECISION,
+    Envelope,
+    StreamStatus,
+    dumps,
+    event_object,
+    misspelled_key,
+    parse_arguments,
+    refuse_misspelled_request,
+)
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
 from warden.protocols.sse import SseEvent
 
@@ -312,6 +321,32 @@ _SHAPES: Final[Mapping[str, _Shape]] = {
 }
 
 
+_REQUEST: Final = Envelope(
+    names=frozenset(
+        {
+            *("model", "input", "tools", "tool_choice", "stream", "previous_response_id"),
+            *("conversation", "parallel_tool_calls", "type", "name", "parameters", "format"),
+            *("server_label", "server_url", "connector_id", "allowed_tools", "tool_names"),
+            *("require_approval", "headers", "authorization", "read_only"),
+        }
+    ),
+    inside=frozenset({"tools", "allowed_tools", "tool_choice"}),
+)
+"""A Responses request, down to the tools it declares (hosted MCP servers among them)."""
+_ENVELOPE: Final = Envelope(
+    names=frozenset(
+        {
+            *(name for shape in _SHAPES.values() for name in shape.fields),
+            *("object", "created_at", "model", "output", "usage", "response", "item"),
+            *("output_index", "item_id", "content_index", "delta", "sequence_number", "part"),
+            *("text", "content", "role", "summary", "incomplete_details", "error"),
+        }
+    ),
+    inside=frozenset({"response", "output", "item"}),
+)
+"""Responses and their stream events, down to each output item's own fields."""
+
+
 def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
@@ -527,6 +562,7 @@ class OpenAIResponsesAdapter:
         ``call_id`` in the same input, else the result item's own ``name``.
         A plain-string ``input`` carries no results.
         """
+        refuse_misspelled_request(body, _REQUEST)
         items = body.get("input")
         results: list[ToolResult] = []
         if isinstance(items, list):
@@ -564,6 +600,10 @@ class OpenAIResponsesAdapter:
             for i, item in enumerate(output)
             if not _is_passive(item)
         ]
+
+    def misspelled_key(self, body: Mapping[str, Any]) -> str | None:
+        """A key a case-blind client would read as a response's field (malformed)."""
+        return misspelled_key(body, _ENVELOPE)
 
     def rewrite(self, body: Mapping[str, Any], decisions: Mapping[str, Decision]) -> dict[str, Any]:
         """A copy of ``body``: allowed calls in canonical form, others as explaining messages.
@@ -674,11 +714,9 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
             yield event
             return
         try:
-            data = loads(event.data)
-        except ValueError:
-            raise _violation("an event that is not JSON") from None
-        if not isinstance(data, dict):
-            raise _violation("an event that is not a JSON object")
+            data = event_object(event.data, _ENVELOPE)
+        except ValueError as exc:
+            raise _violation(f"an event that {exc}") from None
         kind = data.get("type")
         if not isinstance(kind, str):
             raise _violation("an event without a type")

@@ -73,7 +73,9 @@ __all__ = [
     "prompt_tokens",
 ]
 
-FaultKind = Literal["status", "malformed_json", "truncate", "hang", "delay", "slow_stream"]
+FaultKind = Literal[
+    "status", "malformed_json", "case_blind_keys", "truncate", "hang", "delay", "slow_stream"
+]
 """The failure modes a :class:`Fault` can inject."""
 
 WireProtocol = Literal["openai_chat", "openai_responses", "anthropic_messages"]
@@ -121,6 +123,10 @@ class Fault:
     ``malformed_json``
         Status 200 with a body cut in half; a stream gets one event whose JSON is
         cut in half, then the rest of the stream.
+    ``case_blind_keys``
+        Status 200 with every key of the answer (or of each stream event) in
+        upper case (``TOOL_CALLS``): what a case-blind client (Go's
+        ``encoding/json``) still reads as the provider's fields.
     ``truncate``
         Send part of the answer and close the connection: a stream stops after
         ``after`` events (default: half) with no end marker; a JSON body stops
@@ -912,6 +918,8 @@ class MockLLM(LoopbackServer):
         kind = fault.kind if fault is not None else None
         if kind == "malformed_json":
             payload = payload[: len(payload) // 2]
+        elif kind == "case_blind_keys":
+            payload = _upper_keys(payload)
         elif kind == "truncate":
             response = web.StreamResponse(headers=headers)
             response.content_type = "application/json"
@@ -939,6 +947,8 @@ class MockLLM(LoopbackServer):
         elif fault is not None and fault.kind == "malformed_json":
             middle = len(events) // 2
             events[middle] = _break_event(events[middle])
+        elif fault is not None and fault.kind == "case_blind_keys":
+            events = [_upper_keys(event) for event in events]
         elif fault is not None and fault.kind == "slow_stream":
             gap = fault.seconds
         response = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
@@ -1191,6 +1201,15 @@ class MockLLM(LoopbackServer):
             content_type="application/json",
             headers=self._openai_headers(),
         )
+
+
+# A key as JSON writes it: a quote not escaped inside a string, so keys in
+# argument text (``\"format\":``) keep their spelling.
+_KEY: Final = re.compile(rb'(?<!\\)"([a-z_]+)":')
+
+
+def _upper_keys(payload: bytes) -> bytes:
+    return _KEY.sub(lambda m: b'"' + m.group(1).upper() + b'":', payload)
 
 
 def _break_event(event: bytes) -> bytes:

@@ -75,6 +75,14 @@ class Chains(Protocol):
         ...
 
 
+class ArgumentNames(Protocol):
+    """Argument names a request declares per tool (:mod:`warden.protocols.declared_arguments`)."""
+
+    def misspelled(self, tool: str, arguments: Mapping[str, Any]) -> str | None:
+        """An argument key that folds to a name ``tool`` declares but is spelled otherwise."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Turn:
     """One agent request and the response to it: what all its actions share.
@@ -88,9 +96,23 @@ class Turn:
     context: Mapping[str, Any] = field(default_factory=dict)
     model: str | None = None
     seen: set[str] = field(default_factory=set)
+    declared: ArgumentNames | None = None
+    """The argument names the request declares per tool, if it declares any."""
 
     def action(self, call: ToolCall, protocol: str) -> Action:
-        """The action for a tool call the model proposed in this turn's response."""
+        """The action for a tool call the model proposed in this turn's response.
+
+        Arguments spelled otherwise than the request declares them (``Amount``
+        for ``amount``) count as malformed, like a key given twice: the
+        validation guard denies the call.
+        """
+        arguments = call.arguments
+        if (
+            arguments is not None
+            and self.declared is not None
+            and self.declared.misspelled(call.name, arguments) is not None
+        ):
+            arguments = None
         return Action(
             action_id=new_id("act"),
             agent=self.agent,
@@ -100,7 +122,7 @@ class Turn:
             stage=Stage.PROPOSED,
             request=self.request,
             tool=call.name,
-            arguments=call.arguments,
+            arguments=arguments,
             raw_arguments=call.raw_arguments,
             call_id=call.call_id,
             model=self.model,

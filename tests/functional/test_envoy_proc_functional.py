@@ -749,6 +749,18 @@ async def test_hosted_mcp_servers_a_request_declares_reach_the_policy(
     assert len(llm.requests) == 1
 
 
+async def test_arguments_are_checked_against_the_schemas_the_request_declares(
+    envoy: Envoy, llm: MockLLM
+) -> None:
+    schema = {"type": "object", "properties": {"query": {"type": "string"}}}
+    tool = {"type": "function", "function": {"name": "search_kb", "parameters": schema}}
+    llm.script(Reply(tool_calls=[Call("search_kb", {"QUERY": "x"}, id="call_kb")]))
+    result = await envoy.request(OPENAI_HOST, CHAT_PATH, {**CHAT, "tools": [tool]})
+    message = openai.types.chat.ChatCompletion.model_validate(result.json()).choices[0].message
+    assert not message.tool_calls
+    assert "spelled otherwise than the request declares" in (message.content or "")
+
+
 async def test_a_response_spelled_for_case_blind_clients_fails_closed(
     envoy: Envoy, llm: MockLLM
 ) -> None:

@@ -645,6 +645,7 @@ class _Exchange:
             ),
             context=turn.context,
             model=parsed.model,
+            declared=parsed.arguments,
         )
         self._core.record_results(parsed.tool_results)
         prepared = adapter.prepare_request(parsed_body)

@@ -78,6 +78,7 @@ from warden.model import (
 from warden.ops import metrics, tracing
 from warden.protocols import _wire, http_tool
 from warden.protocols.base import Adapter, StreamRewriter
+from warden.protocols.declared_arguments import DeclaredArguments
 from warden.protocols.driver import StreamDriver
 from warden.protocols.errors import render_error, render_stream_error
 from warden.protocols.registry import (
@@ -299,6 +300,7 @@ class ProxyApp:
         hide_usage = False
         stream = False
         declared: tuple[dict[str, Any], ...] = ()
+        arguments: DeclaredArguments | None = None
         conversation: Conversation | None = None
         if adapter is not None and route.match.parse_request:
             parsed_body = _parse_json_request(request, body)
@@ -310,6 +312,7 @@ class ProxyApp:
             model = parsed.model
             stream = parsed.stream
             declared = parsed.tools  # hosted MCP servers and tools: input.request.tools
+            arguments = parsed.arguments
             self._core.record_results(parsed.tool_results)
             prepared = adapter.prepare_request(parsed_body)
             if prepared is not None:
@@ -351,6 +354,7 @@ class ProxyApp:
                 ),
                 context=hdr.context_from(request.headers),
                 model=model,
+                declared=arguments,
             ),
             adapter=adapter,
             hide_usage=hide_usage,

@@ -39,7 +39,7 @@ from typing import Any, Final
 
 from warden.errors import StreamViolation
 from warden.model import ActionKind, Decision, Effect, ToolCall, ToolResult, Usage
-from warden.protocols import declared_tools
+from warden.protocols import declared_arguments, declared_tools
 from warden.protocols._wire import (
     NO_DECISION,
     Envelope,
@@ -256,6 +256,7 @@ class AnthropicMessagesAdapter:
             stream=body.get("stream") is True,
             tool_results=tuple(results),
             tools=declared_tools.anthropic(body),
+            arguments=declared_arguments.anthropic(body),
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:

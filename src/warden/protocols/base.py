@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from warden.model import Decision, Effect, ToolCall, ToolResult, Usage
+from warden.protocols.declared_arguments import DeclaredArguments
 from warden.protocols.sse import SseEvent
 
 __all__ = [
@@ -65,6 +66,9 @@ class ParsedRequest:
     tools: tuple[dict[str, Any], ...] = ()
     """Tools the provider runs itself (remote MCP servers, hosted tools), without
     credentials: ``input.request.tools`` (:mod:`warden.protocols.declared_tools`)."""
+    arguments: DeclaredArguments | None = None
+    """The argument names the request declares for the tools the agent runs, checked
+    against each call (:mod:`warden.protocols.declared_arguments`); ``None``: none."""
 
 
 class StreamRewriter(Protocol):

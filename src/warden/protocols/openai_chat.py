@@ -23,6 +23,7 @@ from typing import Any, Final
 
 from warden.errors import StreamViolation
 from warden.model import ActionKind, Decision, Effect, ToolCall, ToolResult, Usage
+from warden.protocols import declared_arguments
 from warden.protocols._wire import (
     NO_DECISION,
     Envelope,
@@ -255,6 +256,7 @@ class OpenAIChatAdapter:
             model=model if isinstance(model, str) else None,
             stream=body.get("stream") is True,
             tool_results=tuple(results),
+            arguments=declared_arguments.openai_chat(body),
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:

@@ -74,7 +74,7 @@ from typing import Any, Final
 
 from warden.errors import StreamViolation
 from warden.model import ActionKind, Decision, Effect, ToolCall, ToolResult, Usage
-from warden.protocols import declared_tools
+from warden.protocols import declared_arguments, declared_tools
 from warden.protocols._wire import (
     NO_DECISION,
     Envelope,
@@ -588,6 +588,7 @@ class OpenAIResponsesAdapter:
             stream=body.get("stream") is True,
             tool_results=tuple(results),
             tools=declared_tools.openai_responses(body),
+            arguments=declared_arguments.openai_responses(body),
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:

@@ -1,0 +1,95 @@
+"""The argument names a model request declares for the tools the agent runs.
+
+A request's function tools carry a JSON Schema of their arguments
+(``parameters`` / ``input_schema``). A call whose argument ``Amount`` folds to
+the declared ``amount`` is read by a Go or .NET tool as ``amount`` (their JSON
+binders match names case-blind), while a policy that reads
+``input.arguments.amount`` finds nothing there and may allow a refund it would
+have held. Such a call is malformed, like one with a key given twice.
+
+Only the top level of ``properties`` is compared: nested schemas are the
+tool's own, and the policy sees them whole. The request's tools are kept as
+sent and read only when a call is decided, so a request without calls in its
+answer costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+__all__ = ["DeclaredArguments", "anthropic", "openai_chat", "openai_responses"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeclaredArguments:
+    """A request's tool declarations, and where each names itself and its arguments.
+
+    ``tools`` are the request's declarations as sent (any of them may be
+    malformed: those are skipped). ``name_at`` and ``schema_at`` are the paths,
+    within one declaration, to the tool's name and to its arguments' schema.
+    """
+
+    tools: Sequence[Any] = ()
+    name_at: tuple[str, ...] = ("name",)
+    schema_at: tuple[str, ...] = ("parameters",)
+
+    def misspelled(self, tool: str, arguments: Mapping[str, Any]) -> str | None:
+        """An argument key that folds to a name ``tool`` declares but is spelled otherwise."""
+        declared = self._names(tool)
+        if not declared:
+            return None
+        for key in arguments:
+            if key not in declared:
+                folded = key.casefold()
+                if any(folded == name.casefold() for name in declared):
+                    return key
+        return None
+
+    def _names(self, tool: str) -> Mapping[str, Any] | None:
+        for declaration in self.tools:
+            if _at(declaration, self.name_at) == tool:
+                schema = _at(declaration, self.schema_at)
+                properties = schema.get("properties") if isinstance(schema, dict) else None
+                return properties if isinstance(properties, dict) else None
+        return None
+
+
+def _at(value: Any, path: tuple[str, ...]) -> Any:
+    for step in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(step)
+    return value
+
+
+def openai_chat(body: Mapping[str, Any]) -> DeclaredArguments | None:
+    """Chat ``tools`` (``function.name``, ``function.parameters``) and legacy ``functions``."""
+    tools = body.get("tools")
+    functions = body.get("functions")
+    declared: list[Any] = tools if isinstance(tools, list) else []
+    if isinstance(functions, list) and functions:
+        declared = [*declared, *({"function": f} for f in functions)]
+    if not declared:
+        return None
+    return DeclaredArguments(declared, _CHAT_NAME, _CHAT_SCHEMA)
+
+
+def openai_responses(body: Mapping[str, Any]) -> DeclaredArguments | None:
+    """Responses ``tools`` of type ``function`` (``name``, ``parameters``)."""
+    tools = body.get("tools")
+    return DeclaredArguments(tools) if isinstance(tools, list) and tools else None
+
+
+def anthropic(body: Mapping[str, Any]) -> DeclaredArguments | None:
+    """Messages ``tools`` (``name``, ``input_schema``)."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return None
+    return DeclaredArguments(tools, schema_at=_ANTHROPIC_SCHEMA)
+
+
+_CHAT_NAME: Final = ("function", "name")
+_CHAT_SCHEMA: Final = ("function", "parameters")
+_ANTHROPIC_SCHEMA: Final = ("input_schema",)

@@ -1,0 +1,67 @@
+"""Argument names a request declares, per provider, and which spellings they refuse."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from warden.protocols import declared_arguments
+
+SCHEMA = {"type": "object", "properties": {"amount": {}, "orderId": {}, "kind": {}}}
+
+
+@pytest.mark.parametrize(
+    ("read", "body"),
+    [
+        (
+            declared_arguments.openai_chat,
+            {"tools": [{"type": "function", "function": {"name": "refund", "parameters": SCHEMA}}]},
+        ),
+        (declared_arguments.openai_chat, {"functions": [{"name": "refund", "parameters": SCHEMA}]}),
+        (
+            declared_arguments.openai_responses,
+            {"tools": [{"type": "function", "name": "refund", "parameters": SCHEMA}]},
+        ),
+        (declared_arguments.anthropic, {"tools": [{"name": "refund", "input_schema": SCHEMA}]}),
+    ],
+    ids=["chat", "chat-functions", "responses", "anthropic"],
+)
+def test_each_provider_declares_where_its_sdk_puts_the_schema(read: Any, body: Any) -> None:
+    declared = read(body)
+    assert declared is not None
+    assert declared.misspelled("refund", {"amount": 1, "orderId": "A"}) is None
+    assert declared.misspelled("refund", {"Amount": 1}) == "Amount"
+    assert declared.misspelled("refund", {"orderid": "A"}) == "orderid"
+    assert declared.misspelled("refund", {"\u212aind": "x"}) == "\u212aind"  # the Kelvin sign
+    assert declared.misspelled("refund", {"note": "x", "Note": "y"}) is None  # not declared
+    assert declared.misspelled("other", {"Amount": 1}) is None  # another tool
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"tools": []},
+        {"tools": "refund"},
+    ],
+)
+def test_a_request_without_tools_declares_nothing(body: Any) -> None:
+    assert declared_arguments.openai_chat(body) is None
+    assert declared_arguments.openai_responses(body) is None
+    assert declared_arguments.anthropic(body) is None
+
+
+def test_malformed_declarations_are_skipped() -> None:
+    declared = declared_arguments.anthropic(
+        {
+            "tools": [
+                "refund",
+                {"name": "refund", "input_schema": "not a schema"},
+                {"name": "refund", "input_schema": {"properties": ["amount"]}},
+                {"name": 7, "input_schema": SCHEMA},
+            ]
+        }
+    )
+    assert declared is not None
+    assert declared.misspelled("refund", {"Amount": 1}) is None

@@ -372,8 +372,8 @@ def _validation_decision(
     elif action.tool is not None and action.arguments is None:
         reason = (
             "the tool call's arguments are not a JSON object a policy can check exactly as "
-            "sent (malformed, a key given twice or spelled otherwise than the request declares "
-            "it, or a value such as an integer past 64 bits, "
+            "sent (malformed, a key given twice or spelled otherwise than the tool's schema "
+            "declares it, or a value such as an integer past 64 bits, "
             "NaN or nesting too deep)"
         )
     elif (

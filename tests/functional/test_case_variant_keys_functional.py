@@ -75,7 +75,7 @@ async def test_an_argument_spelled_otherwise_than_declared_is_denied(
             model="gpt-4o-mini", messages=MESSAGES, tools=tools
         )
     assert not bent.choices[0].message.tool_calls
-    assert "spelled otherwise than the request declares" in (bent.choices[0].message.content or "")
+    assert "spelled otherwise than the tool's schema" in (bent.choices[0].message.content or "")
     assert [c.type for c in exact.choices[0].message.tool_calls or ()] == ["function"]
     first, second = refund_decisions(records)
     assert (first["effect"], first["guard"]) == ("deny", "validation")

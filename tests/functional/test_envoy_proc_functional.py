@@ -758,7 +758,7 @@ async def test_arguments_are_checked_against_the_schemas_the_request_declares(
     result = await envoy.request(OPENAI_HOST, CHAT_PATH, {**CHAT, "tools": [tool]})
     message = openai.types.chat.ChatCompletion.model_validate(result.json()).choices[0].message
     assert not message.tool_calls
-    assert "spelled otherwise than the request declares" in (message.content or "")
+    assert "spelled otherwise than the tool's schema" in (message.content or "")
 
 
 async def test_a_response_spelled_for_case_blind_clients_fails_closed(

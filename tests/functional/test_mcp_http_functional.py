@@ -195,6 +195,30 @@ async def test_denied_call_is_answered_by_warden_and_never_reaches_the_server(
     await verify_audit(tmp_path)
 
 
+async def test_an_argument_spelled_otherwise_than_listed_is_denied(
+    warden: Warden, tmp_path: Path
+) -> None:
+    # A policy reading input.arguments.order_id finds nothing under ORDER_ID, while a
+    # Go server binding arguments to a struct reads it as order_id.
+    async with connect(warden) as session:
+        unlisted = await session.call_tool("get_order", {"order_id": "A-1001"})
+        listing = await session.list_tools()
+        bent = await session.call_tool("get_order", {"ORDER_ID": "A-1001"})
+        exact = await session.call_tool("get_order", {"order_id": "A-1002"})
+    assert (
+        "order_id"
+        in next(t for t in listing.tools if t.name == "get_order").input_schema["properties"]
+    )
+    assert not unlisted.is_error
+    assert not exact.is_error
+    assert bent.is_error
+    assert "spelled otherwise than the tool's schema" in text(bent)
+    assert [c["arguments"]["order_id"] for c in read_call_log(tmp_path / "calls.jsonl")] == [
+        "A-1001",
+        "A-1002",
+    ]
+
+
 @pytest.mark.parametrize("json_response", [False, True], ids=["sse", "json"])
 async def test_a_stateless_server_is_governed_the_same(tmp_path: Path, json_response: bool) -> None:
     # A server without sessions (the SDK's stateless_http): no Mcp-Session-Id

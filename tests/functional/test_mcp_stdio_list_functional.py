@@ -122,3 +122,19 @@ async def test_a_kill_switch_hides_the_tool_from_the_next_listing(tmp_path: Path
         after = await session.list_tools()
     assert "close_account" in {t.name for t in before.tools}
     assert {t.name for t in after.tools} == {t.name for t in before.tools} - {"close_account"}
+
+
+async def test_an_argument_spelled_otherwise_than_listed_is_denied(tmp_path: Path) -> None:
+    # "AMOUNT" escapes the rule on input.arguments.amount; a Go server would bind it.
+    calls = tmp_path / "calls.jsonl"
+    async with wrapped(
+        write_config(tmp_path, "support-triage", bundle=bundle(tmp_path)), calls
+    ) as session:
+        await session.list_tools()
+        bent = await session.call_tool("issue_refund", {"order_id": "A-1001", "AMOUNT": 500})
+        exact = await session.call_tool("issue_refund", {"order_id": "A-1001", "amount": 5})
+    assert bent.is_error
+    assert "spelled otherwise than the tool's schema" in text(bent)
+    assert not exact.is_error
+    assert tools_called(calls) == ["issue_refund"]
+    assert [d["decision"]["guard"] for d in decisions(audit_dir(tmp_path))][:1] == ["validation"]

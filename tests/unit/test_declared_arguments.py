@@ -65,3 +65,24 @@ def test_malformed_declarations_are_skipped() -> None:
     )
     assert declared is not None
     assert declared.misspelled("refund", {"Amount": 1}) is None
+
+
+def listing(*tools: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": 1, "result": {"tools": list(tools)}}
+
+
+def test_an_mcp_listing_declares_its_tools_arguments_page_by_page() -> None:
+    listed = declared_arguments.ListedArguments(limit=2)
+    assert listed.misspelled("refund", {"Amount": 1}) is None  # nothing listed yet
+    listed.learn(listing({"name": "refund", "inputSchema": SCHEMA}, "junk", {"name": 3}))
+    listed.learn(listing({"name": "lookup", "inputSchema": {"properties": {"id": {}}}}))
+    listed.learn(listing({"name": "third", "inputSchema": {"properties": {"x": {}}}}))
+    assert listed.misspelled("refund", {"Amount": 1}) == "Amount"  # the first page stays
+    assert listed.misspelled("lookup", {"ID": 1}) == "ID"
+    assert listed.misspelled("third", {"X": 1}) is None  # past the limit: taken as it comes
+    # A later listing replaces what a tool declares.
+    listed.learn(listing({"name": "refund", "inputSchema": {"properties": {"Amount": {}}}}))
+    assert listed.misspelled("refund", {"Amount": 1}) is None
+    assert listed.misspelled("refund", {"amount": 1}) == "amount"
+    listed.learn({"jsonrpc": "2.0", "id": 2, "error": {"code": -1, "message": "no"}})
+    assert listed.misspelled("lookup", {"ID": 1}) == "ID"

@@ -65,6 +65,7 @@ from warden.model import Action, Agent, Decision, Effect, Outcome
 from warden.ops import metrics
 from warden.protocols import mcp
 from warden.protocols._wire import dumps, loads
+from warden.protocols.declared_arguments import ListedArguments
 from warden.protocols.sse import encode_comment
 from warden.protocols.sse_relay import EventSplitter, RawEvent, data_event
 from warden.sessions import door_conversation
@@ -147,6 +148,8 @@ class McpHttp:
         self._tasks = Tasks("mcp-http")
         # Calls whose POST stream ended before their answer, by (upstream, session).
         self._resumable: OrderedDict[tuple[str, str], dict[str | int, _Pending]] = OrderedDict()
+        self._listed: dict[str, ListedArguments] = {}
+        """Per upstream: its tools' argument names, from the ``tools/list`` answers seen."""
 
     # -- entry -----------------------------------------------------------------
 
@@ -268,7 +271,8 @@ class McpHttp:
 
     def _action(self, request: web.Request, exchange: _Exchange, message: mcp.Message) -> Action:
         assert message.call is not None
-        action = mcp.action(message.call, exchange.agent, exchange.upstream)
+        listed = self._listed.get(exchange.upstream)
+        action = mcp.action(message.call, exchange.agent, exchange.upstream, listed)
         meta = dataclasses.replace(
             action.request,
             headers=hdr.recordable(request.headers),
@@ -545,6 +549,7 @@ class McpHttp:
         tools = result.get("tools") if isinstance(result, dict) else None
         if not isinstance(tools, list):
             return message
+        self._listed.setdefault(upstream, ListedArguments()).learn(message)
         names = [t["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str)]
         hidden = await self._core.hidden_tools(agent, upstream, names)
         if not hidden:

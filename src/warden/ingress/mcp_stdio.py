@@ -39,6 +39,7 @@ from warden.killswitch import KillSwitch, KillSwitches
 from warden.model import Action, Agent, Decision, Effect, Outcome
 from warden.protocols import mcp
 from warden.protocols._wire import loads
+from warden.protocols.declared_arguments import ListedArguments
 
 if TYPE_CHECKING:
     from warden.core import Governor
@@ -107,6 +108,8 @@ class StdioDoor:
         """Calls being decided, by id: a cancellation for one ends its decision."""
         self._calls = tasks.Tasks("mcp-stdio-calls")
         self._listing: set[str | int] = set()
+        self._tools = ListedArguments()
+        """The child's tools' argument names, from its ``tools/list`` answers."""
         """Ids of the client's ``tools/list`` requests the child has not answered yet."""
         self.done = asyncio.Event()
         """Set when the session is over: the client closed its end, or the child exited."""
@@ -309,7 +312,7 @@ class StdioDoor:
         assert self._core is not None
         id_ = message.id
         assert id_ is not None
-        action = mcp.action(message.call, self._agent, self._upstream)
+        action = mcp.action(message.call, self._agent, self._upstream, self._tools)
         try:
             decision = await self._core.decide(action)
         except AuditError:
@@ -374,6 +377,7 @@ class StdioDoor:
         if "method" in response or not isinstance(id_, str | int) or id_ not in self._listing:
             return response
         self._listing.discard(id_)
+        self._tools.learn(response)
         result = response.get("result")
         tools = result.get("tools") if isinstance(result, dict) else None
         if self._core is None or not isinstance(tools, list):

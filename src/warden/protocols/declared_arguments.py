@@ -1,4 +1,4 @@
-"""The argument names a model request declares for the tools the agent runs.
+"""The argument names a model request (or an MCP server's listing) declares for each tool.
 
 A request's function tools carry a JSON Schema of their arguments
 (``parameters`` / ``input_schema``). A call whose argument ``Amount`` folds to
@@ -8,18 +8,29 @@ binders match names case-blind), while a policy that reads
 have held. Such a call is malformed, like one with a key given twice.
 
 Only the top level of ``properties`` is compared: nested schemas are the
-tool's own, and the policy sees them whole. The request's tools are kept as
+tool's own, and the policy sees them whole. An MCP server declares its tools in
+``tools/list`` answers, which the MCP doors learn from as they pass. The request's tools are kept as
 sent and read only when a call is decided, so a request without calls in its
 answer costs nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-__all__ = ["DeclaredArguments", "anthropic", "openai_chat", "openai_responses"]
+__all__ = [
+    "MAX_LISTED_TOOLS",
+    "DeclaredArguments",
+    "ListedArguments",
+    "anthropic",
+    "openai_chat",
+    "openai_responses",
+]
+
+MAX_LISTED_TOOLS: Final = 10_000
+"""Tools whose listed argument names one MCP upstream's :class:`ListedArguments` keeps."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,14 +49,7 @@ class DeclaredArguments:
     def misspelled(self, tool: str, arguments: Mapping[str, Any]) -> str | None:
         """An argument key that folds to a name ``tool`` declares but is spelled otherwise."""
         declared = self._names(tool)
-        if not declared:
-            return None
-        for key in arguments:
-            if key not in declared:
-                folded = key.casefold()
-                if any(folded == name.casefold() for name in declared):
-                    return key
-        return None
+        return _misspelled(declared, arguments) if declared else None
 
     def _names(self, tool: str) -> Mapping[str, Any] | None:
         for declaration in self.tools:
@@ -54,6 +58,48 @@ class DeclaredArguments:
                 properties = schema.get("properties") if isinstance(schema, dict) else None
                 return properties if isinstance(properties, dict) else None
         return None
+
+
+class ListedArguments:
+    """The argument names an MCP server lists for its tools, learnt from its ``tools/list`` answers.
+
+    The server's answers are its tools' own declarations; each listing
+    replaces what was known of the tools it names (pages add up). At most
+    ``limit`` tools are remembered: a call to a tool past them, or to one
+    never listed, is taken as it comes.
+    """
+
+    def __init__(self, limit: int = MAX_LISTED_TOOLS) -> None:
+        self._names: dict[str, frozenset[str]] = {}
+        self._limit = limit
+
+    def learn(self, response: Mapping[str, Any]) -> None:
+        """Note the top-level ``inputSchema`` properties of each tool a listing names."""
+        result = response.get("result")
+        tools = result.get("tools") if isinstance(result, dict) else None
+        for tool in tools if isinstance(tools, list) else ():
+            if not isinstance(tool, dict):
+                continue
+            name = tool.get("name")
+            properties = _at(tool, _MCP_PROPERTIES)
+            if not isinstance(name, str) or not isinstance(properties, dict):
+                continue
+            if name in self._names or len(self._names) < self._limit:
+                self._names[name] = frozenset(k for k in properties if isinstance(k, str))
+
+    def misspelled(self, tool: str, arguments: Mapping[str, Any]) -> str | None:
+        """An argument key that folds to a name listed for ``tool`` but is spelled otherwise."""
+        declared = self._names.get(tool)
+        return _misspelled(declared, arguments) if declared else None
+
+
+def _misspelled(declared: Collection[str], arguments: Mapping[str, Any]) -> str | None:
+    for key in arguments:
+        if key not in declared:
+            folded = key.casefold()
+            if any(folded == name.casefold() for name in declared):
+                return key
+    return None
 
 
 def _at(value: Any, path: tuple[str, ...]) -> Any:
@@ -93,3 +139,4 @@ def anthropic(body: Mapping[str, Any]) -> DeclaredArguments | None:
 _CHAT_NAME: Final = ("function", "name")
 _CHAT_SCHEMA: Final = ("function", "parameters")
 _ANTHROPIC_SCHEMA: Final = ("input_schema",)
+_MCP_PROPERTIES: Final = ("inputSchema", "properties")

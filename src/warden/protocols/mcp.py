@@ -36,6 +36,7 @@ from warden.model import (
     new_id,
 )
 from warden.protocols._wire import dumps, keys_fold_apart, loads, parse_arguments
+from warden.protocols.declared_arguments import ListedArguments
 
 __all__ = [
     "INVALID_PARAMS",
@@ -196,8 +197,22 @@ def _message(value: object, index: int) -> Message:
     return Message(value, call=call)
 
 
-def action(call: ToolCall, agent: Agent, upstream: str) -> Action:
-    """The action for a ``tools/call`` about to execute at ``upstream``."""
+def action(
+    call: ToolCall, agent: Agent, upstream: str, listed: ListedArguments | None = None
+) -> Action:
+    """The action for a ``tools/call`` about to execute at ``upstream``.
+
+    Arguments spelled otherwise than the server's listing declares them
+    (``Amount`` for ``amount``) count as malformed: the validation guard
+    denies the call (:mod:`warden.protocols.declared_arguments`).
+    """
+    arguments = call.arguments
+    if (
+        arguments is not None
+        and listed is not None
+        and listed.misspelled(call.name, arguments) is not None
+    ):
+        arguments = None
     return Action(
         action_id=new_id("act"),
         agent=agent,
@@ -207,7 +222,7 @@ def action(call: ToolCall, agent: Agent, upstream: str) -> Action:
         stage=Stage.EXECUTED,
         request=RequestMeta(method="tools/call", upstream=upstream, path=""),
         tool=call.name,
-        arguments=call.arguments,
+        arguments=arguments,
         raw_arguments=call.raw_arguments,
     )
 

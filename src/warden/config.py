@@ -672,6 +672,10 @@ class ApprovalsConfig(_Section):
     max_pending_per_agent: int = Field(100, ge=0)
     """Approvals one agent may have waiting at once (0: no bound). A looping or hostile
     agent could otherwise open thousands, each a row approvers must wade through."""
+    keep_decided_s: float = Field(30 * 86400.0, gt=0)
+    """How long an approval that ended (rejected, expired, consumed, a grant past its time)
+    stays in the state store, with the arguments it showed approvers; then it is deleted.
+    The audit log keeps every approval record for good, sealed like the decision's."""
     webhook: WebhookConfig = WebhookConfig()
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from warden.admin.auth import Principal
 from warden.approvals import (
@@ -317,6 +319,27 @@ async def test_sweeper_expires_overdue_approvals(approvals: Approvals) -> None:
     assert (await approvals.get(approval.id)).status is ApprovalStatus.EXPIRED  # type: ignore[union-attr]
 
 
+async def test_the_sweeper_deletes_approvals_that_ended_long_ago(url: str, audit: AuditLog) -> None:
+    settings = dataclasses.replace(SETTINGS, keep_decided_s=0.05, sweep_interval_s=0.02)
+    service = await Approvals.open(url, audit, settings)
+    before = REGISTRY.get_sample_value("warden_approvals_pruned_total") or 0.0
+    try:
+        ended = await service.request(action(), decision(), mode="hold")
+        await service.decide(ended.id, BOB, False, "no")
+        waiting = await service.request(action(amount=20), decision(), mode="hold")
+        for _ in range(100):
+            if await service.get(ended.id) is None:
+                break
+            await asyncio.sleep(0.02)
+        assert await service.get(ended.id) is None
+        assert await service.get(waiting.id) is not None  # pending: never pruned
+        assert REGISTRY.get_sample_value("warden_approvals_pruned_total") == before + 1
+        # The audit log keeps the approval's records.
+        assert [d["verdict"] for d in records(audit, "approval_decided")] == ["rejected"]
+    finally:
+        await service.close()
+
+
 def test_settings_refuse_bad_values() -> None:
     with pytest.raises(ValueError, match="mode"):
         ApprovalSettings(mode="maybe")
@@ -326,6 +349,8 @@ def test_settings_refuse_bad_values() -> None:
         ApprovalSettings(webhook_format="xml")
     with pytest.raises(ValueError, match="required"):
         ApprovalSettings(required_approvals=0)
+    with pytest.raises(ValueError, match="keep_decided_s"):
+        ApprovalSettings(keep_decided_s=0)
 
 
 async def test_close_releases_waiters_and_keeps_the_approval_pending(

@@ -242,6 +242,34 @@ async def test_approvals_reject_expire_cancel_and_defer(state: StateBackend) -> 
     assert len(await repo.list()) == 5
 
 
+async def test_approvals_that_ended_long_ago_are_pruned(state: StateBackend) -> None:
+    repo = state.approvals
+    for aid in ("apr_rejected", "apr_expired", "apr_consumed", "apr_pending", "apr_recent"):
+        await repo.insert(approval(aid))
+    await repo.insert(approval("apr_grant", binding="g", mode="defer", ttl=3600))
+    now = time.time()
+    lapsed = replace(
+        approval("apr_lapsed", binding="l", mode="defer", ttl=-1),
+        status=ApprovalStatus.APPROVED,
+        decided_at=now - 5,
+    )
+    await repo.insert(lapsed)  # approved, but its time to be taken ran out
+    await repo.vote("apr_rejected", Vote("dana", False, "no", now))
+    await repo.expire("apr_expired", now)
+    for aid in ("apr_consumed", "apr_grant"):
+        await repo.vote(aid, Vote("dana", True, "", now))
+        await repo.vote(aid, Vote("erin", True, "", now))
+    assert await repo.consume("apr_consumed", now) is not None
+    await asyncio.sleep(0.01)
+    cut = time.time()
+    await repo.vote("apr_recent", Vote("dana", False, "no", time.time()))
+    assert await repo.prune(cut) == 4
+    kept = sorted(a.id for a in await repo.list())
+    # Pending, a grant still to be taken and one that ended after the cut stay.
+    assert kept == ["apr_grant", "apr_pending", "apr_recent"]
+    assert await repo.prune(cut) == 0
+
+
 async def test_a_deferred_grant_is_consumed_once_across_sidecars(open_backend: Opener) -> None:
     one, two = await open_backend(), await open_backend()
     await one.approvals.insert(approval("apr_g", binding="bind-g", mode="defer"))

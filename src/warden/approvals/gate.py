@@ -52,6 +52,7 @@ def approval_settings(config: ApprovalsConfig) -> ApprovalSettings:
         required_approvals=config.required_approvals,
         orphan_after_s=config.orphan_after_s,
         max_pending_per_agent=config.max_pending_per_agent,
+        keep_decided_s=config.keep_decided_s,
         webhook_url=hook.url,
         webhook_secret=hook.secret,
         webhook_format=hook.format,

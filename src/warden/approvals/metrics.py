@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-__all__ = ["DECISION_SECONDS", "NOTIFICATIONS", "OUTCOMES", "PENDING"]
+__all__ = ["DECISION_SECONDS", "NOTIFICATIONS", "OUTCOMES", "PENDING", "PRUNED"]
 
 PENDING = Gauge(
     "warden_approvals_pending",
@@ -25,4 +25,8 @@ NOTIFICATIONS = Counter(
     "warden_approval_notifications_total",
     "Approval webhook deliveries, by result (ok, failed after every try).",
     ["result"],
+)
+PRUNED = Counter(
+    "warden_approvals_pruned_total",
+    "Approvals that ended more than approvals.keep_decided_s ago, deleted from the store.",
 )

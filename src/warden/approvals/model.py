@@ -81,6 +81,8 @@ class ApprovalSettings:
     """A hold whose process sent no heartbeat for this long is deferred by another."""
     max_pending_per_agent: int = 100
     """Approvals one agent may have waiting at once; more are denied (0: no bound)."""
+    keep_decided_s: float = 30 * 86400.0
+    """How long an approval that ended stays in the store (the audit log keeps it for good)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -95,6 +97,8 @@ class ApprovalSettings:
             raise ValueError("approval timeouts must be positive")
         if self.orphan_after_s <= 0:
             raise ValueError("approvals.orphan_after_s must be positive")
+        if self.keep_decided_s <= 0:
+            raise ValueError("approvals.keep_decided_s must be positive")
         if self.max_pending_per_agent < 0:
             raise ValueError("approvals.max_pending_per_agent must be 0 (no bound) or more")
         if self.webhook_tries < 1:

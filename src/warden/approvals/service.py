@@ -463,6 +463,16 @@ class Approvals:
             await self._expired(approval)
         return len(expired)
 
+    async def prune(self) -> int:
+        """Delete approvals that ended over ``keep_decided_s`` ago; the sweeper calls this.
+
+        Their display arguments (personal data among them) then leave the
+        store; the audit log keeps the approval records, sealed and erasable.
+        """
+        pruned = await self._store.prune(time.time() - self.settings.keep_decided_s)
+        metrics.PRUNED.inc(pruned)
+        return pruned
+
     # -- internals -------------------------------------------------------------------
 
     async def _expired(self, approval: Approval) -> None:
@@ -580,6 +590,7 @@ class Approvals:
                 await self._store.heartbeat(self.owner, time.time())
                 await self.recover()
                 await self.expire_due()
+                await self.prune()
                 await self._refresh_gauge()
             except asyncio.CancelledError:
                 raise

@@ -109,6 +109,14 @@ class ApprovalRepo(Protocol):
         """Consume the oldest approved, unexpired deferral with this binding, once."""
         ...
 
+    async def prune(self, before: float) -> int:
+        """Delete approvals that ended before ``before``; return how many.
+
+        Ended: rejected, expired or consumed, and approved grants whose time to
+        be taken ran out. Pending approvals and live grants are never touched.
+        """
+        ...
+
     async def consume(self, approval_id: str, now: float) -> Approval | None:
         """Consume an approved approval by id; ``None`` when it is not approved."""
         ...
@@ -376,6 +384,20 @@ class ApprovalStore(SqliteStore):
                 [(now, i) for i in ids],
             )
             return [a for a in (self._get(i) for i in ids) if a is not None]
+
+    async def prune(self, before: float) -> int:
+        """Delete approvals that ended before ``before``; return how many."""
+        return await self._run(self._prune, before)
+
+    def _prune(self, before: float) -> int:
+        with immediate(self._conn) as cur:
+            cur.execute(
+                "DELETE FROM approvals WHERE (status IN ('rejected', 'expired', 'consumed') "
+                "AND coalesce(consumed_at, decided_at, created_at) < ?) "
+                "OR (status = 'approved' AND expires_at < ?)",
+                (before, before),
+            )
+            return int(cur.rowcount)
 
     async def consume_grant(self, binding: str, now: float) -> Approval | None:
         """Consume the oldest approved, unexpired defer-mode grant with this binding."""

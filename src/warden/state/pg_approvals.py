@@ -150,6 +150,20 @@ class PgApprovalStore:
             (now, now),
         )
 
+    async def prune(self, before: float) -> int:
+        """Delete approvals that ended before ``before``; return how many."""
+
+        async def run(cur: AsyncCursor[Any]) -> int:
+            await cur.execute(
+                "DELETE FROM approvals WHERE (status IN ('rejected', 'expired', 'consumed') "
+                "AND coalesce(consumed_at, decided_at, created_at) < %s) "
+                "OR (status = 'approved' AND expires_at < %s)",
+                (before, before),
+            )
+            return int(cur.rowcount)
+
+        return await self._db.tx(run)
+
     async def consume_grant(self, binding: str, now: float) -> Approval | None:
         """Consume the oldest approved, unexpired deferral with this binding, once."""
         return await self._one(

@@ -518,6 +518,32 @@ async def test_malformed_json_rpc_gets_the_spec_error_codes(warden: Warden, tmp_
     assert tools_called(tmp_path) == []
 
 
+async def test_a_batch_that_uses_one_id_twice_is_refused_undecided(
+    warden: Warden, tmp_path: Path
+) -> None:
+    # The server's answer names only the id: a ping's answer would be recorded as
+    # the refund's trusted outcome (a failure releases the refund's reservation).
+    url = f"{warden.proxy_url}/{UPSTREAM}"
+    refund = {"name": "issue_refund", "arguments": {"order_id": "A-1001", "amount": 5}}
+    batch = [
+        {"jsonrpc": "2.0", "id": 7, "method": "ping"},
+        {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": refund},
+        {"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": refund},
+        {"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": refund},
+    ]
+    async with aiohttp.ClientSession() as http:
+        status, _, raw = await post(http, url, batch)
+    assert status == 200
+    answers = orjson.loads(raw)
+    assert [(a["id"], a["error"]["code"]) for a in answers] == [(7, -32600), (7, -32600)] + [
+        (8, -32600),
+        (8, -32600),
+    ]
+    assert tools_called(tmp_path) == []
+    await warden.stop()
+    assert records(tmp_path, "decision") == []
+
+
 async def test_unreachable_server_is_a_json_rpc_error(tmp_path: Path) -> None:
     async with (
         Warden(config(tmp_path, "http://127.0.0.1:9/mcp")) as warden,

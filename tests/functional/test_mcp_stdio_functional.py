@@ -227,3 +227,45 @@ async def test_malformed_json_rpc_gets_the_spec_error_codes(tmp_path: Path) -> N
     codes = [(a["id"], a["error"]["code"]) for a in answers]
     assert codes == [(None, -32700), (7, -32600), (8, -32602), (None, -32600)]
     assert tools_called(tmp_path) == []
+
+
+async def test_a_request_that_reuses_a_waiting_calls_id_is_refused(tmp_path: Path) -> None:
+    # The child's answer names only the id: an answer to a ping carrying a call's id
+    # would be recorded as the call's trusted outcome, and a failure releases a cap.
+    params = wrap_params(tmp_path)
+    proc = await asyncio.create_subprocess_exec(
+        params.command,
+        *params.args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    init = {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"},
+    }
+    order = {"name": "get_order", "arguments": {"order_id": "A-1001"}}
+    messages: list[Any] = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": order},
+        {"jsonrpc": "2.0", "id": 7, "method": "ping"},
+    ]
+    proc.stdin.write(b"".join(orjson.dumps(m) + b"\n" for m in messages[:2]))
+    await proc.stdin.drain()
+    assert orjson.loads(await proc.stdout.readline())["id"] == 1
+    proc.stdin.write(b"".join(orjson.dumps(m) + b"\n" for m in messages[2:]))
+    await proc.stdin.drain()
+    answers = [orjson.loads(await asyncio.wait_for(proc.stdout.readline(), 30)) for _ in "ab"]
+    proc.stdin.close()
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    refused = [a for a in answers if "error" in a]
+    assert [(a["id"], a["error"]["code"]) for a in refused] == [(7, -32600)]
+    (result,) = [a for a in answers if "result" in a]
+    assert result["id"] == 7
+    assert not result["result"].get("isError")
+    assert tools_called(tmp_path) == ["get_order"]
+    outcomes = [r for r in audit_records(tmp_path / "audit") if r.get("kind") == "outcome"]
+    assert [o["outcome"]["is_error"] for o in outcomes] == [False]

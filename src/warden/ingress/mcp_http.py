@@ -209,14 +209,27 @@ class McpHttp:
             assert message.body is not None
             self._expect(exchange, message)
             return await self._forward(request, exchange, upstream, body, answers=[])
+        return await self._batch(request, exchange, upstream, payload)
+
+    async def _batch(
+        self,
+        request: web.Request,
+        exchange: _Exchange,
+        upstream: UpstreamConfig,
+        payload: mcp.Payload,
+    ) -> web.StreamResponse:
+        """A batch: its calls decided together, the rest forwarded, one answer per member."""
         forward: list[Any] = []
         answers: list[dict[str, Any]] = []
-        calls = [m for m in payload.messages if m.call is not None]
+        twice = mcp.ids_used_twice(payload.messages)
+        calls = [m for m in payload.messages if m.call is not None and m.id not in twice]
         decided = await asyncio.gather(*(self._decide(request, exchange, m) for m in calls))
         decisions = dict(zip((id(m) for m in calls), decided, strict=True))
         for message in payload.messages:
             if message.error is not None:
                 answers.append(dict(message.error))
+            elif message.is_request and message.id in twice:
+                answers.append(mcp.id_in_use(message.id))
             elif message.call is not None:
                 sent = decisions[id(message)]
                 (forward if "method" in sent else answers).append(sent)

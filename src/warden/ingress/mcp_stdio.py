@@ -108,9 +108,11 @@ class StdioDoor:
         """Calls being decided, by id: a cancellation for one ends its decision."""
         self._calls = tasks.Tasks("mcp-stdio-calls")
         self._listing: set[str | int] = set()
+        """Ids of the client's ``tools/list`` requests the child has not answered yet."""
         self._tools = ListedArguments()
         """The child's tools' argument names, from its ``tools/list`` answers."""
-        """Ids of the client's ``tools/list`` requests the child has not answered yet."""
+        self._asked: set[str | int] = set()
+        """Ids of the client's other requests the child has not answered yet."""
         self.done = asyncio.Event()
         """Set when the session is over: the client closed its end, or the child exited."""
         self.returncode: int | None = None
@@ -185,9 +187,11 @@ class StdioDoor:
         elif message.call is not None:
             self._start_call(message)
         else:
-            assert message.body is not None
-            if self._forwardable(message.body):
-                await self._to_child(message.body)
+            forward, answers = self._pass_through(payload.messages)
+            if forward:
+                await self._to_child(forward[0])
+            if answers:
+                self._to_client(answers[0])
 
     def _pass_through(self, messages: Sequence[mcp.Message]) -> tuple[list[Any], list[Any]]:
         """Messages other than calls: what to forward, and Warden's answers to invalid ones."""
@@ -200,15 +204,35 @@ class StdioDoor:
                 answers.append(dict(message.error))
             elif message.call is None:
                 assert message.body is not None
-                if self._forwardable(message.body):
+                id_ = message.body.get("id") if "method" in message.body else None
+                if id_ is not None and self._in_use(id_):
+                    answers.append(mcp.id_in_use(id_))
+                elif self._forwardable(message.body):
                     forward.append(message.body)
         return forward, answers
+
+    def _in_use(self, id_: str | int) -> bool:
+        """Whether a request with this id still waits for the child's answer.
+
+        The child's answer names only the id: a second request with it would
+        have its answer recorded as the first's (a bogus request's error as a
+        refund's trusted failure, which releases the refund's reservation).
+        """
+        return (
+            id_ in self._pending
+            or id_ in self._killed
+            or id_ in self._deciding
+            or id_ in self._asked
+            or id_ in self._listing
+        )
 
     def _forwardable(self, body: Mapping[str, Any]) -> bool:
         """Note what the child's answer needs; False for a cancellation that must not go on."""
         method = body.get("method")
         if method == "tools/list" and "id" in body:
             self._listing.add(body["id"])
+        elif method is not None and "id" in body:
+            self._asked.add(body["id"])
         elif method == "notifications/cancelled":
             params = body.get("params")
             target = params.get("requestId") if isinstance(params, dict) else None
@@ -222,11 +246,9 @@ class StdioDoor:
     def _start_call(self, message: mcp.Message) -> None:
         id_ = message.id
         assert id_ is not None
-        if id_ in self._pending or id_ in self._killed or id_ in self._deciding:
-            # Its answer could not be told from the earlier call's: refused, undecided.
-            self._to_client(
-                mcp.error_response(id_, mcp.INVALID_REQUEST, "Invalid Request: id in use")
-            )
+        if self._in_use(id_):
+            # Its answer could not be told from the earlier request's: refused, undecided.
+            self._to_client(mcp.id_in_use(id_))
             return
         self._deciding[id_] = self._calls.spawn(self._call(message), name="call")
 
@@ -248,10 +270,8 @@ class StdioDoor:
         for message in calls:
             id_ = message.id
             assert id_ is not None
-            if id_ in self._pending or id_ in self._killed or id_ in self._deciding:
-                answers.append(
-                    mcp.error_response(id_, mcp.INVALID_REQUEST, "Invalid Request: id in use")
-                )
+            if self._in_use(id_):
+                answers.append(mcp.id_in_use(id_))
                 continue
             task = self._calls.spawn(self._decided(message), name="batch-call", awaited=True)
             self._deciding[id_] = task
@@ -394,6 +414,7 @@ class StdioDoor:
         id_ = response.get("id")
         if not isinstance(id_, str | int) or isinstance(id_, bool):
             return True
+        self._asked.discard(id_)
         if id_ in self._killed:
             # The client already got Warden's answer when a kill switch stopped the call.
             self._killed.discard(id_)

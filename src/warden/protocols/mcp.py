@@ -19,7 +19,7 @@ hook: it drops the tools a door was told to hide.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -104,6 +104,27 @@ class Payload:
 
     messages: tuple[Message, ...]
     batch: bool
+
+
+def ids_used_twice(messages: Sequence[Message]) -> set[str | int]:
+    """Request ids that more than one request of a batch carries.
+
+    The server's answer names only the id, so Warden could not tell which of
+    them it answers: a bogus request's error would be recorded as a refund's
+    trusted failure. Such requests are refused (``-32600``), none decided.
+    """
+    seen: set[str | int] = set()
+    twice: set[str | int] = set()
+    for message in messages:
+        id_ = message.id if message.is_request else None
+        if id_ is not None:
+            (twice if id_ in seen else seen).add(id_)
+    return twice
+
+
+def id_in_use(id_: JsonId) -> dict[str, Any]:
+    """The answer to a request whose id another request still waiting for its answer carries."""
+    return error_response(id_, INVALID_REQUEST, "Invalid Request: id in use")
 
 
 def error_response(id_: JsonId, code: int, message: str) -> dict[str, Any]:

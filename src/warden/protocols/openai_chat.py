@@ -42,6 +42,7 @@ from warden.protocols.sse import SseEvent
 __all__ = ["OpenAIChatAdapter", "OpenAIChatStreamRewriter", "legacy_call_id"]
 
 _DONE: Final = "[DONE]"
+_CHUNK: Final = "chat.completion.chunk"
 _CALL_FINISHES: Final = ("tool_calls", "function_call")
 _CALL_FIELDS: Final = ("tool_calls", "function_call")
 _LEGACY: Final = "function_call"
@@ -586,6 +587,9 @@ class OpenAIChatStreamRewriter(StreamStatus):
         if not isinstance(choices, list):
             raise _violation("choices is not a list")
         has_calls, finishing, texts = self._scan(choices)
+        if has_calls and chunk.get("object", _CHUNK) != _CHUNK:
+            # The SDK's stream helper skips such chunks, its raw iterator does not.
+            raise _violation("a tool call delta in a chunk that is not a chat.completion.chunk")
         if not has_calls and not finishing:
             self._mark_sent(choices, texts)
             yield event  # the hot path: text, role and empty deltas go out untouched
@@ -598,10 +602,19 @@ class OpenAIChatStreamRewriter(StreamStatus):
         has_calls = False
         finishing = False
         texts: list[int] = []
+        seen: set[int] = set()
         for choice in choices:
             if not isinstance(choice, dict):
                 raise _violation("a choice is not an object")
             index = self._check_index(choice)
+            # The SDK's stream helper makes its first snapshot from the first chunk's
+            # choices as sent, by position: a choice repeated, or one carrying a whole
+            # ``message``, would hand the agent tool calls no delta ever carried.
+            if index in seen:
+                raise _violation(f"choice {index} appears twice in one chunk")
+            seen.add(index)
+            if "message" in choice:
+                raise _violation("a chunk's choice carries a message; chunks carry deltas")
             parts, function_call = _call_parts(choice)
             if parts or function_call is not None:
                 if self._complete or self._state(index).finished:

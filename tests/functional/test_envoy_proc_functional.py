@@ -34,6 +34,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import REGISTRY
 
 from tests.functional.conftest import audit_records, make_config
+from tests.functional.test_session_policies_functional import REFUND_A1, bundle_with_lookup
 from tests.unit.test_anthropic import accumulate
 from warden.ingress.envoy_proc import SERVICE_NAME, ExtProcService
 from warden.ingress.grpc_service import GrpcService
@@ -747,6 +748,33 @@ async def test_hosted_mcp_servers_a_request_declares_reach_the_policy(
     )
     assert allowed.status == 200
     assert len(llm.requests) == 1
+
+
+async def test_a_responses_chain_through_the_mesh_is_rebuilt_from_wardens_records(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # Refunds need the order looked up in the conversation; the continuation carries
+    # only the lookup's output, so its history comes from the recorded first answer.
+    bundle = {"bundles": [str(bundle_with_lookup(tmp_path))], "workers": 1, "watch": False}
+    config = make_config(
+        tmp_path, llm.url, ext_proc={"hosts": {OPENAI_HOST: "openai"}}, policy=bundle
+    )
+    async with Warden(config) as warden:
+        assert warden.core is not None
+        service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
+        async with serve(service, llm) as envoy:
+            llm.script(Reply(tool_calls=[Call("get_order", {"order_id": "A-1"})]))
+            ask = {"model": "gpt-4.1", "input": "refund A-1 please"}
+            first = (await envoy.request(OPENAI_HOST, "/v1/responses", ask)).json()
+            (lookup,) = [i for i in first["output"] if i["type"] == "function_call"]
+            output = [
+                {"type": "function_call_output", "call_id": lookup["call_id"], "output": "ok"}
+            ]
+            llm.script(Reply(tool_calls=[REFUND_A1]))
+            then = {"model": "gpt-4.1", "input": output, "previous_response_id": first["id"]}
+            second = (await envoy.request(OPENAI_HOST, "/v1/responses", then)).json()
+    names = [i["name"] for i in second["output"] if i["type"] == "function_call"]
+    assert names == ["issue_refund"], second["output"]
 
 
 async def test_arguments_are_checked_against_the_schemas_the_request_declares(

@@ -88,7 +88,7 @@ from warden.model import (
 )
 from warden.ops import metrics
 from warden.protocols import _wire
-from warden.protocols.base import Adapter
+from warden.protocols.base import Adapter, response_id
 from warden.protocols.driver import StreamDriver
 from warden.protocols.errors import render_error, render_stream_error
 from warden.protocols.registry import PassthroughRule, RouteMatch, match_route
@@ -842,6 +842,8 @@ class _Exchange:
             blocked = [d.decision_id for d in decisions.values() if d.enforced is not Effect.ALLOW]
             if blocked:
                 set_headers[hdr.BLOCKED_HEADER] = ", ".join(blocked)
+        # A later request may continue from it (previous_response_id), as through the base URL.
+        self._core.record_response(turn, response_id(adapter, body))
         raw = _wire.dumps(body).encode()
         if self._full_duplex(self._modes.response):
             await self._send(_streamed("response_body", raw, eos=not trailers))
@@ -909,6 +911,8 @@ class _Exchange:
             assert turn is not None
             self._usage = rewriter.usage
             self._core.count_usage(turn.agent, rewriter.model or turn.model, rewriter.usage)
+            if not self._cut:
+                self._core.record_response(turn, getattr(rewriter, "response_id", None))
 
     # -- answers -------------------------------------------------------------------
 

@@ -77,7 +77,7 @@ from warden.model import (
 )
 from warden.ops import metrics, tracing
 from warden.protocols import _wire, http_tool
-from warden.protocols.base import Adapter, StreamRewriter
+from warden.protocols.base import Adapter, StreamRewriter, response_id
 from warden.protocols.declared_arguments import DeclaredArguments
 from warden.protocols.driver import StreamDriver
 from warden.protocols.errors import render_error, render_stream_error
@@ -515,7 +515,7 @@ class ProxyApp:
                 ]
                 if blocked:
                     headers[hdr.BLOCKED_HEADER] = ", ".join(blocked)
-            self._core.record_response(call.turn, _responses_id(adapter, body))
+            self._core.record_response(call.turn, response_id(adapter, body))
             raw = _wire.dumps(body).encode()
             headers["Content-Type"] = _JSON
         self._core.count_usage(call.agent, call.turn.model, usage)
@@ -748,12 +748,6 @@ def _refused_status(status: int, name: str) -> UpstreamError | None:
     if not 200 <= status < 600:
         return UpstreamProtocol(f"upstream {name!r} answered with status {status}")
     return None
-
-
-def _responses_id(adapter: Adapter, body: dict[str, Any]) -> str | None:
-    """A Responses API answer's id, which a later request may continue from."""
-    found = body.get("id") if adapter.name == "openai.responses" else None
-    return found if isinstance(found, str) and found else None
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:

@@ -164,6 +164,15 @@ class Adapter(Protocol):
         ...
 
 
+def response_id(adapter: Adapter, body: Mapping[str, Any]) -> str | None:
+    """A whole Responses API answer's id, which a later request may continue from.
+
+    Streams give it as their rewriter's ``response_id``.
+    """
+    found = body.get("id") if adapter.name == "openai.responses" else None
+    return found if isinstance(found, str) and found else None
+
+
 def blocked_message(call: ToolCall, decision: Decision) -> str:
     """The text an agent sees instead of a tool call that was not allowed.
 

@@ -224,6 +224,26 @@ async def test_a_malformed_path_fails_closed(tmp_path: Path) -> None:
     assert "error parsing path and query" in response.denied_response.body
 
 
+@pytest.mark.parametrize(
+    "path", ["/orders/A-1/refunds/", "/orders//A-1/refunds", "/orders/A-1/%2E/refunds"]
+)
+async def test_a_path_a_service_may_read_as_a_routes_resource_is_refused(
+    tmp_path: Path, path: str
+) -> None:
+    # With unmatched: allow, a refund spelled with a trailing slash would pass as a
+    # plain HTTP call, outside the refund's caps, to a service that ignores the slash.
+    headers = {**SUPPORT, "content-type": "application/json"}
+    async with _serving(tmp_path) as stub:
+        response = await stub.Check(_request("POST", path, headers, b'{"amount": 400}'))
+        root = await stub.Check(_request("GET", "/", READER))
+    assert response.status.code == GRPC_PERMISSION_DENIED
+    assert response.denied_response.status.code == 400
+    assert "no route rule can be tried" in response.denied_response.body
+    record = _decisions(tmp_path)[response.dynamic_metadata["decision_id"]]
+    assert (record["decision"]["effect"], record["decision"]["guard"]) == ("deny", "validation")
+    assert root.status.code == GRPC_OK  # "/" holds no segment to misread
+
+
 async def test_dry_run_records_the_denial_and_lets_it_through(tmp_path: Path) -> None:
     before = _checks("dry_run")
     async with _serving(tmp_path, ext_authz={"dry_run": True}) as stub:

@@ -297,7 +297,8 @@ def test_a_request_without_http_attributes_is_a_problem() -> None:
     [
         ("/orders/A-1/refunds", ["orders", "A-1", "refunds"]),
         ("/orders/A%2D1", ["orders", "A-1"]),
-        ("/", None),
+        ("/", []),
+        ("/orders/", None),
         ("/orders//x", None),
         ("/orders/%2E%2E/x", None),
         ("/orders/a%2Fb", None),

@@ -193,14 +193,21 @@ class ExtAuthzService:
         routes = self._routes
         assert routes is not None
         segments = authz.decode_segments(parsed.path)
+        if segments is None:
+            # What the service behind Envoy makes of it is its own choice (a trailing
+            # slash or "//" may reach a route rule's resource): refused, as the proxy does.
+            reason = (
+                f"{parsed.path!r} has an empty, '.' or '..' segment, an encoded slash or a "
+                "control character, so no route rule can be tried on it"
+            )
+            return None, _Refusal(reason, 400, observe=False)
         tool: ToolRequest | None = None
-        if segments is not None:
-            try:
-                tool = routes.resolve(
-                    parsed.method, segments, parsed.body, parsed.headers.get("content-type", "")
-                )
-            except ToolRequestError as exc:
-                return None, _Refusal(str(exc), 400, observe=False)
+        try:
+            tool = routes.resolve(
+                parsed.method, segments, parsed.body, parsed.headers.get("content-type", "")
+            )
+        except ToolRequestError as exc:
+            return None, _Refusal(str(exc), 400, observe=False)
         if tool is None and routes.unmatched == "deny":
             reason = (
                 f"{parsed.method} {parsed.path} fits no rule in "

@@ -369,6 +369,8 @@ def decode_segments(path: str) -> list[str] | None:
     could mean another resource to the service behind Envoy, so such a path
     fits no rule and is refused.
     """
+    if path == "/":
+        return []
     segments: list[str] = []
     for raw in path.removeprefix("/").split("/"):
         try:

@@ -292,3 +292,35 @@ def test_anthropic_call_kinds_are_decided(
         assert len(recs) == 1
         assert recs[0]["decision"]["enforced"] == ("deny" if deny else "allow")
         assert (block_type in types) is not deny
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_anthropic_toolset_members_are_decided_by_toolset_and_name(
+    harness: Harness, ant: anthropic.Anthropic, stream: bool
+) -> None:
+    # The SDK's tool runner dispatches on (toolset_name, name): a toolset's
+    # "navigate" is not the agent's own "navigate" the policy allows.
+    member = {**wire.tool_use("navigate", {"url": "https://x"}), "toolset_name": "dangerkit"}
+    own = wire.tool_use("navigate", {"url": "https://y"}, block_id="toolu_2")
+    shot = {**wire.tool_use("screenshot", {}, block_id="toolu_3"), "toolset_name": "browser"}
+    case = new_case()
+    content = [member, own, shot]
+    harness.answer(
+        case,
+        RawReply.sse(wire.anthropic_stream(content))
+        if stream
+        else RawReply.json(wire.message_body(content)),
+    )
+    parsed = _anthropic_parsed(ant, case, stream, None)
+    uses = [b for b in parsed if getattr(b, "type", None) == "tool_use"]
+    # An allowed member goes out as the SDK reads it: its own name and toolset.
+    assert [(u.name, u.input, getattr(u, "toolset_name", None)) for u in uses] == [
+        ("navigate", {"url": "https://y"}, None),
+        ("screenshot", {}, "browser"),
+    ]
+    recs = {r["action"]["tool"]: r["decision"]["enforced"] for r in harness.audit.decisions(case)}
+    assert recs == {
+        "dangerkit.navigate": "deny",
+        "navigate": "allow",
+        "browser.screenshot": "allow",
+    }

@@ -175,7 +175,7 @@ def _classify(block: Any, position: int, ordinal: int) -> ToolCall | None:
         raw, arguments = dumps(block), None
     return ToolCall(
         call_id=_str(obj.get("id")),
-        name=_str(obj.get("name")) or _str(wire),
+        name=_call_name(obj, wire),
         raw_arguments=raw,
         arguments=arguments,
         index=ordinal,
@@ -185,9 +185,26 @@ def _classify(block: Any, position: int, ordinal: int) -> ToolCall | None:
     )
 
 
+def _call_name(block: Mapping[str, Any], wire: object) -> str:
+    """The name a call is decided by: a toolset member's is ``<toolset>.<name>``.
+
+    The SDK's tool runner dispatches a ``tool_use`` on ``toolset_name`` and
+    ``name`` together (the browser's ``navigate`` is not the agent's own), as
+    the Responses adapter joins ``namespace`` and ``name``.
+    """
+    name = _str(block.get("name"))
+    toolset = block.get("toolset_name") if wire == "tool_use" else None
+    if isinstance(toolset, str) and toolset and toolset != name:
+        return f"{toolset}.{name}"
+    return name or _str(wire)
+
+
 def _call_block(call: ToolCall, original: Mapping[str, Any], arguments: Any) -> dict[str, Any]:
     """A known call's block built from the decided call, with ``input`` = ``arguments``."""
-    block: dict[str, Any] = {"type": call.wire_type, "id": call.call_id, "name": call.name}
+    name = original.get("name")
+    if not (isinstance(name, str) and _call_name(original, call.wire_type) == call.name):
+        name = call.name  # the decided name is the block's own (no toolset)
+    block: dict[str, Any] = {"type": call.wire_type, "id": call.call_id, "name": name}
     for name in _EXTRAS.get(call.wire_type, ()):
         if name in original:
             block[name] = original[name]
@@ -236,8 +253,8 @@ class AnthropicMessagesAdapter:
                 if not isinstance(block, dict):
                     continue
                 if role == "assistant" and block.get("type") == "tool_use":
-                    call_id, name = block.get("id"), block.get("name")
-                    if isinstance(call_id, str) and isinstance(name, str):
+                    call_id, name = block.get("id"), _call_name(block, "tool_use")
+                    if isinstance(call_id, str) and name != "tool_use":
                         names[call_id] = name
                 elif role == "user" and block.get("type") == "tool_result":
                     call_id = block.get("tool_use_id")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -542,6 +544,54 @@ async def test_a_batch_that_uses_one_id_twice_is_refused_undecided(
     assert tools_called(tmp_path) == []
     await warden.stop()
     assert records(tmp_path, "decision") == []
+
+
+ALLOW_ALL = """
+package warden
+
+import rego.v1
+
+# Reads the tool and stage, so decisions are cached per tool (listings apart).
+decision := {"effect": "allow", "reason": concat(" ", [input.action.tool, input.action.stage])}
+"""
+
+
+async def test_a_busy_engine_answers_one_batch_member_and_the_rest_go_on(
+    tmp_path: Path, server: StreamableHttpServer
+) -> None:
+    bundle = tmp_path / "allow"
+    bundle.mkdir()
+    (bundle / "policy.rego").write_text(ALLOW_ALL)
+    policy = {"bundles": [str(bundle)], "workers": 1, "watch": False, "queue_timeout_s": 0.3}
+    order = {"name": "get_order", "arguments": {"order_id": "A-1001"}}
+    search = {"name": "search_kb", "arguments": {"query": "refund policy"}}
+    async with Warden(config(tmp_path, server.url, policy=policy)) as warden:
+        async with connect(warden) as session:  # get_order's decision is now cached
+            assert not (await session.call_tool("get_order", {"order_id": "A-1001"})).is_error
+        assert warden._engine is not None
+        (pid,) = warden._engine.status()["worker_pids"]
+        batch = [
+            {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": order},
+            {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": search},
+        ]
+        url = f"{warden.proxy_url}/{UPSTREAM}"
+        async with aiohttp.ClientSession() as http:
+            _, headers, _ = await post(http, url, INIT)
+            opened = {"Mcp-Session-Id": headers["mcp-session-id"]}
+            note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+            await post(http, url, note, opened)
+            os.kill(pid, signal.SIGSTOP)  # the only worker cannot take search_kb's input
+            try:
+                status, _, raw = await post(http, url, batch, opened)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+    assert status == 200, raw
+    messages = sse_messages(raw) or [orjson.loads(raw)]
+    answers = {a["id"]: a for m in messages for a in (m if isinstance(m, list) else [m])}
+    assert not answers[1]["result"].get("isError")  # the cached decision went on
+    assert answers[2]["error"]["code"] == -32603
+    assert "busy" in answers[2]["error"]["message"]
+    assert tools_called(tmp_path) == ["get_order", "get_order"]
 
 
 async def test_unreachable_server_is_a_json_rpc_error(tmp_path: Path) -> None:

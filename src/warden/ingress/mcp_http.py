@@ -53,6 +53,7 @@ from yarl import URL
 from warden.errors import (
     AuditError,
     BodyTooLarge,
+    Overloaded,
     UnsupportedMedia,
     UpstreamError,
     UpstreamProtocol,
@@ -274,6 +275,16 @@ class McpHttp:
             log.exception("could not record the decision for %s; not forwarded", action.tool)
             return mcp.error_response(
                 message.id, INTERNAL_ERROR, "Warden could not record this call"
+            )
+        except Overloaded as exc:
+            # Answered alone: the batch's other members still go on (or get their answers).
+            return mcp.error_response(
+                message.id, INTERNAL_ERROR, f"Warden is busy; retry shortly ({exc})"
+            )
+        except Exception:
+            log.exception("could not decide the call to %s; not forwarded", action.tool)
+            return mcp.error_response(
+                message.id, INTERNAL_ERROR, "Warden could not decide this call"
             )
         if decision.enforced is not Effect.ALLOW:
             return mcp.denied_result(message, decision)

@@ -29,6 +29,7 @@ from mcp.client.streamable_http import streamable_http_client
 from tests.functional.conftest import audit_records, make_config
 from warden import tasks
 from warden.config import Config
+from warden.ingress.door_mark import VIA_HEADER, mark
 from warden.server import Warden
 from warden.testing.mcp_server import StreamableHttpServer, read_call_log
 
@@ -518,6 +519,22 @@ async def test_malformed_json_rpc_gets_the_spec_error_codes(warden: Warden, tmp_
         status, _, _ = await post(http, url, INIT, {"Content-Type": "text/plain"})
         assert status == 415
     assert tools_called(tmp_path) == []
+
+
+async def test_a_call_handed_over_by_the_transparent_door_is_recorded_as_its(
+    warden: Warden, tmp_path: Path
+) -> None:
+    call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+            "params": {"name": "search_kb", "arguments": {"query": "x"}}}  # fmt: skip
+    url = f"{warden.proxy_url}/{UPSTREAM}"
+    async with aiohttp.ClientSession() as http:
+        _, headers, _ = await post(http, url, INIT)
+        opened = {"Mcp-Session-Id": headers["mcp-session-id"]}
+        await post(http, url, call, {**opened, VIA_HEADER: mark("transparent")})
+        await post(http, url, {**call, "id": 4}, {**opened, VIA_HEADER: "transparent forged"})
+    await warden.stop()
+    doors = [d["action"]["request"].get("door") for d in records(tmp_path, "decision")]
+    assert doors == ["transparent", None]  # a forged mark is not believed
 
 
 async def test_a_batch_that_uses_one_id_twice_is_refused_undecided(

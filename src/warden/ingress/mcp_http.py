@@ -61,6 +61,7 @@ from warden.errors import (
     WardenError,
 )
 from warden.ingress import headers as hdr
+from warden.ingress.door_mark import door_of
 from warden.ingress.upstream_io import MAX_UPSTREAM_BODY, read_body, upstream_error
 from warden.model import Action, Agent, Decision, Effect, Outcome
 from warden.ops import metrics
@@ -300,6 +301,7 @@ class McpHttp:
         meta = dataclasses.replace(
             action.request,
             headers=hdr.recordable(request.headers),
+            door=door_of(request.headers),  # handed over by the transparent door, or not
             # input.session: counters by X-Warden-Session, else by the MCP session.
             conversation=door_conversation(request.headers, exchange.session, "mcp"),
         )

@@ -36,6 +36,16 @@ def parsed_tool_names(completion: Any) -> list[str]:
     return names
 
 
+def streamed(oai: openai.OpenAI, case: str) -> Any:
+    """The final completion the SDK's stream helper assembles for ``case``."""
+    with oai.chat.completions.stream(
+        model=wire.MODEL,
+        messages=chat_messages(case),  # type: ignore[arg-type]
+        extra_headers=case_headers(case),
+    ) as stream:
+        return stream.get_final_completion()
+
+
 def denied_record(h: Harness, case: str, tool: str) -> bool:
     return any(
         r["action"]["tool"] == tool and r["decision"]["enforced"] == "deny"
@@ -71,14 +81,7 @@ def test_non_200_event_stream_with_a_call_is_decided(
     case = new_case()
     events = wire.chat_stream(wire.chat_call_chunks(0, "export_customers", EXPORT_ARGS, "c1"))
     harness.answer(case, RawReply.sse(events, status=status, done=True))
-    names: list[str] = []
-    with oai.chat.completions.stream(
-        model=wire.MODEL,
-        messages=chat_messages(case),  # type: ignore[arg-type]
-        extra_headers=case_headers(case),
-    ) as stream:
-        final = stream.get_final_completion()
-    names = parsed_tool_names(final)
+    names = parsed_tool_names(streamed(oai, case))
     assert "export_customers" not in names
     assert denied_record(harness, case, "export_customers")
 
@@ -255,19 +258,9 @@ def test_a_call_smuggled_into_the_stream_helpers_snapshot_is_refused(
 ) -> None:
     case = new_case()
     harness.answer(case, RawReply.sse([(None, c) for c in chunks], done=True))
-
-    def helper_calls() -> list[Any]:
-        with oai.chat.completions.stream(
-            model=wire.MODEL,
-            messages=chat_messages(case),  # type: ignore[arg-type]
-            extra_headers=case_headers(case),
-        ) as stream:
-            final = stream.get_final_completion()
-        return [c.message.tool_calls for c in final.choices]
-
     # Without the refusal the helper hands the agent export_customers, never decided.
     with pytest.raises(openai.APIError, match="message|twice"):
-        helper_calls()
+        streamed(oai, case)
 
 
 def test_a_call_in_a_chunk_the_stream_helper_skips_is_refused(

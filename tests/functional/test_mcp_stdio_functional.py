@@ -203,14 +203,19 @@ async def test_kill_switch_stops_a_call_in_flight(tmp_path: Path) -> None:
     assert "killed" in orjson.dumps(outcomes[0]).decode()
 
 
-async def test_malformed_json_rpc_gets_the_spec_error_codes(tmp_path: Path) -> None:
+async def raw_wrap(tmp_path: Path) -> asyncio.subprocess.Process:
+    """``warden mcp wrap`` as a process the test writes raw lines to and reads from."""
     params = wrap_params(tmp_path)
-    proc = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         params.command,
         *params.args,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
+
+
+async def test_malformed_json_rpc_gets_the_spec_error_codes(tmp_path: Path) -> None:
+    proc = await raw_wrap(tmp_path)
     assert proc.stdin is not None
     assert proc.stdout is not None
     lines = [
@@ -232,13 +237,7 @@ async def test_malformed_json_rpc_gets_the_spec_error_codes(tmp_path: Path) -> N
 async def test_a_request_that_reuses_a_waiting_calls_id_is_refused(tmp_path: Path) -> None:
     # The child's answer names only the id: an answer to a ping carrying a call's id
     # would be recorded as the call's trusted outcome, and a failure releases a cap.
-    params = wrap_params(tmp_path)
-    proc = await asyncio.create_subprocess_exec(
-        params.command,
-        *params.args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
+    proc = await raw_wrap(tmp_path)
     assert proc.stdin is not None
     assert proc.stdout is not None
     init = {

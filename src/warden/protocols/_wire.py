@@ -196,12 +196,13 @@ def keys_fold_apart(obj: Mapping[Any, Any]) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """The keys a provider's SDK reads from its responses, and the ones it reads into.
+    """The keys a provider's SDK (or API) reads from one message shape, and those it reads into.
 
-    ``names`` are every field name of the response shapes (all lower case, as
-    the providers spell them); ``inside`` the fields whose objects (or lists of
-    objects) hold more of them. Tool arguments are never among ``inside``:
-    their keys are the tool's, checked by :func:`policy_safe`.
+    ``names`` are the field names of the shape (all lower case, as the
+    providers spell them): a response and its stream events, or a request;
+    ``inside`` the fields whose objects (or lists of objects) hold more of
+    them. Tool arguments and schemas are never among ``inside``: their keys
+    are the tool's, checked by :func:`policy_safe`.
     """
 
     names: frozenset[str]

@@ -52,19 +52,20 @@ def test_a_request_without_tools_declares_nothing(body: Any) -> None:
     assert declared_arguments.anthropic(body) is None
 
 
-def test_malformed_declarations_are_skipped() -> None:
-    declared = declared_arguments.anthropic(
-        {
-            "tools": [
-                "refund",
-                {"name": "refund", "input_schema": "not a schema"},
-                {"name": "refund", "input_schema": {"properties": ["amount"]}},
-                {"name": 7, "input_schema": SCHEMA},
-            ]
-        }
+def test_malformed_declarations_are_skipped_and_the_first_named_one_counts() -> None:
+    junk = ["refund", {"name": 7, "input_schema": SCHEMA}, {"input_schema": SCHEMA}]
+    found = declared_arguments.anthropic(
+        {"tools": [*junk, {"name": "refund", "input_schema": SCHEMA}]}
     )
-    assert declared is not None
-    assert declared.misspelled("refund", {"Amount": 1}) is None
+    assert found is not None
+    assert found.misspelled("refund", {"Amount": 1}) == "Amount"
+    # A declaration of the tool without usable properties declares no names.
+    for schema in ("not a schema", {"properties": ["amount"]}, {}):
+        unusable = declared_arguments.anthropic(
+            {"tools": [{"name": "refund", "input_schema": schema}, *junk]}
+        )
+        assert unusable is not None
+        assert unusable.misspelled("refund", {"Amount": 1}) is None
 
 
 def listing(*tools: Any) -> dict[str, Any]:

@@ -21,8 +21,6 @@ from tests.adversarial import wire
 from tests.adversarial.conftest import Harness, case_headers, chat_messages, new_case
 from warden.testing.raw_upstream import RawReply
 
-EXPORT = {"format": "csv"}
-
 
 def bend(value: Any, key: str, spelled: str) -> Any:
     """``value`` with every object key ``key`` spelled ``spelled`` instead."""

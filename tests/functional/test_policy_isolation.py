@@ -267,11 +267,12 @@ async def test_a_wait_past_the_queue_bound_pushes_back_instead_of_deciding(
 async def _stopped_for(eng: PolicyEngine, seconds: float) -> PolicyResult:
     """Evaluate while the only worker is stopped (SIGSTOP) for ``seconds``: starved, not looping."""
     (pid,) = eng.status()["worker_pids"]
-    call = asyncio.ensure_future(eng.evaluate(doc("other")))
-    await asyncio.sleep(0)  # dispatched: the kill timer runs from here
+    # Stopped before the input is sent: sent first, a worker on the other CPU could
+    # answer before the signal lands, and the input would not be starved at all.
     os.kill(pid, signal.SIGSTOP)
     try:
-        await asyncio.sleep(seconds)
+        call = asyncio.ensure_future(eng.evaluate(doc("other")))
+        await asyncio.sleep(seconds)  # dispatched at once: the kill timer runs from there
     finally:
         os.kill(pid, signal.SIGCONT)
     return await call

@@ -767,6 +767,7 @@ async def test_a_responses_chain_through_the_mesh_is_rebuilt_from_wardens_record
             ask = {"model": "gpt-4.1", "input": "refund A-1 please"}
             first = (await envoy.request(OPENAI_HOST, "/v1/responses", ask)).json()
             (lookup,) = [i for i in first["output"] if i["type"] == "function_call"]
+            await warden.core.background.drain()  # the answer's chain link is written
             output = [
                 {"type": "function_call_output", "call_id": lookup["call_id"], "output": "ok"}
             ]

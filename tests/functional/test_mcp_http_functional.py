@@ -579,7 +579,14 @@ async def test_a_busy_engine_answers_one_batch_member_and_the_rest_go_on(
     bundle = tmp_path / "allow"
     bundle.mkdir()
     (bundle / "policy.rego").write_text(ALLOW_ALL)
-    policy = {"bundles": [str(bundle)], "workers": 1, "watch": False, "queue_timeout_s": 0.3}
+    # The stopped worker is found starved at its deadline, once past the queue bound.
+    policy = {
+        "bundles": [str(bundle)],
+        "workers": 1,
+        "watch": False,
+        "deadline_ms": 300,
+        "queue_timeout_s": 0.3,
+    }
     order = {"name": "get_order", "arguments": {"order_id": "A-1001"}}
     search = {"name": "search_kb", "arguments": {"query": "refund policy"}}
     async with Warden(config(tmp_path, server.url, policy=policy)) as warden:

@@ -13,6 +13,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:-$root/src/warden/grpc_api/v1}"
 python="${PYTHON:-$root/.venv/bin/python}"
+case "$python" in /* | "") ;; */*) python="$PWD/$python" ;; esac  # the cd below moves it
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 

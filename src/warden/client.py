@@ -14,6 +14,9 @@ function::
 
     issue_refund("A-1", 40)    # runs only if Warden allows it; raises ToolDenied otherwise
 
+    with session("ticket-4711"):   # checks in here count toward one conversation
+        issue_refund("A-2", 10)   # (input.session: per-session limits and taints)
+
 The admin calls (approvals, kill switches, the audit tail) need an admin
 token with the right role (``admin_token=``). Credentials go only in the
 calls that need them, as gRPC metadata; they are never logged.
@@ -21,11 +24,13 @@ calls that need them, as gRPC metadata; they are never logged.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ParamSpec, Self, TypeVar, overload
@@ -45,6 +50,7 @@ __all__ = [
     "Verdict",
     "WardenClient",
     "govern",
+    "session",
 ]
 
 log = logging.getLogger("warden.client")
@@ -58,6 +64,27 @@ _EFFECTS = {
 _MODES = {pb.MODE_ENFORCE: Mode.ENFORCE, pb.MODE_OBSERVE: Mode.OBSERVE}
 
 Metadata = tuple[tuple[str, str], ...]
+
+_SESSION: ContextVar[str] = ContextVar("warden_session", default="")
+
+
+@contextlib.contextmanager
+def session(session_id: str) -> Iterator[None]:
+    """Name the conversation that checks in this context belong to.
+
+    Every ``check`` (and so every :func:`govern`-ed call) made inside the
+    block, in this thread or in asyncio tasks started inside it (not in
+    threads it starts: context variables do not pass to them), carries
+    ``session_id``:
+    Warden keeps session counters and taints per agent and session id
+    (``input.session`` in policies), as it does for a base-URL agent's
+    ``X-Warden-Session``. A ``check(session=...)`` argument wins.
+    """
+    token = _SESSION.set(session_id)
+    try:
+        yield
+    finally:
+        _SESSION.reset(token)
 
 
 class ToolDenied(Exception):
@@ -149,9 +176,11 @@ def _check_request(
     model: str,
     wait: bool,
     agent_id: str,
+    session_id: str | None,
 ) -> pb.CheckRequest:
     return pb.CheckRequest(
         agent_id=agent_id,
+        session_id=_SESSION.get() if session_id is None else session_id,
         action=pb.Action(
             kind=kind,
             tool=tool,
@@ -300,12 +329,15 @@ class WardenClient:
         model: str = "",
         wait: bool = False,
         agent_id: str = "",
+        session: str | None = None,
         timeout_s: float | None = None,
     ) -> Verdict:
         """Ask whether ``tool`` may run with ``arguments``; the decision is on record.
 
         ``wait``: hold a require_approval until people decide, up to
         ``timeout_s`` (then ``grpc.RpcError`` with ``DEADLINE_EXCEEDED``).
+        ``session``: the conversation the call belongs to; by default the
+        one :func:`session` names, if any (``""``: none).
         """
         request = _check_request(
             tool,
@@ -317,6 +349,7 @@ class WardenClient:
             model=model,
             wait=wait,
             agent_id=agent_id,
+            session_id=session,
         )
         answer = self._check(
             request, timeout=timeout_s or self._s.timeout_s, metadata=self._s.agent
@@ -490,6 +523,7 @@ class AsyncWardenClient:
         model: str = "",
         wait: bool = False,
         agent_id: str = "",
+        session: str | None = None,
         timeout_s: float | None = None,
     ) -> Verdict:
         """See :meth:`WardenClient.check`."""
@@ -503,6 +537,7 @@ class AsyncWardenClient:
             model=model,
             wait=wait,
             agent_id=agent_id,
+            session_id=session,
         )
         answer = await self._check(
             request, timeout=timeout_s or self._s.timeout_s, metadata=self._s.agent

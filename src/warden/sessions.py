@@ -165,11 +165,13 @@ def conversation_of(
 
 
 def door_conversation(
-    headers: Mapping[str, str], door_session: str | None, source: str
+    headers: Mapping[str, str], door_session: str | None = None, source: str = "door"
 ) -> Conversation | None:
-    """The session of a door that carries no conversation (MCP: ``Mcp-Session-Id``).
+    """The session of a request that carries no conversation.
 
-    ``X-Warden-Session`` still wins. ``None`` when neither names a session.
+    ``X-Warden-Session`` (header or gRPC metadata) wins; else the door's own
+    session, named ``source`` (MCP: ``Mcp-Session-Id``, gRPC ``Check``: its
+    ``session_id``). ``None`` when neither names a session.
     """
     session_id, found = session_from(headers, None, None)
     if session_id is None:

@@ -46,6 +46,7 @@ from warden.model import (
 from warden.ops import metrics
 from warden.protocols import envoy_authz as authz
 from warden.protocols.http_tool import ToolRequest, ToolRequestError, ToolRoutes
+from warden.sessions import door_conversation
 
 if TYPE_CHECKING:
     from warden.approvals.service import Approvals
@@ -152,6 +153,8 @@ class ExtAuthzService:
                 upstream=self._upstream,
                 path=parsed.path,
                 headers=hdr.recordable(parsed.headers),
+                # input.session, when the checked request names its session.
+                conversation=door_conversation(parsed.headers),
             ),
             tool=tool.tool if tool is not None else None,
             arguments=tool.arguments if tool is not None else None,

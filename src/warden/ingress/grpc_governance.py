@@ -54,6 +54,7 @@ from warden.ingress import grpc_messages as msg
 from warden.ingress import headers as hdr
 from warden.killswitch import MAX_REASON, MAX_TARGET, KillSwitches, Scope
 from warden.model import Action, Agent, Decision, Effect, Outcome, RequestMeta
+from warden.sessions import door_conversation
 from warden.state.links import Link
 
 if TYPE_CHECKING:
@@ -217,6 +218,8 @@ class _Servicer(pb_grpc.GovernanceServicer):
             upstream=msg.DEFAULT_PROTOCOL,
             path=f"/{SERVICE_NAME}/Check",
             headers=hdr.recordable(headers),
+            # input.session: counters by x-warden-session metadata, else the request's.
+            conversation=door_conversation(headers, request.session_id, "check"),
         )
         try:
             action = msg.action_from(request.action, agent, meta, hdr.context_from(headers))

@@ -87,7 +87,7 @@ from warden.protocols.registry import (
     match_route,
     under_governed_resource,
 )
-from warden.sessions import conversation_of
+from warden.sessions import conversation_of, door_conversation
 
 __all__ = ["HttpDoor", "ProxyApp", "build_proxy_app"]
 
@@ -339,6 +339,10 @@ class ProxyApp:
                     f"{request.method} {route.path} fits no rule in upstreams.{route.name}.routes"
                     " (unmatched: deny)",
                 )
+        if conversation is None:
+            # Plain HTTP tools and unparsed bodies carry no conversation, but a
+            # request may still name its session: input.session counts it.
+            conversation = door_conversation(request.headers)
         call = _Call(
             route=route,
             turn=Turn(

@@ -50,14 +50,16 @@ class Action(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., tool: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., protocol: _Optional[str] = ..., context: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., call_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class CheckRequest(_message.Message):
-    __slots__ = ("agent_id", "action", "wait")
+    __slots__ = ("agent_id", "action", "wait", "session_id")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     action: Action
     wait: bool
-    def __init__(self, agent_id: _Optional[str] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., wait: _Optional[bool] = ...) -> None: ...
+    session_id: str
+    def __init__(self, agent_id: _Optional[str] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., wait: _Optional[bool] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class Obligations(_message.Message):
     __slots__ = ("redact", "mode", "risk", "approvers")

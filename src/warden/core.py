@@ -46,6 +46,8 @@ from warden.model import (
 )
 from warden.ops import metrics, tracing
 from warden.pipeline import Pipeline
+from warden.protocols.base import Adapter
+from warden.sessions import owed_outputs
 from warden.state.links import CallLinks, Link
 from warden.tasks import Tasks
 
@@ -216,6 +218,12 @@ class Governor:
         call_id = action.call_id
         if not call_id:
             return
+        conversation = turn.request.conversation
+        if decision.enforced is not Effect.ALLOW and conversation is not None:
+            # The provider keeps the call it proposed, and a request continuing
+            # this answer (Responses API) must give it an output: the session
+            # guard keeps these with the answer's chain link (warden.sessions).
+            conversation.memo.setdefault("refused", []).append((action, decision))
         earlier = call_id not in turn.seen and self.links.waiting(call_id)
         if call_id in turn.seen or earlier:
             if self.links.tombstone(call_id) or earlier:
@@ -225,6 +233,26 @@ class Governor:
         turn.seen.add(call_id)
         if decision.enforced is Effect.ALLOW:
             self.links.link(call_id, Link(action, decision.decision_id))
+
+    def continued(
+        self, turn: Turn, adapter: Adapter, body: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """The model request to send instead, when the answer it continues is owed outputs.
+
+        Call after the request's own decision: a Responses request that
+        continues an answer in which Warden kept calls from the agent gets an
+        output for each (what the agent saw instead), or the provider would
+        refuse it. ``None``: send ``body`` as it is.
+        """
+        owed = owed_outputs(turn.request.conversation)
+        if not owed:
+            return None
+        answered = adapter.answer_refused(body, owed)
+        if answered is None:
+            return None
+        changed, count = answered
+        metrics.child(metrics.REFUSALS_ANSWERED, turn.request.upstream).inc(count)
+        return changed
 
     # -- listings --------------------------------------------------------------
 

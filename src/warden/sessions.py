@@ -64,6 +64,7 @@ from warden.model import (
 )
 from warden.pipeline import GuardContext, input_problem
 from warden.protocols import history
+from warden.protocols.base import refusal_text
 from warden.state.sessions import CallRecord, ChainLink, SessionRepo
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "SessionGuard",
     "conversation_of",
     "door_conversation",
+    "owed_outputs",
     "pointer_get",
     "session_from",
 ]
@@ -162,6 +164,22 @@ def conversation_of(
         # A new Responses chain: its own session, which its continuations inherit.
         session_id, source = new_id("ses"), "responses_chain"
     return dataclasses.replace(conversation, session_id=session_id, session_source=source)
+
+
+def owed_outputs(conversation: Conversation | None) -> Mapping[str, tuple[str, str]]:
+    """Calls of the answer a Responses request continues that Warden kept from the agent.
+
+    The provider stored those calls with its answer and refuses a
+    continuation that gives no output for each ("No tool output found for
+    function call"). By call id: the call's item type and the text the agent
+    saw in its place, which the door sends the model as the call's output.
+    Known once the request's first decision was made (the session guard
+    reads the chain); empty for other requests.
+    """
+    if conversation is None:
+        return {}
+    owed = conversation.memo.get("owed")
+    return owed if isinstance(owed, dict) else {}
 
 
 def door_conversation(
@@ -422,6 +440,18 @@ class SessionGuard:
                         "raw": action.raw_arguments or "",
                     }
                 )
+        for action, decision in conversation.memo.get("refused", ()):
+            # Kept from the agent, not from the provider: what the request
+            # continuing this answer must tell the model instead (owed_outputs).
+            entries.append(
+                {
+                    "call_id": action.call_id,
+                    "refused": {
+                        "type": action.wire_type or "",
+                        "output": refusal_text(action.tool or "", decision),
+                    },
+                }
+            )
         await self._repo.record_response(
             ChainLink(
                 response_id=response_id,
@@ -479,13 +509,19 @@ class SessionGuard:
             log.warning("could not read a Responses chain: %s", type(exc).__name__)
             return [], None
         calls: dict[str, PriorCall] = {}
+        owed: dict[str, tuple[str, str]] = {}
         for link in reversed(links):  # oldest first
             try:
                 entries = orjson.loads(link.calls)
             except orjson.JSONDecodeError:
                 continue
+            continued = link.response_id == conversation.previous_response_id
             for entry in entries if isinstance(entries, list) else ():
                 _apply_stored(calls, entry, self._config.max_result_chars)
+                if continued:
+                    _owed(owed, entry)
+        if owed:
+            conversation.memo["owed"] = owed
         return list(calls.values()), (links[0].session_id if links else None)
 
     async def _records(self, call_ids: Sequence[str]) -> dict[str, tuple[CallRecord, ...]]:
@@ -635,6 +671,16 @@ def _apply_stored(calls: dict[str, PriorCall], entry: Any, limit: int) -> None:
     elif found is not None and call_id in calls:
         old = calls[call_id]
         calls[call_id] = PriorCall(old.call_id, old.tool, old.arguments, old.digest, found)
+
+
+def _owed(owed: dict[str, tuple[str, str]], entry: Any) -> None:
+    """Collect a stored entry of a call Warden kept from the agent: id -> (item type, text)."""
+    refused = entry.get("refused") if isinstance(entry, dict) else None
+    if not isinstance(refused, dict):
+        return
+    kind, text = refused.get("type"), refused.get("output")
+    if isinstance(kind, str) and isinstance(text, str):
+        owed[entry["call_id"]] = (kind, text)
 
 
 def _merge(earlier: list[PriorCall], conversation: Conversation) -> list[PriorCall]:

@@ -778,6 +778,38 @@ async def test_a_responses_chain_through_the_mesh_is_rebuilt_from_wardens_record
     assert names == ["issue_refund"], second["output"]
 
 
+async def test_a_continuation_through_the_mesh_answers_the_call_warden_removed(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # The provider keeps the blocked call with its answer and wants an output for
+    # it; the agent never saw it, so Warden gives the one the agent was told.
+    config = make_config(tmp_path, llm.url, ext_proc={"hosts": {OPENAI_HOST: "openai"}})
+    async with Warden(config) as warden:
+        assert warden.core is not None
+        service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
+        async with serve(service, llm) as envoy:
+            llm.script(Reply(tool_calls=[Call("get_order", {"order_id": "A-1"}, id="c1"), EXPORT]))
+            ask = {"model": "gpt-4.1", "input": "where is A-1?"}
+            first = (await envoy.request(OPENAI_HOST, "/v1/responses", ask)).json()
+            assert [i["call_id"] for i in first["output"] if i["type"] == "function_call"] == ["c1"]
+            (note,) = [i for i in first["output"] if i["type"] == "message"]
+            await warden.core.background.drain()  # the answer's chain link is written
+            mine = [{"type": "function_call_output", "call_id": "c1", "output": "shipped"}]
+            llm.script(Reply(text="A-1 has shipped."))
+            then = {"model": "gpt-4.1", "input": mine, "previous_response_id": first["id"]}
+            second = await envoy.request(OPENAI_HOST, "/v1/responses", then)
+    assert second.status == 200, second.body
+    sent = llm.requests[-1].body["input"]
+    assert sent == [
+        {
+            "type": "function_call_output",
+            "call_id": "call_export",
+            "output": note["content"][0]["text"],
+        },
+        *mine,
+    ]
+
+
 async def test_arguments_are_checked_against_the_schemas_the_request_declares(
     envoy: Envoy, llm: MockLLM
 ) -> None:

@@ -27,6 +27,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 
 from warden.errors import StreamViolation
 from warden.model import ActionKind, Decision, Effect, Mode, ToolCall, ToolResult, Usage
+from warden.protocols import openai_responses
 from warden.protocols.base import Adapter, StreamItem, StreamRewriter, blocked_message
 from warden.protocols.openai_responses import PASSIVE_ITEMS, OpenAIResponsesAdapter
 from warden.protocols.sse import SseEvent, SseParser
@@ -1306,3 +1307,58 @@ def test_a_renumbered_event_with_a_lone_surrogate_can_still_be_sent() -> None:
     assert run.payloads[-1]["sequence_number"] == 2
     assert run.payloads[-1]["delta"] == "\ud800"
     assert run.output.count(b"\\ud800") == 1
+
+
+# -- outputs for calls kept from the agent (previous_response_id) -------------------
+
+
+OWED = {
+    "call_export": ("function_call", "[Warden] blocked the tool call `export`"),
+    "call_patch": ("apply_patch_call", "[Warden] blocked the tool call `apply_patch`"),
+    "call_screen": ("computer_call", "[Warden] blocked the tool call `computer`"),
+}
+
+
+def test_answer_refused_puts_an_output_for_each_owed_call_first() -> None:
+    mine = {"type": "function_call_output", "call_id": "call_lookup", "output": "shipped"}
+    body = {"model": "gpt-4.1", "previous_response_id": "resp_1", "input": [mine]}
+    answered = openai_responses.answer_refused(body, OWED)
+    assert answered is not None
+    changed, count = answered
+    assert count == 2
+    assert changed["input"] == [
+        {
+            "type": "function_call_output",
+            "call_id": "call_export",
+            "output": OWED["call_export"][1],
+        },
+        {
+            "type": "apply_patch_call_output",
+            "call_id": "call_patch",
+            "output": OWED["call_patch"][1],
+            "status": "failed",
+        },
+        mine,
+    ]
+    assert body["input"] == [mine]  # the agent's body is not changed in place
+
+
+@pytest.mark.parametrize(
+    ("given", "rest"),
+    [
+        (None, []),
+        ("and then?", [{"type": "message", "role": "user", "content": "and then?"}]),
+    ],
+)
+def test_answer_refused_takes_every_input_shape(given: Any, rest: list[Any]) -> None:
+    owed = {"call_export": OWED["call_export"]}
+    answered = openai_responses.answer_refused({"input": given}, owed)
+    assert answered is not None
+    assert answered[0]["input"][1:] == rest
+
+
+def test_answer_refused_leaves_calls_the_request_answers_and_types_text_cannot_answer() -> None:
+    theirs = {"type": "function_call_output", "call_id": "call_export", "output": "x"}
+    owed = {"call_export": OWED["call_export"], "call_screen": OWED["call_screen"]}
+    assert openai_responses.answer_refused({"input": [theirs]}, owed) is None
+    assert openai_responses.answer_refused({"input": 7}, owed) is None

@@ -653,6 +653,12 @@ class _Exchange:
             body = orjson.dumps(prepared)
             self._hide_usage = True
         await self._decide_request()
+        continued = self._core.continued(
+            turn, adapter, prepared if prepared is not None else parsed_body
+        )
+        if continued is not None:
+            body = orjson.dumps(continued)
+            prepared = continued  # the body changed: sent whole, below
         self._phase = "response_headers"
         self._body.clear()
         chunks, self._chunks = self._chunks, 0

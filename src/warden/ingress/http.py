@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
@@ -302,6 +303,7 @@ class ProxyApp:
         declared: tuple[dict[str, Any], ...] = ()
         arguments: DeclaredArguments | None = None
         conversation: Conversation | None = None
+        outgoing: Mapping[str, Any] | None = None  # the model request as it goes upstream
         if adapter is not None and route.match.parse_request:
             parsed_body = _parse_json_request(request, body)
             parsed = adapter.parse_request(parsed_body)
@@ -315,30 +317,18 @@ class ProxyApp:
             arguments = parsed.arguments
             self._core.record_results(parsed.tool_results)
             prepared = adapter.prepare_request(parsed_body)
+            outgoing = parsed_body
             if prepared is not None:
                 body = orjson.dumps(prepared)
+                outgoing = prepared
                 hide_usage = True
         elif route.match.stream_query:
             stream = any(
                 v.strip().lower() in ("true", "1") for v in request.query.getall("stream", ())
             )
-        tool: http_tool.ToolRequest | None = None
-        tool_routes = self._tool_routes.get(route.name)
-        if tool_routes is not None:
-            try:
-                tool = tool_routes.resolve(
-                    request.method, route.segments, body, request.headers.get("Content-Type", "")
-                )
-            except http_tool.ToolRequestError as exc:
-                return _problem(400, exc.code, "Invalid tool request", str(exc))
-            if tool is None and tool_routes.unmatched == "deny":
-                return _problem(
-                    404,
-                    RouteNotGoverned.code,
-                    "Route not governed",
-                    f"{request.method} {route.path} fits no rule in upstreams.{route.name}.routes"
-                    " (unmatched: deny)",
-                )
+        tool, refused = self._tool_request(request, route, body)
+        if refused is not None:
+            return refused
         if conversation is None:
             # Plain HTTP tools and unparsed bodies carry no conversation, but a
             # request may still name its session: input.session counts it.
@@ -394,8 +384,35 @@ class ProxyApp:
                 f"Warden denied this request: {decision.reason} (decision {decision.decision_id})",
                 decision_id=decision.decision_id,
             )
+        if outgoing is not None and adapter is not None:
+            continued = self._core.continued(call.turn, adapter, outgoing)
+            if continued is not None:
+                body = orjson.dumps(continued)
         pre = time.perf_counter() - started
         return await self._forward(request, call, action, decision, body=body, pre_s=pre)
+
+    def _tool_request(
+        self, request: web.Request, route: _Route, body: bytes
+    ) -> tuple[http_tool.ToolRequest | None, web.Response | None]:
+        """The tool call a plain HTTP route rule makes of the request, or the refusal."""
+        tool_routes = self._tool_routes.get(route.name)
+        if tool_routes is None:
+            return None, None
+        try:
+            tool = tool_routes.resolve(
+                request.method, route.segments, body, request.headers.get("Content-Type", "")
+            )
+        except http_tool.ToolRequestError as exc:
+            return None, _problem(400, exc.code, "Invalid tool request", str(exc))
+        if tool is None and tool_routes.unmatched == "deny":
+            return None, _problem(
+                404,
+                RouteNotGoverned.code,
+                "Route not governed",
+                f"{request.method} {route.path} fits no rule in upstreams.{route.name}.routes"
+                " (unmatched: deny)",
+            )
+        return tool, None
 
     async def _forward(
         self,

@@ -36,6 +36,7 @@ __all__ = [
     "QUALITY_COST_PER_CONVERSATION",
     "QUALITY_RATE",
     "READY",
+    "REFUSALS_ANSWERED",
     "REQUESTS",
     "STATE_UP",
     "STREAM_VIOLATIONS",
@@ -94,6 +95,12 @@ IDENTITY_FAILURES = Counter(
 STREAM_VIOLATIONS = Counter(
     "warden_stream_violations_total",
     "Governed streams cut because an event could not be parsed or touched a decided call.",
+    ["upstream"],
+)
+REFUSALS_ANSWERED = Counter(
+    "warden_refusals_answered_total",
+    "Outputs Warden added to a Responses request for calls it kept from the agent in the "
+    "answer the request continues (the provider keeps those calls and wants an output).",
     ["upstream"],
 )
 AMBIGUOUS_CALL_IDS = Counter(

@@ -327,6 +327,12 @@ class AnthropicMessagesAdapter:
             return None
         return _usage(usage)
 
+    def answer_refused(
+        self, body: Mapping[str, Any], owed: Mapping[str, tuple[str, str]]
+    ) -> tuple[dict[str, Any], int] | None:
+        """None: the agent sends the whole conversation, and the provider keeps no answer."""
+        return None
+
     def prepare_request(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """Sent as is: this protocol always reports usage in its streams."""
         return None

@@ -45,6 +45,7 @@ __all__ = [
     "StreamItem",
     "StreamRewriter",
     "blocked_message",
+    "refusal_text",
 ]
 
 StreamItem = SseEvent | ToolCall
@@ -129,6 +130,19 @@ class Adapter(Protocol):
         """
         ...
 
+    def answer_refused(
+        self, body: Mapping[str, Any], owed: Mapping[str, tuple[str, str]]
+    ) -> tuple[dict[str, Any], int] | None:
+        """``body`` with an output for each owed call, and how many; ``None`` if none is added.
+
+        For APIs that keep their answers (the Responses API's
+        ``previous_response_id``): the calls of the continued answer that
+        Warden kept from the agent (:func:`warden.sessions.owed_outputs`: by
+        call id, the call's item type and the text the agent saw instead).
+        Stateless APIs, where the agent sends the whole conversation, add none.
+        """
+        ...
+
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:
         """The tool calls a non-streaming response proposes, in order."""
         ...
@@ -179,8 +193,13 @@ def blocked_message(call: ToolCall, decision: Decision) -> str:
     Written for the model reading it as much as for people: it says the call
     did not happen, so the model does not claim it did.
     """
+    return refusal_text(call.name, decision)
+
+
+def refusal_text(tool: str, decision: Decision) -> str:
+    """:func:`blocked_message` for a call known by its tool's name only."""
     if decision.effect is Effect.REQUIRE_APPROVAL:
-        what = f"held the tool call `{call.name}` for human approval; it was not performed"
+        what = f"held the tool call `{tool}` for human approval; it was not performed"
     else:
-        what = f"blocked the tool call `{call.name}`; it was not performed"
+        what = f"blocked the tool call `{tool}`; it was not performed"
     return f"[Warden] {what}. Reason: {decision.reason}. (decision {decision.decision_id})"

@@ -311,6 +311,12 @@ class OpenAIChatAdapter:
         """Prompt, completion and cached prompt tokens from ``usage``."""
         return _usage(body.get("usage"))
 
+    def answer_refused(
+        self, body: Mapping[str, Any], owed: Mapping[str, tuple[str, str]]
+    ) -> tuple[dict[str, Any], int] | None:
+        """None: the agent sends the whole conversation, and the provider keeps no answer."""
+        return None
+
     def prepare_request(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """Ask for the streamed usage chunk (``stream_options.include_usage``) if not asked.
 

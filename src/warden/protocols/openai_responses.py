@@ -92,6 +92,7 @@ __all__ = [
     "PASSIVE_ITEMS",
     "OpenAIResponsesAdapter",
     "OpenAIResponsesStreamRewriter",
+    "answer_refused",
     "call_of",
     "canonical_item",
     "key_of",
@@ -550,6 +551,58 @@ def _result_content(output: object) -> str:
     return "" if output is None else dumps(output)
 
 
+# The output item that answers a call of each type with text, for the calls a
+# request must answer and the agent never saw (answer_refused). Computer and
+# shell calls take structured output that text cannot stand for.
+_REFUSAL_OUTPUTS: Final = {
+    "function_call": "function_call_output",
+    "custom_tool_call": "custom_tool_call_output",
+    "apply_patch_call": "apply_patch_call_output",
+}
+
+
+def answer_refused(
+    body: Mapping[str, Any], owed: Mapping[str, tuple[str, str]]
+) -> tuple[dict[str, Any], int] | None:
+    """``body`` with an output for each call Warden kept from the agent, and how many.
+
+    ``owed`` (:func:`warden.sessions.owed_outputs`): by call id, the call's
+    item type and the text the agent saw in its place. The provider stored
+    those calls with the answer ``previous_response_id`` names and refuses a
+    continuation that leaves one unanswered, so the model is told, as the
+    call's output, what the agent was told. Outputs go first in ``input``,
+    before the agent's own items; a call the request already answers is left
+    as it is. ``None`` when nothing is added.
+    """
+    given = body.get("input")
+    items: list[Any]
+    if given is None:
+        items = []
+    elif isinstance(given, str):
+        items = [{"type": "message", "role": "user", "content": given}]
+    elif isinstance(given, list):
+        items = given
+    else:
+        return None  # not a shape the provider takes: it answers with its own error
+    answered = {
+        item.get("call_id")
+        for item in items
+        if isinstance(item, Mapping) and _item_type(item) in PASSIVE_ITEMS
+    }
+    added: list[dict[str, Any]] = []
+    for call_id, (call_type, text) in owed.items():
+        output_type = _REFUSAL_OUTPUTS.get(call_type)
+        if output_type is None or call_id in answered:
+            continue
+        item: dict[str, Any] = {"type": output_type, "call_id": call_id, "output": text}
+        if output_type == "apply_patch_call_output":
+            item["status"] = "failed"
+        added.append(item)
+    if not added:
+        return None
+    return {**body, "input": [*added, *items]}, len(added)
+
+
 class OpenAIResponsesAdapter:
     """The Responses API wire format. Holds no state; one instance serves all requests."""
 
@@ -634,6 +687,12 @@ class OpenAIResponsesAdapter:
     def usage(self, body: Mapping[str, Any]) -> Usage | None:
         """``usage.input_tokens``, ``output_tokens`` and ``input_tokens_details.cached_tokens``."""
         return _usage(body.get("usage"))
+
+    def answer_refused(
+        self, body: Mapping[str, Any], owed: Mapping[str, tuple[str, str]]
+    ) -> tuple[dict[str, Any], int] | None:
+        """See :func:`answer_refused`."""
+        return answer_refused(body, owed)
 
     def prepare_request(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """Sent as is: this protocol always reports usage in its streams."""

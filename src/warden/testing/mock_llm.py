@@ -27,6 +27,11 @@ OpenAI stream chunks and Responses delta events carry the ``obfuscation``
 padding field the API adds, unless the request sets
 ``stream_options.include_obfuscation`` to false.
 
+Responses are kept, as the API keeps them unless the request says
+``store: false``: a request continuing one (``previous_response_id``) must
+give an output item for each of its function calls, or it gets the API's 400
+``No tool output found for function call <id>.``
+
 Usage numbers are deterministic: input tokens are the words in the request's
 messages (:func:`prompt_tokens`), output tokens are :attr:`Reply.output_tokens`.
 The model is echoed from the request.
@@ -811,6 +816,8 @@ class MockLLM(LoopbackServer):
         self._queue: deque[Reply] = deque()
         self._responder: Responder | None = None
         self._ids = itertools.count(1)
+        self._stored: dict[str, tuple[str, ...]] = {}
+        """Function call ids of each kept Responses answer, by response id."""
 
     def _routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -968,6 +975,20 @@ class MockLLM(LoopbackServer):
     def _openai_headers(self) -> dict[str, str]:
         return {"x-request-id": self._new_id("req_"), "openai-processing-ms": "1"}
 
+    def _unanswered(self, body: Mapping[str, Any]) -> str | None:
+        """A function call of the continued answer that the request gives no output for."""
+        previous = body.get("previous_response_id")
+        calls = self._stored.get(previous) if isinstance(previous, str) else None
+        if not calls:
+            return None  # an answer this mock did not keep: not checked
+        items = body.get("input")
+        given = {
+            item.get("call_id")
+            for item in (items if isinstance(items, list) else ())
+            if isinstance(item, dict) and str(item.get("type", "")).endswith("_output")
+        }
+        return next((call_id for call_id in calls if call_id not in given), None)
+
     def _openai_error(self, status: int, message: str | None) -> web.Response:
         return web.Response(
             status=status,
@@ -1031,6 +1052,9 @@ class MockLLM(LoopbackServer):
         body = await self._receive(request)
         if not isinstance(body, dict):
             return self._openai_error(400, "We could not parse the JSON body of your request.")
+        unanswered = self._unanswered(body)
+        if unanswered is not None:
+            return self._openai_error(400, f"No tool output found for function call {unanswered}.")
         reply = self._next_reply("openai_responses", body)
         fault = _fault_of(reply)
         streaming = bool(body.get("stream"))
@@ -1047,6 +1071,8 @@ class MockLLM(LoopbackServer):
         )
         usage = _responses_usage(prompt_tokens(body), reply.output_tokens)
         headers = self._openai_headers()
+        if body.get("store") is not False:
+            self._stored[ids.response] = ids.calls
         if streaming:
             options = body.get("stream_options") or {}
             events = _responses_events(

@@ -889,6 +889,28 @@ async def test_kill_switch_thrown_mid_stream_cuts_it(
     assert b"search_kb" not in result.body
 
 
+@pytest.mark.parametrize("mode", [Mode.STREAMED, Mode.BUFFERED])
+async def test_kill_switch_thrown_cuts_a_body_warden_does_not_read(
+    envoy: Envoy, llm: MockLLM, warden: Warden, mode: int
+) -> None:
+    # The model list passes unread; a kill switch still stops the agent there.
+    killswitches = warden.killswitches
+    assert killswitches is not None
+
+    async def kill() -> None:
+        await killswitches.set(Scope.AGENT, "support-triage", "incident 43", "oncall")
+
+    result = await envoy.request(
+        OPENAI_HOST, "/v1/models", method="GET", response_mode=mode, before_body=kill
+    )
+    assert b'"code":"killed"' in result.pieces[0]
+    assert b"incident 43" in result.pieces[0]
+    assert all(p == b"" for p in result.pieces[1:])
+    assert b"gpt-4o" not in result.body
+    if mode == Mode.BUFFERED:
+        assert result.headers["content-length"] == str(len(result.body))
+
+
 async def test_non_json_request_body_is_refused(envoy: Envoy, llm: MockLLM) -> None:
     result = await envoy.request(OPENAI_HOST, "/v1/chat/completions", raw_body=b"{not json")
     assert result.status == 400

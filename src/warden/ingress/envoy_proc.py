@@ -790,7 +790,7 @@ class _Exchange:
     async def _response_body(self, chunk: bytes, message: Any) -> None:
         eos = bool(message.end_of_stream)
         if not self._governed:
-            await self._pass_body("response_body", chunk, eos)
+            await self._pass_response(chunk, eos)
         elif self._sse:
             await self._stream_chunk(chunk, eos)
         else:
@@ -921,6 +921,28 @@ class _Exchange:
                 self._core.record_response(turn, getattr(rewriter, "response_id", None))
 
     # -- answers -------------------------------------------------------------------
+
+    async def _pass_response(self, chunk: bytes, eos: bool) -> None:
+        """A response body Warden does not read: unchanged, until a kill switch stops the agent.
+
+        As through the base URL: the chunk that finds the switch thrown is
+        replaced by the provider's error event, and every later one is dropped.
+        """
+        if not self._cut:
+            try:
+                self._check_killed()
+            except _Killed as exc:
+                await self._cut_stream(exc)
+        if not self._cut:
+            await self._pass_body("response_body", chunk, eos)
+        elif self._full_duplex(self._modes.response):
+            if eos:
+                await self._send(_streamed("response_body", b"", eos=True))
+        else:
+            # The length changed: honoured in BUFFERED mode, where Envoy holds the headers.
+            out, self._out = bytes(self._out), bytearray()
+            length = header_mutation({"content-length": str(len(out))})
+            await self._send(_body_answer("response_body", out, headers=length))
 
     async def _pass_body(self, kind: str, chunk: bytes, eos: bool) -> None:
         """A body Warden does not read: unchanged (echoed back in full-duplex mode)."""

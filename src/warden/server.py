@@ -106,6 +106,8 @@ class Warden:
         """The kill switches in force; the proxy checks them between stream chunks."""
         self._approvals: Approvals | None = None
         self.core: Governor | None = None
+        self.console: Console | None = None
+        """The web console, when ``console.enabled``."""
         self.doors: tuple[FrontDoor, ...] = ()
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -345,6 +347,7 @@ class Warden:
         )
         await console.start()
         self._stack.push_async_callback(console.close)
+        self.console = console
         admin_app.add_subapp("/console", console_app(console))
 
     async def _start_doors(self, core: Governor, doors: Sequence[FrontDoor]) -> None:

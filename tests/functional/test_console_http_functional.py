@@ -279,6 +279,65 @@ async def test_sso_from_the_trusted_proxy_signs_in_with_mapped_roles(
             assert resp.status == 303
 
 
+async def test_the_person_the_proxy_names_is_signed_in_whatever_the_cookie_says(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    sso = {"trusted_proxies": ["127.0.0.1"], "roles": {"sre": ["admin"], "leads": ["approver"]}}
+    async with Warden(config(tmp_path, llm, console={"sso": sso})) as running:
+        ops = f"{running.admin_url}/console/operations"
+        ada = {"X-Forwarded-User": "ada", "X-Forwarded-Groups": "sre"}
+        async with browser_like() as http:
+            async with http.get(ops, headers=ada) as resp:
+                assert resp.status == 200
+                csrf = re.search(r'name="csrf" value="([^"]+)"', await resp.text())
+            assert csrf is not None
+            # Ada leaves the sre group: her cookie no longer opens anything.
+            demoted = {"X-Forwarded-User": "ada", "X-Forwarded-Groups": "marketing"}
+            async with http.get(ops, headers=demoted, allow_redirects=False) as resp:
+                assert resp.status == 303
+            async with http.post(
+                f"{ops}/killswitches",
+                headers=demoted,
+                data={"csrf": csrf.group(1), "scope": "global", "reason": "x"},
+                allow_redirects=False,
+            ) as resp:
+                assert resp.status == 401
+            # And the session is gone: back in the group, she signs in afresh.
+            async with http.get(ops, headers=ada) as resp:
+                assert resp.status == 200
+            # Someone else at the same browser, with no role here, is no one.
+            eve = {"X-Forwarded-User": "eve", "X-Forwarded-Groups": "marketing"}
+            async with http.get(ops, headers=eve, allow_redirects=False) as resp:
+                assert resp.status == 303
+        assert running.killswitches is not None
+        assert running.killswitches.active() == ()
+
+
+async def test_one_evidence_package_is_built_at_a_time(warden: Warden) -> None:
+    assert warden.console is not None
+    async with browser_like() as http:
+        csrf = await sign_in(http, warden, "aude")
+        form = {"csrf": csrf, "from": "2000-01-01", "to": "2999-12-31", "export_agent": ""}
+        async with (
+            warden.console.exporting,  # another export is being built
+            http.post(f"{warden.admin_url}/console/evidence/export", data=form) as resp,
+        ):
+            assert resp.status == 429
+            assert "being built already" in await resp.text()
+        async with http.post(f"{warden.admin_url}/console/evidence/export", data=form) as resp:
+            assert resp.status == 200
+
+
+async def test_a_cursor_that_is_not_ascii_digits_is_ignored(warden: Warden) -> None:
+    async with browser_like() as http:
+        await sign_in(http, warden, "vic")
+        for cursor in ("²", "١٢"):
+            async with http.get(
+                f"{warden.admin_url}/console/decisions", params={"before": cursor}
+            ) as resp:
+                assert resp.status == 200
+
+
 async def test_sso_headers_from_an_untrusted_peer_are_ignored(tmp_path: Path, llm: MockLLM) -> None:
     sso = {"trusted_proxies": ["10.9.8.7"], "roles": {"sre": ["admin"]}}
     async with Warden(config(tmp_path, llm, console={"sso": sso})) as running:

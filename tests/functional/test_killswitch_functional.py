@@ -77,6 +77,10 @@ async def test_switches_set_listed_and_cleared_through_the_admin_api(
             listed = (await resp.json())["killswitches"]
         assert [s["id"] for s in listed] == [switch["id"], tool_switch["id"]]
 
+        # A reason longer than any other door takes is refused, and the switch stays.
+        long_reason = {"reason": "x" * 1001}
+        async with admin.delete(f"/v1/killswitches/{switch['id']}", params=long_reason) as resp:
+            assert resp.status == 400
         async with admin.delete(f"/v1/killswitches/{switch['id']}") as resp:
             assert resp.status == 200
         async with admin.delete(f"/v1/killswitches/{switch['id']}") as resp:

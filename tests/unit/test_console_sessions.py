@@ -63,3 +63,16 @@ def test_same_token_needs_an_exact_non_empty_match() -> None:
     assert not same_token("abc", "")
     assert not same_token("abc", None)
     assert not same_token("abc", "\udcff")  # a lone surrogate from a form is just wrong
+
+
+def test_a_person_signing_in_again_and_again_drops_only_their_own_oldest_sessions() -> None:
+    store = SessionStore(60, limit=20, per_person=3)
+    ada = Principal("ada", frozenset({"admin"}))
+    kept, _ = store.create(ada)
+    vic = Principal("vic", frozenset({"viewer"}))
+    theirs = [store.create(vic)[0] for _ in range(50)]
+    assert store.get(kept) is not None  # a viewer's flood cannot sign the admin out
+    assert [store.get(s) is not None for s in theirs[-4:]] == [False, True, True, True]
+    assert len(store) == 4
+    store.drop(theirs[-1])
+    assert len(store) == 3

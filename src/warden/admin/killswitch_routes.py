@@ -60,6 +60,8 @@ def add_killswitch_routes(app: web.Application, switches: KillSwitches) -> None:
     async def clear(request: web.Request, who: Principal) -> web.StreamResponse:
         switch_id = request.match_info["id"]
         reason = request.query.get("reason", "")
+        if len(reason) > MAX_REASON:
+            return _invalid(f"reason must be at most {MAX_REASON} characters")
         try:
             cleared = await switches.clear(switch_id, who.subject, reason)
         except AuditError as exc:

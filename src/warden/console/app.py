@@ -71,6 +71,9 @@ class Console:
         self._index: RecordIndex | None = None
         self._proofs = ProofSource(audit.directory, Layout(audit.directory).verifier())
         self._refresh_lock = asyncio.Lock()
+        self.exporting = asyncio.Lock()
+        """Held while an evidence package is built: one at a time, as each holds its
+        records in memory in the process that also serves the proxy."""
 
     @property
     def index(self) -> RecordIndex:

@@ -38,7 +38,7 @@ from warden.console.html import Html
 from warden.console.proofs import ProofError
 from warden.console.risk import drift_section
 from warden.console.sessions import Session, same_token
-from warden.console.sso import sso_principal
+from warden.console.sso import sso_principal, sso_speaks
 from warden.errors import AuditError
 from warden.killswitch import MAX_REASON, MAX_TARGET, Scope
 
@@ -146,6 +146,26 @@ async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse
     return response
 
 
+def _session_of(request: web.Request, console: Console) -> tuple[Session | None, str | None]:
+    """The request's session, and the id of one created for it (to set as the cookie)."""
+    cookie = request.cookies.get(COOKIE)
+    session = console.sessions.get(cookie)
+    sso_config = console.config.console.sso
+    if not sso_speaks(sso_config, request.remote, request.headers):
+        return session, None
+    # Behind the auth proxy, the person it names is who is signed in: a demoted
+    # person, or another one at the same browser, does not carry on in the
+    # cookie's session.
+    sso = sso_principal(sso_config, request.remote, request.headers)
+    if sso is None:
+        console.sessions.drop(cookie)
+        return None, None
+    if session is not None and session.principal == sso:
+        return session, None
+    new_id, session = console.sessions.create(sso, via="sso")
+    return session, new_id
+
+
 @web.middleware
 async def _signed_in(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Resolve the session (cookie, or a trusted auth proxy) and check CSRF on every POST."""
@@ -154,12 +174,7 @@ async def _signed_in(request: web.Request, handler: Handler) -> web.StreamRespon
         if request.method == "POST" and not _same_origin(request):
             return _refuse(request, 403, "a cross-site request was refused")
         return await handler(request)
-    cookie = request.cookies.get(COOKIE)
-    session = console.sessions.get(cookie)
-    new_id: str | None = None
-    sso = sso_principal(console.config.console.sso, request.remote, request.headers)
-    if sso is not None and (session is None or session.principal != sso):
-        new_id, session = console.sessions.create(sso, via="sso")
+    session, new_id = _session_of(request, console)
     if session is None:
         if request.method == "GET" and not _local(request).startswith("/api/"):
             raise web.HTTPSeeOther(location="/console/login")
@@ -320,7 +335,7 @@ def _query(
 
 def _cursor(raw: str) -> int | None:
     """A paging cursor (a sequence number), or ``None`` when it is not one."""
-    return int(raw) if raw.isdigit() and len(raw) < 19 else None
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
 
 
 def _rfc3339(epoch: float) -> str:
@@ -372,7 +387,7 @@ async def decisions_feed(request: web.Request, console: Console, _: Session) -> 
 
 def _seq(request: web.Request) -> int | None:
     raw = request.match_info.get("seq", "")
-    return int(raw) if raw.isdigit() and len(raw) < 19 else None
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
 
 
 @_view("decisions")
@@ -519,6 +534,17 @@ async def export(request: web.Request, console: Console, session: Session) -> we
     except ExportError as exc:
         return _refuse(request, 400, str(exc))
     agent = str(form.get("export_agent", "")).strip()[:256] or None
+    if console.exporting.locked():
+        return _refuse(
+            request, 429, "an evidence package is being built already; try again when it is done"
+        )
+    async with console.exporting:
+        return await _export(request, console, start, end, agent)
+
+
+async def _export(
+    request: web.Request, console: Console, start: str, end: str, agent: str | None
+) -> web.StreamResponse:
     try:
         await console.audit.checkpoint()  # cover everything written so far
     except AuditError as exc:

@@ -19,10 +19,13 @@ from dataclasses import dataclass
 
 from warden.admin.auth import Principal
 
-__all__ = ["MAX_SESSIONS", "Session", "SessionStore", "same_token"]
+__all__ = ["MAX_SESSIONS", "MAX_SESSIONS_PER_PERSON", "Session", "SessionStore", "same_token"]
 
 MAX_SESSIONS = 10_000
 """The oldest sessions are dropped beyond this many (a flood of sign-ins cannot grow memory)."""
+MAX_SESSIONS_PER_PERSON = 16
+"""A person's own oldest sessions are dropped beyond this many, so no one signed in
+(a viewer signing in again and again) can push everyone else's sessions out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +54,20 @@ class SessionStore:
     """Sessions by id, bounded in number, each expiring ``ttl_s`` after sign-in."""
 
     def __init__(
-        self, ttl_s: float, *, clock: Callable[[], float] = time.time, limit: int = MAX_SESSIONS
+        self,
+        ttl_s: float,
+        *,
+        clock: Callable[[], float] = time.time,
+        limit: int = MAX_SESSIONS,
+        per_person: int = MAX_SESSIONS_PER_PERSON,
     ) -> None:
         self.ttl_s = ttl_s
         self._clock = clock
         self._limit = limit
+        self._per_person = per_person
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._by_person: dict[str, OrderedDict[str, None]] = {}
+        """Each person's session keys, oldest first."""
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -66,9 +77,14 @@ class SessionStore:
         self.prune()
         session_id = secrets.token_urlsafe(32)
         session = Session(principal, secrets.token_urlsafe(32), self._clock() + self.ttl_s, via)
-        self._sessions[_key(session_id)] = session
+        key = _key(session_id)
+        self._sessions[key] = session
+        mine = self._by_person.setdefault(principal.subject, OrderedDict())
+        mine[key] = None
+        while len(mine) > self._per_person:
+            self._forget(next(iter(mine)))
         while len(self._sessions) > self._limit:
-            self._sessions.popitem(last=False)
+            self._forget(next(iter(self._sessions)))
         return session_id, session
 
     def get(self, session_id: str | None) -> Session | None:
@@ -80,17 +96,27 @@ class SessionStore:
         if session is None:
             return None
         if session.expires_at <= self._clock():
-            del self._sessions[key]
+            self._forget(key)
             return None
         return session
 
     def drop(self, session_id: str | None) -> None:
         """Sign out: forget the session."""
-        if session_id:
-            self._sessions.pop(_key(session_id), None)
+        if session_id and len(session_id) <= 256:
+            self._forget(_key(session_id))
 
     def prune(self) -> None:
         """Forget expired sessions."""
         now = self._clock()
         for key in [k for k, s in self._sessions.items() if s.expires_at <= now]:
-            del self._sessions[key]
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        session = self._sessions.pop(key, None)
+        if session is None:
+            return
+        mine = self._by_person.get(session.principal.subject)
+        if mine is not None:
+            mine.pop(key, None)
+            if not mine:
+                del self._by_person[session.principal.subject]

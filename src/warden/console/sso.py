@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from warden.admin.auth import Principal
 from warden.config import ConsoleSsoConfig
 
-__all__ = ["MAX_GROUPS", "sso_principal"]
+__all__ = ["MAX_GROUPS", "sso_principal", "sso_speaks"]
 
 MAX_GROUPS = 64
 _MAX_HEADER = 4096
@@ -35,6 +35,19 @@ def _trusted(remote: str | None, proxies: tuple[str, ...]) -> bool:
         except ValueError:
             continue
     return False
+
+
+def sso_speaks(
+    config: ConsoleSsoConfig | None, remote: str | None, headers: Mapping[str, str]
+) -> bool:
+    """Whether a trusted auth proxy names the person making this request.
+
+    When it does, its word decides who is signed in, whatever the browser's
+    cookie says: a person it names with no role here is signed in as no one.
+    """
+    if config is None or not _trusted(remote, config.trusted_proxies):
+        return False
+    return bool((headers.get(config.user_header) or "").strip())
 
 
 def sso_principal(

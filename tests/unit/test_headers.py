@@ -33,9 +33,17 @@ def test_request_headers_drop_hop_by_hop_and_warden_headers() -> None:
     assert dict(out) == {"Authorization": "Bearer sk-secret", "OpenAI-Beta": "assistants=v2"}
 
 
-def test_response_headers_drop_length_and_encoding() -> None:
+def test_response_headers_drop_length_encoding_and_alternative_services() -> None:
     out = hdr.response_headers(
-        proxy([("Content-Encoding", "gzip"), ("Content-Length", "9"), ("x-request-id", "r1")])
+        proxy(
+            [
+                ("Content-Encoding", "gzip"),
+                ("Content-Length", "9"),
+                ("x-request-id", "r1"),
+                # Followed, it would take the client to the provider over HTTP/3, around Warden.
+                ("Alt-Svc", 'h3=":443"; ma=86400'),
+            ]
+        )
     )
     assert dict(out) == {"x-request-id": "r1"}
 

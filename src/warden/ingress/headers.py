@@ -47,7 +47,9 @@ HOP_BY_HOP = frozenset(
 # Recomputed by Warden for the hop it makes.
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expect"}
 # Warden returns bodies decoded, often rewritten, so length and encoding change.
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding"}
+# Alt-Svc would send a client that follows it (HTTP/3 over UDP) to the provider
+# directly, around Warden: the alternative is the provider's, not Warden's.
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "alt-svc"}
 _RECORDABLE = frozenset(
     {
         "user-agent",

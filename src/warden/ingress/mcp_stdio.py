@@ -37,6 +37,7 @@ from warden import tasks
 from warden.errors import AuditError, Overloaded
 from warden.killswitch import KillSwitch, KillSwitches
 from warden.model import Action, Agent, Decision, Effect, Outcome
+from warden.ops import metrics
 from warden.protocols import mcp
 from warden.protocols._wire import loads
 from warden.protocols.declared_arguments import ListedArguments
@@ -113,6 +114,8 @@ class StdioDoor:
         """The child's tools' argument names, from its ``tools/list`` answers."""
         self._asked: set[str | int] = set()
         """Ids of the client's other requests the child has not answered yet."""
+        self._unsent: set[str | int] = set()
+        """Calls of a batch still being decided: allowed ones wait here for the others."""
         self.done = asyncio.Event()
         """Set when the session is over: the client closed its end, or the child exited."""
         self.returncode: int | None = None
@@ -264,9 +267,16 @@ class StdioDoor:
 
     async def _client_batch(self, payload: mcp.Payload) -> None:
         """A batch with calls: decide them together, then forward and answer as one batch."""
-        forward, answers = self._pass_through(payload.messages)
-        calls = [m for m in payload.messages if m.call is not None]
+        # Requests of one batch sharing an id: none is decided or sent (mcp.ids_used_twice).
+        twice = mcp.ids_used_twice(payload.messages)
+        shared = [m for m in payload.messages if m.is_request and m.id in twice]
+        answers = [mcp.id_in_use(m.id) for m in shared]
+        kept = [m for m in payload.messages if not (m.is_request and m.id in twice)]
+        forward, passed = self._pass_through(kept)
+        answers += passed
+        calls = [m for m in kept if m.call is not None]
         deciding: list[asyncio.Task[dict[str, Any]]] = []
+        members: list[str | int] = []
         for message in calls:
             id_ = message.id
             assert id_ is not None
@@ -275,19 +285,28 @@ class StdioDoor:
                 continue
             task = self._calls.spawn(self._decided(message), name="batch-call", awaited=True)
             self._deciding[id_] = task
+            self._unsent.add(id_)
+            members.append(id_)
             deciding.append(task)
         if deciding:
             await asyncio.wait(deciding)
-        for task in deciding:
+        for id_, task in zip(members, deciding, strict=True):
+            self._unsent.discard(id_)
             if task.cancelled():
                 continue  # the client cancelled it: neither forwarded nor answered
             sent = task.result()
+            if "method" in sent and id_ not in self._pending:
+                continue  # a kill switch stopped it while the others were decided
             (forward if "method" in sent else answers).append(sent)
         ids = {m["id"] for m in forward if "method" in m and "id" in m}
         if forward and ids and answers:
             self._batches.append(_Batch(ids, answers))
             answers = []
-        if forward:
+        if len(forward) == 1:
+            # Sent on its own, so a server of a revision without batches (2025-06-18
+            # removed them) still runs it; its answer is merged with Warden's.
+            await self._to_child(forward[0])
+        elif forward:
             await self._to_child(forward)
         if answers:
             self._to_client(answers)
@@ -375,8 +394,11 @@ class StdioDoor:
         try:
             value = loads(line)
         except (ValueError, UnicodeDecodeError):
-            # Not ours to judge: the client's SDK reports the server's bad output.
-            self._write(line if line.endswith(b"\n") else line + b"\n")
+            # MCP servers write nothing but messages to stdout. A line Warden
+            # cannot read may still be read by a lenient client, as a tool result
+            # no one recorded or a tool list no one filtered: it goes no further.
+            log.warning("mcp server wrote a non-JSON-RPC line (%d bytes); dropped", len(line))
+            metrics.child(metrics.MCP_DROPPED, "unreadable").inc()
             return
         if isinstance(value, list):
             kept = [
@@ -389,7 +411,12 @@ class StdioDoor:
         elif not isinstance(value, dict):
             self._to_client(value)
         elif self._answer(value):
-            self._to_client(await self._listed(value))
+            answer = await self._listed(value)
+            if "method" in value:  # the server's own request or notification
+                self._to_client(answer)
+                return
+            merged = self._merge([answer])  # the lone member of a batch the client sent
+            self._to_client(merged if len(merged) > 1 else answer)
 
     async def _listed(self, response: dict[str, Any]) -> Any:
         """A ``tools/list`` answer without the tools the policy denies this agent in every case."""
@@ -410,17 +437,30 @@ class StdioDoor:
         return "method" in item or self._settle(item)
 
     def _settle(self, response: dict[str, Any]) -> bool:
-        """Record the answer to an allowed call; False when it must not reach the client."""
+        """Record the answer to an allowed call; False when it must not reach the client.
+
+        Only answers to requests the child was sent reach the client: one under
+        any other id (a call still being decided or held, a denied one, an id
+        never used) would read as the result of a call Warden did not let run.
+        """
         id_ = response.get("id")
         if not isinstance(id_, str | int) or isinstance(id_, bool):
+            return True  # an error for a request the child could not read (id null)
+        if id_ in self._asked:
+            self._asked.discard(id_)
             return True
-        self._asked.discard(id_)
+        if id_ in self._listing:
+            return True  # filtered by _listed
         if id_ in self._killed:
             # The client already got Warden's answer when a kill switch stopped the call.
             self._killed.discard(id_)
             return False
         pending = self._pending.pop(id_, None)
-        if pending is None or self._core is None:
+        if pending is None:
+            log.warning("mcp server answered id %r, which it was never sent; dropped", id_)
+            metrics.child(metrics.MCP_DROPPED, "unasked").inc()
+            return False
+        if self._core is None:
             return True
         latency = (time.perf_counter() - pending.started) * 1000
         outcome = mcp.result_outcome(response, latency)
@@ -441,6 +481,18 @@ class StdioDoor:
 
     async def _stop_call(self, id_: str | int, pending: _Pending, switch: KillSwitch) -> None:
         del self._pending[id_]
+        if id_ in self._unsent:
+            # Allowed in a batch still being decided: it never reaches the child.
+            decision_id = pending.decision.decision_id
+            stopped = mcp.stopped_result(
+                id_, pending.action.tool, switch.message, decision_id, sent=False
+            )
+            self._to_client(stopped)
+            if self._core is not None:
+                # Trusted: Warden knows the tool never ran, so its reservation goes back.
+                outcome = Outcome(error="killed", result=switch.message, is_error=True)
+                self._core.outcome(pending.action, pending.decision, outcome, trusted=True)
+            return
         self._killed.add(id_)
         tool = pending.action.tool
         text = (

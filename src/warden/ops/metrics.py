@@ -30,6 +30,7 @@ __all__ = [
     "ERRORS",
     "IDENTITY_FAILURES",
     "INFLIGHT",
+    "MCP_DROPPED",
     "MCP_TOOLS_HIDDEN",
     "POLICY_WORKER_RESTARTS",
     "QUALITY_ADDED_LATENCY_P95",
@@ -107,6 +108,12 @@ AMBIGUOUS_CALL_IDS = Counter(
     "warden_ambiguous_call_ids_total",
     "Tool call ids seen more than once, so their results are not linked to a decision.",
     ["upstream"],
+)
+MCP_DROPPED = Counter(
+    "warden_mcp_dropped_total",
+    "Messages from an MCP server over stdio that Warden did not pass to the client: "
+    "answers under an id the server was never sent, lines that are not JSON-RPC.",
+    ["reason"],
 )
 MCP_TOOLS_HIDDEN = Counter(
     "warden_mcp_tools_hidden_total",

@@ -152,8 +152,16 @@ def parse(data: bytes | str) -> Payload:
     return Payload((_message(value, 0),), False)
 
 
+MAX_SAFE_ID: Final = 2**53 - 1
+"""Integer ids beyond this are refused: a server reading JSON numbers as doubles (JavaScript's
+``JSON.parse``) sees 2**53 and 2**53 + 1 as one id, and would answer a bogus request under a
+tool call's id (a trusted failure that releases the call's budget reservation)."""
+
+
 def _valid_id(value: object) -> JsonId:
-    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_SAFE_ID:
         return value
     return None
 
@@ -204,6 +212,11 @@ def _message(value: object, index: int) -> Message:
     if not isinstance(name, str) or not name:
         return Message(None, error_response(id_, INVALID_PARAMS, "Invalid params: tool name"))
     assert isinstance(params, dict)
+    if "task" in params:
+        # A task-augmented call is answered at once and runs on: no kill switch could stop
+        # it and its result (fetched later by tasks/result) would never be recorded.
+        why = "Invalid params: Warden does not relay task-augmented tool calls; call without task"
+        return Message(None, error_response(id_, INVALID_PARAMS, why))
     raw, arguments = parse_arguments(params.get("arguments", {}))
     call = ToolCall(
         call_id=str(id_),
@@ -347,12 +360,18 @@ def cancelled_notification(id_: str | int, reason: str) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params}
 
 
-def stopped_result(id_: JsonId, tool: str | None, reason: str, decision_id: str) -> dict[str, Any]:
-    """The answer to an allowed call a kill switch stopped while it ran (``isError``)."""
-    text = (
-        f"[Warden] stopped the tool call `{tool}` while it ran; it may or may not have "
-        f"completed. Reason: {reason}. (decision {decision_id})"
-    )
+def stopped_result(
+    id_: JsonId, tool: str | None, reason: str, decision_id: str, *, sent: bool = True
+) -> dict[str, Any]:
+    """The answer to an allowed call a kill switch stopped (``isError``).
+
+    ``sent``: the call had reached the server, so it may have completed.
+    """
+    if sent:
+        what = f"stopped the tool call `{tool}` while it ran; it may or may not have completed"
+    else:
+        what = f"stopped the tool call `{tool}` before it was sent; it was not performed"
+    text = f"[Warden] {what}. Reason: {reason}. (decision {decision_id})"
     return {
         "jsonrpc": "2.0",
         "id": id_,

@@ -21,16 +21,19 @@ import aiohttp
 import httpx2
 import orjson
 import pytest
+from aiohttp import web
 from mcp import types
 from mcp.client.context import ClientRequestContext
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 from tests.functional.conftest import audit_records, make_config
 from warden import tasks
 from warden.config import Config
 from warden.ingress.door_mark import VIA_HEADER, mark
 from warden.server import Warden
+from warden.testing._server import LoopbackServer
 from warden.testing.mcp_server import StreamableHttpServer, read_call_log
 
 pytestmark = pytest.mark.timeout(90)
@@ -426,6 +429,32 @@ async def test_server_to_client_request_passes_both_ways(
     assert tools_called(tmp_path) == ["confirm_with_user"]
 
 
+async def test_a_sampling_answer_that_proposes_tool_calls_never_reaches_the_server(
+    tmp_path: Path, server: StreamableHttpServer
+) -> None:
+    # The server runs the tool_use blocks of the client's sampling answer itself:
+    # a tool call Warden would pass undecided. The server gets an error instead.
+    async def model(
+        context: ClientRequestContext, params: types.CreateMessageRequestParams
+    ) -> types.CreateMessageResultWithTools:
+        assert params.tools is not None
+        refund = {"order_id": "A-1001", "amount": 5000}
+        use = types.ToolUseContent(id="toolu_1", name="issue_refund", input=refund)
+        return types.CreateMessageResultWithTools(
+            role="assistant", content=[use], model="m", stop_reason="toolUse"
+        )
+
+    tools = types.SamplingCapability(tools=types.SamplingToolsCapability())
+    async with (
+        Warden(config(tmp_path, server.url, policy=leads_only(tmp_path))) as warden,
+        connect(warden, sampling_callback=model, sampling_capabilities=tools) as session,
+    ):
+        # The server's sampling request fails with Warden's error, and so does its tool.
+        with pytest.raises(MCPError, match="does not govern tool use in sampling"):
+            await session.call_tool("triage_with_model", {"request": "refund A-1001"})
+    assert tools_called(tmp_path) == []
+
+
 async def post(
     http: aiohttp.ClientSession, url: str, body: Any, headers: dict[str, str] | None = None
 ) -> tuple[int, dict[str, str], bytes]:
@@ -660,3 +689,39 @@ async def test_kill_switch_stops_a_call_in_flight(tmp_path: Path) -> None:
     assert len(outcomes) == 1
     assert "killed" in orjson.dumps(outcomes[0]).decode()
     await verify_audit(tmp_path)
+
+
+class Recording(LoopbackServer):
+    """An MCP endpoint that keeps the bytes of every POST and answers each with ``{}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[bytes] = []
+
+    def _routes(self, app: web.Application) -> None:
+        app.router.add_post("/{tail:.*}", self._post)
+
+    async def _post(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.bodies.append(body)
+        return web.json_response({"jsonrpc": "2.0", "id": orjson.loads(body)["id"], "result": {}})
+
+
+async def test_the_server_gets_the_message_as_warden_read_it(tmp_path: Path) -> None:
+    # "method" given twice: read here as its last value (ping). A server whose parser
+    # keeps the first would run a tools/call Warden never decided, were the bytes sent on.
+    twice = (
+        b'{"jsonrpc": "2.0", "id": 9, "method": "tools/call",'
+        b' "params": {"name": "issue_refund", "arguments": {"order_id": "A-1", "amount": 900}},'
+        b' "method": "ping"}'
+    )
+    async with (
+        Recording() as upstream,
+        Warden(config(tmp_path, upstream.url)) as warden,
+        aiohttp.ClientSession() as http,
+    ):
+        status, _, _ = await post(http, f"{warden.proxy_url}/{UPSTREAM}", twice)
+    assert status == 200
+    (sent,) = upstream.bodies
+    assert sent.count(b'"method"') == 1
+    assert orjson.loads(sent)["method"] == "ping"

@@ -210,7 +210,11 @@ class McpHttp:
                 return await self._call(request, exchange, upstream, message)
             assert message.body is not None
             self._expect(exchange, message)
-            return await self._forward(request, exchange, upstream, body, answers=[])
+            # The message as Warden read it, not as sent: a key given twice
+            # ("method" twice) is read as its last value here, and maybe as its
+            # first by the server. (A refused sampling answer is Warden's error.)
+            sent = dumps(message.body).encode()
+            return await self._forward(request, exchange, upstream, sent, answers=[])
         return await self._batch(request, exchange, upstream, payload)
 
     async def _batch(

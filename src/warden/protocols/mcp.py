@@ -166,6 +166,44 @@ def _valid_id(value: object) -> JsonId:
     return None
 
 
+_INTERNAL_ERROR: Final = -32603
+_SAMPLING_TOOLS: Final = (
+    "Warden did not relay the client's answer: it proposes tool calls (tool_use), which "
+    "this server would run with no decision; Warden does not govern tool use in sampling"
+)
+
+
+def _proposes_tool_use(result: object) -> bool:
+    """Whether a client's answer carries ``tool_use`` content (sampling with tools).
+
+    The server runs those calls itself, so the answer is a tool call Warden
+    would pass undecided: it goes to the server as an error instead. Keys are
+    compared case-blind, as a Go server binds them.
+    """
+    if not isinstance(result, dict):
+        return False
+    for key, content in result.items():
+        if not (isinstance(key, str) and key.casefold() == "content"):
+            continue
+        for item in content if isinstance(content, list) else [content]:
+            if isinstance(item, dict) and any(
+                isinstance(k, str) and k.casefold() == "type" and v == "tool_use"
+                for k, v in item.items()
+            ):
+                return True
+    return False
+
+
+def _client_answer(value: dict[str, Any], id_: JsonId) -> Message:
+    """A response to a request the server made (sampling, elicitation, roots)."""
+    if id_ is None or ("result" in value) == ("error" in value):
+        return Message(None, error_response(id_, INVALID_REQUEST, "Invalid Request"))
+    if _proposes_tool_use(value.get("result")):
+        # Sent to the server in the answer's place; the client is told nothing.
+        return Message(error_response(id_, _INTERNAL_ERROR, _SAMPLING_TOOLS))
+    return Message(value)
+
+
 def _spelled_apart(obj: Mapping[str, Any], fields: frozenset[str]) -> bool:
     """No two keys equal but for case, and none a case variant of one of ``fields``.
 
@@ -191,10 +229,7 @@ def _message(value: object, index: int) -> Message:
         return Message(None, error_response(None, INVALID_REQUEST, "Invalid Request: bad id"))
     method = value.get("method")
     if method is None:
-        # A response to a request the server made (sampling, elicitation, roots).
-        if has_id and (("result" in value) != ("error" in value)):
-            return Message(value)
-        return Message(None, error_response(id_, INVALID_REQUEST, "Invalid Request"))
+        return _client_answer(value, id_ if has_id else None)
     if not isinstance(method, str) or "result" in value or "error" in value:
         return Message(None, error_response(id_, INVALID_REQUEST, "Invalid Request"))
     params = value.get("params")

@@ -4,7 +4,9 @@ It serves the customer-support tools of :mod:`warden.testing.mock_tools`
 (search_kb, get_order, issue_refund, close_account) with the same data and
 semantics, through the SDK's ``MCPServer`` (FastMCP before mcp 2), and
 ``confirm_with_user``, which asks the client (an elicitation: a request from
-server to client) before it answers. Run it over stdio with::
+server to client) before it answers, and ``triage_with_model``, which asks the
+client's model (sampling, with tools) and runs the tool calls it answers with.
+Run it over stdio with::
 
     python -m warden.testing.mcp_server --call-log calls.jsonl
 
@@ -26,6 +28,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+import warnings
 from collections.abc import Generator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +36,7 @@ from typing import Any, Self
 
 import orjson
 import uvicorn
+from mcp import types
 from mcp.server.mcpserver import AcceptedElicitation, Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel
@@ -47,6 +51,14 @@ class Confirmation(BaseModel):
     """What ``confirm_with_user`` asks the client for."""
 
     confirm: bool
+
+
+_SAMPLING_TOOLS: dict[str, dict[str, Any]] = {
+    "issue_refund": {
+        "type": "object",
+        "properties": {"order_id": {"type": "string"}, "amount": {"type": "number"}},
+    },
+}
 
 
 def build_server(call_log: Path | None = None, delay_s: float = 0.0) -> MCPServer[Any]:
@@ -95,6 +107,23 @@ def build_server(call_log: Path | None = None, delay_s: float = 0.0) -> MCPServe
         answer = await ctx.elicit(f"Go ahead with: {action}?", Confirmation)
         confirmed = isinstance(answer, AcceptedElicitation) and answer.data.confirm
         return {"action": action, "answer": answer.action, "confirmed": confirmed}
+
+    @server.tool(description="Let the client's model pick a support tool, and run it (sampling).")
+    async def triage_with_model(request: str, ctx: Context) -> dict[str, Any]:
+        offered = [
+            types.Tool(name=name, description=TOOLS[name].description, input_schema=schema)
+            for name, schema in _SAMPLING_TOOLS.items()
+        ]
+        message = types.SamplingMessage(role="user", content=types.TextContent(text=request))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sampling is deprecated (MCP 2026-07-28)
+            answer = await ctx.session.create_message([message], max_tokens=200, tools=offered)
+        content = answer.content if isinstance(answer.content, list) else [answer.content]
+        ran = []
+        for block in content:
+            if isinstance(block, types.ToolUseContent):  # the model's choice, run here
+                ran.append(await run(block.name, block.input))
+        return {"ran": ran}
 
     return server
 

@@ -28,6 +28,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
@@ -66,6 +67,7 @@ _MODES = {pb.MODE_ENFORCE: Mode.ENFORCE, pb.MODE_OBSERVE: Mode.OBSERVE}
 Metadata = tuple[tuple[str, str], ...]
 
 _SESSION: ContextVar[str] = ContextVar("warden_session", default="")
+_CODE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 @contextlib.contextmanager
@@ -793,10 +795,12 @@ def _outcome(
     verdict: Verdict, started: float, exc: BaseException | None, result: Any
 ) -> dict[str, Any]:
     if exc is not None:
+        name = type(exc).__name__
         return {
             "result": str(exc),
             "is_error": True,
-            "error": type(exc).__name__,
+            # A code, as ReportOutcome takes it (the message goes in result, sealed).
+            "error": name if _CODE.fullmatch(name) else "exception",
             "latency_ms": _ms(started),
         }
     return {"result": _result_text(result), "latency_ms": _ms(started)}

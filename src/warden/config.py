@@ -787,6 +787,11 @@ class GrpcConfig(_Section):
     tls: GrpcTlsConfig | None = None
     max_message_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
     reflection: bool = True
+    outcome_reporters: dict[str, list[str]] = Field(default_factory=dict)
+    """Tool runners whose ``ReportOutcome`` is trusted: a proven agent id to the agents
+    whose decisions it reports on (``{"tool-runner": ["refunds-bot"]}``). The agent's
+    own report is its word, as through the base URL: a failure it reports releases
+    nothing unless ``budgets.trust_agent_results``."""
 
 
 class ExtAuthzConfig(_Section):

@@ -61,6 +61,8 @@ decision := {"effect": "deny", "reason": "bulk export of customer data is never 
 
 ADMIN, APPROVER, VIEWER = "admin-token-1", "approver-token-1", "viewer-token-1"
 AGENT_KEY = "refunds-bot-key-1"
+RUNNER_KEY = "tool-runner-key-1"
+RUNNER = (("x-warden-agent", "tool-runner"), ("x-warden-agent-key", RUNNER_KEY))
 CAP = {"name": "refunds", "tool": "issue_refund", "value": "amount", "limit": 100}
 
 
@@ -82,7 +84,14 @@ def grpc_config(tmp_path: Path, **overrides: Any) -> Any:
                 {"subject": "vic", "roles": ["viewer"], "sha256": _sha(VIEWER)},
             ]
         },
-        "identity": {"agents": {"refunds-bot": {"key_sha256": [_sha(AGENT_KEY)]}}},
+        "identity": {
+            "agents": {
+                "refunds-bot": {"key_sha256": [_sha(AGENT_KEY)]},
+                "tool-runner": {"key_sha256": [_sha(RUNNER_KEY)]},
+            }
+        },
+        # The tool runner's reports on the sidecar's own agent are trusted.
+        "grpc": {"outcome_reporters": {"tool-runner": ["support-triage"]}},
         **overrides,
     }
     return make_config(tmp_path, "http://127.0.0.1:9", **settings)
@@ -289,7 +298,7 @@ async def test_a_waiting_check_past_its_deadline_leaves_the_approval_pending(
 # -- ReportOutcome -------------------------------------------------------------------------
 
 
-async def test_report_outcome_settles_a_cap_as_a_trusted_outcome(
+async def test_a_trusted_runners_report_settles_a_cap(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Cap 100 a day: a refund the tool failed releases its 60; one it made counts.
@@ -303,18 +312,22 @@ async def test_report_outcome_settles_a_cap_as_a_trusted_outcome(
         await stub.ReportOutcome(
             pb.ReportOutcomeRequest(
                 decision_id=failed.decision_id, result="already refunded", is_error=True
-            )
+            ),
+            metadata=RUNNER,
         )
         await w.core.background.drain()
         made = await stub.Check(check_request("issue_refund", amount=60, order_id="A-5"))
         await stub.ReportOutcome(
-            pb.ReportOutcomeRequest(decision_id=made.decision_id, result='{"refund_id": "rf_1"}')
+            pb.ReportOutcomeRequest(decision_id=made.decision_id, result='{"refund_id": "rf_1"}'),
+            metadata=RUNNER,
         )
         await w.core.background.drain()
         over = await stub.Check(check_request("issue_refund", amount=60, order_id="A-6"))
         # Reported once; an unknown id is not found; another agent may not report.
         twice = await status_of(
-            stub.ReportOutcome(pb.ReportOutcomeRequest(decision_id=made.decision_id))
+            stub.ReportOutcome(
+                pb.ReportOutcomeRequest(decision_id=made.decision_id), metadata=RUNNER
+            )
         )
         other = await stub.Check(
             check_request("issue_refund", amount=1, order_id="A-7"),
@@ -334,6 +347,38 @@ async def test_report_outcome_settles_a_cap_as_a_trusted_outcome(
     verify(tmp_path, capsys)
 
 
+async def test_the_agents_own_report_is_its_word_and_releases_nothing(
+    tmp_path: Path,
+) -> None:
+    # The agent reporting its own refund failed must not win back its cap: the
+    # refund may well have been made. Only a trusted runner's report releases.
+    async with (
+        Warden(grpc_config(tmp_path, budgets={"caps": [CAP]})) as w,
+        grpc.aio.insecure_channel(w.grpc_address) as ch,
+    ):
+        assert w.core is not None
+        stub: Any = pb_grpc.GovernanceStub(ch)
+        first = await stub.Check(check_request("issue_refund", amount=60, order_id="A-1"))
+        said = pb.ReportOutcomeRequest(decision_id=first.decision_id, result="x", is_error=True)
+        await stub.ReportOutcome(said)
+        await w.core.background.drain()
+        second = await stub.Check(check_request("issue_refund", amount=60, order_id="A-2"))
+        small = await stub.Check(check_request("issue_refund", amount=10, order_id="A-3"))
+        # A free-text error is refused (it would be stored unsealed); a code is taken.
+        wordy = pb.ReportOutcomeRequest(
+            decision_id=small.decision_id, error="no refund for jane@example.com"
+        )
+        refused = await status_of(stub.ReportOutcome(wordy))
+        coded = pb.ReportOutcomeRequest(decision_id=small.decision_id, error="order_not_found")
+        await stub.ReportOutcome(coded)
+    assert first.effect == pb.EFFECT_ALLOW
+    assert (second.effect, second.guard) == (pb.EFFECT_DENY, "budget")
+    assert small.effect == pb.EFFECT_ALLOW
+    assert refused[0] is grpc.StatusCode.INVALID_ARGUMENT
+    outcomes = {r["decision_id"]: r["outcome"] for r in records_of(tmp_path, "outcome")}
+    assert outcomes[first.decision_id]["is_error"] is True  # recorded all the same
+
+
 async def test_an_outcome_reported_after_a_restart_still_finds_its_decision(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -350,13 +395,16 @@ async def test_an_outcome_reported_after_a_restart_still_finds_its_decision(
         # The 70 still counts against the cap of 100 across the restart ...
         before = await stub.Check(check_request("issue_refund", amount=50, order_id="A-S"))
         await stub.ReportOutcome(
-            pb.ReportOutcomeRequest(decision_id=held.decision_id, result="declined", is_error=True)
+            pb.ReportOutcomeRequest(decision_id=held.decision_id, result="declined", is_error=True),
+            metadata=RUNNER,
         )
         await w.core.background.drain()
         # ... until the runner reports the refund failed, which releases it.
         after = await stub.Check(check_request("issue_refund", amount=50, order_id="A-T"))
         again = await status_of(
-            stub.ReportOutcome(pb.ReportOutcomeRequest(decision_id=held.decision_id))
+            stub.ReportOutcome(
+                pb.ReportOutcomeRequest(decision_id=held.decision_id), metadata=RUNNER
+            )
         )
     assert (before.effect, before.guard) == (pb.EFFECT_DENY, "budget")
     assert after.effect == pb.EFFECT_ALLOW

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -135,6 +136,10 @@ class GovernanceService:
         self._servicer.closing.set()
 
 
+_ERROR_CODE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+"""What ``ReportOutcomeRequest.error`` may hold: a code, stored unsealed (and indexed)."""
+
+
 def _metadata(context: Context[Any, Any]) -> CIMultiDict[str]:
     """The call's metadata as case-insensitive headers; binary (``-bin``) values are skipped."""
     out: CIMultiDict[str] = CIMultiDict()
@@ -166,6 +171,7 @@ class _Servicer(pb_grpc.GovernanceServicer):
         self._records = records
         self._auth = auth
         self._identity = Identity(config)
+        self._reporters = {r: frozenset(a) for r, a in config.grpc.outcome_reporters.items()}
         self.closing = asyncio.Event()
 
     # -- who is asking -----------------------------------------------------------
@@ -261,13 +267,25 @@ class _Servicer(pb_grpc.GovernanceServicer):
                 f"no allowed decision {request.decision_id!r} awaits an outcome "
                 "(unknown, already reported, or older than a day)",
             )
-        if allowed.action.agent.id != agent.id:
+        owner = allowed.action.agent.id
+        # A runner named for the agent is trusted: its failure releases caps. The
+        # agent's own report is its word (budgets.trust_agent_results decides).
+        trusted = owner in self._reporters.get(agent.id, ())
+        if owner != agent.id and not trusted:
             links.link(key, allowed)  # still the other agent's to report
             await _abort(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"decision {request.decision_id} is agent {allowed.action.agent.id!r}'s, "
-                f"not {agent.id!r}'s",
+                f"decision {request.decision_id} is agent {owner!r}'s, not {agent.id!r}'s, "
+                "and grpc.outcome_reporters does not name it a runner for that agent",
+            )
+        if request.error and not _ERROR_CODE.fullmatch(request.error):
+            links.link(key, allowed)
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "error must be a short code ([A-Za-z0-9_.:-], at most 64 characters); "
+                "put the details in result, which is sealed with the customer's key",
             )
         outcome = Outcome(
             result=request.result,
@@ -275,8 +293,7 @@ class _Servicer(pb_grpc.GovernanceServicer):
             error=request.error or None,
             latency_ms=request.latency_ms,
         )
-        # Reported by the runner that executed the tool: trusted, so a failure releases caps.
-        self._core.outcome(allowed.action, allowed.decision_id, outcome, trusted=True)
+        self._core.outcome(allowed.action, allowed.decision_id, outcome, trusted=trusted)
         return pb.ReportOutcomeResponse()
 
     # -- approvals ---------------------------------------------------------------

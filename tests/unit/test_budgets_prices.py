@@ -22,6 +22,19 @@ def test_shipped_table_prices_known_models_and_dated_snapshots() -> None:
     assert table.lookup("anthropic", "claude-sonnet-4-5-20250929")[1]
 
 
+def test_a_suffix_that_is_not_a_snapshot_is_another_model() -> None:
+    # The agent picks the model: "o3-pro" must not be priced as "o3" (ten times less).
+    table = PriceTable.shipped()
+    assert table.lookup("openai", "o3-pro")[0].output == 80.0
+    assert table.lookup("openai", "o3-pro-2025-06-10")[0].output == 80.0
+    assert table.lookup("openai", "o1-pro")[0].output == 600.0
+    assert table.lookup("openai", "gpt-5-pro-2025-10-06")[0].output == 120.0
+    assert table.lookup("openai", "gpt-3.5-turbo-0125")[1]  # four-digit snapshots keep theirs
+    assert table.lookup("openai", "o3-mini-latest")[1]
+    for model in ("o3-ultra", "gpt-4o-realtime", "gpt-4o-mini-search", "gpt-5-codex-max"):
+        assert table.lookup("openai", model) == (table.default, False), model
+
+
 def test_unknown_models_and_providers_get_the_default() -> None:
     table = PriceTable.shipped()
     assert table.lookup("openai", "gpt-4ox") == (table.default, False)

@@ -11,6 +11,7 @@ counts cached tokens inside its input count (OpenAI), else all input tokens
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -25,6 +26,9 @@ from warden.model import Usage
 __all__ = ["Price", "PriceTable", "Priced"]
 
 _PER = 1_000_000
+_SNAPSHOT = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|latest|preview)")
+"""What may follow a listed name and keep its price: a dated snapshot or an alias of it.
+Anything else is another model (``o3-pro`` costs ten times ``o3``): priced as unknown."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +137,7 @@ class PriceTable:
         if found is not None:
             return found, True
         for name in self._ordered[provider]:
-            if model.startswith(name) and model[len(name)] == "-":
+            if model.startswith(name) and _SNAPSHOT.fullmatch(model, len(name)):
                 return prov.models[name], True
         return self.default, False
 

@@ -722,7 +722,7 @@ class JwtConfig(_Section):
     leeway_s: float = Field(30.0, ge=0, le=300)
     """Clock skew allowed on ``exp``, ``nbf`` and ``iat``."""
     agent_claim: str = Field("sub", min_length=1)
-    """The claim naming the agent; dots walk into objects: ``kubernetes.io.serviceaccount.name``."""
+    """The claim naming the agent; dots walk into objects: ``kubernetes.io.namespace``."""
     agents: dict[str, str] = Field(default_factory=dict)
     """Claim value to agent id. When set, only the values listed here are agents."""
 
@@ -751,6 +751,13 @@ class JwtConfig(_Section):
     def _one_source(self) -> JwtConfig:
         if (self.jwks_file is None) == (self.jwks_url is None):
             raise ValueError("set exactly one of jwks_file and jwks_url")
+        if self.agent_claim.endswith("serviceaccount.name"):
+            # Any namespace can create a service account of that name and mint its token.
+            raise ValueError(
+                "agent_claim: a service account's name is the same in every namespace, so "
+                "any namespace could act as the agent; use sub "
+                "(system:serviceaccount:<namespace>:<name>) mapped in identity.jwt.agents"
+            )
         return self
 
 

@@ -292,12 +292,13 @@ async def test_a_kubernetes_service_account_token_maps_to_an_agent(tmp_path: Pat
         agents={"system:serviceaccount:support:triage": "support-triage"},
     )
     assert (await Identity(by_sub).resolve({AGENT_TOKEN_HEADER: token})).id == "support-triage"
-    by_name = jwt_config(
-        tmp_path, issuer, algorithms=["ES256"], agent_claim="kubernetes.io.serviceaccount.name"
-    )
-    agent = await Identity(by_name).resolve({AGENT_TOKEN_HEADER: token})
-    assert agent.id == "triage"
+    agent = await Identity(by_sub).resolve({AGENT_TOKEN_HEADER: token})
     assert agent.claims["kubernetes.io"]["namespace"] == "support"
+    # A service account's name alone is the same in every namespace: refused.
+    with pytest.raises(ConfigError, match="same in every namespace"):
+        jwt_config(
+            tmp_path, issuer, algorithms=["ES256"], agent_claim="kubernetes.io.serviceaccount.name"
+        )
 
 
 async def test_a_subject_missing_from_the_mapping_is_forbidden(

@@ -329,6 +329,22 @@ async def test_a_failed_upstream_call_costs_nothing(store: StateStore) -> None:
     assert await spent(store, "llm", DAY, "agent:bot") == (0.0, 0.0)
 
 
+async def test_an_answered_call_whose_usage_never_came_is_spent_at_its_estimate(
+    store: StateStore,
+) -> None:
+    # The agent hung up mid-stream (or asked for a background response): the
+    # provider billed it, and the estimate stays spent instead of going back to 0.
+    pipeline, _, _ = build(store, {"llm": {"limit_usd": 1.0, "estimate_usd": 0.25}})
+    call = llm_call()
+    await pipeline.decide(call)
+    await pipeline.outcome(call, "dec", Outcome(status=200, error="client_disconnected"))
+    assert await spent(store, "llm", DAY, "agent:bot") == (0.25, 0.0)
+    refused = llm_call()
+    await pipeline.decide(refused)
+    await pipeline.outcome(refused, "dec", Outcome(status=429, error="upstream_error"))
+    assert await spent(store, "llm", DAY, "agent:bot") == (0.25, 0.0)
+
+
 async def test_fifty_concurrent_actions_against_room_for_ten(store: StateStore) -> None:
     pipeline, _, _ = build(store)
     decisions = await asyncio.gather(

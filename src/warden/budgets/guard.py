@@ -278,8 +278,14 @@ class BudgetGuard:
         # Else decided before a restart, or by another sidecar on the same store:
         # the store settles it if it holds it, and changes nothing if not.
         actual: dict[str, float] | None
-        if action.kind is ActionKind.LLM_CALL:
-            actual = {LLM_COUNTER: cost or 0.0}
+        if action.kind is ActionKind.LLM_CALL and cost is not None:
+            actual = {LLM_COUNTER: cost}
+        elif action.kind is ActionKind.LLM_CALL:
+            # No usage: an error answer (or none) is not billed, but a 2xx whose usage
+            # never came (the agent hung up mid-stream, a background response) was:
+            # spent as held, the estimate, not released to 0.
+            answered = outcome.status is not None and outcome.status < 400
+            actual = None if answered else {LLM_COUNTER: 0.0}
         elif (outcome.is_error or outcome.error) and (trusted or self.config.trust_agent_results):
             actual = {}  # it did not happen: release
         else:

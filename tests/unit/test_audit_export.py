@@ -90,6 +90,7 @@ def test_evidence_package_verifies_offline(root: Path, tmp_path: Path) -> None:
         "records.jsonl",
         "proofs.jsonl",
         "selection.json",
+        "edges.json",
         "changelog.jsonl",
         "activations.jsonl",
         "checkpoint",
@@ -410,3 +411,79 @@ async def test_a_record_the_clock_put_outside_the_period_keeps_the_run_unbroken(
     narrow = tmp_path / "narrow"
     assert export_log(root, narrow, selection=period).records == 2
     assert any("missing from the run" in f for f in verify_package(narrow)[0])
+
+
+async def _hourly_log(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decisions at 08:00, 09:30, 10:00, 10:30 and 11:30, then the closing records."""
+    log = await AuditLog.open(AuditConfig(dir=str(root), checkpoint_interval_s=3600))
+    hours = ("08:00", "09:30", "10:00", "10:30", "11:30")
+    monkeypatch.setattr(log, "_clock", _Stamps([f"2026-11-26T{t}:00.000000Z" for t in hours]))
+    for i in range(5):
+        await log.record_decision(sample_action(i), sample_decision())
+    monkeypatch.setattr(log, "_clock", _Stamps(["2026-11-26T12:00:00.000000Z"] * 4))
+    await log.close()
+
+
+def _rescope(out: Path, **changes: object) -> None:
+    path = out / "selection.json"
+    path.write_bytes(orjson.dumps({**orjson.loads(path.read_bytes()), **changes}))
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    ["drop the last of the period", "drop the edges", "no end of period", "another period"],
+)
+async def test_a_package_proves_its_period_has_no_record_left_out_at_either_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tamper: str
+) -> None:
+    root = tmp_path / "audit"
+    await _hourly_log(root, monkeypatch)
+    period = Selection(start="2026-11-26T09:00:00.000000Z", end="2026-11-26T11:00:00.000000Z")
+    out = tmp_path / "evidence"
+    assert export_log(root, out, selection=period).records == 3  # 09:30, 10:00, 10:30
+    assert verify_package(out)[0] == []
+    edges = orjson.loads((out / "edges.json").read_bytes())
+    assert [(e["side"], e["seq"]) for e in edges] == [("before", 0), ("after", 4)]
+    if tamper == "drop the last of the period":
+        # Each kept record still proves itself; only the edge after the run gives it away.
+        lines = (out / "records.jsonl").read_bytes().split(b"\n")
+        proofs = (out / "proofs.jsonl").read_bytes().split(b"\n")
+        (out / "records.jsonl").write_bytes(b"\n".join([*lines[:2], b""]))
+        (out / "proofs.jsonl").write_bytes(b"\n".join([*proofs[:2], b""]))
+        _rescope(out, last_seq=2, records=2)
+        why = "record 3, after the run, is not shown to be outside the period"
+    elif tamper == "drop the edges":
+        (out / "edges.json").write_bytes(b"[]")
+        why = "before the run, is not shown to be outside the period"
+    elif tamper == "no end of period":
+        _rescope(out, to=None)
+        why = "names no 'to'"
+    else:
+        _rescope(
+            out, **{"from": "2020-01-01T00:00:00.000000Z", "to": "2020-02-01T00:00:00.000000Z"}
+        )
+        why = "outside the period the package declares"
+    _remanifest(out)
+    failures, _ = verify_package(out)
+    assert any(why in f for f in failures), failures
+
+
+def test_a_package_whose_agent_filter_is_not_an_agent_fails(root: Path, tmp_path: Path) -> None:
+    # Any value but null would turn the unbroken-run check off.
+    out = tmp_path / "evidence"
+    export_log(root, out)
+    _rescope(out, agent=False)
+    _remanifest(out)
+    assert any("neither null nor an agent id" in f for f in verify_package(out)[0])
+
+
+def test_a_whole_log_package_must_reach_the_checkpoint(root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "evidence"
+    export_log(root, out)
+    lines = (out / "records.jsonl").read_bytes().split(b"\n")[:-1]
+    proofs = (out / "proofs.jsonl").read_bytes().split(b"\n")[:-1]
+    (out / "records.jsonl").write_bytes(b"".join(line + b"\n" for line in lines[:-2]))
+    (out / "proofs.jsonl").write_bytes(b"".join(line + b"\n" for line in proofs[:-2]))
+    _rescope(out, last_seq=len(lines) - 3, records=len(lines) - 2)
+    _remanifest(out)
+    assert any("names no 'to'" in f for f in verify_package(out)[0])

@@ -15,9 +15,11 @@ from typing import Any, cast
 import orjson
 import psycopg
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.pg import APP_PASSWORD, PgServer
 from warden.audit.central import CentralError, export_central, index_of, verify_central
+from warden.audit.checkpoint import NoteSigner
 from warden.audit.export import export_log
 from warden.audit.log import AuditLog
 from warden.audit.segments import LogDamaged
@@ -307,6 +309,10 @@ async def test_export_from_the_store_matches_an_export_from_the_directory(
     assert (tmp_path / "out.csv").read_bytes() == (tmp_path / "local.csv").read_bytes()
     with pytest.raises(CentralError, match="no log"):
         await export_central(ship_target(config), tmp_path / "x", log_id="nope")
+    # A key of another log is refused, never quietly replaced by the stored one.
+    stranger = NoteSigner("warden.local/audit/other", Ed25519PrivateKey.generate()).verifier
+    with pytest.raises(CentralError, match="export refused"):
+        await export_central(ship_target(config), tmp_path / "y", verifier=stranger)
     first = orjson.loads(next(iter_records(closed_log))[1])
     assert first["id"].startswith("rec_" + log.log_id.rsplit("/", 1)[1])
 

@@ -421,6 +421,13 @@ async def export_central(
             if not matching:
                 raise CentralError(f"the store holds no log {log_id!r}")
             (log,) = matching
+        if verifier is not None and verifier.name != log.log_id:
+            # Exporting with the stored key instead would hand over a package that
+            # looks checked with the operator's key and was not.
+            raise CentralError(
+                f"log {log.log_id}: --key is the verifier key of {verifier.name!r}, not of "
+                "this log; export refused"
+            )
         key, _ = _verifier_for(log, verifier)
         with tempfile.TemporaryDirectory(prefix="warden-central-") as tmp:
             root = Path(tmp) / "log"

@@ -129,6 +129,9 @@ class _Loaded:
     """Every change-management record of the log (see :mod:`warden.audit.changelog`)."""
     links: dict[int, DecisionLink] = field(default_factory=dict)
     """The activation in force for each selected decision, by sequence number."""
+    edges: tuple[tuple[int, bytes] | None, tuple[int, bytes] | None] = (None, None)
+    """The records just before and just after the selected run (unfiltered selections):
+    outside the period, they prove no record of it was left out at either end."""
 
 
 class _Between:
@@ -178,6 +181,9 @@ def _load(root: Path, selection: Selection, verifier: NoteVerifier | None) -> _L
     changes = ChangeLog()
     links: dict[int, DecisionLink] = {}
     between = _Between(bridging=selection.agent is None)
+    previous: tuple[int, bytes] | None = None
+    before: tuple[int, bytes] | None = None
+    after: tuple[int, bytes] | None = None
     for seq, payload in iter_records(root):
         tree.append(leaf_hash(payload))
         record = orjson.loads(payload)
@@ -186,8 +192,14 @@ def _load(root: Path, selection: Selection, verifier: NoteVerifier | None) -> _L
         if not selection.matches(record):
             if selected and seq < size:
                 between.hold((seq, payload, record))
+                after = after or (seq, payload)
+            previous = (seq, payload)
             continue
         if seq < size:
+            if not selected:
+                before = previous
+            after = None
+            previous = (seq, payload)
             for entry in (*between.take(), (seq, payload, record)):
                 selected.append(entry)
                 link = changes.link(entry[2])
@@ -195,7 +207,8 @@ def _load(root: Path, selection: Selection, verifier: NoteVerifier | None) -> _L
                     links[entry[0]] = link
         else:
             uncovered += 1
-    return _Loaded(tree, checkpoint, notes[size], notes, selected, uncovered, changes, links)
+    edges = (before, after) if selection.agent is None and selected else (None, None)
+    return _Loaded(tree, checkpoint, notes[size], notes, selected, uncovered, changes, links, edges)
 
 
 def export_log(
@@ -274,6 +287,18 @@ def _write_package(root: Path, out: Path, selection: Selection, loaded: _Loaded)
         "records": len(seqs),
     }
     (out / "selection.json").write_bytes(orjson.dumps(scope, option=orjson.OPT_INDENT_2))
+    edges = [
+        {
+            "side": side,
+            "seq": seq,
+            "record": _b64(payload),
+            "proof": [_b64(p) for p in tree.inclusion_proof(seq, size)],
+        }
+        for side, edge in zip(("before", "after"), loaded.edges, strict=True)
+        if edge is not None
+        for seq, payload in [edge]
+    ]
+    (out / "edges.json").write_bytes(orjson.dumps(edges, option=orjson.OPT_INDENT_2))
     (out / "verify_evidence.py").write_bytes(_STANDALONE.read_bytes())
     (out / "SUMMARY.md").write_text(_summary(selection, loaded, verifier), encoding="utf-8")
     (out / "VERIFY.md").write_text(_instructions(loaded), encoding="utf-8")

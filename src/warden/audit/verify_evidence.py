@@ -306,6 +306,7 @@ def _check_records(pkg: Path, size: int, root: bytes, report: _Report) -> int:
     previous: tuple[int, str] | None = None
     count = 0
     seqs: list[int] = []
+    ends: list[dict[str, object]] = []  # the first record, then the last
     for line, proof_line in zip(records[:-1], proofs[:-1], strict=True):
         proof = json.loads(proof_line)
         record = json.loads(line)
@@ -328,22 +329,103 @@ def _check_records(pkg: Path, size: int, root: bytes, report: _Report) -> int:
             report.fail(f"record {seq}: its prev hash does not match record {seq - 1}")
         previous = (seq, leaf.hex())
         count += 1
+        ends[min(len(ends), 1) :] = [record]
     if scope is not None:
-        declared = (scope.get("first_seq"), scope.get("last_seq"), scope.get("records"))
-        found = (seqs[0] if seqs else None, seqs[-1] if seqs else None, len(seqs))
-        if declared != found:
-            report.fail(f"selection.json declares records {declared}, the package holds {found}")
+        _check_scope(pkg, scope, seqs, ends, report, size=size, root=root)
         if not whole_run:
             report.notes.append(
                 f"filtered to agent {scope['agent']!r}: that no record of it was left out "
                 "cannot be proven offline (other agents' records are not in the package)"
             )
-        span = f"records {found[0]}..{found[1]}" if seqs else "no records"
+        span = f"records {seqs[0]}..{seqs[-1]}" if seqs else "no records"
         report.notes.append(
             f"the package covers {span} for the period {scope.get('from') or 'start'} to "
             f"{scope.get('to') or 'end'}: check that it is the period you asked for"
         )
     return count
+
+
+def _in_period(record: dict[str, object], scope: dict[str, object]) -> bool:
+    when, start, end = record.get("time"), scope.get("from"), scope.get("to")
+    if not isinstance(when, str):
+        return False
+    return not (isinstance(start, str) and when < start) and not (
+        isinstance(end, str) and when >= end
+    )
+
+
+def _check_scope(
+    pkg: Path,
+    scope: dict[str, object],
+    seqs: list[int],
+    ends: list[dict[str, object]],
+    report: _Report,
+    *,
+    size: int,
+    root: bytes,
+) -> None:
+    """``selection.json`` against the records: the run, the filter, the period and its edges."""
+    declared = (scope.get("first_seq"), scope.get("last_seq"), scope.get("records"))
+    found = (seqs[0] if seqs else None, seqs[-1] if seqs else None, len(seqs))
+    if declared != found:
+        report.fail(f"selection.json declares records {declared}, the package holds {found}")
+    agent = scope.get("agent")
+    if agent is not None and (not isinstance(agent, str) or not agent):
+        report.fail("selection.json: agent is neither null nor an agent id")
+    for record in ends:
+        if not _in_period(record, scope):
+            report.fail(
+                f"record {record.get('seq')} is dated {record.get('time')!r}, outside "
+                "the period the package declares"
+            )
+    if agent is None and seqs:
+        _check_edges(pkg, scope, (seqs[0], seqs[-1]), report, size=size, root=root)
+
+
+def _check_edges(
+    pkg: Path,
+    scope: dict[str, object],
+    run: tuple[int, int],
+    report: _Report,
+    *,
+    size: int,
+    root: bytes,
+) -> None:
+    """An unfiltered run must reach both ends of the period: nothing left out at either end.
+
+    The run starts at record 0, or the record before it (in ``edges.json``, proven
+    in the signed tree) falls outside the period; likewise after its end, up to
+    the checkpoint's size. Assumes record times do not go back (a clock stepped
+    back could place a later record of the period after that edge).
+    """
+    path = pkg / "edges.json"
+    edges: dict[str, tuple[int, dict[str, object]]] = {}
+    for edge in json.loads(path.read_text(encoding="utf-8")) if path.exists() else []:
+        payload = base64.b64decode(edge["record"])
+        proof = [base64.b64decode(p) for p in edge["proof"]]
+        leaf = hashlib.sha256(b"\x00" + payload).digest()
+        record = json.loads(payload)
+        if record.get("seq") != edge["seq"] or not verify_inclusion(
+            leaf, edge["seq"], size, proof, root
+        ):
+            report.fail(f"edges.json: record {edge['seq']} is not proven in the signed tree")
+            continue
+        edges[str(edge["side"])] = (edge["seq"], record)
+    first, last = run
+    for side, needed, bound in (("before", first - 1, "from"), ("after", last + 1, "to")):
+        if needed < 0 or needed >= size:
+            continue  # the run reaches the start of the log, or the checkpoint's size
+        edge = edges.get(side)
+        if scope.get(bound) is None:
+            report.fail(
+                f"the run of records ends at record {first if side == 'before' else last}, "
+                f"but the package names no {bound!r} for its period: records are missing"
+            )
+        elif edge is None or edge[0] != needed or _in_period(edge[1], scope):
+            report.fail(
+                f"record {needed}, {side} the run, is not shown to be outside the period: "
+                "records of the period may have been left out"
+            )
 
 
 def _scope(pkg: Path, report: _Report) -> dict[str, object] | None:

@@ -393,6 +393,21 @@ async def test_the_customer_comes_from_the_arguments_by_json_pointer(store: Stat
     assert await spent(store, "refunds", DAY, "customer:C-ctx") == (0.0, 0.0)
 
 
+async def test_the_currency_beside_a_nested_value_is_checked(store: StateStore) -> None:
+    # 400 GBP counted as 400 USD would be a cap that holds in the wrong money.
+    pipeline, _, _ = build(store, NESTED)
+    customer = {"customer": "C-7"}
+    for refund in ({"amount": 40, "currency": "GBP"}, {"amount": 40, "currency": {"code": "USD"}}):
+        action = tool("issue_refund", account=customer, refund=refund)
+        decision = await pipeline.decide(action)
+        assert (decision.effect, decision.guard) == (Effect.DENY, "budget"), refund
+        assert "it counts USD" in decision.reason
+    fine = tool("issue_refund", account=customer, refund={"amount": 40, "currency": "usd"})
+    assert (await pipeline.decide(fine)).effect is Effect.ALLOW
+    wrong_top = tool("issue_refund", account=customer, refund={"amount": 1}, currency=7)
+    assert (await pipeline.decide(wrong_top)).effect is Effect.DENY
+
+
 async def test_without_the_argument_the_context_names_the_customer(store: StateStore) -> None:
     pipeline, _, _ = build(store, NESTED)
     action = tool("issue_refund", refund={"amount": 40})

@@ -336,19 +336,10 @@ class BudgetGuard:
         unkeyed: list[CapConfig] = []
         for cap in caps:
             value = _number(_value_of(cap, args))
-            if value is None or value < 0:
-                return self._refuse(
-                    mode,
-                    f"{cap.name} cap: {action.tool}.{cap.value} must be a number of at "
-                    f"least 0 to be counted, so the call cannot be checked",
-                )
-            currency = args.get("currency")
-            if isinstance(currency, str) and currency.upper() != cap.currency.upper():
-                return self._refuse(
-                    mode,
-                    f"{cap.name} cap: it counts {cap.currency}, and this {action.tool} is in "
-                    f"{currency}, so it cannot be checked",
-                )
+            problem = _uncountable(cap, args, value, action.tool)
+            if problem is not None:
+                return self._refuse(mode, problem)
+            assert value is not None
             key = window_key(cap.window, now)
             customer = None
             if "customer" in cap.per:
@@ -532,6 +523,36 @@ def _value_of(cap: CapConfig, args: Mapping[str, Any]) -> Any:
     if cap.value.startswith("/"):
         return pointer_get(args, cap.value)[1]
     return args.get(cap.value)
+
+
+def _uncountable(
+    cap: CapConfig, args: Mapping[str, Any], value: float | None, tool: str | None
+) -> str | None:
+    """Why the call's value cannot be counted against ``cap``, or ``None``."""
+    if value is None or value < 0:
+        return (
+            f"{cap.name} cap: {tool}.{cap.value} must be a number of at least 0 to be "
+            "counted, so the call cannot be checked"
+        )
+    for currency in _currencies(cap, args):
+        if not isinstance(currency, str) or currency.upper() != cap.currency.upper():
+            return (
+                f"{cap.name} cap: it counts {cap.currency}, and this {tool} is in "
+                f"{currency!r}, so it cannot be checked"
+            )
+    return None
+
+
+def _currencies(cap: CapConfig, args: Mapping[str, Any]) -> list[Any]:
+    """The ``currency`` arguments beside the capped value: top-level, and for a pointer,
+    in the object holding the value (``/refund/amount`` -> ``/refund/currency``)."""
+    found = [args["currency"]] if "currency" in args else []
+    if cap.value.startswith("/") and cap.value.count("/") > 1:
+        parent = cap.value.rsplit("/", 1)[0] + "/currency"
+        present, value = pointer_get(args, parent)
+        if present:
+            found.append(value)
+    return found
 
 
 def _number(value: Any) -> float | None:

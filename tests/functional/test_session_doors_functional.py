@@ -18,11 +18,11 @@ import aiohttp
 import grpc.aio
 import pytest
 from aiohttp import web
-from envoy.service.auth.v3 import external_auth_pb2_grpc
 from google.protobuf import struct_pb2
 
 from tests.functional.conftest import audit_records, make_config
 from tests.functional.test_envoy_authz_functional import _request as authz_request
+from tests.functional.test_envoy_authz_functional import _serving as authz_serving
 from warden.client import (
     ApprovalPending,
     AsyncWardenClient,
@@ -33,7 +33,6 @@ from warden.client import (
 )
 from warden.grpc_api.v1 import governance_pb2 as pb
 from warden.grpc_api.v1 import governance_pb2_grpc as pb_grpc
-from warden.ingress.envoy_authz import ExtAuthzService
 from warden.server import Warden
 from warden.testing._server import LoopbackServer
 
@@ -245,26 +244,6 @@ async def test_ext_authz_counts_the_session_the_checked_request_names(tmp_path: 
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "policy.rego").write_text(AUTHZ_POLICY)
-    config = make_config(
-        tmp_path,
-        "http://127.0.0.1:9",
-        policy={"bundles": [str(bundle)]},
-        upstreams={
-            "orders": {
-                "protocol": "http",
-                "base_url": "http://127.0.0.1:9",
-                "routes": [
-                    {
-                        "method": "POST",
-                        "path": "/orders/{order_id}/refunds",
-                        "tool": "issue_refund",
-                        "arguments": {"order_id": "{order_id}", "amount": "/amount"},
-                    }
-                ],
-            }
-        },
-        ext_authz={"upstream": "orders"},
-    )
     body = b'{"amount": 10}'
 
     def refund(session_id: str | None) -> Any:
@@ -273,22 +252,11 @@ async def test_ext_authz_counts_the_session_the_checked_request_names(tmp_path: 
             headers["x-warden-session"] = session_id
         return authz_request("POST", "/orders/A-1/refunds", headers, body)
 
-    async with Warden(config, listeners=False) as warden:
-        assert warden.core is not None
-        service = ExtAuthzService(warden.core, config, approvals=warden._approvals)
-        server = grpc.aio.server()
-        service.add_to(server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-                named = [await stub.Check(refund("conv-1")) for _ in range(3)]
-                fresh = await stub.Check(refund("conv-2"))
-                unnamed = [await stub.Check(refund(None)) for _ in range(3)]
-        finally:
-            await server.stop(None)
-            await service.close()
+    # Envoy's side: xds-protos stubs; the route rule makes each check an issue_refund.
+    async with authz_serving(tmp_path, policy={"bundles": [str(bundle)]}) as stub:
+        named = [await stub.Check(refund("conv-1")) for _ in range(3)]
+        fresh = await stub.Check(refund("conv-2"))
+        unnamed = [await stub.Check(refund(None)) for _ in range(3)]
     assert [r.status.code for r in named] == [GRPC_OK, GRPC_OK, GRPC_PERMISSION_DENIED]
     assert named[2].denied_response.status.code == 429
     assert named[2].denied_response.body == "2 refunds already in conversation conv-1; at most 2"

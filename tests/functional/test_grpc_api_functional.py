@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -298,16 +299,22 @@ async def test_a_waiting_check_past_its_deadline_leaves_the_approval_pending(
 # -- ReportOutcome -------------------------------------------------------------------------
 
 
-async def test_a_trusted_runners_report_settles_a_cap(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # Cap 100 a day: a refund the tool failed releases its 60; one it made counts.
+@asynccontextmanager
+async def capped(tmp_path: Path) -> AsyncIterator[tuple[Warden, Any]]:
+    """A Warden with the refunds cap of 100 a day, and a Governance stub on its listener."""
     async with (
         Warden(grpc_config(tmp_path, budgets={"caps": [CAP]})) as w,
         grpc.aio.insecure_channel(w.grpc_address) as ch,
     ):
+        yield w, pb_grpc.GovernanceStub(ch)
+
+
+async def test_a_trusted_runners_report_settles_a_cap(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Cap 100 a day: a refund the tool failed releases its 60; one it made counts.
+    async with capped(tmp_path) as (w, stub):
         assert w.core is not None
-        stub: Any = pb_grpc.GovernanceStub(ch)
         failed = await stub.Check(check_request("issue_refund", amount=60, order_id="A-F"))
         await stub.ReportOutcome(
             pb.ReportOutcomeRequest(
@@ -352,12 +359,8 @@ async def test_the_agents_own_report_is_its_word_and_releases_nothing(
 ) -> None:
     # The agent reporting its own refund failed must not win back its cap: the
     # refund may well have been made. Only a trusted runner's report releases.
-    async with (
-        Warden(grpc_config(tmp_path, budgets={"caps": [CAP]})) as w,
-        grpc.aio.insecure_channel(w.grpc_address) as ch,
-    ):
+    async with capped(tmp_path) as (w, stub):
         assert w.core is not None
-        stub: Any = pb_grpc.GovernanceStub(ch)
         first = await stub.Check(check_request("issue_refund", amount=60, order_id="A-1"))
         said = pb.ReportOutcomeRequest(decision_id=first.decision_id, result="x", is_error=True)
         await stub.ReportOutcome(said)

@@ -23,18 +23,37 @@ def _every(_name: str) -> bool:
     return True
 
 
+def _userinfo(url: str) -> tuple[str, str, str] | None:
+    """``url`` as (scheme and ``//``, user info, the rest), when its authority has user info.
+
+    The authority is read up to the first ``/``, not the first ``?`` or ``#``:
+    libpq takes both as characters of a password (``postgresql://u:p?w@db``),
+    where ``urlsplit`` would end the authority inside it and show the rest.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return None
+    end = rest.find("/")
+    authority = rest if end < 0 else rest[:end]
+    if "@" not in authority:
+        return None
+    userinfo, _, host = authority.rpartition("@")
+    return f"{scheme}://", userinfo, host + ("" if end < 0 else rest[end:])
+
+
 def shown_url(url: str, *, masked: Callable[[str], bool] = _every) -> str:
     """``url`` with its password and the query values ``masked`` names (all) as ``***``.
 
     A database URL passes ``masked=is_credential_key``, so that libpq options
     such as ``sslmode`` stay readable while ``password`` and ``sslpassword`` go.
     """
+    split = _userinfo(url)
+    if split is not None:
+        head, userinfo, rest = split
+        user = userinfo.split(":", 1)[0]
+        url = f"{head}{user}:{MASK}@{rest}" if ":" in userinfo else f"{head}{user}@{rest}"
     parts = urlsplit(url)
     netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:{MASK}@{hostport}" if ":" in userinfo else f"{user}@{hostport}"
     query = parts.query
     if query:
         pairs = [(k, MASK if masked(k) else v) for k, v in parse_qsl(query, keep_blank_values=True)]
@@ -54,9 +73,9 @@ def url_secrets(url: str, *, masked: Callable[[str], bool] = _every) -> list[str
         name, _, value = pair.partition("=")
         if masked(unquote_plus(name)) and len(value) >= _MIN_SCRUBBED:
             raw.append(value)
-    userinfo = parts.netloc.rpartition("@")[0]
-    if ":" in userinfo:
-        raw.append(userinfo.split(":", 1)[1])
+    split = _userinfo(url)
+    if split is not None and ":" in split[1]:
+        raw.append(split[1].split(":", 1)[1])
     # Longest first, so a secret that contains another is masked whole.
     forms = {form for value in raw if value for form in (value, unquote_plus(value))}
     return sorted(forms, key=len, reverse=True)

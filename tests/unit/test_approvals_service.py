@@ -367,3 +367,29 @@ async def test_close_releases_waiters_and_keeps_the_approval_pending(
         assert (await reopened.get(approval.id)).status is ApprovalStatus.PENDING  # type: ignore[union-attr]
     finally:
         await reopened.close()
+
+
+def _pending_series(agent: str) -> dict[str, float]:
+    out = {}
+    for metric in REGISTRY.collect():
+        if metric.name != "warden_approvals_pending":
+            continue
+        for sample in metric.samples:
+            if sample.labels.get("agent") == agent:
+                out[sample.labels["tool"]] = sample.value
+    return out
+
+
+async def test_the_pending_gauge_keeps_short_labels_and_drops_series_that_empty(
+    approvals: Approvals,
+) -> None:
+    # Tool names (and, for plain HTTP calls, paths) come from agents: the gauge
+    # must neither carry them whole nor keep a series for every one ever held.
+    long_name = "tool_" + "x" * 5000
+    asked = action(agent="gauge-bot", tool=long_name)
+    held = await approvals.request(asked, decision(), mode="hold")
+    series = _pending_series("gauge-bot")
+    assert list(series.values()) == [1.0]
+    assert all(len(tool) <= 128 for tool in series)
+    await approvals.decide(held.id, ALICE, False, "no")
+    assert _pending_series("gauge-bot") == {}

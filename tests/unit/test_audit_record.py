@@ -64,6 +64,7 @@ def test_credential_keys_are_masked_at_any_depth() -> None:
         "bearer",
         "db_password",
         "x-warden-agent-key",
+        "X-Warden-Agent-Token",
         "AWS_SECRET_ACCESS_KEY",
         "sessionToken",
         "Set-Cookie",

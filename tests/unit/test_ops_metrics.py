@@ -30,3 +30,13 @@ def test_the_memo_stays_bounded() -> None:
     metrics._children.clear()
     for i in range(metrics._MAX_CHILDREN + 5):
         metrics.AMBIGUOUS_CALL_IDS.remove(f"u{i}")
+
+
+def test_long_label_values_are_cut() -> None:
+    # Tool names come from agents, up to the body limit: a megabyte name must not
+    # become a megabyte in every scrape.
+    name = "t" * 1_000_000
+    label = metrics.bounded("tool-length-test", name)
+    assert len(label) == metrics.MAX_LABEL_CHARS
+    assert label.endswith("…")
+    assert metrics.bounded("tool-length-test", "short") == "short"

@@ -38,3 +38,24 @@ def test_a_database_url_keeps_its_options_readable() -> None:
     shown = shown_url(url, masked=is_credential_key)
     assert shown == "postgresql://warden:***@db/w?sslmode=require&sslpassword=***"
     assert set(url_secrets(url, masked=is_credential_key)) == {"pw", "k3y-pass"}
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "password"),
+    [
+        (
+            "postgresql://warden:s3cr?tPW9@db:5432/warden?sslmode=require",
+            "postgresql://warden:***@db:5432/warden?sslmode=require",
+            "s3cr?tPW9",
+        ),
+        ("postgresql://ship:ab#cdEFG@db/warden", "postgresql://ship:***@db/warden", "ab#cdEFG"),
+        ("postgresql://ship:a?b#c@db", "postgresql://ship:***@db", "a?b#c"),
+    ],
+)
+def test_a_password_holding_question_marks_or_hashes_is_masked_whole(
+    url: str, shown: str, password: str
+) -> None:
+    # libpq reads "?" and "#" in the user info as password characters; urlsplit ends
+    # the authority there, and showed the rest of the password.
+    assert shown_url(url, masked=is_credential_key) == shown
+    assert password in url_secrets(url, masked=is_credential_key)

@@ -556,11 +556,17 @@ class Approvals:
         # Read from the shared store, so the gauge counts decisions made by
         # every sidecar, not only this one.
         counts = await self._store.pending_counts()
-        for labels in self._gauge_labels - counts.keys():
-            metrics.PENDING.labels(*labels).set(0)
-        for labels, n in counts.items():
+        shown: dict[tuple[str, str], int] = {}
+        for (agent, tool), n in counts.items():
+            # Tool names and paths come from agents: bounded like every other label.
+            key = (ops_metrics.bounded("agent", agent), ops_metrics.bounded("tool", tool))
+            shown[key] = shown.get(key, 0) + n
+        for labels in self._gauge_labels - shown.keys():
+            with contextlib.suppress(KeyError):
+                metrics.PENDING.remove(*labels)  # none waiting: the series goes
+        for labels, n in shown.items():
             metrics.PENDING.labels(*labels).set(n)
-        self._gauge_labels |= counts.keys()
+        self._gauge_labels = set(shown)
         # For the "approvals waiting too long" alert: one row's time, not every row.
         oldest = await self._store.oldest_pending() if counts else None
         ops_metrics.oldest_pending_approval(oldest)

@@ -47,7 +47,7 @@ from warden.audit.layout import Layout
 from warden.audit.tail import RecordTail
 from warden.audit.verify import iter_records
 from warden.errors import ConfigError
-from warden.state.postgres import PgTarget
+from warden.state.postgres import PgTarget, pg_reason
 
 __all__ = ["PgDecisionIndex"]
 
@@ -136,8 +136,8 @@ class PgDecisionIndex:
                 if self._conn is not None:
                     self._conn.close()
                     self._conn = None
-                lines = str(exc).strip().splitlines()  # libpq names host and port, no password
-                raise IndexUnavailable(lines[-1] if lines else type(exc).__name__) from None
+                # libpq quotes a URL it cannot parse, password and all: scrubbed.
+                raise IndexUnavailable(pg_reason(exc, self.target.url)) from None
 
     # -- state -----------------------------------------------------------------
 

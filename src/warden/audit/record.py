@@ -96,6 +96,7 @@ _CREDENTIAL_PARTS = (
     "bearertoken",
     "accesskey",
     "wardenagentkey",
+    "wardenagenttoken",
 )
 _credential_memo: dict[str, bool] = {}
 _MEMO_KEYS = 4096

@@ -724,7 +724,8 @@ class McpHttp:
             ) as resp:
                 await resp.read()
         except Exception as exc:
-            log.warning("could not tell the MCP server to cancel %r: %s", id_, exc)
+            # The error text may quote the URL, and its query is the agent's: the kind only.
+            log.warning("could not tell the MCP server to cancel %r: %s", id_, type(exc).__name__)
 
     # -- GET and DELETE --------------------------------------------------------
 

@@ -14,6 +14,7 @@ import sys
 import time
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from warden.ops import tracing
 
@@ -72,3 +73,25 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log repeats what warden_requests_total already counts.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _WithheldDetails) for f in server.filters):
+        server.addFilter(_WithheldDetails())
+
+
+class _WithheldDetails(logging.Filter):
+    """aiohttp's server logs a request it cannot parse with the offending bytes, which
+    can be a header line holding a key or token: for those, only the error's kind is kept.
+    Other errors (a failure in Warden's own handlers) keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            kind = type(exc).__name__
+            record.msg = (
+                "aiohttp could not parse a request (%s); details withheld: "
+                "they may hold credentials"
+            )
+            record.args = (kind,)
+            record.exc_info = None
+            record.exc_text = None
+        return True

@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 MAX_LABEL_VALUES = 500
+MAX_LABEL_CHARS = 128
+"""Longer label values are cut (tool names come from agents, up to the body limit)."""
 OTHER = "_other"
 
 # Sub-millisecond buckets: Warden's own overhead is measured in microseconds.
@@ -132,9 +134,14 @@ _seen_lock = threading.Lock()
 
 
 def bounded(kind: str, value: str | None) -> str:
-    """Return ``value`` as a label, or ``_other`` once ``kind`` has too many values."""
+    """Return ``value`` as a label, or ``_other`` once ``kind`` has too many values.
+
+    Values past ``MAX_LABEL_CHARS`` are cut, ending in ``…``.
+    """
     if not value:
         return ""
+    if len(value) > MAX_LABEL_CHARS:
+        value = value[: MAX_LABEL_CHARS - 1] + "…"
     values = _seen.get(kind)
     if values is not None and value in values:
         return value

@@ -293,6 +293,14 @@ def instrument(core: _Core) -> None:
     object.__setattr__(core, "count_usage", _traced_usage(core.count_usage))
 
 
+_MAX_NAME = 128
+
+
+def _cut(name: str) -> str:
+    """A name the agent chose, as a span name or attribute: at most ``_MAX_NAME`` characters."""
+    return name if len(name) <= _MAX_NAME else name[: _MAX_NAME - 1] + "…"
+
+
 def _traced_decide(
     decide: Callable[..., Awaitable[Decision]],
 ) -> Callable[..., Awaitable[Decision]]:
@@ -303,7 +311,7 @@ def _traced_decide(
             return await decide(action, hold=hold)
         request_span = trace.get_current_span()
         with tracer.start_as_current_span(
-            f"warden.decision {action.tool or action.kind.value}",
+            f"warden.decision {_cut(action.tool or action.kind.value)}",
             kind=SpanKind.INTERNAL,
             attributes=dict(_action_attributes(action)),
         ) as span:
@@ -346,7 +354,7 @@ def _action_attributes(action: Action) -> Iterator[tuple[str, Any]]:
         if action.model:
             yield "gen_ai.request.model", action.model
     if action.tool is not None:
-        yield "gen_ai.tool.name", action.tool
+        yield "gen_ai.tool.name", _cut(action.tool)
         if action.call_id:
             yield "gen_ai.tool.call.id", action.call_id
         if action.kind is ActionKind.TOOL_CALL:

@@ -1022,6 +1022,9 @@ def test_keys_equal_but_for_case_count_as_malformed(raw_text: str) -> None:
         ('{"a": 18446744073709551616}', "past unsigned 64 bits"),
         ('{"a": -9223372036854775809}', "below signed 64 bits"),
         ('{"a": "\\ud800"}', "a lone surrogate"),
+        # The policy engine reads C strings: it would see "ok" and "amount" here.
+        ('{"path": "ok\\u0000/../../etc/shadow"}', "NUL in a value"),
+        ('{"amount\\u0000": 5, "amount": 5000}', "NUL in a key"),
         ('{"a": ' + "[" * 64 + "]" * 64 + "}", "65 levels deep"),
         ('{"a": 1, "a": 2}', "duplicate keys"),
     ],

@@ -33,6 +33,7 @@ from warden.policy.worker import (
     MSG_EVAL,
     MSG_QUIT,
     MSG_RESULT,
+    Evaluator,
     frame,
     read_frame,
 )
@@ -227,6 +228,20 @@ async def test_a_policy_that_reads_the_clock_evaluates_every_input(tmp_path: Pat
         assert results[0].reason != results[1].reason
     finally:
         await engine.close()
+
+
+async def test_a_string_holding_nul_is_refused_not_read_cut_short(engine: PolicyEngine) -> None:
+    # The engine takes C strings: "deny\0x" would read as "deny" in one place and
+    # as something else to the tool. Refused, anywhere in the input, key or value.
+    cut = doc("deny\x00-not-really")
+    results = await engine.evaluate_batch([cut, doc("deny")])
+    assert (results[0].error, results[0].input_fault) == ("policy_error", True)
+    assert "NUL" in (results[0].detail or "")
+    assert results[1].effect is Effect.DENY
+    # A key holding NUL is refused too, where the policy reads the object whole.
+    evaluator = Evaluator([("p.rego", "package p\n\nx := input\n")], {}, "data.p.x")
+    with pytest.raises(ValueError, match="NUL"):
+        evaluator.evaluate({"amount\x00": 5, "amount": 5000})
 
 
 async def test_an_input_the_engine_refuses_fails_alone(engine: PolicyEngine) -> None:

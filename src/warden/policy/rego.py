@@ -119,6 +119,15 @@ def parse_check(path: str, source: str) -> None:
     Interpreter().add_module(path, source)
 
 
+def _c_text(text: str) -> bytes:
+    """``text`` for the engine, which reads C strings: one holding NUL would reach a
+    policy cut short there, so the input is refused (the action is then denied)."""
+    data = text.encode()
+    if b"\x00" in data:
+        raise ValueError("a string of the input holds NUL, which the engine would cut short")
+    return data
+
+
 class _Native:
     """Direct ctypes bindings for the per-request calls.
 
@@ -159,10 +168,10 @@ class _Native:
         """Push one JSON value onto regopy's input builder (a stack machine)."""
         kind = type(value)
         if kind is str:
-            self.input_str(handle, value.encode())
+            self.input_str(handle, _c_text(value))
         elif kind is dict:
             for key, item in value.items():
-                self.input_str(handle, key.encode())
+                self.input_str(handle, _c_text(key))
                 self.add(handle, item)
                 self.input_item(handle)
             self.input_object(handle, len(value))

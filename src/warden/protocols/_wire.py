@@ -158,8 +158,9 @@ def policy_safe(value: Any, depth: int = 1) -> bool:
     """True when a policy engine can take ``value`` exactly as the tool will see it.
 
     Non-finite floats, integers outside signed/unsigned 64 bits, strings that
-    are not valid Unicode (lone surrogates) and nesting past 64 levels cannot
-    reach a policy unchanged, so arguments holding them fail closed instead.
+    are not valid Unicode (lone surrogates) or hold NUL, and nesting past 64
+    levels cannot reach a policy unchanged, so arguments holding them fail
+    closed instead.
     So do objects with keys equal but for case (:func:`keys_fold_apart`).
     """
     if isinstance(value, bool) or value is None:
@@ -278,6 +279,10 @@ def event_object(data: str, envelope: Envelope) -> dict[str, Any]:
 
 
 def _valid_text(text: str) -> bool:
+    # NUL: the policy engine takes C strings and would read only what comes before
+    # it ("ok\u0000/../../etc/shadow" read as "ok"), while the tool reads it all.
+    if "\x00" in text:
+        return False
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

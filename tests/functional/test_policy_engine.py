@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -319,6 +320,37 @@ async def test_bundle_server_with_etag(tmp_path: Path) -> None:
             await wait_for(lambda: eng.status()["last_error"] is not None)
             assert "not a readable .tar.gz" in eng.status()["last_error"]
             assert eng.revision == "srv-2"
+        finally:
+            await eng.close()
+
+
+async def test_a_bundle_that_arrives_in_many_chunks_is_read_whole(tmp_path: Path) -> None:
+    # A few megabytes, sent a chunk at a time: the client must wait for all of it.
+    # Reading only what was buffered once cut the tarball, and the ETag stuck.
+    root = write_policy(tmp_path / "big", revision="big-1")
+    (root / "warden" / "blob").mkdir()
+    (root / "warden" / "blob" / "data.json").write_text(
+        json.dumps({"noise": os.urandom(1_500_000).hex()})
+    )
+    body = tarball(root)
+    assert len(body) > 1_000_000
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"ETag": '"big"'})
+        await response.prepare(request)
+        for start in range(0, len(body), 32_768):
+            await response.write(body[start : start + 32_768])
+            await asyncio.sleep(0.001)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/bundles/big.tar.gz", serve)
+    async with serving(app) as port:
+        url = f"http://127.0.0.1:{port}/bundles/big.tar.gz"
+        eng = await PolicyEngine.start(config(tmp_path / "unused", bundle_url=url, workers=1))
+        try:
+            assert eng.revision == "big-1", eng.status()["last_error"]
         finally:
             await eng.close()
 

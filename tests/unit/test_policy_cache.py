@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,23 @@ def test_whole_input_when_read_as_a_whole(body: str) -> None:
     assert shape_of(f"package warden\n{body}\n").whole_input
 
 
+def test_a_quote_in_a_comment_starts_no_string() -> None:
+    # A lone backtick in a comment once opened a "raw string" running to the next
+    # backtick, and the reads in between went unseen (the key came out empty).
+    shape = shape_of(
+        "package warden\n# block `rm and friends\n"
+        'deny if input.action.tool == "rm"\n'
+        "deny if input.action.arguments.force\n# and `this`\n"
+    )
+    assert shape.paths == (("action", "arguments", "force"), ("action", "tool"))
+
+
+def test_a_template_string_reads_the_whole_input() -> None:
+    # Its {expressions} are code inside a literal: the scan cannot follow them.
+    source = 'package warden\ndeny if $"{input.action.tool}:{input.action.arguments.op}" == "x"\n'
+    assert shape_of(source).whole_input
+
+
 def test_strings_and_comments_are_not_references() -> None:
     shape = shape_of(
         'package warden\n# input is read below\nmsg := "input alone"\nx if input.action.tool\n'
@@ -60,7 +78,15 @@ def test_strings_and_comments_are_not_references() -> None:
 
 
 @pytest.mark.parametrize(
-    "call", ["time.now_ns()", "uuid.rfc4122(x)", "rand.intn(x, 2)", "http.send(r)", "opa.runtime()"]
+    "call",
+    [
+        "time.now_ns()",
+        "uuid.rfc4122(x)",
+        "rand.intn(x, 2)",
+        "http.send(r)",
+        "opa.runtime()",
+        "crypto.x509.parse_and_verify_certificates(c)",  # reads the clock
+    ],
 )
 def test_non_deterministic_builtins_disable_caching(call: str) -> None:
     assert not shape_of(f"package warden\nx := {call}\ny := input.a\n").deterministic
@@ -189,6 +215,25 @@ def test_shipped_bundle_reads_only_four_action_fields_and_decides_the_same() -> 
         doc = dict(case.input)
         # The projection decides exactly as the whole input does.
         assert evaluator.evaluate(dict(project(shape, doc))) == evaluator.evaluate(doc), case.name
+
+
+def test_a_key_read_whole_and_through_a_wildcard_keeps_its_value() -> None:
+    # "$where" sorts before "*": the wildcard's empty placeholder for that member
+    # once replaced the string the first rule reads, and the deny never fired.
+    source = (
+        "package warden\n\nimport rego.v1\n\ndefault deny := false\n\n"
+        'deny if startswith(input.action.arguments.filter["$where"], "function")\n\n'
+        'deny if {\n\tsome k\n\tinput.action.arguments.filter[k].op == "drop"\n}\n'
+    )
+    shape = shape_of(source)
+    arguments = {"filter": {"$where": "function () { return true }", "a": {"op": "eq"}}}
+    doc = {"action": {"arguments": arguments}}
+    snapshot = copy.deepcopy(doc)
+    projected = project(shape, doc)
+    assert projected["action"]["arguments"]["filter"]["$where"].startswith("function")
+    assert doc == snapshot  # the caller's arguments are never changed
+    evaluator = Evaluator([("p.rego", source)], {}, "data.warden.deny")
+    assert evaluator.evaluate(dict(projected)) == evaluator.evaluate(doc)
 
 
 def test_lru_evicts_least_recently_used() -> None:

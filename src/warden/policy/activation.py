@@ -152,11 +152,18 @@ class HttpSource:
                     raise BundleError(
                         f"{self.description}: bundle is over {MAX_BUNDLE_BYTES} bytes"
                     )
-                body = await resp.content.read(MAX_BUNDLE_BYTES + 1)
-                if len(body) > MAX_BUNDLE_BYTES:
-                    raise BundleError(
-                        f"{self.description}: bundle is over {MAX_BUNDLE_BYTES} bytes"
-                    )
+                # The whole body: read(n) returns what is buffered so far, and a
+                # cut tarball stored under the new ETag would never be fetched again.
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.content.iter_any():
+                    size += len(chunk)
+                    if size > MAX_BUNDLE_BYTES:
+                        raise BundleError(
+                            f"{self.description}: bundle is over {MAX_BUNDLE_BYTES} bytes"
+                        )
+                    chunks.append(chunk)
+                body = b"".join(chunks)
                 etag = resp.headers.get("ETag")
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Some client errors quote the URL they failed on.

@@ -27,8 +27,9 @@ of the input: building the engine's input document is the largest per-call
 cost, and it grows with the size of tool arguments the policy never reads.
 
 Policies that call non-deterministic builtins (``time.*``, ``uuid.*``,
-``rand.*``, ``opa.runtime``, ``http.send``, ``net.*``, ``io.jwt.decode_verify``)
-are never cached.
+``rand.*``, ``opa.runtime``, ``http.send``, ``net.*``, ``io.jwt.decode_verify``,
+``crypto.x509.parse_and_verify_certificates*``, which reads the clock) are
+never cached.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ _INPUT = re.compile(r"(?<![\w.])input(?![\w])")
 _STEP = re.compile(r'\s*(?:\.\s*([A-Za-z_][A-Za-z0-9_]*)|\[\s*"((?:[^"\\]|\\.)*)"\s*\])')
 _NONDETERMINISTIC = re.compile(
     r"(?<![\w.])(?:time\.[a-z_0-9]+|uuid\.[a-z_0-9]+|rand\.[a-z_0-9]+|opa\.runtime"
-    r"|http\.send|net\.[a-z_0-9]+|io\.jwt\.decode_verify)\s*\("
+    r"|http\.send|net\.[a-z_0-9]+|io\.jwt\.decode_verify"
+    # Checks a certificate's validity against the current time.
+    r"|crypto\.x509\.parse_and_verify_certificates[a-z_]*)\s*\("
 )
-_STRING = re.compile(r'"(?:[^"\\\n]|\\.)*"|`[^`]*`')
 _MISSING = object()
 WILDCARD = "*"
 """A path step that goes through every member of a list or object (``input.history[i]``)."""
@@ -77,16 +79,45 @@ class InputShape:
 
 
 def _blank(source: str, fill: str = " ") -> str:
-    """Blank out string literals (with ``fill``) and comments, keeping every offset."""
+    """Blank out string literals (with ``fill``) and comments, keeping every offset.
 
-    def spaces(m: re.Match[str]) -> str:
-        return re.sub(r"[^\n]", fill, m.group(0))
+    One pass from the start, as the parser reads: a quote inside a comment
+    (``# don't``, a lone backtick) starts no string, and a ``#`` inside a
+    string starts no comment.
+    """
+    out = list(source)
+    i, n = 0, len(source)
+    while i < n:
+        c = source[i]
+        if c == "#":
+            end = source.find("\n", i)
+            end = n if end < 0 else end
+            out[i:end] = " " * (end - i)
+            i = end
+        elif c in {'"', "`"}:
+            end = _string_end(source, i)
+            out[i:end] = [ch if ch == "\n" else fill for ch in source[i:end]]
+            i = end
+        else:
+            i += 1
+    return "".join(out)
 
-    lines = []
-    for line in _STRING.sub(spaces, source).split("\n"):
-        cut = line.find("#")
-        lines.append(line if cut < 0 else line[:cut] + " " * (len(line) - cut))
-    return "\n".join(lines)
+
+def _string_end(source: str, start: int) -> int:
+    """Where the string literal opening at ``start`` ends (past its closing quote)."""
+    if source[start] == "`":
+        end = source.find("`", start + 1)
+        return len(source) if end < 0 else end + 1
+    i = start + 1
+    while i < len(source) and source[i] not in '"\n':
+        i += 2 if source[i] == "\\" else 1
+    return min(i + 1, len(source))
+
+
+def _has_template(source: str) -> bool:
+    """Whether ``source`` has a template string (``$"{input.x}"``): code inside a literal."""
+    blanked = _blank(source, fill="s")
+    return any(blanked[i] == "$" and source[i + 1] in '"`' for i in range(len(source) - 1))
 
 
 def _unescape(text: str) -> str:
@@ -367,6 +398,9 @@ def analyse(modules: Sequence[Module]) -> InputShape:
     """Find which input paths the modules read and whether they are deterministic."""
     analysis = _Analysis(modules)
     deterministic = not any(_NONDETERMINISTIC.search(text) for text in analysis.blanked)
+    if any(_has_template(source) for source in analysis.sources):
+        # Template strings hold expressions the scan for reads cannot see into.
+        return InputShape(paths=None, deterministic=deterministic)
     paths: set[tuple[str, ...]] = set()
     for index, (source, text) in enumerate(zip(analysis.sources, analysis.blanked, strict=True)):
         for match in _INPUT.finditer(text):
@@ -424,13 +458,21 @@ def _member(node: Any, rest: tuple[str, ...]) -> Any:
 
 
 def _merge(into: Any, value: Any) -> Any:
-    """Two projections of the same document, joined (lists member by member)."""
+    """Two projections of the same document, joined (lists member by member).
+
+    A new value: the parts may be the caller's own objects, never changed. An
+    empty object from a wildcard (a member with nothing read below it) never
+    replaces what another path read there whole.
+    """
     if isinstance(into, dict) and isinstance(value, dict):
+        merged = dict(into)
         for key, item in value.items():
-            into[key] = _merge(into[key], item) if key in into else item
-        return into
+            merged[key] = _merge(into[key], item) if key in into else item
+        return merged
     if type(into) is list and type(value) is list and len(into) == len(value):
         return [_merge(a, b) for a, b in zip(into, value, strict=True)]
+    if isinstance(value, dict) and not value:
+        return into
     return value
 
 
@@ -473,7 +515,7 @@ def project(shape: InputShape, doc: Mapping[str, Any]) -> Mapping[str, Any]:
             wrapped: Any = value
             for key in reversed(path[:cut]):
                 wrapped = {key: wrapped}
-            _merge(out, wrapped)
+            out = _merge(out, wrapped)
             continue
         node = out
         for key in path[:-1]:

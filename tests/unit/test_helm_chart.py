@@ -108,8 +108,20 @@ def test_sidecar_mode_runs_warden_as_a_native_sidecar(tmp_path: Path) -> None:
     agent_env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
     assert agent_env["OPENAI_BASE_URL"] == "http://127.0.0.1:8080/openai/v1"
     assert spec["securityContext"]["runAsNonRoot"] is True
+    # The agent never runs as Warden's user (rules that exempt Warden by owner).
+    agent_user = spec["containers"][0]["securityContext"]["runAsUser"]
+    assert agent_user != warden["securityContext"].get(
+        "runAsUser", spec["securityContext"]["runAsUser"]
+    )
     assert not by_kind(docs, "PodDisruptionBudget")
     assert not by_kind(docs, "HorizontalPodAutoscaler")
+
+
+def test_in_a_sidecar_the_grpc_listener_is_the_agents_alone(tmp_path: Path) -> None:
+    # Bound to every address, any pod could Check and ReportOutcome as the agent.
+    path = CHART / "ci" / "sidecar-values.yaml"
+    docs = tuple(helm_template("-f", str(path), "--set", "ports.grpc=9090"))
+    assert warden_yaml(docs, tmp_path).listen.grpc == "127.0.0.1:9090"
 
 
 def assert_probes_and_security(warden: dict[str, Any]) -> None:
@@ -316,6 +328,7 @@ def test_chart_defaults_are_warden_serves_defaults(tmp_path: Path) -> None:
         (["--set", "policy.bundleUrl=https://b.example/x.tar.gz,policy.files.a=b"], "one of"),
         (["--set", "secrets.auditShipPassword=pw"], "config.audit.ship is not"),
         (["--set", "config.audit.ship.url=sqlite:///x.db"], "config.audit.ship.url"),
+        (["--set", "agent.runAsUser=65532"], "runAsUser"),  # Warden's own user
     ],
 )
 def test_bad_values_fail_with_a_message_naming_the_value(args: list[str], message: str) -> None:

@@ -101,7 +101,8 @@ paths set by the chart. Secrets never appear here.
 {{- $proxyHost := ternary "0.0.0.0" "127.0.0.1" (eq .Values.mode "gateway") -}}
 {{- $listen := dict "proxy" (printf "%s:%v" $proxyHost .Values.ports.proxy) "admin" (printf "0.0.0.0:%v" .Values.ports.admin) -}}
 {{- if .Values.ports.grpc -}}
-{{- $_ := set $listen "grpc" (printf "0.0.0.0:%v" .Values.ports.grpc) -}}
+{{- /* Sidecar: the agent is the only client, on loopback; no other pod may ask as it. */ -}}
+{{- $_ := set $listen "grpc" (printf "%s:%v" $proxyHost .Values.ports.grpc) -}}
 {{- end -}}
 {{- $_ := set $cfg "listen" $listen -}}
 {{- $policy := deepCopy ($cfg.policy | default dict) -}}

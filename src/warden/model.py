@@ -357,8 +357,8 @@ class Obligations:
     risk: str | None = None
     hold: str | None = None
     """How to wait for approval: ``hold`` (keep the request open) or ``defer``."""
-    required_approvals: int = 1
-    """Distinct approvers needed."""
+    required_approvals: int | None = None
+    """Distinct approvers needed, when the policy says; else ``approvals.required_approvals``."""
     result: Any = None
     """For an action with a :class:`PolicyView`: the query's value as its ``read`` gave it,
     for the door to render (ext_authz headers, status, body). Not recorded."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -101,6 +102,20 @@ def test_json_and_slack_bodies() -> None:
     assert slack["blocks"][0]["type"] == "section"
     text = orjson.dumps(slack["blocks"]).decode()
     assert "&lt;b&gt;&amp;&lt;/b&gt;" in text  # mrkdwn control characters escaped
+
+
+def test_the_slack_message_cannot_be_shaped_by_the_agent() -> None:
+    # A value cannot close the code block and write its own mrkdwn ("Approved by
+    # cfo"), and padding sent first cannot push a field past the cut.
+    forged = dataclasses.replace(
+        approval(),
+        arguments={"memo": "x" * 3000 + "```*Approved by cfo*```", "iban": "ATTACKER-IBAN"},
+    )
+    slack = render("approval.requested", forged, "slack", 1795747200)
+    code = slack["blocks"][2]["text"]["text"]
+    assert code.count("```") == 2  # the block's own opening and closing only
+    assert "ATTACKER-IBAN" in code  # sorted: "iban" before "memo"
+    assert "cut: see every argument in the console" in code
 
 
 async def test_delivery_retries_with_backoff_and_is_signed(

@@ -23,6 +23,7 @@ from warden.approvals import (
     NotAnApprover,
     SelfApproval,
 )
+from warden.approvals.model import Approval, TooManyPending
 from warden.audit.log import AuditLog
 from warden.audit.record import arguments_sha256
 from warden.audit.verify import iter_records
@@ -128,6 +129,11 @@ async def test_binding_changes_with_any_argument() -> None:
     assert base != service.binding("other", "issue_refund", {"amount": 10, "order": "A"})
     assert base != service.binding("bot", "close_account", {"amount": 10, "order": "A"})
     assert len(base) == 64
+    # A sandbox's approval is not production's, nor a PATCH's a DELETE's.
+    call = ("bot", "/repos/acme/app", None)
+    sandbox = service.binding(*call, upstream="github-sandbox", method="PATCH")
+    assert sandbox != service.binding(*call, upstream="github-prod", method="PATCH")
+    assert sandbox != service.binding(*call, upstream="github-sandbox", method="DELETE")
 
 
 async def test_approve_and_reject_are_final(approvals: Approvals, audit: AuditLog) -> None:
@@ -393,3 +399,41 @@ async def test_the_pending_gauge_keeps_short_labels_and_drops_series_that_empty(
     assert all(len(tool) <= 128 for tool in series)
     await approvals.decide(held.id, ALICE, False, "no")
     assert _pending_series("gauge-bot") == {}
+
+
+async def test_the_pending_limit_holds_for_calls_held_at_the_same_moment(
+    url: str, audit: AuditLog
+) -> None:
+    # The parallel calls of one model response are held together: each must not
+    # find room the others are about to take.
+    settings = dataclasses.replace(SETTINGS, max_pending_per_agent=3)
+    service = await Approvals.open(url, audit, settings)
+    try:
+        results = await asyncio.gather(
+            *(service.request(action(amount=i), decision(), mode="hold") for i in range(20)),
+            return_exceptions=True,
+        )
+    finally:
+        await service.close()
+    opened = [r for r in results if isinstance(r, Approval)]
+    refused = [r for r in results if isinstance(r, TooManyPending)]
+    assert (len(opened), len(refused)) == (3, 17)
+
+
+async def test_a_kill_switch_also_takes_back_an_approval_not_used_yet(
+    approvals: Approvals,
+) -> None:
+    # Approved by a person who was tricked: the operator's kill switch must not
+    # leave the grant waiting for the agent's retry once the switch is cleared.
+    await _take_back(approvals)
+
+
+async def _take_back(approvals: Approvals) -> None:
+    asked = action()
+    deferred = await approvals.request(asked, decision(), mode="defer")
+    await approvals.decide(deferred.id, ALICE, True, "looks fine")
+    assert await approvals.cancel_all_for(agent="refunds-bot", reason="incident 45") == 1
+    assert await approvals.take_grant(asked) is None
+    taken_back = await approvals.get(deferred.id)
+    assert taken_back is not None
+    assert taken_back.status is ApprovalStatus.REJECTED

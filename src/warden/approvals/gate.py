@@ -128,12 +128,17 @@ class ApprovalGate:
         grant = await self.approvals.take_grant(action)
         if grant is not None:
             return await self._approved(action, decision, grant)
+        required = decision.obligations.required_approvals  # the policy's word wins
         if how == "defer" or self._stopping.is_set():
-            approval = await self.approvals.request(action, decision, mode="defer")
+            approval = await self.approvals.request(
+                action, decision, mode="defer", required_approvals=required
+            )
             return _pending(decision, approval)
         timeout = decision.obligations.hold_timeout_s or self._settings.hold_timeout_s
         adopted = await self.approvals.adopt(action, timeout)
-        approval = adopted or await self.approvals.request(action, decision, mode="hold")
+        approval = adopted or await self.approvals.request(
+            action, decision, mode="hold", required_approvals=required
+        )
         try:
             # An adopted approval was a deferral: the wait must not expire it.
             approval = await self._wait(approval, timeout, expire=adopted is None)

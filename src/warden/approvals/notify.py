@@ -90,9 +90,13 @@ def render(event: str, approval: Approval, fmt: str, timestamp: int) -> dict[str
         headline = f":no_entry: Rejected by {_slack(approval.decided_by or '')}: {what}"
     else:
         headline = f":alarm_clock: Expired without a decision: {what}"
-    args = orjson.dumps(approval.arguments, option=orjson.OPT_INDENT_2).decode()
+    # Sorted, as the console shows them: the agent's own order could push the
+    # field that matters past the cut. A cut message says so and sends people on.
+    args = orjson.dumps(
+        approval.arguments, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
+    ).decode()
     if len(args) > _SLACK_ARGS_CHARS:
-        args = args[:_SLACK_ARGS_CHARS] + "\n…"
+        args = args[:_SLACK_ARGS_CHARS] + "\n… (cut: see every argument in the console)"
     details = [f"*Reason:* {_slack(approval.reason)}"]
     if approval.risk:
         details.append(f"*Risk:* {_slack(approval.risk)}")
@@ -103,7 +107,7 @@ def render(event: str, approval: Approval, fmt: str, timestamp: int) -> dict[str
         "blocks": [
             {"type": "section", "text": {"type": "mrkdwn", "text": headline}},
             {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(details)}},
-            {"type": "section", "text": {"type": "mrkdwn", "text": f"```{_slack(args)}```"}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": f"```{_code(args)}```"}},
             {
                 "type": "context",
                 "elements": [
@@ -123,6 +127,11 @@ def render(event: str, approval: Approval, fmt: str, timestamp: int) -> dict[str
 def _slack(text: str) -> str:
     # Slack's mrkdwn treats these three as control characters.
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _code(text: str) -> str:
+    """``text`` for inside a code block: a backtick cannot close it (the agent wrote it)."""
+    return _slack(text).replace("`", "\u02cb")  # MODIFIER LETTER GRAVE ACCENT
 
 
 class Notifier:

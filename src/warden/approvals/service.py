@@ -105,6 +105,8 @@ class Approvals:
         # Set (and replaced) on every change made here or seen on the feed.
         self._change = asyncio.Event()
         self._gauge_labels: set[tuple[str, str]] = set()
+        self._opening = asyncio.Lock()
+        """Held while a new approval is checked for room and stored."""
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -171,17 +173,42 @@ class Approvals:
 
     # -- binding -----------------------------------------------------------------
 
-    def binding(self, agent_id: str, tool: str, arguments: Mapping[str, Any] | None) -> str:
-        """SHA-256 (hex) of the RFC 8785 JSON of agent, tool and the arguments' hash.
+    def binding(
+        self,
+        agent_id: str,
+        tool: str,
+        arguments: Mapping[str, Any] | None,
+        *,
+        upstream: str = "",
+        method: str = "",
+    ) -> str:
+        """SHA-256 (hex) of the RFC 8785 JSON of agent, tool, the arguments' hash, the
+        upstream and the method.
 
         Any change to any argument (an amount, an account) gives another
-        binding, so an approval never covers a different call.
+        binding, and so does the same call to another upstream (a sandbox's
+        approval on production) or another method on the same path (a
+        ``PATCH``'s approval on a ``DELETE``): an approval never covers a
+        different call.
         """
-        doc = {"agent": agent_id, "tool": tool, "arguments_sha256": arguments_sha256(arguments)}
+        doc = {
+            "agent": agent_id,
+            "tool": tool,
+            "arguments_sha256": arguments_sha256(arguments),
+            "upstream": upstream,
+            "method": method,
+        }
         return hashlib.sha256(rfc8785.dumps(doc)).hexdigest()
 
     def _binding_of(self, action: Action) -> str:
-        return self.binding(action.agent.id, action.target, action.arguments)
+        request = action.request
+        return self.binding(
+            action.agent.id,
+            action.target,
+            action.arguments,
+            upstream=request.upstream,
+            method=request.method,
+        )
 
     # -- the proxy's calls ---------------------------------------------------------
 
@@ -202,12 +229,26 @@ class Approvals:
         """
         if mode not in MODES:
             raise ValueError(f"approval mode must be hold or defer, not {mode!r}")
+        # One at a time in this process: the room check and the insert must not
+        # interleave, or the parallel calls of one response all find room.
+        async with self._opening:
+            approval, created = await self._open(action, decision, mode, required_approvals)
+        if not created:
+            return approval
+        await self._refresh_gauge()
+        self._notifier.notify("approval.requested", approval)
+        return approval
+
+    async def _open(
+        self, action: Action, decision: Decision, mode: str, required_approvals: int | None
+    ) -> tuple[Approval, bool]:
+        """Record and store a new pending approval: it and ``True``, or a deferral reused."""
         now = time.time()
         binding = self._binding_of(action)
         if mode == "defer":
             existing = await self._store.pending_for(binding, now)
             if existing is not None and existing.mode == "defer":
-                return existing
+                return existing, False
         await self._check_room(action.agent.id)
         ob = decision.obligations
         ttl = (ob.hold_timeout_s or self.settings.hold_timeout_s) if mode == "hold" else None
@@ -250,9 +291,7 @@ class Approvals:
             },
         )
         await self._store.insert(approval)
-        await self._refresh_gauge()
-        self._notifier.notify("approval.requested", approval)
-        return approval
+        return approval, True
 
     async def wait(self, approval_id: str, timeout_s: float, *, expire: bool = True) -> Approval:
         """Wait until the approval is decided, or expire it after ``timeout_s``.
@@ -415,10 +454,11 @@ class Approvals:
     async def cancel_all_for(
         self, *, agent: str | None = None, tool: str | None = None, reason: str
     ) -> int:
-        """Reject the pending approvals of an agent and/or tool (every one when both are None).
+        """Reject the pending approvals of an agent and/or tool (every one when both are None),
+        and the approved ones not used yet.
 
-        For kill switches: held agents are woken and refused. Returns how
-        many approvals were rejected.
+        For kill switches: held agents are woken and refused, and no grant
+        outlives the switch. Returns how many approvals were rejected.
         """
         cancelled = await self._store.cancel(agent, tool, KILL_SWITCH, reason, time.time())
         for approval in cancelled:

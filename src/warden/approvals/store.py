@@ -436,7 +436,8 @@ class ApprovalStore(SqliteStore):
     async def cancel(
         self, agent: str | None, tool: str | None, who: str, reason: str, now: float
     ) -> builtins.list[Approval]:
-        """Reject every pending approval of ``agent`` and/or ``tool`` (all when both None)."""
+        """Reject every pending, and every approved but unused, approval of ``agent`` and/or
+        ``tool`` (all when both None): a grant must not outlive a kill switch."""
         return await self._run(self._cancel, agent, tool, who, reason, now)
 
     def _cancel(
@@ -446,7 +447,7 @@ class ApprovalStore(SqliteStore):
             ids = [
                 r[0]
                 for r in cur.execute(
-                    "SELECT id FROM approvals WHERE status = 'pending' "
+                    "SELECT id FROM approvals WHERE status IN ('pending', 'approved') "
                     "AND (? IS NULL OR agent = ?) AND (? IS NULL OR tool = ?)",
                     (agent, agent, tool, tool),
                 ).fetchall()

@@ -133,7 +133,8 @@ class PolicyResult:
     redact: tuple[str, ...] = ()
     risk: str | None = None
     hold: str | None = None
-    required_approvals: int = 1
+    required_approvals: int | None = None
+    """How many people must approve, when the policy says (``None``: the config decides)."""
     revision: str = ""
     error: str | None = None
     detail: str | None = None
@@ -216,8 +217,10 @@ def _from_value(value: Any) -> PolicyResult:
     hold_how = value.get("hold")
     if hold_how is not None and hold_how not in _HOLD_MODES:
         raise _ShapeError(f"hold must be one of {sorted(_HOLD_MODES)}, not {hold_how!r}")
-    required = value.get("required_approvals", 1)
-    if isinstance(required, bool) or not isinstance(required, int) or not 1 <= required <= 10:
+    required = value.get("required_approvals")
+    if required is not None and (
+        isinstance(required, bool) or not isinstance(required, int) or not 1 <= required <= 10
+    ):
         raise _ShapeError("required_approvals must be a whole number from 1 to 10")
     return PolicyResult(
         effect=effect,

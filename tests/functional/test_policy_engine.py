@@ -8,7 +8,8 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -291,6 +292,22 @@ def tarball(root: Path) -> bytes:
     return buf.getvalue()
 
 
+@asynccontextmanager
+async def engine_on_server(
+    tmp_path: Path, serve: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> AsyncIterator[PolicyEngine]:
+    """An engine whose bundle comes from ``serve`` at a loopback bundle_url."""
+    app = web.Application()
+    app.router.add_get("/bundles/support.tar.gz", serve)
+    async with serving(app) as port:
+        url = f"http://127.0.0.1:{port}/bundles/support.tar.gz"
+        eng = await PolicyEngine.start(config(tmp_path / "unused", bundle_url=url, workers=1))
+        try:
+            yield eng
+        finally:
+            await eng.close()
+
+
 async def test_bundle_server_with_etag(tmp_path: Path) -> None:
     state = {"body": tarball(write_policy(tmp_path / "v1", revision="srv-1")), "etag": '"1"'}
     requests: list[str | None] = []
@@ -301,27 +318,20 @@ async def test_bundle_server_with_etag(tmp_path: Path) -> None:
             return web.Response(status=304)
         return web.Response(body=state["body"], headers={"ETag": str(state["etag"])})
 
-    app = web.Application()
-    app.router.add_get("/bundles/support.tar.gz", serve)
-    async with serving(app) as port:
-        url = f"http://127.0.0.1:{port}/bundles/support.tar.gz"
-        eng = await PolicyEngine.start(config(tmp_path / "unused", bundle_url=url, workers=1))
-        try:
-            assert eng.revision == "srv-1"
-            await wait_for(lambda: len(requests) >= 3)
-            assert requests[0] is None
-            assert requests[1:3] == ['"1"', '"1"']
-            state["body"] = tarball(write_policy(tmp_path / "v2", "v2", revision="srv-2"))
-            state["etag"] = '"2"'
-            await wait_for(lambda: eng.revision == "srv-2")
-            assert (await eng.evaluate(doc("lookup_order"))).reasons == ("v2 reads only",)
-            state["body"] = b"garbage"
-            state["etag"] = '"3"'
-            await wait_for(lambda: eng.status()["last_error"] is not None)
-            assert "not a readable .tar.gz" in eng.status()["last_error"]
-            assert eng.revision == "srv-2"
-        finally:
-            await eng.close()
+    async with engine_on_server(tmp_path, serve) as eng:
+        assert eng.revision == "srv-1"
+        await wait_for(lambda: len(requests) >= 3)
+        assert requests[0] is None
+        assert requests[1:3] == ['"1"', '"1"']
+        state["body"] = tarball(write_policy(tmp_path / "v2", "v2", revision="srv-2"))
+        state["etag"] = '"2"'
+        await wait_for(lambda: eng.revision == "srv-2")
+        assert (await eng.evaluate(doc("lookup_order"))).reasons == ("v2 reads only",)
+        state["body"] = b"garbage"
+        state["etag"] = '"3"'
+        await wait_for(lambda: eng.status()["last_error"] is not None)
+        assert "not a readable .tar.gz" in eng.status()["last_error"]
+        assert eng.revision == "srv-2"
 
 
 async def test_a_bundle_that_arrives_in_many_chunks_is_read_whole(tmp_path: Path) -> None:
@@ -344,15 +354,8 @@ async def test_a_bundle_that_arrives_in_many_chunks_is_read_whole(tmp_path: Path
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_get("/bundles/big.tar.gz", serve)
-    async with serving(app) as port:
-        url = f"http://127.0.0.1:{port}/bundles/big.tar.gz"
-        eng = await PolicyEngine.start(config(tmp_path / "unused", bundle_url=url, workers=1))
-        try:
-            assert eng.revision == "big-1", eng.status()["last_error"]
-        finally:
-            await eng.close()
+    async with engine_on_server(tmp_path, serve) as eng:
+        assert eng.revision == "big-1", eng.status()["last_error"]
 
 
 async def test_bundle_url_credentials_are_never_shown_or_recorded(tmp_path: Path) -> None:

@@ -294,16 +294,20 @@ def tarball(root: Path) -> bytes:
 
 @asynccontextmanager
 async def engine_on_server(
-    tmp_path: Path, serve: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> AsyncIterator[PolicyEngine]:
-    """An engine whose bundle comes from ``serve`` at a loopback bundle_url."""
+    tmp_path: Path,
+    serve: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    *,
+    userinfo: str = "",
+    query: str = "",
+) -> AsyncIterator[tuple[PolicyEngine, int]]:
+    """An engine whose bundle comes from ``serve`` at a loopback bundle_url; and the port."""
     app = web.Application()
     app.router.add_get("/bundles/support.tar.gz", serve)
     async with serving(app) as port:
-        url = f"http://127.0.0.1:{port}/bundles/support.tar.gz"
+        url = f"http://{userinfo}127.0.0.1:{port}/bundles/support.tar.gz{query}"
         eng = await PolicyEngine.start(config(tmp_path / "unused", bundle_url=url, workers=1))
         try:
-            yield eng
+            yield eng, port
         finally:
             await eng.close()
 
@@ -318,7 +322,7 @@ async def test_bundle_server_with_etag(tmp_path: Path) -> None:
             return web.Response(status=304)
         return web.Response(body=state["body"], headers={"ETag": str(state["etag"])})
 
-    async with engine_on_server(tmp_path, serve) as eng:
+    async with engine_on_server(tmp_path, serve) as (eng, _):
         assert eng.revision == "srv-1"
         await wait_for(lambda: len(requests) >= 3)
         assert requests[0] is None
@@ -354,7 +358,7 @@ async def test_a_bundle_that_arrives_in_many_chunks_is_read_whole(tmp_path: Path
         await response.write_eof()
         return response
 
-    async with engine_on_server(tmp_path, serve) as eng:
+    async with engine_on_server(tmp_path, serve) as (eng, _):
         assert eng.revision == "big-1", eng.status()["last_error"]
 
 
@@ -373,32 +377,26 @@ async def test_bundle_url_credentials_are_never_shown_or_recorded(tmp_path: Path
             raise web.HTTPFound(str(request.rel_url))
         return web.Response(body=state["body"], headers={"ETag": str(len(seen))})
 
-    app = web.Application()
-    app.router.add_get("/bundles/support.tar.gz", serve)
-    async with serving(app) as port:
-        url = f"http://ops:hunter2@127.0.0.1:{port}/bundles/support.tar.gz?v=2&token=s3cr3t-t0ken"
-        eng = await PolicyEngine.start(config(tmp_path / "unused", bundle_url=url, workers=1))
-        try:
-            assert eng.revision == "srv-1"
-            # Fetched with the credentials as given.
-            assert seen[0][0] == "Basic " + base64.b64encode(b"ops:hunter2").decode()
-            assert seen[0][1] == "v=2&token=s3cr3t-t0ken"
-            shown = f"http://ops:***@127.0.0.1:{port}/bundles/support.tar.gz?v=***&token=***"
-            assert eng.status()["source"] == shown
-            state["body"] = b"garbage"
-            await wait_for(lambda: eng.status()["last_error"] is not None)
-            status = json.dumps(eng.status())
-            assert shown in status
-            assert "hunter2" not in status
-            assert "s3cr3t" not in status
-            # The HTTP client's own error quotes the URL it gave up on.
-            state["body"] = b"loop"
-            await wait_for(lambda: "cannot fetch" in str(eng.status()["last_error"]))
-            status = json.dumps(eng.status())
-            assert "token=***" in status
-            assert "s3cr3t" not in status
-        finally:
-            await eng.close()
+    credentials = {"userinfo": "ops:hunter2@", "query": "?v=2&token=s3cr3t-t0ken"}
+    async with engine_on_server(tmp_path, serve, **credentials) as (eng, port):
+        assert eng.revision == "srv-1"
+        # Fetched with the credentials as given.
+        assert seen[0][0] == "Basic " + base64.b64encode(b"ops:hunter2").decode()
+        assert seen[0][1] == "v=2&token=s3cr3t-t0ken"
+        shown = f"http://ops:***@127.0.0.1:{port}/bundles/support.tar.gz?v=***&token=***"
+        assert eng.status()["source"] == shown
+        state["body"] = b"garbage"
+        await wait_for(lambda: eng.status()["last_error"] is not None)
+        status = json.dumps(eng.status())
+        assert shown in status
+        assert "hunter2" not in status
+        assert "s3cr3t" not in status
+        # The HTTP client's own error quotes the URL it gave up on.
+        state["body"] = b"loop"
+        await wait_for(lambda: "cannot fetch" in str(eng.status()["last_error"]))
+        status = json.dumps(eng.status())
+        assert "token=***" in status
+        assert "s3cr3t" not in status
 
 
 def action(tool: str, **arguments: Any) -> Action:

@@ -725,3 +725,51 @@ async def test_the_server_gets_the_message_as_warden_read_it(tmp_path: Path) -> 
     (sent,) = upstream.bodies
     assert sent.count(b'"method"') == 1
     assert orjson.loads(sent)["method"] == "ping"
+
+
+_JSON = "application/json"
+
+
+class Sloppy(LoopbackServer):
+    """An MCP endpoint whose answers carry something that is not JSON-RPC."""
+
+    def __init__(self, sse: bool) -> None:
+        super().__init__()
+        self.sse = sse
+
+    def _routes(self, app: web.Application) -> None:
+        app.router.add_post("/{tail:.*}", self._post)
+
+    async def _post(self, request: web.Request) -> web.StreamResponse:
+        id_ = orjson.loads(await request.read())["id"]
+        if not self.sse:
+            return web.Response(body=b'{"jsonrpc": "2.0", "id": 1, "result": {', content_type=_JSON)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"jsonrpc": "2.0", "result": {"tools": [\n\n')
+        answer = orjson.dumps({"jsonrpc": "2.0", "id": id_, "result": {}})
+        await response.write(b"data: " + answer + b"\n\n")
+        await response.write_eof()
+        return response
+
+
+
+@pytest.mark.parametrize("sse", [True, False], ids=["event", "body"])
+async def test_what_is_not_json_rpc_never_reaches_the_client(tmp_path: Path, sse: bool) -> None:
+    # A lenient client might read it as a result no one recorded, or a listing no
+    # one filtered: an event is dropped, a whole body is answered with Warden's error.
+    ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    async with (
+        Sloppy(sse) as upstream,
+        Warden(config(tmp_path, upstream.url)) as warden,
+        aiohttp.ClientSession() as http,
+    ):
+        status, _, body = await post(http, f"{warden.proxy_url}/{UPSTREAM}", ping)
+    if sse:
+        assert status == 200
+        assert sse_messages(body) == [{"jsonrpc": "2.0", "id": 1, "result": {}}]
+    else:
+        assert status == 502
+        answer = orjson.loads(body)
+        assert answer["id"] == 1
+        assert "not JSON-RPC" in answer["error"]["message"]

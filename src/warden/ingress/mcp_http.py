@@ -525,7 +525,13 @@ class McpHttp:
         try:
             value = loads(data)
         except (ValueError, UnicodeDecodeError):
-            return event.encode()  # not Warden's to judge: the client's SDK reports it
+            # A lenient client might read it as a result no one recorded or a
+            # listing no one filtered: it goes no further (as over stdio).
+            log.warning(
+                "MCP server %r sent an event that is not JSON-RPC; dropped", exchange.upstream
+            )
+            metrics.child(metrics.MCP_DROPPED, "unreadable").inc()
+            return None
         settled = await self._settle_value(exchange, value)
         if settled is value:
             return event.encode()
@@ -535,8 +541,10 @@ class McpHttp:
         try:
             value = loads(raw)
         except (ValueError, UnicodeDecodeError):
-            self._unanswered(exchange, UpstreamProtocol.code)
-            return raw
+            # Not relayed: the client gets Warden's error for its requests instead.
+            raise UpstreamProtocol(
+                f"MCP server {exchange.upstream!r} answered with a body that is not JSON-RPC"
+            ) from None
         settled = await self._settle_value(exchange, value)
         return raw if settled is value else dumps(settled).encode()
 

@@ -753,7 +753,6 @@ class Sloppy(LoopbackServer):
         return response
 
 
-
 @pytest.mark.parametrize("sse", [True, False], ids=["event", "body"])
 async def test_what_is_not_json_rpc_never_reaches_the_client(tmp_path: Path, sse: bool) -> None:
     # A lenient client might read it as a result no one recorded, or a listing no

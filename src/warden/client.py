@@ -28,7 +28,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
@@ -41,6 +40,7 @@ import grpc.aio
 import orjson
 from google.protobuf import struct_pb2
 
+from warden.grpc_api import ERROR_CODE
 from warden.grpc_api.v1 import governance_pb2 as pb
 from warden.model import Effect, Mode
 
@@ -67,7 +67,6 @@ _MODES = {pb.MODE_ENFORCE: Mode.ENFORCE, pb.MODE_OBSERVE: Mode.OBSERVE}
 Metadata = tuple[tuple[str, str], ...]
 
 _SESSION: ContextVar[str] = ContextVar("warden_session", default="")
-_CODE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 @contextlib.contextmanager
@@ -800,7 +799,7 @@ def _outcome(
             "result": str(exc),
             "is_error": True,
             # A code, as ReportOutcome takes it (the message goes in result, sealed).
-            "error": name if _CODE.fullmatch(name) else "exception",
+            "error": name if ERROR_CODE.fullmatch(name) else "exception",
             "latency_ms": _ms(started),
         }
     return {"result": _result_text(result), "latency_ms": _ms(started)}

@@ -306,7 +306,8 @@ def _check_records(pkg: Path, size: int, root: bytes, report: _Report) -> int:
     previous: tuple[int, str] | None = None
     count = 0
     seqs: list[int] = []
-    ends: list[dict[str, object]] = []  # the first record, then the last
+    first_record: dict[str, object] | None = None
+    last_record: dict[str, object] | None = None
     for line, proof_line in zip(records[:-1], proofs[:-1], strict=True):
         proof = json.loads(proof_line)
         record = json.loads(line)
@@ -329,8 +330,10 @@ def _check_records(pkg: Path, size: int, root: bytes, report: _Report) -> int:
             report.fail(f"record {seq}: its prev hash does not match record {seq - 1}")
         previous = (seq, leaf.hex())
         count += 1
-        ends[min(len(ends), 1) :] = [record]
+        first_record = first_record or record
+        last_record = record
     if scope is not None:
+        ends = [r for r in (first_record, last_record) if r is not None]
         _check_scope(pkg, scope, seqs, ends, report, size=size, root=root)
         if not whole_run:
             report.notes.append(

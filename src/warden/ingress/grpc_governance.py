@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -48,6 +47,7 @@ from warden.errors import (
     Unauthenticated,
     WardenError,
 )
+from warden.grpc_api import ERROR_CODE
 from warden.grpc_api.v1 import governance_pb2 as pb
 from warden.grpc_api.v1 import governance_pb2_grpc as pb_grpc
 from warden.identity import Identity
@@ -134,10 +134,6 @@ class GovernanceService:
     async def close(self) -> None:
         """End the streams (``WatchApprovals``, ``TailRecords``) so the listener can stop."""
         self._servicer.closing.set()
-
-
-_ERROR_CODE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-"""What ``ReportOutcomeRequest.error`` may hold: a code, stored unsealed (and indexed)."""
 
 
 def _metadata(context: Context[Any, Any]) -> CIMultiDict[str]:
@@ -279,7 +275,7 @@ class _Servicer(pb_grpc.GovernanceServicer):
                 f"decision {request.decision_id} is agent {owner!r}'s, not {agent.id!r}'s, "
                 "and grpc.outcome_reporters does not name it a runner for that agent",
             )
-        if request.error and not _ERROR_CODE.fullmatch(request.error):
+        if request.error and not ERROR_CODE.fullmatch(request.error):
             links.link(key, allowed)
             await _abort(
                 context,

@@ -253,6 +253,9 @@ class SigningConfig(_Section):
     required: bool = False
     keys: dict[str, str] = Field(default_factory=dict)
     """Key id to a PEM public key, or to ``@path/to/key.pem``."""
+    allow_older: bool = False
+    """Activate a signed bundle signed before the newest one of its name that
+    Warden activated (off: such a rollback is refused; re-sign to roll back)."""
 
 
 def default_policy_bundles() -> tuple[str, ...]:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jwt
 import openai
 import orjson
 import pytest
@@ -242,9 +243,13 @@ async def test_signed_activations_carry_the_signer_and_refused_bundles_leave_no_
     forger, _, _ = signing_key(tmp_path / "forger")
     bundle = candidate(tmp_path, 100, "rev-1")
 
+    signed_at: list[int] = []
+
     def sign(key: Path) -> None:
         args = ["policy", "sign", str(bundle), "--key", str(key), "--key-id", key_id]
         assert warden_main(args) == 0
+        token = json.loads((bundle / ".signatures.json").read_text())["signatures"][0]
+        signed_at.append(jwt.decode(token, options={"verify_signature": False})["iat"])
 
     sign(private)
     rev1_sha256 = policy_files_sha256(bundle)
@@ -294,12 +299,14 @@ async def test_signed_activations_carry_the_signer_and_refused_bundles_leave_no_
         "revision": "rev-1",
         "previous_revision": None,
         "manifest_sha256": rev1_sha256,
+        "signed_at": {"rev-1": signed_at[0]},
     }
     assert changes[2]["body"] == {
         **common,
         "revision": "rev-2",
         "previous_revision": "rev-1",
         "manifest_sha256": rev2_sha256,
+        "signed_at": {"rev-1": signed_at[-1]},
     }
     summary = (out / "SUMMARY.md").read_text()
     for revision, previous, digest in (

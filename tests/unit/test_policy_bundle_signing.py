@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import jwt
@@ -12,7 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from warden.config import SigningConfig
-from warden.policy.bundle import BundleError, load_bundle
+from warden.policy.bundle import BundleError, load_bundle, merge_bundles
+from warden.policy.bundle.order import SignedMark, check_order
 from warden.policy.bundle.sign import sign_bundle
 from warden.policy.bundle.signatures import file_digest
 
@@ -170,3 +173,38 @@ def test_sign_bundle_rejects_bad_input(tmp_path: Path) -> None:
         sign_bundle(root, b"", "k", "HS256")
     with pytest.raises(BundleError, match="cannot sign"):
         sign_bundle(root, b"not a key", "k", "RS256")
+
+
+def test_signing_times_are_kept_checked_and_merged(
+    tmp_path: Path, rsa_keys: tuple[bytes, str]
+) -> None:
+    """``iat`` is the signing time; one in the future beyond the clock skew is refused."""
+    private, public = rsa_keys
+    signing = SigningConfig(required=True, keys={"k1": public})
+    support = make_bundle(tmp_path / "support")
+    sign_bundle(support, private, "k1", issued_at=1_700_000_000)
+    assert load_bundle(support, signing=signing).signed_at == {"support": 1_700_000_000}
+    billing = tmp_path / "billing"
+    (billing / "billing").mkdir(parents=True)
+    (billing / "billing" / "p.rego").write_text("package billing\n\nx := 1\n")
+    (billing / ".manifest").write_text('{"roots": ["billing"]}')
+    sign_bundle(billing, private, "k1", issued_at=1_700_000_500)
+    merged = merge_bundles(
+        [load_bundle(support, signing=signing), load_bundle(billing, signing=signing)]
+    )
+    assert merged.signed_at == {"support": 1_700_000_000, "billing": 1_700_000_500}
+    assert load_bundle(support).signed_at is None  # not verified: no time claimed
+    sign_bundle(support, private, "k1", issued_at=int(time.time()) + 3600)
+    with pytest.raises(BundleError, match="signature check failed.*not yet valid"):
+        load_bundle(support, signing=signing)
+
+
+def test_check_order_refuses_older_and_untimed_once_a_mark_exists(tmp_path: Path) -> None:
+    bundle = load_bundle(make_bundle(tmp_path / "support"))
+    marks = {"support": SignedMark("support", 1_000, "rev-9", 0.0)}
+    check_order(replace(bundle, signed_at={"support": 1_000}), marks)  # the same time: fine
+    check_order(replace(bundle, signed_at={"other": 5}), marks)  # no mark for its name
+    with pytest.raises(BundleError, match=r"support: signed at .* \(revision rev-9\)"):
+        check_order(replace(bundle, signed_at={"support": 999}), marks)
+    with pytest.raises(BundleError, match="carries no signing time"):
+        check_order(replace(bundle, signed_at={"support": None}), marks)

@@ -87,6 +87,11 @@ class BundleLike(Protocol):
         """SHA-256 of each file, by bundle path."""
         ...
 
+    @property
+    def signed_at(self) -> Mapping[str, int | None] | None:
+        """When each verified bundle was signed (Unix seconds), by name."""
+        ...
+
 
 class ChangeSink(Protocol):
     """Where change records go: the audit log's ``append``."""
@@ -117,6 +122,7 @@ def activation_body(
         "previous_revision": previous,
         "manifest_sha256": manifest_sha256(bundle.file_hashes),
         "signed_by": bundle.signed_by,
+        "signed_at": dict(bundle.signed_at) if bundle.signed_at else None,
         "source": bundle.source,
         "name": bundle.name,
     }

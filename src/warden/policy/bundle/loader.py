@@ -107,9 +107,9 @@ def build_bundle(
 ) -> Bundle:
     """Turn raw bundle files into a checked :class:`Bundle` (see :func:`load_bundle`)."""
     label = source
-    signed_by: str | None = None
+    signature = None
     if signing is not None and (signing.required or signing.keys):
-        signed_by = verify_bundle_files(files, signing, label=label)
+        signature = verify_bundle_files(files, signing, label=label)
     revision, roots = parse_manifest(label, files)
     modules: list[Module] = []
     data: dict[str, Any] = {}
@@ -160,10 +160,11 @@ def build_bundle(
         data=data,
         source=source,
         name=name,
-        signed_by=signed_by,
+        signed_by=signature.key_id if signature is not None else None,
         file_hashes={
             k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items()) if is_policy_file(k)
         },
+        signed_at={name or source: signature.issued_at} if signature is not None else None,
     )
 
 
@@ -232,4 +233,15 @@ def merge_bundles(bundles: Sequence[Bundle]) -> Bundle:
             for i, b in enumerate(bundles)
             for k, v in (b.file_hashes or {}).items()
         },
+        signed_at=_signing_times(bundles),
     )
+
+
+def _signing_times(bundles: Sequence[Bundle]) -> dict[str, int | None] | None:
+    """Each signed bundle's signing time by name; two of one name keep the older (or none)."""
+    times: dict[str, int | None] = {}
+    for bundle in bundles:
+        for name, at in (bundle.signed_at or {}).items():
+            kept = times.get(name, at)
+            times[name] = None if kept is None or at is None else min(kept, at)
+    return times or None

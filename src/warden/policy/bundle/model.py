@@ -9,7 +9,7 @@ from typing import Any
 
 from warden.errors import PolicyError
 
-__all__ = ["Bundle", "BundleError", "Module", "package_path"]
+__all__ = ["Bundle", "BundleError", "BundleSignature", "Module", "package_path"]
 
 PACKAGE = re.compile(r"^[ \t]*package[ \t]+([^\s#]+)", re.MULTILINE)
 _PKG_SEGMENT = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)|\["([^"]*)"\]')
@@ -32,6 +32,18 @@ class Module:
         return package_path(self.source)
 
 
+@dataclass(frozen=True, slots=True)
+class BundleSignature:
+    """A verified ``.signatures.json``: the key that checked it and when it was signed.
+
+    ``issued_at`` is the JWT's ``iat`` (Unix seconds), which ``warden policy
+    sign`` writes; ``None`` for a signature without one (``opa sign``).
+    """
+
+    key_id: str
+    issued_at: int | None = None
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A loaded, checked bundle (or several merged with ``merge_bundles``).
@@ -52,6 +64,9 @@ class Bundle:
     signed_by: str | None = None
     file_hashes: Mapping[str, str] | None = None
     """SHA-256 of each file's bytes, by bundle path; for status and audit."""
+    signed_at: Mapping[str, int | None] | None = None
+    """When each verified bundle was signed, by bundle name (``None``: the
+    signature carries no time); bundles not verified are absent."""
 
 
 def package_path(source: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,15 @@ def sign_bundle(
     algorithm: str = "RS256",
     *,
     scope: str | None = None,
+    issued_at: int | None = None,
 ) -> None:
     """Write ``.signatures.json`` for a bundle directory, as ``opa sign`` does.
 
     Every file in the directory (hidden ones aside) is listed with its SHA-256
     digest; the key id goes in the JWT header (``kid``) and, for older OPA
-    versions, in the payload (``keyid``).
+    versions, in the payload (``keyid``). The signing time goes in ``iat``
+    (``issued_at``, Unix seconds; now by default): Warden refuses a bundle
+    signed before the newest one of its name it activated (ADR 0014).
     """
     if algorithm not in SIGNING_ALGORITHMS:
         raise BundleError(f"unsupported signing algorithm {algorithm!r}")
@@ -36,7 +40,11 @@ def sign_bundle(
     if not root.is_dir():
         raise BundleError(f"{root}: sign_bundle needs a bundle directory")
     files = read_bundle_files(root)
-    payload: dict[str, Any] = {"files": signed_files_payload(files), "keyid": key_id}
+    payload: dict[str, Any] = {
+        "files": signed_files_payload(files),
+        "keyid": key_id,
+        "iat": int(time.time()) if issued_at is None else issued_at,
+    }
     if scope is not None:
         payload["scope"] = scope
     pem = private_key_pem.encode() if isinstance(private_key_pem, str) else private_key_pem

@@ -18,13 +18,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from warden.policy.bundle.files import SIGNATURES_FILE
-from warden.policy.bundle.model import BundleError
+from warden.policy.bundle.model import BundleError, BundleSignature
 from warden.policy.bundle.signatures import SIGNING_ALGORITHMS, file_digest
 
 if TYPE_CHECKING:
     from warden.config import SigningConfig
 
 __all__ = ["verify_bundle_files"]
+
+# How far ahead of this clock a signing time may be: a signer's clock a little
+# fast must not make a fresh bundle unusable.
+_CLOCK_SKEW_S = 300
 
 
 def _load_public_key(key_id: str, value: str) -> Any:
@@ -86,10 +90,26 @@ def _verified_payload(token: str, signing: SigningConfig, where: str) -> tuple[s
     if alg not in allowed:
         raise BundleError(f"{where}: algorithm {alg!r} does not fit key {key_id!r} ({allowed})")
     try:
-        payload = jwt.decode(token, key, algorithms=allowed, options={"verify_aud": False})
+        payload = jwt.decode(
+            token,
+            key,
+            algorithms=allowed,
+            options={"verify_aud": False},
+            leeway=_CLOCK_SKEW_S,
+        )
     except jwt.PyJWTError as exc:
         raise BundleError(f"{where}: signature check failed with key {key_id!r}: {exc}") from None
     return key_id, payload
+
+
+def _issued_at(payload: Mapping[str, Any], where: str) -> int | None:
+    """The signing time (``iat``); PyJWT has checked it is an integer not in the future."""
+    iat = payload.get("iat")
+    if iat is None:
+        return None
+    if isinstance(iat, bool) or not isinstance(iat, int | float):
+        raise BundleError(f"{where}: iat must be a number of seconds")
+    return int(iat)
 
 
 def _listed_files(payload: Mapping[str, Any], where: str) -> dict[str, tuple[str, str]]:
@@ -107,8 +127,8 @@ def _listed_files(payload: Mapping[str, Any], where: str) -> dict[str, tuple[str
 
 def verify_bundle_files(
     files: Mapping[str, bytes], signing: SigningConfig, *, label: str = "bundle"
-) -> str | None:
-    """Check ``.signatures.json`` against the configured keys; return the key id used.
+) -> BundleSignature | None:
+    """Check ``.signatures.json`` against the configured keys; return what verified it.
 
     Returns ``None`` for an unsigned bundle when signatures are not required
     (or when no keys are configured to check one). Raises :class:`BundleError`
@@ -139,4 +159,4 @@ def verify_bundle_files(
     if listed:
         missing = ", ".join(sorted(listed))
         raise BundleError(f"{where}: signed files missing from the bundle: {missing}")
-    return key_id
+    return BundleSignature(key_id, _issued_at(payload, where))

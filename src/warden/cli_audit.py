@@ -31,10 +31,9 @@ from warden.audit.checkpoint import NoteError, NoteVerifier
 from warden.audit.export import EXPORT_FORMATS, ExportError, Selection, export_log, inclusion_proof
 from warden.audit.export import parse_time as _parse_time
 from warden.audit.layout import Layout, LogLocked
-from warden.audit.log import AuditLog
 from warden.audit.subjects import SubjectKeys
 from warden.audit.verify import verify_log
-from warden.config import AuditConfig, load_config
+from warden.config import AuditConfig, Config, load_config
 from warden.errors import AuditError, ConfigError
 from warden.state.postgres import PgTarget
 
@@ -148,9 +147,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     erase = commands.add_parser(
         "erase",
-        help="destroy a data subject's key (GDPR / CCPA erasure)",
-        description="Destroy the encryption key of one data subject (a customer id). Their "
-        "personal fields become unreadable; every hash and checkpoint still verifies.",
+        help="erase a data subject: their key, and their rows in the state store (GDPR / CCPA)",
+        description="Destroy the encryption key of one data subject (a customer id): their "
+        "personal fields become unreadable, and every hash and checkpoint still verifies. "
+        "Their call links, approvals' arguments and Responses chains in the state store "
+        "(state.url) are erased too: here when Warden is stopped, else by the running "
+        "Warden at its next checkpoint.",
     )
     common(erase, key=False)
     erase.add_argument("--subject", required=True, metavar="ID", help="the customer id")
@@ -189,12 +191,18 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
     return run
 
 
-def _audit_config(args: argparse.Namespace) -> AuditConfig:
+def _config(args: argparse.Namespace) -> Config:
     path = args.audit_config or getattr(args, "config", None) or os.environ.get("WARDEN_CONFIG")
-    audit = load_config(path).audit
+    config = load_config(path)
     if args.dir:
-        audit = audit.model_copy(update={"dir": args.dir})
-    return audit
+        config = config.model_copy(
+            update={"audit": config.audit.model_copy(update={"dir": args.dir})}
+        )
+    return config
+
+
+def _audit_config(args: argparse.Namespace) -> AuditConfig:
+    return _config(args).audit
 
 
 def _root(args: argparse.Namespace) -> Path:
@@ -393,36 +401,48 @@ def _proof(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _erase_through_log(config: AuditConfig, subject: str) -> bool:
-    log = await AuditLog.open(config)
-    try:
-        return await log.erase_subject(subject)
-    finally:
-        await log.close()
-
-
 @_guarded
 def _erase(args: argparse.Namespace) -> int:
-    config = _audit_config(args)
+    from warden.erasure import erase_stopped  # the state store's modules: only here
+
+    config = _config(args)
     root = _root(args)
     try:
-        existed = asyncio.run(_erase_through_log(config, args.subject))
-        recorded = True
+        erasure = asyncio.run(erase_stopped(config, args.subject))
     except AuditError as exc:
         if not isinstance(exc.__cause__, LogLocked):
             raise
-        # A running Warden holds the log: destroy the key here; Warden notices
-        # at its next checkpoint, drops its cached copy and records the erasure.
+        # A running Warden holds the log: destroy the key here and leave a note;
+        # at its next checkpoint Warden drops its cached copy, erases the subject
+        # from its state store and memory, and records the erasure.
         keys = SubjectKeys.open(root, create=False)
-        existed = keys.erase(keys.ref(args.subject))
-        recorded = False
+        ref = keys.ref(args.subject)
+        existed = keys.erase(ref)
+        keys.note_erasure(ref, key_destroyed=existed)
+        _erased(existed)
+        print(
+            "note: Warden is running; at its next checkpoint it erases the subject from its "
+            "state store and records the erasure"
+        )
+        return EXIT_OK
+    _erased(erasure.key_destroyed)
+    if erasure.state is None:
+        print(
+            "error: the state store could not be reached; Warden erases the subject there "
+            "at its next checkpoint once it runs",
+            file=sys.stderr,
+        )
+        return EXIT_DAMAGED
+    shown = ", ".join(f"{what} {n}" for what, n in sorted(erasure.state.items()) if n)
+    print(f"state store: {shown or 'nothing held about this subject'}")
+    return EXIT_OK
+
+
+def _erased(existed: bool) -> None:
     if existed:
         print("erased: the subject's key is destroyed; their personal fields can no longer be read")
     else:
-        print("nothing to erase: no key for this subject (never recorded, or already erased)")
-    if not recorded:
-        print("note: Warden is running; it records the erasure at its next checkpoint")
-    return EXIT_OK
+        print("nothing to erase in the log: no key for this subject (never recorded, or erased)")
 
 
 @_guarded

@@ -36,6 +36,7 @@ from warden.budgets.prices import PriceTable
 from warden.config import Config
 from warden.console import Console, console_app
 from warden.core import Governor
+from warden.erasure import StateEraser
 from warden.ingress.base import FrontDoor
 from warden.ingress.envoy_authz import ExtAuthzService
 from warden.ingress.envoy_proc import ExtProcService
@@ -50,6 +51,7 @@ from warden.ops import tracing
 from warden.ops.health import add_health_routes
 from warden.ops.metrics import STATE_UP
 from warden.pipeline import Guard, Pipeline
+from warden.policy.bundle.order import SignedOrder
 from warden.policy.challenger import Challenger
 from warden.policy.engine import PolicyEngine
 from warden.policy.guard import PolicyGuard
@@ -178,11 +180,7 @@ class Warden:
             default_effect=cfg.policy.default_effect,
             unknown_calls_to_policy=cfg.policy.unknown_calls == "policy",
         )
-        self.core = core = Governor(
-            pipeline, gate=gate, links=CallLinks(state.links), chains=sessions
-        )
-        await core.start()
-        stack.push_async_callback(core.close)  # after the doors: drains their outcomes
+        self.core = core = await self._start_core(pipeline, gate, sessions, approvals)
         if not self._listeners:
             await self._start_doors(core, self._extra_doors)
             stack.callback(gate.stop_holding)
@@ -236,15 +234,34 @@ class Warden:
         stack.callback(gate.stop_holding)
         log.info("proxy listening on %s, admin on %s", self.proxy_url, self.admin_url)
 
+    async def _start_core(
+        self, pipeline: Pipeline, gate: ApprovalGate, sessions: SessionGuard, approvals: Approvals
+    ) -> Governor:
+        """The governor, with its call links; erasing a data subject reaches both stores."""
+        assert self._audit is not None
+        assert self._state is not None
+        state = self._state
+        core = Governor(pipeline, gate=gate, links=CallLinks(state.links), chains=sessions)
+        await core.start()
+        self._stack.push_async_callback(core.close)  # after the doors: drains their outcomes
+        # An erased data subject is erased from the state store and memory too.
+        self._audit.on_erase(StateEraser(core.links, approvals, state.sessions))
+        return core
+
     async def _start_policy(self, audit: AuditLog) -> tuple[PolicyEngine, PolicyGuard]:
         """The policy engine (and the challenger beside it, if configured) and its guard."""
         cfg = self.config
         # ext_authz's query is compiled beside policy.query (undefined if the bundle lacks it).
+        record = ActivationRecorder(audit)
+        marks = self._state.signed_marks if self._state is not None else None
         engine = await PolicyEngine.start(
             cfg.policy,
             entrypoints=(cfg.ext_authz.query,),
-            # Every activation is recorded (durably) just before it is swapped in.
-            pre_activate=ActivationRecorder(audit),
+            # Every activation is recorded (durably) just before it is swapped in,
+            # after an older signed bundle has been refused (rollback protection).
+            pre_activate=record
+            if marks is None
+            else SignedOrder(marks, allow_older=cfg.policy.signing.allow_older, then=record),
         )
         self._stack.push_async_callback(engine.close)
         guard = PolicyGuard(engine, cfg.policy)

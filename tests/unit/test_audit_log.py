@@ -18,8 +18,9 @@ import pytest
 from warden.audit import ApprovalEvidence, AuditLog, arguments_sha256
 from warden.audit import segments as segments_module
 from warden.audit.layout import Layout
+from warden.audit.log import Erasure
 from warden.audit.merkle import leaf_hash
-from warden.audit.subjects import SubjectKeys
+from warden.audit.subjects import SubjectKeys, SubjectMatch
 from warden.audit.verify import iter_records, verify_log
 from warden.config import AuditConfig
 from warden.errors import AuditError
@@ -449,6 +450,93 @@ async def test_personal_fields_are_sealed_per_subject_and_erasable(log: AuditLog
     await log.checkpoint()
     report = verify_log(log.directory)
     assert report.ok, report.damage
+
+
+async def test_erasure_reaches_other_stores_and_records_what_they_erased(log: AuditLog) -> None:
+    seen: list[SubjectMatch] = []
+
+    async def eraser(match: SubjectMatch) -> dict[str, int]:
+        seen.append(match)
+        return {"call_links": 2 if match.names(context={"customer_id": "cus_ann"}) else 0}
+
+    log.on_erase(eraser)
+    await log.record_decision(sample_action(customer="cus_ann"), sample_decision())
+    erasure = await log.erase("cus_ann")
+    assert erasure == Erasure(log.subject_ref("cus_ann"), True, {"call_links": 2})
+    assert seen[0].refs == {log.subject_ref("cus_ann")}
+    record = _records(log.directory)[-1]
+    assert record["body"] == {
+        "subject": log.subject_ref("cus_ann"),
+        "key_destroyed": True,
+        "state": {"call_links": 2},
+    }
+
+
+async def test_an_erasure_the_state_store_missed_is_finished_at_a_checkpoint(
+    tmp_path: Path,
+) -> None:
+    log = await AuditLog.open(AuditConfig(dir=str(tmp_path / "audit"), checkpoint_interval_s=0.05))
+    down = True
+
+    async def eraser(match: SubjectMatch) -> dict[str, int]:
+        if down:
+            raise ConnectionError("the state store is down")
+        return {"approvals": 1}
+
+    log.on_erase(eraser)
+    try:
+        await log.record_decision(sample_action(customer="cus_ann"), sample_decision())
+        erasure = await log.erase("cus_ann")
+        assert erasure.key_destroyed
+        assert erasure.state is None
+        keys = SubjectKeys.open(log.directory, create=False)
+        assert keys.noted_erasures() == {erasure.subject: True}
+        await asyncio.sleep(0.2)  # checkpoints try again, and record nothing meanwhile
+        assert [r["body"]["state"] for r in _records(log.directory)[1:]] == [None]
+        down = False
+        for _ in range(100):
+            if keys.noted_erasures() == {}:
+                break
+            await asyncio.sleep(0.02)
+        bodies = [r["body"] for r in _records(log.directory) if r["kind"] == "erasure"]
+        assert bodies[-1] == {
+            "subject": erasure.subject,
+            "key_destroyed": True,
+            "state": {"approvals": 1},
+        }
+        assert len(bodies) == 2
+    finally:
+        await log.close()
+
+
+async def test_a_running_log_finishes_an_erasure_the_cli_noted(tmp_path: Path) -> None:
+    """The subject's key was never loaded by this process: only the note tells it."""
+    root = tmp_path / "audit"
+    first = await AuditLog.open(_config(root))
+    await first.record_decision(sample_action(customer="cus_ann"), sample_decision())
+    await first.close()
+    log = await AuditLog.open(AuditConfig(dir=str(root), checkpoint_interval_s=0.05))
+    called: list[SubjectMatch] = []
+
+    async def eraser(match: SubjectMatch) -> dict[str, int]:
+        called.append(match)
+        return {}
+
+    log.on_erase(eraser)
+    try:
+        keys = SubjectKeys.open(root, create=False)
+        ref = keys.ref("cus_ann")
+        keys.note_erasure(ref, keys.erase(ref))  # what `warden audit erase` does meanwhile
+        for _ in range(100):
+            if called and keys.noted_erasures() == {}:
+                break
+            await asyncio.sleep(0.02)
+        assert [m.refs for m in called] == [{ref}]
+        erasure = _records(root)[-1]
+        assert erasure["kind"] == "erasure"
+        assert erasure["body"] == {"subject": ref, "key_destroyed": True, "state": {}}
+    finally:
+        await log.close()
 
 
 async def test_sealed_fields_are_bound_to_their_record(log: AuditLog) -> None:

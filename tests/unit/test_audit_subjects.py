@@ -152,3 +152,18 @@ async def test_claims_that_name_the_subject_are_sealed_and_go_with_erasure(tmp_p
     records, raw = stored(tmp_path)
     assert b"alice@example.com" not in raw
     assert b"idp.example" not in raw  # sealed with the rest, gone with the key
+
+
+def test_erasure_notes_name_only_the_reference_and_count_no_key(tmp_path: Path) -> None:
+    keys = SubjectKeys.open(tmp_path, max_keys=10)
+    ref = keys.ref("cus_a")
+    keys.load_or_create(ref)
+    keys.note_erasure(ref, keys.erase(ref))
+    keys.note_erasure(ref, False)  # erased again: the first erasure's key still counts
+    assert keys.noted_erasures() == {ref: True}
+    assert SubjectKeys.open(tmp_path, max_keys=10).count == 0
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and b"cus_a" in p.read_bytes()]
+    with pytest.raises(ValueError, match="not a subject reference"):
+        keys.note_erasure("../keys/subject-salt", True)
+    keys.finish_erasure(ref)
+    assert keys.noted_erasures() == {}

@@ -27,6 +27,7 @@ from warden.approvals.model import (
 from warden.approvals.owner import Owner
 from warden.config import StateConfig
 from warden.model import Action, ActionKind, Agent, RequestMeta, Stage
+from warden.policy.bundle.order import SignedMark
 from warden.state import Hold, KillSwitchRow
 from warden.state.backend import StateBackend, open_state
 from warden.state.links import Link, LinkOp
@@ -160,6 +161,27 @@ async def test_killswitches_add_list_and_clear(state: StateBackend) -> None:
     assert await repo.clear_killswitch("ks_2", "bob") is None
     assert await repo.clear_killswitch("ks_unknown", "bob") is None
     assert [s.id for s in await repo.active_killswitches()] == ["ks_1"]
+
+
+# -- signed bundles ------------------------------------------------------------------------------
+
+
+async def test_signed_marks_only_move_up_and_are_shared(open_backend: Opener) -> None:
+    one, two = await open_backend(), await open_backend()
+    assert one.signed_marks is not None
+    assert two.signed_marks is not None
+    assert await one.signed_marks.signed_marks(["support"]) == {}
+    await one.signed_marks.raise_signed_marks([SignedMark("support", 200, "rev-2", 1.0)])
+    # An older mark (a sidecar activating late) never lowers it; a newer one raises it.
+    await two.signed_marks.raise_signed_marks(
+        [SignedMark("support", 100, "rev-1", 2.0), SignedMark("billing", 50, "b-1", 2.0)]
+    )
+    assert await one.signed_marks.signed_marks(["support", "billing", "other"]) == {
+        "support": SignedMark("support", 200, "rev-2", 1.0),
+        "billing": SignedMark("billing", 50, "b-1", 2.0),
+    }
+    await two.signed_marks.raise_signed_marks([SignedMark("support", 300, "rev-3", 3.0)])
+    assert (await one.signed_marks.signed_marks(["support"]))["support"].revision == "rev-3"
 
 
 # -- approvals ---------------------------------------------------------------------------------

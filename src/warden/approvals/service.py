@@ -11,7 +11,8 @@ Two ways to hold an action for people, chosen per request by ``mode``:
 
 Every step is an audit record linked to the decision id: ``approval_requested``,
 ``approval_notified``, ``approval_decided`` (one per vote), ``approval_expired``,
-``approval_cancelled`` and ``approval_executed``.
+``approval_cancelled`` (a kill switch, or the erasure of the action's data
+subject) and ``approval_executed``.
 
 Several sidecars may share one database: decisions are atomic in SQLite, and
 a waiter is woken at once by a decision made in its own process and within
@@ -57,12 +58,18 @@ from warden.approvals.model import (
 )
 from warden.approvals.notify import Delivery, Notifier
 from warden.approvals.owner import Owner
-from warden.approvals.store import ApprovalRepo, ApprovalStore
+from warden.approvals.store import (
+    ERASED_BY,
+    ERASED_REASON,
+    ApprovalRepo,
+    ApprovalStore,
+    ErasedApprovals,
+)
 from warden.audit.record import action_body, arguments_sha256
 from warden.model import Action, Decision, new_id
 from warden.ops import metrics as ops_metrics
 from warden.pipeline import AuditSink
-from warden.state.repos import APPROVALS, ChangeFeed
+from warden.state.repos import APPROVALS, ChangeFeed, ErasedSubjects
 
 __all__ = ["Approvals"]
 
@@ -472,6 +479,34 @@ class Approvals:
         if cancelled:
             await self._refresh_gauge()
         return len(cancelled)
+
+    async def erase(self, erased: ErasedSubjects) -> ErasedApprovals:
+        """Erase a data subject from the approvals (GDPR / CCPA erasure).
+
+        Approvals whose display arguments name the subject keep their ids and
+        status but lose their arguments and argument hashes; those still
+        pending, or approved and not used, are rejected first, as a kill switch
+        rejects them: nothing may act for an erased subject, and a held agent
+        is woken and refused (see :meth:`ApprovalRepo.erase`).
+        """
+        done = await self._store.erase(erased, time.time())
+        for approval in done.revoked:
+            self._finished(approval)
+            self._notifier.notify("approval.rejected", approval)
+            await self._record(
+                "approval_cancelled",
+                approval,
+                {
+                    "who": ERASED_BY,
+                    "reason": ERASED_REASON,
+                    "at": rfc3339(approval.decided_at or 0),
+                },
+            )
+        if done.revoked:
+            await self._refresh_gauge()
+        elif done.erased:
+            self._changed()
+        return done
 
     async def list(self, status: str | None = None) -> builtins.list[Approval]:
         """Approvals with ``status`` (every one when ``None``), oldest first.

@@ -4,8 +4,9 @@
 :class:`ApprovalStore` keeps approvals in SQLite, in the same database file as
 the state store (:class:`warden.state.pg_approvals.PgApprovalStore` keeps them
 in PostgreSQL). The rules shared by both (how a vote changes an approval,
-which holds are orphaned) are the pure functions :func:`apply_vote` and
-:func:`orphaned_holds`.
+which holds are orphaned, which approvals name an erased data subject) are
+the pure functions :func:`apply_vote`, :func:`orphaned_holds` and
+:func:`names_erased`.
 
 The SQLite store keeps its own connection, used from one dedicated thread like
 :class:`warden.state.sqlite.StateStore`, with the same pragmas (WAL, busy
@@ -19,9 +20,9 @@ from __future__ import annotations
 import builtins
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import orjson
 
@@ -36,13 +37,21 @@ from warden.approvals.model import (
 from warden.approvals.owner import Owner, provably_dead, stale
 from warden.errors import ConfigError
 from warden.state.base import SqliteStore, immediate
+from warden.state.repos import ErasedSubjects
 
 __all__ = [
     "COLUMNS",
+    "ERASED_ARGUMENTS",
+    "ERASED_BY",
+    "ERASED_REASON",
     "ApprovalRepo",
     "ApprovalStore",
+    "ErasedApprovals",
     "apply_vote",
+    "erase_params",
+    "erase_statement",
     "from_row",
+    "names_erased",
     "orphaned_holds",
     "to_row",
 ]
@@ -56,6 +65,34 @@ COLUMNS = (
 )
 # Columns added after the first release, created on open when an older file lacks them.
 _ADDED_COLUMNS = (("owner", "TEXT"),)
+
+ERASED_ARGUMENTS: Final = '{"erased":true}'
+"""The display arguments of an approval whose data subject was erased (JSON)."""
+ERASED_BY: Final = "erasure"
+"""``decided_by`` of approvals rejected because their data subject was erased."""
+ERASED_REASON: Final = "the data subject was erased"
+# One statement, the same on both backends: an approval still pending, or
+# approved and not used yet, is rejected (nothing may act for an erased
+# subject); every one loses its display arguments and argument hashes
+# (binding ''), so it matches no call again. Status and ids stay, for the history.
+_ERASE = (
+    "UPDATE approvals SET arguments = {p}, arguments_sha256 = '', binding = '', "
+    "decided_at = CASE WHEN status IN ('pending', 'approved') THEN {p} ELSE decided_at END, "
+    "decided_by = CASE WHEN status IN ('pending', 'approved') THEN {p} ELSE decided_by END, "
+    "comment = CASE WHEN status IN ('pending', 'approved') THEN {p} ELSE comment END, "
+    "status = CASE WHEN status IN ('pending', 'approved') THEN 'rejected' ELSE status END "
+    "WHERE id = {p} AND binding = {p}"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ErasedApprovals:
+    """What erasing a data subject did to the approvals (:meth:`ApprovalRepo.erase`)."""
+
+    erased: int
+    """Approvals whose display arguments and argument hashes were erased."""
+    revoked: tuple[Approval, ...] = ()
+    """Those of them that were pending, or approved and not used: now rejected."""
 
 
 class ApprovalRepo(Protocol):
@@ -147,9 +184,40 @@ class ApprovalRepo(Protocol):
         """Hold the oldest pending deferral with this binding in ``owner``."""
         ...
 
+    async def erase(self, erased: ErasedSubjects, now: float) -> ErasedApprovals:
+        """Erase the approvals whose display arguments name an erased data subject
+        (:func:`names_erased`): arguments become :data:`ERASED_ARGUMENTS`, the
+        argument hash and binding are cleared, and a pending or approved-but-unused
+        one is rejected (``decided_by`` :data:`ERASED_BY`)."""
+        ...
+
     async def close(self) -> None:
         """Release what this repository holds (a shared pool stays open)."""
         ...
+
+
+def names_erased(erased: ErasedSubjects, approval: Approval) -> bool:
+    """Whether an approval names an erased data subject, as far as its row can tell.
+
+    The row keeps the display arguments only (no context, no agent claims):
+    only ``action.arguments.<path>`` sources can match, and not through a
+    path the policy redacted from the display.
+    """
+    return (
+        approval.binding != ""  # erased already
+        and isinstance(approval.arguments, Mapping)
+        and erased.names(arguments=approval.arguments)
+    )
+
+
+def erase_params(approval: Approval, now: float) -> tuple[Any, ...]:
+    """The parameters of the erasing ``UPDATE`` for one approval (SQLite or PostgreSQL)."""
+    return (ERASED_ARGUMENTS, now, ERASED_BY, ERASED_REASON, approval.id, approval.binding)
+
+
+def erase_statement(placeholder: str) -> str:
+    """The erasing ``UPDATE`` with the backend's placeholder (``?`` or ``%s``)."""
+    return _ERASE.format(p=placeholder)
 
 
 def apply_vote(before: Approval, vote: Vote) -> Approval:
@@ -299,6 +367,26 @@ class ApprovalStore(SqliteStore):
                 "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 to_row(a),
             )
+
+    async def erase(self, erased: ErasedSubjects, now: float) -> ErasedApprovals:
+        """Erase the approvals that name an erased data subject (see :class:`ApprovalRepo`)."""
+        return await self._run(self._erase, erased, now)
+
+    def _erase(self, erased: ErasedSubjects, now: float) -> ErasedApprovals:
+        with immediate(self._conn) as cur:
+            found = [
+                a
+                for a in (from_row(r) for r in cur.execute(f"SELECT {COLUMNS} FROM approvals"))  # noqa: S608
+                if names_erased(erased, a)
+            ]
+            cur.executemany(erase_statement("?"), [erase_params(a, now) for a in found])
+            after = [self._get(a.id) for a in found]
+        revoked = tuple(
+            a
+            for a, before in zip(after, found, strict=True)
+            if a is not None and a.status is not before.status
+        )
+        return ErasedApprovals(len(found), revoked)
 
     async def pending_for(self, binding: str, now: float) -> Approval | None:
         """The oldest pending, unexpired approval with this binding, if any."""

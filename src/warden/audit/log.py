@@ -32,7 +32,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,12 +58,12 @@ from warden.audit.record import (
 )
 from warden.audit.redaction import REDACT_ALL
 from warden.audit.segments import SegmentWriter, TreeState, frame, open_writer
-from warden.audit.subjects import UNUSABLE, SubjectKeys, subject_value
+from warden.audit.subjects import UNUSABLE, SubjectKeys, SubjectMatch, subject_value
 from warden.config import AuditConfig
 from warden.errors import AuditError
 from warden.model import Action, Decision, Outcome
 
-__all__ = ["MAX_RECORD_BYTES", "AuditLog", "Follower"]
+__all__ = ["MAX_RECORD_BYTES", "AuditLog", "Erasure", "Follower", "SubjectEraser"]
 
 log = logging.getLogger("warden.audit")
 
@@ -118,6 +118,23 @@ def _open_blocking(config: AuditConfig) -> _Opened:
 
 Follower = Callable[[int, list[Mapping[str, Any]]], None]
 """Called with the first sequence number of a durable batch and its records."""
+
+SubjectEraser = Callable[[SubjectMatch], Awaitable[Mapping[str, int]]]
+"""Erases what a store beyond the log holds about the subjects matched; counts by what."""
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """What erasing one data subject did (:meth:`AuditLog.erase`)."""
+
+    subject: str
+    """The pseudonymous reference the erasure record names (never the subject id)."""
+    key_destroyed: bool
+    state: Mapping[str, int] | None
+    """What the state store (and this process's memory) erased, by what (``call_links``,
+    ``approvals``...); ``None`` when it could not be reached: Warden tries again at each
+    checkpoint, and when it next starts, until it can."""
+
 
 _Done = Callable[[Any, BaseException | None], None]
 """Called on the event loop with a job's result, or the exception it raised."""
@@ -231,6 +248,7 @@ class AuditLog:
         self._records: list[Mapping[str, Any]] = []  # the frames' records, for followers
         self._waiters: list[asyncio.Future[None]] = []
         self._followers: list[Follower] = []
+        self._erasers: list[SubjectEraser] = []
         self._writing = False
         """A batch is due to start, on the I/O thread, or waking its appenders."""
         self._idle: list[asyncio.Future[None]] = []  # _drain() waiting for the last batch
@@ -313,6 +331,16 @@ class AuditLog:
         written. A follower that raises is logged, never fails the log.
         """
         self._followers.append(follower)
+
+    def on_erase(self, eraser: SubjectEraser) -> None:
+        """Have every erasure of a data subject reach another store too (the state store).
+
+        ``eraser`` is called with the subjects to erase, by reference, each time
+        a subject is erased here (:meth:`erase`) or by the CLI while this process
+        holds the log; its counts go into the ``erasure`` record. An eraser that
+        raises leaves the erasure to be finished at the next checkpoint.
+        """
+        self._erasers.append(eraser)
 
     # -- recording -----------------------------------------------------------
 
@@ -418,15 +446,71 @@ class AuditLog:
         return ref
 
     async def erase_subject(self, subject_id: str) -> bool:
-        """Destroy a data subject's key (GDPR / CCPA erasure) and record that it happened.
+        """Erase a data subject (:meth:`erase`); return whether a key existed."""
+        return (await self.erase(subject_id)).key_destroyed
 
-        The erasure record names the subject only by its pseudonymous
-        reference. Returns whether a key existed.
+    async def erase(self, subject_id: str) -> Erasure:
+        """Erase a data subject (GDPR / CCPA): destroy their key, then what other stores
+        hold about them (:meth:`on_erase`), and record that it happened.
+
+        The ``erasure`` record names the subject only by its pseudonymous
+        reference, with what the other stores erased (counts). When one of them
+        cannot be reached, the record says so (``state: null``) and the rest is
+        done, and recorded, at a later checkpoint.
         """
         ref = self._subjects.ref(subject_id)
         existed = bool(await self._blocking(self._subjects.erase, ref))
-        await self.append("erasure", {"subject": ref, "key_destroyed": existed})
-        return existed
+        state = await self._erase_beyond(ref)
+        if state is None:
+            await self._blocking(self._subjects.note_erasure, ref, existed)
+        await self._record_erasure(ref, existed, state)
+        return Erasure(ref, existed, state)
+
+    async def _erase_beyond(self, ref: str) -> dict[str, int] | None:
+        """Run the erasers for ``ref``: summed counts, or ``None`` when one failed."""
+        match = SubjectMatch(frozenset({ref}), self._config.subjects.sources, self._subjects.ref)
+        counts: dict[str, int] = {}
+        try:
+            for eraser in self._erasers:
+                for what, n in (await eraser(match)).items():
+                    counts[what] = counts.get(what, 0) + n
+        except Exception as exc:
+            metrics.ERASURES.labels("state_unavailable").inc()
+            log.warning(
+                "audit: could not erase data subject %s from the state store (%s); "
+                "trying again at the next checkpoint",
+                ref,
+                type(exc).__name__,
+            )
+            return None
+        for what, n in counts.items():
+            metrics.ERASED_STATE.labels(what).inc(n)
+        return counts
+
+    async def _record_erasure(self, ref: str, existed: bool, state: dict[str, int] | None) -> None:
+        body = {"subject": ref, "key_destroyed": existed, "state": state}
+        await self.append("erasure", body)
+        if state is not None:
+            metrics.ERASURES.labels("done").inc()
+            log.info(
+                "audit: erased data subject %s (key destroyed: %s; state store: %s)",
+                ref,
+                existed,
+                ", ".join(f"{what} {n}" for what, n in sorted(state.items())) or "nothing kept",
+            )
+
+    async def _finish_noted_erasures(self) -> None:
+        """Finish the erasures made while this process held the log (by the CLI), or left
+        unfinished because the state store could not be reached."""
+        for ref in await self._blocking(self._subjects.forget_erased):
+            # A key file removed without a note (an older CLI): erased all the same.
+            await self._blocking(self._subjects.note_erasure, ref, True)
+        for ref, existed in (await self._blocking(self._subjects.noted_erasures)).items():
+            state = await self._erase_beyond(ref)
+            if state is None:
+                continue  # the note stays: the next checkpoint tries again
+            await self._record_erasure(ref, existed, state)
+            await self._blocking(self._subjects.finish_erasure, ref)
 
     def subject_ref(self, subject_id: str) -> str:
         """The pseudonymous reference that records use for ``subject_id``."""
@@ -677,8 +761,7 @@ class AuditLog:
             await asyncio.sleep(self._config.checkpoint_interval_s)
             try:
                 await self.checkpoint()
-                for ref in await self._blocking(self._subjects.forget_erased):
-                    await self.append("erasure", {"subject": ref, "key_destroyed": True})
+                await self._finish_noted_erasures()
             except AuditError:
                 return
 

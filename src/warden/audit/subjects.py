@@ -11,6 +11,11 @@ append-only.
 Key files are written and fsynced before any record that uses them, by the
 log's I/O thread.
 
+Erasure reaches beyond the log: :class:`SubjectMatch` tells the state store
+which of its rows name an erased subject, and an erasure the CLI makes while
+Warden runs leaves a note (:meth:`SubjectKeys.note_erasure`, the reference
+only) for the running Warden to finish and record.
+
 Keys are made only for subjects named by configured sources
 (``audit.subjects.sources``, see :func:`subject_value`), and at most
 ``audit.subjects.max_keys`` of them: an agent inventing customer ids cannot
@@ -24,7 +29,8 @@ import base64
 import hashlib
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +42,15 @@ from warden.audit import metrics
 from warden.audit.layout import fsync_dir
 from warden.model import Action
 
-__all__ = ["SEAL_ALG", "UNUSABLE", "SubjectKeys", "subject_value"]
+__all__ = ["SEAL_ALG", "UNUSABLE", "SubjectKeys", "SubjectMatch", "subject_value"]
 
 UNUSABLE = object()
 """What :func:`subject_value` returns for a subject it cannot name (not text or a number)."""
 
 SEAL_ALG = "A256GCM"
 _SALT_FILE = "subject-salt"
+_NOTES = "erasures"  # under the key store: erasures the running Warden still has to finish
+_REF_CHARS = frozenset("0123456789abcdef")
 _NONCE_BYTES = 12
 _MAX_CACHED = 100_000  # subject keys held in memory
 
@@ -56,6 +64,10 @@ def _write_new(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     fsync_dir(path.parent)
+
+
+def _is_ref(name: str) -> bool:
+    return len(name) == 32 and set(name) <= _REF_CHARS
 
 
 def _lookup(value: Any, parts: Sequence[str]) -> Any:
@@ -78,19 +90,52 @@ def subject_value(action: Action, sources: Sequence[str]) -> str | object | None
     which the log treats as personal data it cannot seal.
     """
     for source in sources:
-        root, _, rest = source.partition(".")
-        if root == "context":
-            found = _lookup(action.context, rest.split("."))
-        elif rest.startswith("arguments."):
-            found = _lookup(action.arguments, rest.split(".")[1:])
-        else:  # agent.claims.<path>
-            found = _lookup(action.agent.claims, rest.split(".")[1:])
+        found = _source(source, action.arguments, action.context, action.agent.claims)
         if found is None or found == "":
             continue
         if isinstance(found, str) or (isinstance(found, int) and not isinstance(found, bool)):
             return str(found)
         return UNUSABLE
     return None
+
+
+def _source(source: str, arguments: Any, context: Any, claims: Any) -> Any:
+    root, _, rest = source.partition(".")
+    if root == "context":
+        return _lookup(context, rest.split("."))
+    if rest.startswith("arguments."):
+        return _lookup(arguments, rest.split(".")[1:])
+    return _lookup(claims, rest.split(".")[1:])  # agent.claims.<path>
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectMatch:
+    """Which stored content names a data subject being erased (for stores beyond the log).
+
+    Subjects are known by reference (:meth:`SubjectKeys.ref`): a running
+    Warden learns of an erasure the CLI made only by reference. Content names
+    an erased subject when *any* configured source present in it does, not
+    only the first as when sealing: erasing a row too many is the safe side.
+    """
+
+    refs: frozenset[str]
+    sources: tuple[str, ...]
+    ref: Callable[[str], str]
+    """The keyed reference of a subject id (:meth:`SubjectKeys.ref`)."""
+
+    def names(self, *, arguments: Any = None, context: Any = None, claims: Any = None) -> bool:
+        """Whether these parts of an action name an erased subject.
+
+        A store passes what it keeps: a part it does not keep (``None``) names
+        nobody, so sources there cannot match.
+        """
+        for source in self.sources:
+            found = _source(source, arguments, context, claims)
+            if isinstance(found, bool) or not isinstance(found, (str, int)) or found == "":
+                continue
+            if self.ref(str(found)) in self.refs:
+                return True
+        return False
 
 
 class SubjectKeys:
@@ -212,6 +257,39 @@ class SubjectKeys:
             self._count = self._scan()  # erasures by other processes free room too
             metrics.SUBJECT_KEYS.set(self._count)
         return gone
+
+    def note_erasure(self, ref: str, key_destroyed: bool) -> None:
+        """Leave a note that ``ref`` was erased here, for the Warden holding the log.
+
+        The CLI cannot write to a log a running Warden holds: the note tells
+        that process to erase the subject from its state store and memory and
+        to record the erasure (:meth:`noted_erasures`), at its next
+        checkpoint or when it next starts. Blocking I/O.
+        """
+        if not _is_ref(ref):
+            raise ValueError(f"not a subject reference: {ref!r}")
+        notes = self._root / _NOTES
+        notes.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = notes / ref
+        destroyed = key_destroyed or (path.exists() and path.read_bytes() == b"1")
+        # A name of this writer's own: the CLI and the running Warden may both note one ref.
+        tmp = notes / f".{ref}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        _write_new(tmp, b"1" if destroyed else b"0")
+        os.replace(tmp, path)
+        fsync_dir(notes)
+
+    def noted_erasures(self) -> dict[str, bool]:
+        """The erasures noted by :meth:`note_erasure` and not yet finished: ref to whether
+        a key was destroyed."""
+        notes = self._root / _NOTES
+        if not notes.is_dir():
+            return {}
+        return {p.name: p.read_bytes() == b"1" for p in notes.iterdir() if _is_ref(p.name)}
+
+    def finish_erasure(self, ref: str) -> None:
+        """Drop the note of an erasure the log has now recorded. Blocking I/O."""
+        if _is_ref(ref):
+            (self._root / _NOTES / ref).unlink(missing_ok=True)
 
     def _nonce(self) -> bytes:
         # getrandom() costs microseconds per call; one call per 4096 nonces

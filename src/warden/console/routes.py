@@ -66,8 +66,10 @@ _DONE = {
     "rejected": "Your rejection is recorded; the agent is told why.",
     "switch-set": "The kill switch is in force.",
     "switch-cleared": "The kill switch is cleared.",
-    "erased": "The subject's key is destroyed.",
-    "erase-none": "Nothing to erase: no key for this subject.",
+    "erased": "The subject's key is destroyed, and their rows in the state store are erased.",
+    "erase-none": "No key for this subject in the log; their rows in the state store are erased.",
+    "erase-pending": "The subject's key is destroyed (if there was one), but the state store "
+    "could not be reached: Warden erases the subject there at its next checkpoint.",
 }
 SESSION_KEY = web.RequestKey("console_session", Session)
 
@@ -577,7 +579,7 @@ async def _export(
 
 @_view("evidence")
 async def erase(request: web.Request, console: Console, session: Session) -> web.StreamResponse:
-    """Destroy a data subject's key (admins only, as the CLI's erasure)."""
+    """Erase a data subject: key and state store (admins only, as the CLI's erasure)."""
     if not _requires(session, "admin"):
         return _refuse(request, 403, "erasure needs the role admin")
     form = await request.post()
@@ -585,11 +587,12 @@ async def erase(request: web.Request, console: Console, session: Session) -> web
     if not subject or len(subject) > 256:
         return _refuse(request, 400, "name the subject (a customer id)")
     try:
-        existed = await console.audit.erase_subject(subject)
+        erasure = await console.audit.erase(subject)
     except AuditError as exc:
         return _refuse(request, 503, str(exc))
+    done = "erased" if erasure.key_destroyed else "erase-none"
     raise web.HTTPSeeOther(
-        location=f"/console/evidence?done={'erased' if existed else 'erase-none'}"
+        location=f"/console/evidence?done={'erase-pending' if erasure.state is None else done}"
     )
 
 

@@ -19,6 +19,7 @@ from typing import Final
 from warden.approvals.store import ApprovalRepo, ApprovalStore
 from warden.config import StateConfig
 from warden.errors import ConfigError
+from warden.policy.bundle.order import MarkRepo
 from warden.state.base import BUSY_TIMEOUT_MS, sqlite_path
 from warden.state.feed import SqliteFeed
 from warden.state.links import CallLinkStore, LinkRepo
@@ -69,6 +70,8 @@ class StateBackend:
     """Whether the backend is reachable now (PostgreSQL: the change feed's connection is up)."""
     sessions: SessionRepo | None = None
     """Session counters, decided calls and Responses chains (:mod:`warden.state.sessions`)."""
+    signed_marks: MarkRepo | None = None
+    """The newest signing time activated per policy bundle (:mod:`warden.policy.bundle.order`)."""
 
     async def close(self) -> None:
         """Close the feed, the stores and the pool (each once; failures are logged)."""
@@ -107,7 +110,15 @@ async def _open_sqlite(config: StateConfig) -> StateBackend:
             await close()
         raise
     return StateBackend(
-        SQLITE, state, state, approvals, links, feed, tuple(closers), sessions=sessions
+        SQLITE,
+        state,
+        state,
+        approvals,
+        links,
+        feed,
+        tuple(closers),
+        sessions=sessions,
+        signed_marks=state,
     )
 
 
@@ -167,6 +178,7 @@ async def _open_pg(config: StateConfig) -> StateBackend:
         (feed.close, db.close),
         feed.listening.is_set,
         sessions=PgSessionStore(db),
+        signed_marks=state,
     )
 
 

@@ -25,7 +25,11 @@ restart) is looked up in SQLite off the response path.
 
 The table holds the action as the pipeline saw it (arguments and context
 included, like the approvals table) and is bounded by age
-(:data:`LINK_TTL_S`) and size (:data:`MAX_LINKS`).
+(:data:`LINK_TTL_S`) and size (:data:`MAX_LINKS`). Erasing a data subject
+(:meth:`CallLinks.erase`) deletes their links, in memory and stored: the
+result of such a call is then linked to no decision, so it is not recorded
+(the budget it reserved is settled at its held amount when the reservation
+expires).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import orjson
 from warden import tasks
 from warden.model import Action, ActionKind, Agent, RequestMeta, Stage
 from warden.state.base import SqliteStore, immediate
+from warden.state.repos import ErasedSubjects
 
 __all__ = [
     "COALESCE_S",
@@ -55,6 +60,7 @@ __all__ = [
     "LinkRepo",
     "decode_action",
     "encode_action",
+    "names_erased",
 ]
 
 log = logging.getLogger("warden.state.links")
@@ -116,6 +122,10 @@ class LinkRepo(Protocol):
 
     async def count(self) -> int:
         """How many rows (links and tombstones) the table holds."""
+        ...
+
+    async def erase(self, erased: ErasedSubjects) -> list[str]:
+        """Delete the links whose action names an erased data subject; return their call ids."""
         ...
 
 
@@ -208,6 +218,19 @@ class CallLinkStore(SqliteStore):
     def _count(self) -> int:
         return int(self._conn.execute("SELECT count(*) FROM call_links").fetchone()[0])
 
+    async def erase(self, erased: ErasedSubjects) -> list[str]:
+        """Delete the links whose action names an erased data subject; return their call ids."""
+        return await self._run(self._erase, erased)
+
+    def _erase(self, erased: ErasedSubjects) -> list[str]:
+        with immediate(self._conn) as cur:
+            rows = self._conn.execute(
+                "SELECT call_id, action FROM call_links WHERE action IS NOT NULL"
+            )
+            gone = [call_id for call_id, action in rows if names_erased(erased, action)]
+            cur.executemany("DELETE FROM call_links WHERE call_id = ?", [(c,) for c in gone])
+        return gone
+
 
 class CallLinks:
     """Links from call ids to decisions: memory first, the store behind (write-behind, batched)."""
@@ -294,6 +317,28 @@ class CallLinks:
             if call_id not in self._memory:
                 self._put(call_id, (_TOMBSTONE if call_id in tombs else _TAKEN, now))
         return links
+
+    async def erase(self, erased: ErasedSubjects) -> int:
+        """Forget every link whose action names an erased data subject; how many.
+
+        Memory, the links still queued for the store, and the store. Between
+        batches, so a batch in flight cannot write one back. A result for such
+        a call is then linked to no decision, as after :meth:`take`.
+        """
+        async with self._writing:
+            gone: set[str] = set()
+            for call_id, (value, at) in self._memory.items():
+                if isinstance(value, Link) and _action_names(erased, value.action):
+                    self._memory[call_id] = (_TAKEN, at)
+                    gone.add(call_id)
+            self._queue = [
+                op
+                for op in self._queue
+                if op.link is None or not _action_names(erased, op.link.action)
+            ]
+            if self._store is not None:
+                gone.update(await self._store.erase(erased))
+        return len(gone)
 
     async def flush(self) -> None:
         """Write whatever is queued now (graceful stop, tests)."""
@@ -405,6 +450,27 @@ def encode_action(action: Action) -> bytes:
             "wire_type": action.wire_type,
         }
     )
+
+
+def _action_names(erased: ErasedSubjects, action: Action) -> bool:
+    return erased.names(
+        arguments=action.arguments, context=action.context, claims=action.agent.claims
+    )
+
+
+def names_erased(erased: ErasedSubjects, raw: bytes | str) -> bool:
+    """Whether an action as stored (:func:`encode_action`) names an erased data subject.
+
+    One that cannot be read is erased too: no result can be linked to it
+    anyway, and it may be the subject's.
+    """
+    try:
+        doc = orjson.loads(raw)
+        return erased.names(
+            arguments=doc["arguments"], context=doc["context"], claims=doc["agent"]["claims"]
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return True
 
 
 def decode_action(raw: bytes | str) -> Action:

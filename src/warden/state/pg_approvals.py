@@ -18,8 +18,20 @@ from psycopg import AsyncCursor
 
 from warden.approvals.model import Approval, ApprovalNotFound, ApprovalStatus, Vote
 from warden.approvals.owner import Owner
-from warden.approvals.store import COLUMNS, apply_vote, from_row, orphaned_holds, to_row
+from warden.approvals.store import (
+    COLUMNS,
+    ERASED_BY,
+    ErasedApprovals,
+    apply_vote,
+    erase_params,
+    erase_statement,
+    from_row,
+    names_erased,
+    orphaned_holds,
+    to_row,
+)
 from warden.state.postgres import PgDatabase
+from warden.state.repos import ErasedSubjects
 
 __all__ = ["PgApprovalStore"]
 
@@ -193,6 +205,31 @@ class PgApprovalStore:
             "AND (%s::text IS NULL OR agent = %s) AND (%s::text IS NULL OR tool = %s)" + _RETURNING,
             (now, who, reason, agent, agent, tool, tool),
         )
+
+    async def erase(self, erased: ErasedSubjects, now: float) -> ErasedApprovals:
+        """Erase the approvals that name an erased data subject (see
+        :class:`~warden.approvals.store.ApprovalRepo`)."""
+        found = [a for a in await self.list() if names_erased(erased, a)]
+        if not found:
+            return ErasedApprovals(0)
+        # Each row is changed only while it keeps the binding read (no sidecar
+        # erased it meanwhile); its status is decided by the statement itself.
+        statement = erase_statement("%s") + _RETURNING
+
+        async def run(cur: AsyncCursor[Any]) -> ErasedApprovals:
+            erased_now, revoked = 0, []
+            for before in found:
+                await cur.execute(statement.encode(), erase_params(before, now))
+                row = await cur.fetchone()
+                if row is None:
+                    continue
+                after = from_row(row)
+                erased_now += 1
+                if after.decided_by == ERASED_BY and after.decided_at == now:
+                    revoked.append(after)  # this statement rejected it
+            return ErasedApprovals(erased_now, tuple(revoked))
+
+        return await self._db.tx(run)
 
     # -- owners of holds -----------------------------------------------------------
 

@@ -14,9 +14,12 @@ from typing import Any
 from psycopg import AsyncCursor
 
 from warden.state.postgres import PgDatabase
-from warden.state.sessions import MAX_CHAIN, CallRecord, ChainLink
+from warden.state.repos import ErasedSubjects
+from warden.state.sessions import MAX_CHAIN, CallRecord, ChainLink, chain_names_erased
 
 __all__ = ["PgSessionStore"]
+
+_ERASE_PAGE = 1000
 
 
 class PgSessionStore:
@@ -139,5 +142,29 @@ class PgSessionStore:
                 await cur.execute(statement, (cutoff,))
                 total += cur.rowcount
             return total
+
+        return await self._db.tx(run)
+
+    async def erase(self, erased: ErasedSubjects) -> int:
+        """Delete the chain links that name an erased data subject; how many."""
+        gone: list[str] = []
+        after = ""
+        while True:  # a page at a time: a week of chains may be large
+            rows = await self._db.read(
+                "SELECT response_id, calls FROM session_responses WHERE response_id > %s "
+                "ORDER BY response_id LIMIT %s",
+                (after, _ERASE_PAGE),
+            )
+            gone += [str(r) for r, calls in rows if chain_names_erased(erased, calls)]
+            if len(rows) < _ERASE_PAGE:
+                break
+            after = str(rows[-1][0])
+        if not gone:
+            return 0
+
+        async def run(cur: AsyncCursor[Any]) -> int:
+            # Chain links are insert-only: what was read is what is deleted.
+            await cur.execute("DELETE FROM session_responses WHERE response_id = ANY(%s)", (gone,))
+            return int(cur.rowcount)
 
         return await self._db.tx(run)

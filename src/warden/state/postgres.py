@@ -34,8 +34,16 @@ from warden import tasks
 from warden.audit.record import is_credential_key
 from warden.config import StateConfig
 from warden.errors import ConfigError
+from warden.policy.bundle.order import SignedMark
 from warden.state.feed import CHANNELS, Fanout
-from warden.state.links import MAX_LINKS, Link, LinkOp, decode_action, encode_action
+from warden.state.links import (
+    MAX_LINKS,
+    Link,
+    LinkOp,
+    decode_action,
+    encode_action,
+    names_erased,
+)
 from warden.state.records import (
     Counter,
     Hold,
@@ -44,7 +52,7 @@ from warden.state.records import (
     decode_holds,
     encode_holds,
 )
-from warden.state.repos import Change
+from warden.state.repos import Change, ErasedSubjects
 from warden.urls import scrub, shown_url, url_secrets
 
 __all__ = [
@@ -387,6 +395,33 @@ class PgStateStore:
         )
         return tuple(KillSwitchRow(*r) for r in rows)
 
+    # -- signed bundles --------------------------------------------------------
+
+    async def signed_marks(self, bundles: Sequence[str]) -> dict[str, SignedMark]:
+        """The newest signing time activated for each of these bundle names, fleet-wide."""
+        rows = await self._db.read(
+            "SELECT bundle, signed_at, revision, activated_at FROM policy_signed_marks "
+            "WHERE bundle = ANY(%s)",
+            (list(bundles),),
+        )
+        return {str(r[0]): SignedMark(str(r[0]), int(r[1]), str(r[2]), float(r[3])) for r in rows}
+
+    async def raise_signed_marks(self, marks: Sequence[SignedMark]) -> None:
+        """Store each mark unless its bundle's stored signing time is newer."""
+
+        async def run(cur: AsyncCursor[Any]) -> None:
+            await cur.executemany(
+                "INSERT INTO policy_signed_marks (bundle, signed_at, revision, activated_at) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (bundle) DO UPDATE SET "
+                "signed_at = excluded.signed_at, revision = excluded.revision, "
+                "activated_at = excluded.activated_at "
+                "WHERE excluded.signed_at >= policy_signed_marks.signed_at",
+                [(m.bundle, m.signed_at, m.revision, m.activated_at) for m in marks],
+            )
+
+        if marks:
+            await self._db.tx(run)
+
 
 def _totals(holds: Iterable[Hold], value: Callable[[Hold], float]) -> dict[_Key, float]:
     out: dict[_Key, float] = {}
@@ -499,6 +534,27 @@ class PgLinkStore:
         """How many rows (links and tombstones) the table holds."""
         rows = await self._db.read("SELECT count(*) FROM call_links")
         return int(rows[0][0])
+
+    async def erase(self, erased: ErasedSubjects) -> list[str]:
+        """Delete the links whose action names an erased data subject; return their call ids."""
+        rows = await self._db.read(
+            "SELECT call_id, action FROM call_links WHERE action IS NOT NULL"
+        )
+        found = [(c, bytes(a)) for c, a in rows if names_erased(erased, bytes(a))]
+        if not found:
+            return []
+
+        async def run(cur: AsyncCursor[Any]) -> list[str]:
+            # Only rows still holding what was read: another sidecar may have taken
+            # the link meanwhile, and a new call may reuse its id.
+            await cur.execute(
+                "DELETE FROM call_links c USING unnest(%s::text[], %s::bytea[]) AS k (id, action) "
+                "WHERE c.call_id = k.id AND c.action = k.action RETURNING c.call_id",
+                ([c for c, _ in found], [a for _, a in found]),
+            )
+            return [str(r[0]) for r in await cur.fetchall()]
+
+        return await self._db.tx(run)
 
 
 # -- the change feed -----------------------------------------------------------------------------

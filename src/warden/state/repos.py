@@ -4,8 +4,14 @@
 * :class:`KillSwitchRepo`: kill switches;
 * :class:`warden.state.links.LinkRepo`: call-to-decision links;
 * :class:`warden.approvals.store.ApprovalRepo`: approvals and the owners of holds;
+* :class:`warden.policy.bundle.order.MarkRepo`: the newest signing time
+  activated per policy bundle (rollback protection);
 * :class:`ChangeFeed`: who changed what, for the sidecars that keep a copy in
   memory (kill switches) or wait on a row (held approvals).
+
+Repositories that keep a data subject's personal data (call links, approvals,
+Responses chains) erase it on request, given an :class:`ErasedSubjects`
+(:mod:`warden.erasure`).
 
 SQLite (:mod:`warden.state.sqlite`, one file shared by the processes of one
 machine) and PostgreSQL (:mod:`warden.state.postgres`, shared by a fleet)
@@ -18,7 +24,7 @@ import asyncio
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Protocol, Self
+from typing import Any, Final, Protocol, Self
 
 from warden.state.records import Counter, Hold, KillSwitchRow, ReserveResult
 
@@ -28,6 +34,7 @@ __all__ = [
     "BudgetRepo",
     "Change",
     "ChangeFeed",
+    "ErasedSubjects",
     "KillSwitchRepo",
     "Subscription",
 ]
@@ -36,6 +43,18 @@ KILLSWITCHES: Final = "killswitches"
 """The change feed's channel for kill switches (key: the switch id)."""
 APPROVALS: Final = "approvals"
 """The change feed's channel for approvals (key: the approval id)."""
+
+
+class ErasedSubjects(Protocol):
+    """Which stored content names a data subject being erased
+    (:class:`warden.audit.subjects.SubjectMatch`, by the configured subject sources)."""
+
+    def names(self, *, arguments: Any = None, context: Any = None, claims: Any = None) -> bool:
+        """Whether an action with these arguments, context and agent claims names one.
+
+        Pass what the row keeps; a part it does not keep is ``None`` and names nobody.
+        """
+        ...
 
 
 class BudgetRepo(Protocol):

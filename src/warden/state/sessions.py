@@ -12,7 +12,11 @@
   carried, so a request naming ``previous_response_id`` gets its history back
   from Warden's own records, not from the agent.
 
-All three are pruned by age (``sessions.ttl_s``). SQLite
+All three are pruned by age (``sessions.ttl_s``). Erasing a data subject
+deletes the chain links whose calls' arguments name them
+(:func:`chain_names_erased`): a request continuing such an answer then gets
+no history from Warden, as if it started the chain. Decided calls keep an
+argument digest, not arguments, and counters no arguments at all: they stay. SQLite
 (:class:`SessionStore`) and PostgreSQL
 (:class:`warden.state.pg_sessions.PgSessionStore`) implement
 :class:`SessionRepo`; the contract suite runs against both.
@@ -25,9 +29,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from warden.state.base import SqliteStore, immediate
+import orjson
 
-__all__ = ["CallRecord", "ChainLink", "SessionRepo", "SessionStore"]
+from warden.state.base import SqliteStore, immediate
+from warden.state.repos import ErasedSubjects
+
+__all__ = ["CallRecord", "ChainLink", "SessionRepo", "SessionStore", "chain_names_erased"]
 
 MAX_CHAIN: Final = 256
 """How many responses back a ``previous_response_id`` chain is followed."""
@@ -89,6 +96,37 @@ class SessionRepo(Protocol):
     async def prune(self, older_than_s: float) -> int:
         """Drop counters, calls and chains not touched for ``older_than_s``; how many rows."""
         ...
+
+    async def erase(self, erased: ErasedSubjects) -> int:
+        """Delete the chain links that name an erased data subject (:func:`chain_names_erased`);
+        how many."""
+        ...
+
+
+def chain_names_erased(erased: ErasedSubjects, calls: str) -> bool:
+    """Whether a chain link's entries (:attr:`ChainLink.calls`) name an erased data subject.
+
+    Entries keep a call's arguments (parsed, or the raw text), never the
+    request's context or the agent's claims: only ``action.arguments.<path>``
+    sources can match. Unreadable entries are erased too (no chain uses them).
+    """
+    try:
+        entries = orjson.loads(calls)
+    except orjson.JSONDecodeError:
+        return True
+    for entry in entries if isinstance(entries, list) else ():
+        if not isinstance(entry, dict):
+            continue
+        arguments = entry.get("arguments")
+        raw = entry.get("raw")
+        if arguments is None and isinstance(raw, str) and raw:
+            try:
+                arguments = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+        if isinstance(arguments, dict) and erased.names(arguments=arguments):
+            return True
+    return False
 
 
 _SELECT_CALLS: Final = (
@@ -212,6 +250,17 @@ class SessionStore(SqliteStore):
     async def prune(self, older_than_s: float) -> int:
         """Drop counters, calls and chains not touched for ``older_than_s``; how many rows."""
         return await self._run(self._prune, time.time() - older_than_s)
+
+    async def erase(self, erased: ErasedSubjects) -> int:
+        """Delete the chain links that name an erased data subject; how many."""
+        return await self._run(self._erase, erased)
+
+    def _erase(self, erased: ErasedSubjects) -> int:
+        with immediate(self._conn) as cur:
+            rows = self._conn.execute("SELECT response_id, calls FROM session_responses")
+            gone = [(r,) for r, calls in rows if chain_names_erased(erased, calls)]
+            cur.executemany("DELETE FROM session_responses WHERE response_id = ?", gone)
+        return len(gone)
 
     def _prune(self, cutoff: float) -> int:
         with immediate(self._conn) as cur:

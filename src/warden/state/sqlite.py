@@ -1,4 +1,4 @@
-"""The SQLite state store: budget counters, reservations and kill switches.
+"""The SQLite state store: budget counters, reservations, kill switches and signed-bundle marks.
 
 One connection, used only from one dedicated thread, so SQLite writes never
 block the event loop and never interleave. Every change is one ``BEGIN
@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
+from warden.policy.bundle.order import SignedMark
 from warden.state.base import SqliteStore, immediate, sqlite_path
 from warden.state.records import (
     Counter,
@@ -204,6 +205,39 @@ class StateStore(SqliteStore):
             "FROM killswitches WHERE cleared_at IS NULL ORDER BY created_at, id"
         ).fetchall()
         return tuple(KillSwitchRow(*r) for r in rows)
+
+    # -- signed bundles --------------------------------------------------------
+
+    async def signed_marks(self, bundles: Sequence[str]) -> dict[str, SignedMark]:
+        """The newest signing time activated for each of these bundle names."""
+        return await self._run(self._signed_marks, tuple(bundles))
+
+    def _signed_marks(self, bundles: tuple[str, ...]) -> dict[str, SignedMark]:
+        marks = {}
+        for name in bundles:
+            row = self._conn.execute(
+                "SELECT bundle, signed_at, revision, activated_at FROM policy_signed_marks "
+                "WHERE bundle = ?",
+                (name,),
+            ).fetchone()
+            if row is not None:
+                marks[name] = SignedMark(*row)
+        return marks
+
+    async def raise_signed_marks(self, marks: Sequence[SignedMark]) -> None:
+        """Store each mark unless its bundle's stored signing time is newer."""
+        await self._run(self._raise_signed_marks, tuple(marks))
+
+    def _raise_signed_marks(self, marks: tuple[SignedMark, ...]) -> None:
+        with immediate(self._conn) as cur:
+            cur.executemany(
+                "INSERT INTO policy_signed_marks (bundle, signed_at, revision, activated_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (bundle) DO UPDATE SET "
+                "signed_at = excluded.signed_at, revision = excluded.revision, "
+                "activated_at = excluded.activated_at "
+                "WHERE excluded.signed_at >= policy_signed_marks.signed_at",
+                [(m.bundle, m.signed_at, m.revision, m.activated_at) for m in marks],
+            )
 
 
 def _apply(

@@ -5,6 +5,9 @@ An agent's MCP configuration launches ``warden mcp wrap --config warden.yaml
 client on stdin and answers on stdout; the audit log, policy engine and state
 come from the config, built as ``warden serve`` builds them, but neither the
 proxy nor the admin API listens (see docs/mcp.md).
+
+Every call of one wrap run is in one session (``input.session``): a fresh id
+per run, or the one ``--session`` names, so several wraps can share one.
 """
 
 from __future__ import annotations
@@ -28,11 +31,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     wrap = sub.add_parser(
         "wrap",
         help="run a stdio MCP server as a child and govern its tools/call",
-        usage="warden mcp wrap [--config FILE] [--name NAME] -- COMMAND [ARGS...]",
+        usage=(
+            "warden mcp wrap [--config FILE] [--name NAME] [--session NAME] -- COMMAND [ARGS...]"
+        ),
     )
     wrap.add_argument("--config", default=os.environ.get("WARDEN_CONFIG"))
     wrap.add_argument(
         "--name", help="the upstream name policies and kill switches see (default: the command)"
+    )
+    wrap.add_argument(
+        "--session",
+        metavar="NAME",
+        help="the session every call of this run is counted in, as X-Warden-Session names "
+        "one (default: a fresh one per run); wraps naming the same session share its counters",
     )
     wrap.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
@@ -43,12 +54,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _wrap(args: argparse.Namespace) -> int:
+    from warden.model import new_id
     from warden.ops.logging import configure_logging
+    from warden.sessions import MAX_SESSION_ID, usable_session
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         print("warden: mcp wrap needs a server command after --", file=sys.stderr)
         return 2
+    session, source = new_id("ses"), "mcp"
+    if args.session is not None:
+        named = usable_session(args.session)
+        if named is None:
+            given = repr(args.session[:40]) + ("..." if len(args.session) > 40 else "")
+            print(
+                f"warden: --session must be 1 to {MAX_SESSION_ID} printable characters "
+                f"(as X-Warden-Session); got {given}",
+                file=sys.stderr,
+            )
+            return 2
+        session, source = named, "wrap"
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -62,13 +87,15 @@ def _wrap(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     name = args.name or Path(command[0]).name
     try:
-        return asyncio.run(_run(config, command, name, channel))
+        return asyncio.run(_run(config, command, name, channel, (session, source)))
     except ConfigError as exc:
         print(f"warden: {exc}", file=sys.stderr)
         return 2
 
 
-async def _run(config: Config, command: list[str], name: str, channel: int) -> int:
+async def _run(
+    config: Config, command: list[str], name: str, channel: int, session: tuple[str, str]
+) -> int:
     from warden.ingress.mcp_stdio import MAX_LINE, StdioDoor
     from warden.model import Agent
     from warden.ops.runtime import tune_gc
@@ -88,6 +115,8 @@ async def _run(config: Config, command: list[str], name: str, channel: int) -> i
         keepalive_s=config.approvals.keepalive_s,
         # Read once Warden has started (the door starts after the switches load).
         killswitches=lambda: warden.killswitches,
+        session=session[0],
+        session_source=session[1],
     )
     warden = Warden(config, doors=[door], listeners=False)
     async with warden:

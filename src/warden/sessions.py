@@ -11,8 +11,9 @@ session it belongs to:
    the session of the response it continues, as Warden recorded it; a
    request starting a chain starts a session of its own.
 
-(The MCP door names its own session from ``Mcp-Session-Id``.) Session ids
-are the agent's to choose, so counters are kept per agent and session id.
+(The MCP doors name their own session: ``Mcp-Session-Id`` over HTTP, the wrap
+run over stdio.) Session ids are the agent's to choose, so counters are kept
+per agent and session id.
 
 :class:`SessionGuard` is a pipeline stage that runs just before the policy:
 
@@ -75,6 +76,7 @@ __all__ = [
     "owed_outputs",
     "pointer_get",
     "session_from",
+    "usable_session",
 ]
 
 log = logging.getLogger("warden.sessions")
@@ -90,7 +92,11 @@ MAX_PER_CALL_ID: Final = 16
 """Records kept in memory per call id, newest last. Ids are the upstream's choice and
 may repeat without end; a history entry whose record fell out reads unverified."""
 PRUNE_EVERY_S: Final = 3600.0
+NEW_CHAIN: Final = "responses_chain"
+"""``input.session.source`` of a Responses chain's session (a new one, or the one continued)."""
 WRITE_COALESCE_S: Final = 0.02
+_ADD_RETRY_S: Final = 0.05  # doubled after each failed counter add, up to the most below
+_ADD_RETRY_MAX_S: Final = 5.0
 """How long decided calls wait for more to share their store transaction (memory has them)."""
 _MISSING = object()
 
@@ -119,7 +125,12 @@ def pointer_get(doc: Any, pointer: str) -> Any:
     return node
 
 
-def _usable(value: Any) -> str | None:
+def usable_session(value: Any) -> str | None:
+    """A session id as every door takes one, trimmed; ``None`` when it is not usable.
+
+    Usable: a string (or integer) of 1 to ``MAX_SESSION_ID`` printable
+    characters once trimmed. A door that reads an unusable id names no session.
+    """
     if isinstance(value, bool) or not isinstance(value, str | int):
         return None
     text = str(value).strip()
@@ -132,11 +143,11 @@ def session_from(
     headers: Mapping[str, str], body: Mapping[str, Any] | None, pointer: str | None
 ) -> tuple[str | None, str | None]:
     """The session a request names and where from (``header``, ``pointer``); else ``None``s."""
-    given = _usable(headers.get(SESSION_HEADER) or headers.get(SESSION_HEADER.lower()))
+    given = usable_session(headers.get(SESSION_HEADER) or headers.get(SESSION_HEADER.lower()))
     if given is not None:
         return given, "header"
     if pointer and body is not None:
-        found = _usable(pointer_get(body, pointer))
+        found = usable_session(pointer_get(body, pointer))
         if found is not None:
             return found, "pointer"
     return None, None
@@ -160,9 +171,15 @@ def conversation_of(
         ),
     )
     session_id, source = session_from(headers, body, config.pointer)
+    if session_id is None and protocol == _RESPONSES:
+        # The Conversations API: the provider's own conversation is the session.
+        named = body.get("conversation")
+        session_id = usable_session(named.get("id") if isinstance(named, Mapping) else named)
+        source = "responses_conversation" if session_id is not None else None
     if session_id is None and protocol == _RESPONSES and conversation.previous_response_id is None:
-        # A new Responses chain: its own session, which its continuations inherit.
-        session_id, source = new_id("ses"), "responses_chain"
+        # A new Responses chain: its own session, which its continuations inherit
+        # (unless its input carries calls Warden decided in a session: see _build).
+        session_id, source = new_id("ses"), NEW_CHAIN
     return dataclasses.replace(conversation, session_id=session_id, session_source=source)
 
 
@@ -193,7 +210,7 @@ def door_conversation(
     """
     session_id, found = session_from(headers, None, None)
     if session_id is None:
-        session_id, found = _usable(door_session), source
+        session_id, found = usable_session(door_session), source
     if session_id is None:
         return None
     return Conversation(session_id=session_id, session_source=found, carried=False)
@@ -255,6 +272,8 @@ class SessionGuard:
         """Counter deltas decided here and not yet confirmed added in the store, by key:
         reads add them, so this process never sees fewer than it decided."""
         self._adding = tasks.Tasks("session-counters")
+        self._closing = asyncio.Event()
+        """Set by :meth:`close`: a counter add that fails then is not tried again."""
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -264,7 +283,8 @@ class SessionGuard:
             self._pruner = tasks.spawn(self._prune_loop(), name="session-prune")
 
     async def close(self) -> None:
-        """Finish writing decided calls, and stop pruning."""
+        """Finish writing decided calls and counters, and stop pruning."""
+        self._closing.set()
         await self._writes.drain()
         await self._adding.drain()
         if self._pruner is not None:
@@ -347,16 +367,38 @@ class SessionGuard:
             self._adding.spawn(self._add_counters(), name="session-counters")
 
     async def _add_counters(self) -> None:
-        """Add every key's pending deltas to the store, one key at a time, until none are left."""
+        """Add every key's pending deltas to the store, one key at a time, until none are left.
+
+        A failed add keeps its deltas (decisions here go on counting them) and is
+        tried again after a pause; only a store still failing when Warden stops
+        loses them, and says so.
+        """
         assert self._repo is not None
         await asyncio.sleep(0)  # the other calls of this response join the first add
+        failures = 0
         while self._unadded:
             key = next(iter(self._unadded))
             deltas = Counter(self._unadded[key])
             try:
                 await self._repo.add(key, deltas)
             except Exception as exc:
+                failures += 1
+                if self._closing.is_set():
+                    log.error(
+                        "session counters of %d session(s) not stored, the store failing as "
+                        "Warden stops: %s",
+                        len(self._unadded),
+                        type(exc).__name__,
+                    )
+                    self._unadded.clear()
+                    return
                 log.warning("could not add to session counters: %s", type(exc).__name__)
+                self._unadded[key] = self._unadded.pop(key)  # the others first, next time
+                with contextlib.suppress(TimeoutError):
+                    pause = min(_ADD_RETRY_MAX_S, _ADD_RETRY_S * 2**failures)
+                    await asyncio.wait_for(self._closing.wait(), pause)
+                continue
+            failures = 0
             left = self._unadded.pop(key, None)
             if left is not None:
                 left.subtract(deltas)  # what was decided meanwhile stays
@@ -483,8 +525,15 @@ class SessionGuard:
             earlier, chain_session = await self._chain(conversation)
             calls = _merge(earlier, conversation)
             if session_id is None and chain_session is not None:
-                session_id, source = chain_session, "responses_chain"
+                session_id, source = chain_session, NEW_CHAIN
         records = await self._records([c.call_id for c in calls])
+        if source in (None, NEW_CHAIN) and conversation.previous_response_id is None:
+            # A request that names no session and continues no chain, whose input
+            # carries calls Warden decided in one (an agent that sends the whole
+            # conversation every turn): it goes on in that session.
+            carried = _carried_session(calls, records, agent)
+            if carried is not None:
+                session_id, source = carried, "calls"
         docs: list[Mapping[str, Any]] = []
         taints: set[str] = set()
         verified_all = True
@@ -555,6 +604,18 @@ class SessionGuard:
     def _trim(self) -> None:
         while len(self._known) > MAX_KNOWN:
             self._known.popitem(last=False)
+
+
+def _carried_session(
+    calls: Sequence[PriorCall], records: Mapping[str, Sequence[CallRecord]], agent: str
+) -> str | None:
+    """The session of the latest of ``calls`` that Warden decided for ``agent`` in one."""
+    mine = f"{agent}\x1f"
+    for call in reversed(calls):
+        match = _matching(records.get(call.call_id, ()), call)
+        if match is not None and match.session_id and match.session_id.startswith(mine):
+            return match.session_id.removeprefix(mine)
+    return None
 
 
 def _matching(records: Iterable[CallRecord], call: PriorCall) -> CallRecord | None:

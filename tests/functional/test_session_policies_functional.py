@@ -335,3 +335,54 @@ async def test_session_counters_hold_across_restarts_and_sidecars(
         assert "at most 2 are allowed in one conversation" in denied.text
         other = await change(restarted, changes[2], session="another")
         assert "held the tool call `update_address`" in other.text
+
+
+ACCOUNT_CHANGES = [
+    Call("update_phone", {"customer_id": "C-1", "phone": "+1 555 0100"}),
+    Call("update_email", {"customer_id": "C-1", "email": "new@example.com"}),
+    Call("update_address", {"customer_id": "C-1", "address": "1 Main St"}),
+]
+
+
+async def test_a_responses_agent_that_resends_its_whole_input_stays_in_its_session(
+    warden: Warden, llm: MockLLM
+) -> None:
+    """No header, no ``previous_response_id``: the input carries a call Warden decided."""
+    client = oai(warden, None)
+    llm.script(Reply(tool_calls=[Call("get_order", {"order_id": "A-1"}), ACCOUNT_CHANGES[0]]))
+    first = await client.responses.create(model="gpt-4.1", input="change my details")
+    (lookup,) = [item for item in first.output if item.type == "function_call"]
+    assert lookup.name == "get_order"
+    assert "held the tool call `update_phone`" in first.output_text
+    # Each later turn sends everything again, as stateless agent loops do.
+    carried: list[Any] = [
+        {"role": "user", "content": "change my details"},
+        {"type": "function_call", "call_id": lookup.call_id, "name": lookup.name,
+         "arguments": lookup.arguments},
+        {"type": "function_call_output", "call_id": lookup.call_id, "output": "delivered"},
+    ]  # fmt: skip
+    texts = []
+    for change in ACCOUNT_CHANGES[1:]:
+        llm.script(Reply(tool_calls=[change]))
+        texts.append((await client.responses.create(model="gpt-4.1", input=carried)).output_text)
+    assert "held the tool call `update_email`" in texts[0]
+    assert "blocked the tool call `update_address`" in texts[1]
+    assert "at most 2 are allowed in one conversation" in texts[1]
+    # A fresh conversation carrying none of it starts afresh.
+    llm.script(Reply(tool_calls=[ACCOUNT_CHANGES[2]]))
+    fresh = await client.responses.create(model="gpt-4.1", input="change my address")
+    assert "held the tool call `update_address`" in fresh.output_text
+
+
+async def test_a_responses_conversation_is_the_session(warden: Warden, llm: MockLLM) -> None:
+    client = oai(warden, None)
+    texts = []
+    for change in ACCOUNT_CHANGES:
+        llm.script(Reply(tool_calls=[change]))
+        answer = await client.responses.create(
+            model="gpt-4.1", input="change my details", conversation="conv_support_1"
+        )
+        texts.append(answer.output_text)
+    assert "held the tool call `update_phone`" in texts[0]
+    assert "held the tool call `update_email`" in texts[1]
+    assert "at most 2 are allowed in one conversation" in texts[2]

@@ -321,3 +321,58 @@ async def test_the_door_decides_calls_and_merges_batch_answers() -> None:
         'ran {"arguments": {"order_id": "A-1"}, "name": "get_order"}',
         'ran {"arguments": {"order_id": "A-2"}, "name": "get_order"}',
     ]
+
+
+class SeeSessions:
+    """A guard noting the conversation (the session) each call it sees belongs to."""
+
+    name = "policy"
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
+        self.seen.append(action.request.conversation)
+        return None
+
+
+@pytest.mark.parametrize("session", ["ses_one_connection", None])
+async def test_every_call_of_the_connection_is_in_the_doors_session(session: str | None) -> None:
+    guard = SeeSessions()
+    pipeline = Pipeline(
+        [guard],
+        MemoryAudit(),
+        mode_for=lambda _: Mode.ENFORCE,
+        risk_of=lambda _: "write",
+        default_effect=Effect.ALLOW,
+    )
+    core = Governor(pipeline)
+    client_in = asyncio.StreamReader()
+    out = FakeOut()
+    door = StdioDoor(
+        [sys.executable, "-c", ECHO_SERVER],
+        agent=Agent("a1"),
+        upstream="echo",
+        client_in=client_in,
+        client_out=out,  # type: ignore[arg-type]
+        session=session,
+    )
+    await door.start(core)
+    client_in.feed_data(call_line(1, name="get_order", arguments={"order_id": "A-1"}) + b"\n")
+    await asyncio.wait_for(out.protocol.lines.get(), 10)
+    batch = [orjson.loads(call_line(i, name="get_order", arguments={"n": i})) for i in (2, 3)]
+    client_in.feed_data(orjson.dumps(batch) + b"\n")
+    await asyncio.wait_for(out.protocol.lines.get(), 10)
+    client_in.feed_eof()
+    await asyncio.wait_for(door.done.wait(), 10)
+    await door.stop()
+    await core.close()
+    assert len(guard.seen) == 3
+    if session is None:
+        assert guard.seen == [None, None, None]
+        return
+    assert {(c.session_id, c.session_source, c.carried) for c in guard.seen} == {
+        (session, "mcp", False)
+    }
+    # One conversation per call: the session guard's per-request memo is not shared.
+    assert len({id(c) for c in guard.seen}) == 3

@@ -208,6 +208,45 @@ async def test_counters_are_added_off_the_decision_path_and_never_counted_short(
     assert ctx.session["calls"] == {"get_order": 3}  # not counted twice once stored
 
 
+class FailingAdds(SlowAdds):
+    """A session store whose first counter adds fail (a database blip)."""
+
+    def __init__(self, store: SessionStore, failures: int) -> None:
+        super().__init__(store)
+        self.failures = failures
+
+    async def add(self, session_id: str, deltas: Any) -> dict[str, int]:
+        if self.failures:
+            self.failures -= 1
+            raise OSError("database is locked")
+        return await self.store.add(session_id, deltas)
+
+
+async def test_counters_a_failing_store_refused_are_added_once_it_recovers(
+    store: SessionStore,
+) -> None:
+    failing = FailingAdds(store, failures=3)
+    guard = SessionGuard(cast("Any", failing), SessionsConfig(), TOOLS)
+    await decide(guard, proposed("get_order", {"order_id": "A-1"}, "c1", chat()), Effect.ALLOW)
+    while failing.failures:  # noqa: ASYNC110 - retried with backoff, bounded by the test timeout
+        await asyncio.sleep(0.01)
+    # Meanwhile, and after, this process never counts it short.
+    _, ctx = await guard.admit(proposed("draft_reply", {}, "c9", chat()), CTX)
+    assert ctx.session["calls"] == {"get_order": 1}
+    await guard.close()
+    assert await store.counters("bot\x1fs-1") == {"calls:get_order": 1}
+
+
+async def test_counters_of_a_store_still_failing_at_close_are_given_up(
+    store: SessionStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = SessionGuard(cast("Any", FailingAdds(store, failures=99)), SessionsConfig(), TOOLS)
+    await decide(guard, proposed("get_order", {"order_id": "A-1"}, "c1", chat()), Effect.ALLOW)
+    await asyncio.wait_for(guard.close(), 5)  # close does not wait out the retries
+    assert "not stored, the store failing as Warden stops" in caplog.text
+    assert await store.counters("bot\x1fs-1") == {}
+
+
 async def test_counters_and_verification_survive_a_restart(store: SessionStore) -> None:
     guard = SessionGuard(store, SessionsConfig(), TOOLS)
     convo = chat()

@@ -42,7 +42,7 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -148,8 +148,11 @@ class McpHttp:
         self._identify = identify
         self._killswitches = killswitches
         self._tasks = Tasks("mcp-http")
-        # Calls whose POST stream ended before their answer, by (upstream, session).
-        self._resumable: OrderedDict[tuple[str, str], dict[str | int, _Pending]] = OrderedDict()
+        # Requests whose POST stream ended before their answer, by (upstream, session):
+        # their answers may come on a resumed stream (the calls' to be recorded).
+        self._resumable: OrderedDict[tuple[str, str], dict[str | int, _Pending | None]] = (
+            OrderedDict()
+        )
         self._listed: dict[str, ListedArguments] = {}
         """Per upstream: its tools' argument names, from the ``tools/list`` answers seen."""
 
@@ -533,6 +536,8 @@ class McpHttp:
             metrics.child(metrics.MCP_DROPPED, "unreadable").inc()
             return None
         settled = await self._settle_value(exchange, value)
+        if settled is None:
+            return None
         if settled is value:
             return event.encode()
         return event.with_data(dumps(settled)).encode()
@@ -546,25 +551,51 @@ class McpHttp:
                 f"MCP server {exchange.upstream!r} answered with a body that is not JSON-RPC"
             ) from None
         settled = await self._settle_value(exchange, value)
+        if settled is None:
+            # Not relayed: the client gets Warden's error for its requests instead.
+            raise UpstreamProtocol(
+                f"MCP server {exchange.upstream!r} answered only ids it was not sent"
+            )
         return raw if settled is value else dumps(settled).encode()
 
     async def _settle_value(self, exchange: _Exchange, value: Any) -> Any:
-        """``value`` (a message or batch from the server) as the client gets it."""
+        """``value`` (a message or batch from the server) as the client gets it.
+
+        ``None``: nothing of it goes to the client.
+        """
         if isinstance(value, list):
             items = [await self._settle(exchange, v) if isinstance(v, dict) else v for v in value]
+            if any(item is None for item in items):
+                kept = [item for item in items if item is not None]
+                return kept or None
             changed = any(a is not b for a, b in zip(items, value, strict=True))
             return items if changed else value
         if isinstance(value, dict):
             return await self._settle(exchange, value)
         return value
 
-    async def _settle(self, exchange: _Exchange, message: dict[str, Any]) -> dict[str, Any]:
-        """Record the answer to an allowed call; filter a ``tools/list`` answer."""
+    async def _settle(self, exchange: _Exchange, message: dict[str, Any]) -> dict[str, Any] | None:
+        """Record the answer to an allowed call; filter a ``tools/list`` answer.
+
+        ``None`` for an answer under an id this exchange did not forward (or
+        answered already): it could be the id of a call Warden is holding or
+        refused, and a client would take it for that call's result. Dropped,
+        as over stdio.
+        """
         if "method" in message:
             return message  # the server's own request or notification: passes
         id_ = message.get("id")
-        if not isinstance(id_, str | int) or isinstance(id_, bool):
-            return message
+        if id_ is None and "error" in message and "result" not in message:
+            return message  # an error for a request the server could not read (id null)
+        # An id given as 7.0 or true too: some clients read it as the id it equals.
+        if mcp.valid_id(id_) is None or id_ not in exchange.requests:
+            log.warning(
+                "MCP server %r answered id %r, which this stream did not send; dropped",
+                exchange.upstream,
+                id_,
+            )
+            metrics.child(metrics.MCP_DROPPED, "unasked").inc()
+            return None
         exchange.requests.discard(id_)
         pending = exchange.calls.pop(id_, None)
         if pending is not None:
@@ -595,13 +626,12 @@ class McpHttp:
         return dict(mcp.filter_tools(message, hidden.__contains__))
 
     def _unanswered(self, exchange: _Exchange, error: str) -> None:
-        """The server's answer ended without answering these calls."""
-        if not exchange.calls:
-            return
-        if exchange.resumable and exchange.session is not None:
+        """The server's answer ended without answering these requests."""
+        if exchange.resumable and exchange.session is not None and exchange.requests:
             # The answer may still come on a resumed stream (GET with Last-Event-ID).
             key = (exchange.upstream, exchange.session)
-            self._resumable.setdefault(key, {}).update(exchange.calls)
+            waiting = self._resumable.setdefault(key, {})
+            waiting.update((id_, exchange.calls.get(id_)) for id_ in exchange.requests)
             self._resumable.move_to_end(key)
             while len(self._resumable) > _RESUMABLE_SESSIONS:
                 _, dropped = self._resumable.popitem(last=False)
@@ -610,8 +640,10 @@ class McpHttp:
             self._give_up(exchange.calls.values(), error)
         exchange.calls.clear()
 
-    def _give_up(self, calls: Any, error: str) -> None:
+    def _give_up(self, calls: Iterable[_Pending | None], error: str) -> None:
         for pending in calls:
+            if pending is None:
+                continue  # not a call: nothing to record
             # Not trusted: whether the tool ran is unknown, so nothing is released early.
             outcome = Outcome(error=error, is_error=True)
             self._core.outcome(pending.action, pending.decision, outcome)
@@ -779,8 +811,9 @@ class McpHttp:
             session = request.headers.get(SESSION_HEADER)
             exchange = _Exchange(agent, name, url, session, filter_all=True)
             if session is not None:
-                exchange.calls = self._resumable.pop((name, session), {})
-                exchange.requests = set(exchange.calls)
+                waiting = self._resumable.pop((name, session), {})
+                exchange.calls = {k: v for k, v in waiting.items() if v is not None}
+                exchange.requests = set(waiting)
             exchange.response = await _open_sse(request, headers, status=status)
             try:
                 await self._relay_events(exchange, resp)

@@ -21,12 +21,19 @@ overtakes its call: one for a call still being decided ends the decision
 (a held approval stays decidable, as a deferral) and neither reaches the
 child; an allowed call is written to the child before its decision task
 ends, so a cancellation read after that follows it.
+
+Every call of the connection belongs to one session (``input.session``),
+named by ``session`` (``warden mcp wrap`` gives a fresh id per run, or the
+one ``--session`` names): one stdio connection is one MCP client session,
+as ``Mcp-Session-Id`` is over HTTP, and both doors hand it to the session
+guard the same way (:func:`warden.sessions.door_conversation`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +48,7 @@ from warden.ops import metrics
 from warden.protocols import mcp
 from warden.protocols._wire import loads
 from warden.protocols.declared_arguments import ListedArguments
+from warden.sessions import door_conversation
 
 if TYPE_CHECKING:
     from warden.core import Governor
@@ -86,10 +94,14 @@ class StdioDoor:
         grace_s: float = 5.0,
         killswitches: Callable[[], KillSwitches | None] = lambda: None,
         keepalive_s: float = 10.0,
+        session: str | None = None,
+        session_source: str = "mcp",
     ) -> None:
         """``killswitches``: where to find the switches in force once Warden runs.
 
         ``keepalive_s``: how often a held call's client hears progress.
+        ``session``: the session every call of this connection is counted in
+        (``input.session.id``; ``session_source`` is its ``source``); ``None``: none.
         """
         self._command = tuple(command)
         self._agent = agent
@@ -105,6 +117,8 @@ class StdioDoor:
         self._batches: list[_Batch] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._keepalive_s = keepalive_s
+        self._session = session
+        self._session_source = session_source
         self._deciding: dict[str | int, asyncio.Task[Any]] = {}
         """Calls being decided, by id: a cancellation for one ends its decision."""
         self._calls = tasks.Tasks("mcp-stdio-calls")
@@ -352,6 +366,12 @@ class StdioDoor:
         id_ = message.id
         assert id_ is not None
         action = mcp.action(message.call, self._agent, self._upstream, self._tools)
+        # input.session: the connection's session, as Mcp-Session-Id over HTTP. A fresh
+        # conversation per call: the session guard memoises one request's work on it.
+        conversation = door_conversation({}, self._session, self._session_source)
+        if conversation is not None:
+            meta = dataclasses.replace(action.request, conversation=conversation)
+            action = dataclasses.replace(action, request=meta)
         try:
             decision = await self._core.decide(action)
         except AuditError:
@@ -444,8 +464,14 @@ class StdioDoor:
         never used) would read as the result of a call Warden did not let run.
         """
         id_ = response.get("id")
-        if not isinstance(id_, str | int) or isinstance(id_, bool):
+        if id_ is None and "error" in response and "result" not in response:
             return True  # an error for a request the child could not read (id null)
+        if mcp.valid_id(id_) is None:
+            # 7.0 or true: some clients read it as the id it equals (a held call's).
+            log.warning("mcp server answered under id %r, which it was never sent; dropped", id_)
+            metrics.child(metrics.MCP_DROPPED, "unasked").inc()
+            return False
+        assert id_ is not None
         if id_ in self._asked:
             self._asked.discard(id_)
             return True

@@ -113,8 +113,8 @@ AMBIGUOUS_CALL_IDS = Counter(
 )
 MCP_DROPPED = Counter(
     "warden_mcp_dropped_total",
-    "Messages from an MCP server over stdio that Warden did not pass to the client: "
-    "answers under an id the server was never sent, lines that are not JSON-RPC.",
+    "Messages from an MCP server that Warden did not pass to the client: answers under "
+    "an id the server was not sent on that stream, messages that are not JSON-RPC.",
     ["reason"],
 )
 MCP_TOOLS_HIDDEN = Counter(

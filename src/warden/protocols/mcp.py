@@ -58,6 +58,7 @@ __all__ = [
     "progress_token",
     "result_outcome",
     "stopped_result",
+    "valid_id",
 ]
 
 PROTOCOL: Final = "mcp"
@@ -90,7 +91,7 @@ class Message:
     @property
     def id(self) -> JsonId:
         """The JSON-RPC id, or ``None`` (notifications, invalid messages)."""
-        return _valid_id(self.body.get("id")) if self.body is not None else None
+        return valid_id(self.body.get("id")) if self.body is not None else None
 
     @property
     def is_request(self) -> bool:
@@ -158,7 +159,10 @@ MAX_SAFE_ID: Final = 2**53 - 1
 tool call's id (a trusted failure that releases the call's budget reservation)."""
 
 
-def _valid_id(value: object) -> JsonId:
+def valid_id(value: object) -> JsonId:
+    """``value`` if it is a JSON-RPC id Warden takes (a string, or an integer within
+    2^53), else ``None``: a decimal (``7.0``), a boolean or a huge integer is none,
+    though some clients would read it as the integer it equals."""
     if isinstance(value, str):
         return value
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_SAFE_ID:
@@ -217,13 +221,13 @@ def _spelled_apart(obj: Mapping[str, Any], fields: frozenset[str]) -> bool:
 
 def _message(value: object, index: int) -> Message:
     if not isinstance(value, dict) or value.get("jsonrpc") != "2.0":
-        id_ = _valid_id(value.get("id")) if isinstance(value, dict) else None
+        id_ = valid_id(value.get("id")) if isinstance(value, dict) else None
         return Message(None, error_response(id_, INVALID_REQUEST, "Invalid Request"))
     if not _spelled_apart(value, _MESSAGE_FIELDS):
-        id_ = _valid_id(value.get("id"))
+        id_ = valid_id(value.get("id"))
         return Message(None, error_response(id_, INVALID_REQUEST, _CASE_VARIANT))
     has_id = "id" in value
-    id_ = _valid_id(value.get("id"))
+    id_ = valid_id(value.get("id"))
     if has_id and id_ is None:
         # MCP: ids are strings or integers, never null.
         return Message(None, error_response(None, INVALID_REQUEST, "Invalid Request: bad id"))
@@ -380,7 +384,7 @@ def progress_token(message: Message) -> str | int | None:
     params = message.body.get("params") if message.body is not None else None
     meta = params.get("_meta") if isinstance(params, dict) else None
     token = meta.get("progressToken") if isinstance(meta, dict) else None
-    return _valid_id(token) if token is not None else None
+    return valid_id(token) if token is not None else None
 
 
 def progress_notification(token: str | int, progress: int, message: str) -> dict[str, Any]:

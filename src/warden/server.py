@@ -157,7 +157,11 @@ class Warden:
         budgets.start()
         stack.push_async_callback(budgets.close)
         self._approvals = approvals = await Approvals.open(
-            state.approvals, audit, approval_settings(cfg.approvals), feed=state.feed
+            state.approvals,
+            audit,
+            approval_settings(cfg.approvals),
+            feed=state.feed,
+            subjects=audit.subject_refs,
         )
         stack.push_async_callback(approvals.close)  # before the audit log: it records deliveries
         gate = ApprovalGate(

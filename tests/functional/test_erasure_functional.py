@@ -323,3 +323,43 @@ async def test_the_cli_leaves_the_state_store_to_the_running_warden(
 
 def _erasure_seen(audit_dir: Path) -> Callable[[], bool]:
     return lambda: any(r["kind"] == "erasure" for r in audit_records(audit_dir))
+
+
+async def test_an_approval_named_only_by_the_context_header_is_erased_too(
+    tmp_path: Path, llm: MockLLM, backend: Backend
+) -> None:
+    """The default source: the customer is named by the context header, not the arguments.
+
+    The approval keeps the subject's keyed reference (never the id), so erasure
+    finds it; approvers see the upstream and method of the held call.
+    """
+    state_config, state = backend
+    config = _config(tmp_path, llm, state_config, subjects={"sources": ["context.customer_id"]})
+    async with Warden(config) as warden:
+        async with openai.AsyncOpenAI(
+            base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
+        ) as oai:
+            for who in (ANN, BOB):
+                change = Call("update_email", {"email": f"{who}@example.com"}, id=f"em_{who}")
+                llm.script(Reply(tool_calls=[change]))
+                await oai.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=[{"role": "user", "content": "change my email"}],
+                    extra_headers={"X-Warden-Context-Customer-Id": who},
+                )
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        async with (
+            aiohttp.ClientSession(headers=admin) as http,
+            http.get(f"{warden.admin_url}/v1/approvals") as resp,
+        ):
+            listed = (await resp.json())["approvals"]
+        assert [(a["upstream"], a["method"]) for a in listed] == [("openai", "POST")] * 2
+        await _console_erase(warden, ANN)
+    rows = state.rows("SELECT status, decided_by, arguments, binding FROM approvals")
+    assert sorted(row[:3] for row in rows) == [
+        ("pending", None, '{"email":"C-bob@example.com"}'),
+        ("rejected", "erasure", '{"erased":true}'),
+    ]
+    (erasure,) = [r for r in audit_records(tmp_path / "audit") if r["kind"] == "erasure"]
+    assert erasure["body"]["state"]["approvals_revoked"] == 1
+    assert ANN not in orjson.dumps(state.rows("SELECT subjects FROM approvals")).decode()

@@ -43,6 +43,8 @@ def approval() -> Approval:
         created_at=now,
         expires_at=now + 120,
         risk="high",
+        upstream="payments",
+        method="POST",
     )
 
 
@@ -97,7 +99,8 @@ def test_json_and_slack_bodies() -> None:
     assert generic["approval"]["agent"] == "refunds-bot"
     assert generic["approval"]["arguments"] == {"amount": 10, "note": "<b>&</b>"}
     slack = render("approval.approved", approval(), "slack", 1795747200)
-    assert "issue_refund" in slack["text"]
+    assert "`issue_refund` by agent `refunds-bot` to `payments`" in slack["text"]
+    assert (generic["approval"]["upstream"], generic["approval"]["method"]) == ("payments", "POST")
     assert "apr_1" in slack["text"]
     assert slack["blocks"][0]["type"] == "section"
     text = orjson.dumps(slack["blocks"]).decode()

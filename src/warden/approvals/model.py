@@ -161,6 +161,13 @@ class Approval:
     consumed_at: float | None = None
     owner: str | None = None
     """The instance id of the process keeping a ``hold`` open (:mod:`warden.approvals.owner`)."""
+    upstream: str | None = None
+    """The upstream the held call goes to (``None`` for approvals from before it was kept)."""
+    method: str | None = None
+    """The method of the held request (``POST``, ``tools/call``...)."""
+    subjects: tuple[str, ...] = ()
+    """Keyed references of the data subjects the action names (``audit.subjects``), so an
+    erasure finds the approval whatever source named the subject; never the ids themselves."""
 
     @property
     def approved_by(self) -> tuple[str, ...]:
@@ -194,6 +201,8 @@ class Approval:
             "action_id": self.action_id,
             "agent": self.agent_id,
             "tool": self.tool,
+            "upstream": self.upstream,
+            "method": self.method,
             "arguments": self.arguments,
             "arguments_sha256": self.arguments_sha256,
             "redacted": list(self.redacted),

@@ -82,6 +82,8 @@ def render(event: str, approval: Approval, fmt: str, timestamp: int) -> dict[str
     if fmt == "json":
         return {"event": event, "timestamp": timestamp, "approval": data}
     what = f"`{_slack(approval.tool or '-')}` by agent `{_slack(approval.agent_id)}`"
+    if approval.upstream:
+        what += f" to `{_slack(approval.upstream)}`"
     if event == "approval.requested":
         headline = f":hourglass: Approval needed: {what}"
     elif event == "approval.approved":

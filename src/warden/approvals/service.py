@@ -34,7 +34,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import rfc8785
@@ -92,7 +92,11 @@ class Approvals:
         *,
         owner: Owner | None = None,
         feed: ChangeFeed | None = None,
+        subjects: Callable[[Action], tuple[str, ...]] | None = None,
     ) -> None:
+        """``subjects``: the keyed references of the data subjects an action names
+        (:meth:`warden.audit.AuditLog.subject_refs`), kept with its approval for erasure."""
+        self._subjects = subjects
         self._store = store
         self._feed = feed
         # Decisions made by other sidecars arrive on the feed; without one, waiters poll.
@@ -126,6 +130,7 @@ class Approvals:
         *,
         owner: Owner | None = None,
         feed: ChangeFeed | None = None,
+        subjects: Callable[[Action], tuple[str, ...]] | None = None,
     ) -> Approvals:
         """Open the approvals table, defer the holds of dead processes, start the sweeper.
 
@@ -133,7 +138,7 @@ class Approvals:
         ``feed`` wakes waiters when another sidecar decides.
         """
         store = await ApprovalStore.open(state_url) if isinstance(state_url, str) else state_url
-        self = cls(store, audit, settings, owner=owner, feed=feed)
+        self = cls(store, audit, settings, owner=owner, feed=feed, subjects=subjects)
         try:
             await self._store.heartbeat(self.owner, time.time())
             recovered = await self.recover()
@@ -279,6 +284,9 @@ class Approvals:
             created_at=now,
             expires_at=now + (ttl if ttl is not None else self.settings.defer_ttl_s),
             owner=self.owner.instance if mode == "hold" else None,
+            upstream=action.request.upstream,
+            method=action.request.method,
+            subjects=self._subjects(action) if self._subjects is not None else (),
         )
         # Record first: a request on file without a row is harmless; a pending
         # row nobody can prove was requested is not.

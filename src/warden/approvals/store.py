@@ -61,8 +61,9 @@ T = TypeVar("T")
 COLUMNS = (
     "id, decision_id, action_id, agent, tool, arguments, arguments_sha256, binding, mode, "
     "reason, risk, approvers, required, redacted, status, created_at, expires_at, votes, "
-    "decided_at, decided_by, comment, consumed_at, owner"
+    "decided_at, decided_by, comment, consumed_at, owner, upstream, method, subjects"
 )
+_PLACEHOLDERS: Final = ", ".join(["?"] * len(COLUMNS.split(",")))
 # Columns added after the first release, created on open when an older file lacks them.
 _ADDED_COLUMNS = (("owner", "TEXT"),)
 
@@ -199,15 +200,17 @@ class ApprovalRepo(Protocol):
 def names_erased(erased: ErasedSubjects, approval: Approval) -> bool:
     """Whether an approval names an erased data subject, as far as its row can tell.
 
-    The row keeps the display arguments only (no context, no agent claims):
-    only ``action.arguments.<path>`` sources can match, and not through a
-    path the policy redacted from the display.
+    By the subject references kept with it (every configured source the
+    action named, context and claims too), else by its display arguments
+    (approvals from before the references were kept): there only
+    ``action.arguments.<path>`` sources can match, and not through a path the
+    policy redacted from the display.
     """
-    return (
-        approval.binding != ""  # erased already
-        and isinstance(approval.arguments, Mapping)
-        and erased.names(arguments=approval.arguments)
-    )
+    if approval.binding == "":  # erased already
+        return False
+    if not erased.refs.isdisjoint(approval.subjects):
+        return True
+    return isinstance(approval.arguments, Mapping) and erased.names(arguments=approval.arguments)
 
 
 def erase_params(approval: Approval, now: float) -> tuple[Any, ...]:
@@ -363,8 +366,7 @@ class ApprovalStore(SqliteStore):
     def _insert(self, a: Approval) -> None:
         with immediate(self._conn) as cur:
             cur.execute(
-                f"INSERT INTO approvals ({COLUMNS}) VALUES "  # noqa: S608
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO approvals ({COLUMNS}) VALUES ({_PLACEHOLDERS})",  # noqa: S608
                 to_row(a),
             )
 
@@ -676,6 +678,9 @@ def to_row(a: Approval) -> tuple[Any, ...]:
         a.comment,
         a.consumed_at,
         a.owner,
+        a.upstream,
+        a.method,
+        " ".join(a.subjects),
     )
 
 
@@ -704,6 +709,9 @@ def from_row(row: Sequence[Any]) -> Approval:
         comment,
         consumed_at,
         owner,
+        upstream,
+        method,
+        subjects,
     ) = row
     return Approval(
         id=aid,
@@ -731,6 +739,9 @@ def from_row(row: Sequence[Any]) -> Approval:
         comment=comment,
         consumed_at=None if consumed_at is None else float(consumed_at),
         owner=owner,
+        upstream=upstream,
+        method=method,
+        subjects=tuple(str(subjects or "").split()),
     )
 
 

@@ -58,7 +58,13 @@ from warden.audit.record import (
 )
 from warden.audit.redaction import REDACT_ALL
 from warden.audit.segments import SegmentWriter, TreeState, frame, open_writer
-from warden.audit.subjects import UNUSABLE, SubjectKeys, SubjectMatch, subject_value
+from warden.audit.subjects import (
+    UNUSABLE,
+    SubjectKeys,
+    SubjectMatch,
+    subject_ids,
+    subject_value,
+)
 from warden.config import AuditConfig
 from warden.errors import AuditError
 from warden.model import Action, Decision, Outcome
@@ -515,6 +521,12 @@ class AuditLog:
     def subject_ref(self, subject_id: str) -> str:
         """The pseudonymous reference that records use for ``subject_id``."""
         return self._subjects.ref(subject_id)
+
+    def subject_refs(self, action: Action) -> tuple[str, ...]:
+        """The references of every data subject the configured sources name in ``action``,
+        for the stores beyond the log that keep the action (erasure finds them by these)."""
+        sources = self._config.subjects.sources
+        return tuple(self._subjects.ref(s) for s in subject_ids(action, sources))
 
     # -- internals -----------------------------------------------------------
 

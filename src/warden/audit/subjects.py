@@ -29,7 +29,7 @@ import base64
 import hashlib
 import os
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from warden.audit import metrics
 from warden.audit.layout import fsync_dir
 from warden.model import Action
 
-__all__ = ["SEAL_ALG", "UNUSABLE", "SubjectKeys", "SubjectMatch", "subject_value"]
+__all__ = ["SEAL_ALG", "UNUSABLE", "SubjectKeys", "SubjectMatch", "subject_ids", "subject_value"]
 
 UNUSABLE = object()
 """What :func:`subject_value` returns for a subject it cannot name (not text or a number)."""
@@ -129,13 +129,24 @@ class SubjectMatch:
         A store passes what it keeps: a part it does not keep (``None``) names
         nobody, so sources there cannot match.
         """
-        for source in self.sources:
-            found = _source(source, arguments, context, claims)
-            if isinstance(found, bool) or not isinstance(found, (str, int)) or found == "":
-                continue
-            if self.ref(str(found)) in self.refs:
-                return True
-        return False
+        named = _named(self.sources, arguments, context, claims)
+        return any(self.ref(found) in self.refs for found in named)
+
+
+def _named(sources: Sequence[str], arguments: Any, context: Any, claims: Any) -> Iterator[str]:
+    """The subject ids every source present names (text or integers), in source order."""
+    for source in sources:
+        found = _source(source, arguments, context, claims)
+        if isinstance(found, bool) or not isinstance(found, str | int) or found == "":
+            continue
+        yield str(found)
+
+
+def subject_ids(action: Action, sources: Sequence[str]) -> tuple[str, ...]:
+    """Every data subject the configured sources name in ``action`` (not only the first,
+    as sealing takes): what a store beyond the log keeps references of, for erasure."""
+    named = _named(sources, action.arguments, action.context, action.agent.claims)
+    return tuple(dict.fromkeys(named))
 
 
 class SubjectKeys:

@@ -459,6 +459,7 @@ def _approval_card(a: Approval, csrf: str, can_vote: bool, now: float) -> Html:
             [
                 ("Agent", a.agent_id),
                 ("Tool", a.tool or "—"),
+                ("Upstream", f"{a.method or ''} {a.upstream or '—'}".strip()),
                 ("Reason", a.reason),
                 ("Risk", a.risk or "—"),
                 ("Waiting", _ago(now - a.created_at)),

@@ -179,6 +179,8 @@ def approval_message(approval: Approval) -> pb.Approval:
         decided_by=approval.decided_by or "",
         comment=approval.comment,
         consumed_at=_timestamp(approval.consumed_at),
+        upstream=approval.upstream or "",
+        method=approval.method or "",
     )
 
 

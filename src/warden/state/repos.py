@@ -49,6 +49,11 @@ class ErasedSubjects(Protocol):
     """Which stored content names a data subject being erased
     (:class:`warden.audit.subjects.SubjectMatch`, by the configured subject sources)."""
 
+    @property
+    def refs(self) -> frozenset[str]:
+        """The keyed references of the subjects being erased."""
+        ...
+
     def names(self, *, arguments: Any = None, context: Any = None, claims: Any = None) -> bool:
         """Whether an action with these arguments, context and agent claims names one.
 

@@ -1,0 +1,8 @@
+-- What an approver needs to see, and what erasure needs to find: the upstream and
+-- method of the held call, and the keyed references of the data subjects it names
+-- (audit.subjects sources, space-separated; never the subject ids themselves).
+
+ALTER TABLE approvals
+    ADD COLUMN upstream text,
+    ADD COLUMN method text,
+    ADD COLUMN subjects text NOT NULL DEFAULT '';

@@ -26,19 +26,24 @@ not running.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from warden.approvals.gate import approval_settings
 from warden.approvals.service import Approvals
 from warden.audit.log import AuditLog, Erasure
 from warden.audit.subjects import SubjectMatch
 from warden.config import Config, StateConfig
+from warden.errors import ConfigError
 from warden.state.backend import SQLITE, StateBackend, backend_of, open_state
 from warden.state.base import sqlite_path
 from warden.state.links import CallLinks
 from warden.state.sessions import SessionRepo
 
 __all__ = ["StateEraser", "erase_stopped"]
+
+_log = logging.getLogger("warden.erasure")
 
 
 class StateEraser:
@@ -81,6 +86,11 @@ async def erase_stopped(config: Config, subject_id: str) -> Erasure:
     log = await AuditLog.open(config.audit)
     try:
         async with _state(config.state) as state:
+            if state is _UNREACHABLE:
+                # The key goes now; the note left for the state store is finished
+                # by the next Warden to hold the log (or the next erase).
+                log.on_erase(_unreachable)
+                return await log.erase(subject_id)
             if state is None:
                 return await log.erase(subject_id)
             # Not opened: this process holds no approvals, it only erases (and
@@ -95,12 +105,24 @@ async def erase_stopped(config: Config, subject_id: str) -> Erasure:
         await log.close()
 
 
+_UNREACHABLE: Any = object()
+
+
+async def _unreachable(_: SubjectMatch) -> dict[str, int]:
+    raise ConnectionError("the state store could not be opened")
+
+
 @contextlib.asynccontextmanager
 async def _state(config: StateConfig) -> AsyncIterator[StateBackend | None]:
     if backend_of(config.url) == SQLITE and not sqlite_path(config.url).exists():
         yield None
         return
-    state = await open_state(config)
+    try:
+        state = await open_state(config)
+    except (ConfigError, OSError) as exc:
+        _log.warning("erasure: cannot open the state store (%s); erasing the log first", exc)
+        yield _UNREACHABLE
+        return
     try:
         yield state
     finally:

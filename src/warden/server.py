@@ -141,6 +141,7 @@ class Warden:
         prices = PriceTable.load(cfg.prices.file)
         # Entered first, closed last: every other close may still record.
         self._audit = audit = await self._open_audit()
+        audit.expect_erasers()  # the state store's eraser comes once the core is up
         # SQLite or PostgreSQL: every repository, and the change feed between sidecars.
         self._state = state = await open_state(cfg.state)
         stack.push_async_callback(state.close)

@@ -95,9 +95,9 @@ PRUNE_EVERY_S: Final = 3600.0
 NEW_CHAIN: Final = "responses_chain"
 """``input.session.source`` of a Responses chain's session (a new one, or the one continued)."""
 WRITE_COALESCE_S: Final = 0.02
+"""How long decided calls wait for more to share their store transaction (memory has them)."""
 _ADD_RETRY_S: Final = 0.05  # doubled after each failed counter add, up to the most below
 _ADD_RETRY_MAX_S: Final = 5.0
-"""How long decided calls wait for more to share their store transaction (memory has them)."""
 _MISSING = object()
 
 
@@ -395,7 +395,7 @@ class SessionGuard:
                 log.warning("could not add to session counters: %s", type(exc).__name__)
                 self._unadded[key] = self._unadded.pop(key)  # the others first, next time
                 with contextlib.suppress(TimeoutError):
-                    pause = min(_ADD_RETRY_MAX_S, _ADD_RETRY_S * 2**failures)
+                    pause = min(_ADD_RETRY_MAX_S, _ADD_RETRY_S * 2 ** min(failures, 8))
                     await asyncio.wait_for(self._closing.wait(), pause)
                 continue
             failures = 0

@@ -321,6 +321,38 @@ async def test_the_cli_leaves_the_state_store_to_the_running_warden(
     assert len([r for r in audit_records(tmp_path / "audit") if r["kind"] == "erasure"]) == 1
 
 
+async def test_the_cli_destroys_the_key_when_the_state_store_is_down_and_warden_finishes(
+    tmp_path: Path, llm: MockLLM, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state_config = {"url": f"sqlite:///{tmp_path}/state.db"}
+    state = State(state_config["url"], None)
+    async with Warden(_config(tmp_path, llm, state_config)) as warden:
+        await _customers_seen(warden, llm)
+    await _assert_before(state)
+    # The configured state store cannot be reached (nothing listens there).
+    down = {"url": "postgresql://warden@127.0.0.1:9/warden"}
+    argv = ["erase", "--config", str(_config_file(tmp_path, down)), "--subject", ANN]
+    code = await asyncio.to_thread(audit_main, argv)
+    captured = capsys.readouterr()
+    assert code == 1, captured.out
+    assert "erased: the subject's key is destroyed" in captured.out
+    assert "the state store could not be reached" in captured.err
+    keys = SubjectKeys.open(tmp_path / "audit", create=False)
+    assert keys.noted_erasures() == {keys.ref(ANN): True}
+    await _assert_before(state)  # nothing there erased yet
+    # The next Warden on the log (and the reachable store) finishes it.
+    config = _config(tmp_path, llm, state_config, checkpoint_interval_s=0.1)
+    async with Warden(config):
+        for _ in range(100):
+            if keys.noted_erasures() == {}:
+                break
+            await asyncio.sleep(0.05)
+    assert state.links() == {"call_C-bob", "resp_C-bob"}
+    bodies = [r["body"] for r in audit_records(tmp_path / "audit") if r["kind"] == "erasure"]
+    assert [b["state"] is None for b in bodies] == [True, False]
+    assert bodies[1]["state"]["call_links"] == 3
+
+
 def _erasure_seen(audit_dir: Path) -> Callable[[], bool]:
     return lambda: any(r["kind"] == "erasure" for r in audit_records(audit_dir))
 

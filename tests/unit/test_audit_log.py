@@ -539,6 +539,39 @@ async def test_a_running_log_finishes_an_erasure_the_cli_noted(tmp_path: Path) -
         await log.close()
 
 
+async def test_noted_erasures_wait_for_the_erasers_a_starting_warden_expects(
+    tmp_path: Path,
+) -> None:
+    """Checkpoints while the stores are still opening leave the note, not a record of
+    an erasure that reached nothing beyond the log."""
+    root = tmp_path / "audit"
+    first = await AuditLog.open(_config(root))
+    await first.record_decision(sample_action(customer="cus_ann"), sample_decision())
+    await first.close()
+    keys = SubjectKeys.open(root, create=False)
+    ref = keys.ref("cus_ann")
+    keys.note_erasure(ref, keys.erase(ref))
+    log = await AuditLog.open(AuditConfig(dir=str(root), checkpoint_interval_s=0.05))
+    log.expect_erasers()
+    try:
+        await asyncio.sleep(0.3)  # several checkpoints
+        assert keys.noted_erasures() == {ref: True}
+        assert [r for r in _records(root) if r["kind"] == "erasure"] == []
+
+        async def eraser(match: SubjectMatch) -> dict[str, int]:
+            return {"call_links": 1}
+
+        log.on_erase(eraser)
+        for _ in range(100):
+            if keys.noted_erasures() == {}:
+                break
+            await asyncio.sleep(0.02)
+        (erasure,) = [r for r in _records(root) if r["kind"] == "erasure"]
+        assert erasure["body"]["state"] == {"call_links": 1}
+    finally:
+        await log.close()
+
+
 async def test_sealed_fields_are_bound_to_their_record(log: AuditLog) -> None:
     await log.record_decision(sample_action(customer="cus_1"), sample_decision())
     await log.record_decision(sample_action(customer="cus_1"), sample_decision())

@@ -255,6 +255,8 @@ class AuditLog:
         self._waiters: list[asyncio.Future[None]] = []
         self._followers: list[Follower] = []
         self._erasers: list[SubjectEraser] = []
+        self._erasers_due = False
+        """Set by :meth:`expect_erasers`: noted erasures wait for the first eraser."""
         self._writing = False
         """A batch is due to start, on the I/O thread, or waking its appenders."""
         self._idle: list[asyncio.Future[None]] = []  # _drain() waiting for the last batch
@@ -347,6 +349,15 @@ class AuditLog:
         raises leaves the erasure to be finished at the next checkpoint.
         """
         self._erasers.append(eraser)
+        self._erasers_due = False
+
+    def expect_erasers(self) -> None:
+        """Say that erasers will be registered (:meth:`on_erase`) once the stores are open.
+
+        Until then, erasures noted by the CLI are left for later: finished now,
+        they would be recorded as done with nothing erased beyond the log.
+        """
+        self._erasers_due = not self._erasers
 
     # -- recording -----------------------------------------------------------
 
@@ -508,6 +519,8 @@ class AuditLog:
     async def _finish_noted_erasures(self) -> None:
         """Finish the erasures made while this process held the log (by the CLI), or left
         unfinished because the state store could not be reached."""
+        if self._erasers_due:
+            return  # the stores are still opening: the next checkpoint finishes them
         for ref in await self._blocking(self._subjects.forget_erased):
             # A key file removed without a note (an older CLI): erased all the same.
             await self._blocking(self._subjects.note_erasure, ref, True)

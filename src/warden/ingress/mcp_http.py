@@ -127,6 +127,9 @@ class _Exchange:
     client_gone: bool = False
     resumable: bool = False
     """The server's stream gave event ids: its answers may come later on a GET."""
+    owed: tuple[str, str] | None = None
+    """A resumed stream (GET with ``Last-Event-ID``): the (upstream, session) whose broken
+    streams' answers it may carry, each claimed from :attr:`McpHttp._resumable` as it comes."""
 
 
 class McpHttp:
@@ -584,9 +587,11 @@ class McpHttp:
         """
         if "method" in message:
             return message  # the server's own request or notification: passes
+        if mcp.unaddressed_error(message):
+            return message
         id_ = message.get("id")
-        if id_ is None and "error" in message and "result" not in message:
-            return message  # an error for a request the server could not read (id null)
+        if exchange.owed is not None and id_ not in exchange.requests:
+            self._claim(exchange, exchange.owed, id_)
         # An id given as 7.0 or true too: some clients read it as the id it equals.
         if mcp.valid_id(id_) is None or id_ not in exchange.requests:
             log.warning(
@@ -605,6 +610,18 @@ class McpHttp:
             exchange.listings.discard(id_)
             return await self._filtered(exchange.agent, exchange.upstream, message)
         return message
+
+    def _claim(self, exchange: _Exchange, key: tuple[str, str], id_: Any) -> None:
+        """Take the answer a broken stream of the session owed under ``id_``, if any."""
+        waiting = self._resumable.get(key)
+        if waiting is None or mcp.valid_id(id_) is None or id_ not in waiting:
+            return
+        pending = waiting.pop(id_)
+        if not waiting:
+            del self._resumable[key]
+        exchange.requests.add(id_)
+        if pending is not None:
+            exchange.calls[id_] = pending
 
     def _record(self, pending: _Pending, message: Mapping[str, Any]) -> None:
         latency = (time.perf_counter() - pending.started) * 1000
@@ -810,10 +827,10 @@ class McpHttp:
                 return web.Response(status=status, body=raw, headers=headers)
             session = request.headers.get(SESSION_HEADER)
             exchange = _Exchange(agent, name, url, session, filter_all=True)
-            if session is not None:
-                waiting = self._resumable.pop((name, session), {})
-                exchange.calls = {k: v for k, v in waiting.items() if v is not None}
-                exchange.requests = set(waiting)
+            if session is not None and request.headers.get("Last-Event-ID") is not None:
+                # Only a resumed stream carries answers (the standalone GET stream never
+                # does); several may be resumed at once, so each claims its answers.
+                exchange.owed = (name, session)
             exchange.response = await _open_sse(request, headers, status=status)
             try:
                 await self._relay_events(exchange, resp)

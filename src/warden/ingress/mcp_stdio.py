@@ -463,9 +463,9 @@ class StdioDoor:
         any other id (a call still being decided or held, a denied one, an id
         never used) would read as the result of a call Warden did not let run.
         """
+        if mcp.unaddressed_error(response):
+            return True
         id_ = response.get("id")
-        if id_ is None and "error" in response and "result" not in response:
-            return True  # an error for a request the child could not read (id null)
         if mcp.valid_id(id_) is None:
             # 7.0 or true: some clients read it as the id it equals (a held call's).
             log.warning("mcp server answered under id %r, which it was never sent; dropped", id_)

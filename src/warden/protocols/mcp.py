@@ -58,6 +58,7 @@ __all__ = [
     "progress_token",
     "result_outcome",
     "stopped_result",
+    "unaddressed_error",
     "valid_id",
 ]
 
@@ -157,6 +158,12 @@ MAX_SAFE_ID: Final = 2**53 - 1
 """Integer ids beyond this are refused: a server reading JSON numbers as doubles (JavaScript's
 ``JSON.parse``) sees 2**53 and 2**53 + 1 as one id, and would answer a bogus request under a
 tool call's id (a trusted failure that releases the call's budget reservation)."""
+
+
+def unaddressed_error(message: Mapping[str, Any]) -> bool:
+    """Whether a response is an error with ``id: null``: about a request its sender
+    could not read, so it answers no request in particular (and passes as it is)."""
+    return message.get("id") is None and "error" in message and "result" not in message
 
 
 def valid_id(value: object) -> JsonId:

@@ -326,10 +326,18 @@ class CallLinks:
         a call is then linked to no decision, as after :meth:`take`.
         """
         async with self._writing:
+            held = {k: v for k, (v, _) in self._memory.items() if isinstance(v, Link)}
+            # Matching hashes what each action names: up to MAX_LINKS, not on the event loop.
+            named = await asyncio.to_thread(
+                lambda: [
+                    (k, link) for k, link in held.items() if _action_names(erased, link.action)
+                ]
+            )
             gone: set[str] = set()
-            for call_id, (value, at) in self._memory.items():
-                if isinstance(value, Link) and _action_names(erased, value.action):
-                    self._memory[call_id] = (_TAKEN, at)
+            for call_id, link in named:
+                entry = self._memory.get(call_id)
+                if entry is not None and entry[0] is link:  # not taken or replaced meanwhile
+                    self._memory[call_id] = (_TAKEN, entry[1])
                     gone.add(call_id)
             self._queue = [
                 op

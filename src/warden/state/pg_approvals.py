@@ -11,6 +11,7 @@ published to the fleet by the table's trigger (the change feed).
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 from typing import Any, Final
 
@@ -209,7 +210,8 @@ class PgApprovalStore:
     async def erase(self, erased: ErasedSubjects, now: float) -> ErasedApprovals:
         """Erase the approvals that name an erased data subject (see
         :class:`~warden.approvals.store.ApprovalRepo`)."""
-        found = [a for a in await self.list() if names_erased(erased, a)]
+        listed = await self.list()
+        found = await asyncio.to_thread(lambda: [a for a in listed if names_erased(erased, a)])
         if not found:
             return ErasedApprovals(0)
         # Each row is changed only while it keeps the binding read (no sidecar

@@ -540,7 +540,10 @@ class PgLinkStore:
         rows = await self._db.read(
             "SELECT call_id, action FROM call_links WHERE action IS NOT NULL"
         )
-        found = [(c, bytes(a)) for c, a in rows if names_erased(erased, bytes(a))]
+        # Parsing and hashing every stored action is CPU work: not on the event loop.
+        found = await asyncio.to_thread(
+            lambda: [(c, bytes(a)) for c, a in rows if names_erased(erased, bytes(a))]
+        )
         if not found:
             return []
 

@@ -214,6 +214,14 @@ def merge_bundles(bundles: Sequence[Bundle]) -> Bundle:
                             f"{a.source} and {b.source}: roots overlap "
                             f"({ra or '/'!r} and {rb or '/'!r}); give each bundle its own roots"
                         )
+    named = [b.name or f"bundle{i}" for i, b in enumerate(bundles)]
+    for i, name in enumerate(named):
+        if name in named[:i]:
+            # Module paths and the newest signing time (rollback protection) go by name.
+            raise BundleError(
+                f"{bundles[named.index(name)].source} and {bundles[i].source}: two bundles "
+                f"named {name!r}; give each folder (or bundle URL) its own name"
+            )
     data: dict[str, Any] = {}
     modules: list[Module] = []
     for index, bundle in enumerate(bundles):
@@ -238,10 +246,6 @@ def merge_bundles(bundles: Sequence[Bundle]) -> Bundle:
 
 
 def _signing_times(bundles: Sequence[Bundle]) -> dict[str, int | None] | None:
-    """Each signed bundle's signing time by name; two of one name keep the older (or none)."""
-    times: dict[str, int | None] = {}
-    for bundle in bundles:
-        for name, at in (bundle.signed_at or {}).items():
-            kept = times.get(name, at)
-            times[name] = None if kept is None or at is None else min(kept, at)
+    """Each signed bundle's signing time, by name (names are unique once merged)."""
+    times = {name: at for b in bundles for name, at in (b.signed_at or {}).items()}
     return times or None

@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Protocol
 
 from warden.policy.bundle.model import Bundle, BundleError
@@ -56,7 +55,7 @@ class MarkRepo(Protocol):
 
 
 def _when(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def check_order(bundle: Bundle, marks: Mapping[str, SignedMark]) -> None:
@@ -98,8 +97,9 @@ class SignedOrder:
         """Check ``bundle`` against the stored marks and raise them; raising refuses it."""
         times = bundle.signed_at or {}
         if times:
+            names = sorted(times)
             if not self.allow_older:
-                check_order(bundle, await self.repo.signed_marks(sorted(times)))
+                check_order(bundle, await self.repo.signed_marks(names))
             now = time.time()
             await self.repo.raise_signed_marks(
                 [
@@ -108,5 +108,9 @@ class SignedOrder:
                     if at is not None
                 ]
             )
+            if not self.allow_older:
+                # Read again: another sidecar may have raised a mark past this
+                # bundle between the check and the raise (which then kept it).
+                check_order(bundle, await self.repo.signed_marks(names))
         if self.then is not None:
             await self.then(bundle)

@@ -20,6 +20,7 @@ import argparse
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -305,12 +306,13 @@ def _sign(args: argparse.Namespace) -> int:
         return _fail(f"{args.key}: cannot read the key: {exc.strerror}")
     try:
         algorithm = args.alg or _algorithm_for(pem)
-        sign_bundle(args.path, pem, args.key_id, algorithm)
+        signed_at = sign_bundle(args.path, pem, args.key_id, algorithm)
         files = [n for n in read_bundle_files(args.path) if n != SIGNATURES_FILE]
     except (BundleError, ValueError) as exc:
         return _fail(str(exc))
     target = Path(args.path) / SIGNATURES_FILE
-    print(f"signed {len(files)} files with key {args.key_id!r} ({algorithm}): {target}")
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(signed_at))
+    print(f"signed {len(files)} files with key {args.key_id!r} ({algorithm}) at {when}: {target}")
     return 0
 
 

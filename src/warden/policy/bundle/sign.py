@@ -25,7 +25,7 @@ def sign_bundle(
     *,
     scope: str | None = None,
     issued_at: int | None = None,
-) -> None:
+) -> int:
     """Write ``.signatures.json`` for a bundle directory, as ``opa sign`` does.
 
     Every file in the directory (hidden ones aside) is listed with its SHA-256
@@ -33,6 +33,7 @@ def sign_bundle(
     versions, in the payload (``keyid``). The signing time goes in ``iat``
     (``issued_at``, Unix seconds; now by default): Warden refuses a bundle
     signed before the newest one of its name it activated (ADR 0014).
+    Returns the signing time written.
     """
     if algorithm not in SIGNING_ALGORITHMS:
         raise BundleError(f"unsupported signing algorithm {algorithm!r}")
@@ -40,10 +41,11 @@ def sign_bundle(
     if not root.is_dir():
         raise BundleError(f"{root}: sign_bundle needs a bundle directory")
     files = read_bundle_files(root)
+    signed_at = int(time.time()) if issued_at is None else issued_at
     payload: dict[str, Any] = {
         "files": signed_files_payload(files),
         "keyid": key_id,
-        "iat": int(time.time()) if issued_at is None else issued_at,
+        "iat": signed_at,
     }
     if scope is not None:
         payload["scope"] = scope
@@ -55,3 +57,4 @@ def sign_bundle(
         raise BundleError(f"cannot sign with the given key and {algorithm}: {exc}") from None
     body = json.dumps({"signatures": [token]}, indent=2) + "\n"
     (root / SIGNATURES_FILE).write_text(body, encoding="utf-8")
+    return signed_at

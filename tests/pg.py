@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+import pytest
+
+from warden.config import StateConfig
 
 APP_USER = "warden_app"
 APP_PASSWORD = "app-pw-7d1c9e"  # a test secret; tests check it never reaches logs
@@ -204,3 +207,13 @@ def database(server: PgServer) -> Iterator[str]:
         yield name
     finally:
         server.drop_database(name)
+
+
+def state_config(request: pytest.FixtureRequest, tmp_path: Path) -> StateConfig:
+    """The state store a backend-parametrised fixture names: SQLite in ``tmp_path``, or a
+    fresh database on the session's PostgreSQL (``request.param`` is the backend)."""
+    if request.param == "sqlite":
+        return StateConfig(url=f"sqlite:///{tmp_path}/state.db")
+    server: PgServer = request.getfixturevalue("pg_server")
+    url = request.getfixturevalue("pg_url")
+    return StateConfig(url=url, password_file=str(server.password_file))

@@ -63,6 +63,21 @@ async def status_error(warden: Warden, message: str) -> Any:
     return status
 
 
+def watched(tmp_path: Path, first: Path, public: Path, key_id: str) -> tuple[Path, dict[str, Any]]:
+    """A watched bundle folder holding ``first``, and the policy config that requires
+    signatures by ``key_id``."""
+    folder = tmp_path / "live" / "support"
+    folder.parent.mkdir()
+    shutil.copytree(first, folder)
+    signing = {"required": True, "keys": {key_id: f"@{public}"}}
+    return folder, {
+        "bundles": [str(folder)],
+        "watch": True,
+        "poll_interval_s": 0.05,
+        "signing": signing,
+    }
+
+
 async def test_an_older_signed_bundle_is_refused_live_and_after_a_restart(
     llm: MockLLM, tmp_path: Path
 ) -> None:
@@ -70,11 +85,7 @@ async def test_an_older_signed_bundle_is_refused_live_and_after_a_restart(
     now = int(time.time())
     old = release(tmp_path, "old", 100, "rev-1", private, key_id, now - 3600)
     new = release(tmp_path, "new", 50, "rev-2", private, key_id, now - 60)
-    folder = tmp_path / "live" / "support"
-    folder.parent.mkdir()
-    shutil.copytree(old, folder)
-    signing = {"required": True, "keys": {key_id: f"@{public}"}}
-    policy = {"bundles": [str(folder)], "watch": True, "poll_interval_s": 0.05, "signing": signing}
+    folder, policy = watched(tmp_path, old, public, key_id)
 
     async with Warden(make_config(tmp_path, llm.url, policy=policy)) as warden:
         await refund(warden, llm, 75)  # rev-1: allowed
@@ -120,11 +131,8 @@ async def test_allow_older_activates_it_and_an_untimed_signature_needs_it(
     private, public, key_id = signing_key(tmp_path / "release")
     now = int(time.time())
     new = release(tmp_path, "new", 50, "rev-2", private, key_id, now - 60)
-    folder = tmp_path / "live" / "support"
-    folder.parent.mkdir()
-    shutil.copytree(new, folder)
-    signing = {"required": True, "keys": {key_id: f"@{public}"}}
-    policy = {"bundles": [str(folder)], "watch": True, "poll_interval_s": 0.05, "signing": signing}
+    folder, policy = watched(tmp_path, new, public, key_id)
+    signing = policy["signing"]
     async with Warden(make_config(tmp_path, llm.url, policy=policy)):
         pass  # rev-2 activated: its signing time is the mark
 

@@ -276,10 +276,12 @@ class FakeOut:
         return False
 
 
-async def test_the_door_decides_calls_and_merges_batch_answers() -> None:
-    audit = MemoryAudit()
+async def echo_door(
+    guard: Any, audit: MemoryAudit, session: str | None = None
+) -> tuple[StdioDoor, Governor, asyncio.StreamReader, FakeOut]:
+    """A started stdio door around the echo server, deciding through ``guard`` alone."""
     pipeline = Pipeline(
-        [DenyCloseAccount()],
+        [guard],
         audit,
         mode_for=lambda _: Mode.ENFORCE,
         risk_of=lambda _: "write",
@@ -294,8 +296,15 @@ async def test_the_door_decides_calls_and_merges_batch_answers() -> None:
         upstream="echo",
         client_in=client_in,
         client_out=out,  # type: ignore[arg-type]
+        session=session,
     )
     await door.start(core)
+    return door, core, client_in, out
+
+
+async def test_the_door_decides_calls_and_merges_batch_answers() -> None:
+    audit = MemoryAudit()
+    door, core, client_in, out = await echo_door(DenyCloseAccount(), audit)
     client_in.feed_data(call_line(1, name="get_order", arguments={"order_id": "A-1"}) + b"\n")
     single = await asyncio.wait_for(out.protocol.lines.get(), 10)
     batch = [
@@ -339,25 +348,7 @@ class SeeSessions:
 @pytest.mark.parametrize("session", ["ses_one_connection", None])
 async def test_every_call_of_the_connection_is_in_the_doors_session(session: str | None) -> None:
     guard = SeeSessions()
-    pipeline = Pipeline(
-        [guard],
-        MemoryAudit(),
-        mode_for=lambda _: Mode.ENFORCE,
-        risk_of=lambda _: "write",
-        default_effect=Effect.ALLOW,
-    )
-    core = Governor(pipeline)
-    client_in = asyncio.StreamReader()
-    out = FakeOut()
-    door = StdioDoor(
-        [sys.executable, "-c", ECHO_SERVER],
-        agent=Agent("a1"),
-        upstream="echo",
-        client_in=client_in,
-        client_out=out,  # type: ignore[arg-type]
-        session=session,
-    )
-    await door.start(core)
+    door, core, client_in, out = await echo_door(guard, MemoryAudit(), session)
     client_in.feed_data(call_line(1, name="get_order", arguments={"order_id": "A-1"}) + b"\n")
     await asyncio.wait_for(out.protocol.lines.get(), 10)
     batch = [orjson.loads(call_line(i, name="get_order", arguments={"n": i})) for i in (2, 3)]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pg import PgServer
+from tests.pg import PgServer, state_config
 from warden.approvals.model import (
     AlreadyVoted,
     Approval,
@@ -41,12 +41,7 @@ Opener = Callable[[], Awaitable[StateBackend]]
 @pytest.fixture(params=BACKENDS)
 async def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
     """Opens backends on one shared database (as sidecars would); closes them after."""
-    if request.param == "sqlite":
-        config = StateConfig(url=f"sqlite:///{tmp_path}/state.db")
-    else:
-        server: PgServer = request.getfixturevalue("pg_server")
-        url = request.getfixturevalue("pg_url")
-        config = StateConfig(url=url, password_file=str(server.password_file))
+    config = state_config(request, tmp_path)
     opened: list[StateBackend] = []
 
     async def opener() -> StateBackend:

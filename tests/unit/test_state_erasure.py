@@ -16,11 +16,10 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.pg import PgServer
+from tests.pg import state_config
 from warden.approvals.model import Approval, ApprovalStatus
 from warden.approvals.store import ERASED_BY
 from warden.audit.subjects import SubjectKeys, SubjectMatch
-from warden.config import StateConfig
 from warden.model import Action, ActionKind, Agent, RequestMeta, Stage
 from warden.state.backend import StateBackend, open_state
 from warden.state.links import CallLinks, Link, LinkOp
@@ -31,13 +30,7 @@ SOURCES = ("action.arguments.customer_id", "context.customer_id", "agent.claims.
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def state(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateBackend]:
-    if request.param == "sqlite":
-        config = StateConfig(url=f"sqlite:///{tmp_path}/state.db")
-    else:
-        server: PgServer = request.getfixturevalue("pg_server")
-        url = request.getfixturevalue("pg_url")
-        config = StateConfig(url=url, password_file=str(server.password_file))
-    backend = await open_state(config)
+    backend = await open_state(state_config(request, tmp_path))
     yield backend
     await backend.close()
 

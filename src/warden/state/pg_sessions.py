@@ -7,6 +7,7 @@ increment and never deadlock. Decided calls and chain links are insert-only.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -155,7 +156,8 @@ class PgSessionStore:
                 "ORDER BY response_id LIMIT %s",
                 (after, _ERASE_PAGE),
             )
-            gone += [str(r) for r, calls in rows if chain_names_erased(erased, calls)]
+            # Parsing every link's calls is CPU work: not on the event loop.
+            gone += await asyncio.to_thread(_named_erased, erased, rows)
             if len(rows) < _ERASE_PAGE:
                 break
             after = str(rows[-1][0])
@@ -168,3 +170,8 @@ class PgSessionStore:
             return int(cur.rowcount)
 
         return await self._db.tx(run)
+
+
+def _named_erased(erased: ErasedSubjects, rows: Sequence[tuple[Any, ...]]) -> list[str]:
+    """The response ids of the chain links among ``rows`` that name an erased subject."""
+    return [str(r) for r, calls in rows if chain_names_erased(erased, calls)]

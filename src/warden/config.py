@@ -51,6 +51,7 @@ __all__ = [
     "Config",
     "ConsoleConfig",
     "ConsoleSsoConfig",
+    "CredentialConfig",
     "ExtAuthzConfig",
     "ExtProcConfig",
     "GrpcConfig",
@@ -162,6 +163,41 @@ class HttpRouteConfig(_Section):
         return self
 
 
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an RFC 9110 token
+
+
+class CredentialConfig(_Section):
+    """The upstream's key, held by Warden: the agent needs none (docs/credentials.md).
+
+    Whatever credential the agent sends is dropped and this one set on every
+    request Warden forwards to the upstream. Set exactly one of ``env`` and
+    ``file``; the key itself never appears in the configuration.
+    """
+
+    env: str | None = Field(None, min_length=1, max_length=256)
+    """An environment variable of Warden's that holds the key (``OPENAI_API_KEY``)."""
+    file: str | None = None
+    """A file holding the key (its first line), re-read when it changes (a Kubernetes Secret)."""
+    header: str | None = Field(None, min_length=1, max_length=128)
+    """The header that carries it. Default: ``x-api-key`` for ``protocol: anthropic``,
+    ``Authorization`` otherwise."""
+    scheme: str | None = Field(None, max_length=64)
+    """Put before the key with a space (``Bearer``). Default: ``Bearer`` when the header
+    is ``Authorization``, none otherwise; ``""`` for none."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CredentialConfig:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("set exactly one of env and file")
+        if self.header is not None and not _HEADER_NAME.fullmatch(self.header):
+            raise ValueError(f"header {self.header!r} is not a valid header name")
+        if self.header is not None and self.header.lower().startswith("x-warden-"):
+            raise ValueError("header: X-Warden-* headers are Warden's own")
+        if self.scheme and not _HEADER_NAME.fullmatch(self.scheme):
+            raise ValueError(f"scheme {self.scheme!r} must be one word (Bearer, Basic, Token)")
+        return self
+
+
 class UpstreamConfig(_Section):
     """An API the agent may reach through ``/<name>/...``; nothing else is reachable."""
 
@@ -177,6 +213,8 @@ class UpstreamConfig(_Section):
     """``protocol: http`` only: requests that are tool calls, tried in order."""
     unmatched: Literal["deny", "allow"] = "deny"
     """With ``routes``: refuse a request no route fits, or forward it as one ``http_call``."""
+    credential: CredentialConfig | None = None
+    """Warden's key for this upstream, put in place of the agent's (off when unset)."""
 
     @model_validator(mode="after")
     def _routes_on_http(self) -> UpstreamConfig:

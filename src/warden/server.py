@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -36,6 +37,7 @@ from warden.budgets.prices import PriceTable
 from warden.config import Config
 from warden.console import Console, console_app
 from warden.core import Governor
+from warden.credentials import Credentials
 from warden.erasure import StateEraser
 from warden.ingress.base import FrontDoor
 from warden.ingress.envoy_authz import ExtAuthzService
@@ -139,6 +141,7 @@ class Warden:
         cfg = self.config
         stack = self._stack
         prices = PriceTable.load(cfg.prices.file)
+        credentials = self._credentials()
         # Entered first, closed last: every other close may still record.
         self._audit = audit = await self._open_audit()
         audit.expect_erasers()  # the state store's eraser comes once the core is up
@@ -206,7 +209,7 @@ class Warden:
         add_change_routes(admin_app, audit)  # eval and replay runs, recorded in this log
         add_approval_routes(admin_app, approvals, admin_app[AUTH])
         await self._start_console(admin_app, audit, approvals, killswitches, budgets=budgets)
-        http = HttpDoor(cfg, session, killswitches=killswitches)
+        http = HttpDoor(cfg, session, killswitches=killswitches, credentials=credentials)
         doors: list[FrontDoor] = [http, *self._transparent_door(http)]
         grpc_door: GrpcDoor | None = None
         if cfg.listen.grpc is not None:
@@ -238,6 +241,24 @@ class Warden:
         # Unwound first: held requests are answered as deferred, so doors can drain.
         stack.callback(gate.stop_holding)
         log.info("proxy listening on %s, admin on %s", self.proxy_url, self.admin_url)
+
+    def _credentials(self) -> Credentials:
+        """The upstream keys Warden holds (read now: a missing one stops the start)."""
+        credentials = Credentials.load(self.config.upstreams, os.environ)
+        if not credentials:
+            return credentials
+        if not self.config.identity.require_proof:
+            log.warning(
+                "Warden holds upstream keys (%s) and identity.require_proof is off: anyone "
+                "who can reach the proxy port can use them as %r; require proof where "
+                "other processes can reach it (docs/credentials.md)",
+                ", ".join(n for n in self.config.upstreams if credentials.get(n) is not None),
+                self.config.agent.id,
+            )
+        if credentials.watched:
+            watcher = tasks.spawn(credentials.watch(), name="credential-watch")
+            self._stack.push_async_callback(_cancel, watcher)
+        return credentials
 
     async def _start_core(
         self, pipeline: Pipeline, gate: ApprovalGate, sessions: SessionGuard, approvals: Approvals
@@ -458,3 +479,9 @@ class Warden:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

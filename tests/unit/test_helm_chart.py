@@ -275,6 +275,47 @@ def test_admin_tokens_and_agent_keys_reach_warden_from_the_secret(tmp_path: Path
     assert config.policy.bundles == ("/etc/warden/policy",)
 
 
+def test_a_provider_key_reaches_warden_and_not_the_agent(tmp_path: Path) -> None:
+    # docs/credentials.md, "On Kubernetes": the key in Warden's env, a placeholder in the agent's.
+    extra = tmp_path / "keys.yaml"
+    upstream = {"protocol": "openai", "base_url": "https://api.openai.com"}
+    extra.write_text(
+        yaml.safe_dump(
+            {
+                "config": {
+                    "upstreams": {"openai": {**upstream, "credential": {"env": "OPENAI_API_KEY"}}}
+                },
+                "env": [
+                    {
+                        "name": "OPENAI_API_KEY",
+                        "valueFrom": {"secretKeyRef": {"name": "provider-keys", "key": "openai"}},
+                    }
+                ],
+                "agent": {
+                    "env": [
+                        {"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:8080/openai/v1"},
+                        {"name": "OPENAI_API_KEY", "value": "held-by-warden"},
+                    ]
+                },
+            }
+        )
+    )
+    sidecar = CHART / "ci" / "sidecar-values.yaml"
+    docs = tuple(helm_template("-f", str(sidecar), "-f", str(extra)))
+    assert_valid(docs)
+    (deployment,) = by_kind(docs, "Deployment")
+    spec = pod_spec(deployment)
+    warden_env = {e["name"]: e for e in warden_container(spec)["env"]}
+    ref = warden_env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == ("provider-keys", "openai")
+    (agent,) = spec["containers"]
+    assert {"name": "OPENAI_API_KEY", "value": "held-by-warden"} in agent["env"]
+    assert "secretKeyRef" not in json.dumps(agent)
+    credential = warden_yaml(docs, tmp_path).upstreams["openai"].credential
+    assert credential is not None
+    assert credential.env == "OPENAI_API_KEY"
+
+
 def test_existing_secret_and_config_map_are_referenced_not_created(tmp_path: Path) -> None:
     _, docs = values_of("existing-secrets")
     assert not by_kind(docs, "Secret")

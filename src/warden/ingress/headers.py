@@ -1,11 +1,13 @@
 """Header hygiene for the base-URL proxy: what is forwarded, returned and recorded.
 
-Credentials are forwarded to the configured upstream (the agent owns them) but
-never recorded: recording uses an allowlist, so a new secret-bearing header
-cannot leak by default. Warden's own headers (``X-Warden-*``: the agent id, its
-proxy key ``X-Warden-Agent-Key`` and token ``X-Warden-Agent-Token``, context)
-are for Warden alone: never forwarded, never recorded. Who the agent is gets
-decided by :mod:`warden.identity`, not here.
+Credentials are forwarded to the configured upstream (the agent owns them),
+unless Warden holds that upstream's key (:mod:`warden.credentials`): then the
+agent's are dropped and Warden's is sent. Neither is ever recorded: recording
+uses an allowlist, so a new secret-bearing header cannot leak by default.
+Warden's own headers (``X-Warden-*``: the agent id, its proxy key
+``X-Warden-Agent-Key`` and token ``X-Warden-Agent-Token``, context) are for
+Warden alone: never forwarded, never recorded. Who the agent is gets decided
+by :mod:`warden.identity`, not here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from warden.credentials import Credential
 
 __all__ = [
     "AGENT_HEADER",
@@ -75,16 +79,26 @@ def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
     return {t.strip().lower() for t in value.split(",") if t.strip()}
 
 
-def request_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """Headers to send upstream: hop-by-hop and every ``X-Warden-*`` (credentials too) removed."""
+def request_headers(
+    incoming: CIMultiDictProxy[str], credential: Credential | None = None
+) -> CIMultiDict[str]:
+    """Headers to send upstream: hop-by-hop and every ``X-Warden-*`` (credentials too) removed.
+
+    With ``credential`` (Warden holds the upstream's key), every header the
+    agent could carry a key in is dropped too, and Warden's is set.
+    """
     named = _connection_tokens(incoming)
     drop = _REQUEST_DROP | named if named else _REQUEST_DROP
+    if credential is not None:
+        drop = drop | credential.drop
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
         if lower in drop or lower.startswith("x-warden-"):
             continue
         out.add(name, value)
+    if credential is not None:
+        out[credential.header] = credential.value
     return out
 
 

@@ -41,6 +41,7 @@ from yarl import URL
 
 from warden.config import Config, UpstreamConfig
 from warden.core import Governor, Turn
+from warden.credentials import Credentials
 from warden.errors import (
     AuditError,
     BodyTooLarge,
@@ -168,10 +169,13 @@ class HttpDoor:
         session: aiohttp.ClientSession,
         *,
         killswitches: KillSwitches | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
+        """``credentials``: the upstream keys Warden holds in place of the agent's."""
         self._config = config
         self._session = session
         self._killswitches = killswitches
+        self._credentials = credentials if credentials is not None else Credentials.none()
         self._runner: web.AppRunner | None = None
         self._proxy: ProxyApp | None = None
         self.url = ""
@@ -179,7 +183,13 @@ class HttpDoor:
 
     async def start(self, core: Governor) -> None:
         """Listen; every request is decided by ``core``."""
-        proxy = ProxyApp(self._config, core, self._session, killswitches=self._killswitches)
+        proxy = ProxyApp(
+            self._config,
+            core,
+            self._session,
+            killswitches=self._killswitches,
+            credentials=self._credentials,
+        )
         self._proxy = proxy
         app = build_proxy_app(proxy, self._config.limits.max_body_bytes)
         self._runner, self.url = await listen(
@@ -205,11 +215,15 @@ class ProxyApp:
         session: aiohttp.ClientSession,
         *,
         killswitches: KillSwitches | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self._config = config
         self._core = core
         self._session = session
         self._killswitches = killswitches
+        self._credentials = credentials = (
+            credentials if credentials is not None else Credentials.none()
+        )
         self._identity = Identity(config)
         self._passthrough = {
             name: tuple(PassthroughRule.parse(spec) for spec in upstream.passthrough)
@@ -223,7 +237,12 @@ class ProxyApp:
         self._routes: dict[tuple[str, str], _Route] = {}
         # ``protocol: mcp`` upstreams: the MCP streamable HTTP transport (its own door logic).
         self.mcp = McpHttp(
-            config, core, session, identify=self._identity.resolve, killswitches=killswitches
+            config,
+            core,
+            session,
+            identify=self._identity.resolve,
+            killswitches=killswitches,
+            credentials=credentials,
         )
 
     # -- entry ---------------------------------------------------------------
@@ -436,7 +455,9 @@ class ProxyApp:
                 request.method,
                 url,
                 data=body if body else None,
-                headers=hdr.request_headers(request.headers),
+                headers=hdr.request_headers(
+                    request.headers, self._credentials.get(call.route.name)
+                ),
                 timeout=timeout,
                 allow_redirects=False,
             )

@@ -48,8 +48,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
+from warden.credentials import Credentials
 from warden.errors import (
     AuditError,
     BodyTooLarge,
@@ -143,13 +145,16 @@ class McpHttp:
         *,
         identify: Identify,
         killswitches: KillSwitches | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
-        """``identify`` proves the agent from its request headers (``Identity.resolve``)."""
+        """``identify`` proves the agent from its request headers (``Identity.resolve``);
+        ``credentials`` are the server keys Warden holds in place of the agent's."""
         self._config = config
         self._core = core
         self._session = session
         self._identify = identify
         self._killswitches = killswitches
+        self._credentials = credentials if credentials is not None else Credentials.none()
         self._tasks = Tasks("mcp-http")
         # Requests whose POST stream ended before their answer, by (upstream, session):
         # their answers may come on a resumed stream (the calls' to be recorded).
@@ -441,7 +446,7 @@ class McpHttp:
             resp = await self._session.post(
                 exchange.url,
                 data=body,
-                headers=hdr.request_headers(request.headers),
+                headers=self._headers(request, exchange.upstream),
                 timeout=timeout,
                 allow_redirects=False,
             )
@@ -753,7 +758,7 @@ class McpHttp:
             answers.append(
                 mcp.stopped_result(id_, pending.action.tool, switch.message, decision_id)
             )
-            cancel = self._cancel(request, exchange.url, id_, switch.message)
+            cancel = self._cancel(request, exchange, id_, switch.message)
             self._tasks.spawn(cancel, name="cancel")
             outcome = Outcome(error="killed", result=switch.message, is_error=True)
             # Not trusted: whether the tool finished is unknown, so nothing is released.
@@ -770,9 +775,11 @@ class McpHttp:
             return await _finish(exchange.response)
         return _json(200, answers[0] if len(answers) == 1 else answers)
 
-    async def _cancel(self, request: web.Request, url: URL, id_: str | int, reason: str) -> None:
+    async def _cancel(
+        self, request: web.Request, exchange: _Exchange, id_: str | int, reason: str
+    ) -> None:
         """Tell the server to stop request ``id_`` (its late answer goes nowhere)."""
-        headers = hdr.request_headers(request.headers)
+        url, headers = exchange.url, self._headers(request, exchange.upstream)
         timeout = aiohttp.ClientTimeout(total=_CANCEL_TIMEOUT_S)
         body = dumps(mcp.cancelled_notification(id_, reason)).encode()
         try:
@@ -808,7 +815,7 @@ class McpHttp:
         try:
             resp = await self._session.get(
                 url,
-                headers=hdr.request_headers(request.headers),
+                headers=self._headers(request, name),
                 timeout=timeout,
                 allow_redirects=False,
             )
@@ -850,7 +857,7 @@ class McpHttp:
         try:
             async with self._session.delete(
                 url,
-                headers=hdr.request_headers(request.headers),
+                headers=self._headers(request, name),
                 timeout=timeout,
                 allow_redirects=False,
             ) as resp:
@@ -869,6 +876,10 @@ class McpHttp:
         return web.Response(status=status, body=raw or None, headers=headers)
 
     # -- writing ---------------------------------------------------------------
+
+    def _headers(self, request: web.Request, upstream: str) -> CIMultiDict[str]:
+        """The agent's headers for the server: Warden's key in place of the agent's, if held."""
+        return hdr.request_headers(request.headers, self._credentials.get(upstream))
 
     async def _write(self, exchange: _Exchange, data: bytes) -> None:
         """Write to the client's SSE answer; a client gone is noted, not raised."""

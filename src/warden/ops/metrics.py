@@ -24,6 +24,7 @@ __all__ = [
     "AUDIT_SHIP_LAG_SECONDS",
     "AUDIT_WRITABLE",
     "BUDGET_LIMIT",
+    "CREDENTIAL_RELOADS",
     "DECISIONS",
     "DRIFT_LEVEL",
     "DRIFT_PSI",
@@ -126,6 +127,13 @@ EXT_PROC_EXTENSIONS = Counter(
     "warden_ext_proc_timeout_extensions_total",
     "ext_proc answers that asked Envoy for more time (override_message_timeout), such as a "
     "tool call held for a person.",
+)
+CREDENTIAL_RELOADS = Counter(
+    "warden_credential_reloads_total",
+    "Upstream keys re-read from their file because it changed, by upstream and result "
+    "(ok; failed: it could not be read or held no usable key, so the last key stays; "
+    "counted once until a read succeeds).",
+    ["upstream", "result"],
 )
 INFLIGHT = Gauge("warden_inflight_requests", "Requests being served right now.")
 

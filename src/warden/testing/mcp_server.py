@@ -157,9 +157,21 @@ class StreamableHttpServer:
     ) -> None:
         """``json_response``: answer requests with one JSON body instead of an SSE stream.
         ``stateless``: keep no session (no ``Mcp-Session-Id``; every request stands alone)."""
-        self._app = build_server(call_log, delay_s).streamable_http_app(
+        inner = build_server(call_log, delay_s).streamable_http_app(
             json_response=json_response, stateless_http=stateless, host=host
         )
+        self.request_headers: list[dict[str, str]] = []
+        """The headers of every HTTP request it received, names in lower case, in order."""
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                raw = scope["headers"]
+                self.request_headers.append(
+                    {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}
+                )
+            await inner(scope, receive, send)
+
+        self._app = app
         self._host = host
         self._port = port
         self._server: uvicorn.Server | None = None

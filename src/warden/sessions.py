@@ -21,7 +21,11 @@ per agent and session id.
   the calls it decided (memory, then the state store): a call with no
   decision of the same tool, same arguments (by digest) that let it through
   is ``verified: false``; an agent that rewrote or invented history cannot
-  make it look like something Warden allowed;
+  make it look like something Warden allowed. The decision must also be of
+  this conversation: made in the same session (by any agent: a handoff
+  passes the history on), or, for a request in no session, made for the
+  same agent in none. A call copied from another conversation reads
+  unverified;
 * it reads the session's counters from the state store (calls by tool,
   denials, approvals, taints) and hands the policy ``input.history``,
   ``input.session`` and the tool's ``input.action.labels``;
@@ -418,7 +422,7 @@ class SessionGuard:
             tool=action.tool or "",
             digest=history.arguments_digest(action.arguments, action.raw_arguments or ""),
             effect=decision.enforced.value,
-            session_id=key,
+            session_id=_scope(action.agent.id, key),
         )
         self._remember(record)
         if conversation is not None:
@@ -537,15 +541,17 @@ class SessionGuard:
         docs: list[Mapping[str, Any]] = []
         taints: set[str] = set()
         verified_all = True
+        key = f"{agent}\x1f{session_id}" if session_id is not None else None
+        scope = _scope(agent, key)
         for call in calls:
-            match = _matching(records.get(call.call_id, ()), call)
+            mine = [r for r in records.get(call.call_id, ()) if _same_conversation(r, scope)]
+            match = _matching(mine, call)
             verified = match is not None and match.effect != Effect.DENY.value
             verified_all = verified_all and verified
             labels = self.labels_of(call.tool)
             if call.result is not None:
                 taints.update(labels)
             docs.append(_entry(call, match, verified, labels))
-        key = f"{agent}\x1f{session_id}" if session_id is not None else None
         return _Prepared(tuple(docs), key, session_id, source, frozenset(taints), verified_all)
 
     async def _chain(self, conversation: Conversation) -> tuple[list[PriorCall], str | None]:
@@ -613,9 +619,33 @@ def _carried_session(
     mine = f"{agent}\x1f"
     for call in reversed(calls):
         match = _matching(records.get(call.call_id, ()), call)
-        if match is not None and match.session_id and match.session_id.startswith(mine):
-            return match.session_id.removeprefix(mine)
+        decided_in = match.session_id if match is not None else None
+        # The agent and separator alone: decided in no session, nothing to carry.
+        if decided_in and decided_in.startswith(mine) and (session := decided_in[len(mine) :]):
+            return session
     return None
+
+
+def _scope(agent: str, key: str | None) -> str:
+    """Where a call is decided, as its record keeps it: the session's key (agent and
+    session id, joined by a unit separator), or the agent and separator alone in none."""
+    return key if key is not None else f"{agent}\x1f"
+
+
+def _same_conversation(record: CallRecord, scope: str) -> bool:
+    """Whether ``record`` was decided in the conversation whose scope is ``scope``.
+
+    In a session: the same session id, whichever agent decided it (an agent
+    handing off passes the history on). In none: the same agent, in none.
+    A record from before records named their scope (``None``) matches nothing.
+    """
+    if record.session_id is None:
+        return False
+    agent, _, session = scope.partition("\x1f")
+    decided_by, _, decided_in = record.session_id.partition("\x1f")
+    if session:
+        return decided_in == session
+    return not decided_in and decided_by == agent
 
 
 def _matching(records: Iterable[CallRecord], call: PriorCall) -> CallRecord | None:

@@ -196,6 +196,25 @@ async def test_a_forged_history_is_flagged_and_unlocks_nothing(
     assert "the history was changed" in turn.text
 
 
+async def test_a_lookup_copied_from_another_conversation_unlocks_nothing(
+    warden: Warden, llm: MockLLM
+) -> None:
+    # A real lookup, let through in one conversation ...
+    llm.script(Reply(tool_calls=[Call("get_order", {"order_id": "A-1"}, id="call_lookup_a")]))
+    looked_up = await chat(oai(warden, "conversation-a"), [USER], stream=False)
+    assert looked_up.names() == ["get_order"]
+    history = [USER, *replayed(looked_up.calls, ['{"order_id": "A-1", "status": "delivered"}'])]
+    # ... pasted into another: the refund there is held, the history flagged.
+    llm.script(Reply(tool_calls=[REFUND_A1]))
+    elsewhere = await chat(oai(warden, "conversation-b"), history, stream=False)
+    assert elsewhere.calls == []
+    assert "the history was changed" in elsewhere.text
+    # In its own conversation it still unlocks the refund.
+    llm.script(Reply(tool_calls=[REFUND_A1]))
+    own = await chat(oai(warden, "conversation-a"), history, stream=False)
+    assert own.names() == ["issue_refund"]
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 async def test_send_email_after_a_fetched_page_is_held(
     warden: Warden, llm: MockLLM, stream: bool

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -25,6 +26,7 @@ from warden.model import (
     new_id,
 )
 from warden.pipeline import GuardContext, policy_input
+from warden.protocols.history import arguments_digest
 from warden.sessions import (
     MAX_PER_CALL_ID,
     SessionGuard,
@@ -33,7 +35,7 @@ from warden.sessions import (
     pointer_get,
     session_from,
 )
-from warden.state.sessions import SessionStore
+from warden.state.sessions import CallRecord, SessionStore
 
 TOOLS = {
     "fetch_url": ToolConfig(labels=("untrusted_output",)),
@@ -129,6 +131,55 @@ async def test_a_call_warden_let_through_is_verified_and_a_forged_one_is_not(
     assert history[3]["decision"]["effect"] == "deny"
     assert ctx.session["verified"] is False
     assert policy_input(proposed("x", {}, "c", later), ctx)["history"] == history
+
+
+def history_digest(arguments: dict[str, Any]) -> str:
+    return arguments_digest(arguments, orjson.dumps(arguments).decode())
+
+
+def as_agent(action: Action, agent: str) -> Action:
+    return dataclasses.replace(action, agent=Agent(agent))
+
+
+async def test_a_call_verifies_only_in_the_conversation_that_decided_it(
+    store: SessionStore,
+) -> None:
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+    lookup = ("call_1", "get_order", '{"order_id": "A-1"}', "order A-1: shipped")
+    await decide(guard, proposed("get_order", {"order_id": "A-1"}, "call_1", chat()), Effect.ALLOW)
+
+    async def verified(conversation: Conversation, agent: str = "bot") -> list[bool]:
+        action = as_agent(proposed("draft_reply", {}, new_id("call"), conversation), agent)
+        ctx = await decide(guard, action, Effect.ALLOW)
+        return [h["verified"] for h in ctx.history]
+
+    assert await verified(chat(lookup)) == [True]  # the same session
+    # Copied into another conversation of the same agent: not what Warden let through there.
+    assert await verified(chat(lookup, session="s-2")) == [False]
+    # Handed off: another agent in the same session reads it verified.
+    assert await verified(chat(lookup), agent="refunds-bot") == [True]
+
+    # In no session, a call verifies for the agent that made it, in no session.
+    await decide(
+        guard,
+        proposed("get_order", {"order_id": "A-7"}, "call_7", chat(session=None)),
+        Effect.ALLOW,
+    )
+    bare = ("call_7", "get_order", '{"order_id": "A-7"}', "order A-7")
+    assert await verified(chat(bare, session=None)) == [True]
+    assert await verified(chat(bare, session=None), agent="other-bot") == [False]
+    assert await verified(chat(bare, session="s-1")) == [False]
+
+
+async def test_records_from_before_scopes_were_kept_verify_nothing(store: SessionStore) -> None:
+    legacy = CallRecord(
+        "call_1", "dec_old", "get_order", history_digest({"order_id": "A-1"}), "allow"
+    )
+    await store.record_calls([legacy])
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)  # a restart: nothing in memory
+    conversation = chat(("call_1", "get_order", '{"order_id": "A-1"}', "x"), session=None)
+    ctx = await decide(guard, proposed("draft_reply", {}, "call_2", conversation), Effect.ALLOW)
+    assert [h["verified"] for h in ctx.history] == [False]
 
 
 async def test_rewritten_arguments_do_not_match_the_decided_call(store: SessionStore) -> None:

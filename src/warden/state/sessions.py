@@ -52,6 +52,9 @@ class CallRecord:
     effect: str
     """The decision's enforced effect: ``allow``, ``deny`` or ``require_approval``."""
     session_id: str | None = None
+    """Where it was decided: the session's key (agent and session id joined by a unit
+    separator), or the agent and separator alone in no session; ``None`` in records from
+    before it was kept for those."""
     created_at: float = 0.0
 
 

@@ -231,6 +231,44 @@ async def test_defer_passes_the_same_call_once_after_approval(tmp_path: Path, ll
         assert not fourth.choices[0].message.tool_calls
 
 
+async def test_an_approval_for_one_customer_does_not_pass_the_call_for_another(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    def for_customer(w: Warden, customer: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=f"{w.proxy_url}/openai/v1",
+            api_key="sk-test",
+            max_retries=0,
+            timeout=60,
+            default_headers={"X-Warden-Context-Customer-Id": customer},
+        )
+
+    async with (
+        Warden(config(tmp_path, llm, mode="defer")) as w,
+        for_customer(w, "C-1") as one,
+        for_customer(w, "C-2") as two,
+    ):
+        llm.script(Reply(tool_calls=[BIG]))
+        first = await one.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert not first.choices[0].message.tool_calls
+        item = await pending_one(w)
+        await admin(w, "POST", f"/v1/approvals/{item['id']}/approve", "dana", {})
+        # The very same arguments for another customer: held again, on an approval of its own.
+        llm.script(Reply(tool_calls=[BIG]))
+        other = await two.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert not other.choices[0].message.tool_calls
+        assert "is pending" in (other.choices[0].message.content or "")
+        _, body = await admin(w, "GET", "/v1/approvals?status=pending")
+        assert [a["id"] for a in body["approvals"]] != [item["id"]]
+        assert len(body["approvals"]) == 1
+        # The approved customer's call still passes, once.
+        llm.script(Reply(tool_calls=[BIG]))
+        again = await one.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert [t.function.name for t in function_calls(again.choices[0].message)] == [
+            "issue_refund"
+        ]
+
+
 async def test_an_agent_cannot_open_approvals_without_bound(tmp_path: Path, llm: MockLLM) -> None:
     """Past approvals.max_pending_per_agent, a call that needs a person is denied and recorded.
 

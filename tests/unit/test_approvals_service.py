@@ -134,6 +134,12 @@ async def test_binding_changes_with_any_argument() -> None:
     sandbox = service.binding(*call, upstream="github-sandbox", method="PATCH")
     assert sandbox != service.binding(*call, upstream="github-prod", method="PATCH")
     assert sandbox != service.binding(*call, upstream="github-sandbox", method="DELETE")
+    # The same call for another customer (the context headers) is another call.
+    reset: tuple[str, str, dict[str, Any]] = ("bot", "send_password_reset", {})
+    for_one = service.binding(*reset, context={"customer_id": "C-1"})
+    assert for_one != service.binding(*reset, context={"customer_id": "C-2"})
+    assert for_one == service.binding(*reset, context={"customer_id": "C-1"})
+    assert service.binding(*reset, context={}) == service.binding(*reset)
 
 
 async def test_approve_and_reject_are_final(approvals: Approvals, audit: AuditLog) -> None:

@@ -193,23 +193,27 @@ class Approvals:
         *,
         upstream: str = "",
         method: str = "",
+        context: Mapping[str, Any] | None = None,
     ) -> str:
         """SHA-256 (hex) of the RFC 8785 JSON of agent, tool, the arguments' hash, the
-        upstream and the method.
+        upstream, the method and the context (when there is one).
 
         Any change to any argument (an amount, an account) gives another
         binding, and so does the same call to another upstream (a sandbox's
-        approval on production) or another method on the same path (a
-        ``PATCH``'s approval on a ``DELETE``): an approval never covers a
-        different call.
+        approval on production), another method on the same path (a
+        ``PATCH``'s approval on a ``DELETE``) or for another context (the
+        same reset for another customer, named by ``X-Warden-Context-*``): an
+        approval never covers a different call.
         """
-        doc = {
+        doc: dict[str, Any] = {
             "agent": agent_id,
             "tool": tool,
             "arguments_sha256": arguments_sha256(arguments),
             "upstream": upstream,
             "method": method,
         }
+        if context:  # left out when empty, so bindings made before it was added still match
+            doc["context"] = dict(context)
         return hashlib.sha256(rfc8785.dumps(doc)).hexdigest()
 
     def _binding_of(self, action: Action) -> str:
@@ -220,6 +224,7 @@ class Approvals:
             action.arguments,
             upstream=request.upstream,
             method=request.method,
+            context=action.context,
         )
 
     # -- the proxy's calls ---------------------------------------------------------

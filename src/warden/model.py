@@ -229,6 +229,10 @@ class Conversation:
     carried: bool = True
     """Whether the request carried its conversation (model requests); ``False`` for a door
     that only names the session (MCP): ``input.session.conversation``."""
+    retrieved_id: str | None = None
+    """A stored Responses answer fetched by id (``GET responses/{id}``, a ``background``
+    one): the request goes on in that answer's chain, and the calls decided in what it
+    returns are added to that answer's link."""
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 

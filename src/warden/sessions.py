@@ -80,6 +80,7 @@ __all__ = [
     "owed_outputs",
     "pointer_get",
     "session_from",
+    "stored_answer_conversation",
     "usable_session",
 ]
 
@@ -218,6 +219,22 @@ def door_conversation(
     if session_id is None:
         return None
     return Conversation(session_id=session_id, session_source=found, carried=False)
+
+
+def stored_answer_conversation(headers: Mapping[str, str], response_id: str) -> Conversation:
+    """The conversation of a stored Responses answer fetched by id (a ``background`` one).
+
+    It goes on where the request that made the answer left off: its history
+    and session come from that answer's chain link, unless ``X-Warden-Session``
+    names the session; the calls decided in what it returns join that link.
+    """
+    session_id, found = session_from(headers, None, None)
+    return Conversation(
+        session_id=session_id,
+        session_source=found,
+        previous_response_id=response_id,
+        retrieved_id=response_id,
+    )
 
 
 _RESPONSES: Final = "openai.responses"
@@ -498,6 +515,11 @@ class SessionGuard:
                     },
                 }
             )
+        if conversation.retrieved_id == response_id:
+            # A stored answer fetched again: its calls join the link its request made.
+            link = ChainLink(response_id, session, None, orjson.dumps(entries).decode())
+            await self._repo.extend_response(link)
+            return
         await self._repo.record_response(
             ChainLink(
                 response_id=response_id,

@@ -778,6 +778,41 @@ async def test_a_responses_chain_through_the_mesh_is_rebuilt_from_wardens_record
     assert names == ["issue_refund"], second["output"]
 
 
+async def test_a_background_answer_fetched_through_the_mesh_goes_on_in_its_chain(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    bundle = {"bundles": [str(bundle_with_lookup(tmp_path))], "workers": 1, "watch": False}
+    config = make_config(
+        tmp_path, llm.url, ext_proc={"hosts": {OPENAI_HOST: "openai"}}, policy=bundle
+    )
+    async with Warden(config) as warden:
+        assert warden.core is not None
+        service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
+        async with serve(service, llm) as envoy:
+            llm.script(Reply(tool_calls=[Call("get_order", {"order_id": "A-1"}, id="c1"), EXPORT]))
+            ask = {"model": "gpt-4.1", "input": "refund A-1 please", "background": True}
+            queued = (await envoy.request(OPENAI_HOST, "/v1/responses", ask)).json()
+            assert queued["status"] == "queued"
+            await warden.core.background.drain()
+            fetched = await envoy.request(
+                OPENAI_HOST, f"/v1/responses/{queued['id']}", method="GET"
+            )
+            done = fetched.json()
+            assert [i["call_id"] for i in done["output"] if i["type"] == "function_call"] == ["c1"]
+            await warden.core.background.drain()  # the fetched calls join the answer's link
+            mine = [{"type": "function_call_output", "call_id": "c1", "output": "delivered"}]
+            llm.script(Reply(tool_calls=[REFUND_A1]))
+            then = {"model": "gpt-4.1", "input": mine, "previous_response_id": done["id"]}
+            second = (await envoy.request(OPENAI_HOST, "/v1/responses", then)).json()
+    names = [i["name"] for i in second["output"] if i["type"] == "function_call"]
+    assert names == ["issue_refund"], second
+    sent = llm.requests[-1].body["input"]
+    assert {i["call_id"] for i in sent if i["type"] == "function_call_output"} == {
+        "c1",
+        EXPORT.id,
+    }
+
+
 async def test_a_continuation_through_the_mesh_answers_the_call_warden_removed(
     tmp_path: Path, llm: MockLLM
 ) -> None:

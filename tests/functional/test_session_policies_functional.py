@@ -405,3 +405,36 @@ async def test_a_responses_conversation_is_the_session(warden: Warden, llm: Mock
     assert "held the tool call `update_phone`" in texts[0]
     assert "held the tool call `update_email`" in texts[1]
     assert "at most 2 are allowed in one conversation" in texts[2]
+
+
+async def test_a_background_answer_goes_on_in_the_conversation_that_asked_for_it(
+    warden: Warden, llm: MockLLM
+) -> None:
+    assert warden.core is not None
+    client = oai(warden, None)  # no header: the Responses chain is the session
+    lookup = Call("get_order", {"order_id": "A-1"}, id="call_bg_lookup")
+    export = Call("export_customers", {"format": "csv"}, id="call_bg_export")
+    llm.script(Reply(tool_calls=[lookup, export]))
+    queued = await client.responses.create(
+        model="gpt-4.1", input="Please refund order A-1.", background=True
+    )
+    assert queued.status == "queued"
+    await warden.core.background.drain()  # the queued answer's chain link is written
+    done = await client.responses.retrieve(queued.id)
+    assert done.status == "completed"
+    # Decided when fetched: the lookup is let through, the export kept from the agent.
+    assert [i.name for i in done.output if i.type == "function_call"] == ["get_order"]
+    assert "blocked the tool call `export_customers`" in done.output_text
+    await warden.core.background.drain()  # the fetched answer's calls join its link
+    # The next turn continues the background answer: the lookup is verified history
+    # there, and the provider gets an output for the export the agent never saw.
+    llm.script(Reply(tool_calls=[REFUND_A1]))
+    follow = await client.responses.create(
+        model="gpt-4.1",
+        previous_response_id=done.id,
+        input=[{"type": "function_call_output", "call_id": lookup.id, "output": "delivered"}],
+    )
+    assert [i.name for i in follow.output if i.type == "function_call"] == ["issue_refund"]
+    sent = llm.requests[-1].body["input"]
+    answered = {item["call_id"] for item in sent if item["type"] == "function_call_output"}
+    assert answered == {lookup.id, export.id}

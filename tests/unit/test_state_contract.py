@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
+import orjson
 import pytest
 
 from tests.pg import PgServer, state_config
@@ -509,6 +510,23 @@ async def test_a_responses_chain_is_followed_newest_first(state: StateBackend) -
     await repo.record_response(ChainLink("loop_a", "ses_c", "loop_b", "[]"))
     await repo.record_response(ChainLink("loop_b", "ses_c", "loop_a", "[]"))
     assert len(await repo.chain("loop_a")) <= 256
+
+
+async def test_a_stored_answer_fetched_again_adds_its_calls_once(state: StateBackend) -> None:
+    repo = state.sessions
+    assert repo is not None
+    await repo.record_response(ChainLink("resp_q", "ses_a", "resp_p", '[{"call_id": "c0"}]'))
+    fetched = ChainLink("resp_q", "ses_other", None, '[{"call_id": "c1"}, {"call_id": "c2"}]')
+    await repo.extend_response(fetched)
+    await repo.extend_response(fetched)  # fetched twice: each entry once
+    (link,) = await repo.chain("resp_q", limit=1)
+    # The link's own session and previous answer stand; the calls are added.
+    assert (link.session_id, link.previous_id) == ("ses_a", "resp_p")
+    assert orjson.loads(link.calls) == [{"call_id": "c0"}, {"call_id": "c1"}, {"call_id": "c2"}]
+    # An answer Warden never saw asked for: the fetched calls make its link.
+    await repo.extend_response(ChainLink("resp_new", "ses_b", None, '[{"call_id": "c3"}]'))
+    (made,) = await repo.chain("resp_new")
+    assert (made.session_id, made.previous_id, made.calls) == ("ses_b", None, '[{"call_id": "c3"}]')
 
 
 async def test_session_rows_are_pruned_by_age(state: StateBackend) -> None:

@@ -78,6 +78,7 @@ from warden.killswitch import KillSwitches
 from warden.model import (
     Action,
     ActionKind,
+    Conversation,
     Decision,
     Effect,
     Outcome,
@@ -93,7 +94,7 @@ from warden.protocols.driver import StreamDriver
 from warden.protocols.errors import render_error, render_stream_error
 from warden.protocols.registry import PassthroughRule, RouteMatch, match_route
 from warden.protocols.sse import SseTooLarge
-from warden.sessions import conversation_of
+from warden.sessions import conversation_of, stored_answer_conversation
 
 __all__ = [
     "SERVICE_NAME",
@@ -542,6 +543,10 @@ class _Exchange:
                 upstream=route.name,
                 path=route.path,
                 headers=hdr.recordable(headers),
+                # A stored (background) answer fetched by id: in the conversation that
+                # asked for it, as through the base URL; a model request's is read with
+                # its body.
+                conversation=_stored_conversation(route, headers),
             ),
             context=hdr.context_from(headers),
         )
@@ -1052,6 +1057,15 @@ class _Exchange:
 
 class _Killed(Exception):
     """A kill switch stopped the agent while its response was streaming."""
+
+
+def _stored_conversation(route: _Route, headers: Mapping[str, str]) -> Conversation | None:
+    """The conversation of a stored answer the route fetches by id; else ``None``."""
+    stored = route.match.stored_answer
+    segments = route.path.split("/")[1:]
+    if stored is None or route.match.adapter is None or len(segments) < -stored:
+        return None
+    return stored_answer_conversation(headers, segments[stored])
 
 
 def _body_answer(kind: str, body: bytes | None = None, *, headers: Any = None) -> Any:

@@ -89,7 +89,7 @@ from warden.protocols.registry import (
     match_route,
     under_governed_resource,
 )
-from warden.sessions import conversation_of, door_conversation
+from warden.sessions import conversation_of, door_conversation, stored_answer_conversation
 
 __all__ = ["HttpDoor", "ProxyApp", "build_proxy_app"]
 
@@ -349,9 +349,7 @@ class ProxyApp:
         if refused is not None:
             return refused
         if conversation is None:
-            # Plain HTTP tools and unparsed bodies carry no conversation, but a
-            # request may still name its session: input.session counts it.
-            conversation = door_conversation(request.headers)
+            conversation = _unread_conversation(request, route)
         call = _Call(
             route=route,
             turn=Turn(
@@ -823,6 +821,17 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
             raise BodyTooLarge(f"request body is over limits.max_body_bytes ({limit} bytes)")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _unread_conversation(request: web.Request, route: _Route) -> Conversation | None:
+    """The conversation of a request whose body is not a model request."""
+    stored = route.match.stored_answer
+    if stored is not None and len(route.segments) >= -stored:
+        # A stored (background) answer fetched by id: in the conversation that asked for it.
+        return stored_answer_conversation(request.headers, route.segments[stored])
+    # Plain HTTP tools and unparsed bodies carry no conversation, but a request
+    # may still name its session: input.session counts it.
+    return door_conversation(request.headers)
 
 
 def _parse_json_request(request: web.Request, body: bytes) -> dict[str, Any]:

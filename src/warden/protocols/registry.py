@@ -54,12 +54,16 @@ class RouteMatch:
     adapter's request (model, stream flag, tool results); otherwise it is
     forwarded unread, as for a stored completion fetched by id.
     ``stream_query``: the request asks to stream with ``?stream=true``.
+    ``stored_answer``: the path segment (counted from the end, ``-1`` the last)
+    naming a stored answer the route fetches or ends (``GET responses/{id}``):
+    its calls go on in that answer's conversation.
     """
 
     adapter: Adapter | None
     parse_request: bool = False
     stream_query: bool = False
     passthrough: bool = False
+    stored_answer: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +102,8 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         _rule("POST chat/completions/*", RouteMatch(_CHAT)),
         _rule("DELETE chat/completions/*", _PLAIN),
         _rule("POST responses", RouteMatch(_RESPONSES, parse_request=True)),
-        _rule("GET responses/*", RouteMatch(_RESPONSES, stream_query=True)),
-        _rule("POST responses/*/cancel", RouteMatch(_RESPONSES)),
+        _rule("GET responses/*", RouteMatch(_RESPONSES, stream_query=True, stored_answer=-1)),
+        _rule("POST responses/*/cancel", RouteMatch(_RESPONSES, stored_answer=-2)),
         _rule("DELETE responses/*", _PLAIN),
         _rule("POST responses/input_tokens", _PLAIN),
         _rule("GET models", _PLAIN),

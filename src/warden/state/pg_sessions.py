@@ -16,7 +16,13 @@ from psycopg import AsyncCursor
 
 from warden.state.postgres import PgDatabase
 from warden.state.repos import ErasedSubjects
-from warden.state.sessions import MAX_CHAIN, CallRecord, ChainLink, chain_names_erased
+from warden.state.sessions import (
+    MAX_CHAIN,
+    CallRecord,
+    ChainLink,
+    chain_names_erased,
+    merged_entries,
+)
 
 __all__ = ["PgSessionStore"]
 
@@ -111,6 +117,35 @@ class PgSessionStore:
                 "created_at) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (response_id) DO NOTHING",
                 (link.response_id, link.session_id, link.previous_id, link.calls, time.time()),
             )
+
+        await self._db.tx(run)
+
+    async def extend_response(self, link: ChainLink) -> None:
+        """Add ``link.calls``' entries not there yet to the link of ``link.response_id``
+        (a stored answer fetched again); keep ``link`` as it is when there is none."""
+
+        async def run(cur: AsyncCursor[Any]) -> None:
+            await cur.execute(
+                "INSERT INTO session_responses (response_id, session_id, previous_id, calls, "
+                "created_at) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (response_id) DO NOTHING",
+                (link.response_id, link.session_id, link.previous_id, link.calls, time.time()),
+            )
+            if cur.rowcount == 1:
+                return
+            await cur.execute(
+                "SELECT calls FROM session_responses WHERE response_id = %s FOR UPDATE",
+                (link.response_id,),
+            )
+            row = await cur.fetchone()
+            if row is None:  # pruned meanwhile
+                return
+            merged = merged_entries(row[0], link.calls)
+            if merged != row[0]:
+                await cur.execute(
+                    "UPDATE session_responses SET calls = %s, created_at = %s "
+                    "WHERE response_id = %s",
+                    (merged, time.time(), link.response_id),
+                )
 
         await self._db.tx(run)
 

@@ -34,7 +34,14 @@ import orjson
 from warden.state.base import SqliteStore, immediate
 from warden.state.repos import ErasedSubjects
 
-__all__ = ["CallRecord", "ChainLink", "SessionRepo", "SessionStore", "chain_names_erased"]
+__all__ = [
+    "CallRecord",
+    "ChainLink",
+    "SessionRepo",
+    "SessionStore",
+    "chain_names_erased",
+    "merged_entries",
+]
 
 MAX_CHAIN: Final = 256
 """How many responses back a ``previous_response_id`` chain is followed."""
@@ -92,6 +99,11 @@ class SessionRepo(Protocol):
         """Keep a relayed Responses answer (once: the first record of an id stands)."""
         ...
 
+    async def extend_response(self, link: ChainLink) -> None:
+        """Add ``link.calls``' entries not there yet to the link of ``link.response_id``
+        (a stored answer fetched again); keep ``link`` as it is when there is none."""
+        ...
+
     async def chain(self, response_id: str, *, limit: int = MAX_CHAIN) -> list[ChainLink]:
         """The chain ending at ``response_id``, newest first, at most ``limit`` long."""
         ...
@@ -104,6 +116,30 @@ class SessionRepo(Protocol):
         """Delete the chain links that name an erased data subject (:func:`chain_names_erased`);
         how many."""
         ...
+
+
+def merged_entries(kept: str, added: str) -> str:
+    """``kept``'s entries (JSON list text), then ``added``'s that are not among them.
+
+    A stored answer fetched twice is decided twice; its link keeps each entry once.
+    """
+    try:
+        entries = orjson.loads(kept)
+    except orjson.JSONDecodeError:
+        return added  # an unreadable link is no use to any chain: the new entries stand
+    try:
+        more = orjson.loads(added)
+    except orjson.JSONDecodeError:
+        return kept
+    if not isinstance(entries, list) or not isinstance(more, list):
+        return added if not isinstance(entries, list) else kept
+    seen = {orjson.dumps(e, option=orjson.OPT_SORT_KEYS) for e in entries}
+    for entry in more:
+        text = orjson.dumps(entry, option=orjson.OPT_SORT_KEYS)
+        if text not in seen:
+            seen.add(text)
+            entries.append(entry)
+    return orjson.dumps(entries).decode()
 
 
 def chain_names_erased(erased: ErasedSubjects, calls: str) -> bool:
@@ -228,6 +264,30 @@ class SessionStore(SqliteStore):
                 "calls, created_at) VALUES (?, ?, ?, ?, ?)",
                 (link.response_id, link.session_id, link.previous_id, link.calls, time.time()),
             )
+
+    async def extend_response(self, link: ChainLink) -> None:
+        """Add ``link.calls``' entries not there yet to the link of ``link.response_id``
+        (a stored answer fetched again); keep ``link`` as it is when there is none."""
+        await self._run(self._extend_response, link)
+
+    def _extend_response(self, link: ChainLink) -> None:
+        with immediate(self._conn) as cur:
+            row = cur.execute(
+                "SELECT calls FROM session_responses WHERE response_id = ?", (link.response_id,)
+            ).fetchone()
+            if row is None:
+                cur.execute(
+                    "INSERT INTO session_responses (response_id, session_id, previous_id, "
+                    "calls, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (link.response_id, link.session_id, link.previous_id, link.calls, time.time()),
+                )
+                return
+            merged = merged_entries(row[0], link.calls)
+            if merged != row[0]:
+                cur.execute(
+                    "UPDATE session_responses SET calls = ?, created_at = ? WHERE response_id = ?",
+                    (merged, time.time(), link.response_id),
+                )
 
     async def chain(self, response_id: str, *, limit: int = MAX_CHAIN) -> list[ChainLink]:
         """The chain ending at ``response_id``, newest first, at most ``limit`` long."""

@@ -3,7 +3,9 @@
 :class:`MockLLM` serves, on a loopback port:
 
 * OpenAI ``POST /v1/chat/completions``, ``POST /v1/responses`` (both with and
-  without ``stream``), ``GET /v1/models`` and ``POST /v1/embeddings``;
+  without ``stream``; ``background: true`` answers ``queued``, and ``GET
+  /v1/responses/{id}`` then returns the finished answer), ``GET /v1/models``
+  and ``POST /v1/embeddings``;
 * Anthropic ``POST /v1/messages`` (with and without ``stream``) and, when the
   request carries ``anthropic-version``, ``GET /v1/models``.
 
@@ -818,10 +820,13 @@ class MockLLM(LoopbackServer):
         self._ids = itertools.count(1)
         self._stored: dict[str, tuple[str, ...]] = {}
         """Function call ids of each kept Responses answer, by response id."""
+        self._background: dict[str, bytes] = {}
+        """Finished ``background: true`` Responses answers, by id, for ``GET`` to fetch."""
 
     def _routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/responses", self._responses)
+        app.router.add_get("/v1/responses/{response_id}", self._retrieve_response)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/embeddings", self._embeddings)
@@ -1073,6 +1078,21 @@ class MockLLM(LoopbackServer):
         headers = self._openai_headers()
         if body.get("store") is not False:
             self._stored[ids.response] = ids.calls
+        if body.get("background") is True and not streaming:
+            # Queued at once; the answer is ready for GET /v1/responses/{id} straight away.
+            finished = _response_object(
+                body,
+                response_id=ids.response,
+                created=created,
+                model=model,
+                status="completed",
+                output=_responses_output(reply, ids),
+                usage=usage,
+            )
+            self._background[ids.response] = orjson.dumps({**finished, "background": True})
+            queued = {**finished, "status": "queued", "output": [], "usage": None}
+            queued.update(background=True, completed_at=None)
+            return await self._send_json(request, orjson.dumps(queued), fault, headers)
         if streaming:
             options = body.get("stream_options") or {}
             events = _responses_events(
@@ -1097,6 +1117,16 @@ class MockLLM(LoopbackServer):
             )
         )
         return await self._send_json(request, payload, fault, headers)
+
+    async def _retrieve_response(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/responses/{id}``: a ``background: true`` answer, finished."""
+        await self._receive(request)
+        found = self._background.get(request.match_info["response_id"])
+        if found is None:
+            return self._openai_error(404, "No response found with that id.")
+        return web.Response(
+            body=found, content_type="application/json", headers=self._openai_headers()
+        )
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         body = await self._receive(request)

@@ -70,10 +70,15 @@ class Gate(Protocol):
 
 
 class Chains(Protocol):
-    """Keeps Responses API chains (:class:`warden.sessions.SessionGuard`)."""
+    """Keeps conversations: Responses API chains and what became of held calls
+    (:class:`warden.sessions.SessionGuard`)."""
 
     async def record_response(self, conversation: Conversation, response_id: str) -> None:
         """Link a relayed answer to the request and calls behind it."""
+        ...
+
+    def settled(self, action: Action, decision: Decision) -> None:
+        """The final decision on a held call (approved, refused or deferred)."""
         ...
 
 
@@ -187,6 +192,9 @@ class Governor:
             settled = await self._gate.settle(action, decision)
             if settled is not decision:
                 _count(action, settled)
+                if self._chains is not None:
+                    # Only an approved call reached the agent: history verifies only it.
+                    self._chains.settled(action, settled)
             decision = settled
         tracing.DECISION_ID.set(decision.decision_id)  # log lines after this carry it
         return decision

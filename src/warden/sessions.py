@@ -426,6 +426,29 @@ class SessionGuard:
                 if remaining := +left:
                     self._unadded[key] = remaining
 
+    def settled(self, action: Action, decision: Decision) -> None:
+        """The final word on a held call: approved (let through), refused or deferred.
+
+        A held call reaches the agent only once a person approves it, so only
+        then may a conversation carrying it read it as verified. Its counters
+        were counted when it was held.
+        """
+        if not action.call_id or action.tool is None or action.kind is ActionKind.LLM_CALL:
+            return
+        conversation = action.request.conversation
+        prepared = conversation.memo.get("prepared") if conversation is not None else None
+        key = prepared.key if isinstance(prepared, _Prepared) else None
+        self._keep(
+            CallRecord(
+                call_id=action.call_id,
+                decision_id=decision.decision_id,
+                tool=action.tool,
+                digest=history.arguments_digest(action.arguments, action.raw_arguments or ""),
+                effect=decision.enforced.value,
+                session_id=_scope(action.agent.id, key),
+            )
+        )
+
     async def _record(
         self,
         action: Action,
@@ -441,9 +464,13 @@ class SessionGuard:
             effect=decision.enforced.value,
             session_id=_scope(action.agent.id, key),
         )
-        self._remember(record)
         if conversation is not None:
             conversation.memo.setdefault("decided", []).append((action, record))
+        self._keep(record)
+
+    def _keep(self, record: CallRecord) -> None:
+        """Remember a decided call, and queue it for the state store."""
+        self._remember(record)
         if self._repo is not None:
             # Off the decision path, as call links are (ADR 0005): this process
             # verifies from memory at once; the store serves restarts and other
@@ -568,7 +595,7 @@ class SessionGuard:
         for call in calls:
             mine = [r for r in records.get(call.call_id, ()) if _same_conversation(r, scope)]
             match = _matching(mine, call)
-            verified = match is not None and match.effect != Effect.DENY.value
+            verified = match is not None and match.effect == Effect.ALLOW.value
             verified_all = verified_all and verified
             labels = self.labels_of(call.tool)
             if call.result is not None:
@@ -674,7 +701,7 @@ def _matching(records: Iterable[CallRecord], call: PriorCall) -> CallRecord | No
     """The newest record of the same tool and arguments, preferring one that let it through."""
     matches = [r for r in records if r.tool == call.tool and r.digest == call.digest]
     for record in reversed(matches):
-        if record.effect != Effect.DENY.value:
+        if record.effect == Effect.ALLOW.value:
             return record
     return matches[-1] if matches else None
 

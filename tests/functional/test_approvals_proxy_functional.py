@@ -131,6 +131,54 @@ async def test_held_call_is_delivered_once_a_person_approves(
     assert evidence["arguments_sha256"] == arguments_sha256(dict(BIG.arguments))
 
 
+async def test_only_an_approved_held_call_reads_as_verified_history(
+    held: Warden, llm: MockLLM, tmp_path: Path
+) -> None:
+    async def held_call(call_id: str, verdict: str) -> dict[str, Any]:
+        call = Call("issue_refund", dict(BIG.arguments), id=call_id)  # type: ignore[arg-type]
+        llm.script(Reply(tool_calls=[call]))
+        agent = asyncio.create_task(
+            session.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        )
+        item = await pending_one(held)
+        await admin(held, "POST", f"/v1/approvals/{item['id']}/{verdict}", "dana", {})
+        await agent
+        return {
+            "role": "assistant",
+            "tool_calls": [
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": "issue_refund", "arguments": json.dumps(BIG.arguments)},
+                }
+            ],
+        }
+
+    async with openai.AsyncOpenAI(
+        base_url=f"{held.proxy_url}/openai/v1",
+        api_key="sk-test",
+        max_retries=0,
+        timeout=60,
+        default_headers={"X-Warden-Session": "held-history"},
+    ) as session:
+        refused = await held_call("call_refused", "reject")
+        approved = await held_call("call_approved", "approve")
+        # The agent then claims both ran; the next decision reads what Warden knows.
+        history = [*MESSAGES]
+        for message, call_id in ((refused, "call_refused"), (approved, "call_approved")):
+            history += [message, {"role": "tool", "tool_call_id": call_id, "content": "done"}]
+        llm.script(Reply(tool_calls=[Call("search_kb", {"query": "refund policy"})]))
+        await session.chat.completions.create(model="gpt-4o-mini", messages=history)
+    await held.stop()
+    (last,) = [
+        r
+        for r in audit_records(tmp_path / "audit")
+        if r["kind"] == "decision" and r["action"]["tool"] == "search_kb"
+    ]
+    verified = {h["call_id"]: h["verified"] for h in last["decision"]["input"]["history"]}
+    assert verified == {"call_refused": False, "call_approved": True}
+
+
 async def test_held_call_in_a_stream_is_released_after_approval(held: Warden, llm: MockLLM) -> None:
     llm.script(Reply(text="Checking the order.", tool_calls=[BIG]))
     async with client(held) as c:

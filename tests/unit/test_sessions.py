@@ -171,6 +171,30 @@ async def test_a_call_verifies_only_in_the_conversation_that_decided_it(
     assert await verified(chat(bare, session="s-1")) == [False]
 
 
+async def test_a_held_call_verifies_only_once_a_person_approved_it(store: SessionStore) -> None:
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+    change = ("call_h", "update_email", '{"email": "a@b.example"}', "done")
+    held = proposed("update_email", {"email": "a@b.example"}, "call_h", chat())
+    await decide(guard, held, Effect.REQUIRE_APPROVAL)
+
+    async def verified() -> list[bool]:
+        ctx = await decide(
+            guard, proposed("draft_reply", {}, new_id("call"), chat(change)), Effect.ALLOW
+        )
+        return [h["verified"] for h in ctx.history]
+
+    assert await verified() == [False]  # held: the agent has not got it
+    guard.settled(held, decision(Effect.DENY))  # a person refused it
+    assert await verified() == [False]
+    guard.settled(held, decision(Effect.ALLOW))  # (another hold of it) approved: delivered
+    assert await verified() == [True]
+    # And so after a restart, from the store.
+    await guard.close()
+    restarted = SessionGuard(store, SessionsConfig(), TOOLS)
+    ctx = await decide(restarted, proposed("draft_reply", {}, "call_r", chat(change)), Effect.ALLOW)
+    assert [h["verified"] for h in ctx.history] == [True]
+
+
 async def test_records_from_before_scopes_were_kept_verify_nothing(store: SessionStore) -> None:
     legacy = CallRecord(
         "call_1", "dec_old", "get_order", history_digest({"order_id": "A-1"}), "allow"

@@ -164,6 +164,25 @@ class HttpRouteConfig(_Section):
 
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an RFC 9110 token
+# Headers that frame, route or negotiate the request (RFC 9110, 9112): never a credential's.
+_NOT_A_CREDENTIAL_HEADER = frozenset(
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "proxy-authorization",
+        "proxy-connection",
+        "cookie",
+    }
+)
 
 
 class CredentialConfig(_Section):
@@ -193,6 +212,8 @@ class CredentialConfig(_Section):
             raise ValueError(f"header {self.header!r} is not a valid header name")
         if self.header is not None and self.header.lower().startswith("x-warden-"):
             raise ValueError("header: X-Warden-* headers are Warden's own")
+        if self.header is not None and self.header.lower() in _NOT_A_CREDENTIAL_HEADER:
+            raise ValueError(f"header: {self.header} frames or routes the request; name another")
         if self.scheme and not _HEADER_NAME.fullmatch(self.scheme):
             raise ValueError(f"scheme {self.scheme!r} must be one word (Bearer, Basic, Token)")
         return self
@@ -717,6 +738,10 @@ class ApprovalsConfig(_Section):
     """How long an approval that ended (rejected, expired, consumed, a grant past its time)
     stays in the state store, with the arguments it showed approvers; then it is deleted.
     The audit log keeps every approval record for good, sealed like the decision's."""
+    bind_context: tuple[str, ...] | None = None
+    """The ``input.context`` keys an approval is bound to (``[customer_id]``); default: all.
+    Name them when agents also send per-request context (a request id), which would
+    otherwise keep a retry from matching its approval."""
     webhook: WebhookConfig = WebhookConfig()
 
 

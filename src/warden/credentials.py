@@ -1,10 +1,10 @@
 """Upstream keys Warden holds, so that agents hold none (docs/credentials.md).
 
 An upstream with ``credential`` set gets Warden's key on every request Warden
-forwards to it, in place of whatever credential the agent sent: the configured
-header and every header an SDK carries a key in (``Authorization``,
-``x-api-key``, ``api-key``, ``x-goog-api-key``) are dropped unread. An agent
-given no provider key has none to reach the provider with around Warden.
+forwards to it, in place of the agent's: the configured header and every
+header an SDK carries a key in (:data:`AGENT_CREDENTIAL_HEADERS`) are dropped
+unread. An agent given no provider key has none to reach the provider with
+around Warden.
 
 Keys come from Warden's environment or from a file. A file is re-read when it
 changes (a rotated Kubernetes Secret takes effect without a restart); a file
@@ -31,8 +31,20 @@ __all__ = ["AGENT_CREDENTIAL_HEADERS", "CHECK_INTERVAL_S", "Credential", "Creden
 
 log = logging.getLogger("warden.credentials")
 
-AGENT_CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "x-goog-api-key"})
-"""Headers the SDKs carry a key in; dropped from requests to an upstream Warden holds a key for."""
+AGENT_CREDENTIAL_HEADERS = frozenset(
+    {
+        "authorization",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+        "cookie",
+        # With Warden's key, the agent must not choose which organization or project it bills.
+        "openai-organization",
+        "openai-project",
+    }
+)
+"""Headers that carry or steer a credential; dropped from requests to an upstream Warden holds
+a key for. A credential in the query string (``?key=``) is not: see docs/credentials.md."""
 
 CHECK_INTERVAL_S = 10.0
 """How often key files are checked for a change (a Secret volume updates within a minute)."""

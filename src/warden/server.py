@@ -226,7 +226,9 @@ class Warden:
             ]
             # --- gRPC services beside Warden's API (Envoy ext_authz, ext_proc): append here ---
             services.append(ExtAuthzService(core, cfg, approvals=approvals))
-            services.append(ExtProcService(core, cfg, killswitches=killswitches))
+            services.append(
+                ExtProcService(core, cfg, killswitches=killswitches, credentials=credentials)
+            )
             grpc_door = GrpcDoor(
                 cfg.listen.grpc, cfg.grpc, services, shutdown_grace_s=cfg.shutdown_grace_s
             )

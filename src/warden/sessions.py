@@ -70,7 +70,7 @@ from warden.model import (
 from warden.pipeline import GuardContext, input_problem
 from warden.protocols import history
 from warden.protocols.base import refusal_text
-from warden.state.sessions import CallRecord, ChainLink, SessionRepo
+from warden.state.sessions import MAX_CHAIN, CallRecord, ChainLink, SessionRepo
 
 __all__ = [
     "SESSION_HEADER",
@@ -295,6 +295,9 @@ class SessionGuard:
         self._adding = tasks.Tasks("session-counters")
         self._closing = asyncio.Event()
         """Set by :meth:`close`: a counter add that fails then is not tried again."""
+        self._unwritten_links: dict[str, tuple[ChainLink, asyncio.Event]] = {}
+        """Chain links on their way to the store, by response id: a request continuing
+        (or fetching) the answer before the write commits still finds its chain."""
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -435,6 +438,8 @@ class SessionGuard:
         """
         if not action.call_id or action.tool is None or action.kind is ActionKind.LLM_CALL:
             return
+        if decision.enforced is Effect.REQUIRE_APPROVAL:
+            return  # still waiting (deferred): its hold is on record already
         conversation = action.request.conversation
         prepared = conversation.memo.get("prepared") if conversation is not None else None
         key = prepared.key if isinstance(prepared, _Prepared) else None
@@ -542,19 +547,25 @@ class SessionGuard:
                     },
                 }
             )
+        calls = orjson.dumps(entries).decode()
         if conversation.retrieved_id == response_id:
-            # A stored answer fetched again: its calls join the link its request made.
-            link = ChainLink(response_id, session, None, orjson.dumps(entries).decode())
-            await self._repo.extend_response(link)
+            # A stored answer fetched again: its calls join the link its request made,
+            # once that is written (its first record stands, so it must come first).
+            writing = self._unwritten_links.get(response_id)
+            if writing is not None:
+                await writing[1].wait()
+            await self._repo.extend_response(ChainLink(response_id, session, None, calls))
             return
-        await self._repo.record_response(
-            ChainLink(
-                response_id=response_id,
-                session_id=session,
-                previous_id=conversation.previous_response_id,
-                calls=orjson.dumps(entries).decode(),
-            )
-        )
+        link = ChainLink(response_id, session, conversation.previous_response_id, calls)
+        if response_id in self._unwritten_links:
+            return  # the first record of an id stands
+        written = asyncio.Event()
+        self._unwritten_links[response_id] = (link, written)
+        try:
+            await self._repo.record_response(link)
+        finally:
+            del self._unwritten_links[response_id]
+            written.set()
 
     # -- internals ---------------------------------------------------------------
 
@@ -605,13 +616,22 @@ class SessionGuard:
 
     async def _chain(self, conversation: Conversation) -> tuple[list[PriorCall], str | None]:
         """The calls a Responses chain carried before this request, from Warden's records."""
-        if self._repo is None or conversation.previous_response_id is None:
+        head = conversation.previous_response_id
+        if self._repo is None or head is None:
             return [], None
+        links: list[ChainLink] = []
+        start: str | None = head
+        writing = self._unwritten_links.get(head)
+        if writing is not None:  # answered a moment ago, not in the store yet
+            links.append(writing[0])
+            start = writing[0].previous_id if writing[0].previous_id != head else None
         try:
-            links = await self._repo.chain(conversation.previous_response_id)
+            if start is not None:
+                links += await self._repo.chain(start, limit=MAX_CHAIN - len(links))
         except Exception as exc:
             log.warning("could not read a Responses chain: %s", type(exc).__name__)
-            return [], None
+            if not links:
+                return [], None
         calls: dict[str, PriorCall] = {}
         owed: dict[str, tuple[str, str]] = {}
         for link in reversed(links):  # oldest first
@@ -619,7 +639,7 @@ class SessionGuard:
                 entries = orjson.loads(link.calls)
             except orjson.JSONDecodeError:
                 continue
-            continued = link.response_id == conversation.previous_response_id
+            continued = link.response_id == head
             for entry in entries if isinstance(entries, list) else ():
                 _apply_stored(calls, entry, self._config.max_result_chars)
                 if continued:

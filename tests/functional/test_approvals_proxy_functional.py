@@ -317,6 +317,31 @@ async def test_an_approval_for_one_customer_does_not_pass_the_call_for_another(
         ]
 
 
+async def test_bound_context_keys_leave_per_request_context_out(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    cfg = config(tmp_path, llm, mode="defer", bind_context=["customer_id"])
+    async with Warden(cfg) as w, client(w) as c:
+
+        async def ask(customer: str, request_id: str) -> Any:
+            llm.script(Reply(tool_calls=[BIG]))
+            headers = {
+                "X-Warden-Context-Customer-Id": customer,
+                "X-Warden-Context-Request-Id": request_id,
+            }
+            return await c.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, extra_headers=headers
+            )
+
+        assert not (await ask("C-1", "req-1")).choices[0].message.tool_calls
+        item = await pending_one(w)
+        await admin(w, "POST", f"/v1/approvals/{item['id']}/approve", "dana", {})
+        # Another customer still needs its own approval; the same one, a new request id, passes.
+        assert not (await ask("C-2", "req-2")).choices[0].message.tool_calls
+        passed = (await ask("C-1", "req-3")).choices[0].message
+        assert [t.function.name for t in function_calls(passed)] == ["issue_refund"]
+
+
 async def test_an_agent_cannot_open_approvals_without_bound(tmp_path: Path, llm: MockLLM) -> None:
     """Past approvals.max_pending_per_agent, a call that needs a person is denied and recorded.
 

@@ -17,15 +17,18 @@ from typing import Any
 
 import aiohttp
 import anthropic
+import grpc
 import httpx2
 import openai
 import pytest
 import yaml
 from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.functional.conftest import make_config
+from tests.functional.test_envoy_proc_functional import OPENAI_HOST, Envoy
 from warden import credentials
 from warden.server import Warden
 from warden.testing import Call, MockLLM, Reply
@@ -208,6 +211,32 @@ async def test_a_rotated_key_file_is_used_without_a_restart(
     assert set(orders.tokens) <= {"Bearer orders-token-1", "Bearer orders-token-2"}
     assert "orders-token" not in caplog.text
     assert "the last key stays in use" in caplog.text
+
+
+async def test_envoy_is_told_to_send_wardens_key_through_the_mesh(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    llm.script(Reply(text="Hi."))
+    config = held_config(tmp_path, llm.url)
+    config = config.model_copy(
+        update={
+            "listen": config.listen.model_copy(update={"grpc": "127.0.0.1:0"}),
+            "ext_proc": config.ext_proc.model_copy(update={"hosts": {OPENAI_HOST: "openai"}}),
+        }
+    )
+    async with (
+        Warden(config) as warden,
+        grpc.aio.insecure_channel(warden.grpc_address) as channel,
+    ):
+        envoy = Envoy(ext_proc_grpc.ExternalProcessorStub(channel), llm.url)
+        # Envoy hands headers over in lower case, as HTTP/2 carries them.
+        agent = {"authorization": f"Bearer {AGENT_PLACEHOLDER}", "openai-project": "proj-x"}
+        ask = {"model": "gpt-4.1", "messages": MESSAGES}
+        answer = await envoy.request(OPENAI_HOST, "/v1/chat/completions", ask, headers=agent)
+        assert answer.status == 200
+    sent = llm.requests[-1].headers
+    assert sent.getall("Authorization") == [f"Bearer {HELD}"]
+    assert "OpenAI-Project" not in sent
 
 
 async def test_serve_refuses_to_start_without_the_key(tmp_path: Path) -> None:

@@ -407,8 +407,9 @@ async def test_a_responses_conversation_is_the_session(warden: Warden, llm: Mock
     assert "at most 2 are allowed in one conversation" in texts[2]
 
 
+@pytest.mark.parametrize("fetch", ["retrieve", "cancel"])
 async def test_a_background_answer_goes_on_in_the_conversation_that_asked_for_it(
-    warden: Warden, llm: MockLLM
+    warden: Warden, llm: MockLLM, fetch: str
 ) -> None:
     assert warden.core is not None
     client = oai(warden, None)  # no header: the Responses chain is the session
@@ -420,7 +421,10 @@ async def test_a_background_answer_goes_on_in_the_conversation_that_asked_for_it
     )
     assert queued.status == "queued"
     await warden.core.background.drain()  # the queued answer's chain link is written
-    done = await client.responses.retrieve(queued.id)
+    if fetch == "retrieve":
+        done = await client.responses.retrieve(queued.id)
+    else:  # too late to stop: the cancel answers with the finished answer
+        done = await client.responses.cancel(queued.id)
     assert done.status == "completed"
     # Decided when fetched: the lookup is let through, the export kept from the agent.
     assert [i.name for i in done.output if i.type == "function_call"] == ["get_order"]

@@ -148,11 +148,13 @@ def test_the_agents_credentials_are_dropped_and_wardens_sent() -> None:
     incoming = agent_headers(
         Authorization="Bearer sk-agent-own",
         **{"x-api-key": "agent", "api-key": "agent", "X-Goog-Api-Key": "agent"},
-        **{"X-Warden-Agent-Key": "k", "OpenAI-Beta": "assistants=v2"},
+        **{"X-Warden-Agent-Key": "k", "OpenAI-Beta": "assistants=v2", "Cookie": "s=1"},
+        **{"OpenAI-Organization": "org-other", "OpenAI-Project": "proj-other"},
     )
     sent = request_headers(incoming, held)
     assert sent.getall("Authorization") == [f"Bearer {KEY}"]
-    for name in ("x-api-key", "api-key", "x-goog-api-key", "x-warden-agent-key"):
+    dropped = ("x-api-key", "api-key", "x-goog-api-key", "x-warden-agent-key", "cookie")
+    for name in (*dropped, "openai-organization", "openai-project"):
         assert name not in sent
     assert sent["OpenAI-Beta"] == "assistants=v2"
     # Without a held key the agent's own goes through, as before.
@@ -175,6 +177,8 @@ def test_a_custom_header_of_the_agents_is_replaced_too() -> None:
         ({"env": "K", "header": "Bad Header"}, "is not a valid header name"),
         ({"env": "K", "header": "X-Warden-Agent-Key"}, "X-Warden-* headers are Warden's own"),
         ({"env": "K", "scheme": "Bearer x"}, "must be one word"),
+        ({"env": "K", "header": "Host"}, "frames or routes the request"),
+        ({"env": "K", "header": "transfer-encoding"}, "frames or routes the request"),
     ],
 )
 def test_the_config_names_what_is_wrong(credential: dict[str, Any], message: str) -> None:

@@ -34,8 +34,9 @@ from warden.sessions import (
     door_conversation,
     pointer_get,
     session_from,
+    stored_answer_conversation,
 )
-from warden.state.sessions import CallRecord, SessionStore
+from warden.state.sessions import CallRecord, ChainLink, SessionRepo, SessionStore
 
 TOOLS = {
     "fetch_url": ToolConfig(labels=("untrusted_output",)),
@@ -440,3 +441,45 @@ def test_settings_are_checked() -> None:
     with pytest.raises(pydantic.ValidationError, match="letters, digits"):
         ToolConfig(labels=("has space",))
     assert SessionsConfig(pointer="/user").pointer == "/user"
+
+
+class _SlowLinks:
+    """A session store whose chain-link writes wait until :attr:`go` is set."""
+
+    def __init__(self, store: SessionStore) -> None:
+        self._store = store
+        self.go = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def record_response(self, link: ChainLink) -> None:
+        await self.go.wait()
+        await self._store.record_response(link)
+
+
+async def test_an_answer_fetched_before_its_link_is_written_finds_its_chain(
+    store: SessionStore,
+) -> None:
+    slow = _SlowLinks(store)
+    guard = SessionGuard(cast(SessionRepo, slow), SessionsConfig(), TOOLS)
+    asked = conversation_of(
+        "openai.responses", {"input": "refund A-1"}, {"X-Warden-Session": "s-bg"}, SessionsConfig()
+    )
+    await decide(guard, proposed("get_order", {"order_id": "A-1"}, "call_1", asked), Effect.ALLOW)
+    writing = asyncio.create_task(guard.record_response(asked, "resp_bg"))
+    await asyncio.sleep(0.01)  # the write is under way, not committed
+    assert await store.chain("resp_bg") == []
+    fetched = stored_answer_conversation({}, "resp_bg")
+    ctx = await decide(
+        guard, proposed("issue_refund", {"order_id": "A-1"}, "call_2", fetched), Effect.ALLOW
+    )
+    assert ctx.session["id"] == "s-bg"  # the session of the request that asked
+    extending = asyncio.create_task(guard.record_response(fetched, "resp_bg"))
+    await asyncio.sleep(0.01)
+    assert not extending.done()  # its calls wait for the link they join
+    slow.go.set()
+    await asyncio.gather(writing, extending)
+    (link,) = await store.chain("resp_bg")
+    assert link.session_id == "s-bg"
+    assert [e["call_id"] for e in orjson.loads(link.calls)] == ["call_1", "call_2"]

@@ -523,6 +523,14 @@ async def test_a_stored_answer_fetched_again_adds_its_calls_once(state: StateBac
     # The link's own session and previous answer stand; the calls are added.
     assert (link.session_id, link.previous_id) == ("ses_a", "resp_p")
     assert orjson.loads(link.calls) == [{"call_id": "c0"}, {"call_id": "c1"}, {"call_id": "c2"}]
+    # Fetched again, its refusal names another decision: the latest replaces it.
+    refusal = '[{"call_id": "c2", "refused": {"type": "function_call", "output": "%s"}}]'
+    await repo.extend_response(ChainLink("resp_q", "ses_a", None, refusal % "dec_1"))
+    await repo.extend_response(ChainLink("resp_q", "ses_a", None, refusal % "dec_2"))
+    (link,) = await repo.chain("resp_q", limit=1)
+    entries = orjson.loads(link.calls)
+    assert [e["call_id"] for e in entries] == ["c0", "c1", "c2", "c2"]  # the call, its refusal
+    assert entries[-1]["refused"]["output"] == "dec_2"
     # An answer Warden never saw asked for: the fetched calls make its link.
     await repo.extend_response(ChainLink("resp_new", "ses_b", None, '[{"call_id": "c3"}]'))
     (made,) = await repo.chain("resp_new")

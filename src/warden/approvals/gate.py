@@ -53,6 +53,7 @@ def approval_settings(config: ApprovalsConfig) -> ApprovalSettings:
         orphan_after_s=config.orphan_after_s,
         max_pending_per_agent=config.max_pending_per_agent,
         keep_decided_s=config.keep_decided_s,
+        bind_context=config.bind_context,
         webhook_url=hook.url,
         webhook_secret=hook.secret,
         webhook_format=hook.format,

@@ -83,6 +83,8 @@ class ApprovalSettings:
     """Approvals one agent may have waiting at once; more are denied (0: no bound)."""
     keep_decided_s: float = 30 * 86400.0
     """How long an approval that ended stays in the store (the audit log keeps it for good)."""
+    bind_context: tuple[str, ...] | None = None
+    """The context keys an approval is bound to; ``None``: all of them."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -224,7 +224,7 @@ class Approvals:
             action.arguments,
             upstream=request.upstream,
             method=request.method,
-            context=action.context,
+            context=_bound(action.context, self.settings.bind_context),
         )
 
     # -- the proxy's calls ---------------------------------------------------------
@@ -696,3 +696,10 @@ def _member(who: Principal, groups: tuple[str, ...]) -> bool:
     # A token's own groups first; a role or subject of the same name also
     # counts (group "approver" = every token with the approver role).
     return any(g in who.groups or g == who.subject or g in who.roles for g in groups)
+
+
+def _bound(context: Mapping[str, Any], keys: tuple[str, ...] | None) -> Mapping[str, Any]:
+    """The part of ``context`` an approval is bound to (``approvals.bind_context``)."""
+    if keys is None:
+        return context
+    return {k: v for k, v in context.items() if k in keys}

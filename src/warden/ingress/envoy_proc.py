@@ -58,6 +58,7 @@ from multidict import CIMultiDict
 from warden import tasks
 from warden.config import Config, UpstreamConfig
 from warden.core import Governor, Turn
+from warden.credentials import Credentials
 from warden.errors import (
     BodyTooLarge,
     ConfigError,
@@ -281,11 +282,19 @@ class ExtProcService:
     service_names: tuple[str, ...] = (SERVICE_NAME,)
 
     def __init__(
-        self, core: Governor, config: Config, *, killswitches: KillSwitches | None = None
+        self,
+        core: Governor,
+        config: Config,
+        *,
+        killswitches: KillSwitches | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
+        """``credentials``: upstream keys Warden holds; Envoy is told to send them instead
+        of the agent's (:mod:`warden.credentials`)."""
         self.core = core
         self.config = config
         self.killswitches = killswitches
+        self.credentials = credentials if credentials is not None else Credentials.none()
         self.identity = Identity(config)
         self.hosts = UpstreamHosts(config)
         self.passthrough = {
@@ -554,9 +563,16 @@ class _Exchange:
         # body must come back unencoded for the adapter to read it.
         strip = {name.lower() for name in headers if name.lower().startswith("x-warden-")}
         strip.add("accept-encoding")
+        held = self._svc.credentials.get(route.name)
+        put: dict[str, str] = {}
+        if held is not None:
+            # Warden's key in place of the agent's: its header overwritten, the others
+            # that could carry or steer one removed (never the one being set).
+            put[held.header] = held.value
+            strip |= held.drop - {held.header.lower()}
         answer = pb.ProcessingResponse(
             request_headers=pb.HeadersResponse(
-                response=pb.CommonResponse(header_mutation=header_mutation(remove=strip))
+                response=pb.CommonResponse(header_mutation=header_mutation(put, remove=strip))
             )
         )
         self._check_modes(route)

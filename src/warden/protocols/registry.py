@@ -65,6 +65,10 @@ class RouteMatch:
     passthrough: bool = False
     stored_answer: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.stored_answer is not None and self.stored_answer >= 0:
+            raise ValueError("stored_answer counts from the end of the path: -1 is the last")
+
 
 @dataclass(frozen=True, slots=True)
 class _Rule:

@@ -121,8 +121,8 @@ class PgSessionStore:
         await self._db.tx(run)
 
     async def extend_response(self, link: ChainLink) -> None:
-        """Add ``link.calls``' entries not there yet to the link of ``link.response_id``
-        (a stored answer fetched again); keep ``link`` as it is when there is none."""
+        """Merge ``link.calls`` into the link of ``link.response_id`` (a stored answer
+        fetched again; :func:`merged_entries`); keep ``link`` as it is when there is none."""
 
         async def run(cur: AsyncCursor[Any]) -> None:
             await cur.execute(

@@ -100,8 +100,8 @@ class SessionRepo(Protocol):
         ...
 
     async def extend_response(self, link: ChainLink) -> None:
-        """Add ``link.calls``' entries not there yet to the link of ``link.response_id``
-        (a stored answer fetched again); keep ``link`` as it is when there is none."""
+        """Merge ``link.calls`` into the link of ``link.response_id`` (a stored answer
+        fetched again; :func:`merged_entries`); keep ``link`` as it is when there is none."""
         ...
 
     async def chain(self, response_id: str, *, limit: int = MAX_CHAIN) -> list[ChainLink]:
@@ -119,9 +119,11 @@ class SessionRepo(Protocol):
 
 
 def merged_entries(kept: str, added: str) -> str:
-    """``kept``'s entries (JSON list text), then ``added``'s that are not among them.
+    """``kept``'s entries (JSON list text) with ``added``'s put in: one entry per call id
+    and kind (a call, its result, the refusal the agent saw instead), the newest winning.
 
-    A stored answer fetched twice is decided twice; its link keeps each entry once.
+    A stored answer fetched again is decided again, and a refusal names its
+    decision: the link keeps the latest, and does not grow with each fetch.
     """
     try:
         entries = orjson.loads(kept)
@@ -131,15 +133,26 @@ def merged_entries(kept: str, added: str) -> str:
         more = orjson.loads(added)
     except orjson.JSONDecodeError:
         return kept
-    if not isinstance(entries, list) or not isinstance(more, list):
-        return added if not isinstance(entries, list) else kept
-    seen = {orjson.dumps(e, option=orjson.OPT_SORT_KEYS) for e in entries}
+    if not isinstance(entries, list):
+        return added
+    if not isinstance(more, list):
+        return kept
+    where = {_entry_key(e): i for i, e in enumerate(entries)}
     for entry in more:
-        text = orjson.dumps(entry, option=orjson.OPT_SORT_KEYS)
-        if text not in seen:
-            seen.add(text)
+        key = _entry_key(entry)
+        if key is not None and key in where:
+            entries[where[key]] = entry
+        else:
+            where[key] = len(entries)
             entries.append(entry)
     return orjson.dumps(entries).decode()
+
+
+def _entry_key(entry: object) -> tuple[str, str] | None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("call_id"), str):
+        return None
+    kind = "refused" if "refused" in entry else "call" if "tool" in entry else "result"
+    return entry["call_id"], kind
 
 
 def chain_names_erased(erased: ErasedSubjects, calls: str) -> bool:
@@ -266,8 +279,8 @@ class SessionStore(SqliteStore):
             )
 
     async def extend_response(self, link: ChainLink) -> None:
-        """Add ``link.calls``' entries not there yet to the link of ``link.response_id``
-        (a stored answer fetched again); keep ``link`` as it is when there is none."""
+        """Merge ``link.calls`` into the link of ``link.response_id`` (a stored answer
+        fetched again; :func:`merged_entries`); keep ``link`` as it is when there is none."""
         await self._run(self._extend_response, link)
 
     def _extend_response(self, link: ChainLink) -> None:

@@ -4,8 +4,8 @@
 
 * OpenAI ``POST /v1/chat/completions``, ``POST /v1/responses`` (both with and
   without ``stream``; ``background: true`` answers ``queued``, and ``GET
-  /v1/responses/{id}`` then returns the finished answer), ``GET /v1/models``
-  and ``POST /v1/embeddings``;
+  /v1/responses/{id}`` or ``POST .../cancel`` then returns the finished
+  answer), ``GET /v1/models`` and ``POST /v1/embeddings``;
 * Anthropic ``POST /v1/messages`` (with and without ``stream``) and, when the
   request carries ``anthropic-version``, ``GET /v1/models``.
 
@@ -827,6 +827,7 @@ class MockLLM(LoopbackServer):
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_get("/v1/responses/{response_id}", self._retrieve_response)
+        app.router.add_post("/v1/responses/{response_id}/cancel", self._retrieve_response)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/embeddings", self._embeddings)
@@ -1119,7 +1120,8 @@ class MockLLM(LoopbackServer):
         return await self._send_json(request, payload, fault, headers)
 
     async def _retrieve_response(self, request: web.Request) -> web.StreamResponse:
-        """``GET /v1/responses/{id}``: a ``background: true`` answer, finished."""
+        """``GET /v1/responses/{id}`` (or ``POST .../cancel``, too late to stop it): a
+        ``background: true`` answer, finished."""
         await self._receive(request)
         found = self._background.get(request.match_info["response_id"])
         if found is None:

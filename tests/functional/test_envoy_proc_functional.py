@@ -750,11 +750,9 @@ async def test_hosted_mcp_servers_a_request_declares_reach_the_policy(
     assert len(llm.requests) == 1
 
 
-async def test_a_responses_chain_through_the_mesh_is_rebuilt_from_wardens_records(
-    tmp_path: Path, llm: MockLLM
-) -> None:
-    # Refunds need the order looked up in the conversation; the continuation carries
-    # only the lookup's output, so its history comes from the recorded first answer.
+@contextlib.asynccontextmanager
+async def lookup_mesh(tmp_path: Path, llm: MockLLM) -> AsyncIterator[tuple[Warden, Envoy]]:
+    """Warden with refunds that need a lookup in the conversation, behind Envoy for OpenAI."""
     bundle = {"bundles": [str(bundle_with_lookup(tmp_path))], "workers": 1, "watch": False}
     config = make_config(
         tmp_path, llm.url, ext_proc={"hosts": {OPENAI_HOST: "openai"}}, policy=bundle
@@ -763,17 +761,25 @@ async def test_a_responses_chain_through_the_mesh_is_rebuilt_from_wardens_record
         assert warden.core is not None
         service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
         async with serve(service, llm) as envoy:
-            llm.script(Reply(tool_calls=[Call("get_order", {"order_id": "A-1"})]))
-            ask = {"model": "gpt-4.1", "input": "refund A-1 please"}
-            first = (await envoy.request(OPENAI_HOST, "/v1/responses", ask)).json()
-            (lookup,) = [i for i in first["output"] if i["type"] == "function_call"]
-            await warden.core.background.drain()  # the answer's chain link is written
-            output = [
-                {"type": "function_call_output", "call_id": lookup["call_id"], "output": "ok"}
-            ]
-            llm.script(Reply(tool_calls=[REFUND_A1]))
-            then = {"model": "gpt-4.1", "input": output, "previous_response_id": first["id"]}
-            second = (await envoy.request(OPENAI_HOST, "/v1/responses", then)).json()
+            yield warden, envoy
+
+
+async def test_a_responses_chain_through_the_mesh_is_rebuilt_from_wardens_records(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # Refunds need the order looked up in the conversation; the continuation carries
+    # only the lookup's output, so its history comes from the recorded first answer.
+    async with lookup_mesh(tmp_path, llm) as (warden, envoy):
+        assert warden.core is not None
+        llm.script(Reply(tool_calls=[Call("get_order", {"order_id": "A-1"})]))
+        ask = {"model": "gpt-4.1", "input": "refund A-1 please"}
+        first = (await envoy.request(OPENAI_HOST, "/v1/responses", ask)).json()
+        (lookup,) = [i for i in first["output"] if i["type"] == "function_call"]
+        await warden.core.background.drain()  # the answer's chain link is written
+        output = [{"type": "function_call_output", "call_id": lookup["call_id"], "output": "ok"}]
+        llm.script(Reply(tool_calls=[REFUND_A1]))
+        then = {"model": "gpt-4.1", "input": output, "previous_response_id": first["id"]}
+        second = (await envoy.request(OPENAI_HOST, "/v1/responses", then)).json()
     names = [i["name"] for i in second["output"] if i["type"] == "function_call"]
     assert names == ["issue_refund"], second["output"]
 
@@ -781,29 +787,21 @@ async def test_a_responses_chain_through_the_mesh_is_rebuilt_from_wardens_record
 async def test_a_background_answer_fetched_through_the_mesh_goes_on_in_its_chain(
     tmp_path: Path, llm: MockLLM
 ) -> None:
-    bundle = {"bundles": [str(bundle_with_lookup(tmp_path))], "workers": 1, "watch": False}
-    config = make_config(
-        tmp_path, llm.url, ext_proc={"hosts": {OPENAI_HOST: "openai"}}, policy=bundle
-    )
-    async with Warden(config) as warden:
+    async with lookup_mesh(tmp_path, llm) as (warden, envoy):
         assert warden.core is not None
-        service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
-        async with serve(service, llm) as envoy:
-            llm.script(Reply(tool_calls=[Call("get_order", {"order_id": "A-1"}, id="c1"), EXPORT]))
-            ask = {"model": "gpt-4.1", "input": "refund A-1 please", "background": True}
-            queued = (await envoy.request(OPENAI_HOST, "/v1/responses", ask)).json()
-            assert queued["status"] == "queued"
-            await warden.core.background.drain()
-            fetched = await envoy.request(
-                OPENAI_HOST, f"/v1/responses/{queued['id']}", method="GET"
-            )
-            done = fetched.json()
-            assert [i["call_id"] for i in done["output"] if i["type"] == "function_call"] == ["c1"]
-            await warden.core.background.drain()  # the fetched calls join the answer's link
-            mine = [{"type": "function_call_output", "call_id": "c1", "output": "delivered"}]
-            llm.script(Reply(tool_calls=[REFUND_A1]))
-            then = {"model": "gpt-4.1", "input": mine, "previous_response_id": done["id"]}
-            second = (await envoy.request(OPENAI_HOST, "/v1/responses", then)).json()
+        llm.script(Reply(tool_calls=[Call("get_order", {"order_id": "A-1"}, id="c1"), EXPORT]))
+        ask = {"model": "gpt-4.1", "input": "refund A-1 please", "background": True}
+        queued = (await envoy.request(OPENAI_HOST, "/v1/responses", ask)).json()
+        assert queued["status"] == "queued"
+        await warden.core.background.drain()
+        fetched = await envoy.request(OPENAI_HOST, f"/v1/responses/{queued['id']}", method="GET")
+        done = fetched.json()
+        assert [i["call_id"] for i in done["output"] if i["type"] == "function_call"] == ["c1"]
+        await warden.core.background.drain()  # the fetched calls join the answer's link
+        mine = [{"type": "function_call_output", "call_id": "c1", "output": "delivered"}]
+        llm.script(Reply(tool_calls=[REFUND_A1]))
+        then = {"model": "gpt-4.1", "input": mine, "previous_response_id": done["id"]}
+        second = (await envoy.request(OPENAI_HOST, "/v1/responses", then)).json()
     names = [i["name"] for i in second["output"] if i["type"] == "function_call"]
     assert names == ["issue_refund"], second
     sent = llm.requests[-1].body["input"]

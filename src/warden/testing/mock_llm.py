@@ -1079,21 +1079,6 @@ class MockLLM(LoopbackServer):
         headers = self._openai_headers()
         if body.get("store") is not False:
             self._stored[ids.response] = ids.calls
-        if body.get("background") is True and not streaming:
-            # Queued at once; the answer is ready for GET /v1/responses/{id} straight away.
-            finished = _response_object(
-                body,
-                response_id=ids.response,
-                created=created,
-                model=model,
-                status="completed",
-                output=_responses_output(reply, ids),
-                usage=usage,
-            )
-            self._background[ids.response] = orjson.dumps({**finished, "background": True})
-            queued = {**finished, "status": "queued", "output": [], "usage": None}
-            queued.update(background=True, completed_at=None)
-            return await self._send_json(request, orjson.dumps(queued), fault, headers)
         if streaming:
             options = body.get("stream_options") or {}
             events = _responses_events(
@@ -1106,18 +1091,22 @@ class MockLLM(LoopbackServer):
                 obfuscate=options.get("include_obfuscation", True) is not False,
             )
             return await self._stream(request, events, fault, headers)
-        payload = orjson.dumps(
-            _response_object(
-                body,
-                response_id=ids.response,
-                created=created,
-                model=model,
-                status="completed",
-                output=_responses_output(reply, ids),
-                usage=usage,
-            )
+        finished = _response_object(
+            body,
+            response_id=ids.response,
+            created=created,
+            model=model,
+            status="completed",
+            output=_responses_output(reply, ids),
+            usage=usage,
         )
-        return await self._send_json(request, payload, fault, headers)
+        if body.get("background") is True:
+            # Queued at once; the answer is ready for GET /v1/responses/{id} straight away.
+            self._background[ids.response] = orjson.dumps({**finished, "background": True})
+            queued = {**finished, "status": "queued", "output": [], "usage": None}
+            queued.update(background=True, completed_at=None)
+            return await self._send_json(request, orjson.dumps(queued), fault, headers)
+        return await self._send_json(request, orjson.dumps(finished), fault, headers)
 
     async def _retrieve_response(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/responses/{id}`` (or ``POST .../cancel``, too late to stop it): a

@@ -506,6 +506,30 @@ async def test_session_id_and_protocol_version_pass_both_ways(
     assert tools_called(tmp_path) == ["get_order"]
 
 
+async def test_a_session_is_the_agents_that_opened_it(warden: Warden, tmp_path: Path) -> None:
+    url = f"{warden.proxy_url}/{UPSTREAM}"
+    async with aiohttp.ClientSession() as http:
+        _, headers, _ = await post(http, url, INIT)  # opened by the sidecar's own agent
+        mine = {"Mcp-Session-Id": headers["mcp-session-id"], "MCP-Protocol-Version": "2025-11-25"}
+        note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        assert (await post(http, url, note, mine))[0] == 202
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                "params": {"name": "get_order", "arguments": {"order_id": "A-1001"}}}  # fmt: skip
+        # Another agent naming it: answered as for a session that does not exist.
+        theirs = {**mine, **agent_headers("refunds-bot")}
+        status, _, body = await post(http, url, call, theirs)
+        assert status == 404
+        assert orjson.loads(body)["error"]["data"]["warden"] == "session_not_found"
+        async with http.get(url, headers={"Accept": "text/event-stream", **theirs}) as resp:
+            assert resp.status == 404
+        async with http.delete(url, headers=theirs) as resp:
+            assert resp.status == 404
+        # The agent that opened it carries on; nothing of the other's reached the server.
+        status, _, _ = await post(http, url, call, mine)
+        assert status == 200
+    assert tools_called(tmp_path) == ["get_order"]
+
+
 async def test_get_opens_the_servers_stream(warden: Warden) -> None:
     url = f"{warden.proxy_url}/{UPSTREAM}"
     async with aiohttp.ClientSession() as http:

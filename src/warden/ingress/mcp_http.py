@@ -88,6 +88,8 @@ WARDEN_ERROR: Final = -32000
 """JSON-RPC code (server-defined range) for Warden's own failures and upstream faults."""
 INTERNAL_ERROR: Final = -32603
 SESSION_HEADER: Final = "Mcp-Session-Id"
+_MAX_OWNED_SESSIONS: Final = 100_000
+"""Sessions whose opening agent is remembered; a forgotten one is anyone's, as after a restart."""
 _JSON = "application/json"
 _SSE = "text/event-stream"
 _ALLOW = "GET, POST, DELETE"
@@ -163,6 +165,10 @@ class McpHttp:
         )
         self._listed: dict[str, ListedArguments] = {}
         """Per upstream: its tools' argument names, from the ``tools/list`` answers seen."""
+        self._owners: OrderedDict[tuple[str, str], str] = OrderedDict()
+        """The agent that opened each session, by (upstream, ``Mcp-Session-Id``): another
+        agent naming it is answered as for an unknown session (a server cannot tell agents
+        apart when Warden holds its key, or they share one)."""
 
     # -- entry -----------------------------------------------------------------
 
@@ -175,6 +181,11 @@ class McpHttp:
         url = URL(target + ("?" + query if query else ""), encoded=True)
         try:
             agent = await self._identify(request.headers)
+            session = request.headers.get(SESSION_HEADER)
+            owner = self._owners.get((name, session)) if session is not None else None
+            if owner is not None and owner != agent.id:
+                metrics.child(metrics.ERRORS, "session_not_found").inc()
+                return _rpc_error(404, None, WARDEN_ERROR, "Session not found", "session_not_found")
             if request.method == "POST":
                 return await self._post(request, agent, name, upstream, url)
             if request.method == "GET":
@@ -464,6 +475,9 @@ class McpHttp:
             headers = hdr.response_headers(resp.headers)
             if decision_id is not None:
                 headers[hdr.DECISION_HEADER] = decision_id
+            opened = resp.headers.get(SESSION_HEADER)
+            if opened is not None and status < 300 and exchange.session is None:
+                self._own(exchange.upstream, opened, exchange.agent.id)
             is_sse = resp.headers.get("Content-Type", "").lower().startswith(_SSE)
             if status >= 400:
                 return await self._refused(request, exchange, resp, headers)
@@ -873,9 +887,16 @@ class McpHttp:
         session = request.headers.get(SESSION_HEADER)
         if 200 <= status < 300 and session is not None:
             self._give_up(self._resumable.pop((name, session), {}).values(), "session_ended")
+            self._owners.pop((name, session), None)
         return web.Response(status=status, body=raw or None, headers=headers)
 
     # -- writing ---------------------------------------------------------------
+
+    def _own(self, upstream: str, session: str, agent_id: str) -> None:
+        """Remember who opened ``session`` (the oldest are forgotten past a bound)."""
+        self._owners[(upstream, session)] = agent_id
+        if len(self._owners) > _MAX_OWNED_SESSIONS:
+            self._owners.popitem(last=False)
 
     def _headers(self, request: web.Request, upstream: str) -> CIMultiDict[str]:
         """The agent's headers for the server: Warden's key in place of the agent's, if held."""

@@ -744,6 +744,16 @@ class ApprovalsConfig(_Section):
     otherwise keep a retry from matching its approval."""
     webhook: WebhookConfig = WebhookConfig()
 
+    @field_validator("bind_context")
+    @classmethod
+    def _context_keys(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("name at least one key, or leave it out to bind them all")
+        # As input.context spells them: X-Warden-Context-Customer-Id is customer_id.
+        return tuple(key.strip().lower().replace("-", "_") for key in value)
+
 
 # The syntax of X-Warden-Agent (warden.ingress.headers).
 _AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")

@@ -37,7 +37,6 @@ AGENT_CREDENTIAL_HEADERS = frozenset(
         "x-api-key",
         "api-key",
         "x-goog-api-key",
-        "cookie",
         # With Warden's key, the agent must not choose which organization or project it bills.
         "openai-organization",
         "openai-project",

@@ -70,7 +70,13 @@ from warden.model import (
 from warden.pipeline import GuardContext, input_problem
 from warden.protocols import history
 from warden.protocols.base import refusal_text
-from warden.state.sessions import MAX_CHAIN, CallRecord, ChainLink, SessionRepo
+from warden.state.sessions import (
+    MAX_CHAIN,
+    CallRecord,
+    ChainLink,
+    SessionRepo,
+    merged_entries,
+)
 
 __all__ = [
     "SESSION_HEADER",
@@ -298,6 +304,8 @@ class SessionGuard:
         self._unwritten_links: dict[str, tuple[ChainLink, asyncio.Event]] = {}
         """Chain links on their way to the store, by response id: a request continuing
         (or fetching) the answer before the write commits still finds its chain."""
+        self._unwritten_calls: dict[str, list[str]] = {}
+        """Entries a fetched answer adds to its link, by response id, until written."""
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -549,12 +557,7 @@ class SessionGuard:
             )
         calls = orjson.dumps(entries).decode()
         if conversation.retrieved_id == response_id:
-            # A stored answer fetched again: its calls join the link its request made,
-            # once that is written (its first record stands, so it must come first).
-            writing = self._unwritten_links.get(response_id)
-            if writing is not None:
-                await writing[1].wait()
-            await self._repo.extend_response(ChainLink(response_id, session, None, calls))
+            await self._extend(response_id, session, calls)
             return
         link = ChainLink(response_id, session, conversation.previous_response_id, calls)
         if response_id in self._unwritten_links:
@@ -566,6 +569,27 @@ class SessionGuard:
         finally:
             del self._unwritten_links[response_id]
             written.set()
+
+    async def _extend(self, response_id: str, session: str, calls: str) -> None:
+        """A stored answer fetched again: its calls join the link its request made."""
+        assert self._repo is not None
+        pending = self._unwritten_calls.setdefault(response_id, [])
+        pending.append(calls)  # seen by requests continuing it from now on
+        try:
+            link = ChainLink(response_id, session, None, calls)
+            writing = self._unwritten_links.get(response_id)
+            if writing is not None:
+                # Its first record stands, so that must be written first; should it
+                # fail, this one rebuilds the whole link.
+                base = writing[0]
+                await writing[1].wait()
+                merged = merged_entries(base.calls, calls)
+                link = ChainLink(response_id, base.session_id, base.previous_id, merged)
+            await self._repo.extend_response(link)
+        finally:
+            pending.remove(calls)
+            if not pending and self._unwritten_calls.get(response_id) is pending:
+                del self._unwritten_calls[response_id]
 
     # -- internals ---------------------------------------------------------------
 
@@ -620,18 +644,24 @@ class SessionGuard:
         if self._repo is None or head is None:
             return [], None
         links: list[ChainLink] = []
+        seen: set[str] = set()
         start: str | None = head
-        writing = self._unwritten_links.get(head)
-        if writing is not None:  # answered a moment ago, not in the store yet
+        # Answered a moment ago, not in the store yet: from memory, newest first.
+        while start is not None and start not in seen and len(links) < MAX_CHAIN:
+            writing = self._unwritten_links.get(start)
+            if writing is None:
+                break
+            seen.add(start)
             links.append(writing[0])
-            start = writing[0].previous_id if writing[0].previous_id != head else None
+            start = writing[0].previous_id
         try:
-            if start is not None:
+            if start is not None and start not in seen and len(links) < MAX_CHAIN:
                 links += await self._repo.chain(start, limit=MAX_CHAIN - len(links))
         except Exception as exc:
             log.warning("could not read a Responses chain: %s", type(exc).__name__)
             if not links:
                 return [], None
+        links = [self._with_unwritten_calls(link) for link in links]
         calls: dict[str, PriorCall] = {}
         owed: dict[str, tuple[str, str]] = {}
         for link in reversed(links):  # oldest first
@@ -647,6 +677,11 @@ class SessionGuard:
         if owed:
             conversation.memo["owed"] = owed
         return list(calls.values()), (links[0].session_id if links else None)
+
+    def _with_unwritten_calls(self, link: ChainLink) -> ChainLink:
+        for calls in self._unwritten_calls.get(link.response_id, ()):
+            link = dataclasses.replace(link, calls=merged_entries(link.calls, calls))
+        return link
 
     async def _records(self, call_ids: Sequence[str]) -> dict[str, tuple[CallRecord, ...]]:
         out: dict[str, tuple[CallRecord, ...]] = {}

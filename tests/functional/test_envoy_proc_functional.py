@@ -72,8 +72,13 @@ def header_map(headers: Mapping[str, str]) -> Any:
 
 
 def apply_headers(headers: dict[str, str], mutation: Any) -> None:
+    """As Envoy applies a HeaderMutation: an option appends unless it says to overwrite."""
+    overwrite = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
     for option in mutation.set_headers:
-        headers[option.header.key.lower()] = option.header.raw_value.decode()
+        key, value = option.header.key.lower(), option.header.raw_value.decode()
+        if key in headers and option.append_action != overwrite:
+            value = f"{headers[key]},{value}"
+        headers[key] = value
     for name in mutation.remove_headers:
         headers.pop(name.lower(), None)
 

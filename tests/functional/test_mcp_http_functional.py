@@ -27,11 +27,13 @@ from mcp.client.context import ClientRequestContext
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
+from multidict import CIMultiDict
 from prometheus_client import REGISTRY
 
 from tests.functional.conftest import audit_records, make_config
 from warden import tasks
 from warden.config import Config
+from warden.ingress import mcp_http
 from warden.ingress.door_mark import VIA_HEADER, mark
 from warden.server import Warden
 from warden.testing._server import LoopbackServer
@@ -524,10 +526,37 @@ async def test_a_session_is_the_agents_that_opened_it(warden: Warden, tmp_path: 
             assert resp.status == 404
         async with http.delete(url, headers=theirs) as resp:
             assert resp.status == 404
+        # Named twice, the server might read the other one: refused.
+        twice = CIMultiDict({**ACCEPT, **mine})
+        twice.add("Mcp-Session-Id", "another")
+        async with http.post(url, data=orjson.dumps(call), headers=twice) as resp:
+            assert resp.status == 400
         # The agent that opened it carries on; nothing of the other's reached the server.
         status, _, _ = await post(http, url, call, mine)
         assert status == 200
     assert tools_called(tmp_path) == ["get_order"]
+
+
+async def test_an_agent_opening_sessions_without_end_forgets_only_its_own(
+    warden: Warden, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mcp_http, "_MAX_SESSIONS_PER_AGENT", 2)
+    url = f"{warden.proxy_url}/{UPSTREAM}"
+    version = {"MCP-Protocol-Version": "2025-11-25"}
+    listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    async with aiohttp.ClientSession() as http:
+
+        async def opened(agent: str | None) -> dict[str, str]:
+            _, headers, _ = await post(http, url, INIT, agent_headers(agent))
+            return {"Mcp-Session-Id": headers["mcp-session-id"], **version}
+
+        mine = await opened(None)
+        bots = [await opened("refunds-bot") for _ in range(3)]
+        bot = agent_headers("refunds-bot")
+        assert (await post(http, url, listing, {**mine, **bot}))[0] == 404  # still mine
+        # The bot's oldest is forgotten (anyone's, as after a restart); its newest are kept.
+        assert (await post(http, url, listing, bots[0]))[0] == 200
+        assert (await post(http, url, listing, bots[2]))[0] == 404
 
 
 async def test_get_opens_the_servers_stream(warden: Warden) -> None:

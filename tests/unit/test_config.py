@@ -64,6 +64,7 @@ tools: {search_kb: {risk: read_only}}
         ("state: {url: mysql://x}", "state.url"),
         ("limits: {max_body_bytes: 10}", "limits.max_body_bytes"),
         ("ext_proc: {max_message_timeout_s: 0.1, extend_after_ms: 100}", "ext_proc"),
+        ("approvals: {bind_context: []}", "approvals.bind_context"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
@@ -147,3 +148,9 @@ def test_parse_listen(value: str, expected: tuple[str, int]) -> None:
 def test_parse_listen_rejects(value: str) -> None:
     with pytest.raises(ValueError, match="host:port"):
         parse_listen(value)
+
+
+def test_bound_context_keys_are_spelled_as_policies_see_them(tmp_path: Path) -> None:
+    text = "approvals: {bind_context: [Customer-Id, ' tenant_id ']}"
+    config = load_config(write(tmp_path, text), environ={})
+    assert config.approvals.bind_context == ("customer_id", "tenant_id")

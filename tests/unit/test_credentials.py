@@ -148,15 +148,16 @@ def test_the_agents_credentials_are_dropped_and_wardens_sent() -> None:
     incoming = agent_headers(
         Authorization="Bearer sk-agent-own",
         **{"x-api-key": "agent", "api-key": "agent", "X-Goog-Api-Key": "agent"},
-        **{"X-Warden-Agent-Key": "k", "OpenAI-Beta": "assistants=v2", "Cookie": "s=1"},
+        **{"X-Warden-Agent-Key": "k", "OpenAI-Beta": "assistants=v2", "Cookie": "lb=a"},
         **{"OpenAI-Organization": "org-other", "OpenAI-Project": "proj-other"},
     )
     sent = request_headers(incoming, held)
     assert sent.getall("Authorization") == [f"Bearer {KEY}"]
-    dropped = ("x-api-key", "api-key", "x-goog-api-key", "x-warden-agent-key", "cookie")
+    dropped = ("x-api-key", "api-key", "x-goog-api-key", "x-warden-agent-key")
     for name in (*dropped, "openai-organization", "openai-project"):
         assert name not in sent
     assert sent["OpenAI-Beta"] == "assistants=v2"
+    assert sent["Cookie"] == "lb=a"  # a load balancer's stickiness is no credential
     # Without a held key the agent's own goes through, as before.
     assert request_headers(incoming)["Authorization"] == "Bearer sk-agent-own"
 

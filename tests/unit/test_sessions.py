@@ -444,18 +444,33 @@ def test_settings_are_checked() -> None:
 
 
 class _SlowLinks:
-    """A session store whose chain-link writes wait until :attr:`go` is set."""
+    """A session store whose chain-link writes wait until :attr:`go` is set (then fail,
+    with ``fail``), and whose extensions wait until :attr:`go_extend` is."""
 
-    def __init__(self, store: SessionStore) -> None:
+    def __init__(self, store: SessionStore, *, fail: bool = False) -> None:
         self._store = store
+        self._fail = fail
         self.go = asyncio.Event()
+        self.go_extend = asyncio.Event()
+        self.go_extend.set()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
     async def record_response(self, link: ChainLink) -> None:
         await self.go.wait()
+        if self._fail:
+            raise OSError("disk I/O error")
         await self._store.record_response(link)
+
+    async def extend_response(self, link: ChainLink) -> None:
+        await self.go_extend.wait()
+        await self._store.extend_response(link)
+
+
+def responses(body: dict[str, Any], session: str | None = None) -> Conversation:
+    headers = {"X-Warden-Session": session} if session else {}
+    return conversation_of("openai.responses", body, headers, SessionsConfig())
 
 
 async def test_an_answer_fetched_before_its_link_is_written_finds_its_chain(
@@ -463,9 +478,7 @@ async def test_an_answer_fetched_before_its_link_is_written_finds_its_chain(
 ) -> None:
     slow = _SlowLinks(store)
     guard = SessionGuard(cast(SessionRepo, slow), SessionsConfig(), TOOLS)
-    asked = conversation_of(
-        "openai.responses", {"input": "refund A-1"}, {"X-Warden-Session": "s-bg"}, SessionsConfig()
-    )
+    asked = responses({"input": "refund A-1"}, "s-bg")
     await decide(guard, proposed("get_order", {"order_id": "A-1"}, "call_1", asked), Effect.ALLOW)
     writing = asyncio.create_task(guard.record_response(asked, "resp_bg"))
     await asyncio.sleep(0.01)  # the write is under way, not committed
@@ -478,8 +491,35 @@ async def test_an_answer_fetched_before_its_link_is_written_finds_its_chain(
     extending = asyncio.create_task(guard.record_response(fetched, "resp_bg"))
     await asyncio.sleep(0.01)
     assert not extending.done()  # its calls wait for the link they join
+    slow.go_extend.clear()
     slow.go.set()
-    await asyncio.gather(writing, extending)
+    await writing
+    # The fetched answer's calls are not in the store yet; a continuation sees them.
+    go_on = responses({"input": [], "previous_response_id": "resp_bg"})
+    ctx = await decide(guard, proposed("draft_reply", {}, "call_3", go_on), Effect.ALLOW)
+    assert [h["call_id"] for h in ctx.history] == ["call_1", "call_2"]
+    slow.go_extend.set()
+    await extending
     (link,) = await store.chain("resp_bg")
     assert link.session_id == "s-bg"
+    assert [e["call_id"] for e in orjson.loads(link.calls)] == ["call_1", "call_2"]
+
+
+async def test_a_fetched_answer_rebuilds_a_link_whose_write_failed(store: SessionStore) -> None:
+    await store.record_response(ChainLink("resp_0", "s-bg", None, "[]"))
+    slow = _SlowLinks(store, fail=True)
+    guard = SessionGuard(cast(SessionRepo, slow), SessionsConfig(), TOOLS)
+    asked = responses({"input": "refund A-1", "previous_response_id": "resp_0"}, "s-bg")
+    await decide(guard, proposed("get_order", {"order_id": "A-1"}, "call_1", asked), Effect.ALLOW)
+    writing = asyncio.create_task(guard.record_response(asked, "resp_bg"))
+    await asyncio.sleep(0.01)
+    fetched = stored_answer_conversation({}, "resp_bg")
+    await decide(guard, proposed("search_kb", {}, "call_2", fetched), Effect.ALLOW)
+    extending = asyncio.create_task(guard.record_response(fetched, "resp_bg"))
+    slow.go.set()
+    with pytest.raises(OSError, match="disk I/O error"):
+        await writing
+    await extending
+    (link, earlier) = await store.chain("resp_bg")
+    assert (link.session_id, link.previous_id, earlier.response_id) == ("s-bg", "resp_0", "resp_0")
     assert [e["call_id"] for e in orjson.loads(link.calls)] == ["call_1", "call_2"]

@@ -90,6 +90,8 @@ INTERNAL_ERROR: Final = -32603
 SESSION_HEADER: Final = "Mcp-Session-Id"
 _MAX_OWNED_SESSIONS: Final = 100_000
 """Sessions whose opening agent is remembered; a forgotten one is anyone's, as after a restart."""
+_MAX_SESSIONS_PER_AGENT: Final = 1_000
+"""Of those, at most this many per agent: one agent cannot push out the others'."""
 _JSON = "application/json"
 _SSE = "text/event-stream"
 _ALLOW = "GET, POST, DELETE"
@@ -166,9 +168,11 @@ class McpHttp:
         self._listed: dict[str, ListedArguments] = {}
         """Per upstream: its tools' argument names, from the ``tools/list`` answers seen."""
         self._owners: OrderedDict[tuple[str, str], str] = OrderedDict()
-        """The agent that opened each session, by (upstream, ``Mcp-Session-Id``): another
-        agent naming it is answered as for an unknown session (a server cannot tell agents
-        apart when Warden holds its key, or they share one)."""
+        """The agent that opened each session, by (upstream, ``Mcp-Session-Id``), least
+        recently used first: another agent naming it is answered as for an unknown session
+        (a server cannot tell agents apart when Warden holds its key, or they share one)."""
+        self._owned: dict[str, OrderedDict[tuple[str, str], None]] = {}
+        """The same, by agent: an agent opening sessions without end forgets its own."""
 
     # -- entry -----------------------------------------------------------------
 
@@ -181,11 +185,9 @@ class McpHttp:
         url = URL(target + ("?" + query if query else ""), encoded=True)
         try:
             agent = await self._identify(request.headers)
-            session = request.headers.get(SESSION_HEADER)
-            owner = self._owners.get((name, session)) if session is not None else None
-            if owner is not None and owner != agent.id:
-                metrics.child(metrics.ERRORS, "session_not_found").inc()
-                return _rpc_error(404, None, WARDEN_ERROR, "Session not found", "session_not_found")
+            refused = self._session_refused(request, name, agent)
+            if refused is not None:
+                return refused
             if request.method == "POST":
                 return await self._post(request, agent, name, upstream, url)
             if request.method == "GET":
@@ -887,16 +889,56 @@ class McpHttp:
         session = request.headers.get(SESSION_HEADER)
         if 200 <= status < 300 and session is not None:
             self._give_up(self._resumable.pop((name, session), {}).values(), "session_ended")
-            self._owners.pop((name, session), None)
+            self._forget((name, session))
         return web.Response(status=status, body=raw or None, headers=headers)
 
     # -- writing ---------------------------------------------------------------
 
+    def _session_refused(
+        self, request: web.Request, upstream: str, agent: Agent
+    ) -> web.Response | None:
+        """The answer to a request naming a session that is not its agent's, if it is so."""
+        named = request.headers.getall(SESSION_HEADER, [])
+        if len(named) > 1:  # the server might read another one than Warden checks
+            return _rpc_error(
+                400, None, WARDEN_ERROR, "Mcp-Session-Id given more than once", "ambiguous_header"
+            )
+        if not named:
+            return None
+        key = (upstream, named[0])
+        owner = self._owners.get(key)
+        if owner is None:
+            return None  # opened before this process started, or forgotten: the server's
+        if owner != agent.id:
+            metrics.child(metrics.ERRORS, "session_not_found").inc()
+            return _rpc_error(404, None, WARDEN_ERROR, "Session not found", "session_not_found")
+        self._owners.move_to_end(key)
+        self._owned[owner].move_to_end(key)
+        return None
+
     def _own(self, upstream: str, session: str, agent_id: str) -> None:
-        """Remember who opened ``session`` (the oldest are forgotten past a bound)."""
-        self._owners[(upstream, session)] = agent_id
+        """Remember who opened ``session``: the least recently used are forgotten past a
+        bound, first the opening agent's own."""
+        key = (upstream, session)
+        if key in self._owners:
+            return  # a server naming an open session again does not hand it over
+        self._owners[key] = agent_id
+        mine = self._owned.setdefault(agent_id, OrderedDict())
+        mine[key] = None
+        if len(mine) > _MAX_SESSIONS_PER_AGENT:
+            self._forget(next(iter(mine)))
         if len(self._owners) > _MAX_OWNED_SESSIONS:
-            self._owners.popitem(last=False)
+            self._forget(next(iter(self._owners)))
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        owner = self._owners.pop(key, None)
+        if owner is None:
+            return
+        mine = self._owned.get(owner)
+        if mine is not None:
+            mine.pop(key, None)
+            if not mine:
+                del self._owned[owner]
 
     def _headers(self, request: web.Request, upstream: str) -> CIMultiDict[str]:
         """The agent's headers for the server: Warden's key in place of the agent's, if held."""

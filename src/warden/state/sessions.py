@@ -140,7 +140,7 @@ def merged_entries(kept: str, added: str) -> str:
     where = {_entry_key(e): i for i, e in enumerate(entries)}
     for entry in more:
         key = _entry_key(entry)
-        if key is not None and key in where:
+        if key in where:
             entries[where[key]] = entry
         else:
             where[key] = len(entries)
@@ -148,9 +148,10 @@ def merged_entries(kept: str, added: str) -> str:
     return orjson.dumps(entries).decode()
 
 
-def _entry_key(entry: object) -> tuple[str, str] | None:
+def _entry_key(entry: object) -> tuple[str, str]:
     if not isinstance(entry, dict) or not isinstance(entry.get("call_id"), str):
-        return None
+        # Not an entry any chain replays: kept once, by its content.
+        return "", orjson.dumps(entry, option=orjson.OPT_SORT_KEYS).decode()
     kind = "refused" if "refused" in entry else "call" if "tool" in entry else "result"
     return entry["call_id"], kind
 

@@ -388,13 +388,14 @@ class SessionGuard:
         key = prepared.key if isinstance(prepared, _Prepared) else None
         if action.call_id:
             await self._record(action, decision, conversation, key)
+        self._count(key, self._deltas(action.tool, decision.enforced))
+
+    def _count(self, key: str | None, deltas: Mapping[str, int]) -> None:
+        """Add ``deltas`` to the session's counters, off the decision path: the next
+        decision in this process counts them from memory until the store has them."""
         if key is None or self._repo is None or not self._config.counters:
             return
-        # Off the decision path: the next decision in this process counts the
-        # deltas from memory until the store has them.
-        self._unadded.setdefault(key, Counter()).update(
-            self._deltas(action.tool, decision.enforced)
-        )
+        self._unadded.setdefault(key, Counter()).update(deltas)
         if len(self._adding) == 0:
             self._adding.spawn(self._add_counters(), name="session-counters")
 
@@ -441,8 +442,8 @@ class SessionGuard:
         """The final word on a held call: approved (let through), refused or deferred.
 
         A held call reaches the agent only once a person approves it, so only
-        then may a conversation carrying it read it as verified. Its counters
-        were counted when it was held.
+        then may a conversation carrying it read it as verified, and only then
+        can its output taint the session. It was counted as held already.
         """
         if not action.call_id or action.tool is None or action.kind is ActionKind.LLM_CALL:
             return
@@ -461,6 +462,12 @@ class SessionGuard:
                 session_id=_scope(action.agent.id, key),
             )
         )
+        taints = {
+            f"taint:{label}": 1 for label in self.labels_of(action.tool) if label == UNTRUSTED
+        }
+        if decision.enforced is Effect.ALLOW and taints:
+            # Tainted now, even if the agent leaves the output out of its history.
+            self._count(key, taints)
 
     async def _record(
         self,

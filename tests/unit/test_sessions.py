@@ -368,6 +368,23 @@ async def test_untrusted_output_taints_the_session(store: SessionStore) -> None:
     assert clean.session["taints"] == []
 
 
+async def test_an_approved_untrusted_output_taints_the_session(store: SessionStore) -> None:
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+    fetch = proposed("fetch_url", {"url": "https://x"}, "f1", chat(session="s-held"))
+    await decide(guard, fetch, Effect.REQUIRE_APPROVAL)
+
+    async def taints() -> list[str]:
+        later = chat(session="s-held")  # the agent leaves the page out of its history
+        ctx = await decide(guard, proposed("send_email", {}, new_id("e"), later), Effect.ALLOW)
+        return list(ctx.session["taints"])
+
+    assert await taints() == []  # held: nothing fetched yet
+    guard.settled(fetch, decision(Effect.DENY))
+    assert await taints() == []
+    guard.settled(fetch, decision(Effect.ALLOW))  # approved: the page reached the agent
+    assert await taints() == ["untrusted_output"]
+
+
 async def test_no_conversation_means_no_history_but_labels(store: SessionStore) -> None:
     guard = SessionGuard(store, SessionsConfig(), TOOLS)
     verdict, ctx = await guard.admit(proposed("send_email", {"to": "a"}, "m1", None), CTX)

@@ -306,6 +306,11 @@ class SessionGuard:
         (or fetching) the answer before the write commits still finds its chain."""
         self._unwritten_calls: dict[str, list[str]] = {}
         """Entries a fetched answer adds to its link, by response id, until written."""
+        self._turns: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        """Per session key: the lock one counted decision holds from reading the counters
+        until adding to them, and how many decisions use it (dropped at none)."""
+        self._holding: dict[str, str] = {}
+        """Session keys locked, by the action id whose decision holds the lock."""
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -341,14 +346,21 @@ class SessionGuard:
     # -- pipeline hooks ----------------------------------------------------------
 
     async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
-        """See :meth:`admit`."""
-        decision, _ = await self.admit(action, ctx)
+        """See :meth:`admit`; nothing is held afterwards."""
+        try:
+            decision, _ = await self.admit(action, ctx)
+        finally:
+            self._leave(action.action_id)
         return decision
 
     async def admit(
         self, action: Action, ctx: GuardContext
     ) -> tuple[Decision | None, GuardContext]:
-        """Add the history, the session's counters and the tool's labels to the context."""
+        """Add the history, the session's counters and the tool's labels to the context.
+
+        A proposed tool call in a session holds the session until :meth:`decided`
+        (which the pipeline always calls after ``admit``, whatever happened).
+        """
         labels = self.labels_of(action.tool)
         conversation = action.request.conversation
         if conversation is None:
@@ -359,6 +371,11 @@ class SessionGuard:
         counters: dict[str, int] = {}
         available = True
         if prepared.key is not None and self._repo is not None and self._config.counters:
+            if _counted(action):
+                # One counted decision per session at a time, from this read until its
+                # deltas are added: calls of one response (or of parallel requests)
+                # cannot all read the count from before any of them.
+                await self._enter(prepared.key, action.action_id)
             try:
                 counters = await self._repo.counters(prepared.key)
                 unadded = self._unadded.get(prepared.key)
@@ -379,16 +396,40 @@ class SessionGuard:
 
     async def decided(self, action: Action, decision: Decision | None) -> None:
         """Record a decided tool call, and add it to its session's counters."""
-        if decision is None or action.tool is None or action.kind is ActionKind.LLM_CALL:
-            return
-        if action.stage is Stage.LIST:
-            return
-        conversation = action.request.conversation
-        prepared = conversation.memo.get("prepared") if conversation is not None else None
-        key = prepared.key if isinstance(prepared, _Prepared) else None
-        if action.call_id:
-            await self._record(action, decision, conversation, key)
-        self._count(key, self._deltas(action.tool, decision.enforced))
+        try:
+            if decision is None or action.tool is None or not _counted(action):
+                return
+            conversation = action.request.conversation
+            prepared = conversation.memo.get("prepared") if conversation is not None else None
+            key = prepared.key if isinstance(prepared, _Prepared) else None
+            if action.call_id:
+                await self._record(action, decision, conversation, key)
+            self._count(key, self._deltas(action.tool, decision.enforced))
+        finally:
+            self._leave(action.action_id)
+
+    async def _enter(self, key: str, action_id: str) -> None:
+        lock, users = self._turns.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._release(key, held=False)
+            raise
+        self._holding[action_id] = key
+
+    def _leave(self, action_id: str) -> None:
+        key = self._holding.pop(action_id, None)
+        if key is not None:
+            self._release(key, held=True)
+
+    def _release(self, key: str, *, held: bool) -> None:
+        lock, users = self._turns[key]
+        if held:
+            lock.release()
+        users[0] -= 1
+        if users[0] == 0:
+            del self._turns[key]
 
     def _count(self, key: str | None, deltas: Mapping[str, int]) -> None:
         """Add ``deltas`` to the session's counters, off the decision path: the next
@@ -735,6 +776,11 @@ def _carried_session(
         if decided_in and decided_in.startswith(mine) and (session := decided_in[len(mine) :]):
             return session
     return None
+
+
+def _counted(action: Action) -> bool:
+    """Whether deciding ``action`` adds to its session's counters (a proposed tool call)."""
+    return action.kind is not ActionKind.LLM_CALL and action.stage is not Stage.LIST
 
 
 def _scope(agent: str, key: str | None) -> str:

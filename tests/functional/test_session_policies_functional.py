@@ -363,6 +363,18 @@ ACCOUNT_CHANGES = [
 ]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_changes_proposed_together_count_against_each_other(
+    warden: Warden, llm: MockLLM, stream: bool
+) -> None:
+    # Three account changes in one answer: the limit of two per conversation holds.
+    llm.script(Reply(tool_calls=ACCOUNT_CHANGES))
+    turn = await chat(oai(warden, f"together-{stream}"), [USER], stream=stream)
+    assert turn.calls == []
+    assert turn.text.count("held the tool call") == 2
+    assert "at most 2 are allowed in one conversation" in turn.text
+
+
 async def test_a_responses_agent_that_resends_its_whole_input_stays_in_its_session(
     warden: Warden, llm: MockLLM
 ) -> None:

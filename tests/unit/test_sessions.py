@@ -97,6 +97,16 @@ def decision(effect: Effect) -> Decision:
 CTX = GuardContext(mode=Mode.ENFORCE)
 
 
+async def look(
+    guard: SessionGuard, action: Action, ctx: GuardContext
+) -> tuple[Decision | None, GuardContext]:
+    """What the guard adds for ``action``, then nothing decided (as the pipeline ends it)."""
+    try:
+        return await guard.admit(action, ctx)
+    finally:
+        await guard.decided(action, None)
+
+
 async def decide(guard: SessionGuard, action: Action, effect: Effect) -> GuardContext:
     """What the policy would see for ``action``, then the final decision recorded."""
     verdict, ctx = await guard.admit(action, CTX)
@@ -274,13 +284,13 @@ async def test_counters_are_added_off_the_decision_path_and_never_counted_short(
         action = proposed("get_order", {"order_id": f"A-{i}"}, f"c{i}", convo)
         await asyncio.wait_for(decide(guard, action, Effect.ALLOW), 5)
     # ... and the next one still sees every call decided before it.
-    _, ctx = await guard.admit(proposed("draft_reply", {}, "c9", chat()), CTX)
+    _, ctx = await look(guard, proposed("draft_reply", {}, "c9", chat()), CTX)
     assert ctx.session["calls"] == {"get_order": 3}
     assert await store.counters("bot\x1fs-1") == {}
     slow.release.set()
     await guard.close()
     assert await store.counters("bot\x1fs-1") == {"calls:get_order": 3}
-    _, ctx = await guard.admit(proposed("draft_reply", {}, "c9", chat()), CTX)
+    _, ctx = await look(guard, proposed("draft_reply", {}, "c9", chat()), CTX)
     assert ctx.session["calls"] == {"get_order": 3}  # not counted twice once stored
 
 
@@ -307,7 +317,7 @@ async def test_counters_a_failing_store_refused_are_added_once_it_recovers(
     while failing.failures:  # noqa: ASYNC110 - retried with backoff, bounded by the test timeout
         await asyncio.sleep(0.01)
     # Meanwhile, and after, this process never counts it short.
-    _, ctx = await guard.admit(proposed("draft_reply", {}, "c9", chat()), CTX)
+    _, ctx = await look(guard, proposed("draft_reply", {}, "c9", chat()), CTX)
     assert ctx.session["calls"] == {"get_order": 1}
     await guard.close()
     assert await store.counters("bot\x1fs-1") == {"calls:get_order": 1}
@@ -333,7 +343,7 @@ async def test_counters_and_verification_survive_a_restart(store: SessionStore) 
     await guard.close()  # a graceful stop: every decided call is in the store
     restarted = SessionGuard(store, SessionsConfig(), TOOLS)  # nothing in memory
     later = chat(("c1", "get_order", '{"order_id":"A-1"}', "ok"))
-    _, ctx = await restarted.admit(proposed("draft_reply", {}, "c5", later), CTX)
+    _, ctx = await look(restarted, proposed("draft_reply", {}, "c5", later), CTX)
     assert ctx.session["calls"] == {"get_order": 2}
     assert ctx.session["held"] == {"update_email": 1}
     assert (ctx.session["denials"], ctx.session["approvals"]) == (1, 1)
@@ -341,8 +351,20 @@ async def test_counters_and_verification_survive_a_restart(store: SessionStore) 
     assert ctx.session["source"] == "header"
     assert [h["verified"] for h in ctx.history] == [True]
     # Another session, or the same id from another agent, counts apart.
-    _, other = await restarted.admit(proposed("draft_reply", {}, "c6", chat(session="s-2")), CTX)
+    _, other = await look(restarted, proposed("draft_reply", {}, "c6", chat(session="s-2")), CTX)
     assert other.session["calls"] == {}
+
+
+async def test_calls_of_one_response_see_each_other_in_the_counters(
+    store: SessionStore,
+) -> None:
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+    convo = chat()
+    changes = [proposed("update_email", {"n": i}, f"u{i}", convo) for i in range(3)]
+    seen = await asyncio.gather(*(decide(guard, a, Effect.ALLOW) for a in changes))
+    assert sorted(c.session["calls"].get("update_email", 0) for c in seen) == [0, 1, 2]
+    # Other sessions do not wait on this one, and nothing stays held.
+    assert not guard._turns
 
 
 async def test_untrusted_output_taints_the_session(store: SessionStore) -> None:
@@ -398,12 +420,12 @@ async def test_an_unreadable_store_denies_decisions_in_a_session(tmp_path: Path)
     store = await SessionStore.open(f"sqlite:///{tmp_path}/state.db")
     await store.close()
     closed = SessionGuard(store, SessionsConfig(), TOOLS)
-    verdict, _ = await closed.admit(proposed("get_order", {}, "c", chat()), CTX)
+    verdict, _ = await look(closed, proposed("get_order", {}, "c", chat()), CTX)
     assert verdict is not None
     assert verdict.effect is Effect.DENY
     assert verdict.error == "state_unavailable"
     lenient = SessionGuard(store, SessionsConfig(), TOOLS, deny_when_unavailable=False)
-    verdict, ctx = await lenient.admit(proposed("get_order", {}, "c", chat()), CTX)
+    verdict, ctx = await look(lenient, proposed("get_order", {}, "c", chat()), CTX)
     assert verdict is None
     assert ctx.session["available"] is False
 

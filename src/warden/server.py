@@ -225,7 +225,9 @@ class Warden:
                 ),
             ]
             # --- gRPC services beside Warden's API (Envoy ext_authz, ext_proc): append here ---
-            services.append(ExtAuthzService(core, cfg, approvals=approvals))
+            services.append(
+                ExtAuthzService(core, cfg, approvals=approvals, credentials=credentials)
+            )
             services.append(
                 ExtProcService(core, cfg, killswitches=killswitches, credentials=credentials)
             )

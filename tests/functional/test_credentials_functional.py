@@ -23,11 +23,16 @@ import openai
 import pytest
 import yaml
 from aiohttp import web
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.functional.conftest import make_config
+from tests.functional.test_envoy_authz_functional import BUNDLE as AUTHZ_BUNDLE
+from tests.functional.test_envoy_authz_functional import READER
+from tests.functional.test_envoy_authz_functional import _request as authz_request
 from tests.functional.test_envoy_proc_functional import OPENAI_HOST, Envoy
 from warden import credentials
 from warden.server import Warden
@@ -237,6 +242,40 @@ async def test_envoy_is_told_to_send_wardens_key_through_the_mesh(
     sent = llm.requests[-1].headers
     assert sent.getall("Authorization") == [f"Bearer {HELD}"]
     assert "OpenAI-Project" not in sent
+
+
+async def test_envoy_ext_authz_forwards_an_allowed_request_with_wardens_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WARDEN_TEST_ORDERS_KEY", "orders-held-key")
+    orders = {
+        "protocol": "http",
+        "base_url": "http://127.0.0.1:9",
+        "credential": {"env": "WARDEN_TEST_ORDERS_KEY"},
+    }
+    config = make_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        listen={"grpc": "127.0.0.1:0"},
+        upstreams={"orders": orders},
+        ext_authz={"upstream": "orders"},
+        policy={"bundles": [str(AUTHZ_BUNDLE)], "workers": 1, "watch": False},
+    )
+    async with (
+        Warden(config) as warden,
+        grpc.aio.insecure_channel(warden.grpc_address) as channel,
+    ):
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        agent = {**READER, "x-api-key": "agent-own"}
+        answers = [await stub.Check(authz_request("GET", "/orders/A-1", agent)) for _ in range(2)]
+    for answer in answers:  # the second from the rendered allow Warden keeps
+        ok = answer.ok_response
+        put = {o.header.key: (o.header.value, o.append_action) for o in ok.headers}
+        overwrite = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+        assert put["authorization"] == ("Bearer orders-held-key", overwrite)
+        assert put["x-user-role"][0] == "reader"  # the policy's own headers stay
+        assert "x-api-key" in ok.headers_to_remove
+        assert "authorization" not in ok.headers_to_remove
 
 
 async def test_serve_refuses_to_start_without_the_key(tmp_path: Path) -> None:

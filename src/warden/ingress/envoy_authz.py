@@ -30,6 +30,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from multidict import CIMultiDict
 from prometheus_client import Counter
 
+from warden.credentials import Credentials
 from warden.errors import AuditError, ConfigError, Overloaded, WardenError
 from warden.identity import Identity
 from warden.ingress import headers as hdr
@@ -94,14 +95,18 @@ class ExtAuthzService:
         *,
         identity: Identity | None = None,
         approvals: Approvals | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         """Raises :class:`ConfigError` when ``ext_authz.upstream`` is not an ``http`` upstream.
 
         ``approvals``: where a held check's approval is found, to name it in
-        the answer's dynamic metadata (``warden_approval_id``).
+        the answer's dynamic metadata (``warden_approval_id``). ``credentials``:
+        upstream keys Warden holds; an allowed request to ``ext_authz.upstream``
+        is forwarded with Warden's key in place of the agent's.
         """
         self._core = core
         self._approvals = approvals
+        self._credentials = credentials if credentials is not None else Credentials.none()
         self._settings = config.ext_authz
         self._identity = identity if identity is not None else Identity(config)
         self._routes: ToolRoutes | None = None
@@ -236,13 +241,20 @@ class ExtAuthzService:
         if decision.guard == "validation":
             status = refusal.status if refusal is not None else 400
         verb = "held this request for approval" if held else "denied this request"
+        remove = [h for h in authz.CREDENTIAL_HEADERS if h in headers]
+        key = self._credentials.get(self._upstream)
+        upstream_key = None
+        if key is not None:
+            upstream_key = (key.header.lower(), key.value)
+            remove += sorted(key.drop - {upstream_key[0]})
         return self._answers.render(
             result,
             allowed=allowed,
             decision_id=decision.decision_id,
             status=status,
             body=f"Warden {verb}: {decision.reason} (decision {decision.decision_id})",
-            credentials=[h for h in authz.CREDENTIAL_HEADERS if h in headers],
+            credentials=remove,
+            upstream_key=upstream_key,
         )
 
 

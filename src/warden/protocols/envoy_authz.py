@@ -519,6 +519,7 @@ def render_response(
     status: int = 403,
     body: str = "",
     credentials: Sequence[str] = (),
+    upstream_key: tuple[str, str] | None = None,
 ) -> external_auth_pb2.CheckResponse:
     """The CheckResponse, as OPA-Envoy builds it, with the decision id in the dynamic metadata.
 
@@ -531,6 +532,9 @@ def render_response(
     has ``status`` and ``body``. The policy's ``dynamic_metadata`` is kept in
     every case. ``credentials``: Warden's credential headers the request
     carried; an allowed request has them removed before Envoy forwards it.
+    ``upstream_key``: the header (lower case) and value of the upstream key
+    Warden holds; an allowed request carries it, overwriting the agent's, and
+    no removal names that header (whatever order Envoy applies them in).
     """
     response = external_auth_pb2.CheckResponse()
     response.status.code = _GRPC_OK if allowed else _GRPC_PERMISSION_DENIED
@@ -551,6 +555,21 @@ def render_response(
                 base_pb2.QueryParameter(key=k, value=v) for k, v in result.query_parameters_to_set
             )
             ok.query_parameters_to_remove.extend(result.query_parameters_to_remove)
+        if upstream_key is not None:
+            name, value = upstream_key
+            ok = response.ok_response
+            kept = [h for h in ok.headers_to_remove if h.lower() != name]
+            del ok.headers_to_remove[:]
+            ok.headers_to_remove.extend(kept)
+            mine = [o for o in ok.headers if o.header.key.lower() != name]  # the policy's too
+            del ok.headers[:]
+            ok.headers.extend(mine)
+            ok.headers.append(
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=name, value=value),
+                    append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                )
+            )
     elif result is None or result.allowed:
         denied = response.denied_response
         denied.status.code = status
@@ -580,7 +599,9 @@ class Answers:
     def __init__(self, size: int = 1024) -> None:
         self._size = size
         self._read: dict[int, tuple[Any, tuple[bool, AuthzResult]]] = {}
-        self._allowed: dict[tuple[int, tuple[str, ...]], tuple[AuthzResult, Any]] = {}
+        self._allowed: dict[
+            tuple[int, tuple[str, ...], tuple[str, str] | None], tuple[AuthzResult, Any]
+        ] = {}
 
     def read(self, value: Any) -> tuple[bool, AuthzResult]:
         """:func:`read_allowed` (a ``PolicyView.read``); ``ValueError`` is not remembered."""
@@ -602,6 +623,7 @@ class Answers:
         status: int = 403,
         body: str = "",
         credentials: Sequence[str] = (),
+        upstream_key: tuple[str, str] | None = None,
     ) -> external_auth_pb2.CheckResponse:
         """:func:`render_response`, an allow's from a template made once per result."""
         if not allowed or result is None or not decision_id:
@@ -612,12 +634,17 @@ class Answers:
                 status=status,
                 body=body,
                 credentials=credentials,
+                upstream_key=upstream_key,
             )
-        key = (id(result), tuple(credentials))
+        key = (id(result), tuple(credentials), upstream_key)
         hit = self._allowed.get(key)
         if hit is None or hit[0] is not result:
             template = render_response(
-                result, allowed=True, decision_id="", credentials=credentials
+                result,
+                allowed=True,
+                decision_id="",
+                credentials=credentials,
+                upstream_key=upstream_key,
             )
             if len(self._allowed) >= self._size:
                 self._allowed.clear()

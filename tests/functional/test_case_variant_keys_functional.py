@@ -103,10 +103,38 @@ async def test_a_streamed_anthropic_call_is_checked_against_its_input_schema(
     assert (decision["effect"], decision["guard"]) == ("deny", "validation")
 
 
+async def test_a_nested_argument_spelled_otherwise_than_declared_is_denied(
+    warden: Warden, llm: MockLLM, records: Callable[[], list[dict[str, Any]]]
+) -> None:
+    nested = {
+        "type": "object",
+        "properties": {
+            "order_id": {"type": "string"},
+            "refund": {"type": "object", "properties": {"amount": {"type": "number"}}},
+        },
+    }
+    llm.script(
+        Reply(tool_calls=[Call("issue_refund", {"order_id": "A-1", "refund": {"Amount": 5000}})])
+    )
+    async with openai.AsyncOpenAI(
+        base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
+    ) as client:
+        tools: Any = [
+            {"type": "function", "function": {"name": "issue_refund", "parameters": nested}}
+        ]
+        bent = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, tools=tools
+        )
+    assert not bent.choices[0].message.tool_calls
+    assert "spelled otherwise than the tool's schema" in (bent.choices[0].message.content or "")
+    [decision] = refund_decisions(records)
+    assert (decision["effect"], decision["guard"]) == ("deny", "validation")
+
+
 async def test_undeclared_and_nested_keys_keep_any_spelling(
     warden: Warden, llm: MockLLM, records: Callable[[], list[dict[str, Any]]]
 ) -> None:
-    # Only names that fold to a declared top-level property are compared.
+    # Only names that fold to a declared property are compared ("meta" is not declared).
     args = {"order_id": "A-1", "amount": 20, "Note": "x", "meta": {"Amount": 1}}
     llm.script(Reply(tool_calls=[Call("issue_refund", args)]))
     async with openai.AsyncOpenAI(

@@ -87,3 +87,30 @@ def test_an_mcp_listing_declares_its_tools_arguments_page_by_page() -> None:
     assert listed.misspelled("refund", {"amount": 1}) == "amount"
     listed.learn({"jsonrpc": "2.0", "id": 2, "error": {"code": -1, "message": "no"}})
     assert listed.misspelled("lookup", {"ID": 1}) == "ID"
+
+
+NESTED = {
+    "type": "object",
+    "properties": {
+        "refund": {"type": "object", "properties": {"amount": {}, "currency": {}}},
+        "lines": {"type": "array", "items": {"type": "object", "properties": {"sku": {}}}},
+        "note": {"$ref": "#/$defs/note"},
+    },
+}
+
+
+def test_nested_objects_and_array_items_are_compared_too() -> None:
+    declared = declared_arguments.openai_responses(
+        {"tools": [{"type": "function", "name": "refund", "parameters": NESTED}]}
+    )
+    assert declared is not None
+    good = {"refund": {"amount": 1, "currency": "EUR"}, "lines": [{"sku": "A"}]}
+    assert declared.misspelled("refund", good) is None
+    assert declared.misspelled("refund", {"refund": {"Amount": 900}}) == "refund.Amount"
+    assert declared.misspelled("refund", {"lines": [{"sku": "A"}, {"SKU": "B"}]}) == "lines.SKU"
+    # Not followed: a $ref, and values of another shape than the schema's.
+    assert declared.misspelled("refund", {"note": {"Text": "x"}}) is None
+    assert declared.misspelled("refund", {"refund": ["Amount"], "lines": {"SKU": 1}}) is None
+    listed = declared_arguments.ListedArguments()
+    listed.learn(listing({"name": "refund", "inputSchema": NESTED}))
+    assert listed.misspelled("refund", {"refund": {"AMOUNT": 900}}) == "refund.AMOUNT"

@@ -7,16 +7,18 @@ binders match names case-blind), while a policy that reads
 ``input.arguments.amount`` finds nothing there and may allow a refund it would
 have held. Such a call is malformed, like one with a key given twice.
 
-Only the top level of ``properties`` is compared: nested schemas are the
-tool's own, and the policy sees them whole. An MCP server declares its tools in
-``tools/list`` answers, which the MCP doors learn from as they pass. The request's tools are kept as
-sent and read only when a call is decided, so a request without calls in its
-answer costs nothing.
+The comparison follows the schema down: ``properties`` of nested objects,
+and ``items`` of arrays (``refund.Amount`` is refused where ``refund`` declares
+``amount``). Schemas reached only through ``$ref``, ``anyOf``, ``oneOf`` or
+``allOf`` are not followed: their keys keep any spelling. An MCP server
+declares its tools in ``tools/list`` answers, which the MCP doors learn from
+as they pass. The request's tools are kept as sent and read only when a call
+is decided, so a request without calls in its answer costs nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -47,16 +49,14 @@ class DeclaredArguments:
     schema_at: tuple[str, ...] = ("parameters",)
 
     def misspelled(self, tool: str, arguments: Mapping[str, Any]) -> str | None:
-        """An argument key that folds to a name ``tool`` declares but is spelled otherwise."""
-        declared = self._names(tool)
-        return _misspelled(declared, arguments) if declared else None
+        """An argument key that folds to a name ``tool`` declares but is spelled otherwise
+        (``refund.Amount`` for one in a nested object)."""
+        return _misspelled(self._schema(tool), arguments)
 
-    def _names(self, tool: str) -> Mapping[str, Any] | None:
+    def _schema(self, tool: str) -> Any:
         for declaration in self.tools:
             if _at(declaration, self.name_at) == tool:
-                schema = _at(declaration, self.schema_at)
-                properties = schema.get("properties") if isinstance(schema, dict) else None
-                return properties if isinstance(properties, dict) else None
+                return _at(declaration, self.schema_at)
         return None
 
 
@@ -70,35 +70,60 @@ class ListedArguments:
     """
 
     def __init__(self, limit: int = MAX_LISTED_TOOLS) -> None:
-        self._names: dict[str, frozenset[str]] = {}
+        self._schemas: dict[str, dict[str, Any]] = {}
         self._limit = limit
 
     def learn(self, response: Mapping[str, Any]) -> None:
-        """Note the top-level ``inputSchema`` properties of each tool a listing names."""
+        """Note the ``inputSchema`` of each tool a listing names."""
         result = response.get("result")
         tools = result.get("tools") if isinstance(result, dict) else None
         for tool in tools if isinstance(tools, list) else ():
             if not isinstance(tool, dict):
                 continue
             name = tool.get("name")
-            properties = _at(tool, _MCP_PROPERTIES)
-            if not isinstance(name, str) or not isinstance(properties, dict):
+            schema = tool.get("inputSchema")
+            if not isinstance(name, str) or not isinstance(schema, dict):
                 continue
-            if name in self._names or len(self._names) < self._limit:
-                self._names[name] = frozenset(k for k in properties if isinstance(k, str))
+            if not isinstance(schema.get("properties"), dict):
+                continue
+            if name in self._schemas or len(self._schemas) < self._limit:
+                self._schemas[name] = schema
 
     def misspelled(self, tool: str, arguments: Mapping[str, Any]) -> str | None:
         """An argument key that folds to a name listed for ``tool`` but is spelled otherwise."""
-        declared = self._names.get(tool)
-        return _misspelled(declared, arguments) if declared else None
+        return _misspelled(self._schemas.get(tool), arguments)
 
 
-def _misspelled(declared: Collection[str], arguments: Mapping[str, Any]) -> str | None:
-    for key in arguments:
-        if key not in declared:
-            folded = key.casefold()
-            if any(folded == name.casefold() for name in declared):
-                return key
+_MAX_DEPTH: Final = 64
+"""Schema levels followed (arguments nest no deeper: deeper input is refused earlier)."""
+
+
+def _misspelled(schema: Any, value: Any, depth: int = 0) -> str | None:
+    """The first key of ``value`` that folds to a property ``schema`` declares at its level
+    but is spelled otherwise, as a dotted path; ``None`` when there is none."""
+    if depth > _MAX_DEPTH or not isinstance(schema, dict):
+        return None
+    if isinstance(value, list):
+        items = schema.get("items")
+        for item in value:
+            found = _misspelled(items, item, depth + 1)
+            if found is not None:
+                return found
+        return None
+    properties = schema.get("properties")
+    if not isinstance(value, Mapping) or not isinstance(properties, dict):
+        return None
+    folded: set[str] | None = None
+    for key, inner in value.items():
+        if key in properties:
+            found = _misspelled(properties[key], inner, depth + 1)
+            if found is not None:
+                return f"{key}.{found}"
+            continue
+        if folded is None:
+            folded = {name.casefold() for name in properties if isinstance(name, str)}
+        if isinstance(key, str) and key.casefold() in folded:
+            return key
     return None
 
 
@@ -139,4 +164,3 @@ def anthropic(body: Mapping[str, Any]) -> DeclaredArguments | None:
 _CHAT_NAME: Final = ("function", "name")
 _CHAT_SCHEMA: Final = ("function", "parameters")
 _ANTHROPIC_SCHEMA: Final = ("input_schema",)
-_MCP_PROPERTIES: Final = ("inputSchema", "properties")

@@ -892,7 +892,7 @@ class McpHttp:
             self._forget((name, session))
         return web.Response(status=status, body=raw or None, headers=headers)
 
-    # -- writing ---------------------------------------------------------------
+    # -- sessions and keys -----------------------------------------------------
 
     def _session_refused(
         self, request: web.Request, upstream: str, agent: Agent
@@ -943,6 +943,8 @@ class McpHttp:
     def _headers(self, request: web.Request, upstream: str) -> CIMultiDict[str]:
         """The agent's headers for the server: Warden's key in place of the agent's, if held."""
         return hdr.request_headers(request.headers, self._credentials.get(upstream))
+
+    # -- writing ---------------------------------------------------------------
 
     async def _write(self, exchange: _Exchange, data: bytes) -> None:
         """Write to the client's SSE answer; a client gone is noted, not raised."""

@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from tests.pg import state_config
+from tests.unit.test_state_contract import approval
 from warden.approvals.model import Approval, ApprovalStatus
 from warden.approvals.store import ERASED_BY
 from warden.audit.subjects import SubjectKeys, SubjectMatch
@@ -115,21 +116,12 @@ async def test_call_links_forget_the_subject_in_memory_in_the_queue_and_stored(
 
 
 def _approval(aid: str, customer: str, binding: str, **kw: Any) -> Approval:
-    now = time.time()
-    arguments = {"customer_id": customer, "email": f"{customer}@example.com"}
-    return Approval(
-        id=aid,
-        decision_id=f"dec_{aid}",
-        action_id=f"act_{aid}",
+    """The contract suite's approval, for an email change naming ``customer``."""
+    return replace(
+        approval(aid, binding=binding, mode="defer", ttl=3600),
         agent_id="support-triage",
         tool="update_email",
-        arguments=arguments,
-        arguments_sha256="a" * 64,
-        binding=binding,
-        mode="defer",
-        reason="an email change needs a person",
-        created_at=now,
-        expires_at=now + 3600,
+        arguments={"customer_id": customer, "email": f"{customer}@example.com"},
         **kw,
     )
 

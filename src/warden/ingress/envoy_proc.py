@@ -79,7 +79,6 @@ from warden.killswitch import KillSwitches
 from warden.model import (
     Action,
     ActionKind,
-    Conversation,
     Decision,
     Effect,
     Outcome,
@@ -545,6 +544,10 @@ class _Exchange:
         if length.isdigit() and int(length) > limit:
             raise BodyTooLarge(f"request body is over limits.max_body_bytes ({limit} bytes)")
         self._adapter = route.match.adapter
+        # A stored (background) answer fetched by id: in the conversation that asked
+        # for it, as through the base URL; a model request's is read with its body.
+        answer = route.match.stored_answer_id(route.path.split("/")[1:])
+        conversation = stored_answer_conversation(headers, answer) if answer else None
         self._turn = Turn(
             agent=agent,
             request=RequestMeta(
@@ -552,10 +555,7 @@ class _Exchange:
                 upstream=route.name,
                 path=route.path,
                 headers=hdr.recordable(headers),
-                # A stored (background) answer fetched by id: in the conversation that
-                # asked for it, as through the base URL; a model request's is read with
-                # its body.
-                conversation=_stored_conversation(route, headers),
+                conversation=conversation,
             ),
             context=hdr.context_from(headers),
         )
@@ -1073,15 +1073,6 @@ class _Exchange:
 
 class _Killed(Exception):
     """A kill switch stopped the agent while its response was streaming."""
-
-
-def _stored_conversation(route: _Route, headers: Mapping[str, str]) -> Conversation | None:
-    """The conversation of a stored answer the route fetches by id; else ``None``."""
-    stored = route.match.stored_answer
-    segments = route.path.split("/")[1:]
-    if stored is None or route.match.adapter is None or len(segments) < -stored:
-        return None
-    return stored_answer_conversation(headers, segments[stored])
 
 
 def _body_answer(kind: str, body: bytes | None = None, *, headers: Any = None) -> Any:

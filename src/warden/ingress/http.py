@@ -825,10 +825,10 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 def _unread_conversation(request: web.Request, route: _Route) -> Conversation | None:
     """The conversation of a request whose body is not a model request."""
-    stored = route.match.stored_answer
-    if stored is not None and route.match.adapter is not None and len(route.segments) >= -stored:
+    answer = route.match.stored_answer_id(route.segments)
+    if answer is not None:
         # A stored (background) answer fetched by id: in the conversation that asked for it.
-        return stored_answer_conversation(request.headers, route.segments[stored])
+        return stored_answer_conversation(request.headers, answer)
     # Plain HTTP tools and unparsed bodies carry no conversation, but a request
     # may still name its session: input.session counts it.
     return door_conversation(request.headers)

@@ -69,6 +69,13 @@ class RouteMatch:
         if self.stored_answer is not None and self.stored_answer >= 0:
             raise ValueError("stored_answer counts from the end of the path: -1 is the last")
 
+    def stored_answer_id(self, segments: Sequence[str]) -> str | None:
+        """The id of the stored answer a request on this route names, if it names one."""
+        at = self.stored_answer
+        if at is None or self.adapter is None or len(segments) < -at:
+            return None
+        return segments[at]
+
 
 @dataclass(frozen=True, slots=True)
 class _Rule:

@@ -187,6 +187,13 @@ class Overloaded(WardenError):
         """Seconds the agent should wait before retrying (the ``Retry-After`` header)."""
 
 
+class StateUnavailable(WardenError):
+    """The state store cannot answer a question a request depends on; Warden fails closed."""
+
+    code = "state_unavailable"
+    status = 503
+
+
 class AuditError(WardenError):
     """The audit log cannot make records durable; Warden fails closed."""
 

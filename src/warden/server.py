@@ -209,7 +209,13 @@ class Warden:
         add_change_routes(admin_app, audit)  # eval and replay runs, recorded in this log
         add_approval_routes(admin_app, approvals, admin_app[AUTH])
         await self._start_console(admin_app, audit, approvals, killswitches, budgets=budgets)
-        http = HttpDoor(cfg, session, killswitches=killswitches, credentials=credentials)
+        http = HttpDoor(
+            cfg,
+            session,
+            killswitches=killswitches,
+            credentials=credentials,
+            mcp_owners=state.sessions,
+        )
         doors: list[FrontDoor] = [http, *self._transparent_door(http)]
         grpc_door: GrpcDoor | None = None
         if cfg.listen.grpc is not None:

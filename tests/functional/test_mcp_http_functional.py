@@ -15,7 +15,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import httpx2
@@ -33,9 +33,10 @@ from prometheus_client import REGISTRY
 from tests.functional.conftest import audit_records, make_config
 from warden import tasks
 from warden.config import Config
-from warden.ingress import mcp_http
+from warden.ingress import mcp_owners
 from warden.ingress.door_mark import VIA_HEADER, mark
 from warden.server import Warden
+from warden.state.sessions import SessionStore
 from warden.testing._server import LoopbackServer
 from warden.testing.mcp_server import StreamableHttpServer, read_call_log
 
@@ -537,10 +538,10 @@ async def test_a_session_is_the_agents_that_opened_it(warden: Warden, tmp_path: 
     assert tools_called(tmp_path) == ["get_order"]
 
 
-async def test_an_agent_opening_sessions_without_end_forgets_only_its_own(
+async def test_an_agent_opening_sessions_without_end_pushes_out_only_its_own_from_memory(
     warden: Warden, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mcp_http, "_MAX_SESSIONS_PER_AGENT", 2)
+    monkeypatch.setattr(mcp_owners, "MAX_REMEMBERED_PER_AGENT", 2)
     url = f"{warden.proxy_url}/{UPSTREAM}"
     version = {"MCP-Protocol-Version": "2025-11-25"}
     listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
@@ -554,9 +555,59 @@ async def test_an_agent_opening_sessions_without_end_forgets_only_its_own(
         bots = [await opened("refunds-bot") for _ in range(3)]
         bot = agent_headers("refunds-bot")
         assert (await post(http, url, listing, {**mine, **bot}))[0] == 404  # still mine
-        # The bot's oldest is forgotten (anyone's, as after a restart); its newest are kept.
-        assert (await post(http, url, listing, bots[0]))[0] == 200
+        # The bot's oldest left this process's memory, not the state store: still the bot's.
+        assert (await post(http, url, listing, bots[0]))[0] == 404
+        assert (await post(http, url, listing, {**bots[0], **bot}))[0] == 200
         assert (await post(http, url, listing, bots[2]))[0] == 404
+
+
+async def test_a_session_stays_its_agents_after_a_restart(
+    tmp_path: Path, server: StreamableHttpServer
+) -> None:
+    listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    async with aiohttp.ClientSession() as http:
+        async with Warden(config(tmp_path, server.url)) as first:
+            url = f"{first.proxy_url}/{UPSTREAM}"
+            _, headers, _ = await post(http, url, INIT, agent_headers("refunds-bot"))
+        theirs = {"Mcp-Session-Id": headers["mcp-session-id"], "MCP-Protocol-Version": "2025-11-25"}
+        # The server still has the session; a new Warden on the same state knows its owner.
+        async with Warden(config(tmp_path, server.url)) as second:
+            url = f"{second.proxy_url}/{UPSTREAM}"
+            status, _, body = await post(http, url, listing, theirs)  # the sidecar's own agent
+            assert status == 404
+            assert orjson.loads(body)["error"]["data"]["warden"] == "session_not_found"
+            status, _, _ = await post(
+                http, url, listing, {**theirs, **agent_headers("refunds-bot")}
+            )
+            assert status == 200
+            # A session Warden never saw opened is the first agent's to name it.
+            _, headers, _ = await post(http, server.url, INIT)  # opened around Warden
+            unseen = {**theirs, "Mcp-Session-Id": headers["mcp-session-id"]}
+            assert (await post(http, url, listing, unseen))[0] == 200
+            bot_too = {**unseen, **agent_headers("refunds-bot")}
+            assert (await post(http, url, listing, bot_too))[0] == 404
+
+
+async def test_session_owners_unreadable_fail_closed(
+    warden: Warden, tmp_path: Path, server: StreamableHttpServer
+) -> None:
+    url = f"{warden.proxy_url}/{UPSTREAM}"
+    listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    async with aiohttp.ClientSession() as http:
+        _, headers, _ = await post(http, server.url, INIT)  # a session Warden has no owner for
+        unseen = {"Mcp-Session-Id": headers["mcp-session-id"], "MCP-Protocol-Version": "2025-11-25"}
+        assert warden._state is not None
+        assert warden._state.sessions is not None
+        await cast(SessionStore, warden._state.sessions).close()  # the store is gone
+        status, _, body = await post(http, url, listing, unseen)
+        assert status == 503
+        assert orjson.loads(body)["error"]["data"]["warden"] == "state_unavailable"
+        # A session whose owner cannot be recorded is not handed to the agent.
+        status, headers, body = await post(http, url, INIT)
+        assert status == 503
+        assert "mcp-session-id" not in {k.lower() for k in headers}
+        assert orjson.loads(body)["error"]["data"]["warden"] == "state_unavailable"
+    assert tools_called(tmp_path) == []
 
 
 async def test_get_opens_the_servers_stream(warden: Warden) -> None:

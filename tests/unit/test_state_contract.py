@@ -458,7 +458,7 @@ async def test_the_postgresql_feed_reconnects_and_asks_for_a_re_read(
         await there.close()
 
 
-# -- sessions: counters, decided calls, Responses chains ------------------------------------
+# -- sessions: counters, decided calls, Responses chains, MCP owners -------------------------
 
 
 async def test_session_counters_add_atomically_across_sidecars(open_backend: Opener) -> None:
@@ -542,8 +542,31 @@ async def test_session_rows_are_pruned_by_age(state: StateBackend) -> None:
     assert repo is not None
     await repo.add("bot\x1fold", {"denials": 1})
     await repo.record_calls([CallRecord("c", "d", "t", "x", "allow", None, time.time())])
+    await repo.claim_mcp_session("tools", "mcp-1", "bot")
     assert await repo.prune(3600) == 0
     await asyncio.sleep(0.05)
-    assert await repo.prune(0.01) == 2
+    assert await repo.prune(0.01) == 3
     assert await repo.counters("bot\x1fold") == {}
     assert await repo.calls(["c"]) == {}
+    assert await repo.claim_mcp_session("tools", "mcp-1", "other") == "other"  # unowned again
+
+
+async def test_an_mcp_session_is_its_first_claimants_on_every_sidecar(
+    open_backend: Opener,
+) -> None:
+    sidecars = [await open_backend() for _ in range(3)]
+    repos = [s.sessions for s in sidecars if s.sessions is not None]
+    assert len(repos) == 3
+    # Three agents claim one session at once, on three sidecars: exactly one owns it.
+    owners = await asyncio.gather(
+        *(repo.claim_mcp_session("tools", "mcp-1", f"agent-{i}") for i, repo in enumerate(repos))
+    )
+    assert len(set(owners)) == 1
+    owner = owners[0]
+    assert await repos[2].claim_mcp_session("tools", "mcp-1", "agent-x") == owner
+    # Sessions are per upstream: the same id of another server is another session.
+    assert await repos[1].claim_mcp_session("crm", "mcp-1", "agent-x") == "agent-x"
+    # The server ended it: the id is nobody's, and the next claimant's.
+    await repos[1].release_mcp_session("tools", "mcp-1")
+    assert await repos[0].claim_mcp_session("tools", "mcp-1", "agent-y") == "agent-y"
+    assert await repos[2].claim_mcp_session("crm", "mcp-1", "agent-z") == "agent-x"

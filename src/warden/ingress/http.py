@@ -90,6 +90,7 @@ from warden.protocols.registry import (
     under_governed_resource,
 )
 from warden.sessions import conversation_of, door_conversation, stored_answer_conversation
+from warden.state.sessions import SessionRepo
 
 __all__ = ["HttpDoor", "ProxyApp", "build_proxy_app"]
 
@@ -170,12 +171,15 @@ class HttpDoor:
         *,
         killswitches: KillSwitches | None = None,
         credentials: Credentials | None = None,
+        mcp_owners: SessionRepo | None = None,
     ) -> None:
-        """``credentials``: the upstream keys Warden holds in place of the agent's."""
+        """``credentials``: the upstream keys Warden holds in place of the agent's;
+        ``mcp_owners``: where the agent that opened each MCP session is kept."""
         self._config = config
         self._session = session
         self._killswitches = killswitches
         self._credentials = credentials if credentials is not None else Credentials.none()
+        self._mcp_owners = mcp_owners
         self._runner: web.AppRunner | None = None
         self._proxy: ProxyApp | None = None
         self.url = ""
@@ -189,6 +193,7 @@ class HttpDoor:
             self._session,
             killswitches=self._killswitches,
             credentials=self._credentials,
+            mcp_owners=self._mcp_owners,
         )
         self._proxy = proxy
         app = build_proxy_app(proxy, self._config.limits.max_body_bytes)
@@ -216,6 +221,7 @@ class ProxyApp:
         *,
         killswitches: KillSwitches | None = None,
         credentials: Credentials | None = None,
+        mcp_owners: SessionRepo | None = None,
     ) -> None:
         self._config = config
         self._core = core
@@ -243,6 +249,7 @@ class ProxyApp:
             identify=self._identity.resolve,
             killswitches=killswitches,
             credentials=credentials,
+            owners=mcp_owners,
         )
 
     # -- entry ---------------------------------------------------------------

@@ -56,6 +56,7 @@ from warden.errors import (
     AuditError,
     BodyTooLarge,
     Overloaded,
+    StateUnavailable,
     UnsupportedMedia,
     UpstreamError,
     UpstreamProtocol,
@@ -64,6 +65,7 @@ from warden.errors import (
 )
 from warden.ingress import headers as hdr
 from warden.ingress.door_mark import door_of
+from warden.ingress.mcp_owners import SessionOwners
 from warden.ingress.upstream_io import MAX_UPSTREAM_BODY, read_body, upstream_error
 from warden.model import Action, Agent, Decision, Effect, Outcome
 from warden.ops import metrics
@@ -79,6 +81,7 @@ if TYPE_CHECKING:
     from warden.config import Config, UpstreamConfig
     from warden.core import Governor
     from warden.killswitch import KillSwitch, KillSwitches
+    from warden.state.sessions import SessionRepo
 
 __all__ = ["WARDEN_ERROR", "McpHttp"]
 
@@ -88,10 +91,6 @@ WARDEN_ERROR: Final = -32000
 """JSON-RPC code (server-defined range) for Warden's own failures and upstream faults."""
 INTERNAL_ERROR: Final = -32603
 SESSION_HEADER: Final = "Mcp-Session-Id"
-_MAX_OWNED_SESSIONS: Final = 100_000
-"""Sessions whose opening agent is remembered; a forgotten one is anyone's, as after a restart."""
-_MAX_SESSIONS_PER_AGENT: Final = 1_000
-"""Of those, at most this many per agent: one agent cannot push out the others'."""
 _JSON = "application/json"
 _SSE = "text/event-stream"
 _ALLOW = "GET, POST, DELETE"
@@ -150,9 +149,11 @@ class McpHttp:
         identify: Identify,
         killswitches: KillSwitches | None = None,
         credentials: Credentials | None = None,
+        owners: SessionRepo | None = None,
     ) -> None:
         """``identify`` proves the agent from its request headers (``Identity.resolve``);
-        ``credentials`` are the server keys Warden holds in place of the agent's."""
+        ``credentials`` are the server keys Warden holds in place of the agent's;
+        ``owners`` keeps which agent opened each session (the state store's sessions)."""
         self._config = config
         self._core = core
         self._session = session
@@ -167,12 +168,9 @@ class McpHttp:
         )
         self._listed: dict[str, ListedArguments] = {}
         """Per upstream: its tools' argument names, from the ``tools/list`` answers seen."""
-        self._owners: OrderedDict[tuple[str, str], str] = OrderedDict()
-        """The agent that opened each session, by (upstream, ``Mcp-Session-Id``), least
-        recently used first: another agent naming it is answered as for an unknown session
-        (a server cannot tell agents apart when Warden holds its key, or they share one)."""
-        self._owned: dict[str, OrderedDict[tuple[str, str], None]] = {}
-        """The same, by agent: an agent opening sessions without end forgets its own."""
+        self._owners = SessionOwners(owners)
+        """The agent that opened each session: another agent naming it is answered as for
+        an unknown session (a server cannot tell agents apart when Warden holds its key)."""
 
     # -- entry -----------------------------------------------------------------
 
@@ -185,7 +183,7 @@ class McpHttp:
         url = URL(target + ("?" + query if query else ""), encoded=True)
         try:
             agent = await self._identify(request.headers)
-            refused = self._session_refused(request, name, agent)
+            refused = await self._session_refused(request, name, agent)
             if refused is not None:
                 return refused
             if request.method == "POST":
@@ -477,9 +475,9 @@ class McpHttp:
             headers = hdr.response_headers(resp.headers)
             if decision_id is not None:
                 headers[hdr.DECISION_HEADER] = decision_id
-            opened = resp.headers.get(SESSION_HEADER)
-            if opened is not None and status < 300 and exchange.session is None:
-                self._own(exchange.upstream, opened, exchange.agent.id)
+            unowned = await self._opened(exchange, resp)
+            if unowned is not None:
+                return await self._failed(request, exchange, unowned)
             is_sse = resp.headers.get("Content-Type", "").lower().startswith(_SSE)
             if status >= 400:
                 return await self._refused(request, exchange, resp, headers)
@@ -710,9 +708,10 @@ class McpHttp:
         return web.Response(status=status, body=raw, headers=headers)
 
     async def _failed(
-        self, request: web.Request, exchange: _Exchange, error: UpstreamError
+        self, request: web.Request, exchange: _Exchange, error: WardenError
     ) -> web.StreamResponse:
-        """The server could not be reached or answered nonsense: 502/504 in MCP's shape."""
+        """The server could not be reached or answered nonsense (502/504), or Warden cannot
+        go on (503), in MCP's shape."""
         metrics.child(metrics.ERRORS, error.code).inc()
         self._give_up(exchange.calls.values(), error.code)
         exchange.calls.clear()
@@ -889,12 +888,15 @@ class McpHttp:
         session = request.headers.get(SESSION_HEADER)
         if 200 <= status < 300 and session is not None:
             self._give_up(self._resumable.pop((name, session), {}).values(), "session_ended")
-            self._forget((name, session))
+            try:
+                await self._owners.ended(name, session)
+            except Exception as exc:  # the row stays until pruned: harmless
+                log.warning("cannot forget an MCP session owner: %s", type(exc).__name__)
         return web.Response(status=status, body=raw or None, headers=headers)
 
     # -- sessions and keys -----------------------------------------------------
 
-    def _session_refused(
+    async def _session_refused(
         self, request: web.Request, upstream: str, agent: Agent
     ) -> web.Response | None:
         """The answer to a request naming a session that is not its agent's, if it is so."""
@@ -905,40 +907,34 @@ class McpHttp:
             )
         if not named:
             return None
-        key = (upstream, named[0])
-        owner = self._owners.get(key)
-        if owner is None:
-            return None  # opened before this process started, or forgotten: the server's
-        if owner != agent.id:
+        try:
+            mine = await self._owners.may_use(upstream, named[0], agent.id)
+        except Exception as exc:  # fail closed: the owner cannot be checked
+            log.warning("cannot read MCP session owners: %s", type(exc).__name__)
+            raise StateUnavailable(
+                "cannot check who owns this MCP session: the state store is unavailable"
+            ) from None
+        if not mine:
             metrics.child(metrics.ERRORS, "session_not_found").inc()
             return _rpc_error(404, None, WARDEN_ERROR, "Session not found", "session_not_found")
-        self._owners.move_to_end(key)
-        self._owned[owner].move_to_end(key)
         return None
 
-    def _own(self, upstream: str, session: str, agent_id: str) -> None:
-        """Remember who opened ``session``: the least recently used are forgotten past a
-        bound, first the opening agent's own."""
-        key = (upstream, session)
-        if key in self._owners:
-            return  # a server naming an open session again does not hand it over
-        self._owners[key] = agent_id
-        mine = self._owned.setdefault(agent_id, OrderedDict())
-        mine[key] = None
-        if len(mine) > _MAX_SESSIONS_PER_AGENT:
-            self._forget(next(iter(mine)))
-        if len(self._owners) > _MAX_OWNED_SESSIONS:
-            self._forget(next(iter(self._owners)))
-
-    def _forget(self, key: tuple[str, str]) -> None:
-        owner = self._owners.pop(key, None)
-        if owner is None:
-            return
-        mine = self._owned.get(owner)
-        if mine is not None:
-            mine.pop(key, None)
-            if not mine:
-                del self._owned[owner]
+    async def _opened(
+        self, exchange: _Exchange, resp: aiohttp.ClientResponse
+    ) -> StateUnavailable | None:
+        """Record that the exchange's agent opened the session the answer names, if it
+        opens one; the error if that cannot be recorded."""
+        session = resp.headers.get(SESSION_HEADER)
+        if session is None or resp.status >= 300 or exchange.session is not None:
+            return None
+        try:
+            await self._owners.opened(exchange.upstream, session, exchange.agent.id)
+        except Exception as exc:  # an id nobody owns must not reach the agent
+            log.warning("cannot record an MCP session owner: %s", type(exc).__name__)
+            return StateUnavailable(
+                "cannot record who opened this MCP session: the state store is unavailable"
+            )
+        return None
 
     def _headers(self, request: web.Request, upstream: str) -> CIMultiDict[str]:
         """The agent's headers for the server: Warden's key in place of the agent's, if held."""

@@ -164,8 +164,38 @@ class PgSessionStore:
         )
         return [ChainLink(*row) for row in rows]
 
+    async def claim_mcp_session(self, upstream: str, session_id: str, agent_id: str) -> str:
+        """The agent that owns MCP session ``session_id`` of ``upstream``: ``agent_id``
+        when no agent did yet (it is recorded so), else the first claimant."""
+
+        async def run(cur: AsyncCursor[Any]) -> str:
+            # DO UPDATE of nothing, so RETURNING gives the row that stands either way.
+            await cur.execute(
+                "INSERT INTO mcp_session_owners (upstream, session_id, agent_id, opened_at) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (upstream, session_id) "
+                "DO UPDATE SET agent_id = mcp_session_owners.agent_id RETURNING agent_id",
+                (upstream, session_id, agent_id, time.time()),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return str(row[0])
+
+        return await self._db.tx(run)
+
+    async def release_mcp_session(self, upstream: str, session_id: str) -> None:
+        """Forget who owns a session the server ended."""
+
+        async def run(cur: AsyncCursor[Any]) -> None:
+            await cur.execute(
+                "DELETE FROM mcp_session_owners WHERE upstream = %s AND session_id = %s",
+                (upstream, session_id),
+            )
+
+        await self._db.tx(run)
+
     async def prune(self, older_than_s: float) -> int:
-        """Drop counters, calls and chains not touched for ``older_than_s``; how many rows."""
+        """Drop counters, calls, chains and MCP session owners not touched for
+        ``older_than_s``; how many rows."""
         cutoff = time.time() - older_than_s
 
         async def run(cur: AsyncCursor[Any]) -> int:
@@ -174,6 +204,7 @@ class PgSessionStore:
                 "DELETE FROM session_counters WHERE updated_at < %s",
                 "DELETE FROM session_calls WHERE created_at < %s",
                 "DELETE FROM session_responses WHERE created_at < %s",
+                "DELETE FROM mcp_session_owners WHERE opened_at < %s",
             ):
                 await cur.execute(statement, (cutoff,))
                 total += cur.rowcount

@@ -77,7 +77,8 @@ class ChainLink:
 
 
 class SessionRepo(Protocol):
-    """Where session counters, decided calls and Responses chains are kept."""
+    """Where session counters, decided calls, Responses chains and MCP session owners
+    are kept."""
 
     async def add(self, session_id: str, deltas: Mapping[str, int]) -> dict[str, int]:
         """Add ``deltas`` to the session's counters atomically; return every counter after."""
@@ -108,8 +109,18 @@ class SessionRepo(Protocol):
         """The chain ending at ``response_id``, newest first, at most ``limit`` long."""
         ...
 
+    async def claim_mcp_session(self, upstream: str, session_id: str, agent_id: str) -> str:
+        """The agent that owns MCP session ``session_id`` of ``upstream``: ``agent_id``
+        when no agent did yet (it is recorded so), else the first claimant."""
+        ...
+
+    async def release_mcp_session(self, upstream: str, session_id: str) -> None:
+        """Forget who owns a session the server ended."""
+        ...
+
     async def prune(self, older_than_s: float) -> int:
-        """Drop counters, calls and chains not touched for ``older_than_s``; how many rows."""
+        """Drop counters, calls, chains and MCP session owners not touched for
+        ``older_than_s``; how many rows."""
         ...
 
     async def erase(self, erased: ErasedSubjects) -> int:
@@ -324,8 +335,38 @@ class SessionStore(SqliteStore):
             current = row[2]
         return out
 
+    async def claim_mcp_session(self, upstream: str, session_id: str, agent_id: str) -> str:
+        """The agent that owns MCP session ``session_id`` of ``upstream``: ``agent_id``
+        when no agent did yet (it is recorded so), else the first claimant."""
+        return await self._run(self._claim_mcp_session, upstream, session_id, agent_id)
+
+    def _claim_mcp_session(self, upstream: str, session_id: str, agent_id: str) -> str:
+        with immediate(self._conn) as cur:
+            cur.execute(
+                "INSERT OR IGNORE INTO mcp_session_owners (upstream, session_id, agent_id, "
+                "opened_at) VALUES (?, ?, ?, ?)",
+                (upstream, session_id, agent_id, time.time()),
+            )
+            row = cur.execute(
+                "SELECT agent_id FROM mcp_session_owners WHERE upstream = ? AND session_id = ?",
+                (upstream, session_id),
+            ).fetchone()
+        return str(row[0])
+
+    async def release_mcp_session(self, upstream: str, session_id: str) -> None:
+        """Forget who owns a session the server ended."""
+        await self._run(self._release_mcp_session, upstream, session_id)
+
+    def _release_mcp_session(self, upstream: str, session_id: str) -> None:
+        with immediate(self._conn) as cur:
+            cur.execute(
+                "DELETE FROM mcp_session_owners WHERE upstream = ? AND session_id = ?",
+                (upstream, session_id),
+            )
+
     async def prune(self, older_than_s: float) -> int:
-        """Drop counters, calls and chains not touched for ``older_than_s``; how many rows."""
+        """Drop counters, calls, chains and MCP session owners not touched for
+        ``older_than_s``; how many rows."""
         return await self._run(self._prune, time.time() - older_than_s)
 
     async def erase(self, erased: ErasedSubjects) -> int:
@@ -346,6 +387,7 @@ class SessionStore(SqliteStore):
                 ("session_counters", "updated_at"),
                 ("session_calls", "created_at"),
                 ("session_responses", "created_at"),
+                ("mcp_session_owners", "opened_at"),
             ):
                 cur.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff,))  # noqa: S608
                 total += cur.rowcount

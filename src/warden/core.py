@@ -73,8 +73,11 @@ class Chains(Protocol):
     """Keeps conversations: Responses API chains and what became of held calls
     (:class:`warden.sessions.SessionGuard`)."""
 
-    async def record_response(self, conversation: Conversation, response_id: str) -> None:
-        """Link a relayed answer to the request and calls behind it."""
+    async def record_response(
+        self, conversation: Conversation, response_id: str, agent_id: str
+    ) -> None:
+        """Link a relayed answer to the request and calls behind it, and to the agent it
+        was made for."""
         ...
 
     def settled(self, action: Action, decision: Decision) -> None:
@@ -358,7 +361,8 @@ class Governor:
         if self._chains is None or conversation is None or not response_id:
             return
         self.background.spawn(
-            self._chains.record_response(conversation, response_id), name="response-chain"
+            self._chains.record_response(conversation, response_id, turn.agent.id),
+            name="response-chain",
         )
 
     def outcome(

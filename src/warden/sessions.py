@@ -265,6 +265,22 @@ class _Prepared:
     source: str | None
     taints: frozenset[str]
     verified: bool
+    owner: str | None = None
+    """The agent the answer this request continues (or fetches) was made for, when that
+    is another agent than the one asking; ``None`` otherwise."""
+    chain_unread: bool = False
+    """The chain it continues could not be read from the state store."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Chain:
+    """What Warden's records say of the Responses chain a request continues."""
+
+    calls: list[PriorCall]
+    session_id: str | None
+    agent_id: str | None
+    """The agent the continued answer was made for (``None``: not known)."""
+    unread: bool = False
 
 
 class SessionGuard:
@@ -368,6 +384,10 @@ class SessionGuard:
                 return None, ctx
             return None, dataclasses.replace(ctx, labels=labels)
         prepared = await self._prepare(conversation, action.agent.id)
+        if prepared.owner is not None:
+            return _not_theirs(ctx, conversation), ctx
+        if prepared.chain_unread and self._deny:
+            return _unavailable(ctx, "the Responses answer this request continues"), ctx
         counters: dict[str, int] = {}
         available = True
         if prepared.key is not None and self._repo is not None and self._config.counters:
@@ -388,7 +408,7 @@ class SessionGuard:
                 log.warning("could not read session counters: %s", type(exc).__name__)
                 available = False
                 if self._deny:
-                    return _unavailable(ctx), ctx
+                    return _unavailable(ctx, "this session's counters"), ctx
         session = _session_doc(prepared, counters, available, conversation)
         return None, dataclasses.replace(
             ctx, history=prepared.history, session=session, labels=labels
@@ -570,8 +590,11 @@ class SessionGuard:
 
     # -- Responses chains ----------------------------------------------------------
 
-    async def record_response(self, conversation: Conversation, response_id: str) -> None:
-        """Keep the link from a relayed Responses answer to the request and calls behind it."""
+    async def record_response(
+        self, conversation: Conversation, response_id: str, agent_id: str
+    ) -> None:
+        """Keep the link from a relayed Responses answer to the request and calls behind it,
+        and to ``agent_id``, the agent it was made for."""
         if self._repo is None:
             return
         prepared = conversation.memo.get("prepared")
@@ -605,9 +628,9 @@ class SessionGuard:
             )
         calls = orjson.dumps(entries).decode()
         if conversation.retrieved_id == response_id:
-            await self._extend(response_id, session, calls)
+            await self._extend(response_id, session, calls, agent_id)
             return
-        link = ChainLink(response_id, session, conversation.previous_response_id, calls)
+        link = ChainLink(response_id, session, conversation.previous_response_id, calls, agent_id)
         if response_id in self._unwritten_links:
             return  # the first record of an id stands
         written = asyncio.Event()
@@ -618,13 +641,13 @@ class SessionGuard:
             del self._unwritten_links[response_id]
             written.set()
 
-    async def _extend(self, response_id: str, session: str, calls: str) -> None:
+    async def _extend(self, response_id: str, session: str, calls: str, agent_id: str) -> None:
         """A stored answer fetched again: its calls join the link its request made."""
         assert self._repo is not None
         pending = self._unwritten_calls.setdefault(response_id, [])
         pending.append(calls)  # seen by requests continuing it from now on
         try:
-            link = ChainLink(response_id, session, None, calls)
+            link = ChainLink(response_id, session, None, calls, agent_id)
             writing = self._unwritten_links.get(response_id)
             if writing is not None:
                 # Its first record stands, so that must be written first; should it
@@ -632,7 +655,7 @@ class SessionGuard:
                 base = writing[0]
                 await writing[1].wait()
                 merged = merged_entries(base.calls, calls)
-                link = ChainLink(response_id, base.session_id, base.previous_id, merged)
+                link = dataclasses.replace(base, calls=merged)
             await self._repo.extend_response(link)
         finally:
             pending.remove(calls)
@@ -657,11 +680,16 @@ class SessionGuard:
     async def _build(self, conversation: Conversation, agent: str) -> _Prepared:
         calls = list(conversation.calls)
         session_id, source = conversation.session_id, conversation.session_source
+        owner: str | None = None
+        chain_unread = False
         if conversation.previous_response_id is not None:
-            earlier, chain_session = await self._chain(conversation)
-            calls = _merge(earlier, conversation)
-            if session_id is None and chain_session is not None:
-                session_id, source = chain_session, NEW_CHAIN
+            chain = await self._chain(conversation)
+            calls = _merge(chain.calls, conversation)
+            if session_id is None and chain.session_id is not None:
+                session_id, source = chain.session_id, NEW_CHAIN
+            if chain.agent_id is not None and chain.agent_id != agent:
+                owner = chain.agent_id
+            chain_unread = chain.unread
         records = await self._records([c.call_id for c in calls])
         if source in (None, NEW_CHAIN) and conversation.previous_response_id is None:
             # A request that names no session and continues no chain, whose input
@@ -684,13 +712,22 @@ class SessionGuard:
             if call.result is not None:
                 taints.update(labels)
             docs.append(_entry(call, match, verified, labels))
-        return _Prepared(tuple(docs), key, session_id, source, frozenset(taints), verified_all)
+        return _Prepared(
+            tuple(docs),
+            key,
+            session_id,
+            source,
+            frozenset(taints),
+            verified_all,
+            owner,
+            chain_unread,
+        )
 
-    async def _chain(self, conversation: Conversation) -> tuple[list[PriorCall], str | None]:
+    async def _chain(self, conversation: Conversation) -> _Chain:
         """The calls a Responses chain carried before this request, from Warden's records."""
         head = conversation.previous_response_id
         if self._repo is None or head is None:
-            return [], None
+            return _Chain([], None, None)
         links: list[ChainLink] = []
         seen: set[str] = set()
         start: str | None = head
@@ -708,7 +745,7 @@ class SessionGuard:
         except Exception as exc:
             log.warning("could not read a Responses chain: %s", type(exc).__name__)
             if not links:
-                return [], None
+                return _Chain([], None, None, unread=True)
         links = [self._with_unwritten_calls(link) for link in links]
         calls: dict[str, PriorCall] = {}
         owed: dict[str, tuple[str, str]] = {}
@@ -724,7 +761,15 @@ class SessionGuard:
                     _owed(owed, entry)
         if owed:
             conversation.memo["owed"] = owed
-        return list(calls.values()), (links[0].session_id if links else None)
+        if not links:
+            return _Chain([], None, None)
+        newest = links[0]
+        return _Chain(
+            list(calls.values()),
+            newest.session_id,
+            # The answer named is what is asked for; the chain behind it comes with it.
+            newest.agent_id if newest.response_id == head else None,
+        )
 
     def _with_unwritten_calls(self, link: ChainLink) -> ChainLink:
         for calls in self._unwritten_calls.get(link.response_id, ()):
@@ -865,17 +910,33 @@ def _session_doc(
     }
 
 
-def _unavailable(ctx: GuardContext) -> Decision:
+def _unavailable(ctx: GuardContext, what: str) -> Decision:
     return Decision(
         decision_id=new_id("dec"),
         effect=Effect.DENY,
         reasons=(
-            "the state store is unavailable, so this session's counters cannot be read "
+            f"the state store is unavailable, so {what} cannot be read "
             "(state.on_unavailable: deny)",
         ),
         mode=ctx.mode if ctx.mode is Mode.ENFORCE else Mode.OBSERVE,
         guard="session",
         error="state_unavailable",
+    )
+
+
+def _not_theirs(ctx: GuardContext, conversation: Conversation) -> Decision:
+    """Another agent's stored answer: with one upstream key for all (Warden's), the
+    provider cannot keep agents apart, so Warden does. The owner is not named."""
+    named = conversation.retrieved_id or conversation.previous_response_id
+    return Decision(
+        decision_id=new_id("dec"),
+        effect=Effect.DENY,
+        reasons=(
+            f"the Responses answer {named} was made for another agent; an agent may only "
+            "continue, fetch or delete its own answers",
+        ),
+        mode=ctx.mode,
+        guard="session",
     )
 
 

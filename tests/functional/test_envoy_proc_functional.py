@@ -816,6 +816,44 @@ async def test_a_background_answer_fetched_through_the_mesh_goes_on_in_its_chain
     }
 
 
+async def test_another_agents_answer_is_refused_through_the_mesh(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    keys = {"refunds-bot": "key-refunds", "triage-bot": "key-triage"}
+    agents = {a: {"key_sha256": [sha256(k.encode()).hexdigest()]} for a, k in keys.items()}
+    config = make_config(
+        tmp_path,
+        llm.url,
+        ext_proc={"hosts": {OPENAI_HOST: "openai"}},
+        identity={"agents": agents, "require_proof": True},
+    )
+
+    def agent(name: str) -> dict[str, str]:
+        return {"x-warden-agent": name, "x-warden-agent-key": keys[name]}
+
+    async with Warden(config) as warden:
+        assert warden.core is not None
+        service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
+        async with serve(service, llm) as envoy:
+            llm.script(Reply(text="Queued."))
+            ask = {"model": "gpt-4.1", "input": "summarise", "background": True}
+            mine = agent("refunds-bot")
+            queued = (await envoy.request(OPENAI_HOST, "/v1/responses", ask, headers=mine)).json()
+            await warden.core.background.drain()
+            path = f"/v1/responses/{queued['id']}"
+            then = {"model": "gpt-4.1", "input": "go on", "previous_response_id": queued["id"]}
+            theirs = agent("triage-bot")
+            for method, where, body in (("GET", path, None), ("POST", "/v1/responses", then)):
+                refused = await envoy.request(
+                    OPENAI_HOST, where, body, method=method, headers=theirs
+                )
+                assert refused.status == 403
+                assert "made for another agent" in refused.json()["error"]["message"]
+            assert len(llm.requests) == 1
+            fetched = await envoy.request(OPENAI_HOST, path, method="GET", headers=mine)
+            assert fetched.json()["status"] == "completed"
+
+
 async def test_a_continuation_through_the_mesh_answers_the_call_warden_removed(
     tmp_path: Path, llm: MockLLM
 ) -> None:

@@ -430,6 +430,59 @@ async def test_an_unreadable_store_denies_decisions_in_a_session(tmp_path: Path)
     assert ctx.session["available"] is False
 
 
+async def test_only_the_agent_an_answer_was_made_for_continues_or_fetches_it(
+    store: SessionStore,
+) -> None:
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+    asked = responses({"input": "where is A-1?"})
+    await decide(guard, proposed("get_order", {"order_id": "A-1"}, "call_1", asked), Effect.ALLOW)
+    writing = asyncio.create_task(guard.record_response(asked, "resp_mine", "bot"))
+    await asyncio.sleep(0)  # under way: another agent is refused from memory already
+
+    def by(agent: str, conversation: Conversation) -> Action:
+        action = proposed("get_order", {"order_id": "A-1"}, "call_2", conversation)
+        return dataclasses.replace(action, agent=Agent(agent))
+
+    for conversation in (
+        responses({"input": "and A-2?", "previous_response_id": "resp_mine"}),
+        stored_answer_conversation({}, "resp_mine"),  # GET, cancel or DELETE by id
+    ):
+        verdict, _ = await look(guard, by("other-bot", conversation), CTX)
+        assert verdict is not None
+        assert verdict.effect is Effect.DENY
+        assert verdict.reasons == (
+            "the Responses answer resp_mine was made for another agent; an agent may only "
+            "continue, fetch or delete its own answers",
+        )
+        assert "bot" not in verdict.reasons[0].split()  # the owner is not named
+    await writing
+    again = responses({"input": "and A-2?", "previous_response_id": "resp_mine"})
+    assert (await look(guard, by("other-bot", again), CTX))[0] is not None  # from the store
+    mine = responses({"input": "and A-2?", "previous_response_id": "resp_mine"})
+    verdict, ctx = await look(guard, by("bot", mine), CTX)
+    assert verdict is None
+    assert [h["call_id"] for h in ctx.history] == ["call_1"]
+    # An answer kept before owners were (or made around Warden): not refused.
+    await store.record_response(ChainLink("resp_old", "s-old", None, "[]"))
+    old = responses({"input": "hi", "previous_response_id": "resp_old"})
+    assert (await look(guard, by("other-bot", old), CTX))[0] is None
+
+
+async def test_an_unreadable_chain_denies_a_continuation_when_told_to(tmp_path: Path) -> None:
+    store = await SessionStore.open(f"sqlite:///{tmp_path}/state.db")
+    await store.close()
+    continued = responses({"input": "hi", "previous_response_id": "resp_x"})
+    closed = SessionGuard(store, SessionsConfig(), TOOLS, deny_when_unavailable=True)
+    verdict, _ = await look(closed, proposed("get_order", {}, "c", continued), CTX)
+    assert verdict is not None
+    assert verdict.error == "state_unavailable"
+    assert "the Responses answer this request continues" in verdict.reasons[0]
+    continued = responses({"input": "hi", "previous_response_id": "resp_x"})
+    lenient = SessionGuard(store, SessionsConfig(), TOOLS, deny_when_unavailable=False)
+    verdict, ctx = await look(lenient, proposed("get_order", {}, "c", continued), CTX)
+    assert verdict is None
+
+
 def test_session_ids_from_header_then_pointer() -> None:
     body = {"metadata": {"session_id": "from-body"}, "user": 42}
     assert session_from({"X-Warden-Session": "h-1"}, body, "/metadata/session_id") == (
@@ -519,7 +572,7 @@ async def test_an_answer_fetched_before_its_link_is_written_finds_its_chain(
     guard = SessionGuard(cast(SessionRepo, slow), SessionsConfig(), TOOLS)
     asked = responses({"input": "refund A-1"}, "s-bg")
     await decide(guard, proposed("get_order", {"order_id": "A-1"}, "call_1", asked), Effect.ALLOW)
-    writing = asyncio.create_task(guard.record_response(asked, "resp_bg"))
+    writing = asyncio.create_task(guard.record_response(asked, "resp_bg", "bot"))
     await asyncio.sleep(0.01)  # the write is under way, not committed
     assert await store.chain("resp_bg") == []
     fetched = stored_answer_conversation({}, "resp_bg")
@@ -527,7 +580,7 @@ async def test_an_answer_fetched_before_its_link_is_written_finds_its_chain(
         guard, proposed("issue_refund", {"order_id": "A-1"}, "call_2", fetched), Effect.ALLOW
     )
     assert ctx.session["id"] == "s-bg"  # the session of the request that asked
-    extending = asyncio.create_task(guard.record_response(fetched, "resp_bg"))
+    extending = asyncio.create_task(guard.record_response(fetched, "resp_bg", "bot"))
     await asyncio.sleep(0.01)
     assert not extending.done()  # its calls wait for the link they join
     slow.go_extend.clear()
@@ -550,11 +603,11 @@ async def test_a_fetched_answer_rebuilds_a_link_whose_write_failed(store: Sessio
     guard = SessionGuard(cast(SessionRepo, slow), SessionsConfig(), TOOLS)
     asked = responses({"input": "refund A-1", "previous_response_id": "resp_0"}, "s-bg")
     await decide(guard, proposed("get_order", {"order_id": "A-1"}, "call_1", asked), Effect.ALLOW)
-    writing = asyncio.create_task(guard.record_response(asked, "resp_bg"))
+    writing = asyncio.create_task(guard.record_response(asked, "resp_bg", "bot"))
     await asyncio.sleep(0.01)
     fetched = stored_answer_conversation({}, "resp_bg")
     await decide(guard, proposed("search_kb", {}, "call_2", fetched), Effect.ALLOW)
-    extending = asyncio.create_task(guard.record_response(fetched, "resp_bg"))
+    extending = asyncio.create_task(guard.record_response(fetched, "resp_bg", "bot"))
     slow.go.set()
     with pytest.raises(OSError, match="disk I/O error"):
         await writing

@@ -495,14 +495,15 @@ async def test_a_responses_chain_is_followed_newest_first(state: StateBackend) -
     repo = state.sessions
     assert repo is not None
     await repo.record_response(ChainLink("resp_1", "ses_a", None, "[1]"))
-    await repo.record_response(ChainLink("resp_2", "ses_a", "resp_1", "[2]"))
-    await repo.record_response(ChainLink("resp_3", "ses_a", "resp_2", "[3]"))
-    await repo.record_response(ChainLink("resp_3", "ses_b", None, "[9]"))  # the first stands
+    await repo.record_response(ChainLink("resp_2", "ses_a", "resp_1", "[2]", "bot-a"))
+    await repo.record_response(ChainLink("resp_3", "ses_a", "resp_2", "[3]", "bot-b"))
+    # The first record of an id stands, the agent it was made for too.
+    await repo.record_response(ChainLink("resp_3", "ses_b", None, "[9]", "bot-c"))
     chain = await repo.chain("resp_3")
-    assert [(c.response_id, c.calls) for c in chain] == [
-        ("resp_3", "[3]"),
-        ("resp_2", "[2]"),
-        ("resp_1", "[1]"),
+    assert [(c.response_id, c.calls, c.agent_id) for c in chain] == [
+        ("resp_3", "[3]", "bot-b"),
+        ("resp_2", "[2]", "bot-a"),
+        ("resp_1", "[1]", None),
     ]
     assert [c.response_id for c in await repo.chain("resp_3", limit=2)] == ["resp_3", "resp_2"]
     assert await repo.chain("resp_unknown") == []
@@ -515,13 +516,17 @@ async def test_a_responses_chain_is_followed_newest_first(state: StateBackend) -
 async def test_a_stored_answer_fetched_again_adds_its_calls_once(state: StateBackend) -> None:
     repo = state.sessions
     assert repo is not None
-    await repo.record_response(ChainLink("resp_q", "ses_a", "resp_p", '[{"call_id": "c0"}]'))
-    fetched = ChainLink("resp_q", "ses_other", None, '[{"call_id": "c1"}, {"call_id": "c2"}]')
+    await repo.record_response(
+        ChainLink("resp_q", "ses_a", "resp_p", '[{"call_id": "c0"}]', "bot-a")
+    )
+    fetched = ChainLink(
+        "resp_q", "ses_other", None, '[{"call_id": "c1"}, {"call_id": "c2"}]', "bot-b"
+    )
     await repo.extend_response(fetched)
     await repo.extend_response(fetched)  # fetched twice: each entry once
     (link,) = await repo.chain("resp_q", limit=1)
-    # The link's own session and previous answer stand; the calls are added.
-    assert (link.session_id, link.previous_id) == ("ses_a", "resp_p")
+    # The link's own session, previous answer and agent stand; the calls are added.
+    assert (link.session_id, link.previous_id, link.agent_id) == ("ses_a", "resp_p", "bot-a")
     assert orjson.loads(link.calls) == [{"call_id": "c0"}, {"call_id": "c1"}, {"call_id": "c2"}]
     # Fetched again, its refusal names another decision: the latest replaces it.
     refusal = '[{"call_id": "c2", "refused": {"type": "function_call", "output": "%s"}}]'
@@ -532,9 +537,14 @@ async def test_a_stored_answer_fetched_again_adds_its_calls_once(state: StateBac
     assert [e["call_id"] for e in entries] == ["c0", "c1", "c2", "c2"]  # the call, its refusal
     assert entries[-1]["refused"]["output"] == "dec_2"
     # An answer Warden never saw asked for: the fetched calls make its link.
-    await repo.extend_response(ChainLink("resp_new", "ses_b", None, '[{"call_id": "c3"}]'))
+    await repo.extend_response(ChainLink("resp_new", "ses_b", None, '[{"call_id": "c3"}]', "bot-b"))
     (made,) = await repo.chain("resp_new")
-    assert (made.session_id, made.previous_id, made.calls) == ("ses_b", None, '[{"call_id": "c3"}]')
+    assert (made.session_id, made.previous_id, made.calls, made.agent_id) == (
+        "ses_b",
+        None,
+        '[{"call_id": "c3"}]',
+        "bot-b",
+    )
 
 
 async def test_session_rows_are_pruned_by_age(state: StateBackend) -> None:

@@ -55,8 +55,9 @@ class RouteMatch:
     forwarded unread, as for a stored completion fetched by id.
     ``stream_query``: the request asks to stream with ``?stream=true``.
     ``stored_answer``: the path segment (counted from the end, ``-1`` the last)
-    naming a stored answer the route fetches or ends (``GET responses/{id}``):
-    its calls go on in that answer's conversation.
+    naming a stored answer the route fetches, stops or deletes (``GET
+    responses/{id}``): the request is in that answer's conversation, and only
+    the agent it was made for may make it; calls it returns go on there.
     """
 
     adapter: Adapter | None
@@ -72,7 +73,7 @@ class RouteMatch:
     def stored_answer_id(self, segments: Sequence[str]) -> str | None:
         """The id of the stored answer a request on this route names, if it names one."""
         at = self.stored_answer
-        if at is None or self.adapter is None or len(segments) < -at:
+        if at is None or len(segments) < -at:
             return None
         return segments[at]
 
@@ -115,7 +116,8 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         _rule("POST responses", RouteMatch(_RESPONSES, parse_request=True)),
         _rule("GET responses/*", RouteMatch(_RESPONSES, stream_query=True, stored_answer=-1)),
         _rule("POST responses/*/cancel", RouteMatch(_RESPONSES, stored_answer=-2)),
-        _rule("DELETE responses/*", _PLAIN),
+        # Carries no calls, but ends a stored answer: only its own agent's (sessions).
+        _rule("DELETE responses/*", RouteMatch(None, stored_answer=-1)),
         _rule("POST responses/input_tokens", _PLAIN),
         _rule("GET models", _PLAIN),
         _rule("GET models/*", _PLAIN),

@@ -21,6 +21,7 @@ from warden.state.sessions import (
     CallRecord,
     ChainLink,
     chain_names_erased,
+    chain_row,
     merged_entries,
 )
 
@@ -114,8 +115,9 @@ class PgSessionStore:
         async def run(cur: AsyncCursor[Any]) -> None:
             await cur.execute(
                 "INSERT INTO session_responses (response_id, session_id, previous_id, calls, "
-                "created_at) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (response_id) DO NOTHING",
-                (link.response_id, link.session_id, link.previous_id, link.calls, time.time()),
+                "created_at, agent_id) VALUES (%s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (response_id) DO NOTHING",
+                chain_row(link),
             )
 
         await self._db.tx(run)
@@ -127,8 +129,9 @@ class PgSessionStore:
         async def run(cur: AsyncCursor[Any]) -> None:
             await cur.execute(
                 "INSERT INTO session_responses (response_id, session_id, previous_id, calls, "
-                "created_at) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (response_id) DO NOTHING",
-                (link.response_id, link.session_id, link.previous_id, link.calls, time.time()),
+                "created_at, agent_id) VALUES (%s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (response_id) DO NOTHING",
+                chain_row(link),
             )
             if cur.rowcount == 1:
                 return
@@ -152,14 +155,16 @@ class PgSessionStore:
     async def chain(self, response_id: str, *, limit: int = MAX_CHAIN) -> list[ChainLink]:
         """The chain ending at ``response_id``, newest first, at most ``limit`` long."""
         rows = await self._db.read(
-            "WITH RECURSIVE chain (response_id, session_id, previous_id, calls, depth) AS ("
-            " SELECT response_id, session_id, previous_id, calls, 1 FROM session_responses"
-            " WHERE response_id = %s"
+            "WITH RECURSIVE chain (response_id, session_id, previous_id, calls, agent_id, depth)"
+            " AS ("
+            " SELECT response_id, session_id, previous_id, calls, agent_id, 1"
+            " FROM session_responses WHERE response_id = %s"
             " UNION ALL"
-            " SELECT r.response_id, r.session_id, r.previous_id, r.calls, c.depth + 1"
+            " SELECT r.response_id, r.session_id, r.previous_id, r.calls, r.agent_id, c.depth + 1"
             " FROM session_responses r JOIN chain c ON r.response_id = c.previous_id"
             " WHERE c.depth < %s"
-            ") SELECT response_id, session_id, previous_id, calls FROM chain ORDER BY depth",
+            ") SELECT response_id, session_id, previous_id, calls, agent_id"
+            " FROM chain ORDER BY depth",
             (response_id, limit),
         )
         return [ChainLink(*row) for row in rows]

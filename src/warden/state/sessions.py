@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -40,6 +40,7 @@ __all__ = [
     "SessionRepo",
     "SessionStore",
     "chain_names_erased",
+    "chain_row",
     "merged_entries",
 ]
 
@@ -74,6 +75,9 @@ class ChainLink:
     previous_id: str | None
     calls: str
     """The history entries this answer and its request added (JSON text)."""
+    agent_id: str | None = None
+    """The agent the answer was made for: the only one that may continue, fetch or delete
+    it through Warden. ``None`` in links kept before it was recorded."""
 
 
 class SessionRepo(Protocol):
@@ -199,6 +203,18 @@ _SELECT_CALLS: Final = (
 )
 
 
+def chain_row(link: ChainLink) -> tuple[Any, ...]:
+    """A chain link's columns in insert order (``created_at`` now)."""
+    return (
+        link.response_id,
+        link.session_id,
+        link.previous_id,
+        link.calls,
+        time.time(),
+        link.agent_id,
+    )
+
+
 class SessionStore(SqliteStore):
     """:class:`SessionRepo` in the SQLite state database."""
 
@@ -286,8 +302,8 @@ class SessionStore(SqliteStore):
         with immediate(self._conn) as cur:
             cur.execute(
                 "INSERT OR IGNORE INTO session_responses (response_id, session_id, previous_id, "
-                "calls, created_at) VALUES (?, ?, ?, ?, ?)",
-                (link.response_id, link.session_id, link.previous_id, link.calls, time.time()),
+                "calls, created_at, agent_id) VALUES (?, ?, ?, ?, ?, ?)",
+                chain_row(link),
             )
 
     async def extend_response(self, link: ChainLink) -> None:
@@ -303,8 +319,8 @@ class SessionStore(SqliteStore):
             if row is None:
                 cur.execute(
                     "INSERT INTO session_responses (response_id, session_id, previous_id, "
-                    "calls, created_at) VALUES (?, ?, ?, ?, ?)",
-                    (link.response_id, link.session_id, link.previous_id, link.calls, time.time()),
+                    "calls, created_at, agent_id) VALUES (?, ?, ?, ?, ?, ?)",
+                    chain_row(link),
                 )
                 return
             merged = merged_entries(row[0], link.calls)
@@ -325,8 +341,8 @@ class SessionStore(SqliteStore):
         while current is not None and current not in seen and len(out) < limit:
             seen.add(current)
             row = self._conn.execute(
-                "SELECT response_id, session_id, previous_id, calls FROM session_responses "
-                "WHERE response_id = ?",
+                "SELECT response_id, session_id, previous_id, calls, agent_id "
+                "FROM session_responses WHERE response_id = ?",
                 (current,),
             ).fetchone()
             if row is None:

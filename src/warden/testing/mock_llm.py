@@ -828,6 +828,7 @@ class MockLLM(LoopbackServer):
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_get("/v1/responses/{response_id}", self._retrieve_response)
         app.router.add_post("/v1/responses/{response_id}/cancel", self._retrieve_response)
+        app.router.add_delete("/v1/responses/{response_id}", self._delete_response)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/embeddings", self._embeddings)
@@ -1117,6 +1118,19 @@ class MockLLM(LoopbackServer):
             return self._openai_error(404, "No response found with that id.")
         return web.Response(
             body=found, content_type="application/json", headers=self._openai_headers()
+        )
+
+    async def _delete_response(self, request: web.Request) -> web.StreamResponse:
+        """``DELETE /v1/responses/{id}``: a kept answer is forgotten (not continued again)."""
+        await self._receive(request)
+        response_id = request.match_info["response_id"]
+        kept = self._stored.pop(response_id, None)
+        fetched = self._background.pop(response_id, None)
+        if kept is None and fetched is None:
+            return self._openai_error(404, "No response found with that id.")
+        body = {"id": response_id, "object": "response", "deleted": True}
+        return web.Response(
+            body=orjson.dumps(body), content_type="application/json", headers=self._openai_headers()
         )
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:

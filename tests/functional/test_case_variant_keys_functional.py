@@ -12,6 +12,7 @@ from typing import Any
 
 import anthropic
 import openai
+import pydantic
 
 from warden.server import Warden
 from warden.testing import Call, MockLLM, Reply
@@ -124,6 +125,37 @@ async def test_a_nested_argument_spelled_otherwise_than_declared_is_denied(
         ]
         bent = await client.chat.completions.create(
             model="gpt-4o-mini", messages=MESSAGES, tools=tools
+        )
+    assert not bent.choices[0].message.tool_calls
+    assert "spelled otherwise than the tool's schema" in (bent.choices[0].message.content or "")
+    [decision] = refund_decisions(records)
+    assert (decision["effect"], decision["guard"]) == ("deny", "validation")
+
+
+class _Refund(pydantic.BaseModel):
+    amount: float
+    currency: str
+
+
+class _IssueRefund(pydantic.BaseModel):
+    order_id: str
+    refund: _Refund
+
+
+async def test_a_nested_model_the_sdk_declares_by_ref_is_compared_too(
+    warden: Warden, llm: MockLLM, records: Callable[[], list[dict[str, Any]]]
+) -> None:
+    # The SDK's pydantic helper declares nested models under $defs, by $ref.
+    tool = openai.pydantic_function_tool(_IssueRefund, name="issue_refund")
+    parameters: Any = tool["function"].get("parameters")
+    assert parameters["properties"]["refund"] == {"$ref": "#/$defs/_Refund"}
+    bent_args = {"order_id": "A-1", "refund": {"Amount": 5000, "currency": "EUR"}}
+    llm.script(Reply(tool_calls=[Call("issue_refund", bent_args)]))
+    async with openai.AsyncOpenAI(
+        base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
+    ) as client:
+        bent = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, tools=[tool]
         )
     assert not bent.choices[0].message.tool_calls
     assert "spelled otherwise than the tool's schema" in (bent.choices[0].message.content or "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pydantic
 import pytest
 
 from warden.protocols import declared_arguments
@@ -108,9 +109,67 @@ def test_nested_objects_and_array_items_are_compared_too() -> None:
     assert declared.misspelled("refund", good) is None
     assert declared.misspelled("refund", {"refund": {"Amount": 900}}) == "refund.Amount"
     assert declared.misspelled("refund", {"lines": [{"sku": "A"}, {"SKU": "B"}]}) == "lines.SKU"
-    # Not followed: a $ref, and values of another shape than the schema's.
+    # Not followed: a $ref to nothing, and values of another shape than the schema's.
     assert declared.misspelled("refund", {"note": {"Text": "x"}}) is None
     assert declared.misspelled("refund", {"refund": ["Amount"], "lines": {"SKU": 1}}) is None
     listed = declared_arguments.ListedArguments()
     listed.learn(listing({"name": "refund", "inputSchema": NESTED}))
     assert listed.misspelled("refund", {"refund": {"AMOUNT": 900}}) == "refund.AMOUNT"
+
+
+class _Line(pydantic.BaseModel):
+    sku: str
+
+
+class _Refund(pydantic.BaseModel):
+    amount: int
+    currency: str
+
+
+class _Order(pydantic.BaseModel):
+    refund: _Refund
+    lines: list[_Line]
+    backup: _Refund | None = None
+
+
+def test_refs_and_branches_are_followed_as_pydantic_writes_them() -> None:
+    # $defs and $ref for nested models, anyOf for an optional one: what FastMCP
+    # servers and pydantic-typed agents send.
+    schema = _Order.model_json_schema()
+    assert "$defs" in schema
+    declared = declared_arguments.anthropic({"tools": [{"name": "order", "input_schema": schema}]})
+    assert declared is not None
+    good = {"refund": {"amount": 1, "currency": "EUR"}, "lines": [{"sku": "A"}], "backup": None}
+    assert declared.misspelled("order", good) is None
+    assert declared.misspelled("order", {"refund": {"Amount": 900}}) == "refund.Amount"
+    assert declared.misspelled("order", {"lines": [{"SKU": "B"}]}) == "lines.SKU"
+    assert declared.misspelled("order", {"backup": {"AMOUNT": 5}}) == "backup.AMOUNT"
+    listed = declared_arguments.ListedArguments()
+    listed.learn(listing({"name": "order", "inputSchema": schema}))
+    assert listed.misspelled("order", {"backup": {"Currency": "EUR"}}) == "backup.Currency"
+
+
+def test_a_name_any_branch_declares_is_declared() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "target": {
+                "oneOf": [
+                    {"properties": {"orderId": {}}},
+                    {"allOf": [{"properties": {"OrderID": {}}}, {"$ref": "#/$defs/extra"}]},
+                ]
+            },
+            "self": {"$ref": "#"},  # a cycle ends
+            "remote": {"$ref": "https://example.invalid/schema.json"},  # never fetched
+        },
+        "$defs": {"extra": {"properties": {"amount": {}}}},
+    }
+    declared = declared_arguments.openai_responses(
+        {"tools": [{"type": "function", "name": "t", "parameters": schema}]}
+    )
+    assert declared is not None
+    assert declared.misspelled("t", {"target": {"orderId": 1, "OrderID": 2}}) is None
+    assert declared.misspelled("t", {"target": {"orderid": 1}}) == "target.orderid"
+    assert declared.misspelled("t", {"target": {"Amount": 1}}) == "target.Amount"
+    assert declared.misspelled("t", {"self": {"self": {"Target": {}}}}) == "self.self.Target"
+    assert declared.misspelled("t", {"remote": {"Anything": 1}}) is None

@@ -9,8 +9,11 @@ have held. Such a call is malformed, like one with a key given twice.
 
 The comparison follows the schema down: ``properties`` of nested objects,
 and ``items`` of arrays (``refund.Amount`` is refused where ``refund`` declares
-``amount``). Schemas reached only through ``$ref``, ``anyOf``, ``oneOf`` or
-``allOf`` are not followed: their keys keep any spelling. An MCP server
+``amount``), through local ``$ref`` targets (``#/$defs/Refund``, as pydantic,
+zod and FastMCP write nested models) and the branches of ``anyOf``,
+``oneOf`` and ``allOf`` (a name any branch declares is declared; a key that
+folds to one of them and matches none is refused). A ``$ref`` to another
+document is not fetched: its keys keep any spelling. An MCP server
 declares its tools in ``tools/list`` answers, which the MCP doors learn from
 as they pass. The request's tools are kept as sent and read only when a call
 is decided, so a request without calls in its answer costs nothing.
@@ -97,34 +100,115 @@ class ListedArguments:
 _MAX_DEPTH: Final = 64
 """Schema levels followed (arguments nest no deeper: deeper input is refused earlier)."""
 
+_MAX_VIEWS: Final = 64
+"""Schemas one level of arguments is compared with, through ``$ref`` and ``*Of`` branches."""
 
-def _misspelled(schema: Any, value: Any, depth: int = 0) -> str | None:
+_BRANCHES: Final = ("allOf", "anyOf", "oneOf")
+
+
+def _misspelled(schema: Any, value: Any) -> str | None:
     """The first key of ``value`` that folds to a property ``schema`` declares at its level
     but is spelled otherwise, as a dotted path; ``None`` when there is none."""
-    if depth > _MAX_DEPTH or not isinstance(schema, dict):
+    if not isinstance(schema, dict):
+        return None
+    return _first_misspelled(_views(schema, schema), value, schema, 0)
+
+
+def _first_misspelled(
+    views: list[dict[str, Any]], value: Any, root: dict[str, Any], depth: int
+) -> str | None:
+    """:func:`_misspelled` against every schema ``views`` lists for one level: a name any
+    of them declares is declared (``anyOf`` branches, ``allOf`` parts, ``$ref`` targets)."""
+    if depth > _MAX_DEPTH or not views:
         return None
     if isinstance(value, list):
-        items = schema.get("items")
+        items = _expand([v.get("items") for v in views], root)
         for item in value:
-            found = _misspelled(items, item, depth + 1)
+            found = _first_misspelled(items, item, root, depth + 1)
             if found is not None:
                 return found
         return None
-    properties = schema.get("properties")
-    if not isinstance(value, Mapping) or not isinstance(properties, dict):
+    if not isinstance(value, Mapping):
+        return None
+    declared = _declared(views)
+    if not declared:
         return None
     folded: set[str] | None = None
     for key, inner in value.items():
-        if key in properties:
-            found = _misspelled(properties[key], inner, depth + 1)
+        if key in declared:
+            if not isinstance(inner, list | Mapping):
+                continue  # a scalar has no keys: its schemas need not be expanded
+            found = _first_misspelled(_expand(declared[key], root), inner, root, depth + 1)
             if found is not None:
                 return f"{key}.{found}"
             continue
         if folded is None:
-            folded = {name.casefold() for name in properties if isinstance(name, str)}
+            folded = {name.casefold() for name in declared if isinstance(name, str)}
         if isinstance(key, str) and key.casefold() in folded:
             return key
     return None
+
+
+def _declared(views: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Each property name the ``views`` declare, with its schema in each that does."""
+    declared: dict[str, list[Any]] = {}
+    for view in views:
+        properties = view.get("properties")
+        if isinstance(properties, dict):
+            for name, inner in properties.items():
+                declared.setdefault(name, []).append(inner)
+    return declared
+
+
+def _expand(schemas: list[Any], root: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for schema in schemas:
+        out += _views(schema, root, len(out))
+        if len(out) >= _MAX_VIEWS:
+            break
+    return out[:_MAX_VIEWS]
+
+
+def _views(schema: Any, root: dict[str, Any], already: int = 0) -> list[dict[str, Any]]:
+    """``schema`` and every schema it stands for at its own level: local ``$ref`` targets
+    (``#/$defs/Refund``, as pydantic and zod write nested models) and the branches of
+    ``allOf``, ``anyOf`` and ``oneOf``, each once, at most :data:`_MAX_VIEWS` in all."""
+    out: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    pending: list[Any] = [schema]
+    while pending and already + len(out) < _MAX_VIEWS:
+        current = pending.pop()
+        if not isinstance(current, dict) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        out.append(current)
+        ref = current.get("$ref")
+        if isinstance(ref, str):
+            pending.append(_resolve(root, ref))
+        for branch in _BRANCHES:
+            parts = current.get(branch)
+            if isinstance(parts, list):
+                pending.extend(reversed(parts))
+    return out
+
+
+def _resolve(root: dict[str, Any], ref: str) -> Any:
+    """The schema a local ``$ref`` (a JSON pointer within the tool's schema) names, if any;
+    a reference elsewhere is not fetched."""
+    if ref == "#":
+        return root
+    if not ref.startswith("#/"):
+        return None
+    value: Any = root
+    for escaped in ref[2:].split("/"):
+        token = escaped.replace("~1", "/").replace("~0", "~")
+        if isinstance(value, dict):
+            value = value.get(token)
+        elif isinstance(value, list) and token.isdigit() and int(token) < len(value):
+            value = value[int(token)]
+        else:
+            return None
+    return value
 
 
 def _at(value: Any, path: tuple[str, ...]) -> Any:

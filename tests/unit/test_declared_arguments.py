@@ -8,6 +8,7 @@ import pydantic
 import pytest
 
 from warden.protocols import declared_arguments
+from warden.protocols.declared_arguments import MAX_SCHEMAS, TOO_COMPLEX
 
 SCHEMA = {"type": "object", "properties": {"amount": {}, "orderId": {}, "kind": {}}}
 
@@ -173,3 +174,39 @@ def test_a_name_any_branch_declares_is_declared() -> None:
     assert declared.misspelled("t", {"target": {"Amount": 1}}) == "target.Amount"
     assert declared.misspelled("t", {"self": {"self": {"Target": {}}}}) == "self.self.Target"
     assert declared.misspelled("t", {"remote": {"Anything": 1}}) is None
+
+
+def test_a_long_array_costs_a_lookup_per_item_not_a_schema_walk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # FastMCP-style: items are a union of many models. Each level's names are worked
+    # out once per call, however many items share it (else one request stalls the loop).
+    defs: dict[str, Any] = {
+        f"Op{i}": {"properties": {f"f{i}_{j}": {} for j in range(30)}} for i in range(40)
+    }
+    union = {"anyOf": [{"$ref": f"#/$defs/Op{i}"} for i in range(40)]}
+    schema = {"$defs": defs, "properties": {"ops": {"type": "array", "items": union}}}
+    listed = declared_arguments.ListedArguments()
+    listed.learn(listing({"name": "batch", "inputSchema": schema}))
+    worked: list[int] = []
+    real = declared_arguments._declared
+
+    def counted(views: Any) -> Any:
+        worked.append(len(views))
+        return real(views)
+
+    monkeypatch.setattr(declared_arguments, "_declared", counted)
+    ops: list[Any] = [{}] * 20_000 + [{"f3_1": "x", "F39_29": "y"}]
+    assert listed.misspelled("batch", {"ops": ops}) == "ops.F39_29"
+    # The top level, then the items' union, its 40 references and the 40 models: once.
+    assert worked == [1, 81]
+
+
+def test_a_schema_too_complex_to_compare_refuses_the_call() -> None:
+    wide: dict[str, Any] = {"anyOf": [{"properties": {f"f{i}": {}}} for i in range(MAX_SCHEMAS)]}
+    declared = declared_arguments.anthropic(
+        {"tools": [{"name": "t", "input_schema": {"properties": {"x": wide}}}]}
+    )
+    assert declared is not None
+    assert declared.misspelled("t", {"x": {"f1": 1}}) == TOO_COMPLEX
+    assert declared.misspelled("t", {"x": 5}) is None  # a scalar needs no schema below

@@ -27,6 +27,8 @@ from typing import Any, Final
 
 __all__ = [
     "MAX_LISTED_TOOLS",
+    "MAX_SCHEMAS",
+    "TOO_COMPLEX",
     "DeclaredArguments",
     "ListedArguments",
     "anthropic",
@@ -100,8 +102,13 @@ class ListedArguments:
 _MAX_DEPTH: Final = 64
 """Schema levels followed (arguments nest no deeper: deeper input is refused earlier)."""
 
-_MAX_VIEWS: Final = 64
-"""Schemas one level of arguments is compared with, through ``$ref`` and ``*Of`` branches."""
+MAX_SCHEMAS: Final = 4096
+"""Schemas one call's arguments may be compared with, through every level, ``$ref`` and
+``*Of`` branch: past it the call is taken as malformed (:data:`TOO_COMPLEX`), so a
+pathological schema costs bounded work and never waves a call through."""
+
+TOO_COMPLEX: Final = "(a schema too complex to compare argument names with)"
+"""What :meth:`DeclaredArguments.misspelled` names when the schema passed :data:`MAX_SCHEMAS`."""
 
 _BRANCHES: Final = ("allOf", "anyOf", "oneOf")
 
@@ -111,42 +118,90 @@ def _misspelled(schema: Any, value: Any) -> str | None:
     but is spelled otherwise, as a dotted path; ``None`` when there is none."""
     if not isinstance(schema, dict):
         return None
-    return _first_misspelled(_views(schema, schema), value, schema, 0)
+    budget = _Budget(MAX_SCHEMAS)
+    try:
+        return _Level([schema], schema, budget).first_misspelled(value, 0)
+    except _TooComplex:
+        return TOO_COMPLEX
 
 
-def _first_misspelled(
-    views: list[dict[str, Any]], value: Any, root: dict[str, Any], depth: int
-) -> str | None:
-    """:func:`_misspelled` against every schema ``views`` lists for one level: a name any
-    of them declares is declared (``anyOf`` branches, ``allOf`` parts, ``$ref`` targets)."""
-    if depth > _MAX_DEPTH or not views:
+class _TooComplex(Exception):
+    pass
+
+
+class _Budget:
+    """Schemas a call may still read (:data:`MAX_SCHEMAS`)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+
+
+class _Level:
+    """One level of a tool's arguments, with every schema it stands for (``anyOf``
+    branches, ``allOf`` parts, ``$ref`` targets: a name any of them declares is declared).
+
+    What a level declares, and the levels below it, are worked out once per call and
+    shared by every value at that level: the items of a long array cost a lookup each.
+    """
+
+    __slots__ = ("_below", "_budget", "_declared", "_folded", "_items", "_root", "_views")
+
+    def __init__(self, schemas: list[Any], root: dict[str, Any], budget: _Budget) -> None:
+        self._views = _views(schemas, root, budget)
+        self._root = root
+        self._budget = budget
+        self._declared: dict[str, list[Any]] | None = None
+        self._folded: frozenset[str] | None = None
+        self._below: dict[str, _Level] = {}
+        self._items: _Level | None = None
+
+    def first_misspelled(self, value: Any, depth: int) -> str | None:
+        if depth > _MAX_DEPTH or not self._views:
+            return None
+        if isinstance(value, list):
+            return self._first_in_items(value, depth)
+        if not isinstance(value, Mapping):
+            return None
+        declared = self._declared
+        if declared is None:
+            declared = self._declared = _declared(self._views)
+        if not declared:
+            return None
+        for key, inner in value.items():
+            if key in declared:
+                if not isinstance(inner, list | Mapping):
+                    continue  # a scalar has no keys: the schemas below need not be read
+                found = self._below_for(key, declared).first_misspelled(inner, depth + 1)
+                if found is not None:
+                    return f"{key}.{found}"
+                continue
+            folded = self._folded
+            if folded is None:
+                folded = self._folded = frozenset(n.casefold() for n in declared)
+            if isinstance(key, str) and key.casefold() in folded:
+                return key
         return None
-    if isinstance(value, list):
-        items = _expand([v.get("items") for v in views], root)
+
+    def _first_in_items(self, value: list[Any], depth: int) -> str | None:
+        items = self._items
+        if items is None:
+            items = self._items = _Level(
+                [v.get("items") for v in self._views], self._root, self._budget
+            )
         for item in value:
-            found = _first_misspelled(items, item, root, depth + 1)
-            if found is not None:
-                return found
+            if isinstance(item, list | Mapping):
+                found = items.first_misspelled(item, depth + 1)
+                if found is not None:
+                    return found
         return None
-    if not isinstance(value, Mapping):
-        return None
-    declared = _declared(views)
-    if not declared:
-        return None
-    folded: set[str] | None = None
-    for key, inner in value.items():
-        if key in declared:
-            if not isinstance(inner, list | Mapping):
-                continue  # a scalar has no keys: its schemas need not be expanded
-            found = _first_misspelled(_expand(declared[key], root), inner, root, depth + 1)
-            if found is not None:
-                return f"{key}.{found}"
-            continue
-        if folded is None:
-            folded = {name.casefold() for name in declared if isinstance(name, str)}
-        if isinstance(key, str) and key.casefold() in folded:
-            return key
-    return None
+
+    def _below_for(self, key: str, declared: dict[str, list[Any]]) -> _Level:
+        below = self._below.get(key)
+        if below is None:
+            below = self._below[key] = _Level(declared[key], self._root, self._budget)
+        return below
 
 
 def _declared(views: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -156,31 +211,26 @@ def _declared(views: list[dict[str, Any]]) -> dict[str, list[Any]]:
         properties = view.get("properties")
         if isinstance(properties, dict):
             for name, inner in properties.items():
-                declared.setdefault(name, []).append(inner)
+                if isinstance(name, str):
+                    declared.setdefault(name, []).append(inner)
     return declared
 
 
-def _expand(schemas: list[Any], root: dict[str, Any]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for schema in schemas:
-        out += _views(schema, root, len(out))
-        if len(out) >= _MAX_VIEWS:
-            break
-    return out[:_MAX_VIEWS]
-
-
-def _views(schema: Any, root: dict[str, Any], already: int = 0) -> list[dict[str, Any]]:
-    """``schema`` and every schema it stands for at its own level: local ``$ref`` targets
-    (``#/$defs/Refund``, as pydantic and zod write nested models) and the branches of
-    ``allOf``, ``anyOf`` and ``oneOf``, each once, at most :data:`_MAX_VIEWS` in all."""
+def _views(schemas: list[Any], root: dict[str, Any], budget: _Budget) -> list[dict[str, Any]]:
+    """``schemas`` and every schema they stand for at their own level: local ``$ref``
+    targets (``#/$defs/Refund``, as pydantic and zod write nested models) and the
+    branches of ``allOf``, ``anyOf`` and ``oneOf``, each once."""
     out: list[dict[str, Any]] = []
     seen: set[int] = set()
-    pending: list[Any] = [schema]
-    while pending and already + len(out) < _MAX_VIEWS:
+    pending: list[Any] = list(reversed(schemas))
+    while pending:
         current = pending.pop()
         if not isinstance(current, dict) or id(current) in seen:
             continue
         seen.add(id(current))
+        budget.left -= 1
+        if budget.left < 0:
+            raise _TooComplex
         out.append(current)
         ref = current.get("$ref")
         if isinstance(ref, str):

@@ -39,6 +39,7 @@ from warden.server import Warden
 from warden.state.sessions import SessionStore
 from warden.testing._server import LoopbackServer
 from warden.testing.mcp_server import StreamableHttpServer, read_call_log
+from warden.testing.raw_upstream import RawReply, RawUpstream, json_bytes
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -586,6 +587,53 @@ async def test_a_session_stays_its_agents_after_a_restart(
             assert (await post(http, url, listing, unseen))[0] == 200
             bot_too = {**unseen, **agent_headers("refunds-bot")}
             assert (await post(http, url, listing, bot_too))[0] == 404
+
+
+async def test_a_session_id_given_out_twice_is_not_handed_to_a_second_agent(
+    tmp_path: Path,
+) -> None:
+    # A server that reuses session ids (a counter reset by a restart, one fixed id).
+    init_answer = json_bytes({"jsonrpc": "2.0", "id": 1, "result": {"capabilities": {}}})
+    reused = RawReply(
+        body=init_answer, headers=[("Mcp-Session-Id", "sess-1")], content_type="application/json"
+    )
+    async with RawUpstream() as up:
+        up.script(reused, reused)
+        async with Warden(config(tmp_path, up.url)) as warden, aiohttp.ClientSession() as http:
+            url = f"{warden.proxy_url}/{UPSTREAM}"
+            status, headers, _ = await post(http, url, INIT)  # the sidecar's own agent
+            assert (status, headers.get("Mcp-Session-Id")) == (200, "sess-1")
+            status, headers, body = await post(http, url, INIT, agent_headers("refunds-bot"))
+            assert status == 502
+            assert "mcp-session-id" not in {k.lower() for k in headers}
+            assert "another agent holds" in orjson.loads(body)["error"]["message"]
+
+
+async def test_naming_ids_the_server_does_not_know_claims_nothing(
+    warden: Warden, tmp_path: Path, server: StreamableHttpServer
+) -> None:
+    url = f"{warden.proxy_url}/{UPSTREAM}"
+    listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    version = {"MCP-Protocol-Version": "2025-11-25"}
+    async with aiohttp.ClientSession() as http:
+        # The bot names ids nobody issued yet: the server refuses them, nothing is kept.
+        for n in range(5):
+            named = {"Mcp-Session-Id": f"guess-{n}", **version, **agent_headers("refunds-bot")}
+            assert (await post(http, url, listing, named))[0] == 404
+        assert warden._state is not None
+        assert warden._state.sessions is not None
+        for n in range(5):
+            assert await warden._state.sessions.mcp_session_owner(UPSTREAM, f"guess-{n}") is None
+        # A session opened around Warden is the agent's whose request the server accepts.
+        _, headers, _ = await post(http, server.url, INIT)
+        around = {"Mcp-Session-Id": headers["mcp-session-id"], **version}
+        async with http.get(url, headers={"Accept": "text/event-stream", **around}) as resp:
+            assert resp.status == 200
+        owner = await warden._state.sessions.mcp_session_owner(UPSTREAM, around["Mcp-Session-Id"])
+        assert owner == warden.config.agent.id
+        assert (await post(http, url, listing, {**around, **agent_headers("refunds-bot")}))[
+            0
+        ] == 404
 
 
 async def test_session_owners_unreadable_fail_closed(

@@ -574,6 +574,8 @@ async def test_an_mcp_session_is_its_first_claimants_on_every_sidecar(
     assert len(set(owners)) == 1
     owner = owners[0]
     assert await repos[2].claim_mcp_session("tools", "mcp-1", "agent-x") == owner
+    assert await repos[1].mcp_session_owner("tools", "mcp-1") == owner
+    assert await repos[1].mcp_session_owner("tools", "mcp-2") is None
     # Sessions are per upstream: the same id of another server is another session.
     assert await repos[1].claim_mcp_session("crm", "mcp-1", "agent-x") == "agent-x"
     # The server ended it: the id is nobody's, and the next claimant's.

@@ -87,6 +87,8 @@ __all__ = ["WARDEN_ERROR", "McpHttp"]
 
 log = logging.getLogger("warden.mcp")
 
+_UNOWNED: Final = web.RequestKey("warden.mcp_unowned_session", str)
+"""Request key: the session it names, which no agent owns yet."""
 WARDEN_ERROR: Final = -32000
 """JSON-RPC code (server-defined range) for Warden's own failures and upstream faults."""
 INTERNAL_ERROR: Final = -32603
@@ -475,7 +477,7 @@ class McpHttp:
             headers = hdr.response_headers(resp.headers)
             if decision_id is not None:
                 headers[hdr.DECISION_HEADER] = decision_id
-            unowned = await self._opened(exchange, resp)
+            unowned = await self._opened(request, exchange, resp)
             if unowned is not None:
                 return await self._failed(request, exchange, unowned)
             is_sse = resp.headers.get("Content-Type", "").lower().startswith(_SSE)
@@ -849,6 +851,9 @@ class McpHttp:
                 return web.Response(status=status, body=raw, headers=headers)
             session = request.headers.get(SESSION_HEADER)
             exchange = _Exchange(agent, name, url, session, filter_all=True)
+            refused = await self._opened(request, exchange, resp)
+            if refused is not None:
+                return _rpc_error(refused.status, None, WARDEN_ERROR, str(refused), refused.code)
             if session is not None and request.headers.get("Last-Event-ID") is not None:
                 # Only a resumed stream carries answers (the standalone GET stream never
                 # does); several may be resumed at once, so each claims its answers.
@@ -908,31 +913,44 @@ class McpHttp:
         if not named:
             return None
         try:
-            mine = await self._owners.may_use(upstream, named[0], agent.id)
+            owner = await self._owners.owner(upstream, named[0])
         except Exception as exc:  # fail closed: the owner cannot be checked
             log.warning("cannot read MCP session owners: %s", type(exc).__name__)
             raise StateUnavailable(
                 "cannot check who owns this MCP session: the state store is unavailable"
             ) from None
-        if not mine:
+        if owner is None:
+            request[_UNOWNED] = named[0]  # the agent's once the server accepts it
+        elif owner != agent.id:
             metrics.child(metrics.ERRORS, "session_not_found").inc()
             return _rpc_error(404, None, WARDEN_ERROR, "Session not found", "session_not_found")
         return None
 
     async def _opened(
-        self, exchange: _Exchange, resp: aiohttp.ClientResponse
-    ) -> StateUnavailable | None:
-        """Record that the exchange's agent opened the session the answer names, if it
-        opens one; the error if that cannot be recorded."""
-        session = resp.headers.get(SESSION_HEADER)
-        if session is None or resp.status >= 300 or exchange.session is not None:
+        self, request: web.Request, exchange: _Exchange, resp: aiohttp.ClientResponse
+    ) -> WardenError | None:
+        """Record that the exchange's agent owns the session the server opened for it (or
+        accepted it naming, unowned); the error if that cannot be recorded, or if the
+        server handed out a session another agent owns."""
+        if resp.status >= 300:
+            return None
+        if exchange.session is None:
+            session = resp.headers.get(SESSION_HEADER)
+        else:
+            session = request.get(_UNOWNED)
+        if session is None:
             return None
         try:
-            await self._owners.opened(exchange.upstream, session, exchange.agent.id)
+            mine = await self._owners.claim(exchange.upstream, session, exchange.agent.id)
         except Exception as exc:  # an id nobody owns must not reach the agent
             log.warning("cannot record an MCP session owner: %s", type(exc).__name__)
             return StateUnavailable(
-                "cannot record who opened this MCP session: the state store is unavailable"
+                "cannot record who owns this MCP session: the state store is unavailable"
+            )
+        if not mine:
+            # A server reusing ids, or one an agent named before it was issued.
+            return UpstreamProtocol(
+                f"MCP server {exchange.upstream!r} gave out a session id another agent holds"
             )
         return None
 

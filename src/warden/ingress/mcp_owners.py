@@ -9,8 +9,9 @@ Owners are kept in the state store (``mcp_session_owners``), so the binding
 holds after a restart and across the sidecars of a fleet, with the most
 recently used ones remembered here so that only a session's first request in
 this process reads the store. A session Warden has no owner for (opened
-before owners were kept, or pruned after ``sessions.ttl_s``) is claimed by
-the first agent to name it.
+around Warden, or pruned after ``sessions.ttl_s``) becomes the agent's whose
+request naming it the server accepts first: an id the server does not know
+writes nothing, so naming random ids fills no table.
 """
 
 from __future__ import annotations
@@ -41,30 +42,36 @@ class SessionOwners:
         self._owners: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._owned: dict[str, OrderedDict[tuple[str, str], None]] = {}
 
-    async def may_use(self, upstream: str, session: str, agent_id: str) -> bool:
-        """Whether ``agent_id`` may name ``session``: it is the owner, or it becomes the
-        owner of a session nobody owns.
+    async def owner(self, upstream: str, session: str) -> str | None:
+        """The agent that owns ``session``; ``None`` when no agent does yet.
 
         Raises what the state store raises: the caller must then refuse the request.
         """
         key = (upstream, session)
         owner = self._owners.get(key)
-        if owner is None:
-            owner = await self._claim(key, agent_id)
-        else:
+        if owner is not None:
             self._owners.move_to_end(key)
             self._owned[owner].move_to_end(key)
-        return owner == agent_id
+            return owner
+        if self._repo is None:
+            return None
+        owner = await self._repo.mcp_session_owner(upstream, session)
+        if owner is not None and key not in self._owners:
+            self._remember(key, owner)
+        return owner
 
-    async def opened(self, upstream: str, session: str, agent_id: str) -> None:
-        """Record that ``agent_id`` opened ``session``. A server naming a session some
-        agent already owns does not hand it over.
+    async def claim(self, upstream: str, session: str, agent_id: str) -> bool:
+        """Make ``agent_id`` the owner of ``session`` unless an agent already is (the
+        server opened it for this agent, or accepted this agent naming an unowned one);
+        whether ``agent_id`` owns it now.
 
         Raises what the state store raises: the caller must then not relay the id.
         """
         key = (upstream, session)
-        if key not in self._owners:
-            await self._claim(key, agent_id)
+        owner = self._owners.get(key)
+        if owner is None:
+            owner = await self._claim(key, agent_id)
+        return owner == agent_id
 
     async def ended(self, upstream: str, session: str) -> None:
         """Forget a session the server ended (its id may be issued again)."""

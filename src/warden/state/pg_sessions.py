@@ -187,6 +187,14 @@ class PgSessionStore:
 
         return await self._db.tx(run)
 
+    async def mcp_session_owner(self, upstream: str, session_id: str) -> str | None:
+        """The agent that owns MCP session ``session_id`` of ``upstream``, if any does."""
+        rows = await self._db.read(
+            "SELECT agent_id FROM mcp_session_owners WHERE upstream = %s AND session_id = %s",
+            (upstream, session_id),
+        )
+        return str(rows[0][0]) if rows else None
+
     async def release_mcp_session(self, upstream: str, session_id: str) -> None:
         """Forget who owns a session the server ended."""
 
@@ -199,8 +207,8 @@ class PgSessionStore:
         await self._db.tx(run)
 
     async def prune(self, older_than_s: float) -> int:
-        """Drop counters, calls, chains and MCP session owners not touched for
-        ``older_than_s``; how many rows."""
+        """Drop counters, calls and chains not touched for ``older_than_s``, and MCP
+        session owners opened longer ago; how many rows."""
         cutoff = time.time() - older_than_s
 
         async def run(cur: AsyncCursor[Any]) -> int:

@@ -118,13 +118,17 @@ class SessionRepo(Protocol):
         when no agent did yet (it is recorded so), else the first claimant."""
         ...
 
+    async def mcp_session_owner(self, upstream: str, session_id: str) -> str | None:
+        """The agent that owns MCP session ``session_id`` of ``upstream``, if any does."""
+        ...
+
     async def release_mcp_session(self, upstream: str, session_id: str) -> None:
         """Forget who owns a session the server ended."""
         ...
 
     async def prune(self, older_than_s: float) -> int:
-        """Drop counters, calls, chains and MCP session owners not touched for
-        ``older_than_s``; how many rows."""
+        """Drop counters, calls and chains not touched for ``older_than_s``, and MCP
+        session owners opened longer ago; how many rows."""
         ...
 
     async def erase(self, erased: ErasedSubjects) -> int:
@@ -369,6 +373,17 @@ class SessionStore(SqliteStore):
             ).fetchone()
         return str(row[0])
 
+    async def mcp_session_owner(self, upstream: str, session_id: str) -> str | None:
+        """The agent that owns MCP session ``session_id`` of ``upstream``, if any does."""
+        return await self._run(self._mcp_session_owner, upstream, session_id)
+
+    def _mcp_session_owner(self, upstream: str, session_id: str) -> str | None:
+        row = self._conn.execute(
+            "SELECT agent_id FROM mcp_session_owners WHERE upstream = ? AND session_id = ?",
+            (upstream, session_id),
+        ).fetchone()
+        return str(row[0]) if row is not None else None
+
     async def release_mcp_session(self, upstream: str, session_id: str) -> None:
         """Forget who owns a session the server ended."""
         await self._run(self._release_mcp_session, upstream, session_id)
@@ -381,8 +396,8 @@ class SessionStore(SqliteStore):
             )
 
     async def prune(self, older_than_s: float) -> int:
-        """Drop counters, calls, chains and MCP session owners not touched for
-        ``older_than_s``; how many rows."""
+        """Drop counters, calls and chains not touched for ``older_than_s``, and MCP
+        session owners opened longer ago; how many rows."""
         return await self._run(self._prune, time.time() - older_than_s)
 
     async def erase(self, erased: ErasedSubjects) -> int:

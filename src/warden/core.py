@@ -84,6 +84,10 @@ class Chains(Protocol):
         """The final decision on a held call (approved, refused or deferred)."""
         ...
 
+    def answer_started(self, response_id: str, agent_id: str) -> None:
+        """A streamed answer named its id: it is ``agent_id``'s before its link is kept."""
+        ...
+
 
 class ArgumentNames(Protocol):
     """Argument names a request declares per tool (:mod:`warden.protocols.declared_arguments`)."""
@@ -350,6 +354,12 @@ class Governor:
         self.background.spawn(
             self._pipeline.outcome(link.action, link.decision_id, outcome), name="result"
         )
+
+    def answer_started(self, turn: Turn, response_id: str) -> None:
+        """A streamed Responses answer named its id, before the agent sees it: from now
+        on only ``turn``'s agent may continue or fetch it (its link comes at the end)."""
+        if self._chains is not None:
+            self._chains.answer_started(response_id, turn.agent.id)
 
     def record_response(self, turn: Turn, response_id: str | None) -> None:
         """Remember a relayed Responses API answer by id, in the background.

@@ -97,6 +97,8 @@ MAX_SESSION_ID: Final = 200
 """Longer session ids are refused (the session is then unnamed)."""
 UNTRUSTED: Final = "untrusted_output"
 SENSITIVE: Final = "sensitive_sink"
+MAX_STREAMING: Final = 10_000
+"""Answers still streaming whose agent is remembered before their link is written."""
 MAX_KNOWN: Final = 100_000
 """Decided calls remembered in memory (the state store keeps them all, until ``ttl_s``)."""
 MAX_PER_CALL_ID: Final = 16
@@ -322,6 +324,9 @@ class SessionGuard:
         (or fetching) the answer before the write commits still finds its chain."""
         self._unwritten_calls: dict[str, list[str]] = {}
         """Entries a fetched answer adds to its link, by response id, until written."""
+        self._streaming: OrderedDict[str, str] = OrderedDict()
+        """The agent of each answer still streaming to it, by response id, from the event
+        that names the id until its link is written: until then it is that agent's too."""
         self._turns: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         """Per session key: the lock one counted decision holds from reading the counters
         until adding to them, and how many decisions use it (dropped at none)."""
@@ -590,6 +595,14 @@ class SessionGuard:
 
     # -- Responses chains ----------------------------------------------------------
 
+    def answer_started(self, response_id: str, agent_id: str) -> None:
+        """A streamed answer named its id (before the agent sees it): it is ``agent_id``'s
+        from now on, in this process, and in the store once its link is written."""
+        if response_id not in self._streaming:
+            self._streaming[response_id] = agent_id
+            while len(self._streaming) > MAX_STREAMING:
+                self._streaming.popitem(last=False)
+
     async def record_response(
         self, conversation: Conversation, response_id: str, agent_id: str
     ) -> None:
@@ -628,7 +641,7 @@ class SessionGuard:
             )
         calls = orjson.dumps(entries).decode()
         if conversation.retrieved_id == response_id:
-            await self._extend(response_id, session, calls, agent_id)
+            await self._extend(response_id, session, calls)
             return
         link = ChainLink(response_id, session, conversation.previous_response_id, calls, agent_id)
         if response_id in self._unwritten_links:
@@ -637,17 +650,20 @@ class SessionGuard:
         self._unwritten_links[response_id] = (link, written)
         try:
             await self._repo.record_response(link)
+            self._streaming.pop(response_id, None)
         finally:
             del self._unwritten_links[response_id]
             written.set()
 
-    async def _extend(self, response_id: str, session: str, calls: str, agent_id: str) -> None:
+    async def _extend(self, response_id: str, session: str, calls: str) -> None:
         """A stored answer fetched again: its calls join the link its request made."""
         assert self._repo is not None
         pending = self._unwritten_calls.setdefault(response_id, [])
         pending.append(calls)  # seen by requests continuing it from now on
         try:
-            link = ChainLink(response_id, session, None, calls, agent_id)
+            # A link this fetch makes names no agent: the agent that fetched an answer Warden
+            # has no record of did not make it (its maker's record may still come).
+            link = ChainLink(response_id, session, None, calls)
             writing = self._unwritten_links.get(response_id)
             if writing is not None:
                 # Its first record stands, so that must be written first; should it
@@ -685,8 +701,10 @@ class SessionGuard:
         if conversation.previous_response_id is not None:
             chain = await self._chain(conversation)
             calls = _merge(chain.calls, conversation)
-            if session_id is None and chain.session_id is not None:
-                session_id, source = chain.session_id, NEW_CHAIN
+            if session_id is None:
+                # An answer Warden has no link for: a session of its own from here, so the
+                # answers after it are linked (and bound to their agent) again.
+                session_id, source = chain.session_id or new_id("ses"), NEW_CHAIN
             if chain.agent_id is not None and chain.agent_id != agent:
                 owner = chain.agent_id
             chain_unread = chain.unread
@@ -727,7 +745,7 @@ class SessionGuard:
         """The calls a Responses chain carried before this request, from Warden's records."""
         head = conversation.previous_response_id
         if self._repo is None or head is None:
-            return _Chain([], None, None)
+            return _Chain([], None, self._streaming.get(head) if head else None)
         links: list[ChainLink] = []
         seen: set[str] = set()
         start: str | None = head
@@ -745,7 +763,7 @@ class SessionGuard:
         except Exception as exc:
             log.warning("could not read a Responses chain: %s", type(exc).__name__)
             if not links:
-                return _Chain([], None, None, unread=True)
+                return _Chain([], None, self._streaming.get(head), unread=True)
         links = [self._with_unwritten_calls(link) for link in links]
         calls: dict[str, PriorCall] = {}
         owed: dict[str, tuple[str, str]] = {}
@@ -762,11 +780,12 @@ class SessionGuard:
         if owed:
             conversation.memo["owed"] = owed
         if not links:
-            return _Chain([], None, None)
+            # Still streaming to its agent (its link not written yet), or not Warden's.
+            return _Chain([], None, self._streaming.get(head))
         newest = links[0]
         return _Chain(
             list(calls.values()),
-            newest.session_id,
+            newest.session_id or None,  # an erased link keeps no session
             # The answer named is what is asked for; the chain behind it comes with it.
             newest.agent_id if newest.response_id == head else None,
         )

@@ -468,6 +468,55 @@ async def test_only_the_agent_an_answer_was_made_for_continues_or_fetches_it(
     assert (await look(guard, by("other-bot", old), CTX))[0] is None
 
 
+async def test_an_answer_still_streaming_is_its_agents_and_a_fetch_claims_none(
+    store: SessionStore,
+) -> None:
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+
+    def by(agent: str, conversation: Conversation) -> Action:
+        action = proposed("get_order", {"order_id": "A-1"}, "call_9", conversation)
+        return dataclasses.replace(action, agent=Agent(agent))
+
+    # Named by its stream's first event; no link yet: only its agent may ask for it.
+    guard.answer_started("resp_live", "bot")
+    theirs = stored_answer_conversation({}, "resp_live")
+    verdict, _ = await look(guard, by("other-bot", theirs), CTX)
+    assert verdict is not None
+    assert verdict.effect is Effect.DENY
+    mine = stored_answer_conversation({}, "resp_live")
+    assert (await look(guard, by("bot", mine), CTX))[0] is None
+    # Fetched first by another agent somehow (another sidecar): the link it makes names
+    # no agent, and the maker's own record then gives it one.
+    fetched = stored_answer_conversation({}, "resp_far")
+    await look(guard, by("other-bot", fetched), CTX)
+    await guard.record_response(fetched, "resp_far", "other-bot")
+    (link,) = await store.chain("resp_far")
+    assert link.agent_id is None
+    made = responses({"input": "summarise"})
+    await look(guard, by("bot", made), CTX)
+    await guard.record_response(made, "resp_far", "bot")
+    (link,) = await store.chain("resp_far")
+    assert link.agent_id == "bot"
+
+
+async def test_answers_after_one_warden_has_no_link_for_are_bound_again(
+    store: SessionStore,
+) -> None:
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+    unknown = responses({"input": "go on", "previous_response_id": "resp_elsewhere"})
+    verdict, ctx = await look(guard, proposed("get_order", {}, "c1", unknown), CTX)
+    assert verdict is None
+    assert ctx.session["id"]  # a session of its own from here
+    await guard.record_response(unknown, "resp_next", "bot")
+    (link,) = await store.chain("resp_next")
+    assert (link.agent_id, link.previous_id) == ("bot", "resp_elsewhere")
+    after = responses({"input": "and?", "previous_response_id": "resp_next"})
+    other = dataclasses.replace(proposed("get_order", {}, "c2", after), agent=Agent("other-bot"))
+    verdict, _ = await look(guard, other, CTX)
+    assert verdict is not None
+    assert verdict.effect is Effect.DENY
+
+
 async def test_an_unreadable_chain_denies_a_continuation_when_told_to(tmp_path: Path) -> None:
     store = await SessionStore.open(f"sqlite:///{tmp_path}/state.db")
     await store.close()

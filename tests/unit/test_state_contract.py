@@ -499,11 +499,13 @@ async def test_a_responses_chain_is_followed_newest_first(state: StateBackend) -
     await repo.record_response(ChainLink("resp_3", "ses_a", "resp_2", "[3]", "bot-b"))
     # The first record of an id stands, the agent it was made for too.
     await repo.record_response(ChainLink("resp_3", "ses_b", None, "[9]", "bot-c"))
+    # ...but a record that named no agent (a fetch made it) takes the maker's.
+    await repo.record_response(ChainLink("resp_1", "ses_z", None, "[8]", "bot-a"))
     chain = await repo.chain("resp_3")
     assert [(c.response_id, c.calls, c.agent_id) for c in chain] == [
         ("resp_3", "[3]", "bot-b"),
         ("resp_2", "[2]", "bot-a"),
-        ("resp_1", "[1]", None),
+        ("resp_1", "[1]", "bot-a"),
     ]
     assert [c.response_id for c in await repo.chain("resp_3", limit=2)] == ["resp_3", "resp_2"]
     assert await repo.chain("resp_unknown") == []

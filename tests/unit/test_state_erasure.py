@@ -159,7 +159,7 @@ async def test_approvals_naming_the_subject_lose_their_arguments_and_live_ones_a
     assert (await repo.erase(ann, now)).erased == 0
 
 
-async def test_responses_chains_naming_the_subject_are_deleted(
+async def test_responses_chain_links_naming_the_subject_are_emptied(
     state: StateBackend, ann: SubjectMatch
 ) -> None:
     repo = state.sessions
@@ -169,9 +169,18 @@ async def test_responses_chains_naming_the_subject_are_deleted(
         entry = {"call_id": "c", "tool": "lookup_customer", "arguments": arguments, "raw": raw}
         return orjson.dumps([{"call_id": "r", "result": {"content": "x"}}, entry]).decode()
 
-    await repo.record_response(ChainLink("r1", "s", None, calls({"customer_id": "C-ann"})))
+    await repo.record_response(ChainLink("r1", "s", None, calls({"customer_id": "C-ann"}), "a"))
     await repo.record_response(ChainLink("r2", "s", "r1", calls(raw='{"customer_id":"C-ann"}')))
     await repo.record_response(ChainLink("r3", "s", "r2", calls({"customer_id": "C-bob"})))
     assert await repo.erase(ann) == 2
-    assert [c.response_id for c in await repo.chain("r3")] == ["r3"]
+    # The links stay, with their agent (the provider still keeps the answers, and only
+    # that agent may fetch them), emptied of their calls and session.
+    chain = await repo.chain("r3")
+    assert [(c.response_id, c.session_id, c.agent_id) for c in chain] == [
+        ("r3", "s", None),
+        ("r2", "", None),
+        ("r1", "", "a"),
+    ]
+    assert [c.calls for c in chain[1:]] == ["[]", "[]"]
+    assert "C-bob" in chain[0].calls
     assert await repo.erase(ann) == 0

@@ -14,6 +14,7 @@ from warden.protocols import driver as driver_module
 from warden.protocols.base import StreamItem
 from warden.protocols.driver import KEEPALIVE, StreamDriver
 from warden.protocols.openai_chat import OpenAIChatAdapter
+from warden.protocols.openai_responses import OpenAIResponsesAdapter
 from warden.protocols.sse import SseEvent
 
 
@@ -227,3 +228,26 @@ async def test_a_real_adapter_gives_what_the_adapters_own_walk_gives() -> None:
         await one.feed(data[i : i + 7])
     await one.finish()
     assert bytes(out) == expected
+
+
+async def test_the_answer_id_is_told_before_any_byte_naming_it_is_written() -> None:
+    # A Responses stream names its id in its first event: the core must know whose answer
+    # it is before the agent (or anyone it leaks to) can ask for it by id.
+    told: list[tuple[str, int]] = []
+    wire = Wire()
+    stream = StreamDriver(
+        OpenAIResponsesAdapter().stream_rewriter(),
+        wire.decide,
+        wire.write,
+        keepalive_s=None,
+        on_answer_id=lambda answer: told.append((answer, len(wire.out))),
+    )
+    whole = raw("responses_text_then_call.sse")
+    for start in range(0, len(whole), 7):
+        await stream.feed(whole[start : start + 7])
+    await stream.finish()
+    assert len(told) == 1
+    answer, written_before = told[0]
+    assert answer.startswith("resp_")
+    assert written_before == 0
+    assert answer.encode() in wire.out

@@ -798,6 +798,7 @@ class _Exchange:
             # Per-chunk modes allow one answer per chunk; a keep-alive would only
             # pile up in it. Envoy's message_timeout must cover decisions instead.
             keepalive_s=self._svc.config.approvals.keepalive_s if full_duplex else None,
+            on_answer_id=lambda answer: self._core.answer_started(turn, answer),
         )
 
     async def _release_chunk(self, data: bytes) -> None:
@@ -938,8 +939,8 @@ class _Exchange:
             assert turn is not None
             self._usage = rewriter.usage
             self._core.count_usage(turn.agent, rewriter.model or turn.model, rewriter.usage)
-            if not self._cut:
-                self._core.record_response(turn, getattr(rewriter, "response_id", None))
+            # Cut or not: the answer is the agent's, and its calls decided so far are history.
+            self._core.record_response(turn, getattr(rewriter, "response_id", None))
 
     # -- answers -------------------------------------------------------------------
 

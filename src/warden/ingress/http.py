@@ -631,8 +631,8 @@ class ProxyApp:
         metrics.child(metrics.UPSTREAM_LATENCY, call.route.name).observe(upstream_s)
         usage = rewriter.usage if rewriter is not None else None
         model = (rewriter.model if rewriter is not None else None) or call.turn.model
-        if error is None:
-            self._core.record_response(call.turn, getattr(rewriter, "response_id", None))
+        # Cut or not: the answer is the agent's, and its calls decided so far are history.
+        self._core.record_response(call.turn, getattr(rewriter, "response_id", None))
         self._core.count_usage(call.agent, model, usage)
         self._core.outcome(
             action,
@@ -665,6 +665,7 @@ class ProxyApp:
             lambda calls: self._core.decide_calls(call.turn, calls, adapter.name),
             response.write,
             keepalive_s=self._config.approvals.keepalive_s,
+            on_answer_id=lambda answer: self._core.answer_started(call.turn, answer),
         )
         while chunk := await self._next_chunk(upstream_resp, call):
             await driver.feed(chunk)

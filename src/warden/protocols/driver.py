@@ -56,13 +56,17 @@ class StreamDriver:
         *,
         keepalive_s: float | None,
         parser: SseParser | None = None,
+        on_answer_id: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_answer_id``: told the answer's id (a Responses ``response_id``) once the
+        rewriter has read it, before any byte naming it is written."""
         self.rewriter = rewriter
         self._decide = decide
-        self._write = write
+        self._write_out = write
         self._keepalive_s = keepalive_s
         self._parser = parser if parser is not None else SseParser()
         self._received = 0
+        self._on_answer_id = on_answer_id
 
     async def feed(self, chunk: bytes) -> None:
         """Take upstream bytes (split anywhere); write what may go out, deciding calls first."""
@@ -98,6 +102,14 @@ class StreamDriver:
             decided = await self._wait(item)
             for event in self.rewriter.resolve(item, decided[item.key]):
                 out += event.encode()
+
+    async def _write(self, data: bytes) -> None:
+        if self._on_answer_id is not None:
+            answer_id = getattr(self.rewriter, "response_id", None)
+            if answer_id:
+                told, self._on_answer_id = self._on_answer_id, None
+                told(answer_id)
+        await self._write_out(data)
 
     async def _wait(self, call: ToolCall) -> Mapping[str, Decision]:
         if self._keepalive_s is None:

@@ -110,13 +110,15 @@ class PgSessionStore:
         return out
 
     async def record_response(self, link: ChainLink) -> None:
-        """Keep a relayed Responses answer (once: the first record of an id stands)."""
+        """Keep a relayed Responses answer (once: the first record of an id stands, but
+        for the agent, which a record that named none takes from this one)."""
 
         async def run(cur: AsyncCursor[Any]) -> None:
             await cur.execute(
                 "INSERT INTO session_responses (response_id, session_id, previous_id, calls, "
                 "created_at, agent_id) VALUES (%s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (response_id) DO NOTHING",
+                "ON CONFLICT (response_id) DO UPDATE SET agent_id = excluded.agent_id "
+                "WHERE session_responses.agent_id IS NULL",
                 chain_row(link),
             )
 
@@ -226,7 +228,8 @@ class PgSessionStore:
         return await self._db.tx(run)
 
     async def erase(self, erased: ErasedSubjects) -> int:
-        """Delete the chain links that name an erased data subject; how many."""
+        """Empty the chain links that name an erased data subject; how many (see
+        :meth:`~warden.state.sessions.SessionRepo.erase`)."""
         gone: list[str] = []
         after = ""
         while True:  # a page at a time: a week of chains may be large
@@ -244,8 +247,11 @@ class PgSessionStore:
             return 0
 
         async def run(cur: AsyncCursor[Any]) -> int:
-            # Chain links are insert-only: what was read is what is deleted.
-            await cur.execute("DELETE FROM session_responses WHERE response_id = ANY(%s)", (gone,))
+            await cur.execute(
+                "UPDATE session_responses SET calls = '[]', session_id = '' "
+                "WHERE response_id = ANY(%s)",
+                (gone,),
+            )
             return int(cur.rowcount)
 
         return await self._db.tx(run)

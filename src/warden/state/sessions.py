@@ -101,7 +101,8 @@ class SessionRepo(Protocol):
         ...
 
     async def record_response(self, link: ChainLink) -> None:
-        """Keep a relayed Responses answer (once: the first record of an id stands)."""
+        """Keep a relayed Responses answer (once: the first record of an id stands, but
+        for the agent, which a record that named none takes from this one)."""
         ...
 
     async def extend_response(self, link: ChainLink) -> None:
@@ -132,8 +133,9 @@ class SessionRepo(Protocol):
         ...
 
     async def erase(self, erased: ErasedSubjects) -> int:
-        """Delete the chain links that name an erased data subject (:func:`chain_names_erased`);
-        how many."""
+        """Empty the chain links that name an erased data subject (:func:`chain_names_erased`)
+        of their calls and session; how many. The link stays, with the agent it was made
+        for: the provider still keeps the answer, and only that agent may fetch it."""
         ...
 
 
@@ -299,14 +301,17 @@ class SessionStore(SqliteStore):
         return out
 
     async def record_response(self, link: ChainLink) -> None:
-        """Keep a relayed Responses answer (once: the first record of an id stands)."""
+        """Keep a relayed Responses answer (once: the first record of an id stands, but
+        for the agent, which a record that named none takes from this one)."""
         await self._run(self._record_response, link)
 
     def _record_response(self, link: ChainLink) -> None:
         with immediate(self._conn) as cur:
             cur.execute(
-                "INSERT OR IGNORE INTO session_responses (response_id, session_id, previous_id, "
-                "calls, created_at, agent_id) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO session_responses (response_id, session_id, previous_id, "
+                "calls, created_at, agent_id) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (response_id) DO UPDATE SET agent_id = excluded.agent_id "
+                "WHERE session_responses.agent_id IS NULL",
                 chain_row(link),
             )
 
@@ -401,14 +406,20 @@ class SessionStore(SqliteStore):
         return await self._run(self._prune, time.time() - older_than_s)
 
     async def erase(self, erased: ErasedSubjects) -> int:
-        """Delete the chain links that name an erased data subject; how many."""
+        """Empty the chain links that name an erased data subject; how many (see
+        :meth:`SessionRepo.erase`)."""
         return await self._run(self._erase, erased)
 
     def _erase(self, erased: ErasedSubjects) -> int:
         with immediate(self._conn) as cur:
             rows = self._conn.execute("SELECT response_id, calls FROM session_responses")
             gone = [(r,) for r, calls in rows if chain_names_erased(erased, calls)]
-            cur.executemany("DELETE FROM session_responses WHERE response_id = ?", gone)
+            # The link keeps its id, previous answer and agent: nothing of the subject.
+            cur.executemany(
+                "UPDATE session_responses SET calls = '[]', session_id = '' "
+                "WHERE response_id = ?",
+                gone,
+            )
         return len(gone)
 
     def _prune(self, cutoff: float) -> int:

@@ -854,6 +854,19 @@ async def test_another_agents_answer_is_refused_through_the_mesh(
             assert fetched.json()["status"] == "completed"
 
 
+async def test_a_key_given_twice_goes_upstream_as_warden_read_it(
+    envoy: Envoy, llm: MockLLM
+) -> None:
+    hidden = '{"type": "mcp", "server_label": "gh", "server_url": "https://mcp.gh.example/mcp"}'
+    body = f'{{"model": "gpt-4.1", "input": "hi", "tools": [{hidden}], "tools": []}}'.encode()
+    llm.script(Reply(text="hello"))
+    result = await envoy.request(OPENAI_HOST, "/v1/responses", raw_body=body)
+    assert result.status == 200
+    assert result.forwarded_body.count(b'"tools"') == 1
+    assert orjson.loads(result.forwarded_body)["tools"] == []
+    assert b"mcp.gh.example" not in result.forwarded_body
+
+
 async def test_a_continuation_through_the_mesh_answers_the_call_warden_removed(
     tmp_path: Path, llm: MockLLM
 ) -> None:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -82,6 +83,33 @@ async def test_responses_request_with_an_unapproved_mcp_server_is_refused(
     (decision,) = llm_decisions(tmp_path)
     assert decision["decision"]["effect"] == "deny"
     assert SECRETS[0] not in audit_text(tmp_path)
+
+
+async def test_a_key_given_twice_reaches_the_provider_as_warden_read_it(
+    tmp_path: Path, warden: Warden, llm: MockLLM
+) -> None:
+    # A provider keeping the first of two "tools" would open the MCP server that Warden,
+    # reading the last, never saw: what goes upstream is Warden's own encoding instead.
+    hidden = (
+        '{"type": "mcp", "server_label": "github", "server_url": '
+        '"https://mcp.github.example/mcp", "require_approval": "never"}'
+    )
+    body = f'{{"model": "{MODEL}", "input": "hi", "tools": [{hidden}], "tools": []}}'.encode()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{warden.proxy_url}/openai/v1/responses",
+            data=body,
+            headers={"Content-Type": "application/json", "Authorization": "Bearer sk-test"},
+        ) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+    (sent,) = llm.requests
+    assert sent.raw.count(b'"tools"') == 1
+    assert sent.body["tools"] == []
+    assert b"mcp.github.example" not in sent.raw
+    (decision,) = llm_decisions(tmp_path)
+    assert decision["decision"]["effect"] == "allow"
 
 
 async def test_responses_request_with_an_approved_mcp_server_goes_through(

@@ -6,9 +6,11 @@ import json
 import math
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from warden.errors import InvalidJSON
 from warden.protocols._wire import (
     _reject_constant,
     _unique_keys,
@@ -16,6 +18,8 @@ from warden.protocols._wire import (
     loads,
     parse_arguments,
     policy_safe,
+    request_bytes,
+    request_object,
 )
 
 
@@ -133,3 +137,16 @@ def test_loads_reads_bodies_as_the_sdks_do(value: Any, as_bytes: bool) -> None:
 @given(_DOC)
 def test_dumps_writes_what_the_sdks_read_back(value: Any) -> None:
     assert json.dumps(json.loads(dumps(value)), sort_keys=True) == json.dumps(value, sort_keys=True)
+
+
+def test_a_request_is_sent_as_warden_read_it() -> None:
+    # A key given twice keeps its last value, and only that goes upstream; integers past
+    # 64 bits stay exact (orjson alone would make them floats); NaN is refused.
+    body = b'{"seed": 123456789012345678901234567, "model": "a", "model": "b"}'
+    value = request_object(body)
+    assert value == {"seed": 123456789012345678901234567, "model": "b"}
+    assert request_bytes(value) == b'{"seed":123456789012345678901234567,"model":"b"}'
+    assert request_bytes({"input": "héllo"}) == '{"input":"héllo"}'.encode()
+    for bad in (b'{"t": NaN}', b'{"seed": 12345678901234567890123, "t": Infinity}', b"[1]", b"{"):
+        with pytest.raises(InvalidJSON):
+            request_object(bad)

@@ -46,7 +46,6 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import grpc
-import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -647,12 +646,7 @@ class _Exchange:
             raise UnsupportedMedia(
                 f"expected Content-Type application/json, got {content_type or 'none'!r}"
             )
-        try:
-            parsed_body = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
-        if not isinstance(parsed_body, dict):
-            raise InvalidJSON("request body must be a JSON object")
+        parsed_body = _wire.request_object(body)
         parsed = adapter.parse_request(parsed_body)
         self._stream = parsed.stream
         conversation = conversation_of(
@@ -671,15 +665,17 @@ class _Exchange:
         self._core.record_results(parsed.tool_results)
         prepared = adapter.prepare_request(parsed_body)
         if prepared is not None:
-            body = orjson.dumps(prepared)
             self._hide_usage = True
         await self._decide_request()
-        continued = self._core.continued(
-            turn, adapter, prepared if prepared is not None else parsed_body
-        )
+        outgoing = prepared if prepared is not None else parsed_body
+        continued = self._core.continued(turn, adapter, outgoing)
         if continued is not None:
-            body = orjson.dumps(continued)
-            prepared = continued  # the body changed: sent whole, below
+            outgoing = continued
+        # What was decided on is what is sent (a key given twice, once), as through the
+        # base URL: unless Warden's encoding is the agent's byte for byte, sent whole.
+        sent = _wire.request_bytes(outgoing)
+        if sent != body:
+            body, prepared = sent, outgoing
         self._phase = "response_headers"
         self._body.clear()
         chunks, self._chunks = self._chunks, 0

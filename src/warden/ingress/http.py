@@ -35,7 +35,6 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import aiohttp
-import orjson
 from aiohttp import web
 from yarl import URL
 
@@ -45,7 +44,6 @@ from warden.credentials import Credentials
 from warden.errors import (
     AuditError,
     BodyTooLarge,
-    InvalidJSON,
     Overloaded,
     RequestError,
     RouteNotGoverned,
@@ -345,9 +343,11 @@ class ProxyApp:
             prepared = adapter.prepare_request(parsed_body)
             outgoing = parsed_body
             if prepared is not None:
-                body = orjson.dumps(prepared)
                 outgoing = prepared
                 hide_usage = True
+            # What was decided on is what is sent: a key given twice reaches the
+            # provider once, as Warden read it, whatever its own parser keeps.
+            body = _wire.request_bytes(outgoing)
         elif route.match.stream_query:
             stream = any(
                 v.strip().lower() in ("true", "1") for v in request.query.getall("stream", ())
@@ -411,7 +411,7 @@ class ProxyApp:
         if outgoing is not None and adapter is not None:
             continued = self._core.continued(call.turn, adapter, outgoing)
             if continued is not None:
-                body = orjson.dumps(continued)
+                body = _wire.request_bytes(continued)
         pre = time.perf_counter() - started
         return await self._forward(request, call, action, decision, body=body, pre_s=pre)
 
@@ -847,13 +847,7 @@ def _parse_json_request(request: web.Request, body: bytes) -> dict[str, Any]:
         raise UnsupportedMedia(
             f"expected Content-Type application/json, got {request.content_type!r}"
         )
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(parsed, dict):
-        raise InvalidJSON("request body must be a JSON object")
-    return parsed
+    return _wire.request_object(body)
 
 
 async def _read_upstream(resp: aiohttp.ClientResponse) -> bytes:

@@ -28,6 +28,8 @@ __all__ = [
     "parse_arguments",
     "policy_safe",
     "refuse_misspelled_request",
+    "request_bytes",
+    "request_object",
     "token_count",
 ]
 
@@ -88,6 +90,36 @@ def loads(text: str | bytes) -> Any:
         return json.loads(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+def request_object(body: bytes) -> dict[str, Any]:
+    """A model request's body as Warden decides on it; raises :class:`InvalidJSON`.
+
+    As strict as a provider (``NaN`` and ``Infinity`` are refused), with
+    integers past 64 bits read exactly (orjson would make them floats). A key
+    given twice keeps its last value, and :func:`request_bytes` is what goes
+    upstream: the provider reads what Warden decided on, whichever of two
+    values its own parser would have kept.
+    """
+    try:
+        if _long_int(body):
+            value = json.loads(body, parse_constant=_reject_constant)
+        else:
+            value = orjson.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidJSON("request body must be a JSON object")
+    return value
+
+
+def request_bytes(value: Mapping[str, Any]) -> bytes:
+    """The body Warden sends upstream for a request it read with :func:`request_object`."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # an integer past 64 bits
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return text.encode("utf-8", "surrogatepass")
 
 
 def loads_or_none(text: str) -> Any:

@@ -416,8 +416,7 @@ class SessionStore(SqliteStore):
             gone = [(r,) for r, calls in rows if chain_names_erased(erased, calls)]
             # The link keeps its id, previous answer and agent: nothing of the subject.
             cur.executemany(
-                "UPDATE session_responses SET calls = '[]', session_id = '' "
-                "WHERE response_id = ?",
+                "UPDATE session_responses SET calls = '[]', session_id = '' WHERE response_id = ?",
                 gone,
             )
         return len(gone)

@@ -233,6 +233,9 @@ class Conversation:
     """A stored Responses answer fetched by id (``GET responses/{id}``, a ``background``
     one): the request goes on in that answer's chain, and the calls decided in what it
     returns are added to that answer's link."""
+    provider_conversation: str | None = None
+    """The Responses API conversation the request goes on in (its ``conversation``):
+    only the agent that first used it through Warden may."""
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 

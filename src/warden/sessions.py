@@ -67,6 +67,7 @@ from warden.model import (
     Stage,
     new_id,
 )
+from warden.owners import IdOwners
 from warden.pipeline import GuardContext, input_problem
 from warden.protocols import history
 from warden.protocols.base import refusal_text
@@ -184,16 +185,26 @@ def conversation_of(
         ),
     )
     session_id, source = session_from(headers, body, config.pointer)
-    if session_id is None and protocol == _RESPONSES:
-        # The Conversations API: the provider's own conversation is the session.
+    provider_conversation: str | None = None
+    if protocol == _RESPONSES:
         named = body.get("conversation")
-        session_id = usable_session(named.get("id") if isinstance(named, Mapping) else named)
-        source = "responses_conversation" if session_id is not None else None
+        raw = named.get("id") if isinstance(named, Mapping) else named
+        if isinstance(raw, str) and raw:  # anything else the provider refuses itself
+            provider_conversation = raw
+        if session_id is None:
+            # The Conversations API: the provider's own conversation is the session.
+            session_id = usable_session(raw)
+            source = "responses_conversation" if session_id is not None else None
     if session_id is None and protocol == _RESPONSES and conversation.previous_response_id is None:
         # A new Responses chain: its own session, which its continuations inherit
         # (unless its input carries calls Warden decided in a session: see _build).
         session_id, source = new_id("ses"), NEW_CHAIN
-    return dataclasses.replace(conversation, session_id=session_id, session_source=source)
+    return dataclasses.replace(
+        conversation,
+        session_id=session_id,
+        session_source=source,
+        provider_conversation=provider_conversation,
+    )
 
 
 def owed_outputs(conversation: Conversation | None) -> Mapping[str, tuple[str, str]]:
@@ -267,11 +278,11 @@ class _Prepared:
     source: str | None
     taints: frozenset[str]
     verified: bool
-    owner: str | None = None
-    """The agent the answer this request continues (or fetches) was made for, when that
-    is another agent than the one asking; ``None`` otherwise."""
-    chain_unread: bool = False
-    """The chain it continues could not be read from the state store."""
+    not_theirs: str | None = None
+    """What the request names that belongs to another agent (a Responses answer it
+    continues or fetches, a provider conversation), as the denial says it."""
+    unread: str | None = None
+    """What of that could not be read from the state store, as the denial says it."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -324,6 +335,8 @@ class SessionGuard:
         (or fetching) the answer before the write commits still finds its chain."""
         self._unwritten_calls: dict[str, list[str]] = {}
         """Entries a fetched answer adds to its link, by response id, until written."""
+        self._conversations = IdOwners(repo, "conversation")
+        """Who owns each provider conversation (Responses ``conversation``)."""
         self._streaming: OrderedDict[str, str] = OrderedDict()
         """The agent of each answer still streaming to it, by response id, from the event
         that names the id until its link is written: until then it is that agent's too."""
@@ -388,11 +401,11 @@ class SessionGuard:
             if not labels:
                 return None, ctx
             return None, dataclasses.replace(ctx, labels=labels)
-        prepared = await self._prepare(conversation, action.agent.id)
-        if prepared.owner is not None:
-            return _not_theirs(ctx, conversation), ctx
-        if prepared.chain_unread and self._deny:
-            return _unavailable(ctx, "the Responses answer this request continues"), ctx
+        prepared = await self._prepare(conversation, action.agent.id, action.request.upstream)
+        if prepared.not_theirs is not None:
+            return _not_theirs(ctx, prepared.not_theirs), ctx
+        if prepared.unread is not None and self._deny:
+            return _unavailable(ctx, prepared.unread), ctx
         counters: dict[str, int] = {}
         available = True
         if prepared.key is not None and self._repo is not None and self._config.counters:
@@ -680,7 +693,7 @@ class SessionGuard:
 
     # -- internals ---------------------------------------------------------------
 
-    async def _prepare(self, conversation: Conversation, agent: str) -> _Prepared:
+    async def _prepare(self, conversation: Conversation, agent: str, upstream: str) -> _Prepared:
         found = conversation.memo.get("prepared")
         if isinstance(found, _Prepared):
             return found
@@ -690,14 +703,16 @@ class SessionGuard:
             if isinstance(found, _Prepared):
                 return found
             prepared = await self._build(conversation, agent)
+            if conversation.provider_conversation is not None and prepared.not_theirs is None:
+                prepared = await self._own_conversation(prepared, conversation, agent, upstream)
             conversation.memo["prepared"] = prepared
             return prepared
 
     async def _build(self, conversation: Conversation, agent: str) -> _Prepared:
         calls = list(conversation.calls)
         session_id, source = conversation.session_id, conversation.session_source
-        owner: str | None = None
-        chain_unread = False
+        not_theirs: str | None = None
+        unread: str | None = None
         if conversation.previous_response_id is not None:
             chain = await self._chain(conversation)
             calls = _merge(chain.calls, conversation)
@@ -706,8 +721,10 @@ class SessionGuard:
                 # answers after it are linked (and bound to their agent) again.
                 session_id, source = chain.session_id or new_id("ses"), NEW_CHAIN
             if chain.agent_id is not None and chain.agent_id != agent:
-                owner = chain.agent_id
-            chain_unread = chain.unread
+                named = conversation.retrieved_id or conversation.previous_response_id
+                not_theirs = f"the Responses answer {named} was made for another agent"
+            if chain.unread:
+                unread = "the Responses answer this request continues"
         records = await self._records([c.call_id for c in calls])
         if source in (None, NEW_CHAIN) and conversation.previous_response_id is None:
             # A request that names no session and continues no chain, whose input
@@ -737,8 +754,26 @@ class SessionGuard:
             source,
             frozenset(taints),
             verified_all,
-            owner,
-            chain_unread,
+            not_theirs,
+            unread,
+        )
+
+    async def _own_conversation(
+        self, prepared: _Prepared, conversation: Conversation, agent: str, upstream: str
+    ) -> _Prepared:
+        """``prepared``, refused if the provider conversation the request names is another
+        agent's; the first agent to use one through Warden owns it."""
+        named = conversation.provider_conversation
+        assert named is not None
+        try:
+            mine = await self._conversations.claim(upstream, named, agent)
+        except Exception as exc:
+            log.warning("could not check a conversation's owner: %s", type(exc).__name__)
+            return dataclasses.replace(prepared, unread=f"the owner of conversation {named}")
+        if mine:
+            return prepared
+        return dataclasses.replace(
+            prepared, not_theirs=f"the conversation {named} belongs to another agent"
         )
 
     async def _chain(self, conversation: Conversation) -> _Chain:
@@ -943,16 +978,16 @@ def _unavailable(ctx: GuardContext, what: str) -> Decision:
     )
 
 
-def _not_theirs(ctx: GuardContext, conversation: Conversation) -> Decision:
-    """Another agent's stored answer: with one upstream key for all (Warden's), the
-    provider cannot keep agents apart, so Warden does. The owner is not named."""
-    named = conversation.retrieved_id or conversation.previous_response_id
+def _not_theirs(ctx: GuardContext, what: str) -> Decision:
+    """Another agent's stored answer or conversation: with one upstream key for all
+    (Warden's), the provider cannot keep agents apart, so Warden does. The owner is not
+    named."""
     return Decision(
         decision_id=new_id("dec"),
         effect=Effect.DENY,
         reasons=(
-            f"the Responses answer {named} was made for another agent; an agent may only "
-            "continue, fetch or delete its own answers",
+            f"{what}; an agent may only continue, fetch or delete its own answers and "
+            "conversations",
         ),
         mode=ctx.mode,
         guard="session",

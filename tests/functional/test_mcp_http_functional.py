@@ -31,9 +31,8 @@ from multidict import CIMultiDict
 from prometheus_client import REGISTRY
 
 from tests.functional.conftest import audit_records, make_config
-from warden import tasks
+from warden import owners, tasks
 from warden.config import Config
-from warden.ingress import mcp_owners
 from warden.ingress.door_mark import VIA_HEADER, mark
 from warden.server import Warden
 from warden.state.sessions import SessionStore
@@ -542,7 +541,7 @@ async def test_a_session_is_the_agents_that_opened_it(warden: Warden, tmp_path: 
 async def test_an_agent_opening_sessions_without_end_pushes_out_only_its_own_from_memory(
     warden: Warden, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mcp_owners, "MAX_REMEMBERED_PER_AGENT", 2)
+    monkeypatch.setattr(owners, "MAX_REMEMBERED_PER_AGENT", 2)
     url = f"{warden.proxy_url}/{UPSTREAM}"
     version = {"MCP-Protocol-Version": "2025-11-25"}
     listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
@@ -623,13 +622,13 @@ async def test_naming_ids_the_server_does_not_know_claims_nothing(
         assert warden._state is not None
         assert warden._state.sessions is not None
         for n in range(5):
-            assert await warden._state.sessions.mcp_session_owner(UPSTREAM, f"guess-{n}") is None
+            assert await warden._state.sessions.id_owner(f"mcp:{UPSTREAM}", f"guess-{n}") is None
         # A session opened around Warden is the agent's whose request the server accepts.
         _, headers, _ = await post(http, server.url, INIT)
         around = {"Mcp-Session-Id": headers["mcp-session-id"], **version}
         async with http.get(url, headers={"Accept": "text/event-stream", **around}) as resp:
             assert resp.status == 200
-        owner = await warden._state.sessions.mcp_session_owner(UPSTREAM, around["Mcp-Session-Id"])
+        owner = await warden._state.sessions.id_owner(f"mcp:{UPSTREAM}", around["Mcp-Session-Id"])
         assert owner == warden.config.agent.id
         assert (await post(http, url, listing, {**around, **agent_headers("refunds-bot")}))[
             0

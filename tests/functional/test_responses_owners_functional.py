@@ -91,3 +91,27 @@ async def test_another_agent_cannot_continue_fetch_or_delete_an_answer(
         ("triage-bot", "deny", "POST"),
         ("triage-bot", "deny", "DELETE"),
     ]
+
+
+async def test_a_provider_conversation_is_its_first_agents(
+    warden: Warden, llm: MockLLM, tmp_path: Path
+) -> None:
+    async with client(warden, "refunds-bot") as mine, client(warden, "triage-bot") as theirs:
+        llm.script(Reply(text="Hello."), Reply(text="Again."))
+        await mine.responses.create(model="gpt-4.1", input="hi", conversation="conv_support_1")
+        seen = len(llm.requests)
+        with pytest.raises(openai.PermissionDeniedError, match="belongs to another agent"):
+            await theirs.responses.create(
+                model="gpt-4.1", input="what did they say?", conversation={"id": "conv_support_1"}
+            )
+        assert len(llm.requests) == seen
+        again = await mine.responses.create(
+            model="gpt-4.1", input="and?", conversation="conv_support_1"
+        )
+        assert again.output_text == "Again."
+        # Another conversation is the other agent's to start.
+        llm.script(Reply(text="Mine now."))
+        other = await theirs.responses.create(
+            model="gpt-4.1", input="hi", conversation="conv_support_2"
+        )
+        assert other.output_text == "Mine now."

@@ -452,7 +452,7 @@ async def test_only_the_agent_an_answer_was_made_for_continues_or_fetches_it(
         assert verdict.effect is Effect.DENY
         assert verdict.reasons == (
             "the Responses answer resp_mine was made for another agent; an agent may only "
-            "continue, fetch or delete its own answers",
+            "continue, fetch or delete its own answers and conversations",
         )
         assert "bot" not in verdict.reasons[0].split()  # the owner is not named
     await writing

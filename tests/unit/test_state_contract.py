@@ -554,13 +554,13 @@ async def test_session_rows_are_pruned_by_age(state: StateBackend) -> None:
     assert repo is not None
     await repo.add("bot\x1fold", {"denials": 1})
     await repo.record_calls([CallRecord("c", "d", "t", "x", "allow", None, time.time())])
-    await repo.claim_mcp_session("tools", "mcp-1", "bot")
+    await repo.claim_id("tools", "mcp-1", "bot")
     assert await repo.prune(3600) == 0
     await asyncio.sleep(0.05)
     assert await repo.prune(0.01) == 3
     assert await repo.counters("bot\x1fold") == {}
     assert await repo.calls(["c"]) == {}
-    assert await repo.claim_mcp_session("tools", "mcp-1", "other") == "other"  # unowned again
+    assert await repo.claim_id("tools", "mcp-1", "other") == "other"  # unowned again
 
 
 async def test_an_mcp_session_is_its_first_claimants_on_every_sidecar(
@@ -571,16 +571,16 @@ async def test_an_mcp_session_is_its_first_claimants_on_every_sidecar(
     assert len(repos) == 3
     # Three agents claim one session at once, on three sidecars: exactly one owns it.
     owners = await asyncio.gather(
-        *(repo.claim_mcp_session("tools", "mcp-1", f"agent-{i}") for i, repo in enumerate(repos))
+        *(repo.claim_id("tools", "mcp-1", f"agent-{i}") for i, repo in enumerate(repos))
     )
     assert len(set(owners)) == 1
     owner = owners[0]
-    assert await repos[2].claim_mcp_session("tools", "mcp-1", "agent-x") == owner
-    assert await repos[1].mcp_session_owner("tools", "mcp-1") == owner
-    assert await repos[1].mcp_session_owner("tools", "mcp-2") is None
+    assert await repos[2].claim_id("tools", "mcp-1", "agent-x") == owner
+    assert await repos[1].id_owner("tools", "mcp-1") == owner
+    assert await repos[1].id_owner("tools", "mcp-2") is None
     # Sessions are per upstream: the same id of another server is another session.
-    assert await repos[1].claim_mcp_session("crm", "mcp-1", "agent-x") == "agent-x"
+    assert await repos[1].claim_id("crm", "mcp-1", "agent-x") == "agent-x"
     # The server ended it: the id is nobody's, and the next claimant's.
-    await repos[1].release_mcp_session("tools", "mcp-1")
-    assert await repos[0].claim_mcp_session("tools", "mcp-1", "agent-y") == "agent-y"
-    assert await repos[2].claim_mcp_session("crm", "mcp-1", "agent-z") == "agent-x"
+    await repos[1].release_id("tools", "mcp-1")
+    assert await repos[0].claim_id("tools", "mcp-1", "agent-y") == "agent-y"
+    assert await repos[2].claim_id("crm", "mcp-1", "agent-z") == "agent-x"

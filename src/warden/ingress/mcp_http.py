@@ -65,10 +65,10 @@ from warden.errors import (
 )
 from warden.ingress import headers as hdr
 from warden.ingress.door_mark import door_of
-from warden.ingress.mcp_owners import SessionOwners
 from warden.ingress.upstream_io import MAX_UPSTREAM_BODY, read_body, upstream_error
 from warden.model import Action, Agent, Decision, Effect, Outcome
 from warden.ops import metrics
+from warden.owners import IdOwners
 from warden.protocols import mcp
 from warden.protocols._wire import dumps, loads
 from warden.protocols.declared_arguments import ListedArguments
@@ -170,7 +170,7 @@ class McpHttp:
         )
         self._listed: dict[str, ListedArguments] = {}
         """Per upstream: its tools' argument names, from the ``tools/list`` answers seen."""
-        self._owners = SessionOwners(owners)
+        self._owners = IdOwners(owners, "mcp")
         """The agent that opened each session: another agent naming it is answered as for
         an unknown session (a server cannot tell agents apart when Warden holds its key)."""
 

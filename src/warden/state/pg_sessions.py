@@ -171,17 +171,17 @@ class PgSessionStore:
         )
         return [ChainLink(*row) for row in rows]
 
-    async def claim_mcp_session(self, upstream: str, session_id: str, agent_id: str) -> str:
-        """The agent that owns MCP session ``session_id`` of ``upstream``: ``agent_id``
-        when no agent did yet (it is recorded so), else the first claimant."""
+    async def claim_id(self, scope: str, owned_id: str, agent_id: str) -> str:
+        """The agent that owns ``owned_id`` in ``scope``: ``agent_id`` when no agent did
+        yet (it is recorded so), else the first claimant."""
 
         async def run(cur: AsyncCursor[Any]) -> str:
             # DO UPDATE of nothing, so RETURNING gives the row that stands either way.
             await cur.execute(
-                "INSERT INTO mcp_session_owners (upstream, session_id, agent_id, opened_at) "
-                "VALUES (%s, %s, %s, %s) ON CONFLICT (upstream, session_id) "
-                "DO UPDATE SET agent_id = mcp_session_owners.agent_id RETURNING agent_id",
-                (upstream, session_id, agent_id, time.time()),
+                "INSERT INTO id_owners (scope, id, agent_id, claimed_at) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (scope, id) "
+                "DO UPDATE SET agent_id = id_owners.agent_id RETURNING agent_id",
+                (scope, owned_id, agent_id, time.time()),
             )
             row = await cur.fetchone()
             assert row is not None
@@ -189,28 +189,28 @@ class PgSessionStore:
 
         return await self._db.tx(run)
 
-    async def mcp_session_owner(self, upstream: str, session_id: str) -> str | None:
-        """The agent that owns MCP session ``session_id`` of ``upstream``, if any does."""
+    async def id_owner(self, scope: str, owned_id: str) -> str | None:
+        """The agent that owns ``owned_id`` in ``scope``, if any does."""
         rows = await self._db.read(
-            "SELECT agent_id FROM mcp_session_owners WHERE upstream = %s AND session_id = %s",
-            (upstream, session_id),
+            "SELECT agent_id FROM id_owners WHERE scope = %s AND id = %s",
+            (scope, owned_id),
         )
         return str(rows[0][0]) if rows else None
 
-    async def release_mcp_session(self, upstream: str, session_id: str) -> None:
-        """Forget who owns a session the server ended."""
+    async def release_id(self, scope: str, owned_id: str) -> None:
+        """Forget who owns ``owned_id`` (a session the server ended)."""
 
         async def run(cur: AsyncCursor[Any]) -> None:
             await cur.execute(
-                "DELETE FROM mcp_session_owners WHERE upstream = %s AND session_id = %s",
-                (upstream, session_id),
+                "DELETE FROM id_owners WHERE scope = %s AND id = %s",
+                (scope, owned_id),
             )
 
         await self._db.tx(run)
 
     async def prune(self, older_than_s: float) -> int:
-        """Drop counters, calls and chains not touched for ``older_than_s``, and MCP
-        session owners opened longer ago; how many rows."""
+        """Drop counters, calls and chains not touched for ``older_than_s``, and owners
+        claimed longer ago; how many rows."""
         cutoff = time.time() - older_than_s
 
         async def run(cur: AsyncCursor[Any]) -> int:
@@ -219,7 +219,7 @@ class PgSessionStore:
                 "DELETE FROM session_counters WHERE updated_at < %s",
                 "DELETE FROM session_calls WHERE created_at < %s",
                 "DELETE FROM session_responses WHERE created_at < %s",
-                "DELETE FROM mcp_session_owners WHERE opened_at < %s",
+                "DELETE FROM id_owners WHERE claimed_at < %s",
             ):
                 await cur.execute(statement, (cutoff,))
                 total += cur.rowcount

@@ -114,22 +114,22 @@ class SessionRepo(Protocol):
         """The chain ending at ``response_id``, newest first, at most ``limit`` long."""
         ...
 
-    async def claim_mcp_session(self, upstream: str, session_id: str, agent_id: str) -> str:
-        """The agent that owns MCP session ``session_id`` of ``upstream``: ``agent_id``
-        when no agent did yet (it is recorded so), else the first claimant."""
+    async def claim_id(self, scope: str, owned_id: str, agent_id: str) -> str:
+        """The agent that owns ``owned_id`` in ``scope``: ``agent_id`` when no agent did
+        yet (it is recorded so), else the first claimant."""
         ...
 
-    async def mcp_session_owner(self, upstream: str, session_id: str) -> str | None:
-        """The agent that owns MCP session ``session_id`` of ``upstream``, if any does."""
+    async def id_owner(self, scope: str, owned_id: str) -> str | None:
+        """The agent that owns ``owned_id`` in ``scope``, if any does."""
         ...
 
-    async def release_mcp_session(self, upstream: str, session_id: str) -> None:
-        """Forget who owns a session the server ended."""
+    async def release_id(self, scope: str, owned_id: str) -> None:
+        """Forget who owns ``owned_id`` (a session the server ended)."""
         ...
 
     async def prune(self, older_than_s: float) -> int:
-        """Drop counters, calls and chains not touched for ``older_than_s``, and MCP
-        session owners opened longer ago; how many rows."""
+        """Drop counters, calls and chains not touched for ``older_than_s``, and owners
+        claimed longer ago; how many rows."""
         ...
 
     async def erase(self, erased: ErasedSubjects) -> int:
@@ -360,49 +360,49 @@ class SessionStore(SqliteStore):
             current = row[2]
         return out
 
-    async def claim_mcp_session(self, upstream: str, session_id: str, agent_id: str) -> str:
-        """The agent that owns MCP session ``session_id`` of ``upstream``: ``agent_id``
-        when no agent did yet (it is recorded so), else the first claimant."""
-        return await self._run(self._claim_mcp_session, upstream, session_id, agent_id)
+    async def claim_id(self, scope: str, owned_id: str, agent_id: str) -> str:
+        """The agent that owns ``owned_id`` in ``scope``: ``agent_id`` when no agent did
+        yet (it is recorded so), else the first claimant."""
+        return await self._run(self._claim_id, scope, owned_id, agent_id)
 
-    def _claim_mcp_session(self, upstream: str, session_id: str, agent_id: str) -> str:
+    def _claim_id(self, scope: str, owned_id: str, agent_id: str) -> str:
         with immediate(self._conn) as cur:
             cur.execute(
-                "INSERT OR IGNORE INTO mcp_session_owners (upstream, session_id, agent_id, "
-                "opened_at) VALUES (?, ?, ?, ?)",
-                (upstream, session_id, agent_id, time.time()),
+                "INSERT OR IGNORE INTO id_owners (scope, id, agent_id, "
+                "claimed_at) VALUES (?, ?, ?, ?)",
+                (scope, owned_id, agent_id, time.time()),
             )
             row = cur.execute(
-                "SELECT agent_id FROM mcp_session_owners WHERE upstream = ? AND session_id = ?",
-                (upstream, session_id),
+                "SELECT agent_id FROM id_owners WHERE scope = ? AND id = ?",
+                (scope, owned_id),
             ).fetchone()
         return str(row[0])
 
-    async def mcp_session_owner(self, upstream: str, session_id: str) -> str | None:
-        """The agent that owns MCP session ``session_id`` of ``upstream``, if any does."""
-        return await self._run(self._mcp_session_owner, upstream, session_id)
+    async def id_owner(self, scope: str, owned_id: str) -> str | None:
+        """The agent that owns ``owned_id`` in ``scope``, if any does."""
+        return await self._run(self._id_owner, scope, owned_id)
 
-    def _mcp_session_owner(self, upstream: str, session_id: str) -> str | None:
+    def _id_owner(self, scope: str, owned_id: str) -> str | None:
         row = self._conn.execute(
-            "SELECT agent_id FROM mcp_session_owners WHERE upstream = ? AND session_id = ?",
-            (upstream, session_id),
+            "SELECT agent_id FROM id_owners WHERE scope = ? AND id = ?",
+            (scope, owned_id),
         ).fetchone()
         return str(row[0]) if row is not None else None
 
-    async def release_mcp_session(self, upstream: str, session_id: str) -> None:
-        """Forget who owns a session the server ended."""
-        await self._run(self._release_mcp_session, upstream, session_id)
+    async def release_id(self, scope: str, owned_id: str) -> None:
+        """Forget who owns ``owned_id`` (a session the server ended)."""
+        await self._run(self._release_id, scope, owned_id)
 
-    def _release_mcp_session(self, upstream: str, session_id: str) -> None:
+    def _release_id(self, scope: str, owned_id: str) -> None:
         with immediate(self._conn) as cur:
             cur.execute(
-                "DELETE FROM mcp_session_owners WHERE upstream = ? AND session_id = ?",
-                (upstream, session_id),
+                "DELETE FROM id_owners WHERE scope = ? AND id = ?",
+                (scope, owned_id),
             )
 
     async def prune(self, older_than_s: float) -> int:
-        """Drop counters, calls and chains not touched for ``older_than_s``, and MCP
-        session owners opened longer ago; how many rows."""
+        """Drop counters, calls and chains not touched for ``older_than_s``, and owners
+        claimed longer ago; how many rows."""
         return await self._run(self._prune, time.time() - older_than_s)
 
     async def erase(self, erased: ErasedSubjects) -> int:
@@ -428,7 +428,7 @@ class SessionStore(SqliteStore):
                 ("session_counters", "updated_at"),
                 ("session_calls", "created_at"),
                 ("session_responses", "created_at"),
-                ("mcp_session_owners", "opened_at"),
+                ("id_owners", "claimed_at"),
             ):
                 cur.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff,))  # noqa: S608
                 total += cur.rowcount

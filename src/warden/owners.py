@@ -1,17 +1,18 @@
-"""Which agent opened each MCP session, so no other agent can use it through Warden.
+"""Which agent owns an id an upstream gave out, so no other agent can use it through Warden.
 
-An MCP server tells its clients apart by ``Mcp-Session-Id`` alone. When
-Warden holds the server's key, or agents share one, the server cannot tell
-one agent from another, so Warden answers an agent naming another agent's
-session as the server answers an unknown one (404).
+An MCP server tells its clients apart by ``Mcp-Session-Id`` alone, and an
+OpenAI Responses conversation (``conversation``) is named by its id. When
+Warden holds the upstream's key, or agents share one, the upstream cannot
+tell one agent from another, so Warden keeps each such id to the agent that
+owns it.
 
-Owners are kept in the state store (``mcp_session_owners``), so the binding
-holds after a restart and across the sidecars of a fleet, with the most
-recently used ones remembered here so that only a session's first request in
-this process reads the store. A session Warden has no owner for (opened
-around Warden, or pruned after ``sessions.ttl_s``) becomes the agent's whose
-request naming it the server accepts first: an id the server does not know
-writes nothing, so naming random ids fills no table.
+Owners are kept in the state store (``id_owners``, by a scope per kind and
+upstream), so the binding holds after a restart and across the sidecars of a
+fleet, with the most recently used ones remembered here so that only an
+id's first use in this process reads the store. An id with no owner (given
+out around Warden, or pruned after ``sessions.ttl_s``) is claimed by its
+first user: for MCP once the server accepted a request naming it, so
+naming random ids fills no table.
 """
 
 from __future__ import annotations
@@ -21,33 +22,35 @@ from typing import Final
 
 from warden.state.sessions import SessionRepo
 
-__all__ = ["SessionOwners"]
+__all__ = ["IdOwners"]
 
 MAX_REMEMBERED: Final = 100_000
-"""Sessions whose owner this process remembers (least recently used forgotten first)."""
+"""Ids whose owner this process remembers (least recently used forgotten first)."""
 
 MAX_REMEMBERED_PER_AGENT: Final = 1_000
-"""The same per agent: an agent opening sessions without end forgets its own first."""
+"""The same per agent: an agent claiming ids without end forgets its own first."""
 
 
-class SessionOwners:
-    """Owners of MCP sessions by (upstream, ``Mcp-Session-Id``); ``repo`` keeps them.
+class IdOwners:
+    """Owners of one kind of id (``mcp`` sessions, Responses ``conversation``s) by
+    (upstream, id); ``repo`` keeps them, in scope ``<kind>:<upstream>``.
 
     Without a repository (a door built without state, as in some tests) the
     owners live in this process only.
     """
 
-    def __init__(self, repo: SessionRepo | None) -> None:
+    def __init__(self, repo: SessionRepo | None, kind: str) -> None:
         self._repo = repo
+        self._kind = kind
         self._owners: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._owned: dict[str, OrderedDict[tuple[str, str], None]] = {}
 
-    async def owner(self, upstream: str, session: str) -> str | None:
-        """The agent that owns ``session``; ``None`` when no agent does yet.
+    async def owner(self, upstream: str, owned: str) -> str | None:
+        """The agent that owns ``owned``; ``None`` when no agent does yet.
 
         Raises what the state store raises: the caller must then refuse the request.
         """
-        key = (upstream, session)
+        key = (upstream, owned)
         owner = self._owners.get(key)
         if owner is not None:
             self._owners.move_to_end(key)
@@ -55,39 +58,42 @@ class SessionOwners:
             return owner
         if self._repo is None:
             return None
-        owner = await self._repo.mcp_session_owner(upstream, session)
+        owner = await self._repo.id_owner(self._scope(upstream), owned)
         if owner is not None and key not in self._owners:
             self._remember(key, owner)
         return owner
 
-    async def claim(self, upstream: str, session: str, agent_id: str) -> bool:
-        """Make ``agent_id`` the owner of ``session`` unless an agent already is (the
+    async def claim(self, upstream: str, owned: str, agent_id: str) -> bool:
+        """Make ``agent_id`` the owner of ``owned`` unless an agent already is (an MCP
         server opened it for this agent, or accepted this agent naming an unowned one);
         whether ``agent_id`` owns it now.
 
-        Raises what the state store raises: the caller must then not relay the id.
+        Raises what the state store raises: the caller must then not let it be used.
         """
-        key = (upstream, session)
+        key = (upstream, owned)
         owner = self._owners.get(key)
         if owner is None:
             owner = await self._claim(key, agent_id)
         return owner == agent_id
 
-    async def ended(self, upstream: str, session: str) -> None:
-        """Forget a session the server ended (its id may be issued again)."""
-        self._forget((upstream, session))
+    async def ended(self, upstream: str, owned: str) -> None:
+        """Forget an id the upstream ended (an MCP session: its id may be issued again)."""
+        self._forget((upstream, owned))
         if self._repo is not None:
-            await self._repo.release_mcp_session(upstream, session)
+            await self._repo.release_id(self._scope(upstream), owned)
 
     async def _claim(self, key: tuple[str, str], agent_id: str) -> str:
         owner = agent_id
         if self._repo is not None:
-            owner = await self._repo.claim_mcp_session(key[0], key[1], agent_id)
+            owner = await self._repo.claim_id(self._scope(key[0]), key[1], agent_id)
         known = self._owners.get(key)  # another request may have claimed it meanwhile
         if known is not None:
             return known
         self._remember(key, owner)
         return owner
+
+    def _scope(self, upstream: str) -> str:
+        return f"{self._kind}:{upstream}"
 
     def _remember(self, key: tuple[str, str], owner: str) -> None:
         self._owners[key] = owner

@@ -8,7 +8,7 @@ import pydantic
 import pytest
 
 from warden.protocols import declared_arguments
-from warden.protocols.declared_arguments import MAX_SCHEMAS, TOO_COMPLEX
+from warden.protocols.declared_arguments import MAX_WORK, TOO_COMPLEX
 
 SCHEMA = {"type": "object", "properties": {"amount": {}, "orderId": {}, "kind": {}}}
 
@@ -189,24 +189,41 @@ def test_a_long_array_costs_a_lookup_per_item_not_a_schema_walk(
     listed = declared_arguments.ListedArguments()
     listed.learn(listing({"name": "batch", "inputSchema": schema}))
     worked: list[int] = []
-    real = declared_arguments._declared
+    real = declared_arguments._views
 
-    def counted(views: Any) -> Any:
+    def counted(schemas: Any, walk: Any) -> Any:
+        views = real(schemas, walk)
         worked.append(len(views))
-        return real(views)
+        return views
 
-    monkeypatch.setattr(declared_arguments, "_declared", counted)
+    monkeypatch.setattr(declared_arguments, "_views", counted)
     ops: list[Any] = [{}] * 20_000 + [{"f3_1": "x", "F39_29": "y"}]
     assert listed.misspelled("batch", {"ops": ops}) == "ops.F39_29"
-    # The top level, then the items' union, its 40 references and the 40 models: once.
-    assert worked == [1, 81]
+    # The top level, the "ops" level, then its items' union, 40 references and 40 models:
+    # each worked out once, however many items share them.
+    assert worked == [1, 1, 81]
 
 
 def test_a_schema_too_complex_to_compare_refuses_the_call() -> None:
-    wide: dict[str, Any] = {"anyOf": [{"properties": {f"f{i}": {}}} for i in range(MAX_SCHEMAS)]}
+    wide: dict[str, Any] = {"anyOf": [{"properties": {f"f{i}": {}}} for i in range(MAX_WORK)]}
     declared = declared_arguments.anthropic(
         {"tools": [{"name": "t", "input_schema": {"properties": {"x": wide}}}]}
     )
     assert declared is not None
     assert declared.misspelled("t", {"x": {"f1": 1}}) == TOO_COMPLEX
     assert declared.misspelled("t", {"x": 5}) is None  # a scalar needs no schema below
+
+
+def test_a_huge_recursive_schema_is_read_once_and_refused_past_the_bound() -> None:
+    # Every property refers back to one model of 100,000 properties: each level reads it
+    # in place; folding its names for a misspelled key would pass the bound, so the call
+    # is refused rather than compared in part or for minutes.
+    props: dict[str, Any] = {f"p{i}": {"$ref": "#/$defs/N"} for i in range(100_000)}
+    schema = {"$defs": {"N": {"type": "object", "properties": props}}, "$ref": "#/$defs/N"}
+    declared = declared_arguments.openai_responses(
+        {"tools": [{"type": "function", "name": "t", "parameters": schema}]}
+    )
+    assert declared is not None
+    exact = {f"p{i}": {"p0": {"p1": 1}} for i in range(2_000)}
+    assert declared.misspelled("t", exact) is None
+    assert declared.misspelled("t", {"p0": {"P1": 1}}) == TOO_COMPLEX

@@ -21,13 +21,13 @@ is decided, so a request without calls in its answer costs nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 __all__ = [
     "MAX_LISTED_TOOLS",
-    "MAX_SCHEMAS",
+    "MAX_WORK",
     "TOO_COMPLEX",
     "DeclaredArguments",
     "ListedArguments",
@@ -102,13 +102,14 @@ class ListedArguments:
 _MAX_DEPTH: Final = 64
 """Schema levels followed (arguments nest no deeper: deeper input is refused earlier)."""
 
-MAX_SCHEMAS: Final = 4096
-"""Schemas one call's arguments may be compared with, through every level, ``$ref`` and
-``*Of`` branch: past it the call is taken as malformed (:data:`TOO_COMPLEX`), so a
-pathological schema costs bounded work and never waves a call through."""
+MAX_WORK: Final = 100_000
+"""Schemas and property names one call's arguments may be compared with, through every
+level, ``$ref`` target and ``*Of`` branch, each counted once: past it the call is taken as
+malformed (:data:`TOO_COMPLEX`), so a pathological schema costs bounded work and never
+waves a call through."""
 
 TOO_COMPLEX: Final = "(a schema too complex to compare argument names with)"
-"""What :meth:`DeclaredArguments.misspelled` names when the schema passed :data:`MAX_SCHEMAS`."""
+"""What :meth:`DeclaredArguments.misspelled` names when the schema passed :data:`MAX_WORK`."""
 
 _BRANCHES: Final = ("allOf", "anyOf", "oneOf")
 
@@ -118,9 +119,9 @@ def _misspelled(schema: Any, value: Any) -> str | None:
     but is spelled otherwise, as a dotted path; ``None`` when there is none."""
     if not isinstance(schema, dict):
         return None
-    budget = _Budget(MAX_SCHEMAS)
+    walk = _Walk(schema)
     try:
-        return _Level([schema], schema, budget).first_misspelled(value, 0)
+        return _Level([schema], walk).first_misspelled(value, 0)
     except _TooComplex:
         return TOO_COMPLEX
 
@@ -129,30 +130,54 @@ class _TooComplex(Exception):
     pass
 
 
-class _Budget:
-    """Schemas a call may still read (:data:`MAX_SCHEMAS`)."""
+class _Walk:
+    """One call's comparison: the tool's schema, the work left (:data:`MAX_WORK`), and each
+    schema's folded property names, worked out once however many levels reach it."""
 
-    __slots__ = ("left",)
+    __slots__ = ("_folded", "left", "root")
 
-    def __init__(self, left: int) -> None:
-        self.left = left
+    def __init__(self, root: dict[str, Any]) -> None:
+        self.root = root
+        self.left = MAX_WORK
+        self._folded: dict[int, frozenset[str]] = {}
+
+    def charge(self, units: int) -> None:
+        self.left -= units
+        if self.left < 0:
+            raise _TooComplex
+
+    def folded(self, properties: dict[str, Any]) -> frozenset[str]:
+        found = self._folded.get(id(properties))
+        if found is None:
+            self.charge(len(properties))
+            found = frozenset(n.casefold() for n in properties if isinstance(n, str))
+            self._folded[id(properties)] = found
+        return found
 
 
 class _Level:
     """One level of a tool's arguments, with every schema it stands for (``anyOf``
     branches, ``allOf`` parts, ``$ref`` targets: a name any of them declares is declared).
 
-    What a level declares, and the levels below it, are worked out once per call and
-    shared by every value at that level: the items of a long array cost a lookup each.
+    The levels below it are worked out once per call and shared by every value at this
+    level: the items of a long array cost a lookup each.
     """
 
-    __slots__ = ("_below", "_budget", "_declared", "_folded", "_items", "_root", "_views")
+    __slots__ = ("_below", "_folded", "_items", "_names", "_properties", "_views", "_walk")
 
-    def __init__(self, schemas: list[Any], root: dict[str, Any], budget: _Budget) -> None:
-        self._views = _views(schemas, root, budget)
-        self._root = root
-        self._budget = budget
-        self._declared: dict[str, list[Any]] | None = None
+    def __init__(self, schemas: list[Any], walk: _Walk) -> None:
+        self._walk = walk
+        self._views = _views(schemas, walk)
+        self._properties = [
+            props for v in self._views if isinstance(props := v.get("properties"), dict)
+        ]
+        self._names: Container[str]
+        if len(self._properties) == 1:
+            self._names = self._properties[0]  # the common case: one schema, read in place
+        else:
+            for declared in self._properties:
+                walk.charge(len(declared))
+            self._names = frozenset().union(*self._properties)
         self._folded: frozenset[str] | None = None
         self._below: dict[str, _Level] = {}
         self._items: _Level | None = None
@@ -162,34 +187,36 @@ class _Level:
             return None
         if isinstance(value, list):
             return self._first_in_items(value, depth)
-        if not isinstance(value, Mapping):
+        properties = self._properties
+        if not isinstance(value, Mapping) or not properties:
             return None
-        declared = self._declared
-        if declared is None:
-            declared = self._declared = _declared(self._views)
-        if not declared:
-            return None
+        names = self._names
         for key, inner in value.items():
-            if key in declared:
+            if key in names:
                 if not isinstance(inner, list | Mapping):
                     continue  # a scalar has no keys: the schemas below need not be read
-                found = self._below_for(key, declared).first_misspelled(inner, depth + 1)
+                found = self._below_for(key).first_misspelled(inner, depth + 1)
                 if found is not None:
                     return f"{key}.{found}"
                 continue
-            folded = self._folded
-            if folded is None:
-                folded = self._folded = frozenset(n.casefold() for n in declared)
-            if isinstance(key, str) and key.casefold() in folded:
+            if isinstance(key, str) and key.casefold() in self._folded_names():
                 return key
         return None
+
+    def _folded_names(self) -> frozenset[str]:
+        folded = self._folded
+        if folded is None:
+            parts = [self._walk.folded(declared) for declared in self._properties]
+            folded = parts[0] if len(parts) == 1 else frozenset().union(*parts)
+            if len(parts) > 1:
+                self._walk.charge(len(folded))
+            self._folded = folded
+        return folded
 
     def _first_in_items(self, value: list[Any], depth: int) -> str | None:
         items = self._items
         if items is None:
-            items = self._items = _Level(
-                [v.get("items") for v in self._views], self._root, self._budget
-            )
+            items = self._items = _Level([v.get("items") for v in self._views], self._walk)
         for item in value:
             if isinstance(item, list | Mapping):
                 found = items.first_misspelled(item, depth + 1)
@@ -197,26 +224,15 @@ class _Level:
                     return found
         return None
 
-    def _below_for(self, key: str, declared: dict[str, list[Any]]) -> _Level:
+    def _below_for(self, key: str) -> _Level:
         below = self._below.get(key)
         if below is None:
-            below = self._below[key] = _Level(declared[key], self._root, self._budget)
+            schemas = [declared[key] for declared in self._properties if key in declared]
+            below = self._below[key] = _Level(schemas, self._walk)
         return below
 
 
-def _declared(views: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Each property name the ``views`` declare, with its schema in each that does."""
-    declared: dict[str, list[Any]] = {}
-    for view in views:
-        properties = view.get("properties")
-        if isinstance(properties, dict):
-            for name, inner in properties.items():
-                if isinstance(name, str):
-                    declared.setdefault(name, []).append(inner)
-    return declared
-
-
-def _views(schemas: list[Any], root: dict[str, Any], budget: _Budget) -> list[dict[str, Any]]:
+def _views(schemas: list[Any], walk: _Walk) -> list[dict[str, Any]]:
     """``schemas`` and every schema they stand for at their own level: local ``$ref``
     targets (``#/$defs/Refund``, as pydantic and zod write nested models) and the
     branches of ``allOf``, ``anyOf`` and ``oneOf``, each once."""
@@ -228,16 +244,15 @@ def _views(schemas: list[Any], root: dict[str, Any], budget: _Budget) -> list[di
         if not isinstance(current, dict) or id(current) in seen:
             continue
         seen.add(id(current))
-        budget.left -= 1
-        if budget.left < 0:
-            raise _TooComplex
+        walk.charge(1)
         out.append(current)
         ref = current.get("$ref")
         if isinstance(ref, str):
-            pending.append(_resolve(root, ref))
+            pending.append(_resolve(walk.root, ref))
         for branch in _BRANCHES:
             parts = current.get(branch)
             if isinstance(parts, list):
+                walk.charge(len(parts))
                 pending.extend(reversed(parts))
     return out
 

@@ -358,6 +358,9 @@ class Governor:
     def answer_started(self, turn: Turn, response_id: str) -> None:
         """A streamed Responses answer named its id, before the agent sees it: from now
         on only ``turn``'s agent may continue or fetch it (its link comes at the end)."""
+        conversation = turn.request.conversation
+        if conversation is not None and conversation.retrieved_id == response_id:
+            return  # a stored answer fetched again: whoever fetches it did not make it
         if self._chains is not None:
             self._chains.answer_started(response_id, turn.agent.id)
 

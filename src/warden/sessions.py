@@ -337,6 +337,9 @@ class SessionGuard:
         """Entries a fetched answer adds to its link, by response id, until written."""
         self._conversations = IdOwners(repo, "conversation")
         """Who owns each provider conversation (Responses ``conversation``)."""
+        self._answers = IdOwners(repo, "answer")
+        """Who owns each streamed answer, from its first event (its link comes at its end):
+        for the other sidecars of a fleet, which do not share :attr:`_streaming`."""
         self._streaming: OrderedDict[str, str] = OrderedDict()
         """The agent of each answer still streaming to it, by response id, from the event
         that names the id until its link is written: until then it is that agent's too."""
@@ -615,6 +618,10 @@ class SessionGuard:
             self._streaming[response_id] = agent_id
             while len(self._streaming) > MAX_STREAMING:
                 self._streaming.popitem(last=False)
+            if self._repo is not None:
+                self._writes.spawn(
+                    self._answers.claim("", response_id, agent_id), name="answer-owner"
+                )
 
     async def record_response(
         self, conversation: Conversation, response_id: str, agent_id: str
@@ -766,11 +773,13 @@ class SessionGuard:
         named = conversation.provider_conversation
         assert named is not None
         try:
-            mine = await self._conversations.claim(upstream, named, agent)
+            # Conversation ids are the provider's, not an upstream entry's: one scope.
+            mine = await self._conversations.claim("", named, agent)
         except Exception as exc:
             log.warning("could not check a conversation's owner: %s", type(exc).__name__)
             return dataclasses.replace(prepared, unread=f"the owner of conversation {named}")
         if mine:
+            self._conversations.used("", named, agent)
             return prepared
         return dataclasses.replace(
             prepared, not_theirs=f"the conversation {named} belongs to another agent"
@@ -815,8 +824,9 @@ class SessionGuard:
         if owed:
             conversation.memo["owed"] = owed
         if not links:
-            # Still streaming to its agent (its link not written yet), or not Warden's.
-            return _Chain([], None, self._streaming.get(head))
+            # Still streaming to its agent (its link not written yet), here or on another
+            # sidecar, or not Warden's.
+            return _Chain([], None, await self._streaming_owner(head))
         newest = links[0]
         return _Chain(
             list(calls.values()),
@@ -824,6 +834,16 @@ class SessionGuard:
             # The answer named is what is asked for; the chain behind it comes with it.
             newest.agent_id if newest.response_id == head else None,
         )
+
+    async def _streaming_owner(self, response_id: str) -> str | None:
+        owner = self._streaming.get(response_id)
+        if owner is not None:
+            return owner
+        try:
+            return await self._answers.owner("", response_id)
+        except Exception as exc:
+            log.warning("could not read an answer's owner: %s", type(exc).__name__)
+            return None
 
     def _with_unwritten_calls(self, link: ChainLink) -> ChainLink:
         for calls in self._unwritten_calls.get(link.response_id, ()):

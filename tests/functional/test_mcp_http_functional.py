@@ -622,17 +622,35 @@ async def test_naming_ids_the_server_does_not_know_claims_nothing(
         assert warden._state is not None
         assert warden._state.sessions is not None
         for n in range(5):
-            assert await warden._state.sessions.id_owner(f"mcp:{UPSTREAM}", f"guess-{n}") is None
+            assert await warden._state.sessions.id_owner(f"mcp:{server.url}", f"guess-{n}") is None
         # A session opened around Warden is the agent's whose request the server accepts.
         _, headers, _ = await post(http, server.url, INIT)
         around = {"Mcp-Session-Id": headers["mcp-session-id"], **version}
         async with http.get(url, headers={"Accept": "text/event-stream", **around}) as resp:
             assert resp.status == 200
-        owner = await warden._state.sessions.id_owner(f"mcp:{UPSTREAM}", around["Mcp-Session-Id"])
+        owner = await warden._state.sessions.id_owner(f"mcp:{server.url}", around["Mcp-Session-Id"])
         assert owner == warden.config.agent.id
         assert (await post(http, url, listing, {**around, **agent_headers("refunds-bot")}))[
             0
         ] == 404
+
+
+async def test_two_upstream_entries_for_one_server_share_its_owners(
+    tmp_path: Path, server: StreamableHttpServer
+) -> None:
+    same = {"protocol": "mcp", "base_url": server.url, "timeout_s": 60}
+    upstreams = {UPSTREAM: same, "support-tools-eu": same}
+    listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    async with (
+        Warden(config(tmp_path, server.url, upstreams=upstreams)) as warden,
+        aiohttp.ClientSession() as http,
+    ):
+        _, headers, _ = await post(
+            http, f"{warden.proxy_url}/{UPSTREAM}", INIT, agent_headers("refunds-bot")
+        )
+        theirs = {"Mcp-Session-Id": headers["mcp-session-id"], "MCP-Protocol-Version": "2025-11-25"}
+        status, _, _ = await post(http, f"{warden.proxy_url}/support-tools-eu", listing, theirs)
+        assert status == 404  # the other name for the same server is no way around
 
 
 async def test_session_owners_unreadable_fail_closed(

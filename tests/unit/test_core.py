@@ -18,6 +18,7 @@ from warden.model import (
     Action,
     ActionKind,
     Agent,
+    Conversation,
     Decision,
     Effect,
     Mode,
@@ -422,3 +423,44 @@ def test_an_action_survives_encoding() -> None:
         wire_type="local_shell_call",
     )
     assert decode_action(encode_action(action)) == action
+
+
+class _Chains:
+    """Records the answers the core says were started, and by whom."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, str]] = []
+
+    async def record_response(
+        self, conversation: Conversation, response_id: str, agent_id: str
+    ) -> None:
+        return None
+
+    def settled(self, action: Action, decision: Decision) -> None:
+        return None
+
+    def answer_started(self, response_id: str, agent_id: str) -> None:
+        self.started.append((response_id, agent_id))
+
+
+def test_a_stored_answer_streamed_again_is_not_started_by_whoever_fetches_it(
+    audit: MemoryAudit,
+) -> None:
+    chains = _Chains()
+    governor = Governor(pipeline(audit), chains=chains)
+    asked = dataclasses.replace(
+        turn(),
+        request=RequestMeta("POST", "openai", "/v1/responses", conversation=Conversation()),
+    )
+    fetched = dataclasses.replace(
+        turn(),
+        request=RequestMeta(
+            "GET",
+            "openai",
+            "/v1/responses/resp_1",
+            conversation=Conversation(previous_response_id="resp_1", retrieved_id="resp_1"),
+        ),
+    )
+    governor.answer_started(fetched, "resp_1")
+    governor.answer_started(asked, "resp_2")
+    assert chains.started == [("resp_2", asked.agent.id)]

@@ -499,6 +499,24 @@ async def test_an_answer_still_streaming_is_its_agents_and_a_fetch_claims_none(
     assert link.agent_id == "bot"
 
 
+async def test_an_answer_streaming_on_one_sidecar_is_bound_on_another(
+    store: SessionStore,
+) -> None:
+    here = SessionGuard(store, SessionsConfig(), TOOLS)
+    there = SessionGuard(store, SessionsConfig(), TOOLS)  # same store, its own memory
+    here.answer_started("resp_long", "bot")
+    await here.close()  # the owner's row is written (in the background, at once)
+    theirs = dataclasses.replace(
+        proposed("get_order", {}, "c1", stored_answer_conversation({}, "resp_long")),
+        agent=Agent("other-bot"),
+    )
+    verdict, _ = await look(there, theirs, CTX)
+    assert verdict is not None
+    assert verdict.effect is Effect.DENY
+    mine = proposed("get_order", {}, "c2", stored_answer_conversation({}, "resp_long"))
+    assert (await look(there, mine, CTX))[0] is None
+
+
 async def test_answers_after_one_warden_has_no_link_for_are_bound_again(
     store: SessionStore,
 ) -> None:

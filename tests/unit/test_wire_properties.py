@@ -147,6 +147,14 @@ def test_a_request_is_sent_as_warden_read_it() -> None:
     assert value == {"seed": 123456789012345678901234567, "model": "b"}
     assert request_bytes(value) == b'{"seed":123456789012345678901234567,"model":"b"}'
     assert request_bytes({"input": "héllo"}) == '{"input":"héllo"}'.encode()
-    for bad in (b'{"t": NaN}', b'{"seed": 12345678901234567890123, "t": Infinity}', b"[1]", b"{"):
+    big = b'"seed": 12345678901234567890123'
+    for bad in (
+        b'{"t": NaN}',
+        b"{" + big + b', "t": Infinity}',
+        b"{" + big + b', "t": 1e400}',  # past a float: as orjson refuses it
+        b"{" + big + b', "t": "\\ud83d"}',  # a lone surrogate: as orjson refuses it
+        b"[1]",
+        b"{",
+    ):
         with pytest.raises(InvalidJSON):
             request_object(bad)

@@ -894,7 +894,7 @@ class McpHttp:
         if 200 <= status < 300 and session is not None:
             self._give_up(self._resumable.pop((name, session), {}).values(), "session_ended")
             try:
-                await self._owners.ended(name, session)
+                await self._owners.ended(self._server(name), session)
             except Exception as exc:  # the row stays until pruned: harmless
                 log.warning("cannot forget an MCP session owner: %s", type(exc).__name__)
         return web.Response(status=status, body=raw or None, headers=headers)
@@ -912,8 +912,9 @@ class McpHttp:
             )
         if not named:
             return None
+        server = self._server(upstream)
         try:
-            owner = await self._owners.owner(upstream, named[0])
+            owner = await self._owners.owner(server, named[0])
         except Exception as exc:  # fail closed: the owner cannot be checked
             log.warning("cannot read MCP session owners: %s", type(exc).__name__)
             raise StateUnavailable(
@@ -924,7 +925,15 @@ class McpHttp:
         elif owner != agent.id:
             metrics.child(metrics.ERRORS, "session_not_found").inc()
             return _rpc_error(404, None, WARDEN_ERROR, "Session not found", "session_not_found")
+        else:
+            self._owners.used(server, named[0], agent.id)
         return None
+
+    def _server(self, upstream: str) -> str:
+        """Where an upstream's sessions live: two upstream entries for one server (its
+        ``base_url``) share their sessions' owners."""
+        found = self._config.upstreams.get(upstream)
+        return found.base_url if found is not None else upstream
 
     async def _opened(
         self, request: web.Request, exchange: _Exchange, resp: aiohttp.ClientResponse
@@ -941,7 +950,8 @@ class McpHttp:
         if session is None:
             return None
         try:
-            mine = await self._owners.claim(exchange.upstream, session, exchange.agent.id)
+            server = self._server(exchange.upstream)
+            mine = await self._owners.claim(server, session, exchange.agent.id)
         except Exception as exc:  # an id nobody owns must not reach the agent
             log.warning("cannot record an MCP session owner: %s", type(exc).__name__)
             return StateUnavailable(

@@ -104,6 +104,8 @@ def request_object(body: bytes) -> dict[str, Any]:
     try:
         if _long_int(body):
             value = json.loads(body, parse_constant=_reject_constant)
+            # As orjson would have: no number past a float's range, no lone surrogate.
+            json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
         else:
             value = orjson.loads(body)
     except (ValueError, RecursionError) as exc:
@@ -119,7 +121,7 @@ def request_bytes(value: Mapping[str, Any]) -> bytes:
         return orjson.dumps(value)
     except TypeError:  # an integer past 64 bits
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        return text.encode("utf-8", "surrogatepass")
+        return text.encode()
 
 
 def loads_or_none(text: str) -> Any:

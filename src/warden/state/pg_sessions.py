@@ -173,14 +173,17 @@ class PgSessionStore:
 
     async def claim_id(self, scope: str, owned_id: str, agent_id: str) -> str:
         """The agent that owns ``owned_id`` in ``scope``: ``agent_id`` when no agent did
-        yet (it is recorded so), else the first claimant."""
+        yet (it is recorded so), else the first claimant. The owner claiming again keeps
+        the row from expiring."""
 
         async def run(cur: AsyncCursor[Any]) -> str:
-            # DO UPDATE of nothing, so RETURNING gives the row that stands either way.
+            # Always DO UPDATE, so RETURNING gives the row that stands; a claim by the
+            # owner again is a use, which keeps the row from expiring.
             await cur.execute(
-                "INSERT INTO id_owners (scope, id, agent_id, claimed_at) "
-                "VALUES (%s, %s, %s, %s) ON CONFLICT (scope, id) "
-                "DO UPDATE SET agent_id = id_owners.agent_id RETURNING agent_id",
+                "INSERT INTO id_owners (scope, id, agent_id, used_at) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (scope, id) DO UPDATE SET used_at = "
+                "CASE WHEN id_owners.agent_id = excluded.agent_id THEN excluded.used_at "
+                "ELSE id_owners.used_at END RETURNING agent_id",
                 (scope, owned_id, agent_id, time.time()),
             )
             row = await cur.fetchone()
@@ -209,8 +212,8 @@ class PgSessionStore:
         await self._db.tx(run)
 
     async def prune(self, older_than_s: float) -> int:
-        """Drop counters, calls and chains not touched for ``older_than_s``, and owners
-        claimed longer ago; how many rows."""
+        """Drop counters, calls, chains and owners not touched for ``older_than_s``; how
+        many rows."""
         cutoff = time.time() - older_than_s
 
         async def run(cur: AsyncCursor[Any]) -> int:
@@ -219,7 +222,7 @@ class PgSessionStore:
                 "DELETE FROM session_counters WHERE updated_at < %s",
                 "DELETE FROM session_calls WHERE created_at < %s",
                 "DELETE FROM session_responses WHERE created_at < %s",
-                "DELETE FROM id_owners WHERE claimed_at < %s",
+                "DELETE FROM id_owners WHERE used_at < %s",
             ):
                 await cur.execute(statement, (cutoff,))
                 total += cur.rowcount

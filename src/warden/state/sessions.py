@@ -116,7 +116,8 @@ class SessionRepo(Protocol):
 
     async def claim_id(self, scope: str, owned_id: str, agent_id: str) -> str:
         """The agent that owns ``owned_id`` in ``scope``: ``agent_id`` when no agent did
-        yet (it is recorded so), else the first claimant."""
+        yet (it is recorded so), else the first claimant. The owner claiming again keeps
+        the row from expiring."""
         ...
 
     async def id_owner(self, scope: str, owned_id: str) -> str | None:
@@ -128,8 +129,8 @@ class SessionRepo(Protocol):
         ...
 
     async def prune(self, older_than_s: float) -> int:
-        """Drop counters, calls and chains not touched for ``older_than_s``, and owners
-        claimed longer ago; how many rows."""
+        """Drop counters, calls, chains and owners not touched for ``older_than_s``; how
+        many rows."""
         ...
 
     async def erase(self, erased: ErasedSubjects) -> int:
@@ -362,14 +363,17 @@ class SessionStore(SqliteStore):
 
     async def claim_id(self, scope: str, owned_id: str, agent_id: str) -> str:
         """The agent that owns ``owned_id`` in ``scope``: ``agent_id`` when no agent did
-        yet (it is recorded so), else the first claimant."""
+        yet (it is recorded so), else the first claimant. The owner claiming again keeps
+        the row from expiring."""
         return await self._run(self._claim_id, scope, owned_id, agent_id)
 
     def _claim_id(self, scope: str, owned_id: str, agent_id: str) -> str:
         with immediate(self._conn) as cur:
+            # A claim by the owner again is a use: it keeps the row from expiring.
             cur.execute(
-                "INSERT OR IGNORE INTO id_owners (scope, id, agent_id, "
-                "claimed_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO id_owners (scope, id, agent_id, used_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (scope, id) DO UPDATE SET used_at = excluded.used_at "
+                "WHERE id_owners.agent_id = excluded.agent_id",
                 (scope, owned_id, agent_id, time.time()),
             )
             row = cur.execute(
@@ -401,8 +405,8 @@ class SessionStore(SqliteStore):
             )
 
     async def prune(self, older_than_s: float) -> int:
-        """Drop counters, calls and chains not touched for ``older_than_s``, and owners
-        claimed longer ago; how many rows."""
+        """Drop counters, calls, chains and owners not touched for ``older_than_s``; how
+        many rows."""
         return await self._run(self._prune, time.time() - older_than_s)
 
     async def erase(self, erased: ErasedSubjects) -> int:
@@ -428,7 +432,7 @@ class SessionStore(SqliteStore):
                 ("session_counters", "updated_at"),
                 ("session_calls", "created_at"),
                 ("session_responses", "created_at"),
-                ("id_owners", "claimed_at"),
+                ("id_owners", "used_at"),
             ):
                 cur.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff,))  # noqa: S608
                 total += cur.rowcount

@@ -12,8 +12,8 @@ CREATE TABLE id_owners (
     scope      text NOT NULL,
     id         text NOT NULL,
     agent_id   text NOT NULL,
-    claimed_at double precision NOT NULL,
+    used_at double precision NOT NULL,
     PRIMARY KEY (scope, id)
 );
-CREATE INDEX id_owners_age ON id_owners (claimed_at);
+CREATE INDEX id_owners_age ON id_owners (used_at);
 ALTER TABLE session_responses ADD COLUMN agent_id text;

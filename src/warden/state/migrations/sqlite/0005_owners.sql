@@ -12,8 +12,8 @@ CREATE TABLE IF NOT EXISTS id_owners (
     scope      TEXT NOT NULL,
     id         TEXT NOT NULL,
     agent_id   TEXT NOT NULL,
-    claimed_at REAL NOT NULL,
+    used_at REAL NOT NULL,
     PRIMARY KEY (scope, id)
 );
-CREATE INDEX IF NOT EXISTS id_owners_age ON id_owners (claimed_at);
+CREATE INDEX IF NOT EXISTS id_owners_age ON id_owners (used_at);
 ALTER TABLE session_responses ADD COLUMN agent_id TEXT;

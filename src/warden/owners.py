@@ -30,8 +30,8 @@ __all__ = ["IdOwners"]
 log = logging.getLogger("warden.owners")
 
 REFRESH_S: Final = 3600.0
-"""How often an owner's use keeps its row from expiring (rows go after ``sessions.ttl_s``
-unused)."""
+"""How often, at most, an owner's use keeps its row from expiring (more often when rows go
+sooner than four times this after their last use: ``sessions.ttl_s``)."""
 
 MAX_REMEMBERED: Final = 100_000
 """Ids whose owner this process remembers (least recently used forgotten first)."""
@@ -51,9 +51,12 @@ class IdOwners:
     owners live in this process only.
     """
 
-    def __init__(self, repo: SessionRepo | None, kind: str) -> None:
+    def __init__(self, repo: SessionRepo | None, kind: str, *, ttl_s: float) -> None:
+        """``ttl_s``: how long the store keeps an owner row unused (``sessions.ttl_s``);
+        an owner's use writes it again well within that."""
         self._repo = repo
         self._kind = kind
+        self._refresh_s = min(REFRESH_S, ttl_s / 4)
         self._owners: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._refreshed: dict[tuple[str, str], float] = {}
         self._owned: dict[str, OrderedDict[tuple[str, str], None]] = {}
@@ -103,19 +106,24 @@ class IdOwners:
         if known is not None:
             return known
         self._remember(key, owner)
-        self._refreshed[key] = time.monotonic()
+        self._note_refreshed(key, time.monotonic())
         return owner
+
+    def _note_refreshed(self, key: tuple[str, str], when: float) -> None:
+        self._refreshed.pop(key, None)  # to the end: the oldest go first
+        self._refreshed[key] = when
+        while len(self._refreshed) > MAX_REMEMBERED:
+            del self._refreshed[next(iter(self._refreshed))]
 
     def used(self, where: str, owned: str, agent_id: str) -> None:
         """``agent_id``, the owner, used ``owned``: its row is kept from expiring (written
         again, in the background, at most once per :data:`REFRESH_S` per process)."""
         key = (where, owned)
         now = time.monotonic()
-        if self._repo is None or now - self._refreshed.get(key, -REFRESH_S) < REFRESH_S:
+        last = self._refreshed.get(key)
+        if self._repo is None or (last is not None and now - last < self._refresh_s):
             return
-        self._refreshed[key] = now
-        if len(self._refreshed) > MAX_REMEMBERED:
-            self._refreshed.pop(next(iter(self._refreshed)))
+        self._note_refreshed(key, now)
         tasks.spawn(self._refresh(key, agent_id), name=f"{self._kind}-owner-refresh")
 
     async def _refresh(self, key: tuple[str, str], agent_id: str) -> None:
@@ -139,6 +147,7 @@ class IdOwners:
             self._forget(next(iter(self._owners)))
 
     def _forget(self, key: tuple[str, str]) -> None:
+        self._refreshed.pop(key, None)
         owner = self._owners.pop(key, None)
         if owner is None:
             return

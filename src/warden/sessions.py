@@ -335,9 +335,9 @@ class SessionGuard:
         (or fetching) the answer before the write commits still finds its chain."""
         self._unwritten_calls: dict[str, list[str]] = {}
         """Entries a fetched answer adds to its link, by response id, until written."""
-        self._conversations = IdOwners(repo, "conversation")
+        self._conversations = IdOwners(repo, "conversation", ttl_s=config.ttl_s)
         """Who owns each provider conversation (Responses ``conversation``)."""
-        self._answers = IdOwners(repo, "answer")
+        self._answers = IdOwners(repo, "answer", ttl_s=config.ttl_s)
         """Who owns each streamed answer, from its first event (its link comes at its end):
         for the other sidecars of a fleet, which do not share :attr:`_streaming`."""
         self._streaming: OrderedDict[str, str] = OrderedDict()
@@ -619,9 +619,13 @@ class SessionGuard:
             while len(self._streaming) > MAX_STREAMING:
                 self._streaming.popitem(last=False)
             if self._repo is not None:
-                self._writes.spawn(
-                    self._answers.claim("", response_id, agent_id), name="answer-owner"
-                )
+                self._writes.spawn(self._claim_answer(response_id, agent_id), name="answer-owner")
+
+    async def _claim_answer(self, response_id: str, agent_id: str) -> None:
+        try:
+            await self._answers.claim("", response_id, agent_id)
+        except Exception as exc:  # this sidecar still holds it; its link comes at the end
+            log.warning("could not record a streamed answer's owner: %s", type(exc).__name__)
 
     async def record_response(
         self, conversation: Conversation, response_id: str, agent_id: str
@@ -823,27 +827,40 @@ class SessionGuard:
                     _owed(owed, entry)
         if owed:
             conversation.memo["owed"] = owed
-        if not links:
-            # Still streaming to its agent (its link not written yet), here or on another
-            # sidecar, or not Warden's.
-            return _Chain([], None, await self._streaming_owner(head))
-        newest = links[0]
+        newest = links[0] if links else None
+        owner, unread = await self._owner_of(head, newest)
         return _Chain(
             list(calls.values()),
-            newest.session_id or None,  # an erased link keeps no session
-            # The answer named is what is asked for; the chain behind it comes with it.
-            newest.agent_id if newest.response_id == head else None,
+            (newest.session_id or None) if newest is not None else None,  # erased: none
+            owner,
+            unread=unread,
         )
 
-    async def _streaming_owner(self, response_id: str) -> str | None:
+    async def _owner_of(self, head: str, newest: ChainLink | None) -> tuple[str | None, bool]:
+        """The agent the answer ``head`` was made for, and whether that could not be read.
+
+        Its link says, when there is one that names an agent. Without one (the answer
+        still streams to its agent, here or on another sidecar, or is not Warden's), or
+        with one naming none (a fetch made it, maybe mid-stream, or it predates agents),
+        the owner row written at the stream's first event decides.
+        """
+        if newest is not None and newest.response_id == head and newest.agent_id is not None:
+            return newest.agent_id, False
+        if newest is not None and newest.response_id != head:
+            return None, False  # the chain goes on past what Warden kept: not bound
+        return await self._streaming_owner(head)
+
+    async def _streaming_owner(self, response_id: str) -> tuple[str | None, bool]:
+        """The agent an answer was made for by its owner row (written at its stream's first
+        event), and whether the store could not be read."""
         owner = self._streaming.get(response_id)
         if owner is not None:
-            return owner
+            return owner, False
         try:
-            return await self._answers.owner("", response_id)
+            return await self._answers.owner("", response_id), False
         except Exception as exc:
             log.warning("could not read an answer's owner: %s", type(exc).__name__)
-            return None
+            return None, True
 
     def _with_unwritten_calls(self, link: ChainLink) -> ChainLink:
         for calls in self._unwritten_calls.get(link.response_id, ()):

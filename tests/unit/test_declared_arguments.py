@@ -227,3 +227,21 @@ def test_a_huge_recursive_schema_is_read_once_and_refused_past_the_bound() -> No
     exact = {f"p{i}": {"p0": {"p1": 1}} for i in range(2_000)}
     assert declared.misspelled("t", exact) is None
     assert declared.misspelled("t", {"p0": {"P1": 1}}) == TOO_COMPLEX
+
+
+def test_a_ref_is_looked_up_once_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    # However many keys reach one definition, its (long) $ref is resolved once.
+    schema: dict[str, Any] = {
+        "$defs": {"D": {"$ref": "#/" + "/" * 10_000}},
+        "properties": {f"k{i}": {"$ref": "#/$defs/D"} for i in range(2_000)},
+    }
+    resolved: list[str] = []
+    real = declared_arguments._resolve
+
+    def counted(root: Any, ref: str) -> Any:
+        resolved.append(ref[:10])
+        return real(root, ref)
+
+    monkeypatch.setattr(declared_arguments, "_resolve", counted)
+    assert declared_arguments._misspelled(schema, {f"k{i}": {} for i in range(2_000)}) is None
+    assert sorted(resolved) == ["#/$defs/D", "#/////////"]

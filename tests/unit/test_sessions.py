@@ -517,6 +517,29 @@ async def test_an_answer_streaming_on_one_sidecar_is_bound_on_another(
     assert (await look(there, mine, CTX))[0] is None
 
 
+async def test_an_answer_its_agent_fetches_mid_stream_stays_its_agents(
+    store: SessionStore,
+) -> None:
+    here = SessionGuard(store, SessionsConfig(), TOOLS)
+    there = SessionGuard(store, SessionsConfig(), TOOLS)
+    here.answer_started("resp_bg", "bot")
+    # Its agent polls it before the stream ends: the fetch makes a link naming no agent.
+    polled = stored_answer_conversation({}, "resp_bg")
+    await look(here, proposed("get_order", {}, "c1", polled), CTX)
+    await here.record_response(polled, "resp_bg", "bot")
+    (link,) = await store.chain("resp_bg")
+    assert link.agent_id is None
+    await here.close()
+    for guard in (here, there):  # the owner row decides, on every sidecar
+        theirs = dataclasses.replace(
+            proposed("get_order", {}, "c2", stored_answer_conversation({}, "resp_bg")),
+            agent=Agent("other-bot"),
+        )
+        verdict, _ = await look(guard, theirs, CTX)
+        assert verdict is not None
+        assert verdict.effect is Effect.DENY
+
+
 async def test_answers_after_one_warden_has_no_link_for_are_bound_again(
     store: SessionStore,
 ) -> None:

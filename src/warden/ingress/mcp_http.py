@@ -170,7 +170,7 @@ class McpHttp:
         )
         self._listed: dict[str, ListedArguments] = {}
         """Per upstream: its tools' argument names, from the ``tools/list`` answers seen."""
-        self._owners = IdOwners(owners, "mcp")
+        self._owners = IdOwners(owners, "mcp", ttl_s=config.sessions.ttl_s)
         """The agent that opened each session: another agent naming it is answered as for
         an unknown session (a server cannot tell agents apart when Warden holds its key)."""
 

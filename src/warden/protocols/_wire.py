@@ -103,9 +103,10 @@ def request_object(body: bytes) -> dict[str, Any]:
     """
     try:
         if _long_int(body):
-            value = json.loads(body, parse_constant=_reject_constant)
-            # As orjson would have: no number past a float's range, no lone surrogate.
-            json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
+            # As orjson would read it: no number past a float's range, no lone surrogate.
+            value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite)
+            if _SURROGATE_ESCAPE.search(body):
+                json.dumps(value, ensure_ascii=False).encode()  # raises on a lone one
         else:
             value = orjson.loads(body)
     except (ValueError, RecursionError) as exc:
@@ -113,6 +114,16 @@ def request_object(body: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidJSON("request body must be a JSON object")
     return value
+
+
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is past a float's range")
+    return number
 
 
 def request_bytes(value: Mapping[str, Any]) -> bytes:

@@ -134,12 +134,21 @@ class _Walk:
     """One call's comparison: the tool's schema, the work left (:data:`MAX_WORK`), and each
     schema's folded property names, worked out once however many levels reach it."""
 
-    __slots__ = ("_folded", "left", "root")
+    __slots__ = ("_folded", "_targets", "left", "root")
 
     def __init__(self, root: dict[str, Any]) -> None:
         self.root = root
         self.left = MAX_WORK
         self._folded: dict[int, frozenset[str]] = {}
+        self._targets: dict[str, Any] = {}
+
+    def resolve(self, ref: str) -> Any:
+        """What a ``$ref`` names, looked up once per call (charged by its length)."""
+        if ref in self._targets:
+            return self._targets[ref]
+        self.charge(1 + len(ref) // 32)
+        target = self._targets[ref] = _resolve(self.root, ref)
+        return target
 
     def charge(self, units: int) -> None:
         self.left -= units
@@ -248,7 +257,7 @@ def _views(schemas: list[Any], walk: _Walk) -> list[dict[str, Any]]:
         out.append(current)
         ref = current.get("$ref")
         if isinstance(ref, str):
-            pending.append(_resolve(walk.root, ref))
+            pending.append(walk.resolve(ref))
         for branch in _BRANCHES:
             parts = current.get(branch)
             if isinstance(parts, list):

@@ -2,9 +2,10 @@
 -- tell agents apart (Warden holds its key, or agents share one).
 --
 -- id_owners: the agent that owns an id an upstream gave out, by scope: an MCP
--- session (mcp:<upstream>, by Mcp-Session-Id), which another agent naming is
--- answered as for an unknown session, or a Responses API conversation
--- (conversation:<upstream>), which another agent may not continue.
+-- session (mcp:<server URL>, by Mcp-Session-Id), which another agent naming is
+-- answered as for an unknown session; a Responses API conversation
+-- (conversation:) or a streamed answer until its link is kept (answer:), which
+-- another agent may not use. Rows go once unused for sessions.ttl_s.
 -- session_responses.agent_id: the agent a Responses answer was made for; another
 -- agent continuing, fetching or deleting it is refused (NULL: kept before this).
 

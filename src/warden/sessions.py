@@ -404,7 +404,7 @@ class SessionGuard:
             if not labels:
                 return None, ctx
             return None, dataclasses.replace(ctx, labels=labels)
-        prepared = await self._prepare(conversation, action.agent.id, action.request.upstream)
+        prepared = await self._prepare(conversation, action.agent.id)
         if prepared.not_theirs is not None:
             return _not_theirs(ctx, prepared.not_theirs), ctx
         if prepared.unread is not None and self._deny:
@@ -704,7 +704,7 @@ class SessionGuard:
 
     # -- internals ---------------------------------------------------------------
 
-    async def _prepare(self, conversation: Conversation, agent: str, upstream: str) -> _Prepared:
+    async def _prepare(self, conversation: Conversation, agent: str) -> _Prepared:
         found = conversation.memo.get("prepared")
         if isinstance(found, _Prepared):
             return found
@@ -715,7 +715,7 @@ class SessionGuard:
                 return found
             prepared = await self._build(conversation, agent)
             if conversation.provider_conversation is not None and prepared.not_theirs is None:
-                prepared = await self._own_conversation(prepared, conversation, agent, upstream)
+                prepared = await self._own_conversation(prepared, conversation, agent)
             conversation.memo["prepared"] = prepared
             return prepared
 
@@ -770,7 +770,7 @@ class SessionGuard:
         )
 
     async def _own_conversation(
-        self, prepared: _Prepared, conversation: Conversation, agent: str, upstream: str
+        self, prepared: _Prepared, conversation: Conversation, agent: str
     ) -> _Prepared:
         """``prepared``, refused if the provider conversation the request names is another
         agent's; the first agent to use one through Warden owns it."""

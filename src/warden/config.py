@@ -297,6 +297,10 @@ class SessionsConfig(_Section):
     """Keep session counters in the state store (``input.session.calls`` and the rest)."""
     ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
     """How long session counters and Warden's record of decided calls are kept."""
+    handoffs: bool = False
+    """Let any agent continue, fetch or delete another agent's Responses answers and
+    provider conversations (agents that each bring their own provider key and hand a
+    conversation over). Off: each is its own agent's, as one shared key needs."""
 
     @field_validator("pointer")
     @classmethod

@@ -36,7 +36,7 @@ sooner than four times this after their last use: ``sessions.ttl_s``)."""
 MAX_REMEMBERED: Final = 100_000
 """Ids whose owner this process remembers (least recently used forgotten first)."""
 
-MAX_REMEMBERED_PER_AGENT: Final = 1_000
+MAX_REMEMBERED_PER_AGENT: Final = 25_000
 """The same per agent: an agent claiming ids without end forgets its own first."""
 
 
@@ -88,6 +88,12 @@ class IdOwners:
         """
         key = (where, owned)
         owner = self._owners.get(key)
+        if owner is None and self._repo is not None:
+            # Most claims find their row (an id used before, in another process): a read
+            # answers those, and only an id new to the store is written.
+            owner = await self._repo.id_owner(self._scope(where), owned)
+            if owner is not None:
+                self._remember(key, owner)
         if owner is None:
             owner = await self._claim(key, agent_id)
         return owner == agent_id

@@ -714,7 +714,9 @@ class SessionGuard:
             if isinstance(found, _Prepared):
                 return found
             prepared = await self._build(conversation, agent)
-            if conversation.provider_conversation is not None and prepared.not_theirs is None:
+            if self._config.handoffs:
+                prepared = dataclasses.replace(prepared, not_theirs=None)
+            elif conversation.provider_conversation is not None and prepared.not_theirs is None:
                 prepared = await self._own_conversation(prepared, conversation, agent)
             conversation.memo["prepared"] = prepared
             return prepared

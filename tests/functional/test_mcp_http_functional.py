@@ -588,6 +588,22 @@ async def test_a_session_stays_its_agents_after_a_restart(
             assert (await post(http, url, listing, bot_too))[0] == 404
 
 
+async def test_with_fallback_an_outage_leaves_sessions_unbound_not_refused(
+    tmp_path: Path, server: StreamableHttpServer
+) -> None:
+    listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    fallback = config(tmp_path, server.url, state={"on_unavailable": "fallback"})
+    async with Warden(fallback) as warden, aiohttp.ClientSession() as http:
+        url = f"{warden.proxy_url}/{UPSTREAM}"
+        assert warden._state is not None
+        assert warden._state.sessions is not None
+        await cast(SessionStore, warden._state.sessions).close()  # the store is gone
+        status, headers, _ = await post(http, url, INIT)
+        assert status == 200  # MCP goes on, as the server alone would, for the outage
+        opened = {"Mcp-Session-Id": headers["mcp-session-id"], "MCP-Protocol-Version": "2025-11-25"}
+        assert (await post(http, url, listing, opened))[0] == 200
+
+
 async def test_a_session_id_given_out_twice_is_not_handed_to_a_second_agent(
     tmp_path: Path,
 ) -> None:

@@ -115,3 +115,26 @@ async def test_a_provider_conversation_is_its_first_agents(
             model="gpt-4.1", input="hi", conversation="conv_support_2"
         )
         assert other.output_text == "Mine now."
+
+
+async def test_handoffs_let_agents_continue_each_others_answers(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # Agents that each bring their own key and hand a conversation over on purpose.
+    agents = {a: {"key_sha256": [hashlib.sha256(k.encode()).hexdigest()]} for a, k in KEYS.items()}
+    config = make_config(
+        tmp_path,
+        llm.url,
+        identity={"agents": agents, "require_proof": True},
+        sessions={"handoffs": True},
+    )
+    async with Warden(config) as warden:
+        assert warden.core is not None
+        async with client(warden, "refunds-bot") as mine, client(warden, "triage-bot") as theirs:
+            llm.script(Reply(text="Over to you."), Reply(text="Taken over."))
+            first = await mine.responses.create(model="gpt-4.1", input="hand over")
+            await warden.core.background.drain()
+            answer = await theirs.responses.create(
+                model="gpt-4.1", previous_response_id=first.id, input="go on"
+            )
+            assert answer.output_text == "Taken over."

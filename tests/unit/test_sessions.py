@@ -433,11 +433,13 @@ async def test_an_unreadable_store_denies_decisions_in_a_session(tmp_path: Path)
 async def test_only_the_agent_an_answer_was_made_for_continues_or_fetches_it(
     store: SessionStore,
 ) -> None:
-    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+    slow = _SlowLinks(store)  # the link's write waits: it is in memory only
+    guard = SessionGuard(cast(SessionRepo, slow), SessionsConfig(), TOOLS)
     asked = responses({"input": "where is A-1?"})
     await decide(guard, proposed("get_order", {"order_id": "A-1"}, "call_1", asked), Effect.ALLOW)
     writing = asyncio.create_task(guard.record_response(asked, "resp_mine", "bot"))
-    await asyncio.sleep(0)  # under way: another agent is refused from memory already
+    await asyncio.sleep(0.01)  # under way: another agent is refused from memory already
+    assert await store.chain("resp_mine") == []
 
     def by(agent: str, conversation: Conversation) -> Action:
         action = proposed("get_order", {"order_id": "A-1"}, "call_2", conversation)
@@ -455,6 +457,7 @@ async def test_only_the_agent_an_answer_was_made_for_continues_or_fetches_it(
             "continue, fetch or delete its own answers and conversations",
         )
         assert "bot" not in verdict.reasons[0].split()  # the owner is not named
+    slow.go.set()
     await writing
     again = responses({"input": "and A-2?", "previous_response_id": "resp_mine"})
     assert (await look(guard, by("other-bot", again), CTX))[0] is not None  # from the store

@@ -915,11 +915,13 @@ class McpHttp:
         server = self._server(upstream)
         try:
             owner = await self._owners.owner(server, named[0])
-        except Exception as exc:  # fail closed: the owner cannot be checked
+        except Exception as exc:
             log.warning("cannot read MCP session owners: %s", type(exc).__name__)
-            raise StateUnavailable(
-                "cannot check who owns this MCP session: the state store is unavailable"
-            ) from None
+            if self._config.state.on_unavailable == "deny":  # fail closed: unchecked
+                raise StateUnavailable(
+                    "cannot check who owns this MCP session: the state store is unavailable"
+                ) from None
+            return None  # fallback: as the server alone would, for the outage
         if owner is None:
             request[_UNOWNED] = named[0]  # the agent's once the server accepts it
         elif owner != agent.id:
@@ -952,8 +954,11 @@ class McpHttp:
         try:
             server = self._server(exchange.upstream)
             mine = await self._owners.claim(server, session, exchange.agent.id)
-        except Exception as exc:  # an id nobody owns must not reach the agent
+        except Exception as exc:
             log.warning("cannot record an MCP session owner: %s", type(exc).__name__)
+            if self._config.state.on_unavailable != "deny":
+                return None  # fallback: the session goes on unbound, for the outage
+            # An id nobody owns must not reach the agent.
             return StateUnavailable(
                 "cannot record who owns this MCP session: the state store is unavailable"
             )

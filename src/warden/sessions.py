@@ -69,6 +69,7 @@ from warden.model import (
 )
 from warden.owners import IdOwners
 from warden.pipeline import GuardContext, input_problem
+from warden.pointers import pointer_get
 from warden.protocols import history
 from warden.protocols.base import refusal_text
 from warden.state.sessions import (
@@ -85,7 +86,6 @@ __all__ = [
     "conversation_of",
     "door_conversation",
     "owed_outputs",
-    "pointer_get",
     "session_from",
     "stored_answer_conversation",
     "usable_session",
@@ -112,31 +112,9 @@ WRITE_COALESCE_S: Final = 0.02
 """How long decided calls wait for more to share their store transaction (memory has them)."""
 _ADD_RETRY_S: Final = 0.05  # doubled after each failed counter add, up to the most below
 _ADD_RETRY_MAX_S: Final = 5.0
-_MISSING = object()
 
 
 # -- what the ingress calls -------------------------------------------------------------------
-
-
-def pointer_get(doc: Any, pointer: str) -> Any:
-    """The value at an RFC 6901 JSON pointer, or ``None`` when there is none."""
-    if pointer == "":
-        return doc
-    if not pointer.startswith("/"):
-        return None
-    node = doc
-    for raw in pointer[1:].split("/"):
-        step = raw.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict):
-            node = node.get(step, _MISSING)
-        elif isinstance(node, list) and step.isdigit():
-            index = int(step)
-            node = node[index] if index < len(node) else _MISSING
-        else:
-            return None
-        if node is _MISSING:
-            return None
-    return node
 
 
 def usable_session(value: Any) -> str | None:
@@ -161,7 +139,7 @@ def session_from(
     if given is not None:
         return given, "header"
     if pointer and body is not None:
-        found = usable_session(pointer_get(body, pointer))
+        found = usable_session(pointer_get(body, pointer)[1])
         if found is not None:
             return found, "pointer"
     return None, None

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
-from warden.budgets.caps import pointer_get, window_key
+from warden.budgets.caps import window_key
 from warden.budgets.guard import BudgetGuard
 from warden.budgets.prices import PriceTable
 from warden.config import BudgetsConfig
@@ -31,6 +31,7 @@ from warden.model import (
     new_id,
 )
 from warden.pipeline import AuditSink, GuardContext, Pipeline
+from warden.pointers import pointer_get
 from warden.state import StateStore
 
 NOW = datetime(2026, 11, 27, 23, 30, tzinfo=ZoneInfo("UTC")).timestamp()

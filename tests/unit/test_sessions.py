@@ -26,13 +26,13 @@ from warden.model import (
     new_id,
 )
 from warden.pipeline import GuardContext, policy_input
+from warden.pointers import pointer_get
 from warden.protocols.history import arguments_digest
 from warden.sessions import (
     MAX_PER_CALL_ID,
     SessionGuard,
     conversation_of,
     door_conversation,
-    pointer_get,
     session_from,
     stored_answer_conversation,
 )
@@ -588,9 +588,9 @@ def test_session_ids_from_header_then_pointer() -> None:
     assert session_from({"X-Warden-Session": "x" * 201}, body, None) == (None, None)
     assert session_from({"X-Warden-Session": "a\nb"}, body, None) == (None, None)
     assert session_from({}, {"user": True}, "/user") == (None, None)
-    assert pointer_get({"a/b": {"~": [1, 2]}}, "/a~1b/~0/1") == 2
-    assert pointer_get({"a": [1]}, "/a/5") is None
-    assert pointer_get({"a": 1}, "a") is None
+    assert pointer_get({"a/b": {"~": [1, 2]}}, "/a~1b/~0/1") == (True, 2)
+    assert pointer_get({"a": [1]}, "/a/5") == (False, None)
+    assert pointer_get({"a": 1}, "a") == (False, None)
 
 
 def test_a_responses_request_starts_or_continues_a_chain() -> None:

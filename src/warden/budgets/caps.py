@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from warden.config import CapCustomerConfig
+from warden.pointers import pointer_get
 from warden.state import Counter, Hold
 
 __all__ = [
@@ -16,7 +17,6 @@ __all__ = [
     "budget_document",
     "customer_of",
     "over_reason",
-    "pointer_get",
     "window_key",
 ]
 
@@ -46,33 +46,6 @@ def window_key(window: str, now: datetime) -> str:
 
 class Uncountable(ValueError):
     """A value a cap needs is present but cannot be counted; the message says why."""
-
-
-def pointer_get(doc: Any, pointer: str) -> tuple[bool, Any]:
-    """Resolve an RFC 6901 JSON pointer: ``(True, value)``, or ``(False, None)`` if absent.
-
-    Array indexes are decimal without leading zeros, as the RFC says; ``-``
-    (past the end) never resolves.
-    """
-    if pointer == "":
-        return True, doc
-    node = doc
-    for raw in pointer[1:].split("/"):
-        step = raw.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, Mapping):
-            if step not in node:
-                return False, None
-            node = node[step]
-        elif isinstance(node, list):
-            if not step.isdecimal() or (step != "0" and step.startswith("0")):
-                return False, None
-            index = int(step)
-            if index >= len(node):
-                return False, None
-            node = node[index]
-        else:
-            return False, None
-    return True, node
 
 
 def customer_of(

@@ -39,7 +39,6 @@ from warden.budgets.caps import (
     budget_document,
     customer_of,
     over_reason,
-    pointer_get,
     window_key,
 )
 from warden.budgets.prices import PriceTable
@@ -47,6 +46,7 @@ from warden.config import BudgetsConfig, CapConfig
 from warden.model import Action, ActionKind, Decision, Effect, Mode, Outcome, Usage, new_id
 from warden.ops.metrics import BUDGET_LIMIT, bounded, child
 from warden.pipeline import GuardContext
+from warden.pointers import pointer_get
 from warden.state import BudgetRepo, Counter, Hold
 
 __all__ = ["BudgetGuard", "CapSpend"]

@@ -25,6 +25,8 @@ from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from warden.pointers import pointer_get
+
 __all__ = [
     "MAX_LISTED_TOOLS",
     "MAX_WORK",
@@ -267,22 +269,12 @@ def _views(schemas: list[Any], walk: _Walk) -> list[dict[str, Any]]:
 
 
 def _resolve(root: dict[str, Any], ref: str) -> Any:
-    """The schema a local ``$ref`` (a JSON pointer within the tool's schema) names, if any;
-    a reference elsewhere is not fetched."""
-    if ref == "#":
-        return root
-    if not ref.startswith("#/"):
+    """The schema a local ``$ref`` (``#`` and a JSON pointer within the tool's schema)
+    names, if any; a reference elsewhere is not fetched."""
+    if not ref.startswith("#"):
         return None
-    value: Any = root
-    for escaped in ref[2:].split("/"):
-        token = escaped.replace("~1", "/").replace("~0", "~")
-        if isinstance(value, dict):
-            value = value.get(token)
-        elif isinstance(value, list) and token.isdigit() and int(token) < len(value):
-            value = value[int(token)]
-        else:
-            return None
-    return value
+    found, value = pointer_get(root, ref[1:])
+    return value if found else None
 
 
 def _at(value: Any, path: tuple[str, ...]) -> Any:

@@ -90,6 +90,12 @@ def proposed(
     )
 
 
+def by(agent: str, conversation: Conversation, call_id: str = "call_2") -> Action:
+    """A call in ``conversation`` proposed to ``agent`` (the answer's own, or another)."""
+    action = proposed("get_order", {"order_id": "A-1"}, call_id, conversation)
+    return dataclasses.replace(action, agent=Agent(agent))
+
+
 def decision(effect: Effect) -> Decision:
     return Decision(new_id("dec"), effect, ("test",), Mode.ENFORCE, "policy")
 
@@ -441,10 +447,6 @@ async def test_only_the_agent_an_answer_was_made_for_continues_or_fetches_it(
     await asyncio.sleep(0.01)  # under way: another agent is refused from memory already
     assert await store.chain("resp_mine") == []
 
-    def by(agent: str, conversation: Conversation) -> Action:
-        action = proposed("get_order", {"order_id": "A-1"}, "call_2", conversation)
-        return dataclasses.replace(action, agent=Agent(agent))
-
     for conversation in (
         responses({"input": "and A-2?", "previous_response_id": "resp_mine"}),
         stored_answer_conversation({}, "resp_mine"),  # GET, cancel or DELETE by id
@@ -476,10 +478,6 @@ async def test_an_answer_still_streaming_is_its_agents_and_a_fetch_claims_none(
 ) -> None:
     guard = SessionGuard(store, SessionsConfig(), TOOLS)
 
-    def by(agent: str, conversation: Conversation) -> Action:
-        action = proposed("get_order", {"order_id": "A-1"}, "call_9", conversation)
-        return dataclasses.replace(action, agent=Agent(agent))
-
     # Named by its stream's first event; no link yet: only its agent may ask for it.
     guard.answer_started("resp_live", "bot")
     theirs = stored_answer_conversation({}, "resp_live")
@@ -509,14 +507,11 @@ async def test_an_answer_streaming_on_one_sidecar_is_bound_on_another(
     there = SessionGuard(store, SessionsConfig(), TOOLS)  # same store, its own memory
     here.answer_started("resp_long", "bot")
     await here.close()  # the owner's row is written (in the background, at once)
-    theirs = dataclasses.replace(
-        proposed("get_order", {}, "c1", stored_answer_conversation({}, "resp_long")),
-        agent=Agent("other-bot"),
-    )
+    theirs = by("other-bot", stored_answer_conversation({}, "resp_long"))
     verdict, _ = await look(there, theirs, CTX)
     assert verdict is not None
     assert verdict.effect is Effect.DENY
-    mine = proposed("get_order", {}, "c2", stored_answer_conversation({}, "resp_long"))
+    mine = by("bot", stored_answer_conversation({}, "resp_long"))
     assert (await look(there, mine, CTX))[0] is None
 
 
@@ -534,10 +529,7 @@ async def test_an_answer_its_agent_fetches_mid_stream_stays_its_agents(
     assert link.agent_id is None
     await here.close()
     for guard in (here, there):  # the owner row decides, on every sidecar
-        theirs = dataclasses.replace(
-            proposed("get_order", {}, "c2", stored_answer_conversation({}, "resp_bg")),
-            agent=Agent("other-bot"),
-        )
+        theirs = by("other-bot", stored_answer_conversation({}, "resp_bg"))
         verdict, _ = await look(guard, theirs, CTX)
         assert verdict is not None
         assert verdict.effect is Effect.DENY
@@ -555,7 +547,7 @@ async def test_answers_after_one_warden_has_no_link_for_are_bound_again(
     (link,) = await store.chain("resp_next")
     assert (link.agent_id, link.previous_id) == ("bot", "resp_elsewhere")
     after = responses({"input": "and?", "previous_response_id": "resp_next"})
-    other = dataclasses.replace(proposed("get_order", {}, "c2", after), agent=Agent("other-bot"))
+    other = by("other-bot", after)
     verdict, _ = await look(guard, other, CTX)
     assert verdict is not None
     assert verdict.effect is Effect.DENY

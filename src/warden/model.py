@@ -8,6 +8,7 @@ and the audit log stores both. Adapters, guards and sinks only exchange these.
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
 import threading
 import time
@@ -34,6 +35,7 @@ __all__ = [
     "ToolResult",
     "Usage",
     "new_id",
+    "request_sha256",
 ]
 
 
@@ -347,11 +349,22 @@ class Action:
     """The item or block type the call came as (``function_call``, ``local_shell_call``)."""
     view: PolicyView | None = None
     """Set by a door that asks the policy its own question (see :class:`PolicyView`)."""
+    request_sha256: str | None = None
+    """Set by a door whose action is an HTTP request it forwards: :func:`request_sha256` of
+    it. An approval binds it, so a deferred approval lets only these very bytes through, not
+    a body field or query parameter the arguments leave out. Not recorded, not in the input."""
 
     @property
     def target(self) -> str:
         """The tool name for tool calls, else the request path: a short label for logs."""
         return self.tool if self.tool is not None else self.request.path
+
+
+def request_sha256(method: str, target: str, body: bytes) -> str:
+    """SHA-256 (hex) of an HTTP request: its method, target (path and query) and body."""
+    digest = hashlib.sha256(f"{method} {target}\n".encode())
+    digest.update(body)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -182,9 +182,16 @@ async def test_a_route_rule_makes_the_request_a_tool_call(tmp_path: Path) -> Non
         large = await stub.Check(
             _request("POST", "/orders/A-1/refunds", json_headers, b'{"amount": 400}')
         )
+        # A query parameter no rule names is input the service may act on undecided.
+        queried = await stub.Check(
+            _request("POST", "/orders/A-1/refunds?amount=4000", json_headers, b'{"amount": 40}')
+        )
     assert small.status.code == GRPC_OK
     assert large.status.code == GRPC_PERMISSION_DENIED
     assert large.denied_response.status.code == 403
+    assert queried.status.code == GRPC_PERMISSION_DENIED
+    assert queried.denied_response.status.code == 400
+    assert "'amount' is not named in this route's arguments" in queried.denied_response.body
     records = _decisions(tmp_path)
     action = records[small.dynamic_metadata["decision_id"]]["action"]
     assert (action["kind"], action["tool"]) == ("tool_call", "issue_refund")
@@ -513,11 +520,17 @@ async def test_a_call_that_needs_a_person_is_answered_at_once_and_passes_once_ap
         assert second.dynamic_metadata["warden_approval_id"] == pending.id  # for Envoy's logs
         lead = Principal("lead", frozenset({"approver"}), frozenset())
         await approvals.decide(pending.id, lead, approve=True, comment="ok")
+        # Same arguments, another body: the service would read what the approver never saw.
+        other = await stub.Check(
+            _request("POST", "/orders/A-1/refunds", json_headers, b'{"amount": 90, "to": "X"}')
+        )
+        assert other.status.code == GRPC_PERMISSION_DENIED
+        assert other.denied_response.body.startswith("Warden held this request for approval")
         third = await stub.Check(refund)  # the approved call, once
         fourth = await stub.Check(refund)  # and not again
     assert third.status.code == GRPC_OK
     assert fourth.status.code == GRPC_PERMISSION_DENIED
-    assert _checks("held") == held_before + 2
+    assert _checks("held") == held_before + 3
     decisions = _decisions(tmp_path)
     assert decisions[third.dynamic_metadata["decision_id"]]["decision"]["guard"] == "approval"
     assert decisions[second.dynamic_metadata["decision_id"]]["decision"]["effect"] == (

@@ -18,6 +18,7 @@ from aiohttp import web
 from yarl import URL
 
 from tests.functional.conftest import audit_records, make_config
+from warden.admin.auth import Principal
 from warden.cli import main as warden_cli
 from warden.server import Warden
 from warden.testing._server import LoopbackServer
@@ -52,6 +53,12 @@ ROUTES = [
         "arguments": {"order_id": "{order_id}", "amount": "/amount", "customer_id": "/customer"},
     },
     {"method": "GET", "path": "/orders/{order_id}", "tool": "get_order", "arguments": {}},
+    {
+        "method": "GET",
+        "path": "/orders/{order_id}/items",
+        "tool": "list_items",
+        "arguments": {"order_id": "{order_id}", "status": "?status"},
+    },
 ]
 CAP = {"name": "refunds", "tool": "issue_refund", "value": "amount", "limit": 100}
 
@@ -239,6 +246,51 @@ async def test_a_body_the_rule_cannot_read_is_refused_unforwarded(
     assert message in problem["detail"]
     assert refunds.seen == []
     assert decisions(tmp_path) == []
+
+
+async def test_query_parameters_are_arguments_and_one_no_rule_names_is_refused(
+    tmp_path: Path, refunds: Refunds
+) -> None:
+    async with Warden(config_for(tmp_path, refunds)) as w:
+        named = await call(w, "GET", "/orders/A-1/items?status=on+hold")
+        # A service that reads ?amount= would refund what no policy saw.
+        unnamed = await call(w, "POST", "/orders/A-1/refunds?amount=9000", amount=5, customer="C")
+        twice = await call(w, "GET", "/orders/A-1/items?status=open&status=all")
+        missing = await call(w, "GET", "/orders/A-1/items")
+    assert named[0] == 201
+    assert [(m, p) for m, p, _ in refunds.seen] == [("GET", "/orders/A-1/items?status=on+hold")]
+    [record] = decisions(tmp_path)
+    assert record["action"]["tool"] == "list_items"
+    assert record["action"]["arguments"] == {"order_id": "A-1", "status": "on hold"}
+    for (status, content_type, problem, _), message in (
+        (unnamed, "query parameter 'amount' is not named in this route's arguments"),
+        (twice, "gives the parameter 'status' twice"),
+        (missing, "has no query parameter '?status'"),
+    ):
+        assert (status, content_type) == (400, "application/problem+json")
+        assert problem["code"] == "invalid_tool_request"
+        assert message in problem["detail"]
+
+
+async def test_an_approval_lets_through_only_the_request_it_was_asked_for(
+    tmp_path: Path, refunds: Refunds
+) -> None:
+    lead = Principal("lead", frozenset({"approver"}), frozenset())
+    asked = b'{"amount":300,"customer":"C-7"}'
+    # The arguments are the same; the service would also read "to", which no one saw.
+    other = b'{"amount":300,"customer":"C-7","to":"IBAN-X"}'
+    async with Warden(config_for(tmp_path, refunds)) as w:
+        approvals = w._approvals
+        assert approvals is not None
+        held = await call(w, "POST", "/orders/A-1/refunds", asked)
+        assert (held[0], held[2]["code"]) == (403, "approval_required")
+        (pending,) = await approvals.list("pending")
+        await approvals.decide(pending.id, lead, approve=True, comment="ok")
+        swapped = await call(w, "POST", "/orders/A-1/refunds", other)
+        approved = await call(w, "POST", "/orders/A-1/refunds", asked)
+    assert (swapped[0], swapped[2]["code"]) == (403, "approval_required")
+    assert approved[0] == 201
+    assert refunds.seen == [("POST", "/orders/A-1/refunds", asked)]
 
 
 async def test_the_services_answer_settles_the_cap(

@@ -36,15 +36,18 @@ ROUTES = ToolRoutes(
         REFUND,
         RouteRule.compile("GET", "/orders/{order_id}", "get_order", {"id": "{order_id}"}),
         RouteRule.compile("GET", "/orders/open", "never_reached", {}),
+        RouteRule.compile(
+            "GET", "/customers/{id}/orders", "list_orders", {"id": "{id}", "status": "?status"}
+        ),
     )
 )
 
 
 def resolve(
-    method: str, path: str, body: Any = None, content_type: str = JSON
+    method: str, path: str, body: Any = None, content_type: str = JSON, query: str = ""
 ) -> ToolRequest | None:
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    return ROUTES.resolve(method, path.strip("/").split("/"), raw, content_type)
+    return ROUTES.resolve(method, path.strip("/").split("/"), raw, content_type, query)
 
 
 def test_path_parameters_and_body_pointers_build_the_call() -> None:
@@ -161,9 +164,52 @@ def test_templates_and_arguments_that_are_fine() -> None:
     assert parse_argument("").pointer == ()
 
 
+def test_query_parameters_are_arguments_decoded_as_go_and_the_whatwg_url_read_them() -> None:
+    assert resolve("GET", "/customers/C-7/orders", query="status=open") == ToolRequest(
+        "list_orders", {"id": "C-7", "status": "open"}
+    )
+    got = resolve("GET", "/customers/C-7/orders", query="st%61tus=on+hold%21&")
+    assert got == ToolRequest("list_orders", {"id": "C-7", "status": "on hold!"})
+    assert parse_argument("?status").query == "status"
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "message"),
+    [
+        # A parameter no rule names reaches the service undecided: refused, on every rule.
+        ("/orders/A-1", "force=true", "'force' is not named in this route's arguments"),
+        ("/customers/C-7/orders", "status=open&limit=5", "'limit' is not named"),
+        ("/customers/C-7/orders", "", "has no query parameter '\\?status'"),
+        ("/customers/C-7/orders", "limit=5", "'limit' is not named"),
+        # The service might read the first, the last or both.
+        ("/customers/C-7/orders", "status=open&status=all", "gives the parameter 'status' twice"),
+        ("/customers/C-7/orders", "status=open;x=1", "semicolon"),
+        ("/customers/C-7/orders", "status=%zz", "invalid URL escape"),
+        ("/customers/C-7/orders", "status=%ff", "not UTF-8"),
+    ],
+)
+def test_a_query_the_rule_cannot_account_for_refuses_the_request(
+    path: str, query: str, message: str
+) -> None:
+    with pytest.raises(ToolRequestError, match=message):
+        resolve("GET", path, query=query)
+
+
+def test_a_refused_query_never_quotes_a_value() -> None:
+    with pytest.raises(ToolRequestError) as caught:
+        resolve("GET", "/customers/C-7/orders", query="status=%zzsk-secret")
+    assert "sk-secret" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
-    [("amount", "JSON pointer"), ("/a~", "followed by 0 or 1"), ("/a~2", "followed by 0 or 1")],
+    [
+        ("amount", "JSON pointer"),
+        ("amount", "query parameter such as '\\?limit'"),
+        ("?", "followed by a query parameter's name"),
+        ("/a~", "followed by 0 or 1"),
+        ("/a~2", "followed by 0 or 1"),
+    ],
 )
 def test_bad_arguments_say_what_is_wrong(value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):

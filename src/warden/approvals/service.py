@@ -194,16 +194,18 @@ class Approvals:
         upstream: str = "",
         method: str = "",
         context: Mapping[str, Any] | None = None,
+        request_sha256: str | None = None,
     ) -> str:
         """SHA-256 (hex) of the RFC 8785 JSON of agent, tool, the arguments' hash, the
-        upstream, the method and the context (when there is one).
+        upstream, the method, the context and the request's hash (when there are).
 
         Any change to any argument (an amount, an account) gives another
         binding, and so does the same call to another upstream (a sandbox's
         approval on production), another method on the same path (a
-        ``PATCH``'s approval on a ``DELETE``) or for another context (the
-        same reset for another customer, named by ``X-Warden-Context-*``): an
-        approval never covers a different call.
+        ``PATCH``'s approval on a ``DELETE``), for another context (the
+        same reset for another customer, named by ``X-Warden-Context-*``) or,
+        for an HTTP request Warden forwards, any other byte of its path,
+        query or body: an approval never covers a different call.
         """
         doc: dict[str, Any] = {
             "agent": agent_id,
@@ -212,8 +214,11 @@ class Approvals:
             "upstream": upstream,
             "method": method,
         }
-        if context:  # left out when empty, so bindings made before it was added still match
+        # Each left out when empty, so bindings made before it was added still match.
+        if context:
             doc["context"] = dict(context)
+        if request_sha256:
+            doc["request_sha256"] = request_sha256
         return hashlib.sha256(rfc8785.dumps(doc)).hexdigest()
 
     def _binding_of(self, action: Action) -> str:
@@ -225,6 +230,7 @@ class Approvals:
             upstream=request.upstream,
             method=request.method,
             context=_bound(action.context, self.settings.bind_context),
+            request_sha256=action.request_sha256,
         )
 
     # -- the proxy's calls ---------------------------------------------------------

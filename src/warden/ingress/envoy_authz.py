@@ -43,6 +43,7 @@ from warden.model import (
     RequestMeta,
     Stage,
     new_id,
+    request_sha256,
 )
 from warden.ops import metrics
 from warden.protocols import envoy_authz as authz
@@ -163,6 +164,13 @@ class ExtAuthzService:
             ),
             tool=tool.tool if tool is not None else None,
             arguments=tool.arguments if tool is not None else None,
+            # What an approval covers: the request as Envoy passes it on (the body as
+            # far as with_request_body sends it).
+            request_sha256=request_sha256(
+                parsed.method,
+                parsed.path + ("?" + parsed.query if parsed.query else ""),
+                parsed.body,
+            ),
             context=hdr.context_from(parsed.headers),
             view=PolicyView(
                 query=self._settings.query,
@@ -212,7 +220,11 @@ class ExtAuthzService:
         tool: ToolRequest | None = None
         try:
             tool = routes.resolve(
-                parsed.method, segments, parsed.body, parsed.headers.get("content-type", "")
+                parsed.method,
+                segments,
+                parsed.body,
+                parsed.headers.get("content-type", ""),
+                parsed.query,
             )
         except ToolRequestError as exc:
             return None, _Refusal(str(exc), 400, observe=False)

@@ -74,6 +74,7 @@ from warden.model import (
     Stage,
     Usage,
     new_id,
+    request_sha256,
 )
 from warden.ops import metrics, tracing
 from warden.protocols import _wire, http_tool
@@ -396,6 +397,8 @@ class ProxyApp:
             context=call.turn.context,
             tool=tool.tool if tool is not None else None,
             arguments=tool.arguments if tool is not None else None,
+            # What an approval covers: the path and query as forwarded, the body as decided on.
+            request_sha256=request_sha256(request.method, route.path + _query(request), body),
         )
         decision = await self._core.decide(action)
         if decision.enforced is not Effect.ALLOW and tool is not None:
@@ -424,7 +427,11 @@ class ProxyApp:
             return None, None
         try:
             tool = tool_routes.resolve(
-                request.method, route.segments, body, request.headers.get("Content-Type", "")
+                request.method,
+                route.segments,
+                body,
+                request.headers.get("Content-Type", ""),
+                request.rel_url.raw_query_string,
             )
         except http_tool.ToolRequestError as exc:
             return None, _problem(400, exc.code, "Invalid tool request", str(exc))
@@ -451,8 +458,7 @@ class ProxyApp:
         upstream = call.route.upstream
         # The decoded path, re-encoded: the upstream decodes to what Warden routed on.
         target = upstream.base_url + "/" + call.route.forward_path
-        query = request.rel_url.raw_query_string
-        url = URL(target + ("?" + query if query else ""), encoded=True)
+        url = URL(target + _query(request), encoded=True)
         timeout = call.route.timeout
         sent = time.perf_counter()
         try:
@@ -697,6 +703,12 @@ class ProxyApp:
         return web.Response(
             status=status, body=render_error(family, status, code, message), headers=headers
         )
+
+
+def _query(request: web.Request) -> str:
+    """``?`` and the query as the agent sent it (forwarded unchanged), or ``""``."""
+    query = request.rel_url.raw_query_string
+    return "?" + query if query else ""
 
 
 def _problem(

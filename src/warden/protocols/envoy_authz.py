@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import base64
 import http
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
-from urllib.parse import unquote
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
@@ -54,7 +52,7 @@ from google.protobuf import (
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from warden.protocols.http_tool import ToolRequestError, parse_body
+from warden.protocols.http_tool import ToolRequestError, parse_body, parse_query, unescape
 
 __all__ = [
     "CREDENTIAL_HEADERS",
@@ -83,7 +81,6 @@ CREDENTIAL_HEADERS: Final = ("x-warden-agent-key", "x-warden-agent-token")
 _VERSION: Final = {"ext_authz": "v3", "encoding": "protojson"}
 _GRPC_OK: Final = 0
 _GRPC_PERMISSION_DENIED: Final = 7
-_BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _ENVOY_STATUSES: Final = frozenset(http_status_pb2.StatusCode.values())
 _HTTP_STATUSES: Final = frozenset(int(s) for s in http.HTTPStatus)
 
@@ -107,6 +104,8 @@ class CheckInput:
     headers: Mapping[str, str]
     body: bytes
     problem: str | None = None
+    query: str = ""
+    """The query after ``?``, as sent."""
 
 
 _ONE, _LIST, _MAP = 0, 1, 2
@@ -160,38 +159,6 @@ def protomap(msg: Message) -> dict[str, Any]:
             out[name] = value
         else:
             out[name] = _value(kind, value)
-    return out
-
-
-def _unescape(text: str, *, plus: bool, what: str) -> str:
-    """Go's ``PathUnescape`` / ``QueryUnescape``: a malformed escape is an error.
-
-    The error names ``what`` failed, never the text: a query value may be a
-    key (``?key=...``), and the error becomes a recorded decision reason.
-    """
-    if _BAD_ESCAPE.search(text):
-        raise ValueError(f"invalid URL escape in {what}")
-    if plus:
-        text = text.replace("+", " ")
-    try:
-        return unquote(text, errors="strict")
-    except UnicodeDecodeError:
-        raise ValueError(f"{what} is not UTF-8 once percent-decoded") from None
-
-
-def _parse_query(raw: str) -> dict[str, list[str]]:
-    """Go's ``url.ParseQuery``: ``&``-separated, ``;`` refused, ``+`` is a space."""
-    out: dict[str, list[str]] = {}
-    for piece in raw.split("&"):
-        if not piece:
-            continue
-        if ";" in piece:
-            raise ValueError("invalid semicolon separator in query")
-        key, _, value = piece.partition("=")
-        name = _unescape(key, plus=True, what="a parameter's name")
-        out.setdefault(name, []).append(
-            _unescape(value, plus=True, what=f"the value of {name[:40]!r}")
-        )
     return out
 
 
@@ -312,7 +279,7 @@ def _parsed_body(
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError("the form body is not UTF-8") from None
-        return _parse_query(text), False
+        return parse_query(text), False
     return None, False  # multipart and other bodies are not parsed
 
 
@@ -338,12 +305,14 @@ def check_input(
     if principal:
         doc["source_principal"] = principal
     raw_path, _, raw_query = http_request.path.partition("?")
-    base = CheckInput(doc, http_request.method, raw_path, http_request.host, headers, body)
+    base = CheckInput(
+        doc, http_request.method, raw_path, http_request.host, headers, body, query=raw_query
+    )
     if not request.attributes.request.HasField("http"):
         return _with_problem(base, "the CheckRequest carries no HTTP request")
     try:
-        doc["parsed_path"] = _unescape(raw_path, plus=False, what="the path").lstrip("/").split("/")
-        doc["parsed_query"] = _parse_query(raw_query)
+        doc["parsed_path"] = unescape(raw_path, plus=False, what="the path").lstrip("/").split("/")
+        doc["parsed_query"] = parse_query(raw_query)
     except ValueError as exc:
         return _with_problem(base, f"error parsing path and query: {exc}")
     try:
@@ -356,9 +325,7 @@ def check_input(
 
 
 def _with_problem(base: CheckInput, problem: str) -> CheckInput:
-    return CheckInput(
-        base.input, base.method, base.path, base.host, base.headers, base.body, problem
-    )
+    return replace(base, problem=problem)
 
 
 def decode_segments(path: str) -> list[str] | None:
@@ -374,7 +341,7 @@ def decode_segments(path: str) -> list[str] | None:
     segments: list[str] = []
     for raw in path.removeprefix("/").split("/"):
         try:
-            segment = _unescape(raw, plus=False, what="a path segment")
+            segment = unescape(raw, plus=False, what="a path segment")
         except ValueError:
             return None
         if segment in ("", ".", "..") or "/" in segment or "\\" in segment:

@@ -13,11 +13,15 @@ A path template is literal segments and ``{name}`` segments, each matching
 exactly one decoded segment (the ingress decodes the target once, so
 ``%2D`` and ``-`` match alike and no encoding can cross a ``/``). Rules are
 tried in order; the first that fits wins. An argument is ``"{name}"`` (a path
-parameter) or an RFC 6901 JSON pointer into the JSON request body (``""`` is
-the whole body). A pointer that finds nothing, or a body that is not one
-unambiguous JSON document (duplicate keys, ``NaN``), refuses the request with
-400: Warden and the tool API must agree on every value the policy saw, and an
-absent argument would leave a policy rule undefined rather than false.
+parameter), ``"?name"`` (a query parameter) or an RFC 6901 JSON pointer into
+the JSON request body (``""`` is the whole body). A pointer or query
+parameter that finds nothing, a query parameter given twice, a body that is
+not one unambiguous JSON document (duplicate keys, ``NaN``), or a query
+parameter the rule does not name refuses the request with 400: Warden and the
+tool API must agree on every value the policy saw, an absent argument would
+leave a policy rule undefined rather than false, and a query the policy never
+saw (``?amount=9000``, ``?force=true``) is input the service acts on
+undecided.
 
 Everything here is pure: the ingress reads the request, this module says what
 it is, and renders refusals as RFC 9457 problem documents.
@@ -30,6 +34,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
+from urllib.parse import unquote
 
 import orjson
 
@@ -46,6 +51,7 @@ __all__ = [
     "ToolRoutes",
     "parse_argument",
     "parse_method",
+    "parse_query",
     "parse_template",
     "problem",
     "result_text",
@@ -60,6 +66,7 @@ _METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "O
 _PARAM: Final = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 # A literal segment as written in YAML: no braces, slashes or control characters.
 _LITERAL: Final = re.compile(r"^[^{}/\\\x00-\x20\x7f]+$")
+_BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 class ToolRequestError(ValueError):
@@ -101,26 +108,70 @@ def _params(segments: Sequence[str]) -> frozenset[str]:
     return frozenset(m.group(1) for s in segments if (m := _PARAM.match(s)) is not None)
 
 
+def unescape(text: str, *, plus: bool, what: str) -> str:
+    """Go's ``PathUnescape`` / ``QueryUnescape``: a malformed escape is an error.
+
+    The error names ``what`` failed, never the text: a query value may be a
+    key (``?key=...``), and the error becomes a recorded decision reason.
+    """
+    if _BAD_ESCAPE.search(text):
+        raise ValueError(f"invalid URL escape in {what}")
+    if plus:
+        text = text.replace("+", " ")
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} is not UTF-8 once percent-decoded") from None
+
+
+def parse_query(raw: str) -> dict[str, list[str]]:
+    """Go's ``url.ParseQuery``: ``&``-separated, ``;`` refused, ``+`` is a space.
+
+    Raises ``ValueError`` naming what is malformed (never a value).
+    """
+    out: dict[str, list[str]] = {}
+    for piece in raw.split("&"):
+        if not piece:
+            continue
+        if ";" in piece:
+            raise ValueError("invalid semicolon separator in query")
+        key, _, value = piece.partition("=")
+        name = unescape(key, plus=True, what="a parameter's name")
+        out.setdefault(name, []).append(
+            unescape(value, plus=True, what=f"the value of {name[:40]!r}")
+        )
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class ArgumentSource:
-    """Where one argument's value comes from: a path parameter or a pointer into the body."""
+    """Where one argument's value comes from: a path or query parameter, or a body pointer."""
 
     param: str | None = None
     pointer: tuple[str, ...] | None = None
     """The pointer's unescaped reference tokens (``()`` is the whole body)."""
+    query: str | None = None
+    """The query parameter's name, decoded."""
     text: str = ""
     """As configured, for messages."""
 
 
 def parse_argument(value: str) -> ArgumentSource:
-    """``"{order_id}"`` or an RFC 6901 pointer (``"/amount"``, ``""``), else ``ValueError``."""
+    """``"{order_id}"``, ``"?limit"`` or an RFC 6901 pointer (``"/amount"``, ``""``).
+
+    Raises ``ValueError`` saying what is wrong.
+    """
     param = _PARAM.match(value)
     if param is not None:
         return ArgumentSource(param=param.group(1), text=value)
+    if value.startswith("?"):
+        if len(value) == 1:
+            raise ValueError("'?' must be followed by a query parameter's name, e.g. '?limit'")
+        return ArgumentSource(query=value[1:], text=value)
     if value and not value.startswith("/"):
         raise ValueError(
-            f"{value!r} must be a path parameter such as '{{order_id}}' "
-            "or a JSON pointer into the body such as '/amount'"
+            f"{value!r} must be a path parameter such as '{{order_id}}', a query "
+            "parameter such as '?limit' or a JSON pointer into the body such as '/amount'"
         )
     if "~" in value.replace("~0", "").replace("~1", ""):
         raise ValueError(f"{value!r}: '~' in a JSON pointer must be followed by 0 or 1")
@@ -174,6 +225,11 @@ class RouteRule:
         """Whether an argument is read from the JSON body."""
         return any(source.pointer is not None for _, source in self.arguments)
 
+    @property
+    def query_names(self) -> frozenset[str]:
+        """The query parameters the rule names; a request may carry no other."""
+        return frozenset(s.query for _, s in self.arguments if s.query is not None)
+
     def match(self, method: str, segments: Sequence[str]) -> dict[str, str] | None:
         """The path parameters if ``method`` and the decoded ``segments`` fit, else ``None``."""
         if method != self.method or len(segments) != len(self.segments):
@@ -187,19 +243,50 @@ class RouteRule:
                 return None
         return params
 
-    def build(self, params: Mapping[str, str], body: bytes, content_type: str) -> dict[str, Any]:
-        """The call's arguments; :class:`ToolRequestError` when the body cannot supply them."""
+    def build(
+        self, params: Mapping[str, str], body: bytes, content_type: str, query: str = ""
+    ) -> dict[str, Any]:
+        """The call's arguments; :class:`ToolRequestError` when the request cannot supply them.
+
+        ``query``: the raw query string (without ``?``).
+        """
         document: Any = None
         if self.needs_body:
             document = parse_body(body, content_type)
+        values = self._query(query) if query else {}
         arguments: dict[str, Any] = {}
         for name, source in self.arguments:
             if source.param is not None:
                 arguments[name] = params[source.param]
+            elif source.query is not None:
+                given = values.get(source.query)
+                if given is None:
+                    raise ToolRequestError(f"the request has no query parameter {source.text!r}")
+                arguments[name] = given
             else:
                 assert source.pointer is not None
                 arguments[name] = resolve_pointer(document, source.pointer, source.text)
         return arguments
+
+    def _query(self, raw: str) -> dict[str, str]:
+        try:
+            parsed = parse_query(raw)
+        except ValueError as exc:
+            raise ToolRequestError(f"the query cannot be read: {exc}") from None
+        named = self.query_names
+        values: dict[str, str] = {}
+        for key, given in parsed.items():
+            shown = repr(key[:40])
+            if key not in named:
+                raise ToolRequestError(
+                    f"the query parameter {shown} is not named in this route's arguments,"
+                    f' so no policy would see it; name it ("?{key[:40]}") or leave it out'
+                )
+            if len(given) > 1:
+                # Services disagree on which one counts (the first, the last, a list).
+                raise ToolRequestError(f"the query gives the parameter {shown} twice")
+            values[key] = given[0]
+        return values
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,18 +323,19 @@ class ToolRoutes:
         return None
 
     def resolve(
-        self, method: str, segments: Sequence[str], body: bytes, content_type: str
+        self, method: str, segments: Sequence[str], body: bytes, content_type: str, query: str = ""
     ) -> ToolRequest | None:
         """The tool call this request is, or ``None`` when no rule fits.
 
-        Raises :class:`ToolRequestError` when a rule fits but its arguments
-        cannot be read from the request.
+        ``query`` is the raw query string (without ``?``). Raises
+        :class:`ToolRequestError` when a rule fits but its arguments cannot be
+        read from the request, or the query carries a parameter it does not name.
         """
         found = self.find(method, segments)
         if found is None:
             return None
         rule, params = found
-        return ToolRequest(rule.tool, rule.build(params, body, content_type))
+        return ToolRequest(rule.tool, rule.build(params, body, content_type, query))
 
 
 def _is_json(content_type: str) -> bool:

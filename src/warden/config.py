@@ -134,7 +134,8 @@ class HttpRouteConfig(_Section):
     """A path template after the upstream name: ``/orders/{order_id}/refunds``."""
     tool: str = Field(min_length=1, max_length=128)
     arguments: dict[str, str] = Field(default_factory=dict)
-    """Argument name to ``"{param}"`` (a path parameter) or a JSON pointer into the body."""
+    """Argument name to ``"{param}"`` (a path parameter), ``"?name"`` (a query parameter)
+    or a JSON pointer into the body."""
 
     @field_validator("method")
     @classmethod
@@ -553,6 +554,26 @@ class ConsoleConfig(_Section):
     index: str | None = None
     """The decision index (SQLite file); default: ``<audit.dir>-index.sqlite`` beside the log."""
     sso: ConsoleSsoConfig | None = None
+    public_url: str | None = None
+    """The console's address as browsers reach it (``https://warden.example.com``) when TLS
+    ends at a proxy in front: forms must come from its origin, and an ``https`` one marks
+    the session cookie ``Secure``. Unset: the address the request reached Warden on."""
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} must be an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(f"{value!r} must not carry a user name or password")
+        # The origin browsers send: scheme and host lower-cased, no default port, no path.
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        default = 443 if parts.scheme == "https" else 80
+        port = f":{parts.port}" if parts.port not in (None, default) else ""
+        return f"{parts.scheme}://{host}{port}"
 
 
 Window = Literal["hour", "day", "month"]

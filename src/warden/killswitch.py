@@ -217,12 +217,15 @@ class KillSwitches:
             )
         )
         self._install((*self._active, switch))
-        await self._record(switch, who, reason, "set")
-        for listener in self._on_set:
-            try:
-                await listener(switch)
-            except Exception:
-                log.exception("a kill-switch listener failed for %s", switch.id)
+        try:
+            await self._record(switch, who, reason, "set")
+        finally:
+            # Even when the record fails: the switch holds, so no grant may outlive it.
+            for listener in self._on_set:
+                try:
+                    await listener(switch)
+                except Exception:
+                    log.exception("a kill-switch listener failed for %s", switch.id)
         return switch
 
     def on_set(self, listener: Callable[[KillSwitch], Awaitable[object]]) -> None:

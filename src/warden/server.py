@@ -456,15 +456,15 @@ class Warden:
         log.info("stopped")
 
     async def _reject_held(self, switch: KillSwitch) -> None:
-        # Approvals do not know their upstream: an upstream switch is enforced
-        # when an approved action is checked again before it goes on.
-        if self._approvals is None or switch.scope is Scope.UPSTREAM:
+        if self._approvals is None:
             return
         why = f"rejected by {switch.message}"
         if switch.scope is Scope.GLOBAL:
             await self._approvals.cancel_all_for(reason=why)
         elif switch.scope is Scope.AGENT:
             await self._approvals.cancel_all_for(agent=switch.target, reason=why)
+        elif switch.scope is Scope.UPSTREAM:
+            await self._approvals.cancel_all_for(upstream=switch.target, reason=why)
         else:
             await self._approvals.cancel_all_for(tool=switch.target, reason=why)
 

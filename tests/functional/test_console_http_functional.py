@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from multidict import CIMultiDict
 
 from tests.functional.conftest import audit_records, make_config
 from tests.pg import PgServer
@@ -170,6 +171,31 @@ async def test_state_changes_need_the_csrf_token_and_the_same_origin(warden: War
         async with http.post(clear, data={"csrf": csrf, "reason": "drill over"}) as resp:
             assert resp.status == 200
         assert warden.killswitches.active() == ()
+
+
+async def test_behind_a_tls_proxy_forms_come_from_the_public_origin_and_the_cookie_is_secure(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # TLS ends at the proxy: Warden is reached over plain HTTP, the browser is on https.
+    public = {"public_url": "https://Warden.Example.com:443/console/"}
+    browser = "https://warden.example.com"
+    async with Warden(config(tmp_path, llm, console=public)) as running:
+        # The jar stands for the browser, which holds Secure cookies on its https origin.
+        jar = aiohttp.CookieJar(unsafe=True, treat_as_secure_origin=running.admin_url)
+        async with aiohttp.ClientSession(cookie_jar=jar, headers={"Origin": browser}) as http:
+            csrf = await sign_in(http, running, "ada")
+            cookies = list(jar)
+            assert cookies
+            assert all(cookie["secure"] for cookie in cookies)
+            url = f"{running.admin_url}/console/operations/killswitches"
+            form = {"scope": "global", "target": "", "reason": "drill", "csrf": csrf}
+            # The address Warden itself is reached on is not the browser's origin.
+            async with http.post(url, data=form, headers={"Origin": running.admin_url}) as resp:
+                assert resp.status == 403
+            async with http.post(url, data=form) as resp:
+                assert resp.status == 200
+        assert running.killswitches is not None
+        assert len(running.killswitches.active()) == 1
 
 
 async def test_roles_are_enforced_on_actions_not_only_on_pages(warden: Warden) -> None:
@@ -336,6 +362,28 @@ async def test_a_cursor_that_is_not_ascii_digits_is_ignored(warden: Warden) -> N
                 f"{warden.admin_url}/console/decisions", params={"before": cursor}
             ) as resp:
                 assert resp.status == 200
+
+
+async def test_sso_headers_sent_twice_sign_no_one_in(tmp_path: Path, llm: MockLLM) -> None:
+    # A proxy that appends its own copy after the client's forged one.
+    sso = {"trusted_proxies": ["127.0.0.1"], "roles": {"sre": ["admin"], "leads": ["approver"]}}
+    async with Warden(config(tmp_path, llm, console={"sso": sso})) as running:
+        headers = CIMultiDict(
+            [
+                ("X-Forwarded-User", "mallory"),
+                ("X-Forwarded-Groups", "sre"),
+                ("X-Forwarded-User", "eve"),
+                ("X-Forwarded-Groups", "leads"),
+            ]
+        )
+        async with (
+            browser_like() as http,
+            http.get(
+                f"{running.admin_url}/console/operations", headers=headers, allow_redirects=False
+            ) as resp,
+        ):
+            assert resp.status == 303
+            assert resp.headers["Location"] == "/console/login"
 
 
 async def test_sso_headers_from_an_untrusted_peer_are_ignored(tmp_path: Path, llm: MockLLM) -> None:

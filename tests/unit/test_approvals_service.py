@@ -47,14 +47,19 @@ CAROL = Principal("carol", frozenset({"approver", "finance"}))
 SETTINGS = ApprovalSettings(poll_interval_s=0.05, sweep_interval_s=60)
 
 
-def action(amount: float = 10, agent: str = "refunds-bot", tool: str = "issue_refund") -> Action:
+def action(
+    amount: float = 10,
+    agent: str = "refunds-bot",
+    tool: str = "issue_refund",
+    upstream: str = "openai",
+) -> Action:
     return Action(
         action_id=new_id("act"),
         agent=Agent(agent),
         kind=ActionKind.TOOL_CALL,
         protocol="openai",
         stage=Stage.PROPOSED,
-        request=RequestMeta("POST", "openai", "/v1/chat/completions"),
+        request=RequestMeta("POST", upstream, "/v1/chat/completions"),
         tool=tool,
         arguments={"order_id": "A-1", "amount": amount, "email": "jo@example.com"},
     )
@@ -322,6 +327,18 @@ async def test_cancel_all_for_rejects_held_approvals_and_wakes_waiters(
     assert (await approvals.get(other.id)).status is ApprovalStatus.PENDING  # type: ignore[union-attr]
     assert await approvals.cancel_all_for(tool="issue_refund", reason="tool off") == 1
     assert len(records(audit, "approval_cancelled")) == 2
+
+
+async def test_an_upstream_switch_takes_back_that_upstreams_approvals_only(
+    approvals: Approvals,
+) -> None:
+    sandbox = await approvals.request(action(upstream="sandbox"), decision(), mode="defer")
+    live = action(upstream="refunds")
+    granted = await approvals.request(live, decision(), mode="defer")
+    await approvals.decide(granted.id, ALICE, True, "ok")
+    assert await approvals.cancel_all_for(upstream="refunds", reason="incident 46") == 1
+    assert await approvals.take_grant(live) is None
+    assert (await approvals.get(sandbox.id)).status is ApprovalStatus.PENDING  # type: ignore[union-attr]
 
 
 async def test_sweeper_expires_overdue_approvals(approvals: Approvals) -> None:

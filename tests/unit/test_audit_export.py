@@ -307,6 +307,11 @@ def test_selection_by_time_and_agent(root: Path, tmp_path: Path) -> None:
     assert parse_time("2026-11-30T10:00:00+01:00") == "2026-11-30T09:00:00.000000Z"
     with pytest.raises(ExportError):
         parse_time("last tuesday")
+    # Past the calendar once a day is added or the offset taken off: an error, not a crash.
+    with pytest.raises(ExportError, match="outside the years"):
+        parse_time("9999-12-31", end=True)
+    with pytest.raises(ExportError, match="outside the years"):
+        parse_time("0001-01-01T00:00:00+01:00")
 
 
 def test_csv_export(root: Path, tmp_path: Path) -> None:

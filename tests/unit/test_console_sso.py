@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from multidict import CIMultiDict
+
 from warden.config import ConsoleSsoConfig
-from warden.console.sso import sso_principal
+from warden.console.sso import sso_principal, sso_speaks
 
 CONFIG = ConsoleSsoConfig(
     trusted_proxies=("10.0.0.5", "192.168.7.0/24"),
@@ -43,3 +45,28 @@ def test_several_groups_add_up_their_roles() -> None:
     who = sso_principal(CONFIG, "10.0.0.5", both)
     assert who is not None
     assert who.roles == frozenset({"admin", "viewer", "approver"})
+
+
+def test_a_header_given_twice_signs_no_one_in() -> None:
+    # A proxy that appends its copy to the client's leaves the client's forgery first.
+    forged = CIMultiDict(
+        [
+            ("X-Forwarded-User", "mallory"),
+            ("X-Forwarded-Groups", "sre"),
+            ("X-Forwarded-User", "eve"),
+            ("X-Forwarded-Groups", "marketing"),
+        ]
+    )
+    assert sso_speaks(CONFIG, "10.0.0.5", forged)  # the cookie's session does not carry on
+    assert sso_principal(CONFIG, "10.0.0.5", forged) is None
+    groups_twice = CIMultiDict(
+        [("X-Forwarded-User", "eve"), ("X-Forwarded-Groups", "sre"), ("X-Forwarded-Groups", "x")]
+    )
+    assert sso_principal(CONFIG, "10.0.0.5", groups_twice) is None
+    assert sso_principal(CONFIG, "10.0.0.5", CIMultiDict(HEADERS)) is not None
+
+
+def test_an_ipv4_peer_of_a_dual_stack_listener_is_matched_as_ipv4() -> None:
+    assert sso_principal(CONFIG, "::ffff:10.0.0.5", HEADERS) is not None
+    assert sso_principal(CONFIG, "::ffff:192.168.7.9", HEADERS) is not None
+    assert sso_principal(CONFIG, "::ffff:10.0.0.6", HEADERS) is None

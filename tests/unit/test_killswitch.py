@@ -10,6 +10,7 @@ from typing import Any, cast
 import pytest
 from prometheus_client import REGISTRY
 
+from warden.errors import AuditError
 from warden.killswitch import KillSwitches, KillSwitchGuard, Scope
 from warden.model import Action, ActionKind, Agent, Effect, Mode, RequestMeta, Stage, new_id
 from warden.pipeline import AuditSink, GuardContext
@@ -122,6 +123,26 @@ async def test_switches_are_recorded_with_who_and_why(store: StateStore) -> None
             },
         ),
     ]
+
+
+class FailingAudit(Audit):
+    async def append(self, kind: str, body: Mapping[str, Any]) -> None:
+        raise AuditError("disk full")
+
+
+async def test_a_switch_whose_record_fails_still_tells_its_listeners(store: StateStore) -> None:
+    # The switch holds though its record failed: a grant must not outlive it either.
+    switches = KillSwitches(store, sink(FailingAudit()))
+    told: list[str] = []
+
+    async def listener(switch: Any) -> None:
+        told.append(switch.target)
+
+    switches.on_set(listener)
+    with pytest.raises(AuditError):
+        await switches.set(Scope.AGENT, "bot", "looping", "alice")
+    assert told == ["bot"]
+    assert switches.is_killed("bot", "openai", "issue_refund") is not None
 
 
 async def test_switches_survive_a_restart(tmp_path: Path) -> None:

@@ -260,6 +260,20 @@ async def test_approvals_reject_expire_cancel_and_defer(state: StateBackend) -> 
     assert len(await repo.list()) == 5
 
 
+async def test_an_upstream_cancel_takes_that_upstreams_and_those_of_no_known_upstream(
+    state: StateBackend,
+) -> None:
+    repo = state.approvals
+    await repo.insert(replace(approval("apr_live"), upstream="refunds"))
+    await repo.insert(replace(approval("apr_sandbox"), upstream="sandbox"))
+    await repo.insert(approval("apr_unknown"))  # kept before approvals named their upstream
+    cancelled = await repo.cancel(
+        None, None, "kill_switch", "incident", time.time(), upstream="refunds"
+    )
+    assert sorted(x.id for x in cancelled) == ["apr_live", "apr_unknown"]
+    assert [x.id for x in await repo.list(ApprovalStatus.PENDING)] == ["apr_sandbox"]
+
+
 async def test_approvals_that_ended_long_ago_are_pruned(state: StateBackend) -> None:
     repo = state.approvals
     for aid in ("apr_rejected", "apr_expired", "apr_consumed", "apr_pending", "apr_recent"):

@@ -478,15 +478,22 @@ class Approvals:
         return after
 
     async def cancel_all_for(
-        self, *, agent: str | None = None, tool: str | None = None, reason: str
+        self,
+        *,
+        agent: str | None = None,
+        tool: str | None = None,
+        upstream: str | None = None,
+        reason: str,
     ) -> int:
-        """Reject the pending approvals of an agent and/or tool (every one when both are None),
-        and the approved ones not used yet.
+        """Reject the pending approvals of an agent, tool and/or upstream (every one when
+        all are None), and the approved ones not used yet.
 
         For kill switches: held agents are woken and refused, and no grant
         outlives the switch. Returns how many approvals were rejected.
         """
-        cancelled = await self._store.cancel(agent, tool, KILL_SWITCH, reason, time.time())
+        cancelled = await self._store.cancel(
+            agent, tool, KILL_SWITCH, reason, time.time(), upstream=upstream
+        )
         for approval in cancelled:
             self._finished(approval)
             self._notifier.notify("approval.rejected", approval)

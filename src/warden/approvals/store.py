@@ -160,9 +160,18 @@ class ApprovalRepo(Protocol):
         ...
 
     async def cancel(
-        self, agent: str | None, tool: str | None, who: str, reason: str, now: float
+        self,
+        agent: str | None,
+        tool: str | None,
+        who: str,
+        reason: str,
+        now: float,
+        *,
+        upstream: str | None = None,
     ) -> builtins.list[Approval]:
-        """Reject every pending approval of ``agent`` and/or ``tool`` (all when both None)."""
+        """Reject every pending, and every approved but unused, approval of ``agent``,
+        ``tool`` and/or ``upstream`` (all when each is None; an approval kept before its
+        upstream was recorded counts as any upstream's)."""
         ...
 
     async def heartbeat(self, owner: Owner, now: float) -> None:
@@ -524,22 +533,36 @@ class ApprovalStore(SqliteStore):
             return self._get(approval_id)
 
     async def cancel(
-        self, agent: str | None, tool: str | None, who: str, reason: str, now: float
+        self,
+        agent: str | None,
+        tool: str | None,
+        who: str,
+        reason: str,
+        now: float,
+        *,
+        upstream: str | None = None,
     ) -> builtins.list[Approval]:
-        """Reject every pending, and every approved but unused, approval of ``agent`` and/or
-        ``tool`` (all when both None): a grant must not outlive a kill switch."""
-        return await self._run(self._cancel, agent, tool, who, reason, now)
+        """Reject every pending, and every approved but unused, approval of ``agent``,
+        ``tool`` and/or ``upstream`` (all when each is None): a grant must not outlive a
+        kill switch."""
+        return await self._run(self._cancel, (agent, tool, upstream), who, reason, now)
 
     def _cancel(
-        self, agent: str | None, tool: str | None, who: str, reason: str, now: float
+        self,
+        of: tuple[str | None, str | None, str | None],
+        who: str,
+        reason: str,
+        now: float,
     ) -> builtins.list[Approval]:
+        agent, tool, upstream = of
         with immediate(self._conn) as cur:
             ids = [
                 r[0]
                 for r in cur.execute(
                     "SELECT id FROM approvals WHERE status IN ('pending', 'approved') "
-                    "AND (? IS NULL OR agent = ?) AND (? IS NULL OR tool = ?)",
-                    (agent, agent, tool, tool),
+                    "AND (? IS NULL OR agent = ?) AND (? IS NULL OR tool = ?) "
+                    "AND (? IS NULL OR upstream IS NULL OR upstream = ?)",
+                    (agent, agent, tool, tool, upstream, upstream),
                 ).fetchall()
             ]
             cur.executemany(

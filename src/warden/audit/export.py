@@ -101,9 +101,11 @@ def parse_time(value: str, *, end: bool = False) -> str:
             when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
             if when.tzinfo is None:
                 when = when.replace(tzinfo=dt.UTC)
+        return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     except ValueError:
         raise ExportError(f"{value!r} is not a date (2026-11-30) or RFC 3339 time") from None
-    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except OverflowError:  # 9999-12-31 as an end, 0001-01-01T00:00+01:00 in UTC
+        raise ExportError(f"{value!r} is outside the years 1 to 9999 in UTC") from None
 
 
 def _agent_of(record: Mapping[str, Any]) -> str | None:

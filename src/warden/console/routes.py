@@ -109,15 +109,22 @@ def _local(request: web.Request) -> str:
     return request.path.removeprefix("/console") or "/"
 
 
+def _public_url(request: web.Request) -> str | None:
+    url: str | None = request.app[CONSOLE].config.console.public_url
+    return url
+
+
 def _same_origin(request: web.Request) -> bool:
     # Browsers send Origin on every POST; a client without one still needs the CSRF token.
     origin = request.headers.get("Origin")
-    return origin is None or origin == f"{request.scheme}://{request.host}"
+    expected = _public_url(request) or f"{request.scheme}://{request.host}"
+    return origin is None or origin == expected
 
 
 def _cookie(
     response: web.StreamResponse, request: web.Request, name: str, value: str, ttl: float
 ) -> None:
+    public = _public_url(request)
     response.set_cookie(
         name,
         value,
@@ -125,7 +132,8 @@ def _cookie(
         path="/console/",
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        # Behind a TLS proxy Warden itself is reached over plain HTTP.
+        secure=request.secure or (public is not None and public.startswith("https:")),
     )
 
 

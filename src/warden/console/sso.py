@@ -28,6 +28,9 @@ def _trusted(remote: str | None, proxies: tuple[str, ...]) -> bool:
         peer = ipaddress.ip_address(remote)
     except ValueError:
         return False
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        # An IPv4 client of a dual-stack listener ("[::]:8081") shows as ::ffff:a.b.c.d.
+        peer = peer.ipv4_mapped
     for proxy in proxies:
         try:
             if peer in ipaddress.ip_network(proxy, strict=False):
@@ -37,6 +40,16 @@ def _trusted(remote: str | None, proxies: tuple[str, ...]) -> bool:
     return False
 
 
+def _values(headers: Mapping[str, str], name: str) -> list[str]:
+    """Every copy of a header. A proxy that appends its own copy to the client's,
+    instead of replacing it, leaves two: the first may be the client's forgery."""
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        return list(getall(name, []))
+    value = headers.get(name)
+    return [] if value is None else [value]
+
+
 def sso_speaks(
     config: ConsoleSsoConfig | None, remote: str | None, headers: Mapping[str, str]
 ) -> bool:
@@ -44,10 +57,13 @@ def sso_speaks(
 
     When it does, its word decides who is signed in, whatever the browser's
     cookie says: a person it names with no role here is signed in as no one.
+    A user header given twice counts as naming someone (that no one is
+    signed in as), so a cookie's session does not carry on beside it.
     """
     if config is None or not _trusted(remote, config.trusted_proxies):
         return False
-    return bool((headers.get(config.user_header) or "").strip())
+    users = _values(headers, config.user_header)
+    return len(users) > 1 or any(u.strip() for u in users)
 
 
 def sso_principal(
@@ -56,14 +72,19 @@ def sso_principal(
     """The person the auth proxy vouches for, or ``None``.
 
     ``None`` when SSO is off, the peer is not a trusted proxy, the user header
-    is missing or oversized, or none of the person's groups maps to a role.
+    is missing or oversized, either header is given twice, or none of the
+    person's groups maps to a role.
     """
     if config is None or not _trusted(remote, config.trusted_proxies):
         return None
-    user = (headers.get(config.user_header) or "").strip()
+    users = _values(headers, config.user_header)
+    given = _values(headers, config.groups_header)
+    if len(users) != 1 or len(given) > 1:
+        return None
+    user = users[0].strip()
     if not user or len(user) > 256:
         return None
-    raw = headers.get(config.groups_header) or ""
+    raw = given[0] if given else ""
     if len(raw) > _MAX_HEADER:
         return None
     groups = frozenset(g.strip() for g in raw.split(",") if g.strip())

@@ -196,15 +196,24 @@ class PgApprovalStore:
         )
 
     async def cancel(
-        self, agent: str | None, tool: str | None, who: str, reason: str, now: float
+        self,
+        agent: str | None,
+        tool: str | None,
+        who: str,
+        reason: str,
+        now: float,
+        *,
+        upstream: str | None = None,
     ) -> builtins.list[Approval]:
-        """Reject every pending, and every approved but unused, approval of ``agent`` and/or
-        ``tool`` (all when both None): a grant must not outlive a kill switch."""
+        """Reject every pending, and every approved but unused, approval of ``agent``,
+        ``tool`` and/or ``upstream`` (all when each is None): a grant must not outlive a
+        kill switch."""
         return await self._many(
             "UPDATE approvals SET status = 'rejected', decided_at = %s, decided_by = %s, "  # noqa: S608 - constant columns
             "comment = %s WHERE status IN ('pending', 'approved') "
-            "AND (%s::text IS NULL OR agent = %s) AND (%s::text IS NULL OR tool = %s)" + _RETURNING,
-            (now, who, reason, agent, agent, tool, tool),
+            "AND (%s::text IS NULL OR agent = %s) AND (%s::text IS NULL OR tool = %s) "
+            "AND (%s::text IS NULL OR upstream IS NULL OR upstream = %s)" + _RETURNING,
+            (now, who, reason, agent, agent, tool, tool, upstream, upstream),
         )
 
     async def erase(self, erased: ErasedSubjects, now: float) -> ErasedApprovals:

@@ -186,6 +186,46 @@ async def test_a_tunnelled_host_is_never_decrypted(
     assert kinds == [("decision", "/v1/chat/completions")]  # nothing about the tunnel
 
 
+def _tls_to_ip_naming(proxy: str, port: int, ca: Path, sni: str, first: bytes) -> bytes:
+    """CONNECT to an address, then TLS naming ``sni`` (no ALPN) and ``first`` as plaintext."""
+    host, _, proxy_port = proxy.rpartition(":")
+    with socket.create_connection((host, int(proxy_port)), timeout=10) as raw:
+        raw.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += raw.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        context = ssl.create_default_context(cafile=str(ca))
+        with context.wrap_socket(raw, server_hostname=sni) as tls:
+            tls.sendall(first)
+            answer = b""
+            with contextlib.suppress(OSError):
+                while chunk := tls.recv(65536):
+                    answer += chunk
+            return answer
+
+
+async def test_a_decrypted_governed_connection_never_leaves_as_raw_bytes(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # The agent names a governed host in TLS, so Warden decrypts; plaintext that does not
+    # look like HTTP (a leading CRLF, which real servers skip) would make the proxy relay
+    # raw bytes to the address the agent connected to: the real API, undecided.
+    cfg = transparent_config(tmp_path, llm.url, transparent={"unknown_hosts": "tunnel"})
+    request = (
+        b"\r\nPOST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+    async with CountingServer() as real, Warden(cfg) as warden:
+        ca = export_ca(warden, tmp_path)
+        await asyncio.to_thread(
+            _tls_to_ip_naming, warden.transparent_address, real.port, ca, "api.openai.com", request
+        )
+        assert real.connections == 0
+    assert llm.requests == []
+    assert not [r for r in audit_records(tmp_path / "audit") if r["kind"] == "decision"]
+
+
 async def test_a_client_that_rejects_the_ca_gets_a_clear_log_line(
     tmp_path: Path, llm: MockLLM, trusted_ca: trustme.CA, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -196,13 +196,28 @@ class GoverningAddon:
         )
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        """The last check before any connection leaves: Warden's listener, or a tunnel."""
+        """The last check before any connection leaves: Warden's listener, or a tunnel.
+
+        A connection Warden decrypted (its client named a governed host, or one
+        refused) may reach the listener only: plaintext the proxy cannot read as
+        HTTP (a leading CRLF) would otherwise be relayed as raw bytes to the
+        address the agent connected to, the real API, undecided. The client's
+        name counts as well, for its server's is not known yet.
+        """
         address = data.server.address
         if address is not None and (address[0], address[1]) == self._target:
             return
-        names = (data.server.sni, address[0] if address else None)
-        if self._rules.unknown is VerdictKind.TUNNEL and not self._rules.any_governed(names):
-            return
+        try:
+            client = data.client
+            names = (data.server.sni, client.sni, address[0] if address else None)
+            if (
+                self._rules.unknown is VerdictKind.TUNNEL
+                and not client.tls_established
+                and not self._rules.any_governed(names)
+            ):
+                return
+        except Exception:  # mitmproxy goes on connecting after a hook that raised
+            log.exception("could not check a connection; blocked")
         where = f"{address[0]}:{address[1]}" if address else "an unknown address"
         data.server.error = f"Warden opens no connection to {where} (not a tunnelled host)"
         log.warning("blocked a connection to %s: %s", where, data.server.error)

@@ -920,8 +920,14 @@ class ExtAuthzConfig(_Section):
 class ExtProcConfig(_Section):
     """Envoy ext_proc for LLM traffic: which upstream a request's ``:authority`` means."""
 
+    upstream_from: Literal["route", "authority"] = "route"
+    """``route``: Envoy names each route's upstream in the stream's gRPC metadata
+    (``x-warden-upstream``, set by ``ExtProcPerRoute`` ``grpc_initial_metadata``), so it is
+    the upstream Envoy sends the request to. ``authority``: the request's ``:authority``
+    names it (``hosts``): the agent's to choose, so only where Envoy routes by that host."""
     hosts: dict[str, str] = Field(default_factory=dict)
-    """``:authority`` host to upstream name; otherwise matched to upstreams' ``base_url`` hosts."""
+    """With ``upstream_from: authority``: ``:authority`` host to upstream name; otherwise
+    matched to upstreams' ``base_url`` hosts."""
     max_message_timeout_s: float | None = Field(None, gt=0, le=86400)
     """Envoy's ``max_message_timeout`` for this filter (unset: Warden never asks for more time).
     An answer not ready after ``extend_after_ms`` (a tool call held for a person) is preceded

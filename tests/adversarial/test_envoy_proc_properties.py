@@ -68,6 +68,8 @@ EXAMPLES = int(os.environ.get("WARDEN_ADVERSARIAL_EXAMPLES", "2000")) // 2
 EXT_PROC = settings(PROPERTY, max_examples=EXAMPLES)
 OPENAI_HOST = "api.openai.com"
 ANTHROPIC_HOST = "api.anthropic.com"
+ROUTED = {OPENAI_HOST: "openai", ANTHROPIC_HOST: "anthropic"}
+"""Each host's upstream, as Envoy's routes name it."""
 modes = st.sampled_from([Mode.STREAMED, Mode.FULL_DUPLEX_STREAMED])
 # A call's name as it appears in a chunk the agent receives (argument text is escaped).
 NAME = re.compile(rb'"name"\s*:\s*"([^"\\]*)"')
@@ -75,8 +77,7 @@ NAME = re.compile(rb'"name"\s*:\s*"([^"\\]*)"')
 
 @pytest.fixture(scope="module")
 def proc(harness: Harness) -> ExtProcService:
-    hosts = {OPENAI_HOST: "openai", ANTHROPIC_HOST: "anthropic"}
-    config = harness.warden.config.model_copy(update={"ext_proc": ExtProcConfig(hosts=hosts)})
+    config = harness.warden.config.model_copy(update={"ext_proc": ExtProcConfig()})
     assert harness.warden.core is not None
     return ExtProcService(harness.warden.core, config, killswitches=harness.warden.killswitches)
 
@@ -163,7 +164,8 @@ def through_envoy(
                     response_body=pb.HttpBody(body=piece, end_of_stream=last)
                 )
 
-        await proc.process(messages(), send)
+        # Envoy's route names the upstream, as deploy/envoy/envoy.yaml does.
+        await proc.process(messages(), send, ROUTED[host])
         refused = [a for a in answers if a.WhichOneof("response") == "immediate_response"]
         if refused:
             return Received(refused[0].immediate_response.status.code, b"", [])

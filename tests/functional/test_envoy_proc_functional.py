@@ -36,7 +36,7 @@ from prometheus_client import REGISTRY
 from tests.functional.conftest import audit_records, make_config
 from tests.functional.test_session_policies_functional import REFUND_A1, bundle_with_lookup
 from tests.unit.test_anthropic import accumulate
-from warden.ingress.envoy_proc import SERVICE_NAME, ExtProcService
+from warden.ingress.envoy_proc import SERVICE_NAME, UPSTREAM_METADATA, ExtProcService
 from warden.ingress.grpc_service import GrpcService
 from warden.ingress.listen import listen
 from warden.killswitch import Scope
@@ -47,6 +47,16 @@ from warden.testing import Call, MockLLM, Reply
 Mode = processing_mode_pb2.ProcessingMode
 OPENAI_HOST = "api.openai.com"
 ANTHROPIC_HOST = "api.anthropic.com"
+ROUTED = {OPENAI_HOST: "openai", ANTHROPIC_HOST: "anthropic"}
+"""Each virtual host's upstream, as Envoy's routes name it (``x-warden-upstream``)."""
+
+
+def route_metadata(authority: str) -> tuple[tuple[str, str], ...]:
+    """The gRPC metadata Envoy's route for ``authority`` sends (none for an unrouted host)."""
+    name = ROUTED.get(authority)
+    return () if name is None else ((UPSTREAM_METADATA, name),)
+
+
 KB = Call("search_kb", {"query": "reset password"}, id="call_kb")
 EXPORT = Call("export_customers", {"format": "csv"}, id="call_export")
 CLOSE = Call("close_account", {"customer_id": "C-7"}, id="toolu_close")
@@ -167,7 +177,7 @@ class Envoy:
             "accept-encoding": "gzip, br",
             **(headers or {}),
         }
-        call = self.stub.Process()
+        call = self.stub.Process(metadata=route_metadata(authority))
         try:
             first = pb.ProcessingRequest(
                 request_headers=pb.HttpHeaders(
@@ -624,7 +634,7 @@ async def test_official_sdks_through_the_mesh(envoy: Envoy, llm: MockLLM) -> Non
     assert raw.headers["x-warden-decision-id"].startswith("dec_")
     assert [b.type for b in message.content] == ["text"]
     assert message.stop_reason == "end_turn"
-    with pytest.raises(openai.PermissionDeniedError, match="unknown_upstream|matches no upstream"):
+    with pytest.raises(openai.PermissionDeniedError, match="named no upstream for this route"):
         async with (
             envoy_front(envoy, "elsewhere.example", Mode.STREAMED) as url,
             openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0) as client,
@@ -680,10 +690,62 @@ async def test_anthropic_streamed_sse(envoy: Envoy, llm: MockLLM) -> None:
 # -- fail closed -------------------------------------------------------------------
 
 
-async def test_unknown_authority_is_refused_before_anything_goes_upstream(
+async def test_a_route_that_names_no_upstream_is_refused_before_anything_goes_upstream(
     envoy: Envoy, llm: MockLLM
 ) -> None:
     result = await envoy.request("api.evil.example:443", "/v1/chat/completions", CHAT)
+    assert result.status == 403
+    error = result.json()["error"]
+    assert error["code"] == "unknown_upstream"
+    assert "x-warden-upstream" in error["message"]
+    assert llm.requests == []
+
+
+async def test_the_upstream_is_the_one_envoys_route_names_whatever_the_authority(
+    envoy: Envoy, warden: Warden, llm: MockLLM
+) -> None:
+    # Envoy sends every /v1/ request to one cluster however the agent sets Host: an
+    # authority naming another upstream must not pick that upstream's switches or key.
+    assert warden.killswitches is not None
+    await warden.killswitches.set(Scope.UPSTREAM, "openai", "incident", "ops")
+    call = envoy.stub.Process(metadata=route_metadata(OPENAI_HOST))
+    headers = {":authority": ANTHROPIC_HOST, ":path": "/v1/models", ":method": "GET"}
+    await call.write(
+        pb.ProcessingRequest(
+            request_headers=pb.HttpHeaders(headers=header_map(headers), end_of_stream=True),
+            protocol_config=pb.ProtocolConfiguration(
+                request_body_mode=Mode.BUFFERED, response_body_mode=Mode.BUFFERED
+            ),
+        )
+    )
+    answer = await call.read()
+    await call.done_writing()
+    assert answer.WhichOneof("response") == "immediate_response"
+    assert b"stops upstream openai" in answer.immediate_response.body
+    # Named twice, it names none.
+    twice = (*route_metadata(OPENAI_HOST), *route_metadata(ANTHROPIC_HOST))
+    call = envoy.stub.Process(metadata=twice)
+    await call.write(
+        pb.ProcessingRequest(
+            request_headers=pb.HttpHeaders(headers=header_map(headers), end_of_stream=True),
+            protocol_config=pb.ProtocolConfiguration(
+                request_body_mode=Mode.BUFFERED, response_body_mode=Mode.BUFFERED
+            ),
+        )
+    )
+    answer = await call.read()
+    await call.done_writing()
+    assert b"named no upstream" in answer.immediate_response.body
+    assert llm.requests == []
+
+
+async def test_by_authority_an_unknown_host_is_refused(tmp_path: Path, llm: MockLLM) -> None:
+    ext_proc = {"upstream_from": "authority", "hosts": {OPENAI_HOST: "openai"}}
+    async with Warden(make_config(tmp_path, llm.url, ext_proc=ext_proc)) as warden:
+        assert warden.core is not None
+        service = ExtProcService(warden.core, warden.config)
+        async with serve(service, llm) as envoy:
+            result = await envoy.request("api.evil.example:443", "/v1/chat/completions", CHAT)
     assert result.status == 403
     error = result.json()["error"]
     assert error["code"] == "unknown_upstream"
@@ -692,11 +754,13 @@ async def test_unknown_authority_is_refused_before_anything_goes_upstream(
 
 
 async def test_base_url_host_matches_without_hosts_mapping(tmp_path: Path, llm: MockLLM) -> None:
-    """No ext_proc.hosts: the authority is matched to the one upstream with that host."""
+    """By authority, no ext_proc.hosts: the authority is matched to the one upstream with
+    that host."""
     config = make_config(
         tmp_path,
         llm.url,
         upstreams={"openai": {"protocol": "openai", "base_url": "https://api.openai.com"}},
+        ext_proc={"upstream_from": "authority"},
     )
     async with Warden(config) as running:
         assert running.core is not None
@@ -1018,7 +1082,7 @@ async def test_an_envoy_that_reports_no_body_modes_is_refused_up_front(
 ) -> None:
     """Envoy before 1.34 sends no protocol_config: with its response_body_mode at NONE the
     answer, tool calls and all, would go to the agent unread. Refused before anything leaves."""
-    call = envoy.stub.Process()
+    call = envoy.stub.Process(metadata=route_metadata(OPENAI_HOST))
     headers = {":authority": OPENAI_HOST, ":path": "/v1/chat/completions", ":method": "POST"}
     await call.write(
         pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=header_map(headers)))
@@ -1039,7 +1103,7 @@ async def test_message_out_of_order_fails_closed(tmp_path: Path, llm: MockLLM) -
         assert warden.core is not None
         service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
         async with serve(service, llm) as envoy:
-            call = envoy.stub.Process()
+            call = envoy.stub.Process(metadata=route_metadata(OPENAI_HOST))
             headers = {
                 ":authority": OPENAI_HOST,
                 ":path": "/v1/chat/completions",
@@ -1075,7 +1139,7 @@ async def test_ungovernable_body_mode_is_refused_up_front(envoy: Envoy, llm: Moc
 
 
 async def test_observability_mode_is_rejected(envoy: Envoy) -> None:
-    call = envoy.stub.Process()
+    call = envoy.stub.Process(metadata=route_metadata(OPENAI_HOST))
     headers = {":authority": OPENAI_HOST, ":path": "/v1/models", ":method": "GET"}
     await call.write(
         pb.ProcessingRequest(

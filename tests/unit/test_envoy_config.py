@@ -26,6 +26,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format
 
 from warden.config import load_config
+from warden.ingress.envoy_proc import UPSTREAM_METADATA
 
 ROOT = Path(__file__).resolve().parents[2]
 ENVOY_YAML = ROOT / "deploy" / "envoy" / "envoy.yaml"
@@ -119,6 +120,20 @@ def test_routes_pick_the_filter_per_traffic_kind() -> None:
     proc_off = ext_proc_pb2.ExtProcPerRoute()
     assert tools.typed_per_filter_config["envoy.filters.http.ext_proc"].Unpack(proc_off)
     assert proc_off.disabled
+
+
+def test_the_llm_route_names_its_upstream_to_warden() -> None:
+    # ext_proc.upstream_from: route; the README's warden.yaml must have that upstream.
+    llm = _manager().route_config.virtual_hosts[0].routes[0]
+    named = ext_proc_pb2.ExtProcPerRoute()
+    assert llm.typed_per_filter_config["envoy.filters.http.ext_proc"].Unpack(named)
+    metadata = {m.key: m.value for m in named.overrides.grpc_initial_metadata}
+    assert metadata == {UPSTREAM_METADATA: llm.route.cluster}
+    readme = (ENVOY_YAML.parent / "README.md").read_text()
+    example = yaml.safe_load(readme.split("```yaml\n", 1)[1].split("```", 1)[0])
+    config = load_config(environ={}, overrides=example | {"policy": {"bundles": []}})
+    assert config.ext_proc.upstream_from == "route"
+    assert config.upstreams[llm.route.cluster].protocol == "openai"
 
 
 def _http_filter(doc: Any, name: str) -> Any:

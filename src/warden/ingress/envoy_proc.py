@@ -97,6 +97,7 @@ from warden.sessions import conversation_of, stored_answer_conversation
 
 __all__ = [
     "SERVICE_NAME",
+    "UPSTREAM_METADATA",
     "ExtProcService",
     "UnknownUpstream",
     "UpstreamHosts",
@@ -109,6 +110,9 @@ __all__ = [
 log = logging.getLogger("warden.ext_proc")
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+UPSTREAM_METADATA = "x-warden-upstream"
+"""The gRPC metadata key in which Envoy's route names its upstream (``upstream_from: route``).
+It travels on Envoy's own stream to Warden, not in the agent's request."""
 
 _Mode = processing_mode_pb2.ProcessingMode
 _JSON = "application/json"
@@ -248,6 +252,24 @@ class UpstreamHosts:
             self._overrides[authority_host(host)] = name
         self._upstreams = upstreams
 
+    def named(self, name: str | None) -> tuple[str, UpstreamConfig]:
+        """The upstream Envoy's route names (``upstream_from: route``); raises
+        :class:`UnknownUpstream`."""
+        if name is None:
+            raise UnknownUpstream(
+                f"Envoy named no upstream for this route: set gRPC metadata {UPSTREAM_METADATA}"
+                " in the route's ExtProcPerRoute overrides.grpc_initial_metadata"
+                " (ext_proc.upstream_from: route)"
+            )
+        upstream = self._upstreams.get(name)
+        if upstream is None:
+            known = ", ".join(sorted(self._upstreams)) or "none"
+            raise UnknownUpstream(
+                f"Envoy's route names upstream {name[:64]!r}, which is not configured"
+                f" (configured: {known})"
+            )
+        return name, upstream
+
     def resolve(self, authority: str) -> tuple[str, UpstreamConfig]:
         """The upstream's name and settings; raises :class:`UnknownUpstream`."""
         host = authority_host(authority)
@@ -312,13 +334,18 @@ class ExtProcService:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), self.config.shutdown_grace_s)
 
-    async def process(self, requests: AsyncIterable[Any], send: Send) -> None:
-        """Serve one ext_proc stream: read Envoy's messages, ``send`` the answers."""
+    async def process(
+        self, requests: AsyncIterable[Any], send: Send, route_upstream: str | None = None
+    ) -> None:
+        """Serve one ext_proc stream: read Envoy's messages, ``send`` the answers.
+
+        ``route_upstream``: the upstream Envoy's route named in the stream's metadata.
+        """
         self._open += 1
         self._idle.clear()
         metrics.INFLIGHT.inc()
         try:
-            await _Exchange(self, send).run(requests)
+            await _Exchange(self, send, route_upstream).run(requests)
         finally:
             metrics.INFLIGHT.dec()
             self._open -= 1
@@ -335,8 +362,11 @@ class _Servicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     async def Process(
         self, request_iterator: AsyncIterable[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
+        named = [v for k, v in context.invocation_metadata() or () if k == UPSTREAM_METADATA]
         try:
-            await self._service.process(request_iterator, context.write)
+            # Given twice, it names none: the stream is refused like one naming none.
+            upstream = named[0] if len(named) == 1 and isinstance(named[0], str) else None
+            await self._service.process(request_iterator, context.write, upstream)
         except _Abort as abort:
             await context.abort(abort.status, abort.details)
 
@@ -383,9 +413,10 @@ class _Exchange:
     stream, so the exchange ends.
     """
 
-    def __init__(self, service: ExtProcService, send: Send) -> None:
+    def __init__(self, service: ExtProcService, send: Send, route_upstream: str | None) -> None:
         self._svc = service
         self._answer = send
+        self._route_upstream = route_upstream
         self._timer: asyncio.TimerHandle | None = None  # asks Envoy for more time when it fires
         self._extension: asyncio.Task[None] | None = None  # override_message_timeout going out
         self._core = service.core
@@ -591,7 +622,10 @@ class _Exchange:
         await self._send(answer)
 
     def _resolve_route(self, headers: CIMultiDict[str]) -> _Route:
-        name, upstream = self._svc.hosts.resolve(headers.get(":authority", ""))
+        if self._svc.config.ext_proc.upstream_from == "route":
+            name, upstream = self._svc.hosts.named(self._route_upstream)
+        else:
+            name, upstream = self._svc.hosts.resolve(headers.get(":authority", ""))
         self._family, self._upstream_name = upstream.protocol, name
         if upstream.protocol not in _LLM_FAMILIES:
             raise UnknownUpstream(

@@ -107,6 +107,11 @@ def test_stored_response_reads_the_stream_flag_from_the_query() -> None:
         ("openai", ("* v1/**",), "POST", "v1/Chat/completions", REFUSED),
         ("openai", ("* v1/**",), "POST", "v1/RESPONSES", REFUSED),
         ("anthropic", ("* v1/**",), "POST", "v1/Messages", REFUSED),
+        # Providers serve each other's shapes: Anthropic answers OpenAI's chat/completions.
+        ("anthropic", ("* v1/**",), "POST", "v1/chat/completions", REFUSED),
+        ("anthropic", ("* v1/**",), "POST", "v1/responses", REFUSED),
+        ("openai", ("* v1/**",), "POST", "v1/messages", REFUSED),
+        ("openai", ("* v1/**",), "GET", "v1/threads/t1/messages", REFUSED),
     ],
 )
 def test_passthrough_patterns(

@@ -640,7 +640,7 @@ class _Exchange:
         segments = decode_path(raw_path)
         match = match_route(upstream.protocol, method, segments, self._svc.passthrough[name])
         if match is None:
-            raise not_governed(name, upstream.protocol, method, segments)
+            raise not_governed(name, method, segments)
         return _Route(name, upstream, "/" + "/".join(segments), query, match)
 
     async def _request_body(self, message: Any) -> None:

@@ -307,7 +307,7 @@ class ProxyApp:
             )
         )
         if match is None:
-            raise _not_governed(name, upstream.protocol, request.method, tail)
+            raise _not_governed(name, request.method, tail)
         route = _Route(name=name, upstream=upstream, segments=tuple(tail), match=match)
         if len(self._routes) >= _ROUTE_CACHE_SIZE:
             self._routes.clear()  # paths carrying ids churn; the common few come back at once
@@ -782,10 +782,10 @@ def _decode_path(raw_path: str) -> list[str]:
     return segments
 
 
-def _not_governed(name: str, family: str, method: str, tail: list[str]) -> RouteNotGoverned:
+def _not_governed(name: str, method: str, tail: list[str]) -> RouteNotGoverned:
     path = "/".join(tail)
     what = f"Warden does not govern {method} /{name}/{path}: it does not parse its responses"
-    if under_governed_resource(family, tail):
+    if under_governed_resource(tail):
         return RouteNotGoverned(f"{what}, and this resource carries tool calls, so it is refused")
     return RouteNotGoverned(
         f"{what} for tool calls. To forward it unparsed, list it in "

@@ -132,11 +132,10 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
     ),
 }
 # Resources whose other routes (lists, input items, batches) return tool calls
-# in shapes Warden does not parse: refused even when listed as pass-through.
-_GOVERNED_ROOTS: dict[str, frozenset[str]] = {
-    "openai": frozenset({"chat", "responses"}),
-    "anthropic": frozenset({"messages"}),
-}
+# in shapes Warden does not parse: refused even when listed as pass-through. On
+# every upstream, whatever its family: providers serve each other's shapes
+# (Anthropic answers OpenAI's chat/completions, gateways serve both).
+_GOVERNED_ROOTS = frozenset({"chat", "responses", "messages"})
 _ROOTS: dict[str, frozenset[str]] = {
     family: frozenset(rule.segments[0] for rule in rules) for family, rules in _RULES.items()
 }
@@ -196,14 +195,10 @@ def _route_start(family: str, tail: Sequence[str]) -> int | None:
     return next((i for i, segment in enumerate(tail) if segment.casefold() in roots), None)
 
 
-def under_governed_resource(family: str, tail: Sequence[str]) -> bool:
-    """Whether the tail names a route under a governed resource (never pass-through)."""
-    start = _route_start(family, tail)
-    return start is not None and _governed_root(family, tail[start])
-
-
-def _governed_root(family: str, segment: str) -> bool:
-    return segment.casefold() in _GOVERNED_ROOTS.get(family, frozenset())
+def under_governed_resource(tail: Sequence[str]) -> bool:
+    """Whether the tail names a route under a resource a family governs (``chat``,
+    ``responses``, ``messages``, in any case): never pass-through, on any upstream."""
+    return any(segment.casefold() in _GOVERNED_ROOTS for segment in tail)
 
 
 def match_route(
@@ -227,8 +222,8 @@ def match_route(
         for rule in rules:
             if rule.matches(method, route):
                 return rule.match
-        if _governed_root(family, route[0]):
-            return None
+    if under_governed_resource(tail):
+        return None
     if any(rule.matches(method, tail) for rule in passthrough):
         return RouteMatch(adapter=None, passthrough=True)
     return None

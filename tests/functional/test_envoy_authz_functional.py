@@ -186,12 +186,20 @@ async def test_a_route_rule_makes_the_request_a_tool_call(tmp_path: Path) -> Non
         queried = await stub.Check(
             _request("POST", "/orders/A-1/refunds?amount=4000", json_headers, b'{"amount": 40}')
         )
+        # Envoy cut the body at max_request_bytes: a prefix may parse as JSON (here the
+        # first of two documents) while the service reads the whole.
+        partial = _request("POST", "/orders/A-1/refunds", json_headers, b'{"amount": 40}')
+        partial.attributes.request.http.headers["x-envoy-auth-partial-body"] = "true"
+        truncated = await stub.Check(partial)
     assert small.status.code == GRPC_OK
     assert large.status.code == GRPC_PERMISSION_DENIED
     assert large.denied_response.status.code == 403
     assert queried.status.code == GRPC_PERMISSION_DENIED
     assert queried.denied_response.status.code == 400
     assert "'amount' is not named in this route's arguments" in queried.denied_response.body
+    assert truncated.status.code == GRPC_PERMISSION_DENIED
+    assert truncated.denied_response.status.code == 400
+    assert "only part of the body" in truncated.denied_response.body
     records = _decisions(tmp_path)
     action = records[small.dynamic_metadata["decision_id"]]["action"]
     assert (action["kind"], action["tool"]) == ("tool_call", "issue_refund")
@@ -337,6 +345,31 @@ async def test_a_missing_or_unusable_result_denies(
     record = _decisions(tmp_path)[decision_id]
     assert (record["decision"]["effect"], record["decision"]["guard"]) == ("deny", guard)
     assert record["decision"]["error"] == error
+
+
+def _raw(request: Any) -> Any:
+    """The request as Envoy sends it with ``encode_raw_headers: true``: in ``header_map``."""
+    http = request.attributes.request.http
+    for key, value in http.headers.items():
+        http.header_map.headers.add(key=key, raw_value=value.encode())
+    http.ClearField("headers")
+    return request
+
+
+async def test_raw_headers_are_read_as_headers_are(tmp_path: Path) -> None:
+    async with _serving(tmp_path) as stub:
+        allowed = await stub.Check(
+            _raw(_request("GET", "/orders/A-1", {**READER, "x-debug-override": "1"}))
+        )
+        unproven = await stub.Check(
+            _raw(_request("GET", "/health", {"x-warden-agent": "someone-else"}))
+        )
+    # The policy read the bearer token (and the header it removes); identity the agent.
+    assert allowed.status.code == GRPC_OK
+    assert _headers(allowed.ok_response.headers)["x-user-role"] == "reader"
+    assert list(allowed.ok_response.headers_to_remove) == ["x-debug-override"]
+    assert unproven.denied_response.status.code == 403
+    assert "decision_id" not in unproven.dynamic_metadata
 
 
 async def test_an_unproven_agent_is_refused_without_a_decision(tmp_path: Path) -> None:

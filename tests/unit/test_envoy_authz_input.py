@@ -425,6 +425,22 @@ def test_agent_credentials_are_hidden_from_the_policy_and_removed_before_upstrea
         assert set(CREDENTIAL_HEADERS) <= set(response.ok_response.headers_to_remove)
 
 
+def test_raw_headers_are_read_hidden_and_joined_as_envoy_joins_them() -> None:
+    # encode_raw_headers: true sends header_map, raw bytes, names as sent, repeats apart.
+    request = _request("/", {})
+    raw = request.attributes.request.http.header_map.headers
+    for key, value in (("X-Warden-Agent-Key", b"wk_secret"), ("x-a", b"1"), ("X-A", b"2")):
+        raw.add(key=key, raw_value=value)
+    parsed = check_input(request)
+    http = parsed.input["attributes"]["request"]["http"]
+    assert "headerMap" not in http  # its raw values would show the key base64-encoded
+    assert http["headers"] == {"x-a": "1,2"}
+    assert parsed.headers["x-warden-agent-key"] == "wk_secret"
+    assert parsed.problem is None
+    raw.add(key="x-b", raw_value=b"\xff")
+    assert check_input(request).problem == "the value of header 'x-b' is not UTF-8"
+
+
 def test_a_denial_of_wardens_own_has_status_and_body() -> None:
     response = render_response(None, allowed=False, decision_id="dec_4", status=400, body="bad")
     assert (response.denied_response.status.code, response.denied_response.body) == (400, "bad")

@@ -217,6 +217,13 @@ class ExtAuthzService:
                 "control character, so no route rule can be tried on it"
             )
             return None, _Refusal(reason, 400, observe=False)
+        if parsed.input.get("truncated_body") and routes.find(parsed.method, segments):
+            # The arguments would be read from a prefix of the body the service gets whole.
+            reason = (
+                "Envoy sent only part of the body (with_request_body.max_request_bytes), so a "
+                "route rule cannot read its arguments from it; raise max_request_bytes"
+            )
+            return None, _Refusal(reason, 400, observe=False)
         tool: ToolRequest | None = None
         try:
             tool = routes.resolve(

@@ -292,8 +292,18 @@ def check_input(
     """
     doc = protomap(request)
     http_request = request.attributes.request.http
-    headers = dict(http_request.headers)
-    shown = doc.get("attributes", {}).get("request", {}).get("http", {}).get("headers")
+    problem: str | None = None
+    try:
+        headers = _headers_of(http_request)
+    except ValueError as exc:
+        headers, problem = dict(http_request.headers), str(exc)
+    shown_http = doc.get("attributes", {}).get("request", {}).get("http", {})
+    if "headerMap" in shown_http:
+        # Envoy's encode_raw_headers: shown as the map OPA-Envoy policies read, and
+        # scrubbed below like it (raw values are credentials too).
+        del shown_http["headerMap"]
+        shown_http["headers"] = dict(headers)
+    shown = shown_http.get("headers")
     if isinstance(shown, dict):
         # A policy (and anything it prints) never sees an agent's key or token.
         for name in list(shown):
@@ -310,6 +320,8 @@ def check_input(
     )
     if not request.attributes.request.HasField("http"):
         return _with_problem(base, "the CheckRequest carries no HTTP request")
+    if problem is not None:
+        return _with_problem(base, problem)
     try:
         doc["parsed_path"] = unescape(raw_path, plus=False, what="the path").lstrip("/").split("/")
         doc["parsed_query"] = parse_query(raw_query)
@@ -322,6 +334,23 @@ def check_input(
     except ValueError as exc:
         return _with_problem(base, f"error parsing request body: {exc}")
     return base
+
+
+def _headers_of(http_request: Any) -> dict[str, str]:
+    """The request's headers, from ``header_map`` when Envoy sends raw headers
+    (``encode_raw_headers: true``): each name lower-cased, repeated ones joined with
+    ``,`` as Envoy joins them in ``headers``. ``ValueError`` if a value is not UTF-8."""
+    if not http_request.header_map.headers:
+        return dict(http_request.headers)
+    headers: dict[str, str] = {}
+    for entry in http_request.header_map.headers:
+        try:
+            value = entry.raw_value.decode("utf-8") if entry.raw_value else entry.value
+        except UnicodeDecodeError:
+            raise ValueError(f"the value of header {entry.key[:40]!r} is not UTF-8") from None
+        key = entry.key.lower()
+        headers[key] = f"{headers[key]},{value}" if key in headers else value
+    return headers
 
 
 def _with_problem(base: CheckInput, problem: str) -> CheckInput:

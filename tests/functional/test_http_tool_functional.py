@@ -205,6 +205,11 @@ async def test_unmatched_routes_are_refused_or_forwarded_as_configured(
     allow.mkdir()
     async with Warden(config_for(allow, refunds, unmatched="allow")) as w:
         status, _, _, _ = await call(w, "GET", "/health")
+        # Not a plain http_call: services that read paths case-blind, or drop ';'
+        # parameters, would run it as the refund rule's call.
+        for variant in ("/orders/A-1/Refunds", "/orders/A-1/refunds;jsessionid=1"):
+            refused = await call(w, "POST", variant, amount=900, customer="C-7")
+            assert (refused[0], refused[2]["code"]) == (400, "invalid_tool_request")
     assert status == 201
     assert [(m, p) for m, p, _ in refunds.seen] == [("GET", "/health")]
     [record] = decisions(allow)

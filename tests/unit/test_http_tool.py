@@ -195,6 +195,25 @@ def test_a_query_the_rule_cannot_account_for_refuses_the_request(
         resolve("GET", path, query=query)
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/orders/A-1/Refunds",  # ASP.NET matches literal segments case-blind
+        "/ORDERS/A-1/refunds",
+        "/orders/A-1/refunds;jsessionid=x",  # Tomcat and Spring drop ';' parameters
+        "/orders/A-1;v=2/refunds",  # the service's order id is A-1, not A-1;v=2
+    ],
+)
+def test_a_path_a_service_may_read_as_a_rules_call_is_refused(path: str) -> None:
+    with pytest.raises(ToolRequestError, match="case-blind or without ';'"):
+        resolve("POST", path, {"amount": 5, "customer": "C-1"})
+
+
+def test_a_path_no_rule_fits_even_loosely_is_unmatched() -> None:
+    assert resolve("POST", "/orders/A-1/returns;x=1", {}) is None
+    assert resolve("GET", "/health") is None
+
+
 def test_a_refused_query_never_quotes_a_value() -> None:
     with pytest.raises(ToolRequestError) as caught:
         resolve("GET", "/customers/C-7/orders", query="status=%zzsk-secret")

@@ -243,6 +243,17 @@ class RouteRule:
                 return None
         return params
 
+    def fits_loosely(self, method: str, segments: Sequence[str]) -> bool:
+        """Whether the path fits read as some services read paths: literal segments
+        case-blind (ASP.NET) and without ``;`` parameters (Tomcat, Spring)."""
+        if method != self.method or len(segments) != len(self.segments):
+            return False
+        return all(
+            _PARAM.match(pattern) is not None
+            or pattern.casefold() == segment.partition(";")[0].casefold()
+            for pattern, segment in zip(self.segments, segments, strict=True)
+        )
+
     def build(
         self, params: Mapping[str, str], body: bytes, content_type: str, query: str = ""
     ) -> dict[str, Any]:
@@ -332,6 +343,15 @@ class ToolRoutes:
         read from the request, or the query carries a parameter it does not name.
         """
         found = self.find(method, segments)
+        if (found is None or any(";" in s for s in segments)) and any(
+            rule.fits_loosely(method, segments) for rule in self.rules
+        ):
+            # The service may read it as that rule's tool call (or another order id)
+            # while Warden reads another call, or none at all.
+            raise ToolRequestError(
+                "the path fits a route rule only when read case-blind or without ';' "
+                "parameters, as some services read paths; send it as the rule writes it"
+            )
         if found is None:
             return None
         rule, params = found

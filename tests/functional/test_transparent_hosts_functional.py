@@ -186,11 +186,14 @@ async def test_a_tunnelled_host_is_never_decrypted(
     assert kinds == [("decision", "/v1/chat/completions")]  # nothing about the tunnel
 
 
-def _tls_to_ip_naming(proxy: str, port: int, ca: Path, sni: str, first: bytes) -> bytes:
-    """CONNECT to an address, then TLS naming ``sni`` (no ALPN) and ``first`` as plaintext."""
+def _tls_through(
+    proxy: str, connect: str, ca: Path, sni: str, first: bytes, timeout: float = 10
+) -> bytes:
+    """CONNECT to ``connect``, then TLS naming ``sni`` (no ALPN) and ``first`` as plaintext;
+    what comes back until the proxy closes (or ``timeout``)."""
     host, _, proxy_port = proxy.rpartition(":")
-    with socket.create_connection((host, int(proxy_port)), timeout=10) as raw:
-        raw.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    with socket.create_connection((host, int(proxy_port)), timeout=timeout) as raw:
+        raw.sendall(f"CONNECT {connect} HTTP/1.1\r\nHost: {connect}\r\n\r\n".encode())
         head = b""
         while b"\r\n\r\n" not in head:
             head += raw.recv(4096)
@@ -219,11 +222,42 @@ async def test_a_decrypted_governed_connection_never_leaves_as_raw_bytes(
     async with CountingServer() as real, Warden(cfg) as warden:
         ca = export_ca(warden, tmp_path)
         await asyncio.to_thread(
-            _tls_to_ip_naming, warden.transparent_address, real.port, ca, "api.openai.com", request
+            _tls_through,
+            warden.transparent_address,
+            f"127.0.0.1:{real.port}",
+            ca,
+            "api.openai.com",
+            request,
         )
         assert real.connections == 0
     assert llm.requests == []
     assert not [r for r in audit_records(tmp_path / "audit") if r["kind"] == "decision"]
+
+
+async def test_a_request_with_trailers_never_stays_in_flight(tmp_path: Path, llm: MockLLM) -> None:
+    # mitmproxy cannot read HTTP/1 request trailers and gives the connection up: once
+    # the client goes, nothing of it may stay in flight (shutdown would wait for it).
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n"
+        b"Connection: close\r\n\r\n2\r\n{}\r\n0\r\nX-Sum: 1\r\n\r\n"
+    )
+    async with Warden(transparent_config(tmp_path, llm.url)) as warden:
+        ca = export_ca(warden, tmp_path)
+        proxy, host = warden.transparent_address, "api.openai.com:443"
+        answer = await asyncio.to_thread(
+            _tls_through, proxy, host, ca, "api.openai.com", request, timeout=1
+        )
+        assert answer == b""
+        door = warden._transparent
+        assert door is not None
+        assert door._addon is not None
+        for _ in range(100):
+            if not door._addon._inflight:
+                break
+            await asyncio.sleep(0.05)
+        assert not door._addon._inflight
+    assert llm.requests == []
 
 
 async def test_a_client_that_rejects_the_ca_gets_a_clear_log_line(

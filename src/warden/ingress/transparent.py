@@ -33,7 +33,7 @@ import contextlib
 import ipaddress
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -115,6 +115,9 @@ class GoverningAddon:
         self._mode = mode
         self._mark = mark("transparent")
         self._inflight: set[str] = set()
+        self._by_client: dict[str, set[str]] = {}
+        """The in-flight flows of each client connection, dropped when it closes: a flow
+        mitmproxy gave up on (request trailers) ends in neither ``response`` nor ``error``."""
         self._idle: asyncio.Event | None = None
         self.proxyserver: Any = None
         """mitmproxy's ``Proxyserver`` addon, to learn what it bound (set by the door)."""
@@ -130,9 +133,21 @@ class GoverningAddon:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
 
     def _done(self, flow: http.HTTPFlow) -> None:
-        self._inflight.discard(flow.id)
+        flows = self._by_client.get(flow.client_conn.id)
+        if flows is not None:
+            flows.discard(flow.id)
+            if not flows:
+                del self._by_client[flow.client_conn.id]
+        self._forget((flow.id,))
+
+    def _forget(self, ids: Iterable[str]) -> None:
+        self._inflight.difference_update(ids)
         if not self._inflight and self._idle is not None:
             self._idle.set()
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        """Whatever became of its requests, none of them is in flight any more."""
+        self._forget(self._by_client.pop(client.id, ()))
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -269,6 +284,7 @@ class GoverningAddon:
         request.stream = True  # the body goes on as it arrives; the listener bounds it
         flow.metadata["warden_governed"] = verdict.host
         self._inflight.add(flow.id)
+        self._by_client.setdefault(flow.client_conn.id, set()).add(flow.id)
         REQUESTS.labels(_host_label(verdict.host), self._mode, "governed").inc()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

@@ -265,6 +265,15 @@ class Warden:
                 ", ".join(n for n in self.config.upstreams if credentials.get(n) is not None),
                 self.config.agent.id,
             )
+        tls = self.config.grpc.tls
+        if self.config.listen.grpc is not None and (tls is None or tls.client_ca is None):
+            log.warning(
+                "Warden holds upstream keys and its gRPC listener (%s) takes Envoy ext_proc "
+                "and ext_authz streams without client certificates: a client that reaches it "
+                "and speaks those protocols is told the keys; require them "
+                "(grpc.tls.client_ca) or keep the listener to Envoy (docs/credentials.md)",
+                self.config.listen.grpc,
+            )
         if credentials.watched:
             watcher = tasks.spawn(credentials.watch(), name="credential-watch")
             self._stack.push_async_callback(_cancel, watcher)

@@ -219,14 +219,14 @@ async def test_a_rotated_key_file_is_used_without_a_restart(
 
 
 async def test_envoy_is_told_to_send_wardens_key_through_the_mesh(
-    tmp_path: Path, llm: MockLLM
+    tmp_path: Path, llm: MockLLM, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="warden")
     llm.script(Reply(text="Hi."))
     config = held_config(tmp_path, llm.url)
     config = config.model_copy(
         update={
             "listen": config.listen.model_copy(update={"grpc": "127.0.0.1:0"}),
-            "ext_proc": config.ext_proc.model_copy(update={"hosts": {OPENAI_HOST: "openai"}}),
         }
     )
     async with (
@@ -242,6 +242,8 @@ async def test_envoy_is_told_to_send_wardens_key_through_the_mesh(
     sent = llm.requests[-1].headers
     assert sent.getall("Authorization") == [f"Bearer {HELD}"]
     assert "OpenAI-Project" not in sent
+    # Whoever speaks ext_proc to Warden is told the key: the start says who can.
+    assert "without client certificates" in caplog.text
 
 
 async def test_envoy_ext_authz_forwards_an_allowed_request_with_wardens_key(

@@ -362,8 +362,7 @@ def sse_data(body: bytes) -> list[Any]:
 
 @pytest.fixture
 async def warden(tmp_path: Path, llm: MockLLM) -> AsyncIterator[Warden]:
-    hosts = {OPENAI_HOST: "openai", ANTHROPIC_HOST: "anthropic"}
-    config = make_config(tmp_path, llm.url, ext_proc={"hosts": hosts})
+    config = make_config(tmp_path, llm.url)
     async with Warden(config) as running:
         yield running
 
@@ -823,9 +822,7 @@ async def test_hosted_mcp_servers_a_request_declares_reach_the_policy(
 async def lookup_mesh(tmp_path: Path, llm: MockLLM) -> AsyncIterator[tuple[Warden, Envoy]]:
     """Warden with refunds that need a lookup in the conversation, behind Envoy for OpenAI."""
     bundle = {"bundles": [str(bundle_with_lookup(tmp_path))], "workers": 1, "watch": False}
-    config = make_config(
-        tmp_path, llm.url, ext_proc={"hosts": {OPENAI_HOST: "openai"}}, policy=bundle
-    )
+    config = make_config(tmp_path, llm.url, policy=bundle)
     async with Warden(config) as warden:
         assert warden.core is not None
         service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
@@ -888,7 +885,6 @@ async def test_another_agents_answer_is_refused_through_the_mesh(
     config = make_config(
         tmp_path,
         llm.url,
-        ext_proc={"hosts": {OPENAI_HOST: "openai"}},
         identity={"agents": agents, "require_proof": True},
     )
 
@@ -936,7 +932,7 @@ async def test_a_continuation_through_the_mesh_answers_the_call_warden_removed(
 ) -> None:
     # The provider keeps the blocked call with its answer and wants an output for
     # it; the agent never saw it, so Warden gives the one the agent was told.
-    config = make_config(tmp_path, llm.url, ext_proc={"hosts": {OPENAI_HOST: "openai"}})
+    config = make_config(tmp_path, llm.url)
     async with Warden(config) as warden:
         assert warden.core is not None
         service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
@@ -1098,7 +1094,7 @@ async def test_an_envoy_that_reports_no_body_modes_is_refused_up_front(
 
 async def test_message_out_of_order_fails_closed(tmp_path: Path, llm: MockLLM) -> None:
     """Trusted to send bodies, an Envoy whose request body never comes is refused later."""
-    ext_proc = {"hosts": {OPENAI_HOST: "openai"}, "unreported_modes": "trust"}
+    ext_proc = {"unreported_modes": "trust"}
     async with Warden(make_config(tmp_path, llm.url, ext_proc=ext_proc)) as warden:
         assert warden.core is not None
         service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
@@ -1232,7 +1228,6 @@ async def held_through_envoy(
     tmp_path: Path, llm: MockLLM, ext_proc: dict[str, Any], **envoy_options: Any
 ) -> tuple[Result, Result]:
     """A quick allowed answer, then a call held for a person for 1.5 s, then approved."""
-    hosts = {OPENAI_HOST: "openai"}
     approver = {
         "subject": "dana",
         "roles": ["approver"],
@@ -1242,7 +1237,7 @@ async def held_through_envoy(
     config = make_config(
         tmp_path,
         llm.url,
-        ext_proc={"hosts": hosts, **ext_proc},
+        ext_proc=ext_proc,
         approvals={"mode": "hold"},
         admin={"tokens": [approver]},
     )

@@ -319,6 +319,7 @@ def test_any_key_path_escaped_as_rfc_6901_says_finds_its_value(keys: list[str], 
     assert rule.build({}, json.dumps(document).encode(), JSON) == {"v": value}
 
 
-@given(st.text(min_size=1).filter(lambda s: s not in (".", "..") and "/" not in s))
+# ';' is refused (a service may drop what follows it): see the loosely-fitting paths above.
+@given(st.text(min_size=1).filter(lambda s: s not in (".", "..") and not {"/", ";"} & set(s)))
 def test_a_parameter_matches_any_one_decoded_segment_verbatim(segment: str) -> None:
     assert resolve("GET", f"/orders/{segment}") == ToolRequest("get_order", {"id": segment})

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from warden.audit import AuditLog
 from warden.audit import segments as segments_module
-from warden.audit.checkpoint import NoteSigner
+from warden.audit.checkpoint import Checkpoint, NoteSigner, load_signing_key
 from warden.audit.layout import Layout
-from warden.audit.merkle import leaf_hash
+from warden.audit.merkle import EMPTY_ROOT, leaf_hash
 from warden.audit.segments import FRAME_HEADER, MAGIC, find_next_frame, frame
 from warden.audit.verify import verify_log
 from warden.config import AuditConfig
@@ -274,6 +274,34 @@ def test_an_outside_checkpoint_catches_a_truncation_hidden_locally(
     assert verify_log(root).ok
     report = verify_log(root, extra_checkpoints=[kept])
     assert report.damage[0].kind == "truncated"
+
+
+def test_a_planted_size_0_checkpoint_does_not_stop_the_others_being_compared(
+    root: Path, tmp_path: Path
+) -> None:
+    # A forger with the key rewrites the chain, drops the directory's checkpoints and
+    # signs one of size 0; the auditor's outside checkpoint must still be compared.
+    kept = tmp_path / "kept-checkpoint"
+    shutil.copy(Layout(root).latest_checkpoint, kept)
+    flat = [p for seg in read_segments(root) for p in seg.records]
+    flat[4] = reencode(flat[4], time="2020-01-01T00:00:00.000000Z")
+    flat[4:] = rechain(flat[4:], orjson.loads(flat[4])["prev"])
+    rewrite(root, flat, per_segment=7)
+    layout = Layout(root)
+    for path in layout.checkpoints.iterdir():
+        path.unlink()
+    layout.latest_checkpoint.unlink()
+    signer = NoteSigner(layout.read_meta().origin, load_signing_key(layout.signing_key))
+    empty = Checkpoint(layout.read_meta().origin, 0, EMPTY_ROOT)
+    (layout.checkpoints / f"{0:020d}").write_text(signer.sign(empty.text()))
+    report = verify_log(root, extra_checkpoints=[kept])
+    assert [d.kind for d in report.damage] == ["modified"]
+    # A size-0 checkpoint of a log that had records before is compared too.
+    assert verify_log(root).ok
+    (layout.checkpoints / f"{0:020d}").write_text(
+        signer.sign(Checkpoint(layout.read_meta().origin, 0, leaf_hash(b"x")).text())
+    )
+    assert verify_log(root).damage[0].kind == "modified"
 
 
 def test_every_sampled_single_bit_flip_is_detected(root: Path) -> None:

@@ -245,6 +245,11 @@ class _Walk:
         return None
 
     def run(self) -> None:
+        # A size-0 checkpoint is compared before the first record; left unmatched it
+        # would hold every later comparison back (they are taken in order of size).
+        self.damage = self.check_root()
+        if self.damage is not None:
+            return
         for index, path in enumerate(self.segments):
             self.damage = self.segment(index, path)
             if self.damage is not None:
@@ -253,10 +258,7 @@ class _Walk:
                     # signed only over synced records.
                     self.damage = self.truncated() or self.damage
                 return
-        if self.expected == 0:
-            self.damage = self.check_root()  # only a size-0 checkpoint could apply
-        if self.damage is None:
-            self.damage = self.truncated()
+        self.damage = self.truncated()
 
     def truncated(self) -> Damage | None:
         """Damage when a signed checkpoint covers more records than the walk found."""

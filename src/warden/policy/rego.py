@@ -22,6 +22,7 @@ import ctypes
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import regopy
 from regopy import rego_shared
 
@@ -120,12 +121,20 @@ def parse_check(path: str, source: str) -> None:
 
 
 def _c_text(text: str) -> bytes:
-    """``text`` for the engine, which reads C strings: one holding NUL would reach a
-    policy cut short there, so the input is refused (the action is then denied)."""
-    data = text.encode()
-    if b"\x00" in data:
+    """``text`` for the engine's input builder, JSON-escaped without its quotes.
+
+    rego-cpp keeps a string as its JSON text, and the builder takes the text as
+    given: unescaped, ``a", "effect": "allow`` in an argument would come out of a
+    ``reason`` that repeats it as a key of the decision itself, and ``C:\\Win``
+    would not equal the policy's ``"C:\\\\Win"``. A string holding NUL is
+    refused (the action is then denied): the engine's builtins read C strings.
+    """
+    if "\x00" in text:
         raise ValueError("a string of the input holds NUL, which the engine would cut short")
-    return data
+    try:
+        return orjson.dumps(text)[1:-1]
+    except orjson.JSONEncodeError:  # a lone surrogate: no JSON text can carry it
+        raise ValueError("a string of the input is not valid Unicode") from None
 
 
 class _Native:

@@ -124,6 +124,23 @@ def test_package_outside_roots_is_refused(tmp_path: Path) -> None:
         load_bundle(root)
 
 
+@pytest.mark.parametrize(
+    "source",
+    [
+        # rego-cpp reads the package name on the next line, not this raw string's.
+        "package # where the plugin lives\nwarden\n\nnote := `\npackage plugin\n`\n",
+        "\n# header\n  package\twarden.x\nallow := true\n",
+        'package warden["x"]\nallow := true\n',
+    ],
+)
+def test_the_package_is_read_as_the_engine_reads_it(tmp_path: Path, source: str) -> None:
+    root = write_bundle(
+        tmp_path / "b", {"p.rego": source, ".manifest": json.dumps({"roots": ["plugin"]})}
+    )
+    with pytest.raises(BundleError, match=r"p\.rego:\d+: package warden(/|\.)?x? is outside"):
+        load_bundle(root)
+
+
 def test_data_outside_roots_is_refused(tmp_path: Path) -> None:
     root = write_bundle(
         tmp_path / "b",

@@ -180,6 +180,30 @@ def test_unfollowable_calls_keep_the_argument_whole(rest: str) -> None:
     assert ("action",) in shape.paths
 
 
+@pytest.mark.parametrize("gap", [" ", "\t", "\n"])
+def test_a_head_with_space_before_its_parameters_is_a_head(gap: str) -> None:
+    # rego-cpp takes "safe (b)" and even "safe\n(b)" as the head of safe.
+    shape = shape_of(
+        "package warden\n"
+        "d if safe(input.action)\n"
+        "safe(a) := true if a.tool\n"
+        f'safe{gap}(b) := true if b.arguments.path == "/tmp"\n'
+    )
+    assert shape.paths == (("action", "arguments", "path"), ("action", "tool"))
+
+
+def test_a_function_of_another_package_is_not_the_one_called() -> None:
+    # In package warden, count(...) is the builtin: lib's count reads nothing of it.
+    shape = shape_of(
+        "package warden\nd if count(input.action.arguments) > 1\n",
+        "package lib\ncount(x) := x.n\n",
+    )
+    assert shape.paths == (("action", "arguments"),)
+    # A function of the same package is the one called, builtin's name or not.
+    same = shape_of("package warden\nd if count(input.action.arguments) > 1\ncount(x) := x.n\n")
+    assert same.paths == (("action", "arguments", "n"),)
+
+
 def test_an_extra_argument_is_the_output_and_reads_the_whole() -> None:
     shape = shape_of("package warden\nd if f(1, input.action)\nf(a) := a.x\n")
     assert shape.paths == (("action",),)

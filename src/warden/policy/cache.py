@@ -43,6 +43,7 @@ from typing import Any
 import orjson
 
 from warden.policy.bundle import Module
+from warden.policy.bundle.text import blank
 
 __all__ = ["WILDCARD", "InputShape", "LRUCache", "analyse", "cache_key", "project"]
 
@@ -78,45 +79,9 @@ class InputShape:
         return self.paths is None
 
 
-def _blank(source: str, fill: str = " ") -> str:
-    """Blank out string literals (with ``fill``) and comments, keeping every offset.
-
-    One pass from the start, as the parser reads: a quote inside a comment
-    (``# don't``, a lone backtick) starts no string, and a ``#`` inside a
-    string starts no comment.
-    """
-    out = list(source)
-    i, n = 0, len(source)
-    while i < n:
-        c = source[i]
-        if c == "#":
-            end = source.find("\n", i)
-            end = n if end < 0 else end
-            out[i:end] = " " * (end - i)
-            i = end
-        elif c in {'"', "`"}:
-            end = _string_end(source, i)
-            out[i:end] = [ch if ch == "\n" else fill for ch in source[i:end]]
-            i = end
-        else:
-            i += 1
-    return "".join(out)
-
-
-def _string_end(source: str, start: int) -> int:
-    """Where the string literal opening at ``start`` ends (past its closing quote)."""
-    if source[start] == "`":
-        end = source.find("`", start + 1)
-        return len(source) if end < 0 else end + 1
-    i = start + 1
-    while i < len(source) and source[i] not in '"\n':
-        i += 2 if source[i] == "\\" else 1
-    return min(i + 1, len(source))
-
-
 def _has_template(source: str) -> bool:
     """Whether ``source`` has a template string (``$"{input.x}"``): code inside a literal."""
-    blanked = _blank(source, fill="s")
+    blanked = blank(source, fill="s")
     return any(blanked[i] == "$" and source[i + 1] in '"`' for i in range(len(source) - 1))
 
 
@@ -182,7 +147,8 @@ def _reference_path(source: str, blanked: str, end: int) -> tuple[tuple[str, ...
     return tuple(path), pos
 
 
-_HEAD = re.compile(r"^(?:[ \t]*default)?[ \t]*([A-Za-z_][A-Za-z0-9_]*)\(", re.MULTILINE)
+# rego-cpp takes any whitespace, newlines included, between a head's name and "(".
+_HEAD = re.compile(r"^(?:[ \t]*default)?[ \t]*([A-Za-z_][A-Za-z0-9_]*)\s*\(", re.MULTILINE)
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CALLEE = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_]*)$")
 _WITH = re.compile(r"(?<![\w.])with(?![\w])")
@@ -261,11 +227,14 @@ class _Analysis:
 
     def __init__(self, modules: Sequence[Module]) -> None:
         self.sources = [m.source for m in modules]
-        self.blanked = [_blank(m.source) for m in modules]
+        self.blanked = [blank(m.source) for m in modules]
         # ``with`` can replace a function; an import can alias one: both make
         # the name at a call site mean something the heads do not show.
         self.follow = not any(_WITH.search(text) for text in self.blanked)
         self.heads: dict[str, list[_Head]] = {}
+        # A call names a function of its own package, else a builtin (a function of
+        # another package with a builtin's name does not replace it there).
+        self.packages = [m.package for m in modules]
         self.imported: set[str] = set()
         self._memo: dict[tuple[int, int], set[tuple[str, ...]]] = {}
         self._unclassified: dict[str, bool] = {}
@@ -275,7 +244,7 @@ class _Analysis:
                 if words and words[0] == "import":
                     self.imported.add(words[-1].rsplit(".", 1)[-1])
             # Strings as marks, not spaces: a line ending in a string is complete.
-            statements = _statement_starts(_blank(self.sources[index], fill="s"))
+            statements = _statement_starts(blank(self.sources[index], fill="s"))
             for m in _HEAD.finditer(text):
                 parsed = _split_args(text, m.end() - 1)
                 if parsed is None:
@@ -295,7 +264,7 @@ class _Analysis:
         return known
 
     def _find_unclassified_use(self, name: str) -> bool:
-        pattern = re.compile(rf"(?<![\w.]){name}\(")
+        pattern = re.compile(rf"(?<![\w.]){name}\s*\(")
         for text in self.blanked:
             for m in pattern.finditer(text):
                 line_start = text.rfind("\n", 0, m.start()) + 1
@@ -352,7 +321,8 @@ class _Analysis:
         if call is None:
             return None
         name, position, opener = call
-        heads = self.heads.get(name)
+        package = self.packages[index]
+        heads = [h for h in self.heads.get(name, ()) if self.packages[h.module] == package]
         if not heads or name in self.imported or self._unclassified_use(name):
             return None
         if any(h.module == index and h.span[0] == opener for h in heads):

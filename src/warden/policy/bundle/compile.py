@@ -16,11 +16,11 @@ import orjson
 from warden.policy import rego
 from warden.policy.bundle.diagnostics import describe_rego_error, display_path, line_col
 from warden.policy.bundle.model import BundleError, Module
+from warden.policy.bundle.text import blank
 
 __all__ = ["check_syntax", "compile_bundle", "compile_check"]
 
 _CALL = re.compile(r"(?<![\w.\"])([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*\(")
-_STRING = re.compile(r'"(?:[^"\\\n]|\\.)*"|`[^`]*`')
 _HEAD = re.compile(r"^[ \t]*([A-Za-z_][A-Za-z0-9_]*)\s*\(", re.MULTILINE)
 _KEYWORDS = frozenset(
     {
@@ -57,19 +57,6 @@ def check_syntax(modules: Sequence[Module], label: str) -> None:
             ) from None
 
 
-def _blank_strings_and_comments(source: str) -> str:
-    """Replace strings and comments by spaces, keeping offsets and newlines."""
-
-    def blank(m: re.Match[str]) -> str:
-        return re.sub(r"[^\n]", " ", m.group(0))
-
-    out = []
-    for line in _STRING.sub(blank, source).split("\n"):
-        cut = line.find("#")
-        out.append(line if cut < 0 else line[:cut] + " " * (len(line) - cut))
-    return "\n".join(out)
-
-
 def _check_functions(interp: rego.Interpreter, modules: Sequence[Module], label: str) -> None:
     """Refuse calls to functions that are neither built in nor defined in the bundle.
 
@@ -77,7 +64,7 @@ def _check_functions(interp: rego.Interpreter, modules: Sequence[Module], label:
     compile time, and so do we. The scan is deliberately lenient: any name
     that heads a line anywhere in the bundle counts as defined.
     """
-    cleaned = {m.path: _blank_strings_and_comments(m.source) for m in modules}
+    cleaned = {m.path: blank(m.source) for m in modules}
     defined = {name for text in cleaned.values() for name in _HEAD.findall(text)}
     known: dict[str, bool] = {}
     for module in modules:

@@ -15,7 +15,6 @@ bundle must list every file. Hidden files and folders (``.git``) are skipped.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,8 @@ from warden.policy.bundle.files import (
     read_bundle_files,
 )
 from warden.policy.bundle.manifest import parse_json, parse_manifest, roots_overlap, within
-from warden.policy.bundle.model import PACKAGE, Bundle, BundleError, Module
+from warden.policy.bundle.model import Bundle, BundleError, Module
+from warden.policy.bundle.text import package_of
 from warden.policy.bundle.verify import verify_bundle_files
 
 if TYPE_CHECKING:
@@ -92,11 +92,6 @@ def _check_data_roots(value: Any, path: tuple[str, ...], roots: Sequence[str], o
     )
 
 
-def _module_line(source: str, pattern: re.Pattern[str]) -> int:
-    match = pattern.search(source)
-    return source.count("\n", 0, match.start()) + 1 if match else 1
-
-
 def build_bundle(
     files: Mapping[str, bytes],
     *,
@@ -123,11 +118,12 @@ def build_bundle(
                 line = body[: exc.start].count(b"\n") + 1
                 raise BundleError(f"{label}/{rel}:{line}: not valid UTF-8") from None
             module = Module(rel, text)
-            pkg = module.package
-            if pkg is None:
+            declared = package_of(text)
+            if declared is None:
                 raise BundleError(f"{label}/{rel}:1: no package declaration")
+            pkg, at = declared
             if not any(within(pkg, r) for r in roots):
-                line = _module_line(text, PACKAGE)
+                line = text.count("\n", 0, at) + 1
                 raise BundleError(
                     f"{label}/{rel}:{line}: package {pkg.replace('/', '.')} is outside "
                     f"the bundle roots {list(roots)}"

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from warden.errors import PolicyError
+from warden.policy.bundle.text import package_of
 
 __all__ = ["Bundle", "BundleError", "BundleSignature", "Module", "package_path"]
-
-PACKAGE = re.compile(r"^[ \t]*package[ \t]+([^\s#]+)", re.MULTILINE)
-_PKG_SEGMENT = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)|\["([^"]*)"\]')
 
 
 class BundleError(PolicyError):
@@ -71,15 +68,5 @@ class Bundle:
 
 def package_path(source: str) -> str | None:
     """The package a module declares, as a slash path, or ``None``."""
-    match = PACKAGE.search(_strip_comments(source))
-    if match is None:
-        return None
-    ref = match.group(1)
-    parts = [a or b for a, b in _PKG_SEGMENT.findall(ref)]
-    return "/".join(parts)
-
-
-def _strip_comments(source: str) -> str:
-    # Good enough for locating ``package``: a '#' inside a string on the package
-    # line does not occur in practice.
-    return "\n".join(line.split("#", 1)[0] for line in source.splitlines())
+    found = package_of(source)
+    return None if found is None else found[0]

@@ -386,6 +386,14 @@ def _export(args: argparse.Namespace) -> int:
             f"note: {result.uncovered} records of the period are newer than the latest "
             "checkpoint and were left out; export again after the next checkpoint"
         )
+    if result.incomplete and result.format == "evidence":
+        when = f"was signed at {result.signed_at}" if result.signed_at else "carries no time"
+        print(
+            f"note: the latest checkpoint {when}, before the period's end: the package "
+            "cannot be shown complete for it, and verify_evidence.py will say so; export "
+            "again once a checkpoint from after the period's end exists (a running Warden "
+            "signs one every audit.checkpoint_interval_s)"
+        )
     if result.format == "evidence":
         print(f"auditors check it with: python3 {Path(args.out) / 'verify_evidence.py'}")
     return EXIT_OK

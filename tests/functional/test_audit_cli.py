@@ -115,28 +115,29 @@ def test_verify_with_config_keys_and_pinned_verifier(tmp_path: Path, cli: Cli) -
 def test_export_and_proof(tmp_path: Path, cli: Cli) -> None:
     root = tmp_path / "audit"
     asyncio.run(_log(root))
-    out = tmp_path / "evidence"
-    done = cli(
-        "export",
-        "--dir",
-        str(root),
-        "--from",
-        "2000-01-01",
-        "--to",
-        "2999-12-31",
-        "--out",
-        str(out),
-    )
-    assert done.returncode == 0, done.stderr
-    assert "exported 13 records" in done.stdout
     vkey = (root / "keys" / "checkpoint.vkey").read_text().strip()
-    check = subprocess.run(
-        [sys.executable, "-I", str(out / "verify_evidence.py"), "--key", vkey],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+
+    def export(out: Path, *period: str) -> tuple[str, subprocess.CompletedProcess[str]]:
+        done = cli("export", "--dir", str(root), "--from", "2000-01-01", *period, "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        assert "exported 13 records" in done.stdout
+        check = subprocess.run(
+            [sys.executable, "-I", str(out / "verify_evidence.py"), "--key", vkey],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return done.stdout, check
+
+    said, check = export(tmp_path / "evidence")
     assert check.returncode == 0, check.stdout
+    assert "the checkpoint was signed at" in check.stdout
+    assert "cannot be shown complete" not in said
+    # A period not over when the checkpoint was signed cannot be shown complete.
+    said, early = export(tmp_path / "early", "--to", "2999-12-31")
+    assert "cannot be shown complete" in said
+    assert early.returncode == 1
+    assert "is from before the period's end" in early.stdout
     for fmt in ("csv", "ocsf"):
         target = tmp_path / f"audit.{fmt}"
         assert (

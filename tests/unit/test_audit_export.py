@@ -27,7 +27,7 @@ from warden.audit.export import (
 )
 from warden.audit.merkle import leaf_hash, verify_inclusion
 from warden.audit.verify import iter_records
-from warden.audit.verify_evidence import verify_package
+from warden.audit.verify_evidence import checkpoint_time, verify_package
 from warden.config import AuditConfig
 from warden.model import Effect, Mode, Outcome, Usage
 from warden.testing.audit import read_segments, sample_action, sample_decision
@@ -492,3 +492,65 @@ def test_a_whole_log_package_must_reach_the_checkpoint(root: Path, tmp_path: Pat
     _rescope(out, last_seq=len(lines) - 3, records=len(lines) - 2)
     _remanifest(out)
     assert any("names no 'to'" in f for f in verify_package(out)[0])
+
+
+async def test_a_package_cut_at_a_checkpoint_from_before_the_periods_end_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A checkpoint signed at 10:05 covers the first two records of 09:00-11:00; one
+    # signed at noon covers all. A package built on the first hides the third.
+    root = tmp_path / "audit"
+    log = await AuditLog.open(AuditConfig(dir=str(root), checkpoint_interval_s=3600))
+    stamps = ["09:30", "10:00", "10:05", "10:30", "11:30"]
+    monkeypatch.setattr(log, "_clock", _Stamps([f"2026-11-26T{t}:00.000000Z" for t in stamps]))
+    for i in range(2):
+        await log.record_decision(sample_action(i), sample_decision())
+    await log.checkpoint()
+    for i in range(2, 4):
+        await log.record_decision(sample_action(i), sample_decision())
+    monkeypatch.setattr(log, "_clock", _Stamps(["2026-11-26T12:00:00.000000Z"] * 4))
+    await log.close()
+    period = Selection(start="2026-11-26T09:00:00.000000Z", end="2026-11-26T11:00:00.000000Z")
+    honest = tmp_path / "honest"
+    assert export_log(root, honest, selection=period).records == 3
+    assert verify_package(honest)[0] == []
+    # Whoever makes the package picks the older checkpoint: every record still proves itself.
+    stale = tmp_path / "stale-log"
+    shutil.copytree(root, stale)
+    (stale / "checkpoints" / f"{4:020d}").unlink()
+    shutil.copy(stale / "checkpoints" / f"{2:020d}", stale / "checkpoint")
+    cut = tmp_path / "cut"
+    result = export_log(stale, cut, selection=period)
+    assert (result.records, result.signed_at, result.incomplete) == (
+        2,
+        "2026-11-26T10:05:00.000000Z",
+        True,
+    )
+    failures, _ = verify_package(cut)
+    assert any("is from before the period's end" in f for f in failures), failures
+
+
+def test_a_package_without_its_selection_fails(root: Path, tmp_path: Path) -> None:
+    # The manifest is not signed: removing selection.json must not pass as an older package.
+    out = tmp_path / "evidence"
+    export_log(root, out)
+    (out / "selection.json").unlink()
+    (out / "edges.json").unlink(missing_ok=True)
+    _remanifest(out)
+    assert any("no selection.json" in f for f in verify_package(out)[0])
+
+
+async def test_a_quiet_log_signs_its_checkpoint_again_with_the_time(tmp_path: Path) -> None:
+    log = await AuditLog.open(AuditConfig(dir=str(tmp_path / "audit"), checkpoint_interval_s=3600))
+    try:
+        await log.record_decision(sample_action(0), sample_decision())
+        first = await log.checkpoint()
+        assert first is not None
+        assert await log.checkpoint() is None  # nothing new: nothing to vouch for
+        await asyncio.sleep(0.01)
+        again = await log.checkpoint(refresh=True)
+        assert again is not None
+        assert (again.size, again.root) == (first.size, first.root)
+        assert checkpoint_time(again.text()) > checkpoint_time(first.text())  # type: ignore[operator]
+    finally:
+        await log.close()

@@ -33,7 +33,7 @@ from warden.audit.checkpoint import Checkpoint, NoteVerifier
 from warden.audit.layout import Layout
 from warden.audit.merkle import MerkleTree, leaf_hash, verify_inclusion
 from warden.audit.verify import iter_records, verify_log
-from warden.audit.verify_evidence import split_note
+from warden.audit.verify_evidence import checkpoint_time, split_note
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -83,6 +83,11 @@ class ExportResult:
     records: int
     tree_size: int
     uncovered: int
+    signed_at: str | None = None
+    """When the checkpoint the package leads to was signed (``None``: it carries no time)."""
+    incomplete: bool = False
+    """The period ends after that checkpoint was signed: the package cannot be shown
+    complete for it, and ``verify_evidence.py`` says so."""
 
 
 def parse_time(value: str, *, end: bool = False) -> str:
@@ -234,7 +239,17 @@ def export_log(
         _write_ocsf(out, loaded, Layout(root).read_meta().origin)
     else:
         _write_package(root, out, selection, loaded)
-    return ExportResult(out, fmt, len(loaded.selected), loaded.checkpoint.size, loaded.uncovered)
+    signed = checkpoint_time(loaded.checkpoint.text())
+    end = selection.end
+    return ExportResult(
+        out,
+        fmt,
+        len(loaded.selected),
+        loaded.checkpoint.size,
+        loaded.uncovered,
+        signed,
+        end is not None and (signed is None or signed < end),
+    )
 
 
 # -- evidence package --------------------------------------------------------

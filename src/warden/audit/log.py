@@ -65,6 +65,7 @@ from warden.audit.subjects import (
     subject_ids,
     subject_value,
 )
+from warden.audit.verify_evidence import CHECKPOINT_TIME
 from warden.config import AuditConfig
 from warden.errors import AuditError
 from warden.model import Action, Decision, Outcome
@@ -757,20 +758,32 @@ class AuditLog:
 
     # -- checkpoints ---------------------------------------------------------
 
-    async def checkpoint(self) -> Checkpoint | None:
+    async def checkpoint(self, *, refresh: bool = False) -> Checkpoint | None:
         """Sign and store a checkpoint of every record written so far.
 
-        Returns ``None`` when nothing was added since the last checkpoint.
-        Raises :class:`AuditError` if the log failed or the checkpoint cannot
-        be stored (which fails the log).
+        Each carries the time it was signed (the extension line ``time
+        <RFC 3339>``): whoever checks an evidence package learns that no record
+        written before then is missing from it. Returns ``None`` when nothing
+        was added since the last checkpoint, unless ``refresh``: then the last
+        one is signed again with the time now, so a quiet log still vouches
+        for the hours it had nothing to add. Raises :class:`AuditError` if the
+        log failed or the checkpoint cannot be stored (which fails the log).
         """
         async with self._checkpoint_lock:
             if self._failure is not None:
                 raise AuditError(f"the audit log is not writable: {self._failure}")
             state = self._durable
-            if state.size <= self._checkpointed:
+            if state.size < self._checkpointed or state.size == 0:
                 return None
-            ckpt = Checkpoint(self._meta.origin, state.size, state.compact().root())
+            if state.size == self._checkpointed and not refresh:
+                return None
+            signed = self._clock.now()
+            ckpt = Checkpoint(
+                self._meta.origin,
+                state.size,
+                state.compact().root(),
+                (f"{CHECKPOINT_TIME}{signed}",),
+            )
             note = self._signer.sign(ckpt.text())
             await self._blocking(self._store_checkpoint, state.size, note)
             self._checkpointed = state.size
@@ -785,7 +798,9 @@ class AuditLog:
         while True:
             await asyncio.sleep(self._config.checkpoint_interval_s)
             try:
-                await self.checkpoint()
+                # Signed again when nothing was added: a period that ended while the log
+                # was quiet is then shown complete by a checkpoint from after its end.
+                await self.checkpoint(refresh=True)
                 await self._finish_noted_erasures()
             except AuditError:
                 return

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CHECKPOINT_TIME",
+    "checkpoint_time",
     "node_hash",
     "parse_checkpoint",
     "parse_vkey",
@@ -49,6 +51,8 @@ __all__ = [
 
 HASH_SIZE = 32
 SIG_PREFIX = "\u2014 "
+CHECKPOINT_TIME = "time "
+"""The extension line a checkpoint carries: ``time`` and when it was signed (RFC 3339 UTC)."""
 
 
 def node_hash(left: bytes, right: bytes) -> bytes:
@@ -198,6 +202,14 @@ def parse_checkpoint(text: str) -> tuple[str, int, bytes]:
     return lines[0], int(lines[1]), root
 
 
+def checkpoint_time(text: str) -> str | None:
+    """When a checkpoint body says it was signed (its ``time`` line), or ``None``."""
+    for line in text.split("\n")[3:]:
+        if line.startswith(CHECKPOINT_TIME):
+            return line[len(CHECKPOINT_TIME) :]
+    return None
+
+
 def _ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool | None:
     """True/False, or ``None`` when neither ``cryptography`` nor ``openssl`` is available."""
     try:
@@ -255,7 +267,10 @@ class _Report:
         self.failures.append(message)
 
 
-def _open_checkpoint(note: str, vkey: str, report: _Report) -> tuple[str, int, bytes] | None:
+def _open_checkpoint(
+    note: str, vkey: str, report: _Report
+) -> tuple[str, int, bytes, str | None] | None:
+    """``(origin, size, root, signed at)`` of a checkpoint whose signature verifies."""
     try:
         name, key_hash, public_key = parse_vkey(vkey)
         text, sigs = split_note(note)
@@ -275,7 +290,7 @@ def _open_checkpoint(note: str, vkey: str, report: _Report) -> tuple[str, int, b
         if not ok:
             report.fail("checkpoint: the signature does not verify")
             return None
-    return origin, size, root
+    return origin, size, root, checkpoint_time(text)
 
 
 def _check_manifest(pkg: Path, report: _Report) -> None:
@@ -295,7 +310,9 @@ def _check_manifest(pkg: Path, report: _Report) -> None:
             report.fail(f"manifest: {name} is not listed")
 
 
-def _check_records(pkg: Path, size: int, root: bytes, report: _Report) -> int:
+def _check_records(
+    pkg: Path, size: int, root: bytes, report: _Report, signed: str | None = None
+) -> int:
     records = (pkg / "records.jsonl").read_bytes().split(b"\n")
     proofs = (pkg / "proofs.jsonl").read_text(encoding="utf-8").split("\n")
     if records[-1] != b"" or proofs[-1] != "" or len(records) != len(proofs):
@@ -334,7 +351,7 @@ def _check_records(pkg: Path, size: int, root: bytes, report: _Report) -> int:
         last_record = record
     if scope is not None:
         ends = [r for r in (first_record, last_record) if r is not None]
-        _check_scope(pkg, scope, seqs, ends, report, size=size, root=root)
+        _check_scope(pkg, scope, seqs, ends, report, size=size, root=root, signed=signed)
         if not whole_run:
             report.notes.append(
                 f"filtered to agent {scope['agent']!r}: that no record of it was left out "
@@ -345,6 +362,11 @@ def _check_records(pkg: Path, size: int, root: bytes, report: _Report) -> int:
             f"the package covers {span} for the period {scope.get('from') or 'start'} to "
             f"{scope.get('to') or 'end'}: check that it is the period you asked for"
         )
+        if signed is not None:
+            report.notes.append(
+                f"the checkpoint was signed at {signed}: records written after it are not in"
+                " the package"
+            )
     return count
 
 
@@ -366,6 +388,7 @@ def _check_scope(
     *,
     size: int,
     root: bytes,
+    signed: str | None,
 ) -> None:
     """``selection.json`` against the records: the run, the filter, the period and its edges."""
     declared = (scope.get("first_seq"), scope.get("last_seq"), scope.get("records"))
@@ -382,7 +405,7 @@ def _check_scope(
                 "the period the package declares"
             )
     if agent is None and seqs:
-        _check_edges(pkg, scope, (seqs[0], seqs[-1]), report, size=size, root=root)
+        _check_edges(pkg, scope, (seqs[0], seqs[-1]), report, size=size, root=root, signed=signed)
 
 
 def _check_edges(
@@ -393,13 +416,16 @@ def _check_edges(
     *,
     size: int,
     root: bytes,
+    signed: str | None,
 ) -> None:
     """An unfiltered run must reach both ends of the period: nothing left out at either end.
 
     The run starts at record 0, or the record before it (in ``edges.json``, proven
-    in the signed tree) falls outside the period; likewise after its end, up to
-    the checkpoint's size. Assumes record times do not go back (a clock stepped
-    back could place a later record of the period after that edge).
+    in the signed tree) falls outside the period; likewise after its end, or it
+    ends at the checkpoint's last record and the checkpoint was signed at or
+    after the period's end (an older checkpoint would hide the records written
+    after it). Assumes record times do not go back (a clock stepped back could
+    place a later record of the period after that edge).
     """
     path = pkg / "edges.json"
     edges: dict[str, tuple[int, dict[str, object]]] = {}
@@ -416,8 +442,19 @@ def _check_edges(
         edges[str(edge["side"])] = (edge["seq"], record)
     first, last = run
     for side, needed, bound in (("before", first - 1, "from"), ("after", last + 1, "to")):
-        if needed < 0 or needed >= size:
-            continue  # the run reaches the start of the log, or the checkpoint's size
+        if needed < 0:
+            continue  # the run reaches the start of the log
+        if needed >= size:
+            end = scope.get(bound)
+            if isinstance(end, str) and (signed is None or signed < end):
+                when = f"signed at {signed}" if signed else "carrying no time"
+                report.fail(
+                    f"the run ends at record {last}, the last the checkpoint covers, and the "
+                    f"checkpoint ({when}) is from before the period's end: records of the "
+                    "period written after it may be missing (export once a checkpoint from "
+                    "after the period's end exists)"
+                )
+            continue
         edge = edges.get(side)
         if scope.get(bound) is None:
             report.fail(
@@ -432,10 +469,11 @@ def _check_edges(
 
 
 def _scope(pkg: Path, report: _Report) -> dict[str, object] | None:
-    """``selection.json``: the period, filter and run of records (older packages have none)."""
+    """``selection.json``: the period, filter and run of records (a failure when missing)."""
     path = pkg / "selection.json"
     if not path.exists():
-        report.notes.append("no selection.json: gaps between records cannot be told apart")
+        # The manifest is not signed: whoever cut records could remove this file too.
+        report.fail("no selection.json: the package cannot be shown complete for any period")
         return None
     scope = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(scope, dict):
@@ -454,8 +492,8 @@ def verify_package(pkg: Path, vkey: str | None = None) -> tuple[list[str], list[
     opened = _open_checkpoint((pkg / "checkpoint").read_text(encoding="utf-8"), vkey, report)
     if opened is None:
         return report.failures, report.notes
-    origin, size, root = opened
-    count = _check_records(pkg, size, root, report)
+    origin, size, root, signed = opened
+    count = _check_records(pkg, size, root, report, signed)
     consistency = pkg / "consistency.json"
     if consistency.exists():
         data = json.loads(consistency.read_text(encoding="utf-8"))

@@ -1057,6 +1057,18 @@ class Config(_Section):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _provable_reporters(self) -> Config:
+        runner = self.agent.id
+        if runner in self.grpc.outcome_reporters and not self.identity.require_proof:
+            # Any caller without a key or token is the sidecar's own agent.
+            raise ValueError(
+                f"grpc.outcome_reporters: {runner!r} is this sidecar's own agent.id, which any "
+                "caller is when it proves nothing (identity.require_proof is off): name a "
+                "runner that proves its id with a key or token, or turn require_proof on"
+            )
+        return self
+
     def mode_for(self, agent_id: str) -> Mode:
         """The configured mode for an agent: its own setting, else the global one."""
         if agent_id == self.agent.id and self.agent.mode is not None:

@@ -51,12 +51,15 @@ from warden.sessions import owed_outputs
 from warden.state.links import CallLinks, Link
 from warden.tasks import Tasks
 
-__all__ = ["Chains", "Gate", "Governor", "Turn"]
+__all__ = ["RESERVED_CALL_IDS", "Chains", "Gate", "Governor", "Turn"]
 
 log = logging.getLogger("warden.core")
 
 MAX_RESULTS_PER_REQUEST = 1000
 """Tool results of one request recorded as outcomes: the newest (the conversation's end)."""
+RESERVED_CALL_IDS = ("grpc-decision:",)
+"""Prefixes of link ids Warden makes itself (a gRPC ``Check``'s decision, awaiting
+``ReportOutcome``): never an agent's tool result."""
 _LIST_CONCURRENCY = 8
 """Tools of one listing asked about at once: a long listing must not fill the policy queue."""
 
@@ -322,31 +325,36 @@ class Governor:
 
     # -- outcomes --------------------------------------------------------------
 
-    def record_results(self, results: Iterable[ToolResult]) -> None:
-        """Record tool results the agent sent back, each as its decision's outcome, once.
+    def record_results(self, agent: Agent, results: Iterable[ToolResult]) -> None:
+        """Record tool results ``agent`` sent back, each as its decision's outcome, once.
 
         Agents resend the whole conversation each turn: a result is recorded
         the first time it is seen, for calls this sidecar (or its earlier
-        run) let through. Unknown ids are looked up in the store off the
-        response path.
+        run) let through to that same agent: another agent naming a call id
+        neither records an outcome for it nor uses up its link. Unknown ids
+        are looked up in the store off the response path. Ids of Warden's own
+        (``grpc-decision:``, reported through ``ReportOutcome``) are not results.
         """
-        by_id = {r.call_id: r for r in results}
+        by_id = {r.call_id: r for r in results if not r.call_id.startswith(RESERVED_CALL_IDS)}
         if not by_id:
             return
         if len(by_id) > MAX_RESULTS_PER_REQUEST:
             # Older results were seen in earlier turns; an agent sending more is not
             # given a store lookup each.
             by_id = dict(list(by_id.items())[-MAX_RESULTS_PER_REQUEST:])
-        linked, unknown = self.links.take(by_id)
+        linked, unknown = self.links.take(by_id, agent=agent.id)
         for call_id, link in linked.items():
             self._record_result(link, by_id[call_id])
         if unknown:
             self.background.spawn(
-                self._record_stored({i: by_id[i] for i in unknown}), name="stored-results"
+                self._record_stored(agent, {i: by_id[i] for i in unknown}), name="stored-results"
             )
 
-    async def _record_stored(self, results: Mapping[str, ToolResult]) -> None:
+    async def _record_stored(self, agent: Agent, results: Mapping[str, ToolResult]) -> None:
         for call_id, link in (await self.links.take_stored(list(results))).items():
+            if link.action.agent.id != agent.id:
+                self.links.link(call_id, link)  # still its own agent's to report
+                continue
             self._record_result(link, results[call_id])
 
     def _record_result(self, link: Link, result: ToolResult) -> None:

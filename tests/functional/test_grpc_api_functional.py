@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -194,6 +195,24 @@ async def test_bad_requests_get_invalid_argument(stub: Any) -> None:
     )
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     assert "action.kind must be one of" in details
+    # A tool named on a model call would be seen as that tool, and counted by no cap.
+    for kind in ("llm_call", "http_call"):
+        code, details = await status_of(
+            stub.Check(pb.CheckRequest(action=pb.Action(kind=kind, tool="issue_refund")))
+        )
+        assert code is grpc.StatusCode.INVALID_ARGUMENT
+        assert f"a {kind} names no tool" in details
+
+
+async def test_a_large_action_is_decided_like_any_other(stub: Any) -> None:
+    # Past 256 KiB its arguments are converted off the event loop; the answer is the same.
+    big = check_request(
+        "issue_refund", amount=40, order_id="A-1", **{f"n{i}": i for i in range(30_000)}
+    )
+    assert big.action.ByteSize() > 256 * 1024
+    decided = await stub.Check(big)
+    assert decided.effect == pb.EFFECT_ALLOW
+    assert decided.reason == "refund of 40 on order A-1 (C-7 via grpc)"
 
 
 async def test_agent_identity_is_proven_from_metadata(
@@ -220,6 +239,11 @@ async def test_agent_identity_is_proven_from_metadata(
     )
     assert code is grpc.StatusCode.PERMISSION_DENIED
     assert "not the agent the metadata names" in details
+    # Named twice in the metadata, whatever agent_id says: refused, not overwritten.
+    twice = (("x-warden-agent", "support-triage"), ("x-warden-agent", "refunds-bot"))
+    code, details = await status_of(stub.Check(request, metadata=twice))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "must be sent once" in details
     await warden.stop()
     assert [d["agent"]["id"] for d in records_of(tmp_path, "decision")] == ["refunds-bot"]
     for segment in (tmp_path / "audit" / "segments").iterdir():
@@ -343,6 +367,13 @@ async def test_a_trusted_runners_report_settles_a_cap(
         not_theirs = await status_of(
             stub.ReportOutcome(pb.ReportOutcomeRequest(decision_id=other.decision_id))
         )
+        endless = await status_of(
+            stub.ReportOutcome(
+                pb.ReportOutcomeRequest(decision_id=other.decision_id, latency_ms=math.inf),
+                metadata=RUNNER,
+            )
+        )
+    assert endless[0] is grpc.StatusCode.INVALID_ARGUMENT
     assert (failed.effect, made.effect) == (pb.EFFECT_ALLOW, pb.EFFECT_ALLOW)
     assert over.effect == pb.EFFECT_DENY
     assert over.guard == "budget"

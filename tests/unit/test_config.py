@@ -154,3 +154,17 @@ def test_bound_context_keys_are_spelled_as_policies_see_them(tmp_path: Path) -> 
     text = "approvals: {bind_context: [Customer-Id, ' tenant_id ']}"
     config = load_config(write(tmp_path, text), environ={})
     assert config.approvals.bind_context == ("customer_id", "tenant_id")
+
+
+def test_a_runner_no_one_need_prove_cannot_report_trusted_outcomes() -> None:
+    # Without require_proof any caller is the sidecar's own agent: it would release caps.
+    own = {
+        "agent": {"id": "support-triage"},
+        "grpc": {"outcome_reporters": {"support-triage": ["bot"]}},
+    }
+    with pytest.raises(ConfigError, match="outcome_reporters: 'support-triage' is this sidecar"):
+        load_config(environ={}, overrides=own)
+    proved = {**own, "identity": {"require_proof": True}}
+    assert load_config(environ={}, overrides=proved).grpc.outcome_reporters
+    runner = {"grpc": {"outcome_reporters": {"tool-runner": ["bot"]}}}
+    assert load_config(environ={}, overrides=runner).grpc.outcome_reporters

@@ -169,17 +169,45 @@ async def test_a_result_is_recorded_as_its_decisions_outcome_once(
     core: Governor, audit: MemoryAudit
 ) -> None:
     decided = await core.decide_calls(turn(), [call("search", "c1")], "openai")
-    core.record_results([result("c1", "found")])
-    core.record_results([result("c1", "found")])  # the conversation, resent
+    core.record_results(AGENT, [result("c1", "found")])
+    core.record_results(AGENT, [result("c1", "found")])  # the conversation, resent
     await settled(core)
     assert [(o.decision_id, o.outcome.result) for o in audit.outcomes] == [
         (decided["c1"].decision_id, "found")
     ]
 
 
+async def test_a_result_from_another_agent_is_not_its_outcome(
+    core: Governor, audit: MemoryAudit
+) -> None:
+    # Another agent naming the call id records nothing and leaves the link in place.
+    decided = await core.decide_calls(turn(), [call("search", "c1")], "openai")
+    core.record_results(Agent("other-bot"), [result("c1", "forged")])
+    core.record_results(AGENT, [result("grpc-decision:" + decided["c1"].decision_id)])
+    await settled(core)
+    assert audit.outcomes == []
+    core.record_results(AGENT, [result("c1", "found")])
+    await settled(core)
+    assert [o.outcome.result for o in audit.outcomes] == ["found"]
+
+
+async def test_a_stored_link_of_another_agent_is_put_back(audit: MemoryAudit, url: str) -> None:
+    first = await governor(audit, url)
+    await first.decide_calls(turn(), [call("search", "c1")], "openai")
+    await stop(first)
+    second = await governor(audit, url)
+    second.record_results(Agent("other-bot"), [result("c1", "forged")])
+    await settled(second)
+    assert audit.outcomes == []
+    second.record_results(AGENT, [result("c1", "found")])
+    await settled(second)
+    await stop(second)
+    assert [o.outcome.result for o in audit.outcomes] == ["found"]
+
+
 async def test_a_denied_call_is_not_linked(core: Governor, audit: MemoryAudit) -> None:
     await core.decide_calls(turn(), [call("deny_export", "c1")], "openai")
-    core.record_results([result("c1")])
+    core.record_results(AGENT, [result("c1")])
     await settled(core)
     assert audit.outcomes == []
 
@@ -190,7 +218,7 @@ async def test_an_id_shared_in_one_response_links_to_nothing(
     before = ambiguous()
     await core.decide_calls(turn(), [call("a", "same", "0"), call("b", "same", "1")], "openai")
     assert ambiguous() == before + 1
-    core.record_results([result("same")])
+    core.record_results(AGENT, [result("same")])
     await settled(core)
     assert audit.outcomes == []
 
@@ -203,7 +231,7 @@ async def test_an_id_still_waiting_from_an_earlier_response_links_to_nothing(
     await core.decide_calls(turn(), [call("b", "c1")], "openai")
     assert ambiguous() == before + 1
     await core.decide_calls(turn(), [call("c", "c1")], "openai")  # a third time: still none
-    core.record_results([result("c1")])
+    core.record_results(AGENT, [result("c1")])
     await settled(core)
     assert audit.outcomes == []
 
@@ -212,9 +240,9 @@ async def test_an_id_whose_result_came_back_is_free_again(
     core: Governor, audit: MemoryAudit
 ) -> None:
     await core.decide_calls(turn(), [call("a", "c1")], "openai")
-    core.record_results([result("c1", "first")])
+    core.record_results(AGENT, [result("c1", "first")])
     again = await core.decide_calls(turn(), [call("b", "c1")], "openai")
-    core.record_results([result("c1", "second")])
+    core.record_results(AGENT, [result("c1", "second")])
     await settled(core)
     assert [o.outcome.result for o in audit.outcomes] == ["first", "second"]
     assert audit.outcomes[1].decision_id == again["c1"].decision_id
@@ -263,8 +291,8 @@ async def test_a_result_after_a_restart_links_to_its_decision(audit: MemoryAudit
     decided = await first.decide_calls(turn(), [call("search", "c1")], "openai")
     await stop(first)
     second = await governor(audit, url)
-    second.record_results([result("c1", "found")])
-    second.record_results([result("c1", "found")])
+    second.record_results(AGENT, [result("c1", "found")])
+    second.record_results(AGENT, [result("c1", "found")])
     await settled(second)
     await stop(second)
     [recorded] = audit.outcomes
@@ -319,7 +347,7 @@ async def test_only_the_newest_results_of_a_request_are_looked_up(
     core = Governor(pipeline(audit), links=CallLinks(store))
     await core.start()
     sent = [result(f"r{i}") for i in range(MAX_RESULTS_PER_REQUEST + 500)]
-    core.record_results(sent)
+    core.record_results(AGENT, sent)
     await settled(core)
     await core.close()
     await store.close()
@@ -354,7 +382,7 @@ async def test_a_stop_during_a_links_transaction_keeps_the_link(
     await first.close()
     await store.close()
     second = await governor(audit, url)
-    second.record_results([result("c1", "found")])
+    second.record_results(AGENT, [result("c1", "found")])
     await settled(second)
     await stop(second)
     [recorded] = audit.outcomes
@@ -370,7 +398,7 @@ async def test_an_id_linked_before_a_restart_and_proposed_again_links_to_nothing
     second = await governor(audit, url)
     await second.decide_calls(turn(), [call("b", "c1")], "openai")
     await second.links.flush()
-    second.record_results([result("c1")])
+    second.record_results(AGENT, [result("c1")])
     await settled(second)
     await stop(second)
     assert audit.outcomes == []
@@ -384,7 +412,7 @@ async def test_a_link_older_than_its_ttl_links_to_nothing(audit: MemoryAudit, ur
     await stop(first)
     second = await governor(audit, url, ttl_s=60)
     second.links._clock = lambda: now[0] + 61
-    second.record_results([result("c1")])
+    second.record_results(AGENT, [result("c1")])
     await settled(second)
     await stop(second)
     assert audit.outcomes == []

@@ -696,7 +696,7 @@ class _Exchange:
             model=parsed.model,
             declared=parsed.arguments,
         )
-        self._core.record_results(parsed.tool_results)
+        self._core.record_results(turn.agent, parsed.tool_results)
         prepared = adapter.prepare_request(parsed_body)
         if prepared is not None:
             self._hide_usage = True

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -39,6 +40,7 @@ from warden.approvals.service import Approvals
 from warden.audit.segments import LogDamaged
 from warden.audit.tail import RecordTail
 from warden.config import Config
+from warden.core import RESERVED_CALL_IDS
 from warden.errors import (
     AuditError,
     Forbidden,
@@ -68,7 +70,10 @@ __all__ = ["SERVICE_NAME", "GovernanceService", "RecordSource"]
 log = logging.getLogger("warden.grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Governance"].full_name
-OUTCOME_KEY = "grpc-decision:"
+_CONVERT_IN_THREAD_BYTES = 256 * 1024
+"""An action this large is converted off the event loop (about 85 ms of Python per MiB of
+small numbers)."""
+OUTCOME_KEY = RESERVED_CALL_IDS[0]
 """Prefix of an allowed ``Check``'s key among the core's call links (``ReportOutcome``)."""
 WATCH_BACKSTOP_S = 2.0
 """How often ``WatchApprovals`` re-reads the store when nothing signalled a change."""
@@ -177,6 +182,13 @@ class _Servicer(pb_grpc.GovernanceServicer):
     ) -> Agent:
         if claimed:
             named = headers.get(hdr.AGENT_HEADER)
+            if len(headers.getall(hdr.AGENT_HEADER, ())) > 1:
+                # Layers in front may read either copy: refused, as identity refuses it.
+                await _abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{hdr.AGENT_HEADER} must be sent once",
+                )
             if named is not None and named.strip() != claimed:
                 await _abort(
                     context,
@@ -223,8 +235,15 @@ class _Servicer(pb_grpc.GovernanceServicer):
             # input.session: counters by x-warden-session metadata, else the request's.
             conversation=door_conversation(headers, request.session_id, "check"),
         )
+        context_ = hdr.context_from(headers)
         try:
-            action = msg.action_from(request.action, agent, meta, hdr.context_from(headers))
+            if request.action.ByteSize() > _CONVERT_IN_THREAD_BYTES:
+                # Protobuf Structs convert slowly in Python: a big one would stall the loop.
+                action = await asyncio.to_thread(
+                    msg.action_from, request.action, agent, meta, context_
+                )
+            else:
+                action = msg.action_from(request.action, agent, meta, context_)
         except ValueError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         decision = await _decided(context, self._core.decide(action, hold=_hold(request.wait)))
@@ -248,8 +267,10 @@ class _Servicer(pb_grpc.GovernanceServicer):
         self, request: pb.ReportOutcomeRequest, context: Context[Any, Any]
     ) -> pb.ReportOutcomeResponse:
         agent = await self._agent(context, _metadata(context), "")
-        if request.latency_ms < 0 or request.latency_ms != request.latency_ms:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "latency_ms must be >= 0")
+        if not 0 <= request.latency_ms < math.inf:  # NaN fails both
+            await _abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "latency_ms must be a finite number >= 0"
+            )
         key = OUTCOME_KEY + request.decision_id
         links = self._core.links
         found, unknown = links.take([key])

@@ -115,6 +115,13 @@ def action_from(
     tool = message.tool or None
     if tool is None and kind not in _UNNAMED_KINDS:
         raise ValueError(f"action.tool is required for a {kind.value}")
+    if tool is not None and kind in _UNNAMED_KINDS:
+        # Caps count tools by their calls: a tool named on a model or HTTP call would
+        # reach the policy and the log as that tool, counted as neither.
+        raise ValueError(
+            f"a {kind.value} names no tool: send kind tool_call (or another call kind) for "
+            f"{tool[:64]!r}"
+        )
     if tool is not None and len(tool) > _MAX_TOOL:
         raise ValueError(f"action.tool is longer than {_MAX_TOOL} characters")
     return Action(

@@ -340,7 +340,7 @@ class ProxyApp:
             stream = parsed.stream
             declared = parsed.tools  # hosted MCP servers and tools: input.request.tools
             arguments = parsed.arguments
-            self._core.record_results(parsed.tool_results)
+            self._core.record_results(agent, parsed.tool_results)
             prepared = adapter.prepare_request(parsed_body)
             outgoing = parsed_body
             if prepared is not None:

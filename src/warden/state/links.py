@@ -282,9 +282,12 @@ class CallLinks:
         self._queue_op(_Op("tomb", call_id, at=now))
         return entry is not None and isinstance(entry[0], Link)
 
-    def take(self, call_ids: Iterable[str]) -> tuple[dict[str, Link], list[str]]:
+    def take(
+        self, call_ids: Iterable[str], *, agent: str | None = None
+    ) -> tuple[dict[str, Link], list[str]]:
         """Remove and return the links of returned results, memory only.
 
+        ``agent``: only links of that agent's calls are taken; another's stay.
         Also returns the ids memory knows nothing of: with a store, ask
         :meth:`take_stored` for them (off the response path).
         """
@@ -300,7 +303,7 @@ class CallLinks:
                     unknown[call_id] = None
                 continue
             value, at = entry
-            if isinstance(value, Link):
+            if isinstance(value, Link) and (agent is None or value.action.agent.id == agent):
                 self._memory[call_id] = (_TAKEN, at)
                 self._queue_op(_Op("drop", call_id))
                 links[call_id] = value

@@ -31,7 +31,8 @@ from warden.audit.checkpoint import NoteError, NoteVerifier
 from warden.audit.export import EXPORT_FORMATS, ExportError, Selection, export_log, inclusion_proof
 from warden.audit.export import parse_time as _parse_time
 from warden.audit.layout import Layout, LogLocked
-from warden.audit.subjects import SubjectKeys
+from warden.audit.record import arguments_sha256
+from warden.audit.subjects import SubjectKeys, keyed_digest
 from warden.audit.verify import verify_log
 from warden.config import AuditConfig, Config, load_config
 from warden.errors import AuditError, ConfigError
@@ -144,6 +145,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--record", required=True, metavar="ID", help="a record id (rec_...) or sequence number"
     )
     proof.set_defaults(func=_proof)
+
+    digest = commands.add_parser(
+        "digest",
+        help="the digest a record keeps of arguments it does not show, for checking a claim",
+        description="A record keeps a keyed digest (keyed: ...) of arguments it redacts or "
+        "seals, so nobody without this log's key folder can find them by hashing guesses. "
+        "Given the arguments someone says an action had, print the digest to compare.",
+    )
+    common(digest, key=False)
+    digest.add_argument(
+        "--arguments", required=True, metavar="JSON", help="the arguments, as a JSON object"
+    )
+    digest.set_defaults(func=_digest)
 
     erase = commands.add_parser(
         "erase",
@@ -406,6 +420,19 @@ def _proof(args: argparse.Namespace) -> int:
     print(orjson.dumps(proof, option=orjson.OPT_INDENT_2).decode())
     if proof["checkpoint"] is None:
         print("note: no signed checkpoint covers this record yet", file=sys.stderr)
+    return EXIT_OK
+
+
+@_guarded
+def _digest(args: argparse.Namespace) -> int:
+    root = _root(args)
+    try:
+        claimed = orjson.loads(args.arguments)
+    except orjson.JSONDecodeError as exc:
+        raise _Unusable(f"--arguments is not JSON: {exc}") from None
+    if not isinstance(claimed, dict):
+        raise _Unusable("--arguments must be a JSON object")
+    print(keyed_digest(root, arguments_sha256(claimed)))
     return EXIT_OK
 
 

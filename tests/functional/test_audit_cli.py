@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from warden.audit.subjects import SubjectKeys
 from warden.audit.verify import iter_records, verify_log
 from warden.cli_audit import main, register
 from warden.config import AuditConfig
+from warden.model import Obligations
 from warden.testing.audit import fill, read_segments, sample_action, sample_decision
 
 
@@ -222,3 +224,26 @@ def test_register_plugs_into_a_main_parser(tmp_path: Path) -> None:
     assert main(["verify", "--dir", str(tmp_path / "audit")]) == 0
     with pytest.raises(SystemExit):
         main(["audit", "frobnicate"])
+
+
+def test_digest_checks_claimed_arguments_against_a_record(tmp_path: Path, cli: Cli) -> None:
+    root = tmp_path / "audit"
+
+    async def redacted() -> None:
+        log = await AuditLog.open(AuditConfig(dir=str(root), checkpoint_interval_s=3600))
+        hidden = dataclasses.replace(
+            sample_decision(), obligations=Obligations(redact=("action.arguments",))
+        )
+        await log.record_decision(sample_action(arguments={"pin": "4071"}), hidden)
+        await log.close()
+
+    asyncio.run(redacted())
+    [record] = [orjson.loads(p) for _, p in iter_records(root)]
+    kept = record["action"]["arguments_sha256"]
+    right = cli("digest", "--dir", str(root), "--arguments", '{"pin": "4071"}')
+    wrong = cli("digest", "--dir", str(root), "--arguments", '{"pin": "4072"}')
+    assert right.returncode == 0, right.stderr
+    assert (right.stdout.strip() == kept, wrong.stdout.strip() == kept) == (True, False)
+    bad = cli("digest", "--dir", str(root), "--arguments", "[1]")
+    assert bad.returncode == 2
+    assert "must be a JSON object" in bad.stderr

@@ -12,10 +12,11 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 
 from tests.functional.conftest import audit_records, make_config
 from warden.admin.auth import hash_token
-from warden.audit import arguments_sha256
+from warden.audit import arguments_sha256, keyed_digest
 from warden.server import Warden
 from warden.testing import Call, MockLLM, Reply
 
@@ -112,9 +113,10 @@ async def test_every_deciding_stage_keeps_the_email_out_of_the_log(
     # No list could be had: nothing in plaintext, only the hash and the names.
     failed = decision_for(records, "broken_update_email", "fallback")["action"]
     assert failed["arguments"] == "[redacted]"
-    assert failed["arguments_sha256"] == arguments_sha256(
-        {"customer_id": "C-1", "email": emails["fallback"]}
-    )
+    # Keyed: hashing guessed emails does not find the one hidden here.
+    claimed = arguments_sha256({"customer_id": "C-1", "email": emails["fallback"]})
+    assert failed["arguments_sha256"] == keyed_digest(tmp_path / "audit", claimed)
+    assert claimed not in orjson.dumps(records).decode()
     assert failed["argument_keys"] == ["customer_id", "email"]
     unparsed = decision_for(records, "update_email", "validation")["action"]
     assert unparsed["raw_arguments"] == "[redacted]"

@@ -24,6 +24,7 @@ from warden.approvals import (
     SelfApproval,
 )
 from warden.approvals.model import Approval, TooManyPending
+from warden.audit import keyed_digest
 from warden.audit.log import AuditLog
 from warden.audit.record import arguments_sha256
 from warden.audit.verify import iter_records
@@ -121,7 +122,9 @@ async def test_request_stores_a_redacted_pending_approval_and_records_it(
     (body,) = records(audit, "approval_requested")
     assert body["decision_id"] == dec.decision_id
     assert body["approval_id"] == approval.id
-    assert body["arguments_sha256"] == approval.arguments_sha256
+    # The record shows no arguments: what it keeps of them is keyed, binding included.
+    assert body["arguments_sha256"] == keyed_digest(audit.directory, approval.arguments_sha256)
+    assert body["binding"] == keyed_digest(audit.directory, approval.binding)
     with pytest.raises(ValueError, match="status"):
         await approvals.list("maybe")
 
@@ -168,7 +171,8 @@ async def test_approve_and_reject_are_final(approvals: Approvals, audit: AuditLo
         ("alice", "approved", "ok by me"),
         ("bob", "rejected", "no"),
     ]
-    assert all(d["arguments_sha256"] == first.arguments_sha256 for d in decided)
+    keyed = keyed_digest(audit.directory, first.arguments_sha256)
+    assert all(d["arguments_sha256"] == keyed for d in decided)
     assert decided[0]["decision_id"] == first.decision_id
 
 

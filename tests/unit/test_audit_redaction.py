@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from warden.audit import AuditLog, arguments_sha256
+from warden.audit import AuditLog, arguments_sha256, keyed_digest
 from warden.audit.redaction import REDACT_ALL, resolve
 from warden.audit.verify import iter_records
 from warden.config import AuditConfig
@@ -145,7 +145,11 @@ async def test_without_a_redaction_list_no_argument_is_written(
     await log.record_outcome(action, decision.decision_id, Outcome(status=200, result=EMAIL))
     (record, outcome), raw = stored(log)
     assert record["action"]["arguments"] == "[redacted]"
-    assert record["action"]["arguments_sha256"] == arguments_sha256(ARGS)
+    # Keyed: a plain SHA-256 of the hidden values would give them away to guessing.
+    assert record["action"]["arguments_sha256"] == keyed_digest(
+        log.directory, arguments_sha256(ARGS)
+    )
+    assert record["action"]["arguments_sha256"] != arguments_sha256(ARGS)
     assert record["action"]["argument_keys"] == sorted(ARGS)
     assert outcome["outcome"]["result"] == "[redacted]"
     assert EMAIL.encode() not in raw

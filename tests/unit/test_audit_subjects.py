@@ -10,11 +10,11 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from warden.audit import AuditLog
+from warden.audit import AuditLog, arguments_sha256
 from warden.audit.subjects import UNUSABLE, SubjectKeys, subject_value
 from warden.audit.verify import iter_records
 from warden.config import AuditConfig, SubjectsConfig
-from warden.model import Agent, Outcome
+from warden.model import Agent, Obligations, Outcome
 from warden.testing.audit import sample_action, sample_decision
 
 
@@ -167,3 +167,32 @@ def test_erasure_notes_name_only_the_reference_and_count_no_key(tmp_path: Path) 
         keys.note_erasure("../keys/subject-salt", True)
     keys.finish_erasure(ref)
     assert keys.noted_erasures() == {}
+
+
+async def test_the_digests_of_a_subjects_hidden_values_are_sealed_and_go_with_erasure(
+    tmp_path: Path,
+) -> None:
+    # A redacted date of birth beside its digest: the digest is keyed, and sealed with the
+    # subject's fields, so erasure leaves nothing to check guesses against.
+    log = await AuditLog.open(config(tmp_path))
+    arguments = {"customer_id": "cus_a", "dob": "1984-07-19"}
+    decision = dataclasses.replace(
+        sample_decision(), obligations=Obligations(redact=("action.arguments.dob",))
+    )
+    action = sample_action(customer="cus_a", arguments=arguments)
+    await log.record_decision(action, decision)
+    long_result = "x" * 70_000  # cut in the record: its digest is kept
+    await log.record_outcome(action, decision.decision_id, Outcome(result=long_result))
+    records, raw = stored(tmp_path)
+    plain = arguments_sha256(arguments)
+    assert plain.encode() not in raw
+    assert records[0]["action"]["arguments_sha256"] is None
+    assert records[1]["outcome"]["result_sha256"] is None
+    keys = SubjectKeys.open(tmp_path, create=False)
+    unsealed = keys.unseal(records[0])
+    assert unsealed is not None
+    assert unsealed["action.arguments_sha256"] == keys.keyed(plain)
+    assert (keys.unseal(records[1]) or {})["outcome.result_sha256"].startswith("keyed:")
+    assert await log.erase_subject("cus_a")
+    await log.close()
+    assert SubjectKeys.open(tmp_path, create=False).unseal(stored(tmp_path)[0][0]) is None

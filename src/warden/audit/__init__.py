@@ -9,5 +9,6 @@ on the directory offline.
 
 from warden.audit.log import AuditLog
 from warden.audit.record import ApprovalEvidence, RecordRef, arguments_sha256
+from warden.audit.subjects import keyed_digest
 
-__all__ = ["ApprovalEvidence", "AuditLog", "RecordRef", "arguments_sha256"]
+__all__ = ["ApprovalEvidence", "AuditLog", "RecordRef", "arguments_sha256", "keyed_digest"]

@@ -72,6 +72,9 @@ from warden.model import Action, Decision, Outcome
 
 __all__ = ["MAX_RECORD_BYTES", "AuditLog", "Erasure", "Follower", "SubjectEraser"]
 
+_KEYED_BODY_FIELDS = ("arguments_sha256", "binding")
+"""Digests an appended record (an approval's) keeps of arguments it never shows."""
+
 log = logging.getLogger("warden.audit")
 
 MAX_RECORD_BYTES = 16 * 1024 * 1024
@@ -408,7 +411,27 @@ class AuditLog:
             if act["argument_keys"] is None and action.arguments is not None:
                 act["argument_keys"] = sorted(str(k) for k in action.arguments)
             personal = {}
+        evidence = fields["approval"]
+        if act["arguments_sha256"] is not None or ref is not None:
+            # The arguments are not all shown: the approver's digest of them is keyed too.
+            self._key_digest(act, "action.arguments_sha256", personal)
+            if evidence is not None:
+                self._key_digest(evidence, "approval.arguments_sha256", personal)
         await self._commit("decision", fields, ref, aead, personal)[1]
+
+    def _key_digest(self, holder: dict[str, Any], path: str, personal: dict[str, Any]) -> None:
+        """Key the digest at ``path`` (a value the record does not show).
+
+        A plain SHA-256 of a redacted date of birth or a masked password is
+        found by hashing guesses. With a data subject (``personal`` to seal),
+        the digest is sealed with the rest, so erasure takes it too.
+        """
+        name = path.rpartition(".")[2]
+        if holder.get(name) is None:
+            return
+        holder[name] = self._subjects.keyed(holder[name])
+        if personal:
+            personal[path], holder[name] = holder[name], None
 
     async def record_outcome(
         self, action: Action, decision_id: str, outcome: Outcome, *, cost: float | None = None
@@ -444,6 +467,7 @@ class AuditLog:
                 full = outcome_body(outcome, ("result",), cost)
                 out["result"], out["result_sha256"] = REDACTED, full["result_sha256"]
                 out["redacted"] = ["result"]
+        self._key_digest(out, "outcome.result_sha256", personal)  # of a result not shown whole
         await self._commit("outcome", fields, ref, aead, personal, urgent=False)[1]
 
     async def append(self, kind: str, body: Mapping[str, Any], *, urgent: bool = True) -> RecordRef:
@@ -451,15 +475,19 @@ class AuditLog:
 
         ``kind`` is lower-case ``[a-z0-9_]`` and not ``decision`` or
         ``outcome`` (else ``ValueError``). Credential-named keys in ``body``
-        are masked. Raises :class:`AuditError` when the record cannot be
-        encoded (``body`` is not JSON) or made durable. ``urgent=False``: a record
-        nothing waits for (a challenger divergence) shares the next batch's fsync.
+        are masked; its ``arguments_sha256`` and ``binding`` (an approval's
+        digests of arguments it does not show) are keyed. Raises
+        :class:`AuditError` when the record cannot be encoded (``body`` is not
+        JSON) or made durable. ``urgent=False``: a record nothing waits for (a
+        challenger divergence) shares the next batch's fsync.
         """
         if not _KIND.fullmatch(kind) or kind in RESERVED_KINDS:
             raise ValueError(f"invalid record kind {kind!r}")
-        ref, fut = self._commit(
-            kind, {"body": mask_credentials(body)}, None, None, {}, urgent=urgent
-        )
+        shown = mask_credentials(body)
+        for name in _KEYED_BODY_FIELDS:
+            if isinstance(shown.get(name), str):
+                shown[name] = self._subjects.keyed(shown[name])
+        ref, fut = self._commit(kind, {"body": shown}, None, None, {}, urgent=urgent)
         await fut
         return ref
 

@@ -42,13 +42,25 @@ from warden.audit import metrics
 from warden.audit.layout import fsync_dir
 from warden.model import Action
 
-__all__ = ["SEAL_ALG", "UNUSABLE", "SubjectKeys", "SubjectMatch", "subject_ids", "subject_value"]
+__all__ = [
+    "KEYED_PREFIX",
+    "SEAL_ALG",
+    "UNUSABLE",
+    "SubjectKeys",
+    "SubjectMatch",
+    "keyed_digest",
+    "subject_ids",
+    "subject_value",
+]
 
 UNUSABLE = object()
 """What :func:`subject_value` returns for a subject it cannot name (not text or a number)."""
 
 SEAL_ALG = "A256GCM"
 _SALT_FILE = "subject-salt"
+_DIGEST_PERSON = b"warden-digest"
+KEYED_PREFIX = "keyed:"
+"""How a keyed digest starts (:meth:`SubjectKeys.keyed`)."""
 _NOTES = "erasures"  # under the key store: erasures the running Warden still has to finish
 _REF_CHARS = frozenset("0123456789abcdef")
 _NONCE_BYTES = 12
@@ -149,6 +161,18 @@ def subject_ids(action: Action, sources: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(named))
 
 
+def keyed_digest(audit_dir: Path, digest: str) -> str:
+    """``digest`` keyed as the log in ``audit_dir`` keys what it does not show
+    (:meth:`SubjectKeys.keyed`): to check a claimed value against a record.
+
+    Raises ``FileNotFoundError`` when the log has no key folder salt.
+    """
+    salt = audit_dir / "keys" / _SALT_FILE
+    if not salt.exists():
+        raise FileNotFoundError(f"{salt} is missing: this log keys no digests")
+    return SubjectKeys.open(audit_dir, create=False).keyed(digest)
+
+
 class SubjectKeys:
     """The key store: one AES-256-GCM key per data subject, found by keyed hash."""
 
@@ -191,6 +215,20 @@ class SubjectKeys:
     def ref(self, subject_id: str) -> str:
         """The pseudonymous reference stored in records: keyed BLAKE2b of the id, 128 bits."""
         return hashlib.blake2b(subject_id.encode(), key=self._salt, digest_size=16).hexdigest()
+
+    def keyed(self, digest: str) -> str:
+        """``keyed:`` and the BLAKE2b of ``digest`` keyed with the log's salt.
+
+        What a record keeps of a value it does not show (redacted arguments, a
+        masked password, a cut result): equal values still give equal digests,
+        but a plain SHA-256 of a date of birth or a short password is found by
+        hashing guesses, and this one only by whoever holds the log's key
+        folder (``warden audit digest`` checks a value against it).
+        """
+        keyed = hashlib.blake2b(
+            digest.encode(), key=self._salt, person=_DIGEST_PERSON, digest_size=32
+        )
+        return KEYED_PREFIX + keyed.hexdigest()
 
     def _path(self, ref: str) -> Path:
         return self._root / ref[:2] / f"{ref}.key"

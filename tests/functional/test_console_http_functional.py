@@ -364,40 +364,39 @@ async def test_a_cursor_that_is_not_ascii_digits_is_ignored(warden: Warden) -> N
                 assert resp.status == 200
 
 
-async def test_sso_headers_sent_twice_sign_no_one_in(tmp_path: Path, llm: MockLLM) -> None:
-    # A proxy that appends its own copy after the client's forged one.
-    sso = {"trusted_proxies": ["127.0.0.1"], "roles": {"sre": ["admin"], "leads": ["approver"]}}
-    async with Warden(config(tmp_path, llm, console={"sso": sso})) as running:
-        headers = CIMultiDict(
+@pytest.mark.parametrize(
+    ("proxy", "headers"),
+    [
+        # From a peer that is not the auth proxy.
+        ("10.9.8.7", [("X-Forwarded-User", "mallory"), ("X-Forwarded-Groups", "sre")]),
+        # From the proxy, which appended its copies after the browser's forged ones.
+        (
+            "127.0.0.1",
             [
                 ("X-Forwarded-User", "mallory"),
                 ("X-Forwarded-Groups", "sre"),
                 ("X-Forwarded-User", "eve"),
                 ("X-Forwarded-Groups", "leads"),
-            ]
-        )
-        async with (
-            browser_like() as http,
-            http.get(
-                f"{running.admin_url}/console/operations", headers=headers, allow_redirects=False
-            ) as resp,
-        ):
-            assert resp.status == 303
-            assert resp.headers["Location"] == "/console/login"
-
-
-async def test_sso_headers_from_an_untrusted_peer_are_ignored(tmp_path: Path, llm: MockLLM) -> None:
-    sso = {"trusted_proxies": ["10.9.8.7"], "roles": {"sre": ["admin"]}}
-    async with Warden(config(tmp_path, llm, console={"sso": sso})) as running:
-        headers = {"X-Forwarded-User": "mallory", "X-Forwarded-Groups": "sre"}
-        async with (
-            browser_like() as http,
-            http.get(
-                f"{running.admin_url}/console/operations", headers=headers, allow_redirects=False
-            ) as resp,
-        ):
-            assert resp.status == 303
-            assert resp.headers["Location"] == "/console/login"
+            ],
+        ),
+    ],
+    ids=["untrusted peer", "sent twice"],
+)
+async def test_sso_headers_that_prove_no_one_sign_no_one_in(
+    tmp_path: Path, llm: MockLLM, proxy: str, headers: list[tuple[str, str]]
+) -> None:
+    sso = {"trusted_proxies": [proxy], "roles": {"sre": ["admin"], "leads": ["approver"]}}
+    async with (
+        Warden(config(tmp_path, llm, console={"sso": sso})) as running,
+        browser_like() as http,
+        http.get(
+            f"{running.admin_url}/console/operations",
+            headers=CIMultiDict(headers),
+            allow_redirects=False,
+        ) as resp,
+    ):
+        assert resp.status == 303
+        assert resp.headers["Location"] == "/console/login"
 
 
 async def test_reindex_rebuilds_the_index_from_the_log(tmp_path: Path, llm: MockLLM) -> None:

@@ -707,34 +707,28 @@ async def test_the_upstream_is_the_one_envoys_route_names_whatever_the_authority
     # authority naming another upstream must not pick that upstream's switches or key.
     assert warden.killswitches is not None
     await warden.killswitches.set(Scope.UPSTREAM, "openai", "incident", "ops")
-    call = envoy.stub.Process(metadata=route_metadata(OPENAI_HOST))
     headers = {":authority": ANTHROPIC_HOST, ":path": "/v1/models", ":method": "GET"}
-    await call.write(
-        pb.ProcessingRequest(
-            request_headers=pb.HttpHeaders(headers=header_map(headers), end_of_stream=True),
-            protocol_config=pb.ProtocolConfiguration(
-                request_body_mode=Mode.BUFFERED, response_body_mode=Mode.BUFFERED
-            ),
+
+    async def first_answer(metadata: tuple[tuple[str, str], ...]) -> Any:
+        call = envoy.stub.Process(metadata=metadata)
+        await call.write(
+            pb.ProcessingRequest(
+                request_headers=pb.HttpHeaders(headers=header_map(headers), end_of_stream=True),
+                protocol_config=pb.ProtocolConfiguration(
+                    request_body_mode=Mode.BUFFERED, response_body_mode=Mode.BUFFERED
+                ),
+            )
         )
-    )
-    answer = await call.read()
-    await call.done_writing()
+        answer = await call.read()
+        await call.done_writing()
+        return answer
+
+    answer = await first_answer(route_metadata(OPENAI_HOST))
     assert answer.WhichOneof("response") == "immediate_response"
     assert b"stops upstream openai" in answer.immediate_response.body
     # Named twice, it names none.
-    twice = (*route_metadata(OPENAI_HOST), *route_metadata(ANTHROPIC_HOST))
-    call = envoy.stub.Process(metadata=twice)
-    await call.write(
-        pb.ProcessingRequest(
-            request_headers=pb.HttpHeaders(headers=header_map(headers), end_of_stream=True),
-            protocol_config=pb.ProtocolConfiguration(
-                request_body_mode=Mode.BUFFERED, response_body_mode=Mode.BUFFERED
-            ),
-        )
-    )
-    answer = await call.read()
-    await call.done_writing()
-    assert b"named no upstream" in answer.immediate_response.body
+    twice = await first_answer((*route_metadata(OPENAI_HOST), *route_metadata(ANTHROPIC_HOST)))
+    assert b"named no upstream" in twice.immediate_response.body
     assert llm.requests == []
 
 

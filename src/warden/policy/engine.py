@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import os
 import signal
@@ -89,6 +90,7 @@ __all__ = [
     "interpret_output",
     "interpret_value",
     "production_modules",
+    "result_document",
 ]
 
 log = logging.getLogger("warden.policy")
@@ -250,9 +252,8 @@ def interpret_output(text: str, modules: tuple[Module, ...] = ()) -> PolicyResul
         body = text.removeprefix("<error>")
         detail = "; ".join(describe_rego_error(body, modules)) if body else "evaluation failed"
         return PolicyResult(effect=None, error="policy_error", detail=detail)
-    try:
-        doc = orjson.loads(text)
-    except orjson.JSONDecodeError:
+    doc = result_document(text)
+    if doc is None:
         return PolicyResult(
             effect=None, error="policy_error", detail=f"unreadable result {text[:200]!r}"
         )
@@ -267,6 +268,28 @@ def interpret_output(text: str, modules: tuple[Module, ...] = ()) -> PolicyResul
         return PolicyResult(effect=None, error="policy_error", detail=f"invalid result: {exc}")
 
 
+def result_document(text: str) -> Any:
+    """The engine's result text as JSON, or ``None``.
+
+    A string repeated from the input keeps its control characters raw (see
+    ``warden.policy.rego._c_text``), which strict JSON refuses inside a
+    string: such a result is read again allowing them. Nothing else is
+    lenient (quotes and backslashes came escaped).
+    """
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(text, strict=False, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def interpret_value(text: str, modules: tuple[Module, ...] = ()) -> PolicyResult:
     """Like :func:`interpret_output` for an extra entrypoint: the value is kept as is.
 
@@ -277,9 +300,8 @@ def interpret_value(text: str, modules: tuple[Module, ...] = ()) -> PolicyResult
         return PolicyResult(effect=None)
     if text.startswith(("<error>", "(error", "(rego-errorseq")):
         return interpret_output(text, modules)
-    try:
-        doc = orjson.loads(text)
-    except orjson.JSONDecodeError:
+    doc = result_document(text)
+    if doc is None:
         return PolicyResult(
             effect=None, error="policy_error", detail=f"unreadable result {text[:200]!r}"
         )

@@ -22,7 +22,6 @@ import ctypes
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 import regopy
 from regopy import rego_shared
 
@@ -121,19 +120,26 @@ def parse_check(path: str, source: str) -> None:
 
 
 def _c_text(text: str) -> bytes:
-    """``text`` for the engine's input builder, JSON-escaped without its quotes.
+    """``text`` for the engine's input builder, its quotes and backslashes escaped.
 
-    rego-cpp keeps a string as its JSON text, and the builder takes the text as
-    given: unescaped, ``a", "effect": "allow`` in an argument would come out of a
-    ``reason`` that repeats it as a key of the decision itself, and ``C:\\Win``
-    would not equal the policy's ``"C:\\\\Win"``. A string holding NUL is
-    refused (the action is then denied): the engine's builtins read C strings.
+    rego-cpp keeps a string as its JSON text and takes the builder's text as
+    given. Unescaped, a quote in an argument (``a", "effect": "allow``) would
+    end the string in a result that repeats it, adding keys of the agent's
+    choosing to the decision, and ``C:\\Win`` would not equal the policy's
+    ``"C:\\\\Win"``. Only ``"`` and ``\\`` are escaped: rego-cpp's builtins
+    (``regex.match``, ``count``) read the text as kept, so a newline or tab
+    escaped as ``\\n`` would slip past a rule such as ``drop\\s+table``; such
+    characters stay raw, and a result that carries them is read leniently
+    (:func:`warden.policy.engine.interpret_output`). A string holding NUL is
+    refused (the action is then denied): the engine reads C strings.
     """
     if "\x00" in text:
         raise ValueError("a string of the input holds NUL, which the engine would cut short")
+    if "\\" in text or '"' in text:
+        text = text.replace("\\", "\\\\").replace('"', '\\"')
     try:
-        return orjson.dumps(text)[1:-1]
-    except orjson.JSONEncodeError:  # a lone surrogate: no JSON text can carry it
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: no JSON text can carry it
         raise ValueError("a string of the input is not valid Unicode") from None
 
 

@@ -26,6 +26,7 @@ import orjson
 
 from warden.policy.authoring.policy_set import PolicySet
 from warden.policy.bundle import BundleError, Module, describe_rego_error
+from warden.policy.engine import result_document
 
 __all__ = [
     "DEFAULT_TEST_TIMEOUT_S",
@@ -316,9 +317,8 @@ def parse_output(reply: Mapping[str, Any] | Crash, modules: Sequence[Module]) ->
         body = text.removeprefix("<error>")
         detail = "; ".join(describe_rego_error(body, modules)) if body else ""
         return Outcome(error=detail or EVAL_FAILED)
-    try:
-        doc = orjson.loads(text)
-    except orjson.JSONDecodeError:
+    doc = result_document(text)
+    if doc is None:
         return Outcome(error=f"the engine returned unreadable output: {text[:200]!r}")
     expressions = doc.get("expressions") if isinstance(doc, dict) else None
     if not isinstance(expressions, list) or len(expressions) != 1:

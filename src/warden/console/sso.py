@@ -72,19 +72,19 @@ def sso_principal(
     """The person the auth proxy vouches for, or ``None``.
 
     ``None`` when SSO is off, the peer is not a trusted proxy, the user header
-    is missing or oversized, either header is given twice, or none of the
-    person's groups maps to a role.
+    is missing, oversized or given twice, or none of the person's groups maps
+    to a role. The groups header may come once per group.
     """
     if config is None or not _trusted(remote, config.trusted_proxies):
         return None
     users = _values(headers, config.user_header)
-    given = _values(headers, config.groups_header)
-    if len(users) != 1 or len(given) > 1:
+    if len(users) != 1:
         return None
     user = users[0].strip()
     if not user or len(user) > 256:
         return None
-    raw = given[0] if given else ""
+    # oauth2-proxy sends the groups header once per group: every copy counts.
+    raw = ",".join(_values(headers, config.groups_header))
     if len(raw) > _MAX_HEADER:
         return None
     groups = frozenset(g.strip() for g in raw.split(",") if g.strip())

@@ -320,7 +320,7 @@ class WardenClient:
 
     def check(
         self,
-        tool: str,
+        tool: str = "",
         arguments: Mapping[str, Any] | None = None,
         *,
         kind: str = "tool_call",
@@ -334,6 +334,9 @@ class WardenClient:
         timeout_s: float | None = None,
     ) -> Verdict:
         """Ask whether ``tool`` may run with ``arguments``; the decision is on record.
+
+        ``tool`` names the tool of every ``kind`` but ``llm_call`` and
+        ``http_call``, which name none (Warden refuses one there).
 
         ``wait``: hold a require_approval until people decide, up to
         ``timeout_s`` (then ``grpc.RpcError`` with ``DEADLINE_EXCEEDED``).
@@ -514,7 +517,7 @@ class AsyncWardenClient:
 
     async def check(
         self,
-        tool: str,
+        tool: str = "",
         arguments: Mapping[str, Any] | None = None,
         *,
         kind: str = "tool_call",

@@ -942,6 +942,17 @@ class ExtProcConfig(_Section):
     STREAMED, as deploy/envoy/envoy.yaml sets them)."""
 
     @model_validator(mode="after")
+    def _hosts_need_authority(self) -> ExtProcConfig:
+        if self.hosts and self.upstream_from == "route":
+            raise ValueError(
+                "hosts maps :authority to upstreams, which only upstream_from: authority "
+                "reads; with the default (route) Envoy's route names each upstream "
+                "(x-warden-upstream in ExtProcPerRoute grpc_initial_metadata, see "
+                "docs/envoy.md): remove hosts, or set upstream_from: authority"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _extension_fits(self) -> ExtProcConfig:
         limit = self.max_message_timeout_s
         if limit is not None and self.extend_after_ms >= limit * 1000:

@@ -15,7 +15,7 @@ import pytest
 
 from tests.functional.conftest import audit_records, make_config
 from tests.sdk_calls import function_calls
-from warden.audit import arguments_sha256
+from warden.audit import arguments_sha256, keyed_digest
 from warden.server import Warden
 from warden.testing import Call, Fault, MockLLM, Reply
 
@@ -126,9 +126,13 @@ async def test_held_call_is_delivered_once_a_person_approves(
     evidence = approved[0]["approval"]
     assert evidence["approver"] == "dana"
     assert evidence["verdict"] == "approved"
-    # What ran is what the person saw: the same argument hash.
+    # What ran is what the person saw: the same argument digest (keyed, as every one
+    # the log keeps), the same as the approval's own records keep.
     assert not isinstance(BIG.arguments, str)  # narrows: BIG's arguments are a mapping
-    assert evidence["arguments_sha256"] == arguments_sha256(dict(BIG.arguments))
+    digest = keyed_digest(tmp_path / "audit", arguments_sha256(dict(BIG.arguments)))
+    assert evidence["arguments_sha256"] == digest
+    decided = [r for r in records if r["kind"] == "approval_decided"]
+    assert [r["body"]["arguments_sha256"] for r in decided] == [digest]
 
 
 async def test_only_an_approved_held_call_reads_as_verified_history(

@@ -168,3 +168,11 @@ def test_a_runner_no_one_need_prove_cannot_report_trusted_outcomes() -> None:
     assert load_config(environ={}, overrides=proved).grpc.outcome_reporters
     runner = {"grpc": {"outcome_reporters": {"tool-runner": ["bot"]}}}
     assert load_config(environ={}, overrides=runner).grpc.outcome_reporters
+
+
+def test_ext_proc_hosts_without_upstream_from_authority_is_an_error() -> None:
+    # Read only by authority: with the route default it would be ignored, refusing traffic.
+    with pytest.raises(ConfigError, match="only upstream_from: authority reads"):
+        load_config(environ={}, overrides={"ext_proc": {"hosts": {"127.0.0.1": "openai"}}})
+    by_authority = {"ext_proc": {"upstream_from": "authority", "hosts": {"127.0.0.1": "openai"}}}
+    assert load_config(environ={}, overrides=by_authority).ext_proc.hosts

@@ -411,12 +411,10 @@ class AuditLog:
             if act["argument_keys"] is None and action.arguments is not None:
                 act["argument_keys"] = sorted(str(k) for k in action.arguments)
             personal = {}
-        evidence = fields["approval"]
-        if act["arguments_sha256"] is not None or ref is not None:
-            # The arguments are not all shown: the approver's digest of them is keyed too.
-            self._key_digest(act, "action.arguments_sha256", personal)
-            if evidence is not None:
-                self._key_digest(evidence, "approval.arguments_sha256", personal)
+        self._key_digest(act, "action.arguments_sha256", personal)
+        if fields["approval"] is not None:
+            # Keyed always, as the approval's own records are, so the two still match.
+            self._key_digest(fields["approval"], "approval.arguments_sha256", personal)
         await self._commit("decision", fields, ref, aead, personal)[1]
 
     def _key_digest(self, holder: dict[str, Any], path: str, personal: dict[str, Any]) -> None:

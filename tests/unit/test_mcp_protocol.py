@@ -367,3 +367,31 @@ async def test_every_call_of_the_connection_is_in_the_doors_session(session: str
     }
     # One conversation per call: the session guard's per-request memo is not shared.
     assert len({id(c) for c in guard.seen}) == 3
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        ({"jsonrpc": "2.0", "id": 1, "method": "sampling/createMessage", "params": {}}, "request"),
+        ({"jsonrpc": "2.0", "method": "notifications/progress"}, "request"),
+        ({"jsonrpc": "2.0", "id": 1, "result": {}}, "response"),
+        ({"jsonrpc": "2.0", "id": 1, "error": {"code": 1, "message": "x"}}, "response"),
+        # What the Python client reads as an answer to request 1, dressed as the server's own.
+        ({"jsonrpc": "2.0", "id": 1, "method": None, "result": {}}, "invalid"),
+        ({"jsonrpc": "2.0", "id": 1, "method": "x", "error": {"code": 1}}, "invalid"),
+        ({"jsonrpc": "2.0", "id": 1, "method": ""}, "invalid"),
+        ({"jsonrpc": "2.0", "id": 2, "ID": 7, "result": {}}, "invalid"),  # Go reads the last
+        ({"jsonrpc": "2.0", "id": 1}, "invalid"),
+    ],
+)
+def test_a_servers_message_is_read_as_a_client_reads_it(message: dict[str, Any], kind: str) -> None:
+    assert mcp.from_server(message) == kind
+
+
+def test_ids_are_told_apart_as_servers_route_answers() -> None:
+    # The Python SDK's HTTP server routes an answer by str(id): 1 and "1" are one id.
+    batch = mcp.parse(
+        b'[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":"1","method":"ping"},'
+        b'{"jsonrpc":"2.0","id":2,"method":"ping"}]'
+    )
+    assert mcp.ids_used_twice(batch.messages) == {1, "1"}

@@ -168,6 +168,10 @@ class McpHttp:
         self._resumable: OrderedDict[tuple[str, str], dict[str | int, _Pending | None]] = (
             OrderedDict()
         )
+        self._asked: dict[tuple[str, str], set[str]] = {}
+        """Request ids (:func:`mcp.id_key`) of POSTs still open, by (upstream, session): the
+        server routes an answer to the stream of its id, so a second POST reusing one would
+        take the first's answer (a bogus call's error recorded as a refund's failure)."""
         self._listed: dict[str, ListedArguments] = {}
         """Per upstream: its tools' argument names, from the ``tools/list`` answers seen."""
         self._owners = IdOwners(owners, "mcp", ttl_s=config.sessions.ttl_s)
@@ -226,20 +230,60 @@ class McpHttp:
         body = await _read_body(request, self._config.limits.max_body_bytes)
         payload = mcp.parse(body)
         exchange = _Exchange(agent, name, url, request.headers.get(SESSION_HEADER))
-        if not payload.batch:
-            (message,) = payload.messages
-            if message.error is not None:
-                return _json(400, message.error)
-            if message.call is not None:
-                return await self._call(request, exchange, upstream, message)
-            assert message.body is not None
-            self._expect(exchange, message)
-            # The message as Warden read it, not as sent: a key given twice
-            # ("method" twice) is read as its last value here, and maybe as its
-            # first by the server. (A refused sampling answer is Warden's error.)
-            sent = dumps(message.body).encode()
-            return await self._forward(request, exchange, upstream, sent, answers=[])
-        return await self._batch(request, exchange, upstream, payload)
+        busy, taken = self._take_ids(exchange, payload)
+        try:
+            if not payload.batch:
+                (message,) = payload.messages
+                if message.error is not None:
+                    return _json(400, message.error)
+                if message.id in busy:
+                    return _json(200, mcp.id_in_use(message.id))
+                if message.call is not None:
+                    return await self._call(request, exchange, upstream, message)
+                assert message.body is not None
+                self._expect(exchange, message)
+                # The message as Warden read it, not as sent: a key given twice
+                # ("method" twice) is read as its last value here, and maybe as its
+                # first by the server. (A refused sampling answer is Warden's error.)
+                sent = dumps(message.body).encode()
+                return await self._forward(request, exchange, upstream, sent, answers=[])
+            return await self._batch(request, exchange, upstream, payload, busy)
+        finally:
+            self._release_ids(exchange, taken)
+
+    def _take_ids(
+        self, exchange: _Exchange, payload: mcp.Payload
+    ) -> tuple[set[str | int], set[str]]:
+        """The request ids of this POST another open POST of the session (or a broken
+        stream's unanswered request) still holds, and the ids this POST now holds."""
+        session = exchange.session
+        if session is None:  # no session: each POST's answers come on its own stream
+            return set(), set()
+        key = (exchange.upstream, session)
+        held = self._asked.setdefault(key, set())
+        owed = {mcp.id_key(i) for i in self._resumable.get(key, ())}
+        busy: set[str | int] = set()
+        taken: set[str] = set()
+        for message in payload.messages:
+            if not message.is_request or message.id is None:
+                continue
+            id_ = mcp.id_key(message.id)
+            if id_ in held or id_ in owed:
+                busy.add(message.id)
+            else:
+                taken.add(id_)
+        held |= taken
+        return busy, taken
+
+    def _release_ids(self, exchange: _Exchange, taken: set[str]) -> None:
+        if not taken or exchange.session is None:
+            return
+        key = (exchange.upstream, exchange.session)
+        held = self._asked.get(key)
+        if held is not None:
+            held -= taken
+            if not held:
+                del self._asked[key]
 
     async def _batch(
         self,
@@ -247,11 +291,15 @@ class McpHttp:
         exchange: _Exchange,
         upstream: UpstreamConfig,
         payload: mcp.Payload,
+        busy: set[str | int],
     ) -> web.StreamResponse:
-        """A batch: its calls decided together, the rest forwarded, one answer per member."""
+        """A batch: its calls decided together, the rest forwarded, one answer per member.
+
+        ``busy``: ids another open POST of the session holds; refused like ids the
+        batch gives twice."""
         forward: list[Any] = []
         answers: list[dict[str, Any]] = []
-        twice = mcp.ids_used_twice(payload.messages)
+        twice = mcp.ids_used_twice(payload.messages) | busy
         calls = [m for m in payload.messages if m.call is not None and m.id not in twice]
         decided = await asyncio.gather(*(self._decide(request, exchange, m) for m in calls))
         decisions = dict(zip((id(m) for m in calls), decided, strict=True))
@@ -606,8 +654,15 @@ class McpHttp:
         refused, and a client would take it for that call's result. Dropped,
         as over stdio.
         """
-        if "method" in message:
+        kind = mcp.from_server(message)
+        if kind == "request":
             return message  # the server's own request or notification: passes
+        if kind == "invalid":
+            log.warning(
+                "MCP server %r sent a message no client can read safely; dropped", exchange.upstream
+            )
+            metrics.child(metrics.MCP_DROPPED, "invalid").inc()
+            return None
         if mcp.unaddressed_error(message):
             return message
         id_ = message.get("id")

@@ -432,7 +432,7 @@ class StdioDoor:
             self._to_client(value)
         elif self._answer(value):
             answer = await self._listed(value)
-            if "method" in value:  # the server's own request or notification
+            if mcp.from_server(value) == "request":  # the server's own request or notification
                 self._to_client(answer)
                 return
             merged = self._merge([answer])  # the lone member of a batch the client sent
@@ -442,7 +442,7 @@ class StdioDoor:
         """A ``tools/list`` answer without the tools the policy denies this agent in every case."""
         id_ = response.get("id")
         if "method" in response or not isinstance(id_, str | int) or id_ not in self._listing:
-            return response
+            return response  # (an answer carrying "method" never gets here: dropped)
         self._listing.discard(id_)
         self._tools.learn(response)
         result = response.get("result")
@@ -454,7 +454,12 @@ class StdioDoor:
         return mcp.filter_tools(response, hidden.__contains__) if hidden else response
 
     def _answer(self, item: dict[str, Any]) -> bool:
-        return "method" in item or self._settle(item)
+        kind = mcp.from_server(item)
+        if kind == "invalid":
+            log.warning("the MCP server sent a message no client can read safely; dropped")
+            metrics.child(metrics.MCP_DROPPED, "invalid").inc()
+            return False
+        return kind == "request" or self._settle(item)
 
     def _settle(self, response: dict[str, Any]) -> bool:
         """Record the answer to an allowed call; False when it must not reach the client.

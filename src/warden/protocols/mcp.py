@@ -19,9 +19,10 @@ hook: it drops the tools a door was told to hide.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from warden.model import (
     Action,
@@ -53,6 +54,8 @@ __all__ = [
     "error_response",
     "filter_tools",
     "forward_call",
+    "from_server",
+    "id_key",
     "parse",
     "progress_notification",
     "progress_token",
@@ -108,20 +111,22 @@ class Payload:
     batch: bool
 
 
+def id_key(id_: str | int) -> str:
+    """An id as servers tell requests apart: the Python SDK's HTTP server routes an
+    answer by ``str(id)``, so ``1`` and ``"1"`` are one id."""
+    return str(id_)
+
+
 def ids_used_twice(messages: Sequence[Message]) -> set[str | int]:
-    """Request ids that more than one request of a batch carries.
+    """Request ids that more than one request of a batch carries (by :func:`id_key`).
 
     The server's answer names only the id, so Warden could not tell which of
     them it answers: a bogus request's error would be recorded as a refund's
     trusted failure. Such requests are refused (``-32600``), none decided.
     """
-    seen: set[str | int] = set()
-    twice: set[str | int] = set()
-    for message in messages:
-        id_ = message.id if message.is_request else None
-        if id_ is not None:
-            (twice if id_ in seen else seen).add(id_)
-    return twice
+    ids = [m.id for m in messages if m.is_request and m.id is not None]
+    counts = Counter(id_key(i) for i in ids)
+    return {i for i in ids if counts[id_key(i)] > 1}
 
 
 def id_in_use(id_: JsonId) -> dict[str, Any]:
@@ -158,6 +163,27 @@ MAX_SAFE_ID: Final = 2**53 - 1
 """Integer ids beyond this are refused: a server reading JSON numbers as doubles (JavaScript's
 ``JSON.parse``) sees 2**53 and 2**53 + 1 as one id, and would answer a bogus request under a
 tool call's id (a trusted failure that releases the call's budget reservation)."""
+
+
+def from_server(message: Mapping[str, Any]) -> Literal["request", "response", "invalid"]:
+    """What a client makes of a server's message: its own ``request`` (or
+    notification), a ``response`` to one of the client's, or ``invalid`` (dropped).
+
+    Read as the SDKs read it, not by ``method`` alone: ``{"id": 7, "method":
+    null, "result": ...}`` is a response to request 7 for the Python client, so
+    a message with ``result`` or ``error`` is a response, and one that also
+    carries ``method`` is invalid. Keys that differ only in case (``"ID"``)
+    are invalid, as from a client.
+    """
+    if not _spelled_apart(message, _MESSAGE_FIELDS):
+        return "invalid"
+    answers = "result" in message or "error" in message
+    if "method" not in message:
+        return "response" if answers else "invalid"
+    method = message["method"]
+    if answers or not isinstance(method, str) or not method:
+        return "invalid"
+    return "request"
 
 
 def unaddressed_error(message: Mapping[str, Any]) -> bool:

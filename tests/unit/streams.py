@@ -69,6 +69,15 @@ def data(item: SseEvent) -> Any:
     return loads(item.data)
 
 
+def as_read(item: SseEvent) -> tuple[str | None, Any]:
+    """An event as a client reads it (name and parsed data): what a rewriter sends is the
+    data as it read it, in its own encoding, so bytes may differ from the upstream's."""
+    try:
+        return item.event, data(item)
+    except ValueError:  # "[DONE]", an empty keep-alive
+        return item.event, item.data
+
+
 def carries_tool_delta(item: SseEvent) -> bool:
     """True when a chat completion chunk has a ``tool_calls`` or ``function_call`` delta."""
     if item.data.startswith("[DONE]"):

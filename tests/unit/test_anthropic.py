@@ -30,6 +30,7 @@ from tests.unit.streams import (
     OBSERVED_DENY,
     Decide,
     allow_all,
+    as_read,
     body,
     data,
     deny_all,
@@ -341,7 +342,7 @@ def test_text_stream_passes_through_untouched_and_immediately() -> None:
     for item in source:
         items = list(rewriter.feed(item))
         assert len(items) == 1
-        assert items[0] is item
+        assert as_read(items[0]) == as_read(item)
     assert list(rewriter.finish()) == []
     assert rewriter.complete
     assert rewriter.model == "claude-sonnet-4-20250514"
@@ -357,7 +358,9 @@ def test_allow_all_stream_gives_the_sdk_the_same_message(name: str) -> None:
     assert all(call.arguments is not None for call in calls)
     call_events = [e for e in source if data(e).get("index") in {int(c.key[1:]) for c in calls}]
     passive = [e for e in source if e not in call_events]
-    assert [e for e in out if any(e is p for p in passive)] == passive, "sent as the same objects"
+    assert [as_read(e) for e in out if as_read(e) in [as_read(p) for p in passive]] == [
+        as_read(p) for p in passive
+    ], "sent as read"
 
 
 def test_stream_calls_from_recorded_stream() -> None:
@@ -429,7 +432,7 @@ def test_deny_all_stream() -> None:
         data(source[18]),
     ]
     assert [data(e) for e in out] == expected
-    assert all(a is b for a, b in zip(out[:6], source[:6], strict=True))
+    assert all(as_read(a) == as_read(b) for a, b in zip(out[:6], source[:6], strict=True))
     assert [e.event for e in out] == [d["type"] for d in expected]
 
     message = accumulate(out)
@@ -455,7 +458,7 @@ def test_mixed_stream_denies_the_first_of_two() -> None:
         *[data(e) for e in source[17:]],
     ]
     assert [data(e) for e in out] == expected
-    assert all(a is b for a, b in zip(out[12:], source[17:], strict=True))
+    assert all(as_read(a) == as_read(b) for a, b in zip(out[12:], source[17:], strict=True))
 
     message = accumulate(out)
     assert message.stop_reason == "tool_use"
@@ -470,7 +473,9 @@ def test_thinking_block_passes_through_and_shell_call_is_denied() -> None:
     source = events("anthropic_thinking_tool.sse")
     rewriter = ADAPTER.stream_rewriter()
     for item in source[:5]:
-        assert list(rewriter.feed(item)) == [item], "thinking is sent at once"
+        assert [as_read(e) for e in rewriter.feed(item)] == [as_read(item)], (
+            "thinking is sent at once"
+        )
     out = list(source[:5])
     sent, calls = take(rewriter, (i for e in source[5:] for i in rewriter.feed(e)), deny_all)
     out += sent
@@ -613,14 +618,26 @@ def test_ping_and_error_pass_through_unknown_and_unnamed_events_are_dropped() ->
     rewriter = ADAPTER.stream_rewriter()
     passed = [
         SseEvent(data='{"type": "ping"}', event="ping"),
-        SseEvent(data="not json", event="ping"),
         SseEvent(
             data='{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}',
             event="error",
         ),
     ]
     for item in passed:
-        assert list(rewriter.feed(item)) == [item]
+        assert [as_read(e) for e in rewriter.feed(item)] == [as_read(item)]
+    # Some clients (the Vercel AI SDK) read the data's type, not the event's name: a
+    # tool_use start named ping, or data no client can read, ends the stream.
+    for refused in (
+        SseEvent(data="not json", event="ping"),
+        SseEvent(
+            data='{"type":"content_block_start","index":0,"content_block":'
+            '{"type":"tool_use","id":"toolu_1","name":"danger","input":{}}}',
+            event="ping",
+        ),
+        SseEvent(data='{"type":"content_block_delta","index":0}', event="error"),
+    ):
+        with pytest.raises(StreamViolation):
+            list(ADAPTER.stream_rewriter().feed(refused))
     dropped = [
         SseEvent(data='{"type": "future_event", "detail": 1}', event="future_event"),
         SseEvent(data="[1]"),
@@ -1101,3 +1118,16 @@ def test_events_with_no_data_are_dropped() -> None:
     rewriter = ADAPTER.stream_rewriter()
     list(rewriter.feed(message_start()))
     assert list(rewriter.feed(SseEvent(data="", event="content_block_delta"))) == []
+
+
+def test_an_event_goes_on_as_warden_read_it_not_as_the_upstream_wrote_it() -> None:
+    rewriter = ADAPTER.stream_rewriter()
+    start = events("anthropic_text.sse")[0]
+    list(rewriter.feed(start))
+    block = (
+        '{"type":"content_block_start","index":0,"content_block":{"type":"tool_use",'
+        '"id":"toolu_1","name":"danger","input":{}},"content_block":{"type":"text","text":""}}'
+    )
+    (out,) = rewriter.feed(SseEvent(data=block, event="content_block_start"))
+    assert isinstance(out, SseEvent)
+    assert "danger" not in out.data

@@ -65,7 +65,12 @@ def test_unknown_and_ambiguous_hosts_are_refused() -> None:
 
 def test_hosts_mapping_overrides_base_url_hosts() -> None:
     hosts = UpstreamHosts(
-        config(ext_proc={"hosts": {"Shared.Example": "azure-b", "gateway.internal": "openai"}})
+        config(
+            ext_proc={
+                "upstream_from": "authority",
+                "hosts": {"Shared.Example": "azure-b", "gateway.internal": "openai"},
+            }
+        )
     )
     assert hosts.resolve("shared.example:8443")[0] == "azure-b"
     assert hosts.resolve("gateway.internal")[0] == "openai"
@@ -74,7 +79,9 @@ def test_hosts_mapping_overrides_base_url_hosts() -> None:
 
 def test_hosts_mapping_must_name_an_upstream() -> None:
     with pytest.raises(ConfigError, match=r"ext_proc.hosts.x.example: no upstream named 'nope'"):
-        UpstreamHosts(config(ext_proc={"hosts": {"x.example": "nope"}}))
+        UpstreamHosts(
+            config(ext_proc={"upstream_from": "authority", "hosts": {"x.example": "nope"}})
+        )
 
 
 def test_header_map_keeps_repeats_and_reads_raw_value_then_value() -> None:

@@ -28,6 +28,7 @@ from tests.unit.streams import (
     OBSERVED_DENY,
     Decide,
     allow_all,
+    as_read,
     body,
     carries_tool_delta,
     data,
@@ -503,7 +504,7 @@ def test_text_stream_passes_through_untouched_and_immediately() -> None:
     for event in source:
         items = list(rewriter.feed(event))
         assert len(items) == 1
-        assert items[0] is event
+        assert as_read(items[0]) == as_read(event)
     assert list(rewriter.finish()) == []
     assert rewriter.complete
     assert rewriter.usage == Usage(19, 9, 0)
@@ -543,7 +544,7 @@ def test_allow_all_parallel_stream() -> None:
         released(source[4], 1, calls[1]),
     ]
     assert out[3:] == source[8:]
-    assert all(a is b for a, b in zip(out[3:], source[8:], strict=True))
+    assert all(as_read(a) == as_read(b) for a, b in zip(out[3:], source[8:], strict=True))
     assert rewriter.complete
     assert rewriter.usage == Usage(152, 58, 128)
 
@@ -579,8 +580,8 @@ def test_deny_all_parallel_stream() -> None:
         content_chunk("\n" + notice[1]),
         stop,
     ]
-    assert out[4] is source[9]
-    assert out[5] is source[10]
+    assert as_read(out[4]) == as_read(source[9])
+    assert as_read(out[5]) == as_read(source[10])
     assert len(out) == 6
 
     final = accumulate(out)
@@ -596,7 +597,9 @@ def test_mixed_stream_denies_the_first_of_two() -> None:
     weather, email = calls
     # The allowed call moves from index 1 to 0.
     assert data(out[2]) == released(source[4], 0, email)
-    assert out[3] is source[8], "a call was allowed: the finish reason stays tool_calls"
+    assert as_read(out[3]) == as_read(source[8]), (
+        "a call was allowed: the finish reason stays tool_calls"
+    )
 
     final = accumulate(out)
     choice = final.choices[0]
@@ -624,9 +627,9 @@ def test_allowed_text_then_tool_stream_keeps_text_and_assembles_alike() -> None:
     source = events("openai_chat_text_then_tool.sse")
     out, calls, rewriter = run(source, allow_all)
     assert [c.name for c in calls] == ["search_docs"]
-    assert all(a is b for a, b in zip(out[:3], source[:3], strict=True))
+    assert all(as_read(a) == as_read(b) for a, b in zip(out[:3], source[:3], strict=True))
     assert len(out) == len(source) - 2, "three call fragments became one delta"
-    assert all(a is b for a, b in zip(out[4:], source[6:], strict=True))
+    assert all(as_read(a) == as_read(b) for a, b in zip(out[4:], source[6:], strict=True))
     assert accumulate(out) == accumulate(source)
     assert rewriter.usage is None
 
@@ -636,7 +639,7 @@ def test_denied_call_after_text_starts_on_a_new_line() -> None:
     rewriter = ADAPTER.stream_rewriter()
     # Text is sent by the feed of the event that carried it, not later.
     for event in source[:3]:
-        assert list(rewriter.feed(event)) == [event]
+        assert [as_read(e) for e in rewriter.feed(event)] == [as_read(event)]
     out = list(source[:3])
     sent, calls = take(rewriter, (i for e in source[3:] for i in rewriter.feed(e)), deny_all)
     out += sent
@@ -765,7 +768,7 @@ def test_events_without_choices_pass_through() -> None:
         SseEvent(data='{"choices": null, "usage": null}'),
     ]
     for event in odd:
-        assert list(rewriter.feed(event)) == [event]
+        assert [as_read(e) for e in rewriter.feed(event)] == [as_read(event)]
     assert not rewriter.complete
 
 
@@ -1241,3 +1244,20 @@ def test_a_choice_whose_first_chunk_is_only_a_call_keeps_its_slot() -> None:
         ["one"],
         ["two"],
     ]
+
+
+def test_a_chunk_goes_on_as_warden_read_it_not_as_the_upstream_wrote_it() -> None:
+    # A key given twice: Warden (like Python and JavaScript) keeps the last, a plain text
+    # delta; Go's encoding/json merges both objects and would read the tool call too.
+    call = '{"tool_calls":[{"index":0,"id":"call_x","type":"function",' + (
+        '"function":{"name":"danger_wipe","arguments":"{}"}}]}'
+    )
+    chunk = (
+        '{"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o",'
+        '"choices":[{"index":0,"delta":' + call + ',"delta":{"content":"Sure."},'
+        '"finish_reason":null}]}'
+    )
+    (out,) = ADAPTER.stream_rewriter().feed(SseEvent(data=chunk))
+    assert isinstance(out, SseEvent)
+    assert "danger_wipe" not in out.data
+    assert data(out)["choices"][0]["delta"] == {"content": "Sure."}

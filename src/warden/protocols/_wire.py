@@ -13,6 +13,7 @@ import orjson
 
 from warden.errors import InvalidJSON
 from warden.model import Decision, Effect, Mode, Usage
+from warden.protocols.sse import SseEvent
 
 __all__ = [
     "NO_DECISION",
@@ -321,6 +322,17 @@ def event_object(data: str, envelope: Envelope) -> dict[str, Any]:
     if found is not None:
         raise ValueError(f"has {misspelled(found)}")
     return obj
+
+
+def as_read(event: SseEvent, obj: Mapping[str, Any]) -> SseEvent:
+    """``event`` carrying ``obj``, its data as Warden read it, in Warden's encoding.
+
+    A stream event goes on as Warden parsed it, not as the upstream wrote it:
+    with a key given twice (``"delta": {tool_calls}, "delta": {content}``)
+    Warden keeps the last, as Python and JavaScript do, while Go's
+    ``encoding/json`` merges both into one struct and would run the call.
+    """
+    return SseEvent(data=dumps(obj), event=event.event, id=event.id)
 
 
 def _valid_text(text: str) -> bool:

@@ -44,6 +44,7 @@ from warden.protocols._wire import (
     NO_DECISION,
     Envelope,
     StreamStatus,
+    as_read,
     dumps,
     event_object,
     misspelled_key,
@@ -350,6 +351,8 @@ def _usage(usage: Mapping[str, Any]) -> Usage:
     )
 
 
+_PASSED: Final = frozenset({"ping", "error"})
+"""Events the SDK skips (``ping``) or raises on (``error``); their data is read all the same."""
 _EVENTS: Final = frozenset(
     {
         "message_start",
@@ -361,6 +364,7 @@ _EVENTS: Final = frozenset(
     }
 )
 """The event types the SDK accumulates into a message (``RawMessageStreamEvent``)."""
+_READ: Final = _EVENTS | _PASSED
 
 
 @dataclass(slots=True)
@@ -410,6 +414,27 @@ class AnthropicStreamRewriter(StreamStatus):
         self._allowed = False
         super().__init__()
 
+    @staticmethod
+    def _read(event: SseEvent) -> tuple[SseEvent, dict[str, Any]] | None:
+        """The event as Warden read it, and its data; ``None`` for one to drop.
+
+        Pings and errors are read too: some clients (the Vercel AI SDK) go by the
+        data's type, not the event's name, and would run a ``tool_use`` start
+        named ``ping``.
+        """
+        name = event.event
+        if name is None or name not in _READ or (not event.data and name not in _PASSED):
+            return None
+        if not event.data:
+            return event, {}  # a ping or error with no data: nothing to read
+        try:
+            obj = event_object(event.data, _ENVELOPE)
+        except ValueError as exc:
+            raise StreamViolation(f"{name} event {exc}") from None
+        if obj.get("type") != name:
+            raise StreamViolation(f"{name} event whose data is not a {name}")
+        return as_read(event, obj), obj
+
     def feed(self, event: SseEvent) -> Iterator[StreamItem]:
         """Take one upstream event; yield events to send and calls to decide.
 
@@ -417,17 +442,13 @@ class AnthropicStreamRewriter(StreamStatus):
         cannot be parsed, is out of order, or touches a decided call.
         """
         name = event.event
-        if name in ("ping", "error"):
+        read = self._read(event)
+        if read is None or name is None:
+            return  # the SDK never accumulates it into the message: dropped
+        event, obj = read
+        if name in _PASSED:
             yield event  # the SDK skips pings and raises on errors: no call is read
             return
-        if name is None or name not in _EVENTS or not event.data:
-            return  # the SDK never accumulates these into the message: dropped
-        try:
-            obj = event_object(event.data, _ENVELOPE)
-        except ValueError as exc:
-            raise StreamViolation(f"{name} event {exc}") from None
-        if obj.get("type") != name:
-            raise StreamViolation(f"{name} event whose data is not a {name}")
         if name == "message_start":
             yield from self._message_start(event, obj)
             return

@@ -28,6 +28,7 @@ from warden.protocols._wire import (
     NO_DECISION,
     Envelope,
     StreamStatus,
+    as_read,
     dumps,
     event_object,
     loads,
@@ -578,6 +579,7 @@ class OpenAIChatStreamRewriter(StreamStatus):
             chunk = event_object(data, _ENVELOPE)
         except ValueError as exc:
             raise _violation(f"an event {exc}") from None
+        event = as_read(event, chunk)
         model = chunk.get("model")
         if isinstance(model, str):
             self._model = model
@@ -598,7 +600,7 @@ class OpenAIChatStreamRewriter(StreamStatus):
             raise _violation("a tool call delta in a chunk that is not a chat.completion.chunk")
         if not has_calls and not finishing:
             self._mark_sent(choices, texts)
-            yield event  # the hot path: text, role and empty deltas go out untouched
+            yield event  # the hot path: text, role and empty deltas go out as read
             return
         yield from self._split(event, chunk, choices, has_calls, texts)
 

@@ -79,6 +79,7 @@ from warden.protocols._wire import (
     NO_DECISION,
     Envelope,
     StreamStatus,
+    as_read,
     dumps,
     event_object,
     misspelled_key,
@@ -777,6 +778,7 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
             data = event_object(event.data, _ENVELOPE)
         except ValueError as exc:
             raise _violation(f"an event that {exc}") from None
+        event = as_read(event, data)
         kind = data.get("type")
         if not isinstance(kind, str):
             raise _violation("an event without a type")

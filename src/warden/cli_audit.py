@@ -400,13 +400,18 @@ def _export(args: argparse.Namespace) -> int:
             f"note: {result.uncovered} records of the period are newer than the latest "
             "checkpoint and were left out; export again after the next checkpoint"
         )
-    if result.incomplete and result.format == "evidence":
-        when = f"was signed at {result.signed_at}" if result.signed_at else "carries no time"
+    if result.shortened:
         print(
-            f"note: the latest checkpoint {when}, before the period's end: the package "
-            "cannot be shown complete for it, and verify_evidence.py will say so; export "
-            "again once a checkpoint from after the period's end exists (a running Warden "
-            "signs one every audit.checkpoint_interval_s)"
+            f"note: the latest checkpoint was signed at {result.signed_at}, before the end of "
+            "the period asked for: the export declares and covers the period up to then; "
+            "export again once a later checkpoint exists (a running Warden signs one every "
+            "audit.checkpoint_interval_s)"
+        )
+    if result.unprovable and result.format == "evidence":
+        print(
+            "note: the latest checkpoint carries no time (the log was written before "
+            "checkpoints did): verify_evidence.py cannot show the package complete up to "
+            "the period's end; export without --to, or once the log has a later checkpoint"
         )
     if result.format == "evidence":
         print(f"auditors check it with: python3 {Path(args.out) / 'verify_evidence.py'}")

@@ -134,12 +134,13 @@ def test_export_and_proof(tmp_path: Path, cli: Cli) -> None:
     said, check = export(tmp_path / "evidence")
     assert check.returncode == 0, check.stdout
     assert "the checkpoint was signed at" in check.stdout
-    assert "cannot be shown complete" not in said
-    # A period not over when the checkpoint was signed cannot be shown complete.
+    assert "before the end of the period" not in said
+    # A period not over when the checkpoint was signed: declared, and proven, up to it.
     said, early = export(tmp_path / "early", "--to", "2999-12-31")
-    assert "cannot be shown complete" in said
-    assert early.returncode == 1
-    assert "is from before the period's end" in early.stdout
+    assert "before the end of the period asked for" in said
+    assert early.returncode == 0, early.stdout
+    declared = orjson.loads((tmp_path / "early" / "selection.json").read_bytes())["to"]
+    assert declared < "2999" and f"to {declared}" in early.stdout
     for fmt in ("csv", "ocsf"):
         target = tmp_path / f"audit.{fmt}"
         assert (

@@ -521,11 +521,18 @@ async def test_a_package_cut_at_a_checkpoint_from_before_the_periods_end_fails(
     shutil.copy(stale / "checkpoints" / f"{2:020d}", stale / "checkpoint")
     cut = tmp_path / "cut"
     result = export_log(stale, cut, selection=period)
-    assert (result.records, result.signed_at, result.incomplete) == (
+    assert (result.records, result.signed_at, result.shortened) == (
         2,
         "2026-11-26T10:05:00.000000Z",
         True,
     )
+    # Exported so, the package declares the period it proves: to 10:05, for all to see.
+    assert orjson.loads((cut / "selection.json").read_bytes())["to"] == result.signed_at
+    assert verify_package(cut)[0] == []
+    # Declaring the period asked for instead (the package's maker may write anything):
+    # the checkpoint from before its end gives the missing records away.
+    _rescope(cut, to=period.end)
+    _remanifest(cut)
     failures, _ = verify_package(cut)
     assert any("is from before the period's end" in f for f in failures), failures
 

@@ -17,6 +17,7 @@ latest signed checkpoint covers, and writes one of:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import csv
 import datetime as dt
 import hashlib
@@ -85,9 +86,12 @@ class ExportResult:
     uncovered: int
     signed_at: str | None = None
     """When the checkpoint the package leads to was signed (``None``: it carries no time)."""
-    incomplete: bool = False
-    """The period ends after that checkpoint was signed: the package cannot be shown
-    complete for it, and ``verify_evidence.py`` says so."""
+    shortened: bool = False
+    """The period asked for ends after that checkpoint was signed: the package declares
+    (and covers) it up to :attr:`signed_at` only."""
+    unprovable: bool = False
+    """The period has an end but the checkpoint carries no time (a log written before
+    checkpoints did): ``verify_evidence.py`` cannot show the package complete."""
 
 
 def parse_time(value: str, *, end: bool = False) -> str:
@@ -232,6 +236,12 @@ def export_log(
     root, out = Path(root), Path(out)
     if fmt == "evidence" and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not an empty directory")
+    signed = _latest_signed(root)
+    shortened = selection.end is not None and signed is not None and signed < selection.end
+    if shortened:
+        # What the signed log can vouch for: no record written before the checkpoint was
+        # signed is missing from it. The period is declared up to then, not beyond.
+        selection = dataclasses.replace(selection, end=signed)
     loaded = _load(root, selection, verifier)
     if fmt == "csv":
         _write_csv(out, loaded)
@@ -239,17 +249,28 @@ def export_log(
         _write_ocsf(out, loaded, Layout(root).read_meta().origin)
     else:
         _write_package(root, out, selection, loaded)
-    signed = checkpoint_time(loaded.checkpoint.text())
-    end = selection.end
     return ExportResult(
         out,
         fmt,
         len(loaded.selected),
         loaded.checkpoint.size,
         loaded.uncovered,
-        signed,
-        end is not None and (signed is None or signed < end),
+        checkpoint_time(loaded.checkpoint.text()),
+        shortened,
+        selection.end is not None and signed is None,
     )
+
+
+def _latest_signed(root: Path) -> str | None:
+    """When the latest checkpoint was signed, as it says (``None``: none, or no time)."""
+    files = Layout(root).checkpoint_files()
+    if not files:
+        return None
+    try:
+        body, _ = split_note(files[-1].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # _load names what is wrong with it
+    return checkpoint_time(body)
 
 
 # -- evidence package --------------------------------------------------------

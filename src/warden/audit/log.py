@@ -856,7 +856,7 @@ class AuditLog:
         await self._drain()
         if self._failure is None:
             with contextlib.suppress(AuditError):  # already logged by _fail
-                await self.checkpoint()
+                await self.checkpoint(refresh=True)
         try:
             healthy = self._io_failure is None
             await self._io.call(self._writer.close, healthy)

@@ -556,7 +556,9 @@ async def _export(
     request: web.Request, console: Console, start: str, end: str, agent: str | None
 ) -> web.StreamResponse:
     try:
-        await console.audit.checkpoint()  # cover everything written so far
+        # Cover everything written so far, signed now: a period running to today's end
+        # is then declared (and provable) up to this moment.
+        await console.audit.checkpoint(refresh=True)
     except AuditError as exc:
         return _refuse(request, 503, str(exc))
     work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="warden-evidence-"))

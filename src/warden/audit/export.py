@@ -17,8 +17,8 @@ latest signed checkpoint covers, and writes one of:
 from __future__ import annotations
 
 import base64
-import dataclasses
 import csv
+import dataclasses
 import datetime as dt
 import hashlib
 from collections import Counter, defaultdict

@@ -69,9 +69,12 @@ def data(item: SseEvent) -> Any:
     return loads(item.data)
 
 
-def as_read(item: SseEvent) -> tuple[str | None, Any]:
+def as_read(item: SseEvent | ToolCall) -> tuple[str | None, Any]:
     """An event as a client reads it (name and parsed data): what a rewriter sends is the
-    data as it read it, in its own encoding, so bytes may differ from the upstream's."""
+    data as it read it, in its own encoding, so bytes may differ from the upstream's. A
+    call (not an event) is itself, so it never equals an event."""
+    if not isinstance(item, SseEvent):
+        return "call", item
     try:
         return item.event, data(item)
     except ValueError:  # "[DONE]", an empty keep-alive

@@ -13,15 +13,14 @@ A path template is literal segments and ``{name}`` segments, each matching
 exactly one decoded segment (the ingress decodes the target once, so
 ``%2D`` and ``-`` match alike and no encoding can cross a ``/``). Rules are
 tried in order; the first that fits wins. An argument is ``"{name}"`` (a path
-parameter), ``"?name"`` (a query parameter) or an RFC 6901 JSON pointer into
-the JSON request body (``""`` is the whole body). A pointer or query
-parameter that finds nothing, a query parameter given twice, a body that is
-not one unambiguous JSON document (duplicate keys, ``NaN``), or a query
-parameter the rule does not name refuses the request with 400: Warden and the
-tool API must agree on every value the policy saw, an absent argument would
-leave a policy rule undefined rather than false, and a query the policy never
-saw (``?amount=9000``, ``?force=true``) is input the service acts on
-undecided.
+parameter), ``"?name"`` (a query parameter, ``null`` when absent) or an RFC
+6901 JSON pointer into the JSON request body (``""`` is the whole body). A
+pointer that finds nothing, a query parameter given twice, a body that is not
+one unambiguous JSON document (duplicate keys, ``NaN``), or a query parameter
+the rule does not name refuses the request with 400: Warden and the tool API
+must agree on every value the policy saw, an absent argument would leave a
+policy rule undefined rather than false, and a query the policy never saw
+(``?amount=9000``, ``?force=true``) is input the service acts on undecided.
 
 Everything here is pure: the ingress reads the request, this module says what
 it is, and renders refusals as RFC 9457 problem documents.
@@ -270,10 +269,9 @@ class RouteRule:
             if source.param is not None:
                 arguments[name] = params[source.param]
             elif source.query is not None:
-                given = values.get(source.query)
-                if given is None:
-                    raise ToolRequestError(f"the request has no query parameter {source.text!r}")
-                arguments[name] = given
+                # Query parameters are often optional (a page cursor): an absent one is
+                # null, which a policy reads as such (never an undefined rule).
+                arguments[name] = values.get(source.query)
             else:
                 assert source.pointer is not None
                 arguments[name] = resolve_pointer(document, source.pointer, source.text)

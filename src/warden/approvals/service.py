@@ -214,7 +214,8 @@ class Approvals:
             "upstream": upstream,
             "method": method,
         }
-        # Each left out when empty, so bindings made before it was added still match.
+        # Each left out when empty. (Approvals opened before request_sha256 was added
+        # do not match a base-URL or ext_authz call again: it is always set there.)
         if context:
             doc["context"] = dict(context)
         if request_sha256:

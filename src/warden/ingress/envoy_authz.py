@@ -170,6 +170,7 @@ class ExtAuthzService:
                 parsed.method,
                 parsed.path + ("?" + parsed.query if parsed.query else ""),
                 parsed.body,
+                json_body=True,
             ),
             context=hdr.context_from(parsed.headers),
             view=PolicyView(

@@ -398,7 +398,12 @@ class ProxyApp:
             tool=tool.tool if tool is not None else None,
             arguments=tool.arguments if tool is not None else None,
             # What an approval covers: the path and query as forwarded, the body as decided on.
-            request_sha256=request_sha256(request.method, route.path + _query(request), body),
+            request_sha256=request_sha256(
+                request.method,
+                route.path + _query(request),
+                body,
+                json_body=kind is not ActionKind.LLM_CALL,
+            ),
         )
         decision = await self._core.decide(action)
         if decision.enforced is not Effect.ALLOW and tool is not None:

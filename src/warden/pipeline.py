@@ -314,7 +314,10 @@ def _fits(value: Any, depth: int) -> bool:
     if depth > MAX_INPUT_DEPTH:
         return False
     deeper = depth + 1
-    return all(type(item) is str or _fits(item, deeper) for item in items)
+    for item in items:  # a loop, not all(genexpr): every action walks this
+        if type(item) is not str and not _fits(item, deeper):
+            return False
+    return True
 
 
 def _action_fits(action: Action) -> bool:

@@ -152,9 +152,12 @@ def protomap(msg: Message) -> dict[str, Any]:
     for fd, value in msg.ListFields():
         name, shape, kind = _PLANS.get(fd) or _plan(fd)
         if shape == _MAP:
-            out[name] = {str(k): _value(kind, value[k]) for k in value}
+            if kind == _PLAIN:  # the headers: no call per entry
+                out[name] = {str(k): v for k, v in value.items()}
+            else:
+                out[name] = {str(k): _value(kind, value[k]) for k in value}
         elif shape == _LIST:
-            out[name] = [_value(kind, v) for v in value]
+            out[name] = list(value) if kind == _PLAIN else [_value(kind, v) for v in value]
         elif kind == _PLAIN:
             out[name] = value
         else:

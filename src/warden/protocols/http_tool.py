@@ -113,6 +113,8 @@ def unescape(text: str, *, plus: bool, what: str) -> str:
     The error names ``what`` failed, never the text: a query value may be a
     key (``?key=...``), and the error becomes a recorded decision reason.
     """
+    if "%" not in text and (not plus or "+" not in text):
+        return text  # nothing to decode (most names and values)
     if _BAD_ESCAPE.search(text):
         raise ValueError(f"invalid URL escape in {what}")
     if plus:

@@ -324,3 +324,33 @@ def test_anthropic_toolset_members_are_decided_by_toolset_and_name(
         "navigate": "allow",
         "browser.screenshot": "allow",
     }
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_toolset_member_whose_input_names_another_action_is_not_run(
+    harness: Harness, ant: anthropic.Anthropic, stream: bool
+) -> None:
+    # The Vercel AI SDK runs a member as {action: name, ...input}: input.action wins, so
+    # "screenshot" (allowed) carrying action "left_click" would click. Decided as an
+    # unknown call, denied; a member whose action is its own name is decided as ever.
+    clicks = {
+        **wire.tool_use("screenshot", {"action": "left_click", "x": 1}),
+        "toolset_name": "browser",
+    }
+    shot = {
+        **wire.tool_use("screenshot", {"action": "screenshot"}, block_id="toolu_3"),
+        "toolset_name": "browser",
+    }
+    case = new_case()
+    content = [clicks, shot]
+    harness.answer(
+        case,
+        RawReply.sse(wire.anthropic_stream(content))
+        if stream
+        else RawReply.json(wire.message_body(content)),
+    )
+    parsed = _anthropic_parsed(ant, case, stream, None)
+    uses = [b for b in parsed if getattr(b, "type", None) == "tool_use"]
+    assert [(u.name, u.input) for u in uses] == [("screenshot", {"action": "screenshot"})]
+    recs = [(r["action"]["kind"], r["decision"]["enforced"]) for r in harness.audit.decisions(case)]
+    assert sorted(recs) == [("tool_call", "allow"), ("unknown_call", "deny")]

@@ -174,16 +174,37 @@ def _classify(block: Any, position: int, ordinal: int) -> ToolCall | None:
         raw, arguments = parse_arguments(block)
     else:
         raw, arguments = dumps(block), None
-    return ToolCall(
-        call_id=_str(obj.get("id")),
-        name=_call_name(obj, wire),
-        raw_arguments=raw,
-        arguments=arguments,
-        index=ordinal,
-        key=f"b{position}",
-        kind=kind or ActionKind.UNKNOWN_CALL,
-        wire_type=_str(wire),
+    return _one_reading(
+        ToolCall(
+            call_id=_str(obj.get("id")),
+            name=_call_name(obj, wire),
+            raw_arguments=raw,
+            arguments=arguments,
+            index=ordinal,
+            key=f"b{position}",
+            kind=kind or ActionKind.UNKNOWN_CALL,
+            wire_type=_str(wire),
+        ),
+        obj,
     )
+
+
+def _one_reading(call: ToolCall, block: Mapping[str, Any]) -> ToolCall:
+    """``call``, or an unknown call when clients would run another action than its name.
+
+    The Vercel AI SDK runs a toolset member with ``{action: name, ...input}``,
+    so an ``input.action`` other than the member's name wins there: decided as
+    ``computer.screenshot``, it would perform ``left_click``. Such a call is
+    decided as an unknown call (denied by default).
+    """
+    toolset = block.get("toolset_name")
+    member = block.get("name")
+    if not (isinstance(toolset, str) and toolset and call.wire_type == "tool_use"):
+        return call
+    action = call.arguments.get("action", member) if call.arguments is not None else member
+    if action == member:
+        return call
+    return dataclasses.replace(call, kind=ActionKind.UNKNOWN_CALL)
 
 
 def _call_name(block: Mapping[str, Any], wire: object) -> str:
@@ -609,6 +630,7 @@ class AnthropicStreamRewriter(StreamStatus):
             # Input deltas replace the start's input in the SDK (only once there is any text).
             raw_arguments, arguments = _json_arguments(raw)
             call = dataclasses.replace(call, raw_arguments=raw_arguments, arguments=arguments)
+            call = _one_reading(call, held.block)
         self._pending[call.key] = _Pending(call, held.position, held.block, in_message_start=False)
         yield call
 

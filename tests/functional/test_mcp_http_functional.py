@@ -1059,39 +1059,51 @@ async def test_an_answer_dressed_as_the_servers_own_message_never_reaches_the_cl
     assert dropped("invalid") == before + 1
 
 
-async def test_an_id_another_open_post_of_the_session_holds_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("second", [UPSTREAM, "support-tools-eu"], ids=["same", "other entry"])
+async def test_an_id_another_open_post_of_the_session_holds_is_refused(
+    tmp_path: Path, second: str
+) -> None:
     # The server sends an answer to the stream of its id: a second POST reusing the id of
     # a call still running would take its answer (a failed lookup recorded as the refund's
-    # trusted failure, which releases the refund's reservation).
-    async with (
-        StreamableHttpServer(tmp_path / "calls.jsonl", delay_s=1.0) as server,
-        Warden(config(tmp_path, server.url)) as warden,
-        aiohttp.ClientSession() as http,
-    ):
-        url = f"{warden.proxy_url}/{UPSTREAM}"
-        _, headers, _ = await post(http, url, INIT)
-        session = {
-            "Mcp-Session-Id": headers["mcp-session-id"],
-            "MCP-Protocol-Version": "2025-11-25",
-        }
-        await post(http, url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
-
-        def call(id_: Any, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-            params = {"name": name, "arguments": arguments}
-            return {"jsonrpc": "2.0", "id": id_, "method": "tools/call", "params": params}
-
-        lookup = asyncio.create_task(
-            post(http, url, call(1, "get_order", {"order_id": "NOPE"}), session)
-        )
-        await asyncio.sleep(0.3)
-        refund = call("1", "issue_refund", {"order_id": "A-1001", "amount": 5})  # "1" is 1
-        status, _, body = await post(http, url, refund, session)
-        assert (status, orjson.loads(body)["error"]["code"]) == (200, -32600)
-        await lookup
-        # Once the first POST is answered, the id is free again.
-        status, _, body = await post(http, url, {**refund, "id": 1}, session)
-        assert status == 200
+    # trusted failure, which releases the refund's reservation). Through another upstream
+    # entry for the same server too: it is the same session.
+    async with StreamableHttpServer(tmp_path / "calls.jsonl", delay_s=1.0) as server:
+        same = {"protocol": "mcp", "base_url": server.url, "timeout_s": 60}
+        upstreams = {UPSTREAM: same, "support-tools-eu": same}
+        async with (
+            Warden(config(tmp_path, server.url, upstreams=upstreams)) as warden,
+            aiohttp.ClientSession() as http,
+        ):
+            await _reuse_an_open_posts_id(warden, http, second)
     assert tools_called(tmp_path) == ["get_order", "issue_refund"]
+
+
+async def _reuse_an_open_posts_id(warden: Warden, http: aiohttp.ClientSession, second: str) -> None:
+    """A call by id 1 through one entry; the same id through ``second`` while it runs."""
+    url = f"{warden.proxy_url}/{UPSTREAM}"
+    _, headers, _ = await post(http, url, INIT)
+    session = {
+        "Mcp-Session-Id": headers["mcp-session-id"],
+        "MCP-Protocol-Version": "2025-11-25",
+    }
+    await post(http, url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
+
+    def call(id_: Any, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        params = {"name": name, "arguments": arguments}
+        return {"jsonrpc": "2.0", "id": id_, "method": "tools/call", "params": params}
+
+    lookup = asyncio.create_task(
+        post(http, url, call(1, "get_order", {"order_id": "NOPE"}), session)
+    )
+    await asyncio.sleep(0.3)
+    refund = call("1", "issue_refund", {"order_id": "A-1001", "amount": 5})  # "1" is 1
+    other = f"{warden.proxy_url}/{second}"
+    status, _, body = await post(http, other, refund, session)
+    assert (status, orjson.loads(body)["error"]["code"]) == (200, -32600)
+    await lookup
+    # Once the first POST is answered, the id is free again.
+    status, _, body = await post(http, other, {**refund, "id": 1}, session)
+    assert status == 200
 
 
 def dropped(reason: str) -> float:

@@ -163,13 +163,13 @@ class McpHttp:
         self._killswitches = killswitches
         self._credentials = credentials if credentials is not None else Credentials.none()
         self._tasks = Tasks("mcp-http")
-        # Requests whose POST stream ended before their answer, by (upstream, session):
+        # Requests whose POST stream ended before their answer, by (server, session):
         # their answers may come on a resumed stream (the calls' to be recorded).
         self._resumable: OrderedDict[tuple[str, str], dict[str | int, _Pending | None]] = (
             OrderedDict()
         )
         self._asked: dict[tuple[str, str], set[str]] = {}
-        """Request ids (:func:`mcp.id_key`) of POSTs still open, by (upstream, session): the
+        """Request ids (:func:`mcp.id_key`) of POSTs still open, by (server, session): the
         server routes an answer to the stream of its id, so a second POST reusing one would
         take the first's answer (a bogus call's error recorded as a refund's failure)."""
         self._listed: dict[str, ListedArguments] = {}
@@ -259,8 +259,9 @@ class McpHttp:
         session = exchange.session
         if session is None:  # no session: each POST's answers come on its own stream
             return set(), set()
-        key = (exchange.upstream, session)
-        held = self._asked.setdefault(key, set())
+        # By server, not upstream entry: two entries for one server share its sessions.
+        key = (self._server(exchange.upstream), session)
+        held = self._asked.get(key, set())
         owed = {mcp.id_key(i) for i in self._resumable.get(key, ())}
         busy: set[str | int] = set()
         taken: set[str] = set()
@@ -272,13 +273,14 @@ class McpHttp:
                 busy.add(message.id)
             else:
                 taken.add(id_)
-        held |= taken
+        if taken:  # only sessions with requests in flight are kept
+            self._asked[key] = held | taken
         return busy, taken
 
     def _release_ids(self, exchange: _Exchange, taken: set[str]) -> None:
         if not taken or exchange.session is None:
             return
-        key = (exchange.upstream, exchange.session)
+        key = (self._server(exchange.upstream), exchange.session)
         held = self._asked.get(key)
         if held is not None:
             held -= taken
@@ -722,7 +724,7 @@ class McpHttp:
         """The server's answer ended without answering these requests."""
         if exchange.resumable and exchange.session is not None and exchange.requests:
             # The answer may still come on a resumed stream (GET with Last-Event-ID).
-            key = (exchange.upstream, exchange.session)
+            key = (self._server(exchange.upstream), exchange.session)
             waiting = self._resumable.setdefault(key, {})
             waiting.update((id_, exchange.calls.get(id_)) for id_ in exchange.requests)
             self._resumable.move_to_end(key)
@@ -912,7 +914,7 @@ class McpHttp:
             if session is not None and request.headers.get("Last-Event-ID") is not None:
                 # Only a resumed stream carries answers (the standalone GET stream never
                 # does); several may be resumed at once, so each claims its answers.
-                exchange.owed = (name, session)
+                exchange.owed = (self._server(name), session)
             exchange.response = await _open_sse(request, headers, status=status)
             try:
                 await self._relay_events(exchange, resp)

@@ -535,6 +535,11 @@ async def test_a_package_cut_at_a_checkpoint_from_before_the_periods_end_fails(
     _remanifest(cut)
     failures, _ = verify_package(cut)
     assert any("is from before the period's end" in f for f in failures), failures
+    # A period end in another form would compare wrong as a string: refused.
+    for other in ("2026-11-26T10:01:00-05:00", 20261126150000, ["2026-11-26T15:00:00Z"]):
+        _rescope(cut, to=other)
+        _remanifest(cut)
+        assert any("not a time as records write it" in f for f in verify_package(cut)[0])
 
 
 def test_a_package_without_its_selection_fails(root: Path, tmp_path: Path) -> None:

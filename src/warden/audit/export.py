@@ -236,6 +236,12 @@ def export_log(
     root, out = Path(root), Path(out)
     if fmt == "evidence" and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not an empty directory")
+    # In the records' own time form, which the package declares and string order compares.
+    selection = dataclasses.replace(
+        selection,
+        start=parse_time(selection.start) if selection.start is not None else None,
+        end=parse_time(selection.end, end=True) if selection.end is not None else None,
+    )
     signed = _latest_signed(root)
     shortened = selection.end is not None and signed is not None and signed < selection.end
     if shortened:

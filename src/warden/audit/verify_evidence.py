@@ -29,6 +29,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -468,6 +469,10 @@ def _check_edges(
             )
 
 
+_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+"""How records and checkpoints write a time (UTC), which string comparison orders."""
+
+
 def _scope(pkg: Path, report: _Report) -> dict[str, object] | None:
     """``selection.json``: the period, filter and run of records (a failure when missing)."""
     path = pkg / "selection.json"
@@ -479,6 +484,13 @@ def _scope(pkg: Path, report: _Report) -> dict[str, object] | None:
     if not isinstance(scope, dict):
         report.fail("selection.json is not an object")
         return None
+    for bound in ("from", "to"):
+        value = scope.get(bound)
+        # Compared as strings with record and checkpoint times: only their own form
+        # orders right ("10:01-05:00" would sort before a checkpoint of 10:05Z).
+        if value is not None and not (isinstance(value, str) and _TIME.fullmatch(value)):
+            report.fail(f"selection.json: {bound!r} is not a time as records write it")
+            return None
     return scope
 
 

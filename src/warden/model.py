@@ -7,7 +7,6 @@ and the audit log stores both. Adapters, guards and sinks only exchange these.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import hashlib
 import os
@@ -16,8 +15,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-import orjson
 
 __all__ = [
     "Action",
@@ -363,18 +360,9 @@ class Action:
         return self.tool if self.tool is not None else self.request.path
 
 
-def request_sha256(method: str, target: str, body: bytes, *, json_body: bool = False) -> str:
-    """SHA-256 (hex) of an HTTP request: its method, target (path and query) and body.
-
-    ``json_body``: a body that is JSON counts by its content, keys sorted and
-    whitespace gone, so an agent sending the same call again with its keys in
-    another order (a model re-emitting it) sends the same request. (A model
-    request, which Warden itself encodes, is taken as it goes upstream.)
-    """
+def request_sha256(method: str, target: str, body: bytes) -> str:
+    """SHA-256 (hex) of an HTTP request: its method, target (path and query) and body."""
     digest = hashlib.sha256(f"{method} {target}\n".encode())
-    if json_body and body[:1] in (b"{", b"["):
-        with contextlib.suppress(orjson.JSONDecodeError, orjson.JSONEncodeError):
-            body = orjson.dumps(orjson.loads(body), option=orjson.OPT_SORT_KEYS)
     digest.update(body)
     return digest.hexdigest()
 

@@ -18,6 +18,7 @@ from warden.protocols.http_tool import (
     ToolRequest,
     ToolRequestError,
     ToolRoutes,
+    bound_body,
     parse_argument,
     parse_template,
     problem,
@@ -326,3 +327,24 @@ def test_any_key_path_escaped_as_rfc_6901_says_finds_its_value(keys: list[str], 
 @given(st.text(min_size=1).filter(lambda s: s not in (".", "..") and not {"/", ";"} & set(s)))
 def test_a_parameter_matches_any_one_decoded_segment_verbatim(segment: str) -> None:
     assert resolve("GET", f"/orders/{segment}") == ToolRequest("get_order", {"id": segment})
+
+
+@pytest.mark.parametrize(
+    ("one", "other", "same"),
+    [
+        (b'{"amount": 5, "to": "A"}', b'{"to":"A","amount":5}', True),  # order and spaces
+        (b'{"to": "\\u0041"}', b'{"to": "A"}', True),  # one string, however escaped
+        (b'{"amount": 1}', b'{"amount": 1.0}', False),
+        # Read otherwise by some parser: bound byte for byte, never merged.
+        (b'{"to": "A"}', b'{"to": "B", "to": "A"}', False),  # first-wins parsers read B
+        (b'{"to": "A", "TO": "B"}', b'{"TO": "B", "to": "A"}', False),  # Go binds case-blind
+        (b'{"n": 18446744073709551616}', b'{"n": 18446744073709551617}', False),
+        (b'{"n": 1e400}', b'{"n": 2e400}', False),
+    ],
+)
+def test_an_approval_binds_a_json_body_by_content_only_where_every_parser_agrees(
+    one: bytes, other: bytes, same: bool
+) -> None:
+    assert (bound_body(one, JSON) == bound_body(other, JSON)) is same
+    assert bound_body(b"not json", JSON) == b"not json"
+    assert bound_body(one, "text/plain") == one

@@ -47,7 +47,7 @@ from warden.model import (
 )
 from warden.ops import metrics
 from warden.protocols import envoy_authz as authz
-from warden.protocols.http_tool import ToolRequest, ToolRequestError, ToolRoutes
+from warden.protocols.http_tool import ToolRequest, ToolRequestError, ToolRoutes, bound_body
 from warden.sessions import door_conversation
 
 if TYPE_CHECKING:
@@ -169,8 +169,7 @@ class ExtAuthzService:
             request_sha256=request_sha256(
                 parsed.method,
                 parsed.path + ("?" + parsed.query if parsed.query else ""),
-                parsed.body,
-                json_body=True,
+                bound_body(parsed.body, parsed.headers.get("content-type", "")),
             ),
             context=hdr.context_from(parsed.headers),
             view=PolicyView(

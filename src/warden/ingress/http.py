@@ -401,8 +401,10 @@ class ProxyApp:
             request_sha256=request_sha256(
                 request.method,
                 route.path + _query(request),
-                body,
-                json_body=kind is not ActionKind.LLM_CALL,
+                # A model request goes as Warden encodes it; a tool API's body as sent.
+                body
+                if kind is ActionKind.LLM_CALL
+                else http_tool.bound_body(body, request.headers.get("Content-Type", "")),
             ),
         )
         decision = await self._core.decide(action)

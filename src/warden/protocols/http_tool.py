@@ -29,6 +29,7 @@ it is, and renders refusals as RFC 9457 problem documents.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ __all__ = [
     "ToolRequest",
     "ToolRequestError",
     "ToolRoutes",
+    "bound_body",
     "parse_argument",
     "parse_method",
     "parse_query",
@@ -399,6 +401,45 @@ def parse_body(body: bytes, content_type: str) -> Any:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ToolRequestError(f"the request body is not valid JSON: {exc}") from None
+
+
+def bound_body(body: bytes, content_type: str) -> bytes:
+    """The body as an approval binds it: a JSON body by its content, else as sent.
+
+    Keys in another order or other whitespace (a model re-emitting a call) make
+    the same request. Only a body every parser reads alike is so rewritten: one
+    with a key given twice, keys that differ only in case, a ``NaN``, or an
+    integer past 64 bits (``18446744073709551616`` and ``...617`` would meet
+    as one float) is bound byte for byte.
+    """
+    if not body or not _is_json(content_type):
+        return body
+    try:
+        document = parse_body(body, content_type)
+    except ToolRequestError:
+        return body
+    if not _read_alike(document):
+        return body
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _read_alike(value: Any) -> bool:
+    """No integer past 64 bits and no number past a float's range (``1e400``): parsers
+    round those, so two bodies could meet in one canonical form."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, bool):
+            continue
+        elif (isinstance(item, int) and abs(item) >= 2**63) or (
+            isinstance(item, float) and not math.isfinite(item)
+        ):
+            return False
+    return True
 
 
 def resolve_pointer(document: Any, tokens: Sequence[str], text: str) -> Any:

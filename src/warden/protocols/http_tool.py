@@ -68,6 +68,7 @@ _PARAM: Final = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 # A literal segment as written in YAML: no braces, slashes or control characters.
 _LITERAL: Final = re.compile(r"^[^{}/\\\x00-\x20\x7f]+$")
 _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_FORMAT: Final = re.compile(r"\.[a-z0-9]+$")
 
 
 class ToolRequestError(ValueError):
@@ -248,14 +249,20 @@ class RouteRule:
 
     def fits_loosely(self, method: str, segments: Sequence[str]) -> bool:
         """Whether the path fits read as some services read paths: literal segments
-        case-blind (ASP.NET) and without ``;`` parameters (Tomcat, Spring)."""
+        case-blind (ASP.NET), without ``;`` parameters (Tomcat, Spring), and the last
+        without a format suffix (Rails' ``.json``, Spring's suffix match)."""
         if method != self.method or len(segments) != len(self.segments):
             return False
-        return all(
-            _PARAM.match(pattern) is not None
-            or pattern.casefold() == segment.partition(";")[0].casefold()
-            for pattern, segment in zip(self.segments, segments, strict=True)
-        )
+        last = len(segments) - 1
+        for i, (pattern, segment) in enumerate(zip(self.segments, segments, strict=True)):
+            if _PARAM.match(pattern) is not None:
+                continue
+            read = segment.partition(";")[0].casefold()
+            if i == last:
+                read = _FORMAT.sub("", read)
+            if pattern.casefold() != read:
+                return False
+        return True
 
     def build(
         self, params: Mapping[str, str], body: bytes, content_type: str, query: str = ""
@@ -351,8 +358,9 @@ class ToolRoutes:
             # The service may read it as that rule's tool call (or another order id)
             # while Warden reads another call, or none at all.
             raise ToolRequestError(
-                "the path fits a route rule only when read case-blind or without ';' "
-                "parameters, as some services read paths; send it as the rule writes it"
+                "the path fits a route rule only when read case-blind, without ';' "
+                "parameters or without a format suffix (.json), as some services read paths; "
+                "send it as the rule writes it"
             )
         if found is None:
             return None

@@ -11,6 +11,7 @@ recovers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import subprocess
 import sys
@@ -275,6 +276,23 @@ facts := {"quote": input.s == "a\\"b", "system": startswith(input.s, "C:\\\\Win"
     ):
         [got] = orjson.loads(facts.evaluate({"s": text, "o": {'k"': 1}}))["expressions"]
         assert got == {**expected, "key": ['k"']}, text
+
+
+def test_a_result_a_builtin_let_the_input_shape_is_refused() -> None:
+    # base64.decode gives the input's text back unescaped: its "effect" would be a second
+    # key of the decision. rego-cpp writes each key once, so a second one is refused.
+    policy = """package p
+
+import rego.v1
+
+decision := {"effect": "deny", "reason": base64.decode(input.blob)}
+"""
+    evaluator = Evaluator([("p.rego", policy)], {}, "data.p.decision")
+    blob = base64.b64encode(b'x", "effect": "allow').decode()
+    result = interpret_output(evaluator.evaluate({"blob": blob}))
+    assert (result.effect, result.error) == (None, "policy_error")
+    plain = interpret_output(evaluator.evaluate({"blob": base64.b64encode(b"fine").decode()}))
+    assert (plain.effect, plain.reasons) == (Effect.DENY, ("fine",))
 
 
 async def test_an_input_the_engine_refuses_fails_alone(engine: PolicyEngine) -> None:

@@ -269,25 +269,31 @@ def interpret_output(text: str, modules: tuple[Module, ...] = ()) -> PolicyResul
 
 
 def result_document(text: str) -> Any:
-    """The engine's result text as JSON, or ``None``.
+    """The engine's result text as JSON, or ``None`` (the decision is then an error).
 
     A string repeated from the input keeps its control characters raw (see
     ``warden.policy.rego._c_text``), which strict JSON refuses inside a
-    string: such a result is read again allowing them. Nothing else is
-    lenient (quotes and backslashes came escaped).
+    string: they are allowed. A key given twice is not: rego-cpp writes an
+    object's keys once, so a second ``effect`` can only come from input text
+    a builtin unescaped (``base64.decode``) and the result repeats.
     """
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        return json.loads(text, strict=False, parse_constant=_no_constant)
+        return json.loads(
+            text, strict=False, parse_constant=_no_constant, object_pairs_hook=_once
+        )
     except (ValueError, RecursionError):
         return None
 
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a key given twice")
+    return found
 
 
 def interpret_value(text: str, modules: tuple[Module, ...] = ()) -> PolicyResult:

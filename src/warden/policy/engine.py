@@ -278,9 +278,7 @@ def result_document(text: str) -> Any:
     a builtin unescaped (``base64.decode``) and the result repeats.
     """
     try:
-        return json.loads(
-            text, strict=False, parse_constant=_no_constant, object_pairs_hook=_once
-        )
+        return json.loads(text, strict=False, parse_constant=_no_constant, object_pairs_hook=_once)
     except (ValueError, RecursionError):
         return None
 

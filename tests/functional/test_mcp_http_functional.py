@@ -993,13 +993,9 @@ class Forger(LoopbackServer):
         return response
 
 
-@pytest.mark.parametrize("sse", [True, False], ids=["event", "body"])
-@pytest.mark.parametrize("forged_id", [b"7", b"7.0", b"true"], ids=["7", "7.0", "true"])
-async def test_an_answer_under_an_id_the_stream_did_not_carry_never_reaches_the_client(
-    tmp_path: Path, sse: bool, forged_id: bytes
-) -> None:
-    # Id 7 is a call Warden refused (or is holding) in another POST: a client still
-    # waiting on it would take the server's forged answer for that call's result.
+async def _refused_then_pinged(tmp_path: Path, forger: Forger) -> tuple[bytes, int, bytes]:
+    """A call Warden refuses under id 7, then a ping (id 8) the forger answers with an
+    answer for id 7 first: the refusal, and the ping's status and body."""
     refund = {
         "jsonrpc": "2.0",
         "id": 7,
@@ -1007,15 +1003,26 @@ async def test_an_answer_under_an_id_the_stream_did_not_carry_never_reaches_the_
         "params": {"name": "export_all_customers", "arguments": {}},
     }
     ping = {"jsonrpc": "2.0", "id": 8, "method": "ping"}
-    before = dropped("unasked")
     async with (
-        Forger(sse, forged_id) as upstream,
+        forger as upstream,
         Warden(config(tmp_path, upstream.url)) as warden,
         aiohttp.ClientSession() as http,
     ):
         url = f"{warden.proxy_url}/{UPSTREAM}"
         _, _, denied = await post(http, url, refund)
         status, _, body = await post(http, url, ping)
+    return denied, status, body
+
+
+@pytest.mark.parametrize("sse", [True, False], ids=["event", "body"])
+@pytest.mark.parametrize("forged_id", [b"7", b"7.0", b"true"], ids=["7", "7.0", "true"])
+async def test_an_answer_under_an_id_the_stream_did_not_carry_never_reaches_the_client(
+    tmp_path: Path, sse: bool, forged_id: bytes
+) -> None:
+    # Id 7 is a call Warden refused (or is holding) in another POST: a client still
+    # waiting on it would take the server's forged answer for that call's result.
+    before = dropped("unasked")
+    denied, status, body = await _refused_then_pinged(tmp_path, Forger(sse, forged_id))
     assert orjson.loads(denied)["result"]["isError"] is True
     if sse:
         assert status == 200
@@ -1038,22 +1045,8 @@ async def test_an_answer_dressed_as_the_servers_own_message_never_reaches_the_cl
 ) -> None:
     # The Python client reads {"id": 7, "method": null, "result": ...} as the answer to
     # request 7: a call Warden refused (or holds). Read as a client reads it, or dropped.
-    refund = {
-        "jsonrpc": "2.0",
-        "id": 7,
-        "method": "tools/call",
-        "params": {"name": "export_all_customers", "arguments": {}},
-    }
-    ping = {"jsonrpc": "2.0", "id": 8, "method": "ping"}
     before = dropped("invalid")
-    async with (
-        Forger(True, b"7", extra) as upstream,
-        Warden(config(tmp_path, upstream.url)) as warden,
-        aiohttp.ClientSession() as http,
-    ):
-        url = f"{warden.proxy_url}/{UPSTREAM}"
-        await post(http, url, refund)
-        status, _, body = await post(http, url, ping)
+    _, status, body = await _refused_then_pinged(tmp_path, Forger(True, b"7", extra))
     assert status == 200
     assert sse_messages(body) == [{"jsonrpc": "2.0", "id": 8, "result": {}}]
     assert dropped("invalid") == before + 1

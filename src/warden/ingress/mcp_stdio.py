@@ -432,7 +432,7 @@ class StdioDoor:
             self._to_client(value)
         elif self._answer(value):
             answer = await self._listed(value)
-            if mcp.from_server(value) == "request":  # the server's own request or notification
+            if "method" in value:  # the server's own request or notification (_answer kept it)
                 self._to_client(answer)
                 return
             merged = self._merge([answer])  # the lone member of a batch the client sent
@@ -442,7 +442,7 @@ class StdioDoor:
         """A ``tools/list`` answer without the tools the policy denies this agent in every case."""
         id_ = response.get("id")
         if "method" in response or not isinstance(id_, str | int) or id_ not in self._listing:
-            return response  # (an answer carrying "method" never gets here: dropped)
+            return response
         self._listing.discard(id_)
         self._tools.learn(response)
         result = response.get("result")

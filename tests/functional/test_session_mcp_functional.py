@@ -16,6 +16,7 @@ import pytest
 from mcp import types
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from prometheus_client import REGISTRY
 
 from tests.functional.conftest import make_config
 from warden.server import Warden
@@ -71,3 +72,24 @@ async def test_an_mcp_session_is_counted_as_one_conversation(
         again = await fresh.call_tool("close_account", close)
     assert "held the tool call `close_account`" in text(again)
     assert [c["tool"] for c in read_call_log(tmp_path / "calls.jsonl")] == ["get_order"]
+
+
+def cache_hits() -> float:
+    return REGISTRY.get_sample_value("warden_policy_cache_total", {"result": "hit"}) or 0.0
+
+
+async def test_lookups_in_a_session_are_decided_from_the_cache(warden: Warden) -> None:
+    # The shipped bundle counts only account changes (data.warden.sessions), so
+    # the session's count of lookups is not in the cache key: the same lookup
+    # again is a hit, while the account changes go on counting.
+    close = {"customer_id": "C-1001"}
+    async with connect(warden) as session:
+        await session.call_tool("get_order", {"order_id": "A-1001"})
+        before = cache_hits()
+        for _ in range(3):
+            assert not (await session.call_tool("get_order", {"order_id": "A-1001"})).is_error
+        assert cache_hits() - before == 3
+        for _ in range(2):
+            assert "held the tool call" in text(await session.call_tool("close_account", close))
+        third = await session.call_tool("close_account", close)
+    assert "at most 2 are allowed in one conversation" in text(third)

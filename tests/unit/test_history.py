@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from warden.model import ToolCall
 from warden.policy.bundle import Module, load_bundle
-from warden.policy.cache import WILDCARD, analyse, cache_key, project
+from warden.policy.cache import KIND, WILDCARD, analyse, cache_key, project
 from warden.protocols.history import EXTRACTORS, Bounds, arguments_digest, extract
 
 BUNDLE = Path(__file__).resolve().parents[2] / "policies" / "customer-support"
@@ -171,6 +171,7 @@ def test_the_shipped_policy_reads_four_fields_of_each_history_entry() -> None:
     assert paths is not None
     history = sorted(p for p in paths if p[0] == "history")
     assert history == [
+        ("history", KIND),
         ("history", WILDCARD, "arguments", "order_id"),
         ("history", WILDCARD, "arguments", "query"),
         ("history", WILDCARD, "tool"),

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from warden.policy.authoring import discover_case_files, load_case_file, load_policy_set
 from warden.policy.bundle import Module
-from warden.policy.cache import InputShape, LRUCache, analyse, cache_key, project
+from warden.policy.cache import KIND, InputShape, LRUCache, analyse, cache_key, project
 from warden.policy.worker import Evaluator
 
 BUNDLE = Path(__file__).resolve().parents[2] / "policies" / "customer-support"
@@ -153,9 +153,11 @@ def test_function_parameters_are_followed() -> None:
         "check(_, _) := 0\n"
     )
     assert shape.paths == (
+        ("action", KIND),  # a call with an undefined argument is undefined
         ("action", "arguments"),
         ("action", "kind"),
         ("action", "tool"),
+        ("budget", KIND),
         ("budget", "refunds", "day"),
     )
 
@@ -189,7 +191,7 @@ def test_a_head_with_space_before_its_parameters_is_a_head(gap: str) -> None:
         "safe(a) := true if a.tool\n"
         f'safe{gap}(b) := true if b.arguments.path == "/tmp"\n'
     )
-    assert shape.paths == (("action", "arguments", "path"), ("action", "tool"))
+    assert shape.paths == (("action", KIND), ("action", "arguments", "path"), ("action", "tool"))
 
 
 def test_a_function_of_another_package_is_not_the_one_called() -> None:
@@ -201,7 +203,7 @@ def test_a_function_of_another_package_is_not_the_one_called() -> None:
     assert shape.paths == (("action", "arguments"),)
     # A function of the same package is the one called, builtin's name or not.
     same = shape_of("package warden\nd if count(input.action.arguments) > 1\ncount(x) := x.n\n")
-    assert same.paths == (("action", "arguments", "n"),)
+    assert same.paths == (("action", "arguments", KIND), ("action", "arguments", "n"))
 
 
 def test_an_extra_argument_is_the_output_and_reads_the_whole() -> None:
@@ -211,23 +213,30 @@ def test_an_extra_argument_is_the_output_and_reads_the_whole() -> None:
 
 def test_shipped_bundle_reads_only_four_action_fields_and_decides_the_same() -> None:
     policy = load_policy_set([BUNDLE])
-    shape = analyse(policy.production)
+    shape = analyse(policy.production, policy.data)
+    account_changes = ("close_account", "update_address", "update_email", "update_phone")
     assert shape.paths == (
+        ("action", KIND),
         ("action", "arguments"),
         ("action", "kind"),
         ("action", "labels"),  # taint labels of the tool (session rules)
         ("action", "stage"),  # MCP tools/list entries are answered by name
         ("action", "tool"),
         ("budget",),
+        ("history", KIND),
         # Four fields of each earlier call in the conversation (session rules).
         ("history", "*", "arguments", "order_id"),
         ("history", "*", "arguments", "query"),
         ("history", "*", "tool"),
         ("history", "*", "verified"),
         ("request", "tools"),  # hosted MCP servers a model request declares
-        ("session", "calls"),
+        ("session", KIND),
+        # Only the account-change tools' counters (data.warden.sessions).
+        ("session", "calls", KIND),
+        *(("session", "calls", tool) for tool in account_changes),
         ("session", "conversation"),
-        ("session", "held"),
+        ("session", "held", KIND),
+        *(("session", "held", tool) for tool in account_changes),
         ("session", "taints"),
     )
     evaluator = Evaluator(
@@ -274,3 +283,172 @@ def test_lru_evicts_least_recently_used() -> None:
     off: LRUCache[str, int] = LRUCache(0)
     off.put("a", 1)
     assert off.get("a") is None
+
+
+# -- what a call with a missing argument decides --------------------------------------------
+
+MISSING_MEMBER = (
+    "package warden\n\nimport rego.v1\n\n"
+    'decision := "deny" if bad(input.action.arguments) else := "allow"\n\n'
+    "bad(a) if not a.approved_by\n"
+)
+
+
+@pytest.mark.parametrize(
+    "arguments", [{"amount": 5}, {}, "approve it", [], None, {"approved_by": "lead"}, ...]
+)
+def test_a_function_argument_without_the_members_read_is_still_passed(arguments: Any) -> None:
+    # Reading a.approved_by is not all bad() reads: a call whose argument is
+    # undefined is undefined. Projected to nothing but approved_by, arguments
+    # without one vanished, bad() became undefined and the deny turned to allow.
+    shape = shape_of(MISSING_MEMBER)
+    doc: dict[str, Any] = {"action": {"tool": "refund"}}
+    if arguments is not ...:
+        doc["action"]["arguments"] = arguments
+    evaluator = Evaluator([("p.rego", MISSING_MEMBER)], {}, "data.warden.decision")
+    assert evaluator.evaluate(dict(project(shape, doc))) == evaluator.evaluate(doc)
+
+
+def test_the_key_holds_the_kind_of_a_function_argument() -> None:
+    shape = shape_of(MISSING_MEMBER)
+    kinds: list[Any] = [{"amount": 5}, {"other": 1}, "x", "y", [], [1], 0, 1, None]
+    keys = [cache_key(shape, {"action": {"arguments": a}}) for a in kinds]
+    keys.append(cache_key(shape, {"action": {}}))
+    # Objects without the member are one input; so are two strings, two lists, two numbers.
+    for a, b in ((0, 1), (2, 3), (4, 5), (6, 7)):
+        assert keys[a] == keys[b], kinds[a]
+    assert len({keys[0], keys[2], keys[4], keys[6], keys[8], keys[9]}) == 6
+
+
+# -- object.get reads one member ----------------------------------------------------------
+
+COUNTED = (
+    "package warden\n\nimport rego.v1\n\n"
+    'decision := {"used": changes(input.session)}\n\n'
+    "changes(s) := sum([n |\n"
+    "\tsome tool in data.limits.counted\n"
+    "\tn := object.get(s.calls, tool, 0)\n"
+    "])\n"
+)
+LIMITS = {"limits": {"counted": ["close_account", "update_email"]}}
+
+
+def counted_shape(source: str | list[str] = COUNTED, data: Any = LIMITS) -> InputShape:
+    sources = [source] if isinstance(source, str) else source
+    return analyse([Module(f"m{i}.rego", s) for i, s in enumerate(sources)], data)
+
+
+def test_object_get_with_a_key_from_data_reads_only_those_members() -> None:
+    shape = counted_shape()
+    assert shape.paths == (
+        ("session", KIND),
+        ("session", "calls", KIND),
+        ("session", "calls", "close_account"),
+        ("session", "calls", "update_email"),
+    )
+    base: dict[str, Any] = {"session": {"calls": {"get_order": 1, "close_account": 1}}}
+    # Calls of tools the policy never counts leave the key alone.
+    assert cache_key(shape, base) == cache_key(
+        shape, {"session": {"calls": {"get_order": 7, "close_account": 1}}}
+    )
+    others: list[dict[str, Any]] = [
+        {"session": {"calls": {"get_order": 1, "close_account": 2}}},
+        {"session": {"calls": {"get_order": 1, "close_account": 1, "update_email": 0}}},
+        {"session": {"calls": {}}},
+        {"session": {"calls": "none"}},
+        {"session": {}},
+    ]
+    for other in others:
+        assert cache_key(shape, base) != cache_key(shape, other), other
+    evaluator = Evaluator([("p.rego", COUNTED)], LIMITS, "data.warden.decision")
+    for doc in [base, *others]:
+        assert evaluator.evaluate(dict(project(shape, doc))) == evaluator.evaluate(doc), doc
+
+
+def test_object_get_with_a_string_key_reads_that_member() -> None:
+    shape = shape_of('package warden\nd := object.get(input.session.calls, "refund", 0)\n')
+    assert shape.paths == (("session", "calls", KIND), ("session", "calls", "refund"))
+
+
+@pytest.mark.parametrize(
+    ("source", "data"),
+    [
+        # Declared outside the comprehension: it may hold anything there.
+        (COUNTED.replace("sum([n |\n\tsome tool in data.limits.counted\n", "sum([n |\n"), LIMITS),
+        # Used beyond the key: bound some other way too.
+        (COUNTED.replace("\tn := object", "\ttool != input.action.tool\n\tn := object"), LIMITS),
+        # A rule could define the list, or a package holds rules below it.
+        ([COUNTED, 'package limits\n\ncounted := ["x"]\n'], LIMITS),
+        ([COUNTED, "package limits\n\ndefault counted := []\n"], LIMITS),
+        ([COUNTED, "package limits.counted\n\nx := 1\n"], LIMITS),
+        # The list holds something other than strings, or is missing, or no data given.
+        (COUNTED, {"limits": {"counted": ["close_account", 1]}}),
+        (COUNTED, {"limits": {}}),
+        (COUNTED, None),
+        # The key is an expression, or a path through the list.
+        (COUNTED.replace("s.calls, tool, 0", 's.calls, concat("", [tool]), 0'), LIMITS),
+        (COUNTED.replace("data.limits.counted\n", "data.limits.counted[0]\n"), LIMITS),
+        # Declared in a comprehension inside: the key is the parameter.
+        (
+            COUNTED.replace("changes(input.session)", "changes(input.session, input.action.tool)")
+            .replace("changes(s) :=", "changes(s, tool) :=")
+            .replace(
+                "\tsome tool in data.limits.counted\n", "\t[1 | some tool in data.limits.counted]\n"
+            ),
+            LIMITS,
+        ),
+        # `with` can replace data.
+        (
+            "package warden\n\nimport rego.v1\n\n"
+            "d := sum([n | some tool in data.limits.counted; "
+            "n := object.get(input.session.calls, tool, 0)])\n\n"
+            'y := d with data.limits.counted as ["x"]\n',
+            LIMITS,
+        ),
+    ],
+)
+def test_object_get_keys_that_cannot_be_pinned_read_the_whole_object(
+    source: str | list[str], data: Any
+) -> None:
+    shape = counted_shape(source, data)
+    assert shape.paths is not None
+    assert ("session", "calls") in shape.paths or ("session",) in shape.paths
+
+
+TOOLS = ("get_order", "issue_refund", "close_account", "update_email", "update_phone")
+counters = st.dictionaries(st.sampled_from(TOOLS), st.integers(0, 3), max_size=4)
+sessions = st.fixed_dictionaries(
+    {},
+    optional={
+        "calls": counters | st.just("none"),
+        "held": counters,
+        "taints": st.lists(st.sampled_from(["untrusted_output", "pii"]), max_size=2),
+        "conversation": st.booleans(),
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def shipped() -> tuple[InputShape, Evaluator, list[dict[str, Any]]]:
+    policy = load_policy_set([BUNDLE])
+    evaluator = Evaluator(
+        [(m.path, m.source) for m in policy.production], policy.data, "data.warden.decision"
+    )
+    cases = [c for f in discover_case_files([BUNDLE]) for c in load_case_file(f).cases]
+    return analyse(policy.production, policy.data), evaluator, [dict(c.input) for c in cases]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data(), sessions | st.none())
+def test_the_shipped_bundle_decides_any_session_alike_projected(
+    shipped: tuple[InputShape, Evaluator, list[dict[str, Any]]], data: Any, session: Any
+) -> None:
+    # Session counters in any shape, on every case's action: the projection,
+    # with only the account-change counters in it, decides as the whole input.
+    shape, evaluator, inputs = shipped
+    doc = dict(data.draw(st.sampled_from(inputs)))
+    if session is None:
+        doc.pop("session", None)
+    else:
+        doc["session"] = session
+    assert evaluator.evaluate(dict(project(shape, doc))) == evaluator.evaluate(doc)

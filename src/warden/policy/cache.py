@@ -15,7 +15,16 @@ references to ``input``:
   use of the parameter's name in the module that defines ``f``. Any use that
   is not a static path (bare, dynamic, a literal or pattern parameter, more
   arguments than parameters, an imported or dotted name, ``with`` anywhere)
-  stops the path at ``action``, as before.
+  stops the path at ``action``, as before. The argument's kind is read too
+  (:data:`KIND`): a call with an undefined argument is undefined, so
+  ``bad(a) if not a.approved_by`` must not see ``arguments`` vanish when it
+  has no ``approved_by``;
+* ``object.get(input.session.calls, "refund", 0)`` -- the member named by a
+  string literal, and the kind of ``calls``; the key may also be a variable
+  declared ``some tool in data.x.y`` in the same body and used nowhere else,
+  where ``data.x.y`` is a list (or object) of strings in the bundle's data and
+  no rule can define it: one path per string. A session's counters of other
+  tools then stay out of the key.
 
 This is a conservative textual scan, not a Rego compiler: it can only make
 the key bigger than necessary, never smaller, as long as every read of the
@@ -43,9 +52,9 @@ from typing import Any
 import orjson
 
 from warden.policy.bundle import Module
-from warden.policy.bundle.text import blank
+from warden.policy.bundle.text import blank, string_end
 
-__all__ = ["WILDCARD", "InputShape", "LRUCache", "analyse", "cache_key", "project"]
+__all__ = ["KIND", "WILDCARD", "InputShape", "LRUCache", "analyse", "cache_key", "project"]
 
 _INPUT = re.compile(r"(?<![\w.])input(?![\w])")
 _STEP = re.compile(r'\s*(?:\.\s*([A-Za-z_][A-Za-z0-9_]*)|\[\s*"((?:[^"\\]|\\.)*)"\s*\])')
@@ -58,6 +67,24 @@ _NONDETERMINISTIC = re.compile(
 _MISSING = object()
 WILDCARD = "*"
 """A path step that goes through every member of a list or object (``input.history[i]``)."""
+KIND = "\x00kind"
+"""A last path step that reads only what kind of JSON value is there, if any.
+
+The key holds the kind; the projection puts an empty value of that kind
+there (``{}``, ``[]``, ``""``, ``0``, ``false`` or ``null``), which members
+read by other paths fill in.
+"""
+_SCALAR_EMPTY: dict[type, Any] = {str: "", int: 0, float: 0, bool: False}
+
+
+def _empty(node: Any) -> Any:
+    """A new empty value of ``node``'s kind (:data:`KIND`)."""
+    kind = type(node)
+    if kind is dict or isinstance(node, Mapping):
+        return {}
+    if kind is list or kind is tuple:
+        return []
+    return _SCALAR_EMPTY.get(kind, node)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +169,10 @@ def _reference_path(source: str, blanked: str, end: int) -> tuple[tuple[str, ...
             inner = seen.strip()
             if not (inner.startswith("[") and inner.endswith("]")):
                 break
-            path.append(_unescape(m.group(2)))
+            step = _unescape(m.group(2))
+            if step in (WILDCARD, KIND):
+                break  # a key spelt like a marker: read the parent whole
+            path.append(step)
         pos = m.end()
     return tuple(path), pos
 
@@ -152,6 +182,13 @@ _HEAD = re.compile(r"^(?:[ \t]*default)?[ \t]*([A-Za-z_][A-Za-z0-9_]*)\s*\(", re
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CALLEE = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_]*)$")
 _WITH = re.compile(r"(?<![\w.])with(?![\w])")
+_OBJECT_GET = re.compile(r"(?<![\w.])object\s*\.\s*get\s*$")
+_OBJECT_GET_CALL = re.compile(r"(?<![\w.])object\s*\.\s*get\s*\(")
+# ``some tool in data.a.b`` ending its statement (a newline, ``;`` or the body's end).
+_SOME_IN_DATA = re.compile(
+    r"(?<![\w.])some[ \t]+([A-Za-z_][A-Za-z0-9_]*)[ \t]+in[ \t]+"
+    r"(data(?:\.[A-Za-z_][A-Za-z0-9_]*)+)(?=[ \t]*(?:[;\n\]}]|$))"
+)
 # What a rule head's parameter list is followed by (``==`` is a comparison).
 _HEAD_TAIL = re.compile(r"[ \t]*(?::=|=(?!=)|if(?![\w])|\{)")
 # Text a line can end with when the next line continues the same statement.
@@ -174,10 +211,13 @@ class _Head:
     certain: bool
 
 
-def _split_args(text: str, start: int) -> tuple[list[str], int] | None:
-    """The top-level arguments of the call whose ``(`` is at ``start``, and its end."""
+def _arg_spans(text: str, start: int) -> tuple[list[tuple[int, int]], int] | None:
+    """The spans of the top-level arguments of the call whose ``(`` is at ``start``, and its end.
+
+    Each span is stripped of surrounding space; ``None`` if the call is not closed.
+    """
     depth = 0
-    args: list[str] = []
+    spans: list[tuple[int, int]] = []
     begin = start + 1
     for i in range(start, len(text)):
         ch = text[i]
@@ -186,12 +226,50 @@ def _split_args(text: str, start: int) -> tuple[list[str], int] | None:
         elif ch in ")]}":
             depth -= 1
             if depth == 0:
-                args.append(text[begin:i].strip())
-                return args, i + 1
+                spans.append(_stripped(text, begin, i))
+                return spans, i + 1
         elif ch == "," and depth == 1:
-            args.append(text[begin:i].strip())
+            spans.append(_stripped(text, begin, i))
             begin = i + 1
     return None
+
+
+def _stripped(text: str, begin: int, end: int) -> tuple[int, int]:
+    while begin < end and text[begin].isspace():
+        begin += 1
+    while end > begin and text[end - 1].isspace():
+        end -= 1
+    return begin, end
+
+
+def _enclosing_body(text: str, pos: int) -> tuple[int, int] | None:
+    """The inside of the innermost ``[...]`` or ``{...}`` around ``pos``.
+
+    Parentheses open no scope: ``sum([n | ...])`` is the comprehension's body.
+    """
+    depth = 0
+    for i in range(pos - 1, -1, -1):
+        ch = text[i]
+        if ch in ")]}":
+            depth += 1
+        elif ch in "([{":
+            if depth > 0:
+                depth -= 1
+            elif ch != "(":
+                call = _arg_spans(text, i)
+                return None if call is None else (i + 1, call[1] - 1)
+    return None
+
+
+def _depth(text: str, start: int, pos: int) -> int:
+    """How many brackets opened between ``start`` and ``pos`` are still open at ``pos``."""
+    depth = 0
+    for ch in text[start:pos]:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+    return depth
 
 
 def _tail(text: str, end: int) -> str:
@@ -225,9 +303,12 @@ class _Analysis:
     hide their parameter names from the scan for reads.
     """
 
-    def __init__(self, modules: Sequence[Module]) -> None:
+    def __init__(self, modules: Sequence[Module], data: Mapping[str, Any] | None) -> None:
+        self.data = data
         self.sources = [m.source for m in modules]
         self.blanked = [blank(m.source) for m in modules]
+        # Strings as marks: an argument that is a string literal keeps its extent.
+        self.marked = [blank(m.source, fill="s") for m in modules]
         # ``with`` can replace a function; an import can alias one: both make
         # the name at a call site mean something the heads do not show.
         self.follow = not any(_WITH.search(text) for text in self.blanked)
@@ -244,13 +325,13 @@ class _Analysis:
                 if words and words[0] == "import":
                     self.imported.add(words[-1].rsplit(".", 1)[-1])
             # Strings as marks, not spaces: a line ending in a string is complete.
-            statements = _statement_starts(blank(self.sources[index], fill="s"))
+            statements = _statement_starts(self.marked[index])
             for m in _HEAD.finditer(text):
-                parsed = _split_args(text, m.end() - 1)
+                parsed = _arg_spans(text, m.end() - 1)
                 if parsed is None:
                     self.follow = False
                     continue
-                params, end = parsed
+                params, end = [text[a:b] for a, b in parsed[0]], parsed[1]
                 certain = m.start() in statements and _HEAD_TAIL.match(text, end) is not None
                 self.heads.setdefault(m.group(1), []).append(
                     _Head(index, tuple(params), (m.end() - 1, end), certain)
@@ -288,6 +369,8 @@ class _Analysis:
         whole: set[tuple[str, ...]] = {()}
         self._memo[key] = whole  # a cycle (a compile error in Rego) reads the whole
         followed = self._follow(index, start, end)
+        if followed is None:
+            followed = self._member_reads(index, start, end)
         found = whole if followed is None else followed
         self._memo[key] = found
         return found
@@ -327,7 +410,8 @@ class _Analysis:
             return None
         if any(h.module == index and h.span[0] == opener for h in heads):
             return None  # the reference is a parameter pattern of a head
-        found: set[tuple[str, ...]] = set()
+        # An undefined argument makes the call undefined: its presence is read.
+        found: set[tuple[str, ...]] = {(KIND,)}
         for head in heads:
             if position >= len(head.params):
                 return None  # an extra argument receives the result: a whole read
@@ -341,6 +425,97 @@ class _Analysis:
                 return None
             found |= sub
         return found
+
+    def _member_reads(self, index: int, start: int, end: int) -> set[tuple[str, ...]] | None:
+        """The paths read when the reference is the object of ``object.get(ref, key, default)``.
+
+        The kind of the object, and the member the key names: a string
+        literal, or a variable that can only hold strings listed in the
+        bundle's data (:meth:`_data_strings`). Anything else: ``None``.
+        """
+        if not self.follow:  # ``with`` can replace data
+            return None
+        text = self.blanked[index]
+        before = text[:start].rstrip()
+        if not before.endswith("(") or _OBJECT_GET.search(before, 0, len(before) - 1) is None:
+            return None
+        opener = len(before) - 1
+        call = _arg_spans(self.marked[index], opener)
+        if call is None or len(call[0]) != 3 or call[0][0] != (start, end):
+            return None
+        spans = call[0]
+        source = self.sources[index]
+        a, b = spans[1]
+        key = source[a:b]
+        if key[:1] in ('"', "`") and string_end(source, a) == b:
+            # One whole string literal: its text is the member's name.
+            names: set[str] | None = {_unescape(key[1:-1]) if key[0] == '"' else key[1:-1]}
+        elif _IDENT.fullmatch(key) is not None:
+            names = self._data_strings(index, opener, key)
+        else:
+            return None
+        if names is None or names & {WILDCARD, KIND}:
+            return None
+        return {(KIND,)} | {(name,) for name in names}
+
+    def _data_strings(self, index: int, opener: int, var: str) -> set[str] | None:
+        """The strings ``var`` can hold at the call whose ``(`` is at ``opener``.
+
+        Only when the innermost ``[...]`` or ``{...}`` around the call declares
+        it ``some var in data.a.b`` at its own level, uses it nowhere else but
+        as the key of ``object.get`` calls, and ``data.a.b`` is the bundle's
+        own data (no module's rule can define it) holding only strings.
+        """
+        if self.data is None:
+            return None
+        text = self.blanked[index]
+        body = _enclosing_body(text, opener)
+        if body is None:
+            return None
+        first, last = body
+        uses = list(re.finditer(rf"(?<![\w.]){re.escape(var)}(?![\w])", text[first:last]))
+        declared = [
+            m
+            for m in _SOME_IN_DATA.finditer(text, first, last)
+            if m.group(1) == var and _depth(text, first, m.start()) == 0
+        ]
+        if len(declared) != 1:
+            return None
+        keys = 0
+        for m in _OBJECT_GET_CALL.finditer(text, first, last):
+            call = _arg_spans(self.marked[index], m.end() - 1)
+            if call is not None and len(call[0]) == 3:
+                a, b = call[0][1]
+                keys += text[a:b].strip() == var
+        if len(uses) != 1 + keys:
+            return None
+        steps = tuple(declared[0].group(2).split(".")[1:])
+        if not self._plain_data(steps):
+            return None
+        node: Any = self.data
+        for step in steps:
+            if not isinstance(node, Mapping) or step not in node:
+                return None
+            node = node[step]
+        members = list(node.values()) if isinstance(node, Mapping) else node
+        if not isinstance(members, list) or not all(type(m) is str for m in members):
+            return None
+        return set(members)
+
+    def _plain_data(self, steps: tuple[str, ...]) -> bool:
+        """Whether ``data.<steps>`` can only be the bundle's data, not a rule's value."""
+        for package, text in zip(self.packages, self.blanked, strict=True):
+            parts = tuple(package.split("/")) if package else ()
+            if steps[: len(parts)] != parts:
+                continue
+            if len(parts) >= len(steps):
+                return False  # the package is at or below the data path
+            rule = re.compile(
+                rf"^[ \t]*(?:default\s+)?{re.escape(steps[len(parts)])}(?![\w])", re.M
+            )
+            if rule.search(text) is not None:
+                return False
+        return True
 
     def _parameter_reads(self, head: _Head, param: str) -> set[tuple[str, ...]] | None:
         """Every path read of ``param`` anywhere in the head's module."""
@@ -364,9 +539,13 @@ class _Analysis:
         return found
 
 
-def analyse(modules: Sequence[Module]) -> InputShape:
-    """Find which input paths the modules read and whether they are deterministic."""
-    analysis = _Analysis(modules)
+def analyse(modules: Sequence[Module], data: Mapping[str, Any] | None = None) -> InputShape:
+    """Find which input paths the modules read and whether they are deterministic.
+
+    ``data`` is the bundle's data document, evaluated with the modules; with
+    it, keys drawn from lists in it narrow ``object.get`` reads.
+    """
+    analysis = _Analysis(modules, data)
     deterministic = not any(_NONDETERMINISTIC.search(text) for text in analysis.blanked)
     if any(_has_template(source) for source in analysis.sources):
         # Template strings hold expressions the scan for reads cannot see into.
@@ -403,6 +582,8 @@ def _pick(node: Any, path: tuple[str, ...]) -> Any:
     there, which the policy cannot tell apart (it reads only below it).
     """
     for i, key in enumerate(path):
+        if key == KIND:
+            return _empty(node)
         if key == WILDCARD:
             rest = path[i + 1 :]
             if type(node) is list:
@@ -423,6 +604,8 @@ def _member(node: Any, rest: tuple[str, ...]) -> Any:
         return {}
     cut = rest.index(WILDCARD) if WILDCARD in rest else len(rest)
     for key in reversed(rest[:cut]):
+        if key == KIND:
+            continue
         found = {key: found}
     return found
 
@@ -451,6 +634,8 @@ def _lookup(doc: Any, path: tuple[str, ...]) -> Any:
         return _pick(doc, path)
     node = doc
     for key in path:
+        if key == KIND:
+            return _empty(node)
         # An exact dict first: the ABC check costs a microsecond a step.
         if not (type(node) is dict or isinstance(node, Mapping)) or key not in node:
             return _MISSING
@@ -488,9 +673,17 @@ def project(shape: InputShape, doc: Mapping[str, Any]) -> Mapping[str, Any]:
             out = _merge(out, wrapped)
             continue
         node = out
-        for key in path[:-1]:
+        *parents, last = path
+        if last == KIND:
+            # The empty value of its kind, unless a path read before filled it.
+            *parents, last = parents
+            for key in parents:
+                node = node.setdefault(key, {})
+            node.setdefault(last, value)
+            continue
+        for key in parents:
             node = node.setdefault(key, {})
-        node[path[-1]] = value
+        node[last] = value
     return out
 
 

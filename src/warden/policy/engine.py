@@ -1114,7 +1114,7 @@ class PolicyEngine:
                 if isinstance(exc, PolicyError):
                     raise
                 raise PolicyError(message) from exc
-            shape = analyse(modules)
+            shape = analyse(modules, bundle.data)
             self._active = _Generation(
                 bundle=bundle,
                 modules=modules,

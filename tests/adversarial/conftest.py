@@ -87,6 +87,7 @@ class AuditTail:
     """Reads an audit log incrementally with the project's frame reader, indexed by case."""
 
     def __init__(self, root: Path) -> None:
+        self.root = root
         self._segdir = Layout(root).segments
         self._offsets: dict[Path, int] = {}
         self._by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)

@@ -135,7 +135,7 @@ def test_tools_call(
         assert all(n == 1 for n in ids.values()), f"answers repeat an id: {ids}"
         assert len(answers) == len(members), (members, answers)
     # (b) what the server ran is exactly what was allowed, arguments and all.
-    allowed, ran = allowed_calls(harness, case), call_keys(received)
+    allowed, ran = allowed_calls(harness, case), call_keys(harness, received)
     assert ran == allowed, f"the server ran {ran}, the allow records say {allowed}"
 
 

@@ -26,7 +26,7 @@ from typing import Any, cast
 
 import anthropic
 import openai
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.adversarial import wire
@@ -40,10 +40,24 @@ from tests.adversarial.conftest import (
     is_denied,
     new_case,
 )
+from warden.audit import keyed_digest
 from warden.audit.record import arguments_sha256, mask_credentials
 from warden.testing.raw_upstream import RawReply, split_at, sse_bytes
 
 EXAMPLES = int(os.environ.get("WARDEN_ADVERSARIAL_EXAMPLES", "2000"))
+# A credential-like key: the record masks it and binds a keyed digest of the arguments.
+MASKED = example(
+    cs=[("search_kb", '{"COOKIE": null}', "call_1")],
+    how={
+        "stream": False,
+        "cuts": [],
+        "pause": False,
+        "late": False,
+        "extra": False,
+        "unknown": False,
+        "pieces": 1,
+    },
+)
 PROPERTY = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -127,7 +141,7 @@ def check(
         assert not is_denied(name), f"denied tool {name!r} reached the agent"
         assert name != UNKNOWN, "an unknown call type reached the agent"
     allowed = allowed_calls(h, case)
-    got = call_keys(parsed)
+    got = call_keys(h, parsed)
     for key, n in got.items():
         assert allowed[key] == n, f"{key} parsed {n}x, allow records {allowed[key]}"
     if not raised:
@@ -148,12 +162,20 @@ def allowed_calls(h: Harness, case: str) -> Counter[tuple[str, str]]:
     )
 
 
-def call_keys(calls: list[tuple[str, Any]]) -> Counter[tuple[str, str]]:
-    """(tool, arguments) keys of calls someone received, comparable with :func:`allowed_calls`."""
+def call_keys(h: Harness, calls: list[tuple[str, Any]]) -> Counter[tuple[str, str]]:
+    """(tool, arguments) keys of calls someone received, comparable with :func:`allowed_calls`.
+
+    A masked record's digest is keyed (``keyed:``) with the log's key, so
+    that a guessable value cannot be found from it: the key is read here too.
+    """
     return Counter(
-        (name, arguments_sha256(args) if mask_credentials(args) != args else canonical(args))
+        (name, _digest(h, args) if mask_credentials(args) != args else canonical(args))
         for name, args in calls
     )
+
+
+def _digest(h: Harness, args: Any) -> str:
+    return keyed_digest(h.audit.root, arguments_sha256(args))
 
 
 def chat_tool_calls(cs: Any, how: dict[str, Any]) -> list[dict[str, Any]]:
@@ -231,6 +253,7 @@ def loads(text: str) -> Any:
 
 @PROPERTY
 @given(cs=calls(), how=delivery())
+@MASKED
 def test_openai_chat(harness: Harness, oai: openai.OpenAI, cs: Any, how: dict[str, Any]) -> None:
     case = new_case()
     tool_calls = chat_tool_calls(cs, how)
@@ -292,6 +315,7 @@ def test_openai_chat(harness: Harness, oai: openai.OpenAI, cs: Any, how: dict[st
 
 @PROPERTY
 @given(cs=calls(), how=delivery())
+@MASKED
 def test_openai_responses(
     harness: Harness, oai: openai.OpenAI, cs: Any, how: dict[str, Any]
 ) -> None:
@@ -365,6 +389,7 @@ def test_openai_responses(
 
 @PROPERTY
 @given(cs=calls(), how=delivery())
+@MASKED
 def test_anthropic_messages(
     harness: Harness, ant: anthropic.Anthropic, cs: Any, how: dict[str, Any]
 ) -> None:

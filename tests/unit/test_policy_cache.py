@@ -397,6 +397,10 @@ def test_object_get_with_a_string_key_reads_that_member() -> None:
             ),
             LIMITS,
         ),
+        # A package spelled with space around its dots is limits.counted.
+        ([COUNTED, "package limits .counted\n\nx := 1\n"], LIMITS),
+        # Two rules on one line: the second defines the list.
+        ([COUNTED, 'package limits\n\nx := 1; counted := ["a"]\n'], LIMITS),
         # `with` can replace data.
         (
             "package warden\n\nimport rego.v1\n\n"
@@ -452,3 +456,94 @@ def test_the_shipped_bundle_decides_any_session_alike_projected(
     else:
         doc["session"] = session
     assert evaluator.evaluate(dict(project(shape, doc))) == evaluator.evaluate(doc)
+
+
+def decides_alike(source: str, docs: list[dict[str, Any]], data: Any = None) -> None:
+    """Every doc decides the same projected as whole, with the bundle analysed as shipped."""
+    shape = analyse([Module("p.rego", source)], data)
+    evaluator = Evaluator([("p.rego", source)], data or {}, "data.warden.decision")
+    for doc in docs:
+        assert evaluator.evaluate(dict(project(shape, doc))) == evaluator.evaluate(doc), doc
+
+
+def test_a_kind_is_kept_where_a_wildcard_found_nothing_below() -> None:
+    # The wildcard's empty object for a member without "$where" once stood in for
+    # the string filter, and object.get on {} gave its default: the deny was lost.
+    decides_alike(
+        "package warden\n\nimport rego.v1\n\n"
+        'default decision := {"effect": "allow"}\n\n'
+        'decision := {"effect": "deny", "reason": "$where"} if {\n'
+        "\tsome k\n"
+        '\tinput.action.arguments[k]["$where"]\n'
+        "}\n\n"
+        'decision := {"effect": "deny", "reason": "filter"} if {\n'
+        '\tinput.action.tool == "db_query"\n'
+        "\tnot safe_filter(input.action.arguments.filter)\n"
+        "}\n\n"
+        'safe_filter(f) if object.get(f, "op", "find") in {"find", "count"}\n',
+        [
+            {"action": {"tool": "db_query", "arguments": {"filter": filter_}}}
+            for filter_ in ("db.dropDatabase()", ["drop"], {"op": "drop"}, {"op": "find"}, {})
+        ],
+    )
+
+
+def test_a_bracket_on_the_next_line_starts_a_new_expression() -> None:
+    # rego-cpp reads `argv` then a new expression `["rm"] == ...`: not argv["rm"].
+    source = (
+        "package warden\n\nimport rego.v1\n\n"
+        'default decision := {"effect": "allow"}\n\n'
+        'decision := {"effect": "deny"} if {\n'
+        "\targv := input.action.arguments.argv\n"
+        '\t["rm"] == array.slice(argv, 0, 1)\n'
+        "}\n"
+    )
+    assert shape_of(source).paths == (("action", "arguments", "argv"),)
+    decides_alike(source, [{"action": {"arguments": {"argv": a}}} for a in (["rm", "-rf"], ["ls"])])
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [
+        # An import as object: object.get is the imported function.
+        [
+            "package warden\n\nimport rego.v1\nimport data.lib.objects as object\n\n"
+            'd := object.get(input.action.arguments, "options.recursive", false)\n',
+            "package lib.objects\n\nimport rego.v1\n\n"
+            'get(o, path, fallback) := o[a][b] if [a, b] := split(path, ".") else := fallback\n',
+        ],
+        # A package named object: rego-cpp resolves object.get to it.
+        [
+            'package warden\n\nd := object.get(input.action.arguments, "options.recursive", 0)\n',
+            "package object\n\nget(o, k, d) := o\n",
+        ],
+        # A rule headed object.get in the same package (after a `;` too).
+        [
+            'package warden\n\nd := object.get(input.action.arguments, "options.recursive", 0)\n'
+            "x := 1; object.get(o, k, d) := o\n"
+        ],
+    ],
+)
+def test_object_get_that_a_module_can_redefine_is_not_narrowed(modules: list[str]) -> None:
+    shape = analyse([Module(f"m{i}.rego", s) for i, s in enumerate(modules)])
+    assert shape.paths == (("action", "arguments"),)
+
+
+def test_a_clock_read_spelled_with_space_is_not_cached() -> None:
+    for spelled in ("time .now_ns()", "time\n\t.now_ns()", "time.\n\tnow_ns()"):
+        assert not shape_of(f"package warden\nd := {spelled}\n").deterministic
+
+
+def test_a_deep_chain_of_functions_reads_the_whole_input() -> None:
+    chain = "".join(f"f{i}(x) := f{i + 1}(x)\n" for i in range(400))
+    shape = shape_of(f"package warden\nd := f0(input.action)\n{chain}f400(x) := x.tool\n")
+    assert shape.whole_input
+
+
+def test_many_counted_keys_in_one_body_are_read_once() -> None:
+    # One scan of the body serves every object.get in it (this once took minutes).
+    terms = " + ".join(f"object.get(s.calls{i}, tool, 0)" for i in range(1000))
+    source = COUNTED.replace("object.get(s.calls, tool, 0)", terms)
+    shape = counted_shape(source)
+    assert shape.paths is not None
+    assert ("session", "calls999", "update_email") in shape.paths

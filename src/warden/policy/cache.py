@@ -57,12 +57,16 @@ from warden.policy.bundle.text import blank, string_end
 __all__ = ["KIND", "WILDCARD", "InputShape", "LRUCache", "analyse", "cache_key", "project"]
 
 _INPUT = re.compile(r"(?<![\w.])input(?![\w])")
-_STEP = re.compile(r'\s*(?:\.\s*([A-Za-z_][A-Za-z0-9_]*)|\[\s*"((?:[^"\\]|\\.)*)"\s*\])')
+# A newline before "[" ends the statement in rego-cpp (``x := input.a`` then ``["b"]``
+# on the next line is a new expression); before "." it does not.
+_STEP = re.compile(r'(?:\s*\.\s*([A-Za-z_][A-Za-z0-9_]*)|[ \t]*\[\s*"((?:[^"\\]|\\.)*)"\s*\])')
+# rego-cpp takes space, newlines included, around the dots of a builtin's name.
 _NONDETERMINISTIC = re.compile(
-    r"(?<![\w.])(?:time\.[a-z_0-9]+|uuid\.[a-z_0-9]+|rand\.[a-z_0-9]+|opa\.runtime"
-    r"|http\.send|net\.[a-z_0-9]+|io\.jwt\.decode_verify"
+    r"(?<![\w.])(?:time\s*\.\s*[a-z_0-9]+|uuid\s*\.\s*[a-z_0-9]+|rand\s*\.\s*[a-z_0-9]+"
+    r"|opa\s*\.\s*runtime|http\s*\.\s*send|net\s*\.\s*[a-z_0-9]+"
+    r"|io\s*\.\s*jwt\s*\.\s*decode_verify"
     # Checks a certificate's validity against the current time.
-    r"|crypto\.x509\.parse_and_verify_certificates[a-z_]*)\s*\("
+    r"|crypto\s*\.\s*x509\s*\.\s*parse_and_verify_certificates[a-z_]*)\s*\("
 )
 _MISSING = object()
 WILDCARD = "*"
@@ -182,6 +186,7 @@ _HEAD = re.compile(r"^(?:[ \t]*default)?[ \t]*([A-Za-z_][A-Za-z0-9_]*)\s*\(", re
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CALLEE = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_]*)$")
 _WITH = re.compile(r"(?<![\w.])with(?![\w])")
+_OBJECT_WORD = re.compile(r"(?<![\w.])object(?![\w])")
 _OBJECT_GET = re.compile(r"(?<![\w.])object\s*\.\s*get\s*$")
 _OBJECT_GET_CALL = re.compile(r"(?<![\w.])object\s*\.\s*get\s*\(")
 # ``some tool in data.a.b`` ending its statement (a newline, ``;`` or the body's end).
@@ -272,6 +277,25 @@ def _depth(text: str, start: int, pos: int) -> int:
     return depth
 
 
+def _defines_object(marked: str, statements: set[int]) -> bool:
+    """Whether a rule of the module is headed ``object`` (``object.get(o, k, d) := ...``).
+
+    Such a head starts a statement (a line that starts one, or after ``;`` or
+    ``}``) outside any bracket; a rule may put it after ``default``.
+    """
+    for m in _OBJECT_WORD.finditer(marked):
+        if _depth(marked, 0, m.start()) != 0:
+            continue
+        before = marked[: m.start()].rstrip(" \t")
+        if before.endswith("default"):
+            before = before[: -len("default")].rstrip(" \t")
+        if before.endswith((";", "}")) or (
+            (before == "" or before.endswith("\n")) and len(before) in statements
+        ):
+            return True
+    return False
+
+
 def _tail(text: str, end: int) -> str:
     """The last few characters before ``end``, trailing space dropped (for ``$`` patterns)."""
     j = end
@@ -316,9 +340,16 @@ class _Analysis:
         # A call names a function of its own package, else a builtin (a function of
         # another package with a builtin's name does not replace it there).
         self.packages = [m.package for m in modules]
+        # ``object.get`` is the builtin unless a module can make it something else:
+        # an import named ``object``, a package ``object``, a rule headed ``object``.
+        self.builtin_object = not any(
+            p is not None and (p == "object" or p.endswith("/object")) for p in self.packages
+        )
         self.imported: set[str] = set()
         self._memo: dict[tuple[int, int], set[tuple[str, ...]]] = {}
         self._unclassified: dict[str, bool] = {}
+        self._strings: dict[tuple[int, int, str], set[str] | None] = {}
+        self._plain: dict[tuple[str, ...], bool] = {}
         for index, text in enumerate(self.blanked):
             for line in text.split("\n"):
                 words = line.split()
@@ -326,6 +357,8 @@ class _Analysis:
                     self.imported.add(words[-1].rsplit(".", 1)[-1])
             # Strings as marks, not spaces: a line ending in a string is complete.
             statements = _statement_starts(self.marked[index])
+            if _defines_object(self.marked[index], statements):
+                self.builtin_object = False
             for m in _HEAD.finditer(text):
                 parsed = _arg_spans(text, m.end() - 1)
                 if parsed is None:
@@ -433,7 +466,8 @@ class _Analysis:
         literal, or a variable that can only hold strings listed in the
         bundle's data (:meth:`_data_strings`). Anything else: ``None``.
         """
-        if not self.follow:  # ``with`` can replace data
+        # ``with`` can replace data; a module can replace ``object.get``.
+        if not self.follow or not self.builtin_object or "object" in self.imported:
             return None
         text = self.blanked[index]
         before = text[:start].rstrip()
@@ -468,10 +502,16 @@ class _Analysis:
         """
         if self.data is None:
             return None
-        text = self.blanked[index]
-        body = _enclosing_body(text, opener)
+        body = _enclosing_body(self.blanked[index], opener)
         if body is None:
             return None
+        key = (index, body[0], var)
+        if key not in self._strings:  # one scan per body: it may hold many such calls
+            self._strings[key] = self._body_strings(index, body, var)
+        return self._strings[key]
+
+    def _body_strings(self, index: int, body: tuple[int, int], var: str) -> set[str] | None:
+        text = self.blanked[index]
         first, last = body
         uses = list(re.finditer(rf"(?<![\w.]){re.escape(var)}(?![\w])", text[first:last]))
         declared = [
@@ -503,17 +543,26 @@ class _Analysis:
         return set(members)
 
     def _plain_data(self, steps: tuple[str, ...]) -> bool:
-        """Whether ``data.<steps>`` can only be the bundle's data, not a rule's value."""
+        """Whether ``data.<steps>`` can only be the bundle's data, not a rule's value.
+
+        A module whose package is above the path must not use the next step's
+        name anywhere but after a dot: where a rule starts is not read here
+        (``x := 1; counted := ["a"]`` is two rules on one line).
+        """
+        known = self._plain.get(steps)
+        if known is None:
+            known = self._plain[steps] = self._find_plain_data(steps)
+        return known
+
+    def _find_plain_data(self, steps: tuple[str, ...]) -> bool:
         for package, text in zip(self.packages, self.blanked, strict=True):
             parts = tuple(package.split("/")) if package else ()
             if steps[: len(parts)] != parts:
                 continue
             if len(parts) >= len(steps):
                 return False  # the package is at or below the data path
-            rule = re.compile(
-                rf"^[ \t]*(?:default\s+)?{re.escape(steps[len(parts)])}(?![\w])", re.M
-            )
-            if rule.search(text) is not None:
+            name = re.compile(rf"(?<![\w.]){re.escape(steps[len(parts)])}(?![\w])")
+            if name.search(text) is not None:
                 return False
         return True
 
@@ -556,7 +605,10 @@ def analyse(modules: Sequence[Module], data: Mapping[str, Any] | None = None) ->
             path, end = _reference_path(source, text, match.end())
             if not path:
                 return InputShape(paths=None, deterministic=deterministic)
-            paths |= {path + rest for rest in analysis.reads(index, match.start(), end)}
+            try:
+                paths |= {path + rest for rest in analysis.reads(index, match.start(), end)}
+            except RecursionError:  # functions passing the input down hundreds deep
+                return InputShape(paths=None, deterministic=deterministic)
     kept: list[tuple[str, ...]] = []
     # ``x[_]`` with nothing read below reads every member whole: that is ``x`` itself.
     paths = {_untail(p) for p in paths}
@@ -675,11 +727,14 @@ def project(shape: InputShape, doc: Mapping[str, Any]) -> Mapping[str, Any]:
         node = out
         *parents, last = path
         if last == KIND:
-            # The empty value of its kind, unless a path read before filled it.
+            # The empty value of its kind, unless a path read before filled in a
+            # value of that kind. A wildcard's ``{}`` for a member it found nothing
+            # below is no such value when the member is a string or a list.
             *parents, last = parents
             for key in parents:
                 node = node.setdefault(key, {})
-            node.setdefault(last, value)
+            if last not in node or type(node[last]) is not type(value):
+                node[last] = value
             continue
         for key in parents:
             node = node.setdefault(key, {})

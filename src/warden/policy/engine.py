@@ -1105,6 +1105,8 @@ class PolicyEngine:
                 await pool.start()
                 if self.pre_activate is not None:
                     await self.pre_activate(bundle)
+                # A scan of the bundle's text: a large bundle takes a while.
+                shape = await asyncio.to_thread(analyse, modules, bundle.data)
             except Exception as exc:
                 await pool.close(grace=0)
                 message = (
@@ -1114,7 +1116,6 @@ class PolicyEngine:
                 if isinstance(exc, PolicyError):
                     raise
                 raise PolicyError(message) from exc
-            shape = analyse(modules, bundle.data)
             self._active = _Generation(
                 bundle=bundle,
                 modules=modules,

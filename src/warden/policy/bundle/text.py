@@ -15,8 +15,12 @@ from typing import Final
 __all__ = ["blank", "package_of", "string_end"]
 
 _PACKAGE: Final = re.compile(r"\s*package(?![\w])\s*")
-_REF: Final = re.compile(r'[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*|\["[^"\n]*"\])*')
-_PKG_SEGMENT: Final = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)|\["([^"]*)"\]')
+# rego-cpp takes space around a package's dots and brackets (``package limits .counted``
+# is ``limits.counted``), and a newline before a dot but not before a bracket.
+_REF: Final = re.compile(
+    r'[A-Za-z_][A-Za-z0-9_]*(?:\s*\.\s*[A-Za-z_][A-Za-z0-9_]*|[ \t]*\[\s*"[^"\n]*"\s*\])*'
+)
+_PKG_SEGMENT: Final = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)|\[\s*"([^"]*)"\s*\]')
 
 
 def blank(source: str, fill: str = " ") -> str:

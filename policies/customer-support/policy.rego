@@ -42,6 +42,8 @@ verdict(action, budget) := tool_verdict(action.tool, entry, action.arguments, bu
 } else := list_verdict(action.tool) if {
 	action.stage == "list"
 	is_string(action.tool)
+} else := mcp_request_verdict(action) if {
+	action.kind in _mcp_requests
 } else := _deny(sprintf("%v actions without a tool name are not allowed for support agents", [action.kind])) if {
 	not is_string(action.tool)
 } else := _deny(sprintf("the call to %v carries no arguments object, so it cannot be checked", [action.tool])) if {
@@ -103,6 +105,29 @@ _declares_mcp if {
 	some tool in input.request.tools
 	tool.type == "mcp"
 }
+
+# MCP requests other than tool calls, at Warden's MCP doors: the method is the
+# tool and its params the arguments. Knowledge-base articles may be read
+# (data.warden.mcp.readable_resources: URI prefixes), and the prompts in
+# data.warden.mcp.prompts fetched and their arguments completed. Anything else
+# a server offers this way (a customer's records, files) is read through the
+# catalogued tools, whose arguments are checked.
+_mcp_requests := {"resource_read", "prompt_get", "argument_completion"}
+
+mcp_request_verdict(asked) := _allow(sprintf("%v is a knowledge-base resource support agents may read", [asked.arguments.uri])) if {
+	asked.kind == "resource_read"
+	some prefix in data.warden.mcp.readable_resources
+	startswith(asked.arguments.uri, prefix)
+} else := _allow(sprintf("the prompt %v is approved for support agents", [asked.arguments.name])) if {
+	asked.kind == "prompt_get"
+	asked.arguments.name in data.warden.mcp.prompts
+} else := _allow(sprintf("completing the arguments of the prompt %v is allowed", [asked.arguments.ref.name])) if {
+	asked.kind == "argument_completion"
+	asked.arguments.ref.type == "ref/prompt"
+	asked.arguments.ref.name in data.warden.mcp.prompts
+} else := _deny(sprintf("reading %v is not allowed for support agents: customer records are read through the catalogued tools, whose arguments are checked", [asked.arguments.uri])) if {
+	asked.kind == "resource_read"
+} else := _deny(sprintf("this %v request is not approved for support agents; ask the platform team to review it", [asked.tool]))
 
 # An MCP tools/list answer (stage "list"): only the tool's name is known, so
 # only what no arguments could make allowed is denied, which hides the tool

@@ -105,6 +105,12 @@ class ActionKind(enum.StrEnum):
     """The provider asks the agent to approve an MCP call."""
     UNKNOWN_CALL = "unknown_call"
     """An item or block of a type Warden does not know: never passed undecided."""
+    RESOURCE_READ = "resource_read"
+    """An MCP ``resources/read`` (tool ``resources/read``, arguments ``{"uri": ...}``)."""
+    PROMPT_GET = "prompt_get"
+    """An MCP ``prompts/get`` (tool ``prompts/get``, arguments ``name`` and ``arguments``)."""
+    ARGUMENT_COMPLETION = "argument_completion"
+    """An MCP ``completion/complete`` (arguments ``ref``, ``argument`` and ``context``)."""
     LLM_CALL = "llm_call"
     HTTP_CALL = "http_call"
 

@@ -53,6 +53,11 @@ BRANCHES = {
     "which is not approved for support agents",
     "are approved there; set allowed_tools",
     "which is not approved there",
+    "a knowledge-base resource support agents may read",
+    "is approved for support agents",
+    "completing the arguments of the prompt",
+    "customer records are read through the catalogued tools",
+    "request is not approved for support agents",
 }
 
 

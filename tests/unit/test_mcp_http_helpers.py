@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from warden.model import Agent
 from warden.protocols import mcp
 from warden.protocols.sse import SseTooLarge
 from warden.protocols.sse_relay import EventSplitter, RawEvent, data_event
@@ -85,10 +86,25 @@ def test_notifications_and_stopped_result_shapes() -> None:
     }
     cancelled = mcp.cancelled_notification(5, "incident")
     assert cancelled["params"] == {"requestId": 5, "reason": "incident"}
-    stopped = mcp.stopped_result(5, "get_order", "incident 9", "dec_1")
+    call = mcp.parse(
+        b'{"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "get_order"}}'
+    )
+    assert call.messages[0].call is not None
+    action = mcp.action(call.messages[0].call, Agent("a"), "support-tools")
+    stopped = mcp.stopped_result(5, action, "incident 9", "dec_1")
     assert stopped["id"] == 5
     assert stopped["result"]["isError"] is True
     assert (
         "stopped the tool call `get_order` while it ran" in stopped["result"]["content"][0]["text"]
     )
     assert "incident 9" in stopped["result"]["content"][0]["text"]
+    # Any other request is stopped with a JSON-RPC error its client can read.
+    read = mcp.parse(
+        b'{"jsonrpc": "2.0", "id": 6, "method": "resources/read", "params": {"uri": "kb://a"}}'
+    )
+    assert read.messages[0].call is not None
+    action = mcp.action(read.messages[0].call, Agent("a"), "support-tools")
+    stopped = mcp.stopped_result(6, action, "incident 9", "dec_2", sent=False)
+    assert stopped["error"]["code"] == mcp.REFUSED
+    assert "stopped the request `resources/read` before it was sent" in stopped["error"]["message"]
+    assert stopped["error"]["data"] == {"warden/decision": "dec_2"}

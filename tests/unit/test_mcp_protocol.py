@@ -395,3 +395,74 @@ def test_ids_are_told_apart_as_servers_route_answers() -> None:
         b'{"jsonrpc":"2.0","id":2,"method":"ping"}]'
     )
     assert mcp.ids_used_twice(batch.messages) == {1, "1"}
+
+
+# -- resources, prompts and completion: decided like tool calls ------------------------------
+
+
+def request_line(method: str, id_: object = 4, **params: Any) -> bytes:
+    return orjson.dumps({"jsonrpc": "2.0", "id": id_, "method": method, "params": params})
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "kind", "arguments"),
+    [
+        ("resources/read", {"uri": "kb://a"}, ActionKind.RESOURCE_READ, {"uri": "kb://a"}),
+        (
+            "prompts/get",
+            {"name": "draft_reply", "arguments": {"tone": "firm"}},
+            ActionKind.PROMPT_GET,
+            {"name": "draft_reply", "arguments": {"tone": "firm"}},
+        ),
+        (
+            "completion/complete",
+            {"ref": {"type": "ref/prompt", "name": "p"}, "argument": {"name": "a", "value": ""}},
+            ActionKind.ARGUMENT_COMPLETION,
+            {"ref": {"type": "ref/prompt", "name": "p"}, "argument": {"name": "a", "value": ""}},
+        ),
+    ],
+)
+def test_requests_that_read_at_the_server_become_actions(
+    method: str, params: dict[str, Any], kind: ActionKind, arguments: dict[str, Any]
+) -> None:
+    # Fields the method does not have are neither decided nor forwarded; _meta rides along.
+    line = request_line(method, **params, _meta={"progressToken": 1}, path="/etc/shadow")
+    (message,) = mcp.parse(line).messages
+    assert message.call is not None
+    action = mcp.action(message.call, Agent("a1"), "support-tools")
+    assert (action.kind, action.tool, action.request.method) == (kind, method, method)
+    assert action.arguments == arguments
+    forwarded = mcp.forward_call(message)
+    assert forwarded["method"] == method
+    assert forwarded["params"] == {**arguments, "_meta": {"progressToken": 1}}
+    denied = mcp.denied_result(message, decision(Effect.DENY, "no"))
+    assert denied["error"]["code"] == mcp.REFUSED
+    assert f"blocked the request `{method}`; it was not performed" in denied["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("line", "id_", "code"),
+    [
+        # As a notification it would be served undecided by a lenient server.
+        (
+            b'{"jsonrpc": "2.0", "method": "resources/read", "params": {"uri": "kb://a"}}',
+            None,
+            -32600,
+        ),
+        (request_line("resources/read", uri="kb://a", URI="customers://C-1"), 4, -32602),
+        (request_line("resources/read", uri=""), 4, -32602),
+        (request_line("resources/read", uri=["kb://a"]), 4, -32602),
+        (b'{"jsonrpc": "2.0", "id": 4, "method": "resources/read"}', 4, -32602),
+        (request_line("prompts/get", name="p", arguments={"n": 1}), 4, -32602),
+        (request_line("prompts/get", arguments={}), 4, -32602),
+        (request_line("completion/complete", ref={"type": "ref/prompt"}), 4, -32602),
+        (request_line("completion/complete", ref={}, argument={}, context=[]), 4, -32602),
+    ],
+)
+def test_requests_the_server_could_read_otherwise_are_refused(
+    line: bytes, id_: object, code: int
+) -> None:
+    (message,) = mcp.parse(line).messages
+    assert message.call is None
+    assert message.error is not None
+    assert (message.error["id"], message.error["error"]["code"]) == (id_, code)

@@ -457,7 +457,7 @@ class McpHttp:
     ) -> None:
         """Keep a held call's request open, saying so every keepalive, until ``decided``."""
         token = mcp.progress_token(message)
-        note = f"[Warden] waiting for a person to approve the tool call `{action.tool}`"
+        note = mcp.waiting_note(action.kind, action.tool)
         beats = 0
         while not decided.is_set():
             beats += 1
@@ -829,9 +829,7 @@ class McpHttp:
         answers: list[dict[str, Any]] = []
         for id_, pending in exchange.calls.items():
             decision_id = pending.decision.decision_id
-            answers.append(
-                mcp.stopped_result(id_, pending.action.tool, switch.message, decision_id)
-            )
+            answers.append(mcp.stopped_result(id_, pending.action, switch.message, decision_id))
             cancel = self._cancel(request, exchange, id_, switch.message)
             self._tasks.spawn(cancel, name="cancel")
             outcome = Outcome(error="killed", result=switch.message, is_error=True)

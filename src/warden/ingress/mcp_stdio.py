@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from warden import tasks
 from warden.errors import AuditError, Overloaded
 from warden.killswitch import KillSwitch, KillSwitches
-from warden.model import Action, Agent, Decision, Effect, Outcome
+from warden.model import Action, Agent, Decision, Effect, Outcome, ToolCall
 from warden.ops import metrics
 from warden.protocols import mcp
 from warden.protocols._wire import loads
@@ -336,7 +336,7 @@ class StdioDoor:
         token = mcp.progress_token(message)
         assert message.call is not None
         ticker = (
-            self._calls.spawn(self._progress(token, message.call.name), name="progress")
+            self._calls.spawn(self._progress(token, message.call), name="progress")
             if token is not None
             else None
         )
@@ -347,12 +347,12 @@ class StdioDoor:
                 ticker.cancel()
             self._deciding.pop(id_, None)
 
-    async def _progress(self, token: str | int, tool: str) -> None:
+    async def _progress(self, token: str | int, call: ToolCall) -> None:
         """``notifications/progress`` every ``keepalive_s`` while a call waits for its decision.
 
         Only approvals take that long (the policy has a deadline of milliseconds).
         """
-        waiting = f"[Warden] waiting for a person to approve the tool call `{tool}`"
+        waiting = mcp.waiting_note(call.kind, call.name)
         sent = 0
         while True:
             await asyncio.sleep(self._keepalive_s)
@@ -516,7 +516,7 @@ class StdioDoor:
             # Allowed in a batch still being decided: it never reaches the child.
             decision_id = pending.decision.decision_id
             stopped = mcp.stopped_result(
-                id_, pending.action.tool, switch.message, decision_id, sent=False
+                id_, pending.action, switch.message, decision_id, sent=False
             )
             self._to_client(stopped)
             if self._core is not None:
@@ -525,17 +525,8 @@ class StdioDoor:
                 self._core.outcome(pending.action, pending.decision, outcome, trusted=True)
             return
         self._killed.add(id_)
-        tool = pending.action.tool
-        text = (
-            f"[Warden] stopped the tool call `{tool}` while it ran; it may or may not have "
-            f"completed. Reason: {switch.message}. (decision {pending.decision.decision_id})"
-        )
         self._to_client(
-            {
-                "jsonrpc": "2.0",
-                "id": id_,
-                "result": {"content": [{"type": "text", "text": text}], "isError": True},
-            }
+            mcp.stopped_result(id_, pending.action, switch.message, pending.decision.decision_id)
         )
         await self._to_child(
             {

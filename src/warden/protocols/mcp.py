@@ -6,7 +6,10 @@ message or a batch) and gets each message classified:
 * a ``tools/call`` request carries a :class:`~warden.model.ToolCall`; the door
   asks the core, then forwards :func:`forward_call` (the call re-rendered from
   what was decided, so the server runs exactly the arguments the policy saw)
-  or answers :func:`denied_result` itself;
+  or answers :func:`denied_result` itself. So do the other requests that read
+  or render something at the server (:data:`GOVERNED`: ``resources/read``,
+  ``prompts/get``, ``completion/complete``), as actions of their own kind
+  whose tool is the method and whose arguments are the request's params;
 * a message that is not valid JSON-RPC carries the error response to send
   back (-32700 parse error, -32600 invalid request, -32602 invalid params);
 * everything else (other requests, notifications, responses to the server's
@@ -40,11 +43,13 @@ from warden.protocols._wire import dumps, keys_fold_apart, loads, parse_argument
 from warden.protocols.declared_arguments import ListedArguments
 
 __all__ = [
+    "GOVERNED",
     "INVALID_PARAMS",
     "INVALID_REQUEST",
     "MAX_BATCH",
     "PARSE_ERROR",
     "PROTOCOL",
+    "REFUSED",
     "Message",
     "Payload",
     "action",
@@ -63,6 +68,7 @@ __all__ = [
     "stopped_result",
     "unaddressed_error",
     "valid_id",
+    "waiting_note",
 ]
 
 PROTOCOL: Final = "mcp"
@@ -72,6 +78,21 @@ INVALID_PARAMS: Final = -32602
 _MESSAGE_FIELDS: Final = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
 _CALL_PARAMS: Final = frozenset({"name", "arguments", "_meta", "task"})
 """What ``tools/call`` params hold (MCP 2025-11-25; ``task`` asks for a task-augmented call)."""
+GOVERNED: Final[Mapping[str, tuple[ActionKind, frozenset[str]]]] = {
+    "tools/call": (ActionKind.TOOL_CALL, _CALL_PARAMS),
+    "resources/read": (ActionKind.RESOURCE_READ, frozenset({"uri", "_meta"})),
+    "prompts/get": (ActionKind.PROMPT_GET, frozenset({"name", "arguments", "_meta"})),
+    "completion/complete": (
+        ActionKind.ARGUMENT_COMPLETION,
+        frozenset({"ref", "argument", "context", "_meta"}),
+    ),
+}
+"""Client requests decided before they reach the server: each method's action kind and the
+params it holds (only those are forwarded). A resource or prompt can hand the agent what a
+denied tool would (a customer's records, a file), so none passes undecided."""
+REFUSED: Final = -32001
+"""The JSON-RPC error code of a request other than ``tools/call`` that Warden did not let
+through (a tool call gets a tool result with ``isError``, which the model reads)."""
 _CASE_VARIANT: Final = "Invalid Request: keys that differ only in case"
 MAX_BATCH: Final = 100
 """Messages in one JSON-RPC batch (clients send a handful; 2025-06-18 sends none)."""
@@ -272,14 +293,18 @@ def _message(value: object, index: int) -> Message:
     params = value.get("params")
     if params is not None and not isinstance(params, dict | list):
         return Message(None, error_response(id_, INVALID_REQUEST, "Invalid Request: params"))
-    if method != "tools/call":
+    governed = GOVERNED.get(method)
+    if governed is None:
         return Message(value)
     if not has_id:
         # A call sent as a notification would run undecided on a lenient server.
         return Message(None, error_response(None, INVALID_REQUEST, "Invalid Request: no id"))
-    if isinstance(params, dict) and not _spelled_apart(params, _CALL_PARAMS):
+    kind, fields = governed
+    if isinstance(params, dict) and not _spelled_apart(params, fields):
         why = "Invalid params: keys that differ only in case"
         return Message(None, error_response(id_, INVALID_PARAMS, why))
+    if kind is not ActionKind.TOOL_CALL:
+        return _governed_request(value, id_, params, index)
     name = params.get("name") if isinstance(params, dict) else None
     if not isinstance(name, str) or not name:
         return Message(None, error_response(id_, INVALID_PARAMS, "Invalid params: tool name"))
@@ -303,6 +328,51 @@ def _message(value: object, index: int) -> Message:
     return Message(value, call=call)
 
 
+def _governed_request(value: dict[str, Any], id_: JsonId, params: object, index: int) -> Message:
+    """A request of :data:`GOVERNED` other than ``tools/call``, carrying its call.
+
+    The call's arguments are the params the method holds but ``_meta``; a
+    request the server could not read as the method's is refused, not passed.
+    """
+    if not isinstance(params, dict):
+        return Message(None, error_response(id_, INVALID_PARAMS, "Invalid params"))
+    method = value["method"]
+    kind, fields = GOVERNED[method]
+    arguments = {k: v for k, v in params.items() if k in fields and k != "_meta"}
+    problem = _params_problem(kind, arguments)
+    if problem is not None:
+        return Message(None, error_response(id_, INVALID_PARAMS, f"Invalid params: {problem}"))
+    call = ToolCall(
+        call_id=str(id_),
+        name=method,
+        raw_arguments=dumps(arguments),
+        arguments=arguments,
+        index=index,
+        key=f"message:{index}",
+        kind=kind,
+        wire_type=method,
+    )
+    return Message(value, call=call)
+
+
+def _params_problem(kind: ActionKind, arguments: Mapping[str, Any]) -> str | None:
+    """What makes ``arguments`` unreadable as the params of ``kind``'s method, if anything."""
+    if kind is ActionKind.RESOURCE_READ:
+        uri = arguments.get("uri")
+        return None if isinstance(uri, str) and uri else "uri"
+    if kind is ActionKind.PROMPT_GET:
+        name = arguments.get("name")
+        if not (isinstance(name, str) and name):
+            return "prompt name"
+        given = arguments.get("arguments", {})
+        strings = isinstance(given, dict) and all(isinstance(v, str) for v in given.values())
+        return None if strings else "prompt arguments (an object of strings)"
+    for field in ("ref", "argument"):
+        if not isinstance(arguments.get(field), dict):
+            return field
+    return None if isinstance(arguments.get("context", {}), dict) else "context"
+
+
 def action(
     call: ToolCall, agent: Agent, upstream: str, listed: ListedArguments | None = None
 ) -> Action:
@@ -316,6 +386,7 @@ def action(
     if (
         arguments is not None
         and listed is not None
+        and call.kind is ActionKind.TOOL_CALL
         and listed.misspelled(call.name, arguments) is not None
     ):
         arguments = None
@@ -326,7 +397,7 @@ def action(
         wire_type=call.wire_type or None,
         protocol=PROTOCOL,
         stage=Stage.EXECUTED,
-        request=RequestMeta(method="tools/call", upstream=upstream, path=""),
+        request=RequestMeta(method=call.wire_type or "tools/call", upstream=upstream, path=""),
         tool=call.name,
         arguments=arguments,
         raw_arguments=call.raw_arguments,
@@ -341,11 +412,16 @@ def forward_call(message: Message) -> dict[str, Any]:
     assert message.body is not None
     assert message.call is not None
     assert message.call.arguments is not None
-    # Only the fields a tools/call has: nothing the decision did not see rides along.
-    params = {k: v for k, v in message.body["params"].items() if k in _CALL_PARAMS}
-    params["name"] = message.call.name
-    params["arguments"] = dict(message.call.arguments)
-    return {"jsonrpc": "2.0", "id": message.body["id"], "method": "tools/call", "params": params}
+    method = message.body["method"]
+    # Only the fields the method has: nothing the decision did not see rides along.
+    fields = GOVERNED[method][1]
+    params = {k: v for k, v in message.body["params"].items() if k in fields}
+    if message.call.kind is ActionKind.TOOL_CALL:
+        params["name"] = message.call.name
+        params["arguments"] = dict(message.call.arguments)
+    else:
+        params = {k: v for k, v in params.items() if k == "_meta"} | dict(message.call.arguments)
+    return {"jsonrpc": "2.0", "id": message.body["id"], "method": method, "params": params}
 
 
 def denied_result(message: Message, decision: Decision) -> dict[str, Any]:
@@ -354,20 +430,36 @@ def denied_result(message: Message, decision: Decision) -> dict[str, Any]:
     A tool error rather than a JSON-RPC error, so the model reads why.
     """
     assert message.call is not None
-    name = message.call.name
+    what = _what(message.call.kind, message.call.name)
     if decision.effect is Effect.REQUIRE_APPROVAL:
-        what = f"held the tool call `{name}` for human approval; it was not performed"
+        what = f"held {what} for human approval; it was not performed"
     else:
-        what = f"blocked the tool call `{name}`; it was not performed"
+        what = f"blocked {what}; it was not performed"
     text = f"[Warden] {what}. Reason: {decision.reason}. (decision {decision.decision_id})"
+    return _refusal(message.id, message.call.kind, text, decision.decision_id)
+
+
+def _what(kind: ActionKind, tool: str | None) -> str:
+    """How Warden's messages name an action of this door."""
+    return f"the tool call `{tool}`" if kind is ActionKind.TOOL_CALL else f"the request `{tool}`"
+
+
+def waiting_note(kind: ActionKind, tool: str | None) -> str:
+    """What a held request's progress notifications say while it waits for a person."""
+    return f"[Warden] waiting for a person to approve {_what(kind, tool)}"
+
+
+def _refusal(id_: JsonId, kind: ActionKind, text: str, decision_id: str) -> dict[str, Any]:
+    """Warden's answer in a request's place: a tool result with ``isError`` for a tool call
+    (the model reads why), a JSON-RPC error (:data:`REFUSED`) for any other request."""
+    meta = {"warden/decision": decision_id}
+    if kind is not ActionKind.TOOL_CALL:
+        error = {"code": REFUSED, "message": text, "data": meta}
+        return {"jsonrpc": "2.0", "id": id_, "error": error}
     return {
         "jsonrpc": "2.0",
-        "id": message.id,
-        "result": {
-            "content": [{"type": "text", "text": text}],
-            "isError": True,
-            "_meta": {"warden/decision": decision.decision_id},
-        },
+        "id": id_,
+        "result": {"content": [{"type": "text", "text": text}], "isError": True, "_meta": meta},
     }
 
 
@@ -433,23 +525,16 @@ def cancelled_notification(id_: str | int, reason: str) -> dict[str, Any]:
 
 
 def stopped_result(
-    id_: JsonId, tool: str | None, reason: str, decision_id: str, *, sent: bool = True
+    id_: JsonId, action: Action, reason: str, decision_id: str, *, sent: bool = True
 ) -> dict[str, Any]:
-    """The answer to an allowed call a kill switch stopped (``isError``).
+    """The answer to an allowed call a kill switch stopped (``isError``, or an error).
 
     ``sent``: the call had reached the server, so it may have completed.
     """
+    what = _what(action.kind, action.tool)
     if sent:
-        what = f"stopped the tool call `{tool}` while it ran; it may or may not have completed"
+        what = f"stopped {what} while it ran; it may or may not have completed"
     else:
-        what = f"stopped the tool call `{tool}` before it was sent; it was not performed"
+        what = f"stopped {what} before it was sent; it was not performed"
     text = f"[Warden] {what}. Reason: {reason}. (decision {decision_id})"
-    return {
-        "jsonrpc": "2.0",
-        "id": id_,
-        "result": {
-            "content": [{"type": "text", "text": text}],
-            "isError": True,
-            "_meta": {"warden/decision": decision_id},
-        },
-    }
+    return _refusal(id_, action.kind, text, decision_id)

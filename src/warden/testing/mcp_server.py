@@ -6,7 +6,9 @@ semantics, through the SDK's ``MCPServer`` (FastMCP before mcp 2), and
 ``confirm_with_user``, which asks the client (an elicitation: a request from
 server to client) before it answers, and ``triage_with_model``, which asks the
 client's model (sampling, with tools) and runs the tool calls it answers with.
-Run it over stdio with::
+It also serves resources (``kb://articles/{slug}``, and a customer's profile at
+``customers://{customer_id}/profile``), a prompt (``draft_reply``) and argument
+completion, each logged like a call. Run it over stdio with::
 
     python -m warden.testing.mcp_server --call-log calls.jsonl
 
@@ -17,7 +19,8 @@ or over streamable HTTP (it prints its endpoint URL on one line, then serves)::
 In a test, :class:`StreamableHttpServer` runs it in-process on ``127.0.0.1:0``.
 
 Every call that reaches a tool is appended to the call log as one JSON line,
-before the tool runs, so a test can prove a denied call never arrived.
+before the tool runs, so a test can prove a denied call never arrived (a
+resource read, prompt or completion is logged under its method's name).
 Needs the ``testing`` extra (``pip install agent-warden[testing]``).
 """
 
@@ -70,11 +73,14 @@ def build_server(call_log: Path | None = None, delay_s: float = 0.0) -> MCPServe
     tools = MockTools()
     server: MCPServer[Any] = MCPServer("warden-support-tools")
 
-    async def run(name: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
+    def logged(name: str, arguments: Mapping[str, Any]) -> None:
         if call_log is not None:
             line = orjson.dumps({"tool": name, "arguments": dict(arguments)}) + b"\n"
             with call_log.open("ab") as log:
                 log.write(line)
+
+    async def run(name: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        logged(name, arguments)
         if delay_s:
             await asyncio.sleep(delay_s)
         status, body = tools.call(name, arguments)
@@ -124,6 +130,31 @@ def build_server(call_log: Path | None = None, delay_s: float = 0.0) -> MCPServe
             if isinstance(block, types.ToolUseContent):  # the model's choice, run here
                 ran.append(await run(block.name, block.input))
         return {"ran": ran}
+
+    @server.resource("kb://articles/{slug}", description="A knowledge-base article.")
+    async def article(slug: str) -> str:
+        logged("resources/read", {"uri": f"kb://articles/{slug}"})
+        return f"Article {slug}: refunds are issued to the original payment method."
+
+    @server.resource("customers://{customer_id}/profile", description="A customer's profile.")
+    async def profile(customer_id: str) -> str:
+        logged("resources/read", {"uri": f"customers://{customer_id}/profile"})
+        return orjson.dumps({"customer_id": customer_id, "email": "ada@example.com"}).decode()
+
+    @server.prompt(description="Draft a reply to a customer in the given tone.")
+    async def draft_reply(tone: str) -> str:
+        logged("prompts/get", {"name": "draft_reply", "arguments": {"tone": tone}})
+        return f"Write a {tone} reply to the customer's last message."
+
+    @server.completion()  # type: ignore[no-untyped-call, untyped-decorator]  # untyped in the SDK
+    async def complete(
+        ref: types.PromptReference | types.ResourceTemplateReference,
+        argument: types.CompletionArgument,
+        context: types.CompletionContext | None,
+    ) -> types.Completion:
+        logged("completion/complete", {"argument": argument.name, "value": argument.value})
+        tones = [t for t in ("friendly", "formal", "firm") if t.startswith(argument.value)]
+        return types.Completion(values=tones)
 
     return server
 

@@ -1,0 +1,120 @@
+"""Resources, prompts and argument completion are decided at both MCP doors.
+
+The official ``mcp`` client reads a resource, gets a prompt and completes an
+argument through ``warden mcp wrap`` (stdio) and through Warden's streamable
+HTTP door, against the real test server, with the shipped customer-support
+bundle: knowledge-base articles and the ``draft_reply`` prompt are allowed; a
+customer's profile, read as a resource, is refused before it reaches the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from mcp import types
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from tests.functional.conftest import audit_records, make_config
+from tests.functional.test_mcp_stdio_functional import wrapped
+from warden.protocols.mcp import REFUSED
+from warden.server import Warden
+from warden.testing.mcp_server import StreamableHttpServer, read_call_log
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@asynccontextmanager
+async def over_http(tmp_path: Path) -> AsyncIterator[ClientSession]:
+    async with StreamableHttpServer(tmp_path / "calls.jsonl") as server:
+        config = make_config(
+            tmp_path,
+            "http://127.0.0.1:9",
+            upstreams={"support-tools": {"protocol": "mcp", "base_url": server.url}},
+        )
+        async with (
+            Warden(config) as warden,
+            httpx2.AsyncClient(timeout=30) as http,
+            streamable_http_client(f"{warden.proxy_url}/support-tools", http_client=http) as (
+                read,
+                write,
+            ),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            yield session
+
+
+Door = Callable[[Path], AbstractAsyncContextManager[ClientSession]]
+DOORS: dict[str, Door] = {"stdio": wrapped, "http": over_http}
+
+
+@pytest.fixture(params=sorted(DOORS))
+def door(request: pytest.FixtureRequest) -> Door:
+    return DOORS[request.param]
+
+
+def reached(tmp_path: Path) -> list[tuple[str, Any]]:
+    """What the server ran or served, in order (its call log)."""
+    return [(c["tool"], c["arguments"]) for c in read_call_log(tmp_path / "calls.jsonl")]
+
+
+def decided(tmp_path: Path, kind: str) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in audit_records(tmp_path / "audit")
+        if r.get("kind") == "decision" and r["action"]["kind"] == kind
+    ]
+
+
+async def test_an_article_is_read_and_a_profile_is_refused(door: Door, tmp_path: Path) -> None:
+    async with door(tmp_path) as session:
+        article = await session.read_resource("kb://articles/refunds")
+        with pytest.raises(MCPError) as refused:
+            await session.read_resource("customers://C-1001/profile")
+    (content,) = article.contents
+    assert isinstance(content, types.TextResourceContents)
+    assert content.text.startswith("Article refunds:")
+    assert refused.value.error.code == REFUSED
+    assert "blocked the request `resources/read`" in refused.value.error.message
+    assert "customer records are read through the catalogued tools" in refused.value.error.message
+    # The profile never reached the server.
+    assert reached(tmp_path) == [("resources/read", {"uri": "kb://articles/refunds"})]
+    allowed, denied = decided(tmp_path, "resource_read")
+    assert allowed["action"]["tool"] == "resources/read"
+    assert allowed["action"]["arguments"] == {"uri": "kb://articles/refunds"}
+    assert allowed["decision"]["effect"] == "allow"
+    assert denied["action"]["arguments"] == {"uri": "customers://C-1001/profile"}
+    assert denied["decision"]["effect"] == "deny"
+    assert refused.value.error.data == {"warden/decision": denied["decision"]["id"]}
+
+
+async def test_prompts_and_completions_are_decided(door: Door, tmp_path: Path) -> None:
+    prompt = types.PromptReference(type="ref/prompt", name="draft_reply")
+    template = types.ResourceTemplateReference(
+        type="ref/resource", uri="customers://{customer_id}/profile"
+    )
+    async with door(tmp_path) as session:
+        got = await session.get_prompt("draft_reply", {"tone": "friendly"})
+        with pytest.raises(MCPError, match="prompts/get request is not approved"):
+            await session.get_prompt("exfiltrate", {"what": "everything"})
+        completed = await session.complete(prompt, {"name": "tone", "value": "f"})
+        with pytest.raises(MCPError, match="completion/complete request is not approved"):
+            await session.complete(template, {"name": "customer_id", "value": "C-"})
+    (message,) = got.messages
+    assert isinstance(message.content, types.TextContent)
+    assert message.content.text == "Write a friendly reply to the customer's last message."
+    assert completed.completion.values == ["friendly", "formal", "firm"]
+    assert reached(tmp_path) == [
+        ("prompts/get", {"name": "draft_reply", "arguments": {"tone": "friendly"}}),
+        ("completion/complete", {"argument": "tone", "value": "f"}),
+    ]
+    assert [r["decision"]["effect"] for r in decided(tmp_path, "prompt_get")] == ["allow", "deny"]
+    completions = decided(tmp_path, "argument_completion")
+    assert [r["decision"]["effect"] for r in completions] == ["allow", "deny"]

@@ -1114,6 +1114,11 @@ class Resuming(LoopbackServer):
     def _routes(self, app: web.Application) -> None:
         app.router.add_post("/{tail:.*}", self._post)
         app.router.add_get("/{tail:.*}", self._get)
+        app.router.add_delete("/{tail:.*}", self._delete)
+
+    async def _delete(self, request: web.Request) -> web.StreamResponse:
+        self.owed.clear()
+        return web.Response(status=200)
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
         for message in orjson.loads(await request.read()):
@@ -1170,3 +1175,34 @@ async def test_a_resumed_stream_gives_the_answers_its_posts_are_owed_and_no_othe
     assert dropped("unasked") == before + 3 + 1
     outcomes = [r for r in audit_records(tmp_path / "audit") if r["kind"] == "outcome"]
     assert [o["outcome"]["is_error"] for o in outcomes] == [False]  # the lookup's, trusted
+
+
+async def test_ending_a_session_records_its_calls_still_owed_an_answer(tmp_path: Path) -> None:
+    # A call whose stream broke waits for a resumed stream; once the client ends
+    # the session (DELETE), none can come: its outcome is recorded then.
+    lookup = {
+        "jsonrpc": "2.0",
+        "id": 4,
+        "method": "tools/call",
+        "params": {"name": "get_order", "arguments": {"order_id": "A-1001"}},
+    }
+    session = {"Mcp-Session-Id": "s-1"}
+    async with (
+        Resuming() as upstream,
+        Warden(config(tmp_path, upstream.url)) as warden,
+        aiohttp.ClientSession() as http,
+    ):
+        url = f"{warden.proxy_url}/{UPSTREAM}"
+        status, _, body = await post(http, url, [lookup], session)
+        assert (status, sse_messages(body)) == (200, [])
+        async with http.delete(url, headers=session) as resp:
+            assert resp.status == 200
+        ended: list[dict[str, Any]] = []
+        for _ in range(100):
+            outcomes = [r for r in audit_records(tmp_path / "audit") if r["kind"] == "outcome"]
+            ended = [o for o in outcomes if o["outcome"]["error"] == "session_ended"]
+            if ended:
+                break
+            await asyncio.sleep(0.05)
+    assert len(ended) == 1
+    assert ended[0]["action"]["tool"] == "get_order"

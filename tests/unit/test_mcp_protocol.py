@@ -466,3 +466,71 @@ def test_requests_the_server_could_read_otherwise_are_refused(
     assert message.call is None
     assert message.error is not None
     assert (message.error["id"], message.error["error"]["code"]) == (id_, code)
+
+
+@pytest.mark.parametrize("id_", ["01", " 1", "1 ", "+1", "-0", "1_0", "\u0661", "0x1"])
+def test_a_string_id_the_server_would_read_as_another_number_is_refused(id_: str) -> None:
+    # The Python SDK's server routes a request by int(id) where it can: "01" is request 1.
+    expected_ok = id_ == "0x1"  # int() does not read it: a plain string id
+    (message,) = mcp.parse(orjson.dumps({"jsonrpc": "2.0", "id": id_, "method": "ping"})).messages
+    assert (message.error is None) == expected_ok
+    assert (mcp.valid_id(id_) == id_) == expected_ok
+
+
+@pytest.mark.parametrize("id_", ["1", "-1", "0", "abc", "req-1", "1" * 30])
+def test_plain_string_ids_are_taken(id_: str) -> None:
+    assert mcp.valid_id(id_) == id_
+
+
+class Gate:
+    """A guard that holds every decision until opened."""
+
+    name = "policy"
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.open = asyncio.Event()
+
+    async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
+        self.entered.set()
+        await self.open.wait()
+        return None
+
+
+async def test_an_id_the_server_reads_as_one_in_flight_is_refused() -> None:
+    # 1 and "1" are one request to the server: a ping under "1" while call 1 is
+    # decided would take its place there (and its answer would settle the call).
+    gate = Gate()
+    door, core, client_in, out = await echo_door(gate, MemoryAudit())
+    client_in.feed_data(call_line(1, name="get_order", arguments={"order_id": "A-1"}) + b"\n")
+    await asyncio.wait_for(gate.entered.wait(), 10)
+    client_in.feed_data(b'{"jsonrpc": "2.0", "id": "1", "method": "ping"}\n')
+    refused = await asyncio.wait_for(out.protocol.lines.get(), 10)
+    gate.open.set()
+    answer = await asyncio.wait_for(out.protocol.lines.get(), 10)
+    client_in.feed_eof()
+    await asyncio.wait_for(door.done.wait(), 10)
+    await door.stop()
+    await core.close()
+    assert refused == mcp.id_in_use("1")
+    assert answer["id"] == 1
+    assert "A-1" in answer["result"]["content"][0]["text"]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        # A Go server reads "NAME" and "TYPE" as the ref's fields: another completion.
+        b'{"ref": {"type": "ref/prompt", "name": "draft_reply", "NAME": "x", "TYPE": "ref/resource"},'
+        b' "argument": {"name": "customer_id", "value": "C-"}}',
+        # A lone surrogate: no policy engine can take it as the server reads it.
+        b'{"ref": {"type": "ref/prompt", "name": "p"}, "argument": {"name": "a", "value": "\\ud800"}}',
+    ],
+)
+def test_params_no_policy_can_read_as_the_server_does_are_malformed(params: bytes) -> None:
+    line = (
+        b'{"jsonrpc": "2.0", "id": 4, "method": "completion/complete", "params": ' + params + b"}"
+    )
+    (message,) = mcp.parse(line).messages
+    assert message.call is not None
+    assert message.call.arguments is None  # denied by the validation guard, and recorded

@@ -402,6 +402,14 @@ class McpHttp:
                 message.id, INTERNAL_ERROR, "Warden could not record this call"
             )
             return await self._answer(request, exchange, answer)
+        except WardenError:
+            raise  # busy and the like: answered in JSON-RPC by handle()
+        except Exception:
+            log.exception("could not decide the call to %s; not forwarded", action.tool)
+            answer = mcp.error_response(
+                message.id, INTERNAL_ERROR, "Warden could not decide this call"
+            )
+            return await self._answer(request, exchange, answer)
         if decision.enforced is not Effect.ALLOW:
             denied = mcp.denied_result(message, decision)
             return await self._answer(request, exchange, denied, decision.decision_id)
@@ -947,7 +955,8 @@ class McpHttp:
             return _rpc_error(error.status, None, WARDEN_ERROR, str(error), error.code)
         session = request.headers.get(SESSION_HEADER)
         if 200 <= status < 300 and session is not None:
-            self._give_up(self._resumable.pop((name, session), {}).values(), "session_ended")
+            owed = self._resumable.pop((self._server(name), session), {})
+            self._give_up(owed.values(), "session_ended")
             try:
                 await self._owners.ended(self._server(name), session)
             except Exception as exc:  # the row stays until pruned: harmless

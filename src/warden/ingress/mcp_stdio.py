@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -235,12 +236,13 @@ class StdioDoor:
         have its answer recorded as the first's (a bogus request's error as a
         refund's trusted failure, which releases the refund's reservation).
         """
-        return (
-            id_ in self._pending
-            or id_ in self._killed
-            or id_ in self._deciding
-            or id_ in self._asked
-            or id_ in self._listing
+        # Compared as the server routes answers (mcp.id_key): 1 and "1" are one id there.
+        key = mcp.id_key(id_)
+        return any(
+            mcp.id_key(held) == key
+            for held in itertools.chain(
+                self._pending, self._killed, self._deciding, self._asked, self._listing
+            )
         )
 
     def _forwardable(self, body: Mapping[str, Any]) -> bool:

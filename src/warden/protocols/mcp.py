@@ -216,12 +216,24 @@ def unaddressed_error(message: Mapping[str, Any]) -> bool:
 def valid_id(value: object) -> JsonId:
     """``value`` if it is a JSON-RPC id Warden takes (a string, or an integer within
     2^53), else ``None``: a decimal (``7.0``), a boolean or a huge integer is none,
-    though some clients would read it as the integer it equals."""
+    though some clients would read it as the integer it equals. So is a string
+    that reads as an integer but is not written as Python writes it (``"01"``,
+    ``" 1"``, ``"+1"``): the Python SDK's server routes requests by ``int(id)``
+    where it can, so ``"01"`` would share request 1's place there."""
     if isinstance(value, str):
-        return value
+        return value if _canonical(value) else None
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_SAFE_ID:
         return value
     return None
+
+
+def _canonical(text: str) -> bool:
+    """False for a string ``int()`` reads but would write otherwise."""
+    try:
+        number = int(text)
+    except ValueError:  # not a number (or too long to convert): a plain string id
+        return True
+    return str(number) == text
 
 
 _INTERNAL_ERROR: Final = -32603
@@ -342,11 +354,15 @@ def _governed_request(value: dict[str, Any], id_: JsonId, params: object, index:
     problem = _params_problem(kind, arguments)
     if problem is not None:
         return Message(None, error_response(id_, INVALID_PARAMS, f"Invalid params: {problem}"))
+    # As a tool call's arguments: keys equal but for case inside (a Go server reads
+    # "NAME" as "name"), or text no policy can take as it is, make them malformed,
+    # and the call is denied (and recorded).
+    raw, checked = parse_arguments(arguments)
     call = ToolCall(
         call_id=str(id_),
         name=method,
-        raw_arguments=dumps(arguments),
-        arguments=arguments,
+        raw_arguments=raw,
+        arguments=checked,
         index=index,
         key=f"message:{index}",
         kind=kind,
@@ -364,13 +380,14 @@ def _params_problem(kind: ActionKind, arguments: Mapping[str, Any]) -> str | Non
         name = arguments.get("name")
         if not (isinstance(name, str) and name):
             return "prompt name"
-        given = arguments.get("arguments", {})
+        given = arguments.get("arguments")
+        given = {} if given is None else given  # null: none given
         strings = isinstance(given, dict) and all(isinstance(v, str) for v in given.values())
         return None if strings else "prompt arguments (an object of strings)"
     for field in ("ref", "argument"):
         if not isinstance(arguments.get(field), dict):
             return field
-    return None if isinstance(arguments.get("context", {}), dict) else "context"
+    return None if isinstance(arguments.get("context"), dict | None) else "context"
 
 
 def action(

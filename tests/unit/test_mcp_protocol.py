@@ -521,10 +521,11 @@ async def test_an_id_the_server_reads_as_one_in_flight_is_refused() -> None:
     "params",
     [
         # A Go server reads "NAME" and "TYPE" as the ref's fields: another completion.
-        b'{"ref": {"type": "ref/prompt", "name": "draft_reply", "NAME": "x", "TYPE": "ref/resource"},'
-        b' "argument": {"name": "customer_id", "value": "C-"}}',
+        b'{"ref": {"type": "ref/prompt", "name": "draft_reply", "NAME": "x",'
+        b' "TYPE": "ref/resource"}, "argument": {"name": "customer_id", "value": "C-"}}',
         # A lone surrogate: no policy engine can take it as the server reads it.
-        b'{"ref": {"type": "ref/prompt", "name": "p"}, "argument": {"name": "a", "value": "\\ud800"}}',
+        b'{"ref": {"type": "ref/prompt", "name": "p"},'
+        b' "argument": {"name": "a", "value": "\\ud800"}}',
     ],
 )
 def test_params_no_policy_can_read_as_the_server_does_are_malformed(params: bytes) -> None:

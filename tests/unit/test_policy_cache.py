@@ -13,7 +13,16 @@ from hypothesis import strategies as st
 
 from warden.policy.authoring import discover_case_files, load_case_file, load_policy_set
 from warden.policy.bundle import Module
-from warden.policy.cache import KIND, InputShape, LRUCache, analyse, cache_key, project
+from warden.policy.cache import (
+    KIND,
+    WILDCARD,
+    InputShape,
+    LRUCache,
+    analyse,
+    cache_key,
+    path_text,
+    project,
+)
 from warden.policy.worker import Evaluator
 
 BUNDLE = Path(__file__).resolve().parents[2] / "policies" / "customer-support"
@@ -547,3 +556,8 @@ def test_many_counted_keys_in_one_body_are_read_once() -> None:
     shape = counted_shape(source)
     assert shape.paths is not None
     assert ("session", "calls999", "update_email") in shape.paths
+
+
+def test_paths_read_as_operators_see_them() -> None:
+    assert path_text(("session", "calls", KIND)) == "session.calls.(kind)"
+    assert path_text(("history", WILDCARD, "tool")) == "history.*.tool"

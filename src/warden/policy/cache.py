@@ -54,7 +54,16 @@ import orjson
 from warden.policy.bundle import Module
 from warden.policy.bundle.text import blank, string_end
 
-__all__ = ["KIND", "WILDCARD", "InputShape", "LRUCache", "analyse", "cache_key", "project"]
+__all__ = [
+    "KIND",
+    "WILDCARD",
+    "InputShape",
+    "LRUCache",
+    "analyse",
+    "cache_key",
+    "path_text",
+    "project",
+]
 
 _INPUT = re.compile(r"(?<![\w.])input(?![\w])")
 # A newline before "[" ends the statement in rego-cpp (``x := input.a`` then ``["b"]``
@@ -624,6 +633,11 @@ def _untail(path: tuple[str, ...]) -> tuple[str, ...]:
     while path and path[-1] == WILDCARD:
         path = path[:-1]
     return path
+
+
+def path_text(path: tuple[str, ...]) -> str:
+    """A path as operators read it: ``session.calls.(kind)``, ``history.*.tool``."""
+    return ".".join("(kind)" if step == KIND else step for step in path)
 
 
 def _pick(node: Any, path: tuple[str, ...]) -> Any:

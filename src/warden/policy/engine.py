@@ -66,7 +66,14 @@ from warden.errors import Overloaded, PolicyError
 from warden.model import Effect, Mode
 from warden.policy.activation import Activator
 from warden.policy.bundle import Bundle, BundleError, Module, describe_rego_error
-from warden.policy.cache import InputShape, LRUCache, analyse, cache_key, project
+from warden.policy.cache import (
+    InputShape,
+    LRUCache,
+    analyse,
+    cache_key,
+    path_text,
+    project,
+)
 from warden.policy.metrics import PROMETHEUS, PolicyMetrics
 from warden.policy.worker import (
     ENTRY_VARIABLE,
@@ -1039,7 +1046,7 @@ class PolicyEngine:
                 "input_paths": (
                     None
                     if gen is None or gen.shape.paths is None
-                    else [".".join(p) for p in gen.shape.paths]
+                    else [path_text(p) for p in gen.shape.paths]
                 ),
             },
         }

@@ -442,9 +442,11 @@ def forward_call(message: Message) -> dict[str, Any]:
 
 
 def denied_result(message: Message, decision: Decision) -> dict[str, Any]:
-    """The answer to a call Warden did not let through: a tool result with ``isError``.
+    """The answer to a call Warden did not let through.
 
-    A tool error rather than a JSON-RPC error, so the model reads why.
+    For a tool call, a tool result with ``isError`` rather than a JSON-RPC
+    error, so the model reads why; for any other request, a JSON-RPC error
+    (:data:`REFUSED`), which is what its client can read.
     """
     assert message.call is not None
     what = _what(message.call.kind, message.call.name)
@@ -481,7 +483,8 @@ def _refusal(id_: JsonId, kind: ActionKind, text: str, decision_id: str) -> dict
 
 
 def result_outcome(response: Mapping[str, Any], latency_ms: float = 0.0) -> Outcome:
-    """The server's answer to a ``tools/call`` as its outcome (text content joined)."""
+    """The server's answer to a governed request as its outcome (a tool's text content
+    joined; any other result as its JSON)."""
     error = response.get("error")
     if isinstance(error, dict):
         return Outcome(

@@ -110,8 +110,11 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-async def record_decided(guard: SessionGuard, body: dict[str, Any]) -> None:
-    """Make Warden's records hold every call of the body, as if it had decided them."""
+async def record_decided(
+    guard: SessionGuard, body: dict[str, Any], conversation: Conversation | None
+) -> None:
+    """Make Warden's records hold every call of the body, as if it had decided them in
+    ``conversation`` (history is verified only against calls of its own session)."""
     for message in body["messages"]:
         for call in message.get("tool_calls") or ():
             fn = call["function"]
@@ -121,12 +124,16 @@ async def record_decided(guard: SessionGuard, body: dict[str, Any]) -> None:
                 kind=ActionKind.TOOL_CALL,
                 protocol="openai.chat",
                 stage=Stage.PROPOSED,
-                request=RequestMeta("POST", "openai", "/v1/chat/completions"),
+                request=RequestMeta(
+                    "POST", "openai", "/v1/chat/completions", conversation=conversation
+                ),
                 tool=fn["name"],
                 arguments=json.loads(fn["arguments"]),
                 raw_arguments=fn["arguments"],
                 call_id=call["id"],
             )
+            # As the pipeline does: admit (which places the call in its session), decide.
+            await guard.admit(action, GuardContext(mode=Mode.ENFORCE))
             await guard.decided(
                 action, Decision(new_id("dec"), Effect.ALLOW, ("bench",), Mode.ENFORCE, "policy")
             )
@@ -142,7 +149,7 @@ async def measure(
     try:
         guard = SessionGuard(store, config, TOOLS)
         for body in bodies:
-            await record_decided(guard, body)
+            await record_decided(guard, body, conversation_of("openai.chat", body, headers, config))
         await guard.close()  # the decided calls are all in the store (and still in memory)
         extract: list[float] = []
         conversations = []
@@ -158,6 +165,8 @@ async def measure(
             start = time.perf_counter_ns()
             _, seen = await guard.admit(action, ctx)
             warm.append((time.perf_counter_ns() - start) / 1000)
+            # As the pipeline does after every admit: the session's turn is released.
+            await guard.decided(action, None)
             inputs.append(policy_input(action, seen))
         assert all(h["verified"] for h in inputs[0]["history"]), "history should verify"
         restarted = SessionGuard(store, config, TOOLS)  # nothing in memory: the store answers
@@ -167,6 +176,7 @@ async def measure(
             start = time.perf_counter_ns()
             await restarted.admit(action, ctx)
             cold.append((time.perf_counter_ns() - start) / 1000)
+            await restarted.decided(action, None)
     finally:
         await store.close()
     miss: list[float] = []

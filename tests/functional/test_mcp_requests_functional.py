@@ -16,7 +16,8 @@ from typing import Any
 
 import httpx2
 import pytest
-from mcp import types
+from mcp import Client, types
+from mcp.client.context import ClientRequestContext
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -118,3 +119,40 @@ async def test_prompts_and_completions_are_decided(door: Door, tmp_path: Path) -
     assert [r["decision"]["effect"] for r in decided(tmp_path, "prompt_get")] == ["allow", "deny"]
     completions = decided(tmp_path, "argument_completion")
     assert [r["decision"]["effect"] for r in completions] == ["allow", "deny"]
+
+
+async def test_a_multi_round_trip_retry_is_refused_clearly(tmp_path: Path) -> None:
+    # 2026-07-28: the server's resolver asks the client through an InputRequiredResult,
+    # and the client retries with its answers (inputResponses), which no decision
+    # would see. Warden refuses the retry with a clear error; the tool never runs.
+    asked: list[str] = []
+
+    async def confirm(
+        context: ClientRequestContext, params: types.ElicitRequestParams
+    ) -> types.ElicitResult:
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"confirm": True})
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "policy.rego").write_text(
+        'package warden\n\nimport rego.v1\n\ndecision := {"effect": "allow", "reason": "ok"}\n'
+    )
+    async with StreamableHttpServer(tmp_path / "calls.jsonl") as server:
+        config = make_config(
+            tmp_path,
+            "http://127.0.0.1:9",
+            upstreams={"support-tools": {"protocol": "mcp", "base_url": server.url}},
+            policy={"bundles": [str(bundle)]},
+        )
+        async with Warden(config) as warden:
+            client = Client(
+                f"{warden.proxy_url}/support-tools", mode="2026-07-28", elicitation_callback=confirm
+            )
+            async with client:
+                with pytest.raises(MCPError, match="does not relay multi-round-trip retries"):
+                    await client.call_tool("close_account_confirmed", {"customer_id": "C-1001"})
+    assert asked == ["Close the account of C-1001?"]
+    assert reached(tmp_path) == []
+    outcomes = [r for r in audit_records(tmp_path / "audit") if r.get("kind") == "outcome"]
+    assert [o["outcome"]["error"] for o in outcomes] == ["input_required"]

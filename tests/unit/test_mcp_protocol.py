@@ -535,3 +535,33 @@ def test_params_no_policy_can_read_as_the_server_does_are_malformed(params: byte
     (message,) = mcp.parse(line).messages
     assert message.call is not None
     assert message.call.arguments is None  # denied by the validation guard, and recorded
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("tools/call", {"name": "close_account", "arguments": {}, "inputResponses": {}}),
+        ("resources/read", {"uri": "kb://a", "requestState": "s"}),
+        ("prompts/get", {"name": "p", "inputResponses": {"q": {"action": "accept"}}}),
+    ],
+)
+def test_a_multi_round_trip_retry_is_refused(method: str, params: dict[str, Any]) -> None:
+    # Its inputResponses (elicited data, a sampled model's answer) would reach the
+    # server with no decision.
+    (message,) = mcp.parse(request_line(method, **params)).messages
+    assert message.call is None
+    assert message.error is not None
+    assert message.error["error"]["code"] == mcp.INVALID_PARAMS
+    assert "multi-round-trip" in message.error["error"]["message"]
+
+
+def test_an_answer_that_asks_for_input_is_no_completed_call() -> None:
+    asks = {"resultType": "input_required", "inputRequests": {}, "requestState": "s"}
+    outcome = mcp.result_outcome({"jsonrpc": "2.0", "id": 1, "result": asks})
+    assert (outcome.error, outcome.is_error) == ("input_required", True)
+
+
+def test_warden_results_carry_the_result_type_later_revisions_require() -> None:
+    (message,) = mcp.parse(call_line(1, name="close_account", arguments={})).messages
+    denied = mcp.denied_result(message, decision(Effect.DENY))
+    assert denied["result"]["resultType"] == "complete"

@@ -76,12 +76,23 @@ PARSE_ERROR: Final = -32700
 INVALID_REQUEST: Final = -32600
 INVALID_PARAMS: Final = -32602
 _MESSAGE_FIELDS: Final = frozenset({"jsonrpc", "id", "method", "params", "result", "error"})
-_CALL_PARAMS: Final = frozenset({"name", "arguments", "_meta", "task"})
-"""What ``tools/call`` params hold (MCP 2025-11-25; ``task`` asks for a task-augmented call)."""
+_CALL_PARAMS: Final = frozenset(
+    {"name", "arguments", "_meta", "task", "inputResponses", "requestState"}
+)
+"""What ``tools/call`` params hold (MCP 2025-11-25; ``task`` asks for a task-augmented call;
+``inputResponses`` and ``requestState`` retry a multi-round-trip request, 2026-07-28)."""
+_RETRY_PARAMS: Final = frozenset({"inputResponses", "requestState"})
+_NO_RETRIES: Final = (
+    "Invalid params: Warden does not relay multi-round-trip retries (inputResponses, "
+    "requestState): the server's input requests would reach it undecided"
+)
 GOVERNED: Final[Mapping[str, tuple[ActionKind, frozenset[str]]]] = {
     "tools/call": (ActionKind.TOOL_CALL, _CALL_PARAMS),
-    "resources/read": (ActionKind.RESOURCE_READ, frozenset({"uri", "_meta"})),
-    "prompts/get": (ActionKind.PROMPT_GET, frozenset({"name", "arguments", "_meta"})),
+    "resources/read": (ActionKind.RESOURCE_READ, frozenset({"uri", "_meta", *_RETRY_PARAMS})),
+    "prompts/get": (
+        ActionKind.PROMPT_GET,
+        frozenset({"name", "arguments", "_meta", *_RETRY_PARAMS}),
+    ),
     "completion/complete": (
         ActionKind.ARGUMENT_COMPLETION,
         frozenset({"ref", "argument", "context", "_meta"}),
@@ -312,9 +323,9 @@ def _message(value: object, index: int) -> Message:
         # A call sent as a notification would run undecided on a lenient server.
         return Message(None, error_response(None, INVALID_REQUEST, "Invalid Request: no id"))
     kind, fields = governed
-    if isinstance(params, dict) and not _spelled_apart(params, fields):
-        why = "Invalid params: keys that differ only in case"
-        return Message(None, error_response(id_, INVALID_PARAMS, why))
+    refused = _refused_params(params, fields)
+    if refused is not None:
+        return Message(None, error_response(id_, INVALID_PARAMS, refused))
     if kind is not ActionKind.TOOL_CALL:
         return _governed_request(value, id_, params, index)
     name = params.get("name") if isinstance(params, dict) else None
@@ -338,6 +349,20 @@ def _message(value: object, index: int) -> Message:
         wire_type="tools/call",
     )
     return Message(value, call=call)
+
+
+def _refused_params(params: object, fields: frozenset[str]) -> str | None:
+    """Why a governed request's params are refused before anything else, if they are."""
+    if not isinstance(params, dict):
+        return None
+    if not _spelled_apart(params, fields):
+        return "Invalid params: keys that differ only in case"
+    if not _RETRY_PARAMS.isdisjoint(params):
+        # The answers a retry carries (elicited data, a sampled model's output, which
+        # may propose tool calls) would reach the server with no decision: refused,
+        # as a clear error rather than a retry the server never sees as one.
+        return _NO_RETRIES
+    return None
 
 
 def _governed_request(value: dict[str, Any], id_: JsonId, params: object, index: int) -> Message:
@@ -475,11 +500,14 @@ def _refusal(id_: JsonId, kind: ActionKind, text: str, decision_id: str) -> dict
     if kind is not ActionKind.TOOL_CALL:
         error = {"code": REFUSED, "message": text, "data": meta}
         return {"jsonrpc": "2.0", "id": id_, "error": error}
-    return {
-        "jsonrpc": "2.0",
-        "id": id_,
-        "result": {"content": [{"type": "text", "text": text}], "isError": True, "_meta": meta},
+    # resultType: required from 2026-07-28 on; earlier revisions' clients ignore it.
+    result = {
+        "resultType": "complete",
+        "content": [{"type": "text", "text": text}],
+        "isError": True,
+        "_meta": meta,
     }
+    return {"jsonrpc": "2.0", "id": id_, "result": result}
 
 
 def result_outcome(response: Mapping[str, Any], latency_ms: float = 0.0) -> Outcome:
@@ -496,6 +524,10 @@ def result_outcome(response: Mapping[str, Any], latency_ms: float = 0.0) -> Outc
     result = response.get("result")
     if not isinstance(result, dict):
         return Outcome(latency_ms=latency_ms, error="malformed_result", is_error=True)
+    if result.get("resultType") == "input_required":
+        # The server asks the client for input first (2026-07-28): the request did
+        # not complete, and its retry is refused (see _NO_RETRIES).
+        return Outcome(latency_ms=latency_ms, error="input_required", is_error=True)
     content = result.get("content")
     texts = [
         c["text"]

@@ -4,8 +4,10 @@ It serves the customer-support tools of :mod:`warden.testing.mock_tools`
 (search_kb, get_order, issue_refund, close_account) with the same data and
 semantics, through the SDK's ``MCPServer`` (FastMCP before mcp 2), and
 ``confirm_with_user``, which asks the client (an elicitation: a request from
-server to client) before it answers, and ``triage_with_model``, which asks the
-client's model (sampling, with tools) and runs the tool calls it answers with.
+server to client) before it answers, ``close_account_confirmed``, whose
+resolver asks the same way (on 2026-07-28, an ``InputRequiredResult``), and
+``triage_with_model``, which asks the client's model (sampling, with tools)
+and runs the tool calls it answers with.
 It also serves resources (``kb://articles/{slug}``, and a customer's profile at
 ``customers://{customer_id}/profile``), a prompt (``draft_reply``) and argument
 completion, each logged like a call. Run it over stdio with::
@@ -35,12 +37,12 @@ import warnings
 from collections.abc import Generator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 import orjson
 import uvicorn
 from mcp import types
-from mcp.server.mcpserver import AcceptedElicitation, Context, MCPServer
+from mcp.server.mcpserver import AcceptedElicitation, Context, Elicit, MCPServer, Resolve
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel
 
@@ -54,6 +56,11 @@ class Confirmation(BaseModel):
     """What ``confirm_with_user`` asks the client for."""
 
     confirm: bool
+
+
+def ask_to_close(customer_id: str) -> Elicit[Confirmation]:
+    """The resolver of ``close_account_confirmed``: ask the user first."""
+    return Elicit(f"Close the account of {customer_id}?", Confirmation)
 
 
 _SAMPLING_TOOLS: dict[str, dict[str, Any]] = {
@@ -113,6 +120,16 @@ def build_server(call_log: Path | None = None, delay_s: float = 0.0) -> MCPServe
         answer = await ctx.elicit(f"Go ahead with: {action}?", Confirmation)
         confirmed = isinstance(answer, AcceptedElicitation) and answer.data.confirm
         return {"action": action, "answer": answer.action, "confirmed": confirmed}
+
+    @server.tool(description="Close an account once the user confirms (a resolver elicits).")
+    async def close_account_confirmed(
+        customer_id: str, confirmation: Annotated[Confirmation, Resolve(ask_to_close)]
+    ) -> dict[str, Any]:
+        # On 2026-07-28 the question travels as an InputRequiredResult, and the
+        # client's answer comes back in the retry's inputResponses.
+        return await run(
+            "close_account", {"customer_id": customer_id, "confirmed": confirmation.confirm}
+        )
 
     @server.tool(description="Let the client's model pick a support tool, and run it (sampling).")
     async def triage_with_model(request: str, ctx: Context) -> dict[str, Any]:

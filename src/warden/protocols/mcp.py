@@ -338,17 +338,7 @@ def _message(value: object, index: int) -> Message:
         why = "Invalid params: Warden does not relay task-augmented tool calls; call without task"
         return Message(None, error_response(id_, INVALID_PARAMS, why))
     raw, arguments = parse_arguments(params.get("arguments", {}))
-    call = ToolCall(
-        call_id=str(id_),
-        name=name,
-        raw_arguments=raw,
-        arguments=arguments,
-        index=index,
-        key=f"message:{index}",
-        kind=ActionKind.TOOL_CALL,
-        wire_type="tools/call",
-    )
-    return Message(value, call=call)
+    return _carrying(value, id_, name, raw, arguments, index=index)
 
 
 def _refused_params(params: object, fields: frozenset[str]) -> str | None:
@@ -383,14 +373,28 @@ def _governed_request(value: dict[str, Any], id_: JsonId, params: object, index:
     # "NAME" as "name"), or text no policy can take as it is, make them malformed,
     # and the call is denied (and recorded).
     raw, checked = parse_arguments(arguments)
+    return _carrying(value, id_, method, raw, checked, index=index)
+
+
+def _carrying(
+    value: dict[str, Any],
+    id_: JsonId,
+    name: str,
+    raw: str,
+    arguments: Mapping[str, Any] | None,
+    *,
+    index: int,
+) -> Message:
+    """The request, carrying the call the door has decided before it goes on."""
+    method = value["method"]
     call = ToolCall(
         call_id=str(id_),
-        name=method,
+        name=name,
         raw_arguments=raw,
-        arguments=checked,
+        arguments=arguments,
         index=index,
         key=f"message:{index}",
-        kind=kind,
+        kind=GOVERNED[method][0],
         wire_type=method,
     )
     return Message(value, call=call)

@@ -895,8 +895,15 @@ def _carried_session(
 
 
 def _counted(action: Action) -> bool:
-    """Whether deciding ``action`` adds to its session's counters (a proposed tool call)."""
-    return action.kind is not ActionKind.LLM_CALL and action.stage is not Stage.LIST
+    """Whether deciding ``action`` adds to its session's counters (a proposed tool call).
+
+    Not a model call, a listing, or an MCP argument completion (sent as the user
+    types: counted, each keystroke would take the session's turn and its count).
+    """
+    return (
+        action.kind not in (ActionKind.LLM_CALL, ActionKind.ARGUMENT_COMPLETION)
+        and action.stage is not Stage.LIST
+    )
 
 
 def _scope(agent: str, key: str | None) -> str:

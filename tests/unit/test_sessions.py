@@ -700,3 +700,20 @@ async def test_a_fetched_answer_rebuilds_a_link_whose_write_failed(store: Sessio
     (link, earlier) = await store.chain("resp_bg")
     assert (link.session_id, link.previous_id, earlier.response_id) == ("s-bg", "resp_0", "resp_0")
     assert [e["call_id"] for e in orjson.loads(link.calls)] == ["call_1", "call_2"]
+
+
+async def test_argument_completions_are_not_counted(store: SessionStore) -> None:
+    # Sent as the user types: each would take the session's turn and add to its counts.
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+    convo = chat()
+    completion = dataclasses.replace(
+        proposed("completion/complete", {"ref": {}, "argument": {}}, "c1", convo),
+        kind=ActionKind.ARGUMENT_COMPLETION,
+    )
+    read = dataclasses.replace(
+        proposed("resources/read", {"uri": "kb://a"}, "c2", convo), kind=ActionKind.RESOURCE_READ
+    )
+    await decide(guard, completion, Effect.DENY)
+    await decide(guard, read, Effect.ALLOW)
+    await guard.close()
+    assert await store.counters("bot\x1fs-1") == {"calls:resources/read": 1}

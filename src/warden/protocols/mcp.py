@@ -145,7 +145,14 @@ class Payload:
 
 def id_key(id_: str | int) -> str:
     """An id as servers tell requests apart: the Python SDK's HTTP server routes an
-    answer by ``str(id)``, so ``1`` and ``"1"`` are one id."""
+    answer by ``str(id)``, so ``1`` and ``"1"`` are one id, and its dispatcher files a
+    request under ``int(id)`` where that reads it (as the TypeScript SDK does), so
+    ``"01"``, ``" 1"`` and ``"+1"`` are that id too."""
+    if isinstance(id_, str):
+        try:
+            return str(int(id_))
+        except ValueError:  # not a number (or too long to convert): the string itself
+            return id_
     return str(id_)
 
 
@@ -227,24 +234,13 @@ def unaddressed_error(message: Mapping[str, Any]) -> bool:
 def valid_id(value: object) -> JsonId:
     """``value`` if it is a JSON-RPC id Warden takes (a string, or an integer within
     2^53), else ``None``: a decimal (``7.0``), a boolean or a huge integer is none,
-    though some clients would read it as the integer it equals. So is a string
-    that reads as an integer but is not written as Python writes it (``"01"``,
-    ``" 1"``, ``"+1"``): the Python SDK's server routes requests by ``int(id)``
-    where it can, so ``"01"`` would share request 1's place there."""
+    though some clients would read it as the integer it equals. (A string that
+    reads as another number, ``"01"``, is an id: :func:`id_key` tells it apart.)"""
     if isinstance(value, str):
-        return value if _canonical(value) else None
+        return value
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_SAFE_ID:
         return value
     return None
-
-
-def _canonical(text: str) -> bool:
-    """False for a string ``int()`` reads but would write otherwise."""
-    try:
-        number = int(text)
-    except ValueError:  # not a number (or too long to convert): a plain string id
-        return True
-    return str(number) == text
 
 
 _INTERNAL_ERROR: Final = -32603

@@ -121,10 +121,10 @@ async def test_prompts_and_completions_are_decided(door: Door, tmp_path: Path) -
     assert [r["decision"]["effect"] for r in completions] == ["allow", "deny"]
 
 
-async def test_a_multi_round_trip_retry_is_refused_clearly(tmp_path: Path) -> None:
+async def test_a_multi_round_trip_request_is_decided_each_round(tmp_path: Path) -> None:
     # 2026-07-28: the server's resolver asks the client through an InputRequiredResult,
-    # and the client retries with its answers (inputResponses), which no decision
-    # would see. Warden refuses the retry with a clear error; the tool never runs.
+    # and the client retries with its answers (inputResponses). Each round is decided;
+    # the first is recorded as asking for input, not as a completed call.
     asked: list[str] = []
 
     async def confirm(
@@ -150,9 +150,14 @@ async def test_a_multi_round_trip_retry_is_refused_clearly(tmp_path: Path) -> No
                 f"{warden.proxy_url}/support-tools", mode="2026-07-28", elicitation_callback=confirm
             )
             async with client:
-                with pytest.raises(MCPError, match="does not relay multi-round-trip retries"):
-                    await client.call_tool("close_account_confirmed", {"customer_id": "C-1001"})
+                result = await client.call_tool(
+                    "close_account_confirmed", {"customer_id": "C-1001"}
+                )
+    assert not result.is_error
     assert asked == ["Close the account of C-1001?"]
-    assert reached(tmp_path) == []
-    outcomes = [r for r in audit_records(tmp_path / "audit") if r.get("kind") == "outcome"]
-    assert [o["outcome"]["error"] for o in outcomes] == ["input_required"]
+    assert reached(tmp_path) == [("close_account", {"customer_id": "C-1001", "confirmed": True})]
+    records = audit_records(tmp_path / "audit")
+    decisions = [r for r in records if r.get("kind") == "decision"]
+    assert [d["action"]["tool"] for d in decisions] == ["close_account_confirmed"] * 2
+    outcomes = [r for r in records if r.get("kind") == "outcome"]
+    assert [o["outcome"]["error"] for o in outcomes] == ["input_required", None]

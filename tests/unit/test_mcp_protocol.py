@@ -539,22 +539,41 @@ def test_params_no_policy_can_read_as_the_server_does_are_malformed(params: byte
     assert message.call.arguments is None  # denied by the validation guard, and recorded
 
 
+SAMPLED_TOOL_USE = {
+    "role": "assistant",
+    "model": "m",
+    "content": [{"type": "tool_use", "id": "t1", "name": "issue_refund", "input": {}}],
+}
+
+
 @pytest.mark.parametrize(
     ("method", "params"),
     [
-        ("tools/call", {"name": "close_account", "arguments": {}, "inputResponses": {}}),
-        ("resources/read", {"uri": "kb://a", "requestState": "s"}),
-        ("prompts/get", {"name": "p", "inputResponses": {"q": {"action": "accept"}}}),
+        ("tools/call", {"name": "close_account", "arguments": {}}),
+        ("resources/read", {"uri": "kb://a"}),
+        ("prompts/get", {"name": "p"}),
     ],
 )
-def test_a_multi_round_trip_retry_is_refused(method: str, params: dict[str, Any]) -> None:
-    # Its inputResponses (elicited data, a sampled model's answer) would reach the
-    # server with no decision.
-    (message,) = mcp.parse(request_line(method, **params)).messages
-    assert message.call is None
-    assert message.error is not None
-    assert message.error["error"]["code"] == mcp.INVALID_PARAMS
-    assert "multi-round-trip" in message.error["error"]["message"]
+def test_a_multi_round_trip_retry_goes_on_with_its_answers(
+    method: str, params: dict[str, Any]
+) -> None:
+    answers = {"q": {"action": "accept", "content": {"confirm": True}}}
+    retry = {**params, "inputResponses": answers, "requestState": "s1"}
+    (message,) = mcp.parse(request_line(method, **retry)).messages
+    assert message.call is not None
+    assert message.call.arguments is not None
+    assert "inputResponses" not in message.call.arguments  # the policy decides the request
+    sent = mcp.forward_call(message)["params"]
+    assert (sent["inputResponses"], sent["requestState"]) == (answers, "s1")
+    # A sampled answer that proposes tool calls would have the server run them undecided.
+    sampled = {**params, "inputResponses": {"q": SAMPLED_TOOL_USE}}
+    (refused,) = mcp.parse(request_line(method, **sampled)).messages
+    assert refused.call is None
+    assert refused.error is not None
+    assert "proposes tool calls" in refused.error["error"]["message"]
+    for bad in ({"inputResponses": ["q"]}, {"requestState": 7}):
+        (malformed,) = mcp.parse(request_line(method, **params, **bad)).messages
+        assert malformed.error is not None
 
 
 def test_an_answer_that_asks_for_input_is_no_completed_call() -> None:

@@ -82,9 +82,9 @@ _CALL_PARAMS: Final = frozenset(
 """What ``tools/call`` params hold (MCP 2025-11-25; ``task`` asks for a task-augmented call;
 ``inputResponses`` and ``requestState`` retry a multi-round-trip request, 2026-07-28)."""
 _RETRY_PARAMS: Final = frozenset({"inputResponses", "requestState"})
-_NO_RETRIES: Final = (
-    "Invalid params: Warden does not relay multi-round-trip retries (inputResponses, "
-    "requestState): the server's input requests would reach it undecided"
+_RETRY_TOOLS: Final = (
+    "Invalid params: an answer in inputResponses proposes tool calls (tool_use), which "
+    "this server would run with no decision; Warden does not govern tool use in sampling"
 )
 GOVERNED: Final[Mapping[str, tuple[ActionKind, frozenset[str]]]] = {
     "tools/call": (ActionKind.TOOL_CALL, _CALL_PARAMS),
@@ -343,11 +343,17 @@ def _refused_params(params: object, fields: frozenset[str]) -> str | None:
         return None
     if not _spelled_apart(params, fields):
         return "Invalid params: keys that differ only in case"
-    if not _RETRY_PARAMS.isdisjoint(params):
-        # The answers a retry carries (elicited data, a sampled model's output, which
-        # may propose tool calls) would reach the server with no decision: refused,
-        # as a clear error rather than a retry the server never sees as one.
-        return _NO_RETRIES
+    # A retry of a multi-round-trip request (2026-07-28) carries the client's answers
+    # to the server's input requests, as the earlier revisions' client answers do:
+    # one that proposes tool calls (sampling with tools) would have the server run
+    # them undecided. The request itself is decided again, as every round is.
+    responses = params.get("inputResponses")
+    if responses is not None and not isinstance(responses, dict):
+        return "Invalid params: inputResponses"
+    if responses and any(_proposes_tool_use(answer) for answer in responses.values()):
+        return _RETRY_TOOLS
+    if not isinstance(params.get("requestState", ""), str):
+        return "Invalid params: requestState"
     return None
 
 
@@ -361,7 +367,10 @@ def _governed_request(value: dict[str, Any], id_: JsonId, params: object, index:
         return Message(None, error_response(id_, INVALID_PARAMS, "Invalid params"))
     method = value["method"]
     kind, fields = GOVERNED[method]
-    arguments = {k: v for k, v in params.items() if k in fields and k != "_meta"}
+    # A retry's answers and state ride along as for a tool call; they are no argument.
+    arguments = {
+        k: v for k, v in params.items() if k in fields and k != "_meta" and k not in _RETRY_PARAMS
+    }
     problem = _params_problem(kind, arguments)
     if problem is not None:
         return Message(None, error_response(id_, INVALID_PARAMS, f"Invalid params: {problem}"))
@@ -462,7 +471,10 @@ def forward_call(message: Message) -> dict[str, Any]:
         params["name"] = message.call.name
         params["arguments"] = dict(message.call.arguments)
     else:
-        params = {k: v for k, v in params.items() if k == "_meta"} | dict(message.call.arguments)
+        # The decided arguments, and what rides along as for a tool call (_meta, a retry's
+        # answers and state).
+        kept = {k: v for k, v in params.items() if k == "_meta" or k in _RETRY_PARAMS}
+        params = kept | dict(message.call.arguments)
     return {"jsonrpc": "2.0", "id": message.body["id"], "method": method, "params": params}
 
 
@@ -525,8 +537,8 @@ def result_outcome(response: Mapping[str, Any], latency_ms: float = 0.0) -> Outc
     if not isinstance(result, dict):
         return Outcome(latency_ms=latency_ms, error="malformed_result", is_error=True)
     if result.get("resultType") == "input_required":
-        # The server asks the client for input first (2026-07-28): the request did
-        # not complete, and its retry is refused (see _NO_RETRIES).
+        # The server asks the client for input first (2026-07-28): the request did not
+        # complete; its retry, with the answers, is decided as a request of its own.
         return Outcome(latency_ms=latency_ms, error="input_required", is_error=True)
     content = result.get("content")
     texts = [

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = parser.add_subparsers(dest="mcp_command", required=True, metavar="COMMAND")
     wrap = sub.add_parser(
         "wrap",
-        help="run a stdio MCP server as a child and govern its tools/call",
+        help="run a stdio MCP server as a child and govern its tool calls, resources and prompts",
         usage=(
             "warden mcp wrap [--config FILE] [--name NAME] [--session NAME] -- COMMAND [ARGS...]"
         ),

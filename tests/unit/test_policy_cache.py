@@ -561,3 +561,15 @@ def test_many_counted_keys_in_one_body_are_read_once() -> None:
 def test_paths_read_as_operators_see_them() -> None:
     assert path_text(("session", "calls", KIND)) == "session.calls.(kind)"
     assert path_text(("history", WILDCARD, "tool")) == "history.*.tool"
+
+
+def test_a_value_read_member_by_member_too_often_is_read_whole() -> None:
+    # Each object.get with its own key is a path of the key: hundreds would make every
+    # decision's key cost more than the cache saves.
+    rules = "".join(
+        f'd{i} if object.get(input.action.arguments, "k{i}", 0) > 1\n' for i in range(40)
+    )
+    shape = shape_of(f"package warden\n{rules}")
+    assert shape.paths == (("action", "arguments"),)
+    few = shape_of('package warden\nd if object.get(input.action.arguments, "k", 0) > 1\n')
+    assert few.paths == (("action", "arguments", KIND), ("action", "arguments", "k"))

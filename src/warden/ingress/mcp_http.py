@@ -14,10 +14,12 @@ sides and only converts:
   open; when the client sent a progress token it gets ``notifications/progress``
   every ``approvals.keepalive_s`` meanwhile (an SSE answer), otherwise SSE
   comments. ``tools/list`` answers lose the tools the policy would deny in
-  every case (:meth:`warden.core.Governor.hidden_tools`). Everything else
-  (initialize, notifications, the client's answers to the server's own
-  requests) is forwarded as it came; notifications and responses get the
-  server's ``202``.
+  every case (:meth:`warden.core.Governor.hidden_tools`). ``resources/read``,
+  ``prompts/get`` and ``completion/complete`` are decided as calls are
+  (:data:`warden.protocols.mcp.GOVERNED`), refused with a JSON-RPC error.
+  Everything else (initialize, listings, notifications, the client's answers
+  to the server's own requests) is forwarded as it came; notifications and
+  responses get the server's ``202``.
 * **GET** opens the server's SSE stream (with ``Last-Event-ID`` to resume);
   its events are relayed, ``tools/list`` answers filtered there too, and the
   answer to a call whose POST stream ended early (resumption) still becomes
@@ -392,7 +394,8 @@ class McpHttp:
         upstream: UpstreamConfig,
         message: mcp.Message,
     ) -> web.StreamResponse:
-        """One ``tools/call``: decided (held, with progress, if need be), then answered or sent."""
+        """One governed request (``tools/call``, ``resources/read``...): decided (held, with
+        progress, if need be), then answered or sent."""
         action = self._action(request, exchange, message)
         try:
             decision = await self._decided(request, exchange, message, action)

@@ -4,7 +4,9 @@
 server: the client writes newline-delimited JSON-RPC to Warden's stdin, the
 door runs ``command`` as a child and relays both ways. Every ``tools/call`` is
 decided by the core before the child sees it; a denied or held one is answered
-by Warden with an ``isError`` tool result, so the child never receives it. The
+by Warden with an ``isError`` tool result, so the child never receives it. So
+are ``resources/read``, ``prompts/get`` and ``completion/complete``
+(:data:`warden.protocols.mcp.GOVERNED`), refused with a JSON-RPC error. The
 child's answer to an allowed call is recorded as its trusted outcome. A kill
 switch thrown while a call runs answers it at once and tells the child to
 cancel it (``notifications/cancelled``); the child's late answer is dropped.

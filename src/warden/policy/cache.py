@@ -195,6 +195,8 @@ _HEAD = re.compile(r"^(?:[ \t]*default)?[ \t]*([A-Za-z_][A-Za-z0-9_]*)\s*\(", re
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CALLEE = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_]*)$")
 _WITH = re.compile(r"(?<![\w.])with(?![\w])")
+# How far back a called function's name is looked for (names are shorter).
+_NAME_WINDOW = 256
 _OBJECT_WORD = re.compile(r"(?<![\w.])object(?![\w])")
 _OBJECT_GET = re.compile(r"(?<![\w.])object\s*\.\s*get\s*$")
 _OBJECT_GET_CALL = re.compile(r"(?<![\w.])object\s*\.\s*get\s*\(")
@@ -292,17 +294,40 @@ def _defines_object(marked: str, statements: set[int]) -> bool:
     Such a head starts a statement (a line that starts one, or after ``;`` or
     ``}``) outside any bracket; a rule may put it after ``default``.
     """
+    depth, counted = 0, 0
     for m in _OBJECT_WORD.finditer(marked):
-        if _depth(marked, 0, m.start()) != 0:
+        depth += _depth(marked, counted, m.start())  # one pass over the text in all
+        counted = m.start()
+        if depth != 0:
             continue
-        before = marked[: m.start()].rstrip(" \t")
-        if before.endswith("default"):
-            before = before[: -len("default")].rstrip(" \t")
-        if before.endswith((";", "}")) or (
-            (before == "" or before.endswith("\n")) and len(before) in statements
+        j = m.start()
+        while j > 0 and marked[j - 1] in " \t":
+            j -= 1
+        if marked.endswith("default", 0, j):
+            j -= len("default")
+            while j > 0 and marked[j - 1] in " \t":
+                j -= 1
+        if (j > 0 and marked[j - 1] in ";}") or (
+            (j == 0 or marked[j - 1] == "\n") and j in statements
         ):
             return True
     return False
+
+
+def _last_char(text: str, pos: int) -> int:
+    """The offset of the last character before ``pos`` that is not space, or -1."""
+    j = pos - 1
+    while j >= 0 and text[j].isspace():
+        j -= 1
+    return j
+
+
+def _first_char(text: str, pos: int) -> int:
+    """The offset of the first character from ``pos`` on that is not space, or -1."""
+    j = pos
+    while j < len(text) and text[j].isspace():
+        j += 1
+    return j if j < len(text) else -1
 
 
 def _tail(text: str, end: int) -> str:
@@ -420,21 +445,21 @@ class _Analysis:
     def _call_argument(self, index: int, start: int, end: int) -> tuple[str, int, int] | None:
         """The callee, argument position and ``(`` offset if the reference is a whole argument."""
         text = self.blanked[index]
-        before = text[:start].rstrip()
-        after = text[end:].lstrip()
-        if not before or before[-1] not in "(," or not after or after[0] not in ",)":
+        last = _last_char(text, start)
+        following = _first_char(text, end)
+        if last < 0 or text[last] not in "(," or following < 0 or text[following] not in ",)":
             return None
         depth = 0
         position = 0
-        for i in range(len(before) - 1, -1, -1):
-            ch = before[i]
+        for i in range(last, -1, -1):
+            ch = text[i]
             if ch in ")]}":
                 depth += 1
             elif ch in "([{":
                 if depth > 0:
                     depth -= 1
                     continue
-                callee = _CALLEE.search(before[:i]) if ch == "(" else None
+                callee = _CALLEE.search(text, max(0, i - _NAME_WINDOW), i) if ch == "(" else None
                 return None if callee is None else (callee.group(1), position, i)
             elif ch == "," and depth == 0:
                 position += 1
@@ -479,10 +504,13 @@ class _Analysis:
         if not self.follow or not self.builtin_object or "object" in self.imported:
             return None
         text = self.blanked[index]
-        before = text[:start].rstrip()
-        if not before.endswith("(") or _OBJECT_GET.search(before, 0, len(before) - 1) is None:
+        opener = _last_char(text, start)
+        if (
+            opener < 0
+            or text[opener] != "("
+            or _OBJECT_GET.search(text, max(0, opener - _NAME_WINDOW), opener) is None
+        ):
             return None
-        opener = len(before) - 1
         call = _arg_spans(self.marked[index], opener)
         if call is None or len(call[0]) != 3 or call[0][0] != (start, end):
             return None
@@ -620,13 +648,34 @@ def analyse(modules: Sequence[Module], data: Mapping[str, Any] | None = None) ->
                 return InputShape(paths=None, deterministic=deterministic)
     kept: list[tuple[str, ...]] = []
     # ``x[_]`` with nothing read below reads every member whole: that is ``x`` itself.
-    paths = {_untail(p) for p in paths}
+    paths = _crowded_read_whole({_untail(p) for p in paths})
     if () in paths:
         return InputShape(paths=None, deterministic=deterministic)
     for path in sorted(paths, key=len):
         if not any(path[: len(p)] == p for p in kept):
             kept.append(path)
     return InputShape(paths=tuple(sorted(kept)), deterministic=deterministic)
+
+
+_MAX_MEMBERS = 16
+"""Members of one value read one by one, at most; more and the value is read whole."""
+
+
+def _crowded_read_whole(paths: set[tuple[str, ...]]) -> set[tuple[str, ...]]:
+    """``paths``, with a value whose members more than :data:`_MAX_MEMBERS` paths name
+    read whole instead: a key of hundreds of lookups would cost more than it saves."""
+    members: dict[tuple[str, ...], int] = {}
+    for path in paths:
+        if len(path) >= 2 and path[-1] not in (WILDCARD, KIND):
+            members[path[:-1]] = members.get(path[:-1], 0) + 1
+    crowded = {parent for parent, count in members.items() if count > _MAX_MEMBERS}
+    if not crowded:
+        return paths
+    out: set[tuple[str, ...]] = set()
+    for path in paths:
+        parent = next((path[:i] for i in range(1, len(path)) if path[:i] in crowded), None)
+        out.add(path if parent is None else _untail(parent))
+    return out
 
 
 def _untail(path: tuple[str, ...]) -> tuple[str, ...]:

@@ -277,7 +277,7 @@ class FakeOut:
 
 
 async def echo_door(
-    guard: Any, audit: MemoryAudit, session: str | None = None
+    guard: Any, audit: MemoryAudit, session: str | None = None, server: str = ECHO_SERVER
 ) -> tuple[StdioDoor, Governor, asyncio.StreamReader, FakeOut]:
     """A started stdio door around the echo server, deciding through ``guard`` alone."""
     pipeline = Pipeline(
@@ -291,7 +291,7 @@ async def echo_door(
     client_in = asyncio.StreamReader()
     out = FakeOut()
     door = StdioDoor(
-        [sys.executable, "-c", ECHO_SERVER],
+        [sys.executable, "-c", server],
         agent=Agent("a1"),
         upstream="echo",
         client_in=client_in,
@@ -586,3 +586,53 @@ def test_warden_results_carry_the_result_type_later_revisions_require() -> None:
     (message,) = mcp.parse(call_line(1, name="close_account", arguments={})).messages
     denied = mcp.denied_result(message, decision(Effect.DENY))
     assert denied["result"]["resultType"] == "complete"
+
+
+class AllowAll:
+    """A guard that leaves every call to the pipeline's default (allow)."""
+
+    name = "policy"
+
+    async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
+        return None
+
+
+# Holds every tools/call; answers one only once it is cancelled (late); answers the rest.
+LATE_SERVER = """
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("method") == "notifications/cancelled":
+        late = {"content": [{"type": "text", "text": "late"}]}
+        answer = {"jsonrpc": "2.0", "id": m["params"]["requestId"], "result": late}
+        print(json.dumps(answer), flush=True)
+    elif "id" in m and m.get("method") not in (None, "tools/call"):
+        print(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": {}}), flush=True)
+"""
+
+
+async def test_a_cancelled_call_is_recorded_then_and_its_late_answer_dropped() -> None:
+    # A server need not answer a cancelled request: the call was once kept waiting
+    # for good (and its id in use), and a late answer reached the client.
+    audit = MemoryAudit()
+    door, core, client_in, out = await echo_door(AllowAll(), audit, server=LATE_SERVER)
+    client_in.feed_data(call_line(1, name="get_order", arguments={"order_id": "A-1"}) + b"\n")
+    for _ in range(200):
+        if audit.decisions:
+            break
+        await asyncio.sleep(0.01)
+    cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}}
+    client_in.feed_data(orjson.dumps(cancel) + b"\n")
+    client_in.feed_data(b'{"jsonrpc": "2.0", "id": 2, "method": "ping"}\n')
+    first = await asyncio.wait_for(out.protocol.lines.get(), 10)
+    for _ in range(200):
+        if audit.outcomes:
+            break
+        await asyncio.sleep(0.01)
+    client_in.feed_eof()
+    await asyncio.wait_for(door.done.wait(), 10)
+    await door.stop()
+    await core.close()
+    assert first == {"jsonrpc": "2.0", "id": 2, "result": {}}  # the late answer went no further
+    assert out.protocol.lines.empty()
+    assert [o.outcome.error for o in audit.outcomes] == ["client_cancelled"]

@@ -39,6 +39,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,8 @@ log = logging.getLogger("warden.mcp")
 
 MAX_LINE = 64 * 1024 * 1024
 """The longest JSON-RPC line relayed (tool results can carry large documents)."""
+CANCELLED_KEPT = 1024
+"""Cancelled requests whose late answers are still told apart (and their ids kept in use)."""
 
 
 @dataclass(slots=True)
@@ -131,6 +134,9 @@ class StdioDoor:
         """The child's tools' argument names, from its ``tools/list`` answers."""
         self._asked: set[str | int] = set()
         """Ids of the client's other requests the child has not answered yet."""
+        self._cancelled: OrderedDict[str | int, None] = OrderedDict()
+        """Ids of requests the client cancelled after the child got them (the latest
+        :data:`CANCELLED_KEPT`): still in use, as the child may answer late."""
         self._unsent: set[str | int] = set()
         """Calls of a batch still being decided: allowed ones wait here for the others."""
         self.done = asyncio.Event()
@@ -243,7 +249,12 @@ class StdioDoor:
         return any(
             mcp.id_key(held) == key
             for held in itertools.chain(
-                self._pending, self._killed, self._deciding, self._asked, self._listing
+                self._pending,
+                self._killed,
+                self._deciding,
+                self._asked,
+                self._listing,
+                self._cancelled,
             )
         )
 
@@ -262,7 +273,26 @@ class StdioDoor:
                 # The child never saw the call: end its decision, and tell the child nothing.
                 task.cancel()
                 return False
+            if isinstance(target, str | int):
+                self._cancel_sent(target)
         return True
+
+    def _cancel_sent(self, target: str | int) -> None:
+        """The client cancelled a request the child has: nobody waits for its answer.
+
+        A child need not answer a cancelled request, so the call's outcome is
+        recorded now (not trusted: it may have run), and a late answer dropped.
+        """
+        pending = self._pending.pop(target, None)
+        if pending is None and target not in self._asked:
+            return
+        self._asked.discard(target)
+        if pending is not None and self._core is not None:
+            outcome = Outcome(error="client_cancelled", is_error=True)
+            self._core.outcome(pending.action, pending.decision, outcome)
+        self._cancelled[target] = None
+        while len(self._cancelled) > CANCELLED_KEPT:
+            self._cancelled.popitem(last=False)
 
     def _start_call(self, message: mcp.Message) -> None:
         id_ = message.id
@@ -489,6 +519,9 @@ class StdioDoor:
         if id_ in self._killed:
             # The client already got Warden's answer when a kill switch stopped the call.
             self._killed.discard(id_)
+            return False
+        if id_ in self._cancelled:
+            del self._cancelled[id_]  # the client cancelled it, and reads no answer
             return False
         pending = self._pending.pop(id_, None)
         if pending is None:

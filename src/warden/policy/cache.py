@@ -263,7 +263,15 @@ def _enclosing_body(text: str, pos: int) -> tuple[int, int] | None:
 
     Parentheses open no scope: ``sum([n | ...])`` is the comprehension's body.
     """
-    depth = 0
+    found = _unclosed(text, pos, through_parens=True)
+    call = None if found is None else _arg_spans(text, found[0])
+    return None if found is None or call is None else (found[0] + 1, call[1] - 1)
+
+
+def _unclosed(text: str, pos: int, *, through_parens: bool = False) -> tuple[int, int] | None:
+    """The innermost bracket still open at ``pos``, and how many commas lie between it
+    and ``pos`` outside nested brackets; ``through_parens``: a ``(`` is passed over."""
+    depth = commas = 0
     for i in range(pos - 1, -1, -1):
         ch = text[i]
         if ch in ")]}":
@@ -271,9 +279,10 @@ def _enclosing_body(text: str, pos: int) -> tuple[int, int] | None:
         elif ch in "([{":
             if depth > 0:
                 depth -= 1
-            elif ch != "(":
-                call = _arg_spans(text, i)
-                return None if call is None else (i + 1, call[1] - 1)
+            elif not (through_parens and ch == "("):
+                return i, commas
+        elif ch == "," and depth == 0:
+            commas += 1
     return None
 
 
@@ -449,21 +458,12 @@ class _Analysis:
         following = _first_char(text, end)
         if last < 0 or text[last] not in "(," or following < 0 or text[following] not in ",)":
             return None
-        depth = 0
-        position = 0
-        for i in range(last, -1, -1):
-            ch = text[i]
-            if ch in ")]}":
-                depth += 1
-            elif ch in "([{":
-                if depth > 0:
-                    depth -= 1
-                    continue
-                callee = _CALLEE.search(text, max(0, i - _NAME_WINDOW), i) if ch == "(" else None
-                return None if callee is None else (callee.group(1), position, i)
-            elif ch == "," and depth == 0:
-                position += 1
-        return None
+        found = _unclosed(text, last + 1)
+        if found is None or text[found[0]] != "(":
+            return None
+        opener, position = found
+        callee = _CALLEE.search(text, max(0, opener - _NAME_WINDOW), opener)
+        return None if callee is None else (callee.group(1), position, opener)
 
     def _follow(self, index: int, start: int, end: int) -> set[tuple[str, ...]] | None:
         """The paths read when the reference is a whole argument of a bundle function."""

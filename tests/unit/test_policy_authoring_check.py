@@ -107,3 +107,16 @@ def test_check_reports_bundle_errors(tmp_path: Path) -> None:
 
 def test_check_of_a_clean_bundle_is_empty(mixed: Path) -> None:
     assert check_policy([mixed]) == []
+
+
+def test_check_warns_when_session_counters_are_read_whole(tmp_path: Path) -> None:
+    # Each call of a session changes its counters: keyed whole, each call is a miss.
+    whole = POLICY + "\ntoo_many if input.session.calls[input.action.tool] > 3\n"
+    bundle = write_bundle(tmp_path / "whole", {"policy.rego": whole})
+    (finding,) = check_policy([bundle])
+    assert finding.severity == "warning"
+    assert finding.message.startswith("input.session.calls is read whole")
+    assert "object.get(input.session.calls" in finding.hint
+    # One member at a time keys on that counter only: nothing to report.
+    member = POLICY + '\ntoo_many if object.get(input.session.calls, "refund", 0) > 3\n'
+    assert check_policy([write_bundle(tmp_path / "member", {"policy.rego": member})]) == []

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from warden.policy.authoring.child import DEFAULT_TEST_TIMEOUT_S, Child, Crash, init_doc
 from warden.policy.authoring.lint import CALL, MISSING_BUILTINS, Finding, lint_module
 from warden.policy.authoring.policy_set import load_policy_set
 from warden.policy.authoring.statements import blank, split_statements
 from warden.policy.bundle import BundleError, Module, describe_rego_error
+from warden.policy.cache import analyse
 
 __all__ = ["check_policy"]
 
@@ -61,6 +63,7 @@ def check_policy(
         findings.extend(lint_module(module.path, module.source))
     if not parse_failed:
         findings.extend(_unknown_functions(policy.modules, rego.Interpreter().is_builtin))
+        findings.extend(_cache_misses(policy.production, policy.data, paths))
         with Child(init_doc(policy), timeout_s) as child:
             reply = child.request({"op": "compile", "query": query})
         if isinstance(reply, Crash):
@@ -82,6 +85,33 @@ def check_policy(
     # Keep the report stable and de-duplicated (the engine repeats some errors).
     unique = dict.fromkeys(findings)
     return sorted(unique, key=lambda f: (f.file, f.line, f.col, f.severity != "error", f.message))
+
+
+_SESSION_COUNTERS = (("session",), ("session", "calls"), ("session", "held"))
+
+
+def _cache_misses(
+    modules: Sequence[Module], data: Mapping[str, Any], paths: Sequence[str | Path]
+) -> list[Finding]:
+    """A warning when the decision cache keys on a session's counters whole.
+
+    Every call of a session changes them, so every call would be a policy
+    evaluation (a cache miss); read one member at a time instead.
+    """
+    shape = analyse(modules, data)
+    read = [p for p in shape.paths or () if p in _SESSION_COUNTERS]
+    if not read:
+        return []
+    where = ", ".join(str(p) for p in paths)
+    message = (
+        f"input.{'.'.join(read[0])} is read whole, so the decision cache keys on every "
+        "counter of the session: each call changes them, and each is a policy cache miss"
+    )
+    hint = (
+        'read counters one member at a time: object.get(input.session.calls, "close_account", '
+        "0), or with the key from a list in the bundle's data (docs/policies.md)"
+    )
+    return [Finding(where, 0, 0, "warning", message, hint)]
 
 
 _NOT_CALLS = frozenset({"if", "not", "some", "every", "with", "in", "contains", "else", "as"})

@@ -117,6 +117,8 @@ async def _run(
         killswitches=lambda: warden.killswitches,
         session=session[0],
         session_source=session[1],
+        # A fresh id is this run's alone; one --session names may be shared.
+        session_owned=session[1] == "mcp",
     )
     warden = Warden(config, doors=[door], listeners=False)
     async with warden:

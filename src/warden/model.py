@@ -244,6 +244,9 @@ class Conversation:
     provider_conversation: str | None = None
     """The Responses API conversation the request goes on in (its ``conversation``):
     only the agent that first used it through Warden may."""
+    owned: bool = False
+    """The session is this process's alone (a ``warden mcp wrap`` run's fresh id): nothing
+    else adds to its counters, so after one read from the store they are kept in memory."""
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 

@@ -102,6 +102,8 @@ MAX_STREAMING: Final = 10_000
 """Answers still streaming whose agent is remembered before their link is written."""
 MAX_KNOWN: Final = 100_000
 """Decided calls remembered in memory (the state store keeps them all, until ``ttl_s``)."""
+_OWNED_KEPT: Final = 1024
+"""Sessions whose counters are kept in memory (a wrap run has one)."""
 MAX_PER_CALL_ID: Final = 16
 """Records kept in memory per call id, newest last. Ids are the upstream's choice and
 may repeat without end; a history entry whose record fell out reads unverified."""
@@ -305,6 +307,9 @@ class SessionGuard:
         self._unadded: dict[str, Counter[str]] = {}
         """Counter deltas decided here and not yet confirmed added in the store, by key:
         reads add them, so this process never sees fewer than it decided."""
+        self._owned: OrderedDict[str, Counter[str]] = OrderedDict()
+        """Counters of sessions this process alone adds to (``Conversation.owned``), by key:
+        read from the store once, then kept here as decided."""
         self._adding = tasks.Tasks("session-counters")
         self._closing = asyncio.Event()
         """Set by :meth:`close`: a counter add that fails then is not tried again."""
@@ -396,13 +401,7 @@ class SessionGuard:
                 # cannot all read the count from before any of them.
                 await self._enter(prepared.key, action.action_id)
             try:
-                counters = await self._repo.counters(prepared.key)
-                unadded = self._unadded.get(prepared.key)
-                if unadded:
-                    # Added on disk in a moment (or just now: then counted twice for one
-                    # read, which errs on the cautious side); never counted short.
-                    for name, delta in unadded.items():
-                        counters[name] = counters.get(name, 0) + delta
+                counters = await self._counters(prepared.key, conversation.owned)
             except Exception as exc:
                 log.warning("could not read session counters: %s", type(exc).__name__)
                 available = False
@@ -412,6 +411,25 @@ class SessionGuard:
         return None, dataclasses.replace(
             ctx, history=prepared.history, session=session, labels=labels
         )
+
+    async def _counters(self, key: str, owned: bool) -> dict[str, int]:
+        """The session's counters, this process's decisions not yet in the store included."""
+        kept = self._owned.get(key) if owned else None
+        if kept is not None:
+            self._owned.move_to_end(key)
+            return dict(kept)  # no one else adds to them: no read from the store
+        counters = await self._repo.counters(key) if self._repo is not None else {}
+        unadded = self._unadded.get(key)
+        if unadded:
+            # Added on disk in a moment (or just now: then counted twice for one
+            # read, which errs on the cautious side); never counted short.
+            for name, delta in unadded.items():
+                counters[name] = counters.get(name, 0) + delta
+        if owned:
+            self._owned[key] = Counter(counters)
+            while len(self._owned) > _OWNED_KEPT:
+                self._owned.popitem(last=False)
+        return counters
 
     async def decided(self, action: Action, decision: Decision | None) -> None:
         """Record a decided tool call, and add it to its session's counters."""
@@ -456,6 +474,8 @@ class SessionGuard:
         if key is None or self._repo is None or not self._config.counters:
             return
         self._unadded.setdefault(key, Counter()).update(deltas)
+        if key in self._owned:
+            self._owned[key].update(deltas)
         if len(self._adding) == 0:
             self._adding.spawn(self._add_counters(), name="session-counters")
 

@@ -277,7 +277,12 @@ class FakeOut:
 
 
 async def echo_door(
-    guard: Any, audit: MemoryAudit, session: str | None = None, server: str = ECHO_SERVER
+    guard: Any,
+    audit: MemoryAudit,
+    session: str | None = None,
+    server: str = ECHO_SERVER,
+    *,
+    owned: bool = False,
 ) -> tuple[StdioDoor, Governor, asyncio.StreamReader, FakeOut]:
     """A started stdio door around the echo server, deciding through ``guard`` alone."""
     pipeline = Pipeline(
@@ -297,6 +302,7 @@ async def echo_door(
         client_in=client_in,
         client_out=out,  # type: ignore[arg-type]
         session=session,
+        session_owned=owned,
     )
     await door.start(core)
     return door, core, client_in, out
@@ -348,7 +354,7 @@ class SeeSessions:
 @pytest.mark.parametrize("session", ["ses_one_connection", None])
 async def test_every_call_of_the_connection_is_in_the_doors_session(session: str | None) -> None:
     guard = SeeSessions()
-    door, core, client_in, out = await echo_door(guard, MemoryAudit(), session)
+    door, core, client_in, out = await echo_door(guard, MemoryAudit(), session, owned=True)
     client_in.feed_data(call_line(1, name="get_order", arguments={"order_id": "A-1"}) + b"\n")
     await asyncio.wait_for(out.protocol.lines.get(), 10)
     batch = [orjson.loads(call_line(i, name="get_order", arguments={"n": i})) for i in (2, 3)]
@@ -362,8 +368,8 @@ async def test_every_call_of_the_connection_is_in_the_doors_session(session: str
     if session is None:
         assert guard.seen == [None, None, None]
         return
-    assert {(c.session_id, c.session_source, c.carried) for c in guard.seen} == {
-        (session, "mcp", False)
+    assert {(c.session_id, c.session_source, c.carried, c.owned) for c in guard.seen} == {
+        (session, "mcp", False, True)  # a fresh id: this wrap run's alone
     }
     # One conversation per call: the session guard's per-request memo is not shared.
     assert len({id(c) for c in guard.seen}) == 3

@@ -717,3 +717,35 @@ async def test_argument_completions_are_not_counted(store: SessionStore) -> None
     await decide(guard, read, Effect.ALLOW)
     await guard.close()
     assert await store.counters("bot\x1fs-1") == {"calls:resources/read": 1}
+
+
+class CountingReads(SlowAdds):
+    """A session store that counts reads of counters."""
+
+    def __init__(self, store: SessionStore) -> None:
+        super().__init__(store)
+        self.release.set()
+        self.reads = 0
+
+    async def counters(self, session_id: str) -> dict[str, int]:
+        self.reads += 1
+        return await self.store.counters(session_id)
+
+
+@pytest.mark.parametrize("owned", [True, False])
+async def test_counters_of_a_session_this_process_owns_are_read_once(
+    store: SessionStore, owned: bool
+) -> None:
+    # A wrap run's fresh session: nothing else adds to it, so one read serves the run.
+    reads = CountingReads(store)
+    guard = SessionGuard(cast("Any", reads), SessionsConfig(), TOOLS)
+    for i in range(3):
+        convo = dataclasses.replace(chat(), owned=owned)
+        action = proposed("get_order", {"order_id": f"A-{i}"}, f"c{i}", convo)
+        await decide(guard, action, Effect.ALLOW)
+    convo = dataclasses.replace(chat(), owned=owned)
+    _, ctx = await look(guard, proposed("draft_reply", {}, "c9", convo), CTX)
+    await guard.close()
+    assert ctx.session["calls"] == {"get_order": 3}
+    assert reads.reads == (1 if owned else 4)
+    assert await store.counters("bot\x1fs-1") == {"calls:get_order": 3}  # stored all the same

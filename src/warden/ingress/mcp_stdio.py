@@ -102,12 +102,15 @@ class StdioDoor:
         keepalive_s: float = 10.0,
         session: str | None = None,
         session_source: str = "mcp",
+        session_owned: bool = False,
     ) -> None:
         """``killswitches``: where to find the switches in force once Warden runs.
 
         ``keepalive_s``: how often a held call's client hears progress.
         ``session``: the session every call of this connection is counted in
         (``input.session.id``; ``session_source`` is its ``source``); ``None``: none.
+        ``session_owned``: no other process counts calls in it (a fresh id), so its
+        counters are kept in memory after one read (:attr:`Conversation.owned`).
         """
         self._command = tuple(command)
         self._agent = agent
@@ -125,6 +128,7 @@ class StdioDoor:
         self._keepalive_s = keepalive_s
         self._session = session
         self._session_source = session_source
+        self._session_owned = session_owned
         self._deciding: dict[str | int, asyncio.Task[Any]] = {}
         """Calls being decided, by id: a cancellation for one ends its decision."""
         self._calls = tasks.Tasks("mcp-stdio-calls")
@@ -404,6 +408,8 @@ class StdioDoor:
         # conversation per call: the session guard memoises one request's work on it.
         conversation = door_conversation({}, self._session, self._session_source)
         if conversation is not None:
+            if self._session_owned:
+                conversation = dataclasses.replace(conversation, owned=True)
             meta = dataclasses.replace(action.request, conversation=conversation)
             action = dataclasses.replace(action, request=meta)
         try:

@@ -12,21 +12,21 @@ from hypothesis import strategies as st
 
 from warden.errors import InvalidJSON
 from warden.protocols._wire import (
-    _reject_constant,
-    _unique_keys,
     dumps,
     loads,
     parse_arguments,
     policy_safe,
+    reject_constant,
     request_bytes,
     request_object,
+    unique_keys,
 )
 
 
 def reference(raw: str) -> tuple[str, Any]:
     """The stdlib-only reading: duplicate keys and ``NaN`` refused."""
     try:
-        value = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+        value = json.loads(raw, object_pairs_hook=unique_keys, parse_constant=reject_constant)
     except (ValueError, RecursionError):
         return raw, None
     if not isinstance(value, dict) or not policy_safe(value):

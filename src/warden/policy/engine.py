@@ -86,6 +86,7 @@ from warden.policy.worker import (
     MSG_RESULT,
     frame,
 )
+from warden.protocols._wire import reject_constant, unique_keys
 
 __all__ = [
     "DEFAULT_QUEUE_TIMEOUT_S",
@@ -285,20 +286,11 @@ def result_document(text: str) -> Any:
     a builtin unescaped (``base64.decode``) and the result repeats.
     """
     try:
-        return json.loads(text, strict=False, parse_constant=_no_constant, object_pairs_hook=_once)
+        return json.loads(
+            text, strict=False, parse_constant=reject_constant, object_pairs_hook=unique_keys
+        )
     except (ValueError, RecursionError):
         return None
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    found = dict(pairs)
-    if len(found) != len(pairs):
-        raise ValueError("a key given twice")
-    return found
 
 
 def interpret_value(text: str, modules: tuple[Module, ...] = ()) -> PolicyResult:

@@ -29,9 +29,11 @@ __all__ = [
     "parse_arguments",
     "policy_safe",
     "refuse_misspelled_request",
+    "reject_constant",
     "request_bytes",
     "request_object",
     "token_count",
+    "unique_keys",
 ]
 
 NO_DECISION: Final = Decision(
@@ -48,11 +50,14 @@ class _DuplicateKeyError(ValueError):
     pass
 
 
-def _reject_constant(name: str) -> Any:
+def reject_constant(name: str) -> Any:
+    """A ``json.loads`` ``parse_constant`` hook: ``NaN`` and ``Infinity`` are no JSON."""
     raise ValueError(f"{name} is not JSON")
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A ``json.loads`` ``object_pairs_hook``: a key given twice is an error (readers
+    disagree on which one wins)."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
         raise _DuplicateKeyError("duplicate key")
@@ -105,7 +110,7 @@ def request_object(body: bytes) -> dict[str, Any]:
     try:
         if _long_int(body):
             # As orjson would read it: no number past a float's range, no lone surrogate.
-            value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite)
+            value = json.loads(body, parse_constant=reject_constant, parse_float=_finite)
             if _SURROGATE_ESCAPE.search(body):
                 json.dumps(value, ensure_ascii=False).encode()  # raises on a lone one
         else:
@@ -366,7 +371,7 @@ def parse_arguments(raw: object) -> tuple[str, Mapping[str, Any] | None]:
     value = _fast_object(raw)
     if value is None:
         try:
-            value = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+            value = json.loads(raw, object_pairs_hook=unique_keys, parse_constant=reject_constant)
         except (ValueError, RecursionError):
             return raw, None
     if not isinstance(value, dict) or not policy_safe(value):

@@ -303,16 +303,7 @@ def test_anthropic_toolset_members_are_decided_by_toolset_and_name(
     member = {**wire.tool_use("navigate", {"url": "https://x"}), "toolset_name": "dangerkit"}
     own = wire.tool_use("navigate", {"url": "https://y"}, block_id="toolu_2")
     shot = {**wire.tool_use("screenshot", {}, block_id="toolu_3"), "toolset_name": "browser"}
-    case = new_case()
-    content = [member, own, shot]
-    harness.answer(
-        case,
-        RawReply.sse(wire.anthropic_stream(content))
-        if stream
-        else RawReply.json(wire.message_body(content)),
-    )
-    parsed = _anthropic_parsed(ant, case, stream, None)
-    uses = [b for b in parsed if getattr(b, "type", None) == "tool_use"]
+    case, uses = _toolset_uses(harness, ant, stream, [member, own, shot])
     # An allowed member goes out as the SDK reads it: its own name and toolset.
     assert [(u.name, u.input, getattr(u, "toolset_name", None)) for u in uses] == [
         ("navigate", {"url": "https://y"}, None),
@@ -324,6 +315,21 @@ def test_anthropic_toolset_members_are_decided_by_toolset_and_name(
         "navigate": "allow",
         "browser.screenshot": "allow",
     }
+
+
+def _toolset_uses(
+    harness: Harness, ant: anthropic.Anthropic, stream: bool, content: list[dict[str, Any]]
+) -> tuple[str, list[Any]]:
+    """A new case answered with ``content``, and the ``tool_use`` blocks the SDK parsed."""
+    case = new_case()
+    harness.answer(
+        case,
+        RawReply.sse(wire.anthropic_stream(content))
+        if stream
+        else RawReply.json(wire.message_body(content)),
+    )
+    parsed = _anthropic_parsed(ant, case, stream, None)
+    return case, [b for b in parsed if getattr(b, "type", None) == "tool_use"]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -341,16 +347,7 @@ def test_a_toolset_member_whose_input_names_another_action_is_not_run(
         **wire.tool_use("screenshot", {"action": "screenshot"}, block_id="toolu_3"),
         "toolset_name": "browser",
     }
-    case = new_case()
-    content = [clicks, shot]
-    harness.answer(
-        case,
-        RawReply.sse(wire.anthropic_stream(content))
-        if stream
-        else RawReply.json(wire.message_body(content)),
-    )
-    parsed = _anthropic_parsed(ant, case, stream, None)
-    uses = [b for b in parsed if getattr(b, "type", None) == "tool_use"]
+    case, uses = _toolset_uses(harness, ant, stream, [clicks, shot])
     assert [(u.name, u.input) for u in uses] == [("screenshot", {"action": "screenshot"})]
     recs = [(r["action"]["kind"], r["decision"]["enforced"]) for r in harness.audit.decisions(case)]
     assert sorted(recs) == [("tool_call", "allow"), ("unknown_call", "deny")]

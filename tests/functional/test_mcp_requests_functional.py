@@ -32,24 +32,32 @@ pytestmark = pytest.mark.timeout(90)
 
 
 @asynccontextmanager
-async def over_http(tmp_path: Path) -> AsyncIterator[ClientSession]:
+async def fronted(tmp_path: Path, **overrides: Any) -> AsyncIterator[Warden]:
+    """Warden in front of the test MCP server (upstream ``support-tools``)."""
     async with StreamableHttpServer(tmp_path / "calls.jsonl") as server:
         config = make_config(
             tmp_path,
             "http://127.0.0.1:9",
             upstreams={"support-tools": {"protocol": "mcp", "base_url": server.url}},
+            **overrides,
         )
-        async with (
-            Warden(config) as warden,
-            httpx2.AsyncClient(timeout=30) as http,
-            streamable_http_client(f"{warden.proxy_url}/support-tools", http_client=http) as (
-                read,
-                write,
-            ),
-            ClientSession(read, write) as session,
-        ):
-            await session.initialize()
-            yield session
+        async with Warden(config) as warden:
+            yield warden
+
+
+@asynccontextmanager
+async def over_http(tmp_path: Path) -> AsyncIterator[ClientSession]:
+    async with (
+        fronted(tmp_path) as warden,
+        httpx2.AsyncClient(timeout=30) as http,
+        streamable_http_client(f"{warden.proxy_url}/support-tools", http_client=http) as (
+            read,
+            write,
+        ),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        yield session
 
 
 Door = Callable[[Path], AbstractAsyncContextManager[ClientSession]]
@@ -138,21 +146,12 @@ async def test_a_multi_round_trip_request_is_decided_each_round(tmp_path: Path) 
     (bundle / "policy.rego").write_text(
         'package warden\n\nimport rego.v1\n\ndecision := {"effect": "allow", "reason": "ok"}\n'
     )
-    async with StreamableHttpServer(tmp_path / "calls.jsonl") as server:
-        config = make_config(
-            tmp_path,
-            "http://127.0.0.1:9",
-            upstreams={"support-tools": {"protocol": "mcp", "base_url": server.url}},
-            policy={"bundles": [str(bundle)]},
+    async with fronted(tmp_path, policy={"bundles": [str(bundle)]}) as warden:
+        client = Client(
+            f"{warden.proxy_url}/support-tools", mode="2026-07-28", elicitation_callback=confirm
         )
-        async with Warden(config) as warden:
-            client = Client(
-                f"{warden.proxy_url}/support-tools", mode="2026-07-28", elicitation_callback=confirm
-            )
-            async with client:
-                result = await client.call_tool(
-                    "close_account_confirmed", {"customer_id": "C-1001"}
-                )
+        async with client:
+            result = await client.call_tool("close_account_confirmed", {"customer_id": "C-1001"})
     assert not result.is_error
     assert asked == ["Close the account of C-1001?"]
     assert reached(tmp_path) == [("close_account", {"customer_id": "C-1001", "confirmed": True})]

@@ -434,6 +434,13 @@ def _rescope(out: Path, **changes: object) -> None:
     path.write_bytes(orjson.dumps({**orjson.loads(path.read_bytes()), **changes}))
 
 
+def _rescoped_failures(out: Path, **changes: object) -> list[str]:
+    """What verifying says once the package declares ``changes`` (its manifest redone)."""
+    _rescope(out, **changes)
+    _remanifest(out)
+    return verify_package(out)[0]
+
+
 @pytest.mark.parametrize(
     "tamper",
     ["drop the last of the period", "drop the edges", "no end of period", "another period"],
@@ -477,9 +484,8 @@ def test_a_package_whose_agent_filter_is_not_an_agent_fails(root: Path, tmp_path
     # Any value but null would turn the unbroken-run check off.
     out = tmp_path / "evidence"
     export_log(root, out)
-    _rescope(out, agent=False)
-    _remanifest(out)
-    assert any("neither null nor an agent id" in f for f in verify_package(out)[0])
+    failures = _rescoped_failures(out, agent=False)
+    assert any("neither null nor an agent id" in f for f in failures)
 
 
 def test_a_whole_log_package_must_reach_the_checkpoint(root: Path, tmp_path: Path) -> None:
@@ -489,9 +495,8 @@ def test_a_whole_log_package_must_reach_the_checkpoint(root: Path, tmp_path: Pat
     proofs = (out / "proofs.jsonl").read_bytes().split(b"\n")[:-1]
     (out / "records.jsonl").write_bytes(b"".join(line + b"\n" for line in lines[:-2]))
     (out / "proofs.jsonl").write_bytes(b"".join(line + b"\n" for line in proofs[:-2]))
-    _rescope(out, last_seq=len(lines) - 3, records=len(lines) - 2)
-    _remanifest(out)
-    assert any("names no 'to'" in f for f in verify_package(out)[0])
+    failures = _rescoped_failures(out, last_seq=len(lines) - 3, records=len(lines) - 2)
+    assert any("names no 'to'" in f for f in failures)
 
 
 async def test_a_package_cut_at_a_checkpoint_from_before_the_periods_end_fails(
@@ -531,15 +536,12 @@ async def test_a_package_cut_at_a_checkpoint_from_before_the_periods_end_fails(
     assert verify_package(cut)[0] == []
     # Declaring the period asked for instead (the package's maker may write anything):
     # the checkpoint from before its end gives the missing records away.
-    _rescope(cut, to=period.end)
-    _remanifest(cut)
-    failures, _ = verify_package(cut)
+    failures = _rescoped_failures(cut, to=period.end)
     assert any("is from before the period's end" in f for f in failures), failures
     # A period end in another form would compare wrong as a string: refused.
     for other in ("2026-11-26T10:01:00-05:00", 20261126150000, ["2026-11-26T15:00:00Z"]):
-        _rescope(cut, to=other)
-        _remanifest(cut)
-        assert any("not a time as records write it" in f for f in verify_package(cut)[0])
+        failures = _rescoped_failures(cut, to=other)
+        assert any("not a time as records write it" in f for f in failures)
 
 
 def test_a_package_without_its_selection_fails(root: Path, tmp_path: Path) -> None:

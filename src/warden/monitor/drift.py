@@ -18,11 +18,21 @@ events (:func:`warden.monitor.events.read_events`).
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from warden.monitor.events import DecisionEvent
+from warden.monitor.events import (
+    D_AGENT,
+    D_EFFECT,
+    D_FIRST,
+    D_KIND,
+    D_NUMBERS,
+    D_TOOL,
+    D_VERSION,
+    DecisionEvent,
+    DecisionRow,
+)
 from warden.monitor.psi import Histogram, Level, level_of, psi_counts, quantile_edges
 
 __all__ = [
@@ -149,30 +159,40 @@ class DriftResult:
         }
 
 
-def _tool_label(event: DecisionEvent) -> str:
-    return event.tool if event.tool is not None else f"({event.kind})"
+AnyDecision = DecisionEvent | DecisionRow
+"""A decision as an event or as its row (what the live monitor keeps)."""
 
 
-def _groups(events: Iterable[DecisionEvent]) -> dict[tuple[str, str], list[DecisionEvent]]:
-    groups: dict[tuple[str, str], list[DecisionEvent]] = defaultdict(list)
+def _rows(events: Iterable[AnyDecision]) -> Iterator[DecisionRow]:
     for event in events:
-        if not event.first:
+        yield event.row() if isinstance(event, DecisionEvent) else event
+
+
+def _tool_label(row: DecisionRow) -> str:
+    tool = row[D_TOOL]
+    return tool if tool is not None else f"({row[D_KIND]})"
+
+
+def _groups(events: Iterable[AnyDecision]) -> dict[tuple[str, str], list[DecisionRow]]:
+    groups: dict[tuple[str, str], list[DecisionRow]] = defaultdict(list)
+    for row in _rows(events):
+        if not row[D_FIRST]:
             continue
-        groups[(event.agent, event.version)].append(event)
-        groups[(event.agent, ALL_VERSIONS)].append(event)
+        groups[(row[D_AGENT], row[D_VERSION])].append(row)
+        groups[(row[D_AGENT], ALL_VERSIONS)].append(row)
     return groups
 
 
-def _values(events: Sequence[DecisionEvent]) -> dict[str, list[float]]:
+def _values(rows: Sequence[DecisionRow]) -> dict[str, list[float]]:
     values: dict[str, list[float]] = defaultdict(list)
-    for event in events:
-        for key, value in event.numbers:
+    for row in rows:
+        for key, value in row[D_NUMBERS]:
             values[key].append(value)
     return values
 
 
-def _profile(agent: str, version: str, events: Sequence[DecisionEvent], bins: int) -> Profile:
-    values = _values(events)
+def _profile(agent: str, version: str, rows: Sequence[DecisionRow], bins: int) -> Profile:
+    values = _values(rows)
     frequent = sorted(values, key=lambda k: (-len(values[k]), k))[:MAX_NUMBERS]
     numbers = {}
     for key in frequent:
@@ -181,14 +201,14 @@ def _profile(agent: str, version: str, events: Sequence[DecisionEvent], bins: in
     return Profile(
         agent=agent,
         version=version,
-        decisions=len(events),
-        tools=dict(Counter(_tool_label(e) for e in events)),
-        effects=dict(Counter(e.effect for e in events)),
+        decisions=len(rows),
+        tools=dict(Counter(_tool_label(r) for r in rows)),
+        effects=dict(Counter(r[D_EFFECT] for r in rows)),
         numbers=numbers,
     )
 
 
-def profiles(events: Iterable[DecisionEvent], *, bins: int = 10) -> dict[tuple[str, str], Profile]:
+def profiles(events: Iterable[AnyDecision], *, bins: int = 10) -> dict[tuple[str, str], Profile]:
     """Profiles of every group in ``events`` (per version, and ``*`` per agent)."""
     return {
         key: _profile(key[0], key[1], group, bins) for key, group in sorted(_groups(events).items())
@@ -197,15 +217,15 @@ def profiles(events: Iterable[DecisionEvent], *, bins: int = 10) -> dict[tuple[s
 
 def compare(
     reference: Profile,
-    current: Sequence[DecisionEvent],
+    current: Iterable[AnyDecision],
     *,
     min_samples: int = DEFAULT_MIN_SAMPLES,
 ) -> DriftResult:
     """Drift of one group's current events against its reference profile."""
-    events = [e for e in current if e.first]
+    events = [r for r in _rows(current) if r[D_FIRST]]
     enough = reference.decisions >= min_samples and len(events) >= min_samples
-    tools = Counter(_tool_label(e) for e in events)
-    effects = Counter(e.effect for e in events)
+    tools = Counter(_tool_label(r) for r in events)
+    effects = Counter(r[D_EFFECT] for r in events)
     n = (reference.decisions, len(events))
     dists = [
         _dist("tools", reference=reference.tools, current=tools, n=n, enough=enough),
@@ -241,8 +261,8 @@ def _dist(
 
 
 def compute(
-    reference: Iterable[DecisionEvent] | Mapping[tuple[str, str], Profile],
-    current: Iterable[DecisionEvent],
+    reference: Iterable[AnyDecision] | Mapping[tuple[str, str], Profile],
+    current: Iterable[AnyDecision],
     *,
     min_samples: int = DEFAULT_MIN_SAMPLES,
     bins: int = 10,

@@ -15,7 +15,7 @@ import datetime as dt
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -24,21 +24,81 @@ from warden.audit.verify import iter_records
 from warden.monitor.windows import Window
 
 __all__ = [
+    "APPROVAL",
     "CONVERSATION_KEYS",
+    "DECISION",
+    "OUTCOME",
     "ApprovalEvent",
+    "ApprovalRow",
     "DecisionEvent",
+    "DecisionRow",
     "Events",
     "OutcomeEvent",
+    "OutcomeRow",
     "Unsealer",
     "collect",
     "event_of",
+    "is_trusted",
     "read_events",
+    "row_of",
 ]
 
 CONVERSATION_KEYS = ("session_id", "conversation_id", "thread_id")
 """Context keys (``X-Warden-Context-Session-Id``...) that name a conversation, first found wins."""
 _APPROVAL_VERDICTS = {"approval_decided": None, "approval_expired": "expired"}
 _MAX_NUMBERS = 32  # numeric arguments kept per action
+
+
+# Each event has a row: a plain tuple of its fields in order (``DecisionEvent(*row)``
+# is the event). A busy sidecar's monitor keeps hundreds of thousands of events;
+# as rows the garbage collector stops tracking them (a tuple of strings and numbers
+# is untracked), so a full collection does not walk them. As dataclasses, 500,000
+# decisions and outcomes made each full collection pause the event loop ~230 ms.
+DecisionRow = tuple[
+    float,
+    str,
+    str,
+    str,
+    str,
+    str,
+    str | None,
+    str,
+    str,
+    int,
+    tuple[tuple[str, float], ...],
+    str | None,
+    bool,
+]
+"""A :class:`DecisionEvent`'s fields in order."""
+OutcomeRow = tuple[float, str, str, str, str, str | None, str, bool, float | None, float]
+"""An :class:`OutcomeEvent`'s fields in order."""
+ApprovalRow = tuple[float, str, str, str]
+"""An :class:`ApprovalEvent`'s fields in order."""
+DECISION: Final = 0
+OUTCOME: Final = 1
+APPROVAL: Final = 2
+# Where a field is in its row (the field's position in its dataclass).
+TS: Final = 0
+D_AGENT: Final = 1
+D_VERSION: Final = 2
+D_DECISION_ID: Final = 4
+D_KIND: Final = 5
+D_TOOL: Final = 6
+D_EFFECT: Final = 7
+D_ELAPSED_US: Final = 9
+D_NUMBERS: Final = 10
+D_CONVERSATION: Final = 11
+D_FIRST: Final = 12
+O_AGENT: Final = 1
+O_VERSION: Final = 2
+O_DECISION_ID: Final = 3
+O_KIND: Final = 4
+O_STAGE: Final = 6
+O_FAILED: Final = 7
+O_COST: Final = 8
+A_APPROVAL_ID: Final = 1
+A_DECISION_ID: Final = 2
+A_VERDICT: Final = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +120,24 @@ class DecisionEvent:
     conversation: str | None = None
     first: bool = True
 
+    def row(self) -> DecisionRow:
+        """The fields as a plain tuple, in order."""
+        return (
+            self.ts,
+            self.agent,
+            self.version,
+            self.action_id,
+            self.decision_id,
+            self.kind,
+            self.tool,
+            self.effect,
+            self.guard,
+            self.elapsed_us,
+            self.numbers,
+            self.conversation,
+            self.first,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class OutcomeEvent:
@@ -76,11 +154,31 @@ class OutcomeEvent:
     cost: float | None
     latency_ms: float
 
+    def row(self) -> OutcomeRow:
+        """The fields as a plain tuple, in order."""
+        return (
+            self.ts,
+            self.agent,
+            self.version,
+            self.decision_id,
+            self.kind,
+            self.tool,
+            self.stage,
+            self.failed,
+            self.cost,
+            self.latency_ms,
+        )
+
     @property
     def trusted(self) -> bool:
         """Warden observed it at a tool API it fronts (MCP, HTTP tools, gRPC ``ReportOutcome``
         of an executed action), rather than the agent reporting its own tool's result."""
-        return self.stage == "executed" and self.kind != "llm_call"
+        return is_trusted(self.row())
+
+
+def is_trusted(outcome: OutcomeRow) -> bool:
+    """:attr:`OutcomeEvent.trusted` of a row."""
+    return outcome[O_STAGE] == "executed" and outcome[O_KIND] != "llm_call"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +189,10 @@ class ApprovalEvent:
     approval_id: str
     decision_id: str
     verdict: str
+
+    def row(self) -> ApprovalRow:
+        """The fields as a plain tuple, in order."""
+        return (self.ts, self.approval_id, self.decision_id, self.verdict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,11 +275,28 @@ def event_of(
     record: Mapping[str, Any], unsealer: Unsealer | None = None
 ) -> DecisionEvent | OutcomeEvent | ApprovalEvent | None:
     """The event a stored record makes, or ``None`` for records monitoring does not use."""
+    found = row_of(record, unsealer)
+    if found is None:
+        return None
+    what, row = found
+    if what == DECISION:
+        return DecisionEvent(*row)
+    if what == OUTCOME:
+        return OutcomeEvent(*row)
+    return ApprovalEvent(*row)
+
+
+def row_of(
+    record: Mapping[str, Any], unsealer: Unsealer | None = None
+) -> tuple[int, DecisionRow | OutcomeRow | ApprovalRow] | None:
+    """:func:`event_of` as ``(DECISION | OUTCOME | APPROVAL, row)``, without the event object."""
     kind = record.get("kind")
     if kind == "decision":
-        return _decision(record, unsealer)
+        decision = _decision(record, unsealer)
+        return None if decision is None else (DECISION, decision)
     if kind == "outcome":
-        return _outcome(record)
+        outcome = _outcome(record)
+        return None if outcome is None else (OUTCOME, outcome)
     if kind in _APPROVAL_VERDICTS:
         body = record.get("body")
         if not isinstance(body, Mapping):
@@ -185,7 +304,7 @@ def event_of(
         verdict = _APPROVAL_VERDICTS[str(kind)] or str(body.get("verdict", ""))
         if verdict not in ("approved", "rejected", "expired"):
             return None
-        return ApprovalEvent(
+        return APPROVAL, (
             _ts(record.get("time")),
             str(body.get("approval_id", "")),
             str(body.get("decision_id", "")),
@@ -201,7 +320,7 @@ def _agent(record: Mapping[str, Any]) -> tuple[str, str]:
     return str(agent.get("id", "")), str(agent.get("version", "") or "")
 
 
-def _decision(record: Mapping[str, Any], unsealer: Unsealer | None) -> DecisionEvent | None:
+def _decision(record: Mapping[str, Any], unsealer: Unsealer | None) -> DecisionRow | None:
     action, decision = record.get("action"), record.get("decision")
     if not isinstance(action, Mapping) or not isinstance(decision, Mapping):
         return None
@@ -213,24 +332,24 @@ def _decision(record: Mapping[str, Any], unsealer: Unsealer | None) -> DecisionE
         context = sealed.get("action.context", context)
     tool = action.get("tool")
     guard = str(decision.get("guard", ""))
-    return DecisionEvent(
-        ts=_ts(record.get("time")),
-        agent=agent,
-        version=version,
-        action_id=str(action.get("id", "")),
-        decision_id=str(decision.get("id", "")),
-        kind=str(action.get("kind", "")),
-        tool=tool if isinstance(tool, str) else None,
-        effect=str(decision.get("effect", "")),
-        guard=guard,
-        elapsed_us=int(decision.get("elapsed_us") or 0),
-        numbers=_numbers(tool, arguments),
-        conversation=_conversation(context),
-        first=guard != "approval",
+    return (
+        _ts(record.get("time")),
+        agent,
+        version,
+        str(action.get("id", "")),
+        str(decision.get("id", "")),
+        str(action.get("kind", "")),
+        tool if isinstance(tool, str) else None,
+        str(decision.get("effect", "")),
+        guard,
+        int(decision.get("elapsed_us") or 0),
+        _numbers(tool, arguments),
+        _conversation(context),
+        guard != "approval",
     )
 
 
-def _outcome(record: Mapping[str, Any]) -> OutcomeEvent | None:
+def _outcome(record: Mapping[str, Any]) -> OutcomeRow | None:
     action, outcome = record.get("action"), record.get("outcome")
     if not isinstance(action, Mapping) or not isinstance(outcome, Mapping):
         return None
@@ -243,17 +362,17 @@ def _outcome(record: Mapping[str, Any]) -> OutcomeEvent | None:
     )
     cost = outcome.get("cost")
     tool = action.get("tool")
-    return OutcomeEvent(
-        ts=_ts(record.get("time")),
-        agent=agent,
-        version=version,
-        decision_id=str(record.get("decision_id", "")),
-        kind=str(action.get("kind", "")),
-        tool=tool if isinstance(tool, str) else None,
-        stage=str(action.get("stage", "")),
-        failed=failed,
-        cost=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
-        latency_ms=float(outcome.get("latency_ms") or 0.0),
+    return (
+        _ts(record.get("time")),
+        agent,
+        version,
+        str(record.get("decision_id", "")),
+        str(action.get("kind", "")),
+        tool if isinstance(tool, str) else None,
+        str(action.get("stage", "")),
+        failed,
+        float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
+        float(outcome.get("latency_ms") or 0.0),
     )
 
 

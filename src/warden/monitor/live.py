@@ -43,12 +43,15 @@ from warden.errors import ConfigError
 from warden.monitor import drift, quality
 from warden.monitor.baseline import Baseline, load_baseline
 from warden.monitor.events import (
-    ApprovalEvent,
-    DecisionEvent,
-    Events,
-    OutcomeEvent,
+    APPROVAL,
+    DECISION,
+    OUTCOME,
+    TS,
+    ApprovalRow,
+    DecisionRow,
+    OutcomeRow,
     Unsealer,
-    event_of,
+    row_of,
 )
 from warden.monitor.psi import Level
 from warden.monitor.windows import (
@@ -69,8 +72,9 @@ READ_EVERY_S = 1.0
 _YIELD_EVERY = 64
 """Records read and parsed between two hand-backs of the interpreter to the event loop."""
 _HEAD_READ = 1024 * 1024
-_Fed = DecisionEvent | OutcomeEvent | ApprovalEvent | Mapping[str, Any] | None
-"""A fed record as the reading thread takes it: its event, or the record if it is sealed."""
+_Row = DecisionRow | OutcomeRow | ApprovalRow
+_Fed = tuple[int, _Row] | Mapping[str, Any] | None
+"""A fed record as the reading thread takes it: its row, or the record if it is sealed."""
 _MONITORED = frozenset(("decision", "outcome", "approval_decided", "approval_expired"))
 _LEVEL_VALUE = {Level.OK: 0, Level.WATCH: 1, Level.ACT: 2, Level.INSUFFICIENT: -1}
 
@@ -143,9 +147,11 @@ class LiveMonitor:
             except ValueError as exc:
                 raise ConfigError(f"monitor.baseline: {exc}") from None
         keep = config.max_events
-        self._decisions: deque[DecisionEvent] = deque(maxlen=keep)
-        self._outcomes: deque[OutcomeEvent] = deque(maxlen=keep)
-        self._approvals: deque[ApprovalEvent] = deque(maxlen=keep)
+        # Rows, not event objects: the garbage collector does not track them
+        # (see warden.monitor.events), so its full passes do not walk the windows.
+        self._decisions: deque[DecisionRow] = deque(maxlen=keep)
+        self._outcomes: deque[OutcomeRow] = deque(maxlen=keep)
+        self._approvals: deque[ApprovalRow] = deque(maxlen=keep)
         self._tail: RecordTail | None = None
         self._unsealer: Unsealer | None = None
         self._position = -1  # the next record to take; -1: not started
@@ -169,7 +175,7 @@ class LiveMonitor:
     def feed(self, first: int, records: list[Mapping[str, Any]]) -> None:
         """Take a durable batch from the audit log (:meth:`AuditLog.follow`), on the loop.
 
-        Each record becomes its event here (a few µs), so the records are not
+        Each record becomes its event's row here (a few µs), so the records are not
         kept alive until the next read (retained, they lengthened the garbage
         collector's passes); one with sealed fields waits for the reading
         thread, which may have to read its subject's key. Records before the
@@ -178,7 +184,7 @@ class LiveMonitor:
         """
         if self._closed:  # nobody would take them: keep nothing alive
             return
-        items = [r if r.get("sealed") else event_of(r) for r in records]
+        items = [r if r.get("sealed") else row_of(r) for r in records]
         self._fed.append((first, items))
 
     def start(self, size: Callable[[], int]) -> None:
@@ -234,16 +240,20 @@ class LiveMonitor:
         now = self._clock()
         self._read(upto, now)
         current = recent(now, self._current_s)
-        events = Events(tuple(self._decisions), tuple(self._outcomes), tuple(self._approvals))
-        now_events = _within(events, current)
-        reference: Mapping[tuple[str, str], drift.Profile] | list[DecisionEvent]
+        decisions = tuple(self._decisions)
+        now_decisions = _slice(decisions, current)
+        reference: Mapping[tuple[str, str], drift.Profile] | tuple[DecisionRow, ...]
         if self._baseline is not None:
             reference = self._baseline.profiles
         else:
-            ref_window = reference_before(current, self._reference_s)
-            reference = list(_within(events, ref_window).decisions)
-        drifts = drift.compute(reference, now_events.decisions, min_samples=self.config.min_samples)
-        return Snapshot(now, drifts, quality.compute(now_events))
+            reference = _slice(decisions, reference_before(current, self._reference_s))
+        drifts = drift.compute(reference, now_decisions, min_samples=self.config.min_samples)
+        figures = quality.compute_rows(
+            now_decisions,
+            _slice(tuple(self._outcomes), current),
+            _slice(tuple(self._approvals), current),
+        )
+        return Snapshot(now, drifts, figures)
 
     def _read(self, upto: int, now: float) -> None:
         if self._position < 0:
@@ -256,12 +266,12 @@ class LiveMonitor:
                 self._read_log(first)
             for item in items[max(0, self._position - first) :]:
                 # A sealed record is unsealed here, off the loop.
-                self._take(event_of(item, self._unsealer) if isinstance(item, Mapping) else item)
+                self._take(row_of(item, self._unsealer) if isinstance(item, Mapping) else item)
             self._position = max(self._position, first + len(items))
         self._read_log(upto)
         oldest = now - self.span_s
         for queue in (self._decisions, self._outcomes, self._approvals):
-            while queue and queue[0].ts < oldest:
+            while queue and queue[0][TS] < oldest:
                 queue.popleft()
 
     def _read_log(self, upto: int) -> None:
@@ -278,16 +288,19 @@ class LiveMonitor:
             time.sleep(0)  # let the event loop have the interpreter between batches
             for stored in batch:
                 if stored.kind in _MONITORED:
-                    self._take(event_of(orjson.loads(stored.payload), self._unsealer))
+                    self._take(row_of(orjson.loads(stored.payload), self._unsealer))
         self._position = tail.position
 
-    def _take(self, event: DecisionEvent | OutcomeEvent | ApprovalEvent | None) -> None:
-        if isinstance(event, DecisionEvent):
-            self._decisions.append(event)
-        elif isinstance(event, OutcomeEvent):
-            self._outcomes.append(event)
-        elif isinstance(event, ApprovalEvent):
-            self._approvals.append(event)
+    def _take(self, found: tuple[int, _Row] | None) -> None:
+        if found is None:
+            return
+        what, row = found
+        if what == DECISION:
+            self._decisions.append(row)  # type: ignore[arg-type]
+        elif what == OUTCOME:
+            self._outcomes.append(row)  # type: ignore[arg-type]
+        elif what == APPROVAL:
+            self._approvals.append(row)  # type: ignore[arg-type]
 
     # -- on the event loop ---------------------------------------------------------------
 
@@ -330,18 +343,8 @@ def _label(kind: str, value: str) -> str:
     return metrics.bounded(f"monitor_{kind}", value) if value else ""
 
 
-def _within(events: Events, window: Window) -> Events:
-    """``events.within(window)``, by bisection: the deques are in time order."""
-    return Events(
-        _slice(events.decisions, window),
-        _slice(events.outcomes, window),
-        _slice(events.approvals, window),
-    )
-
-
-def _slice[E: (DecisionEvent, OutcomeEvent, ApprovalEvent)](
-    items: tuple[E, ...], window: Window
-) -> tuple[E, ...]:
-    lo = bisect.bisect_left(items, window.start, key=lambda e: e.ts)
-    hi = bisect.bisect_left(items, window.end, key=lambda e: e.ts)
-    return items[lo:hi]
+def _slice[R: tuple[Any, ...]](rows: tuple[R, ...], window: Window) -> tuple[R, ...]:
+    """The rows inside ``window``, by bisection: the deques are in time order."""
+    lo = bisect.bisect_left(rows, window.start, key=lambda r: r[TS])
+    hi = bisect.bisect_left(rows, window.end, key=lambda r: r[TS])
+    return rows[lo:hi]

@@ -21,14 +21,35 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from warden.monitor.drift import ALL_VERSIONS
-from warden.monitor.events import DecisionEvent, Events, OutcomeEvent
+from warden.monitor.events import (
+    A_APPROVAL_ID,
+    A_DECISION_ID,
+    A_VERDICT,
+    D_AGENT,
+    D_CONVERSATION,
+    D_DECISION_ID,
+    D_EFFECT,
+    D_ELAPSED_US,
+    D_FIRST,
+    D_VERSION,
+    O_AGENT,
+    O_COST,
+    O_DECISION_ID,
+    O_FAILED,
+    O_VERSION,
+    ApprovalRow,
+    DecisionRow,
+    Events,
+    OutcomeRow,
+    is_trusted,
+)
 
-__all__ = ["Quality", "compute", "p95"]
+__all__ = ["Quality", "compute", "compute_rows", "p95"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,46 +144,64 @@ def _keys(agent: str, version: str) -> tuple[tuple[str, str], tuple[str, str]]:
 
 def compute(events: Events, *, agent: str | None = None) -> list[Quality]:
     """Quality of every group in ``events`` (the console's entry point), sorted by group."""
+    return compute_rows(
+        [d.row() for d in events.decisions],
+        [o.row() for o in events.outcomes],
+        [a.row() for a in events.approvals],
+        agent=agent,
+    )
+
+
+def compute_rows(
+    decisions: Iterable[DecisionRow],
+    outcomes: Iterable[OutcomeRow],
+    approvals: Iterable[ApprovalRow],
+    *,
+    agent: str | None = None,
+) -> list[Quality]:
+    """:func:`compute` of events kept as rows (the live monitor's), in log order."""
     accs: dict[tuple[str, str], _Acc] = defaultdict(_Acc)
-    by_decision: dict[str, DecisionEvent] = {}
-    for d in events.decisions:
-        if d.first:
-            by_decision[d.decision_id] = d
-            for key in _keys(d.agent, d.version):
+    by_decision: dict[str, DecisionRow] = {}
+    for d in decisions:
+        if d[D_FIRST]:
+            by_decision[d[D_DECISION_ID]] = d
+            for key in _keys(d[D_AGENT], d[D_VERSION]):
                 _add_decision(accs[key], d)
     verdicts: dict[str, tuple[str, str]] = {}
-    for a in events.approvals:
-        verdicts[a.approval_id] = (a.decision_id, a.verdict)  # the last verdict stands
+    for a in approvals:
+        verdicts[a[A_APPROVAL_ID]] = (a[A_DECISION_ID], a[A_VERDICT])  # the last verdict stands
     for decision_id, verdict in verdicts.values():
         held = by_decision.get(decision_id)
         if held is not None:
-            for key in _keys(held.agent, held.version):
+            for key in _keys(held[D_AGENT], held[D_VERSION]):
                 accs[key].approvals += 1
                 accs[key].rejected += verdict in ("rejected", "expired")
-    for o in events.outcomes:
-        source = by_decision.get(o.decision_id)
-        attributed = source is not None and source.conversation is not None
-        for key in _keys(o.agent, o.version):
+    for o in outcomes:
+        source = by_decision.get(o[O_DECISION_ID])
+        attributed = source is not None and source[D_CONVERSATION] is not None
+        for key in _keys(o[O_AGENT], o[O_VERSION]):
             _add_outcome(accs[key], o, attributed=attributed)
     return [
         acc.quality(*key) for key, acc in sorted(accs.items()) if agent is None or key[0] == agent
     ]
 
 
-def _add_decision(acc: _Acc, d: DecisionEvent) -> None:
+def _add_decision(acc: _Acc, d: DecisionRow) -> None:
     acc.decisions += 1
-    acc.denied += d.effect == "deny"
-    acc.held += d.effect == "require_approval"
-    acc.elapsed.append(d.elapsed_us / 1000)
-    if d.conversation is not None:
-        acc.conversations.add(d.conversation)
+    acc.denied += d[D_EFFECT] == "deny"
+    acc.held += d[D_EFFECT] == "require_approval"
+    acc.elapsed.append(d[D_ELAPSED_US] / 1000)
+    conversation = d[D_CONVERSATION]
+    if conversation is not None:
+        acc.conversations.add(conversation)
 
 
-def _add_outcome(acc: _Acc, o: OutcomeEvent, *, attributed: bool) -> None:
-    if o.trusted:
+def _add_outcome(acc: _Acc, o: OutcomeRow, *, attributed: bool) -> None:
+    if is_trusted(o):
         acc.trusted += 1
-        acc.failed += o.failed
-    if o.cost is not None:
-        acc.cost += o.cost
+        acc.failed += o[O_FAILED]
+    cost = o[O_COST]
+    if cost is not None:
+        acc.cost += cost
         if attributed:
-            acc.conversation_cost += o.cost
+            acc.conversation_cost += cost

@@ -241,7 +241,10 @@ class Governor:
             # The provider keeps the call it proposed, and a request continuing
             # this answer (Responses API) must give it an output: the session
             # guard keeps these with the answer's chain link (warden.sessions).
-            conversation.memo.setdefault("refused", []).append((action, decision))
+            # Not the action itself: its request holds the conversation, and the
+            # cycle would leave every such request to the garbage collector.
+            refused = (call_id, action.tool or "", action.wire_type or "", decision)
+            conversation.memo.setdefault("refused", []).append(refused)
         earlier = call_id not in turn.seen and self.links.waiting(call_id)
         if call_id in turn.seen or earlier:
             if self.links.tombstone(call_id) or earlier:

@@ -565,7 +565,10 @@ class SessionGuard:
             session_id=_scope(action.agent.id, key),
         )
         if conversation is not None:
-            conversation.memo.setdefault("decided", []).append((action, record))
+            # What the chain link needs, not the action: its request holds the
+            # conversation, and that cycle left every request to the garbage collector.
+            decided = (action.call_id, action.tool, action.arguments, action.raw_arguments)
+            conversation.memo.setdefault("decided", []).append(decided)
         self._keep(record)
 
     def _keep(self, record: CallRecord) -> None:
@@ -639,26 +642,23 @@ class SessionGuard:
             return
         entries: list[dict[str, Any]] = [_stored(c) for c in conversation.calls]
         entries += [{"call_id": i, "result": _result_doc(r)} for i, r in conversation.results]
-        for action, _record in conversation.memo.get("decided", ()):
-            if action.call_id and action.tool is not None:
+        for call_id, tool, arguments, raw in conversation.memo.get("decided", ()):
+            if call_id and tool is not None:
                 entries.append(
                     {
-                        "call_id": action.call_id,
-                        "tool": action.tool,
-                        "arguments": dict(action.arguments) if action.arguments else None,
-                        "raw": action.raw_arguments or "",
+                        "call_id": call_id,
+                        "tool": tool,
+                        "arguments": dict(arguments) if arguments else None,
+                        "raw": raw or "",
                     }
                 )
-        for action, decision in conversation.memo.get("refused", ()):
+        for call_id, tool, wire_type, decision in conversation.memo.get("refused", ()):
             # Kept from the agent, not from the provider: what the request
             # continuing this answer must tell the model instead (owed_outputs).
             entries.append(
                 {
-                    "call_id": action.call_id,
-                    "refused": {
-                        "type": action.wire_type or "",
-                        "output": refusal_text(action.tool or "", decision),
-                    },
+                    "call_id": call_id,
+                    "refused": {"type": wire_type, "output": refusal_text(tool, decision)},
                 }
             )
         calls = orjson.dumps(entries).decode()

@@ -306,6 +306,16 @@ class Bench:
         return run
 
 
+def _progress(run: Run) -> None:
+    """One line per run on stderr: a round's outlier is seen, not only the medians."""
+    print(
+        f"  {run.scenario} c={run.connections} {run.target}: {run.rps:,.0f} req/s, "
+        f"p50 {run.p50_ms:.3f} ms, p99 {run.p99_ms:.3f} ms",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _median(runs: list[Run]) -> Run:
     mid = sorted(runs, key=lambda r: r.rps)[len(runs) // 2]
     cpus = [r.cpu_ms_per_req for r in runs if r.cpu_ms_per_req is not None]
@@ -411,10 +421,11 @@ def main() -> int:
                     for target in targets if rnd % 2 == 0 else tuple(reversed(targets)):
                         run = bench.load(target, scenario, body, conns, args.seconds)
                         runs.setdefault((target, scenario, conns), []).append(run)
+                        _progress(run)
                 for target in ("direct", "reference", "warden"):
-                    runs.setdefault((target, "fixed", 32), []).append(
-                        bench.fixed(target, args.rate, args.seconds)
-                    )
+                    run = bench.fixed(target, args.rate, args.seconds)
+                    runs.setdefault((target, "fixed", 32), []).append(run)
+                    _progress(run)
                 print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
             fallbacks_before = _metric(admin_url, "warden_policy_fallbacks_total")

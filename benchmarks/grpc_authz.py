@@ -29,7 +29,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from warden.config import load_config
 from warden.ingress.envoy_authz import ExtAuthzService
-from warden.ops.runtime import tune_gc
+from warden.ops.runtime import tune_runtime
 from warden.server import Warden
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ async def main() -> None:
         )
         rows: dict[tuple[str, int], tuple[list[float], float]] = {}
         async with Warden(config, listeners=False) as warden:
-            tune_gc()  # as `warden serve` does once started
+            tune_runtime()  # as `warden serve` does once started
             assert warden.core is not None
             service = ExtAuthzService(warden.core, config)
             # Interleaved, so both see the same machine load.

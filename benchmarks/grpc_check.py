@@ -31,7 +31,7 @@ from google.protobuf import struct_pb2
 from warden.config import load_config
 from warden.grpc_api.v1 import governance_pb2 as pb
 from warden.grpc_api.v1 import governance_pb2_grpc as pb_grpc
-from warden.ops.runtime import tune_gc
+from warden.ops.runtime import tune_runtime
 from warden.server import Warden
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ async def main() -> None:
         )
         results: dict[str, list[dict[int, tuple[list[float], float]]]] = {"noop": [], "warden": []}
         async with Warden(config) as warden, noop_server() as noop:
-            tune_gc()  # as `warden serve` does once started
+            tune_runtime()  # as `warden serve` does once started
             for _ in range(args.rounds):
                 results["noop"].append(await measure(noop, args.calls))
                 results["warden"].append(await measure(warden.grpc_address, args.calls))

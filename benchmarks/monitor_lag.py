@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from warden.audit import AuditLog  # noqa: E402
 from warden.config import AuditConfig, MonitorConfig  # noqa: E402
 from warden.monitor.live import LiveMonitor  # noqa: E402
-from warden.ops.runtime import tune_gc  # noqa: E402
+from warden.ops.runtime import tune_runtime  # noqa: E402
 from warden.testing.audit import sample_action, sample_decision  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def summary(name: str, late: list[float]) -> str:
 async def main_async(backlog: int, rate: int, seconds: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         log = await AuditLog.open(AuditConfig(dir=tmp, checkpoint_interval_s=3600, fsync="never"))
-        tune_gc()  # as `warden serve` does once started
+        tune_runtime()  # as `warden serve` does once started
         idle = await lateness(steady(log, rate, seconds))
         monitor = LiveMonitor(MonitorConfig(interval_s=3600), tmp)
         log.follow(monitor.feed)  # as `warden serve` wires it: batches handed over

@@ -19,7 +19,7 @@ __all__ = ["main"]
 def _serve(args: argparse.Namespace) -> int:
     from warden.ops import tracing
     from warden.ops.logging import configure_logging
-    from warden.ops.runtime import tune_gc
+    from warden.ops.runtime import tune_runtime
     from warden.server import Warden
 
     configure_logging(args.log_level, args.log_format)
@@ -33,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         warden = Warden(config, config_source=args.config)
         await warden.start()
-        tune_gc()  # what startup built stays; see warden.ops.runtime
+        tune_runtime()  # what startup built stays, and more; see warden.ops.runtime
         warden.stop_on_signals()
         print(
             f"warden {__version__}: proxy {warden.proxy_url}  admin {warden.admin_url}",

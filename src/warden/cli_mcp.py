@@ -98,7 +98,7 @@ async def _run(
 ) -> int:
     from warden.ingress.mcp_stdio import MAX_LINE, StdioDoor
     from warden.model import Agent
-    from warden.ops.runtime import tune_gc
+    from warden.ops.runtime import tune_runtime
     from warden.server import Warden
 
     loop = asyncio.get_running_loop()
@@ -122,7 +122,7 @@ async def _run(
     )
     warden = Warden(config, doors=[door], listeners=False)
     async with warden:
-        tune_gc()  # what startup built stays; see warden.ops.runtime
+        tune_runtime()  # what startup built stays, and more; see warden.ops.runtime
         warden.stop_on_signals()
         await door.done.wait()
     out.close()

@@ -1,23 +1,25 @@
-"""``tune_gc``: what a served process does to the cyclic collector once started."""
+"""``tune_gc`` and ``tune_runtime``: what a served process does to the interpreter once started."""
 
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Iterator
 
 import pytest
 
-from warden.ops.runtime import GEN0_THRESHOLD, tune_gc
+from warden.ops.runtime import GEN0_THRESHOLD, SWITCH_INTERVAL_S, tune_gc, tune_runtime
 
 
 @pytest.fixture
 def restored_gc() -> Iterator[None]:
-    before = gc.get_threshold()
+    before, interval = gc.get_threshold(), sys.getswitchinterval()
     try:
         yield
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+        sys.setswitchinterval(interval)
 
 
 @pytest.mark.usefixtures("restored_gc")
@@ -33,3 +35,12 @@ def test_tune_gc_freezes_what_exists_and_raises_the_young_threshold() -> None:
     cycle.append(cycle)
     del cycle
     assert gc.collect() >= 1
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_tune_runtime_also_hands_the_interpreter_over_sooner() -> None:
+    sys.setswitchinterval(0.005)  # CPython's default
+    tune_runtime()
+    assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
+    assert SWITCH_INTERVAL_S < 0.005
+    assert gc.get_threshold()[0] == GEN0_THRESHOLD

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from warden.config import AuditConfig, MonitorConfig
 from warden.monitor import drift, live, quality
 from warden.monitor.events import ApprovalEvent, DecisionEvent, Events, OutcomeEvent
 from warden.monitor.live import LiveMonitor
+from warden.monitor.psi import Level
+from warden.monitor.windows import recent
 from warden.testing.audit import fill, sample_action, sample_decision
 
 
@@ -125,12 +128,18 @@ async def test_kept_events_are_not_walked_by_the_garbage_collector(tmp_path: Pat
     # A busy sidecar keeps up to max_events of each kind; tracked objects made each
     # full collection walk them all (about 230 ms for 500,000 decisions and outcomes).
     log = await AuditLog.open(AuditConfig(dir=str(tmp_path), checkpoint_interval_s=3600))
+    now = [0.0]
     try:
-        monitor = LiveMonitor(MonitorConfig(interval_s=3600), tmp_path)
+        # A one-second current window: what was written a second earlier is the reference.
+        config = MonitorConfig(interval_s=3600, current="1s", reference="1h", min_samples=1)
+        monitor = LiveMonitor(config, tmp_path, clock=lambda: now[0])
         log.follow(monitor.feed)
         await fill(log, 12, customer="C-1")
-        await fill(log, 12)
+        await _approval(log, "rejected")
+        await asyncio.sleep(1.1)
+        await fill(log, 16)
         await _approval(log, "approved")
+        now[0] = time.time() + 0.01
         decisions, outcomes, approvals = await _events_of(monitor, log)
         # The collector stops tracking a plain tuple when a pass finds it holds nothing
         # tracked; a row holds a tuple of tuples (its numbers): at worst a pass a level.
@@ -139,10 +148,17 @@ async def test_kept_events_are_not_walked_by_the_garbage_collector(tmp_path: Pat
         kept = [*monitor._decisions, *monitor._outcomes, *monitor._approvals]
         assert len(kept) == len(decisions) + len(outcomes) + len(approvals) > 20
         assert [row for row in kept if gc.is_tracked(row)] == []
-        # The figures from the rows are the figures of the events.
+        # The figures from the rows are the figures of the events, both windows used.
         snapshot = await monitor.refresh()
-        events = Events(tuple(decisions), tuple(outcomes), tuple(approvals))
+        current = recent(now[0], 1.0)
+        events = Events(tuple(decisions), tuple(outcomes), tuple(approvals)).within(current)
+        earlier = [d for d in decisions if d.ts < current.start]
+        assert earlier  # both windows hold decisions
+        assert events.decisions
         assert list(snapshot.quality) == quality.compute(events)
-        assert list(snapshot.drift) == drift.compute([], decisions)
+        assert list(snapshot.drift) == drift.compute(earlier, events.decisions, min_samples=1)
+        assert any(
+            d.level is not Level.INSUFFICIENT for r in snapshot.drift for d in r.distributions
+        )
     finally:
         await log.close()

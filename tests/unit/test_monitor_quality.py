@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from warden.audit import AuditLog
 from warden.audit.segments import list_segments
@@ -114,6 +117,12 @@ def test_p95_is_the_nearest_rank() -> None:
     assert p95([]) is None
     assert p95([5.0]) == 5.0
     assert p95([float(v) for v in range(1, 101)]) == 95.0
+
+
+@given(st.lists(st.floats(allow_nan=False), min_size=1, max_size=300))
+def test_p95_is_the_sorted_values_nearest_rank(values: list[float]) -> None:
+    ordered = sorted(values)
+    assert p95(values) == ordered[math.ceil(0.95 * len(ordered)) - 1]
 
 
 def test_a_baseline_round_trips_and_bad_files_are_refused(tmp_path: Path) -> None:

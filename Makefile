@@ -90,6 +90,7 @@ bench: $(STAMP) bench-tools
 	$(PY) benchmarks/transparent.py --requests 150 --rounds 3
 	$(PY) benchmarks/challenger.py --requests 150 --rounds 6
 	$(PY) benchmarks/monitor_lag.py
+	$(PY) benchmarks/monitor_gc.py --events 200000
 	$(PY) benchmarks/overhead.py
 
 serve: $(STAMP)

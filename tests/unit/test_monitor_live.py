@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from warden.audit import AuditLog
 from warden.config import AuditConfig, MonitorConfig
-from warden.monitor import drift, live, quality
+from warden.monitor import drift, events, live, quality
 from warden.monitor.events import ApprovalEvent, DecisionEvent, Events, OutcomeEvent
 from warden.monitor.live import LiveMonitor
 from warden.monitor.psi import Level
@@ -162,3 +163,24 @@ async def test_kept_events_are_not_walked_by_the_garbage_collector(tmp_path: Pat
         )
     finally:
         await log.close()
+
+
+def test_row_positions_are_the_event_fields_positions() -> None:
+    positions = {
+        DecisionEvent: {"ts": events.TS, "agent": events.D_AGENT, "version": events.D_VERSION}
+        | {"decision_id": events.D_DECISION_ID, "kind": events.D_KIND, "tool": events.D_TOOL}
+        | {"effect": events.D_EFFECT, "elapsed_us": events.D_ELAPSED_US}
+        | {"numbers": events.D_NUMBERS, "conversation": events.D_CONVERSATION}
+        | {"first": events.D_FIRST},
+        OutcomeEvent: {"ts": events.TS, "agent": events.O_AGENT, "version": events.O_VERSION}
+        | {"decision_id": events.O_DECISION_ID, "kind": events.O_KIND}
+        | {"stage": events.O_STAGE, "failed": events.O_FAILED, "cost": events.O_COST},
+        ApprovalEvent: {"ts": events.TS, "approval_id": events.A_APPROVAL_ID}
+        | {"decision_id": events.A_DECISION_ID, "verdict": events.A_VERDICT},
+    }
+    for kind, named in positions.items():
+        names = [f.name for f in dataclasses.fields(kind)]
+        assert {name: names.index(name) for name in named} == named
+    event = DecisionEvent(1.0, "a", "v", "act", "dec", "tool_call", "t", "allow", "policy", 5)
+    assert event.row() == dataclasses.astuple(event)
+    assert DecisionEvent(*event.row()) == event

@@ -360,8 +360,12 @@ async def test_a_refused_request_cannot_make_warden_hold_an_endless_body(
         frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
         sent = 0
         answer = b""
+        # What was sent past the bound before the cut reached this side: the socket
+        # buffers on both ends (several MB on loopback), more when a loaded machine
+        # leaves Warden behind. A body read without end goes far past it.
+        margin = 32 << 20
         with contextlib.suppress(ConnectionError):
-            while sent <= MAX_UPSTREAM_BODY + (8 << 20) and not answer:
+            while sent <= MAX_UPSTREAM_BODY + margin and not answer:
                 writer.write(frame)
                 await writer.drain()
                 sent += len(chunk)
@@ -370,7 +374,7 @@ async def test_a_refused_request_cannot_make_warden_hold_an_endless_body(
             if not answer:
                 answer = await asyncio.wait_for(reader.read(1024), 10)
         writer.close()
-        assert sent <= MAX_UPSTREAM_BODY + (8 << 20), "the body was read on without end"
+        assert sent <= MAX_UPSTREAM_BODY + margin, "the body was read on without end"
         assert not answer.startswith(b"HTTP/1.1 403"), answer[:80]
         # Still serving.
         async with httpx2.AsyncClient(proxy=f"http://{warden.transparent_address}") as c:

@@ -195,6 +195,24 @@ async def test_records_appended_in_one_loop_pass_share_one_fsync(
     assert log.size == 32
 
 
+async def test_followers_get_each_batch_in_order_after_its_appenders_resume(
+    log: AuditLog,
+) -> None:
+    # A follower (the drift monitor) is nobody's answer: the appenders a batch
+    # releases run on before it, so a request never waits for the monitor.
+    seen: list[tuple[int, int, bool]] = []
+    resumed = [False]
+    log.follow(lambda first, records: seen.append((first, len(records), resumed[0])))
+    await log.record_decision(sample_action(1), sample_decision())
+    resumed[0] = True
+    assert seen == []
+    await asyncio.gather(
+        *(log.record_decision(sample_action(n), sample_decision()) for n in range(2, 5))
+    )
+    await asyncio.sleep(0)
+    assert seen == [(0, 1, True), (1, 3, True)]
+
+
 async def test_a_failed_fsync_fails_the_log_closed_for_good(
     log: AuditLog, syncs: SyncCounter
 ) -> None:

@@ -99,6 +99,7 @@ async def test_batches_dropped_from_a_full_feed_are_read_back(tmp_path: Path) ->
         log.follow(fed.feed)
         for i in range(1010):  # one record per batch: the 10 oldest batches fall out
             await log.record_decision(sample_action(i), sample_decision())
+        await asyncio.sleep(0)  # followers run after the appenders they released
         assert len(fed._fed) == 1000
         assert fed._fed[0][0] == 10
 
@@ -117,9 +118,11 @@ async def test_a_closed_monitor_keeps_no_batches(tmp_path: Path) -> None:
         monitor = LiveMonitor(MonitorConfig(interval_s=3600), tmp_path)
         log.follow(monitor.feed)
         await log.record_decision(sample_action(1), sample_decision())
+        await asyncio.sleep(0)  # followers run after the appenders they released
         assert len(monitor._fed) == 1
         await monitor.close()
         await log.record_decision(sample_action(2), sample_decision())
+        await asyncio.sleep(0)
         assert len(monitor._fed) == 0  # still followed, but nothing is kept
     finally:
         await log.close()

@@ -338,9 +338,11 @@ class AuditLog:
         """Call ``follower(first_seq, records)`` with every batch once it is durable.
 
         On the event loop, in log order, with the records as written (before
-        encoding; the follower must not change them). Lets in-process readers
-        (the drift monitor) skip reading back and decoding what was just
-        written. A follower that raises is logged, never fails the log.
+        encoding; the follower must not change them), once the appenders the
+        batch released have run on: no request waits for a follower. Lets
+        in-process readers (the drift monitor) skip reading back and decoding
+        what was just written. A follower that raises is logged, never fails
+        the log.
         """
         self._followers.append(follower)
 
@@ -740,16 +742,20 @@ class AuditLog:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        first = state.size - len(records)
+        # Let the appenders just released queue their next records first, so
+        # they join the next batch instead of trailing it in a batch of their
+        # own (which would halve the records per fsync).
+        self._loop.call_soon(self._next_batch)
+        if self._followers:
+            # After them and the next batch's start: no request waits for a follower.
+            self._loop.call_soon(self._follow, state.size - len(records), records)
+
+    def _follow(self, first: int, records: list[Mapping[str, Any]]) -> None:
         for follower in self._followers:
             try:
                 follower(first, records)
             except Exception:
                 log.exception("audit: a follower of the log failed on records %d..", first)
-        # Let the appenders just released queue their next records first, so
-        # they join the next batch instead of trailing it in a batch of their
-        # own (which would halve the records per fsync).
-        self._loop.call_soon(self._next_batch)
 
     def _next_batch(self) -> None:
         self._writing = False

@@ -31,7 +31,16 @@ decision := with_session(verdict(input.action, input.budget), input.action, inpu
 	not input.budget
 }
 
-verdict(action, budget) := tool_verdict(action.tool, entry, action.arguments, budget) if {
+verdict(action, budget) := _deny(concat("", [
+	"the answers to the MCP server's questions set ", concat(", ", names), ", which the decision on ",
+	action.tool, " is made on; they must come as the call's arguments",
+])) if {
+	# Only an MCP retry has answers (2026-07-28): for every other call this ends here.
+	answers := action.input_responses
+	entry := data.warden.tools[action.tool]
+	names := _answered_arguments(answers, entry)
+	count(names) > 0
+} else := tool_verdict(action.tool, entry, action.arguments, budget) if {
 	entry := data.warden.tools[action.tool]
 	is_object(action.arguments)
 } else := _allow("model calls are allowed; the tool calls they propose are checked one by one") if {
@@ -150,6 +159,15 @@ tool_verdict(tool, entry, args, budget) := _deny(concat("; ", problems)) if {
 	problems := argument_problems(tool, spec, args)
 	count(problems) > 0
 } else := class_verdict(entry.class, tool, entry, args, budget)
+
+# The catalogued arguments of a tool that an MCP retry's answers supply
+# (an amount or an account typed in answer to the server's question).
+_answered_arguments(answers, entry) := sort([name |
+	some answer in answers
+	some name
+	_ = entry.args[name]
+	_ = answer.content[name]
+])
 
 _arguments_ok(spec, args) if {
 	every name, want in spec {

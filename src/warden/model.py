@@ -358,6 +358,11 @@ class Action:
     """The item or block type the call came as (``function_call``, ``local_shell_call``)."""
     view: PolicyView | None = None
     """Set by a door that asks the policy its own question (see :class:`PolicyView`)."""
+    input_responses: Mapping[str, Any] | None = None
+    """An MCP retry's answers to the server's questions (``inputResponses``, 2026-07-28):
+    what the user or client answered shapes what the server executes, so the policy sees
+    them (``input.action.input_responses``), the record keeps them and an approval binds
+    them. ``None`` for every other action."""
     request_sha256: str | None = None
     """Set by a door whose action is an HTTP request it forwards: :func:`request_sha256` of
     it. An approval binds it, so a deferred approval lets only these very bytes through, not

@@ -207,6 +207,9 @@ def policy_input(action: Action, ctx: GuardContext) -> dict[str, Any]:
         "mode": ctx.mode._value_,
         "risk": ctx.risk,
     }
+    if action.input_responses is not None:
+        # Only an MCP retry has them: every other input stays as it was.
+        doc["action"]["input_responses"] = dict(action.input_responses)
     if action.view is not None:
         # A door's own input shape (OPA-Envoy's); Warden's keys win a clash.
         return {**action.view.input, **doc}
@@ -324,16 +327,19 @@ def _fits(value: Any, depth: int) -> bool:
 def _action_fits(action: Action) -> bool:
     """The fast form of ``input_problem(policy_input(action, ctx)) is None``.
 
-    Checks only what the agent controls (claims, arguments, context and the
-    strings), where :func:`policy_input` puts them, without building the
-    document: the policy guard builds it once, later. The rest of the input
-    (budget, mode, risk) is Warden's own.
+    Checks only what the agent controls (claims, arguments, an MCP retry's
+    answers, context and the strings), where :func:`policy_input` puts them,
+    without building the document: the policy guard builds it once, later.
+    The rest of the input (budget, mode, risk) is Warden's own.
     """
     agent, request, arguments = action.agent, action.request, action.arguments
     claims, context = agent.claims, action.context
     if not (_fits(claims, 3) and _fits(context, 2)):
         return False
     if arguments is not None and not _fits(arguments, 3):
+        return False
+    answers = action.input_responses
+    if answers is not None and not (_fits(answers, 3) and _encodes(answers)):
         return False
     try:
         orjson.dumps(
@@ -345,6 +351,14 @@ def _action_fits(action: Action) -> bool:
                 arguments if arguments is None or type(arguments) is dict else dict(arguments),
             )
         )
+    except TypeError:
+        return False
+    return True
+
+
+def _encodes(value: Mapping[str, Any]) -> bool:
+    try:
+        orjson.dumps(value if type(value) is dict else dict(value))
     except TypeError:
         return False
     return True

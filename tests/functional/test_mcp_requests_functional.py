@@ -9,6 +9,7 @@ customer's profile, read as a resource, is refused before it reaches the server.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from tests.functional import stdio_wrap
 from tests.functional.conftest import audit_records, make_config
 from tests.functional.test_mcp_stdio_functional import wrapped
 from warden.protocols.mcp import REFUSED
@@ -160,3 +162,64 @@ async def test_a_multi_round_trip_request_is_decided_each_round(tmp_path: Path) 
     assert [d["action"]["tool"] for d in decisions] == ["close_account_confirmed"] * 2
     outcomes = [r for r in records if r.get("kind") == "outcome"]
     assert [o["outcome"]["error"] for o in outcomes] == ["input_required", None]
+
+
+ANSWER_POLICY = """package warden
+
+import rego.v1
+
+decision := {"effect": "deny", "reason": "an answer asks for a refund above 100"} if {
+	some answer in input.action.input_responses
+	answer.content.amount > 100
+} else := {"effect": "allow", "reason": "ok"}
+"""
+
+
+@pytest.mark.parametrize("door_name", ["http", "stdio"])
+async def test_the_answers_of_a_retry_are_decided_recorded_and_never_run_when_denied(
+    tmp_path: Path, door_name: str
+) -> None:
+    # The refund's amount is in no argument: the server asks the user for it
+    # (2026-07-28, an InputRequiredResult) and reads it from the retry's answers.
+    # A policy deciding on arguments alone would let any amount through.
+    amounts = iter([900.0, 20.0])
+
+    async def answer(
+        context: ClientRequestContext, params: types.ElicitRequestParams
+    ) -> types.ElicitResult:
+        return types.ElicitResult(action="accept", content={"amount": next(amounts)})
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "policy.rego").write_text(ANSWER_POLICY)
+    async with contextlib.AsyncExitStack() as stack:
+        if door_name == "http":
+            warden = await stack.enter_async_context(
+                fronted(tmp_path, policy={"bundles": [str(bundle)]})
+            )
+            server: Any = f"{warden.proxy_url}/support-tools"
+            audit = tmp_path / "audit"
+        else:
+            config = stdio_wrap.write_config(tmp_path, bundle=bundle)
+            server = stdio_wrap.wrap_params(config, tmp_path / "calls.jsonl")
+            audit = stdio_wrap.audit_dir(tmp_path)
+        client = Client(server, mode="2026-07-28", elicitation_callback=answer)
+        async with client:
+            denied = await client.call_tool("refund_asking_amount", {"order_id": "A-1001"})
+            allowed = await client.call_tool("refund_asking_amount", {"order_id": "A-1002"})
+    assert denied.is_error
+    assert "an answer asks for a refund above 100" in str(denied.content)
+    assert not allowed.is_error
+    # Only the refund whose answer the policy allowed ran, with that answer.
+    assert reached(tmp_path) == [
+        ("issue_refund", {"order_id": "A-1002", "amount": 20.0, "reason": ""})
+    ]
+    decisions = [r for r in audit_records(audit) if r.get("kind") == "decision"]
+    retries = [d for d in decisions if "input_responses" in d["action"]]
+    assert len(decisions) == 4  # each call's first round has no answers
+    assert [d["decision"]["effect"] for d in retries] == ["deny", "allow"]
+    shown = [list(d["action"]["input_responses"].values()) for d in retries]
+    assert shown == [
+        [{"action": "accept", "content": {"amount": 900.0}}],
+        [{"action": "accept", "content": {"amount": 20.0}}],
+    ]

@@ -148,6 +148,12 @@ async def test_binding_changes_with_any_argument() -> None:
     assert for_one != service.binding(*reset, context={"customer_id": "C-2"})
     assert for_one == service.binding(*reset, context={"customer_id": "C-1"})
     assert service.binding(*reset, context={}) == service.binding(*reset)
+    # An MCP retry's answers (a refund's amount the user typed) are part of the call.
+    close: tuple[str, str, dict[str, Any]] = ("bot", "refund_asking_amount", {"order": "A"})
+    asked = service.binding(*close, input_responses={"a": {"content": {"amount": 20}}})
+    assert asked != service.binding(*close, input_responses={"a": {"content": {"amount": 900}}})
+    assert asked != service.binding(*close)
+    assert service.binding(*close, input_responses={}) == service.binding(*close)
 
 
 async def test_approve_and_reject_are_final(approvals: Approvals, audit: AuditLog) -> None:

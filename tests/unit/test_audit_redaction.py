@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from warden.audit import AuditLog, arguments_sha256, keyed_digest
+from warden.audit.record import action_body
 from warden.audit.redaction import REDACT_ALL, resolve
 from warden.audit.verify import iter_records
 from warden.config import AuditConfig
@@ -178,4 +179,31 @@ async def test_an_outcome_of_an_unknown_decision_keeps_only_the_results_hash(
     assert unknown["outcome"]["result"] == "[redacted]"
     assert unknown["outcome"]["result_sha256"] is not None
     assert shown["outcome"]["result"] == "fine"
+    assert EMAIL.encode() not in raw
+
+
+ANSWERS = {"ask": {"action": "accept", "content": {"email": EMAIL, "api_key": "sk-live-SECRET9"}}}
+
+
+def test_an_mcp_retrys_answers_are_shown_masked_and_redacted_where_the_policy_says() -> None:
+    action = dataclasses.replace(sample_action(arguments=ARGS), input_responses=ANSWERS)
+    shown = action_body(action, ("action.input_responses.ask.content.email",))
+    assert shown["input_responses"]["ask"]["content"]["email"] == "[redacted]"
+    assert shown["redacted"] == ["input_responses.ask.content.email"]
+    assert shown["arguments"] == ARGS  # the answers' paths name no argument
+    assert b"SECRET9" not in orjson.dumps(shown)  # credentials masked, as in arguments
+    whole = action_body(action, ("input.action.input_responses",))
+    assert (whole["input_responses"], whole["redacted"]) == ("[redacted]", ["input_responses"])
+    # Only a retry has them: every other record keeps its shape.
+    assert "input_responses" not in action_body(sample_action(arguments=ARGS))
+
+
+async def test_answers_are_hidden_when_the_policy_could_not_say_what_to_hide(
+    log: AuditLog,
+) -> None:
+    action = dataclasses.replace(sample_action(arguments=ARGS), input_responses=ANSWERS)
+    decision = await pipeline(log, StopEverything(), PolicyRedactions(None)).decide(action)
+    assert "input_responses" in decision.obligations.redact
+    (record,), raw = stored(log)
+    assert record["action"]["input_responses"] == "[redacted]"
     assert EMAIL.encode() not in raw

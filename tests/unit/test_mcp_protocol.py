@@ -568,7 +568,12 @@ def test_a_multi_round_trip_retry_goes_on_with_its_answers(
     (message,) = mcp.parse(request_line(method, **retry)).messages
     assert message.call is not None
     assert message.call.arguments is not None
-    assert "inputResponses" not in message.call.arguments  # the policy decides the request
+    assert "inputResponses" not in message.call.arguments  # they are no argument
+    # The action carries them: the server reads them with the arguments.
+    action = mcp.action(message.call, Agent("a1"), "t", answers=mcp.input_responses(message))
+    assert action.input_responses == answers
+    (first,) = mcp.parse(request_line(method, **params)).messages
+    assert mcp.input_responses(first) is None
     sent = mcp.forward_call(message)["params"]
     assert (sent["inputResponses"], sent["requestState"]) == (answers, "s1")
     # A sampled answer that proposes tool calls would have the server run them undecided.

@@ -79,6 +79,7 @@ def record_of(action: Action, ctx: GuardContext) -> dict[str, Any]:
     labels=st.lists(st.sampled_from(["untrusted_output", "money"]), max_size=2),
     session=OBJECTS,
     calls=st.lists(st.sampled_from(["get_order", "search_kb"]), max_size=3),
+    answers=st.none() | st.dictionaries(KEYS, OBJECTS, min_size=1, max_size=2),
 )
 def test_the_record_rebuilds_the_exact_policy_input(
     arguments: dict[str, Any] | None,
@@ -95,6 +96,7 @@ def test_the_record_rebuilds_the_exact_policy_input(
     labels: list[str],
     session: dict[str, Any],
     calls: list[str],
+    answers: dict[str, Any] | None,
 ) -> None:
     action = Action(
         action_id="act_1",
@@ -108,6 +110,7 @@ def test_the_record_rebuilds_the_exact_policy_input(
         model=model,
         context=context,
         wire_type=wire_type,
+        input_responses=answers,
     )
     # Prior calls without content: their structure is recorded exactly.
     history = [prior(tool, arguments=None, content=None) for tool in calls]
@@ -196,6 +199,9 @@ async def test_sealed_fields_are_unsealed_from_the_real_log(tmp_path: Path, eras
     log = await AuditLog.open(AuditConfig(dir=str(tmp_path)))
     ctx = GuardContext(mode=Mode.OBSERVE, risk="high", budget={"refunds": {"day": {}}})
     action = sample_action(customer="C-9", arguments={"order_id": "A-1", "amount": 80})
+    # An MCP retry's answers are the customer's too: sealed with the arguments.
+    answers = {"ask": {"action": "accept", "content": {"email": "c9@example.com"}}}
+    action = dataclasses.replace(action, input_responses=answers)
     decision = dataclasses.replace(sample_decision(Effect.ALLOW), input=policy_facts(action, ctx))
     try:
         await log.record_decision(action, decision)
@@ -207,6 +213,8 @@ async def test_sealed_fields_are_unsealed_from_the_real_log(tmp_path: Path, eras
     record = orjson.loads(payload)
     assert record["sealed"] is not None
     assert record["action"]["arguments"] is None
+    assert record["action"]["input_responses"] is None
+    assert b"c9@example.com" not in payload
     rebuilt = rebuild_input(record, Unsealer(tmp_path))
     if erase:
         assert rebuilt.skip == "erased"

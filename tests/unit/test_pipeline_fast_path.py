@@ -82,18 +82,19 @@ def _action(
     context=st.dictionaries(_keys, _json, max_size=2),
     claims=st.dictionaries(_keys, _json, max_size=2),
     tool=st.sampled_from(["refund", "\ud83d", "t"]),
+    answers=st.one_of(st.none(), st.dictionaries(_keys, _json, max_size=2)),
 )
 def test_the_fast_check_agrees_with_the_full_walk(
-    arguments: Any, context: Any, claims: Any, tool: str
+    arguments: Any, context: Any, claims: Any, tool: str, answers: Any
 ) -> None:
-    act = _action(arguments, context, claims, tool)
+    act = dataclasses.replace(_action(arguments, context, claims, tool), input_responses=answers)
     assert action_fits(act) == (input_problem(policy_input(act, _CTX)) is None)
 
 
 @pytest.mark.parametrize(
     ("part", "levels"),
     # input (1) > action (2) > arguments (3); input > agent > claims (3); input > context (2)
-    [("arguments", 3), ("claims", 3), ("context", 2)],
+    [("arguments", 3), ("claims", 3), ("context", 2), ("input_responses", 3)],
 )
 def test_the_depth_bound_is_where_the_full_walk_puts_it(part: str, levels: int) -> None:
     def act(depth: int) -> Action:
@@ -101,6 +102,8 @@ def test_the_depth_bound_is_where_the_full_walk_puts_it(part: str, levels: int) 
         value = {"k": _nest(depth - levels)}
         if part == "arguments":
             return _action(arguments=value)
+        if part == "input_responses":  # an MCP retry's answers: input > action > them
+            return dataclasses.replace(_action(), input_responses=value)
         return _action(context=value) if part == "context" else _action(claims=value)
 
     fits, too_deep = act(MAX_INPUT_DEPTH), act(MAX_INPUT_DEPTH + 1)

@@ -220,13 +220,14 @@ def test_an_extra_argument_is_the_output_and_reads_the_whole() -> None:
     assert shape.paths == (("action",),)
 
 
-def test_shipped_bundle_reads_only_four_action_fields_and_decides_the_same() -> None:
+def test_shipped_bundle_reads_only_the_fields_it_uses_and_decides_the_same() -> None:
     policy = load_policy_set([BUNDLE])
     shape = analyse(policy.production, policy.data)
     account_changes = ("close_account", "update_address", "update_email", "update_phone")
     assert shape.paths == (
         ("action", KIND),
         ("action", "arguments"),
+        ("action", "input_responses"),  # an MCP retry's answers
         ("action", "kind"),
         ("action", "labels"),  # taint labels of the tool (session rules)
         ("action", "stage"),  # MCP tools/list entries are answered by name

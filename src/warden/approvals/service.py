@@ -65,7 +65,7 @@ from warden.approvals.store import (
     ApprovalStore,
     ErasedApprovals,
 )
-from warden.audit.record import action_body, arguments_sha256
+from warden.audit.record import action_body, arguments_digest, arguments_sha256
 from warden.model import Action, Decision, new_id
 from warden.ops import metrics as ops_metrics
 from warden.pipeline import AuditSink
@@ -195,9 +195,11 @@ class Approvals:
         method: str = "",
         context: Mapping[str, Any] | None = None,
         request_sha256: str | None = None,
+        input_responses: Mapping[str, Any] | None = None,
     ) -> str:
         """SHA-256 (hex) of the RFC 8785 JSON of agent, tool, the arguments' hash, the
-        upstream, the method, the context and the request's hash (when there are).
+        upstream, the method, the context, the request's hash and an MCP retry's
+        answers' hash (when there are).
 
         Any change to any argument (an amount, an account) gives another
         binding, and so does the same call to another upstream (a sandbox's
@@ -205,7 +207,8 @@ class Approvals:
         ``PATCH``'s approval on a ``DELETE``), for another context (the
         same reset for another customer, named by ``X-Warden-Context-*``) or,
         for an HTTP request Warden forwards, any other byte of its path,
-        query or body: an approval never covers a different call.
+        query or body, or other answers to an MCP server's questions: an
+        approval never covers a different call.
         """
         doc: dict[str, Any] = {
             "agent": agent_id,
@@ -220,6 +223,8 @@ class Approvals:
             doc["context"] = dict(context)
         if request_sha256:
             doc["request_sha256"] = request_sha256
+        if input_responses:
+            doc["input_responses_sha256"] = arguments_digest(input_responses)
         return hashlib.sha256(rfc8785.dumps(doc)).hexdigest()
 
     def _binding_of(self, action: Action) -> str:
@@ -232,6 +237,7 @@ class Approvals:
             method=request.method,
             context=_bound(action.context, self.settings.bind_context),
             request_sha256=action.request_sha256,
+            input_responses=action.input_responses,
         )
 
     # -- the proxy's calls ---------------------------------------------------------

@@ -391,8 +391,8 @@ class AuditLog:
         ref, aead = await self._subject_key(action)
         personal: dict[str, Any] = {}
         if ref is not None:
-            for name in ("arguments", "raw_arguments", "context"):
-                if act[name] is not None:
+            for name in ("arguments", "raw_arguments", "context", "input_responses"):
+                if act.get(name) is not None:
                     personal[f"action.{name}"] = act[name]
                     act[name] = None
             if "claims" in agent and "agent" in self._subject_roots:

@@ -23,7 +23,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import rfc8785
@@ -287,6 +287,8 @@ def _split_redactions(paths: Iterable[str]) -> tuple[list[str], list[str]]:
         path = given.removeprefix("input.").removeprefix("action.")
         if path == "result" or path.startswith("result."):
             result.append(path)
+        elif path == _ANSWERS or path.startswith(f"{_ANSWERS}."):
+            continue  # see _answers_body
         elif path.startswith("arguments."):
             args.append(path[len("arguments.") :])
         elif path != "arguments":
@@ -296,8 +298,29 @@ def _split_redactions(paths: Iterable[str]) -> tuple[list[str], list[str]]:
     return args, result
 
 
+_ANSWERS: Final = "input_responses"
+
+
+def _answers_body(answers: Mapping[str, Any], redact: Iterable[str]) -> tuple[Any, list[str]]:
+    """An MCP retry's answers as recorded, and the redactions applied to them.
+
+    Policies name them as they see them: ``action.input_responses`` (all of
+    them) or a path inside (``action.input_responses.email.content.email``).
+    """
+    paths = [p.removeprefix("input.").removeprefix("action.") for p in redact]
+    if _ANSWERS in paths:
+        return REDACTED, [_ANSWERS]
+    inside = [p[len(_ANSWERS) + 1 :] for p in paths if p.startswith(f"{_ANSWERS}.")]
+    shown = mask_credentials(answers)
+    return shown, [f"{_ANSWERS}.{p}" for p in apply_redactions(shown, inside)]
+
+
 def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
-    """The ``action`` object of a decision record, redacted and without credentials."""
+    """The ``action`` object of a decision record, redacted and without credentials.
+
+    ``input_responses`` is there only for an action that has them (an MCP
+    retry's answers), so every other record keeps its shape.
+    """
     arg_paths, _ = _split_redactions(redact)
     whole = "" in arg_paths
     arguments: Any = None
@@ -330,7 +353,7 @@ def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
     }
     if req.door:
         request["door"] = req.door  # only when another door handed the request over
-    return {
+    body: dict[str, Any] = {
         "id": action.action_id,
         "kind": action.kind,
         "tool": action.tool,
@@ -346,6 +369,10 @@ def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
         "request": request,
         "context": mask_credentials(action.context),
     }
+    if action.input_responses is not None:
+        body[_ANSWERS], hidden = _answers_body(action.input_responses, redact)
+        body["redacted"] = [*redacted, *hidden]
+    return body
 
 
 def decision_body(decision: Decision) -> dict[str, Any]:

@@ -377,7 +377,8 @@ class McpHttp:
     def _action(self, request: web.Request, exchange: _Exchange, message: mcp.Message) -> Action:
         assert message.call is not None
         listed = self._listed.get(exchange.upstream)
-        action = mcp.action(message.call, exchange.agent, exchange.upstream, listed)
+        answers = mcp.input_responses(message)
+        action = mcp.action(message.call, exchange.agent, exchange.upstream, listed, answers)
         meta = dataclasses.replace(
             action.request,
             headers=hdr.recordable(request.headers),

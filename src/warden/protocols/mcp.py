@@ -61,6 +61,7 @@ __all__ = [
     "forward_call",
     "from_server",
     "id_key",
+    "input_responses",
     "parse",
     "progress_notification",
     "progress_token",
@@ -424,14 +425,32 @@ def _params_problem(kind: ActionKind, arguments: Mapping[str, Any]) -> str | Non
     return None if isinstance(arguments.get("context"), dict | None) else "context"
 
 
+def input_responses(message: Message) -> Mapping[str, Any] | None:
+    """A governed retry's answers (``inputResponses``, 2026-07-28), or ``None``.
+
+    The server reads them with the arguments (a confirmation, an amount the
+    user typed), so they are part of what is decided. Parsing has checked
+    they are an object.
+    """
+    body = message.body
+    params = body.get("params") if body is not None else None
+    answers = params.get("inputResponses") if isinstance(params, dict) else None
+    return answers if isinstance(answers, dict) and answers else None
+
+
 def action(
-    call: ToolCall, agent: Agent, upstream: str, listed: ListedArguments | None = None
+    call: ToolCall,
+    agent: Agent,
+    upstream: str,
+    listed: ListedArguments | None = None,
+    answers: Mapping[str, Any] | None = None,
 ) -> Action:
     """The action for a ``tools/call`` about to execute at ``upstream``.
 
     Arguments spelled otherwise than the server's listing declares them
     (``Amount`` for ``amount``) count as malformed: the validation guard
     denies the call (:mod:`warden.protocols.declared_arguments`).
+    ``answers``: the retry's :func:`input_responses`.
     """
     arguments = call.arguments
     if (
@@ -452,6 +471,7 @@ def action(
         tool=call.name,
         arguments=arguments,
         raw_arguments=call.raw_arguments,
+        input_responses=answers,
     )
 
 

@@ -5,7 +5,8 @@ It serves the customer-support tools of :mod:`warden.testing.mock_tools`
 semantics, through the SDK's ``MCPServer`` (FastMCP before mcp 2), and
 ``confirm_with_user``, which asks the client (an elicitation: a request from
 server to client) before it answers, ``close_account_confirmed``, whose
-resolver asks the same way (on 2026-07-28, an ``InputRequiredResult``), and
+resolver asks the same way (on 2026-07-28, an ``InputRequiredResult``),
+``refund_asking_amount``, whose refund's amount is the user's answer, and
 ``triage_with_model``, which asks the client's model (sampling, with tools)
 and runs the tool calls it answers with.
 It also serves resources (``kb://articles/{slug}``, and a customer's profile at
@@ -61,6 +62,17 @@ class Confirmation(BaseModel):
 def ask_to_close(customer_id: str) -> Elicit[Confirmation]:
     """The resolver of ``close_account_confirmed``: ask the user first."""
     return Elicit(f"Close the account of {customer_id}?", Confirmation)
+
+
+class RefundAmount(BaseModel):
+    """What ``refund_asking_amount`` asks the user for."""
+
+    amount: float
+
+
+def ask_amount(order_id: str) -> Elicit[RefundAmount]:
+    """The resolver of ``refund_asking_amount``: the amount comes from the user's answer."""
+    return Elicit(f"How much should be refunded for {order_id}?", RefundAmount)
 
 
 _SAMPLING_TOOLS: dict[str, dict[str, Any]] = {
@@ -129,6 +141,15 @@ def build_server(call_log: Path | None = None, delay_s: float = 0.0) -> MCPServe
         # client's answer comes back in the retry's inputResponses.
         return await run(
             "close_account", {"customer_id": customer_id, "confirmed": confirmation.confirm}
+        )
+
+    @server.tool(description="Refund an order, asking the user how much (a resolver elicits).")
+    async def refund_asking_amount(
+        order_id: str, answer: Annotated[RefundAmount, Resolve(ask_amount)]
+    ) -> dict[str, Any]:
+        # The amount is in no argument: only the retry's inputResponses carry it.
+        return await run(
+            "issue_refund", {"order_id": order_id, "amount": answer.amount, "reason": ""}
         )
 
     @server.tool(description="Let the client's model pick a support tool, and run it (sampling).")

@@ -161,6 +161,7 @@ def rebuild_input(record: Mapping[str, Any], unsealer: Unsealer | None = None) -
     if facts.get("view") is not None:
         return Rebuilt(None, "door_input")
     arguments, context = action.get("arguments"), action.get("context")
+    answers = action.get("input_responses")  # an MCP retry's, only
     claims = agent.get("claims")
     if isinstance(record.get("sealed"), Mapping):
         sealed = unsealer.fields(record) if unsealer is not None else {}
@@ -168,11 +169,11 @@ def rebuild_input(record: Mapping[str, Any], unsealer: Unsealer | None = None) -
             return Rebuilt(None, "erased")
         arguments = sealed.get("action.arguments", arguments)
         context = sealed.get("action.context", context)
+        answers = sealed.get("action.input_responses", answers)
         claims = sealed.get("agent.claims", claims)
-    if claims is not None and not isinstance(claims, Mapping):
-        return Rebuilt(None, "redacted" if claims == REDACTED else "unreadable")
-    if arguments is not None and not isinstance(arguments, Mapping):
-        return Rebuilt(None, "redacted" if arguments == REDACTED else "unreadable")
+    for value in (claims, arguments, answers):
+        if value is not None and not isinstance(value, Mapping):
+            return Rebuilt(None, "redacted" if value == REDACTED else "unreadable")
     request = action.get("request") if isinstance(action.get("request"), Mapping) else {}
     assert isinstance(request, Mapping)
     doc: dict[str, Any] = {
@@ -202,10 +203,12 @@ def rebuild_input(record: Mapping[str, Any], unsealer: Unsealer | None = None) -
         "mode": facts.get("mode"),
         "risk": facts.get("risk"),
     }
+    if answers is not None:
+        doc["action"]["input_responses"] = dict(answers)
     exact = not action.get("redacted") and not _redacted_inside(doc["context"])
     if _redacted_inside(doc["history"]):
         exact = False  # prior calls' content is not repeated in the record (ADR 0012)
-    if arguments is not None and _redacted_inside(arguments):
+    if any(v is not None and _redacted_inside(v) for v in (arguments, answers)):
         exact = False
     return Rebuilt(doc, None, exact)
 

@@ -120,8 +120,9 @@ _declares_mcp if {
 # (data.warden.mcp.readable_resources: URI prefixes), and the prompts in
 # data.warden.mcp.prompts fetched and their arguments completed. Anything else
 # a server offers this way (a customer's records, files) is read through the
-# catalogued tools, whose arguments are checked.
-_mcp_requests := {"resource_read", "prompt_get", "argument_completion"}
+# catalogued tools, whose arguments are checked. So is a server's own
+# extension method (kind mcp_request, MCP does not define it): none is approved.
+_mcp_requests := {"resource_read", "prompt_get", "argument_completion", "mcp_request"}
 
 mcp_request_verdict(asked) := _allow(sprintf("%v is a knowledge-base resource support agents may read", [asked.arguments.uri])) if {
 	asked.kind == "resource_read"

@@ -111,6 +111,9 @@ class ActionKind(enum.StrEnum):
     """An MCP ``prompts/get`` (tool ``prompts/get``, arguments ``name`` and ``arguments``)."""
     ARGUMENT_COMPLETION = "argument_completion"
     """An MCP ``completion/complete`` (arguments ``ref``, ``argument`` and ``context``)."""
+    MCP_REQUEST = "mcp_request"
+    """An MCP request of a method MCP does not define (a server's own extension): tool the
+    method, arguments its params. Decided like the others, never passed undecided."""
     LLM_CALL = "llm_call"
     HTTP_CALL = "http_call"
 

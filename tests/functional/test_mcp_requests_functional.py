@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx2
 import pytest
@@ -24,11 +24,16 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from tests.functional import stdio_wrap
-from tests.functional.conftest import audit_records, make_config
+from tests.functional.conftest import SHIPPED_POLICY, audit_records, make_config
 from tests.functional.test_mcp_stdio_functional import wrapped
-from warden.protocols.mcp import REFUSED
+from warden.protocols.mcp import INVALID_REQUEST, REFUSED
 from warden.server import Warden
-from warden.testing.mcp_server import StreamableHttpServer, read_call_log
+from warden.testing.mcp_server import (
+    ESCALATE,
+    EscalateParams,
+    StreamableHttpServer,
+    read_call_log,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -223,3 +228,76 @@ async def test_the_answers_of_a_retry_are_decided_recorded_and_never_run_when_de
         [{"action": "accept", "content": {"amount": 900.0}}],
         [{"action": "accept", "content": {"amount": 20.0}}],
     ]
+
+
+class EscalateRequest(types.Request[EscalateParams, Literal["support/escalate"]]):
+    """The test server's extension method, as a client of the extension sends it."""
+
+    method: Literal["support/escalate"] = "support/escalate"
+
+
+class MisspelledCall(types.Request[types.CallToolRequestParams, Literal["TOOLS/CALL"]]):
+    """``tools/call`` spelled otherwise: a server matching methods leniently would run it."""
+
+    method: Literal["TOOLS/CALL"] = "TOOLS/CALL"
+
+
+ALLOW_ALL = 'package warden\n\nimport rego.v1\n\ndecision := {"effect": "allow", "reason": "ok"}\n'
+
+
+class Escalated(types.Result):
+    """What the extension answers."""
+
+    escalated: str
+    queue: str
+
+
+@pytest.mark.parametrize("door_name", ["http", "stdio"])
+@pytest.mark.parametrize("policy", ["shipped", "allow"])
+async def test_an_extension_method_is_decided_and_a_misspelled_method_refused(
+    tmp_path: Path, door_name: str, policy: str
+) -> None:
+    # MCP servers serve methods of their own (SEP-2133 extensions); one can act
+    # (here it hands a ticket to a person), so none passes undecided.
+    bundle = SHIPPED_POLICY
+    if policy == "allow":
+        bundle = tmp_path / "bundle"
+        bundle.mkdir()
+        (bundle / "policy.rego").write_text(ALLOW_ALL)
+    async with contextlib.AsyncExitStack() as stack:
+        if door_name == "http":
+            warden = await stack.enter_async_context(
+                fronted(tmp_path, policy={"bundles": [str(bundle)]})
+            )
+            server: Any = f"{warden.proxy_url}/support-tools"
+            audit = tmp_path / "audit"
+        else:
+            config = stdio_wrap.write_config(tmp_path, bundle=bundle)
+            server = stdio_wrap.wrap_params(config, tmp_path / "calls.jsonl")
+            audit = stdio_wrap.audit_dir(tmp_path)
+        client = await stack.enter_async_context(Client(server, mode="2026-07-28"))
+        session = client.session
+        params = types.CallToolRequestParams(name="close_account", arguments={})
+        with pytest.raises(MCPError) as misspelled:
+            await session.send_request(MisspelledCall(params=params), types.CallToolResult)
+        escalate = EscalateRequest(params=EscalateParams(ticket_id="T-7"))
+        if policy == "allow":
+            answer = await session.send_request(escalate, Escalated)
+        else:
+            with pytest.raises(MCPError) as refused:
+                await session.send_request(escalate, Escalated)
+    assert misspelled.value.error.code == INVALID_REQUEST
+    assert "spelled otherwise than 'tools/call'" in misspelled.value.error.message
+    [decision] = [r for r in audit_records(audit) if r.get("kind") == "decision"]
+    assert decision["action"]["kind"] == "mcp_request"
+    assert decision["action"]["tool"] == ESCALATE
+    assert decision["action"]["arguments"] == {"ticketId": "T-7", "priority": "normal"}
+    if policy == "allow":
+        assert (answer.escalated, answer.queue) == ("T-7", "tier-2")
+        assert reached(tmp_path) == [(ESCALATE, {"ticket_id": "T-7", "priority": "normal"})]
+        [outcome] = [r for r in audit_records(audit) if r.get("kind") == "outcome"]
+        assert "tier-2" in outcome["outcome"]["result"]
+    else:
+        assert refused.value.error.code == REFUSED
+        assert "support/escalate request is not approved" in refused.value.error.message
+        assert reached(tmp_path) == []  # neither the misspelled call nor the escalation

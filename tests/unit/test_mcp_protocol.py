@@ -552,6 +552,68 @@ SAMPLED_TOOL_USE = {
 }
 
 
+@pytest.mark.parametrize("method", sorted(mcp.PASSED))
+def test_the_methods_mcp_defines_that_act_on_nothing_pass(method: str) -> None:
+    (message,) = mcp.parse(request_line(method)).messages
+    assert (message.call, message.error) == (None, None)
+    assert message.body is not None
+
+
+@pytest.mark.parametrize(
+    ("method", "named"),
+    [
+        ("TOOLS/CALL", "tools/call"),
+        ("tools/call ", "tools/call"),
+        ("Resources/Read", "resources/read"),
+        ("COMPLETION/complete", "completion/complete"),
+        ("tools/LIST", "tools/list"),
+    ],
+)
+def test_a_method_spelled_otherwise_than_mcp_spells_it_is_refused(method: str, named: str) -> None:
+    # A server matching methods leniently would run it as the method it resembles.
+    for line in (request_line(method, name="close_account", arguments={}), request_line(method)):
+        (message,) = mcp.parse(line).messages
+        assert message.call is None
+        assert message.error is not None
+        assert message.error["error"]["code"] == mcp.INVALID_REQUEST
+        assert f"spelled otherwise than {named!r}" in message.error["error"]["message"]
+
+
+def test_a_method_mcp_does_not_define_is_decided_with_its_params() -> None:
+    line = request_line("support/escalate", ticketId="T-1", _meta={"progressToken": 3})
+    (message,) = mcp.parse(line).messages
+    assert message.call is not None
+    action = mcp.action(message.call, Agent("a1"), "support-tools")
+    assert (action.kind, action.tool) == (ActionKind.MCP_REQUEST, "support/escalate")
+    assert action.arguments == {"ticketId": "T-1"}  # _meta rides along, undecided
+    sent = mcp.forward_call(message)
+    assert sent["params"] == {"ticketId": "T-1", "_meta": {"progressToken": 3}}
+    # Without params: decided on none, sent with none.
+    (bare,) = mcp.parse(request_line("support/ping_all")).messages
+    assert bare.call is not None
+    assert bare.call.arguments == {}
+    # Positional params name nothing a policy could read: refused.
+    positional = b'{"jsonrpc": "2.0", "id": 5, "method": "support/escalate", "params": ["T-1"]}'
+    (refused,) = mcp.parse(positional).messages
+    assert refused.error is not None
+    assert refused.error["error"]["code"] == mcp.INVALID_PARAMS
+    no = Decision("dec_1", Effect.DENY, ("no",), Mode.ENFORCE, guard="policy")
+    denied = mcp.denied_result(message, no)
+    assert denied["error"]["code"] == mcp.REFUSED
+    assert "the request `support/escalate`" in denied["error"]["message"]
+
+
+def test_only_the_notifications_mcp_defines_go_on() -> None:
+    ok = b'{"jsonrpc": "2.0", "method": "notifications/progress", "params": {}}'
+    (passed,) = mcp.parse(ok).messages
+    assert (passed.call, passed.error) == (None, None)
+    extension = b'{"jsonrpc": "2.0", "method": "support/escalate", "params": {"ticketId": "T"}}'
+    (refused,) = mcp.parse(extension).messages
+    assert refused.body is None
+    assert refused.error is not None
+    assert refused.error["error"]["code"] == mcp.INVALID_REQUEST
+
+
 @pytest.mark.parametrize(
     ("method", "params"),
     [

@@ -48,6 +48,7 @@ __all__ = [
     "INVALID_REQUEST",
     "MAX_BATCH",
     "PARSE_ERROR",
+    "PASSED",
     "PROTOCOL",
     "REFUSED",
     "Message",
@@ -102,6 +103,33 @@ GOVERNED: Final[Mapping[str, tuple[ActionKind, frozenset[str]]]] = {
 """Client requests decided before they reach the server: each method's action kind and the
 params it holds (only those are forwarded). A resource or prompt can hand the agent what a
 denied tool would (a customer's records, a file), so none passes undecided."""
+PASSED: Final = frozenset(
+    {
+        "initialize",
+        "ping",
+        "server/discover",
+        "subscriptions/listen",
+        "logging/setLevel",
+        "tools/list",
+        "resources/list",
+        "resources/templates/list",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+        "tasks/get",
+        "tasks/result",
+        "tasks/list",
+        "tasks/cancel",
+    }
+)
+"""Client requests MCP defines that pass undecided: the connection's own (``initialize``,
+``ping``, ``server/discover``, ``logging/setLevel``), listings (filtered per agent for
+``tools/list``), subscriptions, whose updates name what changed and are read through a
+decided request, and tasks (Warden refuses task-augmented calls, so no task holds a
+governed call's work). A request of any other method (a server's own extension) is
+decided as an ``mcp_request`` action, and one spelled otherwise than MCP spells a
+method (``TOOLS/CALL``) is refused: a lenient server could run it as that method."""
+_KNOWN: Final = frozenset({*PASSED, *("tools/call", "resources/read", "prompts/get")})
 REFUSED: Final = -32001
 """The JSON-RPC error code of a request other than ``tools/call`` that Warden did not let
 through (a tool call gets a tool result with ``isError``, which the model reads)."""
@@ -315,16 +343,23 @@ def _message(value: object, index: int) -> Message:
         return Message(None, error_response(id_, INVALID_REQUEST, "Invalid Request: params"))
     governed = GOVERNED.get(method)
     if governed is None:
-        return Message(value)
+        settled = _not_governed(value, method, id_, has_id=has_id)
+        if settled is not None:
+            return settled
     if not has_id:
         # A call sent as a notification would run undecided on a lenient server.
         return Message(None, error_response(None, INVALID_REQUEST, "Invalid Request: no id"))
-    kind, fields = governed
+    kind, fields = governed if governed is not None else (ActionKind.MCP_REQUEST, None)
     refused = _refused_params(params, fields)
     if refused is not None:
         return Message(None, error_response(id_, INVALID_PARAMS, refused))
     if kind is not ActionKind.TOOL_CALL:
-        return _governed_request(value, id_, params, index)
+        return _governed_request(value, id_, params, index, kind=kind, fields=fields)
+    return _tool_call(value, id_, params, index)
+
+
+def _tool_call(value: dict[str, Any], id_: JsonId, params: object, index: int) -> Message:
+    """A ``tools/call`` request, carrying its call; one no server could read is refused."""
     name = params.get("name") if isinstance(params, dict) else None
     if not isinstance(name, str) or not name:
         return Message(None, error_response(id_, INVALID_PARAMS, "Invalid params: tool name"))
@@ -338,11 +373,34 @@ def _message(value: object, index: int) -> Message:
     return _carrying(value, id_, name, raw, arguments, index=index)
 
 
-def _refused_params(params: object, fields: frozenset[str]) -> str | None:
-    """Why a governed request's params are refused before anything else, if they are."""
+def _not_governed(
+    value: dict[str, Any], method: str, id_: JsonId, *, has_id: bool
+) -> Message | None:
+    """A message of a method :data:`GOVERNED` does not name: passed, refused, or ``None``
+    for a request to decide as an ``mcp_request`` (see :data:`PASSED`)."""
+    if method in PASSED or (not has_id and method.startswith("notifications/")):
+        return Message(value)
+    folded = method.strip().casefold()
+    alias = next((m for m in (*_KNOWN, *GOVERNED) if m.casefold() == folded), None)
+    if alias is not None:
+        why = f"Invalid Request: method {method[:60]!r} is spelled otherwise than {alias!r}"
+        return Message(None, error_response(id_, INVALID_REQUEST, why))
+    if not has_id:
+        # Only MCP's own notifications go on: a server's extension could act on one,
+        # and a notification cannot be answered with a decision.
+        why = "Invalid Request: a notification MCP does not define"
+        return Message(None, error_response(None, INVALID_REQUEST, why))
+    return None
+
+
+def _refused_params(params: object, fields: frozenset[str] | None) -> str | None:
+    """Why a governed request's params are refused before anything else, if they are.
+
+    ``fields``: what the method's params hold; ``None`` for a method MCP does not define.
+    """
     if not isinstance(params, dict):
         return None
-    if not _spelled_apart(params, fields):
+    if not _spelled_apart(params, fields or _RETRY_PARAMS | {"_meta"}):
         return "Invalid params: keys that differ only in case"
     # A retry of a multi-round-trip request (2026-07-28) carries the client's answers
     # to the server's input requests, as the earlier revisions' client answers do:
@@ -358,19 +416,31 @@ def _refused_params(params: object, fields: frozenset[str]) -> str | None:
     return None
 
 
-def _governed_request(value: dict[str, Any], id_: JsonId, params: object, index: int) -> Message:
-    """A request of :data:`GOVERNED` other than ``tools/call``, carrying its call.
+def _governed_request(
+    value: dict[str, Any],
+    id_: JsonId,
+    params: object,
+    index: int,
+    *,
+    kind: ActionKind,
+    fields: frozenset[str] | None,
+) -> Message:
+    """A request of :data:`GOVERNED` other than ``tools/call``, or of a method MCP does
+    not define (``fields`` ``None``), carrying its call.
 
     The call's arguments are the params the method holds but ``_meta``; a
     request the server could not read as the method's is refused, not passed.
     """
+    if params is None and fields is None:
+        params = {}  # an extension's request without params: nothing to decide on but it
     if not isinstance(params, dict):
         return Message(None, error_response(id_, INVALID_PARAMS, "Invalid params"))
     method = value["method"]
-    kind, fields = GOVERNED[method]
     # A retry's answers and state ride along as for a tool call; they are no argument.
     arguments = {
-        k: v for k, v in params.items() if k in fields and k != "_meta" and k not in _RETRY_PARAMS
+        k: v
+        for k, v in params.items()
+        if (fields is None or k in fields) and k != "_meta" and k not in _RETRY_PARAMS
     }
     problem = _params_problem(kind, arguments)
     if problem is not None:
@@ -379,7 +449,7 @@ def _governed_request(value: dict[str, Any], id_: JsonId, params: object, index:
     # "NAME" as "name"), or text no policy can take as it is, make them malformed,
     # and the call is denied (and recorded).
     raw, checked = parse_arguments(arguments)
-    return _carrying(value, id_, method, raw, checked, index=index)
+    return _carrying(value, id_, method, raw, checked, index=index, kind=kind)
 
 
 def _carrying(
@@ -390,6 +460,7 @@ def _carrying(
     arguments: Mapping[str, Any] | None,
     *,
     index: int,
+    kind: ActionKind = ActionKind.TOOL_CALL,
 ) -> Message:
     """The request, carrying the call the door has decided before it goes on."""
     method = value["method"]
@@ -400,7 +471,7 @@ def _carrying(
         arguments=arguments,
         index=index,
         key=f"message:{index}",
-        kind=GOVERNED[method][0],
+        kind=kind,
         wire_type=method,
     )
     return Message(value, call=call)
@@ -408,6 +479,8 @@ def _carrying(
 
 def _params_problem(kind: ActionKind, arguments: Mapping[str, Any]) -> str | None:
     """What makes ``arguments`` unreadable as the params of ``kind``'s method, if anything."""
+    if kind is ActionKind.MCP_REQUEST:
+        return None  # an extension's params are whatever it defines
     if kind is ActionKind.RESOURCE_READ:
         uri = arguments.get("uri")
         return None if isinstance(uri, str) and uri else "uri"
@@ -485,8 +558,9 @@ def forward_call(message: Message) -> dict[str, Any]:
     assert message.call.arguments is not None
     method = message.body["method"]
     # Only the fields the method has: nothing the decision did not see rides along.
-    fields = GOVERNED[method][1]
-    params = {k: v for k, v in message.body["params"].items() if k in fields}
+    fields = GOVERNED[method][1] if method in GOVERNED else None
+    sent = message.body.get("params") or {}
+    params = {k: v for k, v in sent.items() if fields is None or k in fields}
     if message.call.kind is ActionKind.TOOL_CALL:
         params["name"] = message.call.name
         params["arguments"] = dict(message.call.arguments)

@@ -10,8 +10,9 @@ resolver asks the same way (on 2026-07-28, an ``InputRequiredResult``),
 ``triage_with_model``, which asks the client's model (sampling, with tools)
 and runs the tool calls it answers with.
 It also serves resources (``kb://articles/{slug}``, and a customer's profile at
-``customers://{customer_id}/profile``), a prompt (``draft_reply``) and argument
-completion, each logged like a call. Run it over stdio with::
+``customers://{customer_id}/profile``), a prompt (``draft_reply``), argument
+completion and an extension's own method (``support/escalate``, which MCP does
+not define), each logged like a call. Run it over stdio with::
 
     python -m warden.testing.mcp_server --call-log calls.jsonl
 
@@ -23,7 +24,7 @@ In a test, :class:`StreamableHttpServer` runs it in-process on ``127.0.0.1:0``.
 
 Every call that reaches a tool is appended to the call log as one JSON line,
 before the tool runs, so a test can prove a denied call never arrived (a
-resource read, prompt or completion is logged under its method's name).
+resource read, prompt, completion or escalation is logged under its method's name).
 Needs the ``testing`` extra (``pip install agent-warden[testing]``).
 """
 
@@ -35,7 +36,7 @@ import contextlib
 import signal
 import socket
 import warnings
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Annotated, Any, Self
@@ -43,6 +44,7 @@ from typing import Annotated, Any, Self
 import orjson
 import uvicorn
 from mcp import types
+from mcp.server.extension import Extension, MethodBinding
 from mcp.server.mcpserver import AcceptedElicitation, Context, Elicit, MCPServer, Resolve
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel
@@ -75,6 +77,33 @@ def ask_amount(order_id: str) -> Elicit[RefundAmount]:
     return Elicit(f"How much should be refunded for {order_id}?", RefundAmount)
 
 
+ESCALATE = "support/escalate"
+"""The method of the test server's extension: MCP does not define it (SEP-2133 extensions)."""
+
+
+class EscalateParams(types.RequestParams):
+    """The params of ``support/escalate``."""
+
+    ticket_id: str
+    priority: str = "normal"
+
+
+class _Escalation(Extension):
+    """An extension method that acts (hands a ticket to a person), as servers' own do."""
+
+    identifier = "com.example.support/escalation"
+
+    def __init__(self, logged: Callable[[Mapping[str, Any]], None]) -> None:
+        self._logged = logged
+
+    def methods(self) -> Sequence[MethodBinding]:
+        async def escalate(_ctx: Any, params: EscalateParams) -> dict[str, Any]:
+            self._logged({"ticket_id": params.ticket_id, "priority": params.priority})
+            return {"escalated": params.ticket_id, "queue": "tier-2"}
+
+        return [MethodBinding(ESCALATE, EscalateParams, escalate)]
+
+
 _SAMPLING_TOOLS: dict[str, dict[str, Any]] = {
     "issue_refund": {
         "type": "object",
@@ -90,7 +119,9 @@ def build_server(call_log: Path | None = None, delay_s: float = 0.0) -> MCPServe
     runs (a call in flight, for kill-switch tests).
     """
     tools = MockTools()
-    server: MCPServer[Any] = MCPServer("warden-support-tools")
+    server: MCPServer[Any] = MCPServer(
+        "warden-support-tools", extensions=[_Escalation(lambda a: logged(ESCALATE, a))]
+    )
 
     def logged(name: str, arguments: Mapping[str, Any]) -> None:
         if call_log is not None:

@@ -301,3 +301,41 @@ async def test_an_extension_method_is_decided_and_a_misspelled_method_refused(
         assert refused.value.error.code == REFUSED
         assert "support/escalate request is not approved" in refused.value.error.message
         assert reached(tmp_path) == []  # neither the misspelled call nor the escalation
+
+
+async def test_headers_that_mirror_the_body_must_say_what_it_says(tmp_path: Path) -> None:
+    # 2026-07-28 clients repeat the method, the tool's name and annotated arguments in
+    # headers, for whatever acts on headers without reading the body (SEP-2243).
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "policy.rego").write_text(ALLOW_ALL)
+    async with fronted(tmp_path, policy={"bundles": [str(bundle)]}) as warden:
+        url = f"{warden.proxy_url}/support-tools"
+        # The official client sends them all (Mcp-Param-Customer for get_customer's
+        # annotated argument), and they agree: the call goes through.
+        async with Client(url, mode="2026-07-28") as client:
+            await client.list_tools()
+            found = await client.call_tool("get_customer", {"customer_id": "C-1001"})
+        assert not found.is_error
+        call = {
+            "jsonrpc": "2.0",
+            "id": 9,
+            "method": "tools/call",
+            "params": {"name": "get_customer", "arguments": {"customer_id": "C-1001"}},
+        }
+        plain = {
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+        }
+        async with httpx2.AsyncClient(timeout=30) as http:
+            for mirror in (
+                {"Mcp-Method": "tools/call", "Mcp-Name": "close_account"},
+                {"Mcp-Method": "resources/read"},
+                {"Mcp-Method": "tools/call", "Mcp-Param-Customer": "C-1002"},
+            ):
+                answer = await http.post(url, json=call, headers={**plain, **mirror})
+                assert answer.status_code == 400, mirror
+                assert answer.json()["error"]["code"] == -32020, mirror
+    # The mismatched requests never reached the server, nor were they decided.
+    assert reached(tmp_path) == [("get_customer", {"customer_id": "C-1001"})]
+    assert len(decided(tmp_path, "tool_call")) == 1

@@ -71,7 +71,7 @@ from warden.ingress.upstream_io import MAX_UPSTREAM_BODY, read_body, upstream_er
 from warden.model import Action, Agent, Decision, Effect, Outcome
 from warden.ops import metrics
 from warden.owners import IdOwners
-from warden.protocols import mcp
+from warden.protocols import mcp, mcp_mirror
 from warden.protocols._wire import dumps, loads
 from warden.protocols.declared_arguments import ListedArguments
 from warden.protocols.sse import encode_comment
@@ -231,6 +231,12 @@ class McpHttp:
             )
         body = await _read_body(request, self._config.limits.max_body_bytes)
         payload = mcp.parse(body)
+        mismatch = mcp_mirror.problem(payload, request.headers, self._listed.get(name))
+        if mismatch is not None:
+            # What acts on the headers after Warden must not read another request.
+            first = payload.messages[0].id if not payload.batch else None
+            rejected = mcp.error_response(first, mcp_mirror.HEADER_MISMATCH, mismatch)
+            return _json(400, rejected)
         exchange = _Exchange(agent, name, url, request.headers.get(SESSION_HEADER))
         busy, taken = self._take_ids(exchange, payload)
         try:

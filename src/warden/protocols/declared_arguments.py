@@ -100,6 +100,10 @@ class ListedArguments:
         """An argument key that folds to a name listed for ``tool`` but is spelled otherwise."""
         return _misspelled(self._schemas.get(tool), arguments)
 
+    def schema(self, tool: str) -> Mapping[str, Any] | None:
+        """The ``inputSchema`` the server listed for ``tool``, if Warden saw one."""
+        return self._schemas.get(tool)
+
 
 _MAX_DEPTH: Final = 64
 """Schema levels followed (arguments nest no deeper: deeper input is refused earlier)."""

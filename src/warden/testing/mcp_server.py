@@ -1,8 +1,8 @@
 """A real MCP server for tests and the demo, built with the official SDK.
 
 It serves the customer-support tools of :mod:`warden.testing.mock_tools`
-(search_kb, get_order, issue_refund, close_account) with the same data and
-semantics, through the SDK's ``MCPServer`` (FastMCP before mcp 2), and
+(search_kb, get_order, get_customer, issue_refund, close_account) with the
+same data and semantics, through the SDK's ``MCPServer`` (FastMCP before mcp 2), and
 ``confirm_with_user``, which asks the client (an elicitation: a request from
 server to client) before it answers, ``close_account_confirmed``, whose
 resolver asks the same way (on 2026-07-28, an ``InputRequiredResult``),
@@ -47,7 +47,7 @@ from mcp import types
 from mcp.server.extension import Extension, MethodBinding
 from mcp.server.mcpserver import AcceptedElicitation, Context, Elicit, MCPServer, Resolve
 from mcp.server.mcpserver.exceptions import ToolError
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from warden import tasks
 from warden.testing.mock_tools import TOOLS, MockTools
@@ -145,6 +145,13 @@ def build_server(call_log: Path | None = None, delay_s: float = 0.0) -> MCPServe
     @server.tool(description=TOOLS["get_order"].description)
     async def get_order(order_id: str) -> dict[str, Any]:
         return await run("get_order", {"order_id": order_id})
+
+    @server.tool(description=TOOLS["get_customer"].description)
+    async def get_customer(
+        # Mirrored in an Mcp-Param-Customer header by 2026-07-28 clients (SEP-2243).
+        customer_id: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Customer"})],
+    ) -> dict[str, Any]:
+        return await run("get_customer", {"customer_id": customer_id})
 
     @server.tool(description=TOOLS["issue_refund"].description)
     async def issue_refund(order_id: str, amount: float, reason: str = "") -> dict[str, Any]:

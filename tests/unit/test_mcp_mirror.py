@@ -1,0 +1,117 @@
+"""The headers that mirror an MCP request's body (2026-07-28, SEP-2243) must say what it says."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from warden.protocols import mcp, mcp_mirror
+from warden.protocols.declared_arguments import ListedArguments
+
+
+def headers(**given: str) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict({k.replace("_", "-"): v for k, v in given.items()}))
+
+
+def request(method: str, **params: Any) -> mcp.Payload:
+    return mcp.parse(orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}))
+
+
+def sentinel(text: str) -> str:
+    return f"=?base64?{base64.b64encode(text.encode()).decode()}?="
+
+
+CUSTOMER = {
+    "type": "object",
+    "properties": {
+        "customer_id": {"type": "string", "x-mcp-header": "Customer"},
+        "verbose": {"type": "boolean", "x-mcp-header": "Verbose"},
+        "filter": {
+            "type": "object",
+            "properties": {"region": {"type": "string", "x-mcp-header": "Region"}},
+        },
+        "note": {"type": "string"},
+    },
+}
+
+
+def listed() -> ListedArguments:
+    known = ListedArguments()
+    known.learn({"result": {"tools": [{"name": "get_customer", "inputSchema": CUSTOMER}]}})
+    return known
+
+
+CALL = {"name": "get_customer", "arguments": {"customer_id": "C-1", "verbose": True}}
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {},  # an earlier revision's client sends none
+        {"Mcp-Method": "tools/call", "Mcp-Name": "get_customer"},
+        {"Mcp-Method": "tools/call", "Mcp-Name": sentinel("get_customer")},
+        {"Mcp-Param-Customer": "C-1", "mcp-param-verbose": "true"},
+        {"Mcp-Param-Customer": sentinel("C-1")},
+    ],
+)
+def test_headers_that_say_what_the_body_says_pass(given: dict[str, str]) -> None:
+    assert mcp_mirror.problem(request("tools/call", **CALL), headers(**given), listed()) is None
+
+
+@pytest.mark.parametrize(
+    ("given", "why"),
+    [
+        ({"Mcp-Method": "tools/list"}, "Mcp-Method says 'tools/list'"),
+        ({"Mcp-Name": "close_account"}, "Mcp-Name does not match"),
+        ({"Mcp-Name": "=?base64?Z2V0X2N1c3RvbWVy?"}, "Mcp-Name does not match"),  # no sentinel
+        ({"Mcp-Name": "=?base64?Z2V0X2N1c3RvbWVy=?="}, "Mcp-Name does not match"),  # bad base64
+        ({"Mcp-Param-Customer": "C-2"}, "does not match the argument 'customer_id'"),
+        ({"Mcp-Param-Verbose": "True"}, "does not match the argument 'verbose'"),
+        ({"Mcp-Param-Region": "eu"}, "does not match the argument 'filter.region'"),
+        ({"Mcp-Param-Note": "x"}, "mirrors no argument the tool's schema annotates"),
+    ],
+)
+def test_a_header_that_says_otherwise_is_a_mismatch(given: dict[str, str], why: str) -> None:
+    found = mcp_mirror.problem(request("tools/call", **CALL), headers(**given), listed())
+    assert found is not None
+    assert why in found
+
+
+def test_a_nested_argument_is_mirrored_by_its_path() -> None:
+    call = {"name": "get_customer", "arguments": {"customer_id": "C-1", "filter": {"region": "eu"}}}
+    given = headers(**{"Mcp-Param-Region": "eu", "Mcp-Param-Customer": "C-1"})
+    assert mcp_mirror.problem(request("tools/call", **call), given, listed()) is None
+
+
+def test_params_of_a_tool_never_listed_cannot_be_checked() -> None:
+    found = mcp_mirror.problem(
+        request("tools/call", **CALL), headers(**{"Mcp-Param-Customer": "C-1"}), None
+    )
+    assert found is not None
+    assert "has not seen the server list the tool 'get_customer'" in found
+    # Without such headers a call to it goes on as before.
+    assert mcp_mirror.problem(request("tools/call", **CALL), headers(), None) is None
+
+
+def test_the_name_of_a_read_is_its_uri_and_other_methods_name_nothing() -> None:
+    read = request("resources/read", uri="kb://articles/refunds")
+    assert mcp_mirror.problem(read, headers(Mcp_Name="kb://articles/refunds"), None) is None
+    assert mcp_mirror.problem(read, headers(Mcp_Name="customers://C-1/profile"), None)
+    # Params are mirrored for tool calls only.
+    assert mcp_mirror.problem(read, headers(Mcp_Param_Customer="C-1"), listed())
+
+
+def test_one_header_twice_and_headers_on_a_batch_are_mismatches() -> None:
+    twice = CIMultiDictProxy(CIMultiDict([("Mcp-Name", "get_customer"), ("mcp-name", "x")]))
+    found = mcp_mirror.problem(request("tools/call", **CALL), twice, None)
+    assert "more than once" in (found or "")
+    line = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    batch = mcp.parse(b"[" + line + b"]")
+    assert "batch" in (mcp_mirror.problem(batch, headers(Mcp_Method="ping"), None) or "")
+    # An answer to the server's request has no method for a header to mirror.
+    answer = mcp.parse(b'{"jsonrpc": "2.0", "id": "s1", "result": {}}')
+    assert mcp_mirror.problem(answer, headers(Mcp_Method="tools/call"), None)

@@ -129,6 +129,22 @@ async def test_request_stores_a_redacted_pending_approval_and_records_it(
         await approvals.list("maybe")
 
 
+async def test_an_mcp_retrys_answers_are_shown_to_approvers_redacted(
+    approvals: Approvals,
+) -> None:
+    # The server acts on the answers as on the arguments: approvers see both.
+    answers = {"ask": {"action": "accept", "content": {"amount": 900, "email": "jo@x.example"}}}
+    act = dataclasses.replace(action(), input_responses=answers)
+    dec = decision(redact=("action.input_responses.ask.content.email",))
+    approval = await approvals.request(act, dec, mode="defer")
+    shown = {"ask": {"action": "accept", "content": {"amount": 900, "email": "[redacted]"}}}
+    assert approval.answers == shown
+    assert "input_responses.ask.content.email" in approval.redacted
+    assert approval.to_json()["answers"] == shown
+    assert await approvals.get(approval.id) == approval  # kept by the store
+    assert "answers" not in (await approvals.request(action(5), decision(), mode="hold")).to_json()
+
+
 async def test_binding_changes_with_any_argument() -> None:
     service = Approvals.__new__(Approvals)
     base = service.binding("bot", "issue_refund", {"amount": 10, "order": "A"})

@@ -131,11 +131,12 @@ async def test_approvals_naming_the_subject_lose_their_arguments_and_live_ones_a
 ) -> None:
     repo = state.approvals
     now = time.time()
-    await repo.insert(_approval("apr_pending", "C-ann", "b1"))
+    answered = {"ask": {"action": "accept", "content": {"email": "ann@example.com"}}}
+    await repo.insert(_approval("apr_pending", "C-ann", "b1", answers=answered))
     await repo.insert(_approval("apr_grant", "C-ann", "b2", status=ApprovalStatus.APPROVED))
     used = _approval("apr_used", "C-ann", "b3", status=ApprovalStatus.CONSUMED, consumed_at=now)
     await repo.insert(replace(used, decided_at=now - 1, decided_by="dana"))
-    bob = _approval("apr_bob", "C-bob", "b4")
+    bob = _approval("apr_bob", "C-bob", "b4", answers={"ask": {"action": "decline"}})
     await repo.insert(bob)
     done = await repo.erase(ann, now)
     assert done.erased == 3
@@ -147,6 +148,7 @@ async def test_approvals_naming_the_subject_lose_their_arguments_and_live_ones_a
     after = {a.id: a for a in await repo.list()}
     for aid in ("apr_pending", "apr_grant", "apr_used"):
         assert after[aid].arguments == {"erased": True}
+        assert after[aid].answers is None  # an MCP retry's answers go with them
         assert after[aid].arguments_sha256 == ""
         assert after[aid].binding == ""
     # Consumed stays consumed, with who decided it: the history still reads true.

@@ -170,6 +170,9 @@ class Approval:
     subjects: tuple[str, ...] = ()
     """Keyed references of the data subjects the action names (``audit.subjects``), so an
     erasure finds the approval whatever source named the subject; never the ids themselves."""
+    answers: Any = None
+    """An MCP retry's answers to the server's questions, in display form like ``arguments``
+    (the server acts on them too); ``None`` for every other action."""
 
     @property
     def approved_by(self) -> tuple[str, ...]:
@@ -221,6 +224,7 @@ class Approval:
             "decided_by": self.decided_by,
             "comment": self.comment,
             "consumed_at": self.consumed_at,
+            **({"answers": self.answers} if self.answers is not None else {}),
         }
 
 

@@ -305,6 +305,7 @@ class Approvals:
             upstream=action.request.upstream,
             method=action.request.method,
             subjects=self._subjects(action) if self._subjects is not None else (),
+            answers=shown.get("input_responses"),
         )
         # Record first: a request on file without a row is harmless; a pending
         # row nobody can prove was requested is not.

@@ -61,7 +61,7 @@ T = TypeVar("T")
 COLUMNS = (
     "id, decision_id, action_id, agent, tool, arguments, arguments_sha256, binding, mode, "
     "reason, risk, approvers, required, redacted, status, created_at, expires_at, votes, "
-    "decided_at, decided_by, comment, consumed_at, owner, upstream, method, subjects"
+    "decided_at, decided_by, comment, consumed_at, owner, upstream, method, subjects, answers"
 )
 _PLACEHOLDERS: Final = ", ".join(["?"] * len(COLUMNS.split(",")))
 # Columns added after the first release, created on open when an older file lacks them.
@@ -77,7 +77,7 @@ ERASED_REASON: Final = "the data subject was erased"
 # subject); every one loses its display arguments and argument hashes
 # (binding ''), so it matches no call again. Status and ids stay, for the history.
 _ERASE = (
-    "UPDATE approvals SET arguments = {p}, arguments_sha256 = '', binding = '', "
+    "UPDATE approvals SET arguments = {p}, arguments_sha256 = '', binding = '', answers = NULL, "
     "decided_at = CASE WHEN status IN ('pending', 'approved') THEN {p} ELSE decided_at END, "
     "decided_by = CASE WHEN status IN ('pending', 'approved') THEN {p} ELSE decided_by END, "
     "comment = CASE WHEN status IN ('pending', 'approved') THEN {p} ELSE comment END, "
@@ -704,6 +704,7 @@ def to_row(a: Approval) -> tuple[Any, ...]:
         a.upstream,
         a.method,
         " ".join(a.subjects),
+        orjson.dumps(a.answers).decode() if a.answers is not None else None,
     )
 
 
@@ -735,6 +736,7 @@ def from_row(row: Sequence[Any]) -> Approval:
         upstream,
         method,
         subjects,
+        answers,
     ) = row
     return Approval(
         id=aid,
@@ -765,6 +767,7 @@ def from_row(row: Sequence[Any]) -> Approval:
         upstream=upstream,
         method=method,
         subjects=tuple(str(subjects or "").split()),
+        answers=None if answers is None else orjson.loads(answers),
     )
 
 

@@ -468,6 +468,10 @@ def _approval_card(a: Approval, csrf: str, can_vote: bool, now: float) -> Html:
             ]
         ),
         tag("pre", {"class": "json", "aria-label": "Arguments"}, pretty(a.arguments)),
+        # An MCP retry's answers to the server's questions: the server acts on them too.
+        tag("pre", {"class": "json", "aria-label": "Answers"}, pretty(a.answers))
+        if a.answers is not None
+        else None,
         forms,
     )
 

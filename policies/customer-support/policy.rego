@@ -32,14 +32,16 @@ decision := with_session(verdict(input.action, input.budget), input.action, inpu
 }
 
 verdict(action, budget) := _deny(concat("", [
-	"the answers to the MCP server's questions set ", concat(", ", names), ", which the decision on ",
-	action.tool, " is made on; they must come as the call's arguments",
+	"the answers to the MCP server's questions carry ", concat(", ", fields), ", which an answer may not decide for ",
+	action.tool, " (the limits read the arguments); answers may carry only ", concat(", ", allowed),
 ])) if {
 	# Only an MCP retry has answers (2026-07-28): for every other call this ends here.
 	answers := action.input_responses
 	entry := data.warden.tools[action.tool]
-	names := _answered_arguments(answers, entry)
-	count(names) > 0
+	not entry.class in {"read_only", "draft"}
+	allowed := object.get(entry, "answers", data.warden.mcp.answer_fields)
+	fields := _unlisted_answer_fields(answers, allowed)
+	count(fields) > 0
 } else := tool_verdict(action.tool, entry, action.arguments, budget) if {
 	entry := data.warden.tools[action.tool]
 	is_object(action.arguments)
@@ -161,14 +163,27 @@ tool_verdict(tool, entry, args, budget) := _deny(concat("; ", problems)) if {
 	count(problems) > 0
 } else := class_verdict(entry.class, tool, entry, args, budget)
 
-# The catalogued arguments of a tool that an MCP retry's answers supply
-# (an amount or an account typed in answer to the server's question).
-_answered_arguments(answers, entry) := sort([name |
+# The fields of an MCP retry's answers (an elicitation's content, compared
+# case-blind, as Go and .NET servers bind them) that data.json does not let an
+# answer decide: data.warden.mcp.answer_fields, or the tool's own "answers".
+# The server reads them with the arguments, and the class rules read only the
+# arguments, so an amount typed in answer would pass every limit. Content that
+# is not an object (a sampled message's list of blocks) is no field allowed.
+_unlisted_answer_fields(answers, allowed) := sort([name |
 	some answer in answers
-	some name
-	_ = entry.args[name]
-	_ = answer.content[name]
+	content := object.get(answer, "content", null)
+	content != null # a declined or cancelled question carries none
+	some name in _answer_fields(content)
+	not name in allowed
 ])
+
+_answer_fields(content) := {_answer_field(key) | some key; _ = content[key]} if {
+	is_object(content)
+} else := {"a list of blocks"} if {
+	is_array(content)
+} else := {"content that is not an object"}
+
+_answer_field(key) := lower(key) if is_string(key)
 
 _arguments_ok(spec, args) if {
 	every name, want in spec {

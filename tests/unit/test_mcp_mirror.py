@@ -115,3 +115,36 @@ def test_one_header_twice_and_headers_on_a_batch_are_mismatches() -> None:
     # An answer to the server's request has no method for a header to mirror.
     answer = mcp.parse(b'{"jsonrpc": "2.0", "id": "s1", "result": {}}')
     assert mcp_mirror.problem(answer, headers(Mcp_Method="tools/call"), None)
+
+
+@pytest.mark.parametrize(
+    ("given", "why"),
+    [
+        ({"Mcp-Name": "=?base64?\u00e9?="}, "outside printable ASCII"),
+        ({"Mcp-Name": "get_customer\u00e9"}, "outside printable ASCII"),
+        ({"Mcp_Name": "get_customer"}, "spelled with an underscore"),
+        ({"mcp_param_customer": "C-1"}, "spelled with an underscore"),
+    ],
+)
+def test_values_and_names_that_readers_take_differently_are_refused(
+    given: dict[str, str], why: str
+) -> None:
+    sent = CIMultiDictProxy(CIMultiDict(given))  # as written: CGI stacks read _ as -
+    found = mcp_mirror.problem(request("tools/call", **CALL), sent, listed())
+    assert why in (found or "")
+
+
+def test_a_malformed_base64_name_matches_nothing_and_raises_nothing() -> None:
+    # Printable, but base64 no decoder takes: it cannot equal the body's name.
+    for value in ("=?base64?@@@@?=", "=?base64?//79?="):  # the second is not UTF-8
+        found = mcp_mirror.problem(request("tools/call", **CALL), headers(Mcp_Name=value), None)
+        assert "does not match" in (found or "")
+
+
+def test_a_request_that_names_nothing_carries_no_name() -> None:
+    ref = {"type": "ref/prompt", "name": "p"}
+    complete = request("completion/complete", ref=ref, argument={"name": "a", "value": ""})
+    assert "names nothing" in (mcp_mirror.problem(complete, headers(Mcp_Name="p"), None) or "")
+    # A server's own method may name what it defines.
+    escalate = request("support/escalate", ticketId="T-1")
+    assert mcp_mirror.problem(escalate, headers(Mcp_Name="T-1"), None) is None

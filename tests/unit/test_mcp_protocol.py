@@ -563,7 +563,6 @@ def test_the_methods_mcp_defines_that_act_on_nothing_pass(method: str) -> None:
     ("method", "named"),
     [
         ("TOOLS/CALL", "tools/call"),
-        ("tools/call ", "tools/call"),
         ("Resources/Read", "resources/read"),
         ("COMPLETION/complete", "completion/complete"),
         ("tools/LIST", "tools/list"),
@@ -579,6 +578,19 @@ def test_a_method_spelled_otherwise_than_mcp_spells_it_is_refused(method: str, n
         assert f"spelled otherwise than {named!r}" in message.error["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    "method",
+    ["tools/call ", " tools/call", "tools/call\u200b", "tools/call\x00", "\ufefftools/call"],
+)
+def test_a_method_with_characters_a_server_may_trim_is_refused(method: str) -> None:
+    # JavaScript's trim() drops U+FEFF, Java's trim() control characters.
+    (message,) = mcp.parse(request_line(method, name="close_account", arguments={})).messages
+    assert message.call is None
+    assert message.error is not None
+    assert message.error["error"]["code"] == mcp.INVALID_REQUEST
+    assert "spaces, control or non-ASCII" in message.error["error"]["message"]
+
+
 def test_a_method_mcp_does_not_define_is_decided_with_its_params() -> None:
     line = request_line("support/escalate", ticketId="T-1", _meta={"progressToken": 3})
     (message,) = mcp.parse(line).messages
@@ -588,10 +600,11 @@ def test_a_method_mcp_does_not_define_is_decided_with_its_params() -> None:
     assert action.arguments == {"ticketId": "T-1"}  # _meta rides along, undecided
     sent = mcp.forward_call(message)
     assert sent["params"] == {"ticketId": "T-1", "_meta": {"progressToken": 3}}
-    # Without params: decided on none, sent with none.
-    (bare,) = mcp.parse(request_line("support/ping_all")).messages
+    # Without params: decided on none, sent with an empty object.
+    (bare,) = mcp.parse(b'{"jsonrpc": "2.0", "id": 6, "method": "support/ping_all"}').messages
     assert bare.call is not None
     assert bare.call.arguments == {}
+    assert mcp.forward_call(bare)["params"] == {}
     # Positional params name nothing a policy could read: refused.
     positional = b'{"jsonrpc": "2.0", "id": 5, "method": "support/escalate", "params": ["T-1"]}'
     (refused,) = mcp.parse(positional).messages
@@ -603,15 +616,27 @@ def test_a_method_mcp_does_not_define_is_decided_with_its_params() -> None:
     assert "the request `support/escalate`" in denied["error"]["message"]
 
 
+@pytest.mark.parametrize("method", ["tools/call", "support/escalate"])
+def test_a_retry_field_spelled_in_another_case_is_refused(method: str) -> None:
+    # Else the answers would ride along as an argument, unseen as answers by the policy.
+    line = request_line(method, name="x", arguments={}, INPUTRESPONSES={"q": {"action": "accept"}})
+    (message,) = mcp.parse(line).messages
+    assert message.call is None
+    assert message.error is not None
+    assert message.error["error"]["code"] == mcp.INVALID_PARAMS
+
+
 def test_only_the_notifications_mcp_defines_go_on() -> None:
-    ok = b'{"jsonrpc": "2.0", "method": "notifications/progress", "params": {}}'
-    (passed,) = mcp.parse(ok).messages
-    assert (passed.call, passed.error) == (None, None)
-    extension = b'{"jsonrpc": "2.0", "method": "support/escalate", "params": {"ticketId": "T"}}'
-    (refused,) = mcp.parse(extension).messages
-    assert refused.body is None
-    assert refused.error is not None
-    assert refused.error["error"]["code"] == mcp.INVALID_REQUEST
+    for method in sorted(mcp.NOTIFICATIONS):
+        ok = orjson.dumps({"jsonrpc": "2.0", "method": method, "params": {}})
+        (passed,) = mcp.parse(ok).messages
+        assert (passed.call, passed.error) == (None, None)
+    for method in ("support/escalate", "notifications/support/escalate", "Notifications/Progress"):
+        line = orjson.dumps({"jsonrpc": "2.0", "method": method, "params": {"ticketId": "T"}})
+        (refused,) = mcp.parse(line).messages
+        assert refused.body is None
+        assert refused.error is not None
+        assert refused.error["error"]["code"] == mcp.INVALID_REQUEST
 
 
 @pytest.mark.parametrize(
@@ -647,12 +672,44 @@ def test_a_multi_round_trip_retry_goes_on_with_its_answers(
     for bad in ({"inputResponses": ["q"]}, {"requestState": 7}):
         (malformed,) = mcp.parse(request_line(method, **params, **bad)).messages
         assert malformed.error is not None
+    # Answers a Go or .NET server binds case-blind would say what the policy did not read.
+    for unreadable in (
+        {"q": {"action": "accept", "CONTENT": {"amount": 900}}},
+        {"q": {"action": "accept", "content": {"amount": 20, "Amount": 900}}},
+        {"q": {"action": "accept", "content": {"note": "a\x00b"}}},  # NUL: the engine stops there
+    ):
+        line = request_line(method, **params, inputResponses=unreadable)
+        (refused_answer,) = mcp.parse(line).messages
+        assert refused_answer.error is not None
+        assert "inputResponses holds keys equal but for case" in str(refused_answer.error)
 
 
 def test_an_answer_that_asks_for_input_is_no_completed_call() -> None:
     asks = {"resultType": "input_required", "inputRequests": {}, "requestState": "s"}
     outcome = mcp.result_outcome({"jsonrpc": "2.0", "id": 1, "result": asks})
     assert (outcome.error, outcome.is_error) == ("input_required", True)
+    # A task handle (a shape a client extension claims): the call goes on at the server.
+    task = {"resultType": "task", "task": {"taskId": "t1", "status": "working"}}
+    outcome = mcp.result_outcome({"jsonrpc": "2.0", "id": 1, "result": task})
+    assert (outcome.error, outcome.is_error) == ("claimed_result", True)
+    assert outcome.result is not None
+    assert "t1" in outcome.result
+    done = {"resultType": "complete", "content": [{"type": "text", "text": "ok"}]}
+    assert mcp.result_outcome({"jsonrpc": "2.0", "id": 1, "result": done}).error is None
+
+
+def test_answers_a_method_does_not_forward_are_not_decided_on() -> None:
+    ref = {"type": "ref/prompt", "name": "p"}
+    line = request_line(
+        "completion/complete",
+        ref=ref,
+        argument={"name": "a", "value": ""},
+        inputResponses={"q": {"action": "accept", "content": {"confirm": True}}},
+    )
+    (message,) = mcp.parse(line).messages
+    assert message.call is not None
+    assert mcp.input_responses(message) is None
+    assert "inputResponses" not in mcp.forward_call(message)["params"]
 
 
 def test_warden_results_carry_the_result_type_later_revisions_require() -> None:

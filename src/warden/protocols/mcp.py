@@ -22,6 +22,7 @@ hook: it drops the tools a door was told to hide.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,13 @@ from warden.model import (
     ToolCall,
     new_id,
 )
-from warden.protocols._wire import dumps, keys_fold_apart, loads, parse_arguments
+from warden.protocols._wire import (
+    dumps,
+    keys_fold_apart,
+    loads,
+    parse_arguments,
+    policy_safe,
+)
 from warden.protocols.declared_arguments import ListedArguments
 
 __all__ = [
@@ -47,6 +54,7 @@ __all__ = [
     "INVALID_PARAMS",
     "INVALID_REQUEST",
     "MAX_BATCH",
+    "NOTIFICATIONS",
     "PARSE_ERROR",
     "PASSED",
     "PROTOCOL",
@@ -84,6 +92,14 @@ _CALL_PARAMS: Final = frozenset(
 """What ``tools/call`` params hold (MCP 2025-11-25; ``task`` asks for a task-augmented call;
 ``inputResponses`` and ``requestState`` retry a multi-round-trip request, 2026-07-28)."""
 _RETRY_PARAMS: Final = frozenset({"inputResponses", "requestState"})
+_ANSWER_FIELDS: Final = frozenset(
+    {"action", "content", "_meta", "role", "model", "stopReason", "roots", "resultType"}
+)
+"""The fields of the answers in ``inputResponses`` (elicitation, sampling and roots results)."""
+_ANSWERS_UNREADABLE: Final = (
+    "Invalid params: inputResponses holds keys equal but for case, or values no policy can "
+    "take as they are"
+)
 _RETRY_TOOLS: Final = (
     "Invalid params: an answer in inputResponses proposes tool calls (tool_use), which "
     "this server would run with no decision; Warden does not govern tool use in sampling"
@@ -129,7 +145,19 @@ decided request, and tasks (Warden refuses task-augmented calls, so no task hold
 governed call's work). A request of any other method (a server's own extension) is
 decided as an ``mcp_request`` action, and one spelled otherwise than MCP spells a
 method (``TOOLS/CALL``) is refused: a lenient server could run it as that method."""
-_KNOWN: Final = frozenset({*PASSED, *("tools/call", "resources/read", "prompts/get")})
+NOTIFICATIONS: Final = frozenset(
+    {
+        "notifications/initialized",
+        "notifications/cancelled",
+        "notifications/progress",
+        "notifications/roots/list_changed",
+    }
+)
+"""The client notifications MCP defines: the only ones that go on (none acts on anything)."""
+_KNOWN: Final = frozenset(
+    {*PASSED, *NOTIFICATIONS, *("tools/call", "resources/read", "prompts/get")}
+)
+_PRINTABLE: Final = re.compile(r"[\x21-\x7e]+")
 REFUSED: Final = -32001
 """The JSON-RPC error code of a request other than ``tools/call`` that Warden did not let
 through (a tool call gets a tool result with ``isError``, which the model reads)."""
@@ -316,8 +344,9 @@ def _spelled_apart(obj: Mapping[str, Any], fields: frozenset[str]) -> bool:
     Go servers bind JSON-RPC and MCP fields case-insensitively, the last key
     winning: ``"method": "ping", "METHOD": "tools/call"`` runs a tool there.
     """
+    folded = {f.casefold() for f in fields}
     return keys_fold_apart(obj) and not any(
-        isinstance(k, str) and k not in fields and k.casefold() in fields for k in obj
+        isinstance(k, str) and k not in fields and k.casefold() in folded for k in obj
     )
 
 
@@ -378,9 +407,13 @@ def _not_governed(
 ) -> Message | None:
     """A message of a method :data:`GOVERNED` does not name: passed, refused, or ``None``
     for a request to decide as an ``mcp_request`` (see :data:`PASSED`)."""
-    if method in PASSED or (not has_id and method.startswith("notifications/")):
+    if method in PASSED or (not has_id and method in NOTIFICATIONS):
         return Message(value)
-    folded = method.strip().casefold()
+    if not _PRINTABLE.fullmatch(method):
+        # A server that trims or drops such characters would run the method it resembles.
+        why = "Invalid Request: a method holds spaces, control or non-ASCII characters"
+        return Message(None, error_response(id_, INVALID_REQUEST, why))
+    folded = method.casefold()
     alias = next((m for m in (*_KNOWN, *GOVERNED) if m.casefold() == folded), None)
     if alias is not None:
         why = f"Invalid Request: method {method[:60]!r} is spelled otherwise than {alias!r}"
@@ -411,6 +444,13 @@ def _refused_params(params: object, fields: frozenset[str] | None) -> str | None
         return "Invalid params: inputResponses"
     if responses and any(_proposes_tool_use(answer) for answer in responses.values()):
         return _RETRY_TOOLS
+    if responses and not (
+        policy_safe(responses)
+        and all(_spelled_apart(a, _ANSWER_FIELDS) for a in responses.values() if type(a) is dict)
+    ):
+        # The policy decides on them (input.action.input_responses): a field a Go or .NET
+        # server binds case-blind ("CONTENT", "Amount" beside "amount") would say otherwise.
+        return _ANSWERS_UNREADABLE
     if not isinstance(params.get("requestState", ""), str):
         return "Invalid params: requestState"
     return None
@@ -508,6 +548,9 @@ def input_responses(message: Message) -> Mapping[str, Any] | None:
     body = message.body
     params = body.get("params") if body is not None else None
     answers = params.get("inputResponses") if isinstance(params, dict) else None
+    governed = GOVERNED.get(str(body.get("method"))) if body is not None else None
+    if governed is not None and "inputResponses" not in governed[1]:
+        return None  # not forwarded for this method (completion/complete): nothing to decide
     return answers if isinstance(answers, dict) and answers else None
 
 
@@ -630,10 +673,17 @@ def result_outcome(response: Mapping[str, Any], latency_ms: float = 0.0) -> Outc
     result = response.get("result")
     if not isinstance(result, dict):
         return Outcome(latency_ms=latency_ms, error="malformed_result", is_error=True)
-    if result.get("resultType") == "input_required":
+    shape = result.get("resultType")
+    if shape == "input_required":
         # The server asks the client for input first (2026-07-28): the request did not
         # complete; its retry, with the answers, is decided as a request of its own.
         return Outcome(latency_ms=latency_ms, error="input_required", is_error=True)
+    if shape is not None and shape != "complete":
+        # A shape a client extension claims (a task handle): the call goes on at the
+        # server, and what it does there later does not come back through this answer.
+        return Outcome(
+            latency_ms=latency_ms, error="claimed_result", result=dumps(result), is_error=True
+        )
     content = result.get("content")
     texts = [
         c["text"]

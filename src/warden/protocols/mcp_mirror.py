@@ -39,7 +39,27 @@ NAME_HEADER: Final = "Mcp-Name"
 PARAM_PREFIX: Final = "Mcp-Param-"
 _NAMED_BY: Final = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 """The methods whose ``Mcp-Name`` mirrors a param, and which param."""
+_NAMELESS: Final = frozenset(
+    {
+        "completion/complete",
+        "initialize",
+        "ping",
+        "server/discover",
+        "subscriptions/listen",
+        "logging/setLevel",
+        "tools/list",
+        "resources/list",
+        "resources/templates/list",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+    }
+)
+"""Methods MCP defines whose requests name no tool, prompt or resource: an ``Mcp-Name``
+on one could only steer a router. (``tasks/*`` name their task; a server's own methods
+may name what they define.)"""
 _SENTINEL: Final = re.compile(r"=\?base64\?(?P<payload>.*)\?=")
+_VISIBLE: Final = re.compile(r"[\x20-\x7e]*")
 _MAX_SCHEMA_NODES: Final = 10_000
 
 
@@ -56,8 +76,16 @@ def problem(
     if not names:
         return None  # a client of an earlier revision, or one that sends none: as before
     for name in names:
-        if len(headers.getall(name)) > 1:
+        if "_" in name:
+            # CGI-style stacks read Mcp_Name as Mcp-Name; no client writes it.
+            return f"the header {name} is spelled with an underscore"
+        values = headers.getall(name)
+        if len(values) > 1:
             return f"the header {name} appears more than once"
+        if not _VISIBLE.fullmatch(values[0]):
+            # Raw bytes past ASCII are read as UTF-8 here and as Latin-1 by most
+            # routers; a client writes such a value as =?base64?...?=.
+            return f"the header {name} holds characters outside printable ASCII"
     if payload.batch:
         return "mirror headers (Mcp-*) describe one message, and this POST carries a batch"
     (message,) = payload.messages
@@ -72,8 +100,10 @@ def problem(
     params = params if isinstance(params, dict) else {}
     key = _NAMED_BY.get(method) if isinstance(method, str) else None
     named = headers.get(NAME_HEADER)
-    if key is not None and named is not None and _decoded(named) != params.get(key):
+    if named is not None and key is not None and _decoded(named) != params.get(key):
         return f"the header {NAME_HEADER} does not match the body's {key!r}"
+    if named is not None and key is None and method in _NAMELESS:
+        return f"the header {NAME_HEADER} names something, and a {method!r} request names nothing"
     given = {k.lower(): v for k, v in headers.items() if k.lower().startswith("mcp-param-")}
     if not given:
         return None
@@ -105,7 +135,7 @@ def _params_problem(
 
 
 def _mirrors(header: str) -> bool:
-    lower = header.lower()
+    lower = header.lower().replace("_", "-")
     return lower in ("mcp-method", "mcp-name") or lower.startswith("mcp-param-")
 
 
@@ -120,7 +150,7 @@ def _decoded(value: str) -> str | None:
         if base64.b64encode(raw).decode("ascii") != payload:
             return None  # not what a client writes: it can match nothing
         return raw.decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, ValueError):  # ValueError: non-ASCII in the payload, bad UTF-8
         return None
 
 

@@ -22,6 +22,7 @@ hook: it drops the tools a door was told to hide.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -141,10 +142,11 @@ PASSED: Final = frozenset(
 """Client requests MCP defines that pass undecided: the connection's own (``initialize``,
 ``ping``, ``server/discover``, ``logging/setLevel``), listings (filtered per agent for
 ``tools/list``), subscriptions, whose updates name what changed and are read through a
-decided request, and tasks (Warden refuses task-augmented calls, so no task holds a
-governed call's work). A request of any other method (a server's own extension) is
-decided as an ``mcp_request`` action, and one spelled otherwise than MCP spells a
-method (``TOOLS/CALL``) is refused: a lenient server could run it as that method."""
+decided request, and tasks (Warden refuses task-augmented calls; a call a server runs as
+a task anyway is recorded as ``claimed_result``, see :func:`result_outcome`). A request of
+any other method (a server's own extension) is decided as an ``mcp_request`` action, and
+one spelled otherwise than MCP spells a method (``TOOLS/CALL``) is refused: a lenient
+server could run it as that method."""
 NOTIFICATIONS: Final = frozenset(
     {
         "notifications/initialized",
@@ -154,9 +156,7 @@ NOTIFICATIONS: Final = frozenset(
     }
 )
 """The client notifications MCP defines: the only ones that go on (none acts on anything)."""
-_KNOWN: Final = frozenset(
-    {*PASSED, *NOTIFICATIONS, *("tools/call", "resources/read", "prompts/get")}
-)
+_KNOWN: Final = frozenset({*PASSED, *NOTIFICATIONS, *GOVERNED})
 _PRINTABLE: Final = re.compile(r"[\x21-\x7e]+")
 REFUSED: Final = -32001
 """The JSON-RPC error code of a request other than ``tools/call`` that Warden did not let
@@ -344,10 +344,16 @@ def _spelled_apart(obj: Mapping[str, Any], fields: frozenset[str]) -> bool:
     Go servers bind JSON-RPC and MCP fields case-insensitively, the last key
     winning: ``"method": "ping", "METHOD": "tools/call"`` runs a tool there.
     """
-    folded = {f.casefold() for f in fields}
+    folded = _folded(fields)
     return keys_fold_apart(obj) and not any(
         isinstance(k, str) and k not in fields and k.casefold() in folded for k in obj
     )
+
+
+@functools.cache
+def _folded(fields: frozenset[str]) -> frozenset[str]:
+    """``fields`` case-folded (``inputResponses`` as ``inputresponses``); a few sets, once."""
+    return frozenset(f.casefold() for f in fields)
 
 
 def _message(value: object, index: int) -> Message:
@@ -414,7 +420,7 @@ def _not_governed(
         why = "Invalid Request: a method holds spaces, control or non-ASCII characters"
         return Message(None, error_response(id_, INVALID_REQUEST, why))
     folded = method.casefold()
-    alias = next((m for m in (*_KNOWN, *GOVERNED) if m.casefold() == folded), None)
+    alias = next((m for m in _KNOWN if m.casefold() == folded), None)
     if alias is not None:
         why = f"Invalid Request: method {method[:60]!r} is spelled otherwise than {alias!r}"
         return Message(None, error_response(id_, INVALID_REQUEST, why))

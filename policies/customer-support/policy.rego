@@ -37,12 +37,14 @@ verdict(action, budget) := _deny(concat("", [
 ])) if {
 	# Only an MCP retry has answers (2026-07-28): for every other call this ends here.
 	answers := action.input_responses
+	action.kind != "mcp_request" # a server's own method is never a catalogued tool
 	entry := data.warden.tools[action.tool]
 	not entry.class in {"read_only", "draft"}
 	allowed := object.get(entry, "answers", data.warden.mcp.answer_fields)
 	fields := _unlisted_answer_fields(answers, allowed)
 	count(fields) > 0
 } else := tool_verdict(action.tool, entry, action.arguments, budget) if {
+	action.kind != "mcp_request"
 	entry := data.warden.tools[action.tool]
 	is_object(action.arguments)
 } else := _allow("model calls are allowed; the tool calls they propose are checked one by one") if {
@@ -163,27 +165,39 @@ tool_verdict(tool, entry, args, budget) := _deny(concat("; ", problems)) if {
 	count(problems) > 0
 } else := class_verdict(entry.class, tool, entry, args, budget)
 
-# The fields of an MCP retry's answers (an elicitation's content, compared
-# case-blind, as Go and .NET servers bind them) that data.json does not let an
-# answer decide: data.warden.mcp.answer_fields, or the tool's own "answers".
-# The server reads them with the arguments, and the class rules read only the
-# arguments, so an amount typed in answer would pass every limit. Content that
-# is not an object (a sampled message's list of blocks) is no field allowed.
+# What an MCP retry's answers carry that data.json does not let an answer
+# decide (data.warden.mcp.answer_fields, or the tool's own "answers"). The
+# server reads them with the arguments, and the class rules read only the
+# arguments, so an amount typed in answer would pass every limit. An
+# elicitation's content fields are named case-blind (Go and .NET servers bind
+# them so); anything else an answer holds is named by what it is, which no
+# list allows: a field beside action and content (a sampled message, roots),
+# a content field holding more than one value, content that is a list of
+# blocks or plain text, an answer that is not an object.
 _unlisted_answer_fields(answers, allowed) := sort([name |
 	some answer in answers
-	content := object.get(answer, "content", null)
-	content != null # a declined or cancelled question carries none
-	some name in _answer_fields(content)
+	some name in _answer_fields(answer)
 	not name in allowed
 ])
 
-_answer_fields(content) := {_answer_field(key) | some key; _ = content[key]} if {
+_answer_fields(answer) := {"an answer that is not an object"} if {
+	not is_object(answer)
+} else := _extra_fields(answer) | _content_fields(object.get(answer, "content", null))
+
+_extra_fields(answer) := {key | some key; _ = answer[key]; not key in {"action", "content", "_meta"}}
+
+_content_fields(content) := {name | some key; value := content[key]; name := _content_field(key, value)} if {
 	is_object(content)
 } else := {"a list of blocks"} if {
 	is_array(content)
+} else := {name | some name in []} if {
+	content == null # a declined or cancelled question carries none
 } else := {"content that is not an object"}
 
-_answer_field(key) := lower(key) if is_string(key)
+_content_field(key, value) := lower(key) if {
+	not is_object(value)
+	not is_array(value)
+} else := concat("", [lower(key), " holding more than one value"])
 
 _arguments_ok(spec, args) if {
 	every name, want in spec {

@@ -175,7 +175,10 @@ import rego.v1
 
 decision := {"effect": "deny", "reason": "an answer asks for a refund above 100"} if {
 	some answer in input.action.input_responses
-	answer.content.amount > 100
+	some key
+	amount := answer.content[key]
+	lower(key) == "amount" # Go and .NET servers read "Amount" as "amount"
+	amount > 100
 } else := {"effect": "allow", "reason": "ok"}
 """
 

@@ -121,6 +121,19 @@ def test_the_slack_message_cannot_be_shaped_by_the_agent() -> None:
     assert "cut: see every argument in the console" in code
 
 
+def test_an_mcp_retrys_answers_follow_the_arguments_and_cannot_cut_them() -> None:
+    # The answers are the client's text: however long, the amount still shows.
+    answered = dataclasses.replace(
+        approval(), answers={"ask": {"action": "accept", "content": {"note": "y" * 3000}}}
+    )
+    slack = render("approval.requested", answered, "slack", 1795747200)
+    code = slack["blocks"][2]["text"]["text"]
+    assert code.index('"amount": 10') < code.index("answers:")
+    assert "cut: see every argument in the console" in code
+    generic = render("approval.requested", answered, "json", 1795747200)
+    assert generic["approval"]["answers"] == answered.answers
+
+
 async def test_delivery_retries_with_backoff_and_is_signed(
     receiver: tuple[Receiver, str],
 ) -> None:

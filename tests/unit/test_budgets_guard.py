@@ -32,6 +32,7 @@ from warden.model import (
 )
 from warden.pipeline import AuditSink, GuardContext, Pipeline
 from warden.pointers import pointer_get
+from warden.protocols import mcp
 from warden.state import StateStore
 
 NOW = datetime(2026, 11, 27, 23, 30, tzinfo=ZoneInfo("UTC")).timestamp()
@@ -213,6 +214,18 @@ async def test_a_trusted_failure_releases_a_delivered_call(store: StateStore) ->
     await pipeline.decide(done)
     await pipeline.outcome(done, "dec", Outcome(status=200), trusted=True)
     assert await spent(store, "refunds", DAY, "agent:bot") == (70.0, 0.0)
+
+
+async def test_a_refund_a_server_goes_on_with_as_a_task_stays_spent(store: StateStore) -> None:
+    # The MCP server's answer is a task handle (a shape a client extension claims): the
+    # refund runs on there, so its reservation is spent, never released as a failure.
+    pipeline, _, _ = build(store)
+    action = tool("issue_refund", order_id="A-1", amount=120)
+    await pipeline.decide(action)
+    task = {"resultType": "task", "task": {"taskId": "t1", "status": "working"}}
+    outcome = mcp.result_outcome({"jsonrpc": "2.0", "id": 1, "result": task})
+    await pipeline.outcome(action, "dec", outcome, trusted=True)  # as both MCP doors do
+    assert await spent(store, "refunds", DAY, "agent:bot") == (120.0, 0.0)
 
 
 async def test_an_outcome_after_a_restart_settles_through_the_store(store: StateStore) -> None:

@@ -148,3 +148,25 @@ def test_a_request_that_names_nothing_carries_no_name() -> None:
     # A server's own method may name what it defines.
     escalate = request("support/escalate", ticketId="T-1")
     assert mcp_mirror.problem(escalate, headers(Mcp_Name="T-1"), None) is None
+
+
+def test_a_token_may_hold_an_underscore_where_the_schema_gives_one() -> None:
+    # RFC 9110 tokens allow "_": the official client writes Mcp-Param-customer_id.
+    schema = {"type": "object", "properties": {"id": {"type": "string", "x-mcp-header": "c_id"}}}
+    known = ListedArguments()
+    known.learn({"result": {"tools": [{"name": "lookup", "inputSchema": schema}]}})
+    call = request("tools/call", name="lookup", arguments={"id": "C-1"})
+    given = CIMultiDictProxy(CIMultiDict({"Mcp-Param-c_id": "C-1"}))
+    assert mcp_mirror.problem(call, given, known) is None
+    loose = CIMultiDictProxy(CIMultiDict({"Mcp-Param-c-id": "C-1"}))  # not the declared token
+    assert "mirrors no argument" in (mcp_mirror.problem(call, loose, known) or "")
+
+
+def test_a_name_goes_only_where_a_request_names_something() -> None:
+    note = mcp.parse(b'{"jsonrpc": "2.0", "method": "notifications/progress", "params": {}}')
+    assert "names nothing" in (mcp_mirror.problem(note, headers(Mcp_Name="x"), None) or "")
+    answer = mcp.parse(b'{"jsonrpc": "2.0", "id": "s1", "result": {}}')
+    assert "names nothing" in (mcp_mirror.problem(answer, headers(Mcp_Name="x"), None) or "")
+    # tasks/* name their task (SEP-2663).
+    task = request("tasks/get", taskId="t1")
+    assert mcp_mirror.problem(task, headers(Mcp_Name="t1"), None) is None

@@ -94,10 +94,12 @@ def render(event: str, approval: Approval, fmt: str, timestamp: int) -> dict[str
         headline = f":alarm_clock: Expired without a decision: {what}"
     # Sorted, as the console shows them: the agent's own order could push the
     # field that matters past the cut. A cut message says so and sends people on.
-    shown = approval.arguments
+    pretty = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
+    args = orjson.dumps(approval.arguments, option=pretty).decode()
     if approval.answers is not None:  # an MCP retry's answers: the server acts on them too
-        shown = {"arguments": approval.arguments, "answers": approval.answers}
-    args = orjson.dumps(shown, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
+        # After the arguments, so long answers (the client's text) cannot cut them.
+        answers = orjson.dumps(approval.answers, option=pretty).decode()
+        args = f"arguments: {args}\nanswers: {answers}"
     if len(args) > _SLACK_ARGS_CHARS:
         args = args[:_SLACK_ARGS_CHARS] + "\n… (cut: see every argument in the console)"
     details = [f"*Reason:* {_slack(approval.reason)}"]

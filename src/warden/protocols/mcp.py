@@ -51,6 +51,7 @@ from warden.protocols._wire import (
 from warden.protocols.declared_arguments import ListedArguments
 
 __all__ = [
+    "ACCEPTED",
     "GOVERNED",
     "INVALID_PARAMS",
     "INVALID_REQUEST",
@@ -93,6 +94,7 @@ _CALL_PARAMS: Final = frozenset(
 """What ``tools/call`` params hold (MCP 2025-11-25; ``task`` asks for a task-augmented call;
 ``inputResponses`` and ``requestState`` retry a multi-round-trip request, 2026-07-28)."""
 _RETRY_PARAMS: Final = frozenset({"inputResponses", "requestState"})
+_RETRY_ALIASES: Final = frozenset({"input_responses", "request_state"})
 _ANSWER_FIELDS: Final = frozenset(
     {"action", "content", "_meta", "role", "model", "stopReason", "roots", "resultType"}
 )
@@ -143,7 +145,7 @@ PASSED: Final = frozenset(
 ``ping``, ``server/discover``, ``logging/setLevel``), listings (filtered per agent for
 ``tools/list``), subscriptions, whose updates name what changed and are read through a
 decided request, and tasks (Warden refuses task-augmented calls; a call a server runs as
-a task anyway is recorded as ``claimed_result``, see :func:`result_outcome`). A request of
+a task anyway is recorded as accepted, see :func:`result_outcome`). A request of
 any other method (a server's own extension) is decided as an ``mcp_request`` action, and
 one spelled otherwise than MCP spells a method (``TOOLS/CALL``) is refused: a lenient
 server could run it as that method."""
@@ -158,6 +160,9 @@ NOTIFICATIONS: Final = frozenset(
 """The client notifications MCP defines: the only ones that go on (none acts on anything)."""
 _KNOWN: Final = frozenset({*PASSED, *NOTIFICATIONS, *GOVERNED})
 _PRINTABLE: Final = re.compile(r"[\x21-\x7e]+")
+ACCEPTED: Final = 202
+"""The outcome status of a call the server answered with a shape a client extension claims
+(a task handle): accepted and going on at the server, neither completed nor failed."""
 REFUSED: Final = -32001
 """The JSON-RPC error code of a request other than ``tools/call`` that Warden did not let
 through (a tool call gets a tool result with ``isError``, which the model reads)."""
@@ -441,6 +446,9 @@ def _refused_params(params: object, fields: frozenset[str] | None) -> str | None
         return None
     if not _spelled_apart(params, fields or _RETRY_PARAMS | {"_meta"}):
         return "Invalid params: keys that differ only in case"
+    if any(isinstance(k, str) and k.casefold() in _RETRY_ALIASES for k in params):
+        # The SDKs' params models take their Python names too (populate_by_name).
+        return "Invalid params: inputResponses and requestState are spelled in camelCase"
     # A retry of a multi-round-trip request (2026-07-28) carries the client's answers
     # to the server's input requests, as the earlier revisions' client answers do:
     # one that proposes tool calls (sampling with tools) would have the server run
@@ -687,9 +695,8 @@ def result_outcome(response: Mapping[str, Any], latency_ms: float = 0.0) -> Outc
     if shape is not None and shape != "complete":
         # A shape a client extension claims (a task handle): the call goes on at the
         # server, and what it does there later does not come back through this answer.
-        return Outcome(
-            latency_ms=latency_ms, error="claimed_result", result=dumps(result), is_error=True
-        )
+        # Recorded as accepted (202), not failed: what a cap holds for it stays spent.
+        return Outcome(status=ACCEPTED, latency_ms=latency_ms, result=dumps(result))
     content = result.get("content")
     texts = [
         c["text"]

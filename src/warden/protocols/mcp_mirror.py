@@ -60,6 +60,7 @@ on one could only steer a router. (``tasks/*`` name their task; a server's own m
 may name what they define.)"""
 _SENTINEL: Final = re.compile(r"=\?base64\?(?P<payload>.*)\?=")
 _VISIBLE: Final = re.compile(r"[\x20-\x7e]*")
+_UNDERSCORED: Final = re.compile(r"mcp_|mcp-param_")
 _MAX_SCHEMA_NODES: Final = 10_000
 
 
@@ -76,8 +77,9 @@ def problem(
     if not names:
         return None  # a client of an earlier revision, or one that sends none: as before
     for name in names:
-        if "_" in name:
-            # CGI-style stacks read Mcp_Name as Mcp-Name; no client writes it.
+        if _UNDERSCORED.match(name):
+            # CGI-style stacks read Mcp_Name as Mcp-Name; no client writes it. (A token
+            # may hold one: Mcp-Param-customer_id is the client's own spelling.)
             return f"the header {name} is spelled with an underscore"
         values = headers.getall(name)
         if len(values) > 1:
@@ -102,8 +104,9 @@ def problem(
     named = headers.get(NAME_HEADER)
     if named is not None and key is not None and _decoded(named) != params.get(key):
         return f"the header {NAME_HEADER} does not match the body's {key!r}"
-    if named is not None and key is None and method in _NAMELESS:
-        return f"the header {NAME_HEADER} names something, and a {method!r} request names nothing"
+    if named is not None and key is None and (method in _NAMELESS or not message.is_request):
+        what = f"a {method!r} request" if message.is_request else "this message"
+        return f"the header {NAME_HEADER} names something, and {what} names nothing"
     given = {k.lower(): v for k, v in headers.items() if k.lower().startswith("mcp-param-")}
     if not given:
         return None

@@ -169,6 +169,28 @@ async def test_a_multi_round_trip_request_is_decided_each_round(tmp_path: Path) 
     assert [o["outcome"]["error"] for o in outcomes] == ["input_required", None]
 
 
+def write_bundle(tmp_path: Path, source: str) -> Path:
+    """A bundle of one module, ``source``."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "policy.rego").write_text(source)
+    return bundle
+
+
+async def either_door(
+    stack: contextlib.AsyncExitStack, tmp_path: Path, door: str, bundle: Path
+) -> tuple[Any, Path]:
+    """What the official client connects to at ``door`` (``http`` or ``stdio``), deciding
+    with ``bundle`` in front of the test server, and where that door's audit log is."""
+    if door == "http":
+        warden = await stack.enter_async_context(
+            fronted(tmp_path, policy={"bundles": [str(bundle)]})
+        )
+        return f"{warden.proxy_url}/support-tools", tmp_path / "audit"
+    config = stdio_wrap.write_config(tmp_path, bundle=bundle)
+    return stdio_wrap.wrap_params(config, tmp_path / "calls.jsonl"), stdio_wrap.audit_dir(tmp_path)
+
+
 ANSWER_POLICY = """package warden
 
 import rego.v1
@@ -197,20 +219,9 @@ async def test_the_answers_of_a_retry_are_decided_recorded_and_never_run_when_de
     ) -> types.ElicitResult:
         return types.ElicitResult(action="accept", content={"amount": next(amounts)})
 
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "policy.rego").write_text(ANSWER_POLICY)
     async with contextlib.AsyncExitStack() as stack:
-        if door_name == "http":
-            warden = await stack.enter_async_context(
-                fronted(tmp_path, policy={"bundles": [str(bundle)]})
-            )
-            server: Any = f"{warden.proxy_url}/support-tools"
-            audit = tmp_path / "audit"
-        else:
-            config = stdio_wrap.write_config(tmp_path, bundle=bundle)
-            server = stdio_wrap.wrap_params(config, tmp_path / "calls.jsonl")
-            audit = stdio_wrap.audit_dir(tmp_path)
+        bundle = write_bundle(tmp_path, ANSWER_POLICY)
+        server, audit = await either_door(stack, tmp_path, door_name, bundle)
         client = Client(server, mode="2026-07-28", elicitation_callback=answer)
         async with client:
             denied = await client.call_tool("refund_asking_amount", {"order_id": "A-1001"})
@@ -262,22 +273,9 @@ async def test_an_extension_method_is_decided_and_a_misspelled_method_refused(
 ) -> None:
     # MCP servers serve methods of their own (SEP-2133 extensions); one can act
     # (here it hands a ticket to a person), so none passes undecided.
-    bundle = SHIPPED_POLICY
-    if policy == "allow":
-        bundle = tmp_path / "bundle"
-        bundle.mkdir()
-        (bundle / "policy.rego").write_text(ALLOW_ALL)
+    bundle = write_bundle(tmp_path, ALLOW_ALL) if policy == "allow" else SHIPPED_POLICY
     async with contextlib.AsyncExitStack() as stack:
-        if door_name == "http":
-            warden = await stack.enter_async_context(
-                fronted(tmp_path, policy={"bundles": [str(bundle)]})
-            )
-            server: Any = f"{warden.proxy_url}/support-tools"
-            audit = tmp_path / "audit"
-        else:
-            config = stdio_wrap.write_config(tmp_path, bundle=bundle)
-            server = stdio_wrap.wrap_params(config, tmp_path / "calls.jsonl")
-            audit = stdio_wrap.audit_dir(tmp_path)
+        server, audit = await either_door(stack, tmp_path, door_name, bundle)
         client = await stack.enter_async_context(Client(server, mode="2026-07-28"))
         session = client.session
         params = types.CallToolRequestParams(name="close_account", arguments={})
@@ -309,9 +307,7 @@ async def test_an_extension_method_is_decided_and_a_misspelled_method_refused(
 async def test_headers_that_mirror_the_body_must_say_what_it_says(tmp_path: Path) -> None:
     # 2026-07-28 clients repeat the method, the tool's name and annotated arguments in
     # headers, for whatever acts on headers without reading the body (SEP-2243).
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "policy.rego").write_text(ALLOW_ALL)
+    bundle = write_bundle(tmp_path, ALLOW_ALL)
     async with fronted(tmp_path, policy={"bundles": [str(bundle)]}) as warden:
         url = f"{warden.proxy_url}/support-tools"
         # The official client sends them all (Mcp-Param-Customer for get_customer's

@@ -27,6 +27,7 @@ from typing import Any, Final
 
 from multidict import CIMultiDictProxy
 
+from warden.protocols import mcp
 from warden.protocols.declared_arguments import ListedArguments
 from warden.protocols.mcp import Payload
 
@@ -40,20 +41,7 @@ PARAM_PREFIX: Final = "Mcp-Param-"
 _NAMED_BY: Final = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 """The methods whose ``Mcp-Name`` mirrors a param, and which param."""
 _NAMELESS: Final = frozenset(
-    {
-        "completion/complete",
-        "initialize",
-        "ping",
-        "server/discover",
-        "subscriptions/listen",
-        "logging/setLevel",
-        "tools/list",
-        "resources/list",
-        "resources/templates/list",
-        "resources/subscribe",
-        "resources/unsubscribe",
-        "prompts/list",
-    }
+    {*(m for m in mcp.PASSED if not m.startswith("tasks/")), "completion/complete"}
 )
 """Methods MCP defines whose requests name no tool, prompt or resource: an ``Mcp-Name``
 on one could only steer a router. (``tasks/*`` name their task; a server's own methods

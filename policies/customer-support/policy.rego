@@ -32,7 +32,7 @@ decision := with_session(verdict(input.action, input.budget), input.action, inpu
 }
 
 verdict(action, budget) := _deny(concat("", [
-	"the answers to the MCP server's questions carry ", concat(", ", fields), ", which an answer may not decide for ",
+	"the answers to the MCP server's questions carry ", concat(", ", array.slice(fields, 0, 8)), ", which an answer may not decide for ",
 	action.tool, " (the limits read the arguments); answers may carry only ", concat(", ", allowed),
 ])) if {
 	# Only an MCP retry has answers (2026-07-28): for every other call this ends here.
@@ -172,27 +172,32 @@ tool_verdict(tool, entry, args, budget) := _deny(concat("; ", problems)) if {
 # elicitation's content fields are named case-blind (Go and .NET servers bind
 # them so); anything else an answer holds is named by what it is, which no
 # list allows: a field beside action and content (a sampled message, roots),
-# a content field holding more than one value, content that is a list of
-# blocks or plain text, an answer that is not an object.
+# an action other than MCP's three, a content field holding more than one
+# value, content that is a list of blocks or plain text, an answer that is
+# not an object. (_meta is MCP's metadata, and passes.)
 _unlisted_answer_fields(answers, allowed) := sort([name |
 	some answer in answers
 	some name in _answer_fields(answer)
 	not name in allowed
 ])
 
-_answer_fields(answer) := {"an answer that is not an object"} if {
+# Arrays, not sets: this engine builds a set comprehension in time quadratic in
+# its size, and the answers are the client's (the door also bounds their count).
+_answer_fields(answer) := ["an answer that is not an object"] if {
 	not is_object(answer)
-} else := _extra_fields(answer) | _content_fields(object.get(answer, "content", null))
+} else := ["an action other than accept, decline or cancel"] if {
+	not object.get(answer, "action", "accept") in {"accept", "decline", "cancel"}
+} else := array.concat(_extra_fields(answer), _content_fields(object.get(answer, "content", null)))
 
-_extra_fields(answer) := {key | some key; _ = answer[key]; not key in {"action", "content", "_meta"}}
+_extra_fields(answer) := [key | some key; _ = answer[key]; not key in {"action", "content", "_meta", "resultType"}]
 
-_content_fields(content) := {name | some key; value := content[key]; name := _content_field(key, value)} if {
+_content_fields(content) := [name | some key; value := content[key]; name := _content_field(key, value)] if {
 	is_object(content)
-} else := {"a list of blocks"} if {
+} else := ["a list of blocks"] if {
 	is_array(content)
-} else := {name | some name in []} if {
+} else := [] if {
 	content == null # a declined or cancelled question carries none
-} else := {"content that is not an object"}
+} else := ["content that is not an object"]
 
 _content_field(key, value) := lower(key) if {
 	not is_object(value)

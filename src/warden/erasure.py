@@ -7,16 +7,18 @@ data in clear for a while, and :class:`StateEraser` (registered with
 
 * **call links**: deleted, in memory, in the write queue and stored (raw
   arguments, context and claims; :meth:`warden.state.links.CallLinks.erase`);
-* **approvals**: display arguments replaced by ``{"erased": true}``, argument
-  hash and binding cleared; one still pending, or approved and not used, is
-  rejected first (:meth:`warden.approvals.service.Approvals.erase`);
+* **approvals**: display arguments replaced by ``{"erased": true}``, display
+  answers (an MCP retry's) dropped, argument hash and binding cleared; one
+  still pending, or approved and not used, is rejected first
+  (:meth:`warden.approvals.service.Approvals.erase`);
 * **Responses chains**: the chain links whose calls name the subject are
   deleted (:meth:`warden.state.sessions.SessionRepo.erase`).
 
 Rows are matched by content, with the configured subject sources
-(``audit.subjects.sources``). A call link keeps the whole action; approvals
-and chain links keep only arguments, so there only ``action.arguments.<path>``
-sources can match.
+(``audit.subjects.sources``). A call link keeps the whole action; an approval
+keeps the keyed references of the subjects its action named by any source
+(older approvals, and chain links, keep only arguments, so there only
+``action.arguments.<path>`` sources can match).
 
 The running Warden erases through its own stores (the console, and erasures
 the CLI leaves for it); :func:`erase_stopped` is the CLI's way when Warden is

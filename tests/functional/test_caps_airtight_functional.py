@@ -303,10 +303,16 @@ async def test_a_policy_crash_the_input_caused_is_denied_for_a_read_only_tool(
 async def test_a_policy_timeout_the_input_caused_is_denied_for_a_read_only_tool(
     tmp_path: Path, llm: MockLLM
 ) -> None:
+    # Room for a loaded machine: the looping worker must get its 300 ms of CPU before
+    # the queue bound, or the request is pushed back (503) instead (not this test's subject).
     config = make_config(
         tmp_path,
         llm.url,
-        policy={"bundles": [bundle(tmp_path, SEARCH_POLICY)], "deadline_ms": 300},
+        policy={
+            "bundles": [bundle(tmp_path, SEARCH_POLICY)],
+            "deadline_ms": 300,
+            "queue_timeout_s": 30,
+        },
     )
     llm.script(Reply(tool_calls=[Call("search_kb", {"query": "x", "n": 10_000_000})]))
     async with Warden(config) as warden, oai(warden) as c:

@@ -130,6 +130,14 @@ def test_an_mcp_retrys_answers_follow_the_arguments_and_cannot_cut_them() -> Non
     code = slack["blocks"][2]["text"]["text"]
     assert code.index('"amount": 10') < code.index("answers:")
     assert "cut: see every argument in the console" in code
+    # Nor can padded arguments push the answers out.
+    padded = dataclasses.replace(
+        answered,
+        arguments={"memo": "z" * 3000},
+        answers={"ask": {"action": "accept", "content": {"amount": 950}}},
+    )
+    code = render("approval.requested", padded, "slack", 1795747200)["blocks"][2]["text"]["text"]
+    assert '"amount": 950' in code
     generic = render("approval.requested", answered, "json", 1795747200)
     assert generic["approval"]["answers"] == answered.answers
 

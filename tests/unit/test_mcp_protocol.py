@@ -686,6 +686,21 @@ def test_a_multi_round_trip_retry_goes_on_with_its_answers(
         (refused_answer,) = mcp.parse(line).messages
         assert refused_answer.error is not None
         assert "inputResponses holds keys equal but for case" in str(refused_answer.error)
+    # A policy reads every answer and field: their number is bounded.
+    wide = {f"f{i}": 1 for i in range(mcp.MAX_ANSWER_FIELDS + 1)}
+    for too_many in (
+        {f"q{i}": {"action": "accept"} for i in range(mcp.MAX_ANSWERS + 1)},
+        {"q": {"action": "accept", "content": wide}},
+        {"q": {"action": "accept", **wide}},
+    ):
+        (refused_wide,) = mcp.parse(
+            request_line(method, **params, inputResponses=too_many)
+        ).messages
+        assert refused_wide.error is not None
+        assert "more than 16 answers" in str(refused_wide.error)
+    most = {f"q{i}": {"action": "accept"} for i in range(mcp.MAX_ANSWERS)}
+    (kept,) = mcp.parse(request_line(method, **params, inputResponses=most)).messages
+    assert kept.error is None
 
 
 def test_an_answer_that_asks_for_input_is_no_completed_call() -> None:

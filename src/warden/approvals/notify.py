@@ -95,13 +95,11 @@ def render(event: str, approval: Approval, fmt: str, timestamp: int) -> dict[str
     # Sorted, as the console shows them: the agent's own order could push the
     # field that matters past the cut. A cut message says so and sends people on.
     pretty = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
-    args = orjson.dumps(approval.arguments, option=pretty).decode()
+    args = _cut(orjson.dumps(approval.arguments, option=pretty).decode(), _SLACK_ARGS_CHARS)
     if approval.answers is not None:  # an MCP retry's answers: the server acts on them too
-        # After the arguments, so long answers (the client's text) cannot cut them.
+        # Each cut on its own: padding in one (the client's text) cannot push the other out.
         answers = orjson.dumps(approval.answers, option=pretty).decode()
-        args = f"arguments: {args}\nanswers: {answers}"
-    if len(args) > _SLACK_ARGS_CHARS:
-        args = args[:_SLACK_ARGS_CHARS] + "\n… (cut: see every argument in the console)"
+        args = f"arguments: {args}\nanswers: {_cut(answers, _SLACK_ARGS_CHARS // 2)}"
     details = [f"*Reason:* {_slack(approval.reason)}"]
     if approval.risk:
         details.append(f"*Risk:* {_slack(approval.risk)}")
@@ -127,6 +125,12 @@ def render(event: str, approval: Approval, fmt: str, timestamp: int) -> dict[str
         ],
         "warden": {"event": event, "timestamp": timestamp, "approval_id": approval.id},
     }
+
+
+def _cut(text: str, most: int) -> str:
+    if len(text) <= most:
+        return text
+    return text[:most] + "\n… (cut: see every argument in the console)"
 
 
 def _slack(text: str) -> str:

@@ -55,6 +55,8 @@ __all__ = [
     "GOVERNED",
     "INVALID_PARAMS",
     "INVALID_REQUEST",
+    "MAX_ANSWERS",
+    "MAX_ANSWER_FIELDS",
     "MAX_BATCH",
     "NOTIFICATIONS",
     "PARSE_ERROR",
@@ -99,6 +101,14 @@ _ANSWER_FIELDS: Final = frozenset(
     {"action", "content", "_meta", "role", "model", "stopReason", "roots", "resultType"}
 )
 """The fields of the answers in ``inputResponses`` (elicitation, sampling and roots results)."""
+MAX_ANSWERS: Final = 16
+"""Answers one retry may carry in ``inputResponses`` (a server asks a question or two)."""
+MAX_ANSWER_FIELDS: Final = 32
+"""Fields one answer, and its content, may hold (an elicitation form's fields)."""
+_ANSWERS_TOO_MANY: Final = (
+    f"Invalid params: inputResponses holds more than {MAX_ANSWERS} answers, or an answer "
+    f"or its content more than {MAX_ANSWER_FIELDS} fields"
+)
 _ANSWERS_UNREADABLE: Final = (
     "Invalid params: inputResponses holds keys equal but for case, or values no policy can "
     "take as they are"
@@ -458,6 +468,11 @@ def _refused_params(params: object, fields: frozenset[str] | None) -> str | None
         return "Invalid params: inputResponses"
     if responses and any(_proposes_tool_use(answer) for answer in responses.values()):
         return _RETRY_TOOLS
+    if responses and (
+        len(responses) > MAX_ANSWERS or any(_too_wide(a) for a in responses.values())
+    ):
+        # A policy reads every answer and field (the shipped one does): bounded work.
+        return _ANSWERS_TOO_MANY
     if responses and not (
         policy_safe(responses)
         and all(_spelled_apart(a, _ANSWER_FIELDS) for a in responses.values() if type(a) is dict)
@@ -468,6 +483,15 @@ def _refused_params(params: object, fields: frozenset[str] | None) -> str | None
     if not isinstance(params.get("requestState", ""), str):
         return "Invalid params: requestState"
     return None
+
+
+def _too_wide(answer: object) -> bool:
+    if not isinstance(answer, dict):
+        return False
+    content = answer.get("content")
+    return len(answer) > MAX_ANSWER_FIELDS or (
+        isinstance(content, dict | list) and len(content) > MAX_ANSWER_FIELDS
+    )
 
 
 def _governed_request(

@@ -188,6 +188,7 @@ def approval_message(approval: Approval) -> pb.Approval:
         consumed_at=_timestamp(approval.consumed_at),
         upstream=approval.upstream or "",
         method=approval.method or "",
+        answers=_to_value(approval.answers) if approval.answers is not None else None,
     )
 
 

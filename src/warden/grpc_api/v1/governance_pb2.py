@@ -26,17 +26,17 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1awarden/v1/governance.proto\x12\twarden.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xac\x01\n\x06\x41\x63tion\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08protocol\x18\x04 \x01(\t\x12(\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\"e\n\x0c\x43heckRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12!\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x11.warden.v1.Action\x12\x0c\n\x04wait\x18\x03 \x01(\x08\x12\x12\n\nsession_id\x18\x04 \x01(\t\"]\n\x0bObligations\x12\x0e\n\x06redact\x18\x01 \x03(\t\x12\x1d\n\x04mode\x18\x02 \x01(\x0e\x32\x0f.warden.v1.Mode\x12\x0c\n\x04risk\x18\x03 \x01(\t\x12\x11\n\tapprovers\x18\x04 \x03(\t\"\xc9\x01\n\rCheckResponse\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12!\n\x06\x65\x66\x66\x65\x63t\x18\x02 \x01(\x0e\x32\x11.warden.v1.Effect\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x04 \x01(\t\x12+\n\x0bobligations\x18\x05 \x01(\x0b\x32\x16.warden.v1.Obligations\x12\r\n\x05would\x18\x06 \x01(\t\x12\r\n\x05guard\x18\x07 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x08 \x01(\t\"p\n\x14ReportOutcomeRequest\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x0e\n\x06result\x18\x02 \x01(\t\x12\x10\n\x08is_error\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\"\x17\n\x15ReportOutcomeResponse\"\\\n\x04Vote\x12\n\n\x02\x62y\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc8\x04\n\x08\x41pproval\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x04 \x01(\t\x12\x11\n\taction_id\x18\x05 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t\x12\x0c\n\x04tool\x18\x07 \x01(\t\x12)\n\targuments\x18\x08 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x18\n\x10\x61rguments_sha256\x18\t \x01(\t\x12\x10\n\x08redacted\x18\n \x03(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x0c\n\x04risk\x18\x0c \x01(\t\x12\x11\n\tapprovers\x18\r \x03(\t\x12\x1a\n\x12required_approvals\x18\x0e \x01(\x05\x12\x1e\n\x05votes\x18\x0f \x03(\x0b\x32\x0f.warden.v1.Vote\x12.\n\ncreated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ndecided_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndecided_by\x18\x13 \x01(\t\x12\x0f\n\x07\x63omment\x18\x14 \x01(\t\x12/\n\x0b\x63onsumed_at\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08upstream\x18\x16 \x01(\t\x12\x0e\n\x06method\x18\x17 \x01(\t\"&\n\x14ListApprovalsRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\"?\n\x15ListApprovalsResponse\x12&\n\tapprovals\x18\x01 \x03(\x0b\x32\x13.warden.v1.Approval\"\x17\n\x15WatchApprovalsRequest\"\xba\x01\n\rApprovalEvent\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.warden.v1.ApprovalEvent.Kind\x12%\n\x08\x61pproval\x18\x02 \x01(\x0b\x32\x13.warden.v1.Approval\"U\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rKIND_EXISTING\x10\x01\x12\x12\n\x0eKIND_REQUESTED\x10\x02\x12\x10\n\x0cKIND_CHANGED\x10\x03\"N\n\x15\x44\x65\x63ideApprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\"\x8b\x01\n\nKillSwitch\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05scope\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\ncreated_by\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"E\n\x14SetKillSwitchRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x19\n\x17ListKillSwitchesRequest\"H\n\x18ListKillSwitchesResponse\x12,\n\rkill_switches\x18\x01 \x03(\x0b\x32\x15.warden.v1.KillSwitch\"4\n\x16\x43learKillSwitchRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x12TailRecordsRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"K\n\x06Record\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04time\x18\x04 \x01(\t\x12\x0c\n\x04json\x18\x05 \x01(\x0c*`\n\x06\x45\x66\x66\x65\x63t\x12\x16\n\x12\x45\x46\x46\x45\x43T_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45\x46\x46\x45\x43T_ALLOW\x10\x01\x12\x0f\n\x0b\x45\x46\x46\x45\x43T_DENY\x10\x02\x12\x1b\n\x17\x45\x46\x46\x45\x43T_REQUIRE_APPROVAL\x10\x03*@\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0cMODE_ENFORCE\x10\x01\x12\x10\n\x0cMODE_OBSERVE\x10\x02\x32\xbf\x05\n\nGovernance\x12:\n\x05\x43heck\x12\x17.warden.v1.CheckRequest\x1a\x18.warden.v1.CheckResponse\x12R\n\rReportOutcome\x12\x1f.warden.v1.ReportOutcomeRequest\x1a .warden.v1.ReportOutcomeResponse\x12R\n\rListApprovals\x12\x1f.warden.v1.ListApprovalsRequest\x1a .warden.v1.ListApprovalsResponse\x12N\n\x0eWatchApprovals\x12 .warden.v1.WatchApprovalsRequest\x1a\x18.warden.v1.ApprovalEvent0\x01\x12G\n\x0e\x44\x65\x63ideApproval\x12 .warden.v1.DecideApprovalRequest\x1a\x13.warden.v1.Approval\x12G\n\rSetKillSwitch\x12\x1f.warden.v1.SetKillSwitchRequest\x1a\x15.warden.v1.KillSwitch\x12[\n\x10ListKillSwitches\x12\".warden.v1.ListKillSwitchesRequest\x1a#.warden.v1.ListKillSwitchesResponse\x12K\n\x0f\x43learKillSwitch\x12!.warden.v1.ClearKillSwitchRequest\x1a\x15.warden.v1.KillSwitch\x12\x41\n\x0bTailRecords\x12\x1d.warden.v1.TailRecordsRequest\x1a\x11.warden.v1.Record0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1awarden/v1/governance.proto\x12\twarden.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xac\x01\n\x06\x41\x63tion\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08protocol\x18\x04 \x01(\t\x12(\n\x07\x63ontext\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\"e\n\x0c\x43heckRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12!\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x11.warden.v1.Action\x12\x0c\n\x04wait\x18\x03 \x01(\x08\x12\x12\n\nsession_id\x18\x04 \x01(\t\"]\n\x0bObligations\x12\x0e\n\x06redact\x18\x01 \x03(\t\x12\x1d\n\x04mode\x18\x02 \x01(\x0e\x32\x0f.warden.v1.Mode\x12\x0c\n\x04risk\x18\x03 \x01(\t\x12\x11\n\tapprovers\x18\x04 \x03(\t\"\xc9\x01\n\rCheckResponse\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12!\n\x06\x65\x66\x66\x65\x63t\x18\x02 \x01(\x0e\x32\x11.warden.v1.Effect\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x04 \x01(\t\x12+\n\x0bobligations\x18\x05 \x01(\x0b\x32\x16.warden.v1.Obligations\x12\r\n\x05would\x18\x06 \x01(\t\x12\r\n\x05guard\x18\x07 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x08 \x01(\t\"p\n\x14ReportOutcomeRequest\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x0e\n\x06result\x18\x02 \x01(\t\x12\x10\n\x08is_error\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nlatency_ms\x18\x05 \x01(\x01\"\x17\n\x15ReportOutcomeResponse\"\\\n\x04Vote\x12\n\n\x02\x62y\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf1\x04\n\x08\x41pproval\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x04 \x01(\t\x12\x11\n\taction_id\x18\x05 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t\x12\x0c\n\x04tool\x18\x07 \x01(\t\x12)\n\targuments\x18\x08 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x18\n\x10\x61rguments_sha256\x18\t \x01(\t\x12\x10\n\x08redacted\x18\n \x03(\t\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x0c\n\x04risk\x18\x0c \x01(\t\x12\x11\n\tapprovers\x18\r \x03(\t\x12\x1a\n\x12required_approvals\x18\x0e \x01(\x05\x12\x1e\n\x05votes\x18\x0f \x03(\x0b\x32\x0f.warden.v1.Vote\x12.\n\ncreated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ndecided_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndecided_by\x18\x13 \x01(\t\x12\x0f\n\x07\x63omment\x18\x14 \x01(\t\x12/\n\x0b\x63onsumed_at\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08upstream\x18\x16 \x01(\t\x12\x0e\n\x06method\x18\x17 \x01(\t\x12\'\n\x07\x61nswers\x18\x18 \x01(\x0b\x32\x16.google.protobuf.Value\"&\n\x14ListApprovalsRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\"?\n\x15ListApprovalsResponse\x12&\n\tapprovals\x18\x01 \x03(\x0b\x32\x13.warden.v1.Approval\"\x17\n\x15WatchApprovalsRequest\"\xba\x01\n\rApprovalEvent\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.warden.v1.ApprovalEvent.Kind\x12%\n\x08\x61pproval\x18\x02 \x01(\x0b\x32\x13.warden.v1.Approval\"U\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rKIND_EXISTING\x10\x01\x12\x12\n\x0eKIND_REQUESTED\x10\x02\x12\x10\n\x0cKIND_CHANGED\x10\x03\"N\n\x15\x44\x65\x63ideApprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\"\x8b\x01\n\nKillSwitch\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05scope\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\ncreated_by\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"E\n\x14SetKillSwitchRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x19\n\x17ListKillSwitchesRequest\"H\n\x18ListKillSwitchesResponse\x12,\n\rkill_switches\x18\x01 \x03(\x0b\x32\x15.warden.v1.KillSwitch\"4\n\x16\x43learKillSwitchRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x12TailRecordsRequest\x12\x10\n\x08\x66rom_seq\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"K\n\x06Record\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04time\x18\x04 \x01(\t\x12\x0c\n\x04json\x18\x05 \x01(\x0c*`\n\x06\x45\x66\x66\x65\x63t\x12\x16\n\x12\x45\x46\x46\x45\x43T_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45\x46\x46\x45\x43T_ALLOW\x10\x01\x12\x0f\n\x0b\x45\x46\x46\x45\x43T_DENY\x10\x02\x12\x1b\n\x17\x45\x46\x46\x45\x43T_REQUIRE_APPROVAL\x10\x03*@\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0cMODE_ENFORCE\x10\x01\x12\x10\n\x0cMODE_OBSERVE\x10\x02\x32\xbf\x05\n\nGovernance\x12:\n\x05\x43heck\x12\x17.warden.v1.CheckRequest\x1a\x18.warden.v1.CheckResponse\x12R\n\rReportOutcome\x12\x1f.warden.v1.ReportOutcomeRequest\x1a .warden.v1.ReportOutcomeResponse\x12R\n\rListApprovals\x12\x1f.warden.v1.ListApprovalsRequest\x1a .warden.v1.ListApprovalsResponse\x12N\n\x0eWatchApprovals\x12 .warden.v1.WatchApprovalsRequest\x1a\x18.warden.v1.ApprovalEvent0\x01\x12G\n\x0e\x44\x65\x63ideApproval\x12 .warden.v1.DecideApprovalRequest\x1a\x13.warden.v1.Approval\x12G\n\rSetKillSwitch\x12\x1f.warden.v1.SetKillSwitchRequest\x1a\x15.warden.v1.KillSwitch\x12[\n\x10ListKillSwitches\x12\".warden.v1.ListKillSwitchesRequest\x1a#.warden.v1.ListKillSwitchesResponse\x12K\n\x0f\x43learKillSwitch\x12!.warden.v1.ClearKillSwitchRequest\x1a\x15.warden.v1.KillSwitch\x12\x41\n\x0bTailRecords\x12\x1d.warden.v1.TailRecordsRequest\x1a\x11.warden.v1.Record0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'warden.v1.governance_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EFFECT']._serialized_start=2401
-  _globals['_EFFECT']._serialized_end=2497
-  _globals['_MODE']._serialized_start=2499
-  _globals['_MODE']._serialized_end=2563
+  _globals['_EFFECT']._serialized_start=2442
+  _globals['_EFFECT']._serialized_end=2538
+  _globals['_MODE']._serialized_start=2540
+  _globals['_MODE']._serialized_end=2604
   _globals['_ACTION']._serialized_start=105
   _globals['_ACTION']._serialized_end=277
   _globals['_CHECKREQUEST']._serialized_start=279
@@ -52,33 +52,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VOTE']._serialized_start=820
   _globals['_VOTE']._serialized_end=912
   _globals['_APPROVAL']._serialized_start=915
-  _globals['_APPROVAL']._serialized_end=1499
-  _globals['_LISTAPPROVALSREQUEST']._serialized_start=1501
-  _globals['_LISTAPPROVALSREQUEST']._serialized_end=1539
-  _globals['_LISTAPPROVALSRESPONSE']._serialized_start=1541
-  _globals['_LISTAPPROVALSRESPONSE']._serialized_end=1604
-  _globals['_WATCHAPPROVALSREQUEST']._serialized_start=1606
-  _globals['_WATCHAPPROVALSREQUEST']._serialized_end=1629
-  _globals['_APPROVALEVENT']._serialized_start=1632
-  _globals['_APPROVALEVENT']._serialized_end=1818
-  _globals['_APPROVALEVENT_KIND']._serialized_start=1733
-  _globals['_APPROVALEVENT_KIND']._serialized_end=1818
-  _globals['_DECIDEAPPROVALREQUEST']._serialized_start=1820
-  _globals['_DECIDEAPPROVALREQUEST']._serialized_end=1898
-  _globals['_KILLSWITCH']._serialized_start=1901
-  _globals['_KILLSWITCH']._serialized_end=2040
-  _globals['_SETKILLSWITCHREQUEST']._serialized_start=2042
-  _globals['_SETKILLSWITCHREQUEST']._serialized_end=2111
-  _globals['_LISTKILLSWITCHESREQUEST']._serialized_start=2113
-  _globals['_LISTKILLSWITCHESREQUEST']._serialized_end=2138
-  _globals['_LISTKILLSWITCHESRESPONSE']._serialized_start=2140
-  _globals['_LISTKILLSWITCHESRESPONSE']._serialized_end=2212
-  _globals['_CLEARKILLSWITCHREQUEST']._serialized_start=2214
-  _globals['_CLEARKILLSWITCHREQUEST']._serialized_end=2266
-  _globals['_TAILRECORDSREQUEST']._serialized_start=2268
-  _globals['_TAILRECORDSREQUEST']._serialized_end=2322
-  _globals['_RECORD']._serialized_start=2324
-  _globals['_RECORD']._serialized_end=2399
-  _globals['_GOVERNANCE']._serialized_start=2566
-  _globals['_GOVERNANCE']._serialized_end=3269
+  _globals['_APPROVAL']._serialized_end=1540
+  _globals['_LISTAPPROVALSREQUEST']._serialized_start=1542
+  _globals['_LISTAPPROVALSREQUEST']._serialized_end=1580
+  _globals['_LISTAPPROVALSRESPONSE']._serialized_start=1582
+  _globals['_LISTAPPROVALSRESPONSE']._serialized_end=1645
+  _globals['_WATCHAPPROVALSREQUEST']._serialized_start=1647
+  _globals['_WATCHAPPROVALSREQUEST']._serialized_end=1670
+  _globals['_APPROVALEVENT']._serialized_start=1673
+  _globals['_APPROVALEVENT']._serialized_end=1859
+  _globals['_APPROVALEVENT_KIND']._serialized_start=1774
+  _globals['_APPROVALEVENT_KIND']._serialized_end=1859
+  _globals['_DECIDEAPPROVALREQUEST']._serialized_start=1861
+  _globals['_DECIDEAPPROVALREQUEST']._serialized_end=1939
+  _globals['_KILLSWITCH']._serialized_start=1942
+  _globals['_KILLSWITCH']._serialized_end=2081
+  _globals['_SETKILLSWITCHREQUEST']._serialized_start=2083
+  _globals['_SETKILLSWITCHREQUEST']._serialized_end=2152
+  _globals['_LISTKILLSWITCHESREQUEST']._serialized_start=2154
+  _globals['_LISTKILLSWITCHESREQUEST']._serialized_end=2179
+  _globals['_LISTKILLSWITCHESRESPONSE']._serialized_start=2181
+  _globals['_LISTKILLSWITCHESRESPONSE']._serialized_end=2253
+  _globals['_CLEARKILLSWITCHREQUEST']._serialized_start=2255
+  _globals['_CLEARKILLSWITCHREQUEST']._serialized_end=2307
+  _globals['_TAILRECORDSREQUEST']._serialized_start=2309
+  _globals['_TAILRECORDSREQUEST']._serialized_end=2363
+  _globals['_RECORD']._serialized_start=2365
+  _globals['_RECORD']._serialized_end=2440
+  _globals['_GOVERNANCE']._serialized_start=2607
+  _globals['_GOVERNANCE']._serialized_end=3310
 # @@protoc_insertion_point(module_scope)

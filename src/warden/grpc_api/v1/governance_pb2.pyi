@@ -124,7 +124,7 @@ class Vote(_message.Message):
     def __init__(self, by: _Optional[str] = ..., approve: _Optional[bool] = ..., comment: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Approval(_message.Message):
-    __slots__ = ("id", "status", "mode", "decision_id", "action_id", "agent_id", "tool", "arguments", "arguments_sha256", "redacted", "reason", "risk", "approvers", "required_approvals", "votes", "created_at", "expires_at", "decided_at", "decided_by", "comment", "consumed_at", "upstream", "method")
+    __slots__ = ("id", "status", "mode", "decision_id", "action_id", "agent_id", "tool", "arguments", "arguments_sha256", "redacted", "reason", "risk", "approvers", "required_approvals", "votes", "created_at", "expires_at", "decided_at", "decided_by", "comment", "consumed_at", "upstream", "method", "answers")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class Approval(_message.Message):
     CONSUMED_AT_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: str
     mode: str
@@ -171,7 +172,8 @@ class Approval(_message.Message):
     consumed_at: _timestamp_pb2.Timestamp
     upstream: str
     method: str
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[str] = ..., mode: _Optional[str] = ..., decision_id: _Optional[str] = ..., action_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., tool: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., arguments_sha256: _Optional[str] = ..., redacted: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., risk: _Optional[str] = ..., approvers: _Optional[_Iterable[str]] = ..., required_approvals: _Optional[int] = ..., votes: _Optional[_Iterable[_Union[Vote, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decided_by: _Optional[str] = ..., comment: _Optional[str] = ..., consumed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., upstream: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
+    answers: _struct_pb2.Value
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[str] = ..., mode: _Optional[str] = ..., decision_id: _Optional[str] = ..., action_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., tool: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., arguments_sha256: _Optional[str] = ..., redacted: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., risk: _Optional[str] = ..., approvers: _Optional[_Iterable[str]] = ..., required_approvals: _Optional[int] = ..., votes: _Optional[_Iterable[_Union[Vote, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decided_by: _Optional[str] = ..., comment: _Optional[str] = ..., consumed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., upstream: _Optional[str] = ..., method: _Optional[str] = ..., answers: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
 
 class ListApprovalsRequest(_message.Message):
     __slots__ = ("status",)

@@ -366,6 +366,12 @@ class Action:
     what the user or client answered shapes what the server executes, so the policy sees
     them (``input.action.input_responses``), the record keeps them and an approval binds
     them. ``None`` for every other action."""
+    meta: Mapping[str, Any] | None = None
+    """An MCP request's ``_meta`` as sent (protocol version, client capabilities and
+    info, a progress token, a vendor's keys): it reaches the server, which may act on
+    its keys, so the policy sees it (``input.action.meta``) and the record keeps it.
+    Not bound by approvals (a progress token differs every time). ``None`` for every
+    other action."""
     request_sha256: str | None = None
     """Set by a door whose action is an HTTP request it forwards: :func:`request_sha256` of
     it. An approval binds it, so a deferred approval lets only these very bytes through, not

@@ -210,6 +210,8 @@ def policy_input(action: Action, ctx: GuardContext) -> dict[str, Any]:
     if action.input_responses is not None:
         # Only an MCP retry has them: every other input stays as it was.
         doc["action"]["input_responses"] = dict(action.input_responses)
+    if action.meta is not None:
+        doc["action"]["meta"] = dict(action.meta)  # an MCP request's _meta, only
     if action.view is not None:
         # A door's own input shape (OPA-Envoy's); Warden's keys win a clash.
         return {**action.view.input, **doc}
@@ -327,8 +329,8 @@ def _fits(value: Any, depth: int) -> bool:
 def _action_fits(action: Action) -> bool:
     """The fast form of ``input_problem(policy_input(action, ctx)) is None``.
 
-    Checks only what the agent controls (claims, arguments, an MCP retry's
-    answers, context and the strings), where :func:`policy_input` puts them,
+    Checks only what the agent controls (claims, arguments, an MCP request's
+    answers and ``_meta``, context and the strings), where :func:`policy_input` puts them,
     without building the document: the policy guard builds it once, later.
     The rest of the input (budget, mode, risk) is Warden's own.
     """
@@ -338,9 +340,9 @@ def _action_fits(action: Action) -> bool:
         return False
     if arguments is not None and not _fits(arguments, 3):
         return False
-    answers = action.input_responses
-    if answers is not None and not (_fits(answers, 3) and _encodes(answers)):
-        return False
+    for extra in (action.input_responses, action.meta):  # an MCP request's, only
+        if extra is not None and not (_fits(extra, 3) and _encodes(extra)):
+            return False
     try:
         orjson.dumps(
             (

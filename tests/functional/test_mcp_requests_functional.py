@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import httpx2
 import pytest
@@ -338,3 +338,37 @@ async def test_headers_that_mirror_the_body_must_say_what_it_says(tmp_path: Path
     # The mismatched requests never reached the server, nor were they decided.
     assert reached(tmp_path) == [("get_customer", {"customer_id": "C-1001"})]
     assert len(decided(tmp_path, "tool_call")) == 1
+
+
+META_POLICY = """package warden
+
+import rego.v1
+
+decision := {"effect": "deny", "reason": "this client may only ask for dry runs"} if {
+	input.action.meta["com.example/dry_run"] == false
+} else := {"effect": "allow", "reason": "ok"}
+"""
+
+
+@pytest.mark.parametrize("door_name", ["http", "stdio"])
+async def test_the_meta_a_request_carries_is_decided_and_recorded(
+    tmp_path: Path, door_name: str
+) -> None:
+    # A server may act on a key of _meta (here a vendor's dry-run switch): the policy
+    # sees the _meta that goes on, and the record keeps it.
+    async with contextlib.AsyncExitStack() as stack:
+        server, audit = await either_door(
+            stack, tmp_path, door_name, write_bundle(tmp_path, META_POLICY)
+        )
+        client = await stack.enter_async_context(Client(server, mode="2026-07-28"))
+        # An open map at run time; the SDK's TypedDict names only the keys MCP reserves.
+        live_meta = cast(types.RequestParamsMeta, {"com.example/dry_run": False})
+        dry_meta = cast(types.RequestParamsMeta, {"com.example/dry_run": True})
+        live = await client.call_tool("get_order", {"order_id": "A-1001"}, meta=live_meta)
+        dry = await client.call_tool("get_order", {"order_id": "A-1002"}, meta=dry_meta)
+    assert live.is_error
+    assert "this client may only ask for dry runs" in str(live.content)
+    assert not dry.is_error
+    assert reached(tmp_path) == [("get_order", {"order_id": "A-1002"})]
+    decisions = [r for r in audit_records(audit) if r.get("kind") == "decision"]
+    assert [d["action"]["meta"]["com.example/dry_run"] for d in decisions] == [False, True]

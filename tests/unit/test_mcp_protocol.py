@@ -410,6 +410,23 @@ def request_line(method: str, id_: object = 4, **params: Any) -> bytes:
     return orjson.dumps({"jsonrpc": "2.0", "id": id_, "method": method, "params": params})
 
 
+def test_the_meta_a_request_carries_is_part_of_its_action() -> None:
+    # A server may act on a key of _meta (a vendor's); the policy sees what goes on.
+    meta = {"progressToken": 1, "com.example/dry_run": False}
+    line = call_line(7, name="issue_refund", arguments={"amount": 5}, _meta=meta)
+    (message,) = mcp.parse(line).messages
+    assert message.call is not None
+    action = mcp.action(message.call, Agent("a1"), "t", meta=mcp.request_meta(message))
+    assert action.meta == meta
+    assert mcp.forward_call(message)["params"]["_meta"] == meta
+    (plain,) = mcp.parse(call_line(8, name="issue_refund", arguments={})).messages
+    assert mcp.request_meta(plain) is None
+    for bad in ("x", ["x"], {"k": 1, "K": 2}, {"k": "a\x00b"}):
+        (refused,) = mcp.parse(call_line(9, name="issue_refund", arguments={}, _meta=bad)).messages
+        assert refused.error is not None
+        assert "_meta must be an object a policy can read" in refused.error["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("method", "params", "kind", "arguments"),
     [

@@ -80,6 +80,7 @@ def record_of(action: Action, ctx: GuardContext) -> dict[str, Any]:
     session=OBJECTS,
     calls=st.lists(st.sampled_from(["get_order", "search_kb"]), max_size=3),
     answers=st.none() | st.dictionaries(KEYS, OBJECTS, min_size=1, max_size=2),
+    meta=st.none() | OBJECTS,
 )
 def test_the_record_rebuilds_the_exact_policy_input(
     arguments: dict[str, Any] | None,
@@ -97,6 +98,7 @@ def test_the_record_rebuilds_the_exact_policy_input(
     session: dict[str, Any],
     calls: list[str],
     answers: dict[str, Any] | None,
+    meta: dict[str, Any] | None,
 ) -> None:
     action = Action(
         action_id="act_1",
@@ -111,6 +113,7 @@ def test_the_record_rebuilds_the_exact_policy_input(
         context=context,
         wire_type=wire_type,
         input_responses=answers,
+        meta=meta,
     )
     # Prior calls without content: their structure is recorded exactly.
     history = [prior(tool, arguments=None, content=None) for tool in calls]

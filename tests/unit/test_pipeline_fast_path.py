@@ -83,18 +83,21 @@ def _action(
     claims=st.dictionaries(_keys, _json, max_size=2),
     tool=st.sampled_from(["refund", "\ud83d", "t"]),
     answers=st.one_of(st.none(), st.dictionaries(_keys, _json, max_size=2)),
+    meta=st.one_of(st.none(), st.dictionaries(_keys, _json, max_size=2)),
 )
 def test_the_fast_check_agrees_with_the_full_walk(
-    arguments: Any, context: Any, claims: Any, tool: str, answers: Any
+    arguments: Any, context: Any, claims: Any, tool: str, answers: Any, meta: Any
 ) -> None:
-    act = dataclasses.replace(_action(arguments, context, claims, tool), input_responses=answers)
+    act = dataclasses.replace(
+        _action(arguments, context, claims, tool), input_responses=answers, meta=meta
+    )
     assert action_fits(act) == (input_problem(policy_input(act, _CTX)) is None)
 
 
 @pytest.mark.parametrize(
     ("part", "levels"),
     # input (1) > action (2) > arguments (3); input > agent > claims (3); input > context (2)
-    [("arguments", 3), ("claims", 3), ("context", 2), ("input_responses", 3)],
+    [("arguments", 3), ("claims", 3), ("context", 2), ("input_responses", 3), ("meta", 3)],
 )
 def test_the_depth_bound_is_where_the_full_walk_puts_it(part: str, levels: int) -> None:
     def act(depth: int) -> Action:
@@ -104,6 +107,8 @@ def test_the_depth_bound_is_where_the_full_walk_puts_it(part: str, levels: int) 
             return _action(arguments=value)
         if part == "input_responses":  # an MCP retry's answers: input > action > them
             return dataclasses.replace(_action(), input_responses=value)
+        if part == "meta":  # an MCP request's _meta, beside them
+            return dataclasses.replace(_action(), meta=value)
         return _action(context=value) if part == "context" else _action(claims=value)
 
     fits, too_deep = act(MAX_INPUT_DEPTH), act(MAX_INPUT_DEPTH + 1)

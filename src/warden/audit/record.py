@@ -318,8 +318,9 @@ def _answers_body(answers: Mapping[str, Any], redact: Iterable[str]) -> tuple[An
 def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
     """The ``action`` object of a decision record, redacted and without credentials.
 
-    ``input_responses`` is there only for an action that has them (an MCP
-    retry's answers), so every other record keeps its shape.
+    ``input_responses`` and ``meta`` are there only for an action that has
+    them (an MCP retry's answers, an MCP request's ``_meta``), so every other
+    record keeps its shape.
     """
     arg_paths, _ = _split_redactions(redact)
     whole = "" in arg_paths
@@ -372,6 +373,9 @@ def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
     if action.input_responses is not None:
         body[_ANSWERS], hidden = _answers_body(action.input_responses, redact)
         body["redacted"] = [*redacted, *hidden]
+    if action.meta is not None:
+        # MCP's own metadata and a client's keys: what the server got beside the call.
+        body["meta"] = mask_credentials(action.meta)
     return body
 
 

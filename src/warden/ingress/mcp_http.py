@@ -383,8 +383,10 @@ class McpHttp:
     def _action(self, request: web.Request, exchange: _Exchange, message: mcp.Message) -> Action:
         assert message.call is not None
         listed = self._listed.get(exchange.upstream)
-        answers = mcp.input_responses(message)
-        action = mcp.action(message.call, exchange.agent, exchange.upstream, listed, answers)
+        answers, sent_meta = mcp.input_responses(message), mcp.request_meta(message)
+        action = mcp.action(
+            message.call, exchange.agent, exchange.upstream, listed, answers=answers, meta=sent_meta
+        )
         meta = dataclasses.replace(
             action.request,
             headers=hdr.recordable(request.headers),

@@ -403,8 +403,10 @@ class StdioDoor:
         assert self._core is not None
         id_ = message.id
         assert id_ is not None
-        answers = mcp.input_responses(message)
-        action = mcp.action(message.call, self._agent, self._upstream, self._tools, answers)
+        answers, sent_meta = mcp.input_responses(message), mcp.request_meta(message)
+        action = mcp.action(
+            message.call, self._agent, self._upstream, self._tools, answers=answers, meta=sent_meta
+        )
         # input.session: the connection's session, as Mcp-Session-Id over HTTP. A fresh
         # conversation per call: the session guard memoises one request's work on it.
         conversation = door_conversation({}, self._session, self._session_source)

@@ -78,6 +78,7 @@ __all__ = [
     "parse",
     "progress_notification",
     "progress_token",
+    "request_meta",
     "result_outcome",
     "stopped_result",
     "unaddressed_error",
@@ -459,6 +460,10 @@ def _refused_params(params: object, fields: frozenset[str] | None) -> str | None
     if any(isinstance(k, str) and k.casefold() in _RETRY_ALIASES for k in params):
         # The SDKs' params models take their Python names too (populate_by_name).
         return "Invalid params: inputResponses and requestState are spelled in camelCase"
+    meta = params.get("_meta")
+    if meta is not None and not (isinstance(meta, dict) and policy_safe(meta)):
+        # The policy sees it (input.action.meta), and a server may act on its keys.
+        return "Invalid params: _meta must be an object a policy can read as it is"
     # A retry of a multi-round-trip request (2026-07-28) carries the client's answers
     # to the server's input requests, as the earlier revisions' client answers do:
     # one that proposes tool calls (sampling with tools) would have the server run
@@ -592,19 +597,32 @@ def input_responses(message: Message) -> Mapping[str, Any] | None:
     return answers if isinstance(answers, dict) and answers else None
 
 
+def request_meta(message: Message) -> Mapping[str, Any] | None:
+    """A governed request's ``_meta`` as sent (MCP's own keys, a client's or vendor's),
+    or ``None``: it rides along to the server, which may act on its keys, so the
+    policy sees it too. Parsing has checked it is an object a policy can read."""
+    body = message.body
+    params = body.get("params") if body is not None else None
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return meta if isinstance(meta, dict) and meta else None
+
+
 def action(
     call: ToolCall,
     agent: Agent,
     upstream: str,
     listed: ListedArguments | None = None,
+    *,
     answers: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
 ) -> Action:
     """The action for a ``tools/call`` about to execute at ``upstream``.
 
     Arguments spelled otherwise than the server's listing declares them
     (``Amount`` for ``amount``) count as malformed: the validation guard
     denies the call (:mod:`warden.protocols.declared_arguments`).
-    ``answers``: the retry's :func:`input_responses`.
+    ``answers``: the retry's :func:`input_responses`; ``meta``: the request's
+    :func:`request_meta`.
     """
     arguments = call.arguments
     if (
@@ -626,6 +644,7 @@ def action(
         arguments=arguments,
         raw_arguments=call.raw_arguments,
         input_responses=answers,
+        meta=meta,
     )
 
 

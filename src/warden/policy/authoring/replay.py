@@ -162,6 +162,7 @@ def rebuild_input(record: Mapping[str, Any], unsealer: Unsealer | None = None) -
         return Rebuilt(None, "door_input")
     arguments, context = action.get("arguments"), action.get("context")
     answers = action.get("input_responses")  # an MCP retry's, only
+    meta = action.get("meta")  # an MCP request's _meta, only
     claims = agent.get("claims")
     if isinstance(record.get("sealed"), Mapping):
         sealed = unsealer.fields(record) if unsealer is not None else {}
@@ -171,7 +172,7 @@ def rebuild_input(record: Mapping[str, Any], unsealer: Unsealer | None = None) -
         context = sealed.get("action.context", context)
         answers = sealed.get("action.input_responses", answers)
         claims = sealed.get("agent.claims", claims)
-    for value in (claims, arguments, answers):
+    for value in (claims, arguments, answers, meta):
         if value is not None and not isinstance(value, Mapping):
             return Rebuilt(None, "redacted" if value == REDACTED else "unreadable")
     request = action.get("request") if isinstance(action.get("request"), Mapping) else {}
@@ -205,10 +206,12 @@ def rebuild_input(record: Mapping[str, Any], unsealer: Unsealer | None = None) -
     }
     if answers is not None:
         doc["action"]["input_responses"] = dict(answers)
+    if meta is not None:
+        doc["action"]["meta"] = dict(meta)
     exact = not action.get("redacted") and not _redacted_inside(doc["context"])
     if _redacted_inside(doc["history"]):
         exact = False  # prior calls' content is not repeated in the record (ADR 0012)
-    if any(v is not None and _redacted_inside(v) for v in (arguments, answers)):
+    if any(v is not None and _redacted_inside(v) for v in (arguments, answers, meta)):
         exact = False
     return Rebuilt(doc, None, exact)
 

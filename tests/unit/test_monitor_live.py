@@ -76,6 +76,7 @@ async def test_fed_records_make_the_same_events_as_records_read_back(tmp_path: P
         await fill(log, 10)
         await _approval(log, "approved")
         await _approval(log, "rejected")
+        await asyncio.sleep(0)  # followers run after the appenders they released
         assert fed._tail is None
         assert len(fed._fed) > 0
 
@@ -143,6 +144,7 @@ async def test_kept_events_are_not_walked_by_the_garbage_collector(tmp_path: Pat
         await asyncio.sleep(1.1)
         await fill(log, 16)
         await _approval(log, "approved")
+        await asyncio.sleep(0)  # the last batch reaches the monitor after its appender
         now[0] = time.time() + 0.01
         decisions, outcomes, approvals = await _events_of(monitor, log)
         # The collector stops tracking a plain tuple when a pass finds it holds nothing

@@ -10,7 +10,7 @@ POLICY = """package warden
 
 import rego.v1
 
-small if input.amount <= 100
+small if { is_number(input.amount); input.amount <= 100 }
 
 decision := {"effect": "allow", "reason": "small amount"} if small
 

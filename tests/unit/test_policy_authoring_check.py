@@ -120,3 +120,33 @@ def test_check_warns_when_session_counters_are_read_whole(tmp_path: Path) -> Non
     # One member at a time keys on that counter only: nothing to report.
     member = POLICY + '\ntoo_many if object.get(input.session.calls, "refund", 0) > 3\n'
     assert check_policy([write_bundle(tmp_path / "member", {"policy.rego": member})]) == []
+
+
+NUMBERS = """package numbers
+
+import rego.v1
+
+deny if input.action.arguments.amount > 500
+
+deny if 10 <= input.budget["spent"]
+
+deny if to_number(input.action.arguments.amount) > 5
+
+many if count(input.action.arguments) > 3
+"""
+
+
+def test_lint_warns_where_this_engine_reads_numbers_unlike_opa() -> None:
+    found = sorted(
+        (f.line, f.severity, f.message.split(":")[0]) for f in lint_module("n.rego", NUMBERS)
+    )
+    assert found == [
+        (5, "warning", "this engine orders every string below every number"),
+        (7, "warning", "this engine orders every string below every number"),
+        (9, "warning", "to_number on this engine reads a leading number"),
+    ]
+    # A module that checks types is trusted to check them where it compares.
+    guarded = NUMBERS.replace(
+        "deny if input", "deny if is_number(input.action.arguments.amount)\n\ndeny if input", 1
+    )
+    assert [f.line for f in lint_module("n.rego", guarded)] == [11]

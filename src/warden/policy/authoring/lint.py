@@ -70,6 +70,12 @@ MISSING_BUILTINS = (
 CALL = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*\(")
 _SPRINTF_Q = re.compile(r'sprintf\(\s*"(?:[^"\\\n]|\\.)*%q')
 _KV_SOME_IN_COMPREHENSION = re.compile(r"\|\s*some\s+\w+\s*,\s*\w+\s+in\b")
+# An input value compared with a number: ``input.action.arguments.amount > 500``.
+_INPUT_REF = r"input(?:\.\w+|\[[^\]\n]*\])+"
+_NUMBER = r"-?\d+(?:\.\d+)?"
+_ORDERED = re.compile(
+    rf"(?:{_INPUT_REF}\s*(?:<=|>=|<|>)\s*{_NUMBER}\b)|(?:\b{_NUMBER}\s*(?:<=|>=|<|>)\s*{_INPUT_REF})"
+)
 
 
 def lint_module(path: str, source: str) -> list[Finding]:
@@ -110,6 +116,15 @@ def lint_module(path: str, source: str) -> list[Finding]:
                 "trace() does not exist in this engine: the rule fails with an error",
                 "remove it; use `warden policy eval` to look at values",
             )
+        elif name == "to_number":
+            add(
+                match.start(),
+                "warning",
+                'to_number on this engine reads a leading number: "9_000" and "9,000" are 9, '
+                '"9000abc" is 9000 (OPA refuses all three)',
+                "check the whole text first: regex.match(`^-?[0-9]+(\\.[0-9]+)?$`, s), "
+                "or take numbers from JSON bodies (docs/policies.md, engine limits)",
+            )
         elif name.startswith(MISSING_BUILTINS):
             add(
                 match.start(),
@@ -131,6 +146,15 @@ def lint_module(path: str, source: str) -> list[Finding]:
             "`some k, v in x` inside a comprehension does not parse on this engine",
             "write `some k` and then `v := x[k]`",
         )
+    if "is_number(" not in blanked:
+        for match in _ORDERED.finditer(blanked):
+            add(
+                match.start(),
+                "warning",
+                'this engine orders every string below every number: "9000" > 500 is false, '
+                "so a string where a number was meant passes an upper bound",
+                "check the type first: is_number(x); x > 500 (docs/policies.md, engine limits)",
+            )
     if has_tests and not path.endswith("_test.rego"):
         add(
             0,

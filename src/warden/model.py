@@ -250,6 +250,9 @@ class Conversation:
     owned: bool = False
     """The session is this process's alone (a ``warden mcp wrap`` run's fresh id): nothing
     else adds to its counters, so after one read from the store they are kept in memory."""
+    approved: tuple[str, ...] = ()
+    """Ids of the hosted MCP approval requests the request approves (Responses
+    ``mcp_approval_response``): the provider runs each, so each must be one Warden allowed."""
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 

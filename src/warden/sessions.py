@@ -263,6 +263,9 @@ class _Prepared:
     continues or fetches, a provider conversation), as the denial says it."""
     unread: str | None = None
     """What of that could not be read from the state store, as the denial says it."""
+    unapproved: str | None = None
+    """The id of a hosted MCP approval request the request approves and Warden did not
+    allow as the request (or its chain) carries it: the provider would run it."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -390,6 +393,8 @@ class SessionGuard:
         prepared = await self._prepare(conversation, action.agent.id)
         if prepared.not_theirs is not None:
             return _not_theirs(ctx, prepared.not_theirs), ctx
+        if prepared.unapproved is not None:
+            return _unapproved(ctx, prepared.unapproved), ctx
         if prepared.unread is not None and self._deny:
             return _unavailable(ctx, prepared.unread), ctx
         counters: dict[str, int] = {}
@@ -736,7 +741,9 @@ class SessionGuard:
                 not_theirs = f"the Responses answer {named} was made for another agent"
             if chain.unread:
                 unread = "the Responses answer this request continues"
-        records = await self._records([c.call_id for c in calls])
+        carried_ids = {c.call_id for c in calls}
+        approved_elsewhere = [i for i in conversation.approved if i not in carried_ids]
+        records = await self._records([c.call_id for c in calls] + approved_elsewhere)
         if source in (None, NEW_CHAIN) and conversation.previous_response_id is None:
             # A request that names no session and continues no chain, whose input
             # carries calls Warden decided in one (an agent that sends the whole
@@ -749,15 +756,24 @@ class SessionGuard:
         verified_all = True
         key = f"{agent}\x1f{session_id}" if session_id is not None else None
         scope = _scope(agent, key)
+        allowed: set[str] = set()
         for call in calls:
             mine = [r for r in records.get(call.call_id, ()) if _same_conversation(r, scope)]
             match = _matching(mine, call)
             verified = match is not None and match.effect == Effect.ALLOW.value
             verified_all = verified_all and verified
+            if verified:
+                allowed.add(call.call_id)
             labels = self.labels_of(call.tool)
             if call.result is not None:
                 taints.update(labels)
             docs.append(_entry(call, match, verified, labels))
+        for request_id in approved_elsewhere:
+            # Approved from the provider's stored answer (a chain): Warden allowed it there.
+            mine = [r for r in records.get(request_id, ()) if _same_conversation(r, scope)]
+            if any(r.effect == Effect.ALLOW.value for r in mine):
+                allowed.add(request_id)
+        unapproved = next((i for i in conversation.approved if i not in allowed), None)
         return _Prepared(
             tuple(docs),
             key,
@@ -767,6 +783,7 @@ class SessionGuard:
             verified_all,
             not_theirs,
             unread,
+            unapproved,
         )
 
     async def _own_conversation(
@@ -1019,6 +1036,21 @@ def _unavailable(ctx: GuardContext, what: str) -> Decision:
         mode=ctx.mode if ctx.mode is Mode.ENFORCE else Mode.OBSERVE,
         guard="session",
         error="state_unavailable",
+    )
+
+
+def _unapproved(ctx: GuardContext, request_id: str) -> Decision:
+    """An approval the provider would act on, of a hosted MCP call Warden never let through:
+    one the agent wrote itself, rewrote, or that Warden denied."""
+    return Decision(
+        decision_id=new_id("dec"),
+        effect=Effect.DENY,
+        reasons=(
+            f"the request approves the hosted MCP call {request_id}, which Warden did not "
+            "allow with these arguments in this conversation; the provider would run it",
+        ),
+        mode=ctx.mode,
+        guard="session",
     )
 
 

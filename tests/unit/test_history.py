@@ -117,6 +117,35 @@ def test_responses_items_and_a_chain_continuation() -> None:
     assert [(i, r.content) for i, r in conversation.results] == [("fc_0", "order A-1")]
 
 
+def test_responses_hosted_mcp_approvals_name_the_requests_they_approve() -> None:
+    asked = {
+        "type": "mcp_approval_request",
+        "id": "mcpr_1",
+        "server_label": "kb",
+        "name": "search_kb",
+        "arguments": '{"query": "refunds"}',
+    }
+    body = {
+        "model": "gpt-4.1",
+        "input": [
+            asked,
+            {"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": True},
+            # Only a plain no is no: anything else the provider might read as a yes.
+            {"type": "mcp_approval_response", "approval_request_id": "mcpr_2", "approve": "yes"},
+            {"type": "mcp_approval_response", "approval_request_id": "mcpr_3", "approve": False},
+            {"type": "mcp_approval_response", "approval_request_id": 4, "approve": True},
+        ],
+    }
+    conversation = extract("openai_responses", body)
+    (call,) = conversation.calls
+    assert (call.call_id, call.tool, call.arguments) == (
+        "mcpr_1",
+        "kb.search_kb",
+        {"query": "refunds"},
+    )
+    assert conversation.approved == ("mcpr_1", "mcpr_2")
+
+
 def test_malformed_conversations_give_what_can_be_read() -> None:
     body = {
         "messages": [

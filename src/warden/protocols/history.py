@@ -7,9 +7,11 @@ call (tool, arguments, call id) and the result the agent sent back for it.
 * OpenAI Chat Completions: ``assistant`` messages' ``tool_calls`` (and the
   legacy ``function_call``), answered by ``role: tool`` messages;
 * OpenAI Responses: ``function_call`` / ``custom_tool_call`` /
-  ``local_shell_call`` / ``mcp_call`` input items, answered by their
-  ``*_output`` items (``previous_response_id`` is resolved elsewhere, from
-  Warden's own records: :mod:`warden.sessions`);
+  ``local_shell_call`` / ``mcp_call`` / ``mcp_approval_request`` input items,
+  answered by their ``*_output`` items (``previous_response_id`` is resolved
+  elsewhere, from Warden's own records: :mod:`warden.sessions`), and the
+  hosted MCP calls the request approves (``mcp_approval_response``), which
+  the provider then runs;
 * Anthropic Messages: ``tool_use`` blocks, answered by ``tool_result`` blocks.
 
 Bounds: at most ``max_messages`` messages (or items) are read, the latest
@@ -124,6 +126,7 @@ class _Builder:
         self.calls: dict[str, PriorCall] = {}
         self.order: list[str] = []
         self.orphans: dict[str, PriorResult] = {}
+        self.approved: dict[str, None] = {}
         self.truncated = False
         self.messages = 0
         self._deadline = time.perf_counter() + bounds.max_ms / 1000
@@ -167,6 +170,11 @@ class _Builder:
             return
         self.calls[call_id] = PriorCall(call.call_id, call.tool, call.arguments, call.digest, found)
 
+    def approve(self, request_id: Any) -> None:
+        """An approval of a hosted MCP call (``mcp_approval_response``), by its request's id."""
+        if isinstance(request_id, str):
+            self.approved[request_id] = None
+
     def done(self) -> Conversation:
         keep = self.order[-self.bounds.max_calls :] if self.bounds.max_calls else []
         truncated = self.truncated or len(keep) < len(self.order)
@@ -177,6 +185,7 @@ class _Builder:
             else (),
             messages=self.messages,
             truncated=truncated,
+            approved=tuple(self.approved),
         )
 
 
@@ -200,7 +209,14 @@ def _chat(body: Mapping[str, Any], b: _Builder) -> None:
 
 
 _RESPONSES_CALLS: Final = frozenset(
-    {"function_call", "custom_tool_call", "mcp_call", "local_shell_call", "shell_call"}
+    {
+        "function_call",
+        "custom_tool_call",
+        "mcp_call",
+        "mcp_approval_request",
+        "local_shell_call",
+        "shell_call",
+    }
 )
 _RESPONSES_RESULTS: Final = frozenset(
     {
@@ -228,6 +244,10 @@ def _responses(body: Mapping[str, Any], b: _Builder) -> None:
             b.call(call.call_id, call.name, call.arguments, raw=call.raw_arguments)
         elif kind in _RESPONSES_RESULTS:
             b.result(item.get("call_id") or item.get("id"), item.get("output"))
+        elif kind == "mcp_approval_response" and item.get("approve") is not False:
+            # The provider runs the hosted MCP call it approves: unless it says no
+            # in so many words, the approval must name a call Warden allowed.
+            b.approve(item.get("approval_request_id"))
 
 
 def _anthropic(body: Mapping[str, Any], b: _Builder) -> None:

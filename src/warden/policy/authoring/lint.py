@@ -104,34 +104,9 @@ def lint_module(path: str, source: str) -> list[Finding]:
         for offset, message in _v0_heads(text):
             add(stmt.start + offset, "error", message, _V1_HINT)
     for match in CALL.finditer(blanked):
-        name = match.group(1)
-        if name in _DEPRECATED:
-            add(
-                match.start(), "error", f"{name} was removed in OPA 1.x", f"use {_DEPRECATED[name]}"
-            )
-        elif name == "trace":
-            add(
-                match.start(),
-                "error",
-                "trace() does not exist in this engine: the rule fails with an error",
-                "remove it; use `warden policy eval` to look at values",
-            )
-        elif name == "to_number":
-            add(
-                match.start(),
-                "warning",
-                'to_number on this engine reads a leading number: "9_000" and "9,000" are 9, '
-                '"9000abc" is 9000 (OPA refuses all three)',
-                "check the whole text first: regex.match(`^-?[0-9]+(\\.[0-9]+)?$`, s), "
-                "or take numbers from JSON bodies (docs/policies.md, engine limits)",
-            )
-        elif name.startswith(MISSING_BUILTINS):
-            add(
-                match.start(),
-                "warning",
-                f"{name} is not available in this engine; it evaluates to undefined",
-                "pass what it would fetch in the input or in data.json",
-            )
+        problem = _call_problem(match.group(1))
+        if problem is not None:
+            add(match.start(), *problem)
     for match in _SPRINTF_Q.finditer(source):
         add(
             match.start(),
@@ -163,6 +138,33 @@ def lint_module(path: str, source: str) -> list[Finding]:
             "move the tests to a file whose name ends in _test.rego",
         )
     return findings
+
+
+def _call_problem(name: str) -> tuple[str, str, str] | None:
+    """Severity, message and hint for a call of ``name`` this engine runs unlike OPA 1.x."""
+    if name in _DEPRECATED:
+        return "error", f"{name} was removed in OPA 1.x", f"use {_DEPRECATED[name]}"
+    if name == "trace":
+        return (
+            "error",
+            "trace() does not exist in this engine: the rule fails with an error",
+            "remove it; use `warden policy eval` to look at values",
+        )
+    if name == "to_number":
+        return (
+            "warning",
+            'to_number on this engine reads a leading number: "9_000" and "9,000" are 9, '
+            '"9000abc" is 9000 (OPA refuses all three)',
+            "check the whole text first: regex.match(`^-?[0-9]+(\\.[0-9]+)?$`, s), "
+            "or take numbers from JSON bodies (docs/policies.md, engine limits)",
+        )
+    if name.startswith(MISSING_BUILTINS):
+        return (
+            "warning",
+            f"{name} is not available in this engine; it evaluates to undefined",
+            "pass what it would fetch in the input or in data.json",
+        )
+    return None
 
 
 def _v0_heads(text: str) -> Iterator[tuple[int, str]]:

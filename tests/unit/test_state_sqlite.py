@@ -157,3 +157,30 @@ async def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
     await store.close()
     with pytest.raises(RuntimeError):
         await store.counters([])
+
+
+async def test_session_counters_are_read_on_the_loop_and_through_the_thread_when_it_cannot(
+    tmp_path: Path,
+) -> None:
+    from warden.state.sessions import SessionStore  # noqa: PLC0415 - this test's store only
+
+    store = await SessionStore.open(url(tmp_path))
+    try:
+        await store.add("agent\x1fs1", {"issue_refund": 2})
+        reads: list[str] = []
+        real = store._run
+
+        async def counted(fn: object, *args: object) -> object:
+            reads.append("thread")
+            return await real(fn, *args)  # type: ignore[arg-type]
+
+        store._run = counted  # type: ignore[method-assign]
+        assert await store.counters("agent\x1fs1") == {"issue_refund": 2}
+        assert reads == []  # a point read: no thread round trip
+        # A read the loop's connection cannot make at once (here: it opened another
+        # file, so it finds no table) goes through the I/O thread instead.
+        store._loop_conn = sqlite3.connect(tmp_path / "other.db", isolation_level=None)
+        assert await store.counters("agent\x1fs1") == {"issue_refund": 2}
+        assert reads == ["thread"]
+    finally:
+        await store.close()

@@ -63,6 +63,7 @@ class SqliteStore:
         self._conn = conn
         self._io = io
         self._closed = False
+        self._loop_conn: sqlite3.Connection | None = None
 
     @classmethod
     async def open(cls, url: str) -> Self:
@@ -97,12 +98,37 @@ class SqliteStore:
         return conn
 
     async def close(self) -> None:
-        """Close the connection and stop the I/O thread."""
+        """Close the connections and stop the I/O thread."""
         if self._closed:
             return
         self._closed = True
+        if self._loop_conn is not None:
+            self._loop_conn.close()
+            self._loop_conn = None
         await asyncio.get_running_loop().run_in_executor(self._io, self._conn.close)
         self._io.shutdown(wait=True)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A small read, on the event loop's own thread when it can run at once.
+
+        A thread round trip costs more than a point read of a page in memory
+        (about 100 µs against 5 on the project's test VM), and a decision
+        waits for it. The loop's connection never waits for a lock
+        (``busy_timeout`` 0; in WAL mode readers need none unless the log is
+        being recovered): a busy database is read through the I/O thread,
+        as every read was before.
+        """
+        if self._closed:
+            raise RuntimeError(f"the {self.NAME} store is closed")
+        try:
+            conn = self._loop_conn
+            if conn is None:
+                conn = sqlite3.connect(self.path, isolation_level=None, timeout=0)
+                conn.execute("PRAGMA query_only = 1")
+                self._loop_conn = conn
+            return fn(conn)
+        except sqlite3.OperationalError:
+            return await self._run(fn, self._conn)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:

@@ -24,6 +24,8 @@ argument digest, not arguments, and counters no arguments at all: they stay. SQL
 
 from __future__ import annotations
 
+import functools
+import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -248,13 +250,7 @@ class SessionStore(SqliteStore):
 
     async def counters(self, session_id: str) -> dict[str, int]:
         """The session's counters by name (none: an empty map)."""
-        return await self._run(self._counters, session_id)
-
-    def _counters(self, session_id: str) -> dict[str, int]:
-        rows = self._conn.execute(
-            "SELECT name, value FROM session_counters WHERE session_id = ?", (session_id,)
-        ).fetchall()
-        return {str(n): int(v) for n, v in rows}
+        return await self._read(functools.partial(_counters, session_id=session_id))
 
     async def record_calls(self, records: Sequence[CallRecord]) -> None:
         """Keep decided calls (a row already there is left as it is)."""
@@ -437,3 +433,10 @@ class SessionStore(SqliteStore):
                 cur.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff,))  # noqa: S608
                 total += cur.rowcount
             return total
+
+
+def _counters(conn: sqlite3.Connection, session_id: str) -> dict[str, int]:
+    rows = conn.execute(
+        "SELECT name, value FROM session_counters WHERE session_id = ?", (session_id,)
+    ).fetchall()
+    return {str(n): int(v) for n, v in rows}

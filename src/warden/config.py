@@ -232,7 +232,8 @@ class UpstreamConfig(_Section):
     """Routes Warden does not parse, forwarded as one ``llm_call`` each: ``"GET v1/files"``,
     ``"POST v1/batches/*"`` (``*`` one segment, a final ``**`` the rest). Refused otherwise."""
     routes: tuple[HttpRouteConfig, ...] = ()
-    """``protocol: http`` only: requests that are tool calls, tried in order."""
+    """``protocol: http`` only: requests that are tool calls; where a request fits several,
+    the most specific rule (literal segments before parameters) is the call."""
     unmatched: Literal["deny", "allow"] = "deny"
     """With ``routes``: refuse a request no route fits, or forward it as one ``http_call``."""
     credential: CredentialConfig | None = None
@@ -242,6 +243,9 @@ class UpstreamConfig(_Section):
     def _routes_on_http(self) -> UpstreamConfig:
         if self.routes and self.protocol != "http":
             raise ValueError("routes: only an upstream with protocol: http has route rules")
+        if self.routes:
+            # Two rules one request could fit, neither more specific: a guess at run time.
+            http_tool.ToolRoutes.compile(self.routes, self.unmatched)
         return self
 
     @field_validator("passthrough")

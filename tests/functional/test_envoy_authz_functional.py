@@ -259,6 +259,90 @@ async def test_a_path_a_service_may_read_as_a_routes_resource_is_refused(
     assert root.status.code == GRPC_OK  # "/" holds no segment to misread
 
 
+_REFUND = b'{"amount": 40}'
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "body", "expect"),
+    [
+        # The service behind Envoy (Symfony, Laravel, Express, ASP.NET, Rails) would run
+        # the method these name, not the refund the policy allowed.
+        ("/orders/A-1/refunds", {"x-http-method-override": "DELETE"}, _REFUND, "carries"),
+        ("/orders/A-1/refunds", {"x-method-override": "PUT"}, _REFUND, "carries"),
+        (
+            "/orders/A-1/refunds",
+            {},
+            b'{"amount": 40, "_method": "DELETE"}',
+            "JSON body's top-level object has a '_method' field",
+        ),
+        (
+            "/orders/A-1/notes",
+            {"content-type": "application/x-www-form-urlencoded"},
+            b"text=hi&_method=DELETE",
+            "form body has a '_method' field",
+        ),
+        # Warden would read the encoded bytes; the service may inflate them.
+        (
+            "/orders/A-1/refunds",
+            {"content-encoding": "gzip"},
+            _REFUND,
+            "body is encoded (Content-Encoding: gzip)",
+        ),
+        # Spring's suffix match runs it as the refund; with unmatched: allow it was
+        # a plain http_call.
+        ("/orders/A-1/refunds.tar.gz", {}, _REFUND, "suffix after a dot"),
+        # A "_method" field may sit past where Envoy cut the body, or in a body it never sent.
+        (
+            "/orders/A-1/notes",
+            {
+                "content-type": "application/x-www-form-urlencoded",
+                "x-envoy-auth-partial-body": "true",
+            },
+            b"text=hi",
+            "Envoy sent only part of the body, or none",
+        ),
+        ("/orders/A-1/notes", {"content-length": "4000"}, b"", "only part of the body, or none"),
+    ],
+)
+async def test_a_request_the_service_may_run_as_another_call_is_refused(
+    tmp_path: Path, path: str, headers: dict[str, str], body: bytes, expect: str
+) -> None:
+    before = _checks("invalid")
+    sent = {**SUPPORT, "content-type": "application/json", **headers}
+    async with _serving(tmp_path) as stub:
+        response = await stub.Check(_request("POST", path, sent, body))
+        plain = await stub.Check(
+            _request(
+                "POST",
+                "/orders/A-1/refunds",
+                {**SUPPORT, "content-type": "application/json"},
+                _REFUND,
+            )
+        )
+    assert response.status.code == GRPC_PERMISSION_DENIED
+    assert response.denied_response.status.code == 400
+    assert expect in response.denied_response.body
+    record = _decisions(tmp_path)[response.dynamic_metadata["decision_id"]]
+    assert (record["decision"]["effect"], record["decision"]["guard"]) == ("deny", "validation")
+    assert _checks("invalid") == before + 1
+    assert plain.status.code == GRPC_OK
+
+
+async def test_a_cut_body_that_cannot_carry_form_fields_is_left_to_the_policy(
+    tmp_path: Path,
+) -> None:
+    headers = {
+        **SUPPORT,
+        "content-type": "application/octet-stream",
+        "x-envoy-auth-partial-body": "true",
+    }
+    async with _serving(tmp_path) as stub:
+        response = await stub.Check(_request("POST", "/files/upload", headers, b"\x00" * 64))
+    record = _decisions(tmp_path)[response.dynamic_metadata["decision_id"]]
+    assert record["decision"]["guard"] != "validation"
+    assert record["action"]["kind"] == "http_call"
+
+
 async def test_dry_run_records_the_denial_and_lets_it_through(tmp_path: Path) -> None:
     before = _checks("dry_run")
     async with _serving(tmp_path, ext_authz={"dry_run": True}) as stub:

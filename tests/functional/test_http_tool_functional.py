@@ -7,6 +7,8 @@ agent's HTTP tool would be.
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from yarl import URL
 from tests.functional.conftest import audit_records, make_config
 from warden.admin.auth import Principal
 from warden.cli import main as warden_cli
+from warden.errors import ConfigError
 from warden.server import Warden
 from warden.testing._server import LoopbackServer
 
@@ -28,6 +31,15 @@ POLICY = """package warden
 import rego.v1
 
 default decision := {"effect": "allow", "reason": "not a refund"}
+
+decision := {"effect": "deny", "reason": "exports need a lead"} if {
+	input.action.tool == "export_orders"
+}
+
+decision := {"effect": "deny", "reason": "credits over 500 are not allowed"} if {
+	input.action.tool == "issue_credit"
+	to_number(input.action.arguments.amount) > 500
+}
 
 decision := {"effect": "deny", "reason": msg} if {
 	input.action.tool == "issue_refund"
@@ -53,6 +65,14 @@ ROUTES = [
         "arguments": {"order_id": "{order_id}", "amount": "/amount", "customer_id": "/customer"},
     },
     {"method": "GET", "path": "/orders/{order_id}", "tool": "get_order", "arguments": {}},
+    # Listed after the rule it is more specific than, as Flask, Go and Spring run it.
+    {"method": "GET", "path": "/orders/export", "tool": "export_orders", "arguments": {}},
+    {
+        "method": "POST",
+        "path": "/orders/{order_id}/credits",
+        "tool": "issue_credit",
+        "arguments": {"order_id": "{order_id}", "amount": "?amount"},
+    },
     {
         "method": "GET",
         "path": "/orders/{order_id}/items",
@@ -82,6 +102,43 @@ class Refunds(LoopbackServer):
         return web.json_response({"refund_id": f"rf_{len(self.seen)}", "order": order}, status=201)
 
 
+class RawUpstream:
+    """A service that records the bytes of every request reaching it, before any parsing
+    (an aiohttp service would refuse a body it cannot inflate before recording it)."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> RawUpstream:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            self.received.append(head + await reader.readexactly(length))
+            writer.write(
+                b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+            )
+            await writer.drain()
+        finally:
+            writer.close()
+
+
 @pytest.fixture
 async def refunds() -> AsyncIterator[Refunds]:
     async with Refunds() as server:
@@ -89,7 +146,10 @@ async def refunds() -> AsyncIterator[Refunds]:
 
 
 def config_for(
-    tmp_path: Path, refunds: Refunds, caps: tuple[dict[str, Any], ...] = (), **upstream: Any
+    tmp_path: Path,
+    refunds: Refunds | RawUpstream,
+    caps: tuple[dict[str, Any], ...] = (),
+    **upstream: Any,
 ) -> Any:
     bundle = tmp_path / "bundle"
     bundle.mkdir(exist_ok=True)
@@ -118,6 +178,20 @@ async def call(
         raw = await resp.read()
         decision = resp.headers.get("X-Warden-Decision-Id", "")
         return resp.status, resp.content_type, orjson.loads(raw), decision
+
+
+async def send(
+    w: Warden, method: str, path: str, body: bytes = b"", **headers: str
+) -> tuple[int, str, bytes]:
+    """Status, content type and body of one request through Warden, headers as given
+    (``X_HTTP_Method`` is sent as ``X-HTTP-Method``)."""
+    url = URL(w.proxy_url + "/refunds" + path, encoded=True)
+    sent = {name.replace("_", "-"): value for name, value in headers.items()}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.request(method, url, data=body or None, headers=sent) as resp,
+    ):
+        return resp.status, resp.content_type, await resp.read()
 
 
 def decisions(tmp_path: Path) -> list[dict[str, Any]]:
@@ -207,7 +281,13 @@ async def test_unmatched_routes_are_refused_or_forwarded_as_configured(
         status, _, _, _ = await call(w, "GET", "/health")
         # Not a plain http_call: services that read paths case-blind, or drop ';'
         # parameters, would run it as the refund rule's call.
-        for variant in ("/orders/A-1/Refunds", "/orders/A-1/refunds;jsessionid=1"):
+        # Spring's suffix match runs "refunds." and "refunds.tar.gz" as "refunds" too.
+        for variant in (
+            "/orders/A-1/Refunds",
+            "/orders/A-1/refunds;jsessionid=1",
+            "/orders/A-1/refunds.",
+            "/orders/A-1/refunds.tar.gz",
+        ):
             refused = await call(w, "POST", variant, amount=900, customer="C-7")
             assert (refused[0], refused[2]["code"]) == (400, "invalid_tool_request")
     assert status == 201
@@ -328,3 +408,179 @@ async def test_the_services_answer_settles_the_cap(
     assert settled[records[0]["decision"]["id"]]["is_error"] is True
     assert settled[records[1]["decision"]["id"]]["is_error"] is False
     verify(tmp_path, capsys)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "detail"),
+    [
+        # Symfony, Laravel, Express's method-override, ASP.NET Core and Rails would
+        # run the DELETE handler for a request Warden decided as the refund.
+        (
+            "/orders/A-1/refunds",
+            b'{"amount": 5, "customer": "C-1"}',
+            {"X_HTTP_Method_Override": "DELETE"},
+            "carries X-HTTP-Method-Override",
+        ),
+        (
+            "/orders/A-1/refunds",
+            b'{"amount": 5, "customer": "C-1"}',
+            {"x_http_method": "DELETE"},
+            "carries x-http-method",
+        ),
+        (
+            "/orders/A-1/refunds",
+            b'{"amount": 5, "customer": "C-1"}',
+            {"X_METHOD_OVERRIDE": "DELETE"},
+            "carries X-METHOD-OVERRIDE",
+        ),
+        (
+            "/orders/A-1/refunds",
+            b'{"amount": 5, "customer": "C-1", "_Method": "DELETE"}',
+            {},
+            "JSON body's top-level object has a '_method' field",
+        ),
+        # No rule fits, so with unmatched: allow it would be a plain POST http_call.
+        (
+            "/orders/A-1",
+            b"note=late&_method=DELETE",
+            {"Content_Type": "application/x-www-form-urlencoded"},
+            "form body has a '_method' field",
+        ),
+        ("/orders/A-1?_method=DELETE", b"", {}, "query has a '_method' field"),
+    ],
+)
+async def test_a_method_override_is_refused_unforwarded(
+    tmp_path: Path, refunds: Refunds, path: str, body: bytes, headers: dict[str, str], detail: str
+) -> None:
+    headers = {"Content_Type": "application/json", **headers}
+    async with Warden(config_for(tmp_path, refunds, unmatched="allow")) as w:
+        status, content_type, raw = await send(w, "POST", path, body, **headers)
+        # The same request without the override goes through: only the override is refused.
+        plain = await send(
+            w,
+            "POST",
+            "/orders/A-1/refunds",
+            b'{"amount":5,"customer":"C"}',
+            Content_Type="application/json",
+        )
+    assert (status, content_type) == (400, "application/problem+json")
+    problem = orjson.loads(raw)
+    assert (problem["status"], problem["code"]) == (400, "invalid_tool_request")
+    assert detail in problem["detail"]
+    assert "send the request with that method instead" in problem["detail"]
+    assert plain[0] == 201
+    assert [(m, p) for m, p, _ in refunds.seen] == [("POST", "/orders/A-1/refunds")]
+    assert [r["action"].get("tool") for r in decisions(tmp_path)] == ["issue_refund"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "content_type", "detail"),
+    [
+        # Go's r.FormValue and Laravel's input() read 9000: the form body wins.
+        (
+            "/orders/A-1/credits?amount=5",
+            b"amount=9000",
+            "application/x-www-form-urlencoded",
+            "form",
+        ),
+        # Laravel and Rails merge a JSON body's keys over the query.
+        ("/orders/A-1/credits?amount=5", b'{"amount": 9000}', "application/json", "'amount'"),
+        # The policy would see amount null (to_number: 0); the service 9000.
+        ("/orders/A-1/credits", b'{"Amount": 9000}', "application/json", "'Amount'"),
+        # A rule reading both ?status and a body's status: Laravel reads the body's.
+        ("/orders/A-1/items?status=open", b'{"status": "all"}', "application/json", "'status'"),
+    ],
+)
+async def test_a_body_that_could_override_a_query_argument_is_refused_unforwarded(
+    tmp_path: Path, refunds: Refunds, path: str, body: bytes, content_type: str, detail: str
+) -> None:
+    # list_items also reads the body's status (a filter), besides ?status.
+    both = {"status": "?status", "filter": "/status"}
+    routes = [{**r, "arguments": both} if r["tool"] == "list_items" else r for r in ROUTES]
+    async with Warden(config_for(tmp_path, refunds, routes=routes)) as w:
+        method = "GET" if "/items" in path else "POST"
+        status, content_type_got, raw = await send(w, method, path, body, Content_Type=content_type)
+        allowed = await send(
+            w,
+            "POST",
+            "/orders/A-1/credits?amount=5",
+            b'{"note": "late"}',
+            Content_Type="application/json",
+        )
+    assert (status, content_type_got) == (400, "application/problem+json")
+    problem = orjson.loads(raw)
+    assert problem["code"] == "invalid_tool_request"
+    assert detail in problem["detail"]
+    assert allowed[0] == 201
+    assert [(m, p) for m, p, _ in refunds.seen] == [("POST", "/orders/A-1/credits?amount=5")]
+    [record] = decisions(tmp_path)
+    assert record["action"]["arguments"] == {"order_id": "A-1", "amount": "5"}
+
+
+async def test_the_most_specific_rule_decides_whatever_the_order(
+    tmp_path: Path, refunds: Refunds
+) -> None:
+    # GET /orders/{order_id} is listed first; Flask, Go and Spring run /orders/export.
+    async with Warden(config_for(tmp_path, refunds)) as w:
+        export = await call(w, "GET", "/orders/export")
+        order = await call(w, "GET", "/orders/A-1")
+    status, content_type, body, _ = export
+    assert (status, content_type, body["code"]) == (403, "application/problem+json", "denied")
+    assert "exports need a lead" in body["detail"]
+    assert order[0] == 201
+    assert [(m, p) for m, p, _ in refunds.seen] == [("GET", "/orders/A-1")]
+    assert [r["action"]["tool"] for r in decisions(tmp_path)] == ["export_orders", "get_order"]
+
+
+def test_rules_that_fit_the_same_paths_refuse_to_start(tmp_path: Path, refunds: Refunds) -> None:
+    twin = {**ROUTES[1], "path": "/orders/{id}", "tool": "lookup_order"}
+    with pytest.raises(ConfigError) as caught:
+        config_for(tmp_path, refunds, routes=[*ROUTES, twin])
+    message = str(caught.value)
+    assert "upstreams.refunds" in message
+    assert "routes.1 (GET /orders/{order_id}, tool 'get_order')" in message
+    assert f"routes.{len(ROUTES)} (GET /orders/{{id}}, tool 'lookup_order')" in message
+    assert "fit exactly the same paths" in message
+
+
+async def test_head_is_decided_as_the_get_rule_it_runs(tmp_path: Path, refunds: Refunds) -> None:
+    # Flask, Go, Spring and Rails run the GET handler for HEAD: with unmatched: allow
+    # a HEAD /orders/export was a plain http_call that the service ran as the export.
+    async with Warden(config_for(tmp_path, refunds, unmatched="allow")) as w:
+        export = await send(w, "HEAD", "/orders/export")
+        order = await send(w, "HEAD", "/orders/A-1")
+    assert export[0] == 403
+    assert order[0] == 201
+    assert [(m, p) for m, p, _ in refunds.seen] == [("HEAD", "/orders/A-1")]
+    records = decisions(tmp_path)
+    assert [(r["action"]["kind"], r["action"]["tool"]) for r in records] == [
+        ("tool_call", "export_orders"),
+        ("tool_call", "get_order"),
+    ]
+    assert [r["action"]["request"]["method"] for r in records] == ["HEAD", "HEAD"]
+
+
+async def test_an_encoded_body_is_refused_unforwarded(tmp_path: Path) -> None:
+    # The proxy's server inflates the body and Warden decided on the plaintext: it
+    # would reach the service labelled gzip. Decided bytes and forwarded bytes must
+    # be one, so an encoded body is refused (the caller sends it unencoded).
+    plain = b'{"amount": 40, "customer": "C-7"}'
+    async with RawUpstream() as service, Warden(config_for(tmp_path, service)) as w:
+        status, content_type, raw = await send(
+            w,
+            "POST",
+            "/orders/A-1/refunds",
+            gzip.compress(plain),
+            Content_Type="application/json",
+            Content_Encoding="gzip",
+        )
+        sent = await send(w, "POST", "/orders/A-1/refunds", plain, Content_Type="application/json")
+    assert (status, content_type) == (400, "application/problem+json")
+    problem = orjson.loads(raw)
+    assert problem["code"] == "invalid_tool_request"
+    assert "body is encoded (Content-Encoding: gzip)" in problem["detail"]
+    assert sent[0] == 201
+    [received] = service.received
+    assert received.endswith(b"\r\n\r\n" + plain)
+    assert b"content-encoding" not in received.lower()
+    assert [r["action"]["tool"] for r in decisions(tmp_path)] == ["issue_refund"]

@@ -36,7 +36,8 @@ ROUTES = ToolRoutes(
     (
         REFUND,
         RouteRule.compile("GET", "/orders/{order_id}", "get_order", {"id": "{order_id}"}),
-        RouteRule.compile("GET", "/orders/open", "never_reached", {}),
+        # After the rule it is more specific than: order does not matter.
+        RouteRule.compile("GET", "/orders/open", "list_open_orders", {}),
         RouteRule.compile(
             "GET", "/customers/{id}/orders", "list_orders", {"id": "{id}", "status": "?status"}
         ),
@@ -58,8 +59,10 @@ def test_path_parameters_and_body_pointers_build_the_call() -> None:
     )
 
 
-def test_rules_are_tried_in_order_and_need_the_method_and_every_segment() -> None:
-    assert resolve("GET", "/orders/open") == ToolRequest("get_order", {"id": "open"})
+def test_the_most_specific_rule_wins_and_needs_the_method_and_every_segment() -> None:
+    # Flask, Go 1.22 and Spring run the literal route, whichever is listed first.
+    assert resolve("GET", "/orders/open") == ToolRequest("list_open_orders", {})
+    assert resolve("GET", "/orders/opened") == ToolRequest("get_order", {"id": "opened"})
     assert resolve("GET", "/orders/A-1/refunds") is None
     assert resolve("PUT", "/orders/A-1/refunds", {"amount": 1, "customer": "c"}) is None
     assert resolve("POST", "/orders/A-1/refunds/x", {}) is None

@@ -7,7 +7,10 @@ answer goes back. The policy evaluates ``ext_authz.query`` (default
 (:mod:`warden.protocols.envoy_authz`) merged with Warden's own (``input.agent``,
 ``input.action``, ``input.context``), so OPA-Envoy policies carry over. When
 ``ext_authz.upstream`` names an ``http`` upstream with route rules, a request
-that fits a rule is that tool call (``input.action.tool`` and ``arguments``).
+that fits a rule is that tool call (``input.action.tool`` and ``arguments``);
+a request to it that could make the service run another call than the one
+decided (a method override, an encoded body, a JSON or form body Envoy cut) is
+refused with 400, as the base-URL proxy refuses it.
 
 Fails closed: a request Warden cannot parse is denied with 400 (also in
 dry-run, as OPA-Envoy does), a policy that is missing, fails or returns a
@@ -47,7 +50,13 @@ from warden.model import (
 )
 from warden.ops import metrics
 from warden.protocols import envoy_authz as authz
-from warden.protocols.http_tool import ToolRequest, ToolRequestError, ToolRoutes, bound_body
+from warden.protocols.http_tool import (
+    ToolRequest,
+    ToolRequestError,
+    ToolRoutes,
+    bound_body,
+    may_carry_fields,
+)
 from warden.sessions import door_conversation
 
 if TYPE_CHECKING:
@@ -217,11 +226,20 @@ class ExtAuthzService:
                 "control character, so no route rule can be tried on it"
             )
             return None, _Refusal(reason, 400, observe=False)
+        content_type = parsed.headers.get("content-type", "")
         if parsed.input.get("truncated_body") and routes.find(parsed.method, segments):
             # The arguments would be read from a prefix of the body the service gets whole.
             reason = (
                 "Envoy sent only part of the body (with_request_body.max_request_bytes), so a "
                 "route rule cannot read its arguments from it; raise max_request_bytes"
+            )
+            return None, _Refusal(reason, 400, observe=False)
+        if may_carry_fields(content_type) and authz.partial_body(parsed.headers, parsed.body):
+            # A "_method" field past the cut would make the service run another method.
+            reason = (
+                "Envoy sent only part of the body, or none (with_request_body), so Warden "
+                "cannot see whether it carries a '_method' field that makes the service run "
+                "another method; send the body whole (raise max_request_bytes)"
             )
             return None, _Refusal(reason, 400, observe=False)
         tool: ToolRequest | None = None
@@ -230,8 +248,9 @@ class ExtAuthzService:
                 parsed.method,
                 segments,
                 parsed.body,
-                parsed.headers.get("content-type", ""),
+                content_type,
                 parsed.query,
+                headers=parsed.headers,  # method overrides, Content-Encoding
             )
         except ToolRequestError as exc:
             return None, _Refusal(str(exc), 400, observe=False)

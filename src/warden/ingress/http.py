@@ -439,6 +439,9 @@ class ProxyApp:
                 body,
                 request.headers.get("Content-Type", ""),
                 request.rel_url.raw_query_string,
+                # Method overrides and Content-Encoding: aiohttp has inflated a gzip body,
+                # which would go on labelled gzip (refused, not relabelled: see http_tool).
+                headers=request.headers,
             )
         except http_tool.ToolRequestError as exc:
             return None, _problem(400, exc.code, "Invalid tool request", str(exc))

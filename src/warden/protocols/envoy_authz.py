@@ -64,6 +64,7 @@ __all__ = [
     "GrpcBodies",
     "check_input",
     "decode_segments",
+    "partial_body",
     "protomap",
     "read_allowed",
     "read_result",
@@ -174,6 +175,18 @@ def _truncated(headers: Mapping[str, str], size: int) -> bool:
     except ValueError:
         raise ValueError(f"content-length {length[:40]!r} is not a number") from None
     return declared != -1 and declared > size
+
+
+def partial_body(headers: Mapping[str, str], body: bytes) -> bool:
+    """Whether Envoy sent less than the whole body: cut at ``max_request_bytes``
+    (``x-envoy-auth-partial-body``), or not sent at all (no ``with_request_body``)
+    while ``content-length`` says there is one. An unreadable length counts as cut."""
+    if headers.get("x-envoy-auth-partial-body") == "true":
+        return True
+    try:
+        return _truncated(headers, len(body))
+    except ValueError:
+        return True
 
 
 class GrpcBodies:

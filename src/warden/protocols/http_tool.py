@@ -11,16 +11,25 @@ approvals see ``issue_refund`` with its arguments instead of a bare path::
 
 A path template is literal segments and ``{name}`` segments, each matching
 exactly one decoded segment (the ingress decodes the target once, so
-``%2D`` and ``-`` match alike and no encoding can cross a ``/``). Rules are
-tried in order; the first that fits wins. An argument is ``"{name}"`` (a path
-parameter), ``"?name"`` (a query parameter, ``null`` when absent) or an RFC
-6901 JSON pointer into the JSON request body (``""`` is the whole body). A
+``%2D`` and ``-`` match alike and no encoding can cross a ``/``). When a path
+fits several rules of its method, the most specific wins: a literal segment
+beats a parameter, position by position, as Go 1.22's ServeMux, Spring and
+Flask choose. Two rules no request could tell apart (``/orders/{a}`` and
+``/orders/{b}``, or ``/a/{x}`` and ``/{y}/b``, which services order
+differently) are a configuration error. A ``HEAD`` request fits ``GET`` rules
+too (services run the ``GET`` handler for it). An argument is ``"{name}"`` (a
+path parameter), ``"?name"`` (a query parameter, ``null`` when absent) or an
+RFC 6901 JSON pointer into the JSON request body (``""`` is the whole body). A
 pointer that finds nothing, a query parameter given twice, a body that is not
 one unambiguous JSON document (duplicate keys, ``NaN``), or a query parameter
 the rule does not name refuses the request with 400: Warden and the tool API
 must agree on every value the policy saw, an absent argument would leave a
 policy rule undefined rather than false, and a query the policy never saw
 (``?amount=9000``, ``?force=true``) is input the service acts on undecided.
+For the same reason a routed upstream never gets a method override
+(``X-HTTP-Method-Override``, a ``_method`` field), an encoded body
+(``Content-Encoding``), or, on a rule that reads the query, a body that could
+override a query parameter (a form body, or a JSON key named like one).
 
 Everything here is pure: the ingress reads the request, this module says what
 it is, and renders refusals as RFC 9457 problem documents.
@@ -50,11 +59,15 @@ __all__ = [
     "ToolRequestError",
     "ToolRoutes",
     "bound_body",
+    "check_specificity",
+    "may_carry_fields",
     "parse_argument",
     "parse_method",
     "parse_query",
     "parse_template",
     "problem",
+    "refuse_headers",
+    "refuse_method_field",
     "result_text",
 ]
 
@@ -68,7 +81,22 @@ _PARAM: Final = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 # A literal segment as written in YAML: no braces, slashes or control characters.
 _LITERAL: Final = re.compile(r"^[^{}/\\\x00-\x20\x7f]+$")
 _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_FORMAT: Final = re.compile(r"\.[a-z0-9]+$")
+# Headers that make a service run another method than the request line's: Symfony and
+# Laravel, Express's method-override, ASP.NET Core's HttpMethodOverride, Rails (Rack).
+_OVERRIDE_HEADERS: Final = frozenset(
+    {"x-http-method-override", "x-http-method", "x-method-override"}
+)
+# The form, JSON or query field that does the same (Symfony/Laravel, Rails, method-override).
+_OVERRIDE_FIELD: Final = "_method"
+# What a body spelling "_method" holds: the word, an escape ("%5F", "\u005f") or both.
+_MAY_NAME_METHOD: Final = re.compile(rb"method|%|\\u", re.IGNORECASE)
+# PHP reads "." and " " in a form field's name as "_" (".method" is "_method").
+_PHP_NAME: Final = str.maketrans({".": "_", " ": "_"})
+# A multipart part's Content-Disposition header, and its name parameter (RFC 7578, 2231).
+_DISPOSITION: Final = re.compile(r"(?im)^[ \t]*content-disposition[ \t]*:(.*)$")
+_PART_NAME: Final = re.compile(
+    r"""(?i)(?:^|[;\s])name(\*?)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^;\s]*)"""
+)
 
 
 class ToolRequestError(ValueError):
@@ -234,9 +262,26 @@ class RouteRule:
         """The query parameters the rule names; a request may carry no other."""
         return frozenset(s.query for _, s in self.arguments if s.query is not None)
 
+    def serves(self, method: str) -> bool:
+        """Whether a request with ``method`` may fit: its own, and ``HEAD`` for ``GET``.
+
+        Flask, Go, Spring, Rails and Express run a ``GET`` handler for ``HEAD``.
+        """
+        return method == self.method or (method == "HEAD" and self.method == "GET")
+
+    @property
+    def template(self) -> str:
+        """The path template, as messages show it."""
+        return "/" + "/".join(self.segments)
+
+    @property
+    def rank(self) -> tuple[int, ...]:
+        """Lower is more specific: per segment, 0 for literal text and 1 for a parameter."""
+        return tuple(0 if _PARAM.match(p) is None else 1 for p in self.segments)
+
     def match(self, method: str, segments: Sequence[str]) -> dict[str, str] | None:
         """The path parameters if ``method`` and the decoded ``segments`` fit, else ``None``."""
-        if method != self.method or len(segments) != len(self.segments):
+        if not self.serves(method) or len(segments) != len(self.segments):
             return None
         params: dict[str, str] = {}
         for pattern, segment in zip(self.segments, segments, strict=True):
@@ -250,17 +295,21 @@ class RouteRule:
     def fits_loosely(self, method: str, segments: Sequence[str]) -> bool:
         """Whether the path fits read as some services read paths: literal segments
         case-blind (ASP.NET), without ``;`` parameters (Tomcat, Spring), and the last
-        without a format suffix (Rails' ``.json``, Spring's suffix match)."""
-        if method != self.method or len(segments) != len(self.segments):
+        one read as any stem before a dot (Rails' ``.json``, Spring's suffix match, which
+        also runs ``refunds.`` and ``refunds.tar.gz`` as ``refunds``)."""
+        if not self.serves(method) or len(segments) != len(self.segments):
             return False
         last = len(segments) - 1
         for i, (pattern, segment) in enumerate(zip(self.segments, segments, strict=True)):
             if _PARAM.match(pattern) is not None:
                 continue
             read = segment.partition(";")[0].casefold()
-            if i == last:
-                read = _FORMAT.sub("", read)
-            if pattern.casefold() != read:
+            wanted = pattern.casefold()
+            if i == last and "." in read:
+                stems = {read[:at] for at, char in enumerate(read) if char == "."}
+                if wanted != read and wanted not in stems:
+                    return False
+            elif wanted != read:
                 return False
         return True
 
@@ -275,6 +324,8 @@ class RouteRule:
         if self.needs_body:
             document = parse_body(body, content_type)
         values = self._query(query) if query else {}
+        if self.query_names and body:
+            self._no_body_over_query(document, body, content_type)
         arguments: dict[str, Any] = {}
         for name, source in self.arguments:
             if source.param is not None:
@@ -287,6 +338,37 @@ class RouteRule:
                 assert source.pointer is not None
                 arguments[name] = resolve_pointer(document, source.pointer, source.text)
         return arguments
+
+    def _no_body_over_query(self, document: Any, body: bytes, content_type: str) -> None:
+        """Refuse a body a service could read a query argument from instead of the query.
+
+        Go's ``r.FormValue``, PHP/Laravel's ``input()`` and Rails' ``params`` merge
+        the query with a form body (the body wins; Flask's ``request.values`` lets the
+        query win), and Laravel and Rails merge a JSON body's top-level keys too.
+        So on a rule that reads ``?amount`` the service could act on a body's
+        ``amount`` while the policy saw the query's (or ``null``).
+        """
+        named = sorted(self.query_names)
+        shown = ", ".join(f"?{n[:40]}" for n in named)
+        if not _is_json(content_type):
+            raise ToolRequestError(
+                f"this route reads {shown} from the query, and a {_media(content_type)} body "
+                "could carry the same fields (services such as Go's FormValue and Laravel "
+                "read a form field over the query parameter); send no body or a JSON body"
+            )
+        if document is None:
+            document = parse_body(body, content_type)
+        if not isinstance(document, dict):
+            return
+        folded = {n.casefold(): n for n in named}
+        for key in document:
+            query_name = folded.get(key.casefold())
+            if query_name is not None:
+                raise ToolRequestError(
+                    f"the JSON body has a top-level key {key[:40]!r} and this route reads "
+                    f"?{query_name[:40]} from the query; services such as Laravel and Rails "
+                    "merge the two (the body's value wins), so send the value in one place only"
+                )
 
     def _query(self, raw: str) -> dict[str, str]:
         try:
@@ -319,10 +401,17 @@ class ToolRequest:
 
 @dataclass(frozen=True, slots=True)
 class ToolRoutes:
-    """The compiled ``routes`` of one upstream, and what to do with a request none fits."""
+    """The compiled ``routes`` of one upstream, and what to do with a request none fits.
+
+    Raises ``ValueError`` when two rules could fit one request and neither is more
+    specific (see :func:`check_specificity`).
+    """
 
     rules: tuple[RouteRule, ...]
     unmatched: Literal["deny", "allow"] = "deny"
+
+    def __post_init__(self) -> None:
+        check_specificity(self.rules)
 
     @classmethod
     def compile(
@@ -335,22 +424,41 @@ class ToolRoutes:
         )
 
     def find(self, method: str, segments: Sequence[str]) -> tuple[RouteRule, dict[str, str]] | None:
-        """The first rule ``method segments`` fits, with its path parameters."""
+        """The most specific rule ``method segments`` fits, with its path parameters.
+
+        Literal segments beat parameters, position by position (``/orders/export``
+        over ``/orders/{order_id}``), as Go 1.22's ServeMux, Spring and Flask pick
+        the handler; the rules were checked so that this never has to guess.
+        """
+        found: tuple[RouteRule, dict[str, str]] | None = None
         for rule in self.rules:
             params = rule.match(method, segments)
-            if params is not None:
-                return rule, params
-        return None
+            if params is not None and (found is None or rule.rank < found[0].rank):
+                found = rule, params
+        return found
 
     def resolve(
-        self, method: str, segments: Sequence[str], body: bytes, content_type: str, query: str = ""
+        self,
+        method: str,
+        segments: Sequence[str],
+        body: bytes,
+        content_type: str,
+        query: str = "",
+        *,
+        headers: Mapping[str, str] | None = None,
     ) -> ToolRequest | None:
         """The tool call this request is, or ``None`` when no rule fits.
 
-        ``query`` is the raw query string (without ``?``). Raises
-        :class:`ToolRequestError` when a rule fits but its arguments cannot be
-        read from the request, or the query carries a parameter it does not name.
+        ``query`` is the raw query string (without ``?``); ``headers`` the request's
+        headers (any case). Raises :class:`ToolRequestError` when the request asks the
+        service for another method than its own (``X-HTTP-Method-Override``, a
+        ``_method`` field) or has an encoded body, whether or not a rule fits; or when
+        a rule fits but its arguments cannot be read from the request, or the query
+        carries a parameter it does not name.
         """
+        if headers is not None:
+            refuse_headers(headers)
+        refuse_method_field(query, body, content_type)
         found = self.find(method, segments)
         if (found is None or any(";" in s for s in segments)) and any(
             rule.fits_loosely(method, segments) for rule in self.rules
@@ -359,13 +467,201 @@ class ToolRoutes:
             # while Warden reads another call, or none at all.
             raise ToolRequestError(
                 "the path fits a route rule only when read case-blind, without ';' "
-                "parameters or without a format suffix (.json), as some services read paths; "
-                "send it as the rule writes it"
+                "parameters or without a suffix after a dot (.json, .tar.gz, a trailing '.'), "
+                "as some services read paths; send it as the rule writes it"
             )
         if found is None:
             return None
         rule, params = found
         return ToolRequest(rule.tool, rule.build(params, body, content_type, query))
+
+
+def check_specificity(rules: Sequence[RouteRule]) -> None:
+    """``ValueError`` naming two rules a request could fit when neither is more specific.
+
+    A rule is more specific than another when every path it fits, the other fits
+    too (a literal where the other has a parameter); the request is then that
+    rule's call, whatever the order. Rules that fit exactly the same paths
+    (``/orders/{a}``, ``/orders/{b}``) leave it to order, and rules that overlap
+    otherwise (``/a/{x}`` and ``/{y}/b`` both fit ``/a/b``) leave it to the
+    service's router, and routers differ (Go refuses them, Spring counts
+    parameters, Flask takes the leftmost literal): either way Warden would guess
+    which tool the service runs. Such an overlap is fine when a third rule fits
+    exactly the paths both fit (``/a/b``): it is more specific than either.
+    ``HEAD`` requests fit ``GET`` rules too, so ``HEAD`` and ``GET`` rules are
+    checked against each other.
+    """
+    shapes = [(_shape(rule.segments), _methods(rule)) for rule in rules]
+    for i, one in enumerate(rules):
+        for j in range(i + 1, len(rules)):
+            other = rules[j]
+            methods = shapes[i][1] & shapes[j][1]  # the methods a request fitting both has
+            if not methods or len(one.segments) != len(other.segments):
+                continue
+            shared: list[str | None] = []  # the paths both fit: a literal, or None for any
+            one_within = other_within = True  # every path one fits, other fits (and back)
+            for a, b in zip(shapes[i][0], shapes[j][0], strict=True):
+                if a is not None and b is not None and a != b:
+                    break  # no path fits both
+                one_within &= b is None or a is not None
+                other_within &= a is None or b is not None
+                shared.append(a if a is not None else b)
+            else:
+                if one_within != other_within:
+                    continue  # one is more specific: it wins wherever both fit
+                both = tuple(shared)
+                if not one_within and any(s == both and methods <= m for s, m in shapes):
+                    continue  # a third rule fits just the paths both fit, and wins there
+                how = (
+                    "fit exactly the same paths"
+                    if one_within
+                    else (
+                        "both fit a path such as "
+                        f"{'/' + '/'.join(x if x is not None else 'x' for x in both)!r}"
+                    )
+                )
+                raise ValueError(
+                    f"routes.{i} ({one.method} {one.template}, tool {one.tool!r}) and "
+                    f"routes.{j} ({other.method} {other.template}, tool {other.tool!r}) {how}, "
+                    "and neither is more specific (a literal segment where the other has a "
+                    "parameter), so which tool a request calls would be a guess; remove one, "
+                    "make one more specific, or add a rule for the paths both fit"
+                )
+
+
+def _shape(segments: Sequence[str]) -> tuple[str | None, ...]:
+    """A template's literal segments, and ``None`` for each parameter."""
+    return tuple(None if _PARAM.match(s) is not None else s for s in segments)
+
+
+def _methods(rule: RouteRule) -> frozenset[str]:
+    """The request methods that may fit ``rule``."""
+    return frozenset((rule.method, "HEAD")) if rule.method == "GET" else frozenset((rule.method,))
+
+
+def refuse_headers(headers: Mapping[str, str]) -> None:
+    """:class:`ToolRequestError` for a method override header or an encoded body.
+
+    A service behind Symfony, Laravel, Express's method-override, ASP.NET
+    Core's ``HttpMethodOverride`` or Rails runs the method such a header names
+    (a ``POST`` decided as a refund runs as a ``DELETE``). An encoded body
+    (``Content-Encoding: gzip``) is one Warden would decide on in another form
+    than the service reads: the proxy's server inflates the codings it knows
+    and leaves the others, Envoy passes it encoded, and a service may inflate
+    it (Express's body-parser) or not. Refused either way, so that the bytes
+    decided on are the bytes the service acts on.
+    """
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in _OVERRIDE_HEADERS:
+            raise ToolRequestError(
+                f"the request carries {name}, which makes services (Symfony, Laravel, Express, "
+                "ASP.NET, Rails) run another method than the one Warden decides on; send the "
+                "request with that method instead"
+            )
+        if lower == "content-encoding" and any(
+            token.strip().lower() not in ("", "identity") for token in value.split(",")
+        ):
+            raise ToolRequestError(
+                f"the request body is encoded (Content-Encoding: {value[:40]}), so the service "
+                "could act on other bytes than Warden decides on; send it unencoded"
+            )
+
+
+def refuse_method_field(query: str, body: bytes, content_type: str) -> None:
+    """:class:`ToolRequestError` for a ``_method`` field (any case) in the query or body.
+
+    Symfony and Laravel run the method a ``_method`` form field, JSON key or
+    query parameter names; Rails the one a form field names (a form being also
+    a ``POST`` without a ``Content-Type``). Checked in the query, in a form
+    body (URL-encoded or multipart) and in a JSON body's top-level object.
+    """
+    if query and _has_method_field(query):
+        where = "query"
+    elif not body or not _may_name_method(body):
+        return
+    elif _is_json(content_type):
+        if not any(k.casefold() == _OVERRIDE_FIELD for k in _top_level_keys(body)):
+            return
+        where = "JSON body's top-level object"
+    else:
+        media = content_type.partition(";")[0].strip().lower()
+        if media in ("", "application/x-www-form-urlencoded"):
+            if not _has_method_field(body.decode("utf-8", errors="replace")):
+                return
+        elif media == "multipart/form-data":
+            if not any(_is_method_name(n) for n in _part_names(body)):
+                return
+        else:
+            return
+        where = "form body"
+    raise ToolRequestError(
+        f"the {where} has a {_OVERRIDE_FIELD!r} field, which makes services (Symfony, Laravel, "
+        "Rails) run the method it names instead of the one Warden decides on; send the "
+        "request with that method instead"
+    )
+
+
+def may_carry_fields(content_type: str) -> bool:
+    """Whether a body of this type could carry a ``_method`` field (or fields a service
+    merges with the query): JSON, a form, or no type at all (Rails reads that as a form)."""
+    media = content_type.partition(";")[0].strip().lower()
+    return media in ("", "application/x-www-form-urlencoded", "multipart/form-data") or _is_json(
+        media
+    )
+
+
+def _may_name_method(body: bytes) -> bool:
+    """Whether the body could spell ``_method`` at all (escaped, encoded or in any case)."""
+    return _MAY_NAME_METHOD.search(body) is not None
+
+
+def _is_method_name(name: str) -> bool:
+    """``_method`` as PHP and Rails read a form field's name: in any case, ``.method``,
+    `` method``, ``_method[]`` and ``[method`` too."""
+    read = name.lstrip(" ").casefold().translate(_PHP_NAME)
+    return read.partition("[")[0] == _OVERRIDE_FIELD or read.replace("[", "_", 1) == _OVERRIDE_FIELD
+
+
+def _has_method_field(text: str) -> bool:
+    """Whether a query or URL-encoded form names ``_method`` (``&`` or ``;`` separated)."""
+    for piece in re.split(r"[&;]", text):
+        name = piece.partition("=")[0]
+        if name and _is_method_name(unquote(name.replace("+", " "), errors="replace")):
+            return True
+    return False
+
+
+def _part_names(body: bytes) -> list[str]:
+    """The ``name`` of every part of a multipart body, as sent, encoded (``name*``) or not."""
+    names: list[str] = []
+    for header in _DISPOSITION.finditer(body.decode("latin-1")):
+        for star, raw in _PART_NAME.findall(header.group(1)):
+            value = raw[1:-1] if raw.startswith('"') and raw.endswith('"') else raw
+            value = re.sub(r"\\(.)", r"\1", value)
+            if star:
+                value = value.rpartition("'")[2]  # RFC 2231: charset'language'value
+            names.append(value)
+            names.append(unquote(value, errors="replace"))
+    return names
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object's members, in order and duplicates kept."""
+
+
+def _top_level_keys(body: bytes) -> list[str]:
+    """The keys of a JSON body's top-level object (none if it is not one)."""
+    try:
+        document = json.loads(body.decode("utf-8-sig"), object_pairs_hook=_Pairs)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return []
+    return [key for key, _ in document] if isinstance(document, _Pairs) else []
+
+
+def _media(content_type: str) -> str:
+    media = content_type.partition(";")[0].strip()
+    return repr(media[:60]) if media else "non-JSON"
 
 
 def _is_json(content_type: str) -> bool:

@@ -1,0 +1,356 @@
+"""Route rules: requests a service could run as another call than the one Warden decides.
+
+Method overrides, body fields that override query arguments, rules that
+shadow one another, ``HEAD`` and suffixed paths, and encoded bodies: each
+is refused (or decided as the service runs it), never guessed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from multidict import CIMultiDict
+
+from warden.config import load_config
+from warden.errors import ConfigError
+from warden.protocols.http_tool import (
+    RouteRule,
+    ToolRequest,
+    ToolRequestError,
+    ToolRoutes,
+    check_specificity,
+)
+
+JSON = "application/json"
+FORM = "application/x-www-form-urlencoded"
+REFUND = RouteRule.compile(
+    "POST",
+    "/orders/{order_id}/refunds",
+    "issue_refund",
+    {"order_id": "{order_id}", "amount": "/amount"},
+)
+CREDIT = RouteRule.compile(
+    "POST",
+    "/orders/{order_id}/credits",
+    "issue_credit",
+    {"order_id": "{order_id}", "amount": "?amount"},
+)
+ROUTES = ToolRoutes(
+    (
+        REFUND,
+        CREDIT,
+        RouteRule.compile("POST", "/orders/{order_id}", "update_order", {"id": "{order_id}"}),
+        RouteRule.compile("GET", "/orders/{order_id}", "get_order", {"id": "{order_id}"}),
+        RouteRule.compile("GET", "/orders/export", "export_orders", {}),
+        RouteRule.compile(
+            "GET",
+            "/orders/{order_id}/items",
+            "list_items",
+            {"id": "{order_id}", "status": "?status", "filter": "/status"},
+        ),
+    ),
+    unmatched="allow",
+)
+
+
+def resolve(
+    method: str,
+    path: str,
+    body: Any = b"",
+    content_type: str = JSON,
+    query: str = "",
+    headers: dict[str, str] | None = None,
+) -> ToolRequest | None:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    segments = path.strip("/").split("/")
+    return ROUTES.resolve(method, segments, raw, content_type, query, headers=headers or {})
+
+
+def routes(*specs: tuple[str, str]) -> ToolRoutes:
+    return ToolRoutes(
+        tuple(RouteRule.compile(m, p, f"tool_{i}", {}) for i, (m, p) in enumerate(specs))
+    )
+
+
+# -- 1. method overrides --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "header", ["X-HTTP-Method-Override", "x-http-method", "X-METHOD-OVERRIDE", "X-Http-Method"]
+)
+@pytest.mark.parametrize("path", ["/orders/A-1/refunds", "/health"])  # fits a rule, or none
+def test_a_method_override_header_is_refused_whatever_the_route(header: str, path: str) -> None:
+    body = {"amount": 5}
+    with pytest.raises(ToolRequestError, match=f"carries {header}, which makes services"):
+        resolve("POST", path, body, headers={header: "DELETE"})
+    # As the proxy hands them over (aiohttp's case-insensitive multidict), too.
+    with pytest.raises(ToolRequestError, match="another method"):
+        ROUTES.resolve(
+            "POST", path.strip("/").split("/"), b"{}", JSON, headers=CIMultiDict({header: "GET"})
+        )
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "where"),
+    [
+        (b'{"amount": 5, "_method": "DELETE"}', JSON, "JSON body"),
+        (b'{"amount": 5, "_METHOD": "DELETE"}', JSON, "JSON body"),
+        (b'{"amount": 5, "\\u005fmethod": "DELETE"}', JSON, "JSON body"),
+        (b'\xef\xbb\xbf{"_method": "DELETE", "amount": 5}', "application/merge-patch+json", "JSON"),
+        (b"_method=DELETE", FORM, "form body"),
+        (b"a=1&%5Fmethod=DELETE", FORM + "; charset=utf-8", "form body"),
+        (b"_Method=DELETE", "", "form body"),  # Rack reads a POST without a type as a form
+        (b".method=DELETE", FORM, "form body"),  # PHP reads "." in a name as "_"
+        (b"_method[]=DELETE", FORM, "form body"),
+        (b"a=1;_method=DELETE", FORM, "form body"),
+    ],
+)
+def test_a_method_field_in_a_json_or_form_body_is_refused(
+    body: bytes, content_type: str, where: str
+) -> None:
+    for path in ("/orders/A-1", "/health"):
+        with pytest.raises(ToolRequestError, match=f"{where}.*'_method' field"):
+            resolve("POST", path, body, content_type)
+
+
+@pytest.mark.parametrize(
+    "disposition",
+    [
+        'form-data; name="_method"',
+        "form-data; name=_METHOD",
+        "form-data; name*=utf-8''%5Fmethod",
+        'form-data; filename="x.txt"; name="_method"',
+    ],
+)
+def test_a_method_field_in_a_multipart_body_is_refused(disposition: str) -> None:
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n'
+        b"--b\r\nContent-Disposition: " + disposition.encode() + b"\r\n\r\nDELETE\r\n--b--\r\n"
+    )
+    with pytest.raises(ToolRequestError, match="form body has a '_method' field"):
+        resolve("POST", "/orders/A-1", body, "multipart/form-data; boundary=b")
+
+
+def test_a_method_query_parameter_is_refused() -> None:
+    with pytest.raises(ToolRequestError, match="query has a '_method' field"):
+        resolve("POST", "/health", query="_method=DELETE")
+    with pytest.raises(ToolRequestError, match="query has a '_method' field"):
+        resolve("POST", "/orders/A-1", query="x=1&_Method=PUT")
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b'{"amount": 5, "order": {"_method": "DELETE"}}', JSON),  # not top level
+        (b'{"amount": 5, "payment_method": "card"}', JSON),
+        (b"payment_method=card&method=x", FORM),
+        (
+            b'--b\r\nContent-Disposition: form-data; name="payment_method"\r\n\r\nx\r\n--b--',
+            "multipart/form-data; boundary=b",
+        ),
+        (b"_method=DELETE", "text/plain"),  # no framework reads this as a form
+        (b'["_method"]', JSON),
+        (b"not json _method", JSON),
+    ],
+)
+def test_other_fields_named_like_method_pass(body: bytes, content_type: str) -> None:
+    assert resolve("POST", "/orders/A-1", body, content_type) == ToolRequest(
+        "update_order", {"id": "A-1"}
+    )
+
+
+# -- 2. a body that could override a query argument ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "content_type", "message"),
+    [
+        # Go's FormValue and Laravel's input() read 9000 (the body wins); Warden saw 5.
+        ("amount=5", b"amount=9000", FORM, "form"),
+        ("", b"amount=9000", FORM, "form"),  # and null, had the query left it out
+        ("amount=5", b"--b\r\n\r\n--b--", "multipart/form-data; boundary=b", "multipart"),
+        ("amount=5", b"9000", "text/plain", "text/plain"),
+        ("amount=5", b"amount=9000", "", "non-JSON"),
+        ("amount=5", b'{"amount": 9000}', JSON, "top-level key 'amount'"),
+        ("amount=5", b'{"Amount": 9000}', JSON, "top-level key 'Amount'"),
+        ("", b'{"AMOUNT": 9000}', JSON, "top-level key 'AMOUNT'"),  # merged over a null
+        ("amount=5", b'{"amount": 1, "amount": 9000}', JSON, "twice"),
+        ("amount=5", b"{not json", JSON, "not valid JSON"),
+    ],
+)
+def test_a_body_that_could_override_a_query_argument_is_refused(
+    query: str, body: bytes, content_type: str, message: str
+) -> None:
+    with pytest.raises(ToolRequestError, match=message):
+        resolve("POST", "/orders/A-1/credits", body, content_type, query)
+
+
+def test_a_body_that_cannot_override_a_query_argument_passes() -> None:
+    expected = ToolRequest("issue_credit", {"order_id": "A-1", "amount": "5"})
+    assert resolve("POST", "/orders/A-1/credits", b"", FORM, "amount=5") == expected
+    assert resolve("POST", "/orders/A-1/credits", {"note": "late"}, JSON, "amount=5") == expected
+    assert resolve("POST", "/orders/A-1/credits", [9000], JSON, "amount=5") == expected
+    # A rule that reads no query parameter: the query is empty, nothing to override.
+    assert resolve("POST", "/orders/A-1", b"amount=9000", FORM) is not None
+
+
+def test_a_body_key_read_by_pointer_and_named_in_the_query_is_refused() -> None:
+    # Flask's request.values lets the query win, Laravel the body: one of the two
+    # values the policy saw is not the one the service reads.
+    with pytest.raises(ToolRequestError, match="top-level key 'status'"):
+        resolve("GET", "/orders/A-1/items", {"status": "open"}, JSON, "status=all")
+    with pytest.raises(ToolRequestError, match="top-level key 'status'"):
+        resolve("GET", "/orders/A-1/items", {"status": "open"}, JSON)
+
+
+# -- 3. rules that fit the same request ------------------------------------------------------
+
+
+def test_the_most_specific_rule_wins_whatever_the_order() -> None:
+    specs = [
+        ("GET", "/orders/{order_id}/{part}"),
+        ("GET", "/orders/{order_id}/items"),
+        ("GET", "/orders/export/items"),
+        ("GET", "/orders/export/{part}"),
+    ]
+    for ordered in (specs, specs[::-1]):
+        table = routes(*ordered)
+        tool = {p: f"tool_{i}" for i, (_, p) in enumerate(ordered)}
+
+        def called(path: str, table: ToolRoutes = table) -> str:
+            found = table.find("GET", path.strip("/").split("/"))
+            assert found is not None
+            return found[0].tool
+
+        assert called("/orders/export/items") == tool["/orders/export/items"]
+        assert called("/orders/export/lines") == tool["/orders/export/{part}"]
+        assert called("/orders/A-1/items") == tool["/orders/{order_id}/items"]
+        assert called("/orders/A-1/lines") == tool["/orders/{order_id}/{part}"]
+    assert resolve("GET", "/orders/export") == ToolRequest("export_orders", {})
+    assert resolve("GET", "/orders/A-1") == ToolRequest("get_order", {"id": "A-1"})
+
+
+@pytest.mark.parametrize(
+    ("one", "other", "message"),
+    [
+        (("GET", "/orders/{a}"), ("GET", "/orders/{b}"), "fit exactly the same paths"),
+        (("GET", "/orders/x"), ("GET", "/orders/x"), "fit exactly the same paths"),
+        # Go refuses these, Spring and Flask choose differently: Warden would guess.
+        (("GET", "/a/{x}"), ("GET", "/{y}/b"), "both fit a path such as '/a/b'"),
+        (("GET", "/orders/{id}"), ("HEAD", "/orders/{oid}"), "fit exactly the same paths"),
+    ],
+)
+def test_rules_neither_more_specific_than_the_other_are_refused(
+    one: tuple[str, str], other: tuple[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message) as caught:
+        routes(one, other)
+    assert f"routes.0 ({one[0]} {one[1]}, tool 'tool_0')" in str(caught.value)
+    assert f"routes.1 ({other[0]} {other[1]}, tool 'tool_1')" in str(caught.value)
+
+
+def test_an_overlap_is_fine_once_a_rule_fits_exactly_the_paths_both_fit() -> None:
+    items, export = ("GET", "/orders/{order_id}/items"), ("GET", "/orders/export/{part}")
+    with pytest.raises(ValueError, match="such as '/orders/export/items'"):
+        routes(items, export)
+    with pytest.raises(ValueError, match="such as '/orders/export/items'"):
+        # A HEAD rule settles HEAD requests only: GET /orders/export/items stays a guess.
+        routes(items, export, ("HEAD", "/orders/export/items"))
+    table = routes(
+        items, export, ("GET", "/orders/export/{name}/x"), ("GET", "/orders/export/items")
+    )
+    found = table.find("HEAD", ["orders", "export", "items"])
+    assert found is not None
+    assert found[0].tool == "tool_3"
+
+
+def test_rules_that_never_fit_one_request_or_are_ordered_by_specificity_are_fine() -> None:
+    check_specificity(
+        routes(
+            ("GET", "/orders/{id}"),
+            ("POST", "/orders/{id}"),  # another method
+            ("GET", "/orders/{id}/items/all"),  # another length
+            ("GET", "/orders/export"),  # more specific
+            ("GET", "/customers/{id}"),  # disjoint
+            ("HEAD", "/orders/export/{x}"),
+            ("GET", "/orders/{id}/{x}"),  # HEAD /orders/export/1: the HEAD rule's literal
+        ).rules
+    )
+
+
+def test_the_config_refuses_to_start_naming_both_rules() -> None:
+    route = {"method": "GET", "tool": "get_order", "arguments": {}}
+    with pytest.raises(ConfigError, match=r"upstreams\.orders: .*routes\.0 \(GET /orders/\{a\}"):
+        load_config(
+            environ={},
+            overrides={
+                "upstreams": {
+                    "orders": {
+                        "protocol": "http",
+                        "base_url": "http://127.0.0.1:1",
+                        "routes": [
+                            {**route, "path": "/orders/{a}"},
+                            {**route, "path": "/orders/{b}", "tool": "other"},
+                        ],
+                    }
+                }
+            },
+        )
+
+
+# -- 4. HEAD and suffixed paths --------------------------------------------------------------
+
+
+def test_head_fits_a_get_rule_and_is_decided_as_it() -> None:
+    # Flask, Go, Spring and Rails run the GET handler for HEAD.
+    assert resolve("HEAD", "/orders/A-1") == ToolRequest("get_order", {"id": "A-1"})
+    assert resolve("HEAD", "/orders/export") == ToolRequest("export_orders", {})
+    with pytest.raises(ToolRequestError, match="case-blind"):
+        resolve("HEAD", "/orders/A-1/Items")
+    # A HEAD rule of its own is more specific than the GET rule it shadows.
+    table = routes(("GET", "/orders/{id}"), ("HEAD", "/orders/export"))
+    found = table.find("HEAD", ["orders", "export"])
+    assert found is not None
+    assert found[0].tool == "tool_1"
+    found = table.find("GET", ["orders", "export"])
+    assert found is not None
+    assert found[0].tool == "tool_0"
+    assert resolve("GET", "/orders/A-1/refunds") is None  # not the other way round
+
+
+@pytest.mark.parametrize(
+    "last",
+    ["refunds.", "refunds.tar.gz", "refunds.json", "Refunds.JSON", "refunds..", "refunds.x;y=1"],
+)
+def test_a_last_segment_read_as_its_stem_before_a_dot_is_refused(last: str) -> None:
+    # Spring's suffix match runs /refunds.anything as /refunds, Rails /refunds.json.
+    with pytest.raises(ToolRequestError, match="suffix after a dot"):
+        resolve("POST", f"/orders/A-1/{last}", {"amount": 5})
+
+
+def test_a_literal_with_a_dot_of_its_own_still_fits_exactly() -> None:
+    table = ToolRoutes((RouteRule.compile("GET", "/v1.2/spec.json", "spec", {}),))
+    assert table.resolve("GET", ["v1.2", "spec.json"], b"", "") == ToolRequest("spec", {})
+    with pytest.raises(ToolRequestError, match="suffix after a dot"):
+        table.resolve("GET", ["v1.2", "spec.json.gz"], b"", "")
+    assert table.resolve("GET", ["v1.2", "spec.yaml"], b"", "") is None
+    assert table.resolve("GET", ["v1", "spec.json"], b"", "") is None  # not the last
+
+
+# -- 5. encoded bodies -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "GZIP", "deflate", "br", "gzip, identity", "x-foo"])
+def test_an_encoded_body_is_refused(encoding: str) -> None:
+    for path in ("/orders/A-1/refunds", "/health"):
+        with pytest.raises(ToolRequestError, match="body is encoded"):
+            resolve("POST", path, {"amount": 5}, headers={"Content-Encoding": encoding})
+
+
+def test_an_identity_content_encoding_is_not_an_encoding() -> None:
+    got = resolve(
+        "POST", "/orders/A-1/refunds", {"amount": 5}, headers={"content-encoding": "identity"}
+    )
+    assert got == ToolRequest("issue_refund", {"order_id": "A-1", "amount": 5})

@@ -49,7 +49,7 @@ verdict(action, budget) := _deny(concat("", [
 	is_object(action.arguments)
 } else := _allow("model calls are allowed; the tool calls they propose are checked one by one") if {
 	action.kind == "llm_call"
-	not _declares_mcp
+	not _declares_checked
 } else := llm_verdict(input.request.tools) if {
 	action.kind == "llm_call"
 } else := list_verdict(action.tool) if {
@@ -69,9 +69,18 @@ verdict(action, budget) := _deny(concat("", [
 # A model request may declare MCP servers the provider calls itself (OpenAI's
 # `mcp` tool, Anthropic's MCP connector); Warden shows them in
 # input.request.tools. Each must be in data.warden.hosted_mcp_servers, by URL,
-# and may only expose the tools listed there (when a list is given).
+# and may only expose the tools listed there (when a list is given). A stored
+# OpenAI prompt (type "prompt") can bring tools of its own that the request
+# does not show: its id must be in data.warden.stored_prompts, and its version
+# among the listed ones (when a list is given).
 llm_verdict(tools) := _deny(concat("; ", problems)) if {
-	problems := hosted_mcp_problems(tools, data.warden.hosted_mcp_servers)
+	problems := array.concat(
+		array.concat(
+			hosted_mcp_problems(tools, data.warden.hosted_mcp_servers),
+			stored_prompt_problems(tools, _stored_prompts),
+		),
+		hosted_egress_problems(tools),
+	)
 	count(problems) > 0
 } else := _allow("model calls are allowed; the tool calls they propose are checked one by one")
 
@@ -111,12 +120,66 @@ _hosted_mcp_problem(tool, entry) := concat("", [
 
 _label(tool) := tool.name if is_string(tool.name) else := "without a name"
 
-_where(tool) := tool.server_url if is_string(tool.server_url) else := concat(" ", ["connector", tool.connector_id]) if is_string(tool.connector_id) else := "no URL"
+_where(tool) := tool.server_url if is_string(tool.server_url) else := concat(" ", ["connector", tool.connector_id]) if is_string(tool.connector_id) else := "no URL Warden can check"
 
-# Whether the request declares a hosted MCP server (input.request.tools).
-_declares_mcp if {
+# Code the provider runs for the model (a hosted shell, the code interpreter)
+# runs while the answer is made, before Warden decides the calls it reports:
+# it may not reach the network, where it could send customer data anywhere.
+# The provider's default (no network_policy) and "disabled" keep it offline.
+hosted_egress_problems(tools) := sort([msg |
+	some tool in tools
+	policy := tool.environment.network_policy
+	policy != null
+	policy.type != "disabled"
+	msg := concat("", [
+		"the request lets code the provider runs (", tool.type, ") reach the network; ",
+		"support agents may run hosted code only offline (network_policy disabled)",
+	])
+])
+
+# A data document without stored_prompts approves none (it is not an error
+# that would leave llm_verdict undefined and the request allowed).
+_stored_prompts := approved if {
+	approved := data.warden.stored_prompts
+} else := {}
+
+# What is wrong with the stored prompts a request uses, as sentences.
+stored_prompt_problems(tools, allowed) := sort([msg |
+	some tool in tools
+	tool.type == "prompt"
+	msg := _stored_prompt_problem(tool, _prompt_entry(tool, allowed))
+])
+
+_prompt_entry(tool, allowed) := allowed[tool.id] if is_string(tool.id) else := null
+
+_stored_prompt_problem(tool, null) := concat("", [
+	"the request uses the stored prompt ", _prompt_id(tool), ", which is not approved for ",
+	"support agents (a stored prompt can bring its own tools and instructions); ",
+	"ask the platform team to review it",
+])
+
+_stored_prompt_problem(tool, entry) := concat("", [
+	"the request uses ", _prompt_version(tool), " of the stored prompt ", tool.id,
+	", whose approved versions are ", concat(", ", entry.versions), "; set prompt.version",
+]) if {
+	entry != null
+	is_array(entry.versions)
+	not tool.version in entry.versions
+}
+
+_prompt_id(tool) := tool.id if is_string(tool.id) else := "without an id"
+
+_prompt_version(tool) := concat(" ", ["version", tool.version]) if is_string(tool.version) else := "the latest version"
+
+# Whether the request declares something llm_verdict checks (input.request.tools).
+_declares_checked if {
 	some tool in input.request.tools
-	tool.type == "mcp"
+	tool.type in ["mcp", "prompt"]
+}
+
+_declares_checked if {
+	some tool in input.request.tools
+	tool.environment.network_policy != null
 }
 
 # MCP requests other than tool calls, at Warden's MCP doors: the method is the

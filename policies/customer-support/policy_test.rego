@@ -334,6 +334,58 @@ test_hosted_mcp_through_the_decision_rule if {
 	plain.effect == "allow"
 }
 
+# --- stored prompts a model request uses (input.request.tools, type "prompt") ---
+
+_prompt(id, version) := {"type": "prompt", "name": null, "id": id, "version": version}
+
+test_unapproved_stored_prompt_denied if {
+	r := warden.llm_verdict([_prompt("pmpt_123", "2")])
+	r.effect == "deny"
+	contains(r.reason, "the stored prompt pmpt_123, which is not approved for support agents")
+}
+
+test_stored_prompt_without_an_id_denied if {
+	r := warden.llm_verdict([_prompt(null, null)]) with data.warden.stored_prompts as {"pmpt_ok": {}}
+	r.effect == "deny"
+	contains(r.reason, "the stored prompt without an id")
+}
+
+test_approved_stored_prompt_allowed if {
+	prompts := {"pmpt_ok": {}, "pmpt_pinned": {"versions": ["2", "3"]}}
+	warden.llm_verdict([_prompt("pmpt_ok", null)]).effect == "allow" with data.warden.stored_prompts as prompts
+	warden.llm_verdict([_prompt("pmpt_pinned", "3")]).effect == "allow" with data.warden.stored_prompts as prompts
+}
+
+test_stored_prompt_version_must_be_listed if {
+	prompts := {"pmpt_pinned": {"versions": ["2"]}}
+	other := warden.llm_verdict([_prompt("pmpt_pinned", "4")]) with data.warden.stored_prompts as prompts
+	other.effect == "deny"
+	contains(other.reason, "uses version 4 of the stored prompt pmpt_pinned, whose approved versions are 2;")
+	latest := warden.llm_verdict([_prompt("pmpt_pinned", null)]) with data.warden.stored_prompts as prompts
+	latest.effect == "deny"
+	contains(latest.reason, "uses the latest version of the stored prompt pmpt_pinned")
+}
+
+test_stored_prompt_and_hosted_mcp_problems_reported_together if {
+	r := warden.llm_verdict([_prompt("pmpt_123", null), _hosted("gh", "https://mcp.github.example/mcp", null)])
+	contains(r.reason, "the stored prompt pmpt_123")
+	contains(r.reason, "MCP server gh (https://mcp.github.example/mcp)")
+}
+
+test_stored_prompt_through_the_decision_rule if {
+	denied := warden.decision with input.action as {"kind": "llm_call", "tool": null, "arguments": null}
+		with input.request as {"tools": [_prompt("pmpt_123", "2")]}
+	denied.effect == "deny"
+	contains(denied.reason, "stored prompt pmpt_123")
+}
+
+test_unreadable_mcp_url_denied if {
+	# declared_tools shows a URL whose host parsers disagree on (user info, a backslash) as null.
+	r := warden.llm_verdict([_hosted("kb", null, ["search_kb"])])
+	r.effect == "deny"
+	contains(r.reason, "MCP server kb (no URL Warden can check), which is not approved")
+}
+
 # --- session rules (input.history, input.session) ----------------------------
 
 _sink := {"kind": "tool_call", "tool": "send_email", "arguments": {"to": "a@example.com"}, "labels": ["sensitive_sink"]}

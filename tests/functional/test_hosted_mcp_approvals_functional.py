@@ -25,7 +25,7 @@ from warden.server import Warden
 from warden.testing.raw_upstream import RawReply, RawUpstream
 
 MODEL = "gpt-4o-mini"
-KB = {
+KB: Any = {
     "type": "mcp",
     "server_label": "kb",
     "server_url": "https://kb.support.example.com/mcp",
@@ -89,9 +89,10 @@ async def asked_and_answered(
             )
             assert [item.type for item in first.output] == ["mcp_approval_request"]
             try:
+                sent: Any = second
                 await oai.responses.create(
-                    model=MODEL, input=second, tools=[KB], store=False, **extra
-                )  # type: ignore[arg-type]
+                    model=MODEL, input=sent, tools=[KB], store=False, **extra
+                )
             except openai.APIStatusError as exc:
                 return upstream, exc
     return upstream, None

@@ -58,6 +58,8 @@ BRANCHES = {
     "completing the arguments of the prompt",
     "customer records are read through the catalogued tools",
     "request is not approved for support agents",
+    "a stored prompt can bring its own tools",
+    "reach the network; support agents may run hosted code only offline",
 }
 
 

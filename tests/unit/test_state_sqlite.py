@@ -174,7 +174,7 @@ async def test_session_counters_are_read_on_the_loop_and_through_the_thread_when
             reads.append("thread")
             return await real(fn, *args)  # type: ignore[arg-type]
 
-        store._run = counted  # type: ignore[method-assign]
+        store._run = counted  # type: ignore[method-assign,assignment]
         assert await store.counters("agent\x1fs1") == {"issue_refund": 2}
         assert reads == []  # a point read: no thread round trip
         # A read the loop's connection cannot make at once (here: it opened another

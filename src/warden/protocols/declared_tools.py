@@ -16,36 +16,103 @@ provider::
      "allowed_tools": ["search_kb"], "require_approval": "never"}
 
 ``allowed_tools`` is ``null`` when the request lets the model use every tool
-of the server. Other hosted tools are ``{"type": ..., "name": ...}``.
+of the server, and also when more than one configuration names the server
+(two Anthropic ``mcp_toolset`` entries, or a toolset beside the server's own
+``tool_configuration``): which one the provider honours is not Warden's to
+guess. Other hosted tools are ``{"type": ..., "name": ...}``; the ones that
+run code (``shell``, ``local_shell``, ``code_interpreter``) add where::
+
+    {"type": "shell", "name": null,
+     "environment": {"type": "container_auto", "container_id": null,
+                     "network_policy": {"type": "allowlist",
+                                        "allowed_domains": ["pypi.org"]}}}
+
+A Responses request declares tools in ``tools``, in any ``input`` item that
+carries a ``tools`` list (``additional_tools``, ``tool_search_output``, or a
+type Warden does not know; an ``mcp_list_tools`` item's ``tools`` list what a
+server offered, so only an entry there with a ``type`` counts), and through a
+stored prompt (``prompt``), which can bring its own::
+
+    {"type": "prompt", "name": null, "id": "pmpt_123", "version": "2"}
+
+A Chat Completions request with ``web_search_options`` searches the web at
+the provider: ``{"type": "web_search", "name": null}``.
 
 Only these fields are read; credentials are never copied: not the
 ``authorization`` / ``authorization_token`` / ``headers`` of a declaration,
-nor the user name, password, query or fragment of ``server_url`` (a URL
-carrying a key in its query is shown without it, so an allowlist names
-``scheme://host[:port]/path``). A value of the wrong type, or text JSON
-cannot carry, is ``null``: a policy that allows by list then refuses it.
+nor a container's ``domain_secrets``, nor the query or fragment of
+``server_url`` (a URL carrying a key in its query is shown without it, so an
+allowlist names ``scheme://host[:port]/path``). A URL another parser could
+read another host from (user info, a backslash, whitespace, control
+characters), or that is not ``http(s)``, is ``null``. A value of the wrong
+type, or text JSON cannot carry, is ``null``: a policy that allows by list
+then refuses it.
 """
 
 from __future__ import annotations
 
+import unicodedata
+from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
-__all__ = ["anthropic", "openai_responses", "server_url"]
+from warden.errors import InvalidJSON
+
+__all__ = ["anthropic", "openai_chat", "openai_responses", "server_url"]
 
 type Declared = tuple[dict[str, Any], ...]
 
 # Responses tools the agent runs itself: decided when the model proposes a call.
-_OPENAI_AGENT_TOOLS = frozenset({"function", "custom"})
+_OPENAI_AGENT_TOOLS: Final = frozenset({"function", "custom"})
+
+# An input item whose ``tools`` list what a server offers, not tools it declares.
+_TOOL_LISTINGS: Final = frozenset({"mcp_list_tools"})
+
+# How deep a tool's own ``tools`` (a namespace's) are read for hosted tools.
+_MAX_TOOL_DEPTH: Final = 4
+
+_HTTP_SCHEMES: Final = frozenset({"http", "https"})
 
 
 def openai_responses(body: Mapping[str, Any]) -> Declared:
-    """The hosted tools of an OpenAI Responses request (``tools``)."""
-    tools = body.get("tools")
-    if not isinstance(tools, list):
-        return ()
+    """The hosted tools of an OpenAI Responses request.
+
+    From ``tools``, from every ``input`` item carrying a ``tools`` list, and
+    the stored ``prompt``. An input item whose ``tools`` is there but not a
+    list is refused (:class:`InvalidJSON`): what the provider makes of it
+    cannot be shown.
+    """
+    out = _openai_tools(body.get("tools"))
+    items = body.get("input")
+    for item in items if isinstance(items, list) else ():
+        tools = item.get("tools") if isinstance(item, dict) else None
+        if tools is None:
+            continue
+        if not isinstance(tools, list):
+            raise InvalidJSON("the request has an input item whose tools is not a list")
+        if item.get("type") in _TOOL_LISTINGS:
+            # What a server offered ({name, input_schema}): only an entry with a type declares.
+            tools = [tool for tool in tools if isinstance(tool, dict) and "type" in tool]
+        out.extend(_openai_tools(tools))
+    prompt = body.get("prompt")
+    if prompt is not None:
+        out.append(_prompt(prompt))
+    return tuple(out)
+
+
+def openai_chat(body: Mapping[str, Any]) -> Declared:
+    """The hosted tools of a Chat Completions request: ``web_search_options`` (any value)."""
+    if "web_search_options" in body:
+        return ({"type": "web_search", "name": None},)
+    return ()
+
+
+def _openai_tools(tools: object, depth: int = 0) -> list[dict[str, Any]]:
+    """The entries for a Responses ``tools`` list (top level, or an input item's)."""
     out: list[dict[str, Any]] = []
+    if not isinstance(tools, list):
+        return out
     for tool in tools:
         if not isinstance(tool, dict):
             continue
@@ -62,8 +129,84 @@ def openai_responses(body: Mapping[str, Any]) -> Declared:
                 )
             )
         elif kind not in _OPENAI_AGENT_TOOLS:
-            out.append({"type": _text(kind), "name": _text(tool.get("name"))})
-    return tuple(out)
+            entry: dict[str, Any] = {"type": _text(kind), "name": _text(tool.get("name"))}
+            if kind in _EXECUTION:
+                entry["environment"] = _EXECUTION[kind](tool)
+            out.append(entry)
+        # A namespace groups function tools; anything hosted inside one is shown too.
+        if depth < _MAX_TOOL_DEPTH:
+            out.extend(_openai_tools(tool.get("tools"), depth + 1))
+    return out
+
+
+def _prompt(prompt: object) -> dict[str, Any]:
+    """A stored prompt: it can bring tools and instructions the request does not show."""
+    fields = prompt if isinstance(prompt, dict) else {}
+    return {
+        "type": "prompt",
+        "name": None,
+        "id": _text(fields.get("id")),
+        "version": _text(fields.get("version")),
+    }
+
+
+def _environment(
+    kind: str | None, container_id: object = None, network: object = None
+) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "container_id": _text(container_id),
+        "network_policy": _network_policy(network),
+    }
+
+
+def _local_shell(tool: Mapping[str, Any]) -> dict[str, Any]:
+    return _environment("local")
+
+
+def _shell(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """``environment``: ``local``, ``container_auto`` or ``container_reference``, as sent."""
+    env = tool.get("environment")
+    if not isinstance(env, dict):
+        return _environment(None)  # none named (or unreadable): the provider's default
+    return _environment(_text(env.get("type")), env.get("container_id"), env.get("network_policy"))
+
+
+def _code_interpreter(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """``container``: a container's id, or ``{"type": "auto", ...}`` for a new one."""
+    container = tool.get("container")
+    if isinstance(container, str):
+        return _environment("container_reference", container)
+    if isinstance(container, dict) and container.get("type") == "auto":
+        return _environment("container_auto", None, container.get("network_policy"))
+    return _environment(None)
+
+
+_EXECUTION: Final = {
+    "local_shell": _local_shell,
+    "shell": _shell,
+    "code_interpreter": _code_interpreter,
+}
+"""The hosted tools that run code, and where each says it runs."""
+
+
+def _network_policy(value: object) -> dict[str, Any] | None:
+    """``{"type", "allowed_domains"}``; ``None`` when the request sets none.
+
+    ``allowed_domains`` is ``[]`` for ``disabled`` without a list, and
+    ``null`` (any) when it is not a list of text. ``domain_secrets`` are
+    credentials, never read.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return {"type": None, "allowed_domains": None}
+    kind = _text(value.get("type"))
+    if "allowed_domains" in value:
+        domains = _names(value["allowed_domains"])
+    else:
+        domains = [] if kind == "disabled" else None
+    return {"type": kind, "allowed_domains": domains}
 
 
 def anthropic(body: Mapping[str, Any]) -> Declared:
@@ -72,9 +215,12 @@ def anthropic(body: Mapping[str, Any]) -> Declared:
     Tools are allowed through the server's ``tool_configuration`` (the first
     connector beta) or an ``mcp_toolset`` entry in ``tools`` (the later one);
     a toolset whose ``default_config`` disables tools allows only those its
-    ``configs`` enable.
+    ``configs`` enable. A server named by more than one configuration (two
+    toolsets, a toolset and a ``tool_configuration``, or two ``mcp_servers``
+    entries) allows any tool: the provider may honour any of them, or merge
+    them.
     """
-    toolsets: dict[str, list[str] | None] = {}
+    toolsets: dict[str, list[list[str] | None]] = {}
     out: list[dict[str, Any]] = []
     tools = body.get("tools")
     for tool in tools if isinstance(tools, list) else ():
@@ -82,18 +228,27 @@ def anthropic(body: Mapping[str, Any]) -> Declared:
             continue
         kind = tool.get("type")
         if kind == "mcp_toolset":
-            server = _text(tool.get("mcp_server_name"))
-            if server is not None:
-                toolsets[server] = _toolset_allowed(tool)
+            named = _text(tool.get("mcp_server_name"))
+            if named is not None:
+                toolsets.setdefault(named, []).append(_toolset_allowed(tool))
         elif kind is not None and kind != "custom":
             out.append({"type": _text(kind), "name": _text(tool.get("name"))})
-    servers = body.get("mcp_servers")
-    for server in servers if isinstance(servers, list) else ():
-        if not isinstance(server, dict):
-            continue
+    given = body.get("mcp_servers")
+    servers = [s for s in given if isinstance(s, dict)] if isinstance(given, list) else []
+    entries = Counter(_text(server.get("name")) for server in servers)
+    configured = Counter(
+        _text(server.get("name"))
+        for server in servers
+        if server.get("tool_configuration") is not None
+    )
+    for server in servers:
         name = _text(server.get("name"))
-        if name is not None and name in toolsets:
-            allowed = toolsets[name]
+        sets = toolsets.get(name, []) if name is not None else []
+        allowed: list[str] | None
+        if entries[name] > 1 or len(sets) + configured[name] > 1:
+            allowed = None  # more than one configuration: any of them may be the one used
+        elif sets:
+            allowed = sets[0]
         else:
             allowed = _connector_allowed(server.get("tool_configuration"))
         out.append(_mcp(name, server.get("url"), allowed_tools=allowed))
@@ -101,22 +256,38 @@ def anthropic(body: Mapping[str, Any]) -> Declared:
 
 
 def server_url(value: object) -> str | None:
-    """``scheme://host[:port]/path`` of a URL: no user, password, query or fragment."""
+    """``scheme://host[:port]/path`` of an ``http(s)`` URL: no query or fragment.
+
+    ``None`` for a URL whose host another parser could read differently:
+    one with user info (``@`` before the host), a backslash (WHATWG parsers,
+    Node's among them, read it as ``/``: ``https://evil.example\\@kb.example``
+    is ``evil.example`` to them and ``kb.example`` to Python), whitespace,
+    control or invisible formatting characters, or ``%`` in the host; and for
+    any scheme but ``http`` and ``https``.
+    """
     text = _text(value)
-    if text is None:
+    if text is None or not _plain(text):
         return None
     try:
-        parts = urlsplit(text.strip())
+        parts = urlsplit(text)
         host = parts.hostname
         port = parts.port
     except ValueError:
         return None
-    if not parts.scheme or not host:
+    scheme = parts.scheme.lower()
+    if scheme not in _HTTP_SCHEMES or not host or "@" in parts.netloc or "%" in host:
         return None
     if ":" in host:
         host = f"[{host}]"
     netloc = f"{host}:{port}" if port is not None else host
-    return f"{parts.scheme.lower()}://{netloc}{parts.path}"
+    return f"{scheme}://{netloc}{parts.path}"
+
+
+def _plain(text: str) -> bool:
+    """No backslash, whitespace, control or format character (``Cc``, ``Cf``) in ``text``."""
+    return not any(
+        c == "\\" or c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text
+    )
 
 
 def _mcp(

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from warden.errors import StreamViolation
 from warden.model import ActionKind, Decision, Effect, ToolCall, ToolResult, Usage
-from warden.protocols import declared_arguments
+from warden.protocols import declared_arguments, declared_tools
 from warden.protocols._wire import (
     NO_DECISION,
     Envelope,
@@ -53,7 +53,7 @@ _REQUEST: Final = Envelope(
         {
             *("model", "messages", "tools", "tool_choice", "stream", "stream_options"),
             *("parallel_tool_calls", "functions", "function_call", "type", "function"),
-            *("custom", "name", "parameters", "format"),
+            *("custom", "name", "parameters", "format", "web_search_options"),
         }
     ),
     inside=frozenset({"tools", "functions", "function", "custom", "tool_choice"}),
@@ -258,6 +258,7 @@ class OpenAIChatAdapter:
             model=model if isinstance(model, str) else None,
             stream=body.get("stream") is True,
             tool_results=tuple(results),
+            tools=declared_tools.openai_chat(body),
             arguments=declared_arguments.openai_chat(body),
         )
 

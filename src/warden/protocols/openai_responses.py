@@ -330,11 +330,23 @@ _REQUEST: Final = Envelope(
             *("conversation", "parallel_tool_calls", "type", "name", "parameters", "format"),
             *("server_label", "server_url", "connector_id", "allowed_tools", "tool_names"),
             *("require_approval", "headers", "authorization", "read_only"),
+            *("prompt", "id", "version", "environment", "container", "container_id"),
+            *("network_policy", "allowed_domains"),
         }
     ),
-    inside=frozenset({"tools", "allowed_tools", "tool_choice"}),
+    # ``input``: its items can declare tools (``additional_tools``, ``tool_search_output``).
+    inside=frozenset(
+        {
+            *("tools", "allowed_tools", "tool_choice", "input", "prompt"),
+            *("environment", "container", "network_policy"),
+        }
+    ),
 )
-"""A Responses request, down to the tools it declares (hosted MCP servers among them)."""
+"""A Responses request, down to the tools it declares (hosted MCP servers among them).
+
+The tools come from ``tools``, from ``input`` items and from a stored
+``prompt``; see :func:`warden.protocols.declared_tools.openai_responses`.
+"""
 _ENVELOPE: Final = Envelope(
     names=frozenset(
         {

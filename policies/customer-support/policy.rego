@@ -79,7 +79,7 @@ llm_verdict(tools) := _deny(concat("; ", problems)) if {
 			hosted_mcp_problems(tools, data.warden.hosted_mcp_servers),
 			stored_prompt_problems(tools, _stored_prompts),
 		),
-		hosted_egress_problems(tools),
+		array.concat(hosted_egress_problems(tools), hosted_container_problems(tools, _hosted_containers)),
 	)
 	count(problems) > 0
 } else := _allow("model calls are allowed; the tool calls they propose are checked one by one")
@@ -137,6 +137,25 @@ hosted_egress_problems(tools) := sort([msg |
 	])
 ])
 
+# A container made beforehand (container_reference) carries the network policy it
+# was made with, which the request does not show: only containers the data lists.
+hosted_container_problems(tools, allowed) := sort([msg |
+	some tool in tools
+	tool.environment.type == "container_reference"
+	not tool.environment.container_id in allowed
+	msg := concat("", [
+		"the request runs code the provider runs (", tool.type, ") in the container ",
+		_container(tool.environment), ", which is not approved for support agents ",
+		"(it keeps the network access it was made with); ask the platform team to review it",
+	])
+])
+
+_container(environment) := environment.container_id if is_string(environment.container_id) else := "without an id"
+
+_hosted_containers := approved if {
+	approved := data.warden.hosted_containers
+} else := []
+
 # A data document without stored_prompts approves none (it is not an error
 # that would leave llm_verdict undefined and the request allowed).
 _stored_prompts := approved if {
@@ -180,6 +199,11 @@ _declares_checked if {
 _declares_checked if {
 	some tool in input.request.tools
 	tool.environment.network_policy != null
+}
+
+_declares_checked if {
+	some tool in input.request.tools
+	tool.environment.type == "container_reference"
 }
 
 # MCP requests other than tool calls, at Warden's MCP doors: the method is the

@@ -217,6 +217,20 @@ class PriorCall:
 
 
 @dataclass(frozen=True, slots=True)
+class HostedApproval:
+    """An approval of a hosted MCP call in a model request (Responses ``mcp_approval_response``
+    whose ``approve`` is not ``false``): the provider then runs the call it names.
+
+    ``request_id`` is ``None`` when the approval names no request by text. ``requests``
+    are the ``mcp_approval_request`` items with that id the input carries (an agent that
+    stores nothing sends them back itself); none when the provider keeps it (a chain).
+    """
+
+    request_id: str | None
+    requests: tuple[PriorCall, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Conversation:
     """The conversation a model request carries, and the session it belongs to.
 
@@ -250,9 +264,10 @@ class Conversation:
     owned: bool = False
     """The session is this process's alone (a ``warden mcp wrap`` run's fresh id): nothing
     else adds to its counters, so after one read from the store they are kept in memory."""
-    approved: tuple[str, ...] = ()
-    """Ids of the hosted MCP approval requests the request approves (Responses
-    ``mcp_approval_response``): the provider runs each, so each must be one Warden allowed."""
+    approvals: tuple[HostedApproval, ...] = ()
+    """The hosted MCP calls the request approves (Responses ``mcp_approval_response``):
+    the provider runs each, so each must be one Warden allowed. Read from the whole
+    input, whatever the history's bounds."""
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 

@@ -60,6 +60,7 @@ from warden.model import (
     Conversation,
     Decision,
     Effect,
+    HostedApproval,
     Mode,
     Outcome,
     PriorCall,
@@ -264,8 +265,8 @@ class _Prepared:
     unread: str | None = None
     """What of that could not be read from the state store, as the denial says it."""
     unapproved: str | None = None
-    """The id of a hosted MCP approval request the request approves and Warden did not
-    allow as the request (or its chain) carries it: the provider would run it."""
+    """A hosted MCP call the request approves that Warden did not allow as the request
+    (or its chain) carries it, as the denial names it: the provider would run it."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -561,18 +562,21 @@ class SessionGuard:
         conversation: Conversation | None,
         key: str | None,
     ) -> None:
+        digest = history.arguments_digest(
+            action.arguments, action.raw_arguments or "", action.kind.value
+        )
         record = CallRecord(
             call_id=action.call_id or "",
             decision_id=decision.decision_id,
             tool=action.tool or "",
-            digest=history.arguments_digest(action.arguments, action.raw_arguments or ""),
+            digest=digest,
             effect=decision.enforced.value,
             session_id=_scope(action.agent.id, key),
         )
         if conversation is not None:
             # What the chain link needs, not the action: its request holds the
             # conversation, and that cycle left every request to the garbage collector.
-            decided = (action.call_id, action.tool, action.arguments, action.raw_arguments)
+            decided = (action.call_id, action.tool, action.arguments, action.raw_arguments, digest)
             conversation.memo.setdefault("decided", []).append(decided)
         self._keep(record)
 
@@ -647,7 +651,7 @@ class SessionGuard:
             return
         entries: list[dict[str, Any]] = [_stored(c) for c in conversation.calls]
         entries += [{"call_id": i, "result": _result_doc(r)} for i, r in conversation.results]
-        for call_id, tool, arguments, raw in conversation.memo.get("decided", ()):
+        for call_id, tool, arguments, raw, digest in conversation.memo.get("decided", ()):
             if call_id and tool is not None:
                 entries.append(
                     {
@@ -655,6 +659,7 @@ class SessionGuard:
                         "tool": tool,
                         "arguments": dict(arguments) if arguments else None,
                         "raw": raw or "",
+                        "digest": digest,
                     }
                 )
         for call_id, tool, wire_type, decision in conversation.memo.get("refused", ()):
@@ -729,8 +734,10 @@ class SessionGuard:
         session_id, source = conversation.session_id, conversation.session_source
         not_theirs: str | None = None
         unread: str | None = None
+        chained: dict[str, PriorCall] = {}
         if conversation.previous_response_id is not None:
             chain = await self._chain(conversation)
+            chained = {c.call_id: c for c in chain.calls}
             calls = _merge(chain.calls, conversation)
             if session_id is None:
                 # An answer Warden has no link for: a session of its own from here, so the
@@ -741,9 +748,8 @@ class SessionGuard:
                 not_theirs = f"the Responses answer {named} was made for another agent"
             if chain.unread:
                 unread = "the Responses answer this request continues"
-        carried_ids = {c.call_id for c in calls}
-        approved_elsewhere = [i for i in conversation.approved if i not in carried_ids]
-        records = await self._records([c.call_id for c in calls] + approved_elsewhere)
+        asked = [a.request_id for a in conversation.approvals if a.request_id is not None]
+        records = await self._records([c.call_id for c in calls] + asked)
         if source in (None, NEW_CHAIN) and conversation.previous_response_id is None:
             # A request that names no session and continues no chain, whose input
             # carries calls Warden decided in one (an agent that sends the whole
@@ -756,24 +762,16 @@ class SessionGuard:
         verified_all = True
         key = f"{agent}\x1f{session_id}" if session_id is not None else None
         scope = _scope(agent, key)
-        allowed: set[str] = set()
         for call in calls:
             mine = [r for r in records.get(call.call_id, ()) if _same_conversation(r, scope)]
             match = _matching(mine, call)
             verified = match is not None and match.effect == Effect.ALLOW.value
             verified_all = verified_all and verified
-            if verified:
-                allowed.add(call.call_id)
             labels = self.labels_of(call.tool)
             if call.result is not None:
                 taints.update(labels)
             docs.append(_entry(call, match, verified, labels))
-        for request_id in approved_elsewhere:
-            # Approved from the provider's stored answer (a chain): Warden allowed it there.
-            mine = [r for r in records.get(request_id, ()) if _same_conversation(r, scope)]
-            if any(r.effect == Effect.ALLOW.value for r in mine):
-                allowed.add(request_id)
-        unapproved = next((i for i in conversation.approved if i not in allowed), None)
+        unapproved = _unapproved_request(conversation.approvals, chained, records, scope)
         return _Prepared(
             tuple(docs),
             key,
@@ -1039,15 +1037,46 @@ def _unavailable(ctx: GuardContext, what: str) -> Decision:
     )
 
 
-def _unapproved(ctx: GuardContext, request_id: str) -> Decision:
+def _unapproved_request(
+    approvals: Sequence[HostedApproval],
+    chained: Mapping[str, PriorCall],
+    records: Mapping[str, Sequence[CallRecord]],
+    scope: str,
+) -> str | None:
+    """The first approval naming a hosted MCP call Warden did not allow, as the denial says it.
+
+    Each approval request the input carries with the approval's id must match a
+    decided approval request (tool, and arguments by their kind-prefixed digest)
+    that Warden let through in this conversation; one the input does not carry
+    must be in the chain the request continues, matched the same way. Anything
+    else (no id, an id Warden never saw, a request rewritten or written by the
+    agent) is named.
+    """
+    for approval in approvals:
+        request_id = approval.request_id
+        if request_id is None:
+            return "an approval naming no request by its id"
+        requests = approval.requests or tuple(
+            c for c in (chained.get(request_id),) if c is not None
+        )
+        mine = [r for r in records.get(request_id, ()) if _same_conversation(r, scope)]
+        if not requests or not all(
+            (match := _matching(mine, request)) is not None and match.effect == Effect.ALLOW.value
+            for request in requests
+        ):
+            return f"the hosted MCP call {request_id[:80]}"
+    return None
+
+
+def _unapproved(ctx: GuardContext, what: str) -> Decision:
     """An approval the provider would act on, of a hosted MCP call Warden never let through:
     one the agent wrote itself, rewrote, or that Warden denied."""
     return Decision(
         decision_id=new_id("dec"),
         effect=Effect.DENY,
         reasons=(
-            f"the request approves the hosted MCP call {request_id}, which Warden did not "
-            "allow with these arguments in this conversation; the provider would run it",
+            f"the request approves {what}, which Warden did not allow with these arguments "
+            "in this conversation; the provider would run it",
         ),
         mode=ctx.mode,
         guard="session",

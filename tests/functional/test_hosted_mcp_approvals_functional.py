@@ -73,9 +73,11 @@ def config_for(tmp_path: Path) -> Any:
 
 
 async def asked_and_answered(
-    config_for: Any, second: list[dict[str, Any]], **extra: Any
+    config_for: Any, second: list[dict[str, Any]], session: str | None = None, **extra: Any
 ) -> tuple[RawUpstream, Exception | None]:
-    """Get ``ASKED`` from the provider through Warden, then send ``second`` as the input."""
+    """Get ``ASKED`` from the provider through Warden, then send ``second`` as the input
+    (both in ``session``, when one is named)."""
+    headers = {"X-Warden-Session": session} if session else {}
     async with RawUpstream() as upstream:
         upstream.script(RawReply.json({**response_body([ASKED]), "id": "resp_1"}), text_reply())
         async with (
@@ -85,23 +87,35 @@ async def asked_and_answered(
             ) as oai,
         ):
             first = await oai.responses.create(
-                model=MODEL, input="what is the refund policy?", tools=[KB], store=False
+                model=MODEL,
+                input="what is the refund policy?",
+                tools=[KB],
+                store=False,
+                extra_headers=headers,
             )
             assert [item.type for item in first.output] == ["mcp_approval_request"]
             try:
                 sent: Any = second
                 await oai.responses.create(
-                    model=MODEL, input=sent, tools=[KB], store=False, **extra
+                    model=MODEL,
+                    input=sent,
+                    tools=[KB],
+                    store=False,
+                    extra_headers=headers,
+                    **extra,
                 )
             except openai.APIStatusError as exc:
                 return upstream, exc
     return upstream, None
 
 
+@pytest.mark.parametrize("session", [None, "s-1"])
 async def test_an_approval_of_the_request_warden_allowed_goes_to_the_provider(
-    config_for: Any,
+    config_for: Any, session: str | None
 ) -> None:
-    upstream, refused = await asked_and_answered(config_for, [ASKED, approval("mcpr_1")])
+    upstream, refused = await asked_and_answered(
+        config_for, [ASKED, approval("mcpr_1")], session=session
+    )
     assert refused is None
     assert len(upstream.requests) == 2
     assert upstream.requests[1].json()["input"][1]["approve"] is True
@@ -162,3 +176,19 @@ async def test_an_approval_of_a_stored_request_warden_allowed_goes_to_the_provid
     )
     assert refused is None
     assert len(upstream.requests) == 2
+
+
+async def test_an_approval_is_checked_however_long_the_input(config_for: Any) -> None:
+    # The rewritten request, then more calls than the history keeps (256), then the
+    # approval: the history drops the request, the approval check must not.
+    rewritten = copy.deepcopy(ASKED)
+    rewritten["arguments"] = '{"query": "*", "dump": true}'
+    calls = [
+        {"type": "function_call", "call_id": f"fc_{i}", "name": "search_kb", "arguments": "{}"}
+        for i in range(300)
+    ]
+    upstream, refused = await asked_and_answered(
+        config_for, [rewritten, *calls, approval("mcpr_1")], session="s-1"
+    )
+    assert isinstance(refused, openai.PermissionDeniedError)
+    assert len(upstream.requests) == 1

@@ -584,3 +584,26 @@ async def test_an_encoded_body_is_refused_unforwarded(tmp_path: Path) -> None:
     assert received.endswith(b"\r\n\r\n" + plain)
     assert b"content-encoding" not in received.lower()
     assert [r["action"]["tool"] for r in decisions(tmp_path)] == ["issue_refund"]
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        # Tomcat drops ";" parameters, then resolves "..": the refund, not /public.
+        ("/public/..;/orders/A-1/refunds", {}),
+        ("/public/.;v=1/orders/A-1/refunds", {}),
+        # IIS URL Rewrite, Symfony and Laminas route the path this header names.
+        ("/public/page", {"X-Original-URL": "/orders/A-1/refunds"}),
+        ("/public/page", {"X-Rewrite-URL": "/orders/A-1/refunds"}),
+    ],
+)
+async def test_a_path_the_service_reads_as_another_is_refused_unforwarded(
+    tmp_path: Path, refunds: Refunds, path: str, headers: dict[str, str]
+) -> None:
+    body = b'{"amount": 5000, "customer": "C-1"}'
+    async with Warden(config_for(tmp_path, refunds, unmatched="allow")) as w:
+        status, _, raw = await send(
+            w, "POST", path, body, Content_Type="application/json", **headers
+        )
+    assert status == 400, raw
+    assert refunds.seen == []

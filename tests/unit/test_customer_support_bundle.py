@@ -60,6 +60,7 @@ BRANCHES = {
     "request is not approved for support agents",
     "a stored prompt can bring its own tools",
     "reach the network; support agents may run hosted code only offline",
+    "it keeps the network access it was made with",
 }
 
 

@@ -304,6 +304,9 @@ def test_a_request_without_http_attributes_is_a_problem() -> None:
         ("/orders/a%2Fb", None),
         ("/orders/%00", None),
         ("/orders/%zz", None),
+        ("/public/..;/orders/A-1", None),  # Tomcat drops ";v=1" and then resolves ".."
+        ("/public/.;x=1/orders", None),
+        ("/orders/A-1;v=2", ["orders", "A-1;v=2"]),
     ],
 )
 def test_route_segments_are_decoded_once_and_strictly(

@@ -138,12 +138,39 @@ def test_responses_hosted_mcp_approvals_name_the_requests_they_approve() -> None
     }
     conversation = extract("openai_responses", body)
     (call,) = conversation.calls
-    assert (call.call_id, call.tool, call.arguments) == (
-        "mcpr_1",
-        "kb.search_kb",
-        {"query": "refunds"},
-    )
-    assert conversation.approved == ("mcpr_1", "mcpr_2")
+    assert (call.call_id, call.tool) == ("mcpr_1", "kb.search_kb")
+    assert [(a.request_id, len(a.requests)) for a in conversation.approvals] == [
+        ("mcpr_1", 1),
+        ("mcpr_2", 0),
+        (None, 0),  # names no request: nothing Warden could check
+    ]
+    (request,) = conversation.approvals[0].requests
+    assert request == call  # as the history shows it
+    # Kept apart from a call of another kind with the same id, tool and arguments.
+    raw = '{"query": "refunds"}'
+    assert request.digest == arguments_digest({"query": "refunds"}, raw, "mcp_approval_request")
+    assert request.digest != arguments_digest({"query": "refunds"}, raw)
+
+
+def test_hosted_mcp_approvals_are_read_past_the_history_bounds() -> None:
+    asked = {
+        "type": "mcp_approval_request",
+        "id": "mcpr_1",
+        "server_label": "kb",
+        "name": "search_kb",
+        "arguments": '{"query": "*"}',
+    }
+    filler = [
+        {"type": "function_call", "call_id": f"fc_{i}", "name": "search_kb", "arguments": "{}"}
+        for i in range(50)
+    ]
+    approval = {"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": True}
+    body = {"model": "gpt-4.1", "input": [asked, *filler, approval, asked]}
+    conversation = extract("openai_responses", body, Bounds(max_messages=10, max_calls=5))
+    assert conversation.truncated
+    (approved,) = conversation.approvals
+    # Both copies of the request the approval names: each must be one Warden allowed.
+    assert [r.call_id for r in approved.requests] == ["mcpr_1", "mcpr_1"]
 
 
 def test_malformed_conversations_give_what_can_be_read() -> None:

@@ -105,6 +105,9 @@ def test_a_method_override_header_is_refused_whatever_the_route(header: str, pat
         (b".method=DELETE", FORM, "form body"),  # PHP reads "." in a name as "_"
         (b"_method[]=DELETE", FORM, "form body"),
         (b"a=1;_method=DELETE", FORM, "form body"),
+        # Laravel reads any type containing "/json" or "+json" as JSON.
+        (b'{"_method": "DELETE"}', "text/json", "JSON body"),
+        (b'{"_method": "DELETE"}', "application/json-seq", "JSON body"),
     ],
 )
 def test_a_method_field_in_a_json_or_form_body_is_refused(
@@ -122,6 +125,8 @@ def test_a_method_field_in_a_json_or_form_body_is_refused(
         "form-data; name=_METHOD",
         "form-data; name*=utf-8''%5Fmethod",
         'form-data; filename="x.txt"; name="_method"',
+        'form-data;\r\n name="_method"',  # folded: PHP joins the line to the one before
+        'form-data;\r\n\tname="_method"',
     ],
 )
 def test_a_method_field_in_a_multipart_body_is_refused(disposition: str) -> None:
@@ -131,6 +136,13 @@ def test_a_method_field_in_a_multipart_body_is_refused(disposition: str) -> None
     )
     with pytest.raises(ToolRequestError, match="form body has a '_method' field"):
         resolve("POST", "/orders/A-1", body, "multipart/form-data; boundary=b")
+
+
+@pytest.mark.parametrize("header", ["X-Original-URL", "x-rewrite-url"])
+def test_a_path_override_header_is_refused(header: str) -> None:
+    # IIS URL Rewrite, Symfony and Laminas route the path such a header names.
+    with pytest.raises(ToolRequestError, match=f"carries {header}, which makes services"):
+        resolve("GET", "/orders/A-1", headers={header: "/orders/A-1/refunds"})
 
 
 def test_a_method_query_parameter_is_refused() -> None:

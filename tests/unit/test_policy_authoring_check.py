@@ -128,11 +128,13 @@ import rego.v1
 
 deny if input.action.arguments.amount > 500
 
-deny if 10 <= input.budget["spent"]
+deny if 10 <= input.action.arguments["count"]
 
 deny if to_number(input.action.arguments.amount) > 5
 
 many if count(input.action.arguments) > 3
+
+deny if object.get(input.action.arguments, "amount", 0) > 500
 """
 
 
@@ -144,9 +146,17 @@ def test_lint_warns_where_this_engine_reads_numbers_unlike_opa() -> None:
         (5, "warning", "this engine orders every string below every number"),
         (7, "warning", "this engine orders every string below every number"),
         (9, "warning", "to_number on this engine reads a leading number"),
+        (13, "warning", "this engine orders every string below every number"),
     ]
-    # A module that checks types is trusted to check them where it compares.
+    # A rule that checks the type is trusted to check the one it compares; the others
+    # are still flagged.
     guarded = NUMBERS.replace(
-        "deny if input", "deny if is_number(input.action.arguments.amount)\n\ndeny if input", 1
+        "deny if input.action.arguments.amount > 500",
+        "deny if { is_number(input.action.arguments.amount); input.action.arguments.amount > 500 }",
     )
-    assert [f.line for f in lint_module("n.rego", guarded)] == [11]
+    assert sorted(f.line for f in lint_module("n.rego", guarded)) == [7, 9, 13]
+    # A session's counters and the budget are Warden's own numbers.
+    counted = (
+        'deny if input.session.calls_total > 3\n\ndeny if object.get(input.budget, "x", 0) > 5\n'
+    )
+    assert lint_module("c.rego", "package c\n\nimport rego.v1\n\n" + counted) == []

@@ -749,3 +749,43 @@ async def test_counters_of_a_session_this_process_owns_are_read_once(
     assert ctx.session["calls"] == {"get_order": 3}
     assert reads.reads == (1 if owned else 4)
     assert await store.counters("bot\x1fs-1") == {"calls:get_order": 3}  # stored all the same
+
+
+async def test_an_approval_matches_only_a_decided_approval_request(store: SessionStore) -> None:
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+    arguments = {"query": "*"}
+    raw = orjson.dumps(arguments).decode()
+    headers = {"X-Warden-Session": "s-1"}
+    # At another door (an MCP call, say) the agent chose the call id, the tool's name
+    # and the arguments: the record must not stand for a hosted MCP approval request.
+    elsewhere = proposed("kb.search_kb", arguments, "mcpr_9", chat())
+    await decide(guard, elsewhere, Effect.ALLOW)
+    asked = {
+        "type": "mcp_approval_request",
+        "id": "mcpr_9",
+        "server_label": "kb",
+        "name": "search_kb",
+        "arguments": raw,
+    }
+    approval = {"type": "mcp_approval_response", "approval_request_id": "mcpr_9", "approve": True}
+    body = {"model": "gpt-4.1", "input": [asked, approval]}
+    approving = conversation_of("openai.responses", body, headers, SessionsConfig())
+    model_call = dataclasses.replace(
+        proposed("x", {}, "", approving), kind=ActionKind.LLM_CALL, tool=None, call_id=None
+    )
+    verdict, _ = await look(guard, model_call, CTX)
+    assert verdict is not None
+    assert verdict.effect is Effect.DENY
+    assert "approves the hosted MCP call mcpr_9" in verdict.reasons[0]
+    # The same call decided as the approval request it is: the approval goes through.
+    hosted = dataclasses.replace(
+        proposed("kb.search_kb", arguments, "mcpr_9", chat()),
+        kind=ActionKind.MCP_APPROVAL_REQUEST,
+    )
+    await decide(guard, hosted, Effect.ALLOW)
+    approving = conversation_of("openai.responses", body, headers, SessionsConfig())
+    model_call = dataclasses.replace(
+        model_call, request=dataclasses.replace(model_call.request, conversation=approving)
+    )
+    verdict, _ = await look(guard, model_call, CTX)
+    assert verdict is None

@@ -771,8 +771,9 @@ def _decode_path(raw_path: str) -> list[str]:
     """The request path's segments, each percent-decoded exactly once, or ``RequestError``.
 
     Checked after decoding, so an encoded form cannot slip past: no empty,
-    ``.`` or ``..`` segment, no slash or backslash inside a segment (``%2F``,
-    ``%5C``), no NUL or other control character.
+    ``.`` or ``..`` segment (nor one before a ``;``: ``..;``), no slash or
+    backslash inside a segment (``%2F``, ``%5C``), no NUL or other control
+    character.
     """
     segments: list[str] = []
     for raw in raw_path.removeprefix("/").split("/"):
@@ -782,7 +783,8 @@ def _decode_path(raw_path: str) -> list[str]:
             segment = unquote(raw, errors="strict")
         except UnicodeDecodeError:
             raise RequestError("path is not UTF-8 once percent-decoded") from None
-        if segment in ("", ".", ".."):
+        # Tomcat and Spring drop ";" parameters before resolving: "..;" is ".." to them.
+        if segment.partition(";")[0] in ("", ".", ".."):
             raise RequestError("path must not contain '.', '..' or empty segments")
         if "/" in segment or "\\" in segment:
             raise RequestError("path must not contain encoded slashes or backslashes")

@@ -377,7 +377,7 @@ def decode_segments(path: str) -> list[str] | None:
     """The path's segments, each percent-decoded once, for route rules; ``None`` if unsafe.
 
     Stricter than ``parsed_path``: a segment that is empty, ``.`` or ``..``
-    once decoded, or that holds an encoded slash or a control character,
+    once decoded (or before a ``;``), or that holds an encoded slash or a control character,
     could mean another resource to the service behind Envoy, so such a path
     fits no rule and is refused.
     """
@@ -389,7 +389,8 @@ def decode_segments(path: str) -> list[str] | None:
             segment = unescape(raw, plus=False, what="a path segment")
         except ValueError:
             return None
-        if segment in ("", ".", "..") or "/" in segment or "\\" in segment:
+        # Tomcat and Spring drop ";" parameters first: "..;" is ".." to them.
+        if segment.partition(";")[0] in ("", ".", "..") or "/" in segment or "\\" in segment:
             return None
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in segment):
             return None

@@ -32,16 +32,18 @@ from typing import Any, Final
 
 import orjson
 
-from warden.model import Conversation, PriorCall, PriorResult
+from warden.model import Conversation, HostedApproval, PriorCall, PriorResult
 from warden.protocols._wire import parse_arguments
 from warden.protocols.openai_responses import call_of, canonical_item
 
 __all__ = [
+    "APPROVAL_REQUEST",
     "EXTRACTORS",
     "Bounds",
     "arguments_digest",
     "bound_result",
     "extract",
+    "hosted_approvals",
 ]
 
 _TIME_CHECK_EVERY: Final = 64
@@ -67,11 +69,18 @@ class Bounds:
         self.max_ms = max_ms
 
 
-def arguments_digest(arguments: Mapping[str, Any] | None, raw: str = "") -> str:
+APPROVAL_REQUEST: Final = "mcp_approval_request"
+"""The kind of call whose digest is kept apart (:func:`arguments_digest`)."""
+
+
+def arguments_digest(arguments: Mapping[str, Any] | None, raw: str = "", kind: str = "") -> str:
     """SHA-256 (hex) of arguments in canonical JSON; of ``raw`` when they are not an object.
 
     The session guard keeps this digest for every call Warden decides, and
     compares it with the digest of the call as the conversation carries it.
+    A hosted MCP approval request's (``kind`` :data:`APPROVAL_REQUEST`) is
+    prefixed with its kind: an approval then matches only a decided approval
+    request, never a call at another door that an agent gave the same id.
     """
     if arguments is not None:
         try:
@@ -80,6 +89,8 @@ def arguments_digest(arguments: Mapping[str, Any] | None, raw: str = "") -> str:
             data = b"\x00" + raw.encode("utf-8", "surrogatepass")
     else:
         data = b"\x00" + raw.encode("utf-8", "surrogatepass")
+    if kind == APPROVAL_REQUEST:
+        data = b"mcp_approval_request\x00" + data
     return hashlib.sha256(data).hexdigest()
 
 
@@ -126,7 +137,6 @@ class _Builder:
         self.calls: dict[str, PriorCall] = {}
         self.order: list[str] = []
         self.orphans: dict[str, PriorResult] = {}
-        self.approved: dict[str, None] = {}
         self.truncated = False
         self.messages = 0
         self._deadline = time.perf_counter() + bounds.max_ms / 1000
@@ -142,7 +152,15 @@ class _Builder:
             return False
         return True
 
-    def call(self, call_id: Any, tool: Any, raw_arguments: Any, *, raw: str | None = None) -> None:
+    def call(
+        self,
+        call_id: Any,
+        tool: Any,
+        raw_arguments: Any,
+        *,
+        raw: str | None = None,
+        kind: str = "",
+    ) -> None:
         if not isinstance(call_id, str) or not call_id or not isinstance(tool, str) or not tool:
             return
         if raw is None:
@@ -155,7 +173,7 @@ class _Builder:
             call_id=call_id,
             tool=tool,
             arguments=arguments,
-            digest=arguments_digest(arguments, raw),
+            digest=arguments_digest(arguments, raw, kind),
         )
         self.order.append(call_id)
 
@@ -170,11 +188,6 @@ class _Builder:
             return
         self.calls[call_id] = PriorCall(call.call_id, call.tool, call.arguments, call.digest, found)
 
-    def approve(self, request_id: Any) -> None:
-        """An approval of a hosted MCP call (``mcp_approval_response``), by its request's id."""
-        if isinstance(request_id, str):
-            self.approved[request_id] = None
-
     def done(self) -> Conversation:
         keep = self.order[-self.bounds.max_calls :] if self.bounds.max_calls else []
         truncated = self.truncated or len(keep) < len(self.order)
@@ -185,7 +198,6 @@ class _Builder:
             else (),
             messages=self.messages,
             truncated=truncated,
-            approved=tuple(self.approved),
         )
 
 
@@ -241,13 +253,44 @@ def _responses(body: Mapping[str, Any], b: _Builder) -> None:
         if kind in _RESPONSES_CALLS:
             # Named and parsed exactly as the adapter named the call it decided.
             call = call_of(canonical_item(item), position)
-            b.call(call.call_id, call.name, call.arguments, raw=call.raw_arguments)
+            b.call(call.call_id, call.name, call.arguments, raw=call.raw_arguments, kind=kind)
         elif kind in _RESPONSES_RESULTS:
             b.result(item.get("call_id") or item.get("id"), item.get("output"))
-        elif kind == "mcp_approval_response" and item.get("approve") is not False:
-            # The provider runs the hosted MCP call it approves: unless it says no
-            # in so many words, the approval must name a call Warden allowed.
-            b.approve(item.get("approval_request_id"))
+
+
+def hosted_approvals(body: Mapping[str, Any]) -> tuple[HostedApproval, ...]:
+    """The hosted MCP calls a Responses request approves, from its whole ``input``.
+
+    Not bounded as the history is: an approval (or the request it names) past
+    ``max_messages`` would otherwise go to the provider unchecked. The pass
+    only looks at each item's ``type``; it parses just the approval requests
+    an approval names. Only ``approve: false`` is a refusal: anything else may
+    read as yes to the provider.
+    """
+    items = body.get("input")
+    if not isinstance(items, list):
+        return ()
+    approved: dict[str | None, None] = {}
+    asked: dict[str, list[tuple[int, Mapping[str, Any]]]] = {}
+    for position, item in enumerate(items):
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind == "mcp_approval_response" and item.get("approve") is not False:
+            request_id = item.get("approval_request_id")
+            approved[request_id if isinstance(request_id, str) else None] = None
+        elif kind == APPROVAL_REQUEST and isinstance(item.get("id"), str):
+            asked.setdefault(item["id"], []).append((position, item))
+    out: list[HostedApproval] = []
+    for request_id in approved:
+        requests: list[PriorCall] = []
+        for position, item in asked.get(request_id, []) if request_id is not None else ():
+            call = call_of(canonical_item(item), position)
+            arguments = call.arguments
+            digest = arguments_digest(arguments, call.raw_arguments, APPROVAL_REQUEST)
+            requests.append(PriorCall(call.call_id, call.name, arguments, digest))
+        out.append(HostedApproval(request_id, tuple(requests)))
+    return tuple(out)
 
 
 def _anthropic(body: Mapping[str, Any], b: _Builder) -> None:
@@ -294,6 +337,10 @@ def extract(protocol: str, body: Mapping[str, Any], bounds: Bounds | None = None
     if reader is not None:
         reader(body, builder)
     conversation = builder.done()
+    if protocol == "openai_responses":
+        approvals = hosted_approvals(body)
+        if approvals:
+            conversation = dataclasses.replace(conversation, approvals=approvals)
     previous = body.get("previous_response_id") if protocol == "openai_responses" else None
     if isinstance(previous, str) and previous:
         return dataclasses.replace(conversation, previous_response_id=previous)

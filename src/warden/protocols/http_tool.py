@@ -86,6 +86,9 @@ _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _OVERRIDE_HEADERS: Final = frozenset(
     {"x-http-method-override", "x-http-method", "x-method-override"}
 )
+# Headers that make a service route another path than the request line's: IIS URL
+# Rewrite, and Symfony and Laminas, which trust them.
+_PATH_OVERRIDE_HEADERS: Final = frozenset({"x-original-url", "x-rewrite-url"})
 # The form, JSON or query field that does the same (Symfony/Laravel, Rails, method-override).
 _OVERRIDE_FIELD: Final = "_method"
 # What a body spelling "_method" holds: the word, an escape ("%5F", "\u005f") or both.
@@ -94,6 +97,7 @@ _MAY_NAME_METHOD: Final = re.compile(rb"method|%|\\u", re.IGNORECASE)
 _PHP_NAME: Final = str.maketrans({".": "_", " ": "_"})
 # A multipart part's Content-Disposition header, and its name parameter (RFC 7578, 2231).
 _DISPOSITION: Final = re.compile(r"(?im)^[ \t]*content-disposition[ \t]*:(.*)$")
+_FOLDED: Final = re.compile(r"\r?\n[ \t]+")
 _PART_NAME: Final = re.compile(
     r"""(?i)(?:^|[;\s])name(\*?)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^;\s]*)"""
 )
@@ -559,6 +563,12 @@ def refuse_headers(headers: Mapping[str, str]) -> None:
                 "ASP.NET, Rails) run another method than the one Warden decides on; send the "
                 "request with that method instead"
             )
+        if lower in _PATH_OVERRIDE_HEADERS:
+            raise ToolRequestError(
+                f"the request carries {name}, which makes services (IIS, Symfony, Laminas) "
+                "route another path than the one Warden decides on; send the request to that "
+                "path instead"
+            )
         if lower == "content-encoding" and any(
             token.strip().lower() not in ("", "identity") for token in value.split(",")
         ):
@@ -580,7 +590,7 @@ def refuse_method_field(query: str, body: bytes, content_type: str) -> None:
         where = "query"
     elif not body or not _may_name_method(body):
         return
-    elif _is_json(content_type):
+    elif _read_as_json(content_type):
         if not any(k.casefold() == _OVERRIDE_FIELD for k in _top_level_keys(body)):
             return
         where = "JSON body's top-level object"
@@ -606,9 +616,11 @@ def may_carry_fields(content_type: str) -> bool:
     """Whether a body of this type could carry a ``_method`` field (or fields a service
     merges with the query): JSON, a form, or no type at all (Rails reads that as a form)."""
     media = content_type.partition(";")[0].strip().lower()
-    return media in ("", "application/x-www-form-urlencoded", "multipart/form-data") or _is_json(
-        media
-    )
+    return media in (
+        "",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+    ) or _read_as_json(media)
 
 
 def _may_name_method(body: bytes) -> bool:
@@ -635,7 +647,9 @@ def _has_method_field(text: str) -> bool:
 def _part_names(body: bytes) -> list[str]:
     """The ``name`` of every part of a multipart body, as sent, encoded (``name*``) or not."""
     names: list[str] = []
-    for header in _DISPOSITION.finditer(body.decode("latin-1")):
+    # PHP joins a header line that starts with a space or tab to the one before it.
+    unfolded = _FOLDED.sub(" ", body.decode("latin-1"))
+    for header in _DISPOSITION.finditer(unfolded):
         for star, raw in _PART_NAME.findall(header.group(1)):
             value = raw[1:-1] if raw.startswith('"') and raw.endswith('"') else raw
             value = re.sub(r"\\(.)", r"\1", value)
@@ -662,6 +676,13 @@ def _top_level_keys(body: bytes) -> list[str]:
 def _media(content_type: str) -> str:
     media = content_type.partition(";")[0].strip()
     return repr(media[:60]) if media else "non-JSON"
+
+
+def _read_as_json(content_type: str) -> bool:
+    """Whether a framework may read the body as JSON: Laravel does for any media type
+    containing ``/json`` or ``+json`` (``text/json``, ``application/json-seq``)."""
+    media = content_type.partition(";")[0].strip().lower()
+    return "/json" in media or "+json" in media
 
 
 def _is_json(content_type: str) -> bool:

@@ -332,9 +332,12 @@ _REQUEST: Final = Envelope(
             *("require_approval", "headers", "authorization", "read_only"),
             *("prompt", "id", "version", "environment", "container", "container_id"),
             *("network_policy", "allowed_domains"),
+            # What an input item says the provider runs or ran (an approval, a call).
+            *("approve", "approval_request_id", "arguments", "call_id", "output"),
         }
     ),
-    # ``input``: its items can declare tools (``additional_tools``, ``tool_search_output``).
+    # ``input``: its items can declare tools (``additional_tools``, ``tool_search_output``),
+    # approve a hosted MCP call, or carry the calls the history is read from.
     inside=frozenset(
         {
             *("tools", "allowed_tools", "tool_choice", "input", "prompt"),

@@ -71,8 +71,9 @@ CALL = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*
 _SPRINTF_Q = re.compile(r'sprintf\(\s*"(?:[^"\\\n]|\\.)*%q')
 _KV_SOME_IN_COMPREHENSION = re.compile(r"\|\s*some\s+\w+\s*,\s*\w+\s+in\b")
 # An input value compared with a number: ``input.action.arguments.amount > 500``.
-_INPUT_REF = r"input(?:\.\w+|\[[^\]\n]*\])+"
+_INPUT_REF = r"(?:input(?:\.\w+|\[[^\]\n]*\])+|object\.get\(\s*input\b[^)\n]*\))"
 _NUMBER = r"-?\d+(?:\.\d+)?"
+_WARDENS_NUMBERS = re.compile(r"\binput\.(?:session|budget)\b")
 _ORDERED = re.compile(
     rf"(?:{_INPUT_REF}\s*(?:<=|>=|<|>)\s*{_NUMBER}\b)|(?:\b{_NUMBER}\s*(?:<=|>=|<|>)\s*{_INPUT_REF})"
 )
@@ -121,15 +122,14 @@ def lint_module(path: str, source: str) -> list[Finding]:
             "`some k, v in x` inside a comprehension does not parse on this engine",
             "write `some k` and then `v := x[k]`",
         )
-    if "is_number(" not in blanked:
-        for match in _ORDERED.finditer(blanked):
-            add(
-                match.start(),
-                "warning",
-                'this engine orders every string below every number: "9000" > 500 is false, '
-                "so a string where a number was meant passes an upper bound",
-                "check the type first: is_number(x); x > 500 (docs/policies.md, engine limits)",
-            )
+    for offset in _unchecked_comparisons(source, blanked):
+        add(
+            offset,
+            "warning",
+            'this engine orders every string below every number: "9000" > 500 is false, '
+            "so a string where a number was meant passes an upper bound",
+            "check the type first: is_number(x); x > 500 (docs/policies.md, engine limits)",
+        )
     if has_tests and not path.endswith("_test.rego"):
         add(
             0,
@@ -138,6 +138,21 @@ def lint_module(path: str, source: str) -> list[Finding]:
             "move the tests to a file whose name ends in _test.rego",
         )
     return findings
+
+
+def _unchecked_comparisons(source: str, blanked: str) -> Iterator[int]:
+    """Offsets of input values compared with a number in rules that never call ``is_number``.
+
+    A rule that checks a type is trusted to check the one it compares. A
+    session's counters and the budget are Warden's own numbers.
+    """
+    for stmt in split_statements(source):
+        text = blanked[stmt.start : stmt.end]
+        if "is_number(" in text:
+            continue
+        for match in _ORDERED.finditer(text):
+            if _WARDENS_NUMBERS.search(match.group(0)) is None:
+                yield stmt.start + match.start()
 
 
 def _call_problem(name: str) -> tuple[str, str, str] | None:

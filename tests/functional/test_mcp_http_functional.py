@@ -1206,3 +1206,34 @@ async def test_ending_a_session_records_its_calls_still_owed_an_answer(tmp_path:
             await asyncio.sleep(0.05)
     assert len(ended) == 1
     assert ended[0]["action"]["tool"] == "get_order"
+
+
+@pytest.mark.parametrize(("delay_s", "whole"), [(0.0, True), (0.3, False)])
+async def test_a_quick_answer_is_sent_whole_and_a_slow_one_as_it_comes(
+    tmp_path: Path, delay_s: float, whole: bool
+) -> None:
+    # A call answered at once reaches the client in one write, with its length; one that
+    # takes longer than Warden gathers for is relayed as a stream. Both carry the result.
+    async with (
+        StreamableHttpServer(tmp_path / "calls.jsonl", delay_s=delay_s) as server,
+        Warden(config(tmp_path, server.url)) as warden,
+        aiohttp.ClientSession() as http,
+    ):
+        url = f"{warden.proxy_url}/{UPSTREAM}"
+        _, headers, _ = await post(http, url, INIT)
+        session = {
+            "Mcp-Session-Id": headers["mcp-session-id"],
+            "MCP-Protocol-Version": "2025-11-25",
+        }
+        await post(http, url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
+        params = {"name": "get_order", "arguments": {"order_id": "A-1001"}}
+        call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": params}
+        status, headers, body = await post(http, url, call, session)
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/event-stream")
+    assert ("Content-Length" in headers) is whole
+    assert (headers.get("Transfer-Encoding") == "chunked") is not whole
+    (answer,) = sse_messages(body)
+    assert answer["id"] == 7
+    assert answer["result"]["isError"] is False
+    assert tools_called(tmp_path) == ["get_order"]

@@ -97,6 +97,11 @@ INTERNAL_ERROR: Final = -32603
 SESSION_HEADER: Final = "Mcp-Session-Id"
 _JSON = "application/json"
 _SSE = "text/event-stream"
+WHOLE_WITHIN_S: Final = 0.05
+"""How long the server's answer to a POST is gathered before Warden starts relaying it as
+a stream: an answer that ends sooner (most calls) goes to the client in one write."""
+WHOLE_MAX_BYTES: Final = 1024 * 1024
+"""The most of such an answer gathered; a longer one is relayed as it comes."""
 _ALLOW = "GET, POST, DELETE"
 _RESUMABLE_SESSIONS = 1024
 """Sessions whose unanswered calls are kept for an answer on a resumed stream."""
@@ -582,14 +587,26 @@ class McpHttp:
         headers: Any,
         answers: list[dict[str, Any]],
     ) -> web.StreamResponse:
-        if exchange.response is None:
-            exchange.response = await _open_sse(request, headers, status=resp.status)
-        for answer in answers:
-            await self._write(exchange, data_event(dumps(answer)))
+        held = [data_event(dumps(answer)) for answer in answers]
+        splitter = EventSplitter(MAX_UPSTREAM_BODY)
         try:
-            await self._relay_events(exchange, resp)
+            if exchange.response is None:
+                if await self._gathered(exchange, resp, splitter, held):
+                    # The whole answer came at once (the usual tools/call): one write,
+                    # so the client reads it in one go instead of status, event and end.
+                    self._unanswered(exchange, "stream_ended")
+                    return _whole_sse(resp.status, headers, b"".join(held))
+                exchange.response = await _open_sse(request, headers, status=resp.status)
+            for event in held:
+                await self._write(exchange, event)
+            held = []
+            await self._relay_events(exchange, resp, splitter)
         except UpstreamError as exc:
             # The status line is sent: the failure travels as JSON-RPC errors in the stream.
+            if exchange.response is None:
+                exchange.response = await _open_sse(request, headers, status=resp.status)
+            for event in held:
+                await self._write(exchange, event)
             self._unanswered(exchange, exc.code)
             for id_ in sorted(exchange.requests, key=str):
                 error = _error_body(id_, WARDEN_ERROR, str(exc), exc.code)
@@ -599,21 +616,71 @@ class McpHttp:
             self._unanswered(exchange, "stream_ended")
         return await _finish(exchange.response)
 
-    async def _relay_events(self, exchange: _Exchange, resp: aiohttp.ClientResponse) -> None:
-        """Relay the server's SSE events as they come, settling answers on the way."""
-        splitter = EventSplitter(MAX_UPSTREAM_BODY)
+    async def _gathered(
+        self,
+        exchange: _Exchange,
+        resp: aiohttp.ClientResponse,
+        splitter: EventSplitter,
+        held: list[bytes],
+    ) -> bool:
+        """Settle the server's events into ``held`` for up to ``WHOLE_WITHIN_S``.
+
+        True: the stream ended within it, and ``held`` is the whole answer.
+        False: it goes on (a slow tool, progress, or more than ``WHOLE_MAX_BYTES``),
+        and the caller relays the rest. Only reads are timed, never the
+        settling of an event read.
+        """
+        deadline = asyncio.get_running_loop().time() + WHOLE_WITHIN_S
+        size = sum(map(len, held))
+        try:
+            while size <= WHOLE_MAX_BYTES:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await resp.content.readany()
+                except TimeoutError:
+                    return False
+                if not chunk:
+                    return True
+                for out in await self._settled_events(exchange, splitter, chunk):
+                    held.append(out)
+                    size += len(out)
+        except Exception as exc:
+            raise _upstream_error(exc, exchange.upstream) from None
+        return False
+
+    async def _relay_events(
+        self,
+        exchange: _Exchange,
+        resp: aiohttp.ClientResponse,
+        splitter: EventSplitter | None = None,
+    ) -> None:
+        """Relay the server's SSE events as they come, settling answers on the way.
+
+        ``splitter``: one that has read the start of the stream already.
+        """
+        if splitter is None:
+            splitter = EventSplitter(MAX_UPSTREAM_BODY)
         try:
             async for chunk in resp.content.iter_any():
-                for event in splitter.feed(chunk):
-                    if event.id:
-                        exchange.resumable = True
-                    out = await self._server_event(exchange, event)
-                    if out is not None:
-                        await self._write(exchange, out)
+                for out in await self._settled_events(exchange, splitter, chunk):
+                    await self._write(exchange, out)
                 if exchange.client_gone and not exchange.requests:
                     return  # every outcome is recorded; nobody reads the rest
         except Exception as exc:
             raise _upstream_error(exc, exchange.upstream) from None
+
+    async def _settled_events(
+        self, exchange: _Exchange, splitter: EventSplitter, chunk: bytes
+    ) -> list[bytes]:
+        """The events completed by ``chunk``, settled, as the client gets them."""
+        outs = []
+        for event in splitter.feed(chunk):
+            if event.id:
+                exchange.resumable = True
+            out = await self._server_event(exchange, event)
+            if out is not None:
+                outs.append(out)
+        return outs
 
     async def _server_event(self, exchange: _Exchange, event: RawEvent) -> bytes | None:
         data = event.data
@@ -1112,6 +1179,14 @@ def _merge(raw: bytes, answers: list[dict[str, Any]]) -> bytes:
         return raw
     items = value if isinstance(value, list) else [value]
     return dumps([*items, *answers]).encode()
+
+
+def _whole_sse(status: int, headers: Mapping[str, str], body: bytes) -> web.Response:
+    """An SSE answer whose every event is known: sent as one body, with its length."""
+    response = web.Response(status=status, headers=dict(headers), body=body)
+    response.headers["Content-Type"] = _SSE
+    response.headers["Cache-Control"] = "no-cache"
+    return response
 
 
 async def _open_sse(

@@ -543,7 +543,9 @@ class SessionGuard:
                 call_id=action.call_id,
                 decision_id=decision.decision_id,
                 tool=action.tool,
-                digest=history.arguments_digest(action.arguments, action.raw_arguments or ""),
+                digest=history.arguments_digest(
+                    action.arguments, action.raw_arguments or "", action.kind.value
+                ),
                 effect=decision.enforced.value,
                 session_id=_scope(action.agent.id, key),
             )
@@ -771,7 +773,13 @@ class SessionGuard:
             if call.result is not None:
                 taints.update(labels)
             docs.append(_entry(call, match, verified, labels))
-        unapproved = _unapproved_request(conversation.approvals, chained, records, scope)
+        unapproved = _unapproved_request(
+            conversation.approvals,
+            chained,
+            records,
+            scope,
+            None if self._config.handoffs else agent,
+        )
         return _Prepared(
             tuple(docs),
             key,
@@ -1042,30 +1050,43 @@ def _unapproved_request(
     chained: Mapping[str, PriorCall],
     records: Mapping[str, Sequence[CallRecord]],
     scope: str,
+    agent: str | None,
 ) -> str | None:
     """The first approval naming a hosted MCP call Warden did not allow, as the denial says it.
 
-    Each approval request the input carries with the approval's id must match a
-    decided approval request (tool, and arguments by their kind-prefixed digest)
-    that Warden let through in this conversation; one the input does not carry
-    must be in the chain the request continues, matched the same way. Anything
-    else (no id, an id Warden never saw, a request rewritten or written by the
-    agent) is named.
+    Every copy of the approval request the input carries, and the one in the
+    chain the request continues, must match a decided approval request (the
+    tool, and the arguments by their kind-prefixed digest, recomputed here:
+    a chain's copy may be any call the agent carried under that id) that
+    Warden let through in this conversation, for ``agent`` (``None``: any
+    agent, with ``sessions.handoffs``). No copy at all, or an approval naming
+    no request by text, is named too.
     """
     for approval in approvals:
         request_id = approval.request_id
         if request_id is None:
             return "an approval naming no request by its id"
-        requests = approval.requests or tuple(
-            c for c in (chained.get(request_id),) if c is not None
-        )
-        mine = [r for r in records.get(request_id, ()) if _same_conversation(r, scope)]
+        requests = list(approval.requests)
+        stored = chained.get(request_id)
+        if stored is not None:
+            digest = history.arguments_digest(stored.arguments, "", history.APPROVAL_REQUEST)
+            requests.append(PriorCall(request_id, stored.tool, stored.arguments, digest))
+        mine = [
+            r
+            for r in records.get(request_id, ())
+            if _same_conversation(r, scope) and (agent is None or _decided_by(r) == agent)
+        ]
         if not requests or not all(
             (match := _matching(mine, request)) is not None and match.effect == Effect.ALLOW.value
             for request in requests
         ):
             return f"the hosted MCP call {request_id[:80]}"
     return None
+
+
+def _decided_by(record: CallRecord) -> str | None:
+    """The agent a record's call was decided for (its scope's first part)."""
+    return record.session_id.partition("\x1f")[0] if record.session_id is not None else None
 
 
 def _unapproved(ctx: GuardContext, what: str) -> Decision:

@@ -195,6 +195,13 @@ async def test_bad_requests_get_invalid_argument(stub: Any) -> None:
     )
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     assert "action.kind must be one of" in details
+    # Only a model's response proposes a hosted MCP approval request: a record of one
+    # allowed here would let an approval of any call with that id reach the provider.
+    code, details = await status_of(
+        stub.Check(pb.CheckRequest(action=pb.Action(kind="mcp_approval_request", tool="kb.x")))
+    )
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "mcp_approval_request" not in details.partition("one of")[2]
     # A tool named on a model call would be seen as that tool, and counted by no cap.
     for kind in ("llm_call", "http_call"):
         code, details = await status_of(

@@ -108,6 +108,8 @@ def test_a_method_override_header_is_refused_whatever_the_route(header: str, pat
         # Laravel reads any type containing "/json" or "+json" as JSON.
         (b'{"_method": "DELETE"}', "text/json", "JSON body"),
         (b'{"_method": "DELETE"}', "application/json-seq", "JSON body"),
+        (b'{"_method": "DELETE"}', "text/plain; x=/json", "JSON body"),  # the whole header
+        (b"_method=DELETE", FORM + "; v=+json", "form body"),  # a form all the same
     ],
 )
 def test_a_method_field_in_a_json_or_form_body_is_refused(

@@ -789,3 +789,77 @@ async def test_an_approval_matches_only_a_decided_approval_request(store: Sessio
     )
     verdict, _ = await look(guard, model_call, CTX)
     assert verdict is None
+
+
+def approving(request_id: str, *carried: dict[str, Any], session: str = "s-1") -> Conversation:
+    """A Responses request carrying ``carried`` items and approving ``request_id``."""
+    approval = {"type": "mcp_approval_response", "approval_request_id": request_id}
+    body = {"model": "gpt-4.1", "input": [*carried, {**approval, "approve": True}]}
+    headers = {"X-Warden-Session": session}
+    return conversation_of("openai.responses", body, headers, SessionsConfig())
+
+
+def model_call(conversation: Conversation, agent: str = "bot") -> Action:
+    action = proposed("x", {}, "", conversation)
+    meta = dataclasses.replace(action.request, conversation=conversation)
+    return dataclasses.replace(
+        action, kind=ActionKind.LLM_CALL, tool=None, call_id=None, request=meta, agent=Agent(agent)
+    )
+
+
+def hosted_request(call_id: str, arguments: dict[str, Any], agent: str = "bot") -> Action:
+    action = proposed("kb.search_kb", arguments, call_id, chat())
+    return dataclasses.replace(action, kind=ActionKind.MCP_APPROVAL_REQUEST, agent=Agent(agent))
+
+
+ASKED = {
+    "type": "mcp_approval_request",
+    "id": "mcpr_1",
+    "server_label": "kb",
+    "name": "search_kb",
+    "arguments": '{"query": "*"}',
+}
+
+
+async def test_an_approval_request_a_person_approved_verifies(store: SessionStore) -> None:
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+    held = hosted_request("mcpr_1", {"query": "*"})
+    await decide(guard, held, Effect.REQUIRE_APPROVAL)
+    verdict, _ = await look(guard, model_call(approving("mcpr_1", ASKED)), CTX)
+    assert verdict is not None  # held, not approved: the provider must not run it
+    guard.settled(held, decision(Effect.ALLOW))
+    verdict, _ = await look(guard, model_call(approving("mcpr_1", ASKED)), CTX)
+    assert verdict is None
+
+
+async def test_an_approval_of_another_agents_request_needs_handoffs(store: SessionStore) -> None:
+    deciding = SessionGuard(store, SessionsConfig(), TOOLS)
+    await decide(deciding, hosted_request("mcpr_1", {"query": "*"}), Effect.ALLOW)
+    await deciding.close()  # its record is in the store for the guards below
+    for handoffs, denied in ((False, True), (True, False)):
+        guard = SessionGuard(store, SessionsConfig(handoffs=handoffs), TOOLS)
+        verdict, _ = await look(guard, model_call(approving("mcpr_1", ASKED), "eve"), CTX)
+        assert (verdict is not None) is denied
+        await guard.close()
+
+
+async def test_a_chained_copy_must_be_a_decided_approval_request() -> None:
+    from warden.sessions import _unapproved_request  # noqa: PLC0415 - the rule itself
+
+    calc = {"x": 1}
+    # A call of another kind the agent carried under the id (a gRPC Check's, say).
+    record = CallRecord("mcpr_1", "dec_1", "calc", history_digest(calc), "allow", "bot\x1fs-1")
+    from warden.model import HostedApproval, PriorCall  # noqa: PLC0415
+
+    chained = {"mcpr_1": PriorCall("mcpr_1", "calc", calc, history_digest(calc))}
+    found = _unapproved_request(
+        (HostedApproval("mcpr_1"),), chained, {"mcpr_1": [record]}, "bot\x1fs-1", "bot"
+    )
+    assert found == "the hosted MCP call mcpr_1"
+    tagged = dataclasses.replace(record, digest=arguments_digest(calc, "", "mcp_approval_request"))
+    assert (
+        _unapproved_request(
+            (HostedApproval("mcpr_1"),), chained, {"mcpr_1": [tagged]}, "bot\x1fs-1", "bot"
+        )
+        is None
+    )

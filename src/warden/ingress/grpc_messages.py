@@ -36,7 +36,12 @@ __all__ = [
 
 DEFAULT_PROTOCOL = "grpc"
 _EXACT_INT = 2**53  # doubles hold every integer up to here exactly
-_KINDS = frozenset(k.value for k in ActionKind) - {ActionKind.UNKNOWN_CALL.value}
+# Not a hosted MCP approval request: only a model's response makes one, and Warden's
+# record of an allowed one is what lets an approval of it reach the provider.
+_KINDS = frozenset(k.value for k in ActionKind) - {
+    ActionKind.UNKNOWN_CALL.value,
+    ActionKind.MCP_APPROVAL_REQUEST.value,
+}
 _UNNAMED_KINDS = frozenset({ActionKind.LLM_CALL, ActionKind.HTTP_CALL})
 _MAX_TOOL = 256
 _EFFECTS = {

@@ -586,30 +586,38 @@ def refuse_method_field(query: str, body: bytes, content_type: str) -> None:
     a ``POST`` without a ``Content-Type``). Checked in the query, in a form
     body (URL-encoded or multipart) and in a JSON body's top-level object.
     """
-    if query and _has_method_field(query):
-        where = "query"
-    elif not body or not _may_name_method(body):
+    where = _method_field_in(query, body, content_type)
+    if where is None:
         return
-    elif _read_as_json(content_type):
-        if not any(k.casefold() == _OVERRIDE_FIELD for k in _top_level_keys(body)):
-            return
-        where = "JSON body's top-level object"
-    else:
-        media = content_type.partition(";")[0].strip().lower()
-        if media in ("", "application/x-www-form-urlencoded"):
-            if not _has_method_field(body.decode("utf-8", errors="replace")):
-                return
-        elif media == "multipart/form-data":
-            if not any(_is_method_name(n) for n in _part_names(body)):
-                return
-        else:
-            return
-        where = "form body"
     raise ToolRequestError(
         f"the {where} has a {_OVERRIDE_FIELD!r} field, which makes services (Symfony, Laravel, "
         "Rails) run the method it names instead of the one Warden decides on; send the "
         "request with that method instead"
     )
+
+
+def _method_field_in(query: str, body: bytes, content_type: str) -> str | None:
+    """Where a ``_method`` field is (``query``, a JSON or form body), or ``None``.
+
+    A body is looked at as every reader that may take it would: as JSON when
+    the type says JSON anywhere (Laravel), and as a form when its media type
+    is a form's or missing, both if both hold.
+    """
+    if query and _has_method_field(query):
+        return "query"
+    if not body or not _may_name_method(body):
+        return None
+    if _read_as_json(content_type) and any(
+        k.casefold() == _OVERRIDE_FIELD for k in _top_level_keys(body)
+    ):
+        return "JSON body's top-level object"
+    media = content_type.partition(";")[0].strip().lower()
+    if media in ("", "application/x-www-form-urlencoded"):
+        if _has_method_field(body.decode("utf-8", errors="replace")):
+            return "form body"
+    elif media == "multipart/form-data" and any(_is_method_name(n) for n in _part_names(body)):
+        return "form body"
+    return None
 
 
 def may_carry_fields(content_type: str) -> bool:
@@ -620,7 +628,7 @@ def may_carry_fields(content_type: str) -> bool:
         "",
         "application/x-www-form-urlencoded",
         "multipart/form-data",
-    ) or _read_as_json(media)
+    ) or _read_as_json(content_type)
 
 
 def _may_name_method(body: bytes) -> bool:
@@ -679,10 +687,11 @@ def _media(content_type: str) -> str:
 
 
 def _read_as_json(content_type: str) -> bool:
-    """Whether a framework may read the body as JSON: Laravel does for any media type
-    containing ``/json`` or ``+json`` (``text/json``, ``application/json-seq``)."""
-    media = content_type.partition(";")[0].strip().lower()
-    return "/json" in media or "+json" in media
+    """Whether a framework may read the body as JSON: Laravel does when the whole
+    ``Content-Type`` value, parameters included, contains ``/json`` or ``+json``
+    (``text/json``, ``application/json-seq``, ``text/plain; x=/json``)."""
+    lowered = content_type.lower()
+    return "/json" in lowered or "+json" in lowered
 
 
 def _is_json(content_type: str) -> bool:

@@ -193,18 +193,14 @@ _prompt_version(tool) := concat(" ", ["version", tool.version]) if is_string(too
 # Whether the request declares something llm_verdict checks (input.request.tools).
 _declares_checked if {
 	some tool in input.request.tools
-	tool.type in ["mcp", "prompt"]
+	_checked(tool)
 }
 
-_declares_checked if {
-	some tool in input.request.tools
-	tool.environment.network_policy != null
-}
+_checked(tool) if tool.type in ["mcp", "prompt"]
 
-_declares_checked if {
-	some tool in input.request.tools
-	tool.environment.type == "container_reference"
-}
+_checked(tool) if tool.environment.network_policy != null
+
+_checked(tool) if tool.environment.type == "container_reference"
 
 # MCP requests other than tool calls, at Warden's MCP doors: the method is the
 # tool and its params the arguments. Knowledge-base articles may be read

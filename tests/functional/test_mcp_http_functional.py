@@ -467,6 +467,17 @@ async def post(
         return resp.status, dict(resp.headers), await resp.read()
 
 
+async def initialized(http: aiohttp.ClientSession, url: str) -> dict[str, str]:
+    """Open an MCP session through ``url`` with raw requests; its headers for what follows."""
+    _, headers, _ = await post(http, url, INIT)
+    session = {
+        "Mcp-Session-Id": headers["mcp-session-id"],
+        "MCP-Protocol-Version": "2025-11-25",
+    }
+    await post(http, url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
+    return session
+
+
 def sse_messages(raw: bytes) -> list[dict[str, Any]]:
     lines = raw.decode().splitlines()
     return [
@@ -1074,12 +1085,7 @@ async def test_an_id_another_open_post_of_the_session_holds_is_refused(
 async def _reuse_an_open_posts_id(warden: Warden, http: aiohttp.ClientSession, second: str) -> None:
     """A call by id 1 through one entry; the same id through ``second`` while it runs."""
     url = f"{warden.proxy_url}/{UPSTREAM}"
-    _, headers, _ = await post(http, url, INIT)
-    session = {
-        "Mcp-Session-Id": headers["mcp-session-id"],
-        "MCP-Protocol-Version": "2025-11-25",
-    }
-    await post(http, url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
+    session = await initialized(http, url)
 
     def call(id_: Any, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
         params = {"name": name, "arguments": arguments}
@@ -1220,12 +1226,7 @@ async def test_a_quick_answer_is_sent_whole_and_a_slow_one_as_it_comes(
         aiohttp.ClientSession() as http,
     ):
         url = f"{warden.proxy_url}/{UPSTREAM}"
-        _, headers, _ = await post(http, url, INIT)
-        session = {
-            "Mcp-Session-Id": headers["mcp-session-id"],
-            "MCP-Protocol-Version": "2025-11-25",
-        }
-        await post(http, url, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
+        session = await initialized(http, url)
         params = {"name": "get_order", "arguments": {"order_id": "A-1001"}}
         call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": params}
         status, headers, body = await post(http, url, call, session)

@@ -268,6 +268,11 @@ class Conversation:
     """The hosted MCP calls the request approves (Responses ``mcp_approval_response``):
     the provider runs each, so each must be one Warden allowed. Read from the whole
     input, whatever the history's bounds."""
+    approval_requests: tuple[PriorCall, ...] = ()
+    """Every hosted MCP approval request item the input carries (the provider may keep
+    them, and a later request approve one by id), read whole up to a bound."""
+    approval_requests_cut: bool = False
+    """More approval request items than that bound: none of them can be relied on."""
     memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 

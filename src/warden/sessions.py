@@ -278,6 +278,11 @@ class _Chain:
     agent_id: str | None
     """The agent the continued answer was made for (``None``: not known)."""
     unread: bool = False
+    approval_requests: Mapping[str, Sequence[PriorCall]] = dataclasses.field(default_factory=dict)
+    """Every copy of each hosted MCP approval request in the chain, by id: the ones
+    Warden decided in its answers and the ones its requests carried."""
+    approval_requests_cut: bool = False
+    """A request of the chain carried more approval requests than were kept."""
 
 
 class SessionGuard:
@@ -578,7 +583,14 @@ class SessionGuard:
         if conversation is not None:
             # What the chain link needs, not the action: its request holds the
             # conversation, and that cycle left every request to the garbage collector.
-            decided = (action.call_id, action.tool, action.arguments, action.raw_arguments, digest)
+            decided = (
+                action.call_id,
+                action.tool,
+                action.arguments,
+                action.raw_arguments,
+                digest,
+                action.kind.value,
+            )
             conversation.memo.setdefault("decided", []).append(decided)
         self._keep(record)
 
@@ -653,17 +665,23 @@ class SessionGuard:
             return
         entries: list[dict[str, Any]] = [_stored(c) for c in conversation.calls]
         entries += [{"call_id": i, "result": _result_doc(r)} for i, r in conversation.results]
-        for call_id, tool, arguments, raw, digest in conversation.memo.get("decided", ()):
+        for call_id, tool, arguments, raw, digest, kind in conversation.memo.get("decided", ()):
             if call_id and tool is not None:
                 entries.append(
                     {
                         "call_id": call_id,
                         "tool": tool,
-                        "arguments": dict(arguments) if arguments else None,
+                        "arguments": dict(arguments) if arguments is not None else None,
                         "raw": raw or "",
                         "digest": digest,
+                        "kind": kind,
                     }
                 )
+        # Every approval request item the request carried: the provider may keep them, and
+        # an approval continuing this answer names one by id (only copies of that kind count).
+        entries += [{"approval_request": _stored(c)} for c in conversation.approval_requests]
+        if conversation.approval_requests_cut:
+            entries.append({"approval_requests_cut": True})
         for call_id, tool, wire_type, decision in conversation.memo.get("refused", ()):
             # Kept from the agent, not from the provider: what the request
             # continuing this answer must tell the model instead (owed_outputs).
@@ -736,10 +754,11 @@ class SessionGuard:
         session_id, source = conversation.session_id, conversation.session_source
         not_theirs: str | None = None
         unread: str | None = None
-        chained: dict[str, PriorCall] = {}
+        chained: Mapping[str, Sequence[PriorCall]] = {}
+        cut = conversation.approval_requests_cut
         if conversation.previous_response_id is not None:
             chain = await self._chain(conversation)
-            chained = {c.call_id: c for c in chain.calls}
+            chained, cut = chain.approval_requests, cut or chain.approval_requests_cut
             calls = _merge(chain.calls, conversation)
             if session_id is None:
                 # An answer Warden has no link for: a session of its own from here, so the
@@ -776,9 +795,10 @@ class SessionGuard:
         unapproved = _unapproved_request(
             conversation.approvals,
             chained,
+            cut,
             records,
             scope,
-            None if self._config.handoffs else agent,
+            agent=None if self._config.handoffs else agent,
         )
         return _Prepared(
             tuple(docs),
@@ -838,6 +858,8 @@ class SessionGuard:
         links = [self._with_unwritten_calls(link) for link in links]
         calls: dict[str, PriorCall] = {}
         owed: dict[str, tuple[str, str]] = {}
+        copies: dict[str, list[PriorCall]] = {}
+        cut = False
         for link in reversed(links):  # oldest first
             try:
                 entries = orjson.loads(link.calls)
@@ -846,6 +868,7 @@ class SessionGuard:
             continued = link.response_id == head
             for entry in entries if isinstance(entries, list) else ():
                 _apply_stored(calls, entry, self._config.max_result_chars)
+                cut = _approval_copy(copies, entry) or cut
                 if continued:
                     _owed(owed, entry)
         if owed:
@@ -857,6 +880,8 @@ class SessionGuard:
             (newest.session_id or None) if newest is not None else None,  # erased: none
             owner,
             unread=unread,
+            approval_requests=copies,
+            approval_requests_cut=cut,
         )
 
     async def _owner_of(self, head: str, newest: ChainLink | None) -> tuple[str | None, bool]:
@@ -1047,30 +1072,31 @@ def _unavailable(ctx: GuardContext, what: str) -> Decision:
 
 def _unapproved_request(
     approvals: Sequence[HostedApproval],
-    chained: Mapping[str, PriorCall],
+    chained: Mapping[str, Sequence[PriorCall]],
+    cut: bool,
     records: Mapping[str, Sequence[CallRecord]],
     scope: str,
+    *,
     agent: str | None,
 ) -> str | None:
     """The first approval naming a hosted MCP call Warden did not allow, as the denial says it.
 
-    Every copy of the approval request the input carries, and the one in the
-    chain the request continues, must match a decided approval request (the
-    tool, and the arguments by their kind-prefixed digest, recomputed here:
-    a chain's copy may be any call the agent carried under that id) that
+    Every copy of the approval request with the approval's id, the ones the
+    input carries and the ones in the chain the request continues (decided in
+    its answers, or carried by its requests), must match a decided approval
+    request (the tool, and the arguments by their kind-prefixed digest) that
     Warden let through in this conversation, for ``agent`` (``None``: any
-    agent, with ``sessions.handoffs``). No copy at all, or an approval naming
-    no request by text, is named too.
+    agent, with ``sessions.handoffs``). No copy at all, an approval naming no
+    request by text, and any approval when more copies came than were kept
+    (``cut``) are named too.
     """
+    if approvals and cut:
+        return "hosted MCP calls among more approval requests than Warden keeps"
     for approval in approvals:
         request_id = approval.request_id
         if request_id is None:
             return "an approval naming no request by its id"
-        requests = list(approval.requests)
-        stored = chained.get(request_id)
-        if stored is not None:
-            digest = history.arguments_digest(stored.arguments, "", history.APPROVAL_REQUEST)
-            requests.append(PriorCall(request_id, stored.tool, stored.arguments, digest))
+        requests = [*approval.requests, *chained.get(request_id, ())]
         mine = [
             r
             for r in records.get(request_id, ())
@@ -1160,6 +1186,26 @@ def _apply_stored(calls: dict[str, PriorCall], entry: Any, limit: int) -> None:
     elif found is not None and call_id in calls:
         old = calls[call_id]
         calls[call_id] = PriorCall(old.call_id, old.tool, old.arguments, old.digest, found)
+
+
+def _approval_copy(copies: dict[str, list[PriorCall]], entry: Any) -> bool:
+    """Keep a stored entry that is a hosted MCP approval request (decided in an answer, or
+    carried by a request); True for the mark of a request that carried too many."""
+    if not isinstance(entry, dict):
+        return False
+    if entry.get("approval_requests_cut") is True:
+        return True
+    stored = entry.get("approval_request")
+    if stored is None and entry.get("kind") == history.APPROVAL_REQUEST:
+        stored = entry
+    if not isinstance(stored, dict):
+        return False
+    call_id, tool, digest = stored.get("call_id"), stored.get("tool"), stored.get("digest")
+    if isinstance(call_id, str) and isinstance(tool, str) and isinstance(digest, str):
+        arguments = stored.get("arguments")
+        copy = PriorCall(call_id, tool, arguments if isinstance(arguments, dict) else None, digest)
+        copies.setdefault(call_id, []).append(copy)
+    return False
 
 
 def _owed(owed: dict[str, tuple[str, str]], entry: Any) -> None:

@@ -20,7 +20,9 @@ from warden.model import (
     Conversation,
     Decision,
     Effect,
+    HostedApproval,
     Mode,
+    PriorCall,
     RequestMeta,
     Stage,
     new_id,
@@ -844,22 +846,32 @@ async def test_an_approval_of_another_agents_request_needs_handoffs(store: Sessi
 
 
 async def test_a_chained_copy_must_be_a_decided_approval_request() -> None:
-    from warden.sessions import _unapproved_request  # noqa: PLC0415 - the rule itself
+    from warden.sessions import _approval_copy, _unapproved_request  # noqa: PLC0415
 
     calc = {"x": 1}
-    # A call of another kind the agent carried under the id (a gRPC Check's, say).
-    record = CallRecord("mcpr_1", "dec_1", "calc", history_digest(calc), "allow", "bot\x1fs-1")
-    from warden.model import HostedApproval, PriorCall  # noqa: PLC0415
+    tagged = arguments_digest(calc, "", "mcp_approval_request")
+    scope = "bot\x1fs-1"
+    records = {"mcpr_1": [CallRecord("mcpr_1", "dec_1", "calc", tagged, "allow", scope)]}
+    approval = (HostedApproval("mcpr_1"),)
 
-    chained = {"mcpr_1": PriorCall("mcpr_1", "calc", calc, history_digest(calc))}
-    found = _unapproved_request(
-        (HostedApproval("mcpr_1"),), chained, {"mcpr_1": [record]}, "bot\x1fs-1", "bot"
+    def unapproved(*entries: dict[str, Any]) -> str | None:
+        copies: dict[str, list[PriorCall]] = {}
+        cut = any([_approval_copy(copies, e) for e in entries])
+        return _unapproved_request(approval, copies, cut, records, scope, agent="bot")
+
+    # A call of another kind the agent carried under the id is no copy: none to match.
+    carried = {"call_id": "mcpr_1", "tool": "calc", "arguments": calc, "digest": tagged}
+    assert unapproved({**carried, "kind": "tool_call"}) == "the hosted MCP call mcpr_1"
+    # The approval request Warden decided in an answer: a copy that matches.
+    assert unapproved({**carried, "kind": "mcp_approval_request"}) is None
+    # Every copy must match: another carried under the id with other arguments does not.
+    other = {
+        **carried,
+        "arguments": {"x": 2},
+        "digest": arguments_digest({"x": 2}, "", "mcp_approval_request"),
+    }
+    assert unapproved({**carried, "kind": "mcp_approval_request"}, {"approval_request": other}) == (
+        "the hosted MCP call mcpr_1"
     )
-    assert found == "the hosted MCP call mcpr_1"
-    tagged = dataclasses.replace(record, digest=arguments_digest(calc, "", "mcp_approval_request"))
-    assert (
-        _unapproved_request(
-            (HostedApproval("mcpr_1"),), chained, {"mcpr_1": [tagged]}, "bot\x1fs-1", "bot"
-        )
-        is None
-    )
+    # A request of the chain carried more copies than were kept: nothing is relied on.
+    assert unapproved({**carried, "kind": "mcp_approval_request"}, {"approval_requests_cut": True})

@@ -39,6 +39,7 @@ from warden.protocols.openai_responses import call_of, canonical_item
 __all__ = [
     "APPROVAL_REQUEST",
     "EXTRACTORS",
+    "MAX_APPROVAL_REQUESTS",
     "Bounds",
     "arguments_digest",
     "bound_result",
@@ -258,20 +259,29 @@ def _responses(body: Mapping[str, Any], b: _Builder) -> None:
             b.result(item.get("call_id") or item.get("id"), item.get("output"))
 
 
-def hosted_approvals(body: Mapping[str, Any]) -> tuple[HostedApproval, ...]:
-    """The hosted MCP calls a Responses request approves, from its whole ``input``.
+MAX_APPROVAL_REQUESTS: Final = 256
+"""Approval request items read from one request; past this, approvals relying on any
+of them are refused (:attr:`Conversation.approval_requests_cut`)."""
+
+
+def hosted_approvals(
+    body: Mapping[str, Any],
+) -> tuple[tuple[HostedApproval, ...], tuple[PriorCall, ...], bool]:
+    """The hosted MCP calls a Responses request approves, and the approval request items
+    it carries (every copy, its digest prefixed with its kind), from its whole ``input``.
 
     Not bounded as the history is: an approval (or the request it names) past
-    ``max_messages`` would otherwise go to the provider unchecked. The pass
-    only looks at each item's ``type``; it parses just the approval requests
-    an approval names. Only ``approve: false`` is a refusal: anything else may
-    read as yes to the provider.
+    ``max_messages`` would otherwise go to the provider unchecked. The pass only
+    looks at each item's ``type`` and parses the approval request items, at most
+    :data:`MAX_APPROVAL_REQUESTS` (the third value says there were more). Only
+    ``approve: false`` is a refusal: anything else may read as yes to the provider.
     """
     items = body.get("input")
     if not isinstance(items, list):
-        return ()
+        return (), (), False
     approved: dict[str | None, None] = {}
-    asked: dict[str, list[tuple[int, Mapping[str, Any]]]] = {}
+    asked: list[PriorCall] = []
+    cut = False
     for position, item in enumerate(items):
         if not isinstance(item, dict):
             continue
@@ -279,18 +289,21 @@ def hosted_approvals(body: Mapping[str, Any]) -> tuple[HostedApproval, ...]:
         if kind == "mcp_approval_response" and item.get("approve") is not False:
             request_id = item.get("approval_request_id")
             approved[request_id if isinstance(request_id, str) else None] = None
-        elif kind == APPROVAL_REQUEST and isinstance(item.get("id"), str):
-            asked.setdefault(item["id"], []).append((position, item))
-    out: list[HostedApproval] = []
-    for request_id in approved:
-        requests: list[PriorCall] = []
-        for position, item in asked.get(request_id, []) if request_id is not None else ():
+        elif kind == APPROVAL_REQUEST:
+            if len(asked) == MAX_APPROVAL_REQUESTS:
+                cut = True
+                continue
             call = call_of(canonical_item(item), position)
-            arguments = call.arguments
-            digest = arguments_digest(arguments, call.raw_arguments, APPROVAL_REQUEST)
-            requests.append(PriorCall(call.call_id, call.name, arguments, digest))
-        out.append(HostedApproval(request_id, tuple(requests)))
-    return tuple(out)
+            if call.call_id:
+                digest = arguments_digest(call.arguments, call.raw_arguments, APPROVAL_REQUEST)
+                asked.append(PriorCall(call.call_id, call.name, call.arguments, digest))
+    copies: dict[str, list[PriorCall]] = {}
+    for copy in asked:
+        copies.setdefault(copy.call_id, []).append(copy)
+    approvals = tuple(
+        HostedApproval(i, tuple(copies.get(i, ())) if i is not None else ()) for i in approved
+    )
+    return approvals, tuple(asked), cut
 
 
 def _anthropic(body: Mapping[str, Any], b: _Builder) -> None:
@@ -338,9 +351,14 @@ def extract(protocol: str, body: Mapping[str, Any], bounds: Bounds | None = None
         reader(body, builder)
     conversation = builder.done()
     if protocol == "openai_responses":
-        approvals = hosted_approvals(body)
-        if approvals:
-            conversation = dataclasses.replace(conversation, approvals=approvals)
+        approvals, requests, cut = hosted_approvals(body)
+        if approvals or requests or cut:
+            conversation = dataclasses.replace(
+                conversation,
+                approvals=approvals,
+                approval_requests=requests,
+                approval_requests_cut=cut,
+            )
     previous = body.get("previous_response_id") if protocol == "openai_responses" else None
     if isinstance(previous, str) and previous:
         return dataclasses.replace(conversation, previous_response_id=previous)

@@ -302,6 +302,8 @@ _REFUND = b'{"amount": 40}'
             "Envoy sent only part of the body, or none",
         ),
         ("/orders/A-1/notes", {"content-length": "4000"}, b"", "only part of the body, or none"),
+        # Chunked, and Envoy sent none of it: a body with no length to say so.
+        ("/orders/A-1/notes", {"transfer-encoding": "chunked"}, b"", "or none"),
     ],
 )
 async def test_a_request_the_service_may_run_as_another_call_is_refused(

@@ -180,8 +180,11 @@ def _truncated(headers: Mapping[str, str], size: int) -> bool:
 def partial_body(headers: Mapping[str, str], body: bytes) -> bool:
     """Whether Envoy sent less than the whole body: cut at ``max_request_bytes``
     (``x-envoy-auth-partial-body``), or not sent at all (no ``with_request_body``)
-    while ``content-length`` says there is one. An unreadable length counts as cut."""
+    while ``content-length`` says there is one, or a chunked body (``transfer-encoding``)
+    came as nothing. An unreadable length counts as cut."""
     if headers.get("x-envoy-auth-partial-body") == "true":
+        return True
+    if not body and headers.get("transfer-encoding", "").strip():
         return True
     try:
         return _truncated(headers, len(body))

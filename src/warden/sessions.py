@@ -282,7 +282,9 @@ class _Chain:
     """Every copy of each hosted MCP approval request in the chain, by id: the ones
     Warden decided in its answers and the ones its requests carried."""
     approval_requests_cut: bool = False
-    """A request of the chain carried more approval requests than were kept."""
+    """The chain's copies of approval requests cannot be relied on: a request of the
+    chain carried more than were kept, or the chain could not be read back to its first
+    answer (a link pruned, erased, never written, or past the chain limit)."""
 
 
 class SessionGuard:
@@ -679,7 +681,10 @@ class SessionGuard:
                 )
         # Every approval request item the request carried: the provider may keep them, and
         # an approval continuing this answer names one by id (only copies of that kind count).
-        entries += [{"approval_request": _stored(c)} for c in conversation.approval_requests]
+        entries += [
+            {"approval_request": {"call_id": c.call_id, "tool": c.tool, "digest": c.digest}}
+            for c in conversation.approval_requests
+        ]
         if conversation.approval_requests_cut:
             entries.append({"approval_requests_cut": True})
         for call_id, tool, wire_type, decision in conversation.memo.get("refused", ()):
@@ -755,7 +760,9 @@ class SessionGuard:
         not_theirs: str | None = None
         unread: str | None = None
         chained: Mapping[str, Sequence[PriorCall]] = {}
-        cut = conversation.approval_requests_cut
+        # A provider conversation keeps every earlier request's items, which Warden does not
+        # collect: approvals in one cannot be checked against all the copies the provider holds.
+        cut = conversation.approval_requests_cut or conversation.provider_conversation is not None
         if conversation.previous_response_id is not None:
             chain = await self._chain(conversation)
             chained, cut = chain.approval_requests, cut or chain.approval_requests_cut
@@ -848,6 +855,7 @@ class SessionGuard:
             seen.add(start)
             links.append(writing[0])
             start = writing[0].previous_id
+        whole = True
         try:
             if start is not None and start not in seen and len(links) < MAX_CHAIN:
                 links += await self._repo.chain(start, limit=MAX_CHAIN - len(links))
@@ -855,6 +863,11 @@ class SessionGuard:
             log.warning("could not read a Responses chain: %s", type(exc).__name__)
             if not links:
                 return _Chain([], None, self._streaming.get(head), unread=True)
+            whole = False
+        # Read to its first answer, which Warden relayed itself (a link a fetch made for an
+        # answer it had no record of names no agent): else the provider may keep items
+        # (approval requests an agent carried) that no link here shows.
+        whole = whole and bool(links) and links[-1].previous_id is None and bool(links[-1].agent_id)
         links = [self._with_unwritten_calls(link) for link in links]
         calls: dict[str, PriorCall] = {}
         owed: dict[str, tuple[str, str]] = {}
@@ -881,7 +894,7 @@ class SessionGuard:
             owner,
             unread=unread,
             approval_requests=copies,
-            approval_requests_cut=cut,
+            approval_requests_cut=cut or not whole,
         )
 
     async def _owner_of(self, head: str, newest: ChainLink | None) -> tuple[str | None, bool]:
@@ -1091,7 +1104,11 @@ def _unapproved_request(
     (``cut``) are named too.
     """
     if approvals and cut:
-        return "hosted MCP calls among more approval requests than Warden keeps"
+        return (
+            "hosted MCP calls whose copies the provider keeps Warden cannot check whole "
+            "(more than 256 approval requests in a request, a provider conversation, or a "
+            "chain Warden cannot read back to its first answer)"
+        )
     for approval in approvals:
         request_id = approval.request_id
         if request_id is None:

@@ -875,3 +875,49 @@ async def test_a_chained_copy_must_be_a_decided_approval_request() -> None:
     )
     # A request of the chain carried more copies than were kept: nothing is relied on.
     assert unapproved({**carried, "kind": "mcp_approval_request"}, {"approval_requests_cut": True})
+
+
+def continuing(previous: str, request_id: str, **extra: Any) -> Conversation:
+    """A Responses request continuing ``previous`` and approving ``request_id`` alone."""
+    approval = {"type": "mcp_approval_response", "approval_request_id": request_id}
+    body = {"input": [{**approval, "approve": True}], "previous_response_id": previous, **extra}
+    headers = {"X-Warden-Session": "s-1"}
+    return conversation_of("openai.responses", body, headers, SessionsConfig())
+
+
+async def test_an_approval_needs_the_chain_read_back_to_its_first_answer(
+    store: SessionStore,
+) -> None:
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+    await decide(guard, hosted_request("mcpr_1", {"query": "*"}), Effect.ALLOW)
+    digest = arguments_digest({"query": "*"}, "", "mcp_approval_request")
+    decided = {"call_id": "mcpr_1", "tool": "kb.search_kb", "digest": digest}
+    entries = orjson.dumps([{**decided, "kind": "mcp_approval_request"}]).decode()
+    # The answer that proposed it, continued by one whose own link is gone (pruned,
+    # erased, never written): what that request carried is unknown.
+    await store.record_response(ChainLink("resp_1", "s-1", None, entries, "bot"))
+    await store.record_response(ChainLink("resp_3", "s-1", "resp_2", "[]", "bot"))
+    verdict, _ = await look(guard, model_call(continuing("resp_1", "mcpr_1")), CTX)
+    assert verdict is None  # read back to its first answer: the copy Warden allowed
+    verdict, _ = await look(guard, model_call(continuing("resp_3", "mcpr_1")), CTX)
+    assert verdict is not None
+    assert "cannot check whole" in verdict.reasons[0]
+
+
+async def test_an_approval_in_a_provider_conversation_is_refused(store: SessionStore) -> None:
+    # The provider's conversation keeps every earlier request's items; Warden has no copy.
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+    await decide(guard, hosted_request("mcpr_1", {"query": "*"}), Effect.ALLOW)
+    body = {
+        "input": [
+            {**ASKED},
+            {"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": True},
+        ],
+        "conversation": "conv_1",
+    }
+    conversation = conversation_of(
+        "openai.responses", body, {"X-Warden-Session": "s-1"}, SessionsConfig()
+    )
+    verdict, _ = await look(guard, model_call(conversation), CTX)
+    assert verdict is not None
+    assert "a provider conversation" in verdict.reasons[0]

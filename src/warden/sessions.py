@@ -685,7 +685,9 @@ class SessionGuard:
             {"approval_request": {"call_id": c.call_id, "tool": c.tool, "digest": c.digest}}
             for c in conversation.approval_requests
         ]
-        if conversation.approval_requests_cut:
+        if conversation.approval_requests_cut or conversation.provider_conversation is not None:
+            # A provider conversation keeps items Warden does not collect: an answer made in
+            # one is no whole chain for an approval continuing it.
             entries.append({"approval_requests_cut": True})
         for call_id, tool, wire_type, decision in conversation.memo.get("refused", ()):
             # Kept from the agent, not from the provider: what the request

@@ -513,14 +513,16 @@ async def test_a_responses_chain_is_followed_newest_first(state: StateBackend) -
     await repo.record_response(ChainLink("resp_3", "ses_a", "resp_2", "[3]", "bot-b"))
     # The first record of an id stands, the agent it was made for too.
     await repo.record_response(ChainLink("resp_3", "ses_b", None, "[9]", "bot-c"))
-    # ...but a record that named no agent (a fetch made it) takes the maker's.
-    await repo.record_response(ChainLink("resp_1", "ses_z", None, "[8]", "bot-a"))
+    # ...but a record that named no agent (a fetch made it) takes the maker's: its agent,
+    # session and previous answer, and its calls beside the fetched ones.
+    await repo.record_response(ChainLink("resp_1", "ses_z", "resp_0", "[8]", "bot-a"))
     chain = await repo.chain("resp_3")
     assert [(c.response_id, c.calls, c.agent_id) for c in chain] == [
         ("resp_3", "[3]", "bot-b"),
         ("resp_2", "[2]", "bot-a"),
-        ("resp_1", "[1]", "bot-a"),
+        ("resp_1", "[8,1]", "bot-a"),
     ]
+    assert (chain[2].session_id, chain[2].previous_id) == ("ses_z", "resp_0")
     assert [c.response_id for c in await repo.chain("resp_3", limit=2)] == ["resp_3", "resp_2"]
     assert await repo.chain("resp_unknown") == []
     # A cycle (ids are the upstream's) ends the walk instead of looping.

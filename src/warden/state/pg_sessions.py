@@ -110,16 +110,36 @@ class PgSessionStore:
         return out
 
     async def record_response(self, link: ChainLink) -> None:
-        """Keep a relayed Responses answer (once: the first record of an id stands, but
-        for the agent, which a record that named none takes from this one)."""
+        """Keep a relayed Responses answer (once: the first record of an id stands; but a
+        record a fetch made, which names no agent, takes this one's agent, session and
+        previous answer, and keeps its calls beside this one's: :func:`merged_entries`)."""
 
         async def run(cur: AsyncCursor[Any]) -> None:
             await cur.execute(
                 "INSERT INTO session_responses (response_id, session_id, previous_id, calls, "
                 "created_at, agent_id) VALUES (%s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (response_id) DO UPDATE SET agent_id = excluded.agent_id "
-                "WHERE session_responses.agent_id IS NULL",
+                "ON CONFLICT (response_id) DO NOTHING",
                 chain_row(link),
+            )
+            if cur.rowcount == 1 or link.agent_id is None:
+                return
+            await cur.execute(
+                "SELECT agent_id, calls FROM session_responses WHERE response_id = %s FOR UPDATE",
+                (link.response_id,),
+            )
+            row = await cur.fetchone()
+            if row is None or row[0] is not None:
+                return  # pruned meanwhile, or its maker's record stands
+            await cur.execute(
+                "UPDATE session_responses SET agent_id = %s, session_id = %s, "
+                "previous_id = %s, calls = %s WHERE response_id = %s",
+                (
+                    link.agent_id,
+                    link.session_id,
+                    link.previous_id,
+                    merged_entries(link.calls, str(row[1])),
+                    link.response_id,
+                ),
             )
 
         await self._db.tx(run)

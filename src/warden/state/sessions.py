@@ -298,19 +298,35 @@ class SessionStore(SqliteStore):
         return out
 
     async def record_response(self, link: ChainLink) -> None:
-        """Keep a relayed Responses answer (once: the first record of an id stands, but
-        for the agent, which a record that named none takes from this one)."""
+        """Keep a relayed Responses answer (once: the first record of an id stands; but a
+        record a fetch made, which names no agent, takes this one's agent, session and
+        previous answer, and keeps its calls beside this one's: :func:`merged_entries`)."""
         await self._run(self._record_response, link)
 
     def _record_response(self, link: ChainLink) -> None:
         with immediate(self._conn) as cur:
-            cur.execute(
-                "INSERT INTO session_responses (response_id, session_id, previous_id, "
-                "calls, created_at, agent_id) VALUES (?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (response_id) DO UPDATE SET agent_id = excluded.agent_id "
-                "WHERE session_responses.agent_id IS NULL",
-                chain_row(link),
-            )
+            row = cur.execute(
+                "SELECT agent_id, calls FROM session_responses WHERE response_id = ?",
+                (link.response_id,),
+            ).fetchone()
+            if row is None:
+                cur.execute(
+                    "INSERT INTO session_responses (response_id, session_id, previous_id, "
+                    "calls, created_at, agent_id) VALUES (?, ?, ?, ?, ?, ?)",
+                    chain_row(link),
+                )
+            elif row[0] is None and link.agent_id is not None:
+                cur.execute(
+                    "UPDATE session_responses SET agent_id = ?, session_id = ?, "
+                    "previous_id = ?, calls = ? WHERE response_id = ?",
+                    (
+                        link.agent_id,
+                        link.session_id,
+                        link.previous_id,
+                        merged_entries(link.calls, str(row[1])),
+                        link.response_id,
+                    ),
+                )
 
     async def extend_response(self, link: ChainLink) -> None:
         """Merge ``link.calls`` into the link of ``link.response_id`` (a stored answer

@@ -951,3 +951,16 @@ async def test_an_answer_fetched_before_its_record_keeps_its_maker_s_chain(
     verdict, _ = await look(guard, model_call(conversation), CTX)
     assert verdict is not None  # the forged copy resp_1's request carried is in the chain
     assert "approves the hosted MCP call mcpr_1" in verdict.reasons[0]
+
+
+async def test_an_approval_continuing_an_erased_answer_is_refused(store: SessionStore) -> None:
+    from warden.state.sessions import ERASED_CALLS  # noqa: PLC0415 - what an erasure leaves
+
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+    await decide(guard, hosted_request("mcpr_1", {"query": "*"}), Effect.ALLOW)
+    # An erasure emptied resp_1's link: the approval request copies it held are gone.
+    await store.record_response(ChainLink("resp_1", "", None, ERASED_CALLS, "bot"))
+    await store.record_response(ChainLink("resp_2", "s-1", "resp_1", "[]", "bot"))
+    verdict, _ = await look(guard, model_call(continuing("resp_2", "mcpr_1")), CTX)
+    assert verdict is not None
+    assert "cannot check whole" in verdict.reasons[0]

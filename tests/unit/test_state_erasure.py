@@ -24,7 +24,7 @@ from warden.audit.subjects import SubjectKeys, SubjectMatch
 from warden.model import Action, ActionKind, Agent, RequestMeta, Stage
 from warden.state.backend import StateBackend, open_state
 from warden.state.links import CallLinks, Link, LinkOp
-from warden.state.sessions import ChainLink
+from warden.state.sessions import ERASED_CALLS, ChainLink
 
 SOURCES = ("action.arguments.customer_id", "context.customer_id", "agent.claims.sub")
 
@@ -183,6 +183,18 @@ async def test_responses_chain_links_naming_the_subject_are_emptied(
         ("r2", "", None),
         ("r1", "", "a"),
     ]
-    assert [c.calls for c in chain[1:]] == ["[]", "[]"]
+    # ...and marked: the hosted MCP approval requests they held are gone with the rest.
+    assert [c.calls for c in chain[1:]] == [ERASED_CALLS, ERASED_CALLS]
     assert "C-bob" in chain[0].calls
     assert await repo.erase(ann) == 0
+    # A maker's record coming after (the answer was fetched first) brings nothing back.
+    await repo.extend_response(ChainLink("r9", "s", None, calls({"customer_id": "C-ann"})))
+    assert await repo.erase(ann) == 1
+    await repo.record_response(ChainLink("r9", "s", "r3", calls({"customer_id": "C-ann"}), "a"))
+    (late,) = await repo.chain("r9", limit=1)
+    assert (late.calls, late.session_id, late.previous_id, late.agent_id) == (
+        ERASED_CALLS,
+        "",
+        "r3",
+        "a",
+    )

@@ -17,11 +17,13 @@ from psycopg import AsyncCursor
 from warden.state.postgres import PgDatabase
 from warden.state.repos import ErasedSubjects
 from warden.state.sessions import (
+    ERASED_CALLS,
     MAX_CHAIN,
     CallRecord,
     ChainLink,
     chain_names_erased,
     chain_row,
+    maker_row,
     merged_entries,
 )
 
@@ -124,7 +126,8 @@ class PgSessionStore:
             if cur.rowcount == 1 or link.agent_id is None:
                 return
             await cur.execute(
-                "SELECT agent_id, calls FROM session_responses WHERE response_id = %s FOR UPDATE",
+                "SELECT agent_id, calls, session_id FROM session_responses "
+                "WHERE response_id = %s FOR UPDATE",
                 (link.response_id,),
             )
             row = await cur.fetchone()
@@ -133,13 +136,7 @@ class PgSessionStore:
             await cur.execute(
                 "UPDATE session_responses SET agent_id = %s, session_id = %s, "
                 "previous_id = %s, calls = %s WHERE response_id = %s",
-                (
-                    link.agent_id,
-                    link.session_id,
-                    link.previous_id,
-                    merged_entries(link.calls, str(row[1])),
-                    link.response_id,
-                ),
+                maker_row(link, row[1], row[2]),
             )
 
         await self._db.tx(run)
@@ -271,9 +268,9 @@ class PgSessionStore:
 
         async def run(cur: AsyncCursor[Any]) -> int:
             await cur.execute(
-                "UPDATE session_responses SET calls = '[]', session_id = '' "
+                "UPDATE session_responses SET calls = %s, session_id = '' "
                 "WHERE response_id = ANY(%s)",
-                (gone,),
+                (ERASED_CALLS, gone),
             )
             return int(cur.rowcount)
 

@@ -37,12 +37,14 @@ from warden.state.base import SqliteStore, immediate
 from warden.state.repos import ErasedSubjects
 
 __all__ = [
+    "ERASED_CALLS",
     "CallRecord",
     "ChainLink",
     "SessionRepo",
     "SessionStore",
     "chain_names_erased",
     "chain_row",
+    "maker_row",
     "merged_entries",
 ]
 
@@ -140,6 +142,20 @@ class SessionRepo(Protocol):
         of their calls and session; how many. The link stays, with the agent it was made
         for: the provider still keeps the answer, and only that agent may fetch it."""
         ...
+
+
+ERASED_CALLS: Final = '[{"approval_requests_cut": true}]'
+"""The entries of a link an erasure emptied: nothing of the subject, and a mark that the
+approval request copies it held are gone (an approval continuing it is refused)."""
+
+
+def maker_row(link: ChainLink, calls: object, session_id: object) -> tuple[Any, ...]:
+    """The values a maker's record sets on a link a fetch made first (agent, session,
+    previous answer, calls merged); an erased link keeps its emptied calls and session."""
+    if session_id == "":
+        return (link.agent_id, "", link.previous_id, str(calls), link.response_id)
+    merged = merged_entries(link.calls, str(calls))
+    return (link.agent_id, link.session_id, link.previous_id, merged, link.response_id)
 
 
 def merged_entries(kept: str, added: str) -> str:
@@ -306,7 +322,7 @@ class SessionStore(SqliteStore):
     def _record_response(self, link: ChainLink) -> None:
         with immediate(self._conn) as cur:
             row = cur.execute(
-                "SELECT agent_id, calls FROM session_responses WHERE response_id = ?",
+                "SELECT agent_id, calls, session_id FROM session_responses WHERE response_id = ?",
                 (link.response_id,),
             ).fetchone()
             if row is None:
@@ -319,13 +335,7 @@ class SessionStore(SqliteStore):
                 cur.execute(
                     "UPDATE session_responses SET agent_id = ?, session_id = ?, "
                     "previous_id = ?, calls = ? WHERE response_id = ?",
-                    (
-                        link.agent_id,
-                        link.session_id,
-                        link.previous_id,
-                        merged_entries(link.calls, str(row[1])),
-                        link.response_id,
-                    ),
+                    maker_row(link, row[1], row[2]),
                 )
 
     async def extend_response(self, link: ChainLink) -> None:
@@ -430,10 +440,11 @@ class SessionStore(SqliteStore):
         with immediate(self._conn) as cur:
             rows = self._conn.execute("SELECT response_id, calls FROM session_responses")
             gone = [(r,) for r, calls in rows if chain_names_erased(erased, calls)]
-            # The link keeps its id, previous answer and agent: nothing of the subject.
+            # The link keeps its id, previous answer and agent: nothing of the subject. Its
+            # approval request copies go too, so the mark says none can be relied on.
             cur.executemany(
-                "UPDATE session_responses SET calls = '[]', session_id = '' WHERE response_id = ?",
-                gone,
+                "UPDATE session_responses SET calls = ?, session_id = '' WHERE response_id = ?",
+                [(ERASED_CALLS, r) for (r,) in gone],
             )
         return len(gone)
 

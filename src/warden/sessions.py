@@ -325,6 +325,8 @@ class SessionGuard:
         self._closing = asyncio.Event()
         """Set by :meth:`close`: a counter add that fails then is not tried again."""
         self._unwritten_links: dict[str, tuple[ChainLink, asyncio.Event]] = {}
+        self._failed_links: OrderedDict[str, ChainLink] = OrderedDict()
+        """Links whose write failed, for a fetch of their answer to rebuild (the latest)."""
         """Chain links on their way to the store, by response id: a request continuing
         (or fetching) the answer before the write commits still finds its chain."""
         self._unwritten_calls: dict[str, list[str]] = {}
@@ -710,6 +712,12 @@ class SessionGuard:
         try:
             await self._repo.record_response(link)
             self._streaming.pop(response_id, None)
+        except BaseException:
+            # A fetch waiting for this write rebuilds the link from it instead.
+            self._failed_links[response_id] = link
+            while len(self._failed_links) > _FAILED_LINKS_KEPT:
+                self._failed_links.popitem(last=False)
+            raise
         finally:
             del self._unwritten_links[response_id]
             written.set()
@@ -725,12 +733,13 @@ class SessionGuard:
             link = ChainLink(response_id, session, None, calls)
             writing = self._unwritten_links.get(response_id)
             if writing is not None:
-                # Its first record stands, so that must be written first; should it
-                # fail, this one rebuilds the whole link.
-                base = writing[0]
+                # Its first record stands, so that must be written first. Only should it
+                # fail does this one rebuild the whole link: once written, the stored link
+                # is merged with the fetch's calls alone (an erasure since then holds).
                 await writing[1].wait()
-                merged = merged_entries(base.calls, calls)
-                link = dataclasses.replace(base, calls=merged)
+            failed = self._failed_links.pop(response_id, None)
+            if failed is not None:
+                link = dataclasses.replace(failed, calls=merged_entries(failed.calls, calls))
             await self._repo.extend_response(link)
         finally:
             pending.remove(calls)
@@ -1083,6 +1092,9 @@ def _unavailable(ctx: GuardContext, what: str) -> Decision:
         guard="session",
         error="state_unavailable",
     )
+
+
+_FAILED_LINKS_KEPT: Final = 256
 
 
 def _unapproved_request(

@@ -29,6 +29,7 @@ from warden.audit.subjects import SubjectKeys
 from warden.cli_audit import main as audit_main
 from warden.config import Config
 from warden.server import Warden
+from warden.state.sessions import ERASED_CALLS
 from warden.testing import Call, MockLLM, Reply
 
 pytestmark = pytest.mark.timeout(120)
@@ -191,8 +192,9 @@ def _assert_ann_erased(state: State, audit_dir: Path) -> dict[str, Any]:
     assert bob["arguments"] == {"customer_id": BOB, "email": "c-bob@example.com"}
     assert len(bob["sha"]) == 64
     assert len(bob["binding"]) == 64
-    emptied, chain = sorted(state.chains())  # Ann's link stays, emptied: it keeps its agent
-    assert emptied == "[]"
+    # Ann's link stays, emptied (it keeps its agent), with the mark that refuses approvals.
+    chain, emptied = sorted(state.chains(), key=lambda calls: calls == ERASED_CALLS)
+    assert emptied == ERASED_CALLS
     assert BOB in chain
     assert ANN not in chain
     records = audit_records(audit_dir)

@@ -964,3 +964,34 @@ async def test_an_approval_continuing_an_erased_answer_is_refused(store: Session
     verdict, _ = await look(guard, model_call(continuing("resp_2", "mcpr_1")), CTX)
     assert verdict is not None
     assert "cannot check whole" in verdict.reasons[0]
+
+
+async def test_a_fetch_waiting_for_a_link_does_not_bring_back_what_an_erasure_took(
+    store: SessionStore, tmp_path: Path
+) -> None:
+    from warden.audit.subjects import SubjectKeys, SubjectMatch  # noqa: PLC0415
+    from warden.state.sessions import ERASED_CALLS  # noqa: PLC0415
+
+    slow = _SlowLinks(store)
+    slow.go_extend.clear()
+    guard = SessionGuard(cast(SessionRepo, slow), SessionsConfig(), TOOLS)
+    asked = responses({"input": "refund"}, "s-e")
+    customer = {"customer_id": "C-ann"}
+    await decide(guard, proposed("get_customer", customer, "call_1", asked), Effect.ALLOW)
+    writing = asyncio.create_task(guard.record_response(asked, "resp_e", "bot"))
+    await asyncio.sleep(0.01)
+    fetched = stored_answer_conversation({}, "resp_e")
+    await decide(guard, proposed("search_kb", {}, "call_2", fetched), Effect.ALLOW)
+    extending = asyncio.create_task(guard.record_response(fetched, "resp_e", "bot"))
+    slow.go.set()
+    await writing  # the answer's link is written...
+    keys = SubjectKeys.open(tmp_path / "audit")
+    erased = SubjectMatch(
+        frozenset({keys.ref("C-ann")}), ("action.arguments.customer_id",), keys.ref
+    )
+    assert await store.erase(erased) == 1  # ...and erased before the fetch's calls join it
+    slow.go_extend.set()
+    await extending
+    (link,) = await store.chain("resp_e", limit=1)
+    assert "C-ann" not in link.calls
+    assert orjson.loads(link.calls)[0] == orjson.loads(ERASED_CALLS)[0]

@@ -251,3 +251,15 @@ async def test_an_approval_of_a_stored_request_without_arguments_goes_to_the_pro
     )
     assert refused is None
     assert len(upstream.requests) == 2
+
+
+async def test_an_approval_beside_an_item_reference_is_refused(config_for: Any) -> None:
+    # The provider fills an item_reference in from anything it keeps, a copy of the
+    # approval request an earlier stored request carried among them: Warden sees none.
+    reference = {"type": "item_reference", "id": "mcpr_1"}
+    upstream, refused = await asked_and_answered(
+        config_for, [ASKED, reference, approval("mcpr_1")], session="s-1"
+    )
+    assert isinstance(refused, openai.PermissionDeniedError)
+    assert "cannot check whole" in str(refused)
+    assert len(upstream.requests) == 1

@@ -273,7 +273,8 @@ def hosted_approvals(
     Not bounded as the history is: an approval (or the request it names) past
     ``max_messages`` would otherwise go to the provider unchecked. The pass only
     looks at each item's ``type`` and parses the approval request items, at most
-    :data:`MAX_APPROVAL_REQUESTS` (the third value says there were more). Only
+    :data:`MAX_APPROVAL_REQUESTS` (the third value says there were more, or that an
+    ``item_reference`` has the provider fill in an item Warden cannot see). Only
     ``approve: false`` is a refusal: anything else may read as yes to the provider.
     """
     items = body.get("input")
@@ -289,6 +290,9 @@ def hosted_approvals(
         if kind == "mcp_approval_response" and item.get("approve") is not False:
             request_id = item.get("approval_request_id")
             approved[request_id if isinstance(request_id, str) else None] = None
+        elif kind == "item_reference":
+            # The provider fills it in from any item it keeps: a copy Warden cannot see.
+            cut = True
         elif kind == APPROVAL_REQUEST:
             if len(asked) == MAX_APPROVAL_REQUESTS:
                 cut = True

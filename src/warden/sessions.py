@@ -1149,15 +1149,10 @@ def _decided_by(record: CallRecord) -> str | None:
 def _unapproved(ctx: GuardContext, what: str) -> Decision:
     """An approval the provider would act on, of a hosted MCP call Warden never let through:
     one the agent wrote itself, rewrote, or that Warden denied."""
-    return Decision(
-        decision_id=new_id("dec"),
-        effect=Effect.DENY,
-        reasons=(
-            f"the request approves {what}, which Warden did not allow with these arguments "
-            "in this conversation; the provider would run it",
-        ),
-        mode=ctx.mode,
-        guard="session",
+    return _session_denial(
+        ctx,
+        f"the request approves {what}, which Warden did not allow with these arguments "
+        "in this conversation; the provider would run it",
     )
 
 
@@ -1165,13 +1160,17 @@ def _not_theirs(ctx: GuardContext, what: str) -> Decision:
     """Another agent's stored answer or conversation: with one upstream key for all
     (Warden's), the provider cannot keep agents apart, so Warden does. The owner is not
     named."""
+    return _session_denial(
+        ctx,
+        f"{what}; an agent may only continue, fetch or delete its own answers and conversations",
+    )
+
+
+def _session_denial(ctx: GuardContext, reason: str) -> Decision:
     return Decision(
         decision_id=new_id("dec"),
         effect=Effect.DENY,
-        reasons=(
-            f"{what}; an agent may only continue, fetch or delete its own answers and "
-            "conversations",
-        ),
+        reasons=(reason,),
         mode=ctx.mode,
         guard="session",
     )

@@ -30,6 +30,11 @@ from warden.state.sessions import (
 __all__ = ["PgSessionStore"]
 
 _ERASE_PAGE = 1000
+# A link's first record: a later one for the same answer updates it, or leaves it.
+_INSERT_LINK = (
+    "INSERT INTO session_responses (response_id, session_id, previous_id, calls, created_at, "
+    "agent_id) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (response_id) DO NOTHING"
+)
 
 
 class PgSessionStore:
@@ -118,9 +123,7 @@ class PgSessionStore:
 
         async def run(cur: AsyncCursor[Any]) -> None:
             await cur.execute(
-                "INSERT INTO session_responses (response_id, session_id, previous_id, calls, "
-                "created_at, agent_id) VALUES (%s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (response_id) DO NOTHING",
+                _INSERT_LINK,
                 chain_row(link),
             )
             if cur.rowcount == 1 or link.agent_id is None:
@@ -147,9 +150,7 @@ class PgSessionStore:
 
         async def run(cur: AsyncCursor[Any]) -> None:
             await cur.execute(
-                "INSERT INTO session_responses (response_id, session_id, previous_id, calls, "
-                "created_at, agent_id) VALUES (%s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (response_id) DO NOTHING",
+                _INSERT_LINK,
                 chain_row(link),
             )
             if cur.rowcount == 1:

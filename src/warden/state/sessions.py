@@ -49,6 +49,10 @@ __all__ = [
 ]
 
 MAX_CHAIN: Final = 256
+_INSERT_LINK: Final = (
+    "INSERT INTO session_responses (response_id, session_id, previous_id, calls, created_at, "
+    "agent_id) VALUES (?, ?, ?, ?, ?, ?)"
+)
 """How many responses back a ``previous_response_id`` chain is followed."""
 
 
@@ -327,8 +331,7 @@ class SessionStore(SqliteStore):
             ).fetchone()
             if row is None:
                 cur.execute(
-                    "INSERT INTO session_responses (response_id, session_id, previous_id, "
-                    "calls, created_at, agent_id) VALUES (?, ?, ?, ?, ?, ?)",
+                    _INSERT_LINK,
                     chain_row(link),
                 )
             elif row[0] is None and link.agent_id is not None:
@@ -350,8 +353,7 @@ class SessionStore(SqliteStore):
             ).fetchone()
             if row is None:
                 cur.execute(
-                    "INSERT INTO session_responses (response_id, session_id, previous_id, "
-                    "calls, created_at, agent_id) VALUES (?, ?, ?, ?, ?, ?)",
+                    _INSERT_LINK,
                     chain_row(link),
                 )
                 return

@@ -322,13 +322,16 @@ class SessionGuard:
         """Counters of sessions this process alone adds to (``Conversation.owned``), by key:
         read from the store once, then kept here as decided."""
         self._adding = tasks.Tasks("session-counters")
+        self._adding_now: dict[str, asyncio.Event] = {}
+        """The key whose deltas are on their way to the store, set once they are counted
+        there and no longer here: a read meanwhile could find them in both."""
         self._closing = asyncio.Event()
         """Set by :meth:`close`: a counter add that fails then is not tried again."""
         self._unwritten_links: dict[str, tuple[ChainLink, asyncio.Event]] = {}
-        self._failed_links: OrderedDict[str, ChainLink] = OrderedDict()
-        """Links whose write failed, for a fetch of their answer to rebuild (the latest)."""
         """Chain links on their way to the store, by response id: a request continuing
         (or fetching) the answer before the write commits still finds its chain."""
+        self._failed_links: OrderedDict[str, ChainLink] = OrderedDict()
+        """Links whose write failed, for a fetch of their answer to rebuild (the latest)."""
         self._unwritten_calls: dict[str, list[str]] = {}
         """Entries a fetched answer adds to its link, by response id, until written."""
         self._conversations = IdOwners(repo, "conversation", ttl_s=config.ttl_s)
@@ -433,11 +436,14 @@ class SessionGuard:
         if kept is not None:
             self._owned.move_to_end(key)
             return dict(kept)  # no one else adds to them: no read from the store
+        while (adding := self._adding_now.get(key)) is not None:
+            # The store may have them already while they are still counted here: a
+            # read now would count them twice, and deny what the policy allows.
+            await adding.wait()
         counters = await self._repo.counters(key) if self._repo is not None else {}
         unadded = self._unadded.get(key)
         if unadded:
-            # Added on disk in a moment (or just now: then counted twice for one
-            # read, which errs on the cautious side); never counted short.
+            # Not yet on their way to the store: counted here, never short.
             for name, delta in unadded.items():
                 counters[name] = counters.get(name, 0) + delta
         if owned:
@@ -507,31 +513,39 @@ class SessionGuard:
         while self._unadded:
             key = next(iter(self._unadded))
             deltas = Counter(self._unadded[key])
+            adding = self._adding_now[key] = asyncio.Event()
+            error: Exception | None = None
             try:
                 await self._repo.add(key, deltas)
             except Exception as exc:
-                failures += 1
-                if self._closing.is_set():
-                    log.error(
-                        "session counters of %d session(s) not stored, the store failing as "
-                        "Warden stops: %s",
-                        len(self._unadded),
-                        type(exc).__name__,
-                    )
-                    self._unadded.clear()
-                    return
-                log.warning("could not add to session counters: %s", type(exc).__name__)
-                self._unadded[key] = self._unadded.pop(key)  # the others first, next time
-                with contextlib.suppress(TimeoutError):
-                    pause = min(_ADD_RETRY_MAX_S, _ADD_RETRY_S * 2 ** min(failures, 8))
-                    await asyncio.wait_for(self._closing.wait(), pause)
+                error = exc
+            else:
+                left = self._unadded.pop(key, None)
+                if left is not None:
+                    left.subtract(deltas)  # what was decided meanwhile stays
+                    if remaining := +left:
+                        self._unadded[key] = remaining
+            finally:
+                del self._adding_now[key]
+                adding.set()
+            if error is None:
+                failures = 0
                 continue
-            failures = 0
-            left = self._unadded.pop(key, None)
-            if left is not None:
-                left.subtract(deltas)  # what was decided meanwhile stays
-                if remaining := +left:
-                    self._unadded[key] = remaining
+            failures += 1
+            if self._closing.is_set():
+                log.error(
+                    "session counters of %d session(s) not stored, the store failing as "
+                    "Warden stops: %s",
+                    len(self._unadded),
+                    type(error).__name__,
+                )
+                self._unadded.clear()
+                return
+            log.warning("could not add to session counters: %s", type(error).__name__)
+            self._unadded[key] = self._unadded.pop(key)  # the others first, next time
+            with contextlib.suppress(TimeoutError):
+                pause = min(_ADD_RETRY_MAX_S, _ADD_RETRY_S * 2 ** min(failures, 8))
+                await asyncio.wait_for(self._closing.wait(), pause)
 
     def settled(self, action: Action, decision: Decision) -> None:
         """The final word on a held call: approved (let through), refused or deferred.

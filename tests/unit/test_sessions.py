@@ -272,11 +272,13 @@ class SlowAdds:
     def __init__(self, store: SessionStore) -> None:
         self.store = store
         self.release = asyncio.Event()
+        self.adding = asyncio.Event()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
 
     async def add(self, session_id: str, deltas: Any) -> dict[str, int]:
+        self.adding.set()
         await self.release.wait()
         return await self.store.add(session_id, deltas)
 
@@ -286,20 +288,56 @@ async def test_counters_are_added_off_the_decision_path_and_never_counted_short(
 ) -> None:
     slow = SlowAdds(store)
     guard = SessionGuard(cast("Any", slow), SessionsConfig(), TOOLS)
-    convo = chat()
-    # Each decision returns while its add is still waiting for the store ...
-    for i in range(3):
-        action = proposed("get_order", {"order_id": f"A-{i}"}, f"c{i}", convo)
-        await asyncio.wait_for(decide(guard, action, Effect.ALLOW), 5)
-    # ... and the next one still sees every call decided before it.
-    _, ctx = await look(guard, proposed("draft_reply", {}, "c9", chat()), CTX)
-    assert ctx.session["calls"] == {"get_order": 3}
+    # A decision returns while its add is still waiting for the store ...
+    first = proposed("get_order", {"order_id": "A-1"}, "c1", chat())
+    await asyncio.wait_for(decide(guard, first, Effect.ALLOW), 5)
+    # ... and so does one in another session, which sees only its own.
+    other = proposed("get_order", {"order_id": "A-2"}, "c2", chat(session="s-2"))
+    ctx = await asyncio.wait_for(decide(guard, other, Effect.ALLOW), 5)
+    assert ctx.session["calls"] == {}
+    # The next one in the first session waits for the add on its way (the store
+    # could count it already), then sees it once.
+    await asyncio.wait_for(slow.adding.wait(), 5)
+    nxt = asyncio.create_task(look(guard, proposed("draft_reply", {}, "c9", chat()), CTX))
+    await asyncio.sleep(0.05)
+    assert not nxt.done()
     assert await store.counters("bot\x1fs-1") == {}
     slow.release.set()
+    _, ctx = await asyncio.wait_for(nxt, 5)
+    assert ctx.session["calls"] == {"get_order": 1}
     await guard.close()
-    assert await store.counters("bot\x1fs-1") == {"calls:get_order": 3}
+    assert await store.counters("bot\x1fs-1") == {"calls:get_order": 1}
+    assert await store.counters("bot\x1fs-2") == {"calls:get_order": 1}
     _, ctx = await look(guard, proposed("draft_reply", {}, "c9", chat()), CTX)
-    assert ctx.session["calls"] == {"get_order": 3}  # not counted twice once stored
+    assert ctx.session["calls"] == {"get_order": 1}  # not counted twice once stored
+
+
+class AddedBeforeReturn(SlowAdds):
+    """A session store whose counter adds commit, then return only when released."""
+
+    async def add(self, session_id: str, deltas: Any) -> dict[str, int]:
+        after = await self.store.add(session_id, deltas)
+        await self.release.wait()
+        return after
+
+
+async def test_counters_an_add_committed_but_not_returned_are_counted_once(
+    store: SessionStore,
+) -> None:
+    # The store has the add before the guard hears back from it: a read then finds
+    # the call there and among the ones decided here. Counted twice, a policy
+    # limiting calls per session would deny the call it allows.
+    committed = AddedBeforeReturn(store)
+    guard = SessionGuard(cast("Any", committed), SessionsConfig(), TOOLS)
+    await decide(guard, proposed("get_order", {"order_id": "A-1"}, "c1", chat()), Effect.ALLOW)
+    while await store.counters("bot\x1fs-1") == {}:  # noqa: ASYNC110 - bounded by the test timeout
+        await asyncio.sleep(0.001)
+    nxt = asyncio.create_task(look(guard, proposed("draft_reply", {}, "c9", chat()), CTX))
+    await asyncio.sleep(0.01)
+    committed.release.set()
+    _, ctx = await asyncio.wait_for(nxt, 5)
+    assert ctx.session["calls"] == {"get_order": 1}
+    await guard.close()
 
 
 class FailingAdds(SlowAdds):

@@ -421,6 +421,8 @@ class Governor:
         metrics.child(metrics.TOKENS, who, label, "output").inc(usage.output_tokens)
         if usage.cached_input_tokens:
             metrics.child(metrics.TOKENS, who, label, "cached").inc(usage.cached_input_tokens)
+        if written := usage.cache_write_tokens + usage.cache_write_1h_tokens:
+            metrics.child(metrics.TOKENS, who, label, "cache_write").inc(written)
 
 
 def _count(action: Action, decision: Decision) -> None:

@@ -341,6 +341,11 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    """Input written to the provider's prompt cache for five minutes (Anthropic counts
+    it apart from ``input_tokens``, and bills it above input)."""
+    cache_write_1h_tokens: int = 0
+    """Input written to the prompt cache for an hour (billed higher still)."""
 
 
 @dataclass(frozen=True, slots=True)

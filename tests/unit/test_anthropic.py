@@ -702,6 +702,39 @@ def test_usage_follows_message_delta_totals() -> None:
     assert rewriter.usage == Usage(480, 40, 2048)
 
 
+def test_usage_counts_cache_writes_apart_from_input() -> None:
+    # Anthropic's input_tokens leaves out what was written to the prompt cache.
+    body = {
+        "usage": {
+            "input_tokens": 12,
+            "output_tokens": 3,
+            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": 190_000,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": 0,
+                "ephemeral_1h_input_tokens": 190_000,
+            },
+        }
+    }
+    assert ADAPTER.usage(body) == Usage(
+        12, 3, 0, cache_write_tokens=0, cache_write_1h_tokens=190_000
+    )
+    body["usage"].pop("cache_creation")
+    assert ADAPTER.usage(body) == Usage(12, 3, 0, cache_write_tokens=190_000)
+    # Streamed: message_start's counts, then message_delta's running totals.
+    rewriter = ADAPTER.stream_rewriter()
+    start = events("anthropic_text.sse")[0]
+    list(rewriter.feed(start))
+    assert rewriter.usage is not None
+    assert rewriter.usage.cache_write_tokens == 0
+    delta = {
+        "delta": {"stop_reason": "end_turn"},
+        "usage": {"output_tokens": 9, "cache_creation_input_tokens": 5_000},
+    }
+    list(rewriter.feed(event("message_delta", delta)))
+    assert rewriter.usage == Usage(25, 9, 0, cache_write_tokens=5_000)
+
+
 def test_sdk_accepts_the_recorded_streams_unchanged() -> None:
     message = accumulate(events("anthropic_tools.sse"))
     assert [b.type for b in message.content] == ["text", "tool_use", "tool_use"]

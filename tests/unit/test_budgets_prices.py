@@ -54,6 +54,20 @@ def test_cost_counts_cached_tokens_as_the_provider_reports_them() -> None:
     assert anthropic.usd == pytest.approx(0.8 + 0.4 * 0.08 + 4.0)
 
 
+def test_cost_counts_cache_writes_above_input() -> None:
+    # A prompt behind a cache breakpoint that never hits again is billed as a write on
+    # every call: 1.25 times input for five minutes, twice for an hour.
+    table = PriceTable.shipped()
+    usage = Usage(input_tokens=10, output_tokens=0, cache_write_tokens=190_000)
+    assert table.cost("anthropic", "claude-opus-4-1", usage).usd == pytest.approx(
+        (10 * 15.0 + 190_000 * 15.0 * 1.25) / 1e6
+    )
+    hour = Usage(input_tokens=10, cache_write_tokens=1_000, cache_write_1h_tokens=190_000)
+    assert table.cost("anthropic", "claude-opus-4-1", hour).usd == pytest.approx(
+        (10 * 15.0 + 1_000 * 15.0 * 1.25 + 190_000 * 15.0 * 2.0) / 1e6
+    )
+
+
 def test_override_file_adds_models_and_replaces_the_default(tmp_path: Path) -> None:
     file = tmp_path / "prices.yaml"
     file.write_text(

@@ -457,16 +457,20 @@ def outcome_body(
     _, result_paths = _split_redactions(redact)
     result, redacted, full_hash = _result_body(outcome.result, result_paths)
     usage = outcome.usage
-    return {
-        "status": outcome.status,
-        "latency_ms": outcome.latency_ms,
-        "tokens": None
-        if usage is None
-        else {
+    tokens: dict[str, int] | None = None
+    if usage is not None:
+        tokens = {
             "input": usage.input_tokens,
             "output": usage.output_tokens,
             "cached_input": usage.cached_input_tokens,
-        },
+        }
+        if usage.cache_write_tokens or usage.cache_write_1h_tokens:
+            tokens["cache_write"] = usage.cache_write_tokens
+            tokens["cache_write_1h"] = usage.cache_write_1h_tokens
+    return {
+        "status": outcome.status,
+        "latency_ms": outcome.latency_ms,
+        "tokens": tokens,
         "cost": cost,
         "error": outcome.error,
         "is_error": outcome.is_error,

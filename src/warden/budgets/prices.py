@@ -2,11 +2,12 @@
 
 Cost of one response, in USD::
 
-    uncached * input + cached * cached_input + output_tokens * output   (per 1e6)
+    uncached * input + cached * cached_input + output_tokens * output
+      + cache writes * input * 1.25 (five minutes) or 2 (an hour)   (per 1e6)
 
 where ``uncached`` is the input tokens less the cached ones when the provider
 counts cached tokens inside its input count (OpenAI), else all input tokens
-(Anthropic reports cache reads separately).
+(Anthropic reports cache reads and writes separately).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from warden.model import Usage
 __all__ = ["Price", "PriceTable", "Priced"]
 
 _PER = 1_000_000
+_CACHE_WRITE_5M = 1.25
+"""A prompt-cache write for five minutes, against the model's input price (Anthropic)."""
+_CACHE_WRITE_1H = 2.0
+"""A prompt-cache write for an hour, against the model's input price (Anthropic)."""
 _SNAPSHOT = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|latest|preview)")
 """What may follow a listed name and keep its price: a dated snapshot or an alias of it.
 Anything else is another model (``o3-pro`` costs ten times ``o3``): priced as unknown."""
@@ -149,10 +154,15 @@ class PriceTable:
         uncached = max(0, usage.input_tokens)
         if prov is None or prov.input_includes_cached:
             uncached = max(0, uncached - cached)
+        written = (
+            max(0, usage.cache_write_tokens) * _CACHE_WRITE_5M
+            + max(0, usage.cache_write_1h_tokens) * _CACHE_WRITE_1H
+        )
         usd = (
             uncached * price.input
             + cached * price.cached_input
             + usage.output_tokens * price.output
+            + written * price.input
         ) / _PER
         return Priced(usd=usd, known=known)
 

@@ -83,7 +83,8 @@ ADDED_LATENCY = Histogram(
 )
 TOKENS = Counter(
     "warden_tokens_total",
-    "Tokens reported by providers, by agent, model and direction (input, output, cached).",
+    "Tokens reported by providers, by agent, model and direction "
+    "(input, output, cached, cache_write).",
     ["agent", "model", "direction"],
 )
 ERRORS = Counter(

@@ -343,7 +343,7 @@ class AnthropicMessagesAdapter:
         return out
 
     def usage(self, body: Mapping[str, Any]) -> Usage | None:
-        """``usage.input_tokens`` / ``output_tokens`` / ``cache_read_input_tokens``."""
+        """``usage.input_tokens`` / ``output_tokens``, cache reads and cache writes."""
         usage = body.get("usage")
         if not isinstance(usage, dict):
             return None
@@ -365,11 +365,32 @@ class AnthropicMessagesAdapter:
 
 
 def _usage(usage: Mapping[str, Any]) -> Usage:
+    five, hour = _cache_writes(usage) or (0, 0)
     return Usage(
         input_tokens=token_count(usage.get("input_tokens")) or 0,
         output_tokens=token_count(usage.get("output_tokens")) or 0,
         cached_input_tokens=token_count(usage.get("cache_read_input_tokens")) or 0,
+        cache_write_tokens=five,
+        cache_write_1h_tokens=hour,
     )
+
+
+def _cache_writes(usage: Mapping[str, Any]) -> tuple[int, int] | None:
+    """Input written to the prompt cache, for five minutes and for an hour (``None``: not
+    given). ``input_tokens`` leaves it out: unread, a prompt behind a cache breakpoint
+    that never hits again would cost nothing."""
+    total = token_count(usage.get("cache_creation_input_tokens"))
+    split = usage.get("cache_creation")
+    five = hour = None
+    if isinstance(split, dict):
+        five = token_count(split.get("ephemeral_5m_input_tokens"))
+        hour = token_count(split.get("ephemeral_1h_input_tokens"))
+    if total is None and five is None and hour is None:
+        return None
+    hour = hour or 0
+    # The total is the provider's count; a split that says more than it wins.
+    total = max(total or 0, (five or 0) + hour)
+    return total - hour, hour
 
 
 _PASSED: Final = frozenset({"ping", "error"})
@@ -642,11 +663,16 @@ class AnthropicStreamRewriter(StreamStatus):
             output = token_count(usage.get("output_tokens"))
             given = token_count(usage.get("input_tokens"))
             cached = token_count(usage.get("cache_read_input_tokens"))
+            written = _cache_writes(usage)
             self._usage = dataclasses.replace(
                 current,
                 input_tokens=current.input_tokens if given is None else given,
                 output_tokens=current.output_tokens if output is None else output,
                 cached_input_tokens=current.cached_input_tokens if cached is None else cached,
+                cache_write_tokens=current.cache_write_tokens if written is None else written[0],
+                cache_write_1h_tokens=(
+                    current.cache_write_1h_tokens if written is None else written[1]
+                ),
             )
         delta = obj.get("delta")
         # Read only now: the calls closed before this event have been resolved.

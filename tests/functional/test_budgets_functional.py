@@ -146,7 +146,7 @@ async def test_settled_refunds_reach_the_shipped_policy_as_input_budget(
             {"role": "tool", "tool_call_id": call.id, "content": "refunded 90.00 USD"},
         ]
         await c.chat.completions.create(model="gpt-4o-mini", messages=history)
-        spent = await wait_for(tmp_path, "refunds", "customer:C-42", lambda v: v[0] > 0)
+        spent = await wait_for(tmp_path, "refunds", "customer:c-42", lambda v: v[0] > 0)
         assert spent == (90.0, 0.0)
         second = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert not second.choices[0].message.tool_calls

@@ -221,8 +221,8 @@ async def test_a_refund_naming_no_customer_needs_approval_not_a_free_pass(
         (call,) = second.choices[0].message.tool_calls or []
         assert call.type == "function"
         assert call.function.name == "issue_refund"
-    assert await counter(tmp_path, "refunds", "customer:C-9") == (0.0, 100.0)
-    assert await counter(tmp_path, "refunds", "customer:C-1") == (0.0, 0.0)
+    assert await counter(tmp_path, "refunds", "customer:c-9") == (0.0, 100.0)
+    assert await counter(tmp_path, "refunds", "customer:c-1") == (0.0, 0.0)
     first_record = decisions_for(tmp_path, "issue_refund")[0]
     assert first_record["effect"] == "require_approval"
     assert first_record["guard"] == "budget"

@@ -175,8 +175,8 @@ async def test_policy_sees_counters_and_allowed_value_is_reserved_then_settled(
     await pipeline.outcome(first, "dec", Outcome(result="refunded"))
     assert await spent(store, "refunds", DAY, "agent:bot") == (120.0, 0.0)
     # The argument names the customer; the context's customer is not charged.
-    assert await spent(store, "refunds", DAY, "customer:C-1") == (120.0, 0.0)
-    assert await spent(store, "refunds", DAY, "customer:C-ctx") == (0.0, 0.0)
+    assert await spent(store, "refunds", DAY, "customer:c-1") == (120.0, 0.0)
+    assert await spent(store, "refunds", DAY, "customer:c-ctx") == (0.0, 0.0)
 
     await pipeline.decide(tool("issue_refund", order_id="A-2", amount=5, customer_id="C-1"))
     assert policy.seen[-1]["refunds"]["day"]["agent"] == {
@@ -403,8 +403,8 @@ async def test_the_customer_comes_from_the_arguments_by_json_pointer(store: Stat
     pipeline, _, _ = build(store, NESTED)
     action = tool("issue_refund", account={"customer": "C-7"}, refund={"amount": 40})
     assert (await pipeline.decide(action)).effect is Effect.ALLOW
-    assert await spent(store, "refunds", DAY, "customer:C-7") == (0.0, 40.0)
-    assert await spent(store, "refunds", DAY, "customer:C-ctx") == (0.0, 0.0)
+    assert await spent(store, "refunds", DAY, "customer:c-7") == (0.0, 40.0)
+    assert await spent(store, "refunds", DAY, "customer:c-ctx") == (0.0, 0.0)
 
 
 async def test_the_currency_beside_a_nested_value_is_checked(store: StateStore) -> None:
@@ -426,7 +426,7 @@ async def test_without_the_argument_the_context_names_the_customer(store: StateS
     pipeline, _, _ = build(store, NESTED)
     action = tool("issue_refund", refund={"amount": 40})
     assert (await pipeline.decide(action)).effect is Effect.ALLOW
-    assert await spent(store, "refunds", DAY, "customer:C-ctx") == (0.0, 40.0)
+    assert await spent(store, "refunds", DAY, "customer:c-ctx") == (0.0, 40.0)
 
 
 async def test_when_argument_and_context_disagree_the_argument_is_charged(
@@ -442,7 +442,7 @@ async def test_when_argument_and_context_disagree_the_argument_is_charged(
     decision = await pipeline.decide(second)
     assert decision.effect is Effect.DENY
     assert "refunds cap for customer C-2" in decision.reason
-    assert await spent(store, "refunds", DAY, "customer:C-1") == (0.0, 0.0)
+    assert await spent(store, "refunds", DAY, "customer:c-1") == (0.0, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -499,11 +499,35 @@ async def test_a_customer_argument_that_is_not_an_id_is_denied(
     assert "refunds cap: the argument at /customer_id is not a customer id" in decision.reason
 
 
+async def test_every_spelling_of_one_customer_id_shares_its_counter(store: StateStore) -> None:
+    # A backend reads "042", " 42", "+42", "4_2" and "42.0" as the customer 42
+    # (pydantic does), and many compare ids without case: one cap, not one per spelling.
+    pipeline, _, _ = build(store, {"caps": [{**REFUNDS, "per": ["customer"], "limit": 100}]})
+    first = tool("issue_refund", amount=90, customer_id=42)
+    assert (await pipeline.decide(first)).effect is Effect.ALLOW
+    for spelling in ("042", " 42", "+42", "4_2", "42.0", "４２", "4.2e1"):
+        again = tool("issue_refund", amount=90, customer_id=spelling)
+        decision = await pipeline.decide(again)
+        assert decision.effect is Effect.DENY, spelling
+        assert "refunds cap for customer 42" in decision.reason
+    named = tool("issue_refund", amount=90, customer_id="C-7")
+    assert (await pipeline.decide(named)).effect is Effect.ALLOW
+    for spelling in ("c-7", " C-7 ", "Ｃ-7"):
+        decision = await pipeline.decide(tool("issue_refund", amount=90, customer_id=spelling))
+        assert decision.effect is Effect.DENY, spelling
+    assert await spent(store, "refunds", DAY, "customer:42") == (0.0, 90.0)
+    assert await spent(store, "refunds", DAY, "customer:c-7") == (0.0, 90.0)
+    # Not every number-like id is a number: these stay themselves.
+    for other in ("42.5", "nan", "inf", "0x2a"):
+        decision = await pipeline.decide(tool("issue_refund", amount=90, customer_id=other))
+        assert decision.effect is Effect.ALLOW, other
+
+
 async def test_a_null_customer_argument_counts_as_absent(store: StateStore) -> None:
     pipeline, _, _ = build(store)
     action = tool("issue_refund", amount=10, customer_id=None)
     assert (await pipeline.decide(action)).effect is Effect.ALLOW
-    assert await spent(store, "refunds", DAY, "customer:C-ctx") == (0.0, 10.0)
+    assert await spent(store, "refunds", DAY, "customer:c-ctx") == (0.0, 10.0)
 
 
 async def test_a_capped_tool_is_counted_whatever_kind_of_call_names_it(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import unicodedata
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -16,6 +18,7 @@ __all__ = [
     "Uncountable",
     "budget_document",
     "customer_of",
+    "customer_subject",
     "over_reason",
     "window_key",
 ]
@@ -73,9 +76,44 @@ def customer_of(
 
 
 def _customer_id(value: Any, where: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+    """A customer id as a backend would read it: one spelling per number.
+
+    Backends normalise what they are given (pydantic reads ``"042"``, ``" 42"``,
+    ``"+42"``, ``"4_2"`` and ``"42.0"`` as the integer 42), so keying a counter on
+    the text as sent would give one customer a cap per spelling. Case is folded
+    where the counter is named (:func:`customer_subject`).
+    """
+    if isinstance(value, bool) or not isinstance(value, str | int):
         raise Uncountable(f"{where} is not a customer id (a non-empty string or an integer)")
-    return str(value)[:MAX_CUSTOMER_CHARS]
+    if isinstance(value, int):
+        return str(value)[:MAX_CUSTOMER_CHARS]
+    text = unicodedata.normalize("NFKC", value).strip()
+    if not text:
+        raise Uncountable(f"{where} is not a customer id (a non-empty string or an integer)")
+    number = _integral(text)
+    return (text if number is None else str(number))[:MAX_CUSTOMER_CHARS]
+
+
+def customer_subject(customer: str) -> str:
+    """The counter subject of a customer (from :func:`customer_of`): case folded, as
+    many backends compare ids. Ids that are two customers to a strict backend then
+    share a counter, which errs on the cap."""
+    return f"customer:{customer.casefold()}"
+
+
+def _integral(text: str) -> int | None:
+    """The integer ``text`` spells, as Python (and so pydantic) parses one, else ``None``."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(number) or not number.is_integer():
+        return None
+    return int(number)
 
 
 def budget_document(

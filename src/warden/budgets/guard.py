@@ -38,6 +38,7 @@ from warden.budgets.caps import (
     Uncountable,
     budget_document,
     customer_of,
+    customer_subject,
     over_reason,
     window_key,
 )
@@ -351,7 +352,7 @@ class BudgetGuard:
                 if per == "agent":
                     subject, who = agent, "this agent"
                 elif customer is not None:
-                    subject, who = f"customer:{customer}", f"customer {customer}"
+                    subject, who = customer_subject(customer), f"customer {customer}"
                 else:
                     unkeyed.append(cap)  # never skipped: the cap's `missing` applies
                     continue

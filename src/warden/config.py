@@ -593,7 +593,10 @@ class LlmBudgetConfig(_Section):
     """``None`` counts spend without capping it."""
     over: Literal["deny", "require_approval"] = "deny"
     estimate_usd: float = Field(0.0, ge=0)
-    """Held per call before its cost is known; the actual cost is settled after."""
+    """The least held per call before its cost is known; the actual cost is settled after.
+    A call whose request Warden reads holds what it can cost, if more."""
+    unbounded_output_tokens: int = Field(8192, ge=1)
+    """The output a request that sets no bound (``max_tokens`` and its kin) is held at."""
 
 
 def _json_pointer(value: str) -> str:

@@ -20,6 +20,7 @@ __all__ = [
     "Action",
     "ActionKind",
     "Agent",
+    "CallSize",
     "Conversation",
     "Decision",
     "Effect",
@@ -349,6 +350,20 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class CallSize:
+    """What a model request says of its own size, before the provider answers.
+
+    A spend cap holds what the call can cost from it: input priced from the body's
+    size, output from the request's bound (``None``: it sets none), ``choices``
+    answers of it.
+    """
+
+    input_bytes: int
+    max_output_tokens: int | None = None
+    choices: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What happened after an action was let through.
 
@@ -400,6 +415,8 @@ class Action:
     its keys, so the policy sees it (``input.action.meta``) and the record keeps it.
     Not bound by approvals (a progress token differs every time). ``None`` for every
     other action."""
+    size: CallSize | None = None
+    """A model call's size as its request states it (``None``: the door cannot read it)."""
     request_sha256: str | None = None
     """Set by a door whose action is an HTTP request it forwards: :func:`request_sha256` of
     it. An approval binds it, so a deferred approval lets only these very bytes through, not

@@ -159,30 +159,35 @@ async def test_llm_spend_is_settled_from_usage_and_then_capped(
     tmp_path: Path, llm: MockLLM
 ) -> None:
     # The default price (unknown model) is 15 USD per million input tokens and
-    # 75 per million output: a few calls pass a cap of a fraction of a cent.
-    config = make_config(tmp_path, llm.url, budgets={"llm": {"limit_usd": 0.0004, "window": "day"}})
+    # 75 per million output: a call bounded to 4 output tokens can cost about
+    # 0.0007 USD (its input estimated from the body's size), and fits a cap of 0.002.
+    config = make_config(tmp_path, llm.url, budgets={"llm": {"limit_usd": 0.002, "window": "day"}})
     agent = "agent:support-triage"
     async with Warden(config) as warden, client(warden) as c:
         llm.script(Reply(text="one two three"))
-        await c.chat.completions.create(model="house-model", messages=MESSAGES)
+        await c.chat.completions.create(model="house-model", messages=MESSAGES, max_tokens=4)
         first = await wait_for(tmp_path, "llm", agent, lambda v: v[0] > 0)
-        # 4 prompt words and 3 output words at the default price.
-        assert first[0] == pytest.approx((4 * 15 + 3 * 75) / 1e6)
+        # Settled from usage: 4 prompt words and 3 output words at the default price.
+        assert first == pytest.approx(((4 * 15 + 3 * 75) / 1e6, 0.0))
         llm.script(Reply(text="four five six seven"))
         stream = await c.chat.completions.create(
             model="house-model",
             messages=MESSAGES,
             stream=True,
             stream_options={"include_usage": True},
+            max_completion_tokens=4,
         )
         async for _ in stream:
             pass
         second = await wait_for(tmp_path, "llm", agent, lambda v: v[0] > first[0])
         assert second[0] == pytest.approx(first[0] + (4 * 15 + 4 * 75) / 1e6)
+        # A request that bounds no output is held at 8,192 output tokens: 0.61 USD.
         with pytest.raises(openai.PermissionDeniedError) as denied:
             await c.chat.completions.create(model="house-model", messages=MESSAGES)
+        llm.script(Reply(text="eight"))
+        await c.chat.completions.create(model="house-model", messages=MESSAGES, max_tokens=4)
     assert "LLM spend cap for this agent" in str(denied.value)
-    assert "today" in str(denied.value)
+    assert "today; this model call of 0.61 would pass it" in str(denied.value)
     # The spend is evidence too: each outcome record carries its cost.
     costs = [
         r["outcome"]["cost"] for r in audit_records(tmp_path / "audit") if r["kind"] == "outcome"

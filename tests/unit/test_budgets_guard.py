@@ -21,6 +21,7 @@ from warden.model import (
     Action,
     ActionKind,
     Agent,
+    CallSize,
     Decision,
     Effect,
     Mode,
@@ -33,6 +34,9 @@ from warden.model import (
 from warden.pipeline import AuditSink, GuardContext, Pipeline
 from warden.pointers import pointer_get
 from warden.protocols import mcp
+from warden.protocols.anthropic import AnthropicMessagesAdapter
+from warden.protocols.openai_chat import OpenAIChatAdapter
+from warden.protocols.openai_responses import OpenAIResponsesAdapter
 from warden.state import StateStore
 
 NOW = datetime(2026, 11, 27, 23, 30, tzinfo=ZoneInfo("UTC")).timestamp()
@@ -110,7 +114,7 @@ def tool(
     )
 
 
-def llm_call(model: str = "gpt-4o-mini") -> Action:
+def llm_call(model: str = "gpt-4o-mini", size: CallSize | None = None) -> Action:
     return Action(
         action_id=new_id("act"),
         agent=Agent("bot"),
@@ -119,6 +123,7 @@ def llm_call(model: str = "gpt-4o-mini") -> Action:
         stage=Stage.EXECUTED,
         request=RequestMeta("POST", "openai", "/v1/chat/completions"),
         model=model,
+        size=size,
     )
 
 
@@ -359,6 +364,38 @@ async def test_an_answered_call_whose_usage_never_came_is_spent_at_its_estimate(
     assert await spent(store, "llm", DAY, "agent:bot") == (0.25, 0.0)
 
 
+async def test_model_calls_in_flight_together_hold_what_each_can_cost(store: StateStore) -> None:
+    # Thirty calls at once, each able to cost 3 USD (claude-opus-4-1 at 75 USD per
+    # million output tokens, 40,000 of them), against a cap of 5: held at 0, all
+    # thirty would pass, and 90 USD be spent.
+    pipeline, _, _ = build(store, {"llm": {"limit_usd": 5.0}})
+    big = CallSize(input_bytes=0, max_output_tokens=40_000)
+    calls = [llm_call("claude-opus-4-1", big) for _ in range(30)]
+    decisions = await asyncio.gather(*(pipeline.decide(call) for call in calls))
+    assert sum(d.effect is Effect.ALLOW for d in decisions) == 1
+    assert await spent(store, "llm", DAY, "agent:bot") == pytest.approx((0.0, 3.0))
+    denied = next(d for d in decisions if d.effect is Effect.DENY)
+    assert "this model call of 3.00 would pass it" in denied.reason
+    # Settled to what it cost, the room comes back.
+    allowed = calls[[d.effect for d in decisions].index(Effect.ALLOW)]
+    await pipeline.outcome(allowed, "dec", Outcome(status=200, usage=Usage(10, 100)))
+    used, held = await spent(store, "llm", DAY, "agent:bot")
+    assert (used, held) == pytest.approx(((10 * 15 + 100 * 75) / 1e6, 0.0))
+
+
+async def test_a_model_call_is_held_at_its_input_output_and_answers(store: StateStore) -> None:
+    pipeline, _, _ = build(store, {"llm": {"limit_usd": 100.0, "unbounded_output_tokens": 1000}})
+    # gpt-4o-mini: 0.15 USD per million input tokens, 0.60 per million output.
+    sized = llm_call(size=CallSize(input_bytes=4_000, max_output_tokens=500, choices=3))
+    await pipeline.decide(sized)
+    held = (1_000 * 0.15 + 500 * 3 * 0.60) / 1e6
+    assert await spent(store, "llm", DAY, "agent:bot") == pytest.approx((0.0, held))
+    unbounded = llm_call(size=CallSize(input_bytes=0))
+    await pipeline.decide(unbounded)
+    more = held + 1_000 * 0.60 / 1e6
+    assert await spent(store, "llm", DAY, "agent:bot") == pytest.approx((0.0, more))
+
+
 async def test_fifty_concurrent_actions_against_room_for_ten(store: StateStore) -> None:
     pipeline, _, _ = build(store)
     decisions = await asyncio.gather(
@@ -566,3 +603,21 @@ def test_malformed_pointers_are_refused_at_start(pointer: str) -> None:
     cap = {**REFUNDS, "customer": {"argument": pointer}}
     with pytest.raises(ValidationError, match="JSON pointer"):
         BudgetsConfig.model_validate({"caps": [cap]})
+
+
+@pytest.mark.parametrize(
+    ("adapter", "body", "bound", "choices"),
+    [
+        (OpenAIChatAdapter(), {"max_completion_tokens": 300, "max_tokens": 9, "n": 2}, 300, 2),
+        (OpenAIChatAdapter(), {"max_tokens": 9}, 9, 1),
+        (OpenAIChatAdapter(), {"max_tokens": True, "n": -1}, None, 1),
+        (OpenAIResponsesAdapter(), {"max_output_tokens": 700}, 700, 1),
+        (AnthropicMessagesAdapter(), {"max_tokens": 1024}, 1024, 1),
+        (AnthropicMessagesAdapter(), {}, None, 1),
+    ],
+)
+def test_each_model_api_states_its_output_bound_and_answers(
+    adapter: Any, body: dict[str, Any], bound: int | None, choices: int
+) -> None:
+    parsed = adapter.parse_request({"model": "m", "messages": [], **body})
+    assert (parsed.max_output_tokens, parsed.choices) == (bound, choices)

@@ -323,7 +323,7 @@ class BudgetGuard:
                         LLM_COUNTER,
                         window_key(llm.window, now),
                         agent,
-                        llm.estimate_usd,
+                        max(llm.estimate_usd, self._llm_bound(action, llm.unbounded_output_tokens)),
                         llm.limit_usd,
                     ),
                     currency="USD",
@@ -489,6 +489,24 @@ class BudgetGuard:
                 metrics.SPENT.labels(line.cap, line.window, agent).set(counter.spent)
                 metrics.RESERVED.labels(line.cap, line.window, agent).set(counter.reserved + extra)
 
+    def _llm_bound(self, action: Action, unbounded_output: int) -> float:
+        """What a model call can cost as its request states it, in USD (0: unknown).
+
+        Held until the call settles, so calls in flight together cannot all pass a
+        cap that each alone fits: the output at the request's bound (every answer
+        it asks for), the input at the body's size.
+        """
+        size = action.size
+        if size is None:
+            return 0.0
+        provider = self._providers.get(action.request.upstream, action.request.upstream)
+        output = size.max_output_tokens or unbounded_output
+        most = Usage(
+            input_tokens=-(-size.input_bytes // _BYTES_PER_TOKEN),
+            output_tokens=output * size.choices,
+        )
+        return self.prices.cost(provider, action.model, most).usd
+
     def _llm_cost(self, action: Action, usage: Usage) -> float:
         provider = self._providers.get(action.request.upstream, action.request.upstream)
         priced = self.prices.cost(provider, action.model, usage)
@@ -503,6 +521,11 @@ class BudgetGuard:
         if len(self._held) > MAX_HELD:
             # The oldest reservation is left for expiry to settle.
             self._held.popitem(last=False)
+
+
+_BYTES_PER_TOKEN = 4
+"""About what a token of English text takes in a request body (JSON included): an
+estimate of the input, where the output has the request's own bound."""
 
 
 def _brief(exc: BaseException) -> str:

@@ -78,6 +78,7 @@ from warden.killswitch import KillSwitches
 from warden.model import (
     Action,
     ActionKind,
+    CallSize,
     Decision,
     Effect,
     Outcome,
@@ -428,6 +429,7 @@ class _Exchange:
         self._turn: Turn | None = None
         self._adapter: Adapter | None = None
         self._stream = False
+        self._size: CallSize | None = None
         self._hide_usage = False
         self._action: Action | None = None
         self._decision: Decision | None = None
@@ -683,6 +685,7 @@ class _Exchange:
         parsed_body = _wire.request_object(body)
         parsed = adapter.parse_request(parsed_body)
         self._stream = parsed.stream
+        self._size = CallSize(len(body), parsed.max_output_tokens, parsed.choices)
         conversation = conversation_of(
             adapter.name, parsed_body, self._headers, self._svc.config.sessions
         )
@@ -744,6 +747,7 @@ class _Exchange:
             request=turn.request,
             model=turn.model,
             context=turn.context,
+            size=self._size,
         )
         decision = await self._core.decide(action)
         if decision.enforced is not Effect.ALLOW:

@@ -66,6 +66,7 @@ from warden.model import (
     Action,
     ActionKind,
     Agent,
+    CallSize,
     Conversation,
     Decision,
     Effect,
@@ -329,6 +330,7 @@ class ProxyApp:
         arguments: DeclaredArguments | None = None
         conversation: Conversation | None = None
         outgoing: Mapping[str, Any] | None = None  # the model request as it goes upstream
+        size: CallSize | None = None
         if adapter is not None and route.match.parse_request:
             parsed_body = _parse_json_request(request, body)
             parsed = adapter.parse_request(parsed_body)
@@ -349,6 +351,7 @@ class ProxyApp:
             # What was decided on is what is sent: a key given twice reaches the
             # provider once, as Warden read it, whatever its own parser keeps.
             body = _wire.request_bytes(outgoing)
+            size = CallSize(len(body), parsed.max_output_tokens, parsed.choices)
         elif route.match.stream_query:
             stream = any(
                 v.strip().lower() in ("true", "1") for v in request.query.getall("stream", ())
@@ -397,6 +400,7 @@ class ProxyApp:
             context=call.turn.context,
             tool=tool.tool if tool is not None else None,
             arguments=tool.arguments if tool is not None else None,
+            size=size if kind is ActionKind.LLM_CALL else None,
             # What an approval covers: the path and query as forwarded, the body as decided on.
             request_sha256=request_sha256(
                 request.method,

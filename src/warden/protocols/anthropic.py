@@ -296,6 +296,7 @@ class AnthropicMessagesAdapter:
             tool_results=tuple(results),
             tools=declared_tools.anthropic(body),
             arguments=declared_arguments.anthropic(body),
+            max_output_tokens=token_count(body.get("max_tokens")),
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:

@@ -70,6 +70,10 @@ class ParsedRequest:
     arguments: DeclaredArguments | None = None
     """The argument names the request declares for the tools the agent runs, checked
     against each call (:mod:`warden.protocols.declared_arguments`); ``None``: none."""
+    max_output_tokens: int | None = None
+    """The most output the request allows (``max_tokens`` and its kin); ``None``: unbounded."""
+    choices: int = 1
+    """How many answers the request asks for (Chat Completions ``n``)."""
 
 
 class StreamRewriter(Protocol):

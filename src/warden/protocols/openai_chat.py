@@ -260,6 +260,10 @@ class OpenAIChatAdapter:
             tool_results=tuple(results),
             tools=declared_tools.openai_chat(body),
             arguments=declared_arguments.openai_chat(body),
+            # max_tokens is the older name; the provider takes the newer one first.
+            max_output_tokens=token_count(body.get("max_completion_tokens"))
+            or token_count(body.get("max_tokens")),
+            choices=max(1, token_count(body.get("n")) or 1),
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:

@@ -85,6 +85,7 @@ from warden.protocols._wire import (
     misspelled_key,
     parse_arguments,
     refuse_misspelled_request,
+    token_count,
 )
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
 from warden.protocols.sse import SseEvent
@@ -658,6 +659,7 @@ class OpenAIResponsesAdapter:
             tool_results=tuple(results),
             tools=declared_tools.openai_responses(body),
             arguments=declared_arguments.openai_responses(body),
+            max_output_tokens=token_count(body.get("max_output_tokens")),
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:

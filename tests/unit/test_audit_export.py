@@ -8,6 +8,7 @@ import csv
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from hashlib import sha256
 from pathlib import Path
@@ -568,3 +569,190 @@ async def test_a_quiet_log_signs_its_checkpoint_again_with_the_time(tmp_path: Pa
         assert checkpoint_time(again.text()) > checkpoint_time(first.text())  # type: ignore[operator]
     finally:
         await log.close()
+
+
+def _at(hour_minute: str) -> str:
+    return f"2026-11-26T{hour_minute}:00.000000Z"
+
+
+def _edges(out: Path) -> list[tuple[str, int]]:
+    return [(e["side"], e["seq"]) for e in orjson.loads((out / "edges.json").read_bytes())]
+
+
+@pytest.mark.parametrize("edges", ["dropped", "kept"])
+async def test_an_emptied_package_does_not_pass_as_an_empty_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edges: str
+) -> None:
+    """The review's attack: every record of an honest package cut, its selection redone."""
+    root = tmp_path / "audit"
+    await _hourly_log(root, monkeypatch)
+    out = tmp_path / "evidence"
+    period = Selection(start=_at("09:00"), end=_at("11:00"))
+    assert export_log(root, out, selection=period).records == 3
+    (out / "records.jsonl").write_bytes(b"")
+    (out / "proofs.jsonl").write_bytes(b"")
+    if edges == "dropped":
+        (out / "edges.json").write_bytes(b"[]")
+    _rescope(out, first_seq=None, last_seq=None, records=0)
+    _remanifest(out)
+    vkey = (root / "keys" / "checkpoint.vkey").read_text().strip()
+    failures, _ = verify_package(out, vkey)
+    # Kept, the edges are records 0 and 4: not adjacent, so records lie between them.
+    needed = 0 if edges == "dropped" else 1
+    assert any(f"record {needed}, after the run, is not shown" in f for f in failures), failures
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-I", str(out / "verify_evidence.py"), str(out), "--key", vkey],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "edges"),
+    [
+        ("10:40", "11:00", [("before", 3), ("after", 4)]),  # between two records
+        ("07:00", "07:30", [("after", 0)]),  # before the log's first record
+        (None, "07:30", [("after", 0)]),
+        ("11:45", "11:50", [("before", 4)]),  # after the last, under a checkpoint of 12:00
+    ],
+)
+async def test_a_period_without_records_is_proven_empty(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    start: str | None,
+    end: str,
+    edges: list[tuple[str, int]],
+) -> None:
+    root = tmp_path / "audit"
+    await _hourly_log(root, monkeypatch)
+    out = tmp_path / "evidence"
+    period = Selection(start=_at(start) if start else None, end=_at(end))
+    assert export_log(root, out, selection=period).records == 0
+    assert _edges(out) == edges
+    failures, notes = verify_package(out)
+    assert failures == []
+    assert any("covers no records for the period" in n for n in notes)
+
+
+@pytest.mark.parametrize(
+    ("period", "changes", "why"),
+    [
+        # Both edges are outside 09:00-10:15, but after it: records 1 and 2 lie before them.
+        (("10:40", "11:00"), {"from": _at("09:00"), "to": _at("10:15")}, "record 3, before"),
+        (("10:40", "11:00"), {"from": None}, "holds no record, but the package names no 'from'"),
+        (("10:40", "11:00"), {"to": _at("11:45")}, "record 4, after the run, is not shown"),
+        (("11:45", "11:50"), {"to": _at("13:00")}, "is from before the period's end"),
+    ],
+)
+async def test_an_empty_package_declaring_another_period_fails(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    period: tuple[str, str],
+    changes: dict[str, object],
+    why: str,
+) -> None:
+    root = tmp_path / "audit"
+    await _hourly_log(root, monkeypatch)
+    out = tmp_path / "evidence"
+    selection = Selection(start=_at(period[0]), end=_at(period[1]))
+    assert export_log(root, out, selection=selection).records == 0
+    assert verify_package(out)[0] == []
+    failures = _rescoped_failures(out, **changes)
+    assert any(why in f for f in failures), failures
+
+
+class _SetClock:
+    """Stands in for the audit log's clock: says whatever time the test set last."""
+
+    def __init__(self, time: str) -> None:
+        self.time = time
+
+    def now(self) -> str:
+        return self.time
+
+
+@pytest.mark.parametrize("where", ["waiting to share an fsync", "being written"])
+async def test_a_checkpoint_is_dated_no_later_than_a_record_it_leaves_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A record stamped but not yet durable when a checkpoint is signed is not in it: the
+    checkpoint's time must not pass the record's, or a period ending then would lack it."""
+    log = await AuditLog.open(AuditConfig(dir=str(tmp_path / "audit"), checkpoint_interval_s=3600))
+    clock = _SetClock(_at("10:00"))
+    monkeypatch.setattr(log, "_clock", clock)
+    gate = threading.Event()
+    try:
+        await log.record_decision(sample_action(0), sample_decision())
+        clock.time = _at("10:01")
+        if where == "being written":
+            # The I/O thread is held up: the next batch is handed over, not yet written.
+            log._io.submit(gate.wait, (5,), lambda *_: None)
+        urgent = where == "being written"
+        waiting = asyncio.create_task(log.append("note", {"n": 1}, urgent=urgent))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert (log._inflight if urgent else log._records)[0]["seq"] == 1
+        assert log.size == 1  # stamped at 10:01, not durable
+        clock.time = _at("10:02")
+        signing = asyncio.create_task(log.checkpoint())
+        await asyncio.sleep(0)  # signed; storing it waits for the I/O thread
+        gate.set()
+        checkpoint = await signing
+        await waiting
+        assert checkpoint is not None
+        assert checkpoint.size == 1
+        assert checkpoint_time(checkpoint.text()) == _at("10:01")
+    finally:
+        gate.set()
+        await log.close()
+
+
+async def test_two_packages_meeting_at_a_checkpoints_time_leave_no_record_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Record 3 is stamped at 09:30 but not durable when the checkpoint over 0..2 is
+    # signed at 09:40. Dated 09:40, that checkpoint would let a package end at 09:40
+    # without record 3, and the next package, from 09:40, would start after it.
+    root = tmp_path / "audit"
+    log = await AuditLog.open(AuditConfig(dir=str(root), checkpoint_interval_s=3600))
+    clock = _SetClock(_at("09:00"))
+    monkeypatch.setattr(log, "_clock", clock)
+    for i, when in enumerate(("09:00", "09:10", "09:20")):
+        clock.time = _at(when)
+        await log.record_decision(sample_action(i), sample_decision())
+    clock.time = _at("09:30")
+    waiting = asyncio.create_task(log.append("note", {"n": 3}, urgent=False))
+    await asyncio.sleep(0)
+    clock.time = _at("09:40")
+    early = await log.checkpoint()
+    assert early is not None
+    assert early.size == 3
+    await waiting
+    clock.time = _at("09:50")
+    await log.record_decision(sample_action(4), sample_decision())
+    clock.time = _at("12:00")
+    await log.close()
+    # The first package is made while the early checkpoint is the latest.
+    stale = tmp_path / "stale-log"
+    shutil.copytree(root, stale)
+    (stale / "checkpoints" / f"{5:020d}").unlink()
+    shutil.copy(stale / "checkpoints" / f"{3:020d}", stale / "checkpoint")
+    first, second = tmp_path / "first", tmp_path / "second"
+    result = export_log(stale, first, selection=Selection(start=_at("09:00"), end=_at("11:00")))
+    declared = orjson.loads((first / "selection.json").read_bytes())["to"]
+    export_log(root, second, selection=Selection(start=declared, end=_at("11:00")))
+    assert verify_package(first)[0] == []
+    assert verify_package(second)[0] == []
+    seqs = [
+        orjson.loads(line)["seq"]
+        for out in (first, second)
+        for line in (out / "records.jsonl").read_bytes().splitlines()
+    ]
+    assert seqs == [0, 1, 2, 3, 4]
+    assert (result.records, result.signed_at, result.shortened) == (3, _at("09:30"), True)
+    # The first package declared up to when its checkpoint was signed: record 3 is missing.
+    failures = _rescoped_failures(first, to=_at("09:40"))
+    assert any("is from before the period's end" in f for f in failures), failures

@@ -142,7 +142,10 @@ class _Loaded:
     """The activation in force for each selected decision, by sequence number."""
     edges: tuple[tuple[int, bytes] | None, tuple[int, bytes] | None] = (None, None)
     """The records just before and just after the selected run (unfiltered selections):
-    outside the period, they prove no record of it was left out at either end."""
+    outside the period, they prove no record of it was left out at either end. With no
+    record selected, the adjacent pair the period falls between: the last record dated
+    before it (``None``: the period starts before record 0) and the next one (``None``:
+    the period ends past the checkpoint's last record)."""
 
 
 class _Between:
@@ -173,6 +176,28 @@ class _Between:
         return held
 
 
+class _Gap:
+    """Where a period without records falls in the signed log, for an unfiltered package.
+
+    An empty package proves nothing by itself: whoever cut the records out could
+    have left it empty too. The last record dated before the period's start and
+    the one right after it (``None`` past the checkpoint's last record), both
+    proven in the signed tree, show nothing lies between (times not going back).
+    """
+
+    def __init__(self, start: str | None) -> None:
+        self._start = start
+        self.edges: tuple[tuple[int, bytes] | None, tuple[int, bytes] | None] = (None, None)
+
+    def feed(self, seq: int, payload: bytes, record: Mapping[str, Any]) -> None:
+        """The next record the checkpoint covers, in order."""
+        before, after = self.edges
+        if self._start is not None and record.get("time", "") < self._start:
+            self.edges = ((seq, payload), None)
+        elif after is None and seq == (before[0] + 1 if before is not None else 0):
+            self.edges = (before, (seq, payload))
+
+
 def _load(root: Path, selection: Selection, verifier: NoteVerifier | None) -> _Loaded:
     report = verify_log(root, verifier=verifier)
     if not report.ok and not (len(report.damage) == 1 and report.damage[0].kind == "torn"):
@@ -195,11 +220,13 @@ def _load(root: Path, selection: Selection, verifier: NoteVerifier | None) -> _L
     previous: tuple[int, bytes] | None = None
     before: tuple[int, bytes] | None = None
     after: tuple[int, bytes] | None = None
+    gap = _Gap(selection.start)
     for seq, payload in iter_records(root):
         tree.append(leaf_hash(payload))
         record = orjson.loads(payload)
         if seq < size:
             changes.feed(seq, record)
+            gap.feed(seq, payload, record)
         if not selection.matches(record):
             if selected and seq < size:
                 between.hold((seq, payload, record))
@@ -218,7 +245,10 @@ def _load(root: Path, selection: Selection, verifier: NoteVerifier | None) -> _L
                     links[entry[0]] = link
         else:
             uncovered += 1
-    edges = (before, after) if selection.agent is None and selected else (None, None)
+    # Filtered, other agents' records are not in the package: no edge can prove anything.
+    edges = (
+        (None, None) if selection.agent is not None else (before, after) if selected else gap.edges
+    )
     return _Loaded(tree, checkpoint, notes[size], notes, selected, uncovered, changes, links, edges)
 
 
@@ -245,8 +275,9 @@ def export_log(
     signed = _latest_signed(root)
     shortened = selection.end is not None and signed is not None and signed < selection.end
     if shortened:
-        # What the signed log can vouch for: no record written before the checkpoint was
-        # signed is missing from it. The period is declared up to then, not beyond.
+        # What the signed log can vouch for: the log dates a checkpoint no later than any
+        # record it leaves out, so none dated before then is missing from it. The period
+        # is declared up to then, not beyond.
         selection = dataclasses.replace(selection, end=signed)
     loaded = _load(root, selection, verifier)
     if fmt == "csv":
@@ -404,9 +435,10 @@ a separate channel and compare it with `log-key.vkey`.
     python3 verify_evidence.py . --key "<the verifier key the operator gave you>"
 
 It checks all of the steps below and exits with status 0 when everything holds.
-Without an agent filter the records must form one unbroken run; the script
-prints the run and the period it covers (from `selection.json`): check they
-are what you asked for.
+Without an agent filter the records must form one unbroken run, and
+`edges.json` holds the records just outside it (for a package with no record,
+the two records the period falls between); the script prints the run and the
+period it covers (from `selection.json`): check they are what you asked for.
 Never pass it the key in this package (`log-key.vkey`): whoever made the
 package chose that one, and a package rebuilt and signed again with another
 key would pass. The script refuses to run without `--key` unless you say

@@ -256,6 +256,8 @@ class AuditLog:
         self._unsynced = False
         self._frames: list[bytes] = []
         self._records: list[Mapping[str, Any]] = []  # the frames' records, for followers
+        self._inflight: list[Mapping[str, Any]] = []
+        """The records of the batch on the I/O thread: stamped, numbered, not yet durable."""
         self._waiters: list[asyncio.Future[None]] = []
         self._followers: list[Follower] = []
         self._erasers: list[SubjectEraser] = []
@@ -710,6 +712,7 @@ class AuditLog:
         self._frames, self._records, self._waiters = [], [], []
         state = TreeState(self._compact.size, bytes.fromhex(self._last_hex), self._compact.hashes)
         self._writing = True
+        self._inflight = records  # a reference, no copy: checkpoints read their stamps
         self._io.submit(
             self._io_call,
             (self._writer.write_batch, frames, state, self._sync_each_batch),
@@ -725,6 +728,7 @@ class AuditLog:
         error: BaseException | None,
     ) -> None:
         """On the loop: a batch is durable (or failed); release its appenders."""
+        self._inflight = []
         if error is not None:
             self._fail(error)
             failure = f"the audit log failed: {error}"
@@ -793,13 +797,15 @@ class AuditLog:
     async def checkpoint(self, *, refresh: bool = False) -> Checkpoint | None:
         """Sign and store a checkpoint of every record written so far.
 
-        Each carries the time it was signed (the extension line ``time
-        <RFC 3339>``): whoever checks an evidence package learns that no record
-        written before then is missing from it. Returns ``None`` when nothing
-        was added since the last checkpoint, unless ``refresh``: then the last
-        one is signed again with the time now, so a quiet log still vouches
-        for the hours it had nothing to add. Raises :class:`AuditError` if the
-        log failed or the checkpoint cannot be stored (which fails the log).
+        Each carries a time (the extension line ``time <RFC 3339>``): when it
+        was signed, or the time of the earliest record already stamped but not
+        yet durable (so not in it) when that is earlier. Whoever checks an
+        evidence package learns that no record dated before then is missing
+        from it. Returns ``None`` when nothing was added since the last
+        checkpoint, unless ``refresh``: then the last one is signed again with
+        a new time, so a quiet log still vouches for the hours it had nothing
+        to add. Raises :class:`AuditError` if the log failed or the
+        checkpoint cannot be stored (which fails the log).
         """
         async with self._checkpoint_lock:
             if self._failure is not None:
@@ -809,7 +815,14 @@ class AuditLog:
                 return None
             if state.size == self._checkpointed and not refresh:
                 return None
-            signed = self._clock.now()
+            # Records are stamped before they are durable (a batch being fsynced, outcomes
+            # coalescing): those past ``state`` may be dated before now. The time must
+            # not pass the earliest of them, or a period ending at it would lack them.
+            # Only the in-flight batch and the pending one are not durable, and no
+            # ``await`` since reading ``state`` let another record be stamped.
+            signed = min(
+                (self._clock.now(), *(r["time"] for r in (*self._inflight, *self._records)))
+            )
             ckpt = Checkpoint(
                 self._meta.origin,
                 state.size,

@@ -405,14 +405,16 @@ def _check_scope(
                 f"record {record.get('seq')} is dated {record.get('time')!r}, outside "
                 "the period the package declares"
             )
-    if agent is None and seqs:
-        _check_edges(pkg, scope, (seqs[0], seqs[-1]), report, size=size, root=root, signed=signed)
+    if agent is None:
+        # With no record, the edges alone show the period empty: never skipped.
+        run = (seqs[0], seqs[-1]) if seqs else None
+        _check_edges(pkg, scope, run, report, size=size, root=root, signed=signed)
 
 
 def _check_edges(
     pkg: Path,
     scope: dict[str, object],
-    run: tuple[int, int],
+    run: tuple[int, int] | None,
     report: _Report,
     *,
     size: int,
@@ -427,6 +429,13 @@ def _check_edges(
     after the period's end (an older checkpoint would hide the records written
     after it). Assumes record times do not go back (a clock stepped back could
     place a later record of the period after that edge).
+
+    With no record (``run`` is ``None``) the edges must be adjacent and hold the
+    period between them: the one before dated before its start (or none: the
+    period starts before record 0), the one after dated at or after its end (or
+    none: the checkpoint ends right after the one before and was signed at or
+    after the period's end). Merely outside the period is not enough here: two
+    edges both dated after it would hide the records of the period before them.
     """
     path = pkg / "edges.json"
     edges: dict[str, tuple[int, dict[str, object]]] = {}
@@ -441,6 +450,12 @@ def _check_edges(
             report.fail(f"edges.json: record {edge['seq']} is not proven in the signed tree")
             continue
         edges[str(edge["side"])] = (edge["seq"], record)
+    empty = run is None
+    if run is None:
+        # The empty run sits right after the edge before (or at the log's start).
+        before = edges.get("before")
+        first = before[0] + 1 if before is not None else 0
+        run = (first, first - 1)
     first, last = run
     for side, needed, bound in (("before", first - 1, "from"), ("after", last + 1, "to")):
         if needed < 0:
@@ -449,24 +464,44 @@ def _check_edges(
             end = scope.get(bound)
             if isinstance(end, str) and (signed is None or signed < end):
                 when = f"signed at {signed}" if signed else "carrying no time"
+                cut = f"the run ends at record {last}, the last the checkpoint covers"
+                if empty:
+                    cut = f"the package holds no record and the checkpoint ends at record {last}"
                 report.fail(
-                    f"the run ends at record {last}, the last the checkpoint covers, and the "
-                    f"checkpoint ({when}) is from before the period's end: records of the "
-                    "period written after it may be missing (export once a checkpoint from "
-                    "after the period's end exists)"
+                    f"{cut}, and the checkpoint ({when}) is from before the period's end: "
+                    "records of the period written after it may be missing (export once a "
+                    "checkpoint from after the period's end exists)"
                 )
             continue
         edge = edges.get(side)
         if scope.get(bound) is None:
-            report.fail(
-                f"the run of records ends at record {first if side == 'before' else last}, "
-                f"but the package names no {bound!r} for its period: records are missing"
+            reach = (
+                "the package holds no record"
+                if empty
+                else f"the run of records {'starts' if side == 'before' else 'ends'} at record "
+                f"{first if side == 'before' else last}"
             )
-        elif edge is None or edge[0] != needed or _in_period(edge[1], scope):
+            report.fail(
+                f"{reach}, but the package names no {bound!r} for its period: records are missing"
+            )
+        elif (
+            edge is None
+            or edge[0] != needed
+            or _in_period(edge[1], scope)
+            or (empty and not _beyond(edge[1], scope, bound))
+        ):
             report.fail(
                 f"record {needed}, {side} the run, is not shown to be outside the period: "
                 "records of the period may have been left out"
             )
+
+
+def _beyond(record: dict[str, object], scope: dict[str, object], bound: str) -> bool:
+    """Whether ``record`` is dated before the period's ``from`` or at/after its ``to``."""
+    when, edge = record.get("time"), scope.get(bound)
+    if not (isinstance(when, str) and isinstance(edge, str)):
+        return False
+    return when < edge if bound == "from" else when >= edge
 
 
 _TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")

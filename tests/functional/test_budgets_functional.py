@@ -193,3 +193,22 @@ async def test_llm_spend_is_settled_from_usage_and_then_capped(
         r["outcome"]["cost"] for r in audit_records(tmp_path / "audit") if r["kind"] == "outcome"
     ]
     assert costs[:2] == [pytest.approx(first[0]), pytest.approx(second[0] - first[0])]
+
+
+async def test_embeddings_are_charged_to_the_llm_cap(tmp_path: Path, llm: MockLLM) -> None:
+    # Embeddings carry no tool calls, but they are billed: by the request's model and
+    # the answer's usage.prompt_tokens (0.13 USD per million on text-embedding-3-large).
+    config = make_config(tmp_path, llm.url, budgets={"llm": {"limit_usd": 1.0, "window": "day"}})
+    agent = "agent:support-triage"
+    texts = ["refund policy for damaged goods", "how long do refunds take"]
+    async with Warden(config) as warden, client(warden) as c:
+        answer = await c.embeddings.create(model="text-embedding-3-large", input=texts)
+        assert len(answer.data) == 2
+        words = sum(len(t.split()) for t in texts)
+        assert answer.usage.prompt_tokens == words
+        spent = await wait_for(tmp_path, "llm", agent, lambda v: v[0] > 0)
+        assert spent == pytest.approx((words * 0.13 / 1e6, 0.0))
+    costs = [
+        r["outcome"]["cost"] for r in audit_records(tmp_path / "audit") if r["kind"] == "outcome"
+    ]
+    assert costs == [pytest.approx(words * 0.13 / 1e6)]

@@ -419,6 +419,37 @@ async def test_the_agents_own_report_is_its_word_and_releases_nothing(
     assert outcomes[first.decision_id]["is_error"] is True  # recorded all the same
 
 
+async def test_a_model_call_the_agent_says_failed_stays_spent(tmp_path: Path) -> None:
+    # Warden never sees a model call checked over gRPC: it holds estimate_usd, and
+    # the agent's word that it failed (or a report with no usage) does not give it back.
+    budgets = {"llm": {"limit_usd": 1.0, "estimate_usd": 0.4}}
+    llm = pb.CheckRequest(action=pb.Action(kind="llm_call", model="gpt-4o"))
+    failed = "upstream_error"
+    async with (
+        Warden(grpc_config(tmp_path, budgets=budgets)) as w,
+        grpc.aio.insecure_channel(w.grpc_address) as ch,
+    ):
+        assert w.core is not None
+        stub: Any = pb_grpc.GovernanceStub(ch)
+        checks = []
+        # A runner the operator trusts may say it failed: that releases.
+        checks.append(await stub.Check(llm))
+        said = pb.ReportOutcomeRequest(decision_id=checks[-1].decision_id, error=failed)
+        await stub.ReportOutcome(said, metadata=RUNNER)
+        await w.core.background.drain()
+        # The agent's own word does not, failed or answered without usage.
+        checks.append(await stub.Check(llm))
+        said = pb.ReportOutcomeRequest(decision_id=checks[-1].decision_id, error=failed)
+        await stub.ReportOutcome(said)
+        checks.append(await stub.Check(llm))
+        await stub.ReportOutcome(pb.ReportOutcomeRequest(decision_id=checks[-1].decision_id))
+        await w.core.background.drain()
+        checks.append(await stub.Check(llm))
+    assert [c.effect for c in checks] == [pb.EFFECT_ALLOW] * 3 + [pb.EFFECT_DENY]
+    assert checks[-1].guard == "budget"
+    assert "0.80 of 1.00 USD used today" in checks[-1].reason
+
+
 async def test_an_outcome_reported_after_a_restart_still_finds_its_decision(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -344,7 +344,8 @@ async def test_a_failed_upstream_call_costs_nothing(store: StateStore) -> None:
     call = llm_call()
     await pipeline.decide(call)
     assert await spent(store, "llm", DAY, "agent:bot") == (0.0, 0.25)
-    await pipeline.outcome(call, "dec", Outcome(error="upstream_timeout"))
+    # Seen by Warden (the proxy): released. The agent's word alone would not be.
+    await pipeline.outcome(call, "dec", Outcome(error="upstream_timeout"), trusted=True)
     assert await spent(store, "llm", DAY, "agent:bot") == (0.0, 0.0)
 
 
@@ -356,11 +357,15 @@ async def test_an_answered_call_whose_usage_never_came_is_spent_at_its_estimate(
     pipeline, _, _ = build(store, {"llm": {"limit_usd": 1.0, "estimate_usd": 0.25}})
     call = llm_call()
     await pipeline.decide(call)
-    await pipeline.outcome(call, "dec", Outcome(status=200, error="client_disconnected"))
+    await pipeline.outcome(
+        call, "dec", Outcome(status=200, error="client_disconnected"), trusted=True
+    )
     assert await spent(store, "llm", DAY, "agent:bot") == (0.25, 0.0)
     refused = llm_call()
     await pipeline.decide(refused)
-    await pipeline.outcome(refused, "dec", Outcome(status=429, error="upstream_error"))
+    await pipeline.outcome(
+        refused, "dec", Outcome(status=429, error="upstream_error"), trusted=True
+    )
     assert await spent(store, "llm", DAY, "agent:bot") == (0.25, 0.0)
 
 

@@ -284,9 +284,15 @@ class BudgetGuard:
         elif action.kind is ActionKind.LLM_CALL:
             # No usage: an error answer (or none) is not billed, but a 2xx whose usage
             # never came (the agent hung up mid-stream, a background response) was:
-            # spent as held, the estimate, not released to 0.
-            answered = outcome.status is not None and outcome.status < 400
-            actual = None if answered else {LLM_COUNTER: 0.0}
+            # spent as held, not released to 0. Only a failure Warden saw (or a runner
+            # it trusts reported) releases: the agent's own word cannot (gRPC outcomes).
+            failed = (
+                outcome.status >= 400
+                if outcome.status is not None
+                else outcome.error is not None or outcome.is_error
+            )
+            released = failed and (trusted or self.config.trust_agent_results)
+            actual = {LLM_COUNTER: 0.0} if released else None
         elif (outcome.is_error or outcome.error) and (trusted or self.config.trust_agent_results):
             actual = {}  # it did not happen: release
         else:

@@ -1103,6 +1103,7 @@ class _Exchange:
                 usage=self._usage,
                 error=self._error,
             ),
+            trusted=True,  # a model call Envoy showed Warden
         )
 
 

@@ -35,6 +35,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import aiohttp
+import orjson
 from aiohttp import web
 from yarl import URL
 
@@ -325,7 +326,7 @@ class ProxyApp:
         adapter = route.match.adapter
         model: str | None = None
         hide_usage = False
-        stream = False
+        stream = route.match.stream_query and _stream_asked(request)
         declared: tuple[dict[str, Any], ...] = ()
         arguments: DeclaredArguments | None = None
         conversation: Conversation | None = None
@@ -352,10 +353,8 @@ class ProxyApp:
             # provider once, as Warden read it, whatever its own parser keeps.
             body = _wire.request_bytes(outgoing)
             size = CallSize(len(body), parsed.max_output_tokens, parsed.choices)
-        elif route.match.stream_query:
-            stream = any(
-                v.strip().lower() in ("true", "1") for v in request.query.getall("stream", ())
-            )
+        elif route.match.metered:
+            model, size = _metered_request(body)
         tool, refused = self._tool_request(request, route, body)
         if refused is not None:
             return refused
@@ -474,6 +473,8 @@ class ProxyApp:
         target = upstream.base_url + "/" + call.route.forward_path
         url = URL(target + _query(request), encoded=True)
         timeout = call.route.timeout
+        # A model call's failure Warden sees releases its hold (a tool API's may have run).
+        seen = action.kind is ActionKind.LLM_CALL
         sent = time.perf_counter()
         try:
             upstream_resp = await self._session.request(
@@ -488,7 +489,9 @@ class ProxyApp:
             )
         except Exception as exc:
             error = _upstream_error(exc, call.route.name)
-            self._core.outcome(action, decision, Outcome(error=error.code, latency_ms=_ms(sent)))
+            self._core.outcome(
+                action, decision, Outcome(error=error.code, latency_ms=_ms(sent)), trusted=seen
+            )
             raise error from None
         try:
             status = upstream_resp.status
@@ -498,6 +501,7 @@ class ProxyApp:
                     action,
                     decision,
                     Outcome(status=status, error=refused.code, latency_ms=_ms(sent)),
+                    trusted=seen,
                 )
                 raise refused
             content_type = upstream_resp.headers.get("Content-Type", "")
@@ -545,7 +549,12 @@ class ProxyApp:
         try:
             raw = await _read_upstream(upstream_resp)
         except UpstreamError as exc:
-            self._core.outcome(action, decision, Outcome(error=exc.code, latency_ms=_ms(sent)))
+            self._core.outcome(
+                action,
+                decision,
+                Outcome(error=exc.code, latency_ms=_ms(sent)),
+                trusted=action.kind is ActionKind.LLM_CALL,
+            )
             raise
         upstream_s = time.perf_counter() - sent
         metrics.child(metrics.UPSTREAM_LATENCY, call.route.name).observe(upstream_s)
@@ -553,6 +562,8 @@ class ProxyApp:
         headers = hdr.response_headers(upstream_resp.headers)
         headers[hdr.DECISION_HEADER] = decision.decision_id
         usage: Usage | None = None
+        if call.route.match.metered and 200 <= upstream_resp.status < 300:
+            usage = _metered_usage(raw)
         if adapter is not None:
             # Parsed as leniently as the SDKs parse it, whatever the content type
             # says; the agent then gets exactly what was parsed and decided.
@@ -594,7 +605,9 @@ class ProxyApp:
                 result=http_tool.result_text(raw),
                 is_error=not 200 <= upstream_resp.status < 300,
             )
-        self._core.outcome(action, decision, outcome, trusted=call.tool is not None)
+        # Warden saw it: a tool API's answer, a model call's.
+        trusted = call.tool is not None or action.kind is ActionKind.LLM_CALL
+        self._core.outcome(action, decision, outcome, trusted=trusted)
         metrics.child(metrics.ADDED_LATENCY, call.route.name).observe(
             pre_s + time.perf_counter() - post_started
         )
@@ -660,6 +673,7 @@ class ProxyApp:
             Outcome(
                 status=upstream_resp.status, latency_ms=upstream_s * 1e3, usage=usage, error=error
             ),
+            trusted=True,  # a model call's stream, seen by Warden
         )
         if error is not None:
             metrics.child(metrics.ERRORS, error).inc()
@@ -796,6 +810,32 @@ def _decode_path(raw_path: str) -> list[str]:
             raise RequestError("path must not contain NUL or other control characters")
         segments.append(segment)
     return segments
+
+
+def _stream_asked(request: web.Request) -> bool:
+    """Whether a route that streams on request (``GET responses/{id}``) is asked to."""
+    return any(v.strip().lower() in ("true", "1") for v in request.query.getall("stream", ()))
+
+
+def _metered_request(body: bytes) -> tuple[str | None, CallSize]:
+    """The model a metered request names (embeddings), and its size: input only."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        parsed = None
+    model = parsed.get("model") if isinstance(parsed, dict) else None
+    return (model if isinstance(model, str) else None), CallSize(len(body), 0)
+
+
+def _metered_usage(raw: bytes) -> Usage | None:
+    """``usage.prompt_tokens`` of a metered answer; ``None`` if it names none (spent as held)."""
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    usage = parsed.get("usage") if isinstance(parsed, dict) else None
+    tokens = _wire.token_count(usage.get("prompt_tokens")) if isinstance(usage, dict) else None
+    return None if tokens is None else Usage(input_tokens=tokens)
 
 
 def _not_governed(name: str, method: str, tail: list[str]) -> RouteNotGoverned:

@@ -65,6 +65,9 @@ class RouteMatch:
     stream_query: bool = False
     passthrough: bool = False
     stored_answer: int | None = None
+    metered: bool = False
+    """The route is billed by input tokens (embeddings): the request names the model and
+    the answer's ``usage.prompt_tokens`` what it cost, for the LLM spend cap."""
 
     def __post_init__(self) -> None:
         if self.stored_answer is not None and self.stored_answer >= 0:
@@ -121,7 +124,7 @@ _RULES: dict[str, tuple[_Rule, ...]] = {
         _rule("POST responses/input_tokens", _PLAIN),
         _rule("GET models", _PLAIN),
         _rule("GET models/*", _PLAIN),
-        _rule("POST embeddings", _PLAIN),
+        _rule("POST embeddings", RouteMatch(None, metered=True)),
         _rule("POST moderations", _PLAIN),
     ),
     "anthropic": (

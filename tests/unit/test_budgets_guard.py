@@ -614,6 +614,7 @@ def test_malformed_pointers_are_refused_at_start(pointer: str) -> None:
     ("adapter", "body", "bound", "choices"),
     [
         (OpenAIChatAdapter(), {"max_completion_tokens": 300, "max_tokens": 9, "n": 2}, 300, 2),
+        (OpenAIChatAdapter(), {"max_completion_tokens": 9, "max_tokens": 300}, 300, 1),
         (OpenAIChatAdapter(), {"max_tokens": 9}, 9, 1),
         (OpenAIChatAdapter(), {"max_tokens": True, "n": -1}, None, 1),
         (OpenAIResponsesAdapter(), {"max_output_tokens": 700}, 700, 1),

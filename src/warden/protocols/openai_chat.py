@@ -75,6 +75,15 @@ _ENVELOPE: Final = Envelope(
 """Chat completions and their chunks, down to each call's name and arguments."""
 
 
+def _output_bound(body: Mapping[str, Any]) -> int | None:
+    """The most output a request allows: ``max_tokens`` is the older name of
+    ``max_completion_tokens``; given both, the larger (a compatible server may
+    read either)."""
+    bounds = [token_count(body.get(k)) for k in ("max_completion_tokens", "max_tokens")]
+    given = [b for b in bounds if b is not None]
+    return max(given) if given else None
+
+
 def _count(value: Any) -> int:
     """A token count from the wire; anything but a non-negative int counts as 0."""
     return token_count(value) or 0
@@ -260,9 +269,7 @@ class OpenAIChatAdapter:
             tool_results=tuple(results),
             tools=declared_tools.openai_chat(body),
             arguments=declared_arguments.openai_chat(body),
-            # max_tokens is the older name; the provider takes the newer one first.
-            max_output_tokens=token_count(body.get("max_completion_tokens"))
-            or token_count(body.get("max_tokens")),
+            max_output_tokens=_output_bound(body),
             choices=max(1, token_count(body.get("n")) or 1),
         )
 

@@ -983,6 +983,10 @@ class TransparentConfig(_Section):
     unknown_hosts: Literal["deny", "tunnel"] = "deny"
     """``deny``: refused (403 to CONNECT), no connection opened; ``tunnel``: passed through,
     never decrypted, only a connection record."""
+    tunnel_private_networks: bool = False
+    """With ``tunnel``: also tunnel to private addresses (RFC 1918, CGNAT 100.64/10, IPv6
+    ULA). Loopback, link-local (cloud metadata), unspecified, multicast and this host's
+    own addresses are refused whatever it says."""
     ca_dir: str = "./warden-data/ca"
     """Where the CA is generated on first start (key file 0600)."""
     ca_cert_file: str | None = None

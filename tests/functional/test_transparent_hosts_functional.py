@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -29,15 +30,17 @@ from tests.functional.test_transparent_sdk_functional import (
     transparent_config,
 )
 from warden.errors import ConfigError
+from warden.ingress import transparent
 from warden.ingress.upstream_io import MAX_UPSTREAM_BODY
 from warden.server import Warden
 from warden.testing import MockLLM, Reply
 
 
 class CountingServer:
-    """A TCP server on 127.0.0.1 that counts the connections it accepts (and says nothing)."""
+    """A TCP server on loopback that counts the connections it accepts (and says nothing)."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.connections = 0
         self._server: asyncio.Server | None = None
 
@@ -46,7 +49,7 @@ class CountingServer:
         writer.close()
 
     async def __aenter__(self) -> CountingServer:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._accept, self.host, 0)
         return self
 
     async def __aexit__(self, *_: object) -> None:
@@ -67,6 +70,20 @@ def metric(name: str, **labels: str) -> float:
 @pytest.fixture
 def trusted_ca() -> trustme.CA:
     return trustme.CA()
+
+
+@pytest.fixture
+def loopback_tunnels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let tunnels reach loopback: the only place tests may send traffic, standing in for
+    the public hosts a tunnel may go to (Warden refuses loopback otherwise)."""
+    real = transparent._why_refused
+
+    def why_refused(address: str, private_allowed: bool) -> str | None:
+        if ipaddress.ip_address(address).is_loopback:
+            return None
+        return real(address, private_allowed)
+
+    monkeypatch.setattr(transparent, "_why_refused", why_refused)
 
 
 @contextlib.asynccontextmanager
@@ -142,6 +159,7 @@ async def test_unknown_hosts_are_refused_and_nothing_leaves(
         assert fake.connections == 0
 
 
+@pytest.mark.usefixtures("loopback_tunnels")
 async def test_a_tunnelled_host_is_never_decrypted(
     tmp_path: Path, llm: MockLLM, trusted_ca: trustme.CA
 ) -> None:
@@ -208,6 +226,7 @@ def _tls_through(
             return answer
 
 
+@pytest.mark.usefixtures("loopback_tunnels")
 async def test_a_decrypted_governed_connection_never_leaves_as_raw_bytes(
     tmp_path: Path, llm: MockLLM
 ) -> None:

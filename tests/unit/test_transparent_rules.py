@@ -18,6 +18,7 @@ from warden.ingress.transparent_rules import (
     HostRules,
     Verdict,
     VerdictKind,
+    destination_refusal,
     handoff_path,
     normalize_host,
 )
@@ -69,6 +70,53 @@ def test_handoff_path_prefixes_the_upstream_and_keeps_the_query() -> None:
             handoff_path("openai", target)
 
 
+@pytest.mark.parametrize(
+    ("address", "reason", "with_private"),
+    [
+        # Refused whatever tunnel_private_networks says.
+        ("127.0.0.1", "loopback", "loopback"),
+        ("127.1.2.3", "loopback", "loopback"),
+        ("::1", "loopback", "loopback"),
+        ("::ffff:127.0.0.1", "loopback", "loopback"),  # IPv4-mapped
+        ("64:ff9b::7f00:1", "loopback", "loopback"),  # NAT64
+        ("2002:7f00:1::", "loopback", "loopback"),  # 6to4
+        ("169.254.169.254", "link-local", "link-local"),  # cloud metadata
+        ("::ffff:169.254.169.254", "link-local", "link-local"),
+        ("fe80::1", "link-local", "link-local"),
+        ("fe80::1%eth0", "link-local", "link-local"),
+        ("0.0.0.0", "unspecified", "unspecified"),
+        ("0.1.2.3", "unspecified", "unspecified"),
+        ("::", "unspecified", "unspecified"),
+        ("224.0.0.1", "multicast", "multicast"),
+        ("ff02::1", "multicast", "multicast"),
+        ("240.0.0.1", "reserved", "reserved"),
+        ("::127.0.0.1", "reserved", "reserved"),  # IPv4-compatible, deprecated
+        ("fd00:ec2::254", "cloud metadata", "cloud metadata"),  # AWS, in ULA
+        ("100.100.100.200", "cloud metadata", "cloud metadata"),  # Alibaba, in CGNAT
+        ("localhost", "not an address", "not an address"),
+        # Private: refused unless tunnel_private_networks.
+        ("10.0.0.1", "private", None),
+        ("172.16.0.1", "private", None),
+        ("192.168.1.1", "private", None),
+        ("100.64.0.1", "private", None),  # CGNAT
+        ("fd00::1", "private", None),  # ULA
+        ("fec0::1", "private", None),  # site-local, deprecated
+        ("::ffff:10.0.0.1", "private", None),
+        ("192.0.2.1", "private", None),  # documentation
+        # Public.
+        ("8.8.8.8", None, None),
+        ("2606:4700:4700::1111", None, None),
+        ("::ffff:8.8.8.8", None, None),
+        ("64:ff9b::808:808", None, None),  # a public host behind DNS64
+    ],
+)
+def test_a_tunnel_goes_only_to_a_public_address(
+    address: str, reason: str | None, with_private: str | None
+) -> None:
+    assert destination_refusal(address) == reason
+    assert destination_refusal(address, private_allowed=True) == with_private
+
+
 def test_only_this_process_can_mark_a_door() -> None:
     value = mark("transparent")
     assert door_of({VIA_HEADER: value}) == "transparent"
@@ -88,6 +136,7 @@ def test_config_validates_hosts_upstreams_and_the_ca_pair() -> None:
     assert cfg.transparent is not None
     assert cfg.transparent.hosts == {"api.openai.com": "openai"}
     assert cfg.transparent.unknown_hosts == "deny"
+    assert cfg.transparent.tunnel_private_networks is False
     assert load_config(environ={}).transparent is None  # off when unset
     bad: list[tuple[dict[str, object], str]] = [
         ({"hosts": {"api.example.com": "nope"}}, "no upstream named 'nope'"),

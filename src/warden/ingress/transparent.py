@@ -16,10 +16,13 @@ would change how Warden's own tasks run), with one addon (:class:`GoverningAddon
 * an **unknown** host is refused (``unknown_hosts: deny``: ``CONNECT`` gets 403
   and no connection is opened) or tunnelled (``tunnel``: the TLS connection
   is passed through, never decrypted; a log line and a metric are all that
-  is kept).
+  is kept), to a public address only: Warden resolves the name itself,
+  refuses it if any address it has is loopback, link-local, private (unless
+  ``tunnel_private_networks``) or this host's own, and connects to the
+  address it checked.
 * a second line of defence, ``server_connect``, lets no connection leave
-  except to the base-URL listener and, with ``tunnel``, to hosts that are not
-  governed: never an open proxy.
+  except to the base-URL listener and, with ``tunnel``, to allowed addresses
+  of hosts that are not governed: never an open proxy.
 
 Why a hand-over rather than calling the core from the addon: see
 docs/adr/0010-transparent-mode.md.
@@ -30,8 +33,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import ipaddress
 import logging
+import socket
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
@@ -45,7 +50,14 @@ from warden.core import Governor
 from warden.errors import ConfigError
 from warden.ingress import transparent_ca
 from warden.ingress.door_mark import VIA_HEADER, mark
-from warden.ingress.transparent_rules import HostRules, Verdict, VerdictKind, handoff_path
+from warden.ingress.transparent_rules import (
+    HostRules,
+    Verdict,
+    VerdictKind,
+    destination_refusal,
+    handoff_path,
+    normalize_host,
+)
 from warden.ingress.upstream_io import MAX_UPSTREAM_BODY
 from warden.ops import metrics
 from warden.protocols import http_tool
@@ -84,6 +96,8 @@ TLS_FAILURES = Counter(
 
 _START_TIMEOUT_S = 30.0
 _NOT_GOVERNED = "host_not_governed"
+_NOT_ALLOWED = "destination_not_allowed"
+_RESOLVE_TIMEOUT_S = 10.0
 _CLOSE_TIMEOUT_S = 2.0
 _CLOSE_TURNS = 20
 
@@ -102,17 +116,93 @@ def _refusal(host: str) -> http.Response:
     return http.Response.make(403, body, {"Content-Type": http_tool.PROBLEM_CONTENT_TYPE})
 
 
+def _destination_refusal(host: str) -> http.Response:
+    # Neither the address nor why it is refused: the agent must not learn internal DNS here.
+    detail = (
+        f"Warden tunnels only to public addresses and {host or 'this host'} is not one: "
+        "no connection was opened"
+    )
+    body = http_tool.problem(403, _NOT_ALLOWED, "Destination not allowed", detail)
+    return http.Response.make(403, body, {"Content-Type": http_tool.PROBLEM_CONTENT_TYPE})
+
+
+class _Refused(Exception):
+    """A tunnel's destination is not allowed: ``address`` is ``reason``."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"{address} is {reason}")
+        self.address = address
+        self.reason = reason
+
+
+async def _resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, in the order to try (an address is itself).
+
+    Raises ``OSError`` when it does not resolve (in time).
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), _RESOLVE_TIMEOUT_S
+        )
+    except UnicodeError as exc:  # a name IDNA cannot encode
+        raise OSError(f"not a host name: {exc}") from None
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _why_refused(address: str, private_allowed: bool) -> str | None:
+    """Why a tunnel may not go to ``address``: its range, or being this host's own."""
+    reason = destination_refusal(address, private_allowed=private_allowed)
+    if reason is None and _is_this_host(address):
+        # Warden's own listeners (admin, base URL) on a public or private interface.
+        reason = "an address of this host"
+    return reason
+
+
+def _binds(address: str) -> bool:
+    """Whether a socket can bind to ``address``: only to this host's own (nothing is sent)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+    except OSError:  # EADDRNOTAVAIL: not ours; EAFNOSUPPORT: no such family here
+        return False
+    return True
+
+
+@functools.cache
+def _bind_tells(family_probe: str) -> bool:
+    """Whether binding tells this host's addresses: not where any binds (ip_nonlocal_bind),
+    as a documentation address (``family_probe``, never assigned) then shows."""
+    return not _binds(family_probe)
+
+
+def _is_this_host(address: str) -> bool:
+    probe = "2001:db8::1" if ":" in address else "192.0.2.1"
+    return _bind_tells(probe) and _binds(address)
+
+
 class GoverningAddon:
-    """The mitmproxy addon: every hook decides from :class:`HostRules` alone (no I/O).
+    """The mitmproxy addon: every hook decides from :class:`HostRules`.
 
     ``target`` is the base-URL listener governed requests are handed to. The
-    hooks are synchronous and cheap: they only choose where a flow goes.
+    hooks only choose where a flow goes; their one I/O is resolving a tunnel's
+    destination, to check where it really goes (``private_allowed``: may it
+    be a private address).
     """
 
-    def __init__(self, rules: HostRules, target: tuple[str, int], mode: str) -> None:
+    def __init__(
+        self,
+        rules: HostRules,
+        target: tuple[str, int],
+        mode: str,
+        *,
+        private_allowed: bool = False,
+    ) -> None:
         self._rules = rules
         self._target = target
         self._mode = mode
+        self._private_allowed = private_allowed
         self._mark = mark("transparent")
         self._inflight: set[str] = set()
         self._by_client: dict[str, set[str]] = {}
@@ -166,8 +256,48 @@ class GoverningAddon:
 
     # -- connections ----------------------------------------------------------
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
-        """``CONNECT host:port`` (regular mode): refuse an unknown host when the rule is deny."""
+    async def _allowed_address(self, host: str, port: int) -> str:
+        """The address a tunnel to ``host`` goes to: the first it resolves to, once none
+        of them is refused (the client may get any of them from its own resolver).
+
+        Raises :class:`_Refused`, or ``OSError`` when ``host`` does not resolve.
+        """
+        addresses = await _resolve(host, port)
+        if not addresses:
+            raise OSError(f"{host} resolves to no address")
+        for address in addresses:
+            reason = _why_refused(address, self._private_allowed)
+            if reason is not None:
+                raise _Refused(address, reason)
+        return addresses[0]
+
+    async def _refuse_destination(self, flow: http.HTTPFlow, verdict: Verdict) -> bool:
+        """Answer 403 when a tunnelled flow's destination is not allowed; whether it did.
+
+        Checked here so that the client gets a clear answer; ``server_connect``
+        checks again (and pins the address) whatever this said.
+        """
+        request = flow.request
+        try:
+            await self._allowed_address(request.host, request.port)
+        except _Refused as exc:
+            flow.response = _destination_refusal(verdict.host)
+            log.warning(
+                "refused %s to %s:%s from %s: %s, and Warden tunnels only to public addresses",
+                request.method,
+                verdict.host,
+                request.port,
+                _peer(flow.client_conn),
+                exc,
+            )
+            return True
+        except OSError:
+            pass  # does not resolve: server_connect blocks it, as the connection would fail
+        return False
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        """``CONNECT host:port`` (regular mode): refuse an unknown host when the rule is deny,
+        a tunnelled one whose address is not allowed."""
         verdict = self._rules.classify((flow.request.host,))
         if verdict.kind is VerdictKind.DENY:
             flow.response = _refusal(verdict.host)
@@ -178,6 +308,8 @@ class GoverningAddon:
                 flow.request.port,
                 _peer(flow.client_conn),
             )
+        elif verdict.kind is VerdictKind.TUNNEL and await self._refuse_destination(flow, verdict):
+            CONNECTIONS.labels(_host_label(verdict.host), self._mode, "refused").inc()
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         """Decrypt governed hosts; pass a tunnelled host through without decrypting it."""
@@ -210,7 +342,7 @@ class GoverningAddon:
             data.conn.error or "TLS handshake failed",
         )
 
-    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """The last check before any connection leaves: Warden's listener, or a tunnel.
 
         A connection Warden decrypted (its client named a governed host, or one
@@ -218,28 +350,53 @@ class GoverningAddon:
         HTTP (a leading CRLF) would otherwise be relayed as raw bytes to the
         address the agent connected to, the real API, undecided. The client's
         name counts as well, for its server's is not known yet.
+
+        A tunnel goes to an allowed address only, and to the very address
+        checked: ``server.address`` is set to it, so that DNS cannot answer
+        otherwise between the check and the connection (rebinding).
         """
-        address = data.server.address
-        if address is not None and (address[0], address[1]) == self._target:
-            return
+        server = data.server
+        address = server.address
+        if (
+            address is not None
+            and (address[0], address[1]) == self._target
+            and data.client.id in self._by_client
+        ):
+            return  # a governed request handed over (an agent's own CONNECT there is not)
+        why = "not a tunnelled host"
+        level = logging.WARNING
         try:
             client = data.client
-            names = (data.server.sni, client.sni, address[0] if address else None)
+            names = (server.sni, client.sni, address[0] if address else None)
             if (
-                self._rules.unknown is VerdictKind.TUNNEL
+                address is not None
+                and self._rules.unknown is VerdictKind.TUNNEL
                 and not client.tls_established
                 and not self._rules.any_governed(names)
             ):
-                return
+                host, port = str(address[0]), int(address[1])
+                try:
+                    pinned = await self._allowed_address(host, port)
+                except _Refused as exc:
+                    label = _host_label(normalize_host(host))
+                    CONNECTIONS.labels(label, self._mode, "refused").inc()
+                    why = f"{exc}, and Warden tunnels only to public addresses"
+                except OSError as exc:
+                    why, level = f"{host} does not resolve: {exc}", logging.INFO
+                else:
+                    if server.sni is None and pinned != host:
+                        server.sni = host  # the name, never the pinned address
+                    server.address = (pinned, port)
+                    return
         except Exception:  # mitmproxy goes on connecting after a hook that raised
             log.exception("could not check a connection; blocked")
         where = f"{address[0]}:{address[1]}" if address else "an unknown address"
-        data.server.error = f"Warden opens no connection to {where} (not a tunnelled host)"
-        log.warning("blocked a connection to %s: %s", where, data.server.error)
+        server.error = f"Warden opens no connection to {where} ({why})"
+        log.log(level, "blocked a connection from %s: %s", _peer(data.client), server.error)
 
     # -- requests -------------------------------------------------------------
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Hand a governed request to the base-URL listener; refuse or pass the others."""
         request = flow.request
         names = [flow.client_conn.sni, request.host]
@@ -261,7 +418,11 @@ class GoverningAddon:
                 verdict.host,
             )
             return
-        # Plain HTTP to a tunnelled host: passed on as it is, never recorded.
+        # Plain HTTP to a tunnelled host: passed on as it is, never recorded, if its
+        # address is allowed.
+        if await self._refuse_destination(flow, verdict):
+            REQUESTS.labels(_host_label(verdict.host), self._mode, "refused").inc()
+            return
         request.stream = True
         REQUESTS.labels(_host_label(verdict.host), self._mode, "passed").inc()
 
@@ -411,7 +572,17 @@ class TransparentDoor:
             HostRules(self._cfg.hosts, self._cfg.unknown_hosts),
             _loopback_target(self._handoff_url()),
             self._cfg.mode,
+            private_allowed=self._cfg.tunnel_private_networks,
         )
+        if self._cfg.unknown_hosts == "tunnel" and not (
+            _bind_tells("192.0.2.1") and _bind_tells("2001:db8::1")
+        ):
+            log.warning(
+                "transparent mode: this host lets a socket bind any address "
+                "(ip_nonlocal_bind), so Warden cannot tell its own addresses: a tunnel to one "
+                "of its public or (with tunnel_private_networks) private addresses is not "
+                "refused; loopback and link-local ones still are"
+            )
         self._addon = addon
         shown = f"[{host}]" if ":" in host else host
         spec = f"{self._cfg.mode}@{shown}:{port}"

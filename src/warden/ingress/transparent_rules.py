@@ -6,16 +6,28 @@ plain HTTP) the ``Host`` header. The first name listed in ``transparent.hosts``
 makes it governed: it is decrypted and handed to the base-URL listener as
 ``/<upstream>/<path>``, so it reaches only that upstream's ``base_url``,
 whatever the agent asked for. Any other host follows ``unknown_hosts``.
+
+A tunnelled host may only be a public address (:func:`destination_refusal`):
+otherwise the proxy would let an agent reach what only Warden's own host
+can, its loopback services, the cloud metadata address, the private network.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
-__all__ = ["HostRules", "Verdict", "VerdictKind", "handoff_path", "normalize_host"]
+__all__ = [
+    "HostRules",
+    "Verdict",
+    "VerdictKind",
+    "destination_refusal",
+    "handoff_path",
+    "normalize_host",
+]
 
 
 class VerdictKind(enum.StrEnum):
@@ -90,3 +102,55 @@ def handoff_path(upstream: str, path: str) -> str:
     if not path.startswith("/"):
         raise ValueError(f"request target {path[:64]!r} is not a path")
     return "/" + quote(upstream, safe="") + path
+
+
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")  # Linux connects 0.0.0.0 to the host itself
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# Cloud metadata services outside link-local, inside ranges private_allowed opens:
+# AWS's IPv6 endpoint (ULA) and Alibaba Cloud's (CGNAT).
+_METADATA = frozenset(map(ipaddress.ip_address, ("fd00:ec2::254", "100.100.100.200")))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for (mapped, NAT64, 6to4): where it really goes."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.sixtofour
+
+
+def destination_refusal(address: str, *, private_allowed: bool = False) -> str | None:
+    """Why a tunnel may not go to ``address`` (an IP address), or ``None`` if it may.
+
+    Only public addresses are allowed. ``private_allowed`` lets through the
+    ranges an operator may mean to reach (RFC 1918, CGNAT 100.64/10, IPv6
+    ULA and the rest that is not globally routable); loopback, link-local
+    (169.254.169.254 is cloud metadata), unspecified, multicast and reserved
+    addresses, and the cloud metadata services, stay refused whatever it says.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return "not an address"
+    if isinstance(ip, ipaddress.IPv6Address):
+        # Python 3.12 classifies ::ffff:127.0.0.1 by its IPv6 prefix, not as loopback.
+        ip = _embedded_ipv4(ip) or ip
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_unspecified or (isinstance(ip, ipaddress.IPv4Address) and ip in _THIS_NETWORK):
+        return "unspecified"
+    if ip.is_multicast:
+        return "multicast"
+    if ip.is_reserved:
+        return "reserved"
+    if ip in _METADATA:
+        return "cloud metadata"
+    # is_global leaves out CGNAT (which is_private does not cover) and documentation
+    # ranges; deprecated IPv6 site-local (fec0::/10) is private in all but name.
+    is_site_local = isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local
+    if (not ip.is_global or is_site_local) and not private_allowed:
+        return "private"
+    return None

@@ -14,7 +14,7 @@ from tests.functional.conftest import audit_records, make_config
 from warden.budgets.caps import window_key
 from warden.server import Warden
 from warden.state import StateStore
-from warden.testing import Call, MockLLM, Reply
+from warden.testing import Call, Fault, MockLLM, Reply
 
 MESSAGES: Any = [{"role": "user", "content": "please refund my order"}]
 REFUND_CAP: dict[str, Any] = {
@@ -212,3 +212,31 @@ async def test_embeddings_are_charged_to_the_llm_cap(tmp_path: Path, llm: MockLL
         r["outcome"]["cost"] for r in audit_records(tmp_path / "audit") if r["kind"] == "outcome"
     ]
     assert costs == [pytest.approx(words * 0.13 / 1e6)]
+
+
+async def test_a_model_call_that_timed_out_stays_spent_and_an_error_answer_does_not(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # The provider may well have generated (and billed) an answer Warden gave up
+    # waiting for; an error status says it did not. 1,000 output tokens of gpt-4o-mini
+    # (0.60 USD a million) and the body's input: about 0.0006 USD held per call.
+    upstream = {"protocol": "openai", "base_url": llm.url, "timeout_s": 0.5}
+    config = make_config(
+        tmp_path,
+        llm.url,
+        upstreams={"openai": upstream},
+        budgets={"llm": {"limit_usd": 1.0, "window": "day"}},
+    )
+    agent = "agent:support-triage"
+    async with Warden(config) as warden, client(warden) as c:
+        llm.script(Reply(fault=Fault("hang")))
+        with pytest.raises(openai.APIStatusError) as timed_out:
+            await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=1000)
+        held = await wait_for(tmp_path, "llm", agent, lambda v: v[0] > 0)
+        llm.script(Reply(fault=Fault("status", status=500)))
+        with pytest.raises(openai.InternalServerError):
+            await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=1000)
+        after = await wait_for(tmp_path, "llm", agent, lambda v: v[1] == 0.0)
+    assert timed_out.value.status_code == 504
+    assert held[0] == pytest.approx(1000 * 0.6 / 1e6, rel=0.2)
+    assert after == held  # the error answer's hold went back

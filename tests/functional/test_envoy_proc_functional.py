@@ -16,6 +16,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,14 @@ from prometheus_client import REGISTRY
 from tests.functional.conftest import audit_records, make_config
 from tests.functional.test_session_policies_functional import REFUND_A1, bundle_with_lookup
 from tests.unit.test_anthropic import accumulate
+from warden.budgets.caps import window_key
 from warden.ingress.envoy_proc import SERVICE_NAME, UPSTREAM_METADATA, ExtProcService
 from warden.ingress.grpc_service import GrpcService
 from warden.ingress.listen import listen
 from warden.killswitch import Scope
 from warden.protocols.sse import SseParser
 from warden.server import Warden
+from warden.state import StateStore
 from warden.testing import Call, MockLLM, Reply
 
 Mode = processing_mode_pb2.ProcessingMode
@@ -1052,6 +1055,38 @@ async def test_kill_switch_thrown_cuts_a_body_warden_does_not_read(
     assert b"gpt-4o" not in result.body
     if mode == Mode.BUFFERED:
         assert result.headers["content-length"] == str(len(result.body))
+
+
+@pytest.mark.parametrize("mode", [Mode.STREAMED, Mode.BUFFERED, Mode.FULL_DUPLEX_STREAMED])
+async def test_embeddings_through_the_mesh_are_charged_to_the_llm_cap(
+    tmp_path: Path, llm: MockLLM, mode: int
+) -> None:
+    # As through the base URL: the request's model, its answer's usage.prompt_tokens,
+    # read whole and passed on as they came (the SDK reads every vector).
+    config = make_config(tmp_path, llm.url, budgets={"llm": {"limit_usd": 1.0}})
+    texts = ["refund policy for damaged goods", "how long do refunds take"]
+    async with Warden(config) as w:
+        assert w.core is not None
+        service = ExtProcService(w.core, w.config, killswitches=w.killswitches)
+        async with (
+            serve(service, llm) as front,
+            envoy_front(front, OPENAI_HOST, mode) as url,
+            openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0) as client,
+        ):
+            answer = await client.embeddings.create(model="text-embedding-3-large", input=texts)
+        # Settled just after the answer is passed on: read from outside, as it lands.
+        store = await StateStore.open(f"sqlite:///{tmp_path}/state.db")
+        try:
+            key = ("llm", window_key("day", datetime.now(UTC)), "agent:support-triage")
+            async with asyncio.timeout(5):
+                while (spent := (await store.counters([key]))[0]).reserved or not spent.spent:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+        finally:
+            await store.close()
+    words = sum(len(t.split()) for t in texts)
+    assert [len(d.embedding) for d in answer.data] == [1536, 1536]
+    assert answer.usage.prompt_tokens == words
+    assert (spent.spent, spent.reserved) == pytest.approx((words * 0.13 / 1e6, 0.0))
 
 
 async def test_non_json_request_body_is_refused(envoy: Envoy, llm: MockLLM) -> None:

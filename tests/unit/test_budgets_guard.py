@@ -388,6 +388,45 @@ async def test_model_calls_in_flight_together_hold_what_each_can_cost(store: Sta
     assert (used, held) == pytest.approx(((10 * 15 + 100 * 75) / 1e6, 0.0))
 
 
+async def test_an_answer_cut_short_is_spent_at_what_it_held_at_the_least(
+    store: StateStore,
+) -> None:
+    # The agent hangs up after most of a stream: the usage Warden saw (message_start's)
+    # is a fraction of what the provider generated and bills.
+    pipeline, _, _ = build(store, {"llm": {"limit_usd": 100.0}})
+    size = CallSize(input_bytes=0, max_output_tokens=10_000)
+    cut = llm_call("claude-opus-4-1", size)
+    await pipeline.decide(cut)
+    seen = Outcome(status=200, error="client_disconnected", usage=Usage(10, 1))
+    await pipeline.outcome(cut, "dec", seen, trusted=True)
+    assert await spent(store, "llm", DAY, "agent:bot") == pytest.approx((0.75, 0.0))
+    # Read to its end, the same call costs what its usage says.
+    whole = llm_call("claude-opus-4-1", size)
+    await pipeline.decide(whole)
+    await pipeline.outcome(whole, "dec", Outcome(status=200, usage=Usage(10, 1)), trusted=True)
+    assert await spent(store, "llm", DAY, "agent:bot") == pytest.approx(
+        (0.75 + (10 * 15 + 75) / 1e6, 0.0)
+    )
+
+
+async def test_a_model_call_that_may_have_been_billed_stays_spent(store: StateStore) -> None:
+    # A timeout or an agent gone before the answer's headers: the provider may have
+    # generated (and billed) it all. Only an answer's error status, or a connection
+    # never made, releases (the doors pass trusted only then).
+    pipeline, _, _ = build(store, {"llm": {"limit_usd": 100.0}})
+    size = CallSize(input_bytes=0, max_output_tokens=10_000)
+    timed_out = llm_call("claude-opus-4-1", size)
+    await pipeline.decide(timed_out)
+    await pipeline.outcome(timed_out, "dec", Outcome(error="upstream_timeout"))
+    assert await spent(store, "llm", DAY, "agent:bot") == pytest.approx((0.75, 0.0))
+    refused = llm_call("claude-opus-4-1", size)
+    await pipeline.decide(refused)
+    await pipeline.outcome(
+        refused, "dec", Outcome(status=529, error="upstream_error"), trusted=True
+    )
+    assert await spent(store, "llm", DAY, "agent:bot") == pytest.approx((0.75, 0.0))
+
+
 async def test_a_model_call_is_held_at_its_input_output_and_answers(store: StateStore) -> None:
     pipeline, _, _ = build(store, {"llm": {"limit_usd": 100.0, "unbounded_output_tokens": 1000}})
     # gpt-4o-mini: 0.15 USD per million input tokens, 0.60 per million output.
@@ -547,7 +586,8 @@ async def test_every_spelling_of_one_customer_id_shares_its_counter(store: State
     pipeline, _, _ = build(store, {"caps": [{**REFUNDS, "per": ["customer"], "limit": 100}]})
     first = tool("issue_refund", amount=90, customer_id=42)
     assert (await pipeline.decide(first)).effect is Effect.ALLOW
-    for spelling in ("042", " 42", "+42", "4_2", "42.0", "４２", "4.2e1"):
+    spellings = ("042", " 42", "+42", "4_2", "42.0", "４２", "4.2e1", "0x2A", "0x002a", "0o52")
+    for spelling in (*spellings, "0b101010"):
         again = tool("issue_refund", amount=90, customer_id=spelling)
         decision = await pipeline.decide(again)
         assert decision.effect is Effect.DENY, spelling
@@ -560,7 +600,7 @@ async def test_every_spelling_of_one_customer_id_shares_its_counter(store: State
     assert await spent(store, "refunds", DAY, "customer:42") == (0.0, 90.0)
     assert await spent(store, "refunds", DAY, "customer:c-7") == (0.0, 90.0)
     # Not every number-like id is a number: these stay themselves.
-    for other in ("42.5", "nan", "inf", "0x2a"):
+    for other in ("42.5", "nan", "inf", "0x2g"):
         decision = await pipeline.decide(tool("issue_refund", amount=90, customer_id=other))
         assert decision.effect is Effect.ALLOW, other
 

@@ -102,11 +102,14 @@ def customer_subject(customer: str) -> str:
 
 
 def _integral(text: str) -> int | None:
-    """The integer ``text`` spells, as Python (and so pydantic) parses one, else ``None``."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
+    """The integer ``text`` spells, as a backend may read it, else ``None``: decimal as
+    Python (and so pydantic) parses it, or with a base prefix (``0x2a``, ``0o52``,
+    ``0b101010``) as PostgreSQL 16, Go's ``ParseInt(s, 0, 64)`` and JavaScript do."""
+    for base in (10, 0):
+        try:
+            return int(text, base)
+        except ValueError:
+            pass
     try:
         number = float(text)
     except ValueError:

@@ -88,7 +88,7 @@ from warden.model import (
     new_id,
 )
 from warden.ops import metrics
-from warden.protocols import _wire
+from warden.protocols import _wire, metered
 from warden.protocols.base import Adapter, response_id
 from warden.protocols.driver import StreamDriver
 from warden.protocols.errors import render_error, render_stream_error
@@ -439,6 +439,7 @@ class _Exchange:
         self._status = 0
         self._sent_at = 0.0
         self._governed = False  # the response body goes through the adapter
+        self._metering = False  # the response body is read for its usage (embeddings)
         self._sse = False
         self._driver: StreamDriver | None = None
         self._out = bytearray()  # what the driver released for the current chunk's answer
@@ -550,7 +551,7 @@ class _Exchange:
         elif kind == "response_headers" and self._phase == "request_body":
             route = self._route
             assert route is not None
-            if route.match.parse_request:
+            if _reads_request(route.match):
                 raise self._not_configured("request_body_mode", "the request body never came")
             await self._response_headers(message.response_headers)
         elif kind == "response_body" and self._phase == "response_body":
@@ -608,7 +609,7 @@ class _Exchange:
             )
         )
         self._check_modes(route)
-        if route.match.parse_request:
+        if _reads_request(route.match):
             if message.end_of_stream:
                 raise InvalidJSON("request body must be a JSON object")
             self._phase = "request_body"
@@ -648,7 +649,7 @@ class _Exchange:
     async def _request_body(self, message: Any) -> None:
         route = self._route
         assert route is not None
-        if not route.match.parse_request:
+        if not _reads_request(route.match):
             # Forwarded unread, as the base-URL proxy forwards it.
             await self._pass_body("request_body", message.body, message.end_of_stream)
             if message.end_of_stream:
@@ -663,7 +664,7 @@ class _Exchange:
     async def _request_trailers(self) -> None:
         route = self._route
         assert route is not None
-        if route.match.parse_request:
+        if _reads_request(route.match):
             if not self._full_duplex(self._modes.request):
                 # A trailers answer cannot carry the held body: refuse rather than lose it.
                 raise RequestError("request trailers are not supported on governed routes")
@@ -672,6 +673,11 @@ class _Exchange:
         await self._send(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
 
     async def _finish_request_body(self, *, eos: bool = True) -> None:
+        route = self._route
+        assert route is not None
+        if route.match.metered:
+            await self._finish_metered_request(eos=eos)
+            return
         adapter = self._adapter
         turn = self._turn
         assert adapter is not None
@@ -731,6 +737,25 @@ class _Exchange:
                 headers=header_mutation({"content-length": str(len(body))}),
             )
         )
+
+    async def _finish_metered_request(self, *, eos: bool) -> None:
+        """A metered request (embeddings): the model and size its hold needs, then on as sent."""
+        turn = self._turn
+        assert turn is not None
+        body = bytes(self._body)
+        model, self._size = metered.metered_request(body)
+        self._turn = dataclasses.replace(turn, model=model)
+        await self._decide_request()
+        self._phase = "response_headers"
+        self._body.clear()
+        chunks, self._chunks = self._chunks, 0
+        if self._full_duplex(self._modes.request):
+            await self._send(_streamed("request_body", body, eos=eos))
+        elif chunks == 1:
+            await self._send(_body_answer("request_body"))  # the one chunk, unchanged
+        else:  # earlier chunks were answered empty: this one carries them all
+            length = header_mutation({"content-length": str(len(body))})
+            await self._send(_body_answer("request_body", body, headers=length))
 
     async def _decide_request(self) -> None:
         turn = self._turn
@@ -799,6 +824,11 @@ class _Exchange:
                 answer.mode_override.CopyFrom(override)
             if self._sse:
                 self._start_stream()
+        elif success and self._route is not None and self._route.match.metered:
+            self._metering = True  # read whole for its usage, passed on as it came
+            override = self._mode_override()
+            if override is not None:
+                answer.mode_override.CopyFrom(override)
         answer.response_headers.response.header_mutation.CopyFrom(
             header_mutation(set_headers, remove)
         )
@@ -845,7 +875,9 @@ class _Exchange:
 
     async def _response_body(self, chunk: bytes, message: Any) -> None:
         eos = bool(message.end_of_stream)
-        if not self._governed:
+        if self._metering:
+            await self._metered_chunk(chunk, eos)
+        elif not self._governed:
             await self._pass_response(chunk, eos)
         elif self._sse:
             await self._stream_chunk(chunk, eos)
@@ -856,7 +888,11 @@ class _Exchange:
 
     async def _response_trailers(self) -> None:
         """Trailers end the body. Only full-duplex answers can still carry body bytes then."""
-        if self._governed:
+        if self._metering:
+            if not self._full_duplex(self._modes.response):
+                raise UpstreamProtocol("response trailers are not supported on metered routes")
+            await self._metered_chunk(b"", True, trailers=True)
+        elif self._governed:
             if not self._full_duplex(self._modes.response):
                 # A trailers answer cannot carry what is held: refuse rather than leak it.
                 raise UpstreamProtocol("response trailers are not supported on governed routes")
@@ -914,6 +950,27 @@ class _Exchange:
         # STREAMED mode Envoy already removed content-length itself.
         set_headers["content-length"] = str(len(raw))
         await self._send(_body_answer("response_body", raw, headers=header_mutation(set_headers)))
+
+    async def _metered_chunk(self, chunk: bytes, eos: bool, *, trailers: bool = False) -> None:
+        """A metered answer's body: held whole for its usage, then passed on unchanged."""
+        self._take(chunk, MAX_UPSTREAM_BODY, UpstreamProtocol)
+        if not eos:
+            await self._hold("response_body")
+            return
+        raw = bytes(self._body)
+        self._body.clear()
+        chunks, self._chunks = self._chunks, 0
+        turn = self._turn
+        assert turn is not None
+        self._usage = metered.metered_usage(raw)
+        self._core.count_usage(turn.agent, turn.model, self._usage)
+        if self._full_duplex(self._modes.response):
+            await self._send(_streamed("response_body", raw, eos=not trailers))
+        elif chunks == 1:
+            await self._send(_body_answer("response_body"))  # the one chunk, unchanged
+        else:
+            length = header_mutation({"content-length": str(len(raw))})
+            await self._send(_body_answer("response_body", raw, headers=length))
 
     async def _stream_chunk(self, chunk: bytes, eos: bool, *, trailers: bool = False) -> None:
         """An SSE chunk through the stream driver: text at once, each call once decided."""
@@ -1031,7 +1088,7 @@ class _Exchange:
         skipped Warden would never be asked, and with an older Envoy that reports
         no modes a body sent in mode ``NONE`` would go to the agent unread.
         """
-        if not (route.match.parse_request or route.match.adapter is not None):
+        if not (_reads_request(route.match) or _reads_response(route.match)):
             return
         if self._modes == _BodyModes():
             if self._svc.config.ext_proc.unreported_modes == "trust":
@@ -1042,9 +1099,9 @@ class _Exchange:
                 "Envoy, or set ext_proc.unreported_modes: trust once request_body_mode and "
                 "response_body_mode are BUFFERED or STREAMED"
             )
-        if route.match.parse_request:
+        if _reads_request(route.match):
             self._check_mode(self._modes.request, "request_body_mode")
-        if route.match.adapter is not None:
+        if _reads_response(route.match):
             self._check_mode(self._modes.response, "response_body_mode")
 
     def _check_mode(self, mode: int | None, setting: str) -> None:
@@ -1103,12 +1160,24 @@ class _Exchange:
                 usage=self._usage,
                 error=self._error,
             ),
-            trusted=True,  # a model call Envoy showed Warden
+            # The provider's answer Envoy showed Warden: its status says whether it was
+            # billed. Without one (the agent hung up first), it may have been.
+            trusted=bool(self._status),
         )
 
 
 class _Killed(Exception):
     """A kill switch stopped the agent while its response was streaming."""
+
+
+def _reads_request(match: RouteMatch) -> bool:
+    """Whether Warden reads the route's request body before deciding."""
+    return match.parse_request or match.metered
+
+
+def _reads_response(match: RouteMatch) -> bool:
+    """Whether Warden reads the route's response body (its calls, or its usage)."""
+    return match.adapter is not None or match.metered
 
 
 def _body_answer(kind: str, body: bytes | None = None, *, headers: Any = None) -> Any:

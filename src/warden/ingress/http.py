@@ -35,7 +35,6 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import aiohttp
-import orjson
 from aiohttp import web
 from yarl import URL
 
@@ -79,7 +78,7 @@ from warden.model import (
     request_sha256,
 )
 from warden.ops import metrics, tracing
-from warden.protocols import _wire, http_tool
+from warden.protocols import _wire, http_tool, metered
 from warden.protocols.base import Adapter, StreamRewriter, response_id
 from warden.protocols.declared_arguments import DeclaredArguments
 from warden.protocols.driver import StreamDriver
@@ -354,7 +353,7 @@ class ProxyApp:
             body = _wire.request_bytes(outgoing)
             size = CallSize(len(body), parsed.max_output_tokens, parsed.choices)
         elif route.match.metered:
-            model, size = _metered_request(body)
+            model, size = metered.metered_request(body)
         tool, refused = self._tool_request(request, route, body)
         if refused is not None:
             return refused
@@ -473,8 +472,6 @@ class ProxyApp:
         target = upstream.base_url + "/" + call.route.forward_path
         url = URL(target + _query(request), encoded=True)
         timeout = call.route.timeout
-        # A model call's failure Warden sees releases its hold (a tool API's may have run).
-        seen = action.kind is ActionKind.LLM_CALL
         sent = time.perf_counter()
         try:
             upstream_resp = await self._session.request(
@@ -489,8 +486,13 @@ class ProxyApp:
             )
         except Exception as exc:
             error = _upstream_error(exc, call.route.name)
+            # Only a model call that never reached the provider is not billed; one that
+            # timed out or was cut may have been (a tool API's may have run either way).
+            unsent = action.kind is ActionKind.LLM_CALL and isinstance(
+                exc, aiohttp.ClientConnectorError
+            )
             self._core.outcome(
-                action, decision, Outcome(error=error.code, latency_ms=_ms(sent)), trusted=seen
+                action, decision, Outcome(error=error.code, latency_ms=_ms(sent)), trusted=unsent
             )
             raise error from None
         try:
@@ -501,7 +503,7 @@ class ProxyApp:
                     action,
                     decision,
                     Outcome(status=status, error=refused.code, latency_ms=_ms(sent)),
-                    trusted=seen,
+                    trusted=action.kind is ActionKind.LLM_CALL,
                 )
                 raise refused
             content_type = upstream_resp.headers.get("Content-Type", "")
@@ -549,10 +551,11 @@ class ProxyApp:
         try:
             raw = await _read_upstream(upstream_resp)
         except UpstreamError as exc:
+            # Answered (its status says whether it was billed), then not read whole.
             self._core.outcome(
                 action,
                 decision,
-                Outcome(error=exc.code, latency_ms=_ms(sent)),
+                Outcome(status=upstream_resp.status, error=exc.code, latency_ms=_ms(sent)),
                 trusted=action.kind is ActionKind.LLM_CALL,
             )
             raise
@@ -563,7 +566,7 @@ class ProxyApp:
         headers[hdr.DECISION_HEADER] = decision.decision_id
         usage: Usage | None = None
         if call.route.match.metered and 200 <= upstream_resp.status < 300:
-            usage = _metered_usage(raw)
+            usage = metered.metered_usage(raw)
         if adapter is not None:
             # Parsed as leniently as the SDKs parse it, whatever the content type
             # says; the agent then gets exactly what was parsed and decided.
@@ -815,27 +818,6 @@ def _decode_path(raw_path: str) -> list[str]:
 def _stream_asked(request: web.Request) -> bool:
     """Whether a route that streams on request (``GET responses/{id}``) is asked to."""
     return any(v.strip().lower() in ("true", "1") for v in request.query.getall("stream", ()))
-
-
-def _metered_request(body: bytes) -> tuple[str | None, CallSize]:
-    """The model a metered request names (embeddings), and its size: input only."""
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        parsed = None
-    model = parsed.get("model") if isinstance(parsed, dict) else None
-    return (model if isinstance(model, str) else None), CallSize(len(body), 0)
-
-
-def _metered_usage(raw: bytes) -> Usage | None:
-    """``usage.prompt_tokens`` of a metered answer; ``None`` if it names none (spent as held)."""
-    try:
-        parsed = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    usage = parsed.get("usage") if isinstance(parsed, dict) else None
-    tokens = _wire.token_count(usage.get("prompt_tokens")) if isinstance(usage, dict) else None
-    return None if tokens is None else Usage(input_tokens=tokens)
 
 
 def _not_governed(name: str, method: str, tail: list[str]) -> RouteNotGoverned:

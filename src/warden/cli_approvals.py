@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import unicodedata
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
+from warden.approvals.model import hidden_paths
 from warden.cli_admin import _request, _run
 
 __all__ = ["main", "register"]
@@ -58,6 +60,31 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         cmd.set_defaults(func=_decide, verb=verb)
 
 
+def _plain(text: object, keep: str = "") -> str:
+    """``text`` safe for a terminal: control and format characters as ``\\uXXXX``.
+
+    Tool names, reasons, argument keys and comments come from the agent or
+    other people: an escape sequence in them could rewrite the screen (a
+    "pending" shown as "approved"), a newline or a bidi override fake a line.
+    The escapes are JSON's, so escaped JSON stays valid JSON.
+    """
+    return "".join(
+        ch if ch in keep or unicodedata.category(ch) not in ("Cc", "Cf") else _escaped(ch)
+        for ch in str(text)
+    )
+
+
+def _escaped(ch: str) -> str:
+    # UTF-16 code units, as JSON writes a character past U+FFFF (a surrogate pair).
+    units = ch.encode("utf-16-be")
+    return "".join(f"\\u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2))
+
+
+def _json(value: Any) -> str:
+    # orjson escapes only C0 controls; DEL, C1 and bidi overrides pass in UTF-8.
+    return _plain(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode(), keep="\n")
+
+
 def _path(approval_id: str) -> str:
     return "/v1/approvals/" + urllib.parse.quote(approval_id, safe="")
 
@@ -69,7 +96,7 @@ def _list(args: argparse.Namespace) -> int:
 
     def show(out: Any) -> str:
         if args.json:
-            return orjson.dumps(out, option=orjson.OPT_INDENT_2).decode()
+            return _json(out)
         rows = out.get("approvals", [])
         if not rows:
             return f"no {args.status} approvals" if args.status != "all" else "no approvals"
@@ -80,35 +107,44 @@ def _list(args: argparse.Namespace) -> int:
 
 def _line(r: Mapping[str, Any]) -> str:
     votes = f"{r['approvals']}/{r['required_approvals']}"
+    hidden = len(hidden_paths(r.get("redacted") or ()))
     return (
-        f"{r['id']}  {r['status']:<8} {r['agent']:<20} {r['tool'] or '-':<20} "
-        f"{votes:>5}  {r['waiting_s']:>8.0f}s  {r['reason']}"
+        f"{_plain(r['id'])}  {r['status']:<8} {_plain(r['agent']):<20} "
+        f"{_plain(r['tool'] or '-'):<20} {votes:>5}  {r['waiting_s']:>8.0f}s  "
+        f"{_plain(r['reason'])}{f'  [{hidden} hidden]' if hidden else ''}"
     )
 
 
 def _show(args: argparse.Namespace) -> int:
     def show(out: Any) -> str:
         if args.json:
-            return orjson.dumps(out, option=orjson.OPT_INDENT_2).decode()
+            return _json(out)
         lines = [
-            f"id          {out['id']}",
+            f"id          {_plain(out['id'])}",
             f"status      {out['status']} ({out['mode']})",
-            f"agent       {out['agent']}",
-            f"tool        {out['tool']}",
-            f"reason      {out['reason']}",
-            f"risk        {out['risk'] or '-'}",
-            f"approvers   {', '.join(out['approvers']) or 'any approver'}",
+            f"agent       {_plain(out['agent'])}",
+            f"tool        {_plain(out['tool'])}",
+            f"reason      {_plain(out['reason'])}",
+            f"risk        {_plain(out['risk'] or '-')}",
+            f"approvers   {_plain(', '.join(out['approvers']) or 'any approver')}",
             f"approvals   {out['approvals']}/{out['required_approvals']}",
             f"waiting     {out['waiting_s']:.0f}s",
-            f"args sha256 {out['arguments_sha256']}",
-            "arguments   "
-            + orjson.dumps(out["arguments"], option=orjson.OPT_INDENT_2)
-            .decode()
-            .replace("\n", "\n            "),
+            f"args sha256 {out['arguments_sha256'] or '- (withheld: values are hidden)'}",
         ]
+        hidden = hidden_paths(out.get("redacted") or ())
+        if hidden:
+            # Plainly, before the arguments: "[redacted]" in them is easy to read past,
+            # and the agent chooses which keys look like credentials.
+            lines.append(
+                f"hidden      {len(hidden)} value(s) you cannot see; reject if you need them:"
+            )
+            lines += [f"              {_plain(path)}" for path in hidden]
+        lines.append("arguments   " + _json(out["arguments"]).replace("\n", "\n            "))
+        if out.get("answers") is not None:
+            lines.append("answers     " + _json(out["answers"]).replace("\n", "\n            "))
         lines += [
-            f"vote        {v['verdict']} by {v['by']}"
-            + (f": {v['comment']}" if v["comment"] else "")
+            f"vote        {v['verdict']} by {_plain(v['by'])}"
+            + (f": {_plain(v['comment'])}" if v["comment"] else "")
             for v in out["votes"]
         ]
         return "\n".join(lines)

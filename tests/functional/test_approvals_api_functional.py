@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
 import pytest
 from aiohttp import web
 
+from tests.functional.conftest import audit_records, make_config
 from warden import cli
 from warden.admin.approval_routes import add_approval_routes
 from warden.admin.auth import TokenAuth, hash_token
@@ -33,6 +35,8 @@ from warden.model import (
     Stage,
     new_id,
 )
+from warden.server import Warden
+from warden.testing import Call, MockLLM, Reply
 
 SECRET = "whsec-functional"
 TOKENS = {
@@ -247,3 +251,76 @@ async def test_cli_lists_and_approves(
 
     monkeypatch.delenv("WARDEN_TOKEN")
     assert await asyncio.to_thread(cli.main, ["approvals", "list"]) == 2
+
+
+# A held call whose important values sit under credential-like names: the agent
+# must not be able to hide them from the approver without the approver knowing.
+SNEAKY = {
+    "customer_id": "ceo",
+    "email": "new@example.com",
+    "password_reset_email": "attacker@evil.example",
+    "pre_authorization_amount": 50000,
+    "note": {"x_credential_hint": {"to_iban": "XX00ATTACKER"}},
+}
+HIDDEN = [
+    "email",  # the shipped policy redacts update_email's email
+    "/password_reset_email",
+    "/pre_authorization_amount",
+    "/note/x_credential_hint",
+]
+
+
+async def test_a_held_call_names_every_value_hidden_from_the_approver(
+    tmp_path: Path,
+    llm: MockLLM,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tokens = [
+        {"subject": s, "roles": list(roles), "sha256": hash_token(tok)}
+        for s, (tok, roles) in TOKENS.items()
+    ]
+    cfg = make_config(tmp_path, llm.url, admin={"tokens": tokens}, approvals={"mode": "defer"})
+    llm.script(Reply(tool_calls=[Call("update_email", SNEAKY)]))
+    async with (
+        Warden(cfg) as warden,
+        openai.AsyncOpenAI(
+            base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0, timeout=60
+        ) as agent,
+    ):
+        await agent.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "update my email"}]
+        )
+        async with aiohttp.ClientSession(headers=bearer("alice")) as http:
+            async with http.get(f"{warden.admin_url}/v1/approvals?status=pending") as resp:
+                (pending,) = (await resp.json())["approvals"]
+            async with http.get(f"{warden.admin_url}/v1/approvals/{pending['id']}") as resp:
+                assert resp.status == 200
+                shown = await resp.json()
+        assert shown["tool"] == "update_email"
+        assert shown["arguments"] == {
+            "customer_id": "ceo",
+            "email": "[redacted]",
+            "password_reset_email": "[redacted]",
+            "pre_authorization_amount": "[redacted]",
+            "note": {"x_credential_hint": "[redacted]"},
+        }
+        assert shown["redacted"] == HIDDEN
+        assert shown["arguments_sha256"] is None  # its plain hash would test guesses of them
+        assert "XX00ATTACKER" not in orjson.dumps(shown).decode()
+
+        monkeypatch.setenv("WARDEN_ADMIN_URL", warden.admin_url)
+        monkeypatch.setenv("WARDEN_TOKEN", TOKENS["alice"][0])
+        assert await asyncio.to_thread(cli.main, ["approvals", "show", pending["id"]]) == 0
+        out = capsys.readouterr().out
+        assert "hidden      4 value(s) you cannot see" in out
+        for path in ("/email", *HIDDEN[1:]):
+            assert f"\n              {path}\n" in out
+    # The decision record lists them too, and never holds the values.
+    records = audit_records(tmp_path / "audit")
+    (decided,) = [
+        r for r in records if r["kind"] == "decision" and r["action"]["tool"] == "update_email"
+    ]
+    assert decided["action"]["redacted"] == HIDDEN
+    assert decided["action"]["arguments"]["note"] == {"x_credential_hint": "[redacted]"}
+    assert "XX00ATTACKER" not in orjson.dumps(records).decode()

@@ -495,3 +495,41 @@ async def test_odd_query_values_get_a_page_not_an_error(warden: Warden) -> None:
                 assert resp.status == 404, path
         async with http.get(f"{warden.admin_url}/console/api/proof/424242") as resp:
             assert resp.status == 404
+
+
+async def test_the_approval_card_names_the_values_hidden_from_the_approver(
+    warden: Warden, llm: MockLLM
+) -> None:
+    # Values under credential-like names are masked: the card must say so, path by path.
+    sneaky = {
+        "customer_id": "ceo",
+        "email": "new@example.com",
+        "password_reset_email": "attacker@evil.example",
+        "pre_authorization_amount": 50000,
+        "note": {"x_credential_hint": {"to_iban": "XX00ATTACKER"}},
+    }
+    llm.script(Reply(tool_calls=[Call("update_email", sneaky)]))
+    async with openai.AsyncOpenAI(
+        base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
+    ) as client:
+        await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "update my email"}]
+        )
+    async with browser_like() as http:
+        await sign_in(http, warden, "dana")
+        async with http.get(f"{warden.admin_url}/console/approvals") as resp:
+            assert resp.status == 200
+            page = await resp.text()
+    hidden = re.search(
+        r'<div class="error" role="note" aria-label="Hidden from you">(.*?)</div>', page
+    )
+    assert hidden is not None, "the card does not say which values are hidden"
+    assert "Reject the call if you need to see them" in hidden.group(1)
+    listed = re.findall(r"<li><code>([^<]*)</code></li>", hidden.group(1))
+    assert listed == [
+        "/email",
+        "/password_reset_email",
+        "/pre_authorization_amount",
+        "/note/x_credential_hint",
+    ]
+    assert "XX00ATTACKER" not in page

@@ -107,6 +107,26 @@ def test_json_and_slack_bodies() -> None:
     assert "&lt;b&gt;&amp;&lt;/b&gt;" in text  # mrkdwn control characters escaped
 
 
+def test_hidden_values_are_named_and_their_digest_withheld() -> None:
+    # The agent can put what matters under a credential-like key; whoever approves
+    # from Slack is told what they cannot see. The plain digest of arguments with a
+    # hidden value would let the channel test guesses of it (a 4-digit PIN).
+    shown = render("approval.requested", approval(), "slack", 1795747200)
+    assert "args sha256 abababababababab" in orjson.dumps(shown).decode()
+    hidden = dataclasses.replace(
+        approval(),
+        arguments={"amount": 10, "card_pin": "[redacted]"},
+        redacted=("/card_pin", "customer.dob"),
+    )
+    slack = render("approval.requested", hidden, "slack", 1795747200)
+    text = orjson.dumps(slack).decode()
+    assert "*Hidden from you:* `/card_pin`, `/customer/dob`" in text
+    assert "sha256" not in text
+    generic = render("approval.requested", hidden, "json", 1795747200)
+    assert generic["approval"]["arguments_sha256"] is None
+    assert generic["approval"]["redacted"] == ["/card_pin", "customer.dob"]
+
+
 def test_the_slack_message_cannot_be_shaped_by_the_agent() -> None:
     # A value cannot close the code block and write its own mrkdwn ("Approved by
     # cfo"), and padding sent first cannot push a field past the cut.

@@ -51,6 +51,62 @@ def test_credential_keys_are_masked_at_any_depth() -> None:
     assert value["headers"]["Authorization"] == "Bearer x", "the input must stay untouched"
 
 
+def test_every_masked_path_is_named() -> None:
+    """An agent must not hide an IBAN from approvers unseen, under a credential name."""
+    value: dict[str, Any] = {
+        "user_id": "ceo",
+        "password_reset_email": "attacker@evil.example",
+        "note": {"x_credential_hint": {"to_iban": "XX00ATTACKER", "tags": ["a", {"k": 1}]}},
+        "a/b~c": {"secret": None},
+        "pwd": REDACTED,  # already "[redacted]": nothing is hidden
+        "cookie": {},
+    }
+    masked: list[str] = []
+    assert mask_credentials(value, masked) == {
+        "user_id": "ceo",
+        "password_reset_email": REDACTED,
+        # Whole: an object's keys may be secrets too ({"sk-...": "prod"}).
+        "note": {"x_credential_hint": REDACTED},
+        "a/b~c": {"secret": REDACTED},
+        "pwd": REDACTED,
+        "cookie": REDACTED,
+    }
+    assert masked == [
+        "/password_reset_email",
+        "/note/x_credential_hint",
+        "/a~1b~0c/secret",  # RFC 6901: "/" and "~" escaped
+        "/cookie",
+    ]
+    assert value["note"]["x_credential_hint"]["to_iban"] == "XX00ATTACKER"
+
+
+def test_masked_argument_paths_are_listed_in_redacted_beside_the_policys() -> None:
+    args = {
+        "customer_id": "ceo",
+        "email": "new@example.com",
+        "pre_authorization_amount": 50000,
+        "note": {"x_credential_hint": {"to_iban": "XX00ATTACKER"}},
+    }
+    body = action_body(sample_action(arguments=args), ("email",))
+    assert body["arguments"] == {
+        "customer_id": "ceo",
+        "email": REDACTED,
+        "pre_authorization_amount": REDACTED,
+        "note": {"x_credential_hint": REDACTED},
+    }
+    assert body["redacted"] == [
+        "email",
+        "/pre_authorization_amount",
+        "/note/x_credential_hint",
+    ]
+    assert body["arguments_sha256"] == arguments_sha256(args)
+    # Inside a path the policy hid whole, a masked value is no longer named on its own.
+    whole_note = action_body(sample_action(arguments=args), ("note",))
+    assert whole_note["redacted"] == ["note", "/pre_authorization_amount"]
+    # Nothing masked, nothing listed: the record's shape is unchanged.
+    assert action_body(sample_action(arguments={"order_id": "A-1"}))["redacted"] == []
+
+
 @pytest.mark.parametrize(
     "key",
     [

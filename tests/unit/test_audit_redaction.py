@@ -189,7 +189,11 @@ def test_an_mcp_retrys_answers_are_shown_masked_and_redacted_where_the_policy_sa
     action = dataclasses.replace(sample_action(arguments=ARGS), input_responses=ANSWERS)
     shown = action_body(action, ("action.input_responses.ask.content.email",))
     assert shown["input_responses"]["ask"]["content"]["email"] == "[redacted]"
-    assert shown["redacted"] == ["input_responses.ask.content.email"]
+    # The policy's path as written; the masked credential as a pointer, so it is named too.
+    assert shown["redacted"] == [
+        "input_responses.ask.content.email",
+        "input_responses/ask/content/api_key",
+    ]
     assert shown["arguments"] == ARGS  # the answers' paths name no argument
     assert b"SECRET9" not in orjson.dumps(shown)  # credentials masked, as in arguments
     whole = action_body(action, ("input.action.input_responses",))

@@ -196,3 +196,24 @@ async def test_the_digests_of_a_subjects_hidden_values_are_sealed_and_go_with_er
     assert await log.erase_subject("cus_a")
     await log.close()
     assert SubjectKeys.open(tmp_path, create=False).unseal(stored(tmp_path)[0][0]) is None
+
+
+async def test_the_pointers_of_a_subjects_masked_values_are_sealed(tmp_path: Path) -> None:
+    # A masked value's pointer is made of argument keys, which may be personal data
+    # (a map keyed by e-mail address): sealed with the arguments, gone with erasure.
+    log = await AuditLog.open(config(tmp_path))
+    arguments = {"customer_id": "cus_a", "users": {"ann@example.com": {"password": "x"}}}
+    decision = dataclasses.replace(
+        sample_decision(), obligations=Obligations(redact=("action.arguments.customer_id",))
+    )
+    await log.record_decision(sample_action(customer="cus_a", arguments=arguments), decision)
+    records, raw = stored(tmp_path)
+    assert b"ann@example.com" not in raw
+    assert records[0]["action"]["redacted"] == ["customer_id"]
+    keys = SubjectKeys.open(tmp_path, create=False)
+    unsealed = keys.unseal(records[0])
+    assert unsealed is not None
+    assert unsealed["action.redacted"] == ["customer_id", "/users/ann@example.com/password"]
+    assert await log.erase_subject("cus_a")
+    await log.close()
+    assert SubjectKeys.open(tmp_path, create=False).unseal(stored(tmp_path)[0][0]) is None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import time
 import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -37,6 +38,7 @@ __all__ = [
     "SelfApproval",
     "TooManyPending",
     "Vote",
+    "hidden_paths",
     "rfc3339",
 ]
 
@@ -137,6 +139,8 @@ class Approval:
     ``arguments`` is the display form only: credentials masked and the
     decision's redaction paths replaced with ``"[redacted]"``; the real
     arguments are never stored, only their hash (``arguments_sha256``).
+    ``redacted`` lists every value so hidden: the policy's dotted paths and
+    the masked ones as JSON pointers (:func:`hidden_paths` for people).
     """
 
     id: str
@@ -175,6 +179,22 @@ class Approval:
     (the server acts on them too); ``None`` for every other action."""
 
     @property
+    def shown_sha256(self) -> str | None:
+        """``arguments_sha256`` where the arguments are shown whole, else ``None``.
+
+        With a value hidden, its plain digest would let anyone who reads the
+        approval (a viewer, a webhook's channel) test guesses of it: a PIN, a
+        date of birth. The store keeps it to bind the approval; the audit log
+        keys it.
+        """
+        return None if self.redacted else self.arguments_sha256
+
+    @property
+    def hidden(self) -> list[str]:
+        """What the approver cannot see, as :func:`hidden_paths` words it."""
+        return hidden_paths(self.redacted)
+
+    @property
     def approved_by(self) -> tuple[str, ...]:
         """The subjects who approved, in vote order."""
         return tuple(v.subject for v in self.votes if v.approve)
@@ -209,7 +229,7 @@ class Approval:
             "upstream": self.upstream,
             "method": self.method,
             "arguments": self.arguments,
-            "arguments_sha256": self.arguments_sha256,
+            "arguments_sha256": self.shown_sha256,
             "redacted": list(self.redacted),
             "reason": self.reason,
             "risk": self.risk,
@@ -226,6 +246,41 @@ class Approval:
             "consumed_at": self.consumed_at,
             **({"answers": self.answers} if self.answers is not None else {}),
         }
+
+
+_ANSWERS = "input_responses"
+
+
+def hidden_paths(redacted: Iterable[str]) -> list[str]:
+    """An approval's ``redacted`` as approvers read it: one JSON pointer per hidden value.
+
+    ``redacted`` mixes the policy's dotted paths (``customer.phone``) with
+    the pointers of masked credentials (``/password``); both become
+    pointers (``/customer/phone``), so a value hidden twice is named once.
+    An MCP retry's answers read ``answers /...``; a whole hidden object
+    reads ``all arguments`` or ``all answers``. An approver who needs one of
+    these values to decide should refuse the call.
+    """
+    out: dict[str, None] = {}  # ordered, without repeats
+    for entry in redacted:
+        if entry in ("arguments", "raw_arguments"):
+            out["all arguments"] = None
+        elif entry == _ANSWERS:
+            out["all answers"] = None
+        elif entry.startswith(f"{_ANSWERS}/"):
+            out[f"answers {entry[len(_ANSWERS) :]}"] = None
+        elif entry.startswith(f"{_ANSWERS}."):
+            out[f"answers {_dotted_pointer(entry[len(_ANSWERS) + 1 :])}"] = None
+        elif entry.startswith("/"):
+            out[entry] = None
+        else:
+            out[_dotted_pointer(entry)] = None
+    return list(out)
+
+
+def _dotted_pointer(path: str) -> str:
+    # A policy path is split on "." to be applied: each part is one key or index.
+    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in path.split("."))
 
 
 def rfc3339(ts: float) -> str:

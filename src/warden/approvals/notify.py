@@ -51,6 +51,8 @@ EVENTS = frozenset(
     {"approval.requested", "approval.approved", "approval.rejected", "approval.expired"}
 )
 _SLACK_ARGS_CHARS = 1500
+_SLACK_HIDDEN = 10
+"""Hidden paths named in a Slack message; the console lists them all."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +102,15 @@ def render(event: str, approval: Approval, fmt: str, timestamp: int) -> dict[str
         # Each cut on its own: padding in one (the client's text) cannot push the other out.
         answers = orjson.dumps(approval.answers, option=pretty).decode()
         args = f"arguments: {args}\nanswers: {_cut(answers, _SLACK_ARGS_CHARS // 2)}"
+    shown = approval.shown_sha256
+    digest = f" · args sha256 {shown[:16]}…" if shown else ""  # withheld if a value is hidden
     details = [f"*Reason:* {_slack(approval.reason)}"]
+    if hidden := approval.hidden:
+        # The agent names its arguments: values it put under a credential-like name
+        # are masked. Whoever approves must know what they cannot see.
+        paths = ", ".join(f"`{_slack(p)}`" for p in hidden[:_SLACK_HIDDEN])
+        more = f" and {len(hidden) - _SLACK_HIDDEN} more" if len(hidden) > _SLACK_HIDDEN else ""
+        details.append(f"*Hidden from you:* {paths}{more}")
     if approval.risk:
         details.append(f"*Risk:* {_slack(approval.risk)}")
     if approval.comment:
@@ -117,8 +127,8 @@ def render(event: str, approval: Approval, fmt: str, timestamp: int) -> dict[str
                     {
                         "type": "mrkdwn",
                         "text": f"{approval.id} · status {approval.status.value} · "
-                        f"{len(approval.approved_by)}/{approval.required_approvals} approvals · "
-                        f"args sha256 {approval.arguments_sha256[:16]}…",
+                        f"{len(approval.approved_by)}/{approval.required_approvals} approvals"
+                        + digest,
                     }
                 ],
             },

@@ -225,6 +225,12 @@ class _Clock:
         return f"{self._prefix}.{ns // 1000:06d}Z"
 
 
+def _masked_pointer(path: str) -> bool:
+    """Whether a ``redacted`` entry is a masked value's pointer (``/api_key``,
+    ``input_responses/...``) rather than a path the policy wrote."""
+    return path.startswith(("/", "input_responses/"))
+
+
 class AuditLog:
     """The tamper-evident audit log (see the module docstring and docs/audit.md).
 
@@ -391,21 +397,12 @@ class AuditLog:
             "approval": approval.as_dict() if approval is not None else None,
         }
         ref, aead = await self._subject_key(action)
-        personal: dict[str, Any] = {}
-        if ref is not None:
-            for name in ("arguments", "raw_arguments", "context", "input_responses"):
-                if act.get(name) is not None:
-                    personal[f"action.{name}"] = act[name]
-                    act[name] = None
-            if "claims" in agent and "agent" in self._subject_roots:
-                # A token's claims may name the subject (agent.claims.sub is a source):
-                # erasure must reach them too.
-                personal["agent.claims"] = agent["claims"]
-                agent["claims"] = None
+        personal = self._personal(act, agent) if ref is not None else {}
         if ref is not None and aead is None:
             # A subject whose fields cannot be sealed: they are kept only redacted.
             if personal.pop("agent.claims", None) is not None:
                 agent["claims"] = REDACTED
+            personal.pop("action.redacted", None)  # its pointers go: the arguments go whole
             for path in personal:
                 name = path.removeprefix("action.")
                 act[name] = REDACTED
@@ -420,6 +417,26 @@ class AuditLog:
             # Keyed always, as the approval's own records are, so the two still match.
             self._key_digest(fields["approval"], "approval.arguments_sha256", personal)
         await self._commit("decision", fields, ref, aead, personal)[1]
+
+    def _personal(self, act: dict[str, Any], agent: dict[str, Any]) -> dict[str, Any]:
+        """Take a subject's personal fields out of a decision record, by field path."""
+        personal: dict[str, Any] = {}
+        for name in ("arguments", "raw_arguments", "context", "input_responses"):
+            if act.get(name) is not None:
+                personal[f"action.{name}"] = act[name]
+                act[name] = None
+        if "claims" in agent and "agent" in self._subject_roots:
+            # A token's claims may name the subject (agent.claims.sub is a source):
+            # erasure must reach them too.
+            personal["agent.claims"] = agent["claims"]
+            agent["claims"] = None
+        # The pointers of masked values are made of argument keys (a map keyed by
+        # e-mail address): sealed with the arguments, the policy's paths left in sight.
+        named = [p for p in act["redacted"] if not _masked_pointer(p)]
+        if len(named) < len(act["redacted"]):
+            personal["action.redacted"] = act["redacted"]
+            act["redacted"] = named
+        return personal
 
     def _key_digest(self, holder: dict[str, Any], path: str, personal: dict[str, Any]) -> None:
         """Key the digest at ``path`` (a value the record does not show).

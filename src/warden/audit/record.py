@@ -224,21 +224,64 @@ def is_credential_key(key: str) -> bool:
     return known
 
 
-def mask_credentials(value: Any) -> Any:
-    """A copy of a JSON-like value with credential-named keys masked, at any depth."""
+def mask_credentials(value: Any, masked: list[str] | None = None, at: str = "") -> Any:
+    """A copy of a JSON-like value with credential-named keys masked, at any depth.
+
+    The whole value under a credential-named key becomes ``"[redacted]"`` (an
+    object's keys may be secrets too). The agent names its arguments, so it
+    could hide any value from an approver that way (an IBAN under
+    ``x_credential_hint``): with ``masked``, the JSON pointer (RFC 6901, from
+    ``at``) of every value replaced is appended to it, for callers to list in
+    ``redacted`` and approvers to see what they cannot; a value that already
+    was ``"[redacted]"`` hid nothing.
+    """
     kind = type(value)
     if kind in _SCALARS:
         return value
     if kind is dict or isinstance(value, Mapping):
-        return {
-            k: REDACTED
-            if type(k) is str and is_credential_key(k)
-            else (v if type(v) in _SCALARS else mask_credentials(v))
-            for k, v in value.items()
-        }
+        out: dict[Any, Any] = {}
+        for k, v in value.items():
+            if type(k) is str and is_credential_key(k):
+                out[k] = _hide(v, masked, _pointer(at, k) if masked is not None else "")
+            elif type(v) in _SCALARS:
+                out[k] = v
+            else:
+                out[k] = mask_credentials(v, masked, _pointer(at, k) if masked is not None else "")
+        return out
     if isinstance(value, list | tuple):
-        return [v if type(v) in _SCALARS else mask_credentials(v) for v in value]
+        return [
+            v
+            if type(v) in _SCALARS
+            else mask_credentials(v, masked, f"{at}/{i}" if masked is not None else "")
+            for i, v in enumerate(value)
+        ]
     return value
+
+
+def _hide(value: Any, masked: list[str] | None, at: str) -> Any:
+    """``value`` under a credential-named key, masked whole; its pointer kept in ``masked``."""
+    if masked is not None and not (type(value) is str and value == REDACTED):
+        masked.append(at)
+    return REDACTED
+
+
+def _pointer(at: str, key: Any) -> str:
+    """The JSON pointer (RFC 6901) of ``key`` inside the value at ``at``."""
+    return f"{at}/{str(key).replace('~', '~0').replace('/', '~1')}"
+
+
+def _masked_at(value: Any, pointer: str) -> bool:
+    """Whether ``pointer`` still leads to a masked value (not inside a redacted whole)."""
+    node = value
+    for raw in pointer.split("/")[1:]:
+        part = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return type(node) is str and node == REDACTED
 
 
 def _redact_path(value: Any, parts: list[str]) -> bool:
@@ -311,8 +354,11 @@ def _answers_body(answers: Mapping[str, Any], redact: Iterable[str]) -> tuple[An
     if _ANSWERS in paths:
         return REDACTED, [_ANSWERS]
     inside = [p[len(_ANSWERS) + 1 :] for p in paths if p.startswith(f"{_ANSWERS}.")]
-    shown = mask_credentials(answers)
-    return shown, [f"{_ANSWERS}.{p}" for p in apply_redactions(shown, inside)]
+    masked: list[str] = []
+    shown = mask_credentials(answers, masked)
+    hit = [f"{_ANSWERS}.{p}" for p in apply_redactions(shown, inside)]
+    # Masked answers as input_responses/<pointer>, beside the policy's dotted paths.
+    return shown, [*hit, *(f"{_ANSWERS}{m}" for m in masked if _masked_at(shown, m))]
 
 
 def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
@@ -335,8 +381,13 @@ def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
             digest = arguments_digest(action.arguments)
             keys = sorted(str(k) for k in action.arguments)
         else:
-            arguments = mask_credentials(action.arguments)
+            masked: list[str] = []
+            arguments = mask_credentials(action.arguments, masked)
             redacted = apply_redactions(arguments, arg_paths)
+            # Masked values are listed too (JSON pointers, "/password"), so whoever
+            # reads the arguments (an approver above all) knows what is hidden;
+            # those inside a path the policy redacted whole are gone already.
+            redacted += [m for m in masked if _masked_at(arguments, m)]
             if redacted or arguments != action.arguments:
                 # What is shown is not what the agent got: the hash still binds it.
                 digest = arguments_digest(action.arguments)

@@ -467,12 +467,32 @@ def _approval_card(a: Approval, csrf: str, can_vote: bool, now: float) -> Html:
                 ("Expires", _when(a.expires_at)),
             ]
         ),
+        # Said before the arguments, not left to "[redacted]" in them: an agent can put
+        # any value under a credential-like name, and an approver must know to refuse.
+        _hidden_notice(a.hidden),
         tag("pre", {"class": "json", "aria-label": "Arguments"}, pretty(a.arguments)),
         # An MCP retry's answers to the server's questions: the server acts on them too.
         tag("pre", {"class": "json", "aria-label": "Answers"}, pretty(a.answers))
         if a.answers is not None
         else None,
         forms,
+    )
+
+
+def _hidden_notice(hidden: Sequence[str]) -> Html | None:
+    """Which argument paths the approver cannot see, each on its own (a key may hold ", ")."""
+    if not hidden:
+        return None
+    return tag(
+        "div",
+        {"class": "error", "role": "note", "aria-label": "Hidden from you"},
+        tag(
+            "p",
+            None,
+            f"{len(hidden)} value(s) hidden from you (credential-like names or the policy's "
+            "redactions). Reject the call if you need to see them to decide:",
+        ),
+        tag("ul", None, [tag("li", None, tag("code", None, path)) for path in hidden]),
     )
 
 

@@ -175,7 +175,7 @@ def approval_message(approval: Approval) -> pb.Approval:
         agent_id=approval.agent_id,
         tool=approval.tool or "",
         arguments=_to_value(approval.arguments),
-        arguments_sha256=approval.arguments_sha256,
+        arguments_sha256=approval.shown_sha256 or "",
         redacted=list(approval.redacted),
         reason=approval.reason,
         risk=approval.risk or "",

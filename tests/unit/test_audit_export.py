@@ -645,6 +645,9 @@ async def test_a_period_without_records_is_proven_empty(
         (("10:40", "11:00"), {"from": None}, "holds no record, but the package names no 'from'"),
         (("10:40", "11:00"), {"to": _at("11:45")}, "record 4, after the run, is not shown"),
         (("11:45", "11:50"), {"to": _at("13:00")}, "is from before the period's end"),
+        # Ends swapped: every record lies "outside" a period that runs backward.
+        (("10:40", "11:00"), {"from": _at("11:00"), "to": _at("09:00")}, "does not run forward"),
+        (("10:40", "11:00"), {"from": _at("11:00"), "to": _at("11:00")}, "does not run forward"),
     ],
 )
 async def test_an_empty_package_declaring_another_period_fails(
@@ -756,3 +759,16 @@ async def test_two_packages_meeting_at_a_checkpoints_time_leave_no_record_out(
     # The first package declared up to when its checkpoint was signed: record 3 is missing.
     failures = _rescoped_failures(first, to=_at("09:40"))
     assert any("is from before the period's end" in f for f in failures), failures
+
+
+async def test_a_period_that_does_not_run_forward_is_not_exported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "audit"
+    await _hourly_log(root, monkeypatch)
+    with pytest.raises(ExportError, match="does not run forward"):
+        export_log(root, tmp_path / "a", selection=Selection(start=_at("11:00"), end=_at("09:00")))
+    # Nor one no checkpoint covers yet: its end cut back to the checkpoint's time would
+    # come before its start.
+    with pytest.raises(ExportError, match="no signed checkpoint covers any of it yet"):
+        export_log(root, tmp_path / "b", selection=Selection(start=_at("23:00"), end=_at("23:30")))

@@ -93,6 +93,8 @@ def test_handoff_path_prefixes_the_upstream_and_keeps_the_query() -> None:
         ("::127.0.0.1", "reserved", "reserved"),  # IPv4-compatible, deprecated
         ("fd00:ec2::254", "cloud metadata", "cloud metadata"),  # AWS, in ULA
         ("100.100.100.200", "cloud metadata", "cloud metadata"),  # Alibaba, in CGNAT
+        ("168.63.129.16", "cloud metadata", "cloud metadata"),  # Azure WireServer, public
+        ("192.0.0.192", "reserved", "reserved"),  # Oracle Cloud; "global" before 3.12.4
         ("localhost", "not an address", "not an address"),
         # Private: refused unless tunnel_private_networks.
         ("10.0.0.1", "private", None),

@@ -7,6 +7,7 @@ the same checks through the real proxy on loopback.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 import pytest
@@ -125,4 +126,10 @@ def test_this_hosts_own_addresses_are_refused_even_when_private_ones_are_allowed
     if own is None:
         pytest.skip("this host has no non-loopback address")
     assert transparent._why_refused(own, private_allowed=True) == "an address of this host"
+    # Its IPv6 forms may lead back to it too (a NAT64 gateway, 6to4).
+    packed = ipaddress.IPv4Address(own).packed
+    nat64 = str(ipaddress.IPv6Address(b"\x00\x64\xff\x9b" + bytes(8) + packed))
+    sixtofour = str(ipaddress.IPv6Address(b"\x20\x02" + packed + bytes(10)))
+    for form in (f"::ffff:{own}", nat64, sixtofour):
+        assert transparent._why_refused(form, private_allowed=True) == "an address of this host"
     assert transparent._why_refused("8.8.8.8", private_allowed=True) is None

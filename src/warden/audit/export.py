@@ -272,12 +272,21 @@ def export_log(
         start=parse_time(selection.start) if selection.start is not None else None,
         end=parse_time(selection.end, end=True) if selection.end is not None else None,
     )
+    start, end = selection.start, selection.end
+    if start is not None and end is not None and start >= end:
+        raise ExportError(f"the period from {start} to {end} does not run forward")
     signed = _latest_signed(root)
     shortened = selection.end is not None and signed is not None and signed < selection.end
     if shortened:
         # What the signed log can vouch for: the log dates a checkpoint no later than any
         # record it leaves out, so none dated before then is missing from it. The period
         # is declared up to then, not beyond.
+        assert signed is not None
+        if selection.start is not None and signed <= selection.start:
+            raise ExportError(
+                f"the latest checkpoint ({signed}) is from before the period starts: no "
+                "signed checkpoint covers any of it yet (export once the next is signed)"
+            )
         selection = dataclasses.replace(selection, end=signed)
     loaded = _load(root, selection, verifier)
     if fmt == "csv":

@@ -526,6 +526,12 @@ def _scope(pkg: Path, report: _Report) -> dict[str, object] | None:
         if value is not None and not (isinstance(value, str) and _TIME.fullmatch(value)):
             report.fail(f"selection.json: {bound!r} is not a time as records write it")
             return None
+    start, end = scope.get("from"), scope.get("to")
+    if isinstance(start, str) and isinstance(end, str) and not start < end:
+        # Ends swapped, every record lies "outside" the period: an empty package of the
+        # period asked for (09:00 to 11:00) would pass as one from 11:00 to 09:00.
+        report.fail(f"selection.json: the period from {start} to {end} does not run forward")
+        return None
     return scope
 
 

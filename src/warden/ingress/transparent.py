@@ -55,6 +55,7 @@ from warden.ingress.transparent_rules import (
     Verdict,
     VerdictKind,
     destination_refusal,
+    embedded_ipv4,
     handoff_path,
     normalize_host,
 )
@@ -178,6 +179,10 @@ def _bind_tells(family_probe: str) -> bool:
 
 
 def _is_this_host(address: str) -> bool:
+    # An IPv6 form of an IPv4 address (mapped, NAT64, 6to4) may lead back to it.
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and (inner := embedded_ipv4(ip)) is not None:
+        address = str(inner)
     probe = "2001:db8::1" if ":" in address else "192.0.2.1"
     return _bind_tells(probe) and _binds(address)
 

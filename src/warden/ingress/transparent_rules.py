@@ -25,6 +25,7 @@ __all__ = [
     "Verdict",
     "VerdictKind",
     "destination_refusal",
+    "embedded_ipv4",
     "handoff_path",
     "normalize_host",
 ]
@@ -106,12 +107,18 @@ def handoff_path(upstream: str, path: str) -> str:
 
 _THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")  # Linux connects 0.0.0.0 to the host itself
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-# Cloud metadata services outside link-local, inside ranges private_allowed opens:
-# AWS's IPv6 endpoint (ULA) and Alibaba Cloud's (CGNAT).
-_METADATA = frozenset(map(ipaddress.ip_address, ("fd00:ec2::254", "100.100.100.200")))
+# Cloud metadata services outside link-local: AWS's IPv6 endpoint (ULA) and Alibaba
+# Cloud's (CGNAT), inside ranges private_allowed opens, and Azure's WireServer, in a
+# public range (it hands a VM's extension settings to any process on it).
+_METADATA = frozenset(
+    map(ipaddress.ip_address, ("fd00:ec2::254", "100.100.100.200", "168.63.129.16"))
+)
+# IETF protocol assignments (Oracle Cloud's legacy metadata at 192.0.0.192): not global,
+# but Python before 3.12.4 calls most of it global (CVE-2024-4032).
+_PROTOCOL_ASSIGNMENTS = ipaddress.IPv4Network("192.0.0.0/24")
 
 
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 one stands for (mapped, NAT64, 6to4): where it really goes."""
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
@@ -135,7 +142,7 @@ def destination_refusal(address: str, *, private_allowed: bool = False) -> str |
         return "not an address"
     if isinstance(ip, ipaddress.IPv6Address):
         # Python 3.12 classifies ::ffff:127.0.0.1 by its IPv6 prefix, not as loopback.
-        ip = _embedded_ipv4(ip) or ip
+        ip = embedded_ipv4(ip) or ip
     if ip.is_loopback:
         return "loopback"
     if ip.is_link_local:
@@ -148,6 +155,8 @@ def destination_refusal(address: str, *, private_allowed: bool = False) -> str |
         return "reserved"
     if ip in _METADATA:
         return "cloud metadata"
+    if isinstance(ip, ipaddress.IPv4Address) and ip in _PROTOCOL_ASSIGNMENTS:
+        return "reserved"
     # is_global leaves out CGNAT (which is_private does not cover) and documentation
     # ranges; deprecated IPv6 site-local (fec0::/10) is private in all but name.
     is_site_local = isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local

@@ -22,6 +22,7 @@ import pytest
 from multidict import CIMultiDict
 
 from tests.functional.conftest import audit_records, make_config
+from tests.functional.test_approvals_api_functional import SNEAKY
 from tests.pg import PgServer
 from warden.audit.index import DecisionIndex, IndexQuery, default_index_path
 from warden.cli_audit import main as audit_main
@@ -501,14 +502,7 @@ async def test_the_approval_card_names_the_values_hidden_from_the_approver(
     warden: Warden, llm: MockLLM
 ) -> None:
     # Values under credential-like names are masked: the card must say so, path by path.
-    sneaky = {
-        "customer_id": "ceo",
-        "email": "new@example.com",
-        "password_reset_email": "attacker@evil.example",
-        "pre_authorization_amount": 50000,
-        "note": {"x_credential_hint": {"to_iban": "XX00ATTACKER"}},
-    }
-    llm.script(Reply(tool_calls=[Call("update_email", sneaky)]))
+    llm.script(Reply(tool_calls=[Call("update_email", SNEAKY)]))
     async with openai.AsyncOpenAI(
         base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
     ) as client:

@@ -109,21 +109,24 @@ def _host_label(host: str) -> str:
 
 
 def _refusal(host: str) -> http.Response:
-    detail = (
-        f"Warden does not govern {host or 'this host'} and transparent.unknown_hosts is deny: "
-        "no connection was opened"
+    return _forbidden(
+        _NOT_GOVERNED,
+        "Host not governed by Warden",
+        f"Warden does not govern {host or 'this host'} and transparent.unknown_hosts is deny",
     )
-    body = http_tool.problem(403, _NOT_GOVERNED, "Host not governed by Warden", detail)
-    return http.Response.make(403, body, {"Content-Type": http_tool.PROBLEM_CONTENT_TYPE})
 
 
 def _destination_refusal(host: str) -> http.Response:
     # Neither the address nor why it is refused: the agent must not learn internal DNS here.
-    detail = (
-        f"Warden tunnels only to public addresses and {host or 'this host'} is not one: "
-        "no connection was opened"
+    return _forbidden(
+        _NOT_ALLOWED,
+        "Destination not allowed",
+        f"Warden tunnels only to public addresses and {host or 'this host'} is not one",
     )
-    body = http_tool.problem(403, _NOT_ALLOWED, "Destination not allowed", detail)
+
+
+def _forbidden(code: str, title: str, why: str) -> http.Response:
+    body = http_tool.problem(403, code, title, f"{why}: no connection was opened")
     return http.Response.make(403, body, {"Content-Type": http_tool.PROBLEM_CONTENT_TYPE})
 
 

@@ -323,7 +323,7 @@ class SessionGuard:
         read from the store once, then kept here as decided."""
         self._adding = tasks.Tasks("session-counters")
         self._adding_now: dict[str, asyncio.Event] = {}
-        """The key whose deltas are on their way to the store, set once they are counted
+        """By session key, the add on its way to the store, set once its deltas are counted
         there and no longer here: a read meanwhile could find them in both."""
         self._closing = asyncio.Event()
         """Set by :meth:`close`: a counter add that fails then is not tried again."""

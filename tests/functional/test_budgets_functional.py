@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -240,3 +241,30 @@ async def test_a_model_call_that_timed_out_stays_spent_and_an_error_answer_does_
     assert timed_out.value.status_code == 504
     assert held[0] == pytest.approx(1000 * 0.6 / 1e6, rel=0.2)
     assert after == held  # the error answer's hold went back
+
+
+async def test_a_stream_the_agent_cuts_short_is_spent_at_what_it_held(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # The agent reads the start of an Anthropic stream and hangs up. message_start
+    # already carries usage (its output a token or two); counted from it, the call
+    # would cost next to nothing whatever the provider generated. It keeps its hold:
+    # 1,000 output tokens of claude-opus-4-1 (75 USD a million) and the input's estimate.
+    config = make_config(tmp_path, llm.url, budgets={"llm": {"limit_usd": 1.0, "window": "day"}})
+    agent = "agent:support-triage"
+    llm.script(Reply(text="word " * 200, fault=Fault("slow_stream", seconds=0.05)))
+    async with (
+        Warden(config) as warden,
+        anthropic.AsyncAnthropic(
+            base_url=f"{warden.proxy_url}/anthropic", api_key="sk-ant-test", max_retries=0
+        ) as c,
+    ):
+        stream = await c.messages.create(
+            model="claude-opus-4-1", max_tokens=1000, messages=MESSAGES, stream=True
+        )
+        async for event in stream:
+            if event.type == "content_block_delta":
+                break  # the agent has what it wanted
+        await stream.close()
+        spent = await wait_for(tmp_path, "llm", agent, lambda v: v[0] > 0 and v[1] == 0)
+    assert spent[0] == pytest.approx(1000 * 75 / 1e6, rel=0.05)

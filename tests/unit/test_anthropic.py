@@ -693,7 +693,8 @@ def test_usage_follows_message_delta_totals() -> None:
     rewriter = ADAPTER.stream_rewriter()
     assert rewriter.usage is None
     list(rewriter.feed(events("anthropic_tools.sse")[0]))
-    assert rewriter.usage == Usage(472, 2, 2048)
+    # message_start's counts are not final (its output is a token or two): not reported.
+    assert rewriter.usage is None
     delta = {
         "delta": {"stop_reason": "end_turn"},
         "usage": {"output_tokens": 40, "input_tokens": 480, "cache_read_input_tokens": None},
@@ -725,8 +726,7 @@ def test_usage_counts_cache_writes_apart_from_input() -> None:
     rewriter = ADAPTER.stream_rewriter()
     start = events("anthropic_text.sse")[0]
     list(rewriter.feed(start))
-    assert rewriter.usage is not None
-    assert rewriter.usage.cache_write_tokens == 0
+    assert rewriter.usage is None  # not final yet
     delta = {
         "delta": {"stop_reason": "end_turn"},
         "usage": {"output_tokens": 9, "cache_creation_input_tokens": 5_000},

@@ -388,22 +388,21 @@ async def test_model_calls_in_flight_together_hold_what_each_can_cost(store: Sta
     assert (used, held) == pytest.approx(((10 * 15 + 100 * 75) / 1e6, 0.0))
 
 
-async def test_an_answer_cut_short_is_spent_at_what_it_held_at_the_least(
-    store: StateStore,
-) -> None:
-    # The agent hangs up after most of a stream: the usage Warden saw (message_start's)
-    # is a fraction of what the provider generated and bills.
+async def test_an_answer_cut_short_is_spent_at_its_hold(store: StateStore) -> None:
+    # The agent hangs up mid-stream: no final usage reached Warden (the stream rewriters
+    # report only final counts), and the provider bills what it generated: the hold stays.
     pipeline, _, _ = build(store, {"llm": {"limit_usd": 100.0}})
     size = CallSize(input_bytes=0, max_output_tokens=10_000)
     cut = llm_call("claude-opus-4-1", size)
     await pipeline.decide(cut)
-    seen = Outcome(status=200, error="client_disconnected", usage=Usage(10, 1))
+    seen = Outcome(status=200, error="client_disconnected")
     await pipeline.outcome(cut, "dec", seen, trusted=True)
     assert await spent(store, "llm", DAY, "agent:bot") == pytest.approx((0.75, 0.0))
-    # Read to its end, the same call costs what its usage says.
+    # With its final usage (read to its end, whoever hung up after), it costs that.
     whole = llm_call("claude-opus-4-1", size)
     await pipeline.decide(whole)
-    await pipeline.outcome(whole, "dec", Outcome(status=200, usage=Usage(10, 1)), trusted=True)
+    read = Outcome(status=200, error="client_disconnected", usage=Usage(10, 1))
+    await pipeline.outcome(whole, "dec", read, trusted=True)
     assert await spent(store, "llm", DAY, "agent:bot") == pytest.approx(
         (0.75 + (10 * 15 + 75) / 1e6, 0.0)
     )

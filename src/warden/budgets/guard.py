@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -139,8 +139,7 @@ class BudgetGuard:
             # Beside warden_budget_spent, for the "spend near a cap" alert.
             child(BUDGET_LIMIT, LLM_COUNTER, config.llm.window).set(config.llm.limit_usd)
         # Actions holding a reservation, so outcomes of others cost no I/O.
-        self._held: OrderedDict[str, float] = OrderedDict()
-        """Action ids holding a reservation, with what a model call holds (else 0)."""
+        self._held: OrderedDict[str, None] = OrderedDict()
         self._expiry: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -230,7 +229,7 @@ class BudgetGuard:
         )
         ctx = GuardContext(mode=ctx.mode, risk=ctx.risk, budget={**ctx.budget, **doc})
         if result.reserved:
-            self._remember(action.action_id, _llm_hold(lines))
+            self._remember(action.action_id)
             self._gauge(action, lines, result.before, added=True)
         if not result.over:
             return unkeyed, ctx
@@ -247,7 +246,7 @@ class BudgetGuard:
             return
         holds = [line.hold for line in plan.lines]
         await self.store.reserve(action.action_id, holds, force=True)
-        self._remember(action.action_id, _llm_hold(plan.lines))
+        self._remember(action.action_id)
 
     async def decided(self, action: Action, decision: Decision | None) -> None:
         """Release the reservation unless the action is going through."""
@@ -273,19 +272,14 @@ class BudgetGuard:
             if action.kind is ActionKind.LLM_CALL and outcome.usage is not None
             else None
         )
-        held = self._held.pop(action.action_id, None)
-        if held is None and not self._may_hold(action):
+        if action.action_id in self._held:
+            del self._held[action.action_id]
+        elif not self._may_hold(action):
             return cost
         # Else decided before a restart, or by another sidecar on the same store:
         # the store settles it if it holds it, and changes nothing if not.
         actual: dict[str, float] | None
-        cut = outcome.error is not None and (outcome.status is None or outcome.status < 400)
-        if action.kind is ActionKind.LLM_CALL and cost is not None and cut and held is not None:
-            # An answer cut short (the agent hung up mid-stream) reports the usage of what
-            # Warden saw, not of what the provider generated and bills: spent as held at
-            # the least, or an agent would read most of an answer for the price of its start.
-            actual = {LLM_COUNTER: max(cost, held)}
-        elif action.kind is ActionKind.LLM_CALL and cost is not None:
+        if action.kind is ActionKind.LLM_CALL and cost is not None:
             actual = {LLM_COUNTER: cost}
         elif action.kind is ActionKind.LLM_CALL:
             # No usage: an error answer (or none) is not billed, but a 2xx whose usage
@@ -528,16 +522,11 @@ class BudgetGuard:
         child(metrics.LLM_SPEND, bounded("agent", action.agent.id), model).inc(priced.usd)
         return priced.usd
 
-    def _remember(self, action_id: str, llm: float) -> None:
-        self._held[action_id] = llm
+    def _remember(self, action_id: str) -> None:
+        self._held[action_id] = None
         if len(self._held) > MAX_HELD:
             # The oldest reservation is left for expiry to settle.
             self._held.popitem(last=False)
-
-
-def _llm_hold(lines: Sequence[_Line]) -> float:
-    """What a model call's plan holds on the LLM counter (0: none)."""
-    return next((line.hold.amount for line in lines if line.cap == LLM_COUNTER), 0.0)
 
 
 _BYTES_PER_TOKEN = 4

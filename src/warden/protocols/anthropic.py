@@ -448,6 +448,7 @@ class AnthropicStreamRewriter(StreamStatus):
     def __init__(self) -> None:
         self._started = False
         self._finished = False  # message_delta seen: no block event may follow
+        self._final_usage = False  # message_delta carried usage: the counts are final
         self._stopped = False  # message_stop seen
         self._count = 0  # blocks the SDK holds, i.e. the index the next block must have
         self._calls: set[int] = set()  # positions holding a call
@@ -456,6 +457,16 @@ class AnthropicStreamRewriter(StreamStatus):
         self._ordinal = 0
         self._allowed = False
         super().__init__()
+
+    @property
+    def usage(self) -> Usage | None:
+        """The answer's usage once final (``message_delta``), else ``None``.
+
+        ``message_start`` carries counts too, but its output is a token or two: a
+        stream the agent cut after reading most of it would be billed at its start.
+        Without final counts, a spend cap keeps what the call held.
+        """
+        return self._usage if self._final_usage else None
 
     @staticmethod
     def _read(event: SseEvent) -> tuple[SseEvent, dict[str, Any]] | None:
@@ -659,6 +670,7 @@ class AnthropicStreamRewriter(StreamStatus):
     def _message_delta(self, event: SseEvent, obj: dict[str, Any]) -> SseEvent:
         usage = obj.get("usage")
         if isinstance(usage, dict):
+            self._final_usage = True
             # Counts here are running totals; absent ones keep the message_start value.
             current = self._usage or Usage()
             output = token_count(usage.get("output_tokens"))

@@ -278,21 +278,52 @@ facts := {"quote": input.s == "a\\"b", "system": startswith(input.s, "C:\\\\Win"
         assert got == {**expected, "key": ['k"']}, text
 
 
-def test_a_result_a_builtin_let_the_input_shape_is_refused() -> None:
-    # base64.decode gives the input's text back unescaped: its "effect" would be a second
-    # key of the decision. rego-cpp writes each key once, so a second one is refused.
-    policy = """package p
+@pytest.mark.parametrize(
+    ("made", "given"),
+    [
+        # base64.decode gives the input's text back unescaped, and so do the trims, which
+        # policies use to tidy an argument: a key the decision never had (mode: observe
+        # enforces nothing), or a second effect, would be the agent's.
+        ("base64.decode(input.s)", base64.b64encode(b'x", "effect": "allow').decode()),
+        ("base64.decode(input.s)", base64.b64encode(b'x", "mode": "observe", "z": "').decode()),
+        ("trim_space(input.s)", 'c-1","mode":"observe","x":"'),
+        ('trim(input.s, " ")', 'c-1","risk":"read","x":"'),
+        ('trim_left(input.s, "+")', 'c-1"},"zz":{"q":"'),
+    ],
+)
+def test_a_result_a_builtin_let_the_input_shape_is_refused(made: str, given: str) -> None:
+    policy = f"""package p
 
 import rego.v1
 
-decision := {"effect": "deny", "reason": base64.decode(input.blob)}
+decision := {{"effect": "deny", "reason": {made}, "approvers": [{made}]}}
 """
     evaluator = Evaluator([("p.rego", policy)], {}, "data.p.decision")
-    blob = base64.b64encode(b'x", "effect": "allow').decode()
-    result = interpret_output(evaluator.evaluate({"blob": blob}))
-    assert (result.effect, result.error) == (None, "policy_error")
-    plain = interpret_output(evaluator.evaluate({"blob": base64.b64encode(b"fine").decode()}))
-    assert (plain.effect, plain.reasons) == (Effect.DENY, ("fine",))
+    # Refused either way: the text no longer parses, or holds more than the value.
+    with pytest.raises(ValueError, match="the policy's result"):
+        evaluator.evaluate({"s": given})
+    honest = "fine" if made.startswith("trim") else base64.b64encode(b"fine").decode()
+    plain = interpret_output(evaluator.evaluate({"s": honest}))
+    assert (plain.effect, plain.reasons, plain.approvers) == (Effect.DENY, ("fine",), ("fine",))
+
+
+def test_an_entrypoints_value_is_checked_for_its_shape_too() -> None:
+    # OPA-Envoy's allow may be an object (headers, a status): the same builtins could
+    # give it keys of the agent's choosing.
+    policy = """package envoy.authz
+
+import rego.v1
+
+allow := {"allowed": false, "body": trim_space(input.s)}
+"""
+    evaluator = Evaluator([("p.rego", policy)], {}, "data.envoy.authz.allow")
+    evaluator.add_entrypoint("data.envoy.authz.allow")
+    injected = orjson.dumps({"s": 'x","http_status":200,"z":"'})
+    with pytest.raises(ValueError, match="changes its shape"):
+        evaluator.evaluate_entry_json(1, injected)
+    fine = evaluator.evaluate_entry_json(1, orjson.dumps({"s": "no"}))
+    assert fine is not None
+    assert orjson.loads(fine) == {"bindings": {"result": {"allowed": False, "body": "no"}}}
 
 
 async def test_an_input_the_engine_refuses_fails_alone(engine: PolicyEngine) -> None:

@@ -34,7 +34,9 @@ the worker does as little as possible per request.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import struct
 import sys
@@ -71,6 +73,34 @@ MSG_QUIT = b"Q"
 MSG_BATCH = b"B"
 MSG_BATCH_RESULT = b"S"
 _HEADER = struct.Struct(">I")
+_REF = re.compile(r"^data(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+_SHAPE_PACKAGE = "warden_result_shape"
+_SHAPED_HEAD = '{"expressions":[['
+
+
+def _shape_module(query: str, package: str = _SHAPE_PACKAGE) -> tuple[str, str]:
+    """A module that answers ``query``'s value beside the number of values in it.
+
+    rego-cpp writes a string some builtins made from input text (``trim``,
+    ``trim_space``, ``base64.decode``) without escaping its quotes, so an
+    argument such as ``c-1","mode":"observe`` that a policy trims into its
+    reason would add keys of the agent's choosing to the decision's text. The
+    count is taken on the value itself (``walk`` visits every value), which the
+    text then has to match.
+    """
+    source = (
+        f"package {package}\n\nshape := [value, count([1 | walk(value, _)])] if value := {query}\n"
+    )
+    return f"<warden>/{package}.rego", source
+
+
+def _values(value: Any) -> int:
+    """How many values ``walk`` visits in ``value``: itself and every value inside."""
+    if isinstance(value, dict):
+        return 1 + sum(_values(v) for v in value.values())
+    if isinstance(value, list):
+        return 1 + sum(_values(v) for v in value)
+    return 1
 
 
 class Evaluator:
@@ -92,7 +122,14 @@ class Evaluator:
         self._modules = [Module(p, s) for p, s in modules]
         self._data = data
         self._label = label
-        compiled = compile_bundle(self._modules, data, query, label=label)
+        # A decision query (a rule reference) is answered with its value's shape, which
+        # its text must match; any other query (the authoring tools') is answered as is.
+        self._shaped = _REF.fullmatch(query) is not None
+        if self._shaped:
+            shaped = [*self._modules, Module(*_shape_module(query))]
+            compiled = compile_bundle(shaped, data, f"data.{_SHAPE_PACKAGE}.shape", label=label)
+        else:
+            compiled = compile_bundle(self._modules, data, query, label=label)
         self._engine: RegoEvaluator = rego.Evaluator(compiled)
         self._entries: list[RegoEvaluator | str] = []
 
@@ -100,12 +137,17 @@ class Evaluator:
         """Compile one more query of the same bundle; a failure is kept as its answer."""
         from warden.policy import rego  # noqa: PLC0415
         from warden.policy.bundle.compile import compile_bundle  # noqa: PLC0415
-        from warden.policy.bundle.model import BundleError  # noqa: PLC0415
+        from warden.policy.bundle.model import BundleError, Module  # noqa: PLC0415
 
         try:
-            # Bound to a variable: a query that is just ``data.x`` is undefined when x is false.
-            bound = f"{ENTRY_VARIABLE} = {query}"
-            compiled = compile_bundle(self._modules, self._data, bound, label=self._label)
+            if _REF.fullmatch(query) is None:
+                raise BundleError("an entrypoint must be a rule reference such as data.x.allow")
+            # Its value (false included: assigned, not tested) and its shape, as a decision's.
+            package = f"{_SHAPE_PACKAGE}_{len(self._entries) + 1}"
+            shaped = [*self._modules, Module(*_shape_module(query, package))]
+            compiled = compile_bundle(
+                shaped, self._data, f"data.{package}.shape", label=self._label
+            )
         except BundleError as exc:
             self._entries.append(f"query {query!r} does not compile: {exc}")
             return
@@ -121,7 +163,11 @@ class Evaluator:
         entry = self._entries[index - 1]
         if isinstance(entry, str):
             raise LookupError(entry)
-        return entry.evaluate(orjson.loads(body))
+        text = entry.evaluate(orjson.loads(body))
+        if not text.startswith(_SHAPED_HEAD):
+            return text  # undefined, or an error
+        # As a binding, the form the parent reads an entrypoint's value in.
+        return '{"bindings":{"' + ENTRY_VARIABLE + '":' + _shaped_value(text) + "}}"
 
     def evaluate_json(self, body: bytes) -> str:
         """Evaluate for an input given as JSON; return regopy's output text."""
@@ -132,9 +178,30 @@ class Evaluator:
 
         Never calls ``Output.expressions()``: on an undefined result that
         aborts the process. Errors come back as ``<error>`` followed by the
-        error s-expression, for the parent to describe.
+        error s-expression, for the parent to describe. Raises ``ValueError``
+        when the result's text does not match its value (see
+        :func:`_shape_module`): the input is then refused.
         """
-        return self._engine.evaluate(value)
+        text = self._engine.evaluate(value)
+        if not self._shaped or not text.startswith(_SHAPED_HEAD):
+            return text  # undefined, or an error
+        return '{"expressions":[' + _shaped_value(text) + "]}"
+
+
+def _shaped_value(text: str) -> str:
+    """The text of the value a shaped answer holds, once its value count matches the text."""
+    try:
+        doc = json.loads(text, strict=False)
+        value, values = doc["expressions"][0]
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+        raise ValueError("the policy's result could not be read") from None
+    tail = f",{values}]]}}"
+    if not isinstance(values, int) or not text.endswith(tail) or _values(value) != values:
+        raise ValueError(
+            "the policy's result holds input text that changes its shape (a builtin such as "
+            "trim or base64.decode returned quotes from the input unescaped)"
+        )
+    return text[len(_SHAPED_HEAD) : -len(tail)]
 
 
 def read_frame(sock: socket.socket) -> bytes | None:

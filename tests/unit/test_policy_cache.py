@@ -574,3 +574,31 @@ def test_a_value_read_member_by_member_too_often_is_read_whole() -> None:
     assert shape.paths == (("action", "arguments"),)
     few = shape_of('package warden\nd if object.get(input.action.arguments, "k", 0) > 1\n')
     assert few.paths == (("action", "arguments", KIND), ("action", "arguments", "k"))
+
+
+def test_a_head_after_a_semicolon_is_followed() -> None:
+    # rego-cpp reads a second rule after ";" on one line: its reads count too, or a
+    # cached (and projected) decision for one tool would answer for another.
+    shape = shape_of(
+        "package warden\n"
+        "risky(x) if x.arguments.amount > 1000\n"
+        'refund_limit := 500; risky(a) if a.tool == "delete_account"\n'
+        'decision := {"effect": "deny"} if risky(input.action)\n'
+    )
+    assert shape.paths is not None
+    assert ("action", "tool") in shape.paths or ("action",) in shape.paths
+
+
+@pytest.mark.parametrize("cut", ["data.warden.", "3 %"])
+def test_a_statement_broken_after_a_dot_or_percent_goes_on(cut: str) -> None:
+    # rego-cpp carries "f(x) if data.warden." onto the next line: "g(x) = 1" there is
+    # the rest of that statement, not a head, so its x is a read, not a parameter.
+    shape = shape_of(
+        "package warden\n"
+        'g(y) := 1 if y.b == "evil"\n'
+        f"f(x) if {cut}\n"
+        "g(x) = 1\n"
+        "deny if f(input.action)\n"
+    )
+    assert shape.paths is not None
+    assert any(p[:2] == ("action", "b") or p == ("action",) for p in shape.paths), shape.paths

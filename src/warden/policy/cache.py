@@ -190,8 +190,11 @@ def _reference_path(source: str, blanked: str, end: int) -> tuple[tuple[str, ...
     return tuple(path), pos
 
 
-# rego-cpp takes any whitespace, newlines included, between a head's name and "(".
-_HEAD = re.compile(r"^(?:[ \t]*default)?[ \t]*([A-Za-z_][A-Za-z0-9_]*)\s*\(", re.MULTILINE)
+# rego-cpp takes any whitespace, newlines included, between a head's name and "(", and
+# a rule after a ";" on the line of another ("limit := 5; risky(a) if ..."): one there
+# may be a head too (a call in a body after ";" then counts as a head that may be one,
+# which only widens the key).
+_HEAD = re.compile(r"(?:^|;)(?:[ \t]*default)?[ \t]*([A-Za-z_][A-Za-z0-9_]*)\s*\(", re.MULTILINE)
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CALLEE = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_]*)$")
 _WITH = re.compile(r"(?<![\w.])with(?![\w])")
@@ -207,9 +210,10 @@ _SOME_IN_DATA = re.compile(
 )
 # What a rule head's parameter list is followed by (``==`` is a comparison).
 _HEAD_TAIL = re.compile(r"[ \t]*(?::=|=(?!=)|if(?![\w])|\{)")
-# Text a line can end with when the next line continues the same statement.
+# Text a line can end with when the next line continues the same statement (a
+# reference broken after its ".", an operator such as "%" with its operand below).
 _CONTINUES = re.compile(
-    r"(?:(?<![\w.])(?:if|else|not|in|some|every|with|as|contains|default)|[:=<>!+\-*/&|,])$"
+    r"(?:(?<![\w.])(?:if|else|not|in|some|every|with|as|contains|default)|[:=<>!+\-*/%&|,.])$"
 )
 # Text a call inside an expression can follow.
 _IN_EXPRESSION = re.compile(

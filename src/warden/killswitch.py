@@ -44,6 +44,12 @@ log = logging.getLogger("warden.killswitch")
 POLL_INTERVAL_S = 0.5
 FEED_BACKSTOP_S = 5.0
 """With a change feed, the switches are still re-read this often, in case a change was missed."""
+READ_TIMEOUT_S = 5.0
+"""How long one re-read may take: a connection the network dropped without a word would
+otherwise hold the loop (and every later switch) until TCP gives up, minutes on."""
+STALE_AFTER_S = 15.0
+"""Switches not read for longer may be missing one another sidecar threw: decisions are
+then denied where ``state.on_unavailable`` is ``deny``."""
 MAX_TARGET = 128
 MAX_REASON = 1000
 
@@ -123,6 +129,7 @@ class KillSwitches:
         self._on_set: list[Callable[[KillSwitch], Awaitable[object]]] = []
         self._watchers: dict[int, Callable[[], None]] = {}
         self._next_watcher = 0
+        self._read_at = time.monotonic()
         self.generation = 0
         """Increases whenever the set of active switches changes."""
 
@@ -255,6 +262,17 @@ class KillSwitches:
         switches = tuple(KillSwitch.from_row(r) for r in rows if r.scope in _SCOPES)
         if {s.id for s in switches} != {s.id for s in self._active}:
             self._install(switches)
+        self._read_at = time.monotonic()
+        metrics.KILLSWITCHES_READ.set(time.time())
+
+    def unread_for(self) -> float:
+        """Seconds since the switches were last read from the state store."""
+        return time.monotonic() - self._read_at
+
+    def stale(self) -> bool:
+        """Whether the switches were not read for longer than :data:`STALE_AFTER_S` (or three
+        polls): one thrown on another sidecar may be missing here."""
+        return self.unread_for() > max(STALE_AFTER_S, 3 * self._interval)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -304,26 +322,30 @@ class KillSwitches:
             return
         while True:
             await asyncio.sleep(self._interval)
-            try:
-                await self.refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # Keep the last known switches: failing open here would lift them.
-                log.exception("could not read kill switches from the state store")
+            await self._reread()
 
     async def _watch(self, feed: ChangeFeed) -> None:
         with feed.watch(KILLSWITCHES) as changes:
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changes.get(), FEED_BACKSTOP_S)
-                try:
-                    await self.refresh()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    # Keep the last known switches: failing open here would lift them.
-                    log.exception("could not read kill switches from the state store")
+                await self._reread()
+
+    async def _reread(self) -> None:
+        try:
+            await asyncio.wait_for(self.refresh(), READ_TIMEOUT_S)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            log.warning(
+                "could not read kill switches from the state store within %.0f s (%.0f s since "
+                "the last read)",
+                READ_TIMEOUT_S,
+                self.unread_for(),
+            )
+        except Exception:
+            # Keep the last known switches: failing open here would lift them.
+            log.exception("could not read kill switches from the state store")
 
 
 _SCOPES = frozenset(s.value for s in Scope)
@@ -338,18 +360,29 @@ class KillSwitchGuard:
 
     name = "kill_switch"
 
-    def __init__(self, switches: KillSwitches) -> None:
+    def __init__(self, switches: KillSwitches, *, deny_when_stale: bool = False) -> None:
+        """``deny_when_stale``: deny while the switches could not be read for long
+        (``state.on_unavailable: deny``): one thrown on another sidecar may be missing."""
         self.switches = switches
+        self._deny_when_stale = deny_when_stale
 
     async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
         """Deny when a switch covers the action's agent, upstream or tool."""
         switch = self.switches.check(action)
-        if switch is None:
+        if switch is not None:
+            reason = switch.message
+        elif self._deny_when_stale and self.switches.stale():
+            reason = (
+                f"the kill switches could not be read from the state store for "
+                f"{self.switches.unread_for():.0f} s, so one may be in force unseen "
+                "(state.on_unavailable: deny)"
+            )
+        else:
             return None
         return Decision(
             decision_id=new_id("dec"),
             effect=Effect.DENY,
-            reasons=(switch.message,),
+            reasons=(reason,),
             mode=Mode.ENFORCE,
             guard="kill_switch",
         )

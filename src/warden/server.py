@@ -175,7 +175,7 @@ class Warden:
         self._engine, policy_guard = await self._start_policy(audit)
         # Kill switch first, then budget reservation, then the session, then policy.
         guards: list[Guard] = [
-            KillSwitchGuard(killswitches),
+            KillSwitchGuard(killswitches, deny_when_stale=cfg.state.on_unavailable == "deny"),
             budgets,
             sessions := self._session_guard(state),
             policy_guard,
@@ -439,6 +439,10 @@ class Warden:
             # state store follow state.on_unavailable; every other decision still works.
             up = self._state.up()
             detail["state"] = {"backend": self._state.kind, "up": up}
+            if self.killswitches is not None:
+                detail["state"]["killswitches_read_s_ago"] = round(
+                    self.killswitches.unread_for(), 1
+                )
             STATE_UP.set(1 if up else 0)  # /metrics asks for readiness on every scrape
         transparent_ok = True
         if self._transparent is not None:

@@ -10,11 +10,13 @@ from typing import Any, cast
 import pytest
 from prometheus_client import REGISTRY
 
+from warden import killswitch
 from warden.errors import AuditError
 from warden.killswitch import KillSwitches, KillSwitchGuard, Scope
 from warden.model import Action, ActionKind, Agent, Effect, Mode, RequestMeta, Stage, new_id
 from warden.pipeline import AuditSink, GuardContext
 from warden.state import StateStore
+from warden.state.postgres import PgTarget
 
 
 class Audit:
@@ -188,3 +190,62 @@ async def test_a_switch_thrown_by_another_sidecar_holds_within_a_second(tmp_path
         await there.close()
         await here_store.close()
         await there_store.close()
+
+
+class DeafStore:
+    """A state store whose reads of the switches never come back (a connection the
+    network dropped without a reset), once ``deaf`` is set."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self.deaf = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def active_killswitches(self) -> Any:
+        if self.deaf:
+            await asyncio.Event().wait()
+        return await self.store.active_killswitches()
+
+
+async def test_a_store_that_stops_answering_neither_holds_the_loop_nor_passes_unseen(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(killswitch, "READ_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(killswitch, "STALE_AFTER_S", 0.3)
+    deaf = DeafStore(store)
+    switches = KillSwitches(cast("Any", deaf), None, poll_interval_s=0.05)
+    await switches.start()
+    strict = KillSwitchGuard(switches, deny_when_stale=True)
+    lenient = KillSwitchGuard(switches)
+    ctx = GuardContext(mode=Mode.ENFORCE)
+    try:
+        assert await strict.check(action(), ctx) is None
+        deaf.deaf = True
+        # Each re-read gives up in time, so the loop goes on trying ...
+        async with asyncio.timeout(2):
+            while not switches.stale():  # noqa: ASYNC110 - bounded by the timeout
+                await asyncio.sleep(0.02)
+        denied = await strict.check(action(), ctx)
+        assert denied is not None
+        assert denied.effect is Effect.DENY
+        assert "could not be read from the state store" in denied.reason
+        assert await lenient.check(action(), ctx) is None  # state.on_unavailable: allow
+        # ... and once the store answers again, decisions go on.
+        deaf.deaf = False
+        async with asyncio.timeout(2):
+            while switches.stale():  # noqa: ASYNC110 - bounded by the timeout
+                await asyncio.sleep(0.02)
+        assert await strict.check(action(), ctx) is None
+    finally:
+        await switches.close()
+
+
+def test_connections_to_postgresql_find_a_silent_drop_in_seconds() -> None:
+    kwargs = PgTarget("postgresql://warden@db.example/warden", None, 5.0).kwargs()
+    assert kwargs["keepalives"] == 1
+    assert (
+        kwargs["keepalives_idle"] + kwargs["keepalives_interval"] * kwargs["keepalives_count"] <= 30
+    )
+    assert kwargs["tcp_user_timeout"] <= 30_000

@@ -43,3 +43,7 @@ KILLSWITCHES_ACTIVE = Gauge(
     "Kill switches in force, by scope.",
     ["scope"],
 )
+KILLSWITCHES_READ = Gauge(
+    "warden_killswitches_read_timestamp_seconds",
+    "When this sidecar last read the kill switches from the state store (Unix time).",
+)

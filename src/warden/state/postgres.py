@@ -77,6 +77,15 @@ def redact_url(url: str) -> str:
     return shown_url(url, masked=is_credential_key)  # sslmode stays, sslpassword goes
 
 
+_KEEPALIVE = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # ms: unacknowledged data gives up the connection
+}
+
+
 @dataclass(frozen=True, slots=True)
 class PgTarget:
     """Where and how to connect: the URL, and the password kept apart from it."""
@@ -108,7 +117,13 @@ class PgTarget:
 
     def kwargs(self) -> dict[str, Any]:
         """Connection parameters besides the URL (libpq reads PGPASSWORD itself)."""
-        out: dict[str, Any] = {"connect_timeout": max(2, round(self.connect_timeout_s))}
+        out: dict[str, Any] = {
+            "connect_timeout": max(2, round(self.connect_timeout_s)),
+            # A connection the network dropped without a reset (a partition, a failover,
+            # a NAT forgetting an idle flow) is found in seconds, not in the operating
+            # system's hours: the change feed's LISTEN would otherwise wait on it unheard.
+            **_KEEPALIVE,
+        }
         if self.password is not None:
             out["password"] = self.password
         return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from typing import Any
 
@@ -771,16 +772,20 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("method") == "notifications/cancelled":
         late = {"content": [{"type": "text", "text": "late"}]}
-        answer = {"jsonrpc": "2.0", "id": m["params"]["requestId"], "result": late}
+        answer = {"jsonrpc": "2.0", "id": int(m["params"]["requestId"]), "result": late}
         print(json.dumps(answer), flush=True)
     elif "id" in m and m.get("method") not in (None, "tools/call"):
         print(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": {}}), flush=True)
 """
 
 
-async def test_a_cancelled_call_is_recorded_then_and_its_late_answer_dropped() -> None:
+@pytest.mark.parametrize("named", [1, "1"])
+async def test_a_cancelled_call_is_recorded_then_and_its_late_answer_dropped(
+    named: int | str,
+) -> None:
     # A server need not answer a cancelled request: the call was once kept waiting
-    # for good (and its id in use), and a late answer reached the client.
+    # for good (and its id in use), and a late answer reached the client. "1" names
+    # call 1 as the SDKs read ids (coerce_request_id), so it cancels it too.
     audit = MemoryAudit()
     door, core, client_in, out = await echo_door(AllowAll(), audit, server=LATE_SERVER)
     client_in.feed_data(call_line(1, name="get_order", arguments={"order_id": "A-1"}) + b"\n")
@@ -788,7 +793,11 @@ async def test_a_cancelled_call_is_recorded_then_and_its_late_answer_dropped() -
         if audit.decisions:
             break
         await asyncio.sleep(0.01)
-    cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}}
+    cancel = {
+        "jsonrpc": "2.0",
+        "method": "notifications/cancelled",
+        "params": {"requestId": named},
+    }
     client_in.feed_data(orjson.dumps(cancel) + b"\n")
     client_in.feed_data(b'{"jsonrpc": "2.0", "id": 2, "method": "ping"}\n')
     first = await asyncio.wait_for(out.protocol.lines.get(), 10)
@@ -803,3 +812,155 @@ async def test_a_cancelled_call_is_recorded_then_and_its_late_answer_dropped() -
     assert first == {"jsonrpc": "2.0", "id": 2, "result": {}}  # the late answer went no further
     assert out.protocol.lines.empty()
     assert [o.outcome.error for o in audit.outcomes] == ["client_cancelled"]
+
+
+# -- the client's answers to the child's own requests (revisions before 2026-07-28)
+
+# Asks the client mid-call (elicitation/create, id 100 + the call's) once it holds
+# both calls 1 and 2; outside any call, on the client's ping, it pings and elicits
+# ("p" and "e"). Whatever answer reaches it is told back as a notification.
+ASKING_SERVER = """
+import json, sys
+calls = []
+def out(value):
+    print(json.dumps(value), flush=True)
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("method") == "tools/call":
+        calls.append(m["id"])
+        if len(calls) == 2:
+            out({"jsonrpc": "2.0", "id": 102, "method": "elicitation/create",
+                 "params": {"message": "How much?"}})
+    elif m.get("method") == "ping":
+        out({"jsonrpc": "2.0", "id": "p", "method": "ping"})
+        out({"jsonrpc": "2.0", "id": "e", "method": "elicitation/create",
+             "params": {"message": "Anything?"}})
+        out({"jsonrpc": "2.0", "id": m["id"], "result": {}})
+    elif "method" not in m:
+        out({"jsonrpc": "2.0", "method": "notifications/message",
+             "params": {"level": "info", "data": m}})
+"""
+
+
+class DenyLargeAnswers:
+    """Denies a refund whose answers ask for more than 100."""
+
+    name = "policy"
+
+    async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
+        answers = action.input_responses or {}
+        amounts = [
+            a["content"].get("amount", 0)
+            for a in answers.values()
+            if isinstance(a, dict) and isinstance(a.get("content"), dict)
+        ]
+        if action.tool == "issue_refund" and any(x > 100 for x in amounts):
+            return decision(Effect.DENY, "a refund above 100")
+        return None
+
+
+async def received(out: FakeOut) -> dict[str, Any]:
+    """The next answer the child got, as it tells it back."""
+    while True:
+        line = await asyncio.wait_for(out.protocol.lines.get(), 10)
+        if line.get("method") == "notifications/message":
+            got: dict[str, Any] = line["params"]["data"]
+            return got
+
+
+def answer_line(id_: object, amount: float) -> bytes:
+    result = {"action": "accept", "content": {"amount": amount}}
+    return orjson.dumps({"jsonrpc": "2.0", "id": id_, "result": result}) + b"\n"
+
+
+async def test_an_answer_is_decided_against_every_call_that_may_have_asked() -> None:
+    # Stdio does not say which call a request belongs to: with two calls running,
+    # the answer must be allowed with each; the refund's decision refuses it.
+    audit = MemoryAudit()
+    door, core, client_in, out = await echo_door(DenyLargeAnswers(), audit, server=ASKING_SERVER)
+    client_in.feed_data(call_line(1, name="get_order", arguments={"order_id": "A-1"}) + b"\n")
+    client_in.feed_data(call_line(2, arguments={"order_id": "A-1"}) + b"\n")
+    asked = await asyncio.wait_for(out.protocol.lines.get(), 10)
+    assert (asked["id"], asked["method"]) == (102, "elicitation/create")
+    client_in.feed_data(answer_line(102, 900))
+    got = await received(out)
+    client_in.feed_eof()
+    await asyncio.wait_for(door.done.wait(), 10)
+    await door.stop()
+    await core.close()
+    assert "result" not in got  # the answer never reached the child: Warden's error did
+    assert got["id"] == 102
+    assert got["error"]["code"] == mcp.REFUSED
+    assert "blocked the client's answer to elicitation/create" in got["error"]["message"]
+    assert "a refund above 100" in got["error"]["message"]
+    again = [(a, d) for a, d in audit.decisions if a.input_responses is not None]
+    assert sorted((a.tool, d.effect) for a, d in again) == [
+        ("get_order", Effect.ALLOW),
+        ("issue_refund", Effect.DENY),
+    ]
+    key = {"elicitation/create#1": {"action": "accept", "content": {"amount": 900}}}
+    assert all(a.input_responses == key for a, _ in again)
+    # The get_order decision the answer did not use gives back what it held.
+    (unused,) = [o for o in audit.outcomes if o.outcome.error == "answer_refused"]
+    assert unused.action.tool == "get_order"
+
+
+async def test_an_answer_tied_to_no_call_fails_closed_and_a_ping_passes_empty() -> None:
+    audit = MemoryAudit()
+    door, core, client_in, out = await echo_door(AllowAll(), audit, server=ASKING_SERVER)
+    client_in.feed_data(b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}\n')
+    for _ in range(3):  # the child's ping, its elicitation, its answer to the client's ping
+        await asyncio.wait_for(out.protocol.lines.get(), 10)
+    pong = {"jsonrpc": "2.0", "id": "p", "result": {"smuggled": 1}}
+    client_in.feed_data(orjson.dumps(pong) + b"\n")
+    ponged = await received(out)
+    client_in.feed_data(answer_line("e", 5))  # asked outside any call
+    outside = await received(out)
+    client_in.feed_data(answer_line("never", 5))  # asked never
+    never = await received(out)
+    client_in.feed_eof()
+    await asyncio.wait_for(door.done.wait(), 10)
+    await door.stop()
+    await core.close()
+    assert ponged == {"jsonrpc": "2.0", "id": "p", "result": {}}
+    for got, id_ in ((outside, "e"), (never, "never")):
+        assert "result" not in got
+        assert got["id"] == id_
+        assert "did not relay the client's answer" in got["error"]["message"]
+    assert audit.decisions == []
+
+
+def test_a_legacy_answer_joins_the_calls_input_responses() -> None:
+    (message,) = mcp.parse(call_line(3, arguments={"order_id": "A-1"})).messages
+    assert message.call is not None
+    action = mcp.action(message.call, Agent("a1"), "support-tools")
+    first = mcp.with_answer(action, "elicitation/create", {"action": "accept"})
+    assert first is not None
+    second = mcp.with_answer(first, "roots/list", {"roots": []})
+    assert second is not None
+    assert second.input_responses == {
+        "elicitation/create#1": {"action": "accept"},
+        "roots/list#2": {"roots": []},
+    }
+    assert len({action.action_id, first.action_id, second.action_id}) == 3
+    full = dataclasses.replace(action, input_responses={str(i): {} for i in range(16)})
+    assert mcp.with_answer(full, "elicitation/create", {}) is None  # mcp.MAX_ANSWERS
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        b'{"action": "accept", "CONTENT": {"amount": 900}}',
+        b'{"action": "accept", "content": {"amount": 1, "Amount": 900}}',
+        b'{"action": "accept", "content": {"note": "a\\u0000b"}}',
+        b"[1, 2]",
+    ],
+)
+def test_an_answer_no_policy_can_read_as_the_server_does_goes_on_as_an_error(
+    result: bytes,
+) -> None:
+    (message,) = mcp.parse(b'{"jsonrpc": "2.0", "id": 0, "result": ' + result + b"}").messages
+    assert message.body is not None
+    assert "result" not in message.body
+    assert message.body["id"] == 0
+    assert mcp.client_result(message) is None  # nothing to decide: it is Warden's error

@@ -17,9 +17,16 @@ sides and only converts:
   every case (:meth:`warden.core.Governor.hidden_tools`). ``resources/read``,
   ``prompts/get`` and ``completion/complete`` are decided as calls are
   (:data:`warden.protocols.mcp.GOVERNED`), refused with a JSON-RPC error.
-  Everything else (initialize, listings, notifications, the client's answers
-  to the server's own requests) is forwarded as it came; notifications and
-  responses get the server's ``202``.
+  The client's answer to the server's own request (elicitation, sampling,
+  roots, asked on a call's POST stream) is decided before it is forwarded:
+  each allowed call of that stream is decided again with the answer among its
+  ``input_responses`` (:func:`warden.protocols.mcp.with_answer`), and all
+  must allow it; an answer tied to no such call, or not allowed, reaches the
+  server as Warden's error instead. A ``notifications/cancelled`` for a call
+  the server has records the call's outcome then, not trusted (``client_cancelled``):
+  the server's answer to a cancelled request is no proof the tool did not run.
+  Everything else (initialize, listings, notifications) is forwarded as it
+  came; notifications and responses get the server's ``202``.
 * **GET** opens the server's SSE stream (with ``Last-Event-ID`` to resume);
   its events are relayed, ``tools/list`` answers filtered there too, and the
   answer to a call whose POST stream ended early (resumption) still becomes
@@ -118,6 +125,9 @@ class _Pending:
     action: Action
     decision: Decision
     started: float = field(default_factory=time.perf_counter)
+    done: bool = False
+    """Its outcome is recorded: a question the server asked during it is answered by no
+    decision of it any more."""
 
 
 @dataclass(slots=True)
@@ -184,6 +194,14 @@ class McpHttp:
         self._owners = IdOwners(owners, "mcp", ttl_s=config.sessions.ttl_s)
         """The agent that opened each session: another agent naming it is answered as for
         an unknown session (a server cannot tell agents apart when Warden holds its key)."""
+        self._questions: OrderedDict[tuple[str, str | None], mcp.Questions[_Pending]] = (
+            OrderedDict()
+        )
+        """By (server, session): the server's requests waiting for the client's answer, each
+        with the calls of the stream it came on (its answer is decided against them)."""
+        self._open: dict[tuple[str, str], list[_Exchange]] = {}
+        """By (server, session): the open POST (and resumed GET) exchanges, for the client's
+        cancellation of a call in flight to find it."""
 
     # -- entry -----------------------------------------------------------------
 
@@ -244,6 +262,7 @@ class McpHttp:
             return _json(400, rejected)
         exchange = _Exchange(agent, name, url, request.headers.get(SESSION_HEADER))
         busy, taken = self._take_ids(exchange, payload)
+        self._opened_exchange(exchange)
         try:
             if not payload.batch:
                 (message,) = payload.messages
@@ -258,11 +277,42 @@ class McpHttp:
                 # The message as Warden read it, not as sent: a key given twice
                 # ("method" twice) is read as its last value here, and maybe as its
                 # first by the server. (A refused sampling answer is Warden's error.)
-                sent = dumps(message.body).encode()
+                sent = dumps(await self._passed(exchange, message)).encode()
                 return await self._forward(request, exchange, upstream, sent, answers=[])
             return await self._batch(request, exchange, upstream, payload, busy)
         finally:
+            self._closed_exchange(exchange)
             self._release_ids(exchange, taken)
+
+    def _opened_exchange(self, exchange: _Exchange) -> None:
+        if exchange.session is not None:
+            key = (self._server(exchange.upstream), exchange.session)
+            self._open.setdefault(key, []).append(exchange)
+
+    def _closed_exchange(self, exchange: _Exchange) -> None:
+        if exchange.session is None:
+            return
+        key = (self._server(exchange.upstream), exchange.session)
+        open_ = self._open.get(key, [])
+        with contextlib.suppress(ValueError):
+            open_.remove(exchange)
+        if not open_:
+            self._open.pop(key, None)
+
+    async def _passed(self, exchange: _Exchange, message: mcp.Message) -> Mapping[str, Any]:
+        """What goes to the server for a message that is not a governed request."""
+        assert message.body is not None
+        if mcp.client_result(message) is not None:
+            return await self._decided_answer(exchange, message)
+        if "method" not in message.body and message.id is not None:
+            # An error answer (or Warden's in a refused answer's place): the server's
+            # request fails whatever it says; it is no longer open.
+            key = (self._server(exchange.upstream), exchange.session)
+            if (questions := self._questions.get(key)) is not None:
+                questions.answered(message.id)
+        if message.body.get("method") == "notifications/cancelled":
+            self._client_cancelled(exchange, message.body)
+        return message.body
 
     def _take_ids(
         self, exchange: _Exchange, payload: mcp.Payload
@@ -318,6 +368,9 @@ class McpHttp:
         calls = [m for m in payload.messages if m.call is not None and m.id not in twice]
         decided = await asyncio.gather(*(self._decide(request, exchange, m) for m in calls))
         decisions = dict(zip((id(m) for m in calls), decided, strict=True))
+        others = [m for m in payload.messages if m.call is None and m.body is not None]
+        passed = await asyncio.gather(*(self._passed(exchange, m) for m in others))
+        bodies = dict(zip((id(m) for m in others), passed, strict=True))
         for message in payload.messages:
             if message.error is not None:
                 answers.append(dict(message.error))
@@ -329,7 +382,7 @@ class McpHttp:
             else:
                 assert message.body is not None
                 self._expect(exchange, message)
-                forward.append(message.body)
+                forward.append(bodies[id(message)])
         if not forward:
             if exchange.response is not None:  # opened while a call was held
                 for answer in answers:
@@ -745,7 +798,13 @@ class McpHttp:
         """
         kind = mcp.from_server(message)
         if kind == "request":
-            return message  # the server's own request or notification: passes
+            # The server's own request or notification: passes. A request is noted first,
+            # with the calls of this stream (the server sends a call's requests on its
+            # POST stream), against which the client's answer is decided.
+            asked = mcp.server_request(message)
+            if asked is not None:
+                self._asked_on(exchange, *asked)
+            return message
         if kind == "invalid":
             log.warning(
                 "MCP server %r sent a message no client can read safely; dropped", exchange.upstream
@@ -776,6 +835,100 @@ class McpHttp:
             return await self._filtered(exchange.agent, exchange.upstream, message)
         return message
 
+    def _asked_on(self, exchange: _Exchange, id_: str | int, method: str) -> None:
+        """The server sent request ``id_`` on ``exchange``'s stream."""
+        calls = list(exchange.calls.values())
+        if exchange.owed is not None:
+            # A resumed stream replays one broken stream's events, Warden cannot tell
+            # which: the request may belong to any call the session's broken streams owe.
+            owed = self._resumable.get(exchange.owed, {})
+            calls += [p for p in owed.values() if p is not None]
+        key = (self._server(exchange.upstream), exchange.session)
+        questions = self._questions.get(key)
+        if questions is None:
+            questions = self._questions[key] = mcp.Questions()
+        self._questions.move_to_end(key)
+        questions.asked(id_, method, calls)
+        while len(self._questions) > _RESUMABLE_SESSIONS:
+            self._questions.popitem(last=False)  # their answers fail closed
+
+    async def _decided_answer(self, exchange: _Exchange, message: mcp.Message) -> dict[str, Any]:
+        """What the server gets for the client's answer to its request: the answer, once
+        every call it may belong to is allowed again with it, or Warden's error."""
+        assert message.body is not None
+        id_ = message.id
+        result = mcp.client_result(message)
+        assert id_ is not None
+        assert result is not None
+        questions = self._questions.get((self._server(exchange.upstream), exchange.session))
+        question = questions.answered(id_) if questions is not None else None
+        if question is None:
+            log.warning("MCP client answered request %r, which is not open; refused", id_)
+            return mcp.untied_answer(id_, "the server has no request open under its id")
+        method, calls = question
+        if method == "ping":
+            return mcp.ping_answer(id_)
+        running = [p for p in calls if not p.done]
+        if not running or any(p.action.agent.id != exchange.agent.id for p in running):
+            # Asked outside any call (the GET stream), or its call has ended: no decision
+            # covers it.
+            why = f"the {method or 'server'} request belongs to no call Warden let through"
+            return mcp.untied_answer(id_, why)
+        actions = [p.action for p in running]
+        decided = await mcp.decide_answer(self._core.decide, actions, method, result)
+        refusal = mcp.answer_refusal(id_, method, decided)
+        if refusal is None and any(p.done for p in running):
+            # A call ended while the answer was decided (a kill switch, a cancellation).
+            refusal = mcp.untied_answer(id_, f"its call ended before the {method} answer")
+        for pending, (action, decision) in zip(running, decided, strict=True):
+            if decision is None or decision.enforced is not Effect.ALLOW:
+                continue
+            if refusal is not None:
+                # Not relayed: what this decision reserved is not used.
+                outcome = Outcome(error="answer_refused", is_error=True)
+                self._core.outcome(action, decision, outcome, trusted=True)
+                continue
+            # The call goes on under the decision that saw the answer. The earlier one's
+            # outcome is recorded now, trusted: the new decision holds the same
+            # reservation, so releasing the earlier one counts the call once; the
+            # server's answer to the call becomes the new decision's outcome.
+            went_on = Outcome(error="input_answered", result=decision.decision_id, is_error=True)
+            self._core.outcome(pending.action, pending.decision, went_on, trusted=True)
+            pending.action, pending.decision = action, decision
+        return refusal if refusal is not None else dict(message.body)
+
+    def _client_cancelled(self, exchange: _Exchange, body: Mapping[str, Any]) -> None:
+        """The client cancelled a request: if it is a call the server has, its outcome now.
+
+        Not trusted: an SDK server answers a cancelled request with an error
+        (``Request cancelled``) whether or not its tool already acted, so that
+        answer must not release what the call reserved. It is still relayed on
+        the call's own stream (the id stays in use until then), unrecorded.
+        """
+        params = body.get("params")
+        target = mcp.valid_id(params.get("requestId")) if isinstance(params, dict) else None
+        if target is None or exchange.session is None:
+            return
+        # Compared as the server reads ids (1 and "1" are one id: mcp.id_key).
+        wanted = mcp.id_key(target)
+        key = (self._server(exchange.upstream), exchange.session)
+        cancelled: list[_Pending] = []
+        for other in self._open.get(key, []):
+            if other.agent.id != exchange.agent.id:
+                continue
+            for id_ in [i for i in other.calls if mcp.id_key(i) == wanted]:
+                cancelled.append(other.calls.pop(id_))
+        owed = self._resumable.get(key, {})
+        for id_ in [i for i, p in owed.items() if p is not None and mcp.id_key(i) == wanted]:
+            pending = owed[id_]
+            if pending is not None and pending.action.agent.id == exchange.agent.id:
+                cancelled.append(pending)
+                owed[id_] = None  # still owed (its answer relayed), no longer a call's
+        for pending in cancelled:
+            pending.done = True
+            outcome = Outcome(error="client_cancelled", is_error=True)
+            self._core.outcome(pending.action, pending.decision, outcome)
+
     def _claim(self, exchange: _Exchange, key: tuple[str, str], id_: Any) -> None:
         """Take the answer a broken stream of the session owed under ``id_``, if any."""
         waiting = self._resumable.get(key)
@@ -789,6 +942,7 @@ class McpHttp:
             exchange.calls[id_] = pending
 
     def _record(self, pending: _Pending, message: Mapping[str, Any]) -> None:
+        pending.done = True
         latency = (time.perf_counter() - pending.started) * 1000
         outcome = mcp.result_outcome(message, latency)
         self._core.outcome(pending.action, pending.decision, outcome, trusted=True)
@@ -826,6 +980,7 @@ class McpHttp:
         for pending in calls:
             if pending is None:
                 continue  # not a call: nothing to record
+            pending.done = True
             # Not trusted: whether the tool ran is unknown, so nothing is released early.
             outcome = Outcome(error=error, is_error=True)
             self._core.outcome(pending.action, pending.decision, outcome)
@@ -841,6 +996,7 @@ class McpHttp:
         raw = await _read_upstream(resp, exchange.upstream)
         status = resp.status
         for pending in exchange.calls.values():
+            pending.done = True
             # A 4xx refused the call before it ran (trusted); after a 5xx nobody knows.
             outcome = Outcome(status=status, error=f"http_{status}", is_error=True)
             self._core.outcome(pending.action, pending.decision, outcome, trusted=status < 500)
@@ -915,6 +1071,7 @@ class McpHttp:
         """Answer every call of ``exchange`` as stopped by ``switch`` (its forwarding has ended)."""
         answers: list[dict[str, Any]] = []
         for id_, pending in exchange.calls.items():
+            pending.done = True
             decision_id = pending.decision.decision_id
             answers.append(mcp.stopped_result(id_, pending.action, switch.message, decision_id))
             cancel = self._cancel(request, exchange, id_, switch.message)
@@ -1001,10 +1158,13 @@ class McpHttp:
                 # does); several may be resumed at once, so each claims its answers.
                 exchange.owed = (self._server(name), session)
             exchange.response = await _open_sse(request, headers, status=status)
+            self._opened_exchange(exchange)  # the calls it claims can be cancelled
             try:
                 await self._relay_events(exchange, resp)
             except UpstreamError as exc:
                 log.info("MCP stream from %r ended: %s", name, exc)
+            finally:
+                self._closed_exchange(exchange)
             self._unanswered(exchange, "stream_ended")
             return await _finish(exchange.response)
         finally:
@@ -1036,6 +1196,7 @@ class McpHttp:
         if 200 <= status < 300 and session is not None:
             owed = self._resumable.pop((self._server(name), session), {})
             self._give_up(owed.values(), "session_ended")
+            self._questions.pop((self._server(name), session), None)
             try:
                 await self._owners.ended(self._server(name), session)
             except Exception as exc:  # the row stays until pruned: harmless

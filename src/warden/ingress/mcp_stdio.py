@@ -11,6 +11,13 @@ child's answer to an allowed call is recorded as its trusted outcome. A kill
 switch thrown while a call runs answers it at once and tells the child to
 cancel it (``notifications/cancelled``); the child's late answer is dropped.
 
+The child's own requests (elicitation, sampling, roots) reach the client, and
+the client's answer to one is decided before it reaches the child: each
+allowed call running when the child asked is decided again with the answer
+among its ``input_responses`` (:func:`warden.protocols.mcp.with_answer`),
+and all must allow it; an answer tied to no such call, or not allowed, goes
+to the child as Warden's error instead.
+
 ``tools/list`` answers from the child are filtered for the agent: a tool the
 policy denies in every case is left out (:meth:`Governor.hidden_tools`).
 
@@ -40,7 +47,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -143,6 +150,9 @@ class StdioDoor:
         :data:`CANCELLED_KEPT`): still in use, as the child may answer late."""
         self._unsent: set[str | int] = set()
         """Calls of a batch still being decided: allowed ones wait here for the others."""
+        self._questions: mcp.Questions[tuple[str | int, _Pending]] = mcp.Questions()
+        """The child's requests waiting for the client's answer, each with the allowed
+        calls (id, pending) that were running when it asked: one of them asked."""
         self.done = asyncio.Event()
         """Set when the session is over: the client closed its end, or the child exited."""
         self.returncode: int | None = None
@@ -232,9 +242,17 @@ class StdioDoor:
                 # JSON-RPC answers no error for an invalid notification, but one without
                 # an id cannot be told from one; each invalid message gets its answer.
                 answers.append(dict(message.error))
+            elif message.call is None and mcp.client_result(message) is not None:
+                # An answer to the child's request: decided in its own task (a held
+                # approval must not stop the session), then sent on its own.
+                self._calls.spawn(self._relay_answer(message), name="answer")
             elif message.call is None:
                 assert message.body is not None
                 id_ = message.body.get("id") if "method" in message.body else None
+                if "method" not in message.body and message.id is not None:
+                    # An error answer (or Warden's in a refused answer's place): the
+                    # child's request fails whatever it says; it is no longer open.
+                    self._questions.answered(message.id)
                 if id_ is not None and self._in_use(id_):
                     answers.append(mcp.id_in_use(id_))
                 elif self._forwardable(message.body):
@@ -271,14 +289,16 @@ class StdioDoor:
             self._asked.add(body["id"])
         elif method == "notifications/cancelled":
             params = body.get("params")
-            target = params.get("requestId") if isinstance(params, dict) else None
-            task = self._deciding.get(target) if isinstance(target, str | int) else None
-            if task is not None:
+            target = mcp.valid_id(params.get("requestId")) if isinstance(params, dict) else None
+            if target is None:
+                return True
+            # The child reads the id as the SDKs do (1 and "1" are one id: mcp.id_key).
+            deciding = _held(self._deciding, target)
+            if deciding is not None:
                 # The child never saw the call: end its decision, and tell the child nothing.
-                task.cancel()
+                self._deciding[deciding].cancel()
                 return False
-            if isinstance(target, str | int):
-                self._cancel_sent(target)
+            self._cancel_sent(target)
         return True
 
     def _cancel_sent(self, target: str | int) -> None:
@@ -287,9 +307,14 @@ class StdioDoor:
         A child need not answer a cancelled request, so the call's outcome is
         recorded now (not trusted: it may have run), and a late answer dropped.
         """
-        pending = self._pending.pop(target, None)
-        if pending is None and target not in self._asked:
+        # The request as it was sent: the child answers under that id.
+        found = _held(self._pending, target)
+        if found is None:
+            found = _held(self._asked, target)
+        if found is None:
             return
+        target = found
+        pending = self._pending.pop(target, None)
         self._asked.discard(target)
         if pending is not None and self._core is not None:
             outcome = Outcome(error="client_cancelled", is_error=True)
@@ -431,6 +456,47 @@ class StdioDoor:
         self._pending[id_] = _Pending(action, decision, time.perf_counter())
         return mcp.forward_call(message)
 
+    async def _relay_answer(self, message: mcp.Message) -> None:
+        await self._to_child(await self._decided_answer(message))
+
+    async def _decided_answer(self, message: mcp.Message) -> dict[str, Any]:
+        """What the child gets for the client's answer to its request: the answer, once
+        every call it may belong to is allowed again with it, or Warden's error."""
+        assert self._core is not None
+        assert message.body is not None
+        id_ = message.id
+        result = mcp.client_result(message)
+        assert id_ is not None
+        assert result is not None
+        question = self._questions.answered(id_)
+        if question is None:
+            log.warning("the MCP client answered request %r, which is not open; refused", id_)
+            return mcp.untied_answer(id_, "the server has no request open under its id")
+        method, calls = question
+        if method == "ping":
+            return mcp.ping_answer(id_)
+        running = [(i, p) for i, p in calls if self._pending.get(i) is p]
+        if not running:
+            # Asked outside any call (or its call has ended): no decision covers it.
+            why = f"the {method or 'server'} request belongs to no call Warden let through"
+            return mcp.untied_answer(id_, why)
+        actions = [p.action for _, p in running]
+        decided = await mcp.decide_answer(self._core.decide, actions, method, result)
+        refusal = mcp.answer_refusal(id_, method, decided)
+        if refusal is None and any(self._pending.get(i) is not p for i, p in running):
+            # A call ended while the answer was decided (a kill switch, a cancellation).
+            refusal = mcp.untied_answer(id_, f"its call ended before the {method} answer")
+        for (_, pending), (action, decision) in zip(running, decided, strict=True):
+            if decision is None or decision.enforced is not Effect.ALLOW:
+                continue
+            if refusal is not None:
+                # Not relayed: what this decision reserved is not used.
+                outcome = Outcome(error="answer_refused", is_error=True)
+                self._core.outcome(action, decision, outcome, trusted=True)
+            else:
+                _go_on(self._core, pending, action, decision)
+        return refusal if refusal is not None else dict(message.body)
+
     async def _to_child(self, value: Any) -> None:
         child = self._child
         if child is None or child.stdin is None or child.stdin.is_closing():
@@ -502,7 +568,15 @@ class StdioDoor:
             log.warning("the MCP server sent a message no client can read safely; dropped")
             metrics.child(metrics.MCP_DROPPED, "invalid").inc()
             return False
-        return kind == "request" or self._settle(item)
+        if kind == "request":
+            asked = mcp.server_request(item)
+            if asked is not None:
+                # Noted before the client can read it. Stdio does not say which call
+                # asked: the answer is decided against every call running now.
+                running = [(i, p) for i, p in self._pending.items() if i not in self._unsent]
+                self._questions.asked(*asked, running)
+            return True
+        return self._settle(item)
 
     def _settle(self, response: dict[str, Any]) -> bool:
         """Record the answer to an allowed call; False when it must not reach the client.
@@ -600,3 +674,24 @@ class StdioDoor:
     def _write(self, data: bytes) -> None:
         if not self._out.is_closing():
             self._out.write(data)
+
+
+def _held(held: Collection[str | int], target: str | int) -> str | int | None:
+    """The id among ``held`` that the server reads ``target`` as (mcp.id_key), if any."""
+    if target in held:
+        return target
+    key = mcp.id_key(target)
+    return next((i for i in held if mcp.id_key(i) == key), None)
+
+
+def _go_on(core: Governor, pending: _Pending, action: Action, decision: Decision) -> None:
+    """The call goes on under the decision that saw the answer.
+
+    Its earlier decision's outcome is recorded now (trusted: the decision with
+    the answer holds the same reservation, so releasing the earlier one counts
+    the call once), and the server's answer to the call becomes the new
+    decision's outcome, as a 2026-07-28 retry's does.
+    """
+    went_on = Outcome(error="input_answered", result=decision.decision_id, is_error=True)
+    core.outcome(pending.action, pending.decision, went_on, trusted=True)
+    pending.action, pending.decision = action, decision

@@ -12,8 +12,13 @@ message or a batch) and gets each message classified:
   whose tool is the method and whose arguments are the request's params;
 * a message that is not valid JSON-RPC carries the error response to send
   back (-32700 parse error, -32600 invalid request, -32602 invalid params);
-* everything else (other requests, notifications, responses to the server's
-  own requests such as sampling or elicitation) passes unchanged.
+* a client's answer to the server's own request (elicitation, sampling, roots
+  under the revisions before 2026-07-28) is a decision too: the door ties it to
+  the decided calls in flight when the server asked, and decides each again
+  with the answer among its ``input_responses`` (:func:`with_answer`), as a
+  2026-07-28 retry's ``inputResponses`` are decided; one it cannot tie, or that
+  is not allowed, reaches the server as an error (:func:`refused_answer`);
+* everything else (other requests, notifications) passes unchanged.
 
 :func:`result_outcome` turns the server's response into the trusted
 :class:`~warden.model.Outcome`, and :func:`filter_tools` is the ``tools/list``
@@ -22,10 +27,13 @@ hook: it drops the tools a door was told to hide.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import functools
+import logging
 import re
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -65,8 +73,12 @@ __all__ = [
     "REFUSED",
     "Message",
     "Payload",
+    "Questions",
     "action",
+    "answer_refusal",
     "cancelled_notification",
+    "client_result",
+    "decide_answer",
     "denied_result",
     "encode",
     "error_response",
@@ -76,15 +88,22 @@ __all__ = [
     "id_key",
     "input_responses",
     "parse",
+    "ping_answer",
     "progress_notification",
     "progress_token",
+    "refused_answer",
     "request_meta",
     "result_outcome",
+    "server_request",
     "stopped_result",
     "unaddressed_error",
+    "untied_answer",
     "valid_id",
     "waiting_note",
+    "with_answer",
 ]
+
+log = logging.getLogger("warden.mcp")
 
 PROTOCOL: Final = "mcp"
 PARSE_ERROR: Final = -32700
@@ -321,6 +340,11 @@ _SAMPLING_TOOLS: Final = (
     "Warden did not relay the client's answer: it proposes tool calls (tool_use), which "
     "this server would run with no decision; Warden does not govern tool use in sampling"
 )
+_ANSWER_UNREADABLE: Final = (
+    "Warden did not relay the client's answer: its result is not an object a policy can "
+    "read as a server does (keys equal but for case, a field spelled otherwise than MCP "
+    f"spells it, more than {MAX_ANSWER_FIELDS} fields, or values no policy can take as they are)"
+)
 
 
 def _proposes_tool_use(result: object) -> bool:
@@ -345,13 +369,187 @@ def _proposes_tool_use(result: object) -> bool:
 
 
 def _client_answer(value: dict[str, Any], id_: JsonId) -> Message:
-    """A response to a request the server made (sampling, elicitation, roots)."""
+    """A response to a request the server made (sampling, elicitation, roots).
+
+    Its result is decided by the door (:func:`with_answer`); one the policy
+    could not read as the server does goes to the server as an error instead.
+    """
     if id_ is None or ("result" in value) == ("error" in value):
         return Message(None, error_response(id_, INVALID_REQUEST, "Invalid Request"))
-    if _proposes_tool_use(value.get("result")):
+    result = value.get("result")
+    if _proposes_tool_use(result):
         # Sent to the server in the answer's place; the client is told nothing.
         return Message(error_response(id_, _INTERNAL_ERROR, _SAMPLING_TOOLS))
+    if "result" in value and not _readable_answer(result):
+        # As a retry's inputResponses are refused: "CONTENT", or "Amount" beside
+        # "amount", would be read one way by the policy and another by the server.
+        return Message(error_response(id_, _INTERNAL_ERROR, _ANSWER_UNREADABLE))
     return Message(value)
+
+
+def _readable_answer(answer: object) -> bool:
+    """Whether a policy can decide on ``answer`` (a result) as the server reads it."""
+    return (
+        isinstance(answer, dict)
+        and not _too_wide(answer)
+        and policy_safe(answer)
+        and _spelled_apart(answer, _ANSWER_FIELDS)
+    )
+
+
+def client_result(message: Message) -> Mapping[str, Any] | None:
+    """The result of a client's answer to the server's own request, or ``None``.
+
+    ``None`` too for an error answer: the server's request fails whatever it
+    says, so there is nothing to decide in it (it passes as it is).
+    """
+    body = message.body
+    if body is None or "method" in body or "id" not in body:
+        return None
+    result = body.get("result")
+    return result if isinstance(result, dict) else None
+
+
+def server_request(message: Mapping[str, Any]) -> tuple[str | int, str] | None:
+    """The id and method of a server's request (one :func:`from_server` reads as
+    ``"request"``) that waits for the client's answer; ``None`` for a notification."""
+    id_ = valid_id(message.get("id"))
+    method = message.get("method")
+    if id_ is None or not isinstance(method, str):
+        return None
+    return id_, method
+
+
+MAX_QUESTIONS: Final = 256
+"""The server's requests a door keeps waiting for an answer (per session over HTTP)."""
+
+
+class Questions[T]:
+    """The server's requests waiting for the client's answer, each with the decided calls
+    it may belong to (``T``: a door's record of one call in flight when it was asked).
+
+    Kept by :func:`id_key`, as the server routes the answer. The oldest are
+    forgotten past :data:`MAX_QUESTIONS`: their answers then fail closed.
+    """
+
+    def __init__(self, limit: int = MAX_QUESTIONS) -> None:
+        self._open: OrderedDict[str, tuple[str, tuple[T, ...]]] = OrderedDict()
+        self._limit = limit
+
+    def asked(self, id_: str | int, method: str, calls: Sequence[T]) -> None:
+        """The server sent request ``id_`` while ``calls`` were running."""
+        key = id_key(id_)
+        if key in self._open:
+            # Two requests under one id, unanswered: the answer could be either's, so
+            # it is tied to no call, and fails closed.
+            self._open[key] = ("", ())
+            return
+        self._open[key] = (method, tuple(calls))
+        while len(self._open) > self._limit:
+            self._open.popitem(last=False)
+
+    def answered(self, id_: str | int) -> tuple[str, tuple[T, ...]] | None:
+        """The method of request ``id_`` and the calls it may belong to; ``None``: unknown."""
+        return self._open.pop(id_key(id_), None)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
+def with_answer(action: Action, method: str, answer: Mapping[str, Any]) -> Action | None:
+    """A running call's ``action`` again, with the client's answer to the server's
+    ``method`` request among its ``input_responses``: decided anew before the answer
+    goes on.
+
+    Under the revisions before 2026-07-28 a server asks mid-call (``elicitation/create``)
+    and runs on what the answer says (an amount the user typed), as a 2026-07-28
+    server reads a retry's ``inputResponses``; so the same policy input, and the same
+    rules, apply. The key names the method and the answer's place among the call's
+    answers (``elicitation/create#1``), not the request's id, which differs every
+    time: a retry of the call gets the same keys, so an approval can match it.
+    ``None`` when the call would hold more than :data:`MAX_ANSWERS` answers. The
+    action is a fresh one (its own id, so its own reservation), and the session
+    guard's per-decision memo starts empty.
+    """
+    answers = dict(action.input_responses or {})
+    if len(answers) >= MAX_ANSWERS:
+        return None
+    place = len(answers) + 1
+    while f"{method}#{place}" in answers:
+        place += 1
+    answers[f"{method}#{place}"] = dict(answer)
+    request = action.request
+    if request.conversation is not None:
+        fresh = dataclasses.replace(request.conversation, memo={})
+        request = dataclasses.replace(request, conversation=fresh)
+    return dataclasses.replace(
+        action, action_id=new_id("act"), input_responses=answers, request=request
+    )
+
+
+def refused_answer(id_: str | int, method: str, decision: Decision) -> dict[str, Any]:
+    """Warden's error to the server in place of the client's answer to its ``method``
+    request, which ``decision`` did not allow. The server's tool fails with it, and its
+    error (which the client reads) gives Warden's reason."""
+    what = f"the client's answer to {method}"
+    if decision.effect is Effect.REQUIRE_APPROVAL:
+        what = f"held {what} for human approval; it was not relayed"
+    else:
+        what = f"blocked {what}; it was not relayed"
+    text = f"[Warden] {what}. Reason: {decision.reason}. (decision {decision.decision_id})"
+    error = {"code": REFUSED, "message": text, "data": {"warden/decision": decision.decision_id}}
+    return {"jsonrpc": "2.0", "id": id_, "error": error}
+
+
+def untied_answer(id_: str | int, why: str) -> dict[str, Any]:
+    """Warden's error to the server in place of a client's answer it could not decide."""
+    return error_response(id_, REFUSED, f"[Warden] did not relay the client's answer: {why}")
+
+
+async def decide_answer(
+    decide: Callable[[Action], Awaitable[Decision]],
+    actions: Sequence[Action],
+    method: str,
+    answer: Mapping[str, Any],
+) -> list[tuple[Action, Decision | None]]:
+    """Each running call's action decided again with the client's ``answer`` to the
+    server's ``method`` request (:func:`with_answer`), together.
+
+    ``None`` for a decision that could not be made (too many answers, or the
+    core failing): the answer must not go on.
+    """
+
+    async def one(action: Action) -> tuple[Action, Decision | None]:
+        again = with_answer(action, method, answer)
+        if again is None:
+            return action, None
+        try:
+            return again, await decide(again)
+        except Exception:
+            # Fail closed: an answer Warden could not decide never reaches the server.
+            log.exception("could not decide the answer to %s for %s", method, action.tool)
+            return again, None
+
+    return list(await asyncio.gather(*(one(a) for a in actions)))
+
+
+def answer_refusal(
+    id_: str | int, method: str, decided: Sequence[tuple[Action, Decision | None]]
+) -> dict[str, Any] | None:
+    """Warden's error in place of an answer that not every decision of
+    :func:`decide_answer` allowed; ``None``: every one did, and the answer goes on."""
+    for _, decision in decided:
+        if decision is None:
+            return untied_answer(id_, f"Warden could not decide the answer to {method}")
+        if decision.enforced is not Effect.ALLOW:
+            return refused_answer(id_, method, decision)
+    return None
+
+
+def ping_answer(id_: str | int) -> dict[str, Any]:
+    """The answer to the server's ``ping``, rebuilt empty: it shapes nothing, so it needs
+    no call to decide it against (whatever else the client put in it stays out)."""
+    return {"jsonrpc": "2.0", "id": id_, "result": {}}
 
 
 def _spelled_apart(obj: Mapping[str, Any], fields: frozenset[str]) -> bool:

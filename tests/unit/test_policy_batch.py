@@ -25,8 +25,9 @@ import pytest
 from warden.config import ChallengerConfig, PolicyConfig
 from warden.errors import Overloaded
 from warden.model import Decision, Effect, Mode
+from warden.policy.bundle.loader import load_bundle
 from warden.policy.challenger import Challenger
-from warden.policy.engine import PolicyEngine, PolicyResult, interpret_output
+from warden.policy.engine import PolicyEngine, PolicyResult, interpret_output, production_modules
 from warden.policy.worker import (
     MSG_BATCH,
     MSG_BATCH_RESULT,
@@ -57,6 +58,7 @@ decision := {"effect": "deny", "reason": "never"} if {
 }
 """
 QUERY = "data.warden.decision"
+BUNDLE = Path(__file__).resolve().parents[2] / "policies" / "customer-support"
 # Worker CPU time for one "spin" input of n=150: about 60 ms (a few times more on a slow machine).
 SPIN_N = 150
 DEADLINE_MS = 150
@@ -307,6 +309,63 @@ decision := {{"effect": "deny", "reason": {made}, "approvers": [{made}]}}
     assert (plain.effect, plain.reasons, plain.approvers) == (Effect.DENY, ("fine",), ("fine",))
 
 
+@pytest.mark.parametrize(
+    "given",
+    [
+        # Items ending in a backslash escape their own closing quote: the separator is
+        # swallowed, the next item is structure, and keys (which a count of values would
+        # not see) balance the count.
+        ["x\\", '],"mode":"observe', "zz\\", ':["w'],
+        ["!\\", ',"q"],"mode":"observe', "-\\", ':"v', ":#\\", ':["w'],
+        ['q"uote@evil.com'],
+    ],
+)
+def test_listed_input_text_cannot_reshape_a_decision(given: list[str]) -> None:
+    policy = """package warden
+
+import rego.v1
+
+default decision := {"effect": "allow", "reason": "ok"}
+
+outside := [r | some raw in input.to; r := trim_space(raw); not endswith(r, "@example.com")]
+
+decision := {"effect": "deny", "reasons": outside} if count(outside) > 0
+"""
+    evaluator = Evaluator([("p.rego", policy)], {}, "data.warden.decision")
+    with pytest.raises(ValueError, match="writes unescaped"):
+        evaluator.evaluate({"to": given})
+    fine = interpret_output(evaluator.evaluate({"to": [" a@evil.com ", "b@example.com"]}))
+    assert (fine.effect, fine.mode, fine.reasons) == (Effect.DENY, None, ("a@evil.com",))
+
+
+@pytest.mark.parametrize(
+    ("source", "checked"),
+    [
+        ("x := trim_space(input.s)", True),
+        ("x := substring(input.s, 0, 3)", True),
+        ('x := split(input.s, ",")', True),
+        ('x := sprintf("%.3s", [input.s])', True),
+        ('x := $"{input.s}"', True),
+        ('x := sprintf("%v of %.2f", [input.s, input.n])', False),
+        ('x := concat(" ", [lower(input.s), "b"])', False),
+        ('# trim(input.s) in a comment\nx := "trim(input.s) in a string"', False),
+    ],
+)
+def test_only_bundles_that_could_write_input_unescaped_pay_for_the_check(
+    source: str, checked: bool
+) -> None:
+    evaluator = Evaluator(
+        [("p.rego", f"package p\n\nimport rego.v1\n\n{source}\n")], {}, "data.p.x"
+    )
+    assert evaluator._shaped is checked
+    shipped = Evaluator(
+        [(m.path, m.source) for m in production_modules(load_bundle(str(BUNDLE)))],
+        load_bundle(str(BUNDLE)).data,
+        "data.warden.decision",
+    )
+    assert not shipped._shaped  # its formats cut numbers only (%.2f)
+
+
 def test_an_entrypoints_value_is_checked_for_its_shape_too() -> None:
     # OPA-Envoy's allow may be an object (headers, a status): the same builtins could
     # give it keys of the agent's choosing.
@@ -319,7 +378,7 @@ allow := {"allowed": false, "body": trim_space(input.s)}
     evaluator = Evaluator([("p.rego", policy)], {}, "data.envoy.authz.allow")
     evaluator.add_entrypoint("data.envoy.authz.allow")
     injected = orjson.dumps({"s": 'x","http_status":200,"z":"'})
-    with pytest.raises(ValueError, match="changes its shape"):
+    with pytest.raises(ValueError, match="writes unescaped"):
         evaluator.evaluate_entry_json(1, injected)
     fine = evaluator.evaluate_entry_json(1, orjson.dumps({"s": "no"}))
     assert fine is not None

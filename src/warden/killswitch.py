@@ -48,8 +48,8 @@ READ_TIMEOUT_S = 5.0
 """How long one re-read may take: a connection the network dropped without a word would
 otherwise hold the loop (and every later switch) until TCP gives up, minutes on."""
 STALE_AFTER_S = 15.0
-"""Switches not read for longer may be missing one another sidecar threw: decisions are
-then denied where ``state.on_unavailable`` is ``deny``."""
+"""Switches not read for longer may be missing one another sidecar threw: the state store
+is then reported down (``/readyz``, ``warden_state_up``), as in an outage."""
 MAX_TARGET = 128
 MAX_REASON = 1000
 
@@ -360,29 +360,18 @@ class KillSwitchGuard:
 
     name = "kill_switch"
 
-    def __init__(self, switches: KillSwitches, *, deny_when_stale: bool = False) -> None:
-        """``deny_when_stale``: deny while the switches could not be read for long
-        (``state.on_unavailable: deny``): one thrown on another sidecar may be missing."""
+    def __init__(self, switches: KillSwitches) -> None:
         self.switches = switches
-        self._deny_when_stale = deny_when_stale
 
     async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
         """Deny when a switch covers the action's agent, upstream or tool."""
         switch = self.switches.check(action)
-        if switch is not None:
-            reason = switch.message
-        elif self._deny_when_stale and self.switches.stale():
-            reason = (
-                f"the kill switches could not be read from the state store for "
-                f"{self.switches.unread_for():.0f} s, so one may be in force unseen "
-                "(state.on_unavailable: deny)"
-            )
-        else:
+        if switch is None:
             return None
         return Decision(
             decision_id=new_id("dec"),
             effect=Effect.DENY,
-            reasons=(reason,),
+            reasons=(switch.message,),
             mode=Mode.ENFORCE,
             guard="kill_switch",
         )

@@ -175,7 +175,7 @@ class Warden:
         self._engine, policy_guard = await self._start_policy(audit)
         # Kill switch first, then budget reservation, then the session, then policy.
         guards: list[Guard] = [
-            KillSwitchGuard(killswitches, deny_when_stale=cfg.state.on_unavailable == "deny"),
+            KillSwitchGuard(killswitches),
             budgets,
             sessions := self._session_guard(state),
             policy_guard,
@@ -437,12 +437,13 @@ class Warden:
         if self._state is not None:
             # Degraded, not unready: see ADR 0009 (Outages). Decisions that need the
             # state store follow state.on_unavailable; every other decision still works.
-            up = self._state.up()
+            # Switches not read for long (a connection dropped unheard) are an outage
+            # too: one thrown on another sidecar may be missing here.
+            switches = self.killswitches
+            up = self._state.up() and (switches is None or not switches.stale())
             detail["state"] = {"backend": self._state.kind, "up": up}
-            if self.killswitches is not None:
-                detail["state"]["killswitches_read_s_ago"] = round(
-                    self.killswitches.unread_for(), 1
-                )
+            if switches is not None:
+                detail["state"]["killswitches_read_s_ago"] = round(switches.unread_for(), 1)
             STATE_UP.set(1 if up else 0)  # /metrics asks for readiness on every scrape
         transparent_ok = True
         if self._transparent is not None:

@@ -209,7 +209,7 @@ class DeafStore:
         return await self.store.active_killswitches()
 
 
-async def test_a_store_that_stops_answering_neither_holds_the_loop_nor_passes_unseen(
+async def test_a_store_that_stops_answering_does_not_hold_the_loop_and_is_seen(
     store: StateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(killswitch, "READ_TIMEOUT_S", 0.05)
@@ -217,27 +217,23 @@ async def test_a_store_that_stops_answering_neither_holds_the_loop_nor_passes_un
     deaf = DeafStore(store)
     switches = KillSwitches(cast("Any", deaf), None, poll_interval_s=0.05)
     await switches.start()
-    strict = KillSwitchGuard(switches, deny_when_stale=True)
-    lenient = KillSwitchGuard(switches)
-    ctx = GuardContext(mode=Mode.ENFORCE)
     try:
-        assert await strict.check(action(), ctx) is None
+        assert not switches.stale()
         deaf.deaf = True
-        # Each re-read gives up in time, so the loop goes on trying ...
+        # Each re-read gives up in time, so the loop goes on trying, and says how long
+        # the switches went unread (readiness reports the state store down then) ...
         async with asyncio.timeout(2):
             while not switches.stale():  # noqa: ASYNC110 - bounded by the timeout
                 await asyncio.sleep(0.02)
-        denied = await strict.check(action(), ctx)
-        assert denied is not None
-        assert denied.effect is Effect.DENY
-        assert "could not be read from the state store" in denied.reason
-        assert await lenient.check(action(), ctx) is None  # state.on_unavailable: allow
-        # ... and once the store answers again, decisions go on.
+        assert switches.unread_for() > 0.3
+        # ... and once the store answers again, a switch thrown meanwhile is read.
+        thrown = await KillSwitches(store, None).set(Scope.AGENT, "bot", "meanwhile", "alice")
         deaf.deaf = False
         async with asyncio.timeout(2):
-            while switches.stale():  # noqa: ASYNC110 - bounded by the timeout
+            while switches.is_killed("bot") is None:  # noqa: ASYNC110 - bounded by the timeout
                 await asyncio.sleep(0.02)
-        assert await strict.check(action(), ctx) is None
+        assert switches.is_killed("bot") == thrown
+        assert not switches.stale()
     finally:
         await switches.close()
 

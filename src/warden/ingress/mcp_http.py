@@ -856,18 +856,11 @@ class McpHttp:
         """What the server gets for the client's answer to its request: the answer, once
         every call it may belong to is allowed again with it, or Warden's error."""
         assert message.body is not None
-        id_ = message.id
-        result = mcp.client_result(message)
-        assert id_ is not None
-        assert result is not None
         questions = self._questions.get((self._server(exchange.upstream), exchange.session))
-        question = questions.answered(id_) if questions is not None else None
-        if question is None:
-            log.warning("MCP client answered request %r, which is not open; refused", id_)
-            return mcp.untied_answer(id_, "the server has no request open under its id")
-        method, calls = question
-        if method == "ping":
-            return mcp.ping_answer(id_)
+        opened = mcp.open_question(questions, message)
+        if isinstance(opened, dict):
+            return opened
+        id_, result, method, calls = opened
         running = [p for p in calls if not p.done]
         if not running or any(p.action.agent.id != exchange.agent.id for p in running):
             # Asked outside any call (the GET stream), or its call has ended: no decision

@@ -464,17 +464,10 @@ class StdioDoor:
         every call it may belong to is allowed again with it, or Warden's error."""
         assert self._core is not None
         assert message.body is not None
-        id_ = message.id
-        result = mcp.client_result(message)
-        assert id_ is not None
-        assert result is not None
-        question = self._questions.answered(id_)
-        if question is None:
-            log.warning("the MCP client answered request %r, which is not open; refused", id_)
-            return mcp.untied_answer(id_, "the server has no request open under its id")
-        method, calls = question
-        if method == "ping":
-            return mcp.ping_answer(id_)
+        opened = mcp.open_question(self._questions, message)
+        if isinstance(opened, dict):
+            return opened
+        id_, result, method, calls = opened
         running = [(i, p) for i, p in calls if self._pending.get(i) is p]
         if not running:
             # Asked outside any call (or its call has ended): no decision covers it.

@@ -87,6 +87,7 @@ __all__ = [
     "from_server",
     "id_key",
     "input_responses",
+    "open_question",
     "parse",
     "ping_answer",
     "progress_notification",
@@ -544,6 +545,27 @@ def answer_refusal(
         if decision.enforced is not Effect.ALLOW:
             return refused_answer(id_, method, decision)
     return None
+
+
+def open_question[T](
+    questions: Questions[T] | None, message: Message
+) -> tuple[str | int, Mapping[str, Any], str, tuple[T, ...]] | dict[str, Any]:
+    """The server's request a client's answer (``message``, with a result) answers: its
+    id, the answer's result, the request's method and the calls it may belong to; or,
+    instead, what the server gets without a decision (a ping's empty answer, or
+    Warden's error for a request that is not open)."""
+    id_ = message.id
+    result = client_result(message)
+    assert id_ is not None
+    assert result is not None
+    question = questions.answered(id_) if questions is not None else None
+    if question is None:
+        log.warning("the MCP client answered request %r, which is not open; refused", id_)
+        return untied_answer(id_, "the server has no request open under its id")
+    method, calls = question
+    if method == "ping":
+        return ping_answer(id_)
+    return id_, result, method, calls
 
 
 def ping_answer(id_: str | int) -> dict[str, Any]:

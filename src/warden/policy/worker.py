@@ -237,7 +237,7 @@ class Evaluator:
         Never calls ``Output.expressions()``: on an undefined result that
         aborts the process. Errors come back as ``<error>`` followed by the
         error s-expression, for the parent to describe. Raises ``ValueError``
-        when the result's text does not match its value (see
+        when a string of the result would be written unescaped (see
         :func:`_shape_module`): the input is then refused.
         """
         text = self._engine.evaluate(value)

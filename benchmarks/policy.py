@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -31,7 +30,6 @@ import statistics
 import sys
 import tempfile
 import time
-import unittest.mock
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,6 @@ sys.path.insert(0, str(ROOT / "src"))
 from warden.config import PolicyConfig  # noqa: E402
 from warden.model import Action, ActionKind, Agent, Mode, RequestMeta, Stage  # noqa: E402
 from warden.pipeline import GuardContext, policy_input  # noqa: E402
-from warden.policy import worker  # noqa: E402
 from warden.policy.bundle import Bundle, BundleError, load_bundle  # noqa: E402
 from warden.policy.bundle.compile import compile_check  # noqa: E402
 from warden.policy.engine import PolicyEngine, production_modules  # noqa: E402
@@ -203,18 +200,9 @@ async def time_calls(call: Callable[[Any], Awaitable[Any]], inputs: list[Any]) -
     return out
 
 
-def bare_latency(
-    bundle: Bundle, inputs: list[dict[str, Any]], *, checked: bool = False
-) -> list[float]:
-    """Bare evaluations; ``checked``: with the result's strings checked as for a bundle
-    that calls a builtin which may give input text back unescaped (``trim``, ...)."""
+def bare_latency(bundle: Bundle, inputs: list[dict[str, Any]]) -> list[float]:
     modules = production_modules(bundle)
-    with contextlib.ExitStack() as stack:
-        if checked:
-            stack.enter_context(
-                unittest.mock.patch.object(worker, "_may_write_unescaped", return_value=True)
-            )
-        ev = Evaluator([(m.path, m.source) for m in modules], bundle.data, QUERY)
+    ev = Evaluator([(m.path, m.source) for m in modules], bundle.data, QUERY)
     for item in inputs[:50]:
         ev.evaluate(item)
     out = []
@@ -316,7 +304,6 @@ async def main() -> None:
         misses = [make_input(rng) for _ in range(n_miss)]
 
         results["bare"] = summary(bare_latency(bundle, misses))
-        results["bare_checked"] = summary(bare_latency(bundle, misses, checked=True))
 
         engine = await with_engine(path, workers=1, cache_size=0)
         try:
@@ -388,7 +375,6 @@ def report(r: dict[str, Any]) -> None:
     print(f"{'latency':<34}{'p50 us':>10}{'p99 us':>10}{'n':>8}")
     for key, label in (
         ("bare", "bare evaluation (no IPC)"),
-        ("bare_checked", "  the same, result strings checked"),
         ("miss", "engine, cache miss"),
         ("hit", "engine, cache hit"),
         ("guard_hit", "guard.check, cache hit"),

@@ -25,9 +25,8 @@ import pytest
 from warden.config import ChallengerConfig, PolicyConfig
 from warden.errors import Overloaded
 from warden.model import Decision, Effect, Mode
-from warden.policy.bundle.loader import load_bundle
 from warden.policy.challenger import Challenger
-from warden.policy.engine import PolicyEngine, PolicyResult, interpret_output, production_modules
+from warden.policy.engine import PolicyEngine, PolicyResult, interpret_output
 from warden.policy.worker import (
     MSG_BATCH,
     MSG_BATCH_RESULT,
@@ -58,7 +57,6 @@ decision := {"effect": "deny", "reason": "never"} if {
 }
 """
 QUERY = "data.warden.decision"
-BUNDLE = Path(__file__).resolve().parents[2] / "policies" / "customer-support"
 # Worker CPU time for one "spin" input of n=150: about 60 ms (a few times more on a slow machine).
 SPIN_N = 150
 DEADLINE_MS = 150
@@ -338,35 +336,24 @@ decision := {"effect": "deny", "reasons": outside} if count(outside) > 0
     assert (fine.effect, fine.mode, fine.reasons) == (Effect.DENY, None, ("a@evil.com",))
 
 
-@pytest.mark.parametrize(
-    ("source", "checked"),
-    [
-        ("x := trim_space(input.s)", True),
-        ("x := substring(input.s, 0, 3)", True),
-        ('x := split(input.s, ",")', True),
-        ('x := sprintf("%.3s", [input.s])', True),
-        ('x := $"{input.s}"', True),
-        ('x := sprintf("%v of %.2f", [input.s, input.n])', False),
-        ('x := concat(" ", [lower(input.s), "b"])', False),
-        ('# trim(input.s) in a comment\nx := "trim(input.s) in a string"', False),
-    ],
-)
-def test_only_bundles_that_could_write_input_unescaped_pay_for_the_check(
-    source: str, checked: bool
-) -> None:
-    evaluator = Evaluator(
-        [("p.rego", f"package p\n\nimport rego.v1\n\n{source}\n")], {}, "data.p.x"
-    )
-    assert evaluator._shaped is checked
-    shipped = Evaluator(
-        [(m.path, m.source) for m in production_modules(load_bundle(str(BUNDLE)))],
-        load_bundle(str(BUNDLE)).data,
-        "data.warden.decision",
-    )
-    assert not shipped._shaped  # its formats cut numbers only (%.2f)
+def test_a_builtin_sprintf_wraps_in_bare_quotes_cannot_reshape_a_decision() -> None:
+    # sprintf prints what lower (or concat) made between bare quotes: pieces of input
+    # text that are commas and colons then write the decision's keys.
+    policy = """package warden
+
+import rego.v1
+
+decision := {"effect": "deny", "reason": sprintf("%v%v%v%v%v", [
+\tinput.a, lower(input.b), input.c, lower(input.d), input.e,
+])}
+"""
+    evaluator = Evaluator([("p.rego", policy)], {}, "data.warden.decision")
+    given = {"a": "denied", "b": ",", "c": "mode", "d": ":", "e": "observe"}
+    with pytest.raises(ValueError, match="writes unescaped"):
+        evaluator.evaluate(given)
 
 
-def test_an_entrypoints_value_is_checked_for_its_shape_too() -> None:
+def test_an_entrypoints_value_is_checked_too() -> None:
     # OPA-Envoy's allow may be an object (headers, a status): the same builtins could
     # give it keys of the agent's choosing.
     policy = """package envoy.authz
@@ -382,7 +369,7 @@ allow := {"allowed": false, "body": trim_space(input.s)}
         evaluator.evaluate_entry_json(1, injected)
     fine = evaluator.evaluate_entry_json(1, orjson.dumps({"s": "no"}))
     assert fine is not None
-    assert orjson.loads(fine) == {"bindings": {"result": {"allowed": False, "body": "no"}}}
+    assert orjson.loads(fine)["bindings"] == {"result": {"allowed": False, "body": "no"}}
 
 
 async def test_an_input_the_engine_refuses_fails_alone(engine: PolicyEngine) -> None:

@@ -19,6 +19,7 @@ ahead-of-time compile checks import it when they need it.
 from __future__ import annotations
 
 import ctypes
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -143,6 +144,14 @@ def _c_text(text: str) -> bytes:
         raise ValueError("a string of the input is not valid Unicode") from None
 
 
+_STRING = 1010
+"""rego-cpp's node type of a string (``NodeKind.String``)."""
+_SAFE_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"|(?:[^"\\]|\\.)*', re.DOTALL)
+"""A string as the engine keeps it (its JSON token, quotes included, or the text between
+them) that, written out, still ends where it should: no bare quote inside, no backslash
+that starts no escape."""
+
+
 class _Native:
     """Direct ctypes bindings for the per-request calls.
 
@@ -180,6 +189,36 @@ class _Native:
         self.output_ok = bind("regoOutputOk", ctypes.c_bool, [vp])
         self.free_output = bind("regoFreeOutput", None, [vp])
         self.output_node = bind("regoOutputNode", vp, [vp])
+        self.node_type = bind("regoNodeType", u32, [vp])
+        self.node_size = bind("regoNodeSize", u32, [vp])
+        self.node_get = bind("regoNodeGet", vp, [vp, u32])
+        self.value_size = bind("regoNodeValueSize", u32, [vp])
+        self.value = bind("regoNodeValue", u32, [vp, ctypes.c_char_p, u32])
+
+    def unsafe_strings(self, node: int) -> bool:
+        """Whether a string (or key) of the result the engine wrote would not read back
+        as itself: a bare quote, or a backslash that starts no escape.
+
+        rego-cpp keeps a string as its JSON text and writes it out as kept. Input
+        text reaches it escaped (:func:`_c_text`), but some builtins give it back
+        unescaped (``trim``, ``trim_space``, the decoders; ``sprintf`` wraps what
+        ``lower`` or ``concat`` made in bare quotes): an argument such as
+        ``c-1","mode":"observe`` a policy trims into its reason, or list items ending
+        in a backslash, would write keys of the agent's choosing into the text the
+        decision is read from. The value's own tree says what each string holds.
+        """
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            if self.node_type(current) == _STRING:
+                size = self.value_size(current)
+                buf = ctypes.create_string_buffer(size)
+                self.value(current, buf, size)
+                if _SAFE_STRING.fullmatch(buf.value) is None:
+                    return True
+                continue
+            stack.extend(self.node_get(current, i) for i in range(self.node_size(current)))
+        return False
 
     def add(self, handle: int, value: Any) -> None:
         """Push one JSON value onto regopy's input builder (a stack machine)."""
@@ -228,7 +267,8 @@ class Evaluator:
         Never calls ``Output.expressions()``: on an undefined result that
         aborts the process. Errors come back as ``<error>`` followed by the
         error s-expression, for the caller to describe. Raises ``ValueError``
-        when the engine refuses the input document.
+        when the engine refuses the input document, or when a string of the result
+        would be written unescaped (:meth:`_Native.unsafe_strings`).
         """
         native = self._native
         impl = self._impl
@@ -248,7 +288,13 @@ class Evaluator:
             native.output_json(output, buf, size)
             text = buf.value.decode("utf-8", errors="replace")
             if not native.output_ok(output):
-                text = "<error>" + _output_errors(native.output_node(output))
+                return "<error>" + _output_errors(native.output_node(output))
+            if native.unsafe_strings(native.output_node(output)):
+                raise ValueError(
+                    "the policy's result holds input text the engine writes unescaped (a "
+                    "builtin such as trim or base64.decode gave back its quotes or "
+                    "backslashes), which could change the decision's shape"
+                )
             return text
         finally:
             native.free_output(output)

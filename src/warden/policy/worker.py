@@ -35,19 +35,14 @@ the worker does as little as possible per request.
 from __future__ import annotations
 
 import os
-import re
 import socket
 import struct
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from warden.policy.bundle.text import blank
-
 if TYPE_CHECKING:
-    from warden.policy.bundle.model import Module
     from warden.policy.rego import Evaluator as RegoEvaluator
 
 __all__ = [
@@ -76,82 +71,6 @@ MSG_QUIT = b"Q"
 MSG_BATCH = b"B"
 MSG_BATCH_RESULT = b"S"
 _HEADER = struct.Struct(">I")
-_REF = re.compile(r"^data(\.[A-Za-z_][A-Za-z0-9_]*)+$")
-_SHAPE_PACKAGE = "warden_result_shape"
-_SHAPED_HEAD = '{"expressions":[['
-
-
-def _shape_module(query: str, package: str = _SHAPE_PACKAGE) -> tuple[str, str]:
-    """A module that answers ``query``'s value beside how many of its strings and keys
-    the engine would write unescaped.
-
-    rego-cpp keeps a string as its JSON text and writes it out as kept. Input text
-    reaches it escaped (:func:`warden.policy.rego._c_text`), but some builtins give
-    it back unescaped (``trim``, ``trim_space``, ``base64.decode``, ``hex.decode``,
-    ``strings.reverse``; most others then keep it so): an argument such as
-    ``c-1","mode":"observe`` a policy trims into its reason, or list items ending in
-    a backslash, would write keys of the agent's choosing into the decision's text.
-    A string is written safely when every quote in it is escaped and every backslash
-    starts an escape; the value's text is trusted only when none is otherwise.
-    """
-    source = (
-        f"package {package}\n\n"
-        "import rego.v1\n\n"
-        f"_body := `{_JSON_BODY}`\n\n"
-        "_unsafe(s) if {\n\tis_string(s)\n\tnot regex.match(_body, s)\n}\n\n"
-        "shape := [value, bad] if {\n"
-        f"\tvalue := {query}\n"
-        "\tbad := count([1 | walk(value, [_, v]); _unsafe(v)])"
-        " + count([1 | walk(value, [path, _]); some k in path; _unsafe(k)])\n"
-        "}\n"
-    )
-    return f"<warden>/{package}.rego", source
-
-
-_JSON_BODY = r'^(?:[^"\\]|\\.)*$'
-"""What a JSON string holds between its quotes, as far as its end can be found: no bare
-quote, no backslash that does not start an escape (a wrong escape is then a parse error)."""
-_SAFE_TAIL = ",0]]}"
-_KEEPS_ESCAPES: Final = frozenset(
-    {
-        # Return no text, or text only of their own (numbers, types, digests) ...
-        *("count", "sum", "product", "max", "min", "sort", "abs", "round", "ceil", "floor"),
-        *("to_number", "numbers.range", "numbers.range_step", "format_int", "type_name"),
-        *("is_number", "is_string", "is_boolean", "is_array", "is_set", "is_object", "is_null"),
-        *("startswith", "endswith", "contains", "indexof", "indexof_n", "regex.match"),
-        *("regex.is_valid", "glob.match", "json.is_valid", "semver.compare", "semver.is_valid"),
-        *("strings.any_prefix_match", "strings.any_suffix_match", "any", "all", "units.parse"),
-        *("units.parse_bytes", "net.cidr_contains", "net.cidr_intersects", "time.now_ns"),
-        *("time.parse_rfc3339_ns", "time.parse_ns", "time.date", "time.clock", "time.weekday"),
-        *("time.add_date", "time.diff", "crypto.sha256", "crypto.sha1", "crypto.md5"),
-        # ... or the input's text as the engine keeps it: whole, joined, case mapped.
-        *("concat", "lower", "upper", "object.get", "object.keys", "object.remove"),
-        *("object.filter", "object.union", "object.union_n", "object.subset", "array.concat"),
-        *("array.slice", "array.reverse", "intersection", "union", "walk", "json.filter"),
-        *("json.remove", "sprintf"),
-    }
-)
-"""Builtins that cannot give input text back with a quote or backslash the engine would
-write unescaped. Any other (``trim``, ``substring``, ``split``, ``replace``, the decoders)
-may: a bundle that calls one gets the check of :func:`_shape_module`."""
-_CALL: Final = re.compile(r"(?<![\w.])([A-Za-z_]\w*(?:\s*\.\s*[A-Za-z_]\w*)*)\s*\(")
-_CUT_FORMAT: Final = re.compile(r"%[-+ #0]*(?:\d+|\*)?\.(?:\d+|\*)?[svq]")
-"""A ``sprintf`` verb that cuts text to a precision (``%.3s``, not ``%.2f``): it can cut
-an escape in two."""
-
-
-def _may_write_unescaped(modules: Sequence[Module], is_builtin: Callable[[str], bool]) -> bool:
-    """Whether the bundle calls a builtin that may give input text back unescaped, or
-    writes a format with a precision, or a template string (``$"..."``)."""
-    for module in modules:
-        source = module.source
-        if _CUT_FORMAT.search(source) or '$"' in source or "$`" in source:
-            return True
-        for m in _CALL.finditer(blank(source)):
-            name = re.sub(r"\s+", "", m.group(1))
-            if name not in _KEEPS_ESCAPES and is_builtin(name):
-                return True
-    return False
 
 
 class Evaluator:
@@ -173,16 +92,7 @@ class Evaluator:
         self._modules = [Module(p, s) for p, s in modules]
         self._data = data
         self._label = label
-        # A decision query (a rule reference) of a bundle that could write input text
-        # unescaped is answered with its strings checked; any other as it is.
-        self._shaped = _REF.fullmatch(query) is not None and _may_write_unescaped(
-            self._modules, rego.Interpreter().is_builtin
-        )
-        if self._shaped:
-            shaped = [*self._modules, Module(*_shape_module(query))]
-            compiled = compile_bundle(shaped, data, f"data.{_SHAPE_PACKAGE}.shape", label=label)
-        else:
-            compiled = compile_bundle(self._modules, data, query, label=label)
+        compiled = compile_bundle(self._modules, data, query, label=label)
         self._engine: RegoEvaluator = rego.Evaluator(compiled)
         self._entries: list[RegoEvaluator | str] = []
 
@@ -190,22 +100,12 @@ class Evaluator:
         """Compile one more query of the same bundle; a failure is kept as its answer."""
         from warden.policy import rego  # noqa: PLC0415
         from warden.policy.bundle.compile import compile_bundle  # noqa: PLC0415
-        from warden.policy.bundle.model import BundleError, Module  # noqa: PLC0415
+        from warden.policy.bundle.model import BundleError  # noqa: PLC0415
 
         try:
-            if _REF.fullmatch(query) is None:
-                raise BundleError("an entrypoint must be a rule reference such as data.x.allow")
-            if self._shaped:
-                # Its value (false included: assigned, not tested) and its strings checked.
-                package = f"{_SHAPE_PACKAGE}_{len(self._entries) + 1}"
-                shaped = [*self._modules, Module(*_shape_module(query, package))]
-                compiled = compile_bundle(
-                    shaped, self._data, f"data.{package}.shape", label=self._label
-                )
-            else:
-                # Bound: a query that is just ``data.x`` is undefined when x is false.
-                bound = f"{ENTRY_VARIABLE} = {query}"
-                compiled = compile_bundle(self._modules, self._data, bound, label=self._label)
+            # Bound to a variable: a query that is just ``data.x`` is undefined when x is false.
+            bound = f"{ENTRY_VARIABLE} = {query}"
+            compiled = compile_bundle(self._modules, self._data, bound, label=self._label)
         except BundleError as exc:
             self._entries.append(f"query {query!r} does not compile: {exc}")
             return
@@ -221,11 +121,7 @@ class Evaluator:
         entry = self._entries[index - 1]
         if isinstance(entry, str):
             raise LookupError(entry)
-        text = entry.evaluate(orjson.loads(body))
-        if not self._shaped or not text.startswith(_SHAPED_HEAD):
-            return text  # as bound, undefined, or an error
-        # As a binding, the form the parent reads an entrypoint's value in.
-        return '{"bindings":{"' + ENTRY_VARIABLE + '":' + _shaped_value(text) + "}}"
+        return entry.evaluate(orjson.loads(body))
 
     def evaluate_json(self, body: bytes) -> str:
         """Evaluate for an input given as JSON; return regopy's output text."""
@@ -236,28 +132,9 @@ class Evaluator:
 
         Never calls ``Output.expressions()``: on an undefined result that
         aborts the process. Errors come back as ``<error>`` followed by the
-        error s-expression, for the parent to describe. Raises ``ValueError``
-        when a string of the result would be written unescaped (see
-        :func:`_shape_module`): the input is then refused.
+        error s-expression, for the parent to describe.
         """
-        text = self._engine.evaluate(value)
-        if not self._shaped or not text.startswith(_SHAPED_HEAD):
-            return text  # undefined, or an error
-        return '{"expressions":[' + _shaped_value(text) + "]}"
-
-
-def _shaped_value(text: str) -> str:
-    """The text of the value a shaped answer holds, once none of its strings is unsafe.
-
-    The count comes after the value, so no string inside it can change it.
-    """
-    if not text.endswith(_SAFE_TAIL):
-        raise ValueError(
-            "the policy's result holds input text the engine writes unescaped (a builtin "
-            "such as trim or base64.decode gave back its quotes or backslashes), which "
-            "could change the decision's shape"
-        )
-    return text[len(_SHAPED_HEAD) : -len(_SAFE_TAIL)]
+        return self._engine.evaluate(value)
 
 
 def read_frame(sock: socket.socket) -> bytes | None:

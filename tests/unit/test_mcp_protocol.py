@@ -964,3 +964,72 @@ def test_an_answer_no_policy_can_read_as_the_server_does_goes_on_as_an_error(
     assert "result" not in message.body
     assert message.body["id"] == 0
     assert mcp.client_result(message) is None  # nothing to decide: it is Warden's error
+
+
+def test_an_answer_that_names_a_method_is_no_answer() -> None:
+    # "method": null beside a result: the SDK's server reads it as an answer, which
+    # must not reach it without the answer's decision; neither request nor answer, it
+    # is refused and goes nowhere.
+    line = {"jsonrpc": "2.0", "id": 0, "method": None, "result": {"action": "accept"}}
+    (message,) = mcp.parse(orjson.dumps(line)).messages
+    assert message.body is None
+    assert message.error is not None
+    assert message.error["error"]["code"] == mcp.INVALID_REQUEST
+    assert mcp.client_result(message) is None
+
+
+def test_a_retry_may_not_name_an_answer_as_warden_names_them() -> None:
+    # Warden names an earlier revision's answers "elicitation/create#1", "#2"...: an
+    # answer the client sends under such a name first would be read by a rule that
+    # looks it up by name in place of the one the user gave.
+    params = {
+        "name": "issue_refund",
+        "arguments": {"order_id": "A-1"},
+        "inputResponses": {"elicitation/create#1": {"action": "accept", "content": {}}},
+    }
+    line = {"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": params}
+    (message,) = mcp.parse(orjson.dumps(line)).messages
+    assert message.call is None
+    assert message.error is not None
+    assert "as Warden names the answers" in message.error["error"]["message"]
+    fine = {**params, "inputResponses": {"ask": {"action": "accept", "content": {}}}}
+    (ok,) = mcp.parse(orjson.dumps({**line, "params": fine})).messages
+    assert ok.call is not None
+
+
+TWO_QUESTIONS_SERVER = """
+import json, sys
+def out(value):
+    print(json.dumps(value), flush=True)
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("method") == "tools/call":
+        for i in (201, 202):
+            out({"jsonrpc": "2.0", "id": i, "method": "elicitation/create",
+                 "params": {"message": "How much?"}})
+    elif "method" not in m:
+        out({"jsonrpc": "2.0", "method": "notifications/message",
+             "params": {"level": "info", "data": m}})
+"""
+
+
+async def test_two_answers_to_one_call_are_decided_one_after_the_other() -> None:
+    # Sent together, each answer's decision must see the one before it: decided at
+    # once, both would start from the call without either and land under one name.
+    audit = MemoryAudit()
+    door, core, client_in, out = await echo_door(AllowAll(), audit, server=TWO_QUESTIONS_SERVER)
+    client_in.feed_data(call_line(1, arguments={"order_id": "A-1"}) + b"\n")
+    for _ in range(2):
+        await asyncio.wait_for(out.protocol.lines.get(), 10)
+    client_in.feed_data(answer_line(201, 10) + answer_line(202, 20))
+    for _ in range(2):
+        await received(out)
+    client_in.feed_eof()
+    await asyncio.wait_for(door.done.wait(), 10)
+    await door.stop()
+    await core.close()
+    seen = [dict(a.input_responses) for a, _ in audit.decisions if a.input_responses]
+    assert [sorted(s) for s in seen] == [
+        ["elicitation/create#1"],
+        ["elicitation/create#1", "elicitation/create#2"],
+    ]

@@ -860,6 +860,17 @@ class McpHttp:
         opened = mcp.open_question(questions, message)
         if isinstance(opened, dict):
             return opened
+        assert questions is not None  # an open question came from them
+        async with questions.deciding:
+            return await self._decide_answer(exchange, message, opened)
+
+    async def _decide_answer(
+        self,
+        exchange: _Exchange,
+        message: mcp.Message,
+        opened: tuple[str | int, Mapping[str, Any], str, tuple[_Pending, ...]],
+    ) -> dict[str, Any]:
+        assert message.body is not None
         id_, result, method, calls = opened
         running = [p for p in calls if not p.done]
         if not running or any(p.action.agent.id != exchange.agent.id for p in running):

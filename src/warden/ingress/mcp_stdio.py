@@ -467,6 +467,16 @@ class StdioDoor:
         opened = mcp.open_question(self._questions, message)
         if isinstance(opened, dict):
             return opened
+        async with self._questions.deciding:
+            return await self._decide_answer(message, opened)
+
+    async def _decide_answer(
+        self,
+        message: mcp.Message,
+        opened: tuple[str | int, Mapping[str, Any], str, tuple[tuple[str | int, _Pending], ...]],
+    ) -> dict[str, Any]:
+        assert self._core is not None
+        assert message.body is not None
         id_, result, method, calls = opened
         running = [(i, p) for i, p in calls if self._pending.get(i) is p]
         if not running:

@@ -436,6 +436,9 @@ class Questions[T]:
     def __init__(self, limit: int = MAX_QUESTIONS) -> None:
         self._open: OrderedDict[str, tuple[str, tuple[T, ...]]] = OrderedDict()
         self._limit = limit
+        self.deciding = asyncio.Lock()
+        """Held while an answer is decided: two answers to one call's questions, decided
+        together, would each start from the call before the other (neither seeing both)."""
 
     def asked(self, id_: str | int, method: str, calls: Sequence[T]) -> None:
         """The server sent request ``id_`` while ``calls`` were running."""
@@ -455,6 +458,14 @@ class Questions[T]:
 
     def __len__(self) -> int:
         return len(self._open)
+
+
+_ANSWER_KEY: Final = re.compile(r"(?:elicitation/create|sampling/createMessage|roots/list)#\d+")
+"""How :func:`with_answer` names an answer of the revisions before 2026-07-28."""
+_ANSWERS_NAMED_AS_WARDENS: Final = (
+    "Invalid params: inputResponses names an answer as Warden names the answers to the "
+    "server's own requests (elicitation/create#1)"
+)
 
 
 def with_answer(action: Action, method: str, answer: Mapping[str, Any]) -> Action | None:
@@ -605,6 +616,10 @@ def _message(value: object, index: int) -> Message:
         # MCP: ids are strings or integers, never null.
         return Message(None, error_response(None, INVALID_REQUEST, "Invalid Request: bad id"))
     method = value.get("method")
+    if method is None and "method" in value:
+        # Neither a request nor an answer: read as an answer by a lenient server (the
+        # SDK's), it would reach the server without the answer's decision.
+        return Message(None, error_response(id_, INVALID_REQUEST, "Invalid Request: method"))
     if method is None:
         return _client_answer(value, id_ if has_id else None)
     if not isinstance(method, str) or "result" in value or "error" in value:
@@ -693,6 +708,10 @@ def _refused_params(params: object, fields: frozenset[str] | None) -> str | None
         return "Invalid params: inputResponses"
     if responses and any(_proposes_tool_use(answer) for answer in responses.values()):
         return _RETRY_TOOLS
+    if responses and any(_ANSWER_KEY.fullmatch(str(name)) for name in responses):
+        # The names Warden gives the answers of earlier revisions (with_answer): a client
+        # filling one in first would have a rule reading it by name see its answer.
+        return _ANSWERS_NAMED_AS_WARDENS
     if responses and (
         len(responses) > MAX_ANSWERS or any(_too_wide(a) for a in responses.values())
     ):

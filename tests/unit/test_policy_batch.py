@@ -534,3 +534,22 @@ async def test_challenger_counts_a_busy_batch_as_dropped() -> None:
         assert (stats.evaluated, stats.dropped) == (0, 3)
     finally:
         await challenger.close()
+
+
+def test_an_escape_the_policy_compared_as_written_cannot_read_back_otherwise() -> None:
+    # substring cuts the doubled backslash input reaches the engine with: the policy
+    # compares "\u0061lice" as written (not alice), a reader decodes it to alice.
+    policy = """package warden
+
+import rego.v1
+
+decision := {"effect": "require_approval", "approvers": [a]} if {
+\ta := substring(input.reviewer, 1, -1)
+\ta != input.requester
+}
+"""
+    evaluator = Evaluator([("p.rego", policy)], {}, "data.warden.decision")
+    with pytest.raises(ValueError, match="writes unescaped"):
+        evaluator.evaluate({"reviewer": "\\u0061lice", "requester": "alice"})
+    fine = interpret_output(evaluator.evaluate({"reviewer": "@bob", "requester": "alice"}))
+    assert fine.approvers == ("bob",)

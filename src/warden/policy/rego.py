@@ -146,10 +146,13 @@ def _c_text(text: str) -> bytes:
 
 _STRING = 1010
 """rego-cpp's node type of a string (``NodeKind.String``)."""
-_SAFE_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"|(?:[^"\\]|\\.)*', re.DOTALL)
+_SAFE_STRING = re.compile(rb'"(?:[^"\\]|\\["\\])*"|(?:[^"\\]|\\["\\])*', re.DOTALL)
 """A string as the engine keeps it (its JSON token, quotes included, or the text between
-them) that, written out, still ends where it should: no bare quote inside, no backslash
-that starts no escape."""
+them) that, written out, reads back as the very text the policy compared: no bare quote,
+and no backslash but the two escapes input reaches the engine with (``\\"``, ``\\\\``).
+Any other escape (``\\u0061``) the engine compares as written and a reader decodes: a
+builtin that cuts input's doubled backslash in two (``substring``, the decoders) would
+have the policy pass ``\\u0061lice`` while the decision names ``alice``."""
 
 
 class _Native:

@@ -165,6 +165,17 @@ def refunds_run(received: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def capped_config(tmp_path: Path, url: str) -> Any:
+    """Warden with the refund cap of 60 before the MCP server at ``url``, allowing all."""
+    return make_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        upstreams={"support-tools": {"protocol": "mcp", "base_url": url}},
+        budgets={"caps": [CAP]},
+        policy={"bundles": [str(write_bundle(tmp_path, ALLOW_ALL))]},
+    )
+
+
 @asynccontextmanager
 async def raw_session(
     tmp_path: Path, received: list[dict[str, Any]]
@@ -172,13 +183,7 @@ async def raw_session(
     """Warden (a refund cap of 60) before :func:`answering_cancelled`, and an open
     session through it: the HTTP client, the URL and the session's headers."""
     async with answering_cancelled(received) as url:
-        config = make_config(
-            tmp_path,
-            "http://127.0.0.1:9",
-            upstreams={"support-tools": {"protocol": "mcp", "base_url": url}},
-            budgets={"caps": [CAP]},
-            policy={"bundles": [str(write_bundle(tmp_path, ALLOW_ALL))]},
-        )
+        config = capped_config(tmp_path, url)
         async with Warden(config) as warden, aiohttp.ClientSession() as http:
             target = f"{warden.proxy_url}/support-tools"
             async with http.post(target, json=INIT, headers=ACCEPT) as resp:
@@ -213,13 +218,7 @@ async def test_a_call_the_client_cancels_keeps_what_the_cap_holds_for_it(tmp_pat
     # is no proof the refund did not happen: it must not release the cap's hold.
     received: list[dict[str, Any]] = []
     async with answering_cancelled(received) as url:
-        config = make_config(
-            tmp_path,
-            "http://127.0.0.1:9",
-            upstreams={"support-tools": {"protocol": "mcp", "base_url": url}},
-            budgets={"caps": [CAP]},
-            policy={"bundles": [str(write_bundle(tmp_path, ALLOW_ALL))]},
-        )
+        config = capped_config(tmp_path, url)
         async with (
             Warden(config) as warden,
             Client(f"{warden.proxy_url}/support-tools", mode="legacy") as client,

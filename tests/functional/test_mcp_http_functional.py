@@ -360,6 +360,47 @@ async def test_a_held_call_in_a_batch_is_told_it_waits_then_runs_once(
     assert tools_called(tmp_path) == ["issue_refund"]
 
 
+async def test_a_held_batch_member_the_client_cancels_is_answered_cancelled(
+    holding: Warden, tmp_path: Path
+) -> None:
+    url = f"{holding.proxy_url}/{UPSTREAM}"
+    async with aiohttp.ClientSession() as http:
+        init = orjson.loads(orjson.dumps(INIT))
+        init["params"]["protocolVersion"] = "2025-03-26"
+        async with http.post(url, json=init, headers=ACCEPT) as first:
+            headers = {**ACCEPT, "Mcp-Session-Id": first.headers["Mcp-Session-Id"]}
+            await first.read()
+        ready = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        async with http.post(url, json=ready, headers=headers) as done:
+            assert done.status == 202
+        params = {"name": "issue_refund", "arguments": {"order_id": "A-1003", "amount": 450}}
+        batch = [
+            {"jsonrpc": "2.0", "id": "r-7", "method": "tools/call", "params": params},
+            {"jsonrpc": "2.0", "id": 8, "method": "ping"},
+        ]
+        async with http.post(url, json=batch, headers=headers) as resp:
+            item = await pending_one(holding)
+            # "7" would not name it: ids are compared as the server reads them.
+            cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                      "params": {"requestId": "r-7", "reason": "user gave up"}}  # fmt: skip
+            async with http.post(url, json=cancel, headers=headers) as told:
+                assert told.status == 202
+            answers: list[Any] = []
+
+            async def read() -> None:
+                async for line in resp.content:
+                    if line.startswith(b"data: "):
+                        event = orjson.loads(line[6:])
+                        answers.extend(event if isinstance(event, list) else [event])
+
+            await asyncio.wait_for(read(), 20)  # ended by the cancellation, not the approval
+        await admin(holding, "POST", f"/v1/approvals/{item['id']}/approve", "dana", {})
+    by_id = {a["id"]: a for a in answers if "id" in a}
+    assert by_id["r-7"]["error"] == {"code": -32800, "message": "Request cancelled"}
+    assert by_id[8]["result"] == {}
+    assert tools_called(tmp_path) == []
+
+
 async def test_rejected_refund_never_runs(holding: Warden, tmp_path: Path) -> None:
     async with connect(holding) as session:
         call = session.call_tool("issue_refund", {"order_id": "A-1003", "amount": 450})
@@ -371,6 +412,33 @@ async def test_rejected_refund_never_runs(holding: Warden, tmp_path: Path) -> No
     assert result.is_error
     assert "duplicate" in text(result)
     assert tools_called(tmp_path) == []
+
+
+async def test_a_held_call_the_client_cancels_never_runs_and_its_retry_runs_once(
+    holding: Warden, tmp_path: Path
+) -> None:
+    args: dict[str, Any] = {"order_id": "A-1003", "amount": 450}
+    async with connect(holding) as session:
+        held = tasks.spawn(session.call_tool("issue_refund", args), name="abandoned-refund")
+        item = await pending_one(holding)
+        held.cancel()  # the SDK tells Warden: notifications/cancelled, on a POST of its own
+        # The hold ends; its approval stays decidable, as a deferral.
+        for _ in range(200):
+            waiting = await admin(holding, "GET", f"/v1/approvals/{item['id']}", "dana")
+            if waiting["mode"] == "defer":
+                break
+            await asyncio.sleep(0.05)
+        assert waiting["mode"] == "defer"
+        assert waiting["status"] == "pending"
+        await admin(holding, "POST", f"/v1/approvals/{item['id']}/approve", "dana", {})
+        await session.send_ping()  # the session still works
+        assert tools_called(tmp_path) == []  # the cancelled call did not run when approved
+        retried = await session.call_tool("issue_refund", args)
+    assert held.cancelled()
+    assert not retried.is_error, text(retried)
+    assert tools_called(tmp_path) == ["issue_refund"]
+    await holding.stop()
+    await verify_audit(tmp_path)
 
 
 # -- tools/list, sessions, server-to-client requests -----------------------------

@@ -154,6 +154,15 @@ class _Exchange:
     owed: tuple[str, str] | None = None
     """A resumed stream (GET with ``Last-Event-ID``): the (upstream, session) whose broken
     streams' answers it may carry, each claimed from :attr:`McpHttp._resumable` as it comes."""
+    deciding: dict[str | int, asyncio.Task[Any]] = field(default_factory=dict)
+    """Calls being decided (held for approval, maybe), by id: each in the task to end
+    when the client cancels it."""
+    withdrawn: set[str | int] = field(default_factory=set)
+    """Ids of calls the client cancelled while they were decided."""
+
+
+class _Withdrawn(Exception):
+    """The client cancelled a call while it was decided: it is neither sent nor answered."""
 
 
 class McpHttp:
@@ -416,6 +425,8 @@ class McpHttp:
         action = self._action(request, exchange, message)
         try:
             decision = await self._decided(request, exchange, message, action)
+        except _Withdrawn:
+            return mcp.cancelled_response(message.id)
         except AuditError:
             log.exception("could not record the decision for %s; not forwarded", action.tool)
             return mcp.error_response(
@@ -466,6 +477,8 @@ class McpHttp:
         action = self._action(request, exchange, message)
         try:
             decision = await self._decided(request, exchange, message, action)
+        except _Withdrawn:
+            return await self._answer(request, exchange, mcp.cancelled_response(message.id))
         except AuditError:
             log.exception("could not record the decision for %s; not forwarded", action.tool)
             answer = mcp.error_response(
@@ -517,9 +530,21 @@ class McpHttp:
         timer = asyncio.get_running_loop().call_later(
             self._config.approvals.keepalive_s, start_beating
         )
+        id_, task = message.id, asyncio.current_task()
+        assert id_ is not None
+        assert task is not None
+        exchange.deciding[id_] = task
         try:
             return await self._core.decide(action)
+        except asyncio.CancelledError:
+            if id_ not in exchange.withdrawn:
+                raise  # the client went away, or Warden is stopping
+            # A held call's approval stays decidable, as a deferral (the gate's own
+            # doing): approved, only the agent's retry of the same call runs.
+            task.uncancel()
+            raise _Withdrawn from None
         finally:
+            exchange.deciding.pop(id_, None)
             timer.cancel()
             if beating is not None:
                 decided.set()  # it stops after the beat it is writing, if any
@@ -902,7 +927,9 @@ class McpHttp:
         return refusal if refusal is not None else dict(message.body)
 
     def _client_cancelled(self, exchange: _Exchange, body: Mapping[str, Any]) -> None:
-        """The client cancelled a request: if it is a call the server has, its outcome now.
+        """The client cancelled a request: a call still decided ends there (held for
+        approval, its approval stays decidable as a deferral); for a call the server
+        has, its outcome now.
 
         Not trusted: an SDK server answers a cancelled request with an error
         (``Request cancelled``) whether or not its tool already acted, so that
@@ -920,6 +947,10 @@ class McpHttp:
         for other in self._open.get(key, []):
             if other.agent.id != exchange.agent.id:
                 continue
+            for id_ in [i for i in other.deciding if mcp.id_key(i) == wanted]:
+                # Not sent yet (held for approval, maybe): it never will be.
+                other.withdrawn.add(id_)
+                other.deciding.pop(id_).cancel()
             for id_ in [i for i in other.calls if mcp.id_key(i) == wanted]:
                 cancelled.append(other.calls.pop(id_))
         owed = self._resumable.get(key, {})

@@ -266,6 +266,15 @@ def id_in_use(id_: JsonId) -> dict[str, Any]:
     return error_response(id_, INVALID_REQUEST, "Invalid Request: id in use")
 
 
+REQUEST_CANCELLED: Final = -32800
+"""The error the SDK's HTTP servers answer a request the client cancelled with."""
+
+
+def cancelled_response(id_: JsonId) -> dict[str, Any]:
+    """The answer to a request the client cancelled before it was sent on."""
+    return error_response(id_, REQUEST_CANCELLED, "Request cancelled")
+
+
 def error_response(id_: JsonId, code: int, message: str) -> dict[str, Any]:
     """A JSON-RPC error response."""
     return {"jsonrpc": "2.0", "id": id_, "error": {"code": code, "message": message}}

@@ -127,6 +127,35 @@ async def test_evaluates_and_caches_on_read_paths(engine: PolicyEngine) -> None:
     assert REGISTRY.get_sample_value("warden_policy_bundle_info", {"revision": "r1"}) == 1.0
 
 
+ENVIRONMENT_READER = """package warden
+
+import rego.v1
+
+decision := {"effect": "deny", "reason": concat(",", sort(object.keys(opa.runtime().env)))}
+"""
+
+
+async def test_a_policy_cannot_read_wardens_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Warden's environment holds the upstream keys it injects (ADR 0015): a rule
+    # reading opa.runtime().env could put them in a reason the agent reads.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-held-by-warden")
+    monkeypatch.setenv("WARDEN_STATE_URL", "postgresql://warden:secret@db/warden")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "policy.rego").write_text(ENVIRONMENT_READER)
+    eng = await PolicyEngine.start(config(tmp_path / "b", workers=1))
+    try:
+        result = await eng.evaluate(doc("lookup_order"))
+    finally:
+        await eng.close()
+    assert result.error is None, result.reasons
+    (names,) = result.reasons
+    assert "PATH" in names.split(",")
+    assert "OPENAI_API_KEY" not in names
+    assert "WARDEN_STATE_URL" not in names
+
+
 async def test_concurrent_callers_share_the_pool(engine: PolicyEngine) -> None:
     results = await asyncio.gather(
         *(engine.evaluate(doc("issue_refund", amount=i)) for i in range(200))

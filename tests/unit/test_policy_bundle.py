@@ -20,6 +20,7 @@ from warden.policy.bundle import (
     roots_overlap,
 )
 from warden.policy.bundle.compile import compile_check
+from warden.policy.bundle.signatures import file_digest
 
 POLICY = """package warden
 
@@ -283,3 +284,19 @@ def test_yaml_data_must_be_json(tmp_path: Path) -> None:
     root = write_bundle(tmp_path / "b", {"p.rego": POLICY, "data.yaml": "1: one\n"})
     with pytest.raises(BundleError, match=r"data\.yaml: not representable as JSON"):
         load_bundle(root)
+
+
+def test_yaml_data_may_not_use_aliases(tmp_path: Path) -> None:
+    # Ten aliases a line: each line ten times the values, once hashed for a signature
+    # or encoded for the engine (six lines here, a million; ten lines exhaust memory).
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 6)]
+    bomb = "\n".join(lines) + "\n"
+    root = write_bundle(tmp_path / "b", {"p.rego": POLICY, "data.yaml": bomb})
+    with pytest.raises(BundleError, match=r"data\.yaml:2:\d+: invalid YAML: aliases"):
+        load_bundle(root)
+    with pytest.raises(BundleError, match="aliases"):
+        file_digest("data.yaml", bomb.encode())
+    anchored = "limits: &limits {refund: 100}\n"  # an anchor alone is fine
+    root = write_bundle(tmp_path / "c", {"p.rego": POLICY, "data.yaml": anchored})
+    assert load_bundle(root).data == {"limits": {"refund": 100}}

@@ -56,7 +56,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -396,8 +396,25 @@ def _cpu_ns(pid: int) -> int | None:
         return None
 
 
+_WORKER_ENV: Final = frozenset(
+    {"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "SYSTEMROOT"}
+)
+# Python's own settings, and the coverage hooks of a test run.
+_WORKER_ENV_PREFIXES: Final = ("LC_", "PYTHON", "COV_CORE_", "COVERAGE_")
+
+
 def _worker_env() -> dict[str, str]:
-    env = dict(os.environ)
+    """The environment a policy worker starts with: only what the interpreter needs.
+
+    A policy reads its worker's environment through ``opa.runtime().env``, and
+    Warden's holds the upstream keys it injects (ADR 0015) and any
+    ``WARDEN_*`` setting: a rule could put them in a reason the agent reads.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in _WORKER_ENV or k.startswith(_WORKER_ENV_PREFIXES)
+    }
     # The worker imports warden from wherever this process did, installed or not.
     root = str(Path(warden.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)

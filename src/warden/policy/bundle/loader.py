@@ -33,6 +33,7 @@ from warden.policy.bundle.manifest import parse_json, parse_manifest, roots_over
 from warden.policy.bundle.model import Bundle, BundleError, Module
 from warden.policy.bundle.text import package_of
 from warden.policy.bundle.verify import verify_bundle_files
+from warden.policy.bundle.yaml_data import load_data_yaml
 
 if TYPE_CHECKING:
     from warden.config import SigningConfig
@@ -42,7 +43,7 @@ __all__ = ["build_bundle", "load_bundle", "load_bundles", "merge_bundles"]
 
 def _parse_yaml(label: str, body: bytes) -> Any:
     try:
-        return yaml.safe_load(body)
+        return load_data_yaml(body)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{label}:{mark.line + 1}:{mark.column + 1}" if mark is not None else label

@@ -33,6 +33,7 @@ import yaml
 
 from warden.policy.bundle.files import MANIFEST_FILE, SIGNATURES_FILE
 from warden.policy.bundle.model import BundleError
+from warden.policy.bundle.yaml_data import load_data_yaml
 
 __all__ = ["SIGNING_ALGORITHMS", "file_digest", "signed_files_payload"]
 
@@ -137,7 +138,7 @@ def _canonical(value: Any, out: list[str]) -> None:
 def _structured_value(name: str, body: bytes) -> Any:
     base = name.rsplit("/", 1)[-1]
     if base == "data.yaml":
-        return yaml.safe_load(body)
+        return load_data_yaml(body)
     return json.loads(body, parse_int=_Number, parse_float=_Number, parse_constant=_reject_constant)
 
 

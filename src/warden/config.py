@@ -788,7 +788,7 @@ class ApprovalsConfig(_Section):
 
 
 # The syntax of X-Warden-Agent (warden.ingress.headers).
-_AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+_AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}\Z")
 # Asymmetric only: an HS* key would be a shared secret in the config, and
 # "none" proves nothing.
 JWT_ALGORITHMS = frozenset(

@@ -245,6 +245,11 @@ class Governor:
             # cycle would leave every such request to the garbage collector.
             refused = (call_id, action.tool or "", action.wire_type or "", decision)
             conversation.memo.setdefault("refused", []).append(refused)
+        if call_id.startswith(RESERVED_CALL_IDS):
+            # The provider's id in Warden's own namespace (a gRPC decision's key): linked,
+            # it would take that decision's link, and its result would not be recorded.
+            metrics.child(metrics.AMBIGUOUS_CALL_IDS, turn.request.upstream).inc()
+            return
         earlier = call_id not in turn.seen and self.links.waiting(call_id)
         if call_id in turn.seen or earlier:
             if self.links.tombstone(call_id) or earlier:

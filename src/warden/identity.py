@@ -63,7 +63,7 @@ AGENT_VERSION_HEADER = "X-Warden-Agent-Version"
 Fetch = Callable[[str, float], Awaitable[bytes]]
 """``fetch(url, timeout_s)``: the body of a ``200`` answer; raises on anything else."""
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}\Z")
 _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 # A token naming an unknown kid may trigger a refetch (key rotation), but no
 # more often than this, so random kids cannot turn Warden into a JWKS flooder.
@@ -160,10 +160,14 @@ async def _http_get(url: str, timeout_s: float) -> bytes:
     ):
         if resp.status != 200:
             raise ValueError(f"HTTP {resp.status}")
-        body = await resp.content.read(_MAX_JWKS_BYTES + 1)
-        if len(body) > _MAX_JWKS_BYTES:
-            raise ValueError("JWKS larger than 1 MiB")
-        return body
+        # Read to the end: one read returns what has arrived so far, and a JWKS sent
+        # in several pieces would be cut short (every token refused, rotation stalled).
+        body = bytearray()
+        async for chunk in resp.content.iter_any():
+            body += chunk
+            if len(body) > _MAX_JWKS_BYTES:
+                raise ValueError("JWKS larger than 1 MiB")
+        return bytes(body)
 
 
 class _Jwks:

@@ -7,6 +7,7 @@ credential a 401, before anything reaches the upstream.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -90,12 +91,22 @@ def raw_log(tmp_path: Path) -> bytes:
 
 @asynccontextmanager
 async def jwks_server(body: bytes) -> AsyncIterator[tuple[str, list[int]]]:
-    """A JWKS endpoint on 127.0.0.1:0; yields its URL and a list counting fetches."""
+    """A JWKS endpoint on 127.0.0.1:0; yields its URL and a list counting fetches.
+
+    The body goes out in two writes a moment apart, as a large or slow one
+    would: a reader must read to the end.
+    """
     fetches: list[int] = []
 
-    async def jwks(_: web.Request) -> web.Response:
+    async def jwks(request: web.Request) -> web.StreamResponse:
         fetches.append(1)
-        return web.Response(body=body, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(body[:40])
+        await asyncio.sleep(0.1)
+        await response.write(body[40:])
+        await response.write_eof()
+        return response
 
     app = web.Application()
     app.router.add_get("/openid/v1/jwks", jwks)

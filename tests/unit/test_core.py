@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from warden.core import MAX_RESULTS_PER_REQUEST, Governor, Turn
+from warden.core import MAX_RESULTS_PER_REQUEST, RESERVED_CALL_IDS, Governor, Turn
 from warden.model import (
     Action,
     ActionKind,
@@ -234,6 +234,20 @@ async def test_an_id_still_waiting_from_an_earlier_response_links_to_nothing(
     core.record_results(AGENT, [result("c1")])
     await settled(core)
     assert audit.outcomes == []
+
+
+async def test_an_id_in_wardens_own_namespace_links_to_nothing(
+    core: Governor, audit: MemoryAudit
+) -> None:
+    # A gRPC Check's link: a provider naming its key must neither take nor tombstone it.
+    grpc_key = RESERVED_CALL_IDS[0] + "dec_1"
+    action = Action(new_id("act"), AGENT, ActionKind.TOOL_CALL, "grpc", Stage.PROPOSED, REQUEST)
+    core.links.link(grpc_key, Link(action, "dec_1"))
+    before = ambiguous()
+    await core.decide_calls(turn(), [call("a", grpc_key)], "openai")
+    assert ambiguous() == before + 1
+    found, _ = core.links.take([grpc_key])
+    assert found[grpc_key].decision_id == "dec_1"
 
 
 async def test_an_id_whose_result_came_back_is_free_again(

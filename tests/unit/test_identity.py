@@ -309,6 +309,16 @@ async def test_a_subject_missing_from_the_mapping_is_forbidden(
         await Identity(cfg).resolve({AGENT_TOKEN_HEADER: issuer.token("refunds-bot")})
 
 
+async def test_a_subject_with_a_trailing_newline_is_no_agent_id(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    # "refunds-bot\n" would be an agent no kill switch or cap on refunds-bot covers.
+    with pytest.raises(Forbidden, match="not a valid agent id"):
+        await Identity(jwt_config(tmp_path, issuer)).resolve(
+            {AGENT_TOKEN_HEADER: issuer.token("refunds-bot\n")}
+        )
+
+
 async def test_a_token_without_the_agent_claim_is_forbidden(tmp_path: Path, issuer: Issuer) -> None:
     cfg = jwt_config(tmp_path, issuer, agent_claim="agent")
     with pytest.raises(Forbidden, match="no 'agent' claim"):

@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -907,6 +907,16 @@ class GrpcConfig(_Section):
     whose decisions it reports on (``{"tool-runner": ["refunds-bot"]}``). The agent's
     own report is its word, as through the base URL: a failure it reports releases
     nothing unless ``budgets.trust_agent_results``."""
+    envoy_peers: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    """Names of the Envoys that may be told the upstream keys Warden holds (ext_proc,
+    ext_authz): a DNS, URI or email name of the client certificate, or its common name.
+    Needs ``tls.client_ca``; without a name here, no caller is told a key."""
+
+    @model_validator(mode="after")
+    def _peers_need_client_certificates(self) -> GrpcConfig:
+        if self.envoy_peers and (self.tls is None or self.tls.client_ca is None):
+            raise ValueError("envoy_peers names client certificates: set tls.client_ca (mTLS) too")
+        return self
 
 
 class ExtAuthzConfig(_Section):

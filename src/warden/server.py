@@ -265,13 +265,11 @@ class Warden:
                 ", ".join(n for n in self.config.upstreams if credentials.get(n) is not None),
                 self.config.agent.id,
             )
-        tls = self.config.grpc.tls
-        if self.config.listen.grpc is not None and (tls is None or tls.client_ca is None):
+        if self.config.listen.grpc is not None and not self.config.grpc.envoy_peers:
             log.warning(
-                "Warden holds upstream keys and its gRPC listener (%s) takes Envoy ext_proc "
-                "and ext_authz streams without client certificates: a client that reaches it "
-                "and speaks those protocols is told the keys; require them "
-                "(grpc.tls.client_ca) or keep the listener to Envoy (docs/credentials.md)",
+                "Warden holds upstream keys and grpc.envoy_peers names no Envoy: Envoy "
+                "ext_proc and ext_authz requests to those upstreams (%s) are refused; name "
+                "Envoy's client certificate there, with grpc.tls.client_ca (docs/credentials.md)",
                 self.config.listen.grpc,
             )
         if credentials.watched:

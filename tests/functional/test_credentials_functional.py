@@ -21,6 +21,7 @@ import grpc
 import httpx2
 import openai
 import pytest
+import trustme
 import yaml
 from aiohttp import web
 from envoy.config.core.v3 import base_pb2
@@ -218,21 +219,46 @@ async def test_a_rotated_key_file_is_used_without_a_restart(
     assert "the last key stays in use" in caplog.text
 
 
+ENVOY = "envoy.mesh.test"
+"""The name of Envoy's client certificate, as ``grpc.envoy_peers`` gives it."""
+
+
+class Mesh:
+    """mTLS for Warden's gRPC listener: a CA, Warden's certificate, and clients' channels."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.ca = trustme.CA()
+        server = self.ca.issue_cert("127.0.0.1")
+        paths = {k: tmp_path / f"grpc-{k}.pem" for k in ("cert", "key", "client_ca")}
+        server.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+        server.private_key_pem.write_to_path(str(paths["key"]))
+        self.ca.cert_pem.write_to_path(str(paths["client_ca"]))
+        self.grpc = {"tls": {k: str(v) for k, v in paths.items()}, "envoy_peers": [ENVOY]}
+
+    def channel(self, address: str, name: str) -> grpc.aio.Channel:
+        """A channel whose client certificate is named ``name``."""
+        client = self.ca.issue_cert(name)
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.ca.cert_pem.bytes(),
+            private_key=client.private_key_pem.bytes(),
+            certificate_chain=client.cert_chain_pems[0].bytes(),
+        )
+        return grpc.aio.secure_channel(address, creds)
+
+
 async def test_envoy_is_told_to_send_wardens_key_through_the_mesh(
-    tmp_path: Path, llm: MockLLM, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, llm: MockLLM
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="warden")
     llm.script(Reply(text="Hi."))
+    mesh = Mesh(tmp_path)
     config = held_config(tmp_path, llm.url)
     config = config.model_copy(
         update={
             "listen": config.listen.model_copy(update={"grpc": "127.0.0.1:0"}),
+            "grpc": config.grpc.model_validate({**config.grpc.model_dump(), **mesh.grpc}),
         }
     )
-    async with (
-        Warden(config) as warden,
-        grpc.aio.insecure_channel(warden.grpc_address) as channel,
-    ):
+    async with Warden(config) as warden, mesh.channel(warden.grpc_address, ENVOY) as channel:
         envoy = Envoy(ext_proc_grpc.ExternalProcessorStub(channel), llm.url)
         # Envoy hands headers over in lower case, as HTTP/2 carries them.
         agent = {"authorization": f"Bearer {AGENT_PLACEHOLDER}", "openai-project": "proj-x"}
@@ -242,14 +268,46 @@ async def test_envoy_is_told_to_send_wardens_key_through_the_mesh(
     sent = llm.requests[-1].headers
     assert sent.getall("Authorization") == [f"Bearer {HELD}"]
     assert "OpenAI-Project" not in sent
-    # Whoever speaks ext_proc to Warden is told the key: the start says who can.
-    assert "without client certificates" in caplog.text
+
+
+@pytest.mark.parametrize("caller", ["agent certificate", "plaintext"])
+async def test_only_a_named_envoy_is_told_wardens_key(
+    tmp_path: Path, llm: MockLLM, caplog: pytest.LogCaptureFixture, caller: str
+) -> None:
+    """An agent with a client certificate of the same CA (for the Governance API), or any
+    caller of a listener without mTLS, speaks ext_proc and ext_authz just as well."""
+    caplog.set_level(logging.WARNING, logger="warden")
+    mesh = Mesh(tmp_path)
+    config = held_config(tmp_path, llm.url)
+    grpc_section = mesh.grpc if caller == "agent certificate" else {}
+    config = config.model_copy(
+        update={
+            "listen": config.listen.model_copy(update={"grpc": "127.0.0.1:0"}),
+            "grpc": config.grpc.model_validate({**config.grpc.model_dump(), **grpc_section}),
+        }
+    )
+    async with Warden(config) as warden:
+        if caller == "plaintext":
+            channel = grpc.aio.insecure_channel(warden.grpc_address)
+        else:
+            channel = mesh.channel(warden.grpc_address, "refunds-bot.agents.test")
+        async with channel:
+            envoy = Envoy(ext_proc_grpc.ExternalProcessorStub(channel), llm.url)
+            ask = {"model": "gpt-4.1", "messages": MESSAGES}
+            answer = await envoy.request(OPENAI_HOST, "/v1/chat/completions", ask)
+    assert answer.status == 403
+    assert HELD not in repr(answer)
+    assert "grpc.envoy_peers" in answer.body.decode()
+    assert llm.requests == []
+    if caller == "plaintext":
+        assert "grpc.envoy_peers names no Envoy" in caplog.text
 
 
 async def test_envoy_ext_authz_forwards_an_allowed_request_with_wardens_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WARDEN_TEST_ORDERS_KEY", "orders-held-key")
+    mesh = Mesh(tmp_path)
     orders = {
         "protocol": "http",
         "base_url": "http://127.0.0.1:9",
@@ -259,17 +317,20 @@ async def test_envoy_ext_authz_forwards_an_allowed_request_with_wardens_key(
         tmp_path,
         "http://127.0.0.1:9",
         listen={"grpc": "127.0.0.1:0"},
+        grpc=mesh.grpc,
         upstreams={"orders": orders},
         ext_authz={"upstream": "orders"},
         policy={"bundles": [str(AUTHZ_BUNDLE)], "workers": 1, "watch": False},
     )
-    async with (
-        Warden(config) as warden,
-        grpc.aio.insecure_channel(warden.grpc_address) as channel,
-    ):
-        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-        agent = {**READER, "x-api-key": "agent-own"}
-        answers = [await stub.Check(authz_request("GET", "/orders/A-1", agent)) for _ in range(2)]
+    agent = {**READER, "x-api-key": "agent-own"}
+    async with Warden(config) as warden:
+        async with mesh.channel(warden.grpc_address, ENVOY) as channel:
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            checks = [stub.Check(authz_request("GET", "/orders/A-1", agent)) for _ in range(2)]
+            answers = [await check for check in checks]
+        async with mesh.channel(warden.grpc_address, "refunds-bot.agents.test") as channel:
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            refused = await stub.Check(authz_request("GET", "/orders/A-1", agent))
     for answer in answers:  # the second from the rendered allow Warden keeps
         ok = answer.ok_response
         put = {o.header.key: (o.header.value, o.append_action) for o in ok.headers}
@@ -278,6 +339,9 @@ async def test_envoy_ext_authz_forwards_an_allowed_request_with_wardens_key(
         assert put["x-user-role"][0] == "reader"  # the policy's own headers stay
         assert "x-api-key" in ok.headers_to_remove
         assert "authorization" not in ok.headers_to_remove
+    assert refused.denied_response.status.code == 403
+    assert "orders-held-key" not in str(refused)
+    assert "grpc.envoy_peers" in refused.denied_response.body
 
 
 async def test_serve_refuses_to_start_without_the_key(tmp_path: Path) -> None:

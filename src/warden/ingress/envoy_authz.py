@@ -37,6 +37,7 @@ from warden.credentials import Credentials
 from warden.errors import AuditError, ConfigError, Overloaded, WardenError
 from warden.identity import Identity
 from warden.ingress import headers as hdr
+from warden.ingress.grpc import KEYS_REFUSED, told_keys
 from warden.model import (
     Action,
     ActionKind,
@@ -118,6 +119,7 @@ class ExtAuthzService:
         self._approvals = approvals
         self._credentials = credentials if credentials is not None else Credentials.none()
         self._settings = config.ext_authz
+        self.grpc_settings = config.grpc
         self._identity = identity if identity is not None else Identity(config)
         self._routes: ToolRoutes | None = None
         self._grpc_bodies = _grpc_bodies(config.ext_authz.proto_descriptor)
@@ -141,8 +143,16 @@ class ExtAuthzService:
     async def close(self) -> None:
         """Nothing to finish: ``Check`` is unary, and in-flight calls finish on their own."""
 
-    async def check(self, request: Any) -> Any:
-        """Decide one ``CheckRequest``; never raises (every failure is a denial)."""
+    async def check(self, request: Any, *, keys: bool = False) -> Any:
+        """Decide one ``CheckRequest``; never raises (every failure is a denial).
+
+        ``keys``: the caller proved it is an Envoy that may be told the upstream key
+        Warden holds (``grpc.envoy_peers``); where Warden holds one, any other caller
+        is refused before anything is decided.
+        """
+        if not keys and self._credentials.get(self._upstream) is not None:
+            CHECKS.labels("error").inc()
+            return _refuse(403, "forbidden: " + KEYS_REFUSED.format(upstream=self._upstream))
         parsed = authz.check_input(request, self._grpc_bodies)
         try:
             # Envoy sends names lower-cased; identity looks them up as the proxy does.
@@ -322,7 +332,8 @@ class _Servicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[m
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> external_auth_pb2.CheckResponse:
         try:
-            return await self._service.check(request)
+            keys = told_keys(context, self._service.grpc_settings)
+            return await self._service.check(request, keys=keys)
         except Exception:
             # Never a gRPC error: an Envoy set to failure_mode_allow would let it through.
             log.exception("ext_authz check failed; denied")

@@ -61,6 +61,7 @@ from warden.credentials import Credentials
 from warden.errors import (
     BodyTooLarge,
     ConfigError,
+    Forbidden,
     InvalidJSON,
     Overloaded,
     RequestError,
@@ -72,6 +73,7 @@ from warden.errors import (
 )
 from warden.identity import Identity
 from warden.ingress import headers as hdr
+from warden.ingress.grpc import KEYS_REFUSED, told_keys
 from warden.ingress.http import decode_path, not_governed
 from warden.ingress.upstream_io import MAX_UPSTREAM_BODY
 from warden.killswitch import KillSwitches
@@ -336,17 +338,25 @@ class ExtProcService:
             await asyncio.wait_for(self._idle.wait(), self.config.shutdown_grace_s)
 
     async def process(
-        self, requests: AsyncIterable[Any], send: Send, route_upstream: str | None = None
+        self,
+        requests: AsyncIterable[Any],
+        send: Send,
+        route_upstream: str | None = None,
+        *,
+        keys: bool = False,
     ) -> None:
         """Serve one ext_proc stream: read Envoy's messages, ``send`` the answers.
 
         ``route_upstream``: the upstream Envoy's route named in the stream's metadata.
+        ``keys``: the caller proved it is an Envoy that may be told the upstream keys
+        Warden holds (``grpc.envoy_peers``); a request to such an upstream from any
+        other caller is refused.
         """
         self._open += 1
         self._idle.clear()
         metrics.INFLIGHT.inc()
         try:
-            await _Exchange(self, send, route_upstream).run(requests)
+            await _Exchange(self, send, route_upstream, keys).run(requests)
         finally:
             metrics.INFLIGHT.dec()
             self._open -= 1
@@ -367,7 +377,8 @@ class _Servicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         try:
             # Given twice, it names none: the stream is refused like one naming none.
             upstream = named[0] if len(named) == 1 and isinstance(named[0], str) else None
-            await self._service.process(request_iterator, context.write, upstream)
+            keys = told_keys(context, self._service.config.grpc)
+            await self._service.process(request_iterator, context.write, upstream, keys=keys)
         except _Abort as abort:
             await context.abort(abort.status, abort.details)
 
@@ -414,10 +425,13 @@ class _Exchange:
     stream, so the exchange ends.
     """
 
-    def __init__(self, service: ExtProcService, send: Send, route_upstream: str | None) -> None:
+    def __init__(
+        self, service: ExtProcService, send: Send, route_upstream: str | None, keys: bool
+    ) -> None:
         self._svc = service
         self._answer = send
         self._route_upstream = route_upstream
+        self._keys = keys
         self._timer: asyncio.TimerHandle | None = None  # asks Envoy for more time when it fires
         self._extension: asyncio.Task[None] | None = None  # override_message_timeout going out
         self._core = service.core
@@ -598,6 +612,8 @@ class _Exchange:
         strip.add("accept-encoding")
         held = self._svc.credentials.get(route.name)
         put: dict[str, str] = {}
+        if held is not None and not self._keys:
+            raise Forbidden(KEYS_REFUSED.format(upstream=route.name))
         if held is not None:
             # Warden's key in place of the agent's: its header overwritten, the others
             # that could carry or steer one removed (never the one being set).

@@ -28,7 +28,12 @@ from warden.ingress.grpc_service import GrpcService
 if TYPE_CHECKING:
     from warden.core import Governor
 
-__all__ = ["GrpcDoor"]
+__all__ = ["KEYS_REFUSED", "GrpcDoor", "peer_names", "told_keys"]
+
+KEYS_REFUSED = (
+    "Warden holds the key of upstream {upstream!r} and tells it only to an Envoy whose "
+    "client certificate grpc.envoy_peers names (mTLS); this caller proved no such name"
+)
 
 log = logging.getLogger("warden.grpc")
 
@@ -145,3 +150,25 @@ class GrpcDoor:
                 log.exception("a gRPC service failed to close")
         await server.stop(self._grace_s)
         log.info("gRPC listener on %s stopped", self.address)
+
+
+def peer_names(context: grpc.aio.ServicerContext[Any, Any]) -> frozenset[str]:
+    """The names of the caller's verified client certificate (its SANs and common name).
+
+    Empty without mTLS: gRPC puts a certificate's names in the auth context only
+    after verifying it against ``grpc.tls.client_ca``.
+    """
+    try:
+        auth = context.auth_context() or {}
+    except Exception:
+        return frozenset()
+    found = [*auth.get("x509_subject_alternative_name", ()), *auth.get("x509_common_name", ())]
+    return frozenset(
+        n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in found
+    )
+
+
+def told_keys(context: grpc.aio.ServicerContext[Any, Any], settings: GrpcConfig) -> bool:
+    """True when the caller may be told the upstream keys Warden holds: its client
+    certificate carries a name in ``grpc.envoy_peers``."""
+    return bool(settings.envoy_peers) and not peer_names(context).isdisjoint(settings.envoy_peers)

@@ -35,6 +35,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import REGISTRY
 
 from tests.functional.conftest import audit_records, make_config
+from tests.functional.test_budgets_functional import wait_for
 from tests.functional.test_session_policies_functional import REFUND_A1, bundle_with_lookup
 from tests.unit.test_anthropic import accumulate
 from warden.budgets.caps import window_key
@@ -45,7 +46,7 @@ from warden.killswitch import Scope
 from warden.protocols.sse import SseParser
 from warden.server import Warden
 from warden.state import StateStore
-from warden.testing import Call, MockLLM, Reply
+from warden.testing import Call, Fault, MockLLM, Reply
 
 Mode = processing_mode_pb2.ProcessingMode
 OPENAI_HOST = "api.openai.com"
@@ -1248,6 +1249,65 @@ async def test_upstream_errors_pass_unchanged_with_the_decision_id(
     assert result.immediate is None
     assert result.headers["x-warden-decision-id"].startswith("dec_")
     assert "error" in result.json()
+
+
+async def test_an_approved_model_call_lets_only_that_request_through(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    """A deferred approval of one model call (the spend cap asks for one) binds its body:
+    a bigger call on the same path is held again, the approved one goes on."""
+    dana = {"subject": "dana", "roles": ["approver"], "sha256": sha256(b"tok-dana").hexdigest()}
+    config = make_config(
+        tmp_path,
+        llm.url,
+        approvals={"mode": "defer"},
+        admin={"tokens": [dana]},
+        budgets={"llm": {"limit_usd": 0.000001, "window": "day", "over": "require_approval"}},
+    )
+    small = {**CHAT, "max_tokens": 5}
+    big = {**small, "model": "gpt-4o", "max_tokens": 100000, "n": 8}
+    async with Warden(config) as warden:
+        assert warden.core is not None
+        service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
+        async with (
+            serve(service, llm) as front,
+            aiohttp.ClientSession(
+                warden.admin_url, headers={"Authorization": "Bearer tok-dana"}
+            ) as admin,
+        ):
+            deferred = await front.request(OPENAI_HOST, "/v1/chat/completions", small)
+            assert deferred.immediate is not None
+            async with admin.get("/v1/approvals?status=pending") as resp:
+                (pending,) = (await resp.json())["approvals"]
+            async with admin.post(f"/v1/approvals/{pending['id']}/approve", json={}) as resp:
+                assert resp.status == 200
+            llm.script(Reply(text="Hi."))
+            other = await front.request(OPENAI_HOST, "/v1/chat/completions", big)
+            assert other.immediate is not None  # held again: not what was approved
+            assert llm.requests == []
+            approved = await front.request(OPENAI_HOST, "/v1/chat/completions", small)
+    assert approved.status == 200, approved.body
+    assert len(llm.requests) == 1
+
+
+@pytest.mark.parametrize(("status", "released"), [(504, False), (429, True)])
+async def test_only_a_provider_refusal_releases_what_a_model_call_holds(
+    tmp_path: Path, llm: MockLLM, status: int, released: bool
+) -> None:
+    """A 5xx may be Envoy's own answer (its route timed out, the upstream reset) after the
+    provider ran and billed the call: it keeps the hold. A 4xx is the provider's refusal."""
+    config = make_config(tmp_path, llm.url, budgets={"llm": {"limit_usd": 5.0, "window": "day"}})
+    async with Warden(config) as warden:
+        assert warden.core is not None
+        service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
+        async with serve(service, llm) as front:
+            llm.script(Reply(fault=Fault("status", status=status)))
+            answer = await front.request(OPENAI_HOST, CHAT_PATH, {**CHAT, "max_tokens": 1000})
+            assert answer.status == status
+            spent, reserved = await wait_for(
+                tmp_path, "llm", "agent:support-triage", lambda c: c[1] == 0
+            )
+    assert (spent == 0) is released
 
 
 # -- timeouts ------------------------------------------------------------------------

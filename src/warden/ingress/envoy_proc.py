@@ -88,6 +88,7 @@ from warden.model import (
     Stage,
     Usage,
     new_id,
+    request_sha256,
 )
 from warden.ops import metrics
 from warden.protocols import _wire, metered
@@ -725,7 +726,7 @@ class _Exchange:
         prepared = adapter.prepare_request(parsed_body)
         if prepared is not None:
             self._hide_usage = True
-        await self._decide_request()
+        await self._decide_request(body)
         outgoing = prepared if prepared is not None else parsed_body
         continued = self._core.continued(turn, adapter, outgoing)
         if continued is not None:
@@ -761,7 +762,7 @@ class _Exchange:
         body = bytes(self._body)
         model, self._size = metered.metered_request(body)
         self._turn = dataclasses.replace(turn, model=model)
-        await self._decide_request()
+        await self._decide_request(body)
         self._phase = "response_headers"
         self._body.clear()
         chunks, self._chunks = self._chunks, 0
@@ -773,12 +774,15 @@ class _Exchange:
             length = header_mutation({"content-length": str(len(body))})
             await self._send(_body_answer("request_body", body, headers=length))
 
-    async def _decide_request(self) -> None:
+    async def _decide_request(self, body: bytes = b"") -> None:
+        """Decide the model call; ``body``: the request body as the agent sent it (none
+        read on a route whose body Warden does not read)."""
         turn = self._turn
         route = self._route
         assert turn is not None
         assert route is not None
         adapter = self._adapter
+        target = route.path + ("?" + route.query if route.query else "")
         action = Action(
             action_id=new_id("act"),
             agent=turn.agent,
@@ -789,6 +793,9 @@ class _Exchange:
             model=turn.model,
             context=turn.context,
             size=self._size,
+            # What an approval covers, as through the base URL: an approved call lets
+            # only this very request through, not another body on the same path.
+            request_sha256=request_sha256(turn.request.method, target, body),
         )
         decision = await self._core.decide(action)
         if decision.enforced is not Effect.ALLOW:
@@ -1177,8 +1184,10 @@ class _Exchange:
                 error=self._error,
             ),
             # The provider's answer Envoy showed Warden: its status says whether it was
-            # billed. Without one (the agent hung up first), it may have been.
-            trusted=bool(self._status),
+            # billed. Without one (the agent hung up first), it may have been; a 5xx
+            # may be Envoy's own (504 when its route timed out, 503 on a reset) after
+            # the provider ran, so it releases nothing either.
+            trusted=0 < self._status < 500,
         )
 
 

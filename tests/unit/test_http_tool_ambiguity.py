@@ -92,6 +92,28 @@ def test_a_method_override_header_is_refused_whatever_the_route(header: str, pat
         )
 
 
+@pytest.mark.parametrize("method", ["post", "Post", "delete"])
+def test_a_method_not_in_upper_case_is_refused(method: str) -> None:
+    # Over HTTP/2 Envoy passes it as sent; ASP.NET Core and Werkzeug run the POST rule.
+    with pytest.raises(ToolRequestError, match="not in upper case"):
+        resolve(method, "/orders/A-1/refunds", {"amount": 5000})
+
+
+@pytest.mark.parametrize(
+    "content_type", [FORM + ", text/plain", "text/plain, " + FORM, JSON + ",application/json"]
+)
+def test_more_than_one_media_type_is_refused(content_type: str) -> None:
+    # Rack splits the type at ',' and PHP stops there: a form Warden did not look into.
+    with pytest.raises(ToolRequestError, match="more than one media type"):
+        resolve("POST", "/orders/A-1", b"_method=DELETE", content_type)
+
+
+def test_content_type_given_twice_is_refused() -> None:
+    headers = CIMultiDict([("Content-Type", JSON), ("Content-Type", FORM)])
+    with pytest.raises(ToolRequestError, match="Content-Type twice"):
+        ROUTES.resolve("POST", ["health"], b"{}", JSON, headers=headers)
+
+
 @pytest.mark.parametrize(
     ("body", "content_type", "where"),
     [

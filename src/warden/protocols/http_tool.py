@@ -460,6 +460,20 @@ class ToolRoutes:
         a rule fits but its arguments cannot be read from the request, or the query
         carries a parameter it does not name.
         """
+        if method != method.upper():
+            # Over HTTP/2 Envoy passes any case; ASP.NET Core and Werkzeug route it
+            # as the upper-case method, which a rule would have decided.
+            raise ToolRequestError(
+                f"the request method {method[:20]!r} is not in upper case, and services "
+                f"read methods in any case; send it as {method[:20].upper()!r}"
+            )
+        if "," in content_type:
+            # Two media types (or two Content-Type headers Envoy joined): Rack and PHP
+            # take the first, and would read a form Warden did not look into.
+            raise ToolRequestError(
+                "the request names more than one media type (Content-Type: "
+                f"{content_type[:60]}); send one"
+            )
         if headers is not None:
             refuse_headers(headers)
         refuse_method_field(query, body, content_type)
@@ -555,8 +569,16 @@ def refuse_headers(headers: Mapping[str, str]) -> None:
     it (Express's body-parser) or not. Refused either way, so that the bytes
     decided on are the bytes the service acts on.
     """
+    types = 0
     for name, value in headers.items():
         lower = name.lower()
+        if lower == "content-type":
+            types += 1
+            if types > 1:
+                raise ToolRequestError(
+                    "the request has Content-Type twice, which services read differently; "
+                    "send one"
+                )
         if lower in _OVERRIDE_HEADERS:
             raise ToolRequestError(
                 f"the request carries {name}, which makes services (Symfony, Laravel, Express, "

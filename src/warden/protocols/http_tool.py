@@ -576,8 +576,7 @@ def refuse_headers(headers: Mapping[str, str]) -> None:
             types += 1
             if types > 1:
                 raise ToolRequestError(
-                    "the request has Content-Type twice, which services read differently; "
-                    "send one"
+                    "the request has Content-Type twice, which services read differently; send one"
                 )
         if lower in _OVERRIDE_HEADERS:
             raise ToolRequestError(

@@ -607,3 +607,52 @@ async def test_a_path_the_service_reads_as_another_is_refused_unforwarded(
         )
     assert status == 400, raw
     assert refunds.seen == []
+
+
+CUSTOMER_POLICY = """package warden
+
+import rego.v1
+
+decision := {"effect": "allow", "reason": "lookups are fine", "redact": redact}
+
+redact := ["customer_id"] if input.action.tool == "get_customer_hidden"
+redact := [] if input.action.tool != "get_customer_hidden"
+"""
+
+
+async def test_a_path_that_spells_arguments_is_sealed_and_redacted_with_them(
+    tmp_path: Path, refunds: Refunds
+) -> None:
+    """``/customers/{customer_id}`` spells the data subject: the record seals the path with
+    the arguments (erasure takes it), and a policy hiding the argument hides the path."""
+    bundle = tmp_path / "customers"
+    bundle.mkdir()
+    (bundle / "policy.rego").write_text(CUSTOMER_POLICY)
+    routes = [
+        {"method": "GET", "path": "/customers/{customer_id}", "tool": "get_customer",
+         "arguments": {"customer_id": "{customer_id}"}},
+        {"method": "GET", "path": "/hidden/{customer_id}", "tool": "get_customer_hidden",
+         "arguments": {"customer_id": "{customer_id}"}},
+    ]  # fmt: skip
+    service = {"protocol": "http", "base_url": refunds.url, "timeout_s": 5, "routes": routes}
+    config = make_config(
+        tmp_path,
+        refunds.url,
+        upstreams={"refunds": service},
+        policy={"bundles": [str(bundle)]},
+        audit={
+            "dir": str(tmp_path / "audit"),
+            "subjects": {"sources": ["action.arguments.customer_id"]},
+        },
+    )
+    email = "alice.smith@example.com"
+    async with Warden(config) as w:
+        assert (await call(w, "GET", f"/customers/{email}"))[0] == 201
+        assert (await call(w, "GET", "/hidden/C-42"))[0] == 201
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "audit").rglob("*") if p.is_file())
+    assert email.encode() not in raw
+    sealed, hidden = decisions(tmp_path)
+    assert sealed["action"]["request"]["path"] is None
+    assert "action.request.path" in sealed["sealed"]["fields"]
+    assert hidden["action"]["request"]["path"] == "[redacted]"
+    assert "request.path" in hidden["action"]["redacted"]

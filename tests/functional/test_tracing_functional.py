@@ -93,6 +93,8 @@ async def test_spans_per_request_and_decision_continue_the_agents_trace(
     assert request["gen_ai.operation.name"] == "chat"
     assert request["gen_ai.provider.name"] == "openai"
     assert request["gen_ai.request.model"] == "gpt-4o-mini"
+    assert request["http.route"] == "/openai"
+    assert "url.path" not in request  # an HTTP tool API's path spells its arguments
     assert request["gen_ai.usage.output_tokens"] > 0
     assert request["warden.decision.id"] == raw.headers["X-Warden-Decision-Id"]
 
@@ -219,10 +221,11 @@ async def test_spans_are_exported_over_otlp_http_as_otel_variables_say(
 async def test_the_upstream_span_never_carries_a_password_or_query(
     spans: InMemorySpanExporter,
 ) -> None:
-    """``url.full`` of the client span leaves out the authority's password and the query.
+    """``url.full`` of the client span is the origin: no password, query or path.
 
-    A tool API's ``base_url`` may carry a password (``https://svc:TOKEN@host``)
-    and a request's query a key; spans go to a tracing backend with other
+    A tool API's ``base_url`` may carry a password (``https://svc:TOKEN@host``),
+    a request's query a key and its path the call's arguments
+    (``/customers/{email}``); spans go to a tracing backend with other
     retention and readers than the audit log.
     """
 
@@ -239,4 +242,35 @@ async def test_the_upstream_span_never_carries_a_password_or_query(
         ):
             assert resp.status == 200
     (span,) = [s for s in spans.get_finished_spans() if s.kind is SpanKind.CLIENT]
-    assert attrs(span)["url.full"] == f"http://127.0.0.1:{port}/tools/search"
+    assert attrs(span)["url.full"] == f"http://127.0.0.1:{port}"
+
+
+async def test_a_model_name_of_any_length_is_cut_in_spans(
+    traced_warden: Warden, llm: MockLLM, spans: InMemorySpanExporter
+) -> None:
+    """The agent chooses it: 8 MB of it would sit in the export queue for every request."""
+    llm.script(Reply(text="Hi."))
+    model = "gpt-" + "x" * 100_000
+    async with openai.AsyncOpenAI(
+        base_url=f"{traced_warden.proxy_url}/openai/v1", api_key="k", max_retries=0
+    ) as client:
+        await client.chat.completions.create(model=model, messages=MESSAGES)
+    finished = spans.get_finished_spans()
+    models = [
+        str(a["gen_ai.request.model"]) for a in map(attrs, finished) if "gen_ai.request.model" in a
+    ]
+    assert models
+    assert all(m.startswith("gpt-xxx") and len(m) <= 128 for m in models)
+
+
+def test_spans_from_the_environment_bound_every_attribute() -> None:
+    assert tracing.configure_from_env({"OTEL_TRACES_EXPORTER": "console"})
+    try:
+        tracer = tracing._tracer()
+        assert tracer is not None
+        span = tracer.start_span("s", attributes={"a": "x" * 10_000})
+        span.end()
+        assert isinstance(span, ReadableSpan)
+        assert len(attrs(span)["a"]) == 256
+    finally:
+        tracing.shutdown()

@@ -55,6 +55,7 @@ from warden.audit.record import (
     encode,
     mask_credentials,
     outcome_body,
+    path_holds_arguments,
 )
 from warden.audit.redaction import REDACT_ALL
 from warden.audit.segments import SegmentWriter, TreeState, frame, open_writer
@@ -405,7 +406,10 @@ class AuditLog:
             personal.pop("action.redacted", None)  # its pointers go: the arguments go whole
             for path in personal:
                 name = path.removeprefix("action.")
-                act[name] = REDACTED
+                if name == "request.path":
+                    act["request"]["path"] = REDACTED
+                else:
+                    act[name] = REDACTED
                 act["redacted"] = sorted({*act["redacted"], name})
             if act["arguments_sha256"] is None:
                 act["arguments_sha256"] = arguments_digest(action.arguments, action.raw_arguments)
@@ -425,6 +429,11 @@ class AuditLog:
             if act.get(name) is not None:
                 personal[f"action.{name}"] = act[name]
                 act[name] = None
+        request = act["request"]
+        if path_holds_arguments(act) and request.get("path") not in (None, REDACTED):
+            # A routed tool call's path spells its arguments (/customers/{email}).
+            personal["action.request.path"] = request["path"]
+            request["path"] = None
         if "claims" in agent and "agent" in self._subject_roots:
             # A token's claims may name the subject (agent.claims.sub is a source):
             # erasure must reach them too.

@@ -48,6 +48,7 @@ __all__ = [
     "is_credential_key",
     "mask_credentials",
     "outcome_body",
+    "path_holds_arguments",
     "scrub_headers",
 ]
 
@@ -342,6 +343,14 @@ def _split_redactions(paths: Iterable[str]) -> tuple[list[str], list[str]]:
 
 
 _ANSWERS: Final = "input_responses"
+_PATH_ARGUMENT_PROTOCOLS: Final = frozenset({"http", "envoy_authz"})
+"""Doors whose tool calls take arguments from the request path (route rules)."""
+
+
+def path_holds_arguments(action: Mapping[str, Any]) -> bool:
+    """Whether a decision record's ``request.path`` may spell its tool call's arguments
+    (``/customers/{email}``): a routed HTTP tool call's path."""
+    return action.get("tool") is not None and action.get("protocol") in _PATH_ARGUMENT_PROTOCOLS
 
 
 def _answers_body(answers: Mapping[str, Any], redact: Iterable[str]) -> tuple[Any, list[str]]:
@@ -403,6 +412,12 @@ def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
         "path": req.path,
         "headers": scrub_headers(req.headers),
     }
+    # The policy's paths are dotted; masked credentials are listed as JSON pointers.
+    hidden_by_policy = any(not r.startswith("/") for r in redacted)
+    if hidden_by_policy and action.tool is not None and action.protocol in _PATH_ARGUMENT_PROTOCOLS:
+        # The path may spell the very argument the policy hides.
+        request["path"] = REDACTED
+        redacted = [*redacted, "request.path"]
     if req.door:
         request["door"] = req.door  # only when another door handed the request over
     body: dict[str, Any] = {

@@ -113,13 +113,16 @@ def configure_from_env(environ: Mapping[str, str] | None = None) -> bool:
         return False
     # The SDK is loaded only when tracing is on: an untraced process never imports it.
     from opentelemetry.sdk.resources import Resource  # noqa: PLC0415 - only when on
-    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415 - only when on
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider  # noqa: PLC0415 - only when on
 
     # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES itself.
     resource = Resource.create({"service.name": "warden", "service.version": __version__})
     if env.get("OTEL_SERVICE_NAME"):
         resource = resource.merge(Resource({"service.name": env["OTEL_SERVICE_NAME"]}))
-    provider = TracerProvider(resource=resource)
+    # Every attribute bounded, whatever its source: an agent's 8 MB model name would
+    # otherwise sit in the export queue twice per request.
+    limits = SpanLimits(max_attribute_length=_MAX_ATTRIBUTE_CHARS)
+    provider = TracerProvider(resource=resource, span_limits=limits)
     for processor in processors:
         provider.add_span_processor(processor)
     configure(provider)
@@ -192,14 +195,15 @@ async def _request_span(
     if tracer is None:
         return await handler(request)
     parent = propagate.extract(request.headers)
-    upstream = request.path.lstrip("/").partition("/")[0]
+    upstream = _cut(request.path.lstrip("/").partition("/")[0])
     with tracer.start_as_current_span(
         f"{request.method} /{upstream}",
         context=parent,
         kind=SpanKind.SERVER,
         attributes={
             "http.request.method": request.method,
-            "url.path": request.path,
+            # Not the path: an HTTP tool API's spells its arguments (/customers/{email}).
+            "http.route": f"/{upstream}",
             "url.scheme": request.scheme,
             "warden.upstream": upstream,
         },
@@ -239,8 +243,9 @@ async def _upstream_start(
             "http.request.method": params.method,
             "server.address": url.host or "",
             "server.port": url.port or 0,
-            # A query or a password in the authority can carry keys: left out.
-            "url.full": str(url.with_user(None).with_query(None)),
+            # The origin only: a query or a password can carry keys, and an HTTP tool
+            # API's path spells its arguments (/customers/{email}).
+            "url.full": str(url.origin()),
         },
     )
     ctx.warden_span = span
@@ -294,6 +299,7 @@ def instrument(core: _Core) -> None:
 
 
 _MAX_NAME = 128
+_MAX_ATTRIBUTE_CHARS = 256
 
 
 def _cut(name: str) -> str:
@@ -352,11 +358,11 @@ def _action_attributes(action: Action) -> Iterator[tuple[str, Any]]:
             yield "gen_ai.provider.name", provider
             yield "gen_ai.system", provider  # the older name, still read by many backends
         if action.model:
-            yield "gen_ai.request.model", action.model
+            yield "gen_ai.request.model", _cut(action.model)
     if action.tool is not None:
         yield "gen_ai.tool.name", _cut(action.tool)
         if action.call_id:
-            yield "gen_ai.tool.call.id", action.call_id
+            yield "gen_ai.tool.call.id", _cut(action.call_id)
         if action.kind is ActionKind.TOOL_CALL:
             yield "gen_ai.tool.type", "function"
 

@@ -164,6 +164,7 @@ def rebuild_input(record: Mapping[str, Any], unsealer: Unsealer | None = None) -
     answers = action.get("input_responses")  # an MCP retry's, only
     meta = action.get("meta")  # an MCP request's _meta, only
     claims = agent.get("claims")
+    path = None
     if isinstance(record.get("sealed"), Mapping):
         sealed = unsealer.fields(record) if unsealer is not None else {}
         if not sealed:
@@ -172,6 +173,7 @@ def rebuild_input(record: Mapping[str, Any], unsealer: Unsealer | None = None) -
         context = sealed.get("action.context", context)
         answers = sealed.get("action.input_responses", answers)
         claims = sealed.get("agent.claims", claims)
+        path = sealed.get("action.request.path")
     for value in (claims, arguments, answers, meta):
         if value is not None and not isinstance(value, Mapping):
             return Rebuilt(None, "redacted" if value == REDACTED else "unreadable")
@@ -193,7 +195,7 @@ def rebuild_input(record: Mapping[str, Any], unsealer: Unsealer | None = None) -
             "model": action.get("model"),
             "upstream": request.get("upstream"),
             "method": request.get("method"),
-            "path": request.get("path"),
+            "path": path if path is not None else request.get("path"),
             "labels": list(facts.get("labels") or ()),
         },
         "request": {"tools": list(facts.get("tools") or ())},

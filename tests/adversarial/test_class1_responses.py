@@ -259,7 +259,7 @@ def test_a_call_smuggled_into_the_stream_helpers_snapshot_is_refused(
     case = new_case()
     harness.answer(case, RawReply.sse([(None, c) for c in chunks], done=True))
     # Without the refusal the helper hands the agent export_customers, never decided.
-    with pytest.raises(openai.APIError, match="message|twice"):
+    with pytest.raises(openai.APIError, match="message|twice|choice 1 in an answer"):
         streamed(oai, case)
 
 
@@ -278,3 +278,71 @@ def test_a_call_in_a_chunk_the_stream_helper_skips_is_refused(
             stream=True,
         ):
             pass
+
+
+def _in_choice(event: wire.Event, choice: int) -> wire.Event:
+    name, chunk = event
+    return name, {**chunk, "choices": [{**chunk["choices"][0], "index": choice}]}
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_choice_the_request_did_not_ask_for_is_refused(
+    harness: Harness, oai: openai.OpenAI, n: int
+) -> None:
+    """Frameworks that read ``choices[0]`` of every chunk (LangChain) merge a second
+    choice's call into the first's: ``dan`` + ``ger_wipe``, a call nobody decided."""
+    case = new_case()
+    first = wire.chat_call_chunks(0, "search_kb", {"q": "a"}, "call_1")
+    second = [_in_choice(e, 1) for e in wire.chat_call_chunks(0, "lookup_order", {}, "call_1")]
+    harness.answer(case, RawReply.sse(wire.chat_stream([*first, *second]), done=True))
+
+    def run() -> list[Any]:
+        chunks = oai.chat.completions.create(
+            model=wire.MODEL,
+            messages=chat_messages(case),  # type: ignore[arg-type]
+            extra_headers=case_headers(case),
+            stream=True,
+            n=n,
+        )
+        return list(chunks)
+
+    if n == 1:
+        with pytest.raises(openai.APIError, match="choice 1 in an answer to a request for 1"):
+            run()
+    else:  # asked for: each choice is decided on its own
+        indexes = {c.index for chunk in run() for c in chunk.choices}
+        assert indexes == {0, 1}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["body", "stream"])
+@pytest.mark.parametrize("shared", ["id", "call_id"])
+def test_two_calls_sharing_an_item_or_call_id_are_refused(
+    harness: Harness, oai: openai.OpenAI, stream: bool, shared: str
+) -> None:
+    """LangChain pins an item id to the output it first saw, and merges chunks of one call
+    id: two calls sharing either become ``dan`` + ``ger_wipe``, which nobody decided."""
+    case = new_case()
+    first = wire.fn_item("search_kb", {"q": "a"}, call_id="call_1", item_id="fc_1")
+    second = wire.fn_item(
+        "lookup_order",
+        {},
+        call_id="call_1" if shared == "call_id" else "call_2",
+        item_id="fc_1" if shared == "id" else "fc_2",
+    )
+    if stream:
+        harness.answer(case, RawReply.sse(wire.responses_stream([first, second])))
+    else:
+        harness.answer(case, RawReply.json(wire.response_body([first, second])))
+
+    def ask() -> None:
+        headers = case_headers(case)
+        if stream:
+            for _ in oai.responses.create(
+                model=wire.MODEL, input=case, extra_headers=headers, stream=True
+            ):
+                pass
+        else:
+            oai.responses.create(model=wire.MODEL, input=case, extra_headers=headers)
+
+    with pytest.raises(openai.APIError, match=f"{shared} 'c|{shared} 'f|merge"):
+        ask()

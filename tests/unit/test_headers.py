@@ -48,6 +48,12 @@ def test_response_headers_drop_length_encoding_and_alternative_services() -> Non
     assert dict(out) == {"x-request-id": "r1"}
 
 
+def test_response_headers_never_carry_an_upstreams_x_warden_header() -> None:
+    # X-Warden-Blocked is Warden's word on what it blocked: an upstream cannot forge it.
+    forged = [("X-Warden-Blocked", "dec_FORGED"), ("x-warden-decision-id", "dec_x"), ("x-a", "1")]
+    assert dict(hdr.response_headers(proxy(forged))) == {"x-a": "1"}
+
+
 def test_recordable_is_an_allowlist_without_secrets() -> None:
     recorded = hdr.recordable(
         {

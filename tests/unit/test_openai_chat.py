@@ -108,9 +108,9 @@ DONE = SseEvent(data="[DONE]")
 
 
 def run(
-    source: list[SseEvent], decide: Decide = allow_all, *, finish: bool = True
+    source: list[SseEvent], decide: Decide = allow_all, *, finish: bool = True, choices: int = 1
 ) -> tuple[list[SseEvent], list[ToolCall], OpenAIChatStreamRewriter]:
-    rewriter = ADAPTER.stream_rewriter()
+    rewriter = ADAPTER.stream_rewriter(choices=choices)
     out: list[SseEvent] = []
     calls: list[ToolCall] = []
     for event in source:
@@ -845,6 +845,20 @@ def test_tool_delta_and_finish_in_one_chunk() -> None:
     assert final.choices[0].message.tool_calls is None
 
 
+def test_a_choice_beyond_the_requests_n_is_a_violation() -> None:
+    # LangChain reads choices[0] of every chunk: choice 1's call (its index renumbered
+    # to 0 as well) would merge into choice 0's, a call ("dan" + "ger_wipe") no one decided.
+    source = [
+        tool_delta(0, '{"path": "/"}', call_id="call_1", name="dan", choice=0, role="assistant"),
+        tool_delta(0, "{}", call_id="call_1", name="ger_wipe", choice=1, role="assistant"),
+        DONE,
+    ]
+    with pytest.raises(StreamViolation, match="choice 1 in an answer to a request for 1"):
+        run(source)
+    out, calls, _ = run(source, choices=2)
+    assert [c.name for c in calls] == ["dan", "ger_wipe"]
+
+
 def test_two_choices_are_decided_and_renumbered_separately() -> None:
     source = [
         tool_delta(0, '{"a": 0}', call_id="call_c0", name="zero", choice=0, role="assistant"),
@@ -855,7 +869,7 @@ def test_two_choices_are_decided_and_renumbered_separately() -> None:
         finish_event("tool_calls", choice=1),
         DONE,
     ]
-    out, calls, _ = run(source, deny_names("zero", "one_a"))
+    out, calls, _ = run(source, deny_names("zero", "one_a"), choices=2)
     # Each call closes when its own choice moves on, whatever the other choice does.
     assert [(c.name, c.index) for c in calls] == [("one_a", 0), ("zero", 0), ("one_b", 1)]
     final = accumulate(out)
@@ -1236,7 +1250,7 @@ def test_a_choice_whose_first_chunk_is_only_a_call_keeps_its_slot() -> None:
         finish_event("tool_calls", choice=2),
         DONE,
     ]
-    out, calls, _ = run(source, allow_all)
+    out, calls, _ = run(source, allow_all, choices=3)
     assert [c.key for c in calls] == ["c1.t0", "c2.t0"]
     final = accumulate(out)
     assert [[t.function.name for t in c.message.tool_calls or []] for c in final.choices] == [

@@ -528,5 +528,6 @@ def _fixed_items(rng: random.Random) -> list[dict[str, Any]]:
             "status": "completed",
             "content": [{"type": "output_text", "text": "hi", "annotations": []}],
         },
-        {"type": "custom_tool_call", "call_id": "call_a", "name": "search_kb", "input": "ls"},
+        # Its own call id: two calls sharing one are refused (clients merge them).
+        {"type": "custom_tool_call", "call_id": "call_b", "name": "search_kb", "input": "ls"},
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 from pathlib import Path
 
@@ -118,7 +119,17 @@ def test_encode_round_trip(event: SseEvent) -> None:
 
 
 def test_encode_comment() -> None:
-    assert encode_comment("waiting for approval") == b": waiting for approval\n\n"
+    assert encode_comment("waiting for approval") == b": waiting for approval\n"
+
+
+@pytest.mark.parametrize("decoder", ["openai", "anthropic"])
+def test_a_keep_alive_after_an_event_with_an_id_dispatches_nothing(decoder: str) -> None:
+    # The SDKs keep the last event id across events: a keep-alive ending in a blank
+    # line would dispatch an empty event, which they fail to read as JSON.
+    module = importlib.import_module(f"{decoder}._streaming")
+    stream = b'id: 1\ndata: {"a": 1}\n\n' + encode_comment("waiting") + b'data: {"b": 2}\n\n'
+    events = list(module.SSEDecoder().iter_bytes(iter([stream])))
+    assert [e.data for e in events] == ['{"a": 1}', '{"b": 2}']
 
 
 def test_buffered_and_partial_event() -> None:

@@ -879,7 +879,10 @@ class _Exchange:
         assert turn is not None
         full_duplex = self._full_duplex(self._modes.response)
         self._driver = StreamDriver(
-            adapter.stream_rewriter(hide_usage=self._hide_usage),
+            adapter.stream_rewriter(
+                hide_usage=self._hide_usage,
+                choices=self._size.choices if self._size is not None and self._size.choices else 1,
+            ),
             lambda calls: self._core.decide_calls(turn, calls, adapter.name),
             self._release_streamed if full_duplex else self._release_chunk,
             # Per-chunk modes allow one answer per chunk; a keep-alive would only
@@ -945,11 +948,10 @@ class _Exchange:
                 f"upstream {self._upstream_name!r} answered {self._status} "
                 "with a body that is not a JSON object"
             )
-        misspelled = adapter.misspelled_key(body)
-        if misspelled is not None:
+        problem = adapter.problem(body)
+        if problem is not None:
             raise UpstreamProtocol(
-                f"upstream {self._upstream_name!r} answered {self._status} "
-                f"with {_wire.misspelled(misspelled)}"
+                f"upstream {self._upstream_name!r} answered {self._status} with {problem}"
             )
         usage = adapter.usage(body)
         self._core.count_usage(turn.agent, turn.model, usage)

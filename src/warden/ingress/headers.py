@@ -103,12 +103,17 @@ def request_headers(
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """Headers to return to the agent from an upstream response."""
+    """Headers to return to the agent from an upstream response.
+
+    Never an ``X-Warden-*`` header: those are Warden's word to the agent
+    (``X-Warden-Blocked``), which an upstream must not forge.
+    """
     named = _connection_tokens(upstream)
     drop = _RESPONSE_DROP | named if named else _RESPONSE_DROP
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
-        if name.lower() not in drop:
+        lower = name.lower()
+        if lower not in drop and not lower.startswith("x-warden-"):
             out.add(name, value)
     return out
 

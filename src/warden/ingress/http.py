@@ -148,6 +148,8 @@ class _Call:
     turn: Turn
     adapter: Adapter | None
     hide_usage: bool = False
+    choices: int = 1
+    """How many answers the request asked for (OpenAI's ``n``)."""
     stream: bool = False
     """The agent's request asked for a stream (body ``stream: true`` or ``?stream=true``)."""
     tool: http_tool.ToolRequest | None = None
@@ -378,6 +380,7 @@ class ProxyApp:
             ),
             adapter=adapter,
             hide_usage=hide_usage,
+            choices=size.choices if size is not None and size.choices else 1,
             stream=stream,
             tool=tool,
         )
@@ -638,7 +641,9 @@ class ProxyApp:
         await response.prepare(request)
         metrics.child(metrics.ADDED_LATENCY, call.route.name).observe(pre_s)
         rewriter = (
-            adapter.stream_rewriter(hide_usage=call.hide_usage) if adapter is not None else None
+            adapter.stream_rewriter(hide_usage=call.hide_usage, choices=call.choices)
+            if adapter is not None
+            else None
         )
         error: str | None = None
         try:
@@ -861,9 +866,9 @@ def _decidable(adapter: Adapter, raw: bytes) -> tuple[dict[str, Any] | None, str
     body = _json_object(raw)
     if body is None:
         return None, "a body that is not a JSON object"
-    misspelled = adapter.misspelled_key(body)
-    if misspelled is not None:
-        return None, _wire.misspelled(misspelled)
+    problem = adapter.problem(body)
+    if problem is not None:
+        return None, problem
     return body, ""
 
 

@@ -47,6 +47,7 @@ from warden.protocols._wire import (
     as_read,
     dumps,
     event_object,
+    misspelled,
     misspelled_key,
     parse_arguments,
     refuse_misspelled_request,
@@ -313,6 +314,11 @@ class AnthropicMessagesAdapter:
         """A key a case-blind client would read as a message's field (malformed)."""
         return misspelled_key(body, _ENVELOPE)
 
+    def problem(self, body: Mapping[str, Any]) -> str | None:
+        """Why the response cannot be decided as it stands, or ``None``."""
+        key = self.misspelled_key(body)
+        return misspelled(key) if key is not None else None
+
     def rewrite(self, body: Mapping[str, Any], decisions: Mapping[str, Decision]) -> dict[str, Any]:
         """A copy where each allowed call is rendered from its decision, each other one is text.
 
@@ -360,7 +366,9 @@ class AnthropicMessagesAdapter:
         """Sent as is: this protocol always reports usage in its streams."""
         return None
 
-    def stream_rewriter(self, *, hide_usage: bool = False) -> AnthropicStreamRewriter:
+    def stream_rewriter(
+        self, *, hide_usage: bool = False, choices: int = 1
+    ) -> AnthropicStreamRewriter:
         """A fresh rewriter for one ``stream: true`` response."""
         return AnthropicStreamRewriter()
 

@@ -159,6 +159,11 @@ class Adapter(Protocol):
         """
         ...
 
+    def problem(self, body: Mapping[str, Any]) -> str | None:
+        """Why a non-streaming response cannot be decided as it stands (for the error), or
+        ``None``: a misspelled key (:meth:`misspelled_key`), or calls a client would merge."""
+        ...
+
     def rewrite(self, body: Mapping[str, Any], decisions: Mapping[str, Decision]) -> dict[str, Any]:
         """Return a copy of a non-streaming response with verdicts applied.
 
@@ -173,11 +178,12 @@ class Adapter(Protocol):
         """Token usage of a non-streaming response."""
         ...
 
-    def stream_rewriter(self, *, hide_usage: bool = False) -> StreamRewriter:
+    def stream_rewriter(self, *, hide_usage: bool = False, choices: int = 1) -> StreamRewriter:
         """A fresh rewriter for one streaming response.
 
         ``hide_usage``: Warden asked for usage the agent did not; keep it out
-        of the agent's stream.
+        of the agent's stream. ``choices``: how many answers the request asked
+        for (OpenAI's ``n``); a stream with more is malformed.
         """
         ...
 

@@ -32,6 +32,7 @@ from warden.protocols._wire import (
     dumps,
     event_object,
     loads,
+    misspelled,
     misspelled_key,
     parse_arguments,
     refuse_misspelled_request,
@@ -302,6 +303,11 @@ class OpenAIChatAdapter:
         """A key a case-blind client would read as a completion's field (malformed)."""
         return misspelled_key(body, _ENVELOPE)
 
+    def problem(self, body: Mapping[str, Any]) -> str | None:
+        """Why the response cannot be decided as it stands, or ``None``."""
+        key = self.misspelled_key(body)
+        return misspelled(key) if key is not None else None
+
     def rewrite(self, body: Mapping[str, Any], decisions: Mapping[str, Decision]) -> dict[str, Any]:
         """A copy with allowed calls rendered from their decided values, others removed.
 
@@ -344,9 +350,11 @@ class OpenAIChatAdapter:
         merged["include_usage"] = True
         return {**body, "stream_options": merged}
 
-    def stream_rewriter(self, *, hide_usage: bool = False) -> OpenAIChatStreamRewriter:
-        """A fresh rewriter for one ``stream: true`` response."""
-        return OpenAIChatStreamRewriter(hide_usage=hide_usage)
+    def stream_rewriter(
+        self, *, hide_usage: bool = False, choices: int = 1
+    ) -> OpenAIChatStreamRewriter:
+        """A fresh rewriter for one ``stream: true`` response with up to ``choices`` answers."""
+        return OpenAIChatStreamRewriter(hide_usage=hide_usage, choices=choices)
 
 
 def _usage(usage: Any) -> Usage | None:
@@ -569,8 +577,9 @@ class OpenAIChatStreamRewriter(StreamStatus):
     ``index``, so any other order would merge one choice's calls into another's.
     """
 
-    def __init__(self, *, hide_usage: bool = False) -> None:
+    def __init__(self, *, hide_usage: bool = False, choices: int = 1) -> None:
         self._hide_usage = hide_usage
+        self._max_choices = max(1, choices)
         self._choices: dict[int, _ChoiceState] = {}
         self._pending: dict[str, tuple[ToolCall, _Open]] = {}
         super().__init__()
@@ -689,6 +698,12 @@ class OpenAIChatStreamRewriter(StreamStatus):
         if index not in self._choices:
             if index != len(self._choices):
                 raise _violation(f"choice {index} appears before choice {len(self._choices)}")
+            if index >= self._max_choices:
+                # Frameworks that read choices[0] of every chunk (LangChain) would merge
+                # its calls into the first choice's: a call no decision saw.
+                raise _violation(
+                    f"choice {index} in an answer to a request for {self._max_choices}"
+                )
             self._choices[index] = _ChoiceState()
         return index
 

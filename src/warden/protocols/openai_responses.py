@@ -82,6 +82,7 @@ from warden.protocols._wire import (
     as_read,
     dumps,
     event_object,
+    misspelled,
     misspelled_key,
     parse_arguments,
     refuse_misspelled_request,
@@ -677,6 +678,13 @@ class OpenAIResponsesAdapter:
         """A key a case-blind client would read as a response's field (malformed)."""
         return misspelled_key(body, _ENVELOPE)
 
+    def problem(self, body: Mapping[str, Any]) -> str | None:
+        """Why the response cannot be decided as it stands, or ``None``."""
+        key = self.misspelled_key(body)
+        if key is not None:
+            return misspelled(key)
+        return shared_id_problem(body.get("output"))
+
     def rewrite(self, body: Mapping[str, Any], decisions: Mapping[str, Decision]) -> dict[str, Any]:
         """A copy of ``body``: allowed calls in canonical form, others as explaining messages.
 
@@ -716,7 +724,9 @@ class OpenAIResponsesAdapter:
         """Sent as is: this protocol always reports usage in its streams."""
         return None
 
-    def stream_rewriter(self, *, hide_usage: bool = False) -> OpenAIResponsesStreamRewriter:
+    def stream_rewriter(
+        self, *, hide_usage: bool = False, choices: int = 1
+    ) -> OpenAIResponsesStreamRewriter:
         """A fresh rewriter for one streaming response."""
         return OpenAIResponsesStreamRewriter()
 
@@ -762,6 +772,37 @@ def _violation(message: str) -> StreamViolation:
     return StreamViolation(f"openai.responses stream: {message}")
 
 
+def _shared_id(item: Any, ids: set[tuple[str, str]]) -> str | None:
+    """The ``id`` or ``call_id`` of ``item`` that an earlier item of the answer has
+    (noted in ``ids``), or ``None``.
+
+    Frameworks key an item's events and chunks by them (LangChain pins an item id
+    to the output it first saw): two calls sharing one are merged into a call
+    that no decision saw (``dan`` + ``ger_wipe``).
+    """
+    if not isinstance(item, Mapping):
+        return None
+    for name in ("id", "call_id") if not _is_passive(item) else ("id",):
+        value = item.get(name)
+        if isinstance(value, str) and value:
+            if (name, value) in ids:
+                return f"{name} {value[:64]!r}"
+            ids.add((name, value))
+    return None
+
+
+def shared_id_problem(output: Any) -> str | None:
+    """Why a response's ``output`` cannot be decided item by item, or ``None``."""
+    if not isinstance(output, list):
+        return None
+    ids: set[tuple[str, str]] = set()
+    for item in output:
+        shared = _shared_id(item, ids)
+        if shared is not None:
+            return f"two output items with the {shared}, which clients merge into one"
+    return None
+
+
 def _index(data: Mapping[str, Any]) -> int:
     index = data.get("output_index")
     if isinstance(index, int) and not isinstance(index, bool):
@@ -775,6 +816,7 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
     def __init__(self) -> None:
         self._next_seq: int | None = None
         self._slots: dict[int, _Slot] = {}
+        self._ids: set[tuple[str, str]] = set()  # items' ids and calls' call ids so far
         self._ended = False  # the SDK's ``[DONE]`` was seen: it reads nothing after
         super().__init__()
         self.response_id: str | None = None
@@ -831,6 +873,8 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
             raise _violation(f"output {index} added with an item that is not an object")
         if self._slot(index) is not None:
             raise _violation(f"output {index} added twice")
+        if (shared := _shared_id(item, self._ids)) is not None:
+            raise _violation(f"output {index} has the {shared} of an earlier output")
         if _is_passive(item):
             self._slots[index] = _Slot(index, _State.PASSIVE)
             yield self._emit(event, data)
@@ -885,7 +929,13 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
         # Anything else the SDK has no type for is dropped: never forwarded unread.
 
     def _ready(self, slot: _Slot) -> ToolCall:
-        slot.item = canonical_item(slot.assembled())
+        assembled = slot.assembled()
+        if isinstance(slot.added, Mapping):  # its own ids were noted when it was added
+            own = {(n, slot.added.get(n)) for n in ("id", "call_id")}
+            self._ids.difference_update(own)
+        if (shared := _shared_id(assembled, self._ids)) is not None:
+            raise _violation(f"output {slot.index} has the {shared} of an earlier output")
+        slot.item = canonical_item(assembled)
         slot.call = call_of(slot.item, slot.index)
         slot.state = _State.PENDING
         return slot.call

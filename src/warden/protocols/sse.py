@@ -42,8 +42,14 @@ class SseEvent:
 
 
 def encode_comment(text: str = "") -> bytes:
-    """A comment line: ignored by clients, used as a keep-alive while waiting."""
-    return f": {text}\n\n".encode()
+    """A comment line: ignored by clients, used as a keep-alive while waiting.
+
+    No blank line after it: a client keeps the last event id across events
+    (the OpenAI and Anthropic SDKs' decoders, ``httpx-sse``), so a blank line
+    would dispatch an empty event after an upstream's ``id:`` lines, which the
+    SDKs then fail to read as JSON.
+    """
+    return f": {text}\n".encode()
 
 
 class SseParser:

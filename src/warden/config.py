@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -95,6 +95,12 @@ DEFAULT_SHUTDOWN_GRACE_S = 20.0
 ENV_PREFIX = "WARDEN_"
 # Read by the CLI, not by the server; never treated as config overrides.
 ENV_RESERVED = frozenset({"WARDEN_CONFIG", "WARDEN_TOKEN", "WARDEN_ADMIN_URL", "WARDEN_PYTHON"})
+_SERVICE_LINK = re.compile(
+    r"WARDEN_(?:[A-Z0-9_]*_)?(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?"
+    r"|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?)?)\Z"
+)
+"""What Kubernetes sets for a Service named ``warden`` or ``warden-<x>`` in the namespace
+(``WARDEN_SERVICE_HOST``, ``WARDEN_PORT_8080_TCP``): not Warden's settings."""
 
 
 class _Section(BaseModel):
@@ -1129,7 +1135,7 @@ def parse_listen(value: str) -> tuple[str, int]:
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED:
+        if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED or _SERVICE_LINK.match(name):
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         if not all(path):
@@ -1144,6 +1150,27 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
         except yaml.YAMLError as exc:
             raise ConfigError(f"{name}: not a valid YAML value: {_yaml_error(exc)}") from None
     return tree
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping.
+
+    YAML takes the last one silently: a ``mode: observe`` further down a file
+    would win over ``mode: enforce``, and a second ``tools:`` drop the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<": keys it brings may be given again, as YAML intends
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_error(exc: yaml.YAMLError) -> str:
@@ -1195,7 +1222,7 @@ def load_config(
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {_yaml_error(exc)}") from None
         if loaded is not None and not isinstance(loaded, dict):

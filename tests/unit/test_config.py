@@ -112,6 +112,32 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
     assert config.policy.deadline_ms == 25
 
 
+def test_kubernetes_service_links_are_no_settings(tmp_path: Path) -> None:
+    # Set in every pod of a namespace with a Service named warden (or warden-admin).
+    env = {
+        "WARDEN_SERVICE_HOST": "10.0.0.7",
+        "WARDEN_SERVICE_PORT": "8080",
+        "WARDEN_SERVICE_PORT_PROXY": "8080",
+        "WARDEN_PORT": "tcp://10.0.0.7:8080",
+        "WARDEN_PORT_8080_TCP": "tcp://10.0.0.7:8080",
+        "WARDEN_PORT_8080_TCP_PROTO": "tcp",
+        "WARDEN_ADMIN_PORT_8081_TCP_ADDR": "10.0.0.8",
+        "WARDEN_ADMIN_SERVICE_HOST": "10.0.0.8",
+        "WARDEN_MODE": "observe",
+    }
+    assert load_config(None, environ=env).mode is Mode.OBSERVE
+
+
+def test_a_key_given_twice_in_the_file_is_an_error(tmp_path: Path) -> None:
+    # YAML would take the last: observe, silently.
+    text = "mode: enforce\ntools: {a: {risk: high}}\nmode: observe\n"
+    with pytest.raises(ConfigError, match=r"the key 'mode' is given twice \(line 3"):
+        load_config(write(tmp_path, text), environ={})
+    merged = "base: &b {risk: high}\ntools:\n  a:\n    <<: *b\n    risk: read_only\n"
+    with pytest.raises(ConfigError, match="base: unknown key"):  # a merge may be overridden
+        load_config(write(tmp_path, merged), environ={})
+
+
 def test_environment_typo_is_an_error() -> None:
     with pytest.raises(ConfigError, match="lsten: unknown key"):
         load_config(environ={"WARDEN_LSTEN__PROXY": "127.0.0.1:1"})

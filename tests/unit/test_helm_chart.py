@@ -108,7 +108,6 @@ def test_sidecar_mode_runs_warden_as_a_native_sidecar(tmp_path: Path) -> None:
     agent_env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
     assert agent_env["OPENAI_BASE_URL"] == "http://127.0.0.1:8080/openai/v1"
     assert spec["securityContext"]["runAsNonRoot"] is True
-    assert spec["enableServiceLinks"] is False  # WARDEN_SERVICE_HOST is no setting
     # The agent never runs as Warden's user (rules that exempt Warden by owner).
     agent_user = spec["containers"][0]["securityContext"]["runAsUser"]
     assert agent_user != warden["securityContext"].get(
@@ -146,6 +145,7 @@ def test_gateway_mode_has_a_service_pdb_and_hpa(tmp_path: Path) -> None:
     (deployment,) = by_kind(docs, "Deployment")
     spec = pod_spec(deployment)
     assert "initContainers" not in spec
+    assert spec["enableServiceLinks"] is False  # WARDEN_SERVICE_HOST is no setting
     warden = warden_container(spec)
     assert "restartPolicy" not in warden
     assert_probes_and_security(warden)

@@ -1310,6 +1310,39 @@ async def test_only_a_provider_refusal_releases_what_a_model_call_holds(
     assert (spent == 0) is released
 
 
+SESSION_GATE = """package warden
+
+import rego.v1
+
+default decision := {"effect": "allow", "reason": "fine"}
+
+decision := {"effect": "deny", "reason": "this session is closed"} if {
+	input.session.id == "ses-closed"
+}
+"""
+
+
+async def test_a_request_whose_body_is_not_read_still_names_its_session(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    """A stored completion fetched by id (its body is not read) is decided in the session
+    its ``X-Warden-Session`` names, as through the base URL."""
+    bundle = tmp_path / "gate"
+    bundle.mkdir()
+    (bundle / "policy.rego").write_text(SESSION_GATE)
+    config = make_config(tmp_path, llm.url, policy={"bundles": [str(bundle)], "workers": 1})
+    async with Warden(config) as warden:
+        assert warden.core is not None
+        service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
+        async with serve(service, llm) as front:
+            stored = f"{CHAT_PATH}/chatcmpl-1"
+            closed = {"x-warden-session": "ses-closed"}
+            refused = await front.request(OPENAI_HOST, stored, method="GET", headers=closed)
+    assert refused.immediate is not None
+    assert "this session is closed" in refused.body.decode()
+    assert llm.requests == []
+
+
 # -- timeouts ------------------------------------------------------------------------
 
 

@@ -97,7 +97,7 @@ from warden.protocols.driver import StreamDriver
 from warden.protocols.errors import render_error, render_stream_error
 from warden.protocols.registry import PassthroughRule, RouteMatch, match_route
 from warden.protocols.sse import SseTooLarge
-from warden.sessions import conversation_of, stored_answer_conversation
+from warden.sessions import conversation_of, door_conversation, stored_answer_conversation
 
 __all__ = [
     "SERVICE_NAME",
@@ -594,8 +594,11 @@ class _Exchange:
         self._adapter = route.match.adapter
         # A stored (background) answer fetched by id: in the conversation that asked
         # for it, as through the base URL; a model request's is read with its body.
+        # Any other request Warden does not read still names its session (input.session).
         answer = route.match.stored_answer_id(route.path.split("/")[1:])
-        conversation = stored_answer_conversation(headers, answer) if answer else None
+        conversation = (
+            stored_answer_conversation(headers, answer) if answer else door_conversation(headers)
+        )
         self._turn = Turn(
             agent=agent,
             request=RequestMeta(

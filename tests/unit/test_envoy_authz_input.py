@@ -171,6 +171,9 @@ def test_raw_body_is_used_when_body_is_empty() -> None:
         ({"content-type": "application/json"}, "[NaN]"),
         ({"content-type": "application/json", "content-length": "x"}, "{}"),
         ({"content-type": "application/x-www-form-urlencoded"}, "a=%zz"),
+        # Read as JSON by the first match, as a form by the service.
+        ({"content-type": "application/x-www-form-urlencoded; x=application/json"}, "a=1"),
+        ({"content-type": "application/json, application/x-www-form-urlencoded"}, "{}"),
     ],
 )
 def test_an_unparsable_body_is_a_problem(headers: dict[str, str], body: str) -> None:

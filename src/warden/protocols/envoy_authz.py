@@ -262,6 +262,9 @@ def _grpc_body(body: bytes, path: list[str], bodies: GrpcBodies) -> tuple[Any, b
     return json_format.MessageToDict(message), False
 
 
+_BODY_FORMATS: Final = ("application/grpc", "application/json", "application/x-www-form-urlencoded")
+
+
 def _parsed_body(
     headers: Mapping[str, str],
     body: bytes,
@@ -279,6 +282,12 @@ def _parsed_body(
     content_type = headers.get("content-type")
     if content_type is None or not body:
         return None, False
+    named = [f for f in _BODY_FORMATS if f in content_type]
+    if len(named) > 1:
+        # OPA-Envoy takes the first it looks for, wherever it stands: the policy would
+        # read "application/x-www-form-urlencoded; x=application/json" as JSON while
+        # the service reads a form.
+        raise ValueError(f"the Content-Type names more than one body format ({', '.join(named)})")
     if "application/grpc" in content_type:
         if grpc_bodies is None or path is None or not raw:
             # Binary: only Envoy's ``raw_body`` (``pack_as_bytes``) carries it whole.

@@ -140,6 +140,40 @@ async def test_a_running_warden_ships_every_record_and_its_final_checkpoint(
     assert APP_PASSWORD not in out
 
 
+async def test_records_another_writer_holds_stop_shipping(
+    tmp_path: Path,
+    llm: MockLLM,
+    pg_server: PgServer,
+    pg_url: str,
+    policy: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cloned audit volume (or another sidecar) shipping under this log's origin: its
+    records at the same positions are not counted as this log's, and shipping stops."""
+    llm_replies(llm)
+    ship = {"url": pg_url, "password_file": str(pg_server.password_file), "interval_s": 0.05}
+    audit = {"dir": str(tmp_path / "audit"), "ship": ship}
+    config = make_config(tmp_path, llm.url, policy={"bundles": [str(policy)]}, audit=audit)
+    async with Warden(config) as warden, client(warden) as c:
+        await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    local = list(iter_records(tmp_path / "audit"))
+    db = pg_url.rsplit("/", 1)[1]
+    last = len(local) - 1
+    with pg_server.admin(db) as conn:  # the other writer's record in place of this log's
+        conn.execute("SET session_replication_role = replica")  # past the append-only trigger
+        conn.execute("UPDATE audit_records SET line = 'forged'::bytea WHERE idx = %s", (last,))
+    async with Warden(config) as warden:
+        async with asyncio.timeout(20):
+            while "another record at position" not in caplog.text:
+                await asyncio.sleep(0.05)
+        _, body = await readyz(warden)
+        assert body["audit"]["ship"]["connected"] is False
+        assert 'warden_audit_ship_errors_total{stage="store"}' in await metrics(warden)
+    assert "another writer uses this log's origin" in caplog.text
+    rows = dict(central_rows(pg_server, db))
+    assert rows[last] == b"forged"  # not overwritten, and not counted as shipped
+
+
 # -- outages -----------------------------------------------------------------------------------
 
 

@@ -141,6 +141,32 @@ def test_the_slack_message_cannot_be_shaped_by_the_agent() -> None:
     assert "cut: see every argument in the console" in code
 
 
+def test_names_and_reasons_the_agent_chose_cannot_write_mrkdwn_or_lines() -> None:
+    # A tool name that closes its inline code and writes its own text and link, a
+    # hidden path adding a fake "Risk: none" line, a reason long enough that Slack
+    # would refuse the section (and nobody would be asked).
+    forged = dataclasses.replace(
+        approval(),
+        tool="issue_refund` :white_check_mark: *verified safe* https://evil.example/ok `x",
+        arguments={"amount": 10, "password": "[redacted]"},
+        redacted=("/password`\n*Risk:* none - pre-approved by Security `",),
+        reason="refund 10\n*Risk:* none " + "r" * 5000,
+    )
+    slack = render("approval.requested", forged, "slack", 1795747200)
+    headline = slack["blocks"][0]["text"]["text"]
+    details = slack["blocks"][1]["text"]["text"]
+    assert headline.count("`") == 6  # tool, agent, upstream: three spans, as written
+    assert "\n" not in headline
+    assert [line.split(":*")[0] for line in details.split("\n")] == [
+        "*Reason",
+        "*Hidden from you",
+        "*Risk",
+    ]
+    assert details.split("\n")[2] == "*Risk:* high"
+    assert len(details) < 1000
+    assert all(b["text"].get("verbatim") for b in slack["blocks"][:3])
+
+
 def test_an_mcp_retrys_answers_follow_the_arguments_and_cannot_cut_them() -> None:
     # The answers are the client's text: however long, the amount still shows.
     answered = dataclasses.replace(

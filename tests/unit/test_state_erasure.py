@@ -132,7 +132,9 @@ async def test_approvals_naming_the_subject_lose_their_arguments_and_live_ones_a
     repo = state.approvals
     now = time.time()
     answered = {"ask": {"action": "accept", "content": {"email": "ann@example.com"}}}
-    await repo.insert(_approval("apr_pending", "C-ann", "b1", answers=answered))
+    pending = _approval("apr_pending", "C-ann", "b1", answers=answered)
+    # A masked value's pointer is made of argument keys: the subject's e-mail address.
+    await repo.insert(replace(pending, redacted=("/logins/ann@example.com/password",)))
     await repo.insert(_approval("apr_grant", "C-ann", "b2", status=ApprovalStatus.APPROVED))
     used = _approval("apr_used", "C-ann", "b3", status=ApprovalStatus.CONSUMED, consumed_at=now)
     await repo.insert(replace(used, decided_at=now - 1, decided_by="dana"))
@@ -151,6 +153,7 @@ async def test_approvals_naming_the_subject_lose_their_arguments_and_live_ones_a
         assert after[aid].answers is None  # an MCP retry's answers go with them
         assert after[aid].arguments_sha256 == ""
         assert after[aid].binding == ""
+        assert after[aid].redacted == ()
     # Consumed stays consumed, with who decided it: the history still reads true.
     assert after["apr_used"].status is ApprovalStatus.CONSUMED
     assert after["apr_used"].decided_by == "dana"

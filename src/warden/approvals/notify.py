@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ EVENTS = frozenset(
 )
 _SLACK_ARGS_CHARS = 1500
 _SLACK_HIDDEN = 10
+_SLACK_NAME_CHARS = 120
+_SLACK_REASON_CHARS = 600
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 """Hidden paths named in a Slack message; the console lists them all."""
 
 
@@ -83,15 +87,15 @@ def render(event: str, approval: Approval, fmt: str, timestamp: int) -> dict[str
     data = approval.to_json(now=float(timestamp))
     if fmt == "json":
         return {"event": event, "timestamp": timestamp, "approval": data}
-    what = f"`{_slack(approval.tool or '-')}` by agent `{_slack(approval.agent_id)}`"
+    what = f"`{_inline(approval.tool or '-')}` by agent `{_inline(approval.agent_id)}`"
     if approval.upstream:
-        what += f" to `{_slack(approval.upstream)}`"
+        what += f" to `{_inline(approval.upstream)}`"
     if event == "approval.requested":
         headline = f":hourglass: Approval needed: {what}"
     elif event == "approval.approved":
-        headline = f":white_check_mark: Approved by {_slack(approval.decided_by or '')}: {what}"
+        headline = f":white_check_mark: Approved by {_line(approval.decided_by or '')}: {what}"
     elif event == "approval.rejected":
-        headline = f":no_entry: Rejected by {_slack(approval.decided_by or '')}: {what}"
+        headline = f":no_entry: Rejected by {_line(approval.decided_by or '')}: {what}"
     else:
         headline = f":alarm_clock: Expired without a decision: {what}"
     # Sorted, as the console shows them: the agent's own order could push the
@@ -104,32 +108,31 @@ def render(event: str, approval: Approval, fmt: str, timestamp: int) -> dict[str
         args = f"arguments: {args}\nanswers: {_cut(answers, _SLACK_ARGS_CHARS // 2)}"
     shown = approval.shown_sha256
     digest = f" · args sha256 {shown[:16]}…" if shown else ""  # withheld if a value is hidden
-    details = [f"*Reason:* {_slack(approval.reason)}"]
+    details = [f"*Reason:* {_line(approval.reason, _SLACK_REASON_CHARS)}"]
     if hidden := approval.hidden:
         # The agent names its arguments: values it put under a credential-like name
         # are masked. Whoever approves must know what they cannot see.
-        paths = ", ".join(f"`{_slack(p)}`" for p in hidden[:_SLACK_HIDDEN])
+        paths = ", ".join(f"`{_inline(p)}`" for p in hidden[:_SLACK_HIDDEN])
         more = f" and {len(hidden) - _SLACK_HIDDEN} more" if len(hidden) > _SLACK_HIDDEN else ""
         details.append(f"*Hidden from you:* {paths}{more}")
     if approval.risk:
-        details.append(f"*Risk:* {_slack(approval.risk)}")
+        details.append(f"*Risk:* {_line(approval.risk)}")
     if approval.comment:
-        details.append(f"*Comment:* {_slack(approval.comment)}")
+        details.append(f"*Comment:* {_line(approval.comment, _SLACK_REASON_CHARS)}")
     return {
         "text": f"{headline} ({approval.id})",
         "blocks": [
-            {"type": "section", "text": {"type": "mrkdwn", "text": headline}},
-            {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(details)}},
-            {"type": "section", "text": {"type": "mrkdwn", "text": f"```{_code(args)}```"}},
+            {"type": "section", "text": _mrkdwn(headline)},
+            {"type": "section", "text": _mrkdwn("\n".join(details))},
+            {"type": "section", "text": _mrkdwn(f"```{_code(args)}```")},
             {
                 "type": "context",
                 "elements": [
-                    {
-                        "type": "mrkdwn",
-                        "text": f"{approval.id} · status {approval.status.value} · "
+                    _mrkdwn(
+                        f"{approval.id} · status {approval.status.value} · "
                         f"{len(approval.approved_by)}/{approval.required_approvals} approvals"
-                        + digest,
-                    }
+                        + digest
+                    )
                 ],
             },
         ],
@@ -146,6 +149,27 @@ def _cut(text: str, most: int) -> str:
 def _slack(text: str) -> str:
     # Slack's mrkdwn treats these three as control characters.
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _mrkdwn(text: str) -> dict[str, Any]:
+    # verbatim: a URL or #channel the agent wrote is not turned into a link.
+    return {"type": "mrkdwn", "text": text, "verbatim": True}
+
+
+def _line(text: str, most: int = _SLACK_NAME_CHARS) -> str:
+    """Agent-reachable text on one line of the message: no line breaks or other control
+    characters (a fake ``*Risk:* none`` line), cut to ``most`` (Slack refuses a section
+    over 3,000 characters, and the request would never be posted)."""
+    flat = _CONTROL.sub(" ", text)
+    if len(flat) > most:
+        flat = flat[: most - 1] + "…"
+    return _slack(flat)
+
+
+def _inline(text: str) -> str:
+    """Agent-reachable text inside inline code: as :func:`_line`, and no backtick that
+    would close the code early and write mrkdwn of its own."""
+    return _line(text).replace("`", "\u02cb")
 
 
 def _code(text: str) -> str:

@@ -75,9 +75,11 @@ ERASED_REASON: Final = "the data subject was erased"
 # One statement, the same on both backends: an approval still pending, or
 # approved and not used yet, is rejected (nothing may act for an erased
 # subject); every one loses its display arguments and argument hashes
-# (binding ''), so it matches no call again. Status and ids stay, for the history.
+# (binding ''), so it matches no call again, and the pointers of its masked values
+# (made of argument keys: a map keyed by e-mail address). Status and ids stay.
 _ERASE = (
     "UPDATE approvals SET arguments = {p}, arguments_sha256 = '', binding = '', answers = NULL, "
+    "redacted = '[]', "
     "decided_at = CASE WHEN status IN ('pending', 'approved') THEN {p} ELSE decided_at END, "
     "decided_by = CASE WHEN status IN ('pending', 'approved') THEN {p} ELSE decided_by END, "
     "comment = CASE WHEN status IN ('pending', 'approved') THEN {p} ELSE comment END, "

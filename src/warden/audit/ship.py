@@ -50,7 +50,15 @@ from warden.ops import metrics
 from warden.state.migrate import pg_migrate
 from warden.state.postgres import PgTarget, pg_reason
 
-__all__ = ["Batch", "ShipStatus", "Shipper", "columns", "insert_batch", "ship_target"]
+__all__ = [
+    "Batch",
+    "ShipConflict",
+    "ShipStatus",
+    "Shipper",
+    "columns",
+    "insert_batch",
+    "ship_target",
+]
 
 log = logging.getLogger("warden.audit.ship")
 
@@ -62,8 +70,14 @@ _INSERT = (
     "effect, line, shipped_at) "
     "SELECT %s, u.*, %s FROM unnest(%b::int8[], %b::text[], %b::text[], %b::timestamptz[], "
     "%b::text[], %b::text[], %b::text[], %b::bytea[]) AS u "
-    "ON CONFLICT (log_id, idx) DO NOTHING"
+    "ON CONFLICT (log_id, idx) DO NOTHING RETURNING idx"
 )
+_HELD = "SELECT idx, line FROM audit_records WHERE log_id = %s AND idx = ANY(%s)"
+
+
+class ShipConflict(RuntimeError):
+    """The store holds other records (or another verifier key) for this log: another
+    writer uses its origin. Shipping stops rather than count them as this log's."""
 
 
 def ship_target(config: AuditShipConfig) -> PgTarget:
@@ -118,8 +132,23 @@ def columns(records: list[StoredRecord]) -> tuple[list[Any], ...]:
 
 
 async def insert_batch(conn: AsyncConnection[Any], log_id: str, batch: Batch) -> None:
-    """Store a batch in one statement; rows the store already holds are skipped."""
-    await conn.execute(_INSERT, (log_id, time.time(), *batch.columns))
+    """Store a batch in one statement; rows the store already holds are skipped.
+
+    Skipped only if they are these very records (shipped before a restart):
+    :class:`ShipConflict` if the store holds others at those positions.
+    """
+    cur = await conn.execute(_INSERT, (log_id, time.time(), *batch.columns))
+    stored = {int(row[0]) for row in await cur.fetchall()}
+    if len(stored) < batch.count:
+        idx, lines = batch.columns[0], batch.columns[-1]
+        ours = {i: bytes(line) for i, line in zip(idx, lines, strict=True) if i not in stored}
+        cur = await conn.execute(_HELD, (log_id, list(ours)))
+        differ = sorted(int(i) for i, line in await cur.fetchall() if bytes(line) != ours[int(i)])
+        if differ:
+            raise ShipConflict(
+                f"the store holds other records at {len(differ)} positions of log {log_id} "
+                f"(the first at {differ[0]}): another writer uses this log's origin"
+            )
     metrics.child(metrics.AUDIT_SHIPPED, "record").inc(batch.count)
 
 
@@ -277,20 +306,44 @@ class Shipper:
         assert row is not None
         stored_vkey, position, checkpointed = row
         if stored_vkey != vkey:
-            log.error(
-                "audit shipping: the store has another verifier key for log %s; checkpoints "
-                "signed with the new key will not verify against it",
-                meta.origin,
+            await conn.close()
+            raise ShipConflict(
+                f"the store has another verifier key for log {meta.origin}: another writer "
+                "uses this log's origin, or its key was replaced; nothing is shipped"
             )
-        if position > self._size():
-            log.warning(
-                "audit shipping: the store holds %d records of log %s, the local log %d",
-                position,
-                meta.origin,
-                self._size(),
-            )
+        try:
+            await self._check_tail(conn, meta.origin, int(position))
+        except BaseException:
+            await conn.close()
+            raise
         self._position, self._checkpointed = int(position), int(checkpointed)
         return conn
+
+    async def _check_tail(self, conn: AsyncConnection[Any], origin: str, position: int) -> None:
+        """:class:`ShipConflict` unless the store's last record of the log is this log's.
+
+        Shipping resumes after the store's last record: one another writer put
+        there (ahead of this log, or in place of its record) would have the
+        records before it taken as shipped.
+        """
+        if position == 0:
+            return
+        size = self._size()
+        if position > size:
+            raise ShipConflict(
+                f"the store holds {position} records of log {origin}, this log {size}: "
+                "another writer uses this log's origin (or the log was restored from an "
+                "older copy)"
+            )
+        cur = await conn.execute(_HELD, (origin, [position - 1]))
+        row = await cur.fetchone()
+        tail = RecordTail(self._layout.root, position - 1)
+        (mine,) = await asyncio.to_thread(tail.read, position, 1)
+        if row is None or bytes(row[1]) != mine.payload:
+            raise ShipConflict(
+                f"the store holds another record at position {position - 1} of log {origin}: "
+                "another writer uses this log's origin"
+            )
 
     async def _follow(self, conn: AsyncConnection[Any]) -> None:
         tail = RecordTail(self._layout.root, self._position)

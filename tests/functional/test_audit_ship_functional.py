@@ -164,7 +164,7 @@ async def test_records_another_writer_holds_stop_shipping(
         conn.execute("UPDATE audit_records SET line = 'forged'::bytea WHERE idx = %s", (last,))
     async with Warden(config) as warden:
         async with asyncio.timeout(20):
-            while "another record at position" not in caplog.text:
+            while "another record at position" not in caplog.text:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         _, body = await readyz(warden)
         assert body["audit"]["ship"]["connected"] is False

@@ -359,6 +359,9 @@ class KillSwitchGuard:
     """
 
     name = "kill_switch"
+    last_word = True
+    """The pipeline asks again after the other guards: a switch thrown while they decided
+    (a policy evaluation waiting for a worker) still stops the action."""
 
     def __init__(self, switches: KillSwitches) -> None:
         self.switches = switches

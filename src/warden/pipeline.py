@@ -450,6 +450,9 @@ class Pipeline:
             (g, g if isinstance(g, Reserving) else None) for g in self._guards
         )
         self._redacting = next((g for g in self._guards if isinstance(g, Redacting)), None)
+        # Asked again once the others decided, with no await until the record: what
+        # it says then (a kill switch thrown while the policy ran) is what stands.
+        self._last_word = tuple(g for g in self._guards if getattr(g, "last_word", False))
         self._audit = audit
         self._mode_for = mode_for
         self._risk_of = risk_of
@@ -492,6 +495,8 @@ class Pipeline:
                     mode=ctx.mode,
                     guard="default",
                 )
+            if decision.effect is not Effect.DENY and self._last_word:
+                decision = await self._last_said(action, ctx, decision)
             if decision.guard not in POLICY_GUARDS or decision.error is not None:
                 # Every record of the action redacts what the policy asks, whoever
                 # decided (a policy decision already carries the policy's list).
@@ -509,6 +514,13 @@ class Pipeline:
                     await guard.decided(action, decision if recorded else None)
                 except Exception:
                     log.exception("guard %s failed to finish a decision", guard.name)
+        return decision
+
+    async def _last_said(self, action: Action, ctx: GuardContext, decision: Decision) -> Decision:
+        """``decision``, unless a guard with the last word now says otherwise."""
+        for guard in self._last_word:
+            if guard.name != decision.guard and (late := await guard.check(action, ctx)):
+                return late
         return decision
 
     async def preview(self, action: Action) -> Decision | None:

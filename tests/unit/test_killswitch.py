@@ -13,10 +13,21 @@ from prometheus_client import REGISTRY
 from warden import killswitch
 from warden.errors import AuditError
 from warden.killswitch import KillSwitches, KillSwitchGuard, Scope
-from warden.model import Action, ActionKind, Agent, Effect, Mode, RequestMeta, Stage, new_id
-from warden.pipeline import AuditSink, GuardContext
+from warden.model import (
+    Action,
+    ActionKind,
+    Agent,
+    Decision,
+    Effect,
+    Mode,
+    RequestMeta,
+    Stage,
+    new_id,
+)
+from warden.pipeline import AuditSink, GuardContext, Pipeline
 from warden.state import StateStore
 from warden.state.postgres import PgTarget
+from warden.testing.memory_audit import MemoryAudit
 
 
 class Audit:
@@ -94,6 +105,38 @@ async def test_the_guard_denies_in_enforce_even_in_observe_mode(store: StateStor
     assert decision.guard == "kill_switch"
     assert switch.id in decision.reason
     assert "looping" in decision.reason
+
+
+async def test_a_switch_thrown_while_the_policy_decides_has_the_last_word(
+    store: StateStore,
+) -> None:
+    # A decision waits for a policy worker (3,000 calls queued in a flood): the switch
+    # checked first said nothing, the one thrown meanwhile must still stop the call.
+    switches = KillSwitches(store, None)
+    deciding, thrown = asyncio.Event(), asyncio.Event()
+
+    class SlowPolicy:
+        name = "policy"
+
+        async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
+            deciding.set()
+            await thrown.wait()
+            return Decision(new_id("dec"), Effect.ALLOW, ("fine",), Mode.ENFORCE, guard="policy")
+
+    audit = MemoryAudit()
+    pipeline = Pipeline(
+        [KillSwitchGuard(switches), SlowPolicy()],
+        audit,
+        mode_for=lambda _a: Mode.ENFORCE,
+        risk_of=lambda _t: "write",
+    )
+    decided = asyncio.ensure_future(pipeline.decide(action()))
+    await deciding.wait()
+    await switches.set(Scope.AGENT, "bot", "looping", "alice")
+    thrown.set()
+    decision = await decided
+    assert (decision.enforced, decision.guard) == (Effect.DENY, "kill_switch")
+    assert [d.guard for _, d in audit.decisions] == ["kill_switch"]
 
 
 async def test_switches_are_recorded_with_who_and_why(store: StateStore) -> None:

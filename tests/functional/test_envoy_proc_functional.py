@@ -1290,7 +1290,7 @@ async def test_an_approved_model_call_lets_only_that_request_through(
     assert len(llm.requests) == 1
 
 
-@pytest.mark.parametrize(("status", "released"), [(504, False), (429, True)])
+@pytest.mark.parametrize(("status", "released"), [(504, False), (408, False), (429, True)])
 async def test_only_a_provider_refusal_releases_what_a_model_call_holds(
     tmp_path: Path, llm: MockLLM, status: int, released: bool
 ) -> None:
@@ -1301,13 +1301,70 @@ async def test_only_a_provider_refusal_releases_what_a_model_call_holds(
         assert warden.core is not None
         service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
         async with serve(service, llm) as front:
-            llm.script(Reply(fault=Fault("status", status=status)))
+            forged = {"x-warden-blocked": "dec_FORGED"}  # Warden's word, not the upstream's
+            llm.script(Reply(fault=Fault("status", status=status, headers=forged)))
             answer = await front.request(OPENAI_HOST, CHAT_PATH, {**CHAT, "max_tokens": 1000})
             assert answer.status == status
+            assert "x-warden-blocked" not in {k.lower() for k in answer.headers}
+            assert answer.headers["x-warden-decision-id"].startswith("dec_")
             spent, reserved = await wait_for(
                 tmp_path, "llm", "agent:support-triage", lambda c: c[1] == 0
             )
     assert (spent == 0) is released
+
+
+BATCHES_HELD = """package warden
+
+import rego.v1
+
+default decision := {"effect": "allow", "reason": "fine"}
+
+decision := {"effect": "require_approval", "reason": "batches need a lead"} if {
+	input.action.path == "/v1/batches"
+}
+"""
+
+
+async def test_an_approval_of_a_request_whose_body_is_not_read_lets_no_other_through(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    """A route forwarded unread (``passthrough``): the body the person approved cannot be
+    told from another, so a deferred approval lets nothing through."""
+    bundle = tmp_path / "held"
+    bundle.mkdir()
+    (bundle / "policy.rego").write_text(BATCHES_HELD)
+    dana = {"subject": "dana", "roles": ["approver"], "sha256": sha256(b"tok-dana").hexdigest()}
+    openai_upstream = {
+        "protocol": "openai", "base_url": llm.url, "timeout_s": 5,
+        "passthrough": ["POST v1/batches"],
+    }  # fmt: skip
+    config = make_config(
+        tmp_path,
+        llm.url,
+        upstreams={"openai": openai_upstream},
+        policy={"bundles": [str(bundle)], "workers": 1},
+        approvals={"mode": "defer"},
+        admin={"tokens": [dana]},
+    )
+    small = {"input_file_id": "file-small", "endpoint": "/v1/chat/completions"}
+    huge = {"input_file_id": "file-HUGE", "endpoint": "/v1/chat/completions"}
+    async with Warden(config) as warden:
+        assert warden.core is not None
+        service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
+        bearer = {"Authorization": "Bearer tok-dana"}
+        async with (
+            serve(service, llm) as front,
+            aiohttp.ClientSession(warden.admin_url, headers=bearer) as admin,
+        ):
+            deferred = await front.request(OPENAI_HOST, "/v1/batches", small)
+            assert deferred.immediate is not None
+            async with admin.get("/v1/approvals?status=pending") as resp:
+                (pending,) = (await resp.json())["approvals"]
+            async with admin.post(f"/v1/approvals/{pending['id']}/approve", json={}) as resp:
+                assert resp.status == 200
+            other = await front.request(OPENAI_HOST, "/v1/batches", huge)
+    assert other.immediate is not None
+    assert llm.requests == []
 
 
 SESSION_GATE = """package warden

@@ -42,7 +42,7 @@ import logging
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit
 
 import grpc
@@ -640,7 +640,9 @@ class _Exchange:
                 key == "stream" and value.strip().lower() in ("true", "1")
                 for key, value in parse_qsl(route.query, keep_blank_values=True)
             )
-        await self._decide_request()
+        # A body follows that Warden does not read: no approval can name it, so none
+        # granted for this request lets another through (a held one still goes on).
+        await self._decide_request(None if not message.end_of_stream else b"")
         self._phase = "response_headers" if message.end_of_stream else "request_body"
         await self._send(answer)
 
@@ -777,9 +779,9 @@ class _Exchange:
             length = header_mutation({"content-length": str(len(body))})
             await self._send(_body_answer("request_body", body, headers=length))
 
-    async def _decide_request(self, body: bytes = b"") -> None:
-        """Decide the model call; ``body``: the request body as the agent sent it (none
-        read on a route whose body Warden does not read)."""
+    async def _decide_request(self, body: bytes | None = b"") -> None:
+        """Decide the model call; ``body``: the request body as the agent sent it
+        (``None``: a body Warden does not read follows)."""
         turn = self._turn
         route = self._route
         assert turn is not None
@@ -798,7 +800,11 @@ class _Exchange:
             size=self._size,
             # What an approval covers, as through the base URL: an approved call lets
             # only this very request through, not another body on the same path.
-            request_sha256=request_sha256(turn.request.method, target, body),
+            request_sha256=(
+                request_sha256(turn.request.method, target, body)
+                if body is not None
+                else new_id("unread")  # binds to nothing another request can repeat
+            ),
         )
         decision = await self._core.decide(action)
         if decision.enforced is not Effect.ALLOW:
@@ -825,7 +831,10 @@ class _Exchange:
             )
         success = 200 <= self._status < 300
         set_headers = {hdr.DECISION_HEADER: decision.decision_id}
-        remove: set[str] = set()
+        # X-Warden-* headers are Warden's word to the agent (X-Warden-Blocked): never
+        # the upstream's (the decision id is set over the upstream's, not removed).
+        ours = hdr.DECISION_HEADER.lower()
+        remove = {n for n in headers if (low := n.lower()).startswith("x-warden-") and low != ours}
         answer = pb.ProcessingResponse()
         # Errors (4xx, 5xx) pass as they are: the SDKs raise them, reading no calls.
         if success and self._adapter is not None:
@@ -1191,9 +1200,14 @@ class _Exchange:
             # The provider's answer Envoy showed Warden: its status says whether it was
             # billed. Without one (the agent hung up first), it may have been; a 5xx
             # may be Envoy's own (504 when its route timed out, 503 on a reset) after
-            # the provider ran, so it releases nothing either.
-            trusted=0 < self._status < 500,
+            # the provider ran, so it releases nothing either, nor does Envoy's 408 (its
+            # stream idle timeout) or 499.
+            trusted=0 < self._status < 500 and self._status not in _ENVOY_LOCAL_4XX,
         )
+
+
+_ENVOY_LOCAL_4XX: Final = frozenset({408, 499})
+"""4xx answers Envoy itself gives after the request went upstream (timeouts, resets)."""
 
 
 class _Killed(Exception):

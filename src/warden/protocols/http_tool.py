@@ -77,6 +77,8 @@ RESULT_MAX_CHARS: Final = 64 * 1024
 PROBLEM_TYPE_BASE: Final = "https://warden.dev/problems/"
 
 _METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+_MEDIA_END: Final = re.compile(r"[;,\s]")
+_SPACE: Final = re.compile(r"\s")
 _PARAM: Final = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 # A literal segment as written in YAML: no braces, slashes or control characters.
 _LITERAL: Final = re.compile(r"^[^{}/\\\x00-\x20\x7f]+$")
@@ -467,9 +469,10 @@ class ToolRoutes:
                 f"the request method {method[:20]!r} is not in upper case, and services "
                 f"read methods in any case; send it as {method[:20].upper()!r}"
             )
-        if "," in content_type:
+        if "," in content_type or _SPACE.search(content_type.partition(";")[0].strip()):
             # Two media types (or two Content-Type headers Envoy joined): Rack and PHP
-            # take the first, and would read a form Warden did not look into.
+            # take the first (PHP cutting at a space too), and would read a form
+            # Warden did not look into.
             raise ToolRequestError(
                 "the request names more than one media type (Content-Type: "
                 f"{content_type[:60]}); send one"
@@ -632,7 +635,7 @@ def _method_field_in(query: str, body: bytes, content_type: str) -> str | None:
         k.casefold() == _OVERRIDE_FIELD for k in _top_level_keys(body)
     ):
         return "JSON body's top-level object"
-    media = content_type.partition(";")[0].strip().lower()
+    media = _media_type(content_type)
     if media in ("", "application/x-www-form-urlencoded"):
         if _has_method_field(body.decode("utf-8", errors="replace")):
             return "form body"
@@ -644,7 +647,7 @@ def _method_field_in(query: str, body: bytes, content_type: str) -> str | None:
 def may_carry_fields(content_type: str) -> bool:
     """Whether a body of this type could carry a ``_method`` field (or fields a service
     merges with the query): JSON, a form, or no type at all (Rails reads that as a form)."""
-    media = content_type.partition(";")[0].strip().lower()
+    media = _media_type(content_type)
     return media in (
         "",
         "application/x-www-form-urlencoded",
@@ -702,6 +705,11 @@ def _top_level_keys(body: bytes) -> list[str]:
     return [key for key, _ in document] if isinstance(document, _Pairs) else []
 
 
+def _media_type(content_type: str) -> str:
+    """The media type as PHP reads it: up to the first ``;``, ``,`` or whitespace."""
+    return _MEDIA_END.split(content_type.strip(), maxsplit=1)[0].lower()
+
+
 def _media(content_type: str) -> str:
     media = content_type.partition(";")[0].strip()
     return repr(media[:60]) if media else "non-JSON"
@@ -716,7 +724,7 @@ def _read_as_json(content_type: str) -> bool:
 
 
 def _is_json(content_type: str) -> bool:
-    media = content_type.partition(";")[0].strip().lower()
+    media = _media_type(content_type)
     return media == "application/json" or (
         media.startswith("application/") and media.endswith("+json")
     )

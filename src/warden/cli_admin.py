@@ -140,7 +140,9 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None  # urllib then raises the 3xx as an HTTPError
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects)
+# No proxy either: an operator's http_proxy is for other traffic, and the token
+# would go to it in clear text (the default admin URL is plain HTTP on loopback).
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects)
 
 
 def admin_request(method: str, path: str, body: Any = None, *, base_url: str | None = None) -> Any:

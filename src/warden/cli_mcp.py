@@ -119,6 +119,11 @@ async def _run(
         session_source=session[1],
         # A fresh id is this run's alone; one --session names may be shared.
         session_owned=session[1] == "mcp",
+        withheld_env=[
+            u.credential.env
+            for u in config.upstreams.values()
+            if u.credential is not None and u.credential.env is not None
+        ],
     )
     warden = Warden(config, doors=[door], listeners=False)
     async with warden:

@@ -207,3 +207,33 @@ async def test_the_cli_never_sends_its_token_after_a_redirect(
             await runner.cleanup()
     assert seen == []
     assert "redirects to" in capsys.readouterr().err
+
+
+async def test_the_cli_never_sends_its_token_through_a_proxy(
+    tmp_path: Path, llm: MockLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``http_proxy`` in an operator's shell is for other traffic: the admin token goes
+    straight to the admin URL, never to a proxy in clear text."""
+    seen: list[str | None] = []
+
+    async def proxy(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return aiohttp.web.json_response({"switches": []})
+
+    app = aiohttp.web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    await aiohttp.web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        async with Warden(make_config(tmp_path, llm.url, admin=ADMIN)) as warden:
+            for name in ("http_proxy", "HTTP_PROXY", "all_proxy"):
+                monkeypatch.setenv(name, f"http://127.0.0.1:{runner.addresses[0][1]}")
+            for name in ("no_proxy", "NO_PROXY"):
+                monkeypatch.delenv(name, raising=False)
+            monkeypatch.setenv("WARDEN_ADMIN_URL", warden.admin_url)
+            monkeypatch.setenv("WARDEN_TOKEN", TOKEN)
+            assert await asyncio.to_thread(cli.main, ["killswitches"]) == 0
+    finally:
+        await runner.cleanup()
+    assert seen == []

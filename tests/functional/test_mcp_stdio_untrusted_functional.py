@@ -204,3 +204,93 @@ async def test_requests_of_one_batch_sharing_an_id_are_all_refused(tmp_path: Pat
     by_id = sorted((a["id"], "error" in a) for a in answer)
     assert by_id == [(5, True), (5, True), (6, False)]
     assert tools_called(calls) == ["search_kb"]
+
+
+ENV_ECHO = textwrap.dedent(
+    """
+    import json, os, sys
+    request = json.loads(sys.stdin.readline())
+    info = {"name": ",".join(sorted(os.environ)), "version": "1"}
+    result = {"protocolVersion": "2025-06-18", "capabilities": {}, "serverInfo": info}
+    sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": result}) + "\\n")
+    sys.stdout.flush()
+    sys.stdin.read()
+    """
+)
+
+
+async def test_the_server_never_inherits_wardens_settings_or_the_keys_it_holds(
+    tmp_path: Path,
+) -> None:
+    """A tool server the agent drives (a shell, a file reader) could hand them back: the
+    state store's password clears kill switches, the admin token approves calls."""
+    config = write_config(tmp_path)
+    doc = orjson.loads(config.read_bytes())
+    doc["upstreams"] = {
+        "openai": {
+            "protocol": "openai",
+            "base_url": "http://127.0.0.1:9",
+            "credential": {"env": "HELD_OPENAI_KEY"},
+        }
+    }
+    config.write_bytes(orjson.dumps(doc))
+    params = wrap_params(config, Path("/dev/null"))
+    args = [*params.args[: params.args.index("--") + 1], sys.executable, "-c", ENV_ECHO]
+    env = {
+        **(params.env or {}),
+        "HELD_OPENAI_KEY": "sk-held-by-warden",
+        "WARDEN_TOKEN": "admin-token",
+        "WARDEN_STATE__CONNECT_TIMEOUT_S": "5",
+        "SERVER_OWN_KEY": "the-servers-own",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        params.command,
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        wrap = Raw(proc)
+        hello = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "r"}}
+        await wrap.send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": hello})
+        names = set((await wrap.read())["result"]["serverInfo"]["name"].split(","))
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert "SERVER_OWN_KEY" in names  # the server's own settings still reach it
+    assert not {"HELD_OPENAI_KEY", "WARDEN_TOKEN", "WARDEN_STATE__CONNECT_TIMEOUT_S"} & names
+
+
+NESTED_ANSWER = textwrap.dedent(
+    """
+    import json, sys, time
+    request = json.loads(sys.stdin.readline())
+    result = {"protocolVersion": "2025-06-18", "capabilities": {}, "serverInfo": {"name": "s"}}
+    answer = {"jsonrpc": "2.0", "id": request["id"], "result": result}
+    for line in ([[answer]], 7, [answer, 7], answer):  # what Warden cannot read, then a message
+        sys.stdout.write(json.dumps(line) + "\\n")
+    sys.stdout.flush()
+    sys.stdin.read()  # then, the client gone, it lingers (or a process it started does)
+    time.sleep(600)
+    """
+)
+
+
+async def test_only_messages_reach_the_client_and_a_lingering_server_is_stopped(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path)
+    doc = orjson.loads(config.read_bytes())
+    doc["shutdown_grace_s"] = 1
+    config.write_bytes(orjson.dumps(doc))
+    async with raw_wrap(config, sys.executable, "-c", NESTED_ANSWER) as wrap:
+        hello = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "r"}}
+        await wrap.send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": hello})
+        first = await wrap.read()
+        assert first["id"] == 1  # the nested batch, the number and the mixed batch went nowhere
+        assert first["result"]["serverInfo"]["name"] == "s"
+        assert wrap.proc.stdin is not None
+        wrap.proc.stdin.close()
+        # The client is gone and the server lingers: the wrap ends after the grace period.
+        assert await asyncio.wait_for(wrap.proc.wait(), 15) is not None

@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -110,6 +111,7 @@ class StdioDoor:
         session: str | None = None,
         session_source: str = "mcp",
         session_owned: bool = False,
+        withheld_env: Collection[str] = (),
     ) -> None:
         """``killswitches``: where to find the switches in force once Warden runs.
 
@@ -118,8 +120,11 @@ class StdioDoor:
         (``input.session.id``; ``session_source`` is its ``source``); ``None``: none.
         ``session_owned``: no other process counts calls in it (a fresh id), so its
         counters are kept in memory after one read (:attr:`Conversation.owned`).
+        ``withheld_env``: variables of Warden's the child must not inherit (the
+        upstream keys Warden holds), beside every ``WARDEN_*`` one.
         """
         self._command = tuple(command)
+        self._withheld_env = frozenset(withheld_env)
         self._agent = agent
         self._upstream = upstream
         self._in = client_in
@@ -165,6 +170,7 @@ class StdioDoor:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=MAX_LINE,
+            env=child_env(os.environ, self._withheld_env),
         )
         self._tasks = [
             tasks.spawn(self._from_client(), name="mcp-from-client"),
@@ -204,9 +210,12 @@ class StdioDoor:
         except (ValueError, asyncio.LimitOverrunError):
             log.error("mcp client sent a line longer than %d bytes; closing", MAX_LINE)
         finally:
-            # The client is gone: the child's stdin closes, and it exits in its own time.
+            # The client is gone: the child's stdin closes, and it exits in its own time,
+            # up to the grace period (a child, or a process it started, holding its
+            # stdout open would keep the wrap running for good).
             if self._child is not None and self._child.stdin is not None:
                 self._child.stdin.close()
+                asyncio.get_running_loop().call_later(self._grace_s, self.done.set)
 
     async def _client_payload(self, line: bytes) -> None:
         payload = mcp.parse(line)
@@ -539,16 +548,15 @@ class StdioDoor:
             log.warning("mcp server wrote a non-JSON-RPC line (%d bytes); dropped", len(line))
             metrics.child(metrics.MCP_DROPPED, "unreadable").inc()
             return
-        if isinstance(value, list):
-            kept = [
-                await self._listed(v) if isinstance(v, dict) else v
-                for v in value
-                if not isinstance(v, dict) or self._answer(v)
-            ]
+        if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            kept = [await self._listed(v) for v in value if self._answer(v)]
             if kept:
                 self._to_client(self._merge(kept))
         elif not isinstance(value, dict):
-            self._to_client(value)
+            # Not a message, nor a batch of them: Warden cannot tell what it answers,
+            # so it goes no further (a lenient client might read it as an answer).
+            log.warning("mcp server wrote JSON that is not a JSON-RPC message; dropped")
+            metrics.child(metrics.MCP_DROPPED, "unreadable").inc()
         elif self._answer(value):
             answer = await self._listed(value)
             if "method" in value:  # the server's own request or notification (_answer kept it)
@@ -684,6 +692,16 @@ class StdioDoor:
     def _write(self, data: bytes) -> None:
         if not self._out.is_closing():
             self._out.write(data)
+
+
+def child_env(environ: Mapping[str, str], withheld: Collection[str]) -> dict[str, str]:
+    """The server's environment: Warden's, less its settings and the keys it holds.
+
+    ``WARDEN_*`` carries the state store's password and the admin token; a tool
+    server the agent drives (a shell, a file reader) could hand them back, and
+    with them clear kill switches or approve its own calls.
+    """
+    return {k: v for k, v in environ.items() if not k.startswith("WARDEN_") and k not in withheld}
 
 
 def _held(held: Collection[str | int], target: str | int) -> str | int | None:

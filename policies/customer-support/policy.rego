@@ -422,6 +422,9 @@ account_changes(tally) := sum([n |
 session_hold(proposed, past, state) := sprintf("%v sends data out, and untrusted content (a web page, an email) entered this conversation earlier; a support lead must check it is not a prompt injection", [proposed.tool]) if {
 	"sensitive_sink" in proposed.labels
 	"untrusted_output" in state.taints
+} else := sprintf("%v sends data out, and this conversation is longer than Warden reads (history bounds), so what entered it earlier is unknown; a support lead must check it", [proposed.tool]) if {
+	"sensitive_sink" in proposed.labels
+	state.truncated == true
 } else := lookup_message(past, proposed.arguments.order_id) if {
 	# Refund only an order looked up in this conversation (data: refund_needs_lookup).
 	data.warden.sessions.refund_needs_lookup == true
@@ -440,7 +443,11 @@ looked_up(seen, order) if {
 }
 
 # Positions of the calls in `entries` that looked up order `wanted`, verified or not.
-lookup_ids(entries, wanted) := ids_by_order(entries, wanted) | ids_by_query(entries, wanted)
+# An empty or non-string order id was looked up by nothing.
+lookup_ids(entries, wanted) := ids_by_order(entries, wanted) | ids_by_query(entries, wanted) if {
+	is_string(wanted)
+	wanted != ""
+} else := set()
 
 ids_by_order(lookups, order_wanted) := {i |
 	some i
@@ -455,7 +462,9 @@ ids_by_query(searches, text_wanted) := {i |
 	tool in data.warden.sessions.lookup_tools
 	query := searches[i].arguments.query
 	is_string(query)
-	contains(query, text_wanted)
+	# The whole order id as a word of the query: a search for "A-10" is no lookup of "A-1".
+	words := regex.split(`[^A-Za-z0-9_-]+`, query)
+	text_wanted in words
 }
 
 lookup_message(prior, missing) := sprintf("order %v was looked up in this conversation, but not by a call Warden let through (the history was changed); a refund for it needs a support lead", [missing]) if {

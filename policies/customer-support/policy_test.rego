@@ -403,6 +403,12 @@ test_sink_after_untrusted_output_is_held if {
 	d.approvers == ["support-leads"]
 }
 
+test_sink_in_a_conversation_cut_by_the_bounds_is_held if {
+	d := warden.with_session(_ok, _sink, [], _session({"truncated": true}))
+	d.effect == "require_approval"
+	contains(d.reason, "longer than Warden reads")
+}
+
 test_sink_without_taint_keeps_its_verdict if {
 	warden.with_session(_ok, _sink, [], _session({})) == _ok
 }
@@ -441,6 +447,20 @@ test_refund_for_an_order_found_by_search_passes if {
 	history := [{"call_id": "c", "tool": "search_kb", "arguments": {"query": "status of A-1001"}, "verified": true}]
 	d := warden.with_session(_ok, _refund(50), history, _session({})) with data.warden.sessions.refund_needs_lookup as true
 	d == _ok
+}
+
+test_a_search_naming_a_longer_order_id_is_no_lookup if {
+	# "A-10011 A-20" names neither A-1001 nor A-2 in full.
+	history := [{"call_id": "c", "tool": "search_kb", "arguments": {"query": "A-10011 A-20"}, "verified": true}]
+	d := warden.with_session(_ok, _refund(50), history, _session({})) with data.warden.sessions.refund_needs_lookup as true
+	d.effect == "require_approval"
+}
+
+test_a_refund_naming_no_order_is_never_looked_up if {
+	refund := {"kind": "tool_call", "tool": "issue_refund", "arguments": {"order_id": "", "amount": 50}}
+	history := [{"call_id": "c", "tool": "search_kb", "arguments": {"query": "anything"}, "verified": true}]
+	d := warden.with_session(_ok, refund, history, _session({})) with data.warden.sessions.refund_needs_lookup as true
+	d.effect == "require_approval"
 }
 
 test_refund_for_an_order_never_looked_up_is_held if {

@@ -249,6 +249,10 @@ class Conversation:
     request continuing ``previous_response_id`` answers calls of an earlier response."""
     messages: int = 0
     truncated: bool = False
+    answered_tools: frozenset[str] = frozenset()
+    """Every tool whose result the request carries, the calls ``calls`` leaves out
+    (past ``max_calls``) included: their output entered the conversation all the same
+    (``input.session.taints``)."""
     session_id: str | None = None
     session_source: str | None = None
     previous_response_id: str | None = None

@@ -824,6 +824,9 @@ class SessionGuard:
             if call.result is not None:
                 taints.update(labels)
             docs.append(_entry(call, match, verified, labels))
+        for tool in conversation.answered_tools:
+            # Calls past the kept window: their output entered the conversation too.
+            taints.update(self.labels_of(tool))
         unapproved = _unapproved_request(
             conversation.approvals,
             chained,
@@ -851,6 +854,16 @@ class SessionGuard:
         agent's; the first agent to use one through Warden owns it."""
         named = conversation.provider_conversation
         assert named is not None
+        if usable_session(named) != named:
+            # Not an id a provider gives (conv_ and some fifty characters): claimed, a
+            # 3 MB one would be kept in memory and in the state store for days.
+            return dataclasses.replace(
+                prepared,
+                not_theirs=(
+                    f"the conversation id is not one a provider gives (1 to {MAX_SESSION_ID} "
+                    "printable characters)"
+                ),
+            )
         try:
             # Conversation ids are the provider's, not an upstream entry's: one scope.
             mine = await self._conversations.claim("", named, agent)

@@ -93,6 +93,19 @@ async def test_another_agent_cannot_continue_fetch_or_delete_an_answer(
     ]
 
 
+async def test_a_conversation_id_no_provider_gives_is_refused_unclaimed(
+    warden: Warden, llm: MockLLM, tmp_path: Path
+) -> None:
+    """Claimed, a 3 MB id would stay in memory and in the state store for days."""
+    async with client(warden, "refunds-bot") as mine:
+        with pytest.raises(openai.PermissionDeniedError, match="not one a provider gives"):
+            await mine.responses.create(
+                model="gpt-4.1", input="hi", conversation="conv_" + "A" * 5000
+            )
+    assert llm.requests == []
+    assert b"A" * 5000 not in (tmp_path / "state.db").read_bytes()
+
+
 async def test_a_provider_conversation_is_its_first_agents(
     warden: Warden, llm: MockLLM, tmp_path: Path
 ) -> None:

@@ -214,6 +214,30 @@ def test_a_time_bound_stops_extraction() -> None:
     assert stopped.messages < len(huge["messages"])
 
 
+def test_one_message_with_a_flood_of_calls_is_bounded_like_many_messages() -> None:
+    # 50,000 calls in one assistant message, then the same ids again in reverse: read
+    # whole, with a list's remove() per repeated id, this froze the event loop for 14 s.
+    calls = [
+        {"id": f"c{i}", "type": "function", "function": {"name": "t", "arguments": "{}"}}
+        for i in range(50_000)
+    ]
+    body = {"messages": [{"role": "assistant", "tool_calls": [*calls, *calls[::-1]]}]}
+    read = extract("openai_chat", body, Bounds(max_messages=5000, max_calls=10))
+    assert read.truncated
+    # Only the first max_messages entries were read: the last kept are the 5,000th's.
+    assert [c.call_id for c in read.calls] == [f"c{i}" for i in range(4990, 5000)]
+
+
+def test_a_call_given_again_moves_to_the_end() -> None:
+    call = {"type": "function", "function": {"name": "t", "arguments": "{}"}}
+    body = {
+        "messages": [
+            {"role": "assistant", "tool_calls": [{**call, "id": i} for i in ("a", "b", "a")]}
+        ]
+    }
+    assert [c.call_id for c in extract("openai_chat", body).calls] == ["b", "a"]
+
+
 # -- the decision cache keys only on the history paths the policy reads -----------------------
 
 

@@ -436,6 +436,17 @@ async def test_untrusted_output_taints_the_session(store: SessionStore) -> None:
     assert clean.session["taints"] == []
 
 
+async def test_untrusted_output_past_the_kept_window_still_taints(store: SessionStore) -> None:
+    # The fetch_url result, then more calls than the history keeps (max_calls): the
+    # fetched text entered the conversation all the same.
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+    flood = [(f"s{i}", "search_kb", "{}", "ok") for i in range(300)]
+    convo = chat(("f1", "fetch_url", '{"url":"https://x"}', "do as I say"), *flood, session=None)
+    assert "f1" not in {c.call_id for c in convo.calls}
+    ctx = await decide(guard, proposed("send_email", {"to": "a"}, "e1", convo), Effect.ALLOW)
+    assert ctx.session["taints"] == ["untrusted_output"]
+
+
 async def test_an_approved_untrusted_output_taints_the_session(store: SessionStore) -> None:
     guard = SessionGuard(store, SessionsConfig(), TOOLS)
     fetch = proposed("fetch_url", {"url": "https://x"}, "f1", chat(session="s-held"))

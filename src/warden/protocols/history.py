@@ -136,20 +136,40 @@ class _Builder:
     def __init__(self, bounds: Bounds) -> None:
         self.bounds = bounds
         self.calls: dict[str, PriorCall] = {}
-        self.order: list[str] = []
+        """In the order the model sees them: a call id given again moves to the end."""
         self.orphans: dict[str, PriorResult] = {}
         self.truncated = False
+        self.stopped = False
+        """A bound stopped the reading: the calls and results after it are not read."""
         self.messages = 0
+        self.entries = 0
+        self.answered: set[str] = set()
+        """Tools whose results were read, whether or not their calls are kept."""
         self._deadline = time.perf_counter() + bounds.max_ms / 1000
 
     def tick(self) -> bool:
         """Count one message; ``False`` once a bound stops the reading."""
+        if self.stopped:
+            return False
         if self.messages >= self.bounds.max_messages:
             self.truncated = True
             return False
         self.messages += 1
         if self.messages % _TIME_CHECK_EVERY == 0 and time.perf_counter() > self._deadline:
             self.truncated = True
+            return False
+        return True
+
+    def _entry(self) -> bool:
+        """Count one call or result, as :meth:`tick` counts messages: one message may
+        carry any number of them (50,000 tool calls in one assistant message)."""
+        if self.stopped:
+            return False
+        self.entries += 1
+        if self.entries > self.bounds.max_messages or (
+            self.entries % _TIME_CHECK_EVERY == 0 and time.perf_counter() > self._deadline
+        ):
+            self.truncated = self.stopped = True
             return False
         return True
 
@@ -162,24 +182,25 @@ class _Builder:
         raw: str | None = None,
         kind: str = "",
     ) -> None:
+        if not self._entry():
+            return
         if not isinstance(call_id, str) or not call_id or not isinstance(tool, str) or not tool:
             return
         if raw is None:
             arguments, raw = _object(raw_arguments)
         else:
             arguments = raw_arguments
-        if call_id in self.calls:
-            self.order.remove(call_id)  # the later one stands, as the model sees it
+        # The later one stands, as the model sees it, at the end of the order.
+        self.calls.pop(call_id, None)
         self.calls[call_id] = PriorCall(
             call_id=call_id,
             tool=tool,
             arguments=arguments,
             digest=arguments_digest(arguments, raw, kind),
         )
-        self.order.append(call_id)
 
     def result(self, call_id: Any, content: Any, *, is_error: bool = False) -> None:
-        if not isinstance(call_id, str):
+        if not self._entry() or not isinstance(call_id, str):
             return
         found = bound_result(_text(content), self.bounds.max_result_chars, is_error=is_error)
         call = self.calls.get(call_id)
@@ -187,11 +208,13 @@ class _Builder:
             # A call the request does not carry: an earlier response's, in a Responses chain.
             self.orphans[call_id] = found
             return
+        self.answered.add(call.tool)
         self.calls[call_id] = PriorCall(call.call_id, call.tool, call.arguments, call.digest, found)
 
     def done(self) -> Conversation:
-        keep = self.order[-self.bounds.max_calls :] if self.bounds.max_calls else []
-        truncated = self.truncated or len(keep) < len(self.order)
+        order = list(self.calls)
+        keep = order[-self.bounds.max_calls :] if self.bounds.max_calls else []
+        truncated = self.truncated or len(keep) < len(order)
         return Conversation(
             calls=tuple(self.calls[i] for i in keep),
             results=tuple(self.orphans.items())[-self.bounds.max_calls :]
@@ -199,6 +222,7 @@ class _Builder:
             else (),
             messages=self.messages,
             truncated=truncated,
+            answered_tools=frozenset(self.answered),
         )
 
 

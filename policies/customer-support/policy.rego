@@ -444,12 +444,11 @@ looked_up(seen, order) if {
 
 # Positions of the calls in `entries` that looked up order `wanted`, verified or not.
 # An empty or non-string order id was looked up by nothing.
-lookup_ids(entries, wanted) := ids_by_order(entries, wanted) | ids_by_query(entries, wanted) if {
-	is_string(wanted)
-	wanted != ""
-} else := set()
+lookup_ids(entries, wanted) := ids_by_order(entries, wanted) | ids_by_query(entries, wanted)
 
 ids_by_order(lookups, order_wanted) := {i |
+	is_string(order_wanted)
+	order_wanted != ""
 	some i
 	tool := lookups[i].tool
 	tool in data.warden.sessions.lookup_tools
@@ -457,6 +456,8 @@ ids_by_order(lookups, order_wanted) := {i |
 }
 
 ids_by_query(searches, text_wanted) := {i |
+	is_string(text_wanted)
+	text_wanted != ""
 	some i
 	tool := searches[i].tool
 	tool in data.warden.sessions.lookup_tools

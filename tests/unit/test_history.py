@@ -222,7 +222,8 @@ def test_one_message_with_a_flood_of_calls_is_bounded_like_many_messages() -> No
         for i in range(50_000)
     ]
     body = {"messages": [{"role": "assistant", "tool_calls": [*calls, *calls[::-1]]}]}
-    read = extract("openai_chat", body, Bounds(max_messages=5000, max_calls=10))
+    # (No time bound here: on a busy machine it would stop the reading first.)
+    read = extract("openai_chat", body, Bounds(max_messages=5000, max_calls=10, max_ms=60_000))
     assert read.truncated
     # Only the first max_messages entries were read: the last kept are the 5,000th's.
     assert [c.call_id for c in read.calls] == [f"c{i}" for i in range(4990, 5000)]

@@ -248,6 +248,7 @@ def test_shipped_bundle_reads_only_the_fields_it_uses_and_decides_the_same() -> 
         ("session", "held", KIND),
         *(("session", "held", tool) for tool in account_changes),
         ("session", "taints"),
+        ("session", "truncated"),  # a history cut by the bounds holds a sensitive sink
     )
     evaluator = Evaluator(
         [(m.path, m.source) for m in policy.production], policy.data, "data.warden.decision"

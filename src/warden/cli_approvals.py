@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import unicodedata
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +27,7 @@ import orjson
 
 from warden.approvals.model import hidden_paths
 from warden.cli_admin import _request, _run
+from warden.terminal import plain
 
 __all__ = ["main", "register"]
 
@@ -60,29 +60,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         cmd.set_defaults(func=_decide, verb=verb)
 
 
-def _plain(text: object, keep: str = "") -> str:
-    """``text`` safe for a terminal: control and format characters as ``\\uXXXX``.
-
-    Tool names, reasons, argument keys and comments come from the agent or
-    other people: an escape sequence in them could rewrite the screen (a
-    "pending" shown as "approved"), a newline or a bidi override fake a line.
-    The escapes are JSON's, so escaped JSON stays valid JSON.
-    """
-    return "".join(
-        ch if ch in keep or unicodedata.category(ch) not in ("Cc", "Cf") else _escaped(ch)
-        for ch in str(text)
-    )
-
-
-def _escaped(ch: str) -> str:
-    # UTF-16 code units, as JSON writes a character past U+FFFF (a surrogate pair).
-    units = ch.encode("utf-16-be")
-    return "".join(f"\\u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2))
-
-
 def _json(value: Any) -> str:
     # orjson escapes only C0 controls; DEL, C1 and bidi overrides pass in UTF-8.
-    return _plain(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode(), keep="\n")
+    return plain(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode(), keep="\n")
 
 
 def _path(approval_id: str) -> str:
@@ -109,9 +89,9 @@ def _line(r: Mapping[str, Any]) -> str:
     votes = f"{r['approvals']}/{r['required_approvals']}"
     hidden = len(hidden_paths(r.get("redacted") or ()))
     return (
-        f"{_plain(r['id'])}  {r['status']:<8} {_plain(r['agent']):<20} "
-        f"{_plain(r['tool'] or '-'):<20} {votes:>5}  {r['waiting_s']:>8.0f}s  "
-        f"{_plain(r['reason'])}{f'  [{hidden} hidden]' if hidden else ''}"
+        f"{plain(r['id'])}  {r['status']:<8} {plain(r['agent']):<20} "
+        f"{plain(r['tool'] or '-'):<20} {votes:>5}  {r['waiting_s']:>8.0f}s  "
+        f"{plain(r['reason'])}{f'  [{hidden} hidden]' if hidden else ''}"
     )
 
 
@@ -120,13 +100,13 @@ def _show(args: argparse.Namespace) -> int:
         if args.json:
             return _json(out)
         lines = [
-            f"id          {_plain(out['id'])}",
+            f"id          {plain(out['id'])}",
             f"status      {out['status']} ({out['mode']})",
-            f"agent       {_plain(out['agent'])}",
-            f"tool        {_plain(out['tool'])}",
-            f"reason      {_plain(out['reason'])}",
-            f"risk        {_plain(out['risk'] or '-')}",
-            f"approvers   {_plain(', '.join(out['approvers']) or 'any approver')}",
+            f"agent       {plain(out['agent'])}",
+            f"tool        {plain(out['tool'])}",
+            f"reason      {plain(out['reason'])}",
+            f"risk        {plain(out['risk'] or '-')}",
+            f"approvers   {plain(', '.join(out['approvers']) or 'any approver')}",
             f"approvals   {out['approvals']}/{out['required_approvals']}",
             f"waiting     {out['waiting_s']:.0f}s",
             f"args sha256 {out['arguments_sha256'] or '- (withheld: values are hidden)'}",
@@ -138,13 +118,13 @@ def _show(args: argparse.Namespace) -> int:
             lines.append(
                 f"hidden      {len(hidden)} value(s) you cannot see; reject if you need them:"
             )
-            lines += [f"              {_plain(path)}" for path in hidden]
+            lines += [f"              {plain(path)}" for path in hidden]
         lines.append("arguments   " + _json(out["arguments"]).replace("\n", "\n            "))
         if out.get("answers") is not None:
             lines.append("answers     " + _json(out["answers"]).replace("\n", "\n            "))
         lines += [
-            f"vote        {v['verdict']} by {_plain(v['by'])}"
-            + (f": {_plain(v['comment'])}" if v["comment"] else "")
+            f"vote        {v['verdict']} by {plain(v['by'])}"
+            + (f": {plain(v['comment'])}" if v["comment"] else "")
             for v in out["votes"]
         ]
         return "\n".join(lines)

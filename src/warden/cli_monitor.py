@@ -33,6 +33,7 @@ from warden.monitor.compare import compare
 from warden.monitor.events import Events, read_events
 from warden.monitor.psi import Level
 from warden.monitor.windows import Window, parse_duration, parse_instant, recent, reference_before
+from warden.terminal import plain
 
 __all__ = ["main", "register"]
 
@@ -275,6 +276,8 @@ def print_quality(results: Sequence[quality.Quality], out: TextIO) -> None:
 
 
 def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    # Tool and argument names are the model's: no escape sequence reaches the terminal.
+    rows = [[plain(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

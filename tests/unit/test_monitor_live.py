@@ -189,3 +189,35 @@ def test_row_positions_are_the_event_fields_positions() -> None:
     event = DecisionEvent(1.0, "a", "v", "act", "dec", "tool_call", "t", "allow", "policy", 5)
     assert event.row() == dataclasses.astuple(event)
     assert DecisionEvent(*event.row()) == event
+
+
+async def test_an_agents_stated_versions_fold_past_the_bound_and_spare_another_agents(
+    tmp_path: Path,
+) -> None:
+    # An agent states its own version when the config pins none: each one was a group
+    # every round computed and gauged, and a shared label budget (500) let one agent's
+    # flood push another's canary into "_other".
+    log = await AuditLog.open(AuditConfig(dir=str(tmp_path), checkpoint_interval_s=3600))
+    monitor = LiveMonitor(MonitorConfig(interval_s=3600), tmp_path)
+    try:
+        for i in range(live.MAX_VERSIONS + 40):
+            flood = dataclasses.replace(sample_action(i, agent="noisy-bot"))
+            flood = dataclasses.replace(
+                flood, agent=dataclasses.replace(flood.agent, version=f"v{i}")
+            )
+            await log.record_decision(flood, sample_decision())
+        canary = sample_action(agent="refunds-bot")
+        canary = dataclasses.replace(
+            canary, agent=dataclasses.replace(canary.agent, version="canary")
+        )
+        await log.record_decision(canary, sample_decision())
+        monitor.start(lambda: log.size)
+        snapshot = await monitor.refresh()
+        noisy = {q.version for q in snapshot.quality if q.agent == "noisy-bot"} - {"*"}
+        assert len(noisy) == live.MAX_VERSIONS + 1
+        assert "_other" in noisy
+        assert {q.version for q in snapshot.quality if q.agent == "refunds-bot"} >= {"canary"}
+        assert live._version_label("refunds-bot", "canary") == "canary"
+    finally:
+        await monitor.close()
+        await log.close()

@@ -167,6 +167,21 @@ def test_prior_calls_content_is_not_repeated_and_makes_the_input_inexact() -> No
     assert shown["verified"] is True
 
 
+def test_session_counters_of_credential_named_tools_replay_exactly() -> None:
+    # A count is no secret: masked, a candidate counting reset_password would see
+    # nothing and the replay would report no change where decisions change.
+    session = {"id": "s-1", "calls": {"reset_password": 3}, "held": {"rotate_api_key": 1}}
+    ctx = GuardContext(mode=Mode.ENFORCE, session=session)
+    rebuilt = rebuild_input(record_of(sample_action(), ctx))
+    assert rebuilt.exact
+    assert rebuilt.input is not None
+    assert rebuilt.input["session"]["calls"] == {"reset_password": 3}
+    assert rebuilt.input["session"]["held"] == {"rotate_api_key": 1}
+    # Anything else masked in the session makes the input inexact.
+    hidden = GuardContext(mode=Mode.ENFORCE, session={"id": "s-1", "api_key": "k"})
+    assert not rebuild_input(record_of(sample_action(), hidden)).exact
+
+
 def test_a_door_input_and_an_old_record_are_not_replayed() -> None:
     ctx = GuardContext(mode=Mode.ENFORCE)
     view = PolicyView("data.envoy.authz.allow", {"attributes": {}}, lambda v: (bool(v), v))

@@ -474,12 +474,22 @@ def decision_body(decision: Decision) -> dict[str, Any]:
     if facts is not None:
         # Only what the agent's request shaped can hold a credential-named key.
         body["input"] = {
-            k: mask_credentials(v) if v and k in _AGENT_FACTS else v for k, v in facts.items()
+            k: _masked_fact(k, v) if v and k in _AGENT_FACTS else v for k, v in facts.items()
         }
     return body
 
 
 _AGENT_FACTS = frozenset({"tools", "session", "history"})
+_COUNTERS = ("calls", "held")
+"""Session counters by tool name (``reset_password: 3``): a count is no secret, and a
+replay must read it as the policy did."""
+
+
+def _masked_fact(name: str, value: Any) -> Any:
+    if name != "session" or not isinstance(value, Mapping):
+        return mask_credentials(value)
+    masked = mask_credentials({k: v for k, v in value.items() if k not in _COUNTERS})
+    return {**masked, **{k: value[k] for k in _COUNTERS if k in value}}
 
 
 def _text_sha256(text: str) -> str:

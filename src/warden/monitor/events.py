@@ -81,6 +81,10 @@ APPROVAL: Final = 2
 TS: Final = 0
 D_AGENT: Final = 1
 D_VERSION: Final = 2
+AGENT: Final = 1
+"""A decision's or outcome's agent, at the same place in both kinds of row."""
+VERSION: Final = 2
+"""A decision's or outcome's agent version, at the same place in both kinds of row."""
 D_DECISION_ID: Final = 4
 D_KIND: Final = 5
 D_TOOL: Final = 6

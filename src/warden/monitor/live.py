@@ -43,10 +43,12 @@ from warden.errors import ConfigError
 from warden.monitor import drift, quality
 from warden.monitor.baseline import Baseline, load_baseline
 from warden.monitor.events import (
+    AGENT,
     APPROVAL,
     DECISION,
     OUTCOME,
     TS,
+    VERSION,
     ApprovalRow,
     DecisionRow,
     OutcomeRow,
@@ -77,6 +79,11 @@ _Fed = tuple[int, _Row] | Mapping[str, Any] | None
 """A fed record as the reading thread takes it: its row, or the record if it is sealed."""
 _MONITORED = frozenset(("decision", "outcome", "approval_decided", "approval_expired"))
 _LEVEL_VALUE = {Level.OK: 0, Level.WATCH: 1, Level.ACT: 2, Level.INSUFFICIENT: -1}
+
+
+MAX_VERSIONS = 32
+"""Versions of one agent the monitor tells apart within its window; more fold into
+``_other`` (an agent states its own version when the config pins none)."""
 
 
 class Snapshot:
@@ -163,6 +170,9 @@ class LiveMonitor:
         self._size: Callable[[], int] = lambda: 0
         self._task: asyncio.Task[None] | None = None
         self._gauged: set[tuple[object, tuple[str, ...]]] = set()
+        self._versions: dict[str, dict[str, float]] = {}
+        """Per agent, the versions in the window and when each was last seen: an agent
+        states its own version, and each one is a group the rounds compute and gauge."""
         self.last: Snapshot | None = None
         self._busy = asyncio.Lock()  # one thread at a time reads the log and the windows
 
@@ -296,29 +306,49 @@ class LiveMonitor:
             return
         what, row = found
         if what == DECISION:
-            self._decisions.append(row)  # type: ignore[arg-type]
+            self._decisions.append(self._folded(row))  # type: ignore[arg-type]
         elif what == OUTCOME:
-            self._outcomes.append(row)  # type: ignore[arg-type]
+            self._outcomes.append(self._folded(row))  # type: ignore[arg-type]
         elif what == APPROVAL:
             self._approvals.append(row)  # type: ignore[arg-type]
+
+    def _folded(self, row: _Row) -> _Row:
+        """``row``, its version folded into ``_other`` past ``MAX_VERSIONS`` of its agent in
+        the window (200,000 stated versions made every round stall the loop for seconds)."""
+        agent, version, at = row[AGENT], row[VERSION], row[TS]
+        seen = self._versions.setdefault(str(agent), {})
+        if version in seen or len(seen) < MAX_VERSIONS:
+            seen[str(version)] = max(at, seen.get(str(version), at))
+            return row
+        oldest = at - self.span_s
+        for old in [v for v, last in seen.items() if last < oldest]:
+            del seen[old]
+        if len(seen) < MAX_VERSIONS:
+            seen[str(version)] = at
+            return row
+        return (*row[:VERSION], metrics.OTHER, *row[VERSION + 1 :])  # type: ignore[return-value]
 
     # -- on the event loop ---------------------------------------------------------------
 
     def _set_gauges(self, snapshot: Snapshot) -> None:
         seen: set[tuple[object, tuple[str, ...]]] = set()
 
+        levels: dict[tuple[str, ...], float] = {}
+
         def put(gauge: Gauge, labels: tuple[str, ...], value: float) -> None:
             gauge.labels(*labels).set(value)
             seen.add((gauge, labels))
 
         for result in snapshot.drift:
-            group = (_label("agent", result.agent), _label("version", result.version))
-            put(metrics.DRIFT_LEVEL, group, _LEVEL_VALUE[result.level])
+            group = (_label("agent", result.agent), _version_label(result.agent, result.version))
+            # Groups folded into one label (_other) show the worst of them, not the last.
+            levels[group] = max(levels.get(group, 0.0), _LEVEL_VALUE[result.level])
+            put(metrics.DRIFT_LEVEL, group, levels[group])
             for dist in result.distributions:
                 if dist.level is not Level.INSUFFICIENT:
                     put(metrics.DRIFT_PSI, (*group, _label("distribution", dist.name)), dist.psi)
         for q in snapshot.quality:
-            group = (_label("agent", q.agent), _label("version", q.version))
+            group = (_label("agent", q.agent), _version_label(q.agent, q.version))
             rates = {
                 "deny": q.deny_rate,
                 "hold": q.hold_rate,
@@ -341,6 +371,12 @@ class LiveMonitor:
 def _label(kind: str, value: str) -> str:
     # The version label may legitimately be empty (no version configured).
     return metrics.bounded(f"monitor_{kind}", value) if value else ""
+
+
+def _version_label(agent: str, version: str) -> str:
+    """A version label from the agent's own budget: one agent stating hundreds of
+    versions cannot push another's canary into ``_other``."""
+    return metrics.bounded(f"monitor_version\x1f{agent}", version) if version else ""
 
 
 def _slice[R: tuple[Any, ...]](rows: tuple[R, ...], window: Window) -> tuple[R, ...]:

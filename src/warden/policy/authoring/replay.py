@@ -210,7 +210,9 @@ def rebuild_input(record: Mapping[str, Any], unsealer: Unsealer | None = None) -
         doc["action"]["input_responses"] = dict(answers)
     if meta is not None:
         doc["action"]["meta"] = dict(meta)
-    exact = not action.get("redacted") and not _redacted_inside(doc["context"])
+    exact = not action.get("redacted") and not any(
+        _redacted_inside(doc[part]) for part in ("context", "session", "request")
+    )
     if _redacted_inside(doc["history"]):
         exact = False  # prior calls' content is not repeated in the record (ADR 0012)
     if any(v is not None and _redacted_inside(v) for v in (arguments, answers, meta)):

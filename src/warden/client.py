@@ -88,6 +88,11 @@ def session(session_id: str) -> Iterator[None]:
         _SESSION.reset(token)
 
 
+_NO_PROXY = (("grpc.enable_http_proxy", 0),)
+"""The agent key, token and admin token go to Warden only: gRPC would otherwise tunnel
+them through a proxy named in ``http_proxy`` (in clear text, without TLS)."""
+
+
 class ToolDenied(Exception):
     """Warden denied the tool call; it was not run."""
 
@@ -267,9 +272,9 @@ class WardenClient:
         if channel is None:
             creds = _credentials(root_certificates, certificate_chain, private_key, tls)
             channel = (
-                grpc.secure_channel(target, creds)
+                grpc.secure_channel(target, creds, options=_NO_PROXY)
                 if creds is not None
-                else grpc.insecure_channel(target)
+                else grpc.insecure_channel(target, options=_NO_PROXY)
             )
         self._channel = channel
         self._s = _Settings(agent, agent_key, agent_token, admin_token, timeout_s)
@@ -464,9 +469,9 @@ class AsyncWardenClient:
         if channel is None:
             creds = _credentials(root_certificates, certificate_chain, private_key, tls)
             channel = (
-                grpc.aio.secure_channel(target, creds)
+                grpc.aio.secure_channel(target, creds, options=_NO_PROXY)
                 if creds is not None
-                else grpc.aio.insecure_channel(target)
+                else grpc.aio.insecure_channel(target, options=_NO_PROXY)
             )
         self._channel = channel
         self._s = _Settings(agent, agent_key, agent_token, admin_token, timeout_s)

@@ -206,6 +206,9 @@ class Governor:
                     # Only an approved call reached the agent: history verifies only it.
                     self._chains.settled(action, settled)
             decision = settled
+        # The last word once recorded (or approved): nothing is awaited after it, so
+        # the door acts on a decision no switch thrown meanwhile contradicts.
+        decision = await self._pipeline.recheck(action, decision)
         tracing.DECISION_ID.set(decision.decision_id)  # log lines after this carry it
         return decision
 

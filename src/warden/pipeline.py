@@ -26,6 +26,7 @@ or the agent's own report.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -38,7 +39,16 @@ import orjson
 from warden.audit.record import REDACTED, ApprovalEvidence
 from warden.audit.redaction import POLICY_GUARDS
 from warden.audit.redaction import resolve as resolve_redactions
-from warden.model import Action, ActionKind, Decision, Effect, Mode, Outcome, new_id
+from warden.model import (
+    Action,
+    ActionKind,
+    Decision,
+    Effect,
+    Mode,
+    Obligations,
+    Outcome,
+    new_id,
+)
 
 __all__ = [
     "MAX_INPUT_DEPTH",
@@ -495,7 +505,9 @@ class Pipeline:
                     mode=ctx.mode,
                     guard="default",
                 )
-            if decision.effect is not Effect.DENY and self._last_word:
+            # What is enforced, not what the policy said: an observe-mode denial lets
+            # the action through, and a switch stops it all the same.
+            if decision.enforced is not Effect.DENY and self._last_word:
                 decision = await self._last_said(action, ctx, decision)
             if decision.guard not in POLICY_GUARDS or decision.error is not None:
                 # Every record of the action redacts what the policy asks, whoever
@@ -515,6 +527,28 @@ class Pipeline:
                 except Exception:
                     log.exception("guard %s failed to finish a decision", guard.name)
         return decision
+
+    async def recheck(self, action: Action, decision: Decision) -> Decision:
+        """``decision`` once recorded, unless a guard with the last word now says otherwise.
+
+        A kill switch thrown while the decision was written (its ``fdatasync``)
+        or held for approval: the denial is recorded and returned, and what the
+        allowed decision reserved goes back (the action never ran).
+        """
+        if decision.enforced is Effect.DENY or not self._last_word:
+            return decision
+        ctx = GuardContext(mode=decision.mode, risk=self._risk_of(action.tool))
+        late = await self._last_said(action, ctx, decision)
+        if late is decision:
+            return decision
+        # The action's redactions hold for this record too (warden.audit.redaction).
+        late = dataclasses.replace(
+            late, obligations=Obligations(redact=decision.obligations.redact)
+        )
+        await self._audit.record_decision(action, late)
+        stopped = Outcome(error="killed", result=late.reason, is_error=True)
+        await self.outcome(action, decision.decision_id, stopped, trusted=True)
+        return late
 
     async def _last_said(self, action: Action, ctx: GuardContext, decision: Decision) -> Decision:
         """``decision``, unless a guard with the last word now says otherwise."""

@@ -366,7 +366,9 @@ class Warden:
             # Closed after the audit log, so the final checkpoint is shipped too.
             self._shipper = shipper
             self._stack.push_async_callback(shipper.close)
-            shipper.start(lambda: audit.size)
+            # Only what a power loss cannot take back: a record shipped, then lost locally,
+            # would have the restarted log refused as another writer's.
+            shipper.start(lambda: audit.synced_size)
         self._stack.push_async_callback(audit.close)
         # Change management: which configuration this process runs (secrets left out).
         await audit.append(CONFIG_LOAD, config_body(self.config, self._config_source))

@@ -73,6 +73,7 @@ from warden.pipeline import GuardContext, input_problem
 from warden.pointers import pointer_get
 from warden.protocols import history
 from warden.protocols.base import refusal_text
+from warden.state.links import MAX_CALL_ID_CHARS
 from warden.state.sessions import (
     MAX_CHAIN,
     CallRecord,
@@ -460,9 +461,12 @@ class SessionGuard:
             conversation = action.request.conversation
             prepared = conversation.memo.get("prepared") if conversation is not None else None
             key = prepared.key if isinstance(prepared, _Prepared) else None
-            if action.call_id:
+            if action.call_id and len(action.call_id) <= MAX_CALL_ID_CHARS:
+                # A longer id (the agent's own, at gRPC and MCP) is kept nowhere: a 3 MB
+                # one would sit in memory and in the state store for sessions.ttl_s.
                 await self._record(action, decision, conversation, key)
-            self._count(key, self._deltas(action.tool, decision.enforced))
+            if len(action.tool) <= MAX_SESSION_ID:
+                self._count(key, self._deltas(action.tool, decision.enforced))
         finally:
             self._leave(action.action_id)
 

@@ -802,6 +802,35 @@ async def test_govern_runs_only_allowed_calls_and_records_their_outcome(
     }
 
 
+async def test_the_client_never_goes_through_a_proxy_from_the_environment(
+    warden: Warden, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``http_proxy`` in the agent's environment is for other traffic: the agent key and
+    admin token would reach the proxy in clear text through a CONNECT tunnel."""
+    connects: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connects.append(await reader.readline())
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    for name in ("http_proxy", "https_proxy", "grpc_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+    for name in ("no_proxy", "NO_PROXY", "no_grpc_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        async with AsyncWardenClient(
+            warden.grpc_address, agent="refunds-bot", agent_key=AGENT_KEY, timeout_s=10
+        ) as client:
+            verdict = await client.check("issue_refund", {"amount": 1, "order_id": "P-1"})
+        assert verdict.allowed
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert connects == []
+
+
 async def test_govern_refuses_a_client_of_the_wrong_kind() -> None:
     client = AsyncWardenClient("127.0.0.1:9")
     try:

@@ -241,6 +241,8 @@ async def test_the_server_never_inherits_wardens_settings_or_the_keys_it_holds(
         "HELD_OPENAI_KEY": "sk-held-by-warden",
         "WARDEN_TOKEN": "admin-token",
         "WARDEN_STATE__CONNECT_TIMEOUT_S": "5",
+        "PGPASSWORD": "state-store-password",
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer trace-token",
         "SERVER_OWN_KEY": "the-servers-own",
     }
     proc = await asyncio.create_subprocess_exec(
@@ -259,7 +261,8 @@ async def test_the_server_never_inherits_wardens_settings_or_the_keys_it_holds(
         proc.kill()
         await proc.wait()
     assert "SERVER_OWN_KEY" in names  # the server's own settings still reach it
-    assert not {"HELD_OPENAI_KEY", "WARDEN_TOKEN", "WARDEN_STATE__CONNECT_TIMEOUT_S"} & names
+    withheld = {"HELD_OPENAI_KEY", "WARDEN_TOKEN", "WARDEN_STATE__CONNECT_TIMEOUT_S"}
+    assert not (withheld | {"PGPASSWORD", "OTEL_EXPORTER_OTLP_HEADERS"}) & names
 
 
 NESTED_ANSWER = textwrap.dedent(

@@ -167,6 +167,23 @@ def test_names_and_reasons_the_agent_chose_cannot_write_mrkdwn_or_lines() -> Non
     assert all(b["text"].get("verbatim") for b in slack["blocks"][:3])
 
 
+def test_every_section_fits_slacks_limit_once_escaped() -> None:
+    # "&" is five characters once escaped: cut before, a section passed 3,000 and
+    # Slack refused the message (nobody was asked).
+    ampersands = dataclasses.replace(
+        approval(),
+        arguments={"memo": "&" * 5000},
+        redacted=tuple(f"/password{i}" + "&" * 200 for i in range(12)),
+        reason="&" * 5000,
+        comment="<" * 5000,
+    )
+    slack = render("approval.requested", ampersands, "slack", 1795747200)
+    for block in slack["blocks"][:3]:
+        text = block["text"]["text"]
+        assert len(text) <= 3000
+        assert not text.rstrip("…`\n").endswith(("&", "&a", "&am", "&amp", "&l", "&lt"))
+
+
 def test_an_mcp_retrys_answers_follow_the_arguments_and_cannot_cut_them() -> None:
     # The answers are the client's text: however long, the amount still shows.
     answered = dataclasses.replace(

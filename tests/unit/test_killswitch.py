@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from warden import killswitch
+from warden.core import Governor
 from warden.errors import AuditError
 from warden.killswitch import KillSwitches, KillSwitchGuard, Scope
 from warden.model import (
@@ -107,8 +108,9 @@ async def test_the_guard_denies_in_enforce_even_in_observe_mode(store: StateStor
     assert "looping" in decision.reason
 
 
+@pytest.mark.parametrize("said", [Effect.ALLOW, Effect.DENY], ids=["allowed", "observed-deny"])
 async def test_a_switch_thrown_while_the_policy_decides_has_the_last_word(
-    store: StateStore,
+    store: StateStore, said: Effect
 ) -> None:
     # A decision waits for a policy worker (3,000 calls queued in a flood): the switch
     # checked first said nothing, the one thrown meanwhile must still stop the call.
@@ -121,7 +123,9 @@ async def test_a_switch_thrown_while_the_policy_decides_has_the_last_word(
         async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
             deciding.set()
             await thrown.wait()
-            return Decision(new_id("dec"), Effect.ALLOW, ("fine",), Mode.ENFORCE, guard="policy")
+            # A denial in observe mode is enforced as an allow: the switch must still stop it.
+            mode = Mode.ENFORCE if said is Effect.ALLOW else Mode.OBSERVE
+            return Decision(new_id("dec"), said, ("fine",), mode, guard="policy")
 
     audit = MemoryAudit()
     pipeline = Pipeline(
@@ -137,6 +141,48 @@ async def test_a_switch_thrown_while_the_policy_decides_has_the_last_word(
     decision = await decided
     assert (decision.enforced, decision.guard) == (Effect.DENY, "kill_switch")
     assert [d.guard for _, d in audit.decisions] == ["kill_switch"]
+
+
+async def test_a_switch_thrown_while_the_decision_is_written_stops_the_action(
+    store: StateStore,
+) -> None:
+    # The allow is being made durable (its fdatasync) when the switch lands: the door
+    # must not act on it.
+    switches = KillSwitches(store, None)
+    writing, thrown = asyncio.Event(), asyncio.Event()
+
+    class SlowDisk(MemoryAudit):
+        async def record_decision(
+            self, action: Action, decision: Decision, *, approval: Any = None
+        ) -> None:
+            await super().record_decision(action, decision, approval=approval)
+            if decision.guard != "kill_switch":
+                writing.set()
+                await thrown.wait()
+
+    class Allow:
+        name = "policy"
+
+        async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
+            return Decision(new_id("dec"), Effect.ALLOW, ("fine",), Mode.ENFORCE, guard="policy")
+
+    audit = SlowDisk()
+    pipeline = Pipeline(
+        [KillSwitchGuard(switches), Allow()],
+        audit,
+        mode_for=lambda _a: Mode.ENFORCE,
+        risk_of=lambda _t: "write",
+    )
+    core = Governor(pipeline)
+    decided = asyncio.ensure_future(core.decide(action()))
+    await writing.wait()
+    await switches.set(Scope.AGENT, "bot", "looping", "alice")
+    thrown.set()
+    decision = await decided
+    assert (decision.enforced, decision.guard) == (Effect.DENY, "kill_switch")
+    assert [d.guard for _, d in audit.decisions] == ["policy", "kill_switch"]
+    (killed,) = audit.outcomes
+    assert killed.outcome.error == "killed"  # the allowed one never acted: nothing held
 
 
 async def test_switches_are_recorded_with_who_and_why(store: StateStore) -> None:

@@ -266,6 +266,19 @@ async def test_a_call_id_the_upstream_repeats_keeps_a_bounded_memory(
     assert len(restarted._known["call_1"]) == MAX_PER_CALL_ID
 
 
+async def test_a_call_id_longer_than_any_provider_gives_is_kept_nowhere(
+    store: SessionStore,
+) -> None:
+    # gRPC Check's call_id and MCP's JSON-RPC ids are the agent's own: 40 checks with
+    # 3 MB ids took 220 MB of memory and a 360 MB state store.
+    guard = SessionGuard(store, SessionsConfig(), TOOLS)
+    long_id = "c" * 100_000
+    await decide(guard, proposed("get_order", {"order_id": "A-1"}, long_id, chat()), Effect.ALLOW)
+    await guard.close()
+    assert long_id not in guard._known
+    assert (await store.calls([long_id])) == {}
+
+
 class SlowAdds:
     """A session store whose counter adds wait until released (a busy or remote store)."""
 

@@ -101,11 +101,12 @@ def render(event: str, approval: Approval, fmt: str, timestamp: int) -> dict[str
     # Sorted, as the console shows them: the agent's own order could push the
     # field that matters past the cut. A cut message says so and sends people on.
     pretty = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
-    args = _cut(orjson.dumps(approval.arguments, option=pretty).decode(), _SLACK_ARGS_CHARS)
+    # Escaped, then cut: Slack counts the escaped text ("&" is five characters then).
+    args = _cut(_code(orjson.dumps(approval.arguments, option=pretty).decode()), _SLACK_ARGS_CHARS)
     if approval.answers is not None:  # an MCP retry's answers: the server acts on them too
         # Each cut on its own: padding in one (the client's text) cannot push the other out.
         answers = orjson.dumps(approval.answers, option=pretty).decode()
-        args = f"arguments: {args}\nanswers: {_cut(answers, _SLACK_ARGS_CHARS // 2)}"
+        args = f"arguments: {args}\nanswers: {_cut(_code(answers), _SLACK_ARGS_CHARS // 2)}"
     shown = approval.shown_sha256
     digest = f" · args sha256 {shown[:16]}…" if shown else ""  # withheld if a value is hidden
     details = [f"*Reason:* {_line(approval.reason, _SLACK_REASON_CHARS)}"]
@@ -124,7 +125,7 @@ def render(event: str, approval: Approval, fmt: str, timestamp: int) -> dict[str
         "blocks": [
             {"type": "section", "text": _mrkdwn(headline)},
             {"type": "section", "text": _mrkdwn("\n".join(details))},
-            {"type": "section", "text": _mrkdwn(f"```{_code(args)}```")},
+            {"type": "section", "text": _mrkdwn(f"```{args}```")},
             {
                 "type": "context",
                 "elements": [
@@ -141,9 +142,16 @@ def render(event: str, approval: Approval, fmt: str, timestamp: int) -> dict[str
 
 
 def _cut(text: str, most: int) -> str:
+    """Escaped ``text`` cut to ``most`` characters, never inside an entity (``&amp;``)."""
     if len(text) <= most:
         return text
-    return text[:most] + "\n… (cut: see every argument in the console)"
+    return _whole_entities(text[:most]) + "\n… (cut: see every argument in the console)"
+
+
+def _whole_entities(text: str) -> str:
+    # An entity is at most five characters ("&amp;"): one begun in the last four is cut.
+    amp = text.rfind("&", len(text) - 4)
+    return text[:amp] if amp != -1 and ";" not in text[amp:] else text
 
 
 def _slack(text: str) -> str:
@@ -160,10 +168,10 @@ def _line(text: str, most: int = _SLACK_NAME_CHARS) -> str:
     """Agent-reachable text on one line of the message: no line breaks or other control
     characters (a fake ``*Risk:* none`` line), cut to ``most`` (Slack refuses a section
     over 3,000 characters, and the request would never be posted)."""
-    flat = _CONTROL.sub(" ", text)
-    if len(flat) > most:
-        flat = flat[: most - 1] + "…"
-    return _slack(flat)
+    escaped = _slack(_CONTROL.sub(" ", text))
+    if len(escaped) > most:
+        escaped = _whole_entities(escaped[: most - 1]) + "…"
+    return escaped
 
 
 def _inline(text: str) -> str:

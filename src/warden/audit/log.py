@@ -260,6 +260,9 @@ class AuditLog:
         # their sequence number, so `warden audit proof --record` needs no index.
         self._id_prefix = f"rec_{opened.meta.origin.rsplit('/', 1)[-1]}_"
         self._sync_each_batch = config.fsync == "always"
+        self._never_synced = config.fsync == "never"
+        self._synced = opened.state.size
+        """Records on disk for good (fsync ``batch``: up to the last periodic sync)."""
         self._unsynced = False
         self._frames: list[bytes] = []
         self._records: list[Mapping[str, Any]] = []  # the frames' records, for followers
@@ -322,6 +325,13 @@ class AuditLog:
     def size(self) -> int:
         """The number of records written so far."""
         return self._durable.size
+
+    @property
+    def synced_size(self) -> int:
+        """The records a power loss cannot take back: :attr:`size` with fsync ``always``,
+        the size at the last periodic sync with ``batch``, :attr:`size` with ``never``
+        (the operator gave that up). What leaves the host (shipping) stops there."""
+        return self._durable.size if self._never_synced else self._synced
 
     def next_write(self) -> asyncio.Event:
         """An event set when more records are written. Take it before reading
@@ -766,6 +776,8 @@ class AuditLog:
             self._wake_idle()
             return
         self._durable = state
+        if self._sync_each_batch:
+            self._synced = state.size
         advanced, self._advanced = self._advanced, asyncio.Event()
         advanced.set()  # followers of the log (gRPC TailRecords) read on
         self._unsynced = not self._sync_each_batch
@@ -858,6 +870,7 @@ class AuditLog:
             note = self._signer.sign(ckpt.text())
             await self._blocking(self._store_checkpoint, state.size, note)
             self._checkpointed = state.size
+            self._synced = max(self._synced, state.size)  # synced before it was signed
             return ckpt
 
     def _store_checkpoint(self, size: int, note: str) -> None:
@@ -881,10 +894,12 @@ class AuditLog:
             await asyncio.sleep(BATCH_SYNC_INTERVAL_S)
             if self._unsynced and self._failure is None:
                 self._unsynced = False
+                upto = self._durable.size  # written before the sync: covered by it
                 try:
                     await self._blocking(self._writer.sync)
                 except AuditError:
                     return
+                self._synced = max(self._synced, upto)
 
     # -- shutdown ------------------------------------------------------------
 

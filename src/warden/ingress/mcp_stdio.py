@@ -697,11 +697,19 @@ class StdioDoor:
 def child_env(environ: Mapping[str, str], withheld: Collection[str]) -> dict[str, str]:
     """The server's environment: Warden's, less its settings and the keys it holds.
 
-    ``WARDEN_*`` carries the state store's password and the admin token; a tool
+    ``WARDEN_*`` and ``PG*`` carry the state store's password, ``WARDEN_TOKEN``
+    the admin token, ``OTEL_*`` the trace exporter's headers; a tool
     server the agent drives (a shell, a file reader) could hand them back, and
     with them clear kill switches or approve its own calls.
     """
-    return {k: v for k, v in environ.items() if not k.startswith("WARDEN_") and k not in withheld}
+    return {
+        k: v for k, v in environ.items() if not k.startswith(_WARDENS_ENV) and k not in withheld
+    }
+
+
+_WARDENS_ENV = ("WARDEN_", "PG", "OTEL_")
+"""Warden's settings, libpq's (``PGPASSWORD`` for the state store and audit shipping) and
+the trace exporter's (``OTEL_EXPORTER_OTLP_HEADERS`` may carry a token)."""
 
 
 def _held(held: Collection[str | int], target: str | int) -> str | int | None:

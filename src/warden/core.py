@@ -208,7 +208,10 @@ class Governor:
             decision = settled
         # The last word once recorded (or approved): nothing is awaited after it, so
         # the door acts on a decision no switch thrown meanwhile contradicts.
-        decision = await self._pipeline.recheck(action, decision)
+        rechecked = await self._pipeline.recheck(action, decision)
+        if rechecked is not decision:
+            _count(action, rechecked)
+            decision = rechecked
         tracing.DECISION_ID.set(decision.decision_id)  # log lines after this carry it
         return decision
 

@@ -535,8 +535,8 @@ class Pipeline:
         or held for approval: the denial is recorded and returned, and what the
         allowed decision reserved goes back (the action never ran).
         """
-        if decision.enforced is Effect.DENY or not self._last_word:
-            return decision
+        if decision.enforced is not Effect.ALLOW or not self._last_word:
+            return decision  # a held one does not act: its approval meets the switch
         ctx = GuardContext(mode=decision.mode, risk=self._risk_of(action.tool))
         late = await self._last_said(action, ctx, decision)
         if late is decision:

@@ -156,6 +156,18 @@ async def test_a_policy_cannot_read_wardens_environment(
     assert "WARDEN_STATE_URL" not in names
 
 
+async def test_a_large_input_is_cached_under_a_digest(engine: PolicyEngine) -> None:
+    # The arguments are the agent's: 10,000 cached keys of 8 MiB each would hold the
+    # sidecar's memory; a key past 1 KiB is kept as its digest.
+    # The policy reads the amount: a long one is in the key.
+    assert not (await engine.evaluate(doc("issue_refund", amount="9" * 100_000))).cached
+    assert (await engine.evaluate(doc("issue_refund", amount="9" * 100_000))).cached
+    assert not (await engine.evaluate(doc("issue_refund", amount="9" * 100_001))).cached
+    gen = engine._active
+    assert gen is not None
+    assert max(len(k) for k in gen.cache._data) < 1024
+
+
 async def test_concurrent_callers_share_the_pool(engine: PolicyEngine) -> None:
     results = await asyncio.gather(
         *(engine.evaluate(doc("issue_refund", amount=i)) for i in range(200))

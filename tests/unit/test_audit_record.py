@@ -12,6 +12,7 @@ import rfc8785
 from hypothesis import given
 from hypothesis import strategies as st
 
+from warden.audit import record as audit_record
 from warden.audit.record import (
     MAX_RESULT_CHARS,
     REDACTED,
@@ -258,3 +259,9 @@ def test_arguments_hash_is_canonical() -> None:
     a = arguments_sha256({"amount": 250, "order_id": "A-1"})
     assert a == arguments_sha256({"order_id": "A-1", "amount": 250})
     assert a == hashlib.sha256(b'{"amount":250,"order_id":"A-1"}').hexdigest()
+
+
+def test_a_long_argument_name_is_judged_but_not_remembered() -> None:
+    long_name = "x" * 100_000 + "_password"
+    assert is_credential_key(long_name)
+    assert long_name not in audit_record._credential_memo  # kept, it would stay for good

@@ -221,3 +221,9 @@ async def test_an_agents_stated_versions_fold_past_the_bound_and_spare_another_a
     finally:
         await monitor.close()
         await log.close()
+
+
+def test_long_tool_and_argument_names_give_no_number_distribution() -> None:
+    # The agent's names: a 2 MiB one would be kept in up to max_events rows.
+    assert events._numbers("t", {"a" * 200: 1, "b": 2}) == (("t.b", 2.0),)
+    assert events._numbers("t" * 200, {"b": 2}) == ()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from warden.protocols.sse import SseEvent, SseParser, SseTooLarge, encode_comment
+from warden.protocols.sse_relay import EventSplitter
 
 DATA = Path(__file__).parent / "data"
 RECORDED = sorted(
@@ -172,3 +174,31 @@ def test_encode_turns_carriage_returns_into_data_lines() -> None:
     event = SseEvent(data="a\r\nb\rc")
     assert event.encode() == b"data: a\ndata: b\ndata: c\n\n"
     assert parse(event.encode()) == [SseEvent(data="a\nb\nc")]
+
+
+class _Scanned(bytearray):
+    """A buffer that counts the bytes its searches read."""
+
+    scanned = 0
+
+    def find(self, sub: Any, start: Any = 0, *args: Any) -> int:
+        found = super().find(sub, start, *args)
+        _Scanned.scanned += (len(self) if found == -1 else found) - (start or 0)
+        return found
+
+
+@pytest.mark.parametrize("parser", ["events", "blocks"])
+def test_every_byte_is_searched_a_bounded_number_of_times(parser: str) -> None:
+    # Many short lines in one chunk, and one long line in many chunks: searched from a
+    # line's start each time, an MCP server's 8 MiB of bare line feeds held the event
+    # loop for 20 s.
+    reader: Any = SseParser() if parser == "events" else EventSplitter()
+    reader._buf = _Scanned()
+    _Scanned.scanned = 0
+    reader.feed(b"\n" * 200_000)
+    assert _Scanned.scanned <= 4 * 200_000
+    _Scanned.scanned = 0
+    for _ in range(2_000):
+        reader.feed(b"d" * 100)
+    reader.feed(b"\n\n")
+    assert _Scanned.scanned <= 4 * 200_002

@@ -101,6 +101,7 @@ _CREDENTIAL_PARTS = (
 )
 _credential_memo: dict[str, bool] = {}
 _MEMO_KEYS = 4096
+_MEMO_KEY_CHARS = 64
 # Cheap test before a result is parsed to be masked: no credential name without one of these.
 _CREDENTIAL_HINT = re.compile(r"pass|secret|token|key|credential|cookie|auth|bearer|pwd", re.I)
 _ENCODE_OPTS = orjson.OPT_SORT_KEYS
@@ -220,7 +221,9 @@ def is_credential_key(key: str) -> bool:
     if known is None:
         norm = key.lower().replace("-", "").replace("_", "")
         known = norm in _CREDENTIAL_NAMES or any(part in norm for part in _CREDENTIAL_PARTS)
-        if len(_credential_memo) < _MEMO_KEYS:  # keys come from agents: bounded
+        # Keys come from agents: bounded in number, and only short ones (a 2 MiB key,
+        # kept, would stay for the life of the process).
+        if len(_credential_memo) < _MEMO_KEYS and len(key) <= _MEMO_KEY_CHARS:
             _credential_memo[key] = known
     return known
 

@@ -47,6 +47,8 @@ CONVERSATION_KEYS = ("session_id", "conversation_id", "thread_id")
 """Context keys (``X-Warden-Context-Session-Id``...) that name a conversation, first found wins."""
 _APPROVAL_VERDICTS = {"approval_decided": None, "approval_expired": "expired"}
 _MAX_NUMBERS = 32  # numeric arguments kept per action
+_MAX_NAME_CHARS: Final = 128
+"""Longer tool and argument names give no number distribution (they are the agent's)."""
 
 
 # Each event has a row: a plain tuple of its fields in order (``DecisionEvent(*row)``
@@ -257,9 +259,16 @@ def _ts(text: Any) -> float:
 def _numbers(tool: Any, arguments: Any) -> tuple[tuple[str, float], ...]:
     if not isinstance(tool, str) or not isinstance(arguments, Mapping):
         return ()
+    if len(tool) > _MAX_NAME_CHARS:
+        return ()
     found: list[tuple[str, float]] = []
     for name, value in arguments.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        # Names are the agent's: a 2 MiB one would be kept in up to max_events rows.
+        if (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and len(name) <= _MAX_NAME_CHARS
+        ):
             found.append((f"{tool}.{name}", float(value)))
             if len(found) >= _MAX_NUMBERS:
                 break

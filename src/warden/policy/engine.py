@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import json
 import logging
 import os
@@ -123,6 +124,10 @@ _QUARANTINE_MAX = 1024
 _HEADER = struct.Struct(">I")
 _EFFECTS = {e.value: e for e in Effect}
 _MODES = {m.value: m for m in Mode}
+
+
+_KEY_DIGEST_OVER: Final = 1024
+"""Cache keys longer than this (the projected input, as JSON) are kept as a digest."""
 
 
 @dataclass(frozen=True)
@@ -1491,7 +1496,14 @@ class PolicyEngine:
         self, gen: _Generation, input_doc: Mapping[str, Any], salt: bytes = b""
     ) -> tuple[bytes, PolicyResult | None]:
         """The cache key (``salt`` first: which query), and a result if no worker is needed."""
-        key = salt + cache_key(gen.shape, input_doc) if salt else cache_key(gen.shape, input_doc)
+        key = cache_key(gen.shape, input_doc)
+        if len(key) > _KEY_DIGEST_OVER:
+            # The arguments are the agent's: kept whole, 10,000 keys of 8 MiB each would
+            # hold the sidecar's memory. A digest cannot be told from another input's
+            # (no 32-byte BLAKE2b collision is known), and starts with 1: no JSON does.
+            key = b"\x01" + hashlib.blake2b(key, digest_size=32).digest()
+        if salt:
+            key = salt + key
         code = gen.quarantine.get(key) if gen.quarantine else None
         if code is not None:
             detail = "this input recently made the policy fail; it is not retried for a while"

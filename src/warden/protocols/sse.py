@@ -57,6 +57,8 @@ class SseParser:
 
     def __init__(self, max_buffer: int = 16 * 1024 * 1024) -> None:
         self._buf = bytearray()
+        self._clean = 0
+        """Bytes at the buffer's start known to hold no line end (an unfinished line)."""
         self._max_buffer = max_buffer
         self._data: list[str] = []
         self._data_size = 0
@@ -91,8 +93,8 @@ class SseParser:
         n = len(buf)
         # Each line end is searched for once: rescanning the rest of the buffer per
         # line would be quadratic in a chunk of many short lines.
-        cr = buf.find(b"\r")
-        lf = buf.find(b"\n")
+        cr = buf.find(b"\r", self._clean)  # an unfinished line is not searched again
+        lf = buf.find(b"\n", self._clean)
         while start < n:
             if cr != -1 and cr < start:
                 cr = buf.find(b"\r", start)
@@ -115,6 +117,7 @@ class SseParser:
             if event is not None:
                 events.append(event)
         del buf[:start]
+        self._clean = len(buf)
         if len(buf) > self._max_buffer:
             raise SseTooLarge(f"SSE line longer than {self._max_buffer} bytes")
         return events

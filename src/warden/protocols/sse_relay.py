@@ -73,6 +73,8 @@ class EventSplitter:
 
     def __init__(self, max_event: int = 16 * 1024 * 1024) -> None:
         self._buf = bytearray()
+        self._clean = 0
+        """Bytes at the buffer's start known to hold no line end (an unfinished line)."""
         self._lines: list[str] = []
         self._size = 0
         self._max = max_event
@@ -81,27 +83,23 @@ class EventSplitter:
 
     def feed(self, chunk: bytes) -> list[RawEvent]:
         """Add bytes; return the blocks they complete."""
-        data = bytes(chunk)
+        data = self._opening(bytes(chunk))
         if not data:
             return []
-        if not self._started:
-            data = bytes(self._buf) + data
-            self._buf.clear()
-            if len(data) < len(_BOM) and _BOM.startswith(data):
-                self._buf.extend(data)
-                return []
-            self._started = True
-            data = data.removeprefix(_BOM)
-        if self._pending_cr and data.startswith(b"\n"):
-            data = data[1:]  # the CR of a split CRLF already ended the line
-        self._pending_cr = False
         self._buf.extend(data)
         out: list[RawEvent] = []
         buf = self._buf
         start = 0
+        # Each line end is searched for once, and an unfinished line's bytes only once:
+        # rescanning the rest of the buffer per line is quadratic in a chunk of many
+        # short lines (an MCP server's 8 MiB of bare line feeds held the loop for 20 s).
+        cr = buf.find(b"\r", self._clean)
+        lf = buf.find(b"\n", self._clean)
         while True:
-            cr = buf.find(b"\r", start)
-            lf = buf.find(b"\n", start)
+            if cr != -1 and cr < start:
+                cr = buf.find(b"\r", start)
+            if lf != -1 and lf < start:
+                lf = buf.find(b"\n", start)
             if cr == -1 and lf == -1:
                 break
             if cr == -1 or (lf != -1 and lf < cr):
@@ -121,6 +119,25 @@ class EventSplitter:
                 self._lines = []
                 self._size = 0
         del buf[:start]
+        self._clean = len(buf)
         if self._size + len(buf) > self._max:
             raise SseTooLarge(f"SSE event larger than {self._max} bytes")
         return out
+
+    def _opening(self, data: bytes) -> bytes:
+        """``data`` without a leading BOM (the stream's first bytes) or the LF of a CRLF
+        split after its CR; empty while a BOM may still be arriving."""
+        if not data:
+            return b""
+        if not self._started:
+            data = bytes(self._buf) + data
+            self._buf.clear()
+            if len(data) < len(_BOM) and _BOM.startswith(data):
+                self._buf.extend(data)
+                return b""
+            self._started = True
+            data = data.removeprefix(_BOM)
+        if self._pending_cr and data.startswith(b"\n"):
+            data = data[1:]  # the CR of a split CRLF already ended the line
+        self._pending_cr = False
+        return data

@@ -268,6 +268,8 @@ class WardenClient:
         """``target``: Warden's ``listen.grpc``. TLS when ``tls`` or certificates are given;
         ``certificate_chain`` and ``private_key`` are the client's own, for mTLS.
         ``timeout_s``: the deadline of each unary call (a waiting check may pass its own).
+        ``channel``: one of the caller's own, used as it is (the client's own channels
+        never go through a proxy from the environment; a given one is the caller's to set).
         """
         if channel is None:
             creds = _credentials(root_certificates, certificate_chain, private_key, tls)

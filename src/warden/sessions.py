@@ -465,8 +465,12 @@ class SessionGuard:
                 # A longer id (the agent's own, at gRPC and MCP) is kept nowhere: a 3 MB
                 # one would sit in memory and in the state store for sessions.ttl_s.
                 await self._record(action, decision, conversation, key)
-            if len(action.tool) <= MAX_SESSION_ID:
-                self._count(key, self._deltas(action.tool, decision.enforced))
+            deltas = self._deltas(action.tool, decision.enforced)
+            if len(action.tool) > MAX_SESSION_ID:
+                # No counter named after it (its row would hold the name for ttl_s); the
+                # session's denials and approvals still count it.
+                deltas = {k: n for k, n in deltas.items() if ":" not in k}
+            self._count(key, deltas)
         finally:
             self._leave(action.action_id)
 

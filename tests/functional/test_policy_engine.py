@@ -168,6 +168,33 @@ async def test_a_large_input_is_cached_under_a_digest(engine: PolicyEngine) -> N
     assert max(len(k) for k in gen.cache._data) < 1024
 
 
+WHOLE_INPUT = """package warden
+
+import rego.v1
+
+decision := {"effect": "allow", "reason": "read whole"} if {
+	doc := input
+	doc.action.tool == "lookup_order"
+} else := {"effect": "deny", "reason": "no"}
+"""
+
+
+async def test_a_policy_reading_its_whole_input_gets_a_large_one_whole(tmp_path: Path) -> None:
+    # Its key is the input itself: digested past 1 KiB for the cache, never for the worker.
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "policy.rego").write_text(WHOLE_INPUT)
+    eng = await PolicyEngine.start(config(tmp_path / "b", workers=1))
+    try:
+        large = doc("lookup_order", note="x" * 5000)
+        result = await eng.evaluate(large)
+        assert (result.effect, result.error) == (Effect.ALLOW, None), result.detail
+        assert (await eng.evaluate(doc("lookup_order", note="x" * 5000))).cached
+        batch = await eng.evaluate_batch([large, doc("lookup_order"), doc("other")])
+        assert [r.effect for r in batch] == [Effect.ALLOW, Effect.ALLOW, Effect.DENY]
+    finally:
+        await eng.close()
+
+
 async def test_concurrent_callers_share_the_pool(engine: PolicyEngine) -> None:
     results = await asyncio.gather(
         *(engine.evaluate(doc("issue_refund", amount=i)) for i in range(200))

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import REGISTRY
+
 from warden.audit import AuditLog
 from warden.config import AuditConfig, MonitorConfig
 from warden.monitor import drift, events, live, quality
@@ -227,3 +229,12 @@ def test_long_tool_and_argument_names_give_no_number_distribution() -> None:
     # The agent's names: a 2 MiB one would be kept in up to max_events rows.
     assert events._numbers("t", {"a" * 200: 1, "b": 2}) == (("t.b", 2.0),)
     assert events._numbers("t" * 200, {"b": 2}) == ()
+
+
+def test_a_group_with_too_few_samples_reads_minus_one(tmp_path: Path) -> None:
+    # Folded groups show their worst level; one alone with too few samples stays -1.
+    monitor = LiveMonitor(MonitorConfig(interval_s=3600), tmp_path)
+    starved = drift.DriftResult("starved-bot", "v1", ())
+    monitor._set_gauges(live.Snapshot(0.0, [starved], []))
+    labels = {"agent": "starved-bot", "version": "v1"}
+    assert REGISTRY.get_sample_value("warden_drift_level", labels) == -1

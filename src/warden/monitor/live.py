@@ -342,7 +342,8 @@ class LiveMonitor:
         for result in snapshot.drift:
             group = (_label("agent", result.agent), _version_label(result.agent, result.version))
             # Groups folded into one label (_other) show the worst of them, not the last.
-            levels[group] = max(levels.get(group, 0.0), _LEVEL_VALUE[result.level])
+            value = _LEVEL_VALUE[result.level]  # -1 (insufficient) stays -1 alone
+            levels[group] = max(levels[group], value) if group in levels else value
             put(metrics.DRIFT_LEVEL, group, levels[group])
             for dist in result.distributions:
                 if dist.level is not Level.INSUFFICIENT:

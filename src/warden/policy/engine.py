@@ -1204,17 +1204,15 @@ class PolicyEngine:
                     started,
                 )
             try:
-                key, early = self._before_dispatch(gen, input_doc, salt)
+                key, whole, early = self._before_dispatch(gen, input_doc, salt)
             except TypeError as exc:
                 return self._finish(self._bad_input(gen, exc), started)
             if early is not None:
                 return self._finish(early, started)
             try:
-                # For a whole-input policy the key is the input as JSON already.
+                # For a whole-input policy the key was made of the input as JSON already.
                 body = (
-                    key[len(salt) :]
-                    if gen.shape.whole_input
-                    else orjson.dumps(project(gen.shape, input_doc))
+                    whole if gen.shape.whole_input else orjson.dumps(project(gen.shape, input_doc))
                 )
             except TypeError as exc:
                 return self._finish(self._bad_input(gen, exc), started)
@@ -1327,14 +1325,14 @@ class PolicyEngine:
         dumps = orjson.dumps
         for i, doc in enumerate(docs):
             try:
-                key, early = self._before_dispatch(gen, doc)
+                key, whole_json, early = self._before_dispatch(gen, doc)
                 if early is not None:
                     results[i] = early
                     continue
                 slot = seen.get(key, -1) if shape.deterministic else -1
                 if slot < 0:
-                    # For a whole-input policy the key is the input as JSON already.
-                    part = key if whole else dumps(project(shape, doc))
+                    # For a whole-input policy the key was made of the input as JSON already.
+                    part = whole_json if whole else dumps(project(shape, doc))
                     slot = len(parts)
                     parts.append(part)
                     keys.append(key)
@@ -1494,9 +1492,10 @@ class PolicyEngine:
 
     def _before_dispatch(
         self, gen: _Generation, input_doc: Mapping[str, Any], salt: bytes = b""
-    ) -> tuple[bytes, PolicyResult | None]:
-        """The cache key (``salt`` first: which query), and a result if no worker is needed."""
-        key = cache_key(gen.shape, input_doc)
+    ) -> tuple[bytes, bytes, PolicyResult | None]:
+        """The cache key (``salt`` first: which query), the JSON it was made of (a
+        whole-input policy's input), and a result if no worker is needed."""
+        made_of = key = cache_key(gen.shape, input_doc)
         if len(key) > _KEY_DIGEST_OVER:
             # The arguments are the agent's: kept whole, 10,000 keys of 8 MiB each would
             # hold the sidecar's memory. A digest cannot be told from another input's
@@ -1507,22 +1506,26 @@ class PolicyEngine:
         code = gen.quarantine.get(key) if gen.quarantine else None
         if code is not None:
             detail = "this input recently made the policy fail; it is not retried for a while"
-            return key, PolicyResult(
-                effect=None,
-                revision=gen.bundle.revision,
-                error=code,
-                detail=detail,
-                input_fault=True,
+            return (
+                key,
+                made_of,
+                PolicyResult(
+                    effect=None,
+                    revision=gen.bundle.revision,
+                    error=code,
+                    detail=detail,
+                    input_fault=True,
+                ),
             )
         if not gen.cacheable:
             self.metrics.cache("bypass")
-            return key, None
+            return key, made_of, None
         hit = gen.cache.get(key)
         if hit is not None:
             self.metrics.cache("hit")
-            return key, _evolve(hit, cached=True)
+            return key, made_of, _evolve(hit, cached=True)
         self.metrics.cache("miss")
-        return key, None
+        return key, made_of, None
 
     def _timeout(self, revision: str) -> PolicyResult:
         # The input ran for the whole budget: it may have caused that itself.

@@ -288,6 +288,10 @@ class _Chain:
     answer (a link pruned, erased, never written, or past the chain limit)."""
 
 
+_BY_TOOL: Final = ("calls:", "held:")
+"""Session counters named after a tool."""
+
+
 class SessionGuard:
     """The pipeline stage that gives policies ``input.history`` and ``input.session``."""
 
@@ -468,8 +472,8 @@ class SessionGuard:
             deltas = self._deltas(action.tool, decision.enforced)
             if len(action.tool) > MAX_SESSION_ID:
                 # No counter named after it (its row would hold the name for ttl_s); the
-                # session's denials and approvals still count it.
-                deltas = {k: n for k, n in deltas.items() if ":" not in k}
+                # session's denials, approvals and taints still count it.
+                deltas = {k: n for k, n in deltas.items() if not k.startswith(_BY_TOOL)}
             self._count(key, deltas)
         finally:
             self._leave(action.action_id)
@@ -643,6 +647,8 @@ class SessionGuard:
                 log.warning("could not record %d decided calls: %s", len(batch), type(exc).__name__)
 
     def _deltas(self, tool: str, effect: Effect) -> dict[str, int]:
+        """The counters a decided call adds to; those named after its tool start
+        with one of ``_BY_TOOL``."""
         if effect is Effect.DENY:
             return {"denials": 1}
         if effect is Effect.REQUIRE_APPROVAL:

@@ -279,6 +279,23 @@ async def test_a_call_id_longer_than_any_provider_gives_is_kept_nowhere(
     assert (await store.calls([long_id])) == {}
 
 
+async def test_a_long_tool_name_keeps_its_taint_and_denials_counted(store: SessionStore) -> None:
+    # No counter is named after a 300-character tool; the session's taint still is.
+    fetcher = "fetch_" + "u" * 300
+    guard = SessionGuard(
+        store, SessionsConfig(), {**TOOLS, fetcher: ToolConfig(labels=("untrusted_output",))}
+    )
+    long_id = "c" * 1000  # not recorded either: only the counters can carry the taint
+    await decide(guard, proposed(fetcher, {}, long_id, chat(session="s-long")), Effect.ALLOW)
+    await decide(guard, proposed(fetcher, {}, "d1", chat(session="s-long")), Effect.DENY)
+    await guard.close()
+    fresh = SessionGuard(store, SessionsConfig(), TOOLS)
+    _, ctx = await look(fresh, proposed("send_email", {}, "e1", chat(session="s-long")), CTX)
+    assert ctx.session["taints"] == ["untrusted_output"]
+    assert ctx.session["denials"] == 1
+    assert ctx.session["calls"] == {}
+
+
 class SlowAdds:
     """A session store whose counter adds wait until released (a busy or remote store)."""
 

@@ -58,6 +58,16 @@ def browser_like() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
 
 
+async def agent_asks(warden: Warden, text: str) -> None:
+    """One model call of the agent's through Warden, with the openai SDK."""
+    async with openai.AsyncOpenAI(
+        base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
+    ) as client:
+        await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": text}]
+        )
+
+
 async def sign_in(http: aiohttp.ClientSession, warden: Warden, who: str) -> str:
     """Sign in through the form; the CSRF token of the first page."""
     async with http.get(f"{warden.admin_url}/console/login") as resp:
@@ -255,12 +265,7 @@ async def test_each_role_reaches_exactly_its_views_feeds_and_actions(warden: War
 
 async def test_an_auditor_downloads_an_evidence_package(warden: Warden, llm: MockLLM) -> None:
     llm.script(Reply(tool_calls=[SMALL]))
-    async with openai.AsyncOpenAI(
-        base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
-    ) as client:
-        await client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "refund"}]
-        )
+    await agent_asks(warden, "refund")
     async with browser_like() as http:
         csrf = await sign_in(http, warden, "aude")
         async with http.post(
@@ -503,12 +508,7 @@ async def test_the_approval_card_names_the_values_hidden_from_the_approver(
 ) -> None:
     # Values under credential-like names are masked: the card must say so, path by path.
     llm.script(Reply(tool_calls=[Call("update_email", SNEAKY)]))
-    async with openai.AsyncOpenAI(
-        base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
-    ) as client:
-        await client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "update my email"}]
-        )
+    await agent_asks(warden, "update my email")
     async with browser_like() as http:
         await sign_in(http, warden, "dana")
         async with http.get(f"{warden.admin_url}/console/approvals") as resp:

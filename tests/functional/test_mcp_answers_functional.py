@@ -24,8 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from mcp import Client, types
-from mcp.client.context import ClientRequestContext
+from mcp import Client
 from mcp.shared.dispatcher import coerce_request_id
 from mcp.shared.exceptions import MCPError
 
@@ -33,6 +32,7 @@ from tests.functional.conftest import audit_records, make_config, serving
 from tests.functional.test_mcp_requests_functional import (
     ALLOW_ALL,
     ANSWER_POLICY,
+    amounts_answered,
     either_door,
     reached,
     write_bundle,
@@ -53,12 +53,7 @@ async def test_a_legacy_answer_is_decided_as_the_calls_input_responses(
     # The client negotiates 2025-11-25: the server's resolver asks with elicitation/create
     # mid-call, and the client's answer (a JSON-RPC response) carries the amount. A
     # policy deciding on 2026-07-28 retries' answers must see this one too.
-    amounts = iter([900.0, 20.0])
-
-    async def answer(
-        context: ClientRequestContext, params: types.ElicitRequestParams
-    ) -> types.ElicitResult:
-        return types.ElicitResult(action="accept", content={"amount": next(amounts)})
+    answer = amounts_answered(900.0, 20.0)
 
     async with contextlib.AsyncExitStack() as stack:
         bundle = write_bundle(tmp_path, ANSWER_POLICY)

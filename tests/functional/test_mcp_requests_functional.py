@@ -169,6 +169,18 @@ async def test_a_multi_round_trip_request_is_decided_each_round(tmp_path: Path) 
     assert [o["outcome"]["error"] for o in outcomes] == ["input_required", None]
 
 
+def amounts_answered(*amounts: float) -> Callable[..., Any]:
+    """An elicitation callback accepting with each of ``amounts`` in turn, as a user would."""
+    left = iter(amounts)
+
+    async def answer(
+        context: ClientRequestContext, params: types.ElicitRequestParams
+    ) -> types.ElicitResult:
+        return types.ElicitResult(action="accept", content={"amount": next(left)})
+
+    return answer
+
+
 def write_bundle(tmp_path: Path, source: str) -> Path:
     """A bundle of one module, ``source``."""
     bundle = tmp_path / "bundle"
@@ -212,12 +224,7 @@ async def test_the_answers_of_a_retry_are_decided_recorded_and_never_run_when_de
     # The refund's amount is in no argument: the server asks the user for it
     # (2026-07-28, an InputRequiredResult) and reads it from the retry's answers.
     # A policy deciding on arguments alone would let any amount through.
-    amounts = iter([900.0, 20.0])
-
-    async def answer(
-        context: ClientRequestContext, params: types.ElicitRequestParams
-    ) -> types.ElicitResult:
-        return types.ElicitResult(action="accept", content={"amount": next(amounts)})
+    answer = amounts_answered(900.0, 20.0)
 
     async with contextlib.AsyncExitStack() as stack:
         bundle = write_bundle(tmp_path, ANSWER_POLICY)

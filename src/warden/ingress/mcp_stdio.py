@@ -462,13 +462,8 @@ class StdioDoor:
             return mcp.error_response(id_, -32603, "Warden could not decide this call")
         if decision.enforced is not Effect.ALLOW:
             return mcp.denied_result(message, decision)
-        switches = self._killswitches()
-        if switches is not None and (switch := switches.check(action)) is not None:
-            # Thrown while the decision was recorded: the switch watcher looked at the
-            # calls sent or about to be, and this one was neither yet.
-            outcome = Outcome(error="killed", result=switch.message, is_error=True)
-            self._core.outcome(action, decision, outcome, trusted=True)  # it never ran
-            return mcp.stopped_result(id_, action, switch.message, decision.decision_id, sent=False)
+        # The core asked the kill switches last, after the record, with no await since:
+        # a switch thrown from here on finds the call among the pending ones.
         self._pending[id_] = _Pending(action, decision, time.perf_counter())
         return mcp.forward_call(message)
 

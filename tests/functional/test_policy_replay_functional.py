@@ -253,3 +253,45 @@ def test_the_config_threshold_gates_unless_the_command_line_sets_one(
     assert "3 decision(s) change (25.0% of replayed); threshold max 2: FAIL." in (
         capsys.readouterr().out
     )
+
+
+async def test_a_large_tools_list_is_recorded_once_per_request(tmp_path: Path) -> None:
+    """An answer with many calls to a request declaring large hosted tools writes them once.
+
+    The model call's decision record carries ``input.request.tools`` (here an
+    approved MCP server whose ``allowed_tools`` is long); each call's decision
+    names it by digest, and replay rebuilds every one with the list.
+    """
+    hosted: Any = [
+        {
+            "type": "mcp",
+            "server_label": "kb",
+            "server_url": "https://kb.support.example.com/mcp",
+            "allowed_tools": ["search_kb"] * 20_000,
+            "require_approval": "never",
+        }
+    ]
+    listed = len(json.dumps(hosted))
+    calls = [Call("search_kb", {"query": f"q{i}"}) for i in range(20)]
+    async with MockLLM() as llm:
+        config = make_config(tmp_path, llm.url)
+        async with Warden(config) as warden:
+            llm.script(Reply(tool_calls=calls))
+            async with openai.AsyncOpenAI(
+                base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
+            ) as client:
+                answer = await client.responses.create(
+                    model="gpt-4o-mini", input="find the refund policy", tools=hosted
+                )
+    assert [item.type for item in answer.output] == ["function_call"] * 20
+    audit = tmp_path / "audit"
+    decisions = [r for r in audit_records(audit) if r["kind"] == "decision"]
+    assert len(decisions) == 21
+    assert len(decisions[0]["decision"]["input"]["tools"][0]["allowed_tools"]) == 20_000
+    written = sum(f.stat().st_size for f in audit.rglob("*") if f.is_file())
+    # Once, in the model call's record: 21 copies would be about 4 MB.
+    assert listed < written < 2 * listed
+    report = replay(audit, load_policy_set([SHIPPED_POLICY]), config.policy)
+    assert report.skipped == {}
+    assert report.replayed == 21
+    assert report.changes == ()

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from warden.audit import AuditLog
-from warden.audit.record import action_body, decision_body
+from warden.audit.record import action_body, decision_body, tools_sha256
 from warden.audit.verify import iter_records
 from warden.config import AuditConfig
 from warden.model import (
@@ -33,7 +33,7 @@ from warden.model import (
 )
 from warden.monitor.events import Unsealer
 from warden.pipeline import GuardContext, policy_facts, policy_input
-from warden.policy.authoring.replay import rebuild_input
+from warden.policy.authoring.replay import ToolsSeen, rebuild_input
 from warden.testing.audit import sample_action, sample_decision
 
 KEYS = st.sampled_from(["order_id", "amount", "note", "items", "customer_id", "flag"])
@@ -238,3 +238,57 @@ async def test_sealed_fields_are_unsealed_from_the_real_log(tmp_path: Path, eras
         assert rebuilt.skip == "erased"
     else:
         assert rebuilt.input == orjson.loads(orjson.dumps(policy_input(action, ctx)))
+
+
+async def test_a_requests_declared_tools_are_recorded_once_and_rebuilt_by_digest(
+    tmp_path: Path,
+) -> None:
+    """A response's calls name their request's declared tools by digest, not in full.
+
+    The first decision of a request (its model call) carries the list; each
+    later one (the calls of its answer) ``input.tools_sha256``. Replay reads
+    the list from the earlier record; without it the call is skipped, never
+    rebuilt with no tools. Another request with an equal list starts afresh.
+    """
+    log = await AuditLog.open(AuditConfig(dir=str(tmp_path)))
+    ctx = GuardContext(mode=Mode.ENFORCE)
+    hosted = ({"type": "mcp", "server_label": "crm", "headers": {"authorization": "x"}},)
+    tools = ({"type": "function", "name": "issue_refund"}, *hosted)
+    request = RequestMeta("POST", "openai", "/v1/responses", {}, tools)
+    model_call = dataclasses.replace(
+        sample_action(), kind=ActionKind.LLM_CALL, tool=None, arguments=None, request=request
+    )
+    calls = [
+        dataclasses.replace(sample_action(arguments={"order_id": f"A-{i}"}), request=request)
+        for i in range(3)
+    ]
+    again = RequestMeta("POST", "openai", "/v1/responses", {}, tuple(dict(t) for t in tools))
+    other = dataclasses.replace(calls[0], request=again)
+    try:
+        for action in [model_call, *calls, other]:
+            facts = policy_facts(action, ctx)
+            await log.record_decision(action, dataclasses.replace(sample_decision(), input=facts))
+    finally:
+        await log.close()
+    records = [orjson.loads(payload) for _, payload in iter_records(tmp_path)]
+    records = [r for r in records if r["kind"] == "decision"]
+    recorded = [r["decision"]["input"] for r in records]
+    listed = recorded[0]["tools"]
+    assert listed[1]["headers"]["authorization"] == "[redacted]"  # masked as before
+    for shown in recorded[1:4]:
+        assert "tools" not in shown
+        assert shown["tools_sha256"] == tools_sha256(listed)
+    assert recorded[4]["tools"] == listed
+    assert "tools_sha256" not in recorded[4]
+
+    seen = ToolsSeen()
+    for record, action in zip(records, [model_call, *calls, other], strict=True):
+        seen.read(record)
+        rebuilt = rebuild_input(record, tools=seen)
+        assert rebuilt.input is not None
+        assert rebuilt.input["request"]["tools"] == listed
+        expected = orjson.loads(orjson.dumps(policy_input(action, ctx)))
+        expected["request"]["tools"] = listed
+        assert rebuilt.input == expected
+    assert rebuild_input(records[1], tools=ToolsSeen()).skip == "tools_unseen"
+    assert rebuild_input(records[1]).skip == "tools_unseen"

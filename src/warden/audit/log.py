@@ -56,6 +56,7 @@ from warden.audit.record import (
     mask_credentials,
     outcome_body,
     path_holds_arguments,
+    tools_sha256,
 )
 from warden.audit.redaction import REDACT_ALL
 from warden.audit.segments import SegmentWriter, TreeState, frame, open_writer
@@ -83,6 +84,8 @@ BATCH_SYNC_INTERVAL_S = 0.05
 # How long a non-urgent record (an outcome) may wait to share a decision's fsync.
 COALESCE_S = 0.01
 """With ``fsync: batch``, how long an acknowledged record may stay only in the page cache."""
+TOOLS_REMEMBERED = 256
+"""Declared-tools lists remembered as recorded (a few per request in flight)."""
 _REDACTION_MEMORY = 65_536  # decisions whose redactions outcome records must repeat
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
 UNUSABLE_REF = "unusable"
@@ -280,6 +283,9 @@ class AuditLog:
         self._background: list[asyncio.Task[None]] = []
         self._checkpoint_lock = asyncio.Lock()
         self._redactions: dict[str, tuple[str, ...]] = {}
+        self._tools_written: dict[int, tuple[tuple[Any, ...], str | None]] = {}
+        """Declared-tools lists recorded in full, by identity: later decisions of
+        the same request name them by digest (:meth:`_tools_reference`)."""
         self._failure: str | None = None
         self._io_failure: BaseException | None = None  # set on the I/O thread
         self._accepting = True
@@ -401,13 +407,15 @@ class AuditLog:
         if action.agent.claims:
             # The proof behind the id: which token vouched for this agent.
             agent["claims"] = dict(action.agent.claims)
+        ref, aead = await self._subject_key(action)
+        # After the last await: the list is in full in a record queued before this one.
+        tools = self._tools_reference(action.request.tools) if decision.input else None
         fields = {
             "agent": agent,
             "action": act,
-            "decision": decision_body(decision),
+            "decision": decision_body(decision, tools_sha256=tools),
             "approval": approval.as_dict() if approval is not None else None,
         }
-        ref, aead = await self._subject_key(action)
         personal = self._personal(act, agent) if ref is not None else {}
         if ref is not None and aead is None:
             # A subject whose fields cannot be sealed: they are kept only redacted.
@@ -430,7 +438,35 @@ class AuditLog:
         if fields["approval"] is not None:
             # Keyed always, as the approval's own records are, so the two still match.
             self._key_digest(fields["approval"], "approval.arguments_sha256", personal)
-        await self._commit("decision", fields, ref, aead, personal)[1]
+        durable = self._commit("decision", fields, ref, aead, personal)[1]
+        if tools is None and decision.input:
+            self._tools_recorded(action.request.tools)
+        await durable
+
+    def _tools_reference(self, tools: tuple[Any, ...]) -> str | None:
+        """The digest to record for ``tools`` if a record of this log holds them in full.
+
+        A model request's declared tools are the same object in the request's
+        decision and in each of its answer's calls: the first record carries
+        the list, the others its digest (a 1 MB list answered with 20 calls
+        would otherwise write 20 MB). Remembered by identity, for the last
+        :data:`TOOLS_REMEMBERED` lists: a list seen first is written in full.
+        """
+        seen = self._tools_written.get(id(tools)) if tools else None
+        if seen is None or seen[0] is not tools:
+            return None
+        digest = seen[1]
+        if digest is None:
+            digest = tools_sha256(mask_credentials(list(tools)))
+            self._tools_written[id(tools)] = (tools, digest)
+        return digest
+
+    def _tools_recorded(self, tools: tuple[Any, ...]) -> None:
+        """Remember that a queued record holds ``tools`` in full."""
+        if tools and id(tools) not in self._tools_written:
+            self._tools_written[id(tools)] = (tools, None)
+            if len(self._tools_written) > TOOLS_REMEMBERED:
+                del self._tools_written[next(iter(self._tools_written))]
 
     def _personal(self, act: dict[str, Any], agent: dict[str, Any]) -> dict[str, Any]:
         """Take a subject's personal fields out of a decision record, by field path."""

@@ -50,6 +50,7 @@ __all__ = [
     "outcome_body",
     "path_holds_arguments",
     "scrub_headers",
+    "tools_sha256",
 ]
 
 SCHEMA_VERSION = 1
@@ -448,11 +449,14 @@ def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
     return body
 
 
-def decision_body(decision: Decision) -> dict[str, Any]:
+def decision_body(decision: Decision, *, tools_sha256: str | None = None) -> dict[str, Any]:
     """The ``decision`` object of a decision record.
 
     ``input`` (when the pipeline set it) holds the policy-input facts the rest
-    of the record does not carry, credentials masked (ADR 0012).
+    of the record does not carry, credentials masked (ADR 0012). With
+    ``tools_sha256`` (the request's declared tools are in an earlier record of
+    this log), ``input.tools_sha256`` stands in for ``input.tools``, so a
+    response's many calls do not each repeat a large list.
     """
     ob = decision.obligations
     body: dict[str, Any] = {
@@ -476,10 +480,24 @@ def decision_body(decision: Decision) -> dict[str, Any]:
     facts = decision.input
     if facts is not None:
         # Only what the agent's request shaped can hold a credential-named key.
-        body["input"] = {
-            k: _masked_fact(k, v) if v and k in _AGENT_FACTS else v for k, v in facts.items()
+        shown = {
+            k: _masked_fact(k, v) if v and k in _AGENT_FACTS else v
+            for k, v in facts.items()
+            if tools_sha256 is None or k != "tools"
         }
+        if tools_sha256 is not None:
+            shown["tools_sha256"] = tools_sha256
+        body["input"] = shown
     return body
+
+
+def tools_sha256(tools: Any) -> str:
+    """SHA-256 (hex) of a recorded ``input.tools`` list, as records encode it.
+
+    Computed on the masked list a record shows, so a reader hashing the list
+    it parsed from an earlier record finds the same digest.
+    """
+    return hashlib.sha256(encode({"tools": tools})).hexdigest()
 
 
 _AGENT_FACTS = frozenset({"tools", "session", "history"})

@@ -14,7 +14,9 @@ ran (kill switch, budget cap, validation) would be decided the same way
 whatever the bundle says; an approval's follow-up is the same action again.
 What cannot be rebuilt exactly is counted and said: records older than ADR
 0012 (``no_input``), a door's own input (``door_input``, never recorded: it
-may hold credentials), personal fields of an erased subject (``erased``).
+may hold credentials), personal fields of an erased subject (``erased``), declared tools named by
+digest (``input.tools_sha256``: a response's calls after the first record of
+their request) whose record is gone (``tools_unseen``).
 A record whose arguments or context were partly redacted is replayed with
 ``"[redacted]"`` in place and counted as *inexact*.
 """
@@ -30,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from warden.audit.record import REDACTED
+from warden.audit.record import REDACTED, tools_sha256
 from warden.audit.verify import iter_records
 from warden.config import PolicyConfig
 from warden.model import Effect
@@ -44,6 +46,7 @@ __all__ = [
     "Change",
     "Rebuilt",
     "ReplayReport",
+    "ToolsSeen",
     "rebuild_input",
     "replay",
 ]
@@ -58,6 +61,7 @@ SKIP_REASONS = {
     "erased": "sealed personal fields whose subject was erased (or whose keys are not here)",
     "redacted": "the arguments were hidden whole (redaction obligation or unsealable subject)",
     "unreadable": "the record is not a decision record Warden can read",
+    "tools_unseen": "the declared tools it names by digest are in a record no longer in the log",
 }
 
 
@@ -148,8 +152,17 @@ def _redacted_inside(value: Any) -> bool:
     return False
 
 
-def rebuild_input(record: Mapping[str, Any], unsealer: Unsealer | None = None) -> Rebuilt:
-    """The policy ``input`` a decision record was decided on (see the module docstring)."""
+def rebuild_input(
+    record: Mapping[str, Any],
+    unsealer: Unsealer | None = None,
+    tools: Mapping[str, list[Any]] | None = None,
+) -> Rebuilt:
+    """The policy ``input`` a decision record was decided on (see the module docstring).
+
+    ``tools`` maps the digests of declared-tools lists read from earlier
+    records to the lists (:class:`ToolsSeen`), for a record that names them
+    by digest.
+    """
     action, decision, agent = record.get("action"), record.get("decision"), record.get("agent")
     if not (
         isinstance(action, Mapping) and isinstance(decision, Mapping) and isinstance(agent, Mapping)
@@ -160,6 +173,9 @@ def rebuild_input(record: Mapping[str, Any], unsealer: Unsealer | None = None) -
         return Rebuilt(None, "no_input")
     if facts.get("view") is not None:
         return Rebuilt(None, "door_input")
+    declared = _declared_tools(facts, tools or {})
+    if declared is None:
+        return Rebuilt(None, "tools_unseen")
     arguments, context = action.get("arguments"), action.get("context")
     answers = action.get("input_responses")  # an MCP retry's, only
     meta = action.get("meta")  # an MCP request's _meta, only
@@ -198,7 +214,7 @@ def rebuild_input(record: Mapping[str, Any], unsealer: Unsealer | None = None) -
             "path": path if path is not None else request.get("path"),
             "labels": list(facts.get("labels") or ()),
         },
-        "request": {"tools": list(facts.get("tools") or ())},
+        "request": {"tools": declared},
         "context": dict(context or {}),
         "budget": dict(facts.get("budget") or {}),
         "history": list(facts.get("history") or ()),
@@ -220,6 +236,14 @@ def rebuild_input(record: Mapping[str, Any], unsealer: Unsealer | None = None) -
     return Rebuilt(doc, None, exact)
 
 
+def _declared_tools(facts: Mapping[str, Any], seen: Mapping[str, list[Any]]) -> list[Any] | None:
+    """``input.request.tools`` of a record: its own list, or the one its digest names."""
+    digest = facts.get("tools_sha256")
+    if digest is None:
+        return list(facts.get("tools") or ())
+    return seen.get(str(digest))
+
+
 def _ts(text: Any) -> float:
     try:
         return dt.datetime.fromisoformat(str(text)).timestamp()
@@ -227,7 +251,28 @@ def _ts(text: Any) -> float:
         return 0.0
 
 
-def _decisions(root: Path, since: float | None, until: float | None) -> Iterator[dict[str, Any]]:
+class ToolsSeen(dict[str, list[Any]]):
+    """Declared-tools lists read from decision records, by digest; the last few hundred."""
+
+    LIMIT = 256
+
+    def read(self, record: Mapping[str, Any]) -> None:
+        """Keep the list ``record`` holds in full, if any."""
+        decision = record.get("decision")
+        facts = decision.get("input") if isinstance(decision, Mapping) else None
+        listed = facts.get("tools") if isinstance(facts, Mapping) else None
+        if not isinstance(listed, list) or not listed:
+            return
+        digest = tools_sha256(listed)
+        self.pop(digest, None)
+        self[digest] = listed
+        if len(self) > self.LIMIT:
+            del self[next(iter(self))]
+
+
+def _decisions(
+    root: Path, since: float | None, until: float | None, tools: ToolsSeen
+) -> Iterator[dict[str, Any]]:
     for _, payload in iter_records(root):
         try:
             record = orjson.loads(payload)
@@ -235,6 +280,7 @@ def _decisions(root: Path, since: float | None, until: float | None) -> Iterator
             continue
         if not isinstance(record, dict) or record.get("kind") != "decision":
             continue
+        tools.read(record)  # before the window too: a call in it may name them
         ts = _ts(record.get("time"))
         if (since is not None and ts < since) or (until is not None and ts >= until):
             continue
@@ -302,8 +348,9 @@ def replay(
     inexact_changes: Counter[tuple[str, str]] = Counter()
     scanned = replayed = inexact = errors = 0
     candidate = _Candidate(policy, config, timeout_s)
+    tools = ToolsSeen()
     try:
-        for record in _decisions(path, since, until):
+        for record in _decisions(path, since, until, tools):
             action, decision = record.get("action"), record.get("decision")
             if not isinstance(action, Mapping) or not isinstance(decision, Mapping):
                 skipped["unreadable"] += 1
@@ -316,7 +363,7 @@ def replay(
             if decision.get("guard") not in REPLAYED_GUARDS:
                 skipped["not_policy"] += 1
                 continue
-            rebuilt = rebuild_input(record, unsealer)
+            rebuilt = rebuild_input(record, unsealer, tools)
             if rebuilt.input is None:
                 skipped[rebuilt.skip or "unreadable"] += 1
                 continue

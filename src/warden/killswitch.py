@@ -257,11 +257,24 @@ class KillSwitches:
         return current if row is not None else None
 
     async def refresh(self) -> None:
-        """Re-read the active switches from the state store."""
-        rows = await self._store.active_killswitches()
-        switches = tuple(KillSwitch.from_row(r) for r in rows if r.scope in _SCOPES)
-        if {s.id for s in switches} != {s.id for s in self._active}:
-            self._install(switches)
+        """Re-read the active switches from the state store.
+
+        A read that a change here overtook (a switch thrown or cleared on this
+        sidecar, or another re-read installed, while it was on its way) may
+        predate that change: it is read again rather than installed, so an
+        older snapshot never lifts a newer switch.
+        """
+        for _ in range(_REREADS):
+            seen = self.generation
+            rows = await self._store.active_killswitches()
+            if self.generation == seen:
+                switches = tuple(KillSwitch.from_row(r) for r in rows if r.scope in _SCOPES)
+                if {s.id for s in switches} != {s.id for s in self._active}:
+                    self._install(switches)
+                break
+        else:
+            # Changes keep landing here: what is installed is at least as new.
+            return
         self._read_at = time.monotonic()
         metrics.KILLSWITCHES_READ.set(time.time())
 
@@ -349,6 +362,7 @@ class KillSwitches:
 
 
 _SCOPES = frozenset(s.value for s in Scope)
+_REREADS = 3  # reads a refresh makes while changes here overtake them
 
 
 class KillSwitchGuard:

@@ -298,6 +298,53 @@ class DeafStore:
         return await self.store.active_killswitches()
 
 
+class SlowReadStore:
+    """A state store whose next read of the switches takes its snapshot at once and
+    returns it only when ``release`` is set: a re-read a local change overtakes."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self.reading = asyncio.Event()
+        self.release = asyncio.Event()
+        self.slow = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def active_killswitches(self) -> Any:
+        rows = await self.store.active_killswitches()
+        if self.slow:
+            self.slow = False
+            self.reading.set()
+            await self.release.wait()
+        return rows
+
+
+async def test_a_re_read_older_than_a_switch_thrown_here_does_not_lift_it(
+    store: StateStore,
+) -> None:
+    """A re-read in flight when a switch is thrown here comes back without it: it is
+    read again, not installed (the switch would be lifted until the next read)."""
+    slow = SlowReadStore(store)
+    switches = KillSwitches(cast("Any", slow), None)
+    slow.slow = True
+    stale = asyncio.create_task(switches.refresh())
+    await slow.reading.wait()
+    switch = await switches.set(Scope.AGENT, "bot", "looping", "alice")
+    assert switches.is_killed("bot") == switch
+    slow.release.set()
+    await stale
+    assert switches.is_killed("bot") == switch
+    # A clear overtaking a read is not undone either.
+    slow.slow, slow.release = True, asyncio.Event()
+    stale = asyncio.create_task(switches.refresh())
+    await slow.reading.wait()
+    assert await switches.clear(switch.id, "bob") is not None
+    slow.release.set()
+    await stale
+    assert switches.is_killed("bot") is None
+
+
 async def test_a_store_that_stops_answering_does_not_hold_the_loop_and_is_seen(
     store: StateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

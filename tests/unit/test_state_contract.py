@@ -236,6 +236,29 @@ async def test_approvals_create_vote_list_and_consume(state: StateBackend) -> No
     assert await repo.oldest_pending() is None
 
 
+async def test_an_agents_approval_room_is_counted_with_the_insert_across_sidecars(
+    open_backend: Opener,
+) -> None:
+    """``insert(room=N)`` stores only while the agent has fewer than N pending, and
+    two sidecars inserting at once for one agent take turns: one of them is refused."""
+    here, there = await open_backend(), await open_backend()
+    assert await here.approvals.insert(approval("apr_1", binding="b1"), room=2)
+    outcomes = await asyncio.gather(
+        *(
+            (here if i % 2 else there).approvals.insert(
+                approval(f"apr_{i}", binding=f"b{i}"), room=2
+            )
+            for i in range(2, 12)
+        )
+    )
+    assert sorted(outcomes) == [False] * 9 + [True]
+    assert await here.approvals.pending_counts() == {("refunds-bot", "issue_refund"): 2}
+    # Another agent has room of its own; no room asked means no limit.
+    other = replace(approval("apr_x", binding="bx"), agent_id="triage-bot")
+    assert await there.approvals.insert(other, room=1)
+    assert await there.approvals.insert(approval("apr_y", binding="by"))
+
+
 async def test_approvals_reject_expire_cancel_and_defer(state: StateBackend) -> None:
     repo = state.approvals
     for aid in ("apr_r", "apr_e", "apr_d", "apr_c"):

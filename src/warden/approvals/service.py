@@ -324,7 +324,10 @@ class Approvals:
                 "expires_at": rfc3339(approval.expires_at),
             },
         )
-        await self._store.insert(approval)
+        room = self.settings.max_pending_per_agent
+        if not await self._store.insert(approval, room=room):
+            # Another sidecar opened one for this agent since the check above.
+            raise _too_many(action.agent.id, room, room)
         return approval, True
 
     async def wait(self, approval_id: str, timeout_s: float, *, expire: bool = True) -> Approval:
@@ -656,10 +659,7 @@ class Approvals:
         counts = await self._store.pending_counts()  # every sidecar's, from the store
         waiting = sum(n for (agent, _tool), n in counts.items() if agent == agent_id)
         if waiting >= limit:
-            raise TooManyPending(
-                f"agent {agent_id!r} already has {waiting} approvals waiting "
-                f"(approvals.max_pending_per_agent: {limit})"
-            )
+            raise _too_many(agent_id, waiting, limit)
 
     async def _refresh_gauge(self) -> None:
         # Read from the shared store, so the gauge counts decisions made by
@@ -724,3 +724,10 @@ def _bound(context: Mapping[str, Any], keys: tuple[str, ...] | None) -> Mapping[
     if keys is None:
         return context
     return {k: v for k, v in context.items() if k in keys}
+
+
+def _too_many(agent_id: str, waiting: int, limit: int) -> TooManyPending:
+    return TooManyPending(
+        f"agent {agent_id!r} already has {waiting} approvals waiting "
+        f"(approvals.max_pending_per_agent: {limit})"
+    )

@@ -121,8 +121,13 @@ class ApprovalRepo(Protocol):
         """When the oldest pending approval was requested; ``None`` when none waits."""
         ...
 
-    async def insert(self, approval: Approval) -> None:
-        """Store a new approval."""
+    async def insert(self, approval: Approval, *, room: int = 0) -> bool:
+        """Store a new approval; with ``room``, only while its agent has fewer pending.
+
+        ``False`` (nothing stored) when the agent already has ``room`` pending
+        approvals: counted and inserted as one step across every process
+        sharing the store.
+        """
         ...
 
     async def pending_for(self, binding: str, now: float) -> Approval | None:
@@ -370,16 +375,25 @@ class ApprovalStore(SqliteStore):
 
     # -- changes -----------------------------------------------------------------
 
-    async def insert(self, approval: Approval) -> None:
-        """Store a new approval."""
-        await self._run(self._insert, approval)
+    async def insert(self, approval: Approval, *, room: int = 0) -> bool:
+        """Store a new approval (see :meth:`ApprovalRepo.insert`)."""
+        return await self._run(self._insert, approval, room)
 
-    def _insert(self, a: Approval) -> None:
+    def _insert(self, a: Approval, room: int) -> bool:
+        # BEGIN IMMEDIATE: one writer at a time, so the count holds until the insert.
         with immediate(self._conn) as cur:
+            if room:
+                (waiting,) = cur.execute(
+                    "SELECT count(*) FROM approvals WHERE status = 'pending' AND agent = ?",
+                    (a.agent_id,),
+                ).fetchone()
+                if waiting >= room:
+                    return False
             cur.execute(
                 f"INSERT INTO approvals ({COLUMNS}) VALUES ({_PLACEHOLDERS})",  # noqa: S608
                 to_row(a),
             )
+        return True
 
     async def erase(self, erased: ErasedSubjects, now: float) -> ErasedApprovals:
         """Erase the approvals that name an erased data subject (see :class:`ApprovalRepo`)."""

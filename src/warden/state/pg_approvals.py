@@ -41,6 +41,8 @@ _RETURNING: Final = f" RETURNING {COLUMNS}"
 _PLACEHOLDERS: Final = ", ".join(["%s"] * len(COLUMNS.split(",")))
 # pg_advisory_xact_lock key for recovering orphaned holds, one sidecar at a time.
 _RECOVER_LOCK: Final = 0x7761726465_6E7263
+# First key of pg_advisory_xact_lock(int4, int4) for one agent's approval room.
+_ROOM_LOCK: Final = 0x61707072
 
 
 class PgApprovalStore:
@@ -93,16 +95,34 @@ class PgApprovalStore:
 
     # -- changes -----------------------------------------------------------------
 
-    async def insert(self, approval: Approval) -> None:
-        """Store a new approval."""
+    async def insert(self, approval: Approval, *, room: int = 0) -> bool:
+        """Store a new approval (see :meth:`~warden.approvals.store.ApprovalRepo.insert`).
 
-        async def run(cur: AsyncCursor[Any]) -> None:
+        With ``room``, the agent's pending approvals are counted under a
+        transaction-scoped advisory lock of that agent, so sidecars opening
+        approvals for it at once take turns.
+        """
+
+        async def run(cur: AsyncCursor[Any]) -> bool:
+            if room:
+                await cur.execute(
+                    "SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                    (_ROOM_LOCK, approval.agent_id),
+                )
+                await cur.execute(
+                    "SELECT count(*) FROM approvals WHERE status = 'pending' AND agent = %s",
+                    (approval.agent_id,),
+                )
+                row = await cur.fetchone()
+                if row is not None and int(row[0]) >= room:
+                    return False
             await cur.execute(
                 f"INSERT INTO approvals ({COLUMNS}) VALUES ({_PLACEHOLDERS})",  # noqa: S608
                 to_row(approval),
             )
+            return True
 
-        await self._db.tx(run)
+        return await self._db.tx(run)
 
     async def vote(self, approval_id: str, vote: Vote) -> tuple[Approval, Approval]:
         """Add a vote under the row's lock; return the approval before and after."""

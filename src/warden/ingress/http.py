@@ -590,7 +590,20 @@ class ProxyApp:
             usage = adapter.usage(body)
             calls = adapter.tool_calls(body)
             if calls:
-                decisions = await self._core.decide_calls(call.turn, calls, adapter.name)
+                try:
+                    decisions = await self._core.decide_calls(call.turn, calls, adapter.name)
+                except BaseException as exc:
+                    # The model call ran and is billed: its usage and outcome stand even
+                    # when its calls could not be decided (the agent gets none of them).
+                    self._core.count_usage(call.agent, call.turn.model, usage)
+                    failed = Outcome(
+                        status=upstream_resp.status,
+                        error=getattr(exc, "code", None) or "undecided",
+                        latency_ms=upstream_s * 1e3,
+                        usage=usage,
+                    )
+                    self._core.outcome(action, decision, failed, trusted=True)
+                    raise
                 # Always rendered from the decisions: allowed calls go out in the
                 # canonical form of what was decided, not as the upstream wrote them.
                 body = adapter.rewrite(body, decisions)

@@ -196,16 +196,20 @@ def _one_reading(call: ToolCall, block: Mapping[str, Any]) -> ToolCall:
     The Vercel AI SDK runs a toolset member with ``{action: name, ...input}``,
     so an ``input.action`` other than the member's name wins there: decided as
     ``computer.screenshot``, it would perform ``left_click``. Such a call is
-    decided as an unknown call (denied by default).
+    decided as an unknown call (denied by default), whose arguments are the
+    whole block with its decided ``input``: an allowed one is rendered from
+    them, so the policy saw all the agent gets.
     """
     toolset = block.get("toolset_name")
     member = block.get("name")
     if not (isinstance(toolset, str) and toolset and call.wire_type == "tool_use"):
         return call
-    action = call.arguments.get("action", member) if call.arguments is not None else member
-    if action == member:
+    if call.arguments is None or call.arguments.get("action", member) == member:
         return call
-    return dataclasses.replace(call, kind=ActionKind.UNKNOWN_CALL)
+    raw, whole = parse_arguments({**block, "input": dict(call.arguments)})
+    return dataclasses.replace(
+        call, kind=ActionKind.UNKNOWN_CALL, raw_arguments=raw, arguments=whole
+    )
 
 
 def _call_name(block: Mapping[str, Any], wire: object) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -97,3 +98,21 @@ async def test_no_tokens_configured_means_every_admin_route_is_closed(
         session.get("/v1/killswitches", headers=bearer(ADMIN)) as resp,
     ):
         assert resp.status == 401
+
+
+async def test_a_token_that_is_not_text_is_401_without_an_error(
+    admin: tuple[Warden, aiohttp.ClientSession], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A raw 0xFF byte in the token (no UTF-8) is no token: 401, not a 500 with a traceback."""
+    warden, _ = admin
+    host, _, port = warden.admin_url.removeprefix("http://").rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /v1/killswitches HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer admin-\xfftoken\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

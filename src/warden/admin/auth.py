@@ -75,7 +75,10 @@ class TokenAuth:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             return None
-        digest = hashlib.sha256(token.encode("utf-8")).digest()
+        try:
+            digest = hashlib.sha256(token.encode("utf-8")).digest()
+        except UnicodeEncodeError:
+            return None  # bytes that are no text (aiohttp keeps them as surrogates): no token
         found: Principal | None = None
         # Compare with every token, without stopping early, in constant time.
         for expected, who in self._tokens:

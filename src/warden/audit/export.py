@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import datetime as dt
 import hashlib
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -493,9 +494,18 @@ be read, yet every hash above still verifies.
 """
 
 
+# Line breaks Markdown renderers honour (a bare CR, U+2028/9 too) and other
+# control characters: an agent-chosen tool name must not start lines of its own.
+_BREAKS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# What makes links, images, HTML or code, and the cell's own edge (ids and tool
+# names keep their underscores: intraword ``_`` is no emphasis).
+_MARKDOWN = re.compile(r"([\\`\[\]<>|])")
+
+
 def _cell(value: Any) -> str:
+    """``value`` as the text of one Markdown table cell, whatever the agent put in it."""
     text = "" if value is None else str(value)
-    return text.replace("|", "\\|").replace("\n", " ")
+    return _MARKDOWN.sub(r"\\\1", _BREAKS.sub(" ", text))
 
 
 def _table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
@@ -687,7 +697,18 @@ def _write_csv(out: Path, loaded: _Loaded) -> None:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for seq, payload, rec in loaded.selected:
-            writer.writerow(_flat(seq, payload, rec))
+            writer.writerow({k: _inert(v) for k, v in _flat(seq, payload, rec).items()})
+
+
+# A cell starting with one of these is a formula to a spreadsheet (OWASP's list).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(value: Any) -> Any:
+    """Text a spreadsheet shows as written: an agent's tool name is never a formula."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 def _epoch_ms(when: str) -> int:

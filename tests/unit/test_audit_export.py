@@ -19,6 +19,7 @@ import pytest
 
 from warden.audit import ApprovalEvidence, AuditLog, arguments_sha256
 from warden.audit import export as export_module
+from warden.audit.checkpoint import NoteVerifier, generate_signing_key
 from warden.audit.export import (
     CSV_COLUMNS,
     ExportError,
@@ -28,11 +29,11 @@ from warden.audit.export import (
     parse_time,
 )
 from warden.audit.merkle import leaf_hash, verify_inclusion
-from warden.audit.verify import iter_records
+from warden.audit.verify import iter_records, verify_log
 from warden.audit.verify_evidence import checkpoint_time, verify_package
 from warden.config import AuditConfig
 from warden.model import Effect, Mode, Outcome, Usage
-from warden.testing.audit import read_segments, sample_action, sample_decision
+from warden.testing.audit import fill, read_segments, sample_action, sample_decision
 
 
 async def _build(root: Path) -> None:
@@ -823,3 +824,71 @@ async def test_a_period_that_does_not_run_forward_is_not_exported(
     # come before its start.
     with pytest.raises(ExportError, match="no signed checkpoint covers any of it yet"):
         export_log(root, tmp_path / "b", selection=Selection(start=_at("23:00"), end=_at("23:30")))
+
+
+async def _two_logs_one_key(tmp_path: Path) -> tuple[str, str]:
+    """Two logs (replicas) signed with one key file; their verifier keys."""
+    key = tmp_path / "signing-key.pem"
+    generate_signing_key(key)
+    vkeys = []
+    for name, count in (("a", 6), ("b", 3)):
+        config = AuditConfig(
+            dir=str(tmp_path / name), signing_key_file=str(key), checkpoint_interval_s=3600
+        )
+        log = await AuditLog.open(config)
+        await fill(log, count)
+        await log.close()
+        vkeys.append(log.verifier_key)
+    return vkeys[0], vkeys[1]
+
+
+def _relabelled(note: str, vkey: str) -> str:
+    """``note`` with its signature line claiming the signer ``vkey`` names (same key)."""
+    name, _, rest = vkey.partition("+")
+    key_hash = bytes.fromhex(rest.partition("+")[0])
+    text, _, lines = note.rpartition("\n\n")
+    out = []
+    for line in lines.strip("\n").split("\n"):
+        _, blob = line[2:].split(" ")
+        signature = base64.b64decode(blob)[4:]
+        out.append(f"\u2014 {name} " + base64.b64encode(key_hash + signature).decode())
+    return text + "\n\n" + "\n".join(out) + "\n"
+
+
+def test_one_key_two_logs_one_logs_checkpoints_do_not_pass_for_the_other(
+    tmp_path: Path,
+) -> None:
+    """Replicas given one key file sign under their own log's name; a checkpoint of log
+    B relabelled with A's name verifies as a signature, but is not A's checkpoint."""
+    vkey_a, vkey_b = asyncio.run(_two_logs_one_key(tmp_path))
+    assert vkey_a.partition("+")[2].partition("+")[2] == vkey_b.partition("+")[2].partition("+")[2]
+    package = tmp_path / "evidence-b"
+    export_log(tmp_path / "b", package)
+    note = (package / "checkpoint").read_text()
+    (package / "checkpoint").write_text(_relabelled(note, vkey_a))
+    (package / "log-key.vkey").write_text(vkey_a + "\n")
+    _remanifest(package)
+    failures, _ = verify_package(package, vkey_a)
+    assert any(f"not {vkey_a.partition('+')[0]}" in f for f in failures), failures
+    script = subprocess.run(
+        [sys.executable, str(package / "verify_evidence.py"), str(package), "--key", vkey_a],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert script.returncode != 0
+    # B's own directory, relabelled, under A's key: damage, not "intact".
+    b = tmp_path / "b"
+    for path in [*(b / "checkpoints").iterdir(), b / "checkpoint"]:
+        path.write_text(_relabelled(path.read_text(), vkey_a))
+    report = verify_log(b, verifier=NoteVerifier.from_vkey(vkey_a))
+    assert not report.ok
+    assert any("not " + vkey_a.partition("+")[0] in d.detail for d in report.damage)
+
+
+def test_a_period_edge_in_other_digits_fails(root: Path, tmp_path: Path) -> None:
+    """A fullwidth digit sorts after 9: read as a time it would move the period's edge."""
+    out = tmp_path / "evidence"
+    export_log(root, out, selection=Selection(start=parse_time("2026-01-01")))
+    failures = _rescoped_failures(out, **{"from": "2026-01-0\uff11T00:00:00.000000Z"})
+    assert any("from" in f for f in failures), failures

@@ -126,6 +126,13 @@ def test_masked_argument_paths_are_listed_in_redacted_beside_the_policys() -> No
         "sessionToken",
         "Set-Cookie",
         "credentials",
+        "api_token",
+        "github_token",
+        "botToken",
+        "private-token",
+        "x-vault-token",
+        "x-amz-security-token",
+        "jwt",
     ],
 )
 def test_credential_names_are_recognised_in_any_spelling(key: str) -> None:
@@ -134,7 +141,16 @@ def test_credential_names_are_recognised_in_any_spelling(key: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "key", ["max_tokens", "prompt_tokens", "author", "keyword", "order_id", "customer_key_count"]
+    "key",
+    [
+        "max_tokens",
+        "prompt_tokens",
+        "input_tokens",
+        "author",
+        "keyword",
+        "order_id",
+        "customer_key_count",
+    ],
 )
 def test_ordinary_names_are_kept(key: str) -> None:
     assert not is_credential_key(key)

@@ -203,8 +203,20 @@ class Checkpoint:
 
     @classmethod
     def open(cls, note: str | bytes, verifier: NoteVerifier) -> Checkpoint:
-        """Check the note's signature, then parse its checkpoint."""
-        return cls.parse(open_note(note, verifier))
+        """Check the note's signature, then parse its checkpoint.
+
+        The signing key is named after its log (the checkpoint's origin), and
+        one key may sign several logs (replicas given one key file): only the
+        origin tells them apart, so a checkpoint whose origin is not the
+        verifier's name is refused, however well it is signed.
+        """
+        checkpoint = cls.parse(open_note(note, verifier))
+        if checkpoint.origin != verifier.name:
+            raise NoteError(
+                f"the checkpoint is for log {checkpoint.origin}, not {verifier.name} "
+                "(whose key signed it)"
+            )
+        return checkpoint
 
 
 def generate_signing_key(path: Path) -> Ed25519PrivateKey:

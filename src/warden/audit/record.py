@@ -75,10 +75,11 @@ CREDENTIAL_HEADERS = frozenset(
 # Keys masked anywhere in arguments, context, results and generic bodies: defence
 # in depth for tools that pass credentials through (an http tool with its own
 # headers, an OAuth token endpoint). A key is compared lower-cased without "-"
-# and "_": it is a credential when it is one of the names or contains one of the
-# parts. "token" alone is a name, not a part: max_tokens and prompt_tokens stay.
+# and "_": it is a credential when it is one of the names, contains one of the
+# parts, or ends in "token" (api_token, x-vault-token, x-amz-security-token). Only
+# the singular: max_tokens and prompt_tokens stay.
 _CREDENTIAL_NAMES = frozenset(
-    {h.replace("-", "") for h in CREDENTIAL_HEADERS} | {"token", "auth", "bearer", "pwd"}
+    {h.replace("-", "") for h in CREDENTIAL_HEADERS} | {"token", "auth", "bearer", "pwd", "jwt"}
 )
 _CREDENTIAL_PARTS = (
     "password",
@@ -217,11 +218,15 @@ def scrub_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 def is_credential_key(key: str) -> bool:
-    """Whether a key names a credential (``Authorization``, ``clientSecret``, ``x-auth-token``)."""
+    """Whether a key names a credential (``Authorization``, ``clientSecret``, ``api_token``)."""
     known = _credential_memo.get(key)
     if known is None:
         norm = key.lower().replace("-", "").replace("_", "")
-        known = norm in _CREDENTIAL_NAMES or any(part in norm for part in _CREDENTIAL_PARTS)
+        known = (
+            norm in _CREDENTIAL_NAMES
+            or norm.endswith("token")
+            or any(part in norm for part in _CREDENTIAL_PARTS)
+        )
         # Keys come from agents: bounded in number, and only short ones (a 2 MiB key,
         # kept, would stay for the life of the process).
         if len(_credential_memo) < _MEMO_KEYS and len(key) <= _MEMO_KEY_CHARS:

@@ -291,6 +291,10 @@ def _open_checkpoint(
         if not ok:
             report.fail("checkpoint: the signature does not verify")
             return None
+    if origin != name:
+        # One key may sign several logs: the origin, under the signature, says which.
+        report.fail(f"checkpoint: it is for log {origin}, not {name} (whose key signed it)")
+        return None
     return origin, size, root, checkpoint_time(text)
 
 
@@ -504,7 +508,8 @@ def _beyond(record: dict[str, object], scope: dict[str, object], bound: str) -> 
     return when < edge if bound == "from" else when >= edge
 
 
-_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+# ASCII digits only: str comparison orders these times, and a fullwidth digit sorts after 9.
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
 """How records and checkpoints write a time (UTC), which string comparison orders."""
 
 

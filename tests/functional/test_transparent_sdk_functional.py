@@ -311,6 +311,43 @@ async def test_http2_from_the_agent(tw: Warden, ca: Path, llm: MockLLM) -> None:
     assert any("blocked the tool call" in e for e in events)
 
 
+async def test_an_http2_body_without_a_length_is_one_request(
+    tmp_path: Path, tw: Warden, ca: Path, llm: MockLLM
+) -> None:
+    """HTTP/2 frames a body itself; a streamed one carries no content-length. Handed to
+    the listener over HTTP/1.1 it is framed there too: read as this request's body, never
+    as a request of its own (to another upstream, unmarked as transparent)."""
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    whole = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}).encode()
+    inner = json.dumps({"model": "claude", "max_tokens": 5, "messages": MESSAGES}).encode()
+    smuggled = (
+        b"POST /anthropic/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        b"\r\nContent-Length: %d\r\n\r\n%s" % (len(inner), inner)
+    )
+
+    async def pieces(body: bytes) -> AsyncIterator[bytes]:
+        yield body[:7]
+        yield body[7:]
+
+    url = "https://api.openai.com/v1/chat/completions"
+    llm.script(Reply(text="one request"))
+    async with proxied_http(tw, ca, http2=True) as http:
+        response = await http.post(url, content=pieces(whole), headers=headers)
+        assert response.http_version == "HTTP/2"
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["message"]["content"] == "one request"
+        refused = await http.post(url, content=pieces(smuggled), headers=headers)
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "invalid_json"
+    await asyncio.sleep(0.2)  # what the listener might still read, it reads now
+    assert [r.path for r in llm.requests] == ["/v1/chat/completions"]
+    await tw.stop()
+    decisions = [r for r in audit_records(tmp_path / "audit") if r.get("kind") == "decision"]
+    assert [
+        (r["action"]["request"]["upstream"], r["action"]["request"].get("door")) for r in decisions
+    ] == [("openai", "transparent")]
+
+
 _SUBPROCESS_AGENT = """
 import json, anthropic, openai
 oai = openai.OpenAI(api_key="sk-sub-1", max_retries=0)

@@ -14,18 +14,20 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx2
+import openai
 import pytest
 
 from tests.functional.test_transparent_hosts_functional import CountingServer, metric
-from tests.functional.test_transparent_sdk_functional import transparent_config
+from tests.functional.test_transparent_sdk_functional import MESSAGES, transparent_config
 from warden.ingress import transparent
 from warden.server import Warden
-from warden.testing import MockLLM
+from warden.testing import MockLLM, Reply
 
 # A public address (example.com's, once): what a rebinding name first answers. Nothing
 # ever connects to it, the check that follows turns the name down.
@@ -195,3 +197,50 @@ async def test_the_connection_goes_to_the_address_checked(
             await asyncio.sleep(0.05)
     assert status.startswith(b"HTTP/1.1 200")
     assert fake.connections == 1
+
+
+async def test_names_that_never_resolve_do_not_hold_governed_calls(
+    tmp_path: Path, llm: MockLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent naming hosts whose name server never answers holds only the tunnel
+    lookups' own threads: a governed call, whose upstream is reached by name, goes on at
+    once; past the bound on lookups in flight a tunnel is refused, not queued."""
+    answered = threading.Event()
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(host).endswith(".slow.test"):
+            answered.wait(30)  # the system resolver waiting on a silent name server
+            raise socket.gaierror(socket.EAI_AGAIN, "no answer")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    by_name = llm.url.replace("127.0.0.1", "localhost")  # the upstream needs a lookup
+    config = transparent_config(tmp_path, by_name, transparent={"unknown_hosts": "tunnel"})
+    refused = metric("warden_transparent_lookups_refused_total")
+    try:
+        async with Warden(config) as warden:
+            host, _, port = warden.transparent_address.rpartition(":")
+            writers = []
+            for i in range(transparent._LOOKUPS_QUEUED + 8):
+                _, writer = await asyncio.open_connection(host, int(port))
+                target = f"x{i}.slow.test:443"
+                writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+                writers.append(writer)
+            for _ in range(100):
+                if metric("warden_transparent_lookups_refused_total") > refused:
+                    break
+                await asyncio.sleep(0.05)
+            assert metric("warden_transparent_lookups_refused_total") > refused
+            async with openai.AsyncOpenAI(
+                base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
+            ) as client:
+                llm.script(Reply(text="on time"))
+                answer = await asyncio.wait_for(
+                    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES), 3
+                )
+            assert answer.choices[0].message.content == "on time"
+            for writer in writers:
+                writer.close()
+    finally:
+        answered.set()

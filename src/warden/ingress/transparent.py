@@ -37,6 +37,7 @@ import functools
 import ipaddress
 import logging
 import socket
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
@@ -94,6 +95,11 @@ TLS_FAILURES = Counter(
     "Clients that rejected Warden's certificate (pinning, CA not trusted), by host and mode.",
     ["host", "mode"],
 )
+LOOKUPS_REFUSED = Counter(
+    "warden_transparent_lookups_refused_total",
+    "Tunnels refused because too many of their destinations were being resolved at once "
+    "(a name server that does not answer, or an agent naming many hosts).",
+)
 
 _START_TIMEOUT_S = 30.0
 _NOT_GOVERNED = "host_not_governed"
@@ -139,16 +145,51 @@ class _Refused(Exception):
         self.reason = reason
 
 
+class _Lookups:
+    """Tunnel destinations resolved on threads of their own, a bounded number at a time.
+
+    A lookup the name server never answers holds its thread until the system
+    resolver gives up, whatever the caller's timeout. On the event loop's
+    default executor, a few agents naming such hosts would hold every thread
+    that Warden's upstream connections resolve their own names on, and
+    governed calls would queue behind them. Here they hold only these
+    threads, and past :data:`_LOOKUPS_QUEUED` lookups not yet finished a
+    tunnel is refused at once instead of queued.
+    """
+
+    def __init__(self, threads: int, queued: int) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            threads, thread_name_prefix="warden-tunnel-dns"
+        )
+        self._slots = threading.BoundedSemaphore(queued)
+
+    async def resolve(self, host: str, port: int) -> list[tuple[Any, ...]]:
+        """``getaddrinfo`` for a stream socket; ``OSError`` when busy, failed or too slow."""
+        if not self._slots.acquire(blocking=False):
+            LOOKUPS_REFUSED.inc()
+            raise OSError("too many tunnel destinations are being resolved; try again")
+        try:
+            job = self._pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+        except BaseException:
+            self._slots.release()
+            raise
+        # Released when the lookup ends, not when the caller stops waiting for it.
+        job.add_done_callback(lambda _: self._slots.release())
+        return await asyncio.wait_for(asyncio.wrap_future(job), _RESOLVE_TIMEOUT_S)
+
+
+_LOOKUP_THREADS = 4
+_LOOKUPS_QUEUED = 64
+_LOOKUPS = _Lookups(_LOOKUP_THREADS, _LOOKUPS_QUEUED)
+
+
 async def _resolve(host: str, port: int) -> list[str]:
     """Every address ``host`` resolves to, in the order to try (an address is itself).
 
     Raises ``OSError`` when it does not resolve (in time).
     """
-    loop = asyncio.get_running_loop()
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), _RESOLVE_TIMEOUT_S
-        )
+        infos = await _LOOKUPS.resolve(host, port)
     except UnicodeError as exc:  # a name IDNA cannot encode
         raise OSError(f"not a host name: {exc}") from None
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
@@ -451,6 +492,10 @@ class GoverningAddon:
         # The agent's own value, if it sent one, is replaced: only this process can mark.
         request.headers[VIA_HEADER] = self._mark
         request.stream = True  # the body goes on as it arrives; the listener bounds it
+        if (request.is_http2 or request.is_http3) and "content-length" not in request.headers:
+            # HTTP/2 and 3 frame a body themselves. Over HTTP/1.1 to the listener it needs
+            # framing of its own, or its bytes would be read as a request of their own.
+            request.headers["transfer-encoding"] = "chunked"
         flow.metadata["warden_governed"] = verdict.host
         self._inflight.add(flow.id)
         self._by_client.setdefault(flow.client_conn.id, set()).add(flow.id)

@@ -16,6 +16,7 @@ from warden.budgets.caps import window_key
 from warden.server import Warden
 from warden.state import StateStore
 from warden.testing import Call, Fault, MockLLM, Reply
+from warden.testing.raw_upstream import RawReply, RawUpstream
 
 MESSAGES: Any = [{"role": "user", "content": "please refund my order"}]
 REFUND_CAP: dict[str, Any] = {
@@ -268,3 +269,75 @@ async def test_a_stream_the_agent_cuts_short_is_spent_at_what_it_held(
         await stream.close()
         spent = await wait_for(tmp_path, "llm", agent, lambda v: v[0] > 0 and v[1] == 0)
     assert spent[0] == pytest.approx(1000 * 75 / 1e6, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("route", "usage"),
+    [
+        ("chat", {}),
+        ("chat", {"prompt_tokens": "900000", "completion_tokens": 1e5}),
+        ("responses", {"input_tokens": 10, "output_tokens": -1_000_000}),
+    ],
+    ids=["chat-empty", "chat-not-integers", "responses-negative"],
+)
+async def test_usage_that_is_no_count_is_spent_at_what_it_held(
+    tmp_path: Path, route: str, usage: dict[str, Any]
+) -> None:
+    """An upstream's usage without two non-negative integer counts does not settle the
+    call at nothing (nor crash it, for a negative count): it stays spent at its hold."""
+    if route == "chat":
+        answer: Any = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "gpt-4o-mini",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "hi"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": usage,
+        }
+    else:
+        answer = {
+            "id": "resp_1",
+            "object": "response",
+            "created_at": 1,
+            "status": "completed",
+            "model": "gpt-4o-mini",
+            "output": [
+                {
+                    "type": "message",
+                    "id": "msg_1",
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": "hi", "annotations": []}],
+                }
+            ],
+            "usage": usage,
+        }
+    async with RawUpstream() as upstream:
+        config = make_config(
+            tmp_path, upstream.url, budgets={"llm": {"limit_usd": 1.0, "window": "day"}}
+        )
+        upstream.script(RawReply.json(answer))
+        async with Warden(config) as warden, client(warden) as c:
+            if route == "chat":
+                await c.chat.completions.create(
+                    model="gpt-4o-mini", messages=MESSAGES, max_tokens=1000
+                )
+            else:
+                await c.responses.create(
+                    model="gpt-4o-mini", input="refund please", max_output_tokens=1000
+                )
+            spent, reserved = await wait_for(
+                tmp_path, "llm", "agent:support-triage", lambda v: v[0] > 0
+            )
+    # 1,000 output tokens of gpt-4o-mini (0.60 USD a million) and the body's input.
+    assert spent == pytest.approx(1000 * 0.6 / 1e6, rel=0.2)
+    assert reserved == 0.0
+    [outcome] = [r for r in audit_records(tmp_path / "audit") if r["kind"] == "outcome"]
+    assert outcome["outcome"]["status"] == 200
+    assert outcome["outcome"]["tokens"] is None

@@ -264,7 +264,10 @@ def test_usage_from_recorded_bodies() -> None:
     assert ADAPTER.usage(body("anthropic_tools.json")) == Usage(472, 118, 2048)
     assert ADAPTER.usage(body("anthropic_text.json")) == Usage(25, 12, 0)
     assert ADAPTER.usage({}) is None
-    assert ADAPTER.usage({"usage": {"input_tokens": None, "output_tokens": "1"}}) == Usage()
+    # Counts that are no counts: spent as held, never settled at nothing.
+    assert ADAPTER.usage({"usage": {"input_tokens": None, "output_tokens": "1"}}) is None
+    assert ADAPTER.usage({"usage": {"input_tokens": 5, "output_tokens": -1}}) is None
+    assert ADAPTER.usage({"usage": {}}) is None
 
 
 # --- rewrite (non-streaming) ---------------------------------------------------------------

@@ -363,9 +363,13 @@ def test_usage_from_recorded_bodies() -> None:
     assert ADAPTER.usage(body("openai_chat_text.json")) == Usage(19, 9, 0)
     assert ADAPTER.usage({}) is None
     assert ADAPTER.usage({"usage": None}) is None
+    # Counts that are no counts: spent as held, never settled at nothing.
     odd = {"usage": {"prompt_tokens": "3", "completion_tokens": -1, "prompt_tokens_details": 5}}
-    assert ADAPTER.usage(odd) == Usage(0, 0, 0)
-    assert ADAPTER.usage({"usage": {"prompt_tokens": 7}}) == Usage(7, 0, 0)
+    assert ADAPTER.usage(odd) is None
+    assert ADAPTER.usage({"usage": {"prompt_tokens": 7}}) is None
+    assert ADAPTER.usage({"usage": {"prompt_tokens": 7.0, "completion_tokens": 1}}) is None
+    shaky = {"prompt_tokens": 7, "completion_tokens": 2, "prompt_tokens_details": 5}
+    assert ADAPTER.usage({"usage": shaky}) == Usage(7, 2, 0)
 
 
 # --- rewrite (non-streaming) ---------------------------------------------------------------

@@ -374,6 +374,10 @@ def test_usage() -> None:
     assert ADAPTER.usage({"usage": {"input_tokens": 5, "output_tokens": 2}}) == Usage(5, 2, 0)
     assert ADAPTER.usage({"usage": None}) is None
     assert ADAPTER.usage({}) is None
+    # Counts that are no counts (a negative one crashed the request): spent as held.
+    assert ADAPTER.usage({"usage": {"input_tokens": 5, "output_tokens": -1_000_000}}) is None
+    assert ADAPTER.usage({"usage": {"input_tokens": "5", "output_tokens": 2}}) is None
+    assert ADAPTER.usage({"usage": {}}) is None
 
 
 # -- streams ----------------------------------------------------------------------

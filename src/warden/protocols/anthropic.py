@@ -356,8 +356,8 @@ class AnthropicMessagesAdapter:
     def usage(self, body: Mapping[str, Any]) -> Usage | None:
         """``usage.input_tokens`` / ``output_tokens``, cache reads and cache writes."""
         usage = body.get("usage")
-        if not isinstance(usage, dict):
-            return None
+        if not isinstance(usage, dict) or not _counted(usage):
+            return None  # spent as held: malformed counts must not settle at nothing
         return _usage(usage)
 
     def answer_refused(
@@ -385,6 +385,14 @@ def _usage(usage: Mapping[str, Any]) -> Usage:
         cached_input_tokens=token_count(usage.get("cache_read_input_tokens")) or 0,
         cache_write_tokens=five,
         cache_write_1h_tokens=hour,
+    )
+
+
+def _counted(usage: Mapping[str, Any]) -> bool:
+    """Whether a whole answer's usage gives both counts as non-negative integers."""
+    return (
+        token_count(usage.get("input_tokens")) is not None
+        and token_count(usage.get("output_tokens")) is not None
     )
 
 
@@ -682,7 +690,8 @@ class AnthropicStreamRewriter(StreamStatus):
     def _message_delta(self, event: SseEvent, obj: dict[str, Any]) -> SseEvent:
         usage = obj.get("usage")
         if isinstance(usage, dict):
-            self._final_usage = True
+            # Final only with a count to settle on; else the call is spent as held.
+            self._final_usage = token_count(usage.get("output_tokens")) is not None
             # Counts here are running totals; absent ones keep the message_start value.
             current = self._usage or Usage()
             output = token_count(usage.get("output_tokens"))

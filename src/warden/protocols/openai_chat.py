@@ -358,15 +358,19 @@ class OpenAIChatAdapter:
 
 
 def _usage(usage: Any) -> Usage | None:
+    """The counts, or ``None`` (spent as held) unless both are non-negative integers:
+    an upstream's ``{}`` or ``"1e9"`` must not settle a model call at nothing."""
     if not isinstance(usage, dict):
+        return None
+    given, output = (
+        token_count(usage.get("prompt_tokens")),
+        token_count(usage.get("completion_tokens")),
+    )
+    if given is None or output is None:
         return None
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else 0
-    return Usage(
-        input_tokens=_count(usage.get("prompt_tokens")),
-        output_tokens=_count(usage.get("completion_tokens")),
-        cached_input_tokens=_count(cached),
-    )
+    return Usage(input_tokens=given, output_tokens=output, cached_input_tokens=_count(cached))
 
 
 def _rewrite_choice(

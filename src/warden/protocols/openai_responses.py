@@ -530,14 +530,16 @@ def _with_output(response: Mapping[str, Any], output: list[Any]) -> dict[str, An
 
 
 def _usage(usage: object) -> Usage | None:
+    """The counts, or ``None`` (spent as held) unless both are non-negative integers."""
     if not isinstance(usage, Mapping):
+        return None
+    given, output = token_count(usage.get("input_tokens")), token_count(usage.get("output_tokens"))
+    if given is None or output is None:
         return None
     details = usage.get("input_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, Mapping) else 0
     return Usage(
-        input_tokens=_int(usage.get("input_tokens")),
-        output_tokens=_int(usage.get("output_tokens")),
-        cached_input_tokens=_int(cached),
+        input_tokens=given, output_tokens=output, cached_input_tokens=token_count(cached) or 0
     )
 
 

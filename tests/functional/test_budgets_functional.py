@@ -341,3 +341,40 @@ async def test_usage_that_is_no_count_is_spent_at_what_it_held(
     [outcome] = [r for r in audit_records(tmp_path / "audit") if r["kind"] == "outcome"]
     assert outcome["outcome"]["status"] == 200
     assert outcome["outcome"]["tokens"] is None
+
+
+async def test_an_azure_deployment_is_the_model_priced_and_decided(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    """On ``deployments/<name>/...`` the deployment runs, whatever the body's ``model``:
+    a cheap model named in the body does not price a dear deployment's call."""
+    config = make_config(tmp_path, llm.url, budgets={"llm": {"limit_usd": 1.0, "window": "day"}})
+
+    def azure(warden: Warden, deployment: str) -> openai.AsyncAzureOpenAI:
+        return openai.AsyncAzureOpenAI(
+            azure_endpoint=f"{warden.proxy_url}/openai",
+            azure_deployment=deployment,
+            api_key="sk-test",
+            api_version="2024-10-21",
+            max_retries=0,
+        )
+
+    async with Warden(config) as warden:
+        async with azure(warden, "o1-pro") as dear:
+            with pytest.raises(openai.PermissionDeniedError) as denied:
+                await dear.chat.completions.create(
+                    model="gpt-4.1-nano", messages=MESSAGES, max_tokens=20_000
+                )
+        # 20,000 output tokens at o1-pro's 600 USD a million, not gpt-4.1-nano's.
+        assert "this model call of 12.00 would pass it" in str(denied.value)
+        llm.script(Reply(text="fine"))
+        async with azure(warden, "gpt-4o-mini") as cheap:
+            answer = await cheap.chat.completions.create(
+                model="o1-pro", messages=MESSAGES, max_tokens=10
+            )
+        assert answer.choices[0].message.content == "fine"
+    assert [r.path for r in llm.requests] == ["/openai/deployments/gpt-4o-mini/chat/completions"]
+    models = [
+        r["action"]["model"] for r in audit_records(tmp_path / "audit") if r["kind"] == "decision"
+    ]
+    assert models == ["o1-pro", "gpt-4o-mini"]

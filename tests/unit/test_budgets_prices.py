@@ -20,6 +20,11 @@ def test_shipped_table_prices_known_models_and_dated_snapshots() -> None:
     assert known
     assert price.input == 2.5
     assert table.lookup("anthropic", "claude-sonnet-4-5-20250929")[1]
+    # A snapshot dearer than its alias is priced as itself.
+    assert table.lookup("openai", "gpt-4o-2024-05-13")[0].output == 15.0
+    assert table.lookup("openai", "gpt-3.5-turbo-0613")[0].input == 1.5
+    # Digits of another script are no date: another model, priced as unknown.
+    assert table.lookup("openai", "gpt-4o-\uff12\uff10\uff12\uff14") == (table.default, False)
 
 
 def test_a_suffix_that_is_not_a_snapshot_is_another_model() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from warden.config import load_config
 from warden.errors import ConfigError
-from warden.protocols.registry import PassthroughRule, RouteMatch, match_route
+from warden.protocols.registry import PassthroughRule, RouteMatch, deployment_named, match_route
 
 GOVERNED = "governed"
 PLAIN = "plain"
@@ -152,3 +152,17 @@ def test_config_names_the_key_of_a_bad_passthrough_pattern() -> None:
         load_config(environ={}, overrides={"upstreams": {"llm": upstream}})
     assert "upstreams.llm.passthrough" in str(caught.value)
     assert "needs a path" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("tail", "deployment"),
+    [
+        ("openai/deployments/o1-pro/chat/completions", "o1-pro"),
+        ("openai/Deployments/prod-4o/embeddings", "prod-4o"),
+        ("v1/chat/completions", None),
+        ("deployments/chat/completions", None),
+        ("openai/models/x/chat/completions", None),
+    ],
+)
+def test_an_azure_path_names_its_deployment(tail: str, deployment: str | None) -> None:
+    assert deployment_named("openai", tail.split("/")) == deployment

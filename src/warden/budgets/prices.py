@@ -31,7 +31,7 @@ _CACHE_WRITE_5M = 1.25
 """A prompt-cache write for five minutes, against the model's input price (Anthropic)."""
 _CACHE_WRITE_1H = 2.0
 """A prompt-cache write for an hour, against the model's input price (Anthropic)."""
-_SNAPSHOT = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|latest|preview)")
+_SNAPSHOT = re.compile(r"-(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{8}|[0-9]{4}|latest|preview)")
 """What may follow a listed name and keep its price: a dated snapshot or an alias of it.
 Anything else is another model (``o3-pro`` costs ten times ``o3``): priced as unknown."""
 

@@ -95,7 +95,12 @@ from warden.protocols import _wire, metered
 from warden.protocols.base import Adapter, response_id
 from warden.protocols.driver import StreamDriver
 from warden.protocols.errors import render_error, render_stream_error
-from warden.protocols.registry import PassthroughRule, RouteMatch, match_route
+from warden.protocols.registry import (
+    PassthroughRule,
+    RouteMatch,
+    deployment_named,
+    match_route,
+)
 from warden.protocols.sse import SseTooLarge
 from warden.sessions import conversation_of, door_conversation, stored_answer_conversation
 
@@ -408,6 +413,11 @@ class _Route:
     @property
     def family(self) -> str:
         return self.upstream.protocol
+
+    @property
+    def deployment(self) -> str | None:
+        """The deployment an Azure-style path names: the model that runs."""
+        return deployment_named(self.upstream.protocol, self.path.split("/")[1:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -724,7 +734,7 @@ class _Exchange:
                 turn.request, conversation=conversation, tools=parsed.tools
             ),
             context=turn.context,
-            model=parsed.model,
+            model=route.deployment or parsed.model,
             declared=parsed.arguments,
         )
         self._core.record_results(turn.agent, parsed.tool_results)
@@ -766,6 +776,9 @@ class _Exchange:
         assert turn is not None
         body = bytes(self._body)
         model, self._size = metered.metered_request(body)
+        route = self._route
+        assert route is not None
+        model = route.deployment or model
         self._turn = dataclasses.replace(turn, model=model)
         await self._decide_request(body)
         self._phase = "response_headers"

@@ -86,6 +86,7 @@ from warden.protocols.errors import render_error, render_stream_error
 from warden.protocols.registry import (
     PassthroughRule,
     RouteMatch,
+    deployment_named,
     match_route,
     under_governed_resource,
 )
@@ -121,9 +122,12 @@ class _Route:
     """The same path re-encoded canonically for the upstream: decoded once, never twice."""
     timeout: aiohttp.ClientTimeout = field(init=False)
     """The upstream request's timeouts."""
+    deployment: str | None = field(init=False)
+    """The deployment an Azure-style path names: the model that runs, whatever the body says."""
 
     def __post_init__(self) -> None:
         derived = {
+            "deployment": deployment_named(self.upstream.protocol, self.segments),
             "path": "/" + "/".join(self.segments),
             "forward_path": "/".join(quote(s, safe=_PCHAR_SAFE) for s in self.segments),
             "timeout": aiohttp.ClientTimeout(
@@ -340,7 +344,7 @@ class ProxyApp:
             conversation = conversation_of(
                 adapter.name, parsed_body, request.headers, self._config.sessions
             )
-            model = parsed.model
+            model = route.deployment or parsed.model
             stream = parsed.stream
             declared = parsed.tools  # hosted MCP servers and tools: input.request.tools
             arguments = parsed.arguments
@@ -356,6 +360,7 @@ class ProxyApp:
             size = CallSize(len(body), parsed.max_output_tokens, parsed.choices)
         elif route.match.metered:
             model, size = metered.metered_request(body)
+            model = route.deployment or model
         tool, refused = self._tool_request(request, route, body)
         if refused is not None:
             return refused

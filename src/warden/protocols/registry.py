@@ -38,6 +38,7 @@ __all__ = [
     "METHODS",
     "PassthroughRule",
     "RouteMatch",
+    "deployment_named",
     "match_route",
     "under_governed_resource",
 ]
@@ -196,6 +197,19 @@ def _route_start(family: str, tail: Sequence[str]) -> int | None:
     # reach it; such a path is refused instead (no governed rule fits it).
     roots = _ROOTS.get(family, frozenset())
     return next((i for i, segment in enumerate(tail) if segment.casefold() in roots), None)
+
+
+def deployment_named(family: str, tail: Sequence[str]) -> str | None:
+    """The deployment an Azure-style path names, whose model runs whatever the body says.
+
+    ``openai/deployments/<name>/chat/completions``: the service runs the
+    deployment ``<name>`` and ignores the body's ``model``, so ``<name>`` is
+    the model a policy and a spend cap must read. ``None`` for other paths.
+    """
+    start = _route_start(family, tail)
+    if start is None or start < 2 or tail[start - 2].casefold() != "deployments":
+        return None
+    return tail[start - 1]
 
 
 def under_governed_resource(tail: Sequence[str]) -> bool:

@@ -832,6 +832,8 @@ class MockLLM(LoopbackServer):
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        # Azure OpenAI's deployment paths (the deployment, not the body, names the model).
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)
         # Anything else gets the provider's 404, like an unknown API path.
         app.router.add_route("*", "/{tail:.*}", self._not_found)
 

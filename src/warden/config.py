@@ -602,7 +602,17 @@ class LlmBudgetConfig(_Section):
     """The least held per call before its cost is known; the actual cost is settled after.
     A call whose request Warden reads holds what it can cost, if more."""
     unbounded_output_tokens: int = Field(8192, ge=1)
-    """The output a request that sets no bound (``max_tokens`` and its kin) is held at."""
+    """The output a request that sets no bound (``max_tokens`` and its kin) is held at, and,
+    with ``limit_usd`` set, the bound Warden writes into it (:attr:`written_output_bound`)."""
+
+    @property
+    def written_output_bound(self) -> int | None:
+        """The output bound written into a model request that sets none, or ``None``.
+
+        Only under a cap: a call held at a bound must not generate more, or
+        calls in flight together could all pass a cap that each alone fits.
+        """
+        return self.unbounded_output_tokens if self.limit_usd is not None else None
 
 
 def _json_pointer(value: str) -> str:

@@ -378,3 +378,35 @@ async def test_an_azure_deployment_is_the_model_priced_and_decided(
         r["action"]["model"] for r in audit_records(tmp_path / "audit") if r["kind"] == "decision"
     ]
     assert models == ["o1-pro", "gpt-4o-mini"]
+
+
+async def test_a_request_without_an_output_bound_is_sent_with_the_one_it_is_held_at(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    """Under a cap, a model request that sets no output bound is held at
+    ``unbounded_output_tokens`` and sent with that bound, so it cannot spend past its
+    hold (twenty such calls in flight could otherwise each generate 100,000 tokens).
+    A request with its own bound, and any request with no cap to hold for, go as sent."""
+    capped = {"llm": {"limit_usd": 5.0, "window": "day", "unbounded_output_tokens": 2000}}
+    async with (
+        Warden(make_config(tmp_path, llm.url, budgets=capped)) as warden,
+        client(warden) as c,
+    ):
+        for _ in range(3):
+            llm.script(Reply(text="ok"))
+        await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        await c.responses.create(model="gpt-4o-mini", input="refund please")
+        await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=50)
+    chat, responses, bounded = (r.body for r in llm.requests)
+    assert chat["max_completion_tokens"] == 2000
+    assert responses["max_output_tokens"] == 2000
+    assert bounded["max_tokens"] == 50
+    assert "max_completion_tokens" not in bounded
+    counted = {"llm": {"window": "day"}}  # spend counted, no cap: nothing to hold for
+    async with (
+        Warden(make_config(tmp_path / "counted", llm.url, budgets=counted)) as warden,
+        client(warden) as c,
+    ):
+        llm.script(Reply(text="ok"))
+        await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert "max_completion_tokens" not in llm.requests[-1].body

@@ -1487,3 +1487,21 @@ def tool_calls(result: Result) -> list[Any]:
     completion = openai.types.chat.ChatCompletion.model_validate(result.json())
     calls = completion.choices[0].message.tool_calls or []
     return [c for c in calls if c.type == "function"]
+
+
+async def test_under_a_cap_an_unbounded_model_call_goes_with_the_bound_it_is_held_at(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    """As through the base URL: held at ``unbounded_output_tokens``, sent with it."""
+    capped = {"llm": {"limit_usd": 5.0, "unbounded_output_tokens": 3000}}
+    config = make_config(tmp_path, llm.url, budgets=capped)
+    async with Warden(config) as w:
+        assert w.core is not None
+        service = ExtProcService(w.core, w.config, killswitches=w.killswitches)
+        async with serve(service, llm) as front:
+            llm.script(Reply(text="ok"))
+            body = orjson.dumps({"model": "gpt-4o-mini", "messages": MESSAGES["messages"]})
+            result = await front.request(OPENAI_HOST, "/v1/chat/completions", raw_body=body)
+    assert result.status == 200
+    assert orjson.loads(result.forwarded_body)["max_completion_tokens"] == 3000
+    assert llm.requests[-1].body["max_completion_tokens"] == 3000

@@ -92,7 +92,7 @@ from warden.model import (
 )
 from warden.ops import metrics
 from warden.protocols import _wire, metered
-from warden.protocols.base import Adapter, response_id
+from warden.protocols.base import Adapter, output_bounded, response_id
 from warden.protocols.driver import StreamDriver
 from warden.protocols.errors import render_error, render_stream_error
 from warden.protocols.registry import (
@@ -741,6 +741,16 @@ class _Exchange:
         prepared = adapter.prepare_request(parsed_body)
         if prepared is not None:
             self._hide_usage = True
+        llm = self._svc.config.budgets.llm
+        bounded, bound = output_bounded(
+            adapter,
+            prepared if prepared is not None else parsed_body,
+            parsed,
+            llm.written_output_bound if llm is not None else None,
+        )
+        if bound != parsed.max_output_tokens:
+            prepared = dict(bounded)  # held at the bound written in: sent with it
+            self._size = dataclasses.replace(self._size, max_output_tokens=bound)
         await self._decide_request(body)
         outgoing = prepared if prepared is not None else parsed_body
         continued = self._core.continued(turn, adapter, outgoing)
@@ -775,10 +785,9 @@ class _Exchange:
         turn = self._turn
         assert turn is not None
         body = bytes(self._body)
-        model, self._size = metered.metered_request(body)
         route = self._route
         assert route is not None
-        model = route.deployment or model
+        model, self._size = metered.metered_request(body, route.deployment)
         self._turn = dataclasses.replace(turn, model=model)
         await self._decide_request(body)
         self._phase = "response_headers"

@@ -79,7 +79,7 @@ from warden.model import (
 )
 from warden.ops import metrics, tracing
 from warden.protocols import _wire, http_tool, metered
-from warden.protocols.base import Adapter, StreamRewriter, response_id
+from warden.protocols.base import Adapter, StreamRewriter, output_bounded, response_id
 from warden.protocols.declared_arguments import DeclaredArguments
 from warden.protocols.driver import StreamDriver
 from warden.protocols.errors import render_error, render_stream_error
@@ -247,6 +247,8 @@ class ProxyApp:
             if upstream.routes
         }
         self._routes: dict[tuple[str, str], _Route] = {}
+        llm = config.budgets.llm
+        self._unbounded_output = llm.written_output_bound if llm is not None else None
         # ``protocol: mcp`` upstreams: the MCP streamable HTTP transport (its own door logic).
         self.mcp = McpHttp(
             config,
@@ -354,13 +356,13 @@ class ProxyApp:
             if prepared is not None:
                 outgoing = prepared
                 hide_usage = True
+            outgoing, bound = output_bounded(adapter, outgoing, parsed, self._unbounded_output)
             # What was decided on is what is sent: a key given twice reaches the
             # provider once, as Warden read it, whatever its own parser keeps.
             body = _wire.request_bytes(outgoing)
-            size = CallSize(len(body), parsed.max_output_tokens, parsed.choices)
+            size = CallSize(len(body), bound, parsed.choices)
         elif route.match.metered:
-            model, size = metered.metered_request(body)
-            model = route.deployment or model
+            model, size = metered.metered_request(body, route.deployment)
         tool, refused = self._tool_request(request, route, body)
         if refused is not None:
             return refused

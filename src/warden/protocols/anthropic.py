@@ -262,6 +262,7 @@ class AnthropicMessagesAdapter:
     """The ``anthropic.messages`` protocol: ``POST /v1/messages``."""
 
     name = "anthropic.messages"
+    output_bound = "max_tokens"
 
     def parse_request(self, body: Mapping[str, Any]) -> ParsedRequest:
         """Model, stream flag and ``tool_result`` blocks, named from earlier ``tool_use`` blocks."""

@@ -45,6 +45,7 @@ __all__ = [
     "StreamItem",
     "StreamRewriter",
     "blocked_message",
+    "output_bounded",
     "refusal_text",
 ]
 
@@ -121,6 +122,9 @@ class Adapter(Protocol):
 
     name: str
     """Protocol label used in actions, records and metrics, e.g. ``openai.chat``."""
+    output_bound: str
+    """The request field that bounds the answer's output tokens (``max_tokens`` and kin):
+    written by Warden when a spend cap holds a call that sets none at a bound of its own."""
 
     def parse_request(self, body: Mapping[str, Any]) -> ParsedRequest:
         """Read model, stream flag and returned tool results from a request body."""
@@ -186,6 +190,21 @@ class Adapter(Protocol):
         for (OpenAI's ``n``); a stream with more is malformed.
         """
         ...
+
+
+def output_bounded(
+    adapter: Adapter, body: Mapping[str, Any], parsed: ParsedRequest, unbounded: int | None
+) -> tuple[Mapping[str, Any], int | None]:
+    """``body`` as sent, and the output bound its hold is sized at.
+
+    With ``unbounded`` (a spend cap holds the call) a request that sets no
+    bound gets ``unbounded`` written in: it is held at that, so it must not
+    be able to generate more, or calls in flight together could all pass a
+    cap that each alone fits. Otherwise ``body`` and its own bound.
+    """
+    if parsed.max_output_tokens is not None or unbounded is None:
+        return body, parsed.max_output_tokens
+    return {**body, adapter.output_bound: unbounded}, unbounded
 
 
 def response_id(adapter: Adapter, body: Mapping[str, Any]) -> str | None:

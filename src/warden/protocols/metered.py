@@ -16,14 +16,18 @@ from warden.protocols._wire import token_count
 __all__ = ["metered_request", "metered_usage"]
 
 
-def metered_request(body: bytes) -> tuple[str | None, CallSize]:
-    """The model a metered request names (``None``: none, or not JSON), and its size."""
+def metered_request(body: bytes, deployment: str | None = None) -> tuple[str | None, CallSize]:
+    """The model a metered request names (``None``: none, or not JSON), and its size.
+
+    ``deployment`` (an Azure deployment path's) is the model, whatever the body says.
+    """
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         parsed = None
     model = parsed.get("model") if isinstance(parsed, dict) else None
-    return (model if isinstance(model, str) else None), CallSize(len(body), 0)
+    named = model if isinstance(model, str) else None
+    return deployment or named, CallSize(len(body), 0)
 
 
 def metered_usage(raw: bytes) -> Usage | None:

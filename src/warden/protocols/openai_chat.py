@@ -235,6 +235,7 @@ class OpenAIChatAdapter:
     """
 
     name = "openai.chat"
+    output_bound = "max_completion_tokens"
 
     def parse_request(self, body: Mapping[str, Any]) -> ParsedRequest:
         """Model, stream flag and ``role: tool`` results, named from earlier assistant calls."""

@@ -627,6 +627,7 @@ class OpenAIResponsesAdapter:
     """The Responses API wire format. Holds no state; one instance serves all requests."""
 
     name = "openai.responses"
+    output_bound = "max_output_tokens"
 
     def parse_request(self, body: Mapping[str, Any]) -> ParsedRequest:
         """Model, stream flag, and the result items (``function_call_output`` and kin) in ``input``.

@@ -351,6 +351,12 @@ class Usage:
     it apart from ``input_tokens``, and bills it above input)."""
     cache_write_1h_tokens: int = 0
     """Input written to the prompt cache for an hour (billed higher still)."""
+    priority: bool = False
+    """Served on the provider's priority tier (OpenAI ``service_tier: priority``), billed
+    at a multiple of the standard price."""
+    web_searches: int = 0
+    """Searches the provider ran itself and bills per search (Anthropic
+    ``server_tool_use.web_search_requests``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,6 +371,8 @@ class CallSize:
     input_bytes: int
     max_output_tokens: int | None = None
     choices: int = 1
+    priority: bool = False
+    """The request asks for the provider's priority tier (billed at a multiple)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -410,3 +410,56 @@ async def test_a_request_without_an_output_bound_is_sent_with_the_one_it_is_held
         llm.script(Reply(text="ok"))
         await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert "max_completion_tokens" not in llm.requests[-1].body
+
+
+async def test_priority_processing_and_provider_searches_are_counted_at_their_price(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    """``service_tier: priority`` costs twice standard (asked for, so counted so); an
+    Anthropic answer's web searches cost 0.01 USD each beside its tokens."""
+    searched: Any = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-6",
+        "content": [{"type": "text", "text": "found it"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": 1000,
+            "output_tokens": 100,
+            "server_tool_use": {"web_search_requests": 4},
+        },
+    }
+    async with RawUpstream() as anthropic_api:
+        upstreams = {
+            "openai": {"protocol": "openai", "base_url": llm.url, "timeout_s": 5},
+            "anthropic": {"protocol": "anthropic", "base_url": anthropic_api.url, "timeout_s": 5},
+        }
+        config = make_config(
+            tmp_path,
+            llm.url,
+            upstreams=upstreams,
+            budgets={"llm": {"limit_usd": 5.0, "window": "day"}},
+        )
+        anthropic_api.script(RawReply.json(searched))
+        async with Warden(config) as warden, client(warden) as c:
+            llm.script(Reply(text="one two three"))
+            await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=10)
+            llm.script(Reply(text="one two three"))
+            await c.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, max_tokens=10, service_tier="priority"
+            )
+            async with anthropic.AsyncAnthropic(
+                base_url=f"{warden.proxy_url}/anthropic", api_key="sk-ant", max_retries=0
+            ) as claude:
+                await claude.messages.create(
+                    model="claude-sonnet-4-6", max_tokens=100, messages=MESSAGES
+                )
+    costs = [
+        r["outcome"]["cost"] for r in audit_records(tmp_path / "audit") if r["kind"] == "outcome"
+    ]
+    standard, priority, sonnet = costs
+    assert priority == pytest.approx(2 * standard)
+    # Not in the shipped table: the default price, 15 USD a million in, 75 out.
+    assert sonnet == pytest.approx((1000 * 15.0 + 100 * 75.0) / 1e6 + 4 * 0.01)

@@ -9,6 +9,9 @@ import pytest
 from warden.budgets.prices import PriceTable
 from warden.errors import ConfigError
 from warden.model import Usage
+from warden.protocols.anthropic import AnthropicMessagesAdapter
+from warden.protocols.openai_chat import OpenAIChatAdapter
+from warden.protocols.openai_responses import OpenAIResponsesAdapter
 
 
 def test_shipped_table_prices_known_models_and_dated_snapshots() -> None:
@@ -49,14 +52,14 @@ def test_unknown_models_and_providers_get_the_default() -> None:
 
 def test_cost_counts_cached_tokens_as_the_provider_reports_them() -> None:
     table = PriceTable.shipped()
-    usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000, cached_input_tokens=400_000)
-    # OpenAI's input count includes cached tokens: 600k uncached at 0.15.
+    usage = Usage(input_tokens=100_000, output_tokens=100_000, cached_input_tokens=40_000)
+    # OpenAI's input count includes cached tokens: 60k uncached at 0.15.
     openai = table.cost("openai", "gpt-4o-mini", usage)
     assert openai.known
-    assert openai.usd == pytest.approx(0.6 * 0.15 + 0.4 * 0.075 + 0.6)
+    assert openai.usd == pytest.approx((0.6 * 0.15 + 0.4 * 0.075 + 0.6) / 10)
     # Anthropic reports cache reads beside the input count.
     anthropic = table.cost("anthropic", "claude-3-5-haiku", usage)
-    assert anthropic.usd == pytest.approx(0.8 + 0.4 * 0.08 + 4.0)
+    assert anthropic.usd == pytest.approx((0.8 + 0.4 * 0.08 + 4.0) / 10)
 
 
 def test_cost_counts_cache_writes_above_input() -> None:
@@ -67,9 +70,39 @@ def test_cost_counts_cache_writes_above_input() -> None:
     assert table.cost("anthropic", "claude-opus-4-1", usage).usd == pytest.approx(
         (10 * 15.0 + 190_000 * 15.0 * 1.25) / 1e6
     )
-    hour = Usage(input_tokens=10, cache_write_tokens=1_000, cache_write_1h_tokens=190_000)
+    hour = Usage(input_tokens=10, cache_write_tokens=1_000, cache_write_1h_tokens=180_000)
     assert table.cost("anthropic", "claude-opus-4-1", hour).usd == pytest.approx(
-        (10 * 15.0 + 1_000 * 15.0 * 1.25 + 190_000 * 15.0 * 2.0) / 1e6
+        (10 * 15.0 + 1_000 * 15.0 * 1.25 + 180_000 * 15.0 * 2.0) / 1e6
+    )
+
+
+def test_tiers_long_context_and_searches_cost_what_the_provider_bills() -> None:
+    """Priority processing (OpenAI) counts twice standard; an Anthropic request past
+    200,000 input tokens (cache reads and writes included) is billed at long-context
+    prices for all of it; each web search the provider ran costs 0.01 USD."""
+    table = PriceTable.shipped()
+    usage = Usage(input_tokens=100_000, output_tokens=10_000)
+    standard = table.cost("openai", "gpt-5", usage).usd
+    assert standard == pytest.approx((100_000 * 1.25 + 10_000 * 10.0) / 1e6)
+    priority = Usage(input_tokens=100_000, output_tokens=10_000, priority=True)
+    assert table.cost("openai", "gpt-5", priority).usd == pytest.approx(2 * standard)
+    sonnet = table.lookup("anthropic", "claude-sonnet-4-5")[0]
+    short = Usage(input_tokens=150_000, output_tokens=10_000, cached_input_tokens=50_000)
+    assert table.cost("anthropic", "claude-sonnet-4-5", short).usd == pytest.approx(
+        (150_000 * sonnet.input + 50_000 * sonnet.cached_input + 10_000 * sonnet.output) / 1e6
+    )
+    long = Usage(input_tokens=150_000, output_tokens=10_000, cached_input_tokens=50_001)
+    assert table.cost("anthropic", "claude-sonnet-4-5", long).usd == pytest.approx(
+        (
+            (150_000 * sonnet.input + 50_001 * sonnet.cached_input) * 2.0
+            + 10_000 * sonnet.output * 1.5
+        )
+        / 1e6
+    )
+    searched = Usage(input_tokens=1_000, output_tokens=100, web_searches=3)
+    plain = Usage(input_tokens=1_000, output_tokens=100)
+    assert table.cost("anthropic", "claude-sonnet-4-5", searched).usd == pytest.approx(
+        table.cost("anthropic", "claude-sonnet-4-5", plain).usd + 0.03
     )
 
 
@@ -113,3 +146,30 @@ def test_bad_override_files_name_the_key(tmp_path: Path, text: str, key: str) ->
 def test_missing_override_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="prices.file: cannot read"):
         PriceTable.load(str(tmp_path / "absent.yaml"))
+
+
+def test_adapters_read_the_tier_asked_for_and_ran_and_the_searches_billed() -> None:
+    chat, responses, messages = (
+        OpenAIChatAdapter(),
+        OpenAIResponsesAdapter(),
+        AnthropicMessagesAdapter(),
+    )
+    assert chat.parse_request({"model": "m", "service_tier": "priority"}).priority
+    assert not chat.parse_request({"model": "m", "service_tier": "flex"}).priority
+    assert responses.parse_request({"model": "m", "service_tier": "fast"}).priority
+    counts = {"prompt_tokens": 5, "completion_tokens": 2}
+    ran = chat.usage({"usage": counts, "service_tier": "priority"})
+    assert ran is not None
+    assert ran.priority
+    plain = chat.usage({"usage": counts, "service_tier": "default"})
+    assert plain is not None
+    assert not plain.priority
+    answer = responses.usage(
+        {"usage": {"input_tokens": 5, "output_tokens": 2}, "service_tier": "priority"}
+    )
+    assert answer is not None
+    assert answer.priority
+    usage = {"input_tokens": 5, "output_tokens": 2, "server_tool_use": {"web_search_requests": 3}}
+    searched = messages.usage({"usage": usage})
+    assert searched is not None
+    assert searched.web_searches == 3

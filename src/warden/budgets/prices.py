@@ -31,6 +31,15 @@ _CACHE_WRITE_5M = 1.25
 """A prompt-cache write for five minutes, against the model's input price (Anthropic)."""
 _CACHE_WRITE_1H = 2.0
 """A prompt-cache write for an hour, against the model's input price (Anthropic)."""
+_PRIORITY = 2.0
+"""OpenAI's priority processing, against standard: its list prices run about 1.75 to 2
+times standard; counted at 2 so a cap is never passed by a tier the table does not list."""
+_LONG_CONTEXT_TOKENS = 200_000
+"""Anthropic bills a request whose input passes this (the 1M-token context) at long-context
+prices for all of it: input at twice the model's price, output at one and a half."""
+_LONG_INPUT, _LONG_OUTPUT = 2.0, 1.5
+_WEB_SEARCH_USD = 0.01
+"""One web search the provider runs itself (Anthropic: 10 USD per thousand)."""
 _SNAPSHOT = re.compile(r"-(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{8}|[0-9]{4}|latest|preview)")
 """What may follow a listed name and keep its price: a dated snapshot or an alias of it.
 Anything else is another model (``o3-pro`` costs ten times ``o3``): priced as unknown."""
@@ -158,12 +167,17 @@ class PriceTable:
             max(0, usage.cache_write_tokens) * _CACHE_WRITE_5M
             + max(0, usage.cache_write_1h_tokens) * _CACHE_WRITE_1H
         )
+        into, out = 1.0, 1.0
+        writes = max(0, usage.cache_write_tokens) + max(0, usage.cache_write_1h_tokens)
+        if provider == "anthropic" and uncached + cached + writes > _LONG_CONTEXT_TOKENS:
+            into, out = _LONG_INPUT, _LONG_OUTPUT
         usd = (
-            uncached * price.input
-            + cached * price.cached_input
-            + usage.output_tokens * price.output
-            + written * price.input
+            (uncached * price.input + cached * price.cached_input + written * price.input) * into
+            + usage.output_tokens * price.output * out
         ) / _PER
+        if usage.priority:
+            usd *= _PRIORITY
+        usd += max(0, usage.web_searches) * _WEB_SEARCH_USD
         return Priced(usd=usd, known=known)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -17,6 +18,7 @@ from warden.protocols.sse import SseEvent
 
 __all__ = [
     "NO_DECISION",
+    "PRIORITY_TIERS",
     "Envelope",
     "StreamStatus",
     "dumps",
@@ -32,6 +34,7 @@ __all__ = [
     "reject_constant",
     "request_bytes",
     "request_object",
+    "tiered",
     "token_count",
     "unique_keys",
 ]
@@ -190,6 +193,17 @@ def _has_nonfinite(value: Any) -> bool:
         elif isinstance(item, list):
             push(item)
     return False
+
+
+PRIORITY_TIERS: Final = frozenset({"priority", "fast"})
+"""OpenAI ``service_tier`` values billed above standard (priority processing)."""
+
+
+def tiered(usage: Usage | None, body: Mapping[str, Any]) -> Usage | None:
+    """``usage``, marked as billed at the priority tier when the answer says it ran there."""
+    if usage is None or body.get("service_tier") not in PRIORITY_TIERS:
+        return usage
+    return dataclasses.replace(usage, priority=True)
 
 
 def token_count(value: Any) -> int | None:

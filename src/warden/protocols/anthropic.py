@@ -386,7 +386,14 @@ def _usage(usage: Mapping[str, Any]) -> Usage:
         cached_input_tokens=token_count(usage.get("cache_read_input_tokens")) or 0,
         cache_write_tokens=five,
         cache_write_1h_tokens=hour,
+        web_searches=_web_searches(usage) or 0,
     )
+
+
+def _web_searches(usage: Mapping[str, Any]) -> int | None:
+    """Web searches the provider ran (``server_tool_use.web_search_requests``), billed apart."""
+    server = usage.get("server_tool_use")
+    return token_count(server.get("web_search_requests")) if isinstance(server, dict) else None
 
 
 def _counted(usage: Mapping[str, Any]) -> bool:
@@ -699,6 +706,7 @@ class AnthropicStreamRewriter(StreamStatus):
             given = token_count(usage.get("input_tokens"))
             cached = token_count(usage.get("cache_read_input_tokens"))
             written = _cache_writes(usage)
+            searches = _web_searches(usage)
             self._usage = dataclasses.replace(
                 current,
                 input_tokens=current.input_tokens if given is None else given,
@@ -708,6 +716,7 @@ class AnthropicStreamRewriter(StreamStatus):
                 cache_write_1h_tokens=(
                     current.cache_write_1h_tokens if written is None else written[1]
                 ),
+                web_searches=current.web_searches if searches is None else searches,
             )
         delta = obj.get("delta")
         # Read only now: the calls closed before this event have been resolved.

@@ -26,6 +26,7 @@ from warden.model import ActionKind, Decision, Effect, ToolCall, ToolResult, Usa
 from warden.protocols import declared_arguments, declared_tools
 from warden.protocols._wire import (
     NO_DECISION,
+    PRIORITY_TIERS,
     Envelope,
     StreamStatus,
     as_read,
@@ -36,6 +37,7 @@ from warden.protocols._wire import (
     misspelled_key,
     parse_arguments,
     refuse_misspelled_request,
+    tiered,
     token_count,
 )
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
@@ -273,6 +275,7 @@ class OpenAIChatAdapter:
             arguments=declared_arguments.openai_chat(body),
             max_output_tokens=_output_bound(body),
             choices=max(1, token_count(body.get("n")) or 1),
+            priority=body.get("service_tier") in PRIORITY_TIERS,
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:
@@ -329,7 +332,7 @@ class OpenAIChatAdapter:
 
     def usage(self, body: Mapping[str, Any]) -> Usage | None:
         """Prompt, completion and cached prompt tokens from ``usage``."""
-        return _usage(body.get("usage"))
+        return tiered(_usage(body.get("usage")), body)
 
     def answer_refused(
         self, body: Mapping[str, Any], owed: Mapping[str, tuple[str, str]]
@@ -609,7 +612,7 @@ class OpenAIChatStreamRewriter(StreamStatus):
         model = chunk.get("model")
         if isinstance(model, str):
             self._model = model
-        usage = _usage(chunk.get("usage"))
+        usage = tiered(_usage(chunk.get("usage")), chunk)
         choices = chunk.get("choices")
         if usage is not None:
             self._usage = usage

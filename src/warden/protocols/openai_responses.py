@@ -77,6 +77,7 @@ from warden.model import ActionKind, Decision, Effect, ToolCall, ToolResult, Usa
 from warden.protocols import declared_arguments, declared_tools
 from warden.protocols._wire import (
     NO_DECISION,
+    PRIORITY_TIERS,
     Envelope,
     StreamStatus,
     as_read,
@@ -86,6 +87,7 @@ from warden.protocols._wire import (
     misspelled_key,
     parse_arguments,
     refuse_misspelled_request,
+    tiered,
     token_count,
 )
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
@@ -664,6 +666,7 @@ class OpenAIResponsesAdapter:
             tools=declared_tools.openai_responses(body),
             arguments=declared_arguments.openai_responses(body),
             max_output_tokens=token_count(body.get("max_output_tokens")),
+            priority=body.get("service_tier") in PRIORITY_TIERS,
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:
@@ -715,7 +718,7 @@ class OpenAIResponsesAdapter:
 
     def usage(self, body: Mapping[str, Any]) -> Usage | None:
         """``usage.input_tokens``, ``output_tokens`` and ``input_tokens_details.cached_tokens``."""
-        return _usage(body.get("usage"))
+        return tiered(_usage(body.get("usage")), body)
 
     def answer_refused(
         self, body: Mapping[str, Any], owed: Mapping[str, tuple[str, str]]
@@ -984,7 +987,7 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
         if output is not None and not isinstance(output, list):
             raise _violation(f"{kind} with an output that is not a list")
         self._complete = True
-        self._usage = _usage(response.get("usage")) or self._usage
+        self._usage = tiered(_usage(response.get("usage")), response) or self._usage
         self._model = _str(response.get("model")) or self._model
         self.response_id = self.response_id or _str(response.get("id"))
         # Calls that never reached their output_item.done, then calls that only

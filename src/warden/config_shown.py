@@ -13,7 +13,10 @@ webhook's path is its token).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
+
+from pydantic import BaseModel
 
 from warden.audit.record import mask_credentials
 from warden.config import Config
@@ -28,12 +31,40 @@ _URL_PASSWORD = re.compile(r"(://[^/@:\s]*):[^/@\s]*@")
 
 def shown_config(config: Config) -> dict[str, Any]:
     """``config`` as JSON-ready data with its secrets masked."""
-    dumped: dict[str, Any] = mask_credentials(_urls_shown(config.model_dump(mode="json")))
+    dumped: dict[str, Any] = _masked(config, _urls_shown(config.model_dump(mode="json")))
     webhook = dumped.get("approvals", {}).get("webhook", {})
     if isinstance(webhook.get("url"), str):
         scheme, _, rest = webhook["url"].partition("://")
         webhook["url"] = f"{scheme}://{rest.split('/', 1)[0]}/{MASK}"
     return dumped
+
+
+def _masked(value: Any, dumped: Any) -> Any:
+    """``dumped`` (``value`` as JSON) with credential-named keys masked in free-form maps.
+
+    Sections under credential-like names (``identity.jwt``, ``admin.tokens``)
+    and the names a map gives its sections (``tools.revoke_api_token``) are
+    walked, not hidden whole, so that a change inside them changes the
+    configuration's hash; a credential-named value (``webhook.secret``) is
+    masked. Maps of the operator's own keys (headers, labels) are masked as
+    records mask arguments.
+    """
+    if isinstance(value, BaseModel) and isinstance(dumped, dict):
+        # A credential-named field holding a value (``webhook.secret``) is masked; one
+        # holding a section (``identity.jwt``, ``admin.tokens``) is walked.
+        return {
+            k: _masked(field, v)
+            if isinstance(field := getattr(value, k, None), BaseModel | Mapping | list | tuple)
+            else mask_credentials({k: v})[k]
+            for k, v in dumped.items()
+        }
+    if isinstance(value, Mapping) and isinstance(dumped, dict):
+        if value and all(isinstance(v, BaseModel) for v in value.values()):
+            return {k: _masked(value.get(k), v) for k, v in dumped.items()}
+        return mask_credentials(dumped)
+    if isinstance(value, list | tuple) and isinstance(dumped, list) and len(value) == len(dumped):
+        return [_masked(v, d) for v, d in zip(value, dumped, strict=True)]
+    return mask_credentials(dumped)
 
 
 def _urls_shown(value: Any) -> Any:

@@ -75,8 +75,12 @@ log = logging.getLogger(__name__)
 
 
 def hash_key(key: str) -> str:
-    """The hex SHA-256 of a proxy key, as ``identity.agents.<id>.key_sha256`` stores it."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    """The hex SHA-256 of a proxy key, as ``identity.agents.<id>.key_sha256`` stores it.
+
+    A key that is not text (raw bytes a server kept as surrogates) hashes its
+    bytes as given: no configured key matches it.
+    """
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _fail[E: WardenError](reason: str, error: E) -> E:
@@ -340,6 +344,8 @@ class Identity:
         cfg = self._config.identity.jwt
         assert cfg is not None
         try:
+            if not token.isascii():  # a JWT is base64url and dots; raw bytes are none
+                raise jwt.DecodeError("not ASCII")
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             raise _fail(

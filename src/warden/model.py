@@ -161,7 +161,7 @@ class Agent:
     claims: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class RequestMeta:
     """The HTTP request an action came from, with secrets already removed.
 
@@ -169,6 +169,9 @@ class RequestMeta:
     tools by name, the provider's hosted tools, remote MCP servers with their
     allowed tools), as policies see it in ``input.request.tools``; built by
     the adapter without credentials (:mod:`warden.protocols.declared_tools`).
+
+    Weakly referenceable: the audit log remembers which requests' tools it has
+    written (:meth:`warden.audit.AuditLog.record_decision`) without keeping them.
     """
 
     method: str
@@ -351,12 +354,12 @@ class Usage:
     it apart from ``input_tokens``, and bills it above input)."""
     cache_write_1h_tokens: int = 0
     """Input written to the prompt cache for an hour (billed higher still)."""
-    priority: bool = False
-    """Served on the provider's priority tier (OpenAI ``service_tier: priority``), billed
-    at a multiple of the standard price."""
-    web_searches: int = 0
-    """Searches the provider ran itself and bills per search (Anthropic
-    ``server_tool_use.web_search_requests``)."""
+    rate: float = 1.0
+    """The multiple of the model's standard price the call is billed at: a premium tier
+    the answer says it ran on (OpenAI ``service_tier``, Anthropic fast mode)."""
+    hosted_calls: tuple[tuple[str, int], ...] = ()
+    """Tools the provider ran itself and bills per call, by kind (``web_search``,
+    ``file_search``, ``code_interpreter``) with their counts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,8 +374,8 @@ class CallSize:
     input_bytes: int
     max_output_tokens: int | None = None
     choices: int = 1
-    priority: bool = False
-    """The request asks for the provider's priority tier (billed at a multiple)."""
+    rate: float = 1.0
+    """The multiple of the standard price the request asks to be billed at (a premium tier)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -402,6 +402,16 @@ async def test_a_request_without_an_output_bound_is_sent_with_the_one_it_is_held
     assert responses["max_output_tokens"] == 2000
     assert bounded["max_tokens"] == 50
     assert "max_completion_tokens" not in bounded
+    # A model that generates less than the bound (its price entry's max_output) gets its own.
+    default = {"llm": {"limit_usd": 5.0, "window": "day"}}
+    async with (
+        Warden(make_config(tmp_path / "default", llm.url, budgets=default)) as warden,
+        client(warden) as c,
+    ):
+        for model in ("gpt-4-turbo", "gpt-4o-mini"):
+            llm.script(Reply(text="ok"))
+            await c.chat.completions.create(model=model, messages=MESSAGES)
+    assert [r.body["max_completion_tokens"] for r in llm.requests[-2:]] == [4096, 8192]
     counted = {"llm": {"window": "day"}}  # spend counted, no cap: nothing to hold for
     async with (
         Warden(make_config(tmp_path / "counted", llm.url, budgets=counted)) as warden,

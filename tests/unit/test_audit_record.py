@@ -166,6 +166,11 @@ def test_a_json_result_has_its_credentials_masked() -> None:
     assert orjson.loads(outcome_body(Outcome(result=nested))["result"]) == [
         {"name": "crm", "apiKey": REDACTED}
     ]
+    signed = '{"jwt": "eyJhbGciOi.x.y", "user": "u1"}'
+    assert orjson.loads(outcome_body(Outcome(result=signed))["result"]) == {
+        "jwt": REDACTED,
+        "user": "u1",
+    }
     # Nothing to mask, or not JSON: recorded exactly as it came.
     for text in ('{"order": "A-1", "key_count": 2}', "token: abc (not JSON)", '{"token": '):
         assert outcome_body(Outcome(result=text))["result"] == text

@@ -9,6 +9,7 @@ import pytest
 from warden.budgets.prices import PriceTable
 from warden.errors import ConfigError
 from warden.model import Usage
+from warden.protocols._wire import tier_rate
 from warden.protocols.anthropic import AnthropicMessagesAdapter
 from warden.protocols.openai_chat import OpenAIChatAdapter
 from warden.protocols.openai_responses import OpenAIResponsesAdapter
@@ -76,16 +77,21 @@ def test_cost_counts_cache_writes_above_input() -> None:
     )
 
 
-def test_tiers_long_context_and_searches_cost_what_the_provider_bills() -> None:
-    """Priority processing (OpenAI) counts twice standard; an Anthropic request past
-    200,000 input tokens (cache reads and writes included) is billed at long-context
-    prices for all of it; each web search the provider ran costs 0.01 USD."""
+def test_tiers_long_context_and_hosted_calls_cost_what_the_provider_bills() -> None:
+    """A premium tier multiplies the price (priority twice, one the table does not know
+    six times); an Anthropic request past 200,000 input tokens (cache reads and writes
+    included) is billed at long-context prices for all of it; each call of a tool the
+    provider ran costs its fee, a kind not listed the dearest fee."""
     table = PriceTable.shipped()
     usage = Usage(input_tokens=100_000, output_tokens=10_000)
     standard = table.cost("openai", "gpt-5", usage).usd
     assert standard == pytest.approx((100_000 * 1.25 + 10_000 * 10.0) / 1e6)
-    priority = Usage(input_tokens=100_000, output_tokens=10_000, priority=True)
+    priority = Usage(input_tokens=100_000, output_tokens=10_000, rate=tier_rate("priority"))
     assert table.cost("openai", "gpt-5", priority).usd == pytest.approx(2 * standard)
+    unknown = Usage(input_tokens=100_000, output_tokens=10_000, rate=tier_rate("ultrafast"))
+    assert table.cost("openai", "gpt-5", unknown).usd == pytest.approx(6 * standard)
+    for tier in (None, "auto", "default", "flex", "scale", "standard"):
+        assert tier_rate(tier) == 1.0
     sonnet = table.lookup("anthropic", "claude-sonnet-4-5")[0]
     short = Usage(input_tokens=150_000, output_tokens=10_000, cached_input_tokens=50_000)
     assert table.cost("anthropic", "claude-sonnet-4-5", short).usd == pytest.approx(
@@ -99,11 +105,12 @@ def test_tiers_long_context_and_searches_cost_what_the_provider_bills() -> None:
         )
         / 1e6
     )
-    searched = Usage(input_tokens=1_000, output_tokens=100, web_searches=3)
     plain = Usage(input_tokens=1_000, output_tokens=100)
-    assert table.cost("anthropic", "claude-sonnet-4-5", searched).usd == pytest.approx(
-        table.cost("anthropic", "claude-sonnet-4-5", plain).usd + 0.03
-    )
+    base = table.cost("anthropic", "claude-sonnet-4-5", plain).usd
+    searched = Usage(input_tokens=1_000, output_tokens=100, hosted_calls=(("web_search", 3),))
+    assert table.cost("anthropic", "claude-sonnet-4-5", searched).usd == pytest.approx(base + 0.03)
+    odd = Usage(input_tokens=1_000, output_tokens=100, hosted_calls=(("image_generation", 1),))
+    assert table.cost("anthropic", "claude-sonnet-4-5", odd).usd == pytest.approx(base + 0.03)
 
 
 def test_override_file_adds_models_and_replaces_the_default(tmp_path: Path) -> None:
@@ -148,28 +155,58 @@ def test_missing_override_file_is_a_config_error(tmp_path: Path) -> None:
         PriceTable.load(str(tmp_path / "absent.yaml"))
 
 
-def test_adapters_read_the_tier_asked_for_and_ran_and_the_searches_billed() -> None:
+def test_adapters_read_the_tier_asked_for_and_ran_and_the_hosted_calls_billed() -> None:
     chat, responses, messages = (
         OpenAIChatAdapter(),
         OpenAIResponsesAdapter(),
         AnthropicMessagesAdapter(),
     )
-    assert chat.parse_request({"model": "m", "service_tier": "priority"}).priority
-    assert not chat.parse_request({"model": "m", "service_tier": "flex"}).priority
-    assert responses.parse_request({"model": "m", "service_tier": "fast"}).priority
+    assert chat.parse_request({"model": "m", "service_tier": "priority"}).rate == 2.0
+    assert chat.parse_request({"model": "m", "service_tier": "flex"}).rate == 1.0
+    assert responses.parse_request({"model": "m", "service_tier": "ultrafast"}).rate == 6.0
+    assert messages.parse_request({"model": "m", "max_tokens": 5, "speed": "fast"}).rate == 6.0
     counts = {"prompt_tokens": 5, "completion_tokens": 2}
     ran = chat.usage({"usage": counts, "service_tier": "priority"})
     assert ran is not None
-    assert ran.priority
+    assert ran.rate == 2.0
     plain = chat.usage({"usage": counts, "service_tier": "default"})
     assert plain is not None
-    assert not plain.priority
+    assert plain.rate == 1.0
+    output = [
+        {"type": "web_search_call", "id": "ws_1", "status": "completed"},
+        {"type": "web_search_call", "id": "ws_2", "status": "completed"},
+        {"type": "file_search_call", "id": "fs_1", "status": "completed"},
+    ]
     answer = responses.usage(
-        {"usage": {"input_tokens": 5, "output_tokens": 2}, "service_tier": "priority"}
+        {
+            "usage": {"input_tokens": 5, "output_tokens": 2},
+            "service_tier": "priority",
+            "output": output,
+        }
     )
     assert answer is not None
-    assert answer.priority
-    usage = {"input_tokens": 5, "output_tokens": 2, "server_tool_use": {"web_search_requests": 3}}
+    assert answer.rate == 2.0
+    assert answer.hosted_calls == (("file_search", 1), ("web_search", 2))
+    usage = {
+        "input_tokens": 5,
+        "output_tokens": 2,
+        "server_tool_use": {"web_search_requests": 3},
+        "speed": "fast",
+    }
     searched = messages.usage({"usage": usage})
     assert searched is not None
-    assert searched.web_searches == 3
+    assert searched.hosted_calls == (("web_search", 3),)
+    assert searched.rate == 6.0
+
+
+def test_a_models_own_most_output_bounds_what_is_written() -> None:
+    table = PriceTable.shipped()
+    assert table.output_bound("openai", "gpt-4-turbo", 8192) == 4096
+    assert table.output_bound("openai", "gpt-4-turbo-2024-04-09", 8192) == 4096
+    assert table.output_bound("openai", "gpt-4-turbo", 1000) == 1000
+    assert table.output_bound("openai", "gpt-4o", 8192) == 8192
+    assert table.output_bound("openai", "house-model", 8192) == 8192
+    with pytest.raises(ConfigError, match="max_output"):
+        PriceTable.from_mapping(
+            {"default": {"input": 1, "output": 1, "max_output": 0}}, "prices.file (x)"
+        )

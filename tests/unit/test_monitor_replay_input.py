@@ -9,6 +9,8 @@ to the policy input without being recorded.
 from __future__ import annotations
 
 import dataclasses
+import gc
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +294,26 @@ async def test_a_requests_declared_tools_are_recorded_once_and_rebuilt_by_digest
         assert rebuilt.input == expected
     assert rebuild_input(records[1], tools=ToolsSeen()).skip == "tools_unseen"
     assert rebuild_input(records[1]).skip == "tools_unseen"
+
+
+class _Declared(dict[str, Any]):
+    """A declared tool the test can hold a weak reference to."""
+
+
+async def test_the_log_does_not_keep_a_finished_requests_tools_alive(tmp_path: Path) -> None:
+    """The log remembers which requests' tools it wrote only while the requests live: an
+    agent's many large lists are not held after their requests are done."""
+    log = await AuditLog.open(AuditConfig(dir=str(tmp_path)))
+    ctx = GuardContext(mode=Mode.ENFORCE)
+    declared = _Declared(type="mcp", server_label="kb")
+    request = RequestMeta("POST", "openai", "/v1/responses", {}, (declared,))
+    action = dataclasses.replace(sample_action(), request=request)
+    try:
+        decision = dataclasses.replace(sample_decision(), input=policy_facts(action, ctx))
+        await log.record_decision(action, decision)
+        gone = weakref.ref(declared)
+        del action, request, declared, decision
+        gc.collect()
+        assert gone() is None
+    finally:
+        await log.close()

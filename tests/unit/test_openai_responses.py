@@ -368,8 +368,12 @@ def test_rewrite_explains_a_held_call_and_updates_output_text() -> None:
 
 
 def test_usage() -> None:
+    # Its web_search_call is billed per call, beside the tokens.
     assert ADAPTER.usage(load("responses_calls.json")) == Usage(
-        input_tokens=312, output_tokens=41, cached_input_tokens=128
+        input_tokens=312,
+        output_tokens=41,
+        cached_input_tokens=128,
+        hosted_calls=(("web_search", 1),),
     )
     assert ADAPTER.usage({"usage": {"input_tokens": 5, "output_tokens": 2}}) == Usage(5, 2, 0)
     assert ADAPTER.usage({"usage": None}) is None

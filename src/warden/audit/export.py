@@ -470,7 +470,9 @@ The Ed25519 check uses the `cryptography` package when installed, else `openssl`
    `checkpoint.body` is the text above the blank line in `checkpoint` (a C2SP
    signed note): the log's origin, the tree size ({size}) and the base64
    root hash. `checkpoint.sig` is the signature from its last line, after the
-   4-byte key hash.
+   4-byte key hash. The body's first line (the origin) must be the name the
+   verifier key starts with (before its first `+`): one key may sign several
+   logs, and only the origin says which log this checkpoint is of.
 
 3. A record's hash is SHA-256 over a zero byte and the record's line (without
    the newline). For the record on line N:
@@ -502,10 +504,16 @@ _BREAKS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _MARKDOWN = re.compile(r"([\\`\[\]<>|])")
 
 
+# What GitHub's Markdown links on its own (``https://``, ``www.``, an e-mail address):
+# written as character references, which render the same and link nothing.
+_AUTOLINKS = re.compile(r"://|www\.|@", re.IGNORECASE)
+_REFERENCES = str.maketrans({":": "&#58;", ".": "&#46;", "@": "&#64;"})
+
+
 def _cell(value: Any) -> str:
     """``value`` as the text of one Markdown table cell, whatever the agent put in it."""
-    text = "" if value is None else str(value)
-    return _MARKDOWN.sub(r"\\\1", _BREAKS.sub(" ", text))
+    text = _MARKDOWN.sub(r"\\\1", _BREAKS.sub(" ", "" if value is None else str(value)))
+    return _AUTOLINKS.sub(lambda m: m.group().translate(_REFERENCES), text)
 
 
 def _table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:

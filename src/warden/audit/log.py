@@ -32,6 +32,7 @@ import queue
 import re
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ from warden.audit.subjects import (
 from warden.audit.verify_evidence import CHECKPOINT_TIME
 from warden.config import AuditConfig
 from warden.errors import AuditError
-from warden.model import Action, Decision, Outcome
+from warden.model import Action, Decision, Outcome, RequestMeta
 
 __all__ = ["MAX_RECORD_BYTES", "AuditLog", "Erasure", "Follower", "SubjectEraser"]
 
@@ -283,9 +284,9 @@ class AuditLog:
         self._background: list[asyncio.Task[None]] = []
         self._checkpoint_lock = asyncio.Lock()
         self._redactions: dict[str, tuple[str, ...]] = {}
-        self._tools_written: dict[int, tuple[tuple[Any, ...], str | None]] = {}
-        """Declared-tools lists recorded in full, by identity: later decisions of
-        the same request name them by digest (:meth:`_tools_reference`)."""
+        self._tools_written: dict[int, tuple[weakref.ref[RequestMeta], str | None]] = {}
+        """Requests whose declared tools a record holds in full, by identity and only as
+        long as they live: their later decisions name the list by digest."""
         self._failure: str | None = None
         self._io_failure: BaseException | None = None  # set on the I/O thread
         self._accepting = True
@@ -409,7 +410,7 @@ class AuditLog:
             agent["claims"] = dict(action.agent.claims)
         ref, aead = await self._subject_key(action)
         # After the last await: the list is in full in a record queued before this one.
-        tools = self._tools_reference(action.request.tools) if decision.input else None
+        tools = self._tools_reference(action.request) if decision.input else None
         fields = {
             "agent": agent,
             "action": act,
@@ -440,33 +441,41 @@ class AuditLog:
             self._key_digest(fields["approval"], "approval.arguments_sha256", personal)
         durable = self._commit("decision", fields, ref, aead, personal)[1]
         if tools is None and decision.input:
-            self._tools_recorded(action.request.tools)
+            self._tools_recorded(action.request)
         await durable
 
-    def _tools_reference(self, tools: tuple[Any, ...]) -> str | None:
-        """The digest to record for ``tools`` if a record of this log holds them in full.
+    def _tools_reference(self, request: RequestMeta) -> str | None:
+        """The digest to record for ``request``'s tools if a record holds them in full.
 
-        A model request's declared tools are the same object in the request's
-        decision and in each of its answer's calls: the first record carries
-        the list, the others its digest (a 1 MB list answered with 20 calls
-        would otherwise write 20 MB). Remembered by identity, for the last
-        :data:`TOOLS_REMEMBERED` lists: a list seen first is written in full.
+        A model request's actions share one :class:`RequestMeta`: the first
+        record carries its declared tools, the others their digest (a 1 MB list
+        answered with 20 calls would otherwise write 20 MB). Requests are
+        remembered weakly, so a finished request's list is not kept alive.
         """
-        seen = self._tools_written.get(id(tools)) if tools else None
-        if seen is None or seen[0] is not tools:
+        seen = self._tools_written.get(id(request)) if request.tools else None
+        if seen is None or seen[0]() is not request:
             return None
         digest = seen[1]
         if digest is None:
-            digest = tools_sha256(mask_credentials(list(tools)))
-            self._tools_written[id(tools)] = (tools, digest)
+            digest = tools_sha256(mask_credentials(list(request.tools)))
+            self._tools_written[id(request)] = (seen[0], digest)
         return digest
 
-    def _tools_recorded(self, tools: tuple[Any, ...]) -> None:
-        """Remember that a queued record holds ``tools`` in full."""
-        if tools and id(tools) not in self._tools_written:
-            self._tools_written[id(tools)] = (tools, None)
-            if len(self._tools_written) > TOOLS_REMEMBERED:
-                del self._tools_written[next(iter(self._tools_written))]
+    def _tools_recorded(self, request: RequestMeta) -> None:
+        """Remember that a queued record holds ``request``'s tools in full."""
+        key = id(request)
+        if not request.tools or key in self._tools_written:
+            return
+        written = self._tools_written
+
+        def forget(ref: weakref.ref[RequestMeta]) -> None:
+            entry = written.get(key)
+            if entry is not None and entry[0] is ref:
+                del written[key]
+
+        written[key] = (weakref.ref(request, forget), None)
+        if len(written) > TOOLS_REMEMBERED:
+            del written[next(iter(written))]
 
     def _personal(self, act: dict[str, Any], agent: dict[str, Any]) -> dict[str, Any]:
         """Take a subject's personal fields out of a decision record, by field path."""

@@ -105,7 +105,7 @@ _credential_memo: dict[str, bool] = {}
 _MEMO_KEYS = 4096
 _MEMO_KEY_CHARS = 64
 # Cheap test before a result is parsed to be masked: no credential name without one of these.
-_CREDENTIAL_HINT = re.compile(r"pass|secret|token|key|credential|cookie|auth|bearer|pwd", re.I)
+_CREDENTIAL_HINT = re.compile(r"pass|secret|token|key|credential|cookie|auth|bearer|pwd|jwt", re.I)
 _ENCODE_OPTS = orjson.OPT_SORT_KEYS
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 

@@ -510,15 +510,15 @@ class BudgetGuard:
         most = Usage(
             input_tokens=-(-size.input_bytes // _BYTES_PER_TOKEN),
             output_tokens=output * size.choices,
-            priority=size.priority,
+            rate=size.rate,
         )
         return self.prices.cost(provider, action.model, most).usd
 
     def _llm_cost(self, action: Action, usage: Usage) -> float:
         provider = self._providers.get(action.request.upstream, action.request.upstream)
-        if action.size is not None and action.size.priority and not usage.priority:
-            # Asked for and not denied by the answer: billed as asked, to be safe.
-            usage = replace(usage, priority=True)
+        if action.size is not None and action.size.rate > usage.rate:
+            # A premium tier asked for: billed as asked, whatever the answer says.
+            usage = replace(usage, rate=action.size.rate)
         priced = self.prices.cost(provider, action.model, usage)
         model = bounded("model", action.model or "unknown")
         if not priced.known:

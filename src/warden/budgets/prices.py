@@ -21,25 +21,29 @@ from typing import Any
 
 import yaml
 
+from warden.config import LlmBudgetConfig
 from warden.errors import ConfigError
 from warden.model import Usage
 
-__all__ = ["Price", "PriceTable", "Priced"]
+__all__ = ["OutputBounds", "Price", "PriceTable", "Priced"]
 
 _PER = 1_000_000
 _CACHE_WRITE_5M = 1.25
 """A prompt-cache write for five minutes, against the model's input price (Anthropic)."""
 _CACHE_WRITE_1H = 2.0
 """A prompt-cache write for an hour, against the model's input price (Anthropic)."""
-_PRIORITY = 2.0
-"""OpenAI's priority processing, against standard: its list prices run about 1.75 to 2
-times standard; counted at 2 so a cap is never passed by a tier the table does not list."""
 _LONG_CONTEXT_TOKENS = 200_000
 """Anthropic bills a request whose input passes this (the 1M-token context) at long-context
 prices for all of it: input at twice the model's price, output at one and a half."""
 _LONG_INPUT, _LONG_OUTPUT = 2.0, 1.5
-_WEB_SEARCH_USD = 0.01
-"""One web search the provider runs itself (Anthropic: 10 USD per thousand)."""
+_HOSTED_CALL_USD: dict[tuple[str, str], float] = {
+    ("anthropic", "web_search"): 0.01,  # 10 USD per thousand
+    ("openai", "web_search"): 0.025,  # 10 to 25 USD per thousand, by model: the most
+    ("openai", "file_search"): 0.0025,
+    ("openai", "code_interpreter"): 0.03,  # a container session, counted per call
+}
+"""What a provider bills per call of a tool it runs itself; a kind not listed costs the
+dearest listed price."""
 _SNAPSHOT = re.compile(r"-(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{8}|[0-9]{4}|latest|preview)")
 """What may follow a listed name and keep its price: a dated snapshot or an alias of it.
 Anything else is another model (``o3-pro`` costs ten times ``o3``): priced as unknown."""
@@ -52,6 +56,9 @@ class Price:
     input: float
     cached_input: float
     output: float
+    max_output: int | None = None
+    """The most output tokens the model generates in one answer, where it is below what
+    Warden would write into a request that sets no bound (``unbounded_output_tokens``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +162,11 @@ class PriceTable:
                 return prov.models[name], True
         return self.default, False
 
+    def output_bound(self, provider: str, model: str | None, bound: int) -> int:
+        """``bound``, or the model's own most output where that is less (``max_output``)."""
+        price, known = self.lookup(provider, model)
+        return min(bound, price.max_output) if known and price.max_output else bound
+
     def cost(self, provider: str, model: str | None, usage: Usage) -> Priced:
         """What a response with ``usage`` cost, in USD."""
         price, known = self.lookup(provider, model)
@@ -175,13 +187,34 @@ class PriceTable:
             (uncached * price.input + cached * price.cached_input + written * price.input) * into
             + usage.output_tokens * price.output * out
         ) / _PER
-        if usage.priority:
-            usd *= _PRIORITY
-        usd += max(0, usage.web_searches) * _WEB_SEARCH_USD
+        usd *= max(1.0, usage.rate)
+        for kind, count in usage.hosted_calls:
+            fee = _HOSTED_CALL_USD.get((provider, kind), max(_HOSTED_CALL_USD.values()))
+            usd += max(0, count) * fee
         return Priced(usd=usd, known=known)
 
 
 _NO_PRICE = Price(-1.0, -1.0, -1.0)
+
+
+class OutputBounds:
+    """The output bound Warden writes into a model request that sets none, per model.
+
+    Only under an LLM spend cap (``budgets.llm.limit_usd``): such a call is held
+    at ``unbounded_output_tokens``, so it must not generate more. A model whose
+    price entry names a smaller ``max_output`` gets that instead: a provider
+    refuses a bound past what the model can generate.
+    """
+
+    def __init__(self, llm: LlmBudgetConfig | None, prices_file: str | None) -> None:
+        self._bound = llm.written_output_bound if llm is not None else None
+        self._table = PriceTable.load(prices_file) if self._bound is not None else None
+
+    def written(self, provider: str, model: str | None) -> int | None:
+        """The bound to write for ``model`` on a ``provider`` upstream; ``None``: none."""
+        if self._bound is None or self._table is None:
+            return None
+        return self._table.output_bound(provider, model, self._bound)
 
 
 def _price(raw: Any, key: str) -> Price:
@@ -193,7 +226,10 @@ def _price(raw: Any, key: str) -> Price:
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConfigError(f"{key}.{name}: must be a number of USD per million tokens, >= 0")
         values[name] = float(value)
-    extra = set(raw) - {"input", "cached_input", "output"}
+    most = raw.get("max_output")
+    if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
+        raise ConfigError(f"{key}.max_output: must be a whole number of tokens, >= 1")
+    extra = set(raw) - {"input", "cached_input", "output", "max_output"}
     if extra:
         raise ConfigError(f"{key}: unknown key {sorted(extra)[0]!r}")
-    return Price(**values)
+    return Price(**values, max_output=most)

@@ -55,6 +55,7 @@ from google.protobuf import duration_pb2
 from multidict import CIMultiDict
 
 from warden import tasks
+from warden.budgets.prices import OutputBounds
 from warden.config import Config, UpstreamConfig
 from warden.core import Governor, Turn
 from warden.credentials import Credentials
@@ -330,6 +331,7 @@ class ExtProcService:
             name: tuple(PassthroughRule.parse(spec) for spec in upstream.passthrough)
             for name, upstream in config.upstreams.items()
         }
+        self.bounds = OutputBounds(config.budgets.llm, config.prices.file)
         self._open = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -723,7 +725,7 @@ class _Exchange:
         parsed_body = _wire.request_object(body)
         parsed = adapter.parse_request(parsed_body)
         self._stream = parsed.stream
-        self._size = CallSize(len(body), parsed.max_output_tokens, parsed.choices, parsed.priority)
+        self._size = CallSize(len(body), parsed.max_output_tokens, parsed.choices, parsed.rate)
         conversation = conversation_of(
             adapter.name, parsed_body, self._headers, self._svc.config.sessions
         )
@@ -741,12 +743,11 @@ class _Exchange:
         prepared = adapter.prepare_request(parsed_body)
         if prepared is not None:
             self._hide_usage = True
-        llm = self._svc.config.budgets.llm
         bounded, bound = output_bounded(
             adapter,
             prepared if prepared is not None else parsed_body,
             parsed,
-            llm.written_output_bound if llm is not None else None,
+            self._svc.bounds.written(route.family, turn.model),
         )
         if bound != parsed.max_output_tokens:
             prepared = dict(bounded)  # held at the bound written in: sent with it

@@ -38,6 +38,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from warden.budgets.prices import OutputBounds
 from warden.config import Config, UpstreamConfig
 from warden.core import Governor, Turn
 from warden.credentials import Credentials
@@ -247,8 +248,7 @@ class ProxyApp:
             if upstream.routes
         }
         self._routes: dict[tuple[str, str], _Route] = {}
-        llm = config.budgets.llm
-        self._unbounded_output = llm.written_output_bound if llm is not None else None
+        self._bounds = OutputBounds(config.budgets.llm, config.prices.file)
         # ``protocol: mcp`` upstreams: the MCP streamable HTTP transport (its own door logic).
         self.mcp = McpHttp(
             config,
@@ -356,11 +356,13 @@ class ProxyApp:
             if prepared is not None:
                 outgoing = prepared
                 hide_usage = True
-            outgoing, bound = output_bounded(adapter, outgoing, parsed, self._unbounded_output)
+            outgoing, bound = output_bounded(
+                adapter, outgoing, parsed, self._bounds.written(route.family, model)
+            )
             # What was decided on is what is sent: a key given twice reaches the
             # provider once, as Warden read it, whatever its own parser keeps.
             body = _wire.request_bytes(outgoing)
-            size = CallSize(len(body), bound, parsed.choices, parsed.priority)
+            size = CallSize(len(body), bound, parsed.choices, parsed.rate)
         elif route.match.metered:
             model, size = metered.metered_request(body, route.deployment)
         tool, refused = self._tool_request(request, route, body)

@@ -18,7 +18,6 @@ from warden.protocols.sse import SseEvent
 
 __all__ = [
     "NO_DECISION",
-    "PRIORITY_TIERS",
     "Envelope",
     "StreamStatus",
     "dumps",
@@ -34,6 +33,7 @@ __all__ = [
     "reject_constant",
     "request_bytes",
     "request_object",
+    "tier_rate",
     "tiered",
     "token_count",
     "unique_keys",
@@ -195,15 +195,28 @@ def _has_nonfinite(value: Any) -> bool:
     return False
 
 
-PRIORITY_TIERS: Final = frozenset({"priority", "fast"})
-"""OpenAI ``service_tier`` values billed above standard (priority processing)."""
+STANDARD_TIERS: Final = frozenset({"auto", "default", "flex", "scale", "standard"})
+"""Tiers billed at the model's price or below: every other tier is a premium one."""
+PRIORITY_RATE: Final = 2.0
+"""OpenAI priority processing against standard (its list prices run 1.75 to 2 times)."""
+UNKNOWN_PREMIUM_RATE: Final = 6.0
+"""A premium tier or speed whose price the table does not know (``ultrafast``,
+Anthropic fast mode: published at up to six times standard): counted high."""
 
 
-def tiered(usage: Usage | None, body: Mapping[str, Any]) -> Usage | None:
-    """``usage``, marked as billed at the priority tier when the answer says it ran there."""
-    if usage is None or body.get("service_tier") not in PRIORITY_TIERS:
+def tier_rate(tier: object) -> float:
+    """The price multiple of a ``service_tier`` (or speed) a request or answer names."""
+    if tier is None or tier in STANDARD_TIERS:
+        return 1.0
+    return PRIORITY_RATE if tier == "priority" else UNKNOWN_PREMIUM_RATE
+
+
+def tiered(usage: Usage | None, tier: object) -> Usage | None:
+    """``usage`` billed at least at the rate of the tier its answer says it ran on."""
+    rate = tier_rate(tier)
+    if usage is None or rate <= usage.rate:
         return usage
-    return dataclasses.replace(usage, priority=True)
+    return dataclasses.replace(usage, rate=rate)
 
 
 def token_count(value: Any) -> int | None:

@@ -51,6 +51,7 @@ from warden.protocols._wire import (
     misspelled_key,
     parse_arguments,
     refuse_misspelled_request,
+    tier_rate,
     token_count,
 )
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
@@ -104,6 +105,8 @@ _REQUEST: Final = Envelope(
             *("mcp_servers", "type", "name", "input_schema", "url", "authorization_token"),
             *("tool_configuration", "enabled", "allowed_tools", "mcp_server_name"),
             *("default_config", "configs"),
+            # What a spend cap prices the call by.
+            *("speed",),
         }
     ),
     # Not ``configs``: its keys are tool names.
@@ -303,6 +306,7 @@ class AnthropicMessagesAdapter:
             tools=declared_tools.anthropic(body),
             arguments=declared_arguments.anthropic(body),
             max_output_tokens=token_count(body.get("max_tokens")),
+            rate=tier_rate(body.get("speed")),
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:
@@ -386,7 +390,8 @@ def _usage(usage: Mapping[str, Any]) -> Usage:
         cached_input_tokens=token_count(usage.get("cache_read_input_tokens")) or 0,
         cache_write_tokens=five,
         cache_write_1h_tokens=hour,
-        web_searches=_web_searches(usage) or 0,
+        rate=tier_rate(usage.get("speed")),
+        hosted_calls=_searches(_web_searches(usage)),
     )
 
 
@@ -394,6 +399,10 @@ def _web_searches(usage: Mapping[str, Any]) -> int | None:
     """Web searches the provider ran (``server_tool_use.web_search_requests``), billed apart."""
     server = usage.get("server_tool_use")
     return token_count(server.get("web_search_requests")) if isinstance(server, dict) else None
+
+
+def _searches(count: int | None) -> tuple[tuple[str, int], ...]:
+    return (("web_search", count),) if count else ()
 
 
 def _counted(usage: Mapping[str, Any]) -> bool:
@@ -477,6 +486,7 @@ class AnthropicStreamRewriter(StreamStatus):
         self._started = False
         self._finished = False  # message_delta seen: no block event may follow
         self._final_usage = False  # message_delta carried usage: the counts are final
+        self._input_counted = False  # an input count came as a non-negative integer
         self._stopped = False  # message_stop seen
         self._count = 0  # blocks the SDK holds, i.e. the index the next block must have
         self._calls: set[int] = set()  # positions holding a call
@@ -614,6 +624,7 @@ class AnthropicStreamRewriter(StreamStatus):
         usage = message.get("usage")
         if isinstance(usage, dict):
             self._usage = _usage(usage)
+            self._input_counted = token_count(usage.get("input_tokens")) is not None
         self._count = len(content)
         found: list[_Pending] = []
         for position, block in enumerate(content):
@@ -698,8 +709,12 @@ class AnthropicStreamRewriter(StreamStatus):
     def _message_delta(self, event: SseEvent, obj: dict[str, Any]) -> SseEvent:
         usage = obj.get("usage")
         if isinstance(usage, dict):
-            # Final only with a count to settle on; else the call is spent as held.
-            self._final_usage = token_count(usage.get("output_tokens")) is not None
+            # Final only with both counts to settle on (the input from message_start or
+            # here); else the call is spent as held.
+            self._input_counted |= token_count(usage.get("input_tokens")) is not None
+            self._final_usage = (
+                self._input_counted and token_count(usage.get("output_tokens")) is not None
+            )
             # Counts here are running totals; absent ones keep the message_start value.
             current = self._usage or Usage()
             output = token_count(usage.get("output_tokens"))
@@ -716,7 +731,8 @@ class AnthropicStreamRewriter(StreamStatus):
                 cache_write_1h_tokens=(
                     current.cache_write_1h_tokens if written is None else written[1]
                 ),
-                web_searches=current.web_searches if searches is None else searches,
+                hosted_calls=current.hosted_calls if searches is None else _searches(searches),
+                rate=max(current.rate, tier_rate(usage.get("speed"))),
             )
         delta = obj.get("delta")
         # Read only now: the calls closed before this event have been resolved.

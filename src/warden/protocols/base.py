@@ -75,8 +75,8 @@ class ParsedRequest:
     """The most output the request allows (``max_tokens`` and its kin); ``None``: unbounded."""
     choices: int = 1
     """How many answers the request asks for (Chat Completions ``n``)."""
-    priority: bool = False
-    """The request asks for the provider's priority tier (OpenAI ``service_tier``)."""
+    rate: float = 1.0
+    """The multiple of the standard price the request asks for (a premium tier or speed)."""
 
 
 class StreamRewriter(Protocol):

@@ -26,7 +26,6 @@ from warden.model import ActionKind, Decision, Effect, ToolCall, ToolResult, Usa
 from warden.protocols import declared_arguments, declared_tools
 from warden.protocols._wire import (
     NO_DECISION,
-    PRIORITY_TIERS,
     Envelope,
     StreamStatus,
     as_read,
@@ -37,6 +36,7 @@ from warden.protocols._wire import (
     misspelled_key,
     parse_arguments,
     refuse_misspelled_request,
+    tier_rate,
     tiered,
     token_count,
 )
@@ -57,6 +57,8 @@ _REQUEST: Final = Envelope(
             *("model", "messages", "tools", "tool_choice", "stream", "stream_options"),
             *("parallel_tool_calls", "functions", "function_call", "type", "function"),
             *("custom", "name", "parameters", "format", "web_search_options"),
+            # What a spend cap prices the call by.
+            *("max_tokens", "max_completion_tokens", "n", "service_tier"),
         }
     ),
     inside=frozenset({"tools", "functions", "function", "custom", "tool_choice"}),
@@ -275,7 +277,7 @@ class OpenAIChatAdapter:
             arguments=declared_arguments.openai_chat(body),
             max_output_tokens=_output_bound(body),
             choices=max(1, token_count(body.get("n")) or 1),
-            priority=body.get("service_tier") in PRIORITY_TIERS,
+            rate=tier_rate(body.get("service_tier")),
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:
@@ -332,7 +334,7 @@ class OpenAIChatAdapter:
 
     def usage(self, body: Mapping[str, Any]) -> Usage | None:
         """Prompt, completion and cached prompt tokens from ``usage``."""
-        return tiered(_usage(body.get("usage")), body)
+        return tiered(_usage(body.get("usage")), body.get("service_tier"))
 
     def answer_refused(
         self, body: Mapping[str, Any], owed: Mapping[str, tuple[str, str]]
@@ -612,7 +614,7 @@ class OpenAIChatStreamRewriter(StreamStatus):
         model = chunk.get("model")
         if isinstance(model, str):
             self._model = model
-        usage = tiered(_usage(chunk.get("usage")), chunk)
+        usage = tiered(_usage(chunk.get("usage")), chunk.get("service_tier"))
         choices = chunk.get("choices")
         if usage is not None:
             self._usage = usage

@@ -67,7 +67,9 @@ increasing whatever was held, dropped or added.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -77,7 +79,6 @@ from warden.model import ActionKind, Decision, Effect, ToolCall, ToolResult, Usa
 from warden.protocols import declared_arguments, declared_tools
 from warden.protocols._wire import (
     NO_DECISION,
-    PRIORITY_TIERS,
     Envelope,
     StreamStatus,
     as_read,
@@ -87,6 +88,7 @@ from warden.protocols._wire import (
     misspelled_key,
     parse_arguments,
     refuse_misspelled_request,
+    tier_rate,
     tiered,
     token_count,
 )
@@ -336,6 +338,8 @@ _REQUEST: Final = Envelope(
             *("require_approval", "headers", "authorization", "read_only"),
             *("prompt", "id", "version", "environment", "container", "container_id"),
             *("network_policy", "allowed_domains"),
+            # What a spend cap prices the call by.
+            *("max_output_tokens", "service_tier"),
             # What an input item says the provider runs or ran (an approval, a call).
             *("approve", "approval_request_id", "arguments", "call_id", "output"),
         }
@@ -531,6 +535,26 @@ def _with_output(response: Mapping[str, Any], output: list[Any]) -> dict[str, An
     return result
 
 
+# Hosted tools the provider runs itself and bills per call, by output item type.
+_HOSTED_CALLS: Final = {
+    "web_search_call": "web_search",
+    "file_search_call": "file_search",
+    "code_interpreter_call": "code_interpreter",
+}
+
+
+def _billed(response: Mapping[str, Any]) -> Usage | None:
+    """A whole answer's usage: its tokens, the tier it ran on, the hosted calls it made."""
+    usage = tiered(_usage(response.get("usage")), response.get("service_tier"))
+    output = response.get("output")
+    if usage is None or not isinstance(output, list):
+        return usage
+    kinds = Counter(
+        _HOSTED_CALLS[kind] for item in output if (kind := _item_type(item)) in _HOSTED_CALLS
+    )
+    return dataclasses.replace(usage, hosted_calls=tuple(sorted(kinds.items())))
+
+
 def _usage(usage: object) -> Usage | None:
     """The counts, or ``None`` (spent as held) unless both are non-negative integers."""
     if not isinstance(usage, Mapping):
@@ -666,7 +690,7 @@ class OpenAIResponsesAdapter:
             tools=declared_tools.openai_responses(body),
             arguments=declared_arguments.openai_responses(body),
             max_output_tokens=token_count(body.get("max_output_tokens")),
-            priority=body.get("service_tier") in PRIORITY_TIERS,
+            rate=tier_rate(body.get("service_tier")),
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:
@@ -718,7 +742,7 @@ class OpenAIResponsesAdapter:
 
     def usage(self, body: Mapping[str, Any]) -> Usage | None:
         """``usage.input_tokens``, ``output_tokens`` and ``input_tokens_details.cached_tokens``."""
-        return tiered(_usage(body.get("usage")), body)
+        return _billed(body)
 
     def answer_refused(
         self, body: Mapping[str, Any], owed: Mapping[str, tuple[str, str]]
@@ -987,7 +1011,7 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
         if output is not None and not isinstance(output, list):
             raise _violation(f"{kind} with an output that is not a list")
         self._complete = True
-        self._usage = tiered(_usage(response.get("usage")), response) or self._usage
+        self._usage = _billed(response) or self._usage
         self._model = _str(response.get("model")) or self._model
         self.response_id = self.response_id or _str(response.get("id"))
         # Calls that never reached their output_item.done, then calls that only

@@ -605,6 +605,11 @@ class LlmBudgetConfig(_Section):
     """The output a request that sets no bound (``max_tokens`` and its kin) is held at, and,
     with ``limit_usd`` set, the bound Warden writes into it (:attr:`written_output_bound`)."""
 
+    unbounded_tool_calls: int = Field(10, ge=1)
+    """The calls of tools the provider runs and bills per call (web search, file search, code
+    interpreter) a request that sets no bound on them is held at, and, with ``limit_usd``
+    set, sent with (Responses ``max_tool_calls``, Anthropic ``max_uses``)."""
+
     @property
     def written_output_bound(self) -> int | None:
         """The output bound written into a model request that sets none, or ``None``.
@@ -613,6 +618,11 @@ class LlmBudgetConfig(_Section):
         calls in flight together could all pass a cap that each alone fits.
         """
         return self.unbounded_output_tokens if self.limit_usd is not None else None
+
+    @property
+    def written_tool_bound(self) -> int | None:
+        """The bound on billed hosted tool calls written into a request that sets none."""
+        return self.unbounded_tool_calls if self.limit_usd is not None else None
 
 
 def _json_pointer(value: str) -> str:

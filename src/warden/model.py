@@ -376,6 +376,8 @@ class CallSize:
     choices: int = 1
     rate: float = 1.0
     """The multiple of the standard price the request asks to be billed at (a premium tier)."""
+    hosted_calls: int = 0
+    """The most calls of tools the provider runs and bills per call the request allows."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -473,3 +473,41 @@ async def test_priority_processing_and_provider_searches_are_counted_at_their_pr
     assert priority == pytest.approx(2 * standard)
     # Not in the shipped table: the default price, 15 USD a million in, 75 out.
     assert sonnet == pytest.approx((1000 * 15.0 + 100 * 75.0) / 1e6 + 4 * 0.01)
+
+
+async def test_a_request_declaring_billed_hosted_tools_is_held_and_sent_with_their_bound(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    """Tools the provider runs and bills per call count in the hold: under a cap, a
+    request declaring them without a bound is sent with ``unbounded_tool_calls`` on them
+    and held at that many calls at the provider's dearest fee (10 at 0.03 USD)."""
+    cap = {"llm": {"limit_usd": 0.2, "window": "day"}}
+    search: Any = [{"type": "web_search"}]
+    async with (
+        Warden(make_config(tmp_path, llm.url, budgets=cap)) as warden,
+        client(warden) as c,
+    ):
+        with pytest.raises(openai.PermissionDeniedError) as denied:
+            await c.responses.create(
+                model="gpt-4o-mini", input="news?", tools=search, max_output_tokens=100
+            )
+        llm.script(Reply(text="two searches at most"))
+        await c.responses.create(
+            model="gpt-4o-mini",
+            input="news?",
+            tools=search,
+            max_output_tokens=100,
+            max_tool_calls=2,
+        )
+    llm.script(Reply(text="no bound asked"))
+    roomy = {"llm": {"limit_usd": 5.0, "window": "day"}}
+    assert "this model call of 0.30 would pass it" in str(denied.value)
+    assert llm.requests[-1].body["max_tool_calls"] == 2
+    async with (
+        Warden(make_config(tmp_path / "more", llm.url, budgets=roomy)) as warden,
+        client(warden) as c,
+    ):
+        await c.responses.create(
+            model="gpt-4o-mini", input="news?", tools=search, max_output_tokens=100
+        )
+    assert llm.requests[-1].body["max_tool_calls"] == 10

@@ -210,3 +210,27 @@ def test_a_models_own_most_output_bounds_what_is_written() -> None:
         PriceTable.from_mapping(
             {"default": {"input": 1, "output": 1, "max_output": 0}}, "prices.file (x)"
         )
+
+
+def test_billed_hosted_tools_get_a_bound_where_the_request_sets_none() -> None:
+    messages, responses, chat = (
+        AnthropicMessagesAdapter(),
+        OpenAIResponsesAdapter(),
+        OpenAIChatAdapter(),
+    )
+    tools = [
+        {"type": "web_search_20250305", "name": "web_search"},
+        {"type": "web_search_20250305", "name": "news", "max_uses": 3},
+        {"name": "lookup", "input_schema": {"type": "object"}},
+    ]
+    body, most = messages.bound_hosted_calls({"tools": tools}, 10)
+    assert [t.get("max_uses") for t in body["tools"]] == [10, 3, None]
+    assert most == 13
+    assert messages.bound_hosted_calls({"tools": tools[2:]}, 10) == ({"tools": tools[2:]}, 0)
+    search = {"tools": [{"type": "web_search"}]}
+    assert responses.bound_hosted_calls(search, 10) == ({**search, "max_tool_calls": 10}, 10)
+    given = {**search, "max_tool_calls": 2}
+    assert responses.bound_hosted_calls(given, 10) == (given, 2)
+    plain = {"tools": [{"type": "function", "name": "f"}]}
+    assert responses.bound_hosted_calls(plain, 10) == (plain, 0)
+    assert chat.bound_hosted_calls({"model": "m"}, 10) == ({"model": "m"}, 0)

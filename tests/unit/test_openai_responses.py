@@ -1371,3 +1371,28 @@ def test_answer_refused_leaves_calls_the_request_answers_and_types_text_cannot_a
     owed = {"call_export": OWED["call_export"], "call_screen": OWED["call_screen"]}
     assert openai_responses.answer_refused({"input": [theirs]}, owed) is None
     assert openai_responses.answer_refused({"input": 7}, owed) is None
+
+
+def test_a_stream_bills_the_hosted_calls_it_showed_though_its_snapshot_carries_none() -> None:
+    """The SDK builds a final answer from its done items, so a terminal snapshot may carry
+    no ``output``: the hosted calls the stream showed are billed all the same."""
+    searches: list[dict[str, Any]] = []
+    for index in range(3):
+        item = {"type": "web_search_call", "id": f"ws_{index}", "status": "completed"}
+        searches += [
+            {"type": "response.output_item.added", "output_index": index, "item": item},
+            {"type": "response.output_item.done", "output_index": index, "item": item},
+        ]
+    response = {**CREATED["response"], "status": "completed"}
+    del response["output"]
+    response["usage"] = {"input_tokens": 5, "output_tokens": 2}
+    run = run_payloads([CREATED, *searches, {"type": "response.completed", "response": response}])
+    assert run.rewriter.usage == Usage(5, 2, 0, hosted_calls=(("web_search", 3),))
+
+
+def test_a_tier_that_is_no_name_is_counted_high_not_a_crash() -> None:
+    assert ADAPTER.parse_request({"model": "m", "service_tier": []}).rate == 6.0
+    usage = {"input_tokens": 5, "output_tokens": 2}
+    answer = ADAPTER.usage({"usage": usage, "service_tier": {"x": 1}})
+    assert answer is not None
+    assert answer.rate == 6.0

@@ -512,7 +512,8 @@ class BudgetGuard:
             output_tokens=output * size.choices,
             rate=size.rate,
         )
-        return self.prices.cost(provider, action.model, most).usd
+        fees = size.hosted_calls * self.prices.hosted_call_most(provider)
+        return self.prices.cost(provider, action.model, most).usd + fees
 
     def _llm_cost(self, action: Action, usage: Usage) -> float:
         provider = self._providers.get(action.request.upstream, action.request.upstream)

@@ -162,6 +162,11 @@ class PriceTable:
                 return prov.models[name], True
         return self.default, False
 
+    def hosted_call_most(self, provider: str) -> float:
+        """The dearest fee a ``provider`` bills per call of a tool it runs (USD)."""
+        fees = [fee for (name, _), fee in _HOSTED_CALL_USD.items() if name == provider]
+        return max(fees, default=max(_HOSTED_CALL_USD.values()))
+
     def output_bound(self, provider: str, model: str | None, bound: int) -> int:
         """``bound``, or the model's own most output where that is less (``max_output``)."""
         price, known = self.lookup(provider, model)
@@ -209,6 +214,8 @@ class OutputBounds:
     def __init__(self, llm: LlmBudgetConfig | None, prices_file: str | None) -> None:
         self._bound = llm.written_output_bound if llm is not None else None
         self._table = PriceTable.load(prices_file) if self._bound is not None else None
+        self.tool_calls = llm.written_tool_bound if llm is not None else None
+        """The bound on billed hosted tool calls written into a request; ``None``: none."""
 
     def written(self, provider: str, model: str | None) -> int | None:
         """The bound to write for ``model`` on a ``provider`` upstream; ``None``: none."""

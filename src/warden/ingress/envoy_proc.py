@@ -93,7 +93,7 @@ from warden.model import (
 )
 from warden.ops import metrics
 from warden.protocols import _wire, metered
-from warden.protocols.base import Adapter, output_bounded, response_id
+from warden.protocols.base import Adapter, bounded, response_id
 from warden.protocols.driver import StreamDriver
 from warden.protocols.errors import render_error, render_stream_error
 from warden.protocols.registry import (
@@ -743,15 +743,17 @@ class _Exchange:
         prepared = adapter.prepare_request(parsed_body)
         if prepared is not None:
             self._hide_usage = True
-        bounded, bound = output_bounded(
+        unbounded = prepared if prepared is not None else parsed_body
+        sent_body, bound, hosted = bounded(
             adapter,
-            prepared if prepared is not None else parsed_body,
+            unbounded,
             parsed,
             self._svc.bounds.written(route.family, turn.model),
+            self._svc.bounds.tool_calls,
         )
-        if bound != parsed.max_output_tokens:
-            prepared = dict(bounded)  # held at the bound written in: sent with it
-            self._size = dataclasses.replace(self._size, max_output_tokens=bound)
+        if sent_body is not unbounded:
+            prepared = dict(sent_body)  # held at the bounds written in: sent with them
+        self._size = dataclasses.replace(self._size, max_output_tokens=bound, hosted_calls=hosted)
         await self._decide_request(body)
         outgoing = prepared if prepared is not None else parsed_body
         continued = self._core.continued(turn, adapter, outgoing)

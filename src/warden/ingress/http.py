@@ -80,7 +80,7 @@ from warden.model import (
 )
 from warden.ops import metrics, tracing
 from warden.protocols import _wire, http_tool, metered
-from warden.protocols.base import Adapter, StreamRewriter, output_bounded, response_id
+from warden.protocols.base import Adapter, StreamRewriter, bounded, response_id
 from warden.protocols.declared_arguments import DeclaredArguments
 from warden.protocols.driver import StreamDriver
 from warden.protocols.errors import render_error, render_stream_error
@@ -356,13 +356,17 @@ class ProxyApp:
             if prepared is not None:
                 outgoing = prepared
                 hide_usage = True
-            outgoing, bound = output_bounded(
-                adapter, outgoing, parsed, self._bounds.written(route.family, model)
+            outgoing, bound, hosted = bounded(
+                adapter,
+                outgoing,
+                parsed,
+                self._bounds.written(route.family, model),
+                self._bounds.tool_calls,
             )
             # What was decided on is what is sent: a key given twice reaches the
             # provider once, as Warden read it, whatever its own parser keeps.
             body = _wire.request_bytes(outgoing)
-            size = CallSize(len(body), bound, parsed.choices, parsed.rate)
+            size = CallSize(len(body), bound, parsed.choices, parsed.rate, hosted)
         elif route.match.metered:
             model, size = metered.metered_request(body, route.deployment)
         tool, refused = self._tool_request(request, route, body)

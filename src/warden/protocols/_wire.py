@@ -206,8 +206,9 @@ Anthropic fast mode: published at up to six times standard): counted high."""
 
 def tier_rate(tier: object) -> float:
     """The price multiple of a ``service_tier`` (or speed) a request or answer names."""
-    if tier is None or tier in STANDARD_TIERS:
+    if tier is None or (isinstance(tier, str) and tier in STANDARD_TIERS):
         return 1.0
+    # Any other value, a list or an object too, is a tier the table does not know.
     return PRIORITY_RATE if tier == "priority" else UNKNOWN_PREMIUM_RATE
 
 

@@ -106,7 +106,7 @@ _REQUEST: Final = Envelope(
             *("tool_configuration", "enabled", "allowed_tools", "mcp_server_name"),
             *("default_config", "configs"),
             # What a spend cap prices the call by.
-            *("speed",),
+            *("speed", "max_uses"),
         }
     ),
     # Not ``configs``: its keys are tool names.
@@ -370,6 +370,25 @@ class AnthropicMessagesAdapter:
     ) -> tuple[dict[str, Any], int] | None:
         """None: the agent sends the whole conversation, and the provider keeps no answer."""
         return None
+
+    def bound_hosted_calls(
+        self, body: Mapping[str, Any], bound: int
+    ) -> tuple[Mapping[str, Any], int]:
+        """``max_uses`` on each web search tool that sets none; the sum of them."""
+        tools = body.get("tools")
+        if not isinstance(tools, list):
+            return body, 0
+        most, bounded, changed = 0, [], False
+        for declared in tools:
+            tool = declared
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if isinstance(kind, str) and kind.startswith("web_search"):
+                uses = token_count(tool.get("max_uses"))
+                if uses is None:
+                    tool, uses, changed = {**tool, "max_uses": bound}, bound, True
+                most += uses
+            bounded.append(tool)
+        return ({**body, "tools": bounded} if changed else body), most
 
     def prepare_request(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """Sent as is: this protocol always reports usage in its streams."""

@@ -45,7 +45,7 @@ __all__ = [
     "StreamItem",
     "StreamRewriter",
     "blocked_message",
-    "output_bounded",
+    "bounded",
     "refusal_text",
 ]
 
@@ -132,6 +132,13 @@ class Adapter(Protocol):
         """Read model, stream flag and returned tool results from a request body."""
         ...
 
+    def bound_hosted_calls(
+        self, body: Mapping[str, Any], bound: int
+    ) -> tuple[Mapping[str, Any], int]:
+        """``body`` with ``bound`` on the calls of billed provider-run tools it declares
+        where it sets none, and the most such calls it then allows (0: it declares none)."""
+        ...
+
     def prepare_request(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """A changed request body to send upstream instead, or ``None`` to send it as is.
 
@@ -194,19 +201,29 @@ class Adapter(Protocol):
         ...
 
 
-def output_bounded(
-    adapter: Adapter, body: Mapping[str, Any], parsed: ParsedRequest, unbounded: int | None
-) -> tuple[Mapping[str, Any], int | None]:
-    """``body`` as sent, and the output bound its hold is sized at.
+def bounded(
+    adapter: Adapter,
+    body: Mapping[str, Any],
+    parsed: ParsedRequest,
+    output: int | None,
+    tool_calls: int | None,
+) -> tuple[Mapping[str, Any], int | None, int]:
+    """``body`` as sent, the output bound its hold is sized at, and the billed hosted
+    tool calls the hold covers.
 
-    With ``unbounded`` (a spend cap holds the call) a request that sets no
-    bound gets ``unbounded`` written in: it is held at that, so it must not
-    be able to generate more, or calls in flight together could all pass a
-    cap that each alone fits. Otherwise ``body`` and its own bound.
+    With a spend cap (``output`` and ``tool_calls`` given) a call is held at
+    what its request lets it cost, so the request must not let it cost more:
+    one that sets no output bound is sent with ``output``, and one that
+    declares tools the provider runs and bills per call, with ``tool_calls``
+    on them where it sets none. Otherwise ``body``, its own bound, and none.
     """
-    if parsed.max_output_tokens is not None or unbounded is None:
-        return body, parsed.max_output_tokens
-    return {**body, adapter.output_bound: unbounded}, unbounded
+    bound = parsed.max_output_tokens
+    if bound is None and output is not None:
+        body, bound = {**body, adapter.output_bound: output}, output
+    if tool_calls is None:
+        return body, bound, 0
+    body, hosted = adapter.bound_hosted_calls(body, tool_calls)
+    return body, bound, hosted
 
 
 def response_id(adapter: Adapter, body: Mapping[str, Any]) -> str | None:

@@ -342,6 +342,12 @@ class OpenAIChatAdapter:
         """None: the agent sends the whole conversation, and the provider keeps no answer."""
         return None
 
+    def bound_hosted_calls(
+        self, body: Mapping[str, Any], bound: int
+    ) -> tuple[Mapping[str, Any], int]:
+        """Chat Completions declares no provider-run tool billed per call: as sent."""
+        return body, 0
+
     def prepare_request(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """Ask for the streamed usage chunk (``stream_options.include_usage``) if not asked.
 

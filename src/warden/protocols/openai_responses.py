@@ -339,7 +339,7 @@ _REQUEST: Final = Envelope(
             *("prompt", "id", "version", "environment", "container", "container_id"),
             *("network_policy", "allowed_domains"),
             # What a spend cap prices the call by.
-            *("max_output_tokens", "service_tier"),
+            *("max_output_tokens", "service_tier", "max_tool_calls"),
             # What an input item says the provider runs or ran (an approval, a call).
             *("approve", "approval_request_id", "arguments", "call_id", "output"),
         }
@@ -541,6 +541,14 @@ _HOSTED_CALLS: Final = {
     "file_search_call": "file_search",
     "code_interpreter_call": "code_interpreter",
 }
+
+
+def _billed_tool(tool: object) -> bool:
+    """Whether a declared tool is one the provider runs and bills per call."""
+    kind = tool.get("type") if isinstance(tool, Mapping) else None
+    return isinstance(kind, str) and (
+        kind.startswith("web_search") or kind in ("file_search", "code_interpreter")
+    )
 
 
 def _billed(response: Mapping[str, Any]) -> Usage | None:
@@ -750,6 +758,19 @@ class OpenAIResponsesAdapter:
         """See :func:`answer_refused`."""
         return answer_refused(body, owed)
 
+    def bound_hosted_calls(
+        self, body: Mapping[str, Any], bound: int
+    ) -> tuple[Mapping[str, Any], int]:
+        """``max_tool_calls`` (it bounds every built-in tool's calls) where a billed tool
+        (web search, file search, code interpreter) is declared and it is not set."""
+        tools = body.get("tools")
+        if not (isinstance(tools, list) and any(_billed_tool(t) for t in tools)):
+            return body, 0
+        given = token_count(body.get("max_tool_calls"))
+        if given is not None:
+            return body, given
+        return {**body, "max_tool_calls": bound}, bound
+
     def prepare_request(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """Sent as is: this protocol always reports usage in its streams."""
         return None
@@ -847,6 +868,7 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
         self._next_seq: int | None = None
         self._slots: dict[int, _Slot] = {}
         self._ids: set[tuple[str, str]] = set()  # items' ids and calls' call ids so far
+        self._hosted: dict[int, str] = {}  # outputs the provider bills per call, by index
         self._ended = False  # the SDK's ``[DONE]`` was seen: it reads nothing after
         super().__init__()
         self.response_id: str | None = None
@@ -886,6 +908,21 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
         else:
             yield from self._unknown(event, data)
 
+    def _note_hosted(self, index: int, item: Mapping[str, Any]) -> None:
+        kind = _HOSTED_CALLS.get(_item_type(item) or "")
+        if kind is not None:
+            self._hosted[index] = kind
+
+    def _with_streamed_calls(self, usage: Usage | None) -> Usage | None:
+        """``usage`` billing at least the hosted calls the stream showed: a final
+        snapshot may carry no ``output`` (the SDK builds it from the done items)."""
+        if usage is None or not self._hosted:
+            return usage
+        counts = Counter(self._hosted.values())
+        for kind, count in usage.hosted_calls:
+            counts[kind] = max(counts[kind], count)
+        return dataclasses.replace(usage, hosted_calls=tuple(sorted(counts.items())))
+
     def _slot(self, index: int) -> _Slot | None:
         slot = self._slots.get(index)
         if slot is not None and slot.state in (_State.PENDING, _State.DECIDED):
@@ -905,6 +942,7 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
             raise _violation(f"output {index} added twice")
         if (shared := _shared_id(item, self._ids)) is not None:
             raise _violation(f"output {index} has the {shared} of an earlier output")
+        self._note_hosted(index, item)
         if _is_passive(item):
             self._slots[index] = _Slot(index, _State.PASSIVE)
             yield self._emit(event, data)
@@ -917,6 +955,7 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
         if not isinstance(item, dict):
             raise _violation(f"output {index} done without an item object")
         slot = self._slot(index)
+        self._note_hosted(index, item)
         if _is_passive(item) and (slot is None or slot.state is _State.PASSIVE):
             self._slots[index] = _Slot(index, _State.PASSIVE)
             yield self._emit(event, data)
@@ -1011,7 +1050,7 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
         if output is not None and not isinstance(output, list):
             raise _violation(f"{kind} with an output that is not a list")
         self._complete = True
-        self._usage = _billed(response) or self._usage
+        self._usage = self._with_streamed_calls(_billed(response)) or self._usage
         self._model = _str(response.get("model")) or self._model
         self.response_id = self.response_id or _str(response.get("id"))
         # Calls that never reached their output_item.done, then calls that only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -234,3 +235,32 @@ def test_billed_hosted_tools_get_a_bound_where_the_request_sets_none() -> None:
     plain = {"tools": [{"type": "function", "name": "f"}]}
     assert responses.bound_hosted_calls(plain, 10) == (plain, 0)
     assert chat.bound_hosted_calls({"model": "m"}, 10) == ({"model": "m"}, 0)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {
+            "input": [
+                {"type": "additional_tools", "role": "developer", "tools": [{"type": "web_search"}]}
+            ]
+        },
+        {
+            "input": [
+                {
+                    "type": "tool_search_output",
+                    "call_id": "ts_1",
+                    "tools": [{"type": "file_search"}],
+                }
+            ]
+        },
+        {"prompt": {"id": "pmpt_1", "version": "1"}, "input": "news?"},
+    ],
+    ids=["additional_tools", "tool_search_output", "stored-prompt"],
+)
+def test_billed_tools_declared_beyond_tools_are_bounded_too(body: dict[str, Any]) -> None:
+    """Tools an input item declares, or a stored prompt may bring, are the provider's to run
+    all the same: bounded and held like those in ``tools``."""
+    sent, most = OpenAIResponsesAdapter().bound_hosted_calls(body, 10)
+    assert sent == {**body, "max_tool_calls": 10}
+    assert most == 10

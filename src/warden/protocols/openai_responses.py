@@ -762,9 +762,14 @@ class OpenAIResponsesAdapter:
         self, body: Mapping[str, Any], bound: int
     ) -> tuple[Mapping[str, Any], int]:
         """``max_tool_calls`` (it bounds every built-in tool's calls) where a billed tool
-        (web search, file search, code interpreter) is declared and it is not set."""
-        tools = body.get("tools")
-        if not (isinstance(tools, list) and any(_billed_tool(t) for t in tools)):
+        (web search, file search, code interpreter) is declared and it is not set.
+
+        Declared anywhere the provider reads tools (``tools``, input items carrying a
+        ``tools`` list), or possibly by a stored ``prompt``, whose tools Warden
+        cannot see: that counts as declaring them.
+        """
+        declared = declared_tools.openai_responses(body)
+        if not any(_billed_tool(t) or t.get("type") == "prompt" for t in declared):
             return body, 0
         given = token_count(body.get("max_tool_calls"))
         if given is not None:

@@ -269,6 +269,12 @@ class UpstreamConfig(_Section):
             raise ValueError("must be an absolute http:// or https:// URL")
         if parts.query or parts.fragment:
             raise ValueError("must not carry a query or fragment")
+        if parts.username is not None or parts.password is not None:
+            # Every request would fail (the HTTP client refuses them beside its own auth).
+            raise ValueError(
+                "must not carry a user name or password; let Warden hold the key "
+                "(upstreams.<name>.credential, docs/credentials.md)"
+            )
         return value.rstrip("/")
 
 
@@ -575,10 +581,11 @@ class ConsoleConfig(_Section):
         if value is None:
             return None
         parts = urlsplit(value)
+        # The value is not quoted: it may carry a password.
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{value!r} must be an http:// or https:// URL with a host")
+            raise ValueError("must be an http:// or https:// URL with a host")
         if parts.username is not None or parts.password is not None:
-            raise ValueError(f"{value!r} must not carry a user name or password")
+            raise ValueError("must not carry a user name or password")
         # The origin browsers send: scheme and host lower-cased, no default port, no path.
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
         default = 443 if parts.scheme == "https" else 80

@@ -367,12 +367,13 @@ async def engine_on_server(
     *,
     userinfo: str = "",
     query: str = "",
+    path: str = "/bundles/support.tar.gz",
 ) -> AsyncIterator[tuple[PolicyEngine, int]]:
     """An engine whose bundle comes from ``serve`` at a loopback bundle_url; and the port."""
     app = web.Application()
-    app.router.add_get("/bundles/support.tar.gz", serve)
+    app.router.add_get(path or "/", serve)
     async with serving(app) as port:
-        url = f"http://{userinfo}127.0.0.1:{port}/bundles/support.tar.gz{query}"
+        url = f"http://{userinfo}127.0.0.1:{port}{path}{query}"
         eng = await PolicyEngine.start(config(tmp_path / "unused", bundle_url=url, workers=1))
         try:
             yield eng, port
@@ -465,6 +466,23 @@ async def test_bundle_url_credentials_are_never_shown_or_recorded(tmp_path: Path
         status = json.dumps(eng.status())
         assert "token=***" in status
         assert "s3cr3t" not in status
+
+
+@pytest.mark.parametrize("path", ["", "/"])
+async def test_a_bundle_url_without_a_path_names_no_credentials(tmp_path: Path, path: str) -> None:
+    """The bundle's name (in activation records, signed marks and errors) comes from the
+    URL's path only: a URL without one is named ``bundle``, never ``ops:hunter2@host``."""
+    body = tarball(write_policy(tmp_path / "v1", revision="srv-1"))
+
+    async def serve(_: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    async with engine_on_server(tmp_path, serve, userinfo="ops:hunter2@", path=path) as (eng, _):
+        assert eng.revision == "srv-1"
+        gen = eng._active  # noqa: SLF001 - the bundle as built, whose name records carry
+        assert gen is not None
+        assert gen.bundle.name == "bundle"
+        assert "hunter2" not in json.dumps(eng.status())
 
 
 def action(tool: str, **arguments: Any) -> Action:

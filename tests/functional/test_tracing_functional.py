@@ -223,8 +223,9 @@ async def test_the_upstream_span_never_carries_a_password_or_query(
 ) -> None:
     """``url.full`` of the client span is the origin: no password, query or path.
 
-    A tool API's ``base_url`` may carry a password (``https://svc:TOKEN@host``),
-    a request's query a key and its path the call's arguments
+    A URL may carry a password (``https://svc:TOKEN@host``; Warden refuses one
+    in ``base_url``, but the tracing hooks see every client request), a
+    request's query a key and its path the call's arguments
     (``/customers/{email}``); spans go to a tracing backend with other
     retention and readers than the audit log.
     """

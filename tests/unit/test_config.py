@@ -73,6 +73,27 @@ def test_invalid_values_name_the_key(tmp_path: Path, text: str, key: str) -> Non
     assert f"{key}:" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("console: {public_url: 'https://admin:PLANTED-pw@warden.example'}", "console.public_url"),
+        ("console: {public_url: 'ftp://PLANTED-pw@x'}", "console.public_url"),
+        (
+            "upstreams: {x: {protocol: openai, base_url: 'http://u:PLANTED-pw@a'}}",
+            "upstreams.x.base_url",
+        ),
+    ],
+)
+def test_a_url_with_a_password_is_refused_without_being_quoted(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    """Config errors go to stderr and the log pipeline: they name the key, not the value."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), environ={})
+    assert f"{key}:" in str(info.value)
+    assert "PLANTED" not in str(info.value)
+
+
 def test_not_a_mapping_and_bad_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(write(tmp_path, "- a\n- b\n"), environ={})

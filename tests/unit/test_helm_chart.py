@@ -462,3 +462,70 @@ def test_a_users_chart_includes_the_sidecar_template(tmp_path: Path) -> None:
     assert volumes["warden-config"]["configMap"]["name"] in config_maps
     (policy,) = by_kind(docs, "NetworkPolicy")
     assert policy["spec"]["podSelector"] == {"matchLabels": {"app": "myagent"}}
+
+
+def test_an_empty_list_of_network_peers_admits_nobody() -> None:
+    """``from: []`` admits every source: an empty ``clients`` or ``admin`` list leaves its
+    rule out (nobody), and an empty DNS port list is refused (it would mean every port)."""
+    base = [
+        "--set",
+        "mode=gateway",
+        "--set",
+        "config.state.url=postgresql://warden@db:5432/w",
+        "--set",
+        "secrets.statePassword=x",
+        "--set",
+        "networkPolicy.enabled=true",
+    ]
+    for empty, kept in (("admin", "warden-proxy"), ("clients", "warden-admin")):
+        docs = helm_template(*base, "--set-json", f"networkPolicy.{empty}=[]")
+        (policy,) = by_kind(docs, "NetworkPolicy")
+        rules = policy["spec"]["ingress"]
+        assert all(rule["from"] for rule in rules)
+        assert [[p["port"] for p in rule["ports"]][0] for rule in rules] == [kept]
+    both = helm_template(
+        *base, "--set-json", "networkPolicy.admin=[]", "--set-json", "networkPolicy.clients=[]"
+    )
+    (policy,) = by_kind(both, "NetworkPolicy")
+    assert policy["spec"]["ingress"] == []
+    done = run(
+        [
+            tool("helm"),
+            "template",
+            "t",
+            str(CHART),
+            *base,
+            "--set-json",
+            "networkPolicy.dns.ports=[]",
+        ]
+    )
+    assert done.returncode != 0
+    assert "ports" in done.stderr
+
+
+def test_a_changed_secret_restarts_the_pods() -> None:
+    """Admin tokens and agent keys reach Warden as environment read at start: revoking one
+    (a new Secret) changes the pod template, so the pods restart and the old one stops."""
+
+    def checksums(token: str) -> list[str]:
+        docs = helm_template(
+            "--set",
+            "agent.image=registry.example/agent:1",
+            "--set-json",
+            f'secrets.adminTokens=[{{"subject":"a","roles":["admin"],"sha256":"{token}"}}]',
+        )
+        (deployment,) = by_kind(docs, "Deployment")
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        return [annotations["checksum/config"], annotations["checksum/secret"]]
+
+    before, after = checksums("a" * 64), checksums("b" * 64)
+    assert before[0] == after[0]  # the config is the same
+    assert before[1] != after[1]
+
+
+def test_the_sidecar_pod_mounts_no_api_token_unless_asked() -> None:
+    docs = helm_template(
+        "--set", "agent.image=registry.example/agent:1", "--set", "serviceAccount.create=false"
+    )
+    (deployment,) = by_kind(docs, "Deployment")
+    assert pod_spec(deployment)["automountServiceAccountToken"] is False

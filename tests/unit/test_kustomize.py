@@ -69,6 +69,17 @@ def test_overlay_renders_validates_and_matches_the_chart(mode: str, tmp_path: Pa
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert spec["terminationGracePeriodSeconds"] == chart_spec["terminationGracePeriodSeconds"]
+    assert spec["automountServiceAccountToken"] is False
+    agents = [c for c in spec.get("containers", []) if c["name"] == "agent"]
+    for agent, chart_agent in zip(
+        agents, [c for c in chart_spec["containers"] if c["name"] == "agent"], strict=True
+    ):
+        # Never Warden's user (65532): transparent mode's rules exempt Warden's traffic by owner.
+        assert agent["securityContext"]["runAsUser"] == chart_agent["securityContext"]["runAsUser"]
+        assert (
+            agent["securityContext"]["runAsUser"]
+            != warden_container(spec)["securityContext"]["runAsUser"]
+        )
 
 
 def test_sidecar_overlay_is_injects_container(tmp_path: Path) -> None:

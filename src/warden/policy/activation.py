@@ -23,6 +23,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -171,7 +172,8 @@ class HttpSource:
             raise BundleError(f"{self.description}: cannot fetch bundle: {why}") from None
         # Remember the ETag even if the bundle is broken: it is reported once per change.
         self._etag = etag
-        name = bundle_name(self.url.rsplit("?", 1)[0].rstrip("/")) or "bundle"
+        # The path's last segment only: the authority may carry a password.
+        name = bundle_name(urlsplit(self.url).path.rstrip("/")) or "bundle"
         return await asyncio.to_thread(self._build, body, name)
 
     def _build(self, body: bytes, name: str) -> Bundle:

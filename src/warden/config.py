@@ -612,6 +612,10 @@ class LlmBudgetConfig(_Section):
     """The output a request that sets no bound (``max_tokens`` and its kin) is held at, and,
     with ``limit_usd`` set, the bound Warden writes into it (:attr:`written_output_bound`)."""
 
+    continued_input_tokens: int = Field(128_000, ge=0)
+    """The input a continuation is held at beside its body (a Responses
+    ``previous_response_id`` or ``conversation``): the provider bills the stored
+    chain as input, and the request does not carry it."""
     unbounded_tool_calls: int = Field(10, ge=1)
     """The calls of tools the provider runs and bills per call (web search, file search, code
     interpreter) a request that sets no bound on them is held at, and, with ``limit_usd``

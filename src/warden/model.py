@@ -378,6 +378,8 @@ class CallSize:
     """The multiple of the standard price the request asks to be billed at (a premium tier)."""
     hosted_calls: int = 0
     """The most calls of tools the provider runs and bills per call the request allows."""
+    continued: bool = False
+    """The request continues input the provider keeps (a stored chain or conversation)."""
 
 
 @dataclass(frozen=True, slots=True)

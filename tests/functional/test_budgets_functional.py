@@ -511,3 +511,32 @@ async def test_a_request_declaring_billed_hosted_tools_is_held_and_sent_with_the
             model="gpt-4o-mini", input="news?", tools=search, max_output_tokens=100
         )
     assert llm.requests[-1].body["max_tool_calls"] == 10
+
+
+async def test_what_a_request_does_not_carry_is_held_at_its_most(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    """A request naming no model (a stored prompt brings its own) is held at the table's
+    dearest price; a continuation (``previous_response_id``) at its body and
+    ``continued_input_tokens`` of stored input beside it, which the provider bills."""
+    cap = {"llm": {"limit_usd": 0.2, "window": "day"}}
+    async with (
+        Warden(make_config(tmp_path, llm.url, budgets=cap)) as warden,
+        client(warden) as c,
+    ):
+        with pytest.raises(openai.PermissionDeniedError) as unnamed:
+            await c.responses.create(input="hello", max_output_tokens=1000)
+        with pytest.raises(openai.PermissionDeniedError) as continued:
+            await c.responses.create(
+                model="gpt-4.1",
+                previous_response_id="resp_elsewhere",
+                input="continue",
+                max_output_tokens=100,
+            )
+        llm.script(Reply(text="fresh"))
+        fresh = await c.responses.create(model="gpt-4.1", input="hello", max_output_tokens=100)
+    # 1,000 output tokens at o1-pro's 600 USD a million, the dearest in the table.
+    assert "this model call of 0.60 would pass it" in str(unnamed.value)
+    # 128,000 stored input tokens at gpt-4.1's 2 USD a million, and 100 output at 8.
+    assert "this model call of 0.26 would pass it" in str(continued.value)
+    assert fresh.output_text == "fresh"

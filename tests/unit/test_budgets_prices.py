@@ -49,7 +49,12 @@ def test_unknown_models_and_providers_get_the_default() -> None:
     table = PriceTable.shipped()
     assert table.lookup("openai", "gpt-4ox") == (table.default, False)
     assert table.lookup("elsewhere", "gpt-4o") == (table.default, False)
-    assert table.lookup("openai", None) == (table.default, False)
+    # No model named (a stored prompt brings its own): the dearest of every part, which
+    # is above the default (o1-pro's 150 and 600 USD a million).
+    assert table.lookup("openai", None) == (table.dearest, False)
+    assert table.lookup("anthropic", "") == (table.dearest, False)
+    assert (table.dearest.input, table.dearest.output) == (150.0, 600.0)
+    assert table.dearest.output > table.default.output
 
 
 def test_cost_counts_cached_tokens_as_the_provider_reports_them() -> None:

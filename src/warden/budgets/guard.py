@@ -43,7 +43,7 @@ from warden.budgets.caps import (
     window_key,
 )
 from warden.budgets.prices import PriceTable
-from warden.config import BudgetsConfig, CapConfig
+from warden.config import BudgetsConfig, CapConfig, LlmBudgetConfig
 from warden.model import Action, ActionKind, Decision, Effect, Mode, Outcome, Usage, new_id
 from warden.ops.metrics import BUDGET_LIMIT, bounded, child
 from warden.pipeline import GuardContext
@@ -329,7 +329,7 @@ class BudgetGuard:
                         LLM_COUNTER,
                         window_key(llm.window, now),
                         agent,
-                        max(llm.estimate_usd, self._llm_bound(action, llm.unbounded_output_tokens)),
+                        max(llm.estimate_usd, self._llm_bound(action, llm)),
                         llm.limit_usd,
                     ),
                     currency="USD",
@@ -495,20 +495,22 @@ class BudgetGuard:
                 metrics.SPENT.labels(line.cap, line.window, agent).set(counter.spent)
                 metrics.RESERVED.labels(line.cap, line.window, agent).set(counter.reserved + extra)
 
-    def _llm_bound(self, action: Action, unbounded_output: int) -> float:
+    def _llm_bound(self, action: Action, llm: LlmBudgetConfig) -> float:
         """What a model call can cost as its request states it, in USD (0: unknown).
 
         Held until the call settles, so calls in flight together cannot all pass a
         cap that each alone fits: the output at the request's bound (every answer
-        it asks for), the input at the body's size.
+        it asks for), the input at the body's size, and, for a continuation, the
+        stored input the provider bills beside it (``continued_input_tokens``).
         """
         size = action.size
         if size is None:
             return 0.0
         provider = self._providers.get(action.request.upstream, action.request.upstream)
-        output = size.max_output_tokens or unbounded_output
+        output = size.max_output_tokens or llm.unbounded_output_tokens
+        kept = llm.continued_input_tokens if size.continued else 0
         most = Usage(
-            input_tokens=-(-size.input_bytes // _BYTES_PER_TOKEN),
+            input_tokens=-(-size.input_bytes // _BYTES_PER_TOKEN) + kept,
             output_tokens=output * size.choices,
             rate=size.rate,
         )

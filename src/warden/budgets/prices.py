@@ -85,6 +85,14 @@ class PriceTable:
         self._ordered = {
             name: sorted(p.models, key=len, reverse=True) for name, p in providers.items()
         }
+        prices = [default, *(m for p in providers.values() for m in p.models.values())]
+        self.dearest = Price(
+            max(p.input for p in prices),
+            max(p.cached_input for p in prices),
+            max(p.output for p in prices),
+        )
+        """Each part at the dearest any entry has: the price of a call whose model is not
+        named in its request (a stored prompt's, which Warden cannot see)."""
 
     @classmethod
     def shipped(cls) -> PriceTable:
@@ -150,9 +158,16 @@ class PriceTable:
         return PriceTable(default, providers)
 
     def lookup(self, provider: str, model: str | None) -> tuple[Price, bool]:
-        """The price for a model and whether it was in the table (else the default)."""
+        """The price for a model and whether it was in the table (else the default).
+
+        A request that names no model runs one Warden cannot see (a stored
+        prompt's): it is priced at :attr:`dearest`, not at ``default``, which
+        is below the dearest models'.
+        """
+        if not model:
+            return self.dearest, False
         prov = self._providers.get(provider)
-        if prov is None or not model:
+        if prov is None:
             return self.default, False
         found = prov.models.get(model)
         if found is not None:

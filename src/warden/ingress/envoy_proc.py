@@ -725,7 +725,9 @@ class _Exchange:
         parsed_body = _wire.request_object(body)
         parsed = adapter.parse_request(parsed_body)
         self._stream = parsed.stream
-        self._size = CallSize(len(body), parsed.max_output_tokens, parsed.choices, parsed.rate)
+        self._size = CallSize(
+            len(body), parsed.max_output_tokens, parsed.choices, parsed.rate, 0, parsed.continued
+        )
         conversation = conversation_of(
             adapter.name, parsed_body, self._headers, self._svc.config.sessions
         )

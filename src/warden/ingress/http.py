@@ -366,7 +366,7 @@ class ProxyApp:
             # What was decided on is what is sent: a key given twice reaches the
             # provider once, as Warden read it, whatever its own parser keeps.
             body = _wire.request_bytes(outgoing)
-            size = CallSize(len(body), bound, parsed.choices, parsed.rate, hosted)
+            size = CallSize(len(body), bound, parsed.choices, parsed.rate, hosted, parsed.continued)
         elif route.match.metered:
             model, size = metered.metered_request(body, route.deployment)
         tool, refused = self._tool_request(request, route, body)

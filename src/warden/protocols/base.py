@@ -77,6 +77,9 @@ class ParsedRequest:
     """How many answers the request asks for (Chat Completions ``n``)."""
     rate: float = 1.0
     """The multiple of the standard price the request asks for (a premium tier or speed)."""
+    continued: bool = False
+    """The request continues input the provider keeps and bills (Responses
+    ``previous_response_id`` or ``conversation``), which its body does not carry."""
 
 
 class StreamRewriter(Protocol):

@@ -699,6 +699,7 @@ class OpenAIResponsesAdapter:
             arguments=declared_arguments.openai_responses(body),
             max_output_tokens=token_count(body.get("max_output_tokens")),
             rate=tier_rate(body.get("service_tier")),
+            continued=bool(body.get("previous_response_id") or body.get("conversation")),
         )
 
     def tool_calls(self, body: Mapping[str, Any]) -> list[ToolCall]:

@@ -360,6 +360,10 @@ class Usage:
     hosted_calls: tuple[tuple[str, int], ...] = ()
     """Tools the provider ran itself and bills per call, by kind (``web_search``,
     ``file_search``, ``code_interpreter``) with their counts."""
+    model: str | None = field(default=None, compare=False)
+    """The model the answer says ran (an Azure deployment's, a stored prompt's), which a
+    spend cap prices the call at when it is dearer than the request's. Not compared: two
+    usages are equal when they count the same."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -540,3 +540,54 @@ async def test_what_a_request_does_not_carry_is_held_at_its_most(
     # 128,000 stored input tokens at gpt-4.1's 2 USD a million, and 100 output at 8.
     assert "this model call of 0.26 would pass it" in str(continued.value)
     assert fresh.output_text == "fresh"
+
+
+async def test_a_call_is_settled_at_the_model_its_answer_says_ran(tmp_path: Path) -> None:
+    """The answer names the model that ran: a dearer known one is what the call costs
+    (a provider running another model than the body names), and a request that named
+    none (held at the dearest price) settles at the one that ran."""
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100}
+    swapped: Any = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "o1-pro",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        ],
+        "usage": usage,
+    }
+    prompted: Any = {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1,
+        "status": "completed",
+        "model": "gpt-4o-mini-2024-07-18",
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_1",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": "hi", "annotations": []}],
+            }
+        ],
+        "usage": {"input_tokens": 1000, "output_tokens": 100},
+    }
+    async with RawUpstream() as upstream:
+        config = make_config(
+            tmp_path, upstream.url, budgets={"llm": {"limit_usd": 100.0, "window": "day"}}
+        )
+        upstream.script(RawReply.json(swapped))
+        upstream.script(RawReply.json(prompted))
+        async with Warden(config) as warden, client(warden) as c:
+            await c.chat.completions.create(model="gpt-4.1-nano", messages=MESSAGES, max_tokens=100)
+            await c.responses.create(input="hello", max_output_tokens=100)
+    costs = [
+        r["outcome"]["cost"] for r in audit_records(tmp_path / "audit") if r["kind"] == "outcome"
+    ]
+    # o1-pro: 150 and 600 USD a million; gpt-4o-mini: 0.15 and 0.60.
+    assert costs == [
+        pytest.approx((1000 * 150 + 100 * 600) / 1e6),
+        pytest.approx((1000 * 0.15 + 100 * 0.6) / 1e6),
+    ]

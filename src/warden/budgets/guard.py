@@ -523,6 +523,13 @@ class BudgetGuard:
             # A premium tier asked for: billed as asked, whatever the answer says.
             usage = replace(usage, rate=action.size.rate)
         priced = self.prices.cost(provider, action.model, usage)
+        if usage.model is not None and usage.model != action.model:
+            # What ran, when the table knows it and it is dearer: an Azure deployment, a
+            # stored prompt's model, a provider that swapped models.
+            # A request naming none was priced at the dearest: what ran is known now.
+            ran = self.prices.cost(provider, usage.model, usage)
+            if ran.known and (ran.usd > priced.usd or not action.model):
+                priced = ran
         model = bounded("model", action.model or "unknown")
         if not priced.known:
             child(metrics.UNKNOWN_MODEL_PRICES, provider, model).inc()

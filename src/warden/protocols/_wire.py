@@ -20,6 +20,7 @@ __all__ = [
     "NO_DECISION",
     "Envelope",
     "StreamStatus",
+    "answered_by",
     "dumps",
     "event_object",
     "keys_fold_apart",
@@ -210,6 +211,16 @@ def tier_rate(tier: object) -> float:
         return 1.0
     # Any other value, a list or an object too, is a tier the table does not know.
     return PRIORITY_RATE if tier == "priority" else UNKNOWN_PREMIUM_RATE
+
+
+def answered_by(usage: Usage | None, model: object) -> Usage | None:
+    """``usage`` naming the model the answer says ran, when it names one."""
+    if usage is None or not isinstance(model, str) or not model or usage.model is not None:
+        return usage
+    return dataclasses.replace(usage, model=model[:_MODEL_CHARS])
+
+
+_MODEL_CHARS: Final = 200  # a model name, not a place to store an upstream's megabytes
 
 
 def tiered(usage: Usage | None, tier: object) -> Usage | None:
@@ -449,8 +460,8 @@ class StreamStatus:
 
     @property
     def usage(self) -> Usage | None:
-        """Token usage the stream reported so far."""
-        return self._usage
+        """Token usage the stream reported so far, naming the model the stream named."""
+        return answered_by(self._usage, self._model)
 
     @property
     def model(self) -> str | None:

@@ -44,6 +44,7 @@ from warden.protocols._wire import (
     NO_DECISION,
     Envelope,
     StreamStatus,
+    answered_by,
     as_read,
     dumps,
     event_object,
@@ -363,7 +364,7 @@ class AnthropicMessagesAdapter:
         usage = body.get("usage")
         if not isinstance(usage, dict) or not _counted(usage):
             return None  # spent as held: malformed counts must not settle at nothing
-        return _usage(usage)
+        return answered_by(_usage(usage), body.get("model"))
 
     def answer_refused(
         self, body: Mapping[str, Any], owed: Mapping[str, tuple[str, str]]
@@ -523,7 +524,7 @@ class AnthropicStreamRewriter(StreamStatus):
         stream the agent cut after reading most of it would be billed at its start.
         Without final counts, a spend cap keeps what the call held.
         """
-        return self._usage if self._final_usage else None
+        return answered_by(self._usage, self._model) if self._final_usage else None
 
     @staticmethod
     def _read(event: SseEvent) -> tuple[SseEvent, dict[str, Any]] | None:

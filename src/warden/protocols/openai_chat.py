@@ -28,6 +28,7 @@ from warden.protocols._wire import (
     NO_DECISION,
     Envelope,
     StreamStatus,
+    answered_by,
     as_read,
     dumps,
     event_object,
@@ -334,7 +335,8 @@ class OpenAIChatAdapter:
 
     def usage(self, body: Mapping[str, Any]) -> Usage | None:
         """Prompt, completion and cached prompt tokens from ``usage``."""
-        return tiered(_usage(body.get("usage")), body.get("service_tier"))
+        usage = tiered(_usage(body.get("usage")), body.get("service_tier"))
+        return answered_by(usage, body.get("model"))
 
     def answer_refused(
         self, body: Mapping[str, Any], owed: Mapping[str, tuple[str, str]]

@@ -81,6 +81,7 @@ from warden.protocols._wire import (
     NO_DECISION,
     Envelope,
     StreamStatus,
+    answered_by,
     as_read,
     dumps,
     event_object,
@@ -554,6 +555,7 @@ def _billed_tool(tool: object) -> bool:
 def _billed(response: Mapping[str, Any]) -> Usage | None:
     """A whole answer's usage: its tokens, the tier it ran on, the hosted calls it made."""
     usage = tiered(_usage(response.get("usage")), response.get("service_tier"))
+    usage = answered_by(usage, response.get("model"))
     output = response.get("output")
     if usage is None or not isinstance(output, list):
         return usage

@@ -11,6 +11,7 @@ import anthropic
 import openai
 import pytest
 
+from tests.adversarial import wire
 from tests.functional.conftest import audit_records, make_config
 from warden.budgets.caps import window_key
 from warden.server import Warden
@@ -34,6 +35,24 @@ def client(warden: Warden, *, max_retries: int = 0, **kw: Any) -> openai.AsyncOp
     return openai.AsyncOpenAI(
         base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=max_retries, **kw
     )
+
+
+def chat_answer(usage: Any, model: str = wire.MODEL) -> dict[str, Any]:
+    """A text chat completion with ``usage`` as given, answered by ``model``."""
+    return {**wire.chat_body([], text="hi", finish="stop"), "model": model, "usage": usage}
+
+
+def responses_answer(usage: Any, model: str = wire.MODEL) -> dict[str, Any]:
+    """A text Responses answer with ``usage`` as given, answered by ``model``."""
+    text = {"type": "output_text", "text": "hi", "annotations": []}
+    message = {
+        "type": "message",
+        "id": "msg_1",
+        "role": "assistant",
+        "status": "completed",
+        "content": [text],
+    }
+    return {**wire.response_body([message]), "model": model, "usage": usage}
 
 
 def today(window: str = "day") -> str:
@@ -285,39 +304,7 @@ async def test_usage_that_is_no_count_is_spent_at_what_it_held(
 ) -> None:
     """An upstream's usage without two non-negative integer counts does not settle the
     call at nothing (nor crash it, for a negative count): it stays spent at its hold."""
-    if route == "chat":
-        answer: Any = {
-            "id": "chatcmpl-1",
-            "object": "chat.completion",
-            "created": 1,
-            "model": "gpt-4o-mini",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "hi"},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": usage,
-        }
-    else:
-        answer = {
-            "id": "resp_1",
-            "object": "response",
-            "created_at": 1,
-            "status": "completed",
-            "model": "gpt-4o-mini",
-            "output": [
-                {
-                    "type": "message",
-                    "id": "msg_1",
-                    "role": "assistant",
-                    "status": "completed",
-                    "content": [{"type": "output_text", "text": "hi", "annotations": []}],
-                }
-            ],
-            "usage": usage,
-        }
+    answer = chat_answer(usage) if route == "chat" else responses_answer(usage)
     async with RawUpstream() as upstream:
         config = make_config(
             tmp_path, upstream.url, budgets={"llm": {"limit_usd": 1.0, "window": "day"}}
@@ -428,13 +415,7 @@ async def test_priority_processing_and_provider_searches_are_counted_at_their_pr
     """``service_tier: priority`` costs twice standard (asked for, so counted so); an
     Anthropic answer's web searches cost 0.01 USD each beside its tokens."""
     searched: Any = {
-        "id": "msg_1",
-        "type": "message",
-        "role": "assistant",
-        "model": "claude-sonnet-4-6",
-        "content": [{"type": "text", "text": "found it"}],
-        "stop_reason": "end_turn",
-        "stop_sequence": None,
+        **wire.message_body([{"type": "text", "text": "found it"}], stop="end_turn"),
         "usage": {
             "input_tokens": 1000,
             "output_tokens": 100,
@@ -546,34 +527,10 @@ async def test_a_call_is_settled_at_the_model_its_answer_says_ran(tmp_path: Path
     """The answer names the model that ran: a dearer known one is what the call costs
     (a provider running another model than the body names), and a request that named
     none (held at the dearest price) settles at the one that ran."""
-    usage = {"prompt_tokens": 1000, "completion_tokens": 100}
-    swapped: Any = {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "o1-pro",
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
-        ],
-        "usage": usage,
-    }
-    prompted: Any = {
-        "id": "resp_1",
-        "object": "response",
-        "created_at": 1,
-        "status": "completed",
-        "model": "gpt-4o-mini-2024-07-18",
-        "output": [
-            {
-                "type": "message",
-                "id": "msg_1",
-                "role": "assistant",
-                "status": "completed",
-                "content": [{"type": "output_text", "text": "hi", "annotations": []}],
-            }
-        ],
-        "usage": {"input_tokens": 1000, "output_tokens": 100},
-    }
+    swapped = chat_answer({"prompt_tokens": 1000, "completion_tokens": 100}, model="o1-pro")
+    prompted = responses_answer(
+        {"input_tokens": 1000, "output_tokens": 100}, model="gpt-4o-mini-2024-07-18"
+    )
     async with RawUpstream() as upstream:
         config = make_config(
             tmp_path, upstream.url, budgets={"llm": {"limit_usd": 100.0, "window": "day"}}

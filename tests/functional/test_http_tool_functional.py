@@ -609,6 +609,56 @@ async def test_a_path_the_service_reads_as_another_is_refused_unforwarded(
     assert refunds.seen == []
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "detail"),
+    [
+        # aiohttp's request.json() decodes by the charset: under utf-7 the service reads
+        # a second "amount" of 9000 in what Warden read as a note.
+        (
+            "POST",
+            "/orders/A-1/refunds",
+            b'{"amount":5,"customer":"C-1","note":"x+ACI-,+ACI-amount+ACI-:9000,+ACI-z+ACI-:+ACI-y"}',
+            {"Content-Type": "application/json; charset=utf-7"},
+            "declared as charset 'utf-7'",
+        ),
+        # WSGI servers hand X_HTTP_Method_Override to the app as X-HTTP-Method-Override.
+        (
+            "POST",
+            "/orders/A-1/refunds",
+            b'{"amount":5,"customer":"C-1"}',
+            {"Content-Type": "application/json", "X_HTTP_Method_Override": "DELETE"},
+            "carries X_HTTP_Method_Override",
+        ),
+        # Fits GET /orders/{order_id} exactly; ASP.NET Core and Express route it to
+        # GET /orders/export (case-blind), Rails /orders/export.json too.
+        ("GET", "/orders/EXPORT", b"", {}, "only when read case-blind"),
+        ("GET", "/orders/export.json", b"", {}, "only when read case-blind"),
+    ],
+)
+async def test_a_request_the_service_reads_as_another_call_is_refused_unforwarded(
+    tmp_path: Path,
+    refunds: Refunds,
+    method: str,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    detail: str,
+) -> None:
+    async with Warden(config_for(tmp_path, refunds)) as w, aiohttp.ClientSession() as http:
+        url = URL(w.proxy_url + "/refunds" + path, encoded=True)
+        async with http.request(method, url, data=body or None, headers=headers) as resp:
+            status, raw = resp.status, await resp.read()
+        # The request as the rule writes it goes through.
+        plain = await call(w, "GET", "/orders/A-2")
+    assert status == 400, raw
+    problem = orjson.loads(raw)
+    assert problem["code"] == "invalid_tool_request"
+    assert detail in problem["detail"]
+    assert plain[0] == 201
+    assert [(m, p) for m, p, _ in refunds.seen] == [("GET", "/orders/A-2")]
+    assert [r["action"].get("tool") for r in decisions(tmp_path)] == ["get_order"]
+
+
 CUSTOMER_POLICY = """package warden
 
 import rego.v1

@@ -92,6 +92,27 @@ def test_a_method_override_header_is_refused_whatever_the_route(header: str, pat
         )
 
 
+@pytest.mark.parametrize(
+    "header", ["X_HTTP_Method_Override", "x_method_override", "X_Original_URL", "x_rewrite-url"]
+)
+def test_an_override_header_spelled_with_underscores_is_refused(header: str) -> None:
+    # CGI and WSGI servers read X_HTTP_Method_Override as X-HTTP-Method-Override.
+    with pytest.raises(ToolRequestError, match=f"carries {header}, which makes services"):
+        resolve("POST", "/orders/A-1", {}, headers={header: "DELETE"})
+
+
+def test_an_encoding_or_type_header_spelled_with_underscores_counts() -> None:
+    with pytest.raises(ToolRequestError, match="body is encoded"):
+        resolve("POST", "/orders/A-1/refunds", {"amount": 5}, headers={"Content_Encoding": "gzip"})
+    with pytest.raises(ToolRequestError, match="Content-Type twice"):
+        resolve(
+            "POST",
+            "/orders/A-1/refunds",
+            {"amount": 5},
+            headers={"Content-Type": JSON, "Content_Type": FORM},
+        )
+
+
 @pytest.mark.parametrize("method", ["post", "Post", "delete"])
 def test_a_method_not_in_upper_case_is_refused(method: str) -> None:
     # Over HTTP/2 Envoy passes it as sent; ASP.NET Core and Werkzeug run the POST rule.
@@ -373,6 +394,16 @@ def test_a_last_segment_read_as_its_stem_before_a_dot_is_refused(last: str) -> N
         resolve("POST", f"/orders/A-1/{last}", {"amount": 5})
 
 
+@pytest.mark.parametrize("last", ["Export", "EXPORT", "export.json", "export.", "export;v=1"])
+def test_a_path_that_fits_a_parameter_but_loosely_a_literal_is_refused(last: str) -> None:
+    # GET /orders/{order_id} fits exactly; a service reading case-blind (ASP.NET Core,
+    # Express) or dropping a format suffix (Rails) runs GET /orders/export instead.
+    with pytest.raises(ToolRequestError, match="only when read case-blind"):
+        resolve("GET", f"/orders/{last}")
+    assert resolve("GET", "/orders/exports") == ToolRequest("get_order", {"id": "exports"})
+    assert resolve("GET", "/orders/A-1.5") == ToolRequest("get_order", {"id": "A-1.5"})
+
+
 def test_a_literal_with_a_dot_of_its_own_still_fits_exactly() -> None:
     table = ToolRoutes((RouteRule.compile("GET", "/v1.2/spec.json", "spec", {}),))
     assert table.resolve("GET", ["v1.2", "spec.json"], b"", "") == ToolRequest("spec", {})
@@ -397,3 +428,42 @@ def test_an_identity_content_encoding_is_not_an_encoding() -> None:
         "POST", "/orders/A-1/refunds", {"amount": 5}, headers={"content-encoding": "identity"}
     )
     assert got == ToolRequest("issue_refund", {"order_id": "A-1", "amount": 5})
+
+
+# -- 6. what the body's bytes say ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json; charset=utf-7",
+        "application/json;charset=UNICODE_ESCAPE",
+        'application/json; charset="latin-1"',
+        "application/json; charset=utf-8; charset=utf-7",
+        "application/json; charset=",
+    ],
+)
+def test_a_charset_other_than_utf8_is_refused(content_type: str) -> None:
+    # aiohttp's request.json() decodes by the charset: under utf-7, +ACI- closes a string.
+    body = b'{"amount":5,"note":"x+ACI-,+ACI-amount+ACI-:9000,+ACI-z+ACI-:+ACI-y"}'
+    for path in ("/orders/A-1/refunds", "/health"):
+        with pytest.raises(ToolRequestError, match="declared as charset"):
+            resolve("POST", path, body, content_type)
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", 'application/json; Charset="UTF8"']
+)
+def test_a_utf8_charset_passes(content_type: str) -> None:
+    got = resolve("POST", "/orders/A-1/refunds", {"amount": 5}, content_type)
+    assert got == ToolRequest("issue_refund", {"order_id": "A-1", "amount": 5})
+
+
+@pytest.mark.parametrize("escaped", [rb"\ud800", rb"\uDFFF", rb"x\ud83dy"])
+def test_a_lone_surrogate_is_refused(escaped: bytes) -> None:
+    # Valid JSON but no character: Go reads U+FFFD, and no record can hold it.
+    for body in (b'{"amount":5,"note":"' + escaped + b'"}', b'{"' + escaped + b'":1,"amount":5}'):
+        with pytest.raises(ToolRequestError, match="lone surrogate"):
+            resolve("POST", "/orders/A-1/refunds", body)
+    paired = resolve("POST", "/orders/A-1/refunds", rb'{"amount":5,"note":"\ud83d\ude00"}')
+    assert paired == ToolRequest("issue_refund", {"order_id": "A-1", "amount": 5})

@@ -91,6 +91,8 @@ _OVERRIDE_HEADERS: Final = frozenset(
 # Headers that make a service route another path than the request line's: IIS URL
 # Rewrite, and Symfony and Laminas, which trust them.
 _PATH_OVERRIDE_HEADERS: Final = frozenset({"x-original-url", "x-rewrite-url"})
+_CHARSET: Final = re.compile(r"charset\s*=\s*(\"[^\"]*\"?|[^;,\s]*)", re.IGNORECASE)
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 # The form, JSON or query field that does the same (Symfony/Laravel, Rails, method-override).
 _OVERRIDE_FIELD: Final = "_method"
 # What a body spelling "_method" holds: the word, an escape ("%5F", "\u005f") or both.
@@ -480,9 +482,15 @@ class ToolRoutes:
         if headers is not None:
             refuse_headers(headers)
         refuse_method_field(query, body, content_type)
+        refuse_charset(content_type)
         found = self.find(method, segments)
-        if (found is None or any(";" in s for s in segments)) and any(
-            rule.fits_loosely(method, segments) for rule in self.rules
+        loose = any(";" in s for s in segments)
+        if any(
+            rule.fits_loosely(method, segments)
+            # A rule the path fits exactly lost to a more specific one, as in the
+            # service's router; any other a service may read the path as is a guess.
+            and (loose or rule.match(method, segments) is None)
+            for rule in self.rules
         ):
             # The service may read it as that rule's tool call (or another order id)
             # while Warden reads another call, or none at all.
@@ -574,7 +582,9 @@ def refuse_headers(headers: Mapping[str, str]) -> None:
     """
     types = 0
     for name, value in headers.items():
-        lower = name.lower()
+        # CGI and WSGI servers (and the frameworks behind them) read ``X_HTTP_Method_Override``
+        # as ``X-HTTP-Method-Override``: both arrive as ``HTTP_X_HTTP_METHOD_OVERRIDE``.
+        lower = name.lower().replace("_", "-")
         if lower == "content-type":
             types += 1
             if types > 1:
@@ -599,6 +609,22 @@ def refuse_headers(headers: Mapping[str, str]) -> None:
             raise ToolRequestError(
                 f"the request body is encoded (Content-Encoding: {value[:40]}), so the service "
                 "could act on other bytes than Warden decides on; send it unencoded"
+            )
+
+
+def refuse_charset(content_type: str) -> None:
+    """:class:`ToolRequestError` for a ``charset`` other than UTF-8 in ``content_type``.
+
+    Warden reads a body as UTF-8; aiohttp's ``request.json()`` decodes it by the
+    charset named, so under ``charset=utf-7`` the bytes ``+ACI-`` close a string
+    Warden read whole and a second ``amount`` appears. Every ``charset=`` in the
+    value counts (two are refused unless both say UTF-8).
+    """
+    for match in _CHARSET.finditer(content_type):
+        if match.group(1).strip('"').lower() not in ("utf-8", "utf8"):
+            raise ToolRequestError(
+                f"the request body is declared as charset {match.group(1)[:30]!r}, which "
+                "services decode differently; send it as UTF-8 (charset=utf-8, or none)"
             )
 
 
@@ -759,11 +785,31 @@ def parse_body(body: bytes, content_type: str) -> Any:
         )
     try:
         text = body.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constant)
+        document = json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constant)
     except ToolRequestError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ToolRequestError(f"the request body is not valid JSON: {exc}") from None
+    if "\\u" in text and _has_surrogate(document):
+        # ``"\ud800"`` is valid JSON but no character: Go reads it as U+FFFD, Python
+        # keeps it, and it cannot be recorded as UTF-8.
+        raise ToolRequestError("the JSON body escapes a lone surrogate (\\ud800-\\udfff)")
+    return document
+
+
+def _has_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item) is not None:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def bound_body(body: bytes, content_type: str) -> bytes:

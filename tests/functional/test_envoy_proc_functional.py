@@ -1097,6 +1097,20 @@ async def test_non_json_request_body_is_refused(envoy: Envoy, llm: MockLLM) -> N
     assert llm.requests == []
 
 
+@pytest.mark.parametrize("path", [CHAT_PATH, "/v1/embeddings"])
+async def test_a_body_declared_in_another_charset_is_refused(
+    envoy: Envoy, llm: MockLLM, path: str
+) -> None:
+    # Envoy forwards the bytes as sent; a server decoding by the charset reads +ACI- as '"'.
+    headers = {"content-type": "application/json; charset=utf-7"}
+    body = {"model": "gpt-4o-mini", "input": "x"} if "embed" in path else CHAT
+    result = await envoy.request(OPENAI_HOST, path, body, headers=headers)
+    assert result.status == 415
+    assert result.json()["error"]["code"] == "unsupported_media_type"
+    assert "charset 'utf-7'" in result.json()["error"]["message"]
+    assert llm.requests == []
+
+
 async def test_route_not_on_the_allowlist_is_refused(envoy: Envoy, llm: MockLLM) -> None:
     result = await envoy.request(OPENAI_HOST, "/v1/chat/completions/x/messages", method="GET")
     assert result.status == 404

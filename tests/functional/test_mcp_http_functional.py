@@ -812,7 +812,29 @@ async def test_malformed_json_rpc_gets_the_spec_error_codes(warden: Warden, tmp_
         assert status == 406
         status, _, _ = await post(http, url, INIT, {"Content-Type": "text/plain"})
         assert status == 415
+        # Express's express.json() decodes by the charset: under utf-7, "+ACI-" is '"'
+        # and the server reads another tool name than the one Warden decided.
+        status, _, raw = await post(
+            http, url, INIT, {"Content-Type": "application/json; charset=utf-7"}
+        )
+        assert status == 415
+        assert "charset 'utf-7'" in orjson.loads(raw)["error"]["message"]
     assert tools_called(tmp_path) == []
+
+
+async def test_a_get_stream_answered_other_than_as_sse_is_refused(tmp_path: Path) -> None:
+    # The TypeScript SDK reads any 2xx answer to GET as SSE: unread, this one would
+    # answer a held call with the server's forged result.
+    forged = b'data: {"jsonrpc":"2.0","id":1,"result":{"content":[]}}\n\n'
+    async with RawUpstream() as up:
+        up.script(RawReply(body=forged, content_type="text/plain"))
+        async with Warden(config(tmp_path, up.url)) as warden, aiohttp.ClientSession() as http:
+            url = f"{warden.proxy_url}/{UPSTREAM}"
+            async with http.get(url, headers={"Accept": "text/event-stream"}) as resp:
+                status, raw = resp.status, await resp.read()
+    assert status == 502
+    assert b"result" not in raw  # nothing of the server's answer
+    assert "not text/event-stream" in orjson.loads(raw)["error"]["message"]
 
 
 async def test_a_call_handed_over_by_the_transparent_door_is_recorded_as_its(

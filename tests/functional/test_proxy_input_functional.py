@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,21 @@ async def post(warden: Warden, path: str, body: bytes, **headers: str) -> tuple[
         (CHAT, b"{not json", {}, 400, "invalid_json"),
         (CHAT, b"[1, 2]", {}, 400, "invalid_json"),
         (CHAT, GOOD, {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+        # A server decoding by the charset reads +ACI- as '"': other keys than Warden's.
+        (
+            CHAT,
+            GOOD,
+            {"Content-Type": "application/json; charset=utf-7"},
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "/openai/v1/embeddings",
+            b'{"model": "text-embedding-3-small", "input": "x"}',
+            {"Content-Type": "application/json;charset=latin-1"},
+            415,
+            "unsupported_media_type",
+        ),
         ("/nowhere/v1/chat/completions", GOOD, {}, 404, "unknown_route"),
         (CHAT, GOOD, {"X-Warden-Agent": "bad agent"}, 400, "invalid_request"),
     ],
@@ -55,6 +71,17 @@ async def test_bad_requests_get_clear_errors(
     assert payload["error"]["code"] == code
     assert payload["error"]["message"]
     assert llm.requests == []  # nothing reached the upstream
+
+
+async def test_a_gzip_body_is_decided_and_forwarded_inflated(
+    warden: Warden, llm: MockLLM
+) -> None:
+    # The proxy's server inflates it: forwarded still labelled gzip, the provider
+    # would inflate plain JSON and refuse the request.
+    status, payload = await post(warden, CHAT, gzip.compress(GOOD), **{"Content-Encoding": "gzip"})
+    assert status == 200, payload
+    assert [r.body for r in llm.requests] == [orjson.loads(GOOD)]
+    assert "Content-Encoding" not in llm.requests[0].headers
 
 
 async def test_body_over_the_limit_is_413(tmp_path: Path, llm: MockLLM) -> None:

@@ -717,11 +717,13 @@ class _Exchange:
         assert adapter is not None
         assert turn is not None
         body = bytes(self._body)
-        content_type = self._headers.get("content-type", "").partition(";")[0].strip().lower()
+        declared = self._headers.get("content-type", "")
+        content_type = declared.partition(";")[0].strip().lower()
         if content_type != _JSON:
             raise UnsupportedMedia(
                 f"expected Content-Type application/json, got {content_type or 'none'!r}"
             )
+        _wire.utf8_only(declared)
         parsed_body = _wire.request_object(body)
         parsed = adapter.parse_request(parsed_body)
         self._stream = parsed.stream
@@ -792,7 +794,9 @@ class _Exchange:
         body = bytes(self._body)
         route = self._route
         assert route is not None
-        model, self._size = metered.metered_request(body, route.deployment)
+        model, self._size = metered.metered_request(
+            body, route.deployment, self._headers.get("content-type", "")
+        )
         self._turn = dataclasses.replace(turn, model=model)
         await self._decide_request(body)
         self._phase = "response_headers"

@@ -54,6 +54,13 @@ _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expe
 # Alt-Svc would send a client that follows it (HTTP/3 over UDP) to the provider
 # directly, around Warden: the alternative is the provider's, not Warden's.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "alt-svc"}
+
+
+def _inflated_by_server(coding: str) -> bool:
+    """A request coding aiohttp's server inflates (``HttpRequestParser``: ASCII, any case)."""
+    return coding.isascii() and coding.lower() in {"gzip", "deflate", "br", "zstd"}
+
+
 _RECORDABLE = frozenset(
     {
         "user-agent",
@@ -91,6 +98,11 @@ def request_headers(
     drop = _REQUEST_DROP | named if named else _REQUEST_DROP
     if credential is not None:
         drop = drop | credential.drop
+    codings = incoming.getall("content-encoding", ())
+    if codings and _inflated_by_server(codings[-1]):
+        # aiohttp's server inflated the body Warden holds (by the last header, as its
+        # parser does): forwarded labelled, the upstream would inflate it again.
+        drop = drop | {"content-encoding"}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()

@@ -368,7 +368,9 @@ class ProxyApp:
             body = _wire.request_bytes(outgoing)
             size = CallSize(len(body), bound, parsed.choices, parsed.rate, hosted, parsed.continued)
         elif route.match.metered:
-            model, size = metered.metered_request(body, route.deployment)
+            model, size = metered.metered_request(
+                body, route.deployment, request.headers.get("Content-Type", "")
+            )
         tool, refused = self._tool_request(request, route, body)
         if refused is not None:
             return refused
@@ -928,6 +930,7 @@ def _parse_json_request(request: web.Request, body: bytes) -> dict[str, Any]:
         raise UnsupportedMedia(
             f"expected Content-Type application/json, got {request.content_type!r}"
         )
+    _wire.utf8_only(request.headers.get("Content-Type", ""))
     return _wire.request_object(body)
 
 

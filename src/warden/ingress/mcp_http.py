@@ -79,7 +79,7 @@ from warden.model import Action, Agent, Decision, Effect, Outcome
 from warden.ops import metrics
 from warden.owners import IdOwners
 from warden.protocols import mcp, mcp_mirror
-from warden.protocols._wire import dumps, loads
+from warden.protocols._wire import dumps, loads, utf8_only
 from warden.protocols.declared_arguments import ListedArguments
 from warden.protocols.sse import encode_comment
 from warden.protocols.sse_relay import EventSplitter, RawEvent, data_event
@@ -251,6 +251,7 @@ class McpHttp:
     ) -> web.StreamResponse:
         if request.content_type != _JSON:
             raise UnsupportedMedia(f"expected Content-Type {_JSON}, got {request.content_type!r}")
+        utf8_only(request.headers.get("Content-Type", ""))
         json_ok, sse_ok = _accepts(request.headers.get("Accept", ""))
         if not (json_ok and sse_ok):
             return _rpc_error(
@@ -650,7 +651,7 @@ class McpHttp:
             if exchange.response is not None:
                 await self._write(exchange, data_event(out.decode()))
                 return await _finish(exchange.response)
-            headers["Content-Type"] = resp.headers.get("Content-Type", _JSON)
+            headers["Content-Type"] = _JSON  # what Warden wrote, whatever the server said
             return web.Response(status=status, body=out, headers=headers)
         except UpstreamError as exc:
             return await self._failed(request, exchange, exc)
@@ -1180,7 +1181,16 @@ class McpHttp:
             if 300 <= status < 400 or not 200 <= status < 600:
                 error = _refused_status(status, name)
                 return _rpc_error(error.status, None, WARDEN_ERROR, str(error), error.code)
-            if not (200 <= status < 300 and is_sse):
+            if 200 <= status < 300 and not is_sse:
+                # The TypeScript SDK reads any 2xx answer to GET as SSE, whatever its type:
+                # passed on unread, it could answer a held call (see _settle).
+                error = UpstreamProtocol(
+                    f"MCP server {name!r} answered the GET stream with "
+                    f"{resp.headers.get('Content-Type', 'no Content-Type')[:60]!r}, not "
+                    f"{_SSE}"
+                )
+                return _rpc_error(error.status, None, WARDEN_ERROR, str(error), error.code)
+            if not is_sse:
                 raw = await _read_upstream(resp, name)
                 return web.Response(status=status, body=raw, headers=headers)
             session = request.headers.get(SESSION_HEADER)

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import orjson
 
-from warden.errors import InvalidJSON
+from warden.errors import InvalidJSON, UnsupportedMedia
 from warden.model import Decision, Effect, Mode, Usage
 from warden.protocols.sse import SseEvent
 
@@ -23,6 +23,7 @@ __all__ = [
     "answered_by",
     "dumps",
     "event_object",
+    "foreign_charset",
     "keys_fold_apart",
     "loads",
     "loads_or_none",
@@ -38,6 +39,7 @@ __all__ = [
     "tiered",
     "token_count",
     "unique_keys",
+    "utf8_only",
 ]
 
 NO_DECISION: Final = Decision(
@@ -100,6 +102,35 @@ def loads(text: str | bytes) -> Any:
         return json.loads(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+_CHARSET: Final = re.compile(r"charset\s*=\s*(\"[^\"]*\"?|[^;,\s]*)", re.IGNORECASE)
+
+
+def foreign_charset(content_type: str) -> str | None:
+    """The first ``charset`` in ``content_type`` that is not UTF-8, or ``None``.
+
+    Warden reads every JSON body as UTF-8. A server that decodes by the charset
+    named (aiohttp's ``request.json()``, Express's ``express.json()``) reads
+    other text under ``charset=utf-7``: ``+ACI-`` ends a string Warden read
+    whole, and a second key appears (another tool name, another amount). Every
+    ``charset=`` in the value counts, so two must both say UTF-8.
+    """
+    for match in _CHARSET.finditer(content_type):
+        if match.group(1).strip('"').lower() not in ("utf-8", "utf8"):
+            return match.group(1)[:30]
+    return None
+
+
+def utf8_only(content_type: str) -> None:
+    """:class:`UnsupportedMedia` for a JSON body declared in a charset other than UTF-8
+    (:func:`foreign_charset`): Warden decides on it read as UTF-8."""
+    charset = foreign_charset(content_type)
+    if charset is not None:
+        raise UnsupportedMedia(
+            f"the request body is declared as charset {charset!r}; send JSON as UTF-8 "
+            "(charset=utf-8, or none)"
+        )
 
 
 def request_object(body: bytes) -> dict[str, Any]:

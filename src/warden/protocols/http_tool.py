@@ -47,7 +47,7 @@ from urllib.parse import unquote
 
 import orjson
 
-from warden.protocols._wire import keys_fold_apart
+from warden.protocols._wire import foreign_charset, keys_fold_apart
 
 __all__ = [
     "PROBLEM_CONTENT_TYPE",
@@ -91,7 +91,6 @@ _OVERRIDE_HEADERS: Final = frozenset(
 # Headers that make a service route another path than the request line's: IIS URL
 # Rewrite, and Symfony and Laminas, which trust them.
 _PATH_OVERRIDE_HEADERS: Final = frozenset({"x-original-url", "x-rewrite-url"})
-_CHARSET: Final = re.compile(r"charset\s*=\s*(\"[^\"]*\"?|[^;,\s]*)", re.IGNORECASE)
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 # The form, JSON or query field that does the same (Symfony/Laravel, Rails, method-override).
 _OVERRIDE_FIELD: Final = "_method"
@@ -620,12 +619,12 @@ def refuse_charset(content_type: str) -> None:
     Warden read whole and a second ``amount`` appears. Every ``charset=`` in the
     value counts (two are refused unless both say UTF-8).
     """
-    for match in _CHARSET.finditer(content_type):
-        if match.group(1).strip('"').lower() not in ("utf-8", "utf8"):
-            raise ToolRequestError(
-                f"the request body is declared as charset {match.group(1)[:30]!r}, which "
-                "services decode differently; send it as UTF-8 (charset=utf-8, or none)"
-            )
+    charset = foreign_charset(content_type)
+    if charset is not None:
+        raise ToolRequestError(
+            f"the request body is declared as charset {charset!r}, which "
+            "services decode differently; send it as UTF-8 (charset=utf-8, or none)"
+        )
 
 
 def refuse_method_field(query: str, body: bytes, content_type: str) -> None:

@@ -11,16 +11,22 @@ from __future__ import annotations
 import orjson
 
 from warden.model import CallSize, Usage
-from warden.protocols._wire import token_count
+from warden.protocols._wire import token_count, utf8_only
 
 __all__ = ["metered_request", "metered_usage"]
 
 
-def metered_request(body: bytes, deployment: str | None = None) -> tuple[str | None, CallSize]:
+def metered_request(
+    body: bytes, deployment: str | None = None, content_type: str = ""
+) -> tuple[str | None, CallSize]:
     """The model a metered request names (``None``: none, or not JSON), and its size.
 
     ``deployment`` (an Azure deployment path's) is the model, whatever the body says.
+    Raises :class:`~warden.errors.UnsupportedMedia` for a body declared in a charset
+    other than UTF-8: the model it names is priced, and a server decoding by the
+    charset could read another.
     """
+    utf8_only(content_type)
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -73,9 +73,7 @@ async def test_bad_requests_get_clear_errors(
     assert llm.requests == []  # nothing reached the upstream
 
 
-async def test_a_gzip_body_is_decided_and_forwarded_inflated(
-    warden: Warden, llm: MockLLM
-) -> None:
+async def test_a_gzip_body_is_decided_and_forwarded_inflated(warden: Warden, llm: MockLLM) -> None:
     # The proxy's server inflates it: forwarded still labelled gzip, the provider
     # would inflate plain JSON and refuse the request.
     status, payload = await post(warden, CHAT, gzip.compress(GOOD), **{"Content-Encoding": "gzip"})

@@ -4,12 +4,15 @@ Agents resend the whole conversation on every model request. This module
 reads it once per request and keeps what policies need: each earlier tool
 call (tool, arguments, call id) and the result the agent sent back for it.
 
-* OpenAI Chat Completions: ``assistant`` messages' ``tool_calls`` (and the
-  legacy ``function_call``), answered by ``role: tool`` messages;
-* OpenAI Responses: ``function_call`` / ``custom_tool_call`` /
-  ``local_shell_call`` / ``mcp_call`` / ``mcp_approval_request`` input items,
-  answered by their ``*_output`` items (``previous_response_id`` is resolved
-  elsewhere, from Warden's own records: :mod:`warden.sessions`), and the
+* OpenAI Chat Completions: ``assistant`` messages' ``tool_calls`` (function
+  and custom) and legacy ``function_call``, answered by ``role: tool``
+  messages and (a legacy call, which has no id) by the latest ``role:
+  function`` message of its name;
+* OpenAI Responses: every call item type the adapter decides (function,
+  custom, shell, computer, apply-patch, MCP and hosted calls), answered by the
+  ``*_output`` items, or inline for a hosted call the provider ran (an
+  ``mcp_call``'s ``output``); ``previous_response_id`` is resolved
+  elsewhere, from Warden's own records (:mod:`warden.sessions`); and the
   hosted MCP calls the request approves (``mcp_approval_response``), which
   the provider then runs;
 * Anthropic Messages: ``tool_use`` blocks, answered by ``tool_result`` blocks.
@@ -19,7 +22,10 @@ Bounds: at most ``max_messages`` messages (or items) are read, the latest
 characters (with its full size and SHA-256), and extraction stops after
 ``max_ms``; any of these sets ``truncated``. Nothing here raises on a
 malformed conversation: what cannot be read is left out (the adapters have
-already refused a body that is not JSON).
+already refused a body that is not JSON). Calls are read by the adapters' own
+readers, so each has the name, arguments and digest Warden decided it with.
+A result whose call is not in the request is kept apart (``results``); one
+that names its tool (``role: function``) still counts that tool as answered.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ import orjson
 
 from warden.model import Conversation, HostedApproval, PriorCall, PriorResult
 from warden.protocols._wire import parse_arguments
-from warden.protocols.openai_responses import call_of, canonical_item
+from warden.protocols.openai_chat import entry_call, legacy_call, legacy_call_id
+from warden.protocols.openai_responses import CALL_SHAPES, PASSIVE_ITEMS, call_of, canonical_item
 
 __all__ = [
     "APPROVAL_REQUEST",
@@ -136,7 +143,10 @@ class _Builder:
     def __init__(self, bounds: Bounds) -> None:
         self.bounds = bounds
         self.calls: dict[str, PriorCall] = {}
-        """In the order the model sees them: a call id given again moves to the end."""
+        """In the order the model sees them: a call id given again moves to the end.
+        Keyed by call id, or by a slot of its own for a legacy call (which has none)."""
+        self.legacy: dict[str, str] = {}
+        """The slot of the latest legacy ``function_call`` of each name."""
         self.orphans: dict[str, PriorResult] = {}
         self.truncated = False
         self.stopped = False
@@ -181,6 +191,7 @@ class _Builder:
         *,
         raw: str | None = None,
         kind: str = "",
+        slot: str | None = None,
     ) -> None:
         if not self._entry():
             return
@@ -190,16 +201,28 @@ class _Builder:
             arguments, raw = _object(raw_arguments)
         else:
             arguments = raw_arguments
+        slot = slot or call_id
         # The later one stands, as the model sees it, at the end of the order.
-        self.calls.pop(call_id, None)
-        self.calls[call_id] = PriorCall(
+        self.calls.pop(slot, None)
+        self.calls[slot] = PriorCall(
             call_id=call_id,
             tool=tool,
             arguments=arguments,
             digest=arguments_digest(arguments, raw, kind),
         )
 
-    def result(self, call_id: Any, content: Any, *, is_error: bool = False) -> None:
+    def legacy_function_call(self, function_call: Mapping[str, Any], position: int) -> None:
+        """A legacy ``function_call``: every one has the same id, so each gets a slot."""
+        call = legacy_call(function_call, choice=0, key="")
+        slot = f"{call.call_id}\x00{position}"
+        self.call(call.call_id, call.name, call.arguments, raw=call.raw_arguments, slot=slot)
+        if slot in self.calls:
+            self.legacy[call.name] = slot
+
+    def result(
+        self, call_id: Any, content: Any, *, is_error: bool = False, tool: str | None = None
+    ) -> None:
+        """The result for the call in slot ``call_id``; ``tool``: the one it names itself."""
         if not self._entry() or not isinstance(call_id, str):
             return
         found = bound_result(_text(content), self.bounds.max_result_chars, is_error=is_error)
@@ -207,9 +230,17 @@ class _Builder:
         if call is None:
             # A call the request does not carry: an earlier response's, in a Responses chain.
             self.orphans[call_id] = found
+            if tool:
+                # Its output entered the conversation all the same: it taints (fail closed).
+                self.answered.add(tool)
             return
         self.answered.add(call.tool)
         self.calls[call_id] = PriorCall(call.call_id, call.tool, call.arguments, call.digest, found)
+
+    def named_result(self, tool: Any, content: Any) -> None:
+        """A legacy ``role: function`` result: it names its function, not a call."""
+        if isinstance(tool, str) and tool:
+            self.result(self.legacy.get(tool, legacy_call_id(0)), content, tool=tool)
 
     def done(self) -> Conversation:
         order = list(self.calls)
@@ -228,7 +259,7 @@ class _Builder:
 
 def _chat(body: Mapping[str, Any], b: _Builder) -> None:
     messages = body.get("messages")
-    for message in messages if isinstance(messages, list) else ():
+    for position, message in enumerate(messages if isinstance(messages, list) else ()):
         if not b.tick():
             return
         if not isinstance(message, dict):
@@ -237,32 +268,30 @@ def _chat(body: Mapping[str, Any], b: _Builder) -> None:
         if role == "assistant":
             calls = message.get("tool_calls")
             for entry in calls if isinstance(calls, list) else ():
+                if b.stopped:
+                    return  # parse nothing past the bound
                 if isinstance(entry, dict):
-                    fn = entry.get("function")
-                    fn = fn if isinstance(fn, dict) else {}
-                    b.call(entry.get("id"), fn.get("name"), fn.get("arguments"))
+                    # Read from the field its ``type`` names (function, custom), as decided.
+                    call = entry_call(entry, key="", index=0)
+                    b.call(call.call_id, call.name, call.arguments, raw=call.raw_arguments)
+            legacy = message.get("function_call")
+            if isinstance(legacy, dict):
+                b.legacy_function_call(legacy, position)
         elif role == "tool":
             b.result(message.get("tool_call_id"), message.get("content"))
+        elif role == "function":
+            b.named_result(message.get("name"), message.get("content"))
 
 
-_RESPONSES_CALLS: Final = frozenset(
-    {
-        "function_call",
-        "custom_tool_call",
-        "mcp_call",
-        "mcp_approval_request",
-        "local_shell_call",
-        "shell_call",
-    }
-)
-_RESPONSES_RESULTS: Final = frozenset(
-    {
-        "function_call_output",
-        "custom_tool_call_output",
-        "local_shell_call_output",
-        "shell_call_output",
-    }
-)
+_RESPONSES_CALLS: Final = frozenset(CALL_SHAPES)
+"""Every call item type the adapter decides."""
+_RESPONSES_RESULTS: Final = frozenset(t for t in PASSIVE_ITEMS if t.endswith("_output"))
+_INLINE_RESULTS: Final = {
+    "mcp_call": "output",
+    "file_search_call": "results",
+    "code_interpreter_call": "outputs",
+}
+"""Hosted calls the provider ran, whose result the item itself carries (retrieved text)."""
 
 
 def _responses(body: Mapping[str, Any], b: _Builder) -> None:
@@ -279,8 +308,22 @@ def _responses(body: Mapping[str, Any], b: _Builder) -> None:
             # Named and parsed exactly as the adapter named the call it decided.
             call = call_of(canonical_item(item), position)
             b.call(call.call_id, call.name, call.arguments, raw=call.raw_arguments, kind=kind)
+            _inline_result(item, kind, call.call_id, call.name, b)
         elif kind in _RESPONSES_RESULTS:
             b.result(item.get("call_id") or item.get("id"), item.get("output"))
+
+
+def _inline_result(
+    item: Mapping[str, Any], kind: str, call_id: str, tool: str, b: _Builder
+) -> None:
+    """A hosted call's own result; it names its tool even when the call has no id."""
+    field = _INLINE_RESULTS.get(kind)
+    if field is None:
+        return
+    if item.get(field) is not None:
+        b.result(call_id, item[field], tool=tool)
+    elif kind == "mcp_call" and item.get("error") is not None:
+        b.result(call_id, item["error"], is_error=True, tool=tool)  # the server's words too
 
 
 MAX_APPROVAL_REQUESTS: Final = 256

@@ -44,7 +44,13 @@ from warden.protocols._wire import (
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
 from warden.protocols.sse import SseEvent
 
-__all__ = ["OpenAIChatAdapter", "OpenAIChatStreamRewriter", "legacy_call_id"]
+__all__ = [
+    "OpenAIChatAdapter",
+    "OpenAIChatStreamRewriter",
+    "entry_call",
+    "legacy_call",
+    "legacy_call_id",
+]
 
 _DONE: Final = "[DONE]"
 _CHUNK: Final = "chat.completion.chunk"
@@ -123,7 +129,7 @@ def _choice_index(choice: Mapping[str, Any], default: int = 0) -> int:
     return default if index is None else index
 
 
-def _entry_call(entry: Mapping[str, Any], *, key: str, index: int, parse: bool = True) -> ToolCall:
+def entry_call(entry: Mapping[str, Any], *, key: str, index: int, parse: bool = True) -> ToolCall:
     """One ``tool_calls`` entry as a ToolCall, read from the field its ``type`` names.
 
     ``function`` (or no type at all: streams send it once, some servers never)
@@ -182,7 +188,8 @@ def legacy_call_id(choice: int) -> str:
     return f"function_call_{choice}"
 
 
-def _legacy_call(function_call: Mapping[str, Any], *, choice: int, key: str) -> ToolCall:
+def legacy_call(function_call: Mapping[str, Any], *, choice: int, key: str) -> ToolCall:
+    """A legacy ``function_call`` as a ToolCall, with the id :func:`legacy_call_id` gives."""
     raw, arguments = parse_arguments(function_call.get("arguments"))
     return ToolCall(
         call_id=legacy_call_id(choice),
@@ -256,7 +263,7 @@ class OpenAIChatAdapter:
                 calls = message.get("tool_calls")
                 for entry in calls if isinstance(calls, list) else ():
                     if isinstance(entry, dict):
-                        call = _entry_call(entry, key="", index=0, parse=False)
+                        call = entry_call(entry, key="", index=0, parse=False)
                         if call.call_id and call.name:
                             names[call.call_id] = call.name
             elif role == "tool":
@@ -294,11 +301,11 @@ class OpenAIChatAdapter:
             entries = message.get("tool_calls")
             for i, entry in enumerate(entries if isinstance(entries, list) else ()):
                 if isinstance(entry, dict):
-                    calls.append(_entry_call(entry, key=_tool_key(position, i), index=i))
+                    calls.append(entry_call(entry, key=_tool_key(position, i), index=i))
             function_call = message.get("function_call")
             if isinstance(function_call, dict):
                 calls.append(
-                    _legacy_call(
+                    legacy_call(
                         function_call,
                         choice=_choice_index(choice, position),
                         key=_tool_key(position, None),
@@ -430,7 +437,7 @@ def _filter_tool_calls(
     # Entries that are not objects cannot be decided, so they are dropped too.
     for i, entry in enumerate(entries if isinstance(entries, list) else ()):
         if isinstance(entry, dict):
-            call = _entry_call(entry, key=_tool_key(position, i), index=i, parse=False)
+            call = entry_call(entry, key=_tool_key(position, i), index=i, parse=False)
             rendered = _decided(call, decisions, notes)
             if rendered is not None:
                 kept.append(rendered)
@@ -455,7 +462,7 @@ def _filter_function_call(
         return False
     if not isinstance(function_call, dict):
         return False
-    call = _legacy_call(function_call, choice=choice, key=_tool_key(position, None))
+    call = legacy_call(function_call, choice=choice, key=_tool_key(position, None))
     rendered = _decided(call, decisions, notes)
     if rendered is None:
         return False
@@ -853,9 +860,9 @@ class OpenAIChatStreamRewriter(StreamStatus):
         key = _tool_key(held.choice, held.tool)
         entry = _joined(held.entry)
         if held.tool is None:
-            call = _legacy_call(entry, choice=held.choice, key=key)
+            call = legacy_call(entry, choice=held.choice, key=key)
         else:
-            call = _entry_call(entry, key=key, index=held.position)
+            call = entry_call(entry, key=key, index=held.position)
         self._pending[key] = (call, held)
         yield call
 

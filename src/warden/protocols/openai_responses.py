@@ -15,7 +15,7 @@ Every item is one of three things:
 
 Each call is keyed by its position, ``o<output_index>``, never by an id the
 upstream chose. Its tool name and arguments come from the fields the SDK
-dispatches on (see ``_SHAPES``):
+dispatches on (see ``CALL_SHAPES``):
 
 * ``function_call``, ``custom_tool_call``: ``name`` (``namespace.name`` when
   a namespace other than the name is sent); ``arguments`` (JSON text), or
@@ -97,6 +97,7 @@ from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
 from warden.protocols.sse import SseEvent
 
 __all__ = [
+    "CALL_SHAPES",
     "PASSIVE_ITEMS",
     "OpenAIResponsesAdapter",
     "OpenAIResponsesStreamRewriter",
@@ -240,7 +241,7 @@ def _fields(*names: str) -> frozenset[str]:
 
 
 _FUNCTION_STREAM: Final = _Stream("response.function_call_arguments", "arguments")
-_SHAPES: Final[Mapping[str, _Shape]] = {
+CALL_SHAPES: Final[Mapping[str, _Shape]] = {  # every call item type, and how it is read
     "function_call": _Shape(
         ActionKind.TOOL_CALL,
         _fields("call_id", "name", "arguments", "namespace", "status", "caller", "async"),
@@ -362,7 +363,7 @@ The tools come from ``tools``, from ``input`` items and from a stored
 _ENVELOPE: Final = Envelope(
     names=frozenset(
         {
-            *(name for shape in _SHAPES.values() for name in shape.fields),
+            *(name for shape in CALL_SHAPES.values() for name in shape.fields),
             *("object", "created_at", "model", "output", "usage", "response", "item"),
             *("output_index", "item_id", "content_index", "delta", "sequence_number", "part"),
             *("text", "content", "role", "summary", "incomplete_details", "error"),
@@ -402,7 +403,7 @@ def canonical_item(item: object) -> Any:
     """
     if not isinstance(item, Mapping):
         return item
-    shape = _SHAPES.get(_item_type(item) or "")
+    shape = CALL_SHAPES.get(_item_type(item) or "")
     if shape is None:
         return dict(item)
     out = {k: v for k, v in item.items() if k in shape.fields}
@@ -465,7 +466,7 @@ def call_of(item: object, index: int) -> ToolCall:
         )
     wire_type = _item_type(item) or ""
     call_id = _str(item.get("call_id")) or _str(item.get("id")) or ""
-    shape = _SHAPES.get(wire_type)
+    shape = CALL_SHAPES.get(wire_type)
     if shape is None:
         raw, arguments = parse_arguments(dict(item))
         return ToolCall(
@@ -678,7 +679,7 @@ class OpenAIResponsesAdapter:
         if isinstance(items, list):
             names: dict[str, str] = {}
             for position, item in enumerate(items):
-                if _item_type(item) in _SHAPES:
+                if _item_type(item) in CALL_SHAPES:
                     call = call_of(canonical_item(item), position)
                     if call.call_id and call.name:
                         names[call.call_id] = call.name
@@ -817,7 +818,7 @@ class _Slot:
         if self.done is not None:
             return self.done
         item = dict(self.added or {})
-        shape = _SHAPES.get(_item_type(item) or "")
+        shape = CALL_SHAPES.get(_item_type(item) or "")
         if shape is not None and shape.stream is not None:
             name = shape.stream.field
             if name in self.finals:
@@ -988,7 +989,7 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
             yield self._emit(event, data)
             return
         # A held call: its content is kept for the decision, never forwarded.
-        shape = _SHAPES.get(_item_type(slot.added) or "")
+        shape = CALL_SHAPES.get(_item_type(slot.added) or "")
         stream = shape.stream if shape is not None else None
         if stream is None or not kind.startswith(f"{stream.prefix}."):
             return
@@ -1158,7 +1159,7 @@ def _call_events(index: int, item: Any) -> list[dict[str, Any]]:
     accumulated value, the ``.done`` event and the done item all agree.
     ``sequence_number`` is a placeholder; :meth:`_new_event` assigns it.
     """
-    shape = _SHAPES.get(_item_type(item) or "")
+    shape = CALL_SHAPES.get(_item_type(item) or "")
     stream = shape.stream if shape is not None else None
     text = item.get(stream.field) if stream is not None and isinstance(item, Mapping) else None
     if stream is None or not isinstance(text, str):

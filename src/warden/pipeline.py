@@ -422,6 +422,27 @@ def _validation_decision(
     )
 
 
+def _joined(first: Decision, later: Decision) -> Decision:
+    """Two guards' holds as one decision: every reason; the later guard's name, revision
+    and approvers (the policy runs last and names them); the larger quorum, the shorter
+    hold time, and every redaction."""
+    a, b = first.obligations, later.obligations
+    quorum = [n for n in (a.required_approvals, b.required_approvals) if n is not None]
+    timeouts = [t for t in (a.hold_timeout_s, b.hold_timeout_s) if t is not None]
+    obligations = dataclasses.replace(
+        b,
+        redact=tuple(dict.fromkeys((*a.redact, *b.redact))),
+        approvers=b.approvers or a.approvers,
+        hold_timeout_s=min(timeouts) if timeouts else None,
+        risk=b.risk or a.risk,
+        hold=b.hold or a.hold,
+        required_approvals=max(quorum) if quorum else None,
+    )
+    return dataclasses.replace(
+        later, reasons=(*first.reasons, *later.reasons), obligations=obligations
+    )
+
+
 def _timed(d: Decision, elapsed_us: int, facts: Mapping[str, Any] | None = None) -> Decision:
     """``d`` with ``elapsed_us`` (and the input ``facts``) set; ``dataclasses.replace``
     costs several times more."""
@@ -489,14 +510,7 @@ class Pipeline:
         recorded = False
         try:
             if decision is None:
-                for guard, reserving in self._steps:
-                    if reserving is not None:
-                        admitted.append(reserving)
-                        decision, ctx = await reserving.admit(action, ctx)
-                    else:
-                        decision = await guard.check(action, ctx)
-                    if decision is not None:
-                        break
+                decision, ctx = await self._guarded(action, ctx, admitted)
             if decision is None:
                 decision = Decision(
                     decision_id=new_id("dec"),
@@ -527,6 +541,31 @@ class Pipeline:
                 except Exception:
                     log.exception("guard %s failed to finish a decision", guard.name)
         return decision
+
+    async def _guarded(
+        self, action: Action, ctx: GuardContext, admitted: list[Reserving]
+    ) -> tuple[Decision | None, GuardContext]:
+        """The guards' decision, ``None`` if none decided; ``admitted`` gets each reserving
+        guard asked (its reservation is settled whatever is decided)."""
+        held: Decision | None = None
+        decision: Decision | None = None
+        for guard, reserving in self._steps:
+            if reserving is not None:
+                admitted.append(reserving)
+                decision, ctx = await reserving.admit(action, ctx)
+            else:
+                decision = await guard.check(action, ctx)
+            if decision is None:
+                continue
+            if decision.effect is not Effect.REQUIRE_APPROVAL:
+                break
+            # A hold is not the last word: a later guard's denial still wins, and
+            # the policy's approvers and quorum bind a cap's hold too.
+            held = decision if held is None else _joined(held, decision)
+            decision = None
+        if held is not None and (decision is None or decision.effect is Effect.ALLOW):
+            return held, ctx
+        return decision, ctx
 
     async def recheck(self, action: Action, decision: Decision) -> Decision:
         """``decision`` once recorded, unless a guard with the last word now says otherwise.

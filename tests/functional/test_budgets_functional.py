@@ -148,6 +148,30 @@ async def test_the_shipped_policy_daily_limit_holds_under_concurrency(
     assert all("for human approval" in t or "refunds cap" in t for t in held), set(held)
 
 
+@pytest.mark.parametrize("customer", [{"customer_id": "C-1"}, {}])  # over the cap; names none
+async def test_the_shipped_policys_ceiling_wins_over_a_caps_hold(
+    tmp_path: Path, llm: MockLLM, customer: dict[str, str]
+) -> None:
+    # The cap holds both for approval; the shipped policy denies a refund past its
+    # ceiling "even with approval", and that denial must stand.
+    refund = {"order_id": "A-1", "amount": 50_000, "currency": "USD", **customer}
+    llm.on_request(lambda _proto, _body: Reply(tool_calls=[Call("issue_refund", refund)]))
+    cap = {**REFUND_CAP, "over": "require_approval"}
+    config = make_config(tmp_path, llm.url, budgets={"caps": [cap]})
+    async with Warden(config) as warden, client(warden) as c:
+        answer = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert not answer.choices[0].message.tool_calls
+    assert "an agent cannot issue it, even with approval" in (
+        answer.choices[0].message.content or ""
+    )
+    (decision,) = [
+        r
+        for r in audit_records(tmp_path / "audit")
+        if r["kind"] == "decision" and r["action"].get("tool") == "issue_refund"
+    ]
+    assert (decision["decision"]["effect"], decision["decision"]["guard"]) == ("deny", "policy")
+
+
 async def test_settled_refunds_reach_the_shipped_policy_as_input_budget(
     tmp_path: Path, llm: MockLLM
 ) -> None:

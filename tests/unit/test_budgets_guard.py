@@ -25,6 +25,7 @@ from warden.model import (
     Decision,
     Effect,
     Mode,
+    Obligations,
     Outcome,
     RequestMeta,
     Stage,
@@ -87,10 +88,18 @@ class Policy:
     def __init__(self) -> None:
         self.seen: list[Mapping[str, Any]] = []
         self.effect = Effect.ALLOW
+        self.obligations = Obligations()
 
     async def check(self, action: Action, ctx: GuardContext) -> Decision:
         self.seen.append(ctx.budget)
-        return Decision(new_id("dec"), self.effect, ("policy says so",), ctx.mode, "policy")
+        return Decision(
+            new_id("dec"),
+            self.effect,
+            ("policy says so",),
+            ctx.mode,
+            "policy",
+            obligations=self.obligations,
+        )
 
 
 def tool(
@@ -543,9 +552,41 @@ async def test_a_call_naming_no_customer_gets_the_caps_missing_effect(
     assert decision.guard == "budget"
     assert decision.reason.startswith("refunds cap: this issue_refund names no customer")
     assert "argument /customer_id or context customer_id" in decision.reason
-    assert policy.seen == []
+    # A hold is not the last word: the policy still runs (and may deny); a denial is.
+    assert len(policy.seen) == (0 if effect is Effect.DENY else 1)
     # Nothing stays reserved for a call that is not going through.
     assert await spent(store, "refunds", DAY, "agent:bot") == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("over", [False, True])  # over the cap, or naming no customer
+async def test_a_policy_denial_wins_over_a_caps_hold(store: StateStore, over: bool) -> None:
+    cap = {**REFUNDS, "limit": 100, "over": "require_approval"}
+    pipeline, _, policy = build(store, {"caps": [cap]})
+    policy.effect = Effect.DENY
+    if over:
+        action = tool("issue_refund", customer_id="C-1", amount=5000)
+    else:
+        action = tool("issue_refund", amount=40, context={})
+    decision = await pipeline.decide(action)
+    assert (decision.effect, decision.guard, decision.reasons) == (
+        Effect.DENY,
+        "policy",
+        ("policy says so",),
+    )
+    assert await spent(store, "refunds", DAY, "agent:bot") == (0.0, 0.0)
+
+
+async def test_a_caps_hold_takes_the_policys_approvers_and_quorum(store: StateStore) -> None:
+    cap = {**REFUNDS, "limit": 100, "over": "require_approval"}
+    pipeline, _, policy = build(store, {"caps": [cap]})
+    policy.effect = Effect.REQUIRE_APPROVAL
+    policy.obligations = Obligations(approvers=("support-leads",), required_approvals=2)
+    decision = await pipeline.decide(tool("issue_refund", customer_id="C-1", amount=400))
+    assert decision.effect is Effect.REQUIRE_APPROVAL
+    assert decision.reasons[-1] == "policy says so"
+    assert "refunds cap" in decision.reasons[0]
+    assert decision.obligations.approvers == ("support-leads",)
+    assert decision.obligations.required_approvals == 2
 
 
 async def test_an_approved_call_naming_no_customer_still_counts_for_the_agent(

@@ -811,7 +811,19 @@ class ApprovalsConfig(_Section):
     """The ``input.context`` keys an approval is bound to (``[customer_id]``); default: all.
     Name them when agents also send per-request context (a request id), which would
     otherwise keep a retry from matching its approval."""
+    bind_claims: tuple[str, ...] | None = None
+    """The agent's token claims (``input.agent.claims``) an approval is bound to; default:
+    all but the token's own (``exp``, ``iat``, ``nbf``, ``jti``, ``auth_time``, ``nonce``,
+    ``at_hash``, ``c_hash``). Name them when tokens carry other claims that change from
+    one token to the next, which would keep a retry under a fresh token from matching."""
     webhook: WebhookConfig = WebhookConfig()
+
+    @field_validator("bind_claims")
+    @classmethod
+    def _claim_names(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and not value:
+            raise ValueError("name at least one claim, or leave it out to bind them all")
+        return value
 
     @field_validator("bind_context")
     @classmethod

@@ -247,7 +247,7 @@ async def test_cli_lists_and_approves(
     code = await asyncio.to_thread(cli.main, ["approvals", "list", "--status", "approved"])
     assert code == 0
     assert approval.id in capsys.readouterr().out
-    assert await env.approvals.take_grant(action()) is not None
+    assert await env.approvals.take_grant(action(), decision()) is not None
 
     monkeypatch.delenv("WARDEN_TOKEN")
     assert await asyncio.to_thread(cli.main, ["approvals", "list"]) == 2

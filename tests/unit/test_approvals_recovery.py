@@ -87,10 +87,10 @@ async def test_a_dead_process_hold_becomes_a_deferral_that_grants_once(
         assert body["decision_id"] == held.decision_id
         await service.decide(held.id, ALICE, True, "after the crash")
         same_call = action()
-        grant = await service.take_grant(same_call)
+        grant = await service.take_grant(same_call, decision())
         assert grant is not None
         assert grant.id == held.id
-        assert await service.take_grant(same_call) is None  # once
+        assert await service.take_grant(same_call, decision()) is None  # once
     finally:
         await service.close()
 
@@ -106,7 +106,7 @@ async def test_an_approved_but_undelivered_hold_is_deferred_too(url: str, audit:
         await store.close()
     service = await Approvals.open(url, audit, SETTINGS)
     try:
-        grant = await service.take_grant(action())
+        grant = await service.take_grant(action(), decision())
         assert grant is not None
         assert grant.id == held.id
     finally:
@@ -157,13 +157,13 @@ async def test_a_retry_adopts_the_lost_hold_instead_of_asking_again(
     try:
         first = await service.request(action(), decision(), mode="hold")
         await service.defer(first.id)  # its request went away
-        adopted = await service.adopt(action(), 5)
+        adopted = await service.adopt(action(), decision(), 5)
         assert adopted is not None
         assert adopted.id == first.id
         assert (adopted.mode, adopted.owner) == ("hold", service.owner.instance)
         assert adopted.expires_at >= first.expires_at  # never shortened
-        assert await service.adopt(action(), 5) is None  # one waiter per approval
-        assert await service.adopt(action(amount=11), 5) is None  # another call
+        assert await service.adopt(action(), decision(), 5) is None  # one waiter per approval
+        assert await service.adopt(action(amount=11), decision(), 5) is None  # another call
         # An undecided wait leaves it pending, for the gate to defer again.
         waited = await service.wait(first.id, 0.05, expire=False)
         assert waited.status is ApprovalStatus.PENDING

@@ -290,22 +290,56 @@ async def test_wait_sees_a_decision_made_by_another_sidecar(
     assert done.comment == "from the other sidecar"
 
 
+async def test_a_grant_covers_only_the_terms_it_was_approved_under(
+    approvals: Approvals,
+) -> None:
+    # Approved by one approver while the policy asked any one; the policy now asks
+    # two of finance: the old vote is not what the retry's decision needs.
+    act = action(amount=10)
+    approval = await approvals.request(act, decision(), mode="defer")
+    await approvals.decide(approval.id, ALICE, True, "")
+    stricter = decision(approvers=("finance",), required_approvals=2)
+    assert await approvals.take_grant(act, stricter) is None
+    # Nor is a deferral pending under other terms reused: a new one asks finance.
+    pending = await approvals.request(action(amount=20), decision(), mode="defer")
+    again = await approvals.request(action(amount=20), stricter, mode="defer", required_approvals=2)
+    assert again.id != pending.id
+    assert (again.approvers, again.required_approvals) == (("finance",), 2)
+    assert await approvals.take_grant(act, decision()) is not None  # its own terms
+
+
+async def test_a_grant_covers_only_the_claims_it_was_approved_for(
+    approvals: Approvals,
+) -> None:
+    def under(**claims: Any) -> Action:
+        return dataclasses.replace(action(), agent=Agent("refunds-bot", claims=claims))
+
+    first = under(sub="bot", customer="C-1", exp=100, iat=40, jti="a")
+    approval = await approvals.request(first, decision(), mode="defer")
+    await approvals.decide(approval.id, ALICE, True, "")
+    # The same call under C-2's token (a policy reading the claim names C-2).
+    assert await approvals.take_grant(under(sub="bot", customer="C-2", exp=100), decision()) is None
+    # A fresh token for the same claims passes: its times and id are its own.
+    fresh = under(sub="bot", customer="C-1", exp=900, iat=800, jti="b")
+    assert await approvals.take_grant(fresh, decision()) is not None
+
+
 async def test_take_grant_passes_the_exact_call_once(approvals: Approvals, audit: AuditLog) -> None:
     act = action(amount=10)
-    assert await approvals.take_grant(act) is None
+    assert await approvals.take_grant(act, decision()) is None
     approval = await approvals.request(act, decision(), mode="defer")
     assert approval.expires_at == pytest.approx(approval.created_at + 86400)
     # A retry while pending reuses the approval instead of opening another.
     assert (await approvals.request(act, decision(), mode="defer")).id == approval.id
-    assert await approvals.take_grant(act) is None  # still pending
+    assert await approvals.take_grant(act, decision()) is None  # still pending
     await approvals.decide(approval.id, ALICE, True, "")
-    assert await approvals.take_grant(action(amount=1000)) is None  # other arguments
-    assert await approvals.take_grant(action(agent="other-bot")) is None
-    grant = await approvals.take_grant(act)
+    assert await approvals.take_grant(action(amount=1000), decision()) is None  # other arguments
+    assert await approvals.take_grant(action(agent="other-bot"), decision()) is None
+    grant = await approvals.take_grant(act, decision())
     assert grant is not None
     assert grant.id == approval.id
     assert grant.status is ApprovalStatus.CONSUMED
-    assert await approvals.take_grant(act) is None  # once only
+    assert await approvals.take_grant(act, decision()) is None  # once only
     (executed,) = records(audit, "approval_executed")
     assert executed["approval_id"] == approval.id
     assert executed["decision_id"] == approval.decision_id
@@ -317,7 +351,7 @@ async def test_hold_approvals_are_not_grants_and_mark_executed_consumes(
     act = action()
     approval = await approvals.request(act, decision(), mode="hold")
     await approvals.decide(approval.id, ALICE, True, "")
-    assert await approvals.take_grant(act) is None
+    assert await approvals.take_grant(act, decision()) is None
     used = await approvals.mark_executed(approval.id, act.action_id)
     assert used.status is ApprovalStatus.CONSUMED
     with pytest.raises(ApprovalConflict):
@@ -332,7 +366,7 @@ async def test_concurrent_grants_on_two_sidecars_pass_once(
     await approvals.decide(approval.id, ALICE, True, "")
     other = await Approvals.open(url, audit, SETTINGS)
     try:
-        got = await asyncio.gather(*(s.take_grant(act) for s in (approvals, other) * 3))
+        got = await asyncio.gather(*(s.take_grant(act, decision()) for s in (approvals, other) * 3))
     finally:
         await other.close()
     assert sum(g is not None for g in got) == 1
@@ -363,7 +397,7 @@ async def test_an_upstream_switch_takes_back_that_upstreams_approvals_only(
     granted = await approvals.request(live, decision(), mode="defer")
     await approvals.decide(granted.id, ALICE, True, "ok")
     assert await approvals.cancel_all_for(upstream="refunds", reason="incident 46") == 1
-    assert await approvals.take_grant(live) is None
+    assert await approvals.take_grant(live, decision()) is None
     assert (await approvals.get(sandbox.id)).status is ApprovalStatus.PENDING  # type: ignore[union-attr]
 
 
@@ -482,7 +516,7 @@ async def _take_back(approvals: Approvals) -> None:
     deferred = await approvals.request(asked, decision(), mode="defer")
     await approvals.decide(deferred.id, ALICE, True, "looks fine")
     assert await approvals.cancel_all_for(agent="refunds-bot", reason="incident 45") == 1
-    assert await approvals.take_grant(asked) is None
+    assert await approvals.take_grant(asked, decision()) is None
     taken_back = await approvals.get(deferred.id)
     assert taken_back is not None
     assert taken_back.status is ApprovalStatus.REJECTED

@@ -54,6 +54,7 @@ def approval_settings(config: ApprovalsConfig) -> ApprovalSettings:
         max_pending_per_agent=config.max_pending_per_agent,
         keep_decided_s=config.keep_decided_s,
         bind_context=config.bind_context,
+        bind_claims=config.bind_claims,
         webhook_url=hook.url,
         webhook_secret=hook.secret,
         webhook_format=hook.format,
@@ -126,7 +127,7 @@ class ApprovalGate:
 
     async def _settle(self, action: Action, decision: Decision) -> Decision:
         how = decision.obligations.hold or self._settings.mode
-        grant = await self.approvals.take_grant(action)
+        grant = await self.approvals.take_grant(action, decision)
         if grant is not None:
             return await self._approved(action, decision, grant)
         required = decision.obligations.required_approvals  # the policy's word wins
@@ -136,7 +137,7 @@ class ApprovalGate:
             )
             return _pending(decision, approval)
         timeout = decision.obligations.hold_timeout_s or self._settings.hold_timeout_s
-        adopted = await self.approvals.adopt(action, timeout)
+        adopted = await self.approvals.adopt(action, decision, timeout)
         approval = adopted or await self.approvals.request(
             action, decision, mode="hold", required_approvals=required
         )

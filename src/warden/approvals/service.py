@@ -34,8 +34,8 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
 
 import rfc8785
 
@@ -196,10 +196,14 @@ class Approvals:
         context: Mapping[str, Any] | None = None,
         request_sha256: str | None = None,
         input_responses: Mapping[str, Any] | None = None,
+        claims: Mapping[str, Any] | None = None,
+        approvers: Sequence[str] = (),
+        required_approvals: int | None = None,
     ) -> str:
         """SHA-256 (hex) of the RFC 8785 JSON of agent, tool, the arguments' hash, the
-        upstream, the method, the context, the request's hash and an MCP retry's
-        answers' hash (when there are).
+        upstream, the method, the context, the request's hash, an MCP retry's
+        answers' hash, the hash of the agent's token claims, and the approvers and
+        quorum the policy asked for (each when there are).
 
         Any change to any argument (an amount, an account) gives another
         binding, and so does the same call to another upstream (a sandbox's
@@ -208,7 +212,10 @@ class Approvals:
         same reset for another customer, named by ``X-Warden-Context-*``) or,
         for an HTTP request Warden forwards, any other byte of its path,
         query or body, or other answers to an MCP server's questions: an
-        approval never covers a different call.
+        approval never covers a different call. Nor does it cover the same
+        call under another token (its claims may name another customer), or
+        under a policy that now asks other approvers or more of them: their
+        votes were cast under other terms.
         """
         doc: dict[str, Any] = {
             "agent": agent_id,
@@ -225,10 +232,17 @@ class Approvals:
             doc["request_sha256"] = request_sha256
         if input_responses:
             doc["input_responses_sha256"] = arguments_digest(input_responses)
+        if claims:
+            doc["claims_sha256"] = arguments_digest(claims)
+        if approvers:
+            doc["approvers"] = sorted(set(approvers))
+        if required_approvals is not None:
+            doc["required_approvals"] = required_approvals
         return hashlib.sha256(rfc8785.dumps(doc)).hexdigest()
 
-    def _binding_of(self, action: Action) -> str:
+    def _binding_of(self, action: Action, decision: Decision) -> str:
         request = action.request
+        terms = decision.obligations
         return self.binding(
             action.agent.id,
             action.target,
@@ -238,6 +252,9 @@ class Approvals:
             context=_bound(action.context, self.settings.bind_context),
             request_sha256=action.request_sha256,
             input_responses=action.input_responses,
+            claims=_bound_claims(action.agent.claims, self.settings.bind_claims),
+            approvers=terms.approvers,
+            required_approvals=terms.required_approvals,
         )
 
     # -- the proxy's calls ---------------------------------------------------------
@@ -274,7 +291,7 @@ class Approvals:
     ) -> tuple[Approval, bool]:
         """Record and store a new pending approval: it and ``True``, or a deferral reused."""
         now = time.time()
-        binding = self._binding_of(action)
+        binding = self._binding_of(action, decision)
         if mode == "defer":
             existing = await self._store.pending_for(binding, now)
             if existing is not None and existing.mode == "defer":
@@ -370,20 +387,23 @@ class Approvals:
         await self._expired(expired)
         return expired
 
-    async def take_grant(self, action: Action) -> Approval | None:
+    async def take_grant(self, action: Action, decision: Decision) -> Approval | None:
         """Use a defer-mode approval for exactly this call, once; ``None`` when there is none.
 
         Matches only an ``approved``, unconsumed, unexpired approval whose
-        binding is this agent, tool and arguments, and marks it consumed in
+        binding is this agent, tool and arguments (and the approvers and quorum
+        ``decision``, the retry's own, asks for), and marks it consumed in
         the same transaction, so two retries (even on two sidecars) cannot
         both pass.
         """
-        grant = await self._store.consume_grant(self._binding_of(action), time.time())
+        grant = await self._store.consume_grant(self._binding_of(action, decision), time.time())
         if grant is not None:
             await self._executed(grant, action.action_id)
         return grant
 
-    async def adopt(self, action: Action, hold_timeout_s: float) -> Approval | None:
+    async def adopt(
+        self, action: Action, decision: Decision, hold_timeout_s: float
+    ) -> Approval | None:
         """Hold a pending deferral for exactly this call again, if there is one.
 
         The agent retried a call whose hold was lost (Warden stopped or was
@@ -393,7 +413,7 @@ class Approvals:
         """
         now = time.time()
         return await self._store.adopt(
-            self._binding_of(action), self.owner.instance, now, now + hold_timeout_s
+            self._binding_of(action, decision), self.owner.instance, now, now + hold_timeout_s
         )
 
     async def recover(self) -> int:
@@ -558,13 +578,13 @@ class Approvals:
         """One approval by id, or ``None``."""
         return await self._store.get(approval_id)
 
-    async def pending_for(self, action: Action) -> Approval | None:
+    async def pending_for(self, action: Action, decision: Decision) -> Approval | None:
         """The pending approval the gate opened (or reused) for exactly this call, if any.
 
         For doors that answer a deferred call with its approval's id (the
         gRPC ``Check``, ext_authz): the newest pending one with its binding.
         """
-        binding = self._binding_of(action)
+        binding = self._binding_of(action, decision)
         pending = await self._store.list(ApprovalStatus.PENDING)
         return next((a for a in reversed(pending) if a.binding == binding), None)
 
@@ -724,6 +744,22 @@ def _bound(context: Mapping[str, Any], keys: tuple[str, ...] | None) -> Mapping[
     if keys is None:
         return context
     return {k: v for k, v in context.items() if k in keys}
+
+
+_TOKEN_CLAIMS: Final = frozenset(
+    {"exp", "iat", "nbf", "jti", "auth_time", "nonce", "at_hash", "c_hash"}
+)
+"""Claims that differ from one token to the next for the same agent and grant."""
+
+
+def _bound_claims(claims: Mapping[str, Any], keys: tuple[str, ...] | None) -> Mapping[str, Any]:
+    """The token claims an approval is bound to (``approvals.bind_claims``; default: all
+    but the token's own times and ids)."""
+    if not claims:
+        return claims
+    if keys is None:
+        return {k: v for k, v in claims.items() if k not in _TOKEN_CLAIMS}
+    return {k: v for k, v in claims.items() if k in keys}
 
 
 def _too_many(agent_id: str, waiting: int, limit: int) -> TooManyPending:

@@ -215,7 +215,7 @@ class ExtAuthzService:
         if decision.enforced is Effect.REQUIRE_APPROVAL and self._approvals is not None:
             # Envoy can log it: %DYNAMIC_METADATA(envoy.filters.http.ext_authz:warden_approval_id)%
             try:
-                approval = await self._approvals.pending_for(action)
+                approval = await self._approvals.pending_for(action, decision)
             except Exception as exc:  # the answer is a denial either way; only the name is lost
                 log.warning("could not name the approval of a held check: %s", exc)
             else:

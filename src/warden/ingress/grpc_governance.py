@@ -249,7 +249,7 @@ class _Servicer(pb_grpc.GovernanceServicer):
         decision = await _decided(context, self._core.decide(action, hold=_hold(request.wait)))
         approval_id = ""
         if decision.enforced is Effect.REQUIRE_APPROVAL:
-            approval_id = await self._pending_approval(action)
+            approval_id = await self._pending_approval(action, decision)
         elif decision.enforced is Effect.ALLOW:
             # Kept with the core's call links (the state store, batched off this
             # path), so an outcome reported after a restart, or to another
@@ -258,9 +258,9 @@ class _Servicer(pb_grpc.GovernanceServicer):
             self._core.links.link(key, Link(action, decision.decision_id))
         return msg.check_response(decision, approval_id, agent.id)
 
-    async def _pending_approval(self, action: Action) -> str:
+    async def _pending_approval(self, action: Action, decision: Decision) -> str:
         """The pending approval the gate opened (or reused) for exactly this call."""
-        approval = await self._approvals.pending_for(action)
+        approval = await self._approvals.pending_for(action, decision)
         return approval.id if approval is not None else ""
 
     async def ReportOutcome(

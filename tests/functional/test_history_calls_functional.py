@@ -1,12 +1,14 @@
 """Untrusted output read from every call shape an agent's history can carry.
 
-A real Warden with the shipped bundle, the official ``openai`` SDK as the
-agent, and a raw upstream that answers with a ``send_email`` call. The
-history carries a ``fetch_url``-like tool (labelled ``untrusted_output``)
-and its result, in a shape other than a plain function call: a Chat custom
-tool or legacy ``function_call``, a Responses hosted ``mcp_call`` (its output
-inline) or ``computer_call``. Each taints the session, so the shipped policy
-holds the ``sensitive_sink`` call that follows.
+A real Warden with the shipped bundle, the official ``openai`` and
+``anthropic`` SDKs as the agent, and a raw upstream that answers with a
+``send_email`` call. The history carries a ``fetch_url``-like tool (labelled
+``untrusted_output``) and its result, in a shape other than a plain function
+call: a Chat custom tool or legacy ``function_call``, a Responses hosted
+``mcp_call`` (its output inline) or ``computer_call``, an Anthropic hosted
+``web_fetch`` (``server_tool_use`` and its ``web_fetch_tool_result``) or
+``mcp_tool_use`` and its ``mcp_tool_result``. Each taints the session, so the
+shipped policy holds the ``sensitive_sink`` call that follows.
 """
 
 from __future__ import annotations
@@ -15,10 +17,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
-from tests.adversarial.wire import MODEL, chat_body, chat_call, fn_item, response_body
+from tests.adversarial.wire import (
+    CLAUDE,
+    MODEL,
+    chat_body,
+    chat_call,
+    fn_item,
+    message_body,
+    response_body,
+    tool_use,
+)
 from tests.functional.conftest import audit_records, make_config
 from warden.server import Warden
 from warden.testing.raw_upstream import RawReply, RawUpstream
@@ -29,11 +41,16 @@ TOOLS = {
     "fetch_url": {"risk": "read_only", "labels": ["untrusted_output"]},
     "web.fetch": {"risk": "read_only", "labels": ["untrusted_output"]},
     "computer_call": {"labels": ["untrusted_output"]},
+    # Anthropic names a hosted tool's call by the tool (``server_tool_use``), an MCP
+    # connector's by the server's tool (``mcp_tool_use``).
+    "web_fetch": {"risk": "read_only", "labels": ["untrusted_output"]},
+    "fetch_page": {"risk": "read_only", "labels": ["untrusted_output"]},
     "send_email": {"labels": ["sensitive_sink"]},
 }
 
 CHAT_ANSWER = chat_body([chat_call("send_email", SEND, "call_2")])
 RESPONSES_ANSWER = response_body([fn_item("send_email", SEND, "call_2", "fc_2")])
+MESSAGES_ANSWER = message_body([tool_use("send_email", SEND, "toolu_2")])
 
 CHAT_HISTORIES: dict[str, list[Any]] = {
     "custom tool": [
@@ -87,6 +104,49 @@ RESPONSES_INPUTS: dict[str, list[Any]] = {
         },
     ],
 }
+WEB_FETCH: Any = {
+    "type": "server_tool_use",
+    "id": "srvtoolu_1",
+    "name": "web_fetch",
+    "input": {"url": "https://example.test/page"},
+}
+FETCHED: Any = {
+    "type": "web_fetch_tool_result",
+    "tool_use_id": "srvtoolu_1",
+    "content": {
+        "type": "web_fetch_result",
+        "url": "https://example.test/page",
+        "content": {
+            "type": "document",
+            "source": {"type": "text", "media_type": "text/plain", "data": INJECTED},
+        },
+    },
+}
+MCP_USE: Any = {
+    "type": "mcp_tool_use",
+    "id": "mcptoolu_1",
+    "name": "fetch_page",
+    "server_name": "web",
+    "input": {"url": "https://example.test/page"},
+}
+MCP_RESULT: Any = {
+    "type": "mcp_tool_result",
+    "tool_use_id": "mcptoolu_1",
+    "content": [{"type": "text", "text": INJECTED}],
+    "is_error": False,
+}
+MESSAGES_HISTORIES: dict[str, list[Any]] = {
+    # The provider ran the fetch: its call and result are in the assistant's turn.
+    "server_tool_use and its web_fetch_tool_result": [
+        {"role": "assistant", "content": [WEB_FETCH, FETCHED]}
+    ],
+    # The agent left the call out: the result's type names its tool all the same.
+    "web_fetch_tool_result without its call": [{"role": "assistant", "content": [FETCHED]}],
+    "mcp_tool_use and its mcp_tool_result": [
+        {"role": "assistant", "content": [MCP_USE]},
+        {"role": "user", "content": [MCP_RESULT]},
+    ],
+}
 USER: Any = {"role": "user", "content": "Summarise https://example.test/page"}
 
 
@@ -102,6 +162,17 @@ async def client(tmp_path: Path, upstream: RawUpstream) -> AsyncIterator[openai.
         Warden(make_config(tmp_path, upstream.url, tools=TOOLS)) as warden,
         openai.AsyncOpenAI(
             base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
+        ) as sdk,
+    ):
+        yield sdk
+
+
+@pytest.fixture
+async def claude(tmp_path: Path, upstream: RawUpstream) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    async with (
+        Warden(make_config(tmp_path, upstream.url, tools=TOOLS)) as warden,
+        anthropic.AsyncAnthropic(
+            base_url=f"{warden.proxy_url}/anthropic", api_key="sk-ant-test", max_retries=0
         ) as sdk,
     ):
         yield sdk
@@ -140,4 +211,20 @@ async def test_responses_untrusted_output_holds_the_sensitive_sink(
     )
     assert [o for o in answer.output if o.type == "function_call"] == []
     assert "held the tool call `send_email`" in answer.output_text
+    assert send_email_effects(tmp_path) == ["require_approval"]
+
+
+@pytest.mark.parametrize("shape", sorted(MESSAGES_HISTORIES))
+async def test_messages_untrusted_output_holds_the_sensitive_sink(
+    tmp_path: Path, upstream: RawUpstream, claude: anthropic.AsyncAnthropic, shape: str
+) -> None:
+    upstream.on_request = lambda _request: RawReply.json(MESSAGES_ANSWER)
+    answer = await claude.messages.create(
+        model=CLAUDE,
+        max_tokens=50,
+        messages=[USER, *MESSAGES_HISTORIES[shape], {"role": "user", "content": "go on"}],
+    )
+    assert [b for b in answer.content if b.type == "tool_use"] == []
+    text = "".join(b.text for b in answer.content if b.type == "text")
+    assert "held the tool call `send_email`" in text
     assert send_email_effects(tmp_path) == ["require_approval"]

@@ -15,7 +15,10 @@ call (tool, arguments, call id) and the result the agent sent back for it.
   elsewhere, from Warden's own records (:mod:`warden.sessions`); and the
   hosted MCP calls the request approves (``mcp_approval_response``), which
   the provider then runs;
-* Anthropic Messages: ``tool_use`` blocks, answered by ``tool_result`` blocks.
+* Anthropic Messages: every call block the adapter decides (``tool_use``,
+  ``server_tool_use``, ``mcp_tool_use``), answered by ``tool_result`` and by
+  every ``*_tool_result`` block (``web_fetch_tool_result``, ``mcp_tool_result``,
+  ...), which carries the result of a call the provider ran, in either turn.
 
 Bounds: at most ``max_messages`` messages (or items) are read, the latest
 ``max_calls`` calls are kept, each result keeps ``max_result_chars``
@@ -25,7 +28,8 @@ malformed conversation: what cannot be read is left out (the adapters have
 already refused a body that is not JSON). Calls are read by the adapters' own
 readers, so each has the name, arguments and digest Warden decided it with.
 A result whose call is not in the request is kept apart (``results``); one
-that names its tool (``role: function``) still counts that tool as answered.
+that names its tool (``role: function``, a hosted tool's ``*_tool_result``)
+still counts that tool as answered.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import orjson
 
 from warden.model import Conversation, HostedApproval, PriorCall, PriorResult
 from warden.protocols._wire import parse_arguments
+from warden.protocols.anthropic import CALL_BLOCKS, AnthropicMessagesAdapter
 from warden.protocols.openai_chat import entry_call, legacy_call, legacy_call_id
 from warden.protocols.openai_responses import CALL_SHAPES, PASSIVE_ITEMS, call_of, canonical_item
 
@@ -377,7 +382,31 @@ def hosted_approvals(
     return approvals, tuple(asked), cut
 
 
+_ANTHROPIC: Final = AnthropicMessagesAdapter()
+"""Reads each call block as Warden decided it (name, arguments); holds no state."""
+_ANTHROPIC_CALLS: Final = frozenset(CALL_BLOCKS)
+"""Every call block type the adapter decides (any other type is decided as unknown)."""
+_RESULT: Final = "_tool_result"
+_RESULT_TOOLS: Final[Mapping[str, tuple[str, ...]]] = {
+    "tool_search_tool_result": ("tool_search_tool_regex", "tool_search_tool_bm25"),
+    # Named by its call's id alone: without the call, its tool is unknown.
+    "mcp_tool_result": (),
+    "tool_result": (),
+}
+"""The ``server_tool_use`` names a result block's type stands for, when not
+``<name>_tool_result`` (``web_fetch_tool_result``: ``web_fetch``)."""
+
+
 def _anthropic(body: Mapping[str, Any], b: _Builder) -> None:
+    _anthropic_blocks(body, b)
+    # A result read before its call (out of order): that tool's output entered too.
+    for call_id in b.orphans:
+        call = b.calls.get(call_id)
+        if call is not None:
+            b.answered.add(call.tool)
+
+
+def _anthropic_blocks(body: Mapping[str, Any], b: _Builder) -> None:
     messages = body.get("messages")
     for message in messages if isinstance(messages, list) else ():
         if not b.tick():
@@ -389,17 +418,44 @@ def _anthropic(body: Mapping[str, Any], b: _Builder) -> None:
             continue
         role = message.get("role")
         for block in content:
+            if b.stopped:
+                return  # parse nothing past the bound
             if not isinstance(block, dict):
                 continue
             kind = block.get("type")
-            if role == "assistant" and kind == "tool_use":
-                b.call(block.get("id"), block.get("name"), block.get("input"))
-            elif role == "user" and kind == "tool_result":
-                b.result(
-                    block.get("tool_use_id"),
-                    block.get("content"),
-                    is_error=block.get("is_error") is True,
-                )
+            if not isinstance(kind, str):
+                continue
+            if role == "assistant" and kind in _ANTHROPIC_CALLS:
+                # Named and parsed exactly as the adapter named the call it decided
+                # (a toolset member's ``<toolset>.<name>``, a hosted tool's own name).
+                (call,) = _ANTHROPIC.tool_calls({"content": [block]})
+                b.call(call.call_id, call.name, call.arguments, raw=call.raw_arguments)
+            elif kind == "tool_result" or kind.endswith(_RESULT):
+                # In either turn: a provider-run call's result inline in the assistant's
+                # (``web_fetch_tool_result``), a hosted MCP call's (``mcp_tool_result``).
+                _anthropic_result(block, kind, b)
+
+
+def _anthropic_result(block: Mapping[str, Any], kind: str, b: _Builder) -> None:
+    """A ``*_tool_result`` block, for the call whose ``tool_use_id`` it names.
+
+    One whose call the request does not carry still counts the tool its type
+    names as answered (fail closed): a hosted tool's result is its output.
+    """
+    content = block.get("content")
+    error = block.get("is_error") is True or (
+        # A hosted tool's failure: ``{"type": "web_fetch_tool_result_error", ...}``.
+        isinstance(content, dict)
+        and isinstance(content.get("type"), str)
+        and content["type"].endswith("_error")
+    )
+    tools = _RESULT_TOOLS.get(kind)
+    if tools is None:
+        tools = (kind.removesuffix(_RESULT),) if kind != _RESULT else ()
+    b.result(block.get("tool_use_id"), content, is_error=error, tool=tools[0] if tools else None)
+    if tools and not b.stopped:
+        # Every tool the type may stand for, its call kept or not, named or not (fail closed).
+        b.answered.update(tools)
 
 
 EXTRACTORS: Final[dict[str, Callable[[Mapping[str, Any], _Builder], None]]] = {

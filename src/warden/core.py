@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -67,7 +67,13 @@ _LIST_CONCURRENCY = 8
 class Gate(Protocol):
     """Settles ``require_approval`` decisions (:class:`warden.approvals.gate.ApprovalGate`)."""
 
-    async def settle(self, action: Action, decision: Decision) -> Decision:
+    async def settle(
+        self,
+        action: Action,
+        decision: Decision,
+        *,
+        connected: Callable[[], bool] | None = None,
+    ) -> Decision:
         """The final decision for ``action``: approved, refused, held or deferred."""
         ...
 
@@ -182,12 +188,20 @@ class Governor:
 
     # -- decisions -------------------------------------------------------------
 
-    async def decide(self, action: Action, *, hold: str | None = None) -> Decision:
+    async def decide(
+        self,
+        action: Action,
+        *,
+        hold: str | None = None,
+        connected: Callable[[], bool] | None = None,
+    ) -> Decision:
         """Guards, then the approval gate; durable in the audit log on return.
 
         ``hold``: how the caller can wait for approval (``hold`` or ``defer``),
         overriding the policy's and the config's choice; the gRPC API's
-        ``wait`` flag is the client saying so.
+        ``wait`` flag is the client saying so. ``connected``: whether the caller
+        is still there; a hold whose caller left becomes a deferral at once
+        (its retry then waits on the same approval, never a second one).
 
         Raises :class:`warden.errors.AuditError` when the decision cannot be
         recorded: the door must then not let the action through.
@@ -199,7 +213,7 @@ class Governor:
                 decision = dataclasses.replace(
                     decision, obligations=dataclasses.replace(decision.obligations, hold=hold)
                 )
-            settled = await self._gate.settle(action, decision)
+            settled = await self._gate.settle(action, decision, connected=connected)
             if settled is not decision:
                 _count(action, settled)
                 if self._chains is not None:

@@ -384,6 +384,44 @@ async def test_an_approval_lets_through_only_the_request_it_was_asked_for(
     assert refunds.seen == [("POST", "/orders/A-1/refunds", again)]
 
 
+async def until_pending(approvals: Any, modes: list[str]) -> None:
+    """Until the pending approvals are of ``modes`` (the store has no event to wait on)."""
+    async with asyncio.timeout(5):
+        while [a.mode for a in await approvals.list("pending")] != modes:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+async def test_a_hold_whose_agent_hung_up_is_deferred_and_its_retry_runs_once(
+    tmp_path: Path, refunds: Refunds
+) -> None:
+    # An agent's HTTP client gives up while the refund is held. Still held, its
+    # approval would run the refund for no one, and the retry would raise a second.
+    lead = Principal("lead", frozenset({"approver"}), frozenset())
+    config = config_for(tmp_path, refunds)
+    config = config.model_copy(
+        update={"approvals": config.approvals.model_copy(update={"mode": "hold"})}
+    )
+    refund = b'{"amount":300,"customer":"C-7"}'
+    async with Warden(config) as w, aiohttp.ClientSession() as http:
+        approvals = w._approvals
+        assert approvals is not None
+        target = URL(w.proxy_url + "/refunds/orders/A-1/refunds", encoded=True)
+        headers = {"Content-Type": "application/json"}
+        with pytest.raises(TimeoutError):
+            async with http.post(
+                target, data=refund, headers=headers, timeout=aiohttp.ClientTimeout(total=0.5)
+            ):
+                pass
+        await until_pending(approvals, ["defer"])
+        retry = asyncio.create_task(http.post(target, data=refund, headers=headers))
+        await until_pending(approvals, ["hold"])  # the retry waits on the same approval
+        (pending,) = await approvals.list("pending")
+        await approvals.decide(pending.id, lead, approve=True, comment="ok")
+        async with await retry as resp:
+            assert resp.status == 201
+    assert refunds.seen == [("POST", "/orders/A-1/refunds", refund)]
+
+
 async def test_the_services_answer_settles_the_cap(
     tmp_path: Path, refunds: Refunds, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -68,7 +68,9 @@ class Approver:
     def __init__(self) -> None:
         self.asked: list[str] = []
 
-    async def settle(self, action: Action, decision: Decision) -> Decision:
+    async def settle(
+        self, action: Action, decision: Decision, *, connected: Any = None
+    ) -> Decision:
         self.asked.append(action.tool or "")
         return dataclasses.replace(decision, effect=Effect.ALLOW, guard="approval")
 

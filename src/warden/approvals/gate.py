@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from warden import tasks
@@ -91,8 +92,16 @@ class ApprovalGate:
         """Warden is stopping: holds end now and are answered as deferred."""
         self._stopping.set()
 
-    async def settle(self, action: Action, decision: Decision) -> Decision:
+    async def settle(
+        self,
+        action: Action,
+        decision: Decision,
+        *,
+        connected: Callable[[], bool] | None = None,
+    ) -> Decision:
         """The final decision for ``action``; ``decision`` unchanged unless it awaits people.
+
+        ``connected``: whether the caller is still there (polled while holding).
 
         When the approval store cannot be reached, the action is denied (and
         that decision recorded): no one could approve it, and nothing may pass
@@ -101,7 +110,7 @@ class ApprovalGate:
         if decision.enforced is not Effect.REQUIRE_APPROVAL:
             return decision
         try:
-            return await self._settle(action, decision)
+            return await self._settle(action, decision, connected)
         except AuditError:
             raise
         except TooManyPending as exc:
@@ -125,7 +134,9 @@ class ApprovalGate:
         await self._audit.record_decision(action, denied)
         return denied
 
-    async def _settle(self, action: Action, decision: Decision) -> Decision:
+    async def _settle(
+        self, action: Action, decision: Decision, connected: Callable[[], bool] | None
+    ) -> Decision:
         how = decision.obligations.hold or self._settings.mode
         grant = await self.approvals.take_grant(action, decision)
         if grant is not None:
@@ -143,7 +154,9 @@ class ApprovalGate:
         )
         try:
             # An adopted approval was a deferral: the wait must not expire it.
-            approval = await self._wait(approval, timeout, expire=adopted is None)
+            approval = await self._wait(
+                approval, timeout, expire=adopted is None, connected=connected
+            )
         except asyncio.CancelledError:
             # The agent went away: the approval stays decidable, as a deferral.
             await asyncio.shield(self.approvals.defer(approval.id))
@@ -156,22 +169,32 @@ class ApprovalGate:
             return _pending(decision, deferred or approval)
         return await self._refused(action, decision, approval)
 
-    async def _wait(self, approval: Approval, timeout_s: float, *, expire: bool) -> Approval:
+    async def _wait(
+        self,
+        approval: Approval,
+        timeout_s: float,
+        *,
+        expire: bool,
+        connected: Callable[[], bool] | None = None,
+    ) -> Approval:
         waiting = tasks.spawn(
             self.approvals.wait(approval.id, timeout_s, expire=expire),
             name="approval-wait",
             awaited=True,
         )
         stopping = tasks.spawn(self._stopping.wait(), name="approval-stopping", awaited=True)
+        ends = {waiting, stopping}
+        if connected is not None:
+            ends.add(tasks.spawn(_left(connected), name="approval-caller", awaited=True))
         try:
-            await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stopping.cancel()
-            if not waiting.done():
-                waiting.cancel()
+            for end in ends:
+                if not end.done():
+                    end.cancel()
         if waiting.done() and not waiting.cancelled():
             return waiting.result()
-        return approval  # still pending: Warden is stopping
+        return approval  # still pending: Warden is stopping, or the caller left
 
     async def _approved(self, action: Action, held: Decision, approval: Approval) -> Decision:
         who = ", ".join(v.subject for v in approval.votes if v.approve) or approval.decided_by
@@ -195,6 +218,16 @@ class ApprovalGate:
         decision = _follow(held, Effect.DENY, (*held.reasons, why))
         await self._audit.record_decision(action, decision, approval=approval.evidence())
         return decision
+
+
+_CALLER_POLL_S: Final = 0.25
+
+
+async def _left(connected: Callable[[], bool]) -> None:
+    """Returns once the caller is gone. Polled: aiohttp tells a handler nothing of a
+    closed connection unless every handler is cancelled with it."""
+    while connected():  # noqa: ASYNC110 - no event exists to wait on (see above)
+        await asyncio.sleep(_CALLER_POLL_S)
 
 
 def _follow(held: Decision, effect: Effect, reasons: tuple[str, ...]) -> Decision:

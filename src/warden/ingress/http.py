@@ -427,7 +427,7 @@ class ProxyApp:
                 else http_tool.bound_body(body, request.headers.get("Content-Type", "")),
             ),
         )
-        decision = await self._core.decide(action)
+        decision = await self._core.decide(action, connected=lambda: request.transport is not None)
         if decision.enforced is not Effect.ALLOW and tool is not None:
             return _refused_call(decision)
         if decision.enforced is not Effect.ALLOW:

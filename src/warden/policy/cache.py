@@ -195,6 +195,14 @@ def _reference_path(source: str, blanked: str, end: int) -> tuple[tuple[str, ...
 # may be a head too (a call in a body after ";" then counts as a head that may be one,
 # which only widens the key).
 _HEAD = re.compile(r"(?:^|;)(?:[ \t]*default)?[ \t]*([A-Za-z_][A-Za-z0-9_]*)\s*\(", re.MULTILINE)
+# A head through a ref (``checks.risky(a) if ...`` in package ``warden`` adds a clause to
+# ``data.warden.checks.risky``), dotted or bracketed, spaces and newlines as in _HEAD.
+_REF_HEAD = re.compile(
+    r"(?:^|;)(?:[ \t]*default)?[ \t]*[A-Za-z_][A-Za-z0-9_]*"
+    r"(?:\s*\.\s*[A-Za-z_][A-Za-z0-9_]*|[ \t]*\[[^\[\]]*\])+\s*\(",
+    re.MULTILINE,
+)
+_LAST_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CALLEE = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_]*)$")
 _WITH = re.compile(r"(?<![\w.])with(?![\w])")
@@ -384,6 +392,9 @@ class _Analysis:
         # the name at a call site mean something the heads do not show.
         self.follow = not any(_WITH.search(text) for text in self.blanked)
         self.heads: dict[str, list[_Head]] = {}
+        # Functions given a clause through a ref head: in a package the scan does not
+        # work out, so a call to one is never followed (its argument is read whole).
+        self.ref_headed: set[str] = set()
         # A call names a function of its own package, else a builtin (a function of
         # another package with a builtin's name does not replace it there).
         self.packages = [m.package for m in modules]
@@ -416,6 +427,29 @@ class _Analysis:
                 self.heads.setdefault(m.group(1), []).append(
                     _Head(index, tuple(params), (m.end() - 1, end), certain)
                 )
+            for m in _REF_HEAD.finditer(text):
+                name = self._ref_head_name(index, m.start(), m.end() - 1)
+                if name is None:
+                    self.follow = False
+                else:
+                    self.ref_headed.add(name)
+
+    def _ref_head_name(self, index: int, start: int, opener: int) -> str | None:
+        """The function a ref head from ``start`` to its ``(`` at ``opener`` names.
+
+        ``None`` if its last step is a bracket holding no string literal.
+        """
+        text = self.blanked[index]
+        last = _last_char(text, opener)
+        if text[last] != "]":
+            found = _LAST_NAME.search(text, start, last + 1)
+            return None if found is None else found.group(0)
+        source = self.sources[index]
+        a, b = _stripped(source, text.rfind("[", start, last) + 1, last)
+        literal = source[a:b]
+        if literal[:1] not in ('"', "`") or string_end(source, a) != b:
+            return None
+        return _unescape(literal[1:-1]) if literal[0] == '"' else literal[1:-1]
 
     def _unclassified_use(self, name: str) -> bool:
         """Whether ``name(`` appears somewhere that is neither a line start nor an expression."""
@@ -477,7 +511,12 @@ class _Analysis:
         name, position, opener = call
         package = self.packages[index]
         heads = [h for h in self.heads.get(name, ()) if self.packages[h.module] == package]
-        if not heads or name in self.imported or self._unclassified_use(name):
+        if (
+            not heads
+            or name in self.imported
+            or name in self.ref_headed
+            or self._unclassified_use(name)
+        ):
             return None
         if any(h.module == index and h.span[0] == opener for h in heads):
             return None  # the reference is a parameter pattern of a head
@@ -698,7 +737,9 @@ def _pick(node: Any, path: tuple[str, ...]) -> Any:
 
     A wildcard keeps the list (each position) or object (each key) and puts
     in each member what lies below it: ``{}`` for a member that has nothing
-    there, which the policy cannot tell apart (it reads only below it).
+    there, which the policy cannot tell apart (it reads only below it). Over
+    anything else it finds no member, as over ``{}`` (Rego iterates no string,
+    number or null): a projection that holds such a member's ``{}`` keys alike.
     """
     for i, key in enumerate(path):
         if key == KIND:
@@ -709,7 +750,7 @@ def _pick(node: Any, path: tuple[str, ...]) -> Any:
                 return [_member(item, rest) for item in node]
             if isinstance(node, Mapping):
                 return {k: _member(v, rest) for k, v in node.items()}
-            return _MISSING
+            return {}
         if not (type(node) is dict or isinstance(node, Mapping)) or key not in node:
             return _MISSING
         node = node[key]
@@ -729,12 +770,26 @@ def _member(node: Any, rest: tuple[str, ...]) -> Any:
     return found
 
 
+def _adds_nothing(value: Any, into: Any) -> bool:
+    """Whether ``value``, found where another projection of the same document put
+    ``into``, tells nothing ``into`` does not: a wildcard's ``{}`` (nothing read
+    below), or the empty value of ``into``'s kind standing in for it (:data:`KIND`).
+
+    Either may land on a value another path read (paths are applied in sorted
+    order, and a member such as ``$where`` sorts before ``*``): replaced, the
+    policy would read a ``""`` or ``[]`` there on every call, cached or not.
+    """
+    if isinstance(value, dict) and not value:
+        return True
+    empty = _empty(into)
+    return type(value) is type(empty) and value == empty
+
+
 def _merge(into: Any, value: Any) -> Any:
     """Two projections of the same document, joined (lists member by member).
 
-    A new value: the parts may be the caller's own objects, never changed. An
-    empty object from a wildcard (a member with nothing read below it) never
-    replaces what another path read there whole.
+    A new value: the parts may be the caller's own objects, never changed. A
+    stand-in (:func:`_adds_nothing`) never replaces what another path read.
     """
     if isinstance(into, dict) and isinstance(value, dict):
         merged = dict(into)
@@ -743,9 +798,7 @@ def _merge(into: Any, value: Any) -> Any:
         return merged
     if type(into) is list and type(value) is list and len(into) == len(value):
         return [_merge(a, b) for a, b in zip(into, value, strict=True)]
-    if isinstance(value, dict) and not value:
-        return into
-    return value
+    return into if _adds_nothing(value, into) else value
 
 
 def _lookup(doc: Any, path: tuple[str, ...]) -> Any:
@@ -775,7 +828,12 @@ def cache_key(shape: InputShape, doc: Mapping[str, Any]) -> bytes:
 
 
 def project(shape: InputShape, doc: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The part of ``doc`` the policy reads; the whole of it if it reads it all."""
+    """The part of ``doc`` the policy reads; the whole of it if it reads it all.
+
+    The worker decides on this alone, hit or miss: every path must find here
+    what it finds in ``doc`` (``cache_key`` of both is equal), or the decision
+    is wrong every time.
+    """
     if shape.paths is None:
         return doc
     out: dict[str, Any] = {}
@@ -800,7 +858,7 @@ def project(shape: InputShape, doc: Mapping[str, Any]) -> Mapping[str, Any]:
             *parents, last = parents
             for key in parents:
                 node = node.setdefault(key, {})
-            if last not in node or type(node[last]) is not type(value):
+            if last not in node or not _adds_nothing(value, node[last]):
                 node[last] = value
             continue
         for key in parents:

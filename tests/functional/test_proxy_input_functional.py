@@ -47,6 +47,13 @@ async def post(warden: Warden, path: str, body: bytes, **headers: str) -> tuple[
             "unsupported_media_type",
         ),
         (
+            CHAT,
+            GOOD,
+            {"Content-Type": "application/json; charset*=''utf-7"},  # aiohttp: utf-7
+            415,
+            "unsupported_media_type",
+        ),
+        (
             "/openai/v1/embeddings",
             b'{"model": "text-embedding-3-small", "input": "x"}',
             {"Content-Type": "application/json;charset=latin-1"},

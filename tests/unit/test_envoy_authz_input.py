@@ -174,6 +174,10 @@ def test_raw_body_is_used_when_body_is_empty() -> None:
         # Read as JSON by the first match, as a form by the service.
         ({"content-type": "application/x-www-form-urlencoded; x=application/json"}, "a=1"),
         ({"content-type": "application/json, application/x-www-form-urlencoded"}, "{}"),
+        # An aiohttp service decodes by the charset: "+ACI-" is a quote under utf-7.
+        ({"content-type": "application/json; charset=utf-7"}, '{"a": "+ACI-"}'),
+        ({"content-type": "application/json; charset*=''utf-7"}, "{}"),
+        ({"content-type": "application/x-www-form-urlencoded; charset=utf-7"}, "a=1"),
     ],
 )
 def test_an_unparsable_body_is_a_problem(headers: dict[str, str], body: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp.helpers import parse_content_type
 from multidict import CIMultiDict
 
 from warden.config import load_config
@@ -441,14 +442,27 @@ def test_an_identity_content_encoding_is_not_an_encoding() -> None:
         'application/json; charset="latin-1"',
         "application/json; charset=utf-8; charset=utf-7",
         "application/json; charset=",
+        'application/json; charset="utf-8\\""',
+        # aiohttp reads its header with Python's email parser, which takes RFC 2231
+        # names and comments: each of these is charset utf-7 to request.json().
+        "application/json; charset*=''utf-7",
+        "application/json; charset*=utf-8''utf-7",
+        "application/json; CHARSET*=''UTF-7",
+        "application/json; charset*0=utf-7",
+        "application/json; charset*0=ut; charset*1=f-7",
+        "application/json; charset(c)=utf-7",
+        "application/json; charset (c) = utf-7",
     ],
 )
 def test_a_charset_other_than_utf8_is_refused(content_type: str) -> None:
     # aiohttp's request.json() decodes by the charset: under utf-7, +ACI- closes a string.
     body = b'{"amount":5,"note":"x+ACI-,+ACI-amount+ACI-:9000,+ACI-z+ACI-:+ACI-y"}'
     for path in ("/orders/A-1/refunds", "/health"):
-        with pytest.raises(ToolRequestError, match="declared as charset"):
+        with pytest.raises(ToolRequestError, match="declared as charset|not plain name=value"):
             resolve("POST", path, body, content_type)
+    if "*" in content_type or "(" in content_type:
+        # What an aiohttp service reads (its request.charset) for these spellings.
+        assert parse_content_type(content_type)[1]["charset"].lower() == "utf-7"
 
 
 @pytest.mark.parametrize(

@@ -104,33 +104,58 @@ def loads(text: str | bytes) -> Any:
         raise ValueError("JSON nested too deeply") from None
 
 
-_CHARSET: Final = re.compile(r"charset\s*=\s*(\"[^\"]*\"?|[^;,\s]*)", re.IGNORECASE)
+_TCHAR: Final = r"!#$%&'+\-.^_`|~0-9A-Za-z"  # RFC 9110 token characters, less "*"
+_MEDIA_TYPE: Final = re.compile(rf"[ \t]*[{_TCHAR}*]+/[{_TCHAR}*]+[ \t]*")
+_PARAMETER: Final = re.compile(
+    rf"""; [ \t]* (?: ([{_TCHAR}]+) = ( [{_TCHAR}*]+ | "(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\.)*" ) )?
+    [ \t]*""",
+    re.VERBOSE,
+)
+_QUOTED_PAIR: Final = re.compile(r"\\(.)")
 
 
 def foreign_charset(content_type: str) -> str | None:
-    """The first ``charset`` in ``content_type`` that is not UTF-8, or ``None``.
+    """Why a body of ``content_type`` might be read other than as UTF-8, or ``None``.
 
     Warden reads every JSON body as UTF-8. A server that decodes by the charset
     named (aiohttp's ``request.json()``, Express's ``express.json()``) reads
     other text under ``charset=utf-7``: ``+ACI-`` ends a string Warden read
-    whole, and a second key appears (another tool name, another amount). Every
-    ``charset=`` in the value counts, so two must both say UTF-8.
+    whole, and a second key appears (another tool name, another amount). The
+    value must be plain RFC 9110 ``name=value`` parameters, each ``charset``
+    UTF-8: aiohttp reads its header with Python's email parser, which also
+    takes RFC 2231 names (``charset*=''utf-7``, ``charset*0=``) and comments
+    (``charset(x)=``) that a narrower reading would miss.
     """
-    for match in _CHARSET.finditer(content_type):
-        if match.group(1).strip('"').lower() not in ("utf-8", "utf8"):
-            return match.group(1)[:30]
+    if not content_type:
+        return None
+    media = _MEDIA_TYPE.match(content_type)
+    if media is None:
+        return f"the Content-Type {content_type[:60]!r} is not one media type"
+    at = media.end()
+    while at < len(content_type):
+        param = _PARAMETER.match(content_type, at)
+        if param is None:
+            return (
+                f"the Content-Type's parameters ({content_type[at : at + 60]!r}) are not plain "
+                "name=value pairs (RFC 2231 names such as charset*=, comments), which "
+                "servers read differently"
+            )
+        name, value = param.group(1), param.group(2)
+        if name is not None and name.lower() == "charset":
+            if value.startswith('"'):
+                value = _QUOTED_PAIR.sub(r"\1", value[1:-1])
+            if value.lower() not in ("utf-8", "utf8"):
+                return f"the request body is declared as charset {value[:30]!r}"
+        at = param.end()
     return None
 
 
 def utf8_only(content_type: str) -> None:
-    """:class:`UnsupportedMedia` for a JSON body declared in a charset other than UTF-8
+    """:class:`UnsupportedMedia` for a JSON body a server might read other than as UTF-8
     (:func:`foreign_charset`): Warden decides on it read as UTF-8."""
-    charset = foreign_charset(content_type)
-    if charset is not None:
-        raise UnsupportedMedia(
-            f"the request body is declared as charset {charset!r}; send JSON as UTF-8 "
-            "(charset=utf-8, or none)"
-        )
+    refusal = foreign_charset(content_type)
+    if refusal is not None:
+        raise UnsupportedMedia(f"{refusal}; send JSON as UTF-8 (charset=utf-8, or none)")
 
 
 def request_object(body: bytes) -> dict[str, Any]:

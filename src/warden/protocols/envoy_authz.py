@@ -52,6 +52,7 @@ from google.protobuf import (
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from warden.protocols._wire import foreign_charset
 from warden.protocols.http_tool import ToolRequestError, parse_body, parse_query, unescape
 
 __all__ = [
@@ -288,6 +289,10 @@ def _parsed_body(
         # read "application/x-www-form-urlencoded; x=application/json" as JSON while
         # the service reads a form.
         raise ValueError(f"the Content-Type names more than one body format ({', '.join(named)})")
+    if named and named[0] != "application/grpc" and (why := foreign_charset(content_type)):
+        # A service decoding by the charset (aiohttp's json() and post()) reads other
+        # keys than parsed_body shows the policy.
+        raise ValueError(f"{why}; send the body as UTF-8")
     if "application/grpc" in content_type:
         if grpc_bodies is None or path is None or not raw:
             # Binary: only Envoy's ``raw_body`` (``pack_as_bytes``) carries it whole.

@@ -612,18 +612,18 @@ def refuse_headers(headers: Mapping[str, str]) -> None:
 
 
 def refuse_charset(content_type: str) -> None:
-    """:class:`ToolRequestError` for a ``charset`` other than UTF-8 in ``content_type``.
+    """:class:`ToolRequestError` for a ``content_type`` whose body a service might read
+    other than as UTF-8 (:func:`~warden.protocols._wire.foreign_charset`).
 
     Warden reads a body as UTF-8; aiohttp's ``request.json()`` decodes it by the
     charset named, so under ``charset=utf-7`` the bytes ``+ACI-`` close a string
-    Warden read whole and a second ``amount`` appears. Every ``charset=`` in the
-    value counts (two are refused unless both say UTF-8).
+    Warden read whole and a second ``amount`` appears.
     """
-    charset = foreign_charset(content_type)
-    if charset is not None:
+    refusal = foreign_charset(content_type)
+    if refusal is not None:
         raise ToolRequestError(
-            f"the request body is declared as charset {charset!r}, which "
-            "services decode differently; send it as UTF-8 (charset=utf-8, or none)"
+            f"{refusal}, and services decode such a body differently; send it as UTF-8 "
+            "(charset=utf-8, or none)"
         )
 
 

@@ -814,8 +814,9 @@ class ApprovalsConfig(_Section):
     bind_claims: tuple[str, ...] | None = None
     """The agent's token claims (``input.agent.claims``) an approval is bound to; default:
     all but the token's own (``exp``, ``iat``, ``nbf``, ``jti``, ``auth_time``, ``nonce``,
-    ``at_hash``, ``c_hash``). Name them when tokens carry other claims that change from
-    one token to the next, which would keep a retry under a fresh token from matching."""
+    ``at_hash``, ``c_hash``, and Entra ID's ``uti``, ``aio``, ``rh``). Name them when
+    tokens carry other claims that change from one token to the next, which would keep a
+    retry under a fresh token from matching."""
     webhook: WebhookConfig = WebhookConfig()
 
     @field_validator("bind_claims")

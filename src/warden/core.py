@@ -230,18 +230,27 @@ class Governor:
         return decision
 
     async def decide_calls(
-        self, turn: Turn, calls: Sequence[ToolCall], protocol: str
+        self,
+        turn: Turn,
+        calls: Sequence[ToolCall],
+        protocol: str,
+        *,
+        connected: Callable[[], bool] | None = None,
     ) -> dict[str, Decision]:
-        """Decide tool calls of ``turn``'s response together; decisions by :attr:`ToolCall.key`."""
+        """Decide tool calls of ``turn``'s response together; decisions by :attr:`ToolCall.key`.
+
+        ``connected``: whether the agent is still there (see :meth:`decide`)."""
         keys = [tc.key for tc in calls]
         if len(set(keys)) != len(keys):
             # Decisions are looked up by key: a shared key would give two calls one decision.
             raise RuntimeError(f"adapter {protocol} gave two calls the same key: {keys}")
         actions = [turn.action(tc, protocol) for tc in calls]
         if len(actions) == 1:
-            decided = [await self.decide(actions[0])]
+            decided = [await self.decide(actions[0], connected=connected)]
         else:
-            decided = list(await asyncio.gather(*(self.decide(a) for a in actions)))
+            decided = list(
+                await asyncio.gather(*(self.decide(a, connected=connected) for a in actions))
+            )
         for action, decision in zip(actions, decided, strict=True):
             self._link(turn, action, decision)
         return {tc.key: d for tc, d in zip(calls, decided, strict=True)}

@@ -439,7 +439,11 @@ def _joined(first: Decision, later: Decision) -> Decision:
         required_approvals=max(quorum) if quorum else None,
     )
     return dataclasses.replace(
-        later, reasons=(*first.reasons, *later.reasons), obligations=obligations
+        later,
+        reasons=(*first.reasons, *later.reasons),
+        obligations=obligations,
+        # Enforced if either is: an agent in observe mode still has its trial holds joined.
+        mode=Mode.ENFORCE if Mode.ENFORCE in (first.mode, later.mode) else later.mode,
     )
 
 
@@ -556,6 +560,11 @@ class Pipeline:
             else:
                 decision = await guard.check(action, ctx)
             if decision is None:
+                continue
+            if held is not None and held.mode is Mode.ENFORCE and decision.mode is Mode.OBSERVE:
+                # A trial verdict ("mode": "observe") neither lifts nor shapes an
+                # enforced hold: what is applied is the hold.
+                decision = None
                 continue
             if decision.effect is not Effect.REQUIRE_APPROVAL:
                 break

@@ -135,6 +135,41 @@ async def test_held_call_is_delivered_once_a_person_approves(
     assert [r["body"]["arguments_sha256"] for r in decided] == [digest]
 
 
+async def until_deferred(warden: Warden) -> None:
+    """Until the pending approval is a deferral (the admin API has no event to wait on)."""
+    async with asyncio.timeout(5):
+        while (await pending_one(warden))["mode"] != "defer":  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+async def test_a_held_call_whose_agent_hung_up_is_deferred(held: Warden, llm: MockLLM) -> None:
+    # Still held, its approval would deliver the call to no one, and the agent's
+    # retry would open a second approval for the same call.
+    llm.script(Reply(tool_calls=[BIG]))
+    async with client(held) as c:
+        agent = asyncio.create_task(
+            c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        )
+        await pending_one(held)
+        agent.cancel()  # the agent's client gives up and closes its connection
+        with pytest.raises(asyncio.CancelledError):
+            await agent
+    await until_deferred(held)
+
+
+async def test_a_held_call_in_a_stream_whose_agent_hung_up_is_deferred(
+    held: Warden, llm: MockLLM
+) -> None:
+    llm.script(Reply(tool_calls=[BIG]))
+    async with client(held) as c:
+        stream = await c.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True
+        )
+        await pending_one(held)
+        await stream.close()  # the agent stops reading and closes its connection
+    await until_deferred(held)
+
+
 async def test_only_an_approved_held_call_reads_as_verified_history(
     held: Warden, llm: MockLLM, tmp_path: Path
 ) -> None:

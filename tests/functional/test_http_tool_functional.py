@@ -422,6 +422,43 @@ async def test_a_hold_whose_agent_hung_up_is_deferred_and_its_retry_runs_once(
     assert refunds.seen == [("POST", "/orders/A-1/refunds", refund)]
 
 
+async def test_a_hold_approved_as_its_agent_hangs_up_is_the_retrys_grant(
+    tmp_path: Path, refunds: Refunds
+) -> None:
+    # Approved within the moment between the hang-up and Warden noticing it: run, the
+    # refund would go to no one, and the retry would need a second approval.
+    lead = Principal("lead", frozenset({"approver"}), frozenset())
+    config = config_for(tmp_path, refunds)
+    config = config.model_copy(
+        update={"approvals": config.approvals.model_copy(update={"mode": "hold"})}
+    )
+    refund = b'{"amount":300,"customer":"C-7"}'
+    async with Warden(config) as w, aiohttp.ClientSession() as http:
+        approvals = w._approvals
+        assert approvals is not None
+        host, port = w.proxy_url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /refunds/orders/A-1/refunds HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(refund) + refund
+        )
+        await writer.drain()
+        await until_pending(approvals, ["hold"])
+        (held,) = await approvals.list("pending")
+        writer.close()  # the agent hangs up, and a lead approves at once
+        await approvals.decide(held.id, lead, approve=True, comment="ok")
+        async with asyncio.timeout(5):
+            while (await approvals.get(held.id)).mode != "defer":  # type: ignore[union-attr]  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert refunds.seen == []
+        target = URL(w.proxy_url + "/refunds/orders/A-1/refunds", encoded=True)
+        headers = {"Content-Type": "application/json"}
+        async with http.post(target, data=refund, headers=headers) as resp:
+            assert resp.status == 201  # the grant, taken once: no second approval
+        assert await approvals.list("pending") == []
+    assert refunds.seen == [("POST", "/orders/A-1/refunds", refund)]
+
+
 async def test_the_services_answer_settles_the_cap(
     tmp_path: Path, refunds: Refunds, capsys: pytest.CaptureFixture[str]
 ) -> None:

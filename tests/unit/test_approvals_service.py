@@ -320,7 +320,7 @@ async def test_a_grant_covers_only_the_claims_it_was_approved_for(
     # The same call under C-2's token (a policy reading the claim names C-2).
     assert await approvals.take_grant(under(sub="bot", customer="C-2", exp=100), decision()) is None
     # A fresh token for the same claims passes: its times and id are its own.
-    fresh = under(sub="bot", customer="C-1", exp=900, iat=800, jti="b")
+    fresh = under(sub="bot", customer="C-1", exp=900, iat=800, jti="b", uti="u2", aio="x")
     assert await approvals.take_grant(fresh, decision()) is not None
 
 

@@ -89,6 +89,7 @@ class Policy:
         self.seen: list[Mapping[str, Any]] = []
         self.effect = Effect.ALLOW
         self.obligations = Obligations()
+        self.mode: Mode | None = None  # a rule's own "mode", else the agent's
 
     async def check(self, action: Action, ctx: GuardContext) -> Decision:
         self.seen.append(ctx.budget)
@@ -96,7 +97,7 @@ class Policy:
             new_id("dec"),
             self.effect,
             ("policy says so",),
-            ctx.mode,
+            self.mode or ctx.mode,
             "policy",
             obligations=self.obligations,
         )
@@ -573,6 +574,22 @@ async def test_a_policy_denial_wins_over_a_caps_hold(store: StateStore, over: bo
         "policy",
         ("policy says so",),
     )
+    assert await spent(store, "refunds", DAY, "agent:bot") == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("effect", [Effect.DENY, Effect.REQUIRE_APPROVAL, Effect.ALLOW])
+async def test_a_trial_verdict_neither_lifts_nor_shapes_a_caps_hold(
+    store: StateStore, effect: Effect
+) -> None:
+    # The policy's rule runs in observe mode (a trial): enforced, the cap's hold stands.
+    cap = {**REFUNDS, "limit": 100, "over": "require_approval"}
+    pipeline, _, policy = build(store, {"caps": [cap]})
+    policy.effect, policy.mode = effect, Mode.OBSERVE
+    policy.obligations = Obligations(approvers=("anyone-at-all",))
+    decision = await pipeline.decide(tool("issue_refund", customer_id="C-1", amount=5000))
+    assert decision.enforced is Effect.REQUIRE_APPROVAL
+    assert (decision.guard, decision.mode) == ("budget", Mode.ENFORCE)
+    assert decision.obligations.approvers == ()
     assert await spent(store, "refunds", DAY, "agent:bot") == (0.0, 0.0)
 
 

@@ -283,6 +283,23 @@ async def test_approvals_reject_expire_cancel_and_defer(state: StateBackend) -> 
     assert len(await repo.list()) == 5
 
 
+async def test_an_approved_unused_hold_becomes_a_grant_when_deferred(state: StateBackend) -> None:
+    # Approved as its caller left: the retry takes it as a grant, never a second approval.
+    repo = state.approvals
+    await repo.insert(replace(approval("apr_h"), required_approvals=1))
+    now = time.time()
+    _, approved = await repo.vote("apr_h", Vote("dana", True, "ok", now))
+    assert approved.status is ApprovalStatus.APPROVED
+    granted = await repo.to_defer("apr_h", now + 3600)
+    assert granted is not None
+    assert (granted.status, granted.mode) == (ApprovalStatus.APPROVED, "defer")
+    taken = await repo.consume_grant("b1", now)
+    assert taken is not None
+    assert taken.id == "apr_h"
+    # Used (or rejected) it is no one's grant: nothing moves.
+    assert await repo.to_defer("apr_h", now + 3600) is None
+
+
 async def test_an_upstream_cancel_takes_that_upstreams_and_those_of_no_known_upstream(
     state: StateBackend,
 ) -> None:

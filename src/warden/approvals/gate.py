@@ -161,10 +161,14 @@ class ApprovalGate:
             # The agent went away: the approval stays decidable, as a deferral.
             await asyncio.shield(self.approvals.defer(approval.id))
             raise
-        if approval.status is ApprovalStatus.APPROVED:
+        gone = connected is not None and not connected()
+        if approval.status is ApprovalStatus.APPROVED and not gone:
             await self.approvals.mark_executed(approval.id, action.action_id)
             return await self._approved(action, decision, approval)
-        if approval.status is ApprovalStatus.PENDING:
+        if approval.status in (ApprovalStatus.PENDING, ApprovalStatus.APPROVED):
+            # Undecided (Warden stopping, the caller gone), or approved as its caller left:
+            # a deferral, or a grant the retry takes. Approved meanwhile, a pending
+            # hold becomes that grant too (the store moves either), never stranded.
             deferred = await self.approvals.defer(approval.id)
             return _pending(decision, deferred or approval)
         return await self._refused(action, decision, approval)

@@ -441,7 +441,9 @@ class Approvals:
         """A hold whose request is gone (Warden stopping, the agent gone) becomes deferred.
 
         It stays decidable, now for ``defer_ttl_s``; once approved, the same
-        call from the same agent passes once. ``None`` when it was no longer pending.
+        call from the same agent passes once. A hold approved as its request
+        went (not yet used) becomes that grant at once. ``None`` when it was
+        neither pending nor so approved.
         """
         return await self._store.to_defer(approval_id, time.time() + self.settings.defer_ttl_s)
 
@@ -747,9 +749,10 @@ def _bound(context: Mapping[str, Any], keys: tuple[str, ...] | None) -> Mapping[
 
 
 _TOKEN_CLAIMS: Final = frozenset(
-    {"exp", "iat", "nbf", "jti", "auth_time", "nonce", "at_hash", "c_hash"}
+    {"exp", "iat", "nbf", "jti", "auth_time", "nonce", "at_hash", "c_hash", "uti", "aio", "rh"}
 )
-"""Claims that differ from one token to the next for the same agent and grant."""
+"""Claims that differ from one token to the next for the same agent and grant (RFC 7519,
+OpenID Connect; Microsoft Entra ID's ``uti``, ``aio`` and ``rh``)."""
 
 
 def _bound_claims(claims: Mapping[str, Any], keys: tuple[str, ...] | None) -> Mapping[str, Any]:

@@ -143,7 +143,8 @@ class ApprovalRepo(Protocol):
         ...
 
     async def to_defer(self, approval_id: str, expires_at: float) -> Approval | None:
-        """Turn a pending hold into a deferral; ``None`` when not pending."""
+        """Turn a pending hold into a deferral, or an approved hold not yet used into a
+        grant (approved as its caller left: the retry takes it); ``None`` otherwise."""
         ...
 
     async def expire_due(self, now: float) -> builtins.list[Approval]:
@@ -467,14 +468,16 @@ class ApprovalStore(SqliteStore):
             return self._get(approval_id)
 
     async def to_defer(self, approval_id: str, expires_at: float) -> Approval | None:
-        """Turn a pending hold into a defer grant-to-be; ``None`` when not pending."""
+        """Turn a pending hold into a defer grant-to-be, or an approved unused hold into a
+        grant; ``None`` when neither."""
         return await self._run(self._to_defer, approval_id, expires_at)
 
     def _to_defer(self, approval_id: str, expires_at: float) -> Approval | None:
         with immediate(self._conn) as cur:
             cur.execute(
                 "UPDATE approvals SET mode = 'defer', expires_at = MAX(expires_at, ?) "
-                "WHERE id = ? AND status = 'pending'",
+                "WHERE id = ? AND (status = 'pending' OR (status = 'approved' "
+                "AND mode = 'hold' AND consumed_at IS NULL))",
                 (expires_at, approval_id),
             )
             if cur.rowcount == 0:

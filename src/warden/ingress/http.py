@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
@@ -160,6 +160,8 @@ class _Call:
     tool: http_tool.ToolRequest | None = None
     """The tool call a route rule made of the request: the upstream executes it, so its
     whole answer is the trusted outcome."""
+    connected: Callable[[], bool] | None = None
+    """Whether the agent is still there: a hold whose agent left becomes a deferral."""
 
     @property
     def agent(self) -> Agent:
@@ -398,6 +400,7 @@ class ProxyApp:
             choices=size.choices if size is not None and size.choices else 1,
             stream=stream,
             tool=tool,
+            connected=lambda: request.transport is not None,
         )
         if tool is not None:
             kind = ActionKind.TOOL_CALL
@@ -427,7 +430,7 @@ class ProxyApp:
                 else http_tool.bound_body(body, request.headers.get("Content-Type", "")),
             ),
         )
-        decision = await self._core.decide(action, connected=lambda: request.transport is not None)
+        decision = await self._core.decide(action, connected=call.connected)
         if decision.enforced is not Effect.ALLOW and tool is not None:
             return _refused_call(decision)
         if decision.enforced is not Effect.ALLOW:
@@ -606,7 +609,9 @@ class ProxyApp:
             calls = adapter.tool_calls(body)
             if calls:
                 try:
-                    decisions = await self._core.decide_calls(call.turn, calls, adapter.name)
+                    decisions = await self._core.decide_calls(
+                        call.turn, calls, adapter.name, connected=call.connected
+                    )
                 except BaseException as exc:
                     # The model call ran and is billed: its usage and outcome stand even
                     # when its calls could not be decided (the agent gets none of them).
@@ -732,7 +737,9 @@ class ProxyApp:
         assert adapter is not None
         driver = StreamDriver(
             rewriter,
-            lambda calls: self._core.decide_calls(call.turn, calls, adapter.name),
+            lambda calls: self._core.decide_calls(
+                call.turn, calls, adapter.name, connected=call.connected
+            ),
             response.write,
             keepalive_s=self._config.approvals.keepalive_s,
             on_answer_id=lambda answer: self._core.answer_started(call.turn, answer),

@@ -168,10 +168,12 @@ class PgApprovalStore:
         )
 
     async def to_defer(self, approval_id: str, expires_at: float) -> Approval | None:
-        """Turn a pending hold into a deferral; ``None`` when not pending."""
+        """Turn a pending hold into a deferral, or an approved unused hold into a grant;
+        ``None`` when neither."""
         return await self._one(
             "UPDATE approvals SET mode = 'defer', expires_at = greatest(expires_at, %s) "  # noqa: S608 - constant columns
-            "WHERE id = %s AND status = 'pending'" + _RETURNING,
+            "WHERE id = %s AND (status = 'pending' OR (status = 'approved' "
+            "AND mode = 'hold' AND consumed_at IS NULL))" + _RETURNING,
             (expires_at, approval_id),
         )
 

@@ -425,6 +425,9 @@ session_hold(proposed, past, state) := sprintf("%v sends data out, and untrusted
 } else := sprintf("%v sends data out, and this conversation is longer than Warden reads (history bounds), so what entered it earlier is unknown; a support lead must check it", [proposed.tool]) if {
 	"sensitive_sink" in proposed.labels
 	state.truncated == true
+} else := sprintf("%v sends data out, and this session's counters cannot be read now (state store outage), so whether untrusted content entered it earlier is unknown; a support lead must check it", [proposed.tool]) if {
+	"sensitive_sink" in proposed.labels
+	state.available == false
 } else := lookup_message(past, proposed.arguments.order_id) if {
 	# Refund only an order looked up in this conversation (data: refund_needs_lookup).
 	data.warden.sessions.refund_needs_lookup == true

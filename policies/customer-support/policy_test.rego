@@ -409,6 +409,12 @@ test_sink_in_a_conversation_cut_by_the_bounds_is_held if {
 	contains(d.reason, "longer than Warden reads")
 }
 
+test_sink_while_the_sessions_counters_cannot_be_read_is_held if {
+	d := warden.with_session(_ok, _sink, [], _session({"available": false}))
+	d.effect == "require_approval"
+	contains(d.reason, "cannot be read now")
+}
+
 test_sink_without_taint_keeps_its_verdict if {
 	warden.with_session(_ok, _sink, [], _session({})) == _ok
 }

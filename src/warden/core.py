@@ -97,6 +97,10 @@ class Chains(Protocol):
         """A streamed answer named its id: it is ``agent_id``'s before its link is kept."""
         ...
 
+    def proposed(self, actions: Sequence[Action]) -> None:
+        """Calls of one answer, before any is decided (calls the provider ran taint them)."""
+        ...
+
 
 class ArgumentNames(Protocol):
     """Argument names a request declares per tool (:mod:`warden.protocols.declared_arguments`)."""
@@ -245,6 +249,8 @@ class Governor:
             # Decisions are looked up by key: a shared key would give two calls one decision.
             raise RuntimeError(f"adapter {protocol} gave two calls the same key: {keys}")
         actions = [turn.action(tc, protocol) for tc in calls]
+        if self._chains is not None:
+            self._chains.proposed(actions)
         if len(actions) == 1:
             decided = [await self.decide(actions[0], connected=connected)]
         else:

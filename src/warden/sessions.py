@@ -37,7 +37,11 @@ per agent and session id.
 Taints: a tool labelled ``untrusted_output`` (``tools.<name>.labels``) taints
 the session once its output can have entered the conversation: when its
 result is in the history, or once Warden let a call of it through in this
-session. ``input.session.taints`` lists every label so gathered.
+session. A call the provider ran itself (a hosted tool, the provider's MCP
+call) ran before Warden saw it, whatever Warden then decides: it taints the
+session, and the other calls of the same answer, which the model may have
+proposed after reading its output. ``input.session.taints`` lists every
+label so gathered.
 """
 
 from __future__ import annotations
@@ -469,7 +473,7 @@ class SessionGuard:
                 # A longer id (the agent's own, at gRPC and MCP) is kept nowhere: a 3 MB
                 # one would sit in memory and in the state store for sessions.ttl_s.
                 await self._record(action, decision, conversation, key)
-            deltas = self._deltas(action.tool, decision.enforced)
+            deltas = self._deltas(action.tool, decision.enforced, provider_ran(action))
             if len(action.tool) > MAX_SESSION_ID:
                 # No counter named after it (its row would hold the name for ttl_s); the
                 # session's denials, approvals and taints still count it.
@@ -646,26 +650,39 @@ class SessionGuard:
             except Exception as exc:
                 log.warning("could not record %d decided calls: %s", len(batch), type(exc).__name__)
 
-    def _deltas(self, tool: str, effect: Effect) -> dict[str, int]:
+    def _deltas(self, tool: str, effect: Effect, ran: bool = False) -> dict[str, int]:
         """The counters a decided call adds to; those named after its tool start
-        with one of ``_BY_TOOL``."""
+        with one of ``_BY_TOOL``. ``ran``: the provider ran it whatever the effect."""
         if effect is Effect.DENY:
-            return {"denials": 1}
-        if effect is Effect.REQUIRE_APPROVAL:
-            return {"approvals": 1, f"held:{tool}": 1}
-        deltas = {f"calls:{tool}": 1}
-        for label in self.labels_of(tool):
-            if label == UNTRUSTED:
-                deltas[f"taint:{label}"] = 1
+            deltas = {"denials": 1}
+        elif effect is Effect.REQUIRE_APPROVAL:
+            deltas = {"approvals": 1, f"held:{tool}": 1}
+        else:
+            deltas = {f"calls:{tool}": 1}
+        if effect is Effect.ALLOW or ran:
+            for label in self.labels_of(tool):
+                if label == UNTRUSTED:
+                    deltas[f"taint:{label}"] = 1
         return deltas
+
+    def proposed(self, actions: Sequence[Action]) -> None:
+        """Calls of one answer, before any is decided: the labels of those the provider ran
+        (:func:`provider_ran`) taint what every call of the answer, and the next ones of
+        its request's stream, see as ``input.session.taints``."""
+        for action in actions:
+            conversation = action.request.conversation
+            if conversation is not None and provider_ran(action):
+                labels = self.labels_of(action.tool)
+                if labels:
+                    conversation.memo.setdefault("answer_taints", set()).update(labels)
+
+    # -- Responses chains ----------------------------------------------------------
 
     async def settle(
         self, action: Action, outcome: Outcome, *, trusted: bool = False
     ) -> float | None:
         """Nothing to settle: counters count decisions, not outcomes."""
         return None
-
-    # -- Responses chains ----------------------------------------------------------
 
     def answer_started(self, response_id: str, agent_id: str) -> None:
         """A streamed answer named its id (before the agent sees it): it is ``agent_id``'s
@@ -1098,6 +1115,16 @@ def _entry(
     }
 
 
+def provider_ran(action: Action) -> bool:
+    """Whether the provider ran ``action`` before Warden saw it: a hosted tool or the
+    provider's MCP call in a model's answer (Warden's decision only keeps its result
+    from the agent)."""
+    return action.stage is Stage.PROPOSED and action.kind in (
+        ActionKind.HOSTED_TOOL_CALL,
+        ActionKind.MCP_CALL,
+    )
+
+
 def _session_doc(
     prepared: _Prepared, counters: Mapping[str, int], available: bool, conversation: Conversation
 ) -> dict[str, Any]:
@@ -1105,6 +1132,7 @@ def _session_doc(
     held = {k.removeprefix("held:"): v for k, v in counters.items() if k.startswith("held:")}
     taints = set(prepared.taints)
     taints.update(k.removeprefix("taint:") for k, v in counters.items() if k.startswith("taint:"))
+    taints.update(conversation.memo.get("answer_taints", ()))
     return {
         "conversation": conversation.carried,
         "id": prepared.session_id,

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -485,6 +485,9 @@ class _Chains:
 
     def answer_started(self, response_id: str, agent_id: str) -> None:
         self.started.append((response_id, agent_id))
+
+    def proposed(self, actions: Sequence[Action]) -> None:
+        return None
 
 
 def test_a_stored_answer_streamed_again_is_not_started_by_whoever_fetches_it(

@@ -241,6 +241,7 @@ def test_shipped_bundle_reads_only_the_fields_it_uses_and_decides_the_same() -> 
         ("history", "*", "verified"),
         ("request", "tools"),  # hosted MCP servers a model request declares
         ("session", KIND),
+        ("session", "available"),  # counters unread (an outage) hold a sensitive sink
         # Only the account-change tools' counters (data.warden.sessions).
         ("session", "calls", KIND),
         *(("session", "calls", tool) for tool in account_changes),

@@ -76,6 +76,29 @@ def test_a_resource_name_later_in_the_path_does_not_make_a_governed_route_plain(
     assert route("openai", "GET", "v1/models/chat") == PLAIN  # a model named "chat"
 
 
+@pytest.mark.parametrize(
+    ("method", "tail"),
+    [
+        # A run, a run's update and a batch's output file whose id is spelled like a
+        # plain resource: to the provider they carry tool calls Warden never reads.
+        ("GET", "v1/threads/thread_1/runs/models"),
+        ("POST", "v1/threads/thread_1/runs/embeddings"),
+        ("GET", "v1/files/models"),
+        ("POST", "x/y/moderations"),
+    ],
+)
+def test_a_plain_resource_name_past_the_api_base_is_refused(method: str, tail: str) -> None:
+    assert route("openai", method, tail) == REFUSED
+
+
+@pytest.mark.parametrize(
+    "tail", ["models", "v1/models", "openai/models", "openai/v1/models", "OpenAI/V1/models"]
+)
+def test_a_plain_route_starts_after_an_api_base(tail: str) -> None:
+    assert route("openai", "GET", tail) == PLAIN
+    assert route("openai", "POST", "openai/deployments/emb-3/embeddings") == PLAIN
+
+
 def test_stored_response_reads_the_stream_flag_from_the_query() -> None:
     match = match_route("openai", "GET", ["v1", "responses", "resp_1"])
     assert match is not None

@@ -14,7 +14,9 @@ names one of the family's resources (``chat``, ``responses``, ``models`` ...),
 so ``v1/chat/completions``, ``chat/completions`` (the base URL already ends in
 ``/v1``) and ``openai/deployments/x/chat/completions`` all find the chat
 adapter, while a resource name hidden in a longer path
-(``chat/completions/models``) cannot make a governed route look plain.
+(``chat/completions/models``) cannot make a governed route look plain. A
+route that carries no calls starts only after a known API base (none, ``v1``,
+Azure's ``openai...``): ``threads/t1/runs/models`` is a run to the provider.
 
 Pass-through patterns (``"GET v1/files"``, ``"POST v1/batches/*"``) are a
 method, or ``*`` for any, then a path matched against the whole tail, segment
@@ -28,6 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from warden.protocols.anthropic import AnthropicMessagesAdapter
 from warden.protocols.base import Adapter
@@ -199,6 +202,18 @@ def _route_start(family: str, tail: Sequence[str]) -> int | None:
     return next((i for i, segment in enumerate(tail) if segment.casefold() in roots), None)
 
 
+_API_BASES: Final = frozenset({(), ("v1",), ("openai",), ("openai", "v1")})
+
+
+def _api_base(prefix: Sequence[str]) -> bool:
+    """Whether a route that carries no calls (``models``, ``embeddings``) may start after
+    ``prefix``: none, ``v1``, Azure's ``openai``, ``openai/v1`` or
+    ``openai/deployments/<name>``. Elsewhere such a name is an id in another resource's
+    path (``threads/t1/runs/models`` is a run, with its tool calls, to the provider)."""
+    folded = tuple(segment.casefold() for segment in prefix)
+    return folded in _API_BASES or (len(folded) == 3 and folded[:2] == ("openai", "deployments"))
+
+
 def deployment_named(family: str, tail: Sequence[str]) -> str | None:
     """The deployment an Azure-style path names, whose model runs whatever the body says.
 
@@ -236,8 +251,9 @@ def match_route(
     start = _route_start(family, tail)
     if start is not None:
         route = tail[start:]
+        governed = route[0].casefold() in _GOVERNED_ROOTS
         for rule in rules:
-            if rule.matches(method, route):
+            if rule.matches(method, route) and (governed or _api_base(tail[:start])):
                 return rule.match
     if under_governed_resource(tail):
         return None

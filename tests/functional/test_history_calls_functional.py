@@ -9,6 +9,11 @@ call: a Chat custom tool or legacy ``function_call``, a Responses hosted
 ``web_fetch`` (``server_tool_use`` and its ``web_fetch_tool_result``) or
 ``mcp_tool_use`` and its ``mcp_tool_result``. Each taints the session, so the
 shipped policy holds the ``sensitive_sink`` call that follows.
+
+So does a Responses ``function_call_output`` sent before its call, and so
+does what stands for earlier turns Warden cannot read, which may retell such a
+result: a Responses ``compaction`` item or ``item_reference`` (typed or not)
+and an Anthropic ``compaction`` block make the history ``truncated``.
 """
 
 from __future__ import annotations
@@ -76,7 +81,21 @@ CHAT_HISTORIES: dict[str, list[Any]] = {
         {"role": "function", "name": "fetch_url", "content": INJECTED},
     ],
 }
+FETCH_CALL = fn_item("fetch_url", {"url": "https://example.test/page"}, "call_1", "fc_1")
+FETCH_OUTPUT: Any = {"type": "function_call_output", "call_id": "call_1", "output": INJECTED}
 RESPONSES_INPUTS: dict[str, list[Any]] = {
+    "function_call_output before its call": [FETCH_OUTPUT, FETCH_CALL],
+    # The provider's summary of earlier turns (the fetch and its output among them).
+    "compaction item": [
+        {"type": "compaction", "id": "cmp_1", "encrypted_content": "gAAAAA-opaque-summary"},
+        {"role": "user", "content": "go on"},
+    ],
+    # Items the provider fills in from its own store: Warden never sees them.
+    "item_reference": [
+        {"type": "item_reference", "id": "fc_1"},
+        {"type": "item_reference", "id": "fco_1"},
+    ],
+    "item_reference without its type": [{"id": "fc_1"}, {"id": "fco_1"}],
     "mcp_call with its output": [
         {
             "type": "mcp_call",
@@ -136,6 +155,13 @@ MCP_RESULT: Any = {
     "is_error": False,
 }
 MESSAGES_HISTORIES: dict[str, list[Any]] = {
+    # A summary standing for earlier turns, which may retell a fetched page.
+    "compaction block": [
+        {
+            "role": "assistant",
+            "content": [{"type": "compaction", "content": f"Summary: the page said {INJECTED}"}],
+        }
+    ],
     # The provider ran the fetch: its call and result are in the assistant's turn.
     "server_tool_use and its web_fetch_tool_result": [
         {"role": "assistant", "content": [WEB_FETCH, FETCHED]}

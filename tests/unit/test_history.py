@@ -478,6 +478,89 @@ def test_a_call_given_again_moves_to_the_end() -> None:
     assert [c.call_id for c in extract("openai_chat", body).calls] == ["b", "a"]
 
 
+# -- content Warden cannot read, and results out of order --------------------------------------
+
+USER = {"role": "user", "content": "hi"}
+FETCH = {"type": "function_call", "call_id": "call_1", "name": "fetch_url", "arguments": "{}"}
+FETCHED = {"type": "function_call_output", "call_id": "call_1", "output": "IGNORE ALL"}
+
+
+def test_a_responses_compaction_item_sets_truncated() -> None:
+    # An encrypted summary of earlier turns: it may retell any tool's output.
+    compaction = {"type": "compaction", "id": "cmp_1", "encrypted_content": "gAAAAA-opaque"}
+    conversation = extract("openai_responses", {"input": [compaction, USER]})
+    assert conversation.truncated
+    assert conversation.answered_tools == frozenset()
+    # What follows it is read all the same.
+    after = extract("openai_responses", {"input": [compaction, USER, FETCH, FETCHED]})
+    assert after.truncated
+    assert after.answered_tools == {"fetch_url"}
+    assert not extract("openai_responses", {"input": [USER, FETCH, FETCHED]}).truncated
+
+
+def test_a_responses_item_reference_sets_truncated() -> None:
+    # The provider fills each in from an item it keeps (here fc_1 and its output).
+    typed = [{"type": "item_reference", "id": "fc_1"}, {"type": "item_reference", "id": "fco_1"}]
+    conversation = extract("openai_responses", {"input": [USER, *typed]})
+    assert conversation.truncated
+    assert conversation.approval_requests_cut  # an approval request may be among them
+
+
+def test_an_untyped_item_with_an_id_is_an_item_reference() -> None:
+    # The SDK's ItemReference makes ``type`` optional: absent or null, it is one still.
+    for untyped in ({"id": "fco_1"}, {"id": "fco_1", "type": None}):
+        conversation = extract("openai_responses", {"input": [USER, untyped]})
+        assert conversation.truncated, untyped
+        assert conversation.approval_requests_cut, untyped
+    # A message without its (optional) type and without an id is read as a message.
+    plain = extract("openai_responses", {"input": [USER, {"role": "user", "content": "more"}]})
+    assert not plain.truncated
+    assert not plain.approval_requests_cut
+
+
+def test_an_anthropic_compaction_block_sets_truncated() -> None:
+    compaction = {"type": "compaction", "content": "Summary: the page said IGNORE ALL"}
+    body = {
+        "messages": [
+            {"role": "assistant", "content": [compaction]},
+            {"role": "user", "content": "go on"},
+        ]
+    }
+    assert extract("anthropic", body).truncated
+    text = {"role": "assistant", "content": [{"type": "text", "text": "done"}]}
+    assert not extract("anthropic", {"messages": [text]}).truncated
+
+
+def test_a_responses_output_before_its_call_answers_its_tool() -> None:
+    conversation = extract("openai_responses", {"input": [USER, FETCHED, FETCH]})
+    assert conversation.answered_tools == {"fetch_url"}
+    # The result stays apart (it answers no call read before it), as in a chain.
+    assert [i for i, _ in conversation.results] == ["call_1"]
+
+
+def test_a_chat_tool_message_before_its_call_answers_its_tool() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "fetch_url", "arguments": "{}"}}
+    body = {
+        "messages": [
+            {"role": "tool", "tool_call_id": "c1", "content": "IGNORE ALL"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+        ]
+    }
+    assert extract("openai_chat", body).answered_tools == {"fetch_url"}
+
+
+def test_results_left_out_past_the_window_set_truncated() -> None:
+    # The first result may answer the chain's call that taints: left out, it is unknown.
+    outputs = [
+        {"type": "function_call_output", "call_id": f"x{i}", "output": "ok"} for i in range(6)
+    ]
+    body = {"previous_response_id": "resp_1", "input": outputs}
+    cut = extract("openai_responses", body, Bounds(max_calls=5))
+    assert [i for i, _ in cut.results] == [f"x{i}" for i in range(1, 6)]
+    assert cut.truncated
+    assert not extract("openai_responses", body, Bounds(max_calls=6)).truncated
+
+
 # -- the decision cache keys only on the history paths the policy reads -----------------------
 
 

@@ -14,22 +14,30 @@ call (tool, arguments, call id) and the result the agent sent back for it.
   ``mcp_call``'s ``output``); ``previous_response_id`` is resolved
   elsewhere, from Warden's own records (:mod:`warden.sessions`); and the
   hosted MCP calls the request approves (``mcp_approval_response``), which
-  the provider then runs;
+  the provider then runs. A ``compaction`` item (an encrypted summary of
+  earlier turns) and an ``item_reference`` (``type`` ``item_reference``, or
+  none at all and an ``id``: the SDK's ``ItemReference`` makes ``type``
+  optional), which the provider fills in from an item it keeps, put content
+  Warden cannot read into the model's context: they set ``truncated``;
 * Anthropic Messages: every call block the adapter decides (``tool_use``,
   ``server_tool_use``, ``mcp_tool_use``), answered by ``tool_result`` and by
   every ``*_tool_result`` block (``web_fetch_tool_result``, ``mcp_tool_result``,
   ...), which carries the result of a call the provider ran, in either turn.
+  A ``compaction`` block (a summary standing for earlier turns) sets
+  ``truncated``, as a Responses ``compaction`` item does.
 
 Bounds: at most ``max_messages`` messages (or items) are read, the latest
-``max_calls`` calls are kept, each result keeps ``max_result_chars``
-characters (with its full size and SHA-256), and extraction stops after
-``max_ms``; any of these sets ``truncated``. Nothing here raises on a
+``max_calls`` calls (and as many results without their call) are kept, each
+result keeps ``max_result_chars`` characters (with its full size and
+SHA-256), and extraction stops after ``max_ms``; any of these sets
+``truncated``. Nothing here raises on a
 malformed conversation: what cannot be read is left out (the adapters have
 already refused a body that is not JSON). Calls are read by the adapters' own
 readers, so each has the name, arguments and digest Warden decided it with.
 A result whose call is not in the request is kept apart (``results``); one
 that names its tool (``role: function``, a hosted tool's ``*_tool_result``)
-still counts that tool as answered.
+still counts that tool as answered, and so does one read before its call (out
+of order, in any protocol): that call's tool.
 """
 
 from __future__ import annotations
@@ -247,15 +255,29 @@ class _Builder:
         if isinstance(tool, str) and tool:
             self.result(self.legacy.get(tool, legacy_call_id(0)), content, tool=tool)
 
+    def answer_orphans(self) -> None:
+        """A result read before its call (out of order): that call's tool's output entered too."""
+        for call_id in self.orphans:
+            call = self.calls.get(call_id)
+            if call is not None:
+                self.answered.add(call.tool)
+
+    def unseen(self) -> None:
+        """Content the provider puts in the model's context that Warden cannot read (a
+        compaction, a stored item): what entered the conversation is unknown (fail closed)."""
+        self.truncated = True
+
     def done(self) -> Conversation:
+        self.answer_orphans()
         order = list(self.calls)
         keep = order[-self.bounds.max_calls :] if self.bounds.max_calls else []
-        truncated = self.truncated or len(keep) < len(order)
+        orphans = tuple(self.orphans.items())
+        results = orphans[-self.bounds.max_calls :] if self.bounds.max_calls else ()
+        # A result left out may be the one that answers a chain's call (and taints).
+        truncated = self.truncated or len(keep) < len(order) or len(results) < len(orphans)
         return Conversation(
             calls=tuple(self.calls[i] for i in keep),
-            results=tuple(self.orphans.items())[-self.bounds.max_calls :]
-            if self.bounds.max_calls
-            else (),
+            results=results,
             messages=self.messages,
             truncated=truncated,
             answered_tools=frozenset(self.answered),
@@ -299,6 +321,21 @@ _INLINE_RESULTS: Final = {
 """Hosted calls the provider ran, whose result the item itself carries (retrieved text)."""
 
 
+_UNREADABLE: Final = frozenset({"compaction"})
+"""Item types whose content Warden cannot read: an encrypted summary of earlier turns."""
+
+
+def _reference(item: Mapping[str, Any]) -> bool:
+    """An ``item_reference``: the provider fills it in from an item it keeps, unseen here.
+
+    The SDK's ``ItemReference`` makes ``type`` optional (absent or ``null``), and
+    the adapter passes such an item on as it came: an item with no type and an
+    ``id`` is read as one too (fail closed), whatever else it carries.
+    """
+    kind = item.get("type")
+    return kind == "item_reference" or (kind is None and item.get("id") is not None)
+
+
 def _responses(body: Mapping[str, Any], b: _Builder) -> None:
     items = body.get("input")
     for position, item in enumerate(items if isinstance(items, list) else ()):
@@ -306,10 +343,15 @@ def _responses(body: Mapping[str, Any], b: _Builder) -> None:
             return
         if not isinstance(item, dict):
             continue
+        if _reference(item):
+            b.unseen()
+            continue
         kind = item.get("type")
         if not isinstance(kind, str):
-            continue  # the adapter refuses such an item; nothing to read
-        if kind in _RESPONSES_CALLS:
+            continue  # a message without its (optional) type: no call, no result
+        if kind in _UNREADABLE:
+            b.unseen()
+        elif kind in _RESPONSES_CALLS:
             # Named and parsed exactly as the adapter named the call it decided.
             call = call_of(canonical_item(item), position)
             b.call(call.call_id, call.name, call.arguments, raw=call.raw_arguments, kind=kind)
@@ -344,10 +386,11 @@ def hosted_approvals(
 
     Not bounded as the history is: an approval (or the request it names) past
     ``max_messages`` would otherwise go to the provider unchecked. The pass only
-    looks at each item's ``type`` and parses the approval request items, at most
-    :data:`MAX_APPROVAL_REQUESTS` (the third value says there were more, or that an
-    ``item_reference`` has the provider fill in an item Warden cannot see). Only
-    ``approve: false`` is a refusal: anything else may read as yes to the provider.
+    looks at each item's ``type`` (and ``id``) and parses the approval request items,
+    at most :data:`MAX_APPROVAL_REQUESTS` (the third value says there were more, or
+    that an ``item_reference``, typed or not, has the provider fill in an item Warden
+    cannot see). Only ``approve: false`` is a refusal: anything else may read as yes
+    to the provider.
     """
     items = body.get("input")
     if not isinstance(items, list):
@@ -362,8 +405,9 @@ def hosted_approvals(
         if kind == "mcp_approval_response" and item.get("approve") is not False:
             request_id = item.get("approval_request_id")
             approved[request_id if isinstance(request_id, str) else None] = None
-        elif kind == "item_reference":
-            # The provider fills it in from any item it keeps: a copy Warden cannot see.
+        elif _reference(item):
+            # The provider fills it in from any item it keeps (an item with no type and
+            # an ``id`` too): a copy Warden cannot see.
             cut = True
         elif kind == APPROVAL_REQUEST:
             if len(asked) == MAX_APPROVAL_REQUESTS:
@@ -386,6 +430,9 @@ _ANTHROPIC: Final = AnthropicMessagesAdapter()
 """Reads each call block as Warden decided it (name, arguments); holds no state."""
 _ANTHROPIC_CALLS: Final = frozenset(CALL_BLOCKS)
 """Every call block type the adapter decides (any other type is decided as unknown)."""
+_ANTHROPIC_UNREADABLE: Final = frozenset({"compaction"})
+"""Block types that stand for content Warden cannot read: a summary of earlier turns
+(which may retell any tool's output), in either turn."""
 _RESULT: Final = "_tool_result"
 _RESULT_TOOLS: Final[Mapping[str, tuple[str, ...]]] = {
     "tool_search_tool_result": ("tool_search_tool_regex", "tool_search_tool_bm25"),
@@ -398,15 +445,7 @@ _RESULT_TOOLS: Final[Mapping[str, tuple[str, ...]]] = {
 
 
 def _anthropic(body: Mapping[str, Any], b: _Builder) -> None:
-    _anthropic_blocks(body, b)
-    # A result read before its call (out of order): that tool's output entered too.
-    for call_id in b.orphans:
-        call = b.calls.get(call_id)
-        if call is not None:
-            b.answered.add(call.tool)
-
-
-def _anthropic_blocks(body: Mapping[str, Any], b: _Builder) -> None:
+    # A result read before its call counts its call's tool as answered (_Builder.done).
     messages = body.get("messages")
     for message in messages if isinstance(messages, list) else ():
         if not b.tick():
@@ -425,7 +464,9 @@ def _anthropic_blocks(body: Mapping[str, Any], b: _Builder) -> None:
             kind = block.get("type")
             if not isinstance(kind, str):
                 continue
-            if role == "assistant" and kind in _ANTHROPIC_CALLS:
+            if kind in _ANTHROPIC_UNREADABLE:
+                b.unseen()
+            elif role == "assistant" and kind in _ANTHROPIC_CALLS:
                 # Named and parsed exactly as the adapter named the call it decided
                 # (a toolset member's ``<toolset>.<name>``, a hosted tool's own name).
                 (call,) = _ANTHROPIC.tool_calls({"content": [block]})

@@ -345,6 +345,40 @@ async def test_the_person_the_proxy_names_is_signed_in_whatever_the_cookie_says(
         assert running.killswitches.active() == ()
 
 
+async def test_a_proxy_made_session_holds_only_while_the_proxy_vouches_for_it(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # The auth proxy is 127.0.0.2; the admin port is also reachable directly.
+    sso = {"trusted_proxies": ["127.0.0.2"], "roles": {"sre": ["admin"], "leads": ["approver"]}}
+    async with Warden(config(tmp_path, llm, console={"sso": sso})) as running:
+        ops = f"{running.admin_url}/console/operations"
+        proxied = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        jar = aiohttp.CookieJar(unsafe=True)
+        async with aiohttp.ClientSession(connector=proxied, cookie_jar=jar) as via_proxy:
+            sam = {"X-Forwarded-User": "sam", "X-Forwarded-Groups": "sre"}
+            async with via_proxy.get(ops, headers=sam) as resp:
+                assert resp.status == 200
+                csrf = re.search(r'name="csrf" value="([^"]+)"', await resp.text())
+            assert csrf is not None
+            cookies = {c.key: c.value for c in jar}
+            # Sam is moved to leads; the proxy's next request sees it.
+            demoted = {"X-Forwarded-User": "sam", "X-Forwarded-Groups": "leads"}
+            async with via_proxy.get(ops, headers=demoted) as resp:
+                assert resp.status == 403
+        # The admin cookie, taken around the proxy: no session, no switch.
+        async with aiohttp.ClientSession(cookies=cookies) as direct:
+            async with direct.get(ops, allow_redirects=False) as resp:
+                assert resp.status == 303  # to the token form
+            async with direct.post(
+                f"{ops}/killswitches",
+                data={"csrf": csrf.group(1), "scope": "global", "reason": "x"},
+                allow_redirects=False,
+            ) as resp:
+                assert resp.status == 401
+        assert running.killswitches is not None
+        assert running.killswitches.active() == ()
+
+
 async def test_one_evidence_package_is_built_at_a_time(warden: Warden) -> None:
     assert warden.console is not None
     async with browser_like() as http:

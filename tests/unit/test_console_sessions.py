@@ -76,3 +76,18 @@ def test_a_person_signing_in_again_and_again_drops_only_their_own_oldest_session
     assert len(store) == 4
     store.drop(theirs[-1])
     assert len(store) == 3
+
+
+def test_a_change_of_roles_ends_the_persons_other_proxy_made_sessions() -> None:
+    store = SessionStore(60)
+    admin = Principal("dana", frozenset({"admin"}))
+    laptop, _ = store.create(admin, via="sso")
+    phone, _ = store.create(admin, via="sso")
+    typed, _ = store.create(admin)  # signed in with an admin token: not the proxy's word
+    store.drop_sso("dana", keep=DANA)  # the proxy now names her an approver
+    assert store.get(laptop) is None
+    assert store.get(phone) is None
+    assert store.get(typed) is not None
+    kept, _ = store.create(DANA, via="sso")
+    store.drop_sso("dana", keep=DANA)
+    assert store.get(kept) is not None

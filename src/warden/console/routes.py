@@ -162,7 +162,10 @@ def _session_of(request: web.Request, console: Console) -> tuple[Session | None,
     session = console.sessions.get(cookie)
     sso_config = console.config.console.sso
     if not sso_speaks(sso_config, request.remote, request.headers):
-        return session, None
+        # A session the auth proxy made holds only while the proxy vouches for its
+        # person: reached around the proxy, a demoted or removed person's cookie
+        # would keep the old roles for the session's life.
+        return (None if session is not None and session.via == "sso" else session), None
     # Behind the auth proxy, the person it names is who is signed in: a demoted
     # person, or another one at the same browser, does not carry on in the
     # cookie's session.
@@ -172,6 +175,9 @@ def _session_of(request: web.Request, console: Console) -> tuple[Session | None,
         return None, None
     if session is not None and session.principal == sso:
         return session, None
+    # The proxy names this person with other roles now: their other proxy-made
+    # sessions (other browsers) end too.
+    console.sessions.drop_sso(sso.subject, keep=sso)
     new_id, session = console.sessions.create(sso, via="sso")
     return session, new_id
 

@@ -105,6 +105,15 @@ class SessionStore:
         if session_id and len(session_id) <= 256:
             self._forget(_key(session_id))
 
+    def drop_sso(self, subject: str, keep: Principal | None = None) -> None:
+        """Forget the sessions the auth proxy made for ``subject``, but those of ``keep``
+        (its roles changed, or the proxy no longer vouches for them)."""
+        mine = self._by_person.get(subject)
+        for key in list(mine or ()):
+            session = self._sessions[key]
+            if session.via == "sso" and session.principal != keep:
+                self._forget(key)
+
     def prune(self) -> None:
         """Forget expired sessions."""
         now = self._clock()

@@ -452,15 +452,21 @@ def test_an_identity_content_encoding_is_not_an_encoding() -> None:
         "application/json; charset*0=ut; charset*1=f-7",
         "application/json; charset(c)=utf-7",
         "application/json; charset (c) = utf-7",
+        # Its quoted strings' ends found by counting quotes, after encoded words are
+        # decoded: both are charset utf-7 to aiohttp, a quoted value to a plain reading.
+        'application/json; x="\\\\"; y=";charset=utf-7;z="',
+        'application/json; x="=?utf-8?q?a=5C?="; y="; charset=utf-7; z="',
     ],
 )
 def test_a_charset_other_than_utf8_is_refused(content_type: str) -> None:
     # aiohttp's request.json() decodes by the charset: under utf-7, +ACI- closes a string.
     body = b'{"amount":5,"note":"x+ACI-,+ACI-amount+ACI-:9000,+ACI-z+ACI-:+ACI-y"}'
     for path in ("/orders/A-1/refunds", "/health"):
-        with pytest.raises(ToolRequestError, match="declared as charset|not plain name=value"):
+        with pytest.raises(
+            ToolRequestError, match="declared as charset|not plain name=value|escapes or encodes"
+        ):
             resolve("POST", path, body, content_type)
-    if "*" in content_type or "(" in content_type:
+    if any(c in content_type for c in "*(") or "y=" in content_type:
         # What an aiohttp service reads (its request.charset) for these spellings.
         assert parse_content_type(content_type)[1]["charset"].lower() == "utf-7"
 

@@ -85,6 +85,8 @@ def test_a_resource_name_later_in_the_path_does_not_make_a_governed_route_plain(
         ("POST", "v1/threads/thread_1/runs/embeddings"),
         ("GET", "v1/files/models"),
         ("POST", "x/y/moderations"),
+        ("POST", "v1/threads/t1/messages/count_tokens"),
+        ("POST", "v1/threads/t1/runs/responses/input_tokens"),
     ],
 )
 def test_a_plain_resource_name_past_the_api_base_is_refused(method: str, tail: str) -> None:

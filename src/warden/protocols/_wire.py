@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
+from aiohttp.helpers import parse_content_type
 
 from warden.errors import InvalidJSON, UnsupportedMedia
 from warden.model import Decision, Effect, Mode, Usage
@@ -128,6 +129,14 @@ def foreign_charset(content_type: str) -> str | None:
     """
     if not content_type:
         return None
+    if "\\" in content_type or "=?" in content_type:
+        # Quoted pairs and RFC 2047 encoded words: the email parser aiohttp uses
+        # decodes them and then finds quoted strings' ends by counting quotes, so
+        # ``x="\\"; y=";charset=utf-7"`` is charset utf-7 to it.
+        return (
+            f"the Content-Type {content_type[:60]!r} escapes or encodes its parameters "
+            "(a backslash, or an encoded word), which servers read differently"
+        )
     media = _MEDIA_TYPE.match(content_type)
     if media is None:
         return f"the Content-Type {content_type[:60]!r} is not one media type"
@@ -147,6 +156,10 @@ def foreign_charset(content_type: str) -> str | None:
             if value.lower() not in ("utf-8", "utf8"):
                 return f"the request body is declared as charset {value[:30]!r}"
         at = param.end()
+    # And as aiohttp itself reads it, in case the two readings still part somewhere.
+    charset = parse_content_type(content_type)[1].get("charset")
+    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+        return f"the request body is declared as charset {charset[:30]!r}"
     return None
 
 

@@ -251,9 +251,10 @@ def match_route(
     start = _route_start(family, tail)
     if start is not None:
         route = tail[start:]
-        governed = route[0].casefold() in _GOVERNED_ROOTS
         for rule in rules:
-            if rule.matches(method, route) and (governed or _api_base(tail[:start])):
+            if rule.matches(method, route) and (
+                rule.match.adapter is not None or _api_base(tail[:start])
+            ):
                 return rule.match
     if under_governed_resource(tail):
         return None

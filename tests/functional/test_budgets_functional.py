@@ -14,6 +14,7 @@ import pytest
 from tests.adversarial import wire
 from tests.functional.conftest import audit_records, make_config
 from warden.budgets.caps import window_key
+from warden.cli import main as warden_cli
 from warden.server import Warden
 from warden.state import StateStore
 from warden.testing import Call, Fault, MockLLM, Reply
@@ -320,8 +321,11 @@ async def test_a_stream_the_agent_cuts_short_is_spent_at_what_it_held(
         ("chat", {}),
         ("chat", {"prompt_tokens": "900000", "completion_tokens": 1e5}),
         ("responses", {"input_tokens": 10, "output_tokens": -1_000_000}),
+        # Priced, a count past a float's range was an infinite cost, written to the
+        # log as a bare Infinity that verify and a restart read as damage.
+        ("chat", {"prompt_tokens": 10**308, "completion_tokens": 1}),
     ],
-    ids=["chat-empty", "chat-not-integers", "responses-negative"],
+    ids=["chat-empty", "chat-not-integers", "responses-negative", "chat-past-a-float"],
 )
 async def test_usage_that_is_no_count_is_spent_at_what_it_held(
     tmp_path: Path, route: str, usage: dict[str, Any]
@@ -352,6 +356,7 @@ async def test_usage_that_is_no_count_is_spent_at_what_it_held(
     [outcome] = [r for r in audit_records(tmp_path / "audit") if r["kind"] == "outcome"]
     assert outcome["outcome"]["status"] == 200
     assert outcome["outcome"]["tokens"] is None
+    assert warden_cli(["audit", "verify", "--dir", str(tmp_path / "audit")]) == 0
 
 
 async def test_an_azure_deployment_is_the_model_priced_and_decided(

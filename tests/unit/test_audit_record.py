@@ -276,6 +276,17 @@ def test_encoding_is_deterministic_and_handles_huge_integers() -> None:
     assert orjson.loads(encode({"n": 2**70})) == {"n": 2**70}
 
 
+def test_a_record_encoded_by_the_fallback_reads_back_as_every_reader_reads_it() -> None:
+    # An integer past 64 bits sends the record to the standard library, which would
+    # write inf as the bare word Infinity: verify and a restart would call it damage.
+    record = {"tokens": 10**30, "cost": float("inf"), "rate": float("nan"), "ok": 1.5}
+    payload = encode(record)
+    assert orjson.loads(payload) == {"cost": None, "ok": 1.5, "rate": None, "tokens": 1e30}
+    # An integer no reader can take is refused, never written.
+    with pytest.raises(ValueError):
+        encode({"tokens": 10**400})
+
+
 def test_arguments_hash_is_canonical() -> None:
     a = arguments_sha256({"amount": 250, "order_id": "A-1"})
     assert a == arguments_sha256({"order_id": "A-1", "amount": 250})

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -180,15 +181,22 @@ def encode(record: Mapping[str, Any]) -> bytes:
     stored, so verification never re-encodes. orjson sorts keys by code
     point, JCS by UTF-16 code units; the two differ only for characters from
     U+E000 up, so those records (rare) are sorted again the JCS way. Integers
-    beyond 64 bits, which orjson refuses, fall back to the standard library.
+    beyond 64 bits, which orjson refuses, fall back to the standard library,
+    with a float that is not finite written ``null`` as orjson writes it.
+    Raises ``ValueError`` for a record the log's readers (orjson) could not
+    read back: such a record is never written, as verify and a restart would
+    take it for damage.
     """
     try:
         payload = orjson.dumps(record, option=_ENCODE_OPTS)
     except orjson.JSONEncodeError:
         import json  # noqa: PLC0415 - rare path
 
-        text = json.dumps(_jcs_order(record), separators=(",", ":"), ensure_ascii=False)
-        return text.encode()
+        text = json.dumps(
+            _jcs_order(record), separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
+        orjson.loads(text)  # an integer past a float's range: no reader could take it
+        return text
     # Most records are ASCII: a C-speed check spares the scan for wide characters.
     if not payload.isascii() and _WIDE_UTF8.search(payload):
         payload = orjson.dumps(_jcs_order(record), option=_ENCODE_OPTS & ~orjson.OPT_SORT_KEYS)
@@ -204,11 +212,14 @@ def _utf16(key: str) -> bytes:
 
 
 def _jcs_order(value: Any) -> Any:
-    """A copy with every object's keys in RFC 8785 order (by UTF-16 code units)."""
+    """A copy with every object's keys in RFC 8785 order (by UTF-16 code units), and
+    every float that is not finite as ``None`` (what orjson writes for it)."""
     if isinstance(value, Mapping):
         return {k: _jcs_order(value[k]) for k in sorted(value, key=_utf16)}
     if isinstance(value, list | tuple):
         return [_jcs_order(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
 
 

@@ -300,9 +300,14 @@ def tiered(usage: Usage | None, tier: object) -> Usage | None:
     return dataclasses.replace(usage, rate=rate)
 
 
+_MOST_TOKENS: Final = 2**53
+"""Past any real count; a larger one would price a call past a float's range."""
+
+
 def token_count(value: Any) -> int | None:
-    """A token count from the wire, or ``None`` unless a non-negative int."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    """A token count from the wire, or ``None`` unless a non-negative int no larger than
+    :data:`_MOST_TOKENS` (a call with no count is spent at what it held)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MOST_TOKENS:
         return value
     return None
 

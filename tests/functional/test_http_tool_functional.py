@@ -420,6 +420,8 @@ async def test_a_hold_whose_agent_hung_up_is_deferred_and_its_retry_runs_once(
         async with await retry as resp:
             assert resp.status == 201
     assert refunds.seen == [("POST", "/orders/A-1/refunds", refund)]
+    (deferred,) = [r for r in audit_records(tmp_path / "audit") if r["kind"] == "approval_deferred"]
+    assert "the agent left" in deferred["body"]["reason"]
 
 
 async def test_a_hold_approved_as_its_agent_hangs_up_is_the_retrys_grant(

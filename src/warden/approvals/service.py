@@ -443,9 +443,21 @@ class Approvals:
         It stays decidable, now for ``defer_ttl_s``; once approved, the same
         call from the same agent passes once. A hold approved as its request
         went (not yet used) becomes that grant at once. ``None`` when it was
-        neither pending nor so approved.
+        neither pending nor so approved. Recorded (``approval_deferred``), as
+        :meth:`recover` records the holds of processes that are gone.
         """
-        return await self._store.to_defer(approval_id, time.time() + self.settings.defer_ttl_s)
+        deferred = await self._store.to_defer(approval_id, time.time() + self.settings.defer_ttl_s)
+        if deferred is not None:
+            await self._record(
+                "approval_deferred",
+                deferred,
+                {
+                    "reason": "the request holding it is gone (the agent left, or Warden stopped)",
+                    "status": deferred.status.value,
+                    "expires_at": rfc3339(deferred.expires_at),
+                },
+            )
+        return deferred
 
     async def mark_executed(self, approval_id: str, action_id: str | None = None) -> Approval:
         """Consume an approved hold-mode approval as its action goes through.

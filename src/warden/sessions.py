@@ -1116,13 +1116,25 @@ def _entry(
 
 
 def provider_ran(action: Action) -> bool:
-    """Whether the provider ran ``action`` before Warden saw it: a hosted tool or the
-    provider's MCP call in a model's answer (Warden's decision only keeps its result
-    from the agent)."""
-    return action.stage is Stage.PROPOSED and action.kind in (
-        ActionKind.HOSTED_TOOL_CALL,
-        ActionKind.MCP_CALL,
+    """Whether the provider ran ``action`` before Warden saw it: a hosted tool, the
+    provider's MCP call, or a shell call where the request gave the provider's shell
+    (a container) in a model's answer. Warden's decision only keeps its result from
+    the agent."""
+    if action.stage is not Stage.PROPOSED:
+        return False
+    if action.kind in (ActionKind.HOSTED_TOOL_CALL, ActionKind.MCP_CALL):
+        return True
+    return action.wire_type == "shell_call" and any(
+        # A stored prompt may bring a hosted shell of its own: unknown counts as hosted.
+        tool.get("type") == "prompt"
+        or (tool.get("type") == "shell" and _hosted(tool.get("environment")))
+        for tool in action.request.tools
     )
+
+
+def _hosted(environment: object) -> bool:
+    """A declared shell's environment is the provider's unless it says ``local``."""
+    return not (isinstance(environment, Mapping) and environment.get("type") == "local")
 
 
 def _session_doc(

@@ -11,6 +11,8 @@ proposes ``send_email`` (a ``sensitive_sink``), which the shipped policy holds.
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from tests.adversarial.wire import (
     response_body,
     tool_use,
 )
-from tests.functional.conftest import audit_records, make_config
+from tests.functional.conftest import SHIPPED_POLICY, audit_records, make_config
 from warden.server import Warden
 from warden.testing.raw_upstream import RawReply, RawUpstream
 
@@ -144,4 +146,104 @@ async def test_a_denied_hosted_call_still_taints_the_answers_after_it(
                 model=MODEL, previous_response_id=first.id, input="go on"
             )
     assert "function_call" not in [item.type for item in second.output]
+    assert sink_decisions(tmp_path) == [("require_approval", ["untrusted_output"])]
+
+
+def with_web_fetch(tmp_path: Path) -> str:
+    """The shipped bundle with the provider's web_fetch in its catalogue (allowed)."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(SHIPPED_POLICY, bundle)
+    data = json.loads((bundle / "data.json").read_text())
+    data["warden"]["tools"]["web_fetch"] = {"class": "read_only"}
+    (bundle / "data.json").write_text(json.dumps(data))
+    return str(bundle)
+
+
+async def test_a_server_tool_run_beside_a_client_tool_taints_the_next_turn(
+    tmp_path: Path,
+) -> None:
+    # Claude calls a server tool and a client tool together: the server tool comes
+    # back without its result and runs once the next request brings the client
+    # tool's. No session named (the SDK's default): the history alone must taint.
+    fetch_first = message_body([WEB_FETCH, tool_use("get_order", {"order_id": "A1"}, "toolu_1")])
+    answers = [fetch_first, message_body([FETCHED, tool_use("send_email", SEND, "toolu_2")])]
+    tools = {**TOOLS, "get_order": {"risk": "read_only"}}
+    bundle = with_web_fetch(tmp_path)
+    declared: Any = [
+        {"type": "web_fetch_20250910", "name": "web_fetch", "max_uses": 1},
+        {"name": "get_order", "input_schema": {"type": "object"}},
+        {"name": "send_email", "input_schema": {"type": "object"}},
+    ]
+    messages: list[Any] = [{"role": "user", "content": "Read https://evil.test/page, check A1"}]
+    async with RawUpstream() as up:
+        up.on_request = lambda _request: RawReply.json(answers.pop(0))
+        config = make_config(tmp_path, up.url, tools=tools, policy={"bundles": [bundle]})
+        async with (
+            Warden(config) as warden,
+            anthropic.AsyncAnthropic(
+                base_url=f"{warden.proxy_url}/anthropic", api_key="sk-ant-test", max_retries=0
+            ) as sdk,
+        ):
+            first = await sdk.messages.create(
+                model=CLAUDE, max_tokens=50, messages=messages, tools=declared
+            )
+            messages += [
+                {
+                    "role": "assistant",
+                    "content": [b.model_dump(exclude_none=True) for b in first.content],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "shipped"}
+                    ],
+                },
+            ]
+            await sdk.messages.create(
+                model=CLAUDE, max_tokens=50, messages=messages, tools=declared
+            )
+    assert sink_decisions(tmp_path) == [("require_approval", ["untrusted_output"])]
+
+
+SHELL = {
+    "type": "shell_call",
+    "id": "sh_1",
+    "call_id": "call_sh",
+    "status": "completed",
+    "action": {"commands": ["cat /mnt/data/attachment.txt"], "timeout_ms": 1000},
+    "environment": {"type": "container_reference", "container_id": "cntr_1"},
+}
+SHELL_OUT = {
+    "type": "shell_call_output",
+    "id": "sho_1",
+    "call_id": "call_sh",
+    "status": "completed",
+    "output": [{"stdout": INJECTED, "stderr": "", "outcome": {"type": "exit", "exit_code": 0}}],
+}
+
+
+SHELL_TOOLS: Any = [
+    {"type": "shell", "environment": {"type": "container_auto"}},
+    {"type": "function", "name": "send_email", "parameters": {"type": "object"}},
+]
+
+
+async def test_the_providers_shell_taints_like_any_tool_it_runs(tmp_path: Path) -> None:
+    # A request giving the provider's shell (a container): the shell call in the answer
+    # ran there, whatever Warden decides of it, and its output reached the model.
+    answer = response_body([SHELL, SHELL_OUT, fn_item("send_email", SEND, "call_2", "fc_2")])
+    tools = {**TOOLS, "shell_call": {"labels": ["untrusted_output"]}}
+    async with RawUpstream() as up:
+        up.on_request = lambda _request: RawReply.json(answer)
+        async with (
+            Warden(make_config(tmp_path, up.url, tools=tools)) as warden,
+            openai.AsyncOpenAI(
+                base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
+            ) as sdk,
+        ):
+            await sdk.responses.create(
+                model=MODEL,
+                input="summarise the customer's attachment",
+                tools=SHELL_TOOLS,
+            )
     assert sink_decisions(tmp_path) == [("require_approval", ["untrusted_output"])]

@@ -664,3 +664,27 @@ def test_any_conversation_is_read_without_raising(messages: list[Any], protocol:
         assert isinstance(call.tool, str)
         assert call.tool
         assert len(call.digest) == 64
+
+
+def test_a_call_the_provider_runs_counts_as_answered_without_its_result() -> None:
+    # Anthropic runs a server tool called beside a client tool once the next request
+    # brings the client tool's result; a Responses hosted call carries its own output.
+    fetch = {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_fetch", "input": {}}
+    body = {"messages": [{"role": "assistant", "content": [fetch]}]}
+    assert extract("anthropic", body).answered_tools == {"web_fetch"}
+    searched = {"type": "web_search_call", "id": "ws_1", "status": "completed", "action": {}}
+    assert extract("openai_responses", {"input": [searched]}).answered_tools == {"web_search_call"}
+    # A shell call ran at the provider when its environment is a container, not the agent's.
+    shell: dict[str, Any] = {"type": "shell_call", "call_id": "c1", "action": {"commands": []}}
+    hosted = {**shell, "environment": {"type": "container_reference", "container_id": "x"}}
+    local = {**shell, "environment": {"type": "local"}}
+    assert extract("openai_responses", {"input": [hosted]}).answered_tools == {"shell_call"}
+    assert extract("openai_responses", {"input": [local]}).answered_tools == frozenset()
+    # A function call the agent runs is answered only by its result.
+    function = {"type": "tool_use", "id": "toolu_1", "name": "get_order", "input": {}}
+    assert (
+        extract(
+            "anthropic", {"messages": [{"role": "assistant", "content": [function]}]}
+        ).answered_tools
+        == frozenset()
+    )

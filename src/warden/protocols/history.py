@@ -50,7 +50,7 @@ from typing import Any, Final
 
 import orjson
 
-from warden.model import Conversation, HostedApproval, PriorCall, PriorResult
+from warden.model import ActionKind, Conversation, HostedApproval, PriorCall, PriorResult
 from warden.protocols._wire import parse_arguments
 from warden.protocols.anthropic import CALL_BLOCKS, AnthropicMessagesAdapter
 from warden.protocols.openai_chat import entry_call, legacy_call, legacy_call_id
@@ -356,8 +356,24 @@ def _responses(body: Mapping[str, Any], b: _Builder) -> None:
             call = call_of(canonical_item(item), position)
             b.call(call.call_id, call.name, call.arguments, raw=call.raw_arguments, kind=kind)
             _inline_result(item, kind, call.call_id, call.name, b)
+            if CALL_SHAPES[kind].kind in _PROVIDER_RUN or (
+                kind == "shell_call" and _hosted_environment(item.get("environment"))
+            ):
+                # The provider ran it, with or without its result in this request (Anthropic
+                # runs a server tool once the next request brings the client tools' results).
+                b.answered.add(call.name)
         elif kind in _RESPONSES_RESULTS:
             b.result(item.get("call_id") or item.get("id"), item.get("output"))
+
+
+_PROVIDER_RUN: Final = frozenset({ActionKind.HOSTED_TOOL_CALL, ActionKind.MCP_CALL})
+"""Call kinds the provider runs itself: their output reaches the model, decided or not."""
+
+
+def _hosted_environment(environment: Any) -> bool:
+    """Whether a ``shell_call``'s environment is the provider's (a container), not the
+    agent's machine; one that cannot be read counts as the provider's (fail closed)."""
+    return not (isinstance(environment, dict) and environment.get("type") == "local")
 
 
 def _inline_result(
@@ -433,6 +449,7 @@ _ANTHROPIC_CALLS: Final = frozenset(CALL_BLOCKS)
 _ANTHROPIC_UNREADABLE: Final = frozenset({"compaction"})
 """Block types that stand for content Warden cannot read: a summary of earlier turns
 (which may retell any tool's output), in either turn."""
+_ANTHROPIC_PROVIDER_RUN: Final = frozenset({"server_tool_use", "mcp_tool_use"})
 _RESULT: Final = "_tool_result"
 _RESULT_TOOLS: Final[Mapping[str, tuple[str, ...]]] = {
     "tool_search_tool_result": ("tool_search_tool_regex", "tool_search_tool_bm25"),
@@ -471,6 +488,10 @@ def _anthropic(body: Mapping[str, Any], b: _Builder) -> None:
                 # (a toolset member's ``<toolset>.<name>``, a hosted tool's own name).
                 (call,) = _ANTHROPIC.tool_calls({"content": [block]})
                 b.call(call.call_id, call.name, call.arguments, raw=call.raw_arguments)
+                if kind in _ANTHROPIC_PROVIDER_RUN:
+                    # Run at the provider, its result here or not: a server tool called
+                    # beside a client tool runs once the next request brings their results.
+                    b.answered.add(call.name)
             elif kind == "tool_result" or kind.endswith(_RESULT):
                 # In either turn: a provider-run call's result inline in the assistant's
                 # (``web_fetch_tool_result``), a hosted MCP call's (``mcp_tool_result``).

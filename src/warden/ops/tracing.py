@@ -280,7 +280,13 @@ async def _upstream_failed(
 
 
 class _Core(Protocol):
-    async def decide(self, action: Action, *, hold: str | None = None) -> Decision: ...
+    async def decide(
+        self,
+        action: Action,
+        *,
+        hold: str | None = None,
+        connected: Callable[[], bool] | None = None,
+    ) -> Decision: ...
 
     @staticmethod
     def count_usage(agent: Any, model: str | None, usage: Usage | None) -> None: ...
@@ -311,17 +317,19 @@ def _traced_decide(
     decide: Callable[..., Awaitable[Decision]],
 ) -> Callable[..., Awaitable[Decision]]:
     @functools.wraps(decide)
-    async def traced(action: Action, *, hold: str | None = None) -> Decision:
+    async def traced(
+        action: Action, *, hold: str | None = None, connected: Callable[[], bool] | None = None
+    ) -> Decision:
         tracer = _tracer()
         if tracer is None:
-            return await decide(action, hold=hold)
+            return await decide(action, hold=hold, connected=connected)
         request_span = trace.get_current_span()
         with tracer.start_as_current_span(
             f"warden.decision {_cut(action.tool or action.kind.value)}",
             kind=SpanKind.INTERNAL,
             attributes=dict(_action_attributes(action)),
         ) as span:
-            decision = await decide(action, hold=hold)
+            decision = await decide(action, hold=hold, connected=connected)
             span.set_attributes(dict(_decision_attributes(decision)))
         if action.tool is None:
             # The request's own action (a model call, an HTTP call): its facts

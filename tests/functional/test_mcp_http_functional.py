@@ -703,6 +703,39 @@ async def test_a_session_id_given_out_twice_is_not_handed_to_a_second_agent(
             assert "another agent holds" in orjson.loads(body)["error"]["message"]
 
 
+async def test_a_result_holding_a_lone_surrogate_is_still_recorded(tmp_path: Path) -> None:
+    # "\ud800" is valid JSON but no character: the outcome of the call it answers
+    # must be in the log all the same, not lost to an encoding error.
+    def responder(request: Any) -> RawReply:
+        message = request.json()
+        if message.get("method") == "initialize":
+            answer = {"jsonrpc": "2.0", "id": message["id"], "result": {"capabilities": {}}}
+            return RawReply(
+                body=json_bytes(answer),
+                headers=[("Mcp-Session-Id", "s1")],
+                content_type="application/json",
+            )
+        text = b'{"type":"text","text":"found \\ud800"}'
+        body = b'{"jsonrpc":"2.0","id":%d,"result":{"content":[%s]}}' % (message["id"], text)
+        return RawReply(body=body, content_type="application/json")
+
+    call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+            "params": {"name": "search_kb", "arguments": {"query": "x"}}}  # fmt: skip
+    async with (
+        RawUpstream(responder) as up,
+        Warden(config(tmp_path, up.url)) as warden,
+        aiohttp.ClientSession() as http,
+    ):
+        url = f"{warden.proxy_url}/{UPSTREAM}"
+        _, headers, _ = await post(http, url, INIT)
+        session = {k.lower(): v for k, v in headers.items()}["mcp-session-id"]
+        opened = {"Mcp-Session-Id": session, "MCP-Protocol-Version": "2025-11-25"}
+        status, _, _ = await post(http, url, call, opened)
+        assert status == 200
+    (outcome,) = records(tmp_path, "outcome")
+    assert outcome["outcome"]["result"] == "found \ufffd"
+
+
 async def test_naming_ids_the_server_does_not_know_claims_nothing(
     warden: Warden, tmp_path: Path, server: StreamableHttpServer
 ) -> None:

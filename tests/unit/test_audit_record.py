@@ -287,6 +287,13 @@ def test_a_record_encoded_by_the_fallback_reads_back_as_every_reader_reads_it() 
         encode({"tokens": 10**400})
 
 
+def test_a_lone_surrogate_an_upstream_sent_is_written_as_a_replacement_character() -> None:
+    # An MCP server's result text "\ud800": UTF-8 cannot hold it, and the outcome
+    # record of the call it answers must still be written.
+    payload = encode({"result": "ok \ud800", "\udc00key": 1})
+    assert orjson.loads(payload) == {"result": "ok \ufffd", "\ufffdkey": 1}
+
+
 def test_arguments_hash_is_canonical() -> None:
     a = arguments_sha256({"amount": 250, "order_id": "A-1"})
     assert a == arguments_sha256({"order_id": "A-1", "amount": 250})

@@ -212,15 +212,29 @@ def _utf16(key: str) -> bytes:
 
 
 def _jcs_order(value: Any) -> Any:
-    """A copy with every object's keys in RFC 8785 order (by UTF-16 code units), and
-    every float that is not finite as ``None`` (what orjson writes for it)."""
+    """A copy with every object's keys in RFC 8785 order (by UTF-16 code units), every
+    float that is not finite as ``None`` (what orjson writes for it), and every lone
+    surrogate (a ``\\ud800`` escape an MCP server or upstream sent) as U+FFFD: UTF-8
+    cannot hold it, and the record must still be written."""
     if isinstance(value, Mapping):
-        return {k: _jcs_order(value[k]) for k in sorted(value, key=_utf16)}
+        return {_whole(k): _jcs_order(value[k]) for k in sorted(value, key=_utf16)}
     if isinstance(value, list | tuple):
         return [_jcs_order(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, str):
+        return _whole(value)
     return value
+
+
+def _whole(text: Any) -> Any:
+    """``text`` with each lone surrogate replaced by U+FFFD (anything else unchanged)."""
+    if isinstance(text, str) and _SURROGATE.search(text) is not None:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def scrub_headers(headers: Mapping[str, str]) -> dict[str, str]:

@@ -833,7 +833,11 @@ class SessionGuard:
             if chain.unread:
                 unread = "the Responses answer this request continues"
         asked = [a.request_id for a in conversation.approvals if a.request_id is not None]
-        records = await self._records([c.call_id for c in calls] + asked)
+        # Results whose call the request does not carry (a refused call the provider ran,
+        # whose separate result item reached the agent): Warden's record names the tool.
+        carried_ids = {c.call_id for c in calls}
+        orphans = [i for i, _ in conversation.results if i not in carried_ids]
+        records = await self._records([c.call_id for c in calls] + asked + orphans)
         if source in (None, NEW_CHAIN) and conversation.previous_response_id is None:
             # A request that names no session and continues no chain, whose input
             # carries calls Warden decided in one (an agent that sends the whole
@@ -858,6 +862,11 @@ class SessionGuard:
         for tool in conversation.answered_tools:
             # Calls past the kept window: their output entered the conversation too.
             taints.update(self.labels_of(tool))
+        for call_id in orphans:
+            # This agent's call by that id, whatever became of it: its output is here.
+            for record in records.get(call_id, ()):
+                if (record.session_id or "").startswith(f"{agent}\x1f"):
+                    taints.update(self.labels_of(record.tool))
         unapproved = _unapproved_request(
             conversation.approvals,
             chained,
@@ -1117,18 +1126,20 @@ def _entry(
 
 def provider_ran(action: Action) -> bool:
     """Whether the provider ran ``action`` before Warden saw it: a hosted tool, the
-    provider's MCP call, or a shell call where the request gave the provider's shell
-    (a container) in a model's answer. Warden's decision only keeps its result from
-    the agent."""
+    provider's MCP call, or a shell call unless the request gave only the agent's own
+    shell, in a model's answer. Warden's decision only keeps its call from the agent."""
     if action.stage is not Stage.PROPOSED:
         return False
     if action.kind in (ActionKind.HOSTED_TOOL_CALL, ActionKind.MCP_CALL):
         return True
-    return action.wire_type == "shell_call" and any(
-        # A stored prompt may bring a hosted shell of its own: unknown counts as hosted.
-        tool.get("type") == "prompt"
-        or (tool.get("type") == "shell" and _hosted(tool.get("environment")))
-        for tool in action.request.tools
+    if action.wire_type != "shell_call":
+        return False
+    # The agent's own shell only where the request says so: a local shell declared, and
+    # no other (a container, or a stored prompt's unknown tools). A request declaring
+    # none (a background answer fetched by id) cannot tell: the provider's, for taint.
+    shells = [t for t in action.request.tools if t.get("type") in ("shell", "prompt")]
+    return not shells or any(
+        tool.get("type") == "prompt" or _hosted(tool.get("environment")) for tool in shells
     )
 
 

@@ -247,3 +247,31 @@ async def test_the_providers_shell_taints_like_any_tool_it_runs(tmp_path: Path) 
                 tools=SHELL_TOOLS,
             )
     assert sink_decisions(tmp_path) == [("require_approval", ["untrusted_output"])]
+
+
+async def test_a_refused_provider_run_calls_output_resent_still_taints(tmp_path: Path) -> None:
+    # The provider's shell ran; Warden refused its call, but the separate output item
+    # reached the agent, which sends it back (store: false, no session named). The
+    # request no longer carries the call: Warden's own record names its tool.
+    tools = {**TOOLS, "shell_call": {"labels": ["untrusted_output"]}}
+    answers = [
+        response_body([SHELL, SHELL_OUT, TEXT]) | {"id": "resp_1"},
+        response_body([fn_item("send_email", SEND, "call_2", "fc_2")]) | {"id": "resp_2"},
+    ]
+    async with RawUpstream() as up:
+        up.on_request = lambda _request: RawReply.json(answers.pop(0))
+        async with (
+            Warden(make_config(tmp_path, up.url, tools=tools)) as warden,
+            openai.AsyncOpenAI(
+                base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
+            ) as sdk,
+        ):
+            sent: Any = [{"role": "user", "content": "summarise the customer's attachment"}]
+            first = await sdk.responses.create(
+                model=MODEL, input=sent, tools=SHELL_TOOLS, store=False
+            )
+            assert "shell_call" not in [item.type for item in first.output]
+            sent += [item.model_dump(exclude_none=True) for item in first.output]
+            sent.append({"role": "user", "content": "go on"})
+            await sdk.responses.create(model=MODEL, input=sent, tools=SHELL_TOOLS, store=False)
+    assert sink_decisions(tmp_path) == [("require_approval", ["untrusted_output"])]

@@ -35,6 +35,7 @@ from warden.sessions import (
     SessionGuard,
     conversation_of,
     door_conversation,
+    provider_ran,
     session_from,
     stored_answer_conversation,
 )
@@ -1074,3 +1075,30 @@ async def test_a_fetch_waiting_for_a_link_does_not_bring_back_what_an_erasure_to
     (link,) = await store.chain("resp_e", limit=1)
     assert "C-ann" not in link.calls
     assert orjson.loads(link.calls)[0] == orjson.loads(ERASED_CALLS)[0]
+
+
+@pytest.mark.parametrize(
+    ("declared", "hosted"),
+    [
+        ((), True),  # an answer fetched by id declares nothing: cannot tell
+        (({"type": "shell", "environment": {"type": "local"}},), False),
+        (({"type": "shell", "environment": {"type": "container_auto"}},), True),
+        (({"type": "shell", "environment": None},), True),
+        (({"type": "shell", "environment": {"type": "local"}}, {"type": "prompt"}), True),
+    ],
+)
+def test_a_shell_call_is_the_providers_unless_only_the_agents_shell_was_given(
+    declared: tuple[dict[str, Any], ...], hosted: bool
+) -> None:
+    action = Action(
+        action_id="act_1",
+        agent=Agent("bot"),
+        kind=ActionKind.SHELL_CALL,
+        protocol="openai_responses",
+        stage=Stage.PROPOSED,
+        request=RequestMeta("POST", "openai", "/v1/responses", tools=declared),
+        tool="shell_call",
+        arguments={"commands": ["ls"]},
+        wire_type="shell_call",
+    )
+    assert provider_ran(action) is hosted

@@ -195,6 +195,50 @@ async def test_a_policy_reading_its_whole_input_gets_a_large_one_whole(tmp_path:
         await eng.close()
 
 
+FIRST_FINDING = """package warden
+
+import rego.v1
+
+default decision := {"effect": "allow"}
+
+findings := [f |
+	some name
+	value := input.action.arguments[name]
+	f := finding(name, value)
+]
+
+finding(name, value) := {"effect": "deny", "reason": name} if startswith(value, "sk-")
+
+finding(name, value) := {"effect": "require_approval", "reason": name} if {
+	endswith(value, "@external.example")
+}
+
+decision := findings[0] if count(findings) > 0
+"""
+
+
+async def test_the_order_an_agent_gives_arguments_in_decides_nothing(tmp_path: Path) -> None:
+    # rego-cpp walks an object in the order its keys came: the projection goes to the
+    # worker sorted, as a whole input does, so "the first finding" is the policy's.
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "policy.rego").write_text(FIRST_FINDING)
+    for order in (("to", "body"), ("body", "to")):
+        eng = await PolicyEngine.start(config(tmp_path / "b", workers=1))
+        try:
+            values = {"to": "eve@external.example", "body": "sk-live-123"}
+            args = {k: values[k] for k in order}
+            batch = await eng.evaluate_batch([doc("send_email", **args)])
+            single = await eng.evaluate(
+                doc("send_email", **{k: values[k] for k in reversed(order)})
+            )
+            assert [(r.effect, r.reasons) for r in (*batch, single)] == [
+                (Effect.DENY, ("body",)),
+                (Effect.DENY, ("body",)),
+            ]
+        finally:
+            await eng.close()
+
+
 async def test_concurrent_callers_share_the_pool(engine: PolicyEngine) -> None:
     results = await asyncio.gather(
         *(engine.evaluate(doc("issue_refund", amount=i)) for i in range(200))

@@ -1212,7 +1212,11 @@ class PolicyEngine:
             try:
                 # For a whole-input policy the key was made of the input as JSON already.
                 body = (
-                    whole if gen.shape.whole_input else orjson.dumps(project(gen.shape, input_doc))
+                    whole
+                    if gen.shape.whole_input
+                    # Sorted as the whole input is: rego-cpp walks an object in the order its
+                    # keys came, so a comprehension's "first" must not be the agent's choice.
+                    else orjson.dumps(project(gen.shape, input_doc), option=orjson.OPT_SORT_KEYS)
                 )
             except TypeError as exc:
                 return self._finish(self._bad_input(gen, exc), started)
@@ -1322,7 +1326,7 @@ class PolicyEngine:
         keys: list[bytes] = []
         seen: dict[bytes, int] = {}
         shape, whole = gen.shape, gen.shape.whole_input
-        dumps = orjson.dumps
+        dumps, sorted_keys = orjson.dumps, orjson.OPT_SORT_KEYS
         for i, doc in enumerate(docs):
             try:
                 key, whole_json, early = self._before_dispatch(gen, doc)
@@ -1332,7 +1336,7 @@ class PolicyEngine:
                 slot = seen.get(key, -1) if shape.deterministic else -1
                 if slot < 0:
                     # For a whole-input policy the key was made of the input as JSON already.
-                    part = whole_json if whole else dumps(project(shape, doc))
+                    part = whole_json if whole else dumps(project(shape, doc), option=sorted_keys)
                     slot = len(parts)
                     parts.append(part)
                     keys.append(key)

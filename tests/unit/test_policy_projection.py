@@ -4,6 +4,7 @@ the input, and functions given clauses through ref heads are not followed."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -11,8 +12,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from warden.config import PolicyConfig
 from warden.policy.bundle import Module
 from warden.policy.cache import KIND, WILDCARD, InputShape, analyse, cache_key, project
+from warden.policy.engine import PolicyEngine
 from warden.policy.worker import Evaluator
 
 # "$where" sorts before "*": read whole by one rule, and for its kind (object.get)
@@ -278,3 +281,151 @@ def test_a_ref_head_whose_name_cannot_be_read_follows_nothing() -> None:
     assert analyse([Module("p.rego", source)]).paths == (("action", KIND), ("action", "kind"))
     odd = source.replace("checks[`risky` ](b)", "checks[x](b)")
     assert analyse([Module("p.rego", odd)]).paths == (("action",),)
+
+
+# -- an import spelt with a bracketed string ---------------------------------------------
+
+LIB = "package lib\n\nimport rego.v1\n\nrisky(action) if action.arguments.amount > 500\n"
+# A helper of package warden with the imported function's name, in another module.
+LOCAL_RISKY = (
+    'package warden\n\nimport rego.v1\n\nrisky(action) if action.tool == "delete_account"\n'
+)
+
+
+def importing_policy(spelling: str) -> str:
+    return (
+        f"package warden\n\nimport rego.v1\n{spelling}\n\n"
+        'default decision := {"effect": "allow", "reason": "ok"}\n\n'
+        'decision := {"effect": "require_approval", "reason": "large refund"} if '
+        "risky(input.action)\n"
+    )
+
+
+def refund(amount: int) -> dict[str, Any]:
+    return {
+        "agent": {"id": "bot"},
+        "action": {
+            "kind": "tool_call",
+            "tool": "issue_refund",
+            "arguments": {"order": "A-1", "amount": amount},
+        },
+        "mode": "enforce",
+    }
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        'import data.lib["risky"]',
+        'import data["lib"]["risky"]',
+        'import data.lib ["risky"]  # the platform checks',
+        'import data.lib["ri\\u0073ky"]',
+        'import data.lib["risky"] as risky',
+    ],
+)
+def test_a_bracketed_import_binds_its_last_step(spelling: str) -> None:
+    # risky in the importing module is data.lib.risky, which reads the amount: the
+    # scan once recorded the import as `lib["     "]`, followed risky() into the
+    # local helper, and cut the amount from the projection (every refund allowed).
+    sources = (LIB, importing_policy(spelling), LOCAL_RISKY)
+    shape = analyse([Module(f"m{i}.rego", s) for i, s in enumerate(sources)])
+    assert shape.paths is not None
+    assert ("action",) in shape.paths
+    decides_alike(sources, [refund(5000), refund(5), {"action": {"tool": "delete_account"}}])
+
+
+def test_an_import_whose_name_cannot_be_read_follows_nothing() -> None:
+    followed = (("action", KIND), ("action", "tool"))
+    local = LOCAL_RISKY + "\nflagged if risky(input.action)\n"
+    assert analyse([Module("m.rego", local)]).paths == followed
+    for spelling in ("import data.lib[`risky`]", "import data.lib[x]", 'import data.lib["*"]'):
+        odd = local.replace("import rego.v1", f"import rego.v1\n{spelling}")
+        assert analyse([Module("m.rego", odd)]).paths == (("action",),), spelling
+
+
+# -- whitespace the scan's patterns do not expect ------------------------------------------
+
+NEEDS_REVIEW = (
+    "package warden\n\nimport rego.v1\n\n"
+    'default decision := {"effect": "allow", "reason": "ok"}\n\n'
+    'decision := {"effect": "require_approval", "reason": "risky"} if '
+    "needs_review(input.action)\n\n"
+    'needs_review(a) if a.tool == "delete_account"\n\n'
+    "SPACEneeds_review(b) if {\n"
+    '\tb.tool == "issue_refund"\n'
+    "\tb.arguments.amount > 500\n"
+    "}\n"
+)
+OBJECT_GET = (
+    "package warden\n\nimport rego.v1\n\n"
+    'decision := object.get(input.session.calls, "refund", 0)\n'
+    "SPACEobject.get(o, k, d) := o.x\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("sources", "docs"),
+    [
+        *(
+            ((NEEDS_REVIEW.replace("SPACE", space),), [refund(5000), refund(5)])
+            for space in ("\f", "\v", "\r")
+        ),
+        *(
+            ((CHECKS, ref_head_policy(head)), [refund(5000), refund(5)])
+            for head in ("\fchecks.risky(a)", 'checks\f["risky"](a)', "\vchecks.risky(a)")
+        ),
+        *(
+            ((OBJECT_GET.replace("SPACE", space),), [{"session": {"calls": {"refund": 1, "x": 9}}}])
+            for space in ("\f", "\v")
+        ),
+    ],
+)
+def test_a_form_feed_or_vertical_tab_reads_the_whole_input(
+    sources: tuple[str, ...], docs: list[dict[str, Any]]
+) -> None:
+    # rego-cpp takes \f, \v and a lone \r as whitespace; before a head they once hid
+    # it from the scan (a clause of needs_review, of checks.risky, a rule headed
+    # object that makes object.get no builtin), and its reads were cut.
+    assert analyse([Module(f"m{i}.rego", s) for i, s in enumerate(sources)]).whole_input
+    decides_alike(sources, docs)
+
+
+def test_windows_line_endings_keep_the_projection() -> None:
+    source = NEEDS_REVIEW.replace("SPACE", "").replace("\n", "\r\n")
+    assert analyse([Module("p.rego", source)]).paths == (
+        ("action", KIND),
+        ("action", "arguments", "amount"),
+        ("action", "tool"),
+    )
+    decides_alike((source,), [refund(5000), refund(5)])
+
+
+@pytest.mark.parametrize(
+    ("files", "effect"),
+    [
+        (
+            {
+                "lib/lib.rego": LIB,
+                "warden/main.rego": importing_policy('import data.lib["risky"]'),
+                "warden/local.rego": LOCAL_RISKY,
+            },
+            "require_approval",
+        ),
+        ({"warden/main.rego": NEEDS_REVIEW.replace("SPACE", "\f")}, "require_approval"),
+    ],
+)
+async def test_the_engine_decides_on_what_the_policy_reads(
+    tmp_path: Path, files: dict[str, str], effect: str
+) -> None:
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    (tmp_path / ".manifest").write_text(orjson.dumps({"roots": ["warden", "lib"]}).decode())
+    config = PolicyConfig(bundles=(str(tmp_path),), workers=1, watch=False)
+    engine = await PolicyEngine.start(config)
+    try:
+        assert engine.ready, engine.last_error
+        assert (await engine.evaluate(refund(5000))).effect == effect
+        assert (await engine.evaluate(refund(5))).effect == "allow"
+    finally:
+        await engine.close()

@@ -29,7 +29,9 @@ references to ``input``:
 This is a conservative textual scan, not a Rego compiler: it can only make
 the key bigger than necessary, never smaller, as long as every read of the
 input is spelled with the ``input`` keyword (Rego has no other way to reach
-it; ``import input.x as y`` is caught as the path ``x``).
+it; ``import input.x as y`` is caught as the path ``x``). A bundle with a form
+feed, vertical tab, lone carriage return or NUL anywhere in its modules reads the
+whole input: the scan's patterns take only space, tab and newline as whitespace.
 
 The same paths drive :func:`project`, which sends the worker only those parts
 of the input: building the engine's input document is the largest per-call
@@ -203,6 +205,13 @@ _REF_HEAD = re.compile(
     re.MULTILINE,
 )
 _LAST_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
+_IMPORT = re.compile(r"(?<![\w.])import(?![\w])")
+_IMPORT_ROOT = re.compile(r"\s+([A-Za-z_][A-Za-z0-9_]*)(?![\w])")
+_IMPORT_AS = re.compile(r"\s*(?<![\w])as\s+([A-Za-z_][A-Za-z0-9_]*)(?![\w])")
+# Characters rego-cpp reads as whitespace that the scan's patterns do not expect
+# (\f, \v and a lone \r before a head, ``\fneeds_review(b) if ...``, hide it), and
+# NUL, after which rego-cpp reads nothing of the module while the scan reads on.
+_ODD_SPACE = re.compile(r"[\f\v\x00]|\r(?!\n)")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CALLEE = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_]*)$")
 _WITH = re.compile(r"(?<![\w.])with(?![\w])")
@@ -409,10 +418,12 @@ class _Analysis:
         self._strings: dict[tuple[int, int, str], set[str] | None] = {}
         self._plain: dict[tuple[str, ...], bool] = {}
         for index, text in enumerate(self.blanked):
-            for line in text.split("\n"):
-                words = line.split()
-                if words and words[0] == "import":
-                    self.imported.add(words[-1].rsplit(".", 1)[-1])
+            for m in _IMPORT.finditer(text):
+                alias = self._import_alias(index, m.end())
+                if alias is None:
+                    self.follow = False  # a name bound that the scan cannot tell
+                else:
+                    self.imported.add(alias)
             # Strings as marks, not spaces: a line ending in a string is complete.
             statements = _statement_starts(self.marked[index])
             if _defines_object(self.marked[index], statements):
@@ -433,6 +444,31 @@ class _Analysis:
                     self.follow = False
                 else:
                     self.ref_headed.add(name)
+
+    def _import_alias(self, index: int, end: int) -> str | None:
+        """The name an import whose keyword ends at ``end`` binds in its module.
+
+        As Rego binds it: the ``as`` name if there is one, else the last step of
+        the reference, a bracketed string unescaped (``import data.lib["risky"]``
+        binds ``risky``). ``None`` if the import does not read as one.
+        """
+        text = self.blanked[index]
+        root = _IMPORT_ROOT.match(text, end)
+        if root is None:
+            return None
+        path, pos = _reference_path(self.sources[index], text, root.end())
+        if WILDCARD in path:
+            return None  # a step that is no string literal (``[`risky`]``, ``[x]``)
+        alias = _IMPORT_AS.match(text, pos)
+        name = alias.group(1) if alias is not None else path[-1] if path else root.group(1)
+        pos = pos if alias is None else alias.end()
+        # Nothing more on its line, and no bracket after a newline that might go on.
+        line_end = text.find("\n", pos)
+        rest = text[pos : len(text) if line_end < 0 else line_end].strip()
+        following = _first_char(text, pos)
+        if (rest and not rest.startswith(";")) or (following >= 0 and text[following] in "[("):
+            return None
+        return name
 
     def _ref_head_name(self, index: int, start: int, opener: int) -> str | None:
         """The function a ref head from ``start`` to its ``(`` at ``opener`` names.
@@ -678,6 +714,15 @@ def analyse(modules: Sequence[Module], data: Mapping[str, Any] | None = None) ->
     deterministic = not any(_NONDETERMINISTIC.search(text) for text in analysis.blanked)
     if any(_has_template(source) for source in analysis.sources):
         # Template strings hold expressions the scan for reads cannot see into.
+        return InputShape(paths=None, deterministic=deterministic)
+    if any(_ODD_SPACE.search(source) for source in analysis.sources):
+        # Every pattern of the scan (heads, ref heads, rules headed ``object``,
+        # statement starts) is written for space, tab and newline; rather than prove
+        # each one right around these characters, read the whole input: nothing is
+        # projected away, so nothing the scan misses can change a decision. Checked
+        # in the raw text, comments and strings too, so that no disagreement about
+        # where a comment or string ends can hide one. OPA rejects \f and \v; they
+        # cost a policy that has them its projection, never a wrong decision.
         return InputShape(paths=None, deterministic=deterministic)
     paths: set[tuple[str, ...]] = set()
     for index, (source, text) in enumerate(zip(analysis.sources, analysis.blanked, strict=True)):

@@ -28,7 +28,13 @@ class BuildWithBundle(build_py):
         target = Path(self.build_lib) / "warden" / "data" / "policies" / "customer-support"
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(BUNDLE, target, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+        # Hidden files left out, but the manifest: it names the bundle's revision and roots.
+        hidden = shutil.ignore_patterns(".*", "__pycache__")
+
+        def ignore(folder: str, names: list[str]) -> set[str]:
+            return set(hidden(folder, names)) - {".manifest"}
+
+        shutil.copytree(BUNDLE, target, ignore=ignore)
 
 
 setup(cmdclass={"build_py": BuildWithBundle})

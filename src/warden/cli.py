@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from warden import __version__
-from warden.config import load_config
-from warden.errors import ConfigError
+from warden.config import Config, load_config
+from warden.errors import ConfigError, WardenError
 
 __all__ = ["main"]
+
+EXIT_USAGE = 2
+log = logging.getLogger("warden.cli")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -23,12 +29,10 @@ def _serve(args: argparse.Namespace) -> int:
     from warden.server import Warden
 
     configure_logging(args.log_level, args.log_format)
-    try:
-        config = load_config(args.config)
-        tracing.configure_from_env()  # off unless OTEL_* asks for traces
-    except ConfigError as exc:
-        print(f"warden: {exc}", file=sys.stderr)
-        return 2
+    config = load_config(args.config)
+    _check_files(config)
+    _warn_if_nobody_decides(config)
+    tracing.configure_from_env()  # off unless OTEL_* asks for traces
 
     async def run() -> None:
         warden = Warden(config, config_source=args.config)
@@ -44,20 +48,79 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(run())
-    except ConfigError as exc:
-        print(f"warden: {exc}", file=sys.stderr)
-        return 2
     finally:
         tracing.shutdown()  # exports the spans still buffered
     return 0
 
 
+def _check_files(config: Config) -> None:
+    """Refuse to start, naming the setting, where a file or folder cannot be used.
+
+    Deeper down these fail as a bare ``[Errno 17] File exists: 'data'``. Only
+    looked at, never created: the audit log makes its folders with its own modes.
+    """
+    from warden.audit.checkpoint import load_signing_key
+
+    key_file = config.audit.signing_key_file
+    if key_file is not None:
+        try:
+            load_signing_key(Path(key_file))
+        except OSError as exc:
+            raise ConfigError(
+                f"audit.signing_key_file: cannot read {key_file}: {exc.strerror}"
+            ) from None
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"audit.signing_key_file: {key_file} is not an unencrypted Ed25519 private key "
+                "(PEM); leave the setting out to have Warden generate one in audit.dir"
+            ) from None
+    problem = _not_creatable(Path(config.audit.dir))
+    if problem:
+        raise ConfigError(f"audit.dir: cannot create {config.audit.dir}: {problem}")
+    if config.state.url.startswith("sqlite:///"):
+        from warden.state.base import sqlite_path
+
+        problem = _not_creatable(sqlite_path(config.state.url).parent)
+        if problem:
+            raise ConfigError(f"state.url: cannot create the SQLite database's folder: {problem}")
+
+
+def _not_creatable(folder: Path) -> str | None:
+    """Why ``folder`` can neither be used nor made, judged at its nearest existing ancestor."""
+    nearest = folder
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        return f"{nearest} is a file, not a folder"
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        return f"no permission to write in {nearest}"
+    return None
+
+
+def _warn_if_nobody_decides(config: Config) -> None:
+    """Say so at start when no one could decide an approval a policy asks for."""
+    approvers = {t.subject for t in config.admin.tokens if "approver" in t.roles}
+    sso = config.console.sso if config.console.enabled else None
+    if sso is not None and any("approver" in roles for roles in sso.roles.values()):
+        return  # people signing in through SSO can decide
+    needed = config.approvals.required_approvals
+    if len(approvers) >= needed:
+        return
+    have = (
+        f"admin.tokens has {len(approvers)} approver(s), approvals.required_approvals asks {needed}"
+        if approvers
+        else "no admin token has the approver role (admin.tokens)"
+    )
+    log.warning(
+        "approvals: nobody can decide the approvals a policy asks for: %s and console.sso "
+        "gives the role to no group; a held action waits out its hold time and is then "
+        "refused. Add an approver token: docs/admin-api.md",
+        have,
+    )
+
+
 def _check_config(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"warden: {exc}", file=sys.stderr)
-        return 2
+    config = load_config(args.config)  # a ConfigError is main's to print
     from warden.config_shown import shown_config
 
     print(json.dumps(shown_config(config), indent=2))
@@ -119,8 +182,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``warden`` console script."""
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+    except BrokenPipeError:
+        # `warden config | head -1`: the reader has what it wanted. Python's recipe:
+        # point stdout at devnull so the interpreter's last flush does not fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(OSError, ValueError):  # stdout is no file (captured)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except (WardenError, OSError) as exc:
+        print(f"warden: {_described(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     return code
+
+
+def _described(exc: BaseException) -> str:
+    """The error in a line: ``[Errno 13] Permission denied: 'x'`` as ``x: permission denied``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        what = exc.strerror[:1].lower() + exc.strerror[1:]
+        return f"{exc.filename}: {what}" if exc.filename is not None else what
+    return str(exc)
 
 
 if __name__ == "__main__":

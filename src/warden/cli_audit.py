@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -195,6 +197,8 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
+        except BrokenPipeError:
+            raise  # `... | head`: the reader left; the CLI's entry point ends quietly
         except (_Unusable, ConfigError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -414,8 +418,22 @@ def _export(args: argparse.Namespace) -> int:
             "the period's end; export without --to, or once the log has a later checkpoint"
         )
     if result.format == "evidence":
-        print(f"auditors check it with: python3 {Path(args.out) / 'verify_evidence.py'}")
+        _how_to_check(Path(args.out))
     return EXIT_OK
+
+
+def _how_to_check(out: Path) -> None:
+    """The command docs/audit.md gives auditors: the script refuses to run without ``--key``."""
+    script = shlex.quote(str(out / "verify_evidence.py"))
+    print(
+        f"auditors check it with: python3 {script} {shlex.quote(str(out))} "
+        '--key "<the verifier key>"'
+    )
+    vkey = out / "log-key.vkey"
+    if vkey.is_file():
+        # A public key; theirs to compare, so it reaches them apart from the package.
+        key = vkey.read_text(encoding="utf-8").strip()
+        print(f"give them the verifier key through another channel than the package: {key}")
 
 
 @_guarded
@@ -513,7 +531,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] != ["audit"] and argv[:1] != ["-h"] and argv[:1] != ["--help"]:
         argv.insert(0, "audit")
     args = parser.parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... | head`: quietly, as warden.cli.main does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(OSError, ValueError):  # stdout is no file (captured)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 1  # Python's own status on EPIPE
     return code
 
 

@@ -52,7 +52,6 @@ def _status(args: argparse.Namespace) -> int:
     from warden.config import load_config
     from warden.errors import ConfigError
     from warden.state import backend
-    from warden.state.postgres import redact_url
 
     try:
         config = load_config(args.config)
@@ -61,7 +60,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"warden: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"backend:  {found.backend}")
-    print(f"database: {redact_url(config.state.url)}")
+    print(f"database: {_shown(config.state.url)}")
     print(f"version:  {found.current} (this release ships {found.latest})")
     if found.pending:
         print("pending:")
@@ -81,7 +80,6 @@ def _migrate(args: argparse.Namespace) -> int:
     from warden.config import load_config
     from warden.errors import ConfigError
     from warden.state import backend
-    from warden.state.postgres import redact_url
 
     try:
         config = load_config(args.config)
@@ -92,9 +90,19 @@ def _migrate(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"warden: {exc}", file=sys.stderr)
         return EXIT_PENDING
-    where = redact_url(config.state.url)
+    where = _shown(config.state.url)
     if not done:
         print(f"{where}: up to date")
     for m in done:
         print(f"{where}: applied {m.version:04d}_{m.name}")
     return EXIT_OK
+
+
+def _shown(url: str) -> str:
+    """The database as people name it: SQLite's file path, or the URL without its password."""
+    from warden.state.base import sqlite_path
+    from warden.state.postgres import redact_url
+
+    if url.startswith("sqlite:///"):
+        return str(sqlite_path(url))  # redact_url would print sqlite:/./state.db
+    return redact_url(url)

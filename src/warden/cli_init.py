@@ -6,8 +6,10 @@ It writes, into the folder given (default: the current one)::
     policies/customer-support/          the shipped bundle: policy.rego, data.json,
                                         policy_test.rego and decisions/*.yaml tables
 
-and never overwrites a file unless ``--force`` is given. Exit status: 0 when
-written, 1 when a file is in the way, 2 when the shipped bundle cannot be found.
+and never overwrites a file unless ``--force`` is given; even then only the
+files it writes (the bundle's ``.manifest`` included) are replaced, and any
+other file in the bundle's folder stays. Exit status: 0 when written, 1 when a
+file is in the way, 2 when the shipped bundle cannot be found.
 """
 
 from __future__ import annotations
@@ -62,7 +64,22 @@ policy:
 
 approvals:
   mode: hold                    # the agent's request waits for a person (or: defer)
+  # Used only when the policy names no hold time: the shipped bundle's data.json asks
+  # 3600 s (approvals.hold_timeout_s there), and the policy's wins. A held request stays
+  # open that long, so raise the agent SDK's read timeout to match (openai's is 600 s).
   hold_timeout_s: 120
+
+admin:
+  # Who may decide approvals (`warden approvals list|approve|reject`, the console) and
+  # use the admin API. None configured: every admin call answers 401 and nobody can
+  # approve. Only a token's SHA-256 goes here; make a token and its digest with
+  #   token=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')
+  #   echo "$token" | warden identity hash-key
+  # and give the token to its holder: `WARDEN_TOKEN=$token warden approvals list`.
+  # Replace [] with entries such as (groups: the approvers a policy names):
+  #   - {subject: dana, roles: [approver], groups: [support-leads], sha256: <64 hex digits>}
+  #   - {subject: ops, roles: [admin], sha256: <64 hex digits>}
+  tokens: []
 
 audit: {dir: ./warden-data/audit, fsync: always}
 state: {url: "sqlite:///./warden-data/state.db"}
@@ -100,15 +117,19 @@ def init(folder: Path, *, force: bool = False) -> int:
             return EXIT_EXISTS
     folder.mkdir(parents=True, exist_ok=True)
     config.write_text(STARTER_CONFIG, encoding="utf-8")
-    if bundle.exists():
-        shutil.rmtree(bundle)
-    shutil.copytree(source, bundle, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+    # Over an existing bundle, only the shipped files are rewritten: the user's own stay.
+    shutil.copytree(source, bundle, ignore=_not_shipped, dirs_exist_ok=True)
     print(f"wrote {config}")
     print(f"wrote {bundle}/ (policy.rego, data.json, policy_test.rego, decisions/)")
     print("next:")
     print(f"  warden policy test {BUNDLE_DIR}     # its Rego tests and decision tables")
     print("  warden serve --config warden.yaml")
     return EXIT_OK
+
+
+def _not_shipped(folder: str, names: list[str]) -> set[str]:
+    # .manifest names the bundle's revision and roots; other dot files are a checkout's.
+    return {n for n in names if n == "__pycache__" or (n.startswith(".") and n != ".manifest")}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -124,5 +145,9 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("folder", nargs="?", default=".", help="where to write (default: here)")
-    parser.add_argument("--force", action="store_true", help="overwrite files already there")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite the files it writes that are already there (others are kept)",
+    )
     parser.set_defaults(func=_run)

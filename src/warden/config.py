@@ -4,16 +4,19 @@ Defaults are the named constants below. Validation happens once, at start, and
 an invalid file fails with a message naming the key (``policy.deadline_ms:
 Input should be greater than 0``). Environment variables override the file:
 ``WARDEN_MODE=observe``, ``WARDEN_LISTEN__PROXY=0.0.0.0:8080`` (``__`` walks
-into nested keys; values are read as YAML scalars, so ``50`` is a number).
+into nested keys). A text setting (a password, a path, a URL) takes the value
+exactly as written; a number, true/false, list or mapping is read as YAML
+(``50``, ``[a, b]``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import types
 from collections.abc import Hashable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -93,8 +96,11 @@ DEFAULT_UPSTREAM_TIMEOUT_S = 300.0
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_SHUTDOWN_GRACE_S = 20.0
 ENV_PREFIX = "WARDEN_"
-# Read by the CLI, not by the server; never treated as config overrides.
-ENV_RESERVED = frozenset({"WARDEN_CONFIG", "WARDEN_TOKEN", "WARDEN_ADMIN_URL", "WARDEN_PYTHON"})
+# Read by the CLI, or by the agent's SDK (WARDEN_AGENT_KEY, docs/identity.md), not by
+# the server; never treated as config overrides.
+ENV_RESERVED = frozenset(
+    {"WARDEN_CONFIG", "WARDEN_TOKEN", "WARDEN_ADMIN_URL", "WARDEN_PYTHON", "WARDEN_AGENT_KEY"}
+)
 _SERVICE_LINK = re.compile(
     r"WARDEN_(?:[A-Z0-9_]*_)?(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?"
     r"|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?)?)\Z"
@@ -515,7 +521,7 @@ class StateConfig(_Section):
     @field_validator("password", mode="before")
     @classmethod
     def _text(cls, value: Any) -> Any:
-        # Environment values are read as YAML: a password of digits is still text.
+        # A password of digits written unquoted in the YAML file is still text.
         return None if value is None else str(value)
 
 
@@ -1176,8 +1182,13 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+EnvSources = dict[tuple[str, ...], str]
+"""The configuration path each ``WARDEN_*`` variable set, to its variable's name."""
+
+
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], EnvSources]:
     tree: dict[str, Any] = {}
+    sources: EnvSources = {}
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED or _SERVICE_LINK.match(name):
             continue
@@ -1189,11 +1200,92 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{name}: {key} is set both as a value and a section")
-        try:
-            node[path[-1]] = yaml.safe_load(raw) if raw else raw
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{name}: not a valid YAML value: {_yaml_error(exc)}") from None
-    return tree
+        node[path[-1]] = _env_value(name, path, raw)
+        sources[tuple(path)] = name
+    return tree, sources
+
+
+def _env_value(name: str, path: list[str], raw: str) -> Any:
+    """The value of ``name`` for the setting at ``path``, never echoed in an error.
+
+    Text stays as written: read as YAML, a password ``012345`` would become
+    5349 (octal), ``yes`` True, ``&a pw`` "pw" and ``p: w`` a mapping. Only a
+    setting that takes a number, true/false, list or mapping is read as YAML.
+    """
+    expected = _setting_type(path)
+    if not raw or expected is None or _is_text(expected):
+        return raw  # unknown keys stay text too: validation names them
+    # Deferred: warden.audit imports this module.
+    from warden.audit.record import is_credential_key  # noqa: PLC0415
+
+    if is_credential_key(path[-1]) and not _is_structured(expected):
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        # The parser's message quotes what it read (an alias's name): part of the value.
+        raise ConfigError(
+            f"{name}: not a valid value for {'.'.join(path)}, which takes "
+            f"{_kind(expected)} written as YAML (the value is not shown)"
+        ) from None
+
+
+def _setting_type(path: list[str]) -> Any:
+    """The type the setting at ``path`` holds, or ``None`` where no setting is."""
+    annotation: Any = Config
+    for key in path:
+        annotation = _optional(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(key)
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif get_origin(annotation) in (dict, Mapping):
+            annotation = get_args(annotation)[1]  # the key names an entry of the map
+        else:
+            return None
+    return annotation
+
+
+def _optional(annotation: Any) -> Any:
+    """``annotation`` without ``Annotated[...]`` and ``| None``."""
+    if get_origin(annotation) is Annotated:
+        return _optional(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        kinds = [a for a in get_args(annotation) if a is not type(None)]
+        if len(kinds) == 1:
+            return _optional(kinds[0])
+    return annotation
+
+
+def _is_text(annotation: Any) -> bool:
+    annotation = _optional(annotation)
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return all(_is_text(a) for a in get_args(annotation) if a is not type(None))
+    if origin is Literal:
+        return all(isinstance(a, str) for a in get_args(annotation))
+    return isinstance(annotation, type) and issubclass(annotation, str | SecretStr)
+
+
+def _is_structured(annotation: Any) -> bool:
+    annotation = _optional(annotation)
+    shape = get_origin(annotation) or annotation
+    return isinstance(shape, type) and issubclass(shape, BaseModel | Mapping | list | tuple)
+
+
+def _kind(annotation: Any) -> str:
+    annotation = _optional(annotation)
+    shape = get_origin(annotation) or annotation
+    if isinstance(shape, type) and issubclass(shape, BaseModel | Mapping):
+        return "a mapping ({key: value, ...})"
+    if isinstance(shape, type) and issubclass(shape, list | tuple):
+        return "a list ([a, b])"
+    if annotation is bool:
+        return "true or false"
+    if annotation in (int, float):
+        return "a number"
+    return "a value"
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -1236,15 +1328,28 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _format(err: ValidationError) -> str:
+def _format(err: ValidationError, sources: EnvSources | None = None) -> str:
     lines = []
     for item in err.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        loc = tuple(str(p) for p in item["loc"])
+        key = ".".join(loc) or "(top level)"
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{key}: {msg}")
+        lines.append(f"{key}: {msg}{_from_env(loc, sources or {})}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _from_env(loc: tuple[str, ...], sources: EnvSources) -> str:
+    """Which ``WARDEN_*`` variables set the key in error, or something in it."""
+    if not loc:
+        return ""
+    names = sorted(
+        name
+        for path, name in sources.items()
+        if loc[: len(path)] == path or path[: len(loc)] == loc
+    )
+    return f" (set by {', '.join(names)})" if names else ""
 
 
 def load_config(
@@ -1272,10 +1377,11 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
         data = loaded or {}
-    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    from_env, sources = _env_overrides(os.environ if environ is None else environ)
+    data = _merge(data, from_env)
     if overrides:
         data = _merge(data, overrides)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format(exc)) from None
+        raise ConfigError(_format(exc, sources)) from None

@@ -3,7 +3,8 @@
 ``warden config`` prints it, and the ``config_load`` audit record carries its
 hash (:func:`warden.audit.changes.config_sha256`). Secret fields are
 ``**********`` already (pydantic ``SecretStr``); on top of that,
-credential-named keys (``secret``, ``token``, ...) are masked at any depth,
+credential-named keys (``secret``, ``token``, ...) are masked at any depth
+(one left unset stays ``null``),
 and URLs lose what they may carry: a password, query values (tokens,
 presigned signatures; for PostgreSQL only credential-named ones, so
 ``sslmode`` stays readable) and, for the approval webhook, its path (a Slack
@@ -50,14 +51,7 @@ def _masked(value: Any, dumped: Any) -> Any:
     records mask arguments.
     """
     if isinstance(value, BaseModel) and isinstance(dumped, dict):
-        # A credential-named field holding a value (``webhook.secret``) is masked; one
-        # holding a section (``identity.jwt``, ``admin.tokens``) is walked.
-        return {
-            k: _masked(field, v)
-            if isinstance(field := getattr(value, k, None), BaseModel | Mapping | list | tuple)
-            else mask_credentials({k: v})[k]
-            for k, v in dumped.items()
-        }
+        return {k: _field_shown(getattr(value, k, None), k, v) for k, v in dumped.items()}
     if isinstance(value, Mapping) and isinstance(dumped, dict):
         if value and all(isinstance(v, BaseModel) for v in value.values()):
             return {k: _masked(value.get(k), v) for k, v in dumped.items()}
@@ -67,12 +61,24 @@ def _masked(value: Any, dumped: Any) -> Any:
     return mask_credentials(dumped)
 
 
+def _field_shown(field: Any, key: str, dumped: Any) -> Any:
+    # A credential-named field holding a value (``webhook.secret``) is masked; one
+    # holding a section (``identity.jwt``, ``admin.tokens``) is walked.
+    if isinstance(field, BaseModel | Mapping | list | tuple):
+        return _masked(field, dumped)
+    if dumped is None:
+        return None  # unset: "[redacted]" would claim a secret is configured
+    return mask_credentials({key: dumped})[key]
+
+
 def _urls_shown(value: Any) -> Any:
     if isinstance(value, str):
         if not _URL.match(value):
             return _URL_PASSWORD.sub(rf"\1:{MASK}@", value)  # a URL inside other text
         if value.startswith(("postgresql://", "postgres://")):
             return redact_url(value)
+        if value.startswith("sqlite:///"):
+            return value  # a file path, no secret; urlsplit would drop a slash (sqlite:/./x)
         return shown_url(value)
     if isinstance(value, dict):
         return {k: _urls_shown(v) for k, v in value.items()}

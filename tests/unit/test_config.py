@@ -110,10 +110,12 @@ def test_a_yaml_error_says_where_without_quoting_the_line(tmp_path: Path) -> Non
     assert "not valid YAML" in str(info.value)
     assert "line 3, column 1" in str(info.value)
     assert "hunter2" not in str(info.value)
-    env = {"WARDEN_APPROVALS__WEBHOOK__SECRET": '"whsec-s3cret'}
+    # A text setting is not read as YAML at all (tests/unit/test_config_env.py); one that
+    # takes a list is, and its error names the variable, not what it holds.
+    env = {"WARDEN_POLICY__BUNDLES": '["a", "s3cret'}
     with pytest.raises(ConfigError) as info:
         load_config(None, environ=env)
-    assert "WARDEN_APPROVALS__WEBHOOK__SECRET: not a valid YAML value" in str(info.value)
+    assert "WARDEN_POLICY__BUNDLES: not a valid value for policy.bundles" in str(info.value)
     assert "s3cret" not in str(info.value)
 
 

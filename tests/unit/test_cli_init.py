@@ -1,0 +1,75 @@
+"""``warden init``: what the starter config says, and what ``--force`` replaces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from warden.cli_init import STARTER_CONFIG, init, shipped_bundle
+from warden.config import load_config
+
+
+@pytest.fixture
+def project(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    if shipped_bundle() is None:
+        pytest.skip("no shipped bundle in this install")
+    assert init(tmp_path) == 0
+    capsys.readouterr()
+    return tmp_path
+
+
+def test_force_overwrites_only_the_files_it_writes(project: Path) -> None:
+    bundle = project / "policies" / "customer-support"
+    own = bundle / "own_rules.rego"
+    own.write_text("package own\n")
+    (bundle / "notes").mkdir()
+    (bundle / "notes" / "todo.md").write_text("mine\n")
+    (bundle / "policy.rego").write_text("# edited\n")
+    (project / "warden.yaml").write_text("mode: observe\n")
+
+    assert init(project, force=True) == 0
+    assert own.read_text() == "package own\n"
+    assert (bundle / "notes" / "todo.md").read_text() == "mine\n"
+    assert (bundle / "policy.rego").read_text() != "# edited\n"
+    assert (project / "warden.yaml").read_text() == STARTER_CONFIG
+
+
+def test_the_bundle_keeps_its_manifest(project: Path) -> None:
+    source = shipped_bundle()
+    assert source is not None
+    copied = project / "policies" / "customer-support"
+    if not (source / ".manifest").is_file():
+        pytest.skip("this install's bundle carries no .manifest")
+    assert (copied / ".manifest").read_bytes() == (source / ".manifest").read_bytes()
+    assert not list(copied.rglob("__pycache__"))
+
+
+def test_the_starter_config_loads_and_shows_how_to_add_admin_tokens(project: Path) -> None:
+    config = load_config(project / "warden.yaml", environ={})
+    assert config.admin.tokens == ()
+    text = STARTER_CONFIG
+    assert "admin:" in text
+    assert "warden identity hash-key" in text
+    assert "roles: [approver]" in text
+    # The commented example is valid once filled in.
+    example = next(line for line in text.splitlines() if "roles: [approver]" in line)
+    entry = yaml.safe_load(example.strip().lstrip("#").strip().lstrip("- "))
+    entry["sha256"] = "0" * 64
+    overrides = {"admin": {"tokens": [entry]}}
+    assert load_config(environ={}, overrides=overrides).admin.tokens[0].subject == "dana"
+
+
+def test_the_starter_config_says_the_policys_hold_time_wins() -> None:
+    source = shipped_bundle()
+    if source is None:
+        pytest.skip("no shipped bundle in this install")
+    asked = json.loads((source / "data.json").read_text())["warden"]["approvals"]["hold_timeout_s"]
+    approvals = STARTER_CONFIG[
+        STARTER_CONFIG.index("\napprovals:") : STARTER_CONFIG.index("\nadmin:")
+    ]
+    assert f"{asked} s" in approvals  # the comment names what the shipped policy asks
+    assert "wins" in approvals
+    assert "600 s" in approvals  # the SDK's read timeout

@@ -289,9 +289,18 @@ def test_a_record_encoded_by_the_fallback_reads_back_as_every_reader_reads_it() 
 
 def test_a_lone_surrogate_an_upstream_sent_is_written_as_a_replacement_character() -> None:
     # An MCP server's result text "\ud800": UTF-8 cannot hold it, and the outcome
-    # record of the call it answers must still be written.
-    payload = encode({"result": "ok \ud800", "\udc00key": 1})
-    assert orjson.loads(payload) == {"result": "ok \ufffd", "\ufffdkey": 1}
+    # record of the call it answers must still be written; the text sent stays
+    # bound by its hash.
+    body = outcome_body(Outcome(result="ok \ud800", error="bad \udc00"))
+    assert orjson.loads(encode(body))["result"] == "ok \ufffd"
+    assert body["error"] == "bad \ufffd"
+    assert (
+        body["result_sha256"]
+        == hashlib.sha256("ok \ud800".encode("utf-8", "surrogatepass")).hexdigest()
+    )
+    # An action's own fields are not mended: no record can carry them, so none is made.
+    with pytest.raises(ValueError):  # noqa: PT011 - orjson's and UnicodeEncodeError both
+        encode({"tool": "safe\ud800"})
 
 
 def test_arguments_hash_is_canonical() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
 
 from warden.ops import metrics
 
@@ -40,3 +40,12 @@ def test_long_label_values_are_cut() -> None:
     assert len(label) == metrics.MAX_LABEL_CHARS
     assert label.endswith("…")
     assert metrics.bounded("tool-length-test", "short") == "short"
+
+
+def test_a_label_with_a_lone_surrogate_leaves_the_exposition_readable() -> None:
+    # A tool name a model's answer escaped as "\ud800": one such label would fail
+    # every later scrape (the exposition is UTF-8).
+    registry = CollectorRegistry()
+    counter = Counter("surrogate_test_total", "A test counter.", ["tool"], registry=registry)
+    counter.labels(metrics.bounded("tool-surrogate-test", "safe\ud800")).inc()
+    assert 'tool="safe\ufffd"' in generate_latest(registry).decode()

@@ -212,24 +212,26 @@ def _utf16(key: str) -> bytes:
 
 
 def _jcs_order(value: Any) -> Any:
-    """A copy with every object's keys in RFC 8785 order (by UTF-16 code units), every
-    float that is not finite as ``None`` (what orjson writes for it), and every lone
-    surrogate (a ``\\ud800`` escape an MCP server or upstream sent) as U+FFFD: UTF-8
-    cannot hold it, and the record must still be written."""
+    """A copy with every object's keys in RFC 8785 order (by UTF-16 code units), and
+    every float that is not finite as ``None`` (what orjson writes for it)."""
     if isinstance(value, Mapping):
-        return {_whole(k): _jcs_order(value[k]) for k in sorted(value, key=_utf16)}
+        return {k: _jcs_order(value[k]) for k in sorted(value, key=_utf16)}
     if isinstance(value, list | tuple):
         return [_jcs_order(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, str):
-        return _whole(value)
     return value
 
 
-def _whole(text: Any) -> Any:
-    """``text`` with each lone surrogate replaced by U+FFFD (anything else unchanged)."""
-    if isinstance(text, str) and _SURROGATE.search(text) is not None:
+def _whole(text: str | None) -> str | None:
+    """``text`` with each lone surrogate replaced by U+FFFD, which UTF-8 can hold.
+
+    Only for what an upstream answered (a result, an error message): an outcome
+    must be recorded whatever the server sent. An action's fields are not so
+    mended: a call that no record can carry exactly is refused, never recorded
+    as another.
+    """
+    if text is not None and _SURROGATE.search(text) is not None:
         return _SURROGATE.sub("\ufffd", text)
     return text
 
@@ -583,6 +585,10 @@ def outcome_body(
     """The ``outcome`` object of an outcome record."""
     _, result_paths = _split_redactions(redact)
     result, redacted, full_hash = _result_body(outcome.result, result_paths)
+    if isinstance(result, str) and (mended := _whole(result)) is not result:
+        # The text as sent stays bound by its hash (surrogates kept).
+        full_hash = full_hash or _text_sha256(outcome.result or "")
+        result = mended
     usage = outcome.usage
     tokens: dict[str, int] | None = None
     if usage is not None:
@@ -599,7 +605,7 @@ def outcome_body(
         "latency_ms": outcome.latency_ms,
         "tokens": tokens,
         "cost": cost,
-        "error": outcome.error,
+        "error": _whole(outcome.error),
         "is_error": outcome.is_error,
         "result": result,
         "result_sha256": full_hash,

@@ -7,6 +7,7 @@ number of series without limit.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -139,18 +140,23 @@ CREDENTIAL_RELOADS = Counter(
 INFLIGHT = Gauge("warden_inflight_requests", "Requests being served right now.")
 
 _seen: dict[str, set[str]] = {}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _seen_lock = threading.Lock()
 
 
 def bounded(kind: str, value: str | None) -> str:
     """Return ``value`` as a label, or ``_other`` once ``kind`` has too many values.
 
-    Values past ``MAX_LABEL_CHARS`` are cut, ending in ``…``.
+    Values past ``MAX_LABEL_CHARS`` are cut, ending in ``…``. A lone surrogate (a
+    tool name a model's answer escaped as ``\\ud800``) becomes U+FFFD: the exposition
+    is UTF-8, and one such label would fail every scrape after it.
     """
     if not value:
         return ""
     if len(value) > MAX_LABEL_CHARS:
         value = value[: MAX_LABEL_CHARS - 1] + "…"
+    if not value.isascii() and _SURROGATE.search(value) is not None:
+        value = _SURROGATE.sub("\ufffd", value)
     values = _seen.get(kind)
     if values is not None and value in values:
         return value

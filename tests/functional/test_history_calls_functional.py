@@ -81,6 +81,15 @@ CHAT_HISTORIES: dict[str, list[Any]] = {
         {"role": "function", "name": "fetch_url", "content": INJECTED},
     ],
 }
+MCP_CALL: Any = {
+    "type": "mcp_call",
+    "id": "mcp_1",
+    "server_label": "web",
+    "name": "fetch",
+    "arguments": "{}",
+    "output": INJECTED,
+    "status": "completed",
+}
 FETCH_CALL = fn_item("fetch_url", {"url": "https://example.test/page"}, "call_1", "fc_1")
 FETCH_OUTPUT: Any = {"type": "function_call_output", "call_id": "call_1", "output": INJECTED}
 RESPONSES_INPUTS: dict[str, list[Any]] = {
@@ -96,17 +105,7 @@ RESPONSES_INPUTS: dict[str, list[Any]] = {
         {"type": "item_reference", "id": "fco_1"},
     ],
     "item_reference without its type": [{"id": "fc_1"}, {"id": "fco_1"}],
-    "mcp_call with its output": [
-        {
-            "type": "mcp_call",
-            "id": "mcp_1",
-            "server_label": "web",
-            "name": "fetch",
-            "arguments": "{}",
-            "output": INJECTED,
-            "status": "completed",
-        }
-    ],
+    "mcp_call with its output": [MCP_CALL],
     "computer_call and its output": [
         {
             "type": "computer_call",

@@ -384,6 +384,14 @@ async def test_an_approval_lets_through_only_the_request_it_was_asked_for(
     assert refunds.seen == [("POST", "/orders/A-1/refunds", again)]
 
 
+def holding(tmp_path: Path, refunds: Refunds) -> Any:
+    """The refunds config with approvals held open (the agent waits on the person)."""
+    config = config_for(tmp_path, refunds)
+    return config.model_copy(
+        update={"approvals": config.approvals.model_copy(update={"mode": "hold"})}
+    )
+
+
 async def until_pending(approvals: Any, modes: list[str]) -> None:
     """Until the pending approvals are of ``modes`` (the store has no event to wait on)."""
     async with asyncio.timeout(5):
@@ -397,12 +405,8 @@ async def test_a_hold_whose_agent_hung_up_is_deferred_and_its_retry_runs_once(
     # An agent's HTTP client gives up while the refund is held. Still held, its
     # approval would run the refund for no one, and the retry would raise a second.
     lead = Principal("lead", frozenset({"approver"}), frozenset())
-    config = config_for(tmp_path, refunds)
-    config = config.model_copy(
-        update={"approvals": config.approvals.model_copy(update={"mode": "hold"})}
-    )
     refund = b'{"amount":300,"customer":"C-7"}'
-    async with Warden(config) as w, aiohttp.ClientSession() as http:
+    async with Warden(holding(tmp_path, refunds)) as w, aiohttp.ClientSession() as http:
         approvals = w._approvals
         assert approvals is not None
         target = URL(w.proxy_url + "/refunds/orders/A-1/refunds", encoded=True)
@@ -430,12 +434,8 @@ async def test_a_hold_approved_as_its_agent_hangs_up_is_the_retrys_grant(
     # Approved within the moment between the hang-up and Warden noticing it: run, the
     # refund would go to no one, and the retry would need a second approval.
     lead = Principal("lead", frozenset({"approver"}), frozenset())
-    config = config_for(tmp_path, refunds)
-    config = config.model_copy(
-        update={"approvals": config.approvals.model_copy(update={"mode": "hold"})}
-    )
     refund = b'{"amount":300,"customer":"C-7"}'
-    async with Warden(config) as w, aiohttp.ClientSession() as http:
+    async with Warden(holding(tmp_path, refunds)) as w, aiohttp.ClientSession() as http:
         approvals = w._approvals
         assert approvals is not None
         host, port = w.proxy_url.removeprefix("http://").split(":")

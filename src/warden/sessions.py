@@ -272,6 +272,9 @@ class _Prepared:
     unapproved: str | None = None
     """A hosted MCP call the request approves that Warden did not allow as the request
     (or its chain) carries it, as the denial names it: the provider would run it."""
+    unknown_results: bool = False
+    """The request sends back a result of a call neither it nor Warden's records know:
+    the policy reads the history as ``truncated`` (what entered it is unknown)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -862,11 +865,15 @@ class SessionGuard:
         for tool in conversation.answered_tools:
             # Calls past the kept window: their output entered the conversation too.
             taints.update(self.labels_of(tool))
+        unknown_results = False
         for call_id in orphans:
-            # This agent's call by that id, whatever became of it: its output is here.
-            for record in records.get(call_id, ()):
-                if (record.session_id or "").startswith(f"{agent}\x1f"):
-                    taints.update(self.labels_of(record.tool))
+            # A call by that id, whoever decided it (a handoff passes the input on),
+            # whatever became of it: its output is here. With no record at all (pruned,
+            # never kept, the store unread) what it was is unknown, as past the bounds.
+            found = records.get(call_id, ())
+            unknown_results = unknown_results or not found
+            for record in found:
+                taints.update(self.labels_of(record.tool))
         unapproved = _unapproved_request(
             conversation.approvals,
             chained,
@@ -885,6 +892,7 @@ class SessionGuard:
             not_theirs,
             unread,
             unapproved,
+            unknown_results,
         )
 
     async def _own_conversation(
@@ -1144,8 +1152,9 @@ def provider_ran(action: Action) -> bool:
 
 
 def _hosted(environment: object) -> bool:
-    """A declared shell's environment is the provider's unless it says ``local``."""
-    return not (isinstance(environment, Mapping) and environment.get("type") == "local")
+    """A declared shell's environment is the provider's when it names one (a container);
+    none named is the agent's own, as OpenAI's shell guide and the Agents SDK read it."""
+    return isinstance(environment, Mapping) and environment.get("type") not in (None, "local")
 
 
 def _session_doc(
@@ -1167,7 +1176,7 @@ def _session_doc(
         "approvals": counters.get("approvals", 0),
         "taints": sorted(taints),
         "verified": prepared.verified,
-        "truncated": conversation.truncated,
+        "truncated": conversation.truncated or prepared.unknown_results,
         "available": available,
     }
 

@@ -251,3 +251,29 @@ async def test_a_refused_provider_run_calls_output_resent_still_taints(tmp_path:
             sent.append({"role": "user", "content": "go on"})
             await sdk.responses.create(model=MODEL, input=sent, tools=SHELL_TOOLS, store=False)
     assert sink_decisions(tmp_path) == [("require_approval", ["untrusted_output"])]
+
+
+async def test_a_result_no_record_knows_reads_as_history_unknown(tmp_path: Path) -> None:
+    # A result sent back for a call neither the request nor Warden's records know (its
+    # record pruned, or never kept): what it was is unknown, as past the bounds.
+    answer = response_body([fn_item("send_email", SEND, "call_2", "fc_2")])
+    resent: Any = [
+        {"role": "user", "content": "summarise the page"},
+        {"type": "function_call_output", "call_id": "call_gone", "output": INJECTED},
+    ]
+    async with RawUpstream() as up:
+        up.on_request = lambda _request: RawReply.json(answer)
+        async with (
+            Warden(make_config(tmp_path, up.url, tools=TOOLS)) as warden,
+            openai.AsyncOpenAI(
+                base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
+            ) as sdk,
+        ):
+            await sdk.responses.create(model=MODEL, input=resent, store=False)
+    (decision,) = [
+        r
+        for r in audit_records(tmp_path / "audit")
+        if r["kind"] == "decision" and r["action"].get("tool") == "send_email"
+    ]
+    assert decision["decision"]["effect"] == "require_approval"
+    assert decision["decision"]["input"]["session"]["truncated"] is True

@@ -1083,7 +1083,7 @@ async def test_a_fetch_waiting_for_a_link_does_not_bring_back_what_an_erasure_to
         ((), True),  # an answer fetched by id declares nothing: cannot tell
         (({"type": "shell", "environment": {"type": "local"}},), False),
         (({"type": "shell", "environment": {"type": "container_auto"}},), True),
-        (({"type": "shell", "environment": None},), True),
+        (({"type": "shell", "environment": None},), False),  # none named: the agent's own
         (({"type": "shell", "environment": {"type": "local"}}, {"type": "prompt"}), True),
     ],
 )

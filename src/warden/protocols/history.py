@@ -372,8 +372,8 @@ _PROVIDER_RUN: Final = frozenset({ActionKind.HOSTED_TOOL_CALL, ActionKind.MCP_CA
 
 def _hosted_environment(environment: Any) -> bool:
     """Whether a ``shell_call``'s environment is the provider's (a container), not the
-    agent's machine; one that cannot be read counts as the provider's (fail closed)."""
-    return not (isinstance(environment, dict) and environment.get("type") == "local")
+    agent's machine (``local``, or none named)."""
+    return isinstance(environment, dict) and environment.get("type") not in (None, "local")
 
 
 def _inline_result(

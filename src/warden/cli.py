@@ -59,21 +59,15 @@ def _check_files(config: Config) -> None:
     Deeper down these fail as a bare ``[Errno 17] File exists: 'data'``. Only
     looked at, never created: the audit log makes its folders with its own modes.
     """
-    from warden.audit.checkpoint import load_signing_key
-
     key_file = config.audit.signing_key_file
-    if key_file is not None:
-        try:
-            load_signing_key(Path(key_file))
-        except OSError as exc:
-            raise ConfigError(
-                f"audit.signing_key_file: cannot read {key_file}: {exc.strerror}"
-            ) from None
-        except (ValueError, TypeError):
-            raise ConfigError(
-                f"audit.signing_key_file: {key_file} is not an unencrypted Ed25519 private key "
-                "(PEM); leave the setting out to have Warden generate one in audit.dir"
-            ) from None
+    if key_file is not None and not Path(key_file).is_file():
+        # Only looked at: a key a secrets helper serves once (a FIFO) is read by the log.
+        raise ConfigError(
+            f"audit.signing_key_file: {key_file} is not a file (leave the setting out to "
+            "have Warden generate a key in audit.dir)"
+        )
+    if key_file is not None and Path(key_file).is_file() and not os.access(key_file, os.R_OK):
+        raise ConfigError(f"audit.signing_key_file: no permission to read {key_file}")
     problem = _not_creatable(Path(config.audit.dir))
     if problem:
         raise ConfigError(f"audit.dir: cannot create {config.audit.dir}: {problem}")

@@ -429,11 +429,13 @@ def _how_to_check(out: Path) -> None:
         f"auditors check it with: python3 {script} {shlex.quote(str(out))} "
         '--key "<the verifier key>"'
     )
-    vkey = out / "log-key.vkey"
-    if vkey.is_file():
-        # A public key; theirs to compare, so it reaches them apart from the package.
-        key = vkey.read_text(encoding="utf-8").strip()
-        print(f"give them the verifier key through another channel than the package: {key}")
+    # Never the key in the package, or in the log's folder: whoever could rewrite the
+    # log could have put theirs there. The key you published when the log began.
+    print(
+        "give them the verifier key you published when this log began (its "
+        "keys/checkpoint.vkey then, docs/audit.md), through another channel than the "
+        "package: not the package's log-key.vkey, which whoever made it chose"
+    )
 
 
 @_guarded

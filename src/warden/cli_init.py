@@ -115,6 +115,16 @@ def init(folder: Path, *, force: bool = False) -> int:
                 file=sys.stderr,
             )
             return EXIT_EXISTS
+    linked = _links_in_the_way(source, bundle, config)
+    if linked is not None:
+        # Written through, a link would overwrite a file outside the folder (and the
+        # bundle would go on reading it from there).
+        print(
+            f"warden init: {linked} is a symbolic link; nothing was written (remove it, "
+            "or choose another folder)",
+            file=sys.stderr,
+        )
+        return EXIT_EXISTS
     folder.mkdir(parents=True, exist_ok=True)
     config.write_text(STARTER_CONFIG, encoding="utf-8")
     # Over an existing bundle, only the shipped files are rewritten: the user's own stay.
@@ -125,6 +135,16 @@ def init(folder: Path, *, force: bool = False) -> int:
     print(f"  warden policy test {BUNDLE_DIR}     # its Rego tests and decision tables")
     print("  warden serve --config warden.yaml")
     return EXIT_OK
+
+
+def _links_in_the_way(source: Path, bundle: Path, config: Path) -> Path | None:
+    """The first path ``init`` would write through that is a symbolic link, if any."""
+    written = [config, bundle]
+    for path in source.rglob("*"):
+        relative = path.relative_to(source)
+        if not _not_shipped(str(path.parent), [p for p in relative.parts]):
+            written.append(bundle / relative)
+    return next((p for p in written if p.is_symlink()), None)
 
 
 def _not_shipped(folder: str, names: list[str]) -> set[str]:

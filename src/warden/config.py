@@ -1309,9 +1309,18 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
 def _yaml_error(exc: yaml.YAMLError) -> str:
-    """What is wrong and where, never the text around it: that line may hold a secret."""
-    problem = getattr(exc, "problem", None) or type(exc).__name__
+    """What is wrong and where, never the text around it: that line may hold a secret.
+
+    The parser quotes what it read (``found undefined alias 'Hunter2'``, a tag's
+    name): quoted text is left out too.
+    """
+    problem = str(getattr(exc, "problem", None) or type(exc).__name__)
+    if "alias" in problem or "tag" in problem:
+        problem = _QUOTED.sub("'…'", problem)
     mark = getattr(exc, "problem_mark", None)
     if mark is None:
         return str(problem)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from warden.cli_init import STARTER_CONFIG, init, shipped_bundle
+from warden.cli_init import BUNDLE_DIR, STARTER_CONFIG, init, shipped_bundle
 from warden.config import load_config
 
 
@@ -73,3 +73,18 @@ def test_the_starter_config_says_the_policys_hold_time_wins() -> None:
     assert f"{asked} s" in approvals  # the comment names what the shipped policy asks
     assert "wins" in approvals
     assert "600 s" in approvals  # the SDK's read timeout
+
+
+def test_force_refuses_to_write_through_a_symbolic_link(tmp_path: Path) -> None:
+    # Written through, the link would overwrite a file outside the folder, and the
+    # bundle would go on reading its policy from there.
+    outside = tmp_path / "outside.txt"
+    outside.write_text("someone else's file\n")
+    folder = tmp_path / "project"
+    assert init(folder) == 0
+    policy = folder / BUNDLE_DIR / "policy.rego"
+    policy.unlink()
+    policy.symlink_to(outside)
+    assert init(folder, force=True) != 0
+    assert outside.read_text() == "someone else's file\n"
+    assert policy.is_symlink()

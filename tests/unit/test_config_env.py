@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from warden.config import load_config
@@ -96,3 +98,15 @@ def test_a_key_set_elsewhere_names_no_variable() -> None:
         load_config(environ={"WARDEN_MODE": "observe"}, overrides={"agent_keys": "x"})
     assert "agent_keys: unknown key" in str(info.value)
     assert "set by" not in str(info.value)
+
+
+def test_a_file_yaml_error_quotes_no_alias_or_tag_it_read(tmp_path: Path) -> None:
+    # An alias or tag the parser could not resolve may be a secret written unquoted.
+    for text in ("state:\n  password: *Hunter2SecretPw\n", "state:\n  password: !S3cr3t x\n"):
+        path = tmp_path / "warden.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_config(path, environ={})
+        assert "Hunter2SecretPw" not in str(info.value)
+        assert "S3cr3t" not in str(info.value)
+        assert "line 2" in str(info.value)

@@ -27,6 +27,7 @@ from pathlib import Path
 import orjson
 
 from warden.audit.checkpoint import (
+    NoteError,
     NoteSigner,
     NoteVerifier,
     generate_signing_key,
@@ -167,7 +168,17 @@ class Layout:
     def signer(self, origin: str, key_file: str | None) -> NoteSigner:
         """The checkpoint signer: the configured key, else the generated one."""
         if key_file is not None:
-            key = load_signing_key(Path(key_file))
+            try:
+                key = load_signing_key(Path(key_file))
+            except OSError as exc:
+                raise NoteError(
+                    f"audit.signing_key_file: cannot read {key_file}: {exc.strerror}"
+                ) from None
+            except (ValueError, TypeError, NoteError):
+                raise NoteError(
+                    f"audit.signing_key_file: {key_file} is not an unencrypted Ed25519 "
+                    "private key (PEM); leave the setting out to have Warden generate one"
+                ) from None
         elif self.signing_key.exists():
             key = load_signing_key(self.signing_key)
         else:

@@ -171,8 +171,9 @@ def test_a_json_result_has_its_credentials_masked() -> None:
         "jwt": REDACTED,
         "user": "u1",
     }
-    # Nothing to mask, or not JSON: recorded exactly as it came.
-    for text in ('{"order": "A-1", "key_count": 2}', "token: abc (not JSON)", '{"token": '):
+    # Nothing to mask, or not JSON at all: recorded exactly as it came. (JSON that names
+    # a credential but does not parse is kept as its hash alone: the test below.)
+    for text in ('{"order": "A-1", "key_count": 2}', "token: abc (not JSON)"):
         assert outcome_body(Outcome(result=text))["result"] == text
 
 
@@ -313,3 +314,21 @@ def test_a_long_argument_name_is_judged_but_not_remembered() -> None:
     long_name = "x" * 100_000 + "_password"
     assert is_credential_key(long_name)
     assert long_name not in audit_record._credential_memo  # kept, it would stay for good
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        '{"access_token": "sk-LIVE-1", "user": "bob\ud83d"}',  # a lone surrogate
+        '{"access_token": "sk-LIVE-2", "score": NaN}',
+        '{"access_token": "sk-LIVE-3", "items": "xxxx',  # cut short before it was masked
+    ],
+)
+def test_a_result_that_may_hold_a_credential_but_does_not_parse_is_kept_whole_as_its_hash(
+    result: str,
+) -> None:
+    body = outcome_body(Outcome(result=result))
+    assert body["result"] == REDACTED
+    assert body["redacted"] == ["result"]
+    assert body["result_sha256"] is not None
+    assert "sk-LIVE" not in encode(body).decode()

@@ -207,3 +207,18 @@ async def test_log_lines_carry_trace_and_decision_ids(spans: InMemorySpanExporte
     assert inside["trace_id"] == format(span.get_span_context().trace_id, "032x")
     assert inside["decision_id"] == decision.decision_id
     assert "trace_id" not in outside
+
+
+def test_a_name_with_a_lone_surrogate_cannot_spoil_a_span_batch() -> None:
+    # The exporter's protobuf refuses a string that is not UTF-8, and with it the batch.
+    assert tracing._cut("search_kb\ud800") == "search_kb\ufffd"
+    assert tracing._cut("x" * 500).endswith("…")
+
+
+def test_a_log_line_naming_a_lone_surrogate_stays_one_json_line() -> None:
+    record = logging.LogRecord(
+        "warden.mcp", logging.ERROR, __file__, 1, "refused %s", ("search_kb\ud800",), None
+    )
+    line = ops_logging._JsonFormatter().format(record)
+    assert "\n" not in line
+    assert orjson.loads(line)["message"] == "refused search_kb\ufffd"

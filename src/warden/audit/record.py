@@ -18,7 +18,6 @@ Two defences run on every body before it is stored:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import re
@@ -30,6 +29,7 @@ import orjson
 import rfc8785
 
 from warden.model import Action, Decision, Outcome
+from warden.text import mended
 
 __all__ = [
     "CREDENTIAL_HEADERS",
@@ -231,12 +231,7 @@ def _whole(text: str | None) -> str | None:
     mended: a call that no record can carry exactly is refused, never recorded
     as another.
     """
-    if text is not None and _SURROGATE.search(text) is not None:
-        return _SURROGATE.sub("\ufffd", text)
-    return text
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
+    return mended(text) if text is not None else None
 
 
 def scrub_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -568,11 +563,15 @@ def _result_body(result: str | None, paths: list[str]) -> tuple[Any, list[str], 
         result = orjson.dumps(mask_credentials(parsed)).decode()
     elif result.lstrip()[:1] in ("{", "[") and _CREDENTIAL_HINT.search(result):
         # A JSON result (an OAuth token endpoint's answer) is masked like arguments.
-        with contextlib.suppress(orjson.JSONDecodeError):
+        try:
             parsed = orjson.loads(result)
-            masked = mask_credentials(parsed)
-            if masked != parsed:
-                result = orjson.dumps(masked).decode()
+        except orjson.JSONDecodeError:
+            # Cut short, or holding a NaN or a lone surrogate: a credential in it cannot
+            # be found to mask alone, so none of it is kept (its hash is).
+            return REDACTED, ["result"], _text_sha256(result)
+        masked = mask_credentials(parsed)
+        if masked != parsed:
+            result = orjson.dumps(masked).decode()
     if len(result) > MAX_RESULT_CHARS:
         digest = _text_sha256(result)
         return result[:MAX_RESULT_CHARS], redacted, digest

@@ -9,6 +9,7 @@ record it is about.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -17,6 +18,7 @@ import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 
 from warden.ops import tracing
+from warden.text import mended
 
 __all__ = ["configure_logging"]
 
@@ -57,7 +59,12 @@ class _JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        try:
+            return orjson.dumps(entry, default=str).decode()
+        except orjson.JSONEncodeError:
+            # A lone surrogate an agent sent (a tool name): as U+FFFD the line is still
+            # one line of valid UTF-8 JSON, whichever reader parses it.
+            return mended(json.dumps(entry, default=str, ensure_ascii=False))
 
 
 def configure_logging(level: str = "info", fmt: str = "json") -> None:

@@ -7,13 +7,14 @@ number of series without limit.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from warden.text import mended
 
 __all__ = [
     "ADDED_LATENCY",
@@ -140,7 +141,6 @@ CREDENTIAL_RELOADS = Counter(
 INFLIGHT = Gauge("warden_inflight_requests", "Requests being served right now.")
 
 _seen: dict[str, set[str]] = {}
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _seen_lock = threading.Lock()
 
 
@@ -155,8 +155,7 @@ def bounded(kind: str, value: str | None) -> str:
         return ""
     if len(value) > MAX_LABEL_CHARS:
         value = value[: MAX_LABEL_CHARS - 1] + "…"
-    if not value.isascii() and _SURROGATE.search(value) is not None:
-        value = _SURROGATE.sub("\ufffd", value)
+    value = mended(value)
     values = _seen.get(kind)
     if values is not None and value in values:
         return value

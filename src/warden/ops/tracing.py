@@ -44,6 +44,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from warden import __version__
 from warden.errors import ConfigError
 from warden.model import Action, ActionKind, Decision, Usage
+from warden.text import mended
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
@@ -309,8 +310,9 @@ _MAX_ATTRIBUTE_CHARS = 256
 
 
 def _cut(name: str) -> str:
-    """A name the agent chose, as a span name or attribute: at most ``_MAX_NAME`` characters."""
-    return name if len(name) <= _MAX_NAME else name[: _MAX_NAME - 1] + "…"
+    """A name the agent chose, as a span name or attribute: at most ``_MAX_NAME`` characters,
+    a lone surrogate as U+FFFD (the exporter's protobuf would refuse the whole batch)."""
+    return mended(name if len(name) <= _MAX_NAME else name[: _MAX_NAME - 1] + "…")
 
 
 def _traced_decide(

@@ -48,6 +48,7 @@ from urllib.parse import unquote
 import orjson
 
 from warden.protocols._wire import foreign_charset, keys_fold_apart
+from warden.text import has_surrogate
 
 __all__ = [
     "PROBLEM_CONTENT_TYPE",
@@ -91,7 +92,6 @@ _OVERRIDE_HEADERS: Final = frozenset(
 # Headers that make a service route another path than the request line's: IIS URL
 # Rewrite, and Symfony and Laminas, which trust them.
 _PATH_OVERRIDE_HEADERS: Final = frozenset({"x-original-url", "x-rewrite-url"})
-_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 # The form, JSON or query field that does the same (Symfony/Laravel, Rails, method-override).
 _OVERRIDE_FIELD: Final = "_method"
 # What a body spelling "_method" holds: the word, an escape ("%5F", "\u005f") or both.
@@ -801,7 +801,7 @@ def _has_surrogate(value: Any) -> bool:
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            if _SURROGATE.search(item) is not None:
+            if has_surrogate(item):
                 return True
         elif isinstance(item, dict):
             stack.extend(item)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from warden.config import PolicyConfig
 from warden.policy.bundle import Module
-from warden.policy.cache import KIND, WILDCARD, InputShape, analyse, cache_key, project
+from warden.policy.cache import KIND, WILDCARD, InputShape, _Analysis, analyse, cache_key, project
 from warden.policy.engine import PolicyEngine
 from warden.policy.worker import Evaluator
 
@@ -241,7 +241,6 @@ def ref_head_policy(head: str) -> str:
     [
         "checks.risky(a)",
         "checks . risky (a)",
-        "checks\n.risky(a)",
         "checks.\nrisky(a)",
         'checks["risky"](a)',
         "limit := 5; checks.risky(a)",
@@ -343,6 +342,64 @@ def test_an_import_whose_name_cannot_be_read_follows_nothing() -> None:
         assert analyse([Module("m.rego", odd)]).paths == (("action",),), spelling
 
 
+# -- a reference continued on the next line, a package the scan cannot read --------------
+
+# The same package as LIMITS (rego-cpp reads each spelling as warden.x): risky() has a
+# clause in each, and flag reads through both.
+HELPER = (
+    "package PKG\n\nimport rego.v1\n\n"
+    'risky(a) if a.tool == "delete_account"\n\n'
+    "flag if risky(input.action)\n"
+)
+LIMITS = "package warden.x\n\nimport rego.v1\n\nrisky(b) if b.arguments.amount > 500\n"
+FLAGGED = (
+    "package warden\n\nimport rego.v1\nimport data.warden.x\n\n"
+    'default decision := {"effect": "allow", "reason": "ok"}\n\n'
+    'decision := {"effect": "deny", "reason": "risky"} if x.flag\n'
+)
+CONTINUED_IMPORTS = (
+    "import data.lib  # the platform's checks\n.risky",
+    "import data # c\n.lib.risky",
+)
+MISREAD_PACKAGES = ("warden[`x`]", "warden # helpers\n.x", "warden[ `x` ]", 'warden["\\u0078"]')
+
+
+@pytest.mark.parametrize(
+    "sources",
+    [
+        *((LIB, importing_policy(spelling), LOCAL_RISKY) for spelling in CONTINUED_IMPORTS),
+        *((FLAGGED, HELPER.replace("PKG", pkg), LIMITS) for pkg in MISREAD_PACKAGES),
+        (CHECKS, ref_head_policy("checks\n.risky(a)")),
+    ],
+)
+def test_a_continued_reference_or_an_unread_package_reads_the_whole_input(
+    sources: tuple[str, ...],
+) -> None:
+    # rego-cpp reads a "." on the next line, past a comment, as part of the reference,
+    # and a raw-string step in a package: the scan once stopped at the comment (the
+    # import bound `lib`, the package read `warden`), followed risky() into a helper
+    # that reads the tool only, and cut the amount from the projection.
+    assert analyse([Module(f"m{i}.rego", s) for i, s in enumerate(sources)]).whole_input
+    decides_alike(sources, [refund(5000), refund(5), {"action": {"tool": "delete_account"}}])
+
+
+@pytest.mark.parametrize("spelling", CONTINUED_IMPORTS)
+def test_an_import_continued_past_a_comment_binds_no_name_the_scan_knows(spelling: str) -> None:
+    analysis = _Analysis([Module("m.rego", importing_policy(spelling))], None)
+    assert not analysis.follow
+    assert analysis.imported == {"v1"}  # rego.v1 alone
+
+
+def test_a_plain_package_keeps_the_projection() -> None:
+    sources = (FLAGGED, HELPER.replace("PKG", 'warden ["x"]  # helpers'), LIMITS)
+    assert analyse([Module(f"m{i}.rego", s) for i, s in enumerate(sources)]).paths == (
+        ("action", KIND),
+        ("action", "arguments", "amount"),
+        ("action", "tool"),
+    )
+    decides_alike(sources, [refund(5000), refund(5)])
+
+
 # -- whitespace the scan's patterns do not expect ------------------------------------------
 
 NEEDS_REVIEW = (
@@ -412,6 +469,28 @@ def test_windows_line_endings_keep_the_projection() -> None:
             "require_approval",
         ),
         ({"warden/main.rego": NEEDS_REVIEW.replace("SPACE", "\f")}, "require_approval"),
+        *(
+            (
+                {
+                    "lib/lib.rego": LIB,
+                    "warden/main.rego": importing_policy(spelling),
+                    "warden/local.rego": LOCAL_RISKY,
+                },
+                "require_approval",
+            )
+            for spelling in CONTINUED_IMPORTS
+        ),
+        *(
+            (
+                {
+                    "warden/main.rego": FLAGGED,
+                    "warden/helper.rego": HELPER.replace("PKG", pkg),
+                    "warden/limits.rego": LIMITS,
+                },
+                "deny",
+            )
+            for pkg in MISREAD_PACKAGES[:2]
+        ),
     ],
 )
 async def test_the_engine_decides_on_what_the_policy_reads(

@@ -32,6 +32,11 @@ input is spelled with the ``input`` keyword (Rego has no other way to reach
 it; ``import input.x as y`` is caught as the path ``x``). A bundle with a form
 feed, vertical tab, lone carriage return or NUL anywhere in its modules reads the
 whole input: the scan's patterns take only space, tab and newline as whitespace.
+So does one with a line (comments and strings blanked) that starts with ``.``, a
+reference continued from the line above, perhaps past a comment there
+(``import data.lib  # c`` then ``.risky``), or whose ``package`` the scan cannot
+read exactly (``package warden[`x`]``): which package a module is in, and which
+name an import binds, decide which functions a call is followed into.
 
 The same paths drive :func:`project`, which sends the worker only those parts
 of the input: building the engine's input document is the largest per-call
@@ -54,7 +59,7 @@ from typing import Any
 import orjson
 
 from warden.policy.bundle import Module
-from warden.policy.bundle.text import blank, string_end
+from warden.policy.bundle.text import blank, package_of, string_end
 
 __all__ = [
     "KIND",
@@ -213,6 +218,18 @@ _IMPORT_AS = re.compile(r"\s*(?<![\w])as\s+([A-Za-z_][A-Za-z0-9_]*)(?![\w])")
 # NUL, after which rego-cpp reads nothing of the module while the scan reads on.
 _ODD_SPACE = re.compile(r"[\f\v\x00]|\r(?!\n)")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A line that starts with ".": it goes on with a reference from the line above, past
+# any comment there (rego-cpp reads ``data.lib  # c`` then ``.risky`` as
+# ``data.lib.risky``). A newline before "[" ends the reference in rego-cpp.
+_CONTINUED_LINE = re.compile(r"^[ \t]*\.", re.MULTILINE)
+# A package declaration as the scan reads it exactly: names and plain string steps
+# (no raw string, no escape), on one line.
+_PACKAGE_KEYWORD = re.compile(r"package\s+")
+_PACKAGE_REF = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*"
+    r'(?:[ \t]*\.[ \t]*[A-Za-z_][A-Za-z0-9_]*|[ \t]*\[[ \t]*"[^"\\\n]*"[ \t]*\])*'
+)
+_PACKAGE_STEP = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)|\[[ \t]*"([^"]*)"[ \t]*\]')
 _CALLEE = re.compile(r"(?<![\w.])([A-Za-z_][A-Za-z0-9_]*)$")
 _WITH = re.compile(r"(?<![\w.])with(?![\w])")
 # How far back a called function's name is looked for (names are shorter).
@@ -466,7 +483,9 @@ class _Analysis:
         line_end = text.find("\n", pos)
         rest = text[pos : len(text) if line_end < 0 else line_end].strip()
         following = _first_char(text, pos)
-        if (rest and not rest.startswith(";")) or (following >= 0 and text[following] in "[("):
+        # A "." after the path, past a comment and a newline, goes on with it
+        # (``import data.lib  # c`` then ``.risky`` binds ``risky``).
+        if (rest and not rest.startswith(";")) or (following >= 0 and text[following] in "[(."):
             return None
         return name
 
@@ -704,6 +723,24 @@ class _Analysis:
         return found
 
 
+def _package_misread(source: str, blanked: str) -> bool:
+    """Whether the module's ``package`` declaration may not be the package the scan
+    reads (:func:`package_of`): a raw-string or escaped step, anything after the
+    reference on its line, or a reference read here differently."""
+    found = package_of(source)
+    if found is None:
+        return False  # no declaration to misread (the loader rejects such a module)
+    keyword = _PACKAGE_KEYWORD.match(blanked, found[1])
+    ref = None if keyword is None else _PACKAGE_REF.match(source, keyword.end())
+    if ref is None:
+        return True
+    line_end = blanked.find("\n", ref.end())
+    if blanked[ref.end() : len(blanked) if line_end < 0 else line_end].strip():
+        return True
+    steps = [a or b for a, b in _PACKAGE_STEP.findall(ref.group(0))]
+    return "/".join(steps) != found[0]
+
+
 def analyse(modules: Sequence[Module], data: Mapping[str, Any] | None = None) -> InputShape:
     """Find which input paths the modules read and whether they are deterministic.
 
@@ -723,6 +760,15 @@ def analyse(modules: Sequence[Module], data: Mapping[str, Any] | None = None) ->
         # in the raw text, comments and strings too, so that no disagreement about
         # where a comment or string ends can hide one. OPA rejects \f and \v; they
         # cost a policy that has them its projection, never a wrong decision.
+        return InputShape(paths=None, deterministic=deterministic)
+    if any(_CONTINUED_LINE.search(text) for text in analysis.blanked) or any(
+        _package_misread(source, text)
+        for source, text in zip(analysis.sources, analysis.blanked, strict=True)
+    ):
+        # The package a module is in, and the name an import binds, decide which
+        # functions a call is followed into: where the scan may read either short
+        # (a comment before a newline ends its reading of a reference, rego-cpp reads
+        # on), nothing is projected away.
         return InputShape(paths=None, deterministic=deterministic)
     paths: set[tuple[str, ...]] = set()
     for index, (source, text) in enumerate(zip(analysis.sources, analysis.blanked, strict=True)):

@@ -142,7 +142,7 @@ def _links_in_the_way(source: Path, bundle: Path, config: Path) -> Path | None:
     written = [config, bundle]
     for path in source.rglob("*"):
         relative = path.relative_to(source)
-        if not _not_shipped(str(path.parent), [p for p in relative.parts]):
+        if not _not_shipped(str(path.parent), list(relative.parts)):
             written.append(bundle / relative)
     return next((p for p in written if p.is_symlink()), None)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 from warden import __version__
 from warden.config import Config, load_config
 from warden.errors import ConfigError, WardenError
+from warden.terminal import reader_left
 
 __all__ = ["main"]
 
@@ -180,12 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
     except BrokenPipeError:
-        # `warden config | head -1`: the reader has what it wanted. Python's recipe:
-        # point stdout at devnull so the interpreter's last flush does not fail too.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        with contextlib.suppress(OSError, ValueError):  # stdout is no file (captured)
-            os.dup2(devnull, sys.stdout.fileno())
-        return 1
+        return reader_left()
     except (WardenError, OSError) as exc:
         print(f"warden: {_described(exc)}", file=sys.stderr)
         return EXIT_USAGE

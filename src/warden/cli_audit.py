@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import os
 import shlex
@@ -39,6 +38,7 @@ from warden.audit.verify import verify_log
 from warden.config import AuditConfig, Config, load_config
 from warden.errors import AuditError, ConfigError
 from warden.state.postgres import PgTarget
+from warden.terminal import reader_left
 
 __all__ = ["main", "register"]
 
@@ -536,11 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         sys.stdout.flush()
-    except BrokenPipeError:  # `... | head`: quietly, as warden.cli.main does
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        with contextlib.suppress(OSError, ValueError):  # stdout is no file (captured)
-            os.dup2(devnull, sys.stdout.fileno())
-        return 1  # Python's own status on EPIPE
+    except BrokenPipeError:
+        return reader_left()
     return code
 
 

@@ -1147,14 +1147,9 @@ def provider_ran(action: Action) -> bool:
     # none (a background answer fetched by id) cannot tell: the provider's, for taint.
     shells = [t for t in action.request.tools if t.get("type") in ("shell", "prompt")]
     return not shells or any(
-        tool.get("type") == "prompt" or _hosted(tool.get("environment")) for tool in shells
+        tool.get("type") == "prompt" or history.hosted_environment(tool.get("environment"))
+        for tool in shells
     )
-
-
-def _hosted(environment: object) -> bool:
-    """A declared shell's environment is the provider's when it names one (a container);
-    none named is the agent's own, as OpenAI's shell guide and the Agents SDK read it."""
-    return isinstance(environment, Mapping) and environment.get("type") not in (None, "local")
 
 
 def _session_doc(

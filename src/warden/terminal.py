@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import unicodedata
 
-__all__ = ["plain"]
+__all__ = ["plain", "reader_left"]
+
+
+def reader_left() -> int:
+    """End a command whose reader closed the pipe (``warden config | head -1``) quietly.
+
+    Python's recipe: point stdout at devnull, so the interpreter's last flush does
+    not fail too. The status is Python's own on EPIPE.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    with contextlib.suppress(OSError, ValueError):  # stdout is no file (captured)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 1
 
 
 def plain(text: object, keep: str = "") -> str:

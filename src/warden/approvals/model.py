@@ -86,8 +86,9 @@ class ApprovalSettings:
     keep_decided_s: float = 30 * 86400.0
     """How long an approval that ended stays in the store (the audit log keeps it for good)."""
     bind_context: tuple[str, ...] | None = None
-    bind_claims: tuple[str, ...] | None = None
     """The context keys an approval is bound to; ``None``: all of them."""
+    bind_claims: tuple[str, ...] | None = None
+    """The token claims an approval is bound to; ``None``: all but each token's own."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -65,6 +65,7 @@ __all__ = [
     "bound_result",
     "extract",
     "hosted_approvals",
+    "hosted_environment",
 ]
 
 _TIME_CHECK_EVERY: Final = 64
@@ -357,7 +358,7 @@ def _responses(body: Mapping[str, Any], b: _Builder) -> None:
             b.call(call.call_id, call.name, call.arguments, raw=call.raw_arguments, kind=kind)
             _inline_result(item, kind, call.call_id, call.name, b)
             if CALL_SHAPES[kind].kind in _PROVIDER_RUN or (
-                kind == "shell_call" and _hosted_environment(item.get("environment"))
+                kind == "shell_call" and hosted_environment(item.get("environment"))
             ):
                 # The provider ran it, with or without its result in this request (Anthropic
                 # runs a server tool once the next request brings the client tools' results).
@@ -370,7 +371,7 @@ _PROVIDER_RUN: Final = frozenset({ActionKind.HOSTED_TOOL_CALL, ActionKind.MCP_CA
 """Call kinds the provider runs itself: their output reaches the model, decided or not."""
 
 
-def _hosted_environment(environment: Any) -> bool:
+def hosted_environment(environment: Any) -> bool:
     """Whether a ``shell_call``'s environment is the provider's (a container), not the
     agent's machine (``local``, or none named)."""
     return isinstance(environment, dict) and environment.get("type") not in (None, "local")

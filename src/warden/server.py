@@ -215,6 +215,7 @@ class Warden:
             killswitches=killswitches,
             credentials=credentials,
             mcp_owners=state.sessions,
+            prices=prices,
         )
         doors: list[FrontDoor] = [http, *self._transparent_door(http)]
         grpc_door: GrpcDoor | None = None
@@ -235,7 +236,9 @@ class Warden:
                 ExtAuthzService(core, cfg, approvals=approvals, credentials=credentials)
             )
             services.append(
-                ExtProcService(core, cfg, killswitches=killswitches, credentials=credentials)
+                ExtProcService(
+                    core, cfg, killswitches=killswitches, credentials=credentials, prices=prices
+                )
             )
             grpc_door = GrpcDoor(
                 cfg.listen.grpc, cfg.grpc, services, shutdown_grace_s=cfg.shutdown_grace_s

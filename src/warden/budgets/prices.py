@@ -226,9 +226,10 @@ class OutputBounds:
     refuses a bound past what the model can generate.
     """
 
-    def __init__(self, llm: LlmBudgetConfig | None, prices_file: str | None) -> None:
+    def __init__(self, llm: LlmBudgetConfig | None, prices: PriceTable) -> None:
+        """``prices``: the table the budget guard prices with, so both read one file once."""
         self._bound = llm.written_output_bound if llm is not None else None
-        self._table = PriceTable.load(prices_file) if self._bound is not None else None
+        self._table = prices if self._bound is not None else None
         self.tool_calls = llm.written_tool_bound if llm is not None else None
         """The bound on billed hosted tool calls written into a request; ``None``: none."""
 

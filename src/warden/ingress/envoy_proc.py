@@ -55,7 +55,7 @@ from google.protobuf import duration_pb2
 from multidict import CIMultiDict
 
 from warden import tasks
-from warden.budgets.prices import OutputBounds
+from warden.budgets.prices import OutputBounds, PriceTable
 from warden.config import Config, UpstreamConfig
 from warden.core import Governor, Turn
 from warden.credentials import Credentials
@@ -318,9 +318,11 @@ class ExtProcService:
         *,
         killswitches: KillSwitches | None = None,
         credentials: Credentials | None = None,
+        prices: PriceTable | None = None,
     ) -> None:
         """``credentials``: upstream keys Warden holds; Envoy is told to send them instead
-        of the agent's (:mod:`warden.credentials`)."""
+        of the agent's (:mod:`warden.credentials`). ``prices``: the budget guard's price
+        table (``None``: ``prices.file`` is read)."""
         self.core = core
         self.config = config
         self.killswitches = killswitches
@@ -331,7 +333,9 @@ class ExtProcService:
             name: tuple(PassthroughRule.parse(spec) for spec in upstream.passthrough)
             for name, upstream in config.upstreams.items()
         }
-        self.bounds = OutputBounds(config.budgets.llm, config.prices.file)
+        self.bounds = OutputBounds(
+            config.budgets.llm, prices or PriceTable.load(config.prices.file)
+        )
         self._open = 0
         self._idle = asyncio.Event()
         self._idle.set()

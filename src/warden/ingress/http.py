@@ -38,7 +38,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from warden.budgets.prices import OutputBounds
+from warden.budgets.prices import OutputBounds, PriceTable
 from warden.config import Config, UpstreamConfig
 from warden.core import Governor, Turn
 from warden.credentials import Credentials
@@ -181,14 +181,17 @@ class HttpDoor:
         killswitches: KillSwitches | None = None,
         credentials: Credentials | None = None,
         mcp_owners: SessionRepo | None = None,
+        prices: PriceTable | None = None,
     ) -> None:
         """``credentials``: the upstream keys Warden holds in place of the agent's;
-        ``mcp_owners``: where the agent that opened each MCP session is kept."""
+        ``mcp_owners``: where the agent that opened each MCP session is kept;
+        ``prices``: the budget guard's price table (``None``: ``prices.file`` is read)."""
         self._config = config
         self._session = session
         self._killswitches = killswitches
         self._credentials = credentials if credentials is not None else Credentials.none()
         self._mcp_owners = mcp_owners
+        self._prices = prices
         self._runner: web.AppRunner | None = None
         self._proxy: ProxyApp | None = None
         self.url = ""
@@ -203,6 +206,7 @@ class HttpDoor:
             killswitches=self._killswitches,
             credentials=self._credentials,
             mcp_owners=self._mcp_owners,
+            prices=self._prices,
         )
         self._proxy = proxy
         app = build_proxy_app(proxy, self._config.limits.max_body_bytes)
@@ -231,6 +235,7 @@ class ProxyApp:
         killswitches: KillSwitches | None = None,
         credentials: Credentials | None = None,
         mcp_owners: SessionRepo | None = None,
+        prices: PriceTable | None = None,
     ) -> None:
         self._config = config
         self._core = core
@@ -250,7 +255,9 @@ class ProxyApp:
             if upstream.routes
         }
         self._routes: dict[tuple[str, str], _Route] = {}
-        self._bounds = OutputBounds(config.budgets.llm, config.prices.file)
+        self._bounds = OutputBounds(
+            config.budgets.llm, prices or PriceTable.load(config.prices.file)
+        )
         # ``protocol: mcp`` upstreams: the MCP streamable HTTP transport (its own door logic).
         self.mcp = McpHttp(
             config,

@@ -84,7 +84,8 @@ CAP = {"name": "refunds", "tool": "issue_refund", "value": "amount", "limit": 10
 
 
 class Refunds(LoopbackServer):
-    """The refunds service: records what reached it; order ``A-FAIL`` cannot be refunded."""
+    """The refunds service: records what reached it; order ``A-FAIL`` cannot be refunded,
+    ``A-504`` is refunded and answered with a gateway's 504, ``A-SSE`` answers a stream."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -99,6 +100,16 @@ class Refunds(LoopbackServer):
         order = request.match_info["tail"].split("/")[1:2]
         if order == ["A-FAIL"]:
             return web.json_response({"error": "order already refunded"}, status=409)
+        if order == ["A-504"]:  # refunded, then the gateway in front gave up
+            return web.json_response({"error": "upstream timed out"}, status=504)
+        if order == ["A-SSE"]:  # refunded, then progress streamed until the client leaves
+            stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await stream.prepare(request)
+            await stream.write(b'data: {"refund_id": "rf_sse", "state": "made"}\n\n')
+            for _ in range(300):
+                await asyncio.sleep(0.1)
+                await stream.write(b'data: {"state": "notifying"}\n\n')
+            return stream
         return web.json_response({"refund_id": f"rf_{len(self.seen)}", "order": order}, status=201)
 
 
@@ -485,6 +496,50 @@ async def test_the_services_answer_settles_the_cap(
     assert settled[records[0]["decision"]["id"]]["is_error"] is True
     assert settled[records[1]["decision"]["id"]]["is_error"] is False
     verify(tmp_path, capsys)
+
+
+async def test_a_5xx_after_the_service_acted_leaves_the_refund_spent(
+    tmp_path: Path, refunds: Refunds
+) -> None:
+    # The refund was made, then a gateway answered 504: releasing its 60 would let
+    # an agent refund without limit behind a slow gateway.
+    async with Warden(config_for(tmp_path, refunds, caps=(CAP,))) as w:
+        assert w.core is not None
+        timed_out = await call(w, "POST", "/orders/A-504/refunds", amount=60, customer="C-1")
+        await w.core.background.drain()
+        over = await call(w, "POST", "/orders/A-1001/refunds", amount=60, customer="C-1")
+    assert timed_out[0] == 504
+    assert over[0] == 403
+    assert over[2]["code"] == "denied"
+    assert [p for _, p, _ in refunds.seen] == ["/orders/A-504/refunds"]
+    (settled,) = outcomes(tmp_path)
+    assert settled["outcome"]["is_error"] is True  # recorded as the service's failure
+
+
+async def test_a_streamed_answer_the_agent_cuts_leaves_the_refund_spent(
+    tmp_path: Path, refunds: Refunds
+) -> None:
+    # The agent reads the first event (the refund is made) and hangs up: the cut
+    # stream must not read as a refund that never happened.
+    async with Warden(config_for(tmp_path, refunds, caps=(CAP,))) as w:
+        assert w.core is not None
+        url = URL(w.proxy_url + "/refunds/orders/A-SSE/refunds", encoded=True)
+        body = orjson.dumps({"amount": 60, "customer": "C-1"})
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(url, data=body, headers=headers) as resp,
+        ):
+            assert resp.status == 200
+            assert b"rf_sse" in await resp.content.readuntil(b"\n\n")
+        async with asyncio.timeout(5):  # Warden notices the hang-up and records it
+            while not outcomes(tmp_path):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        await w.core.background.drain()
+        over = await call(w, "POST", "/orders/A-1001/refunds", amount=60, customer="C-1")
+    assert over[0] == 403
+    assert over[2]["code"] == "denied"
+    assert [p for _, p, _ in refunds.seen] == ["/orders/A-SSE/refunds"]
 
 
 @pytest.mark.parametrize(

@@ -644,15 +644,18 @@ class ProxyApp:
             headers["Content-Type"] = _JSON
         self._core.count_usage(call.agent, call.turn.model, usage)
         outcome = Outcome(status=upstream_resp.status, latency_ms=upstream_s * 1e3, usage=usage)
+        trusted = action.kind is ActionKind.LLM_CALL  # the provider's answer, seen by Warden
         if call.tool is not None:
-            # The tool API's own answer: a non-2xx means the call did not happen.
+            # The tool API's own answer. Only a refusal it gave before acting releases
+            # the call's hold; after a 5xx the refund may have been made.
             outcome = dataclasses.replace(
                 outcome,
                 result=http_tool.result_text(raw),
                 is_error=not 200 <= upstream_resp.status < 300,
             )
-        # Warden saw it: a tool API's answer, a model call's.
-        trusted = call.tool is not None or action.kind is ActionKind.LLM_CALL
+            trusted = 200 <= upstream_resp.status < 300 or http_tool.refused_unrun(
+                upstream_resp.status
+            )
         self._core.outcome(action, decision, outcome, trusted=trusted)
         metrics.child(metrics.ADDED_LATENCY, call.route.name).observe(
             pre_s + time.perf_counter() - post_started
@@ -721,7 +724,9 @@ class ProxyApp:
             Outcome(
                 status=upstream_resp.status, latency_ms=upstream_s * 1e3, usage=usage, error=error
             ),
-            trusted=True,  # a model call's stream, seen by Warden
+            # A model call's stream, seen by Warden. A tool API's 2xx stream acted
+            # whether or not it was read to the end: its cut never releases the hold.
+            trusted=action.kind is ActionKind.LLM_CALL,
         )
         if error is not None:
             metrics.child(metrics.ERRORS, error).inc()

@@ -69,6 +69,7 @@ __all__ = [
     "problem",
     "refuse_headers",
     "refuse_method_field",
+    "refused_unrun",
     "result_text",
 ]
 
@@ -897,6 +898,20 @@ def problem(
     if extra:
         doc.update(extra)
     return orjson.dumps(doc)
+
+
+_GATEWAY_4XX = frozenset({408, 499})
+"""4xx a gateway in front of the tool API gives after forwarding (timeouts, hang-ups)."""
+
+
+def refused_unrun(status: int) -> bool:
+    """Whether a tool API's answer of ``status`` shows the call did not run.
+
+    A 4xx refused the request before it acted. A 5xx may come after the action
+    (a refund made, then a gateway's 504, a 503 on a reset), and so may a
+    gateway's 408 or 499: those leave the call spent, as MCP and ext_proc do.
+    """
+    return 400 <= status < 500 and status not in _GATEWAY_4XX
 
 
 def result_text(body: bytes) -> str:

@@ -25,6 +25,7 @@ from warden.approvals import (
 )
 from warden.approvals.model import Approval, TooManyPending
 from warden.audit import keyed_digest
+from warden.audit.export import Selection, export_log
 from warden.audit.log import AuditLog
 from warden.audit.record import arguments_sha256
 from warden.audit.verify import iter_records
@@ -196,6 +197,39 @@ async def test_approve_and_reject_are_final(approvals: Approvals, audit: AuditLo
     keyed = keyed_digest(audit.directory, first.arguments_sha256)
     assert all(d["arguments_sha256"] == keyed for d in decided)
     assert decided[0]["decision_id"] == first.decision_id
+
+
+async def test_every_approval_record_names_its_agent_and_tool(
+    approvals: Approvals, audit: AuditLog, tmp_path: Path
+) -> None:
+    # An evidence package for one agent selects records by agent: a vote, an
+    # expiry or an execution that named none was left out of it.
+    first = await approvals.request(action(agent="refunds-bot"), decision(), mode="hold")
+    await approvals.decide(first.id, ALICE, False, "no")
+    other = await approvals.request(action(agent="other-bot"), decision(), mode="hold")
+    await approvals.decide(other.id, BOB, True, "")
+    await approvals.mark_executed(other.id)
+    kinds = [
+        kind
+        for _, raw in iter_records(audit.directory)
+        if (kind := orjson.loads(raw)["kind"]).startswith("approval")
+    ]
+    assert set(kinds) == {"approval_requested", "approval_decided", "approval_executed"}
+    for kind in set(kinds):
+        for body in records(audit, kind):
+            assert body["tool"] == "issue_refund"
+            mine = body["approval_id"] == first.id
+            assert body["agent"] == ("refunds-bot" if mine else "other-bot")
+    await audit.checkpoint()
+    export_log(audit.directory, tmp_path / "pkg", selection=Selection(agent="refunds-bot"))
+    exported = [
+        orjson.loads(line)["kind"]
+        for line in (tmp_path / "pkg" / "records.jsonl").read_bytes().splitlines()
+    ]
+    assert [k for k in exported if k.startswith("approval")] == [
+        "approval_requested",
+        "approval_decided",
+    ]
 
 
 async def test_separation_of_duties_and_approver_groups(approvals: Approvals) -> None:

@@ -665,6 +665,10 @@ class Approvals:
         body = {
             "approval_id": approval.id,
             "decision_id": approval.decision_id,
+            # Every record of an approval names its agent and tool: an evidence
+            # package for one agent (export --agent) keeps the people's votes.
+            "agent": approval.agent_id,
+            "tool": approval.tool,
             "arguments_sha256": approval.arguments_sha256,
             "binding": approval.binding,
             **extra,

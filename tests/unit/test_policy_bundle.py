@@ -7,6 +7,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import orjson
 import pytest
 
 from warden.policy.bundle import (
@@ -21,6 +22,7 @@ from warden.policy.bundle import (
 )
 from warden.policy.bundle.compile import compile_check
 from warden.policy.bundle.signatures import file_digest
+from warden.policy.worker import Evaluator
 
 POLICY = """package warden
 
@@ -258,6 +260,16 @@ def test_load_bundles_merges_paths(tmp_path: Path) -> None:
         ("package warden\nx if {\n  input.a ==\n}\n", r"p\.rego:3:\d+: Invalid boolean operator"),
         ("package warden\n\nx if nosuch.fn(1)\n", r"p\.rego:3:6: unknown function nosuch\.fn"),
         ("package warden\nx contains 1\nx := 2\n", r"p\.rego:\d+:\d+: Invalid rule body for set"),
+        # Calls rego-cpp aborts on (free(): invalid pointer), depending on its heap:
+        # refused when the bundle loads, not found as a fallback on every decision.
+        (
+            'package warden\nx if time.weekday(time.now_ns()) == "Sunday"\n',
+            r"p\.rego:2:6: time\.weekday crashes this engine",
+        ),
+        (
+            'package warden\nx if time.date( [time.now_ns(), "Europe/Paris"])[0] > 2000\n',
+            r"p\.rego:2:6: the time-zone form of time\.date and time\.clock",
+        ),
     ],
 )
 def test_compile_check_reports_file_and_line(source: str, message: str) -> None:
@@ -273,6 +285,27 @@ def test_compile_check_accepts_functions_defined_in_the_bundle() -> None:
         'x := lib.double(2)\ny := "z(1)"\n',
     )
     compile_check([lib, main], {}, "data.warden.x")
+
+
+def test_the_day_of_the_week_as_the_docs_compute_it() -> None:
+    # The replacement docs/policies.md gives for time.weekday and `%`: 2023-11-14 was a
+    # Tuesday, and 2023-11-12 a Sunday.
+    source = (
+        "package warden\nday(ns) := d - 7 * floor(d / 7) if d := floor(ns / 86400000000000) + 4\n"
+        "days := [day(1700000000000000000), day(1699800000000000000)]\n"
+    )
+    evaluator = Evaluator([("p.rego", source)], {}, "data.warden.days")
+    assert orjson.loads(evaluator.evaluate({}))["expressions"] == [[2, 0]]
+
+
+def test_a_remainder_is_refused_but_a_percent_sign_in_text_is_not() -> None:
+    # rego-cpp's `%`: 74 % 7 is 6. Refused wherever it is the operator, and only there.
+    with pytest.raises(BundleError, match=r"p\.rego:3:9: the % operator gives wrong"):
+        compile_check(
+            [Module("p.rego", "package warden\n# 10 % off\nx := 74 % 7\n")], {}, "data.warden.x"
+        )
+    fine = 'package warden\n# 10 % off\nx := sprintf("%v%%", [10])\ny := `50 % 2`\n'
+    compile_check([Module("p.rego", fine)], {}, "data.warden.x")
 
 
 def test_compile_check_reports_bad_query() -> None:

@@ -22,6 +22,29 @@ __all__ = ["check_syntax", "compile_bundle", "compile_check"]
 
 _CALL = re.compile(r"(?<![\w.\"])([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*\(")
 _HEAD = re.compile(r"^[ \t]*([A-Za-z_][A-Za-z0-9_]*)\s*\(", re.MULTILINE)
+# What rego-cpp gets wrong beyond repair by a policy's author: refused when a bundle
+# loads. Two calls corrupt its heap (the worker aborts, free(): invalid pointer, on
+# evaluations that reach them, depending on the heap's layout, so a test run can
+# miss it), and `%` gives wrong remainders (74 % 7 is 6, and 565829 % 943 is
+# written as 029): a rule sampling or bucketing by it decides on wrong numbers.
+_ENGINE_FAULTS = (
+    (
+        re.compile(r"%"),  # in blanked text: strings and comments are gone
+        "the % operator gives wrong remainders on this engine (74 % 7 is 6)",
+        "write a - b * floor(a / b) instead, which it computes exactly",
+    ),
+    (
+        re.compile(r"(?<![\w.\"])time\.weekday\s*\("),
+        "time.weekday crashes this engine",
+        "compute the day instead: with d := floor(ns / 86400000000000) + 4, "
+        "d - 7 * floor(d / 7) is 0 on a Sunday (UTC)",
+    ),
+    (
+        re.compile(r"(?<![\w.\"])time\.(?:date|clock)\s*\(\s*\["),
+        "the time-zone form of time.date and time.clock ([ns, zone]) crashes this engine",
+        "add the zone's offset to the nanoseconds and pass them alone",
+    ),
+)
 _KEYWORDS = frozenset(
     {
         "if",
@@ -58,7 +81,8 @@ def check_syntax(modules: Sequence[Module], label: str) -> None:
 
 
 def _check_functions(interp: rego.Interpreter, modules: Sequence[Module], label: str) -> None:
-    """Refuse calls to functions that are neither built in nor defined in the bundle.
+    """Refuse calls to functions that are neither built in nor defined in the bundle,
+    and calls the engine crashes on (``_ENGINE_FAULTS``).
 
     regopy only reports these when the call is evaluated; OPA reports them at
     compile time, and so do we. The scan is deliberately lenient: any name
@@ -69,6 +93,12 @@ def _check_functions(interp: rego.Interpreter, modules: Sequence[Module], label:
     known: dict[str, bool] = {}
     for module in modules:
         text = cleaned[module.path]
+        for pattern, problem, hint in _ENGINE_FAULTS:
+            if (fault := pattern.search(text)) is not None:
+                line, col = line_col(module.source, len(module.source[: fault.start()].encode()))
+                raise BundleError(
+                    f"{display_path(label, module.path)}:{line}:{col}: {problem}; {hint}"
+                )
         for match in _CALL.finditer(text):
             name = match.group(1)
             if name in _KEYWORDS or name.rsplit(".", 1)[-1] in defined:

@@ -226,12 +226,16 @@ class Governor:
             decision = settled
         # The last word once recorded (or approved): nothing is awaited after it, so
         # the door acts on a decision no switch thrown meanwhile contradicts.
+        decision = await self._rechecked(action, decision)
+        tracing.DECISION_ID.set(decision.decision_id)  # log lines after this carry it
+        return decision
+
+    async def _rechecked(self, action: Action, decision: Decision) -> Decision:
+        """``decision``, or the kill switch's denial when one was thrown since."""
         rechecked = await self._pipeline.recheck(action, decision)
         if rechecked is not decision:
             _count(action, rechecked)
-            decision = rechecked
-        tracing.DECISION_ID.set(decision.decision_id)  # log lines after this carry it
-        return decision
+        return rechecked
 
     async def decide_calls(
         self,
@@ -257,6 +261,9 @@ class Governor:
             decided = list(
                 await asyncio.gather(*(self.decide(a, connected=connected) for a in actions))
             )
+            # The answer goes out once its last call is decided, and a held one can
+            # wait minutes: a switch thrown meanwhile stops the calls decided first.
+            decided = [await self._rechecked(a, d) for a, d in zip(actions, decided, strict=True)]
         for action, decision in zip(actions, decided, strict=True):
             self._link(turn, action, decision)
         return {tc.key: d for tc, d in zip(calls, decided, strict=True)}
@@ -401,7 +408,7 @@ class Governor:
             self._record_result(link, results[call_id])
 
     def _record_result(self, link: Link, result: ToolResult) -> None:
-        outcome = Outcome(result=result.content, is_error=result.is_error)
+        outcome = Outcome(result=result.content, is_error=result.is_error, reported_by="agent")
         self.background.spawn(
             self._pipeline.outcome(link.action, link.decision_id, outcome), name="result"
         )

@@ -37,6 +37,7 @@ __all__ = [
     "KillSwitchGuard",
     "KillSwitches",
     "Scope",
+    "target_problem",
 ]
 
 log = logging.getLogger("warden.killswitch")
@@ -52,6 +53,22 @@ STALE_AFTER_S = 15.0
 is then reported down (``/readyz``, ``warden_state_up``), as in an outage."""
 MAX_TARGET = 128
 MAX_REASON = 1000
+
+
+def target_problem(scope: Scope, target: str) -> str | None:
+    """Why ``target`` cannot name a ``scope``'s agent, tool or upstream; ``None``: it can.
+
+    Names never hold spaces or control characters: ``"support-triage "``
+    would be set, listed and recorded, and stop nothing.
+    """
+    if not 1 <= len(target) <= MAX_TARGET:
+        return f"target must be the {scope.value}'s name, 1-{MAX_TARGET} characters"
+    if any(c.isspace() or not c.isprintable() for c in target):
+        return (
+            f"target {target[:40]!r} holds a space or a control character, which no "
+            f"{scope.value}'s name does: such a switch would stop nothing"
+        )
+    return None
 
 
 class Scope(enum.StrEnum):
@@ -205,6 +222,8 @@ class KillSwitches:
         """
         if scope is Scope.GLOBAL:
             target = "*"
+        elif (problem := target_problem(scope, target)) is not None:
+            raise ValueError(problem)
         switch = KillSwitch(
             id=new_id("ks"),
             scope=scope,
@@ -252,7 +271,13 @@ class KillSwitches:
             if current is None:
                 return None
         await self._record(current, who, reason, "cleared")
-        row = await self._store.clear_killswitch(switch_id, who)
+        try:
+            row = await self._store.clear_killswitch(switch_id, who)
+        except Exception:
+            # Recorded as cleared but still in force: the log must not be left saying so.
+            with contextlib.suppress(Exception):
+                await self._record(current, who, "the state store did not take it", "clear_failed")
+            raise
         self._install(tuple(s for s in self._active if s.id != switch_id))
         return current if row is not None else None
 

@@ -401,6 +401,9 @@ class Outcome:
     error: str | None = None
     result: str | None = None
     is_error: bool = False
+    reported_by: str | None = None
+    """Whose word it is when Warden did not see it itself: ``agent`` (the agent's own
+    report of its tool's result) or ``runner`` (one ``grpc.outcome_reporters`` names)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -388,6 +388,7 @@ async def test_a_trusted_runners_report_settles_a_cap(
     outcomes = {r["decision_id"]: r["outcome"] for r in records_of(tmp_path, "outcome")}
     assert outcomes[failed.decision_id]["is_error"] is True
     assert outcomes[made.decision_id]["is_error"] is False
+    assert outcomes[made.decision_id]["reported_by"] == "runner"
     verify(tmp_path, capsys)
 
 
@@ -417,6 +418,7 @@ async def test_the_agents_own_report_is_its_word_and_releases_nothing(
     assert refused[0] is grpc.StatusCode.INVALID_ARGUMENT
     outcomes = {r["decision_id"]: r["outcome"] for r in records_of(tmp_path, "outcome")}
     assert outcomes[first.decision_id]["is_error"] is True  # recorded all the same
+    assert outcomes[first.decision_id]["reported_by"] == "agent"  # and whose word it is
 
 
 async def test_a_model_call_the_agent_says_failed_stays_spent(tmp_path: Path) -> None:

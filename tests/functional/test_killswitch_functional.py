@@ -14,7 +14,7 @@ import pytest
 from tests.functional.conftest import audit_records, make_config
 from tests.sdk_calls import function_calls
 from warden import cli
-from warden.admin.auth import hash_token
+from warden.admin.auth import Principal, hash_token
 from warden.identity import hash_key
 from warden.server import Warden
 from warden.testing import Call, MockLLM, Reply
@@ -91,6 +91,7 @@ async def test_switches_set_listed_and_cleared_through_the_admin_api(
             {"scope": "planet", "target": "x", "reason": "r"},
             {"scope": "agent", "reason": "r"},
             {"scope": "agent", "target": "x", "reason": " "},
+            {"scope": "agent", "target": "refunds-bot ", "reason": "r"},  # stops nothing
         ):
             async with admin.post("/v1/killswitches", json=bad) as resp:
                 assert resp.status == 400, bad
@@ -237,3 +238,45 @@ async def test_the_cli_never_sends_its_token_through_a_proxy(
     finally:
         await runner.cleanup()
     assert seen == []
+
+
+async def test_a_switch_thrown_while_a_sibling_call_is_held_stops_the_allowed_call(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # One answer: a refund held for a person, and a lookup allowed at once. The
+    # answer goes out when the refund is decided; a switch on the lookup thrown
+    # in between must keep the lookup from the agent.
+    lead = Principal("dana", frozenset({"approver", "support-leads"}))
+    config = make_config(tmp_path, llm.url, admin=ADMIN, approvals={"mode": "hold"})
+    refund = Call("issue_refund", {"order_id": "A-1003", "amount": 450, "currency": "USD"})
+    llm.script(Reply(tool_calls=[refund, Call("get_order", {"order_id": "A-1"})]))
+    async with (
+        Warden(config) as warden,
+        aiohttp.ClientSession(base_url=warden.admin_url, headers=AUTH) as admin,
+        client(warden) as agent,
+    ):
+        approvals = warden._approvals
+        assert approvals is not None
+        asked = asyncio.create_task(
+            agent.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        )
+        async with asyncio.timeout(10):
+            while not await approvals.list("pending"):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        tool = {"scope": "tool", "target": "get_order", "reason": "lookups leak data"}
+        async with admin.post("/v1/killswitches", json=tool) as resp:
+            assert resp.status == 201
+        (held,) = await approvals.list("pending")
+        await approvals.decide(held.id, lead, approve=True, comment="ok")
+        message = (await asked).choices[0].message
+    assert [t.function.name for t in function_calls(message)] == ["issue_refund"]
+    assert "lookups leak data" in (message.content or "")
+    lookups = [
+        r["decision"]
+        for r in audit_records(tmp_path / "audit")
+        if r.get("kind") == "decision" and r["action"]["tool"] == "get_order"
+    ]
+    assert [(d["effect"], d["guard"]) for d in lookups] == [
+        ("allow", "policy"),
+        ("deny", "kill_switch"),
+    ]

@@ -236,6 +236,37 @@ async def test_a_switch_whose_record_fails_still_tells_its_listeners(store: Stat
     assert switches.is_killed("bot", "openai", "issue_refund") is not None
 
 
+async def test_a_clearing_the_store_refuses_is_recorded_as_failed(store: StateStore) -> None:
+    # Recorded as cleared first (never lifted without a record); when the store then
+    # fails, the switch still holds and the log must say the clearing failed.
+    audit = Audit()
+    switches = KillSwitches(store, sink(audit))
+    switch = await switches.set(Scope.AGENT, "bot", "looping", "alice")
+
+    async def refuse(*_: Any) -> None:
+        raise OSError("database is locked")
+
+    store.clear_killswitch = refuse  # type: ignore[method-assign,assignment]
+    with pytest.raises(OSError, match="locked"):
+        await switches.clear(switch.id, "bob", "fixed")
+    assert [(body["action"], body["who"]) for _, body in audit.records] == [
+        ("set", "alice"),
+        ("cleared", "bob"),
+        ("clear_failed", "bob"),
+    ]
+    assert switches.is_killed("bot", "openai", "issue_refund") is not None
+
+
+@pytest.mark.parametrize("target", ["bot ", " bot", "b ot", "bot\n", "bot\u200b", "bot\x00"])
+async def test_a_target_no_name_can_match_is_refused(store: StateStore, target: str) -> None:
+    # Set, listed and recorded, "bot " would stop nothing: agent ids and tool names
+    # hold no spaces or control characters.
+    switches = KillSwitches(store, sink(Audit()))
+    with pytest.raises(ValueError, match="stop nothing"):
+        await switches.set(Scope.AGENT, target, "looping", "alice")
+    assert switches.active() == ()
+
+
 async def test_switches_survive_a_restart(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/state.db"
     store = await StateStore.open(url)

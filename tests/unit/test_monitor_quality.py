@@ -42,15 +42,21 @@ def decision(
 
 
 def outcome(
-    i: int, *, stage: str, failed: bool = False, cost: float | None = None
+    i: int,
+    *,
+    stage: str,
+    failed: bool = False,
+    cost: float | None = None,
+    reported_by: str | None = None,
 ) -> dict[str, Any]:
+    said = {"reported_by": reported_by} if reported_by else {}
     return {
         "kind": "outcome",
         "time": f"2026-11-30T10:01:{i:02d}.000000Z",
         "agent": {"id": "bot", "version": "v1"},
         "action": {"id": f"act_{i}", "kind": "tool_call", "tool": "issue_refund", "stage": stage},
         "decision_id": f"dec_{i}",
-        "outcome": {"status": 500 if failed else 200, "cost": cost, "latency_ms": 5.0},
+        "outcome": {"status": 500 if failed else 200, "cost": cost, "latency_ms": 5.0, **said},
     }
 
 
@@ -74,6 +80,10 @@ def test_every_quality_figure_from_records() -> None:
         outcome(1, stage="executed"),
         outcome(3, stage="executed", failed=True),
         outcome(1, stage="proposed", failed=True),  # the agent's own report: not trusted
+        # gRPC ReportOutcome on an executed action: a runner's report is trusted, the
+        # agent's own is its word.
+        outcome(2, stage="executed", failed=True, reported_by="agent"),
+        outcome(4, stage="executed", reported_by="runner"),
         outcome(2, stage="proposed", cost=0.3),
         outcome(3, stage="proposed", cost=0.1),
         outcome(4, stage="proposed", cost=1.0),  # no conversation: in the total only
@@ -91,8 +101,8 @@ def test_every_quality_figure_from_records() -> None:
         hold_rate=0.5,
         approvals=2,
         approval_rejection_rate=0.5,
-        trusted_outcomes=2,
-        tool_error_rate=0.5,
+        trusted_outcomes=3,
+        tool_error_rate=pytest.approx(1 / 3),  # type: ignore[arg-type]
         conversations=2,
         cost_usd=pytest.approx(1.4),  # type: ignore[arg-type]
         cost_per_conversation_usd=pytest.approx(0.2),  # type: ignore[arg-type]

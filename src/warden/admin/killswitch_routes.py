@@ -16,7 +16,7 @@ from aiohttp import web
 
 from warden.admin.auth import Principal, error_response, requires
 from warden.errors import AuditError
-from warden.killswitch import MAX_REASON, MAX_TARGET, KillSwitches, Scope
+from warden.killswitch import MAX_REASON, MAX_TARGET, KillSwitches, Scope, target_problem
 
 __all__ = ["add_killswitch_routes"]
 
@@ -38,8 +38,10 @@ def add_killswitch_routes(app: web.Application, switches: KillSwitches) -> None:
         target = body.get("target")
         if scope is Scope.GLOBAL:
             target = "*"
-        elif not isinstance(target, str) or not 1 <= len(target) <= MAX_TARGET:
+        elif not isinstance(target, str):
             return _invalid(f"target must be the {scope.value}'s name, 1-{MAX_TARGET} characters")
+        elif (problem := target_problem(scope, target)) is not None:
+            return _invalid(problem)
         reason = body.get("reason")
         if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON:
             return _invalid(f"reason must be a non-empty text of at most {MAX_REASON} characters")

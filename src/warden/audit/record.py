@@ -599,7 +599,7 @@ def outcome_body(
         if usage.cache_write_tokens or usage.cache_write_1h_tokens:
             tokens["cache_write"] = usage.cache_write_tokens
             tokens["cache_write_1h"] = usage.cache_write_1h_tokens
-    return {
+    body: dict[str, Any] = {
         "status": outcome.status,
         "latency_ms": outcome.latency_ms,
         "tokens": tokens,
@@ -610,3 +610,6 @@ def outcome_body(
         "result_sha256": full_hash,
         "redacted": redacted,
     }
+    if outcome.reported_by is not None:
+        body["reported_by"] = outcome.reported_by
+    return body

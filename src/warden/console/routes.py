@@ -40,7 +40,7 @@ from warden.console.risk import drift_section
 from warden.console.sessions import Session, same_token
 from warden.console.sso import sso_principal, sso_speaks
 from warden.errors import AuditError
-from warden.killswitch import MAX_REASON, MAX_TARGET, Scope
+from warden.killswitch import MAX_REASON, MAX_TARGET, Scope, target_problem
 
 __all__ = ["COOKIE", "CSP", "LOGIN_COOKIE", "console_app"]
 
@@ -700,6 +700,8 @@ async def throw_switch(
         target = "*"
     elif not 1 <= len(target) <= MAX_TARGET:
         return _refuse(request, 400, f"name the {scope.value} (1-{MAX_TARGET} characters)")
+    elif (problem := target_problem(scope, target)) is not None:
+        return _refuse(request, 400, problem)
     reason = str(form.get("reason", "")).strip()
     if not reason or len(reason) > MAX_REASON:
         return _refuse(request, 400, f"give a reason of at most {MAX_REASON} characters")

@@ -55,7 +55,7 @@ from warden.grpc_api.v1 import governance_pb2_grpc as pb_grpc
 from warden.identity import Identity
 from warden.ingress import grpc_messages as msg
 from warden.ingress import headers as hdr
-from warden.killswitch import MAX_REASON, MAX_TARGET, KillSwitches, Scope
+from warden.killswitch import MAX_REASON, KillSwitches, Scope, target_problem
 from warden.model import Action, Agent, Decision, Effect, Outcome, RequestMeta
 from warden.sessions import door_conversation
 from warden.state.links import Link
@@ -309,6 +309,7 @@ class _Servicer(pb_grpc.GovernanceServicer):
             is_error=request.is_error or bool(request.error),
             error=request.error or None,
             latency_ms=request.latency_ms,
+            reported_by="runner" if trusted else "agent",
         )
         self._core.outcome(allowed.action, allowed.decision_id, outcome, trusted=trusted)
         return pb.ReportOutcomeResponse()
@@ -396,12 +397,8 @@ class _Servicer(pb_grpc.GovernanceServicer):
             )
         scope = Scope(request.scope)
         target = "*" if scope is Scope.GLOBAL else request.target
-        if not 1 <= len(target) <= MAX_TARGET:
-            await _abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"target must be the {scope.value}'s name, 1-{MAX_TARGET} characters",
-            )
+        if scope is not Scope.GLOBAL and (problem := target_problem(scope, target)) is not None:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         reason = request.reason.strip()
         if not reason or len(reason) > MAX_REASON:
             await _abort(

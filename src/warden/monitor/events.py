@@ -72,7 +72,7 @@ DecisionRow = tuple[
     bool,
 ]
 """A :class:`DecisionEvent`'s fields in order."""
-OutcomeRow = tuple[float, str, str, str, str, str | None, str, bool, float | None, float]
+OutcomeRow = tuple[float, str, str, str, str, str | None, str, bool, float | None, float, bool]
 """An :class:`OutcomeEvent`'s fields in order."""
 ApprovalRow = tuple[float, str, str, str]
 """An :class:`ApprovalEvent`'s fields in order."""
@@ -102,6 +102,7 @@ O_KIND: Final = 4
 O_STAGE: Final = 6
 O_FAILED: Final = 7
 O_COST: Final = 8
+O_AGENTS_WORD: Final = 10
 A_APPROVAL_ID: Final = 1
 A_DECISION_ID: Final = 2
 A_VERDICT: Final = 3
@@ -159,6 +160,8 @@ class OutcomeEvent:
     failed: bool
     cost: float | None
     latency_ms: float
+    agents_word: bool = False
+    """The agent reported it of its own action (``reported_by: agent``)."""
 
     def row(self) -> OutcomeRow:
         """The fields as a plain tuple, in order."""
@@ -173,18 +176,23 @@ class OutcomeEvent:
             self.failed,
             self.cost,
             self.latency_ms,
+            self.agents_word,
         )
 
     @property
     def trusted(self) -> bool:
-        """Warden observed it at a tool API it fronts (MCP, HTTP tools, gRPC ``ReportOutcome``
-        of an executed action), rather than the agent reporting its own tool's result."""
+        """Warden observed it at a tool API it fronts (MCP, HTTP tools), or a runner
+        reported it over gRPC, rather than the agent reporting its own tool's result."""
         return is_trusted(self.row())
 
 
 def is_trusted(outcome: OutcomeRow) -> bool:
     """:attr:`OutcomeEvent.trusted` of a row."""
-    return outcome[O_STAGE] == "executed" and outcome[O_KIND] != "llm_call"
+    return (
+        outcome[O_STAGE] == "executed"
+        and outcome[O_KIND] != "llm_call"
+        and not outcome[O_AGENTS_WORD]
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +394,7 @@ def _outcome(record: Mapping[str, Any]) -> OutcomeRow | None:
         failed,
         float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,
         float(outcome.get("latency_ms") or 0.0),
+        outcome.get("reported_by") == "agent",
     )
 
 

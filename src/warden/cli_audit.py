@@ -1,7 +1,9 @@
-"""``warden audit verify|export|proof|erase|reindex``: work on an audit directory offline.
+"""``warden audit verify|export|verify-evidence|proof|erase|reindex``: work on an audit log offline.
 
 ``verify`` and ``export`` also work on the central audit store: ``--url
 postgresql://...`` (every sidecar's log, or one with ``--log``).
+``verify-evidence`` checks an evidence package with this installation's own
+verifier, never the copy of ``verify_evidence.py`` inside the package.
 
 :func:`register` adds the ``audit`` command to the main CLI's subparsers; each
 subcommand stores its handler in ``args.func`` (``func(args) -> int``, the exit
@@ -27,6 +29,8 @@ from pathlib import Path
 
 import orjson
 
+from warden import __version__
+from warden.audit import verify_evidence
 from warden.audit.central import CentralError, export_central, verify_central
 from warden.audit.checkpoint import NoteError, NoteVerifier
 from warden.audit.export import EXPORT_FORMATS, ExportError, Selection, export_log, inclusion_proof
@@ -34,7 +38,7 @@ from warden.audit.export import parse_time as _parse_time
 from warden.audit.layout import Layout, LogLocked
 from warden.audit.record import arguments_sha256
 from warden.audit.subjects import SubjectKeys, keyed_digest
-from warden.audit.verify import verify_log
+from warden.audit.verify import VerifyReport, key_fingerprint, verify_log
 from warden.config import AuditConfig, Config, load_config
 from warden.errors import AuditError, ConfigError
 from warden.state.postgres import PgTarget
@@ -52,7 +56,8 @@ class _Unusable(Exception):
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``audit`` with its ``verify``, ``export``, ``proof`` and ``erase`` subcommands."""
+    """Add ``audit`` with its ``verify``, ``export``, ``verify-evidence``, ``proof`` and
+    ``erase`` subcommands."""
     audit = subparsers.add_parser(
         "audit",
         help="verify, export and prove the tamper-evident audit log",
@@ -140,6 +145,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="evidence package (default), csv, or ocsf JSON lines",
     )
     export.set_defaults(func=_export)
+
+    evidence = commands.add_parser(
+        "verify-evidence",
+        help="check an evidence package with this installation's verifier",
+        description="Check an evidence package made by `warden audit export` with the "
+        "verifier of this Warden installation, not the verify_evidence.py inside the "
+        "package (whoever made the package could have replaced that). Exit 0 when every "
+        "check passes; 1 when one fails; 2 when the package or the key is unusable.",
+    )
+    evidence.add_argument("package", metavar="DIR", help="the evidence package (a directory)")
+    evidence.add_argument(
+        "--key",
+        required=True,
+        metavar="VKEY",
+        help="the log's verifier key, or a file holding it, obtained from its operator "
+        "independently (never the package's log-key.vkey)",
+    )
+    evidence.set_defaults(func=_verify_evidence)
 
     proof = commands.add_parser("proof", help="print the inclusion proof of one record (JSON)")
     common(proof)
@@ -298,12 +321,18 @@ def _verify_central(args: argparse.Namespace) -> int:
                 }
                 for log, report in found.logs
             ],
+            "missing": list(found.missing),
             "warnings": list(found.warnings),
         }
         print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
         return EXIT_OK if found.ok else EXIT_DAMAGED
-    if not found.logs:
+    if not found.logs and not found.missing:
         print(f"{found.url} holds no audit logs yet")
+    for name in found.missing:
+        print(
+            f"MISSING {name}: the store holds no log {name}, whose key --key is: its rows "
+            "were removed (by someone who disabled the append-only triggers), or it never shipped"
+        )
     for log, report in found.logs:
         if report.ok:
             latest = report.latest_checkpoint
@@ -327,10 +356,19 @@ def _verify(args: argparse.Namespace) -> int:
     if args.url:
         return _verify_central(args)
     root = _root(args)
-    report = verify_log(root, verifier=_verifier(args, root), extra_checkpoints=args.checkpoint)
+    key = _verifier(args, root)  # the given key, else the directory's: unusable, exit 2
+    # None tells verify the key is the directory's own: it proves less, and says so.
+    given = key if args.key is not None else None
+    report = verify_log(root, verifier=given, extra_checkpoints=args.checkpoint)
     if args.json:
         body = {
             "ok": report.ok,
+            "key": {
+                "name": report.key.partition("+")[0],
+                "fingerprint": key_fingerprint(report.key),
+                "vkey": report.key,
+                "source": "directory" if report.key_from_directory else "given",
+            },
             "records": report.records,
             "segments": report.segments,
             "checkpoints": report.checkpoints,
@@ -359,12 +397,29 @@ def _verify(args: argparse.Namespace) -> int:
             + (f", the latest at size {latest}" if latest is not None else "")
         )
         print(f"root {report.root}; {report.rate:,.0f} records/s")
+        _print_key(root, report)
         for warning in report.warnings:
             print(f"warning: {warning}")
     else:
         for damage in report.damage:
             print(f"DAMAGED {damage.describe()}")
+        _print_key(root, report)
     return EXIT_OK if report.ok else EXIT_DAMAGED
+
+
+def _print_key(root: Path, report: VerifyReport) -> None:
+    """Which key the checkpoints were checked with, and a warning when the log supplied it."""
+    name = report.key.partition("+")[0]
+    shown = f"key {name}, fingerprint SHA256:{key_fingerprint(report.key)}"
+    if not report.key_from_directory:
+        print(f"checked with the {shown} (--key)")
+        return
+    # A key next to the records proves only what whoever can write the directory allows.
+    print(
+        f"warning: checked with the {shown}, read from {Layout(root).vkey} in the directory "
+        "itself: whoever can rewrite the log can replace it; pass --key with the verifier "
+        "key published when the log began"
+    )
 
 
 @_guarded
@@ -414,7 +469,7 @@ def _export(args: argparse.Namespace) -> int:
     if result.unprovable and result.format == "evidence":
         print(
             "note: the latest checkpoint carries no time (the log was written before "
-            "checkpoints did): verify_evidence.py cannot show the package complete up to "
+            "checkpoints did): the evidence verifier cannot show the package complete up to "
             "the period's end; export without --to, or once the log has a later checkpoint"
         )
     if result.format == "evidence":
@@ -423,11 +478,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _how_to_check(out: Path) -> None:
-    """The command docs/audit.md gives auditors: the script refuses to run without ``--key``."""
-    script = shlex.quote(str(out / "verify_evidence.py"))
+    """The command docs/audit.md gives auditors, with a verifier they obtained themselves."""
+    # Never the package's own verify_evidence.py: whoever made the package could replace it
+    # with one that says OK to anything.
     print(
-        f"auditors check it with: python3 {script} {shlex.quote(str(out))} "
-        '--key "<the verifier key>"'
+        f"auditors check it with their own Warden: warden audit verify-evidence "
+        f'{shlex.quote(str(out))} --key "<the verifier key>" (or verify_evidence.py from '
+        "the Warden release, its SHA-256 compared with the one published with the release; "
+        "not the copy in the package)"
     )
     # Never the key in the package, or in the log's folder: whoever could rewrite the
     # log could have put theirs there. The key you published when the log began.
@@ -436,6 +494,17 @@ def _how_to_check(out: Path) -> None:
         "keys/checkpoint.vkey then, docs/audit.md), through another channel than the "
         "package: not the package's log-key.vkey, which whoever made it chose"
     )
+
+
+@_guarded
+def _verify_evidence(args: argparse.Namespace) -> int:
+    key = _given_key(args)
+    assert key is not None  # --key is required
+    print(
+        f"checking with the evidence verifier of Warden {__version__} "
+        f"({verify_evidence.__file__}), not the package's own verify_evidence.py"
+    )
+    return verify_evidence.check(Path(args.package), key.vkey)
 
 
 @_guarded

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import base64
 import dataclasses
+import hashlib
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from warden.audit import AuditLog
 from warden.audit.checkpoint import NoteSigner
 from warden.audit.merkle import verify_inclusion
 from warden.audit.subjects import SubjectKeys
-from warden.audit.verify import iter_records, verify_log
+from warden.audit.verify import iter_records, key_fingerprint, verify_log
 from warden.cli_audit import main, register
 from warden.config import AuditConfig
 from warden.model import Obligations
@@ -249,3 +250,110 @@ def test_digest_checks_claimed_arguments_against_a_record(tmp_path: Path, cli: C
     bad = cli("digest", "--dir", str(root), "--arguments", "[1]")
     assert bad.returncode == 2
     assert "must be a JSON object" in bad.stderr
+
+
+def _resign(root: Path) -> NoteSigner:
+    """What whoever can write the directory does: a key of their own in keys/, every
+    checkpoint signed again with it under the log's name."""
+    origin = orjson.loads((root / "log.json").read_bytes())["origin"]
+    signer = NoteSigner(origin, Ed25519PrivateKey.generate())
+    for path in [*(root / "checkpoints").iterdir(), root / "checkpoint"]:
+        text = path.read_text().rpartition("\n\n")[0] + "\n"
+        path.write_text(signer.sign(text))
+    (root / "keys" / "checkpoint.vkey").write_text(signer.verifier.vkey + "\n")
+    return signer
+
+
+def test_verify_names_the_key_it_trusted_and_where_it_came_from(tmp_path: Path, cli: Cli) -> None:
+    root = tmp_path / "audit"
+    asyncio.run(_log(root))
+    vkey = (root / "keys" / "checkpoint.vkey").read_text().strip()
+    pinned = cli("verify", "--dir", str(root), "--key", vkey)
+    assert pinned.returncode == 0, pinned.stdout
+    fingerprint = key_fingerprint(vkey)
+    name = vkey.partition("+")[0]
+    assert f"checked with the key {name}, fingerprint SHA256:{fingerprint} (--key)" in (
+        pinned.stdout
+    )
+    assert "warning: checked with" not in pinned.stdout
+    forged = _resign(root)
+    done = cli("verify", "--dir", str(root))
+    assert done.returncode == 0  # the directory's own key: damage only, and it says so
+    assert f"SHA256:{key_fingerprint(forged.verifier.vkey)}" in done.stdout
+    assert "in the directory itself" in done.stdout
+    as_json = orjson.loads(cli("verify", "--dir", str(root), "--json").stdout)
+    assert as_json["key"]["source"] == "directory"
+    assert as_json["key"]["vkey"] == forged.verifier.vkey
+    assert cli("verify", "--dir", str(root), "--key", vkey).returncode == 1
+
+
+def test_verify_with_a_key_is_not_intact_when_the_key_signed_nothing_there(
+    tmp_path: Path, cli: Cli
+) -> None:
+    root, other = tmp_path / "audit", tmp_path / "other"
+    asyncio.run(_log(root))
+    asyncio.run(_log(other))
+    vkey = (root / "keys" / "checkpoint.vkey").read_text().strip()
+    for path in [*(root / "checkpoints").iterdir(), root / "checkpoint"]:
+        path.unlink()
+    assert cli("verify", "--dir", str(root)).returncode == 0  # no checkpoint yet: a warning
+    done = cli("verify", "--dir", str(root), "--key", vkey)
+    assert done.returncode == 1
+    assert "intact" not in done.stdout
+    assert "DAMAGED checkpoint: no checkpoint here is signed by the key given" in done.stdout
+    # Another log's directory, its checkpoints gone, offered as this log.
+    for path in [*(other / "checkpoints").iterdir(), other / "checkpoint"]:
+        path.unlink()
+    done = cli("verify", "--dir", str(other), "--key", vkey)
+    assert done.returncode == 1
+    assert "DAMAGED checkpoint: log.json says this is log" in done.stdout
+
+
+def test_verify_evidence_runs_this_installations_verifier(tmp_path: Path, cli: Cli) -> None:
+    """Whoever makes a package can replace the verify_evidence.py inside it."""
+    root = tmp_path / "audit"
+    asyncio.run(_log(root))
+    vkey = (root / "keys" / "checkpoint.vkey").read_text().strip()
+    out = tmp_path / "evidence"
+    done = cli("export", "--dir", str(root), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert f"warden audit verify-evidence {out}" in done.stdout
+    assert f"{out}/verify_evidence.py" not in done.stdout
+    assert "python3 verify_evidence.py" not in (out / "VERIFY.md").read_text()
+    checked = cli("verify-evidence", str(out), "--key", vkey)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "OK: 13 records" in checked.stdout
+    assert "not the package's own verify_evidence.py" in checked.stdout
+    (tmp_path / "key.vkey").write_text(vkey + "\n")
+    assert cli("verify-evidence", str(out), "--key", str(tmp_path / "key.vkey")).returncode == 0
+    # The forger's package: its own "verifier" that says OK, records that prove nothing.
+    (out / "verify_evidence.py").write_text('print("OK: 9999 records included")\n')
+    (out / "records.jsonl").write_bytes(b'{"seq":0,"kind":"whatever"}\n')
+    manifest = [
+        f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
+        for p in sorted(out.iterdir())
+        if p.name != "MANIFEST.sha256"
+    ]
+    (out / "MANIFEST.sha256").write_text("".join(manifest))
+    forged = cli("verify-evidence", str(out), "--key", vkey)
+    assert forged.returncode == 1
+    assert "FAILED" in forged.stdout
+    assert "9999" not in forged.stdout
+    assert cli("verify-evidence", str(out), "--key", "nonsense").returncode == 2
+    unreadable = cli("verify-evidence", str(tmp_path / "nowhere"), "--key", vkey)
+    assert unreadable.returncode == 2
+    assert "cannot be read" in unreadable.stderr
+
+
+def test_a_checkpoint_or_record_named_with_another_digit_crashes_nothing(
+    tmp_path: Path, cli: Cli
+) -> None:
+    root = tmp_path / "audit"
+    asyncio.run(_log(root))
+    (root / "checkpoints" / "\u00b3").write_text("not a checkpoint")
+    assert cli("verify", "--dir", str(root)).returncode == 0
+    assert cli("export", "--dir", str(root), "--out", str(tmp_path / "e")).returncode == 0
+    assert cli("proof", "--dir", str(root), "--record", "3").returncode == 0
+    done = cli("proof", "--dir", str(root), "--record", "\u00b3")
+    assert done.returncode == 1
+    assert "neither a record id nor a sequence number" in done.stderr

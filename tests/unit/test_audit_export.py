@@ -16,10 +16,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from warden.audit import ApprovalEvidence, AuditLog, arguments_sha256
+from warden.audit import ApprovalEvidence, AuditLog, arguments_sha256, verify_evidence
 from warden.audit import export as export_module
-from warden.audit.checkpoint import NoteVerifier, generate_signing_key
+from warden.audit.changes import CHANGE_KINDS
+from warden.audit.checkpoint import NoteSigner, NoteVerifier, generate_signing_key
 from warden.audit.export import (
     CSV_COLUMNS,
     ExportError,
@@ -898,3 +900,243 @@ def test_a_period_edge_in_other_digits_fails(root: Path, tmp_path: Path) -> None
     export_log(root, out, selection=Selection(start=parse_time("2026-01-01")))
     failures = _rescoped_failures(out, **{"from": "2026-01-0\uff11T00:00:00.000000Z"})
     assert any("from" in f for f in failures), failures
+
+
+# -- what the auditor's verifier proves, and what it cannot --------------------------------
+
+
+def _sh(script: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, check=False
+    )
+
+
+def test_the_hand_steps_check_the_checkpoint_with_the_operators_key(
+    root: Path, tmp_path: Path
+) -> None:
+    """A forger ships their own log-key.pem and checkpoint.sig: the by-hand steps take the
+    PEM from the key the operator gave, never from the package."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    out = tmp_path / "evidence"
+    export_log(root, out)
+    instructions = (out / "VERIFY.md").read_text()
+    assert export_module.PEM_FROM_KEY in instructions
+    assert export_module.BODY_IS_CHECKPOINT in instructions
+    assert "-inkey log-key.pem" not in instructions
+    vkey = (root / "keys" / "checkpoint.vkey").read_text().strip()
+    verify = "openssl pkeyutl -verify -pubin -inkey operator-key.pem -rawin "
+    verify += "-in checkpoint.body -sigfile checkpoint.sig"
+    steps = f"{export_module.PEM_FROM_KEY} && {verify} && {export_module.BODY_IS_CHECKPOINT}"
+    path = {"PATH": "/usr/bin:/bin"}
+    assert _sh(steps, out, KEY=vkey, **path).returncode == 0
+    assert (out / "operator-key.pem").read_bytes() == (out / "log-key.pem").read_bytes()
+    (out / "operator-key.pem").unlink()
+    # The forger's key signs the same body; log-key.vkey stays the genuine one.
+    origin = NoteVerifier.from_vkey(vkey).name
+    forger = NoteSigner(origin, Ed25519PrivateKey.generate())
+    note = forger.sign((out / "checkpoint.body").read_text())
+    signature = base64.b64decode(note.rstrip("\n").rpartition(" ")[2])[4:]
+    (out / "checkpoint.sig").write_bytes(signature)
+    (out / "log-key.pem").write_bytes(forger.verifier.public_pem)
+    old_step = "openssl pkeyutl -verify -pubin -inkey log-key.pem -rawin "
+    old_step += "-in checkpoint.body -sigfile checkpoint.sig"
+    assert _sh(old_step, out, **path).returncode == 0  # what VERIFY.md used to say: fooled
+    assert _sh(steps, out, KEY=vkey, **path).returncode != 0
+    _remanifest(out)
+    failures, _ = verify_package(out, vkey)
+    assert "checkpoint.sig is not the signature of " + origin + " in checkpoint" in failures
+    assert f"log-key.pem is not the key checked against ({origin})" in failures
+    # checkpoint.body must be the text of checkpoint, byte for byte.
+    body = out / "checkpoint.body"
+    body.write_text(body.read_text().replace("\n25\n", "\n26\n"))
+    assert _sh(export_module.BODY_IS_CHECKPOINT, out, **path).returncode != 0
+
+
+def _activation(revision: str, previous: str | None) -> dict[str, object]:
+    return {
+        "role": "champion",
+        "revision": revision,
+        "previous_revision": previous,
+        "manifest_sha256": "a" * 64,
+        "signed_by": "release-key-2026",
+        "source": "/etc/warden/bundles",
+        "name": "main",
+    }
+
+
+async def _change_log(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """0 activation rev-1 (08:00), 1 decision, 2 config_load (09:00), 3 decision (deny),
+    4 activation rev-2 (10:00), 5 decision of rev-2 (10:30); closed at 12:00."""
+    log = await AuditLog.open(AuditConfig(dir=str(root), checkpoint_interval_s=3600))
+    hours = ("08:00", "08:30", "09:00", "09:30", "10:00", "10:30")
+    monkeypatch.setattr(log, "_clock", _Stamps([_at(h) for h in hours]))
+    await log.append("policy_activation", _activation("rev-1", None))
+    await log.record_decision(sample_action(0), sample_decision())
+    await log.append("config_load", {"config_sha256": "b" * 64, "source": "w.yaml"})
+    await log.record_decision(sample_action(1), sample_decision(Effect.DENY))
+    await log.append("policy_activation", _activation("rev-2", "rev-1"))
+    rev2 = dataclasses.replace(sample_decision(), bundle_revision="rev-2")
+    await log.record_decision(sample_action(2), rev2)
+    monkeypatch.setattr(log, "_clock", _Stamps([_at("12:00")] * 4))
+    await log.close()
+
+
+def _edit_lines(path: Path, edit: Callable[[list[dict[str, object]]], None]) -> None:
+    lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    edit(lines)
+    path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+
+
+def _set(index: int, key: str, value: object) -> Callable[[list[dict[str, object]]], None]:
+    def edit(lines: list[dict[str, object]]) -> None:
+        lines[index][key] = value
+
+    return edit
+
+
+def _body_signed_by(lines: list[dict[str, object]]) -> None:
+    body = lines[0]["body"]
+    assert isinstance(body, dict)
+    body["signed_by"] = "attacker-key"
+
+
+@pytest.mark.parametrize(
+    ("file", "edit", "why"),
+    [
+        ("changelog.jsonl", _body_signed_by, "line 1: it does not say what record 0"),
+        # Another change record's bytes and proof under record 0's number.
+        ("changelog.jsonl", "swap", "line 1: record 0 is not proven in the signed tree"),
+        # Dropped before the package's records: the decision's activation gives it away.
+        ("changelog.jsonl", lambda lines: lines.pop(0), "activation_id of decision record 3"),
+        ("changelog.jsonl", lambda lines: lines.pop(2), "leaves out record 4"),
+        ("changelog.jsonl", _set(0, "in_period", True), "in_period is wrong for record 0"),
+        ("activations.jsonl", _set(1, "activation_id", "x"), "activation_id of decision record 5"),
+        ("activations.jsonl", _set(0, "bundle_revision", "rev-9"), "bundle_revision of decision"),
+        ("activations.jsonl", lambda lines: lines.pop(1), "does not list each decision"),
+    ],
+)
+async def test_the_change_log_and_activations_are_checked_against_the_proven_records(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    file: str,
+    edit: Callable[[list[dict[str, object]]], None] | str,
+    why: str,
+) -> None:
+    root = tmp_path / "audit"
+    await _change_log(root, monkeypatch)
+    out = tmp_path / "evidence"
+    assert export_log(root, out, selection=Selection(_at("09:15"), _at("11:00"))).records == 3
+    changes = [orjson.loads(line) for line in (out / "changelog.jsonl").read_bytes().splitlines()]
+    assert [(c["seq"], c["in_period"], "proof" in c) for c in changes] == [
+        (0, False, True),  # outside the package: it carries its record and proof
+        (2, False, True),
+        (4, True, False),  # record 4 is in records.jsonl
+    ]
+    failures, notes = verify_package(out)
+    assert failures == []
+    assert any("not proven: " in n and "no change record before record 3" in n for n in notes)
+    if edit == "swap":
+        changes[0]["record"], changes[0]["proof"] = changes[1]["record"], changes[1]["proof"]
+        (out / file).write_bytes(b"".join(orjson.dumps(c) + b"\n" for c in changes))
+    else:
+        assert callable(edit)
+        _edit_lines(out / file, edit)
+    _remanifest(out)
+    failures, _ = verify_package(out)
+    assert any(why in f for f in failures), failures
+
+
+async def test_summary_is_said_to_be_unproven_and_the_proven_counts_are_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "audit"
+    await _change_log(root, monkeypatch)
+    out = tmp_path / "evidence"
+    export_log(root, out)
+    summary = out / "SUMMARY.md"
+    assert "| deny | 1 |" in summary.read_text()
+    summary.write_text(summary.read_text().replace("| deny | 1 |", "| deny | 0 |"))
+    _remanifest(out)
+    failures, notes = verify_package(out)
+    assert failures == []  # nothing in the signed log vouches for SUMMARY.md either way
+    assert any("decisions by effect: allow 2, deny 1" in n for n in notes), notes
+    proven = next(n for n in notes if n.startswith("proven against the signed checkpoint"))
+    assert "changelog.jsonl" in proven
+    assert "activations.jsonl (3 decisions)" in proven
+    unproven = next(n for n in notes if n.startswith("not proven: "))
+    for name in ("SUMMARY.md", "VERIFY.md", "verify_evidence.py", "MANIFEST.sha256"):
+        assert name in unproven
+    assert "leaves out no change record" not in unproven  # the package starts at record 0
+    assert notes[-1].startswith("OK: ")
+
+
+def test_the_verifier_lists_the_same_change_kinds_as_warden() -> None:
+    assert verify_evidence.CHANGE_KINDS == CHANGE_KINDS
+
+
+def _deep(out: Path) -> None:
+    (out / "selection.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _first_line(name: str, line: bytes) -> Callable[[Path], None]:
+    def edit(out: Path) -> None:
+        lines = (out / name).read_bytes().split(b"\n")
+        lines[0] = line
+        (out / name).write_bytes(b"\n".join(lines))
+
+    return edit
+
+
+def _edge_not_an_object(out: Path) -> None:
+    edges = orjson.loads((out / "edges.json").read_bytes())
+    edges[0]["record"] = base64.b64encode(b"[1]").decode()
+    (out / "edges.json").write_bytes(orjson.dumps(edges))
+
+
+def _proof_not_a_list(out: Path) -> None:
+    lines = (out / "proofs.jsonl").read_bytes().split(b"\n")
+    lines[0] = orjson.dumps({**orjson.loads(lines[0]), "proof": 7})
+    (out / "proofs.jsonl").write_bytes(b"\n".join(lines))
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        (_first_line("records.jsonl", b"[1]"), "records.jsonl line 1: not a JSON object"),
+        (_first_line("records.jsonl", b'"x"'), "records.jsonl line 1: not a JSON object"),
+        (_first_line("proofs.jsonl", b"null"), "proofs.jsonl line 1: not a JSON object"),
+        (_first_line("changelog.jsonl", b"5"), "changelog.jsonl line 1: not a JSON object"),
+        (_first_line("activations.jsonl", b"[]"), "activations.jsonl line 1: not a JSON"),
+        (_proof_not_a_list, "proofs.jsonl line 1: the proof is not a list"),
+        (_edge_not_an_object, "edges.json: record 16 is not a record numbered 16"),
+        (_deep, "selection.json: nested too deeply"),
+    ],
+)
+def test_a_malformed_package_fails_with_a_message_not_a_traceback(
+    root: Path, tmp_path: Path, damage: Callable[[Path], None], why: str
+) -> None:
+    out = tmp_path / "evidence"
+    export_log(root, out, selection=Selection(end=_edge_time(root)))
+    assert verify_package(out)[0] == []
+    damage(out)
+    _remanifest(out)
+    failures, _ = verify_package(out)
+    assert any(why in f for f in failures), failures
+    if damage is _deep:  # the standalone script, as an auditor runs it
+        vkey = (root / "keys" / "checkpoint.vkey").read_text().strip()
+        script = Path(verify_evidence.__file__)
+        done = subprocess.run(
+            [sys.executable, "-I", str(script), str(out), "--key", vkey],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr
+        assert why in done.stdout
+
+
+def _edge_time(root: Path) -> str:
+    """The time of record 16: a period ending there has an edge after it."""
+    return str(next(orjson.loads(p)["time"] for seq, p in iter_records(root) if seq == 16))

@@ -7,6 +7,7 @@ with database access would.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import itertools
 from pathlib import Path
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.pg import APP_PASSWORD, PgServer
 from warden.audit.central import CentralError, export_central, index_of, verify_central
-from warden.audit.checkpoint import NoteSigner
+from warden.audit.checkpoint import NoteSigner, NoteVerifier
 from warden.audit.export import export_log
 from warden.audit.log import AuditLog
 from warden.audit.segments import LogDamaged
@@ -28,6 +29,7 @@ from warden.audit.tail import RecordTail, StoredRecord
 from warden.audit.verify import iter_records
 from warden.budgets.guard import BudgetGuard
 from warden.budgets.prices import PriceTable
+from warden.cli_audit import main as audit_cli
 from warden.config import AuditConfig, AuditShipConfig, BudgetsConfig
 from warden.errors import ConfigError
 from warden.model import Action, ActionKind, Agent, Decision, Effect, Mode, RequestMeta, Stage
@@ -296,6 +298,42 @@ async def test_a_row_changed_by_a_superuser_is_found_by_verify(
     assert not report.ok
     ((_, checked),) = report.logs
     assert checked.damage[0].kind == kind, checked.damage[0].describe()
+
+
+@pytest.mark.parametrize("removed", ["log", "records and checkpoints"])
+async def test_a_log_removed_from_the_store_fails_verify_with_its_key(
+    pg_server: PgServer,
+    pg_url: str,
+    closed_log: Path,
+    removed: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A superuser who disabled the triggers removes a whole log: the auditor's key names it."""
+    config = ship_config(pg_server, pg_url)
+    await ship_all(config, closed_log, len(list(iter_records(closed_log))))
+    vkey = (closed_log / "keys" / "checkpoint.vkey").read_text().strip()
+    key = NoteVerifier.from_vkey(vkey)
+    assert (await verify_central(ship_target(config), verifier=key)).ok
+    tables = ["audit_records", "audit_checkpoints"] + (["audit_logs"] if removed == "log" else [])
+    with superuser(pg_server, pg_url) as conn:
+        for table in tables:
+            conn.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
+            conn.execute(f"DELETE FROM {table} WHERE log_id = %s", (key.name,))  # noqa: S608
+            conn.execute(f"ALTER TABLE {table} ENABLE TRIGGER USER")
+    report = await verify_central(ship_target(config), verifier=key)
+    assert not report.ok
+    if removed == "log":
+        assert report.missing == (key.name,)
+    else:
+        ((_, checked),) = report.logs
+        assert [d.kind for d in checked.damage] == ["checkpoint"]
+    assert (await verify_central(ship_target(config))).ok  # no key: nothing names the log
+    argv = ["verify", "--url", pg_url, "--password-file", str(pg_server.password_file)]
+    code = await asyncio.to_thread(audit_cli, [*argv, "--key", vkey])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    said = f"MISSING {key.name}" if removed == "log" else f"DAMAGED {key.name}: checkpoint"
+    assert said in out
 
 
 async def test_export_from_the_store_matches_an_export_from_the_directory(

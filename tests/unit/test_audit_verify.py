@@ -347,3 +347,48 @@ def test_crafted_bytes_cannot_make_the_frame_search_run_for_hours(
     # A genuine frame after damage is still found.
     genuine = head + b"\xff" * 8 + frame(b'{"seq":1}')
     assert find_next_frame(genuine, len(head)) == len(head) + 8
+
+
+def _drop_checkpoints(root: Path) -> None:
+    layout = Layout(root)
+    for path in layout.checkpoints.iterdir():
+        path.unlink()
+    layout.latest_checkpoint.unlink()
+
+
+def test_a_key_given_proves_nothing_without_a_checkpoint_it_signed(root: Path) -> None:
+    """Every checkpoint deleted: nothing here was signed by the auditor's key, so not intact."""
+    verifier = Layout(root).verifier()
+    _drop_checkpoints(root)
+    plain = verify_log(root)
+    assert plain.ok  # no key given: a log without checkpoints yet, warned about
+    assert plain.key_from_directory
+    assert any("not yet covered by a signed checkpoint" in w for w in plain.warnings)
+    report = verify_log(root, verifier=verifier)
+    assert [d.kind for d in report.damage] == ["checkpoint"]
+    assert "no checkpoint here is signed by the key given" in report.damage[0].detail
+    assert (report.key, report.key_from_directory) == (verifier.vkey, False)
+
+
+def test_a_key_given_must_be_the_key_of_this_log(root: Path) -> None:
+    """Another log's directory under log A's key is not log A, checkpoints or none."""
+    other = NoteSigner("warden.local/audit/00000000000000aa", Ed25519PrivateKey.generate())
+    report = verify_log(root, verifier=other.verifier)
+    assert report.damage[0].kind == "checkpoint"
+    origin = Layout(root).read_meta().origin
+    assert f"log.json says this is log {origin}" in report.damage[0].detail
+    _drop_checkpoints(root)
+    report = verify_log(root, verifier=other.verifier)
+    assert not report.ok
+    assert f"log.json says this is log {origin}" in report.damage[0].detail
+
+
+def test_a_checkpoint_file_named_with_another_digit_is_not_a_checkpoint(root: Path) -> None:
+    """A name like "³" passes str.isdigit() but not int(): skipped, never a crash."""
+    layout = Layout(root)
+    (layout.checkpoints / "\u00b3").write_text("x")
+    (layout.checkpoints / "\u0661\u0660").write_text("x")  # Arabic-Indic 10: int() reads it
+    assert [p.name for p in layout.checkpoint_files()] == [f"{n:020d}" for n in (10, 20, 30)]
+    report = verify_log(root)
+    assert report.ok
+    assert report.checkpoints == 3

@@ -17,6 +17,7 @@ in a temporary directory and exports that.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import tempfile
 import time
@@ -115,11 +116,13 @@ class CentralReport:
     url: str
     logs: tuple[tuple[CentralLog, VerifyReport], ...]
     warnings: tuple[str, ...] = field(default=())
+    missing: tuple[str, ...] = field(default=())
+    """The log the key given names, when the store holds no such log (its rows removed)."""
 
     @property
     def ok(self) -> bool:
-        """True when every log verified."""
-        return all(report.ok for _, report in self.logs)
+        """True when every log verified and the log the key given names is there."""
+        return not self.missing and all(report.ok for _, report in self.logs)
 
 
 async def connect(target: PgTarget) -> AsyncConnection[Any]:
@@ -175,7 +178,7 @@ def _open_checkpoints(
     for size, note in notes:
         try:
             ckpt = Checkpoint.open(note, verifier)
-        except NoteError as exc:
+        except ValueError as exc:  # NoteError, or a size int() cannot read
             damage.append(Damage("checkpoint", f"checkpoint at size {size}: {exc}"))
             continue
         if ckpt.origin != log_id:
@@ -346,11 +349,16 @@ async def verify_central(
 
     ``verifier``: a key obtained independently; it checks the log it names
     (its name is the log's origin). Other logs are checked with the key the
-    store holds for them.
+    store holds for them. The log it names must be in the store (else it is
+    reported :attr:`~CentralReport.missing`) and have a checkpoint it
+    verifies (else that log is damaged): rows removed by someone who
+    disabled the append-only triggers must not pass for a log never shipped.
     """
     conn = await connect(target)
     try:
         logs = await list_logs(conn)
+        named = verifier.name if verifier is not None else None
+        missing = (named,) if named is not None and named not in {x.log_id for x in logs} else ()
         if log_id is not None:
             logs = [log for log in logs if log.log_id == log_id]
             if not logs:
@@ -361,12 +369,20 @@ async def verify_central(
             key, note = _verifier_for(log, verifier)
             if note:
                 warnings.append(note)
-            reports.append((log, await _verify_log(conn, log, key)))
+            report = await _verify_log(conn, log, key)
+            if log.log_id == named and report.checkpoints == 0 and report.ok:
+                unproven = Damage(
+                    "checkpoint",
+                    "the store holds no checkpoint of this log: nothing in it is proven by the "
+                    "key given (its checkpoints were removed, or none was shipped yet)",
+                )
+                report = dataclasses.replace(report, damage=(unproven,))
+            reports.append((log, report))
     except psycopg.Error as exc:
         raise CentralError(f"reading {target.shown} failed: {pg_reason(exc, target.url)}") from None
     finally:
         await conn.close()
-    return CentralReport(redact_url(target.url), tuple(reports), tuple(warnings))
+    return CentralReport(redact_url(target.url), tuple(reports), tuple(warnings), missing)
 
 
 # -- export ----------------------------------------------------------------------------------

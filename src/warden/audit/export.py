@@ -8,8 +8,9 @@ latest signed checkpoint covers, and writes one of:
   per line), ``proofs.jsonl`` (an inclusion proof per record), the signed
   ``checkpoint`` with the verifier key, an optional consistency proof from an
   earlier checkpoint, ``selection.json`` (the period, the agent filter and
-  the run of records it covers), ``SUMMARY.md``, ``VERIFY.md``, the standalone
-  ``verify_evidence.py`` and ``MANIFEST.sha256``;
+  the run of records it covers), ``SUMMARY.md``, ``VERIFY.md``, a copy of the
+  standalone ``verify_evidence.py`` (for convenience: auditors run one they
+  obtained themselves) and ``MANIFEST.sha256``;
 * ``csv``: one row per record for spreadsheets;
 * ``ocsf``: OCSF 1.6 API Activity events (class 6003), one JSON object per line.
 """
@@ -31,6 +32,7 @@ from typing import Any
 import orjson
 
 from warden.audit.changelog import ChangeLog, DecisionLink, describe
+from warden.audit.changes import CHANGE_KINDS
 from warden.audit.checkpoint import Checkpoint, NoteVerifier
 from warden.audit.layout import Layout
 from warden.audit.merkle import MerkleTree, leaf_hash, verify_inclusion
@@ -141,6 +143,9 @@ class _Loaded:
     """Every change-management record of the log (see :mod:`warden.audit.changelog`)."""
     links: dict[int, DecisionLink] = field(default_factory=dict)
     """The activation in force for each selected decision, by sequence number."""
+    change_records: dict[int, bytes] = field(default_factory=dict)
+    """The stored bytes of every change-management record, by sequence number: the
+    change log proves the entries the package's records do not."""
     edges: tuple[tuple[int, bytes] | None, tuple[int, bytes] | None] = (None, None)
     """The records just before and just after the selected run (unfiltered selections):
     outside the period, they prove no record of it was left out at either end. With no
@@ -199,23 +204,35 @@ class _Gap:
             self.edges = (before, (seq, payload))
 
 
+def _feed_change(
+    changes: ChangeLog, stored: dict[int, bytes], entry: tuple[int, bytes, dict[str, Any]]
+) -> None:
+    """Feed a signed record to the change log; keep a change record's bytes for its proof."""
+    seq, payload, record = entry
+    changes.feed(seq, record)
+    if record.get("kind") in CHANGE_KINDS:
+        stored[seq] = payload
+
+
 def _load(root: Path, selection: Selection, verifier: NoteVerifier | None) -> _Loaded:
+    layout = Layout(root)
+    if not layout.checkpoint_files():
+        # Said before verify, which calls a given key that signed nothing damage.
+        raise ExportError("the log has no signed checkpoint yet; nothing can be proven")
     report = verify_log(root, verifier=verifier)
     if not report.ok and not (len(report.damage) == 1 and report.damage[0].kind == "torn"):
         raise ExportError(f"the log is damaged, export refused: {report.damage[0].describe()}")
-    layout = Layout(root)
     verifier = verifier or layout.verifier()
     notes: dict[int, str] = {}
     for path in layout.checkpoint_files():
         notes[int(path.name)] = path.read_text(encoding="utf-8")
-    if not notes:
-        raise ExportError("the log has no signed checkpoint yet; nothing can be proven")
     size = max(notes)
     checkpoint = Checkpoint.open(notes[size], verifier)
     tree = MerkleTree()
     selected: list[tuple[int, bytes, dict[str, Any]]] = []
     uncovered = 0
     changes = ChangeLog()
+    change_records: dict[int, bytes] = {}
     links: dict[int, DecisionLink] = {}
     between = _Between(bridging=selection.agent is None)
     previous: tuple[int, bytes] | None = None
@@ -226,7 +243,7 @@ def _load(root: Path, selection: Selection, verifier: NoteVerifier | None) -> _L
         tree.append(leaf_hash(payload))
         record = orjson.loads(payload)
         if seq < size:
-            changes.feed(seq, record)
+            _feed_change(changes, change_records, (seq, payload, record))
             gap.feed(seq, payload, record)
         if not selection.matches(record):
             if selected and seq < size:
@@ -250,7 +267,18 @@ def _load(root: Path, selection: Selection, verifier: NoteVerifier | None) -> _L
     edges = (
         (None, None) if selection.agent is not None else (before, after) if selected else gap.edges
     )
-    return _Loaded(tree, checkpoint, notes[size], notes, selected, uncovered, changes, links, edges)
+    return _Loaded(
+        tree,
+        checkpoint,
+        notes[size],
+        notes,
+        selected,
+        uncovered,
+        changes,
+        links,
+        change_records,
+        edges,
+    )
 
 
 def export_log(
@@ -398,13 +426,22 @@ def _write_package(root: Path, out: Path, selection: Selection, loaded: _Loaded)
 def _write_changelog(out: Path, selection: Selection, loaded: _Loaded) -> None:
     """``changelog.jsonl``: every change record up to the period's end (``in_period`` marks
     the period's own); ``activations.jsonl``: the activation each exported decision was made
-    under. Change records belong to no agent: ``--agent`` does not filter them."""
+    under. Change records belong to no agent: ``--agent`` does not filter them.
+
+    A change record that is not in ``records.jsonl`` comes with its stored bytes
+    (``record``, base64) and inclusion proof (``proof``): the verifier proves every
+    entry, not only those of the period."""
+    size = loaded.checkpoint.size
+    exported = {seq for seq, _, _ in loaded.selected}
     with (out / "changelog.jsonl").open("wb") as fh:
         for entry in loaded.changes.entries:
             if selection.end is not None and entry.time >= selection.end:
                 continue
             line = entry.as_dict()
             line["in_period"] = selection.start is None or entry.time >= selection.start
+            if entry.seq not in exported:
+                line["record"] = _b64(loaded.change_records[entry.seq])
+                line["proof"] = [_b64(p) for p in loaded.tree.inclusion_proof(entry.seq, size)]
             fh.write(orjson.dumps(line) + b"\n")
     with (out / "activations.jsonl").open("wb") as fh:
         for seq, _, _ in loaded.selected:
@@ -432,47 +469,86 @@ def _earliest_covering(loaded: _Loaded) -> tuple[int, str] | None:
     return None
 
 
+PEM_FROM_KEY = (
+    "(echo '-----BEGIN PUBLIC KEY-----'; "
+    r"(printf '\060\052\060\005\006\003\053\145\160\003\041\000'; "
+    """printf '%s\\n' "$KEY" | cut -d+ -f3- | openssl base64 -d | tail -c 32) | openssl base64; """
+    "echo '-----END PUBLIC KEY-----') > operator-key.pem"
+)
+"""The shell line of VERIFY.md that writes the PEM of the verifier key in ``$KEY``: the
+fixed Ed25519 SubjectPublicKeyInfo prefix and the key's last 32 bytes (after its 0x01)."""
+
+BODY_IS_CHECKPOINT = "sed '/^$/,$d' checkpoint | cmp - checkpoint.body"
+"""The shell line of VERIFY.md that checks ``checkpoint.body`` is the text of ``checkpoint``."""
+
+
 def _instructions(loaded: _Loaded) -> str:
     size = loaded.checkpoint.size
     return f"""# Verifying this evidence package
 
-Everything here can be checked offline, without Warden and without trusting
-the people who run it. Obtain the log's verifier key from its operator through
-a separate channel and compare it with `log-key.vkey`.
+Everything here can be checked offline, without trusting the people who run
+Warden. You need the log's verifier key (`<origin>+<key hash>+<base64 key>`),
+obtained from its operator through a separate channel: never `log-key.vkey`
+or `log-key.pem` from this package, which whoever made the package chose.
 
-## With the included script (Python 3.10+, standard library)
+## With a verifier you obtained yourself
 
-    python3 verify_evidence.py . --key "<the verifier key the operator gave you>"
+With Warden installed on your own machine:
 
-It checks all of the steps below and exits with status 0 when everything holds.
-Without an agent filter the records must form one unbroken run, and
+    warden audit verify-evidence . --key "<the verifier key the operator gave you>"
+
+Without Warden: `verify_evidence.py` from the Warden release (Python 3.10+,
+standard library), once its SHA-256 (`sha256sum verify_evidence.py`) equals
+the one published with that release:
+
+    python3 /path/to/your/verify_evidence.py . --key "<the verifier key>"
+
+The `verify_evidence.py` in this package is a copy for convenience and proves
+nothing: whoever made the package could have replaced it with one that
+passes anything. Do not run it to decide whether the package is genuine.
+
+The verifier checks all of the steps below, and `selection.json`,
+`edges.json`, `changelog.jsonl` and `activations.jsonl` against the proven
+records; it exits with status 0 when everything holds. It prints which files
+it proved and which it did not: `SUMMARY.md` is a digest for reading, not
+evidence (compare it with the counts the verifier prints from the proven
+records). Without an agent filter the records must form one unbroken run, and
 `edges.json` holds the records just outside it (for a package with no record,
-the two records the period falls between); the script prints the run and the
+the two records the period falls between); the verifier prints the run and the
 period it covers (from `selection.json`): check they are what you asked for.
-Never pass it the key in this package (`log-key.vkey`): whoever made the
-package chose that one, and a package rebuilt and signed again with another
-key would pass. The script refuses to run without `--key` unless you say
-`--trust-package-key`, which finds damage but proves nothing about who
-signed.
+It refuses to run without `--key` unless you say `--trust-package-key`, which
+finds damage but proves nothing about who signed.
 The Ed25519 check uses the `cryptography` package when installed, else `openssl`.
 
 ## By hand, with standard tools
 
-1. Files are unchanged:
+1. Files are unchanged since the package was made (`MANIFEST.sha256` is not
+   signed: this finds damage, not forgery):
 
        sha256sum -c MANIFEST.sha256
 
-2. The checkpoint is signed by the log's key (OpenSSL 1.1.1 or later):
+2. The checkpoint is signed by the key the operator gave you (OpenSSL 1.1.1
+   or later). Write that key's PEM from the key itself, never from this
+   package:
 
-       openssl pkeyutl -verify -pubin -inkey log-key.pem -rawin \\
+       KEY='<the verifier key the operator gave you>'
+       {PEM_FROM_KEY}
+       openssl pkeyutl -verify -pubin -inkey operator-key.pem -rawin \\
            -in checkpoint.body -sigfile checkpoint.sig
 
-   `checkpoint.body` is the text above the blank line in `checkpoint` (a C2SP
-   signed note): the log's origin, the tree size ({size}) and the base64
-   root hash. `checkpoint.sig` is the signature from its last line, after the
-   4-byte key hash. The body's first line (the origin) must be the name the
-   verifier key starts with (before its first `+`): one key may sign several
-   logs, and only the origin says which log this checkpoint is of.
+   `checkpoint.sig` is the signature from the last line of `checkpoint` (a
+   C2SP signed note), after the 4-byte key hash. `checkpoint.body` must be
+   exactly the text above the blank line in `checkpoint` (no output means
+   equal):
+
+       {BODY_IS_CHECKPOINT}
+
+   It holds the log's origin, the tree size ({size}) and the base64 root hash.
+   The origin (its first line) must be the name the key starts with (before
+   its first `+`): one key may sign several logs, and only the origin says
+   which log this checkpoint is of.
+
+       test "$(head -n 1 checkpoint.body)" = "${{KEY%%+*}}" && echo same log
 
 3. A record's hash is SHA-256 over a zero byte and the record's line (without
    the newline). For the record on line N:
@@ -484,11 +560,16 @@ The Ed25519 check uses the `cryptography` package when installed, else `openssl`
 
 4. The record is in the signed tree: fold the `proof` hashes into the leaf hash
    as RFC 9162 section 2.1.3.2 describes (node = SHA-256(0x01 || left || right));
-   the result equals the checkpoint's root hash.
+   the result equals the root hash in `checkpoint.body`.
 
 5. When `consistency.json` is present, it proves (RFC 9162 section 2.1.4.2)
    that `checkpoint-earlier` is a prefix of `checkpoint`: the log was only
    appended to between the two.
+
+These steps prove the records. `changelog.jsonl` (each line not in
+`records.jsonl` carries its record and inclusion proof), `activations.jsonl`
+and `SUMMARY.md` are derived from records: the verifier checks the first two
+against the proven records; by hand, check the lines you rely on likewise.
 
 Records are the exact stored bytes. Fields that hold personal data are
 encrypted per data subject (`sealed`); a subject whose key was erased cannot
@@ -813,7 +894,7 @@ def inclusion_proof(
         tree.append(leaf_hash(payload))
         if seq == want:
             found = (seq, orjson.loads(payload))
-    if found is None or (not record.isdigit() and found[1].get("id") != record):
+    if found is None or (not _is_number(record) and found[1].get("id") != record):
         raise ExportError(f"no record {record} in {root}")
     seq, rec = found
     files = layout.checkpoint_files()
@@ -840,8 +921,13 @@ def inclusion_proof(
     }
 
 
+def _is_number(text: str) -> bool:
+    # ASCII only: "³" and other Unicode digits pass isdigit() but not int().
+    return text.isascii() and text.isdigit()
+
+
 def _parse_record_ref(record: str) -> int:
-    if record.isdigit():
+    if _is_number(record):
         return int(record)
     tail = record.rpartition("_")[2]
     try:

@@ -206,4 +206,6 @@ class Layout:
         """Every stored checkpoint, smallest tree first."""
         if not self.checkpoints.is_dir():
             return []
-        return sorted(p for p in self.checkpoints.iterdir() if p.name.isdigit())
+        # ASCII only: "³" and other Unicode digits pass isdigit() but not int().
+        names = (p for p in self.checkpoints.iterdir() if p.name.isascii() and p.name.isdigit())
+        return sorted(names)

@@ -15,6 +15,7 @@ see :class:`Damage` for the kinds.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import time
 import zlib
@@ -25,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from warden.audit.checkpoint import Checkpoint, NoteError, NoteVerifier
+from warden.audit.checkpoint import Checkpoint, NoteVerifier
 from warden.audit.layout import Layout
 from warden.audit.merkle import CompactRange, leaf_hash
 from warden.audit.record import GENESIS_PREV
@@ -39,7 +40,14 @@ from warden.audit.segments import (
     zero_tail,
 )
 
-__all__ = ["DAMAGE_KINDS", "Damage", "VerifyReport", "iter_records", "verify_log"]
+__all__ = [
+    "DAMAGE_KINDS",
+    "Damage",
+    "VerifyReport",
+    "iter_records",
+    "key_fingerprint",
+    "verify_log",
+]
 
 DAMAGE_KINDS = (
     "modified",  # stored bytes changed (frame checksum, chain or tree root no longer match)
@@ -48,7 +56,9 @@ DAMAGE_KINDS = (
     "inserted",  # a record that is not part of the chain
     "truncated",  # the log ends before a signed checkpoint says it does
     "torn",  # the last frame is incomplete: a crash mid-write (repaired at next start)
-    "checkpoint",  # a checkpoint is forged, unsigned, for another log, or contradicts another
+    # a checkpoint is forged, unsigned, for another log, or contradicts another; or the key
+    # given signed none here (deleted checkpoints, another log's directory)
+    "checkpoint",
 )
 _LOOKAHEAD = 1024
 _FRAME = FRAME_HEADER.size
@@ -88,6 +98,11 @@ class VerifyReport:
     seconds: float
     damage: tuple[Damage, ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    key: str = ""
+    """The verifier key checkpoints were checked with (note format; empty: not recorded)."""
+    key_from_directory: bool = False
+    """Whether that key was read from the directory itself (no key was given): whoever
+    can write the directory could have put theirs there."""
 
     @property
     def ok(self) -> bool:
@@ -188,7 +203,7 @@ def _load_checkpoints(
         name = str(path) if path in extra else path.relative_to(layout.root).as_posix()
         try:
             ckpt = Checkpoint.open(path.read_bytes(), verifier)
-        except (NoteError, OSError) as exc:
+        except (ValueError, OSError) as exc:  # NoteError, or a size int() cannot read
             damage.append(Damage("checkpoint", f"checkpoint {name}: {exc}"))
             continue
         if ckpt.origin != origin:
@@ -401,7 +416,10 @@ def verify_log(
 
     ``verifier`` is the key checkpoints must be signed with; by default the
     one stored in the directory (pass a key you obtained independently to
-    rule out a replaced key). ``extra_checkpoints`` are checkpoint files kept
+    rule out a replaced key). A given key must be the key of this log (its
+    name is ``log.json``'s origin) and must verify at least one checkpoint:
+    otherwise nothing here is proven by it, and that is damage of kind
+    ``checkpoint``. ``extra_checkpoints`` are checkpoint files kept
     elsewhere, checked against the log like its own.
 
     Raises ``FileNotFoundError`` when ``root`` holds no audit log.
@@ -409,6 +427,7 @@ def verify_log(
     started = time.perf_counter()
     layout = Layout(Path(root))
     meta = layout.read_meta()
+    from_directory = verifier is None
     if verifier is None:
         verifier = layout.verifier()
     extra = [Path(p) for p in extra_checkpoints]
@@ -419,7 +438,9 @@ def verify_log(
     warnings: list[str] = []
     if walk.damage is not None:
         damage.insert(0, walk.damage)
-    elif walk.verified_at < walk.expected:
+    if not from_directory:
+        damage = _given_key_damage(meta.origin, verifier, checkpoints, damage)
+    if walk.damage is None and walk.verified_at < walk.expected:
         warnings.append(
             f"records {walk.verified_at}..{walk.expected - 1} are not yet covered by a signed "
             "checkpoint; deleting them from the end would go unnoticed until the next checkpoint"
@@ -433,7 +454,47 @@ def verify_log(
         seconds=time.perf_counter() - started,
         damage=tuple(damage),
         warnings=tuple(warnings),
+        key=verifier.vkey,
+        key_from_directory=from_directory,
     )
+
+
+def _given_key_damage(
+    origin: str,
+    verifier: NoteVerifier,
+    checkpoints: Sequence[tuple[Checkpoint, str]],
+    damage: list[Damage],
+) -> list[Damage]:
+    """``damage`` with what a key given by the caller did not prove.
+
+    Without these a directory whose checkpoints were all deleted, or another
+    log's directory, would read "intact" under the key: nothing it signed was
+    there to contradict anything.
+    """
+    if verifier.name != origin:
+        damage.insert(
+            0,
+            Damage(
+                "checkpoint",
+                f"log.json says this is log {origin}, but the key given is the key of "
+                f"{verifier.name}: another log's directory, or its identity was changed",
+            ),
+        )
+    if not checkpoints and not any(d.kind == "checkpoint" for d in damage):
+        damage.append(
+            Damage(
+                "checkpoint",
+                f"no checkpoint here is signed by the key given ({verifier.name}): nothing "
+                "is proven by it (checkpoints deleted, or none signed yet)",
+            )
+        )
+    return damage
+
+
+def key_fingerprint(vkey: str) -> str:
+    """The SHA-256 of the Ed25519 public key in a verifier key, hex: what people compare."""
+    material = base64.b64decode(vkey.split("+", 2)[2])  # the base64 key may hold "+" too
+    return hashlib.sha256(material[1:]).hexdigest()
 
 
 def _first(items: Iterator[_Seen], n: int) -> Iterator[_Seen]:

@@ -1,18 +1,29 @@
 #!/usr/bin/env python3
-"""Check a Warden audit evidence package offline: ``python3 verify_evidence.py [DIR]``.
+"""Check a Warden audit evidence package offline: ``python3 verify_evidence.py DIR --key VKEY``.
 
-This file is copied verbatim into every package made by ``warden audit
-export``. It needs only the Python standard library; the Ed25519 signature of
-the checkpoint is checked with the ``cryptography`` package if it is
-installed, else with ``openssl`` (1.1.1 or later). It checks:
+``warden audit verify-evidence DIR --key VKEY`` runs this module from an
+installed Warden. A copy of this file goes into every package made by
+``warden audit export`` for convenience only: whoever made the package could
+have replaced it, so an auditor runs a copy obtained independently (their own
+Warden, or this file from the Warden release, its SHA-256 compared with the
+one published with the release). It needs only the Python standard library;
+the Ed25519 signature of the checkpoint is checked with the ``cryptography``
+package if it is installed, else with ``openssl`` (1.1.1 or later). It checks:
 
 1. every file against ``MANIFEST.sha256`` (also: ``sha256sum -c MANIFEST.sha256``);
-2. the signed checkpoint (C2SP signed note) against the log's verifier key;
+2. the signed checkpoint (C2SP signed note) against the log's verifier key,
+   and that ``checkpoint.body``, ``checkpoint.sig`` and ``log-key.*`` are its
+   text, its signature and that key;
 3. each record: its leaf hash ``SHA-256(0x00 || line)`` and its RFC 6962
    inclusion proof against the checkpoint's root hash;
-4. the hash chain between records with consecutive sequence numbers;
-5. the consistency proof from an earlier checkpoint, when the package has one.
+4. the hash chain between records with consecutive sequence numbers, and
+   that the run reaches both ends of the declared period (``selection.json``,
+   ``edges.json``);
+5. the consistency proof from an earlier checkpoint, when the package has one;
+6. ``changelog.jsonl`` and ``activations.jsonl`` against the proven records.
 
+It then says which files are proven and which are not (``SUMMARY.md`` is a
+digest for reading; it prints counts from the proven records to compare).
 Exit status 0 means every check passed. Pass ``--key <verifier key>`` with the
 key you obtained from the operator independently. Without it the script
 refuses (exit status 2) unless told ``--trust-package-key``: the key shipped in
@@ -39,11 +50,14 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CHANGE_KINDS",
     "CHECKPOINT_TIME",
+    "check",
     "checkpoint_time",
     "node_hash",
     "parse_checkpoint",
     "parse_vkey",
+    "public_pem",
     "split_note",
     "verify_consistency",
     "verify_inclusion",
@@ -228,15 +242,20 @@ def _ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool
     return True
 
 
+def public_pem(public_key: bytes) -> bytes:
+    """The PEM (SubjectPublicKeyInfo) of a raw Ed25519 public key, as ``openssl`` reads it."""
+    # SubjectPublicKeyInfo for Ed25519 is a fixed 12-byte prefix and the raw key.
+    spki = bytes.fromhex("302a300506032b6570032100") + public_key
+    body = base64.encodebytes(spki)
+    return b"-----BEGIN PUBLIC KEY-----\n" + body + b"-----END PUBLIC KEY-----\n"
+
+
 def _openssl_verify(public_key: bytes, message: bytes, signature: bytes) -> bool | None:
     openssl = shutil.which("openssl")
     if openssl is None:
         return None
-    # SubjectPublicKeyInfo for Ed25519 is a fixed 12-byte prefix and the raw key.
-    spki = bytes.fromhex("302a300506032b6570032100") + public_key
-    pem = b"-----BEGIN PUBLIC KEY-----\n" + base64.encodebytes(spki) + b"-----END PUBLIC KEY-----\n"
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {"key.pem": pem, "msg": message, "sig": signature}
+        paths = {"key.pem": public_pem(public_key), "msg": message, "sig": signature}
         for name, data in paths.items():
             (Path(tmp) / name).write_bytes(data)
         done = subprocess.run(  # noqa: S603 - fixed arguments, no shell
@@ -259,6 +278,18 @@ def _openssl_verify(public_key: bytes, message: bytes, signature: bytes) -> bool
     return done.returncode == 0
 
 
+# The change-management record kinds changelog.jsonl lists (warden.audit.changes.CHANGE_KINDS;
+# a test keeps the two equal: this file imports nothing from Warden).
+CHANGE_KINDS = frozenset({"config_load", "policy_activation", "eval_run", "replay_run"})
+"""The record kinds ``changelog.jsonl`` is drawn from."""
+
+_ACTIVATION = "policy_activation"
+
+
+class _Unreadable(ValueError):
+    """A file of the package is not what it must be (not JSON, a line not an object...)."""
+
+
 class _Report:
     def __init__(self) -> None:
         self.failures: list[str] = []
@@ -266,6 +297,47 @@ class _Report:
 
     def fail(self, message: str) -> None:
         self.failures.append(message)
+
+
+def _json(data: bytes | str, where: str) -> Any:
+    """Parsed JSON, or :class:`_Unreadable` naming ``where`` (never a RecursionError)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise _Unreadable(f"{where}: nested too deeply to read") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise _Unreadable(f"{where}: not JSON ({exc})") from None
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _Unreadable(f"{where}: not a JSON object")
+    return value
+
+
+def _seq(value: Any, where: str) -> int:
+    if not _is_count(value):
+        raise _Unreadable(f"{where}: seq is not a record number")
+    return int(value)
+
+
+def _b64(value: Any, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise _Unreadable(f"{where}: not base64 text")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise _Unreadable(f"{where}: not base64") from None
+
+
+def _hashes(value: Any, where: str) -> list[bytes]:
+    if not isinstance(value, list):
+        raise _Unreadable(f"{where}: the proof is not a list of hashes")
+    return [_b64(item, where) for item in value]
+
+
+def _leaf(payload: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + payload).digest()
 
 
 def _open_checkpoint(
@@ -298,6 +370,36 @@ def _open_checkpoint(
     return origin, size, root, checkpoint_time(text)
 
 
+def _check_key_files(pkg: Path, note: str, vkey: str, report: _Report) -> None:
+    """The by-hand copies (``checkpoint.body``, ``.sig``, ``log-key.*``) are those of the key.
+
+    ``checkpoint.body`` must be the signed text of ``checkpoint`` and
+    ``checkpoint.sig`` the signature of ``vkey`` in it; ``log-key.vkey`` and
+    ``log-key.pem`` must be ``vkey``: a forger's key shipped beside the real
+    one would pass the by-hand ``openssl`` step of an auditor who used it.
+    """
+    name, key_hash, public_key = parse_vkey(vkey)
+    text, sigs = split_note(note)
+    signature = next((raw[4:] for n, raw in sigs if n == name and raw[:4] == key_hash), None)
+    expected = {
+        "checkpoint.body": (text.encode(), "is not the signed text of checkpoint"),
+        "checkpoint.sig": (signature, f"is not the signature of {name} in checkpoint"),
+        "log-key.pem": (public_pem(public_key), f"is not the key checked against ({name})"),
+    }
+    for file, (want, wrong) in expected.items():
+        path = pkg / file
+        if path.exists() and path.read_bytes() != want:
+            report.fail(f"{file} {wrong}")
+    shipped = pkg / "log-key.vkey"
+    if shipped.exists():
+        try:
+            same = parse_vkey(shipped.read_text(encoding="utf-8")) == (name, key_hash, public_key)
+        except ValueError:
+            same = False
+        if not same:
+            report.fail(f"log-key.vkey is not the key checked against ({name})")
+
+
 def _check_manifest(pkg: Path, report: _Report) -> None:
     manifest = pkg / "MANIFEST.sha256"
     listed: set[str] = set()
@@ -317,41 +419,45 @@ def _check_manifest(pkg: Path, report: _Report) -> None:
 
 def _check_records(
     pkg: Path, size: int, root: bytes, report: _Report, signed: str | None = None
-) -> int:
+) -> dict[int, dict[str, Any]]:
+    """The records proven in the signed tree, by sequence number."""
     records = (pkg / "records.jsonl").read_bytes().split(b"\n")
-    proofs = (pkg / "proofs.jsonl").read_text(encoding="utf-8").split("\n")
-    if records[-1] != b"" or proofs[-1] != "" or len(records) != len(proofs):
+    proofs = (pkg / "proofs.jsonl").read_bytes().split(b"\n")
+    if records[-1] != b"" or proofs[-1] != b"" or len(records) != len(proofs):
         report.fail("records.jsonl and proofs.jsonl do not have one line per record each")
-        return 0
+        return {}
     scope = _scope(pkg, report)
     whole_run = scope is None or scope.get("agent") is None
     previous: tuple[int, str] | None = None
-    count = 0
+    proven: dict[int, dict[str, Any]] = {}
     seqs: list[int] = []
-    first_record: dict[str, object] | None = None
-    last_record: dict[str, object] | None = None
-    for line, proof_line in zip(records[:-1], proofs[:-1], strict=True):
-        proof = json.loads(proof_line)
-        record = json.loads(line)
-        seq = proof["seq"]
+    first_record: dict[str, Any] | None = None
+    last_record: dict[str, Any] | None = None
+    for number, (line, proof_line) in enumerate(zip(records[:-1], proofs[:-1], strict=True), 1):
+        at_proof, at_record = f"proofs.jsonl line {number}", f"records.jsonl line {number}"
+        proof = _object(_json(proof_line, at_proof), at_proof)
+        record = _object(_json(line, at_record), at_record)
+        seq = _seq(proof.get("seq"), at_proof)
         if previous is not None and seq <= previous[0]:
             report.fail(f"record {seq}: out of order or repeated after record {previous[0]}")
         elif previous is not None and whole_run and seq != previous[0] + 1:
             # Unfiltered, the package is one unbroken run: a gap is a hidden record.
             report.fail(f"records {previous[0] + 1}..{seq - 1} are missing from the run")
         seqs.append(seq)
-        leaf = hashlib.sha256(b"\x00" + line).digest()
-        path = [base64.b64decode(p) for p in proof["proof"]]
-        if record.get("seq") != seq or record.get("id") != proof["id"]:
+        leaf = _leaf(line)
+        path = _hashes(proof.get("proof"), at_proof)
+        claimed = _b64(proof.get("leaf_hash"), f"{at_proof}: leaf_hash")
+        if record.get("seq") != seq or record.get("id") != proof.get("id"):
             report.fail(f"record {seq}: its proof belongs to another record")
-        elif base64.b64decode(proof["leaf_hash"]) != leaf:
+        elif claimed != leaf:
             report.fail(f"record {seq}: the record was modified (leaf hash differs)")
         elif not verify_inclusion(leaf, seq, size, path, root):
             report.fail(f"record {seq}: the inclusion proof does not lead to the signed root")
+        else:
+            proven[seq] = record
         if previous is not None and previous[0] + 1 == seq and record.get("prev") != previous[1]:
             report.fail(f"record {seq}: its prev hash does not match record {seq - 1}")
         previous = (seq, leaf.hex())
-        count += 1
         first_record = first_record or record
         last_record = record
     if scope is not None:
@@ -372,7 +478,7 @@ def _check_records(
                 f"the checkpoint was signed at {signed}: records written after it are not in"
                 " the package"
             )
-    return count
+    return proven
 
 
 def _in_period(record: dict[str, object], scope: dict[str, object]) -> bool:
@@ -415,6 +521,31 @@ def _check_scope(
         _check_edges(pkg, scope, run, report, size=size, root=root, signed=signed)
 
 
+def _edges(
+    pkg: Path, report: _Report, *, size: int, root: bytes
+) -> dict[str, tuple[int, dict[str, object]]]:
+    """The records of ``edges.json`` proven in the signed tree, by side."""
+    path = pkg / "edges.json"
+    listed = _json(path.read_bytes(), "edges.json") if path.exists() else []
+    if not isinstance(listed, list):
+        raise _Unreadable("edges.json: not a list")
+    edges: dict[str, tuple[int, dict[str, object]]] = {}
+    for number, item in enumerate(listed, 1):
+        where = f"edges.json item {number}"
+        edge = _object(item, where)
+        seq = _seq(edge.get("seq"), where)
+        payload = _b64(edge.get("record"), where)
+        proof = _hashes(edge.get("proof"), where)
+        record = _json(payload, where)
+        if not isinstance(record, dict) or record.get("seq") != seq:
+            report.fail(f"edges.json: record {seq} is not a record numbered {seq}")
+        elif not verify_inclusion(_leaf(payload), seq, size, proof, root):
+            report.fail(f"edges.json: record {seq} is not proven in the signed tree")
+        else:
+            edges[str(edge.get("side"))] = (seq, record)
+    return edges
+
+
 def _check_edges(
     pkg: Path,
     scope: dict[str, object],
@@ -441,19 +572,7 @@ def _check_edges(
     after the period's end). Merely outside the period is not enough here: two
     edges both dated after it would hide the records of the period before them.
     """
-    path = pkg / "edges.json"
-    edges: dict[str, tuple[int, dict[str, object]]] = {}
-    for edge in json.loads(path.read_text(encoding="utf-8")) if path.exists() else []:
-        payload = base64.b64decode(edge["record"])
-        proof = [base64.b64decode(p) for p in edge["proof"]]
-        leaf = hashlib.sha256(b"\x00" + payload).digest()
-        record = json.loads(payload)
-        if record.get("seq") != edge["seq"] or not verify_inclusion(
-            leaf, edge["seq"], size, proof, root
-        ):
-            report.fail(f"edges.json: record {edge['seq']} is not proven in the signed tree")
-            continue
-        edges[str(edge["side"])] = (edge["seq"], record)
+    edges = _edges(pkg, report, size=size, root=root)
     empty = run is None
     if run is None:
         # The empty run sits right after the edge before (or at the log's start).
@@ -520,7 +639,7 @@ def _scope(pkg: Path, report: _Report) -> dict[str, object] | None:
         # The manifest is not signed: whoever cut records could remove this file too.
         report.fail("no selection.json: the package cannot be shown complete for any period")
         return None
-    scope = json.loads(path.read_text(encoding="utf-8"))
+    scope = _json(path.read_bytes(), "selection.json")
     if not isinstance(scope, dict):
         report.fail("selection.json is not an object")
         return None
@@ -540,33 +659,269 @@ def _scope(pkg: Path, report: _Report) -> dict[str, object] | None:
     return scope
 
 
+def _body(record: dict[str, Any]) -> dict[str, Any]:
+    body = record.get("body")
+    return body if isinstance(body, dict) else {}
+
+
+def _check_changelog(
+    pkg: Path,
+    proven: dict[int, dict[str, Any]],
+    scope: dict[str, object],
+    report: _Report,
+    *,
+    size: int,
+    root: bytes,
+) -> tuple[dict[int, dict[str, Any]], int]:
+    """``changelog.jsonl`` against the signed tree: the change records known, and how many
+    lines carry no proof (an entry outside the package, from an older export).
+
+    An entry is proven by the record of the package with its number, or by the
+    record and inclusion proof the line carries; it must say what that record
+    says. Every change record of the package dated before the period's end
+    must be listed.
+    """
+    known = {seq: r for seq, r in proven.items() if r.get("kind") in CHANGE_KINDS}
+    path = pkg / "changelog.jsonl"
+    if not path.exists():
+        return known, 0
+    start, end = scope.get("from"), scope.get("to")
+    listed: set[int] = set()
+    unproven = 0
+    last = -1
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        where = f"changelog.jsonl line {number}"
+        entry = _object(_json(line, where), where)
+        seq = _seq(entry.get("seq"), where)
+        if seq <= last:
+            report.fail(f"{where}: record {seq} is out of order or repeated")
+        last = max(last, seq)
+        record = proven.get(seq)
+        if record is None and "record" in entry:
+            payload = _b64(entry.get("record"), where)
+            parsed = _json(payload, where)
+            path_ = _hashes(entry.get("proof"), where)
+            if not (
+                isinstance(parsed, dict)
+                and parsed.get("seq") == seq
+                and verify_inclusion(_leaf(payload), seq, size, path_, root)
+            ):
+                report.fail(f"{where}: record {seq} is not proven in the signed tree")
+                continue
+            record = parsed
+        if record is None:
+            unproven += 1
+            continue
+        listed.add(seq)
+        when = str(record.get("time", ""))
+        said = (entry.get("id"), entry.get("time"), entry.get("kind"), entry.get("body"))
+        if record.get("kind") not in CHANGE_KINDS or said != (
+            str(record.get("id", "")),
+            when,
+            record.get("kind"),
+            _body(record),
+        ):
+            report.fail(f"{where}: it does not say what record {seq}, proven, says")
+            continue
+        if isinstance(end, str) and when >= end:
+            report.fail(f"{where}: record {seq} is dated after the period")
+        if entry.get("in_period") is not (not isinstance(start, str) or when >= start):
+            report.fail(f"{where}: in_period is wrong for record {seq}, dated {when}")
+        known[seq] = record
+    for seq, record in proven.items():
+        due = not isinstance(end, str) or str(record.get("time", "")) < end
+        if record.get("kind") in CHANGE_KINDS and due and seq not in listed:
+            report.fail(f"changelog.jsonl leaves out record {seq} ({record.get('kind')})")
+    return known, unproven
+
+
+def _in_force(known: dict[int, dict[str, Any]], before: int, revision: str) -> str | None:
+    """The id of the last champion activation of ``revision`` before record ``before``."""
+    found: str | None = None
+    for seq in sorted(known):
+        if seq >= before:
+            break
+        body = _body(known[seq])
+        if (
+            revision
+            and known[seq].get("kind") == _ACTIVATION
+            and body.get("role", "champion") == "champion"
+            and str(body.get("revision", "")) == revision
+        ):
+            found = str(known[seq].get("id", ""))
+    return found
+
+
+def _check_activations(
+    pkg: Path, proven: dict[int, dict[str, Any]], known: dict[int, dict[str, Any]], report: _Report
+) -> int:
+    """``activations.jsonl``: one line per decision of the package, recomputed from the
+    proven records and change log (the activation in force: the latest champion
+    ``policy_activation`` of the decision's revision before it)."""
+    path = pkg / "activations.jsonl"
+    if not path.exists():
+        return 0
+    decisions = [seq for seq in sorted(proven) if proven[seq].get("kind") == "decision"]
+    listed: list[int] = []
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        where = f"activations.jsonl line {number}"
+        link = _object(_json(line, where), where)
+        seq = _seq(link.get("seq"), where)
+        listed.append(seq)
+        record = proven.get(seq)
+        if record is None or record.get("kind") != "decision":
+            report.fail(f"{where}: record {seq} is not a decision the package proves")
+            continue
+        decision = record.get("decision")
+        decision = decision if isinstance(decision, dict) else {}
+        revision = str(decision.get("bundle_revision") or "")
+        want = {
+            "record_id": str(record.get("id", "")),
+            "decision_id": str(decision.get("id", "")),
+            "bundle_revision": revision,
+            "activation_id": _in_force(known, seq, revision),
+        }
+        for name, value in want.items():
+            if link.get(name) != value:
+                report.fail(
+                    f"{where}: {name} of decision record {seq} is {link.get(name)!r}; the "
+                    f"proven records say {value!r}"
+                )
+    if listed != decisions:
+        report.fail("activations.jsonl does not list each decision of the package once, in order")
+    return len(listed)
+
+
+def _counts(proven: dict[int, dict[str, Any]]) -> str:
+    """Counts an auditor compares with SUMMARY.md, taken from the proven records."""
+    kinds: dict[str, int] = {}
+    effects: dict[str, int] = {}
+    for record in proven.values():
+        kind = str(record.get("kind"))
+        kinds[kind] = kinds.get(kind, 0) + 1
+        decision = record.get("decision")
+        if kind == "decision" and isinstance(decision, dict):
+            effect = str(decision.get("effect"))
+            label = effect if decision.get("mode") == "enforce" else f"{effect} (observe)"
+            effects[label] = effects.get(label, 0) + 1
+
+    def shown(counts: dict[str, int]) -> str:
+        return ", ".join(f"{name} {n}" for name, n in sorted(counts.items())) or "none"
+
+    return f"proven records by kind: {shown(kinds)}; decisions by effect: {shown(effects)}"
+
+
 def verify_package(pkg: Path, vkey: str | None = None) -> tuple[list[str], list[str]]:
-    """Run every check on the package in ``pkg``; return the failures and the notes."""
+    """Run every check on the package in ``pkg``; return the failures and the notes.
+
+    A file that is not what it must be (not JSON, a line that is not an
+    object...) is a failure naming it. The notes end by saying which files
+    the checks prove and which they do not.
+    """
     report = _Report()
+    try:
+        _verify(pkg, vkey, report)
+    except _Unreadable as exc:
+        report.fail(str(exc))
+    return report.failures, report.notes
+
+
+def _verify(pkg: Path, vkey: str | None, report: _Report) -> None:
     _check_manifest(pkg, report)
     if vkey is None:
         vkey = (pkg / "log-key.vkey").read_text(encoding="utf-8")
         report.notes.append("the checkpoint key was taken from the package (use --key to pin it)")
-    opened = _open_checkpoint((pkg / "checkpoint").read_text(encoding="utf-8"), vkey, report)
+    note = (pkg / "checkpoint").read_text(encoding="utf-8")
+    opened = _open_checkpoint(note, vkey, report)
     if opened is None:
-        return report.failures, report.notes
+        return
     origin, size, root, signed = opened
-    count = _check_records(pkg, size, root, report, signed)
+    _check_key_files(pkg, note, vkey, report)
+    proven = _check_records(pkg, size, root, report, signed)
+    proven_files = ["records.jsonl", "proofs.jsonl", "checkpoint", "selection.json", "edges.json"]
     consistency = pkg / "consistency.json"
     if consistency.exists():
-        data = json.loads(consistency.read_text(encoding="utf-8"))
+        data = _object(_json(consistency.read_bytes(), "consistency.json"), "consistency.json")
+        if data.get("checkpoint") != "checkpoint-earlier":
+            raise _Unreadable("consistency.json: its checkpoint is not checkpoint-earlier")
         earlier = _open_checkpoint(
-            (pkg / data["checkpoint"]).read_text(encoding="utf-8"), vkey, report
+            (pkg / "checkpoint-earlier").read_text(encoding="utf-8"), vkey, report
         )
-        path = [base64.b64decode(p) for p in data["proof"]]
+        path = _hashes(data.get("proof"), "consistency.json")
         if earlier is not None and not verify_consistency(earlier[1], size, path, earlier[2], root):
             report.fail("the earlier checkpoint is not consistent with the latest one")
+        proven_files += ["checkpoint-earlier", "consistency.json"]
+    scope = _scope(pkg, _Report()) or {}  # its failures were reported with the records
+    known, unproven = _check_changelog(pkg, proven, scope, report, size=size, root=root)
+    links = _check_activations(pkg, proven, known, report)
     if not report.failures:
+        # Only a package that passed says what is proven: after a failure nothing is.
+        report.notes.append(_counts(proven))
+        _coverage(
+            pkg, report, proven_files, scope=scope, proven=proven, unproven=unproven, links=links
+        )
         report.notes.append(
-            f"OK: {count} records included in {origin} at tree size {size}, "
+            f"OK: {len(proven)} records included in {origin} at tree size {size}, "
             f"root {base64.b64encode(root).decode()}"
         )
-    return report.failures, report.notes
+
+
+def _coverage(
+    pkg: Path,
+    report: _Report,
+    files: list[str],
+    *,
+    scope: dict[str, object],
+    proven: dict[int, dict[str, Any]],
+    unproven: int,
+    links: int,
+) -> None:
+    """Say which files the checks prove and which they do not: the manifest is unsigned."""
+    if (pkg / "changelog.jsonl").exists():
+        files.append("changelog.jsonl" + (" (but for the lines below)" if unproven else ""))
+    if (pkg / "activations.jsonl").exists():
+        files.append(f"activations.jsonl ({links} decisions)")
+    files += ["checkpoint.body", "checkpoint.sig", "log-key.vkey", "log-key.pem"]
+    report.notes.append(f"proven against the signed checkpoint: {', '.join(files)}")
+    gaps = [
+        "SUMMARY.md (a digest whoever made the package wrote: compare it with the proven "
+        "counts above)",
+        "VERIFY.md",
+        "verify_evidence.py (use a verifier you obtained yourself, never the package's copy)",
+        "MANIFEST.sha256 (unsigned: it shows damage, not forgery)",
+    ]
+    if unproven:
+        gaps.append(f"{unproven} line(s) of changelog.jsonl that carry no proof")
+    first = min(proven) if proven else None
+    if (pkg / "changelog.jsonl").exists() and (scope.get("agent") is not None or first != 0):
+        # The package holds every record of its run, not those before it (or another agent's).
+        start = f"before record {first}" if first is not None and scope.get("agent") is None else ""
+        gaps.append(
+            f"that changelog.jsonl leaves out no change record {start or 'outside the package'}"
+            " (and so that each decision's activation is the one in force)"
+        )
+    report.notes.append(f"not proven: {'; '.join(gaps)}")
+
+
+def check(pkg: Path, vkey: str | None) -> int:
+    """Verify the package and print the outcome; the exit status (0 intact, 1 failed, 2 unreadable).
+
+    ``vkey`` is the verifier key the auditor obtained independently; ``None``
+    checks against the package's own key, which shows damage but not who
+    signed.
+    """
+    try:
+        failures, notes = verify_package(pkg, vkey)
+    except Exception as exc:  # whatever the package holds: a message, never a traceback
+        print(f"FAILED: the package cannot be read: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    for message in failures:
+        print(f"FAILED: {message}")
+    for message in notes:
+        print(message)
+    if vkey is None and not failures:
+        print("NOT AUTHENTICATED: the key came from the package (--trust-package-key)")
+    return 1 if failures else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -589,18 +944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
-        failures, notes = verify_package(Path(args.package), args.key)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"FAILED: the package cannot be read: {exc}", file=sys.stderr)
-        return 2
-    for message in failures:
-        print(f"FAILED: {message}")
-    for message in notes:
-        print(message)
-    if args.key is None and not failures:
-        print("NOT AUTHENTICATED: the key came from the package (--trust-package-key)")
-    return 1 if failures else 0
+    return check(Path(args.package), args.key)
 
 
 if __name__ == "__main__":

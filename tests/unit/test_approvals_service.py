@@ -230,6 +230,10 @@ async def test_every_approval_record_names_its_agent_and_tool(
         "approval_requested",
         "approval_decided",
     ]
+    # The summary lists the person's verdict (it read only an older record kind).
+    summary = (tmp_path / "pkg" / "SUMMARY.md").read_text()
+    approvals = summary.split("## Approvals")[1].split("##")[0]
+    assert "| alice | rejected | issue_refund |" in approvals
 
 
 async def test_separation_of_duties_and_approver_groups(approvals: Approvals) -> None:

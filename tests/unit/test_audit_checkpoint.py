@@ -107,6 +107,8 @@ def test_checkpoint_text_round_trip() -> None:
         "origin\n-1\nAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n",
         "origin\n42\nAAEC\n",
         "\n42\nAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n",
+        # Digits int() reads but no other verifier does: one note, two tree sizes.
+        "origin\n\u0664\u0662\nAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n",
     ],
 )
 def test_malformed_checkpoints_are_rejected(text: str) -> None:

@@ -189,7 +189,9 @@ class Checkpoint:
         origin, size_text, root_text, *ext = lines[:-1]
         if not origin:
             raise NoteError("the checkpoint origin is empty")
-        if not size_text.isdigit() or (size_text.startswith("0") and size_text != "0"):
+        if not (size_text.isascii() and size_text.isdigit()) or (
+            size_text.startswith("0") and size_text != "0"
+        ):
             raise NoteError(f"the checkpoint size {size_text!r} is not a decimal number")
         try:
             root = base64.b64decode(root_text, validate=True)

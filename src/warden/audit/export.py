@@ -604,6 +604,14 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_APPROVAL_VERDICTS = {
+    "approval_decided": None,  # the body's verdict: approved or rejected
+    "approval_expired": "expired",
+    "approval_cancelled": "cancelled",
+    "approval": None,
+}
+
+
 def _summary(selection: Selection, loaded: _Loaded, verifier: NoteVerifier) -> str:
     by_agent: dict[str, Counter[str]] = defaultdict(Counter)
     by_tool: dict[str, Counter[str]] = defaultdict(Counter)
@@ -642,13 +650,14 @@ def _summary(selection: Selection, loaded: _Loaded, verifier: NoteVerifier) -> s
                         approval["arguments_sha256"],
                     ]
                 )
-        elif kind == "approval":
+        elif kind in _APPROVAL_VERDICTS:
+            # Each vote, expiry and cancellation; "approval" is the older records' kind.
             body = rec.get("body", {})
             approvals.append(
                 [
-                    body.get("decided_at", rec["time"]),
-                    body.get("approver"),
-                    body.get("verdict"),
+                    body.get("at", body.get("decided_at", rec["time"])),
+                    body.get("who", body.get("approver")),
+                    _APPROVAL_VERDICTS[kind] or body.get("verdict"),
                     body.get("tool"),
                     body.get("arguments_sha256"),
                 ]

@@ -258,15 +258,14 @@ def _root(args: argparse.Namespace) -> Path:
 
 
 def _verifier(args: argparse.Namespace, root: Path) -> NoteVerifier:
-    value = getattr(args, "key", None)
-    try:
-        if value is None:
+    if getattr(args, "key", None) is None:
+        try:
             return Layout(root).verifier()
-        if os.path.exists(value):
-            value = Path(value).read_text(encoding="utf-8")
-        return NoteVerifier.from_vkey(value)
-    except (OSError, NoteError) as exc:
-        raise _Unusable(f"unusable verifier key: {exc}") from None
+        except (OSError, NoteError) as exc:
+            raise _Unusable(f"unusable verifier key: {exc}") from None
+    key = _given_key(args, inside=root)
+    assert key is not None
+    return key
 
 
 def _target(args: argparse.Namespace) -> PgTarget:
@@ -283,15 +282,30 @@ def _target(args: argparse.Namespace) -> PgTarget:
     return PgTarget(args.url, password)
 
 
-def _given_key(args: argparse.Namespace) -> NoteVerifier | None:
+def _given_key(args: argparse.Namespace, *, inside: Path | None = None) -> NoteVerifier | None:
+    """``--key``: a verifier key, or a file holding one, never under ``inside``.
+
+    A value that is a key is the key, even when a file of that name exists: a
+    key's text is also a relative path (``origin/<hex>+<hash>+<base64>``), and
+    a log or package checked from its own directory could hold a file there
+    with the forger's key. A file inside what is checked is its maker's too.
+    """
     value = getattr(args, "key", None)
     if value is None:
         return None
     try:
-        if os.path.exists(value):
-            value = Path(value).read_text(encoding="utf-8")
         return NoteVerifier.from_vkey(value)
-    except (OSError, NoteError) as exc:
+    except NoteError:
+        pass  # not a key: a file holding one
+    path = Path(value)
+    if inside is not None and path.resolve().is_relative_to(inside.resolve()):
+        raise _Unusable(
+            f"--key {value}: a file inside {inside}, which whoever made it chose; give the "
+            "key the log's operator published"
+        )
+    try:
+        return NoteVerifier.from_vkey(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, NoteError) as exc:
         raise _Unusable(f"unusable verifier key: {exc}") from None
 
 
@@ -498,11 +512,15 @@ def _how_to_check(out: Path) -> None:
 
 @_guarded
 def _verify_evidence(args: argparse.Namespace) -> int:
-    key = _given_key(args)
+    key = _given_key(args, inside=Path(args.package))
     assert key is not None  # --key is required
     print(
         f"checking with the evidence verifier of Warden {__version__} "
         f"({verify_evidence.__file__}), not the package's own verify_evidence.py"
+    )
+    print(
+        f"with the key {key.name}, fingerprint SHA256:{key_fingerprint(key.vkey)}: compare it "
+        "with the one the log's operator published"
     )
     return verify_evidence.check(Path(args.package), key.vkey)
 

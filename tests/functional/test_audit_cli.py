@@ -7,6 +7,7 @@ import asyncio
 import base64
 import dataclasses
 import hashlib
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from warden.audit import AuditLog
 from warden.audit.checkpoint import NoteSigner
+from warden.audit.export import BODY_IS_CHECKPOINT, PEM_FROM_KEY
 from warden.audit.merkle import verify_inclusion
 from warden.audit.subjects import SubjectKeys
 from warden.audit.verify import iter_records, key_fingerprint, verify_log
@@ -343,6 +345,73 @@ def test_verify_evidence_runs_this_installations_verifier(tmp_path: Path, cli: C
     unreadable = cli("verify-evidence", str(tmp_path / "nowhere"), "--key", vkey)
     assert unreadable.returncode == 2
     assert "cannot be read" in unreadable.stderr
+
+
+def test_a_key_is_never_read_from_a_file_the_package_or_log_holds(
+    tmp_path: Path, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key's text is also a relative path: checked from inside the package, a file
+    planted there would give the forger's key in place of the one typed."""
+    root = tmp_path / "audit"
+    asyncio.run(_log(root))
+    vkey = (root / "keys" / "checkpoint.vkey").read_text().strip()
+    out = tmp_path / "evidence"
+    assert cli("export", "--dir", str(root), "--out", str(out)).returncode == 0
+    forger = tmp_path / "forger"
+    asyncio.run(_log(forger))  # another log's key: what the forger signs with
+    theirs = (forger / "keys" / "checkpoint.vkey").read_text().strip()
+    for where in (out, root):
+        planted = where / vkey
+        planted.parent.mkdir(parents=True)
+        planted.write_text(theirs + "\n")
+    monkeypatch.chdir(root)
+    assert cli("verify", "--dir", ".", "--key", vkey).returncode == 0  # the key typed
+    monkeypatch.chdir(out)
+    checked = cli("verify-evidence", ".", "--key", vkey)
+    assert f"fingerprint SHA256:{key_fingerprint(vkey)}" in checked.stdout  # the key typed
+    assert checked.returncode == 1  # and the planted directory is no part of a package
+    # A key file inside what is checked is its maker's, whatever it holds.
+    inside = cli("verify-evidence", ".", "--key", "log-key.vkey")
+    assert inside.returncode == 2
+    assert "a file inside" in inside.stderr
+    (root / "mine.vkey").write_text(vkey + "\n")
+    assert cli("verify", "--dir", str(root), "--key", str(root / "mine.vkey")).returncode == 2
+
+
+def test_a_package_holding_other_than_plain_files_is_refused_before_reading(
+    tmp_path: Path, cli: Cli
+) -> None:
+    """A FIFO hung the check; an extra file went unnamed in what is and is not proven."""
+    root = tmp_path / "audit"
+    asyncio.run(_log(root))
+    vkey = (root / "keys" / "checkpoint.vkey").read_text().strip()
+    out = tmp_path / "evidence"
+    assert cli("export", "--dir", str(root), "--out", str(out)).returncode == 0
+    (out / "APPROVALS.md").write_text("every refund was approved by the CFO\n")
+    manifest = [
+        f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
+        for p in sorted(out.iterdir())
+        if p.name != "MANIFEST.sha256"
+    ]
+    (out / "MANIFEST.sha256").write_text("".join(manifest))
+    extra = cli("verify-evidence", str(out), "--key", vkey)
+    assert extra.returncode == 0, extra.stdout
+    not_proven = next(line for line in extra.stdout.splitlines() if "not proven" in line)
+    assert "APPROVALS.md (not part of an evidence package)" in not_proven
+    proven = next(line for line in extra.stdout.splitlines() if line.startswith("proven"))
+    assert "edges.json" not in proven or (out / "edges.json").exists()
+    (out / "records.jsonl").unlink()
+    os.mkfifo(out / "records.jsonl")
+    fifo = cli("verify-evidence", str(out), "--key", vkey)  # returns: nothing reads the FIFO
+    assert fifo.returncode == 1
+    assert "records.jsonl: not a regular file" in fifo.stdout
+
+
+def test_the_by_hand_commands_in_the_docs_are_the_ones_packages_give() -> None:
+    """docs/audit.md gives the by-hand steps too: the package's VERIFY.md is its maker's."""
+    docs = (Path(__file__).parents[2] / "docs" / "audit.md").read_text()
+    assert PEM_FROM_KEY in docs
+    assert BODY_IS_CHECKPOINT in docs
 
 
 def test_a_checkpoint_or_record_named_with_another_digit_crashes_nothing(

@@ -232,8 +232,8 @@ async def test_every_approval_record_names_its_agent_and_tool(
     ]
     # The summary lists the person's verdict (it read only an older record kind).
     summary = (tmp_path / "pkg" / "SUMMARY.md").read_text()
-    approvals = summary.split("## Approvals")[1].split("##")[0]
-    assert "| alice | rejected | issue_refund |" in approvals
+    listed = summary.split("## Approvals")[1].split("##")[0]
+    assert "| alice | rejected | issue_refund |" in listed
 
 
 async def test_separation_of_duties_and_approver_groups(approvals: Approvals) -> None:

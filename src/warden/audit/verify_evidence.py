@@ -42,6 +42,7 @@ import hashlib
 import json
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -826,7 +827,45 @@ def verify_package(pkg: Path, vkey: str | None = None) -> tuple[list[str], list[
     return report.failures, report.notes
 
 
+# What an evidence package holds; anything else in it is proven by nothing.
+_PACKAGE_FILES = frozenset(
+    {
+        "MANIFEST.sha256",
+        "SUMMARY.md",
+        "VERIFY.md",
+        "activations.jsonl",
+        "changelog.jsonl",
+        "checkpoint",
+        "checkpoint-earlier",
+        "checkpoint.body",
+        "checkpoint.sig",
+        "consistency.json",
+        "edges.json",
+        "log-key.pem",
+        "log-key.vkey",
+        "proofs.jsonl",
+        "records.jsonl",
+        "selection.json",
+        "verify_evidence.py",
+    }
+)
+
+
+def _plain_files(pkg: Path) -> list[str]:
+    """The package's file names; :class:`_Unreadable` for anything but a regular file.
+
+    Checked before anything is read: a FIFO would hang the check, and a link to
+    ``/dev/zero`` exhaust its memory.
+    """
+    entries = sorted(pkg.iterdir())  # OSError: the package cannot be read at all (exit 2)
+    for entry in entries:
+        if not stat.S_ISREG(entry.lstat().st_mode):
+            raise _Unreadable(f"{entry.name}: not a regular file (a link, FIFO or directory)")
+    return [entry.name for entry in entries]
+
+
 def _verify(pkg: Path, vkey: str | None, report: _Report) -> None:
+    present = _plain_files(pkg)
     _check_manifest(pkg, report)
     if vkey is None:
         vkey = (pkg / "log-key.vkey").read_text(encoding="utf-8")
@@ -858,7 +897,14 @@ def _verify(pkg: Path, vkey: str | None, report: _Report) -> None:
         # Only a package that passed says what is proven: after a failure nothing is.
         report.notes.append(_counts(proven))
         _coverage(
-            pkg, report, proven_files, scope=scope, proven=proven, unproven=unproven, links=links
+            pkg,
+            report,
+            proven_files,
+            present=present,
+            scope=scope,
+            proven=proven,
+            unproven=unproven,
+            links=links,
         )
         report.notes.append(
             f"OK: {len(proven)} records included in {origin} at tree size {size}, "
@@ -871,6 +917,7 @@ def _coverage(
     report: _Report,
     files: list[str],
     *,
+    present: list[str],
     scope: dict[str, object],
     proven: dict[int, dict[str, Any]],
     unproven: int,
@@ -882,6 +929,8 @@ def _coverage(
     if (pkg / "activations.jsonl").exists():
         files.append(f"activations.jsonl ({links} decisions)")
     files += ["checkpoint.body", "checkpoint.sig", "log-key.vkey", "log-key.pem"]
+    # Only files the package holds (edges.json, checkpoint.body may be absent).
+    files = [f for f in files if f.split(" ", 1)[0] in present]
     report.notes.append(f"proven against the signed checkpoint: {', '.join(files)}")
     gaps = [
         "SUMMARY.md (a digest whoever made the package wrote: compare it with the proven "
@@ -892,6 +941,13 @@ def _coverage(
     ]
     if unproven:
         gaps.append(f"{unproven} line(s) of changelog.jsonl that carry no proof")
+    if "checkpoint-earlier" in present and "consistency.json" not in present:
+        gaps.append("checkpoint-earlier (no consistency.json proves it)")
+    gaps += [
+        f"{name} (not part of an evidence package)"
+        for name in present
+        if name not in _PACKAGE_FILES
+    ]
     first = min(proven) if proven else None
     if (pkg / "changelog.jsonl").exists() and (scope.get("agent") is not None or first != 0):
         # The package holds every record of its run, not those before it (or another agent's).

@@ -38,6 +38,7 @@ from tests.functional.conftest import audit_records, make_config
 from tests.functional.test_budgets_functional import wait_for
 from tests.functional.test_session_policies_functional import REFUND_A1, bundle_with_lookup
 from tests.unit.test_anthropic import accumulate
+from warden.admin.auth import Principal
 from warden.budgets.caps import window_key
 from warden.ingress.envoy_proc import SERVICE_NAME, UPSTREAM_METADATA, ExtProcService
 from warden.ingress.grpc_service import GrpcService
@@ -1519,3 +1520,45 @@ async def test_under_a_cap_an_unbounded_model_call_goes_with_the_bound_it_is_hel
     assert result.status == 200
     assert orjson.loads(result.forwarded_body)["max_completion_tokens"] == 3000
     assert llm.requests[-1].body["max_completion_tokens"] == 3000
+
+
+@pytest.mark.parametrize("scope", [Scope.TOOL, Scope.AGENT])
+async def test_a_switch_thrown_while_a_sibling_is_held_keeps_the_chunks_allowed_call(
+    tmp_path: Path, llm: MockLLM, scope: Scope
+) -> None:
+    # One chunk: a lookup allowed, then a refund held for a person. Nothing of the
+    # chunk has reached Envoy while the refund waits; a switch thrown meanwhile on
+    # the lookup (or the agent) must keep the lookup from going out with it.
+    lead = Principal("dana", frozenset({"approver", "support-leads"}))
+    refund = Call("issue_refund", {"order_id": "A-1003", "amount": 450, "currency": "USD"})
+    llm.script(Reply(tool_calls=[Call("get_order", {"order_id": "A-1"}), refund]))
+    async with Warden(make_config(tmp_path, llm.url, approvals={"mode": "hold"})) as warden:
+        assert warden.core is not None
+        assert warden.killswitches is not None
+        approvals = warden._approvals
+        assert approvals is not None
+        service = ExtProcService(warden.core, warden.config, killswitches=warden.killswitches)
+        async with serve(service, llm) as front:
+            body = {**CHAT, "stream": True}
+            asked = asyncio.create_task(
+                front.request(
+                    OPENAI_HOST, CHAT_PATH, body, response_mode=Mode.STREAMED, chunk_size=10**7
+                )
+            )
+            async with asyncio.timeout(10):
+                while not await approvals.list("pending"):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            target = "get_order" if scope is Scope.TOOL else "support-triage"
+            await warden.killswitches.set(scope, target, "lookups leak data", "oncall")
+            for held in await approvals.list("pending"):
+                await approvals.decide(held.id, lead, approve=True, comment="ok")
+            result = await asyncio.wait_for(asked, 20)
+    proposed = [
+        call["function"]["name"]
+        for event in sse_data(result.body)
+        for choice in event.get("choices", [])
+        for call in (choice.get("delta") or {}).get("tool_calls") or []
+        if (call.get("function") or {}).get("name")
+    ]
+    assert proposed == []
+    assert b'"code":"killed"' in result.body

@@ -11,13 +11,16 @@ import aiohttp.web
 import openai
 import pytest
 
+from tests.adversarial.wire import fn_item, response_body
 from tests.functional.conftest import audit_records, make_config
 from tests.sdk_calls import function_calls
 from warden import cli
 from warden.admin.auth import Principal, hash_token
 from warden.identity import hash_key
+from warden.killswitch import Scope
 from warden.server import Warden
 from warden.testing import Call, MockLLM, Reply
+from warden.testing.raw_upstream import RawReply, RawUpstream, sse_bytes
 
 TOKEN = "admin-token-1"
 ADMIN = {"tokens": [{"subject": "alice", "roles": ["admin"], "sha256": hash_token(TOKEN)}]}
@@ -280,3 +283,61 @@ async def test_a_switch_thrown_while_a_sibling_call_is_held_stops_the_allowed_ca
         ("allow", "policy"),
         ("deny", "kill_switch"),
     ]
+
+
+async def test_a_switch_thrown_while_a_sibling_is_held_cuts_a_stream_that_holds_the_call(
+    tmp_path: Path,
+) -> None:
+    # Both calls only in the final snapshot: the lookup is decided and held back
+    # until the refund is decided. A switch on the lookup thrown in between must
+    # cut the stream before the snapshot carries the lookup to the agent.
+    lead = Principal("dana", frozenset({"approver", "support-leads"}))
+    output = [
+        fn_item("get_order", {"order_id": "A-1"}, "call_1", "fc_1"),
+        fn_item(
+            "issue_refund",
+            {"order_id": "A-1003", "amount": 450, "currency": "USD"},
+            "call_2",
+            "fc_2",
+        ),
+    ]
+    events = [
+        (
+            "response.created",
+            {
+                "type": "response.created",
+                "sequence_number": 0,
+                "response": response_body([], status="in_progress"),
+            },
+        ),
+        (
+            "response.completed",
+            {"type": "response.completed", "sequence_number": 1, "response": response_body(output)},
+        ),
+    ]
+    async with RawUpstream() as upstream:
+        upstream.script(RawReply(body=[sse_bytes(events)], content_type="text/event-stream"))
+        config = make_config(tmp_path, upstream.url, admin=ADMIN, approvals={"mode": "hold"})
+        async with Warden(config) as warden, client(warden) as agent:
+            approvals = warden._approvals
+            assert approvals is not None
+            assert warden.killswitches is not None
+            seen: list[Any] = []
+
+            async def read() -> None:
+                stream = await agent.responses.create(
+                    model="gpt-4o-mini", input="help", stream=True
+                )
+                async for event in stream:
+                    seen.append(event)
+
+            reading = asyncio.create_task(read())
+            async with asyncio.timeout(10):
+                while not await approvals.list("pending"):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            await warden.killswitches.set(Scope.TOOL, "get_order", "lookups leak data", "oncall")
+            (held,) = await approvals.list("pending")
+            await approvals.decide(held.id, lead, approve=True, comment="ok")
+            with pytest.raises(openai.APIError, match="lookups leak data"):
+                await reading
+    assert "response.completed" not in [e.type for e in seen]

@@ -40,7 +40,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit
@@ -936,6 +936,7 @@ class _Exchange:
             # pile up in it. Envoy's message_timeout must cover decisions instead.
             keepalive_s=self._svc.config.approvals.keepalive_s if full_duplex else None,
             on_answer_id=lambda answer: self._core.answer_started(turn, answer),
+            recheck=self._check_killed,
         )
 
     async def _release_chunk(self, data: bytes) -> None:
@@ -1082,17 +1083,24 @@ class _Exchange:
         event = render_stream_error(self._family, code, str(exc))
         if self._full_duplex(self._modes.response):
             await self._send(_streamed("response_body", event, eos=False))
+        elif isinstance(exc, _Killed):
+            # Nothing of this chunk has reached Envoy yet: a call it allowed before the
+            # switch was thrown (while a sibling was held) must not go out with it.
+            self._out = bytearray(event)
         else:
             self._out += event
 
-    def _check_killed(self) -> None:
+    def _check_killed(self, tools: Sequence[str] = ()) -> None:
+        """Raise :class:`_Killed` when a switch stops the agent, its upstream or one of
+        ``tools`` (calls of this answer already allowed: :class:`StreamDriver`)."""
         switches = self._svc.killswitches
         turn = self._turn
         if switches is None or turn is None:
             return
-        switch = switches.is_killed(turn.agent.id, self._upstream_name)
-        if switch is not None:
-            raise _Killed(switch.message)
+        for tool in (None, *tools):
+            switch = switches.is_killed(turn.agent.id, self._upstream_name, tool)
+            if switch is not None:
+                raise _Killed(switch.message)
 
     def _finish_response(self) -> None:
         self._phase = "done"

@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
@@ -755,10 +755,20 @@ class ProxyApp:
             response.write,
             keepalive_s=self._config.approvals.keepalive_s,
             on_answer_id=lambda answer: self._core.answer_started(call.turn, answer),
+            recheck=lambda tools: self._stop_if_killed(call, tools),
         )
         while chunk := await self._next_chunk(upstream_resp, call):
             await driver.feed(chunk)
         await driver.finish()
+
+    def _stop_if_killed(self, call: _Call, tools: Sequence[str]) -> None:
+        """Cut the stream when a switch now covers a call it allowed (:class:`StreamDriver`)."""
+        if self._killswitches is None:
+            return
+        for tool in tools:
+            switch = self._killswitches.is_killed(call.agent.id, call.route.name, tool)
+            if switch is not None:
+                raise _Killed(switch.message)
 
     async def _next_chunk(self, resp: aiohttp.ClientResponse, call: _Call) -> bytes:
         """The next upstream chunk (``b""`` at the end), unless a kill switch stops the agent."""

@@ -17,7 +17,11 @@ ordering rules are written once:
 
 I/O comes in as two callables: ``decide(calls)`` returns decisions keyed by
 :attr:`ToolCall.key`, and ``write(data)`` sends bytes to the agent. Tests
-pass plain coroutines.
+pass plain coroutines. An optional ``recheck(tools)`` is told the names of the
+calls allowed so far before each write of content, and raises to cut the
+stream: a rewriter may hold an allowed call's bytes until a later call is
+decided (a Responses snapshot, an Anthropic ``message_start``), and a kill
+switch thrown while that one was held for a person must still stop it.
 """
 
 from __future__ import annotations
@@ -28,16 +32,18 @@ from typing import Final
 
 from warden import tasks
 from warden.errors import UpstreamProtocol
-from warden.model import Decision, ToolCall
+from warden.model import Decision, Effect, ToolCall
 from warden.protocols.base import StreamItem, StreamRewriter
 from warden.protocols.sse import SseEvent, SseParser, encode_comment
 
-__all__ = ["KEEPALIVE", "MAX_STREAM_BYTES", "Decide", "StreamDriver", "Write"]
+__all__ = ["KEEPALIVE", "MAX_STREAM_BYTES", "Decide", "Recheck", "StreamDriver", "Write"]
 
 Decide = Callable[[Sequence[ToolCall]], Awaitable[Mapping[str, Decision]]]
 """Decide calls; the answer maps each call's :attr:`ToolCall.key` to its decision."""
 Write = Callable[[bytes], Awaitable[None]]
 """Send bytes to the agent."""
+Recheck = Callable[[Sequence[str]], None]
+"""Told the names of the calls allowed so far before content goes out; raises to cut."""
 
 KEEPALIVE = encode_comment("warden: waiting for a decision")
 MAX_STREAM_BYTES: Final = 64 * 1024 * 1024
@@ -57,9 +63,11 @@ class StreamDriver:
         keepalive_s: float | None,
         parser: SseParser | None = None,
         on_answer_id: Callable[[str], None] | None = None,
+        recheck: Recheck | None = None,
     ) -> None:
         """``on_answer_id``: told the answer's id (a Responses ``response_id``) once the
-        rewriter has read it, before any byte naming it is written."""
+        rewriter has read it, before any byte naming it is written. ``recheck``: see the
+        module docstring."""
         self.rewriter = rewriter
         self._decide = decide
         self._write_out = write
@@ -67,6 +75,8 @@ class StreamDriver:
         self._parser = parser if parser is not None else SseParser()
         self._received = 0
         self._on_answer_id = on_answer_id
+        self._recheck = recheck
+        self._allowed: list[str] = []
 
     async def feed(self, chunk: bytes) -> None:
         """Take upstream bytes (split anywhere); write what may go out, deciding calls first."""
@@ -100,10 +110,14 @@ class StreamDriver:
                 await self._write(bytes(out))
                 out.clear()
             decided = await self._wait(item)
+            if decided[item.key].enforced is Effect.ALLOW:
+                self._allowed.append(item.name)
             for event in self.rewriter.resolve(item, decided[item.key]):
                 out += event.encode()
 
     async def _write(self, data: bytes) -> None:
+        if self._recheck is not None and self._allowed and data is not KEEPALIVE:
+            self._recheck(self._allowed)
         if self._on_answer_id is not None:
             answer_id = getattr(self.rewriter, "response_id", None)
             if answer_id:

@@ -1337,6 +1337,121 @@ async def test_ending_a_session_records_its_calls_still_owed_an_answer(tmp_path:
     assert ended[0]["action"]["tool"] == "get_order"
 
 
+class Polling(LoopbackServer):
+    """An MCP server that polls (SSE polling, MCP 2025-11-25): a call's POST stream gets an
+    event id and ends at once; the call's answer comes on the GET that resumes it, after a
+    log message and once the tool has run, whatever the server was told meanwhile.
+
+    ``hold``: the resumed GET is not answered until :attr:`go` is set.
+    """
+
+    RUN_S = 1.5
+
+    def __init__(self, *, hold: bool) -> None:
+        super().__init__()
+        self.hold = hold
+        self.go = asyncio.Event()
+        self.resuming = asyncio.Event()
+        self.cancelled: list[Any] = []
+        self.owed: list[dict[str, Any]] = []
+
+    def _routes(self, app: web.Application) -> None:
+        app.router.add_post("/{tail:.*}", self._post)
+        app.router.add_get("/{tail:.*}", self._get)
+        app.router.add_delete("/{tail:.*}", self._delete)
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _post(self, request: web.Request) -> web.StreamResponse:
+        message = orjson.loads(await request.read())
+        method, id_ = message.get("method"), message.get("id")
+        if method == "notifications/cancelled":
+            self.cancelled.append(message["params"]["requestId"])
+        if id_ is None:
+            return web.Response(status=202)
+        if method == "initialize":
+            result = {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {"tools": {}, "logging": {}},
+                "serverInfo": {"name": "polling", "version": "1"},
+            }
+            answer = {"jsonrpc": "2.0", "id": id_, "result": result}
+            return web.json_response(answer, headers={"Mcp-Session-Id": "s-1"})
+        if method != "tools/call":
+            result = {"tools": []} if method == "tools/list" else {}
+            return web.json_response({"jsonrpc": "2.0", "id": id_, "result": result})
+        ran = {"content": [{"type": "text", "text": "TOOL RAN"}], "isError": False}
+        self.owed.append({"jsonrpc": "2.0", "id": id_, "result": ran})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"id: e-1\nretry: 10\ndata: \n\n")  # primes resumption, ends
+        await response.write_eof()
+        return response
+
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        if "Last-Event-ID" not in request.headers:
+            return web.Response(status=405)  # no standalone stream
+        self.resuming.set()
+        if self.hold:
+            await self.go.wait()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        params = {"level": "info", "data": "running"}
+        note = {"jsonrpc": "2.0", "method": "notifications/message", "params": params}
+        await response.write(b"id: e-2\ndata: " + orjson.dumps(note) + b"\n\n")
+        await asyncio.sleep(self.RUN_S)  # the tool runs on
+        for n, message in enumerate(self.owed, start=3):
+            await response.write(f"id: e-{n}\ndata: ".encode() + orjson.dumps(message) + b"\n\n")
+        await response.write_eof()
+        return response
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["before-resuming", "while-resumed"])
+async def test_kill_switch_stops_a_call_answered_on_a_resumed_stream(
+    tmp_path: Path, streaming: bool
+) -> None:
+    # The call's POST has ended, so only the resumed GET can carry its stop: thrown before
+    # the resumed stream opens (the server holds it), Warden's answer waits for it; thrown
+    # while it is open, the answer goes on it at once. Either way as on a POST: cancelled
+    # at the server, whose late answer is dropped, and recorded killed.
+    logged = asyncio.Event()
+
+    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+        logged.set()
+
+    before = dropped("unasked")
+    async with (
+        Polling(hold=not streaming) as upstream,
+        Warden(config(tmp_path, upstream.url)) as warden,
+        connect(warden, logging_callback=on_log) as session,
+    ):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        running = tasks.spawn(session.call_tool("get_order", {"order_id": "A-1001"}), name="poll")
+        await asyncio.wait_for((logged if streaming else upstream.resuming).wait(), 20)
+        body = {"scope": "global", "reason": "incident 44"}
+        await admin(warden, "POST", "/v1/killswitches", "root", body)
+        upstream.go.set()
+        stopped = await asyncio.wait_for(running, 20)
+        elapsed = loop.time() - started
+        for _ in range(100):  # the server's answer, once the tool has run
+            if dropped("unasked") > before:
+                break
+            await asyncio.sleep(0.05)
+        cancelled = list(upstream.cancelled)
+        (owed,) = upstream.owed
+    assert stopped.is_error
+    assert "stopped the tool call `get_order` while it ran" in text(stopped)
+    assert "incident 44" in text(stopped)
+    assert elapsed < Polling.RUN_S  # not after the server's answer
+    assert cancelled == [owed["id"]]
+    assert dropped("unasked") == before + 1
+    (outcome,) = records(tmp_path, "outcome")
+    assert (outcome["outcome"]["error"], outcome["outcome"]["is_error"]) == ("killed", True)
+    await verify_audit(tmp_path)
+
+
 @pytest.mark.parametrize(("delay_s", "whole"), [(0.0, True), (0.3, False)])
 async def test_a_quick_answer_is_sent_whole_and_a_slow_one_as_it_comes(
     tmp_path: Path, delay_s: float, whole: bool

@@ -38,9 +38,10 @@ auth headers go to the server unchanged (Warden's own ``X-Warden-*`` never
 do), and the server's headers come back. Only ``base_url`` is ever reached.
 A kill switch thrown while an allowed call runs answers it at once with
 ``isError``, sends the server ``notifications/cancelled`` and drops its late
-answer. Malformed JSON-RPC gets ``400`` with the spec's error code; Warden's
-own failures and upstream faults get a JSON-RPC error body (``-32000`` with
-``data.warden`` naming the cause) at the matching HTTP status.
+answer; for a call whose POST stream ended early, that answer goes on the
+client's resumed stream. Malformed JSON-RPC gets ``400`` with the spec's error
+code; Warden's own failures and upstream faults get a JSON-RPC error body
+(``-32000`` with ``data.warden`` naming the cause) at the matching HTTP status.
 """
 
 from __future__ import annotations
@@ -124,6 +125,10 @@ class _Pending:
 
     action: Action
     decision: Decision
+    url: URL
+    headers: CIMultiDict[str]
+    """Where the call went, and with which headers: where its cancellation goes (after
+    its POST has ended, if its answer comes on a resumed stream)."""
     started: float = field(default_factory=time.perf_counter)
     done: bool = False
     """Its outcome is recorded: a question the server asked during it is answered by no
@@ -211,6 +216,12 @@ class McpHttp:
         self._open: dict[tuple[str, str], list[_Exchange]] = {}
         """By (server, session): the open POST (and resumed GET) exchanges, for the client's
         cancellation of a call in flight to find it."""
+        self._stopped: OrderedDict[tuple[str, str], dict[str | int, dict[str, Any]]] = OrderedDict()
+        """By (server, session): Warden's answers to calls a kill switch stopped while their
+        answers were owed on a resumed stream, by id, until a resumed stream takes them."""
+        # A POST's calls are watched while it runs (_watched); calls whose answers come on
+        # a resumed stream outlive it, so they are watched here.
+        self._unwatch = killswitches.watch(self._switched) if killswitches is not None else None
 
     # -- entry -----------------------------------------------------------------
 
@@ -336,6 +347,7 @@ class McpHttp:
         key = (self._server(exchange.upstream), session)
         held = self._asked.get(key, set())
         owed = {mcp.id_key(i) for i in self._resumable.get(key, ())}
+        owed |= {mcp.id_key(i) for i in self._stopped.get(key, ())}
         busy: set[str | int] = set()
         taken: set[str] = set()
         for message in payload.messages:
@@ -446,7 +458,8 @@ class McpHttp:
         if decision.enforced is not Effect.ALLOW:
             return mcp.denied_result(message, decision)
         assert message.id is not None
-        exchange.calls[message.id] = _Pending(action, decision)
+        headers = self._headers(request, exchange.upstream)
+        exchange.calls[message.id] = _Pending(action, decision, exchange.url, headers)
         exchange.requests.add(message.id)
         return mcp.forward_call(message)
 
@@ -497,7 +510,8 @@ class McpHttp:
         if decision.enforced is not Effect.ALLOW:
             denied = mcp.denied_result(message, decision)
             return await self._answer(request, exchange, denied, decision.decision_id)
-        pending = _Pending(action, decision)
+        headers = self._headers(request, exchange.upstream)
+        pending = _Pending(action, decision, exchange.url, headers)
         if exchange.client_gone:
             # Nobody is left to read the result: the approved call is not run.
             outcome = Outcome(error="client_disconnected", is_error=True)
@@ -1079,7 +1093,7 @@ class McpHttp:
         switch = _first_switch(switches, exchange)
         if switch is not None:
             forwarding.close()
-            return await self._stop(request, exchange, switch)
+            return await self._stop(exchange, switch)
         # Forwarded in this request's own task, which a switch thrown meanwhile cancels.
         task = asyncio.current_task()
         assert task is not None
@@ -1097,24 +1111,13 @@ class McpHttp:
             if not thrown:
                 raise  # the client went away, or Warden is stopping
             task.uncancel()
-            return await self._stop(request, exchange, thrown[0])
+            return await self._stop(exchange, thrown[0])
         finally:
             unwatch()
 
-    async def _stop(
-        self, request: web.Request, exchange: _Exchange, switch: KillSwitch
-    ) -> web.StreamResponse:
+    async def _stop(self, exchange: _Exchange, switch: KillSwitch) -> web.StreamResponse:
         """Answer every call of ``exchange`` as stopped by ``switch`` (its forwarding has ended)."""
-        answers: list[dict[str, Any]] = []
-        for id_, pending in exchange.calls.items():
-            pending.done = True
-            decision_id = pending.decision.decision_id
-            answers.append(mcp.stopped_result(id_, pending.action, switch.message, decision_id))
-            cancel = self._cancel(request, exchange, id_, switch.message)
-            self._tasks.spawn(cancel, name="cancel")
-            outcome = Outcome(error="killed", result=switch.message, is_error=True)
-            # Not trusted: whether the tool finished is unknown, so nothing is released.
-            self._core.outcome(pending.action, pending.decision, outcome)
+        answers = [self._kill(id_, pending, switch) for id_, pending in exchange.calls.items()]
         for id_ in sorted(exchange.requests - exchange.calls.keys(), key=str):
             message = f"Warden stopped this request: {switch.message}"
             answers.append(_error_body(id_, WARDEN_ERROR, message, "killed"))
@@ -1127,11 +1130,67 @@ class McpHttp:
             return await _finish(exchange.response)
         return _json(200, answers[0] if len(answers) == 1 else answers)
 
-    async def _cancel(
-        self, request: web.Request, exchange: _Exchange, id_: str | int, reason: str
-    ) -> None:
+    def _kill(self, id_: str | int, pending: _Pending, switch: KillSwitch) -> dict[str, Any]:
+        """Stop call ``id_``, which the server runs, for ``switch``: the server is told to
+        cancel it and its outcome recorded; Warden's answer to the client is returned."""
+        pending.done = True
+        self._tasks.spawn(self._cancel(pending, id_, switch.message), name="cancel")
+        outcome = Outcome(error="killed", result=switch.message, is_error=True)
+        # Not trusted: whether the tool finished is unknown, so nothing is released.
+        self._core.outcome(pending.action, pending.decision, outcome)
+        decision_id = pending.decision.decision_id
+        return mcp.stopped_result(id_, pending.action, switch.message, decision_id)
+
+    def _switched(self) -> None:
+        """The kill switches changed: stop, as :meth:`_stop` does a POST's, the calls whose
+        answers would come on a resumed stream (still owed, or claimed by an open GET)."""
+        switches = self._killswitches
+        assert switches is not None
+        stopped: dict[tuple[str, str], dict[str | int, dict[str, Any]]] = {}
+        for key, waiting in list(self._resumable.items()):
+            for id_, pending in list(waiting.items()):
+                if pending is None or (switch := switches.check(pending.action)) is None:
+                    continue
+                # No longer owed: the server's late answer is dropped as unasked.
+                del waiting[id_]
+                stopped.setdefault(key, {})[id_] = self._kill(id_, pending, switch)
+            if not waiting:
+                del self._resumable[key]
+        for key, exchanges in self._open.items():
+            for exchange in exchanges:
+                if exchange.owed is None:
+                    continue  # a POST: its own _watched stops it
+                for id_, pending in list(exchange.calls.items()):
+                    if (switch := switches.check(pending.action)) is not None:
+                        del exchange.calls[id_]
+                        exchange.requests.discard(id_)
+                        stopped.setdefault(key, {})[id_] = self._kill(id_, pending, switch)
+        for key, answers in stopped.items():
+            metrics.child(metrics.ERRORS, "killed").inc()
+            self._stopped.setdefault(key, {}).update(answers)
+            self._stopped.move_to_end(key)
+            open_ = self._open.get(key, [])
+            resumed = [e for e in open_ if e.owed is not None and not e.client_gone]
+            if resumed:  # else the client's next resumed stream gets them
+                self._tasks.spawn(self._hand_over(resumed[0], key), name="stopped-answers")
+        while len(self._stopped) > _RESUMABLE_SESSIONS:
+            self._stopped.popitem(last=False)  # their calls' outcomes are recorded
+
+    async def _hand_over(self, exchange: _Exchange, key: tuple[str, str]) -> None:
+        """Write Warden's answers to the session's stopped calls on the resumed stream of
+        ``exchange``; what its client does not take waits for the next resumed stream."""
+        answers = self._stopped.pop(key, {})
+        for id_, answer in list(answers.items()):
+            await self._write(exchange, data_event(dumps(answer)))
+            if exchange.client_gone:
+                break
+            del answers[id_]
+        if answers:
+            self._stopped.setdefault(key, {}).update(answers)
+
+    async def _cancel(self, pending: _Pending, id_: str | int, reason: str) -> None:
         """Tell the server to stop request ``id_`` (its late answer goes nowhere)."""
-        url, headers = exchange.url, self._headers(request, exchange.upstream)
+        url, headers = pending.url, pending.headers
         timeout = aiohttp.ClientTimeout(total=_CANCEL_TIMEOUT_S)
         body = dumps(mcp.cancelled_notification(id_, reason)).encode()
         try:
@@ -1205,6 +1264,8 @@ class McpHttp:
             exchange.response = await _open_sse(request, headers, status=status)
             self._opened_exchange(exchange)  # the calls it claims can be cancelled
             try:
+                if exchange.owed is not None:
+                    await self._hand_over(exchange, exchange.owed)
                 await self._relay_events(exchange, resp)
             except UpstreamError as exc:
                 log.info("MCP stream from %r ended: %s", name, exc)
@@ -1241,6 +1302,7 @@ class McpHttp:
         if 200 <= status < 300 and session is not None:
             owed = self._resumable.pop((self._server(name), session), {})
             self._give_up(owed.values(), "session_ended")
+            self._stopped.pop((self._server(name), session), None)
             self._questions.pop((self._server(name), session), None)
             try:
                 await self._owners.ended(self._server(name), session)
@@ -1336,6 +1398,8 @@ class McpHttp:
 
     async def close(self) -> None:
         """Wait for cancellations still being sent."""
+        if self._unwatch is not None:
+            self._unwatch()
         await self._tasks.drain()
 
 

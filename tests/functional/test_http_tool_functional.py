@@ -85,7 +85,7 @@ CAP = {"name": "refunds", "tool": "issue_refund", "value": "amount", "limit": 10
 
 class Refunds(LoopbackServer):
     """The refunds service: records what reached it; order ``A-FAIL`` cannot be refunded,
-    ``A-504`` is refunded and answered with a gateway's 504, ``A-SSE`` answers a stream."""
+    ``A-504`` and ``A-406`` are refunded and answered so, ``A-SSE`` answers a stream."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -102,6 +102,8 @@ class Refunds(LoopbackServer):
             return web.json_response({"error": "order already refunded"}, status=409)
         if order == ["A-504"]:  # refunded, then the gateway in front gave up
             return web.json_response({"error": "upstream timed out"}, status=504)
+        if order == ["A-406"]:  # refunded, then no format the agent's Accept takes (Spring)
+            return web.json_response({"error": "not acceptable"}, status=406)
         if order == ["A-SSE"]:  # refunded, then progress streamed until the client leaves
             stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await stream.prepare(request)
@@ -498,20 +500,23 @@ async def test_the_services_answer_settles_the_cap(
     verify(tmp_path, capsys)
 
 
-async def test_a_5xx_after_the_service_acted_leaves_the_refund_spent(
-    tmp_path: Path, refunds: Refunds
+@pytest.mark.parametrize("status", [504, 406])
+async def test_a_failure_after_the_service_acted_leaves_the_refund_spent(
+    tmp_path: Path, refunds: Refunds, status: int
 ) -> None:
-    # The refund was made, then a gateway answered 504: releasing its 60 would let
-    # an agent refund without limit behind a slow gateway.
+    # The refund was made, then a gateway answered 504, or the framework found no
+    # format the agent's own Accept header takes (406): releasing its 60 would let an
+    # agent refund without limit.
     async with Warden(config_for(tmp_path, refunds, caps=(CAP,))) as w:
         assert w.core is not None
-        timed_out = await call(w, "POST", "/orders/A-504/refunds", amount=60, customer="C-1")
+        path = f"/orders/A-{status}/refunds"
+        failed = await call(w, "POST", path, amount=60, customer="C-1")
         await w.core.background.drain()
         over = await call(w, "POST", "/orders/A-1001/refunds", amount=60, customer="C-1")
-    assert timed_out[0] == 504
+    assert failed[0] == status
     assert over[0] == 403
     assert over[2]["code"] == "denied"
-    assert [p for _, p, _ in refunds.seen] == ["/orders/A-504/refunds"]
+    assert [p for _, p, _ in refunds.seen] == [path]
     (settled,) = outcomes(tmp_path)
     assert settled["outcome"]["is_error"] is True  # recorded as the service's failure
 

@@ -132,6 +132,12 @@ async def answering_cancelled(received: list[dict[str, Any]]) -> AsyncIterator[s
             return web.Response(status=202)
         if body["method"] != "tools/call":
             return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": {}})
+        order = body["params"]["arguments"].get("order_id")
+        if order in _FAILURES:  # the refund is made, or not, then the server fails so
+            status, error = _FAILURES[order]
+            if status != 200:
+                return web.Response(status=status)
+            return web.json_response({"jsonrpc": "2.0", "id": body["id"], "error": error})
         # The payment API is called here; then the tool awaits something else.
         running[body["id"]] = asyncio.Event()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -151,6 +157,14 @@ async def answering_cancelled(received: list[dict[str, Any]]) -> AsyncIterator[s
     app.router.add_route("*", "/mcp", mcp_endpoint)
     async with serving(app) as port:
         yield f"http://127.0.0.1:{port}/mcp"
+
+
+_FAILURES: dict[str, tuple[int, dict[str, Any] | None]] = {
+    "A-RAISED": (200, {"code": -32603, "message": "refunds API timed out"}),  # after acting
+    "A-BADARGS": (200, {"code": -32602, "message": "amount: not a number"}),  # before
+    "A-408": (408, None),  # a gateway's timeout, after forwarding
+    "A-499": (499, None),
+}
 
 
 def refunds_run(received: list[dict[str, Any]]) -> list[str]:
@@ -231,6 +245,27 @@ async def test_a_call_the_client_cancels_keeps_what_the_cap_holds_for_it(tmp_pat
         r["outcome"] for r in audit_records(tmp_path / "audit") if r.get("kind") == "outcome"
     ]
     assert [o["error"] for o in outcomes] == ["client_cancelled"]
+
+
+@pytest.mark.parametrize(
+    ("order", "spent"),
+    [("A-RAISED", 50.0), ("A-408", 50.0), ("A-499", 50.0), ("A-BADARGS", 0.0)],
+)
+async def test_only_a_failure_before_the_tool_ran_releases_the_caps_hold(
+    tmp_path: Path, order: str, spent: float
+) -> None:
+    # An internal error (the handler raised after the refund API answered) or a
+    # gateway's 408 or 499 says nothing of whether the refund was made: it stays
+    # spent. Arguments the server refused (-32602) never reached the tool.
+    received: list[dict[str, Any]] = []
+    async with raw_session(tmp_path, received) as (http, target, headers):
+        params = {"name": "issue_refund", "arguments": {"order_id": order, "amount": 50}}
+        call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
+        async with http.post(target, json=call, headers=headers) as resp:
+            await resp.read()
+        held = await settled(tmp_path)
+    assert refunds_run(received) == [order]
+    assert held == (spent, 0.0)
 
 
 async def settled(tmp_path: Path) -> tuple[float, float]:

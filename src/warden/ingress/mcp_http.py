@@ -79,7 +79,7 @@ from warden.ingress.upstream_io import MAX_UPSTREAM_BODY, read_body, upstream_er
 from warden.model import Action, Agent, Decision, Effect, Outcome
 from warden.ops import metrics
 from warden.owners import IdOwners
-from warden.protocols import mcp, mcp_mirror
+from warden.protocols import http_tool, mcp, mcp_mirror
 from warden.protocols._wire import dumps, loads, utf8_only
 from warden.protocols.declared_arguments import ListedArguments
 from warden.protocols.sse import encode_comment
@@ -995,7 +995,8 @@ class McpHttp:
         pending.done = True
         latency = (time.perf_counter() - pending.started) * 1000
         outcome = mcp.result_outcome(message, latency)
-        self._core.outcome(pending.action, pending.decision, outcome, trusted=True)
+        trusted = mcp.says_whether_it_ran(message)
+        self._core.outcome(pending.action, pending.decision, outcome, trusted=trusted)
 
     async def _filtered(
         self, agent: Agent, upstream: str, message: dict[str, Any]
@@ -1047,9 +1048,11 @@ class McpHttp:
         status = resp.status
         for pending in exchange.calls.values():
             pending.done = True
-            # A 4xx refused the call before it ran (trusted); after a 5xx nobody knows.
+            # A 4xx refused the call before it ran (trusted); after a 5xx, or a gateway's
+            # 408 or 499, nobody knows.
             outcome = Outcome(status=status, error=f"http_{status}", is_error=True)
-            self._core.outcome(pending.action, pending.decision, outcome, trusted=status < 500)
+            trusted = http_tool.refused_unrun(status)
+            self._core.outcome(pending.action, pending.decision, outcome, trusted=trusted)
         exchange.calls.clear()
         if exchange.response is not None:
             for id_ in sorted(exchange.requests, key=str):

@@ -628,7 +628,8 @@ class StdioDoor:
             return True
         latency = (time.perf_counter() - pending.started) * 1000
         outcome = mcp.result_outcome(response, latency)
-        self._core.outcome(pending.action, pending.decision, outcome, trusted=True)
+        trusted = mcp.says_whether_it_ran(response)
+        self._core.outcome(pending.action, pending.decision, outcome, trusted=trusted)
         return True
 
     # -- kill switches ---------------------------------------------------------

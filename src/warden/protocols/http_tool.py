@@ -900,18 +900,23 @@ def problem(
     return orjson.dumps(doc)
 
 
-_GATEWAY_4XX = frozenset({408, 499})
-"""4xx a gateway in front of the tool API gives after forwarding (timeouts, hang-ups)."""
+_REFUSED_UNRUN = frozenset(
+    {400, 401, 402, 403, 404, 405, 409, 410, 411, 412, 413, 414, 415, 417, 422, 423, 428, 429, 431}
+)
+"""Statuses that refuse a request as it came, before its handler acts. Not 406: Spring
+and ASP.NET run the handler, then find no format the agent's ``Accept`` takes; nor a
+gateway's 408 or 499, given after forwarding; nor 424, after a step that acted."""
 
 
 def refused_unrun(status: int) -> bool:
     """Whether a tool API's answer of ``status`` shows the call did not run.
 
-    A 4xx refused the request before it acted. A 5xx may come after the action
-    (a refund made, then a gateway's 504, a 503 on a reset), and so may a
-    gateway's 408 or 499: those leave the call spent, as MCP and ext_proc do.
+    Only a refusal of the request as it came (:data:`_REFUSED_UNRUN`) does. A
+    5xx may come after the action (a refund made, then a gateway's 504, a 503
+    on a reset), and so may a 406 or a gateway's 408 or 499: those leave the
+    call spent.
     """
-    return 400 <= status < 500 and status not in _GATEWAY_4XX
+    return status in _REFUSED_UNRUN
 
 
 def result_text(body: bytes) -> str:

@@ -95,6 +95,7 @@ __all__ = [
     "refused_answer",
     "request_meta",
     "result_outcome",
+    "says_whether_it_ran",
     "server_request",
     "stopped_result",
     "unaddressed_error",
@@ -962,6 +963,26 @@ def _refusal(id_: JsonId, kind: ActionKind, text: str, decision_id: str) -> dict
         "_meta": meta,
     }
     return {"jsonrpc": "2.0", "id": id_, "result": result}
+
+
+_BEFORE_RUNNING: Final = frozenset({-32601, INVALID_PARAMS})
+"""Errors a server gives before running anything: no such method, arguments refused."""
+
+
+def says_whether_it_ran(response: Mapping[str, Any]) -> bool:
+    """Whether the server's answer to a call is its word on whether the call ran, so a
+    failure it reports may release what a cap holds for the call.
+
+    A result is (``isError`` is the tool's own word that it failed: a tool should
+    report it only when it did not act), and so are the errors a server gives
+    before running anything. Any other error (``-32603`` when a handler raised,
+    a server's own codes) or a malformed answer may come after the tool acted.
+    """
+    error = response.get("error")
+    if isinstance(error, dict):
+        code = error.get("code")
+        return isinstance(code, int) and not isinstance(code, bool) and code in _BEFORE_RUNNING
+    return isinstance(response.get("result"), dict)
 
 
 def result_outcome(response: Mapping[str, Any], latency_ms: float = 0.0) -> Outcome:

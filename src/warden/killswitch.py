@@ -58,14 +58,17 @@ MAX_REASON = 1000
 def target_problem(scope: Scope, target: str) -> str | None:
     """Why ``target`` cannot name a ``scope``'s agent, tool or upstream; ``None``: it can.
 
-    Names never hold spaces or control characters: ``"support-triage "``
-    would be set, listed and recorded, and stop nothing.
+    ``"support-triage "`` would be set, listed and recorded, and stop nothing.
+    No name starts or ends with a space or holds a control or invisible
+    character, and an agent's id holds no space at all; a tool's name may
+    (``Issue Refund`` in an HTTP route rule or an MCP server's listing).
     """
     if not 1 <= len(target) <= MAX_TARGET:
         return f"target must be the {scope.value}'s name, 1-{MAX_TARGET} characters"
-    if any(c.isspace() or not c.isprintable() for c in target):
+    spaced = target != target.strip() or (scope is Scope.AGENT and any(c.isspace() for c in target))
+    if spaced or not target.isprintable():
         return (
-            f"target {target[:40]!r} holds a space or a control character, which no "
+            f"target {target[:40]!r} holds a space or a control character where no "
             f"{scope.value}'s name does: such a switch would stop nothing"
         )
     return None

@@ -259,12 +259,21 @@ async def test_a_clearing_the_store_refuses_is_recorded_as_failed(store: StateSt
 
 @pytest.mark.parametrize("target", ["bot ", " bot", "b ot", "bot\n", "bot\u200b", "bot\x00"])
 async def test_a_target_no_name_can_match_is_refused(store: StateStore, target: str) -> None:
-    # Set, listed and recorded, "bot " would stop nothing: agent ids and tool names
-    # hold no spaces or control characters.
+    # Set, listed and recorded, "bot " would stop nothing: agent ids hold no spaces,
+    # and no name control or invisible characters.
     switches = KillSwitches(store, sink(Audit()))
     with pytest.raises(ValueError, match="stop nothing"):
         await switches.set(Scope.AGENT, target, "looping", "alice")
     assert switches.active() == ()
+
+
+async def test_a_tool_named_with_a_space_can_be_switched_off(store: StateStore) -> None:
+    # An HTTP route rule or an MCP server may name a tool "Issue Refund".
+    switches = KillSwitches(store, sink(Audit()))
+    await switches.set(Scope.TOOL, "Issue Refund", "paying twice", "alice")
+    assert switches.is_killed("bot", "refunds", "Issue Refund") is not None
+    with pytest.raises(ValueError, match="stop nothing"):
+        await switches.set(Scope.TOOL, "Issue Refund ", "paying twice", "alice")
 
 
 async def test_switches_survive_a_restart(tmp_path: Path) -> None:

@@ -34,6 +34,16 @@ def mixed_report(mixed: Path) -> TestReport:
     return run_tests(load_policy_set([mixed]))
 
 
+def test_a_test_of_what_the_engine_gets_wrong_errors_not_passes(tmp_path: Path) -> None:
+    # rego-cpp says rem(74, 7) is 6: a test asserting that must not pass, since no
+    # bundle using it would load.
+    tests = "package warden.tests\nimport rego.v1\ntest_rem if rem(74, 7) == 6\n"
+    report = run_tests(load_policy_set([write_bundle(tmp_path, {"p_test.rego": tests})]))
+    (result,) = report.results
+    assert result.status is Status.ERROR
+    assert "rem, the builtin behind %" in result.message
+
+
 def test_statuses_follow_opa_test(mixed_report: TestReport) -> None:
     assert by_name(mixed_report) == {
         "test_passes": Status.PASS,

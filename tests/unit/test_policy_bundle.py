@@ -270,6 +270,17 @@ def test_load_bundles_merges_paths(tmp_path: Path) -> None:
             'package warden\nx if time.date( [time.now_ns(), "Europe/Paris"])[0] > 2000\n',
             r"p\.rego:2:6: the time-zone form of time\.date and time\.clock",
         ),
+        # Spelled as the parser takes them too: spaces, a line break, a comment between.
+        ("package warden\nx := rem(74, 7)\n", r"p\.rego:2:6: rem, the builtin behind %"),
+        ("package warden\nx := time .weekday(1)\n", r"p\.rego:2:6: time\.weekday crashes"),
+        (
+            "package warden\nx := time # c\n.weekday(1)\n",
+            r"p\.rego:2:6: time\.weekday crashes",
+        ),
+        (
+            'package warden\nx := time.clock(\n  [1, "UTC"])\n',
+            r"p\.rego:2:6: the time-zone form",
+        ),
     ],
 )
 def test_compile_check_reports_file_and_line(source: str, message: str) -> None:

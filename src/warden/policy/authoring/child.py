@@ -247,8 +247,14 @@ class _Worker:
 
     def _query(self, query: str, replace: Mapping[str, str]) -> dict[str, Any]:
         from warden.policy import rego  # noqa: PLC0415 - only the child loads the engine
+        from warden.policy.bundle.compile import check_engine_faults  # noqa: PLC0415
 
         modules = [Module(m.path, replace.get(m.path, m.source)) for m in self._modules]
+        try:
+            # A test must not pass on what no bundle with it would load to do.
+            check_engine_faults(modules)
+        except BundleError as exc:
+            return {"ok": False, "error": str(exc)}
         interp = rego.Interpreter()
         try:
             for module in modules:

@@ -18,7 +18,7 @@ from warden.policy.bundle.diagnostics import describe_rego_error, display_path, 
 from warden.policy.bundle.model import BundleError, Module
 from warden.policy.bundle.text import blank
 
-__all__ = ["check_syntax", "compile_bundle", "compile_check"]
+__all__ = ["check_engine_faults", "check_syntax", "compile_bundle", "compile_check"]
 
 _CALL = re.compile(r"(?<![\w.\"])([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*\(")
 _HEAD = re.compile(r"^[ \t]*([A-Za-z_][A-Za-z0-9_]*)\s*\(", re.MULTILINE)
@@ -27,20 +27,27 @@ _HEAD = re.compile(r"^[ \t]*([A-Za-z_][A-Za-z0-9_]*)\s*\(", re.MULTILINE)
 # evaluations that reach them, depending on the heap's layout, so a test run can
 # miss it), and `%` gives wrong remainders (74 % 7 is 6, and 565829 % 943 is
 # written as 029): a rule sampling or bucketing by it decides on wrong numbers.
+# Matched in blanked text (strings and comments gone), with any space or line break
+# between a name's parts, as the parser takes them.
 _ENGINE_FAULTS = (
     (
-        re.compile(r"%"),  # in blanked text: strings and comments are gone
+        re.compile(r"%"),
         "the % operator gives wrong remainders on this engine (74 % 7 is 6)",
         "write a - b * floor(a / b) instead, which it computes exactly",
     ),
     (
-        re.compile(r"(?<![\w.\"])time\.weekday\s*\("),
+        re.compile(r"(?<![\w.\"])rem\s*\("),
+        "rem, the builtin behind %, gives wrong remainders on this engine (rem(74, 7) is 6)",
+        "write a - b * floor(a / b) instead, which it computes exactly",
+    ),
+    (
+        re.compile(r"(?<![\w.\"])time\s*\.\s*weekday\s*\("),
         "time.weekday crashes this engine",
         "compute the day instead: with d := floor(ns / 86400000000000) + 4, "
         "d - 7 * floor(d / 7) is 0 on a Sunday (UTC)",
     ),
     (
-        re.compile(r"(?<![\w.\"])time\.(?:date|clock)\s*\(\s*\["),
+        re.compile(r"(?<![\w.\"])time\s*\.\s*(?:date|clock)\s*\(\s*\["),
         "the time-zone form of time.date and time.clock ([ns, zone]) crashes this engine",
         "add the zone's offset to the nanoseconds and pass them alone",
     ),
@@ -80,6 +87,24 @@ def check_syntax(modules: Sequence[Module], label: str) -> None:
             ) from None
 
 
+def check_engine_faults(
+    modules: Sequence[Module], label: str = "", cleaned: Mapping[str, str] | None = None
+) -> None:
+    """Raise :class:`BundleError` at the first thing the engine gets wrong (``_ENGINE_FAULTS``).
+
+    A zone passed to ``time.date`` or ``time.clock`` through a variable is not
+    seen here (docs/policies.md, engine limits).
+    """
+    for module in modules:
+        text = cleaned[module.path] if cleaned is not None else blank(module.source)
+        for pattern, problem, hint in _ENGINE_FAULTS:
+            if (fault := pattern.search(text)) is not None:
+                line, col = line_col(module.source, len(module.source[: fault.start()].encode()))
+                raise BundleError(
+                    f"{display_path(label, module.path)}:{line}:{col}: {problem}; {hint}"
+                )
+
+
 def _check_functions(interp: rego.Interpreter, modules: Sequence[Module], label: str) -> None:
     """Refuse calls to functions that are neither built in nor defined in the bundle,
     and calls the engine crashes on (``_ENGINE_FAULTS``).
@@ -89,16 +114,11 @@ def _check_functions(interp: rego.Interpreter, modules: Sequence[Module], label:
     that heads a line anywhere in the bundle counts as defined.
     """
     cleaned = {m.path: blank(m.source) for m in modules}
+    check_engine_faults(modules, label, cleaned)
     defined = {name for text in cleaned.values() for name in _HEAD.findall(text)}
     known: dict[str, bool] = {}
     for module in modules:
         text = cleaned[module.path]
-        for pattern, problem, hint in _ENGINE_FAULTS:
-            if (fault := pattern.search(text)) is not None:
-                line, col = line_col(module.source, len(module.source[: fault.start()].encode()))
-                raise BundleError(
-                    f"{display_path(label, module.path)}:{line}:{col}: {problem}; {hint}"
-                )
         for match in _CALL.finditer(text):
             name = match.group(1)
             if name in _KEYWORDS or name.rsplit(".", 1)[-1] in defined:

@@ -119,6 +119,7 @@ async def _run(
         session_source=session[1],
         # A fresh id is this run's alone; one --session names may be shared.
         session_owned=session[1] == "mcp",
+        trusts_failures=name in config.budgets.trusted_failures,
         withheld_env=[
             u.credential.env
             for u in config.upstreams.values()

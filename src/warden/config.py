@@ -724,6 +724,15 @@ class BudgetsConfig(_Section):
     Off by default: an agent's own ``is_error`` is a claim, not evidence, so
     only a trusted outcome (from a tool API Warden fronts) releases value.
     """
+    trusted_failures: tuple[str, ...] = ()
+    """MCP servers (upstream names, or ``warden mcp wrap --name``) whose reported failures
+    release a capped call's hold: ``isError``, or arguments refused (``-32602``).
+
+    Empty by default: the official SDKs answer any exception with ``isError``,
+    one raised after the refund was made too, so an MCP failure stays spent.
+    Name a server here only if its tools report a failure only when they did
+    not act.
+    """
 
     @field_validator("timezone")
     @classmethod

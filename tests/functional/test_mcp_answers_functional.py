@@ -174,25 +174,26 @@ def refunds_run(received: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def capped_config(tmp_path: Path, url: str) -> Any:
-    """Warden with the refund cap of 60 before the MCP server at ``url``, allowing all."""
+def capped_config(tmp_path: Path, url: str, *, trusted: bool = False) -> Any:
+    """Warden with the refund cap of 60 before the MCP server at ``url``, allowing all;
+    ``trusted``: its reported failures release (``budgets.trusted_failures``)."""
     return make_config(
         tmp_path,
         "http://127.0.0.1:9",
         upstreams={"support-tools": {"protocol": "mcp", "base_url": url}},
-        budgets={"caps": [CAP]},
+        budgets={"caps": [CAP], "trusted_failures": ["support-tools"] if trusted else []},
         policy={"bundles": [str(write_bundle(tmp_path, ALLOW_ALL))]},
     )
 
 
 @asynccontextmanager
 async def raw_session(
-    tmp_path: Path, received: list[dict[str, Any]]
+    tmp_path: Path, received: list[dict[str, Any]], *, trusted: bool = False
 ) -> AsyncIterator[tuple[aiohttp.ClientSession, str, dict[str, str]]]:
     """Warden (a refund cap of 60) before :func:`answering_cancelled`, and an open
     session through it: the HTTP client, the URL and the session's headers."""
     async with answering_cancelled(received) as url:
-        config = capped_config(tmp_path, url)
+        config = capped_config(tmp_path, url, trusted=trusted)
         async with Warden(config) as warden, aiohttp.ClientSession() as http:
             target = f"{warden.proxy_url}/support-tools"
             async with http.post(target, json=INIT, headers=ACCEPT) as resp:
@@ -248,17 +249,26 @@ async def test_a_call_the_client_cancels_keeps_what_the_cap_holds_for_it(tmp_pat
 
 
 @pytest.mark.parametrize(
-    ("order", "spent"),
-    [("A-RAISED", 50.0), ("A-408", 50.0), ("A-499", 50.0), ("A-BADARGS", 0.0)],
+    ("order", "trusted", "spent"),
+    [
+        # The official SDKs answer an exception raised after the refund was made with
+        # isError, or -32602 when the handler's own validation failed: by default no
+        # reported failure releases.
+        ("A-BADARGS", False, 50.0),
+        ("A-RAISED", False, 50.0),
+        # A server budgets.trusted_failures names: a failure before running releases;
+        # an internal error, or a gateway's 408 or 499, still says nothing.
+        ("A-BADARGS", True, 0.0),
+        ("A-RAISED", True, 50.0),
+        ("A-408", True, 50.0),
+        ("A-499", True, 50.0),
+    ],
 )
-async def test_only_a_failure_before_the_tool_ran_releases_the_caps_hold(
-    tmp_path: Path, order: str, spent: float
+async def test_only_a_failure_a_trusted_server_gives_before_running_releases_the_hold(
+    tmp_path: Path, order: str, trusted: bool, spent: float
 ) -> None:
-    # An internal error (the handler raised after the refund API answered) or a
-    # gateway's 408 or 499 says nothing of whether the refund was made: it stays
-    # spent. Arguments the server refused (-32602) never reached the tool.
     received: list[dict[str, Any]] = []
-    async with raw_session(tmp_path, received) as (http, target, headers):
+    async with raw_session(tmp_path, received, trusted=trusted) as (http, target, headers):
         params = {"name": "issue_refund", "arguments": {"order_id": order, "amount": 50}}
         call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
         async with http.post(target, json=call, headers=headers) as resp:

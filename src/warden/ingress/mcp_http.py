@@ -995,8 +995,14 @@ class McpHttp:
         pending.done = True
         latency = (time.perf_counter() - pending.started) * 1000
         outcome = mcp.result_outcome(message, latency)
-        trusted = mcp.says_whether_it_ran(message)
+        trusted = self._trusts_failures(pending) and mcp.says_whether_it_ran(message)
         self._core.outcome(pending.action, pending.decision, outcome, trusted=trusted)
+
+    def _trusts_failures(self, pending: _Pending) -> bool:
+        """Whether a failure the server reports for ``pending`` releases its cap's hold: only
+        for a server ``budgets.trusted_failures`` names (SDK servers answer an exception
+        raised after the tool acted with ``isError`` too)."""
+        return pending.action.request.upstream in self._config.budgets.trusted_failures
 
     async def _filtered(
         self, agent: Agent, upstream: str, message: dict[str, Any]
@@ -1051,7 +1057,7 @@ class McpHttp:
             # A 4xx refused the call before it ran (trusted); after a 5xx, or a gateway's
             # 408 or 499, nobody knows.
             outcome = Outcome(status=status, error=f"http_{status}", is_error=True)
-            trusted = http_tool.refused_unrun(status)
+            trusted = self._trusts_failures(pending) and http_tool.refused_unrun(status)
             self._core.outcome(pending.action, pending.decision, outcome, trusted=trusted)
         exchange.calls.clear()
         if exchange.response is not None:

@@ -111,6 +111,7 @@ class StdioDoor:
         session: str | None = None,
         session_source: str = "mcp",
         session_owned: bool = False,
+        trusts_failures: bool = False,
         withheld_env: Collection[str] = (),
     ) -> None:
         """``killswitches``: where to find the switches in force once Warden runs.
@@ -120,6 +121,8 @@ class StdioDoor:
         (``input.session.id``; ``session_source`` is its ``source``); ``None``: none.
         ``session_owned``: no other process counts calls in it (a fresh id), so its
         counters are kept in memory after one read (:attr:`Conversation.owned`).
+        ``trusts_failures``: the server reports a failure only when its tool did not act
+        (``budgets.trusted_failures``), so one releases what a cap holds for the call.
         ``withheld_env``: variables of Warden's the child must not inherit (the
         upstream keys Warden holds), beside every ``WARDEN_*`` one.
         """
@@ -127,6 +130,7 @@ class StdioDoor:
         self._withheld_env = frozenset(withheld_env)
         self._agent = agent
         self._upstream = upstream
+        self._trusts_failures = trusts_failures
         self._in = client_in
         self._out = client_out
         self._grace_s = grace_s
@@ -628,7 +632,7 @@ class StdioDoor:
             return True
         latency = (time.perf_counter() - pending.started) * 1000
         outcome = mcp.result_outcome(response, latency)
-        trusted = mcp.says_whether_it_ran(response)
+        trusted = self._trusts_failures and mcp.says_whether_it_ran(response)
         self._core.outcome(pending.action, pending.decision, outcome, trusted=trusted)
         return True
 

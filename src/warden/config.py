@@ -394,6 +394,10 @@ class PolicyConfig(_Section):
     """How long a request may wait for a free worker before Warden answers 503
     with ``Retry-After`` (never a fallback decision)."""
     workers: int = Field(DEFAULT_POLICY_WORKERS, ge=1, le=64)
+    worker_stack_mb: int = Field(512, ge=8, le=8192)
+    """The stack each worker runs the engine on: its regular expressions and JSON
+    parser recurse per character or level, and on Linux's usual 8 MiB a 26,000
+    character argument matched by ``^[a-z]+$`` killed the worker."""
     cache_size: int = Field(DEFAULT_POLICY_CACHE_SIZE, ge=0)
     watch: bool = True
     """Reload bundles from their folders when files change."""

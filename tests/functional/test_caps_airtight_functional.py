@@ -284,8 +284,14 @@ async def test_a_policy_crash_the_input_caused_is_denied_for_a_read_only_tool(
     config = make_config(
         tmp_path,
         llm.url,
-        # A generous budget: on a busy machine the crash must not turn into a timeout.
-        policy={"bundles": [bundle(tmp_path, SEARCH_POLICY)], "workers": 2, "deadline_ms": 15_000},
+        # A generous budget: on a busy machine the crash must not turn into a timeout. The
+        # usual Linux stack, on which the parser's recursion crashes (Warden's takes it).
+        policy={
+            "bundles": [bundle(tmp_path, SEARCH_POLICY)],
+            "workers": 2,
+            "deadline_ms": 15_000,
+            "worker_stack_mb": 8,
+        },
     )
     crash = Call("search_kb", {"query": "x", "doc": "[" * 30_000 + "]" * 30_000})
     llm.script(Reply(tool_calls=[crash]), Reply(tool_calls=[crash]))

@@ -156,6 +156,35 @@ async def test_a_policy_cannot_read_wardens_environment(
     assert "WARDEN_STATE_URL" not in names
 
 
+WORD_CHECK = """package warden
+
+import rego.v1
+
+default decision := {"effect": "allow", "reason": "one word"}
+
+decision := {"effect": "deny", "reason": "not one word"} if {
+	not regex.match(`^[a-z]+$`, input.action.arguments.q)
+}
+"""
+
+
+async def test_a_long_argument_matched_by_a_regex_does_not_kill_the_worker(
+    tmp_path: Path,
+) -> None:
+    # The engine's regular expressions recurse once per character: on an 8 MiB stack
+    # 60,000 characters killed the worker, and every such call was a crash fallback.
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "policy.rego").write_text(WORD_CHECK)
+    eng = await PolicyEngine.start(config(tmp_path / "b", workers=1, deadline_ms=5000))
+    try:
+        result = await eng.evaluate(doc("search_kb", q="a" * 60_000))
+        other = await eng.evaluate(doc("search_kb", q="a" * 60_000 + " b"))
+    finally:
+        await eng.close()
+    assert (result.error, result.effect) == (None, Effect.ALLOW)
+    assert (other.error, other.effect) == (None, Effect.DENY)
+
+
 async def test_a_large_input_is_cached_under_a_digest(engine: PolicyEngine) -> None:
     # The arguments are the agent's: 10,000 cached keys of 8 MiB each would hold the
     # sidecar's memory; a key past 1 KiB is kept as its digest.

@@ -82,7 +82,15 @@ def action(tool: str) -> Action:
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[PolicyEngine]:
     root = write_bundle(tmp_path)
-    config = PolicyConfig(bundles=(str(root),), workers=2, deadline_ms=DEADLINE_MS, watch=False)
+    # The stack the usual Linux limit gives: the parser's recursion crashes a worker on a
+    # 30,000-deep document in milliseconds (Warden's default stack takes it).
+    config = PolicyConfig(
+        bundles=(str(root),),
+        workers=2,
+        deadline_ms=DEADLINE_MS,
+        watch=False,
+        worker_stack_mb=8,
+    )
     # A worker starved of CPU by tests running beside this one is pushed back
     # (Overloaded) after the queue bound; these tests are about looping policies.
     eng = await PolicyEngine.start(config, queue_timeout_s=30)

@@ -138,6 +138,14 @@ deny if object.get(input.action.arguments, "amount", 0) > 500
 """
 
 
+def test_lint_warns_that_json_unmarshal_keeps_escapes() -> None:
+    # rego-cpp leaves "\/etc" as \/etc: a startswith(path, "/etc/") check is passed so.
+    source = "package warden\nimport rego.v1\nx := json.unmarshal(input.action.arguments.doc)\n"
+    (finding,) = lint_module("p.rego", source)
+    assert (finding.line, finding.severity) == (3, "warning")
+    assert "does not decode escapes" in finding.message
+
+
 def test_lint_warns_where_this_engine_reads_numbers_unlike_opa() -> None:
     found = sorted(
         (f.line, f.severity, f.message.split(":")[0]) for f in lint_module("n.rego", NUMBERS)

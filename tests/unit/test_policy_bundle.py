@@ -281,6 +281,26 @@ def test_load_bundles_merges_paths(tmp_path: Path) -> None:
             'package warden\nx := time.clock(\n  [1, "UTC"])\n',
             r"p\.rego:2:6: the time-zone form",
         ),
+        # As a reference, in place of another function, or by name as a key.
+        (
+            "package warden\nbucket(a, b) := a - b\n"
+            "x := y if { y := bucket(74, 7) with bucket as rem }\n",
+            r"p\.rego:3:47: rem, the builtin",
+        ),
+        ('package warden\nx := time["weekday"](0)\n', r"p\.rego:2:6: time\.weekday crashes"),
+        # Numbers compared as text: max([401, 1933]) is 401.
+        ("package warden\nx := max([401, 1933])\n", r"p\.rego:2:6: max compares numbers as text"),
+        ("package warden\nx := min([100, 20])\n", r"p\.rego:2:6: min compares numbers as text"),
+        (
+            'package warden\nx := semver.compare("1.10.0", "1.9.0")\n',
+            r"p\.rego:2:6: semver\.compare is wrong",
+        ),
+        # RE2 forms the engine's ECMAScript regular expressions do not take.
+        (
+            'package warden\nx if regex.match("(?i)drop\\\\s+table", input.q)\n',
+            r"p\.rego:2:18: the pattern .* uses '\(\?i'",
+        ),
+        ("package warden\nx if regex.match(`^a\\z`, input.q)\n", r"uses '\\\\z'"),
     ],
 )
 def test_compile_check_reports_file_and_line(source: str, message: str) -> None:
@@ -294,6 +314,17 @@ def test_compile_check_accepts_functions_defined_in_the_bundle() -> None:
         "main.rego",
         "package warden\nimport data.lib\n# nosuch(1) in a comment\n"
         'x := lib.double(2)\ny := "z(1)"\n',
+    )
+    compile_check([lib, main], {}, "data.warden.x")
+
+
+def test_a_function_the_bundle_defines_may_share_a_faulty_builtins_name() -> None:
+    # The replacement the error suggests, under the builtin's own name, and (?:...) groups.
+    lib = Module("lib.rego", "package lib\n\nrem(a, b) := a - b * floor(a / b)\n")
+    main = Module(
+        "main.rego",
+        "package warden\nimport data.lib\nx := lib.rem(74, 7)\n"
+        'y if regex.match("^(?:dr)op$", input.q)\n# max(1) in a comment\nz := "min(1)"\n',
     )
     compile_check([lib, main], {}, "data.warden.x")
 

@@ -30,11 +30,11 @@ async def test_close_during_a_replacement_start_stops_the_new_process(
     entered, release = threading.Event(), threading.Event()
     real = engine_module._spawn_process
 
-    def slow_spawn(python: str) -> Any:
+    def slow_spawn(python: str, stack_mb: int) -> Any:
         # The replacement's start is still in the executor when close() runs.
         entered.set()
         release.wait(10)
-        proc, sock = real(python)
+        proc, sock = real(python, stack_mb)
         started.append(proc)
         return proc, sock
 

@@ -426,11 +426,11 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _spawn_process(python: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
+def _spawn_process(python: str, stack_mb: int) -> tuple[subprocess.Popen[bytes], socket.socket]:
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module, no shell
-            [python, "-m", "warden.policy.worker", str(child.fileno())],
+            [python, "-m", "warden.policy.worker", str(child.fileno()), str(stack_mb)],
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -486,8 +486,10 @@ class WorkerPool:
         on_failure: Callable[[Any, str], None] | None = None,
         eval_budget_s: float = 0.05,
         queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S,
+        stack_mb: int = 512,
     ) -> None:
         self._init = init
+        self._stack_mb = stack_mb
         self._on_failure = on_failure
         self._eval_budget_s = eval_budget_s
         self._queue_timeout_s = queue_timeout_s
@@ -558,7 +560,7 @@ class WorkerPool:
 
     async def _spawn(self) -> _Worker:
         loop = asyncio.get_running_loop()
-        starting = loop.run_in_executor(None, _spawn_process, self._python)
+        starting = loop.run_in_executor(None, _spawn_process, self._python, self._stack_mb)
         self._spawning.add(starting)
         # Shielded: a caller cancelled meanwhile (close() cancels replacements)
         # must not orphan the process the executor starts anyway.
@@ -1121,6 +1123,7 @@ class PolicyEngine:
                 on_failure=quarantine.add,
                 eval_budget_s=self._deadline_s,
                 queue_timeout_s=self._queue_timeout_s,
+                stack_mb=self.config.worker_stack_mb,
             )
             try:
                 await pool.start()

@@ -38,6 +38,7 @@ import os
 import socket
 import struct
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -239,12 +240,39 @@ def _evaluate_batch(evaluator: Evaluator, body: bytes) -> bytes:
     return MSG_BATCH_RESULT + orjson.dumps(out)
 
 
+STACK_BYTES = 512 * 1024 * 1024
+"""The stack the engine runs on by default (``policy.worker_stack_mb``). rego-cpp's
+regular expressions recurse once per character matched: on Linux's usual 8 MiB,
+``^[a-z]+$`` over some 26,000 characters overflowed it and the worker died."""
+
+
+def deepen_stack(module: str, args: Sequence[str], want: int = STACK_BYTES) -> None:
+    """Run ``python -m module args`` again with a ``want``-byte stack, if it has less.
+
+    Raised, then exec'd: the kernel leaves room below the stack for the limit in
+    force when the process starts, so raising it in a running process is not enough.
+    Inherited file descriptors (the worker's socket) stay open across the exec.
+    """
+    try:
+        import resource  # noqa: PLC0415 - POSIX only
+    except ImportError:  # pragma: no cover - not on Linux
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    want = want if hard == resource.RLIM_INFINITY else min(hard, want)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
+    os.execv(sys.executable, [sys.executable, "-m", module, *args])  # noqa: S606 - ourselves again
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m warden.policy.worker <fd>``: serve on an inherited socket."""
+    """``python -m warden.policy.worker <fd> [stack MiB]``: serve on an inherited socket."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m warden.policy.worker <socket fd>", file=sys.stderr)
+    if not 1 <= len(args) <= 2 or not all(a.isascii() and a.isdigit() for a in args):
+        print("usage: python -m warden.policy.worker <socket fd> [stack MiB]", file=sys.stderr)
         return 2
+    if argv is None and len(args) == 2:
+        deepen_stack("warden.policy.worker", args, int(args[1]) * 1024 * 1024)
     sock = socket.socket(fileno=int(args[0]))
     try:
         worker_main(sock)

@@ -27,6 +27,7 @@ import orjson
 from warden.policy.authoring.policy_set import PolicySet
 from warden.policy.bundle import BundleError, Module, describe_rego_error
 from warden.policy.engine import result_document
+from warden.policy.worker import deepen_stack
 
 __all__ = [
     "DEFAULT_TEST_TIMEOUT_S",
@@ -210,6 +211,7 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) != 1 or not argv[0].isdigit():
         print("usage: python -m warden.policy.authoring <reply fd>", file=sys.stderr)
         return 2
+    deepen_stack("warden.policy.authoring", argv)  # as the proxy's workers run the engine
     # Replies go to a private pipe: the engine may print diagnostics to stdout.
     out = os.fdopen(int(argv[0]), "wb", buffering=0)
     lines = iter(sys.stdin.buffer.readline, b"")

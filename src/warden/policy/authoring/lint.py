@@ -165,6 +165,15 @@ def _call_problem(name: str) -> tuple[str, str, str] | None:
             "trace() does not exist in this engine: the rule fails with an error",
             "remove it; use `warden policy eval` to look at values",
         )
+    if name == "json.unmarshal":
+        return (
+            "warning",
+            "json.unmarshal on this engine does not decode escapes: "
+            '"\\/etc" stays \\/etc and "\\u0072m" stays \\u0072m, so a check on the '
+            "decoded text can be passed by escaping it",
+            "decide on the parsed arguments Warden gives (input.action.arguments), or deny "
+            "a string holding a backslash before reading it",
+        )
     if name == "to_number":
         return (
             "warning",

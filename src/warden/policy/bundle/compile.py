@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -22,36 +23,73 @@ __all__ = ["check_engine_faults", "check_syntax", "compile_bundle", "compile_che
 
 _CALL = re.compile(r"(?<![\w.\"])([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*\(")
 _HEAD = re.compile(r"^[ \t]*([A-Za-z_][A-Za-z0-9_]*)\s*\(", re.MULTILINE)
+
+
 # What rego-cpp gets wrong beyond repair by a policy's author: refused when a bundle
-# loads. Two calls corrupt its heap (the worker aborts, free(): invalid pointer, on
-# evaluations that reach them, depending on the heap's layout, so a test run can
-# miss it), and `%` gives wrong remainders (74 % 7 is 6, and 565829 % 943 is
-# written as 029): a rule sampling or bucketing by it decides on wrong numbers.
-# Matched in blanked text (strings and comments gone), with any space or line break
-# between a name's parts, as the parser takes them.
+# loads, with what to write instead (docs/policies.md, engine limits). Matched in
+# blanked text (strings and comments gone), with any space or line break between a
+# name's parts as the parser takes them, and as a reference too (`with f as rem`).
+# `name`: a builtin a function the bundle defines of that name stands in for.
+@dataclass(frozen=True, slots=True)
+class _Fault:
+    pattern: re.Pattern[str]
+    problem: str
+    hint: str
+    name: str | None = None
+
+
+_EXACT = "write a - b * floor(a / b) instead, which it computes exactly"
+_BY_HAND = "every x in xs { x <= 500 } for a bound, or compare the values one by one"
 _ENGINE_FAULTS = (
-    (
+    _Fault(
         re.compile(r"%"),
         "the % operator gives wrong remainders on this engine (74 % 7 is 6)",
-        "write a - b * floor(a / b) instead, which it computes exactly",
+        _EXACT,
     ),
-    (
-        re.compile(r"(?<![\w.\"])rem\s*\("),
+    _Fault(
+        re.compile(r"(?<![\w.\"])rem\b"),
         "rem, the builtin behind %, gives wrong remainders on this engine (rem(74, 7) is 6)",
-        "write a - b * floor(a / b) instead, which it computes exactly",
+        _EXACT,
+        "rem",
     ),
-    (
-        re.compile(r"(?<![\w.\"])time\s*\.\s*weekday\s*\("),
+    # These two corrupt the heap: the worker aborts (free(): invalid pointer) on
+    # evaluations that reach them, depending on its layout, so a test can pass.
+    _Fault(
+        re.compile(r"(?<![\w.\"])time\s*\.\s*weekday\b|(?<![\w.\"])time\s*\["),
         "time.weekday crashes this engine",
         "compute the day instead: with d := floor(ns / 86400000000000) + 4, "
         "d - 7 * floor(d / 7) is 0 on a Sunday (UTC)",
     ),
-    (
+    _Fault(
         re.compile(r"(?<![\w.\"])time\s*\.\s*(?:date|clock)\s*\(\s*\["),
         "the time-zone form of time.date and time.clock ([ns, zone]) crashes this engine",
         "add the zone's offset to the nanoseconds and pass them alone",
     ),
+    # These compare numbers as text: max([401, 1933]) is 401, so `max(amounts) <= 500`
+    # allows 1933 (sort too, which stays allowed: it orders strings right).
+    _Fault(
+        re.compile(r"(?<![\w.\"])max\b"),
+        "max compares numbers as text on this engine (max([401, 1933]) is 401)",
+        _BY_HAND,
+        "max",
+    ),
+    _Fault(
+        re.compile(r"(?<![\w.\"])min\b"),
+        "min compares numbers as text on this engine (min([100, 20]) is 100)",
+        _BY_HAND,
+        "min",
+    ),
+    _Fault(
+        re.compile(r"(?<![\w.\"])semver\s*\.\s*compare\b"),
+        "semver.compare is wrong on this engine (1.10.0 is below 1.9.0)",
+        "compare the numeric parts yourself, or put the versions allowed in data",
+    ),
 )
+# Regular expressions are ECMAScript (std::regex) here, not RE2: these RE2 forms make
+# regex.match undefined or silently false, so `deny if regex.match("(?i)drop", x)`
+# never denies. Checked in pattern literals.
+_REGEX_CALL = re.compile(r"regex\s*\.\s*\w+\s*\(\s*(\"(?:[^\"\\\n]|\\.)*\"|`[^`]*`)")
+_RE2_ONLY = re.compile(r"\(\?[a-zA-Z<-]|\\[zQpPA]")
 _KEYWORDS = frozenset(
     {
         "if",
@@ -87,6 +125,15 @@ def check_syntax(modules: Sequence[Module], label: str) -> None:
             ) from None
 
 
+def _rego_string(literal: str) -> str:
+    """The text of a double-quoted Rego string literal (JSON's escapes)."""
+    try:
+        text = orjson.loads(literal)
+    except orjson.JSONDecodeError:
+        return literal[1:-1]
+    return text if isinstance(text, str) else literal[1:-1]
+
+
 def check_engine_faults(
     modules: Sequence[Module], label: str = "", cleaned: Mapping[str, str] | None = None
 ) -> None:
@@ -95,13 +142,33 @@ def check_engine_faults(
     A zone passed to ``time.date`` or ``time.clock`` through a variable is not
     seen here (docs/policies.md, engine limits).
     """
+    texts = {m.path: cleaned[m.path] if cleaned is not None else blank(m.source) for m in modules}
+    defined = {name for text in texts.values() for name in _HEAD.findall(text)}
+
+    def refuse(module: Module, at: int, problem: str, hint: str) -> None:
+        line, col = line_col(module.source, len(module.source[:at].encode()))
+        raise BundleError(f"{display_path(label, module.path)}:{line}:{col}: {problem}; {hint}")
+
     for module in modules:
-        text = cleaned[module.path] if cleaned is not None else blank(module.source)
-        for pattern, problem, hint in _ENGINE_FAULTS:
-            if (fault := pattern.search(text)) is not None:
-                line, col = line_col(module.source, len(module.source[: fault.start()].encode()))
-                raise BundleError(
-                    f"{display_path(label, module.path)}:{line}:{col}: {problem}; {hint}"
+        text = texts[module.path]
+        for fault in _ENGINE_FAULTS:
+            if fault.name is not None and fault.name in defined:
+                continue  # the bundle's own function of that name
+            if (found := fault.pattern.search(text)) is not None:
+                refuse(module, found.start(), fault.problem, fault.hint)
+        for call in _REGEX_CALL.finditer(module.source):
+            if not text[call.start()].strip():
+                continue  # inside a comment or a string
+            literal = call.group(1)
+            pattern = literal[1:-1] if literal[0] == "`" else _rego_string(literal)
+            if (re2 := _RE2_ONLY.search(pattern)) is not None:
+                refuse(
+                    module,
+                    call.start(1),
+                    f"the pattern {literal[:40]} uses {re2.group()!r}, which this engine's "
+                    "regular expressions (ECMAScript, not RE2) do not take",
+                    "write (?i) as [Dd][Rr][Oo][Pp] or lower() the value first, \\z as $, "
+                    "and \\p{...} as explicit ranges",
                 )
 
 

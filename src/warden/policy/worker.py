@@ -58,7 +58,9 @@ __all__ = [
     "Evaluator",
     "frame",
     "main",
+    "pass_on_stack",
     "read_frame",
+    "set_stack",
     "worker_main",
 ]
 
@@ -246,22 +248,46 @@ regular expressions recurse once per character matched: on Linux's usual 8 MiB,
 ``^[a-z]+$`` over some 26,000 characters overflowed it and the worker died."""
 
 
-def deepen_stack(module: str, args: Sequence[str], want: int = STACK_BYTES) -> None:
-    """Run ``python -m module args`` again with a ``want``-byte stack, if it has less.
-
-    Raised, then exec'd: the kernel leaves room below the stack for the limit in
-    force when the process starts, so raising it in a running process is not enough.
-    Inherited file descriptors (the worker's socket) stay open across the exec.
-    """
+def _stack_limits(want: int) -> tuple[int, int, int] | None:
+    """``(soft, hard, want within hard)`` of RLIMIT_STACK; ``None`` where it is not set."""
     try:
         import resource  # noqa: PLC0415 - POSIX only
     except ImportError:  # pragma: no cover - not on Linux
-        return
+        return None
     soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
-    want = want if hard == resource.RLIM_INFINITY else min(hard, want)
-    if soft == resource.RLIM_INFINITY or soft >= want:
+    if soft == resource.RLIM_INFINITY:
+        return None  # no limit: the stack grows as far as memory lets it
+    return soft, hard, want if hard == resource.RLIM_INFINITY else min(hard, want)
+
+
+def pass_on_stack(want: int = STACK_BYTES) -> None:
+    """Raise this process's stack limit to ``want`` bytes, for the processes it starts.
+
+    A child's memory is laid out for the limit in force when it starts, so one
+    that inherits it needs no second start (:func:`set_stack`). This process's
+    own layout is fixed already: only its main thread could grow further.
+    """
+    if (limits := _stack_limits(want)) is not None and limits[0] < limits[2]:
+        import resource  # noqa: PLC0415 - present: _stack_limits found it
+
+        resource.setrlimit(resource.RLIMIT_STACK, (limits[2], limits[1]))
+
+
+def set_stack(module: str, args: Sequence[str], want: int = STACK_BYTES) -> None:
+    """Run ``python -m module args`` again with a ``want``-byte stack, unless it has that.
+
+    Set, then exec'd: the kernel leaves room below the stack for the limit in
+    force when the process starts, so changing it in a running process is not
+    enough. Inherited file descriptors (the worker's socket) stay open across
+    the exec. The parent passes the limit on (:func:`pass_on_stack`), so this
+    only runs again for a limit it does not give (a smaller one, in tests).
+    """
+    limits = _stack_limits(want)
+    if limits is None or limits[0] == limits[2]:
         return
-    resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
+    import resource  # noqa: PLC0415 - present: _stack_limits found it
+
+    resource.setrlimit(resource.RLIMIT_STACK, (limits[2], limits[1]))
     os.execv(sys.executable, [sys.executable, "-m", module, *args])  # noqa: S606 - ourselves again
 
 
@@ -272,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m warden.policy.worker <socket fd> [stack MiB]", file=sys.stderr)
         return 2
     if argv is None and len(args) == 2:
-        deepen_stack("warden.policy.worker", args, int(args[1]) * 1024 * 1024)
+        set_stack("warden.policy.worker", args, int(args[1]) * 1024 * 1024)
     sock = socket.socket(fileno=int(args[0]))
     try:
         worker_main(sock)

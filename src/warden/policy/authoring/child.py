@@ -27,7 +27,7 @@ import orjson
 from warden.policy.authoring.policy_set import PolicySet
 from warden.policy.bundle import BundleError, Module, describe_rego_error
 from warden.policy.engine import result_document
-from warden.policy.worker import deepen_stack
+from warden.policy.worker import STACK_BYTES, pass_on_stack, set_stack
 
 __all__ = [
     "DEFAULT_TEST_TIMEOUT_S",
@@ -62,9 +62,13 @@ class Child:
     line a new child gets is the ``init`` document: modules and data.
     """
 
-    def __init__(self, init: Mapping[str, Any], timeout_s: float) -> None:
+    def __init__(
+        self, init: Mapping[str, Any], timeout_s: float, *, stack_bytes: int = STACK_BYTES
+    ) -> None:
+        """``stack_bytes``: the stack the engine runs on, as ``policy.worker_stack_mb``."""
         self._init = orjson.dumps(init) + b"\n"
         self._timeout_s = timeout_s
+        self._stack_bytes = stack_bytes
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: int | None = None
         self._stderr: IO[bytes] | None = None
@@ -77,13 +81,20 @@ class Child:
         self.close()
 
     def _start(self) -> None:
+        pass_on_stack(self._stack_bytes)  # the child starts with it: no second start
         read_fd, write_fd = os.pipe()
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the child
         env = dict(os.environ)
         src = str(Path(__file__).resolve().parents[3])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
         self._proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "warden.policy.authoring", str(write_fd)],
+            [
+                sys.executable,
+                "-m",
+                "warden.policy.authoring",
+                str(write_fd),
+                str(self._stack_bytes),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,
@@ -208,10 +219,11 @@ def init_doc(policy: PolicySet) -> dict[str, Any]:
 
 def main(argv: Sequence[str]) -> int:
     """Serve jobs from stdin; replies go to the file descriptor in ``argv[0]``."""
-    if len(argv) != 1 or not argv[0].isdigit():
-        print("usage: python -m warden.policy.authoring <reply fd>", file=sys.stderr)
+    if not 1 <= len(argv) <= 2 or not all(a.isascii() and a.isdigit() for a in argv):
+        print("usage: python -m warden.policy.authoring <reply fd> [stack bytes]", file=sys.stderr)
         return 2
-    deepen_stack("warden.policy.authoring", argv)  # as the proxy's workers run the engine
+    if len(argv) == 2:
+        set_stack("warden.policy.authoring", argv, int(argv[1]))  # as the workers run it
     # Replies go to a private pipe: the engine may print diagnostics to stdout.
     out = os.fdopen(int(argv[0]), "wb", buffering=0)
     lines = iter(sys.stdin.buffer.readline, b"")

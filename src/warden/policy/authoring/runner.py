@@ -35,6 +35,7 @@ from warden.policy.authoring.statements import (
 )
 from warden.policy.authoring.tables import CaseFile, DecisionCase, compare_decision
 from warden.policy.bundle import Module
+from warden.policy.worker import STACK_BYTES
 
 __all__ = ["CRASH_HINT", "WITH_INPUT_HINT", "run_tests"]
 
@@ -111,6 +112,7 @@ def run_tests(
     query: str = "data.warden.decision",
     run: str | None = None,
     timeout_s: float = DEFAULT_TEST_TIMEOUT_S,
+    stack_bytes: int = STACK_BYTES,
 ) -> TestReport:
     """Run the Rego tests in ``policy`` and the decision tables in ``case_files``.
 
@@ -119,10 +121,11 @@ def run_tests(
     Cases run on the production path for ``query`` unless their file names
     its own. Each Rego test is compiled on its own in a child process, so a
     test that crashes the engine is reported as ERROR and the others still run.
+    ``stack_bytes``: the stack that child runs the engine on (``policy.worker_stack_mb``).
     """
     pattern = re.compile(run) if run else None
     results: list[TestResult] = []
-    with Child(init_doc(policy), timeout_s) as child:
+    with Child(init_doc(policy), timeout_s, stack_bytes=stack_bytes) as child:
         for test in _find_tests(policy.modules):
             if pattern is not None and not pattern.search(test.name):
                 continue

@@ -2,19 +2,23 @@
 
     warden policy replay --audit ./warden-data/audit --bundle policies/candidate \\
         [--from 7d | --from 2026-11-01] [--to ...] [--max-changes N] [--max-change-rate F] \\
-        [--record [DIR] | --admin [URL]]
+        [--allow-skipped] [--record [DIR] | --admin [URL]]
 
-Prints a table of changed effects (allow→deny, deny→allow, →require_approval...)
-with counts and sample decision ids. The run can be written as a
+Prints a table of changed effects (allow→deny, deny→allow, →require_approval...,
+and mode changes such as deny→deny (observe), which let the action through)
+with counts and sample decision ids. With a threshold set, decisions that
+could not be replayed (skipped for any reason but "decided before the policy
+ran") fail the run too, unless --allow-skipped. The run can be written as a
 ``replay_run`` change record: ``--record [DIR]`` appends it to the audit log
 DIR (default: the replayed log), which must not be open in a running Warden;
 ``--admin [URL]`` sends it to a running Warden's admin API (``POST
 /v1/changes``), which appends it to the log it writes (URL defaults to
 ``$WARDEN_ADMIN_URL``, else ``http://127.0.0.1:8081``; the token is
 ``$WARDEN_TOKEN``, role ``admin``). Exit status: 0 within the threshold (or
-when none is set), 1 past it, 2 when the replay cannot run or the run cannot
-be recorded (no token, the API unreachable or refusing: its message is
-printed). See docs/monitoring.md and ADR 0012.
+when none is set), 1 past it or with decisions not replayed (unless
+--allow-skipped), 2 when the replay cannot run or the run cannot be recorded
+(no token, the API unreachable or refusing: its message is printed). See
+docs/monitoring.md and ADR 0012.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from warden.errors import AuditError, ConfigError
 from warden.monitor.windows import parse_duration, parse_instant
 from warden.policy.authoring.child import DEFAULT_TEST_TIMEOUT_S
 from warden.policy.authoring.policy_set import load_policy_set
-from warden.policy.authoring.replay import SKIP_REASONS, ReplayReport, replay
+from warden.policy.authoring.replay import BENIGN_SKIPS, SKIP_REASONS, ReplayReport, replay
 from warden.policy.bundle import BundleError
 
 __all__ = ["add_command", "parse_when", "print_report", "replay_record"]
@@ -72,6 +76,11 @@ def add_command(sub: Any, config_option: Callable[[argparse.ArgumentParser], Non
         type=float,
         metavar="FRACTION",
         help="exit 1 when more than this share of replayed decisions change (0.01 = 1%%)",
+    )
+    rp.add_argument(
+        "--allow-skipped",
+        action="store_true",
+        help="pass even when decisions the candidate might change could not be replayed",
     )
     rp.add_argument("--format", choices=["text", "json"], default="text")
     where = rp.add_mutually_exclusive_group()
@@ -125,18 +134,28 @@ def run(args: argparse.Namespace) -> int:
     max_changes = args.max_changes
     if max_changes is None:
         max_changes = config.monitor.replay_max_changes
-    failed = (max_changes is not None and report.changed > max_changes) or (
+    gated = max_changes is not None or args.max_change_rate is not None
+    over = (max_changes is not None and report.changed > max_changes) or (
         args.max_change_rate is not None and report.change_rate > args.max_change_rate
     )
+    # A decision not replayed may be one the candidate changes: a gate that
+    # ignored it would pass a change it never saw.
+    unchecked = gated and report.unreplayed > 0 and not args.allow_skipped
+    failed = over or unchecked
+    threshold = {
+        "max_changes": max_changes,
+        "max_change_rate": args.max_change_rate,
+        "allow_skipped": args.allow_skipped,
+    }
     if args.format == "json":
         doc = report.as_dict()
-        doc["threshold"] = {"max_changes": max_changes, "max_change_rate": args.max_change_rate}
+        doc["threshold"] = threshold
         doc["passed"] = not failed
         sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
     else:
         print_report(report, audit_dir, sys.stdout)
-        _print_verdict(report, max_changes, args.max_change_rate, failed, sys.stdout)
-    threshold = {"max_changes": max_changes, "max_change_rate": args.max_change_rate}
+        _print_verdict(report, max_changes, args.max_change_rate, over, sys.stdout)
+        _print_skipped_verdict(report, gated, args.allow_skipped, sys.stdout)
     if args.admin is not None:
         base = admin_base_url(args.admin or None)
         body = replay_record(report, args.bundle, threshold, failed=failed)
@@ -181,6 +200,10 @@ def replay_record(
         "changed": report.changed,
         "change_rate": report.change_rate,
         "changes": {c.label: c.count for c in report.changes},
+        "skipped": dict(report.skipped),
+        "unreplayed": report.unreplayed,
+        "inexact": report.inexact,
+        "errors": report.errors,
         "threshold": threshold,
         "result": "fail" if failed else "pass",
     }
@@ -211,7 +234,11 @@ def print_report(report: ReplayReport, audit_dir: str, out: TextIO) -> None:
     if report.errors:
         out.write(f"The candidate failed on {report.errors} input(s); counted as deny.\n")
     for reason, n in sorted(report.skipped.items()):
-        out.write(f"Skipped {n}: {SKIP_REASONS.get(reason, reason)}.\n")
+        why = SKIP_REASONS.get(reason, reason)
+        if reason in BENIGN_SKIPS:
+            out.write(f"Skipped {n}: {why}; no bundle decides these differently.\n")
+        else:
+            out.write(f"Skipped {n}, not replayed: {why}.\n")
 
 
 def _print_verdict(
@@ -231,3 +258,16 @@ def _print_verdict(
         out.write(f"{summary}; no threshold set.\n")
     else:
         out.write(f"{summary}; threshold {', '.join(limits)}: {'FAIL' if failed else 'pass'}.\n")
+
+
+def _print_skipped_verdict(report: ReplayReport, gated: bool, allowed: bool, out: TextIO) -> None:
+    n = report.unreplayed
+    if not n:
+        return
+    what = f"{n} decision(s) the candidate might decide differently were not replayed"
+    if not gated:
+        out.write(f"{what}.\n")
+    elif allowed:
+        out.write(f"{what}; accepted (--allow-skipped).\n")
+    else:
+        out.write(f"{what}: FAIL (--allow-skipped accepts them).\n")

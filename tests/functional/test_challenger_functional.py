@@ -92,13 +92,66 @@ async def test_divergence_is_counted_and_recorded_on_live_traffic(
     [challenged] = [r for r in records if r["kind"] == "challenger"]
     body = challenged["body"]
     assert body["decision_id"] == refunds[1]["decision"]["id"]
-    assert body["champion"] == {"revision": "customer-support-2025.1", "effect": "allow"}
-    assert body["challenger"] == {"revision": "candidate-50", "effect": "require_approval"}
+    assert body["champion"] == {
+        "revision": "customer-support-2025.1",
+        "effect": "allow",
+        "mode": "enforce",
+    }
+    assert body["challenger"] == {
+        "revision": "candidate-50",
+        "effect": "require_approval",
+        "mode": "enforce",
+    }
     assert body["tool"] == "issue_refund"
     assert "arguments" not in json.dumps(body)
     # The challenger's own activation is recorded, apart from the champion's.
     roles = [r["body"]["role"] for r in records if r["kind"] == "policy_activation"]
     assert sorted(roles) == ["challenger", "champion"]
+
+
+def rego_bundle(tmp_path: Path, name: str, rules: str) -> Path:
+    """A bundle whose decision is ``rules``, else allow."""
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "policy.rego").write_text(
+        f'package warden\nimport rego.v1\n{rules}else := {{"effect": "allow", "reason": "ok"}}\n'
+    )
+    return folder
+
+
+async def test_a_candidate_that_only_changes_the_mode_diverges(
+    llm: MockLLM, tmp_path: Path
+) -> None:
+    """``{"effect": "deny", "mode": "observe"}`` lets the call through: a divergence of
+    its own (``deny→deny (observe)``), where comparing effects alone saw none."""
+    deny = (
+        'decision := {"effect": "deny", "reason": "no"%s} if { input.action.tool == "delete_db" }\n'
+    )
+    champion = rego_bundle(tmp_path, "champion", deny % "")
+    candidate = rego_bundle(tmp_path, "candidate", deny % ', "mode": "observe"')
+    policy = {"bundles": [str(champion)], "challenger": {"bundles": [str(candidate)]}}
+    config = make_config(tmp_path, llm.url, policy=policy)
+    before = divergences("deny", "deny (observe)")
+    tools: Any = [{"type": "function", "function": {"name": "delete_db", "parameters": {}}}]
+    async with Warden(config) as warden:
+        assert warden.challenger is not None
+        async with openai.AsyncOpenAI(
+            base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
+        ) as client:
+            llm.script(Reply(tool_calls=[Call("delete_db", {"db": "prod"})]))
+            done = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, tools=tools
+            )
+            assert not done.choices[0].message.tool_calls  # the champion decides: denied
+        await warden.challenger.idle()
+        stats = warden.challenger.stats()
+        assert stats.evaluated == 2  # the model call agrees
+        assert dict(stats.changes) == {"deny→deny (observe)": 1}
+    assert divergences("deny", "deny (observe)") == before + 1
+    [challenged] = [r for r in audit_records(tmp_path / "audit") if r["kind"] == "challenger"]
+    body = challenged["body"]
+    assert (body["champion"]["effect"], body["champion"]["mode"]) == ("deny", "enforce")
+    assert (body["challenger"]["effect"], body["challenger"]["mode"]) == ("deny", "observe")
 
 
 async def test_a_full_queue_drops_and_counts_instead_of_waiting() -> None:

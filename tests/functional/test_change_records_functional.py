@@ -132,7 +132,8 @@ async def test_a_replay_of_the_live_log_is_recorded_in_it(
     body = record["body"]
     assert body["bundle_revision"] == "rev-50"
     assert body["changes"] == {"allow→require_approval": 1}
-    assert body["threshold"] == {"max_changes": 5, "max_change_rate": None}
+    assert body["threshold"] == {"max_changes": 5, "max_change_rate": None, "allow_skipped": False}
+    assert (body["skipped"], body["unreplayed"], body["errors"]) == ({}, 0, 0)
     assert (body["result"], body["submitted_by"]) == ("pass", "ci-bot")
     changes = export_changes(audit, tmp_path / "evidence")
     assert [c["kind"] for c in changes][-1] == "replay_run"

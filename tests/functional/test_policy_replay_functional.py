@@ -9,6 +9,8 @@ between 50 and 100 going from allow to require_approval, and nothing else.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -18,12 +20,15 @@ import openai
 import pytest
 
 from tests.functional.conftest import SHIPPED_POLICY, audit_records, make_config
+from warden.audit import AuditLog
 from warden.cli import main as warden_main
-from warden.config import Config
+from warden.config import AuditConfig, Config
+from warden.model import Decision, Effect
 from warden.policy.authoring.policy_set import load_policy_set
 from warden.policy.authoring.replay import replay
 from warden.server import Warden
 from warden.testing import Call, MockLLM, Reply
+from warden.testing.audit import sample_action, sample_decision
 
 MESSAGES: Any = [{"role": "user", "content": "refund my order"}]
 TOOLS: Any = [
@@ -69,8 +74,6 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Config, di
 
 
 def _recorded(tmp_path: Path) -> tuple[Path, Config, dict[float, str]]:
-    import asyncio  # noqa: PLC0415 - a module-scoped fixture runs its own loop
-
     async def run() -> Config:
         async with MockLLM() as llm:
             config = make_config(tmp_path, llm.url, budgets={"caps": [REFUND_CAP]})
@@ -295,3 +298,65 @@ async def test_a_large_tools_list_is_recorded_once_per_request(tmp_path: Path) -
     assert report.skipped == {}
     assert report.replayed == 21
     assert report.changes == ()
+
+
+def write_log(audit: Path, decisions: list[Decision]) -> None:
+    """A log of refunds decided as given, each with its policy input unless it has none."""
+
+    async def run() -> None:
+        log = await AuditLog.open(AuditConfig(dir=str(audit)))
+        try:
+            for i, decision in enumerate(decisions):
+                await log.record_decision(sample_action(i), decision)
+        finally:
+            await log.close()
+
+    asyncio.run(run())
+
+
+def test_decisions_not_replayed_fail_the_gate_unless_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A decision replay could not rebuild may be one the candidate changes: with a
+    threshold set it fails the run (exit 1) unless ``--allow-skipped``. One decided
+    before the policy ran (a kill switch) cannot change and does not; the run's
+    ``replay_run`` record counts both, and the inexact and failed evaluations."""
+    facts = {"mode": "enforce", "risk": "write", "budget": {}, "history": [], "labels": []}
+    replayed = dataclasses.replace(sample_decision(), input=facts)
+    switched = dataclasses.replace(sample_decision(Effect.DENY), guard="kill_switch")
+    old = sample_decision()  # no policy input: recorded before ADR 0012
+    benign, unchecked = tmp_path / "benign", tmp_path / "unchecked"
+    write_log(benign, [replayed, switched])
+    write_log(unchecked, [replayed, switched, old])
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    (allow / "policy.rego").write_text(
+        'package warden\nimport rego.v1\ndecision := {"effect": "allow", "reason": "ok"}\n'
+    )
+    bundle = ["--bundle", str(allow)]
+
+    def run(audit: Path, *extra: str) -> tuple[int, str]:
+        code = warden_main(["policy", "replay", "--audit", str(audit), *bundle, *extra])
+        return code, capsys.readouterr().out
+
+    code, out = run(benign, "--max-changes", "0")
+    assert code == 0
+    assert "Skipped 1: decided before the policy ran" in out
+    assert "no bundle decides these differently" in out
+    code, out = run(unchecked, "--max-changes", "0")
+    assert code == 1
+    assert "Skipped 1, not replayed: recorded before records carried the policy input" in out
+    assert "1 decision(s) the candidate might decide differently were not replayed: FAIL" in out
+    code, doc = replay_json(["--audit", str(unchecked), *bundle, "--max-changes", "0"], capsys)
+    assert (code, doc["changed"], doc["unreplayed"], doc["passed"]) == (1, 0, 1, False)
+    assert doc["skipped"] == {"not_policy": 1, "no_input": 1}
+    # Accepted on purpose, or no threshold at all: exit 0.
+    assert run(unchecked, "--max-changes", "0", "--allow-skipped")[0] == 0
+    assert run(unchecked)[0] == 0
+    # The recorded run says what was not replayed.
+    assert run(unchecked, "--max-changes", "0", "--record")[0] == 1
+    [body] = [r["body"] for r in audit_records(unchecked) if r["kind"] == "replay_run"]
+    assert body["skipped"] == {"not_policy": 1, "no_input": 1}
+    assert (body["unreplayed"], body["inexact"], body["errors"]) == (1, 0, 0)
+    assert body["threshold"]["allow_skipped"] is False
+    assert body["result"] == "fail"

@@ -238,3 +238,18 @@ def test_a_group_with_too_few_samples_reads_minus_one(tmp_path: Path) -> None:
     monitor._set_gauges(live.Snapshot(0.0, [starved], []))
     labels = {"agent": "starved-bot", "version": "v1"}
     assert REGISTRY.get_sample_value("warden_drift_level", labels) == -1
+
+
+def test_junk_numeric_arguments_do_not_push_a_known_one_out() -> None:
+    """Past the 32 numbers kept per action, the arguments kept before win: 40 numeric
+    arguments named to sort first (``a00``...) no longer hide ``amount`` from drift."""
+    tool = "refund_junk_test"  # a tool of its own: the names kept are remembered process-wide
+    assert events._numbers(tool, {"order_id": "A-1", "amount": 20}) == ((f"{tool}.amount", 20.0),)
+    junk = {f"a{i:02d}": i for i in range(40)}
+    kept = events._numbers(tool, {**junk, "amount": 900})
+    assert len(kept) == 32
+    assert (f"{tool}.amount", 900.0) in kept
+    assert [k for k, _ in kept][:2] == [f"{tool}.a00", f"{tool}.a01"]  # argument order
+    # The names kept now are known too; ones added later still rank after them.
+    later = events._numbers(tool, {**{f"b{i:02d}": i for i in range(40)}, **junk, "amount": 5})
+    assert {k for k, _ in later} == {f"{tool}.amount", *(f"{tool}.a{i:02d}" for i in range(31))}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -170,3 +171,24 @@ def test_a_profile_survives_its_json_form() -> None:
     assert again == profile
     with pytest.raises(ValueError, match="not a drift profile"):
         drift.Profile.from_dict({"agent": "x"})
+
+
+def test_a_numeric_argument_the_calls_stopped_carrying_is_drift() -> None:
+    """Refunds that no longer carry ``amount`` as a number (renamed, sent as text, pushed
+    out of the numbers kept) read ``act``, not ``insufficient``, which no alert fires on."""
+    reference = refunds(amounts(1, 20, 100))
+    hidden = [dataclasses.replace(e, numbers=()) for e in refunds(amounts(2, 900, 1000))]
+    [_, one] = drift.compute(reference, hidden)
+    amount = by_name(one)["number:issue_refund.amount"]
+    assert amount.level is Level.ACT
+    assert amount.psi >= 0.25
+    assert amount.current_n == 0
+    assert one.level is Level.ACT
+    # Too few refunds in the window to tell: insufficient, as before.
+    [_, few] = drift.compute(reference, hidden[:5])
+    assert by_name(few)["number:issue_refund.amount"].level is Level.INSUFFICIENT
+    # No refunds at all (the agent does other things): the tools moved, not the amounts.
+    other = [dataclasses.replace(e, tool="get_order", numbers=()) for e in hidden]
+    [_, moved] = drift.compute(reference, other)
+    assert by_name(moved)["number:issue_refund.amount"].level is Level.INSUFFICIENT
+    assert by_name(moved)["tools"].level is Level.ACT

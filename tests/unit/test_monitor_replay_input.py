@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import weakref
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,12 @@ from hypothesis import strategies as st
 from warden.audit import AuditLog
 from warden.audit.record import action_body, decision_body, tools_sha256
 from warden.audit.verify import iter_records
-from warden.config import AuditConfig
+from warden.config import AuditConfig, PolicyConfig
 from warden.model import (
     Action,
     ActionKind,
     Agent,
+    Decision,
     Effect,
     Mode,
     PolicyView,
@@ -35,7 +37,8 @@ from warden.model import (
 )
 from warden.monitor.events import Unsealer
 from warden.pipeline import GuardContext, policy_facts, policy_input
-from warden.policy.authoring.replay import ToolsSeen, rebuild_input
+from warden.policy.authoring.policy_set import load_policy_set
+from warden.policy.authoring.replay import ToolsSeen, rebuild_input, replay
 from warden.testing.audit import sample_action, sample_decision
 
 KEYS = st.sampled_from(["order_id", "amount", "note", "items", "customer_id", "flag"])
@@ -317,3 +320,104 @@ async def test_the_log_does_not_keep_a_finished_requests_tools_alive(tmp_path: P
         assert gone() is None
     finally:
         await log.close()
+
+
+def bundle(tmp_path: Path, rules: str) -> Path:
+    """A candidate bundle of ``rules`` (the decision rule's bodies), else allow."""
+    folder = tmp_path / "candidate"
+    folder.mkdir()
+    (folder / "policy.rego").write_text(
+        f'package warden\nimport rego.v1\n{rules}else := {{"effect": "allow", "reason": "ok"}}\n'
+    )
+    return folder
+
+
+async def record_all(audit: Path, decided: Iterable[tuple[Action, GuardContext, Decision]]) -> None:
+    """Record each action's decision with its facts, one at a time (nothing kept alive)."""
+    log = await AuditLog.open(AuditConfig(dir=str(audit)))
+    try:
+        for action, ctx, decision in decided:
+            facts = policy_facts(action, ctx)
+            await log.record_decision(action, dataclasses.replace(decision, input=facts))
+    finally:
+        await log.close()
+
+
+def read_records(audit: Path) -> list[dict[str, Any]]:
+    """The decision records of a log."""
+    records = [orjson.loads(payload) for _, payload in iter_records(audit)]
+    return [r for r in records if r["kind"] == "decision"]
+
+
+async def test_a_call_is_replayed_however_many_tools_lists_came_between(tmp_path: Path) -> None:
+    """A slow answer's call names its request's tools by digest; an agent sending 300
+    requests with other lists meanwhile must not make replay skip it (it skipped it as
+    ``tools_unseen`` once more than 256 lists followed, and a CI gate passed)."""
+
+    def model_call(i: int) -> Action:
+        hosted = ({"type": "mcp", "server_label": f"kb{i}"},)
+        request = RequestMeta("POST", "openai", "/v1/responses", {}, hosted)
+        return dataclasses.replace(
+            sample_action(i), kind=ActionKind.LLM_CALL, tool=None, arguments=None, request=request
+        )
+
+    def traffic() -> Iterator[tuple[Action, GuardContext, Decision]]:
+        ctx = GuardContext(mode=Mode.ENFORCE)
+        slow = model_call(0)
+        yield slow, ctx, sample_decision()
+        for i in range(1, 301):  # each request done (and forgotten) before the next
+            yield model_call(i), ctx, sample_decision()
+        call = sample_action(arguments={"db": "prod"})
+        yield (
+            dataclasses.replace(call, tool="delete_db", request=slow.request),
+            ctx,
+            sample_decision(),
+        )
+
+    audit = tmp_path / "audit"
+    await record_all(audit, traffic())
+    [named] = [r for r in read_records(audit) if r["action"]["tool"] == "delete_db"]
+    assert "tools_sha256" in named["decision"]["input"]
+    candidate = bundle(
+        tmp_path,
+        'decision := {"effect": "deny", "reason": "no"} if { input.action.tool == "delete_db" }\n',
+    )
+    report = replay(audit, load_policy_set([candidate]), PolicyConfig())
+    assert report.skipped == {}
+    assert report.replayed == 302
+    assert [(c.label, c.count) for c in report.changes] == [("allow→deny", 1)]
+    assert report.changes[0].samples == (named["decision"]["id"],)
+
+
+async def test_a_rule_that_only_changes_the_mode_changes_what_is_enforced(tmp_path: Path) -> None:
+    """``{"effect": "deny", "mode": "observe"}`` lets the action through: replay reports
+    ``deny→deny (observe)`` where it compared effects alone and saw no change. In an
+    agent observed anyway, an effect change reads as before, without modes."""
+    enforced, observed = GuardContext(mode=Mode.ENFORCE), GuardContext(mode=Mode.OBSERVE)
+    drop = dataclasses.replace(sample_action(1), tool="delete_db")
+    trial = dataclasses.replace(sample_action(2), tool="close_account")
+    keep = sample_action(3)
+    audit = tmp_path / "audit"
+    await record_all(
+        audit,
+        [
+            (drop, enforced, sample_decision(Effect.DENY)),
+            (trial, observed, sample_decision(Effect.ALLOW, mode=Mode.OBSERVE)),
+            (keep, enforced, sample_decision(Effect.DENY)),
+        ],
+    )
+    candidate = bundle(
+        tmp_path,
+        'decision := {"effect": "deny", "reason": "no", "mode": "observe"} if {\n'
+        '  input.action.tool == "delete_db"\n'
+        '} else := {"effect": "deny", "reason": "no"} if {\n'
+        '  input.action.tool in {"close_account", "issue_refund"}\n}\n',
+    )
+    report = replay(audit, load_policy_set([candidate]), PolicyConfig())
+    assert report.skipped == {}
+    changes = {c.label: c.as_dict() for c in report.changes}
+    assert set(changes) == {"deny→deny (observe)", "allow→deny"}
+    assert changes["deny→deny (observe)"]["before_mode"] == "enforce"
+    assert changes["deny→deny (observe)"]["after_mode"] == "observe"
+    assert changes["allow→deny"]["before_mode"] is None  # observe on both sides
+    assert report.changed == 2

@@ -25,7 +25,7 @@ from warden.budgets.guard import CapSpend
 from warden.console import charts
 from warden.console.html import Child, Html, join, tag
 from warden.killswitch import KillSwitch, Scope
-from warden.policy.challenger import ChallengerStats
+from warden.policy.challenger import ChallengerStats, result_label
 
 __all__ = [
     "VIEWS",
@@ -825,8 +825,17 @@ def _challenger(stats: ChallengerStats | None) -> Html:
                     tag("td", None, d.decision_id),
                     tag("td", None, d.agent),
                     tag("td", None, d.tool or ""),
-                    tag("td", None, d.champion_effect),
-                    tag("td", None, d.challenger_effect),
+                    # The mode too: deny (observe) lets the action through.
+                    tag(
+                        "td",
+                        None,
+                        result_label(d.champion_effect, d.champion_mode, d.challenger_mode),
+                    ),
+                    tag(
+                        "td",
+                        None,
+                        result_label(d.challenger_effect, d.challenger_mode, d.champion_mode),
+                    ),
                 )
                 for d in reversed(stats.recent)
             ],

@@ -7,7 +7,9 @@ each agent over all its versions (version ``*``):
 * ``effects``: the mix of decision effects (``allow``, ``deny``,
   ``require_approval``) the policy gave it;
 * ``number:<tool>.<argument>``: each numeric argument (refund amounts...),
-  binned at the reference's deciles.
+  binned at the reference's deciles. One the reference had that the current
+  window's calls of the tool no longer carry (renamed, sent as text, pushed
+  out) is a shift too, not a lack of samples (:func:`compare`).
 
 Only an action's own decision counts (not an approval's follow-up). The
 reference is a :class:`Profile` built from the reference window's events, or
@@ -33,7 +35,7 @@ from warden.monitor.events import (
     DecisionEvent,
     DecisionRow,
 )
-from warden.monitor.psi import Histogram, Level, level_of, psi_counts, quantile_edges
+from warden.monitor.psi import Histogram, Level, level_of, psi, psi_counts, quantile_edges
 
 __all__ = [
     "ALL_VERSIONS",
@@ -221,7 +223,14 @@ def compare(
     *,
     min_samples: int = DEFAULT_MIN_SAMPLES,
 ) -> DriftResult:
-    """Drift of one group's current events against its reference profile."""
+    """Drift of one group's current events against its reference profile.
+
+    A numeric argument with enough samples in the reference and none in a
+    current window with enough calls of its tool has not gone quiet: the
+    calls stopped carrying it as a number. It reads as all the current
+    values in a bin the reference never had (:func:`_vanished`), so at
+    ``act``, rather than ``insufficient``, which no alert fires on.
+    """
     events = [r for r in _rows(current) if r[D_FIRST]]
     enough = reference.decisions >= min_samples and len(events) >= min_samples
     tools = Counter(_tool_label(r) for r in events)
@@ -232,10 +241,14 @@ def compare(
         _dist("effects", reference=reference.effects, current=effects, n=n, enough=enough),
     ]
     values = _values(events)
+    calls = Counter(r[D_TOOL] for r in events if r[D_TOOL] is not None)
     for key, ref_hist in sorted(reference.numbers.items()):
         cur_hist = ref_hist.rebin(values.get(key, ()))
         ok = ref_hist.total >= min_samples and cur_hist.total >= min_samples
         value = ref_hist.psi(cur_hist)
+        gone = cur_hist.total == 0 and ref_hist.total >= min_samples
+        if gone and _calls_of(key, calls) >= min_samples:
+            value, ok = _vanished(ref_hist), True
         dists.append(
             Distribution(
                 f"number:{key}",
@@ -246,6 +259,17 @@ def compare(
             )
         )
     return DriftResult(reference.agent, reference.version, tuple(dists))
+
+
+def _calls_of(key: str, calls: Mapping[str, int]) -> int:
+    """The current calls of the tool of a ``<tool>.<argument>`` key (a tool may hold a dot)."""
+    return sum(n for tool, n in calls.items() if key.startswith(f"{tool}."))
+
+
+def _vanished(reference: Histogram) -> float:
+    """PSI of a current window whose values all fell outside the reference's bins."""
+    total = reference.total
+    return psi([c / total for c in reference.counts] + [0.0], [0.0] * len(reference.counts) + [1.0])
 
 
 def _dist(

@@ -12,6 +12,7 @@ arguments themselves. An erased subject's numbers are simply missing.
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ CONVERSATION_KEYS = ("session_id", "conversation_id", "thread_id")
 """Context keys (``X-Warden-Context-Session-Id``...) that name a conversation, first found wins."""
 _APPROVAL_VERDICTS = {"approval_decided": None, "approval_expired": "expired"}
 _MAX_NUMBERS = 32  # numeric arguments kept per action
+_MAX_KNOWN = 16_384
+"""Argument names :func:`_numbers` remembers the order of (at most ~4 MiB of names)."""
 _MAX_NAME_CHARS: Final = 128
 """Longer tool and argument names give no number distribution (they are the agent's)."""
 
@@ -264,7 +267,42 @@ def _ts(text: Any) -> float:
         return 0.0
 
 
+class _KnownNames:
+    """Per tool, the numeric arguments kept so far and when each was first kept (bounded)."""
+
+    __slots__ = ("count", "tools")
+
+    def __init__(self) -> None:
+        self.tools: dict[str, dict[str, int]] = {}
+        self.count = 0
+
+    def remember(self, tool: str, names: Iterable[str]) -> None:
+        """Give each name not known yet the next rank, while there is room."""
+        if self.count >= _MAX_KNOWN:
+            return  # nor a new tool's empty entry: tool names are the agent's too
+        known = self.tools.setdefault(tool, {})
+        for name in names:
+            if self.count >= _MAX_KNOWN:
+                return
+            if name not in known:
+                known[name] = self.count
+                self.count += 1
+
+
+_known = _KnownNames()  # process-wide: the monitor and the CLI read the log in order
+
+
 def _numbers(tool: Any, arguments: Any) -> tuple[tuple[str, float], ...]:
+    """The numeric arguments of one action, at most :data:`_MAX_NUMBERS` of them.
+
+    Past the cap, the arguments kept before win: the argument names are the
+    agent's, so keeping the first in key order let 32 junk arguments
+    (``a00``... ``a31``) push ``amount`` out and hide its drift. ``amount``,
+    kept since the reference window (records are read in log order), now
+    outranks names an agent adds later, however many. Past
+    :data:`_MAX_KNOWN` names, new ones rank after every remembered one, in
+    argument order.
+    """
     if not isinstance(tool, str) or not isinstance(arguments, Mapping):
         return ()
     if len(tool) > _MAX_NAME_CHARS:
@@ -277,10 +315,17 @@ def _numbers(tool: Any, arguments: Any) -> tuple[tuple[str, float], ...]:
             and not isinstance(value, bool)
             and len(name) <= _MAX_NAME_CHARS
         ):
-            found.append((f"{tool}.{name}", float(value)))
-            if len(found) >= _MAX_NUMBERS:
-                break
-    return tuple(found)
+            found.append((name, float(value)))
+    known = _known.tools.get(tool)
+    if len(found) > _MAX_NUMBERS:
+        ranks = known or {}
+        best = heapq.nsmallest(
+            _MAX_NUMBERS, range(len(found)), key=lambda i: (ranks.get(found[i][0], _MAX_KNOWN), i)
+        )
+        found = [found[i] for i in sorted(best)]  # in argument order, as below the cap
+    if known is None or any(name not in known for name, _ in found):
+        _known.remember(tool, (name for name, _ in found))
+    return tuple((f"{tool}.{name}", value) for name, value in found)
 
 
 def _conversation(context: Any) -> str | None:

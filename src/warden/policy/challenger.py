@@ -17,8 +17,11 @@ one wake-up per batch instead of a round trip per input. The batch's
 budget is ``policy.deadline_ms`` per input; a batch that uses it up, or
 whose worker crashes, counts every input in it as diverged to ``error``.
 
-Each result is compared with the effect the active bundle (the champion)
-gave for the same input. A difference is a *divergence*: counted in
+Each result is compared with what the active bundle (the champion) gave for
+the same input: the effect and the mode (a rule's ``"mode": "observe"`` lets
+the action through whatever its effect, so ``deny`` → ``deny (observe)`` is
+a divergence of its own, see :func:`result_label`). A difference is a
+*divergence*: counted in
 ``warden_challenger_divergence_total{from,to}`` and, unless
 ``policy.challenger.record`` is off, written as a ``challenger`` audit record
 naming the decision (a batch's records are appended together, so they share
@@ -42,7 +45,7 @@ from prometheus_client import Gauge
 
 from warden.config import ChallengerConfig, PolicyConfig
 from warden.errors import Overloaded
-from warden.model import Decision, Effect
+from warden.model import Decision, Effect, Mode
 from warden.policy.engine import PolicyEngine, PolicyResult, PreActivate
 from warden.policy.metrics import NO_METRICS
 from warden.tasks import Tasks
@@ -56,6 +59,7 @@ __all__ = [
     "ChallengerStats",
     "Divergence",
     "challenger_effect",
+    "result_label",
 ]
 
 log = logging.getLogger("warden.policy.challenger")
@@ -69,8 +73,9 @@ _RECENT = 50
 
 DIVERGENCE = PromCounter(
     "warden_challenger_divergence_total",
-    "Decisions where the challenger bundle's effect differs from the active bundle's, "
-    "by the active effect (from) and the challenger's (to, or error).",
+    "Decisions where the challenger bundle's effect or mode differs from the active bundle's, "
+    "by the active effect (from) and the challenger's (to, or error); a side whose mode "
+    "differs from the other's reads 'deny (observe)'.",
     ["from", "to"],
 )
 EVALUATED = PromCounter(
@@ -107,6 +112,16 @@ class Divergence:
     challenger_revision: str
     challenger_effect: str
     """An effect, or ``error`` when the challenger could not evaluate the input."""
+    champion_mode: str = Mode.ENFORCE.value
+    challenger_mode: str = Mode.ENFORCE.value
+    """The mode of each result (``observe`` lets the action through whatever the effect)."""
+
+    @property
+    def label(self) -> str:
+        """``allow→deny``, or ``deny→deny (observe)`` when the modes differ."""
+        champion = result_label(self.champion_effect, self.champion_mode, self.challenger_mode)
+        challenger = result_label(self.challenger_effect, self.challenger_mode, self.champion_mode)
+        return f"{champion}→{challenger}"
 
     def as_record(self) -> dict[str, Any]:
         """The body of the ``challenger`` audit record (no arguments, no context)."""
@@ -114,10 +129,15 @@ class Divergence:
             "decision_id": self.decision_id,
             "agent_id": self.agent,
             "tool": self.tool,
-            "champion": {"revision": self.champion_revision, "effect": self.champion_effect},
+            "champion": {
+                "revision": self.champion_revision,
+                "effect": self.champion_effect,
+                "mode": self.champion_mode,
+            },
             "challenger": {
                 "revision": self.challenger_revision,
                 "effect": self.challenger_effect,
+                "mode": self.challenger_mode,
             },
         }
 
@@ -132,7 +152,7 @@ class ChallengerStats:
     dropped: int
     queued: int
     changes: Mapping[str, int]
-    """Divergences by ``from→to`` (``allow→require_approval``)."""
+    """Divergences by ``from→to`` (``allow→require_approval``, ``deny→deny (observe)``)."""
     recent: tuple[Divergence, ...]
     """The latest divergences, newest last (at most 50)."""
 
@@ -164,11 +184,25 @@ def challenger_effect(result: PolicyResult, default_effect: Effect) -> str:
     return result.effect.value
 
 
+def result_label(effect: str, mode: str, other_mode: str) -> str:
+    """How one side of a change reads: ``effect``, or ``deny (observe)``.
+
+    The mode is shown only where the two sides' modes differ, on the side not
+    in enforce mode: a change of mode alone (``deny→deny (observe)``) changes
+    what is enforced, while an agent configured in observe mode would
+    otherwise have every change read ``allow (observe)→deny (observe)``.
+    """
+    if not mode or mode in (other_mode, Mode.ENFORCE) or effect == ERROR_LABEL:
+        return effect
+    return f"{effect} ({mode})"
+
+
 @dataclass(frozen=True, slots=True)
 class _Item:
     doc: Mapping[str, Any]
     decision_id: str
     effect: str
+    mode: str
     revision: str
 
 
@@ -261,7 +295,13 @@ class Challenger:
             return
         queue = self._queue
         queue.append(
-            _Item(doc, decision.decision_id, decision.effect._value_, decision.bundle_revision)
+            _Item(
+                doc,
+                decision.decision_id,
+                decision.effect._value_,
+                decision.mode._value_,
+                decision.bundle_revision,
+            )
         )
         self._idle.clear()
         if not self._wake.is_set():
@@ -327,23 +367,35 @@ class Challenger:
         diverged: list[Divergence] = []
         for item, result in zip(batch, results, strict=True):
             effect = challenger_effect(result, self._default)
-            if effect == item.effect:
+            # As PolicyGuard.decide: the rule's own mode, else the input's (the configured
+            # one). An error has no mode of its own: it diverges by its effect alone.
+            if effect == ERROR_LABEL:
+                mode = item.mode
+            elif result.mode is not None:
+                mode = result.mode._value_
+            else:
+                mode = str(item.doc.get("mode") or item.mode)
+            if effect == item.effect and mode == item.mode:
                 continue
-            DIVERGENCE.labels(item.effect, effect).inc()
-            self._changes[f"{item.effect}→{effect}"] += 1
             agent = item.doc.get("agent") or {}
             action = item.doc.get("action") or {}
-            diverged.append(
-                Divergence(
-                    decision_id=item.decision_id,
-                    agent=str(agent.get("id", "")),
-                    tool=action.get("tool"),
-                    champion_revision=item.revision,
-                    champion_effect=item.effect,
-                    challenger_revision=result.revision or self.engine.revision or "",
-                    challenger_effect=effect,
-                )
+            divergence = Divergence(
+                decision_id=item.decision_id,
+                agent=str(agent.get("id", "")),
+                tool=action.get("tool"),
+                champion_revision=item.revision,
+                champion_effect=item.effect,
+                challenger_revision=result.revision or self.engine.revision or "",
+                challenger_effect=effect,
+                champion_mode=item.mode,
+                challenger_mode=mode,
             )
+            DIVERGENCE.labels(
+                result_label(item.effect, item.mode, mode),
+                result_label(effect, mode, item.mode),
+            ).inc()
+            self._changes[divergence.label] += 1
+            diverged.append(divergence)
         self._evaluated += len(batch)
         self._diverged += len(diverged)
         self._recent.extend(diverged)

@@ -7,16 +7,22 @@ counters, the configured mode and risk, the declared tools, the wire type).
 the record (unsealing personal fields with the log's subject keys), and
 :func:`replay` evaluates it with the candidate bundle on the production path
 (the authoring child process, as ``warden policy eval`` does) and compares
-the effect with the one recorded.
+what the candidate enforces with what was recorded: the effect and the mode (a
+rule's ``"mode": "observe"`` lets the action through whatever its effect).
 
 Only decisions the policy made are replayed: one decided before the policy
 ran (kill switch, budget cap, validation) would be decided the same way
 whatever the bundle says; an approval's follow-up is the same action again.
 What cannot be rebuilt exactly is counted and said: records older than ADR
 0012 (``no_input``), a door's own input (``door_input``, never recorded: it
-may hold credentials), personal fields of an erased subject (``erased``), declared tools named by
-digest (``input.tools_sha256``: a response's calls after the first record of
-their request) whose record is gone (``tools_unseen``).
+may hold credentials), personal fields of an erased subject (``erased``),
+arguments hidden whole (``redacted``, or ``fallback`` when the active bundle
+failed on the action), declared tools named by digest
+(``input.tools_sha256``: a response's calls after the first record of their
+request) whose record is not in the log (``tools_unseen``). Every skip but
+``not_policy`` (:data:`BENIGN_SKIPS`) is a decision the candidate might
+decide differently: ``warden policy replay`` fails its gate on them unless
+told otherwise (``--allow-skipped``).
 A record whose arguments or context were partly redacted is replayed with
 ``"[redacted]"`` in place and counted as *inexact*.
 """
@@ -24,6 +30,7 @@ A record whose arguments or context were partly redacted is replayed with
 from __future__ import annotations
 
 import datetime as dt
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -32,16 +39,19 @@ from typing import Any
 
 import orjson
 
+from warden.audit.layout import Layout
 from warden.audit.record import REDACTED, tools_sha256
-from warden.audit.verify import iter_records
+from warden.audit.segments import FRAME_HEADER, FrameScanner, list_segments, parse_header
 from warden.config import PolicyConfig
-from warden.model import Effect
+from warden.model import Effect, Mode
 from warden.monitor.events import Unsealer
 from warden.policy.authoring.child import DEFAULT_TEST_TIMEOUT_S, Child, Crash, init_doc
 from warden.policy.authoring.policy_set import PolicySet
+from warden.policy.challenger import result_label
 from warden.policy.engine import interpret_output
 
 __all__ = [
+    "BENIGN_SKIPS",
     "SKIP_REASONS",
     "Change",
     "Rebuilt",
@@ -60,9 +70,14 @@ SKIP_REASONS = {
     "door_input": "a door's own policy input (Envoy ext_authz), which is never recorded",
     "erased": "sealed personal fields whose subject was erased (or whose keys are not here)",
     "redacted": "the arguments were hidden whole (redaction obligation or unsealable subject)",
+    "fallback": "the active bundle failed on it, so its record hides the arguments",
     "unreadable": "the record is not a decision record Warden can read",
-    "tools_unseen": "the declared tools it names by digest are in a record no longer in the log",
+    "tools_unseen": "the declared tools it names by digest are in no record of the log "
+    "(retention removed it, or it is from before the log begins)",
 }
+BENIGN_SKIPS = frozenset({"not_policy"})
+"""Skips no candidate bundle could decide differently; every other skip is a decision
+the replay did not check (``warden policy replay`` fails on them unless ``--allow-skipped``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,18 +92,26 @@ class Rebuilt:
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One kind of change (``allow`` → ``deny``), how often, and sample decision ids."""
+    """One kind of change (``allow`` → ``deny``), how often, and sample decision ids.
+
+    ``before_mode`` and ``after_mode`` are set only when the candidate changes
+    the mode (``deny→deny (observe)``: the action now goes through); both are
+    ``""`` when the mode stays.
+    """
 
     before: str
     after: str
     count: int
     samples: tuple[str, ...]
     inexact: int = 0
+    before_mode: str = ""
+    after_mode: str = ""
 
     @property
     def label(self) -> str:
-        """``allow→deny``."""
-        return f"{self.before}→{self.after}"
+        """``allow→deny``, or ``deny→deny (observe)`` when the mode changes."""
+        before = result_label(self.before, self.before_mode, self.after_mode)
+        return f"{before}→{result_label(self.after, self.after_mode, self.before_mode)}"
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form."""
@@ -96,6 +119,8 @@ class Change:
             "change": self.label,
             "before": self.before,
             "after": self.after,
+            "before_mode": self.before_mode or None,
+            "after_mode": self.after_mode or None,
             "count": self.count,
             "inexact": self.inexact,
             "samples": list(self.samples),
@@ -118,8 +143,13 @@ class ReplayReport:
 
     @property
     def changed(self) -> int:
-        """Replayed decisions whose effect changed."""
+        """Replayed decisions whose effect or mode changed."""
         return sum(c.count for c in self.changes)
+
+    @property
+    def unreplayed(self) -> int:
+        """Skipped decisions the candidate might have decided differently (not benign)."""
+        return sum(n for reason, n in self.skipped.items() if reason not in BENIGN_SKIPS)
 
     @property
     def change_rate(self) -> float:
@@ -139,6 +169,7 @@ class ReplayReport:
             "errors": self.errors,
             "changes": [c.as_dict() for c in self.changes],
             "skipped": dict(self.skipped),
+            "unreplayed": self.unreplayed,
         }
 
 
@@ -192,7 +223,7 @@ def rebuild_input(
         path = sealed.get("action.request.path")
     for value in (claims, arguments, answers, meta):
         if value is not None and not isinstance(value, Mapping):
-            return Rebuilt(None, "redacted" if value == REDACTED else "unreadable")
+            return Rebuilt(None, _why_hidden(value, decision))
     request = action.get("request") if isinstance(action.get("request"), Mapping) else {}
     assert isinstance(request, Mapping)
     doc: dict[str, Any] = {
@@ -236,6 +267,13 @@ def rebuild_input(
     return Rebuilt(doc, None, exact)
 
 
+def _why_hidden(value: Any, decision: Mapping[str, Any]) -> str:
+    if value != REDACTED:
+        return "unreadable"
+    # A fallback hides everything: nothing said which fields are personal.
+    return "fallback" if decision.get("guard") == "fallback" else "redacted"
+
+
 def _declared_tools(facts: Mapping[str, Any], seen: Mapping[str, list[Any]]) -> list[Any] | None:
     """``input.request.tools`` of a record: its own list, or the one its digest names."""
     digest = facts.get("tools_sha256")
@@ -251,56 +289,138 @@ def _ts(text: Any) -> float:
         return 0.0
 
 
-class ToolsSeen(dict[str, list[Any]]):
-    """Declared-tools lists read from decision records, by digest; the last few hundred."""
+Where = tuple[Path, int]
+"""A record's place in the log: its segment file and the offset of its frame."""
 
-    LIMIT = 256
 
-    def read(self, record: Mapping[str, Any]) -> None:
-        """Keep the list ``record`` holds in full, if any."""
-        decision = record.get("decision")
-        facts = decision.get("input") if isinstance(decision, Mapping) else None
-        listed = facts.get("tools") if isinstance(facts, Mapping) else None
-        if not isinstance(listed, list) or not listed:
+def _listed_tools(record: Mapping[str, Any]) -> list[Any] | None:
+    decision = record.get("decision")
+    facts = decision.get("input") if isinstance(decision, Mapping) else None
+    listed = facts.get("tools") if isinstance(facts, Mapping) else None
+    return listed if isinstance(listed, list) and listed else None
+
+
+class ToolsSeen(Mapping[str, list[Any]]):
+    """Declared-tools lists read from decision records, by digest.
+
+    Every list read is found again, however many others followed it: a call's
+    record may come long after its request's (a slow answer while the agent
+    sends many other requests), and a list forgotten would skip the call. The
+    latest few lists are kept; of the others only where their record is
+    (:data:`Where`), read back when a call names them, so memory grows with
+    the number of lists, not with their size.
+    """
+
+    RECENT = 32
+
+    def __init__(self) -> None:
+        self._recent: dict[str, list[Any]] = {}
+        self._where: dict[str, Where] = {}
+
+    def read(self, record: Mapping[str, Any], where: Where | None = None) -> None:
+        """Note the list ``record`` holds in full, if any (``where``: the record's place)."""
+        listed = _listed_tools(record)
+        if listed is None:
             return
         digest = tools_sha256(listed)
-        self.pop(digest, None)
-        self[digest] = listed
-        if len(self) > self.LIMIT:
-            del self[next(iter(self))]
+        if where is not None:
+            self._where[digest] = where
+        self._keep(digest, listed)
+
+    def _keep(self, digest: str, listed: list[Any]) -> None:
+        self._recent.pop(digest, None)
+        self._recent[digest] = listed
+        if len(self._recent) > self.RECENT:
+            del self._recent[next(iter(self._recent))]
+
+    def __getitem__(self, digest: str) -> list[Any]:
+        listed = self._recent.get(digest)
+        if listed is not None:
+            return listed
+        where = self._where.get(digest)
+        listed = _read_back(where, digest) if where is not None else None
+        if listed is None:
+            raise KeyError(digest)
+        self._keep(digest, listed)
+        return listed
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys([*self._where, *self._recent]))
+
+    def __len__(self) -> int:
+        return len(self._where.keys() | self._recent.keys())
+
+
+def _read_back(where: Where, digest: str) -> list[Any] | None:
+    """The tools list of the record at ``where``, if it is still there and has ``digest``."""
+    path, offset = where
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            length, crc = FRAME_HEADER.unpack(f.read(FRAME_HEADER.size))
+            payload = f.read(length)
+        record = orjson.loads(payload)
+    except (OSError, ValueError):  # struct.error and JSONDecodeError are ValueErrors
+        return None
+    if zlib.crc32(payload) != crc or not isinstance(record, dict):
+        return None
+    listed = _listed_tools(record)
+    return listed if listed is not None and tools_sha256(listed) == digest else None
+
+
+def _stored(root: Path) -> Iterator[tuple[Where, bytes]]:
+    """Every record's place and bytes, in order, up to the first bad frame.
+
+    :func:`warden.audit.verify.iter_records`, with each record's place, so
+    :class:`ToolsSeen` can read it back.
+    """
+    for path in list_segments(Layout(root).segments):
+        data = path.read_bytes()
+        parsed = parse_header(data)
+        if parsed is None:
+            return
+        scanner = FrameScanner(data, parsed[1])
+        for offset, payload in scanner:
+            yield (path, offset), payload
+        if scanner.fault is not None:
+            return
 
 
 def _decisions(
     root: Path, since: float | None, until: float | None, tools: ToolsSeen
 ) -> Iterator[dict[str, Any]]:
-    for _, payload in iter_records(root):
+    for where, payload in _stored(root):
         try:
             record = orjson.loads(payload)
         except orjson.JSONDecodeError:
             continue
         if not isinstance(record, dict) or record.get("kind") != "decision":
             continue
-        tools.read(record)  # before the window too: a call in it may name them
+        tools.read(record, where)  # before the window too: a call in it may name them
         ts = _ts(record.get("time"))
         if (since is not None and ts < since) or (until is not None and ts >= until):
             continue
         yield record
 
 
+def _input_mode(doc: Mapping[str, Any]) -> str:
+    return str(doc.get("mode") or Mode.ENFORCE.value)
+
+
 class _Candidate:
-    """The candidate bundle in the authoring child; answers effects, memoised per input."""
+    """The candidate bundle in the authoring child; answers results, memoised per input."""
 
     def __init__(self, policy: PolicySet, config: PolicyConfig, timeout_s: float) -> None:
         self._policy = policy
         self._config = config
         self._child = Child(init_doc(policy), timeout_s)
-        self._memo: dict[bytes, tuple[str, bool]] = {}
+        self._memo: dict[bytes, tuple[str, str, bool]] = {}
 
     def close(self) -> None:
         self._child.close()
 
-    def effect(self, doc: Mapping[str, Any]) -> tuple[str, bool]:
-        """The candidate's effect for ``doc``, and whether the candidate failed on it."""
+    def effect(self, doc: Mapping[str, Any]) -> tuple[str, str, bool]:
+        """The candidate's effect and mode for ``doc``, and whether it failed on it."""
         key = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
         found = self._memo.get(key)
         if found is None:
@@ -308,19 +428,21 @@ class _Candidate:
             self._memo[key] = found
         return found
 
-    def _evaluate(self, doc: Mapping[str, Any]) -> tuple[str, bool]:
+    def _evaluate(self, doc: Mapping[str, Any]) -> tuple[str, str, bool]:
+        # As PolicyGuard.decide: the rule's own mode, else the input's (the configured one).
+        mode = _input_mode(doc)
         reply = self._child.request(
             {"op": "decide", "query": self._config.query, "input": doc, "repeat": 0}
         )
         if isinstance(reply, Crash) or not reply.get("ok"):
             # The engine denies a failure the input may have caused (see PolicyGuard).
-            return Effect.DENY.value, True
+            return Effect.DENY.value, mode, True
         result = interpret_output(str(reply["text"]), self._policy.production)
         if result.error is not None:
-            return Effect.DENY.value, True
+            return Effect.DENY.value, mode, True
         if result.effect is None:
-            return self._config.default_effect.value, False
-        return result.effect.value, False
+            return self._config.default_effect.value, mode, False
+        return result.effect.value, result.mode.value if result.mode else mode, False
 
 
 def replay(
@@ -343,9 +465,10 @@ def replay(
     seen: set[str] = set()
     skipped: Counter[str] = Counter()
     revisions: dict[str, None] = {}
-    samples: dict[tuple[str, str], list[str]] = defaultdict(list)
-    counts: Counter[tuple[str, str]] = Counter()
-    inexact_changes: Counter[tuple[str, str]] = Counter()
+    # By (effect before, effect after, mode before, mode after); modes "" when unchanged.
+    samples: dict[tuple[str, str, str, str], list[str]] = defaultdict(list)
+    counts: Counter[tuple[str, str, str, str]] = Counter()
+    inexact_changes: Counter[tuple[str, str, str, str]] = Counter()
     scanned = replayed = inexact = errors = 0
     candidate = _Candidate(policy, config, timeout_s)
     tools = ToolsSeen()
@@ -370,11 +493,14 @@ def replay(
             revisions[str(decision.get("bundle_revision", ""))] = None
             replayed += 1
             inexact += not rebuilt.exact
-            after, failed = candidate.effect(rebuilt.input)
+            after, after_mode, failed = candidate.effect(rebuilt.input)
             errors += failed
             before = str(decision.get("effect", ""))
-            if after != before:
-                key = (before, after)
+            # What was enforced: an observe-mode result lets the action through.
+            before_mode = str(decision.get("mode") or _input_mode(rebuilt.input))
+            if (after, after_mode) != (before, before_mode):
+                modes = (before_mode, after_mode) if after_mode != before_mode else ("", "")
+                key = (before, after, *modes)
                 counts[key] += 1
                 inexact_changes[key] += not rebuilt.exact
                 if len(samples[key]) < SAMPLES:
@@ -382,8 +508,8 @@ def replay(
     finally:
         candidate.close()
     changes = tuple(
-        Change(before, after, n, tuple(samples[(before, after)]), inexact_changes[(before, after)])
-        for (before, after), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        Change(key[0], key[1], n, tuple(samples[key]), inexact_changes[key], key[2], key[3])
+        for key, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     )
     return ReplayReport(
         revision=policy.revision,

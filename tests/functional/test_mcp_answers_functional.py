@@ -327,3 +327,66 @@ async def test_an_answer_to_no_open_question_reaches_the_server_as_an_error(
     assert "result" not in got
     assert got["id"] == 0
     assert "did not relay the client's answer" in got["error"]["message"]
+
+
+async def test_a_call_asking_for_input_is_counted_once_under_a_cap(tmp_path: Path) -> None:
+    # 2026-07-28: the server answers the first round with a request for input, and the
+    # client retries with the answers. The first round's hold goes to the retry: a
+    # refund of 50 under a cap of 60 is made once, not refused as 100.
+    received: list[dict[str, Any]] = []
+
+    async def mcp_endpoint(request: web.Request) -> web.StreamResponse:
+        if request.method in ("GET", "DELETE"):
+            return web.Response(status=405 if request.method == "GET" else 200)
+        body = await request.json()
+        received.append(body)
+        if body.get("method") == "initialize":
+            result = {
+                "protocolVersion": body["params"]["protocolVersion"],
+                "capabilities": {"tools": {}},
+                "serverInfo": {"name": "asking", "version": "1"},
+            }
+            answer = {"jsonrpc": "2.0", "id": body["id"], "result": result}
+            return web.json_response(answer, headers={"Mcp-Session-Id": "s-1"})
+        if "id" not in body:
+            return web.Response(status=202)
+        if body["params"].get("inputResponses"):
+            done = {"resultType": "complete", "content": [{"type": "text", "text": "refunded"}]}
+            return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": done})
+        confirm = {
+            "method": "elicitation/create",
+            "params": {"message": "Refund 50?", "requestedSchema": {"type": "object"}},
+        }
+        asking = {
+            "resultType": "input_required",
+            "requestState": "st",
+            "inputRequests": {"confirm": confirm},
+        }
+        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": asking})
+
+    app = web.Application()
+    app.router.add_route("*", "/mcp", mcp_endpoint)
+    async with serving(app) as port:
+        config = capped_config(tmp_path, f"http://127.0.0.1:{port}/mcp")
+        async with Warden(config) as warden, aiohttp.ClientSession() as http:
+            target = f"{warden.proxy_url}/support-tools"
+            init: dict[str, Any] = json.loads(json.dumps(INIT))
+            init["params"]["protocolVersion"] = "2026-07-28"
+            async with http.post(target, json=init, headers=ACCEPT) as resp:
+                headers = {**ACCEPT, "Mcp-Session-Id": resp.headers["Mcp-Session-Id"]}
+            params = {"name": "issue_refund", "arguments": {"order_id": "A-1", "amount": 50}}
+            call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
+            async with http.post(target, json=call, headers=headers) as resp:
+                await resp.read()
+            answers = {"confirm": {"action": "accept", "content": {"ok": True}}}
+            resumed = {**params, "inputResponses": answers, "requestState": "st"}
+            retry = {**call, "id": 2, "params": resumed}
+            async with http.post(target, json=retry, headers=headers) as resp:
+                finished = await resp.json()
+            held = await settled(tmp_path)
+    assert finished["result"]["content"][0]["text"] == "refunded"
+    assert held == (50.0, 0.0)
+    assert [bool(m["params"].get("inputResponses")) for m in received if "params" in m][-2:] == [
+        False,
+        True,
+    ]

@@ -285,12 +285,23 @@ def test_load_bundles_merges_paths(tmp_path: Path) -> None:
         (
             "package warden\nbucket(a, b) := a - b\n"
             "x := y if { y := bucket(74, 7) with bucket as rem }\n",
-            r"p\.rego:3:47: rem, the builtin",
+            r"p\.rego:3:44: rem, the builtin",
         ),
         ('package warden\nx := time["weekday"](0)\n', r"p\.rego:2:6: time\.weekday crashes"),
         # Numbers compared as text: max([401, 1933]) is 401.
         ("package warden\nx := max([401, 1933])\n", r"p\.rego:2:6: max compares numbers as text"),
         ("package warden\nx := min([100, 20])\n", r"p\.rego:2:6: min compares numbers as text"),
+        # A call at the start of a line is a call, not a definition.
+        ("package warden\nx if {\n    max(input.a) > 500\n}\n", r"p\.rego:3:5: max compares"),
+        (
+            'package warden\nx := semver["compare"]("1.10.0", "1.9.0")\n',
+            r"semver\.compare is wrong",
+        ),
+        ('package warden\nx := regex["match"]("a", "a")\n', r"p\.rego:2:6: regex\[\.\.\.\] names"),
+        (
+            'package warden\nx := regex.replace(input.q, "(?i)drop", "")\n',
+            r"p\.rego:2:29: the pattern .* uses '\(\?i'",
+        ),
         (
             'package warden\nx := semver.compare("1.10.0", "1.9.0")\n',
             r"p\.rego:2:6: semver\.compare is wrong",
@@ -316,6 +327,18 @@ def test_compile_check_accepts_functions_defined_in_the_bundle() -> None:
         'x := lib.double(2)\ny := "z(1)"\n',
     )
     compile_check([lib, main], {}, "data.warden.x")
+
+
+def test_names_and_escaped_text_like_the_faults_are_not_refused() -> None:
+    # Variables named rem or max, and a backslash written before A, P or (?s as text.
+    source = (
+        "package warden\nimport rego.v1\nz := rem if { rem := 5 }\n"
+        "m := mx if { some max in [1]; mx := max }\n"
+        "x if regex.match(`\\\\AppData\\\\`, input.p)\n"
+        'y if regex.match("file\\\\(?s\\\\)?$", input.p)\n'
+        "v if regex.match(`^C:\\\\Program`, input.p)\n"
+    )
+    compile_check([Module("p.rego", source)], {}, "data.warden.z")
 
 
 def test_a_function_the_bundle_defines_may_share_a_faulty_builtins_name() -> None:

@@ -86,7 +86,6 @@ from warden.policy.worker import (
     MSG_QUIT,
     MSG_RESULT,
     frame,
-    pass_on_stack,
 )
 from warden.protocols._wire import reject_constant, unique_keys
 
@@ -428,7 +427,6 @@ def _worker_env() -> dict[str, str]:
 
 
 def _spawn_process(python: str, stack_mb: int) -> tuple[subprocess.Popen[bytes], socket.socket]:
-    pass_on_stack(stack_mb * 1024 * 1024)  # the worker starts with it: no second start
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module, no shell

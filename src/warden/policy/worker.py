@@ -58,7 +58,6 @@ __all__ = [
     "Evaluator",
     "frame",
     "main",
-    "pass_on_stack",
     "read_frame",
     "set_stack",
     "worker_main",
@@ -260,27 +259,15 @@ def _stack_limits(want: int) -> tuple[int, int, int] | None:
     return soft, hard, want if hard == resource.RLIM_INFINITY else min(hard, want)
 
 
-def pass_on_stack(want: int = STACK_BYTES) -> None:
-    """Raise this process's stack limit to ``want`` bytes, for the processes it starts.
-
-    A child's memory is laid out for the limit in force when it starts, so one
-    that inherits it needs no second start (:func:`set_stack`). This process's
-    own layout is fixed already: only its main thread could grow further.
-    """
-    if (limits := _stack_limits(want)) is not None and limits[0] < limits[2]:
-        import resource  # noqa: PLC0415 - present: _stack_limits found it
-
-        resource.setrlimit(resource.RLIMIT_STACK, (limits[2], limits[1]))
-
-
 def set_stack(module: str, args: Sequence[str], want: int = STACK_BYTES) -> None:
     """Run ``python -m module args`` again with a ``want``-byte stack, unless it has that.
 
     Set, then exec'd: the kernel leaves room below the stack for the limit in
     force when the process starts, so changing it in a running process is not
     enough. Inherited file descriptors (the worker's socket) stay open across
-    the exec. The parent passes the limit on (:func:`pass_on_stack`), so this
-    only runs again for a limit it does not give (a smaller one, in tests).
+    the exec. A second start (some 30 ms), rather than the parent raising its
+    own limit for its children to inherit: every other process it starts (a
+    wrapped MCP server) would inherit it too.
     """
     limits = _stack_limits(want)
     if limits is None or limits[0] == limits[2]:

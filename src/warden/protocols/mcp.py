@@ -61,6 +61,7 @@ from warden.protocols.declared_arguments import ListedArguments
 __all__ = [
     "ACCEPTED",
     "GOVERNED",
+    "INPUT_REQUIRED",
     "INVALID_PARAMS",
     "INVALID_REQUEST",
     "MAX_ANSWERS",
@@ -965,6 +966,9 @@ def _refusal(id_: JsonId, kind: ActionKind, text: str, decision_id: str) -> dict
     return {"jsonrpc": "2.0", "id": id_, "result": result}
 
 
+INPUT_REQUIRED: Final = "input_required"
+"""The outcome error of a call the server answered with a request for input (2026-07-28):
+it did not complete, and its retry, with the answers, holds what a cap holds for it."""
 _BEFORE_RUNNING: Final = frozenset({-32601, INVALID_PARAMS})
 """Errors a server gives before running anything: no such method, arguments refused."""
 
@@ -1003,7 +1007,7 @@ def result_outcome(response: Mapping[str, Any], latency_ms: float = 0.0) -> Outc
     if shape == "input_required":
         # The server asks the client for input first (2026-07-28): the request did not
         # complete; its retry, with the answers, is decided as a request of its own.
-        return Outcome(latency_ms=latency_ms, error="input_required", is_error=True)
+        return Outcome(latency_ms=latency_ms, error=INPUT_REQUIRED, is_error=True)
     if shape is not None and shape != "complete":
         # A shape a client extension claims (a task handle): the call goes on at the
         # server, and what it does there later does not come back through this answer.

@@ -27,7 +27,7 @@ import orjson
 from warden.policy.authoring.policy_set import PolicySet
 from warden.policy.bundle import BundleError, Module, describe_rego_error
 from warden.policy.engine import result_document
-from warden.policy.worker import STACK_BYTES, pass_on_stack, set_stack
+from warden.policy.worker import STACK_BYTES, set_stack
 
 __all__ = [
     "DEFAULT_TEST_TIMEOUT_S",
@@ -81,7 +81,6 @@ class Child:
         self.close()
 
     def _start(self) -> None:
-        pass_on_stack(self._stack_bytes)  # the child starts with it: no second start
         read_fd, write_fd = os.pipe()
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the child
         env = dict(os.environ)

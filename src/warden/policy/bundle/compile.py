@@ -47,7 +47,7 @@ _ENGINE_FAULTS = (
         _EXACT,
     ),
     _Fault(
-        re.compile(r"(?<![\w.\"])rem\b"),
+        re.compile(r"(?<![\w.\"])rem\s*\(|\bas\s+rem\b"),
         "rem, the builtin behind %, gives wrong remainders on this engine (rem(74, 7) is 6)",
         _EXACT,
         "rem",
@@ -68,28 +68,39 @@ _ENGINE_FAULTS = (
     # These compare numbers as text: max([401, 1933]) is 401, so `max(amounts) <= 500`
     # allows 1933 (sort too, which stays allowed: it orders strings right).
     _Fault(
-        re.compile(r"(?<![\w.\"])max\b"),
+        re.compile(r"(?<![\w.\"])max\s*\(|\bas\s+max\b"),
         "max compares numbers as text on this engine (max([401, 1933]) is 401)",
         _BY_HAND,
         "max",
     ),
     _Fault(
-        re.compile(r"(?<![\w.\"])min\b"),
+        re.compile(r"(?<![\w.\"])min\s*\(|\bas\s+min\b"),
         "min compares numbers as text on this engine (min([100, 20]) is 100)",
         _BY_HAND,
         "min",
     ),
     _Fault(
-        re.compile(r"(?<![\w.\"])semver\s*\.\s*compare\b"),
+        re.compile(r"(?<![\w.\"])semver\s*(?:\.\s*compare\b|\[)"),
         "semver.compare is wrong on this engine (1.10.0 is below 1.9.0)",
         "compare the numeric parts yourself, or put the versions allowed in data",
     ),
 )
 # Regular expressions are ECMAScript (std::regex) here, not RE2: these RE2 forms make
 # regex.match undefined or silently false, so `deny if regex.match("(?i)drop", x)`
-# never denies. Checked in pattern literals.
-_REGEX_CALL = re.compile(r"regex\s*\.\s*\w+\s*\(\s*(\"(?:[^\"\\\n]|\\.)*\"|`[^`]*`)")
-_RE2_ONLY = re.compile(r"\(\?[a-zA-Z<-]|\\[zQpPA]")
+# never denies. Checked in pattern literals: the first argument, or regex.replace's
+# second; `regex[...]` (a builtin by name) is refused, as its pattern cannot be found.
+_LITERAL = r"(\"(?:[^\"\\\n]|\\.)*\"|`[^`]*`)"
+_REGEX_CALL = re.compile(
+    r"regex\s*\.\s*(?:replace\s*\(\s*(?:[^,()\"`]|\([^()]*\)|" + _LITERAL + r")+,\s*"
+    r"|\w+\s*\(\s*)" + _LITERAL
+)
+# After an even run of backslashes: `\\AppData` and `\(?s\)` are literal text.
+_RE2_ONLY = re.compile(r"(?<!\\)(?:\\\\)*(\(\?[a-zA-Z<-]|\\[zQpPA])")
+_REGEX_BY_NAME = re.compile(r"(?<![\w.\"])regex\s*\[")
+# A function the bundle defines: a head `name(args) :=`, `= ...`, `if` or `{`.
+_DEFINITION = re.compile(
+    r"^[ \t]*([A-Za-z_][A-Za-z0-9_]*)\s*\([^()\n]*\)\s*(?::=|=(?!=)|if\b|\{)", re.MULTILINE
+)
 _KEYWORDS = frozenset(
     {
         "if",
@@ -143,7 +154,7 @@ def check_engine_faults(
     seen here (docs/policies.md, engine limits).
     """
     texts = {m.path: cleaned[m.path] if cleaned is not None else blank(m.source) for m in modules}
-    defined = {name for text in texts.values() for name in _HEAD.findall(text)}
+    defined = {name for text in texts.values() for name in _DEFINITION.findall(text)}
 
     def refuse(module: Module, at: int, problem: str, hint: str) -> None:
         line, col = line_col(module.source, len(module.source[:at].encode()))
@@ -156,16 +167,24 @@ def check_engine_faults(
                 continue  # the bundle's own function of that name
             if (found := fault.pattern.search(text)) is not None:
                 refuse(module, found.start(), fault.problem, fault.hint)
+        if (by_name := _REGEX_BY_NAME.search(text)) is not None:
+            refuse(
+                module,
+                by_name.start(),
+                "regex[...] names a regular-expression builtin whose pattern this check "
+                "cannot read (this engine takes ECMAScript, not RE2)",
+                "call it as regex.match(...) with the pattern written out",
+            )
         for call in _REGEX_CALL.finditer(module.source):
             if not text[call.start()].strip():
                 continue  # inside a comment or a string
-            literal = call.group(1)
+            literal = call.group(2)
             pattern = literal[1:-1] if literal[0] == "`" else _rego_string(literal)
             if (re2 := _RE2_ONLY.search(pattern)) is not None:
                 refuse(
                     module,
-                    call.start(1),
-                    f"the pattern {literal[:40]} uses {re2.group()!r}, which this engine's "
+                    call.start(2),
+                    f"the pattern {literal[:40]} uses {re2.group(1)!r}, which this engine's "
                     "regular expressions (ECMAScript, not RE2) do not take",
                     "write (?i) as [Dd][Rr][Oo][Pp] or lower() the value first, \\z as $, "
                     "and \\p{...} as explicit ranges",

@@ -54,6 +54,9 @@ async def test_crashing_and_looping_policies_leave_the_proxy_serving(
             "workers": 2,
             "deadline_ms": DEADLINE_MS,
             "queue_timeout_s": 30,
+            # The usual Linux stack, on which the parser's recursion crashes (Warden's
+            # own takes the document).
+            "worker_stack_mb": 8,
         },
     )
     crash = Call("parse", {"doc": "[" * 30_000 + "]" * 30_000})

@@ -291,8 +291,10 @@ def test_load_bundles_merges_paths(tmp_path: Path) -> None:
         # Numbers compared as text: max([401, 1933]) is 401.
         ("package warden\nx := max([401, 1933])\n", r"p\.rego:2:6: max compares numbers as text"),
         ("package warden\nx := min([100, 20])\n", r"p\.rego:2:6: min compares numbers as text"),
-        # A call at the start of a line is a call, not a definition.
+        # A call at the start of a line is a call, not a definition, and so is a
+        # unification with its result.
         ("package warden\nx if {\n    max(input.a) > 500\n}\n", r"p\.rego:3:5: max compares"),
+        ("package warden\nx := m if {\n    max(input.a) = m\n}\n", r"p\.rego:3:5: max compares"),
         (
             'package warden\nx := semver["compare"]("1.10.0", "1.9.0")\n',
             r"semver\.compare is wrong",
@@ -327,6 +329,13 @@ def test_compile_check_accepts_functions_defined_in_the_bundle() -> None:
         'x := lib.double(2)\ny := "z(1)"\n',
     )
     compile_check([lib, main], {}, "data.warden.x")
+
+
+def test_a_function_of_another_package_does_not_stand_in_for_the_builtin() -> None:
+    util = Module("util.rego", "package util\n\nmax(xs) := xs[0]\n")
+    main = Module("main.rego", "package warden\nx := max([401, 1933])\n")
+    with pytest.raises(BundleError, match=r"main\.rego:2:6: max compares"):
+        compile_check([util, main], {}, "data.warden.x")
 
 
 def test_names_and_escaped_text_like_the_faults_are_not_refused() -> None:

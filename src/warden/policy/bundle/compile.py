@@ -97,10 +97,12 @@ _REGEX_CALL = re.compile(
 # After an even run of backslashes: `\\AppData` and `\(?s\)` are literal text.
 _RE2_ONLY = re.compile(r"(?<!\\)(?:\\\\)*(\(\?[a-zA-Z<-]|\\[zQpPA])")
 _REGEX_BY_NAME = re.compile(r"(?<![\w.\"])regex\s*\[")
-# A function the bundle defines: a head `name(args) :=`, `= ...`, `if` or `{`.
+# A function a package defines: a rule head, at the start of a line (an indented
+# `max(xs) = m` is a call in a body), `name(args) :=`, `= ...`, `if` or `{`.
 _DEFINITION = re.compile(
-    r"^[ \t]*([A-Za-z_][A-Za-z0-9_]*)\s*\([^()\n]*\)\s*(?::=|=(?!=)|if\b|\{)", re.MULTILINE
+    r"^([A-Za-z_][A-Za-z0-9_]*)\s*\([^()\n]*\)\s*(?::=|=(?!=)|if\b|\{)", re.MULTILINE
 )
+_PACKAGE = re.compile(r"^[ \t]*package\s+([^\s#]+)", re.MULTILINE)
 _KEYWORDS = frozenset(
     {
         "if",
@@ -145,6 +147,11 @@ def _rego_string(literal: str) -> str:
     return text if isinstance(text, str) else literal[1:-1]
 
 
+def _package_of(text: str) -> str:
+    found = _PACKAGE.search(text)
+    return found.group(1) if found is not None else ""
+
+
 def check_engine_faults(
     modules: Sequence[Module], label: str = "", cleaned: Mapping[str, str] | None = None
 ) -> None:
@@ -154,7 +161,12 @@ def check_engine_faults(
     seen here (docs/policies.md, engine limits).
     """
     texts = {m.path: cleaned[m.path] if cleaned is not None else blank(m.source) for m in modules}
-    defined = {name for text in texts.values() for name in _DEFINITION.findall(text)}
+    # Per package: a function `max` in another package does not stand in for the
+    # builtin here, where an unqualified `max(...)` is the builtin.
+    defined: dict[str, set[str]] = {}
+    for module in modules:
+        text = texts[module.path]
+        defined.setdefault(_package_of(text), set()).update(_DEFINITION.findall(text))
 
     def refuse(module: Module, at: int, problem: str, hint: str) -> None:
         line, col = line_col(module.source, len(module.source[:at].encode()))
@@ -162,9 +174,10 @@ def check_engine_faults(
 
     for module in modules:
         text = texts[module.path]
+        own = defined[_package_of(text)]
         for fault in _ENGINE_FAULTS:
-            if fault.name is not None and fault.name in defined:
-                continue  # the bundle's own function of that name
+            if fault.name is not None and fault.name in own:
+                continue  # this package's own function of that name
             if (found := fault.pattern.search(text)) is not None:
                 refuse(module, found.start(), fault.problem, fault.hint)
         if (by_name := _REGEX_BY_NAME.search(text)) is not None:

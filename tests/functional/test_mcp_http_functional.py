@@ -8,6 +8,7 @@ in-process with an upstream ``support-tools`` of ``protocol: mcp``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -1449,6 +1450,116 @@ async def test_kill_switch_stops_a_call_answered_on_a_resumed_stream(
     assert dropped("unasked") == before + 1
     (outcome,) = records(tmp_path, "outcome")
     assert (outcome["outcome"]["error"], outcome["outcome"]["is_error"]) == ("killed", True)
+    await verify_audit(tmp_path)
+
+
+class PollingEach(Polling):
+    """:class:`Polling` whose every call gets a stream of its own ids: the GET resuming it
+    (``hold``: once :meth:`resume` lets it) logs the call's tool, then gives that call's
+    answer alone once :attr:`go` is set."""
+
+    def __init__(self, *, hold: bool) -> None:
+        super().__init__(hold=hold)
+        self.streams: dict[str, tuple[Any, str]] = {}
+        self.resumed: list[str] = []
+        self.gates: dict[str, asyncio.Event] = {}
+
+    def resume(self, tool: str) -> None:
+        self.gates.setdefault(tool, asyncio.Event()).set()
+
+    async def _post(self, request: web.Request) -> web.StreamResponse:
+        message = orjson.loads(await request.read())
+        if message.get("method") != "tools/call":
+            return await super()._post(request)  # aiohttp keeps the body read
+        id_, tool = message["id"], message["params"]["name"]
+        self.streams[f"c{id_}"] = (id_, tool)
+        if not self.hold:
+            self.resume(tool)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(f"id: c{id_}-1\nretry: 10\ndata: \n\n".encode())
+        await response.write_eof()
+        return response
+
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        last = request.headers.get("Last-Event-ID")
+        if last is None:
+            return web.Response(status=405)  # no standalone stream
+        id_, tool = self.streams[last.split("-")[0]]
+        self.resumed.append(tool)
+        await self.gates.setdefault(tool, asyncio.Event()).wait()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        params = {"level": "info", "data": tool}
+        note = {"jsonrpc": "2.0", "method": "notifications/message", "params": params}
+        ran = {"content": [{"type": "text", "text": f"{tool} RAN"}], "isError": False}
+        answer = {"jsonrpc": "2.0", "id": id_, "result": ran}
+        with contextlib.suppress(ConnectionError):  # the client may have its answer
+            await response.write(f"id: c{id_}-2\ndata: ".encode() + orjson.dumps(note) + b"\n\n")
+            await self.go.wait()
+            await response.write(f"id: c{id_}-3\ndata: ".encode() + orjson.dumps(answer) + b"\n\n")
+            await response.write_eof()
+        return response
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["before-resuming", "while-resumed"])
+async def test_a_stopped_calls_answer_goes_only_on_the_stream_it_was_owed_on(
+    tmp_path: Path, streaming: bool
+) -> None:
+    # Two calls, each owed on its own resumed stream; a switch covers one. The official
+    # client reads any answer on a resumed stream as its resumed request's: the stop must
+    # go on the stopped call's stream only, whether that stream is open when the switch is
+    # thrown or opens after another call's.
+    logged: dict[str, asyncio.Event] = {t: asyncio.Event() for t in ("search_kb", "get_order")}
+
+    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+        logged[params.data].set()
+
+    async with (
+        PollingEach(hold=not streaming) as upstream,
+        Warden(config(tmp_path, upstream.url)) as warden,
+        connect(warden, logging_callback=on_log) as session,
+    ):
+        search = tasks.spawn(session.call_tool("search_kb", {"query": "refund"}), name="search")
+        if streaming:
+            await asyncio.wait_for(logged["search_kb"].wait(), 20)  # its stream is open
+        lookup = session.call_tool("get_order", {"order_id": "A-1001"})
+        order = tasks.spawn(lookup, name="order")
+        if streaming:
+            await asyncio.wait_for(logged["get_order"].wait(), 20)
+        else:
+            for _ in range(400):  # both streams resumed, held by the server
+                if len(upstream.resumed) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert sorted(upstream.resumed) == ["get_order", "search_kb"]
+        body = {"scope": "tool", "target": "get_order", "reason": "incident 45"}
+        await admin(warden, "POST", "/v1/killswitches", "root", body)
+        if not streaming:  # the other call's stream opens first
+            upstream.resume("search_kb")
+            for _ in range(400):  # open (or, wrongly, answered with the stop)
+                if logged["search_kb"].is_set() or search.done():
+                    break
+                await asyncio.sleep(0.05)
+            upstream.resume("get_order")
+        upstream.go.set()
+        found = await asyncio.wait_for(search, 20)
+        assert (found.is_error, text(found)) == (False, "search_kb RAN")
+        stopped = await asyncio.wait_for(order, 20)
+        (order_id,) = [i for i, tool in upstream.streams.values() if tool == "get_order"]
+        for _ in range(100):  # cancellations are sent in the background
+            if upstream.cancelled:
+                break
+            await asyncio.sleep(0.05)
+        cancelled = list(upstream.cancelled)
+    assert stopped.is_error
+    assert "stopped the tool call `get_order` while it ran" in text(stopped)
+    assert "incident 45" in text(stopped)
+    assert cancelled == [order_id]
+    outcomes = {o["action"]["tool"]: o["outcome"] for o in records(tmp_path, "outcome")}
+    assert outcomes.keys() == {"search_kb", "get_order"}
+    assert (outcomes["search_kb"]["error"], outcomes["search_kb"]["is_error"]) == (None, False)
+    assert (outcomes["get_order"]["error"], outcomes["get_order"]["is_error"]) == ("killed", True)
     await verify_audit(tmp_path)
 
 

@@ -38,8 +38,8 @@ auth headers go to the server unchanged (Warden's own ``X-Warden-*`` never
 do), and the server's headers come back. Only ``base_url`` is ever reached.
 A kill switch thrown while an allowed call runs answers it at once with
 ``isError``, sends the server ``notifications/cancelled`` and drops its late
-answer; for a call whose POST stream ended early, that answer goes on the
-client's resumed stream. Malformed JSON-RPC gets ``400`` with the spec's error
+answer; for a call whose POST stream ended early, that answer goes on the GET
+that resumes that stream. Malformed JSON-RPC gets ``400`` with the spec's error
 code; Warden's own failures and upstream faults get a JSON-RPC error body
 (``-32000`` with ``data.warden`` naming the cause) at the matching HTTP status.
 """
@@ -51,7 +51,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -114,9 +114,22 @@ _ALLOW = "GET, POST, DELETE"
 _RESUMABLE_SESSIONS = 1024
 """Sessions whose unanswered calls are kept for an answer on a resumed stream."""
 _CANCEL_TIMEOUT_S = 5.0
+_STREAM_IDS = 8
+"""Event ids remembered per stream: clients resume from the last one they read, which may
+be a little before the last one Warden wrote if the connection broke meanwhile."""
 
 type JsonId = str | int | None
 type Identify = Callable[[Mapping[str, str]], Awaitable[Agent]]
+
+
+@dataclass(slots=True, eq=False)
+class _Stream:
+    """The server's SSE stream for one POST, which GETs with ``Last-Event-ID`` resume: the
+    official client reads any answer on a resumed stream as the one to the request it
+    resumed, so Warden's answer to a stopped call goes only on its own stream's GET."""
+
+    ids: deque[str] = field(default_factory=lambda: deque(maxlen=_STREAM_IDS))
+    """The last event ids relayed on it (on its POST, then on GETs resuming it)."""
 
 
 @dataclass(slots=True)
@@ -130,6 +143,8 @@ class _Pending:
     """Where the call went, and with which headers: where its cancellation goes (after
     its POST has ended, if its answer comes on a resumed stream)."""
     started: float = field(default_factory=time.perf_counter)
+    stream: _Stream | None = None
+    """The stream its answer was owed on when that stream ended (:meth:`McpHttp._unanswered`)."""
     done: bool = False
     """Its outcome is recorded: a question the server asked during it is answered by no
     decision of it any more."""
@@ -159,6 +174,9 @@ class _Exchange:
     owed: tuple[str, str] | None = None
     """A resumed stream (GET with ``Last-Event-ID``): the (upstream, session) whose broken
     streams' answers it may carry, each claimed from :attr:`McpHttp._resumable` as it comes."""
+    stream: _Stream | None = field(default_factory=_Stream)
+    """The stream it carries: a POST's own; for a GET, the one its ``Last-Event-ID`` resumes,
+    if Warden knows it."""
     deciding: dict[str | int, asyncio.Task[Any]] = field(default_factory=dict)
     """Calls being decided (held for approval, maybe), by id: each in the task to end
     when the client cancels it."""
@@ -216,9 +234,12 @@ class McpHttp:
         self._open: dict[tuple[str, str], list[_Exchange]] = {}
         """By (server, session): the open POST (and resumed GET) exchanges, for the client's
         cancellation of a call in flight to find it."""
-        self._stopped: OrderedDict[tuple[str, str], dict[str | int, dict[str, Any]]] = OrderedDict()
+        self._stopped: OrderedDict[
+            tuple[str, str], dict[str | int, tuple[_Stream | None, dict[str, Any]]]
+        ] = OrderedDict()
         """By (server, session): Warden's answers to calls a kill switch stopped while their
-        answers were owed on a resumed stream, by id, until a resumed stream takes them."""
+        answers were owed on a resumed stream, by id, with the stream they were owed on,
+        until a GET resuming that stream takes them."""
         # A POST's calls are watched while it runs (_watched); calls whose answers come on
         # a resumed stream outlive it, so they are watched here.
         self._unwatch = killswitches.watch(self._switched) if killswitches is not None else None
@@ -773,6 +794,9 @@ class McpHttp:
             out = await self._server_event(exchange, event)
             if out is not None:
                 outs.append(out)
+                if event.id and exchange.stream is not None:
+                    # What the client may resume from: ids of events it never got are not.
+                    exchange.stream.ids.append(event.id)
         return outs
 
     async def _server_event(self, exchange: _Exchange, event: RawEvent) -> bytes | None:
@@ -1027,6 +1051,8 @@ class McpHttp:
             # The answer may still come on a resumed stream (GET with Last-Event-ID).
             key = (self._server(exchange.upstream), exchange.session)
             waiting = self._resumable.setdefault(key, {})
+            for pending in exchange.calls.values():
+                pending.stream = exchange.stream  # the GET resuming it carries its stop
             waiting.update((id_, exchange.calls.get(id_)) for id_ in exchange.requests)
             self._resumable.move_to_end(key)
             while len(self._resumable) > _RESUMABLE_SESSIONS:
@@ -1158,14 +1184,15 @@ class McpHttp:
         answers would come on a resumed stream (still owed, or claimed by an open GET)."""
         switches = self._killswitches
         assert switches is not None
-        stopped: dict[tuple[str, str], dict[str | int, dict[str, Any]]] = {}
+        stopped: dict[tuple[str, str], dict[str | int, tuple[_Stream | None, dict[str, Any]]]] = {}
         for key, waiting in list(self._resumable.items()):
             for id_, pending in list(waiting.items()):
                 if pending is None or (switch := switches.check(pending.action)) is None:
                     continue
                 # No longer owed: the server's late answer is dropped as unasked.
                 del waiting[id_]
-                stopped.setdefault(key, {})[id_] = self._kill(id_, pending, switch)
+                answer = self._kill(id_, pending, switch)
+                stopped.setdefault(key, {})[id_] = (pending.stream, answer)
             if not waiting:
                 del self._resumable[key]
         for key, exchanges in self._open.items():
@@ -1176,29 +1203,52 @@ class McpHttp:
                     if (switch := switches.check(pending.action)) is not None:
                         del exchange.calls[id_]
                         exchange.requests.discard(id_)
-                        stopped.setdefault(key, {})[id_] = self._kill(id_, pending, switch)
+                        answer = self._kill(id_, pending, switch)
+                        stopped.setdefault(key, {})[id_] = (exchange.stream, answer)
         for key, answers in stopped.items():
             metrics.child(metrics.ERRORS, "killed").inc()
             self._stopped.setdefault(key, {}).update(answers)
             self._stopped.move_to_end(key)
-            open_ = self._open.get(key, [])
-            resumed = [e for e in open_ if e.owed is not None and not e.client_gone]
-            if resumed:  # else the client's next resumed stream gets them
-                self._tasks.spawn(self._hand_over(resumed[0], key), name="stopped-answers")
+            self._hand_out(key, {stream for stream, _ in answers.values()})
         while len(self._stopped) > _RESUMABLE_SESSIONS:
             self._stopped.popitem(last=False)  # their calls' outcomes are recorded
 
+    def _hand_out(self, key: tuple[str, str], streams: set[_Stream | None]) -> None:
+        """Send the stopped answers of ``streams`` each on an open GET resuming its stream
+        (else the next GET that resumes it takes them)."""
+        for exchange in self._open.get(key, []):
+            resumed = exchange.owed is not None and not exchange.client_gone
+            if resumed and exchange.stream is not None and exchange.stream in streams:
+                streams.discard(exchange.stream)
+                self._tasks.spawn(self._hand_over(exchange, key), name="stopped-answers")
+
     async def _hand_over(self, exchange: _Exchange, key: tuple[str, str]) -> None:
-        """Write Warden's answers to the session's stopped calls on the resumed stream of
-        ``exchange``; what its client does not take waits for the next resumed stream."""
-        answers = self._stopped.pop(key, {})
-        for id_, answer in list(answers.items()):
+        """Write Warden's answers to the stopped calls of the stream ``exchange`` resumes on
+        it (a client reads any answer there as its resumed request's, so never another
+        stream's); what its client does not take waits for the stream's next GET."""
+        stopped = self._stopped.get(key, {})
+        mine = {i: a for i, (s, a) in stopped.items() if s is not None and s is exchange.stream}
+        for id_ in mine:
+            del stopped[id_]  # taken before writing: another GET of the stream gets none
+        if not stopped:
+            self._stopped.pop(key, None)
+        for id_, answer in list(mine.items()):
             await self._write(exchange, data_event(dumps(answer)))
             if exchange.client_gone:
                 break
-            del answers[id_]
-        if answers:
-            self._stopped.setdefault(key, {}).update(answers)
+            del mine[id_]
+        if mine:
+            kept = self._stopped.setdefault(key, {})
+            kept.update((id_, (exchange.stream, answer)) for id_, answer in mine.items())
+
+    def _resumes(self, key: tuple[str, str], last: str) -> _Stream | None:
+        """The stream a GET of session ``key`` with ``Last-Event-ID: last`` resumes, among
+        those still owed an answer; ``None`` if Warden cannot tell (an id it never relayed,
+        or one that several streams carried)."""
+        streams = {p.stream for p in self._resumable.get(key, {}).values() if p is not None}
+        streams |= {stream for stream, _ in self._stopped.get(key, {}).values()}
+        found = [s for s in streams if s is not None and last in s.ids]
+        return found[0] if len(found) == 1 else None
 
     async def _cancel(self, pending: _Pending, id_: str | int, reason: str) -> None:
         """Tell the server to stop request ``id_`` (its late answer goes nowhere)."""
@@ -1269,10 +1319,13 @@ class McpHttp:
             refused = await self._opened(request, exchange, resp)
             if refused is not None:
                 return _rpc_error(refused.status, None, WARDEN_ERROR, str(refused), refused.code)
-            if session is not None and request.headers.get("Last-Event-ID") is not None:
+            last = request.headers.get("Last-Event-ID")
+            exchange.stream = None  # relays no stream's events unless it resumes one
+            if session is not None and last is not None:
                 # Only a resumed stream carries answers (the standalone GET stream never
                 # does); several may be resumed at once, so each claims its answers.
                 exchange.owed = (self._server(name), session)
+                exchange.stream = self._resumes(exchange.owed, last)
             exchange.response = await _open_sse(request, headers, status=status)
             self._opened_exchange(exchange)  # the calls it claims can be cancelled
             try:

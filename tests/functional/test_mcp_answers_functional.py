@@ -329,10 +329,15 @@ async def test_an_answer_to_no_open_question_reaches_the_server_as_an_error(
     assert "did not relay the client's answer" in got["error"]["message"]
 
 
-async def test_a_call_asking_for_input_is_counted_once_under_a_cap(tmp_path: Path) -> None:
+@pytest.mark.parametrize("trusted", [False, True])
+async def test_a_call_asking_for_input_stays_held_unless_the_server_is_trusted(
+    tmp_path: Path, trusted: bool
+) -> None:
     # 2026-07-28: the server answers the first round with a request for input, and the
-    # client retries with the answers. The first round's hold goes to the retry: a
-    # refund of 50 under a cap of 60 is made once, not refused as 100.
+    # client retries with the answers. A server may act before asking, and its client
+    # need never retry: the first round stays spent, and under a cap of 60 the retry
+    # of a refund of 50 is refused. A server budgets.trusted_failures names releases
+    # the first round's hold, and the refund is made, counted once.
     received: list[dict[str, Any]] = []
 
     async def mcp_endpoint(request: web.Request) -> web.StreamResponse:
@@ -367,7 +372,7 @@ async def test_a_call_asking_for_input_is_counted_once_under_a_cap(tmp_path: Pat
     app = web.Application()
     app.router.add_route("*", "/mcp", mcp_endpoint)
     async with serving(app) as port:
-        config = capped_config(tmp_path, f"http://127.0.0.1:{port}/mcp")
+        config = capped_config(tmp_path, f"http://127.0.0.1:{port}/mcp", trusted=trusted)
         async with Warden(config) as warden, aiohttp.ClientSession() as http:
             target = f"{warden.proxy_url}/support-tools"
             init: dict[str, Any] = json.loads(json.dumps(INIT))
@@ -384,9 +389,12 @@ async def test_a_call_asking_for_input_is_counted_once_under_a_cap(tmp_path: Pat
             async with http.post(target, json=retry, headers=headers) as resp:
                 finished = await resp.json()
             held = await settled(tmp_path)
-    assert finished["result"]["content"][0]["text"] == "refunded"
+    text = finished["result"]["content"][0]["text"]
     assert held == (50.0, 0.0)
-    assert [bool(m["params"].get("inputResponses")) for m in received if "params" in m][-2:] == [
-        False,
-        True,
-    ]
+    retried = [bool(m["params"].get("inputResponses")) for m in received if "params" in m]
+    if trusted:
+        assert text == "refunded"
+        assert retried[-2:] == [False, True]
+    else:
+        assert "refunds cap for this agent" in text
+        assert retried[-1] is False  # the retry never reached the server

@@ -1019,10 +1019,10 @@ class McpHttp:
         pending.done = True
         latency = (time.perf_counter() - pending.started) * 1000
         outcome = mcp.result_outcome(message, latency)
-        # A request for input is no failure: the retry holds the call's value instead.
-        trusted = outcome.error == mcp.INPUT_REQUIRED or (
-            self._trusts_failures(pending) and mcp.says_whether_it_ran(message)
-        )
+        # A request for input releases the hold (its retry takes one of its own) only for
+        # a trusted server: another may have acted before asking, and its client need
+        # never retry.
+        trusted = self._trusts_failures(pending) and mcp.says_whether_it_ran(message)
         self._core.outcome(pending.action, pending.decision, outcome, trusted=trusted)
 
     def _trusts_failures(self, pending: _Pending) -> bool:

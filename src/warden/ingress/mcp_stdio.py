@@ -632,10 +632,10 @@ class StdioDoor:
             return True
         latency = (time.perf_counter() - pending.started) * 1000
         outcome = mcp.result_outcome(response, latency)
-        # A request for input is no failure: the retry holds the call's value instead.
-        trusted = outcome.error == mcp.INPUT_REQUIRED or (
-            self._trusts_failures and mcp.says_whether_it_ran(response)
-        )
+        # A request for input releases the hold (its retry takes one of its own) only for
+        # a trusted server: another may have acted before asking, and its client need
+        # never retry.
+        trusted = self._trusts_failures and mcp.says_whether_it_ran(response)
         self._core.outcome(pending.action, pending.decision, outcome, trusted=trusted)
         return True
 

@@ -134,11 +134,12 @@ test_after if {
 }
 """
     bundle = write_bundle(tmp_path, {"policy.rego": POLICY, "policy_test.rego": tests})
-    # Long enough for the next test's fresh child to start on a machine busy with
-    # other tests; the runaway one would not finish in minutes.
-    report = run_tests(load_policy_set([bundle]), timeout_s=3.0)
+    # Long enough for the next test's fresh child to start (twice: once more with the
+    # engine's stack) on a machine busy with other tests; the runaway one would not
+    # finish in minutes.
+    report = run_tests(load_policy_set([bundle]), timeout_s=6.0)
     assert by_name(report) == {"test_loops": Status.ERROR, "test_after": Status.PASS}
-    assert "timed out after 3 s" in report.results[0].message
+    assert "timed out after 6 s" in report.results[0].message
 
 
 def test_run_filter_selects_by_regex(mixed: Path) -> None:

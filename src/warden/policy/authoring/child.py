@@ -27,7 +27,7 @@ import orjson
 from warden.policy.authoring.policy_set import PolicySet
 from warden.policy.bundle import BundleError, Module, describe_rego_error
 from warden.policy.engine import result_document
-from warden.policy.worker import STACK_BYTES, set_stack
+from warden.policy.worker import STACK_BYTES
 
 __all__ = [
     "DEFAULT_TEST_TIMEOUT_S",
@@ -221,8 +221,7 @@ def main(argv: Sequence[str]) -> int:
     if not 1 <= len(argv) <= 2 or not all(a.isascii() and a.isdigit() for a in argv):
         print("usage: python -m warden.policy.authoring <reply fd> [stack bytes]", file=sys.stderr)
         return 2
-    if len(argv) == 2:
-        set_stack("warden.policy.authoring", argv, int(argv[1]))  # as the workers run it
+    # The stack (argv[1]) was set by __main__, before the tools were imported.
     # Replies go to a private pipe: the engine may print diagnostics to stdout.
     out = os.fdopen(int(argv[0]), "wb", buffering=0)
     lines = iter(sys.stdin.buffer.readline, b"")

@@ -116,13 +116,7 @@ async def answering_cancelled(received: list[dict[str, Any]]) -> AsyncIterator[s
         body = await request.json()
         received.append(body)
         if body.get("method") == "initialize":
-            result = {
-                "protocolVersion": body["params"]["protocolVersion"],
-                "capabilities": {"tools": {}},
-                "serverInfo": {"name": "v1-like", "version": "1"},
-            }
-            answer = {"jsonrpc": "2.0", "id": body["id"], "result": result}
-            return web.json_response(answer, headers={"Mcp-Session-Id": "s-1"})
+            return initialized(body, "v1-like")
         if "method" not in body or "id" not in body:
             if body.get("method") == "notifications/cancelled":
                 # Read as the SDKs read ids: "1" names call 1.
@@ -165,6 +159,17 @@ _FAILURES: dict[str, tuple[int, dict[str, Any] | None]] = {
     "A-408": (408, None),  # a gateway's timeout, after forwarding
     "A-499": (499, None),
 }
+
+
+def initialized(body: dict[str, Any], name: str) -> web.Response:
+    """A tools server's answer to ``initialize``, opening session ``s-1``."""
+    result = {
+        "protocolVersion": body["params"]["protocolVersion"],
+        "capabilities": {"tools": {}},
+        "serverInfo": {"name": name, "version": "1"},
+    }
+    answer = {"jsonrpc": "2.0", "id": body["id"], "result": result}
+    return web.json_response(answer, headers={"Mcp-Session-Id": "s-1"})
 
 
 def refunds_run(received: list[dict[str, Any]]) -> list[str]:
@@ -346,13 +351,7 @@ async def test_a_call_asking_for_input_stays_held_unless_the_server_is_trusted(
         body = await request.json()
         received.append(body)
         if body.get("method") == "initialize":
-            result = {
-                "protocolVersion": body["params"]["protocolVersion"],
-                "capabilities": {"tools": {}},
-                "serverInfo": {"name": "asking", "version": "1"},
-            }
-            answer = {"jsonrpc": "2.0", "id": body["id"], "result": result}
-            return web.json_response(answer, headers={"Mcp-Session-Id": "s-1"})
+            return initialized(body, "asking")
         if "id" not in body:
             return web.Response(status=202)
         if body["params"].get("inputResponses"):

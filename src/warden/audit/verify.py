@@ -44,6 +44,7 @@ __all__ = [
     "DAMAGE_KINDS",
     "Damage",
     "VerifyReport",
+    "iter_placed_records",
     "iter_records",
     "key_fingerprint",
     "verify_log",
@@ -509,15 +510,22 @@ def iter_records(root: Path | str) -> Iterator[tuple[int, bytes]]:
 
     Meant for reading a log that :func:`verify_log` found intact.
     """
-    seq = 0
+    for seq, (_, payload) in enumerate(iter_placed_records(root)):
+        yield seq, payload
+
+
+def iter_placed_records(root: Path | str) -> Iterator[tuple[tuple[Path, int], bytes]]:
+    """:func:`iter_records` with each record's place (segment file, frame offset) for
+    its seq: where a reader can find it again without keeping it."""
     for path in list_segments(Layout(Path(root)).segments):
         data = path.read_bytes()
         parsed = parse_header(data)
         if parsed is None:
             return
         scanner = FrameScanner(data, parsed[1])
-        for _, payload in scanner:
-            yield seq, payload
-            seq += 1
+        for offset, payload in scanner:
+            yield (path, offset), payload
+        if scanner.fault is not None:
+            return
         if scanner.fault is not None:
             return

@@ -39,9 +39,9 @@ from typing import Any
 
 import orjson
 
-from warden.audit.layout import Layout
 from warden.audit.record import REDACTED, tools_sha256
-from warden.audit.segments import FRAME_HEADER, FrameScanner, list_segments, parse_header
+from warden.audit.segments import FRAME_HEADER
+from warden.audit.verify import iter_placed_records
 from warden.config import PolicyConfig
 from warden.model import Effect, Mode
 from warden.monitor.events import Unsealer
@@ -368,28 +368,10 @@ def _read_back(where: Where, digest: str) -> list[Any] | None:
     return listed if listed is not None and tools_sha256(listed) == digest else None
 
 
-def _stored(root: Path) -> Iterator[tuple[Where, bytes]]:
-    """Every record's place and bytes, in order, up to the first bad frame.
-
-    :func:`warden.audit.verify.iter_records`, with each record's place, so
-    :class:`ToolsSeen` can read it back.
-    """
-    for path in list_segments(Layout(root).segments):
-        data = path.read_bytes()
-        parsed = parse_header(data)
-        if parsed is None:
-            return
-        scanner = FrameScanner(data, parsed[1])
-        for offset, payload in scanner:
-            yield (path, offset), payload
-        if scanner.fault is not None:
-            return
-
-
 def _decisions(
     root: Path, since: float | None, until: float | None, tools: ToolsSeen
 ) -> Iterator[dict[str, Any]]:
-    for where, payload in _stored(root):
+    for where, payload in iter_placed_records(root):
         try:
             record = orjson.loads(payload)
         except orjson.JSONDecodeError:

@@ -20,7 +20,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,6 +187,16 @@ class KillSwitches:
         if found is None and tool is not None:
             found = index.get((Scope.TOOL, tool))
         return found
+
+    def covering(
+        self, agent: str, upstream: str | None, tools: Iterable[str | None]
+    ) -> KillSwitch | None:
+        """:meth:`is_killed` for each of ``tools`` (``None``: the agent and upstream alone),
+        the first switch found: the calls a stream has let through so far."""
+        for tool in tools:
+            if (switch := self.is_killed(agent, upstream, tool)) is not None:
+                return switch
+        return None
 
     def check(self, action: Action) -> KillSwitch | None:
         """:meth:`is_killed` for an action."""

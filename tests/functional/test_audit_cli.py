@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import base64
 import dataclasses
-import hashlib
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from tests.unit.test_audit_export import remanifest
 from warden.audit import AuditLog
 from warden.audit.checkpoint import NoteSigner
 from warden.audit.export import BODY_IS_CHECKPOINT, PEM_FROM_KEY
@@ -331,12 +331,7 @@ def test_verify_evidence_runs_this_installations_verifier(tmp_path: Path, cli: C
     # The forger's package: its own "verifier" that says OK, records that prove nothing.
     (out / "verify_evidence.py").write_text('print("OK: 9999 records included")\n')
     (out / "records.jsonl").write_bytes(b'{"seq":0,"kind":"whatever"}\n')
-    manifest = [
-        f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
-        for p in sorted(out.iterdir())
-        if p.name != "MANIFEST.sha256"
-    ]
-    (out / "MANIFEST.sha256").write_text("".join(manifest))
+    remanifest(out)
     forged = cli("verify-evidence", str(out), "--key", vkey)
     assert forged.returncode == 1
     assert "FAILED" in forged.stdout
@@ -388,12 +383,7 @@ def test_a_package_holding_other_than_plain_files_is_refused_before_reading(
     out = tmp_path / "evidence"
     assert cli("export", "--dir", str(root), "--out", str(out)).returncode == 0
     (out / "APPROVALS.md").write_text("every refund was approved by the CFO\n")
-    manifest = [
-        f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
-        for p in sorted(out.iterdir())
-        if p.name != "MANIFEST.sha256"
-    ]
-    (out / "MANIFEST.sha256").write_text("".join(manifest))
+    remanifest(out)
     extra = cli("verify-evidence", str(out), "--key", vkey)
     assert extra.returncode == 0, extra.stdout
     not_proven = next(line for line in extra.stdout.splitlines() if "not proven" in line)

@@ -243,7 +243,7 @@ def test_a_tampered_package_fails(root: Path, tmp_path: Path, damage: str) -> No
         assert not any("manifest" in f for f in failures)
 
 
-def _remanifest(out: Path) -> None:
+def remanifest(out: Path) -> None:
     """What someone rewriting the package does after changing it: a fresh manifest."""
     manifest = [
         f"{sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
@@ -272,7 +272,7 @@ def test_records_hidden_from_a_package_are_caught(
     chosen = keep(len(records))
     (out / "records.jsonl").write_bytes(b"".join(records[i] + b"\n" for i in chosen))
     (out / "proofs.jsonl").write_bytes(b"".join(proofs[i] + b"\n" for i in chosen))
-    _remanifest(out)
+    remanifest(out)
     failures, _ = verify_package(out)
     assert any(why in f for f in failures), failures
 
@@ -498,7 +498,7 @@ def _rescope(out: Path, **changes: object) -> None:
 def _rescoped_failures(out: Path, **changes: object) -> list[str]:
     """What verifying says once the package declares ``changes`` (its manifest redone)."""
     _rescope(out, **changes)
-    _remanifest(out)
+    remanifest(out)
     return verify_package(out)[0]
 
 
@@ -536,7 +536,7 @@ async def test_a_package_proves_its_period_has_no_record_left_out_at_either_end(
             out, **{"from": "2020-01-01T00:00:00.000000Z", "to": "2020-02-01T00:00:00.000000Z"}
         )
         why = "outside the period the package declares"
-    _remanifest(out)
+    remanifest(out)
     failures, _ = verify_package(out)
     assert any(why in f for f in failures), failures
 
@@ -611,7 +611,7 @@ def test_a_package_without_its_selection_fails(root: Path, tmp_path: Path) -> No
     export_log(root, out)
     (out / "selection.json").unlink()
     (out / "edges.json").unlink(missing_ok=True)
-    _remanifest(out)
+    remanifest(out)
     assert any("no selection.json" in f for f in verify_package(out)[0])
 
 
@@ -654,7 +654,7 @@ async def test_an_emptied_package_does_not_pass_as_an_empty_period(
     if edges == "dropped":
         (out / "edges.json").write_bytes(b"[]")
     _rescope(out, first_seq=None, last_seq=None, records=0)
-    _remanifest(out)
+    remanifest(out)
     vkey = (root / "keys" / "checkpoint.vkey").read_text().strip()
     failures, _ = verify_package(out, vkey)
     # Kept, the edges are records 0 and 4: not adjacent, so records lie between them.
@@ -875,7 +875,7 @@ def test_one_key_two_logs_one_logs_checkpoints_do_not_pass_for_the_other(
     note = (package / "checkpoint").read_text()
     (package / "checkpoint").write_text(_relabelled(note, vkey_a))
     (package / "log-key.vkey").write_text(vkey_a + "\n")
-    _remanifest(package)
+    remanifest(package)
     failures, _ = verify_package(package, vkey_a)
     assert any(f"not {vkey_a.partition('+')[0]}" in f for f in failures), failures
     script = subprocess.run(
@@ -943,7 +943,7 @@ def test_the_hand_steps_check_the_checkpoint_with_the_operators_key(
     old_step += "-in checkpoint.body -sigfile checkpoint.sig"
     assert _sh(old_step, out, **path).returncode == 0  # what VERIFY.md used to say: fooled
     assert _sh(steps, out, KEY=vkey, **path).returncode != 0
-    _remanifest(out)
+    remanifest(out)
     failures, _ = verify_package(out, vkey)
     assert "checkpoint.sig is not the signature of " + origin + " in checkpoint" in failures
     assert f"log-key.pem is not the key checked against ({origin})" in failures
@@ -1042,7 +1042,7 @@ async def test_the_change_log_and_activations_are_checked_against_the_proven_rec
     else:
         assert callable(edit)
         _edit_lines(out / file, edit)
-    _remanifest(out)
+    remanifest(out)
     failures, _ = verify_package(out)
     assert any(why in f for f in failures), failures
 
@@ -1057,7 +1057,7 @@ async def test_summary_is_said_to_be_unproven_and_the_proven_counts_are_printed(
     summary = out / "SUMMARY.md"
     assert "| deny | 1 |" in summary.read_text()
     summary.write_text(summary.read_text().replace("| deny | 1 |", "| deny | 0 |"))
-    _remanifest(out)
+    remanifest(out)
     failures, notes = verify_package(out)
     assert failures == []  # nothing in the signed log vouches for SUMMARY.md either way
     assert any("decisions by effect: allow 2, deny 1" in n for n in notes), notes
@@ -1120,7 +1120,7 @@ def test_a_malformed_package_fails_with_a_message_not_a_traceback(
     export_log(root, out, selection=Selection(end=_edge_time(root)))
     assert verify_package(out)[0] == []
     damage(out)
-    _remanifest(out)
+    remanifest(out)
     failures, _ = verify_package(out)
     assert any(why in f for f in failures), failures
     if damage is _deep:  # the standalone script, as an auditor runs it

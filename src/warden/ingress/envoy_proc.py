@@ -1097,10 +1097,9 @@ class _Exchange:
         turn = self._turn
         if switches is None or turn is None:
             return
-        for tool in (None, *tools):
-            switch = switches.is_killed(turn.agent.id, self._upstream_name, tool)
-            if switch is not None:
-                raise _Killed(switch.message)
+        switch = switches.covering(turn.agent.id, self._upstream_name, (None, *tools))
+        if switch is not None:
+            raise _Killed(switch.message)
 
     def _finish_response(self) -> None:
         self._phase = "done"

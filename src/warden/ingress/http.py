@@ -763,12 +763,11 @@ class ProxyApp:
 
     def _stop_if_killed(self, call: _Call, tools: Sequence[str]) -> None:
         """Cut the stream when a switch now covers a call it allowed (:class:`StreamDriver`)."""
-        if self._killswitches is None:
-            return
-        for tool in tools:
-            switch = self._killswitches.is_killed(call.agent.id, call.route.name, tool)
-            if switch is not None:
-                raise _Killed(switch.message)
+        switches = self._killswitches
+        if switches is not None and (
+            switch := switches.covering(call.agent.id, call.route.name, tools)
+        ):
+            raise _Killed(switch.message)
 
     async def _next_chunk(self, resp: aiohttp.ClientResponse, call: _Call) -> bytes:
         """The next upstream chunk (``b""`` at the end), unless a kill switch stops the agent."""

@@ -25,10 +25,16 @@ calls that need them, as gRPC metadata; they are never logged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
+import decimal
+import enum
 import functools
 import inspect
 import logging
+import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -158,9 +164,74 @@ class Verdict:
         )
 
 
-def _json_safe(value: Any) -> Any:
-    # Whatever the tool takes (dataclasses, dates, enums) becomes JSON, as a policy sees it.
-    return orjson.loads(orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS))
+_EXACT_INT = 2**53 - 1
+"""Struct numbers are doubles: a larger whole number would reach the policy rounded."""
+_MAX_DEPTH = 32
+"""Protobuf's parser refuses a Struct nested much deeper (each level is three messages)."""
+_AS_JSON = (datetime.date, datetime.time, uuid.UUID)
+"""Values orjson writes as the strings a JSON API would (ISO 8601, UUID text)."""
+
+
+def _json_safe(value: Any, depth: int = 0) -> Any:
+    """``value`` as the JSON the policy will see, refusing what would read otherwise.
+
+    A tool's arguments are often pydantic models, dataclasses, enums or dates. A
+    value with no faithful JSON form is refused (the tool does not run) rather than
+    sent as its ``str()``: the policy would then decide on text (``"amount=5000.0"``)
+    while the tool acts on the number. So are NaN and infinities (JSON has none), and
+    whole numbers past 2**53 (a Struct's doubles would round them).
+    """
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"arguments nested deeper than {_MAX_DEPTH} levels cannot be checked")
+    if isinstance(value, Mapping):
+        return {_json_key(k): _json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item, depth + 1) for item in value]
+    plain = _plain(value)
+    if plain is not value:
+        return _json_safe(plain, depth)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _EXACT_INT:
+        raise ValueError(
+            f"the whole number {value} is past 2**53 - 1 and would reach the policy rounded; "
+            "send it as a string"
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} has no JSON form, so no policy could check it")
+    return value
+
+
+def _json_key(key: Any) -> str:
+    key = key.value if isinstance(key, enum.Enum) else key
+    if isinstance(key, bool) or not isinstance(key, str | int):
+        raise TypeError(f"a key of type {type(key).__name__} has no JSON form")
+    return str(key)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON scalar as itself; anything else as plain values, or :class:`TypeError`."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if value is None or type(value) in (bool, str, int, float):
+        return value
+    if isinstance(value, decimal.Decimal):
+        number = float(value)
+        if not math.isfinite(number) or decimal.Decimal(repr(number)) != value:
+            raise ValueError(f"the decimal {value} has no exact JSON number; send it as a string")
+        return int(number) if value == value.to_integral_value() else number
+    for base in (bool, int, float, str):  # a subclass (an id type) as its plain value
+        if isinstance(value, base):
+            return base(value)
+    if isinstance(value, _AS_JSON):
+        return orjson.loads(orjson.dumps(value))
+    dump = getattr(value, "model_dump", None)
+    if callable(dump) and not isinstance(value, type):
+        return dump()  # a pydantic model: its fields as Python values, checked as above
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    raise TypeError(
+        f"an argument of type {type(value).__name__} has no faithful JSON form for the "
+        "policy; pass plain values (or a pydantic model or dataclass of them)"
+    )
 
 
 def _struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct | None:

@@ -259,13 +259,17 @@ def _history_shape(entry: Mapping[str, Any]) -> dict[str, Any]:
     Prior arguments and results are the agent's conversation: they are in
     the log already, in the prior call's own records, redacted and sealed
     there; here they read ``"[redacted]"`` (replay counts the input inexact).
+    So does a result's digest: a plain SHA-256 of a short result (a name and a
+    date of birth) is found by hashing guesses, and no erasure reaches it here.
     """
     shaped = dict(entry)
     if shaped.get("arguments") is not None:
         shaped["arguments"] = REDACTED
     result = shaped.get("result")
-    if isinstance(result, Mapping) and result.get("content") is not None:
-        shaped["result"] = {**result, "content": REDACTED}
+    if isinstance(result, Mapping):
+        hidden = {n: REDACTED for n in ("content", "digest") if result.get(n) is not None}
+        if hidden:
+            shaped["result"] = {**result, **hidden}
     return shaped
 
 
@@ -399,6 +403,12 @@ def _validation_decision(
         and (problem := input_problem(policy_input(action, ctx))) is not None
     ):
         reason = f"the policy cannot check this request: {problem}"
+    elif (action.call_id is not None and not action.call_id.isprintable()) or (
+        action.tool is not None and not action.tool.isprintable()
+    ):
+        # No provider or tool server names a call so; PostgreSQL cannot store NUL, and
+        # a line break in a name starts lines of its own in what Warden writes.
+        reason = "the call's id or tool name holds a control character"
     elif action.tool is not None and action.arguments is None:
         reason = (
             "the tool call's arguments are not a JSON object a policy can check exactly as "

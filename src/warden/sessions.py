@@ -634,7 +634,9 @@ class SessionGuard:
     def _keep(self, record: CallRecord) -> None:
         """Remember a decided call, and queue it for the state store."""
         self._remember(record)
-        if self._repo is not None:
+        # Not a call named with NUL (denied anyway): PostgreSQL text cannot hold it,
+        # and it failed the whole batch of other calls' records.
+        if self._repo is not None and "\x00" not in record.call_id + record.tool:
             # Off the decision path, as call links are (ADR 0005): this process
             # verifies from memory at once; the store serves restarts and other
             # sidecars, whose next request comes after the agent ran the tool.

@@ -12,6 +12,7 @@ import hashlib
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,15 @@ async def test_bad_requests_get_invalid_argument(stub: Any) -> None:
         )
         assert code is grpc.StatusCode.INVALID_ARGUMENT
         assert f"a {kind} names no tool" in details
+    # An id echoed in the reason is cut: 100 KB of it passed the trailers' limit, and the
+    # caller got RESOURCE_EXHAUSTED ("Stream removed") instead of why.
+    long_id = "dec_" + "x" * 100_000
+    code, details = await status_of(
+        stub.ReportOutcome(pb.ReportOutcomeRequest(decision_id=long_id))
+    )
+    assert code is grpc.StatusCode.NOT_FOUND
+    assert details.startswith("no allowed decision 'dec_xxx")
+    assert len(details) <= 1024
 
 
 async def test_a_large_action_is_decided_like_any_other(stub: Any) -> None:
@@ -802,6 +812,32 @@ async def test_govern_runs_only_allowed_calls_and_records_their_outcome(
         "order_id": "A-13",
         "amount": 5,
     }
+
+
+async def test_govern_refuses_arguments_the_policy_would_read_otherwise(warden: Warden) -> None:
+    # The tool acts on what it was given; the policy must decide on the same values.
+    ran: list[Any] = []
+
+    def run_sync(address: str) -> tuple[Exception, Exception, Exception]:
+        with WardenClient(address, agent="refunds-bot", agent_key=AGENT_KEY) as client:
+
+            @govern(client)
+            def issue_refund(order_id: str, amount: Any) -> str:
+                ran.append(amount)
+                return "refunded"
+
+            # A Decimal is the number it spells (sent as its str(), "900" passed the rule).
+            with pytest.raises(ApprovalPending) as held:
+                issue_refund("A-21", Decimal("900"))
+            # NaN was sent as null, which no rule compares: the refund ran.
+            with pytest.raises(ValueError, match="no JSON form") as nan:
+                issue_refund("A-22", float("nan"))
+            with pytest.raises(TypeError, match="no faithful JSON form") as odd:
+                issue_refund("A-23", {900})
+            return held.value, nan.value, odd.value
+
+    await asyncio.to_thread(run_sync, warden.grpc_address)
+    assert ran == []
 
 
 async def test_the_client_never_goes_through_a_proxy_from_the_environment(

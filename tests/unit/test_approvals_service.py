@@ -146,6 +146,21 @@ async def test_an_mcp_retrys_answers_are_shown_to_approvers_redacted(
     assert "answers" not in (await approvals.request(action(5), decision(), mode="hold")).to_json()
 
 
+async def test_a_call_with_a_64_bit_id_can_be_held_and_approved(approvals: Approvals) -> None:
+    # RFC 8785 writes no whole number past 2**53 - 1: its hash failed, and the hold
+    # read as the approval store being down, so such a call could never be approved.
+    big = dataclasses.replace(action(), arguments={"order_id": 2**62 + 1, "amount": 900})
+    approval = await approvals.request(big, decision(), mode="defer")
+    assert approval.status is ApprovalStatus.PENDING
+    other = dataclasses.replace(big, arguments={"order_id": 2**62 + 2, "amount": 900})
+    assert approvals.binding("bot", "t", big.arguments) != approvals.binding(
+        "bot", "t", other.arguments
+    )
+    await approvals.decide(approval.id, ALICE, True, "ok")
+    assert await approvals.take_grant(big, decision()) is not None
+    assert await approvals.take_grant(other, decision()) is None
+
+
 async def test_binding_changes_with_any_argument() -> None:
     service = Approvals.__new__(Approvals)
     base = service.binding("bot", "issue_refund", {"amount": 10, "order": "A"})

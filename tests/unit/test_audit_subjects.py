@@ -217,3 +217,32 @@ async def test_the_pointers_of_a_subjects_masked_values_are_sealed(tmp_path: Pat
     assert await log.erase_subject("cus_a")
     await log.close()
     assert SubjectKeys.open(tmp_path, create=False).unseal(stored(tmp_path)[0][0]) is None
+
+
+@pytest.mark.parametrize("room", [True, False])
+async def test_the_names_of_a_subjects_hidden_arguments_are_never_in_clear(
+    tmp_path: Path, room: bool
+) -> None:
+    # Arguments hidden whole keep their names beside their digest, and a name may be
+    # personal (a map keyed by e-mail address): sealed with the subject's fields, or,
+    # when the subject can have no key (the store is full), redacted with them.
+    log = await AuditLog.open(config(tmp_path, max_keys=1))
+    if not room:
+        await log.record_decision(sample_action(customer="cus_b"), sample_decision())
+    arguments = {"customer_id": "cus_a", "ann@example.com": {"role": "owner"}}
+    decision = dataclasses.replace(
+        sample_decision(), obligations=Obligations(redact=("action.arguments",))
+    )
+    await log.record_decision(sample_action(customer="cus_a", arguments=arguments), decision)
+    records, raw = stored(tmp_path)
+    assert b"ann@example.com" not in raw
+    assert records[-1]["action"]["arguments"] == (None if room else "[redacted]")
+    assert records[-1]["action"]["argument_keys"] == (None if room else "[redacted]")
+    if room:
+        keys = SubjectKeys.open(tmp_path, create=False)
+        unsealed = keys.unseal(records[0])
+        assert unsealed is not None
+        assert unsealed["action.argument_keys"] == ["ann@example.com", "customer_id"]
+        assert await log.erase_subject("cus_a")
+        assert SubjectKeys.open(tmp_path, create=False).unseal(stored(tmp_path)[0][0]) is None
+    await log.close()

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from tests.pg import PgServer
-from warden.budgets.caps import LLM_COUNTER, window_key
+from warden.budgets.caps import LLM_COUNTER, window_key, windows_closed_before
 from warden.budgets.guard import BudgetGuard, CapSpend
 from warden.budgets.prices import PriceTable
 from warden.config import BudgetsConfig, StateConfig
@@ -95,3 +95,36 @@ def test_the_spend_chart_says_in_words_what_it_draws_and_escapes_names() -> None
     assert "LLM spend, agent:bot: spent 1.50 USD, reserved 0.00 USD (no limit)" in svg
     assert "credits, no use yet: spent 0.00 EUR, reserved 0.00 EUR of 50.00 EUR (0%)" in svg
     assert 'aria-label="Spend against caps: no caps are configured"' in spend_chart([])
+
+
+async def test_counters_of_windows_closed_long_ago_are_deleted(state: StateBackend) -> None:
+    # They count nothing any more, yet name customers: they must not stay forever.
+    budgets = state.budgets
+    now = datetime.fromtimestamp(NOW, ZoneInfo("UTC"))
+    cutoffs = windows_closed_before(now)
+    assert cutoffs == {"hour": "hour:2026-11-28", "day": "day:2026-11-28", "month": "month:2026-10"}
+    # In a zone far from UTC, what counts now is still kept.
+    assert window_key("day", now.astimezone(ZoneInfo("Pacific/Kiritimati"))) >= cutoffs["day"]
+    assert window_key("day", now.astimezone(ZoneInfo("Etc/GMT+12"))) >= cutoffs["day"]
+    kept = [
+        ("hour", "hour:2026-11-28T23-1200"),
+        ("day", "day:2026-11-28"),
+        ("day", TODAY),
+        ("month", "month:2026-10"),
+        ("month", "month:2026-11"),
+    ]
+    gone = [
+        ("hour", "hour:2026-11-27T23+0000"),
+        ("day", "day:2026-11-27"),
+        ("day", "day:2025-12-31"),
+        ("month", "month:2026-09"),
+    ]
+    for i, (_, window) in enumerate(kept + gone):
+        await budgets.reserve(f"r{i}", [Hold("refunds", window, "customer:c-ann-7731", 10.0)])
+        await budgets.settle(f"r{i}", None)
+    assert await budgets.prune_windows(cutoffs) == len(gone)
+    for _, window in kept:
+        assert (await budgets.window_counters("refunds", window))[0].spent == 10.0, window
+    for _, window in gone:
+        assert await budgets.window_counters("refunds", window) == (), window
+    assert await budgets.prune_windows(cutoffs) == 0

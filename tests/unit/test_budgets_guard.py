@@ -305,7 +305,8 @@ async def test_a_cap_can_require_approval_instead(store: StateStore) -> None:
     assert ok.effect is Effect.ALLOW
     held = await pipeline.decide(tool("apply_credit", customer_id="C-9", amount=30))
     assert held.effect is Effect.REQUIRE_APPROVAL
-    assert "credits cap for customer C-9" in held.reason
+    assert "credits cap for this customer" in held.reason
+    assert "C-9" not in held.reason  # reasons are not sealed: no customer id in them
     assert "this month" in held.reason
     assert "80.00 of it reserved" in held.reason
 
@@ -531,7 +532,7 @@ async def test_when_argument_and_context_disagree_the_argument_is_charged(
     second = tool("issue_refund", customer_id="C-2", amount=30, context={"customer_id": "C-3"})
     decision = await pipeline.decide(second)
     assert decision.effect is Effect.DENY
-    assert "refunds cap for customer C-2" in decision.reason
+    assert "refunds cap for this customer" in decision.reason
     assert await spent(store, "refunds", DAY, "customer:c-1") == (0.0, 0.0)
 
 
@@ -626,7 +627,7 @@ async def test_an_agent_cap_over_its_limit_outranks_a_missing_customer(
     assert decision.reasons[1].startswith("refunds cap: this issue_refund names no customer")
 
 
-@pytest.mark.parametrize("value", [{"id": "C-1"}, True, "", 1.5, ["C-1"]])
+@pytest.mark.parametrize("value", [{"id": "C-1"}, True, "", 1.5, ["C-1"], "C-1\x00", "C-\n1"])
 async def test_a_customer_argument_that_is_not_an_id_is_denied(
     store: StateStore, value: Any
 ) -> None:
@@ -648,7 +649,7 @@ async def test_every_spelling_of_one_customer_id_shares_its_counter(store: State
         again = tool("issue_refund", amount=90, customer_id=spelling)
         decision = await pipeline.decide(again)
         assert decision.effect is Effect.DENY, spelling
-        assert "refunds cap for customer 42" in decision.reason
+        assert "refunds cap for this customer" in decision.reason
     named = tool("issue_refund", amount=90, customer_id="C-7")
     assert (await pipeline.decide(named)).effect is Effect.ALLOW
     for spelling in ("c-7", " C-7 ", "Ｃ-7"):

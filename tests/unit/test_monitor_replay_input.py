@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -156,19 +157,24 @@ def prior(tool: str, *, arguments: Any, content: str | None) -> dict[str, Any]:
 
 
 def test_prior_calls_content_is_not_repeated_and_makes_the_input_inexact() -> None:
-    entry = prior("get_order", arguments={"order_id": "A-1"}, content="Jane, 1 Main St")
+    content = "Jane, born 1990-02-03"
+    entry = prior("get_order", arguments={"order_id": "A-1"}, content=content)
+    entry["result"]["digest"] = hashlib.sha256(content.encode()).hexdigest()
     ctx = GuardContext(mode=Mode.ENFORCE, history=[entry])
     record = record_of(sample_action(), ctx)
     stored = orjson.dumps(record)
-    assert b"Main St" not in stored
+    assert b"1990-02-03" not in stored
     assert b"A-1" not in stored  # the action's own order is A-0
+    # Nor the digest of the result, which a guess of name and date would match.
+    assert entry["result"]["digest"].encode() not in stored
     rebuilt = rebuild_input(record)
     assert rebuilt.input is not None
     assert not rebuilt.exact
     [shown] = rebuilt.input["history"]
     assert shown["arguments"] == "[redacted]"
     assert shown["result"]["content"] == "[redacted]"
-    assert shown["result"]["size"] == len("Jane, 1 Main St")
+    assert shown["result"]["digest"] == "[redacted]"
+    assert shown["result"]["size"] == len(content)
     assert shown["verified"] is True
 
 

@@ -320,3 +320,27 @@ async def test_the_pipeline_denies_them_before_any_guard_or_fallback() -> None:
     # An ordinary input goes on to the policy (and its fallback).
     assert (await pipeline.decide(action_with({"query": "x"}))).guard == "fallback"
     assert len(engine.seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("call_id", "tool"),
+    [("call_\x00x", "search_kb"), ("call_\nx", "search_kb"), ("call_1", "search_kb\x00")],
+)
+async def test_a_call_named_with_a_control_character_is_denied_before_any_guard(
+    call_id: str, tool: str
+) -> None:
+    # No provider names a call so; PostgreSQL cannot store NUL (its write failed the
+    # state store's batches for good), and a line break starts lines of its own.
+    engine = FakeEngine(PolicyResult(effect=Effect.ALLOW))
+    guard = PolicyGuard(engine, PolicyConfig(), metrics=Recorder())  # type: ignore[arg-type]
+    sink = Sink()
+    pipeline = Pipeline(
+        [guard], cast("AuditSink", sink), mode_for=lambda _: Mode.ENFORCE, risk_of=lambda _: ""
+    )
+    action = dataclasses.replace(action_with({"query": "x"}), call_id=call_id, tool=tool)
+    decision = await pipeline.decide(action)
+    assert (decision.effect, decision.guard) == (Effect.DENY, "validation")
+    assert decision.reason == "the call's id or tool name holds a control character"
+    assert engine.seen == []
+    fine = dataclasses.replace(action_with({"query": "x"}), call_id="call_1")
+    assert (await pipeline.decide(fine)).effect == Effect.ALLOW

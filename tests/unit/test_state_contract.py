@@ -26,12 +26,14 @@ from warden.approvals.model import (
     Vote,
 )
 from warden.approvals.owner import Owner
-from warden.config import StateConfig
-from warden.model import Action, ActionKind, Agent, RequestMeta, Stage
+from warden.config import SessionsConfig, StateConfig
+from warden.model import Action, ActionKind, Agent, Decision, Effect, Mode, RequestMeta, Stage
+from warden.pipeline import GuardContext
 from warden.policy.bundle.order import SignedMark
+from warden.sessions import SessionGuard
 from warden.state import Hold, KillSwitchRow
 from warden.state.backend import StateBackend, open_state
-from warden.state.links import Link, LinkOp
+from warden.state.links import CallLinks, Link, LinkOp
 from warden.state.repos import APPROVALS, KILLSWITCHES, Change
 from warden.state.sessions import CallRecord, ChainLink
 
@@ -446,6 +448,33 @@ async def test_links_batch_applies_its_ops_in_order(open_backend: Opener) -> Non
     assert sorted(links) == ["c", "e"]
     assert links["e"].action == action("e")
     assert tombs == {"a", "d"}
+
+
+async def test_an_id_postgresql_cannot_store_never_holds_up_the_others(state: StateBackend) -> None:
+    # A model named a call with NUL: PostgreSQL text refuses it, and its write failed
+    # every batch after it, for good (links and decided calls alike).
+    links = CallLinks(state.links)
+    links.link("call_\x00x", Link(action("call_\x00x"), "dec_nul"))
+    links.link("call_ok", Link(action("call_ok"), "dec_ok"))
+    await links.flush()
+    found, _ = await state.links.take(["call_ok"], newer_than=0)
+    assert list(found) == ["call_ok"]
+    assert links.waiting("call_\x00x")  # still linked in this process's memory
+    # Its result, sent to a replica that never saw it, is not looked for in the store.
+    other = CallLinks(state.links)
+    assert other.take(["call_\x00x"]) == ({}, [])
+    await links.close()
+
+    assert state.sessions is not None
+    guard = SessionGuard(state.sessions, SessionsConfig(), {})
+    for call_id in ("call_\x00y", "call_ok2"):
+        call = replace(action(call_id), tool="search_kb")
+        await guard.admit(call, GuardContext(mode=Mode.ENFORCE))
+        await guard.decided(
+            call, Decision(f"dec_{call_id[-1]}", Effect.ALLOW, (), Mode.ENFORCE, "policy")
+        )
+    await guard.close()
+    assert list(await state.sessions.calls(["call_ok2"])) == ["call_ok2"]
 
 
 # -- the change feed -----------------------------------------------------------------------------

@@ -81,6 +81,13 @@ KILL_SWITCH = "kill_switch"
 """``decided_by`` of approvals rejected because a kill switch was thrown."""
 
 
+def _arguments_hash(arguments: Mapping[str, Any] | None) -> str:
+    """The arguments' hash an approval binds to: RFC 8785's where it can write them (an
+    auditor recomputes it), else the record's (a whole number past 2**53 - 1, such as a
+    64-bit id, which RFC 8785 refuses; that was read as the approval store failing)."""
+    return arguments_digest(arguments) or arguments_sha256(None)
+
+
 class Approvals:
     """Human approval of high-impact actions; create with :meth:`open`."""
 
@@ -220,7 +227,7 @@ class Approvals:
         doc: dict[str, Any] = {
             "agent": agent_id,
             "tool": tool,
-            "arguments_sha256": arguments_sha256(arguments),
+            "arguments_sha256": _arguments_hash(arguments),
             "upstream": upstream,
             "method": method,
         }
@@ -308,7 +315,7 @@ class Approvals:
             agent_id=action.agent.id,
             tool=action.target,
             arguments=arguments,
-            arguments_sha256=arguments_sha256(action.arguments),
+            arguments_sha256=_arguments_hash(action.arguments),
             binding=binding,
             mode=mode,
             reason=decision.reason,

@@ -432,8 +432,6 @@ class AuditLog:
                 act["redacted"] = sorted({*act["redacted"], name})
             if act["arguments_sha256"] is None:
                 act["arguments_sha256"] = arguments_digest(action.arguments, action.raw_arguments)
-            if act["argument_keys"] is None and action.arguments is not None:
-                act["argument_keys"] = sorted(str(k) for k in action.arguments)
             personal = {}
         self._key_digest(act, "action.arguments_sha256", personal)
         if fields["approval"] is not None:
@@ -480,7 +478,8 @@ class AuditLog:
     def _personal(self, act: dict[str, Any], agent: dict[str, Any]) -> dict[str, Any]:
         """Take a subject's personal fields out of a decision record, by field path."""
         personal: dict[str, Any] = {}
-        for name in ("arguments", "raw_arguments", "context", "input_responses"):
+        # Argument names too: a map keyed by e-mail address names its customer.
+        for name in ("arguments", "raw_arguments", "argument_keys", "context", "input_responses"):
             if act.get(name) is not None:
                 personal[f"action.{name}"] = act[name]
                 act[name] = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import unicodedata
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from warden.config import CapCustomerConfig
@@ -21,6 +21,7 @@ __all__ = [
     "customer_subject",
     "over_reason",
     "window_key",
+    "windows_closed_before",
 ]
 
 MAX_CUSTOMER_CHARS = 128
@@ -45,6 +46,25 @@ def window_key(window: str, now: datetime) -> str:
     if window == "month":
         return f"month:{now:%Y-%m}"
     raise ValueError(f"unknown window {window!r}")
+
+
+def windows_closed_before(now: datetime) -> dict[str, str]:
+    """For each window kind, the key every window closed long ago sorts below.
+
+    Counters of those windows count nothing any more, yet name customers (erasure
+    leaves live counters be, so a spent cap is not handed back): they are deleted.
+    The cutoffs are two days before ``now``'s UTC day and the month before its
+    UTC month, so no sidecar's zone, and no clock a few minutes off, still counts
+    in a window deleted.
+    """
+    day = now.astimezone(UTC).date()
+    two_days_ago = day - timedelta(days=2)
+    month = (day.replace(day=1) - timedelta(days=1)).replace(day=1)
+    return {
+        "hour": f"hour:{two_days_ago:%Y-%m-%d}",
+        "day": f"day:{two_days_ago:%Y-%m-%d}",
+        "month": f"month:{month:%Y-%m}",
+    }
 
 
 class Uncountable(ValueError):
@@ -88,7 +108,9 @@ def _customer_id(value: Any, where: str) -> str:
     if isinstance(value, int):
         return str(value)[:MAX_CUSTOMER_CHARS]
     text = unicodedata.normalize("NFKC", value).strip()
-    if not text:
+    if not text or not text.isprintable():
+        # A control character is no backend's id, and NUL no PostgreSQL text: its
+        # counter could not be stored, which must not read as the store being down.
         raise Uncountable(f"{where} is not a customer id (a non-empty string or an integer)")
     number = _integral(text)
     return (text if number is None else str(number))[:MAX_CUSTOMER_CHARS]

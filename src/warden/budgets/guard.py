@@ -41,6 +41,7 @@ from warden.budgets.caps import (
     customer_subject,
     over_reason,
     window_key,
+    windows_closed_before,
 )
 from warden.budgets.prices import PriceTable
 from warden.config import BudgetsConfig, CapConfig, LlmBudgetConfig
@@ -163,8 +164,10 @@ class BudgetGuard:
                 count = await self.store.expire(self.config.reservation_ttl_s)
                 if count:
                     log.warning("settled %d reservations whose outcome never came", count)
+                now = datetime.fromtimestamp(self._clock(), self._zone)
+                await self.store.prune_windows(windows_closed_before(now))
             except Exception:
-                log.exception("could not expire stale reservations")
+                log.exception("could not expire stale reservations or old windows")
             await asyncio.sleep(EXPIRY_INTERVAL_S)
 
     # -- reading ---------------------------------------------------------------
@@ -358,7 +361,8 @@ class BudgetGuard:
                 if per == "agent":
                     subject, who = agent, "this agent"
                 elif customer is not None:
-                    subject, who = customer_subject(customer), f"customer {customer}"
+                    # Never the id: reasons are not sealed, and erasure cannot reach them.
+                    subject, who = customer_subject(customer), "this customer"
                 else:
                     unkeyed.append(cap)  # never skipped: the cap's `missing` applies
                     continue

@@ -150,7 +150,14 @@ def _metadata(context: Context[Any, Any]) -> CIMultiDict[str]:
     return out
 
 
+_MAX_DETAILS = 1024
+"""A status message echoes the caller's ids: unbounded, a 100 KB id passed the trailers'
+size limit and the caller got ``RESOURCE_EXHAUSTED`` instead of the reason."""
+
+
 async def _abort(context: Context[Any, Any], code: grpc.StatusCode, message: str) -> NoReturn:
+    if len(message) > _MAX_DETAILS:
+        message = message[: _MAX_DETAILS - 1] + "…"
     await context.abort(code, message)
     raise AssertionError("unreachable")  # pragma: no cover - abort raises
 

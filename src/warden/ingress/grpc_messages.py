@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 DEFAULT_PROTOCOL = "grpc"
-_EXACT_INT = 2**53  # doubles hold every integer up to here exactly
+_EXACT_INT = 2**53  # doubles hold every integer below this exactly (2**53 + 1 reads as 2**53)
 # Not a hosted MCP approval request: only a model's response makes one, and Warden's
 # record of an allowed one is what lets an approval of it reach the provider.
 _KINDS = frozenset(k.value for k in ActionKind) - {
@@ -57,7 +57,7 @@ def _plain(value: struct_pb2.Value) -> Any:
     if which == "number_value":
         number = value.number_value
         # JSON has one number type; a whole number is an integer to policies and the log.
-        if math.isfinite(number) and number.is_integer() and abs(number) <= _EXACT_INT:
+        if math.isfinite(number) and number.is_integer() and abs(number) < _EXACT_INT:
             return int(number)
         return number
     if which == "string_value":

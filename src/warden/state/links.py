@@ -299,7 +299,7 @@ class CallLinks:
                 continue  # never linked; not kept in memory either
             entry = self._live(call_id, now)
             if entry is None:
-                if self._store is not None:
+                if self._store is not None and "\x00" not in call_id:  # never stored
                     unknown[call_id] = None
                 continue
             value, at = entry
@@ -392,9 +392,14 @@ class CallLinks:
             self._memory.popitem(last=False)
 
     def _queue_op(self, op: _Op) -> None:
-        if self._store is None:
+        if self._store is None or "\x00" in op.call_id:
+            # PostgreSQL text cannot hold NUL: one such id failed every batch after it.
+            # Memory still links it in this process.
             return
         self._queue.append(op)
+        if len(self._queue) > self._max:
+            # The store is away (each batch rolled back and requeued): the oldest go.
+            del self._queue[: len(self._queue) - self._max]
         self._wake.set()
 
     async def _write_loop(self) -> None:
@@ -427,6 +432,7 @@ class CallLinks:
                 # Rolled back: kept for the next try, in order. (A cancelled wait
                 # is not requeued: the store's thread may still commit the batch.)
                 self._queue[:0] = batch
+                del self._queue[: max(0, len(self._queue) - self._max)]
                 raise
         for call_id in clashed:
             # Linked before a restart (or evicted from memory) and proposed again.

@@ -362,6 +362,21 @@ class PgStateStore:
         found = {(c, w, s): (float(sp), float(rs)) for c, w, s, sp, rs in rows}
         return tuple(Counter(*k, *found.get(k, (0.0, 0.0))) for k in wanted)
 
+    async def prune_windows(self, before: Mapping[str, str]) -> int:
+        """Delete the counters of windows closed long ago; how many."""
+
+        async def run(cur: AsyncCursor[Any]) -> int:
+            deleted = 0
+            for kind, cutoff in sorted(before.items()):
+                await cur.execute(
+                    'DELETE FROM budget_counters WHERE "window" LIKE %s AND "window" < %s',
+                    (f"{kind}:%", cutoff),
+                )
+                deleted += max(cur.rowcount, 0)
+            return deleted
+
+        return await self._db.tx(run)
+
     async def window_counters(
         self, counter: str, window: str, *, limit: int = 50
     ) -> tuple[Counter, ...]:

@@ -88,6 +88,14 @@ class BudgetRepo(Protocol):
         """Settle reservations older than ``older_than_s`` at their held value; how many."""
         ...
 
+    async def prune_windows(self, before: Mapping[str, str]) -> int:
+        """Delete the counters of windows closed long ago; how many.
+
+        ``before`` maps a window kind (``day``) to the key its deleted windows
+        sort below (``day:2026-11-30``): :func:`warden.budgets.caps.windows_closed_before`.
+        """
+        ...
+
     async def counters(self, keys: Iterable[tuple[str, str, str]]) -> tuple[Counter, ...]:
         """Read counters by ``(counter, window, subject)``; missing ones read as zero."""
         ...

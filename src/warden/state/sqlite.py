@@ -130,6 +130,21 @@ class StateStore(SqliteStore):
                 _apply(cur, decode_holds(holds), None)
             return len(rows)
 
+    async def prune_windows(self, before: Mapping[str, str]) -> int:
+        """Delete the counters of windows closed long ago; how many."""
+        return await self._run(self._prune_windows, dict(before))
+
+    def _prune_windows(self, before: dict[str, str]) -> int:
+        with immediate(self._conn) as cur:
+            deleted = 0
+            for kind, cutoff in sorted(before.items()):
+                cur.execute(
+                    "DELETE FROM budget_counters WHERE window LIKE ? AND window < ?",
+                    (f"{kind}:%", cutoff),
+                )
+                deleted += cur.rowcount
+            return deleted
+
     async def counters(self, keys: Iterable[tuple[str, str, str]]) -> tuple[Counter, ...]:
         """Read counters by ``(counter, window, subject)``; missing ones read as zero."""
         return await self._run(self._counters, tuple(keys))

@@ -12,7 +12,11 @@ Both sources are polled every ``policy.poll_interval_s``:
 A new bundle goes to :meth:`PolicyEngine.activate`, which compiles it in new
 workers and swaps it in atomically, or keeps the last good one and reports
 why (log line, ``warden_policy_reloads_total{result="failure"}``, status).
-A broken bundle is tried once per change, not on every poll.
+A bundle refused for what it is (it does not load, compile or verify, or it
+is older than one activated) is tried once per change, not on every poll. A
+failure that may pass (the state store or audit log briefly unavailable, a
+compile that timed out on a busy machine) is retried at the next poll: the
+poll interval is the backoff.
 """
 
 from __future__ import annotations
@@ -54,7 +58,11 @@ class BundleTarget(Protocol):
     """
 
     async def activate(self, bundle: Bundle) -> bool:
-        """Compile and swap in ``bundle``; raise :class:`PolicyError` after reporting it."""
+        """Compile and swap in ``bundle``; raise :class:`PolicyError` after reporting it.
+
+        A :class:`BundleError` refuses the bundle itself; anything else that
+        failed is raised as a plain :class:`PolicyError` from its cause.
+        """
         ...
 
     def report_failure(self, message: str) -> None:
@@ -68,7 +76,15 @@ class BundleSource(Protocol):
     description: str
 
     async def poll(self) -> Bundle | None:
-        """A newly changed bundle, or ``None`` if nothing changed; raise on a broken one."""
+        """A newly changed bundle, or ``None`` if nothing changed; raise on a broken one.
+
+        A change is remembered once returned or refused with :class:`BundleError`;
+        after any other error the next poll tries it again.
+        """
+        ...
+
+    def forget(self) -> None:
+        """Forget the last change: its activation failed for a passing reason."""
         ...
 
     async def close(self) -> None:
@@ -105,16 +121,24 @@ class DirectorySource:
         fingerprint = _fingerprint(self.paths)
         if fingerprint == self._seen:
             return None
-        # Remember it before loading: a broken bundle is reported once, not every poll.
+        try:
+            # Syntax is checked by the workers when they compile, not in the proxy process.
+            bundle = merge_bundles(
+                [load_bundle(p, signing=self.signing, check_syntax=False) for p in self.paths]
+            )
+        except BundleError:
+            self._seen = fingerprint  # broken as written: reported once, not every poll
+            raise
         self._seen = fingerprint
-        # Syntax is checked by the workers when they compile, not in the proxy process.
-        return merge_bundles(
-            [load_bundle(p, signing=self.signing, check_syntax=False) for p in self.paths]
-        )
+        return bundle
 
     async def poll(self) -> Bundle | None:
         """Reload if any file under the paths changed since the last poll."""
         return await asyncio.to_thread(self._load)
+
+    def forget(self) -> None:
+        """Load the paths again at the next poll, changed or not."""
+        self._seen = None
 
     async def close(self) -> None:
         """Nothing to release."""
@@ -170,11 +194,15 @@ class HttpSource:
             # Some client errors quote the URL they failed on.
             why = scrub(str(exc) or type(exc).__name__, self._secrets)
             raise BundleError(f"{self.description}: cannot fetch bundle: {why}") from None
-        # Remember the ETag even if the bundle is broken: it is reported once per change.
-        self._etag = etag
         # The path's last segment only: the authority may carry a password.
         name = bundle_name(urlsplit(self.url).path.rstrip("/")) or "bundle"
-        return await asyncio.to_thread(self._build, body, name)
+        try:
+            bundle = await asyncio.to_thread(self._build, body, name)
+        except BundleError:
+            self._etag = etag  # broken as served: reported once per change, not every poll
+            raise
+        self._etag = etag
+        return bundle
 
     def _build(self, body: bytes, name: str) -> Bundle:
         files = read_tarball(body, label=self.description)
@@ -182,11 +210,27 @@ class HttpSource:
             files, source=self.description, name=name, signing=self.signing, check_syntax=False
         )
 
+    def forget(self) -> None:
+        """Fetch the bundle whole at the next poll, even if its ETag is unchanged."""
+        self._etag = None
+
     async def close(self) -> None:
         """Close the HTTP session."""
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _refused(exc: PolicyError) -> bool:
+    """Whether the engine refused the bundle for what it is, not for a failure that may pass.
+
+    The engine raises a :class:`BundleError` (compile error, engine fault, worker
+    crash, rollback refusal) as it is and wraps anything else (state store,
+    audit log, OS) in a plain :class:`PolicyError`. A compile that timed out is a
+    BundleError raised while handling the ``TimeoutError``: on a busy machine the
+    same bundle may compile in time at the next poll.
+    """
+    return isinstance(exc, BundleError) and not isinstance(exc.__context__, TimeoutError)
 
 
 class Activator:
@@ -197,6 +241,7 @@ class Activator:
         self.source = source
         self.interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
+        self._retrying = False
 
     @classmethod
     def for_config(cls, engine: BundleTarget, config: PolicyConfig) -> Activator:
@@ -221,9 +266,23 @@ class Activator:
         if bundle is None:
             return False
         try:
-            return await self.engine.activate(bundle)
-        except PolicyError:
-            return False  # activate() has reported it
+            activated = await self.engine.activate(bundle)
+        except PolicyError as exc:  # activate() has reported it
+            if _refused(exc):
+                self._retrying = False
+            else:
+                self.source.forget()
+                # The engine logs each new error; say once that it is retried.
+                log.log(
+                    logging.DEBUG if self._retrying else logging.WARNING,
+                    "policy bundle from %s will be tried again at the next poll (every %g s)",
+                    self.source.description,
+                    self.interval_s,
+                )
+                self._retrying = True
+            return False
+        self._retrying = False
+        return activated
 
     def start(self) -> None:
         """Poll in the background every ``interval_s``."""

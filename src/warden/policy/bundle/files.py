@@ -3,14 +3,20 @@
 Hidden files and folders (``.git``, editor swap files) are skipped, except
 ``.manifest`` and ``.signatures.json`` at the top. Archive members that are
 links or devices, or that escape the bundle, are refused.
+
+An archive is read before its signature can be checked, so whoever serves it
+is bounded: its size, its size unpacked (headers and skipped files included)
+and its number of entries of any kind, as well as the files it yields.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import tarfile
-from collections.abc import Mapping
+import zlib
+from collections.abc import Buffer, Mapping
 from pathlib import Path, PurePosixPath
 
 from warden.policy.bundle.model import BundleError
@@ -18,7 +24,9 @@ from warden.policy.bundle.model import BundleError
 __all__ = [
     "DATA_FILES",
     "MANIFEST_FILE",
+    "MAX_ARCHIVE_ENTRIES",
     "MAX_BUNDLE_BYTES",
+    "MAX_UNPACKED_BYTES",
     "SIGNATURES_FILE",
     "bundle_name",
     "content_revision",
@@ -30,10 +38,16 @@ __all__ = [
 MANIFEST_FILE = ".manifest"
 SIGNATURES_FILE = ".signatures.json"
 DATA_FILES = frozenset({"data.json", "data.yaml"})
-# Bounds so that a hostile or broken bundle server cannot exhaust memory.
+# Bounds so that a hostile or broken bundle server cannot exhaust memory or CPU.
+# MAX_BUNDLE_BYTES bounds both an archive as fetched or stored and the files it yields.
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 MAX_FILE_BYTES = 16 * 1024 * 1024
 MAX_FILES = 10_000
+# An archive's entries cost time and memory even when skipped (folders, hidden
+# files): a 2 MB .tar.gz can hold a million of them.
+MAX_ARCHIVE_ENTRIES = 2 * MAX_FILES
+# The tar stream once decompressed: the files plus headers, padding and skipped files.
+MAX_UNPACKED_BYTES = 2 * MAX_BUNDLE_BYTES
 
 
 def _safe_member_path(name: str) -> str | None:
@@ -70,9 +84,13 @@ def read_bundle_files(path: str | Path) -> dict[str, bytes]:
         return _read_dir(p)
     if p.is_file():
         try:
-            return read_tarball(p.read_bytes(), label=str(p))
+            with p.open("rb") as file:
+                blob = file.read(MAX_BUNDLE_BYTES + 1)
         except OSError as exc:
             raise BundleError(f"{p}: cannot read: {exc.strerror}") from exc
+        if len(blob) > MAX_BUNDLE_BYTES:
+            raise BundleError(f"{p}: bundle is over {MAX_BUNDLE_BYTES} bytes")
+        return read_tarball(blob, label=str(p))
     raise BundleError(f"{p}: no such bundle directory or archive")
 
 
@@ -97,13 +115,62 @@ def _read_dir(root: Path) -> dict[str, bytes]:
     return files
 
 
-def read_tarball(blob: bytes, *, label: str = "bundle.tar.gz") -> dict[str, bytes]:
-    """Read an OPA bundle archive held in memory (what a bundle server sends)."""
+class _Unpacked(io.RawIOBase):
+    """The decompressed tar stream, refused once it passes ``limit`` bytes.
+
+    Counted here, below tarfile, so that no header (a PAX header may claim
+    gigabytes) and no skipped member is read past the bound.
+    """
+
+    def __init__(self, stream: io.BufferedIOBase, limit: int, label: str) -> None:
+        super().__init__()
+        self._stream = stream
+        self._left = limit
+        self._limit = limit
+        self._label = label
+
+    def readable(self) -> bool:
+        """Always: it is read, never written."""
+        return True
+
+    def readinto(self, buffer: Buffer) -> int:
+        """Fill ``buffer`` from the stream; raise :class:`BundleError` past the bound."""
+        # One byte past the bound at most: enough to know it was passed.
+        count = self._stream.readinto(memoryview(buffer)[: self._left + 1])
+        self._left -= count
+        if self._left < 0:
+            raise BundleError(f"{self._label}: archive is over {self._limit} bytes unpacked")
+        return count
+
+
+def read_tarball(
+    blob: bytes,
+    *,
+    label: str = "bundle.tar.gz",
+    max_entries: int = MAX_ARCHIVE_ENTRIES,
+    max_unpacked: int = MAX_UNPACKED_BYTES,
+) -> dict[str, bytes]:
+    """Read an OPA bundle archive held in memory (what a bundle server sends).
+
+    A gzipped or plain tar. Refused with :class:`BundleError` past
+    ``max_entries`` entries (folders and skipped hidden files included) or
+    ``max_unpacked`` bytes once decompressed, before it is read further.
+    """
     files: dict[str, bytes] = {}
     total = 0
+    entries = 0
+    raw: io.BufferedIOBase = io.BytesIO(blob)
+    if blob.startswith(b"\x1f\x8b"):
+        raw = gzip.GzipFile(fileobj=raw, mode="rb")
     try:
-        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
-            for member in tar:
+        # Read as a stream and walked with next(), each header forgotten once seen:
+        # iterating keeps a TarInfo for every entry.
+        with tarfile.open(fileobj=_Unpacked(raw, max_unpacked, label), mode="r|") as tar:
+            while (member := tar.next()) is not None:
+                tar.members.clear()  # type: ignore[attr-defined]  # not in the stubs
+                entries += 1
+                if entries > max_entries:
+                    raise BundleError(f"{label}: archive has over {max_entries} entries")
                 if member.isdir():
                     continue
                 rel = _safe_member_path(member.name)
@@ -121,7 +188,7 @@ def read_tarball(blob: bytes, *, label: str = "bundle.tar.gz") -> dict[str, byte
                 if rel in files:
                     raise BundleError(f"{label}: {rel}: appears twice in the archive")
                 files[rel] = extracted.read()
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise BundleError(f"{label}: not a readable .tar.gz bundle: {exc}") from exc
     return files
 

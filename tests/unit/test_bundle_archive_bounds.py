@@ -1,0 +1,89 @@
+"""A bundle archive is bounded before its signature is checked.
+
+A few megabytes of ``.tar.gz`` can hold a million entries or gigabytes of
+zeros; each bound refuses such an archive, saying which one it passed,
+before the rest is read.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+from warden.policy.bundle import BundleError, load_bundle, read_tarball
+from warden.policy.bundle.files import MAX_ARCHIVE_ENTRIES, MAX_BUNDLE_BYTES, MAX_UNPACKED_BYTES
+
+POLICY = b'package warden\n\ndecision := {"effect": "allow"}\n'
+
+
+def header(name: str, size: int = 0, kind: bytes = tarfile.REGTYPE) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.type = kind
+    return info.tobuf(tarfile.USTAR_FORMAT)
+
+
+def gzipped(chunks: Iterable[bytes]) -> bytes:
+    """``chunks``, then one policy file and the archive's end, as a .tar.gz.
+
+    Compressed chunk by chunk: a bomb of many megabytes is quick to build.
+    """
+    squeeze = zlib.compressobj(6, zlib.DEFLATED, 31)  # 31: a gzip stream
+    out = [squeeze.compress(chunk) for chunk in chunks]
+    out.append(squeeze.compress(header("policy.rego", len(POLICY)) + POLICY.ljust(512, b"\0")))
+    out.append(squeeze.compress(b"\0" * 1024) + squeeze.flush())
+    return b"".join(out)
+
+
+def test_a_small_archive_is_read() -> None:
+    files = read_tarball(gzipped([header(".hidden"), header("warden/", kind=tarfile.DIRTYPE)]))
+    assert files == {"policy.rego": POLICY}
+
+
+def test_skipped_entries_count_toward_the_entry_bound() -> None:
+    # Hidden files and folders, never counted as files: 2 MB held a million of them.
+    pair = header(".h") + header("d/", kind=tarfile.DIRTYPE)
+    bomb = gzipped([pair] * (MAX_ARCHIVE_ENTRIES // 2 + 1))
+    assert len(bomb) < 100_000
+    with pytest.raises(BundleError, match=f"archive has over {MAX_ARCHIVE_ENTRIES} entries"):
+        read_tarball(bomb, label="bomb.tar.gz")
+
+
+def test_an_archive_is_bounded_unpacked_skipped_files_included() -> None:
+    # One hidden file of zeros past the bound: a few hundred kilobytes compressed.
+    chunk = b"\0" * (1 << 20)
+    size = MAX_UNPACKED_BYTES + len(chunk)
+    bomb = gzipped([header(".git/pack", size), *[chunk] * (size // len(chunk))])
+    assert len(bomb) < 1_000_000
+    with pytest.raises(BundleError, match=f"archive is over {MAX_UNPACKED_BYTES} bytes unpacked"):
+        read_tarball(bomb, label="bomb.tar.gz")
+
+
+def test_the_unpacked_bound_counts_headers() -> None:
+    # A PAX header that claims more than the bound is not read into memory whole.
+    chunk = b"\0" * (1 << 20)
+    bomb = gzipped([header("././@PaxHeader", 8 * len(chunk), kind=tarfile.XHDTYPE), *[chunk] * 8])
+    with pytest.raises(BundleError, match=f"archive is over {len(chunk)} bytes unpacked"):
+        read_tarball(bomb, max_unpacked=len(chunk))
+
+
+def test_an_archive_on_disk_is_bounded_before_it_is_read(tmp_path: Path) -> None:
+    archive = tmp_path / "support.tar.gz"
+    with archive.open("wb") as file:
+        file.truncate(MAX_BUNDLE_BYTES + 1)  # sparse: nothing written
+    with pytest.raises(BundleError, match=f"bundle is over {MAX_BUNDLE_BYTES} bytes"):
+        load_bundle(archive)
+
+
+def test_a_plain_tar_is_read_too() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("policy.rego")
+        info.size = len(POLICY)
+        tar.addfile(info, io.BytesIO(POLICY))
+    assert read_tarball(buf.getvalue()) == {"policy.rego": POLICY}

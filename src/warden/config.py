@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from warden.errors import ConfigError
+from warden.ingress.transparent_rules import normalize_host
 from warden.model import Effect, Mode
 from warden.protocols import http_tool
 from warden.protocols.registry import PassthroughRule
@@ -1085,7 +1086,8 @@ class TransparentConfig(_Section):
     def _host_names(cls, value: dict[str, str]) -> dict[str, str]:
         out: dict[str, str] = {}
         for host, upstream in value.items():
-            name = host.strip().lower().rstrip(".")
+            # An IP address in its standard form: 0x7f000002 and 127.0.0.2 are one host.
+            name = normalize_host(host)
             if not re.fullmatch(
                 r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*"
                 r"|\[?[0-9a-f:.]+\]?",

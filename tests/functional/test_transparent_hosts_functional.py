@@ -306,6 +306,63 @@ async def test_a_client_that_rejects_the_ca_gets_a_clear_log_line(
     assert llm.requests == []
 
 
+def h2_headers(stream_id: int, fields: list[tuple[str, str]], *, end_stream: bool) -> bytes:
+    """An HTTP/2 HEADERS frame whose fields are HPACK literals (not indexed, no Huffman):
+    written by hand, so that no client library checks or trims a value."""
+    block = b""
+    for name, value in fields:
+        block += b"\x00"  # a literal field with a new name, not indexed
+        for part in (name.encode(), value.encode()):
+            assert len(part) < 127  # its length fits the one-byte prefix
+            block += bytes([len(part)]) + part
+    flags = 0x4 | (0x1 if end_stream else 0)  # END_HEADERS, END_STREAM
+    head = len(block).to_bytes(3, "big") + bytes([0x1, flags]) + stream_id.to_bytes(4, "big")
+    return head + block
+
+
+async def test_an_http2_error_never_puts_a_key_in_the_log(
+    tmp_path: Path, llm: MockLLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    # h2 fails a whole connection on a header value with whitespace around it (a key read
+    # with its newline), in a message that quotes the value; mitmproxy hands that message
+    # to every request in flight on the connection, a governed one here.
+    request = [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":authority", "api.openai.com"),
+        (":path", "/v1/chat/completions"),
+        ("content-type", "application/json"),
+    ]
+    governed = {"host": "api.openai.com", "mode": "regular", "verdict": "governed"}
+    async with Warden(transparent_config(tmp_path, llm.url)) as warden:
+        context = ssl.create_default_context(cafile=export_ca(warden, tmp_path))
+        context.set_alpn_protocols(["h2"])
+        host, _, port = warden.transparent_address.rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
+        connected = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert connected.startswith(b"HTTP/1.1 200")
+        await writer.start_tls(context, server_hostname="api.openai.com")
+        before = metric("warden_transparent_requests_total", **governed)
+        with caplog.at_level(logging.INFO):
+            writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(3) + b"\x04" + bytes(5))
+            key = ("authorization", f"Bearer {API_KEY}")
+            writer.write(h2_headers(1, [*request, key], end_stream=False))  # its body to come
+            for _ in range(100):
+                if metric("warden_transparent_requests_total", **governed) > before:
+                    break
+                await asyncio.sleep(0.05)
+            key = ("authorization", f"Bearer {API_KEY} ")
+            writer.write(h2_headers(3, [*request, key], end_stream=True))
+            for _ in range(100):  # logged on mitmproxy's thread
+                if "failed in transparent mode" in caplog.text:
+                    break
+                await asyncio.sleep(0.05)
+        writer.close()
+    assert "api.openai.com failed in transparent mode: HTTP/2 protocol error" in caplog.text
+    assert API_KEY not in caplog.text
+
+
 async def test_readyz_names_the_transparent_listener(tmp_path: Path, llm: MockLLM) -> None:
     async with (
         Warden(transparent_config(tmp_path, llm.url)) as warden,

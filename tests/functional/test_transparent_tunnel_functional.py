@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import json
 import logging
 import socket
 import ssl
@@ -23,6 +25,7 @@ import httpx2
 import openai
 import pytest
 
+from tests.functional.conftest import audit_records
 from tests.functional.test_transparent_hosts_functional import CountingServer, metric
 from tests.functional.test_transparent_sdk_functional import MESSAGES, transparent_config
 from warden.ingress import transparent
@@ -197,6 +200,62 @@ async def test_the_connection_goes_to_the_address_checked(
             await asyncio.sleep(0.05)
     assert status.startswith(b"HTTP/1.1 200")
     assert fake.connections == 1
+
+
+async def post_through(proxy: str, target: str) -> bytes:
+    """``CONNECT target``, then a chat completion in plain HTTP: all that comes back."""
+    host, _, port = proxy.rpartition(":")
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: api\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        answer = b""
+        with contextlib.suppress(ConnectionError):
+            while chunk := await asyncio.wait_for(reader.read(65536), 10):
+                answer += chunk
+        return answer
+    finally:
+        writer.close()
+
+
+async def test_a_governed_address_is_governed_however_it_is_written(
+    tmp_path: Path, llm: MockLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``hosts`` lists the API by its address (127.0.0.1 stands in for it, let through as a
+    public address would be): any other spelling of it is governed, and a name that
+    resolves to it is refused; neither reaches the API undecided."""
+    real_why = transparent._why_refused
+
+    def why_refused(address: str, private_allowed: bool) -> str | None:
+        loopback = ipaddress.ip_address(address).is_loopback
+        return None if loopback else real_why(address, private_allowed)
+
+    monkeypatch.setattr(transparent, "_why_refused", why_refused)
+    hosts = {"api.openai.com": "openai", "127.0.0.1": "openai"}
+    forms = ("2130706433", "0x7f000001", "127.1", "0177.0.0.1", "[::ffff:127.0.0.1]")
+    llm.script(*(Reply(text="governed") for _ in forms))
+    async with (
+        CountingServer() as api,
+        Warden(tunnel_config(tmp_path, llm, hosts=hosts)) as warden,
+        httpx2.AsyncClient(proxy=f"http://{warden.transparent_address}") as client,
+    ):
+        for form in forms:
+            answer = await post_through(warden.transparent_address, f"{form}:{api.port}")
+            assert b"x-warden-decision-id: dec_" in answer.lower(), (form, answer[:300])
+        # A name for the address (an alias of the API): by CONNECT and by plain HTTP.
+        status, _ = await raw_connect(warden.transparent_address, f"localhost:{api.port}")
+        assert status.startswith(b"HTTP/1.1 403"), status
+        refused = await client.get(f"http://localhost:{api.port}/")
+        assert refused.status_code == 403
+        assert "address of a governed host" in refused.json()["detail"]
+    assert api.connections == 0
+    decisions = [r for r in audit_records(tmp_path / "audit") if r["kind"] == "decision"]
+    assert len(decisions) == len(forms)
 
 
 async def test_names_that_never_resolve_do_not_hold_governed_calls(

@@ -61,6 +61,40 @@ def test_any_governed_and_normalize() -> None:
     assert rules.upstream_of("api.openai.com.") == "openai"
 
 
+@pytest.mark.parametrize(
+    "written",
+    [
+        "127.0.0.2",
+        "2130706434",  # what inet_aton and getaddrinfo read: decimal, hex, octal, short forms
+        "0x7f000002",
+        "0X7F.2",
+        "127.2",
+        "127.0.0.02",
+        "0177.0.0.2",
+        "127.0.0.2.",
+        "::ffff:127.0.0.2",  # IPv6 forms of the IPv4 address: mapped, NAT64
+        "[::FFFF:7f00:2]",
+        "64:ff9b::7f00:2",
+    ],
+)
+def test_a_governed_address_is_governed_however_it_is_written(written: str) -> None:
+    rules = HostRules({"127.0.0.2": "openai", "2001:db8::2": "openai"}, "tunnel")
+    assert rules.classify([written]) == Verdict(VerdictKind.GOVERN, "127.0.0.2", "openai")
+    assert rules.any_governed([written])
+    for ipv6 in ("2001:0db8::0002", "2001:DB8:0:0:0:0:0:2", "[2001:db8::2]"):
+        assert rules.upstream_of(ipv6) == "openai"
+    # The hosts map's own keys are read the same way.
+    assert HostRules({written: "openai"}, "tunnel").upstream_of("127.0.0.2") == "openai"
+
+
+def test_names_that_only_look_like_addresses_stay_names() -> None:
+    for name in ("cafe.be", "deadbeef", "999.1.1.1", "08.1.1.1", "1e100.net"):
+        assert normalize_host(name) == name
+    # inet_aton reads "127.0.0.2 x" as 127.0.0.2; getaddrinfo takes it for no address.
+    assert normalize_host("127.0.0.2 x") == "127.0.0.2 x"
+    assert normalize_host("012.0.0.5") == "10.0.0.5"  # octal, as a resolver reads it
+
+
 def test_handoff_path_prefixes_the_upstream_and_keeps_the_query() -> None:
     assert handoff_path("openai", "/v1/chat/completions?x=1") == "/openai/v1/chat/completions?x=1"
     # The listener decodes and checks the rest exactly as for an agent's own request.
@@ -140,11 +174,15 @@ def test_config_validates_hosts_upstreams_and_the_ca_pair() -> None:
     assert cfg.transparent.unknown_hosts == "deny"
     assert cfg.transparent.tunnel_private_networks is False
     assert load_config(environ={}).transparent is None  # off when unset
+    addresses = {"127.2": "openai", "[2001:0DB8::0002]": "anthropic"}
+    listed = TransparentConfig(hosts=addresses).hosts
+    assert listed == {"127.0.0.2": "openai", "2001:db8::2": "anthropic"}
     bad: list[tuple[dict[str, object], str]] = [
         ({"hosts": {"api.example.com": "nope"}}, "no upstream named 'nope'"),
         ({"hosts": {"https://api.openai.com": "openai"}}, "is not a host name"),
         ({"hosts": {"api.openai.com:443": "openai"}}, "is not a host name"),
         ({"hosts": {"a.com": "openai", "A.com": "openai"}}, "listed twice"),
+        ({"hosts": {"127.0.0.2": "openai", "0x7f000002": "anthropic"}}, "listed twice"),
         ({"listen": "8888"}, "is not host:port"),
         ({"unknown_hosts": "allow"}, "unknown_hosts"),
         ({"mode": "socks5"}, "mode"),

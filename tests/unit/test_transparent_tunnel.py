@@ -74,6 +74,25 @@ async def test_a_name_with_any_refused_address_is_blocked(
     assert data.server.address == ("rebinding.example", 443)
 
 
+async def test_a_name_for_a_governed_address_is_never_tunnelled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An alias of the API, or a name the agent controls, that resolves to an address
+    # hosts lists: a tunnel would carry its traffic undecided.
+    rules = HostRules({"api.openai.com": "openai", "162.159.140.245": "openai"}, "tunnel")
+    governing = GoverningAddon(rules, TARGET, "regular")
+    resolving_to(monkeypatch, "93.184.215.14", "::ffff:162.159.140.245")
+    data = hook_data("openai-alias.example")
+    await governing.server_connect(data)
+    assert data.server.error is not None
+    assert "162.159.140.245 is governed" in data.server.error
+    assert data.server.address == ("openai-alias.example", 443)
+    resolving_to(monkeypatch, "93.184.215.14")
+    data = hook_data("example.com")
+    await governing.server_connect(data)
+    assert data.server.error is None
+
+
 async def test_private_networks_are_an_opt_in_loopback_is_not(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

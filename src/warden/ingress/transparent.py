@@ -18,8 +18,8 @@ would change how Warden's own tasks run), with one addon (:class:`GoverningAddon
   is passed through, never decrypted; a log line and a metric are all that
   is kept), to a public address only: Warden resolves the name itself,
   refuses it if any address it has is loopback, link-local, private (unless
-  ``tunnel_private_networks``) or this host's own, and connects to the
-  address it checked.
+  ``tunnel_private_networks``), this host's own or listed in ``hosts`` (a
+  governed API under another name), and connects to the address it checked.
 * a second line of defence, ``server_connect``, lets no connection leave
   except to the base-URL listener and, with ``tunnel``, to allowed addresses
   of hosts that are not governed: never an open proxy.
@@ -36,6 +36,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import re
 import socket
 import threading
 import warnings
@@ -122,13 +123,15 @@ def _refusal(host: str) -> http.Response:
     )
 
 
-def _destination_refusal(host: str) -> http.Response:
-    # Neither the address nor why it is refused: the agent must not learn internal DNS here.
-    return _forbidden(
-        _NOT_ALLOWED,
-        "Destination not allowed",
-        f"Warden tunnels only to public addresses and {host or 'this host'} is not one",
+def _destination_refusal(host: str, governed: bool) -> http.Response:
+    # Not the address, nor its range: the agent must not learn internal DNS here.
+    name = host or "this host"
+    why = (
+        f"{name} has the address of a governed host, which Warden does not tunnel"
+        if governed
+        else f"Warden tunnels only to public addresses and {name} is not one"
     )
+    return _forbidden(_NOT_ALLOWED, "Destination not allowed", why)
 
 
 def _forbidden(code: str, title: str, why: str) -> http.Response:
@@ -137,12 +140,17 @@ def _forbidden(code: str, title: str, why: str) -> http.Response:
 
 
 class _Refused(Exception):
-    """A tunnel's destination is not allowed: ``address`` is ``reason``."""
+    """A tunnel's destination is not allowed: ``address`` is ``reason``
+    (``governed``: an address listed in ``transparent.hosts``)."""
 
-    def __init__(self, address: str, reason: str) -> None:
-        super().__init__(f"{address} is {reason}")
+    def __init__(self, address: str, reason: str, *, governed: bool = False) -> None:
+        rule = (
+            "Warden never tunnels to it" if governed else "Warden tunnels only to public addresses"
+        )
+        super().__init__(f"{address} is {reason}, and {rule}")
         self.address = address
         self.reason = reason
+        self.governed = governed
 
 
 class _Lookups:
@@ -315,6 +323,10 @@ class GoverningAddon:
         if not addresses:
             raise OSError(f"{host} resolves to no address")
         for address in addresses:
+            if self._rules.upstream_of(address) is not None:
+                # Another name for a governed host (an alias): a tunnel would carry
+                # its traffic undecided, and it cannot be governed under that name.
+                raise _Refused(address, "governed (transparent.hosts)", governed=True)
             reason = _why_refused(address, self._private_allowed)
             if reason is not None:
                 raise _Refused(address, reason)
@@ -330,9 +342,9 @@ class GoverningAddon:
         try:
             await self._allowed_address(request.host, request.port)
         except _Refused as exc:
-            flow.response = _destination_refusal(verdict.host)
+            flow.response = _destination_refusal(verdict.host, exc.governed)
             log.warning(
-                "refused %s to %s:%s from %s: %s, and Warden tunnels only to public addresses",
+                "refused %s to %s:%s from %s: %s",
                 request.method,
                 verdict.host,
                 request.port,
@@ -388,7 +400,7 @@ class GoverningAddon:
             "cannot be governed in transparent mode: give it a base URL, or tunnel the host",
             _peer(data.conn),
             host,
-            data.conn.error or "TLS handshake failed",
+            _error_kind(data.conn.error or "TLS handshake failed"),
         )
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
@@ -429,7 +441,7 @@ class GoverningAddon:
                 except _Refused as exc:
                     label = _host_label(normalize_host(host))
                     CONNECTIONS.labels(label, self._mode, "refused").inc()
-                    why = f"{exc}, and Warden tunnels only to public addresses"
+                    why = str(exc)
                 except OSError as exc:
                     why, level = f"{host} does not resolve: {exc}", logging.INFO
                 else:
@@ -517,8 +529,20 @@ class GoverningAddon:
             log.warning(
                 "governed request to %s failed in transparent mode: %s",
                 flow.metadata["warden_governed"],
-                flow.error.msg,
+                _error_kind(flow.error.msg),
             )
+
+
+# A bytes literal, to the end of the text if it is not closed.
+_BYTES_LITERAL = re.compile(r"""\bb(?:'[^']*'?|"[^"]*"?)""")
+
+
+def _error_kind(message: str) -> str:
+    """What went wrong, without what mitmproxy's and h2's messages quote after a colon:
+    the client's own bytes (``HTTP/2 protocol error: ... b'Bearer sk-...'``), headers
+    and API keys included. A bytes literal before any colon is blanked too."""
+    kind = message.partition(":")[0]
+    return _BYTES_LITERAL.sub("b'...'", kind).strip() or "unknown error"
 
 
 def _address_host(server: connection.Server) -> str | None:

@@ -5,7 +5,8 @@ SNI, the ``CONNECT`` target or the address it was redirected from, and (for
 plain HTTP) the ``Host`` header. The first name listed in ``transparent.hosts``
 makes it governed: it is decrypted and handed to the base-URL listener as
 ``/<upstream>/<path>``, so it reaches only that upstream's ``base_url``,
-whatever the agent asked for. Any other host follows ``unknown_hosts``.
+whatever the agent asked for. Any other host follows ``unknown_hosts``. An IP
+address matches however it is written (:func:`normalize_host`).
 
 A tunnelled host may only be a public address (:func:`destination_refusal`):
 otherwise the proxy would let an agent reach what only Warden's own host
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -51,10 +54,39 @@ class Verdict:
 
 
 def normalize_host(name: str | None) -> str:
-    """A host name as the hosts map keys it: lower case, no trailing dot, no IPv6 brackets."""
+    """A host as the hosts map keys it: lower case, no trailing dot, no IPv6 brackets,
+    and an IP address in its standard form, however it was written.
+
+    What a resolver connects to is one address, so it is one key: IPv4 as
+    ``inet_aton`` reads it (``2130706434``, ``0x7f000002``, ``127.2``, octal
+    ``0177.0.0.2``), an IPv6 address that stands for an IPv4 one
+    (``::ffff:127.0.0.2``, NAT64, 6to4) as that one, and IPv6 compressed.
+    """
     if not name:
         return ""
-    return name.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
+    host = name.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
+    return _canonical_ip(host) or host
+
+
+# The characters of the IPv4 forms: checked first, as inet_aton also reads an address
+# followed by a space and anything, which getaddrinfo does not take for an address.
+_IPV4_FORMS = re.compile(r"[0-9a-fx.]+")
+
+
+def _canonical_ip(host: str) -> str | None:
+    """The standard form of the IP address ``host`` (lower case) is, or ``None``."""
+    if _IPV4_FORMS.fullmatch(host):
+        try:
+            return str(ipaddress.IPv4Address(socket.inet_aton(host)))
+        except OSError:
+            return None  # a name, such as "cafe.be"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(embedded_ipv4(ip) or ip)
+    return str(ip)
 
 
 class HostRules:

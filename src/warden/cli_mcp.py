@@ -54,6 +54,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _wrap(args: argparse.Namespace) -> int:
+    from warden.ops.runtime import undumpable
+
+    # First, before the server starts: it runs as this user.
+    try:
+        undumpable()
+    except OSError as exc:
+        print(f"warden: mcp wrap could not shield itself from the server: {exc}", file=sys.stderr)
+        return 2
     from warden.model import new_id
     from warden.ops.logging import configure_logging
     from warden.sessions import MAX_SESSION_ID, usable_session

@@ -10,6 +10,8 @@ are ``resources/read``, ``prompts/get`` and ``completion/complete``
 child's answer to an allowed call is recorded as its trusted outcome. A kill
 switch thrown while a call runs answers it at once and tells the child to
 cancel it (``notifications/cancelled``); the child's late answer is dropped.
+A request the child never answers, as it exited or Warden stopped, gets
+Warden's error (:data:`SERVER_GONE`) and a call its outcome, not trusted.
 
 The child's own requests (elicitation, sampling, roots) reach the client, and
 the client's answer to one is decided before it reaches the child: each
@@ -73,6 +75,16 @@ MAX_LINE = 64 * 1024 * 1024
 """The longest JSON-RPC line relayed (tool results can carry large documents)."""
 CANCELLED_KEPT = 1024
 """Cancelled requests whose late answers are still told apart (and their ids kept in use)."""
+DRAIN_S = 5.0
+"""How long a stop goes on relaying what the child wrote before it exited: moments, as
+it is all in the pipe by then, unless a process the child started holds its stdout open."""
+SERVER_GONE = -32000
+"""The JSON-RPC error code of a request the server never answered, as it exited or Warden
+stopped it: the code the HTTP door answers a server it lost with (``WARDEN_ERROR``)."""
+_UNANSWERED = {
+    "server_exited": "[Warden] the MCP server exited before it answered",
+    "wrap_stopped": "[Warden] Warden stopped before the MCP server answered",
+}
 
 
 @dataclass(slots=True)
@@ -141,6 +153,8 @@ class StdioDoor:
         self._pending: dict[str | int, _Pending] = {}
         self._batches: list[_Batch] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._reader: asyncio.Task[None] | None = None
+        """The task relaying the child's output, read to its end before the door stops."""
         self._keepalive_s = keepalive_s
         self._session = session
         self._session_source = session_source
@@ -176,15 +190,23 @@ class StdioDoor:
             limit=MAX_LINE,
             env=child_env(os.environ, self._withheld_env),
         )
+        self._reader = tasks.spawn(self._from_child(), name="mcp-from-child")
         self._tasks = [
             tasks.spawn(self._from_client(), name="mcp-from-client"),
-            tasks.spawn(self._from_child(), name="mcp-from-child"),
+            self._reader,
             tasks.spawn(self._watch_switches(), name="mcp-kill-switches"),
         ]
 
     async def stop(self) -> None:
-        """Close the child's stdin, give it the grace period to exit, then kill it."""
+        """Close the child's stdin, give it the grace period to exit, then kill it.
+
+        What the child wrote before it exited still goes out; every request it
+        left unanswered is then answered with Warden's error (:meth:`_unanswered`).
+        """
         child = self._child
+        reader = self._reader
+        # Still reading: Warden stops the server, rather than the server ending first.
+        stopping = reader is not None and not reader.done()
         if child is not None:
             if child.stdin is not None and not child.stdin.is_closing():
                 child.stdin.close()
@@ -195,6 +217,10 @@ class StdioDoor:
                     child.kill()
                 await child.wait()
             self.returncode = child.returncode
+        if reader is not None:
+            # The child's last answers (to calls, to listings being filtered) go out and
+            # settle their calls before anything is taken as unanswered.
+            await asyncio.wait([reader], timeout=DRAIN_S)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -202,7 +228,28 @@ class StdioDoor:
                 await task
         # Decisions still waiting (held calls are answered as deferred before this).
         await self._calls.cancel()
+        self._unanswered("wrap_stopped" if stopping else "server_exited")
         self.done.set()
+
+    def _unanswered(self, error: str) -> None:
+        """Answer the client's requests the child never answered; record each call's outcome.
+
+        ``error``: ``server_exited`` (the server's output ended first) or
+        ``wrap_stopped``. Not trusted: the server may have acted before it went,
+        so what a cap holds for the call is not released.
+        """
+        why = _UNANSWERED[error]
+        for id_, pending in self._pending.items():
+            if self._core is not None:
+                latency = (time.perf_counter() - pending.started) * 1000
+                outcome = Outcome(error=error, is_error=True, latency_ms=latency)
+                self._core.outcome(pending.action, pending.decision, outcome)
+            self._to_client(mcp.error_response(id_, SERVER_GONE, f"{why}; it may have run"))
+        for id_ in (*self._asked, *self._listing):
+            self._to_client(mcp.error_response(id_, SERVER_GONE, why))
+        self._pending.clear()
+        self._asked.clear()
+        self._listing.clear()
 
     # -- client to child -------------------------------------------------------
 
@@ -703,7 +750,8 @@ def child_env(environ: Mapping[str, str], withheld: Collection[str]) -> dict[str
     ``WARDEN_*`` and ``PG*`` carry the state store's password, ``WARDEN_TOKEN``
     the admin token, ``OTEL_*`` the trace exporter's headers; a tool
     server the agent drives (a shell, a file reader) could hand them back, and
-    with them clear kill switches or approve its own calls.
+    with them clear kill switches or approve its own calls. (Nor can it read
+    them from Warden's ``/proc`` entries: ``warden mcp wrap`` is not dumpable.)
     """
     return {
         k: v for k, v in environ.items() if not k.startswith(_WARDENS_ENV) and k not in withheld

@@ -20,14 +20,20 @@ requests stayed under 10 ms, and the throughput figures did not move.
 Only process owners call them (``warden serve``, ``warden mcp wrap`` and the
 benchmarks that host Warden the same way); a library embedding Warden keeps
 its own settings.
+
+:func:`undumpable` keeps other processes of the same user out of this one's
+``/proc`` entries: ``warden mcp wrap`` and the policy workers call it, as the
+MCP server the wrap starts runs as Warden's user unless told otherwise.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import os
 import sys
 
-__all__ = ["GEN0_THRESHOLD", "SWITCH_INTERVAL_S", "tune_gc", "tune_runtime"]
+__all__ = ["GEN0_THRESHOLD", "SWITCH_INTERVAL_S", "tune_gc", "tune_runtime", "undumpable"]
 
 GEN0_THRESHOLD = 10_000
 """Allocations (net of frees) of container objects before a young collection (CPython: 700)."""
@@ -55,3 +61,30 @@ def tune_runtime() -> None:
     """
     tune_gc()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+
+_PR_SET_DUMPABLE = 4
+
+
+def undumpable() -> None:
+    """Keep processes of this user out of this one's ``/proc`` entries.
+
+    A wrapped MCP server of the same user could otherwise read
+    ``/proc/<pid>/environ`` (``WARDEN_TOKEN``, ``PGPASSWORD``: what
+    :func:`warden.ingress.mcp_stdio.child_env` withholds) and open
+    ``/proc/<pid>/fd/<n>`` (the wrap's copy of the client's stdout, to answer the
+    client behind Warden's back; a policy worker's socket, to answer for it). A
+    process that is not dumpable (``PR_SET_DUMPABLE`` 0) passes those checks only
+    for a reader with ``CAP_SYS_PTRACE``, and cannot be traced either. An ``exec``
+    makes a process dumpable again (the server, and each policy worker, which
+    calls this itself). Linux only; elsewhere a no-op.
+
+    Raises :class:`OSError` when the kernel refuses.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    zero = ctypes.c_ulong(0)  # prctl reads its arguments as unsigned longs
+    if libc.prctl(_PR_SET_DUMPABLE, zero, zero, zero, zero) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_DUMPABLE): {os.strerror(errno)}")

@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from warden.ops.runtime import undumpable
+
 if TYPE_CHECKING:
     from warden.policy.rego import Evaluator as RegoEvaluator
 
@@ -286,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if argv is None and len(args) == 2:
         set_stack("warden.policy.worker", args, int(args[1]) * 1024 * 1024)
+    if argv is None:
+        # Its exec made it dumpable again: a wrapped MCP server of the same user could
+        # read its environment or answer for it on its socket.
+        undumpable()
     sock = socket.socket(fileno=int(args[0]))
     try:
         worker_main(sock)

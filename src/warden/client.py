@@ -33,6 +33,7 @@ import functools
 import inspect
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -184,7 +185,14 @@ def _json_safe(value: Any, depth: int = 0) -> Any:
     if depth > _MAX_DEPTH:
         raise ValueError(f"arguments nested deeper than {_MAX_DEPTH} levels cannot be checked")
     if isinstance(value, Mapping):
-        return {_json_key(k): _json_safe(v, depth + 1) for k, v in value.items()}
+        out = {_json_key(k): _json_safe(v, depth + 1) for k, v in value.items()}
+        if len(out) < len(value):
+            raise ValueError("two keys of the arguments read as one in JSON (1 and '1')")
+        return out
+    names = getattr(type(value), "_fields", None)
+    if isinstance(value, tuple) and isinstance(names, tuple):
+        # A named tuple: a rule names its fields, as the tool does.
+        return _json_safe(dict(zip(names, value, strict=True)), depth)
     if isinstance(value, list | tuple):
         return [_json_safe(item, depth + 1) for item in value]
     plain = _plain(value)
@@ -202,9 +210,11 @@ def _json_safe(value: Any, depth: int = 0) -> Any:
 
 def _json_key(key: Any) -> str:
     key = key.value if isinstance(key, enum.Enum) else key
-    if isinstance(key, bool) or not isinstance(key, str | int):
-        raise TypeError(f"a key of type {type(key).__name__} has no JSON form")
-    return str(key)
+    if isinstance(key, str):
+        return str.__str__(key)  # a subclass's text, not its __str__
+    if isinstance(key, int) and not isinstance(key, bool):
+        return str(int.__index__(key))
+    raise TypeError(f"a key of type {type(key).__name__} has no JSON form")
 
 
 def _plain(value: Any) -> Any:
@@ -218,14 +228,24 @@ def _plain(value: Any) -> Any:
         if not math.isfinite(number) or decimal.Decimal(repr(number)) != value:
             raise ValueError(f"the decimal {value} has no exact JSON number; send it as a string")
         return int(number) if value == value.to_integral_value() else number
-    for base in (bool, int, float, str):  # a subclass (an id type) as its plain value
-        if isinstance(value, base):
-            return base(value)
+    # A subclass (an id type) as the value it holds, not as its own __str__ or __int__
+    # say: the tool reads the value.
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__index__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
     if isinstance(value, _AS_JSON):
         return orjson.loads(orjson.dumps(value))
-    dump = getattr(value, "model_dump", None)
-    if callable(dump) and not isinstance(value, type):
-        return dump()  # a pydantic model: its fields as Python values, checked as above
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    fields = getattr(type(value), "model_fields", None)
+    if isinstance(fields, Mapping) and callable(getattr(value, "model_dump", None)):
+        # A pydantic model: the values the tool reads, not its serializers' output (a
+        # masked number, an excluded field), and any extra fields it was given.
+        plain = {name: getattr(value, name) for name in fields}
+        return {**plain, **(getattr(value, "model_extra", None) or {})}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     raise TypeError(

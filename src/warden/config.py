@@ -1002,6 +1002,12 @@ class ExtAuthzConfig(_Section):
     """A ``FileDescriptorSet`` file (``protoc --include_imports --descriptor_set_out``):
     gRPC request bodies of its services become ``input.parsed_body`` (OPA-Envoy's
     ``proto-descriptor``)."""
+    max_request_bytes: int | None = Field(1024 * 1024, ge=1, le=2**32 - 1)
+    """The filter's ``with_request_body.max_request_bytes`` (default: deploy/envoy's): keep
+    them equal. Envoy says a body cut at exactly that length is whole, so a body that long
+    counts as cut unless its ``content-length`` says it ends there. ``None``: trust
+    Envoy's ``x-envoy-auth-partial-body`` alone. Must fit ``grpc.max_message_bytes``
+    with 256 KiB to spare, or Warden does not start."""
 
 
 class ExtProcConfig(_Section):

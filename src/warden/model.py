@@ -296,14 +296,17 @@ class PolicyView:
     wrong shape (the action is then denied). ``input`` may carry credentials, as OPA-Envoy
     policies expect (the request's headers): it is never recorded.
     ``problem``: the door could not build the input (an unparsable body); the
-    action is denied before any guard runs. ``observe``: decided in observe
-    mode whatever the configured mode (ext_authz ``dry_run``).
+    action is denied before any guard runs, in every mode, unless
+    ``problem_is_rule`` (a configured rule refused it, ``unmatched: deny``: then
+    observe mode lets it through). ``observe``: decided in observe mode whatever
+    the configured mode (ext_authz ``dry_run``).
     """
 
     query: str
     input: Mapping[str, Any]
     read: Callable[[Any], tuple[bool, Any]]
     problem: str | None = None
+    problem_is_rule: bool = False
     observe: bool = False
 
 

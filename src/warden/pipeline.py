@@ -49,6 +49,7 @@ from warden.model import (
     Outcome,
     new_id,
 )
+from warden.text import shown_name
 
 __all__ = [
     "MAX_INPUT_DEPTH",
@@ -289,7 +290,8 @@ def input_problem(doc: Any) -> str | None:
                 return f"{_where(path)} nests deeper than {MAX_INPUT_DEPTH} levels"
             items = value.items() if isinstance(value, Mapping) else enumerate(value)
             for key, item in items:
-                step = f"[{key}]" if isinstance(key, int) else str(key)[:40]
+                # A key that is no identifier is not named: reasons are not sealed.
+                step = f"[{key}]" if isinstance(key, int) else shown_name(str(key)) or "<key>"
                 stack.append((item, depth + 1, (*path, step)))
         elif isinstance(value, bool):
             continue
@@ -423,11 +425,16 @@ def _validation_decision(
         reason = f"the policy cannot check this action: {problem}"
     if reason is None:
         return None
+    # Enforced in every mode, as a kill switch is: what Warden cannot check is never
+    # passed through, and observe mode would pass it to an agent reading it otherwise.
+    # Not a door's configured rule (ext_authz `unmatched: deny`), which observe mode
+    # and dry_run let through as any rule.
+    ruled = action.view is not None and action.view.problem_is_rule
     return Decision(
         decision_id=new_id("dec"),
         effect=Effect.DENY,
         reasons=(reason,),
-        mode=ctx.mode,
+        mode=ctx.mode if ruled else Mode.ENFORCE,
         guard="validation",
     )
 
@@ -562,6 +569,7 @@ class Pipeline:
         """The guards' decision, ``None`` if none decided; ``admitted`` gets each reserving
         guard asked (its reservation is settled whatever is decided)."""
         held: Decision | None = None
+        observed: Decision | None = None
         decision: Decision | None = None
         for guard, reserving in self._steps:
             if reserving is not None:
@@ -576,12 +584,26 @@ class Pipeline:
                 # enforced hold: what is applied is the hold.
                 decision = None
                 continue
+            if decision.effect is Effect.DENY and decision.mode is Mode.OBSERVE:
+                # A denial in observe mode acts on nothing: a later guard's enforced
+                # verdict (a policy rule's "mode": "enforce") still applies. Else a cap
+                # passed in observe mode, or a would-be denial the agent provokes,
+                # switched such a rule off.
+                observed = observed or decision
+                decision = None
+                continue
             if decision.effect is not Effect.REQUIRE_APPROVAL:
                 break
             # A hold is not the last word: a later guard's denial still wins, and
             # the policy's approvers and quorum bind a cap's hold too.
             held = decision if held is None else _joined(held, decision)
             decision = None
+        if decision is not None and decision.effect is Effect.DENY:
+            return decision, ctx  # enforced: observe-mode denials were passed over
+        if held is not None and held.mode is Mode.ENFORCE:
+            return held, ctx
+        if observed is not None:
+            return observed, ctx  # what would have been done: the first denial
         if held is not None and (decision is None or decision.effect is Effect.ALLOW):
             return held, ctx
         return decision, ctx

@@ -477,9 +477,10 @@ class SessionGuard:
                 # one would sit in memory and in the state store for sessions.ttl_s.
                 await self._record(action, decision, conversation, key)
             deltas = self._deltas(action.tool, decision.enforced, provider_ran(action))
-            if len(action.tool) > MAX_SESSION_ID:
-                # No counter named after it (its row would hold the name for ttl_s); the
-                # session's denials, approvals and taints still count it.
+            if len(action.tool) > MAX_SESSION_ID or not action.tool.isprintable():
+                # No counter named after it (its row would hold the name for ttl_s; a
+                # store cannot keep NUL or a lone surrogate, and its add was retried for
+                # good); the session's denials, approvals and taints still count it.
                 deltas = {k: n for k, n in deltas.items() if not k.startswith(_BY_TOOL)}
             self._count(key, deltas)
         finally:
@@ -634,9 +635,10 @@ class SessionGuard:
     def _keep(self, record: CallRecord) -> None:
         """Remember a decided call, and queue it for the state store."""
         self._remember(record)
-        # Not a call named with NUL (denied anyway): PostgreSQL text cannot hold it,
-        # and it failed the whole batch of other calls' records.
-        if self._repo is not None and "\x00" not in record.call_id + record.tool:
+        # Not a call named with a control character or a lone surrogate (denied in
+        # enforce mode): PostgreSQL cannot store NUL, UTF-8 no surrogate, and one such
+        # record failed the whole batch of other calls' records.
+        if self._repo is not None and (record.call_id + record.tool).isprintable():
             # Off the decision path, as call links are (ADR 0005): this process
             # verifies from memory at once; the store serves restarts and other
             # sidecars, whose next request comes after the agent ran the tool.

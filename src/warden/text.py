@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["has_surrogate", "mended"]
+__all__ = ["has_surrogate", "mended", "shown_name"]
 
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
+_IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,39}")
 
 
 def has_surrogate(text: str) -> bool:
@@ -24,3 +25,13 @@ def has_surrogate(text: str) -> bool:
 def mended(text: str) -> str:
     """``text`` with each lone surrogate as U+FFFD (the same object when there is none)."""
     return _SURROGATE.sub("\ufffd", text) if has_surrogate(text) else text
+
+
+def shown_name(name: str) -> str | None:
+    """An agent's key as a reason may name it: itself when it reads as an identifier
+    (``customer_id``), else ``None``.
+
+    Reasons are recorded in clear, where erasing a data subject cannot reach them,
+    and an agent's keys may be personal data (a map keyed by e-mail address).
+    """
+    return name if _IDENTIFIER.fullmatch(name) else None

@@ -436,6 +436,15 @@ async def test_a_request_without_an_output_bound_is_sent_with_the_one_it_is_held
         llm.script(Reply(text="ok"))
         await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert "max_completion_tokens" not in llm.requests[-1].body
+    # Observe mode enforces no cap: a shadow run sends the request as the agent wrote it
+    # (a bound written in cut answers short, and older Azure versions refuse it).
+    async with (
+        Warden(make_config(tmp_path / "shadow", llm.url, budgets=capped, mode="observe")) as w,
+        client(w) as c,
+    ):
+        llm.script(Reply(text="ok"))
+        await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert "max_completion_tokens" not in llm.requests[-1].body
 
 
 async def test_priority_processing_and_provider_searches_are_counted_at_their_price(

@@ -369,6 +369,32 @@ async def test_dry_run_records_the_denial_and_lets_it_through(tmp_path: Path) ->
     assert _checks("dry_run") == before + 1
 
 
+async def test_an_agent_in_observe_mode_still_gets_what_cannot_be_parsed_refused(
+    tmp_path: Path,
+) -> None:
+    # Observe mode lets a rule's denial through, and `unmatched: deny` is such a rule;
+    # a body Warden cannot read is refused in every mode (it was answered OK).
+    route = {"method": "POST", "path": "/orders/{order_id}/refunds", "tool": "issue_refund"}
+    orders = {
+        "protocol": "http",
+        "base_url": "http://127.0.0.1:9",
+        "routes": [route],
+        "unmatched": "deny",
+    }
+    json_body = {**SUPPORT, "content-type": "application/json"}
+    async with _serving(tmp_path, mode="observe", upstreams={"orders": orders}) as stub:
+        unparsable = await stub.Check(_request("POST", "/orders/A-1/refunds", json_body, b"{"))
+        unmatched = await stub.Check(_request("GET", "/nowhere", SUPPORT))
+    assert unparsable.status.code == GRPC_PERMISSION_DENIED
+    assert unparsable.denied_response.status.code == 400
+    assert unmatched.status.code == GRPC_OK
+    record = _decisions(tmp_path)[unmatched.dynamic_metadata["decision_id"]]
+    assert (record["decision"]["would"], record["decision"]["guard"]) == (
+        "would_deny",
+        "validation",
+    )
+
+
 def _bundle(tmp_path: Path, source: str) -> Path:
     folder = tmp_path / "bundle"
     folder.mkdir()

@@ -1507,19 +1507,21 @@ def tool_calls(result: Result) -> list[Any]:
 async def test_under_a_cap_an_unbounded_model_call_goes_with_the_bound_it_is_held_at(
     tmp_path: Path, llm: MockLLM
 ) -> None:
-    """As through the base URL: held at ``unbounded_output_tokens``, sent with it."""
+    """As through the base URL: held at ``unbounded_output_tokens``, sent with it; in
+    observe mode, which enforces no cap, sent as written."""
     capped = {"llm": {"limit_usd": 5.0, "unbounded_output_tokens": 3000}}
-    config = make_config(tmp_path, llm.url, budgets=capped)
-    async with Warden(config) as w:
-        assert w.core is not None
-        service = ExtProcService(w.core, w.config, killswitches=w.killswitches)
-        async with serve(service, llm) as front:
-            llm.script(Reply(text="ok"))
-            body = orjson.dumps({"model": "gpt-4o-mini", "messages": MESSAGES["messages"]})
-            result = await front.request(OPENAI_HOST, "/v1/chat/completions", raw_body=body)
-    assert result.status == 200
-    assert orjson.loads(result.forwarded_body)["max_completion_tokens"] == 3000
-    assert llm.requests[-1].body["max_completion_tokens"] == 3000
+    for mode, written in (("enforce", 3000), ("observe", None)):
+        config = make_config(tmp_path / mode, llm.url, budgets=capped, mode=mode)
+        async with Warden(config) as w:
+            assert w.core is not None
+            service = ExtProcService(w.core, w.config, killswitches=w.killswitches)
+            async with serve(service, llm) as front:
+                llm.script(Reply(text="ok"))
+                body = orjson.dumps({"model": "gpt-4o-mini", "messages": MESSAGES["messages"]})
+                result = await front.request(OPENAI_HOST, "/v1/chat/completions", raw_body=body)
+        assert result.status == 200
+        assert orjson.loads(result.forwarded_body).get("max_completion_tokens") == written
+        assert llm.requests[-1].body.get("max_completion_tokens") == written
 
 
 @pytest.mark.parametrize("scope", [Scope.TOOL, Scope.AGENT])

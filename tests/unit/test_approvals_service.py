@@ -156,6 +156,12 @@ async def test_a_call_with_a_64_bit_id_can_be_held_and_approved(approvals: Appro
     assert approvals.binding("bot", "t", big.arguments) != approvals.binding(
         "bot", "t", other.arguments
     )
+    # Nor does the float RFC 8785 writes with the same digits share its binding: a
+    # tool reading it gets another id.
+    near = {"order_id": 1152921504606847000}
+    assert approvals.binding("bot", "t", near) != approvals.binding(
+        "bot", "t", {"order_id": float(near["order_id"])}
+    )
     await approvals.decide(approval.id, ALICE, True, "ok")
     assert await approvals.take_grant(big, decision()) is not None
     assert await approvals.take_grant(other, decision()) is None

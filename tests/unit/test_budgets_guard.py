@@ -327,6 +327,30 @@ async def test_observe_mode_counts_over_the_cap_but_lets_it_through(store: State
     assert await spent(store, "refunds", DAY, "agent:bot") == (0.0, 600.0)
 
 
+async def test_in_observe_mode_a_rule_that_enforces_still_applies_past_the_cap(
+    store: StateStore,
+) -> None:
+    # The cap's denial acts on nothing in observe mode: it ended the guards' loop, so
+    # a policy rule's own "mode": "enforce" never ran, and once a window's cap was
+    # passed every refund the rule denies went out.
+    pipeline, _, policy = build(store, mode=Mode.OBSERVE)
+    policy.effect, policy.mode = Effect.DENY, Mode.ENFORCE
+    decision = await pipeline.decide(tool("issue_refund", order_id="A-1", amount=600))
+    assert (decision.effect, decision.enforced, decision.guard) == (
+        Effect.DENY,
+        Effect.DENY,
+        "policy",
+    )
+    # A rule that lets it through: the cap's would-be denial is what is recorded.
+    policy.effect, policy.mode = Effect.ALLOW, None
+    decision = await pipeline.decide(tool("issue_refund", order_id="A-2", amount=600))
+    assert (decision.effect, decision.enforced, decision.guard) == (
+        Effect.DENY,
+        Effect.ALLOW,
+        "budget",
+    )
+
+
 async def test_llm_spend_is_settled_from_usage_and_capped(store: StateStore) -> None:
     pipeline, _, policy = build(store)
     call = llm_call("gpt-4o-mini")

@@ -6,10 +6,11 @@ import dataclasses
 import datetime
 import enum
 from decimal import Decimal
-from typing import Any
+from pathlib import PurePosixPath
+from typing import Any, NamedTuple
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from warden.client import _struct
 
@@ -29,6 +30,26 @@ class Rank(enum.IntEnum):
 
 class CustomerId(str):
     pass
+
+
+class Masked(str):
+    def __str__(self) -> str:
+        return "***"
+
+
+class Account(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    iban: str
+    override: bool = Field(default=False, exclude=True)
+
+    @field_serializer("iban")
+    def _mask(self, iban: str) -> str:
+        return "****" + iban[-4:]
+
+
+class Point(NamedTuple):
+    order_id: str
+    amount: int
 
 
 @dataclasses.dataclass
@@ -91,3 +112,25 @@ def test_nesting_past_what_protobuf_parses_is_refused() -> None:
     with pytest.raises(ValueError, match="nested deeper"):
         _struct({"a": deep})
     assert sent({"a": [[[1]]]}) == {"a": [[[1]]]}
+
+
+def test_what_the_tool_reads_is_sent_not_what_a_class_prints_or_serializes() -> None:
+    # A model's serializer masked the account and its excluded field went unseen; a
+    # str subclass sent its own __str__ ("***" for /etc/shadow); a named tuple went as
+    # a list no rule could name the fields of.
+    got = sent(
+        {
+            "account": Account(iban="DE89370400440532013000", override=True, note="x"),
+            "path": Masked("/etc/shadow"),
+            "point": Point("A-1", 900),
+            "where": PurePosixPath("/srv/exports"),
+        }
+    )
+    assert got["account"]["iban"] == "DE89370400440532013000"
+    assert got["account"]["override"] is True
+    assert got["account"]["note"] == "x"
+    assert got["path"] == "/etc/shadow"
+    assert (got["point"]["order_id"], got["point"]["amount"]) == ("A-1", 900)
+    assert got["where"] == "/srv/exports"
+    with pytest.raises(ValueError, match="read as one"):
+        _struct({"a": {1: "one", "1": "uno"}})

@@ -11,12 +11,15 @@ from google.protobuf.descriptor import FileDescriptor
 
 from warden.grpc_api.v1 import governance_pb2 as pb
 from warden.protocols.envoy_authz import (
+    CHECK_ROOM,
     CREDENTIAL_HEADERS,
     Answers,
     AuthzResult,
     GrpcBodies,
+    body_limit,
     check_input,
     decode_segments,
+    partial_body,
     read_result,
     render_response,
 )
@@ -161,6 +164,46 @@ def test_raw_body_is_used_when_body_is_empty() -> None:
     )
     assert parsed.input["parsed_body"] == {"k": "v"}
     assert parsed.body == b'{"k": "v"}'
+
+
+FORM = {"content-type": "application/x-www-form-urlencoded", "x-envoy-auth-partial-body": "false"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "size", "cut"),
+    [
+        # Envoy checks once it holds max_request_bytes, says "false" when the cut lands
+        # exactly there, and forwards the rest (HTTP/2 or chunked: no content-length).
+        (FORM, 64, True),
+        ({**FORM, "content-length": "-1"}, 64, True),
+        # The service may read the rest as well; a longer body means the limit is off.
+        (FORM, 65, True),
+        # content-length (whose framing Envoy enforces) says it ends there.
+        ({**FORM, "content-length": "64"}, 64, False),
+        (FORM, 63, False),
+    ],
+    ids=["at-limit", "unknown-length", "past-limit", "length-proves-whole", "under-limit"],
+)
+def test_a_body_that_fills_max_request_bytes_counts_as_cut(
+    headers: dict[str, str], size: int, cut: bool
+) -> None:
+    body = b"amount=5&pad=".ljust(size, b"x")
+    request = _request("/orders/A-1", headers, raw_body=body, method="POST")
+    parsed = check_input(request, max_request_bytes=64)
+    assert parsed.problem is None
+    assert parsed.input["truncated_body"] is cut
+    assert (parsed.input["parsed_body"] is None) is cut
+    assert partial_body(parsed.headers, parsed.body, 64) is cut
+    # Without the filter's limit only Envoy's own word counts.
+    assert check_input(request).input["truncated_body"] is False
+    assert partial_body(parsed.headers, parsed.body) is False
+
+
+def test_a_body_limit_must_fit_a_grpc_message_with_room_for_the_rest() -> None:
+    assert body_limit(None, 1024) is None
+    assert body_limit(1024, 1024 + CHECK_ROOM) == 1024
+    with pytest.raises(ValueError, match=r"exceed grpc.max_message_bytes \(10485760\)"):
+        body_limit(10485760 - CHECK_ROOM + 1, 10485760)
 
 
 @pytest.mark.parametrize(

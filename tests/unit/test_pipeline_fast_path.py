@@ -174,3 +174,13 @@ def test_ids_are_unique_and_a_forked_child_draws_its_own() -> None:
     assert len(out) == 2
     assert all(len(tail) == 12 for tail in out)
     assert out[0] != out[1]
+
+
+def test_a_problem_names_where_it_is_without_naming_personal_keys() -> None:
+    # Reasons are recorded in clear, where erasing a customer cannot reach them.
+    doc = {"action": {"arguments": {"balances": {"ann.smith@example.com": float("nan")}}}}
+    problem = input_problem(doc)
+    assert problem == "input.action.arguments.balances.<key> is nan, which JSON cannot carry"
+    assert input_problem({"action": {"arguments": {"n": 2**70}}}) == (
+        "input.action.arguments.n is an integer past 64 bits"
+    )

@@ -344,3 +344,17 @@ async def test_a_call_named_with_a_control_character_is_denied_before_any_guard(
     assert engine.seen == []
     fine = dataclasses.replace(action_with({"query": "x"}), call_id="call_1")
     assert (await pipeline.decide(fine)).effect == Effect.ALLOW
+
+
+async def test_what_cannot_be_checked_is_denied_in_observe_mode_too() -> None:
+    # An agent reads a key given twice, or a number past 64 bits, otherwise than the
+    # policy would: observe mode passed such calls on, and a rule set to "enforce"
+    # never ran for them.
+    engine = FakeEngine(PolicyResult(effect=Effect.ALLOW))
+    guard = PolicyGuard(engine, PolicyConfig(), metrics=Recorder())  # type: ignore[arg-type]
+    pipeline = Pipeline(
+        [guard], cast("AuditSink", Sink()), mode_for=lambda _: Mode.OBSERVE, risk_of=lambda _: ""
+    )
+    decision = await pipeline.decide(action_with({"query": "x", "n": 2**70}))
+    assert (decision.guard, decision.enforced) == ("validation", Effect.DENY)
+    assert engine.seen == []

@@ -455,6 +455,7 @@ async def test_an_id_postgresql_cannot_store_never_holds_up_the_others(state: St
     # every batch after it, for good (links and decided calls alike).
     links = CallLinks(state.links)
     links.link("call_\x00x", Link(action("call_\x00x"), "dec_nul"))
+    links.link("call_\ud800", Link(action("call_\ud800"), "dec_surrogate"))
     links.link("call_ok", Link(action("call_ok"), "dec_ok"))
     await links.flush()
     found, _ = await state.links.take(["call_ok"], newer_than=0)
@@ -467,7 +468,7 @@ async def test_an_id_postgresql_cannot_store_never_holds_up_the_others(state: St
 
     assert state.sessions is not None
     guard = SessionGuard(state.sessions, SessionsConfig(), {})
-    for call_id in ("call_\x00y", "call_ok2"):
+    for call_id in ("call_\x00y", "call_\udc00", "call_ok2"):
         call = replace(action(call_id), tool="search_kb")
         await guard.admit(call, GuardContext(mode=Mode.ENFORCE))
         await guard.decided(

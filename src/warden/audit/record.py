@@ -35,6 +35,7 @@ __all__ = [
     "CREDENTIAL_HEADERS",
     "GENESIS_PREV",
     "MAX_RESULT_CHARS",
+    "RECORD_DIGEST_PREFIX",
     "REDACTED",
     "RESERVED_KINDS",
     "SCHEMA_VERSION",
@@ -156,19 +157,28 @@ def arguments_sha256(arguments: Mapping[str, Any] | None) -> str:
     ).hexdigest()
 
 
+RECORD_DIGEST_PREFIX: Final = b"warden-record-encoding\n"
+"""Hashed before the record encoding of arguments RFC 8785 cannot write: such a digest
+never equals an RFC 8785 one, whatever the two texts are."""
+
+
 def arguments_digest(arguments: Mapping[str, Any] | None, raw: str | None = None) -> str | None:
     """The hash a record keeps of arguments it does not show.
 
     :func:`arguments_sha256` of parsed arguments (what approvals bind to);
     for values RFC 8785 cannot write (``NaN``, integers past its range), the
-    SHA-256 of the record encoding with sorted keys; for unparseable
-    arguments, the SHA-256 of their UTF-8 text. ``None`` when there are none.
+    SHA-256 of :data:`RECORD_DIGEST_PREFIX` and the record encoding with
+    sorted keys; for unparseable arguments, the SHA-256 of their UTF-8 text.
+    ``None`` when there are none.
     """
     if arguments is not None:
         try:
             return arguments_sha256(arguments)
         except (TypeError, ValueError, OverflowError):
-            return hashlib.sha256(encode(dict(arguments))).hexdigest()
+            # Prefixed: the integer 2**60 + 1 is written as RFC 8785 writes a float
+            # near it, and the two calls must not share an approval.
+            encoded = RECORD_DIGEST_PREFIX + encode(dict(arguments))
+            return hashlib.sha256(encoded).hexdigest()
     if raw is not None:
         return _text_sha256(raw)
     return None

@@ -84,14 +84,18 @@ for _result in ("allowed", "denied", "held", "dry_run", "invalid", "error"):
 
 
 class _Refusal:
-    """Why Warden refuses a request before the policy sees it, and the HTTP status to send."""
+    """Why Warden refuses a request before the policy sees it, and the HTTP status to send.
 
-    __slots__ = ("observe", "reason", "status")
+    ``rule``: a configured rule refused it (``unmatched: deny``), which observe mode
+    and ``dry_run`` let through; a request Warden cannot read is refused in every mode.
+    """
 
-    def __init__(self, reason: str, status: int, *, observe: bool) -> None:
+    __slots__ = ("reason", "rule", "status")
+
+    def __init__(self, reason: str, status: int, *, rule: bool = False) -> None:
         self.reason = reason
         self.status = status
-        self.observe = observe
+        self.rule = rule
 
 
 class ExtAuthzService:
@@ -123,6 +127,12 @@ class ExtAuthzService:
         self._identity = identity if identity is not None else Identity(config)
         self._routes: ToolRoutes | None = None
         self._grpc_bodies = _grpc_bodies(config.ext_authz.proto_descriptor)
+        try:
+            self._max_request_bytes = authz.body_limit(
+                config.ext_authz.max_request_bytes, config.grpc.max_message_bytes
+            )
+        except ValueError as exc:
+            raise ConfigError(f"ext_authz.max_request_bytes: {exc}") from None
         self._answers = authz.Answers()
         self._upstream = "envoy"
         name = config.ext_authz.upstream
@@ -153,16 +163,16 @@ class ExtAuthzService:
         if not keys and self._credentials.get(self._upstream) is not None:
             CHECKS.labels("error").inc()
             return _refuse(403, "forbidden: " + KEYS_REFUSED.format(upstream=self._upstream))
-        parsed = authz.check_input(request, self._grpc_bodies)
+        parsed = authz.check_input(
+            request, self._grpc_bodies, max_request_bytes=self._max_request_bytes
+        )
         try:
             # Envoy sends names lower-cased; identity looks them up as the proxy does.
             agent = await self._identity.resolve(CIMultiDict(parsed.headers))
         except WardenError as exc:
             CHECKS.labels("error").inc()
             return _refuse(exc.status, f"{exc.code}: {exc}")
-        refusal = (
-            _Refusal(parsed.problem, 400, observe=False) if parsed.problem is not None else None
-        )
+        refusal = _Refusal(parsed.problem, 400) if parsed.problem is not None else None
         tool: ToolRequest | None = None
         if refusal is None and self._routes is not None:
             tool, refusal = self._route(parsed)
@@ -196,7 +206,8 @@ class ExtAuthzService:
                 input=parsed.input,
                 read=self._answers.read,
                 problem=refusal.reason if refusal is not None else None,
-                observe=dry_run if refusal is None else refusal.observe,
+                problem_is_rule=refusal is not None and refusal.rule,
+                observe=dry_run,
             ),
         )
         try:
@@ -235,7 +246,7 @@ class ExtAuthzService:
                 f"{parsed.path!r} has an empty, '.' or '..' segment, an encoded slash or a "
                 "control character, so no route rule can be tried on it"
             )
-            return None, _Refusal(reason, 400, observe=False)
+            return None, _Refusal(reason, 400)
         content_type = parsed.headers.get("content-type", "")
         if parsed.input.get("truncated_body") and routes.find(parsed.method, segments):
             # The arguments would be read from a prefix of the body the service gets whole.
@@ -243,15 +254,17 @@ class ExtAuthzService:
                 "Envoy sent only part of the body (with_request_body.max_request_bytes), so a "
                 "route rule cannot read its arguments from it; raise max_request_bytes"
             )
-            return None, _Refusal(reason, 400, observe=False)
-        if may_carry_fields(content_type) and authz.partial_body(parsed.headers, parsed.body):
+            return None, _Refusal(reason, 400)
+        if may_carry_fields(content_type) and authz.partial_body(
+            parsed.headers, parsed.body, self._max_request_bytes
+        ):
             # A "_method" field past the cut would make the service run another method.
             reason = (
                 "Envoy sent only part of the body, or none (with_request_body), so Warden "
                 "cannot see whether it carries a '_method' field that makes the service run "
                 "another method; send the body whole (raise max_request_bytes)"
             )
-            return None, _Refusal(reason, 400, observe=False)
+            return None, _Refusal(reason, 400)
         tool: ToolRequest | None = None
         try:
             tool = routes.resolve(
@@ -263,13 +276,13 @@ class ExtAuthzService:
                 headers=parsed.headers,  # method overrides, Content-Encoding
             )
         except ToolRequestError as exc:
-            return None, _Refusal(str(exc), 400, observe=False)
+            return None, _Refusal(str(exc), 400)
         if tool is None and routes.unmatched == "deny":
             reason = (
                 f"{parsed.method} {parsed.path} fits no rule in "
                 f"upstreams.{self._upstream}.routes (unmatched: deny)"
             )
-            return None, _Refusal(reason, 404, observe=self._settings.dry_run)
+            return None, _Refusal(reason, 404, rule=True)
         return tool, None
 
     def _answer(

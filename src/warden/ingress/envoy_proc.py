@@ -84,6 +84,7 @@ from warden.model import (
     CallSize,
     Decision,
     Effect,
+    Mode,
     Outcome,
     RequestMeta,
     Stage,
@@ -752,12 +753,14 @@ class _Exchange:
         if prepared is not None:
             self._hide_usage = True
         unbounded = prepared if prepared is not None else parsed_body
+        # Observe mode enforces no cap: a shadow run sends the request as written.
+        enforced = self._svc.config.mode_for(turn.agent.id) is Mode.ENFORCE
         sent_body, bound, hosted = bounded(
             adapter,
             unbounded,
             parsed,
-            self._svc.bounds.written(route.family, turn.model),
-            self._svc.bounds.tool_calls,
+            self._svc.bounds.written(route.family, turn.model) if enforced else None,
+            self._svc.bounds.tool_calls if enforced else None,
         )
         if sent_body is not unbounded:
             prepared = dict(sent_body)  # held at the bounds written in: sent with them

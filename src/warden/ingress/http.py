@@ -71,6 +71,7 @@ from warden.model import (
     Conversation,
     Decision,
     Effect,
+    Mode,
     Outcome,
     RequestMeta,
     Stage,
@@ -334,6 +335,16 @@ class ProxyApp:
 
     # -- request -------------------------------------------------------------
 
+    def _written_bounds(
+        self, agent: Agent, provider: str, model: str | None
+    ) -> tuple[int | None, int | None]:
+        """The output and hosted-call bounds a model request is sent with: those a spend
+        cap holds it at. None in observe mode, which enforces no cap: a shadow run
+        sends the request as the agent wrote it."""
+        if self._config.mode_for(agent.id) is not Mode.ENFORCE:
+            return None, None
+        return self._bounds.written(provider, model), self._bounds.tool_calls
+
     async def _serve(
         self, request: web.Request, route: _Route, started: float
     ) -> web.StreamResponse:
@@ -366,11 +377,7 @@ class ProxyApp:
                 outgoing = prepared
                 hide_usage = True
             outgoing, bound, hosted = bounded(
-                adapter,
-                outgoing,
-                parsed,
-                self._bounds.written(route.family, model),
-                self._bounds.tool_calls,
+                adapter, outgoing, parsed, *self._written_bounds(agent, route.family, model)
             )
             # What was decided on is what is sent: a key given twice reaches the
             # provider once, as Warden read it, whatever its own parser keeps.

@@ -13,7 +13,8 @@
   ``/`` after leading slashes), ``input.parsed_query`` (each name to its list
   of values), ``input.parsed_body`` (JSON and URL-encoded form bodies, and
   gRPC request messages of the services in a :class:`GrpcBodies`) and
-  ``input.truncated_body``;
+  ``input.truncated_body`` (a body that fills ``max_request_bytes`` counts as cut,
+  see :func:`partial_body`);
 * ``input.version`` (``{"ext_authz": "v3", "encoding": "protojson"}``) and
   ``input.source_principal`` when the peer has one.
 
@@ -56,6 +57,7 @@ from warden.protocols._wire import foreign_charset
 from warden.protocols.http_tool import ToolRequestError, parse_body, parse_query, unescape
 
 __all__ = [
+    "CHECK_ROOM",
     "CREDENTIAL_HEADERS",
     "DECISION_ID_KEYS",
     "PROTOCOL",
@@ -63,6 +65,7 @@ __all__ = [
     "AuthzResult",
     "CheckInput",
     "GrpcBodies",
+    "body_limit",
     "check_input",
     "decode_segments",
     "partial_body",
@@ -79,6 +82,10 @@ DECISION_ID_KEYS: Final = ("decision_id", "warden_decision_id")
 
 CREDENTIAL_HEADERS: Final = ("x-warden-agent-key", "x-warden-agent-token")
 """Warden's agent credentials: read for identity, hidden from policy, removed before upstream."""
+
+CHECK_ROOM: Final = 256 * 1024
+"""What a ``CheckRequest`` may carry beside the body: headers (60 KiB by Envoy's default,
+with the path and host again in their own fields), the peer certificate, metadata."""
 
 _VERSION: Final = {"ext_authz": "v3", "encoding": "protojson"}
 _GRPC_OK: Final = 0
@@ -178,12 +185,36 @@ def _truncated(headers: Mapping[str, str], size: int) -> bool:
     return declared != -1 and declared > size
 
 
-def partial_body(headers: Mapping[str, str], body: bytes) -> bool:
-    """Whether Envoy sent less than the whole body: cut at ``max_request_bytes``
-    (``x-envoy-auth-partial-body``), or not sent at all (no ``with_request_body``)
-    while ``content-length`` says there is one, or a chunked body (``transfer-encoding``)
-    came as nothing. An unreadable length counts as cut."""
+def _cut(headers: Mapping[str, str], size: int, max_request_bytes: int | None) -> bool:
+    """Whether Envoy cut the body at ``max_request_bytes``, said or not.
+
+    Envoy checks once it holds ``max_request_bytes`` and says ``partial-body: false``
+    when the cut lands exactly there, then forwards the rest: a body that long is cut
+    unless ``content-length`` (whose framing Envoy enforces) says it ends there.
+    """
     if headers.get("x-envoy-auth-partial-body") == "true":
+        return True
+    if max_request_bytes is None or size < max_request_bytes:
+        return False
+    try:
+        return int(headers.get("content-length", ""), 10) != size
+    except ValueError:
+        return True
+
+
+def partial_body(
+    headers: Mapping[str, str], body: bytes, max_request_bytes: int | None = None
+) -> bool:
+    """Whether Envoy sent less than the whole body: cut at ``max_request_bytes``
+    (``x-envoy-auth-partial-body``, or a body that long whose ``content-length`` does
+    not say it ends there), or not sent at all (no ``with_request_body``) while
+    ``content-length`` says there is one, or a chunked body (``transfer-encoding``)
+    came as nothing. An unreadable length counts as cut.
+
+    ``max_request_bytes``: the filter's ``with_request_body.max_request_bytes``;
+    ``None`` trusts Envoy's header alone.
+    """
+    if _cut(headers, len(body), max_request_bytes):
         return True
     if not body and headers.get("transfer-encoding", "").strip():
         return True
@@ -191,6 +222,24 @@ def partial_body(headers: Mapping[str, str], body: bytes) -> bool:
         return _truncated(headers, len(body))
     except ValueError:
         return True
+
+
+def body_limit(max_request_bytes: int | None, max_message_bytes: int) -> int | None:
+    """``max_request_bytes`` when a ``CheckRequest`` with that much body fits
+    ``max_message_bytes`` (with :data:`CHECK_ROOM` to spare); ``ValueError`` if not.
+
+    gRPC refuses a larger message before any handler runs, with an error Envoy
+    answers by its ``failure_mode_allow``, not with Warden's decision.
+    """
+    if max_request_bytes is not None and max_request_bytes + CHECK_ROOM > max_message_bytes:
+        raise ValueError(
+            f"{max_request_bytes} bytes of body and {CHECK_ROOM} for the rest of a "
+            f"CheckRequest exceed grpc.max_message_bytes ({max_message_bytes}): gRPC would "
+            "refuse such checks before Warden reads them; raise grpc.max_message_bytes to "
+            f"at least {max_request_bytes + CHECK_ROOM}, or lower max_request_bytes here "
+            "and in Envoy's with_request_body"
+        )
+    return max_request_bytes
 
 
 class GrpcBodies:
@@ -273,12 +322,13 @@ def _parsed_body(
     grpc_bodies: GrpcBodies | None = None,
     *,
     raw: bool = True,
+    max_request_bytes: int | None = None,
 ) -> tuple[Any, bool]:
     """``(parsed_body, truncated_body)`` as OPA-Envoy finds them; ``ValueError`` if unparsable.
 
     ``raw``: ``body`` came as bytes (``raw_body``), not as Envoy's UTF-8 string.
     """
-    if headers.get("x-envoy-auth-partial-body") == "true":
+    if _cut(headers, len(body), max_request_bytes):
         return None, True
     content_type = headers.get("content-type")
     if content_type is None or not body:
@@ -317,11 +367,16 @@ def _parsed_body(
 
 
 def check_input(
-    request: external_auth_pb2.CheckRequest, grpc_bodies: GrpcBodies | None = None
+    request: external_auth_pb2.CheckRequest,
+    grpc_bodies: GrpcBodies | None = None,
+    *,
+    max_request_bytes: int | None = None,
 ) -> CheckInput:
     """The OPA-Envoy ``input`` for ``request``; see the module docstring.
 
     ``grpc_bodies``: the services whose gRPC request bodies are parsed.
+    ``max_request_bytes``: the filter's ``with_request_body.max_request_bytes``; a body
+    that long counts as cut (:func:`partial_body`). ``None`` trusts Envoy's header alone.
     """
     doc = protomap(request)
     http_request = request.attributes.request.http
@@ -362,7 +417,12 @@ def check_input(
         return _with_problem(base, f"error parsing path and query: {exc}")
     try:
         doc["parsed_body"], doc["truncated_body"] = _parsed_body(
-            headers, body, doc["parsed_path"], grpc_bodies, raw=bool(http_request.raw_body)
+            headers,
+            body,
+            doc["parsed_path"],
+            grpc_bodies,
+            raw=bool(http_request.raw_body),
+            max_request_bytes=max_request_bytes,
         )
     except ValueError as exc:
         return _with_problem(base, f"error parsing request body: {exc}")

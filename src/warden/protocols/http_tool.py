@@ -48,7 +48,7 @@ from urllib.parse import unquote
 import orjson
 
 from warden.protocols._wire import foreign_charset, keys_fold_apart
-from warden.text import has_surrogate
+from warden.text import has_surrogate, shown_name
 
 __all__ = [
     "PROBLEM_CONTENT_TYPE",
@@ -178,7 +178,7 @@ def parse_query(raw: str) -> dict[str, list[str]]:
         key, _, value = piece.partition("=")
         name = unescape(key, plus=True, what="a parameter's name")
         out.setdefault(name, []).append(
-            unescape(value, plus=True, what=f"the value of {name[:40]!r}")
+            unescape(value, plus=True, what=f"the value of {_named(name, 'a parameter')}")
         )
     return out
 
@@ -756,11 +756,18 @@ def _is_json(content_type: str) -> bool:
     )
 
 
+def _named(name: str, otherwise: str) -> str:
+    """``name`` quoted, if a reason may show it (reasons are not sealed: a key may be an
+    e-mail address); else ``otherwise``."""
+    shown = shown_name(name)
+    return repr(shown) if shown is not None else otherwise
+
+
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
-            raise ToolRequestError(f"the JSON body gives the key {key!r} twice")
+            raise ToolRequestError(f"the JSON body gives {_named(key, 'a key')} twice")
         obj[key] = value
     if not keys_fold_apart(obj):
         # A Go or .NET tool API would bind either one, case-insensitively.

@@ -299,7 +299,7 @@ class CallLinks:
                 continue  # never linked; not kept in memory either
             entry = self._live(call_id, now)
             if entry is None:
-                if self._store is not None and "\x00" not in call_id:  # never stored
+                if self._store is not None and call_id.isprintable():  # else never stored
                     unknown[call_id] = None
                 continue
             value, at = entry
@@ -392,9 +392,10 @@ class CallLinks:
             self._memory.popitem(last=False)
 
     def _queue_op(self, op: _Op) -> None:
-        if self._store is None or "\x00" in op.call_id:
-            # PostgreSQL text cannot hold NUL: one such id failed every batch after it.
-            # Memory still links it in this process.
+        if self._store is None or not op.call_id.isprintable():
+            # PostgreSQL cannot store NUL, UTF-8 no lone surrogate: one such id (an
+            # observe-mode call, let through) failed every batch after it. Memory
+            # still links it in this process.
             return
         self._queue.append(op)
         if len(self._queue) > self._max:

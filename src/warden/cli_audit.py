@@ -36,7 +36,7 @@ from warden.audit.checkpoint import NoteError, NoteVerifier
 from warden.audit.export import EXPORT_FORMATS, ExportError, Selection, export_log, inclusion_proof
 from warden.audit.export import parse_time as _parse_time
 from warden.audit.layout import Layout, LogLocked
-from warden.audit.record import arguments_sha256
+from warden.audit.record import arguments_digest, arguments_sha256
 from warden.audit.subjects import SubjectKeys, keyed_digest
 from warden.audit.verify import VerifyReport, key_fingerprint, verify_log
 from warden.config import AuditConfig, Config, load_config
@@ -544,7 +544,9 @@ def _digest(args: argparse.Namespace) -> int:
         raise _Unusable(f"--arguments is not JSON: {exc}") from None
     if not isinstance(claimed, dict):
         raise _Unusable("--arguments must be a JSON object")
-    print(keyed_digest(root, arguments_sha256(claimed)))
+    # The digest records keep: RFC 8785's, or for what it cannot write (a whole number
+    # past 2**53 - 1) the prefixed record encoding's.
+    print(keyed_digest(root, arguments_digest(claimed) or arguments_sha256(None)))
     return EXIT_OK
 
 

@@ -534,6 +534,9 @@ class LimitsConfig(_Section):
     """Bounds on what agents may send."""
 
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+    body_read_timeout_s: float = Field(30.0, gt=0)
+    """How long a request's body may take to arrive: a client trickling it a byte at a
+    time held a connection (and its file descriptor) for as long as it liked."""
 
 
 class AdminToken(_Section):

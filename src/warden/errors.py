@@ -37,6 +37,7 @@ __all__ = [
     "Overloaded",
     "PolicyError",
     "RequestError",
+    "RequestTimeout",
     "RouteNotGoverned",
     "StreamViolation",
     "Unauthenticated",
@@ -76,6 +77,13 @@ class BodyTooLarge(RequestError):
 
     code = "body_too_large"
     status = 413
+
+
+class RequestTimeout(RequestError):
+    """The request body did not arrive within ``limits.body_read_timeout_s``."""
+
+    code = "request_timeout"
+    status = 408
 
 
 class InvalidJSON(RequestError):

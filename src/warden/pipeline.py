@@ -53,6 +53,7 @@ from warden.text import shown_name
 
 __all__ = [
     "MAX_INPUT_DEPTH",
+    "UNCHECKED",
     "AuditSink",
     "Guard",
     "GuardContext",
@@ -71,6 +72,11 @@ MAX_INPUT_DEPTH = 64
 Well under orjson's 255 and the engine's own limits, so depth alone can
 never make an evaluation fail.
 """
+UNCHECKED = "unchecked"
+"""The ``error`` of a guard's denial that means it could not make its check (a value a cap
+cannot count, another agent's conversation): the policy then decides without the
+guard's document (``input.budget``, ``input.session``)."""
+_COULD_NOT_CHECK = frozenset({UNCHECKED, "state_unavailable"})
 _INT64 = (-(2**63), 2**63 - 1)  # what the engine takes as an integer, not a rounded float
 
 log = logging.getLogger("warden.pipeline")
@@ -603,6 +609,15 @@ class Pipeline:
         if held is not None and held.mode is Mode.ENFORCE:
             return held, ctx
         if observed is not None:
+            if (
+                observed.error in _COULD_NOT_CHECK
+                and decision is not None
+                and decision.mode is Mode.ENFORCE
+            ):
+                # A rule that enforces allowed it, deciding without what the check would
+                # have given it (an agent provokes a cap it cannot count to empty
+                # input.budget): the denial stands, enforced.
+                return dataclasses.replace(observed, mode=Mode.ENFORCE), ctx
             return observed, ctx  # what would have been done: the first denial
         if held is not None and (decision is None or decision.effect is Effect.ALLOW):
             return held, ctx

@@ -73,7 +73,7 @@ from warden.model import (
     new_id,
 )
 from warden.owners import IdOwners
-from warden.pipeline import GuardContext, input_problem
+from warden.pipeline import UNCHECKED, GuardContext, input_problem
 from warden.pointers import pointer_get
 from warden.protocols import history
 from warden.protocols.base import refusal_text
@@ -1267,10 +1267,12 @@ def _not_theirs(ctx: GuardContext, what: str) -> Decision:
 
 
 def _session_denial(ctx: GuardContext, reason: str) -> Decision:
+    # Unchecked: the policy then sees no history or session of this request.
     return Decision(
         decision_id=new_id("dec"),
         effect=Effect.DENY,
         reasons=(reason,),
+        error=UNCHECKED,
         mode=ctx.mode,
         guard="session",
     )

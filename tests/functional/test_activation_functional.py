@@ -10,6 +10,7 @@ the files or restarts Warden.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import sys
@@ -17,6 +18,7 @@ import tarfile
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -32,7 +34,7 @@ from tests.functional.test_bundle_rollback_functional import (
 )
 from tests.functional.test_changelog_functional import signing_key
 from tests.functional.test_policy_engine import config, tarball, wait_for, write_policy
-from warden.errors import AuditError
+from warden.errors import AuditError, PolicyError
 from warden.policy.activation import Activator
 from warden.policy.bundle import Bundle, BundleError
 from warden.policy.engine import PolicyEngine
@@ -105,7 +107,7 @@ async def test_a_bundle_server_bundle_is_fetched_again_only_after_a_passing_fail
                 assert "AuditError: the audit log cannot take records" in eng.status()["last_error"]
                 # Fetched whole again at the next polls, not answered 304.
                 await wait_for(lambda: asked.count(None) >= 3)
-            assert "will be tried again at the next poll" in caplog.text
+            assert "will be tried again in 0.1 s" in caplog.text
             assert eng.revision == "srv-1"
             audit_down = False
             await wait_for(lambda: eng.revision == "srv-2")
@@ -125,7 +127,9 @@ async def test_a_bundle_server_bundle_is_fetched_again_only_after_a_passing_fail
             await eng.close()
 
 
-async def test_a_compile_that_timed_out_is_tried_again(tmp_path: Path) -> None:
+async def test_a_compile_that_timed_out_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A machine too busy to start a policy worker in time, then not.
     busy = tmp_path / "busy"
     busy.touch()
@@ -141,6 +145,8 @@ async def test_a_compile_that_timed_out_is_tried_again(tmp_path: Path) -> None:
         assert not await activator.poll_once()
         assert "did not compile within 3 s" in str(eng.status()["last_error"])
         busy.unlink()
+        later = time.monotonic() + cfg.poll_interval_s  # the next poll's time
+        monkeypatch.setattr("warden.policy.activation.time.monotonic", lambda: later)
         assert await activator.poll_once()
         assert eng.revision == "r1"
     finally:
@@ -188,3 +194,90 @@ async def test_a_bundle_server_bomb_is_refused_before_warden_is_exhausted(tmp_pa
             assert asked[1] == '"bomb"'  # refused for what it is: not fetched again
         finally:
             await eng.close()
+
+
+async def test_data_too_deep_for_the_engine_is_refused_and_polling_goes_on(
+    tmp_path: Path,
+) -> None:
+    # Each data file loads, but placed under its folders the whole nests past what
+    # JSON carries: the polling task died on it, and no later bundle was activated.
+    root = write_policy(tmp_path / "b", revision="r1")
+    cfg = config(root, workers=1, watch=True)
+    eng = PolicyEngine(cfg)
+    activator = Activator.for_config(eng, cfg)
+    try:
+        assert await activator.poll_once()
+        deep: Any = 1
+        for _ in range(250):
+            deep = {"k": deep}
+        folder = root / "warden" / "x" / "y" / "z"
+        folder.mkdir(parents=True)
+        (folder / "data.json").write_text(json.dumps(deep))
+        write_policy(root, revision="r2")
+        assert not await activator.poll_once()
+        assert "cannot be sent to the engine" in str(eng.status()["last_error"])
+        assert eng.revision == "r1"
+        (folder / "data.json").unlink()
+        write_policy(root, revision="r3")
+        assert await activator.poll_once()
+        assert eng.revision == "r3"
+    finally:
+        await activator.stop()
+        await eng.close()
+
+
+class _Source:
+    """A bundle source that returns its one bundle until it is seen, as the real ones do."""
+
+    description = "test"
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle, self.seen, self.polls = bundle, False, 0
+
+    async def poll(self) -> Bundle | None:
+        self.polls += 1
+        if self.seen:
+            return None
+        self.seen = True
+        return self.bundle
+
+    def forget(self) -> None:
+        self.seen = False
+
+    async def close(self) -> None:
+        pass
+
+
+class _Failing:
+    """An engine whose activation always fails for a reason that may pass."""
+
+    def __init__(self) -> None:
+        self.tries = 0
+
+    async def activate(self, bundle: Bundle) -> bool:
+        self.tries += 1
+        raise PolicyError("the state store is busy")
+
+    def report_failure(self, message: str) -> None:
+        pass
+
+
+async def test_a_failure_that_may_pass_is_tried_later_each_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A compile that always times out was tried at every poll, keeping the workers'
+    # cores busy beside live decisions.
+    now = [0.0]
+    monkeypatch.setattr("warden.policy.activation.time.monotonic", lambda: now[0])
+    bundle = Bundle(revision="r1", roots=(), modules=(), data={}, source="test")
+    engine, source = _Failing(), _Source(bundle)
+    activator = Activator(engine, source, interval_s=5)
+    tried_at = []
+    for _ in range(40):  # 200 s of polls
+        before = engine.tries
+        await activator.poll_once()
+        if engine.tries > before:
+            tried_at.append(now[0])
+        now[0] += 5
+    assert tried_at == [0, 5, 15, 35, 75, 155]
+    assert source.polls == 40  # a changed bundle is still seen at every poll

@@ -240,15 +240,21 @@ def test_digest_checks_claimed_arguments_against_a_record(tmp_path: Path, cli: C
             sample_decision(), obligations=Obligations(redact=("action.arguments",))
         )
         await log.record_decision(sample_action(arguments={"pin": "4071"}), hidden)
+        # A 64-bit id RFC 8785 cannot write: the record keeps the prefixed fallback.
+        big = sample_action(arguments={"order_id": 2**62 + 1})
+        await log.record_decision(big, hidden)
         await log.close()
 
     asyncio.run(redacted())
-    [record] = [orjson.loads(p) for _, p in iter_records(root)]
+    [record, other] = [orjson.loads(p) for _, p in iter_records(root)]
     kept = record["action"]["arguments_sha256"]
     right = cli("digest", "--dir", str(root), "--arguments", '{"pin": "4071"}')
     wrong = cli("digest", "--dir", str(root), "--arguments", '{"pin": "4072"}')
     assert right.returncode == 0, right.stderr
     assert (right.stdout.strip() == kept, wrong.stdout.strip() == kept) == (True, False)
+    claimed = cli("digest", "--dir", str(root), "--arguments", f'{{"order_id": {2**62 + 1}}}')
+    assert claimed.returncode == 0, claimed.stderr
+    assert claimed.stdout.strip() == other["action"]["arguments_sha256"]
     bad = cli("digest", "--dir", str(root), "--arguments", "[1]")
     assert bad.returncode == 2
     assert "must be a JSON object" in bad.stderr

@@ -197,6 +197,33 @@ async def test_a_large_input_is_cached_under_a_digest(engine: PolicyEngine) -> N
     assert max(len(k) for k in gen.cache._data) < 1024
 
 
+ECHOING = """package warden
+
+import rego.v1
+
+decision := {"effect": "deny", "reason": sprintf("%v is not in the catalogue", [input.action.tool])}
+"""
+
+
+async def test_a_result_repeating_what_the_agent_sent_at_length_is_not_cached(
+    tmp_path: Path,
+) -> None:
+    # A deny reason naming a tool of megabytes: 10,000 cached results of it held the
+    # sidecar's memory (the key is a digest, the value was whole).
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "policy.rego").write_text(ECHOING)
+    eng = await PolicyEngine.start(config(tmp_path / "b", workers=1))
+    try:
+        long_tool = "t" * 10_000
+        first = await eng.evaluate(doc(long_tool))
+        assert first.effect is Effect.DENY
+        assert not (await eng.evaluate(doc(long_tool))).cached
+        assert not (await eng.evaluate(doc("search_kb"))).cached
+        assert (await eng.evaluate(doc("search_kb"))).cached
+    finally:
+        await eng.close()
+
+
 WHOLE_INPUT = """package warden
 
 import rego.v1

@@ -89,6 +89,27 @@ async def test_a_gzip_body_is_decided_and_forwarded_inflated(warden: Warden, llm
     assert "Content-Encoding" not in llm.requests[0].headers
 
 
+async def test_a_body_trickled_past_the_read_timeout_is_408(tmp_path: Path, llm: MockLLM) -> None:
+    # A byte now and then held the connection, and its file descriptor, for good: a
+    # thousand such clients left none for the agents.
+    limits = {"body_read_timeout_s": 0.5}
+    async with Warden(make_config(tmp_path, llm.url, limits=limits)) as w:
+        host, port = w.proxy_url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST {CHAT} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000\r\n\r\n{".encode()
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            rest = await reader.read(4096)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408")
+    assert orjson.loads(rest)["error"]["code"] == "request_timeout"
+    assert llm.requests == []
+
+
 async def test_body_over_the_limit_is_413(tmp_path: Path, llm: MockLLM) -> None:
     async with Warden(make_config(tmp_path, llm.url, limits={"max_body_bytes": 4096})) as w:
         status, payload = await post(w, CHAT, b'{"x": "' + b"a" * 10_000 + b'"}')

@@ -341,6 +341,13 @@ async def test_in_observe_mode_a_rule_that_enforces_still_applies_past_the_cap(
         Effect.DENY,
         "policy",
     )
+    # A cap that cannot count the call gives the policy no budget document: a rule that
+    # enforces decided blind (the agent picks the currency), so the denial stands.
+    policy.effect, policy.mode = Effect.ALLOW, Mode.ENFORCE
+    euros = tool("issue_refund", order_id="A-3", amount=450, currency="eur")
+    decision = await pipeline.decide(euros)
+    assert (decision.enforced, decision.guard) == (Effect.DENY, "budget")
+    assert policy.seen[-1] == {}
     # A rule that lets it through: the cap's would-be denial is what is recorded.
     policy.effect, policy.mode = Effect.ALLOW, None
     decision = await pipeline.decide(tool("issue_refund", order_id="A-2", amount=600))

@@ -192,6 +192,8 @@ def test_query_parameters_are_arguments_decoded_as_go_and_the_whatwg_url_read_th
         ("/customers/C-7/orders", "limit=5", "'limit' is not named"),
         # The service might read the first, the last or both.
         ("/customers/C-7/orders", "status=open&status=all", "gives the parameter 'status' twice"),
+        # Reasons are recorded in clear: a name that is no identifier is not repeated.
+        ("/orders/A-1", "ann.smith%40example.com=1", "^a query parameter is not named"),
         ("/customers/C-7/orders", "status=open;x=1", "semicolon"),
         ("/customers/C-7/orders", "status=%zz", "invalid URL escape"),
         ("/customers/C-7/orders", "status=%ff", "not UTF-8"),

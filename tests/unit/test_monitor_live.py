@@ -231,6 +231,26 @@ def test_long_tool_and_argument_names_give_no_number_distribution() -> None:
     assert events._numbers("t" * 200, {"b": 2}) == ()
 
 
+def test_a_long_tool_name_is_kept_short_in_a_row() -> None:
+    # Rows are kept up to max_events: a tool name of a megabyte in each held the memory.
+    long_name, other = "t" * 1_000_000, "t" * 999_999 + "u"
+    rows = []
+    for tool in (long_name, other):
+        record = {
+            "kind": "decision",
+            "time": "2026-12-02T00:00:00+00:00",
+            "agent": {"id": "bot", "version": "1"},
+            "action": {"id": "act", "kind": "tool_call", "tool": tool, "arguments": {}},
+            "decision": {"id": "dec", "effect": "deny", "guard": "policy"},
+        }
+        found = events.row_of(record)
+        assert found is not None
+        assert found[0] == events.DECISION
+        rows.append(DecisionEvent(*found[1]).tool)
+    assert all(isinstance(r, str) and len(r) < 100 for r in rows)
+    assert rows[0] != rows[1]  # still told apart
+
+
 def test_a_group_with_too_few_samples_reads_minus_one(tmp_path: Path) -> None:
     # Folded groups show their worst level; one alone with too few samples stays -1.
     monitor = LiveMonitor(MonitorConfig(interval_s=3600), tmp_path)

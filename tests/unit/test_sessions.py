@@ -73,7 +73,10 @@ def chat(*pairs: tuple[str, str, str, str | None], session: str | None = "s-1") 
         if result is not None:
             messages.append({"role": "tool", "tool_call_id": call_id, "content": result})
     headers = {"X-Warden-Session": session} if session else {}
-    return conversation_of("openai.chat", {"messages": messages}, headers, SessionsConfig())
+    # No time bound to speak of: on a loaded machine 20 ms cut a long history short,
+    # and these tests are about what is kept, not how fast it is read.
+    config = SessionsConfig(max_history_ms=60_000)
+    return conversation_of("openai.chat", {"messages": messages}, headers, config)
 
 
 def proposed(

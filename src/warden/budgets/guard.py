@@ -47,7 +47,7 @@ from warden.budgets.prices import PriceTable
 from warden.config import BudgetsConfig, CapConfig, LlmBudgetConfig
 from warden.model import Action, ActionKind, Decision, Effect, Mode, Outcome, Usage, new_id
 from warden.ops.metrics import BUDGET_LIMIT, bounded, child
-from warden.pipeline import GuardContext
+from warden.pipeline import UNCHECKED, GuardContext
 from warden.pointers import pointer_get
 from warden.state import BudgetRepo, Counter, Hold
 
@@ -443,12 +443,14 @@ class BudgetGuard:
 
     @staticmethod
     def _refuse(mode: Mode, reason: str) -> Decision:
+        # Unchecked: the policy then sees no budget document of this action.
         return Decision(
             decision_id=new_id("dec"),
             effect=Effect.DENY,
             reasons=(reason,),
             mode=mode,
             guard="budget",
+            error=UNCHECKED,
         )
 
     def _unavailable(self, action: Action, ctx: GuardContext) -> Decision | None:

@@ -44,7 +44,6 @@ from warden.core import Governor, Turn
 from warden.credentials import Credentials
 from warden.errors import (
     AuditError,
-    BodyTooLarge,
     Overloaded,
     RequestError,
     RouteNotGoverned,
@@ -61,6 +60,7 @@ from warden.ingress import headers as hdr
 from warden.ingress.door_mark import door_of
 from warden.ingress.listen import listen
 from warden.ingress.mcp_http import McpHttp
+from warden.ingress.request_body import read_request_body
 from warden.ingress.upstream_io import read_body, upstream_error
 from warden.killswitch import KillSwitches
 from warden.model import (
@@ -349,7 +349,7 @@ class ProxyApp:
         self, request: web.Request, route: _Route, started: float
     ) -> web.StreamResponse:
         agent = await self._identity.resolve(request.headers)
-        body = await _read_body(request, self._config.limits.max_body_bytes)
+        body = await read_request_body(request, self._config.limits)
         adapter = route.match.adapter
         model: str | None = None
         hide_usage = False
@@ -933,20 +933,6 @@ def _decidable(adapter: Adapter, raw: bytes) -> tuple[dict[str, Any] | None, str
     if problem is not None:
         return None, problem
     return body, ""
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"request body is over limits.max_body_bytes ({limit} bytes)")
-    chunks: list[bytes] = []
-    size = 0
-    read = request.content.readany  # not iter_any(): no StopAsyncIteration per body
-    while chunk := await read():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body is over limits.max_body_bytes ({limit} bytes)")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _unread_conversation(request: web.Request, route: _Route) -> Conversation | None:

@@ -64,7 +64,6 @@ from yarl import URL
 from warden.credentials import Credentials
 from warden.errors import (
     AuditError,
-    BodyTooLarge,
     Overloaded,
     StateUnavailable,
     UnsupportedMedia,
@@ -75,6 +74,7 @@ from warden.errors import (
 )
 from warden.ingress import headers as hdr
 from warden.ingress.door_mark import door_of
+from warden.ingress.request_body import read_request_body
 from warden.ingress.upstream_io import MAX_UPSTREAM_BODY, read_body, upstream_error
 from warden.model import Action, Agent, Decision, Effect, Outcome
 from warden.ops import metrics
@@ -294,7 +294,7 @@ class McpHttp:
                 "text/event-stream",
                 "not_acceptable",
             )
-        body = await _read_body(request, self._config.limits.max_body_bytes)
+        body = await read_request_body(request, self._config.limits)
         payload = mcp.parse(body)
         mismatch = mcp_mirror.problem(payload, request.headers, self._listed.get(name))
         if mismatch is not None:
@@ -1538,19 +1538,6 @@ async def _finish(response: web.StreamResponse) -> web.StreamResponse:
     with contextlib.suppress(*_GONE):
         await response.write_eof()
     return response
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"request body is over limits.max_body_bytes ({limit} bytes)")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body is over limits.max_body_bytes ({limit} bytes)")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def _read_upstream(resp: aiohttp.ClientResponse, name: str) -> bytes:

@@ -227,26 +227,41 @@ class StdioDoor:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         # Decisions still waiting (held calls are answered as deferred before this).
+        undecided = list(self._deciding)
         await self._calls.cancel()
-        self._unanswered("wrap_stopped" if stopping else "server_exited")
+        self._unanswered("wrap_stopped" if stopping else "server_exited", undecided)
         self.done.set()
 
-    def _unanswered(self, error: str) -> None:
+    def _unanswered(self, error: str, undecided: list[str | int]) -> None:
         """Answer the client's requests the child never answered; record each call's outcome.
 
         ``error``: ``server_exited`` (the server's output ended first) or
-        ``wrap_stopped``. Not trusted: the server may have acted before it went,
-        so what a cap holds for the call is not released.
+        ``wrap_stopped``. Not trusted for a call sent to the server: it may have
+        acted before it went, so what a cap holds for the call is not released.
+        Trusted (``not_sent``) for an allowed call still held back with its batch:
+        Warden knows it never ran. ``undecided``: calls whose decision the stop cut.
         """
         why = _UNANSWERED[error]
+        for batch in self._batches:
+            if batch.answers:  # Warden's own answers to a batch the child never answered
+                self._to_client(batch.answers)
         for id_, pending in self._pending.items():
+            sent = id_ not in self._unsent
             if self._core is not None:
                 latency = (time.perf_counter() - pending.started) * 1000
-                outcome = Outcome(error=error, is_error=True, latency_ms=latency)
-                self._core.outcome(pending.action, pending.decision, outcome)
-            self._to_client(mcp.error_response(id_, SERVER_GONE, f"{why}; it may have run"))
+                outcome = Outcome(
+                    error=error if sent else "not_sent", is_error=True, latency_ms=latency
+                )
+                self._core.outcome(pending.action, pending.decision, outcome, trusted=not sent)
+            said = f"{why}; it may have run" if sent else f"{why}; it was not sent to the server"
+            self._to_client(mcp.error_response(id_, SERVER_GONE, said))
+        for id_ in undecided:
+            if id_ not in self._pending:
+                said = "[Warden] Warden stopped before it decided this call; it did not run"
+                self._to_client(mcp.error_response(id_, SERVER_GONE, said))
         for id_ in (*self._asked, *self._listing):
             self._to_client(mcp.error_response(id_, SERVER_GONE, why))
+        self._batches.clear()
         self._pending.clear()
         self._asked.clear()
         self._listing.clear()

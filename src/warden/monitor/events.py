@@ -12,6 +12,7 @@ arguments themselves. An erased subject's numbers are simply missing.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import heapq
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -405,7 +406,7 @@ def _decision(record: Mapping[str, Any], unsealer: Unsealer | None) -> DecisionR
         str(action.get("id", "")),
         str(decision.get("id", "")),
         str(action.get("kind", "")),
-        tool if isinstance(tool, str) else None,
+        _row_tool(tool),
         str(decision.get("effect", "")),
         guard,
         int(decision.get("elapsed_us") or 0),
@@ -413,6 +414,18 @@ def _decision(record: Mapping[str, Any], unsealer: Unsealer | None) -> DecisionR
         _conversation(context),
         guard != "approval",
     )
+
+
+def _row_tool(tool: Any) -> str | None:
+    """A tool name as a row keeps it: whole up to :data:`_MAX_NAME_CHARS`, else cut and
+    told apart by a digest (the name is the agent's: rows of a megabyte each, up to
+    ``max_events`` of them, held the sidecar's memory)."""
+    if not isinstance(tool, str):
+        return None
+    if len(tool) <= _MAX_NAME_CHARS:
+        return tool
+    digest = hashlib.blake2b(tool.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"{tool[:64]}…{digest}"
 
 
 def _outcome(record: Mapping[str, Any]) -> OutcomeRow | None:
@@ -434,7 +447,7 @@ def _outcome(record: Mapping[str, Any]) -> OutcomeRow | None:
         version,
         str(record.get("decision_id", "")),
         str(action.get("kind", "")),
-        tool if isinstance(tool, str) else None,
+        _row_tool(tool),
         str(action.get("stage", "")),
         failed,
         float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None,

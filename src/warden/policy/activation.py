@@ -15,8 +15,8 @@ why (log line, ``warden_policy_reloads_total{result="failure"}``, status).
 A bundle refused for what it is (it does not load, compile or verify, or it
 is older than one activated) is tried once per change, not on every poll. A
 failure that may pass (the state store or audit log briefly unavailable, a
-compile that timed out on a busy machine) is retried at the next poll: the
-poll interval is the backoff.
+compile that timed out on a busy machine) is retried, first at the next poll,
+then twice as long after each failure (up to :data:`RETRY_MAX_S`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -221,6 +222,11 @@ class HttpSource:
             self._session = None
 
 
+RETRY_MAX_S = 300.0
+"""The longest wait before a bundle whose activation failed for a passing reason is tried
+again (it starts at the poll interval and doubles)."""
+
+
 def _refused(exc: PolicyError) -> bool:
     """Whether the engine refused the bundle for what it is, not for a failure that may pass.
 
@@ -241,7 +247,10 @@ class Activator:
         self.source = source
         self.interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
-        self._retrying = False
+        self._failures = 0
+        """Activations in a row that failed for a reason that may pass."""
+        self._retry_at: float | None = None
+        """When the source forgets the failed change, so the next poll tries it again."""
 
     @classmethod
     def for_config(cls, engine: BundleTarget, config: PolicyConfig) -> Activator:
@@ -255,6 +264,9 @@ class Activator:
 
     async def poll_once(self) -> bool:
         """Check the source once; return whether a new revision was activated."""
+        if self._retry_at is not None and time.monotonic() >= self._retry_at:
+            self._retry_at = None
+            self.source.forget()
         try:
             bundle = await self.source.poll()
         except PolicyError as exc:
@@ -268,20 +280,29 @@ class Activator:
         try:
             activated = await self.engine.activate(bundle)
         except PolicyError as exc:  # activate() has reported it
+            self._retry_at = None
             if _refused(exc):
-                self._retrying = False
-            else:
-                self.source.forget()
-                # The engine logs each new error; say once that it is retried.
-                log.log(
-                    logging.DEBUG if self._retrying else logging.WARNING,
-                    "policy bundle from %s will be tried again at the next poll (every %g s)",
-                    self.source.description,
-                    self.interval_s,
-                )
-                self._retrying = True
+                self._failures = 0
+                return False
+            # Tried again, each time later (up to RETRY_MAX_S): a compile that always
+            # times out would otherwise keep the workers' cores busy beside live
+            # decisions. A changed bundle is still taken at the next poll.
+            delay = min(self.interval_s * 2**self._failures, max(RETRY_MAX_S, self.interval_s))
+            self._retry_at = time.monotonic() + delay
+            self._failures += 1
+            # The engine logs each new error; say once that it is retried.
+            log.log(
+                logging.DEBUG if self._failures > 1 else logging.WARNING,
+                "policy bundle from %s will be tried again in %g s (later each time it fails)",
+                self.source.description,
+                delay,
+            )
             return False
-        self._retrying = False
+        except Exception as exc:  # a bug must never stop the polling
+            self._retry_at = None
+            self.engine.report_failure(f"{self.source.description}: {type(exc).__name__}: {exc}")
+            return False
+        self._failures, self._retry_at = 0, None
         return activated
 
     def start(self) -> None:

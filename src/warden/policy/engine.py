@@ -128,6 +128,14 @@ _MODES = {m.value: m for m in Mode}
 
 _KEY_DIGEST_OVER: Final = 1024
 """Cache keys longer than this (the projected input, as JSON) are kept as a digest."""
+_MAX_CACHED_REASONS: Final = 4096
+"""Results whose reasons are longer in all are not cached: a reason may repeat what the
+agent sent (a tool name of megabytes), and 10,000 entries of it would hold the memory."""
+
+
+def _cacheable(result: PolicyResult) -> bool:
+    """Whether ``result`` may be kept in the decision cache: no error, short reasons."""
+    return result.error is None and sum(map(len, result.reasons)) <= _MAX_CACHED_REASONS
 
 
 @dataclass(frozen=True)
@@ -1103,15 +1111,22 @@ class PolicyEngine:
             ):
                 return False
             modules = production_modules(bundle)
-            init = orjson.dumps(
-                {
-                    "modules": [[m.path, m.source] for m in modules],
-                    "data": bundle.data,
-                    "query": self.config.query,
-                    "entrypoints": list(self._entrypoints),
-                    "label": bundle.name,
-                }
-            )
+            try:
+                init = orjson.dumps(
+                    {
+                        "modules": [[m.path, m.source] for m in modules],
+                        "data": bundle.data,
+                        "query": self.config.query,
+                        "entrypoints": list(self._entrypoints),
+                        "label": bundle.name,
+                    }
+                )
+            except TypeError as exc:
+                # Data nested past what JSON carries once placed under its folders: the
+                # bundle's fault, reported as any other (the poll goes on).
+                message = f"{bundle.source}: its data cannot be sent to the engine: {exc}"
+                self.report_failure(message)
+                raise BundleError(message) from None
             quarantine = _Quarantine()
             pool = WorkerPool(
                 init,
@@ -1254,7 +1269,7 @@ class PolicyEngine:
                     started,
                 )
             result = self._read_reply(reply, gen, entry=bool(salt))
-            if gen.cacheable and result.error is None:
+            if gen.cacheable and _cacheable(result):
                 gen.cache.put(key, result)
             return self._finish(result, started)
         return self._finish(  # pragma: no cover - needs two swaps within one call
@@ -1374,7 +1389,7 @@ class PolicyEngine:
         answers = self._read_batch_reply(reply, gen, len(parts))
         if gen.cacheable:
             for key, answer in zip(keys, answers, strict=True):
-                if answer.error is None:
+                if _cacheable(answer):
                     gen.cache.put(key, answer)
         return answers
 
@@ -1401,7 +1416,7 @@ class PolicyEngine:
                 answers.append(self._batch_failed(exc, revision, 1))
                 continue
             answer = self._read_reply(reply, gen, entry=False)
-            if gen.cacheable and answer.error is None:
+            if gen.cacheable and _cacheable(answer):
                 gen.cache.put(key, answer)
             answers.append(answer)
         return answers

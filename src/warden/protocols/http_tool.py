@@ -386,15 +386,20 @@ class RouteRule:
         named = self.query_names
         values: dict[str, str] = {}
         for key, given in parsed.items():
-            shown = repr(key[:40])
+            # Named only when it is an identifier: reasons are recorded in clear.
+            shown = _named(key, "")
             if key not in named:
                 raise ToolRequestError(
-                    f"the query parameter {shown} is not named in this route's arguments,"
-                    f' so no policy would see it; name it ("?{key[:40]}") or leave it out'
+                    f"the query parameter {shown} is not named in this route's arguments, so "
+                    f'no policy would see it; name it ("?{key}") or leave it out'
+                    if shown
+                    else "a query parameter is not named in this route's arguments, so no "
+                    "policy would see it; name it or leave it out"
                 )
             if len(given) > 1:
                 # Services disagree on which one counts (the first, the last, a list).
-                raise ToolRequestError(f"the query gives the parameter {shown} twice")
+                which = f"the parameter {shown}" if shown else "a parameter"
+                raise ToolRequestError(f"the query gives {which} twice")
             values[key] = given[0]
         return values
 

@@ -143,6 +143,45 @@ class _Unpacked(io.RawIOBase):
         return count
 
 
+MAX_HEADER_BYTES = 4096
+"""The longest extended header (PAX, GNU long name) read, and :data:`MAX_HEADERS_BYTES` all
+of them: before Python 3.12.6 (CVE-2024-6232) tarfile parses one with regular expressions
+whose time grows with the square of its length, holding the interpreter (80,000 digits
+took 18 s). A bundle's paths are short; 4 KiB takes about 0.1 s at worst."""
+MAX_HEADERS_BYTES = 32 * 1024
+_EXTENDED = frozenset(
+    {
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+    }
+)
+
+
+def _bounded_headers() -> type[tarfile.TarInfo]:
+    """A member type whose extended headers are refused, unread, past the bounds above
+    (one type per archive: it counts the archive's headers)."""
+    spent = 0
+
+    class BoundedHeaders(tarfile.TarInfo):
+        def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+            nonlocal spent
+            if self.type in _EXTENDED:
+                spent += self.size
+                if self.size > MAX_HEADER_BYTES or spent > MAX_HEADERS_BYTES:
+                    # A TarError: read_tarball names the archive in its refusal.
+                    raise tarfile.HeaderError(
+                        f"extended headers of {self.size} bytes (at most {MAX_HEADER_BYTES} "
+                        f"each, {MAX_HEADERS_BYTES} in all)"
+                    )
+            member: tarfile.TarInfo = super()._proc_member(archive)  # type: ignore[misc]
+            return member
+
+    return BoundedHeaders
+
+
 def read_tarball(
     blob: bytes,
     *,
@@ -165,7 +204,8 @@ def read_tarball(
     try:
         # Read as a stream and walked with next(), each header forgotten once seen:
         # iterating keeps a TarInfo for every entry.
-        with tarfile.open(fileobj=_Unpacked(raw, max_unpacked, label), mode="r|") as tar:
+        unpacked = _Unpacked(raw, max_unpacked, label)
+        with tarfile.open(fileobj=unpacked, mode="r|", tarinfo=_bounded_headers()) as tar:
             while (member := tar.next()) is not None:
                 tar.members.clear()  # type: ignore[attr-defined]  # not in the stubs
                 entries += 1

@@ -537,6 +537,9 @@ class LimitsConfig(_Section):
     body_read_timeout_s: float = Field(30.0, gt=0)
     """How long a request's body may take to arrive: a client trickling it a byte at a
     time held a connection (and its file descriptor) for as long as it liked."""
+    idle_timeout_s: float = Field(75.0, gt=0)
+    """How long a connection may sit idle between requests, or take to send a request's
+    headers (the proxy and admin listeners)."""
 
 
 class AdminToken(_Section):

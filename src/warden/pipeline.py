@@ -445,6 +445,31 @@ def _validation_decision(
     )
 
 
+def _settled(
+    decision: Decision | None,
+    held: Decision | None,
+    observed: Decision | None,
+    unchecked: Decision | None,
+) -> Decision | None:
+    """What the guards decided: the last guard's ``decision``, an enforced or observed
+    hold, or the first ``observed`` denial; ``unchecked``, the first of them a check
+    could not make."""
+    if decision is not None and decision.effect is Effect.DENY:
+        return decision  # enforced: observe-mode denials were passed over
+    if held is not None and held.mode is Mode.ENFORCE:
+        return held
+    if observed is not None:
+        if unchecked is not None and decision is not None and decision.mode is Mode.ENFORCE:
+            # A rule that enforces allowed it, deciding without what a check would have
+            # given it (an agent provokes a cap it cannot count to empty input.budget):
+            # that check's denial stands, enforced.
+            return dataclasses.replace(unchecked, mode=Mode.ENFORCE)
+        return observed  # what would have been done: the first denial
+    if held is not None and (decision is None or decision.effect is Effect.ALLOW):
+        return held
+    return decision
+
+
 def _joined(first: Decision, later: Decision) -> Decision:
     """Two guards' holds as one decision: every reason; the later guard's name, revision
     and approvers (the policy runs last and names them); the larger quorum, the shorter
@@ -576,6 +601,7 @@ class Pipeline:
         guard asked (its reservation is settled whatever is decided)."""
         held: Decision | None = None
         observed: Decision | None = None
+        unchecked: Decision | None = None
         decision: Decision | None = None
         for guard, reserving in self._steps:
             if reserving is not None:
@@ -596,6 +622,8 @@ class Pipeline:
                 # passed in observe mode, or a would-be denial the agent provokes,
                 # switched such a rule off.
                 observed = observed or decision
+                if unchecked is None and decision.error in _COULD_NOT_CHECK:
+                    unchecked = decision  # any of them, not only the first denial
                 decision = None
                 continue
             if decision.effect is not Effect.REQUIRE_APPROVAL:
@@ -604,24 +632,7 @@ class Pipeline:
             # the policy's approvers and quorum bind a cap's hold too.
             held = decision if held is None else _joined(held, decision)
             decision = None
-        if decision is not None and decision.effect is Effect.DENY:
-            return decision, ctx  # enforced: observe-mode denials were passed over
-        if held is not None and held.mode is Mode.ENFORCE:
-            return held, ctx
-        if observed is not None:
-            if (
-                observed.error in _COULD_NOT_CHECK
-                and decision is not None
-                and decision.mode is Mode.ENFORCE
-            ):
-                # A rule that enforces allowed it, deciding without what the check would
-                # have given it (an agent provokes a cap it cannot count to empty
-                # input.budget): the denial stands, enforced.
-                return dataclasses.replace(observed, mode=Mode.ENFORCE), ctx
-            return observed, ctx  # what would have been done: the first denial
-        if held is not None and (decision is None or decision.effect is Effect.ALLOW):
-            return held, ctx
-        return decision, ctx
+        return _settled(decision, held, observed, unchecked), ctx
 
     async def recheck(self, action: Action, decision: Decision) -> Decision:
         """``decision`` once recorded, unless a guard with the last word now says otherwise.

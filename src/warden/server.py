@@ -248,7 +248,10 @@ class Warden:
         self.proxy_url = http.url
         self.grpc_address = grpc_door.address if grpc_door is not None else ""
         admin, self.admin_url = await listen(
-            admin_app, cfg.listen.admin, shutdown_grace_s=cfg.shutdown_grace_s
+            admin_app,
+            cfg.listen.admin,
+            shutdown_grace_s=cfg.shutdown_grace_s,
+            idle_timeout_s=cfg.limits.idle_timeout_s,
         )
         stack.push_async_callback(admin.cleanup)
         # Unwound first: held requests are answered as deferred, so doors can drain.

@@ -281,3 +281,13 @@ async def test_a_failure_that_may_pass_is_tried_later_each_time(
         now[0] += 5
     assert tried_at == [0, 5, 15, 35, 75, 155]
     assert source.polls == 40  # a changed bundle is still seen at every poll
+    # A bundle server sending no ETag sends the same bundle at every poll: the same
+    # back-off holds.
+    engine.tries, now[0] = 0, 0.0
+    forgetful = Activator(engine, _Source(bundle), interval_s=5)
+    forgetful.source.forget = lambda: None  # type: ignore[method-assign]
+    for _ in range(40):
+        forgetful.source.seen = False  # type: ignore[attr-defined]
+        await forgetful.poll_once()
+        now[0] += 5
+    assert engine.tries == 6

@@ -350,7 +350,7 @@ async def envoy_front(envoy: Envoy, authority: str, mode: int) -> AsyncIterator[
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner, url = await listen(app, "127.0.0.1:0", shutdown_grace_s=1)
+    runner, url = await listen(app, "127.0.0.1:0", shutdown_grace_s=1, idle_timeout_s=75)
     try:
         yield url
     finally:

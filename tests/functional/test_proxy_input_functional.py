@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,28 @@ async def test_a_body_trickled_past_the_read_timeout_is_408(tmp_path: Path, llm:
     assert head.startswith(b"HTTP/1.1 408")
     assert orjson.loads(rest)["error"]["code"] == "request_timeout"
     assert llm.requests == []
+
+
+async def test_a_connection_sending_its_headers_a_byte_at_a_time_is_closed(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # aiohttp waits an hour for a request's headers by default: each such client held
+    # a connection and its file descriptor that long.
+    async with Warden(make_config(tmp_path, llm.url, limits={"idle_timeout_s": 0.5})) as w:
+        host, port = w.proxy_url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(10):
+            with contextlib.suppress(ConnectionError):
+                for byte in f"POST {CHAT} HTTP/1.1\r\nHost: {host}\r\n".encode() * 100:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+                    if reader.at_eof():
+                        break
+            assert await reader.read() == b""
+        writer.close()
+    assert asyncio.get_running_loop().time() - started < 5
 
 
 async def test_body_over_the_limit_is_413(tmp_path: Path, llm: MockLLM) -> None:

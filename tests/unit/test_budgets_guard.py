@@ -348,6 +348,13 @@ async def test_in_observe_mode_a_rule_that_enforces_still_applies_past_the_cap(
     decision = await pipeline.decide(euros)
     assert (decision.enforced, decision.guard) == (Effect.DENY, "budget")
     assert policy.seen[-1] == {}
+    # So does a call naming no customer for a per-customer cap (no customer counter).
+    strict, _, blind = build(
+        store, {"caps": [{**REFUNDS, "customer": {"missing": "deny"}}]}, mode=Mode.OBSERVE
+    )
+    blind.effect, blind.mode = Effect.ALLOW, Mode.ENFORCE
+    nameless = await strict.decide(tool("issue_refund", order_id="A-4", amount=5, context={}))
+    assert (nameless.enforced, nameless.guard) == (Effect.DENY, "budget")
     # A rule that lets it through: the cap's would-be denial is what is recorded.
     policy.effect, policy.mode = Effect.ALLOW, None
     decision = await pipeline.decide(tool("issue_refund", order_id="A-2", amount=600))

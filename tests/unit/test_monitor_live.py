@@ -240,13 +240,22 @@ def test_a_long_tool_name_is_kept_short_in_a_row() -> None:
             "kind": "decision",
             "time": "2026-12-02T00:00:00+00:00",
             "agent": {"id": "bot", "version": "1"},
-            "action": {"id": "act", "kind": "tool_call", "tool": tool, "arguments": {}},
+            "action": {
+                "id": "act",
+                "kind": "tool_call",
+                "tool": tool,
+                "arguments": {},
+                "context": {"session_id": tool},  # a conversation id is the agent's too
+            },
             "decision": {"id": "dec", "effect": "deny", "guard": "policy"},
         }
         found = events.row_of(record)
         assert found is not None
         assert found[0] == events.DECISION
-        rows.append(DecisionEvent(*found[1]).tool)
+        event = DecisionEvent(*found[1])
+        rows.append(event.tool)
+        assert event.conversation is not None
+        assert len(event.conversation) < 100
     assert all(isinstance(r, str) and len(r) < 100 for r in rows)
     assert rows[0] != rows[1]  # still told apart
 

@@ -398,12 +398,14 @@ class BudgetGuard:
                 f"{cap.name} cap: this {action.tool} names no customer ({named}), so the "
                 f"per-customer cap cannot be checked and {outcome}"
             )
+        # Unchecked: the policy sees no customer counter for this call.
         return Decision(
             decision_id=new_id("dec"),
             effect=effect,
             reasons=tuple(reasons),
             mode=ctx.mode,
             guard="budget",
+            error=UNCHECKED,
         )
 
     def _over(

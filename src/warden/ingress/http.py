@@ -212,7 +212,10 @@ class HttpDoor:
         self._proxy = proxy
         app = build_proxy_app(proxy, self._config.limits.max_body_bytes)
         self._runner, self.url = await listen(
-            app, self._config.listen.proxy, shutdown_grace_s=self._config.shutdown_grace_s
+            app,
+            self._config.listen.proxy,
+            shutdown_grace_s=self._config.shutdown_grace_s,
+            idle_timeout_s=self._config.limits.idle_timeout_s,
         )
 
     async def stop(self) -> None:

@@ -13,16 +13,23 @@ __all__ = ["listen"]
 
 
 async def listen(
-    app: web.Application, where: str, *, shutdown_grace_s: float
+    app: web.Application, where: str, *, shutdown_grace_s: float, idle_timeout_s: float
 ) -> tuple[web.AppRunner, str]:
     """Serve ``app`` on ``where``; return its runner (cleanup stops it) and its URL.
 
     The socket is bound first, so port 0 resolves to a real port to report,
     and a port in use fails as a :class:`ConfigError` naming the address.
+    ``idle_timeout_s``: how long a connection may sit idle, or take to send a
+    request's headers (aiohttp's default, an hour, let a client sending a byte
+    now and then hold a connection and its file descriptor).
     """
     host, port = parse_listen(where)
     runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=shutdown_grace_s, handle_signals=False
+        app,
+        access_log=None,
+        shutdown_timeout=shutdown_grace_s,
+        handle_signals=False,
+        keepalive_timeout=idle_timeout_s,
     )
     await runner.setup()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -334,7 +334,7 @@ def _conversation(context: Any) -> str | None:
         for key in CONVERSATION_KEYS:
             value = context.get(key)
             if isinstance(value, str | int) and not isinstance(value, bool) and value != "":
-                return str(value)
+                return _short(str(value))  # the agent's: kept in every row
     return None
 
 
@@ -420,12 +420,15 @@ def _row_tool(tool: Any) -> str | None:
     """A tool name as a row keeps it: whole up to :data:`_MAX_NAME_CHARS`, else cut and
     told apart by a digest (the name is the agent's: rows of a megabyte each, up to
     ``max_events`` of them, held the sidecar's memory)."""
-    if not isinstance(tool, str):
-        return None
-    if len(tool) <= _MAX_NAME_CHARS:
-        return tool
-    digest = hashlib.blake2b(tool.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
-    return f"{tool[:64]}…{digest}"
+    return _short(tool) if isinstance(tool, str) else None
+
+
+def _short(text: str) -> str:
+    """``text`` whole up to :data:`_MAX_NAME_CHARS`, else cut and told apart by a digest."""
+    if len(text) <= _MAX_NAME_CHARS:
+        return text
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"{text[:64]}…{digest}"
 
 
 def _outcome(record: Mapping[str, Any]) -> OutcomeRow | None:

@@ -239,6 +239,12 @@ def _refused(exc: PolicyError) -> bool:
     return isinstance(exc, BundleError) and not isinstance(exc.__context__, TimeoutError)
 
 
+def _identity(bundle: Bundle) -> tuple[object, ...]:
+    """What tells one bundle from another: its revision, files and signer."""
+    hashes = tuple(sorted(bundle.file_hashes.items())) if bundle.file_hashes else None
+    return (bundle.revision, hashes, bundle.signed_by)
+
+
 class Activator:
     """Polls a :class:`BundleSource` and hands new bundles to the engine."""
 
@@ -251,6 +257,8 @@ class Activator:
         """Activations in a row that failed for a reason that may pass."""
         self._retry_at: float | None = None
         """When the source forgets the failed change, so the next poll tries it again."""
+        self._failed: tuple[object, ...] | None = None
+        """The bundle that failed, while it waits: a server sending no ETag sends it again."""
 
     @classmethod
     def for_config(cls, engine: BundleTarget, config: PolicyConfig) -> Activator:
@@ -277,6 +285,8 @@ class Activator:
             return False
         if bundle is None:
             return False
+        if self._retry_at is not None and _identity(bundle) == self._failed:
+            return False  # the same bundle again, before its retry is due
         try:
             activated = await self.engine.activate(bundle)
         except PolicyError as exc:  # activate() has reported it
@@ -288,7 +298,7 @@ class Activator:
             # times out would otherwise keep the workers' cores busy beside live
             # decisions. A changed bundle is still taken at the next poll.
             delay = min(self.interval_s * 2**self._failures, max(RETRY_MAX_S, self.interval_s))
-            self._retry_at = time.monotonic() + delay
+            self._retry_at, self._failed = time.monotonic() + delay, _identity(bundle)
             self._failures += 1
             # The engine logs each new error; say once that it is retried.
             log.log(

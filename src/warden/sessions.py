@@ -635,9 +635,9 @@ class SessionGuard:
     def _keep(self, record: CallRecord) -> None:
         """Remember a decided call, and queue it for the state store."""
         self._remember(record)
-        # Not a call named with a control character or a lone surrogate (denied in
-        # enforce mode): PostgreSQL cannot store NUL, UTF-8 no surrogate, and one such
-        # record failed the whole batch of other calls' records.
+        # Not a call named with a control character or a lone surrogate (denied, but its
+        # decision is recorded here too): PostgreSQL cannot store NUL, UTF-8 no
+        # surrogate, and one such record failed the whole batch of other calls' records.
         if self._repo is not None and (record.call_id + record.tool).isprintable():
             # Off the decision path, as call links are (ADR 0005): this process
             # verifies from memory at once; the store serves restarts and other

@@ -61,6 +61,22 @@ def _request(
     return request
 
 
+ORDERS: dict[str, Any] = {
+    "protocol": "http",
+    "base_url": "http://127.0.0.1:9",
+    "routes": [
+        {
+            "method": "POST",
+            "path": "/orders/{order_id}/refunds",
+            "tool": "issue_refund",
+            "arguments": {"order_id": "{order_id}", "amount": "/amount"},
+        }
+    ],
+    "unmatched": "allow",
+}
+"""The upstream ext_authz decides for: one refund route, anything else allowed."""
+
+
 @asynccontextmanager
 async def _serving(
     tmp_path: Path, *, yield_warden: bool = False, **overrides: Any
@@ -68,21 +84,7 @@ async def _serving(
     """Warden (core only) plus a gRPC server carrying the ext_authz service; yields a stub."""
     base: dict[str, Any] = {
         "policy": {"bundles": [str(BUNDLE)], "workers": 1, "watch": False, "deadline_ms": 5000},
-        "upstreams": {
-            "orders": {
-                "protocol": "http",
-                "base_url": "http://127.0.0.1:9",
-                "routes": [
-                    {
-                        "method": "POST",
-                        "path": "/orders/{order_id}/refunds",
-                        "tool": "issue_refund",
-                        "arguments": {"order_id": "{order_id}", "amount": "/amount"},
-                    }
-                ],
-                "unmatched": "allow",
-            }
-        },
+        "upstreams": {"orders": ORDERS},
         "ext_authz": {"upstream": "orders"},
     }
     for key, value in overrides.items():
@@ -374,13 +376,7 @@ async def test_an_agent_in_observe_mode_still_gets_what_cannot_be_parsed_refused
 ) -> None:
     # Observe mode lets a rule's denial through, and `unmatched: deny` is such a rule;
     # a body Warden cannot read is refused in every mode (it was answered OK).
-    route = {"method": "POST", "path": "/orders/{order_id}/refunds", "tool": "issue_refund"}
-    orders = {
-        "protocol": "http",
-        "base_url": "http://127.0.0.1:9",
-        "routes": [route],
-        "unmatched": "deny",
-    }
+    orders = {**ORDERS, "unmatched": "deny"}
     json_body = {**SUPPORT, "content-type": "application/json"}
     async with _serving(tmp_path, mode="observe", upstreams={"orders": orders}) as stub:
         unparsable = await stub.Check(_request("POST", "/orders/A-1/refunds", json_body, b"{"))

@@ -13,6 +13,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from tests.functional.conftest import make_config
+from tests.functional.test_envoy_authz_functional import ORDERS
 from warden.errors import ConfigError
 from warden.ingress.envoy_authz import ExtAuthzService
 from warden.ingress.grpc import GrpcDoor
@@ -32,20 +33,6 @@ default allow := false
 
 allow if not input.truncated_body
 """
-
-ORDERS = {
-    "protocol": "http",
-    "base_url": "http://127.0.0.1:9",
-    "routes": [
-        {
-            "method": "POST",
-            "path": "/orders/{order_id}/refunds",
-            "tool": "issue_refund",
-            "arguments": {"order_id": "{order_id}", "amount": "/amount"},
-        }
-    ],
-    "unmatched": "allow",
-}
 
 
 def _check(path: str, body: bytes, headers: dict[str, str] | None = None) -> Any:

@@ -17,7 +17,8 @@ CHILD = "import sys\nlog = open(sys.argv[1], 'a')\nfor line in sys.stdin:\n    l
 
 
 class Core:
-    """Allows every call at once, but decides ``slow`` never (a person would)."""
+    """Allows every call at once, denies ``export``, and decides ``slow`` never (a person
+    would)."""
 
     def __init__(self) -> None:
         self.outcomes: list[tuple[str | None, str | None, bool]] = []
@@ -25,7 +26,8 @@ class Core:
     async def decide(self, action: Action, **_: Any) -> Decision:
         if action.tool == "slow":
             await asyncio.sleep(3600)
-        return Decision(new_id("dec"), Effect.ALLOW, ("ok",), Mode.ENFORCE, "policy")
+        effect = Effect.DENY if action.tool == "export" else Effect.ALLOW
+        return Decision(new_id("dec"), effect, ("ok",), Mode.ENFORCE, "policy")
 
     def outcome(
         self, action: Action, decision: Decision, outcome: Outcome, *, trusted: bool = False
@@ -61,15 +63,18 @@ async def test_a_call_held_back_with_its_batch_is_answered_as_not_sent(tmp_path:
     )
     core = Core()
     await door.start(core)  # type: ignore[arg-type]  # the door's view of the core
-    client_in.feed_data(orjson.dumps([call(1, "issue_refund"), call(2, "slow")]) + b"\n")
+    batch = [call(1, "issue_refund"), call(2, "slow"), call(3, "export")]
+    client_in.feed_data(orjson.dumps(batch) + b"\n")
     await asyncio.sleep(0.5)
     await door.stop()
     client_out.close()
     os.set_blocking(read_end, False)
-    answers = {a["id"]: a for a in map(orjson.loads, os.read(read_end, 65536).splitlines())}
+    lines = map(orjson.loads, os.read(read_end, 65536).splitlines())
+    answers = {a["id"]: a for a in lines}
     os.close(read_end)
     assert answers[1]["error"]["code"] == SERVER_GONE
     assert "not sent" in answers[1]["error"]["message"]
     assert "did not run" in answers[2]["error"]["message"]
+    assert answers[3]["result"]["isError"] is True  # the denial decided before the stop
     assert core.outcomes == [("issue_refund", "not_sent", True)]
     assert not seen.exists() or seen.read_text() == ""

@@ -160,6 +160,9 @@ class StdioDoor:
         self._session_source = session_source
         self._session_owned = session_owned
         self._deciding: dict[str | int, asyncio.Task[Any]] = {}
+        self._in_batches: dict[str | int, asyncio.Task[dict[str, Any]]] = {}
+        """Calls of a batch still decided together: a stop sends the answers of those
+        already decided (a denial) that the batch would have sent."""
         """Calls being decided, by id: a cancellation for one ends its decision."""
         self._calls = tasks.Tasks("mcp-stdio-calls")
         self._listing: set[str | int] = set()
@@ -242,6 +245,12 @@ class StdioDoor:
         Warden knows it never ran. ``undecided``: calls whose decision the stop cut.
         """
         why = _UNANSWERED[error]
+        for task in self._in_batches.values():
+            # Decided (a denial) before the stop cut its batch: the batch would have sent it.
+            decided = task.done() and not task.cancelled() and task.exception() is None
+            if decided and "method" not in (answer := task.result()):
+                self._to_client(answer)
+        self._in_batches.clear()
         for batch in self._batches:
             if batch.answers:  # Warden's own answers to a batch the child never answered
                 self._to_client(batch.answers)
@@ -437,12 +446,14 @@ class StdioDoor:
                 continue
             task = self._calls.spawn(self._decided(message), name="batch-call", awaited=True)
             self._deciding[id_] = task
+            self._in_batches[id_] = task
             self._unsent.add(id_)
             members.append(id_)
             deciding.append(task)
         if deciding:
             await asyncio.wait(deciding)
         for id_, task in zip(members, deciding, strict=True):
+            self._in_batches.pop(id_, None)
             self._unsent.discard(id_)
             if task.cancelled():
                 continue  # the client cancelled it: neither forwarded nor answered

@@ -22,6 +22,23 @@ EXIT_USAGE = 2
 log = logging.getLogger("warden.cli")
 
 
+def _make_room_for_connections(config: Config) -> None:
+    """Raise the open-file limit to what the connection caps need, or say it cannot."""
+    from warden.ops.runtime import raise_open_files
+    from warden.server import descriptors_needed
+
+    needed = descriptors_needed(config)
+    have = raise_open_files(needed)
+    if have < needed:
+        log.warning(
+            "the open-file limit is %d, below the %d that limits.max_connections (%d per "
+            "listener) may need: lower it, or raise the limit (ulimit -n; LimitNOFILE)",
+            have,
+            needed,
+            config.limits.max_connections,
+        )
+
+
 def _serve(args: argparse.Namespace) -> int:
     from warden.ops import tracing
     from warden.ops.logging import configure_logging
@@ -32,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _check_files(config)
     _warn_if_nobody_decides(config)
+    _make_room_for_connections(config)
     tracing.configure_from_env()  # off unless OTEL_* asks for traces
 
     async def run() -> None:

@@ -93,6 +93,7 @@ DEFAULT_POLICY_CACHE_SIZE = 10_000
 DEFAULT_AUDIT_DIR = "./warden-data/audit"
 DEFAULT_STATE_URL = "sqlite:///./warden-data/state.db"
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_UPSTREAM_TIMEOUT_S = 300.0
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_SHUTDOWN_GRACE_S = 20.0
@@ -540,6 +541,10 @@ class LimitsConfig(_Section):
     idle_timeout_s: float = Field(75.0, gt=0)
     """How long a connection may sit idle between requests, or take to send a request's
     headers (the proxy and admin listeners)."""
+    max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1)
+    """Connections each of the proxy and admin listeners serves at once; past it a new
+    connection is answered 503 with ``Retry-After`` and closed. Each holds a file
+    descriptor, which the audit log and state store need too."""
 
 
 class AdminToken(_Section):

@@ -46,7 +46,7 @@ from warden.ingress.grpc import GrpcDoor
 from warden.ingress.grpc_governance import GovernanceService, RecordSource
 from warden.ingress.grpc_service import GrpcService
 from warden.ingress.http import HttpDoor
-from warden.ingress.listen import listen
+from warden.ingress.listen import Listener, admin_refusal, listen
 from warden.killswitch import KillSwitch, KillSwitches, KillSwitchGuard, Scope
 from warden.monitor.live import LiveMonitor
 from warden.ops import tracing
@@ -70,6 +70,15 @@ log = logging.getLogger("warden")
 
 # Upstream connections are kept alive and shared by all agents' requests.
 _CONNECTION_LIMIT = 1000
+# Descriptors beyond the connections: audit segments, the state store, policy
+# workers' sockets, bundle files, the gRPC and transparent listeners.
+_OWN_DESCRIPTORS = 256
+
+
+def descriptors_needed(config: Config) -> int:
+    """Open files a Warden serving ``config`` may need at once: both listeners full
+    (``limits.max_connections`` each), the upstream pool full, and its own files."""
+    return 2 * config.limits.max_connections + _CONNECTION_LIMIT + _OWN_DESCRIPTORS
 
 
 class Warden:
@@ -248,10 +257,7 @@ class Warden:
         self.proxy_url = http.url
         self.grpc_address = grpc_door.address if grpc_door is not None else ""
         admin, self.admin_url = await listen(
-            admin_app,
-            cfg.listen.admin,
-            shutdown_grace_s=cfg.shutdown_grace_s,
-            idle_timeout_s=cfg.limits.idle_timeout_s,
+            admin_app, cfg.listen.admin, Listener.of(cfg, "admin", admin_refusal)
         )
         stack.push_async_callback(admin.cleanup)
         # Unwound first: held requests are answered as deferred, so doors can drain.

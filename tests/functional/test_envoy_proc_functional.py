@@ -42,7 +42,7 @@ from warden.admin.auth import Principal
 from warden.budgets.caps import window_key
 from warden.ingress.envoy_proc import SERVICE_NAME, UPSTREAM_METADATA, ExtProcService
 from warden.ingress.grpc_service import GrpcService
-from warden.ingress.listen import listen
+from warden.ingress.listen import Listener, admin_refusal, listen
 from warden.killswitch import Scope
 from warden.protocols.sse import SseParser
 from warden.server import Warden
@@ -350,7 +350,8 @@ async def envoy_front(envoy: Envoy, authority: str, mode: int) -> AsyncIterator[
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner, url = await listen(app, "127.0.0.1:0", shutdown_grace_s=1, idle_timeout_s=75)
+    listener = Listener("relay", 1, 75, 100, admin_refusal)
+    runner, url = await listen(app, "127.0.0.1:0", listener)
     try:
         yield url
     finally:

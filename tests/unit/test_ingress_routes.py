@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import orjson
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
@@ -53,3 +54,39 @@ def test_the_cache_stays_bounded() -> None:
     for i in range(ingress._ROUTE_CACHE_SIZE + 5):
         app._route(make_mocked_request("GET", f"/openai/v1/chat/completions/cmpl-{i}"))
     assert 0 < len(app._routes) <= ingress._ROUTE_CACHE_SIZE
+
+
+@pytest.mark.parametrize(
+    ("line", "shape"),
+    [
+        (b"POST /openai/v1/chat/completions HTTP/1.1", "openai"),
+        (b"POST /anthropic/v1/messages?beta=true HTTP/1.1", "anthropic"),
+        (b"POST /tools/mcp HTTP/1.1", "mcp"),
+        (b"POST /%61nthropic/v1/messages HTTP/1.1", "anthropic"),
+        (b"POST /nowhere HTTP/1.1", "openai"),
+        (b"", "openai"),
+        (b"\xff\xfe garbage", "openai"),
+    ],
+)
+def test_a_refused_connection_is_answered_in_its_upstreams_shape(line: bytes, shape: str) -> None:
+    config = Config.model_validate(
+        {
+            "upstreams": {
+                "openai": {"protocol": "openai", "base_url": "http://127.0.0.1:9"},
+                "anthropic": {"protocol": "anthropic", "base_url": "http://127.0.0.1:9"},
+                "tools": {"protocol": "mcp", "base_url": "http://127.0.0.1:9"},
+            }
+        }
+    )
+    head, _, body = ingress._refusal(config.upstreams)(line).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"\r\nRetry-After: 1\r\n" in head
+    assert f"\r\nContent-Length: {len(body)}\r\n".encode() in head
+    error = orjson.loads(body)
+    if shape == "anthropic":
+        assert error["error"]["type"] == "overloaded_error"
+    elif shape == "mcp":
+        assert error["jsonrpc"] == "2.0"
+        assert error["error"]["data"]["warden"] == "overloaded"
+    else:
+        assert error["error"]["code"] == "overloaded"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -44,3 +45,21 @@ def test_tune_runtime_also_hands_the_interpreter_over_sooner() -> None:
     assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
     assert SWITCH_INTERVAL_S < 0.005
     assert gc.get_threshold()[0] == GEN0_THRESHOLD
+
+
+RAISE = """
+import resource, sys
+from warden.ops.runtime import raise_open_files
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
+print(raise_open_files(200), raise_open_files(500), raise_open_files(10**9) == min(hard, 10**9))
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] == min(hard, 10**9))
+"""
+
+
+def test_raise_open_files_lifts_the_soft_limit_up_to_the_hard_one() -> None:
+    # In a child: the limit is the whole process's.
+    out = subprocess.run(
+        [sys.executable, "-c", RAISE], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["300", "500", "True", "True"]

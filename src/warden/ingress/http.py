@@ -58,7 +58,7 @@ from warden.errors import (
 from warden.identity import Identity
 from warden.ingress import headers as hdr
 from warden.ingress.door_mark import door_of
-from warden.ingress.listen import listen
+from warden.ingress.listen import TOO_MANY_CONNECTIONS, Listener, listen, refusal_response
 from warden.ingress.mcp_http import McpHttp
 from warden.ingress.request_body import read_request_body
 from warden.ingress.upstream_io import read_body, upstream_error
@@ -211,12 +211,8 @@ class HttpDoor:
         )
         self._proxy = proxy
         app = build_proxy_app(proxy, self._config.limits.max_body_bytes)
-        self._runner, self.url = await listen(
-            app,
-            self._config.listen.proxy,
-            shutdown_grace_s=self._config.shutdown_grace_s,
-            idle_timeout_s=self._config.limits.idle_timeout_s,
-        )
+        listener = Listener.of(self._config, "proxy", _refusal(self._config.upstreams))
+        self._runner, self.url = await listen(app, self._config.listen.proxy, listener)
 
     async def stop(self) -> None:
         """Stop accepting, then wait (up to the grace period) for requests in flight."""
@@ -857,6 +853,30 @@ def _absolute_form(request: web.Request) -> bool:
     # an absolute-form target ("GET http://elsewhere/ HTTP/1.1") is what a
     # forward proxy receives, and this listener is not one.
     return not request.raw_path.startswith("/")
+
+
+def _refusal(upstreams: Mapping[str, UpstreamConfig]) -> Callable[[bytes], bytes]:
+    """The 503 for a connection past ``limits.max_connections``, in the shape of the
+    upstream its request line names (OpenAI's when it names none)."""
+
+    def refuse(line: bytes) -> bytes:
+        parts = line.split(b" ")
+        target = parts[1].decode("latin-1") if len(parts) == 3 else ""
+        name = unquote(target.removeprefix("/").partition("/")[0].partition("?")[0])
+        upstream = upstreams.get(name)
+        family = upstream.protocol if upstream is not None else "openai"
+        if family == "mcp":
+            error = {
+                "code": -32000,
+                "message": TOO_MANY_CONNECTIONS,
+                "data": {"warden": "overloaded"},
+            }
+            body = _wire.dumps({"jsonrpc": "2.0", "id": None, "error": error}).encode()
+        else:
+            body = render_error(family, 503, "overloaded", TOO_MANY_CONNECTIONS)
+        return refusal_response(body)
+
+    return refuse
 
 
 def _decode_path(raw_path: str) -> list[str]:

@@ -26,6 +26,7 @@ __all__ = [
     "AUDIT_SHIP_LAG_SECONDS",
     "AUDIT_WRITABLE",
     "BUDGET_LIMIT",
+    "CONNECTIONS_REFUSED",
     "CREDENTIAL_RELOADS",
     "DECISIONS",
     "DRIFT_LEVEL",
@@ -139,6 +140,12 @@ CREDENTIAL_RELOADS = Counter(
     ["upstream", "result"],
 )
 INFLIGHT = Gauge("warden_inflight_requests", "Requests being served right now.")
+CONNECTIONS_REFUSED = Counter(
+    "warden_connections_refused_total",
+    "Connections answered 503 (or reset, when refusals themselves pile up) because the "
+    "listener already had limits.max_connections open, by listener (proxy, admin).",
+    ["listener"],
+)
 
 _seen: dict[str, set[str]] = {}
 _seen_lock = threading.Lock()

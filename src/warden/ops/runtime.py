@@ -21,6 +21,9 @@ Only process owners call them (``warden serve``, ``warden mcp wrap`` and the
 benchmarks that host Warden the same way); a library embedding Warden keeps
 its own settings.
 
+:func:`raise_open_files` lifts the soft open-file limit (often 1,024) towards
+what the listeners' connection caps need, as Go's runtime and nginx do.
+
 :func:`undumpable` keeps other processes of the same user out of this one's
 ``/proc`` entries: ``warden mcp wrap`` and the policy workers call it, as the
 MCP server the wrap starts runs as Warden's user unless told otherwise.
@@ -33,7 +36,14 @@ import gc
 import os
 import sys
 
-__all__ = ["GEN0_THRESHOLD", "SWITCH_INTERVAL_S", "tune_gc", "tune_runtime", "undumpable"]
+__all__ = [
+    "GEN0_THRESHOLD",
+    "SWITCH_INTERVAL_S",
+    "raise_open_files",
+    "tune_gc",
+    "tune_runtime",
+    "undumpable",
+]
 
 GEN0_THRESHOLD = 10_000
 """Allocations (net of frees) of container objects before a young collection (CPython: 700)."""
@@ -88,3 +98,21 @@ def undumpable() -> None:
     if libc.prctl(_PR_SET_DUMPABLE, zero, zero, zero, zero) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"prctl(PR_SET_DUMPABLE): {os.strerror(errno)}")
+
+
+def raise_open_files(needed: int) -> int:
+    """Raise the soft open-file limit to ``needed`` if it is lower; return it as it is now.
+
+    Never past the hard limit, which only a privileged process may raise. Where
+    the ``resource`` module is missing (Windows), returns ``needed``.
+    """
+    try:
+        import resource  # noqa: PLC0415 - POSIX only
+    except ImportError:  # pragma: no cover - POSIX only
+        return needed
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return needed if soft == resource.RLIM_INFINITY else soft
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from warden import tasks
 from warden.admin.approval_routes import add_approval_routes
-from warden.admin.auth import AUTH, TokenAuth
+from warden.admin.auth import AUTH, TokenAuth, json_errors
 from warden.admin.change_routes import add_change_routes
 from warden.admin.killswitch_routes import add_killswitch_routes
 from warden.approvals.gate import ApprovalGate, approval_settings
@@ -211,7 +211,7 @@ class Warden:
             trace_configs=tracing.client_trace_configs(),
         )
         stack.push_async_callback(session.close)
-        admin_app = web.Application()
+        admin_app = web.Application(middlewares=[json_errors])
         admin_app[AUTH] = TokenAuth(cfg.admin.tokens)
         add_health_routes(admin_app, self.readiness)
         add_killswitch_routes(admin_app, killswitches)

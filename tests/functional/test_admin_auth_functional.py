@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -116,3 +117,32 @@ async def test_a_token_that_is_not_text_is_401_without_an_error(
     writer.close()
     assert answer.startswith(b"HTTP/1.1 401 ")
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status", "code"),
+    [
+        ("GET", "/v1/nothing", b"", {}, 404, "not_found"),
+        ("PUT", "/v1/killswitches", b"{}", {}, 405, "method_not_allowed"),
+        ("POST", "/v1/killswitches", io.BytesIO(b"x" * (2 << 20)), {}, 413, "too_large"),
+        # Labelled gzip and not gzip: aiohttp's error surfaced as a 500 and a traceback.
+        ("POST", "/v1/killswitches", b"{}", {"Content-Encoding": "gzip"}, 400, "invalid_request"),
+    ],
+)
+async def test_the_servers_own_errors_have_the_apis_shape(
+    admin: tuple[Warden, aiohttp.ClientSession],
+    method: str,
+    path: str,
+    body: bytes | io.BytesIO,
+    headers: dict[str, str],
+    status: int,
+    code: str,
+) -> None:
+    _, session = admin
+    sent = {"Content-Type": "application/json", **bearer(ADMIN), **headers}
+    async with session.request(method, path, data=body, headers=sent) as resp:
+        assert resp.status == status
+        assert resp.content_type == "application/json"
+        assert (await resp.json())["error"]["code"] == code
+        if status == 405:
+            assert "POST" in resp.headers["Allow"]

@@ -8,6 +8,7 @@ trusted-header sign-on from an auth proxy.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import re
@@ -561,3 +562,45 @@ async def test_the_approval_card_names_the_values_hidden_from_the_approver(
         "/note/x_credential_hint",
     ]
     assert "XX00ATTACKER" not in page
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status"),
+    [
+        # The console's own 64 KiB bound: the admin app's 1 MiB applied before.
+        (b"token=" + b"x" * 100_000, {}, 413),
+        # Browsers send forms with a length; without one the bound could not be checked.
+        (b"token=x", {"Transfer-Encoding": "chunked"}, 411),
+        (b"token=x", {"Content-Encoding": "gzip"}, 400),  # not gzip
+        (b"--zz\r\nContent-Disposition: form-data; name=a\r\n\r\nv", {"CT": "zz"}, 400),
+        (b"token=x", {"CT": "charset=bogus"}, 400),
+    ],
+)
+async def test_a_form_that_cannot_be_read_gets_the_error_page_before_any_check(
+    warden: Warden, body: bytes, headers: dict[str, str], status: int
+) -> None:
+    kind = {
+        "zz": "multipart/form-data; boundary=zz",
+        "charset=bogus": f"{FORM}; charset=bogus",
+    }.get(headers.pop("CT", ""), FORM)
+    host, port = warden.admin_url.removeprefix("http://").split(":")
+    framing = (
+        f"Transfer-Encoding: chunked\r\n\r\n{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+        if headers.pop("Transfer-Encoding", None)
+        else f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    )
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"POST /console/login HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {kind}\r\n"
+        f"Origin: {warden.admin_url}\r\nConnection: close\r\n{extra}".encode()
+        + framing
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.split(b" ", 2)[1] == str(status).encode(), answer[:300]
+    assert b"<!doctype html>" in answer

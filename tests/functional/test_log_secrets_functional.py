@@ -47,3 +47,34 @@ async def test_a_header_line_aiohttp_cannot_parse_is_not_logged(
     assert "details withheld" in logged
     assert "SECRETKEY1" not in logged
     assert "k3y" not in logged
+
+
+@pytest.mark.usefixtures("json_logs")
+async def test_a_body_aiohttp_cannot_decode_is_a_400_and_one_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Labelled gzip and not gzip: a 500 and a traceback of some 6 KB per request,
+    # which any client of either listener could ask for.
+    async with Warden(make_config(tmp_path, "http://127.0.0.1:9")) as warden:
+        answers = []
+        for url, path, kind in (
+            (warden.proxy_url, "/openai/v1/chat/completions", "application/json"),
+            (warden.admin_url, "/console/login", "application/x-www-form-urlencoded"),
+        ):
+            host, port = url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n"
+                "Content-Encoding: gzip\r\nContent-Length: 2\r\n"
+                "Connection: close\r\n\r\n{}".encode()
+            )
+            await writer.drain()
+            answers.append(await asyncio.wait_for(reader.read(), 10))
+            writer.close()
+    assert [a.split(b" ", 2)[1] for a in answers] == [b"400", b"400"]
+    assert b'"code":"invalid_request"' in answers[0]
+    server = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert [r.getMessage().partition(";")[0] for r in server] == [
+        "aiohttp could not parse a request (ContentEncodingError)"
+    ] * 2
+    assert not [r for r in server if r.exc_info]

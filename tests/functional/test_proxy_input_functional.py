@@ -63,6 +63,8 @@ async def post(warden: Warden, path: str, body: bytes, **headers: str) -> tuple[
         ),
         ("/nowhere/v1/chat/completions", GOOD, {}, 404, "unknown_route"),
         (CHAT, GOOD, {"X-Warden-Agent": "bad agent"}, 400, "invalid_request"),
+        # Labelled gzip and not gzip: a 500 and a traceback.
+        (CHAT, GOOD, {"Content-Encoding": "gzip"}, 400, "invalid_request"),
     ],
 )
 async def test_bad_requests_get_clear_errors(

@@ -14,7 +14,8 @@ in with :func:`requires`::
 No valid token: 401 with ``WWW-Authenticate: Bearer`` and code
 ``unauthorized``. A valid token without any of the roles: 403, ``forbidden``.
 Routes without :func:`requires` (``/metrics``, ``/healthz``, ``/readyz``) stay
-open.
+open. :func:`json_errors` gives aiohttp's own errors (unknown route, wrong
+method, a body too large or that cannot be decoded) the same JSON shape.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ from warden.config import AdminToken
 
 __all__ = [
     "AUTH",
+    "BODY_UNREADABLE",
     "Principal",
     "TokenAuth",
     "error_response",
     "hash_token",
+    "json_errors",
     "requires",
 ]
 
@@ -134,3 +137,29 @@ def error_response(
         content_type="application/json",
         headers=headers,
     )
+
+
+BODY_UNREADABLE = (
+    "the request body could not be read as sent (its Content-Encoding or chunked framing)"
+)
+_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own 4xx errors in the admin API's shape, as its routes' errors are.
+
+    A body whose ``Content-Encoding`` or chunked framing cannot be decoded is
+    ``400 invalid_request`` rather than an internal error and a traceback in the
+    log. The console (``/console/``) keeps its own pages.
+    """
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or request.path.startswith("/console/"):
+            raise
+        code = _CODES.get(exc.status, "invalid_request")
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, code, exc.reason, headers=allow)
+    except web.RequestPayloadError:
+        return error_response(400, "invalid_request", BODY_UNREADABLE)

@@ -182,10 +182,36 @@ def _session_of(request: web.Request, console: Console) -> tuple[Session | None,
     return session, new_id
 
 
+FORM_MAX_BYTES = 64 * 1024
+"""A console form's largest body (a sub-app's ``client_max_size`` is not applied:
+the admin app's 1 MiB was)."""
+
+
+async def _read_form(request: web.Request) -> web.Response | None:
+    """Read a POST's form once (handlers get it again from aiohttp's cache), or the
+    error page: a body without a length or over :data:`FORM_MAX_BYTES`, or one
+    that cannot be decoded (a ``Content-Encoding`` it does not have, broken
+    multipart, an unknown charset), is refused before anything reads it."""
+    length = request.content_length
+    if length is None:
+        return _refuse(request, 411, "a form must be sent with its Content-Length")
+    if length > FORM_MAX_BYTES:
+        return _refuse(request, 413, f"a form may be at most {FORM_MAX_BYTES // 1024} KiB")
+    try:
+        await request.post()
+    except (web.RequestPayloadError, ValueError, LookupError, AssertionError):
+        return _refuse(request, 400, "the form could not be read as sent")
+    return None
+
+
 @web.middleware
 async def _signed_in(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Resolve the session (cookie, or a trusted auth proxy) and check CSRF on every POST."""
     console = request.app[CONSOLE]
+    if request.method not in ("GET", "HEAD"):
+        unread = await _read_form(request)
+        if unread is not None:
+            return unread
     if _local(request) in _OPEN:
         if request.method == "POST" and not _same_origin(request):
             return _refuse(request, 403, "a cross-site request was refused")
@@ -734,7 +760,7 @@ async def clear_switch(
 
 def console_app(console: Console) -> web.Application:
     """The console as an aiohttp sub-app, to mount at ``/console/``."""
-    app = web.Application(middlewares=[_headers, _signed_in], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[_headers, _signed_in])
     app[CONSOLE] = console
     r = app.router
     r.add_get("/", home)

@@ -92,6 +92,10 @@ class _WithheldDetails(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and isinstance(exc.__cause__, HttpProcessingError):
+            # A body aiohttp could not decode (a Content-Encoding it does not have,
+            # broken chunks), raised again when it reads the rest after the answer.
+            exc = exc.__cause__
         if isinstance(exc, HttpProcessingError):
             kind = type(exc).__name__
             record.msg = (

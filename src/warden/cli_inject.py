@@ -152,6 +152,29 @@ def _pod_specs(doc: dict[str, Any], where: str) -> Iterable[tuple[dict[str, Any]
     yield node, label
 
 
+def _run_as_user(holder: Any) -> Any:
+    context = holder.get("securityContext") if isinstance(holder, dict) else None
+    return context.get("runAsUser") if isinstance(context, dict) else None
+
+
+def _refuse_wardens_user(spec: dict[str, Any], containers: list[Any], label: str) -> None:
+    """Refuse a pod whose agent would run as Warden's user (the chart's ``agent.runAsUser`` check).
+
+    Transparent mode's redirect rules exempt that user's traffic by owner, so an
+    agent running as it would pass as Warden and go around it.
+    """
+    uid = _run_as_user(sidecar_template())
+    how = f"is {uid}, Warden's own user, which transparent mode exempts: run the agent as another"
+    if str(_run_as_user(spec)) == str(uid):
+        raise InjectError(f"{label}: securityContext.runAsUser {how} user (e.g. 65533)")
+    for container in containers:
+        if str(_run_as_user(container)) == str(uid):
+            name = container.get("name", "?")
+            raise InjectError(
+                f"{label}: container {name!r}: securityContext.runAsUser {how} user (e.g. 65533)"
+            )
+
+
 def _inject_pod(spec: dict[str, Any], settings: SidecarSettings, label: str) -> None:
     init = spec.get("initContainers") or []
     containers = spec.get("containers") or []
@@ -160,6 +183,7 @@ def _inject_pod(spec: dict[str, Any], settings: SidecarSettings, label: str) -> 
     names = {c.get("name") for c in [*init, *containers] if isinstance(c, dict)}
     if CONTAINER_NAME in names:
         raise InjectError(f"{label}: already has a container named {CONTAINER_NAME!r}")
+    _refuse_wardens_user(spec, [*init, *containers], label)
     volumes = spec.get("volumes") or []
     if not isinstance(volumes, list):
         raise InjectError(f"{label}: volumes must be a list")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
 import pytest
 from aiohttp import web
@@ -843,3 +844,37 @@ async def test_a_path_that_spells_arguments_is_sealed_and_redacted_with_them(
     assert "action.request.path" in sealed["sealed"]["fields"]
     assert hidden["action"]["request"]["path"] == "[redacted]"
     assert "request.path" in hidden["action"]["redacted"]
+
+
+async def test_a_model_apis_route_on_a_tool_upstream_is_refused_unless_a_rule_names_it(
+    tmp_path: Path, refunds: Refunds
+) -> None:
+    # One gateway serving tools and an OpenAI-style model API: an SDK pointed at the
+    # tool upstream read tool calls in answers forwarded unparsed, decided by nobody.
+    async with (
+        Warden(config_for(tmp_path, refunds, unmatched="allow")) as w,
+        openai.AsyncOpenAI(
+            base_url=f"{w.proxy_url}/refunds/llm/v1", api_key="sk-test", max_retries=0
+        ) as c,
+    ):
+        with pytest.raises(openai.NotFoundError) as refused:
+            await c.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+            )
+        for method, path in (("POST", "/v1/messages"), ("GET", "/surveys/responses/r1")):
+            status, _, body, _ = await call(w, method, path)
+            assert (status, body["error"]["code"]) == (404, "route_not_governed")
+        # Paths the model APIs do not answer on stay the tool API's.
+        assert (await call(w, "GET", "/chat/history"))[0] == 201
+    assert refused.value.code == "route_not_governed"
+    assert "protocol: openai" in refused.value.message
+    assert [(m, p) for m, p, _ in refunds.seen] == [("GET", "/chat/history")]
+
+    named = tmp_path / "named"
+    named.mkdir()
+    rule = {"method": "POST", "path": "/tickets/{id}/messages", "tool": "reply", "arguments": {}}
+    config = config_for(named, refunds, routes=[*ROUTES, rule])
+    async with Warden(config) as w:
+        status, _, _, _ = await call(w, "POST", "/tickets/T-1/messages", text="hello")
+    assert status == 201
+    assert decisions(named)[-1]["action"]["tool"] == "reply"

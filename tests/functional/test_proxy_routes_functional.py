@@ -571,3 +571,26 @@ async def test_a_stored_response_is_decided_streamed_or_not(
     assert upstream.seen[-1][1].startswith("/v1/responses/resp_1?")
     await warden.stop()
     assert tool_decisions(tmp_path) == {"search_kb": "allow", "export_customers": "deny"}
+
+
+async def test_an_answer_labelled_as_a_stream_for_a_request_that_asked_for_none(
+    warden: Warden, upstream: Crafted, tmp_path: Path
+) -> None:
+    # Both SDKs pick stream-or-not from their own request: relayed as a 200 stream,
+    # they returned a bare string typed as a completion, and the agent crashed on it.
+    # Read whole instead: JSON is decided as any answer, events are not JSON (502).
+    upstream.handler = answer(completion(KB), 200, "text/event-stream")
+    async with oai(warden) as c:
+        got = await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        upstream.handler = answer(
+            b"data: " + json.dumps(completion(KB)).encode() + b"\n\n", 200, "text/event-stream"
+        )
+        with pytest.raises(openai.InternalServerError) as openai_error:
+            await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    [proposed] = got.choices[0].message.tool_calls or []
+    assert proposed.type == "function"
+    assert proposed.function.name == "search_kb"
+    assert openai_error.value.status_code == 502
+    assert openai_error.value.code == "upstream_bad_response"
+    await warden.stop()
+    assert tool_decisions(tmp_path) == {"search_kb": "allow"}

@@ -8,7 +8,9 @@ Warden. Only rendering is tested here: there is no cluster.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
 import json
 import math
 import tarfile
@@ -32,6 +34,8 @@ from tests.unit.kube_tools import (
 )
 from warden import config as warden_config
 from warden.config import Config, load_config
+from warden.errors import Forbidden
+from warden.identity import AGENT_KEY_HEADER, Identity
 
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 PACKAGE_SIDECAR = CHART.parents[1] / "src" / "warden" / "data" / "kubernetes" / "sidecar.yaml"
@@ -107,6 +111,7 @@ def test_sidecar_mode_runs_warden_as_a_native_sidecar(tmp_path: Path) -> None:
     assert spec["terminationGracePeriodSeconds"] > config.shutdown_grace_s
     agent_env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
     assert agent_env["OPENAI_BASE_URL"] == "http://127.0.0.1:8080/openai/v1"
+    assert agent_env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:8080/anthropic"
     assert spec["securityContext"]["runAsNonRoot"] is True
     # The agent never runs as Warden's user (rules that exempt Warden by owner).
     agent_user = spec["containers"][0]["securityContext"]["runAsUser"]
@@ -122,6 +127,94 @@ def test_in_a_sidecar_the_grpc_listener_is_the_agents_alone(tmp_path: Path) -> N
     path = CHART / "ci" / "sidecar-values.yaml"
     docs = tuple(helm_template("-f", str(path), "--set", "ports.grpc=9090"))
     assert warden_yaml(docs, tmp_path).listen.grpc == "127.0.0.1:9090"
+
+
+def test_the_agents_base_urls_follow_the_proxy_port(tmp_path: Path) -> None:
+    docs = helm_template(
+        "--set", "agent.image=registry.example/agent:1", "--set", "ports.proxy=9000"
+    )
+    (deployment,) = by_kind(docs, "Deployment")
+    (agent,) = pod_spec(deployment)["containers"]
+    env = {e["name"]: e["value"] for e in agent["env"]}
+    assert env == {
+        "OPENAI_BASE_URL": "http://127.0.0.1:9000/openai/v1",
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:9000/anthropic",
+    }
+    assert warden_yaml(tuple(docs), tmp_path).listen.proxy == "127.0.0.1:9000"
+
+
+GATEWAY = [
+    "--set",
+    "mode=gateway",
+    "--set",
+    "gateway.replicaCount=1",
+    "--set",
+    "gateway.autoscaling.enabled=false",
+]
+
+
+def test_a_gateway_serves_no_request_without_an_agents_proof(tmp_path: Path) -> None:
+    """Any pod may call a gateway: a request with no key or token is refused rather than
+    served as ``agent.id``, so an agent whose kill switch is thrown cannot shed its key and
+    carry on as the default agent."""
+    key = "wk_refunds_bot_key_0123456789abcdef"
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    docs = tuple(
+        helm_template(
+            *GATEWAY,
+            "--set-json",
+            f'secrets.agentKeys={{"refunds-bot":{{"key_sha256":["{digest}"]}}}}',
+        )
+    )
+    (secret,) = by_kind(docs, "Secret")
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-config")]
+    path = tmp_path / "warden.yaml"
+    path.write_text(cm["data"]["warden.yaml"])
+    agents = base64.b64decode(secret["data"]["agent-keys"]).decode()
+    config = load_config(path, environ={"WARDEN_IDENTITY__AGENTS": agents})
+    assert config.identity.require_proof is True
+    identity = Identity(config)
+    with pytest.raises(Forbidden):
+        asyncio.run(identity.resolve({}))
+    assert asyncio.run(identity.resolve({AGENT_KEY_HEADER: key})).id == "refunds-bot"
+
+
+def test_a_gateway_without_proof_needs_an_explicit_acknowledgement(tmp_path: Path) -> None:
+    off = [*GATEWAY, "--set", "config.identity.require_proof=false"]
+    done = run([tool("helm"), "template", "t", str(CHART), *off])
+    assert done.returncode != 0
+    assert "config.identity.require_proof=false in gateway mode" in done.stderr
+    assert "gateway.allowUnprovenDefaultAgent=true" in done.stderr
+    docs = tuple(helm_template(*off, "--set", "gateway.allowUnprovenDefaultAgent=true"))
+    assert warden_yaml(docs, tmp_path).identity.require_proof is False
+    # A sidecar's proxy is on the pod's loopback: the chart leaves require_proof to the user.
+    assert warden_yaml(tuple(helm_template()), tmp_path).identity.require_proof is False
+
+
+@pytest.mark.parametrize(
+    "proxy", ["127.0.0.1", "127.0.0.2/32", "127.0.0.0/8", "0.0.0.0/0", "64.0.0.0/2", "::1"]
+)
+def test_a_sidecars_console_never_trusts_the_pods_loopback(proxy: str) -> None:
+    """The agent shares the sidecar's loopback: trusted there, it could send the sign-on
+    headers itself and clear its own kill switch in the console."""
+    sso = f'config.console.sso={{"trusted_proxies":["10.0.0.5","{proxy}"]}}'
+    done = run([tool("helm"), "template", "t", str(CHART), "--set-json", sso])
+    assert done.returncode != 0
+    assert f"config.console.sso.trusted_proxies: {proxy} takes in the pod's loopback" in (
+        done.stderr
+    )
+    # A gateway's pod holds Warden alone.
+    gateway = [*GATEWAY, "--set-json", sso]
+    assert run([tool("helm"), "template", "t", str(CHART), *gateway]).returncode == 0
+
+
+@pytest.mark.parametrize("proxy", ["10.0.0.5", "10.20.0.0/16", "128.0.0.0/1", "126.0.0.0/8"])
+def test_a_sidecars_console_may_trust_an_auth_proxy_elsewhere(proxy: str, tmp_path: Path) -> None:
+    sso = f'config.console.sso={{"trusted_proxies":["{proxy}"]}}'
+    docs = tuple(helm_template("--set-json", sso))
+    console = warden_yaml(docs, tmp_path).console
+    assert console.sso is not None
+    assert console.sso.trusted_proxies == (proxy,)
 
 
 def assert_probes_and_security(warden: dict[str, Any]) -> None:
@@ -153,6 +246,7 @@ def test_gateway_mode_has_a_service_pdb_and_hpa(tmp_path: Path) -> None:
     config = warden_yaml(docs, tmp_path)
     assert config.listen.proxy == "0.0.0.0:8080"
     assert config.listen.grpc == "0.0.0.0:9090"
+    assert config.identity.require_proof is True  # the chart's default in gateway mode
     assert config.state.url.startswith("postgresql://")
     assert config.state.password_file == "/etc/warden/secrets/state-password"
     assert spec["terminationGracePeriodSeconds"] > config.shutdown_grace_s
@@ -371,6 +465,7 @@ def test_chart_defaults_are_warden_serves_defaults(tmp_path: Path) -> None:
         (["--set", "secrets.auditShipPassword=pw"], "config.audit.ship is not"),
         (["--set", "config.audit.ship.url=sqlite:///x.db"], "config.audit.ship.url"),
         (["--set", "agent.runAsUser=65532"], "runAsUser"),  # Warden's own user
+        (["--set-json", 'config.console.sso={"trusted_proxies":["localhost"]}'], "trusted_proxies"),
     ],
 )
 def test_bad_values_fail_with_a_message_naming_the_value(args: list[str], message: str) -> None:
@@ -521,6 +616,40 @@ def test_a_changed_secret_restarts_the_pods() -> None:
     before, after = checksums("a" * 64), checksums("b" * 64)
     assert before[0] == after[0]  # the config is the same
     assert before[1] != after[1]
+
+
+def test_with_an_existing_secret_no_checksum_pretends_to_follow_it() -> None:
+    """The chart cannot see into a Secret it does not render: a checksum of nothing would
+    never change, so a revoked key would stay valid. Instead the notes say to restart."""
+    args = ["--set", "agent.image=registry.example/agent:1", "--set", "secrets.existingSecret=s"]
+    (deployment,) = by_kind(helm_template(*args), "Deployment")
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/secret" not in annotations
+    assert "checksum/config" in annotations
+    done = run([tool("helm"), "install", "t", str(CHART), *args, "--dry-run=client"])
+    assert done.returncode == 0, done.stderr
+    assert "kubectl rollout restart deployment/t-warden-agent" in done.stdout.split("NOTES:")[1]
+
+
+def test_prometheus_in_its_own_namespace_may_scrape_a_gateway() -> None:
+    """networkPolicy.admin admits this namespace only: a ServiceMonitor read by a Prometheus
+    elsewhere would be refused unless its namespace is named."""
+
+    def admin_peers(*args: str) -> list[dict[str, Any]]:
+        (policy,) = by_kind(helm_template(*GATEWAY, *args), "NetworkPolicy")
+        (rule,) = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "warden-admin"]
+        return list(rule["from"])
+
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}
+    assert admin_peers() == [{"podSelector": {}}]
+    assert admin_peers("--set", "networkPolicy.monitoringNamespace=mon") == [
+        {"podSelector": {}},
+        monitoring,
+    ]
+    only = admin_peers(
+        "--set-json", "networkPolicy.admin=[]", "--set", "networkPolicy.monitoringNamespace=mon"
+    )
+    assert only == [monitoring]
 
 
 def test_the_sidecar_pod_mounts_no_api_token_unless_asked() -> None:

@@ -204,6 +204,56 @@ def test_a_manifest_it_cannot_inject_is_refused(
     assert not out.exists()
 
 
+WARDENS_USER = sidecar_template()["securityContext"]["runAsUser"]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "where"),
+    [
+        # Distroless and Chainguard "nonroot" images run as 65532 too.
+        (
+            SAMPLE.replace(
+                "      initContainers:",
+                "      securityContext: {runAsUser: 65532}\n      initContainers:",
+            ),
+            "): securityContext.runAsUser",
+        ),
+        (
+            SAMPLE.replace(
+                "          image: registry.example/refunds-agent:1.0\n          env:",
+                "          image: registry.example/refunds-agent:1.0\n"
+                "          securityContext: {runAsUser: 65532}\n          env:",
+            ),
+            "container 'agent'",
+        ),
+        (
+            SAMPLE.replace(
+                "command: [migrate]}", "command: [migrate], securityContext: {runAsUser: 65532}}"
+            ),
+            "container 'migrate'",
+        ),
+    ],
+    ids=["pod", "agent", "init-container"],
+)
+def test_an_agent_running_as_wardens_user_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], manifest: str, where: str
+) -> None:
+    """Transparent mode exempts Warden's user (``! --uid-owner 65532``): an agent running
+    as it would go around Warden. The chart refuses ``agent.runAsUser=65532`` the same way."""
+    assert WARDENS_USER == 65532
+    (tmp_path / "in.yaml").write_text(manifest)
+    out = tmp_path / "out.yaml"
+    assert cli.main(["inject", "-f", str(tmp_path / "in.yaml"), "-o", str(out)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert where in line
+    assert "65532, Warden's own user" in line
+    assert not out.exists()
+    # Another user, set on the pod or the container, is fine.
+    other = manifest.replace("runAsUser: 65532", "runAsUser: 65533")
+    (tmp_path / "in.yaml").write_text(other)
+    assert cli.main(["inject", "-f", str(tmp_path / "in.yaml"), "-o", str(out)]) == 0
+
+
 def test_every_pod_carrying_kind_is_injected_and_the_input_is_left_alone() -> None:
     pod_spec_doc = {"containers": [{"name": "agent", "image": "a"}]}
     docs: list[Any] = [

@@ -63,6 +63,16 @@ def test_overlay_renders_validates_and_matches_the_chart(mode: str, tmp_path: Pa
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["warden-config"]["configMap"]["name"] == cm["metadata"]["name"]
 
+    (chart_cm,) = [
+        d for d in by_kind(chart, "ConfigMap") if d["metadata"]["name"] == "t-warden-config"
+    ]
+    (tmp_path / "chart.yaml").write_text(chart_cm["data"]["warden.yaml"])
+    chart_config = load_config(tmp_path / "chart.yaml", environ={})
+    # A gateway's callers prove their agent in both (the chart turns require_proof on).
+    assert (
+        config.identity.require_proof is chart_config.identity.require_proof is (mode == "gateway")
+    )
+
     (chart_deployment,) = by_kind(chart, "Deployment")
     chart_spec = pod_spec(chart_deployment)
     assert warden_container(spec) == warden_container(chart_spec)

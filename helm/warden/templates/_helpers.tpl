@@ -105,6 +105,15 @@ paths set by the chart. Secrets never appear here.
 {{- $_ := set $listen "grpc" (printf "%s:%v" $proxyHost .Values.ports.grpc) -}}
 {{- end -}}
 {{- $_ := set $cfg "listen" $listen -}}
+{{- if eq .Values.mode "gateway" -}}
+{{- /* Any pod may call a gateway: a request without a key or token must not pass as
+agent.id (an agent whose kill switch is thrown would drop its key and carry on). */ -}}
+{{- $identity := deepCopy ($cfg.identity | default dict) -}}
+{{- if not (hasKey $identity "require_proof") -}}
+{{- $_ := set $identity "require_proof" true -}}
+{{- end -}}
+{{- $_ := set $cfg "identity" $identity -}}
+{{- end -}}
 {{- $policy := deepCopy ($cfg.policy | default dict) -}}
 {{- if .Values.policy.bundleUrl -}}
 {{- $_ := set $policy "bundle_url" .Values.policy.bundleUrl -}}
@@ -248,6 +257,10 @@ seccompProfile:
 {{- fail (printf "mode: %q must be sidecar or gateway" .Values.mode) -}}
 {{- end -}}
 {{- if eq .Values.mode "gateway" -}}
+{{- $identity := (.Values.config | default dict).identity | default dict -}}
+{{- if and (hasKey $identity "require_proof") (not $identity.require_proof) (not .Values.gateway.allowUnprovenDefaultAgent) -}}
+{{- fail "config.identity.require_proof=false in gateway mode: any pod that reaches the gateway is served as config.agent.id without a key or token, and an agent whose kill switch is thrown drops its key and carries on; leave require_proof on (the chart's default here), or set gateway.allowUnprovenDefaultAgent=true to accept that" -}}
+{{- end -}}
 {{- $shared := or (gt (int .Values.gateway.replicaCount) 1) .Values.gateway.autoscaling.enabled -}}
 {{- if and $shared (hasPrefix "sqlite" (include "warden.stateUrl" .)) -}}
 {{- fail "gateway mode with more than one replica needs a shared state store: set config.state.url to postgresql://... (or gateway.replicaCount=1 and gateway.autoscaling.enabled=false)" -}}
@@ -265,5 +278,37 @@ seccompProfile:
 {{- end -}}
 {{- if and .Values.policy.files .Values.policy.existingConfigMap -}}
 {{- fail "policy: set one of files, existingConfigMap and bundleUrl" -}}
+{{- end -}}
+{{- if eq .Values.mode "sidecar" -}}
+{{- $sso := ((.Values.config | default dict).console | default dict).sso | default dict -}}
+{{- range ($sso.trusted_proxies | default list) -}}
+{{- if include "warden.isLoopback" (toString .) -}}
+{{- fail (printf "config.console.sso.trusted_proxies: %s takes in the pod's loopback (127.0.0.0/8, ::1), which the agent shares in sidecar mode: it could send the sign-on headers itself and act in the console (clear its own kill switch); name only the auth proxy's own address, outside the agent's pod (docs/deploy.md)" .) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+"true" when a trusted_proxies entry (an address or address/prefix, as the schema
+allows) takes in any of 127.0.0.0/8 or ::1. The chart's admin listener is IPv4
+(0.0.0.0), but an IPv6 loopback entry is refused all the same.
+*/}}
+{{- define "warden.isLoopback" -}}
+{{- $parts := splitList "/" . -}}
+{{- $addr := first $parts -}}
+{{- if contains ":" $addr -}}
+{{- $prefix := ternary (last $parts) "128" (eq (len $parts) 2) | atoi -}}
+{{- if or (eq $addr "::1") (and (has $addr (list "::" "::0")) (lt $prefix 128)) }}true{{ end -}}
+{{- else -}}
+{{- $o := splitList "." $addr -}}
+{{- $ip := add (mul (atoi (index $o 0)) 16777216) (mul (atoi (index $o 1)) 65536) (mul (atoi (index $o 2)) 256) (atoi (index $o 3)) -}}
+{{- $prefix := ternary (last $parts) "32" (eq (len $parts) 2) | atoi -}}
+{{- /* The entry overlaps 127.0.0.0/8 when both agree on the first min(prefix, 8) bits. */ -}}
+{{- $block := 1 -}}
+{{- range until (sub 32 (min $prefix 8) | int) -}}
+{{- $block = mul $block 2 -}}
+{{- end -}}
+{{- if eq (div $ip $block) (div 2130706432 $block) }}true{{ end -}}
 {{- end -}}
 {{- end -}}

@@ -90,6 +90,7 @@ from warden.protocols.registry import (
     RouteMatch,
     deployment_named,
     match_route,
+    model_api_family,
     under_governed_resource,
 )
 from warden.sessions import conversation_of, door_conversation, stored_answer_conversation
@@ -326,11 +327,30 @@ class ProxyApp:
         )
         if match is None:
             raise _not_governed(name, request.method, tail)
+        if upstream.protocol == "http":
+            self._refuse_model_api(name, request.method, tail)
         route = _Route(name=name, upstream=upstream, segments=tuple(tail), match=match)
         if len(self._routes) >= _ROUTE_CACHE_SIZE:
             self._routes.clear()  # paths carrying ids churn; the common few come back at once
         self._routes[key] = route
         return route
+
+    def _refuse_model_api(self, name: str, method: str, tail: list[str]) -> None:
+        """A model API's route on a ``protocol: http`` upstream, unless a route rule names
+        it: its answers go back unparsed, and the SDK would read the tool calls in them."""
+        family = model_api_family(method, tail)
+        if family is None:
+            return
+        routes = self._tool_routes.get(name)
+        if routes is not None and routes.find(method, tail) is not None:
+            return
+        path = "/".join(tail)
+        raise RouteNotGoverned(
+            f"{method} /{name}/{path} is a {family} model API's route, whose answers carry "
+            f"tool calls Warden does not read on a protocol: http upstream. Configure the "
+            f"model API as an upstream of its own (protocol: {family}), or, if this is a "
+            f"tool API's route, name it in upstreams.{name}.routes"
+        )
 
     # -- request -------------------------------------------------------------
 
@@ -545,8 +565,11 @@ class ProxyApp:
             success = 200 <= status < 300
             # Errors (4xx, 5xx) pass as they are: the SDKs raise them, reading no calls.
             adapter = call.adapter if success else None
-            # The SDK picks stream-or-not from its request, never from the content type.
-            if success and (is_sse or (adapter is not None and call.stream)):
+            # The SDK picks stream-or-not from its request, never from the content type:
+            # an event stream answering a request that asked for none goes the whole
+            # path, whose parse fails (502) as the SDK's would. Routes without an
+            # adapter (pass-through, tool APIs) are relayed as labelled.
+            if success and (call.stream if adapter is not None else is_sse):
                 return await self._stream(
                     request,
                     call,

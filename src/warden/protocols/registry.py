@@ -43,6 +43,7 @@ __all__ = [
     "RouteMatch",
     "deployment_named",
     "match_route",
+    "model_api_family",
     "under_governed_resource",
 ]
 
@@ -231,6 +232,25 @@ def under_governed_resource(tail: Sequence[str]) -> bool:
     """Whether the tail names a route under a resource a family governs (``chat``,
     ``responses``, ``messages``, in any case): never pass-through, on any upstream."""
     return any(segment.casefold() in _GOVERNED_ROOTS for segment in tail)
+
+
+def model_api_family(method: str, tail: Sequence[str]) -> str | None:
+    """The model API family (``openai``, ``anthropic``) whose SDK reads tool calls in the
+    answer to ``method tail``, or ``None``.
+
+    Matched on the path's end after any prefix, as an SDK's ``base_url`` may carry
+    one (``/llm/v1/chat/completions``): a ``protocol: http`` upstream forwards its
+    answers unparsed, so such a route there is refused unless a route rule names it.
+    """
+    for family in ("openai", "anthropic"):
+        roots = _ROOTS[family]
+        for start, segment in enumerate(tail):
+            if segment.casefold() in roots and any(
+                rule.match.adapter is not None and rule.matches(method, tail[start:])
+                for rule in _RULES[family]
+            ):
+                return family
+    return None
 
 
 def match_route(

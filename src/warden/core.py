@@ -473,11 +473,14 @@ class Governor:
 
 
 def _count(action: Action, decision: Decision) -> None:
+    agent = metrics.bounded("agent", action.agent.id)
+    effect = decision.effect._value_  # not ``.value``: a property call per use
     metrics.child(
         metrics.DECISIONS,
-        metrics.bounded("agent", action.agent.id),
+        agent,
         metrics.bounded("tool", action.tool or action.kind.value),
-        decision.effect._value_,  # not ``.value``: a property call per use
+        effect,
         decision.mode._value_,
         decision.guard,
     ).inc()
+    metrics.count_agent_decision(agent, effect)

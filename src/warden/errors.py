@@ -49,6 +49,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "WardenError",
+    "error_codes",
 ]
 
 
@@ -207,3 +208,14 @@ class AuditError(WardenError):
 
     code = "audit_unavailable"
     status = 503
+
+
+def error_codes() -> frozenset[str]:
+    """Every stable code a :class:`WardenError` class carries (metrics start each at 0)."""
+    codes: set[str] = set()
+    todo: list[type[WardenError]] = [WardenError]
+    while todo:
+        cls = todo.pop()
+        codes.add(cls.code)
+        todo.extend(cls.__subclasses__())
+    return frozenset(codes)

@@ -48,8 +48,9 @@ from warden.ingress.grpc_service import GrpcService
 from warden.ingress.http import HttpDoor
 from warden.ingress.listen import Listener, admin_refusal, listen
 from warden.killswitch import KillSwitch, KillSwitches, KillSwitchGuard, Scope
+from warden.model import ActionKind
 from warden.monitor.live import LiveMonitor
-from warden.ops import tracing
+from warden.ops import metrics, tracing
 from warden.ops.health import add_health_routes
 from warden.ops.metrics import STATE_UP
 from warden.pipeline import Guard, Pipeline
@@ -140,6 +141,10 @@ class Warden:
         On failure, whatever was started is stopped again before the error
         propagates, so a failed start leaves no workers or files open.
         """
+        identity = self.config.identity
+        jwt_agents = identity.jwt.agents.values() if identity.jwt is not None else ()
+        metrics.expect_agents((self.config.agent.id, *identity.agents, *jwt_agents))
+        metrics.reserve("tool", (*self.config.tools, *(kind.value for kind in ActionKind)))
         try:
             await self._start()
         except BaseException:

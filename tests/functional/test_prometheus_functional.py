@@ -77,9 +77,54 @@ async def prometheus(tmp_path: Path, warden: Warden) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def warden(tmp_path: Path, llm: MockLLM) -> AsyncIterator[Warden]:
-    async with Warden(make_config(tmp_path, llm.url, agent={"id": "spiky-agent"})) as running:
+def agent_id() -> str:
+    return "spiky-agent"
+
+
+@pytest.fixture
+async def warden(tmp_path: Path, llm: MockLLM, agent_id: str) -> AsyncIterator[Warden]:
+    async with Warden(make_config(tmp_path, llm.url, agent={"id": agent_id})) as running:
         yield running
+
+
+@pytest.mark.parametrize("agent_id", ["inventive-agent"])
+async def test_denials_of_tools_never_seen_before_fire_the_deny_spike_alert(
+    warden: Warden, llm: MockLLM, prometheus: str
+) -> None:
+    # Thirty made-up tools, each denied once: each tool's series appeared with its
+    # first count, which increase() does not see, and the alert stayed quiet.
+    names = iter(f"exfiltrate_{i}" for i in range(BURST))
+    llm.on_request(lambda *_: Reply(tool_calls=[Call(next(names), {})]))
+    async with (
+        openai.AsyncOpenAI(
+            base_url=f"{warden.proxy_url}/openai/v1", api_key="k", max_retries=0
+        ) as client,
+        aiohttp.ClientSession() as session,
+    ):
+
+        async def scraped() -> Any:
+            query = 'warden_agent_decisions_total{agent="inventive-agent",effect="deny"}'
+            return (await api(session, prometheus + "/api/v1/query", query=query))["result"]
+
+        # Before any request: the configured agent's series exist at 0.
+        await eventually(scraped, what="Prometheus to scrape the agent's series", within=30)
+        for _ in range(BURST):
+            completion = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES
+            )
+            assert not completion.choices[0].message.tool_calls
+
+        async def firing() -> list[dict[str, Any]]:
+            data = await api(session, prometheus + "/api/v1/alerts")
+            return [
+                a
+                for a in data["alerts"]
+                if a["labels"]["alertname"] == "WardenDenySpike"
+                and a["labels"].get("agent") == "inventive-agent"
+                and a["state"] == "firing"
+            ]
+
+        await eventually(firing, what="WardenDenySpike to fire", within=60)
 
 
 async def test_a_burst_of_denials_fires_the_deny_spike_alert(

@@ -26,6 +26,8 @@ NOTIFICATIONS = Counter(
     "Approval webhook deliveries, by result (ok, failed after every try).",
     ["result"],
 )
+for _result in ("ok", "failed"):  # at 0 from the start: alerts read increase()
+    NOTIFICATIONS.labels(_result)
 PRUNED = Counter(
     "warden_approvals_pruned_total",
     "Approvals that ended more than approvals.keep_decided_s ago, deleted from the store.",

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from warden.errors import error_codes
 from warden.text import mended
 
 __all__ = [
     "ADDED_LATENCY",
+    "AGENT_DECISIONS",
     "AMBIGUOUS_CALL_IDS",
     "APPROVALS_OLDEST_PENDING_AGE",
     "AUDIT_SHIPPED",
@@ -49,8 +51,11 @@ __all__ = [
     "UPSTREAM_LATENCY",
     "bounded",
     "child",
+    "count_agent_decision",
+    "expect_agents",
     "observe_readiness",
     "oldest_pending_approval",
+    "reserve",
 ]
 
 MAX_LABEL_VALUES = 500
@@ -71,6 +76,14 @@ DECISIONS = Counter(
     "warden_decisions_total",
     "Decisions, by agent, tool (or action kind), effect, mode and deciding guard.",
     ["agent", "tool", "effect", "mode", "guard"],
+)
+AGENT_DECISIONS = Counter(
+    "warden_agent_decisions_total",
+    "Decisions by agent and effect (allow, deny, require_approval): what alerts on an "
+    "agent's denials read. Every effect starts at 0 for a configured agent at start and "
+    "for another agent when first seen, so increase() counts the first denials; "
+    "warden_decisions_total's series per tool appear only once counted.",
+    ["agent", "effect"],
 )
 UPSTREAM_LATENCY = Histogram(
     "warden_upstream_latency_seconds",
@@ -174,6 +187,35 @@ def bounded(kind: str, value: str | None) -> str:
             return OTHER
         values.add(value)
         return value
+
+
+_EFFECTS = ("allow", "deny", "require_approval")
+_agents_seen: set[str] = set()
+
+
+def expect_agents(agents: Iterable[str]) -> None:
+    """Start every effect of each agent's decision counter at 0 (the config's agents, at
+    start): a series appearing with its first count is invisible to ``increase()``."""
+    for agent in agents:
+        label = bounded("agent", agent)
+        if label not in _agents_seen:
+            _agents_seen.add(label)
+            for effect in _EFFECTS:
+                AGENT_DECISIONS.labels(label, effect)
+
+
+def count_agent_decision(agent: str, effect: str) -> None:
+    """Count one decision of ``agent`` (a label from :func:`bounded`) by its effect."""
+    if agent not in _agents_seen:
+        expect_agents((agent,))
+    child(AGENT_DECISIONS, agent, effect).inc()
+
+
+def reserve(kind: str, values: Iterable[str]) -> None:
+    """Admit ``values`` of ``kind`` now, before agents can fill its budget: the tools
+    the config names keep their own label however many names a model makes up."""
+    for value in values:
+        bounded(kind, value)
 
 
 _MAX_CHILDREN = 10_000
@@ -303,3 +345,11 @@ QUALITY_ADDED_LATENCY_P95 = Gauge(
     "95th percentile of the time Warden spent deciding an action over the current window.",
     ["agent", "version"],
 )
+
+
+# Series that alerts read with increase(), which takes a series' first sample as its
+# start: created at 0 now, so that the first failure of each kind is counted.
+for _code in sorted(error_codes()):
+    ERRORS.labels(_code)
+for _listener in ("proxy", "admin"):
+    CONNECTIONS_REFUSED.labels(_listener)

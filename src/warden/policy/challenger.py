@@ -83,6 +83,8 @@ EVALUATED = PromCounter(
     "Inputs the challenger evaluated, by result: same or diverged.",
     ["result"],
 )
+for _result in ("same", "diverged"):  # at 0 from the start: the alert reads increase()
+    EVALUATED.labels(result=_result)
 DROPPED = PromCounter(
     "warden_challenger_dropped_total",
     "Inputs the challenger skipped: queue_full (the request path never waits), "

@@ -58,6 +58,13 @@ RELOADS = Counter(
     "Bundle activations by result: success or failure.",
     ["result"],
 )
+# Alerts read these with increase(), which takes a series' first sample as its start:
+# created at 0 now, so that the first fallback or failed reload is counted.
+for _reason in ("crash", "error", "not_ready", "timeout"):
+    for _risk in ("read_only", "write", "high"):
+        FALLBACKS.labels(reason=_reason, risk=_risk)
+for _result in ("success", "failure"):
+    RELOADS.labels(result=_result)
 BUNDLE_INFO = Gauge(
     "warden_policy_bundle_info",
     "1 for the active bundle revision.",

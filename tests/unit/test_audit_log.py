@@ -223,6 +223,8 @@ async def test_a_failed_fsync_fails_the_log_closed_for_good(
         return_exceptions=True,
     )
     assert all(isinstance(r, AuditError) for r in results)
+    # Agents are told this: the OS error and the log's paths stay in Warden's log.
+    assert not [r for r in results if "Input/output" in str(r) or str(log.directory) in str(r)]
     assert not log.writable
     calls = syncs.calls
     syncs.fail = False  # even a healed disk gets no silent retry

@@ -87,6 +87,13 @@ COALESCE_S = 0.01
 """With ``fsync: batch``, how long an acknowledged record may stay only in the page cache."""
 TOOLS_REMEMBERED = 256
 """Declared-tools lists remembered as recorded (a few per request in flight)."""
+# What callers (and through them agents) are told: the cause, with the log's paths,
+# is in Warden's own log, written once when the log fails.
+_FAILED = "the audit log failed to write (Warden's log says why)"
+_NOT_WRITABLE = (
+    "the audit log is not writable since a write failed (Warden's log says why); "
+    "Warden fails closed until it is restarted on a healthy disk"
+)
 _REDACTION_MEMORY = 65_536  # decisions whose redactions outcome records must repeat
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
 UNUSABLE_REF = "unusable"
@@ -714,11 +721,11 @@ class AuditLog:
             return await self._io.call(self._io_call, fn, *args)
         except Exception as exc:
             self._fail(exc)
-            raise AuditError(f"the audit log failed: {exc}") from exc
+            raise AuditError(_FAILED) from exc
 
     def _check_writable(self) -> None:
         if self._failure is not None:
-            raise AuditError(f"the audit log is not writable: {self._failure}")
+            raise AuditError(_NOT_WRITABLE)
         if not self._accepting:
             raise AuditError("the audit log is closed")
 
@@ -811,10 +818,9 @@ class AuditLog:
         self._inflight = []
         if error is not None:
             self._fail(error)
-            failure = f"the audit log failed: {error}"
             for waiter in (*waiters, *self._waiters):
                 if not waiter.done():
-                    waiter.set_exception(AuditError(failure))
+                    waiter.set_exception(AuditError(_FAILED))
             self._frames, self._records, self._waiters = [], [], []
             self._writing = False
             self._wake_idle()
@@ -891,7 +897,7 @@ class AuditLog:
         """
         async with self._checkpoint_lock:
             if self._failure is not None:
-                raise AuditError(f"the audit log is not writable: {self._failure}")
+                raise AuditError(_NOT_WRITABLE)
             state = self._durable
             if state.size < self._checkpointed or state.size == 0:
                 return None

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
-from warden.approvals.model import hidden_paths
+from warden.approvals.model import hidden_paths, rfc3339
 from warden.cli_admin import _request, _run
 from warden.terminal import plain
 
@@ -103,12 +104,16 @@ def _show(args: argparse.Namespace) -> int:
             f"id          {plain(out['id'])}",
             f"status      {out['status']} ({out['mode']})",
             f"agent       {plain(out['agent'])}",
-            f"tool        {plain(out['tool'])}",
+            f"tool        {plain(out['tool'] or '-')}",
+            # The same call to a sandbox and to production are two approvals: say which.
+            f"upstream    {plain(out.get('upstream') or '-')}",
+            f"method      {plain(out.get('method') or '-')}",
             f"reason      {plain(out['reason'])}",
             f"risk        {plain(out['risk'] or '-')}",
             f"approvers   {plain(', '.join(out['approvers']) or 'any approver')}",
             f"approvals   {out['approvals']}/{out['required_approvals']}",
             f"waiting     {out['waiting_s']:.0f}s",
+            f"expires     {_expiry(out)}",
             f"args sha256 {out['arguments_sha256'] or '- (withheld: values are hidden)'}",
         ]
         hidden = hidden_paths(out.get("redacted") or ())
@@ -130,6 +135,16 @@ def _show(args: argparse.Namespace) -> int:
         return "\n".join(lines)
 
     return _run(lambda: _request("GET", _path(args.id)), show)
+
+
+def _expiry(out: Mapping[str, Any]) -> str:
+    """When the approval expires (UTC), and how soon while that is to come: undecided, or
+    an approved grant not taken by then, it lets nothing through."""
+    at = out.get("expires_at")
+    if not isinstance(at, int | float):
+        return "-"
+    left = at - time.time()
+    return f"{rfc3339(at)} (in {left:.0f}s)" if left > 0 else rfc3339(at)
 
 
 def _decide(args: argparse.Namespace) -> int:

@@ -219,6 +219,8 @@ class Governor:
                 )
             settled = await self._gate.settle(action, decision, connected=connected)
             if settled is not decision:
+                # Approved after a policy reload: the policy now in force may deny it.
+                settled = await self._pipeline.reconsider(action, decision, settled)
                 _count(action, settled)
                 if self._chains is not None:
                     # Only an approved call reached the agent: history verifies only it.

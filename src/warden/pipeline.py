@@ -26,6 +26,7 @@ or the agent's own report.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import math
@@ -80,6 +81,12 @@ _COULD_NOT_CHECK = frozenset({UNCHECKED, "state_unavailable"})
 _INT64 = (-(2**63), 2**63 - 1)  # what the engine takes as an integer, not a rounded float
 
 log = logging.getLogger("warden.pipeline")
+
+_HELD: contextvars.ContextVar[tuple[str, GuardContext] | None] = contextvars.ContextVar(
+    "warden_held_context", default=None
+)
+"""The id of the last decision this task held for approval, and the context the guards
+decided it in: :meth:`Pipeline.reconsider` asks the policy again on that very input."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,6 +540,8 @@ class Pipeline:
             (g, g if isinstance(g, Reserving) else None) for g in self._guards
         )
         self._redacting = next((g for g in self._guards if isinstance(g, Redacting)), None)
+        # Asked again about a call people approved after a policy reload (reconsider).
+        self._policy = next((g for g in self._guards if g.name == "policy"), None)
         # Asked again once the others decided, with no await until the record: what
         # it says then (a kill switch thrown while the policy ran) is what stands.
         self._last_word = tuple(g for g in self._guards if getattr(g, "last_word", False))
@@ -583,6 +592,8 @@ class Pipeline:
                 decision = await resolve_redactions(decision, ask)
             elapsed = (time.perf_counter_ns() - started) // 1000
             decision = _timed(decision, elapsed, policy_facts(action, ctx))
+            if decision.enforced is Effect.REQUIRE_APPROVAL:
+                _HELD.set((decision.decision_id, ctx))  # for reconsider, in this task
             await self._audit.record_decision(action, decision)
             recorded = True
         finally:
@@ -655,6 +666,69 @@ class Pipeline:
         stopped = Outcome(error="killed", result=late.reason, is_error=True)
         await self.outcome(action, decision.decision_id, stopped, trusted=True)
         return late
+
+    async def reconsider(self, action: Action, held: Decision, approved: Decision) -> Decision:
+        """``approved``, unless the policy in force now denies the call ``held`` waited for.
+
+        People approve a held call minutes after it was decided, and the bundle
+        may have been reloaded meanwhile (an emergency rule, a lower ceiling in
+        its data; a reload need not change the revision its manifest names).
+        So the policy is asked again, on the very input ``held`` was decided on
+        (the guards' context :meth:`decide` kept in this task; else the facts
+        ``held`` recorded, as ``warden policy replay`` rebuilds them). An
+        enforced denial is recorded and returned, naming both revisions, and
+        what the approval reserved goes back (the action never ran). A hold or
+        an allow leaves the approval standing; so does the same answer from
+        the same bundle, which the decision cache gives without evaluating.
+        """
+        if (
+            approved.guard != "approval"
+            or approved.enforced is not Effect.ALLOW
+            or self._policy is None
+            or action.view is not None
+        ):
+            return approved
+        kept = _HELD.get()
+        ctx = kept[1] if kept is not None and kept[0] == held.decision_id else None
+        now = await self._policy.check(action, ctx or self._held_context(action, held))
+        if now is None or now.enforced is not Effect.DENY:
+            return approved
+        was, is_ = held.bundle_revision or "none", now.bundle_revision or "none"
+        if was != is_:
+            change = (
+                "the policy was reloaded while the call was held "
+                f"(bundle revision {was}, now {is_}) and now denies it"
+            )
+        else:  # the manifest's revision stays when only the bundle's data changed
+            change = (
+                f"the policy now denies it (bundle revision {is_}, reloaded or answering "
+                "otherwise since the call was held)"
+            )
+        why = f"{approved.reason}, but {change}"
+        redact = tuple(dict.fromkeys((*held.obligations.redact, *now.obligations.redact)))
+        denied = dataclasses.replace(
+            now,
+            reasons=(why, *now.reasons),
+            obligations=Obligations(redact=redact),
+            input=held.input,
+        )
+        await self._audit.record_decision(action, denied)
+        stopped = Outcome(error="policy_reloaded", result=denied.reason, is_error=True)
+        await self.outcome(action, approved.decision_id, stopped, trusted=True)
+        return denied
+
+    def _held_context(self, action: Action, held: Decision) -> GuardContext:
+        """The guards' context ``held`` was decided in, from the facts it recorded."""
+        facts = held.input or {}
+        mode = facts.get("mode")
+        return GuardContext(
+            mode=Mode(mode) if mode in list(Mode) else self._mode_for(action.agent.id),
+            risk=str(facts.get("risk") or self._risk_of(action.tool)),
+            budget=dict(facts.get("budget") or {}),
+            history=tuple(facts.get("history") or ()),
+            session=dict(facts.get("session") or {}),
+            labels=tuple(facts.get("labels") or ()),
+        )
 
     async def _last_said(self, action: Action, ctx: GuardContext, decision: Decision) -> Decision:
         """``decision``, unless a guard with the last word now says otherwise."""

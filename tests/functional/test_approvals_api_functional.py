@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from warden import cli
 from warden.admin.approval_routes import add_approval_routes
 from warden.admin.auth import TokenAuth, hash_token
 from warden.approvals import Approvals, ApprovalSettings
+from warden.approvals.model import rfc3339
 from warden.approvals.notify import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 from warden.audit.log import AuditLog
 from warden.audit.verify import iter_records
@@ -251,6 +253,52 @@ async def test_cli_lists_and_approves(
 
     monkeypatch.delenv("WARDEN_TOKEN")
     assert await asyncio.to_thread(cli.main, ["approvals", "list"]) == 2
+
+
+async def test_cli_show_names_the_upstream_method_and_expiry(
+    env: Env, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The same refund held for a sandbox and for production: the approver must tell them apart.
+    approval = await env.approvals.request(action(), decision(), mode="defer")
+    monkeypatch.setenv("WARDEN_ADMIN_URL", env.url)
+    monkeypatch.setenv("WARDEN_TOKEN", TOKENS["alice"][0])
+    assert await asyncio.to_thread(cli.main, ["approvals", "show", approval.id]) == 0
+    out = capsys.readouterr().out
+    assert "\nupstream    openai\n" in out
+    assert "\nmethod      POST\n" in out
+    assert f"\nexpires     {rfc3339(approval.expires_at)} (in " in out
+
+
+async def test_a_store_failure_is_503_in_the_api_shape(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    approval = await env.approvals.request(action(), decision(), mode="defer")
+
+    async def locked(*_: Any, **__: Any) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    store = env.approvals._store
+    for method in ("vote", "get", "list"):
+        monkeypatch.setattr(store, method, locked)
+    for verb, path in (
+        ("POST", f"/v1/approvals/{approval.id}/approve"),
+        ("POST", f"/v1/approvals/{approval.id}/reject"),
+        ("GET", f"/v1/approvals/{approval.id}"),
+        ("GET", "/v1/approvals?status=pending"),
+    ):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(verb, env.url + path, headers=bearer("alice"), json={}) as resp,
+        ):
+            assert resp.status == 503, path
+            assert resp.content_type == "application/json"
+            body = await resp.json()
+        assert body["error"]["code"] == "state_unavailable", path
+        assert "locked" not in body["error"]["message"]  # the driver's words stay in the log
+    monkeypatch.undo()
+    pending = await env.approvals.get(approval.id)
+    assert pending is not None
+    assert pending.status.value == "pending"
 
 
 # A held call whose important values sit under credential-like names: the agent

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.functional.conftest import audit_records, make_config
+from tests.functional.conftest import SHIPPED_POLICY, audit_records, make_config
 from tests.sdk_calls import function_calls
 from warden.audit import arguments_sha256, keyed_digest
 from warden.server import Warden
@@ -480,3 +481,48 @@ async def test_kill_switch_cuts_a_live_stream_within_a_second(held: Warden, llm:
         with pytest.raises(openai.APIError, match="incident 7"):
             await read_until_cut(c)
     assert received
+
+
+async def test_a_held_call_approved_after_a_policy_reload_that_denies_it_is_denied(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # The shipped policy holds a refund of 450; the emergency change (its data alone: the
+    # manifest's revision stays) denies refunds over 100 outright. The person who approves
+    # does not know: the call must meet the policy now in force.
+    bundle = tmp_path / "bundle"
+    shutil.copytree(SHIPPED_POLICY, bundle)
+    cfg = make_config(
+        tmp_path,
+        llm.url,
+        approvals={"mode": "hold", "keepalive_s": 0.2},
+        policy={"bundles": [str(bundle)], "watch": True, "poll_interval_s": 0.2},
+        admin={"tokens": admin_tokens()},
+    )
+    llm.script(Reply(tool_calls=[BIG]))
+    async with Warden(cfg) as running, client(running) as c:
+        agent = asyncio.create_task(
+            c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        )
+        item = await pending_one(running)
+        loaded = running.readiness()[1]["policy"]["last_reload_at"]
+        data = json.loads((bundle / "data.json").read_text())
+        data["warden"]["limits"]["issue_refund"]["ceiling"] = 100
+        (bundle / "data.json").write_text(json.dumps(data))
+        for _ in range(200):  # until the new bundle is the one in force
+            if running.readiness()[1]["policy"]["last_reload_at"] != loaded:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the changed bundle was not activated")
+        status, _ = await admin(running, "POST", f"/v1/approvals/{item['id']}/approve", "dana", {})
+        assert status == 200
+        completion = await agent
+    assert not completion.choices[0].message.tool_calls
+    assert "policy now denies it" in (completion.choices[0].message.content or "")
+    decided = [
+        r["decision"]
+        for r in audit_records(tmp_path / "audit")
+        if r["kind"] == "decision" and r["action"].get("tool") == "issue_refund"
+    ]
+    assert [d["effect"] for d in decided] == ["require_approval", "allow", "deny"]
+    assert "hard ceiling of 100.00 USD" in " ".join(decided[-1]["reasons"])

@@ -222,6 +222,8 @@ async def test_a_held_refund_approved_in_the_page_reaches_the_agent(
     calls = function_calls(completion.choices[0].message)
     assert [c.function.name for c in calls] == ["issue_refund"]
     assert json.loads(calls[0].function.arguments)["amount"] == 450
+    # The history is a page of its own: the queue's page reads only pending approvals.
+    await page.get_by_role("link", name="History", exact=True).click()
     history = page.get_by_role("table", name="Approval history")
     await expect(history).to_contain_text("dana: approved")
     await page.context.close()

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -24,6 +24,7 @@ from warden.approvals import (
     SelfApproval,
 )
 from warden.approvals.model import Approval, TooManyPending
+from warden.approvals.store import ApprovalRepo, ApprovalStore, PagedApprovals
 from warden.audit import keyed_digest
 from warden.audit.export import Selection, export_log
 from warden.audit.log import AuditLog
@@ -579,3 +580,89 @@ async def _take_back(approvals: Approvals) -> None:
     taken_back = await approvals.get(deferred.id)
     assert taken_back is not None
     assert taken_back.status is ApprovalStatus.REJECTED
+
+
+async def test_a_raised_quorum_holds_for_approvals_opened_before_it(
+    url: str, audit: AuditLog
+) -> None:
+    before = await Approvals.open(url, audit, SETTINGS)  # approvals.required_approvals: 1
+    asked = action()
+    opened = await before.request(asked, decision(), mode="defer")
+    assert opened.required_approvals == 1
+    await before.close()
+    raised = dataclasses.replace(SETTINGS, required_approvals=2)
+    after = await Approvals.open(url, audit, raised)  # restarted with 2
+    try:
+        shown = await after.get(opened.id)
+        assert shown is not None
+        assert shown.required_approvals == 2  # as the API and the console show it
+        assert [a.required_approvals for a in await after.list("pending")] == [2]
+        once = await after.decide(opened.id, ALICE, True, "")
+        assert once.status is ApprovalStatus.PENDING
+        assert (len(once.approved_by), once.required_approvals) == (1, 2)
+        assert await after.take_grant(asked, decision()) is None  # one vote is not enough
+        twice = await after.decide(opened.id, BOB, True, "")
+        assert twice.status is ApprovalStatus.APPROVED
+        assert await after.take_grant(asked, decision()) is not None
+        (_, voted) = records(audit, "approval_decided")
+        assert voted["required_approvals"] == 2
+    finally:
+        await after.close()
+
+
+async def test_the_configured_quorum_is_the_least_a_policy_can_ask(
+    url: str, audit: AuditLog
+) -> None:
+    service = await Approvals.open(url, audit, dataclasses.replace(SETTINGS, required_approvals=2))
+    try:
+        fewer = await service.request(
+            action(), decision(required_approvals=1), mode="hold", required_approvals=1
+        )
+        more = await service.request(
+            action(amount=20), decision(required_approvals=3), mode="hold", required_approvals=3
+        )
+    finally:
+        await service.close()
+    assert (fewer.required_approvals, more.required_approvals) == (2, 3)
+
+
+async def test_pages_of_pending_and_of_ended_approvals(approvals: Approvals) -> None:
+    opened = [await approvals.request(action(amount=i), decision(), mode="hold") for i in range(5)]
+    for approval in opened[:2]:
+        await approvals.decide(approval.id, ALICE, approval is opened[0], "")
+    first = await approvals.page(pending=True, limit=2)
+    second = await approvals.page(pending=True, limit=2, offset=2)
+    assert [a.id for a in first + second] == [a.id for a in opened[2:]]  # oldest first
+    ended = await approvals.page(pending=False, limit=10)
+    assert [a.id for a in ended] == [opened[1].id, opened[0].id]  # last decided first
+    assert await approvals.pending_count() == 3
+
+
+class _Unpaged:
+    """A store that cannot read one page (PostgreSQL's, for now)."""
+
+    def __init__(self, inner: ApprovalStore) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "page":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+async def test_a_store_that_cannot_page_gives_the_same_pages(url: str, audit: AuditLog) -> None:
+    store = cast(ApprovalRepo, _Unpaged(await ApprovalStore.open(url)))
+    assert not isinstance(store, PagedApprovals)
+    service = await Approvals.open(store, audit, SETTINGS)
+    try:
+        opened = [
+            await service.request(action(amount=i), decision(), mode="hold") for i in range(4)
+        ]
+        await service.decide(opened[0].id, ALICE, False, "")
+        assert [a.id for a in await service.page(pending=True, limit=2, offset=1)] == [
+            opened[2].id,
+            opened[3].id,
+        ]
+        assert [a.id for a in await service.page(pending=False, limit=5)] == [opened[0].id]
+    finally:
+        await service.close()

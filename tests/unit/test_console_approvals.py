@@ -6,7 +6,7 @@ import dataclasses
 import time
 
 from warden.admin.auth import Principal
-from warden.approvals.model import Approval
+from warden.approvals.model import Approval, ApprovalStatus
 from warden.console.views import approvals_view
 
 
@@ -34,9 +34,38 @@ LEAD = Principal("lead", frozenset({"approver"}))
 
 def test_an_mcp_retrys_answers_are_shown_beside_the_arguments() -> None:
     answered = held(answers={"amount": {"action": "accept", "content": {"amount": 900}}})
-    page = str(approvals_view([answered], [], "csrf", LEAD))
+    page = str(approvals_view([answered], "csrf", LEAD))
     assert 'aria-label="Answers"' in page
     assert "&quot;amount&quot;: 900" in page  # escaped, as every value the page shows
     assert 'aria-label="Arguments"' in page
     # Every other approval shows its arguments only.
-    assert 'aria-label="Answers"' not in str(approvals_view([held()], [], "csrf", LEAD))
+    assert 'aria-label="Answers"' not in str(approvals_view([held()], "csrf", LEAD))
+
+
+def test_the_queue_is_one_page_with_links_to_the_others() -> None:
+    page = str(approvals_view([held()], "csrf", LEAD, waiting=41, page=1, more=True))
+    assert "Waiting (41)" in page  # every pending one is counted, one page is shown
+    assert page.count('<article class="approval"') == 1
+    assert 'href="/console/approvals?page=0" rel="prev"' in page
+    assert 'href="/console/approvals?page=2" rel="next"' in page
+    assert "Approval history" not in page  # the history is a page of its own
+    alone = str(approvals_view([held()], "csrf", LEAD, waiting=1))
+    assert 'rel="next"' not in alone
+    assert 'rel="prev"' not in alone
+
+
+def test_the_history_is_a_table_without_vote_buttons() -> None:
+    ended = held(status=ApprovalStatus.REJECTED, decided_at=time.time(), comment="duplicate")
+    page = str(approvals_view([ended], "csrf", LEAD, history=True, waiting=3, more=True))
+    assert 'aria-label="Approval history"' in page
+    assert "duplicate" in page
+    assert "Approve" not in page
+    assert 'href="/console/approvals?show=history&amp;page=1" rel="next"' in page
+    assert "Waiting (3)" in page  # the tab still says how many wait
+
+
+def test_a_value_cut_for_length_is_named_before_the_arguments() -> None:
+    cut = held(arguments={"note": "n… [cut by Warden: 5 of 6 characters]"}, redacted=("cut:/note",))
+    page = str(approvals_view([cut], "csrf", LEAD))
+    assert "<code>/note (cut: too long to show)</code>" in page
+    assert "too long to show). Reject the call" in page

@@ -9,11 +9,16 @@
   403 ``self_approval`` / ``not_an_approver``; 404 ``not_found``; 409
   ``approval_not_pending`` / ``already_voted``; 400 ``invalid_request``.
 
-Arguments are shown redacted per the decision's ``redact`` obligations.
+Every route answers ``503 state_unavailable`` when the approval store cannot
+answer (a SQLite file locked past its busy timeout, PostgreSQL down): try again.
+
+Arguments are shown redacted per the decision's ``redact`` obligations, and
+cut to a readable size (:mod:`warden.approvals.shown`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
@@ -22,9 +27,12 @@ from aiohttp import web
 from warden.admin.auth import AUTH, Principal, TokenAuth, error_response, requires
 from warden.approvals.model import MAX_COMMENT, ApprovalError, ApprovalStatus
 from warden.approvals.service import Approvals
-from warden.errors import AuditError
+from warden.approvals.store import STORE_ERRORS
+from warden.errors import AuditError, StateUnavailable
 
 __all__ = ["add_approval_routes"]
+
+log = logging.getLogger("warden.approvals")
 
 _STATUSES = ", ".join(s.value for s in ApprovalStatus)
 
@@ -39,13 +47,19 @@ def add_approval_routes(app: web.Application, approvals: Approvals, auth: TokenA
         status = request.query.get("status") or None
         if status is not None and status not in {s.value for s in ApprovalStatus}:
             return _invalid(f"status must be one of {_STATUSES}")
-        found = await approvals.list(status)
+        try:
+            found = await approvals.list(status)
+        except STORE_ERRORS as exc:
+            return _unavailable(request, exc)
         return web.json_response({"approvals": [a.to_json() for a in found]}, dumps=_dumps)
 
     @requires("approver", "auditor", "viewer", "admin")
     async def show(request: web.Request, _: Principal) -> web.StreamResponse:
         approval_id = request.match_info["id"]
-        found = await approvals.get(approval_id)
+        try:
+            found = await approvals.get(approval_id)
+        except STORE_ERRORS as exc:
+            return _unavailable(request, exc)
         if found is None:
             return error_response(404, "not_found", f"no approval {approval_id!r}")
         return web.json_response(found.to_json(), dumps=_dumps)
@@ -61,6 +75,8 @@ def add_approval_routes(app: web.Application, approvals: Approvals, auth: TokenA
         except AuditError as exc:
             # The vote is stored; only its record failed.
             return error_response(503, exc.code, f"the decision is stored but not recorded: {exc}")
+        except STORE_ERRORS as exc:
+            return _unavailable(request, exc)
         return web.json_response(after.to_json(), dumps=_dumps)
 
     @requires("approver")
@@ -75,6 +91,23 @@ def add_approval_routes(app: web.Application, approvals: Approvals, auth: TokenA
     app.router.add_get("/v1/approvals/{id}", show)
     app.router.add_post("/v1/approvals/{id}/approve", approve)
     app.router.add_post("/v1/approvals/{id}/reject", reject)
+
+
+def _unavailable(request: web.Request, exc: BaseException) -> web.Response:
+    """``503 state_unavailable``: the store could not answer (the driver's words are logged,
+    not sent: they may name its host)."""
+    lines = str(exc).strip().splitlines()
+    log.warning(
+        "approval store unavailable for %s %s: %s",
+        request.method,
+        request.path,
+        f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__,
+    )
+    return error_response(
+        StateUnavailable.status,
+        StateUnavailable.code,
+        "the approval store is unavailable; try again shortly",
+    )
 
 
 def _dumps(value: Any) -> str:

@@ -15,7 +15,9 @@ the final decision the agent gets, and records it:
 
 An approved action is checked against kill switches again, its budget is
 reserved again, and the decision that lets it through is recorded with the
-approval evidence before it goes on.
+approval evidence before it goes on. The Governor then asks the policy in
+force again (:meth:`warden.pipeline.Pipeline.reconsider`): one reloaded while
+the call was held may deny it now.
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ class ApprovalGate:
         grant = await self.approvals.take_grant(action, decision)
         if grant is not None:
             return await self._approved(action, decision, grant)
-        required = decision.obligations.required_approvals  # the policy's word wins
+        # The policy's quorum; the service keeps approvals.required_approvals as the least.
+        required = decision.obligations.required_approvals
         if how == "defer" or self._stopping.is_set():
             approval = await self.approvals.request(
                 action, decision, mode="defer", required_approvals=required

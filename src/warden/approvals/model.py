@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from warden.approvals.shown import CUT, MORE
 from warden.audit.record import ApprovalEvidence
 from warden.errors import WardenError
 
@@ -123,6 +124,9 @@ class Vote:
     approve: bool
     comment: str
     at: float
+    quorum: int = field(default=1, compare=False)
+    """The fewest approvals that approve when the vote is cast (``approvals.required_approvals``
+    then): an approval opened under a smaller quorum needs this one. Not stored."""
 
     def to_json(self) -> dict[str, Any]:
         """The vote as the admin API and the webhooks show it."""
@@ -142,7 +146,8 @@ class Approval:
     decision's redaction paths replaced with ``"[redacted]"``; the real
     arguments are never stored, only their hash (``arguments_sha256``).
     ``redacted`` lists every value so hidden: the policy's dotted paths and
-    the masked ones as JSON pointers (:func:`hidden_paths` for people).
+    the masked ones as JSON pointers (:func:`hidden_paths` for people), and
+    those cut for length as ``cut:`` and a pointer (:mod:`warden.approvals.shown`).
     """
 
     id: str
@@ -260,12 +265,15 @@ def hidden_paths(redacted: Iterable[str]) -> list[str]:
     the pointers of masked credentials (``/password``); both become
     pointers (``/customer/phone``), so a value hidden twice is named once.
     An MCP retry's answers read ``answers /...``; a whole hidden object
-    reads ``all arguments`` or ``all answers``. An approver who needs one of
-    these values to decide should refuse the call.
+    reads ``all arguments`` or ``all answers``. A value cut for length
+    (:mod:`warden.approvals.shown`) reads ``/note (cut: too long to show)``.
+    An approver who needs one of these values to decide should refuse the call.
     """
     out: dict[str, None] = {}  # ordered, without repeats
     for entry in redacted:
-        if entry in ("arguments", "raw_arguments"):
+        if entry.startswith(CUT):
+            out[_cut_path(entry[len(CUT) :])] = None
+        elif entry in ("arguments", "raw_arguments"):
             out["all arguments"] = None
         elif entry == _ANSWERS:
             out["all answers"] = None
@@ -278,6 +286,14 @@ def hidden_paths(redacted: Iterable[str]) -> list[str]:
         else:
             out[_dotted_pointer(entry)] = None
     return list(out)
+
+
+def _cut_path(where: str) -> str:
+    if where == MORE[len(CUT) :]:
+        return "more values (cut: too long to show)"
+    if where.startswith(_ANSWERS):
+        return f"answers {where[len(_ANSWERS) :] or '(all)'} (cut: too long to show)"
+    return f"{where or 'the arguments'} (cut: too long to show)"
 
 
 def _dotted_pointer(path: str) -> str:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -58,12 +59,14 @@ from warden.approvals.model import (
 )
 from warden.approvals.notify import Delivery, Notifier
 from warden.approvals.owner import Owner
+from warden.approvals.shown import MAX_CHARS, shorten
 from warden.approvals.store import (
     ERASED_BY,
     ERASED_REASON,
     ApprovalRepo,
     ApprovalStore,
     ErasedApprovals,
+    PagedApprovals,
 )
 from warden.audit.record import action_body, arguments_digest, arguments_sha256
 from warden.model import Action, Decision, new_id
@@ -79,6 +82,8 @@ FEED_BACKSTOP_S = 5.0
 """With a change feed, a waiter still re-reads its approval this often."""
 KILL_SWITCH = "kill_switch"
 """``decided_by`` of approvals rejected because a kill switch was thrown."""
+_ANSWERS: Final = "input_responses"
+"""Where an MCP retry's answers are in a record, and in ``redacted`` entries."""
 
 
 def _arguments_hash(arguments: Mapping[str, Any] | None) -> str:
@@ -302,12 +307,19 @@ class Approvals:
         if mode == "defer":
             existing = await self._store.pending_for(binding, now)
             if existing is not None and existing.mode == "defer":
-                return existing, False
+                return self._shown(existing), False
         await self._check_room(action.agent.id)
         ob = decision.obligations
         ttl = (ob.hold_timeout_s or self.settings.hold_timeout_s) if mode == "hold" else None
         shown = action_body(action, ob.redact)
-        arguments = shown["arguments"] if action.arguments is not None else shown["raw_arguments"]
+        # Only the display is cut to size: the binding and hash above cover the whole call.
+        budget = [MAX_CHARS]
+        arguments, cut = shorten(
+            shown["arguments"] if action.arguments is not None else shown["raw_arguments"],
+            "",
+            budget,
+        )
+        answers, cut_answers = shorten(shown.get("input_responses"), _ANSWERS, budget)
         approval = Approval(
             id=new_id("apr"),
             decision_id=decision.decision_id,
@@ -321,15 +333,16 @@ class Approvals:
             reason=decision.reason,
             risk=ob.risk,
             approvers=ob.approvers,
-            required_approvals=required_approvals or self.settings.required_approvals,
-            redacted=tuple(shown["redacted"]),
+            # The configured quorum is the least: a policy may ask more people, not fewer.
+            required_approvals=max(required_approvals or 1, self.settings.required_approvals),
+            redacted=(*shown["redacted"], *cut, *cut_answers),
             created_at=now,
             expires_at=now + (ttl if ttl is not None else self.settings.defer_ttl_s),
             owner=self.owner.instance if mode == "hold" else None,
             upstream=action.request.upstream,
             method=action.request.method,
             subjects=self._subjects(action) if self._subjects is not None else (),
-            answers=shown.get("input_responses"),
+            answers=answers,
         )
         # Record first: a request on file without a row is harmless; a pending
         # row nobody can prove was requested is not.
@@ -504,7 +517,9 @@ class Approvals:
         if approval.approvers and not _member(who, approval.approvers):
             groups = ", ".join(approval.approvers)
             raise NotAnApprover(f"{who.subject} is not in the approver groups {groups}")
-        vote = Vote(who.subject, approve, comment, time.time())
+        # The quorum configured now, not only the one the approval was opened with: raising
+        # approvals.required_approvals holds for approvals already waiting (apply_vote).
+        vote = Vote(who.subject, approve, comment, time.time(), self.settings.required_approvals)
         before, after = await self._store.vote(approval_id, vote)
         if after.status is ApprovalStatus.EXPIRED:
             await self._expired(after)
@@ -593,11 +608,39 @@ class Approvals:
         """
         if status is not None and status not in ApprovalStatus.__members__.values():
             raise ValueError(f"unknown approval status {status!r}")
-        return await self._store.list(ApprovalStatus(status) if status is not None else None)
+        found = await self._store.list(ApprovalStatus(status) if status is not None else None)
+        return [self._shown(a) for a in found]
+
+    async def page(self, *, pending: bool, limit: int, offset: int = 0) -> builtins.list[Approval]:
+        """At most ``limit`` approvals after the first ``offset``: the pending ones oldest
+        first, or (``pending`` false) those that ended or were approved, the last decided
+        first. For views that must not read the whole store at once."""
+        if isinstance(self._store, PagedApprovals):
+            found = await self._store.page(pending=pending, limit=limit, offset=offset)
+        elif pending:  # a store that cannot page (PostgreSQL's, for now) reads them all
+            found = (await self._store.list(ApprovalStatus.PENDING))[offset : offset + limit]
+        else:
+            ended = [a for a in await self._store.list() if a.status is not ApprovalStatus.PENDING]
+            ended.sort(key=lambda a: (a.decided_at or a.created_at, a.id), reverse=True)
+            found = ended[offset : offset + limit]
+        return [self._shown(a) for a in found]
+
+    async def pending_count(self) -> int:
+        """How many approvals are pending, in the shared store."""
+        return sum((await self._store.pending_counts()).values())
 
     async def get(self, approval_id: str) -> Approval | None:
         """One approval by id, or ``None``."""
-        return await self._store.get(approval_id)
+        found = await self._store.get(approval_id)
+        return self._shown(found) if found is not None else None
+
+    def _shown(self, approval: Approval) -> Approval:
+        """A pending approval with the quorum it now needs: its own, or the configured
+        one when that was raised since it was opened (see :meth:`decide`)."""
+        need = self.settings.required_approvals
+        if approval.status is not ApprovalStatus.PENDING or approval.required_approvals >= need:
+            return approval
+        return dataclasses.replace(approval, required_approvals=need)
 
     async def pending_for(self, action: Action, decision: Decision) -> Approval | None:
         """The pending approval the gate opened (or reused) for exactly this call, if any.

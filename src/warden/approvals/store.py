@@ -22,9 +22,10 @@ import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
 import orjson
+import psycopg
 
 from warden.approvals.model import (
     AlreadyVoted,
@@ -35,7 +36,7 @@ from warden.approvals.model import (
     Vote,
 )
 from warden.approvals.owner import Owner, provably_dead, stale
-from warden.errors import ConfigError
+from warden.errors import ConfigError, StateUnavailable
 from warden.state.base import SqliteStore, immediate
 from warden.state.repos import ErasedSubjects
 
@@ -44,9 +45,11 @@ __all__ = [
     "ERASED_ARGUMENTS",
     "ERASED_BY",
     "ERASED_REASON",
+    "STORE_ERRORS",
     "ApprovalRepo",
     "ApprovalStore",
     "ErasedApprovals",
+    "PagedApprovals",
     "apply_vote",
     "erase_params",
     "erase_statement",
@@ -67,6 +70,10 @@ _PLACEHOLDERS: Final = ", ".join(["?"] * len(COLUMNS.split(",")))
 # Columns added after the first release, created on open when an older file lacks them.
 _ADDED_COLUMNS = (("owner", "TEXT"),)
 
+STORE_ERRORS: Final = (sqlite3.Error, psycopg.Error, OSError, StateUnavailable)
+"""What a store raises when it cannot answer (a locked SQLite file past its busy timeout,
+PostgreSQL unreachable or its pool exhausted): the state is unavailable, not the request
+wrong. The admin API answers them ``503 state_unavailable``."""
 ERASED_ARGUMENTS: Final = '{"erased":true}'
 """The display arguments of an approval whose data subject was erased (JSON)."""
 ERASED_BY: Final = "erasure"
@@ -214,6 +221,16 @@ class ApprovalRepo(Protocol):
         ...
 
 
+@runtime_checkable
+class PagedApprovals(Protocol):
+    """A store that reads one page of approvals without reading the others (SQLite's)."""
+
+    async def page(self, *, pending: bool, limit: int, offset: int = 0) -> builtins.list[Approval]:
+        """At most ``limit`` approvals after the first ``offset``: the pending ones oldest
+        first, or (``pending`` false) those past pending, the last decided first."""
+        ...
+
+
 def names_erased(erased: ErasedSubjects, approval: Approval) -> bool:
     """Whether an approval names an erased data subject, as far as its row can tell.
 
@@ -243,7 +260,9 @@ def erase_statement(placeholder: str) -> str:
 def apply_vote(before: Approval, vote: Vote) -> Approval:
     """The approval after ``vote``, as every backend decides it under its row lock.
 
-    One rejection rejects; ``required_approvals`` distinct approvals approve;
+    One rejection rejects; ``required_approvals`` distinct approvals approve,
+    or the vote's ``quorum`` (the configured one when it was cast) when that is
+    more: an approval opened before the quorum was raised needs the new one;
     a pending approval past its expiry is expired instead. Raises
     :class:`ApprovalConflict` when it is not pending and :class:`AlreadyVoted`
     for a second vote by the same subject.
@@ -254,7 +273,8 @@ def apply_vote(before: Approval, vote: Vote) -> Approval:
         return replace(before, status=ApprovalStatus.EXPIRED, decided_at=vote.at)
     if any(v.subject == vote.subject for v in before.votes):
         raise AlreadyVoted(f"{vote.subject} already voted on approval {before.id}")
-    after = replace(before, votes=(*before.votes, vote))
+    need = max(before.required_approvals, vote.quorum)
+    after = replace(before, votes=(*before.votes, vote), required_approvals=need)
     if not vote.approve:
         return replace(
             after,
@@ -263,7 +283,7 @@ def apply_vote(before: Approval, vote: Vote) -> Approval:
             decided_by=vote.subject,
             comment=vote.comment,
         )
-    if len(after.approved_by) >= before.required_approvals:
+    if len(after.approved_by) >= need:
         return replace(
             after,
             status=ApprovalStatus.APPROVED,
@@ -352,6 +372,26 @@ class ApprovalStore(SqliteStore):
                 (status.value,),
             ).fetchall()
         return [from_row(r) for r in rows]
+
+    async def page(self, *, pending: bool, limit: int, offset: int = 0) -> builtins.list[Approval]:
+        """At most ``limit`` approvals after the first ``offset``: the pending ones oldest
+        first, or (``pending`` false) those past pending, the last decided first. Only
+        the page's rows are read whole."""
+        return await self._run(self._page, pending, limit, offset)
+
+    def _page(self, pending: bool, limit: int, offset: int) -> builtins.list[Approval]:
+        if pending:
+            query = (
+                "SELECT id FROM approvals WHERE status = 'pending' "
+                "ORDER BY created_at, id LIMIT ? OFFSET ?"
+            )
+        else:
+            query = (
+                "SELECT id FROM approvals WHERE status != 'pending' "
+                "ORDER BY coalesce(decided_at, created_at) DESC, id DESC LIMIT ? OFFSET ?"
+            )
+        ids = [r[0] for r in self._conn.execute(query, (limit, offset)).fetchall()]
+        return [a for a in (self._get(i) for i in ids) if a is not None]
 
     async def pending_counts(self) -> dict[tuple[str, str], int]:
         """Pending approvals by ``(agent, tool)``, for the pending gauge."""

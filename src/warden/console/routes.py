@@ -28,9 +28,10 @@ import orjson
 from aiohttp import web
 from multidict import MultiMapping
 
-from warden.approvals.model import MAX_COMMENT, ApprovalError, ApprovalStatus
+from warden.approvals.model import MAX_COMMENT, ApprovalError
+from warden.approvals.store import STORE_ERRORS
 from warden.audit.export import ExportError, Selection, export_log, parse_time
-from warden.audit.index import MAX_PAGE, IndexQuery, IndexUnavailable
+from warden.audit.index import IndexQuery, IndexUnavailable
 from warden.budgets.guard import CapSpend
 from warden.console import views
 from warden.console.app import CONSOLE, Console
@@ -459,18 +460,46 @@ async def decision(request: web.Request, console: Console, session: Session) -> 
 # -- Approvals --------------------------------------------------------------------------
 
 
+APPROVALS_PAGE = 20
+"""Pending approvals one page of the Approvals view shows."""
+HISTORY_PAGE = 50
+"""Approvals past pending one page of its history shows."""
+_LAST_PAGE = 10_000
+_STORE_DOWN = "the approval store is unavailable; try again shortly"
+
+
 @_view("approvals")
 async def approvals(request: web.Request, console: Console, session: Session) -> web.StreamResponse:
-    """The queue and the history."""
-    pending = await console.approvals.list(ApprovalStatus.PENDING.value)
-    everything = await console.approvals.list(None)
-    history = sorted(
-        (a for a in everything if a.status is not ApprovalStatus.PENDING),
-        key=lambda a: a.decided_at or a.created_at,
-        reverse=True,
-    )[:MAX_PAGE]
-    body = views.approvals_view(pending, history, session.csrf, session.principal, _notice(request))
+    """The queue a page at a time, oldest first; the history (``?show=history``) on its own
+    pages, last decided first. A view reads one page from the store, never all of it."""
+    history = request.query.get("show") == "history"
+    number = _page_number(request.query.get("page"))
+    size = HISTORY_PAGE if history else APPROVALS_PAGE
+    try:
+        found = await console.approvals.page(
+            pending=not history, limit=size + 1, offset=number * size
+        )
+        waiting = await console.approvals.pending_count()
+    except STORE_ERRORS:
+        return _refuse(request, 503, _STORE_DOWN)
+    body = views.approvals_view(
+        found[:size],
+        session.csrf,
+        session.principal,
+        _notice(request),
+        history=history,
+        waiting=waiting,
+        page=number,
+        more=len(found) > size,
+    )
     return _page(session, "Approvals", body, "approvals")
+
+
+def _page_number(given: str | None) -> int:
+    """``?page=``: a number from 0 (the first page), else 0."""
+    if given is None or not (given.isascii() and given.isdigit()) or len(given) > 6:
+        return 0
+    return min(int(given), _LAST_PAGE)
 
 
 @_view("approvals")
@@ -494,6 +523,8 @@ async def decide(request: web.Request, console: Console, session: Session) -> we
         return _refuse(request, exc.status, str(exc))
     except AuditError as exc:
         return _refuse(request, 503, f"the decision is stored but not recorded: {exc}")
+    except STORE_ERRORS:
+        return _refuse(request, 503, _STORE_DOWN)
     done = "approved" if verdict == "approve" else "rejected"
     raise web.HTTPSeeOther(location=f"/console/approvals?done={done}")
 

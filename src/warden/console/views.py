@@ -489,23 +489,79 @@ def _hidden_notice(hidden: Sequence[str]) -> Html | None:
         tag(
             "p",
             None,
-            f"{len(hidden)} value(s) hidden from you (credential-like names or the policy's "
-            "redactions). Reject the call if you need to see them to decide:",
+            f"{len(hidden)} value(s) hidden from you (credential-like names, the policy's "
+            "redactions, or too long to show). Reject the call if you need to see them to "
+            "decide:",
         ),
         tag("ul", None, [tag("li", None, tag("code", None, path)) for path in hidden]),
     )
 
 
 def approvals_view(
-    pending: Sequence[Approval],
-    history: Sequence[Approval],
+    shown: Sequence[Approval],
     csrf: str,
     who: Principal,
     message: str = "",
+    *,
+    history: bool = False,
+    waiting: int | None = None,
+    page: int = 0,
+    more: bool = False,
 ) -> Html:
-    """The queue (with approve and reject for approvers) and the history."""
+    """One page of the queue (with approve and reject for approvers), or of the history.
+
+    ``shown``: the page's approvals, pending ones or (``history``) those past
+    pending; ``waiting``: how many are pending in all; ``page`` counts from 0,
+    and ``more`` says a next page exists.
+    """
     now = time.time()
     can_vote = "approver" in who.roles
+    count = len(shown) if waiting is None else waiting
+    tabs = tag(
+        "nav",
+        {"aria-label": "Approvals"},
+        tag(
+            "ul",
+            None,
+            [
+                tag(
+                    "li",
+                    None,
+                    tag(
+                        "a",
+                        {
+                            "href": f"{BASE}/approvals{query}",
+                            "aria-current": "page" if on else None,
+                        },
+                        label,
+                    ),
+                )
+                for query, label, on in (
+                    ("", f"Waiting ({count})", not history),
+                    ("?show=history", "History", history),
+                )
+            ],
+        ),
+    )
+    if history:
+        section: Child = [tag("h2", None, "History"), _history_table(shown)]
+    else:
+        section = [
+            tag("h2", None, f"Waiting ({count})"),
+            [_approval_card(a, csrf, can_vote, now) for a in shown]
+            or tag("p", None, "Nothing is waiting for a decision."),
+        ]
+    return join(
+        [
+            tag("p", {"class": "notice", "role": "status"}, message) if message else None,
+            tabs,
+            section,
+            _pager("?show=history&" if history else "?", page, more),
+        ]
+    )
+
+
+def _history_table(ended: Sequence[Approval]) -> Html:
     rows = [
         tag(
             "tr",
@@ -527,34 +583,40 @@ def approvals_view(
             ),
             tag("td", None, a.comment),
         )
-        for a in history
+        for a in ended
     ]
-    return join(
-        [
-            tag("p", {"class": "notice", "role": "status"}, message) if message else None,
-            tag("h2", None, f"Waiting ({len(pending)})"),
-            [_approval_card(a, csrf, can_vote, now) for a in pending]
-            or tag("p", None, "Nothing is waiting for a decision."),
-            tag("h2", None, "History"),
+    return tag(
+        "table",
+        {"aria-label": "Approval history"},
+        tag(
+            "thead",
+            None,
             tag(
-                "table",
-                {"aria-label": "Approval history"},
-                tag(
-                    "thead",
-                    None,
-                    tag(
-                        "tr",
-                        None,
-                        [
-                            tag("th", {"scope": "col"}, h)
-                            for h in ("When", "Agent", "Tool", "Status", "Votes", "Comment")
-                        ],
-                    ),
-                ),
-                tag("tbody", None, rows),
+                "tr",
+                None,
+                [
+                    tag("th", {"scope": "col"}, h)
+                    for h in ("When", "Agent", "Tool", "Status", "Votes", "Comment")
+                ],
             ),
-        ]
+        ),
+        tag("tbody", None, rows),
     )
+
+
+def _pager(base: str, page: int, more: bool) -> Html | None:
+    """Links to the previous and next pages, when there are."""
+    if page <= 0 and not more:
+        return None
+    links = [
+        tag("a", {"href": f"{BASE}/approvals{base}page={page - 1}", "rel": "prev"}, "Previous")
+        if page > 0
+        else None,
+        tag("a", {"href": f"{BASE}/approvals{base}page={page + 1}", "rel": "next"}, "Next")
+        if more
+        else None,
+    ]
+    return tag("nav", {"aria-label": "Pages", "class": "pager"}, f"Page {page + 1} ", links)
 
 
 # -- Evidence ---------------------------------------------------------------------------

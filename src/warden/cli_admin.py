@@ -30,6 +30,7 @@ __all__ = [
     "add_admin_option",
     "admin_base_url",
     "admin_request",
+    "admin_token",
     "main",
     "register",
 ]
@@ -152,11 +153,13 @@ def admin_request(method: str, path: str, body: Any = None, *, base_url: str | N
     :class:`AdminApiError` on an error answer, or (status 0) when there is no
     token or the API cannot be reached.
     """
-    token = os.environ.get("WARDEN_TOKEN", "")
-    if not token:
-        raise AdminApiError(0, "set WARDEN_TOKEN to an admin API token")
+    token = admin_token()
     base = admin_base_url(base_url)
-    if urllib.parse.urlsplit(base).scheme not in ("http", "https"):
+    try:
+        scheme = urllib.parse.urlsplit(base).scheme
+    except ValueError as exc:  # "http://[::1": Invalid IPv6 URL
+        raise AdminApiError(0, f"the admin URL {base!r} is not a URL: {exc}") from None
+    if scheme not in ("http", "https"):
         raise AdminApiError(0, f"the admin URL must be an http:// or https:// URL, not {base!r}")
     data = orjson.dumps(body) if body is not None else None
     req = urllib.request.Request(  # noqa: S310 - the scheme is checked above
@@ -167,7 +170,7 @@ def admin_request(method: str, path: str, body: Any = None, *, base_url: str | N
     )
     try:
         with _OPENER.open(req, timeout=TIMEOUT_S) as resp:
-            return orjson.loads(resp.read())
+            raw = resp.read()
     except urllib.error.HTTPError as exc:
         if 300 <= exc.code < 400:
             where = exc.headers.get("Location", "elsewhere")
@@ -180,6 +183,33 @@ def admin_request(method: str, path: str, body: Any = None, *, base_url: str | N
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise AdminApiError(0, f"cannot reach the admin API at {base}: {reason}") from None
+    except ValueError:
+        # http.client's message may quote the header it refused (the token): not shown.
+        raise AdminApiError(
+            0, f"cannot send a request to the admin API at {base}: the URL or a header is malformed"
+        ) from None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise AdminApiError(0, f"the admin API at {base} did not answer JSON") from None
+
+
+def admin_token() -> str:
+    """``$WARDEN_TOKEN`` without surrounding blanks (a pasted token ends in a newline).
+
+    Raises :class:`AdminApiError` (status 0) when it is unset, or holds a character
+    a header cannot carry; the message never shows the value.
+    """
+    token = os.environ.get("WARDEN_TOKEN", "").strip()
+    if not token:
+        raise AdminApiError(0, "set WARDEN_TOKEN to an admin API token")
+    if not (token.isascii() and token.isprintable()):
+        raise AdminApiError(
+            0,
+            "WARDEN_TOKEN holds a control or non-ASCII character (its value is not shown); "
+            "set it to the token alone",
+        )
+    return token
 
 
 _request = admin_request  # the name warden.cli_approvals imports

@@ -252,8 +252,10 @@ def _root(args: argparse.Namespace) -> Path:
         raise _Unusable(f"{root} holds no Warden audit log (no log.json)")
     try:
         Layout(root).read_meta()
-    except (OSError, ValueError, KeyError) as exc:
-        raise _Unusable(f"{root}/log.json is unreadable: {exc!r}") from None
+    except OSError as exc:
+        raise _Unusable(f"{root}/log.json is unreadable: {exc.strerror or exc}") from None
+    except ValueError as exc:  # not JSON, or not the object Warden writes
+        raise _Unusable(f"{root}/log.json is unusable: {exc}") from None
     return root
 
 

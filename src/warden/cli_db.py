@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sqlite3
 import sys
+from pathlib import Path
 
 __all__ = ["register"]
 
@@ -59,6 +61,9 @@ def _status(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"warden: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except sqlite3.Error as exc:
+        print(f"warden: {_unreadable(config.state.url, exc)}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"backend:  {found.backend}")
     print(f"database: {_shown(config.state.url)}")
     print(f"version:  {found.current} (this release ships {found.latest})")
@@ -87,6 +92,9 @@ def _migrate(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"warden: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except sqlite3.Error as exc:
+        print(f"warden: {_unreadable(config.state.url, exc)}", file=sys.stderr)
+        return EXIT_USAGE
     except RuntimeError as exc:
         print(f"warden: {exc}", file=sys.stderr)
         return EXIT_PENDING
@@ -96,6 +104,14 @@ def _migrate(args: argparse.Namespace) -> int:
     for m in done:
         print(f"{where}: applied {m.version:04d}_{m.name}")
     return EXIT_OK
+
+
+def _unreadable(url: str, exc: sqlite3.Error) -> str:
+    """Why the SQLite database named by ``url`` cannot be used, naming the setting."""
+    path = _shown(url)
+    if Path(path).is_dir():
+        return f"state.url: {path} is a folder, not a SQLite database file"
+    return f"state.url: cannot use {path} as a SQLite database: {exc}"
 
 
 def _shown(url: str) -> str:

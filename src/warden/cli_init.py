@@ -115,7 +115,7 @@ def init(folder: Path, *, force: bool = False) -> int:
                 file=sys.stderr,
             )
             return EXIT_EXISTS
-    linked = _links_in_the_way(source, bundle, config)
+    linked = _links_in_the_way(source, folder, bundle, config)
     if linked is not None:
         # Written through, a link would overwrite a file outside the folder (and the
         # bundle would go on reading it from there).
@@ -137,14 +137,28 @@ def init(folder: Path, *, force: bool = False) -> int:
     return EXIT_OK
 
 
-def _links_in_the_way(source: Path, bundle: Path, config: Path) -> Path | None:
-    """The first path ``init`` would write through that is a symbolic link, if any."""
+def _links_in_the_way(source: Path, folder: Path, bundle: Path, config: Path) -> Path | None:
+    """The first path ``init`` would write through that is a symbolic link, if any.
+
+    Every folder on the way from ``folder`` counts: a ``policies`` linked elsewhere
+    would have the bundle written there. ``folder`` itself is the user's choice.
+    """
     written = [config, bundle]
     for path in source.rglob("*"):
         relative = path.relative_to(source)
         if not _not_shipped(str(path.parent), list(relative.parts)):
             written.append(bundle / relative)
-    return next((p for p in written if p.is_symlink()), None)
+    checked: set[Path] = set()
+    for target in written:
+        on_the_way = folder
+        for part in target.relative_to(folder).parts:
+            on_the_way = on_the_way / part
+            if on_the_way in checked:
+                continue
+            checked.add(on_the_way)
+            if on_the_way.is_symlink():
+                return on_the_way
+    return None
 
 
 def _not_shipped(folder: str, names: list[str]) -> set[str]:

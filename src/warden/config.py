@@ -17,7 +17,7 @@ import types
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -97,6 +97,12 @@ DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_UPSTREAM_TIMEOUT_S = 300.0
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_SHUTDOWN_GRACE_S = 20.0
+MAX_OPERATION_S = 86400.0
+"""The longest timeout or interval of one operation (a call, a wait, a poll): a day."""
+MAX_LIFETIME_S = 10 * 365 * 86400.0
+"""The longest a stored thing may live (an approval, a reservation, a session): ten years.
+Past it a time can no longer be written (year 9999) or slept on, and the setting fails
+at run time instead of at start."""
 ENV_PREFIX = "WARDEN_"
 # Read by the CLI, or by the agent's SDK (WARDEN_AGENT_KEY, docs/identity.md), not by
 # the server; never treated as config overrides.
@@ -111,8 +117,35 @@ _SERVICE_LINK = re.compile(
 (``WARDEN_SERVICE_HOST``, ``WARDEN_PORT_8080_TCP``): not Warden's settings."""
 
 
+def _split_url(value: str) -> SplitResult:
+    """``value`` split, its port read: ``ValueError`` naming the fault, never the value.
+
+    A URL may carry a password, so the message only says what is wrong with it.
+    """
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises for a port that is not a number 0-65535
+    except ValueError as exc:
+        # urllib's own messages may quote the port or the host and user (a password).
+        text = str(exc)
+        if text.startswith("Port"):
+            fault = "its port is not a number from 0 to 65535"
+        elif "IPv6" in text:
+            fault = "its [IPv6] host is malformed"
+        else:
+            fault = "its host part cannot be read"
+        raise ValueError(f"is not a valid URL: {fault}") from None
+    return parts
+
+
+def _migrate_switch(value: Any) -> Any:
+    # Unquoted, YAML reads ``off`` as false: the value meant is plain.
+    return "off" if value is False else value
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # inf and nan: a time that cannot be written or slept on, a cap that caps nothing.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class AgentConfig(_Section):
@@ -240,8 +273,8 @@ class UpstreamConfig(_Section):
     protocol: Literal["openai", "anthropic", "http", "mcp"]
     """``mcp``: an MCP server over streamable HTTP; ``base_url`` is its MCP endpoint."""
     base_url: str
-    timeout_s: float = Field(DEFAULT_UPSTREAM_TIMEOUT_S, gt=0)
-    connect_timeout_s: float = Field(DEFAULT_CONNECT_TIMEOUT_S, gt=0)
+    timeout_s: float = Field(DEFAULT_UPSTREAM_TIMEOUT_S, gt=0, le=MAX_OPERATION_S)
+    connect_timeout_s: float = Field(DEFAULT_CONNECT_TIMEOUT_S, gt=0, le=MAX_OPERATION_S)
     passthrough: tuple[str, ...] = ()
     """Routes Warden does not parse, forwarded as one ``llm_call`` each: ``"GET v1/files"``,
     ``"POST v1/batches/*"`` (``*`` one segment, a final ``**`` the rest). Refused otherwise."""
@@ -272,7 +305,7 @@ class UpstreamConfig(_Section):
     @field_validator("base_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
+        parts = _split_url(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an absolute http:// or https:// URL")
         if parts.query or parts.fragment:
@@ -316,11 +349,11 @@ class SessionsConfig(_Section):
     """Messages (or input items) read from one request; the rest are not looked at."""
     max_result_chars: int = Field(2048, ge=0)
     """Characters of each tool result kept in ``input.history[i].result.content``."""
-    max_history_ms: float = Field(20.0, gt=0)
+    max_history_ms: float = Field(20.0, gt=0, le=MAX_OPERATION_S * 1000)
     """Time one request's history extraction may take before it stops (``truncated``)."""
     counters: bool = True
     """Keep session counters in the state store (``input.session.calls`` and the rest)."""
-    ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
+    ttl_s: float = Field(7 * 24 * 3600.0, gt=0, le=MAX_LIFETIME_S)
     """How long session counters and Warden's record of decided calls are kept."""
     handoffs: bool = False
     """Let any agent continue, fetch or delete another agent's Responses answers and
@@ -390,9 +423,9 @@ class PolicyConfig(_Section):
     query: str = Field(DEFAULT_POLICY_QUERY, pattern=r"^data(\.[A-Za-z_][A-Za-z0-9_]*)+$")
     default_effect: Effect = Effect.DENY
     """What an undefined policy result means."""
-    deadline_ms: float = Field(DEFAULT_POLICY_DEADLINE_MS, gt=0)
+    deadline_ms: float = Field(DEFAULT_POLICY_DEADLINE_MS, gt=0, le=MAX_OPERATION_S * 1000)
     """How long one evaluation may run on a worker (not counting its wait for one)."""
-    queue_timeout_s: float = Field(DEFAULT_POLICY_QUEUE_TIMEOUT_S, gt=0)
+    queue_timeout_s: float = Field(DEFAULT_POLICY_QUEUE_TIMEOUT_S, gt=0, le=MAX_OPERATION_S)
     """How long a request may wait for a free worker before Warden answers 503
     with ``Retry-After`` (never a fallback decision)."""
     workers: int = Field(DEFAULT_POLICY_WORKERS, ge=1, le=64)
@@ -403,7 +436,7 @@ class PolicyConfig(_Section):
     cache_size: int = Field(DEFAULT_POLICY_CACHE_SIZE, ge=0)
     watch: bool = True
     """Reload bundles from their folders when files change."""
-    poll_interval_s: float = Field(5.0, gt=0)
+    poll_interval_s: float = Field(5.0, gt=0, le=MAX_OPERATION_S)
     bundle_url: str | None = None
     """An HTTP bundle server to poll (``.tar.gz``, ETag aware)."""
     signing: SigningConfig = SigningConfig()
@@ -420,6 +453,16 @@ class PolicyConfig(_Section):
     policy runs, or handed to the policy (which sees ``input.action.kind``)."""
     challenger: ChallengerConfig | None = None
     """A candidate bundle run beside the active one on live traffic (observe only)."""
+
+    @field_validator("bundle_url")
+    @classmethod
+    def _bundle_server(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = _split_url(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
 
 
 _SUBJECT_ROOTS = ("context.", "action.arguments.", "agent.claims.")
@@ -462,7 +505,7 @@ class AuditShipConfig(_Section):
     """How often the shipper looks for new records once it has caught up."""
     max_backoff_s: float = Field(5.0, gt=0, le=300)
     """The longest wait between attempts while the store is unreachable."""
-    connect_timeout_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0, le=MAX_OPERATION_S)
     migrate: Literal["auto", "off"] = "auto"
     """``auto``: apply pending migrations before shipping; ``off``: the tables must exist."""
 
@@ -471,7 +514,10 @@ class AuditShipConfig(_Section):
     def _scheme(cls, value: str) -> str:
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must start with postgresql://")
+        _split_url(value)
         return value
+
+    _migrate_false = field_validator("migrate", mode="before")(_migrate_switch)
 
     @field_validator("password", mode="before")
     @classmethod
@@ -482,10 +528,10 @@ class AuditShipConfig(_Section):
 class AuditConfig(_Section):
     """The local, append-only, hash-chained audit log."""
 
-    dir: str = DEFAULT_AUDIT_DIR
+    dir: str = Field(DEFAULT_AUDIT_DIR, min_length=1)
     fsync: Literal["always", "batch", "never"] = "always"
     segment_max_bytes: int = Field(64 * 1024 * 1024, ge=4096)
-    checkpoint_interval_s: float = Field(60.0, gt=0)
+    checkpoint_interval_s: float = Field(60.0, gt=0, le=MAX_OPERATION_S)
     signing_key_file: str | None = None
     """Ed25519 private key (PEM) for checkpoints; generated in ``dir`` when absent."""
     subjects: SubjectsConfig = SubjectsConfig()
@@ -508,7 +554,7 @@ class StateConfig(_Section):
     """The PostgreSQL password, for ``WARDEN_STATE__PASSWORD``; prefer ``password_file``."""
     pool_min_size: int = Field(1, ge=0, le=100)
     pool_max_size: int = Field(10, ge=1, le=100)
-    connect_timeout_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0, le=MAX_OPERATION_S)
     pool_timeout_s: float = Field(1.0, gt=0, le=60)
     """How long a decision waits for a pooled PostgreSQL connection before the state
     store counts as unavailable for it (then ``on_unavailable`` applies)."""
@@ -522,7 +568,11 @@ class StateConfig(_Section):
     def _scheme(cls, value: str) -> str:
         if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise ValueError("must start with sqlite:/// or postgresql://")
+        if value.startswith("postgres"):
+            _split_url(value)
         return value
+
+    _migrate_false = field_validator("migrate", mode="before")(_migrate_switch)
 
     @field_validator("password", mode="before")
     @classmethod
@@ -535,10 +585,10 @@ class LimitsConfig(_Section):
     """Bounds on what agents may send."""
 
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
-    body_read_timeout_s: float = Field(30.0, gt=0)
+    body_read_timeout_s: float = Field(30.0, gt=0, le=MAX_OPERATION_S)
     """How long a request's body may take to arrive: a client trickling it a byte at a
     time held a connection (and its file descriptor) for as long as it liked."""
-    idle_timeout_s: float = Field(75.0, gt=0)
+    idle_timeout_s: float = Field(75.0, gt=0, le=MAX_OPERATION_S)
     """How long a connection may sit idle between requests, or take to send a request's
     headers (the proxy and admin listeners)."""
     max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1)
@@ -602,7 +652,7 @@ class ConsoleConfig(_Section):
     def _public_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        parts = urlsplit(value)
+        parts = _split_url(value)
         # The value is not quoted: it may carry a password.
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host")
@@ -732,7 +782,7 @@ class BudgetsConfig(_Section):
     """Where calendar windows start and end (an IANA zone name)."""
     llm: LlmBudgetConfig | None = None
     caps: tuple[CapConfig, ...] = ()
-    reservation_ttl_s: float = Field(24 * 3600.0, gt=0)
+    reservation_ttl_s: float = Field(24 * 3600.0, gt=0, le=MAX_LIFETIME_S)
     """After this long, a reservation whose outcome never came is settled as spent."""
     trust_agent_results: bool = False
     """Release a delivered call's reservation when the agent reports it failed.
@@ -785,25 +835,26 @@ class WebhookConfig(_Section):
     secret: str | None = None
     format: Literal["json", "slack"] = "json"
     tries: int = Field(3, ge=1, le=10)
-    backoff_s: float = Field(0.5, gt=0)
-    timeout_s: float = Field(5.0, gt=0)
+    backoff_s: float = Field(0.5, gt=0, le=MAX_OPERATION_S)
+    timeout_s: float = Field(5.0, gt=0, le=MAX_OPERATION_S)
 
     @field_validator("url")
     @classmethod
     def _http(cls, value: str | None) -> str | None:
-        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+        if value is not None and _split_url(value).scheme not in ("http", "https"):
             raise ValueError("must be an http:// or https:// URL")
         return value
 
 
 _DURATION_PATTERN = r"^\d+(\.\d+)?[smhdw]$"
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 class MonitorConfig(_Section):
     """Drift and quality monitoring (docs/monitoring.md): gauges computed off the request path."""
 
     enabled: bool = True
-    interval_s: float = Field(60.0, ge=1)
+    interval_s: float = Field(60.0, ge=1, le=MAX_OPERATION_S)
     """How often the gauges are recomputed."""
     current: str = Field("1d", pattern=_DURATION_PATTERN)
     """The current window: the last ``1d`` (also ``30m``, ``24h``, ``2w``)."""
@@ -818,23 +869,33 @@ class MonitorConfig(_Section):
     replay_max_changes: int | None = Field(None, ge=0)
     """``warden policy replay`` exits 1 when more decisions than this change (unset: report)."""
 
+    @field_validator("current", "reference")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        seconds = float(value[:-1]) * _DURATION_UNITS[value[-1]]
+        if not 0 < seconds <= MAX_LIFETIME_S:
+            raise ValueError("must be longer than 0 and at most ten years (520w)")
+        return value
+
 
 class ApprovalsConfig(_Section):
     """Human approval of actions a policy answers ``require_approval`` for."""
 
     mode: Literal["hold", "defer"] = "hold"
     """Default for decisions that do not say: keep the request open, or answer at once."""
-    hold_timeout_s: float = Field(120.0, gt=0)
-    defer_ttl_s: float = Field(86400.0, gt=0)
+    hold_timeout_s: float = Field(120.0, gt=0, le=MAX_LIFETIME_S)
+    defer_ttl_s: float = Field(86400.0, gt=0, le=MAX_LIFETIME_S)
     required_approvals: int = Field(1, ge=1, le=10)
-    keepalive_s: float = Field(10.0, gt=0)
+    """Votes every approval needs at least (a policy may ask for more); raising it
+    applies to approvals already pending too."""
+    keepalive_s: float = Field(10.0, gt=0, le=MAX_OPERATION_S)
     """How often a held stream gets an SSE comment so that proxies keep it open."""
-    orphan_after_s: float = Field(30.0, gt=0)
+    orphan_after_s: float = Field(30.0, gt=0, le=MAX_OPERATION_S)
     """A hold whose Warden sent no heartbeat for this long becomes a deferral."""
     max_pending_per_agent: int = Field(100, ge=0)
     """Approvals one agent may have waiting at once (0: no bound). A looping or hostile
     agent could otherwise open thousands, each a row approvers must wade through."""
-    keep_decided_s: float = Field(30 * 86400.0, gt=0)
+    keep_decided_s: float = Field(30 * 86400.0, gt=0, le=MAX_LIFETIME_S)
     """How long an approval that ended (rejected, expired, consumed, a grant past its time)
     stays in the state store, with the arguments it showed approvers; then it is deleted.
     The audit log keeps every approval record for good, sealed like the decision's."""
@@ -905,9 +966,9 @@ class JwtConfig(_Section):
     algorithms: tuple[str, ...] = ("RS256", "ES256")
     jwks_file: str | None = None
     jwks_url: str | None = None
-    jwks_ttl_s: float = Field(300.0, gt=0)
+    jwks_ttl_s: float = Field(300.0, gt=0, le=MAX_LIFETIME_S)
     """How long fetched (or read) keys are used before they are fetched again."""
-    jwks_timeout_s: float = Field(5.0, gt=0)
+    jwks_timeout_s: float = Field(5.0, gt=0, le=MAX_OPERATION_S)
     leeway_s: float = Field(30.0, ge=0, le=300)
     """Clock skew allowed on ``exp``, ``nbf`` and ``iat``."""
     agent_claim: str = Field("sub", min_length=1)
@@ -932,7 +993,7 @@ class JwtConfig(_Section):
     @field_validator("jwks_url")
     @classmethod
     def _http(cls, value: str | None) -> str | None:
-        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+        if value is not None and _split_url(value).scheme not in ("http", "https"):
             raise ValueError("must be an http:// or https:// URL")
         return value
 
@@ -1036,7 +1097,7 @@ class ExtProcConfig(_Section):
     """Envoy's ``max_message_timeout`` for this filter (unset: Warden never asks for more time).
     An answer not ready after ``extend_after_ms`` (a tool call held for a person) is preceded
     by ``override_message_timeout`` with this value, so ``message_timeout`` can stay short."""
-    extend_after_ms: int = Field(100, ge=1)
+    extend_after_ms: int = Field(100, ge=1, le=int(MAX_OPERATION_S * 1000))
     """How long an answer may take before Warden asks Envoy for more time: keep it below
     Envoy's ``message_timeout`` (200 ms unless configured)."""
     unreported_modes: Literal["refuse", "trust"] = "refuse"
@@ -1155,7 +1216,7 @@ class Config(_Section):
     transparent: TransparentConfig | None = None
     """Transparent mode through mitmproxy; off when unset."""
     sessions: SessionsConfig = SessionsConfig()
-    shutdown_grace_s: float = Field(DEFAULT_SHUTDOWN_GRACE_S, ge=0)
+    shutdown_grace_s: float = Field(DEFAULT_SHUTDOWN_GRACE_S, ge=0, le=MAX_OPERATION_S)
 
     @field_validator("upstreams")
     @classmethod
@@ -1254,7 +1315,7 @@ def _env_value(name: str, path: list[str], raw: str) -> Any:
         return raw
     try:
         return yaml.safe_load(raw)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):
         # The parser's message quotes what it read (an alias's name): part of the value.
         raise ConfigError(
             f"{name}: not a valid value for {'.'.join(path)}, which takes "
@@ -1359,6 +1420,51 @@ def _yaml_error(exc: yaml.YAMLError) -> str:
     return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
 
 
+MAX_YAML_DEPTH = 100
+"""How deep a configuration's lists and mappings may nest (its own go six deep)."""
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """The document in ``text``; ``ConfigError`` naming ``where``, never a value, if unreadable."""
+    try:
+        loaded = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_error(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML: lists or mappings nest too deeply") from None
+    except ValueError as exc:
+        # A constructor's own: an integer past Python's 4300 digits, a date that is not.
+        raise ConfigError(f"{where}: not valid YAML: {_unreadable(exc)}") from None
+    if _depth(loaded) > MAX_YAML_DEPTH:
+        # Parsed, it would still exhaust the stack of whatever walks it next.
+        raise ConfigError(f"{where}: lists or mappings nest more than {MAX_YAML_DEPTH} deep")
+    return loaded
+
+
+def _unreadable(exc: ValueError) -> str:
+    if "integer string conversion" in str(exc):
+        return "an integer has more than 4300 digits"
+    return f"a value cannot be read ({exc})"  # a date that does not exist: no value quoted
+
+
+def _depth(value: Any) -> int:
+    """How deep ``value``'s lists and mappings nest (without recursing)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    seen: set[int] = set()
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, dict | list) or id(node) in seen:
+            continue
+        seen.add(id(node))  # an alias (&a ... *a) is one node, reached twice
+        deepest = max(deepest, depth + 1)
+        if deepest > MAX_YAML_DEPTH:
+            return deepest
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
@@ -1369,6 +1475,13 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_BOUNDS = {
+    MAX_LIFETIME_S: "ten years, in seconds",
+    MAX_OPERATION_S: "a day, in seconds",
+    MAX_OPERATION_S * 1000: "a day, in milliseconds",
+}
+
+
 def _format(err: ValidationError, sources: EnvSources | None = None) -> str:
     lines = []
     for item in err.errors():
@@ -1377,6 +1490,9 @@ def _format(err: ValidationError, sources: EnvSources | None = None) -> str:
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
+        bound = (item.get("ctx") or {}).get("le")
+        if item["type"] == "less_than_equal" and bound in _BOUNDS:
+            msg = f"{msg} ({_BOUNDS[bound]})"
         lines.append(f"{key}: {msg}{_from_env(loc, sources or {})}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
@@ -1411,10 +1527,11 @@ def load_config(
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-        try:
-            loaded = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {_yaml_error(exc)}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte {exc.start} cannot be read); save it as UTF-8"
+            ) from None
+        loaded = _parse_yaml(text, str(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
         data = loaded or {}

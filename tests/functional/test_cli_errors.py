@@ -187,3 +187,77 @@ def test_serve_warns_when_nobody_can_decide_approvals(caplog: pytest.LogCaptureF
         with caplog.at_level(logging.WARNING, logger="warden.cli"):
             cli._warn_if_nobody_decides(load_config(environ={}, overrides=overrides))
         assert ("nobody can decide" in caplog.text) is warned, overrides
+
+
+def one_line(capsys: pytest.CaptureFixture[str], start: str) -> str:
+    """What the command printed to stderr: a single line starting with ``start``."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(start), err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"mode: observe\n\xff\xfe\n", "not UTF-8 text"),
+        (b"x: " + b"[" * 20_000 + b"]" * 20_000 + b"\n", "nest too deeply"),
+        (b"limits: {max_connections: " + b"9" * 5000 + b"}\n", "more than 4300 digits"),
+        (b'state: {url: "postgresql://ops:S3CRETPW@[::1/db"}\n', "state.url: Value error"),
+        (b"policy: {bundle_url: /local/file}\n", "policy.bundle_url: Value error"),
+    ],
+)
+def test_a_config_file_that_cannot_be_read_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, said: str
+) -> None:
+    path = tmp_path / "warden.yaml"
+    path.write_bytes(content)
+    code = cli.main(["config", "--config", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert said in err
+    assert "S3CRETPW" not in err
+    assert "Traceback" not in err
+
+
+def test_audit_verify_on_a_damaged_identity_or_key_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "audit"
+    asyncio.run(make_log(root, 5))
+    meta = (root / "log.json").read_bytes()
+    (root / "log.json").write_text("[]")
+    assert cli.main(["audit", "verify", "--dir", str(root)]) == 2
+    one_line(capsys, f"error: {root}/log.json is unusable: log.json is not a log's identity")
+    (root / "log.json").write_bytes(meta)
+    (root / "keys" / "checkpoint.vkey").write_bytes(b"\xff\xfe\x00")
+    assert cli.main(["audit", "verify", "--dir", str(root)]) == 2
+    one_line(capsys, "error: unusable verifier key: ")
+
+
+def test_audit_reindex_into_something_not_an_index_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "audit"
+    asyncio.run(make_log(root, 5))
+    junk = tmp_path / "junk.sqlite"
+    junk.write_text("not a database, only text " * 200)
+    assert cli.main(["audit", "reindex", "--dir", str(root), "--index", str(junk)]) == 2
+    one_line(capsys, f"error: the decision index {junk} cannot be used: file is not a database")
+    assert cli.main(["audit", "reindex", "--dir", str(root), "--index", str(tmp_path)]) == 2
+    one_line(capsys, f"error: the decision index: {tmp_path} is not a file")
+
+
+def test_db_commands_on_a_folder_or_junk_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "data" / "state.db").mkdir(parents=True)
+    config = write_config(tmp_path)
+    assert cli.main(["db", "status", "--config", str(config)]) == 2
+    one_line(capsys, f"warden: state.url: {tmp_path}/data/state.db is a folder")
+    assert cli.main(["db", "migrate", "--config", str(config)]) == 2
+    one_line(capsys, f"warden: state.url: {tmp_path}/data/state.db is not a file")
+    (tmp_path / "data" / "state.db").rmdir()
+    (tmp_path / "data" / "state.db").write_text("not a database, only text " * 200)
+    assert cli.main(["db", "status", "--config", str(config)]) == 2
+    one_line(capsys, "warden: state.url: cannot use ")

@@ -88,3 +88,38 @@ def test_force_refuses_to_write_through_a_symbolic_link(tmp_path: Path) -> None:
     assert init(folder, force=True) != 0
     assert outside.read_text() == "someone else's file\n"
     assert policy.is_symlink()
+
+
+@pytest.mark.parametrize("linked", ["policies", "policies/customer-support"])
+def test_a_linked_folder_on_the_way_is_refused(
+    tmp_path: Path, linked: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A folder under the chosen one that is a link (policies -> ../elsewhere) would
+    # have the bundle written outside it, with or without --force.
+    if shipped_bundle() is None:
+        pytest.skip("no shipped bundle in this install")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folder = tmp_path / "project"
+    (folder / linked).parent.mkdir(parents=True, exist_ok=True)
+    (folder / linked).symlink_to(elsewhere, target_is_directory=True)
+    for force in (False, True):
+        assert init(folder, force=force) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert list(elsewhere.iterdir()) == []
+        assert not (folder / "warden.yaml").exists()
+    assert err == (
+        f"warden init: {folder / linked} is a symbolic link; nothing was written "
+        "(remove it, or choose another folder)\n"
+    )
+
+
+def test_the_chosen_folder_may_itself_be_a_link(tmp_path: Path) -> None:
+    if shipped_bundle() is None:
+        pytest.skip("no shipped bundle in this install")
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "project").symlink_to(real, target_is_directory=True)
+    assert init(tmp_path / "project") == 0
+    assert (real / "warden.yaml").is_file()

@@ -36,6 +36,8 @@ import orjson
 from warden.audit.layout import Layout
 from warden.audit.tail import RecordTail
 from warden.audit.verify import iter_records
+from warden.errors import ConfigError
+from warden.state.base import private_sqlite_file
 
 __all__ = [
     "COLUMNS",
@@ -415,11 +417,19 @@ class DecisionIndex:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Records' fields (agents, tools, reasons) are for the log's readers alone: 0600.
+        private_sqlite_file(self.path, "the decision index")
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_DDL)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_DDL)
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise ConfigError(
+                f"the decision index {self.path} cannot be used: {exc}; it is only a cache "
+                "of the audit log: move it away and it is built again"
+            ) from None
         self._lock = threading.Lock()
 
     @property

@@ -127,13 +127,27 @@ class Layout:
         return self.root / "log.json"
 
     def read_meta(self) -> LogMeta:
-        """The log's identity; raises ``FileNotFoundError`` if this is not a log."""
-        raw = orjson.loads(self.meta.read_bytes())
+        """The log's identity; raises ``FileNotFoundError`` if this is not a log.
+
+        ``ValueError`` when ``log.json`` is not the object Warden writes there.
+        """
+        raw = orjson.loads(self.meta.read_bytes())  # JSONDecodeError is a ValueError
+        if not isinstance(raw, dict) or not all(k in raw for k in ("origin", "created", "schema")):
+            raise ValueError(
+                "log.json is not a log's identity (an object with origin, created and schema)"
+            )
         return LogMeta(origin=str(raw["origin"]), created=str(raw["created"]), schema=raw["schema"])
 
     def init(self) -> LogMeta:
-        """Create the directory and its identity on first use; return the identity."""
-        self.root.mkdir(mode=0o750, parents=True, exist_ok=True)
+        """Create the directory and its identity on first use; return the identity.
+
+        Folders above it that are missing are made 0700 (``./warden-data`` also
+        holds the state database); for a group to read the log, make them first.
+        """
+        missing = [p for p in self.root.parents if not p.exists()]
+        for folder in reversed(missing):
+            folder.mkdir(mode=0o700, exist_ok=True)
+        self.root.mkdir(mode=0o750, exist_ok=True)
         self.keys.mkdir(mode=0o700, exist_ok=True)
         self.checkpoints.mkdir(mode=0o750, exist_ok=True)
         if self.meta.exists():
@@ -193,8 +207,12 @@ class Layout:
         return signer
 
     def verifier(self) -> NoteVerifier:
-        """The verifier key stored with the log."""
-        return NoteVerifier.from_vkey(self.vkey.read_text())
+        """The verifier key stored with the log; :class:`NoteError` if it is not one."""
+        try:
+            text = self.vkey.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise NoteError(f"{self.vkey} is not a verifier key (not UTF-8 text)") from None
+        return NoteVerifier.from_vkey(text)
 
     def write_checkpoint(self, size: int, note: str) -> None:
         """Store a signed checkpoint and make it the latest. Blocking, durable."""

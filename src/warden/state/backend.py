@@ -20,7 +20,7 @@ from warden.approvals.store import ApprovalRepo, ApprovalStore
 from warden.config import StateConfig
 from warden.errors import ConfigError
 from warden.policy.bundle.order import MarkRepo
-from warden.state.base import BUSY_TIMEOUT_MS, sqlite_path
+from warden.state.base import BUSY_TIMEOUT_MS, private_sqlite_file, sqlite_path
 from warden.state.feed import SqliteFeed
 from warden.state.links import CallLinkStore, LinkRepo
 from warden.state.migrate import (
@@ -124,7 +124,7 @@ async def _open_sqlite(config: StateConfig) -> StateBackend:
 
 def _sqlite_prepare(config: StateConfig) -> None:
     path = sqlite_path(config.url)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_sqlite_file(path)
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -236,7 +236,7 @@ async def migrate(config: StateConfig) -> tuple[Migration, ...]:
 
 def _sqlite_migrate(config: StateConfig) -> tuple[Migration, ...]:
     path = sqlite_path(config.url)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_sqlite_file(path)
     with contextlib.closing(
         sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     ) as conn:

@@ -9,7 +9,11 @@ is ``BEGIN IMMEDIATE`` so concurrent writers queue instead of failing midway.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
 import sqlite3
+import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,10 +22,16 @@ from typing import Any, ClassVar, Self, TypeVar
 from warden.errors import ConfigError
 from warden.state.migrate import sqlite_migrate
 
-__all__ = ["SqliteStore", "immediate", "sqlite_path"]
+__all__ = ["SqliteStore", "immediate", "private_sqlite_file", "sqlite_path"]
+
+log = logging.getLogger("warden.state")
 
 T = TypeVar("T")
 BUSY_TIMEOUT_MS = 5000
+PRIVATE_FILE = 0o600
+PRIVATE_FOLDER = 0o700
+# What SQLite writes beside a database; it gives each the database's own mode.
+COMPANIONS = ("-wal", "-shm", "-journal")
 
 
 def sqlite_path(url: str) -> Path:
@@ -32,6 +42,57 @@ def sqlite_path(url: str) -> Path:
     if not path:
         raise ConfigError("state.url: the sqlite URL names no file")
     return Path(path)
+
+
+def private_sqlite_file(path: Path, setting: str = "state.url") -> None:
+    """Make ``path`` ready for ``sqlite3.connect``, readable by Warden's user alone.
+
+    The database holds what others must not read (an approval's arguments,
+    unsealed, until it expires). Folders that are missing are made 0700, a
+    missing database is created empty at 0600 (SQLite gives its ``-wal`` and
+    ``-shm`` files the database's mode), and an existing file of Warden's user
+    that others can read is set to 0600, with a warning. Raises
+    :class:`ConfigError` naming ``setting`` (a key, or "the decision index")
+    when the file cannot be made or is not a file.
+    """
+    try:
+        _make_private_folders(path.parent)
+        with contextlib.suppress(FileExistsError):  # made before: tightened below
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
+        if not path.is_file():
+            raise ConfigError(f"{setting}: {path} is not a file (a SQLite database goes there)")
+        for file in (path, *(path.with_name(path.name + end) for end in COMPANIONS)):
+            _tighten(file)
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot create {path}: {exc.strerror or exc}") from None
+
+
+def _make_private_folders(folder: Path) -> None:
+    missing: list[Path] = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        made.mkdir(mode=PRIVATE_FOLDER, exist_ok=True)
+
+
+def _tighten(file: Path) -> None:
+    try:
+        found = file.stat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(found.st_mode) or not found.st_mode & 0o077:
+        return
+    if found.st_uid != os.geteuid():
+        # Another user's file, shared on purpose (or not): say so, and leave it.
+        log.warning("%s is readable by others and not Warden's user's to change", file)
+        return
+    try:
+        file.chmod(PRIVATE_FILE)
+    except OSError as exc:  # a read-only mount: it stays as it was
+        log.warning("%s is readable by others and cannot be set to 0600: %s", file, exc.strerror)
+        return
+    log.warning("%s was readable by others; set to 0600", file)
 
 
 class immediate:
@@ -79,7 +140,7 @@ class SqliteStore:
 
     @classmethod
     def _connect(cls, path: Path) -> sqlite3.Connection:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite_file(path)
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), and
         # check_same_thread=False because the executor's one thread is not this one.
         conn = sqlite3.connect(

@@ -221,7 +221,8 @@ class Governor:
             if settled is not decision:
                 # Approved after a policy reload: the policy now in force may deny it.
                 settled = await self._pipeline.reconsider(action, decision, settled)
-                _count(action, settled)
+                if settled.decision_id != decision.decision_id:
+                    _count(action, settled)  # a deferral is the held decision, counted once
                 if self._chains is not None:
                     # Only an approved call reached the agent: history verifies only it.
                     self._chains.settled(action, settled)

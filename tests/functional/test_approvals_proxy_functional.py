@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.functional.conftest import SHIPPED_POLICY, audit_records, make_config
 from tests.sdk_calls import function_calls
@@ -526,3 +527,40 @@ async def test_a_held_call_approved_after_a_policy_reload_that_denies_it_is_deni
     ]
     assert [d["effect"] for d in decided] == ["require_approval", "allow", "deny"]
     assert "hard ceiling of 100.00 USD" in " ".join(decided[-1]["reasons"])
+
+
+HOLD_REFUNDS = """package warden
+import rego.v1
+default decision := {"effect": "allow"}
+decision := {"effect": "require_approval", "reason": "refunds need a lead"} if {
+	input.action.tool == "issue_refund"
+}
+"""
+
+
+async def test_a_deferred_call_is_counted_once(tmp_path: Path, llm: MockLLM) -> None:
+    # The gate answers a deferral with the held decision and a note: counted again,
+    # one held call was two in warden_agent_decisions_total (the deny-spike alert's
+    # denominator) against one decision record.
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "policy.rego").write_text(HOLD_REFUNDS)
+    agent = "counted-once"
+    config = make_config(tmp_path, llm.url, agent={"id": agent}, policy={"bundles": [str(bundle)]})
+
+    def held() -> float:
+        sample = {"agent": agent, "effect": "require_approval"}
+        return REGISTRY.get_sample_value("warden_agent_decisions_total", sample) or 0.0
+
+    llm.script(Reply(tool_calls=[Call("issue_refund", {"order_id": "A-1"})]))
+    async with Warden(config) as warden, client(warden) as c:
+        before = held()
+        await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        counted = held() - before
+    recorded = [
+        r
+        for r in audit_records(tmp_path / "audit")
+        if r["kind"] == "decision" and r["action"].get("tool") == "issue_refund"
+    ]
+    assert [r["decision"]["effect"] for r in recorded] == ["require_approval"]
+    assert counted == 1

@@ -197,8 +197,11 @@ async def test_a_full_disk_fails_closed(tiny_disk: Path, tmp_path: Path) -> None
             ref = await log.append("load", {"i": i, "pad": "x" * 900})
             acks[ref.seq] = ref.hash
 
-    with pytest.raises(AuditError, match="No space left"):
+    with pytest.raises(AuditError, match="failed to write") as failed:
         await fill_the_disk()
+    # The cause stays with the error (Warden's log); agents read only the message.
+    assert "No space left" in str(failed.value.__cause__)
+    assert "No space left" not in str(failed.value)
     assert not log.writable
     with pytest.raises(AuditError):
         await log.append("load", {})

@@ -50,16 +50,20 @@ async def exchange(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, bytes]:
     """Send ``raw`` on a new connection; return it (kept open) with the status and body."""
     reader, writer = await asyncio.open_connection(*address(url))
-    writer.write(raw)
-    await writer.drain()
-    async with asyncio.timeout(20):
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":", 1)[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        )
-        body = await reader.readexactly(length)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        async with asyncio.timeout(20):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            body = await reader.readexactly(length)
+    except BaseException:
+        writer.close()
+        raise
     return reader, writer, int(head.split(b" ", 2)[1]), body
 
 
@@ -197,9 +201,28 @@ async def test_refusals_past_their_own_bound_are_reset_and_the_proxy_still_serve
             writers.pop().close()
         async with asyncio.timeout(10):
             while True:
-                _, writer, status, _ = await exchange(w.proxy_url, request())
-                writer.close()
-                if status == 200:
-                    break
+                # Reset while the refusals above still linger, then refused, then served.
+                with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                    _, writer, status, _ = await exchange(w.proxy_url, request())
+                    writer.close()
+                    if status == 200:
+                        break
                 await asyncio.sleep(0.05)
     assert [a.startswith(b"HTTP/1.1 503") for a in answers] == [True, True, False, False, False]
+
+
+async def test_a_stopping_listener_resets_the_refusals_still_lingering(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    config = make_config(tmp_path, llm.url, limits={"max_connections": 1})
+    async with Warden(config) as w, held(w.proxy_url, 1):
+        silent = await asyncio.open_connection(*address(w.proxy_url))
+        await asyncio.sleep(0.1)  # accepted and refused; it waits for a request head
+        started = asyncio.get_running_loop().time()
+        await w.stop()
+        stopped = asyncio.get_running_loop().time() - started
+        async with asyncio.timeout(5):
+            with contextlib.suppress(ConnectionError):
+                assert await silent[0].read() == b""  # reset or closed, no 503 owed
+        silent[1].close()
+    assert stopped < connection_cap.REFUSAL_LINGER_S

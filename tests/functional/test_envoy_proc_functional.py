@@ -48,6 +48,7 @@ from warden.protocols.sse import SseParser
 from warden.server import Warden
 from warden.state import StateStore
 from warden.testing import Call, Fault, MockLLM, Reply
+from warden.testing._server import LoopbackServer
 
 Mode = processing_mode_pb2.ProcessingMode
 OPENAI_HOST = "api.openai.com"
@@ -1565,3 +1566,48 @@ async def test_a_switch_thrown_while_a_sibling_is_held_keeps_the_chunks_allowed_
     ]
     assert proposed == []
     assert b'"code":"killed"' in result.body
+
+
+class _Mislabelled(LoopbackServer):
+    """Answers every request with a whole completion labelled ``text/event-stream``."""
+
+    def _routes(self, app: web.Application) -> None:
+        app.router.add_route("*", "/{tail:.*}", self._any)
+
+    async def _any(self, request: web.Request) -> web.Response:
+        await request.read()
+        calls = [Call("search_kb", {"query": "x"}), Call("export_customers", {})]
+        tool_calls = [
+            {"id": f"call_{i}", "type": "function", "function": {"name": c.name, "arguments": "{}"}}
+            for i, c in enumerate(calls)
+        ]
+        message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
+        body = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": message}],
+        }
+        return web.Response(body=json.dumps(body), headers={"Content-Type": "text/event-stream"})
+
+
+@pytest.mark.parametrize("mode", [Mode.BUFFERED, Mode.STREAMED])
+async def test_an_answer_labelled_as_a_stream_for_a_request_that_asked_for_none_is_read_whole(
+    tmp_path: Path, mode: int
+) -> None:
+    # Both SDKs pick stream-or-not from their own request: read as a stream, the
+    # answer reached the agent as a bare string typed as a completion.
+    async with _Mislabelled() as upstream, Warden(make_config(tmp_path, upstream.url)) as w:
+        assert w.core is not None
+        service = ExtProcService(w.core, w.config, killswitches=w.killswitches)
+        async with (
+            serve(service, upstream) as front,  # type: ignore[arg-type]
+            envoy_front(front, OPENAI_HOST, mode) as url,
+            openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0) as client,
+        ):
+            got = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+            )
+    assert [c.id for c in got.choices[0].message.tool_calls or []] == ["call_0"]
+    assert decisions(tmp_path)["export_customers"]["decision"]["enforced"] == "deny"

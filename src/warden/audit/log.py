@@ -820,7 +820,9 @@ class AuditLog:
             self._fail(error)
             for waiter in (*waiters, *self._waiters):
                 if not waiter.done():
-                    waiter.set_exception(AuditError(_FAILED))
+                    failed = AuditError(_FAILED)
+                    failed.__cause__ = error  # for Warden's log; agents read only the message
+                    waiter.set_exception(failed)
             self._frames, self._records, self._waiters = [], [], []
             self._writing = False
             self._wake_idle()

@@ -47,7 +47,7 @@ class ConnectionCap:
         self._limit = limit
         self._refusal = refusal
         self._accepting = 0
-        self._refusing = 0
+        self._refusing: set[_Refuse] = set()
         self._refused = metrics.child(metrics.CONNECTIONS_REFUSED, listener)
 
     def __call__(self) -> asyncio.BaseProtocol:
@@ -60,16 +60,19 @@ class ConnectionCap:
             loop.call_soon(loop.call_soon, self._accepted)
             return self._server()
         self._refused.inc()
-        if self._refusing >= MAX_REFUSALS:
+        if len(self._refusing) >= MAX_REFUSALS:
             return _Reset()
-        self._refusing += 1
-        return _Refuse(self._refusal, self._refused_done)
+        refuse = _Refuse(self._refusal, self._refusing.discard)
+        self._refusing.add(refuse)
+        return refuse
+
+    def close(self) -> None:
+        """Reset the refused connections still lingering (the listener stops)."""
+        for refuse in list(self._refusing):
+            refuse.abort()
 
     def _accepted(self) -> None:
         self._accepting -= 1
-
-    def _refused_done(self) -> None:
-        self._refusing -= 1
 
 
 class _Reset(asyncio.Protocol):
@@ -85,9 +88,9 @@ class _Reset(asyncio.Protocol):
 class _Refuse(asyncio.Protocol):
     """Reads a request's head, answers the refusal, and closes once the client has read it."""
 
-    def __init__(self, refusal: Refusal, done: Callable[[], None]) -> None:
+    def __init__(self, refusal: Refusal, done: Callable[[_Refuse], None]) -> None:
         self._refusal = refusal
-        self._done: Callable[[], None] | None = done
+        self._done: Callable[[_Refuse], None] | None = done
         self._head = b""
         self._answered = False
         self._transport: asyncio.Transport | None = None
@@ -116,7 +119,15 @@ class _Refuse(asyncio.Protocol):
             self._timer.cancel()
         done, self._done = self._done, None
         if done is not None:
-            done()
+            done(self)
+
+    def abort(self) -> None:
+        """Reset the connection now (its listener stops)."""
+        if self._transport is not None:
+            self._transport.abort()
+        elif self._done is not None:  # never connected: nothing will call connection_lost
+            done, self._done = self._done, None
+            done(self)
 
     def _answer(self) -> None:
         self._answered = True

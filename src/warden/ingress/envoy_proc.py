@@ -883,9 +883,10 @@ class _Exchange:
                     f"upstream {self._upstream_name!r} answered with content-encoding "
                     f"{encoding!r}, which Warden cannot read"
                 )
-            content_type = headers.get("content-type", "").lower()
-            # The SDK picks stream-or-not from its request, never from the content type.
-            self._sse = content_type.startswith(_SSE) or self._stream
+            # The SDK picks stream-or-not from its request, never from the content type:
+            # an event stream answering a request that asked for none is read whole,
+            # whose parse fails (502) as the SDK's would.
+            self._sse = self._stream
             if message.end_of_stream:
                 raise UpstreamProtocol(
                     f"upstream {self._upstream_name!r} answered {self._status} with no body"

@@ -86,6 +86,10 @@ class _CappedSite(web.SockSite):
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._cap, sock=self._sock, backlog=self._backlog)
 
+    async def stop(self) -> None:
+        await super().stop()
+        self._cap.close()  # refusals still lingering would outlive the listener
+
 
 async def listen(app: web.Application, where: str, listener: Listener) -> tuple[web.AppRunner, str]:
     """Serve ``app`` on ``where``; return its runner (cleanup stops it) and its URL.

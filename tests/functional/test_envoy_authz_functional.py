@@ -677,3 +677,23 @@ async def test_a_call_that_needs_a_person_is_answered_at_once_and_passes_once_ap
     assert decisions[second.dynamic_metadata["decision_id"]]["decision"]["effect"] == (
         "require_approval"
     )
+
+
+@pytest.mark.parametrize(
+    ("path", "ext_authz"),
+    [
+        ("/llm/v1/chat/completions", {"upstream": "orders"}),
+        ("/v1/messages", {"upstream": "orders"}),
+        ("/v1/Chat/Completions;x=1", {"upstream": None}),  # no tool upstream named
+    ],
+)
+async def test_a_model_apis_route_is_refused_unread(
+    tmp_path: Path, path: str, ext_authz: dict[str, Any]
+) -> None:
+    # Envoy sends the answer on without Warden reading it: an SDK would read tool
+    # calls nobody decided. Envoy's ext_proc filter governs model APIs.
+    async with _serving(tmp_path, ext_authz=ext_authz) as stub:
+        response = await stub.Check(_request("POST", path, READER, b"{}"))
+    assert response.status.code == GRPC_PERMISSION_DENIED
+    assert response.denied_response.status.code == 404
+    assert "protocol: openai or anthropic" in response.denied_response.body

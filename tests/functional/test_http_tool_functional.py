@@ -846,6 +846,32 @@ async def test_a_path_that_spells_arguments_is_sealed_and_redacted_with_them(
     assert "request.path" in hidden["action"]["redacted"]
 
 
+MODEL_ROUTES = [
+    ("POST", "/llm/v1/chat/completions"),
+    ("GET", "/llm/v1/chat/completions"),  # the stored completions list
+    ("POST", "/llm/v1/Chat/Completions"),  # read case-blind, as some servers do
+    ("POST", "/llm/v1/chat/completions;v=1"),
+    ("POST", "/v1/responses"),
+    ("GET", "/openai/responses/resp_1"),
+    ("POST", "/v1/threads/t1/runs"),
+    ("GET", "/v1/conversations/c1/items"),
+    ("POST", "/v1/messages"),
+    ("GET", "/v1/messages/batches/b1/results"),
+    ("POST", "/v1/projects/p/models/gemini-2.0-flash:generateContent"),
+    ("POST", "/v1/projects/p/models/claude:rawPredict"),
+    ("POST", "/model/anthropic.claude-v2/invoke"),
+    ("POST", "/model/m1/converse-stream"),
+]
+TOOL_ROUTES = [
+    # Tool APIs' own routes with these words stay theirs.
+    ("POST", "/v3/example.com/messages"),  # Mailgun
+    ("POST", "/me/messages"),  # Microsoft Graph
+    ("POST", "/api/v10/channels/1/messages"),  # Discord
+    ("GET", "/surveys/s1/responses/r1"),  # SurveyMonkey
+    ("GET", "/chat/history"),
+]
+
+
 async def test_a_model_apis_route_on_a_tool_upstream_is_refused_unless_a_rule_names_it(
     tmp_path: Path, refunds: Refunds
 ) -> None:
@@ -861,20 +887,20 @@ async def test_a_model_apis_route_on_a_tool_upstream_is_refused_unless_a_rule_na
             await c.chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
             )
-        for method, path in (("POST", "/v1/messages"), ("GET", "/surveys/responses/r1")):
-            status, _, body, _ = await call(w, method, path)
-            assert (status, body["error"]["code"]) == (404, "route_not_governed")
-        # Paths the model APIs do not answer on stay the tool API's.
-        assert (await call(w, "GET", "/chat/history"))[0] == 201
-    assert refused.value.code == "route_not_governed"
-    assert "protocol: openai" in refused.value.message
-    assert [(m, p) for m, p, _ in refunds.seen] == [("GET", "/chat/history")]
+        for method, path in MODEL_ROUTES:
+            status, content_type, body = await send(w, method, path)
+            assert (status, content_type) == (404, "application/problem+json"), path
+            assert orjson.loads(body)["code"] == "route_not_governed"
+        for method, path in TOOL_ROUTES:
+            assert (await send(w, method, path))[0] == 201, path
+    assert "protocol: openai or anthropic" in refused.value.message
+    assert [(m, p) for m, p, _ in refunds.seen] == TOOL_ROUTES
 
     named = tmp_path / "named"
     named.mkdir()
-    rule = {"method": "POST", "path": "/tickets/{id}/messages", "tool": "reply", "arguments": {}}
+    rule = {"method": "POST", "path": "/v1/messages", "tool": "send_sms", "arguments": {}}
     config = config_for(named, refunds, routes=[*ROUTES, rule])
     async with Warden(config) as w:
-        status, _, _, _ = await call(w, "POST", "/tickets/T-1/messages", text="hello")
+        status, _, _, _ = await call(w, "POST", "/v1/messages", text="hello")
     assert status == 201
-    assert decisions(named)[-1]["action"]["tool"] == "reply"
+    assert decisions(named)[-1]["action"]["tool"] == "send_sms"

@@ -58,6 +58,7 @@ from warden.protocols.http_tool import (
     bound_body,
     may_carry_fields,
 )
+from warden.protocols.registry import model_api_named, model_route_refusal
 from warden.sessions import door_conversation
 
 if TYPE_CHECKING:
@@ -174,6 +175,8 @@ class ExtAuthzService:
             return _refuse(exc.status, f"{exc.code}: {exc}")
         refusal = _Refusal(parsed.problem, 400) if parsed.problem is not None else None
         tool: ToolRequest | None = None
+        if refusal is None:
+            refusal = self._model_route(parsed)
         if refusal is None and self._routes is not None:
             tool, refusal = self._route(parsed)
         dry_run = self._settings.dry_run
@@ -233,6 +236,20 @@ class ExtAuthzService:
                 if approval is not None:
                     response.dynamic_metadata[APPROVAL_ID_KEY] = approval.id
         return response
+
+    def _model_route(self, parsed: authz.CheckInput) -> _Refusal | None:
+        """A model API's route that no route rule names: its answer, which Envoy sends on
+        without Warden reading it, would carry tool calls nobody decided (Envoy's own
+        ext_proc filter governs model APIs: disable ext_authz on those routes)."""
+        segments = authz.decode_segments(parsed.path)
+        api = model_api_named(segments) if segments is not None else None
+        if segments is None or api is None:
+            return None
+        if self._routes is not None and self._routes.find(parsed.method, segments):
+            return None
+        named = self._settings.upstream
+        reason = model_route_refusal("/", named, parsed.method, segments, api)
+        return _Refusal(reason, 404)
 
     def _route(self, parsed: authz.CheckInput) -> tuple[ToolRequest | None, _Refusal | None]:
         """The tool call a request is by the route rules, or why it is refused."""

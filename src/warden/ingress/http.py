@@ -90,7 +90,8 @@ from warden.protocols.registry import (
     RouteMatch,
     deployment_named,
     match_route,
-    model_api_family,
+    model_api_named,
+    model_route_refusal,
     under_governed_resource,
 )
 from warden.sessions import conversation_of, door_conversation, stored_answer_conversation
@@ -287,6 +288,13 @@ class ProxyApp:
                 )
             else:
                 response = await self._serve(request, route, started)
+        except ModelRouteRefused as exc:
+            # A tool upstream's refusal is a problem document; its "error" member is
+            # what a model API's SDK, pointed here by mistake, shows as the message.
+            error = {"message": str(exc), "type": "invalid_request_error", "code": exc.code}
+            response = _problem(
+                exc.status, exc.code, "Not governed by Warden", str(exc), extra={"error": error}
+            )
         except WardenError as exc:
             response = self._error(family, exc.status, exc.code, str(exc))
             if isinstance(exc, Overloaded):
@@ -338,19 +346,13 @@ class ProxyApp:
     def _refuse_model_api(self, name: str, method: str, tail: list[str]) -> None:
         """A model API's route on a ``protocol: http`` upstream, unless a route rule names
         it: its answers go back unparsed, and the SDK would read the tool calls in them."""
-        family = model_api_family(method, tail)
-        if family is None:
+        api = model_api_named(tail)
+        if api is None:
             return
         routes = self._tool_routes.get(name)
         if routes is not None and routes.find(method, tail) is not None:
             return
-        path = "/".join(tail)
-        raise RouteNotGoverned(
-            f"{method} /{name}/{path} is a {family} model API's route, whose answers carry "
-            f"tool calls Warden does not read on a protocol: http upstream. Configure the "
-            f"model API as an upstream of its own (protocol: {family}), or, if this is a "
-            f"tool API's route, name it in upstreams.{name}.routes"
-        )
+        raise ModelRouteRefused(model_route_refusal(f"/{name}/", name, method, tail, api))
 
     # -- request -------------------------------------------------------------
 
@@ -833,14 +835,20 @@ def _query(request: web.Request) -> str:
 
 
 def _problem(
-    status: int, code: str, title: str, detail: str, *, decision_id: str | None = None
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    decision_id: str | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> web.Response:
     """An RFC 9457 problem response, for tool routes of plain HTTP upstreams."""
     metrics.child(metrics.ERRORS, code).inc()
     headers = {"Content-Type": http_tool.PROBLEM_CONTENT_TYPE}
     if decision_id is not None:
         headers[hdr.DECISION_HEADER] = decision_id
-    body = http_tool.problem(status, code, title, detail, decision_id=decision_id)
+    body = http_tool.problem(status, code, title, detail, decision_id=decision_id, extra=extra)
     return web.Response(status=status, body=body, headers=headers)
 
 
@@ -876,6 +884,10 @@ def _absolute_form(request: web.Request) -> bool:
     # an absolute-form target ("GET http://elsewhere/ HTTP/1.1") is what a
     # forward proxy receives, and this listener is not one.
     return not request.raw_path.startswith("/")
+
+
+class ModelRouteRefused(RouteNotGoverned):
+    """A model API's route on a ``protocol: http`` upstream that no route rule names."""
 
 
 def _refusal(upstreams: Mapping[str, UpstreamConfig]) -> Callable[[bytes], bytes]:

@@ -43,7 +43,8 @@ __all__ = [
     "RouteMatch",
     "deployment_named",
     "match_route",
-    "model_api_family",
+    "model_api_named",
+    "model_route_refusal",
     "under_governed_resource",
 ]
 
@@ -234,23 +235,68 @@ def under_governed_resource(tail: Sequence[str]) -> bool:
     return any(segment.casefold() in _GOVERNED_ROOTS for segment in tail)
 
 
-def model_api_family(method: str, tail: Sequence[str]) -> str | None:
-    """The model API family (``openai``, ``anthropic``) whose SDK reads tool calls in the
-    answer to ``method tail``, or ``None``.
+def model_api_named(tail: Sequence[str]) -> str | None:
+    """The model API whose SDK reads tool calls in answers on ``tail``, or ``None``.
 
-    Matched on the path's end after any prefix, as an SDK's ``base_url`` may carry
-    one (``/llm/v1/chat/completions``): a ``protocol: http`` upstream forwards its
-    answers unparsed, so such a route there is refused unless a route rule names it.
+    A ``protocol: http`` upstream forwards its answers unparsed, so these paths are
+    refused there (whatever the method: a method override makes one method
+    another) unless a route rule names them. Read as the laxest server reads a
+    path: each segment case-blind and without ``;`` parameters. After any
+    prefix, as an SDK's ``base_url`` may carry one:
+
+    - ``…/chat/completions…``: OpenAI chat (also the stored completions list);
+    - ``…/v1/responses…``, ``…/openai/responses…``: OpenAI Responses;
+    - ``…/v1/threads…``, ``…/v1/conversations…``: Assistants runs and
+      conversation items, which carry function calls;
+    - ``…/v1/messages…``: Anthropic Messages and its batches;
+    - ``…:generateContent``, ``…:streamGenerateContent``, ``…:rawPredict``,
+      ``…:streamRawPredict``: Gemini and Vertex;
+    - ``…/model/<id>/invoke``, ``…/converse`` (and their streams): Bedrock.
     """
-    for family in ("openai", "anthropic"):
-        roots = _ROOTS[family]
-        for start, segment in enumerate(tail):
-            if segment.casefold() in roots and any(
-                rule.match.adapter is not None and rule.matches(method, tail[start:])
-                for rule in _RULES[family]
-            ):
-                return family
+    read = [segment.partition(";")[0].casefold() for segment in tail]
+    for i, segment in enumerate(read):
+        before = read[i - 1] if i else ""
+        if segment == "chat" and read[i + 1 : i + 2] == ["completions"]:
+            return "OpenAI chat completions"
+        if segment in _V1_ROOTS and before in ("v1", "openai"):
+            return _V1_ROOTS[segment]
+        if segment.endswith(_VERTEX_VERBS):
+            return "Gemini or Vertex AI"
+        if segment == "model" and len(read) == i + 3 and read[i + 2] in _BEDROCK_VERBS:
+            return "Amazon Bedrock"
     return None
+
+
+def model_route_refusal(
+    prefix: str, upstream: str | None, method: str, tail: Sequence[str], api: str
+) -> str:
+    """Why ``method prefix+tail`` on the tool upstream ``upstream`` is refused, and what
+    to do (:func:`model_api_named` named ``api``)."""
+    path = prefix + "/".join(tail)
+    where = f"upstreams.{upstream}.routes" if upstream else "the routes of ext_authz.upstream"
+    return (
+        f"{method} {path} is a route of the {api} API, whose answers carry tool calls "
+        "that Warden does not read on a protocol: http upstream. Configure the model "
+        "API as an upstream of its own (protocol: openai or anthropic), or, if this is "
+        f"a tool API's route, name it in {where}"
+    )
+
+
+_V1_ROOTS: Final = {
+    "responses": "OpenAI Responses",
+    "threads": "OpenAI Assistants",
+    "conversations": "OpenAI Conversations",
+    "messages": "Anthropic Messages",
+}
+_VERTEX_VERBS: Final = (
+    ":generatecontent",
+    ":streamgeneratecontent",
+    ":rawpredict",
+    ":streamrawpredict",
+)
+_BEDROCK_VERBS: Final = frozenset(
+    {"invoke", "invoke-with-response-stream", "converse", "converse-stream"}
+)
 
 
 def match_route(

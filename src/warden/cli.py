@@ -22,21 +22,29 @@ EXIT_USAGE = 2
 log = logging.getLogger("warden.cli")
 
 
-def _make_room_for_connections(config: Config) -> None:
-    """Raise the open-file limit to what the connection caps need, or say it cannot."""
+def _make_room_for_connections(config: Config) -> Config:
+    """Raise the open-file limit to what the connection caps need; where the hard limit
+    is lower, lower ``limits.max_connections`` to fit it and say so."""
     from warden.ops.runtime import raise_open_files
-    from warden.server import descriptors_needed
+    from warden.server import OWN_DESCRIPTORS, descriptors_needed, listeners_of
 
     needed = descriptors_needed(config)
     have = raise_open_files(needed)
-    if have < needed:
-        log.warning(
-            "the open-file limit is %d, below the %d that limits.max_connections (%d per "
-            "listener) may need: lower it, or raise the limit (ulimit -n; LimitNOFILE)",
-            have,
-            needed,
-            config.limits.max_connections,
-        )
+    if have >= needed:
+        return config
+    # Each proxied connection may hold an upstream one too: one more share for those.
+    fits = max(1, (have - OWN_DESCRIPTORS) // (listeners_of(config) + 1))
+    log.warning(
+        "the open-file limit is %d, below the %d that limits.max_connections (%d per "
+        "listener) may need: serving at most %d connections per listener; raise the "
+        "limit (ulimit -n; LimitNOFILE) to serve more",
+        have,
+        needed,
+        config.limits.max_connections,
+        fits,
+    )
+    limits = config.limits.model_copy(update={"max_connections": fits})
+    return config.model_copy(update={"limits": limits})
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -49,7 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _check_files(config)
     _warn_if_nobody_decides(config)
-    _make_room_for_connections(config)
+    config = _make_room_for_connections(config)
     tracing.configure_from_env()  # off unless OTEL_* asks for traces
 
     async def run() -> None:

@@ -7,6 +7,7 @@ The code is reused in error bodies sent to agents, in log lines and as the
     ├── ConfigError              config_invalid
     ├── RequestError             (4xx: the agent's request is wrong)
     │   ├── BodyTooLarge         body_too_large
+    │   ├── UnreadableBody       invalid_request (the answer closes the connection)
     │   ├── InvalidJSON          invalid_json
     │   ├── UnsupportedMedia     unsupported_media_type
     │   └── UnknownRoute         unknown_route
@@ -42,6 +43,7 @@ __all__ = [
     "StreamViolation",
     "Unauthenticated",
     "UnknownRoute",
+    "UnreadableBody",
     "UnsupportedMedia",
     "UpstreamError",
     "UpstreamProtocol",
@@ -85,6 +87,12 @@ class RequestTimeout(RequestError):
 
     code = "request_timeout"
     status = 408
+
+
+class UnreadableBody(RequestError):
+    """The request body cannot be read as sent (an encoding it does not have), or the
+    client left before sending it all. The answer closes the connection: what is left
+    of the body cannot be read past."""
 
 
 class InvalidJSON(RequestError):

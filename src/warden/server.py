@@ -65,7 +65,7 @@ from warden.state.links import CallLinks
 if TYPE_CHECKING:
     from warden.ingress.transparent import TransparentDoor
 
-__all__ = ["Warden"]
+__all__ = ["OWN_DESCRIPTORS", "Warden", "descriptors_needed", "listeners_of"]
 
 log = logging.getLogger("warden")
 
@@ -73,13 +73,22 @@ log = logging.getLogger("warden")
 _CONNECTION_LIMIT = 1000
 # Descriptors beyond the connections: audit segments, the state store, policy
 # workers' sockets, bundle files, the gRPC and transparent listeners.
-_OWN_DESCRIPTORS = 256
+OWN_DESCRIPTORS = 256
+"""Descriptors Warden keeps for itself beyond its connections."""
+
+
+def listeners_of(config: Config) -> int:
+    """The listeners ``config`` opens, each capped at ``limits.max_connections``: the
+    proxy and admin ones, and the gRPC and transparent ones when set."""
+    transparent = config.transparent is not None and config.transparent.listen is not None
+    return 2 + (config.listen.grpc is not None) + transparent
 
 
 def descriptors_needed(config: Config) -> int:
-    """Open files a Warden serving ``config`` may need at once: both listeners full
+    """Open files a Warden serving ``config`` may need at once: every listener full
     (``limits.max_connections`` each), the upstream pool full, and its own files."""
-    return 2 * config.limits.max_connections + _CONNECTION_LIMIT + _OWN_DESCRIPTORS
+    listeners = listeners_of(config)
+    return listeners * config.limits.max_connections + _CONNECTION_LIMIT + OWN_DESCRIPTORS
 
 
 class Warden:
@@ -255,7 +264,11 @@ class Warden:
                 )
             )
             grpc_door = GrpcDoor(
-                cfg.listen.grpc, cfg.grpc, services, shutdown_grace_s=cfg.shutdown_grace_s
+                cfg.listen.grpc,
+                cfg.grpc,
+                services,
+                shutdown_grace_s=cfg.shutdown_grace_s,
+                limits=cfg.limits,
             )
             doors.append(grpc_door)
         await self._start_doors(core, (*doors, *self._extra_doors))

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
+import grpc
 import openai
 import orjson
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from tests.functional.conftest import make_config
+from tests.functional.test_transparent_sdk_functional import transparent_config
 from warden.ingress import connection_cap
 from warden.server import Warden
 from warden.testing import MockLLM
@@ -226,3 +231,103 @@ async def test_a_stopping_listener_resets_the_refusals_still_lingering(
                 assert await silent[0].read() == b""  # reset or closed, no 503 owed
         silent[1].close()
     assert stopped < connection_cap.REFUSAL_LINGER_S
+
+
+async def idle(url: str, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``count`` connections that send nothing, accepted by the listener at ``url``."""
+    opened = [await asyncio.open_connection(*address(url)) for _ in range(count)]
+    await asyncio.sleep(0.3)  # accepted on the listener's side
+    return opened
+
+
+async def test_the_grpc_listener_has_the_cap_too(tmp_path: Path, llm: MockLLM) -> None:
+    # gRPC took any number of connections: idle ones used up the descriptors the
+    # proxy needed to accept, and agents timed out.
+    config = make_config(
+        tmp_path, llm.url, listen={"grpc": "127.0.0.1:0"}, limits={"max_connections": 2}
+    )
+
+    async def check(channel: grpc.aio.Channel) -> bool:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        try:
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+    async with Warden(config) as w:
+        # A connection of its own per channel, as separate clients have.
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.aio.insecure_channel(w.grpc_address, options=own) for _ in range(3)]
+        try:
+            served = [await check(channel) for channel in channels]
+            raw_reader, raw_writer = await asyncio.open_connection(
+                *address("http://" + w.grpc_address)
+            )
+            async with asyncio.timeout(10):
+                closed = await raw_reader.read() == b""
+            raw_writer.close()
+            await channels[0].close()
+            for _ in range(100):  # the freed place is seen once gRPC closes its side
+                if freed := await check(channels[2]):
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            for channel in channels:
+                await channel.close()
+    assert served == [True, True, False]
+    assert closed
+    assert freed
+
+
+async def test_the_transparent_listener_has_the_cap_too(tmp_path: Path, llm: MockLLM) -> None:
+    config = transparent_config(tmp_path, llm.url, limits={"max_connections": 2})
+    async with Warden(config) as w:
+        url = "http://" + w.transparent_address
+        before = refused("transparent")
+        held_open = await idle(url, 2)
+        reader, writer = await asyncio.open_connection(*address(url))
+        async with asyncio.timeout(10):
+            with contextlib.suppress(ConnectionError):
+                assert await reader.read() == b""  # closed at once
+        writer.close()
+        assert refused("transparent") - before == 1
+        for _, other in held_open:
+            other.close()
+        await asyncio.sleep(0.3)
+        reader, writer = await asyncio.open_connection(*address(url))
+        writer.write(b"GET http://unknown.example/ HTTP/1.1\r\nHost: unknown.example\r\n\r\n")
+        async with asyncio.timeout(10):
+            answer = await reader.readuntil(b"\r\n")
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 ")
+
+
+async def test_a_client_leaving_mid_body_is_no_internal_error(
+    tmp_path: Path, llm: MockLLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with Warden(make_config(tmp_path, llm.url)) as w:
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection(*address(w.proxy_url))
+            writer.write(request()[:-10])  # the body's last bytes never come
+            await writer.drain()
+            writer.transport.abort()
+        await asyncio.sleep(0.3)
+        _, writer, status, _ = await exchange(w.proxy_url, request())
+        writer.close()
+    assert status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_an_unreadable_body_is_answered_with_the_connection_closed(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # aiohttp cannot read past the rest of the body: the answer said keep-alive, and
+    # the client's next request on the connection failed.
+    async with Warden(make_config(tmp_path, llm.url)) as w:
+        raw = request().replace(b"\r\n\r\n", b"\r\nContent-Encoding: gzip\r\n\r\n", 1)
+        reader, writer, status, _ = await exchange(w.proxy_url, raw)
+        rest = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    assert status == 400
+    assert rest == b""  # closed after the answer, as its Connection header says

@@ -9,6 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from warden import cli
+from warden.config import Config
+from warden.ops import runtime
 from warden.ops.runtime import GEN0_THRESHOLD, SWITCH_INTERVAL_S, tune_gc, tune_runtime
 
 
@@ -63,3 +66,17 @@ def test_raise_open_files_lifts_the_soft_limit_up_to_the_hard_one() -> None:
         [sys.executable, "-c", RAISE], capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == ["300", "500", "True", "True"]
+
+
+def test_a_hard_limit_too_low_for_the_caps_lowers_them_to_fit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A warning alone let idle connections use up the descriptors before the cap
+    # was reached: the upstream pool and the audit log then had none.
+    config = Config.model_validate({"limits": {"max_connections": 1000}})
+    monkeypatch.setattr(runtime, "raise_open_files", lambda needed: 1024)
+    lowered = cli._make_room_for_connections(config)
+    assert lowered.limits.max_connections == (1024 - 256) // 3
+    assert "serving at most 256 connections per listener" in caplog.text
+    monkeypatch.setattr(runtime, "raise_open_files", lambda needed: needed)
+    assert cli._make_room_for_connections(config) is config

@@ -162,4 +162,6 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return error_response(exc.status, code, exc.reason, headers=allow)
     except web.RequestPayloadError:
-        return error_response(400, "invalid_request", BODY_UNREADABLE)
+        response = error_response(400, "invalid_request", BODY_UNREADABLE)
+        response.force_close()  # the rest of the body cannot be read past
+        return response

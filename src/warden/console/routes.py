@@ -194,6 +194,9 @@ async def _read_form(request: web.Request) -> web.Response | None:
     that cannot be decoded (a ``Content-Encoding`` it does not have, broken
     multipart, an unknown charset), is refused before anything reads it."""
     length = request.content_length
+    if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        # Browsers never compress forms; the bound below would count compressed bytes.
+        return _refuse(request, 415, "a form must not be sent compressed")
     if length is None:
         return _refuse(request, 411, "a form must be sent with its Content-Length")
     if length > FORM_MAX_BYTES:
@@ -209,7 +212,7 @@ async def _read_form(request: web.Request) -> web.Response | None:
 async def _signed_in(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Resolve the session (cookie, or a trusted auth proxy) and check CSRF on every POST."""
     console = request.app[CONSOLE]
-    if request.method not in ("GET", "HEAD"):
+    if request.method == "POST":
         unread = await _read_form(request)
         if unread is not None:
             return unread

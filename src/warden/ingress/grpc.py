@@ -21,7 +21,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from warden.config import GrpcConfig, parse_listen
+from warden.config import GrpcConfig, LimitsConfig, parse_listen
 from warden.errors import ConfigError
 from warden.ingress.grpc_service import GrpcService
 
@@ -50,9 +50,13 @@ class GrpcDoor:
         services: Sequence[GrpcService],
         *,
         shutdown_grace_s: float,
+        limits: LimitsConfig | None = None,
     ) -> None:
-        """``where``: ``host:port`` (port 0 picks a free port; see :attr:`address`)."""
+        """``where``: ``host:port`` (port 0 picks a free port; see :attr:`address`);
+        ``limits``: the connection cap and idle timeout (``limits``), as the HTTP
+        listeners have them."""
         self._where = where
+        self._limits = limits if limits is not None else LimitsConfig()
         self._settings = settings
         self._services = tuple(services)
         self._grace_s = shutdown_grace_s
@@ -77,12 +81,19 @@ class GrpcDoor:
         """
         host, port = parse_listen(self._where)
         limit = self._settings.max_message_bytes
+        idle_ms = int(self._limits.idle_timeout_s * 1000)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 # Two processes must never share the port silently (gRPC's default on Linux).
                 ("grpc.so_reuseport", 0),
+                # Each connection holds a descriptor the audit log and state store need
+                # too: past the cap gRPC closes new ones; idle ones, and ones still in
+                # their handshake, are closed after limits.idle_timeout_s.
+                ("grpc.max_allowed_incoming_connections", self._limits.max_connections),
+                ("grpc.max_connection_idle_ms", idle_ms),
+                ("grpc.server_handshake_timeout_ms", idle_ms),
             ]
         )
         for service in self._services:

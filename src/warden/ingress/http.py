@@ -49,6 +49,7 @@ from warden.errors import (
     RouteNotGoverned,
     StreamViolation,
     UnknownRoute,
+    UnreadableBody,
     UnsupportedMedia,
     UpstreamError,
     UpstreamProtocol,
@@ -297,6 +298,8 @@ class ProxyApp:
             )
         except WardenError as exc:
             response = self._error(family, exc.status, exc.code, str(exc))
+            if isinstance(exc, UnreadableBody):
+                response.force_close()  # the rest of the body cannot be read past
             if isinstance(exc, Overloaded):
                 # The SDKs honour Retry-After on a 503 and back off before retrying.
                 response.headers["Retry-After"] = str(exc.retry_after_s)

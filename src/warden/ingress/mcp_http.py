@@ -66,6 +66,7 @@ from warden.errors import (
     AuditError,
     Overloaded,
     StateUnavailable,
+    UnreadableBody,
     UnsupportedMedia,
     UpstreamError,
     UpstreamProtocol,
@@ -269,7 +270,10 @@ class McpHttp:
             return response
         except WardenError as exc:
             metrics.child(metrics.ERRORS, exc.code).inc()
-            return _rpc_error(exc.status, None, WARDEN_ERROR, str(exc), exc.code)
+            response = _rpc_error(exc.status, None, WARDEN_ERROR, str(exc), exc.code)
+            if isinstance(exc, UnreadableBody):
+                response.force_close()  # the rest of the body cannot be read past
+            return response
 
     # -- POST ------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from warden.config import LimitsConfig
-from warden.errors import BodyTooLarge, RequestError, RequestTimeout
+from warden.errors import BodyTooLarge, RequestTimeout, UnreadableBody
 
 __all__ = ["read_request_body"]
 
@@ -16,8 +16,8 @@ async def read_request_body(request: web.Request, limits: LimitsConfig) -> bytes
     """The whole body, or :class:`BodyTooLarge` past ``limits.max_body_bytes``, or
     :class:`RequestTimeout` when it has not all arrived within
     ``limits.body_read_timeout_s`` (a client sending a byte now and then would hold
-    the connection for as long as it liked), or :class:`RequestError` when aiohttp
-    cannot decode it (a ``gzip`` body that is not gzip)."""
+    the connection for as long as it liked), or :class:`UnreadableBody` when aiohttp
+    cannot decode it (a ``gzip`` body that is not gzip) or the client left mid-body."""
     limit, timeout_s = limits.max_body_bytes, limits.body_read_timeout_s
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"request body is over limits.max_body_bytes ({limit} bytes)")
@@ -38,7 +38,10 @@ async def read_request_body(request: web.Request, limits: LimitsConfig) -> bytes
             f"the request body did not arrive within limits.body_read_timeout_s ({timeout_s:g} s)"
         ) from None
     except web.RequestPayloadError:
-        raise RequestError(
+        raise UnreadableBody(
             "the request body could not be read as sent (its Content-Encoding or chunked framing)"
         ) from None
+    except ConnectionError:
+        # The client left mid-body: nobody reads the answer, and it is no fault of Warden's.
+        raise UnreadableBody("the client closed the connection before its body arrived") from None
     return b"".join(chunks)

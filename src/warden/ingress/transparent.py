@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 from prometheus_client import Counter
 
 from warden import tasks
-from warden.config import Config, TransparentConfig, parse_listen
+from warden.config import DEFAULT_MAX_CONNECTIONS, Config, TransparentConfig, parse_listen
 from warden.core import Governor
 from warden.errors import ConfigError
 from warden.ingress import transparent_ca
@@ -255,8 +255,13 @@ class GoverningAddon:
         mode: str,
         *,
         private_allowed: bool = False,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self._rules = rules
+        self._max_connections = max_connections
+        self._clients: set[str] = set()
+        """Client connections open now (``limits.max_connections``)."""
+        self._refused = metrics.child(metrics.CONNECTIONS_REFUSED, "transparent")
         self._target = target
         self._mode = mode
         self._private_allowed = private_allowed
@@ -292,8 +297,18 @@ class GoverningAddon:
         if not self._inflight and self._idle is not None:
             self._idle.set()
 
+    def client_connected(self, client: connection.Client) -> None:
+        """Past ``limits.max_connections`` open, a new client connection is closed: each
+        holds a descriptor the audit log and the state store need too."""
+        if len(self._clients) >= self._max_connections:
+            self._refused.inc()
+            client.error = "too many connections open (limits.max_connections)"
+            return
+        self._clients.add(client.id)
+
     def client_disconnected(self, client: connection.Client) -> None:
         """Whatever became of its requests, none of them is in flight any more."""
+        self._clients.discard(client.id)
         self._forget(self._by_client.pop(client.id, ()))
 
     # -- lifecycle ------------------------------------------------------------
@@ -604,6 +619,7 @@ class TransparentDoor:
         # A body mitmproxy reads whole (a refused request's) is bounded: what the
         # listener would take at most, the request limit or the upstream answer limit.
         self._body_limit = max(config.limits.max_body_bytes, MAX_UPSTREAM_BODY)
+        self._max_connections = config.limits.max_connections
         self._handoff_url = handoff_url
         self._grace_s = shutdown_grace_s
         self._master: Any = None
@@ -650,6 +666,7 @@ class TransparentDoor:
             _loopback_target(self._handoff_url()),
             self._cfg.mode,
             private_allowed=self._cfg.tunnel_private_networks,
+            max_connections=self._max_connections,
         )
         if self._cfg.unknown_hosts == "tunnel" and not (
             _bind_tells("192.0.2.1") and _bind_tells("2001:db8::1")

@@ -16,6 +16,7 @@ import time
 
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web import RequestPayloadError
 
 from warden.ops import tracing
 from warden.text import mended
@@ -92,7 +93,7 @@ class _WithheldDetails(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and isinstance(exc.__cause__, HttpProcessingError):
+        if isinstance(exc, RequestPayloadError) and isinstance(exc.__cause__, HttpProcessingError):
             # A body aiohttp could not decode (a Content-Encoding it does not have,
             # broken chunks), raised again when it reads the rest after the answer.
             exc = exc.__cause__

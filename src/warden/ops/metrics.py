@@ -156,7 +156,8 @@ INFLIGHT = Gauge("warden_inflight_requests", "Requests being served right now.")
 CONNECTIONS_REFUSED = Counter(
     "warden_connections_refused_total",
     "Connections answered 503 (or reset, when refusals themselves pile up) because the "
-    "listener already had limits.max_connections open, by listener (proxy, admin).",
+    "listener already had limits.max_connections open, by listener (proxy, admin, "
+    "transparent; the gRPC listener's own cap closes them uncounted).",
     ["listener"],
 )
 
@@ -351,5 +352,5 @@ QUALITY_ADDED_LATENCY_P95 = Gauge(
 # start: created at 0 now, so that the first failure of each kind is counted.
 for _code in sorted(error_codes()):
     ERRORS.labels(_code)
-for _listener in ("proxy", "admin"):
+for _listener in ("proxy", "admin", "transparent"):
     CONNECTIONS_REFUSED.labels(_listener)

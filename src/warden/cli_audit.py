@@ -278,9 +278,17 @@ def _target(args: argparse.Namespace) -> PgTarget:
     password = None
     if args.password_file:
         try:
-            password = Path(args.password_file).read_text(encoding="utf-8").splitlines()[0]
-        except (OSError, IndexError) as exc:
-            raise _Unusable(f"--password-file: cannot read {args.password_file}: {exc}") from None
+            text = Path(args.password_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise _Unusable(
+                f"--password-file: cannot read {args.password_file}: {exc.strerror or exc}"
+            ) from None
+        except UnicodeDecodeError:
+            # The decoder's message quotes a byte of the password.
+            raise _Unusable(f"--password-file: {args.password_file} is not UTF-8 text") from None
+        if not text.strip():
+            raise _Unusable(f"--password-file: {args.password_file} is empty")
+        password = text.splitlines()[0]
     return PgTarget(args.url, password)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ipaddress
 import math
 import sys
 from collections.abc import Iterable, Mapping
@@ -157,22 +158,51 @@ def _run_as_user(holder: Any) -> Any:
     return context.get("runAsUser") if isinstance(context, dict) else None
 
 
+def _uid(value: Any) -> int | None:
+    """A ``runAsUser`` as the number Kubernetes reads (``65532``, ``65532.0``, ``"65532"``).
+
+    None when unset or not a number (the API server refuses those itself).
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return int(number) if number.is_integer() else None
+    return None
+
+
 def _refuse_wardens_user(spec: dict[str, Any], containers: list[Any], label: str) -> None:
     """Refuse a pod whose agent would run as Warden's user (the chart's ``agent.runAsUser`` check).
 
     Transparent mode's redirect rules exempt that user's traffic by owner, so an
-    agent running as it would pass as Warden and go around it.
+    agent running as it would pass as Warden and go around it. A container's own
+    ``runAsUser`` wins over the pod's: the pod's counts only for a container without one.
     """
-    uid = _run_as_user(sidecar_template())
+    uid = _uid(_run_as_user(sidecar_template()))
     how = f"is {uid}, Warden's own user, which transparent mode exempts: run the agent as another"
-    if str(_run_as_user(spec)) == str(uid):
-        raise InjectError(f"{label}: securityContext.runAsUser {how} user (e.g. 65533)")
+    unset = []
     for container in containers:
-        if str(_run_as_user(container)) == str(uid):
-            name = container.get("name", "?")
+        own = _run_as_user(container)
+        if own is None:
+            unset.append(container)
+        elif _uid(own) == uid:
+            name = container.get("name", "?") if isinstance(container, dict) else "?"
             raise InjectError(
                 f"{label}: container {name!r}: securityContext.runAsUser {how} user (e.g. 65533)"
             )
+    if unset and _uid(_run_as_user(spec)) == uid:
+        names = ", ".join(repr(c.get("name", "?") if isinstance(c, dict) else "?") for c in unset)
+        raise InjectError(
+            f"{label}: securityContext.runAsUser {how} user (e.g. 65533), or set one on "
+            f"each container that sets none ({names})"
+        )
 
 
 def _inject_pod(spec: dict[str, Any], settings: SidecarSettings, label: str) -> None:
@@ -249,6 +279,37 @@ def _listen_port(value: str, key: str, *, reachable: bool) -> int:
     return port
 
 
+_LOOPBACK_V4 = ipaddress.IPv4Network("127.0.0.0/8")
+_LOOPBACKS_V6 = (
+    ipaddress.IPv6Network("::1/128"),
+    ipaddress.IPv6Network("::ffff:127.0.0.0/104"),  # 127.0.0.0/8, IPv4-mapped
+)
+
+
+def _takes_in_loopback(entry: str) -> bool:
+    """Whether a ``trusted_proxies`` entry (an address or network) overlaps the loopback."""
+    try:
+        network = ipaddress.ip_network(entry.strip(), strict=False)
+    except ValueError:
+        return False  # matches no peer (console.sso skips it too)
+    if isinstance(network, ipaddress.IPv4Network):
+        return network.overlaps(_LOOPBACK_V4)
+    return any(network.overlaps(loopback) for loopback in _LOOPBACKS_V6)
+
+
+def _refuse_loopback_sso(proxies: Iterable[str]) -> None:
+    """A sidecar shares the pod's loopback with the agent: trusted there, the agent could
+    send the sign-on headers itself and act in the console (the chart's check too)."""
+    for entry in proxies:
+        if _takes_in_loopback(entry):
+            raise InjectError(
+                f"console.sso.trusted_proxies: {entry} takes in the pod's loopback "
+                "(127.0.0.0/8, ::1), which the agent shares with the sidecar: it could send "
+                "the sign-on headers itself and act in the console (clear its own kill "
+                "switch); name only the auth proxy's own address, outside the agent's pod"
+            )
+
+
 def settings_from_config(path: str, base: SidecarSettings) -> tuple[SidecarSettings, str]:
     """Validate a ``warden.yaml`` and take its ports and grace period; return it as text too."""
     from warden.config import load_config
@@ -259,6 +320,8 @@ def settings_from_config(path: str, base: SidecarSettings) -> tuple[SidecarSetti
         text = Path(path).read_text(encoding="utf-8")
     except (ConfigError, OSError) as exc:
         raise InjectError(str(exc)) from exc
+    if config.console.sso is not None:
+        _refuse_loopback_sso(config.console.sso.trusted_proxies)
     proxy = _listen_port(config.listen.proxy, "proxy", reachable=False)
     admin = _listen_port(config.listen.admin, "admin", reachable=True)
     grpc = config.listen.grpc

@@ -103,6 +103,13 @@ MAX_LIFETIME_S = 10 * 365 * 86400.0
 """The longest a stored thing may live (an approval, a reservation, a session): ten years.
 Past it a time can no longer be written (year 9999) or slept on, and the setting fails
 at run time instead of at start."""
+MAX_ITEMS = 10**8
+"""The most of anything counted in memory (cached decisions, events, messages, keys):
+past it a setting would not fit in memory, or not in a C size (``OverflowError`` at start)."""
+MAX_BYTES = 2**32
+"""The most bytes (or characters) one body or field may be read into memory as: 4 GiB."""
+MAX_CONNECTIONS = 1_000_000
+"""The most connections a listener may serve at once: each holds a file descriptor."""
 ENV_PREFIX = "WARDEN_"
 # Read by the CLI, or by the agent's SDK (WARDEN_AGENT_KEY, docs/identity.md), not by
 # the server; never treated as config overrides.
@@ -126,16 +133,41 @@ def _split_url(value: str) -> SplitResult:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises for a port that is not a number 0-65535
     except ValueError as exc:
-        # urllib's own messages may quote the port or the host and user (a password).
-        text = str(exc)
-        if text.startswith("Port"):
-            fault = "its port is not a number from 0 to 65535"
-        elif "IPv6" in text:
-            fault = "its [IPv6] host is malformed"
-        else:
-            fault = "its host part cannot be read"
-        raise ValueError(f"is not a valid URL: {fault}") from None
+        raise ValueError(f"is not a valid URL: {_split_fault(exc)}") from None
     return parts
+
+
+def _split_fault(exc: ValueError) -> str:
+    # urllib's own messages may quote the port or the host and user (a password).
+    text = str(exc)
+    if text.startswith("Port"):
+        return "its port is not a number from 0 to 65535"
+    if "IPv6" in text:
+        return "its [IPv6] host is malformed"
+    return "its host part cannot be read"
+
+
+def _check_postgres_url(value: str) -> None:
+    """``value``'s ports as libpq reads them, several ``host:port`` pairs (failover)
+    included: ``ValueError`` naming the fault, never the value (it may carry a password)."""
+    # The URL is shown, its password masked, through urlsplit: it must split. Its port
+    # is not read here: ``h1:5432,h2:5432`` is one to urllib, and not a number.
+    try:
+        urlsplit(value)
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL: {_split_fault(exc)}") from None
+    from psycopg import Error as PgError  # noqa: PLC0415 - only for a PostgreSQL URL
+    from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
+
+    try:
+        params = conninfo_to_dict(value)
+    except PgError:
+        # libpq says why when Warden connects, its message scrubbed of the password
+        # (warden.state.postgres.pg_reason); its message here would quote the URL.
+        return
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isascii() and port.isdigit() and int(port) <= 65535):
+            raise ValueError("is not a valid URL: its port is not a number from 0 to 65535")
 
 
 def _migrate_switch(value: Any) -> Any:
@@ -345,9 +377,9 @@ class SessionsConfig(_Section):
     ``X-Warden-Session`` header does (``/metadata/session_id``, ``/user``)."""
     max_calls: int = Field(256, ge=0, le=10_000)
     """At most this many prior tool calls (the latest) reach ``input.history``."""
-    max_messages: int = Field(5000, ge=1)
+    max_messages: int = Field(5000, ge=1, le=MAX_ITEMS)
     """Messages (or input items) read from one request; the rest are not looked at."""
-    max_result_chars: int = Field(2048, ge=0)
+    max_result_chars: int = Field(2048, ge=0, le=MAX_BYTES)
     """Characters of each tool result kept in ``input.history[i].result.content``."""
     max_history_ms: float = Field(20.0, gt=0, le=MAX_OPERATION_S * 1000)
     """Time one request's history extraction may take before it stops (``truncated``)."""
@@ -433,7 +465,7 @@ class PolicyConfig(_Section):
     """The stack each worker runs the engine on: its regular expressions and JSON
     parser recurse per character or level, and on Linux's usual 8 MiB a 26,000
     character argument matched by ``^[a-z]+$`` killed the worker."""
-    cache_size: int = Field(DEFAULT_POLICY_CACHE_SIZE, ge=0)
+    cache_size: int = Field(DEFAULT_POLICY_CACHE_SIZE, ge=0, le=MAX_ITEMS)
     watch: bool = True
     """Reload bundles from their folders when files change."""
     poll_interval_s: float = Field(5.0, gt=0, le=MAX_OPERATION_S)
@@ -474,7 +506,7 @@ class SubjectsConfig(_Section):
     sources: tuple[str, ...] = ("context.customer_id",)
     """Dotted paths, tried in order: ``context.<name>``, ``action.arguments.<path>``,
     ``agent.claims.<path>``. The first present value names the subject."""
-    max_keys: int = Field(100_000, ge=1)
+    max_keys: int = Field(100_000, ge=1, le=MAX_ITEMS)
     """At most this many subject keys; past it, personal fields are recorded redacted."""
 
     @field_validator("sources")
@@ -514,7 +546,7 @@ class AuditShipConfig(_Section):
     def _scheme(cls, value: str) -> str:
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must start with postgresql://")
-        _split_url(value)
+        _check_postgres_url(value)
         return value
 
     _migrate_false = field_validator("migrate", mode="before")(_migrate_switch)
@@ -569,7 +601,7 @@ class StateConfig(_Section):
         if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise ValueError("must start with sqlite:/// or postgresql://")
         if value.startswith("postgres"):
-            _split_url(value)
+            _check_postgres_url(value)
         return value
 
     _migrate_false = field_validator("migrate", mode="before")(_migrate_switch)
@@ -584,17 +616,17 @@ class StateConfig(_Section):
 class LimitsConfig(_Section):
     """Bounds on what agents may send."""
 
-    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, le=MAX_BYTES)
     body_read_timeout_s: float = Field(30.0, gt=0, le=MAX_OPERATION_S)
     """How long a request's body may take to arrive: a client trickling it a byte at a
     time held a connection (and its file descriptor) for as long as it liked."""
     idle_timeout_s: float = Field(75.0, gt=0, le=MAX_OPERATION_S)
     """How long a connection may sit idle between requests, or take to send a request's
     headers (the proxy and admin listeners)."""
-    max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1)
-    """Connections each of the proxy and admin listeners serves at once; past it a new
-    connection is answered 503 with ``Retry-After`` and closed. Each holds a file
-    descriptor, which the audit log and state store need too."""
+    max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1, le=MAX_CONNECTIONS)
+    """Connections each listener serves at once; past it a new connection is answered
+    503 with ``Retry-After`` and closed (proxy, admin), or closed (gRPC, transparent).
+    Each holds a file descriptor, which the audit log and state store need too."""
 
 
 class AdminToken(_Section):
@@ -864,7 +896,7 @@ class MonitorConfig(_Section):
     """A pinned baseline file (``warden monitor baseline``) used instead of ``reference``."""
     min_samples: int = Field(30, ge=1)
     """Fewer decisions than this on either side: the drift level is ``insufficient``."""
-    max_events: int = Field(500_000, ge=1000)
+    max_events: int = Field(500_000, ge=1000, le=MAX_ITEMS)
     """Decisions, outcomes and approvals kept in memory for the windows (oldest dropped)."""
     replay_max_changes: int | None = Field(None, ge=0)
     """``warden policy replay`` exits 1 when more decisions than this change (unset: report)."""
@@ -892,7 +924,7 @@ class ApprovalsConfig(_Section):
     """How often a held stream gets an SSE comment so that proxies keep it open."""
     orphan_after_s: float = Field(30.0, gt=0, le=MAX_OPERATION_S)
     """A hold whose Warden sent no heartbeat for this long becomes a deferral."""
-    max_pending_per_agent: int = Field(100, ge=0)
+    max_pending_per_agent: int = Field(100, ge=0, le=MAX_ITEMS)
     """Approvals one agent may have waiting at once (0: no bound). A looping or hostile
     agent could otherwise open thousands, each a row approvers must wade through."""
     keep_decided_s: float = Field(30 * 86400.0, gt=0, le=MAX_LIFETIME_S)
@@ -1042,7 +1074,8 @@ class GrpcConfig(_Section):
     """Settings of the gRPC listener (``listen.grpc``)."""
 
     tls: GrpcTlsConfig | None = None
-    max_message_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+    max_message_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, le=2**31 - 1)
+    """gRPC's own limit is a signed 32-bit count."""
     reflection: bool = True
     outcome_reporters: dict[str, list[str]] = Field(default_factory=dict)
     """Tool runners whose ``ReportOutcome`` is trusted: a proven agent id to the agents

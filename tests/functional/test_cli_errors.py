@@ -261,3 +261,26 @@ def test_db_commands_on_a_folder_or_junk_are_one_line(
     (tmp_path / "data" / "state.db").write_text("not a database, only text " * 200)
     assert cli.main(["db", "status", "--config", str(config)]) == 2
     one_line(capsys, "warden: state.url: cannot use ")
+
+
+def test_a_password_file_that_is_not_utf8_is_one_line_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The decoder's own message quotes a byte of the password: the error names the file."""
+    secret = tmp_path / "pw"
+    secret.write_bytes(b"\xe9S3CRET\n")  # Latin-1, as an editor may save it
+    url = "postgresql://warden@127.0.0.1:1/warden"
+    config = write_config(tmp_path, state={"url": url, "password_file": str(secret)})
+    assert cli.main(["db", "status", "--config", str(config)]) == 2
+    said = one_line(capsys, f"warden: state.password_file: {secret} is not UTF-8 text")
+    export = ["audit", "export", "--url", url, "--out", str(tmp_path / "x")]
+    assert cli.main([*export, "--password-file", str(secret)]) == 2
+    said += capsys.readouterr().err
+    assert f"--password-file: {secret} is not UTF-8 text" in said
+    shipping = write_config(tmp_path, audit={"ship": {"url": url, "password_file": str(secret)}})
+    done = warden("serve", "--config", str(shipping), "--log-format", "text", cwd=tmp_path)
+    refused(done, f"audit.ship.password_file: {secret} is not UTF-8 text")
+    for text in (said, done.stderr):
+        assert "0xe9" not in text
+        assert "S3CRET" not in text
+        assert "codec" not in text

@@ -6,11 +6,13 @@ import asyncio
 import base64
 import csv
 import dataclasses
+import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from hashlib import sha256
 from pathlib import Path
 
@@ -1140,3 +1142,27 @@ def test_a_malformed_package_fails_with_a_message_not_a_traceback(
 def _edge_time(root: Path) -> str:
     """The time of record 16: a period ending there has an edge after it."""
     return str(next(orjson.loads(p)["time"] for seq, p in iter_records(root) if seq == 16))
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """The usual 022, under which a plain ``open`` makes a file anyone may read."""
+    before = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+@pytest.mark.usefixtures("open_umask")
+def test_an_export_is_its_makers_alone(root: Path, tmp_path: Path) -> None:
+    """An export holds what the log holds (the log is 0640, its index 0600)."""
+    out = tmp_path / "made" / "evidence"
+    export_log(root, out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    files = list(out.iterdir())
+    assert len(files) > 10
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o600 for p in files}
+    for fmt in ("csv", "ocsf"):
+        export_log(root, tmp_path / f"audit.{fmt}", fmt=fmt)
+        assert stat.S_IMODE((tmp_path / f"audit.{fmt}").stat().st_mode) == 0o600

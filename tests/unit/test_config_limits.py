@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from warden.config import MAX_LIFETIME_S, MAX_OPERATION_S, load_config
+from warden.config import MAX_ITEMS, MAX_LIFETIME_S, MAX_OPERATION_S, load_config
 from warden.config_shown import shown_config
 from warden.errors import ConfigError
+from warden.monitor.live import LiveMonitor
 
 
 def refused(overrides: dict[str, Any]) -> str:
@@ -104,6 +105,32 @@ def test_times_at_their_bound_are_taken_and_printable() -> None:
 )
 def test_every_time_has_an_upper_bound(overrides: dict[str, Any]) -> None:
     assert "less than or equal to" in refused(overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"monitor": {"max_events": 2**63}}, "monitor.max_events"),
+        ({"policy": {"cache_size": 2**63}}, "policy.cache_size"),
+        ({"sessions": {"max_messages": 2**63}}, "sessions.max_messages"),
+        ({"sessions": {"max_result_chars": 2**63}}, "sessions.max_result_chars"),
+        ({"audit": {"subjects": {"max_keys": 2**63}}}, "audit.subjects.max_keys"),
+        ({"approvals": {"max_pending_per_agent": 2**63}}, "approvals.max_pending_per_agent"),
+        ({"limits": {"max_body_bytes": 2**63}}, "limits.max_body_bytes"),
+        ({"limits": {"max_connections": 2**63}}, "limits.max_connections"),
+        ({"grpc": {"max_message_bytes": 2**31}}, "grpc.max_message_bytes"),
+    ],
+)
+def test_every_count_that_sizes_memory_has_an_upper_bound(
+    overrides: dict[str, Any], key: str
+) -> None:
+    assert f"{key}: Input should be less than or equal to" in refused(overrides)
+
+
+def test_the_monitor_starts_with_max_events_at_its_bound(tmp_path: Path) -> None:
+    # 2**63 passed the config and `warden serve` died making its windows (OverflowError).
+    config = load_config(environ={}, overrides={"monitor": {"max_events": MAX_ITEMS}})
+    LiveMonitor(config.monitor, tmp_path)
 
 
 @pytest.mark.parametrize("window", ["0d", "99999999999999w", "522w", "3651d"])
@@ -203,6 +230,43 @@ def test_a_malformed_url_names_the_key_not_the_password(
     said = refused(overrides)
     assert f"{key}: Value error, is not a valid URL" in said
     assert "S3CRETPW" not in said
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://ops@pg-a:5432,pg-b:5432/warden?target_session_attrs=read-write",
+        "postgresql://ops@pg-a,pg-b/warden",
+        "postgresql://ops@[fd00::1]:5432,[fd00::2]:5433/warden",
+    ],
+)
+def test_a_multi_host_postgresql_url_is_taken(url: str) -> None:
+    """libpq tries each host in turn (failover): ``pg-a:5432,pg-b:5432`` is no port to
+    urllib, and was refused as one that is not a number."""
+    config = load_config(
+        environ={}, overrides={"state": {"url": url}, "audit": {"ship": {"url": url}}}
+    )
+    assert config.state.url == url
+    assert config.audit.ship is not None
+    assert config.audit.ship.url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "fault"),
+    [
+        ("postgresql://ops:S3CRETPW@pg-a:5432,pg-b:S3CRETPW/db", "its port is not a number"),
+        ("postgresql://ops:S3CRETPW@pg-a:5432,pg-b:65536/db", "its port is not a number"),
+        ("postgresql://ops:S3CRETPW@h/db?port=5432,S3CRETPW", "its port is not a number"),
+    ],
+)
+def test_a_bad_port_among_several_names_the_key_not_the_url(url: str, fault: str) -> None:
+    for key, overrides in (
+        ("state.url", {"state": {"url": url}}),
+        ("audit.ship.url", {"audit": {"ship": {"url": url}}}),
+    ):
+        said = refused(overrides)
+        assert f"{key}: Value error, is not a valid URL: {fault}" in said
+        assert "S3CRETPW" not in said
 
 
 @pytest.mark.parametrize(

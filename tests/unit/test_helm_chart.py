@@ -192,7 +192,7 @@ def test_a_gateway_without_proof_needs_an_explicit_acknowledgement(tmp_path: Pat
 
 
 @pytest.mark.parametrize(
-    "proxy", ["127.0.0.1", "127.0.0.2/32", "127.0.0.0/8", "0.0.0.0/0", "64.0.0.0/2", "::1"]
+    "proxy", ["127.0.0.1", "127.0.0.2/32", "127.0.0.0/8", "0.0.0.0/0", "64.0.0.0/2"]
 )
 def test_a_sidecars_console_never_trusts_the_pods_loopback(proxy: str) -> None:
     """The agent shares the sidecar's loopback: trusted there, it could send the sign-on
@@ -206,6 +206,64 @@ def test_a_sidecars_console_never_trusts_the_pods_loopback(proxy: str) -> None:
     # A gateway's pod holds Warden alone.
     gateway = [*GATEWAY, "--set-json", sso]
     assert run([tool("helm"), "template", "t", str(CHART), *gateway]).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "proxy",
+    [
+        "::1",
+        "0::1",
+        "0:0:0:0:0:0:0:1",
+        "::0:1",
+        "::0.0.0.1",
+        "::ffff:127.0.0.1",
+        "::/0",
+        "0::/0",
+        "1::/0",
+        "fd00::5",
+    ],
+)
+def test_a_sidecars_console_trusts_no_ipv6_entry(proxy: str) -> None:
+    """The chart's admin listener is IPv4 (0.0.0.0): no auth proxy reaches it over IPv6,
+    and the loopback ``::1`` has more spellings than a template can tell apart."""
+    sso = f'config.console.sso={{"trusted_proxies":["10.0.0.5","{proxy}"]}}'
+    done = run([tool("helm"), "template", "t", str(CHART), "--set-json", sso])
+    assert done.returncode != 0
+    assert f"config.console.sso.trusted_proxies: {proxy} is an IPv6 entry" in done.stderr
+    assert "name the auth proxy's IPv4 address" in done.stderr
+    gateway = [*GATEWAY, "--set-json", sso]
+    assert run([tool("helm"), "template", "t", str(CHART), *gateway]).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [
+        ("WARDEN_IDENTITY__REQUIRE_PROOF", GATEWAY),
+        ("WARDEN_IDENTITY", GATEWAY),
+        ("WARDEN_identity__require_proof", GATEWAY),
+        ("WARDEN_CONSOLE__SSO__TRUSTED_PROXIES", []),
+        ("WARDEN_CONSOLE__SSO", []),
+        ("WARDEN_CONSOLE", []),
+    ],
+)
+def test_the_charts_checks_cannot_be_got_around_through_env(name: str, mode: list[str]) -> None:
+    """The gateway's require_proof and the sidecar's SSO checks read ``config``: an
+    environment variable setting the same would pass them by."""
+    env = f'env=[{{"name":"OTEL_SERVICE_NAME","value":"w"}},{{"name":"{name}","value":"x"}}]'
+    done = run([tool("helm"), "template", "t", str(CHART), *mode, "--set-json", env])
+    assert done.returncode != 0
+    assert f"env: {name} would set identity or console.sso settings" in done.stderr
+    assert "set them as config.identity... or config.console.sso... instead" in done.stderr
+
+
+def test_other_warden_settings_may_still_come_from_env() -> None:
+    env = [{"name": "WARDEN_CONSOLE__ENABLED", "value": "false"}, {"name": "WARDEN_MODE"}]
+    docs = helm_template(
+        "--set", "agent.image=registry.example/agent:1", "--set-json", f"env={json.dumps(env)}"
+    )
+    (deployment,) = by_kind(tuple(docs), "Deployment")
+    names = [e["name"] for e in warden_container(pod_spec(deployment))["env"]]
+    assert names[-2:] == ["WARDEN_CONSOLE__ENABLED", "WARDEN_MODE"]
 
 
 @pytest.mark.parametrize("proxy", ["10.0.0.5", "10.20.0.0/16", "128.0.0.0/1", "126.0.0.0/8"])

@@ -254,6 +254,99 @@ def test_an_agent_running_as_wardens_user_is_refused(
     assert cli.main(["inject", "-f", str(tmp_path / "in.yaml"), "-o", str(out)]) == 0
 
 
+def pod(pod_context: str, *container_contexts: str) -> dict[str, Any]:
+    """A Pod with a container per context (``""``: none set), first an init container."""
+    containers = [
+        {"name": f"c{i}", "image": "a", **yaml.safe_load(f"{{{context}}}")}
+        for i, context in enumerate(container_contexts)
+    ]
+    spec: dict[str, Any] = {"initContainers": containers[:1], "containers": containers[1:]}
+    spec.update(yaml.safe_load(f"{{{pod_context}}}"))
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": spec}
+
+
+@pytest.mark.parametrize("user", ["65532.0", '"65532"', "0xFFFC", "6.5532e4", '"65532.0"'])
+def test_wardens_user_is_refused_however_it_is_written(user: str) -> None:
+    """Kubernetes reads ``65532.0`` as 65532: it is Warden's user all the same."""
+    ctx = f"securityContext: {{runAsUser: {user}}}"
+    with pytest.raises(InjectError, match="container 'c1': securityContext.runAsUser is 65532"):
+        inject_documents([pod("", "", ctx)], SidecarSettings())
+    with pytest.raises(InjectError, match=r"\(Pod p\): securityContext.runAsUser is 65532"):
+        inject_documents([pod(ctx, "", "")], SidecarSettings())
+
+
+def test_the_pods_user_counts_only_for_containers_that_set_none() -> None:
+    """A container's own ``runAsUser`` wins over the pod's."""
+    mine = "securityContext: {runAsUser: 1000}"
+    wardens = "securityContext: {runAsUser: 65532}"
+    _, count = inject_documents([pod(wardens, mine, mine)], SidecarSettings())
+    assert count == 1
+    # One container (here the init container) without its own runs as the pod's user.
+    with pytest.raises(InjectError, match=r"set one on each container that sets none \('c0'\)"):
+        inject_documents([pod(wardens, "", mine)], SidecarSettings())
+    with pytest.raises(InjectError, match=r"\('c1'\)"):
+        inject_documents(
+            [pod(wardens, mine, "securityContext: {runAsNonRoot: true}")], SidecarSettings()
+        )
+
+
+@pytest.mark.parametrize(
+    "proxy",
+    [
+        "127.0.0.1",
+        "127.9.9.9/32",
+        "127.0.0.0/8",
+        "0.0.0.0/0",
+        "64.0.0.0/2",
+        "::1",
+        "0::1",
+        "0:0:0:0:0:0:0:1",
+        "::0:1",
+        "::0.0.0.1",
+        "::/0",
+        "0::/0",
+        "::/127",
+        "::ffff:127.0.0.1",
+        "::ffff:7f00:1",
+        "::ffff:0:0/96",
+    ],
+)
+def test_a_sidecars_sso_never_trusts_the_pods_loopback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], proxy: str
+) -> None:
+    """The agent shares the sidecar's loopback: trusted there, it could send the sign-on
+    headers itself and clear its own kill switch in the console (the chart refuses it too)."""
+    (tmp_path / "warden.yaml").write_text(
+        yaml.safe_dump({"console": {"sso": {"trusted_proxies": ["10.0.0.5", proxy]}}})
+    )
+    (tmp_path / "deployment.yaml").write_text(SAMPLE)
+    out = tmp_path / "out.yaml"
+    args = ["-f", str(tmp_path / "deployment.yaml"), "--config", str(tmp_path / "warden.yaml")]
+    assert cli.main(["inject", *args, "-o", str(out)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"console.sso.trusted_proxies: {proxy} takes in the pod's loopback" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "proxy", ["10.0.0.5", "10.20.0.0/16", "128.0.0.0/1", "126.0.0.0/8", "fd00::5", "2001:db8::/32"]
+)
+def test_a_sidecars_sso_may_trust_an_auth_proxy_elsewhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], proxy: str
+) -> None:
+    (tmp_path / "warden.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "listen": {"admin": "0.0.0.0:8081"},
+                "console": {"sso": {"trusted_proxies": [proxy]}},
+            }
+        )
+    )
+    docs = inject(tmp_path, capsys, "--config", str(tmp_path / "warden.yaml"))
+    (config_map,) = by_kind(docs, "ConfigMap")
+    assert proxy in config_map["data"]["warden.yaml"]
+
+
 def test_every_pod_carrying_kind_is_injected_and_the_input_is_left_alone() -> None:
     pod_spec_doc = {"containers": [{"name": "agent", "image": "a"}]}
     docs: list[Any] = [

@@ -282,25 +282,32 @@ seccompProfile:
 {{- if eq .Values.mode "sidecar" -}}
 {{- $sso := ((.Values.config | default dict).console | default dict).sso | default dict -}}
 {{- range ($sso.trusted_proxies | default list) -}}
+{{- if contains ":" (toString .) -}}
+{{- fail (printf "config.console.sso.trusted_proxies: %s is an IPv6 entry, refused in sidecar mode: the chart's admin listener is IPv4 (0.0.0.0), so no auth proxy reaches it over IPv6, and an IPv6 entry can take in the pod's loopback (::1, however it is spelled), which the agent shares; name the auth proxy's IPv4 address (docs/deploy.md)" .) -}}
+{{- end -}}
 {{- if include "warden.isLoopback" (toString .) -}}
 {{- fail (printf "config.console.sso.trusted_proxies: %s takes in the pod's loopback (127.0.0.0/8, ::1), which the agent shares in sidecar mode: it could send the sign-on headers itself and act in the console (clear its own kill switch); name only the auth proxy's own address, outside the agent's pod (docs/deploy.md)" .) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- /* The checks above read config: a WARDEN_* variable would get around them. Warden
+     reads the name past WARDEN_ in any case, and a whole section from one variable. */ -}}
+{{- range (.Values.env | default list) -}}
+{{- if regexMatch "^WARDEN_(IDENTITY(__.*)?|CONSOLE|CONSOLE__SSO(__.*)?)$" (upper (toString .name)) -}}
+{{- fail (printf "env: %s would set identity or console.sso settings, which the chart checks only under config: set them as config.identity... or config.console.sso... instead" .name) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
-"true" when a trusted_proxies entry (an address or address/prefix, as the schema
-allows) takes in any of 127.0.0.0/8 or ::1. The chart's admin listener is IPv4
-(0.0.0.0), but an IPv6 loopback entry is refused all the same.
+"true" when an IPv4 trusted_proxies entry (an address or address/prefix, as the
+schema allows) takes in any of 127.0.0.0/8. IPv6 entries are refused before this
+in sidecar mode.
 */}}
 {{- define "warden.isLoopback" -}}
 {{- $parts := splitList "/" . -}}
 {{- $addr := first $parts -}}
-{{- if contains ":" $addr -}}
-{{- $prefix := ternary (last $parts) "128" (eq (len $parts) 2) | atoi -}}
-{{- if or (eq $addr "::1") (and (has $addr (list "::" "::0")) (lt $prefix 128)) }}true{{ end -}}
-{{- else -}}
+{{- if not (contains ":" $addr) -}}
 {{- $o := splitList "." $addr -}}
 {{- $ip := add (mul (atoi (index $o 0)) 16777216) (mul (atoi (index $o 1)) 65536) (mul (atoi (index $o 2)) 256) (atoi (index $o 3)) -}}
 {{- $prefix := ternary (last $parts) "32" (eq (len $parts) 2) | atoi -}}

@@ -22,12 +22,13 @@ import csv
 import dataclasses
 import datetime as dt
 import hashlib
+import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Literal, overload
 
 import orjson
 
@@ -355,12 +356,35 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
+"""An export holds what the log holds (the log is 0640, its index 0600): its files are
+its maker's alone, whatever the umask; a folder it makes too."""
+
+
+@overload
+def _create(path: Path, text: Literal[False] = False) -> IO[bytes]: ...
+@overload
+def _create(path: Path, text: Literal[True]) -> IO[str]: ...
+def _create(path: Path, text: bool = False) -> IO[bytes] | IO[str]:
+    """``path`` opened to write, made 0600 when it is new (a file there keeps its mode)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+    if text:
+        return os.fdopen(fd, "w", newline="", encoding="utf-8")
+    return os.fdopen(fd, "wb")
+
+
+def _put(path: Path, data: bytes | str) -> None:
+    with _create(path) as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+
+
 def _write_package(root: Path, out: Path, selection: Selection, loaded: _Loaded) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
     size = loaded.checkpoint.size
     tree = loaded.tree
     verifier = Layout(root).verifier()
-    with (out / "records.jsonl").open("wb") as records, (out / "proofs.jsonl").open("wb") as proofs:
+    with _create(out / "records.jsonl") as records, _create(out / "proofs.jsonl") as proofs:
         for seq, payload, record in loaded.selected:
             records.write(payload + b"\n")
             line = {
@@ -370,17 +394,17 @@ def _write_package(root: Path, out: Path, selection: Selection, loaded: _Loaded)
                 "proof": [_b64(p) for p in tree.inclusion_proof(seq, size)],
             }
             proofs.write(orjson.dumps(line) + b"\n")
-    (out / "checkpoint").write_text(loaded.note, encoding="utf-8")
+    _put(out / "checkpoint", loaded.note)
     text = loaded.checkpoint.text()
-    (out / "checkpoint.body").write_text(text, encoding="utf-8")
+    _put(out / "checkpoint.body", text)
     signature = _own_signature(loaded.note, verifier)
-    (out / "checkpoint.sig").write_bytes(signature)
-    (out / "log-key.vkey").write_text(verifier.vkey + "\n", encoding="utf-8")
-    (out / "log-key.pem").write_bytes(verifier.public_pem)
+    _put(out / "checkpoint.sig", signature)
+    _put(out / "log-key.vkey", verifier.vkey + "\n")
+    _put(out / "log-key.pem", verifier.public_pem)
     earlier = _earliest_covering(loaded)
     if earlier is not None:
         first_size, note = earlier
-        (out / "checkpoint-earlier").write_text(note, encoding="utf-8")
+        _put(out / "checkpoint-earlier", note)
         proof = tree.consistency_proof(first_size, size)
         body = {
             "checkpoint": "checkpoint-earlier",
@@ -388,7 +412,7 @@ def _write_package(root: Path, out: Path, selection: Selection, loaded: _Loaded)
             "size2": size,
             "proof": [_b64(p) for p in proof],
         }
-        (out / "consistency.json").write_bytes(orjson.dumps(body, option=orjson.OPT_INDENT_2))
+        _put(out / "consistency.json", orjson.dumps(body, option=orjson.OPT_INDENT_2))
     _write_changelog(out, selection, loaded)
     seqs = [seq for seq, _, _ in loaded.selected]
     scope = {
@@ -399,7 +423,7 @@ def _write_package(root: Path, out: Path, selection: Selection, loaded: _Loaded)
         "last_seq": seqs[-1] if seqs else None,
         "records": len(seqs),
     }
-    (out / "selection.json").write_bytes(orjson.dumps(scope, option=orjson.OPT_INDENT_2))
+    _put(out / "selection.json", orjson.dumps(scope, option=orjson.OPT_INDENT_2))
     edges = [
         {
             "side": side,
@@ -411,16 +435,16 @@ def _write_package(root: Path, out: Path, selection: Selection, loaded: _Loaded)
         if edge is not None
         for seq, payload in [edge]
     ]
-    (out / "edges.json").write_bytes(orjson.dumps(edges, option=orjson.OPT_INDENT_2))
-    (out / "verify_evidence.py").write_bytes(_STANDALONE.read_bytes())
-    (out / "SUMMARY.md").write_text(_summary(selection, loaded, verifier), encoding="utf-8")
-    (out / "VERIFY.md").write_text(_instructions(loaded), encoding="utf-8")
+    _put(out / "edges.json", orjson.dumps(edges, option=orjson.OPT_INDENT_2))
+    _put(out / "verify_evidence.py", _STANDALONE.read_bytes())
+    _put(out / "SUMMARY.md", _summary(selection, loaded, verifier))
+    _put(out / "VERIFY.md", _instructions(loaded))
     lines = []
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         name = path.relative_to(out).as_posix()
         if name != "MANIFEST.sha256":
             lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {name}\n")
-    (out / "MANIFEST.sha256").write_text("".join(lines), encoding="utf-8")
+    _put(out / "MANIFEST.sha256", "".join(lines))
 
 
 def _write_changelog(out: Path, selection: Selection, loaded: _Loaded) -> None:
@@ -433,7 +457,7 @@ def _write_changelog(out: Path, selection: Selection, loaded: _Loaded) -> None:
     entry, not only those of the period."""
     size = loaded.checkpoint.size
     exported = {seq for seq, _, _ in loaded.selected}
-    with (out / "changelog.jsonl").open("wb") as fh:
+    with _create(out / "changelog.jsonl") as fh:
         for entry in loaded.changes.entries:
             if selection.end is not None and entry.time >= selection.end:
                 continue
@@ -443,7 +467,7 @@ def _write_changelog(out: Path, selection: Selection, loaded: _Loaded) -> None:
                 line["record"] = _b64(loaded.change_records[entry.seq])
                 line["proof"] = [_b64(p) for p in loaded.tree.inclusion_proof(entry.seq, size)]
             fh.write(orjson.dumps(line) + b"\n")
-    with (out / "activations.jsonl").open("wb") as fh:
+    with _create(out / "activations.jsonl") as fh:
         for seq, _, _ in loaded.selected:
             link = loaded.links.get(seq)
             if link is not None:
@@ -791,7 +815,7 @@ def _flat(seq: int, payload: bytes, rec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write_csv(out: Path, loaded: _Loaded) -> None:
-    with out.open("w", newline="", encoding="utf-8") as fh:
+    with _create(out, text=True) as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for seq, payload, rec in loaded.selected:
@@ -876,7 +900,7 @@ def ocsf_event(seq: int, payload: bytes, rec: Mapping[str, Any], origin: str) ->
 
 
 def _write_ocsf(out: Path, loaded: _Loaded, origin: str) -> None:
-    with out.open("wb") as fh:
+    with _create(out) as fh:
         for seq, payload, rec in loaded.selected:
             fh.write(orjson.dumps(ocsf_event(seq, payload, rec, origin)) + b"\n")
 

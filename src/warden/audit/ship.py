@@ -90,6 +90,11 @@ def ship_target(config: AuditShipConfig) -> PgTarget:
             raise ConfigError(
                 f"audit.ship.password_file: cannot read {config.password_file}: {exc.strerror}"
             ) from None
+        except UnicodeDecodeError:
+            # The decoder's message quotes a byte of the password.
+            raise ConfigError(
+                f"audit.ship.password_file: {config.password_file} is not UTF-8 text"
+            ) from None
         if not text.strip():
             raise ConfigError(f"audit.ship.password_file: {config.password_file} is empty")
         password = text.splitlines()[0]

@@ -105,6 +105,11 @@ class PgTarget:
                 raise ConfigError(
                     f"state.password_file: cannot read {config.password_file}: {exc.strerror}"
                 ) from None
+            except UnicodeDecodeError:
+                # The decoder's message quotes a byte of the password.
+                raise ConfigError(
+                    f"state.password_file: {config.password_file} is not UTF-8 text"
+                ) from None
             password = text.splitlines()[0] if text.strip() else None
             if password is None:
                 raise ConfigError(f"state.password_file: {config.password_file} is empty")

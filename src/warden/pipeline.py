@@ -40,6 +40,7 @@ import orjson
 from warden.audit.record import REDACTED, ApprovalEvidence
 from warden.audit.redaction import POLICY_GUARDS
 from warden.audit.redaction import resolve as resolve_redactions
+from warden.errors import Overloaded, WardenError
 from warden.model import (
     Action,
     ActionKind,
@@ -54,12 +55,14 @@ from warden.text import shown_name
 
 __all__ = [
     "MAX_INPUT_DEPTH",
+    "POLICY_UNAVAILABLE",
     "UNCHECKED",
     "AuditSink",
     "Guard",
     "GuardContext",
     "Pipeline",
     "Previewing",
+    "Reconsidering",
     "Redacting",
     "Reserving",
     "input_problem",
@@ -78,6 +81,9 @@ UNCHECKED = "unchecked"
 cannot count, another agent's conversation): the policy then decides without the
 guard's document (``input.budget``, ``input.session``)."""
 _COULD_NOT_CHECK = frozenset({UNCHECKED, "state_unavailable"})
+POLICY_UNAVAILABLE = "policy_unavailable"
+"""The outcome ``error`` of an approved call denied because the policy could not be asked
+about it again (:meth:`Pipeline.reconsider`): it never ran."""
 _INT64 = (-(2**63), 2**63 - 1)  # what the engine takes as an integer, not a rounded float
 
 log = logging.getLogger("warden.pipeline")
@@ -172,6 +178,22 @@ class Previewing(Protocol):
 
     async def preview(self, action: Action, ctx: GuardContext) -> Decision | None:
         """What the guard would decide for ``action``, or ``None``; nothing is recorded."""
+        ...
+
+
+@runtime_checkable
+class Reconsidering(Protocol):
+    """A guard (the policy) that can be asked again about a decision already made.
+
+    :meth:`Pipeline.reconsider` asks it about a held call people approved:
+    the same evaluation as :meth:`Guard.check`, but not a new decision, so
+    nothing that follows decisions (the challenger) is given it again.
+    """
+
+    name: str
+
+    async def check_again(self, action: Action, ctx: GuardContext) -> Decision:
+        """What the guard says of ``action`` now; raises as :meth:`Guard.check` does."""
         ...
 
 
@@ -675,11 +697,20 @@ class Pipeline:
         its data; a reload need not change the revision its manifest names).
         So the policy is asked again, on the very input ``held`` was decided on
         (the guards' context :meth:`decide` kept in this task; else the facts
-        ``held`` recorded, as ``warden policy replay`` rebuilds them). An
-        enforced denial is recorded and returned, naming both revisions, and
-        what the approval reserved goes back (the action never ran). A hold or
-        an allow leaves the approval standing; so does the same answer from
-        the same bundle, which the decision cache gives without evaluating.
+        ``held`` recorded, as ``warden policy replay`` rebuilds them), as a
+        question, not a new decision (:class:`Reconsidering`: the challenger
+        is not offered it again). An enforced denial is recorded and returned,
+        naming both revisions, and what the approval reserved goes back (the
+        action never ran): outcome ``policy_reloaded``. A hold or an allow
+        leaves the approval standing; so does the same answer from the same
+        bundle, which the decision cache gives without evaluating.
+
+        Fails closed: when the policy cannot answer (the engine busy or failing,
+        or its fallback denying after a timeout or an error), the call is
+        denied all the same, the denial says so (``guard="fallback"``, the
+        failure's code as ``error``), and what was reserved goes back (outcome
+        ``policy_unavailable``). The approval is used either way: a retry asks
+        people again.
         """
         if (
             approved.guard != "approval"
@@ -690,9 +721,24 @@ class Pipeline:
             return approved
         kept = _HELD.get()
         ctx = kept[1] if kept is not None and kept[0] == held.decision_id else None
-        now = await self._policy.check(action, ctx or self._held_context(action, held))
+        try:
+            now = await self._ask_again(
+                self._policy, action, ctx or self._held_context(action, held)
+            )
+        except Exception as exc:  # Overloaded, a failing engine: denied, fail closed
+            return await self._unanswered(action, held, approved, exc)
         if now is None or now.enforced is not Effect.DENY:
             return approved
+        if now.error is not None:  # the fallback's denial: the policy could not run it
+            log.warning(
+                "approved action %s denied: the policy could not check it again (%s)",
+                action.action_id,
+                now.error,
+            )
+            why = "the policy could not check it again, so it is denied"
+            return await self._withdrawn(
+                action, held, approved, now, why=why, error=POLICY_UNAVAILABLE
+            )
         was, is_ = held.bundle_revision or "none", now.bundle_revision or "none"
         if was != is_:
             change = (
@@ -704,16 +750,70 @@ class Pipeline:
                 f"the policy now denies it (bundle revision {is_}, reloaded or answering "
                 "otherwise since the call was held)"
             )
-        why = f"{approved.reason}, but {change}"
+        return await self._withdrawn(
+            action, held, approved, now, why=change, error="policy_reloaded"
+        )
+
+    @staticmethod
+    async def _ask_again(policy: Guard, action: Action, ctx: GuardContext) -> Decision | None:
+        """The policy's answer now, as a question (:class:`Reconsidering`) when it can."""
+        if isinstance(policy, Reconsidering):
+            return await policy.check_again(action, ctx)
+        return await policy.check(action, ctx)
+
+    async def _unanswered(
+        self, action: Action, held: Decision, approved: Decision, exc: Exception
+    ) -> Decision:
+        """The denial of an approved call the policy could not be asked about again."""
+        busy = isinstance(exc, Overloaded)
+        code = exc.code if isinstance(exc, WardenError) else "policy_crash"
+        lines = str(exc).strip().splitlines()
+        log.warning(
+            "approved action %s denied: the policy could not check it again: %s",
+            action.action_id,
+            f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__,
+        )
+        # Not the exception's text: it may name what the agent has no business knowing.
+        failed = Decision(
+            decision_id=new_id("dec"),
+            effect=Effect.DENY,
+            reasons=(
+                "the policy engine was too busy to answer in time"
+                if busy
+                else "the policy engine failed to answer",
+            ),
+            mode=approved.mode,
+            guard="fallback",
+            bundle_revision=held.bundle_revision,
+            error=code,
+        )
+        why = "the policy could not check it again, so it is denied"
+        return await self._withdrawn(
+            action, held, approved, failed, why=why, error=POLICY_UNAVAILABLE
+        )
+
+    async def _withdrawn(
+        self,
+        action: Action,
+        held: Decision,
+        approved: Decision,
+        now: Decision,
+        *,
+        why: str,
+        error: str,
+    ) -> Decision:
+        """Record ``now``'s denial of the approved call (``why``, after the approval), and
+        the approved decision's outcome ``error``: the action never ran, its reservation
+        goes back."""
         redact = tuple(dict.fromkeys((*held.obligations.redact, *now.obligations.redact)))
         denied = dataclasses.replace(
             now,
-            reasons=(why, *now.reasons),
+            reasons=(f"{approved.reason}, but {why}", *now.reasons),
             obligations=Obligations(redact=redact),
             input=held.input,
         )
         await self._audit.record_decision(action, denied)
-        stopped = Outcome(error="policy_reloaded", result=denied.reason, is_error=True)
+        stopped = Outcome(error=error, result=denied.reason, is_error=True)
         await self.outcome(action, approved.decision_id, stopped, trusted=True)
         return denied
 

@@ -121,12 +121,14 @@ async def test_the_approvals_view_shows_one_page_of_the_queue(warden: Warden) ->
         async with http.get(f"{warden.admin_url}/console/approvals") as resp:
             assert resp.status == 200
             first = await resp.text()
-        async with http.get(f"{warden.admin_url}/console/approvals?page=1") as resp:
+        async with http.get(warden.admin_url + next_page(first)) as resp:
             second = await resp.text()
         async with http.get(f"{warden.admin_url}/console/approvals?show=history") as resp:
             history = await resp.text()
-        async with http.get(f"{warden.admin_url}/console/approvals?page=x%C2%B2") as resp:
-            assert resp.status == 200  # a page number that is no number: the first page
+        for bad in ("x%C2%B2", "1e9~apr_1", "1.5~apr_%0A", "1~" + "a" * 65, "9" * 200):
+            async with http.get(f"{warden.admin_url}/console/approvals?after={bad}") as resp:
+                assert resp.status == 200  # no place a page can start after: the first page
+                assert 'rel="first"' not in await resp.text()
     assert len(first) < waiting * LONG // 10  # nowhere near every argument in full
     assert f"Waiting ({waiting})" in first
     assert first.count('<article class="approval"') == APPROVALS_PAGE
@@ -134,8 +136,37 @@ async def test_the_approvals_view_shows_one_page_of_the_queue(warden: Warden) ->
     assert "/customer_id (cut: too long to show)" in first
     assert "Approval history" not in first  # the history is read only when asked for
     assert second.count('<article class="approval"') == 1
-    assert 'rel="prev"' in second
+    assert 'rel="first"' in second
     assert 'aria-label="Approval history"' in history
     assert '<article class="approval"' not in history
     ids = re.findall(r'aria-label="Approval (apr_[^"]+)"', first + second)
     assert len(set(ids)) == waiting  # each once, oldest first across the pages
+
+
+def next_page(page: str) -> str:
+    """The path the page's Next link goes to."""
+    found = re.search(r'href="(/console/approvals\?[^"]+)" rel="next"', page)
+    assert found is not None, "no next page"
+    return found[1].replace("&amp;", "&")
+
+
+async def test_approvals_decided_while_paging_make_none_skip_a_page(warden: Warden) -> None:
+    for n in range(APPROVALS_PAGE + 5):
+        assert await refund(warden, f"A-{n}", "c") == 403
+    pending = [a["id"] for a in (await api(warden, "/v1/approvals?status=pending"))["approvals"]]
+    shown = re.compile(r'aria-label="Approval (apr_[^"]+)"')
+    async with browser_like() as http:
+        await sign_in(http, warden, "dana")
+        async with http.get(f"{warden.admin_url}/console/approvals") as resp:
+            first = await resp.text()
+        # Meanwhile another approver rejects five of the first page, through the API.
+        headers = {"Authorization": f"Bearer {TOKENS['dana']}"}
+        for approval_id in shown.findall(first)[:5]:
+            async with http.post(
+                f"{warden.admin_url}/v1/approvals/{approval_id}/reject", headers=headers, json={}
+            ) as resp:
+                assert resp.status == 200
+        async with http.get(warden.admin_url + next_page(first)) as resp:
+            second = await resp.text()
+    seen = shown.findall(first) + shown.findall(second)
+    assert seen == pending  # every one that waited, once, oldest first

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from warden.config import PolicyConfig
 from warden.core import Governor
+from warden.errors import Overloaded
 from warden.model import (
     Action,
     ActionKind,
@@ -18,6 +20,9 @@ from warden.model import (
     new_id,
 )
 from warden.pipeline import GuardContext, Pipeline
+from warden.policy.engine import PolicyResult
+from warden.policy.guard import PolicyGuard
+from warden.policy.metrics import PolicyMetrics
 from warden.testing.memory_audit import MemoryAudit
 
 
@@ -45,9 +50,13 @@ class Policy:
 
 
 class Session:
-    """A guard before the policy that gives it ``input.history``, as the session guard does."""
+    """A guard before the policy that gives it ``input.history``, as the session guard does;
+    it holds something per action, as the budget guard does (``settled``)."""
 
     name = "session"
+
+    def __init__(self) -> None:
+        self.settled: list[Any] = []
 
     async def check(self, action: Action, ctx: GuardContext) -> Decision | None:
         return None
@@ -62,7 +71,7 @@ class Session:
         return None
 
     async def settle(self, action: Action, outcome: Any, *, trusted: bool = False) -> None:
-        return None
+        self.settled.append(outcome)
 
 
 class Approver:
@@ -161,3 +170,121 @@ async def test_a_denial_in_observe_mode_lets_the_approval_stand() -> None:
     decision = await core.decide(refund())
     assert decision.enforced is Effect.ALLOW
     assert decision.guard == "approval"
+
+
+class Failing(Policy):
+    """Holds the call; asked again, it fails as ``failure`` says."""
+
+    def __init__(self, failure: Exception | Decision) -> None:
+        super().__init__()
+        self.failure = failure
+
+    async def check(self, action: Action, ctx: GuardContext) -> Decision:
+        if self.seen:
+            if isinstance(self.failure, Exception):
+                raise self.failure
+            return self.failure
+        return await super().check(action, ctx)
+
+
+def failing(failure: Exception | Decision) -> tuple[Governor, Session, MemoryAudit]:
+    audit, session, policy = MemoryAudit(), Session(), Failing(failure)
+    pipeline = Pipeline(
+        [session, policy], audit, mode_for=lambda _a: Mode.ENFORCE, risk_of=lambda _t: "write"
+    )
+    # The approver changes nothing: the policy that held the call is the one asked again.
+    gate = Approver(Policy(), Effect.REQUIRE_APPROVAL, "r1", None)
+    return Governor(pipeline, gate=gate), session, audit
+
+
+async def test_a_busy_policy_engine_at_the_recheck_denies_and_gives_back_the_reservation() -> None:
+    core, session, audit = failing(Overloaded("the policy engine is busy; retry shortly"))
+    decision = await core.decide(refund())  # not the 503: the approval was used
+    assert decision.enforced is Effect.DENY
+    assert (decision.guard, decision.error) == ("fallback", "overloaded")
+    assert decision.reasons == (
+        "approved by dana (approval apr_1), but the policy could not check it again, "
+        "so it is denied",
+        "the policy engine was too busy to answer in time",
+    )
+    held, denied = (d for _, d in audit.decisions)
+    assert denied.decision_id == decision.decision_id
+    assert denied.input == held.input
+    # The approved decision gets its outcome: it never ran, and what it reserved goes back.
+    (stopped,) = audit.outcomes
+    assert stopped.decision_id not in (held.decision_id, decision.decision_id)
+    assert stopped.outcome.error == "policy_unavailable"
+    assert [o.error for o in session.settled] == ["policy_unavailable"]
+
+
+async def test_a_failing_policy_engine_at_the_recheck_is_not_named_to_the_agent() -> None:
+    core, session, audit = failing(RuntimeError("worker 3 died reading /srv/bundle"))
+    decision = await core.decide(refund())
+    assert decision.enforced is Effect.DENY
+    assert (decision.guard, decision.error) == ("fallback", "policy_crash")
+    assert "/srv/bundle" not in " ".join(decision.reasons)
+    assert decision.reasons[1] == "the policy engine failed to answer"
+    assert [o.outcome.error for o in audit.outcomes] == ["policy_unavailable"]
+    assert len(session.settled) == 1
+
+
+async def test_a_policy_timeout_at_the_recheck_is_not_called_a_reload() -> None:
+    fallback = Decision(
+        new_id("dec"),
+        Effect.DENY,
+        ("the policy took too long; the fallback for write actions applies (deny)",),
+        Mode.ENFORCE,
+        "fallback",
+        bundle_revision="r1",
+        error="policy_timeout",
+    )
+    core, _, audit = failing(fallback)
+    decision = await core.decide(refund())
+    assert decision.enforced is Effect.DENY
+    assert (decision.guard, decision.error) == ("fallback", "policy_timeout")
+    assert decision.reasons == (
+        "approved by dana (approval apr_1), but the policy could not check it again, "
+        "so it is denied",
+        "the policy took too long; the fallback for write actions applies (deny)",
+    )
+    (stopped,) = audit.outcomes
+    assert stopped.outcome.error == "policy_unavailable"
+
+
+class Engine:
+    """The policy engine: holds refunds, then allows them (answers from ``results``)."""
+
+    revision = "r1"
+
+    def __init__(self) -> None:
+        self.results = [
+            PolicyResult(Effect.REQUIRE_APPROVAL, ("refunds need a person",), revision="r1"),
+            PolicyResult(Effect.ALLOW, ("allowed",), revision="r1"),
+        ]
+
+    async def evaluate(self, doc: Any, query: str | None = None) -> PolicyResult:
+        return self.results.pop(0)
+
+
+class Challenger:
+    def __init__(self) -> None:
+        self.offered: list[Decision] = []
+
+    def offer(self, doc: Any, decision: Decision) -> None:
+        self.offered.append(decision)
+
+
+async def test_the_recheck_is_not_offered_to_the_challenger() -> None:
+    engine, challenger, audit = Engine(), Challenger(), MemoryAudit()
+    policy = PolicyGuard(engine, PolicyConfig(), metrics=PolicyMetrics())  # type: ignore[arg-type]
+    policy.challenger = challenger  # type: ignore[assignment]
+    pipeline = Pipeline(
+        [Session(), policy], audit, mode_for=lambda _a: Mode.ENFORCE, risk_of=lambda _t: "write"
+    )
+    gate = Approver(Policy(), Effect.REQUIRE_APPROVAL, "r1", None)
+    decision = await Governor(pipeline, gate=gate).decide(refund())
+    assert decision.enforced is Effect.ALLOW
+    assert not engine.results  # asked twice
+    # Only the decision in the log: a second offer would name a decision that is not.
+    ((_, held),) = audit.decisions
+    assert [d.decision_id for d in challenger.offered] == [held.decision_id]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -12,6 +12,7 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
+from tests.pg import state_config
 from warden.admin.auth import Principal
 from warden.approvals import (
     AlreadyVoted,
@@ -24,7 +25,7 @@ from warden.approvals import (
     SelfApproval,
 )
 from warden.approvals.model import Approval, TooManyPending
-from warden.approvals.store import ApprovalRepo, ApprovalStore, PagedApprovals
+from warden.approvals.store import ApprovalRepo, ApprovalStore, PagedApprovals, page_key
 from warden.audit import keyed_digest
 from warden.audit.export import Selection, export_log
 from warden.audit.log import AuditLog
@@ -43,6 +44,7 @@ from warden.model import (
     Stage,
     new_id,
 )
+from warden.state.backend import StateBackend, open_state
 
 ALICE = Principal("alice", frozenset({"approver"}))
 BOB = Principal("bob", frozenset({"approver"}))
@@ -626,20 +628,89 @@ async def test_the_configured_quorum_is_the_least_a_policy_can_ask(
     assert (fewer.required_approvals, more.required_approvals) == (2, 3)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def sidecar_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Callable[[], Awaitable[ApprovalRepo]]]:
+    """Opens approval stores on one shared database, as sidecars of one fleet do."""
+    config = state_config(request, tmp_path)
+    opened: list[StateBackend] = []
+
+    async def store() -> ApprovalRepo:
+        if request.param == "sqlite":
+            return await ApprovalStore.open(config.url)
+        opened.append(await open_state(config))
+        return opened[-1].approvals
+
+    yield store
+    for backend in opened:
+        await backend.close()
+
+
+async def test_a_raised_quorum_is_kept_with_the_approval_for_every_sidecar(
+    sidecar_store: Callable[[], Awaitable[ApprovalRepo]], audit: AuditLog
+) -> None:
+    # A rolling change: one sidecar already requires 3 approvals, another still 1.
+    lower = await Approvals.open(await sidecar_store(), audit, SETTINGS)
+    raised = await Approvals.open(
+        await sidecar_store(), audit, dataclasses.replace(SETTINGS, required_approvals=3)
+    )
+    try:
+        opened = await lower.request(action(), decision(), mode="defer")
+        assert opened.required_approvals == 1
+        once = await raised.decide(opened.id, ALICE, True, "")
+        assert (once.status, once.required_approvals) == (ApprovalStatus.PENDING, 3)
+        # The lower sidecar counts against the stored quorum, not its own.
+        twice = await lower.decide(opened.id, BOB, True, "")
+        assert (twice.status, twice.required_approvals) == (ApprovalStatus.PENDING, 3)
+        stored = await lower.get(opened.id)
+        assert stored is not None
+        assert stored.required_approvals == 3
+        assert await lower.take_grant(action(), decision()) is None
+        thrice = await lower.decide(opened.id, CAROL, True, "")
+        assert (thrice.status, len(thrice.approved_by)) == (ApprovalStatus.APPROVED, 3)
+    finally:
+        await lower.close()
+        await raised.close()
+
+
 async def test_pages_of_pending_and_of_ended_approvals(approvals: Approvals) -> None:
     opened = [await approvals.request(action(amount=i), decision(), mode="hold") for i in range(5)]
     for approval in opened[:2]:
         await approvals.decide(approval.id, ALICE, approval is opened[0], "")
     first = await approvals.page(pending=True, limit=2)
-    second = await approvals.page(pending=True, limit=2, offset=2)
+    second = await approvals.page(pending=True, limit=2, after=page_key(first[-1], pending=True))
     assert [a.id for a in first + second] == [a.id for a in opened[2:]]  # oldest first
     ended = await approvals.page(pending=False, limit=10)
     assert [a.id for a in ended] == [opened[1].id, opened[0].id]  # last decided first
     assert await approvals.pending_count() == 3
 
 
+async def test_a_page_starts_after_the_last_one_shown_whatever_was_decided_since(
+    sidecar_store: Callable[[], Awaitable[ApprovalRepo]], audit: AuditLog
+) -> None:
+    service = await Approvals.open(await sidecar_store(), audit, SETTINGS)
+    try:
+        opened = [
+            await service.request(action(amount=i), decision(), mode="defer") for i in range(6)
+        ]
+        first = await service.page(pending=True, limit=3)
+        assert [a.id for a in first] == [a.id for a in opened[:3]]
+        for shown in first[:2]:  # others decide what the first page showed
+            await service.decide(shown.id, ALICE, False, "")
+        after = page_key(first[-1], pending=True)
+        second = await service.page(pending=True, limit=3, after=after)
+        assert [a.id for a in second] == [a.id for a in opened[3:]]  # none skipped
+        ended = await service.page(pending=False, limit=1)
+        assert [a.id for a in ended] == [opened[1].id]  # last decided first
+        older = await service.page(pending=False, limit=5, after=page_key(ended[-1], pending=False))
+        assert [a.id for a in older] == [opened[0].id]
+    finally:
+        await service.close()
+
+
 class _Unpaged:
-    """A store that cannot read one page (PostgreSQL's, for now)."""
+    """A store that cannot read one page (a repository of another backend)."""
 
     def __init__(self, inner: ApprovalStore) -> None:
         self._inner = inner
@@ -659,10 +730,13 @@ async def test_a_store_that_cannot_page_gives_the_same_pages(url: str, audit: Au
             await service.request(action(amount=i), decision(), mode="hold") for i in range(4)
         ]
         await service.decide(opened[0].id, ALICE, False, "")
-        assert [a.id for a in await service.page(pending=True, limit=2, offset=1)] == [
+        after = page_key(opened[1], pending=True)
+        assert [a.id for a in await service.page(pending=True, limit=2, after=after)] == [
             opened[2].id,
             opened[3].id,
         ]
         assert [a.id for a in await service.page(pending=False, limit=5)] == [opened[0].id]
+        ended = page_key(opened[0], pending=True)  # before the one that ended
+        assert await service.page(pending=False, limit=5, after=ended) == []
     finally:
         await service.close()

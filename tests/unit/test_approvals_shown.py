@@ -80,6 +80,25 @@ def test_two_long_keys_that_start_alike_both_stay() -> None:
     assert len(entries) == 2
 
 
+def test_a_cut_key_never_takes_the_name_of_another_key() -> None:
+    # The budget nearly spent, a long key is cut to 30 characters: the name it gets, and
+    # the one the old rule renamed it to, are keys of the call itself.
+    named = "k" * 30 + "… [cut by Warden: 2970 of 3000 characters]"
+    twin = f"{named} (2)"
+    budget = [2 + len(named) + 2 + len(twin) + 2 + 30]
+    shown, entries = shorten({named: 1, twin: 2, "k" * 3000: 3}, "", budget)
+    assert (shown[named], shown[twin]) == (1, 2)  # each real key shows its own value
+    assert sorted(shown.values()) == [1, 2, 3]  # and none is dropped
+    assert len(entries) == 1
+
+
+def test_a_key_named_like_the_note_keeps_its_value() -> None:
+    shown, entries = cut({"[cut by Warden]": "mine", **{f"k{i}": i for i in range(MAX_ITEMS)}})
+    assert shown["[cut by Warden]"] == "mine"
+    assert shown[f"[cut by Warden] ({MAX_ITEMS})"] == f"1 more of {MAX_ITEMS + 1} entries not shown"
+    assert entries == ["cut:"]
+
+
 def test_pointers_escape_slashes_and_tildes() -> None:
     _, entries = cut({"a/b": {"c~d": "x" * (MAX_TEXT + 1)}})
     assert entries == ["cut:/a~1b/c~0d"]

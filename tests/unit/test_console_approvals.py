@@ -42,25 +42,30 @@ def test_an_mcp_retrys_answers_are_shown_beside_the_arguments() -> None:
     assert 'aria-label="Answers"' not in str(approvals_view([held()], "csrf", LEAD))
 
 
-def test_the_queue_is_one_page_with_links_to_the_others() -> None:
-    page = str(approvals_view([held()], "csrf", LEAD, waiting=41, page=1, more=True))
+def test_the_queue_is_one_page_with_links_to_the_first_and_the_next() -> None:
+    after = "1764650000.25~apr_1"
+    page = str(approvals_view([held()], "csrf", LEAD, waiting=41, first=False, next_after=after))
     assert "Waiting (41)" in page  # every pending one is counted, one page is shown
     assert page.count('<article class="approval"') == 1
-    assert 'href="/console/approvals?page=0" rel="prev"' in page
-    assert 'href="/console/approvals?page=2" rel="next"' in page
+    assert 'href="/console/approvals" rel="first"' in page
+    assert f'href="/console/approvals?after={after}" rel="next"' in page
     assert "Approval history" not in page  # the history is a page of its own
     alone = str(approvals_view([held()], "csrf", LEAD, waiting=1))
     assert 'rel="next"' not in alone
-    assert 'rel="prev"' not in alone
+    assert 'rel="first"' not in alone
 
 
 def test_the_history_is_a_table_without_vote_buttons() -> None:
     ended = held(status=ApprovalStatus.REJECTED, decided_at=time.time(), comment="duplicate")
-    page = str(approvals_view([ended], "csrf", LEAD, history=True, waiting=3, more=True))
+    after = "1764650000.5~apr_1"
+    page = str(approvals_view([ended], "csrf", LEAD, history=True, waiting=3, next_after=after))
     assert 'aria-label="Approval history"' in page
     assert "duplicate" in page
     assert "Approve" not in page
-    assert 'href="/console/approvals?show=history&amp;page=1" rel="next"' in page
+    assert f'href="/console/approvals?show=history&amp;after={after}" rel="next"' in page
+    assert 'rel="first"' not in page
+    later = str(approvals_view([ended], "csrf", LEAD, history=True, waiting=3, first=False))
+    assert 'href="/console/approvals?show=history" rel="first"' in later
     assert "Waiting (3)" in page  # the tab still says how many wait
 
 

@@ -126,7 +126,8 @@ class Vote:
     at: float
     quorum: int = field(default=1, compare=False)
     """The fewest approvals that approve when the vote is cast (``approvals.required_approvals``
-    then): an approval opened under a smaller quorum needs this one. Not stored."""
+    then): an approval opened under a smaller quorum needs this one, and keeps it as its
+    ``required_approvals``. Not stored with the vote."""
 
     def to_json(self) -> dict[str, Any]:
         """The vote as the admin API and the webhooks show it."""

@@ -67,6 +67,8 @@ from warden.approvals.store import (
     ApprovalStore,
     ErasedApprovals,
     PagedApprovals,
+    PageKey,
+    page_key,
 )
 from warden.audit.record import action_body, arguments_digest, arguments_sha256
 from warden.model import Action, Decision, new_id
@@ -611,18 +613,31 @@ class Approvals:
         found = await self._store.list(ApprovalStatus(status) if status is not None else None)
         return [self._shown(a) for a in found]
 
-    async def page(self, *, pending: bool, limit: int, offset: int = 0) -> builtins.list[Approval]:
-        """At most ``limit`` approvals after the first ``offset``: the pending ones oldest
+    async def page(
+        self, *, pending: bool, limit: int, after: PageKey | None = None
+    ) -> builtins.list[Approval]:
+        """At most ``limit`` approvals that sort after ``after``: the pending ones oldest
         first, or (``pending`` false) those that ended or were approved, the last decided
-        first. For views that must not read the whole store at once."""
+        first. For views that must not read the whole store at once: the next page is
+        asked for after the :func:`~warden.approvals.store.page_key` of the last one
+        shown, so approvals decided meanwhile make no other skip a page."""
         if isinstance(self._store, PagedApprovals):
-            found = await self._store.page(pending=pending, limit=limit, offset=offset)
-        elif pending:  # a store that cannot page (PostgreSQL's, for now) reads them all
-            found = (await self._store.list(ApprovalStatus.PENDING))[offset : offset + limit]
+            found = await self._store.page(pending=pending, limit=limit, after=after)
+        elif pending:  # a store that cannot page reads them all
+            found = [
+                a
+                for a in await self._store.list(ApprovalStatus.PENDING)
+                if after is None or page_key(a, pending=True) > after
+            ][:limit]
         else:
-            ended = [a for a in await self._store.list() if a.status is not ApprovalStatus.PENDING]
-            ended.sort(key=lambda a: (a.decided_at or a.created_at, a.id), reverse=True)
-            found = ended[offset : offset + limit]
+            ended = [
+                a
+                for a in await self._store.list()
+                if a.status is not ApprovalStatus.PENDING
+                and (after is None or page_key(a, pending=False) < after)
+            ]
+            ended.sort(key=lambda a: page_key(a, pending=False), reverse=True)
+            found = ended[:limit]
         return [self._shown(a) for a in found]
 
     async def pending_count(self) -> int:

@@ -9,6 +9,9 @@ retry's answers) to a bounded size:
 * a text longer than :data:`MAX_TEXT` characters keeps its start and ends with
   a note saying how much is not shown;
 * an object or array keeps its first :data:`MAX_ITEMS` entries, then a note;
+* a key cut for length whose shortened name another key of the object has
+  (or would have) is shown as ``<name> (n)``, ``n`` its place, under a name no
+  key of the object has: one key never hides another's value;
 * past :data:`MAX_CHARS` characters in all, what is left is dropped the same way.
 
 Each value so cut is named (as a JSON pointer, after ``cut:``) in the
@@ -95,19 +98,28 @@ class _Cutter:
 
     def _object(self, obj: Mapping[Any, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        keys: set[str] | None = None  # the object's own key names, read once a key is cut
         for n, (key, item) in enumerate(obj.items()):
             if n >= MAX_ITEMS or self.left <= 0:
                 self._mark()
-                out[_MORE_KEY] = f"{len(obj) - n} more of {len(obj)} entries not shown"
+                # No key is shown after the note: only one shown already can have its name.
+                note = _MORE_KEY if _MORE_KEY not in out else _free(_MORE_KEY, n, out, set())
+                out[note] = f"{len(obj) - n} more of {len(obj)} entries not shown"
                 break
             name = str(key)
             self._path.append(name[:MAX_TEXT])
             if len(name) > MAX_TEXT:
                 name = self._text(name)
+                # Its cut name may be another key's (one that reads "… [cut by Warden: …",
+                # or "<that> (n)"): renamed to one no key of the object has.
+                keys = keys if keys is not None else {str(k) for k in obj}
+                if name in keys or name in out:
+                    name = _free(name, n, out, keys)
             else:
                 self.left -= len(name)
-            if name in out:  # two long keys that start alike
-                name = f"{name} ({n})"
+                if name in out:  # keys that are one text (1 and "1"): neither is dropped
+                    keys = keys if keys is not None else {str(k) for k in obj}
+                    name = _free(name, n, out, keys)
             out[name] = self.walk(item)
             self._path.pop()
         return out
@@ -123,3 +135,13 @@ class _Cutter:
             out.append(self.walk(item))
             self._path.pop()
         return out
+
+
+def _free(name: str, n: int, out: Mapping[str, Any], keys: set[str]) -> str:
+    """``name (n)`` for the ``n``-th key, or the first ``name (n.i)`` that is neither
+    shown nor one of the object's ``keys``: a key renamed never takes another's place,
+    so no value is dropped from what people see."""
+    candidate, i = f"{name} ({n})", 1
+    while candidate in out or candidate in keys:
+        candidate, i = f"{name} ({n}.{i})", i + 1
+    return candidate

@@ -49,6 +49,7 @@ __all__ = [
     "ApprovalRepo",
     "ApprovalStore",
     "ErasedApprovals",
+    "PageKey",
     "PagedApprovals",
     "apply_vote",
     "erase_params",
@@ -56,6 +57,8 @@ __all__ = [
     "from_row",
     "names_erased",
     "orphaned_holds",
+    "page_key",
+    "page_query",
     "to_row",
 ]
 
@@ -221,14 +224,51 @@ class ApprovalRepo(Protocol):
         ...
 
 
+PageKey = tuple[float, str]
+"""Where a page of approvals ends (:func:`page_key` of its last one): the next page
+starts after it, so approvals decided meanwhile move no other to an unseen page."""
+
+
+def page_key(approval: Approval, *, pending: bool) -> PageKey:
+    """What pages are sorted by: when a pending approval was opened, or (``pending``
+    false) when one past pending was decided (opened, if never decided), then the id."""
+    if pending or approval.decided_at is None:
+        return approval.created_at, approval.id
+    return approval.decided_at, approval.id
+
+
 @runtime_checkable
 class PagedApprovals(Protocol):
-    """A store that reads one page of approvals without reading the others (SQLite's)."""
+    """A store that reads one page of approvals without reading the others."""
 
-    async def page(self, *, pending: bool, limit: int, offset: int = 0) -> builtins.list[Approval]:
-        """At most ``limit`` approvals after the first ``offset``: the pending ones oldest
-        first, or (``pending`` false) those past pending, the last decided first."""
+    async def page(
+        self, *, pending: bool, limit: int, after: PageKey | None = None
+    ) -> builtins.list[Approval]:
+        """At most ``limit`` approvals that sort after ``after`` (:func:`page_key`): the
+        pending ones oldest first, or (``pending`` false) those past pending, the last
+        decided first."""
         ...
+
+
+def page_query(
+    pending: bool, limit: int, after: PageKey | None, *, columns: str, placeholder: str
+) -> tuple[str, tuple[Any, ...]]:
+    """The ``SELECT`` of one page's ``columns`` (see :class:`PagedApprovals`), with the
+    backend's placeholder (``?`` or ``%s``), and its parameters."""
+    p = placeholder
+    if pending:
+        key, status, beyond, order = "created_at", "= 'pending'", ">", "created_at, id"
+    else:
+        key = "coalesce(decided_at, created_at)"
+        status, beyond, order = "!= 'pending'", "<", f"{key} DESC, id DESC"
+    where = f"status {status}"
+    params: tuple[Any, ...] = ()
+    if after is not None:
+        where += f" AND ({key} {beyond} {p} OR ({key} = {p} AND id {beyond} {p}))"
+        params = (after[0], after[0], after[1])
+    # Only constant text is formatted in: every value is a parameter.
+    query = f"SELECT {columns} FROM approvals WHERE {where} ORDER BY {order} LIMIT {p}"  # noqa: S608
+    return query, (*params, limit)
 
 
 def names_erased(erased: ErasedSubjects, approval: Approval) -> bool:
@@ -262,8 +302,10 @@ def apply_vote(before: Approval, vote: Vote) -> Approval:
 
     One rejection rejects; ``required_approvals`` distinct approvals approve,
     or the vote's ``quorum`` (the configured one when it was cast) when that is
-    more: an approval opened before the quorum was raised needs the new one;
-    a pending approval past its expiry is expired instead. Raises
+    more: an approval opened before the quorum was raised needs the new one, and
+    keeps it (the stores write ``required_approvals`` back with the vote, so a
+    sidecar still configured lower counts against it too); a pending approval
+    past its expiry is expired instead. Raises
     :class:`ApprovalConflict` when it is not pending and :class:`AlreadyVoted`
     for a second vote by the same subject.
     """
@@ -373,24 +415,17 @@ class ApprovalStore(SqliteStore):
             ).fetchall()
         return [from_row(r) for r in rows]
 
-    async def page(self, *, pending: bool, limit: int, offset: int = 0) -> builtins.list[Approval]:
-        """At most ``limit`` approvals after the first ``offset``: the pending ones oldest
-        first, or (``pending`` false) those past pending, the last decided first. Only
-        the page's rows are read whole."""
-        return await self._run(self._page, pending, limit, offset)
+    async def page(
+        self, *, pending: bool, limit: int, after: PageKey | None = None
+    ) -> builtins.list[Approval]:
+        """At most ``limit`` approvals that sort after ``after`` (:func:`page_key`): the
+        pending ones oldest first, or (``pending`` false) those past pending, the last
+        decided first. Only the page's rows are read whole."""
+        return await self._run(self._page, pending, limit, after)
 
-    def _page(self, pending: bool, limit: int, offset: int) -> builtins.list[Approval]:
-        if pending:
-            query = (
-                "SELECT id FROM approvals WHERE status = 'pending' "
-                "ORDER BY created_at, id LIMIT ? OFFSET ?"
-            )
-        else:
-            query = (
-                "SELECT id FROM approvals WHERE status != 'pending' "
-                "ORDER BY coalesce(decided_at, created_at) DESC, id DESC LIMIT ? OFFSET ?"
-            )
-        ids = [r[0] for r in self._conn.execute(query, (limit, offset)).fetchall()]
+    def _page(self, pending: bool, limit: int, after: PageKey | None) -> builtins.list[Approval]:
+        query, params = page_query(pending, limit, after, columns="id", placeholder="?")
+        ids = [r[0] for r in self._conn.execute(query, params).fetchall()]
         return [a for a in (self._get(i) for i in ids) if a is not None]
 
     async def pending_counts(self) -> dict[tuple[str, str], int]:
@@ -720,9 +755,11 @@ class ApprovalStore(SqliteStore):
 
 
 def _update(cur: sqlite3.Cursor, a: Approval) -> None:
+    # The quorum too: a vote cast where approvals.required_approvals is higher raises the
+    # approval's own (apply_vote), and every sidecar counts against what is stored.
     cur.execute(
         "UPDATE approvals SET status = ?, votes = ?, decided_at = ?, decided_by = ?, "
-        "comment = ?, consumed_at = ? WHERE id = ?",
+        "comment = ?, consumed_at = ?, required = max(required, ?) WHERE id = ?",
         (
             a.status.value,
             _encode_votes(a.votes),
@@ -730,6 +767,7 @@ def _update(cur: sqlite3.Cursor, a: Approval) -> None:
             a.decided_by,
             a.comment,
             a.consumed_at,
+            a.required_approvals,
             a.id,
         ),
     )

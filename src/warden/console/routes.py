@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import re
 import secrets
 import shutil
 import tempfile
@@ -29,7 +30,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from warden.approvals.model import MAX_COMMENT, ApprovalError
-from warden.approvals.store import STORE_ERRORS
+from warden.approvals.store import STORE_ERRORS, PageKey, page_key
 from warden.audit.export import ExportError, Selection, export_log, parse_time
 from warden.audit.index import IndexQuery, IndexUnavailable
 from warden.budgets.guard import CapSpend
@@ -467,42 +468,52 @@ APPROVALS_PAGE = 20
 """Pending approvals one page of the Approvals view shows."""
 HISTORY_PAGE = 50
 """Approvals past pending one page of its history shows."""
-_LAST_PAGE = 10_000
 _STORE_DOWN = "the approval store is unavailable; try again shortly"
+_AFTER = re.compile(r"(\d{1,12}(?:\.\d{1,20})?)~([A-Za-z0-9_-]{1,64})")
+"""``?after=``: where the previous page ended, ``<time>~<approval id>`` (:func:`_after`)."""
 
 
 @_view("approvals")
 async def approvals(request: web.Request, console: Console, session: Session) -> web.StreamResponse:
     """The queue a page at a time, oldest first; the history (``?show=history``) on its own
-    pages, last decided first. A view reads one page from the store, never all of it."""
+    pages, last decided first. A view reads one page from the store, never all of it.
+
+    The next page starts after the last approval shown (``?after=``), not at a count:
+    approvals decided while someone pages move no pending one past the pages read."""
     history = request.query.get("show") == "history"
-    number = _page_number(request.query.get("page"))
+    after = _page_after(request.query.get("after"))
     size = HISTORY_PAGE if history else APPROVALS_PAGE
     try:
-        found = await console.approvals.page(
-            pending=not history, limit=size + 1, offset=number * size
-        )
+        found = await console.approvals.page(pending=not history, limit=size + 1, after=after)
         waiting = await console.approvals.pending_count()
     except STORE_ERRORS:
         return _refuse(request, 503, _STORE_DOWN)
+    shown = found[:size]
+    more = len(found) > size
     body = views.approvals_view(
-        found[:size],
+        shown,
         session.csrf,
         session.principal,
         _notice(request),
         history=history,
         waiting=waiting,
-        page=number,
-        more=len(found) > size,
+        first=after is None,
+        next_after=_after(page_key(shown[-1], pending=not history)) if more else None,
     )
     return _page(session, "Approvals", body, "approvals")
 
 
-def _page_number(given: str | None) -> int:
-    """``?page=``: a number from 0 (the first page), else 0."""
-    if given is None or not (given.isascii() and given.isdigit()) or len(given) > 6:
-        return 0
-    return min(int(given), _LAST_PAGE)
+def _after(key: PageKey) -> str:
+    """The ``?after=`` of the page after the approval whose :func:`page_key` is ``key``."""
+    return f"{key[0]!r}~{key[1]}"
+
+
+def _page_after(given: str | None) -> PageKey | None:
+    """``?after=`` read back; ``None`` (the first page) when it is no such value."""
+    found = _AFTER.fullmatch(given) if given is not None and len(given) <= 100 else None
+    if found is None:
+        return None
+    return float(found[1]), found[2]
 
 
 @_view("approvals")

@@ -505,14 +505,15 @@ def approvals_view(
     *,
     history: bool = False,
     waiting: int | None = None,
-    page: int = 0,
-    more: bool = False,
+    first: bool = True,
+    next_after: str | None = None,
 ) -> Html:
     """One page of the queue (with approve and reject for approvers), or of the history.
 
     ``shown``: the page's approvals, pending ones or (``history``) those past
-    pending; ``waiting``: how many are pending in all; ``page`` counts from 0,
-    and ``more`` says a next page exists.
+    pending; ``waiting``: how many are pending in all; ``first``: whether this
+    is the first page; ``next_after``: the ``?after=`` of the next page, when
+    there is one.
     """
     now = time.time()
     can_vote = "approver" in who.roles
@@ -556,7 +557,7 @@ def approvals_view(
             tag("p", {"class": "notice", "role": "status"}, message) if message else None,
             tabs,
             section,
-            _pager("?show=history&" if history else "?", page, more),
+            _pager("?show=history&" if history else "?", first, next_after),
         ]
     )
 
@@ -604,19 +605,20 @@ def _history_table(ended: Sequence[Approval]) -> Html:
     )
 
 
-def _pager(base: str, page: int, more: bool) -> Html | None:
-    """Links to the previous and next pages, when there are."""
-    if page <= 0 and not more:
+def _pager(base: str, first: bool, next_after: str | None) -> Html | None:
+    """Links to the first page and to the next, when there are. The next starts after
+    the last approval shown (``after=``, URL-safe as the route writes it), not at a
+    page number: approvals decided meanwhile would shift every page after them."""
+    if first and next_after is None:
         return None
+    home = f"{BASE}/approvals{base.rstrip('?&')}"
     links = [
-        tag("a", {"href": f"{BASE}/approvals{base}page={page - 1}", "rel": "prev"}, "Previous")
-        if page > 0
-        else None,
-        tag("a", {"href": f"{BASE}/approvals{base}page={page + 1}", "rel": "next"}, "Next")
-        if more
-        else None,
+        None if first else tag("a", {"href": home, "rel": "first"}, "First page"),
+        None
+        if next_after is None
+        else tag("a", {"href": f"{BASE}/approvals{base}after={next_after}", "rel": "next"}, "Next"),
     ]
-    return tag("nav", {"aria-label": "Pages", "class": "pager"}, f"Page {page + 1} ", links)
+    return tag("nav", {"aria-label": "Pages", "class": "pager"}, links)
 
 
 # -- Evidence ---------------------------------------------------------------------------

@@ -69,6 +69,12 @@ class PolicyGuard:
             self.challenger.offer(doc, decision)  # queued, never awaited
         return decision
 
+    async def check_again(self, action: Action, ctx: GuardContext) -> Decision:
+        """What :meth:`check` would answer now, for a call decided before (an approved
+        call, :meth:`warden.pipeline.Pipeline.reconsider`). Not a decision of its own:
+        the challenger, which was offered the first, is not offered it again."""
+        return self.decide(await self.engine.evaluate(policy_input(action, ctx)), ctx)
+
     async def preview(self, action: Action, ctx: GuardContext) -> Decision | None:
         """The policy's own answer for ``action``, or ``None`` when it gave none.
 

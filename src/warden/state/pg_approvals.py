@@ -23,12 +23,14 @@ from warden.approvals.store import (
     COLUMNS,
     ERASED_BY,
     ErasedApprovals,
+    PageKey,
     apply_vote,
     erase_params,
     erase_statement,
     from_row,
     names_erased,
     orphaned_holds,
+    page_query,
     to_row,
 )
 from warden.state.postgres import PgDatabase
@@ -70,6 +72,13 @@ class PgApprovalStore:
                 _SELECT + "WHERE status = %s ORDER BY created_at, id", (status.value,)
             )
         return [from_row(r) for r in rows]
+
+    async def page(
+        self, *, pending: bool, limit: int, after: PageKey | None = None
+    ) -> builtins.list[Approval]:
+        """One page of approvals (see :class:`~warden.approvals.store.PagedApprovals`)."""
+        query, params = page_query(pending, limit, after, columns=COLUMNS, placeholder="%s")
+        return [from_row(r) for r in await self._db.read(query, params)]
 
     async def pending_counts(self) -> dict[tuple[str, str], int]:
         """Pending approvals by ``(agent, tool)``."""
@@ -136,7 +145,8 @@ class PgApprovalStore:
             after = apply_vote(before, vote)
             await cur.execute(
                 "UPDATE approvals SET status = %s, votes = %s, decided_at = %s, "
-                "decided_by = %s, comment = %s, consumed_at = %s WHERE id = %s",
+                "decided_by = %s, comment = %s, consumed_at = %s, "
+                "required = greatest(required, %s) WHERE id = %s",
                 _decision(after),
             )
             return before, after
@@ -344,5 +354,6 @@ class PgApprovalStore:
 
 def _decision(a: Approval) -> tuple[Any, ...]:
     row = to_row(a)
-    # status, votes, decided_at, decided_by, comment, consumed_at, id (see COLUMNS)
-    return (row[14], row[17], row[18], row[19], row[20], row[21], row[0])
+    # status, votes, decided_at, decided_by, comment, consumed_at, required, id (see
+    # COLUMNS): the quorum a vote raised (apply_vote) is the approval's from then on.
+    return (row[14], row[17], row[18], row[19], row[20], row[21], row[12], row[0])

@@ -153,9 +153,16 @@ def _check_postgres_url(value: str) -> None:
     # The URL is shown, its password masked, through urlsplit: it must split. Its port
     # is not read here: ``h1:5432,h2:5432`` is one to urllib, and not a number.
     try:
-        urlsplit(value)
+        parts = urlsplit(value)
     except ValueError as exc:
         raise ValueError(f"is not a valid URL: {_split_fault(exc)}") from None
+    if parts.netloc.count("@") > 1 or "@" in parts.path:
+        # libpq ends the user part at the first '@' (and '/' ends the authority): the
+        # rest of a password holding either would be read, and shown, as the host.
+        raise ValueError(
+            "is not a valid URL: its user or password holds '@' or '/': percent-encode "
+            "them (%40, %2F), or put the password in password_file"
+        )
     from psycopg import Error as PgError  # noqa: PLC0415 - only for a PostgreSQL URL
     from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
 

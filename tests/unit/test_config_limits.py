@@ -280,3 +280,20 @@ def test_the_bundle_server_is_http_or_https(url: str) -> None:
 
 def test_an_empty_audit_dir_is_refused() -> None:
     assert "audit.dir: String should have at least 1 character" in refused({"audit": {"dir": ""}})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://warden:P@ssw0rd-tail@127.0.0.1:5432/warden",
+        "postgresql://warden:2024/Winter!@127.0.0.1:5432/warden",
+    ],
+)
+def test_a_password_libpq_would_read_as_the_host_is_refused_unshown(url: str) -> None:
+    # libpq ends the user part at the first '@', and '/' ends the authority: the rest
+    # of the password became the host, named in connection errors and the shown config.
+    with pytest.raises(ConfigError) as refused:
+        load_config(environ={}, overrides={"state": {"url": url}})
+    assert "percent-encode" in str(refused.value)
+    assert "ssw0rd" not in str(refused.value)
+    assert "Winter" not in str(refused.value)

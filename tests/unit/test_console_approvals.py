@@ -7,6 +7,7 @@ import time
 
 from warden.admin.auth import Principal
 from warden.approvals.model import Approval, ApprovalStatus
+from warden.console import routes
 from warden.console.views import approvals_view
 
 
@@ -74,3 +75,9 @@ def test_a_value_cut_for_length_is_named_before_the_arguments() -> None:
     page = str(approvals_view([cut], "csrf", LEAD))
     assert "<code>/note (cut: too long to show)</code>" in page
     assert "too long to show). Reject the call" in page
+
+
+def test_a_page_cursor_past_anything_stored_opens_the_first_page() -> None:
+    # A link carrying a time in the future showed "Waiting (3)" beside an empty queue.
+    assert routes._page_after("999999999999~zzz") is None
+    assert routes._page_after("1700000000.5~apr_1") == (1700000000.5, "apr_1")

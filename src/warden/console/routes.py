@@ -513,7 +513,10 @@ def _page_after(given: str | None) -> PageKey | None:
     found = _AFTER.fullmatch(given) if given is not None and len(given) <= 100 else None
     if found is None:
         return None
-    return float(found[1]), found[2]
+    at = float(found[1])
+    if at > time.time() + 60:
+        return None  # past anything stored: a link that would show an empty queue
+    return at, found[2]
 
 
 @_view("approvals")

@@ -25,15 +25,16 @@ log = logging.getLogger("warden.cli")
 def _make_room_for_connections(config: Config) -> Config:
     """Raise the open-file limit to what the connection caps need; where the hard limit
     is lower, lower ``limits.max_connections`` to fit it and say so."""
+    from warden.ingress.connection_cap import MAX_REFUSALS
     from warden.ops.runtime import raise_open_files
-    from warden.server import OWN_DESCRIPTORS, descriptors_needed, listeners_of
+    from warden.server import OWN_DESCRIPTORS, connection_shares, descriptors_needed
 
     needed = descriptors_needed(config)
     have = raise_open_files(needed)
     if have >= needed:
         return config
-    # Each proxied connection may hold an upstream one too: one more share for those.
-    fits = max(1, (have - OWN_DESCRIPTORS) // (listeners_of(config) + 1))
+    room = have - OWN_DESCRIPTORS - 2 * MAX_REFUSALS
+    fits = max(1, room // connection_shares(config))
     log.warning(
         "the open-file limit is %d, below the %d that limits.max_connections (%d per "
         "listener) may need: serving at most %d connections per listener; raise the "

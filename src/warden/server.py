@@ -40,6 +40,7 @@ from warden.core import Governor
 from warden.credentials import Credentials
 from warden.erasure import StateEraser
 from warden.ingress.base import FrontDoor
+from warden.ingress.connection_cap import MAX_REFUSALS
 from warden.ingress.envoy_authz import ExtAuthzService
 from warden.ingress.envoy_proc import ExtProcService
 from warden.ingress.grpc import GrpcDoor
@@ -65,7 +66,13 @@ from warden.state.links import CallLinks
 if TYPE_CHECKING:
     from warden.ingress.transparent import TransparentDoor
 
-__all__ = ["OWN_DESCRIPTORS", "Warden", "descriptors_needed", "listeners_of"]
+__all__ = [
+    "OWN_DESCRIPTORS",
+    "Warden",
+    "connection_shares",
+    "descriptors_needed",
+    "listeners_of",
+]
 
 log = logging.getLogger("warden")
 
@@ -80,15 +87,25 @@ OWN_DESCRIPTORS = 256
 def listeners_of(config: Config) -> int:
     """The listeners ``config`` opens, each capped at ``limits.max_connections``: the
     proxy and admin ones, and the gRPC and transparent ones when set."""
-    transparent = config.transparent is not None and config.transparent.listen is not None
-    return 2 + (config.listen.grpc is not None) + transparent
+    return 2 + (config.listen.grpc is not None) + _transparent_on(config)
+
+
+def connection_shares(config: Config) -> int:
+    """How many times ``limits.max_connections`` descriptors the connections may hold:
+    one per listener, one for the upstream pool, and one more with transparent mode
+    (each request it hands over holds a connection to the proxy listener too)."""
+    return listeners_of(config) + 1 + _transparent_on(config)
 
 
 def descriptors_needed(config: Config) -> int:
-    """Open files a Warden serving ``config`` may need at once: every listener full
-    (``limits.max_connections`` each), the upstream pool full, and its own files."""
-    listeners = listeners_of(config)
-    return listeners * config.limits.max_connections + _CONNECTION_LIMIT + OWN_DESCRIPTORS
+    """Open files a Warden serving ``config`` may need at once: every share full
+    (:func:`connection_shares`), the refusals being answered, and its own files."""
+    shares = connection_shares(config) * config.limits.max_connections
+    return shares + 2 * MAX_REFUSALS + OWN_DESCRIPTORS
+
+
+def _transparent_on(config: Config) -> bool:
+    return config.transparent is not None and config.transparent.listen is not None
 
 
 class Warden:

@@ -331,3 +331,26 @@ async def test_an_unreadable_body_is_answered_with_the_connection_closed(
         writer.close()
     assert status == 400
     assert rest == b""  # closed after the answer, as its Connection header says
+
+
+async def test_idle_clients_leave_the_transparent_listener_after_the_idle_timeout(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # mitmproxy's own timeout (600 s) kept idle clients' places under the cap.
+    limits = {"max_connections": 2, "idle_timeout_s": 1}
+    async with Warden(transparent_config(tmp_path, llm.url, limits=limits)) as w:
+        url = "http://" + w.transparent_address
+        held_open = await idle(url, 2)
+        try:
+            await asyncio.sleep(2.5)
+            reader, writer = await asyncio.open_connection(*address(url))
+            writer.write(b"GET http://unknown.example/ HTTP/1.1\r\nHost: unknown.example\r\n\r\n")
+            try:
+                async with asyncio.timeout(10):
+                    answer = await reader.readuntil(b"\r\n")
+            finally:
+                writer.close()
+        finally:
+            for _, other in held_open:
+                other.close()
+    assert answer.startswith(b"HTTP/1.1 ")

@@ -685,6 +685,9 @@ async def test_a_call_that_needs_a_person_is_answered_at_once_and_passes_once_ap
         ("/llm/v1/chat/completions", {"upstream": "orders"}),
         ("/v1/messages", {"upstream": "orders"}),
         ("/v1/Chat/Completions;x=1", {"upstream": None}),  # no tool upstream named
+        # A path route rules cannot read, which lax servers route as /v1/messages.
+        ("/v1/messages/", {"upstream": None}),
+        ("/llm//v1/chat/completions", {"upstream": None}),
     ],
 )
 async def test_a_model_apis_route_is_refused_unread(
@@ -697,3 +700,11 @@ async def test_a_model_apis_route_is_refused_unread(
     assert response.status.code == GRPC_PERMISSION_DENIED
     assert response.denied_response.status.code == 404
     assert "protocol: openai or anthropic" in response.denied_response.body
+
+
+async def test_dry_run_lets_a_model_route_through_as_it_does_unmatched_routes(
+    tmp_path: Path,
+) -> None:
+    async with _serving(tmp_path, ext_authz={"upstream": "orders", "dry_run": True}) as stub:
+        response = await stub.Check(_request("POST", "/v1/messages", READER, b"{}"))
+    assert response.status.code == GRPC_OK

@@ -861,6 +861,9 @@ MODEL_ROUTES = [
     ("POST", "/v1/projects/p/models/claude:rawPredict"),
     ("POST", "/model/anthropic.claude-v2/invoke"),
     ("POST", "/model/m1/converse-stream"),
+    ("POST", "/v1/messages.json"),  # a format suffix some servers route as the bare name
+    ("POST", "/llm/v1/chat/completions.json"),
+    ("POST", "/responses"),  # at the path's start, as gateways serve it
 ]
 TOOL_ROUTES = [
     # Tool APIs' own routes with these words stay theirs.
@@ -899,8 +902,30 @@ async def test_a_model_apis_route_on_a_tool_upstream_is_refused_unless_a_rule_na
     named = tmp_path / "named"
     named.mkdir()
     rule = {"method": "POST", "path": "/v1/messages", "tool": "send_sms", "arguments": {}}
-    config = config_for(named, refunds, routes=[*ROUTES, rule])
+    # A parameter fits a model route without naming it: it exempts nothing.
+    loose = {"method": "POST", "path": "/v2/{channel}", "tool": "post_any", "arguments": {}}
+    config = config_for(named, refunds, routes=[*ROUTES, rule, loose])
     async with Warden(config) as w:
         status, _, _, _ = await call(w, "POST", "/v1/messages", text="hello")
+        refused_loose = (await send(w, "POST", "/v2/responses"))[0]
     assert status == 201
-    assert decisions(named)[-1]["action"]["tool"] == "send_sms"
+    assert [d["action"]["tool"] for d in decisions(named)] == ["send_sms", "post_any"]
+    assert refused_loose == 201  # v2: not a model route at all
+
+
+async def test_a_model_route_is_read_with_the_upstreams_base_path(
+    tmp_path: Path, refunds: Refunds
+) -> None:
+    # base_url https://gw/v1 and the SDK's base_url at the upstream's root: the path
+    # Warden sees is /responses, the service gets /v1/responses.
+    config = config_for(tmp_path, refunds, unmatched="allow", base_url=refunds.url + "/v1")
+    rule = {"method": "POST", "path": "/{channel}", "tool": "post_any", "arguments": {}}
+    (tmp_path / "loose").mkdir()
+    loose = config_for(tmp_path / "loose", refunds, routes=[rule], base_url=refunds.url + "/v1")
+    async with Warden(config) as w:
+        statuses = [(await send(w, "POST", path))[0] for path in ("/threads/t1/runs", "/messages")]
+    async with Warden(loose) as w:
+        through_a_parameter = (await send(w, "POST", "/messages"))[0]
+    assert statuses == [404, 404]
+    assert through_a_parameter == 404
+    assert refunds.seen == []

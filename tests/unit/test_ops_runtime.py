@@ -76,7 +76,8 @@ def test_a_hard_limit_too_low_for_the_caps_lowers_them_to_fit(
     config = Config.model_validate({"limits": {"max_connections": 1000}})
     monkeypatch.setattr(runtime, "raise_open_files", lambda needed: 1024)
     lowered = cli._make_room_for_connections(config)
-    assert lowered.limits.max_connections == (1024 - 256) // 3
-    assert "serving at most 256 connections per listener" in caplog.text
+    # Three shares (proxy, admin, upstream pool), the refusals' 128 and Warden's own 256.
+    assert lowered.limits.max_connections == (1024 - 256 - 128) // 3
+    assert "serving at most 213 connections per listener" in caplog.text
     monkeypatch.setattr(runtime, "raise_open_files", lambda needed: needed)
     assert cli._make_room_for_connections(config) is config

@@ -26,6 +26,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import unquote
 
 import grpc
 import grpc.aio
@@ -56,6 +57,7 @@ from warden.protocols.http_tool import (
     ToolRequestError,
     ToolRoutes,
     bound_body,
+    has_params,
     may_carry_fields,
 )
 from warden.protocols.registry import model_api_named, model_route_refusal
@@ -82,6 +84,12 @@ CHECKS = Counter(
 )
 for _result in ("allowed", "denied", "held", "dry_run", "invalid", "error"):
     CHECKS.labels(_result)
+
+
+def _lenient_segments(path: str) -> list[str]:
+    """``path``'s segments with empty and ``.`` ones dropped, each decoded once (bad
+    escapes kept as written): what a lax server may route it as."""
+    return [unquote(s) for s in path.partition("?")[0].split("/") if s not in ("", ".")]
 
 
 class _Refusal:
@@ -242,14 +250,20 @@ class ExtAuthzService:
         without Warden reading it, would carry tool calls nobody decided (Envoy's own
         ext_proc filter governs model APIs: disable ext_authz on those routes)."""
         segments = authz.decode_segments(parsed.path)
-        api = model_api_named(segments) if segments is not None else None
-        if segments is None or api is None:
+        # A path the route rules cannot read (a trailing slash, "//") may still be the
+        # model route to the service behind Envoy: read it leniently here.
+        read = segments if segments is not None else _lenient_segments(parsed.path)
+        api = model_api_named(read)
+        if api is None:
             return None
-        if self._routes is not None and self._routes.find(parsed.method, segments):
+        found = self._routes.find(parsed.method, read) if self._routes is not None else None
+        if segments is not None and found is not None and not has_params(found[0].segments):
             return None
         named = self._settings.upstream
-        reason = model_route_refusal("/", named, parsed.method, segments, api)
-        return _Refusal(reason, 404)
+        reason = model_route_refusal("/", named, parsed.method, read, api)
+        # A rule of the operator's, not a request Warden cannot read: observe mode and
+        # dry_run let it through, as they do unmatched: deny.
+        return _Refusal(reason, 404, rule=True)
 
     def _route(self, parsed: authz.CheckInput) -> tuple[ToolRequest | None, _Refusal | None]:
         """The tool call a request is by the route rules, or why it is refused."""

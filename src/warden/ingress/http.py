@@ -349,11 +349,11 @@ class ProxyApp:
     def _refuse_model_api(self, name: str, method: str, tail: list[str]) -> None:
         """A model API's route on a ``protocol: http`` upstream, unless a route rule names
         it: its answers go back unparsed, and the SDK would read the tool calls in them."""
-        api = model_api_named(tail)
+        upstream = self._config.upstreams[name]
+        api = model_api_named([*_base_segments(upstream.base_url), *tail])
         if api is None:
             return
-        routes = self._tool_routes.get(name)
-        if routes is not None and routes.find(method, tail) is not None:
+        if _named_literally(self._tool_routes.get(name), method, tail):
             return
         raise ModelRouteRefused(model_route_refusal(f"/{name}/", name, method, tail, api))
 
@@ -887,6 +887,18 @@ def _absolute_form(request: web.Request) -> bool:
     # an absolute-form target ("GET http://elsewhere/ HTTP/1.1") is what a
     # forward proxy receives, and this listener is not one.
     return not request.raw_path.startswith("/")
+
+
+def _base_segments(base_url: str) -> list[str]:
+    """The path segments of an upstream's ``base_url`` (``https://gw/v1``: ``v1``)."""
+    return [unquote(s) for s in URL(base_url).raw_path.split("/") if s]
+
+
+def _named_literally(routes: http_tool.ToolRoutes | None, method: str, tail: list[str]) -> bool:
+    """Whether a route rule names ``method tail`` segment by segment, with no parameter:
+    ``POST /v1/{channel}`` fits ``/v1/messages`` but does not name it."""
+    found = routes.find(method, tail) if routes is not None else None
+    return found is not None and not http_tool.has_params(found[0].segments)
 
 
 class ModelRouteRefused(RouteNotGoverned):

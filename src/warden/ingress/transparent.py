@@ -36,6 +36,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import math
 import re
 import socket
 import threading
@@ -620,6 +621,7 @@ class TransparentDoor:
         # listener would take at most, the request limit or the upstream answer limit.
         self._body_limit = max(config.limits.max_body_bytes, MAX_UPSTREAM_BODY)
         self._max_connections = config.limits.max_connections
+        self._idle_timeout_s = config.limits.idle_timeout_s
         self._handoff_url = handoff_url
         self._grace_s = shutdown_grace_s
         self._master: Any = None
@@ -723,6 +725,8 @@ class TransparentDoor:
         )
         # Never connect before a request says where: governed hosts go to Warden only.
         cast(Any, options).update(
+            # An idle client holds a place under the cap: as long as at the other listeners.
+            tcp_timeout=max(1, math.ceil(self._idle_timeout_s)),
             connection_strategy="lazy",
             store_streamed_bodies=False,
             body_size_limit=str(self._body_limit),

@@ -61,6 +61,7 @@ __all__ = [
     "ToolRoutes",
     "bound_body",
     "check_specificity",
+    "has_params",
     "may_carry_fields",
     "parse_argument",
     "parse_method",
@@ -144,6 +145,11 @@ def parse_template(path: str) -> tuple[str, ...]:
 
 def _params(segments: Sequence[str]) -> frozenset[str]:
     return frozenset(m.group(1) for s in segments if (m := _PARAM.match(s)) is not None)
+
+
+def has_params(segments: Sequence[str]) -> bool:
+    """Whether a rule's path has a ``{parameter}`` segment."""
+    return bool(_params(segments))
 
 
 def unescape(text: str, *, plus: bool, what: str) -> str:

@@ -240,25 +240,45 @@ def model_api_named(tail: Sequence[str]) -> str | None:
 
     A ``protocol: http`` upstream forwards its answers unparsed, so these paths are
     refused there (whatever the method: a method override makes one method
-    another) unless a route rule names them. Read as the laxest server reads a
-    path: each segment case-blind and without ``;`` parameters. After any
-    prefix, as an SDK's ``base_url`` may carry one:
+    another) unless a route rule names them. ``tail`` is the whole path the
+    service gets, the upstream's ``base_url`` path included. Read as the laxest
+    server reads a path: each segment case-blind, without ``;`` parameters,
+    and also without a ``.json``-like suffix. After any prefix:
 
     - ``…/chat/completions…``: OpenAI chat (also the stored completions list);
-    - ``…/v1/responses…``, ``…/openai/responses…``: OpenAI Responses;
+    - ``…/v1/responses…``, ``…/openai/responses…``, ``/responses…`` at the
+      path's start: OpenAI Responses;
     - ``…/v1/threads…``, ``…/v1/conversations…``: Assistants runs and
       conversation items, which carry function calls;
     - ``…/v1/messages…``: Anthropic Messages and its batches;
-    - ``…:generateContent``, ``…:streamGenerateContent``, ``…:rawPredict``,
-      ``…:streamRawPredict``: Gemini and Vertex;
+    - ``…:generateContent``, ``…:streamGenerateContent``,
+      ``…:batchGenerateContent``, ``…:rawPredict``, ``…:streamRawPredict``:
+      Gemini and Vertex;
     - ``…/model/<id>/invoke``, ``…/converse`` (and their streams): Bedrock.
     """
     read = [segment.partition(";")[0].casefold() for segment in tail]
+    for forms in (read, [_stem(segment) for segment in read]):
+        found = _model_api_in(forms)
+        if found is not None:
+            return found
+    return None
+
+
+def _stem(segment: str) -> str:
+    """``messages.json`` as ``messages``: servers that read a format suffix (Rails,
+    Spring's suffix match) route it as the bare name."""
+    stem, dot, suffix = segment.rpartition(".")
+    return stem if dot and stem and suffix.isalpha() else segment
+
+
+def _model_api_in(read: Sequence[str]) -> str | None:
     for i, segment in enumerate(read):
         before = read[i - 1] if i else ""
         if segment == "chat" and read[i + 1 : i + 2] == ["completions"]:
             return "OpenAI chat completions"
-        if segment in _V1_ROOTS and before in ("v1", "openai"):
+        if segment in _V1_ROOTS and (
+            before in ("v1", "openai") or (i == 0 and segment == "responses")
+        ):
             return _V1_ROOTS[segment]
         if segment.endswith(_VERTEX_VERBS):
             return "Gemini or Vertex AI"
@@ -290,6 +310,7 @@ _V1_ROOTS: Final = {
 }
 _VERTEX_VERBS: Final = (
     ":generatecontent",
+    ":batchgeneratecontent",
     ":streamgeneratecontent",
     ":rawpredict",
     ":streamrawpredict",

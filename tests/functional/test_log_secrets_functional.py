@@ -71,10 +71,12 @@ async def test_a_body_aiohttp_cannot_decode_is_a_400_and_one_log_line(
             await writer.drain()
             answers.append(await asyncio.wait_for(reader.read(), 10))
             writer.close()
-    assert [a.split(b" ", 2)[1] for a in answers] == [b"400", b"400"]
+    # The console refuses a compressed form before reading it (browsers never send one).
+    assert [a.split(b" ", 2)[1] for a in answers] == [b"400", b"415"]
     assert b'"code":"invalid_request"' in answers[0]
     server = [r for r in caplog.records if r.name == "aiohttp.server"]
-    assert [r.getMessage().partition(";")[0] for r in server] == [
+    assert {r.getMessage().partition(";")[0] for r in server} <= {
         "aiohttp could not parse a request (ContentEncodingError)"
-    ] * 2
+    }
     assert not [r for r in server if r.exc_info]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]

@@ -153,15 +153,16 @@ def _check_postgres_url(value: str) -> None:
     # The URL is shown, its password masked, through urlsplit: it must split. Its port
     # is not read here: ``h1:5432,h2:5432`` is one to urllib, and not a number.
     try:
-        parts = urlsplit(value)
+        urlsplit(value)
     except ValueError as exc:
         raise ValueError(f"is not a valid URL: {_split_fault(exc)}") from None
-    if parts.netloc.count("@") > 1 or "@" in parts.path:
-        # libpq ends the user part at the first '@' (and '/' ends the authority): the
+    if _password_read_as_host(value):
+        # libpq ends the user part at the first '@', and '/' ends the authority: the
         # rest of a password holding either would be read, and shown, as the host.
         raise ValueError(
-            "is not a valid URL: its user or password holds '@' or '/': percent-encode "
-            "them (%40, %2F), or put the password in password_file"
+            "is not a valid URL: its user or password holds '@', '/', '?' or '#', or "
+            "its database name holds '@': percent-encode them (%40, %2F, %3F, %23), "
+            "or put the password in password_file"
         )
     from psycopg import Error as PgError  # noqa: PLC0415 - only for a PostgreSQL URL
     from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
@@ -175,6 +176,17 @@ def _check_postgres_url(value: str) -> None:
     for port in str(params.get("port") or "").split(","):
         if port and not (port.isascii() and port.isdigit() and int(port) <= 65535):
             raise ValueError("is not a valid URL: its port is not a number from 0 to 65535")
+
+
+def _password_read_as_host(url: str) -> bool:
+    """Whether libpq would read part of ``url``'s user or password as its host: the
+    authority (up to the first ``/``, as libpq reads it) with a second ``@`` or a
+    ``?`` or ``#`` in its user part, or an ``@`` after it before the query."""
+    authority, _, rest = url.partition("://")[2].partition("/")
+    user, at, _ = authority.rpartition("@")
+    if at and any(c in user for c in "@?#"):
+        return True
+    return not at and "@" in rest.partition("?")[0] + authority
 
 
 def _migrate_switch(value: Any) -> Any:

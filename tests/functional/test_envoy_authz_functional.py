@@ -688,6 +688,9 @@ async def test_a_call_that_needs_a_person_is_answered_at_once_and_passes_once_ap
         # A path route rules cannot read, which lax servers route as /v1/messages.
         ("/v1/messages/", {"upstream": None}),
         ("/llm//v1/chat/completions", {"upstream": None}),
+        ("/v1/x/../messages/batches/b1/results", {"upstream": None}),
+        ("/v1/%2e/messages", {"upstream": None}),
+        ("/v1/messages%2Fbatches", {"upstream": None}),
     ],
 )
 async def test_a_model_apis_route_is_refused_unread(
@@ -707,4 +710,9 @@ async def test_dry_run_lets_a_model_route_through_as_it_does_unmatched_routes(
 ) -> None:
     async with _serving(tmp_path, ext_authz={"upstream": "orders", "dry_run": True}) as stub:
         response = await stub.Check(_request("POST", "/v1/messages", READER, b"{}"))
+        # Unless the path is one Warden cannot read: refused in every mode.
+        unread = await stub.Check(
+            _request("POST", "/v1/messages/../../orders/1/refunds", READER, b"{}")
+        )
     assert response.status.code == GRPC_OK
+    assert unread.status.code == GRPC_PERMISSION_DENIED

@@ -864,6 +864,8 @@ MODEL_ROUTES = [
     ("POST", "/v1/messages.json"),  # a format suffix some servers route as the bare name
     ("POST", "/llm/v1/chat/completions.json"),
     ("POST", "/responses"),  # at the path's start, as gateways serve it
+    ("POST", "/threads/t1/runs"),  # the Assistants API's own resource, wherever it sits
+    ("GET", "/conversations/c1/items"),
 ]
 TOOL_ROUTES = [
     # Tool APIs' own routes with these words stay theirs.
@@ -872,6 +874,8 @@ TOOL_ROUTES = [
     ("POST", "/api/v10/channels/1/messages"),  # Discord
     ("GET", "/surveys/s1/responses/r1"),  # SurveyMonkey
     ("GET", "/chat/history"),
+    ("GET", "/api/v1.beta/messages"),  # a version with a dot is no format suffix
+    ("GET", "/v1/conversations.list"),
 ]
 
 
@@ -929,3 +933,22 @@ async def test_a_model_route_is_read_with_the_upstreams_base_path(
     assert statuses == [404, 404]
     assert through_a_parameter == 404
     assert refunds.seen == []
+
+    # A helpdesk API at https://api.example/v1: its routes with ids are named by rules
+    # that write the resource out and take the id as a parameter.
+    rules = [
+        {"method": "PATCH", "path": "/messages/{id}", "tool": "edit_message", "arguments": {}},
+        {"method": "GET", "path": "/conversations/{id}", "tool": "get_thread", "arguments": {}},
+    ]
+    (tmp_path / "helpdesk").mkdir()
+    helpdesk = config_for(
+        tmp_path / "helpdesk", refunds, routes=rules, base_url=refunds.url + "/v1"
+    )
+    async with Warden(helpdesk) as w:
+        named = [
+            (await send(w, m, p))[0]
+            for m, p in (("PATCH", "/messages/123"), ("GET", "/conversations/c_42"))
+        ]
+        unnamed = (await send(w, "POST", "/messages"))[0]
+    assert named == [201, 201]
+    assert unnamed == 404

@@ -57,10 +57,10 @@ from warden.protocols.http_tool import (
     ToolRequestError,
     ToolRoutes,
     bound_body,
-    has_params,
     may_carry_fields,
+    names_segment,
 )
-from warden.protocols.registry import model_api_named, model_route_refusal
+from warden.protocols.registry import model_api_at, model_route_refusal
 from warden.sessions import door_conversation
 
 if TYPE_CHECKING:
@@ -87,9 +87,16 @@ for _result in ("allowed", "denied", "held", "dry_run", "invalid", "error"):
 
 
 def _lenient_segments(path: str) -> list[str]:
-    """``path``'s segments with empty and ``.`` ones dropped, each decoded once (bad
-    escapes kept as written): what a lax server may route it as."""
-    return [unquote(s) for s in path.partition("?")[0].split("/") if s not in ("", ".")]
+    """``path`` decoded once and its dot segments resolved, as a lax server routes it
+    (empty segments dropped, ``..`` taking the one before it off)."""
+    resolved: list[str] = []
+    for segment in unquote(path.partition("?")[0]).split("/"):
+        if segment == "..":
+            if resolved:
+                resolved.pop()
+        elif segment not in ("", "."):
+            resolved.append(segment)
+    return resolved
 
 
 class _Refusal:
@@ -250,20 +257,20 @@ class ExtAuthzService:
         without Warden reading it, would carry tool calls nobody decided (Envoy's own
         ext_proc filter governs model APIs: disable ext_authz on those routes)."""
         segments = authz.decode_segments(parsed.path)
-        # A path the route rules cannot read (a trailing slash, "//") may still be the
-        # model route to the service behind Envoy: read it leniently here.
+        # A path the route rules cannot read (a trailing slash, "//", "..") may still be
+        # the model route to the service behind Envoy: read it as a lax server would.
         read = segments if segments is not None else _lenient_segments(parsed.path)
-        api = model_api_named(read)
-        if api is None:
+        found = model_api_at(read)
+        if found is None:
             return None
-        found = self._routes.find(parsed.method, read) if self._routes is not None else None
-        if segments is not None and found is not None and not has_params(found[0].segments):
+        api, at = found
+        if segments is not None and names_segment(self._routes, parsed.method, read, at):
             return None
         named = self._settings.upstream
         reason = model_route_refusal("/", named, parsed.method, read, api)
-        # A rule of the operator's, not a request Warden cannot read: observe mode and
-        # dry_run let it through, as they do unmatched: deny.
-        return _Refusal(reason, 404, rule=True)
+        # A rule of the operator's, which observe mode and dry_run let through as they
+        # do unmatched: deny; unless Warden cannot read the path, refused in every mode.
+        return _Refusal(reason, 404, rule=segments is not None)
 
     def _route(self, parsed: authz.CheckInput) -> tuple[ToolRequest | None, _Refusal | None]:
         """The tool call a request is by the route rules, or why it is refused."""

@@ -86,12 +86,13 @@ from warden.protocols.base import Adapter, StreamRewriter, bounded, response_id
 from warden.protocols.declared_arguments import DeclaredArguments
 from warden.protocols.driver import StreamDriver
 from warden.protocols.errors import render_error, render_stream_error
+from warden.protocols.http_tool import names_segment
 from warden.protocols.registry import (
     PassthroughRule,
     RouteMatch,
     deployment_named,
     match_route,
-    model_api_named,
+    model_api_at,
     model_route_refusal,
     under_governed_resource,
 )
@@ -350,10 +351,12 @@ class ProxyApp:
         """A model API's route on a ``protocol: http`` upstream, unless a route rule names
         it: its answers go back unparsed, and the SDK would read the tool calls in them."""
         upstream = self._config.upstreams[name]
-        api = model_api_named([*_base_segments(upstream.base_url), *tail])
-        if api is None:
+        base = _base_segments(upstream.base_url)
+        found = model_api_at([*base, *tail])
+        if found is None:
             return
-        if _named_literally(self._tool_routes.get(name), method, tail):
+        api, at = found
+        if names_segment(self._tool_routes.get(name), method, tail, at - len(base)):
             return
         raise ModelRouteRefused(model_route_refusal(f"/{name}/", name, method, tail, api))
 
@@ -892,13 +895,6 @@ def _absolute_form(request: web.Request) -> bool:
 def _base_segments(base_url: str) -> list[str]:
     """The path segments of an upstream's ``base_url`` (``https://gw/v1``: ``v1``)."""
     return [unquote(s) for s in URL(base_url).raw_path.split("/") if s]
-
-
-def _named_literally(routes: http_tool.ToolRoutes | None, method: str, tail: list[str]) -> bool:
-    """Whether a route rule names ``method tail`` segment by segment, with no parameter:
-    ``POST /v1/{channel}`` fits ``/v1/messages`` but does not name it."""
-    found = routes.find(method, tail) if routes is not None else None
-    return found is not None and not http_tool.has_params(found[0].segments)
 
 
 class ModelRouteRefused(RouteNotGoverned):

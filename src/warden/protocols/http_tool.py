@@ -61,8 +61,8 @@ __all__ = [
     "ToolRoutes",
     "bound_body",
     "check_specificity",
-    "has_params",
     "may_carry_fields",
+    "names_segment",
     "parse_argument",
     "parse_method",
     "parse_query",
@@ -147,9 +147,18 @@ def _params(segments: Sequence[str]) -> frozenset[str]:
     return frozenset(m.group(1) for s in segments if (m := _PARAM.match(s)) is not None)
 
 
-def has_params(segments: Sequence[str]) -> bool:
-    """Whether a rule's path has a ``{parameter}`` segment."""
-    return bool(_params(segments))
+def names_segment(routes: ToolRoutes | None, method: str, segments: Sequence[str], at: int) -> bool:
+    """Whether a rule of ``routes`` fits ``method segments`` and names segment ``at`` as
+    written, not by a ``{parameter}``: ``/messages/{id}`` names ``messages`` in
+    ``messages/123``; ``/{channel}`` fits ``messages`` without naming it. ``at``
+    below 0 is in the upstream's base path, which no rule names."""
+    if routes is None or at < 0:
+        return False
+    found = routes.find(method, segments)
+    if found is None:
+        return False
+    written = found[0].segments
+    return at < len(written) and _PARAM.match(written[at]) is None
 
 
 def unescape(text: str, *, plus: bool, what: str) -> str:

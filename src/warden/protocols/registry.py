@@ -43,6 +43,7 @@ __all__ = [
     "RouteMatch",
     "deployment_named",
     "match_route",
+    "model_api_at",
     "model_api_named",
     "model_route_refusal",
     "under_governed_resource",
@@ -236,20 +237,29 @@ def under_governed_resource(tail: Sequence[str]) -> bool:
 
 
 def model_api_named(tail: Sequence[str]) -> str | None:
-    """The model API whose SDK reads tool calls in answers on ``tail``, or ``None``.
+    """The model API whose SDK reads tool calls in answers on ``tail``, or ``None``
+    (:func:`model_api_at` says where in ``tail`` it is named)."""
+    found = model_api_at(tail)
+    return found[0] if found is not None else None
+
+
+def model_api_at(tail: Sequence[str]) -> tuple[str, int] | None:
+    """The model API whose SDK reads tool calls in answers on ``tail``, and the index of
+    the segment that names it (``messages`` in ``v1/messages``), or ``None``.
 
     A ``protocol: http`` upstream forwards its answers unparsed, so these paths are
     refused there (whatever the method: a method override makes one method
-    another) unless a route rule names them. ``tail`` is the whole path the
-    service gets, the upstream's ``base_url`` path included. Read as the laxest
-    server reads a path: each segment case-blind, without ``;`` parameters,
-    and also without a ``.json``-like suffix. After any prefix:
+    another) unless a route rule names that segment. ``tail`` is the whole path
+    the service gets, the upstream's ``base_url`` path included. Read as the
+    laxest server reads a path: each segment case-blind, without ``;``
+    parameters, and also without a format suffix (``.json``). After any prefix:
 
     - ``…/chat/completions…``: OpenAI chat (also the stored completions list);
     - ``…/v1/responses…``, ``…/openai/responses…``, ``/responses…`` at the
       path's start: OpenAI Responses;
-    - ``…/v1/threads…``, ``…/v1/conversations…``: Assistants runs and
-      conversation items, which carry function calls;
+    - ``…/v1/threads…``, ``…/threads/<id>/runs…``: Assistants runs;
+    - ``…/v1/conversations…``, ``…/conversations/<id>/items…``: conversation
+      items, which carry function calls;
     - ``…/v1/messages…``: Anthropic Messages and its batches;
     - ``…:generateContent``, ``…:streamGenerateContent``,
       ``…:batchGenerateContent``, ``…:rawPredict``, ``…:streamRawPredict``:
@@ -264,27 +274,37 @@ def model_api_named(tail: Sequence[str]) -> str | None:
     return None
 
 
+_FORMAT_SUFFIXES: Final = frozenset({"json", "xml", "html", "htm", "txt", "yaml", "yml"})
+
+
 def _stem(segment: str) -> str:
     """``messages.json`` as ``messages``: servers that read a format suffix (Rails,
     Spring's suffix match) route it as the bare name."""
     stem, dot, suffix = segment.rpartition(".")
-    return stem if dot and stem and suffix.isalpha() else segment
+    return stem if dot and stem and suffix in _FORMAT_SUFFIXES else segment
 
 
-def _model_api_in(read: Sequence[str]) -> str | None:
+def _model_api_in(read: Sequence[str]) -> tuple[str, int] | None:
     for i, segment in enumerate(read):
         before = read[i - 1] if i else ""
         if segment == "chat" and read[i + 1 : i + 2] == ["completions"]:
-            return "OpenAI chat completions"
+            return "OpenAI chat completions", i
         if segment in _V1_ROOTS and (
             before in ("v1", "openai") or (i == 0 and segment == "responses")
         ):
-            return _V1_ROOTS[segment]
+            return _V1_ROOTS[segment], i
+        if read[i + 2 : i + 3] == [_NESTED.get(segment)]:
+            return _V1_ROOTS[segment], i
         if segment.endswith(_VERTEX_VERBS):
-            return "Gemini or Vertex AI"
+            return "Gemini or Vertex AI", i
         if segment == "model" and len(read) == i + 3 and read[i + 2] in _BEDROCK_VERBS:
-            return "Amazon Bedrock"
+            return "Amazon Bedrock", i
     return None
+
+
+_NESTED: Final = {"threads": "runs", "conversations": "items"}
+"""Routes named wherever they sit (a gateway serving them at its root): their own
+resource under an id (``threads/<id>/runs``)."""
 
 
 def model_route_refusal(
@@ -298,7 +318,8 @@ def model_route_refusal(
         f"{method} {path} is a route of the {api} API, whose answers carry tool calls "
         "that Warden does not read on a protocol: http upstream. Configure the model "
         "API as an upstream of its own (protocol: openai or anthropic), or, if this is "
-        f"a tool API's route, name it in {where}"
+        f"a tool API's route, name it in {where}, writing out the segment that names "
+        "the model API's resource (/messages/{id} does; /{channel} does not)"
     )
 
 

@@ -183,10 +183,25 @@ def _password_read_as_host(url: str) -> bool:
     authority (up to the first ``/``, as libpq reads it) with a second ``@`` or a
     ``?`` or ``#`` in its user part, or an ``@`` after it before the query."""
     authority, _, rest = url.partition("://")[2].partition("/")
-    user, at, _ = authority.rpartition("@")
+    user, at, hosts = authority.rpartition("@")
     if at and any(c in user for c in "@?#"):
         return True
-    return not at and "@" in rest.partition("?")[0] + authority
+    if at:
+        return False
+    if "@" in rest.partition("?")[0] + authority:
+        return True
+    # No '@' before the first '/': a "port" that is no number is a password's start
+    # (``user:Pa/ss?…@host``), which libpq fails on and its error would quote.
+    return any(not _port_ok(hostport) for hostport in hosts.split(","))
+
+
+def _port_ok(hostport: str) -> bool:
+    """``host``, ``host:5432`` or ``[::1]:5432`` (a query may follow): a port is digits."""
+    hostport = hostport.partition("?")[0]
+    if hostport.startswith("["):
+        hostport = hostport.partition("]")[2]
+    port = hostport.partition(":")[2] if ":" in hostport else ""
+    return port == "" or (port.isascii() and port.isdigit())
 
 
 def _migrate_switch(value: Any) -> Any:

@@ -952,3 +952,18 @@ async def test_a_model_route_is_read_with_the_upstreams_base_path(
         unnamed = (await send(w, "POST", "/messages"))[0]
     assert named == [201, 201]
     assert unnamed == 404
+
+    # A rule must write out every segment that names the model route: /chat/{room}
+    # names chat but fits completions by a parameter.
+    partial = [
+        {"method": "POST", "path": "/chat/{room}", "tool": "post_room", "arguments": {}},
+        {"method": "POST", "path": "/threads/{id}/{action}", "tool": "act", "arguments": {}},
+        {"method": "POST", "path": "/model/{name}/{verb}", "tool": "run", "arguments": {}},
+    ]
+    (tmp_path / "partial").mkdir()
+    async with Warden(config_for(tmp_path / "partial", refunds, routes=partial)) as w:
+        refused = [
+            (await send(w, "POST", p))[0]
+            for p in ("/chat/completions", "/threads/t1/runs", "/model/x/invoke")
+        ]
+    assert refused == [404, 404, 404]

@@ -289,6 +289,7 @@ def test_an_empty_audit_dir_is_refused() -> None:
         "postgresql://warden:2024/Winter!@127.0.0.1:5432/warden",
         "postgresql://warden:Pa?ss@TAILX@127.0.0.1:5432/warden",  # urllib stops at '?'
         "postgresql://warden:Pa?ss/Winter@127.0.0.1:5432/warden",
+        "postgresql://warden:Pa/ss?Winter@127.0.0.1:5432/warden",  # a "port" of letters
     ],
 )
 def test_a_password_libpq_would_read_as_the_host_is_refused_unshown(url: str) -> None:
@@ -307,6 +308,9 @@ def test_a_password_libpq_would_read_as_the_host_is_refused_unshown(url: str) ->
         "postgresql://warden:p%40ss%2Fw@127.0.0.1:5432/warden?sslrootcert=/etc/a@b.crt",
         "postgresql://warden@[::1]:5432/warden",
         "postgresql://warden@pg-a:5432,pg-b:5432/warden?target_session_attrs=read-write",
+        "postgresql:///warden?host=/var/run/postgresql",
+        "postgresql://%2Fvar%2Frun%2Fpostgresql/warden",
+        "postgresql://[::1]:5432/warden",
     ],
 )
 def test_urls_libpq_reads_as_written_are_accepted(url: str) -> None:

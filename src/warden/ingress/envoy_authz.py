@@ -58,7 +58,7 @@ from warden.protocols.http_tool import (
     ToolRoutes,
     bound_body,
     may_carry_fields,
-    names_segment,
+    names_segments,
 )
 from warden.protocols.registry import model_api_at, model_route_refusal
 from warden.sessions import door_conversation
@@ -264,7 +264,7 @@ class ExtAuthzService:
         if found is None:
             return None
         api, at = found
-        if segments is not None and names_segment(self._routes, parsed.method, read, at):
+        if segments is not None and names_segments(self._routes, parsed.method, read, at):
             return None
         named = self._settings.upstream
         reason = model_route_refusal("/", named, parsed.method, read, api)

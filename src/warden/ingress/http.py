@@ -86,7 +86,7 @@ from warden.protocols.base import Adapter, StreamRewriter, bounded, response_id
 from warden.protocols.declared_arguments import DeclaredArguments
 from warden.protocols.driver import StreamDriver
 from warden.protocols.errors import render_error, render_stream_error
-from warden.protocols.http_tool import names_segment
+from warden.protocols.http_tool import names_segments
 from warden.protocols.registry import (
     PassthroughRule,
     RouteMatch,
@@ -356,7 +356,8 @@ class ProxyApp:
         if found is None:
             return
         api, at = found
-        if names_segment(self._tool_routes.get(name), method, tail, at - len(base)):
+        rules = self._tool_routes.get(name)
+        if names_segments(rules, method, tail, [i - len(base) for i in at]):
             return
         raise ModelRouteRefused(model_route_refusal(f"/{name}/", name, method, tail, api))
 

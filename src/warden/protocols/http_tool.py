@@ -62,7 +62,7 @@ __all__ = [
     "bound_body",
     "check_specificity",
     "may_carry_fields",
-    "names_segment",
+    "names_segments",
     "parse_argument",
     "parse_method",
     "parse_query",
@@ -147,18 +147,21 @@ def _params(segments: Sequence[str]) -> frozenset[str]:
     return frozenset(m.group(1) for s in segments if (m := _PARAM.match(s)) is not None)
 
 
-def names_segment(routes: ToolRoutes | None, method: str, segments: Sequence[str], at: int) -> bool:
-    """Whether a rule of ``routes`` fits ``method segments`` and names segment ``at`` as
-    written, not by a ``{parameter}``: ``/messages/{id}`` names ``messages`` in
-    ``messages/123``; ``/{channel}`` fits ``messages`` without naming it. ``at``
-    below 0 is in the upstream's base path, which no rule names."""
-    if routes is None or at < 0:
+def names_segments(
+    routes: ToolRoutes | None, method: str, segments: Sequence[str], at: Sequence[int]
+) -> bool:
+    """Whether a rule of ``routes`` fits ``method segments`` and writes out each segment
+    at the indexes ``at``, none by a ``{parameter}``: ``/messages/{id}`` names
+    ``messages`` in ``messages/123``; ``/{channel}`` fits ``messages`` without naming
+    it, and ``/chat/{room}`` names ``chat`` but not ``completions``. An index below 0
+    is in the upstream's base path, which no rule names."""
+    if routes is None or not at or min(at) < 0:
         return False
     found = routes.find(method, segments)
     if found is None:
         return False
     written = found[0].segments
-    return at < len(written) and _PARAM.match(written[at]) is None
+    return all(i < len(written) and _PARAM.match(written[i]) is None for i in at)
 
 
 def unescape(text: str, *, plus: bool, what: str) -> str:

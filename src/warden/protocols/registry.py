@@ -243,13 +243,14 @@ def model_api_named(tail: Sequence[str]) -> str | None:
     return found[0] if found is not None else None
 
 
-def model_api_at(tail: Sequence[str]) -> tuple[str, int] | None:
-    """The model API whose SDK reads tool calls in answers on ``tail``, and the index of
-    the segment that names it (``messages`` in ``v1/messages``), or ``None``.
+def model_api_at(tail: Sequence[str]) -> tuple[str, tuple[int, ...]] | None:
+    """The model API whose SDK reads tool calls in answers on ``tail``, and the indexes
+    of the segments that name it (``messages`` in ``v1/messages``; ``chat`` and
+    ``completions``; ``threads`` and ``runs``), or ``None``.
 
     A ``protocol: http`` upstream forwards its answers unparsed, so these paths are
     refused there (whatever the method: a method override makes one method
-    another) unless a route rule names that segment. ``tail`` is the whole path
+    another) unless a route rule writes each of those segments out. ``tail`` is the whole path
     the service gets, the upstream's ``base_url`` path included. Read as the
     laxest server reads a path: each segment case-blind, without ``;``
     parameters, and also without a format suffix (``.json``). After any prefix:
@@ -284,21 +285,21 @@ def _stem(segment: str) -> str:
     return stem if dot and stem and suffix in _FORMAT_SUFFIXES else segment
 
 
-def _model_api_in(read: Sequence[str]) -> tuple[str, int] | None:
+def _model_api_in(read: Sequence[str]) -> tuple[str, tuple[int, ...]] | None:
     for i, segment in enumerate(read):
         before = read[i - 1] if i else ""
         if segment == "chat" and read[i + 1 : i + 2] == ["completions"]:
-            return "OpenAI chat completions", i
+            return "OpenAI chat completions", (i, i + 1)
         if segment in _V1_ROOTS and (
             before in ("v1", "openai") or (i == 0 and segment == "responses")
         ):
-            return _V1_ROOTS[segment], i
+            return _V1_ROOTS[segment], (i,)
         if read[i + 2 : i + 3] == [_NESTED.get(segment)]:
-            return _V1_ROOTS[segment], i
+            return _V1_ROOTS[segment], (i, i + 2)
         if segment.endswith(_VERTEX_VERBS):
-            return "Gemini or Vertex AI", i
+            return "Gemini or Vertex AI", (i,)
         if segment == "model" and len(read) == i + 3 and read[i + 2] in _BEDROCK_VERBS:
-            return "Amazon Bedrock", i
+            return "Amazon Bedrock", (i, i + 2)
     return None
 
 

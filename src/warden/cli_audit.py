@@ -41,6 +41,7 @@ from warden.audit.subjects import SubjectKeys, keyed_digest
 from warden.audit.verify import VerifyReport, key_fingerprint, verify_log
 from warden.config import AuditConfig, Config, load_config
 from warden.errors import AuditError, ConfigError
+from warden.password_file import read_password_file
 from warden.state.postgres import PgTarget
 from warden.terminal import reader_left
 
@@ -278,17 +279,9 @@ def _target(args: argparse.Namespace) -> PgTarget:
     password = None
     if args.password_file:
         try:
-            text = Path(args.password_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise _Unusable(
-                f"--password-file: cannot read {args.password_file}: {exc.strerror or exc}"
-            ) from None
-        except UnicodeDecodeError:
-            # The decoder's message quotes a byte of the password.
-            raise _Unusable(f"--password-file: {args.password_file} is not UTF-8 text") from None
-        if not text.strip():
-            raise _Unusable(f"--password-file: {args.password_file} is empty")
-        password = text.splitlines()[0]
+            password = read_password_file(args.password_file, "--password-file")
+        except ConfigError as exc:
+            raise _Unusable(str(exc)) from None
     return PgTarget(args.url, password)
 
 

@@ -47,6 +47,7 @@ from warden.audit.tail import RecordTail, StoredRecord
 from warden.config import AuditShipConfig
 from warden.errors import ConfigError
 from warden.ops import metrics
+from warden.password_file import read_password_file
 from warden.state.migrate import pg_migrate
 from warden.state.postgres import PgTarget, pg_reason
 
@@ -84,20 +85,7 @@ def ship_target(config: AuditShipConfig) -> PgTarget:
     """Where to ship: the URL and the password (read from ``password_file`` now)."""
     password = config.password.get_secret_value() if config.password is not None else None
     if password is None and config.password_file:
-        try:
-            text = Path(config.password_file).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(
-                f"audit.ship.password_file: cannot read {config.password_file}: {exc.strerror}"
-            ) from None
-        except UnicodeDecodeError:
-            # The decoder's message quotes a byte of the password.
-            raise ConfigError(
-                f"audit.ship.password_file: {config.password_file} is not UTF-8 text"
-            ) from None
-        if not text.strip():
-            raise ConfigError(f"audit.ship.password_file: {config.password_file} is empty")
-        password = text.splitlines()[0]
+        password = read_password_file(config.password_file, "audit.ship.password_file")
     return PgTarget(config.url, password, config.connect_timeout_s)
 
 

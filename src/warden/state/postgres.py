@@ -22,7 +22,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import psycopg
@@ -34,6 +33,7 @@ from warden import tasks
 from warden.audit.record import is_credential_key
 from warden.config import StateConfig
 from warden.errors import ConfigError
+from warden.password_file import read_password_file
 from warden.policy.bundle.order import SignedMark
 from warden.state.feed import CHANNELS, Fanout
 from warden.state.links import (
@@ -99,20 +99,7 @@ class PgTarget:
         """From the ``state`` section; reads ``password_file`` now (ConfigError if unreadable)."""
         password = config.password.get_secret_value() if config.password is not None else None
         if password is None and config.password_file:
-            try:
-                text = Path(config.password_file).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise ConfigError(
-                    f"state.password_file: cannot read {config.password_file}: {exc.strerror}"
-                ) from None
-            except UnicodeDecodeError:
-                # The decoder's message quotes a byte of the password.
-                raise ConfigError(
-                    f"state.password_file: {config.password_file} is not UTF-8 text"
-                ) from None
-            password = text.splitlines()[0] if text.strip() else None
-            if password is None:
-                raise ConfigError(f"state.password_file: {config.password_file} is empty")
+            password = read_password_file(config.password_file, "state.password_file")
         return cls(config.url, password, config.connect_timeout_s)
 
     @property

@@ -44,7 +44,6 @@ __all__ = [
     "deployment_named",
     "match_route",
     "model_api_at",
-    "model_api_named",
     "model_route_refusal",
     "under_governed_resource",
 ]
@@ -236,13 +235,6 @@ def under_governed_resource(tail: Sequence[str]) -> bool:
     return any(segment.casefold() in _GOVERNED_ROOTS for segment in tail)
 
 
-def model_api_named(tail: Sequence[str]) -> str | None:
-    """The model API whose SDK reads tool calls in answers on ``tail``, or ``None``
-    (:func:`model_api_at` says where in ``tail`` it is named)."""
-    found = model_api_at(tail)
-    return found[0] if found is not None else None
-
-
 def model_api_at(tail: Sequence[str]) -> tuple[str, tuple[int, ...]] | None:
     """The model API whose SDK reads tool calls in answers on ``tail``, and the indexes
     of the segments that name it (``messages`` in ``v1/messages``; ``chat`` and
@@ -250,9 +242,9 @@ def model_api_at(tail: Sequence[str]) -> tuple[str, tuple[int, ...]] | None:
 
     A ``protocol: http`` upstream forwards its answers unparsed, so these paths are
     refused there (whatever the method: a method override makes one method
-    another) unless a route rule writes each of those segments out. ``tail`` is the whole path
-    the service gets, the upstream's ``base_url`` path included. Read as the
-    laxest server reads a path: each segment case-blind, without ``;``
+    another) unless a route rule writes each of those segments out. ``tail`` is
+    the whole path the service gets, the upstream's ``base_url`` path included.
+    Read as the laxest server reads a path: each segment case-blind, without ``;``
     parameters, and also without a format suffix (``.json``). After any prefix:
 
     - ``…/chat/completions…``: OpenAI chat (also the stored completions list);
@@ -312,7 +304,7 @@ def model_route_refusal(
     prefix: str, upstream: str | None, method: str, tail: Sequence[str], api: str
 ) -> str:
     """Why ``method prefix+tail`` on the tool upstream ``upstream`` is refused, and what
-    to do (:func:`model_api_named` named ``api``)."""
+    to do (:func:`model_api_at` named ``api``)."""
     path = prefix + "/".join(tail)
     where = f"upstreams.{upstream}.routes" if upstream else "the routes of ext_authz.upstream"
     return (

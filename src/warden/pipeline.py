@@ -84,6 +84,7 @@ _COULD_NOT_CHECK = frozenset({UNCHECKED, "state_unavailable"})
 POLICY_UNAVAILABLE = "policy_unavailable"
 """The outcome ``error`` of an approved call denied because the policy could not be asked
 about it again (:meth:`Pipeline.reconsider`): it never ran."""
+_NOT_CHECKED_AGAIN = "the policy could not check it again, so it is denied"
 _INT64 = (-(2**63), 2**63 - 1)  # what the engine takes as an integer, not a rounded float
 
 log = logging.getLogger("warden.pipeline")
@@ -735,9 +736,8 @@ class Pipeline:
                 action.action_id,
                 now.error,
             )
-            why = "the policy could not check it again, so it is denied"
             return await self._withdrawn(
-                action, held, approved, now, why=why, error=POLICY_UNAVAILABLE
+                action, held, approved, now, why=_NOT_CHECKED_AGAIN, error=POLICY_UNAVAILABLE
             )
         was, is_ = held.bundle_revision or "none", now.bundle_revision or "none"
         if was != is_:
@@ -787,9 +787,8 @@ class Pipeline:
             bundle_revision=held.bundle_revision,
             error=code,
         )
-        why = "the policy could not check it again, so it is denied"
         return await self._withdrawn(
-            action, held, approved, failed, why=why, error=POLICY_UNAVAILABLE
+            action, held, approved, failed, why=_NOT_CHECKED_AGAIN, error=POLICY_UNAVAILABLE
         )
 
     async def _withdrawn(

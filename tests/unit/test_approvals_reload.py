@@ -10,19 +10,16 @@ from warden.core import Governor
 from warden.errors import Overloaded
 from warden.model import (
     Action,
-    ActionKind,
-    Agent,
     Decision,
     Effect,
     Mode,
-    RequestMeta,
-    Stage,
     new_id,
 )
 from warden.pipeline import GuardContext, Pipeline
 from warden.policy.engine import PolicyResult
 from warden.policy.guard import PolicyGuard
 from warden.policy.metrics import PolicyMetrics
+from warden.testing.audit import sample_action
 from warden.testing.memory_audit import MemoryAudit
 
 
@@ -96,16 +93,7 @@ class Approver:
 
 
 def refund() -> Action:
-    return Action(
-        action_id=new_id("act"),
-        agent=Agent("refunds-bot"),
-        kind=ActionKind.TOOL_CALL,
-        protocol="openai",
-        stage=Stage.PROPOSED,
-        request=RequestMeta("POST", "openai", "/v1/chat/completions"),
-        tool="issue_refund",
-        arguments={"order_id": "A-1", "amount": 450},
-    )
+    return sample_action(agent="refunds-bot", arguments={"order_id": "A-1", "amount": 450})
 
 
 def governor(

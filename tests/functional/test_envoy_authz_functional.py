@@ -684,6 +684,8 @@ async def test_a_call_that_needs_a_person_is_answered_at_once_and_passes_once_ap
     [
         ("/llm/v1/chat/completions", {"upstream": "orders"}),
         ("/v1/messages", {"upstream": "orders"}),
+        ("/api/chat", {"upstream": "orders"}),  # Ollama
+        ("/v2/chat/", {"upstream": None}),  # Cohere
         ("/v1/Chat/Completions;x=1", {"upstream": None}),  # no tool upstream named
         # A path route rules cannot read, which lax servers route as /v1/messages.
         ("/v1/messages/", {"upstream": None}),

@@ -866,6 +866,10 @@ MODEL_ROUTES = [
     ("POST", "/responses"),  # at the path's start, as gateways serve it
     ("POST", "/threads/t1/runs"),  # the Assistants API's own resource, wherever it sits
     ("GET", "/conversations/c1/items"),
+    ("POST", "/api/chat"),  # Ollama
+    ("POST", "/v2/chat"),  # Cohere
+    ("POST", "/v1/agents/completions"),  # Mistral
+    ("GET", "/v1beta/interactions/i1"),  # Gemini Interactions
 ]
 TOOL_ROUTES = [
     # Tool APIs' own routes with these words stay theirs.
@@ -876,6 +880,9 @@ TOOL_ROUTES = [
     ("GET", "/chat/history"),
     ("GET", "/api/v1.beta/messages"),  # a version with a dot is no format suffix
     ("GET", "/v1/conversations.list"),
+    ("POST", "/api/chat.postMessage"),  # Slack
+    ("GET", "/api/chat/rooms"),
+    ("POST", "/v3/interactions"),
 ]
 
 

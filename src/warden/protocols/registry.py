@@ -257,7 +257,10 @@ def model_api_at(tail: Sequence[str]) -> tuple[str, tuple[int, ...]] | None:
     - ``…:generateContent``, ``…:streamGenerateContent``,
       ``…:batchGenerateContent``, ``…:rawPredict``, ``…:streamRawPredict``:
       Gemini and Vertex;
-    - ``…/model/<id>/invoke``, ``…/converse`` (and their streams): Bedrock.
+    - ``…/model/<id>/invoke``, ``…/converse`` (and their streams): Bedrock;
+    - ``…/api/chat``, ``…/v1/chat``, ``…/v2/chat`` at the path's end: Ollama and
+      Cohere; ``…/agents/completions``: Mistral agents; ``…/v1beta/interactions…``:
+      Gemini Interactions.
     """
     read = [segment.partition(";")[0].casefold() for segment in tail]
     for forms in (read, [_stem(segment) for segment in read]):
@@ -292,7 +295,18 @@ def _model_api_in(read: Sequence[str]) -> tuple[str, tuple[int, ...]] | None:
             return "Gemini or Vertex AI", (i,)
         if segment == "model" and len(read) == i + 3 and read[i + 2] in _BEDROCK_VERBS:
             return "Amazon Bedrock", (i, i + 2)
+        if segment == "chat" and before in _CHAT_BASES and not any(read[i + 1 :]):
+            return _CHAT_BASES[before], (i,)
+        if segment == "agents" and read[i + 1 : i + 2] == ["completions"]:
+            return "Mistral agents", (i, i + 1)
+        if segment == "interactions" and before in ("v1", "v1beta", "v1alpha"):
+            return "Gemini Interactions", (i,)
     return None
+
+
+_CHAT_BASES: Final = {"api": "Ollama chat", "v1": "Cohere chat", "v2": "Cohere chat"}
+"""Chat routes at the end of a path whose answers carry tool calls: Ollama's
+``/api/chat`` and Cohere's ``/v1/chat`` and ``/v2/chat``."""
 
 
 _NESTED: Final = {"threads": "runs", "conversations": "items"}

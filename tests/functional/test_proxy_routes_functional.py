@@ -304,6 +304,27 @@ async def test_routes_that_carry_calls_warden_does_not_parse_are_refused(
     assert upstream.seen == []
 
 
+async def test_an_id_spelled_like_a_governed_resource_does_not_route_there(
+    warden: Warden, upstream: Crafted
+) -> None:
+    # The provider names the ids: a conversation or run called "responses" made its
+    # items and required actions look like a Responses answer, passed on unread.
+    call = {"type": "function_call", "id": "fc_1", "call_id": "call_1"}
+    call |= {"name": "export_customers", "arguments": "{}", "status": "completed"}
+    upstream.handler = answer({"object": "list", "data": [call], "has_more": False})
+    async with oai(warden) as c:
+        with pytest.raises(openai.NotFoundError) as items:
+            await c.conversations.items.list("responses")
+        with (
+            pytest.warns(DeprecationWarning, match="Assistants API"),
+            pytest.raises(openai.NotFoundError) as run,
+        ):
+            await c.beta.threads.runs.update("responses", thread_id="thread_1")
+    for caught in (items, run):
+        assert caught.value.code == "route_not_governed"
+    assert upstream.seen == []
+
+
 # -- the allowlist -----------------------------------------------------------------
 
 

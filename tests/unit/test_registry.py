@@ -94,6 +94,38 @@ def test_a_plain_resource_name_past_the_api_base_is_refused(method: str, tail: s
 
 
 @pytest.mark.parametrize(
+    ("method", "tail"),
+    [
+        # Ids the provider issued, spelled like a governed resource: the answers are
+        # conversation items, runs and run steps, their calls in shapes no adapter reads.
+        ("GET", "v1/conversations/responses/items"),
+        ("GET", "v1/threads/responses/runs"),
+        ("GET", "v1/threads/t/runs/responses/steps"),
+        ("POST", "v1/threads/t/runs/responses"),
+        ("POST", "v1/threads/chat/completions"),
+        ("POST", "v1/files/messages"),
+        ("POST", "gateway/x/v1/chat/completions"),
+    ],
+)
+def test_a_governed_resource_name_past_the_base_path_is_refused(method: str, tail: str) -> None:
+    for family in ("openai", "anthropic"):
+        assert route(family, method, tail) == REFUSED
+
+
+@pytest.mark.parametrize(
+    ("tail", "expected"),
+    [
+        ("api/v1/chat/completions", "governed:openai.chat"),  # OpenRouter's base path
+        ("v1beta/openai/chat/completions", "governed:openai.chat"),  # Gemini's
+        ("openai/v1/responses", "governed:openai.responses"),
+        ("OpenAI/deployments/responses/chat/completions", "governed:openai.chat"),
+    ],
+)
+def test_a_governed_route_starts_after_a_base_path(tail: str, expected: str) -> None:
+    assert route("openai", "POST", tail) == expected
+
+
+@pytest.mark.parametrize(
     "tail", ["models", "v1/models", "openai/models", "openai/v1/models", "OpenAI/V1/models"]
 )
 def test_a_plain_route_starts_after_an_api_base(tail: str) -> None:

@@ -10,10 +10,12 @@ forward every route, each one an ``http_call`` decision.
 
 Matching works on the decoded path after the upstream name (the *tail*).
 The tail is ``<prefix>/<route>``: the route starts at the first segment that
-names one of the family's resources (``chat``, ``responses``, ``models`` ...),
-so ``v1/chat/completions``, ``chat/completions`` (the base URL already ends in
-``/v1``) and ``openai/deployments/x/chat/completions`` all find the chat
-adapter, while a resource name hidden in a longer path
+names one of the family's resources (``chat``, ``responses``, ``models`` ...)
+after a prefix that can be a base path (versions, ``openai``, ``api``, Azure's
+deployments), so ``v1/chat/completions``, ``chat/completions`` (the base URL
+already ends in ``/v1``) and ``openai/deployments/x/chat/completions`` all find
+the chat adapter, an id spelled like a resource (``conversations/responses/items``)
+finds none, and a resource name hidden in a longer path
 (``chat/completions/models``) cannot make a governed route look plain. A
 route that carries no calls starts only after a known API base (none, ``v1``,
 Azure's ``openai...``): ``threads/t1/runs/models`` is a run to the provider.
@@ -197,11 +199,40 @@ class PassthroughRule:
 
 
 def _route_start(family: str, tail: Sequence[str]) -> int | None:
+    """Where the route starts: the first segment naming one of the family's resources
+    after a prefix that can be a base path (:func:`_base_path`).
+
+    Further in, that name is an id in another resource's path: a conversation
+    the provider called ``responses`` (``v1/conversations/responses/items``)
+    would have its items, calls and all, read as a Responses answer and passed
+    on unread.
+    """
     # Case-folded: a provider's gateway that ignores path case would serve
     # "Chat/completions" as "chat/completions", so a pass-through rule must not
     # reach it; such a path is refused instead (no governed rule fits it).
     roots = _ROOTS.get(family, frozenset())
-    return next((i for i, segment in enumerate(tail) if segment.casefold() in roots), None)
+    return next(
+        (
+            i
+            for i, segment in enumerate(tail)
+            if segment.casefold() in roots and _base_path(tail[:i])
+        ),
+        None,
+    )
+
+
+_BASE_WORDS: Final = frozenset({"openai", "anthropic", "api"})
+_VERSION: Final = re.compile(r"v[0-9]+[a-z0-9]*")
+
+
+def _base_path(prefix: Sequence[str]) -> bool:
+    """Whether ``prefix`` can be the path a model API is served under: versions (``v1``,
+    ``v1beta``), ``openai``, ``anthropic``, ``api`` (``api/v1``, ``v1beta/openai``), and
+    Azure's ``openai/deployments/<name>``. Anything else holds a resource's name or id."""
+    folded = [segment.casefold() for segment in prefix]
+    if len(folded) >= 3 and folded[-3:-1] == ["openai", "deployments"]:
+        folded = folded[:-2]
+    return all(segment in _BASE_WORDS or _VERSION.fullmatch(segment) for segment in folded)
 
 
 _API_BASES: Final = frozenset({(), ("v1",), ("openai",), ("openai", "v1")})

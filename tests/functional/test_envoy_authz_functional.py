@@ -686,6 +686,18 @@ async def test_a_call_that_needs_a_person_is_answered_at_once_and_passes_once_ap
         ("/v1/messages", {"upstream": "orders"}),
         ("/api/chat", {"upstream": "orders"}),  # Ollama
         ("/v2/chat/", {"upstream": None}),  # Cohere
+        # WebSockets and bidirectional streams: calls flow once the upgrade is allowed.
+        ("/v1/realtime?model=gpt-realtime", {"upstream": "orders"}),
+        (
+            "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent",
+            {"upstream": None},
+        ),
+        ("/model/m1/invoke-with-bidirectional-stream", {"upstream": None}),
+        ("/v1/sessions/s1/events/stream", {"upstream": "orders"}),  # Anthropic Managed Agents
+        ("/v1/chatkit/threads/t1/items", {"upstream": None}),
+        # Read as a slash by WHATWG URL parsers (Node, Deno, Bun, Workers).
+        ("/v1\\responses\\resp_1", {"upstream": None}),
+        ("/x%5C..%5Cv1/responses/resp_1", {"upstream": None}),
         ("/v1/Chat/Completions;x=1", {"upstream": None}),  # no tool upstream named
         # A path route rules cannot read, which lax servers route as /v1/messages.
         ("/v1/messages/", {"upstream": None}),

@@ -82,7 +82,9 @@ def header_map(headers: Mapping[str, str]) -> Any:
     """A HeaderMap as Envoy sends it: lower-case keys, values in ``raw_value``."""
     return base_pb2.HeaderMap(
         headers=[
-            base_pb2.HeaderValue(key=k.lower(), raw_value=v.encode()) for k, v in headers.items()
+            # Bytes that are not UTF-8 travel as surrogate escapes (str(bytes, errors=...)).
+            base_pb2.HeaderValue(key=k.lower(), raw_value=v.encode("utf-8", "surrogateescape"))
+            for k, v in headers.items()
         ]
     )
 
@@ -153,6 +155,8 @@ class Envoy:
         self.upstream_url = upstream_url
         self.message_timeout = message_timeout
         self.max_message_timeout = max_message_timeout
+        self.upstream_adds: dict[str, str] = {}
+        """Headers the upstream's answer carries besides its own (Envoy passes them on)."""
 
     async def request(
         self,
@@ -279,7 +283,7 @@ class Envoy:
         chunk_size: int,
         before_body: Callable[[], Awaitable[Any]] | None,
     ) -> None:
-        response_headers = {":status": str(status), **headers}
+        response_headers = {":status": str(status), **headers, **self.upstream_adds}
         msg = pb.ProcessingRequest(
             response_headers=pb.HttpHeaders(
                 headers=header_map(response_headers), end_of_stream=not raw
@@ -790,6 +794,17 @@ async def test_unparsable_json_response_fails_closed(envoy: Envoy, llm: MockLLM)
     assert result.status == 502
     assert result.json()["error"]["code"] == "upstream_bad_response"
     assert b"export_customers" not in result.body
+
+
+async def test_an_upstream_header_that_is_not_utf8_is_the_upstreams_fault(
+    envoy: Envoy, llm: MockLLM, tmp_path: Path
+) -> None:
+    # Answered as the agent's own bad request (400), SDKs would not retry it.
+    llm.script(Reply(text="hi"))
+    envoy.upstream_adds = {"x-upstream-note": b"caf\xe9".decode("utf-8", "surrogateescape")}
+    result = await envoy.request(OPENAI_HOST, "/v1/chat/completions", CHAT)
+    assert result.status == 502
+    assert result.json()["error"]["code"] == "upstream_bad_response"
 
 
 async def test_hosted_mcp_servers_a_request_declares_reach_the_policy(

@@ -870,6 +870,9 @@ MODEL_ROUTES = [
     ("POST", "/v2/chat"),  # Cohere
     ("POST", "/v1/agents/completions"),  # Mistral
     ("GET", "/v1beta/interactions/i1"),  # Gemini Interactions
+    ("GET", "/v1/realtime"),  # OpenAI Realtime, a WebSocket
+    ("GET", "/v1/sessions/s1/threads/t1/events"),  # Anthropic Managed Agents
+    ("GET", "/v1/chatkit/threads/t1/items"),  # OpenAI ChatKit
 ]
 TOOL_ROUTES = [
     # Tool APIs' own routes with these words stay theirs.
@@ -883,6 +886,8 @@ TOOL_ROUTES = [
     ("POST", "/api/chat.postMessage"),  # Slack
     ("GET", "/api/chat/rooms"),
     ("POST", "/v3/interactions"),
+    ("POST", "/v1/sessions"),  # a tool API's sign-in
+    ("GET", "/v1/sessions/s1"),
 ]
 
 

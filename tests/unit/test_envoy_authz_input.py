@@ -147,6 +147,9 @@ def test_a_malformed_value_is_named_never_quoted(path: str, named: str) -> None:
         ),
         ({"content-type": "text/plain"}, "{", None, False),
         ({}, "{", None, False),
+        # Not sent at all (no with_request_body), or cut, whatever its type.
+        ({"content-type": "application/json", "content-length": "40"}, "", None, True),
+        ({"content-type": "multipart/form-data", "content-length": "9"}, "--x", None, True),
     ],
 )
 def test_bodies_are_parsed_by_content_type(

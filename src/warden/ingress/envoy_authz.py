@@ -88,9 +88,10 @@ for _result in ("allowed", "denied", "held", "dry_run", "invalid", "error"):
 
 def _lenient_segments(path: str) -> list[str]:
     """``path`` decoded once and its dot segments resolved, as a lax server routes it
-    (empty segments dropped, ``..`` taking the one before it off)."""
+    (empty segments dropped, ``..`` taking the one before it off, a backslash read as
+    a slash as WHATWG URL parsers do: Node, Deno, Bun, Workers)."""
     resolved: list[str] = []
-    for segment in unquote(path.partition("?")[0]).split("/"):
+    for segment in unquote(path.partition("?")[0]).replace("\\", "/").split("/"):
         if segment == "..":
             if resolved:
                 resolved.pop()
@@ -257,8 +258,11 @@ class ExtAuthzService:
         without Warden reading it, would carry tool calls nobody decided (Envoy's own
         ext_proc filter governs model APIs: disable ext_authz on those routes)."""
         segments = authz.decode_segments(parsed.path)
-        # A path the route rules cannot read (a trailing slash, "//", "..") may still be
-        # the model route to the service behind Envoy: read it as a lax server would.
+        if segments is not None and any("\\" in segment for segment in segments):
+            segments = None
+        # A path the route rules cannot read (a trailing slash, "//", "..", a backslash)
+        # may still be the model route to the service behind Envoy: read it as a lax
+        # server would.
         read = segments if segments is not None else _lenient_segments(parsed.path)
         found = model_api_at(read)
         if found is None:

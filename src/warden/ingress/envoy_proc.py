@@ -181,12 +181,15 @@ def authority_host(authority: str) -> str:
     return value.rstrip(".")
 
 
-def header_map(headers: Any) -> CIMultiDict[str]:
+def header_map(
+    headers: Any, *, error: type[RequestError | UpstreamProtocol] = RequestError
+) -> CIMultiDict[str]:
     """Envoy's ``HeaderMap`` as a case-insensitive multidict (a repeated header stays repeated).
 
     Envoy sends values in ``raw_value`` (older versions in ``value``). A value
-    that is not UTF-8 is a ``RequestError``: it would be read one way here and
-    another way upstream.
+    that is not UTF-8 raises ``error`` (the agent's request by default; the
+    upstream's answer passes :class:`UpstreamProtocol`): it would be read one
+    way here and another way by the other side.
     """
     out: CIMultiDict[str] = CIMultiDict()
     for entry in headers.headers:
@@ -194,7 +197,7 @@ def header_map(headers: Any) -> CIMultiDict[str]:
         try:
             value = raw.decode("utf-8") if raw else entry.value
         except UnicodeDecodeError:
-            raise RequestError(f"header {entry.key!r} is not UTF-8") from None
+            raise error(f"header {entry.key!r} is not UTF-8") from None
         out.add(entry.key, value)
     return out
 
@@ -855,7 +858,7 @@ class _Exchange:
     async def _response_headers(self, message: Any) -> None:
         decision = self._decision
         assert decision is not None
-        headers = header_map(message.headers)
+        headers = header_map(message.headers, error=UpstreamProtocol)
         try:
             self._status = int(headers.get(":status", ""))
         except ValueError:

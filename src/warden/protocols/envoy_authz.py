@@ -328,7 +328,9 @@ def _parsed_body(
 
     ``raw``: ``body`` came as bytes (``raw_body``), not as Envoy's UTF-8 string.
     """
-    if _cut(headers, len(body), max_request_bytes):
+    if _cut(headers, len(body), max_request_bytes) or _truncated(headers, len(body)):
+        # Cut, or not sent at all (no with_request_body) while content-length says
+        # there is a body: whatever its type, the policy is told.
         return None, True
     content_type = headers.get("content-type")
     if content_type is None or not body:
@@ -349,15 +351,11 @@ def _parsed_body(
             return None, False
         return _grpc_body(body, path, grpc_bodies)
     if "application/json" in content_type:
-        if _truncated(headers, len(body)):
-            return None, True
         try:
             return parse_body(body, "application/json"), False
         except ToolRequestError as exc:
             raise ValueError(str(exc)) from None
     if "application/x-www-form-urlencoded" in content_type:
-        if _truncated(headers, len(body)):
-            return None, True
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:

@@ -291,7 +291,10 @@ def model_api_at(tail: Sequence[str]) -> tuple[str, tuple[int, ...]] | None:
     - ``…/model/<id>/invoke``, ``…/converse`` (and their streams): Bedrock;
     - ``…/api/chat``, ``…/v1/chat``, ``…/v2/chat`` at the path's end: Ollama and
       Cohere; ``…/agents/completions``: Mistral agents; ``…/v1beta/interactions…``:
-      Gemini Interactions.
+      Gemini Interactions;
+    - ``…/v1/realtime…``: OpenAI Realtime (a WebSocket); ``…BidiGenerateContent``:
+      Gemini Live; ``…/sessions/<id>/…/events…``: Anthropic Managed Agents;
+      ``…/chatkit…``: OpenAI ChatKit.
     """
     read = [segment.partition(";")[0].casefold() for segment in tail]
     for forms in (read, [_stem(segment) for segment in read]):
@@ -328,6 +331,10 @@ def _model_api_in(read: Sequence[str]) -> tuple[str, tuple[int, ...]] | None:
             return "Amazon Bedrock", (i, i + 2)
         if segment == "chat" and before in _CHAT_BASES and not any(read[i + 1 :]):
             return _CHAT_BASES[before], (i,)
+        if segment == "sessions" and "events" in read[i + 2 :]:
+            return "Anthropic Managed Agents", (i, read.index("events", i + 2))
+        if segment == "chatkit":
+            return "OpenAI ChatKit", (i,)
         if segment == "agents" and read[i + 1 : i + 2] == ["completions"]:
             return "Mistral agents", (i, i + 1)
         if segment == "interactions" and before in ("v1", "v1beta", "v1alpha"):
@@ -366,6 +373,7 @@ _V1_ROOTS: Final = {
     "threads": "OpenAI Assistants",
     "conversations": "OpenAI Conversations",
     "messages": "Anthropic Messages",
+    "realtime": "OpenAI Realtime",
 }
 _VERTEX_VERBS: Final = (
     ":generatecontent",
@@ -373,9 +381,16 @@ _VERTEX_VERBS: Final = (
     ":streamgeneratecontent",
     ":rawpredict",
     ":streamrawpredict",
+    ".bidigeneratecontent",  # Gemini Live's WebSocket: google.ai...GenerativeService.Bidi...
 )
 _BEDROCK_VERBS: Final = frozenset(
-    {"invoke", "invoke-with-response-stream", "converse", "converse-stream"}
+    {
+        "invoke",
+        "invoke-with-response-stream",
+        "invoke-with-bidirectional-stream",
+        "converse",
+        "converse-stream",
+    }
 )
 
 

@@ -222,6 +222,11 @@ class AgentConfig(_Section):
     mode: Mode | None = None
     """Per-agent mode; overrides the top-level ``mode`` for this agent."""
 
+    @field_validator("id")
+    @classmethod
+    def _agent_id(cls, value: str) -> str:
+        return _checked_agent_id(value)
+
 
 class ListenConfig(_Section):
     """Where the proxy and admin listeners bind (``host:port``; port 0 picks one)."""
@@ -997,6 +1002,16 @@ class ApprovalsConfig(_Section):
 
 # The syntax of X-Warden-Agent (warden.ingress.headers).
 _AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}\Z")
+
+
+def _checked_agent_id(agent_id: str) -> str:
+    """``agent_id`` if it has agent-id syntax: an id with a space could never be stopped
+    by a kill switch (which refuses such targets), nor proved by a key or token."""
+    if not _AGENT_ID_RE.match(agent_id):
+        raise ValueError(f"agent id {agent_id!r} must be 1-128 of [A-Za-z0-9._:@/-]")
+    return agent_id
+
+
 # Asymmetric only: an HS* key would be a shared secret in the config, and
 # "none" proves nothing.
 JWT_ALGORITHMS = frozenset(
@@ -1067,11 +1082,15 @@ class JwtConfig(_Section):
     def _one_source(self) -> JwtConfig:
         if (self.jwks_file is None) == (self.jwks_url is None):
             raise ValueError("set exactly one of jwks_file and jwks_url")
-        if self.agent_claim.endswith("serviceaccount.name"):
-            # Any namespace can create a service account of that name and mint its token.
+        claim = self.agent_claim.casefold()
+        if claim.endswith(".name") and (
+            claim.startswith("kubernetes.io.") or claim.endswith("serviceaccount.name")
+        ):
+            # Any namespace can create a service account, pod or secret of that name (and
+            # set its token's audience in the pod spec), and a node is any pod's.
             raise ValueError(
-                "agent_claim: a service account's name is the same in every namespace, so "
-                "any namespace could act as the agent; use sub "
+                f"agent_claim: {self.agent_claim} is the same in every namespace, so any "
+                "namespace could act as the agent; use sub "
                 "(system:serviceaccount:<namespace>:<name>) mapped in identity.jwt.agents"
             )
         return self
@@ -1091,8 +1110,7 @@ class IdentityConfig(_Section):
     def _agent_ids(self) -> IdentityConfig:
         ids = list(self.agents) + (list(self.jwt.agents.values()) if self.jwt else [])
         for agent_id in ids:
-            if not _AGENT_ID_RE.match(agent_id):
-                raise ValueError(f"agent id {agent_id!r} must be 1-128 of [A-Za-z0-9._:@/-]")
+            _checked_agent_id(agent_id)
         return self
 
 
@@ -1284,6 +1302,13 @@ class Config(_Section):
     """Transparent mode through mitmproxy; off when unset."""
     sessions: SessionsConfig = SessionsConfig()
     shutdown_grace_s: float = Field(DEFAULT_SHUTDOWN_GRACE_S, ge=0, le=MAX_OPERATION_S)
+
+    @field_validator("agents")
+    @classmethod
+    def _agent_ids(cls, value: dict[str, AgentConfig]) -> dict[str, AgentConfig]:
+        for agent_id in value:
+            _checked_agent_id(agent_id)
+        return value
 
     @field_validator("upstreams")
     @classmethod

@@ -204,6 +204,37 @@ async def test_a_tunnelled_host_is_never_decrypted(
     assert kinds == [("decision", "/v1/chat/completions")]  # nothing about the tunnel
 
 
+@pytest.mark.usefixtures("loopback_tunnels")
+async def test_plain_http_to_a_tunnelled_host_leaves_without_wardens_headers(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # An HTTP stack that adds the agent's key to every request must not hand it out.
+    seen: list[dict[str, str]] = []
+
+    async def page(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/page", page)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    cfg = transparent_config(tmp_path, llm.url, transparent={"unknown_hosts": "tunnel"})
+    try:
+        async with Warden(cfg) as warden:
+            proxy = f"http://{warden.transparent_address}"
+            headers = {"X-Warden-Agent-Key": "wk_secret_1", "x-warden-context-ticket": "T-1"}
+            async with httpx2.AsyncClient(proxy=proxy) as c:
+                response = await c.get(f"http://127.0.0.1:{port}/page", headers=headers)
+    finally:
+        await runner.cleanup()
+    assert response.text == "ok"
+    assert [k for k in seen[0] if k.lower().startswith("x-warden-")] == []
+
+
 def _tls_through(
     proxy: str, connect: str, ca: Path, sni: str, first: bytes, timeout: float = 10
 ) -> bytes:

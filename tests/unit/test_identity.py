@@ -294,11 +294,14 @@ async def test_a_kubernetes_service_account_token_maps_to_an_agent(tmp_path: Pat
     assert (await Identity(by_sub).resolve({AGENT_TOKEN_HEADER: token})).id == "support-triage"
     agent = await Identity(by_sub).resolve({AGENT_TOKEN_HEADER: token})
     assert agent.claims["kubernetes.io"]["namespace"] == "support"
-    # A service account's name alone is the same in every namespace: refused.
-    with pytest.raises(ConfigError, match="same in every namespace"):
-        jwt_config(
-            tmp_path, issuer, algorithms=["ES256"], agent_claim="kubernetes.io.serviceaccount.name"
-        )
+    # A service account's, pod's or secret's name alone is the same in every namespace,
+    # and the pod spec sets its token's audience: refused.
+    for claim in ("serviceaccount", "pod", "node", "secret"):
+        with pytest.raises(ConfigError, match="same in every namespace"):
+            jwt_config(
+                tmp_path, issuer, algorithms=["ES256"], agent_claim=f"kubernetes.io.{claim}.name"
+            )
+    assert jwt_config(tmp_path, issuer, agent_claim="kubernetes.io.pod.uid").identity.jwt
 
 
 async def test_a_subject_missing_from_the_mapping_is_forbidden(
@@ -581,6 +584,22 @@ def test_invalid_jwt_config_is_refused_naming_the_key(
     base = {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": "/j.json", **section}
     with pytest.raises(ConfigError, match=message):
         load_config(environ={}, overrides={"identity": {"jwt": base}})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"agent": {"id": "Support Bot"}}, r"agent\.id"),
+        ({"agents": {"support-bot ": {"mode": "observe"}}}, r"agents\b"),
+    ],
+)
+def test_an_agent_id_a_kill_switch_could_not_name_is_refused(
+    overrides: dict[str, Any], key: str
+) -> None:
+    # A kill switch refuses targets with spaces: such an agent could never be stopped.
+    with pytest.raises(ConfigError, match=key) as refused:
+        load_config(environ={}, overrides=overrides)
+    assert "must be 1-128" in str(refused.value)
 
 
 @pytest.mark.parametrize("digest", ["abc", "A" * 64, "g" * 64])

@@ -500,6 +500,10 @@ class GoverningAddon:
         if await self._refuse_destination(flow, verdict):
             REQUESTS.labels(_host_label(verdict.host), self._mode, "refused").inc()
             return
+        # Warden's own headers (an agent's key or token, its context) are for Warden
+        # alone: an HTTP stack that adds them to every request must not hand them out.
+        for name in [n for n in request.headers if n.lower().startswith("x-warden-")]:
+            del request.headers[name]
         request.stream = True
         REQUESTS.labels(_host_label(verdict.host), self._mode, "passed").inc()
 

@@ -108,6 +108,16 @@ def _transparent_on(config: Config) -> bool:
     return config.transparent is not None and config.transparent.listen is not None
 
 
+async def _stop_doors(doors: Sequence[FrontDoor]) -> None:
+    """Stop ``doors`` at once; a door that fails to stop is logged, the others still stop."""
+    results = await asyncio.gather(*(door.stop() for door in doors), return_exceptions=True)
+    for door, result in zip(doors, results, strict=True):
+        if isinstance(result, Exception):
+            log.error("front door %s failed to stop", type(door).__name__, exc_info=result)
+        elif isinstance(result, BaseException):
+            raise result
+
+
 class Warden:
     """One sidecar process worth of Warden, started and stopped as a unit.
 
@@ -461,9 +471,13 @@ class Warden:
 
     async def _start_doors(self, core: Governor, doors: Sequence[FrontDoor]) -> None:
         self.doors = tuple(doors)
+        started: list[FrontDoor] = []
+        # Stopped together: each door may wait out the grace period for its requests in
+        # flight, and one after another they would outlast the pod's grace period.
+        self._stack.push_async_callback(_stop_doors, started)
         for door in self.doors:
             await door.start(core)
-            self._stack.push_async_callback(door.stop)
+            started.append(door)
 
     def readiness(self) -> tuple[bool, Mapping[str, Any]]:
         """Ready only when a policy bundle is active and the audit log is writable."""

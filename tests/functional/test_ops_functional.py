@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.functional.conftest import ROOT, SHIPPED_POLICY, audit_records, make_config
+from warden.audit.verify import verify_log
 from warden.server import Warden
 from warden.testing import Call, Fault, MockLLM, Reply
 
@@ -110,6 +112,32 @@ async def test_graceful_stop_finishes_in_flight_requests(tmp_path: Path, llm: Mo
     records = audit_records(tmp_path / "audit")
     outcomes = [r for r in records if r.get("kind") == "outcome"]
     assert len(outcomes) == 1  # flushed before stop returned
+
+
+async def test_a_stream_still_open_is_cut_within_the_grace_period(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # The pod's grace period is the grace plus 10 s: a stop that waited the grace twice
+    # (aiohttp's two phases) was killed before its final signed checkpoint.
+    warden = Warden(make_config(tmp_path, llm.url, shutdown_grace_s=4))
+    await warden.start()
+    words = " ".join(["word"] * 200)  # 100 s at one event every half second
+    llm.script(Reply(text=words, fault=Fault("slow_stream", seconds=0.5)))
+    async with openai.AsyncOpenAI(
+        base_url=f"{warden.proxy_url}/openai/v1", api_key="k", max_retries=0
+    ) as client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True
+        )
+        await anext(aiter(stream))  # the stream is open and waiting on the model
+        started = time.monotonic()
+        await warden.stop()
+        took = time.monotonic() - started
+        await stream.close()
+    assert 3.5 < took < 7, took  # the grace, not twice it
+    report = verify_log(tmp_path / "audit")
+    assert report.ok
+    assert report.latest_checkpoint == report.records  # the final checkpoint covers all
 
 
 def test_warden_serve_process_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

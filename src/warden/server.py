@@ -548,9 +548,11 @@ class Warden:
         await self._stopped.wait()
 
     def stop_on_signals(self) -> None:
-        """Stop gracefully on SIGTERM and SIGINT (what Kubernetes and a terminal send)."""
+        """Stop gracefully on SIGTERM, SIGINT and SIGHUP (what Kubernetes, Ctrl-C and a
+        closed terminal send). SIGHUP reloads nothing: bundles and keys reload when their
+        files change; left to its default it ended Warden mid-request."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: tasks.spawn(self.stop(), name="stop"))
 
     async def __aenter__(self) -> Self:

@@ -140,7 +140,8 @@ async def test_a_stream_still_open_is_cut_within_the_grace_period(
     assert report.latest_checkpoint == report.records  # the final checkpoint covers all
 
 
-def test_warden_serve_process_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_warden_serve_process_stops_cleanly_on_a_signal(tmp_path: Path, sig: int) -> None:
     config = tmp_path / "warden.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -170,7 +171,7 @@ def test_warden_serve_process_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert admin, "warden serve did not report its listeners"
         status, _ = asyncio.run(get(admin + "/readyz"))
         assert status == 200
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)  # SIGHUP: a closed terminal, or a reload habit
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:

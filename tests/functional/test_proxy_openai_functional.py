@@ -277,6 +277,59 @@ async def test_truncated_stream_ends_with_an_error_event(
             pass
 
 
+_CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: "
+
+
+async def _malformed_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers a stream with a bad chunk size after one event, and a JSON answer shorter
+    than its Content-Length."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length")
+    )
+    streamed = b'"stream":true' in (await reader.readexactly(length)).replace(b" ", b"")
+    if streamed:
+        event = b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m",'
+        event += b'"choices":[{"index":0,"delta":{"role":"assistant","content":"hi"}}]}\n\n'
+        writer.write(_CHUNKED + b"text/event-stream\r\n\r\n%x\r\n%s\r\n" % (len(event), event))
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the event is read and passed on; then a bad chunk size
+        writer.write(b"zz\r\ngarbage\r\n")
+    else:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 90\r\n\r\n{"
+        )
+    await writer.drain()
+    writer.close()
+
+
+async def test_a_malformed_upstream_body_is_named_by_its_upstream(tmp_path: Any) -> None:
+    # Named by the upstream's name, not its host (which the agent need not learn), and
+    # a malformed chunk is the upstream's bad answer, not Warden's failure.
+    server = await asyncio.start_server(_malformed_upstream, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with Warden(make_config(tmp_path, url)) as w, client(w) as c:
+            with pytest.raises(openai.APIStatusError) as whole:
+                await c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            stream = await c.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, stream=True
+            )
+            with pytest.raises(openai.APIError) as streamed:
+                async for _ in stream:
+                    pass
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert whole.value.code == "upstream_bad_response"
+    assert "upstream 'openai'" in whole.value.message
+    assert "127.0.0.1" not in whole.value.message
+    assert streamed.value.code == "upstream_bad_response"
+    assert "upstream 'openai'" in streamed.value.message
+
+
 async def test_unreachable_upstream_is_502(tmp_path: Any) -> None:
     # A port held but not listening refuses connections, and (unlike a port
     # just closed) no other test can start listening on it meanwhile.

@@ -615,7 +615,7 @@ class ProxyApp:
         pre_s: float,
     ) -> web.StreamResponse:
         try:
-            raw = await _read_upstream(upstream_resp)
+            raw = await read_body(upstream_resp, f"upstream {call.route.name!r}")
         except UpstreamError as exc:
             # Answered (its status says whether it was billed), then not read whole.
             self._core.outcome(
@@ -1023,10 +1023,6 @@ def _parse_json_request(request: web.Request, body: bytes) -> dict[str, Any]:
         )
     _wire.utf8_only(request.headers.get("Content-Type", ""))
     return _wire.request_object(body)
-
-
-async def _read_upstream(resp: aiohttp.ClientResponse) -> bytes:
-    return await read_body(resp, f"upstream {resp.url.host!r}")
 
 
 def _upstream_error(exc: BaseException, name: str) -> UpstreamError:

@@ -56,6 +56,10 @@ def upstream_error(exc: BaseException, who: str) -> UpstreamError:
         return UpstreamProtocol(f"{who} sent a truncated or malformed body")
     if isinstance(exc, aiohttp.ClientResponseError):
         return UpstreamProtocol(f"{who} sent a malformed response: {exc.message}")
+    if isinstance(exc, RuntimeError) and str(exc) == "Connection closed.":
+        # aiohttp's reader when the connection ends inside a body it could not frame
+        # (a malformed chunk size): the upstream's fault, not Warden's.
+        return UpstreamProtocol(f"{who} closed the connection inside a malformed body")
     if isinstance(exc, aiohttp.ClientError | OSError):
         return UpstreamUnavailable(f"{who} is unreachable: {type(exc).__name__}")
     log.exception("unexpected upstream failure", exc_info=exc)

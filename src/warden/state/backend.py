@@ -67,7 +67,8 @@ class StateBackend:
     feed: ChangeFeed
     _closers: tuple[Callable[[], Awaitable[None]], ...]
     up: Callable[[], bool] = lambda: True
-    """Whether the backend is reachable now (PostgreSQL: the change feed's connection is up)."""
+    """Whether the backend is reachable now (PostgreSQL: the change feed's connection is
+    up; SQLite: no call failed in the last few seconds)."""
     sessions: SessionRepo | None = None
     """Session counters, decided calls and Responses chains (:mod:`warden.state.sessions`)."""
     signed_marks: MarkRepo | None = None
@@ -117,6 +118,7 @@ async def _open_sqlite(config: StateConfig) -> StateBackend:
         links,
         feed,
         tuple(closers),
+        up=lambda: state.up and approvals.up and links.up and sessions.up,
         sessions=sessions,
         signed_marks=state,
     )

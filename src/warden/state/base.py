@@ -14,6 +14,8 @@ import logging
 import os
 import sqlite3
 import stat
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +30,13 @@ log = logging.getLogger("warden.state")
 
 T = TypeVar("T")
 BUSY_TIMEOUT_MS = 5000
+QUEUE_DEADLINE_S = 2 * BUSY_TIMEOUT_MS / 1000
+"""How long a call may wait for its store's thread before it fails. Behind a lock
+another process holds, each call waits out the busy timeout in turn: without a
+bound, the tenth call queued waited fifty seconds. A call already running is
+bounded by the busy timeout itself (and is never abandoned: a write may commit)."""
+DOWN_FOR_S = 10.0
+"""How long after a failed call the store counts as down (``/readyz``, ``warden_state_up``)."""
 PRIVATE_FILE = 0o600
 PRIVATE_FOLDER = 0o700
 # What SQLite writes beside a database; it gives each the database's own mode.
@@ -125,6 +134,7 @@ class SqliteStore:
         self._io = io
         self._closed = False
         self._loop_conn: sqlite3.Connection | None = None
+        self._failed_at: float | None = None
 
     @classmethod
     async def open(cls, url: str) -> Self:
@@ -191,7 +201,39 @@ class SqliteStore:
         except sqlite3.OperationalError:
             return await self._run(fn, self._conn)
 
+    @property
+    def up(self) -> bool:
+        """False for :data:`DOWN_FOR_S` after a call failed (locked, read-only, damaged)."""
+        failed = self._failed_at
+        return failed is None or time.monotonic() - failed > DOWN_FOR_S
+
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
             raise RuntimeError(f"the {self.NAME} store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+        # Claimed by whichever comes first: the thread starting the call, or the
+        # caller giving up on it (it then never runs).
+        claim = threading.Lock()
+
+        def job() -> T:
+            if not claim.acquire(blocking=False):
+                raise _Abandoned
+            return fn(*args)
+
+        future = asyncio.get_running_loop().run_in_executor(self._io, job)
+        done, _ = await asyncio.wait((future,), timeout=QUEUE_DEADLINE_S)
+        if not done and claim.acquire(blocking=False):
+            future.cancel()
+            self._failed_at = time.monotonic()
+            raise sqlite3.OperationalError(
+                f"the {self.NAME} store did not get to this call within "
+                f"{QUEUE_DEADLINE_S:g} s (the database is locked or slow)"
+            )
+        try:
+            return await future
+        except sqlite3.Error:
+            self._failed_at = time.monotonic()
+            raise
+
+
+class _Abandoned(Exception):
+    """A store call whose caller stopped waiting before the store's thread reached it."""

@@ -634,6 +634,76 @@ _APPROVAL_VERDICTS = {
     "approval_cancelled": "cancelled",
     "approval": None,
 }
+_EFFECTS = ("allow", "deny", "require_approval")
+_OBSERVED = tuple(f"{effect} (observe)" for effect in _EFFECTS)
+
+
+def _effect_label(decision: Mapping[str, Any]) -> str:
+    """A decision's effect as every table of the summary counts it: an observe-mode
+    verdict (let through, ``would_deny``/``would_hold``) apart from an enforced one, as
+    the verifier labels the counts it prints from the proven records."""
+    effect = str(decision.get("effect"))
+    return effect if decision.get("mode") == "enforce" else f"{effect} (observe)"
+
+
+def _effect_columns(seen: Iterable[str]) -> list[str]:
+    """The enforced effects always, then the observe-mode (and any other) labels seen."""
+    labels = set(seen)
+    extra = sorted(labels - {*_EFFECTS, *_OBSERVED})
+    return [*_EFFECTS, *(label for label in _OBSERVED if label in labels), *extra]
+
+
+def _approval_rows(selected: Iterable[tuple[int, bytes, dict[str, Any]]]) -> list[list[Any]]:
+    """The Approvals table: one row per person's decision on an approval, in log order.
+
+    The approval's own records (``approval_decided``, one per vote; expiries and
+    cancellations) make the rows. The decision record that follows an approval carries
+    it too (``approval``: the approvers joined by commas): it adds a row only for an
+    approver no approval record of the package names (a period that starts after the
+    votes, a log whose approvals left no records of their own), else each approval
+    would be listed twice.
+    """
+    rows: list[tuple[int, list[Any]]] = []
+    voted: set[tuple[str, str]] = set()  # (approval id, who) an approval record names
+    ended: set[str] = set()  # approvals an approval record shows rejected, expired, cancelled
+    carried: list[tuple[int, Mapping[str, Any], Any]] = []
+    for index, (_, _, rec) in enumerate(selected):
+        kind = rec.get("kind")
+        if kind in _APPROVAL_VERDICTS:
+            # Each vote, expiry and cancellation; "approval" is the older records' kind.
+            body = rec.get("body")
+            body = body if isinstance(body, Mapping) else {}
+            who = body.get("who", body.get("approver"))
+            verdict = _APPROVAL_VERDICTS[kind] or body.get("verdict")
+            when = body.get("at", body.get("decided_at", rec.get("time")))
+            rows.append(
+                (index, [when, who, verdict, body.get("tool"), body.get("arguments_sha256")])
+            )
+            approval_id = body.get("approval_id")
+            if isinstance(approval_id, str):
+                if who is not None:
+                    voted.add((approval_id, str(who)))
+                if verdict != "approved":
+                    ended.add(approval_id)
+        elif kind == "decision" and isinstance(rec.get("approval"), Mapping):
+            carried.append((index, rec["approval"], (rec.get("action") or {}).get("tool")))
+    for index, approval, tool in carried:
+        approval_id = str(approval.get("id"))
+        approver = str(approval.get("approver") or "")
+        verdict = approval.get("verdict")
+        if verdict == "approved":
+            # A quorum's approvers, each with the time the last of them decided.
+            names = [approver] if (approval_id, approver) in voted else approver.split(",")
+            missing = [name for name in names if (approval_id, name) not in voted]
+        else:
+            # How the approval ended (rejected, expired): its own record says it better.
+            missing = [] if approval_id in ended else [approver]
+        sha = approval.get("arguments_sha256")
+        rows += [
+            (index, [approval.get("decided_at"), name, verdict, tool, sha]) for name in missing
+        ]
+    rows.sort(key=lambda row: row[0])  # stable: a decision record's rows stay in order
+    return [row for _, row in rows]
 
 
 def _summary(selection: Selection, loaded: _Loaded, verifier: NoteVerifier) -> str:
@@ -641,19 +711,17 @@ def _summary(selection: Selection, loaded: _Loaded, verifier: NoteVerifier) -> s
     by_tool: dict[str, Counter[str]] = defaultdict(Counter)
     effects: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
-    approvals: list[list[Any]] = []
     denials: list[list[Any]] = []
     for _, _, rec in loaded.selected:
         kind = rec.get("kind")
         kinds[str(kind)] += 1
         if kind == "decision":
             decision = rec["decision"]
-            effect = decision["effect"]
-            label = effect if decision.get("mode") == "enforce" else f"{effect} (observe)"
+            label = _effect_label(decision)
             effects[label] += 1
-            by_agent[rec["agent"]["id"]][effect] += 1
-            by_tool[rec["action"].get("tool") or rec["action"]["request"]["path"]][effect] += 1
-            if effect == "deny":
+            by_agent[rec["agent"]["id"]][label] += 1
+            by_tool[rec["action"].get("tool") or rec["action"]["request"]["path"]][label] += 1
+            if decision["effect"] == "deny":
                 denials.append(
                     [
                         rec["time"],
@@ -663,31 +731,9 @@ def _summary(selection: Selection, loaded: _Loaded, verifier: NoteVerifier) -> s
                         "; ".join(decision["reasons"]),
                     ]
                 )
-            approval = rec.get("approval")
-            if approval:
-                approvals.append(
-                    [
-                        approval["decided_at"],
-                        approval["approver"],
-                        approval.get("verdict"),
-                        rec["action"].get("tool"),
-                        approval["arguments_sha256"],
-                    ]
-                )
-        elif kind in _APPROVAL_VERDICTS:
-            # Each vote, expiry and cancellation; "approval" is the older records' kind.
-            body = rec.get("body", {})
-            approvals.append(
-                [
-                    body.get("at", body.get("decided_at", rec["time"])),
-                    body.get("who", body.get("approver")),
-                    _APPROVAL_VERDICTS[kind] or body.get("verdict"),
-                    body.get("tool"),
-                    body.get("arguments_sha256"),
-                ]
-            )
+    approvals = _approval_rows(loaded.selected)
     seqs = [seq for seq, _, _ in loaded.selected]
-    effect_names = ["allow", "deny", "require_approval"]
+    effect_names = _effect_columns(effects)
     parts = [
         "# Audit evidence summary\n",
         f"- Log: `{loaded.checkpoint.origin}`",

@@ -22,6 +22,12 @@ The deadline bounds an evaluation, not the wait for a worker:
   the rest. If such a starved evaluation is still unanswered after
   ``queue_timeout_s``, its caller gets :class:`~warden.errors.Overloaded`
   too; the worker finishes (or reaches its CPU budget) on its own;
+* a worker that holds an evaluation for :func:`_stall_bound_s` of wall time
+  (ten budgets, at least five seconds) without using its CPU budget is stalled,
+  not slow: stopped (``SIGSTOP``, a frozen cgroup, a debugger) or starved for
+  that long. It is killed and replaced, its caller (if still waiting) gets
+  :class:`~warden.errors.Overloaded`, and the input is not blamed: it did
+  not run;
 * a worker that dies mid-request (the policy crashed the engine) gives
   ``policy_crash``, and is replaced the same way; restarts back off when they
   come in bursts;
@@ -121,6 +127,10 @@ _RESTART_WINDOW_S = 30.0
 _MAX_RESTART_DELAY_S = 5.0
 _QUARANTINE_S = 60.0
 _QUARANTINE_MAX = 1024
+# A worker that holds an evaluation for this many budgets of wall time, and at least
+# this long, without spending its CPU budget is stalled (stopped, frozen), not slow.
+_STALL_BUDGETS: Final = 10
+_MIN_STALL_S: Final = 5.0
 _HEADER = struct.Struct(">I")
 _EFFECTS = {e.value: e for e in Effect}
 _MODES = {m.value: m for m in Mode}
@@ -372,6 +382,13 @@ class _Starved(Exception):
     """The worker got too little CPU to answer in time: the machine is busy, not the policy."""
 
 
+class _Stalled(_Starved):
+    """The worker held the input past :func:`_stall_bound_s` without using its budget.
+
+    It was killed and replaced; like :class:`_Starved`, the input did not run.
+    """
+
+
 class _PoolClosed(Exception):
     pass
 
@@ -398,6 +415,16 @@ class _Worker:
     cpu_at_dispatch: int | None = None
     budget_s: float = 0.0
     """The current request's evaluation budget (a batch's is its inputs' budgets together)."""
+
+
+def _stall_bound_s(budget_s: float) -> float:
+    """Wall time a worker may hold an evaluation of ``budget_s`` (CPU) before it is replaced.
+
+    Ten budgets, and at least five seconds: well past what a busy machine's
+    scheduler leaves a worker waiting, so only a worker that is not running
+    at all (stopped, frozen) or next to it reaches it.
+    """
+    return max(_STALL_BUDGETS * budget_s, _MIN_STALL_S)
 
 
 def _cpu_ns(pid: int) -> int | None:
@@ -518,6 +545,7 @@ class WorkerPool:
         self.restarts = 0
         self.timeouts = 0
         self.crashes = 0
+        self.stalls = 0
 
     @property
     def alive(self) -> int:
@@ -645,13 +673,21 @@ class WorkerPool:
         tag, worker.tag = worker.tag, None
         if pending is not None and not pending.done():
             pending.set_exception(reason(_exit_text(worker.proc)))
-        if pending is not None and tag is not None and self._on_failure is not None:
+        if (
+            pending is not None
+            and tag is not None
+            and self._on_failure is not None
+            and reason is not _Stalled  # a stopped worker says nothing of its input
+        ):
             code = "policy_timeout" if reason is _EvalTimeout else "policy_crash"
             self._on_failure(tag, code)
-        self._reap_later(worker, 0.0 if reason is _EvalTimeout else _CLOSE_GRACE_S)
+        killed = reason is _EvalTimeout or reason is _Stalled
+        self._reap_later(worker, 0.0 if killed else _CLOSE_GRACE_S)
         if was_serving and not self._closed:
             if reason is _EvalTimeout:
                 self.timeouts += 1
+            elif reason is _Stalled:
+                self.stalls += 1
             else:
                 self.crashes += 1
                 log.error(
@@ -694,19 +730,42 @@ class WorkerPool:
         if used_ns is not None and start_cpu is not None:
             left_s = worker.budget_s - (used_ns - start_cpu) / 1e9
             if left_s > 0:
+                held_s = now - worker.dispatched_at
+                stall_s = _stall_bound_s(worker.budget_s)
+                if held_s >= stall_s:
+                    self._on_stalled(worker, held_s)
+                    return
                 # Starved of CPU, not looping: give it the rest of its budget.
-                if pending is not None and now - worker.dispatched_at >= self._queue_timeout_s:
+                if pending is not None and held_s >= self._queue_timeout_s:
                     worker.pending, worker.tag = None, None
                     if not pending.done():
                         pending.set_exception(_Starved())
+                # A stopped worker never spends its budget: the stall bound is checked too.
                 worker.timer = asyncio.get_running_loop().call_later(
-                    max(left_s, _MIN_REARM_S), self._on_timeout, worker
+                    max(min(left_s, stall_s - held_s), _MIN_REARM_S), self._on_timeout, worker
                 )
                 return
         log.warning("policy worker %s passed the deadline; killing it", worker.proc.pid)
         with contextlib.suppress(ProcessLookupError):
             worker.proc.kill()
         self._on_dead(worker, reason=_EvalTimeout)
+
+    def _on_stalled(self, worker: _Worker, held_s: float) -> None:
+        """Kill and replace a worker that held its input past the stall bound unused."""
+        log.warning(
+            "policy worker %s held an evaluation for %.1f s without using its %g ms "
+            "CPU budget (stopped or frozen?); killing it and starting a replacement",
+            worker.proc.pid,
+            held_s,
+            worker.budget_s * 1000,
+        )
+        # Answered first, so _on_dead neither blames the input nor calls it a crash.
+        pending, worker.pending, worker.tag = worker.pending, None, None
+        if pending is not None and not pending.done():
+            pending.set_exception(_Stalled())
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.kill()
+        self._on_dead(worker, reason=_Stalled)
 
     async def _reap(self, proc: subprocess.Popen[bytes], grace: float) -> None:
         try:
@@ -824,7 +883,10 @@ class WorkerPool:
         (a batch gets one budget per input).
 
         Raises :class:`_QueueTimeout` when no worker was free within the
-        queue bound (the input never ran), :class:`_EvalTimeout` when the
+        queue bound (the input never ran), :class:`_Starved` when its worker
+        got too little CPU to answer within that bound, :class:`_Stalled`
+        when it was replaced for holding the input past the stall bound
+        unused (neither is the input's doing), :class:`_EvalTimeout` when the
         worker was killed for running past the evaluation budget, and
         :class:`_WorkerCrash` when it died. ``tag`` is passed to
         ``on_failure`` if this request kills or crashes the worker.
@@ -1064,6 +1126,7 @@ class PolicyEngine:
             "worker_restarts": gen.pool.restarts if gen else 0,
             "worker_timeouts": gen.pool.timeouts if gen else 0,
             "worker_crashes": gen.pool.crashes if gen else 0,
+            "worker_stalls": gen.pool.stalls if gen else 0,
             "cache": {
                 "enabled": bool(gen and gen.cacheable),
                 "entries": len(gen.cache) if gen else 0,
@@ -1492,14 +1555,16 @@ class PolicyEngine:
     def _overloaded(self, exc: Exception) -> Overloaded:
         """The push-back for a request no worker took, or answered, in time."""
         self.metrics.overloaded()
-        why = (
-            "its worker got too little CPU to answer"
-            if isinstance(exc, _Starved)
-            else "no worker was free"
-        )
+        if isinstance(exc, _Stalled):
+            why = "its worker stopped making progress and is being replaced"
+        else:
+            why = (
+                "its worker got too little CPU to answer"
+                if isinstance(exc, _Starved)
+                else "no worker was free"
+            ) + f" within {self._queue_timeout_s:g} s"
         return Overloaded(
-            f"the policy engine is busy: {why} within {self._queue_timeout_s:g} s; retry shortly",
-            retry_after_s=_RETRY_AFTER_S,
+            f"the policy engine is busy: {why}; retry shortly", retry_after_s=_RETRY_AFTER_S
         )
 
     def _entry(self, query: str | None) -> tuple[bytes, bytes] | None:

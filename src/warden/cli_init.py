@@ -6,23 +6,31 @@ It writes, into the folder given (default: the current one)::
     policies/customer-support/          the shipped bundle: policy.rego, data.json,
                                         policy_test.rego and decisions/*.yaml tables
 
-and never overwrites a file unless ``--force`` is given; even then only the
-files it writes (the bundle's ``.manifest`` included) are replaced, and any
-other file in the bundle's folder stays. Exit status: 0 when written, 1 when a
-file is in the way, 2 when the shipped bundle cannot be found.
+``--approver NAME`` and ``--admin NAME`` (repeatable) make an admin token for
+each person, list its SHA-256 in ``admin.tokens`` with that role, and print the
+token once: someone can approve held actions on the first run.
+
+It never overwrites a file unless ``--force`` is given; even then only the files
+it writes (the bundle's ``.manifest`` included) are replaced, and any other file
+in the bundle's folder stays. Exit status: 0 when written, 1 when a file is in
+the way, 2 when the shipped bundle cannot be found.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import secrets
 import shutil
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from warden.config import DEFAULT_POLICY_BUNDLES, PACKAGED_BUNDLE
+from warden.identity import hash_key
 
-__all__ = ["STARTER_CONFIG", "init", "register"]
+__all__ = ["STARTER_CONFIG", "init", "register", "starter_config"]
 
 EXIT_OK = 0
 EXIT_EXISTS = 1
@@ -96,7 +104,7 @@ def shipped_bundle() -> Path | None:
     return None
 
 
-def init(folder: Path, *, force: bool = False) -> int:
+def init(folder: Path, *, force: bool = False, people: Sequence[tuple[str, str]] = ()) -> int:
     """Write the starter files into ``folder``; the exit status (see the module docs)."""
     source = shipped_bundle()
     if source is None:
@@ -125,16 +133,54 @@ def init(folder: Path, *, force: bool = False) -> int:
             file=sys.stderr,
         )
         return EXIT_EXISTS
+    roles: dict[str, list[str]] = {}
+    for role, subject in people:
+        if role not in roles.setdefault(subject, []):
+            roles[subject].append(role)
+    tokens = {subject: (", ".join(r), secrets.token_urlsafe(32)) for subject, r in roles.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    config.write_text(STARTER_CONFIG, encoding="utf-8")
+    config.write_text(starter_config(tokens), encoding="utf-8")
+    if tokens:
+        config.chmod(0o600)  # it names who may decide; the tokens themselves are not in it
     # Over an existing bundle, only the shipped files are rewritten: the user's own stay.
     shutil.copytree(source, bundle, ignore=_not_shipped, dirs_exist_ok=True)
     print(f"wrote {config}")
     print(f"wrote {bundle}/ (policy.rego, data.json, policy_test.rego, decisions/)")
+    for subject, (role, token) in tokens.items():
+        # Shown once: warden.yaml keeps only its SHA-256.
+        print(f"admin token for {subject} ({role}; shown once, keep it secret): {token}")
     print("next:")
     print(f"  warden policy test {BUNDLE_DIR}     # its Rego tests and decision tables")
     print("  warden serve --config warden.yaml")
+    if tokens:
+        print("  WARDEN_TOKEN=<token> warden approvals list   # or sign in to the console")
     return EXIT_OK
+
+
+def starter_config(tokens: Mapping[str, tuple[str, str]]) -> str:
+    """:data:`STARTER_CONFIG` with ``admin.tokens`` listing ``tokens`` (subject to its
+    roles, comma-separated, and token), each token stored as its SHA-256 only."""
+    if not tokens:
+        return STARTER_CONFIG
+    entries = "".join(
+        f"\n    - {{subject: {subject}, roles: [{role}], sha256: {hash_key(token)}}}"
+        for subject, (role, token) in tokens.items()
+    )
+    return STARTER_CONFIG.replace("  tokens: []\n", f"  tokens:{entries}\n", 1)
+
+
+def _person(role: str) -> Callable[[str], tuple[str, str]]:
+    def parse(subject: str) -> tuple[str, str]:
+        if not _SUBJECT.fullmatch(subject):
+            raise argparse.ArgumentTypeError(
+                f"{subject!r}: a name of letters, digits and . _ @ - (it shows in the log)"
+            )
+        return role, subject
+
+    return parse
+
+
+_SUBJECT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 
 def _links_in_the_way(source: Path, folder: Path, bundle: Path, config: Path) -> Path | None:
@@ -167,7 +213,7 @@ def _not_shipped(folder: str, names: list[str]) -> set[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    return init(Path(args.folder), force=args.force)
+    return init(Path(args.folder), force=args.force, people=args.people)
 
 
 def register(sub: Any) -> None:
@@ -183,5 +229,23 @@ def register(sub: Any) -> None:
         "--force",
         action="store_true",
         help="overwrite the files it writes that are already there (others are kept)",
+    )
+    parser.add_argument(
+        "--approver",
+        dest="people",
+        action="append",
+        type=_person("approver"),
+        default=[],
+        metavar="NAME",
+        help="make an admin token with the approver role for NAME (repeatable): its "
+        "SHA-256 goes into admin.tokens, the token is printed once",
+    )
+    parser.add_argument(
+        "--admin",
+        dest="people",
+        action="append",
+        type=_person("admin"),
+        metavar="NAME",
+        help="the same with the admin role (kill switches, every admin call)",
     )
     parser.set_defaults(func=_run)

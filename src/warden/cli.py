@@ -10,11 +10,16 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from warden import __version__
 from warden.config import Config, load_config
 from warden.errors import ConfigError, WardenError
+from warden.model import Mode
 from warden.terminal import reader_left
+
+if TYPE_CHECKING:
+    from warden.server import Warden
 
 __all__ = ["main"]
 
@@ -66,11 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
         await warden.start()
         tune_runtime()  # what startup built stays, and more; see warden.ops.runtime
         warden.stop_on_signals()
-        print(
-            f"warden {__version__}: proxy {warden.proxy_url}  admin {warden.admin_url}",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(_banner(warden), file=sys.stderr, flush=True)
         await warden.wait_stopped()
 
     try:
@@ -78,6 +79,38 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         tracing.shutdown()  # exports the spans still buffered
     return 0
+
+
+def _banner(warden: Warden) -> str:
+    """What ``warden serve`` prints once started: where it listens, and what a first look
+    would miss (nothing is blocked in observe mode; not ready, and why)."""
+    lines = [f"warden {__version__}: proxy {warden.proxy_url}  admin {warden.admin_url}"]
+    if warden.grpc_address:
+        lines[0] += f"  grpc {warden.grpc_address}"
+    if warden.transparent_address:
+        lines[0] += f"  transparent {warden.transparent_address}"
+    config = warden.config
+    agents = {config.agent.id, *config.agents}
+    # Agents whose own mode differs from the global one (which agents not named here get).
+    apart = sorted(a for a in agents if config.mode_for(a) is not config.mode)
+    if config.mode is Mode.OBSERVE:
+        lines.append("warden: mode observe: decisions are recorded, nothing is blocked")
+        if apart:
+            lines[-1] += f" (enforced for {', '.join(apart)})"
+    elif apart:
+        lines.append(f"warden: observe mode for {', '.join(apart)}: their actions are not blocked")
+    ready, detail = warden.readiness()
+    if not ready:
+        policy = detail.get("policy", {})
+        why = []
+        if not policy.get("ready"):
+            error = policy.get("last_error")
+            why.append(f"no policy bundle is active ({error})" if error else "no policy bundle")
+        if not detail.get("audit", {}).get("writable"):
+            why.append("the audit log is not writable")
+        shown = "; ".join(why) or "see /readyz"
+        lines.append(f"warden: NOT READY: {shown} (/readyz answers 503 until it is)")
+    return "\n".join(lines)
 
 
 def _check_files(config: Config) -> None:

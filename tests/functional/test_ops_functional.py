@@ -190,6 +190,48 @@ def test_warden_serve_process_stops_cleanly_on_a_signal(tmp_path: Path, sig: int
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+def test_the_start_banner_says_observe_mode_and_not_ready(tmp_path: Path) -> None:
+    # A mistyped bundle path started looking normal, then refused every action.
+    config = tmp_path / "warden.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "mode": "observe",
+                "listen": {"proxy": "127.0.0.1:0", "admin": "127.0.0.1:0"},
+                "policy": {"bundles": [str(tmp_path / "polcies")], "workers": 1},
+                "audit": {"dir": str(tmp_path / "audit")},
+                "state": {"url": f"sqlite:///{tmp_path}/state.db"},
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("warden")), "serve", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        for _ in range(200):
+            lines.append(proc.stderr.readline())
+            if "NOT READY" in lines[-1] or not lines[-1]:
+                break
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    banner = [line for line in lines if line.startswith("warden")]
+    assert "admin http" in banner[0]
+    assert banner[1].startswith("warden: mode observe: decisions are recorded")
+    assert banner[2].startswith("warden: NOT READY: no policy bundle is active (")
+    assert "polcies" in banner[2]
+
+
 def test_invalid_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "warden.yaml"
     config.write_text("policy: {deadline_ms: -5}\n")

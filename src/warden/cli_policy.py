@@ -9,9 +9,10 @@
   candidate bundle and exits 1 past ``--max-changes`` (a CI gate).
 
 Without DIR the bundles in the configuration are used (``policy.bundles``;
-``policies/customer-support`` by default). Exit status: 0 when all is well,
-1 when a test fails or the check finds errors, 2 when the command cannot run
-(unreadable bundle, input or key).
+``policies/customer-support`` by default): ``test`` names them, and warns
+when the current folder holds modules outside them. Exit status: 0 when all
+is well, 1 when a test fails or the check finds errors, 2 when the command
+cannot run (unreadable bundle, input or key).
 """
 
 from __future__ import annotations
@@ -173,6 +174,8 @@ def _test(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     except re.error as exc:
         return _fail(f"--run: not a regular expression: {exc}")
+    if not args.paths:
+        _warn_untested_modules_here(policy.folders, paths)
     report = run_tests(
         policy,
         case_files=case_files,
@@ -185,6 +188,9 @@ def _test(args: argparse.Namespace) -> int:
             orjson.dumps([r.to_json() for r in report.results], option=orjson.OPT_INDENT_2) + b"\n"
         )
     else:
+        if not args.paths:
+            # Bundles nobody named: say which, as `check` does.
+            print(f"testing {', '.join(paths)} (policy.bundles: no DIR given)")
         _print_report(report, verbose=args.verbose, out=sys.stdout)
     if not report.results:
         print("warden policy: no tests or decision cases found", file=sys.stderr)
@@ -192,8 +198,36 @@ def _test(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _warn_untested_modules_here(folders: Sequence[Path], paths: Sequence[str]) -> None:
+    """Warn when the current folder holds modules that no bundle tested holds.
+
+    Run inside a bundle being written, ``warden policy test`` would otherwise
+    report on the configured bundle alone and pass.
+    """
+    tested = [folder.resolve() for folder in folders]
+    stray = [
+        file.name
+        for file in sorted(Path.cwd().glob("*.rego"))
+        if not file.name.startswith(".")
+        and file.is_file()
+        and not any(file.resolve().is_relative_to(folder) for folder in tested)
+    ]
+    if not stray:
+        return
+    names = ", ".join(stray[:3]) + (f" and {len(stray) - 3} more" if len(stray) > 3 else "")
+    print(
+        f"warden policy: warning: {names} in this folder {'is' if len(stray) == 1 else 'are'} "
+        "not in the bundle tested "
+        f"({', '.join(paths)}); to test this folder's bundle: warden policy test .",
+        file=sys.stderr,
+    )
+
+
 def _print_report(report: TestReport, *, verbose: bool, out: TextIO) -> None:
-    """Print results as ``opa test`` does: failures (or all, with -v), then counts."""
+    """Print results as ``opa test`` does: failures (or all, with -v), then counts.
+
+    What a shown test printed (``print()``) follows it, indented, as in ``opa test``.
+    """
     shown = [r for r in report.results if verbose or r.status in (Status.FAIL, Status.ERROR)]
     current = None
     for result in shown:
@@ -207,6 +241,11 @@ def _print_report(report: TestReport, *, verbose: bool, out: TextIO) -> None:
             print(f"  {result.message}", file=out)
         if result.hint:
             print(f"  hint: {result.hint}", file=out)
+        if result.printed:
+            print(file=out)
+            for line in result.printed.rstrip("\n").splitlines():
+                print(f"  {line}", file=out)
+            print(file=out)
     total = len(report.results)
     if not total:
         return
@@ -243,6 +282,9 @@ def _eval(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     query = args.query or config.policy.query
     result = evaluate_input(policy, doc, query=query, repeat=max(0, args.repeat))
+    if result.printed:  # print() output goes to standard error, as with `opa eval`
+        sys.stderr.write(result.printed if result.printed.endswith("\n") else result.printed + "\n")
+        sys.stderr.flush()
     out = result.to_json(query=query, revision=policy.revision)
     sys.stdout.buffer.write(orjson.dumps(out, option=orjson.OPT_INDENT_2) + b"\n")
     return 1 if result.error else 0

@@ -62,7 +62,12 @@ def check_policy(
                 findings.append(finding)
         findings.extend(lint_module(module.path, module.source))
     if not parse_failed:
-        findings.extend(_unknown_functions(policy.modules, rego.Interpreter().is_builtin))
+        # The loader's rule for what the engine evaluates (print included), so that
+        # check, test, eval and serve accept the same calls.
+        from warden.policy.bundle.compile import engine_function  # noqa: PLC0415
+
+        interp = rego.Interpreter()
+        findings.extend(_unknown_functions(policy.modules, lambda n: engine_function(interp, n)))
         findings.extend(_cache_misses(policy.production, policy.data, paths))
         with Child(init_doc(policy), timeout_s) as child:
             reply = child.request({"op": "compile", "query": query})

@@ -10,6 +10,8 @@ line, and restarts it after a crash. The engine is only loaded in the child.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import os
 import selectors
 import signal
@@ -44,6 +46,8 @@ DEFAULT_TEST_TIMEOUT_S = 10.0
 EVAL_FAILED = "evaluation failed (for example, a rule or function gave conflicting values)"
 # Kept short: a crash report only needs the engine's last words.
 _STDERR_TAIL = 600
+# What one job's print() calls may hand back; a print in a loop could write megabytes.
+_PRINTED_MAX = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +62,8 @@ class Child:
     """A child process that compiles and evaluates policies; restarted after a crash.
 
     Requests and replies are JSON lines over the child's stdin and a private
-    pipe (the engine may print to stdout, so stdout is not used). The first
+    pipe (the engine prints to stdout, which the child collects for each job:
+    a reply's ``printed``). The first
     line a new child gets is the ``init`` document: modules and data.
     """
 
@@ -222,29 +227,76 @@ def main(argv: Sequence[str]) -> int:
         print("usage: python -m warden.policy.authoring <reply fd> [stack bytes]", file=sys.stderr)
         return 2
     # The stack (argv[1]) was set by __main__, before the tools were imported.
-    # Replies go to a private pipe: the engine may print diagnostics to stdout.
+    # Replies go to a private pipe: the engine prints to stdout (print()), which
+    # _Printed collects for each job.
     out = os.fdopen(int(argv[0]), "wb", buffering=0)
     lines = iter(sys.stdin.buffer.readline, b"")
     first = next(lines, b"")
     if not first:
         return 0
-    worker = _Worker(orjson.loads(first))
+    worker = _Worker(orjson.loads(first), _Printed())
     for line in lines:
         reply = worker.handle(orjson.loads(line))
         out.write(orjson.dumps(reply) + b"\n")
     return 0
 
 
-class _Worker:
-    """The child's side: runs one job at a time (see :class:`Child`)."""
+class _Printed:
+    """What the engine prints to standard output (``print()``), taken job by job.
 
-    def __init__(self, init: Mapping[str, Any]) -> None:
+    The engine writes to file descriptor 1 itself, so the child points that
+    descriptor at a temporary file, appended to, and empties it after each job.
+    """
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the child
+        fd = self._file.fileno()
+        # Appending: once the file is emptied, the next write starts at 0 again.
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        os.dup2(fd, 1)
+        try:
+            self._fflush: Any = ctypes.CDLL(None).fflush
+        except (OSError, AttributeError):  # pragma: no cover - no C library to flush
+            self._fflush = None
+
+    def take(self) -> str:
+        """What was printed since the last call (at most ``_PRINTED_MAX`` bytes of it)."""
+        if self._fflush is not None:
+            self._fflush(None)  # C stdio's buffer, should the engine write through it
+        fd = self._file.fileno()
+        size = os.fstat(fd).st_size
+        if not size:
+            return ""
+        data = os.pread(fd, min(size, _PRINTED_MAX), 0)
+        os.ftruncate(fd, 0)
+        text = data.decode("utf-8", errors="replace")
+        if size > _PRINTED_MAX:
+            text += f"\n... ({size - _PRINTED_MAX} more bytes printed, not shown)"
+        return text
+
+
+class _Worker:
+    """The child's side: runs one job at a time (see :class:`Child`).
+
+    A reply carries ``printed``, the text the policy's ``print()`` calls wrote
+    (for ``decide``, during the first evaluation only), when there is any.
+    """
+
+    def __init__(self, init: Mapping[str, Any], printed: _Printed) -> None:
         self._modules = [Module(p, s) for p, s in init["modules"]]
         self._production = [Module(p, s) for p, s in init["production"]]
         self._data = init["data"]
         self._evaluators: dict[str, Any] = {}
+        self._printed = printed
 
     def handle(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        reply = self._run(job)
+        printed = self._printed.take()
+        if printed and "printed" not in reply:
+            reply["printed"] = printed
+        return reply
+
+    def _run(self, job: Mapping[str, Any]) -> dict[str, Any]:
         op = job.get("op")
         try:
             if op == "query":
@@ -299,12 +351,17 @@ class _Worker:
         started = time.perf_counter_ns()
         text = evaluator.evaluate(doc)
         first = time.perf_counter_ns() - started
+        printed = self._printed.take()
         times = []
         for _ in range(repeat):
             started = time.perf_counter_ns()
             evaluator.evaluate(doc)
             times.append(time.perf_counter_ns() - started)
-        return {"ok": True, "text": text, "ns": first, "compile_ns": compile_ns, "times": times}
+        self._printed.take()  # the repeats print the same again
+        reply = {"ok": True, "text": text, "ns": first, "compile_ns": compile_ns, "times": times}
+        if printed:
+            reply["printed"] = printed
+        return reply
 
     def _compile(self, query: str) -> dict[str, Any]:
         from warden.policy.bundle.compile import compile_check  # noqa: PLC0415
@@ -321,24 +378,29 @@ class Outcome:
     undefined: bool = False
     error: str = ""
     crashed: bool = False
+    printed: str = ""
+    """What the policy's ``print()`` calls wrote while it ran."""
 
 
 def parse_output(reply: Mapping[str, Any] | Crash, modules: Sequence[Module]) -> Outcome:
     if isinstance(reply, Crash):
         return Outcome(error=reply.message, crashed=True)
+    printed = str(reply.get("printed") or "")
     if not reply.get("ok"):
-        return Outcome(error=str(reply.get("error") or "evaluation failed"))
+        return Outcome(error=str(reply.get("error") or "evaluation failed"), printed=printed)
     text: str = reply["text"]
     if text == "undefined":
-        return Outcome(undefined=True)
+        return Outcome(undefined=True, printed=printed)
     if text.startswith(("<error>", "(error", "(rego-errorseq")):
         body = text.removeprefix("<error>")
         detail = "; ".join(describe_rego_error(body, modules)) if body else ""
-        return Outcome(error=detail or EVAL_FAILED)
+        return Outcome(error=detail or EVAL_FAILED, printed=printed)
     doc = result_document(text)
     if doc is None:
-        return Outcome(error=f"the engine returned unreadable output: {text[:200]!r}")
+        return Outcome(
+            error=f"the engine returned unreadable output: {text[:200]!r}", printed=printed
+        )
     expressions = doc.get("expressions") if isinstance(doc, dict) else None
     if not isinstance(expressions, list) or len(expressions) != 1:
-        return Outcome(error="the query gave more than one result")
-    return Outcome(result=expressions[0])
+        return Outcome(error="the query gave more than one result", printed=printed)
+    return Outcome(result=expressions[0], printed=printed)

@@ -27,6 +27,8 @@ class EvalResult:
     compile_ms: float
     first_us: float
     times_us: tuple[float, ...] = field(default_factory=tuple)
+    printed: str = ""
+    """What the policy's ``print()`` calls wrote during the first evaluation."""
 
     def to_json(self, *, query: str, revision: str) -> dict[str, Any]:
         """The document ``warden policy eval`` prints."""
@@ -75,4 +77,5 @@ def evaluate_input(
         int(reply.get("compile_ns", 0)) / 1e6,
         int(reply.get("ns", 0)) / 1000,
         times,
+        outcome.printed,
     )

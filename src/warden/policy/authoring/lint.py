@@ -163,7 +163,8 @@ def _call_problem(name: str) -> tuple[str, str, str] | None:
         return (
             "error",
             "trace() does not exist in this engine: the rule fails with an error",
-            "remove it; use `warden policy eval` to look at values",
+            "use print(...) instead: `warden policy test` shows what it prints (failing "
+            "tests, or every test with -v), `warden policy eval` on standard error",
         )
     if name == "json.unmarshal":
         return (

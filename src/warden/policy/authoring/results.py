@@ -37,9 +37,14 @@ class TestResult:
     package: str = ""
     message: str = ""
     hint: str = ""
+    printed: str = ""
+    """What the policy's ``print()`` calls wrote while the test or case ran."""
 
     def to_json(self) -> dict[str, Any]:
-        """The result as ``opa test --format json`` writes it, plus kind, status and hint."""
+        """The result as ``opa test --format json`` writes it, plus kind, status and hint.
+
+        Print output is ``printed``, as text (OPA's ``output`` holds it as base64).
+        """
         doc: dict[str, Any] = {
             "location": {"file": self.file, "row": self.line, "col": 1},
             "package": self.package,
@@ -58,6 +63,8 @@ class TestResult:
             doc["message"] = self.message
         if self.hint:
             doc["hint"] = self.hint
+        if self.printed:
+            doc["printed"] = self.printed
         return doc
 
 

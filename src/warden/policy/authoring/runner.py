@@ -147,9 +147,20 @@ class _Where:
     line: int
     package: str
 
-    def result(self, status: Status, ns: int = 0, message: str = "", hint: str = "") -> TestResult:
+    def result(
+        self, status: Status, ns: int = 0, message: str = "", hint: str = "", printed: str = ""
+    ) -> TestResult:
         return TestResult(
-            self.kind, self.name, self.file, self.line, status, ns, self.package, message, hint
+            self.kind,
+            self.name,
+            self.file,
+            self.line,
+            status,
+            ns,
+            self.package,
+            message,
+            hint,
+            printed,
         )
 
 
@@ -164,14 +175,15 @@ def _run_rego_test(child: Child, policy: PolicySet, test: _RegoTest) -> TestResu
         return where.result(Status.ERROR, message=reply.message, hint=hint)
     ns = int(reply.get("ns", 0))
     outcome = parse_output(reply, policy.modules)
+    printed = outcome.printed
     if outcome.error:
         hint = WITH_INPUT_HINT if _WITH_INPUT_ERROR in outcome.error else ""
-        return where.result(Status.ERROR, ns, outcome.error, hint)
+        return where.result(Status.ERROR, ns, outcome.error, hint, printed)
     if outcome.undefined:
-        return where.result(Status.FAIL, ns, "the test rule is undefined")
+        return where.result(Status.FAIL, ns, "the test rule is undefined", printed=printed)
     if outcome.result is False:
-        return where.result(Status.FAIL, ns, "the test rule is false")
-    return where.result(Status.PASS, ns)
+        return where.result(Status.FAIL, ns, "the test rule is false", printed=printed)
+    return where.result(Status.PASS, ns, printed=printed)
 
 
 def _run_case(
@@ -185,8 +197,8 @@ def _run_case(
         hint = CRASH_HINT if outcome.crashed else ""
         if _WITH_INPUT_ERROR in outcome.error:
             hint = WITH_INPUT_HINT
-        return where.result(Status.ERROR, ns, outcome.error, hint)
+        return where.result(Status.ERROR, ns, outcome.error, hint, outcome.printed)
     problems = compare_decision(case.expect, outcome.result, undefined=outcome.undefined)
     if problems:
-        return where.result(Status.FAIL, ns, "; ".join(problems))
-    return where.result(Status.PASS, ns)
+        return where.result(Status.FAIL, ns, "; ".join(problems), printed=outcome.printed)
+    return where.result(Status.PASS, ns, printed=outcome.printed)

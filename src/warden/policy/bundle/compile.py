@@ -19,7 +19,14 @@ from warden.policy.bundle.diagnostics import describe_rego_error, display_path, 
 from warden.policy.bundle.model import BundleError, Module
 from warden.policy.bundle.text import blank
 
-__all__ = ["check_engine_faults", "check_syntax", "compile_bundle", "compile_check"]
+__all__ = [
+    "ENGINE_CALLS",
+    "check_engine_faults",
+    "check_syntax",
+    "compile_bundle",
+    "compile_check",
+    "engine_function",
+]
 
 _CALL = re.compile(r"(?<![\w.\"])([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*\(")
 _HEAD = re.compile(r"^[ \t]*([A-Za-z_][A-Za-z0-9_]*)\s*\(", re.MULTILINE)
@@ -103,6 +110,10 @@ _DEFINITION = re.compile(
     r"^([A-Za-z_][A-Za-z0-9_]*)\s*\([^()\n]*\)\s*(?::=|=(?!=)|if\b|\{)", re.MULTILINE
 )
 _PACKAGE = re.compile(r"^[ \t]*package\s+([^\s#]+)", re.MULTILINE)
+# Calls the engine evaluates itself, outside its builtin table (``is_builtin`` says no).
+# print writes its arguments to the evaluating process's standard output, as OPA's
+# does, and never fails the rule: the authoring child shows it, workers discard it.
+ENGINE_CALLS = frozenset({"print"})
 _KEYWORDS = frozenset(
     {
         "if",
@@ -204,6 +215,15 @@ def check_engine_faults(
                 )
 
 
+def engine_function(interp: rego.Interpreter, name: str) -> bool:
+    """Whether the engine evaluates a call of ``name``: a builtin, or one of ``ENGINE_CALLS``.
+
+    The one rule ``warden policy check`` and the loader share for calls the
+    bundle does not define.
+    """
+    return name in ENGINE_CALLS or interp.is_builtin(name)
+
+
 def _check_functions(interp: rego.Interpreter, modules: Sequence[Module], label: str) -> None:
     """Refuse calls to functions that are neither built in nor defined in the bundle,
     and calls the engine crashes on (``_ENGINE_FAULTS``).
@@ -223,7 +243,7 @@ def _check_functions(interp: rego.Interpreter, modules: Sequence[Module], label:
             if name in _KEYWORDS or name.rsplit(".", 1)[-1] in defined:
                 continue
             if name not in known:
-                known[name] = interp.is_builtin(name)
+                known[name] = engine_function(interp, name)
             if not known[name]:
                 line, col = line_col(module.source, len(module.source[: match.start()].encode()))
                 raise BundleError(

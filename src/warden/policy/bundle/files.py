@@ -74,16 +74,29 @@ def is_policy_file(path: str) -> bool:
     return path == MANIFEST_FILE or base.endswith(".rego") or base in DATA_FILES
 
 
+# Files a bundle holds, refused as a bundle themselves (an archive is never named so).
+_BUNDLE_MEMBERS = (".rego", ".json", ".yaml", ".yml")
+
+
 def read_bundle_files(path: str | Path) -> dict[str, bytes]:
     """Read the files of a bundle directory or ``.tar.gz`` as ``{bundle path: bytes}``.
 
     Hidden files are skipped (see the module docstring). Archive members that
-    are links, devices or escape the bundle are refused.
+    are links, devices or escape the bundle are refused, and so is a path to
+    one of a bundle's own files (``policy.rego``), with the folder to pass.
     """
     p = Path(path)
     if p.is_dir():
         return _read_dir(p)
     if p.is_file():
+        if p.name.endswith(_BUNDLE_MEMBERS):
+            # `opa test policy.rego policy_test.rego`: Warden takes whole bundles.
+            folder = p.parent.as_posix()
+            raise BundleError(
+                f"{p}: a single {p.suffix} file, not a bundle: pass the bundle's folder, "
+                f"{'. (this folder)' if folder == '.' else folder}, which holds its modules, "
+                "data and tests; or a .tar.gz"
+            )
         try:
             with p.open("rb") as file:
                 blob = file.read(MAX_BUNDLE_BYTES + 1)

@@ -9,8 +9,10 @@ These talk to a running Warden's admin API: the URL is ``$WARDEN_ADMIN_URL``
     warden killswitches
     warden unkill ks_0193c1f2a8b4_5f1c2e9a7d3b
 
-Exit status: 0 done; 1 the API refused (401, 403, 404, 400); 2 no token, or
-the admin API cannot be reached.
+Exit status: 0 done; 1 the API refused (401, 403, 404, 400) or could not
+save (503: its message says what holds; a switch thrown while the state store
+is down is in force on that sidecar only); 2 no token, or the admin API
+cannot be reached.
 """
 
 from __future__ import annotations

@@ -7,6 +7,13 @@ change (LISTEN/NOTIFY on PostgreSQL, polling on SQLite), or without a feed
 every :data:`POLL_INTERVAL_S`, so a switch thrown anywhere takes effect
 everywhere within a second.
 
+A switch is in force here before the store answers. When the store cannot
+save it (a locked SQLite file, PostgreSQL down), it stays in force on this
+sidecar, :class:`KillSwitchNotSaved` says so, and a background task keeps
+saving it, with a bounded backoff, until it is saved or cleared: the fleet
+sees it once the store is back. A clearing the store cannot save fails, and
+the switch stays in force.
+
 The hot path only ever calls :meth:`KillSwitches.is_killed`: four dictionary
 lookups on an in-memory index, no I/O. The pipeline's :class:`KillSwitchGuard`
 calls it first for every new action; the proxy calls it between stream chunks
@@ -21,11 +28,12 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from warden import tasks
 from warden.budgets import metrics
+from warden.errors import AuditError, StateUnavailable
 from warden.model import Action, Decision, Effect, Mode, new_id
 from warden.pipeline import AuditSink, GuardContext
 from warden.state import ChangeFeed, KillSwitchRepo, KillSwitchRow
@@ -35,6 +43,7 @@ __all__ = [
     "POLL_INTERVAL_S",
     "KillSwitch",
     "KillSwitchGuard",
+    "KillSwitchNotSaved",
     "KillSwitches",
     "Scope",
     "target_problem",
@@ -51,6 +60,12 @@ otherwise hold the loop (and every later switch) until TCP gives up, minutes on.
 STALE_AFTER_S = 15.0
 """Switches not read for longer may be missing one another sidecar threw: the state store
 is then reported down (``/readyz``, ``warden_state_up``), as in an outage."""
+SAVE_TIMEOUT_S = 8.0
+"""How long a switch thrown waits for the store to save it before the answer says it is not
+saved (the attempt goes on; a store that fails answers sooner: SQLite's busy timeout is 5 s)."""
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 15.0
+"""A switch the store could not save is saved again after 1, 2, 4 ... s, then every 15 s."""
 MAX_TARGET = 128
 MAX_REASON = 1000
 
@@ -124,6 +139,41 @@ class KillSwitch:
         )
 
 
+class KillSwitchNotSaved(StateUnavailable):
+    """A switch thrown and in force on this sidecar that the state store could not save.
+
+    Other sidecars do not see it and it ends with this process, until the
+    background saving succeeds. ``unrecorded``: the audit log refused its
+    record too.
+    """
+
+    def __init__(self, switch: KillSwitch, unrecorded: AuditError | None = None) -> None:
+        message = (
+            f"kill switch {switch.id} is in force on this sidecar only and is not saved: the "
+            "state store is unavailable, so other sidecars do not see it and it does not "
+            "survive a restart; this sidecar keeps trying to save it. Retry shortly"
+        )
+        if unrecorded is not None:
+            message += f". It is not recorded in the audit log either: {unrecorded}"
+        super().__init__(message)
+        self.switch = switch
+        self.unrecorded = unrecorded
+
+
+@dataclass(slots=True)
+class _Unsaved:
+    """A switch in force here that the store has not taken (yet)."""
+
+    switch: KillSwitch
+    saving: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held while a save is awaited: a clearing waits, so it never overtakes a save."""
+    attempt: asyncio.Task[None] | None = None
+    """The store call on its way, if any: waited for, never cancelled (a call given up on
+    may still land, and a second one beside it would only collide with it)."""
+    attempts: int = 0
+    failed: bool = False
+
+
 class KillSwitches:
     """The switches in force, kept in memory and in sync with the state store."""
 
@@ -150,6 +200,10 @@ class KillSwitches:
         self._watchers: dict[int, Callable[[], None]] = {}
         self._next_watcher = 0
         self._read_at = time.monotonic()
+        self._unsaved: dict[str, _Unsaved] = {}
+        self._saves = 0  # switches saved late: a re-read started before one is read again
+        self._saver: asyncio.Task[None] | None = None
+        self._closed = False
         self.generation = 0
         """Increases whenever the set of active switches changes."""
 
@@ -160,12 +214,23 @@ class KillSwitches:
             self._poller = tasks.spawn(self._poll(), name="killswitch-poll")
 
     async def close(self) -> None:
-        """Stop polling."""
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+        """Stop polling, and saving switches the store has not taken after one last attempt
+        (a store call on its way ends with the store)."""
+        self._closed = True
+        for task in (self._poller, self._saver):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._poller = self._saver = None
+        if self._unsaved:
+            # A last attempt, bounded: a switch saved now outlives the restart this may be.
+            await asyncio.gather(*(self._save(u) for u in list(self._unsaved.values())))
+        for unsaved in self._unsaved.values():
+            log.warning(
+                "kill switch %s was never saved in the state store: it ends with this process",
+                unsaved.switch.id,
+            )
 
     # -- the hot path --------------------------------------------------------------
 
@@ -227,11 +292,18 @@ class KillSwitches:
         """The switches in force, oldest first."""
         return self._active
 
-    async def set(self, scope: Scope, target: str, reason: str, who: str) -> KillSwitch:
-        """Throw a switch; it is in force on this sidecar when this returns.
+    def unsaved(self) -> tuple[KillSwitch, ...]:
+        """The switches in force on this sidecar only: the state store has not saved them."""
+        return tuple(u.switch for u in self._unsaved.values())
 
-        The switch is stored before it is recorded, so if the audit log fails
-        (:class:`warden.errors.AuditError` propagates) the switch still holds.
+    async def set(self, scope: Scope, target: str, reason: str, who: str) -> KillSwitch:
+        """Throw a switch; it is in force on this sidecar before the store is asked.
+
+        The switch is saved while it is recorded. Either may fail and the
+        switch still holds here: :class:`KillSwitchNotSaved` when the state
+        store could not save it (it is then saved in the background until it
+        is, or is cleared), else :class:`warden.errors.AuditError` when the
+        audit log refused its record.
         """
         if scope is Scope.GLOBAL:
             target = "*"
@@ -245,19 +317,16 @@ class KillSwitches:
             created_by=who,
             created_at=time.time(),
         )
-        await self._store.add_killswitch(
-            KillSwitchRow(
-                id=switch.id,
-                scope=scope.value,
-                target=target,
-                reason=reason,
-                created_by=who,
-                created_at=switch.created_at,
-            )
-        )
+        # In force before the store answers: an emergency stop does not wait for a
+        # store that is down. Unsaved until it says otherwise, so no re-read lifts it.
+        unsaved = self._unsaved[switch.id] = _Unsaved(switch)
         self._install((*self._active, switch))
+        saving = tasks.spawn(self._save(unsaved), name="killswitch-save", awaited=True)
+        unrecorded: AuditError | None = None
         try:
             await self._record(switch, who, reason, "set")
+        except AuditError as exc:
+            unrecorded = exc
         finally:
             # Even when the record fails: the switch holds, so no grant may outlive it.
             for listener in self._on_set:
@@ -265,6 +334,10 @@ class KillSwitches:
                     await listener(switch)
                 except Exception:
                     log.exception("a kill-switch listener failed for %s", switch.id)
+        if not await saving:
+            raise KillSwitchNotSaved(switch, unrecorded)
+        if unrecorded is not None:
+            raise unrecorded
         return switch
 
     def on_set(self, listener: Callable[[KillSwitch], Awaitable[object]]) -> None:
@@ -275,7 +348,8 @@ class KillSwitches:
         """Clear a switch by id; ``None`` when no such switch is in force.
 
         The clearing is recorded before it takes effect: a switch is never
-        lifted without a record.
+        lifted without a record. When the state store cannot save the
+        clearing, its error propagates and the switch stays in force.
         """
         current = next((s for s in self._active if s.id == switch_id), None)
         if current is None:
@@ -283,6 +357,20 @@ class KillSwitches:
             current = next((s for s in self._active if s.id == switch_id), None)
             if current is None:
                 return None
+        if (unsaved := self._unsaved.get(switch_id)) is not None:
+            async with unsaved.saving:
+                if switch_id in self._unsaved:
+                    if unsaved.attempt is not None and not unsaved.attempt.done():
+                        # It may yet land in the store: lifted here, it would come back.
+                        raise StateUnavailable(
+                            f"kill switch {switch_id} is still being saved; it stays in force"
+                        )
+                    # Never reached the store: this sidecar is the only one it stops.
+                    await self._record(current, who, reason, "cleared")
+                    del self._unsaved[switch_id]
+                    self._install(tuple(s for s in self._active if s.id != switch_id))
+                    return current
+            # Saved meanwhile: cleared in the store like any other.
         await self._record(current, who, reason, "cleared")
         try:
             row = await self._store.clear_killswitch(switch_id, who)
@@ -297,16 +385,19 @@ class KillSwitches:
     async def refresh(self) -> None:
         """Re-read the active switches from the state store.
 
-        A read that a change here overtook (a switch thrown or cleared on this
-        sidecar, or another re-read installed, while it was on its way) may
-        predate that change: it is read again rather than installed, so an
-        older snapshot never lifts a newer switch.
+        A read that a change here overtook (a switch thrown, cleared or saved
+        late on this sidecar, or another re-read installed, while it was on its
+        way) may predate that change: it is read again rather than installed,
+        so an older snapshot never lifts a newer switch. Switches the store has
+        not saved stay in force beside those read.
         """
         for _ in range(_REREADS):
-            seen = self.generation
+            seen = (self.generation, self._saves)
             rows = await self._store.active_killswitches()
-            if self.generation == seen:
+            if (self.generation, self._saves) == seen:
                 switches = tuple(KillSwitch.from_row(r) for r in rows if r.scope in _SCOPES)
+                if self._unsaved:
+                    switches = self._with_unsaved(switches)
                 if {s.id for s in switches} != {s.id for s in self._active}:
                     self._install(switches)
                 break
@@ -326,6 +417,87 @@ class KillSwitches:
         return self.unread_for() > max(STALE_AFTER_S, 3 * self._interval)
 
     # -- internals ---------------------------------------------------------------------
+
+    def _with_unsaved(self, stored: tuple[KillSwitch, ...]) -> tuple[KillSwitch, ...]:
+        """``stored`` and the switches in force here only, oldest first."""
+        ids = {s.id for s in stored}
+        for switch_id in [i for i in self._unsaved if i in ids]:
+            # A save whose answer was lost (it timed out, then landed) is saved all the same.
+            del self._unsaved[switch_id]
+        if not self._unsaved:
+            return stored
+        merged = (*stored, *(u.switch for u in self._unsaved.values()))
+        return tuple(sorted(merged, key=lambda s: (s.created_at, s.id)))
+
+    async def _save(self, unsaved: _Unsaved) -> bool:
+        """Save a switch in force here, or wait on for the attempt still on its way, at most
+        :data:`SAVE_TIMEOUT_S`; whether it is saved (or cleared) now."""
+        switch = unsaved.switch
+        async with unsaved.saving:
+            if switch.id not in self._unsaved:
+                return True  # cleared, or read back from the store, meanwhile
+            if unsaved.attempt is None or unsaved.attempt.done():
+                unsaved.attempts += 1
+                unsaved.attempt = attempt = tasks.spawn(
+                    self._store.add_killswitch(_row(switch)), name="killswitch-save", awaited=True
+                )
+                attempt.add_done_callback(lambda done: self._answered(unsaved, done))
+            done, _ = await asyncio.wait((unsaved.attempt,), timeout=SAVE_TIMEOUT_S)
+            if not done:
+                self._failed(unsaved, f"no answer within {SAVE_TIMEOUT_S:g} s")
+            return switch.id not in self._unsaved
+
+    def _answered(self, unsaved: _Unsaved, attempt: asyncio.Task[None]) -> None:
+        """The store's answer to one attempt (run before whoever waits on it resumes)."""
+        if attempt.cancelled():
+            return
+        if (exc := attempt.exception()) is not None:
+            # The error's type and last line, as the approval routes log a store's errors:
+            # no credential.
+            lines = str(exc).strip().splitlines()
+            self._failed(
+                unsaved,
+                f"{type(exc).__name__}: {lines[-1][:200]}" if lines else type(exc).__name__,
+            )
+            return
+        if self._unsaved.pop(unsaved.switch.id, None) is None:
+            return
+        self._saves += 1
+        if unsaved.failed:
+            log.info(
+                "kill switch %s is saved in the state store at attempt %d: every sidecar "
+                "sharing it sees it now",
+                unsaved.switch.id,
+                unsaved.attempts,
+            )
+
+    def _failed(self, unsaved: _Unsaved, why: str) -> None:
+        """One log line per failed attempt, and the background saving goes on."""
+        unsaved.failed = True
+        switch = unsaved.switch
+        log.warning(
+            "kill switch %s (%s %s) is in force on this sidecar only: the state store "
+            "could not save it (attempt %d: %s); trying again",
+            switch.id,
+            switch.scope.value,
+            switch.target,
+            unsaved.attempts,
+            why,
+        )
+        self._keep_saving()
+
+    def _keep_saving(self) -> None:
+        if not self._closed and (self._saver is None or self._saver.done()):
+            self._saver = tasks.spawn(self._save_unsaved(), name="killswitch-save-unsaved")
+
+    async def _save_unsaved(self) -> None:
+        """Save the switches the store has not taken until none is left (saved or cleared)."""
+        delay = RETRY_FIRST_S
+        while self._unsaved:
+            await asyncio.sleep(delay)
+            for unsaved in list(self._unsaved.values()):
+                await self._save(unsaved)
+            delay = min(delay * 2, RETRY_MAX_S)
 
     def _install(self, switches: tuple[KillSwitch, ...]) -> None:
         index: dict[tuple[Scope, str], KillSwitch] = {}
@@ -397,6 +569,17 @@ class KillSwitches:
         except Exception:
             # Keep the last known switches: failing open here would lift them.
             log.exception("could not read kill switches from the state store")
+
+
+def _row(switch: KillSwitch) -> KillSwitchRow:
+    return KillSwitchRow(
+        id=switch.id,
+        scope=switch.scope.value,
+        target=switch.target,
+        reason=switch.reason,
+        created_by=switch.created_by,
+        created_at=switch.created_at,
+    )
 
 
 _SCOPES = frozenset(s.value for s in Scope)

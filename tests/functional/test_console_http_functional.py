@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import io
 import re
+import sqlite3
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -183,6 +184,36 @@ async def test_state_changes_need_the_csrf_token_and_the_same_origin(warden: War
         async with http.post(clear, data={"csrf": csrf, "reason": "drill over"}) as resp:
             assert resp.status == 200
         assert warden.killswitches.active() == ()
+
+
+async def test_kill_switches_while_the_state_store_is_locked(tmp_path: Path, llm: MockLLM) -> None:
+    # A switch thrown is in force here and the page says the fleet does not see it yet; a
+    # saved one's clearing is refused and it stays. Not an internal error either way.
+    async with Warden(config(tmp_path, llm)) as running, browser_like() as http:
+        assert running.killswitches is not None
+        csrf = await sign_in(http, running, "ada")
+        url = f"{running.admin_url}/console/operations/killswitches"
+        async with http.post(url, data={"scope": "global", "reason": "a", "csrf": csrf}) as resp:
+            assert resp.status == 200
+        [saved] = running.killswitches.active()
+        locker = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            form = {"scope": "tool", "target": "issue_refund", "reason": "b", "csrf": csrf}
+            async with http.post(url, data=form) as resp:
+                thrown = (resp.status, await resp.text())
+            clear = f"{url}/{saved.id}/clear"
+            async with http.post(clear, data={"csrf": csrf, "reason": "over"}) as resp:
+                cleared = (resp.status, await resp.text())
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        active = {s.target for s in running.killswitches.active()}
+    assert thrown[0] == 503
+    assert "in force on this sidecar only" in thrown[1]
+    assert cleared[0] == 503
+    assert "stays in force" in cleared[1]
+    assert active == {"*", "issue_refund"}
 
 
 async def test_behind_a_tls_proxy_forms_come_from_the_public_origin_and_the_cookie_is_secure(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -498,6 +499,38 @@ async def test_an_outcome_reported_after_a_restart_still_finds_its_decision(
 
 
 # -- admin auth, kill switches -------------------------------------------------------------
+
+
+async def test_kill_switches_while_the_state_store_is_locked(tmp_path: Path, stub: Any) -> None:
+    # Thrown: in force here at once, and the caller is told the fleet does not see it yet.
+    # A saved one cleared: refused, it stays. Both UNAVAILABLE, not an internal error.
+    saved = await stub.SetKillSwitch(
+        pb.SetKillSwitchRequest(scope="tool", target="issue_refund", reason="incident"),
+        metadata=bearer(ADMIN),
+    )
+    locker = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        code, details = await status_of(
+            stub.SetKillSwitch(
+                pb.SetKillSwitchRequest(scope="tool", target="close_account", reason="incident"),
+                metadata=bearer(ADMIN),
+            )
+        )
+        refused = await stub.Check(check_request("close_account", account_id="C-7"))
+        cleared = await status_of(
+            stub.ClearKillSwitch(pb.ClearKillSwitchRequest(id=saved.id), metadata=bearer(ADMIN))
+        )
+        still = await stub.Check(check_request("issue_refund", amount=1, order_id="A-8"))
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert code is grpc.StatusCode.UNAVAILABLE
+    assert "in force on this sidecar only" in details
+    assert (refused.effect, refused.guard) == (pb.EFFECT_DENY, "kill_switch")
+    assert cleared[0] is grpc.StatusCode.UNAVAILABLE
+    assert "stays in force" in cleared[1]
+    assert (still.effect, still.guard) == (pb.EFFECT_DENY, "kill_switch")
 
 
 async def test_admin_calls_need_a_token_with_the_role(stub: Any) -> None:

@@ -5,20 +5,37 @@
 * ``GET /v1/killswitches``: 200 ``{"killswitches": [...]}``;
 * ``DELETE /v1/killswitches/{id}``: 200 with the cleared switch, 404 when no
   such switch is in force.
+
+When the state store cannot save a switch thrown, the answer is ``503
+state_unavailable`` and the switch is in force on this sidecar only (it is
+saved in the background); when it cannot save a clearing, ``503
+state_unavailable`` and the switch stays in force. Every other failure is the
+admin API's JSON error, ``500 internal_error``.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from warden.admin.auth import Principal, error_response, requires
-from warden.errors import AuditError
-from warden.killswitch import MAX_REASON, MAX_TARGET, KillSwitches, Scope, target_problem
+from warden.approvals.store import STORE_ERRORS
+from warden.errors import AuditError, StateUnavailable
+from warden.killswitch import (
+    MAX_REASON,
+    MAX_TARGET,
+    KillSwitches,
+    KillSwitchNotSaved,
+    Scope,
+    target_problem,
+)
 
 __all__ = ["add_killswitch_routes"]
+
+log = logging.getLogger("warden.killswitch")
 
 _SCOPES = ", ".join(s.value for s in Scope)
 
@@ -47,9 +64,14 @@ def add_killswitch_routes(app: web.Application, switches: KillSwitches) -> None:
             return _invalid(f"reason must be a non-empty text of at most {MAX_REASON} characters")
         try:
             switch = await switches.set(scope, target, reason.strip(), who.subject)
+        except KillSwitchNotSaved as exc:
+            # In force here, saved in the background: the caller must know the fleet is not.
+            return error_response(exc.status, exc.code, str(exc))
         except AuditError as exc:
             # The switch holds; only its record failed.
             return error_response(503, exc.code, f"the switch is set but not recorded: {exc}")
+        except Exception:
+            return _internal(request, "throwing the switch failed part way: list the switches")
         return web.json_response(switch.to_json(), status=201, dumps=_dumps)
 
     @requires("admin", "auditor", "viewer")
@@ -68,6 +90,15 @@ def add_killswitch_routes(app: web.Application, switches: KillSwitches) -> None:
             cleared = await switches.clear(switch_id, who.subject, reason)
         except AuditError as exc:
             return error_response(503, exc.code, f"the switch stays set: {exc}")
+        except STORE_ERRORS as exc:
+            # Failing closed: a clearing the fleet would not see is no clearing.
+            if any(s.id == switch_id for s in switches.active()):
+                what = f"could not save the clearing: kill switch {switch_id!r} stays in force"
+            else:
+                what = f"could not look kill switch {switch_id!r} up"
+            return _unavailable(request, exc, what)
+        except Exception:
+            return _internal(request, f"clearing kill switch {switch_id!r} failed")
         if cleared is None:
             return error_response(404, "not_found", f"no kill switch {switch_id!r} is in force")
         return web.json_response({**cleared.to_json(), "cleared": True}, dumps=_dumps)
@@ -75,6 +106,29 @@ def add_killswitch_routes(app: web.Application, switches: KillSwitches) -> None:
     app.router.add_post("/v1/killswitches", create)
     app.router.add_get("/v1/killswitches", listing)
     app.router.add_delete("/v1/killswitches/{id}", clear)
+
+
+def _unavailable(request: web.Request, exc: BaseException, what: str) -> web.Response:
+    """``503 state_unavailable``, as the approval routes answer: the state store ``what``
+    (the driver's words are logged, not sent: they may name its host)."""
+    lines = str(exc).strip().splitlines()
+    log.warning(
+        "state store unavailable for %s %s: %s",
+        request.method,
+        request.path,
+        f"{type(exc).__name__}: {lines[-1][:200]}" if lines else type(exc).__name__,
+    )
+    return error_response(
+        StateUnavailable.status,
+        StateUnavailable.code,
+        f"the state store is unavailable and {what}; try again shortly",
+    )
+
+
+def _internal(request: web.Request, what: str) -> web.Response:
+    """``500 internal_error`` in the admin API's shape, not aiohttp's plain text."""
+    log.exception("%s %s failed", request.method, request.path)
+    return error_response(500, "internal_error", f"{what} (see Warden's log)")
 
 
 def _dumps(value: Any) -> str:

@@ -42,7 +42,7 @@ from warden.console.risk import drift_section
 from warden.console.sessions import Session, same_token
 from warden.console.sso import sso_principal, sso_speaks
 from warden.errors import AuditError
-from warden.killswitch import MAX_REASON, MAX_TARGET, Scope, target_problem
+from warden.killswitch import MAX_REASON, MAX_TARGET, KillSwitchNotSaved, Scope, target_problem
 
 __all__ = ["COOKIE", "CSP", "LOGIN_COOKIE", "console_app"]
 
@@ -781,6 +781,8 @@ async def throw_switch(
         return _refuse(request, 400, f"give a reason of at most {MAX_REASON} characters")
     try:
         await console.killswitches.set(scope, target, reason, session.principal.subject)
+    except KillSwitchNotSaved as exc:  # in force here, saved in the background
+        return _refuse(request, 503, str(exc))
     except AuditError as exc:
         return _refuse(request, 503, f"the switch is set but not recorded: {exc}")
     raise web.HTTPSeeOther(location="/console/operations?done=switch-set")
@@ -801,6 +803,11 @@ async def clear_switch(
         )
     except AuditError as exc:
         return _refuse(request, 503, f"the switch stays set: {exc}")
+    except STORE_ERRORS:
+        # Failing closed: a clearing the fleet would not see is no clearing.
+        return _refuse(
+            request, 503, "the state store is unavailable: the switch stays in force; try again"
+        )
     if cleared is None:
         return _refuse(request, 404, "no such kill switch is in force")
     raise web.HTTPSeeOther(location="/console/operations?done=switch-cleared")

@@ -37,6 +37,7 @@ from warden.approvals.model import (
     ApprovalStatus,
 )
 from warden.approvals.service import Approvals
+from warden.approvals.store import STORE_ERRORS
 from warden.audit.segments import LogDamaged
 from warden.audit.tail import RecordTail
 from warden.config import Config
@@ -55,7 +56,13 @@ from warden.grpc_api.v1 import governance_pb2_grpc as pb_grpc
 from warden.identity import Identity
 from warden.ingress import grpc_messages as msg
 from warden.ingress import headers as hdr
-from warden.killswitch import MAX_REASON, KillSwitches, Scope, target_problem
+from warden.killswitch import (
+    MAX_REASON,
+    KillSwitches,
+    KillSwitchNotSaved,
+    Scope,
+    target_problem,
+)
 from warden.model import Action, Agent, Decision, Effect, Outcome, RequestMeta
 from warden.sessions import door_conversation
 from warden.state.links import Link
@@ -415,6 +422,8 @@ class _Servicer(pb_grpc.GovernanceServicer):
             )
         try:
             switch = await self._switches.set(scope, target, reason, who.subject)
+        except KillSwitchNotSaved as exc:  # in force here, saved in the background
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
         except AuditError as exc:
             await _abort(
                 context, grpc.StatusCode.UNAVAILABLE, f"the switch is set but not recorded: {exc}"
@@ -443,6 +452,15 @@ class _Servicer(pb_grpc.GovernanceServicer):
             cleared = await self._switches.clear(request.id, who.subject, request.reason)
         except AuditError as exc:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, f"the switch stays set: {exc}")
+        except STORE_ERRORS:
+            # Failing closed: a clearing the fleet would not see is no clearing. The
+            # driver's words stay out of the answer (they may name its host).
+            log.warning("the state store could not clear kill switch %s", request.id)
+            await _abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "the state store is unavailable: the switch stays in force; try again shortly",
+            )
         if cleared is None:
             await _abort(
                 context, grpc.StatusCode.NOT_FOUND, f"no kill switch {request.id!r} is in force"

@@ -693,6 +693,20 @@ async def test_a_call_that_needs_a_person_is_answered_at_once_and_passes_once_ap
             {"upstream": None},
         ),
         ("/model/m1/invoke-with-bidirectional-stream", {"upstream": None}),
+        # An inference profile's ARN, its "/" encoded as botocore sends it.
+        (
+            "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Ainference-profile%2Fus.m1/converse",
+            {"upstream": None},
+        ),
+        (
+            "/ws/google.cloud.aiplatform.v1beta1.LlmBidiService/BidiGenerateContent",
+            {"upstream": None},
+        ),
+        (
+            "/ws/google.ai.generativelanguage.v1alpha.GenerativeService.BidiGenerateContentConstrained",
+            {"upstream": None},
+        ),
+        ("/v1/agents/sessions/s1/items", {"upstream": "orders"}),  # OpenAI agent sessions
         ("/v1/sessions/s1/events/stream", {"upstream": "orders"}),  # Anthropic Managed Agents
         ("/v1/chatkit/threads/t1/items", {"upstream": None}),
         # Read as a slash by WHATWG URL parsers (Node, Deno, Bun, Workers).

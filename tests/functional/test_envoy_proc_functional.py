@@ -743,6 +743,28 @@ async def test_the_upstream_is_the_one_envoys_route_names_whatever_the_authority
     assert llm.requests == []
 
 
+async def test_a_gateways_base_path_in_base_url_is_taken_off_the_path(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # Envoy's :path is the provider's whole path; a gateway's own base path (Vertex's
+    # OpenAI-compatible endpoint) was read as ids and the route refused, unfixable.
+    base = "/v1/projects/p/locations/l/endpoints/openapi"
+    results = []
+    for name, base_url in (("bare", llm.url), ("based", llm.url + base)):
+        upstreams = {"openai": {"protocol": "openai", "base_url": base_url}}
+        (tmp_path / name).mkdir()
+        async with Warden(make_config(tmp_path / name, llm.url, upstreams=upstreams)) as w:
+            assert w.core is not None
+            async with serve(ExtProcService(w.core, w.config), llm) as envoy:
+                results.append(await envoy.request(OPENAI_HOST, base + "/chat/completions", CHAT))
+    refused, governed = results
+    assert refused.status == 404
+    assert refused.json()["error"]["code"] == "route_not_governed"
+    assert "upstreams.openai.base_url" in refused.json()["error"]["message"]
+    assert governed.immediate is None  # decided and sent on (the mock has no such path)
+    assert governed.forwarded_body
+
+
 async def test_by_authority_an_unknown_host_is_refused(tmp_path: Path, llm: MockLLM) -> None:
     ext_proc = {"upstream_from": "authority", "hosts": {OPENAI_HOST: "openai"}}
     async with Warden(make_config(tmp_path, llm.url, ext_proc=ext_proc)) as warden:

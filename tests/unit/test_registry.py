@@ -6,7 +6,15 @@ import pytest
 
 from warden.config import load_config
 from warden.errors import ConfigError
-from warden.protocols.registry import PassthroughRule, RouteMatch, deployment_named, match_route
+from warden.protocols.registry import (
+    PassthroughRule,
+    RouteMatch,
+    base_segments,
+    deployment_named,
+    foreign_prefix,
+    match_route,
+    past_base,
+)
 
 GOVERNED = "governed"
 PLAIN = "plain"
@@ -123,6 +131,32 @@ def test_a_governed_resource_name_past_the_base_path_is_refused(method: str, tai
 )
 def test_a_governed_route_starts_after_a_base_path(tail: str, expected: str) -> None:
     assert route("openai", "POST", tail) == expected
+
+
+@pytest.mark.parametrize(
+    ("family", "method", "tail"),
+    [
+        ("openai", "GET", "api/v1/models"),
+        ("openai", "GET", "v1beta/openai/models"),
+        ("anthropic", "GET", "anthropic/v1/models"),
+        ("anthropic", "POST", "anthropic/v1/messages/count_tokens"),
+    ],
+)
+def test_a_plain_route_starts_after_the_same_base_paths(
+    family: str, method: str, tail: str
+) -> None:
+    assert route(family, method, tail) == PLAIN
+
+
+def test_a_gateways_own_base_path_is_named_and_can_be_taken_off() -> None:
+    path = ["v1", "projects", "p", "locations", "l", "endpoints", "openapi", "chat", "completions"]
+    assert route("openai", "POST", "/".join(path)) == REFUSED
+    assert foreign_prefix("openai", path) == path[:-2]
+    assert foreign_prefix("openai", ["v1", "chat", "completions"]) is None
+    base = base_segments("https://gw.example/v1/projects/p/locations/l/endpoints/OpenAPI")
+    assert past_base(path, base) == ["chat", "completions"]
+    assert past_base(["v1", "chat", "completions"], base) == ["v1", "chat", "completions"]
+    assert past_base(path, []) == path
 
 
 @pytest.mark.parametrize(

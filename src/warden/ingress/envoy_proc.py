@@ -100,8 +100,10 @@ from warden.protocols.errors import render_error, render_stream_error
 from warden.protocols.registry import (
     PassthroughRule,
     RouteMatch,
+    base_segments,
     deployment_named,
     match_route,
+    past_base,
 )
 from warden.protocols.sse import SseTooLarge
 from warden.sessions import conversation_of, door_conversation, stored_answer_conversation
@@ -419,6 +421,8 @@ class _Route:
     """The decoded path without query, as policies see it (``input.action.request.path``)."""
     query: str
     match: RouteMatch
+    base: int = 0
+    """How many of the path's first segments are the upstream's base path."""
 
     @property
     def family(self) -> str:
@@ -427,7 +431,7 @@ class _Route:
     @property
     def deployment(self) -> str | None:
         """The deployment an Azure-style path names: the model that runs."""
-        return deployment_named(self.upstream.protocol, self.path.split("/")[1:])
+        return deployment_named(self.upstream.protocol, self.path.split("/")[1 + self.base :])
 
 
 @dataclass(frozen=True, slots=True)
@@ -683,10 +687,15 @@ class _Exchange:
             raise RequestError("ext_proc request has no origin-form :path")
         raw_path, _, query = target.partition("?")
         segments = decode_path(raw_path)
-        match = match_route(upstream.protocol, method, segments, self._svc.passthrough[name])
+        # Envoy's :path is the provider's whole path; the base-URL proxy's tail never
+        # carries the upstream's base path (a gateway's own), so neither does the match.
+        tail = past_base(segments, base_segments(upstream.base_url))
+        match = match_route(upstream.protocol, method, tail, self._svc.passthrough[name])
         if match is None:
-            raise not_governed(name, method, segments)
-        return _Route(name, upstream, "/" + "/".join(segments), query, match)
+            raise not_governed(name, method, tail, upstream.protocol)
+        return _Route(
+            name, upstream, "/" + "/".join(segments), query, match, base=len(segments) - len(tail)
+        )
 
     async def _request_body(self, message: Any) -> None:
         route = self._route

@@ -90,7 +90,9 @@ from warden.protocols.http_tool import names_segments
 from warden.protocols.registry import (
     PassthroughRule,
     RouteMatch,
+    base_segments,
     deployment_named,
+    foreign_prefix,
     match_route,
     model_api_at,
     model_route_refusal,
@@ -338,7 +340,7 @@ class ProxyApp:
             )
         )
         if match is None:
-            raise _not_governed(name, request.method, tail)
+            raise _not_governed(name, request.method, tail, upstream.protocol)
         if upstream.protocol == "http":
             self._refuse_model_api(name, request.method, tail)
         route = _Route(name=name, upstream=upstream, segments=tuple(tail), match=match)
@@ -351,7 +353,7 @@ class ProxyApp:
         """A model API's route on a ``protocol: http`` upstream, unless a route rule names
         it: its answers go back unparsed, and the SDK would read the tool calls in them."""
         upstream = self._config.upstreams[name]
-        base = _base_segments(upstream.base_url)
+        base = base_segments(upstream.base_url)
         found = model_api_at([*base, *tail])
         if found is None:
             return
@@ -893,11 +895,6 @@ def _absolute_form(request: web.Request) -> bool:
     return not request.raw_path.startswith("/")
 
 
-def _base_segments(base_url: str) -> list[str]:
-    """The path segments of an upstream's ``base_url`` (``https://gw/v1``: ``v1``)."""
-    return [unquote(s) for s in URL(base_url).raw_path.split("/") if s]
-
-
 class ModelRouteRefused(RouteNotGoverned):
     """A model API's route on a ``protocol: http`` upstream that no route rule names."""
 
@@ -958,9 +955,20 @@ def _stream_asked(request: web.Request) -> bool:
     return any(v.strip().lower() in ("true", "1") for v in request.query.getall("stream", ()))
 
 
-def _not_governed(name: str, method: str, tail: list[str]) -> RouteNotGoverned:
+def _not_governed(
+    name: str, method: str, tail: Sequence[str], family: str = ""
+) -> RouteNotGoverned:
     path = "/".join(tail)
     what = f"Warden does not govern {method} /{name}/{path}: it does not parse its responses"
+    prefix = foreign_prefix(family, tail)
+    if prefix is not None:
+        # A gateway's own base path, or an id spelled like a resource: say which, so a
+        # user with the first knows where it goes.
+        return RouteNotGoverned(
+            f"{what}: /{'/'.join(prefix)} is not a base path Warden knows (versions, "
+            f"openai, anthropic, api, openai/deployments/<name>). If it is the provider's "
+            f"or gateway's own, put it in upstreams.{name}.base_url"
+        )
     if under_governed_resource(tail):
         return RouteNotGoverned(f"{what}, and this resource carries tool calls, so it is refused")
     return RouteNotGoverned(

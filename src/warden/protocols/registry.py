@@ -16,9 +16,11 @@ deployments), so ``v1/chat/completions``, ``chat/completions`` (the base URL
 already ends in ``/v1``) and ``openai/deployments/x/chat/completions`` all find
 the chat adapter, an id spelled like a resource (``conversations/responses/items``)
 finds none, and a resource name hidden in a longer path
-(``chat/completions/models``) cannot make a governed route look plain. A
-route that carries no calls starts only after a known API base (none, ``v1``,
-Azure's ``openai...``): ``threads/t1/runs/models`` is a run to the provider.
+(``chat/completions/models``) cannot make a governed route look plain, nor
+an id a plain one (``threads/t1/runs/models`` is a run, refused). A gateway's
+own base path (``v1/projects/p/locations/l/endpoints/openapi``) belongs in the
+upstream's ``base_url``: :func:`past_base` takes it off a path that carries it
+(Envoy's ``:path``).
 
 Pass-through patterns (``"GET v1/files"``, ``"POST v1/batches/*"``) are a
 method, or ``*`` for any, then a path matched against the whole tail, segment
@@ -33,6 +35,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import unquote, urlsplit
 
 from warden.protocols.anthropic import AnthropicMessagesAdapter
 from warden.protocols.base import Adapter
@@ -43,10 +46,13 @@ __all__ = [
     "METHODS",
     "PassthroughRule",
     "RouteMatch",
+    "base_segments",
     "deployment_named",
+    "foreign_prefix",
     "match_route",
     "model_api_at",
     "model_route_refusal",
+    "past_base",
     "under_governed_resource",
 ]
 
@@ -235,16 +241,33 @@ def _base_path(prefix: Sequence[str]) -> bool:
     return all(segment in _BASE_WORDS or _VERSION.fullmatch(segment) for segment in folded)
 
 
-_API_BASES: Final = frozenset({(), ("v1",), ("openai",), ("openai", "v1")})
+def base_segments(base_url: str) -> list[str]:
+    """The path segments of an upstream's ``base_url`` (``https://gw/v1``: ``v1``), decoded."""
+    return [unquote(s) for s in urlsplit(base_url).path.split("/") if s]
 
 
-def _api_base(prefix: Sequence[str]) -> bool:
-    """Whether a route that carries no calls (``models``, ``embeddings``) may start after
-    ``prefix``: none, ``v1``, Azure's ``openai``, ``openai/v1`` or
-    ``openai/deployments/<name>``. Elsewhere such a name is an id in another resource's
-    path (``threads/t1/runs/models`` is a run, with its tool calls, to the provider)."""
-    folded = tuple(segment.casefold() for segment in prefix)
-    return folded in _API_BASES or (len(folded) == 3 and folded[:2] == ("openai", "deployments"))
+def past_base(segments: Sequence[str], base: Sequence[str]) -> Sequence[str]:
+    """``segments`` without the upstream's base path ``base`` in front (case-blind), as the
+    base-URL proxy's tail never carries it; unchanged when they do not start with it."""
+    n = len(base)
+    if (
+        n
+        and len(segments) > n
+        and all(a.casefold() == b.casefold() for a, b in zip(segments[:n], base, strict=True))
+    ):
+        return segments[n:]
+    return segments
+
+
+def foreign_prefix(family: str, tail: Sequence[str]) -> Sequence[str] | None:
+    """The segments before a resource's name that are not a base path Warden knows (a
+    gateway's own, ``v1/projects/p/locations/l/endpoints/openapi``), for the refusal to
+    name; ``None`` when there are none."""
+    roots = _ROOTS.get(family, frozenset())
+    for i, segment in enumerate(tail):
+        if segment.casefold() in roots:
+            return None if _base_path(tail[:i]) else tail[:i]
+    return None
 
 
 def deployment_named(family: str, tail: Sequence[str]) -> str | None:
@@ -292,9 +315,10 @@ def model_api_at(tail: Sequence[str]) -> tuple[str, tuple[int, ...]] | None:
     - ``…/api/chat``, ``…/v1/chat``, ``…/v2/chat`` at the path's end: Ollama and
       Cohere; ``…/agents/completions``: Mistral agents; ``…/v1beta/interactions…``:
       Gemini Interactions;
-    - ``…/v1/realtime…``: OpenAI Realtime (a WebSocket); ``…BidiGenerateContent``:
-      Gemini Live; ``…/sessions/<id>/…/events…``: Anthropic Managed Agents;
-      ``…/chatkit…``: OpenAI ChatKit.
+    - ``…/v1/realtime…``: OpenAI Realtime (a WebSocket); ``…BidiGenerateContent…``:
+      Gemini and Vertex Live; ``…/sessions/<id>/…/events|items|turns|subagents…``:
+      Anthropic Managed Agents and OpenAI agent sessions; ``…/chatkit…``: OpenAI
+      ChatKit.
     """
     read = [segment.partition(";")[0].casefold() for segment in tail]
     for forms in (read, [_stem(segment) for segment in read]):
@@ -325,14 +349,20 @@ def _model_api_in(read: Sequence[str]) -> tuple[str, tuple[int, ...]] | None:
             return _V1_ROOTS[segment], (i,)
         if read[i + 2 : i + 3] == [_NESTED.get(segment)]:
             return _V1_ROOTS[segment], (i, i + 2)
-        if segment.endswith(_VERTEX_VERBS):
+        if segment.endswith(_VERTEX_VERBS) or "bidigeneratecontent" in segment:
+            # Gemini Live's and Vertex Live's WebSockets name the verb after a dot, a
+            # slash or nothing (...GenerativeService.BidiGenerateContentConstrained).
             return "Gemini or Vertex AI", (i,)
-        if segment == "model" and len(read) == i + 3 and read[i + 2] in _BEDROCK_VERBS:
-            return "Amazon Bedrock", (i, i + 2)
+        if segment == "model" and len(read) >= i + 3 and read[-1] in _BEDROCK_VERBS:
+            # The model id may be an ARN whose "/" a lax reading took as a separator.
+            return "Amazon Bedrock", (i, len(read) - 1)
         if segment == "chat" and before in _CHAT_BASES and not any(read[i + 1 :]):
             return _CHAT_BASES[before], (i,)
-        if segment == "sessions" and "events" in read[i + 2 :]:
-            return "Anthropic Managed Agents", (i, read.index("events", i + 2))
+        if segment == "sessions" and (found := _SESSION_FEEDS.intersection(read[i + 2 :])):
+            # Anthropic Managed Agents' events, OpenAI agent sessions' items (turns,
+            # subagents): calls the client runs.
+            at = min(read.index(feed, i + 2) for feed in found)
+            return "agent sessions (Anthropic, OpenAI)", (i, at)
         if segment == "chatkit":
             return "OpenAI ChatKit", (i,)
         if segment == "agents" and read[i + 1 : i + 2] == ["completions"]:
@@ -342,6 +372,7 @@ def _model_api_in(read: Sequence[str]) -> tuple[str, tuple[int, ...]] | None:
     return None
 
 
+_SESSION_FEEDS: Final = frozenset({"events", "items", "turns", "subagents"})
 _CHAT_BASES: Final = {"api": "Ollama chat", "v1": "Cohere chat", "v2": "Cohere chat"}
 """Chat routes at the end of a path whose answers carry tool calls: Ollama's
 ``/api/chat`` and Cohere's ``/v1/chat`` and ``/v2/chat``."""
@@ -381,7 +412,6 @@ _VERTEX_VERBS: Final = (
     ":streamgeneratecontent",
     ":rawpredict",
     ":streamrawpredict",
-    ".bidigeneratecontent",  # Gemini Live's WebSocket: google.ai...GenerativeService.Bidi...
 )
 _BEDROCK_VERBS: Final = frozenset(
     {
@@ -413,9 +443,7 @@ def match_route(
     if start is not None:
         route = tail[start:]
         for rule in rules:
-            if rule.matches(method, route) and (
-                rule.match.adapter is not None or _api_base(tail[:start])
-            ):
+            if rule.matches(method, route):
                 return rule.match
     if under_governed_resource(tail):
         return None

@@ -204,6 +204,12 @@ class Overloaded(WardenError):
         """Seconds the agent should wait before retrying (the ``Retry-After`` header)."""
 
 
+class ShuttingDown(Overloaded):
+    """Warden is stopping and takes no new request; the agent's SDK retries (elsewhere)."""
+
+    code = "shutting_down"
+
+
 class StateUnavailable(WardenError):
     """The state store cannot answer a question a request depends on; Warden fails closed."""
 

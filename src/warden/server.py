@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -108,12 +108,12 @@ def _transparent_on(config: Config) -> bool:
     return config.transparent is not None and config.transparent.listen is not None
 
 
-async def _stop_doors(doors: Sequence[FrontDoor]) -> None:
-    """Stop ``doors`` at once; a door that fails to stop is logged, the others still stop."""
-    results = await asyncio.gather(*(door.stop() for door in doors), return_exceptions=True)
-    for door, result in zip(doors, results, strict=True):
+async def _stop_together(stops: Sequence[tuple[str, Callable[[], Awaitable[None]]]]) -> None:
+    """Run every ``(name, stop)`` at once; one that fails is logged, the others still stop."""
+    results = await asyncio.gather(*(stop() for _, stop in stops), return_exceptions=True)
+    for (name, _), result in zip(stops, results, strict=True):
         if isinstance(result, Exception):
-            log.error("front door %s failed to stop", type(door).__name__, exc_info=result)
+            log.error("%s failed to stop", name, exc_info=result)
         elif isinstance(result, BaseException):
             raise result
 
@@ -148,6 +148,8 @@ class Warden:
         self._extra_doors = tuple(doors)
         self._listeners = listeners
         self._stack = contextlib.AsyncExitStack()
+        self._listening: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+        """What takes requests (the front doors, the admin listener): stopped together."""
         self._audit: AuditLog | None = None
         self._shipper: Shipper | None = None
         self._state: StateBackend | None = None
@@ -304,7 +306,7 @@ class Warden:
         admin, self.admin_url = await listen(
             admin_app, cfg.listen.admin, Listener.of(cfg, "admin", admin_refusal)
         )
-        stack.push_async_callback(admin.cleanup)
+        self._listening.append(("the admin listener", admin.cleanup))
         # Unwound first: held requests are answered as deferred, so doors can drain.
         stack.callback(gate.stop_holding)
         log.info("proxy listening on %s, admin on %s", self.proxy_url, self.admin_url)
@@ -471,13 +473,13 @@ class Warden:
 
     async def _start_doors(self, core: Governor, doors: Sequence[FrontDoor]) -> None:
         self.doors = tuple(doors)
-        started: list[FrontDoor] = []
-        # Stopped together: each door may wait out the grace period for its requests in
-        # flight, and one after another they would outlast the pod's grace period.
-        self._stack.push_async_callback(_stop_doors, started)
+        # Stopped together, the admin listener too: each may wait out the grace period
+        # for its requests in flight, and one after another they would outlast the pod's
+        # grace period.
+        self._stack.push_async_callback(_stop_together, self._listening)
         for door in self.doors:
             await door.start(core)
-            started.append(door)
+            self._listening.append((type(door).__name__, door.stop))
 
     def readiness(self) -> tuple[bool, Mapping[str, Any]]:
         """Ready only when a policy bundle is active and the audit log is writable."""
@@ -553,6 +555,8 @@ class Warden:
         files change; left to its default it ended Warden mid-request."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if sig is signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # started under nohup: a closed session must not stop it
             loop.add_signal_handler(sig, lambda: tasks.spawn(self.stop(), name="stop"))
 
     async def __aenter__(self) -> Self:

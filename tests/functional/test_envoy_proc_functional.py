@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -1648,3 +1649,24 @@ async def test_an_answer_labelled_as_a_stream_for_a_request_that_asked_for_none_
             )
     assert [c.id for c in got.choices[0].message.tool_calls or []] == ["call_0"]
     assert decisions(tmp_path)["export_customers"]["decision"]["enforced"] == "deny"
+
+
+async def test_a_stream_envoy_keeps_open_ends_within_the_grace_period(tmp_path: Path) -> None:
+    # Envoy holds an ext_proc stream open while the provider answers. The service waited
+    # the grace for it, and only then did the gRPC server's own stop wait the grace again.
+    config = make_config(
+        tmp_path, "http://127.0.0.1:9", shutdown_grace_s=4, listen={"grpc": "127.0.0.1:0"}
+    )
+    warden = Warden(config)
+    await warden.start()
+    async with grpc.aio.insecure_channel(warden.grpc_address) as channel:
+        call = pb_grpc.ExternalProcessorStub(channel).Process(metadata=route_metadata(OPENAI_HOST))
+        headers = {":authority": OPENAI_HOST, ":path": "/v1/models", ":method": "GET"}
+        request = pb.HttpHeaders(headers=header_map(headers), end_of_stream=True)
+        await call.write(pb.ProcessingRequest(request_headers=request))
+        assert (await call.read()).WhichOneof("response") == "request_headers"
+        started = time.monotonic()
+        await warden.stop()
+        took = time.monotonic() - started
+        call.cancel()
+    assert 3 < took < 6.5, took  # the grace, not twice it

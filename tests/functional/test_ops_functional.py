@@ -118,11 +118,14 @@ async def test_a_stream_still_open_is_cut_within_the_grace_period(
     tmp_path: Path, llm: MockLLM
 ) -> None:
     # The pod's grace period is the grace plus 10 s: a stop that waited the grace twice
-    # (aiohttp's two phases) was killed before its final signed checkpoint.
-    warden = Warden(make_config(tmp_path, llm.url, shutdown_grace_s=4))
+    # (aiohttp's two phases), or drained the admin listener before the doors, was killed
+    # before its final signed checkpoint.
+    warden = Warden(make_config(tmp_path, llm.url, shutdown_grace_s=6))
     await warden.start()
-    words = " ".join(["word"] * 200)  # 100 s at one event every half second
+    words = " ".join(["word"] * 400)  # 200 s at one event every half second
     llm.script(Reply(text=words, fault=Fault("slow_stream", seconds=0.5)))
+    host, port = warden.admin_url.removeprefix("http://").rsplit(":", 1)
+    _, slow_admin = await asyncio.open_connection(host, int(port))
     async with openai.AsyncOpenAI(
         base_url=f"{warden.proxy_url}/openai/v1", api_key="k", max_retries=0
     ) as client:
@@ -130,14 +133,63 @@ async def test_a_stream_still_open_is_cut_within_the_grace_period(
             model="gpt-4o-mini", messages=MESSAGES, stream=True
         )
         await anext(aiter(stream))  # the stream is open and waiting on the model
+        # A sign-in form that trickles in: the admin listener has a request in flight.
+        slow_admin.write(
+            b"POST /console/login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n\r\nuser="
+        )
+        await slow_admin.drain()
+        await asyncio.sleep(0.2)
         started = time.monotonic()
         await warden.stop()
         took = time.monotonic() - started
         await stream.close()
-    assert 3.5 < took < 7, took  # the grace, not twice it
+    slow_admin.close()
+    assert 5 < took < 8.5, took  # the grace, not one and a half or twice it
     report = verify_log(tmp_path / "audit")
     assert report.ok
     assert report.latest_checkpoint == report.records  # the final checkpoint covers all
+    # The cut stream's call ran: its outcome is recorded (and its hold settled).
+    outcomes = [r["outcome"] for r in audit_records(tmp_path / "audit") if r["kind"] == "outcome"]
+    assert [o.get("error") for o in outcomes] == ["shutdown"]
+
+
+def test_warden_serve_under_nohup_is_not_stopped_by_sighup(tmp_path: Path) -> None:
+    config = tmp_path / "warden.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": {"proxy": "127.0.0.1:0", "admin": "127.0.0.1:0"},
+                "policy": {"bundles": [str(SHIPPED_POLICY)], "workers": 1},
+                "audit": {"dir": str(tmp_path / "audit")},
+                "state": {"url": f"sqlite:///{tmp_path}/state.db"},
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("warden")), "serve", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        # What nohup does: the session's end must not reach it.
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # noqa: PLW1509
+    )
+    try:
+        assert proc.stderr is not None
+        for _ in range(200):
+            if "admin http" in proc.stderr.readline():
+                break
+        proc.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])

@@ -450,3 +450,37 @@ async def test_curl_against_a_governed_http_tool_api(tmp_path: Path, llm: MockLL
         ("issue_refund", "transparent"),
         ("export_customers", "transparent"),
     ]
+
+
+async def test_a_request_while_warden_stops_is_refused_in_the_providers_shape(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # The doors stop together: a request on an agent's open connection could be handed to
+    # a base-URL listener already closed, and the agent got mitmproxy's HTML 502.
+    words = " ".join(["word"] * 40)
+    llm.on_request(
+        lambda _p, body: (
+            Reply(text=words, fault=Fault("slow_stream", seconds=0.25))
+            if body["messages"][-1]["content"] == "slow"
+            else Reply(text="ok")
+        )
+    )
+    warden = Warden(transparent_config(tmp_path, llm.url, shutdown_grace_s=4))
+    await warden.start()
+    ca = export_ca(warden, tmp_path)
+    slow_client, client = oai_transparent(warden, ca), oai_transparent(warden, ca)
+    async with slow_client, client:
+        assert (await client.chat.completions.create(model="m", messages=MESSAGES)).choices
+        slow = await slow_client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "slow"}], stream=True
+        )
+        await anext(aiter(slow))  # a stream in flight keeps Warden stopping for a while
+        stopping = asyncio.create_task(warden.stop())
+        await asyncio.sleep(0.5)
+        with pytest.raises(openai.InternalServerError) as refused:
+            await client.chat.completions.create(model="m", messages=MESSAGES)
+        await stopping
+        await slow.close()
+    assert refused.value.status_code == 503
+    assert refused.value.code == "shutting_down"
+    assert refused.value.response.headers["retry-after"] == "1"

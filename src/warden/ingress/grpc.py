@@ -11,6 +11,7 @@ streams, then lets in-flight calls finish within ``shutdown_grace_s``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -154,13 +155,19 @@ class GrpcDoor:
             return
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        for service in self._services:
-            try:
-                await service.close()
-            except Exception:
-                log.exception("a gRPC service failed to close")
-        await server.stop(self._grace_s)
+        # Together: a service waits for its streams in flight, which the server's stop
+        # cancels once the grace is over; one after the other they took twice the grace.
+        await asyncio.gather(
+            *(self._close(service) for service in self._services), server.stop(self._grace_s)
+        )
         log.info("gRPC listener on %s stopped", self.address)
+
+    @staticmethod
+    async def _close(service: GrpcService) -> None:
+        try:
+            await service.close()
+        except Exception:
+            log.exception("a gRPC service failed to close")
 
 
 def peer_names(context: grpc.aio.ServicerContext[Any, Any]) -> frozenset[str]:

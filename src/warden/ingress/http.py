@@ -618,6 +618,11 @@ class ProxyApp:
     ) -> web.StreamResponse:
         try:
             raw = await read_body(upstream_resp, f"upstream {call.route.name!r}")
+        except asyncio.CancelledError:
+            # Cut when Warden's stop outlasted its grace: answered, not read whole.
+            outcome = Outcome(status=upstream_resp.status, error="shutdown", latency_ms=_ms(sent))
+            self._core.outcome(action, decision, outcome, trusted=False)
+            raise
         except UpstreamError as exc:
             # Answered (its status says whether it was billed), then not read whole.
             self._core.outcome(
@@ -731,6 +736,19 @@ class ProxyApp:
         error: str | None = None
         try:
             await self._pump(call, rewriter, upstream_resp, response)
+        except asyncio.CancelledError:
+            # Cut when Warden's stop outlasted its grace: the call ran, so its outcome
+            # (what was read of it) is recorded and its hold settled, not left to expire.
+            self._stream_outcome(
+                call,
+                action,
+                decision,
+                rewriter=rewriter,
+                upstream_resp=upstream_resp,
+                sent=sent,
+                error="shutdown",
+            )
+            raise
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             error = "client_disconnected"
         except _Killed as killed:
@@ -751,6 +769,29 @@ class ProxyApp:
             await _try_write(
                 response, render_stream_error(call.route.family, error, str(upstream_error))
             )
+        self._stream_outcome(
+            call,
+            action,
+            decision,
+            rewriter=rewriter,
+            upstream_resp=upstream_resp,
+            sent=sent,
+            error=error,
+        )
+        await _try_write_eof(response)
+        return response
+
+    def _stream_outcome(
+        self,
+        call: _Call,
+        action: Action,
+        decision: Decision,
+        *,
+        rewriter: StreamRewriter | None,
+        upstream_resp: aiohttp.ClientResponse,
+        sent: float,
+        error: str | None,
+    ) -> None:
         upstream_s = time.perf_counter() - sent
         metrics.child(metrics.UPSTREAM_LATENCY, call.route.name).observe(upstream_s)
         usage = rewriter.usage if rewriter is not None else None
@@ -770,8 +811,6 @@ class ProxyApp:
         )
         if error is not None:
             metrics.child(metrics.ERRORS, error).inc()
-        await _try_write_eof(response)
-        return response
 
     async def _pump(
         self,

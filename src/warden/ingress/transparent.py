@@ -50,7 +50,7 @@ from prometheus_client import Counter
 from warden import tasks
 from warden.config import DEFAULT_MAX_CONNECTIONS, Config, TransparentConfig, parse_listen
 from warden.core import Governor
-from warden.errors import ConfigError
+from warden.errors import ConfigError, ShuttingDown
 from warden.ingress import transparent_ca
 from warden.ingress.door_mark import VIA_HEADER, mark
 from warden.ingress.transparent_rules import (
@@ -65,6 +65,7 @@ from warden.ingress.transparent_rules import (
 from warden.ingress.upstream_io import MAX_UPSTREAM_BODY
 from warden.ops import metrics
 from warden.protocols import http_tool
+from warden.protocols.errors import render_error
 
 with warnings.catch_warnings():
     # mitmproxy.addons (imported by its master too) imports every addon; its LDAP
@@ -122,6 +123,12 @@ def _refusal(host: str) -> http.Response:
         "Host not governed by Warden",
         f"Warden does not govern {host or 'this host'} and transparent.unknown_hosts is deny",
     )
+
+
+def _stopping(family: str) -> http.Response:
+    body = render_error(family, 503, ShuttingDown.code, "Warden is stopping; retry shortly")
+    headers = {"Content-Type": "application/json", "Retry-After": "1", "Connection": "close"}
+    return http.Response.make(503, body, headers)
 
 
 def _destination_refusal(host: str, governed: bool) -> http.Response:
@@ -257,8 +264,13 @@ class GoverningAddon:
         *,
         private_allowed: bool = False,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        families: Mapping[str, str] | None = None,
     ) -> None:
         self._rules = rules
+        self._families = dict(families or {})
+        """Each upstream's protocol, for errors in its own shape."""
+        self.stopping = False
+        """Set when Warden starts stopping: governed requests are then refused (503)."""
         self._max_connections = max_connections
         self._clients: set[str] = set()
         """Client connections open now (``limits.max_connections``)."""
@@ -481,6 +493,12 @@ class GoverningAddon:
             names.append(request.pretty_host)  # plain HTTP: the Host header names it too
         verdict = self._rules.classify(names)
         if verdict.kind is VerdictKind.GOVERN:
+            if self.stopping:
+                # The base-URL listener may already be closed: a refusal the SDK retries,
+                # not mitmproxy's HTML page for a hand-off that could not connect.
+                flow.response = _stopping(self._families.get(verdict.upstream or "", ""))
+                REQUESTS.labels(_host_label(verdict.host), self._mode, "refused").inc()
+                return
             self._hand_over(flow, verdict)
             return
         if verdict.kind is VerdictKind.DENY or flow.client_conn.tls:
@@ -625,6 +643,7 @@ class TransparentDoor:
         # listener would take at most, the request limit or the upstream answer limit.
         self._body_limit = max(config.limits.max_body_bytes, MAX_UPSTREAM_BODY)
         self._max_connections = config.limits.max_connections
+        self._families = {name: u.protocol for name, u in config.upstreams.items()}
         self._idle_timeout_s = config.limits.idle_timeout_s
         self._handoff_url = handoff_url
         self._grace_s = shutdown_grace_s
@@ -673,6 +692,7 @@ class TransparentDoor:
             self._cfg.mode,
             private_allowed=self._cfg.tunnel_private_networks,
             max_connections=self._max_connections,
+            families=self._families,
         )
         if self._cfg.unknown_hosts == "tunnel" and not (
             _bind_tells("192.0.2.1") and _bind_tells("2001:db8::1")
@@ -756,6 +776,8 @@ class TransparentDoor:
     async def stop(self) -> None:
         """Stop listening; let handed-over requests finish (up to the grace period); stop."""
         self._stopping = True
+        if self._addon is not None:
+            self._addon.stopping = True
         task, master = self._task, self._master
         if task is None:
             return

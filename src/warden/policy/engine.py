@@ -122,6 +122,7 @@ DEFAULT_QUEUE_TIMEOUT_S = DEFAULT_POLICY_QUEUE_TIMEOUT_S
 _MAX_WAITERS = 4096  # past this many queued requests, push back at once
 _RETRY_AFTER_S = 1
 _MIN_REARM_S = 0.005
+_STALL_RECHECK_S = 1.0
 _CLOSE_GRACE_S = 2.0
 _RESTART_WINDOW_S = 30.0
 _MAX_RESTART_DELAY_S = 5.0
@@ -436,6 +437,20 @@ def _cpu_ns(pid: int) -> int | None:
         return None
 
 
+def _runnable(pid: int) -> bool:
+    """Whether process ``pid`` is running or waiting for a CPU (``R`` in ``/proc``).
+
+    A worker left that long without its budget is then only starved (a challenger's
+    ``SCHED_IDLE`` worker on a busy machine): replacing it would not help. Stopped
+    (``T``), or asleep in a frozen cgroup, it is not; unreadable counts as not.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"R"
+
+
 _WORKER_ENV: Final = frozenset(
     {"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH", "SYSTEMROOT"}
 )
@@ -732,7 +747,7 @@ class WorkerPool:
             if left_s > 0:
                 held_s = now - worker.dispatched_at
                 stall_s = _stall_bound_s(worker.budget_s)
-                if held_s >= stall_s:
+                if held_s >= stall_s and not _runnable(worker.proc.pid):
                     self._on_stalled(worker, held_s)
                     return
                 # Starved of CPU, not looping: give it the rest of its budget.
@@ -740,9 +755,11 @@ class WorkerPool:
                     worker.pending, worker.tag = None, None
                     if not pending.done():
                         pending.set_exception(_Starved())
-                # A stopped worker never spends its budget: the stall bound is checked too.
+                # A stopped worker never spends its budget: the stall bound is checked too
+                # (past it, a starved one's state again every second).
+                until_stall = stall_s - held_s if held_s < stall_s else _STALL_RECHECK_S
                 worker.timer = asyncio.get_running_loop().call_later(
-                    max(min(left_s, stall_s - held_s), _MIN_REARM_S), self._on_timeout, worker
+                    max(min(left_s, until_stall), _MIN_REARM_S), self._on_timeout, worker
                 )
                 return
         log.warning("policy worker %s passed the deadline; killing it", worker.proc.pid)

@@ -210,8 +210,8 @@ class SqliteStore:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
             raise RuntimeError(f"the {self.NAME} store is closed")
-        # Claimed by whichever comes first: the thread starting the call, or the
-        # caller giving up on it (it then never runs).
+        # Claimed by whichever comes first: the thread starting the call, or the queue
+        # deadline giving up on it (it then never runs).
         claim = threading.Lock()
 
         def job() -> T:
@@ -219,20 +219,35 @@ class SqliteStore:
                 raise _Abandoned
             return fn(*args)
 
-        future = asyncio.get_running_loop().run_in_executor(self._io, job)
-        done, _ = await asyncio.wait((future,), timeout=QUEUE_DEADLINE_S)
-        if not done and claim.acquire(blocking=False):
-            future.cancel()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._io, job)
+        expired = False
+
+        def give_up() -> None:
+            nonlocal expired
+            if claim.acquire(blocking=False):
+                expired = True
+                future.cancel()  # not started: it never will
+
+        timer = loop.call_later(QUEUE_DEADLINE_S, give_up)
+        try:
+            # A caller cancelled while the call waits cancels it too (it never runs); one
+            # already running is awaited by nobody, as before.
+            return await future
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not expired or (task is not None and task.cancelling()):
+                raise
             self._failed_at = time.monotonic()
             raise sqlite3.OperationalError(
                 f"the {self.NAME} store did not get to this call within "
                 f"{QUEUE_DEADLINE_S:g} s (the database is locked or slow)"
-            )
-        try:
-            return await future
+            ) from None
         except sqlite3.Error:
             self._failed_at = time.monotonic()
             raise
+        finally:
+            timer.cancel()
 
 
 class _Abandoned(Exception):

@@ -224,6 +224,13 @@ class AuditError(WardenError):
     status = 503
 
 
+def failure_summary(exc: BaseException) -> str:
+    """What a log may show of a store driver's error: its type and last line, cut to 200
+    characters (the lines before may quote a connection string or a statement)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[-1][:200]}" if lines else type(exc).__name__
+
+
 def error_codes() -> frozenset[str]:
     """Every stable code a :class:`WardenError` class carries (metrics start each at 0)."""
     codes: set[str] = set()

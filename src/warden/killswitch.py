@@ -33,7 +33,7 @@ from typing import Any
 
 from warden import tasks
 from warden.budgets import metrics
-from warden.errors import AuditError, StateUnavailable
+from warden.errors import AuditError, StateUnavailable, failure_summary
 from warden.model import Action, Decision, Effect, Mode, new_id
 from warden.pipeline import AuditSink, GuardContext
 from warden.state import ChangeFeed, KillSwitchRepo, KillSwitchRow
@@ -452,13 +452,7 @@ class KillSwitches:
         if attempt.cancelled():
             return
         if (exc := attempt.exception()) is not None:
-            # The error's type and last line, as the approval routes log a store's errors:
-            # no credential.
-            lines = str(exc).strip().splitlines()
-            self._failed(
-                unsaved,
-                f"{type(exc).__name__}: {lines[-1][:200]}" if lines else type(exc).__name__,
-            )
+            self._failed(unsaved, failure_summary(exc))  # no credential
             return
         if self._unsaved.pop(unsaved.switch.id, None) is None:
             return

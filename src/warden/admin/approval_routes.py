@@ -24,11 +24,18 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from warden.admin.auth import AUTH, Principal, TokenAuth, error_response, requires
+from warden.admin.auth import (
+    AUTH,
+    Principal,
+    TokenAuth,
+    error_response,
+    requires,
+    state_unavailable,
+)
 from warden.approvals.model import MAX_COMMENT, ApprovalError, ApprovalStatus
 from warden.approvals.service import Approvals
 from warden.approvals.store import STORE_ERRORS
-from warden.errors import AuditError, StateUnavailable
+from warden.errors import AuditError
 
 __all__ = ["add_approval_routes"]
 
@@ -94,19 +101,8 @@ def add_approval_routes(app: web.Application, approvals: Approvals, auth: TokenA
 
 
 def _unavailable(request: web.Request, exc: BaseException) -> web.Response:
-    """``503 state_unavailable``: the store could not answer (the driver's words are logged,
-    not sent: they may name its host)."""
-    lines = str(exc).strip().splitlines()
-    log.warning(
-        "approval store unavailable for %s %s: %s",
-        request.method,
-        request.path,
-        f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__,
-    )
-    return error_response(
-        StateUnavailable.status,
-        StateUnavailable.code,
-        "the approval store is unavailable; try again shortly",
+    return state_unavailable(
+        request, exc, "the approval store is unavailable; try again shortly", log
     )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ import orjson
 from aiohttp import web
 
 from warden.config import AdminToken
+from warden.errors import StateUnavailable, failure_summary
 
 __all__ = [
     "AUTH",
@@ -124,6 +126,17 @@ def requires(*roles: str) -> Callable[[AuthedHandler], Handler]:
         return guarded
 
     return wrap
+
+
+def state_unavailable(
+    request: web.Request, exc: BaseException, message: str, logger: logging.Logger
+) -> web.Response:
+    """``503 state_unavailable`` saying ``message``; the driver's words are logged (their
+    type and last line), not sent: they may name the store's host."""
+    logger.warning(
+        "state store unavailable for %s %s: %s", request.method, request.path, failure_summary(exc)
+    )
+    return error_response(StateUnavailable.status, StateUnavailable.code, message)
 
 
 def error_response(

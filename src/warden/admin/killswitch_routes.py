@@ -21,9 +21,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from warden.admin.auth import Principal, error_response, requires
+from warden.admin.auth import Principal, error_response, requires, state_unavailable
 from warden.approvals.store import STORE_ERRORS
-from warden.errors import AuditError, StateUnavailable
+from warden.errors import AuditError
 from warden.killswitch import (
     MAX_REASON,
     MAX_TARGET,
@@ -96,7 +96,8 @@ def add_killswitch_routes(app: web.Application, switches: KillSwitches) -> None:
                 what = f"could not save the clearing: kill switch {switch_id!r} stays in force"
             else:
                 what = f"could not look kill switch {switch_id!r} up"
-            return _unavailable(request, exc, what)
+            message = f"the state store is unavailable and {what}; try again shortly"
+            return state_unavailable(request, exc, message, log)
         except Exception:
             return _internal(request, f"clearing kill switch {switch_id!r} failed")
         if cleared is None:
@@ -106,23 +107,6 @@ def add_killswitch_routes(app: web.Application, switches: KillSwitches) -> None:
     app.router.add_post("/v1/killswitches", create)
     app.router.add_get("/v1/killswitches", listing)
     app.router.add_delete("/v1/killswitches/{id}", clear)
-
-
-def _unavailable(request: web.Request, exc: BaseException, what: str) -> web.Response:
-    """``503 state_unavailable``, as the approval routes answer: the state store ``what``
-    (the driver's words are logged, not sent: they may name its host)."""
-    lines = str(exc).strip().splitlines()
-    log.warning(
-        "state store unavailable for %s %s: %s",
-        request.method,
-        request.path,
-        f"{type(exc).__name__}: {lines[-1][:200]}" if lines else type(exc).__name__,
-    )
-    return error_response(
-        StateUnavailable.status,
-        StateUnavailable.code,
-        f"the state store is unavailable and {what}; try again shortly",
-    )
 
 
 def _internal(request: web.Request, what: str) -> web.Response:

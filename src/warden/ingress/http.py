@@ -739,15 +739,7 @@ class ProxyApp:
         except asyncio.CancelledError:
             # Cut when Warden's stop outlasted its grace: the call ran, so its outcome
             # (what was read of it) is recorded and its hold settled, not left to expire.
-            self._stream_outcome(
-                call,
-                action,
-                decision,
-                rewriter=rewriter,
-                upstream_resp=upstream_resp,
-                sent=sent,
-                error="shutdown",
-            )
+            error = "shutdown"
             raise
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             error = "client_disconnected"
@@ -769,15 +761,16 @@ class ProxyApp:
             await _try_write(
                 response, render_stream_error(call.route.family, error, str(upstream_error))
             )
-        self._stream_outcome(
-            call,
-            action,
-            decision,
-            rewriter=rewriter,
-            upstream_resp=upstream_resp,
-            sent=sent,
-            error=error,
-        )
+        finally:
+            self._stream_outcome(
+                call,
+                action,
+                decision,
+                rewriter=rewriter,
+                upstream_resp=upstream_resp,
+                sent=sent,
+                error=error,
+            )
         await _try_write_eof(response)
         return response
 

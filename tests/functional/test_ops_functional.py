@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,87 +156,80 @@ async def test_a_stream_still_open_is_cut_within_the_grace_period(
     assert [o.get("error") for o in outcomes] == ["shutdown"]
 
 
-def test_warden_serve_under_nohup_is_not_stopped_by_sighup(tmp_path: Path) -> None:
+WARDEN = Path(sys.executable).with_name("warden")
+
+
+def _ignore_sighup() -> None:
+    """What ``nohup`` does before it starts a command: the session's end must not reach it."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def serving(
+    tmp_path: Path, *, ignore_sighup: bool = False, **settings: Any
+) -> Iterator[subprocess.Popen[str]]:
+    """``warden serve`` on loopback ports, files under ``tmp_path``; killed if still running."""
     config = tmp_path / "warden.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "listen": {"proxy": "127.0.0.1:0", "admin": "127.0.0.1:0"},
-                "policy": {"bundles": [str(SHIPPED_POLICY)], "workers": 1},
-                "audit": {"dir": str(tmp_path / "audit")},
-                "state": {"url": f"sqlite:///{tmp_path}/state.db"},
-            }
-        )
-    )
+    base: dict[str, Any] = {
+        "listen": {"proxy": "127.0.0.1:0", "admin": "127.0.0.1:0"},
+        "policy": {"bundles": [str(SHIPPED_POLICY)], "workers": 1},
+        "audit": {"dir": str(tmp_path / "audit")},
+        "state": {"url": f"sqlite:///{tmp_path}/state.db"},
+    }
+    config.write_text(yaml.safe_dump({**base, **settings}))
     proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("warden")), "serve", "--config", str(config)],
+        [str(WARDEN), "serve", "--config", str(config), "--log-format", "text"],
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
-        # What nohup does: the session's end must not reach it.
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # noqa: PLW1509
+        preexec_fn=_ignore_sighup if ignore_sighup else None,  # noqa: PLW1509
     )
     try:
         assert proc.stderr is not None
-        for _ in range(200):
-            if "admin http" in proc.stderr.readline():
-                break
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def banner_of(proc: subprocess.Popen[str], lines: int = 1) -> list[str]:
+    """The first ``lines`` lines ``warden serve`` prints once started (it prints them at
+    once, the first naming the listeners)."""
+    assert proc.stderr is not None
+    for _ in range(200):
+        line = proc.stderr.readline()
+        if "admin http" in line or not line:
+            break
+    return [line, *(proc.stderr.readline() for _ in range(lines - 1))]
+
+
+def test_warden_serve_under_nohup_is_not_stopped_by_sighup(tmp_path: Path) -> None:
+    with serving(tmp_path, ignore_sighup=True) as proc:
+        assert "admin http" in banner_of(proc)[0]
         proc.send_signal(signal.SIGHUP)
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(timeout=2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_warden_serve_process_stops_cleanly_on_a_signal(tmp_path: Path, sig: int) -> None:
-    config = tmp_path / "warden.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "listen": {"proxy": "127.0.0.1:0", "admin": "127.0.0.1:0"},
-                "policy": {"bundles": [str(SHIPPED_POLICY)], "workers": 1},
-                "audit": {"dir": str(tmp_path / "audit")},
-                "state": {"url": f"sqlite:///{tmp_path}/state.db"},
-            }
-        )
-    )
-    warden_bin = Path(sys.executable).with_name("warden")
-    proc = subprocess.Popen(
-        [str(warden_bin), "serve", "--config", str(config), "--log-format", "text"],
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stderr is not None
-        admin = ""
-        for _ in range(200):
-            line = proc.stderr.readline()
-            if "admin http" in line:
-                admin = line.split("admin ", 1)[1].split()[0]
-                break
-        assert admin, "warden serve did not report its listeners"
+    with serving(tmp_path) as proc:
+        first = banner_of(proc)[0]
+        assert "admin http" in first, "warden serve did not report its listeners"
+        admin = first.split("admin ", 1)[1].split()[0]
         status, _ = asyncio.run(get(admin + "/readyz"))
         assert status == 200
         proc.send_signal(sig)  # SIGHUP: a closed terminal, or a reload habit
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
     leftover = _session_processes(proc.pid)
     assert leftover == [], f"processes left behind: {leftover}"
     verify = subprocess.run(
-        [str(warden_bin), "audit", "verify", "--dir", str(tmp_path / "audit")],
+        [str(WARDEN), "audit", "verify", "--dir", str(tmp_path / "audit")],
         capture_output=True,
         text=True,
         check=False,
@@ -244,40 +239,11 @@ def test_warden_serve_process_stops_cleanly_on_a_signal(tmp_path: Path, sig: int
 
 def test_the_start_banner_says_observe_mode_and_not_ready(tmp_path: Path) -> None:
     # A mistyped bundle path started looking normal, then refused every action.
-    config = tmp_path / "warden.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "mode": "observe",
-                "listen": {"proxy": "127.0.0.1:0", "admin": "127.0.0.1:0"},
-                "policy": {"bundles": [str(tmp_path / "polcies")], "workers": 1},
-                "audit": {"dir": str(tmp_path / "audit")},
-                "state": {"url": f"sqlite:///{tmp_path}/state.db"},
-            }
-        )
-    )
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("warden")), "serve", "--config", str(config)],
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stderr is not None
-        lines: list[str] = []
-        for _ in range(200):
-            lines.append(proc.stderr.readline())
-            if "NOT READY" in lines[-1] or not lines[-1]:
-                break
+    policy = {"bundles": [str(tmp_path / "polcies")], "workers": 1}
+    with serving(tmp_path, mode="observe", policy=policy) as proc:
+        banner = banner_of(proc, lines=3)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
-    banner = [line for line in lines if line.startswith("warden")]
     assert "admin http" in banner[0]
     assert banner[1].startswith("warden: mode observe: decisions are recorded")
     assert banner[2].startswith("warden: NOT READY: no policy bundle is active (")
@@ -288,7 +254,7 @@ def test_invalid_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "warden.yaml"
     config.write_text("policy: {deadline_ms: -5}\n")
     result = subprocess.run(
-        [str(Path(sys.executable).with_name("warden")), "serve", "--config", str(config)],
+        [str(WARDEN), "serve", "--config", str(config)],
         capture_output=True,
         text=True,
         check=False,

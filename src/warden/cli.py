@@ -94,11 +94,15 @@ def _banner(warden: Warden) -> str:
     # Agents whose own mode differs from the global one (which agents not named here get).
     apart = sorted(a for a in agents if config.mode_for(a) is not config.mode)
     if config.mode is Mode.OBSERVE:
-        lines.append("warden: mode observe: decisions are recorded, nothing is blocked")
+        lines.append(
+            "warden: mode observe: decisions are recorded, the policy blocks nothing "
+            "(kill switches still do)"
+        )
         if apart:
             lines[-1] += f" (enforced for {', '.join(apart)})"
     elif apart:
-        lines.append(f"warden: observe mode for {', '.join(apart)}: their actions are not blocked")
+        names = ", ".join(apart)
+        lines.append(f"warden: observe mode for {names}: the policy blocks none of theirs")
     ready, detail = warden.readiness()
     if not ready:
         policy = detail.get("policy", {})

@@ -19,6 +19,7 @@ the way, 2 when the shipped bundle cannot be found.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import secrets
 import shutil
@@ -163,7 +164,8 @@ def starter_config(tokens: Mapping[str, tuple[str, str]]) -> str:
     if not tokens:
         return STARTER_CONFIG
     entries = "".join(
-        f"\n    - {{subject: {subject}, roles: [{role}], sha256: {hash_key(token)}}}"
+        # Quoted: a name YAML would read as a number, a date or a boolean stays text.
+        f"\n    - {{subject: {json.dumps(subject)}, roles: [{role}], sha256: {hash_key(token)}}}"
         for subject, (role, token) in tokens.items()
     )
     return STARTER_CONFIG.replace("  tokens: []\n", f"  tokens:{entries}\n", 1)

@@ -11,6 +11,7 @@ exactly as written; a number, true/false, list or mapping is read as YAML
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import types
@@ -122,6 +123,16 @@ _SERVICE_LINK = re.compile(
 )
 """What Kubernetes sets for a Service named ``warden`` or ``warden-<x>`` in the namespace
 (``WARDEN_SERVICE_HOST``, ``WARDEN_PORT_8080_TCP``): not Warden's settings."""
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (a URL's, brackets off) names this machine's loopback."""
+    if host.casefold() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _split_url(value: str) -> SplitResult:
@@ -1074,8 +1085,18 @@ class JwtConfig(_Section):
     @field_validator("jwks_url")
     @classmethod
     def _http(cls, value: str | None) -> str | None:
-        if value is not None and _split_url(value).scheme not in ("http", "https"):
+        if value is None:
+            return value
+        parts = _split_url(value)
+        if parts.scheme not in ("http", "https"):
             raise ValueError("must be an http:// or https:// URL")
+        if parts.scheme == "http" and not _loopback(parts.hostname or ""):
+            # Keys fetched in cleartext can be swapped on the way: every agent forged.
+            raise ValueError(
+                "must be https:// (http:// only to a loopback address): keys fetched in "
+                "cleartext could be replaced on the way and any agent's token forged. A "
+                "private CA: SSL_CERT_FILE"
+            )
         return value
 
     @model_validator(mode="after")

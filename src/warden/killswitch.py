@@ -151,7 +151,9 @@ class KillSwitchNotSaved(StateUnavailable):
         message = (
             f"kill switch {switch.id} is in force on this sidecar only and is not saved: the "
             "state store is unavailable, so other sidecars do not see it and it does not "
-            "survive a restart; this sidecar keeps trying to save it. Retry shortly"
+            "survive a restart; this sidecar keeps trying to save it. Do not throw it again "
+            "here (each throw is a switch of its own); throw it on the other sidecars that "
+            "must stop now"
         )
         if unrecorded is not None:
             message += f". It is not recorded in the audit log either: {unrecorded}"
@@ -231,6 +233,14 @@ class KillSwitches:
                 "kill switch %s was never saved in the state store: it ends with this process",
                 unsaved.switch.id,
             )
+            # Its "set" record reads like any switch's: the log says it ends here.
+            with contextlib.suppress(AuditError):
+                await self._record(
+                    unsaved.switch,
+                    "warden",
+                    "never saved in the state store: it ends with this process",
+                    "lapsed",
+                )
 
     # -- the hot path --------------------------------------------------------------
 
@@ -359,6 +369,8 @@ class KillSwitches:
                 return None
         if (unsaved := self._unsaved.get(switch_id)) is not None:
             async with unsaved.saving:
+                if all(s.id != switch_id for s in self._active):
+                    return None  # cleared by another caller while this one waited
                 if switch_id in self._unsaved:
                     if unsaved.attempt is not None and not unsaved.attempt.done():
                         # It may yet land in the store: lifted here, it would come back.
@@ -464,6 +476,9 @@ class KillSwitches:
                 unsaved.switch.id,
                 unsaved.attempts,
             )
+            # The thrower was told it held here only: the log says when the fleet saw it.
+            why = f"saved in the state store at attempt {unsaved.attempts}"
+            tasks.spawn(self._record(unsaved.switch, "warden", why, "saved"), name="ks-saved")
 
     def _failed(self, unsaved: _Unsaved, why: str) -> None:
         """One log line per failed attempt, and the background saving goes on."""

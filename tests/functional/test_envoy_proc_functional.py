@@ -766,6 +766,24 @@ async def test_a_gateways_base_path_in_base_url_is_taken_off_the_path(
     assert governed.forwarded_body
 
 
+@pytest.mark.parametrize("base", ["/openai", "/openai/deployments/gpt-4o"])
+async def test_an_azure_base_url_path_still_names_the_deployment_that_runs(
+    tmp_path: Path, llm: MockLLM, base: str
+) -> None:
+    # The Azure SDK's base_url ends in the deployment: taken off :path, the deployment
+    # went unseen and the body's model was decided and priced instead.
+    upstreams = {"openai": {"protocol": "openai", "base_url": llm.url + base}}
+    llm.script(Reply(text="fine"))
+    async with Warden(make_config(tmp_path, llm.url, upstreams=upstreams)) as w:
+        assert w.core is not None
+        async with serve(ExtProcService(w.core, w.config), llm) as envoy:
+            body = {**CHAT, "model": "gpt-4o-mini"}
+            path = "/openai/deployments/gpt-4o/chat/completions"
+            result = await envoy.request(OPENAI_HOST, path, body)
+    assert result.immediate is None, result.body
+    assert decisions(tmp_path)["llm_call"]["action"]["model"] == "gpt-4o"
+
+
 async def test_by_authority_an_unknown_host_is_refused(tmp_path: Path, llm: MockLLM) -> None:
     ext_proc = {"upstream_from": "authority", "hosts": {OPENAI_HOST: "openai"}}
     async with Warden(make_config(tmp_path, llm.url, ext_proc=ext_proc)) as warden:

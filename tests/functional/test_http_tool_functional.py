@@ -888,6 +888,9 @@ TOOL_ROUTES = [
     ("POST", "/v3/interactions"),
     ("POST", "/v1/sessions"),  # a tool API's sign-in
     ("GET", "/v1/sessions/s1"),
+    ("GET", "/v1/checkout/sessions/cs_1/line_items"),  # Stripe
+    ("GET", "/v1/sessions/s1/cart/items"),
+    ("POST", "/api/v1/model/fraud/score/invoke"),
 ]
 
 

@@ -74,3 +74,10 @@ def test_a_name_that_cannot_be_a_subject_is_refused(tmp_path: Path, name: str) -
     assert done.returncode == 2
     assert "--approver" in done.stderr
     assert not (tmp_path / "warden.yaml").exists()
+
+
+def test_a_name_yaml_would_read_as_another_type_stays_text(tmp_path: Path) -> None:
+    done = _init(tmp_path, "--approver", "12345", "--approver", "no", "--admin", "2024-01-02")
+    assert done.returncode == 0, done.stderr
+    config = load_config(tmp_path / "warden.yaml", environ={})
+    assert sorted(t.subject for t in config.admin.tokens) == ["12345", "2024-01-02", "no"]

@@ -88,7 +88,8 @@ async def test_a_switch_thrown_while_the_store_is_locked_stops_this_sidecar_then
             for words in ("in force on this sidecar only", "not saved", "other sidecars"):
                 assert words in error["message"]
             assert "restart" in error["message"]
-            assert "Retry" in error["message"]
+            # Throwing it again here would be a second switch, cleared apart from this one.
+            assert "Do not throw it again here" in error["message"]
             # In force here at once, though the store has not saved it, and a re-read of
             # the store (without it) does not lift it.
             assert warden.killswitches is not None
@@ -112,7 +113,50 @@ async def test_a_switch_thrown_while_the_store_is_locked_stops_this_sidecar_then
             with pytest.raises(openai.PermissionDeniedError, match="paying out twice"):
                 await there.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
         await warden.stop()
-    assert killswitch_records(tmp_path / "audit") == [("set", "alice")]
+    # The fleet saw it late: the log says when.
+    assert killswitch_records(tmp_path / "audit") == [("set", "alice"), ("saved", "warden")]
+
+
+async def test_a_switch_never_saved_is_recorded_as_lapsed_when_warden_stops(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # Its "set" record read like any switch's, and a restart lifted it without a word.
+    db = tmp_path / "state.db"
+    warden = Warden(config(tmp_path, llm))
+    await warden.start()
+    async with aiohttp.ClientSession(base_url=warden.admin_url, headers=AUTH) as admin:
+        body = {"scope": "agent", "target": AGENT, "reason": "drill"}
+        with locked(db):
+            async with admin.post("/v1/killswitches", json=body) as resp:
+                assert resp.status == 503
+            await warden.stop()
+    assert killswitch_records(tmp_path / "audit") == [("set", "alice"), ("lapsed", "warden")]
+
+
+async def test_two_clears_at_once_of_an_unsaved_switch_record_one_clearing(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    db = tmp_path / "state.db"
+    async with (
+        Warden(config(tmp_path, llm)) as warden,
+        aiohttp.ClientSession(base_url=warden.admin_url, headers=AUTH) as admin,
+    ):
+        body = {"scope": "agent", "target": AGENT, "reason": "drill"}
+        with locked(db):
+            async with admin.post("/v1/killswitches", json=body) as resp:
+                assert resp.status == 503
+            assert warden.killswitches is not None
+            (switch,) = warden.killswitches.active()
+            path = f"/v1/killswitches/{switch.id}"
+
+            async def clear() -> int:
+                async with admin.delete(path) as resp:
+                    return resp.status
+
+            statuses = sorted(await asyncio.gather(clear(), clear()))
+        await warden.stop()
+    assert statuses == [200, 404]  # a double click: cleared once, then no such switch
+    assert killswitch_records(tmp_path / "audit") == [("set", "alice"), ("cleared", "alice")]
 
 
 async def test_clearing_while_the_store_is_locked_fails_closed(

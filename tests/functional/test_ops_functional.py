@@ -156,6 +156,28 @@ async def test_a_stream_still_open_is_cut_within_the_grace_period(
     assert [o.get("error") for o in outcomes] == ["shutdown"]
 
 
+async def test_a_call_still_unanswered_when_the_grace_ends_gets_its_outcome(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # Sent, its answer's headers not yet back: its hold stayed reserved until it expired.
+    warden = Warden(make_config(tmp_path, llm.url, shutdown_grace_s=2))
+    await warden.start()
+    llm.script(Reply(text="late", fault=Fault("delay", seconds=30)))
+    async with openai.AsyncOpenAI(
+        base_url=f"{warden.proxy_url}/openai/v1", api_key="k", max_retries=0
+    ) as client:
+        pending = asyncio.create_task(
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        )
+        while not llm.requests:  # noqa: ASYNC110 - the mock offers no event to wait on
+            await asyncio.sleep(0.01)
+        await warden.stop()
+        with pytest.raises(openai.APIError):
+            await pending
+    outcomes = [r["outcome"] for r in audit_records(tmp_path / "audit") if r["kind"] == "outcome"]
+    assert [o.get("error") for o in outcomes] == ["shutdown"]
+
+
 WARDEN = Path(sys.executable).with_name("warden")
 
 

@@ -574,6 +574,9 @@ async def test_no_keys_at_all_fails_closed(issuer: Issuer, body: bytes) -> None:
         ({"jwks_url": "https://x.example/jwks"}, "exactly one of jwks_file and jwks_url"),
         ({"jwks_file": None}, "exactly one of jwks_file and jwks_url"),
         ({"jwks_url": "file:///etc/jwks", "jwks_file": None}, "http"),
+        # Keys in cleartext could be swapped on the way: every agent's token forged.
+        ({"jwks_url": "http://issuer.example/jwks", "jwks_file": None}, "must be https://"),
+        ({"jwks_url": "http://10.0.0.7/jwks", "jwks_file": None}, "loopback"),
         ({"audience": []}, "identity.jwt.audience"),
         ({"agents": {"x": "bad agent"}}, "must be 1-128"),
     ],

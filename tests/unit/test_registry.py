@@ -257,3 +257,13 @@ def test_config_names_the_key_of_a_bad_passthrough_pattern() -> None:
 )
 def test_an_azure_path_names_its_deployment(tail: str, deployment: str | None) -> None:
     assert deployment_named("openai", tail.split("/")) == deployment
+
+
+def test_the_deployment_may_sit_in_the_upstreams_base_path() -> None:
+    # The Azure SDK's base_url ends in the deployment; the tail is then chat/completions.
+    base = ["openai", "deployments", "o1-pro"]
+    assert deployment_named("openai", ["chat", "completions"], base) == "o1-pro"
+    assert deployment_named("openai", ["chat", "completions"]) is None
+    gateway = ["gw", "azure"]  # a gateway's base path before Azure's own
+    tail = ["openai", "deployments", "gpt-4o", "chat", "completions"]
+    assert deployment_named("openai", tail, gateway) == "gpt-4o"

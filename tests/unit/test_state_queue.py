@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -65,4 +67,28 @@ async def test_a_call_that_waits_past_the_deadline_fails_and_never_runs(tmp_path
     assert all(isinstance(r, sqlite3.OperationalError) for r in results)
     waited = [str(r) for r in results if "did not get to this call" in str(r)]
     assert len(waited) >= 2  # queued behind the first, given up on at the deadline
+    assert stored == set()
+
+
+async def test_a_call_cancelled_as_the_thread_frees_up_never_runs(tmp_path: Path) -> None:
+    # asyncio's own cancel reaches the thread only on the next loop pass: a thread that
+    # picked the call up first ran it anyway.
+    store = await StateStore.open(f"sqlite:///{tmp_path}/state.db")
+    gate = threading.Event()
+    try:
+        first = asyncio.create_task(store._run(gate.wait))  # the thread is busy with this
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(store.add_killswitch(_row("ks_second")))
+        await asyncio.sleep(0.05)  # queued behind the first
+        second.cancel()  # the caller gives up...
+        gate.set()  # ...as the thread frees up,
+        time.sleep(0.05)  # noqa: ASYNC251 - a busy pass of the loop, on purpose
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        await first
+        await asyncio.sleep(0.1)
+        stored = {row.id for row in await store.active_killswitches()}
+    finally:
+        gate.set()
+        await store.close()
     assert stored == set()

@@ -431,7 +431,10 @@ class _Route:
     @property
     def deployment(self) -> str | None:
         """The deployment an Azure-style path names: the model that runs."""
-        return deployment_named(self.upstream.protocol, self.path.split("/")[1 + self.base :])
+        segments = self.path.split("/")[1:]
+        return deployment_named(
+            self.upstream.protocol, segments[self.base :], segments[: self.base]
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -690,7 +693,13 @@ class _Exchange:
         # Envoy's :path is the provider's whole path; the base-URL proxy's tail never
         # carries the upstream's base path (a gateway's own), so neither does the match.
         tail = past_base(segments, base_segments(upstream.base_url))
-        match = match_route(upstream.protocol, method, tail, self._svc.passthrough[name])
+        passthrough = self._svc.passthrough[name]
+        match = match_route(upstream.protocol, method, tail, passthrough)
+        if match is None and len(tail) < len(segments):
+            # A base path that holds part of a route (Azure's openai/deployments/<name>),
+            # or passthrough patterns written for the whole path: read it whole.
+            tail = segments
+            match = match_route(upstream.protocol, method, tail, passthrough)
         if match is None:
             raise not_governed(name, method, tail, upstream.protocol)
         return _Route(

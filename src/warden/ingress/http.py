@@ -135,7 +135,9 @@ class _Route:
 
     def __post_init__(self) -> None:
         derived = {
-            "deployment": deployment_named(self.upstream.protocol, self.segments),
+            "deployment": deployment_named(
+                self.upstream.protocol, self.segments, base_segments(self.upstream.base_url)
+            ),
             "path": "/" + "/".join(self.segments),
             "forward_path": "/".join(quote(s, safe=_PCHAR_SAFE) for s in self.segments),
             "timeout": aiohttp.ClientTimeout(
@@ -549,6 +551,12 @@ class ProxyApp:
                 timeout=timeout,
                 allow_redirects=False,
             )
+        except asyncio.CancelledError:
+            # Cut when Warden's stop outlasted its grace, the call sent and unanswered:
+            # it may have run (or been billed), so its hold is settled as spent.
+            outcome = Outcome(error="shutdown", latency_ms=_ms(sent))
+            self._core.outcome(action, decision, outcome, trusted=False)
+            raise
         except Exception as exc:
             error = _upstream_error(exc, call.route.name)
             # Only a model call that never reached the provider is not billed; one that

@@ -270,17 +270,20 @@ def foreign_prefix(family: str, tail: Sequence[str]) -> Sequence[str] | None:
     return None
 
 
-def deployment_named(family: str, tail: Sequence[str]) -> str | None:
+def deployment_named(family: str, tail: Sequence[str], base: Sequence[str] = ()) -> str | None:
     """The deployment an Azure-style path names, whose model runs whatever the body says.
 
     ``openai/deployments/<name>/chat/completions``: the service runs the
     deployment ``<name>`` and ignores the body's ``model``, so ``<name>`` is
     the model a policy and a spend cap must read. ``None`` for other paths.
+    ``base``: the upstream's ``base_url`` path, which may hold the deployment
+    (the Azure SDK's own ``base_url`` ends in it); read with ``tail`` first.
     """
-    start = _route_start(family, tail)
-    if start is None or start < 2 or tail[start - 2].casefold() != "deployments":
-        return None
-    return tail[start - 1]
+    for path in ([*base, *tail], tail) if base else (tail,):
+        start = _route_start(family, path)
+        if start is not None and start >= 2 and path[start - 2].casefold() == "deployments":
+            return path[start - 1]
+    return None
 
 
 def under_governed_resource(tail: Sequence[str]) -> bool:
@@ -353,15 +356,16 @@ def _model_api_in(read: Sequence[str]) -> tuple[str, tuple[int, ...]] | None:
             # Gemini Live's and Vertex Live's WebSockets name the verb after a dot, a
             # slash or nothing (...GenerativeService.BidiGenerateContentConstrained).
             return "Gemini or Vertex AI", (i,)
-        if segment == "model" and len(read) >= i + 3 and read[-1] in _BEDROCK_VERBS:
+        if (
+            segment == "model"
+            and read[-1] in _BEDROCK_VERBS
+            and (len(read) == i + 3 or _arn_at(read, i + 1))
+        ):
             # The model id may be an ARN whose "/" a lax reading took as a separator.
             return "Amazon Bedrock", (i, len(read) - 1)
         if segment == "chat" and before in _CHAT_BASES and not any(read[i + 1 :]):
             return _CHAT_BASES[before], (i,)
-        if segment == "sessions" and (found := _SESSION_FEEDS.intersection(read[i + 2 :])):
-            # Anthropic Managed Agents' events, OpenAI agent sessions' items (turns,
-            # subagents): calls the client runs.
-            at = min(read.index(feed, i + 2) for feed in found)
+        if segment == "sessions" and (at := _session_feed(read, i)) is not None:
             return "agent sessions (Anthropic, OpenAI)", (i, at)
         if segment == "chatkit":
             return "OpenAI ChatKit", (i,)
@@ -373,6 +377,25 @@ def _model_api_in(read: Sequence[str]) -> tuple[str, tuple[int, ...]] | None:
 
 
 _SESSION_FEEDS: Final = frozenset({"events", "items", "turns", "subagents"})
+
+
+def _arn_at(read: Sequence[str], i: int) -> bool:
+    """Whether a model id starting at ``i`` is an ARN (an inference profile's), whose
+    ``/`` a lax reading split into more segments."""
+    return i < len(read) and read[i].startswith("arn:")
+
+
+def _session_feed(read: Sequence[str], i: int) -> int | None:
+    """Where an agent session's feed of calls the client runs is named after ``sessions``
+    at ``i``: ``sessions/<id>/events`` (Anthropic Managed Agents, and ``threads/<id>/
+    events`` in it), ``sessions/<id>/items|turns|subagents`` (OpenAI agent sessions)."""
+    if read[i + 2 : i + 3] and read[i + 2] in _SESSION_FEEDS:
+        return i + 2
+    if read[i + 2 : i + 3] == ["threads"] and read[i + 4 : i + 5] == ["events"]:
+        return i + 4
+    return None
+
+
 _CHAT_BASES: Final = {"api": "Ollama chat", "v1": "Cohere chat", "v2": "Cohere chat"}
 """Chat routes at the end of a path whose answers carry tool calls: Ollama's
 ``/api/chat`` and Cohere's ``/v1/chat`` and ``/v2/chat``."""

@@ -17,7 +17,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -210,8 +210,8 @@ class SqliteStore:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
             raise RuntimeError(f"the {self.NAME} store is closed")
-        # Claimed by whichever comes first: the thread starting the call, or the queue
-        # deadline giving up on it (it then never runs).
+        # Claimed by whichever comes first: the thread starting the call, or the caller
+        # giving up on it (cancelled, or past the queue deadline): it then never runs.
         claim = threading.Lock()
 
         def job() -> T:
@@ -220,34 +220,62 @@ class SqliteStore:
             return fn(*args)
 
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._io, job)
-        expired = False
+        waiter: _Waiter[T] = _Waiter(claim, loop=loop)
+        done = self._io.submit(job)
+        done.add_done_callback(lambda call: _hand_back(loop, waiter, call))
 
         def give_up() -> None:
-            nonlocal expired
             if claim.acquire(blocking=False):
-                expired = True
-                future.cancel()  # not started: it never will
+                done.cancel()
+                self._failed_at = time.monotonic()
+                waiter.set_exception(
+                    sqlite3.OperationalError(
+                        f"the {self.NAME} store did not get to this call within "
+                        f"{QUEUE_DEADLINE_S:g} s (the database is locked or slow)"
+                    )
+                )
 
         timer = loop.call_later(QUEUE_DEADLINE_S, give_up)
         try:
-            # A caller cancelled while the call waits cancels it too (it never runs); one
-            # already running is awaited by nobody, as before.
-            return await future
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not expired or (task is not None and task.cancelling()):
-                raise
-            self._failed_at = time.monotonic()
-            raise sqlite3.OperationalError(
-                f"the {self.NAME} store did not get to this call within "
-                f"{QUEUE_DEADLINE_S:g} s (the database is locked or slow)"
-            ) from None
+            return await waiter
         except sqlite3.Error:
             self._failed_at = time.monotonic()
             raise
         finally:
             timer.cancel()
+
+
+class _Waiter(asyncio.Future[T]):
+    """The caller's side of one store call. Cancelling it (the caller gave up) claims the
+    call at once, so the store's thread never starts it: asyncio's own cancel of a call
+    handed to a thread reaches the thread only a loop pass later, when it may have begun."""
+
+    def __init__(self, claim: threading.Lock, *, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._claim = claim
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        self._claim.acquire(blocking=False)
+        return super().cancel(msg=msg)
+
+
+def _hand_back[T](
+    loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[T], call: Future[T]
+) -> None:
+    """In the store's thread: pass the call's end to its caller on the loop."""
+
+    def settle() -> None:
+        if waiter.done():
+            return  # the caller gave up; whatever the call did stands, unread
+        if call.cancelled():
+            waiter.cancel()
+        elif (exc := call.exception()) is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(call.result())
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+        loop.call_soon_threadsafe(settle)
 
 
 class _Abandoned(Exception):

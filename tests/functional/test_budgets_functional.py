@@ -396,6 +396,34 @@ async def test_an_azure_deployment_is_the_model_priced_and_decided(
     assert models == ["o1-pro", "gpt-4o-mini"]
 
 
+async def test_a_deployment_in_the_upstreams_base_url_is_the_model_priced(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # The deployment in base_url (as the Azure SDK's own base_url ends): the body's cheap
+    # model was priced and decided instead, past a cap the deployment's call would pass.
+    upstreams = {
+        "openai": {"protocol": "openai", "base_url": f"{llm.url}/openai/deployments/o1-pro"}
+    }
+    budgets = {"llm": {"limit_usd": 1.0, "window": "day"}}
+    config = make_config(tmp_path, llm.url, upstreams=upstreams, budgets=budgets)
+    async with (
+        Warden(config) as warden,
+        openai.AsyncOpenAI(
+            base_url=f"{warden.proxy_url}/openai", api_key="sk-test", max_retries=0
+        ) as client,
+    ):
+        with pytest.raises(openai.PermissionDeniedError) as denied:
+            await client.chat.completions.create(
+                model="gpt-4.1-nano", messages=MESSAGES, max_tokens=20_000
+            )
+    assert "this model call of 12.00 would pass it" in str(denied.value)
+    assert llm.requests == []
+    models = [
+        r["action"]["model"] for r in audit_records(tmp_path / "audit") if r["kind"] == "decision"
+    ]
+    assert models == ["o1-pro"]
+
+
 async def test_a_request_without_an_output_bound_is_sent_with_the_one_it_is_held_at(
     tmp_path: Path, llm: MockLLM
 ) -> None:

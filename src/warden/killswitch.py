@@ -203,6 +203,7 @@ class KillSwitches:
         self._next_watcher = 0
         self._read_at = time.monotonic()
         self._unsaved: dict[str, _Unsaved] = {}
+        self._clearing = asyncio.Lock()
         self._saves = 0  # switches saved late: a re-read started before one is read again
         self._saver: asyncio.Task[None] | None = None
         self._closed = False
@@ -228,19 +229,18 @@ class KillSwitches:
         if self._unsaved:
             # A last attempt, bounded: a switch saved now outlives the restart this may be.
             await asyncio.gather(*(self._save(u) for u in list(self._unsaved.values())))
-        for unsaved in self._unsaved.values():
-            log.warning(
-                "kill switch %s was never saved in the state store: it ends with this process",
-                unsaved.switch.id,
+        for unsaved in list(self._unsaved.values()):
+            # Its "set" record reads like any switch's: the log says how it ends. A save
+            # still on its way may yet land as the store closes ("saved" follows then).
+            on_its_way = unsaved.attempt is not None and not unsaved.attempt.done()
+            action, why = (
+                ("save_pending", "not yet saved in the state store when Warden stopped")
+                if on_its_way
+                else ("lapsed", "never saved in the state store: it ends with this process")
             )
-            # Its "set" record reads like any switch's: the log says it ends here.
+            log.warning("kill switch %s: %s", unsaved.switch.id, why)
             with contextlib.suppress(AuditError):
-                await self._record(
-                    unsaved.switch,
-                    "warden",
-                    "never saved in the state store: it ends with this process",
-                    "lapsed",
-                )
+                await self._record(unsaved.switch, "warden", why, action)
 
     # -- the hot path --------------------------------------------------------------
 
@@ -359,8 +359,13 @@ class KillSwitches:
 
         The clearing is recorded before it takes effect: a switch is never
         lifted without a record. When the state store cannot save the
-        clearing, its error propagates and the switch stays in force.
+        clearing, its error propagates and the switch stays in force. Clears
+        run one at a time: a double click records one clearing, not two.
         """
+        async with self._clearing:
+            return await self._clear(switch_id, who, reason)
+
+    async def _clear(self, switch_id: str, who: str, reason: str) -> KillSwitch | None:
         current = next((s for s in self._active if s.id == switch_id), None)
         if current is None:
             await self.refresh()
@@ -435,7 +440,7 @@ class KillSwitches:
         ids = {s.id for s in stored}
         for switch_id in [i for i in self._unsaved if i in ids]:
             # A save whose answer was lost (it timed out, then landed) is saved all the same.
-            del self._unsaved[switch_id]
+            self._landed(self._unsaved.pop(switch_id))
         if not self._unsaved:
             return stored
         merged = (*stored, *(u.switch for u in self._unsaved.values()))
@@ -469,16 +474,21 @@ class KillSwitches:
         if self._unsaved.pop(unsaved.switch.id, None) is None:
             return
         self._saves += 1
-        if unsaved.failed:
-            log.info(
-                "kill switch %s is saved in the state store at attempt %d: every sidecar "
-                "sharing it sees it now",
-                unsaved.switch.id,
-                unsaved.attempts,
-            )
-            # The thrower was told it held here only: the log says when the fleet saw it.
-            why = f"saved in the state store at attempt {unsaved.attempts}"
-            tasks.spawn(self._record(unsaved.switch, "warden", why, "saved"), name="ks-saved")
+        self._landed(unsaved)
+
+    def _landed(self, unsaved: _Unsaved) -> None:
+        """A switch the store took, after the thrower was told it had not: say so."""
+        if not unsaved.failed:
+            return
+        log.info(
+            "kill switch %s is saved in the state store at attempt %d: every sidecar "
+            "sharing it sees it now",
+            unsaved.switch.id,
+            unsaved.attempts,
+        )
+        # The thrower was told it held here only: the log says when the fleet saw it.
+        why = f"saved in the state store at attempt {unsaved.attempts}"
+        tasks.spawn(self._record(unsaved.switch, "warden", why, "saved"), name="ks-saved")
 
     def _failed(self, unsaved: _Unsaved, why: str) -> None:
         """One log line per failed attempt, and the background saving goes on."""

@@ -133,6 +133,28 @@ async def test_a_switch_never_saved_is_recorded_as_lapsed_when_warden_stops(
     assert killswitch_records(tmp_path / "audit") == [("set", "alice"), ("lapsed", "warden")]
 
 
+async def test_two_clears_at_once_of_a_saved_switch_record_one_clearing(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    async with (
+        Warden(config(tmp_path, llm)) as warden,
+        aiohttp.ClientSession(base_url=warden.admin_url, headers=AUTH) as admin,
+    ):
+        body = {"scope": "agent", "target": AGENT, "reason": "drill"}
+        async with admin.post("/v1/killswitches", json=body) as resp:
+            assert resp.status == 201
+            path = f"/v1/killswitches/{(await resp.json())['id']}"
+
+        async def clear() -> int:
+            async with admin.delete(path) as resp:
+                return resp.status
+
+        statuses = sorted(await asyncio.gather(clear(), clear()))
+        await warden.stop()
+    assert statuses == [200, 404]
+    assert killswitch_records(tmp_path / "audit") == [("set", "alice"), ("cleared", "alice")]
+
+
 async def test_two_clears_at_once_of_an_unsaved_switch_record_one_clearing(
     tmp_path: Path, llm: MockLLM
 ) -> None:

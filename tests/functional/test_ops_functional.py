@@ -178,6 +178,30 @@ async def test_a_call_still_unanswered_when_the_grace_ends_gets_its_outcome(
     assert [o.get("error") for o in outcomes] == ["shutdown"]
 
 
+async def test_an_agent_gone_before_a_streams_headers_gets_an_outcome(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # The provider answered after the agent left: writing the headers failed before the
+    # stream's outcome was set up, so the call ran with none (and an internal error).
+    llm.script(Reply(text="late", fault=Fault("delay", seconds=1.0)))
+    async with Warden(make_config(tmp_path, llm.url)) as warden:
+        host, port = warden.proxy_url.removeprefix("http://").rsplit(":", 1)
+        body = orjson.dumps({"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True})
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nAuthorization: Bearer k\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        while not llm.requests:  # noqa: ASYNC110 - the mock offers no event to wait on
+            await asyncio.sleep(0.01)
+        writer.close()  # gone before the answer's headers
+        await asyncio.sleep(2.0)  # the provider answers at 1 s
+    outcomes = [r["outcome"] for r in audit_records(tmp_path / "audit") if r["kind"] == "outcome"]
+    assert [o.get("error") for o in outcomes] == ["client_disconnected"]
+
+
 WARDEN = Path(sys.executable).with_name("warden")
 
 

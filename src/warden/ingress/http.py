@@ -734,8 +734,6 @@ class ProxyApp:
         if adapter is not None:
             headers["Content-Type"] = _SSE  # what Warden writes, whatever the upstream said
         response = web.StreamResponse(status=upstream_resp.status, headers=headers)
-        await response.prepare(request)
-        metrics.child(metrics.ADDED_LATENCY, call.route.name).observe(pre_s)
         rewriter = (
             adapter.stream_rewriter(hide_usage=call.hide_usage, choices=call.choices)
             if adapter is not None
@@ -743,6 +741,9 @@ class ProxyApp:
         )
         error: str | None = None
         try:
+            # Inside: an agent gone before the answer's headers reach it is an outcome too.
+            await response.prepare(request)
+            metrics.child(metrics.ADDED_LATENCY, call.route.name).observe(pre_s)
             await self._pump(call, rewriter, upstream_resp, response)
         except asyncio.CancelledError:
             # Cut when Warden's stop outlasted its grace: the call ran, so its outcome

@@ -138,6 +138,17 @@ class KillSwitch:
             created_at=row.created_at,
         )
 
+    def to_row(self) -> KillSwitchRow:
+        """As the state store keeps it."""
+        return KillSwitchRow(
+            id=self.id,
+            scope=self.scope.value,
+            target=self.target,
+            reason=self.reason,
+            created_by=self.created_by,
+            created_at=self.created_at,
+        )
+
 
 class KillSwitchNotSaved(StateUnavailable):
     """A switch thrown and in force on this sidecar that the state store could not save.
@@ -456,7 +467,9 @@ class KillSwitches:
             if unsaved.attempt is None or unsaved.attempt.done():
                 unsaved.attempts += 1
                 unsaved.attempt = attempt = tasks.spawn(
-                    self._store.add_killswitch(_row(switch)), name="killswitch-save", awaited=True
+                    self._store.add_killswitch(switch.to_row()),
+                    name="killswitch-save",
+                    awaited=True,
                 )
                 attempt.add_done_callback(lambda done: self._answered(unsaved, done))
             done, _ = await asyncio.wait((unsaved.attempt,), timeout=SAVE_TIMEOUT_S)
@@ -588,17 +601,6 @@ class KillSwitches:
         except Exception:
             # Keep the last known switches: failing open here would lift them.
             log.exception("could not read kill switches from the state store")
-
-
-def _row(switch: KillSwitch) -> KillSwitchRow:
-    return KillSwitchRow(
-        id=switch.id,
-        scope=switch.scope.value,
-        target=switch.target,
-        reason=switch.reason,
-        created_by=switch.created_by,
-        created_at=switch.created_at,
-    )
 
 
 _SCOPES = frozenset(s.value for s in Scope)

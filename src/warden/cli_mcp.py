@@ -8,6 +8,12 @@ proxy nor the admin API listens (see docs/mcp.md).
 
 Every call of one wrap run is in one session (``input.session``): a fresh id
 per run, or the one ``--session`` names, so several wraps can share one.
+
+The agent is proved as at every door (docs/identity.md): ``--agent`` names
+it as ``X-Warden-Agent`` would, ``WARDEN_AGENT_KEY`` or ``--token-file`` (or
+``WARDEN_AGENT_TOKEN``) carry the credential, checked once when the wrap
+starts. Without any, the agent is the config's ``agent.id``, unless
+``identity.require_proof`` asks for proof of that too.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "wrap",
         help="run a stdio MCP server as a child and govern its tool calls, resources and prompts",
         usage=(
-            "warden mcp wrap [--config FILE] [--name NAME] [--session NAME] -- COMMAND [ARGS...]"
+            "warden mcp wrap [--config FILE] [--name NAME] [--session NAME] [--agent ID] "
+            "[--token-file FILE] -- COMMAND [ARGS...]"
         ),
     )
     wrap.add_argument("--config", default=os.environ.get("WARDEN_CONFIG"))
@@ -44,6 +51,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="NAME",
         help="the session every call of this run is counted in, as X-Warden-Session names "
         "one (default: a fresh one per run); wraps naming the same session share its counters",
+    )
+    wrap.add_argument(
+        "--agent",
+        metavar="ID",
+        help="the agent acting, as X-Warden-Agent names one (default: the config's agent.id); "
+        "an id other than agent.id needs WARDEN_AGENT_KEY or a token",
+    )
+    wrap.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="a JWT proving the agent, as X-Warden-Agent-Token carries one (default: "
+        "WARDEN_AGENT_TOKEN); a proxy key comes from WARDEN_AGENT_KEY, never the command line",
     )
     wrap.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
@@ -87,6 +106,10 @@ def _wrap(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"warden: {exc}", file=sys.stderr)
         return 2
+    credentials = _credentials(args)
+    if isinstance(credentials, str):
+        print(f"warden: {credentials}", file=sys.stderr)
+        return 2
     # stdout is the MCP channel: keep a private copy for it and point fd 1 at
     # stderr, so nothing else (a library, a policy worker) can corrupt it.
     sys.stdout.flush()
@@ -95,19 +118,73 @@ def _wrap(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     name = args.name or Path(command[0]).name
     try:
-        return asyncio.run(_run(config, command, name, channel, (session, source)))
+        return asyncio.run(
+            _run(config, command, name, channel, (session, source), credentials=credentials)
+        )
     except ConfigError as exc:
         print(f"warden: {exc}", file=sys.stderr)
         return 2
+    except _Unproved as exc:
+        print(f"warden: mcp wrap refused the agent: {exc}", file=sys.stderr)
+        return 2
+
+
+class _Unproved(Exception):
+    """The agent the wrap would act as was not proved (the identity error's text)."""
+
+
+def _credentials(args: argparse.Namespace) -> dict[str, str] | str:
+    """The identity headers the wrap proves its agent with, or what is wrong with them.
+
+    From the environment and files, never from the command line, which every
+    user of the machine can read. The server does not inherit them
+    (``WARDEN_*`` is withheld from it).
+    """
+    from warden.identity import AGENT_KEY_HEADER, AGENT_TOKEN_HEADER
+    from warden.ingress.headers import AGENT_HEADER
+
+    headers: dict[str, str] = {}
+    if args.agent is not None:
+        headers[AGENT_HEADER] = args.agent
+    if key := os.environ.get("WARDEN_AGENT_KEY", "").strip():
+        headers[AGENT_KEY_HEADER] = key
+    token = os.environ.get("WARDEN_AGENT_TOKEN", "").strip()
+    if args.token_file is not None:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+            return f"cannot read --token-file {args.token_file}: {why}"
+        if not token:
+            return f"--token-file {args.token_file} is empty"
+    if token:
+        headers[AGENT_TOKEN_HEADER] = token
+    return headers
 
 
 async def _run(
-    config: Config, command: list[str], name: str, channel: int, session: tuple[str, str]
+    config: Config,
+    command: list[str],
+    name: str,
+    channel: int,
+    session: tuple[str, str],
+    *,
+    credentials: dict[str, str],
 ) -> int:
+    from warden.errors import WardenError
+    from warden.identity import Identity
     from warden.ingress.mcp_stdio import MAX_LINE, StdioDoor
-    from warden.model import Agent
     from warden.ops.runtime import tune_runtime
     from warden.server import Warden
+
+    try:
+        # As every door proves it: an id other than agent.id, or any with require_proof.
+        agent = await Identity(config).resolve(credentials)
+    except WardenError as exc:
+        raise _Unproved(
+            f"{exc} ({exc.status} {exc.code}); the wrap takes a key from WARDEN_AGENT_KEY "
+            "and a token from --token-file or WARDEN_AGENT_TOKEN"
+        ) from None
 
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_LINE)
@@ -115,7 +192,7 @@ async def _run(
     out, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(channel, "wb", 0))
     door = StdioDoor(
         command,
-        agent=Agent(id=config.agent.id, version=config.agent.version),
+        agent=agent,
         upstream=name,
         client_in=reader,
         client_out=out,

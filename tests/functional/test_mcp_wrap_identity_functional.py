@@ -1,0 +1,129 @@
+"""``warden mcp wrap`` proves the agent it acts as, like every other door.
+
+With ``identity.require_proof`` (several agents share one configuration), a
+wrap took the config's ``agent.id`` on trust: any agent launching it acted,
+and was recorded, capped and stopped, as that agent. Driven by the official
+MCP client over stdio, as an IDE launches the wrap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+
+from tests.functional.stdio_wrap import audit_dir, decisions, tools_called, write_config
+from warden.identity import hash_key
+
+pytestmark = pytest.mark.timeout(60)
+
+TRIAGE_KEY = "wk_triage-key-for-tests"
+REFUNDS_KEY = "wk_refunds-key-for-tests"
+
+
+def proof_config(tmp_path: Path) -> Path:
+    """The stdio tests' config, with proof required and a key for each of two agents."""
+    path = write_config(tmp_path)
+    config: dict[str, Any] = orjson.loads(path.read_bytes())
+    config["identity"] = {
+        "require_proof": True,
+        "agents": {
+            "support-triage": {"key_sha256": [hash_key(TRIAGE_KEY)]},
+            "refunds-bot": {"key_sha256": [hash_key(REFUNDS_KEY)]},
+        },
+    }
+    path.write_bytes(orjson.dumps(config))
+    return path
+
+
+def wrap_command(config: Path, call_log: Path, *wrap_args: str) -> list[str]:
+    server = [sys.executable, "-m", "warden.testing.mcp_server", "--call-log", str(call_log)]
+    return [
+        *("-m", "warden.cli", "mcp", "wrap", "--config", str(config)),
+        *("--name", "support-tools", *wrap_args, "--", *server),
+    ]
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k in ("PYTHONPATH",) if (v := os.environ.get(k))}
+    return {**env, **extra}
+
+
+async def refused(config: Path, call_log: Path, *wrap_args: str, **env: str) -> tuple[int, str]:
+    """Run a wrap that should refuse to start; its exit code and what it said."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *wrap_command(config, call_log, *wrap_args),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**base_env(**env), "PATH": os.environ.get("PATH", "")},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert out == b"", "nothing may reach the MCP channel"
+    return proc.returncode or 0, err.decode()
+
+
+async def call_through(config: Path, call_log: Path, *wrap_args: str, **env: str) -> None:
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=wrap_command(config, call_log, *wrap_args),
+        env=base_env(**env),
+    )
+    async with (
+        stdio_client(params) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        result = await session.call_tool("search_kb", {"query": "refund policy"})
+        assert not result.is_error
+
+
+async def test_require_proof_refuses_a_wrap_without_a_credential(tmp_path: Path) -> None:
+    config, call_log = proof_config(tmp_path), tmp_path / "calls.jsonl"
+    code, said = await refused(config, call_log)
+    assert code == 2
+    assert "mcp wrap refused the agent" in said
+    assert "'support-triage' must be proved" in said
+    assert "WARDEN_AGENT_KEY" in said
+    assert not call_log.exists() or tools_called(call_log) == []
+
+
+async def test_a_wrap_acts_as_the_agent_its_key_proves(tmp_path: Path) -> None:
+    config, call_log = proof_config(tmp_path), tmp_path / "calls.jsonl"
+    await call_through(config, call_log, "--agent", "refunds-bot", WARDEN_AGENT_KEY=REFUNDS_KEY)
+    await call_through(config, call_log, WARDEN_AGENT_KEY=TRIAGE_KEY)
+    assert tools_called(call_log) == ["search_kb", "search_kb"]
+    # One audit directory per config: both runs wrote to it one after the other.
+    recorded = [(r["agent"]["id"], r["action"]["tool"]) for r in decisions(audit_dir(tmp_path))]
+    assert recorded == [("refunds-bot", "search_kb"), ("support-triage", "search_kb")]
+
+
+async def test_a_key_of_another_agent_or_none_for_a_named_one_is_refused(tmp_path: Path) -> None:
+    config, call_log = proof_config(tmp_path), tmp_path / "calls.jsonl"
+    code, said = await refused(
+        config, call_log, "--agent", "refunds-bot", WARDEN_AGENT_KEY=TRIAGE_KEY
+    )
+    assert code == 2
+    assert "proves agent 'support-triage', not 'refunds-bot'" in said
+    # Without require_proof too: only agent.id is taken on trust.
+    plain = write_config(tmp_path, "plain")
+    code, said = await refused(plain, call_log, "--agent", "refunds-bot")
+    assert code == 2
+    assert "refunds-bot" in said
+    assert not call_log.exists() or tools_called(call_log) == []
+
+
+async def test_a_token_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    config, call_log = proof_config(tmp_path), tmp_path / "calls.jsonl"
+    missing = tmp_path / "no-such-token"
+    code, said = await refused(config, call_log, "--token-file", str(missing))
+    assert code == 2
+    assert f"cannot read --token-file {missing}" in said

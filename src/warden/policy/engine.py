@@ -92,6 +92,7 @@ from warden.policy.worker import (
     MSG_QUIT,
     MSG_RESULT,
     frame,
+    stack_command,
 )
 from warden.protocols._wire import reject_constant, unique_keys
 
@@ -480,7 +481,10 @@ def _spawn_process(python: str, stack_mb: int) -> tuple[subprocess.Popen[bytes],
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module, no shell
-            [python, "-m", "warden.policy.worker", str(child.fileno()), str(stack_mb)],
+            stack_command(
+                [python, "-m", "warden.policy.worker", str(child.fileno()), str(stack_mb)],
+                stack_mb * 1024 * 1024,
+            ),
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

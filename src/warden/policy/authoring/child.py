@@ -29,7 +29,7 @@ import orjson
 from warden.policy.authoring.policy_set import PolicySet
 from warden.policy.bundle import BundleError, Module, describe_rego_error
 from warden.policy.engine import result_document
-from warden.policy.worker import STACK_BYTES
+from warden.policy.worker import STACK_BYTES, stack_command
 
 __all__ = [
     "DEFAULT_TEST_TIMEOUT_S",
@@ -92,13 +92,16 @@ class Child:
         src = str(Path(__file__).resolve().parents[3])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
         self._proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [
-                sys.executable,
-                "-m",
-                "warden.policy.authoring",
-                str(write_fd),
-                str(self._stack_bytes),
-            ],
+            stack_command(
+                [
+                    sys.executable,
+                    "-m",
+                    "warden.policy.authoring",
+                    str(write_fd),
+                    str(self._stack_bytes),
+                ],
+                self._stack_bytes,
+            ),
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,

@@ -29,6 +29,9 @@ MISSING = (
 )
 
 _DURATION = re.compile(r"(?<=\[)(\d+[smhd])(?=\])")
+# The same window in seconds, where a rule compares a series' creation time with it.
+_CREATED_WITHIN = re.compile(r"(?<=_created < )\d+\b")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def tool(name: str) -> str | None:
@@ -49,7 +52,8 @@ def alerting_rules(rules: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def fast_variant(rules: dict[str, Any], *, window: str, hold: str) -> dict[str, Any]:
-    """The same rules with only durations changed: every range selector and ``for:``.
+    """The same rules with only durations changed: every range selector (and the
+    seconds a creation time is compared with) and ``for:``.
 
     For an end-to-end test that cannot wait ten minutes: thresholds,
     expressions and labels stay exactly as shipped.
@@ -60,6 +64,8 @@ def fast_variant(rules: dict[str, Any], *, window: str, hold: str) -> dict[str, 
         for shipped in group["rules"]:
             rule = dict(shipped)
             rule["expr"] = _DURATION.sub(window, rule["expr"])
+            seconds = int(window[:-1]) * _SECONDS[window[-1]]
+            rule["expr"] = _CREATED_WITHIN.sub(str(seconds), rule["expr"])
             if "for" in rule:
                 rule["for"] = hold
             out.append(rule)

@@ -25,8 +25,10 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -61,6 +63,7 @@ __all__ = [
     "ExtProcConfig",
     "GrpcConfig",
     "GrpcTlsConfig",
+    "HttpRouteArgument",
     "HttpRouteConfig",
     "IdentityConfig",
     "JwtConfig",
@@ -255,6 +258,22 @@ class ListenConfig(_Section):
         return value
 
 
+def _argument_form(value: Any) -> str:
+    """Which form a route argument is written in: text, or a mapping (anything else is
+    checked as a mapping, whose error names what it takes)."""
+    return "text" if isinstance(value, str) else "mapping"
+
+
+class HttpRouteArgument(_Section):
+    """A body argument that may be absent: ``{pointer: /currency, optional: true}``."""
+
+    pointer: str
+    """An RFC 6901 JSON pointer into the body (``/currency``)."""
+    optional: bool = False
+    """``true``: a pointer that finds nothing leaves the argument out instead of refusing
+    the request."""
+
+
 class HttpRouteConfig(_Section):
     """A route of a plain HTTP tool API that is one tool call (see docs/http-tools.md)."""
 
@@ -262,9 +281,19 @@ class HttpRouteConfig(_Section):
     path: str
     """A path template after the upstream name: ``/orders/{order_id}/refunds``."""
     tool: str = Field(min_length=1, max_length=128)
-    arguments: dict[str, str] = Field(default_factory=dict)
-    """Argument name to ``"{param}"`` (a path parameter), ``"?name"`` (a query parameter)
-    or a JSON pointer into the body."""
+    arguments: dict[
+        str,
+        Annotated[
+            Annotated[str, Tag("text")] | Annotated[HttpRouteArgument, Tag("mapping")],
+            Discriminator(_argument_form),
+        ],
+    ] = Field(default_factory=dict)
+    """Argument name to ``"{param}"`` (a path parameter), ``"?name"`` (a query parameter),
+    a JSON pointer into the body, or ``{pointer: ..., optional: true}``."""
+    body: Literal["named", "unread"] = "named"
+    """``named``: a request's body may carry only values the arguments' pointers cover
+    (none, when no argument reads the body); ``unread``: no argument reads the body, and
+    any body is forwarded unread (an upload the policy decides by path and query)."""
 
     @field_validator("method")
     @classmethod
@@ -279,7 +308,9 @@ class HttpRouteConfig(_Section):
 
     @field_validator("arguments")
     @classmethod
-    def _arguments(cls, value: dict[str, str]) -> dict[str, str]:
+    def _arguments(
+        cls, value: dict[str, str | HttpRouteArgument]
+    ) -> dict[str, str | HttpRouteArgument]:
         for name, source in value.items():
             try:
                 http_tool.parse_argument(source)
@@ -289,7 +320,7 @@ class HttpRouteConfig(_Section):
 
     @model_validator(mode="after")
     def _compiles(self) -> HttpRouteConfig:
-        http_tool.RouteRule.compile(self.method, self.path, self.tool, self.arguments)
+        http_tool.RouteRule.compile(self.method, self.path, self.tool, self.arguments, self.body)
         return self
 
 

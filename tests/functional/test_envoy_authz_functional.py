@@ -661,17 +661,19 @@ async def test_a_call_that_needs_a_person_is_answered_at_once_and_passes_once_ap
         assert second.dynamic_metadata["warden_approval_id"] == pending.id  # for Envoy's logs
         lead = Principal("lead", frozenset({"approver"}), frozenset())
         await approvals.decide(pending.id, lead, approve=True, comment="ok")
-        # Same arguments, another body: the service would read what the approver never saw.
+        # Same arguments, another body: the service would read what the approver never
+        # saw, and no argument names "to", so it is refused before any approval applies.
         other = await stub.Check(
             _request("POST", "/orders/A-1/refunds", json_headers, b'{"amount": 90, "to": "X"}')
         )
         assert other.status.code == GRPC_PERMISSION_DENIED
-        assert other.denied_response.body.startswith("Warden held this request for approval")
+        assert other.denied_response.status.code == 400
+        assert "'/to', which no argument of the rule" in other.denied_response.body
         third = await stub.Check(refund)  # the approved call, once
         fourth = await stub.Check(refund)  # and not again
     assert third.status.code == GRPC_OK
     assert fourth.status.code == GRPC_PERMISSION_DENIED
-    assert _checks("held") == held_before + 3
+    assert _checks("held") == held_before + 2
     decisions = _decisions(tmp_path)
     assert decisions[third.dynamic_metadata["decision_id"]]["decision"]["guard"] == "approval"
     assert decisions[second.dynamic_metadata["decision_id"]]["decision"]["effect"] == (

@@ -225,16 +225,12 @@ async def test_path_and_body_build_the_action_the_policy_decides(
     tmp_path: Path, refunds: Refunds, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with Warden(config_for(tmp_path, refunds)) as w:
-        got = await call(
-            w, "POST", "/orders/A-1001/refunds", amount=40, customer="C-7", note="late"
-        )
+        got = await call(w, "POST", "/orders/A-1001/refunds", amount=40, customer="C-7")
     status, _, body, decision_id = got
     assert status == 201
     assert body == {"refund_id": "rf_1", "order": ["A-1001"]}
-    # The body reaches the service exactly as sent, extra fields and all.
-    assert refunds.seen == [
-        ("POST", "/orders/A-1001/refunds", b'{"amount":40,"customer":"C-7","note":"late"}')
-    ]
+    # The body reaches the service exactly as sent.
+    assert refunds.seen == [("POST", "/orders/A-1001/refunds", b'{"amount":40,"customer":"C-7"}')]
     [record] = decisions(tmp_path)
     action = record["action"]
     assert (action["kind"], action["protocol"], action["stage"]) == (
@@ -380,7 +376,8 @@ async def test_an_approval_lets_through_only_the_request_it_was_asked_for(
 ) -> None:
     lead = Principal("lead", frozenset({"approver"}), frozenset())
     asked = b'{"amount":300,"customer":"C-7"}'
-    # The arguments are the same; the service would also read "to", which no one saw.
+    # The arguments are the same; the service would also read "to", which no one saw
+    # (and no argument names, so it is refused before anything is decided).
     other = b'{"amount":300,"customer":"C-7","to":"IBAN-X"}'
     async with Warden(config_for(tmp_path, refunds)) as w:
         approvals = w._approvals
@@ -393,7 +390,7 @@ async def test_an_approval_lets_through_only_the_request_it_was_asked_for(
         # The same content, its keys in another order (a model re-emitting the call).
         again = b'{"customer": "C-7", "amount": 300}'
         approved = await call(w, "POST", "/orders/A-1/refunds", again)
-    assert (swapped[0], swapped[2]["code"]) == (403, "approval_required")
+    assert (swapped[0], swapped[2]["code"]) == (400, "invalid_tool_request")
     assert approved[0] == 201
     assert refunds.seen == [("POST", "/orders/A-1/refunds", again)]
 
@@ -638,13 +635,8 @@ async def test_a_body_that_could_override_a_query_argument_is_refused_unforwarde
     async with Warden(config_for(tmp_path, refunds, routes=routes)) as w:
         method = "GET" if "/items" in path else "POST"
         status, content_type_got, raw = await send(w, method, path, body, Content_Type=content_type)
-        allowed = await send(
-            w,
-            "POST",
-            "/orders/A-1/credits?amount=5",
-            b'{"note": "late"}',
-            Content_Type="application/json",
-        )
+        # No body: a rule that reads none from it refuses one (every body field is named).
+        allowed = await send(w, "POST", "/orders/A-1/credits?amount=5")
     assert (status, content_type_got) == (400, "application/problem+json")
     problem = orjson.loads(raw)
     assert problem["code"] == "invalid_tool_request"
@@ -920,7 +912,12 @@ async def test_a_model_apis_route_on_a_tool_upstream_is_refused_unless_a_rule_na
 
     named = tmp_path / "named"
     named.mkdir()
-    rule = {"method": "POST", "path": "/v1/messages", "tool": "send_sms", "arguments": {}}
+    rule = {
+        "method": "POST",
+        "path": "/v1/messages",
+        "tool": "send_sms",
+        "arguments": {"text": "/text"},
+    }
     # A parameter fits a model route without naming it: it exempts nothing.
     loose = {"method": "POST", "path": "/v2/{channel}", "tool": "post_any", "arguments": {}}
     config = config_for(named, refunds, routes=[*ROUTES, rule, loose])

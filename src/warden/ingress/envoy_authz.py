@@ -10,7 +10,9 @@ answer goes back. The policy evaluates ``ext_authz.query`` (default
 that fits a rule is that tool call (``input.action.tool`` and ``arguments``);
 a request to it that could make the service run another call than the one
 decided (a method override, an encoded body, a JSON or form body Envoy cut) is
-refused with 400, as the base-URL proxy refuses it.
+refused with 400, as the base-URL proxy refuses it; so is one fitting a rule
+whose body Envoy did not send whole, or that carries a body field the rule
+does not name (docs/http-tools.md).
 
 Fails closed: a request Warden cannot parse is denied with 400 (also in
 dry-run, as OPA-Envoy does), a policy that is missing, fails or returns a
@@ -290,11 +292,17 @@ class ExtAuthzService:
             )
             return None, _Refusal(reason, 400)
         content_type = parsed.headers.get("content-type", "")
-        if parsed.input.get("truncated_body") and routes.find(parsed.method, segments):
-            # The arguments would be read from a prefix of the body the service gets whole.
+        found = routes.find(parsed.method, segments)
+        if found is not None and authz.partial_body(
+            parsed.headers, parsed.body, self._max_request_bytes
+        ):
+            # The arguments would be read from a prefix of the body the service gets
+            # whole, and the fields past the cut (or in a body never sent) go unchecked.
             reason = (
-                "Envoy sent only part of the body (with_request_body.max_request_bytes), so a "
-                "route rule cannot read its arguments from it; raise max_request_bytes"
+                "Envoy sent only part of the body, or none (with_request_body."
+                f"max_request_bytes), so the route rule {found[0].shown} cannot read its "
+                "arguments from it nor see that every field of it is one; send the body "
+                "whole (raise max_request_bytes)"
             )
             return None, _Refusal(reason, 400)
         if may_carry_fields(content_type) and authz.partial_body(

@@ -19,13 +19,18 @@ Flask choose. Two rules no request could tell apart (``/orders/{a}`` and
 differently) are a configuration error. A ``HEAD`` request fits ``GET`` rules
 too (services run the ``GET`` handler for it). An argument is ``"{name}"`` (a
 path parameter), ``"?name"`` (a query parameter, ``null`` when absent) or an
-RFC 6901 JSON pointer into the JSON request body (``""`` is the whole body). A
-pointer that finds nothing, a query parameter given twice, a body that is not
-one unambiguous JSON document (duplicate keys, ``NaN``), or a query parameter
-the rule does not name refuses the request with 400: Warden and the tool API
-must agree on every value the policy saw, an absent argument would leave a
-policy rule undefined rather than false, and a query the policy never saw
-(``?amount=9000``, ``?force=true``) is input the service acts on undecided.
+RFC 6901 JSON pointer into the JSON request body (``""`` is the whole body),
+or ``{pointer: /currency, optional: true}`` for a body field that may be
+absent (left out of the arguments then). A required pointer that finds nothing, a query
+parameter given twice, a body that is not one unambiguous JSON document
+(duplicate keys, ``NaN``), a query parameter the rule does not name, or a
+body value no pointer of the rule covers refuses the request with 400: Warden
+and the tool API must agree on every value the policy saw, an absent argument
+would leave a policy rule undefined rather than false, and a query parameter
+or body field the policy never saw (``?force=true``, ``"currency": "KWD"``)
+is input the service acts on undecided. A rule that reads nothing from the
+body refuses a body, unless it says ``body: unread`` (an upload the policy
+decides by path and query alone).
 For the same reason a routed upstream never gets a method override
 (``X-HTTP-Method-Override``, a ``_method`` field), an encoded body
 (``Content-Encoding``), or, on a rule that reads the query, a body that could
@@ -51,9 +56,12 @@ from warden.protocols._wire import foreign_charset, keys_fold_apart
 from warden.text import has_surrogate, shown_name
 
 __all__ = [
+    "ABSENT",
+    "BODY_MODES",
     "PROBLEM_CONTENT_TYPE",
     "RESULT_MAX_CHARS",
     "ArgumentSource",
+    "PointerSpec",
     "RouteRule",
     "RouteSpec",
     "ToolRequest",
@@ -61,6 +69,7 @@ __all__ = [
     "ToolRoutes",
     "bound_body",
     "check_specificity",
+    "first_unnamed",
     "may_carry_fields",
     "names_segments",
     "parse_argument",
@@ -78,6 +87,9 @@ PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 RESULT_MAX_CHARS: Final = 64 * 1024
 """How much of a tool API's response body is kept as the outcome's ``result``."""
 PROBLEM_TYPE_BASE: Final = "https://warden.dev/problems/"
+BODY_MODES: Final = ("named", "unread")
+"""A rule's ``body``: ``named``, every body value is covered by one of its pointers (the
+default); ``unread``, the rule reads nothing from the body and forwards any body."""
 
 _METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 _MEDIA_END: Final = re.compile(r"[;,\s]")
@@ -212,13 +224,40 @@ class ArgumentSource:
     """The query parameter's name, decoded."""
     text: str = ""
     """As configured, for messages."""
+    optional: bool = False
+    """A pointer that finds nothing leaves the argument out (else it refuses the request)."""
 
 
-def parse_argument(value: str) -> ArgumentSource:
-    """``"{order_id}"``, ``"?limit"`` or an RFC 6901 pointer (``"/amount"``, ``""``).
+class PointerSpec(Protocol):
+    """An argument's mapping form (``warden.config.HttpRouteArgument``):
+    ``{pointer: /currency, optional: true}``."""
+
+    @property
+    def pointer(self) -> str: ...
+    @property
+    def optional(self) -> bool: ...
+
+
+def parse_argument(value: str | PointerSpec) -> ArgumentSource:
+    """``"{order_id}"``, ``"?limit"``, an RFC 6901 pointer (``"/amount"``, ``""``), or
+    the mapping form of a pointer (:class:`PointerSpec`).
 
     Raises ``ValueError`` saying what is wrong.
     """
+    if not isinstance(value, str):
+        if value.pointer and not value.pointer.startswith("/"):
+            # Only a body field can be absent: a path parameter never is, and a query
+            # parameter already reads null when absent.
+            raise ValueError(
+                f"pointer: {value.pointer!r} must be a JSON pointer into the body such as "
+                "'/currency' (path parameters are always there, and query parameters "
+                "already read null when absent)"
+            )
+        try:
+            source = parse_argument(value.pointer)
+        except ValueError as exc:
+            raise ValueError(f"pointer: {exc}") from None
+        return ArgumentSource(pointer=source.pointer, text=source.text, optional=value.optional)
     param = _PARAM.match(value)
     if param is not None:
         return ArgumentSource(param=param.group(1), text=value)
@@ -247,7 +286,9 @@ class RouteSpec(Protocol):
     @property
     def tool(self) -> str: ...
     @property
-    def arguments(self) -> Mapping[str, str]: ...
+    def arguments(self) -> Mapping[str, str | PointerSpec]: ...
+    @property
+    def body(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,10 +299,21 @@ class RouteRule:
     segments: tuple[str, ...]
     tool: str
     arguments: tuple[tuple[str, ArgumentSource], ...]
+    body: str = "named"
+    """One of :data:`BODY_MODES`."""
 
     @classmethod
-    def compile(cls, method: str, path: str, tool: str, arguments: Mapping[str, str]) -> RouteRule:
+    def compile(
+        cls,
+        method: str,
+        path: str,
+        tool: str,
+        arguments: Mapping[str, str | PointerSpec],
+        body: str = "named",
+    ) -> RouteRule:
         """Check and compile one rule; ``ValueError`` names what is wrong."""
+        if body not in BODY_MODES:
+            raise ValueError(f"body: {body!r} is not one of {', '.join(BODY_MODES)}")
         segments = parse_template(path)
         params = _params(segments)
         sources: list[tuple[str, ArgumentSource]] = []
@@ -275,13 +327,32 @@ class RouteRule:
                     f"arguments.{name}: {value!r} names no parameter of path {path!r}"
                     f" (it has {', '.join(sorted(params)) or 'none'})"
                 )
+            if source.pointer is not None and body == "unread":
+                # A rule reading some fields and forwarding the rest unread would let
+                # the service act on values no policy saw.
+                raise ValueError(
+                    f"arguments.{name}: {source.text!r} reads the body, and body: unread "
+                    "forwards body fields no argument names; name every body field the "
+                    "service reads (and drop body: unread), or read nothing from the body"
+                )
             sources.append((name, source))
-        return cls(parse_method(method), segments, tool, tuple(sources))
+        return cls(parse_method(method), segments, tool, tuple(sources), body)
 
     @property
     def needs_body(self) -> bool:
         """Whether an argument is read from the JSON body."""
         return any(source.pointer is not None for _, source in self.arguments)
+
+    @property
+    def checks_body(self) -> bool:
+        """Whether every value of a request's body must be under a pointer of the rule
+        (``body: named``; a rule with no body pointer then refuses any body)."""
+        return self.body != "unread"
+
+    @property
+    def shown(self) -> str:
+        """The rule as refusals name it: ``POST /orders/{order_id}/refunds (issue_refund)``."""
+        return f"{self.method} {self.template} ({self.tool[:60]})"
 
     @property
     def query_names(self) -> frozenset[str]:
@@ -352,6 +423,8 @@ class RouteRule:
         values = self._query(query) if query else {}
         if self.query_names and body:
             self._no_body_over_query(document, body, content_type)
+        if body and not self.needs_body and self.checks_body:
+            self._unread_body(body, content_type)
         arguments: dict[str, Any] = {}
         for name, source in self.arguments:
             if source.param is not None:
@@ -362,8 +435,50 @@ class RouteRule:
                 arguments[name] = values.get(source.query)
             else:
                 assert source.pointer is not None
-                arguments[name] = resolve_pointer(document, source.pointer, source.text)
+                value = resolve_pointer(
+                    document, source.pointer, source.text, optional=source.optional
+                )
+                if value is not ABSENT:
+                    arguments[name] = value
+        if self.needs_body:
+            self._every_field_named(document)
         return arguments
+
+    def _every_field_named(self, document: Any) -> None:
+        """Refuse a body with a value no pointer of the rule covers.
+
+        Every body field is an argument, as every query parameter is: a field the
+        policy never saw (``"currency": "KWD"`` beside a named ``/amount``) is input
+        the service acts on undecided.
+        """
+        pointers = [s.pointer for _, s in self.arguments if s.pointer is not None]
+        path = first_unnamed(document, pointers)
+        if path is None:
+            return
+        raise ToolRequestError(
+            f"the JSON body has {_shown_pointer(path)}, which no argument of the rule "
+            f"{self.shown} names, so no policy would see it; name it in the rule's arguments "
+            "(a pointer covers everything under it; {pointer: ..., optional: true} for a "
+            "field that may be absent) or leave it out"
+        )
+
+    def _unread_body(self, body: bytes, content_type: str) -> None:
+        """Refuse any body on a rule that reads nothing from it (unless ``body: unread``)."""
+        what = "a body"
+        if _is_json(content_type):
+            try:
+                document = parse_body(body, content_type)
+            except ToolRequestError:
+                document = None
+            if isinstance(document, (dict, list)) and document:
+                first = next(iter(document)) if isinstance(document, dict) else "0"
+                what = f"a body with {_shown_pointer((first,))}"
+        raise ToolRequestError(
+            f"the request carries {what}, and the rule {self.shown} reads no argument from "
+            "the body, so no policy would see it; send no body, name its fields in the "
+            "rule's arguments, or set body: unread on the rule to forward a body the "
+            "policy does not read"
+        )
 
     def _no_body_over_query(self, document: Any, body: bytes, content_type: str) -> None:
         """Refuse a body a service could read a query argument from instead of the query.
@@ -450,7 +565,7 @@ class ToolRoutes:
     ) -> ToolRoutes:
         """Compile configured rules (already validated at load, so this does not raise)."""
         return cls(
-            tuple(RouteRule.compile(s.method, s.path, s.tool, s.arguments) for s in specs),
+            tuple(RouteRule.compile(s.method, s.path, s.tool, s.arguments, s.body) for s in specs),
             unmatched,
         )
 
@@ -881,25 +996,78 @@ def _read_alike(value: Any) -> bool:
     return True
 
 
-def resolve_pointer(document: Any, tokens: Sequence[str], text: str) -> Any:
-    """The value at an RFC 6901 pointer; :class:`ToolRequestError` naming it when absent."""
+ABSENT: Final = object()
+"""What an optional pointer finds when the body leaves its field out: the argument is
+left out too, so the policy sees the body's shape (``object.get`` defaults apply), and
+an explicit ``null`` stays ``null``."""
+
+
+def resolve_pointer(
+    document: Any, tokens: Sequence[str], text: str, *, optional: bool = False
+) -> Any:
+    """The value at an RFC 6901 pointer; :class:`ToolRequestError` naming it when absent,
+    or :data:`ABSENT` then if ``optional``."""
     value = document
     for step in tokens:
-        if isinstance(value, dict):
-            if step not in value:
-                raise ToolRequestError(f"the JSON body has no value at {text!r}")
+        if isinstance(value, dict) and step in value:
             value = value[step]
-        elif isinstance(value, list):
+        elif (
+            isinstance(value, list)
             # RFC 6901: an index is "0" or digits without a leading zero; "-" is past the end.
-            if not (step.isascii() and step.isdigit() and (step == "0" or step[0] != "0")):
-                raise ToolRequestError(f"the JSON body has no value at {text!r}")
-            index = int(step)
-            if index >= len(value):
-                raise ToolRequestError(f"the JSON body has no value at {text!r}")
-            value = value[index]
+            and step.isascii()
+            and step.isdigit()
+            and (step == "0" or step[0] != "0")
+            and int(step) < len(value)
+        ):
+            value = value[int(step)]
+        elif optional:
+            return ABSENT
         else:
             raise ToolRequestError(f"the JSON body has no value at {text!r}")
     return value
+
+
+def first_unnamed(document: Any, pointers: Iterable[tuple[str, ...]]) -> tuple[str, ...] | None:
+    """The path of the first value of ``document`` (in document order) that no pointer
+    covers, or ``None``; a pointer covers the value it finds and all within it.
+
+    A value on the way to a pointer is looked into; one that cannot be (a string
+    where ``/meta/note`` goes on) is not covered: the policy saw none of it.
+    """
+    covered = set(pointers)
+    on_way = {p[:i] for p in covered for i in range(len(p))}
+    stack: list[tuple[tuple[str, ...], Any]] = [((), document)]
+    while stack:
+        path, value = stack.pop()
+        if path in covered:
+            continue
+        if path not in on_way:
+            return path
+        if isinstance(value, dict):
+            children = [((*path, key), item) for key, item in value.items()]
+        elif isinstance(value, list):
+            children = [((*path, str(i)), item) for i, item in enumerate(value)]
+        else:
+            return path
+        stack.extend(reversed(children))
+    return None
+
+
+def _shown_pointer(path: Sequence[str]) -> str:
+    """A body value's pointer as a reason may show it (reasons are recorded in clear):
+    ``a value at '/currency'``, or, where a key does not read as an identifier (it may
+    be an e-mail address), the field it is in: ``a field under '/customers' ...``."""
+    shown: list[str] = []
+    for token in path:
+        # An index is shown; a longer run of digits may be a phone number.
+        index = token.isascii() and token.isdigit() and len(token) <= 6
+        if not index and shown_name(token) is None:
+            where = f"under {'/'.join(['', *shown])!r}" if shown else "at the top level"
+            return f"a field {where} whose name is not shown"
+        shown.append(token)  # an identifier or index: no '/' or '~' to escape
+    if not shown:
+        return "a value at '' (the whole body)"
+    return f"a value at {'/'.join(['', *shown])!r}"
 
 
 def problem(

@@ -7,9 +7,13 @@ is malformed (a tool call whose arguments are not a JSON object) is denied
 before any guard sees it: fail closed. So is one whose policy input the engine
 cannot take exactly as the agent's SDK sees it (an integer past 64 bits, a
 non-finite float, nesting past :data:`MAX_INPUT_DEPTH`, text JSON cannot
-carry): checked on the whole ``input`` document, so it holds for arguments,
-context and claims alike, and an input the agent crafted never reaches the
-engine to make it fail (and a fallback apply).
+carry, a string or key holding NUL): checked on the whole ``input`` document,
+so it holds for arguments, context and claims alike, and an input the agent
+crafted never reaches the engine to make it fail (and a fallback apply). And
+so is a call whose arguments hold two keys equal but for case
+(:func:`keys_fold_apart`), which a Go or .NET tool binds as one: the policy
+would check another value than the tool uses. These checks are here, not in a
+door, so every front door (adapters, HTTP routes, ext_authz, gRPC) gets them.
 
 The pipeline then records the decision in the audit log, and only returns once
 the record is durable, so no action is let through without its record.
@@ -51,7 +55,7 @@ from warden.model import (
     Outcome,
     new_id,
 )
-from warden.text import shown_name
+from warden.text import keys_fold_apart, shown_name
 
 __all__ = [
     "MAX_INPUT_DEPTH",
@@ -315,8 +319,10 @@ def input_problem(doc: Any) -> str | None:
 
     Refused: integers outside 64 bits (the engine would round them), NaN and
     infinities (JSON writes them as ``null``), nesting past
-    :data:`MAX_INPUT_DEPTH`, and anything orjson cannot encode (lone
-    surrogates, keys that are not strings). The answer names where.
+    :data:`MAX_INPUT_DEPTH`, strings and keys holding NUL (the engine reads C
+    strings: ``"ok\u0000/../../etc/shadow"`` would be read as ``"ok"``, or fail),
+    and anything orjson cannot encode (lone surrogates, keys that are not
+    strings). The answer names where.
     """
     stack: list[tuple[Any, int, tuple[str, ...]]] = [(doc, 1, ("input",))]
     while stack:
@@ -326,9 +332,12 @@ def input_problem(doc: Any) -> str | None:
                 return f"{_where(path)} nests deeper than {MAX_INPUT_DEPTH} levels"
             items = value.items() if isinstance(value, Mapping) else enumerate(value)
             for key, item in items:
-                # A key that is no identifier is not named: reasons are not sealed.
-                step = f"[{key}]" if isinstance(key, int) else shown_name(str(key)) or "<key>"
-                stack.append((item, depth + 1, (*path, step)))
+                if isinstance(key, str) and "\x00" in key:
+                    return f"a key of {_where(path)} {_NUL_PROBLEM}"
+                stack.append((item, depth + 1, (*path, _step(key))))
+        elif isinstance(value, str):
+            if "\x00" in value:
+                return f"{_where(path)} {_NUL_PROBLEM}"
         elif isinstance(value, bool):
             continue
         elif isinstance(value, int) and not _INT64[0] <= value <= _INT64[1]:
@@ -395,27 +404,85 @@ def _action_fits(action: Action) -> bool:
     for extra in (action.input_responses, action.meta):  # an MCP request's, only
         if extra is not None and not (_fits(extra, 3) and _encodes(extra)):
             return False
+    given = (
+        (agent.id, agent.version, action.tool, action.wire_type, action.protocol),
+        (action.model, request.upstream, request.method, request.path),
+        claims if type(claims) is dict else dict(claims),
+        context if type(context) is dict else dict(context),
+        arguments if arguments is None or type(arguments) is dict else dict(arguments),
+    )
     try:
-        orjson.dumps(
-            (
-                (agent.id, agent.version, action.tool, action.wire_type, action.protocol),
-                (action.model, request.upstream, request.method, request.path),
-                claims if type(claims) is dict else dict(claims),
-                context if type(context) is dict else dict(context),
-                arguments if arguments is None or type(arguments) is dict else dict(arguments),
-            )
-        )
+        encoded = orjson.dumps(given)
     except TypeError:
         return False
-    return True
+    # orjson writes NUL as an escape; only text that spells one out is walked again.
+    return _NUL_ESCAPE not in encoded or not _holds_nul(given)
 
 
 def _encodes(value: Mapping[str, Any]) -> bool:
+    """Whether orjson encodes ``value`` and no string or key in it holds NUL."""
     try:
-        orjson.dumps(value if type(value) is dict else dict(value))
+        encoded = orjson.dumps(value if type(value) is dict else dict(value))
     except TypeError:
         return False
-    return True
+    return _NUL_ESCAPE not in encoded or not _holds_nul(value)
+
+
+_NUL_ESCAPE = b"\\u0000"
+_NUL_PROBLEM = "holds NUL (\\u0000), which the policy engine would read cut short"
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a string or key in ``value`` (nested no deeper than orjson encodes) holds NUL."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, Mapping):
+        return any((isinstance(k, str) and "\x00" in k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
+def _folded_at(value: Any) -> tuple[str, ...] | None:
+    """Where below ``value`` an object's keys are equal but for case; ``None``: nowhere.
+
+    Walks objects and lists only; the caller has bounded their nesting.
+    """
+    kind = type(value)
+    if kind is dict or isinstance(value, Mapping):
+        if not keys_fold_apart(value):
+            return ()
+        pairs: Any = value.items()
+    elif kind is list or kind is tuple or isinstance(value, list | tuple):
+        pairs = enumerate(value)
+    else:
+        return None
+    for key, item in pairs:
+        kind = type(item)
+        if kind is str or kind is int or kind is float or kind is bool or item is None:
+            continue
+        below = _folded_at(item)
+        if below is not None:
+            return (_step(key), *below)
+    return None
+
+
+def _folded_keys(action: Action) -> str | None:
+    """Where the action's arguments (or an MCP request's answers or ``_meta``) hold two
+    keys equal but for case, as :func:`input_problem` names places; ``None``: nowhere."""
+    for name, value in (
+        ("arguments", action.arguments),
+        ("input_responses", action.input_responses),
+        ("meta", action.meta),
+    ):
+        if value is not None and (below := _folded_at(value)) is not None:
+            return _where(("input", "action", name, *below))
+    return None
+
+
+def _step(key: object) -> str:
+    # A key that is no identifier is not named: reasons are not sealed.
+    return f"[{key}]" if isinstance(key, int) else shown_name(str(key)) or "<key>"
 
 
 def _where(path: tuple[str, ...]) -> str:
@@ -427,20 +494,29 @@ def _validation_decision(
     action: Action, ctx: GuardContext, *, unknown_to_policy: bool = False
 ) -> Decision | None:
     reason = None
+    ruled = False  # a door's configured rule refused it, not Warden
     if action.kind is ActionKind.UNKNOWN_CALL and not unknown_to_policy:
         reason = (
             f"the response carried a call-like item of a type Warden does not know "
             f"({action.wire_type or 'no type'!r}); such items are denied "
             "(policy.unknown_calls: deny)"
         )
-    elif action.view is not None and action.view.problem is not None:
+    elif (
+        action.view is not None
+        and action.view.problem is not None
+        and not action.view.problem_is_rule
+    ):
         reason = f"the request cannot be checked: {action.view.problem}"
     elif (
         action.view is not None
-        and not _fits(action.view.input, 1)
+        and not (_fits(action.view.input, 1) and _encodes(action.view.input))
         and (problem := input_problem(policy_input(action, ctx))) is not None
     ):
+        # Before a door's rule: what cannot be checked is refused in every mode, which
+        # a rule's denial (unmatched: deny) is not.
         reason = f"the policy cannot check this request: {problem}"
+    elif action.view is not None and action.view.problem is not None:
+        reason, ruled = f"the request cannot be checked: {action.view.problem}", True
     elif (action.call_id is not None and not action.call_id.isprintable()) or (
         action.tool is not None and not action.tool.isprintable()
     ):
@@ -459,13 +535,17 @@ def _validation_decision(
         and (problem := input_problem(policy_input(action, ctx))) is not None
     ):
         reason = f"the policy cannot check this action: {problem}"
+    elif (where := _folded_keys(action)) is not None:
+        reason = (
+            f"{where} holds two keys equal but for case, which Go and .NET tools bind as "
+            "one: a policy would check another value than the tool may use"
+        )
     if reason is None:
         return None
     # Enforced in every mode, as a kill switch is: what Warden cannot check is never
     # passed through, and observe mode would pass it to an agent reading it otherwise.
     # Not a door's configured rule (ext_authz `unmatched: deny`), which observe mode
     # and dry_run let through as any rule.
-    ruled = action.view is not None and action.view.problem_is_rule
     return Decision(
         decision_id=new_id("dec"),
         effect=Effect.DENY,

@@ -9,9 +9,10 @@ in its place; where it decides on the text (an action), it refuses it instead.
 from __future__ import annotations
 
 import re
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
 
-__all__ = ["has_surrogate", "mended", "shown_name"]
+__all__ = ["has_surrogate", "keys_fold_apart", "mended", "shown_name"]
 
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 _IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,39}")
@@ -35,3 +36,17 @@ def shown_name(name: str) -> str | None:
     and an agent's keys may be personal data (a map keyed by e-mail address).
     """
     return name if _IDENTIFIER.fullmatch(name) else None
+
+
+def keys_fold_apart(obj: Mapping[Any, Any]) -> bool:
+    """True unless two keys of ``obj`` are equal but for case (``path`` and ``PATH``).
+
+    Go's ``encoding/json`` and .NET's default binder match keys without regard
+    to case (with Unicode folding: U+017F, the long s, is ``s``) and the last one wins: a policy
+    reading ``path`` would decide on a value other than the tool's. The core
+    (:mod:`warden.pipeline`) denies every action whose arguments hold such keys, at
+    every door; an adapter refuses them while parsing, in its own protocol.
+    """
+    if len(obj) < 2:
+        return True
+    return len({k.casefold() if isinstance(k, str) else k for k in obj}) == len(obj)

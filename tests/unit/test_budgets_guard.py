@@ -665,7 +665,9 @@ async def test_an_agent_cap_over_its_limit_outranks_a_missing_customer(
     assert decision.reasons[1].startswith("refunds cap: this issue_refund names no customer")
 
 
-@pytest.mark.parametrize("value", [{"id": "C-1"}, True, "", 1.5, ["C-1"], "C-1\x00", "C-\n1"])
+@pytest.mark.parametrize(
+    "value", [{"id": "C-1"}, True, "", 1.5, ["C-1"], "C-\n1"]
+)  # NUL: the core refuses it first
 async def test_a_customer_argument_that_is_not_an_id_is_denied(
     store: StateStore, value: Any
 ) -> None:

@@ -19,8 +19,10 @@ a final decision:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+from warden.audit.redaction import REDACT_ALL
 from warden.config import PolicyConfig
 from warden.model import Action, Decision, Effect, Obligations, PolicyView, new_id
 from warden.pipeline import GuardContext, policy_input
@@ -57,11 +59,27 @@ class PolicyGuard:
         """The live challenger (``policy.challenger``), given each policy decision's input."""
 
     async def check(self, action: Action, ctx: GuardContext) -> Decision:
-        """Evaluate the policy for ``action``; never returns ``None``."""
+        """Evaluate the policy for ``action``; never returns ``None``.
+
+        A door's own query (ext_authz) names no redactions: for a tool call it
+        decides, the ``redact`` list is asked of the policy's decision as
+        :meth:`redactions` asks it when another stage decides, so the call's
+        records hide what they hide at every other door (every field, when the
+        policy cannot say).
+        """
         if action.view is not None:
             view = action.view
             result = await self.engine.evaluate(policy_input(action, ctx), query=view.query)
-            return self.decide_view(result, view, ctx)
+            decision = self.decide_view(result, view, ctx)
+            if action.tool is None or decision.error is not None:
+                return decision  # a failure's record hides everything (warden.audit.redaction)
+            redact = await self.redactions(action, ctx)
+            return replace(
+                decision,
+                obligations=replace(
+                    decision.obligations, redact=REDACT_ALL if redact is None else redact
+                ),
+            )
         doc = policy_input(action, ctx)
         result = await self.engine.evaluate(doc)
         decision = self.decide(result, ctx)
@@ -93,8 +111,11 @@ class PolicyGuard:
 
         Only the obligation is used (see :mod:`warden.audit.redaction`);
         ``None`` when the policy cannot answer, so every field is redacted.
+        For a tool call at a door with its own query (ext_authz routes), the
+        policy's decision (``policy.query``) is asked over the same input that
+        query saw; any other request there is no tool call with fields to name.
         """
-        if action.view is not None:
+        if action.view is not None and action.tool is None:
             return None  # a door's own query names no redactions: hide every field
         result = await self.engine.evaluate(policy_input(action, ctx))
         return None if result.error is not None else result.redact

@@ -16,6 +16,7 @@ from aiohttp.helpers import parse_content_type
 from warden.errors import InvalidJSON, UnsupportedMedia
 from warden.model import Decision, Effect, Mode, Usage
 from warden.protocols.sse import SseEvent
+from warden.text import keys_fold_apart
 
 __all__ = [
     "NO_DECISION",
@@ -345,18 +346,6 @@ def policy_safe(value: Any, depth: int = 1) -> bool:
     if isinstance(value, list):
         return all(policy_safe(v, depth + 1) for v in value)
     return False
-
-
-def keys_fold_apart(obj: Mapping[Any, Any]) -> bool:
-    """True unless two keys of ``obj`` are equal but for case (``path`` and ``PATH``).
-
-    Go's ``encoding/json`` and .NET's default binder match keys without regard
-    to case (with Unicode folding: U+017F, the long s, is ``s``) and the last one wins: a policy
-    reading ``path`` would decide on a value other than the tool's.
-    """
-    if len(obj) < 2:
-        return True
-    return len({k.casefold() if isinstance(k, str) else k for k in obj}) == len(obj)
 
 
 @dataclass(frozen=True, slots=True)

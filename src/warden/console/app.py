@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,12 +33,33 @@ from warden.console.sessions import SessionStore
 from warden.killswitch import KillSwitches
 from warden.policy.challenger import ChallengerStats
 
-__all__ = ["CONSOLE", "Console"]
+__all__ = ["CONSOLE", "Console", "RecordUnreadable"]
 
 log = logging.getLogger("warden.console")
 
 
 Readiness = Callable[[], tuple[bool, Mapping[str, Any]]]
+
+
+class RecordUnreadable(Exception):
+    """A record within the log's size that cannot be read: the log is damaged there
+    (``damaged``), or its files cannot be read at all (a volume gone, permissions).
+
+    Never "no such record": a record the log says it holds and cannot give back is
+    what tampering or a failing disk looks like, and an auditor must be told so.
+    """
+
+    def __init__(self, seq: int, detail: str, *, damaged: bool) -> None:
+        self.seq = seq
+        self.detail = detail.splitlines()[0][:300] if detail else ""
+        self.damaged = damaged
+        what = "damaged" if damaged else "unreadable"
+        super().__init__(f"the audit log is {what} at record #{seq}: {self.detail}")
+
+    @property
+    def status(self) -> int:
+        """500 for damage (it does not mend itself), 503 for files that cannot be read now."""
+        return 500 if self.damaged else 503
 
 
 class Console:
@@ -120,19 +142,38 @@ class Console:
                 return 0
 
     async def record(self, seq: int) -> tuple[bytes, dict[str, Any]] | None:
-        """Record ``seq`` from the log itself (stored bytes and parsed), or ``None``."""
+        """Record ``seq`` from the log itself (stored bytes and parsed); ``None`` when the
+        log holds no such record. Raises :class:`RecordUnreadable` for one it holds but
+        cannot give back."""
         if not 0 <= seq < self.audit.size:
             return None
 
         def read() -> bytes:
-            return RecordTail(self.audit.directory, seq).read(seq + 1, 1)[0].payload
+            found = RecordTail(self.audit.directory, seq).read(seq + 1, 1)
+            if not found:
+                raise LogDamaged(f"record {seq} is missing")
+            return found[0].payload
 
         try:
             payload = await asyncio.to_thread(read)
-        except (LogDamaged, OSError, IndexError):
-            return None
-        parsed = orjson.loads(payload)
+        except LogDamaged as exc:
+            # A folder that is gone or closed to us reads as "no segment holds record N".
+            if not self._readable():
+                gone = "the log's segment folder is missing or cannot be read"
+                raise RecordUnreadable(seq, gone, damaged=False) from None
+            raise RecordUnreadable(seq, str(exc), damaged=True) from None
+        except OSError as exc:
+            raise RecordUnreadable(seq, f"{exc.strerror or exc}", damaged=False) from None
+        try:
+            parsed = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise RecordUnreadable(seq, "the stored record does not decode", damaged=True) from None
         return payload, parsed if isinstance(parsed, dict) else {}
+
+    def _readable(self) -> bool:
+        """Whether the log's segment folder is there and may be listed and read."""
+        segments = Layout(self.audit.directory).segments
+        return segments.is_dir() and os.access(segments, os.R_OK | os.X_OK)
 
 
 CONSOLE = web.AppKey("warden_console", Console)

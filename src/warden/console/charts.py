@@ -26,7 +26,8 @@ _EFFECTS = ("allow", "require_approval", "deny")
 
 
 def _clock(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%m-%d %H:%M")
+    # The zone said: a browser elsewhere would otherwise read these as its own times.
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%m-%d %H:%M UTC")
 
 
 def _frame(label: str, top: float, unit: str, buckets: Sequence[Bucket], body: Html) -> Html:

@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.parse
 import zipfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -35,14 +35,22 @@ from warden.audit.export import ExportError, Selection, export_log, parse_time
 from warden.audit.index import IndexQuery, IndexUnavailable
 from warden.budgets.guard import CapSpend
 from warden.console import views
-from warden.console.app import CONSOLE, Console
+from warden.console.app import CONSOLE, Console, RecordUnreadable
 from warden.console.html import Html
 from warden.console.proofs import ProofError
 from warden.console.risk import drift_section
 from warden.console.sessions import Session, same_token
 from warden.console.sso import sso_principal, sso_speaks
 from warden.errors import AuditError
-from warden.killswitch import MAX_REASON, MAX_TARGET, KillSwitchNotSaved, Scope, target_problem
+from warden.killswitch import (
+    MAX_REASON,
+    MAX_TARGET,
+    KillSwitch,
+    KillSwitchNotSaved,
+    Scope,
+    target_problem,
+)
+from warden.model import ActionKind
 
 __all__ = ["COOKIE", "CSP", "LOGIN_COOKIE", "console_app"]
 
@@ -91,18 +99,42 @@ def _api_error(status: int, code: str, message: str) -> web.Response:
     return _json({"error": {"code": code, "message": message}}, status)
 
 
-def _refuse(request: web.Request, status: int, message: str) -> web.Response:
+def _refuse(
+    request: web.Request,
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    title: str | None = None,
+    hint: Html | None = None,
+) -> web.Response:
     session = request.get(SESSION_KEY)
     if request.path.startswith("/console/api/"):
-        return _api_error(status, "forbidden" if status == 403 else "refused", message)
+        return _api_error(status, code or ("forbidden" if status == 403 else "refused"), message)
     return _html(
         views.error_view(
             status,
             message,
             session.principal if session else None,
             session.csrf if session else None,
+            title=title,
+            hint=hint,
         ),
         status,
+    )
+
+
+def _unreadable(request: web.Request, exc: RecordUnreadable) -> web.Response:
+    """A record the log holds but cannot give back: damage or an unreadable log, said as
+    such (a 404 would make tampering look like a record that never was)."""
+    what = "damaged" if exc.damaged else "unreadable"
+    return _refuse(
+        request,
+        exc.status,
+        f"The audit log is {what} at record #{exc.seq}: {exc.detail}.",
+        code="log_damaged" if exc.damaged else "log_unreadable",
+        title=f"The audit log is {what}",
+        hint=views.verify_hint(exc.damaged),
     )
 
 
@@ -153,6 +185,8 @@ async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse
     except IndexUnavailable as exc:
         # The index is a cache on the fleet's database: a page, not a crash, while it is down.
         response = _refuse(request, 503, f"the decision index is unavailable right now ({exc})")
+    except RecordUnreadable as exc:
+        response = _unreadable(request, exc)
     for key, value in _SECURITY_HEADERS.items():
         response.headers.setdefault(key, value)
     return response
@@ -182,6 +216,53 @@ def _session_of(request: web.Request, console: Console) -> tuple[Session | None,
     console.sessions.drop_sso(sso.subject, keep=sso)
     new_id, session = console.sessions.create(sso, via="sso")
     return session, new_id
+
+
+_LOST = (
+    (re.compile(r"/approvals/[^/]+/decide"), "vote"),
+    (re.compile(r"/operations/killswitches"), "switch"),
+    (re.compile(r"/operations/killswitches/[^/]+/clear"), "clear"),
+    (re.compile(r"/evidence/export"), "export"),
+    (re.compile(r"/evidence/erase"), "erase"),
+)
+"""What a form posted without a session would have done, by its path (the sign-in
+form says that it was not)."""
+_RETURN = re.compile(r"/console/(?:decisions|approvals|evidence|model-risk|operations)")
+"""Where the sign-in form may send someone back to: a view, never another site or path."""
+
+
+def _wants_page(request: web.Request) -> bool:
+    """Whether a browser navigates (a form it submits), rather than a script calling."""
+    if request.headers.get("Sec-Fetch-Mode") == "navigate":
+        return True
+    return "text/html" in request.headers.get("Accept", "")
+
+
+def _sign_in_again(request: web.Request) -> str:
+    """The sign-in form's address for a form posted without a session."""
+    local = _local(request)
+    if local == "/logout":
+        return "/console/login"
+    back = "/console/" + local.strip("/").split("/", 1)[0]
+    query = {"next": back} if _RETURN.fullmatch(back) else {}
+    lost = next((what for path, what in _LOST if path.fullmatch(local)), "form")
+    return "/console/login?" + urllib.parse.urlencode({**query, "lost": lost})
+
+
+def _signed_out(request: web.Request) -> web.Response:
+    """The answer to a request without a session: the sign-in form for a page, else 401."""
+    if request.method == "GET" and not _local(request).startswith("/api/"):
+        raise web.HTTPSeeOther(location="/console/login")
+    if request.method == "POST" and _wants_page(request):
+        # A form sent after the session ended (a vote typed over a long read): back to
+        # the sign-in form, which says nothing was done and leads back to the view.
+        raise web.HTTPSeeOther(location=_sign_in_again(request))
+    return _refuse(request, 401, "sign in first")
+
+
+def _return_to(value: object) -> str | None:
+    """A sign-in form's ``next``, when it names one of the views."""
+    return value if isinstance(value, str) and _RETURN.fullmatch(value) else None
 
 
 FORM_MAX_BYTES = 64 * 1024
@@ -223,9 +304,7 @@ async def _signed_in(request: web.Request, handler: Handler) -> web.StreamRespon
         return await handler(request)
     session, new_id = _session_of(request, console)
     if session is None:
-        if request.method == "GET" and not _local(request).startswith("/api/"):
-            raise web.HTTPSeeOther(location="/console/login")
-        return _refuse(request, 401, "sign in first")
+        return _signed_out(request)
     request[SESSION_KEY] = session
     if request.method not in ("GET", "HEAD"):
         if not _same_origin(request):
@@ -289,7 +368,14 @@ async def login_form(request: web.Request) -> web.StreamResponse:
     """The sign-in page, with a fresh login nonce in a cookie and the form."""
     console = request.app[CONSOLE]
     nonce = secrets.token_urlsafe(24)
-    response = _html(views.login_view(nonce, sso=console.config.console.sso is not None))
+    response = _html(
+        views.login_view(
+            nonce,
+            views.LOST.get(request.query.get("lost", ""), ""),
+            sso=console.config.console.sso is not None,
+            back=_return_to(request.query.get("next")),
+        )
+    )
     _cookie(response, request, LOGIN_COOKIE, nonce, 600)
     return response
 
@@ -301,10 +387,11 @@ async def login(request: web.Request) -> web.StreamResponse:
     nonce = request.cookies.get(LOGIN_COOKIE, "")
     given_nonce = form.get("nonce")
     token = form.get("token")
+    back = _return_to(form.get("next"))
     fresh = secrets.token_urlsafe(24)
 
     def again(message: str, status: int) -> web.Response:
-        response = _html(views.login_view(fresh, message), status)
+        response = _html(views.login_view(fresh, message, back=back), status)
         _cookie(response, request, LOGIN_COOKIE, fresh, 600)
         return response
 
@@ -316,7 +403,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     if who is None:
         return again("That token is not valid.", 401)
     session_id, _ = console.sessions.create(who)
-    response = web.HTTPSeeOther(location="/console/")
+    response = web.HTTPSeeOther(location=back or "/console/")
     _cookie(response, request, COOKIE, session_id, console.sessions.ttl_s)
     response.del_cookie(LOGIN_COOKIE, path="/console/")
     raise response
@@ -437,28 +524,116 @@ def _seq(request: web.Request) -> int | None:
     return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
 
 
+APPROVAL_KINDS = (
+    "approval_requested",
+    "approval_notified",
+    "approval_decided",
+    "approval_expired",
+    "approval_cancelled",
+    "approval_executed",
+)
+"""The records of an approval's life, each naming the decision that asked for it."""
+
+
+async def _linked(
+    console: Console,
+    q: IndexQuery,
+    keep: Callable[[dict[str, Any]], bool],
+    unreadable: list[int],
+) -> list[tuple[int, dict[str, Any]]]:
+    """The records the index finds for ``q`` that, read from the log, pass ``keep``;
+    oldest first. The index is a cache: the log's own record says what it links to."""
+    page_ = await asyncio.to_thread(console.index.search, q)
+    out: list[tuple[int, dict[str, Any]]] = []
+    for row in reversed(page_.rows):
+        try:
+            got = await console.record(row.seq)
+        except RecordUnreadable:
+            unreadable.append(row.seq)
+            continue
+        if got is not None and keep(got[1]):
+            out.append((row.seq, got[1]))
+    return out
+
+
+def _field_of(record: dict[str, Any], section: str, name: str) -> Any:
+    value = record.get(section)
+    return value.get(name) if isinstance(value, dict) else None
+
+
+def _follows(approval_id: str, held_id: str, record: dict[str, Any]) -> bool:
+    """Whether ``record`` is a decision made under ``approval_id`` (not the held one)."""
+    return bool(
+        _field_of(record, "approval", "id") == approval_id
+        and _field_of(record, "decision", "id") != held_id
+    )
+
+
 @_view("decisions")
 async def decision(request: web.Request, console: Console, session: Session) -> web.StreamResponse:
-    """One decision with its reason, policy revision, redacted arguments and outcome."""
+    """One decision with its reason, policy revision, redacted arguments, approval records,
+    follow-up decision and outcome."""
     seq = _seq(request)
     found = await console.record(seq) if seq is not None else None
     if found is None or found[1].get("kind") != "decision":
         return _refuse(request, 404, "no such decision")
     record = found[1]
-    decision_id = str((record.get("decision") or {}).get("id") or "")
-    outcomes: list[dict[str, Any]] = []
+    decision_id = str(_field_of(record, "decision", "id") or "")
+    outcomes: list[tuple[int, dict[str, Any]]] = []
+    approvals: list[tuple[int, dict[str, Any]]] = []
+    follow_ups: list[tuple[int, dict[str, Any]]] = []
+    unreadable: list[int] = []
     if decision_id:
         await console.refresh()
-        rows = await asyncio.to_thread(
-            console.index.search, IndexQuery(kinds=("outcome",), text=decision_id, limit=5)
+        outcomes = await _linked(
+            console,
+            IndexQuery(kinds=("outcome",), text=decision_id, limit=5),
+            lambda r: r.get("decision_id") == decision_id,
+            unreadable,
         )
-        for row in rows.rows:
-            got = await console.record(row.seq)
-            if got is not None and got[1].get("decision_id") == decision_id:
-                outcomes.append(got[1])
-    return _page(
-        session, f"Decision {decision_id}", views.decision_detail(record, outcomes), "decisions"
+        approvals = await _linked(
+            console,
+            IndexQuery(kinds=APPROVAL_KINDS, text=decision_id, limit=20),
+            lambda r: _field_of(r, "body", "decision_id") == decision_id,
+            unreadable,
+        )
+        # The decision made once an approval ended names the approval in its reason
+        # ("approved by dana (approval apr_...)") and carries it as evidence.
+        asked = dict.fromkeys(str(_field_of(r, "body", "approval_id") or "") for _, r in approvals)
+        for approval_id in [a for a in asked if a][:5]:
+            follow_ups += await _linked(
+                console,
+                IndexQuery(kinds=("decision",), text=approval_id, limit=5),
+                functools.partial(_follows, approval_id, decision_id),
+                unreadable,
+            )
+    body = views.decision_detail(
+        record,
+        [r for _, r in outcomes],
+        approvals=approvals,
+        follow_ups=follow_ups,
+        unreadable=unreadable,
     )
+    return _page(session, f"Decision {decision_id}", body, "decisions")
+
+
+_DECISION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+@_view("decisions")
+async def decision_by_id(request: web.Request, console: Console, _: Session) -> web.StreamResponse:
+    """A decision's page found by its id (the Approvals cards link here)."""
+    decision_id = request.match_info["id"]
+    if _DECISION_ID.fullmatch(decision_id) is None:
+        return _refuse(request, 404, "no such decision")
+    await console.refresh()
+    found = await asyncio.to_thread(
+        console.index.search, IndexQuery(kinds=("decision",), text=decision_id, limit=5)
+    )
+    for row in found.rows:
+        if row.decision_id == decision_id:
+            raise web.HTTPSeeOther(location=f"/console/decisions/{row.seq}")
+    return _refuse(request, 404, f"no decision {decision_id} is in this Warden's log")
 
 
 # -- Approvals --------------------------------------------------------------------------
@@ -614,27 +789,60 @@ def _zip_dir(folder: Path, target: Path) -> None:
                 zf.write(path, path.relative_to(folder.parent))
 
 
+def _day(given: str, parsed: str) -> str:
+    """The day a period's end names: the date given (its last day, included), not the
+    instant it ends at (the next day's midnight), which would name the file a day late."""
+    return dt.date.fromisoformat(given).isoformat() if len(given) == 10 else parsed[:10]
+
+
 @_view("evidence")
 async def export(request: web.Request, console: Console, session: Session) -> web.StreamResponse:
     """An evidence package for a date range, as a zip download."""
     form = await request.post()
+    given = {k: str(form.get(k, "")).strip() for k in ("from", "to", "export_agent")}
     try:
-        start = parse_time(str(form.get("from", "")))
-        end = parse_time(str(form.get("to", "")), end=True)
+        start = parse_time(given["from"])
+        end = parse_time(given["to"], end=True)
     except ExportError as exc:
         return _refuse(request, 400, str(exc))
-    agent = str(form.get("export_agent", "")).strip()[:256] or None
+    agent = given["export_agent"][:256] or None
     if console.exporting.locked():
         return _refuse(
             request, 429, "an evidence package is being built already; try again when it is done"
         )
+    name = f"evidence-{start[:10]}-{_day(given['to'], end)}"
+    empty_ok = form.get("empty") == "ok"
     async with console.exporting:
-        return await _export(request, console, start, end, agent)
+        data = await _export(
+            request, console, start, end, agent=agent, name=name, empty_ok=empty_ok
+        )
+    if isinstance(data, web.StreamResponse):
+        return data
+    if data is None:
+        # Not a zip of nothing without a word: the dates or the agent may be wrong.
+        body = views.evidence_view(
+            IndexQuery(kinds=()), "", None, csrf=session.csrf, who=session.principal, empty=given
+        )
+        return _page(session, "Evidence", body, "evidence")
+    return web.Response(
+        body=data,
+        content_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{name}.zip"'},
+    )
 
 
 async def _export(
-    request: web.Request, console: Console, start: str, end: str, agent: str | None
-) -> web.StreamResponse:
+    request: web.Request,
+    console: Console,
+    start: str,
+    end: str,
+    *,
+    agent: str | None,
+    name: str,
+    empty_ok: bool = False,
+) -> bytes | web.StreamResponse | None:
+    """The zipped package; ``None`` when it would hold no records (unless ``empty_ok``);
+    an error page when it cannot be built."""
     try:
         # Cover everything written so far, signed now: a period running to today's end
         # is then declared (and provable) up to this moment.
@@ -643,10 +851,9 @@ async def _export(
         return _refuse(request, 503, str(exc))
     work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="warden-evidence-"))
     try:
-        name = f"evidence-{start[:10]}-{end[:10]}"
         out = work / name
         try:
-            await asyncio.to_thread(
+            result = await asyncio.to_thread(
                 export_log,
                 console.audit.directory,
                 out,
@@ -655,16 +862,13 @@ async def _export(
             )
         except ExportError as exc:
             return _refuse(request, 409, str(exc))
+        if result.records == 0 and not empty_ok:
+            return None
         archive = work / f"{name}.zip"
         await asyncio.to_thread(_zip_dir, out, archive)
-        data = await asyncio.to_thread(archive.read_bytes)
+        return await asyncio.to_thread(archive.read_bytes)
     finally:
         await asyncio.to_thread(shutil.rmtree, work, True)
-    return web.Response(
-        body=data,
-        content_type="application/zip",
-        headers={"Content-Disposition": f'attachment; filename="{name}.zip"'},
-    )
 
 
 @_view("evidence")
@@ -731,11 +935,85 @@ def _caps(console: Console) -> list[dict[str, Any]]:
     return out
 
 
+_KINDS = frozenset(k.value for k in ActionKind)
+"""Action kinds: what the index shows as a "tool" for actions that name none (model calls)."""
+
+
+def _configured(console: Console) -> dict[Scope, list[str]]:
+    """The agents, tools and upstreams this Warden's configuration names."""
+    cfg = console.config
+    agents = [cfg.agent.id, *cfg.agents, *cfg.identity.agents]
+    if cfg.identity.jwt is not None:
+        agents += list(cfg.identity.jwt.agents.values())
+    tools = [*cfg.tools, *(r.tool for u in cfg.upstreams.values() for r in u.routes)]
+    return {
+        Scope.AGENT: list(dict.fromkeys(agents)),
+        Scope.TOOL: list(dict.fromkeys(tools)),
+        Scope.UPSTREAM: list(cfg.upstreams),
+    }
+
+
+async def _known_targets(console: Console) -> dict[Scope, list[str]]:
+    """What a switch's Target field suggests: configured names, then those seen in decisions."""
+    known = _configured(console)
+    try:
+        await console.refresh()
+        seen_agents, seen_tools = await asyncio.gather(
+            asyncio.to_thread(console.index.distinct, "agent"),
+            asyncio.to_thread(console.index.distinct, "tool"),
+        )
+    except IndexUnavailable:
+        return known  # the switches still work without the index's suggestions
+    known[Scope.AGENT] = list(dict.fromkeys([*known[Scope.AGENT], *seen_agents]))
+    tools = [t for t in seen_tools if t not in _KINDS]
+    known[Scope.TOOL] = list(dict.fromkeys([*known[Scope.TOOL], *tools]))
+    return known
+
+
+async def _unseen(console: Console, switches: Sequence[KillSwitch]) -> set[str]:
+    """The ids of the switches whose target this Warden neither has configured nor has
+    seen in a decision: in force, and stopping nothing until such a one appears."""
+    configured = _configured(console)
+    out: set[str] = set()
+    for s in switches:
+        if s.scope is Scope.GLOBAL or s.target in configured.get(s.scope, ()):
+            continue
+        if s.scope is Scope.UPSTREAM:
+            out.add(s.id)  # an upstream is reachable only when configured
+            continue
+        if s.scope is Scope.AGENT:
+            q = IndexQuery(kinds=("decision",), agent=s.target, limit=1)
+        else:
+            q = IndexQuery(kinds=("decision",), tool=s.target, limit=1)
+        try:
+            found = await asyncio.to_thread(console.index.search, q)
+        except IndexUnavailable:
+            continue  # cannot tell: say nothing rather than something wrong
+        if not found.rows:
+            out.add(s.id)
+    return out
+
+
+def _unseen_warning(switch: KillSwitch) -> str:
+    noun = {Scope.AGENT: "agent", Scope.TOOL: "tool", Scope.UPSTREAM: "upstream"}[switch.scope]
+    known = "is configured" if switch.scope is Scope.UPSTREAM else "has been seen by this Warden"
+    return (
+        f"It is in force, but no {noun} named “{switch.target}” {known}: it stops nothing "
+        f"until one by that name appears. Check the name, and clear this switch if it is a typo."
+    )
+
+
 @_view("operations")
 async def operations(
     request: web.Request, console: Console, session: Session
 ) -> web.StreamResponse:
     """Kill switches, spend against caps and engine health."""
+    switches = console.killswitches.active()
+    known = await _known_targets(console)
+    unseen = await _unseen(console, switches)
+    # The switch just thrown, by id (never text from the address): does it stop anything?
+    thrown = next((s for s in switches if s.id == request.query.get("switch")), None)
+    warning = _unseen_warning(thrown) if thrown is not None and thrown.id in unseen else ""
     spend: tuple[CapSpend, ...] = ()
     spend_error = ""
     if console.budgets is not None:
@@ -746,13 +1024,17 @@ async def operations(
             spend_error = f"The state store cannot be read now, so spend is not shown ({exc})."
             spend_error = spend_error.splitlines()[0][:300]
     body = views.operations_view(
-        console.killswitches.active(),
+        switches,
         session.csrf,
         console.readiness(),
         _caps(console),
         _notice(request),
         spend=spend,
         spend_error=spend_error,
+        known={scope.value: names for scope, names in known.items()},
+        unseen=lambda s: s.id in unseen,
+        warning=warning,
+        timezone=console.config.budgets.timezone,
     )
     return _page(session, "Operations", body, "operations")
 
@@ -780,12 +1062,14 @@ async def throw_switch(
     if not reason or len(reason) > MAX_REASON:
         return _refuse(request, 400, f"give a reason of at most {MAX_REASON} characters")
     try:
-        await console.killswitches.set(scope, target, reason, session.principal.subject)
+        # Allowed whatever the target: an agent may appear after its switch is thrown.
+        # The page then says when it names nothing seen (operations, ?switch=).
+        thrown = await console.killswitches.set(scope, target, reason, session.principal.subject)
     except KillSwitchNotSaved as exc:  # in force here, saved in the background
         return _refuse(request, 503, str(exc))
     except AuditError as exc:
         return _refuse(request, 503, f"the switch is set but not recorded: {exc}")
-    raise web.HTTPSeeOther(location="/console/operations?done=switch-set")
+    raise web.HTTPSeeOther(location=f"/console/operations?done=switch-set&switch={thrown.id}")
 
 
 @_view("operations")
@@ -825,6 +1109,7 @@ def console_app(console: Console) -> web.Application:
     r.add_get("/static/{name}", static)
     r.add_get("/decisions", decisions)
     r.add_get("/decisions/{seq}", decision)
+    r.add_get("/decisions/id/{id}", decision_by_id)
     r.add_get("/api/decisions", decisions_feed)
     r.add_get("/approvals", approvals)
     r.add_post("/approvals/{id}/decide", decide)

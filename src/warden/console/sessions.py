@@ -5,6 +5,9 @@ through a trusted auth proxy). The browser holds only a random session id in
 an HttpOnly, SameSite=Strict cookie; the store keeps the SHA-256 of that id,
 so the ids are not in memory in a form that would sign anyone in. Sessions
 live in memory: a restart signs everyone out, which is the safe direction.
+They expire by the monotonic clock, which no one can step: living in one
+process's memory, they need no wall-clock time, and a clock stepped back (NTP,
+a VM resumed) would otherwise stretch an 8 h session by the step.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Session:
     principal: Principal
     csrf: str
     expires_at: float
+    """On the store's clock (:func:`time.monotonic` unless given): not a wall-clock time."""
     via: str
     """``token`` or ``sso``."""
 
@@ -57,12 +61,13 @@ class SessionStore:
         self,
         ttl_s: float,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         limit: int = MAX_SESSIONS,
         per_person: int = MAX_SESSIONS_PER_PERSON,
     ) -> None:
+        """``clock``: seconds that only go forward; :func:`time.monotonic` by default."""
         self.ttl_s = ttl_s
-        self._clock = clock
+        self._clock = clock if clock is not None else time.monotonic
         self._limit = limit
         self._per_person = per_person
         self._sessions: OrderedDict[str, Session] = OrderedDict()

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from warden.killswitch import KillSwitch, Scope
 from warden.policy.challenger import ChallengerStats, result_label
 
 __all__ = [
+    "LOST",
     "VIEWS",
     "View",
     "allowed_views",
@@ -42,6 +44,7 @@ __all__ = [
     "page",
     "pretty",
     "record_view",
+    "verify_hint",
 ]
 
 BASE = "/console"
@@ -91,6 +94,11 @@ def _when(epoch: float | None) -> str:
     if epoch is None:
         return ""
     return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _utc(stamp: str) -> str:
+    """A record's RFC 3339 time (always UTC) as the tables show it, zone said."""
+    return f"{stamp[:19].replace('T', ' ')} UTC" if stamp else ""
 
 
 def _ago(seconds: float) -> str:
@@ -190,8 +198,28 @@ def page(
     return Html("<!doctype html>\n" + doc)
 
 
-def login_view(nonce: str, message: str = "", *, sso: bool = False) -> Html:
-    """The sign-in form: an admin token in a field labelled "Token"."""
+LOST = {
+    "vote": "Your session ended before your vote reached Warden: it was NOT recorded. "
+    "Sign in again, then vote again.",
+    "switch": "Your session ended before the form reached Warden: the kill switch was NOT "
+    "thrown. Sign in again, then throw it again.",
+    "clear": "Your session ended before the form reached Warden: the kill switch was NOT "
+    "cleared and is still in force. Sign in again, then clear it again.",
+    "export": "Your session ended before the form reached Warden: no evidence package was "
+    "built. Sign in again, then ask for it again.",
+    "erase": "Your session ended before the form reached Warden: nothing was erased. "
+    "Sign in again, then send the erasure again.",
+    "form": "Your session ended before the form reached Warden: nothing was done. "
+    "Sign in again, then send it again.",
+}
+"""What the sign-in form says after a form was posted without a session, by ``?lost=``."""
+
+
+def login_view(
+    nonce: str, message: str = "", *, sso: bool = False, back: str | None = None
+) -> Html:
+    """The sign-in form: an admin token in a field labelled "Token"; ``back``: the view to
+    return to once signed in."""
     return page(
         "Sign in",
         [
@@ -200,6 +228,7 @@ def login_view(nonce: str, message: str = "", *, sso: bool = False) -> Html:
                 "form",
                 {"method": "post", "action": f"{BASE}/login", "class": "login"},
                 tag("input", {"type": "hidden", "name": "nonce", "value": nonce}),
+                tag("input", {"type": "hidden", "name": "next", "value": back}) if back else None,
                 _field("Token", "token", "", type="password", autocomplete="off", required=True),
                 tag("button", {"type": "submit"}, "Sign in"),
             ),
@@ -213,13 +242,40 @@ def login_view(nonce: str, message: str = "", *, sso: bool = False) -> Html:
     )
 
 
-def error_view(status: int, message: str, who: Principal | None, csrf: str | None) -> Html:
-    """An error page that keeps the navigation."""
+def error_view(
+    status: int,
+    message: str,
+    who: Principal | None,
+    csrf: str | None,
+    *,
+    title: str | None = None,
+    hint: Html | None = None,
+) -> Html:
+    """An error page that keeps the navigation; ``hint``: what to do about it."""
     return page(
-        f"{status}: not allowed" if status == 403 else f"Error {status}",
-        tag("p", {"class": "error", "role": "alert"}, message),
+        title or (f"{status}: not allowed" if status == 403 else f"Error {status}"),
+        [tag("p", {"class": "error", "role": "alert"}, message), hint],
         who=who,
         csrf=csrf,
+    )
+
+
+def verify_hint(damaged: bool) -> Html:
+    """What to do when the log cannot give back a record it holds."""
+    first = (
+        "This is not a missing record: the log holds it, and its stored bytes no longer "
+        "read back as written. "
+        if damaged
+        else "This is not a missing record: the log's files cannot be read right now "
+        "(a volume gone, or permissions). Check the audit volume first. "
+    )
+    return tag(
+        "p",
+        {"class": "hint"},
+        first,
+        "Run ",
+        tag("code", None, "warden audit verify"),
+        " on the log to find what is damaged, and treat it as an incident until it passes.",
     )
 
 
@@ -235,7 +291,7 @@ def decision_rows(rows: Sequence[IndexedRecord]) -> Html:
     return join(
         tag(
             "tr",
-            None,
+            {"data-seq": r.seq},
             tag("td", None, r.time[:19].replace("T", " ")),
             tag("td", None, r.agent or ""),
             tag("td", None, r.tool or ""),
@@ -336,6 +392,9 @@ def decisions_view(
                     },
                 ),
                 tag("label", {"for": "live"}, "Live updates"),
+                " ",
+                # Where the script says that live updates stopped (signed out, refused).
+                tag("span", {"id": "live-status", "role": "status", "class": "warn"}, ""),
             ),
             tag(
                 "table",
@@ -367,14 +426,35 @@ def decisions_view(
     )
 
 
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
 def _dl(items: Iterable[tuple[str, Child]]) -> Html:
     return tag(
         "dl", {"class": "facts"}, [[tag("dt", None, k), tag("dd", None, v)] for k, v in items]
     )
 
 
-def decision_detail(record: Mapping[str, Any], outcomes: Sequence[Mapping[str, Any]]) -> Html:
-    """One decision: reason, policy revision, redacted arguments, outcome."""
+Linked = tuple[int, Mapping[str, Any]]
+"""A record found for a page: its sequence number and the record as parsed."""
+
+
+def decision_detail(
+    record: Mapping[str, Any],
+    outcomes: Sequence[Mapping[str, Any]],
+    *,
+    approvals: Sequence[Linked] = (),
+    follow_ups: Sequence[Linked] = (),
+    unreadable: Sequence[int] = (),
+) -> Html:
+    """One decision: reason, policy revision, redacted arguments, approval, outcome.
+
+    ``approvals``: the approval records of this decision (requested, each vote,
+    executed...), oldest first; ``follow_ups``: the decisions made once those
+    approvals ended (the call that went ahead, or its refusal), which carry the
+    outcome; ``unreadable``: linked records the log could not give back.
+    """
     decision = record.get("decision") or {}
     action = record.get("action") or {}
     agent = record.get("agent") or {}
@@ -400,11 +480,30 @@ def decision_detail(record: Mapping[str, Any], outcomes: Sequence[Mapping[str, A
     if action.get("raw_arguments") is not None:
         shown_args = action.get("raw_arguments")
     redacted = action.get("redacted") or []
-    outcome_blocks = [
+    held = decision.get("enforced") == "require_approval" or decision.get("effect") == (
+        "require_approval"
+    )
+    outcome_blocks: Child = [
         tag("pre", {"class": "json", "aria-label": "Outcome"}, pretty(o.get("outcome")))
         for o in outcomes
-    ] or [tag("p", None, "No outcome recorded yet.")]
-    approval = record.get("approval")
+    ]
+    if not outcomes:
+        if follow_ups:
+            outcome_blocks = tag(
+                "p",
+                None,
+                "None under this decision: the call was decided again once its approval "
+                "ended, and the follow-up decision above carries its outcome.",
+            )
+        elif held:
+            outcome_blocks = tag(
+                "p",
+                None,
+                "None: a held call has no outcome of its own. It goes ahead only under a "
+                "follow-up decision once approved, and none is recorded yet.",
+            )
+        else:
+            outcome_blocks = tag("p", None, "No outcome recorded yet.")
     return join(
         [
             _dl(facts),
@@ -412,23 +511,157 @@ def decision_detail(record: Mapping[str, Any], outcomes: Sequence[Mapping[str, A
             tag("p", {"class": "hint"}, f"Redacted: {', '.join(redacted)}") if redacted else None,
             tag("pre", {"class": "json", "aria-label": "Arguments"}, pretty(shown_args)),
             tag("h2", None, "Approval"),
-            tag("pre", {"class": "json"}, pretty(approval))
-            if approval
-            else tag("p", None, "None."),
+            _approval_section(record.get("approval"), approvals, held),
+            tag("h2", None, "Follow-up decision") if follow_ups else None,
+            _follow_ups(follow_ups) if follow_ups else None,
             tag("h2", None, "Outcome"),
             outcome_blocks,
+            tag(
+                "p",
+                {"class": "error", "role": "alert"},
+                "The audit log could not read back records linked to this decision ("
+                f"{', '.join(f'#{n}' for n in unreadable)}): it is damaged or unreadable there. "
+                "Run ",
+                tag("code", None, "warden audit verify"),
+                ".",
+            )
+            if unreadable
+            else None,
         ]
     )
+
+
+_STEP = {
+    "approval_requested": "asked for",
+    "approval_executed": "carried out",
+    "approval_expired": "expired",
+    "approval_cancelled": "cancelled",
+}
+"""What an approval record without a verdict of its own means, by kind."""
+
+
+def _approval_section(evidence: Any, approvals: Sequence[Linked], held: bool) -> Html:
+    """The approval evidence this decision carries, and the approval records that name it."""
+    parts: list[Child] = []
+    if evidence:
+        # A follow-up decision: the approval it went ahead (or was refused) under.
+        parts.append(
+            tag("pre", {"class": "json", "aria-label": "Approval evidence"}, pretty(evidence))
+        )
+    if approvals:
+        rows = []
+        for seq, r in approvals:
+            body = _mapping(r.get("body"))
+            who = body.get("who") or ", ".join(str(x) for x in body.get("approved_by") or ())
+            kind = str(r.get("kind", ""))
+            what = body.get("verdict") or _STEP.get(kind) or body.get("event") or ""
+            note = body.get("comment") or body.get("reason") or body.get("result") or ""
+            rows.append(
+                tag(
+                    "tr",
+                    None,
+                    tag("td", None, str(r.get("time", ""))[:19].replace("T", " ")),
+                    tag("td", None, kind.removeprefix("approval_")),
+                    tag("td", None, str(body.get("approval_id") or "")),
+                    tag("td", None, str(who or "")),
+                    tag("td", None, str(what)),
+                    tag("td", None, str(note)),
+                    tag("td", None, f"#{seq}"),
+                )
+            )
+        heads = ("Time (UTC)", "Step", "Approval", "By", "Verdict", "Comment or reason", "Record")
+        parts.append(
+            tag(
+                "table",
+                {"aria-label": "Approval records"},
+                tag(
+                    "thead", None, tag("tr", None, [tag("th", {"scope": "col"}, h) for h in heads])
+                ),
+                tag("tbody", None, rows),
+            )
+        )
+    if not parts:
+        text = (
+            "No approval records name this decision yet."
+            if held
+            else "None: this decision did not ask for approval."
+        )
+        parts.append(tag("p", None, text))
+    return join(parts)
+
+
+def _follow_ups(found: Sequence[Linked]) -> Html:
+    items = []
+    for seq, r in found:
+        d = _mapping(r.get("decision"))
+        reasons = d.get("reasons") or []
+        items.append(
+            tag(
+                "li",
+                None,
+                tag("a", {"href": f"{BASE}/decisions/{seq}"}, str(d.get("id") or r.get("id"))),
+                " ",
+                _effect(d.get("effect")),
+                f" at {str(r.get('time', ''))[:19].replace('T', ' ')} UTC: ",
+                "; ".join(str(x) for x in reasons),
+            )
+        )
+    return tag("ul", {"class": "follow-ups", "aria-label": "Follow-up decisions"}, items)
 
 
 # -- Approvals --------------------------------------------------------------------------
 
 
-def _approval_card(a: Approval, csrf: str, can_vote: bool, now: float) -> Html:
+def _member(who: Principal, groups: Sequence[str]) -> bool:
+    # The service's rule (warden.approvals.service): a token's groups, or a role or
+    # subject of the group's name. The page only hides buttons; the service decides.
+    return any(g in who.groups or g == who.subject or g in who.roles for g in groups)
+
+
+def vote_refusal(a: Approval, who: Principal) -> str | None:
+    """Why ``who`` cannot vote on ``a`` (the service would refuse it), or ``None``."""
+    if "approver" not in who.roles:
+        return None  # no vote form at all: the view is for approvers
+    mine = next((v for v in a.votes if v.subject == who.subject), None)
+    if mine is not None:
+        more = a.required_approvals - len(a.approved_by)
+        still = f"; it waits for {more} more approval(s) from others" if more > 0 else ""
+        return f"You {'approved' if mine.approve else 'rejected'} this{still}."
+    if who.subject == a.agent_id:
+        return "You cannot decide your own agent's actions."
+    if a.approvers and not _member(who, a.approvers):
+        return f"Only members of {', '.join(a.approvers)} may decide this; you are not one."
+    return None
+
+
+def _votes(a: Approval) -> str:
+    if not a.votes:
+        return "none yet"
+    return "; ".join(
+        f"{v.subject} {'approved' if v.approve else 'rejected'} at {_when(v.at)}"
+        + (f": {v.comment}" if v.comment else "")
+        for v in a.votes
+    )
+
+
+def decision_link(decision_id: str) -> Html:
+    """A link to a decision's page by its id (the route finds its record)."""
+    return tag(
+        "a",
+        {"href": f"{BASE}/decisions/id/{urllib.parse.quote(decision_id, safe='')}"},
+        decision_id,
+    )
+
+
+def _approval_card(a: Approval, csrf: str, who: Principal, now: float) -> Html:
     label = f"Approval {a.id}"
     votes = f"{len(a.approved_by)} of {a.required_approvals} approvals"
     forms: Child = None
-    if can_vote:
+    refusal = vote_refusal(a, who)
+    if refusal is not None:
+        # No live buttons for a vote the service would refuse: say why instead.
+        forms = tag("p", {"class": "hint vote-closed"}, refusal)
+    elif "approver" in who.roles:
         ident = f"comment-{a.id}"
         forms = tag(
             "form",
@@ -464,7 +697,10 @@ def _approval_card(a: Approval, csrf: str, can_vote: bool, now: float) -> Html:
                 ("Risk", a.risk or "—"),
                 ("Waiting", _ago(now - a.created_at)),
                 ("Approvers", f"{', '.join(a.approvers) or 'any approver'}; {votes}"),
+                ("Votes", _votes(a)),
                 ("Expires", _when(a.expires_at)),
+                ("Approval", a.id),
+                ("Decision", decision_link(a.decision_id)),
             ]
         ),
         # Said before the arguments, not left to "[redacted]" in them: an agent can put
@@ -516,7 +752,6 @@ def approvals_view(
     there is one.
     """
     now = time.time()
-    can_vote = "approver" in who.roles
     count = len(shown) if waiting is None else waiting
     tabs = tag(
         "nav",
@@ -549,7 +784,7 @@ def approvals_view(
     else:
         section = [
             tag("h2", None, f"Waiting ({count})"),
-            [_approval_card(a, csrf, can_vote, now) for a in shown]
+            [_approval_card(a, csrf, who, now) for a in shown]
             or tag("p", None, "Nothing is waiting for a decision."),
         ]
     return join(
@@ -632,8 +867,13 @@ def evidence_view(
     csrf: str,
     who: Principal,
     message: str = "",
+    empty: Mapping[str, str] | None = None,
 ) -> Html:
-    """Record search, evidence-package download and (for admins) erasure."""
+    """Record search, evidence-package download and (for admins) erasure.
+
+    ``empty``: the period (``from``, ``to``, ``export_agent``) of a package asked
+    for that would hold no records: said, with a button to download it anyway.
+    """
     kinds = [
         ("", "any"),
         ("decision", "decision"),
@@ -723,6 +963,7 @@ def evidence_view(
             tag("p", None, "No records match.")
             if results is not None and not results.rows
             else None,
+            _older_records(q, kind, results),
             tag(
                 "section",
                 {"aria-label": "Evidence package"},
@@ -734,18 +975,83 @@ def evidence_view(
                     "and a standalone verifier, as a zip file.",
                 ),
                 tag(
+                    "p",
+                    {"class": "hint", "id": "period-zone"},
+                    "Dates are days in UTC, as the records' times are: From starts at 00:00 "
+                    "UTC, and To runs to the end of that day (24:00 UTC).",
+                ),
+                _empty_export(empty, csrf) if empty is not None else None,
+                tag(
                     "form",
                     {"method": "post", "action": f"{BASE}/evidence/export"},
                     csrf_field(csrf),
-                    _field("From", "from", "", type="date", required=True),
-                    _field("To", "to", "", type="date", required=True),
-                    _field("Agent (optional)", "export_agent", ""),
+                    _field(
+                        "From",
+                        "from",
+                        (empty or {}).get("from", ""),
+                        type="date",
+                        required=True,
+                        aria_describedby="period-zone",
+                    ),
+                    _field(
+                        "To",
+                        "to",
+                        (empty or {}).get("to", ""),
+                        type="date",
+                        required=True,
+                        aria_describedby="period-zone",
+                    ),
+                    _field("Agent (optional)", "export_agent", (empty or {}).get("export_agent")),
                     tag("button", {"type": "submit"}, "Download evidence package"),
                 ),
             ),
             erase,
         ]
     )
+
+
+def _empty_export(period: Mapping[str, str], csrf: str) -> Html:
+    """No records in the period asked for: said, and the empty package offered anyway."""
+    agent = period.get("export_agent") or ""
+    whose = f" for agent {agent}" if agent else ""
+    return tag(
+        "div",
+        {"class": "notice", "role": "status", "aria-label": "Empty period"},
+        tag(
+            "p",
+            None,
+            f"No records from {period.get('from')} to {period.get('to')} (UTC days){whose}: "
+            "the package would hold none, so none was downloaded. Check the dates and the "
+            "agent, or download the empty package to show there were none.",
+        ),
+        tag(
+            "form",
+            {"method": "post", "action": f"{BASE}/evidence/export"},
+            csrf_field(csrf),
+            [
+                tag("input", {"type": "hidden", "name": name, "value": period.get(name, "")})
+                for name in ("from", "to", "export_agent")
+            ],
+            tag("input", {"type": "hidden", "name": "empty", "value": "ok"}),
+            tag("button", {"type": "submit"}, "Download the empty package"),
+        ),
+    )
+
+
+def _older_records(q: IndexQuery, kind: str, results: Page | None) -> Html | None:
+    """The link to the next (older) page of a search, as Decisions has."""
+    if results is None or (results.next_before is None and q.before is None):
+        return None
+    keep = [("q", q.text), ("kind", kind), ("agent", q.agent), ("tool", q.tool)]
+    query = urllib.parse.urlencode([(k, v) for k, v in keep if v])
+    sep = "&" if query else ""
+    links: list[Child] = []
+    if q.before is not None:
+        links.append(tag("a", {"href": f"{BASE}/evidence?{query}", "rel": "first"}, "Newest"))
+    if results.next_before is not None:
+        href = f"{BASE}/evidence?{query}{sep}before={results.next_before}"
+        links.append(tag("a", {"href": href, "rel": "next"}, "Older records"))
+    return tag("nav", {"aria-label": "Pages", "class": "pager"}, links)
 
 
 def record_view(record_json: str, seq: int) -> Html:
@@ -806,8 +1112,8 @@ def model_risk_view(
                                     "Revision",
                                     "Decisions",
                                     "Denials",
-                                    "First seen",
-                                    "Last seen",
+                                    "First seen (UTC)",
+                                    "Last seen (UTC)",
                                 )
                             ],
                         ),
@@ -822,8 +1128,8 @@ def model_risk_view(
                                 tag("td", None, r.revision),
                                 tag("td", None, r.decisions),
                                 tag("td", None, r.denials),
-                                tag("td", None, r.first[:19]),
-                                tag("td", None, r.last[:19]),
+                                tag("td", None, _utc(r.first)),
+                                tag("td", None, _utc(r.last)),
                             )
                             for r in revisions
                         ],
@@ -911,6 +1217,64 @@ def _challenger(stats: ChallengerStats | None) -> Html:
 # -- Operations -------------------------------------------------------------------------
 
 
+def health_problems(ready: bool, detail: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """``ready``, ``degraded`` or ``not-ready``, and the failing dependencies in words.
+
+    Readiness counts only what every decision needs (policy, audit log); a state store
+    that is down leaves Warden ready but degraded (ADR 0009), and must say so.
+    """
+    problems: list[str] = []
+    policy = _mapping(detail.get("policy"))
+    audit = _mapping(detail.get("audit"))
+    if policy and not policy.get("ready", True):
+        error = policy.get("last_error")
+        problems.append("no policy bundle is active" + (f" ({error})" if error else ""))
+    if audit and not audit.get("writable", True):
+        problems.append("the audit log is not writable")
+    if detail.get("stopping"):
+        problems.append("Warden is stopping")
+    transparent = _mapping(detail.get("transparent"))
+    if transparent and not transparent.get("ready", True):
+        problems.append("transparent interception is not ready")
+    degraded: list[str] = []
+    state = _mapping(detail.get("state"))
+    if state and not state.get("up", True):
+        degraded.append(
+            f"the state store ({state.get('backend') or 'database'}) is unreachable: "
+            "until it is back, budgets and approvals follow state.on_unavailable, and kill "
+            "switches thrown on other sidecars are not seen here"
+        )
+    ship = _mapping(audit.get("ship"))
+    if ship and not ship.get("connected", True):
+        degraded.append(
+            f"the central audit store is unreachable ({ship.get('lag_records', '?')} "
+            "records waiting to ship)"
+        )
+    if not ready:
+        return "not-ready", problems + degraded
+    return ("degraded", degraded) if degraded else ("ready", [])
+
+
+def _health_section(health: tuple[bool, Mapping[str, Any]]) -> Html:
+    ready, detail = health
+    level, problems = health_problems(ready, detail)
+    head = {"ready": "Ready", "degraded": "Degraded", "not-ready": "Not ready"}[level]
+    text = f"{head}: {'; '.join(problems)}." if problems else head
+    return tag(
+        "section",
+        {"aria-label": "Engine health"},
+        tag("h2", None, "Engine health"),
+        tag("p", {"class": level, "role": "status"}, text),
+        tag("pre", {"class": "json"}, pretty(detail)),
+    )
+
+
+def _switch_target(s: KillSwitch, unseen: Callable[[KillSwitch], bool]) -> Child:
+    if not unseen(s):
+        return s.target
+    return [s.target, " ", tag("span", {"class": "warn"}, f"(no such {s.scope.value} seen)")]
+
+
 def operations_view(
     switches: Sequence[KillSwitch],
     csrf: str,
@@ -920,15 +1284,30 @@ def operations_view(
     *,
     spend: Sequence[CapSpend] = (),
     spend_error: str = "",
+    known: Mapping[str, Sequence[str]] | None = None,
+    unseen: Callable[[KillSwitch], bool] = lambda _: False,
+    warning: str = "",
+    timezone: str = "UTC",
 ) -> Html:
-    """Kill switches (throw and clear, with a reason), spend against caps, engine health."""
+    """Kill switches (throw and clear, with a reason), spend against caps, engine health.
+
+    ``known``: agent, tool and upstream names (configured or seen) the Target
+    field suggests; ``unseen``: whether a switch names nothing this Warden has
+    seen; ``warning``: said beside ``message`` (a switch that stops nothing yet);
+    ``timezone``: ``budgets.timezone``, the zone of the spend windows.
+    """
     scopes = [(s.value, s.value) for s in Scope]
+    suggestions = [
+        tag("option", {"value": name, "label": f"{name} ({scope})"})
+        for scope, names in (known or {}).items()
+        for name in names
+    ]
     rows = [
         tag(
             "tr",
             None,
             tag("td", None, s.scope.value),
-            tag("td", None, s.target),
+            tag("td", None, _switch_target(s, unseen)),
             tag("td", None, s.reason),
             tag("td", None, s.created_by),
             tag("td", None, _when(s.created_at)),
@@ -951,10 +1330,16 @@ def operations_view(
         )
         for s in switches
     ]
-    ready, detail = health
     return join(
         [
-            tag("p", {"class": "notice", "role": "status"}, message) if message else None,
+            tag(
+                "div",
+                {"class": "notice", "role": "status"},
+                tag("p", None, message) if message else None,
+                tag("p", {"class": "warn"}, warning) if warning else None,
+            )
+            if message or warning
+            else None,
             tag(
                 "section",
                 {"aria-label": "Kill switches"},
@@ -991,23 +1376,16 @@ def operations_view(
                         "",
                         maxlength=200,
                         placeholder="agent, tool or upstream name",
+                        list="switch-targets",
+                        autocomplete="off",
                     ),
+                    tag("datalist", {"id": "switch-targets"}, suggestions),
                     _field("Reason", "reason", "", required=True, maxlength=500),
                     tag("button", {"type": "submit", "class": "danger"}, "Throw kill switch"),
                 ),
             ),
-            _spend_section(caps, spend, spend_error),
-            tag(
-                "section",
-                {"aria-label": "Engine health"},
-                tag("h2", None, "Engine health"),
-                tag(
-                    "p",
-                    {"class": "ready" if ready else "not-ready", "role": "status"},
-                    "Ready" if ready else "Not ready",
-                ),
-                tag("pre", {"class": "json"}, pretty(detail)),
-            ),
+            _spend_section(caps, spend, spend_error, timezone),
+            _health_section(health),
         ]
     )
 
@@ -1017,7 +1395,7 @@ def _amount(value: float | None, currency: str) -> str:
 
 
 def _spend_section(
-    caps: Sequence[Mapping[str, Any]], spend: Sequence[CapSpend], error: str
+    caps: Sequence[Mapping[str, Any]], spend: Sequence[CapSpend], error: str, timezone: str
 ) -> Html:
     """Each cap's spent, reserved and limit in its current window: a table and a bar chart."""
     by_name = {str(c.get("name")): c for c in caps}
@@ -1027,7 +1405,7 @@ def _spend_section(
             None,
             tag("th", {"scope": "row"}, charts.cap_label(r).split(", ", 1)[0]),
             tag("td", None, str(by_name.get(r.cap, {}).get("scope", ""))),
-            tag("td", None, r.window),
+            tag("td", None, f"{r.window} ({timezone})"),
             tag("td", None, r.subject or "no use yet"),
             tag("td", {"class": "num"}, _amount(r.spent, r.currency)),
             tag("td", {"class": "num"}, _amount(r.reserved, r.currency)),
@@ -1087,7 +1465,8 @@ def _spend_section(
             "p",
             {"class": "hint"},
             "The current window of each cap, as the state store counts it for every "
-            "sidecar: spent is settled, reserved is held by calls still in flight, and "
-            "both count against the limit.",
+            f"sidecar: days and months are those of {timezone} (budgets.timezone). Spent is "
+            "settled, reserved is held by calls still in flight, and both count against "
+            "the limit.",
         ),
     )

@@ -167,38 +167,115 @@
     return td;
   }
 
+  function buildRow(r) {
+    var tr = document.createElement("tr");
+    tr.setAttribute("data-seq", String(r.seq));
+    cell(tr, (r.time || "").slice(0, 19).replace("T", " "));
+    cell(tr, r.agent);
+    cell(tr, r.tool);
+    var eff = cell(tr, "");
+    var span = document.createElement("span");
+    span.className = "effect effect-" + String(r.effect || "none").replace(/[^a-z_]/g, "");
+    span.textContent = r.effect || "\u2014";
+    eff.appendChild(span);
+    cell(tr, r.mode);
+    cell(tr, r.reason, "reason");
+    var link = cell(tr, "");
+    var a = document.createElement("a");
+    a.href = "/console/decisions/" + encodeURIComponent(String(r.seq));
+    a.textContent = r.decision_id || r.id;
+    link.appendChild(a);
+    return tr;
+  }
+
+  // What a row shows: its cells' text and its link, so an unchanged row is left alone.
+  function signature(tr) {
+    var a = tr.querySelector("a");
+    return Array.prototype.map.call(tr.cells, function (c) { return c.textContent; }).join("\u0001") +
+      "\u0001" + (a ? a.getAttribute("href") : "");
+  }
+
+  // Only rows that changed are replaced: a row that stays keeps its node, so the link
+  // a keyboard user is on keeps focus (replacing every row dropped it to <body>).
   function renderRows(tbody, rows) {
-    var fresh = document.createDocumentFragment();
-    rows.forEach(function (r) {
-      var tr = document.createElement("tr");
-      cell(tr, (r.time || "").slice(0, 19).replace("T", " "));
-      cell(tr, r.agent);
-      cell(tr, r.tool);
-      var eff = cell(tr, "");
-      var span = document.createElement("span");
-      span.className = "effect effect-" + String(r.effect || "none").replace(/[^a-z_]/g, "");
-      span.textContent = r.effect || "\u2014";
-      eff.appendChild(span);
-      cell(tr, r.mode);
-      cell(tr, r.reason, "reason");
-      var link = cell(tr, "");
-      var a = document.createElement("a");
-      a.href = "/console/decisions/" + encodeURIComponent(String(r.seq));
-      a.textContent = r.decision_id || r.id;
-      link.appendChild(a);
-      fresh.appendChild(tr);
+    var wanted = {};
+    var fresh = rows.map(function (r) { var tr = buildRow(r); wanted[tr.getAttribute("data-seq")] = tr; return tr; });
+    var focused = document.activeElement;
+    var lostFocus = false;
+    Array.prototype.slice.call(tbody.rows).forEach(function (old) {
+      var seq = old.getAttribute("data-seq");
+      var next = seq !== null ? wanted[seq] : null;
+      if (!next || signature(next) !== signature(old)) {
+        if (focused && old.contains(focused)) lostFocus = true;
+        tbody.removeChild(old);
+      }
     });
-    tbody.replaceChildren(fresh);
+    // Rows kept are in the same order as in the answer (newest first): new ones go
+    // before them, never moving a kept node.
+    var at = tbody.firstElementChild;
+    fresh.forEach(function (tr) {
+      if (at && at.getAttribute("data-seq") === tr.getAttribute("data-seq")) {
+        at = at.nextElementSibling;
+      } else {
+        tbody.insertBefore(tr, at);
+      }
+    });
+    while (at) { var gone = at; at = at.nextElementSibling; tbody.removeChild(gone); }
+    if (lostFocus) {
+      var table = tbody.closest("table");
+      if (table) { table.setAttribute("tabindex", "-1"); table.focus(); }
+    }
+  }
+
+  function say(status, parts) {
+    status.replaceChildren();
+    parts.forEach(function (p) {
+      if (typeof p === "string") { status.appendChild(document.createTextNode(p)); return; }
+      var a = document.createElement("a");
+      a.href = p.href;
+      a.textContent = p.text;
+      status.appendChild(a);
+    });
+  }
+
+  function stopLive(box, status, resp) {
+    box.checked = false;
+    if (resp.status === 401) {
+      var back = "/console/login?next=" + encodeURIComponent(location.pathname);
+      say(status, ["Live updates stopped: you are signed out \u2014 ", { href: back, text: "sign in again" }, "."]);
+      return;
+    }
+    var said = "Live updates stopped: Warden answered " + resp.status;
+    resp.json()
+      .then(function (j) { return (j && j.error && j.error.message) || ""; })
+      .catch(function () { return ""; })
+      .then(function (why) {
+        say(status, [said + (why ? " (" + why + ")" : "") + ". Tick Live updates to try again."]);
+      });
   }
 
   function live(box) {
     var tbody = document.getElementById("decision-rows");
+    var status = document.getElementById("live-status");
+    var busy = false;
+    box.addEventListener("change", function () { if (box.checked) say(status, []); });
     setInterval(function () {
-      if (!box.checked) return;
+      if (!box.checked || busy) return;
+      busy = true;
       fetch(box.getAttribute("data-feed"), { credentials: "same-origin", headers: { Accept: "application/json" } })
-        .then(function (resp) { return resp.ok ? resp.json() : null; })
-        .then(function (j) { if (j) renderRows(tbody, j.rows); })
-        .catch(function () { /* the next tick tries again */ });
+        .then(function (resp) {
+          if (resp.ok) return resp.json();
+          // Signed out (the session ended) or refused: say so, never freeze silently.
+          stopLive(box, status, resp);
+          return null;
+        })
+        .then(function (j) {
+          if (j && box.checked) { renderRows(tbody, j.rows); say(status, []); }
+        })
+        .catch(function () {
+          say(status, ["Cannot reach Warden right now; live updates try again every few seconds."]);
+        })
+        .then(function () { busy = false; });
     }, 3000);
   }
 

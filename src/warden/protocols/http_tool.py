@@ -456,23 +456,26 @@ class RouteRule:
         if path is None:
             return
         raise ToolRequestError(
-            f"the JSON body has {_shown_pointer(path)}, which no argument of the rule "
+            f"the JSON body has {_shown_pointer(path, document)}, which no argument of the rule "
             f"{self.shown} names, so no policy would see it; name it in the rule's arguments "
             "(a pointer covers everything under it; {pointer: ..., optional: true} for a "
             "field that may be absent) or leave it out"
         )
 
     def _unread_body(self, body: bytes, content_type: str) -> None:
-        """Refuse any body on a rule that reads nothing from it (unless ``body: unread``)."""
+        """Refuse a body with any value on a rule that reads nothing from it (unless
+        ``body: unread``); an empty JSON object or array passes."""
         what = "a body"
         if _is_json(content_type):
             try:
                 document = parse_body(body, content_type)
             except ToolRequestError:
                 document = None
-            if isinstance(document, (dict, list)) and document:
+            if isinstance(document, (dict, list)):
+                if not document:
+                    return  # {} or []: no value for a policy to miss (generated clients send {})
                 first = next(iter(document)) if isinstance(document, dict) else "0"
-                what = f"a body with {_shown_pointer((first,))}"
+                what = f"a body with {_shown_pointer((first,), document)}"
         raise ToolRequestError(
             f"the request carries {what}, and the rule {self.shown} reads no argument from "
             "the body, so no policy would see it; send no body, name its fields in the "
@@ -1032,7 +1035,8 @@ def first_unnamed(document: Any, pointers: Iterable[tuple[str, ...]]) -> tuple[s
     covers, or ``None``; a pointer covers the value it finds and all within it.
 
     A value on the way to a pointer is looked into; one that cannot be (a string
-    where ``/meta/note`` goes on) is not covered: the policy saw none of it.
+    where ``/meta/note`` goes on, an empty list where ``/lines/0`` goes on) is not
+    covered: the policy saw none of it.
     """
     covered = set(pointers)
     on_way = {p[:i] for p in covered for i in range(len(p))}
@@ -1042,6 +1046,11 @@ def first_unnamed(document: Any, pointers: Iterable[tuple[str, ...]]) -> tuple[s
         if path in covered:
             continue
         if path not in on_way:
+            return path
+        if path and not value and isinstance(value, (dict, list)):
+            # An empty list or object where a pointer goes on: the policy reads the
+            # argument as absent, while the service may read "none" (no lines) apart
+            # from "left out" (all lines). Only the whole body may be empty.
             return path
         if isinstance(value, dict):
             children = [((*path, key), item) for key, item in value.items()]
@@ -1053,17 +1062,24 @@ def first_unnamed(document: Any, pointers: Iterable[tuple[str, ...]]) -> tuple[s
     return None
 
 
-def _shown_pointer(path: Sequence[str]) -> str:
+def _shown_pointer(path: Sequence[str], document: Any) -> str:
     """A body value's pointer as a reason may show it (reasons are recorded in clear):
     ``a value at '/currency'``, or, where a key does not read as an identifier (it may
-    be an e-mail address), the field it is in: ``a field under '/customers' ...``."""
+    be an e-mail address, or digits: a PIN), the field it is in: ``a field under
+    '/customers' ...``. ``path`` leads into ``document``, which says which tokens are
+    list indices."""
     shown: list[str] = []
+    value = document
     for token in path:
-        # An index is shown; a longer run of digits may be a phone number.
-        index = token.isascii() and token.isdigit() and len(token) <= 6
-        if not index and shown_name(token) is None:
-            where = f"under {'/'.join(['', *shown])!r}" if shown else "at the top level"
-            return f"a field {where} whose name is not shown"
+        # An index into a list is shown; a longer run of digits may be a phone number.
+        index = isinstance(value, list) and token.isdigit() and len(token) <= 6
+        if index:
+            value = value[int(token)]
+        else:
+            value = value.get(token) if isinstance(value, dict) else None
+            if shown_name(token) is None:
+                where = f"under {'/'.join(['', *shown])!r}" if shown else "at the top level"
+                return f"a field {where} whose name is not shown"
         shown.append(token)  # an identifier or index: no '/' or '~' to escape
     if not shown:
         return "a value at '' (the whole body)"

@@ -19,11 +19,15 @@ a waiter is woken at once by a decision made in its own process and within
 ``poll_interval_s`` by one made elsewhere.
 
 A hold is owned by the process keeping its request open
-(:mod:`warden.approvals.owner`). When that process is gone (killed, even with
-``SIGKILL``), the hold becomes a deferral: at start for owners that are
-provably dead, and within ``orphan_after_s`` for those whose heartbeat
-stopped. An agent retrying the same call then waits on that approval again
-(:meth:`Approvals.adopt`) or, once it is approved, passes once.
+(:mod:`warden.approvals.owner`), and only that process ends it for lack of a
+decision, when the hold time has passed on its monotonic clock: the wall
+clocks of two sidecars may differ, and either may step. When that process is
+gone (killed, even with ``SIGKILL``), the hold becomes a deferral: at start
+for owners that are provably dead, and for the others once this process has
+seen their heartbeat stand still for ``orphan_after_s``. An agent retrying
+the same call then waits on that approval again (:meth:`Approvals.adopt`) or,
+once it is approved, passes once. A deferral outlives processes, so its
+``expires_at`` is a wall-clock time, checked by whichever sidecar reads it.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from warden.approvals.model import (
     rfc3339,
 )
 from warden.approvals.notify import Delivery, Notifier
-from warden.approvals.owner import Owner
+from warden.approvals.owner import Heartbeat, Owner, Watch
 from warden.approvals.shown import MAX_CHARS, shorten
 from warden.approvals.store import (
     ERASED_BY,
@@ -122,7 +126,12 @@ class Approvals:
         self._watcher: asyncio.Task[None] | None = None
         self._audit = audit
         self.settings = settings
-        self.owner = owner if owner is not None else Owner.current()
+        owner = owner if owner is not None else Owner.current()
+        # Other owners' heartbeats are timed on this process's own clock (owner.Watch).
+        self.owner = owner if owner.watch is not None else dataclasses.replace(owner, watch=Watch())
+        self._beats = Heartbeat()
+        self._holds: dict[str, float] = {}
+        """This process's holds: approval id -> when it runs out, on the monotonic clock."""
         self._notifier = Notifier(settings, self._record_delivery)
         # One event per approval someone in this process waits on; a decision
         # here sets and drops it, so waiters wake at once.
@@ -154,7 +163,7 @@ class Approvals:
         store = await ApprovalStore.open(state_url) if isinstance(state_url, str) else state_url
         self = cls(store, audit, settings, owner=owner, feed=feed, subjects=subjects)
         try:
-            await self._store.heartbeat(self.owner, time.time())
+            await self._store.heartbeat(self.owner, self._beats.next())
             recovered = await self.recover()
             if recovered:
                 log.warning(
@@ -367,6 +376,8 @@ class Approvals:
         if not await self._store.insert(approval, room=room):
             # Another sidecar opened one for this agent since the check above.
             raise _too_many(action.agent.id, room, room)
+        if ttl is not None:
+            self._holds[approval.id] = time.monotonic() + ttl
         return approval, True
 
     async def wait(self, approval_id: str, timeout_s: float, *, expire: bool = True) -> Approval:
@@ -434,9 +445,13 @@ class Approvals:
         wait ends undecided, so the deferral keeps its time to be decided.
         """
         now = time.time()
-        return await self._store.adopt(
+        adopted = await self._store.adopt(
             self._binding_of(action, decision), self.owner.instance, now, now + hold_timeout_s
         )
+        if adopted is not None:
+            # It keeps the deferral's time (never less than the hold's), counted from here on.
+            self._holds[adopted.id] = time.monotonic() + max(0.0, adopted.expires_at - now)
+        return adopted
 
     async def recover(self) -> int:
         """Defer the holds of processes that are gone; return how many.
@@ -468,6 +483,7 @@ class Approvals:
         neither pending nor so approved. Recorded (``approval_deferred``), as
         :meth:`recover` records the holds of processes that are gone.
         """
+        self._holds.pop(approval_id, None)
         deferred = await self._store.to_defer(approval_id, time.time() + self.settings.defer_ttl_s)
         if deferred is not None:
             await self._record(
@@ -519,6 +535,11 @@ class Approvals:
         if approval.approvers and not _member(who, approval.approvers):
             groups = ", ".join(approval.approvers)
             raise NotAnApprover(f"{who.subject} is not in the approver groups {groups}")
+        if self._hold_ran_out(approval_id):
+            # This process's hold, out of time: its waiter is about to expire it.
+            expired = await self._expire_hold(approval_id)
+            if expired is not None:
+                raise ApprovalConflict(f"approval {approval_id} expired before this decision")
         # The quorum configured now, not only the one the approval was opened with: raising
         # approvals.required_approvals holds for approvals already waiting (apply_vote).
         vote = Vote(who.subject, approve, comment, time.time(), self.settings.required_approvals)
@@ -668,11 +689,29 @@ class Approvals:
         return next((a for a in reversed(pending) if a.binding == binding), None)
 
     async def expire_due(self) -> int:
-        """Expire pending approvals past their expiry now; the sweeper calls this."""
-        expired = await self._store.expire_due(time.time())
-        for approval in expired:
-            await self._expired(approval)
-        return len(expired)
+        """Expire the approvals whose time ran out; the sweeper calls this.
+
+        This process's holds, once their hold time has passed on its monotonic
+        clock (the waiter expires them too; this catches one nobody waits on).
+        Deferrals past their ``expires_at`` by this host's wall clock: they
+        outlive processes, so no monotonic clock spans them. Never another
+        process's hold: its owner counts its time, and when the owner is gone
+        :meth:`recover` defers it instead.
+        """
+        now, clock = time.time(), time.monotonic()
+        holds = [aid for aid, ends in self._holds.items() if ends <= clock]
+        pending = await self._store.list(ApprovalStatus.PENDING)
+        deferrals = [a.id for a in pending if a.mode != "hold" and a.expires_at <= now]
+        count = 0
+        for approval_id in holds:
+            if await self._expire_hold(approval_id) is not None:
+                count += 1
+        for approval_id in deferrals:
+            expired = await self._store.expire(approval_id, now)
+            if expired is not None:
+                await self._expired(expired)
+                count += 1
+        return count
 
     async def prune(self) -> int:
         """Delete approvals that ended over ``keep_decided_s`` ago; the sweeper calls this.
@@ -685,6 +724,18 @@ class Approvals:
         return pruned
 
     # -- internals -------------------------------------------------------------------
+
+    def _hold_ran_out(self, approval_id: str) -> bool:
+        ends = self._holds.get(approval_id)
+        return ends is not None and ends <= time.monotonic()
+
+    async def _expire_hold(self, approval_id: str) -> Approval | None:
+        """Expire this process's hold (``None``: it was decided or deferred meanwhile)."""
+        self._holds.pop(approval_id, None)
+        expired = await self._store.expire(approval_id, time.time())
+        if expired is not None:
+            await self._expired(expired)
+        return expired
 
     async def _expired(self, approval: Approval) -> None:
         self._finished(approval)
@@ -710,6 +761,7 @@ class Approvals:
         """Metrics for a final verdict, and wake this process's waiters."""
         metrics.OUTCOMES.labels(approval.status.value).inc()
         metrics.DECISION_SECONDS.observe(approval.waiting_s())
+        self._holds.pop(approval.id, None)
         event = self._events.pop(approval.id, None)
         if event is not None:
             event.set()
@@ -805,7 +857,7 @@ class Approvals:
         while True:
             await asyncio.sleep(tick)
             try:
-                await self._store.heartbeat(self.owner, time.time())
+                await self._store.heartbeat(self.owner, self._beats.next())
                 await self.recover()
                 await self.expire_due()
                 await self.prune()

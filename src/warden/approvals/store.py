@@ -35,7 +35,7 @@ from warden.approvals.model import (
     ApprovalStatus,
     Vote,
 )
-from warden.approvals.owner import Owner, provably_dead, stale
+from warden.approvals.owner import Owner, provably_dead, silent
 from warden.errors import ConfigError, StateUnavailable
 from warden.state.base import SqliteStore, immediate
 from warden.state.repos import ErasedSubjects
@@ -158,7 +158,11 @@ class ApprovalRepo(Protocol):
         ...
 
     async def expire_due(self, now: float) -> builtins.list[Approval]:
-        """Expire every pending approval past its expiry; return them."""
+        """Expire every pending approval past its expiry; return them.
+
+        Holds too, by ``now``: the approvals service does not call this, since a
+        hold's time is counted by its owner alone (:meth:`Approvals.expire_due`).
+        """
         ...
 
     async def consume_grant(self, binding: str, now: float) -> Approval | None:
@@ -304,14 +308,16 @@ def apply_vote(before: Approval, vote: Vote) -> Approval:
     or the vote's ``quorum`` (the configured one when it was cast) when that is
     more: an approval opened before the quorum was raised needs the new one, and
     keeps it (the stores write ``required_approvals`` back with the vote, so a
-    sidecar still configured lower counts against it too); a pending approval
-    past its expiry is expired instead. Raises
-    :class:`ApprovalConflict` when it is not pending and :class:`AlreadyVoted`
-    for a second vote by the same subject.
+    sidecar still configured lower counts against it too); a deferral past its
+    expiry is expired instead. A hold is not: its time is counted by the
+    process that holds the request, on that process's monotonic clock (the
+    vote's time is another sidecar's wall clock, which may run ahead or have
+    stepped). Raises :class:`ApprovalConflict` when it is not pending and
+    :class:`AlreadyVoted` for a second vote by the same subject.
     """
     if before.status is not ApprovalStatus.PENDING:
         raise ApprovalConflict(f"approval {before.id} is already {before.status.value}")
-    if before.expires_at <= vote.at:
+    if before.mode != "hold" and before.expires_at <= vote.at:
         return replace(before, status=ApprovalStatus.EXPIRED, decided_at=vote.at)
     if any(v.subject == vote.subject for v in before.votes):
         raise AlreadyVoted(f"{vote.subject} already voted on approval {before.id}")
@@ -347,15 +353,20 @@ def orphaned_holds(
 
     ``owners`` maps an instance to its row and last heartbeat; ``held`` is
     ``(approval id, owner)`` of every hold still waiting. An owner is dead when
-    :func:`provably_dead` or its heartbeat is :func:`stale`; a hold with no
+    :func:`provably_dead` or :func:`silent` (judged by ``me``'s watch, on its
+    own monotonic clock, when it has one; by ``now`` otherwise); a hold with no
     owner row at all is orphaned too. This process's holds are never touched.
     """
     dead = {
         instance
         for instance, (owner, beat) in owners.items()
-        if provably_dead(owner, me) or stale(beat, now, orphan_after_s)
+        if instance != me.instance
+        and (provably_dead(owner, me) or silent(me, instance, beat, now, orphan_after_s))
     }
-    dead.discard(me.instance)
+    if me.watch is not None:
+        # Only owners whose rows are gone: should this transaction fail, a dead
+        # owner is still known as one next time.
+        me.watch.forget(owners)
     ids = [
         str(aid)
         for aid, owner in held
@@ -694,9 +705,9 @@ class ApprovalStore(SqliteStore):
         """Turn the holds of dead owners into deferrals; return them.
 
         A hold is pending (or approved but not yet delivered) in ``hold``
-        mode; its owner is dead when :func:`provably_dead` or its heartbeat is
-        :func:`stale` (no owner row at all counts as stale: rows from before
-        owners were recorded, or an owner that stopped). Holds of this
+        mode; its owner is dead when :func:`provably_dead` or :func:`silent`
+        (see :func:`orphaned_holds`), or has no owner row at all (rows from
+        before owners were recorded, or an owner that stopped). Holds of this
         process and of live siblings are left alone. One transaction, so two
         sidecars recovering at once convert each hold once.
         """

@@ -306,11 +306,11 @@ class LiveMonitor:
             return
         what, row = found
         if what == DECISION:
-            self._decisions.append(self._folded(row))  # type: ignore[arg-type]
+            _put(self._decisions, self._folded(row))
         elif what == OUTCOME:
-            self._outcomes.append(self._folded(row))  # type: ignore[arg-type]
+            _put(self._outcomes, self._folded(row))
         elif what == APPROVAL:
-            self._approvals.append(row)  # type: ignore[arg-type]
+            _put(self._approvals, row)
 
     def _folded(self, row: _Row) -> _Row:
         """``row``, its version folded into ``_other`` past ``MAX_VERSIONS`` of its agent in
@@ -380,8 +380,34 @@ def _version_label(agent: str, version: str) -> str:
     return metrics.bounded(f"monitor_version\x1f{agent}", version) if version else ""
 
 
+def _put(queue: deque[Any], row: tuple[Any, ...]) -> None:
+    """Add ``row`` to ``queue``, keeping it in time order (:func:`_slice` bisects it, and
+    :meth:`LiveMonitor._read` drops old rows from its left end).
+
+    Records are written in time order unless the wall clock steps: one stamped while it
+    was a day ahead, appended, would end the current window before every later record.
+    The in-order case costs one comparison; a row out of order is inserted in place,
+    found by galloping back from the right end: once a row stamped ahead is in, the
+    later ones go just before it, and a deque is cheap to index only near its ends.
+    """
+    at = row[TS]
+    if not queue or queue[-1][TS] <= at:
+        queue.append(row)
+        return
+    if len(queue) == queue.maxlen:
+        queue.popleft()  # full: the oldest row goes, as it would on append
+    hi = len(queue) - 1  # queue[hi] is after the row
+    step = 1
+    lo = hi - step
+    while lo >= 0 and queue[lo][TS] > at:
+        hi, step = lo, step * 2
+        lo = hi - step
+    lo = max(lo, 0)
+    queue.insert(bisect.bisect_right(queue, at, lo, hi, key=lambda r: r[TS]), row)
+
+
 def _slice[R: tuple[Any, ...]](rows: tuple[R, ...], window: Window) -> tuple[R, ...]:
-    """The rows inside ``window``, by bisection: the deques are in time order."""
+    """The rows inside ``window``, by bisection: :func:`_put` keeps the deques in time order."""
     lo = bisect.bisect_left(rows, window.start, key=lambda r: r[TS])
     hi = bisect.bisect_left(rows, window.end, key=lambda r: r[TS])
     return rows[lo:hi]

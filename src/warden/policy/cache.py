@@ -45,7 +45,11 @@ cost, and it grows with the size of tool arguments the policy never reads.
 Policies that call non-deterministic builtins (``time.*``, ``uuid.*``,
 ``rand.*``, ``opa.runtime``, ``http.send``, ``net.*``, ``io.jwt.decode_verify``,
 ``crypto.x509.parse_and_verify_certificates*``, which reads the clock) are
-never cached.
+never cached. A module with a template string is searched for those calls
+whole, strings and comments included: its literals hold code
+(``$"{time.now_ns()}"``), and where one ends (a quote or ``#`` inside its
+braces) is for rego-cpp to say. A mere mention there costs the bundle its
+cache, never a wrong decision.
 """
 
 from __future__ import annotations
@@ -748,8 +752,15 @@ def analyse(modules: Sequence[Module], data: Mapping[str, Any] | None = None) ->
     it, keys drawn from lists in it narrow ``object.get`` reads.
     """
     analysis = _Analysis(modules, data)
-    deterministic = not any(_NONDETERMINISTIC.search(text) for text in analysis.blanked)
-    if any(_has_template(source) for source in analysis.sources):
+    # A template string's braces hold code the blanked text hides: search its module whole.
+    templated = [_has_template(source) for source in analysis.sources]
+    deterministic = not any(
+        _NONDETERMINISTIC.search(source if template else text)
+        for source, text, template in zip(
+            analysis.sources, analysis.blanked, templated, strict=True
+        )
+    )
+    if any(templated):
         # Template strings hold expressions the scan for reads cannot see into.
         return InputShape(paths=None, deterministic=deterministic)
     if any(_ODD_SPACE.search(source) for source in analysis.sources):

@@ -36,10 +36,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 import orjson
@@ -48,6 +51,7 @@ from warden import tasks
 from warden.model import Action, ActionKind, Agent, RequestMeta, Stage
 from warden.state.base import SqliteStore, immediate
 from warden.state.repos import ErasedSubjects
+from warden.state.sessions import PruneClock
 
 __all__ = [
     "COALESCE_S",
@@ -110,7 +114,10 @@ class LinkRepo(Protocol):
     ) -> list[str]:
         """Write a batch in one transaction; return ids that became tombstones on disk.
 
-        A ``put`` over a row already there makes a tombstone instead.
+        A ``put`` over a row already there makes a tombstone instead. Links older
+        than ``prune_before`` (by this machine's clock) go, and the oldest past
+        ``keep``; the store moves ``prune_before`` back when this clock is ahead of
+        what it has seen (:class:`~warden.state.sessions.PruneClock`).
         """
         ...
 
@@ -134,6 +141,10 @@ class CallLinkStore(SqliteStore):
 
     NAME = "links"
 
+    def __init__(self, path: Path, conn: sqlite3.Connection, io: ThreadPoolExecutor) -> None:
+        super().__init__(path, conn, io)
+        self._prune_clock = PruneClock("call links")
+
     async def apply(
         self, ops: Sequence[_Op], *, prune_before: float | None, keep: int = MAX_LINKS
     ) -> list[str]:
@@ -141,12 +152,19 @@ class CallLinkStore(SqliteStore):
 
         A ``put`` over a row already there (a link this process no longer
         remembers, or one from before a restart) makes a tombstone instead.
+        ``prune_before`` is moved back as far as this machine's clock is past the
+        newest link stored before the batch, less an hour (:class:`PruneClock`).
         """
         return await self._run(self._apply, tuple(ops), prune_before, keep)
 
     def _apply(self, ops: tuple[_Op, ...], prune_before: float | None, keep: int) -> list[str]:
         clashed: list[str] = []
         with immediate(self._conn) as cur:
+            if prune_before is not None:
+                # Before the batch goes in: its own stamps say nothing of the others' clocks.
+                (newest,) = cur.execute("SELECT max(created_at) FROM call_links").fetchone()
+                now = time.time()
+                prune_before = self._prune_clock.cutoff(prune_before, local=now, newest=newest)
             for op in ops:
                 if op.kind == "drop":
                     cur.execute(

@@ -21,6 +21,7 @@ from warden.state.sessions import (
     MAX_CHAIN,
     CallRecord,
     ChainLink,
+    PruneClock,
     chain_names_erased,
     chain_row,
     maker_row,
@@ -36,12 +37,22 @@ _INSERT_LINK = (
     "agent_id) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (response_id) DO NOTHING"
 )
 
+_NEWEST_SESSION_ROW = (
+    "SELECT extract(epoch FROM now())::float8, greatest("
+    "(SELECT max(updated_at) FROM session_counters), "
+    "(SELECT max(created_at) FROM session_calls), "
+    "(SELECT max(created_at) FROM session_responses), "
+    "(SELECT max(used_at) FROM id_owners))"
+)
+"""The database's clock, and the newest stamp in any session table (each indexed)."""
+
 
 class PgSessionStore:
     """Session counters, decided calls and Responses chains in PostgreSQL."""
 
     def __init__(self, db: PgDatabase) -> None:
         self._db = db
+        self._prune_clock = PruneClock("session state")
 
     async def close(self) -> None:
         """Nothing of its own to close: the pool belongs to the backend."""
@@ -231,10 +242,17 @@ class PgSessionStore:
 
     async def prune(self, older_than_s: float) -> int:
         """Drop counters, calls, chains and owners not touched for ``older_than_s``; how
-        many rows."""
-        cutoff = time.time() - older_than_s
+        many rows. Counted from no later than the store has seen, nor than the database's
+        clock (:class:`~warden.state.sessions.PruneClock`)."""
+        now = time.time()
 
         async def run(cur: AsyncCursor[Any]) -> int:
+            await cur.execute(_NEWEST_SESSION_ROW)
+            row = await cur.fetchone()
+            assert row is not None
+            cutoff = self._prune_clock.cutoff(
+                now - older_than_s, local=now, newest=row[1], store_now=row[0]
+            )
             total = 0
             for statement in (
                 "DELETE FROM session_counters WHERE updated_at < %s",

@@ -53,6 +53,7 @@ from warden.state.records import (
     encode_holds,
 )
 from warden.state.repos import Change, ErasedSubjects
+from warden.state.sessions import PruneClock
 from warden.urls import scrub, shown_url, url_secrets
 
 __all__ = [
@@ -262,6 +263,7 @@ class PgStateStore:
 
     def __init__(self, db: PgDatabase) -> None:
         self._db = db
+        self._prune_clock = PruneClock("budget counters")
 
     async def close(self) -> None:
         """Nothing of its own to close: the pool belongs to the backend."""
@@ -355,11 +357,28 @@ class PgStateStore:
         return tuple(Counter(*k, *found.get(k, (0.0, 0.0))) for k in wanted)
 
     async def prune_windows(self, before: Mapping[str, str]) -> int:
-        """Delete the counters of windows closed long ago; how many."""
+        """Delete the counters of windows closed long ago; how many.
+
+        Never the newest window of a kind, and none while this machine's clock is
+        over an hour ahead of the database's (:class:`~warden.state.sessions.PruneClock`).
+        """
+        now = time.time()
 
         async def run(cur: AsyncCursor[Any]) -> int:
+            await cur.execute("SELECT extract(epoch FROM now())::float8")
+            clock = await cur.fetchone()
+            assert clock is not None
+            await cur.execute(
+                # In code point order, as the cut-offs are compared here.
+                'SELECT split_part("window", \':\', 1), max("window" COLLATE "C") '
+                "FROM budget_counters GROUP BY 1"
+            )
+            newest = {str(kind): str(top) for kind, top in await cur.fetchall()}
+            cutoffs = self._prune_clock.window_cutoffs(
+                before, newest, local=now, store_now=clock[0]
+            )
             deleted = 0
-            for kind, cutoff in sorted(before.items()):
+            for kind, cutoff in sorted(cutoffs.items()):
                 await cur.execute(
                     'DELETE FROM budget_counters WHERE "window" LIKE %s AND "window" < %s',
                     (f"{kind}:%", cutoff),
@@ -479,6 +498,7 @@ class PgLinkStore:
 
     def __init__(self, db: PgDatabase) -> None:
         self._db = db
+        self._prune_clock = PruneClock("call links")
 
     async def close(self) -> None:
         """Nothing of its own to close: the pool belongs to the backend."""
@@ -486,11 +506,27 @@ class PgLinkStore:
     async def apply(
         self, ops: Sequence[LinkOp], *, prune_before: float | None, keep: int = MAX_LINKS
     ) -> list[str]:
-        """Write a batch in one transaction; return ids that became tombstones on disk."""
+        """Write a batch in one transaction; return ids that became tombstones on disk.
+
+        ``prune_before`` is moved back as far as this machine's clock is ahead of the
+        database's, or past the newest link stored before the batch less an hour
+        (:class:`~warden.state.sessions.PruneClock`).
+        """
         batch = tuple(ops)
 
         async def run(cur: AsyncCursor[Any]) -> list[str]:
             clashed: list[str] = []
+            cutoff = prune_before
+            if cutoff is not None:
+                # Before the batch goes in: its own stamps say nothing of the others' clocks.
+                await cur.execute(
+                    "SELECT extract(epoch FROM now())::float8, max(created_at) FROM call_links"
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                cutoff = self._prune_clock.cutoff(
+                    cutoff, local=time.time(), newest=row[1], store_now=row[0]
+                )
             for op in batch:
                 if op.kind == "drop":
                     await cur.execute(
@@ -514,8 +550,8 @@ class PgLinkStore:
                     "SET decision_id = NULL, action = NULL, created_at = excluded.created_at",
                     (op.call_id, op.at),
                 )
-            if prune_before is not None:
-                await cur.execute("DELETE FROM call_links WHERE created_at < %s", (prune_before,))
+            if cutoff is not None:
+                await cur.execute("DELETE FROM call_links WHERE created_at < %s", (cutoff,))
                 await cur.execute(
                     "DELETE FROM call_links WHERE call_id IN (SELECT call_id FROM call_links "
                     "ORDER BY created_at DESC OFFSET %s)",

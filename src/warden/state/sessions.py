@@ -25,10 +25,13 @@ argument digest, not arguments, and counters no arguments at all: they stay. SQL
 from __future__ import annotations
 
 import functools
+import logging
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 import orjson
@@ -38,8 +41,10 @@ from warden.state.repos import ErasedSubjects
 
 __all__ = [
     "ERASED_CALLS",
+    "PRUNE_GRACE_S",
     "CallRecord",
     "ChainLink",
+    "PruneClock",
     "SessionRepo",
     "SessionStore",
     "chain_names_erased",
@@ -47,6 +52,11 @@ __all__ = [
     "maker_row",
     "merged_entries",
 ]
+
+log = logging.getLogger("warden.state")
+
+PRUNE_GRACE_S: Final = 3600.0
+"""How far past the newest row the store holds a prune may count from (:class:`PruneClock`)."""
 
 MAX_CHAIN: Final = 256
 _INSERT_LINK: Final = (
@@ -148,6 +158,100 @@ class SessionRepo(Protocol):
         ...
 
 
+class PruneClock:
+    """Where a prune of shared state counts back from: never later than the store has seen.
+
+    Rows are stamped by the clock of whichever sidecar wrote them, and each sidecar
+    prunes by its own. One whose clock runs days ahead (or one forward step) would
+    delete what the others use now: budget counters of today's window, session
+    counters, the owners of MCP session ids, call links still waiting for a result. So
+    a prune counts from the local clock, but never from later than an hour
+    (:data:`PRUNE_GRACE_S`) past the newest row the store holds, nor, on PostgreSQL,
+    from later than the database's clock; budget windows never lose the newest window
+    of their kind. A correct clock under traffic prunes as before; a store idle for
+    longer than the grace is pruned once it is written to again.
+
+    One per store. It warns once when it holds a prune back that far (the local clock
+    over :data:`PRUNE_GRACE_S` ahead of the database's, or a prune that would have
+    emptied the table or a window kind), and again only after a prune it did not.
+    """
+
+    __slots__ = ("_held", "_what")
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._held: set[str] = set()
+
+    def cutoff(
+        self,
+        cutoff: float,
+        *,
+        local: float,
+        newest: float | None,
+        store_now: float | None = None,
+    ) -> float:
+        """``cutoff`` (counted back from ``local``, the local clock), moved back by however
+        far ``local`` is past the store's present: ``newest`` (the newest stamp stored,
+        ``None`` for none) plus the grace, and ``store_now`` (the database's clock)."""
+        present = local if store_now is None else min(local, store_now)
+        why = self._skew(local, store_now)
+        if newest is not None and newest + PRUNE_GRACE_S < present:
+            present = newest + PRUNE_GRACE_S
+            if not why and local - newest > local - cutoff:
+                why = (
+                    f"its newest row is {local - newest:.0f} s old by the clock here, more "
+                    f"than rows are kept ({local - cutoff:.0f} s): the clock here is ahead, "
+                    "or nothing was written since"
+                )
+        self._note("", why)
+        return cutoff - (local - present)
+
+    def window_cutoffs(
+        self,
+        before: Mapping[str, str],
+        newest: Mapping[str, str],
+        *,
+        local: float,
+        store_now: float | None = None,
+    ) -> dict[str, str]:
+        """Budget-window cut-offs (``day`` -> ``day:2026-11-28``), each kept at or below
+        the newest window stored of its kind (``newest``), so that a sidecar whose clock
+        is days ahead keeps the window the fleet counts in now; none at all while the
+        clock here (``local``) is over the grace ahead of the database's (``store_now``):
+        the sidecars whose clocks agree with it prune."""
+        skew = self._skew(local, store_now)
+        self._note("", skew)
+        if skew:
+            return {}
+        out: dict[str, str] = {}
+        for kind, key in before.items():
+            top = newest.get(kind)
+            if top is None:
+                continue  # nothing of that kind to delete
+            out[kind] = min(key, top)
+            why = ""
+            if key > top:
+                why = (
+                    f"the newest {kind} window stored, {top}, is before the cut-off {key}: "
+                    "the clock here is ahead, or nothing was counted in one since"
+                )
+            self._note(kind, why)
+        return out
+
+    @staticmethod
+    def _skew(local: float, store_now: float | None) -> str:
+        if store_now is None or local - store_now <= PRUNE_GRACE_S:
+            return ""
+        return f"the clock here is {local - store_now:.0f} s ahead of the database's"
+
+    def _note(self, part: str, why: str) -> None:
+        if not why:
+            self._held.discard(part)
+        elif part not in self._held:
+            self._held.add(part)
+            log.warning("pruning %s no further than the store has seen: %s", self._what, why)
+
+
 ERASED_CALLS: Final = '[{"approval_requests_cut": true}]'
 """The entries of a link an erasure emptied: nothing of the subject, and a mark that the
 approval request copies it held are gone (an approval continuing it is refused)."""
@@ -244,10 +348,23 @@ def chain_row(link: ChainLink) -> tuple[Any, ...]:
     )
 
 
+_NEWEST_SESSION_ROW: Final = (
+    "SELECT max(t) FROM (SELECT max(updated_at) AS t FROM session_counters "
+    "UNION ALL SELECT max(created_at) FROM session_calls "
+    "UNION ALL SELECT max(created_at) FROM session_responses "
+    "UNION ALL SELECT max(used_at) FROM id_owners)"
+)
+"""The newest stamp in any session table (each indexed): a prune counts from no later."""
+
+
 class SessionStore(SqliteStore):
     """:class:`SessionRepo` in the SQLite state database."""
 
     NAME = "sessions"
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, io: ThreadPoolExecutor) -> None:
+        super().__init__(path, conn, io)
+        self._prune_clock = PruneClock("session state")
 
     async def add(self, session_id: str, deltas: Mapping[str, int]) -> dict[str, int]:
         """Add ``deltas`` to the session's counters atomically; return every counter after."""
@@ -430,8 +547,8 @@ class SessionStore(SqliteStore):
 
     async def prune(self, older_than_s: float) -> int:
         """Drop counters, calls, chains and owners not touched for ``older_than_s``; how
-        many rows."""
-        return await self._run(self._prune, time.time() - older_than_s)
+        many rows. Counted from no later than the store has seen (:class:`PruneClock`)."""
+        return await self._run(self._prune, time.time(), older_than_s)
 
     async def erase(self, erased: ErasedSubjects) -> int:
         """Empty the chain links that name an erased data subject; how many (see
@@ -450,8 +567,10 @@ class SessionStore(SqliteStore):
             )
         return len(gone)
 
-    def _prune(self, cutoff: float) -> int:
+    def _prune(self, now: float, older_than_s: float) -> int:
         with immediate(self._conn) as cur:
+            (newest,) = cur.execute(_NEWEST_SESSION_ROW).fetchone()
+            cutoff = self._prune_clock.cutoff(now - older_than_s, local=now, newest=newest)
             total = 0
             for table, column in (
                 ("session_counters", "updated_at"),

@@ -16,6 +16,8 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 from warden.policy.bundle.order import SignedMark
@@ -29,6 +31,7 @@ from warden.state.records import (
     encode_holds,
     passes,
 )
+from warden.state.sessions import PruneClock
 
 __all__ = [
     "Counter",
@@ -46,6 +49,10 @@ class StateStore(SqliteStore):
     """The SQLite state store; open with :meth:`open`, close with :meth:`close`."""
 
     NAME = "state"
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, io: ThreadPoolExecutor) -> None:
+        super().__init__(path, conn, io)
+        self._prune_clock = PruneClock("budget counters")
 
     # -- budgets ---------------------------------------------------------------
 
@@ -131,13 +138,24 @@ class StateStore(SqliteStore):
             return len(rows)
 
     async def prune_windows(self, before: Mapping[str, str]) -> int:
-        """Delete the counters of windows closed long ago; how many."""
+        """Delete the counters of windows closed long ago; how many.
+
+        Never the newest window of a kind: a sidecar whose clock is days ahead keeps
+        the window the others count in now (:class:`~warden.state.sessions.PruneClock`).
+        """
         return await self._run(self._prune_windows, dict(before))
 
     def _prune_windows(self, before: dict[str, str]) -> int:
         with immediate(self._conn) as cur:
+            newest = dict(
+                cur.execute(
+                    "SELECT substr(window, 1, instr(window, ':') - 1), max(window) "
+                    "FROM budget_counters GROUP BY 1"
+                ).fetchall()
+            )
+            cutoffs = self._prune_clock.window_cutoffs(before, newest, local=time.time())
             deleted = 0
-            for kind, cutoff in sorted(before.items()):
+            for kind, cutoff in sorted(cutoffs.items()):
                 cur.execute(
                     "DELETE FROM budget_counters WHERE window LIKE ? AND window < ?",
                     (f"{kind}:%", cutoff),

@@ -2,9 +2,10 @@
 
 The audit log stamps each record with the wall clock when it is written. An NTP
 step (or a clock set by hand, then corrected) leaves a record stamped a day ahead
-among records stamped now, or records stamped before ones already kept. The
-windows are cut by bisection and old rows are dropped from the left, so the
-monitor keeps its rows in time order whatever order they come in.
+among records stamped now, or records stamped before ones already kept. The log's
+order is the order decisions were made, so the monitor counts each row no earlier
+than the one before it and no later than its own clock: the windows are cut by
+bisection and old rows dropped from the left, in O(1) per row.
 """
 
 from __future__ import annotations
@@ -78,23 +79,25 @@ async def test_a_record_stamped_a_day_ahead_hides_no_later_denials(
         snapshot = await gauge(log, monitor)
     finally:
         await log.close()
-    # The record stamped tomorrow is not in today's window; every other one is.
-    assert current(snapshot) == (40, 0.5)
+    # The record stamped tomorrow was made now: it is counted now, and so is every later one
+    # (before, none of the 20 denials after it was in the current window).
+    assert current(snapshot) == (41, 20 / 41)
 
 
-async def test_records_stamped_before_those_kept_are_counted_in_their_window(
+async def test_records_stamped_before_those_kept_are_counted_when_they_were_made(
     tmp_path: Path, clock: SteppedClock
 ) -> None:
     log = await AuditLog.open(AuditConfig(dir=str(tmp_path), checkpoint_interval_s=3600))
     try:
         await write(log, 20, Effect.ALLOW)
-        clock.step = -2 * DAY_NS  # stepped back two days: these belong to the reference window
+        clock.step = -2 * DAY_NS  # stepped back two days, while the decisions are made now
         await write(log, 20, Effect.DENY)
         clock.step = 0
         snapshot = await gauge(log, LiveMonitor(MonitorConfig(interval_s=3600), tmp_path))
     finally:
         await log.close()
-    assert current(snapshot) == (20, 0.0)
+    # Made after the allows, they count with them, not two days back in the reference.
+    assert current(snapshot) == (40, 0.5)
 
 
 async def test_rows_stay_in_time_order_whatever_order_they_come_in(
@@ -112,3 +115,20 @@ async def test_rows_stay_in_time_order_whatever_order_they_come_in(
     stamps = [row[0] for row in monitor._decisions]
     assert len(stamps) == 21
     assert stamps == sorted(stamps)
+
+
+async def test_a_full_window_after_a_step_back_keeps_the_newest_decisions(
+    tmp_path: Path, clock: SteppedClock
+) -> None:
+    # Full (max_events), each record after a step back evicted the one before it: the
+    # current window counted one decision.
+    log = await AuditLog.open(AuditConfig(dir=str(tmp_path), checkpoint_interval_s=3600))
+    monitor = LiveMonitor(MonitorConfig(interval_s=3600, max_events=1000), tmp_path)
+    try:
+        await write(log, 1000, Effect.ALLOW)
+        clock.step = -3600 * 10**9  # set back an hour, and it stays there
+        await write(log, 300, Effect.DENY)
+        snapshot = await gauge(log, monitor)
+    finally:
+        await log.close()
+    assert current(snapshot) == (1000, 0.3)  # the last 1,000 made: 700 allows, 300 denials

@@ -25,6 +25,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -269,22 +270,29 @@ class LiveMonitor:
         if self._position < 0:
             self._position = first_seq_since(self._root, now - self.span_s)
             self._unsealer = Unsealer(self._root)
+        for queue in (self._decisions, self._outcomes, self._approvals):
+            _restamp_ahead(queue, now)
         fed = self._fed
+        taken = 0
         while fed:
             first, items = fed.popleft()
             if first > self._position:  # written before the feed began, or dropped
-                self._read_log(first)
+                self._read_log(first, now)
             for item in items[max(0, self._position - first) :]:
                 # A sealed record is unsealed here, off the loop.
-                self._take(row_of(item, self._unsealer) if isinstance(item, Mapping) else item)
+                self._take(row_of(item, self._unsealer) if isinstance(item, Mapping) else item, now)
             self._position = max(self._position, first + len(items))
-        self._read_log(upto)
+            taken += len(items)
+            if taken >= _YIELD_EVERY:
+                taken = 0
+                time.sleep(0)  # let the event loop have the interpreter between batches
+        self._read_log(upto, now)
         oldest = now - self.span_s
         for queue in (self._decisions, self._outcomes, self._approvals):
             while queue and queue[0][TS] < oldest:
                 queue.popleft()
 
-    def _read_log(self, upto: int) -> None:
+    def _read_log(self, upto: int, now: float) -> None:
         """Read the records from the current position up to ``upto`` back from the log."""
         if self._position >= upto:
             return
@@ -298,19 +306,19 @@ class LiveMonitor:
             time.sleep(0)  # let the event loop have the interpreter between batches
             for stored in batch:
                 if stored.kind in _MONITORED:
-                    self._take(row_of(orjson.loads(stored.payload), self._unsealer))
+                    self._take(row_of(orjson.loads(stored.payload), self._unsealer), now)
         self._position = tail.position
 
-    def _take(self, found: tuple[int, _Row] | None) -> None:
+    def _take(self, found: tuple[int, _Row] | None, now: float) -> None:
         if found is None:
             return
         what, row = found
         if what == DECISION:
-            _put(self._decisions, self._folded(row))
+            _put(self._decisions, self._folded(row), now)
         elif what == OUTCOME:
-            _put(self._outcomes, self._folded(row))
+            _put(self._outcomes, self._folded(row), now)
         elif what == APPROVAL:
-            _put(self._approvals, row)
+            _put(self._approvals, row, now)
 
     def _folded(self, row: _Row) -> _Row:
         """``row``, its version folded into ``_other`` past ``MAX_VERSIONS`` of its agent in
@@ -380,30 +388,41 @@ def _version_label(agent: str, version: str) -> str:
     return metrics.bounded(f"monitor_version\x1f{agent}", version) if version else ""
 
 
-def _put(queue: deque[Any], row: tuple[Any, ...]) -> None:
-    """Add ``row`` to ``queue``, keeping it in time order (:func:`_slice` bisects it, and
-    :meth:`LiveMonitor._read` drops old rows from its left end).
+def _put(queue: deque[Any], row: tuple[Any, ...], now: float) -> None:
+    """Add ``row`` to ``queue``, its time kept in order (:func:`_slice` bisects the
+    queue, and :meth:`LiveMonitor._read` drops old rows from its left end).
 
-    Records are written in time order unless the wall clock steps: one stamped while it
-    was a day ahead, appended, would end the current window before every later record.
-    The in-order case costs one comparison; a row out of order is inserted in place,
-    found by galloping back from the right end: once a row stamped ahead is in, the
-    later ones go just before it, and a deque is cheap to index only near its ends.
+    Rows come in the log's order, which is the order decisions were made; their
+    times follow it unless the wall clock steps. So a row's time is counted as no
+    earlier than the row before it and no later than ``now`` (the reader's clock,
+    just before it): one record of a brief jump ahead cannot end the current window
+    before every later record, rows written after a step back are counted in the
+    current window, and a full queue still gives up the rows made first. O(1).
     """
     at = row[TS]
-    if not queue or queue[-1][TS] <= at:
-        queue.append(row)
+    if queue and queue[-1][TS] > at:
+        at = queue[-1][TS]
+    at = min(at, _before(now))
+    if at != row[TS]:
+        row = (at, *row[1:])  # TS is the first field
+    queue.append(row)
+
+
+def _before(now: float) -> float:
+    """The last time inside a window ending at ``now`` (windows leave out their end)."""
+    return math.nextafter(now, -math.inf)
+
+
+def _restamp_ahead(queue: deque[Any], now: float) -> None:
+    """Count at ``now`` the rows kept with a time past it (read while the clock ran
+    ahead, now set back): in order, at the right end, so the queue stays sorted."""
+    if not queue or queue[-1][TS] < now:
         return
-    if len(queue) == queue.maxlen:
-        queue.popleft()  # full: the oldest row goes, as it would on append
-    hi = len(queue) - 1  # queue[hi] is after the row
-    step = 1
-    lo = hi - step
-    while lo >= 0 and queue[lo][TS] > at:
-        hi, step = lo, step * 2
-        lo = hi - step
-    lo = max(lo, 0)
-    queue.insert(bisect.bisect_right(queue, at, lo, hi, key=lambda r: r[TS]), row)
+    ahead: list[Any] = []
+    while queue and queue[-1][TS] >= now:
+        ahead.append(queue.pop())
+    at = _before(now)
+    queue.extend((at, *row[1:]) for row in reversed(ahead))
 
 
 def _slice[R: tuple[Any, ...]](rows: tuple[R, ...], window: Window) -> tuple[R, ...]:

@@ -42,11 +42,35 @@ def keys_fold_apart(obj: Mapping[Any, Any]) -> bool:
     """True unless two keys of ``obj`` are equal but for case (``path`` and ``PATH``).
 
     Go's ``encoding/json`` and .NET's default binder match keys without regard
-    to case (with Unicode folding: U+017F, the long s, is ``s``) and the last one wins: a policy
+    to case (with Unicode simple folding: U+017F, the long s, is ``s``; ``ß`` is not
+    ``ss``) and the last one wins: a policy
     reading ``path`` would decide on a value other than the tool's. The core
     (:mod:`warden.pipeline`) denies every action whose arguments hold such keys, at
     every door; an adapter refuses them while parsing, in its own protocol.
     """
     if len(obj) < 2:
         return True
-    return len({k.casefold() if isinstance(k, str) else k for k in obj}) == len(obj)
+    return len({_simple_fold(k) if isinstance(k, str) else k for k in obj}) == len(obj)
+
+
+def _simple_fold(key: str) -> str:
+    """``key`` under Unicode simple case folding, one character for one, as Go's
+    ``strings.EqualFold`` and .NET's ordinal case-blind compare match keys:
+    ``str.casefold`` also folds ``ß`` to ``ss``, so ``Straße`` and ``STRASSE``, two
+    keys to every such binder, would be denied as one."""
+    if key.isascii():
+        return key.lower()
+    return "".join(_FOLDED.get(c) or _fold_char(c) for c in key)
+
+
+def _fold_char(char: str) -> str:
+    folded = char.casefold()
+    if len(folded) != 1:  # a full folding (ß to ss): its simple folding is lower case
+        lower = char.lower()
+        folded = lower if len(lower) == 1 else char
+    if len(_FOLDED) < 4096:
+        _FOLDED[char] = folded
+    return folded
+
+
+_FOLDED: dict[str, str] = {}

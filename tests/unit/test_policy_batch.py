@@ -231,18 +231,20 @@ async def test_a_policy_that_reads_the_clock_evaluates_every_input(tmp_path: Pat
         await engine.close()
 
 
-async def test_a_string_holding_nul_is_refused_not_read_cut_short(engine: PolicyEngine) -> None:
-    # The engine takes C strings: "deny\0x" would read as "deny" in one place and
-    # as something else to the tool. Refused, anywhere in the input, key or value.
+async def test_a_string_holding_nul_is_read_with_a_replacement_not_cut_short(
+    engine: PolicyEngine,
+) -> None:
+    # The engine takes C strings: "deny\0x" would read as "deny" in one place and as
+    # something else to the tool. It reads NUL as U+FFFD, in a key or a value (the
+    # core denies an action whose own arguments hold NUL before any policy runs).
     cut = doc("deny\x00-not-really")
     results = await engine.evaluate_batch([cut, doc("deny")])
-    assert (results[0].error, results[0].input_fault) == ("policy_error", True)
-    assert "NUL" in (results[0].detail or "")
+    assert (results[0].error, results[0].effect) == (None, Effect.ALLOW)  # not "deny"
     assert results[1].effect is Effect.DENY
-    # A key holding NUL is refused too, where the policy reads the object whole.
     evaluator = Evaluator([("p.rego", "package p\n\nx := input\n")], {}, "data.p.x")
-    with pytest.raises(ValueError, match="NUL"):
-        evaluator.evaluate({"amount\x00": 5, "amount": 5000})
+    seen = evaluator.evaluate({"amount\x00": 5, "amount": 5000})
+    assert '"amount\ufffd":5' in seen.replace(" ", "")
+    assert '"amount":5000' in seen.replace(" ", "")
 
 
 def test_input_strings_reach_the_policy_as_the_agent_wrote_them() -> None:

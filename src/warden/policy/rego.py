@@ -131,11 +131,15 @@ def _c_text(text: str) -> bytes:
     (``regex.match``, ``count``) read the text as kept, so a newline or tab
     escaped as ``\\n`` would slip past a rule such as ``drop\\s+table``; such
     characters stay raw, and a result that carries them is read leniently
-    (:func:`warden.policy.engine.interpret_output`). A string holding NUL is
-    refused (the action is then denied): the engine reads C strings.
+    (:func:`warden.policy.engine.interpret_output`). NUL goes in as U+FFFD: the
+    engine reads C strings, and would cut ``"ok\x00/../etc/shadow"`` short. The
+    core denies an action whose own arguments, context or claims hold NUL before
+    any policy runs (:func:`warden.pipeline.input_problem`); what reaches here is
+    text the input only carries (a prior tool result, a declared tool's name), and
+    refusing it made the fallback decide at the will of whoever wrote that text.
     """
     if "\x00" in text:
-        raise ValueError("a string of the input holds NUL, which the engine would cut short")
+        text = text.replace("\x00", "\ufffd")
     if "\\" in text or '"' in text:
         text = text.replace("\\", "\\\\").replace('"', '\\"')
     try:

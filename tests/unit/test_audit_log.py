@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from warden.audit import ApprovalEvidence, AuditLog, arguments_sha256
+from warden.audit import log as log_module
 from warden.audit import segments as segments_module
 from warden.audit.layout import Layout
 from warden.audit.log import Erasure
@@ -387,14 +388,19 @@ async def test_checkpoints_are_signed_on_an_interval(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("policy", ["batch", "never"])
-async def test_other_fsync_policies(tmp_path: Path, syncs: SyncCounter, policy: str) -> None:
+async def test_other_fsync_policies(
+    tmp_path: Path, syncs: SyncCounter, policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Longer than the shipped 50 ms, so a loaded machine writing the 20 records does not
+    # see the timer's sync among them.
+    monkeypatch.setattr(log_module, "BATCH_SYNC_INTERVAL_S", 0.5)
     log = await AuditLog.open(_config(tmp_path, fsync=policy))
     opened = syncs.calls  # creating the first segment syncs its header
     await fill(log, 20)
     assert syncs.calls == opened, "records are acknowledged before any fsync"
     # Shipping stops at what a power loss cannot take back.
     assert log.synced_size == (0 if policy == "batch" else log.size)
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.8)
     if policy == "batch":
         assert 1 <= syncs.calls - opened <= 3, "batch syncs on a short timer"
     else:

@@ -9,6 +9,7 @@ people sign in through the console's own form.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import re
@@ -18,12 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc.aio
 import openai
 import pytest
+from google.protobuf import struct_pb2
 
-from tests.functional.conftest import make_config
+from tests.functional.conftest import audit_records, make_config
 from tests.functional.test_console_http_functional import browser_like
 from tests.pg import PgServer
+from warden.grpc_api.v1 import governance_pb2 as pb
+from warden.grpc_api.v1 import governance_pb2_grpc as pb_grpc
 from warden.server import Warden
 from warden.testing import Call, MockLLM, Reply
 
@@ -203,8 +208,10 @@ async def test_engine_health_says_degraded_and_names_a_state_store_that_is_down(
 async def test_evidence_search_pages_past_its_first_fifty_records(
     warden: Warden, llm: MockLLM
 ) -> None:
-    for _ in range(30):
-        await ask(warden, llm)  # a decision and an outcome each
+    for _ in range(35):
+        # A decision and an outcome each; the newest outcomes may reach the index after
+        # the first page is read, so 70 records leave the second page 10 whatever.
+        await ask(warden, llm)
     async with browser_like() as http:
         await sign_in(http, warden, "aude")
         _, first = await get(http, f"{warden.admin_url}/console/evidence?agent=support-triage")
@@ -348,3 +355,132 @@ async def test_a_quorum_card_shows_who_voted_and_no_buttons_to_those_who_cannot_
             await sign_in(http, running, "dora")
             _, other = await get(http, queue)
         assert 'value="approve"' in other
+
+
+async def throw(http: aiohttp.ClientSession, warden: Warden, csrf: str, target: str) -> str:
+    """An upstream kill switch thrown through the Operations form; the page it answers."""
+    form = {"csrf": csrf, "scope": "upstream", "target": target, "reason": "incident 9"}
+    async with http.post(f"{warden.admin_url}/console/operations/killswitches", data=form) as resp:
+        assert resp.status == 200
+        page = await resp.text()
+    assert "The kill switch is in force." in page
+    return page
+
+
+async def test_a_switch_at_a_doors_own_or_a_seen_upstream_is_not_said_to_stop_nothing(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # An upstream this Warden once served: its decisions stay in the log after the
+    # configuration no longer names it.
+    legacy = {"legacy": {"protocol": "openai", "base_url": llm.url, "timeout_s": 5}}
+    async with Warden(config(tmp_path, llm, upstreams=legacy)) as before:
+        llm.script(Reply(text="hello"))
+        async with openai.AsyncOpenAI(
+            base_url=f"{before.proxy_url}/legacy/v1", api_key="sk-test", max_retries=0
+        ) as client:
+            await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+            )
+    cfg = config(tmp_path, llm, listen={"grpc": "127.0.0.1:0"})
+    async with Warden(cfg) as running, browser_like() as http:
+        csrf = await sign_in(http, running, "ada")
+        _, page = await get(http, f"{running.admin_url}/console/operations")
+        assert '<option value="grpc" label="grpc (upstream)">' in page
+        # The gRPC door's checks are upstream `grpc` (docs/grpc.md): the switch stops them.
+        page = await throw(http, running, csrf, "grpc")
+        assert "no upstream named" not in page
+        assert "(no such upstream" not in page
+        arguments = struct_pb2.Struct()
+        arguments.update({"query": "refund policy"})
+        async with grpc.aio.insecure_channel(running.grpc_address) as channel:
+            checked = await pb_grpc.GovernanceStub(channel).Check(
+                pb.CheckRequest(action=pb.Action(tool="search_kb", arguments=arguments))
+            )
+        assert checked.effect == pb.EFFECT_DENY
+        assert "stops upstream grpc" in checked.reason
+        page = await throw(http, running, csrf, "envoy")  # ext_authz without an upstream
+        assert "no upstream named" not in page
+        page = await throw(http, running, csrf, "legacy")  # seen in the log's decisions
+        assert "no upstream named" not in page
+        # A name no door, configuration or decision here knows: said, but not "stops
+        # nothing" (an MCP wrap sharing the state store may run under any name).
+        page = await throw(http, running, csrf, "opneai")
+        assert "no upstream named “opneai” is configured here" in page
+        assert "warden mcp wrap" in page
+        assert "stops nothing" not in page
+        assert 'opneai <span class="warn">(no such upstream here)</span>' in page
+        assert page.count("(no such upstream here)") == 1
+
+
+def named_after(identifier: str) -> Call:
+    """A call to a tool named after ``identifier``: the shipped policy's denial quotes
+    an unknown tool's name in its reason."""
+    return Call(identifier, {"q": 1})
+
+
+async def test_an_agent_naming_ids_in_its_calls_hides_no_decision_and_no_follow_up(
+    warden: Warden, llm: MockLLM
+) -> None:
+    await ask(warden, llm, BIG)  # deferred
+    admin = warden.admin_url
+    async with browser_like() as http:
+        csrf = await sign_in(http, warden, "dana")
+        _, queue = await get(http, f"{admin}/console/approvals")
+        card = re.search(r'aria-label="Approval (apr_[^"]+)"', queue)
+        link = re.search(r'<a href="(/console/decisions/id/(dec_[^"]+))">', queue)
+        assert card is not None
+        assert link is not None
+        approval_id, decision_id = card[1], link[2]
+        for _ in range(6):
+            await ask(warden, llm, named_after(decision_id))
+        # The reasons now quote the id six times; the card's link still finds the decision.
+        assert any(decision_id in (r["reason"] or "") for r in await rows(http, warden, ""))
+        async with http.get(admin + link[1], allow_redirects=False) as resp:
+            assert resp.status == 303
+            held_page = resp.headers["Location"]
+        async with http.post(
+            f"{admin}/console/approvals/{approval_id}/decide",
+            data={"csrf": csrf, "verdict": "approve", "comment": "checked"},
+        ) as resp:
+            assert resp.status == 200
+        retried = await ask(warden, llm, BIG)
+        assert retried.choices[0].message.tool_calls
+        [follow_up] = [
+            r for r in await rows(http, warden, "tool=issue_refund") if r["effect"] == "allow"
+        ]
+        for _ in range(6):
+            await ask(warden, llm, named_after(approval_id))
+        status, page = await get(http, admin + held_page)
+    assert status == 200
+    assert "Follow-up decisions" in page
+    assert f'<a href="/console/decisions/{follow_up["seq"]}">{follow_up["decision_id"]}</a>' in page
+
+
+async def test_a_held_decision_lists_its_deferral(tmp_path: Path, llm: MockLLM) -> None:
+    cfg = config(tmp_path, llm, approvals={"mode": "hold", "keepalive_s": 0.5})
+    async with Warden(cfg) as running:
+        llm.script(Reply(tool_calls=[BIG]))
+        async with openai.AsyncOpenAI(
+            base_url=f"{running.proxy_url}/openai/v1", api_key="sk", max_retries=0, timeout=1
+        ) as client:
+            with pytest.raises(openai.APITimeoutError):
+                # The agent gives up waiting: its hold becomes a deferral.
+                await client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "refund"}]
+                )
+        for _ in range(200):
+            kinds = [r["kind"] for r in audit_records(tmp_path / "audit")]
+            if "approval_deferred" in kinds:
+                break
+            await asyncio.sleep(0.05)
+        assert "approval_deferred" in kinds
+        async with browser_like() as http:
+            await sign_in(http, running, "aude")
+            [held] = await rows(http, running, "tool=issue_refund")
+            status, page = await get(http, f"{running.admin_url}/console/decisions/{held['seq']}")
+    assert status == 200
+    table = re.search(r'aria-label="Approval records".*?</table>', page, re.S)
+    assert table is not None
+    steps = re.findall(r"<tr><td>[^<]*</td><td>([a-z]+)</td>", table[0])
+    assert steps == ["requested", "deferred"]
+    assert "<td>deferred</td><td>the request holding it is gone" in table[0]

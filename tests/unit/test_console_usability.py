@@ -8,21 +8,30 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.unit import test_console_index
 from warden.admin.auth import Principal
 from warden.approvals.model import Approval, Vote
-from warden.audit.index import Bucket, IndexQuery, Revision
+from warden.audit.index import Bucket, IndexQuery, RecordIndex, Revision
+from warden.audit.log import AuditLog
 from warden.budgets.guard import CapSpend
+from warden.config import AuditConfig
 from warden.console import views
 from warden.console.charts import decisions_chart
 from warden.console.sessions import SessionStore
+from warden.killswitch import KillSwitch, Scope
+from warden.model import Effect
+from warden.testing.audit import sample_action, sample_decision
 
 DANA = Principal("dana", frozenset({"approver"}), frozenset({"support-leads"}))
 DORA = Principal("dora", frozenset({"approver"}), frozenset({"support-leads"}))
 OLGA = Principal("olga", frozenset({"approver"}), frozenset({"billing"}))
+index = test_console_index.index
+"""The decision index on both backends: SQLite and the fleet's PostgreSQL."""
 READY_DETAIL: dict[str, Any] = {
     "policy": {"ready": True, "revision": "r1"},
     "audit": {"writable": True},
@@ -144,3 +153,55 @@ def test_a_form_posted_after_the_session_ended_is_said_not_done() -> None:
     page = str(views.login_view("n", views.LOST["vote"], back="/console/approvals"))
     assert "it was NOT recorded" in page
     assert '<input type="hidden" name="next" value="/console/approvals"/>' in page
+
+
+async def test_ids_are_looked_up_exactly_never_as_text_of_a_reason(
+    tmp_path: Path, index: RecordIndex
+) -> None:
+    root = tmp_path / "audit"
+    log = await AuditLog.open(AuditConfig(dir=str(root)))
+    try:
+        held = sample_decision(Effect.REQUIRE_APPROVAL)
+        await log.record_decision(sample_action(0), held)
+        for i in range(6):  # an agent's tool named after the id, quoted by the denial
+            quoted = (f"{held.decision_id} is not in the catalogue",)
+            await log.record_decision(
+                sample_action(i + 1), sample_decision(Effect.DENY, reasons=quoted)
+            )
+        follow = dataclasses.replace(sample_decision(), guard="approval")
+        await log.record_decision(sample_action(7), follow)
+        size = log.size
+    finally:
+        await log.close()
+    index.catch_up(root, size)
+    assert len(index.search(IndexQuery(text=held.decision_id)).rows) == 7
+    [found] = index.search(IndexQuery(decision_id=held.decision_id, limit=5)).rows
+    assert (found.seq, found.decision_id) == (0, held.decision_id)
+    window = index.search(IndexQuery(guard="approval", after=0, before=size)).rows
+    assert [r.decision_id for r in window] == [follow.decision_id]
+    assert index.search(IndexQuery(guard="approval", after=found.seq + 7)).rows == ()
+
+
+def test_an_upstream_switch_is_marked_as_none_here_and_a_deferral_is_a_step() -> None:
+    switch = KillSwitch(
+        id="ks_1",
+        scope=Scope.UPSTREAM,
+        target="opneai",
+        reason="typo",
+        created_by="ada",
+        created_at=0.0,
+    )
+    page = str(
+        views.operations_view((switch,), "csrf", (True, READY_DETAIL), [], unseen=lambda _: True)
+    )
+    assert 'opneai <span class="warn">(no such upstream here)</span>' in page
+    record = {"kind": "decision", "decision": {"id": "dec_1", "effect": "require_approval"}}
+    deferral = {
+        "kind": "approval_deferred",
+        "time": "2026-12-02T09:00:00Z",
+        "body": {"approval_id": "apr_1", "decision_id": "dec_1", "reason": "the agent left"},
+    }
+    detail = str(views.decision_detail(record, [], approvals=[(5, deferral)]))
+    assert (
+        "<td>deferred</td><td>apr_1</td><td></td><td>deferred</td><td>the agent left</td>" in detail
+    )

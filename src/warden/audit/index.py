@@ -172,6 +172,12 @@ class IndexQuery:
     """A record id, decision id or action id prefix, or a word of the reason."""
     before: int | None = None
     limit: int = 50
+    decision_id: str | None = None
+    """Exactly this decision id (a decision's own; the one an outcome or approval record names)."""
+    guard: str | None = None
+    """Exactly this guard decided (decisions: ``policy``, ``approval``, ...)."""
+    after: int | None = None
+    """A sequence number: only records newer than it (with ``before``, a window)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,11 +358,15 @@ def where_clause(
     if q.kinds:
         clauses.append(f"kind IN ({', '.join(mark for _ in q.kinds)})")
         args.extend(q.kinds)
-    for column in ("agent", "tool", "effect", "mode"):
+    # Exact: a value an agent can put in a reason (a tool's name) never widens these.
+    for column in ("agent", "tool", "effect", "mode", "decision_id", "guard"):
         value = getattr(q, column)
         if value:
             clauses.append(f"{column} = {mark}")
             args.append(value)
+    if q.after is not None:
+        clauses.append(f"seq > {mark}")
+        args.append(q.after)
     if q.start:
         clauses.append(f"{time_column} >= {mark}")
         args.append(q.start)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -93,6 +94,9 @@ class Console:
         self._index: RecordIndex | None = None
         self._proofs = ProofSource(audit.directory, Layout(audit.directory).verifier())
         self._refresh_lock = asyncio.Lock()
+        self._upstreams: frozenset[str] = frozenset()
+        self._upstreams_at = 0
+        self._upstreams_lock = asyncio.Lock()
         self.exporting = asyncio.Lock()
         """Held while an evidence package is built: one at a time, as each holds its
         records in memory in the process that also serves the proxy."""
@@ -170,10 +174,54 @@ class Console:
             raise RecordUnreadable(seq, "the stored record does not decode", damaged=True) from None
         return payload, parsed if isinstance(parsed, dict) else {}
 
+    async def upstreams_seen(self) -> frozenset[str] | None:
+        """The upstreams this log's decisions name: in its newest :data:`UPSTREAMS_SCANNED`
+        records, and those earlier calls found; ``None`` when the log cannot be read now.
+        A call reads only records no earlier call read."""
+        async with self._upstreams_lock:
+            size = self.audit.size
+            start = max(self._upstreams_at, size - UPSTREAMS_SCANNED)
+            if start < size:
+                try:
+                    found = await asyncio.to_thread(
+                        _upstreams_in, self.audit.directory, start, size
+                    )
+                except (LogDamaged, OSError, ValueError) as exc:
+                    log.warning("the upstreams in the audit log could not be read: %s", exc)
+                    return None
+                self._upstreams = self._upstreams | found
+                self._upstreams_at = size
+            return self._upstreams
+
     def _readable(self) -> bool:
         """Whether the log's segment folder is there and may be listed and read."""
         segments = Layout(self.audit.directory).segments
         return segments.is_dir() and os.access(segments, os.R_OK | os.X_OK)
+
+
+UPSTREAMS_SCANNED = 2000
+"""The newest records read for the upstreams decisions name (the index has no such
+field), leaving out those an earlier look read."""
+
+
+def _upstreams_in(root: Path, start: int, end: int) -> set[str]:
+    """The upstreams the decisions among records ``start`` to ``end`` name (blocking)."""
+    tail = RecordTail(root, start)
+    names: set[str] = set()
+    while tail.position < end:
+        batch = tail.read(end, 512)
+        if not batch:
+            break
+        for stored in batch:
+            if stored.kind != "decision":
+                continue
+            parsed = orjson.loads(stored.payload)
+            action = parsed.get("action") if isinstance(parsed, dict) else None
+            request = action.get("request") if isinstance(action, dict) else None
+            upstream = request.get("upstream") if isinstance(request, dict) else None
+            if isinstance(upstream, str) and upstream:
+                names.add(upstream)
+    return names
 
 
 CONSOLE = web.AppKey("warden_console", Console)

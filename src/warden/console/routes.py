@@ -32,7 +32,7 @@ from multidict import MultiMapping
 from warden.approvals.model import MAX_COMMENT, ApprovalError
 from warden.approvals.store import STORE_ERRORS, PageKey, page_key
 from warden.audit.export import ExportError, Selection, export_log, parse_time
-from warden.audit.index import IndexQuery, IndexUnavailable
+from warden.audit.index import MAX_PAGE, IndexQuery, IndexUnavailable
 from warden.budgets.guard import CapSpend
 from warden.console import views
 from warden.console.app import CONSOLE, Console, RecordUnreadable
@@ -528,11 +528,21 @@ APPROVAL_KINDS = (
     "approval_requested",
     "approval_notified",
     "approval_decided",
+    "approval_deferred",
     "approval_expired",
     "approval_cancelled",
     "approval_executed",
 )
 """The records of an approval's life, each naming the decision that asked for it."""
+_ENDED = frozenset(
+    {"approval_decided", "approval_expired", "approval_cancelled", "approval_executed"}
+)
+"""Approval records after the last of which the follow-up decision is written."""
+FOLLOW_UP_WINDOW = 1000
+"""Records after an approval's last such record searched for its follow-up decision:
+Warden writes it at once (the same task), so it is among the first."""
+_FOLLOW_UP_READS = 50
+"""Candidate follow-ups read back from the log at most, per approval."""
 
 
 async def _linked(
@@ -569,6 +579,34 @@ def _follows(approval_id: str, held_id: str, record: dict[str, Any]) -> bool:
     )
 
 
+async def _follow_up(
+    console: Console, approval_id: str, held_id: str, ended: int, unreadable: list[int]
+) -> tuple[int, dict[str, Any]] | None:
+    """The decision made under ``approval_id`` once it ended (its last record: ``ended``).
+
+    Not a search of reasons, where an agent can write any id (a tool named after it):
+    the approval guard's decisions written just after ``ended``, oldest first, each
+    read back from the log and kept only if it carries this approval."""
+    found: list[int] = []
+    before: int | None = ended + FOLLOW_UP_WINDOW + 1
+    while before is not None:
+        q = IndexQuery(
+            kinds=("decision",), guard="approval", after=ended, before=before, limit=MAX_PAGE
+        )
+        page_ = await asyncio.to_thread(console.index.search, q)
+        found += [row.seq for row in page_.rows]
+        before = page_.next_before
+    for seq in sorted(found)[:_FOLLOW_UP_READS]:
+        try:
+            got = await console.record(seq)
+        except RecordUnreadable:
+            unreadable.append(seq)
+            continue
+        if got is not None and _follows(approval_id, held_id, got[1]):
+            return seq, got[1]
+    return None
+
+
 @_view("decisions")
 async def decision(request: web.Request, console: Console, session: Session) -> web.StreamResponse:
     """One decision with its reason, policy revision, redacted arguments, approval records,
@@ -585,28 +623,29 @@ async def decision(request: web.Request, console: Console, session: Session) -> 
     unreadable: list[int] = []
     if decision_id:
         await console.refresh()
+        # By the id exactly, never by text: reasons quote what agents send.
         outcomes = await _linked(
             console,
-            IndexQuery(kinds=("outcome",), text=decision_id, limit=5),
+            IndexQuery(kinds=("outcome",), decision_id=decision_id, limit=5),
             lambda r: r.get("decision_id") == decision_id,
             unreadable,
         )
         approvals = await _linked(
             console,
-            IndexQuery(kinds=APPROVAL_KINDS, text=decision_id, limit=20),
+            IndexQuery(kinds=APPROVAL_KINDS, decision_id=decision_id, limit=50),
             lambda r: _field_of(r, "body", "decision_id") == decision_id,
             unreadable,
         )
-        # The decision made once an approval ended names the approval in its reason
-        # ("approved by dana (approval apr_...)") and carries it as evidence.
-        asked = dict.fromkeys(str(_field_of(r, "body", "approval_id") or "") for _, r in approvals)
-        for approval_id in [a for a in asked if a][:5]:
-            follow_ups += await _linked(
-                console,
-                IndexQuery(kinds=("decision",), text=approval_id, limit=5),
-                functools.partial(_follows, approval_id, decision_id),
-                unreadable,
-            )
+        # Each approval's follow-up is the decision written once it ended, carrying it.
+        ended: dict[str, int] = {}
+        for at, r in approvals:
+            approval_id = _field_of(r, "body", "approval_id")
+            if isinstance(approval_id, str) and approval_id and r.get("kind") in _ENDED:
+                ended[approval_id] = at  # oldest first: the last one stays
+        for approval_id, at in list(ended.items())[:5]:
+            follow_up = await _follow_up(console, approval_id, decision_id, at, unreadable)
+            if follow_up is not None:
+                follow_ups.append(follow_up)
     body = views.decision_detail(
         record,
         [r for _, r in outcomes],
@@ -627,8 +666,9 @@ async def decision_by_id(request: web.Request, console: Console, _: Session) -> 
     if _DECISION_ID.fullmatch(decision_id) is None:
         return _refuse(request, 404, "no such decision")
     await console.refresh()
+    # The decision id exactly: a search of text would also match reasons an agent wrote.
     found = await asyncio.to_thread(
-        console.index.search, IndexQuery(kinds=("decision",), text=decision_id, limit=5)
+        console.index.search, IndexQuery(kinds=("decision",), decision_id=decision_id, limit=5)
     )
     for row in found.rows:
         if row.decision_id == decision_id:
@@ -939,17 +979,30 @@ _KINDS = frozenset(k.value for k in ActionKind)
 """Action kinds: what the index shows as a "tool" for actions that name none (model calls)."""
 
 
+DOOR_UPSTREAMS = ("grpc", "envoy")
+"""The upstreams the doors name themselves, never configured: the gRPC governance API's
+checks (``grpc``, ``warden kill upstream grpc`` in docs/grpc.md) and Envoy's ext_authz
+without ``ext_authz.upstream`` (``envoy``). The transparent door and Envoy's ext_proc
+name configured upstreams only."""
+
+
 def _configured(console: Console) -> dict[Scope, list[str]]:
-    """The agents, tools and upstreams this Warden's configuration names."""
+    """The agents, tools and upstreams this Warden's configuration names (the doors'
+    own upstreams when its gRPC listener serves them)."""
     cfg = console.config
     agents = [cfg.agent.id, *cfg.agents, *cfg.identity.agents]
     if cfg.identity.jwt is not None:
         agents += list(cfg.identity.jwt.agents.values())
     tools = [*cfg.tools, *(r.tool for u in cfg.upstreams.values() for r in u.routes)]
+    upstreams = list(cfg.upstreams)
+    if cfg.listen.grpc is not None:
+        upstreams.append(DOOR_UPSTREAMS[0])
+        if cfg.ext_authz.upstream is None:
+            upstreams.append(DOOR_UPSTREAMS[1])
     return {
         Scope.AGENT: list(dict.fromkeys(agents)),
         Scope.TOOL: list(dict.fromkeys(tools)),
-        Scope.UPSTREAM: list(cfg.upstreams),
+        Scope.UPSTREAM: list(dict.fromkeys(upstreams)),
     }
 
 
@@ -972,14 +1025,21 @@ async def _known_targets(console: Console) -> dict[Scope, list[str]]:
 
 async def _unseen(console: Console, switches: Sequence[KillSwitch]) -> set[str]:
     """The ids of the switches whose target this Warden neither has configured nor has
-    seen in a decision: in force, and stopping nothing until such a one appears."""
+    seen in a decision: in force, and stopping nothing here until such a one appears."""
     configured = _configured(console)
     out: set[str] = set()
     for s in switches:
         if s.scope is Scope.GLOBAL or s.target in configured.get(s.scope, ()):
             continue
         if s.scope is Scope.UPSTREAM:
-            out.add(s.id)  # an upstream is reachable only when configured
+            # A door's own name stops its checks even where this Warden does not serve
+            # that door: another Warden sharing the state store may.
+            if s.target in DOOR_UPSTREAMS:
+                continue
+            seen = await console.upstreams_seen()
+            if seen is None or s.target in seen:
+                continue  # None: the log cannot tell now; say nothing rather than wrong
+            out.add(s.id)
             continue
         if s.scope is Scope.AGENT:
             q = IndexQuery(kinds=("decision",), agent=s.target, limit=1)
@@ -995,11 +1055,22 @@ async def _unseen(console: Console, switches: Sequence[KillSwitch]) -> set[str]:
 
 
 def _unseen_warning(switch: KillSwitch) -> str:
-    noun = {Scope.AGENT: "agent", Scope.TOOL: "tool", Scope.UPSTREAM: "upstream"}[switch.scope]
-    known = "is configured" if switch.scope is Scope.UPSTREAM else "has been seen by this Warden"
+    if switch.scope is Scope.UPSTREAM:
+        # Not "stops nothing": a `warden mcp wrap` sharing the state store takes any name
+        # (--name, else its command's), and its decisions are in its own log.
+        return (
+            f"It is in force, but no upstream named “{switch.target}” is configured here, "
+            f"is a door's own ({', '.join(DOOR_UPSTREAMS)}) or has been seen in this "
+            "Warden's decisions. It stops only what other processes sharing the state store "
+            "send there: an MCP server that `warden mcp wrap` runs under that name (its "
+            "--name, else its command's name), or another Warden's upstream of that name. "
+            "Check the name, and clear this switch if it is a typo."
+        )
+    noun = {Scope.AGENT: "agent", Scope.TOOL: "tool"}[switch.scope]
     return (
-        f"It is in force, but no {noun} named “{switch.target}” {known}: it stops nothing "
-        f"until one by that name appears. Check the name, and clear this switch if it is a typo."
+        f"It is in force, but no {noun} named “{switch.target}” has been seen by this "
+        f"Warden: it stops nothing until one by that name appears. Check the name, and "
+        f"clear this switch if it is a typo."
     )
 
 

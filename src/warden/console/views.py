@@ -533,6 +533,7 @@ def decision_detail(
 
 _STEP = {
     "approval_requested": "asked for",
+    "approval_deferred": "deferred",
     "approval_executed": "carried out",
     "approval_expired": "expired",
     "approval_cancelled": "cancelled",
@@ -1272,7 +1273,13 @@ def _health_section(health: tuple[bool, Mapping[str, Any]]) -> Html:
 def _switch_target(s: KillSwitch, unseen: Callable[[KillSwitch], bool]) -> Child:
     if not unseen(s):
         return s.target
-    return [s.target, " ", tag("span", {"class": "warn"}, f"(no such {s.scope.value} seen)")]
+    # An upstream may be a wrap's, whose decisions are in its own log: "here", not "seen".
+    mark = (
+        "(no such upstream here)"
+        if s.scope is Scope.UPSTREAM
+        else f"(no such {s.scope.value} seen)"
+    )
+    return [s.target, " ", tag("span", {"class": "warn"}, mark)]
 
 
 def operations_view(

@@ -40,6 +40,23 @@ def test_a_clock_call_inside_a_template_string_is_not_deterministic(expr: str) -
     assert not shape_of(f"package warden\n\nx := {expr}\n").deterministic
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        "time.now_ns # a comment\n()",
+        "time # a comment\n.now_ns()",
+        '$"{time.now_ns # a comment\n()}"',
+        "$`{time # a comment\n.now_ns()}`",
+        '$"{concat("#", [format_int(time.now_ns # c\n(), 10)])}"',
+    ],
+)
+def test_a_comment_between_a_calls_parts_hides_nothing_beside_a_template(call: str) -> None:
+    # rego-cpp reads on past the comment, in a template string's braces too.
+    shape = shape_of(f'package warden\n\nnow := {call}\n\ntag := $"{{input.action.tool}}"\n')
+    assert not shape.deterministic
+    assert shape.clock_module == "m0.rego"
+
+
 def test_a_template_string_in_another_module_is_searched_too() -> None:
     shape = shape_of(
         'package warden\n\ndecision := {"effect": "allow"}\n',
@@ -78,5 +95,40 @@ async def test_the_engine_evaluates_a_template_clock_policy_every_time(tmp_path:
         assert first.effect is second.effect is Effect.ALLOW
         assert not second.cached
         assert first.reason != second.reason  # the clock was read again
+    finally:
+        await engine.close()
+
+
+async def test_readyz_says_which_module_turned_the_cache_off(tmp_path: Path) -> None:
+    root = tmp_path / "tpl"
+    root.mkdir()
+    (root / "policy.rego").write_text(
+        'package warden\n\nimport rego.v1\n\ndecision := {"effect": "allow"}\n'
+    )
+    (root / "stamp.rego").write_text(
+        'package warden\n\nimport rego.v1\n\nnow := time.now_ns # c\n()\n\ntag := $"{now}"\n'
+    )
+    engine = await PolicyEngine.start(PolicyConfig(bundles=(str(root),), workers=1, watch=False))
+    try:
+        assert engine.ready, engine.last_error
+        cache = engine.status()["cache"]
+        assert not cache["enabled"]
+        assert cache["off_because"] == "module stamp.rego calls a clock/random builtin"
+    finally:
+        await engine.close()
+
+
+async def test_readyz_says_nothing_while_decisions_are_cached(tmp_path: Path) -> None:
+    root = tmp_path / "plain"
+    root.mkdir()
+    (root / "policy.rego").write_text(
+        'package warden\n\nimport rego.v1\n\ndecision := {"effect": "allow"}\n'
+    )
+    engine = await PolicyEngine.start(PolicyConfig(bundles=(str(root),), workers=1, watch=False))
+    try:
+        assert engine.ready, engine.last_error
+        cache = engine.status()["cache"]
+        assert cache["enabled"]
+        assert cache["off_because"] is None
     finally:
         await engine.close()

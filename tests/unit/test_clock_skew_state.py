@@ -27,7 +27,7 @@ from warden.model import Action, ActionKind, Agent, RequestMeta, Stage
 from warden.state import Hold
 from warden.state.backend import StateBackend, open_state
 from warden.state.links import Link, LinkOp
-from warden.state.sessions import CallRecord, SessionRepo
+from warden.state.sessions import CallRecord, PruneClock, SessionRepo
 
 DAY = 86400.0
 WEEK = 7 * DAY
@@ -130,7 +130,7 @@ async def test_a_guard_days_ahead_keeps_todays_budget_counters(open_backend: Ope
     assert await spent(a, day_key(now)) == 500.0
 
 
-async def test_the_newest_window_of_each_kind_is_kept_and_the_hold_back_logged_once(
+async def test_todays_windows_are_kept_and_the_hold_back_logged_once(
     open_backend: Opener, caplog: pytest.LogCaptureFixture
 ) -> None:
     a = await open_backend()
@@ -145,8 +145,41 @@ async def test_the_newest_window_of_each_kind_is_kept_and_the_hold_back_logged_o
     assert await spent(a, month) == 7.0
     assert await spent(a, day_key(now)) == 9.0
     held = [r.getMessage() for r in caplog.records if "budget counters" in r.getMessage()]
-    assert len(held) == 2, held  # once for the day kind, once for the month kind
-    assert any(f"the newest day window stored, {day_key(now)}" in m for m in held)
+    assert len(held) == 1, held  # once, not at every prune nor for every kind
+    assert "is past the day before the store's present" in held[0]
+
+
+async def test_a_window_kind_nothing_counts_in_any_more_is_deleted_on_time(
+    open_backend: Opener,
+) -> None:
+    # A per-customer cap changed from hourly to daily ten days ago, on a correct clock:
+    # its last hour's counters name a customer, and go two days after their day.
+    a = await open_backend()
+    now = time.time()
+    old_hour = window_key("hour", datetime.fromtimestamp(now - 10 * DAY, UTC))
+    await a.budgets.reserve("r-h", [Hold("refunds", old_hour, "customer:c-7", 5.0)])
+    await a.budgets.settle("r-h", None)
+    await spend(a, day_key(now), 9.0)
+    await a.budgets.prune_windows(closed_before(now))
+    assert await a.budgets.window_counters("refunds", old_hour) == ()
+    assert await spent(a, day_key(now)) == 9.0
+
+
+async def test_a_store_counting_only_monthly_still_deletes_old_hours(
+    open_backend: Opener,
+) -> None:
+    # Only monthly caps count now; an hourly one was dropped three days ago. On SQLite
+    # the day comes from the session rows written today, not only from the month.
+    a = await open_backend()
+    now = time.time()
+    month = datetime.fromtimestamp(now, UTC).strftime("month:%Y-%m")
+    old_hour = window_key("hour", datetime.fromtimestamp(now - 3 * DAY, UTC))
+    await spend(a, old_hour, 5.0)
+    await spend(a, month, 7.0)
+    await sessions(a).add("bot\x1flive", {"calls:issue_refund": 1})
+    await a.budgets.prune_windows(closed_before(now))
+    assert await spent(a, old_hour) == 0.0
+    assert await spent(a, month) == 7.0
 
 
 async def test_a_sidecar_ahead_of_the_databases_clock_prunes_no_window(
@@ -206,6 +239,40 @@ async def test_a_sidecar_ahead_of_the_databases_clock_frees_no_session_id(
         await sessions(b).prune(WEEK)
     assert await sessions(a).counters("bot\x1flive") == {"account_change": 2}
     assert await sessions(a).claim_id("mcp:https://crm", "mcp-sess-abc", "agent-B") == "agent-A"
+
+
+async def test_a_short_session_ttl_keeps_the_newest_rows_through_a_forward_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite has no database clock: with sessions.ttl_s under the hour of grace, the
+    # cut-off used to land past the newest row, and one forward step emptied the tables.
+    config = StateConfig(url=f"sqlite:///{tmp_path}/state.db")
+    a = await open_state(config)
+    try:
+        await sessions(a).add("bot\x1flive", {"account_change": 2})
+        assert await sessions(a).claim_id("mcp:https://crm", "mcp-sess-abc", "agent-A") == (
+            "agent-A"
+        )
+        with clock_ahead(monkeypatch, 3 * DAY):
+            assert await sessions(a).prune(1800.0) == 0
+        assert await sessions(a).counters("bot\x1flive") == {"account_change": 2}
+        assert await sessions(a).claim_id("mcp:https://crm", "mcp-sess-abc", "agent-B") == (
+            "agent-A"
+        )
+    finally:
+        await a.close()
+
+
+@pytest.mark.parametrize("ttl", [60.0, 1800.0, 3600.0])
+def test_a_prune_cut_off_never_passes_the_newest_row(ttl: float) -> None:
+    # However far past it the clock here is, and a correct clock's cut-off is left as it
+    # is while the store is written to.
+    clock, newest = PruneClock("test rows"), 1_000_000.0
+    for local in (newest + 1.0, newest + 3601.0, newest + 3 * DAY):
+        assert clock.cutoff(local - ttl, local=local, newest=newest) < newest
+    assert clock.cutoff(newest + 1.0 - ttl, local=newest + 1.0, newest=newest) == (
+        newest + 1.0 - ttl
+    )
 
 
 # -- call links -----------------------------------------------------------------------------

@@ -55,8 +55,9 @@ def windows_closed_before(now: datetime) -> dict[str, str]:
     leaves live counters be, so a spent cap is not handed back): they are deleted.
     The cutoffs are two days before ``now``'s UTC day and the month before its
     UTC month, so no sidecar's zone, and no clock a few minutes off, still counts
-    in a window deleted. A clock days ahead is the store's to bound: it never
-    deletes the newest window of a kind (:class:`warden.state.sessions.PruneClock`).
+    in a window deleted. A clock days ahead is the store's to bound: it deletes
+    nothing of the day before the newest data it holds, or later (on PostgreSQL,
+    the database's clock) (:class:`warden.state.sessions.PruneClock`).
     """
     day = now.astimezone(UTC).date()
     two_days_ago = day - timedelta(days=2)

@@ -46,18 +46,21 @@ Policies that call non-deterministic builtins (``time.*``, ``uuid.*``,
 ``rand.*``, ``opa.runtime``, ``http.send``, ``net.*``, ``io.jwt.decode_verify``,
 ``crypto.x509.parse_and_verify_certificates*``, which reads the clock) are
 never cached. A module with a template string is searched for those calls
-whole, strings and comments included: its literals hold code
-(``$"{time.now_ns()}"``), and where one ends (a quote or ``#`` inside its
+in its raw text too, strings and comments included, every ``#`` between a
+call's parts read as a comment: its literals hold code (``$"{time.now_ns()}"``,
+comments there included), and where one ends (a quote or ``#`` inside its
 braces) is for rego-cpp to say. A mere mention there costs the bundle its
-cache, never a wrong decision.
+cache, never a wrong decision. :attr:`InputShape.clock_module` names the
+module found.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -88,6 +91,12 @@ _NONDETERMINISTIC = re.compile(
     # Checks a certificate's validity against the current time.
     r"|crypto\s*\.\s*x509\s*\.\s*parse_and_verify_certificates[a-z_]*)\s*\("
 )
+# The first word of each name above, where a search of raw source starts.
+_CALL_START = re.compile(r"(?<![\w.])(?:time|uuid|rand|opa|http|net|io|crypto)(?![\w])")
+_CALL_TOKEN = re.compile(r"[A-Za-z0-9_]{1,64}|\S")
+_CALL_TOKENS = 6
+"""The most tokens a name above and its ``(`` take (``crypto . x509 . parse_and_... (``)."""
+_SPACE_RUN = re.compile(r"\s*")
 _MISSING = object()
 WILDCARD = "*"
 """A path step that goes through every member of a list or object (``input.history[i]``)."""
@@ -123,6 +132,8 @@ class InputShape:
 
     paths: tuple[tuple[str, ...], ...] | None
     deterministic: bool
+    clock_module: str | None = None
+    """The first module found calling such a builtin (why the cache is off), if any."""
 
     @property
     def whole_input(self) -> bool:
@@ -134,6 +145,60 @@ def _has_template(source: str) -> bool:
     """Whether ``source`` has a template string (``$"{input.x}"``): code inside a literal."""
     blanked = blank(source, fill="s")
     return any(blanked[i] == "$" and source[i + 1] in '"`' for i in range(len(source) - 1))
+
+
+def _calls_nondeterministic(source: str, blanked: str, template: bool) -> bool:
+    """Whether a module calls a builtin of :data:`_NONDETERMINISTIC`.
+
+    ``blanked`` (strings and comments blanked) holds every call outside string
+    literals. A template string's braces hold code it hides, so a module with one
+    is searched raw too (:func:`_raw_call`).
+    """
+    return bool(_NONDETERMINISTIC.search(blanked)) or (template and _raw_call(source))
+
+
+def _raw_call(source: str) -> bool:
+    """Whether raw ``source`` holds a call of :data:`_NONDETERMINISTIC`, strings included.
+
+    A ``#`` may start a comment or sit in a string (``$"{concat("#", [x])}"``):
+    where a literal in a template's braces ends is for rego-cpp to say. So every
+    ``#`` met between a name's tokens is read as a comment start, rego-cpp reading
+    on past it (``time.now_ns # c`` then ``()``), and every one before a name's
+    first token as not one. Each place is skipped once (memoised), so a long line
+    of names and ``#`` costs linear time, not quadratic.
+    """
+    lines = [m.start() for m in re.finditer("\n", source)]
+    skipped: dict[int, int] = {}
+
+    def skip(pos: int) -> int:
+        """Past whitespace and comments from ``pos``."""
+        passed: list[int] = []
+        while pos not in skipped:
+            passed.append(pos)
+            space = _SPACE_RUN.match(source, pos)
+            assert space is not None  # it matches the empty string
+            pos = space.end()
+            if not source.startswith("#", pos):
+                break
+            at = bisect.bisect_left(lines, pos)
+            pos = lines[at] if at < len(lines) else len(source)
+        end = skipped.get(pos, pos)
+        skipped.update(dict.fromkeys(passed, end))
+        return end
+
+    for start in _CALL_START.finditer(source):
+        tokens, pos = [start.group()], start.end()
+        while len(tokens) < _CALL_TOKENS:
+            token = _CALL_TOKEN.match(source, skip(pos))
+            if token is None:
+                break
+            tokens.append(token.group())
+            pos = token.end()
+            if token.group() == "(":
+                break
+        if _NONDETERMINISTIC.match(" ".join(tokens)):
+            return True
+    return False
 
 
 def _unescape(text: str) -> str:
@@ -752,17 +817,22 @@ def analyse(modules: Sequence[Module], data: Mapping[str, Any] | None = None) ->
     it, keys drawn from lists in it narrow ``object.get`` reads.
     """
     analysis = _Analysis(modules, data)
-    # A template string's braces hold code the blanked text hides: search its module whole.
     templated = [_has_template(source) for source in analysis.sources]
-    deterministic = not any(
-        _NONDETERMINISTIC.search(source if template else text)
-        for source, text, template in zip(
-            analysis.sources, analysis.blanked, templated, strict=True
-        )
+    clock_module = next(
+        (
+            module.path
+            for module, source, text, template in zip(
+                modules, analysis.sources, analysis.blanked, templated, strict=True
+            )
+            if _calls_nondeterministic(source, text, template)
+        ),
+        None,
     )
+    # Every early return reads the whole input.
+    whole = InputShape(paths=None, deterministic=clock_module is None, clock_module=clock_module)
     if any(templated):
         # Template strings hold expressions the scan for reads cannot see into.
-        return InputShape(paths=None, deterministic=deterministic)
+        return whole
     if any(_ODD_SPACE.search(source) for source in analysis.sources):
         # Every pattern of the scan (heads, ref heads, rules headed ``object``,
         # statement starts) is written for space, tab and newline; rather than prove
@@ -771,7 +841,7 @@ def analyse(modules: Sequence[Module], data: Mapping[str, Any] | None = None) ->
         # in the raw text, comments and strings too, so that no disagreement about
         # where a comment or string ends can hide one. OPA rejects \f and \v; they
         # cost a policy that has them its projection, never a wrong decision.
-        return InputShape(paths=None, deterministic=deterministic)
+        return whole
     if any(_CONTINUED_LINE.search(text) for text in analysis.blanked) or any(
         _package_misread(source, text)
         for source, text in zip(analysis.sources, analysis.blanked, strict=True)
@@ -780,26 +850,26 @@ def analyse(modules: Sequence[Module], data: Mapping[str, Any] | None = None) ->
         # functions a call is followed into: where the scan may read either short
         # (a comment before a newline ends its reading of a reference, rego-cpp reads
         # on), nothing is projected away.
-        return InputShape(paths=None, deterministic=deterministic)
+        return whole
     paths: set[tuple[str, ...]] = set()
     for index, (source, text) in enumerate(zip(analysis.sources, analysis.blanked, strict=True)):
         for match in _INPUT.finditer(text):
             path, end = _reference_path(source, text, match.end())
             if not path:
-                return InputShape(paths=None, deterministic=deterministic)
+                return whole
             try:
                 paths |= {path + rest for rest in analysis.reads(index, match.start(), end)}
             except RecursionError:  # functions passing the input down hundreds deep
-                return InputShape(paths=None, deterministic=deterministic)
+                return whole
     kept: list[tuple[str, ...]] = []
     # ``x[_]`` with nothing read below reads every member whole: that is ``x`` itself.
     paths = _crowded_read_whole({_untail(p) for p in paths})
     if () in paths:
-        return InputShape(paths=None, deterministic=deterministic)
+        return whole
     for path in sorted(paths, key=len):
         if not any(path[: len(p)] == p for p in kept):
             kept.append(path)
-    return InputShape(paths=tuple(sorted(kept)), deterministic=deterministic)
+    return replace(whole, paths=tuple(sorted(kept)))
 
 
 _MAX_MEMBERS = 16

@@ -1156,6 +1156,14 @@ class PolicyEngine:
                     if gen is None or gen.shape.paths is None
                     else [path_text(p) for p in gen.shape.paths]
                 ),
+                # Why decisions are not cached; None when they are.
+                "off_because": (
+                    None
+                    if gen is None or gen.cacheable
+                    else "policy.cache_size is 0"
+                    if self.config.cache_size <= 0
+                    else f"module {gen.shape.clock_module} calls a clock/random builtin"
+                ),
             },
         }
 

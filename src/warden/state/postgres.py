@@ -359,8 +359,9 @@ class PgStateStore:
     async def prune_windows(self, before: Mapping[str, str]) -> int:
         """Delete the counters of windows closed long ago; how many.
 
-        Never the newest window of a kind, and none while this machine's clock is
-        over an hour ahead of the database's (:class:`~warden.state.sessions.PruneClock`).
+        None of the day before the database's today, or later, and none at all while
+        this machine's clock is over an hour ahead of the database's
+        (:class:`~warden.state.sessions.PruneClock`).
         """
         now = time.time()
 
@@ -368,15 +369,7 @@ class PgStateStore:
             await cur.execute("SELECT extract(epoch FROM now())::float8")
             clock = await cur.fetchone()
             assert clock is not None
-            await cur.execute(
-                # In code point order, as the cut-offs are compared here.
-                'SELECT split_part("window", \':\', 1), max("window" COLLATE "C") '
-                "FROM budget_counters GROUP BY 1"
-            )
-            newest = {str(kind): str(top) for kind, top in await cur.fetchall()}
-            cutoffs = self._prune_clock.window_cutoffs(
-                before, newest, local=now, store_now=clock[0]
-            )
+            cutoffs = self._prune_clock.window_cutoffs(before, local=now, store_now=clock[0])
             deleted = 0
             for kind, cutoff in sorted(cutoffs.items()):
                 await cur.execute(

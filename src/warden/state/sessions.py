@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -56,7 +58,8 @@ __all__ = [
 log = logging.getLogger("warden.state")
 
 PRUNE_GRACE_S: Final = 3600.0
-"""How far past the newest row the store holds a prune may count from (:class:`PruneClock`)."""
+"""How far past the newest row the store holds the clock may be before a prune counts from
+that row instead, plus at most this (or half the retention) (:class:`PruneClock`)."""
 
 MAX_CHAIN: Final = 256
 _INSERT_LINK: Final = (
@@ -165,22 +168,25 @@ class PruneClock:
     prunes by its own. One whose clock runs days ahead (or one forward step) would
     delete what the others use now: budget counters of today's window, session
     counters, the owners of MCP session ids, call links still waiting for a result. So
-    a prune counts from the local clock, but never from later than an hour
-    (:data:`PRUNE_GRACE_S`) past the newest row the store holds, nor, on PostgreSQL,
-    from later than the database's clock; budget windows never lose the newest window
-    of their kind. A correct clock under traffic prunes as before; a store idle for
-    longer than the grace is pruned once it is written to again.
+    a prune counts from the local clock, but never from later than the store's
+    present: for rows, once the clock is over :data:`PRUNE_GRACE_S` past the newest
+    row it holds, that row plus a grace (an hour, at most half the retention, so the
+    cut-off stays before that row); for budget windows, the newest data it holds
+    (SQLite) or the database's clock (PostgreSQL). A correct clock under traffic
+    prunes as before; a store idle for longer than the grace is pruned once it is
+    written to again.
 
-    One per store. It warns once when it holds a prune back that far (the local clock
-    over :data:`PRUNE_GRACE_S` ahead of the database's, or a prune that would have
-    emptied the table or a window kind), and again only after a prune it did not.
+    One per store. It warns once when it holds a prune back (the local clock over
+    :data:`PRUNE_GRACE_S` ahead of the database's, a prune that would have emptied
+    the table, or a window cut-off past the store's present), and again only after a
+    prune it did not.
     """
 
-    __slots__ = ("_held", "_what")
+    __slots__ = ("_holding", "_what")
 
     def __init__(self, what: str) -> None:
         self._what = what
-        self._held: set[str] = set()
+        self._holding = False
 
     def cutoff(
         self,
@@ -191,51 +197,86 @@ class PruneClock:
         store_now: float | None = None,
     ) -> float:
         """``cutoff`` (counted back from ``local``, the local clock), moved back by however
-        far ``local`` is past the store's present: ``newest`` (the newest stamp stored,
-        ``None`` for none) plus the grace, and ``store_now`` (the database's clock)."""
+        far ``local`` is past the store's present: ``store_now`` (the database's clock),
+        and ``newest`` (the newest stamp stored, ``None`` for none) plus a grace once
+        the clock is over :data:`PRUNE_GRACE_S` past it.
+
+        The grace is :data:`PRUNE_GRACE_S`, or half the retention (``local - cutoff``)
+        when that is shorter: the cut-off then stays before ``newest``, and a forward
+        step deletes at most the older half of what a short ``sessions.ttl_s`` keeps.
+        Within :data:`PRUNE_GRACE_S` of ``newest`` the clock is taken as it is: an idle
+        store is pruned exactly, emptied if everything in it is older than kept.
+        """
         present = local if store_now is None else min(local, store_now)
         why = self._skew(local, store_now)
-        if newest is not None and newest + PRUNE_GRACE_S < present:
-            present = newest + PRUNE_GRACE_S
+        if newest is not None and present - newest > PRUNE_GRACE_S:
+            present = newest + min(PRUNE_GRACE_S, max(local - cutoff, 0.0) / 2)
             if not why and local - newest > local - cutoff:
                 why = (
                     f"its newest row is {local - newest:.0f} s old by the clock here, more "
                     f"than rows are kept ({local - cutoff:.0f} s): the clock here is ahead, "
                     "or nothing was written since"
                 )
-        self._note("", why)
+        self._note(why)
         return cutoff - (local - present)
 
     def window_cutoffs(
         self,
         before: Mapping[str, str],
-        newest: Mapping[str, str],
         *,
         local: float,
+        newest: Iterable[str] = (),
+        newest_stamp: float | None = None,
         store_now: float | None = None,
     ) -> dict[str, str]:
-        """Budget-window cut-offs (``day`` -> ``day:2026-11-28``), each kept at or below
-        the newest window stored of its kind (``newest``), so that a sidecar whose clock
-        is days ahead keeps the window the fleet counts in now; none at all while the
-        clock here (``local``) is over the grace ahead of the database's (``store_now``):
-        the sidecars whose clocks agree with it prune."""
+        """Budget-window cut-offs (``day`` -> ``day:2026-11-28``), none past the day before
+        the store's present day, so that a sidecar whose clock is days ahead keeps the
+        windows the fleet counts in now.
+
+        The store's present is the clock here (``local``), but no later than the
+        database's (``store_now``) on PostgreSQL, or than the newest data the store
+        holds on SQLite: the newest window of any kind (``newest``, one per kind:
+        ``hour:2026-11-28T10+0100``, ``month:2026-11``) or the newest row stamp
+        (``newest_stamp``). Taken across kinds, not per kind: a kind nothing counts
+        in any more (a cap changed from hourly to daily) is pruned like the rest.
+        The day before is kept too, for zones behind UTC (windows carry the zone's
+        date, stamps are UTC). None at all while the clock here is over the grace
+        ahead of the database's: the sidecars whose clocks agree with it prune.
+        """
         skew = self._skew(local, store_now)
-        self._note("", skew)
         if skew:
+            self._note(skew)
             return {}
+        present = datetime.fromtimestamp(
+            local if store_now is None else min(local, store_now), UTC
+        ).date()
+        origin = "the database's clock" if store_now is not None else "the clock here"
+        cause = "the clock here is ahead"
+        if store_now is None:
+            seen = [d for d in map(_window_day, newest) if d is not None]
+            if newest_stamp is not None:
+                seen.append(datetime.fromtimestamp(newest_stamp, UTC).date())
+            if not seen:
+                self._note("")
+                return {}  # nothing stored: nothing to delete
+            if max(seen) < present:
+                present, origin = max(seen), "the newest data stored"
+                cause += ", or nothing was written since"
+        keep = present - timedelta(days=1)
         out: dict[str, str] = {}
+        held: list[str] = []
         for kind, key in before.items():
-            top = newest.get(kind)
-            if top is None:
-                continue  # nothing of that kind to delete
-            out[kind] = min(key, top)
-            why = ""
-            if key > top:
-                why = (
-                    f"the newest {kind} window stored, {top}, is before the cut-off {key}: "
-                    "the clock here is ahead, or nothing was counted in one since"
-                )
-            self._note(kind, why)
+            bound = f"month:{keep:%Y-%m}" if kind == "month" else f"{kind}:{keep:%Y-%m-%d}"
+            out[kind] = min(key, bound)
+            if key > bound:
+                held.append(key)
+        why = ""
+        if held:
+            why = (
+                f"the cut-off {min(held)} is past the day before the store's present, "
+                f"{present} ({origin}): {cause}"
+            )
+        self._note(why)
         return out
 
     @staticmethod
@@ -244,12 +285,25 @@ class PruneClock:
             return ""
         return f"the clock here is {local - store_now:.0f} s ahead of the database's"
 
-    def _note(self, part: str, why: str) -> None:
-        if not why:
-            self._held.discard(part)
-        elif part not in self._held:
-            self._held.add(part)
+    def _note(self, why: str) -> None:
+        if why and not self._holding:
             log.warning("pruning %s no further than the store has seen: %s", self._what, why)
+        self._holding = bool(why)
+
+
+_WINDOW_DAY: Final = re.compile(r"[a-z]+:(\d{4})-(\d{2})(?:-(\d{2}))?")
+
+
+def _window_day(window: str) -> date | None:
+    """The (first) day of a budget window's key, in its zone; ``None`` for no such key."""
+    found = _WINDOW_DAY.match(window)
+    if found is None:
+        return None
+    year, month, day = found.groups()
+    try:
+        return date(int(year), int(month), int(day or 1))
+    except ValueError:
+        return None
 
 
 ERASED_CALLS: Final = '[{"approval_requests_cut": true}]'

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from warden.policy.bundle.order import SignedMark
 from warden.state.base import SqliteStore, immediate, sqlite_path
@@ -43,6 +43,18 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+_NEWEST_STAMP: Final = (
+    "SELECT max(t) FROM (SELECT max(created_at) AS t FROM budget_reservations "
+    "UNION ALL SELECT max(updated_at) FROM session_counters "
+    "UNION ALL SELECT max(created_at) FROM session_calls "
+    "UNION ALL SELECT max(created_at) FROM session_responses "
+    "UNION ALL SELECT max(used_at) FROM id_owners "
+    "UNION ALL SELECT max(created_at) FROM call_links)"
+)
+"""The newest row stamp in the state file (one schema, one machine's clock): a store
+whose only counters are monthly still knows what day it is."""
 
 
 class StateStore(SqliteStore):
@@ -140,20 +152,25 @@ class StateStore(SqliteStore):
     async def prune_windows(self, before: Mapping[str, str]) -> int:
         """Delete the counters of windows closed long ago; how many.
 
-        Never the newest window of a kind: a sidecar whose clock is days ahead keeps
-        the window the others count in now (:class:`~warden.state.sessions.PruneClock`).
+        None of the day before the newest data stored, or later: a forward step of
+        this machine's clock deletes nothing counted in now, yet a kind nothing counts
+        in any more goes on time (:class:`~warden.state.sessions.PruneClock`).
         """
         return await self._run(self._prune_windows, dict(before))
 
     def _prune_windows(self, before: dict[str, str]) -> int:
         with immediate(self._conn) as cur:
-            newest = dict(
-                cur.execute(
-                    "SELECT substr(window, 1, instr(window, ':') - 1), max(window) "
-                    "FROM budget_counters GROUP BY 1"
+            newest = [
+                str(top)
+                for (top,) in cur.execute(
+                    "SELECT max(window) FROM budget_counters "
+                    "GROUP BY substr(window, 1, instr(window, ':') - 1)"
                 ).fetchall()
+            ]
+            (stamp,) = cur.execute(_NEWEST_STAMP).fetchone()
+            cutoffs = self._prune_clock.window_cutoffs(
+                before, local=time.time(), newest=newest, newest_stamp=stamp
             )
-            cutoffs = self._prune_clock.window_cutoffs(before, newest, local=time.time())
             deleted = 0
             for kind, cutoff in sorted(cutoffs.items()):
                 cur.execute(

@@ -115,10 +115,18 @@ MAX_BYTES = 2**32
 MAX_CONNECTIONS = 1_000_000
 """The most connections a listener may serve at once: each holds a file descriptor."""
 ENV_PREFIX = "WARDEN_"
-# Read by the CLI, or by the agent's SDK (WARDEN_AGENT_KEY, docs/identity.md), not by
-# the server; never treated as config overrides.
+# Read by the CLI (`warden mcp wrap` proves its agent with the last two), or by the
+# agent's SDK (WARDEN_AGENT_KEY, docs/identity.md), not by the server; never treated
+# as config overrides.
 ENV_RESERVED = frozenset(
-    {"WARDEN_CONFIG", "WARDEN_TOKEN", "WARDEN_ADMIN_URL", "WARDEN_PYTHON", "WARDEN_AGENT_KEY"}
+    {
+        "WARDEN_CONFIG",
+        "WARDEN_TOKEN",
+        "WARDEN_ADMIN_URL",
+        "WARDEN_PYTHON",
+        "WARDEN_AGENT_KEY",
+        "WARDEN_AGENT_TOKEN",
+    }
 )
 _SERVICE_LINK = re.compile(
     r"WARDEN_(?:[A-Z0-9_]*_)?(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?"

@@ -20,6 +20,7 @@ from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from tests.functional.stdio_wrap import audit_dir, decisions, tools_called, write_config
+from tests.unit.test_identity import AUDIENCE, ISSUER, Issuer
 from warden.identity import hash_key
 
 pytestmark = pytest.mark.timeout(60)
@@ -127,3 +128,26 @@ async def test_a_token_file_that_cannot_be_read_is_named(tmp_path: Path) -> None
     code, said = await refused(config, call_log, "--token-file", str(missing))
     assert code == 2
     assert f"cannot read --token-file {missing}" in said
+
+
+async def test_a_token_proves_the_agent_from_a_file_or_the_environment(tmp_path: Path) -> None:
+    # WARDEN_AGENT_TOKEN was read as a setting (agent_token: unknown key) and stopped
+    # every wrap before its token was looked at.
+    issuer = Issuer()
+    jwks = tmp_path / "jwks.json"
+    jwks.write_bytes(issuer.jwks())
+    config_path = proof_config(tmp_path)
+    config: dict[str, Any] = orjson.loads(config_path.read_bytes())
+    config["identity"]["jwt"] = {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": str(jwks)}
+    config_path.write_bytes(orjson.dumps(config))
+    call_log = tmp_path / "calls.jsonl"
+    token = issuer.token("refunds-bot")
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    await call_through(config_path, call_log, "--token-file", str(token_file))
+    await call_through(config_path, call_log, WARDEN_AGENT_TOKEN=token)
+    recorded = [r["agent"]["id"] for r in decisions(audit_dir(tmp_path))]
+    assert recorded == ["refunds-bot", "refunds-bot"]
+    code, said = await refused(config_path, call_log, WARDEN_AGENT_TOKEN=Issuer().token())
+    assert code == 2
+    assert "401 unauthenticated" in said

@@ -74,3 +74,29 @@ def test_each_worker_starts_one_interpreter_with_its_stack_set(tmp_path: Path) -
         and "= 0" in line
     ]
     assert len(interpreters) == 2, "\n".join(interpreters)
+
+
+def test_prlimit_is_taken_from_the_system_and_only_when_it_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found on PATH, an empty entry ran the working directory's "prlimit", handed the
+    # worker's socket; a prlimit that cannot set the limit left the worker unstarted.
+    from warden.policy import worker  # noqa: PLC0415 - its cache is what is tested
+
+    hostile = tmp_path / "prlimit"
+    hostile.write_text("#!/bin/sh\necho ran > " + str(tmp_path / "ran") + "\n")
+    hostile.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", ":/usr/bin:/bin")
+    monkeypatch.setattr(worker, "_prlimit_works", {})
+    argv = ["python", "-m", "warden.policy.worker", "3", "512"]
+    command = worker.stack_command(argv, 512 << 20)
+    assert command[0] != str(hostile)
+    assert command[0] in {"/usr/bin/prlimit", "/bin/prlimit", "python"}
+    assert not (tmp_path / "ran").exists()
+    failing = tmp_path / "failing"
+    failing.write_text("#!/bin/sh\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setattr(worker, "_PRLIMIT_AT", (str(failing),))
+    monkeypatch.setattr(worker, "_prlimit_works", {})
+    assert worker.stack_command(argv, 512 << 20) == argv  # the worker sets its own

@@ -35,12 +35,11 @@ the worker does as little as possible per request.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import struct
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
@@ -273,10 +272,45 @@ def stack_command(argv: Sequence[str], want: int = STACK_BYTES) -> list[str]:
     child sets it itself, as before.
     """
     limits = _stack_limits(want)
-    tool = shutil.which("prlimit")
-    if limits is None or limits[0] == limits[2] or tool is None:
+    if limits is None or limits[0] == limits[2]:
         return list(argv)
-    return [tool, f"--stack={limits[2]}:", "--", *argv]
+    setting = f"--stack={limits[2]}:"
+    tool = _prlimit(setting)
+    return list(argv) if tool is None else [tool, setting, "--", *argv]
+
+
+_PRLIMIT_AT: Final = ("/usr/bin/prlimit", "/bin/prlimit")
+_prlimit_works: dict[str, str | None] = {}
+
+
+def _prlimit(setting: str) -> str | None:
+    """util-linux's ``prlimit``, where it is installed and can set ``setting`` here.
+
+    Only from the system's own directories: looked up on ``PATH``, an empty or
+    relative entry would run whatever ``prlimit`` the working directory holds,
+    handed the worker's socket. Tried once per setting (a seccomp profile or a
+    lower hard limit may refuse it): where it fails, the worker sets its own stack.
+    """
+    if setting not in _prlimit_works:
+        import subprocess  # noqa: PLC0415 - the parent's alone: a worker starts lean
+
+        found = next((p for p in _PRLIMIT_AT if os.access(p, os.X_OK)), None)
+        if found is not None:
+            try:
+                tried = subprocess.run(  # noqa: S603 - a fixed path, our own interpreter
+                    [found, setting, "--", sys.executable, "-S", "-c", ""],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    timeout=10,
+                    check=False,
+                )
+            except (OSError, subprocess.SubprocessError):
+                found = None
+            else:
+                found = found if tried.returncode == 0 else None
+        _prlimit_works[setting] = found
+    return _prlimit_works[setting]
 
 
 def set_stack(module: str, args: Sequence[str], want: int = STACK_BYTES) -> None:

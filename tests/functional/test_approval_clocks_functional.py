@@ -1,4 +1,5 @@
-"""A sidecar whose wall clock runs ahead leaves a sibling's live hold alone.
+"""A sidecar whose wall clock runs ahead leaves a sibling's live hold alone; a sidecar
+that stalled tells the truth about the approval its sibling's request used.
 
 Sidecar A (in this process, true clock) holds an agent's refund for a person.
 Sidecar B is a Warden process of its own on the same state (one SQLite file,
@@ -29,7 +30,7 @@ import pytest
 
 from tests.functional.conftest import ROOT, audit_records, make_config
 from tests.functional.test_approvals_proxy_functional import BIG, MESSAGES, TOKENS, admin_tokens
-from tests.functional.test_hold_recovery_functional import tool_names
+from tests.functional.test_hold_recovery_functional import Child, tool_names
 from tests.pg import PgServer, state_config
 from warden.server import Warden
 from warden.testing import MockLLM, Reply
@@ -197,8 +198,9 @@ async def test_a_sidecar_whose_clock_runs_ahead_leaves_a_live_hold_alone(
         sidecars.append(b)
         first = await until(lambda: {i: v for i, v in beats().items() if i != mine}, "B's row")
         ((theirs, beat),) = first.items()
-        # B beats at the start of every sweep: once it has beaten twice more, a whole
-        # sweep (recover, then expire) has run on B's clock.
+        # B beats and sweeps on the same tick (each on a timer of its own, started
+        # together): once it has beaten twice more, a whole sweep (recover, then
+        # expire) has run on B's clock.
         seen = [beat]
 
         def swept() -> bool:
@@ -233,3 +235,84 @@ async def test_a_sidecar_whose_clock_runs_ahead_leaves_a_live_hold_alone(
         if r["kind"] == "approval_executed"
     ]
     assert executed == [held["id"]]
+
+
+async def test_a_stalled_sidecar_says_the_approval_was_used_by_the_retry(
+    tmp_path: Path, llm: MockLLM, state: tuple[dict[str, str], Beats]
+) -> None:
+    # Sidecar A (a process of its own) holds the agent's refund and is stopped (SIGSTOP:
+    # a frozen container, a long pause) past orphan_after_s. B defers the hold, the
+    # agent's retry at B waits on it, dana approves, the retry goes through. When A
+    # resumes, its first request must be refused as what happened, not "rejected".
+    section, _ = state
+    overrides: dict[str, Any] = {
+        "approvals": {"mode": "hold", "keepalive_s": 0.2, "orphan_after_s": 3},
+        "admin": {"tokens": admin_tokens()},
+        "state": section,
+    }
+    a = await asyncio.to_thread(Child, tmp_path / "a", llm.url, overrides)
+    try:
+        async with (
+            Warden(make_config(tmp_path / "b", llm.url, **overrides)) as b,
+            openai.AsyncOpenAI(
+                base_url=f"{a.proxy_url}/openai/v1", api_key="sk-test", max_retries=0, timeout=90
+            ) as at_a,
+            openai.AsyncOpenAI(
+                base_url=f"{b.proxy_url}/openai/v1", api_key="sk-test", max_retries=0, timeout=90
+            ) as at_b,
+        ):
+            llm.script(Reply(tool_calls=[BIG]))
+            first = asyncio.create_task(
+                at_a.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            )
+
+            async def approval() -> dict[str, Any]:
+                _, body = await admin(b.admin_url, "GET", "/v1/approvals?status=pending")
+                return dict(body["approvals"][0]) if body["approvals"] else {}
+
+            async def settled(check: Callable[[dict[str, Any]], bool], what: str) -> Any:
+                for _ in range(600):
+                    found = await approval()
+                    if found and check(found):
+                        return found
+                    await asyncio.sleep(0.1)
+                raise AssertionError(f"waited 60 s for {what}")
+
+            held = await settled(lambda f: f["mode"] == "hold", "A's hold")
+            os.killpg(a.proc.pid, signal.SIGSTOP)
+            try:
+                await settled(lambda f: f["mode"] == "defer", "B to defer A's hold")
+                llm.script(Reply(tool_calls=[BIG]))
+                retry = asyncio.create_task(
+                    at_b.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+                )
+                adopted = await settled(lambda f: f["mode"] == "hold", "B to hold it again")
+                assert adopted["id"] == held["id"]
+                status, _ = await admin(
+                    b.admin_url, "POST", f"/v1/approvals/{held['id']}/approve", {}
+                )
+                assert status == 200
+                assert tool_names(await asyncio.wait_for(retry, 30)) == ["issue_refund"]
+            finally:
+                os.killpg(a.proc.pid, signal.SIGCONT)
+            answer = await asyncio.wait_for(first, 30)
+            assert tool_names(answer) == []
+            said = answer.choices[0].message.content or ""
+            assert "already used by another request for the same call" in said
+            assert "rejected" not in said
+    finally:
+        await asyncio.to_thread(a.stop)
+    a_decisions = [
+        r["decision"]
+        for r in audit_records(tmp_path / "a" / "audit")
+        if r["kind"] == "decision" and r["decision"]["guard"] == "approval"
+    ]
+    assert [d["effect"] for d in a_decisions] == ["deny"]
+    assert "already used by another request" in a_decisions[0]["reasons"][-1]
+    assert "rejected" not in a_decisions[0]["reasons"][-1]
+    b_executed = [
+        r["body"]["approval_id"]
+        for r in audit_records(tmp_path / "b" / "audit")
+        if r["kind"] == "approval_executed"
+    ]
+    assert b_executed == [held["id"]]

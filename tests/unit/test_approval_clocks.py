@@ -12,21 +12,27 @@ before, by the true clock); the same with real processes is in
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
+import orjson
 import pytest
 
 from tests.pg import state_config
 from tests.unit.test_approvals_service import ALICE, SETTINGS, action, decision, records
 from warden.approvals import Approvals, ApprovalStatus
+from warden.approvals.gate import ApprovalGate
 from warden.approvals.model import Approval, Vote
 from warden.approvals.owner import Owner
 from warden.approvals.store import ApprovalRepo, ApprovalStore, apply_vote, orphaned_holds
 from warden.audit.log import AuditLog
-from warden.config import AuditConfig
+from warden.audit.verify import iter_records
+from warden.config import ApprovalsConfig, AuditConfig
+from warden.model import Effect
 from warden.state.backend import StateBackend, open_state
 
 _REAL_TIME = time.time
@@ -46,6 +52,56 @@ class Clock:
     @staticmethod
     def monotonic() -> float:
         return time.monotonic()
+
+
+Step = Callable[[], Awaitable[None]]
+
+
+class Spy:
+    """An approval repository as one sidecar uses it, watched: it counts the approvals
+    its calls return, and runs another sidecar's step just before or after one of its
+    calls (``before``/``after``, by method name, once; ``"*"``: the next call of any),
+    or keeps calls waiting while this sidecar is stalled (``stalled``, by name)."""
+
+    def __init__(self, inner: ApprovalRepo) -> None:
+        self.inner = inner
+        self.rows = 0
+        self.calls: list[str] = []
+        self.before: dict[str, Step] = {}
+        self.after: dict[str, Step] = {}
+        self.stalled: dict[str, asyncio.Event] = {}
+
+    @property
+    def repo(self) -> ApprovalRepo:
+        return cast(ApprovalRepo, self)
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self.inner, name)
+        if not inspect.iscoroutinefunction(found):
+            return found
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if (resumed := self.stalled.get(name)) is not None:
+                await resumed.wait()
+            if (step := self.before.pop(name, None) or self.before.pop("*", None)) is not None:
+                await step()
+            result = await found(*args, **kwargs)
+            self.calls.append(name)
+            self.rows += _rows(result)
+            if (step := self.after.pop(name, None) or self.after.pop("*", None)) is not None:
+                await step()
+            return result
+
+        return call
+
+
+def _rows(result: object) -> int:
+    """How many approvals a repository call returned."""
+    if isinstance(result, Approval):
+        return 1
+    if isinstance(result, list | tuple):
+        return sum(_rows(r) for r in result)
+    return 0
 
 
 @pytest.fixture
@@ -243,3 +299,106 @@ def _approval(now: float) -> Approval:
         expires_at=now + 60,
         owner=REMOTE.instance,
     )
+
+
+async def test_a_stalled_owner_leaves_alone_the_hold_a_sibling_took_over(
+    store: Callable[[], Awaitable[ApprovalRepo]], audit: AuditLog
+) -> None:
+    # Owner A stalled (a long GC pause, a stopped container) past orphan_after_s: sibling
+    # B deferred its hold, and the agent's retry at B holds that approval again. When A
+    # resumes, its hold's time has run out on its monotonic clock: it must not end B's.
+    a = await Approvals.open(await store(), audit, SETTINGS)
+    b_repo = await store()
+    b = await Approvals.open(b_repo, audit, SETTINGS)
+    try:
+        act, dec = action(), decision(hold_timeout_s=0.05)
+        held = await a.request(act, dec, mode="hold")
+        assert await b_repo.to_defer(held.id, time.time() + 3600) is not None  # B's recover
+        adopted = await b.adopt(act, dec, 120)
+        assert adopted is not None
+        assert adopted.owner == b.owner.instance
+        await asyncio.sleep(0.1)  # A's hold time is over
+        assert await a.expire_due() == 0
+        waited = await a.wait(held.id, 0.05)
+        assert (waited.status, waited.mode, waited.owner) == (
+            ApprovalStatus.PENDING,
+            "hold",
+            b.owner.instance,
+        )
+        # A answers its agent's first request as deferred; B's hold stays B's.
+        assert await a.defer(held.id) is None
+        found = await b.get(held.id)
+        assert found is not None
+        assert (found.status, found.mode, found.owner) == (
+            ApprovalStatus.PENDING,
+            "hold",
+            b.owner.instance,
+        )
+        waiter = asyncio.create_task(b.wait(held.id, 120, expire=False))
+        await b.decide(held.id, ALICE, True, "ok")
+        assert (await asyncio.wait_for(waiter, 5)).status is ApprovalStatus.APPROVED
+        assert records(audit, "approval_expired") == []
+        assert records(audit, "approval_deferred") == []
+    finally:
+        await b.close()
+        await a.close()
+
+
+@pytest.mark.parametrize("used", ["while_it_waited", "as_it_went_to_use_it"])
+async def test_a_stalled_owner_says_the_retry_used_the_approval_not_that_it_was_rejected(
+    store: Callable[[], Awaitable[ApprovalRepo]], audit: AuditLog, used: str
+) -> None:
+    # Owner A holds the agent's call and stalls; sibling B defers the hold, the agent's
+    # retry at B waits on it (or takes it as a grant), dana approves and the retry goes
+    # through. A's request must be refused as what happened: approved, and used.
+    spy = Spy(await store())
+    a = await Approvals.open(spy.repo, audit, SETTINGS)
+    b_repo = await store()
+    b = await Approvals.open(b_repo, audit, SETTINGS)
+    gate = ApprovalGate(a, ApprovalsConfig(mode="hold"), audit)
+    act, dec = action(), decision(hold_timeout_s=120)
+    try:
+        settling = asyncio.create_task(gate.settle(act, dec))
+        for _ in range(200):
+            if pending := await b.list("pending"):
+                break
+            await asyncio.sleep(0.02)
+        (held,) = pending
+        resumed = asyncio.Event()
+        spy.stalled["get"] = resumed  # A's waiter reads nothing until A resumes
+        assert await b_repo.to_defer(held.id, time.time() + 3600) is not None  # B's recover
+        if used == "while_it_waited":
+            assert await b.adopt(act, dec, 120) is not None
+            await b.decide(held.id, ALICE, True, "ok")
+            await b.mark_executed(held.id, "act_retry")
+        else:
+            await b.decide(held.id, ALICE, True, "ok")  # a grant now: A reads it approved
+
+            async def retry() -> None:  # ... and the retry at B takes it first
+                assert await b.take_grant(act, dec) is not None
+
+            spy.before["consume"] = retry
+        resumed.set()
+        final = await asyncio.wait_for(settling, 10)
+        assert final.effect is Effect.DENY
+        assert final.error is None  # not "the approval store is unavailable"
+        why = final.reasons[-1]
+        assert "approved by alice" in why
+        assert "already used by another request for the same call" in why
+        assert "rejected" not in why
+        (recorded,) = [
+            r
+            for r in (orjson.loads(raw) for _, raw in iter_records(audit.directory))
+            if r["kind"] == "decision" and r["decision"]["guard"] == "approval"
+        ]
+        assert recorded["decision"]["effect"] == "deny"
+        assert recorded["decision"]["reasons"][-1] == why
+        assert recorded["approval"]["verdict"] == "approved"
+        found = await b.get(held.id)
+        assert found is not None
+        assert found.status is ApprovalStatus.CONSUMED
+        (executed,) = records(audit, "approval_executed")  # once: the retry's
+        assert executed["approval_id"] == held.id
+    finally:
+        await b.close()
+        await a.close()

@@ -11,7 +11,10 @@ the final decision the agent gets, and records it:
   approval stays decidable after a restart; a hold whose process died is
   deferred when Warden next starts (:meth:`Approvals.recover`);
 - a retry of a call whose hold was lost waits on that same approval again
-  rather than raising a second one, and is deferred again if still undecided.
+  rather than raising a second one, and is deferred again if still undecided;
+- a hold whose approval was used by another request for the same call (the
+  agent's retry at a sibling, while this process was stalled) is refused as
+  such: the approval lets one call through, and that one went.
 
 An approved action is checked against kill switches again, its budget is
 reserved again, and the decision that lets it through is recorded with the
@@ -29,7 +32,13 @@ from collections.abc import Callable
 from typing import Final, Protocol
 
 from warden import tasks
-from warden.approvals.model import Approval, ApprovalSettings, ApprovalStatus, TooManyPending
+from warden.approvals.model import (
+    Approval,
+    ApprovalConflict,
+    ApprovalSettings,
+    ApprovalStatus,
+    TooManyPending,
+)
 from warden.approvals.service import Approvals
 from warden.config import ApprovalsConfig
 from warden.errors import AuditError
@@ -166,7 +175,12 @@ class ApprovalGate:
             raise
         gone = connected is not None and not connected()
         if approval.status is ApprovalStatus.APPROVED and not gone:
-            await self.approvals.mark_executed(approval.id, action.action_id)
+            try:
+                await self.approvals.mark_executed(approval.id, action.action_id)
+            except ApprovalConflict:
+                # Used (or revoked) since the wait saw it approved: say which.
+                approval = await self.approvals.get(approval.id) or approval
+                return await self._refused(action, decision, approval)
             return await self._approved(action, decision, approval)
         if approval.status in (ApprovalStatus.PENDING, ApprovalStatus.APPROVED):
             # Undecided (Warden stopping, the caller gone), or approved as its caller left:
@@ -218,10 +232,20 @@ class ApprovalGate:
     async def _refused(self, action: Action, held: Decision, approval: Approval) -> Decision:
         if approval.status is ApprovalStatus.EXPIRED:
             why = f"no one approved it within the hold time (approval {approval.id})"
-        else:
+        elif approval.status is ApprovalStatus.CONSUMED:
+            # Approved, and the one call it lets through was another request of this call
+            # (the agent's retry, at a sibling while this process was stalled).
+            who = ", ".join(approval.approved_by) or approval.decided_by or "an approver"
+            why = (
+                f"approved by {who}, but that approval was already used by another "
+                f"request for the same call; it lets one call through (approval {approval.id})"
+            )
+        elif approval.status is ApprovalStatus.REJECTED:
             by = approval.decided_by or "an approver"
             note = f": {approval.comment}" if approval.comment else ""
             why = f"rejected by {by}{note} (approval {approval.id})"
+        else:
+            why = f"approval {approval.id} is {approval.status.value}, not approved"
         decision = _follow(held, Effect.DENY, (*held.reasons, why))
         await self._audit.record_decision(action, decision, approval=approval.evidence())
         return decision

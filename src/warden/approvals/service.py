@@ -24,7 +24,9 @@ decision, when the hold time has passed on its monotonic clock: the wall
 clocks of two sidecars may differ, and either may step. When that process is
 gone (killed, even with ``SIGKILL``), the hold becomes a deferral: at start
 for owners that are provably dead, and for the others once this process has
-seen their heartbeat stand still for ``orphan_after_s``. An agent retrying
+seen their heartbeat stand still for ``orphan_after_s``. Each process writes
+its heartbeat from a task of its own, so a sweep that takes long (a backlog
+of deferrals to expire) never makes it look gone. An agent retrying
 the same call then waits on that approval again (:meth:`Approvals.adopt`) or,
 once it is approved, passes once. A deferral outlives processes, so its
 ``expires_at`` is a wall-clock time, checked by whichever sidecar reads it.
@@ -86,6 +88,8 @@ log = logging.getLogger("warden.approvals")
 
 FEED_BACKSTOP_S = 5.0
 """With a change feed, a waiter still re-reads its approval this often."""
+EXPIRE_BATCH = 500
+"""Deferrals one sweep expires at most (one statement); a backlog takes a few sweeps."""
 KILL_SWITCH = "kill_switch"
 """``decided_by`` of approvals rejected because a kill switch was thrown."""
 _ANSWERS: Final = "input_responses"
@@ -142,6 +146,7 @@ class Approvals:
         self._opening = asyncio.Lock()
         """Held while a new approval is checked for room and stored."""
         self._sweeper: asyncio.Task[None] | None = None
+        self._beater: asyncio.Task[None] | None = None
         self._closed = False
 
     @classmethod
@@ -175,6 +180,7 @@ class Approvals:
         except BaseException:
             await store.close()
             raise
+        self._beater = tasks.spawn(self._beat(), name="approval-heartbeat")
         self._sweeper = tasks.spawn(self._sweep(), name="approval-sweep")
         if feed is not None:
             self._watcher = tasks.spawn(self._watch(feed), name="approval-watch")
@@ -185,7 +191,7 @@ class Approvals:
         if self._closed:
             return
         self._closed = True
-        for task in (self._sweeper, self._watcher):
+        for task in (self._sweeper, self._beater, self._watcher):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -386,8 +392,10 @@ class Approvals:
         Returns the approval as it then is: ``approved``, ``rejected`` or
         ``expired`` (also ``consumed`` if someone used it meanwhile; still
         ``pending`` when the service is closing, or at the timeout when not
-        ``expire``). A timeout never approves. Raises
-        :class:`ApprovalNotFound` for an unknown id.
+        ``expire``). A timeout never approves, and expires only a hold of this
+        process: one a sibling deferred meanwhile (this process looked gone),
+        or that another sidecar holds now, is returned still ``pending``.
+        Raises :class:`ApprovalNotFound` for an unknown id.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout_s)
@@ -410,10 +418,11 @@ class Approvals:
                     return approval
         finally:
             self._events.pop(approval_id, None)
-        if not expire:
+        if not expire or approval.mode != "hold" or approval.owner != self.owner.instance:
             return approval
-        expired = await self._store.expire(approval_id, time.time())
-        if expired is None:  # decided in the meantime
+        # The update checks again that it is still this process's hold.
+        expired = await self._store.expire(approval_id, time.time(), owner=self.owner.instance)
+        if expired is None:  # decided, or deferred by a sibling, in the meantime
             final = await self._store.get(approval_id)
             assert final is not None
             return final
@@ -484,7 +493,11 @@ class Approvals:
         :meth:`recover` records the holds of processes that are gone.
         """
         self._holds.pop(approval_id, None)
-        deferred = await self._store.to_defer(approval_id, time.time() + self.settings.defer_ttl_s)
+        # Not a hold another sidecar adopted since a sibling deferred it (this process
+        # looked gone): that one's request is still open there.
+        deferred = await self._store.to_defer(
+            approval_id, time.time() + self.settings.defer_ttl_s, owner=self.owner.instance
+        )
         if deferred is not None:
             await self._record(
                 "approval_deferred",
@@ -688,7 +701,7 @@ class Approvals:
         pending = await self._store.list(ApprovalStatus.PENDING)
         return next((a for a in reversed(pending) if a.binding == binding), None)
 
-    async def expire_due(self) -> int:
+    async def expire_due(self, *, limit: int = EXPIRE_BATCH) -> int:
         """Expire the approvals whose time ran out; the sweeper calls this.
 
         This process's holds, once their hold time has passed on its monotonic
@@ -697,21 +710,23 @@ class Approvals:
         outlive processes, so no monotonic clock spans them. Never another
         process's hold: its owner counts its time, and when the owner is gone
         :meth:`recover` defers it instead.
+
+        At most ``limit`` deferrals a call (a backlog takes a few sweeps), in
+        one statement that picks and expires them together: deferrals not yet
+        due are not read, and one adopted meanwhile (another sidecar's live
+        hold now) or given more time is left alone. Their records follow.
         """
-        now, clock = time.time(), time.monotonic()
-        holds = [aid for aid, ends in self._holds.items() if ends <= clock]
-        pending = await self._store.list(ApprovalStatus.PENDING)
-        deferrals = [a.id for a in pending if a.mode != "hold" and a.expires_at <= now]
+        clock = time.monotonic()
         count = 0
-        for approval_id in holds:
+        for approval_id in [aid for aid, ends in self._holds.items() if ends <= clock]:
             if await self._expire_hold(approval_id) is not None:
                 count += 1
-        for approval_id in deferrals:
-            expired = await self._store.expire(approval_id, now)
-            if expired is not None:
-                await self._expired(expired)
-                count += 1
-        return count
+        expired = await self._store.expire_deferrals(time.time(), limit)
+        for approval in expired:
+            await self._expired(approval, gauge=False)
+        if expired:
+            await self._refresh_gauge()
+        return count + len(expired)
 
     async def prune(self) -> int:
         """Delete approvals that ended over ``keep_decided_s`` ago; the sweeper calls this.
@@ -732,18 +747,19 @@ class Approvals:
     async def _expire_hold(self, approval_id: str) -> Approval | None:
         """Expire this process's hold (``None``: it was decided or deferred meanwhile)."""
         self._holds.pop(approval_id, None)
-        expired = await self._store.expire(approval_id, time.time())
+        expired = await self._store.expire(approval_id, time.time(), owner=self.owner.instance)
         if expired is not None:
             await self._expired(expired)
         return expired
 
-    async def _expired(self, approval: Approval) -> None:
+    async def _expired(self, approval: Approval, *, gauge: bool = True) -> None:
         self._finished(approval)
         self._notifier.notify("approval.expired", approval)
         await self._record(
             "approval_expired", approval, {"at": rfc3339(approval.decided_at or time.time())}
         )
-        await self._refresh_gauge()
+        if gauge:
+            await self._refresh_gauge()
 
     async def _executed(self, approval: Approval, action_id: str) -> None:
         metrics.OUTCOMES.labels(ApprovalStatus.CONSUMED.value).inc()
@@ -850,14 +866,27 @@ class Approvals:
                     if event is not None:
                         event.set()
 
-    async def _sweep(self) -> None:
-        # The heartbeat must come well within orphan_after_s, or siblings
-        # would take this process's live holds for lost ones.
-        tick = min(self.settings.sweep_interval_s, self.settings.orphan_after_s / 3)
+    def _tick(self) -> float:
+        # Well within orphan_after_s: siblings recover holds once they see that stand still.
+        return min(self.settings.sweep_interval_s, self.settings.orphan_after_s / 3)
+
+    async def _beat(self) -> None:
+        # A task of its own, not a step of the sweep: a sweep that takes long (a backlog
+        # of deferrals, a slow audit disk) must not keep the heartbeat still, or
+        # siblings would take this process's live holds for lost ones.
         while True:
-            await asyncio.sleep(tick)
+            await asyncio.sleep(self._tick())
             try:
                 await self._store.heartbeat(self.owner, self._beats.next())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("approvals: could not write this process's heartbeat", exc_info=True)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick())
+            try:
                 await self.recover()
                 await self.expire_due()
                 await self.prune()

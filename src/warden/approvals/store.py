@@ -148,13 +148,27 @@ class ApprovalRepo(Protocol):
         """Add a vote atomically (:func:`apply_vote`); the approval before and after."""
         ...
 
-    async def expire(self, approval_id: str, now: float) -> Approval | None:
-        """Expire a pending approval; ``None`` when it was not pending."""
+    async def expire(
+        self, approval_id: str, now: float, *, owner: str | None = None
+    ) -> Approval | None:
+        """Expire a pending approval; ``None`` when it was not pending.
+
+        With ``owner``, only while it is still a hold of ``owner``, checked by
+        the update itself: a sibling may have deferred it meanwhile (``owner``
+        looked gone) and another sidecar adopted it, and neither is ``owner``'s
+        to end any more.
+        """
         ...
 
-    async def to_defer(self, approval_id: str, expires_at: float) -> Approval | None:
+    async def to_defer(
+        self, approval_id: str, expires_at: float, *, owner: str | None = None
+    ) -> Approval | None:
         """Turn a pending hold into a deferral, or an approved hold not yet used into a
-        grant (approved as its caller left: the retry takes it); ``None`` otherwise."""
+        grant (approved as its caller left: the retry takes it); ``None`` otherwise.
+
+        With ``owner``, a hold is changed only while it is ``owner``'s (never the
+        live hold of a sidecar that adopted it since).
+        """
         ...
 
     async def expire_due(self, now: float) -> builtins.list[Approval]:
@@ -162,6 +176,16 @@ class ApprovalRepo(Protocol):
 
         Holds too, by ``now``: the approvals service does not call this, since a
         hold's time is counted by its owner alone (:meth:`Approvals.expire_due`).
+        """
+        ...
+
+    async def expire_deferrals(self, now: float, limit: int) -> builtins.list[Approval]:
+        """Expire at most ``limit`` pending deferrals whose ``expires_at`` is ``now`` or
+        earlier (those that ran out first); return them, oldest first.
+
+        One statement that picks and changes the rows together: a deferral
+        adopted meanwhile (a hold now) or given more time is left alone, and no
+        deferral that is not due is read.
         """
         ...
 
@@ -538,37 +562,60 @@ class ApprovalStore(SqliteStore):
             _update(cur, after)
             return before, after
 
-    async def expire(self, approval_id: str, now: float) -> Approval | None:
-        """Expire a pending approval; ``None`` when it was not pending."""
-        return await self._run(self._expire, approval_id, now)
+    async def expire(
+        self, approval_id: str, now: float, *, owner: str | None = None
+    ) -> Approval | None:
+        """Expire a pending approval (with ``owner``: only while it is that owner's
+        hold); ``None`` when it was not."""
+        return await self._run(self._expire, approval_id, now, owner)
 
-    def _expire(self, approval_id: str, now: float) -> Approval | None:
+    def _expire(self, approval_id: str, now: float, owner: str | None) -> Approval | None:
         with immediate(self._conn) as cur:
             cur.execute(
                 "UPDATE approvals SET status = 'expired', decided_at = ? "
-                "WHERE id = ? AND status = 'pending'",
-                (now, approval_id),
+                "WHERE id = ? AND status = 'pending' "
+                "AND (? IS NULL OR (mode = 'hold' AND owner = ?))",
+                (now, approval_id, owner, owner),
             )
             if cur.rowcount == 0:
                 return None
             return self._get(approval_id)
 
-    async def to_defer(self, approval_id: str, expires_at: float) -> Approval | None:
+    async def to_defer(
+        self, approval_id: str, expires_at: float, *, owner: str | None = None
+    ) -> Approval | None:
         """Turn a pending hold into a defer grant-to-be, or an approved unused hold into a
-        grant; ``None`` when neither."""
-        return await self._run(self._to_defer, approval_id, expires_at)
+        grant (with ``owner``: a hold only while it is that owner's); ``None`` when
+        neither."""
+        return await self._run(self._to_defer, approval_id, expires_at, owner)
 
-    def _to_defer(self, approval_id: str, expires_at: float) -> Approval | None:
+    def _to_defer(self, approval_id: str, expires_at: float, owner: str | None) -> Approval | None:
         with immediate(self._conn) as cur:
             cur.execute(
                 "UPDATE approvals SET mode = 'defer', expires_at = MAX(expires_at, ?) "
                 "WHERE id = ? AND (status = 'pending' OR (status = 'approved' "
-                "AND mode = 'hold' AND consumed_at IS NULL))",
-                (expires_at, approval_id),
+                "AND mode = 'hold' AND consumed_at IS NULL)) "
+                "AND (? IS NULL OR mode <> 'hold' OR owner = ?)",
+                (expires_at, approval_id, owner, owner),
             )
             if cur.rowcount == 0:
                 return None
             return self._get(approval_id)
+
+    async def expire_deferrals(self, now: float, limit: int) -> builtins.list[Approval]:
+        """Expire at most ``limit`` due deferrals in one statement; return them."""
+        return await self._run(self._expire_deferrals, now, limit)
+
+    def _expire_deferrals(self, now: float, limit: int) -> builtins.list[Approval]:
+        with immediate(self._conn) as cur:
+            rows = cur.execute(
+                "UPDATE approvals SET status = 'expired', decided_at = ? WHERE id IN ("  # noqa: S608 - constant columns
+                "SELECT id FROM approvals WHERE status = 'pending' AND mode <> 'hold' "
+                "AND expires_at <= ? ORDER BY expires_at, id LIMIT ?) "
+                f"RETURNING {COLUMNS}",
+                (now, now, limit),
+            ).fetchall()
+        return sorted((from_row(r) for r in rows), key=lambda a: (a.created_at, a.id))
 
     async def expire_due(self, now: float) -> builtins.list[Approval]:
         """Expire every pending approval past its expiry; return them."""

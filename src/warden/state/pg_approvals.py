@@ -169,22 +169,46 @@ class PgApprovalStore:
 
         return await self._db.tx(run)
 
-    async def expire(self, approval_id: str, now: float) -> Approval | None:
-        """Expire a pending approval; ``None`` when it was not pending."""
+    async def expire(
+        self, approval_id: str, now: float, *, owner: str | None = None
+    ) -> Approval | None:
+        """Expire a pending approval (with ``owner``: only while it is that owner's
+        hold); ``None`` when it was not."""
         return await self._one(
             "UPDATE approvals SET status = 'expired', decided_at = %s "  # noqa: S608 - constant columns
-            "WHERE id = %s AND status = 'pending'" + _RETURNING,
-            (now, approval_id),
+            "WHERE id = %s AND status = 'pending' "
+            "AND (%s::text IS NULL OR (mode = 'hold' AND owner = %s))" + _RETURNING,
+            (now, approval_id, owner, owner),
         )
 
-    async def to_defer(self, approval_id: str, expires_at: float) -> Approval | None:
-        """Turn a pending hold into a deferral, or an approved unused hold into a grant;
-        ``None`` when neither."""
+    async def to_defer(
+        self, approval_id: str, expires_at: float, *, owner: str | None = None
+    ) -> Approval | None:
+        """Turn a pending hold into a deferral, or an approved unused hold into a grant
+        (with ``owner``: a hold only while it is that owner's); ``None`` when neither."""
         return await self._one(
             "UPDATE approvals SET mode = 'defer', expires_at = greatest(expires_at, %s) "  # noqa: S608 - constant columns
             "WHERE id = %s AND (status = 'pending' OR (status = 'approved' "
-            "AND mode = 'hold' AND consumed_at IS NULL))" + _RETURNING,
-            (expires_at, approval_id),
+            "AND mode = 'hold' AND consumed_at IS NULL)) "
+            "AND (%s::text IS NULL OR mode <> 'hold' OR owner = %s)" + _RETURNING,
+            (expires_at, approval_id, owner, owner),
+        )
+
+    async def expire_deferrals(self, now: float, limit: int) -> builtins.list[Approval]:
+        """Expire at most ``limit`` due deferrals in one statement; return them.
+
+        The rows are picked and locked once (a locking CTE is evaluated once; an
+        ``IN (… LIMIT)`` subquery may be run again and pick more), their conditions
+        read from each row's newest version; rows another sidecar is changing
+        (adopting one) are skipped.
+        """
+        return await self._many(
+            "WITH due AS (SELECT id AS due_id FROM approvals "  # noqa: S608 - constant columns
+            "WHERE status = 'pending' AND mode <> 'hold' AND expires_at <= %s "
+            "ORDER BY expires_at, id LIMIT %s FOR UPDATE SKIP LOCKED) "
+            "UPDATE approvals SET status = 'expired', decided_at = %s "
+            "FROM due WHERE id = due.due_id" + _RETURNING,
+            (now, limit, now),
         )
 
     async def expire_due(self, now: float) -> builtins.list[Approval]:

@@ -1,9 +1,10 @@
 """The approvals sweep: what it reads, what it expires, and the heartbeat beside it.
 
-A sweep expires due deferrals with one statement per store that picks and
-changes them together: the deferrals that are not due are not read (a fleet
-may keep thousands), and a deferral adopted meanwhile (another sidecar's live
-hold now) is not expired. The heartbeat is written by a task of its own, so a
+A sweep reads the due deferrals' ids and expires each with an update that
+checks it again, recording it before the next: the deferrals that are not due
+are not read (a fleet may keep thousands), a deferral adopted meanwhile
+(another sidecar's live hold now) is not expired, and a stop leaves no expiry
+unrecorded. The heartbeat is written by a task of its own, so a
 sweep that takes long (a backlog of deferrals, their audit records) never
 makes a live owner look gone to its siblings.
 """
@@ -112,7 +113,8 @@ async def test_a_backlog_of_due_deferrals_expires_a_batch_at_a_time(
         assert await service.expire_due(limit=2) == 0
         assert len(records(audit, "approval_expired")) == 5
         # A hold past its stored expiry (another wall clock's) is its owner's to end.
-        assert await repo.expire_deferrals(time.time() + 600, 100) == []
+        assert await repo.due_deferrals(time.time() + 600, 100) == []
+        assert await repo.expire_deferral(held.id, time.time() + 600) is None
         assert {a.id for a in await service.list("pending")} == {template.id, held.id}
         found = await service.get(held.id)
         assert found is not None
@@ -233,5 +235,70 @@ async def test_a_long_sweep_does_not_keep_the_heartbeat_still(
         assert records(audit, "approval_deferred") == []
     finally:
         slow.released.set()
+        await b.close()
+        await a.close()
+
+
+async def test_a_stop_during_a_sweep_leaves_no_expiry_unrecorded(
+    store: Callable[[], Awaitable[ApprovalRepo]], audit: AuditLog
+) -> None:
+    # A batch expired in one statement, its records written after: a stop between them
+    # (SIGTERM cancels the sweeper) left hundreds expired with no record, for good.
+    repo = await store()
+    settings = replace(SETTINGS, max_pending_per_agent=0, sweep_interval_s=0.05)
+    service = await Approvals.open(repo, audit, settings)
+    template = await service.request(action(), decision(), mode="defer")
+    await deferrals(repo, template, 200, due=True)
+    try:
+        for _ in range(6000):  # the sweeper's first records are on their way: stop now
+            if records(audit, "approval_expired"):
+                break
+            await asyncio.sleep(0.005)
+    finally:
+        await service.close()
+    checker = await Approvals.open(await store(), audit, settings)
+    try:
+        expired = {a.id for a in await checker.list("expired")}
+    finally:
+        await checker.close()
+    recorded = {r["approval_id"] for r in records(audit, "approval_expired")}
+    assert expired
+    assert expired <= recorded
+
+
+async def test_no_deferral_expires_while_the_audit_log_cannot_record_it(
+    store: Callable[[], Awaitable[ApprovalRepo]], audit: AuditLog
+) -> None:
+    repo = await store()
+    service = await Approvals.open(repo, audit, replace(SETTINGS, max_pending_per_agent=0))
+    try:
+        template = await service.request(action(), decision(), mode="defer")
+        await deferrals(repo, template, 20, due=True)
+        audit._fail(OSError(28, "No space left on device"))  # the log fails closed
+        for _ in range(2):
+            assert await service.expire_due() == 0
+        assert await service.list("expired") == []
+    finally:
+        await service.close()
+
+
+async def test_a_stalled_owner_does_not_defer_again_what_a_sibling_deferred(
+    store: Callable[[], Awaitable[ApprovalRepo]], audit: AuditLog
+) -> None:
+    a = await Approvals.open(await store(), audit, SETTINGS)
+    b = await Approvals.open(await store(), audit, SETTINGS)
+    try:
+        held = await a.request(action(), decision(hold_timeout_s=300), mode="hold")
+        # B found A gone (stalled past orphan_after_s) and deferred A's hold; A resumes and
+        # its gate, finding the request gone, defers it again.
+        assert await b._store.to_defer(held.id, time.time() + 60) is not None
+        before = await b.get(held.id)
+        assert await a.defer(held.id) is None
+        after = await b.get(held.id)
+        assert before is not None
+        assert after is not None
+        assert after.expires_at == before.expires_at
+        assert records(audit, "approval_deferred") == []
+    finally:
         await b.close()
         await a.close()

@@ -711,22 +711,30 @@ class Approvals:
         process's hold: its owner counts its time, and when the owner is gone
         :meth:`recover` defers it instead.
 
-        At most ``limit`` deferrals a call (a backlog takes a few sweeps), in
-        one statement that picks and expires them together: deferrals not yet
-        due are not read, and one adopted meanwhile (another sidecar's live
-        hold now) or given more time is left alone. Their records follow.
+        At most ``limit`` deferrals a call (a backlog takes a few sweeps): the
+        due ones' ids are read (deferrals not yet due are not), then each is
+        expired, checked again by its own update (one adopted meanwhile, another
+        sidecar's live hold now, or given more time is left alone), and its
+        record queued before the next: a sweep cut short by a stop leaves no
+        expiry unrecorded. None while the audit log cannot take their records.
         """
         clock = time.monotonic()
         count = 0
         for approval_id in [aid for aid, ends in self._holds.items() if ends <= clock]:
             if await self._expire_hold(approval_id) is not None:
                 count += 1
-        expired = await self._store.expire_deferrals(time.time(), limit)
-        for approval in expired:
-            await self._expired(approval, gauge=False)
+        if not getattr(self._audit, "writable", True):
+            return count  # an expiry is not taken without its record; the next sweep tries
+        now = time.time()
+        expired = 0
+        for approval_id in await self._store.due_deferrals(now, limit):
+            approval = await self._store.expire_deferral(approval_id, now)
+            if approval is not None:
+                await self._expired(approval, gauge=False)
+                expired += 1
         if expired:
             await self._refresh_gauge()
-        return count + len(expired)
+        return count + expired
 
     async def prune(self) -> int:
         """Delete approvals that ended over ``keep_decided_s`` ago; the sweeper calls this.

@@ -179,14 +179,14 @@ class ApprovalRepo(Protocol):
         """
         ...
 
-    async def expire_deferrals(self, now: float, limit: int) -> builtins.list[Approval]:
-        """Expire at most ``limit`` pending deferrals whose ``expires_at`` is ``now`` or
-        earlier (those that ran out first); return them, oldest first.
+    async def due_deferrals(self, now: float, limit: int) -> builtins.list[str]:
+        """The ids of at most ``limit`` pending deferrals whose ``expires_at`` is ``now``
+        or earlier, those that ran out first; nothing else is read or changed."""
+        ...
 
-        One statement that picks and changes the rows together: a deferral
-        adopted meanwhile (a hold now) or given more time is left alone, and no
-        deferral that is not due is read.
-        """
+    async def expire_deferral(self, approval_id: str, now: float) -> Approval | None:
+        """Expire a pending deferral due by ``now``; ``None`` when it is not one any more
+        (adopted meanwhile, a hold again, or given more time)."""
         ...
 
     async def consume_grant(self, binding: str, now: float) -> Approval | None:
@@ -595,27 +595,41 @@ class ApprovalStore(SqliteStore):
                 "UPDATE approvals SET mode = 'defer', expires_at = MAX(expires_at, ?) "
                 "WHERE id = ? AND (status = 'pending' OR (status = 'approved' "
                 "AND mode = 'hold' AND consumed_at IS NULL)) "
-                "AND (? IS NULL OR mode <> 'hold' OR owner = ?)",
+                # With an owner, only its own hold: a deferral a sibling made of it
+                # while it stalled is no longer its to defer (or to record again).
+                "AND (? IS NULL OR (mode = 'hold' AND owner = ?))",
                 (expires_at, approval_id, owner, owner),
             )
             if cur.rowcount == 0:
                 return None
             return self._get(approval_id)
 
-    async def expire_deferrals(self, now: float, limit: int) -> builtins.list[Approval]:
-        """Expire at most ``limit`` due deferrals in one statement; return them."""
-        return await self._run(self._expire_deferrals, now, limit)
+    async def due_deferrals(self, now: float, limit: int) -> builtins.list[str]:
+        """The ids of at most ``limit`` due pending deferrals, oldest due first."""
+        return await self._run(self._due_deferrals, now, limit)
 
-    def _expire_deferrals(self, now: float, limit: int) -> builtins.list[Approval]:
+    def _due_deferrals(self, now: float, limit: int) -> builtins.list[str]:
+        rows = self._conn.execute(
+            "SELECT id FROM approvals WHERE status = 'pending' AND mode <> 'hold' "
+            "AND expires_at <= ? ORDER BY expires_at, id LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    async def expire_deferral(self, approval_id: str, now: float) -> Approval | None:
+        """Expire a pending deferral due by ``now``; ``None`` when it is not one now."""
+        return await self._run(self._expire_deferral, approval_id, now)
+
+    def _expire_deferral(self, approval_id: str, now: float) -> Approval | None:
         with immediate(self._conn) as cur:
-            rows = cur.execute(
-                "UPDATE approvals SET status = 'expired', decided_at = ? WHERE id IN ("  # noqa: S608 - constant columns
-                "SELECT id FROM approvals WHERE status = 'pending' AND mode <> 'hold' "
-                "AND expires_at <= ? ORDER BY expires_at, id LIMIT ?) "
-                f"RETURNING {COLUMNS}",
-                (now, now, limit),
-            ).fetchall()
-        return sorted((from_row(r) for r in rows), key=lambda a: (a.created_at, a.id))
+            cur.execute(
+                "UPDATE approvals SET status = 'expired', decided_at = ? WHERE id = ? "
+                "AND status = 'pending' AND mode <> 'hold' AND expires_at <= ?",
+                (now, approval_id, now),
+            )
+            if cur.rowcount == 0:
+                return None
+            return self._get(approval_id)
 
     async def expire_due(self, now: float) -> builtins.list[Approval]:
         """Expire every pending approval past its expiry; return them."""

@@ -190,25 +190,29 @@ class PgApprovalStore:
             "UPDATE approvals SET mode = 'defer', expires_at = greatest(expires_at, %s) "  # noqa: S608 - constant columns
             "WHERE id = %s AND (status = 'pending' OR (status = 'approved' "
             "AND mode = 'hold' AND consumed_at IS NULL)) "
-            "AND (%s::text IS NULL OR mode <> 'hold' OR owner = %s)" + _RETURNING,
+            "AND (%s::text IS NULL OR (mode = 'hold' AND owner = %s))" + _RETURNING,
             (expires_at, approval_id, owner, owner),
         )
 
-    async def expire_deferrals(self, now: float, limit: int) -> builtins.list[Approval]:
-        """Expire at most ``limit`` due deferrals in one statement; return them.
+    async def due_deferrals(self, now: float, limit: int) -> builtins.list[str]:
+        """The ids of at most ``limit`` due pending deferrals, oldest due first."""
 
-        The rows are picked and locked once (a locking CTE is evaluated once; an
-        ``IN (… LIMIT)`` subquery may be run again and pick more), their conditions
-        read from each row's newest version; rows another sidecar is changing
-        (adopting one) are skipped.
-        """
-        return await self._many(
-            "WITH due AS (SELECT id AS due_id FROM approvals "  # noqa: S608 - constant columns
-            "WHERE status = 'pending' AND mode <> 'hold' AND expires_at <= %s "
-            "ORDER BY expires_at, id LIMIT %s FOR UPDATE SKIP LOCKED) "
-            "UPDATE approvals SET status = 'expired', decided_at = %s "
-            "FROM due WHERE id = due.due_id" + _RETURNING,
-            (now, limit, now),
+        async def run(cur: AsyncCursor[Any]) -> builtins.list[str]:
+            await cur.execute(
+                b"SELECT id FROM approvals WHERE status = 'pending' AND mode <> 'hold' "
+                b"AND expires_at <= %s ORDER BY expires_at, id LIMIT %s",
+                (now, limit),
+            )
+            return [str(r[0]) for r in await cur.fetchall()]
+
+        return await self._db.tx(run)
+
+    async def expire_deferral(self, approval_id: str, now: float) -> Approval | None:
+        """Expire a pending deferral due by ``now``; ``None`` when it is not one now."""
+        return await self._one(
+            "UPDATE approvals SET status = 'expired', decided_at = %s WHERE id = %s "  # noqa: S608 - constant columns
+            "AND status = 'pending' AND mode <> 'hold' AND expires_at <= %s" + _RETURNING,
+            (now, approval_id, now),
         )
 
     async def expire_due(self, now: float) -> builtins.list[Approval]:

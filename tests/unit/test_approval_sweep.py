@@ -12,6 +12,7 @@ makes a live owner look gone to its siblings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
@@ -302,3 +303,57 @@ async def test_a_stalled_owner_does_not_defer_again_what_a_sibling_deferred(
     finally:
         await b.close()
         await a.close()
+
+
+async def test_a_stop_while_one_expiry_is_in_the_store_still_records_it(
+    tmp_path: Path, audit: AuditLog
+) -> None:
+    # The update commits even when the sweep is cancelled while it is in the store's
+    # thread (a busy disk): cancelled before its record was queued, the expiry stayed
+    # unrecorded for good (no later sweep looks at an expired row).
+    url = f"sqlite:///{tmp_path}/state.db"
+    repo = await ApprovalStore.open(url)
+    service = await Approvals.open(repo, audit, replace(SETTINGS, max_pending_per_agent=0))
+    template = await service.request(action(), decision(), mode="defer")
+    await deferrals(repo, template, 3, due=True)
+    entered = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    real = repo._expire_deferral
+
+    def slow(approval_id: str, now: float) -> Approval | None:
+        loop.call_soon_threadsafe(entered.set)
+        time.sleep(0.3)
+        return real(approval_id, now)
+
+    repo._expire_deferral = slow  # type: ignore[method-assign]
+    sweep = asyncio.ensure_future(service.expire_due())
+    await asyncio.wait_for(entered.wait(), 10)
+    sweep.cancel()  # close(): a stop during the sweep
+    with contextlib.suppress(asyncio.CancelledError):
+        await sweep
+    await service.close()
+    check = await ApprovalStore.open(url)
+    try:
+        expired = {a.id for a in await check.list(ApprovalStatus.EXPIRED)}
+    finally:
+        await check.close()
+    assert len(expired) == 1
+    assert expired <= {r["approval_id"] for r in records(audit, "approval_expired")}
+
+
+async def test_no_hold_expires_in_a_sweep_while_the_audit_log_cannot_record_it(
+    tmp_path: Path, audit: AuditLog
+) -> None:
+    service = await Approvals.open(
+        await ApprovalStore.open(f"sqlite:///{tmp_path}/state.db"), audit, SETTINGS
+    )
+    try:
+        held = await service.request(action(), decision(hold_timeout_s=0.05), mode="hold")
+        audit._fail(OSError(28, "No space left on device"))
+        await asyncio.sleep(0.1)
+        assert await service.expire_due() == 0
+        found = await service.get(held.id)
+        assert found is not None
+        assert found.status is ApprovalStatus.PENDING
+    finally:
+        await service.close()

@@ -128,6 +128,7 @@ class Approvals:
             else max(settings.poll_interval_s, FEED_BACKSTOP_S)
         )
         self._watcher: asyncio.Task[None] | None = None
+        self._settling: set[asyncio.Task[bool]] = set()  # expiries with records under way
         self._audit = audit
         self.settings = settings
         owner = owner if owner is not None else Owner.current()
@@ -196,6 +197,8 @@ class Approvals:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        # An expiry the sweep had started gets its record before the log closes.
+        await asyncio.gather(*self._settling, return_exceptions=True)
         await self._notifier.close()
         for event in self._events.values():
             event.set()
@@ -718,23 +721,33 @@ class Approvals:
         record queued before the next: a sweep cut short by a stop leaves no
         expiry unrecorded. None while the audit log cannot take their records.
         """
+        if not getattr(self._audit, "writable", True):
+            return 0  # an expiry is not taken without its record; the next sweep tries
         clock = time.monotonic()
         count = 0
         for approval_id in [aid for aid, ends in self._holds.items() if ends <= clock]:
             if await self._expire_hold(approval_id) is not None:
                 count += 1
-        if not getattr(self._audit, "writable", True):
-            return count  # an expiry is not taken without its record; the next sweep tries
         now = time.time()
         expired = 0
         for approval_id in await self._store.due_deferrals(now, limit):
-            approval = await self._store.expire_deferral(approval_id, now)
-            if approval is not None:
-                await self._expired(approval, gauge=False)
+            # Shielded, and awaited by close(): a stop while the update is in flight
+            # (it commits all the same) must not leave the expiry without its record.
+            pair = tasks.spawn(self._expire_deferral(approval_id, now), name="approval-expiry")
+            self._settling.add(pair)
+            pair.add_done_callback(self._settling.discard)
+            if await asyncio.shield(pair):
                 expired += 1
         if expired:
             await self._refresh_gauge()
         return count + expired
+
+    async def _expire_deferral(self, approval_id: str, now: float) -> bool:
+        approval = await self._store.expire_deferral(approval_id, now)
+        if approval is None:
+            return False
+        await self._expired(approval, gauge=False)
+        return True
 
     async def prune(self) -> int:
         """Delete approvals that ended over ``keep_decided_s`` ago; the sweeper calls this.

@@ -14,50 +14,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.pg import state_config
+from tests.unit import test_approval_clocks as approval_clocks
 from tests.unit.test_approval_clocks import Clock, Spy
 from tests.unit.test_approvals_service import SETTINGS, action, decision, records
 from warden.approvals import Approvals, ApprovalStatus
 from warden.approvals.model import Approval
 from warden.approvals.store import ApprovalRepo, ApprovalStore
 from warden.audit.log import AuditLog
-from warden.config import AuditConfig
 from warden.model import new_id
-from warden.state.backend import StateBackend, open_state
 
-
-@pytest.fixture
-async def audit(tmp_path: Path) -> AsyncIterator[AuditLog]:
-    log = await AuditLog.open(AuditConfig(dir=str(tmp_path / "audit")))
-    yield log
-    await log.close()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[Callable[[], Awaitable[ApprovalRepo]]]:
-    """Opens approval stores on one shared database, as the sidecars of a fleet do
-    (each closed by the service it is given to)."""
-    config = state_config(request, tmp_path)
-    opened: list[StateBackend] = []
-
-    async def one() -> ApprovalRepo:
-        if request.param == "sqlite":
-            return await ApprovalStore.open(config.url)
-        opened.append(await open_state(config))
-        return opened[-1].approvals
-
-    yield one
-    for backend in opened:
-        await backend.close()
+# The same stores and log as the clock tests (a fleet's sidecars on one database).
+audit = approval_clocks.audit
+store = approval_clocks.store
 
 
 async def deferrals(repo: ApprovalRepo, template: Approval, count: int, *, due: bool) -> None:

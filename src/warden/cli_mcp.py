@@ -11,9 +11,11 @@ per run, or the one ``--session`` names, so several wraps can share one.
 
 The agent is proved as at every door (docs/identity.md): ``--agent`` names
 it as ``X-Warden-Agent`` would, ``WARDEN_AGENT_KEY`` or ``--token-file`` (or
-``WARDEN_AGENT_TOKEN``) carry the credential, checked once when the wrap
-starts. Without any, the agent is the config's ``agent.id``, unless
-``identity.require_proof`` asks for proof of that too.
+``WARDEN_AGENT_TOKEN``) carry the credential, checked when the wrap starts.
+A token is checked again before every tool call, read anew from
+``--token-file`` (a rotated file, as Kubernetes projects, is taken up; an
+expired token refuses the call). Without any, the agent is the config's
+``agent.id``, unless ``identity.require_proof`` asks for proof of that too.
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from warden.config import Config, load_config
 from warden.errors import ConfigError
+
+if TYPE_CHECKING:
+    from warden.model import Agent
 
 __all__ = ["register"]
 
@@ -110,6 +117,7 @@ def _wrap(args: argparse.Namespace) -> int:
     if isinstance(credentials, str):
         print(f"warden: {credentials}", file=sys.stderr)
         return 2
+    token_given = args.token_file is not None or "WARDEN_AGENT_TOKEN" in os.environ
     # stdout is the MCP channel: keep a private copy for it and point fd 1 at
     # stderr, so nothing else (a library, a policy worker) can corrupt it.
     sys.stdout.flush()
@@ -119,7 +127,15 @@ def _wrap(args: argparse.Namespace) -> int:
     name = args.name or Path(command[0]).name
     try:
         return asyncio.run(
-            _run(config, command, name, channel, (session, source), credentials=credentials)
+            _run(
+                config,
+                command,
+                name,
+                channel,
+                (session, source),
+                credentials=lambda: _credentials(args),
+                token_given=token_given,
+            )
         )
     except ConfigError as exc:
         print(f"warden: {exc}", file=sys.stderr)
@@ -169,17 +185,27 @@ async def _run(
     channel: int,
     session: tuple[str, str],
     *,
-    credentials: dict[str, str],
+    credentials: Callable[[], dict[str, str] | str],
+    token_given: bool,
 ) -> int:
-    from warden.errors import WardenError
+    from warden.errors import Unauthenticated, WardenError
     from warden.identity import Identity
     from warden.ingress.mcp_stdio import MAX_LINE, StdioDoor
     from warden.ops.runtime import tune_runtime
     from warden.server import Warden
 
+    identity = Identity(config)
+
+    async def prove() -> Agent:
+        # The credentials as they are now: a token file may have been rotated.
+        found = credentials()
+        if isinstance(found, str):
+            raise Unauthenticated(found)
+        return await identity.resolve(found)
+
     try:
         # As every door proves it: an id other than agent.id, or any with require_proof.
-        agent = await Identity(config).resolve(credentials)
+        agent = await prove()
     except WardenError as exc:
         raise _Unproved(
             f"{exc} ({exc.status} {exc.code}); the wrap takes a key from WARDEN_AGENT_KEY "
@@ -193,6 +219,9 @@ async def _run(
     door = StdioDoor(
         command,
         agent=agent,
+        # A token expires (and a file is rotated): proved again for every call, as
+        # each request is at the other doors. A key holds while the config does.
+        prove=prove if token_given else None,
         upstream=name,
         client_in=reader,
         client_out=out,

@@ -9,8 +9,10 @@ MCP client over stdio, as an IDE launches the wrap.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import orjson
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.shared.exceptions import MCPError
 
 from tests.functional.stdio_wrap import audit_dir, decisions, tools_called, write_config
 from tests.unit.test_identity import AUDIENCE, ISSUER, Issuer
@@ -151,3 +154,57 @@ async def test_a_token_proves_the_agent_from_a_file_or_the_environment(tmp_path:
     code, said = await refused(config_path, call_log, WARDEN_AGENT_TOKEN=Issuer().token())
     assert code == 2
     assert "401 unauthenticated" in said
+
+
+async def test_a_token_is_proved_again_for_every_call_and_read_anew_from_its_file(
+    tmp_path: Path,
+) -> None:
+    # A token was checked once, when the wrap started: a session kept acting for its
+    # agent long after the token expired, and a rotated token file was never read.
+    issuer = Issuer()
+    jwks = tmp_path / "jwks.json"
+    jwks.write_bytes(issuer.jwks())
+    config_path = proof_config(tmp_path)
+    config: dict[str, Any] = orjson.loads(config_path.read_bytes())
+    config["identity"]["jwt"] = {
+        "issuer": ISSUER,
+        "audience": AUDIENCE,
+        "jwks_file": str(jwks),
+        "leeway_s": 0,
+    }
+    config_path.write_bytes(orjson.dumps(config))
+    call_log = tmp_path / "calls.jsonl"
+    token_file = tmp_path / "token"
+    token_file.write_text(issuer.token(exp=int(time.time()) + 3))
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=wrap_command(config_path, call_log, "--token-file", str(token_file)),
+        env=base_env(),
+    )
+    async with (
+        stdio_client(params) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        assert not (await session.call_tool("search_kb", {"query": "first"})).is_error
+        expires = orjson.loads(_claims(token_file))["exp"]
+        await asyncio.sleep(max(0.0, expires + 1 - time.time()))
+        with pytest.raises(MCPError, match="Warden refused the agent") as expired:
+            await session.call_tool("search_kb", {"query": "after expiry"})
+        assert expired.value.error.code == -32001
+        # The platform rotates the file (as Kubernetes projects a token): taken up.
+        token_file.write_text(issuer.token())
+        assert not (await session.call_tool("search_kb", {"query": "rotated"})).is_error
+        # A file now proving another agent does not move the session to it.
+        token_file.write_text(issuer.token("support-triage"))
+        with pytest.raises(MCPError, match="proves agent 'support-triage', not 'refunds-bot'"):
+            await session.call_tool("search_kb", {"query": "other agent"})
+    assert tools_called(call_log) == ["search_kb", "search_kb"]
+    recorded = [r["agent"]["id"] for r in decisions(audit_dir(tmp_path))]
+    assert recorded == ["refunds-bot", "refunds-bot"]
+
+
+def _claims(token_file: Path) -> bytes:
+    """The claims of the token in ``token_file``, undecoded by signature."""
+    payload = token_file.read_text().split(".")[1]
+    return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))

@@ -50,12 +50,12 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from warden import tasks
-from warden.errors import AuditError, Overloaded
+from warden.errors import AuditError, Overloaded, WardenError
 from warden.killswitch import KillSwitch, KillSwitches
 from warden.model import Action, Agent, Decision, Effect, Outcome, ToolCall
 from warden.ops import metrics
@@ -114,6 +114,7 @@ class StdioDoor:
         command: Sequence[str],
         *,
         agent: Agent,
+        prove: Callable[[], Awaitable[Agent]] | None = None,
         upstream: str,
         client_in: asyncio.StreamReader,
         client_out: asyncio.WriteTransport | asyncio.StreamWriter,
@@ -128,6 +129,10 @@ class StdioDoor:
     ) -> None:
         """``killswitches``: where to find the switches in force once Warden runs.
 
+        ``prove``: proves ``agent`` again before each tool call (raising
+        :class:`~warden.errors.WardenError` when it no longer can, as for an expired
+        token); ``None``: proved once for the whole session.
+
         ``keepalive_s``: how often a held call's client hears progress.
         ``session``: the session every call of this connection is counted in
         (``input.session.id``; ``session_source`` is its ``source``); ``None``: none.
@@ -141,6 +146,7 @@ class StdioDoor:
         self._command = tuple(command)
         self._withheld_env = frozenset(withheld_env)
         self._agent = agent
+        self._prove = prove
         self._upstream = upstream
         self._trusts_failures = trusts_failures
         self._in = client_in
@@ -514,9 +520,19 @@ class StdioDoor:
         assert self._core is not None
         id_ = message.id
         assert id_ is not None
+        agent = self._agent
+        if self._prove is not None:
+            try:
+                agent = await self._prove()
+            except WardenError as exc:
+                return mcp.error_response(id_, mcp.REFUSED, f"Warden refused the agent: {exc}")
+            if agent.id != self._agent.id:
+                # One session, one agent: its records and counters are this agent's.
+                why = f"the credential now proves agent {agent.id!r}, not {self._agent.id!r}"
+                return mcp.error_response(id_, mcp.REFUSED, f"Warden refused the agent: {why}")
         answers, sent_meta = mcp.input_responses(message), mcp.request_meta(message)
         action = mcp.action(
-            message.call, self._agent, self._upstream, self._tools, answers=answers, meta=sent_meta
+            message.call, agent, self._upstream, self._tools, answers=answers, meta=sent_meta
         )
         # input.session: the connection's session, as Mcp-Session-Id over HTTP. A fresh
         # conversation per call: the session guard memoises one request's work on it.

@@ -90,7 +90,8 @@ class Chains(Protocol):
         ...
 
     def settled(self, action: Action, decision: Decision) -> None:
-        """The final decision on a held call (approved, refused or deferred)."""
+        """The final decision on a held call (approved, refused or deferred), as the agent
+        gets it: an approved call let through counts as a call, once."""
         ...
 
     def answer_started(self, response_id: str, agent_id: str) -> None:
@@ -212,24 +213,27 @@ class Governor:
         """
         decision = await self._pipeline.decide(action)
         _count(action, decision)
-        if self._gate is not None and decision.enforced is Effect.REQUIRE_APPROVAL:
+        gate = self._gate if decision.enforced is Effect.REQUIRE_APPROVAL else None
+        if gate is not None:
             if hold is not None and decision.obligations.hold != hold:
                 decision = dataclasses.replace(
                     decision, obligations=dataclasses.replace(decision.obligations, hold=hold)
                 )
-            settled = await self._gate.settle(action, decision, connected=connected)
+            settled = await gate.settle(action, decision, connected=connected)
             if settled is not decision:
                 # Approved after a policy reload: the policy now in force may deny it.
                 settled = await self._pipeline.reconsider(action, decision, settled)
                 if settled.decision_id != decision.decision_id:
                     _count(action, settled)  # a deferral is the held decision, counted once
-                if self._chains is not None:
-                    # Only an approved call reached the agent: history verifies only it.
-                    self._chains.settled(action, settled)
             decision = settled
         # The last word once recorded (or approved): nothing is awaited after it, so
         # the door acts on a decision no switch thrown meanwhile contradicts.
         decision = await self._rechecked(action, decision)
+        if gate is not None and self._chains is not None:
+            # What became of the held call, as the agent gets it: only an approved call
+            # it got verifies, counts as a call and no longer as held (a switch thrown
+            # since the approval stopped it).
+            self._chains.settled(action, decision)
         tracing.DECISION_ID.set(decision.decision_id)  # log lines after this carry it
         return decision
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -297,6 +298,8 @@ class _Chain:
 
 _BY_TOOL: Final = ("calls:", "held:")
 """Session counters named after a tool."""
+_WAITING: Final = "waiting:"
+"""Counters of held calls by call (:func:`_waiting`), which policies do not see."""
 
 
 class SessionGuard:
@@ -465,7 +468,12 @@ class SessionGuard:
         return counters
 
     async def decided(self, action: Action, decision: Decision | None) -> None:
-        """Record a decided tool call, and add it to its session's counters."""
+        """Record a decided tool call, and add it to its session's counters.
+
+        A held call counts as held once: proposed again while it still waits (a
+        retry the approval gate answers with the approval it already has), it
+        adds nothing. What becomes of it is :meth:`settled`'s to count.
+        """
         try:
             if decision is None or action.tool is None or not _counted(action):
                 return
@@ -477,14 +485,40 @@ class SessionGuard:
                 # one would sit in memory and in the state store for sessions.ttl_s.
                 await self._record(action, decision, conversation, key)
             deltas = self._deltas(action.tool, decision.enforced, provider_ran(action))
-            if len(action.tool) > MAX_SESSION_ID or not action.tool.isprintable():
-                # No counter named after it (its row would hold the name for ttl_s; a
-                # store cannot keep NUL or a lone surrogate, and its add was retried for
-                # good); the session's denials, approvals and taints still count it.
-                deltas = {k: n for k, n in deltas.items() if not k.startswith(_BY_TOOL)}
-            self._count(key, deltas)
+            counted = self._repo is not None and self._config.counters
+            if decision.enforced is Effect.REQUIRE_APPROVAL and key is not None and counted:
+                owned = conversation is not None and conversation.owned
+                deltas = await self._hold_deltas(action, key, owned, deltas)
+            self._count(key, _named(action.tool, deltas))
         finally:
             self._leave(action.action_id)
+
+    async def _hold_deltas(
+        self, action: Action, key: str, owned: bool, deltas: dict[str, int]
+    ) -> dict[str, int]:
+        """``deltas`` of a held call, once per call: nothing held again while it waits.
+
+        Read under the session's turn (``admit`` took it, ``decided`` has not let
+        go), so the calls of one answer see each other's holds. A counter that an
+        approved call took below zero (two holds of one call let through, one
+        counted) is brought back first.
+        """
+        assert action.tool is not None
+        waiting = _waiting(action)
+        try:
+            counters = await self._counters(key, owned)
+        except Exception as exc:
+            log.warning("could not read session counters: %s", type(exc).__name__)
+            return deltas  # a new hold, then: never fewer than held
+        if counters.get(waiting, 0) > 0:
+            # The same call is held already (waiting, refused or expired): no second hold.
+            return {k: n for k, n in deltas.items() if k.startswith("taint:")}
+        held = f"held:{action.tool}"
+        return {
+            **deltas,
+            held: 1 - min(0, counters.get(held, 0)),
+            waiting: 1 - counters.get(waiting, 0),
+        }
 
     async def _enter(self, key: str, action_id: str) -> None:
         lock, users = self._turns.setdefault(key, (asyncio.Lock(), [0]))
@@ -543,7 +577,8 @@ class SessionGuard:
                 left = self._unadded.pop(key, None)
                 if left is not None:
                     left.subtract(deltas)  # what was decided meanwhile stays
-                    if remaining := +left:
+                    # Negative ones too (an approved call no longer held): not ``+left``.
+                    if remaining := Counter({n: d for n, d in left.items() if d}):
                         self._unadded[key] = remaining
             finally:
                 del self._adding_now[key]
@@ -572,33 +607,41 @@ class SessionGuard:
 
         A held call reaches the agent only once a person approves it, so only
         then may a conversation carrying it read it as verified, and only then
-        can its output taint the session. It was counted as held already.
+        can its output taint the session. It was counted as held when first
+        held (:meth:`decided`); let through, it counts as a call instead, once.
+        Refused, it stays held; deferred, it still waits.
         """
-        if not action.call_id or action.tool is None or action.kind is ActionKind.LLM_CALL:
+        if action.tool is None or action.kind is ActionKind.LLM_CALL:
             return
         if decision.enforced is Effect.REQUIRE_APPROVAL:
             return  # still waiting (deferred): its hold is on record already
         conversation = action.request.conversation
         prepared = conversation.memo.get("prepared") if conversation is not None else None
         key = prepared.key if isinstance(prepared, _Prepared) else None
-        self._keep(
-            CallRecord(
-                call_id=action.call_id,
-                decision_id=decision.decision_id,
-                tool=action.tool,
-                digest=history.arguments_digest(
-                    action.arguments, action.raw_arguments or "", action.kind.value
-                ),
-                effect=decision.enforced.value,
-                session_id=_scope(action.agent.id, key),
+        if action.call_id and len(action.call_id) <= MAX_CALL_ID_CHARS:
+            self._keep(
+                CallRecord(
+                    call_id=action.call_id,
+                    decision_id=decision.decision_id,
+                    tool=action.tool,
+                    digest=history.arguments_digest(
+                        action.arguments, action.raw_arguments or "", action.kind.value
+                    ),
+                    effect=decision.enforced.value,
+                    session_id=_scope(action.agent.id, key),
+                )
             )
-        )
-        taints = {
-            f"taint:{label}": 1 for label in self.labels_of(action.tool) if label == UNTRUSTED
+        if decision.enforced is not Effect.ALLOW or not _counted(action):
+            return
+        # Let through: a call now, no longer held. Tainted now too, even if the agent
+        # leaves the output out of its history.
+        deltas = {
+            f"calls:{action.tool}": 1,
+            f"held:{action.tool}": -1,
+            _waiting(action): -1,
+            **{f"taint:{label}": 1 for label in self.labels_of(action.tool) if label == UNTRUSTED},
         }
-        if decision.enforced is Effect.ALLOW and taints:
-            # Tainted now, even if the agent leaves the output out of its history.
-            self._count(key, taints)
+        self._count(key, _named(action.tool, deltas))
 
     async def _record(
         self,
@@ -1065,6 +1108,46 @@ def _carried_session(
     return None
 
 
+def _named(tool: str, deltas: dict[str, int]) -> dict[str, int]:
+    """``deltas`` without the counters named after ``tool`` when it cannot name one.
+
+    Such a row would hold the name for ``ttl_s``, and a store cannot keep NUL or
+    a lone surrogate (its add was retried for good); the session's denials,
+    approvals and taints still count the call.
+    """
+    if len(tool) <= MAX_SESSION_ID and tool.isprintable():
+        return deltas
+    return {k: n for k, n in deltas.items() if not k.startswith(_BY_TOOL)}
+
+
+def _waiting(action: Action) -> str:
+    """The counter that says a call is held in its session (1) or not (0 or less).
+
+    Named after a digest of what makes it the same call when the agent proposes
+    it again (tool, arguments, where it goes, its context, an MCP retry's
+    answers), like the digest the call's record keeps; never after the tool name
+    or the arguments. At least as fine as the approval's binding on the same
+    terms: the same change for another customer (``X-Warden-Context-*``) is
+    another hold, never one counted already.
+    """
+    request = action.request
+    answers = action.input_responses
+    same = "\x1f".join(
+        (
+            action.tool or "",
+            history.arguments_digest(
+                action.arguments, action.raw_arguments or "", action.kind.value
+            ),
+            request.upstream,
+            request.method,
+            action.request_sha256 or "",
+            history.arguments_digest(answers) if answers else "",
+            history.arguments_digest(action.context) if action.context else "",
+        )
+    ).encode("utf-8", "surrogatepass")
+    return _WAITING + hashlib.sha256(same).hexdigest()[:32]
+
+
 def _counted(action: Action) -> bool:
     """Whether deciding ``action`` adds to its session's counters (a proposed tool call).
 
@@ -1160,7 +1243,10 @@ def _session_doc(
     prepared: _Prepared, counters: Mapping[str, int], available: bool, conversation: Conversation
 ) -> dict[str, Any]:
     calls = {k.removeprefix("calls:"): v for k, v in counters.items() if k.startswith("calls:")}
-    held = {k.removeprefix("held:"): v for k, v in counters.items() if k.startswith("held:")}
+    # Held and not let through: none once approved calls went (never below none).
+    held = {
+        k.removeprefix("held:"): v for k, v in counters.items() if k.startswith("held:") and v > 0
+    }
     taints = set(prepared.taints)
     taints.update(k.removeprefix("taint:") for k, v in counters.items() if k.startswith("taint:"))
     taints.update(conversation.memo.get("answer_taints", ()))

@@ -81,11 +81,12 @@ async def test_check_counts_a_session_named_in_the_request_or_the_metadata(
 ) -> None:
     async with grpc.aio.insecure_channel(grpc_warden.grpc_address) as channel:
         stub = pb_grpc.GovernanceStub(channel)
-        named = [await stub.Check(_close("C-1", "ticket-1")) for _ in range(3)]
+        # Three account changes (one held call proposed again is one hold).
+        named = [await stub.Check(_close(f"C-{n}", "ticket-1")) for n in range(3)]
         # The same session named in metadata (x-warden-session) is the same session,
         # and metadata wins over the field.
         by_metadata = await stub.Check(
-            _close("C-1", "another"), metadata=(("x-warden-session", "ticket-1"),)
+            _close("C-7", "another"), metadata=(("x-warden-session", "ticket-1"),)
         )
         fresh = await stub.Check(_close("C-1", "ticket-2"))
         unnamed = [await stub.Check(_close("C-1")) for _ in range(3)]
@@ -145,7 +146,8 @@ async def test_the_sync_client_carries_the_session_too(grpc_warden: Warden) -> N
     def run() -> list[str]:
         with WardenClient(address) as client, session("sync-chat"):
             return [
-                client.check("close_account", {"customer_id": "C-3"}).effect.value for _ in range(3)
+                client.check("close_account", {"customer_id": f"C-3{n}"}).effect.value
+                for n in range(3)
             ]
 
     effects = await asyncio.to_thread(run)
@@ -198,14 +200,15 @@ async def test_http_tool_routes_count_the_session_a_request_names(tmp_path: Path
         async with Warden(config) as warden, aiohttp.ClientSession() as http:
             url = f"{warden.proxy_url}/accounts/accounts/C-5/email"
 
-            async def change(session_id: str | None) -> tuple[int, Any]:
+            async def change(session_id: str | None, email: str) -> tuple[int, Any]:
                 headers = {"X-Warden-Session": session_id} if session_id else {}
-                async with http.post(url, json={"email": "a@example.com"}, headers=headers) as r:
+                async with http.post(url, json={"email": email}, headers=headers) as r:
                     return r.status, await r.json(content_type=None)
 
-            named = [await change("case-7") for _ in range(3)]
-            fresh = await change("case-8")
-            unnamed = [await change(None) for _ in range(3)]
+            # Three changes (one held call proposed again is one hold).
+            named = [await change("case-7", f"a{n}@example.com") for n in range(3)]
+            fresh = await change("case-8", "a0@example.com")
+            unnamed = [await change(None, f"a{n}@example.com") for n in range(3)]
     codes = [(status, body["code"]) for status, body in named]
     assert codes == [(403, "approval_required"), (403, "approval_required"), (403, "denied")]
     assert LIMIT in named[2][1]["detail"]

@@ -58,9 +58,10 @@ async def test_an_mcp_session_is_counted_as_one_conversation(
 ) -> None:
     close = {"customer_id": "C-1001"}
     async with connect(warden) as session:
+        # Three accounts (one held call proposed again is one hold).
         first = await session.call_tool("close_account", close)
-        second = await session.call_tool("close_account", close)
-        third = await session.call_tool("close_account", close)
+        second = await session.call_tool("close_account", {"customer_id": "C-1002"})
+        third = await session.call_tool("close_account", {"customer_id": "C-1003"})
         await session.call_tool("get_order", {"order_id": "A-1001"})
     assert "held the tool call `close_account`" in text(first)
     assert "held the tool call `close_account`" in text(second)
@@ -89,7 +90,8 @@ async def test_lookups_in_a_session_are_decided_from_the_cache(warden: Warden) -
         for _ in range(3):
             assert not (await session.call_tool("get_order", {"order_id": "A-1001"})).is_error
         assert cache_hits() - before == 3
-        for _ in range(2):
-            assert "held the tool call" in text(await session.call_tool("close_account", close))
+        for n in range(2):
+            closing = {"customer_id": f"C-200{n}"}
+            assert "held the tool call" in text(await session.call_tool("close_account", closing))
         third = await session.call_tool("close_account", close)
     assert "at most 2 are allowed in one conversation" in text(third)

@@ -11,6 +11,7 @@ through the state store.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,7 +29,7 @@ from tests.functional.stdio_wrap import audit_dir, text, tools_called, wrap_para
 pytestmark = pytest.mark.timeout(90)
 
 LIMIT = "at most 2 are allowed in one conversation"
-CLOSE = {"customer_id": "C-1001"}
+_ACCOUNTS = itertools.count(1001)
 
 
 @asynccontextmanager
@@ -46,7 +47,11 @@ async def wrapped(config: Path, call_log: Path, *wrap_args: str) -> AsyncIterato
 
 
 async def close_accounts(session: ClientSession, times: int) -> list[types.CallToolResult]:
-    return [await session.call_tool("close_account", CLOSE) for _ in range(times)]
+    # Each another account: one held call proposed again is one hold.
+    return [
+        await session.call_tool("close_account", {"customer_id": f"C-{next(_ACCOUNTS)}"})
+        for _ in range(times)
+    ]
 
 
 def held(result: types.CallToolResult) -> bool:

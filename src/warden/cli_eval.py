@@ -181,7 +181,7 @@ def print_report(report: EvalReport, out: TextIO) -> None:
     )
     width = max(len(r.id) for r in report.results)
     for result in report.results:
-        line = f"{result.status.value:<5}  {result.id:<{width}}  {result.effect or '-'}"
+        line = f"{result.status.value:<5}  {result.id:<{width}}  {result.label}"
         if result.status is not Status.PASS:
             line += f"\n       line {result.line}: {result.message}"
         out.write(line + "\n")

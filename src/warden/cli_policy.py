@@ -281,13 +281,25 @@ def _eval(args: argparse.Namespace) -> int:
     except (ConfigError, BundleError, ValueError) as exc:
         return _fail(str(exc))
     query = args.query or config.policy.query
-    result = evaluate_input(policy, doc, query=query, repeat=max(0, args.repeat))
+    result = evaluate_input(
+        policy,
+        doc,
+        query=query,
+        repeat=max(0, args.repeat),
+        decision=query == config.policy.query,
+    )
     if result.printed:  # print() output goes to standard error, as with `opa eval`
         sys.stderr.write(result.printed if result.printed.endswith("\n") else result.printed + "\n")
         sys.stderr.flush()
     out = result.to_json(query=query, revision=policy.revision)
     sys.stdout.buffer.write(orjson.dumps(out, option=orjson.OPT_INDENT_2) + b"\n")
-    return 1 if result.error else 0
+    if result.invalid:
+        print(
+            f"warden policy: the proxy refuses this result ({result.invalid}) and denies the "
+            "call as a policy error (guard: fallback)",
+            file=sys.stderr,
+        )
+    return 1 if result.error or result.invalid else 0
 
 
 def _read_input(name: str) -> Any:

@@ -8,11 +8,12 @@ Prints a table of changed effects (allow→deny, deny→allow, →require_approv
 and mode changes such as deny→deny (observe), which let the action through)
 with counts and sample decision ids. With a threshold set, decisions that
 could not be replayed (skipped for any reason but "decided before the policy
-ran") fail the run too, unless --allow-skipped. The run can be written as a
-``replay_run`` change record: ``--record [DIR]`` appends it to the audit log
-DIR (default: the replayed log), which must not be open in a running Warden;
-``--admin [URL]`` sends it to a running Warden's admin API (``POST
-/v1/changes``), which appends it to the log it writes (URL defaults to
+ran") fail the run too, unless --allow-skipped. A candidate that reads the
+clock (time.now_ns) is evaluated at each record's time. The run can be
+written as a ``replay_run`` change record: ``--record [DIR]`` appends it to
+the audit log DIR (default: the replayed log), which must not be open in a
+running Warden; ``--admin [URL]`` sends it to a running Warden's admin API
+(``POST /v1/changes``), which appends it to the log it writes (URL defaults to
 ``$WARDEN_ADMIN_URL``, else ``http://127.0.0.1:8081``; the token is
 ``$WARDEN_TOKEN``, role ``admin``). Exit status: 0 within the threshold (or
 when none is set), 1 past it or with decisions not replayed (unless
@@ -230,6 +231,11 @@ def print_report(report: ReplayReport, audit_dir: str, out: TextIO) -> None:
         out.write(
             f"\n{report.inexact} replayed decision(s) had redacted fields, replayed with "
             '"[redacted]" in place: their result is approximate.\n'
+        )
+    if report.at_recorded_time:
+        out.write(
+            f"The candidate may read the clock: {report.at_recorded_time} decision(s) were "
+            "replayed at their record's time, not at the time of this replay.\n"
         )
     if report.errors:
         out.write(f"The candidate failed on {report.errors} input(s); counted as deny.\n")

@@ -25,11 +25,20 @@ decide differently: ``warden policy replay`` fails its gate on them unless
 told otherwise (``--allow-skipped``).
 A record whose arguments or context were partly redacted is replayed with
 ``"[redacted]"`` in place and counted as *inexact*.
+
+A candidate that reads the clock (``time.now_ns()``: a night, weekend or
+freeze window) is replayed at each record's ``time``, not at the time of the
+replay: the decision query runs ``with time.now_ns as`` that instant
+(:func:`clock_query`). The engine offers no other way to set its clock, so a
+candidate whose builtins read the clock themselves
+(``io.jwt.decode_verify``, ``crypto.x509.parse_and_verify_certificates``)
+has its decisions skipped as ``clock``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
@@ -47,8 +56,12 @@ from warden.model import Effect, Mode
 from warden.monitor.events import Unsealer
 from warden.policy.authoring.child import DEFAULT_TEST_TIMEOUT_S, Child, Crash, init_doc
 from warden.policy.authoring.policy_set import PolicySet
+from warden.policy.bundle import Module
+from warden.policy.bundle.text import blank
+from warden.policy.cache import analyse
 from warden.policy.challenger import result_label
-from warden.policy.engine import interpret_output
+from warden.policy.engine import interpret_output, interpret_value
+from warden.policy.worker import ENTRY_VARIABLE
 
 __all__ = [
     "BENIGN_SKIPS",
@@ -57,6 +70,7 @@ __all__ = [
     "Rebuilt",
     "ReplayReport",
     "ToolsSeen",
+    "clock_query",
     "rebuild_input",
     "replay",
 ]
@@ -74,10 +88,34 @@ SKIP_REASONS = {
     "unreadable": "the record is not a decision record Warden can read",
     "tools_unseen": "the declared tools it names by digest are in no record of the log "
     "(retention removed it, or it is from before the log begins)",
+    "clock": "the candidate reads the clock in a way replay cannot set to the decision's "
+    "time (io.jwt.decode_verify, crypto.x509.parse_and_verify_certificates), or the record "
+    "has no readable time",
 }
 BENIGN_SKIPS = frozenset({"not_policy"})
 """Skips no candidate bundle could decide differently; every other skip is a decision
 the replay did not check (``warden policy replay`` fails on them unless ``--allow-skipped``)."""
+NOW_KEY = "warden.replay_now_ns"
+"""Where the record's time travels to the engine: a key of ``input.budget`` the query
+takes out again, so the policy sees the recorded budget exactly. (``with input as``,
+which would carry it beside the input, crashes this engine around builtins.)"""
+
+
+def clock_query(query: str) -> str:
+    """``query`` (a ``data.`` reference) evaluated at the instant the input carries in
+    ``input.budget`` under :data:`NOW_KEY`; its value is the binding ``result``."""
+    return (
+        f'now := input.budget["{NOW_KEY}"]; '
+        f'budget := object.remove(input.budget, {{"{NOW_KEY}"}}); '
+        f"{ENTRY_VARIABLE} := {query} with input.budget as budget with time.now_ns as now"
+    )
+
+
+# Builtins that read the clock themselves: `with time.now_ns` does not reach them.
+_OWN_CLOCK = re.compile(
+    r"(?<![\w.])(?:io\s*\.\s*jwt\s*\.\s*decode_verify"
+    r"|crypto\s*\.\s*x509\s*\.\s*parse_and_verify_certificates[a-z_]*)(?![\w])"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +178,9 @@ class ReplayReport:
     skipped: Mapping[str, int] = field(default_factory=dict)
     errors: int = 0
     """Replayed decisions on which the candidate failed (counted as deny, as the engine would)."""
+    at_recorded_time: int = 0
+    """Replayed decisions evaluated with the clock at the record's time (the candidate
+    reads the clock); the rest did not need a clock."""
 
     @property
     def changed(self) -> int:
@@ -167,6 +208,7 @@ class ReplayReport:
             "change_rate": round(self.change_rate, 6),
             "inexact": self.inexact,
             "errors": self.errors,
+            "at_recorded_time": self.at_recorded_time,
             "changes": [c.as_dict() for c in self.changes],
             "skipped": dict(self.skipped),
             "unreplayed": self.unreplayed,
@@ -289,6 +331,35 @@ def _ts(text: Any) -> float:
         return 0.0
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _record_ns(record: Mapping[str, Any]) -> int | None:
+    """A record's ``time`` in nanoseconds since the epoch (to its microsecond), if readable."""
+    try:
+        when = dt.datetime.fromisoformat(str(record.get("time")))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        return None  # the log writes UTC with a Z; a bare time names no instant
+    return (when - _EPOCH) // dt.timedelta(microseconds=1) * 1000
+
+
+def _reads_own_clock(modules: tuple[Module, ...]) -> bool:
+    """Whether a module may call a builtin that reads the clock past ``with time.now_ns``.
+
+    Searched outside strings and comments, and, in a module with a template
+    string (code inside a literal), in its raw text too: a mere mention there
+    skips decisions, never replays one at the wrong time.
+    """
+    for module in modules:
+        if _OWN_CLOCK.search(blank(module.source)):
+            return True
+        if ('$"' in module.source or "$`" in module.source) and _OWN_CLOCK.search(module.source):
+            return True
+    return False
+
+
 Where = tuple[Path, int]
 """A record's place in the log: its segment file and the offset of its frame."""
 
@@ -390,41 +461,80 @@ def _input_mode(doc: Mapping[str, Any]) -> str:
 
 
 class _Candidate:
-    """The candidate bundle in the authoring child; answers results, memoised per input."""
+    """The candidate bundle in the authoring child; answers results, memoised per input.
+
+    ``clock``: the candidate calls a clock or random builtin (the decision
+    cache's own test, :func:`warden.policy.cache.analyse`), so each input is
+    evaluated at its record's time (:func:`clock_query`) and nothing is
+    memoised. ``own_clock``: some builtin of it reads a clock that cannot be set.
+    """
 
     def __init__(self, policy: PolicySet, config: PolicyConfig, timeout_s: float) -> None:
         self._policy = policy
         self._config = config
         self._child = Child(init_doc(policy), timeout_s)
         self._memo: dict[bytes, tuple[str, str, bool]] = {}
+        self.clock = not analyse(policy.production, policy.data).deterministic
+        self.own_clock = self.clock and _reads_own_clock(policy.production)
+        self._query = clock_query(config.query) if self.clock else config.query
 
     def close(self) -> None:
         self._child.close()
 
-    def effect(self, doc: Mapping[str, Any]) -> tuple[str, str, bool]:
-        """The candidate's effect and mode for ``doc``, and whether it failed on it."""
+    def rebuild(
+        self, record: Mapping[str, Any], unsealer: Unsealer, tools: ToolsSeen
+    ) -> tuple[Rebuilt, int | None]:
+        """The record's input (:func:`rebuild_input`) and, if the candidate reads the
+        clock, the instant to evaluate it at; skipped as ``clock`` if there is none."""
+        rebuilt = rebuild_input(record, unsealer, tools)
+        if rebuilt.input is None or not self.clock:
+            return rebuilt, None
+        # Replayed now, a clock rule would decide for today, not for the record.
+        now_ns = _record_ns(record)
+        if self.own_clock or now_ns is None:
+            return Rebuilt(None, "clock"), None
+        return rebuilt, now_ns
+
+    def effect(self, doc: Mapping[str, Any], now_ns: int | None) -> tuple[str, str, bool]:
+        """The candidate's effect and mode for ``doc`` at ``now_ns``, and whether it failed.
+
+        ``now_ns`` is used only when the candidate reads the clock; it must then be set.
+        """
+        if self.clock:
+            assert now_ns is not None
+            budget = {**doc.get("budget", {}), NOW_KEY: now_ns}
+            return self._evaluate({**doc, "budget": budget}, _input_mode(doc))
         key = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
         found = self._memo.get(key)
         if found is None:
-            found = self._evaluate(doc)
+            found = self._evaluate(doc, _input_mode(doc))
             self._memo[key] = found
         return found
 
-    def _evaluate(self, doc: Mapping[str, Any]) -> tuple[str, str, bool]:
+    def _evaluate(self, doc: Mapping[str, Any], mode: str) -> tuple[str, str, bool]:
         # As PolicyGuard.decide: the rule's own mode, else the input's (the configured one).
-        mode = _input_mode(doc)
-        reply = self._child.request(
-            {"op": "decide", "query": self._config.query, "input": doc, "repeat": 0}
-        )
+        job = {"op": "decide", "query": self._query, "input": doc, "repeat": 0}
+        reply = self._child.request(job)
         if isinstance(reply, Crash) or not reply.get("ok"):
             # The engine denies a failure the input may have caused (see PolicyGuard).
             return Effect.DENY.value, mode, True
-        result = interpret_output(str(reply["text"]), self._policy.production)
+        text = str(reply["text"])
+        if self.clock:
+            text = _decision_text(text, self._policy.production)
+        result = interpret_output(text, self._policy.production)
         if result.error is not None:
             return Effect.DENY.value, mode, True
         if result.effect is None:
             return self._config.default_effect.value, mode, False
         return result.effect.value, result.mode.value if result.mode else mode, False
+
+
+def _decision_text(text: str, modules: tuple[Module, ...]) -> str:
+    """The output of :func:`clock_query` as the plain decision query's output text."""
+    bound = interpret_value(text, modules)
+    if bound.error is not None or not bound.defined:
+        return text  # an error or "undefined" reads the same for both queries
+    return orjson.dumps({"expressions": [bound.value]}).decode()
 
 
 def replay(
@@ -468,14 +578,14 @@ def replay(
             if decision.get("guard") not in REPLAYED_GUARDS:
                 skipped["not_policy"] += 1
                 continue
-            rebuilt = rebuild_input(record, unsealer, tools)
+            rebuilt, now_ns = candidate.rebuild(record, unsealer, tools)
             if rebuilt.input is None:
                 skipped[rebuilt.skip or "unreadable"] += 1
                 continue
             revisions[str(decision.get("bundle_revision", ""))] = None
             replayed += 1
             inexact += not rebuilt.exact
-            after, after_mode, failed = candidate.effect(rebuilt.input)
+            after, after_mode, failed = candidate.effect(rebuilt.input, now_ns)
             errors += failed
             before = str(decision.get("effect", ""))
             # What was enforced: an observe-mode result lets the action through.
@@ -502,4 +612,5 @@ def replay(
         changes=changes,
         skipped=dict(skipped),
         errors=errors,
+        at_recorded_time=replayed if candidate.clock else 0,
     )

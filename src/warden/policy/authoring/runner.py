@@ -33,7 +33,13 @@ from warden.policy.authoring.statements import (
     package_ref,
     split_statements,
 )
-from warden.policy.authoring.tables import CaseFile, DecisionCase, compare_decision
+from warden.policy.authoring.tables import (
+    CaseFile,
+    DecisionCase,
+    compare_decision,
+    enforced,
+    invalid_message,
+)
 from warden.policy.bundle import Module
 from warden.policy.worker import STACK_BYTES
 
@@ -119,8 +125,10 @@ def run_tests(
     ``run`` is a regular expression searched in each test's name (Rego tests:
     ``data.pkg.test_x``; cases: ``file: case name``); only matches run.
     Cases run on the production path for ``query`` unless their file names
-    its own. Each Rego test is compiled on its own in a child process, so a
-    test that crashes the engine is reported as ERROR and the others still run.
+    its own; a result of ``query`` (the decision query) is read as the proxy
+    reads it (:func:`~warden.policy.authoring.tables.enforced`). Each Rego test
+    is compiled on its own in a child process, so a test that crashes the
+    engine is reported as ERROR and the others still run.
     ``stack_bytes``: the stack that child runs the engine on (``policy.worker_stack_mb``).
     """
     pattern = re.compile(run) if run else None
@@ -135,7 +143,16 @@ def run_tests(
                 display = f"{case_file.path}: {case.name}"
                 if pattern is not None and not pattern.search(display):
                     continue
-                results.append(_run_case(child, policy, case_file, case, case_file.query or query))
+                results.append(
+                    _run_case(
+                        child,
+                        policy,
+                        case_file,
+                        case,
+                        case_file.query or query,
+                        decision=case_file.query in (None, query),
+                    )
+                )
     return TestReport(tuple(results))
 
 
@@ -187,7 +204,13 @@ def _run_rego_test(child: Child, policy: PolicySet, test: _RegoTest) -> TestResu
 
 
 def _run_case(
-    child: Child, policy: PolicySet, case_file: CaseFile, case: DecisionCase, query: str
+    child: Child,
+    policy: PolicySet,
+    case_file: CaseFile,
+    case: DecisionCase,
+    query: str,
+    *,
+    decision: bool,
 ) -> TestResult:
     where = _Where("case", case.name, case_file.path, case.line, query)
     reply = child.request({"op": "decide", "query": query, "input": case.input})
@@ -198,7 +221,15 @@ def _run_case(
         if _WITH_INPUT_ERROR in outcome.error:
             hint = WITH_INPUT_HINT
         return where.result(Status.ERROR, ns, outcome.error, hint, outcome.printed)
-    problems = compare_decision(case.expect, outcome.result, undefined=outcome.undefined)
+    proxy = None
+    if decision and not isinstance(reply, Crash):
+        # What the proxy enforces, not only what the policy wrote.
+        proxy = enforced(str(reply["text"]), case.input, policy.production)
+        if proxy.invalid:
+            return where.result(Status.ERROR, ns, invalid_message(proxy), printed=outcome.printed)
+    problems = compare_decision(
+        case.expect, outcome.result, undefined=outcome.undefined, proxy=proxy
+    )
     if problems:
         return where.result(Status.FAIL, ns, "; ".join(problems), printed=outcome.printed)
     return where.result(Status.PASS, ns, printed=outcome.printed)

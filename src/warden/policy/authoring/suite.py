@@ -13,7 +13,9 @@ Optional keys: ``description``, ``agent`` (``{"id", "version", "claims"}``),
 (:func:`~warden.policy.authoring.tables.compare_decision`): ``effect``
 equal, ``reason`` a substring, other keys equal; an undefined policy result
 is compared as the decision Warden would make (``policy.default_effect``)
-unless ``expect`` says ``undefined: true``.
+unless ``expect`` says ``undefined: true``. The result is read as the proxy
+reads it: one it refuses is an ERROR, and an effect it lets through (observe
+mode) meets ``effect`` only with ``mode: observe`` expected too.
 
 The input is built by the proxy's own :func:`warden.pipeline.policy_input`
 from an :class:`~warden.model.Action`, so a scenario sees exactly the
@@ -34,10 +36,16 @@ import orjson
 
 from warden.model import Action, ActionKind, Agent, Effect, Mode, RequestMeta, Stage
 from warden.pipeline import GuardContext, policy_input
-from warden.policy.authoring.child import DEFAULT_TEST_TIMEOUT_S, Child, init_doc, parse_output
+from warden.policy.authoring.child import (
+    DEFAULT_TEST_TIMEOUT_S,
+    Child,
+    Crash,
+    init_doc,
+    parse_output,
+)
 from warden.policy.authoring.policy_set import PolicySet
 from warden.policy.authoring.results import Status
-from warden.policy.authoring.tables import compare_decision
+from warden.policy.authoring.tables import compare_decision, enforced, invalid_message
 
 __all__ = [
     "EvalReport",
@@ -229,6 +237,18 @@ class ScenarioResult:
     message: str = ""
     effect: str | None = None
     """The effect the bundle gave (``None`` on error)."""
+    mode: str | None = None
+    """The mode the proxy would decide in: the rule's own, else the input's (``None`` on
+    error). In ``observe`` an effect other than ``allow`` is recorded, not enforced."""
+
+    @property
+    def label(self) -> str:
+        """The effect, ``deny (observe)`` when the proxy would let it through, or ``-``."""
+        if self.effect is None:
+            return "-"
+        if self.mode == Mode.OBSERVE and self.effect != Effect.ALLOW:
+            return f"{self.effect} ({self.mode})"
+        return self.effect
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -237,6 +257,7 @@ class ScenarioResult:
             "line": self.line,
             "status": self.status.value,
             "effect": self.effect,
+            "mode": self.mode,
             "message": self.message,
         }
 
@@ -321,20 +342,32 @@ def run_suite(
                 continue
             reply = child.request({"op": "decide", "query": query, "input": doc})
             outcome = parse_output(reply, policy.production)
-            if outcome.error:
+            if outcome.error or isinstance(reply, Crash):
                 results.append(
                     ScenarioResult(scenario.id, scenario.line, Status.ERROR, outcome.error)
+                )
+                continue
+            # What the proxy enforces, not only what the policy wrote.
+            proxy = enforced(str(reply["text"]), doc, policy.production, default_effect.value)
+            if proxy.invalid:
+                results.append(
+                    ScenarioResult(scenario.id, scenario.line, Status.ERROR, invalid_message(proxy))
                 )
                 continue
             result, undefined = outcome.result, outcome.undefined
             if undefined and scenario.expect.get("undefined") is not True:
                 # What Warden decides when no rule does.
                 result, undefined = {"effect": default_effect.value}, False
-            problems = compare_decision(scenario.expect, result, undefined=undefined)
+            problems = compare_decision(scenario.expect, result, undefined=undefined, proxy=proxy)
             status = Status.FAIL if problems else Status.PASS
             results.append(
                 ScenarioResult(
-                    scenario.id, scenario.line, status, "; ".join(problems), _effect_of(result)
+                    scenario.id,
+                    scenario.line,
+                    status,
+                    "; ".join(problems),
+                    _effect_of(result),
+                    None if undefined else proxy.mode,
                 )
             )
     return EvalReport(suite, policy.revision, tuple(results))

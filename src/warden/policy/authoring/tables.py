@@ -5,6 +5,13 @@ a bundle folder, or any file under a ``decisions/`` folder). They run on the
 production path -- the modules the engine compiles, evaluated with the
 compiled decision query -- so they can test any rule, and compliance staff
 can read them. :func:`warden.policy.authoring.runner.run_tests` runs them.
+
+A result of the decision query is read as the proxy reads it
+(:func:`enforced`): one the proxy refuses (``"approvers": "leads"``, not a
+list) is an error whatever ``expect`` says, and an effect other than
+``allow`` in observe mode (the rule's own ``"mode": "observe"``, else
+``input.mode``) lets the call through, so it meets an ``effect`` expectation
+only when ``expect`` says ``mode: observe`` too.
 """
 
 from __future__ import annotations
@@ -17,13 +24,17 @@ from typing import Any
 import orjson
 import yaml
 
-from warden.policy.bundle import BundleError
+from warden.model import Effect, Mode
+from warden.policy.bundle import BundleError, Module
+from warden.policy.engine import interpret_output
 
 __all__ = [
     "CaseFile",
     "DecisionCase",
+    "Enforced",
     "compare_decision",
     "discover_case_files",
+    "enforced",
     "load_case_file",
 ]
 
@@ -152,13 +163,85 @@ def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, A
     return out
 
 
-def compare_decision(expect: Mapping[str, Any], result: Any, *, undefined: bool) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class Enforced:
+    """What the proxy makes of a decision query's result (as ``PolicyGuard.decide``).
+
+    ``effect`` is ``None`` when the policy is undefined (the proxy then applies
+    ``policy.default_effect``) or when the proxy refuses the result: ``invalid``
+    then says why (it denies the call as a ``policy_error``, ``guard: fallback``).
+    ``mode`` is the rule's own mode, else the input's; ``own_mode`` says which.
+    """
+
+    effect: str | None
+    mode: str
+    own_mode: bool = False
+    invalid: str = ""
+
+    @property
+    def label(self) -> str:
+        """``deny``, or ``deny (observe)`` when the proxy lets that effect through."""
+        if self.effect is None or not self.passes_through:
+            return self.effect or "undefined"
+        return f"{self.effect} ({self.mode})"
+
+    @property
+    def passes_through(self) -> bool:
+        """Whether the proxy lets the call through although the effect is not ``allow``."""
+        return self.mode == Mode.OBSERVE and self.effect not in (None, Effect.ALLOW)
+
+
+def input_mode(doc: Mapping[str, Any]) -> str:
+    """The mode the proxy decides ``doc`` in when the rule gives none (``input.mode``)."""
+    return Mode.OBSERVE.value if doc.get("mode") == Mode.OBSERVE else Mode.ENFORCE.value
+
+
+def enforced(
+    text: str, doc: Mapping[str, Any], modules: tuple[Module, ...] = (), default: str = ""
+) -> Enforced:
+    """The proxy's reading of the engine's output ``text`` for input ``doc``.
+
+    ``default``: the effect the proxy applies when the policy is undefined (the
+    configured ``policy.default_effect``); ``""`` leaves it undefined.
+    """
+    mode = input_mode(doc)
+    result = interpret_output(text, modules)
+    if result.error is not None:
+        return Enforced(None, mode, invalid=result.detail or result.error)
+    if result.effect is None:
+        return Enforced(default or None, mode)
+    if result.mode is None:
+        return Enforced(result.effect.value, mode)
+    return Enforced(result.effect.value, result.mode.value, own_mode=True)
+
+
+def invalid_message(proxy: Enforced) -> str:
+    """Why a result the proxy refuses fails a case or scenario, whatever it expected."""
+    return (
+        f"the proxy refuses this result ({proxy.invalid}) and denies the call as a "
+        "policy error (guard: fallback)"
+    )
+
+
+def compare_decision(
+    expect: Mapping[str, Any],
+    result: Any,
+    *,
+    undefined: bool,
+    proxy: Enforced | None = None,
+) -> list[str]:
     """What differs between a decision and its expectation, as sentences (empty: it matches).
 
     ``effect`` must be equal (a bare ``true``/``false`` result counts as
     ``allow``/``deny``); ``reason`` must occur in the reason (or in one of
     ``reasons``); ``undefined: true`` expects no decision; every other key
     must equal the result's field of that name.
+
+    ``proxy`` (:func:`enforced`, for the decision query) adds what the proxy
+    enforces: ``mode`` is compared with the mode the decision is made in (the
+    rule's own, else the input's), and an effect other than ``allow`` in observe
+    mode, which the proxy lets through, meets an ``effect`` expectation only
+    when ``expect`` says ``mode: observe`` too.
     """
     if expect.get("undefined") is True:
         return [] if undefined else [f"expected no decision (undefined), got {_show(result)}"]
@@ -171,9 +254,9 @@ def compare_decision(expect: Mapping[str, Any], result: Any, *, undefined: bool)
         fields = result
     else:
         return [f"expected a decision object, got {_show(result)}"]
-    problems = []
+    problems = [] if proxy is None else _enforcement_problems(expect, proxy)
     for key, want in expect.items():
-        if key == "undefined":
+        if key == "undefined" or (key == "mode" and proxy is not None):
             continue
         if key == "reason":
             reasons = [fields.get("reason"), *(fields.get("reasons") or [])]
@@ -185,6 +268,26 @@ def compare_decision(expect: Mapping[str, Any], result: Any, *, undefined: bool)
             problems.append(f"expected {key} {_show(want)}, the decision has no {key}")
         elif fields[key] != want:
             problems.append(f"expected {key} {_show(want)}, got {_show(fields[key])}")
+    return problems
+
+
+def _enforcement_problems(expect: Mapping[str, Any], proxy: Enforced) -> list[str]:
+    """The mode expected against the mode decided in, and an expected effect the proxy
+    would not enforce (observe mode lets the call through)."""
+    problems = []
+    if "mode" in expect and expect["mode"] != proxy.mode:
+        source = "the rule's own" if proxy.own_mode else "input.mode; the rule gives none"
+        problems.append(
+            f"expected mode {_show(expect['mode'])}, got {_show(proxy.mode)} ({source})"
+        )
+    want = expect.get("effect")
+    if want == proxy.effect and proxy.passes_through and "mode" not in expect:
+        source = '"mode": "observe" in the result' if proxy.own_mode else "input.mode is observe"
+        problems.append(
+            f"expected effect {_show(want)}, got {_show(proxy.label)}: in observe mode "
+            f"({source}) the proxy records the decision and lets the call through; add "
+            "mode: observe to expect if that is intended"
+        )
     return problems
 
 

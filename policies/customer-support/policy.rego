@@ -21,7 +21,9 @@ import rego.v1
 # budget that is not an object makes refunds and credits unreadable: denied.)
 # Session rules (input.history, input.session) then make an allowed action
 # stricter, never looser; an input without them gets the plain verdict.
-decision := with_session(verdict(input.action, input.budget), input.action, input.history, input.session) if {
+decision := redacting(_decided, input.action)
+
+_decided := with_session(verdict(input.action, input.budget), input.action, input.history, input.session) if {
 	true
 } else := with_session(verdict(input.action, {}), input.action, input.history, input.session) if {
 	not input.budget
@@ -30,6 +32,15 @@ decision := with_session(verdict(input.action, input.budget), input.action, inpu
 } else := verdict(input.action, {}) if {
 	not input.budget
 }
+
+# A catalogued tool's `redact` list (data.json) rides on every decision about
+# it, whichever branch decided: a denied call is recorded too, with arguments
+# as personal as an approved one's (a phone number sent as a number, an
+# address beside a customer id of the wrong type, a change past the session's
+# limit). Only the audit record is masked: the tool still gets the value.
+redacting(d, action) := object.union(d, {"redact": paths}) if {
+	paths := data.warden.tools[action.tool].redact
+} else := d
 
 verdict(action, budget) := _deny(concat("", [
 	"the answers to the MCP server's questions carry ", concat(", ", array.slice(fields, 0, 8)), ", which an answer may not decide for ",
@@ -335,10 +346,8 @@ class_verdict("money", tool, _, args, budget) := money_verdict(
 
 class_verdict("account_closure", _, _, _, _) := _hold("closing a customer account always needs a support lead's approval")
 
-class_verdict("personal_data", _, entry, _, _) := object.union(
-	_hold(sprintf("changing a customer's %v needs a support lead's approval", [entry.what])),
-	{"redact": object.get(entry, "redact", [])},
-)
+# Its `redact` list is added by `redacting`, as to every decision about the tool.
+class_verdict("personal_data", _, entry, _, _) := _hold(sprintf("changing a customer's %v needs a support lead's approval", [entry.what]))
 
 class_verdict("bulk_export", tool, _, _, _) := _deny(sprintf("%v exports customer data in bulk, which support agents may never do", [tool]))
 

@@ -230,11 +230,66 @@ test_close_account_needs_approval if {
 }
 
 test_personal_data_changes_need_approval_and_are_redacted if {
-	r := warden.verdict(_call("update_email", {"customer_id": "C-42", "email": "new@example.com"}), {})
+	r := warden.decision with input.action as _call("update_email", {"customer_id": "C-42", "email": "new@example.com"})
 	r.effect == "require_approval"
 	r.reason == "changing a customer's email address needs a support lead's approval"
 	r.redact == ["action.arguments.email"]
 	_effect(_call("update_phone", {"customer_id": "C-42", "phone": "+1 555 0100"}), {}) == "require_approval"
+}
+
+# A denied call is recorded too: the new value is masked whatever the verdict.
+test_personal_data_changes_denied_for_their_types_are_redacted if {
+	phone := warden.decision with input.action as _call("update_phone", {"customer_id": "C-42", "phone": 4915112345678})
+	phone.effect == "deny"
+	contains(phone.reason, "needs phone to be text, but it is a number")
+	phone.redact == ["action.arguments.phone"]
+	email := warden.decision with input.action as _call("update_email", {"customer_id": 1042, "email": "ann@example.com"})
+	email.effect == "deny"
+	email.redact == ["action.arguments.email"]
+	address := warden.decision with input.action as _call("update_address", {"customer_id": 7, "address": {"street": "1 Main St"}})
+	address.effect == "deny"
+	address.redact == ["action.arguments.address"]
+}
+
+test_every_decision_about_a_redacting_tool_carries_its_list if {
+	every tool, entry in data.warden.tools {
+		_redacts_when_denied(tool, entry)
+	}
+}
+
+_redacts_when_denied(_, entry) if not entry.redact
+
+_redacts_when_denied(tool, entry) if {
+	entry.redact
+	d := warden.decision with input.action as _call(tool, {"customer_id": true})
+	d.effect == "deny"
+	d.redact == entry.redact
+}
+
+test_answers_that_deny_a_personal_data_change_keep_it_redacted if {
+	retry := object.union(
+		_call("update_email", {"customer_id": "C-42", "email": "new@example.com"}),
+		{"stage": "executed", "input_responses": {"e": {"action": "accept", "content": {"email": "other@example.com"}}}},
+	)
+	d := warden.decision with input.action as retry
+	d.effect == "deny"
+	contains(d.reason, "carry email")
+	d.redact == ["action.arguments.email"]
+}
+
+test_a_session_denial_keeps_the_tools_redactions if {
+	change := {"kind": "tool_call", "tool": "update_phone", "arguments": {"customer_id": "C-1", "phone": "+1 555 0100"}}
+	held := {"effect": "require_approval", "reason": "needs a lead"}
+	d := warden.redacting(warden.with_session(held, change, [], _session({"held": {"update_email": 2}})), change)
+	d.effect == "deny"
+	d.redact == ["action.arguments.phone"]
+}
+
+test_tools_without_a_redact_list_get_none if {
+	d := warden.decision with input.action as _call("fetch_url", {"url": "https://example.com"})
+	d.effect == "allow"
+	not d.redact
+	warden.redacting({"effect": "deny"}, {"kind": "tool_call", "tool": null}) == {"effect": "deny"}
 }
 
 # --- MCP tools/list (stage "list"): only the tool's name is known -----------

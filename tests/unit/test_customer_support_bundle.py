@@ -215,3 +215,43 @@ def test_the_input_the_pipeline_builds(
 ) -> None:
     ctx = GuardContext(mode=Mode.ENFORCE, risk="high", budget=budget)
     assert _decide(evaluator, policy_input(_action(tool, arguments), ctx))["effect"] == effect
+
+
+REDACTING = sorted(t for t, e in DATA["tools"].items() if e.get("redact"))
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "session"),
+    [
+        # The model wrote the phone number as a number: denied for its type.
+        ("update_phone", {"customer_id": "C-1042", "phone": 4915112345678}, {}),
+        ("update_email", {"customer_id": 1042, "email": "ann.smith@example.com"}, {}),
+        ("update_address", {"customer_id": 7, "address": {"street": "1 Main St"}}, {}),
+        # Past the session's limit of account changes.
+        (
+            "update_email",
+            {"customer_id": "C-1042", "email": "ann.smith@example.com"},
+            {"conversation": True, "calls": {}, "held": {"update_phone": 2}, "taints": []},
+        ),
+    ],
+)
+def test_a_denied_personal_data_change_is_still_redacted(
+    evaluator: Evaluator, tool: str, arguments: dict[str, Any], session: dict[str, Any]
+) -> None:
+    # The record of a denial keeps the arguments too: the value must be masked there.
+    ctx = GuardContext(mode=Mode.ENFORCE, risk="high", budget={}, session=session)
+    result = interpret_output(evaluator.evaluate(policy_input(_action(tool, arguments), ctx)))
+    assert result.error is None, result.detail
+    assert result.effect is Effect.DENY, result.reason
+    assert result.redact == tuple(DATA["tools"][tool]["redact"])
+
+
+@pytest.mark.parametrize("tool", REDACTING)
+def test_every_verdict_about_a_redacting_tool_carries_its_list(
+    evaluator: Evaluator, tool: str
+) -> None:
+    redact = tuple(DATA["tools"][tool]["redact"])
+    for arguments in ({}, {"customer_id": ["C-1"]}):
+        ctx = GuardContext(mode=Mode.ENFORCE, risk="high")
+        doc = policy_input(_action(tool, arguments), ctx)
+        assert interpret_output(evaluator.evaluate(doc)).redact == redact, arguments

@@ -7,7 +7,9 @@ fields and encodes. The schema is documented in docs/audit.md.
 Two defences run on every body before it is stored:
 
 * provider credentials are dropped from request headers and masked wherever a
-  key named like a credential appears (``authorization``, ``x-api-key``...);
+  key named like a credential appears (``authorization``, ``x-api-key``...),
+  and inside any string holding a URL: its password and the values of its
+  credential-named query parameters (``?api_key=...``);
 * the policy's redaction obligations (``Decision.obligations.redact``) replace
   the named argument or result paths with ``"[redacted]"``. Arguments or a
   result hidden whole keep only their SHA-256 (and the argument names), and
@@ -24,12 +26,14 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import unquote_plus
 
 import orjson
 import rfc8785
 
 from warden.model import Action, Decision, Outcome
 from warden.text import mended
+from warden.urls import MASK
 
 __all__ = [
     "CREDENTIAL_HEADERS",
@@ -110,6 +114,16 @@ _MEMO_KEY_CHARS = 64
 _CREDENTIAL_HINT = re.compile(r"pass|secret|token|key|credential|cookie|auth|bearer|pwd|jwt", re.I)
 _ENCODE_OPTS = orjson.OPT_SORT_KEYS
 _SCALARS = frozenset({str, int, float, bool, type(None)})
+# Credentials inside URLs: only a string holding this is looked into (one C-speed search).
+_URL_MARK: Final = "://"
+# A URL's authority ends at the first "/" (or where the text around it resumes), not at
+# "?" or "#": libpq reads both as characters of a password (postgresql://u:p?w@db).
+_AUTHORITY_END = re.compile(r"[/\s\"'<>`]")
+# A query or fragment parameter (?api_key=..., #access_token=...). A value stops at "?"
+# too, so a URL nested in another's query (?next=https://h/?token=...) is read as well.
+_URL_PARAM = re.compile(r"([?&;#])([^=&;#?\s\"'<>`]+)=([^&;#?\s\"'<>`]+)")
+_MASKS = frozenset({REDACTED, MASK})
+"""Values masked already (here, or by :func:`warden.urls.shown_url`): hiding them hides nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,17 +281,23 @@ def is_credential_key(key: str) -> bool:
 
 
 def mask_credentials(value: Any, masked: list[str] | None = None, at: str = "") -> Any:
-    """A copy of a JSON-like value with credential-named keys masked, at any depth.
+    """A copy of a JSON-like value with credentials masked, at any depth.
 
     The whole value under a credential-named key becomes ``"[redacted]"`` (an
-    object's keys may be secrets too). The agent names its arguments, so it
+    object's keys may be secrets too). In a string holding a URL
+    (``scheme://``), the password (``https://svc:[redacted]@host/``) and the
+    values of credential-named query and fragment parameters
+    (``?api_key=[redacted]``) are masked, by :func:`is_credential_key`'s rule;
+    the rest of the URL stays readable. The agent names its arguments, so it
     could hide any value from an approver that way (an IBAN under
     ``x_credential_hint``): with ``masked``, the JSON pointer (RFC 6901, from
-    ``at``) of every value replaced is appended to it, for callers to list in
+    ``at``) of every value changed is appended to it, for callers to list in
     ``redacted`` and approvers to see what they cannot; a value that already
     was ``"[redacted]"`` hid nothing.
     """
     kind = type(value)
+    if kind is str:
+        return _shown_text(value, masked, at) if _URL_MARK in value else value
     if kind in _SCALARS:
         return value
     if kind is dict or isinstance(value, Mapping):
@@ -285,6 +305,13 @@ def mask_credentials(value: Any, masked: list[str] | None = None, at: str = "") 
         for k, v in value.items():
             if type(k) is str and is_credential_key(k):
                 out[k] = _hide(v, masked, _pointer(at, k) if masked is not None else "")
+            elif type(v) is str:
+                # The common case, kept cheap: most strings hold no URL.
+                out[k] = (
+                    _shown_text(v, masked, _pointer(at, k) if masked is not None else "")
+                    if _URL_MARK in v
+                    else v
+                )
             elif type(v) in _SCALARS:
                 out[k] = v
             else:
@@ -293,11 +320,66 @@ def mask_credentials(value: Any, masked: list[str] | None = None, at: str = "") 
     if isinstance(value, list | tuple):
         return [
             v
-            if type(v) in _SCALARS
+            if type(v) in _SCALARS and (type(v) is not str or _URL_MARK not in v)
             else mask_credentials(v, masked, f"{at}/{i}" if masked is not None else "")
             for i, v in enumerate(value)
         ]
     return value
+
+
+def _shown_text(text: str, masked: list[str] | None, at: str) -> str:
+    """``text`` with the credentials of the URLs in it masked; its pointer kept if it changed."""
+    shown = _masked_urls(text)
+    if masked is not None and shown != text:
+        masked.append(at)
+    return shown
+
+
+def _masked_urls(text: str) -> str:
+    """``text`` with each URL's password and credential-named parameters as ``"[redacted]"``.
+
+    Every ``scheme://`` in it is read, so a URL inside other text (a shell
+    command, a note) or inside another URL's query is masked too. A password
+    is everything between the first ``:`` and the last ``@`` of the authority;
+    a parameter is masked when its name (decoded) is a credential's by
+    :func:`is_credential_key`. Each part of ``text`` is scanned a bounded
+    number of times: the cost is linear in its length.
+    """
+    if "@" in text:
+        text = _masked_passwords(text)
+    # Every credential name holds a hint (api_key, access_token); "%" may spell one.
+    if "%" in text or _CREDENTIAL_HINT.search(text):
+        text = _URL_PARAM.sub(_masked_param, text)
+    return text
+
+
+def _masked_passwords(text: str) -> str:
+    """``text`` with the password in each URL's authority as ``"[redacted]"``."""
+    first = text.find(_URL_MARK)
+    parts: list[str] = [text[:first]]
+    pos = first
+    start = first + len(_URL_MARK)
+    while True:
+        found = _AUTHORITY_END.search(text, start)
+        end = found.start() if found is not None else len(text)
+        at = text.rfind("@", start, end)
+        colon = text.find(":", start, at) if at > start else -1
+        if colon >= 0 and colon + 1 < at and text[colon + 1 : at] not in _MASKS:
+            parts += [text[pos : colon + 1], REDACTED]
+            pos = at
+        nxt = text.find(_URL_MARK, start)
+        if nxt < 0:
+            break
+        start = nxt + len(_URL_MARK)
+    parts.append(text[pos:])
+    return "".join(parts)
+
+
+def _masked_param(found: re.Match[str]) -> str:
+    sep, name, value = found.group(1, 2, 3)
+    if value in _MASKS or not is_credential_key(unquote_plus(name)):
+        return found.group(0)
+    return f"{sep}{name}={REDACTED}"
 
 
 def _hide(value: Any, masked: list[str] | None, at: str) -> Any:
@@ -313,7 +395,8 @@ def _pointer(at: str, key: Any) -> str:
 
 
 def _masked_at(value: Any, pointer: str) -> bool:
-    """Whether ``pointer`` still leads to a masked value (not inside a redacted whole)."""
+    """Whether ``pointer`` still leads to a masked value (not inside a redacted whole):
+    ``"[redacted]"``, or a URL with its credentials masked."""
     node = value
     for raw in pointer.split("/")[1:]:
         part = raw.replace("~1", "/").replace("~0", "~")
@@ -323,7 +406,7 @@ def _masked_at(value: Any, pointer: str) -> bool:
             node = node[int(part)]
         else:
             return False
-    return type(node) is str and node == REDACTED
+    return type(node) is str and REDACTED in node
 
 
 def _redact_path(value: Any, parts: list[str]) -> bool:

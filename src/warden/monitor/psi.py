@@ -6,6 +6,10 @@ window. A bin empty on one side would make the logarithm infinite, so a share
 of zero counts as :data:`EMPTY_SHARE` (the usual convention); the result is
 always finite. Under 0.1 is stable, 0.1 to 0.25 worth watching, 0.25 and over
 a shift to act on.
+
+Bin edges are round numbers (:func:`quantile_edges`), not the recorded values
+they fall between: a pinned baseline keeps them after the log's records are
+gone, and after a customer's erasure.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import enum
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal
+from typing import Final
 
 __all__ = [
     "ACT",
+    "EDGE_DIGITS",
     "EMPTY_SHARE",
     "WATCH",
     "Histogram",
@@ -35,6 +42,8 @@ ACT = 0.25
 """PSI at or above this: a significant shift; act on it."""
 EMPTY_SHARE = 1e-4
 """The share an empty bin counts as, so ``ln(a/e)`` stays finite."""
+EDGE_DIGITS: Final = 3
+"""Significant figures of a bin edge, at most."""
 
 
 class Level(enum.StrEnum):
@@ -124,6 +133,15 @@ def quantile_edges(values: Sequence[float], bins: int = 10) -> tuple[float, ...]
 
     A value equal to an edge falls in the bin below it. Fewer distinct values
     than bins give fewer edges (one bin per distinct value at most).
+
+    Each edge is the roundest number (fewest significant figures, at most
+    :data:`EDGE_DIGITS`) between the quantile's value and the next larger
+    value, so the reference falls in the same bins as with the value itself;
+    where no such number lies between them (a phone number or an account id
+    sent as a number, next to another), the value rounded to
+    :data:`EDGE_DIGITS` figures. The values are the arguments of customers'
+    calls, unsealed to be counted: an edge must not keep one of them exactly
+    (a pinned baseline outlives the records, and their subject's erasure).
     """
     finite = sorted(v for v in values if math.isfinite(v))
     if not finite or bins < 2:
@@ -131,10 +149,27 @@ def quantile_edges(values: Sequence[float], bins: int = 10) -> tuple[float, ...]
     edges: list[float] = []
     n = len(finite)
     for i in range(1, bins):
-        edge = finite[min(n - 1, (i * n) // bins)]
+        low = finite[min(n - 1, (i * n) // bins)]
+        if low >= finite[-1]:
+            continue
+        edge = _round_edge(low, finite[bisect.bisect_right(finite, low)])
         if edge < finite[-1] and (not edges or edge > edges[-1]):
             edges.append(edge)
     return tuple(edges)
+
+
+def _round_edge(low: float, high: float) -> float:
+    """The roundest number in ``[low, high)`` of at most :data:`EDGE_DIGITS` significant
+    figures, or ``low`` rounded to that many."""
+    if low <= 0.0 < high:
+        return 0.0
+    exact = Decimal(repr(low))
+    for digits in range(1, EDGE_DIGITS + 1):
+        step = Decimal(1).scaleb(exact.adjusted() - digits + 1)
+        edge = float(exact.quantize(step, rounding=ROUND_CEILING)) + 0.0
+        if low <= edge < high:
+            return edge
+    return float(f"{low:.{EDGE_DIGITS}g}") + 0.0
 
 
 def bin_values(values: Iterable[float], edges: Sequence[float]) -> Histogram:

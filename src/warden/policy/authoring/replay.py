@@ -216,8 +216,9 @@ class ReplayReport:
 
 
 def _redacted_inside(value: Any) -> bool:
-    if value == REDACTED:
-        return True
+    if isinstance(value, str):
+        # Whole, or in part: a URL's password or credential parameter (audit.record).
+        return REDACTED in value
     if isinstance(value, Mapping):
         return any(_redacted_inside(v) for v in value.values())
     if isinstance(value, list):

@@ -564,13 +564,19 @@ def _erase(args: argparse.Namespace) -> int:
     except AuditError as exc:
         if not isinstance(exc.__cause__, LogLocked):
             raise
-        # A running Warden holds the log: destroy the key here and leave a note;
+        # A running Warden holds the log: leave a note, then destroy the key here;
         # at its next checkpoint Warden drops its cached copy, erases the subject
-        # from its state store and memory, and records the erasure.
+        # from its state store and memory, and records the erasure. The note
+        # comes first: killed after it, the erasure is still finished (the running
+        # Warden destroys the key too if it is still there).
         keys = SubjectKeys.open(root, create=False)
         ref = keys.ref(args.subject)
-        existed = keys.erase(ref)
-        keys.note_erasure(ref, key_destroyed=existed)
+        has_key = keys.load(ref) is not None
+        keys.note_erasure(ref, key_destroyed=has_key)
+        try:
+            existed = keys.erase(ref) or has_key
+        except FileNotFoundError:  # the running Warden took the note and the key meanwhile
+            existed = True
         _erased(existed)
         print(
             "note: Warden is running; at its next checkpoint it erases the subject from its "

@@ -83,7 +83,10 @@ async def erase_stopped(config: Config, subject_id: str) -> Erasure:
     Opens the audit log (:class:`~warden.errors.AuditError` caused by
     :class:`~warden.audit.layout.LogLocked` when a Warden holds it) and the
     state store of ``config``, then erases both and records it. A SQLite
-    state file that does not exist holds nothing and is not created.
+    state file that does not exist holds nothing and is not created. The
+    erasure is noted before the key is destroyed (:meth:`AuditLog.erase`):
+    killed midway, say while a busy state store keeps it waiting, it is
+    finished by the next Warden to hold the log.
     """
     log = await AuditLog.open(config.audit)
     try:

@@ -13,6 +13,13 @@ the first four bytes of ``SHA-256(name || "\\n" || 0x01 || public key)``. Any
 tool that speaks these formats (the Go ``sumdb/note`` package, witnesses,
 ``litetlog``) can check Warden's checkpoints with the verifier key
 ``<name>+<key hash hex>+<base64(0x01 || public key)>``.
+
+Besides ``time``, two extension lines say where a run of Warden started and
+stopped: :data:`CLOSED` on the checkpoint it signs when it stops cleanly
+(nothing follows it), and ``reopened <size> <digest>`` (:data:`REOPENED`) on
+every checkpoint a later run signs, naming the closed checkpoint it resumed
+(:meth:`Checkpoint.digest`). Records after a closed checkpoint that no
+checkpoint names so were not written by Warden.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from warden.audit.verify_evidence import SIG_PREFIX, split_note
 
 __all__ = [
     "ALG_ED25519",
+    "CLOSED",
+    "REOPENED",
     "Checkpoint",
     "NoteError",
     "NoteSigner",
@@ -43,6 +52,12 @@ __all__ = [
 
 ALG_ED25519 = 0x01
 MAX_SIGNATURES = 100
+CLOSED = "closed"
+"""The extension line of the checkpoint signed when the log is closed cleanly: the log
+ends there, and records found after it at the next start were added by someone else."""
+REOPENED = "reopened "
+"""Extension line prefix: ``reopened <size> <digest>``, on the checkpoints of a run that
+resumed the closed log at that size, naming its closed checkpoint (:meth:`Checkpoint.digest`)."""
 
 
 class NoteError(ValueError):
@@ -179,6 +194,36 @@ class Checkpoint:
         """The checkpoint body that is signed."""
         lines = [self.origin, str(self.size), base64.b64encode(self.root).decode()]
         return "\n".join([*lines, *self.extensions]) + "\n"
+
+    @property
+    def closed(self) -> bool:
+        """Whether it was signed when the log was closed cleanly (:data:`CLOSED`)."""
+        return CLOSED in self.extensions
+
+    @property
+    def reopens(self) -> frozenset[tuple[int, str]]:
+        """The closed checkpoints (size, digest) this one says its run resumed."""
+        found = set()
+        for line in self.extensions:
+            size, _, digest = line.removeprefix(REOPENED).partition(" ")
+            if line.startswith(REOPENED) and size.isascii() and size.isdigit() and digest:
+                found.add((int(size), digest))
+        return frozenset(found)
+
+    def resumed_lines(self) -> tuple[str, ...]:
+        """The ``reopened`` lines of a run that resumes the log at this closed checkpoint.
+
+        They name it, and also the closed checkpoints it names at its own size:
+        a run that added nothing in between must not leave the one before
+        unnamed where only that one was kept (the central store keeps the
+        first checkpoint of each size).
+        """
+        same_size = sorted(d for size, d in self.reopens if size == self.size)
+        return tuple(f"{REOPENED}{self.size} {d}" for d in (self.digest(), *same_size))
+
+    def digest(self) -> str:
+        """SHA-256 of the signed text, hex: how a ``reopened`` line names this checkpoint."""
+        return hashlib.sha256(self.text().encode()).hexdigest()
 
     @classmethod
     def parse(cls, text: str) -> Checkpoint:

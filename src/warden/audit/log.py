@@ -30,6 +30,7 @@ import logging
 import os
 import queue
 import re
+import shlex
 import threading
 import time
 import weakref
@@ -41,7 +42,7 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from warden.audit import metrics
-from warden.audit.checkpoint import Checkpoint, NoteSigner
+from warden.audit.checkpoint import CLOSED, REOPENED, Checkpoint, NoteError, NoteSigner
 from warden.audit.layout import Layout, LogMeta
 from warden.audit.merkle import CompactRange, leaf_hash
 from warden.audit.record import (
@@ -60,7 +61,15 @@ from warden.audit.record import (
     tools_sha256,
 )
 from warden.audit.redaction import REDACT_ALL
-from warden.audit.segments import SegmentWriter, TreeState, frame, open_writer
+from warden.audit.segments import (
+    RECOVERED_KIND,
+    SegmentWriter,
+    TreeState,
+    frame,
+    list_segments,
+    locate,
+    open_writer,
+)
 from warden.audit.subjects import (
     UNUSABLE,
     SubjectKeys,
@@ -110,6 +119,63 @@ class _Opened:
     subjects: SubjectKeys
     lock_fd: int
     checkpointed: int
+    reopened: tuple[str, ...]
+    """The ``reopened`` lines every checkpoint of this run carries (it resumed a closed log,
+    or continues a run that did)."""
+    adopted: dict[str, Any] | None
+    """The body of the record naming the unsigned records this start adopted."""
+
+
+def _latest_checkpoint(layout: Layout, signer: NoteSigner) -> tuple[int, Checkpoint | None]:
+    """The size of the log's latest checkpoint (0 before the first), and the checkpoint
+    when it verifies with the log's key (``None`` when it does not: then whether the log
+    was closed there cannot be told)."""
+    files = layout.checkpoint_files()
+    if not files:
+        return 0, None
+    path = files[-1]
+    size = int(path.name)
+    try:
+        ckpt = Checkpoint.open(path.read_bytes(), signer.verifier)
+        if ckpt.size != size:
+            raise NoteError(f"it says size {ckpt.size}")
+    except (NoteError, ValueError) as exc:
+        log.warning(
+            "audit: the latest checkpoint of the log in %s (%s) does not verify with the "
+            "log's key: %s",
+            layout.root,
+            path.name,
+            exc,
+        )
+        return size, None
+    return size, ckpt
+
+
+def _appended(layout: Layout, closed: Checkpoint, size: int) -> AuditError:
+    """The refusal to start a log that holds records after its closed checkpoint."""
+    first, last = closed.size, size - 1
+    span, them = (
+        (f"record {first}", "it") if first == last else (f"records {first}..{last}", "them")
+    )
+    found = locate(layout.root, first)
+    where = ""
+    if found is not None:
+        path, offset = found
+        later = [p.name for p in list_segments(path.parent) if p.name > path.name]
+        where = (
+            f" The first starts at byte {offset} of {path}: to set {them} aside, keep a copy "
+            "of the directory for the investigation, then run "
+            f"`truncate -s {offset} {shlex.quote(str(path))}`"
+            + (f" and move {', '.join(later)} out of {path.parent}" if later else "")
+            + ", and start Warden again."
+        )
+    return AuditError(
+        f"the audit log in {layout.root} was closed cleanly at {closed.size} records (its "
+        f"final checkpoint, signed when Warden stopped, says nothing follows), but it now "
+        f"holds {span} after it: added after the fact by someone who can write the "
+        f"directory. Warden will not take {them} on and sign {them}. `warden audit verify` "
+        f"names {them} (`appended`).{where}"
+    )
 
 
 def _open_blocking(config: AuditConfig) -> _Opened:
@@ -119,23 +185,136 @@ def _open_blocking(config: AuditConfig) -> _Opened:
     try:
         signer = layout.signer(meta.origin, config.signing_key_file)
         subjects = SubjectKeys.open(layout.root, max_keys=config.subjects.max_keys)
-        writer, state = open_writer(layout.root, config.segment_max_bytes)
-        files = layout.checkpoint_files()
-        checkpointed = int(files[-1].name) if files else 0
-        if checkpointed > state.size:
-            # A checkpoint is signed only over records already synced: a crash cannot
-            # do this, only removal. Continuing would sign a second history.
-            raise AuditError(
-                f"the audit log in {layout.root} holds {state.size} records, but its signed "
-                f"checkpoint {checkpointed} covers more: records were removed. Warden will "
-                "not continue a shortened log; run `warden audit verify`, restore the "
-                "directory from a copy (or the central store), or move it aside to start a "
-                "new log"
+        checkpointed, latest = _latest_checkpoint(layout, signer)
+        # Given the checkpoint: a bad frame under it is damage, never cut as a torn tail.
+        writer, state = open_writer(layout.root, config.segment_max_bytes, covered=checkpointed)
+        try:
+            reopened, adopted = _resume(
+                layout, signer, writer, state, checkpointed=checkpointed, latest=latest
             )
+        except BaseException:
+            writer.abandon()
+            raise
     except BaseException:
         os.close(lock_fd)
         raise
-    return _Opened(layout, meta, signer, writer, state, subjects, lock_fd, checkpointed)
+    return _Opened(
+        layout, meta, signer, writer, state, subjects, lock_fd, checkpointed, reopened, adopted
+    )
+
+
+def _resume(
+    layout: Layout,
+    signer: NoteSigner,
+    writer: SegmentWriter,
+    state: TreeState,
+    *,
+    checkpointed: int,
+    latest: Checkpoint | None,
+) -> tuple[tuple[str, ...], dict[str, Any] | None]:
+    """Decide how this start continues the log after its latest checkpoint.
+
+    ``checkpointed`` is that checkpoint's size, ``latest`` the checkpoint if
+    it verifies. Returns the ``reopened`` lines this run signs (naming the
+    clean close it resumes, or those of the run it continues after a crash)
+    and the body of the record naming the unsigned records it adopts (a
+    crash before). Raises :class:`AuditError` when the log must not be
+    continued.
+    """
+    if checkpointed > state.size:
+        # A checkpoint is signed only over records already synced: a crash cannot
+        # do this, only removal. Continuing would sign a second history.
+        raise AuditError(
+            f"the audit log in {layout.root} holds {state.size} records, but its signed "
+            f"checkpoint {checkpointed} covers more: records were removed. Warden will "
+            "not continue a shortened log; run `warden audit verify`, restore the "
+            "directory from a copy (or the central store), or move it aside to start a "
+            "new log"
+        )
+    if latest is None and checkpointed and state.size > checkpointed:
+        # Its `closed` line may have been taken out (which breaks the signature):
+        # records after it are taken on only when the log was surely not closed there.
+        raise AuditError(
+            f"the latest checkpoint of the audit log in {layout.root} ({checkpointed} "
+            "records) does not verify with the log's key (Warden's log says why), and "
+            f"records {checkpointed}..{state.size - 1} follow it, which no checkpoint "
+            "signed: Warden cannot tell whether they were added after a clean stop, so it "
+            "does not take them on. Run `warden audit verify`; restore the checkpoint from "
+            "a copy, or configure the key that signed it (a log keeps one key)"
+        )
+    if (
+        latest is not None
+        and state.size == latest.size != 0
+        and state.compact().root() != latest.root
+    ):
+        raise AuditError(
+            f"the last records of the audit log in {layout.root} do not match its signed "
+            f"checkpoint {latest.size}: they were changed. Warden will not continue the "
+            "log; run `warden audit verify`"
+        )
+    if latest is not None and latest.closed:
+        if state.size > latest.size:
+            raise _appended(layout, latest, state.size)
+        # Signed at once, before any record of this run, and carried by each of its
+        # checkpoints: what tells `verify` the records after the closed one are its own.
+        lines = latest.resumed_lines()
+        ckpt = Checkpoint(
+            latest.origin,
+            latest.size,
+            latest.root,
+            (f"{CHECKPOINT_TIME}{_Clock().now()}", *lines),
+        )
+        layout.write_checkpoint(latest.size, signer.sign(ckpt.text()))
+        return lines, None
+    # Continuing the run that signed `latest`: it keeps naming what that run resumed.
+    lines = tuple(x for x in latest.extensions if x.startswith(REOPENED)) if latest else ()
+    if state.size == checkpointed:
+        return lines, None
+    # The previous run stopped without closing the log (a crash, a kill): its last
+    # records were never signed. They are taken on, and the log says so.
+    first, last = checkpointed, state.size - 1
+    torn = writer.torn_copy
+    log.warning(
+        "audit: the log in %s was not closed cleanly; adopting records %d..%d, which no "
+        "checkpoint signed (written before a crash), and recording that%s",
+        layout.root,
+        first,
+        last,
+        f"; a torn tail was kept at {torn}" if torn is not None else "",
+    )
+    body = {
+        "adopted": {"first": first, "last": last},
+        "checkpoint": checkpointed if checkpointed else None,
+        "torn": torn.relative_to(layout.root).as_posix() if torn is not None else None,
+        "reason": "the log was not closed cleanly: records no checkpoint signed",
+    }
+    return lines, body
+
+
+def _destroy_key(subjects: SubjectKeys, ref: str) -> bool:
+    """Destroy a subject's key; whether there was one. Blocking I/O."""
+    try:
+        return subjects.erase(ref)
+    except FileNotFoundError:  # unlinked meanwhile by another process (the CLI): gone
+        return True
+
+
+def _destroy_noted_key(root: Path, subjects: SubjectKeys, ref: str) -> bool:
+    """Destroy the key a noted erasure was about, if it is still there. Blocking I/O.
+
+    An erasure killed between its note and the key leaves the key older than
+    the note. A key made after the note (the subject seen again while the
+    state store was out of reach) is a new one, for records written since,
+    and stays. Paths as docs/audit.md lays the directory out.
+    """
+    key = root / "subjects" / ref[:2] / f"{ref}.key"
+    note = root / "subjects" / "erasures" / ref
+    try:
+        if key.stat().st_mtime_ns > note.stat().st_mtime_ns:
+            return False
+    except FileNotFoundError:
+        return False
+    return _destroy_key(subjects, ref)
 
 
 Follower = Callable[[int, list[Mapping[str, Any]]], None]
@@ -264,6 +443,7 @@ class AuditLog:
         self._durable: TreeState = opened.state
         self._advanced = asyncio.Event()  # set (and replaced) when records become durable
         self._checkpointed = opened.checkpointed
+        self._reopened = opened.reopened
         self._clock = _Clock()
         # Where the subject sources look: context.*, action.arguments.*, agent.claims.*
         self._subject_roots = frozenset(s.partition(".")[0] for s in config.subjects.sources)
@@ -284,6 +464,8 @@ class AuditLog:
         self._erasers: list[SubjectEraser] = []
         self._erasers_due = False
         """Set by :meth:`expect_erasers`: noted erasures wait for the first eraser."""
+        self._erasing: set[str] = set()
+        """Subjects an erasure is under way for here: their notes are not finished twice."""
         self._writing = False
         """A batch is due to start, on the I/O thread, or waking its appenders."""
         self._idle: list[asyncio.Future[None]] = []  # _drain() waiting for the last batch
@@ -305,8 +487,12 @@ class AuditLog:
 
         Creates the directory and keys on first start, cuts off a torn last
         frame left by a crash (keeping a copy) and takes the directory's write
-        lock. Raises :class:`AuditError` when the log cannot be opened: held
-        by another process, damaged beyond a torn tail, or unwritable.
+        lock. Records after the latest checkpoint are taken on only when the
+        log was not closed cleanly (a crash): a warning and a
+        ``log_recovered`` record name them. Raises :class:`AuditError` when
+        the log cannot be opened: held by another process, damaged beyond a
+        torn tail, records after the checkpoint of a clean close (added by
+        someone else), or unwritable.
         """
         loop = asyncio.get_running_loop()
         io = _IoThread(loop)
@@ -316,6 +502,12 @@ class AuditLog:
             io.stop()
             raise AuditError(f"cannot open the audit log in {config.dir}: {exc}") from exc
         self = cls(config, opened, io)
+        if opened.adopted is not None:
+            try:
+                await self.append(RECOVERED_KIND, opened.adopted)
+            except BaseException:
+                await self.close()
+                raise
         self._background.append(loop.create_task(self._checkpointer()))
         if config.fsync == "batch":
             self._background.append(loop.create_task(self._syncer()))
@@ -592,13 +784,25 @@ class AuditLog:
         reference, with what the other stores erased (counts). When one of them
         cannot be reached, the record says so (``state: null``) and the rest is
         done, and recorded, at a later checkpoint.
+
+        A note of the erasure (:meth:`SubjectKeys.note_erasure`) is written
+        before the key is destroyed and removed only once the erasure is
+        recorded with the other stores done: a crash anywhere in between leaves
+        it, and whoever next holds the log finishes the erasure.
         """
         ref = self._subjects.ref(subject_id)
-        existed = bool(await self._blocking(self._subjects.erase, ref))
-        state = await self._erase_beyond(ref)
-        if state is None:
-            await self._blocking(self._subjects.note_erasure, ref, existed)
-        await self._record_erasure(ref, existed, state)
+        self._erasing.add(ref)
+        try:
+            has_key = await self._blocking(self._subjects.load, ref) is not None
+            await self._blocking(self._subjects.note_erasure, ref, has_key)
+            destroyed = bool(await self._blocking(_destroy_key, self._subjects, ref))
+            existed = destroyed or has_key  # or another process destroyed it meanwhile
+            state = await self._erase_beyond(ref)
+            await self._record_erasure(ref, existed, state)
+            if state is not None:
+                await self._blocking(self._subjects.finish_erasure, ref)
+        finally:
+            self._erasing.discard(ref)
         return Erasure(ref, existed, state)
 
     async def _erase_beyond(self, ref: str) -> dict[str, int] | None:
@@ -642,12 +846,21 @@ class AuditLog:
         for ref in await self._blocking(self._subjects.forget_erased):
             # A key file removed without a note (an older CLI): erased all the same.
             await self._blocking(self._subjects.note_erasure, ref, True)
-        for ref, existed in (await self._blocking(self._subjects.noted_erasures)).items():
-            state = await self._erase_beyond(ref)
-            if state is None:
-                continue  # the note stays: the next checkpoint tries again
-            await self._record_erasure(ref, existed, state)
-            await self._blocking(self._subjects.finish_erasure, ref)
+        for ref, noted in (await self._blocking(self._subjects.noted_erasures)).items():
+            if ref in self._erasing:
+                continue  # :meth:`erase` is at it and finishes its note itself
+            self._erasing.add(ref)
+            try:
+                # The key too: the note may be all an erasure killed early left behind.
+                destroy = functools.partial(_destroy_noted_key, self._layout.root)
+                existed = bool(await self._blocking(destroy, self._subjects, ref)) or noted
+                state = await self._erase_beyond(ref)
+                if state is None:
+                    continue  # the note stays: the next checkpoint tries again
+                await self._record_erasure(ref, existed, state)
+                await self._blocking(self._subjects.finish_erasure, ref)
+            finally:
+                self._erasing.discard(ref)
 
     def subject_ref(self, subject_id: str) -> str:
         """The pseudonymous reference that records use for ``subject_id``."""
@@ -897,6 +1110,10 @@ class AuditLog:
         to add. Raises :class:`AuditError` if the log failed or the
         checkpoint cannot be stored (which fails the log).
         """
+        return await self._sign(refresh=refresh)
+
+    async def _sign(self, *, refresh: bool, closing: bool = False) -> Checkpoint | None:
+        """:meth:`checkpoint`; ``closing``: the last one, marked :data:`CLOSED`."""
         async with self._checkpoint_lock:
             if self._failure is not None:
                 raise AuditError(_NOT_WRITABLE)
@@ -913,11 +1130,14 @@ class AuditLog:
             signed = min(
                 (self._clock.now(), *(r["time"] for r in (*self._inflight, *self._records)))
             )
+            extensions = [f"{CHECKPOINT_TIME}{signed}"]
+            if closing:
+                extensions.append(CLOSED)
+            # Every checkpoint of a run that resumed a closed log names it: whichever
+            # of them is kept (elsewhere, in the central store) shows the resumption.
+            extensions.extend(self._reopened)
             ckpt = Checkpoint(
-                self._meta.origin,
-                state.size,
-                state.compact().root(),
-                (f"{CHECKPOINT_TIME}{signed}",),
+                self._meta.origin, state.size, state.compact().root(), tuple(extensions)
             )
             note = self._signer.sign(ckpt.text())
             await self._blocking(self._store_checkpoint, state.size, note)
@@ -968,7 +1188,8 @@ class AuditLog:
         await self._drain()
         if self._failure is None:
             with contextlib.suppress(AuditError):  # already logged by _fail
-                await self.checkpoint(refresh=True)
+                # Marked closed: the next start takes no record found after it.
+                await self._sign(refresh=True, closing=True)
         try:
             healthy = self._io_failure is None
             await self._io.call(self._writer.close, healthy)

@@ -45,6 +45,7 @@ from warden.audit.record import GENESIS_PREV
 __all__ = [
     "FRAME_HEADER",
     "MAGIC",
+    "RECOVERED_KIND",
     "FrameScanner",
     "LogDamaged",
     "SegmentWriter",
@@ -52,6 +53,7 @@ __all__ = [
     "find_next_frame",
     "frame",
     "list_segments",
+    "locate",
     "open_writer",
     "parse_header",
     "segment_name",
@@ -65,6 +67,8 @@ FRAME_HEADER = struct.Struct(">II")
 _HDR = FRAME_HEADER.size
 MAX_FRAME = 64 * 1024 * 1024
 _MAX_HEADER = 8 * 1024  # a header holds at most 64 hashes; anything bigger is not one
+RECOVERED_KIND = "log_recovered"
+"""The record a start writes when it takes on records no checkpoint signed (after a crash)."""
 PREALLOCATE = 1024 * 1024
 """Zero bytes written ahead of the records at a time (never past ``segment_max_bytes``)."""
 _pack = FRAME_HEADER.pack
@@ -262,6 +266,8 @@ class SegmentWriter:
         self._max_bytes = max_bytes
         self._broken: OSError | None = None
         self._dirty = False
+        self.torn_copy: Path | None = None
+        """Where :func:`open_writer` kept a torn tail it cut off, if it cut one."""
 
     @property
     def path(self) -> Path:
@@ -348,6 +354,12 @@ class SegmentWriter:
         self._allocated = allocated
         self._dirty = False
 
+    def abandon(self) -> None:
+        """Close the file without touching it (a start that is refused leaves it as found)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
     def close(self, sync: bool = True) -> None:
         """Cut the zeros written ahead, sync (if asked and not broken) and close the file."""
         if self._fd < 0:
@@ -395,8 +407,11 @@ def _keep_torn(torn_dir: Path, segment: Path, offset: int, data: bytes) -> Path:
     return copy
 
 
-def _scan_tail(path: Path, data: bytes, start: TreeState, data_start: int) -> tuple[TreeState, int]:
-    """Replay the last segment; return the state at its last good frame and that offset."""
+def _scan_tail(
+    path: Path, data: bytes, start: TreeState, data_start: int
+) -> tuple[TreeState, int, str | None]:
+    """Replay the last segment: the state at its last good frame, that offset, and what
+    is wrong with the frame after it (``None``: the segment ends there)."""
     compact = start.compact()
     last = start.last_hash
     expected = start.size
@@ -419,16 +434,18 @@ def _scan_tail(path: Path, data: bytes, start: TreeState, data_start: int) -> tu
             f"{path.name} at offset {scanner.fault_offset}: {scanner.fault}, with valid records "
             "after it; run `warden audit verify`"
         )
-    return TreeState(compact.size, last, compact.hashes), scanner.end
+    return TreeState(compact.size, last, compact.hashes), scanner.end, scanner.fault
 
 
-def open_writer(root: Path, max_bytes: int) -> tuple[SegmentWriter, TreeState]:
+def open_writer(root: Path, max_bytes: int, *, covered: int = 0) -> tuple[SegmentWriter, TreeState]:
     """Open the log for appending: recover a torn tail, return the writer and state.
 
     A torn last frame (a crash mid-write: nothing valid follows it) is copied
     to ``torn/`` and cut off, with a warning logged. Damage with valid frames
     after it is not a torn write: it raises :class:`LogDamaged` rather than
-    drop records.
+    drop records. Nor is a bad frame where one of the first ``covered``
+    records should be (a signed checkpoint covers them, and a checkpoint is
+    signed only over synced records): nothing is cut, :class:`LogDamaged`.
     """
     segdir = root / "segments"
     segdir.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -438,7 +455,7 @@ def open_writer(root: Path, max_bytes: int) -> tuple[SegmentWriter, TreeState]:
         data = path.read_bytes()
         parsed = parse_header(data)
         if parsed is None:
-            if find_next_frame(data, len(MAGIC)) is None:
+            if find_next_frame(data, len(MAGIC)) is None and int(path.stem) >= covered:
                 # A crash while creating the segment: it never held a record.
                 copy = _keep_torn(root / "torn", path, 0, data)
                 path.unlink()
@@ -454,11 +471,21 @@ def open_writer(root: Path, max_bytes: int) -> tuple[SegmentWriter, TreeState]:
         start, data_start = parsed
         if start.size != int(path.stem):
             raise LogDamaged(f"{path.name}: its header says it starts at record {start.size}")
-        state, good_end = _scan_tail(path, data, start, data_start)
+        state, good_end, fault = _scan_tail(path, data, start, data_start)
         allocated = len(data)
+        torn_copy = None
         if good_end < len(data) and not zero_tail(data, good_end):
+            if state.size < covered:
+                # Checked before anything is cut: a start that is refused must leave
+                # the signed record where verify and the investigator will look for it.
+                raise LogDamaged(
+                    f"{path.name} at offset {good_end}: {fault or 'damaged bytes'} where record "
+                    f"{state.size} should be, which a signed checkpoint covers ({covered} "
+                    "records): its stored bytes were changed, not torn by a crash; "
+                    "run `warden audit verify`"
+                )
             torn = data[good_end:].rstrip(b"\0")  # without the zeros written ahead of it
-            copy = _keep_torn(root / "torn", path, good_end, torn)
+            copy = torn_copy = _keep_torn(root / "torn", path, good_end, torn)
             fd = os.open(path, os.O_WRONLY)
             try:
                 os.ftruncate(fd, good_end)
@@ -484,6 +511,7 @@ def open_writer(root: Path, max_bytes: int) -> tuple[SegmentWriter, TreeState]:
             max_bytes=max_bytes,
             allocated=allocated,
         )
+        writer.torn_copy = torn_copy
         return writer, state
     state = TreeState.empty()
     path, fd, start_offset, allocated = _create_segment(segdir, state, max_bytes)
@@ -498,3 +526,25 @@ def open_writer(root: Path, max_bytes: int) -> tuple[SegmentWriter, TreeState]:
         allocated=allocated,
     )
     return writer, state
+
+
+def locate(root: Path, seq: int) -> tuple[Path, int] | None:
+    """The segment holding record ``seq`` and the offset of its frame, or ``None``.
+
+    Reads only the last segment whose first record is at or before ``seq``;
+    for messages that tell an operator where to look.
+    """
+    for path in reversed(list_segments(root / "segments")):
+        if int(path.stem) > seq:
+            continue
+        data = path.read_bytes()
+        parsed = parse_header(data)
+        if parsed is None:
+            return None
+        at = parsed[0].size
+        for offset, _ in FrameScanner(data, parsed[1]):
+            if at == seq:
+                return path, offset
+            at += 1
+        return None
+    return None

@@ -7,7 +7,10 @@
 * every record's sequence number and ``prev`` hash against the record before
   it (records modified, deleted, reordered or inserted);
 * the Merkle root at every signed checkpoint's size, and every checkpoint's
-  Ed25519 signature (a rewritten chain, a truncated log, forged checkpoints).
+  Ed25519 signature (a rewritten chain, a truncated log, forged checkpoints);
+* that no record follows a checkpoint signed when Warden stopped cleanly
+  (``closed``) unless a later run of Warden signed that it resumed the log
+  there (``reopened``): records added at the end after the fact.
 
 It stops at the first damaged record and names it with the kind of damage;
 see :class:`Damage` for the kinds.
@@ -33,9 +36,11 @@ from warden.audit.record import GENESIS_PREV
 from warden.audit.segments import (
     FRAME_HEADER,
     MAX_FRAME,
+    RECOVERED_KIND,
     FrameScanner,
     find_next_frame,
     list_segments,
+    locate,
     parse_header,
     zero_tail,
 )
@@ -56,6 +61,7 @@ DAMAGE_KINDS = (
     "reordered",  # records present but out of order
     "inserted",  # a record that is not part of the chain
     "truncated",  # the log ends before a signed checkpoint says it does
+    "appended",  # records after the checkpoint of a clean stop that no run of Warden resumed
     "torn",  # the last frame is incomplete: a crash mid-write (repaired at next start)
     # a checkpoint is forged, unsigned, for another log, or contradicts another; or the key
     # given signed none here (deleted checkpoints, another log's directory)
@@ -194,7 +200,9 @@ def _classify(
 
 def _load_checkpoints(
     layout: Layout, verifier: NoteVerifier, origin: str, extra: Sequence[Path]
-) -> tuple[list[tuple[Checkpoint, str]], list[Damage]]:
+) -> tuple[list[tuple[Checkpoint, str]], list[Damage], list[tuple[Checkpoint, str]]]:
+    """One checkpoint per size (sorted), the damage found, and every checkpoint that
+    verified (several may share a size: a clean stop's and a later run's)."""
     found: list[tuple[Checkpoint, str]] = []
     damage: list[Damage] = []
     sources = [*layout.checkpoint_files(), *extra]
@@ -223,7 +231,7 @@ def _load_checkpoints(
                     "checkpoint", f"checkpoints {other[1]} and {name} differ at size {ckpt.size}"
                 )
             )
-    return sorted(by_size.values(), key=lambda c: c[0].size), damage
+    return sorted(by_size.values(), key=lambda c: c[0].size), damage, found
 
 
 class _Walk:
@@ -240,6 +248,7 @@ class _Walk:
         self.last = GENESIS_PREV
         self.before_last = GENESIS_PREV
         self.damage: Damage | None = None
+        self.fault: str | None = None  # the bad frame's fault, when the walk stopped at one
 
     def root(self) -> bytes:
         return CompactRange(self.expected, self.stack).root()
@@ -272,9 +281,26 @@ class _Walk:
                 if self.damage.kind == "torn":
                     # A tear that takes signed records is no crash: checkpoints are
                     # signed only over synced records.
-                    self.damage = self.truncated() or self.damage
+                    self.damage = self.signed_tear(self.damage) or self.damage
                 return
         self.damage = self.truncated()
+
+    def signed_tear(self, torn: Damage) -> Damage | None:
+        """What a bad last frame is when a signed checkpoint covers its record: changed
+        bytes when the frame is whole (its checksum fails), else a cut log."""
+        cut = self.truncated()
+        if cut is None or self.fault != "frame checksum mismatch":
+            return cut
+        ckpt, name = self.checkpoints[-1]
+        return Damage(
+            "modified",
+            f"{self.fault}: signed checkpoint {name} covers this record ({ckpt.size} "
+            "records), so its stored bytes were changed, not torn by a crash",
+            torn.seq,
+            None,
+            torn.segment,
+            torn.offset,
+        )
 
     def truncated(self) -> Damage | None:
         """Damage when a signed checkpoint covers more records than the walk found."""
@@ -395,6 +421,7 @@ class _Walk:
 
     def frame_fault(self, index: int, path: Path, data: bytes, pos: int, fault: str) -> Damage:
         """Name a bad frame: changed bytes, a torn last write, or a cut segment."""
+        self.fault = fault
         if find_next_frame(data, pos) is not None:
             kind, detail = "modified", f"{fault}: the stored bytes were changed"
         elif index == len(self.segments) - 1:
@@ -432,19 +459,34 @@ def verify_log(
     if verifier is None:
         verifier = layout.verifier()
     extra = [Path(p) for p in extra_checkpoints]
-    checkpoints, damage = _load_checkpoints(layout, verifier, meta.origin, extra)
+    checkpoints, damage, every = _load_checkpoints(layout, verifier, meta.origin, extra)
     segments = list_segments(layout.segments)
     walk = _Walk(segments, checkpoints)
     walk.run()
     warnings: list[str] = []
+    torn = _torn_copies(layout.root)
     if walk.damage is not None:
+        if walk.damage.kind == "truncated" and torn:
+            walk.damage = _with_torn(walk.damage, torn)
         damage.insert(0, walk.damage)
+    appended = _appended(every, walk.expected, layout.root, segments)
+    if appended is not None:
+        damage.insert(0 if walk.damage is None else 1, appended)
     if not from_directory:
         damage = _given_key_damage(meta.origin, verifier, checkpoints, damage)
-    if walk.damage is None and walk.verified_at < walk.expected:
+    if walk.damage is None and appended is None and walk.verified_at < walk.expected:
         warnings.append(
             f"records {walk.verified_at}..{walk.expected - 1} are not yet covered by a signed "
-            "checkpoint; deleting them from the end would go unnoticed until the next checkpoint"
+            "checkpoint: records deleted from the end, changed there or added there would go "
+            "unnoticed until the next checkpoint (a start after a crash takes such records on "
+            f"and names them in a `{RECOVERED_KIND}` record)"
+        )
+    if torn:
+        warnings.append(
+            f"torn/ holds {len(torn)} cop{'y' if len(torn) == 1 else 'ies'} of bytes a start "
+            f"cut off the end of the log ({_listed(torn)}): a crash's unfinished last write, "
+            "kept for inspection and not part of the log (older Wardens also cut a signed "
+            "record whose bytes were damaged)"
         )
     return VerifyReport(
         records=walk.expected,
@@ -458,6 +500,97 @@ def verify_log(
         key=verifier.vkey,
         key_from_directory=from_directory,
     )
+
+
+def _torn_copies(root: Path) -> list[str]:
+    """The copies of torn tails a start cut off (``torn/``): names and sizes."""
+    folder = root / "torn"
+    if not folder.is_dir():
+        return []
+    copies = sorted((p.stat().st_mtime_ns, p.name, p.stat().st_size) for p in folder.iterdir())
+    return [f"{name} ({size} bytes)" for _, name, size in copies]  # oldest first
+
+
+def _listed(names: Sequence[str], most: int = 5) -> str:
+    shown = ", ".join(names[-most:])  # the newest
+    return shown if len(names) <= most else f"{shown} and {len(names) - most} older"
+
+
+def _with_torn(damage: Damage, torn: Sequence[str]) -> Damage:
+    """``damage`` (a shortened log) pointing at the torn tails a start cut off."""
+    detail = (
+        f"{damage.detail}; torn/ holds bytes a start cut off the end ({_listed(torn)}): "
+        "the missing records may be there"
+    )
+    return Damage(damage.kind, detail, damage.seq, damage.record_id, damage.segment, damage.offset)
+
+
+def _appended(
+    every: Sequence[tuple[Checkpoint, str]], total: int, root: Path, segments: Sequence[Path]
+) -> Damage | None:
+    """Records after a closed checkpoint (a clean stop) that no later run resumed.
+
+    A run that resumes a closed log signs, at that size and before its first
+    record, a checkpoint naming the closed one (``reopened``), and names it
+    in every checkpoint after. Whoever can write the directory but not sign
+    cannot make one: records after a closed checkpoint no checkpoint names
+    were added by someone else, even when a later start took them on as a
+    crash's (the closed checkpoint having been removed from the directory,
+    and kept elsewhere).
+    """
+    resumed: set[tuple[int, str]] = set()
+    for ckpt, _ in every:
+        resumed |= ckpt.reopens
+    unresumed = [
+        (ckpt.size, name)
+        for ckpt, name in every
+        if ckpt.closed and ckpt.size < total and (ckpt.size, ckpt.digest()) not in resumed
+    ]
+    if not unresumed:
+        return None
+    first, name = min(unresumed, key=lambda c: c[0])  # the directory's own first
+    recovery = _recovery_of(segments, first, total)
+    last = total - 1 if recovery is None else recovery[1]
+    span = f"record {first} follows" if first == last else f"records {first}..{last} follow"
+    detail = (
+        f"{span} signed checkpoint {name}, which Warden signed when it stopped cleanly "
+        "(closed): added after the fact, "
+    )
+    if recovery is None:
+        detail += "and no later run of Warden resumed the log there"
+    else:
+        detail += (
+            f"then taken on by a start as a crash's (record {recovery[0]}, {RECOVERED_KIND}) "
+            "because that checkpoint had been removed or replaced in the directory"
+        )
+    found = locate(root, first)
+    if found is None:
+        return Damage("appended", detail, first)
+    return Damage("appended", detail, first, None, found[0].name, found[1])
+
+
+def _recovery_of(segments: Sequence[Path], first: int, total: int) -> tuple[int, int] | None:
+    """The ``log_recovered`` record that took on record ``first``: its seq and the last
+    record it took on; ``None`` when there is none."""
+    marker = RECOVERED_KIND.encode()  # only those records are decoded
+    for path in segments:
+        data = path.read_bytes()
+        parsed = parse_header(data)
+        if parsed is None:
+            return None
+        seq = parsed[0].size
+        for _, payload in FrameScanner(data, parsed[1]):
+            if seq > first and marker in payload:
+                try:
+                    rec = orjson.loads(payload)
+                    adopted = rec["body"]["adopted"]
+                    start, last = int(adopted["first"]), int(adopted["last"])
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                    rec, start, last = {}, -1, -1
+                if rec.get("kind") == RECOVERED_KIND and start <= first <= last:
+                    return seq, min(last, total - 1)
+            seq += 1
+    return None
 
 
 def _given_key_damage(

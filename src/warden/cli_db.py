@@ -8,27 +8,36 @@
 Both work on SQLite and PostgreSQL (``state.url``); the password comes from
 ``state.password_file``, ``WARDEN_STATE__PASSWORD`` or ``PGPASSWORD`` and is
 never printed. ``status --check`` exits 1 while migrations are pending (for a
-deploy pipeline's gate).
+deploy pipeline's gate). On PostgreSQL, ``migrate --lock-timeout SECONDS``
+(default 5) bounds each statement's wait for a table another session has
+locked: an ``ALTER`` left waiting would hold up every sidecar's queries on it.
 
 Exit status: 0 done (up to date); 1 pending migrations with ``--check``, or
-an applied migration that differs from this release; 2 usage, configuration
-or connection error.
+an applied migration that differs from this release; 2 usage, configuration,
+connection or database error (one line: what failed and what to do).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sqlite3
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from warden.config import StateConfig
+    from warden.state.migrate import Migration
 
 __all__ = ["register"]
 
 EXIT_OK = 0
 EXIT_PENDING = 1
 EXIT_USAGE = 2
+_MAX_LOCK_TIMEOUT_S = 86_400.0
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -47,13 +56,36 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     migrate = sub.add_parser("migrate", help="apply the pending migrations")
     migrate.add_argument("--config", default=os.environ.get("WARDEN_CONFIG"))
+    migrate.add_argument(
+        "--lock-timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="PostgreSQL: give up (applying nothing) when a statement waits this long for "
+        "a lock another session holds (default 5)",
+    )
     migrate.set_defaults(func=_migrate)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= _MAX_LOCK_TIMEOUT_S:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: seconds, more than 0 and at most {_MAX_LOCK_TIMEOUT_S:g}"
+        )
+    return value
+
+
 def _status(args: argparse.Namespace) -> int:
+    import psycopg
+
     from warden.config import load_config
     from warden.errors import ConfigError
     from warden.state import backend
+    from warden.state.migrate import MigrationError
 
     try:
         config = load_config(args.config)
@@ -63,6 +95,9 @@ def _status(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except sqlite3.Error as exc:
         print(f"warden: {_unreadable(config.state.url, exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (MigrationError, psycopg.Error) as exc:
+        print(f"warden: {_refused(config.state.url, 'read', exc)}", file=sys.stderr)
         return EXIT_USAGE
     print(f"backend:  {found.backend}")
     print(f"database: {_shown(config.state.url)}")
@@ -82,20 +117,25 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    import psycopg
+
     from warden.config import load_config
     from warden.errors import ConfigError
-    from warden.state import backend
+    from warden.state.migrate import MigrationError
 
     try:
         config = load_config(args.config)
-        done = asyncio.run(backend.migrate(config.state))
+        done = asyncio.run(_apply(config.state, args.lock_timeout))
     except ConfigError as exc:
         print(f"warden: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except sqlite3.Error as exc:
         print(f"warden: {_unreadable(config.state.url, exc)}", file=sys.stderr)
         return EXIT_USAGE
-    except RuntimeError as exc:
+    except (MigrationError, psycopg.Error) as exc:
+        print(f"warden: {_refused(config.state.url, 'migrate', exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeError as exc:  # an applied migration changed since
         print(f"warden: {exc}", file=sys.stderr)
         return EXIT_PENDING
     where = _shown(config.state.url)
@@ -104,6 +144,32 @@ def _migrate(args: argparse.Namespace) -> int:
     for m in done:
         print(f"{where}: applied {m.version:04d}_{m.name}")
     return EXIT_OK
+
+
+async def _apply(state: StateConfig, lock_timeout_s: float | None) -> tuple[Migration, ...]:
+    """Apply the pending migrations; on PostgreSQL with ``lock_timeout_s`` if given."""
+    from warden.state import backend
+    from warden.state.migrate import LOCK_TIMEOUT_S, pg_migrate
+    from warden.state.postgres import PgTarget
+
+    if backend.backend_of(state.url) == backend.SQLITE:
+        return await backend.migrate(state)
+    conn = await PgTarget.from_config(state).connect()
+    try:
+        wait = LOCK_TIMEOUT_S if lock_timeout_s is None else lock_timeout_s
+        return await pg_migrate(conn, lock_timeout_s=wait)
+    finally:
+        await conn.close()
+
+
+def _refused(url: str, doing: str, exc: Exception) -> str:
+    """The database's refusal in one line: a :class:`MigrationError` says what to do; any
+    other driver error is its last line, the URL's secrets scrubbed."""
+    from warden.state.migrate import MigrationError
+    from warden.state.postgres import pg_reason
+
+    why = str(exc) if isinstance(exc, MigrationError) else pg_reason(exc, url)
+    return f"state.url: cannot {doing} {_shown(url)}: {why}"
 
 
 def _unreadable(url: str, exc: sqlite3.Error) -> str:

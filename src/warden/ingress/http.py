@@ -76,6 +76,7 @@ from warden.model import (
     Outcome,
     RequestMeta,
     Stage,
+    ToolCall,
     Usage,
     new_id,
     request_sha256,
@@ -107,6 +108,7 @@ log = logging.getLogger("warden.proxy")
 
 # How long a stream may wait for data before kill switches are checked again.
 _KILL_CHECK_S = 0.25
+_CLIENT_GONE = "client_disconnected"
 _JSON = "application/json"
 _SSE = "text/event-stream"
 # A "%" not starting a two-digit escape: the target is malformed, not literal.
@@ -666,6 +668,17 @@ class ProxyApp:
                     f"upstream {call.route.name!r} answered {upstream_resp.status} with {problem}"
                 )
             usage = adapter.usage(body)
+            if _hung_up(call):
+                # Nobody is left to deliver the answer to: its calls are not decided, and
+                # hold no budget for an agent that will never run them.
+                return self._unheard(
+                    call,
+                    action,
+                    decision,
+                    status=upstream_resp.status,
+                    upstream_s=upstream_s,
+                    usage=usage,
+                )
             calls = adapter.tool_calls(body)
             if calls:
                 try:
@@ -684,6 +697,18 @@ class ProxyApp:
                     )
                     self._core.outcome(action, decision, failed, trusted=True)
                     raise
+                if _hung_up(call):
+                    # Gone while they were decided (a hold turned deferral, a slow store):
+                    # the calls allowed never reach it, so what they reserved goes back.
+                    return self._unheard(
+                        call,
+                        action,
+                        decision,
+                        status=upstream_resp.status,
+                        upstream_s=upstream_s,
+                        usage=usage,
+                        undelivered=(calls, decisions),
+                    )
                 # Always rendered from the decisions: allowed calls go out in the
                 # canonical form of what was decided, not as the upstream wrote them.
                 body = adapter.rewrite(body, decisions)
@@ -714,6 +739,48 @@ class ProxyApp:
             pre_s + time.perf_counter() - post_started
         )
         return web.Response(status=upstream_resp.status, body=raw, headers=headers)
+
+    def _unheard(
+        self,
+        call: _Call,
+        action: Action,
+        decision: Decision,
+        *,
+        status: int,
+        upstream_s: float,
+        usage: Usage | None,
+        undelivered: tuple[Sequence[ToolCall], Mapping[str, Decision]] | None = None,
+    ) -> web.Response:
+        """The agent hung up before its answer was decided: the model call's outcome is
+        recorded as a stream's cut is (billed as answered, error ``client_disconnected``),
+        and the ``undelivered`` calls allowed meanwhile release what they reserved."""
+        if undelivered is not None:
+            self._release_undelivered(call, *undelivered)
+        self._core.count_usage(call.agent, call.turn.model, usage)
+        outcome = Outcome(
+            status=status, latency_ms=upstream_s * 1e3, usage=usage, error=_CLIENT_GONE
+        )
+        self._core.outcome(action, decision, outcome, trusted=action.kind is ActionKind.LLM_CALL)
+        metrics.child(metrics.ERRORS, _CLIENT_GONE).inc()
+        # Nobody reads it; the requests metric counts it as nginx's "client closed request".
+        return web.Response(status=499)
+
+    def _release_undelivered(
+        self, call: _Call, calls: Sequence[ToolCall], decisions: Mapping[str, Decision]
+    ) -> None:
+        """Record the allowed ``calls`` as never delivered, releasing what they reserved.
+
+        Found by their links (an allowed call is linked by its id): a call without an
+        id, or with one given twice, keeps its hold until the reservation expires.
+        """
+        ids = [c.call_id for c in calls if c.call_id and decisions[c.key].enforced is Effect.ALLOW]
+        if not ids:
+            return
+        linked, _ = self._core.links.take(ids, agent=call.agent.id)
+        gone = Outcome(error=_CLIENT_GONE, is_error=True)
+        for link in linked.values():
+            # Warden saw the agent go: the call never reached it, so nothing ran.
+            self._core.outcome(link.action, link.decision_id, gone, trusted=True)
 
     # -- streams -------------------------------------------------------------
 
@@ -751,7 +818,7 @@ class ProxyApp:
             error = "shutdown"
             raise
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            error = "client_disconnected"
+            error = _CLIENT_GONE
         except _Killed as killed:
             error = "killed"
             await _try_write(response, render_stream_error(call.route.family, error, str(killed)))
@@ -876,6 +943,11 @@ class ProxyApp:
         return web.Response(
             status=status, body=render_error(family, status, code, message), headers=headers
         )
+
+
+def _hung_up(call: _Call) -> bool:
+    """Whether the agent's connection closed (a transport check: no task, no I/O)."""
+    return call.connected is not None and not call.connected()
 
 
 def _query(request: web.Request) -> str:

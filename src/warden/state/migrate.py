@@ -7,6 +7,13 @@ file. Applying is one transaction per run, serialized between processes (an
 advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so sidecars that
 start together apply each migration once.
 
+On PostgreSQL the status is read before anything is created or locked, so a
+role that may only read and write rows starts against a current schema; and
+each statement waits at most :data:`LOCK_TIMEOUT_S` for a lock another session
+holds (an ``ALTER`` waiting behind a long reader would make every later query
+on that table queue behind it). What the database refuses is raised as
+:class:`MigrationError`, one line saying what failed and what to do.
+
 Migrations only ever add (tables, columns, indexes): a sidecar one release
 behind keeps working against a database that a newer one migrated.
 """
@@ -22,11 +29,14 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Final
 
+import psycopg
 from psycopg import AsyncConnection, sql
 
 __all__ = [
+    "LOCK_TIMEOUT_S",
     "VERSION_TABLE",
     "Migration",
+    "MigrationError",
     "SchemaStatus",
     "migrations",
     "pg_migrate",
@@ -39,6 +49,18 @@ VERSION_TABLE: Final = "warden_schema_version"
 # pg_advisory_xact_lock key: "warden.migrate" as a 64-bit number, fixed forever.
 _LOCK_KEY: Final = 0x7761726465_6E6D67
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+LOCK_TIMEOUT_S: Final = 5.0
+"""How long a PostgreSQL migration's statement waits for a lock before giving up."""
+_READING: Final = f"reading {VERSION_TABLE}"
+
+
+class MigrationError(RuntimeError):
+    """PostgreSQL refused to read or apply the migrations; the message is one line
+    naming what failed and what to do.
+
+    A :class:`RuntimeError`, as a changed migration is: the state backend reports
+    both as a configuration error naming the database (``warden serve`` exits 2).
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,28 +154,121 @@ async def _pg_applied(conn: AsyncConnection[Any]) -> list[tuple[int, str]]:
     return [(int(v), str(c)) for v, c in await cur.fetchall()]
 
 
-async def pg_status(conn: AsyncConnection[Any]) -> SchemaStatus:
-    """The schema status of the database ``conn`` is connected to (reads only)."""
-    async with conn.transaction():
-        return _status("postgresql", await _pg_applied(conn))
+async def pg_status(
+    conn: AsyncConnection[Any], *, lock_timeout_s: float = LOCK_TIMEOUT_S
+) -> SchemaStatus:
+    """The schema status of the database ``conn`` is connected to (reads only).
+
+    Raises :class:`MigrationError` when the database refuses the read, or a lock
+    another session holds keeps it waiting longer than ``lock_timeout_s``.
+    """
+    try:
+        async with conn.transaction():
+            await _bound_lock_waits(conn, lock_timeout_s)
+            return _status("postgresql", await _pg_applied(conn))
+    except psycopg.Error as exc:
+        raise _failure(exc, conn, _READING, lock_timeout_s) from exc
 
 
-async def pg_migrate(conn: AsyncConnection[Any]) -> tuple[Migration, ...]:
-    """Apply the pending migrations in one transaction; return those applied."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-        await conn.execute(_PG_TABLE)
-        status = _status("postgresql", await _pg_applied(conn))
-        _refuse_changed(status)
-        for m in status.pending:
-            await conn.execute(m.sql.encode())  # a script: many statements, no parameters
-            await conn.execute(
-                sql.SQL(
-                    "INSERT INTO {} (version, name, checksum, applied_at) VALUES (%s, %s, %s, %s)"
-                ).format(sql.Identifier(VERSION_TABLE)),
-                (m.version, m.name, m.checksum, time.time()),
+async def pg_migrate(
+    conn: AsyncConnection[Any], *, lock_timeout_s: float = LOCK_TIMEOUT_S
+) -> tuple[Migration, ...]:
+    """Apply the pending migrations in one transaction; return those applied.
+
+    A database with nothing pending is only read. Each statement waits at most
+    ``lock_timeout_s`` for a lock another session holds; then nothing is
+    applied. Raises :class:`MigrationError` when the database refuses (no right
+    to create, a lock not granted in time, a half-applied schema), and
+    :class:`RuntimeError` when an applied migration differs from this release's.
+    """
+    found = await pg_status(conn, lock_timeout_s=lock_timeout_s)
+    _refuse_changed(found)
+    if not found.pending:
+        return ()  # no CREATE right needed, no lock taken
+    step = "taking the migration lock"
+    try:
+        async with conn.transaction():
+            # Unbounded: waiting for another sidecar's migration holds up nobody's
+            # queries, while an ALTER waiting for a table's lock holds up all of them.
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            await _bound_lock_waits(conn, lock_timeout_s)
+            step = f"creating {VERSION_TABLE}"
+            await conn.execute(_PG_TABLE)
+            step = _READING
+            status = _status("postgresql", await _pg_applied(conn))
+            _refuse_changed(status)
+            for m in status.pending:
+                step = f"applying {m.version:04d}_{m.name}"
+                await conn.execute(m.sql.encode())  # a script: many statements, no parameters
+                await conn.execute(
+                    sql.SQL(
+                        "INSERT INTO {} (version, name, checksum, applied_at) "
+                        "VALUES (%s, %s, %s, %s)"
+                    ).format(sql.Identifier(VERSION_TABLE)),
+                    (m.version, m.name, m.checksum, time.time()),
+                )
+            return status.pending
+    except psycopg.Error as exc:
+        raise _failure(exc, conn, step, lock_timeout_s, applying=True) from exc
+
+
+async def _bound_lock_waits(conn: AsyncConnection[Any], seconds: float) -> None:
+    """``lock_timeout`` for the rest of the current transaction."""
+    await conn.execute(
+        "SELECT set_config('lock_timeout', %s, true)", (f"{max(1, round(seconds * 1000))}ms",)
+    )
+
+
+_DUPLICATE: Final = (
+    psycopg.errors.DuplicateTable,
+    psycopg.errors.DuplicateObject,
+    psycopg.errors.DuplicateColumn,
+    psycopg.errors.DuplicateFunction,
+    psycopg.errors.DuplicateSchema,
+)
+
+
+def _failure(
+    exc: psycopg.Error,
+    conn: AsyncConnection[Any],
+    step: str,
+    lock_timeout_s: float,
+    *,
+    applying: bool = False,
+) -> MigrationError:
+    """What failed, in one line, and what to do about it.
+
+    ``applying``: the step ran in the migrations' one transaction, rolled back whole.
+    """
+    why = exc.diag.message_primary or next(
+        (line for line in str(exc).splitlines() if line.strip()), type(exc).__name__
+    )
+    role = conn.info.user
+    undone = ", and nothing was applied" if applying else ""
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        return MigrationError(
+            f"{step}: waited {lock_timeout_s:g} s for a lock another session holds{undone}; "
+            "end that session's transaction (pg_stat_activity shows it, often 'idle in "
+            "transaction') and try again, or wait longer with "
+            "`warden db migrate --lock-timeout SECONDS`"
+        )
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        if not applying:
+            return MigrationError(
+                f"{step}: {why}: GRANT SELECT ON {VERSION_TABLE} TO {role} (as its owner)"
             )
-        return status.pending
+        return MigrationError(
+            f"{step}: {why} (role {role}){undone}: run `warden db migrate` as a role that "
+            "may create and alter Warden's tables (the database's owner); with nothing "
+            "pending, Warden's own role needs only to read and write rows"
+        )
+    if isinstance(exc, _DUPLICATE):
+        return MigrationError(
+            f"{step}: {why}, though {VERSION_TABLE} does not record it as applied: the "
+            f"schema was changed outside `warden db migrate` (a partial or manual run){undone}; "
+            "restore the database, or drop what that run created, then migrate again"
+        )
+    return MigrationError(f"{step}: {why}{undone}")
 
 
 # -- SQLite ---------------------------------------------------------------------------------

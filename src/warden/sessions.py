@@ -440,6 +440,11 @@ class SessionGuard:
                 available = False
                 if self._deny:
                     return _unavailable(ctx, "this session's counters"), ctx
+        if counters.get(f"held:{action.tool}", 0) > 0 and counters.get(_waiting(action), 0) > 0:
+            # Proposed again while held (a deferred call's retry, its approval perhaps
+            # granted): the counts exclude the call being decided, its own hold too.
+            counters = {**counters, f"held:{action.tool}": counters[f"held:{action.tool}"] - 1}
+            counters["approvals"] = counters.get("approvals", 0) - 1
         session = _session_doc(prepared, counters, available, conversation)
         return None, dataclasses.replace(
             ctx, history=prepared.history, session=session, labels=labels

@@ -156,3 +156,21 @@ def test_a_clock_the_replay_cannot_set_skips_the_decisions_and_fails_the_gate(
 
     code, _ = replay_cli([*argv, "--allow-skipped"], capsys)
     assert code == 0
+
+
+def test_a_clock_candidate_whose_decision_holds_a_big_integer_is_replayed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its result went through orjson, which stops at 64 bits: a traceback, not a replay.
+    audit, _ = record(tmp_path / "log", bundle(tmp_path, "allow-all"))
+    rules = (
+        'decision := {"effect": "deny", "reason": "frozen", '
+        '"until_ns": time.now_ns() * 100000000000} if {\n'
+        '    input.action.tool == "issue_refund"\n}\n'
+    )
+    candidate = bundle(tmp_path, "big", rules)
+    code, out = replay_cli(
+        ["--audit", str(audit), "--bundle", str(candidate), "--max-changes", "0"], capsys
+    )
+    assert code == 1, out
+    assert "allow→deny" in out, out

@@ -9,7 +9,6 @@ MCP client over stdio, as an IDE launches the wrap.
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 import orjson
 import pytest
+from mcp import types
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.shared.exceptions import MCPError
@@ -29,6 +29,12 @@ from warden.identity import hash_key
 pytestmark = pytest.mark.timeout(60)
 
 TRIAGE_KEY = "wk_triage-key-for-tests"
+ALLOW_ALL = """package warden
+
+import rego.v1
+
+default decision := {"effect": "allow", "reason": "every call, for these tests"}
+"""
 REFUNDS_KEY = "wk_refunds-key-for-tests"
 
 
@@ -175,7 +181,7 @@ async def test_a_token_is_proved_again_for_every_call_and_read_anew_from_its_fil
     config_path.write_bytes(orjson.dumps(config))
     call_log = tmp_path / "calls.jsonl"
     token_file = tmp_path / "token"
-    token_file.write_text(issuer.token(exp=int(time.time()) + 3))
+    token_file.write_text(issuer.token())
     params = StdioServerParameters(
         command=sys.executable,
         args=wrap_command(config_path, call_log, "--token-file", str(token_file)),
@@ -186,8 +192,10 @@ async def test_a_token_is_proved_again_for_every_call_and_read_anew_from_its_fil
         ClientSession(read, write) as session,
     ):
         await session.initialize()
+        # Started (however long that took): a token that expires in a moment.
+        expires = int(time.time()) + 3
+        token_file.write_text(issuer.token(exp=expires))
         assert not (await session.call_tool("search_kb", {"query": "first"})).is_error
-        expires = orjson.loads(_claims(token_file))["exp"]
         await asyncio.sleep(max(0.0, expires + 1 - time.time()))
         with pytest.raises(MCPError, match="Warden refused the agent") as expired:
             await session.call_tool("search_kb", {"query": "after expiry"})
@@ -204,7 +212,61 @@ async def test_a_token_is_proved_again_for_every_call_and_read_anew_from_its_fil
     assert recorded == ["refunds-bot", "refunds-bot"]
 
 
-def _claims(token_file: Path) -> bytes:
-    """The claims of the token in ``token_file``, undecoded by signature."""
-    payload = token_file.read_text().split(".")[1]
-    return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+async def test_an_expired_token_refuses_the_agents_answers_and_requests_too(
+    tmp_path: Path,
+) -> None:
+    # Re-proved only for calls, an expired token still had its elicitation answers
+    # decided and relayed, and tools/list served, where the HTTP doors refuse each.
+    issuer = Issuer()
+    jwks = tmp_path / "jwks.json"
+    jwks.write_bytes(issuer.jwks())
+    bundle = tmp_path / "allow"
+    bundle.mkdir()
+    (bundle / "policy.rego").write_text(ALLOW_ALL)
+    config_path = proof_config(tmp_path)
+    config: dict[str, Any] = orjson.loads(config_path.read_bytes())
+    config["identity"]["jwt"] = {
+        "issuer": ISSUER,
+        "audience": AUDIENCE,
+        "jwks_file": str(jwks),
+        "leeway_s": 0,
+    }
+    config["policy"]["bundles"] = [str(bundle)]
+    config_path.write_bytes(orjson.dumps(config))
+    call_log = tmp_path / "calls.jsonl"
+    token_file = tmp_path / "token"
+    token_file.write_text(issuer.token())
+    expires = 0.0
+    asked: list[str] = []
+
+    async def answer_late(context: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        asked.append(params.message)
+        assert expires, "asked before the call"
+        await asyncio.sleep(max(0.0, expires + 1 - time.time()))
+        return types.ElicitResult(action="accept", content={"confirm": True})
+
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=wrap_command(config_path, call_log, "--token-file", str(token_file)),
+        env=base_env(),
+    )
+    async with (
+        stdio_client(params) as (read, write),
+        ClientSession(read, write, elicitation_callback=answer_late) as session,
+    ):
+        await session.initialize()
+        assert (await session.list_tools()).tools
+        # Started: a token that expires while the server's question waits for its answer.
+        expires = int(time.time()) + 3
+        token_file.write_text(issuer.token(exp=expires))
+        # The answer comes after expiry: refused (the retry that carries it, where the
+        # server asks by input_required; the answer itself, where it asks by request).
+        with pytest.raises(MCPError, match="Warden refused the agent"):
+            await session.call_tool("confirm_with_user", {"action": "refund A-1"})
+        assert asked, "the server asked nothing"
+        assert time.time() > expires
+        with pytest.raises(MCPError, match="Warden refused the agent") as listing:
+            await session.list_tools()
+        assert listing.value.error.code == -32001
+    answered = [r for r in decisions(audit_dir(tmp_path)) if r["action"].get("input_responses")]
+    assert answered == [], "an answer after expiry was decided"

@@ -135,8 +135,41 @@ async def test_an_approved_retry_counts_as_one_call_not_a_second_hold(
         ("update_email", "require_approval"),
         ("update_phone", "require_approval"),
     ]
-    assert counts(seen[1][2]) == ({}, {"update_email": 1}, 1)
+    # The retry's counts leave out the call being decided, its own hold too.
+    assert counts(seen[1][2]) == ({}, {}, 0)
     assert counts(seen[2][2]) == ({"update_email": 1}, {}, 1)
+
+
+async def test_a_second_approved_change_passes_and_a_third_is_over_the_limit(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # The second change's approved retry read its own hold beside the first call:
+    # "already made 2 account changes", though only one had been made.
+    async with Warden(config(tmp_path, llm)) as warden, agent(warden) as client:
+        for call in (EMAIL, PHONE):
+            told = await kept(client, llm, call)
+            assert f"held the tool call `{call.name}`" in told, told
+            (item,) = await pending(warden)
+            await admin(warden, "POST", f"/v1/approvals/{item['id']}/approve")
+            got, told = await propose(client, llm, call)
+            assert got, told
+        told = await kept(client, llm, ADDRESS)
+        assert LIMIT in told, told
+    seen = policy_inputs(tmp_path)
+    assert [(tool, effect) for tool, effect, _ in seen] == [
+        ("update_email", "require_approval"),
+        ("update_email", "require_approval"),
+        ("update_phone", "require_approval"),
+        ("update_phone", "require_approval"),
+        ("update_address", "deny"),
+    ]
+    assert [counts(s) for _, _, s in seen] == [
+        ({}, {}, 0),
+        ({}, {}, 0),
+        ({"update_email": 1}, {}, 1),
+        ({"update_email": 1}, {}, 1),
+        ({"update_email": 1, "update_phone": 1}, {}, 2),
+    ]
 
 
 async def test_retries_while_a_quorum_is_gathered_are_not_new_holds(
@@ -162,9 +195,9 @@ async def test_retries_while_a_quorum_is_gathered_are_not_new_holds(
     seen = policy_inputs(tmp_path)
     assert [counts(s) for _, _, s in seen] == [
         ({}, {}, 0),
-        ({}, {"update_email": 1}, 1),
-        ({}, {"update_email": 1}, 1),
-        ({}, {"update_email": 1}, 1),
+        ({}, {}, 0),  # the retries leave out their own hold
+        ({}, {}, 0),
+        ({}, {}, 0),
         ({"update_email": 1}, {}, 1),
     ]
 
@@ -215,7 +248,7 @@ async def test_the_same_call_after_its_approval_was_used_is_held_anew(
     seen = policy_inputs(tmp_path)
     assert [counts(s) for _, _, s in seen] == [
         ({}, {}, 0),
-        ({}, {"update_email": 1}, 1),
+        ({}, {}, 0),  # the retry: its own hold left out
         ({"update_email": 1}, {}, 1),
         ({"update_email": 1}, {"update_email": 1}, 2),
     ]

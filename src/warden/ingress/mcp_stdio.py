@@ -305,11 +305,12 @@ class StdioDoor:
                 # Decided in its own task; the batch is answered as one, as before.
                 self._calls.spawn(self._client_batch(payload), name="batch")
                 return
-            forward, answers = self._pass_through(payload.messages)
+            refused, left = await self._screened(payload.messages)
+            forward, answers = self._pass_through(left)
             if forward:
                 await self._to_child(forward)
-            if answers:
-                self._to_client(answers)
+            if answers or refused:
+                self._to_client([*refused, *answers])
             return
         (message,) = payload.messages
         if message.error is not None:
@@ -317,7 +318,11 @@ class StdioDoor:
         elif message.call is not None:
             self._start_call(message)
         else:
-            forward, answers = self._pass_through(payload.messages)
+            refused, left = await self._screened(payload.messages)
+            if refused:
+                self._to_client(refused[0])
+                return
+            forward, answers = self._pass_through(left)
             if forward:
                 await self._to_child(forward[0])
             if answers:
@@ -520,16 +525,9 @@ class StdioDoor:
         assert self._core is not None
         id_ = message.id
         assert id_ is not None
-        agent = self._agent
-        if self._prove is not None:
-            try:
-                agent = await self._prove()
-            except WardenError as exc:
-                return mcp.error_response(id_, mcp.REFUSED, f"Warden refused the agent: {exc}")
-            if agent.id != self._agent.id:
-                # One session, one agent: its records and counters are this agent's.
-                why = f"the credential now proves agent {agent.id!r}, not {self._agent.id!r}"
-                return mcp.error_response(id_, mcp.REFUSED, f"Warden refused the agent: {why}")
+        agent = await self._reproved()
+        if isinstance(agent, str):
+            return mcp.error_response(id_, mcp.REFUSED, agent)
         answers, sent_meta = mcp.input_responses(message), mcp.request_meta(message)
         action = mcp.action(
             message.call, agent, self._upstream, self._tools, answers=answers, meta=sent_meta
@@ -560,6 +558,42 @@ class StdioDoor:
         self._pending[id_] = _Pending(action, decision, time.perf_counter())
         return mcp.forward_call(message)
 
+    async def _reproved(self) -> Agent | str:
+        """The session's agent, proved again if it is to be (``prove``); else the refusal."""
+        if self._prove is None:
+            return self._agent
+        try:
+            agent = await self._prove()
+        except WardenError as exc:
+            return f"Warden refused the agent: {exc}"
+        if agent.id != self._agent.id:
+            # One session, one agent: its records and counters are this agent's.
+            return (
+                "Warden refused the agent: the credential now proves agent "
+                f"{agent.id!r}, not {self._agent.id!r}"
+            )
+        return agent
+
+    async def _screened(
+        self, messages: Sequence[mcp.Message]
+    ) -> tuple[list[Any], Sequence[mcp.Message]]:
+        """Warden's refusals of the client's requests (not calls: ``tools/list``, ...) when
+        its agent can no longer be proved, as the HTTP doors refuse each request, and the
+        messages left to pass through (notifications; answers, which are decided)."""
+        if self._prove is None:
+            return [], messages
+        asked = [
+            m for m in messages if m.body is not None and "method" in m.body and m.id is not None
+        ]
+        if not asked:
+            return [], messages
+        refusal = await self._reproved()
+        if not isinstance(refusal, str):
+            return [], messages
+        refused = [mcp.error_response(m.id, mcp.REFUSED, refusal) for m in asked]
+        kept = {id(m) for m in asked}
+        return refused, [m for m in messages if id(m) not in kept]
+
     async def _relay_answer(self, message: mcp.Message) -> None:
         await self._to_child(await self._decided_answer(message))
 
@@ -571,6 +605,9 @@ class StdioDoor:
         opened = mcp.open_question(self._questions, message)
         if isinstance(opened, dict):
             return opened
+        if isinstance(proved := await self._reproved(), str):
+            # The answer is the agent's act too: not relayed once it cannot be proved.
+            return mcp.error_response(opened[0], mcp.REFUSED, proved)
         async with self._questions.deciding:
             return await self._decide_answer(message, opened)
 

@@ -38,6 +38,7 @@ has its decisions skipped as ``clock``.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import zlib
 from collections import Counter, defaultdict
@@ -535,7 +536,10 @@ def _decision_text(text: str, modules: tuple[Module, ...]) -> str:
     bound = interpret_value(text, modules)
     if bound.error is not None or not bound.defined:
         return text  # an error or "undefined" reads the same for both queries
-    return orjson.dumps({"expressions": [bound.value]}).decode()
+    try:
+        return orjson.dumps({"expressions": [bound.value]}).decode()
+    except TypeError:  # an integer past 64 bits, which Rego keeps exactly
+        return json.dumps({"expressions": [bound.value]})
 
 
 def replay(

@@ -105,6 +105,8 @@ LOOKUPS_REFUSED = Counter(
 )
 
 _START_TIMEOUT_S = 30.0
+_ANSWERED = "warden_answered"
+"""Flow metadata: Warden answered the request itself, so mitmproxy reads its body whole."""
 _NOT_GOVERNED = "host_not_governed"
 _NOT_ALLOWED = "destination_not_allowed"
 _RESOLVE_TIMEOUT_S = 10.0
@@ -115,6 +117,89 @@ _CLOSE_TURNS = 20
 def _host_label(host: str) -> str:
     # Host names come from agents: bounded, so no client can grow the series without limit.
     return metrics.bounded("transparent_host", host) or "_none"
+
+
+# The first segment of a refused request's path, if it is a short word (``/v1``, ``/api``):
+# the rest, or a longer segment, can be a secret (a webhook's, a bot token).
+_PATH_HEAD = re.compile(r"/[A-Za-z0-9._-]{1,16}(?=/|$)")
+
+
+def _path_head(path: str) -> str:
+    """What a log line may show of a request target: its first segment, never the rest."""
+    path = path.partition("?")[0]  # a query can carry a key (?key=...)
+    if path in ("", "/"):
+        return "/"
+    head = _PATH_HEAD.match(path)
+    shown = head.group() if head else ""
+    return shown if len(shown) == len(path) else f"{shown}/..."
+
+
+class _ConnectionOptions:
+    """mitmproxy's options as the layers of one client connection read them.
+
+    mitmproxy checks ``body_size_limit`` against a request's announced length
+    before any hook runs, and answers past it with an HTML page of its own. A
+    governed request is streamed to the base-URL listener, which bounds it and
+    answers in the provider's shape, as it does in base-URL mode; the bodies
+    mitmproxy reads whole are those of requests Warden answers itself (a
+    refusal), so the limit applies while one of those is read.
+    """
+
+    def __init__(self, options: Options, limit: str) -> None:
+        self._options = options
+        self._limit = limit
+        self.answering = 0
+        """Requests of this connection Warden is answering itself."""
+
+    @property
+    def body_size_limit(self) -> str | None:
+        """mitmproxy's limit: only while a request Warden answers is read."""
+        return self._limit if self.answering else None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._options, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._options
+
+
+class _ClientConnection:
+    """What Warden changes of how mitmproxy handles one client connection."""
+
+    def __init__(self, handler: Any, body_limit: str) -> None:
+        # mitmproxy's idle timer covers the whole connection, a request waiting for its
+        # answer included; Warden's idle limit is for the time between requests.
+        self.watchdog: Any = getattr(handler, "timeout_watchdog", None)
+        self.waiting: dict[str, contextlib.ExitStack] = {}
+        """The idle timer held off, for each handed-over request not yet answered."""
+        self.options: _ConnectionOptions | None = None
+        context = getattr(getattr(handler, "layer", None), "context", None)
+        if context is not None:
+            # Every layer of the connection forks this context, and reads these options.
+            self.options = _ConnectionOptions(context.options, body_limit)
+            context.options = self.options
+
+    def hold_idle_timer(self, flow_id: str) -> None:
+        """No idle timeout while ``flow_id`` waits for its answer (a hold, a slow upstream,
+        a pause in a stream): the listener bounds it, as in base-URL mode."""
+        if self.watchdog is None or flow_id in self.waiting:
+            return
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.watchdog.disarm())
+        # A timer already asleep wakes to this, and waits until the answer is out.
+        self.watchdog.register_activity()
+        self.waiting[flow_id] = stack
+
+    def release(self, flow_id: str) -> None:
+        """``flow_id`` is over: the idle timer runs again from now once none is waiting."""
+        stack = self.waiting.pop(flow_id, None)
+        if stack is not None:
+            stack.close()
+
+    def close(self) -> None:
+        """The connection is closed: nothing is held for it any more."""
+        for flow_id in list(self.waiting):
+            self.release(flow_id)
 
 
 def _refusal(host: str) -> http.Response:
@@ -265,6 +350,7 @@ class GoverningAddon:
         private_allowed: bool = False,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         families: Mapping[str, str] | None = None,
+        body_limit: int = MAX_UPSTREAM_BODY,
     ) -> None:
         self._rules = rules
         self._families = dict(families or {})
@@ -274,6 +360,9 @@ class GoverningAddon:
         self._max_connections = max_connections
         self._clients: set[str] = set()
         """Client connections open now (``limits.max_connections``)."""
+        self._body_limit = str(body_limit)
+        self._connections: dict[str, _ClientConnection] = {}
+        """What Warden changed of how each open client connection is handled."""
         self._refused = metrics.child(metrics.CONNECTIONS_REFUSED, "transparent")
         self._target = target
         self._mode = mode
@@ -298,6 +387,11 @@ class GoverningAddon:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
 
     def _done(self, flow: http.HTTPFlow) -> None:
+        conn = self._connections.get(flow.client_conn.id)
+        if conn is not None:
+            conn.release(flow.id)
+            if flow.metadata.pop(_ANSWERED, False) and conn.options is not None:
+                conn.options.answering -= 1
         flows = self._by_client.get(flow.client_conn.id)
         if flows is not None:
             flows.discard(flow.id)
@@ -318,10 +412,16 @@ class GoverningAddon:
             client.error = "too many connections open (limits.max_connections)"
             return
         self._clients.add(client.id)
+        handler = self.proxyserver.connections.get(client.id) if self.proxyserver else None
+        if handler is not None:
+            self._connections[client.id] = _ClientConnection(handler, self._body_limit)
 
     def client_disconnected(self, client: connection.Client) -> None:
         """Whatever became of its requests, none of them is in flight any more."""
         self._clients.discard(client.id)
+        conn = self._connections.pop(client.id, None)
+        if conn is not None:
+            conn.close()
         self._forget(self._by_client.pop(client.id, ()))
 
     # -- lifecycle ------------------------------------------------------------
@@ -487,6 +587,15 @@ class GoverningAddon:
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Hand a governed request to the base-URL listener; refuse or pass the others."""
+        await self._route(flow)
+        conn = self._connections.get(flow.client_conn.id)
+        if flow.response is not None and conn is not None and conn.options is not None:
+            # Answered here: mitmproxy reads the body whole before answering, so it is
+            # bounded (mitmproxy's limit) until the answer is out.
+            flow.metadata[_ANSWERED] = True
+            conn.options.answering += 1
+
+    async def _route(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         names = [flow.client_conn.sni, request.host]
         if not flow.client_conn.tls:
@@ -509,7 +618,8 @@ class GoverningAddon:
             log.warning(
                 "refused %s %s on %s: not a governed host",
                 request.method,
-                request.path.partition("?")[0],  # a query can carry a key (?key=...)
+                # A path can carry a secret too: a webhook's, a bot token (/bot<id>:<key>/).
+                _path_head(request.path),
                 verdict.host,
             )
             return
@@ -547,6 +657,9 @@ class GoverningAddon:
             # framing of its own, or its bytes would be read as a request of their own.
             request.headers["transfer-encoding"] = "chunked"
         flow.metadata["warden_governed"] = verdict.host
+        conn = self._connections.get(flow.client_conn.id)
+        if conn is not None:
+            conn.hold_idle_timer(flow.id)
         self._inflight.add(flow.id)
         self._by_client.setdefault(flow.client_conn.id, set()).add(flow.id)
         REQUESTS.labels(_host_label(verdict.host), self._mode, "governed").inc()
@@ -641,6 +754,7 @@ class TransparentDoor:
         self._listen: str = config.transparent.listen
         # A body mitmproxy reads whole (a refused request's) is bounded: what the
         # listener would take at most, the request limit or the upstream answer limit.
+        # Governed ones are streamed to the listener, which bounds them itself.
         self._body_limit = max(config.limits.max_body_bytes, MAX_UPSTREAM_BODY)
         self._max_connections = config.limits.max_connections
         self._families = {name: u.protocol for name, u in config.upstreams.items()}
@@ -693,6 +807,7 @@ class TransparentDoor:
             private_allowed=self._cfg.tunnel_private_networks,
             max_connections=self._max_connections,
             families=self._families,
+            body_limit=self._body_limit,
         )
         if self._cfg.unknown_hosts == "tunnel" and not (
             _bind_tells("192.0.2.1") and _bind_tells("2001:db8::1")
@@ -749,7 +864,8 @@ class TransparentDoor:
         )
         # Never connect before a request says where: governed hosts go to Warden only.
         cast(Any, options).update(
-            # An idle client holds a place under the cap: as long as at the other listeners.
+            # An idle client holds a place under the cap: as long as at the other listeners,
+            # between requests only (the addon holds the timer off while one is answered).
             tcp_timeout=max(1, math.ceil(self._idle_timeout_s)),
             connection_strategy="lazy",
             store_streamed_bodies=False,

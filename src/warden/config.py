@@ -679,6 +679,14 @@ class StateConfig(_Section):
     pool_timeout_s: float = Field(1.0, gt=0, le=60)
     """How long a decision waits for a pooled PostgreSQL connection before the state
     store counts as unavailable for it (then ``on_unavailable`` applies)."""
+    lock_timeout_s: float = Field(2.0, gt=0, le=60)
+    """How long a PostgreSQL statement waits for a lock another session holds (an open
+    transaction left on a counter row) before it fails and ``on_unavailable`` applies."""
+    statement_timeout_s: float = Field(4.0, gt=0, le=600)
+    """How long one PostgreSQL statement may run before the server cancels it."""
+    call_timeout_s: float = Field(5.0, gt=0, le=600)
+    """How long one state store call may take in all (a pooled connection, retries, its
+    statements) before its caller is answered that the store is unavailable."""
     on_unavailable: Literal["deny", "fallback"] = "deny"
     """A decision that needs the state store while it is unreachable: ``deny`` (fail
     closed, a cap never overshoots) or ``fallback`` (the tool's risk class picks the

@@ -7,6 +7,13 @@ change (LISTEN/NOTIFY on PostgreSQL, polling on SQLite), or without a feed
 every :data:`POLL_INTERVAL_S`, so a switch thrown anywhere takes effect
 everywhere within a second.
 
+When the feed reports a change the store cannot be read for (a busy or
+locked database), the switches are read again within a second until they
+are, and the store is reported down meanwhile (``/readyz``). Every sidecar
+that learns of a switch from the store rejects the approvals it covers, as
+the sidecar that threw it did: a grant approved before a switch the store
+saved late does not outlive it.
+
 A switch is in force here before the store answers. When the store cannot
 save it (a locked SQLite file, PostgreSQL down), it stays in force on this
 sidecar, :class:`KillSwitchNotSaved` says so, and a background task keeps
@@ -60,6 +67,10 @@ otherwise hold the loop (and every later switch) until TCP gives up, minutes on.
 STALE_AFTER_S = 15.0
 """Switches not read for longer may be missing one another sidecar threw: the state store
 is then reported down (``/readyz``, ``warden_state_up``), as in an outage."""
+REREAD_FIRST_S = 0.25
+REREAD_MAX_S = 1.0
+"""A change the feed reported that could not be read is read again after 0.25, 0.5, then
+every 1 s until it is, not at the next backstop: a switch thrown elsewhere is waiting."""
 SAVE_TIMEOUT_S = 8.0
 """How long a switch thrown waits for the store to save it before the answer says it is not
 saved (the attempt goes on; a store that fails answers sooner: SQLite's busy timeout is 5 s)."""
@@ -217,6 +228,9 @@ class KillSwitches:
         self._clearing = asyncio.Lock()
         self._saves = 0  # switches saved late: a re-read started before one is read again
         self._saver: asyncio.Task[None] | None = None
+        self._told: set[str] = set()  # switches the on_set listeners have been run for
+        self._telling = tasks.Tasks("killswitch-tell")
+        self._unread_since: float | None = None
         self._closed = False
         self.generation = 0
         """Increases whenever the set of active switches changes."""
@@ -237,6 +251,7 @@ class KillSwitches:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._poller = self._saver = None
+        await self._telling.cancel()
         if self._unsaved:
             # A last attempt, bounded: a switch saved now outlives the restart this may be.
             await asyncio.gather(*(self._save(u) for u in list(self._unsaved.values())))
@@ -341,6 +356,7 @@ class KillSwitches:
         # In force before the store answers: an emergency stop does not wait for a
         # store that is down. Unsaved until it says otherwise, so no re-read lifts it.
         unsaved = self._unsaved[switch.id] = _Unsaved(switch)
+        self._told.add(switch.id)  # its listeners run below, not again when it is read back
         self._install((*self._active, switch))
         saving = tasks.spawn(self._save(unsaved), name="killswitch-save", awaited=True)
         unrecorded: AuditError | None = None
@@ -350,11 +366,19 @@ class KillSwitches:
             unrecorded = exc
         finally:
             # Even when the record fails: the switch holds, so no grant may outlive it.
+            failed = False
             for listener in self._on_set:
                 try:
                     await listener(switch)
-                except Exception:
-                    log.exception("a kill-switch listener failed for %s", switch.id)
+                except Exception as exc:
+                    failed = True
+                    log.warning(
+                        "kill switch %s: a listener failed (%s); trying again",
+                        switch.id,
+                        failure_summary(exc),
+                    )
+            if failed:
+                self._tell(switch, again=True)  # idempotent: all again, until none fails
         if not await saving:
             raise KillSwitchNotSaved(switch, unrecorded)
         if unrecorded is not None:
@@ -362,7 +386,9 @@ class KillSwitches:
         return switch
 
     def on_set(self, listener: Callable[[KillSwitch], Awaitable[object]]) -> None:
-        """Call ``listener`` after each switch thrown here (held approvals are rejected so)."""
+        """Call ``listener`` after each switch thrown here (held approvals are rejected so),
+        and for each switch learned from the store or saved late (again, until it does not
+        fail): ``listener`` must be idempotent."""
         self._on_set.append(listener)
 
     async def clear(self, switch_id: str, who: str, reason: str = "") -> KillSwitch | None:
@@ -428,6 +454,7 @@ class KillSwitches:
                     switches = self._with_unsaved(switches)
                 if {s.id for s in switches} != {s.id for s in self._active}:
                     self._install(switches)
+                self._learn()
                 break
         else:
             # Changes keep landing here: what is installed is at least as new.
@@ -439,12 +466,56 @@ class KillSwitches:
         """Seconds since the switches were last read from the state store."""
         return time.monotonic() - self._read_at
 
+    def change_unread_for(self) -> float | None:
+        """Seconds since the change feed reported a change the switches could not be read
+        for since; ``None`` when every reported change was read."""
+        since = self._unread_since
+        return None if since is None else time.monotonic() - since
+
     def stale(self) -> bool:
         """Whether the switches were not read for longer than :data:`STALE_AFTER_S` (or three
         polls): one thrown on another sidecar may be missing here."""
         return self.unread_for() > max(STALE_AFTER_S, 3 * self._interval)
 
     # -- internals ---------------------------------------------------------------------
+
+    def _learn(self) -> None:
+        """Run the ``on_set`` listeners for the switches in force that they have not seen
+        (thrown on another sidecar; those in force at start predate the listeners)."""
+        new = [s for s in self._active if s.id not in self._told]
+        self._told = {s.id for s in self._active}
+        if self._on_set:
+            for switch in new:
+                self._tell(switch)
+
+    def _tell(self, switch: KillSwitch, *, again: bool = False) -> None:
+        if not self._closed:
+            self._telling.spawn(self._telling_of(switch, again), name="killswitch-tell")
+
+    async def _telling_of(self, switch: KillSwitch, again: bool) -> None:
+        """Each listener once without failing (the store may be back soon), while in force;
+        ``again``: they just failed, so not at once."""
+        pending = list(self._on_set)
+        delay = RETRY_FIRST_S
+        if again:
+            await asyncio.sleep(delay)
+            delay *= 2
+        while pending and any(s.id == switch.id for s in self._active):
+            failed = []
+            for listener in pending:
+                try:
+                    await listener(switch)
+                except Exception as exc:
+                    failed.append(listener)
+                    log.warning(
+                        "kill switch %s: a listener failed (%s); trying again",
+                        switch.id,
+                        failure_summary(exc),
+                    )
+            pending = failed
+            if pending:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
 
     def _with_unsaved(self, stored: tuple[KillSwitch, ...]) -> tuple[KillSwitch, ...]:
         """``stored`` and the switches in force here only, oldest first."""
@@ -502,6 +573,9 @@ class KillSwitches:
         # The thrower was told it held here only: the log says when the fleet saw it.
         why = f"saved in the state store at attempt {unsaved.attempts}"
         tasks.spawn(self._record(unsaved.switch, "warden", why, "saved"), name="ks-saved")
+        # What its listeners did as it was thrown may have failed with the store (approvals
+        # it covers still granted): again, now that the store took it.
+        self._tell(unsaved.switch)
 
     def _failed(self, unsaved: _Unsaved, why: str) -> None:
         """One log line per failed attempt, and the background saving goes on."""
@@ -581,26 +655,62 @@ class KillSwitches:
 
     async def _watch(self, feed: ChangeFeed) -> None:
         with feed.watch(KILLSWITCHES) as changes:
+            retry = 0.0
             while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changes.get(), FEED_BACKSTOP_S)
-                await self._reread()
+                notified = True
+                try:
+                    await asyncio.wait_for(changes.get(), retry or FEED_BACKSTOP_S)
+                except TimeoutError:
+                    notified = False
+                if await self._reread(quiet=retry > 0):
+                    if self._unread_since is not None:
+                        log.info(
+                            "kill switches read again, %.1f s after a change was reported",
+                            time.monotonic() - self._unread_since,
+                        )
+                    self._unread_since = None
+                    retry = 0.0
+                elif notified or self._unread_since is not None:
+                    # A change is waiting (a switch thrown elsewhere, perhaps): soon, not
+                    # at the next backstop; /readyz says the store is down meanwhile.
+                    if self._unread_since is None:
+                        self._unread_since = time.monotonic()
+                        log.warning(
+                            "a kill switch change was reported and cannot be read yet; "
+                            "reading again every %g s until it is",
+                            REREAD_MAX_S,
+                        )
+                    retry = min(REREAD_MAX_S, retry * 2 or REREAD_FIRST_S)
 
-    async def _reread(self) -> None:
+    async def _reread(self, *, quiet: bool = False) -> bool:
+        """Re-read the switches; whether that worked (a failure is logged, at debug level
+        when ``quiet``: a retry within the second)."""
+        level = logging.DEBUG if quiet else logging.WARNING
         try:
             await asyncio.wait_for(self.refresh(), READ_TIMEOUT_S)
         except asyncio.CancelledError:
             raise
         except TimeoutError:
-            log.warning(
+            log.log(
+                level,
                 "could not read kill switches from the state store within %.0f s (%.0f s since "
                 "the last read)",
                 READ_TIMEOUT_S,
                 self.unread_for(),
             )
-        except Exception:
-            # Keep the last known switches: failing open here would lift them.
-            log.exception("could not read kill switches from the state store")
+        except Exception as exc:
+            # Keep the last known switches: failing open here would lift them. One line,
+            # no traceback (a driver's error may quote its connection string).
+            log.log(
+                level,
+                "could not read kill switches from the state store (%.0f s since the last "
+                "read): %s",
+                self.unread_for(),
+                failure_summary(exc),
+            )
+        else:
+            return True
+        return False
 
 
 _SCOPES = frozenset(s.value for s in Scope)

@@ -500,13 +500,17 @@ class Warden:
         if self._state is not None:
             # Degraded, not unready: see ADR 0009 (Outages). Decisions that need the
             # state store follow state.on_unavailable; every other decision still works.
-            # Switches not read for long (a connection dropped unheard) are an outage
-            # too: one thrown on another sidecar may be missing here.
+            # Switches not read for long (a connection dropped unheard), or since the feed
+            # reported a change, are an outage too: one thrown on another sidecar may be
+            # missing here. So is a store that failed a call in the last few seconds.
             switches = self.killswitches
-            up = self._state.up() and (switches is None or not switches.stale())
+            unread = switches.change_unread_for() if switches is not None else None
+            up = self._state.up() and unread is None and (switches is None or not switches.stale())
             detail["state"] = {"backend": self._state.kind, "up": up}
             if switches is not None:
                 detail["state"]["killswitches_read_s_ago"] = round(switches.unread_for(), 1)
+            if unread is not None:
+                detail["state"]["killswitch_change_unread_s"] = round(unread, 1)
             STATE_UP.set(1 if up else 0)  # /metrics asks for readiness on every scrape
         transparent_ok = True
         if self._transparent is not None:

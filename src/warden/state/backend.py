@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
+import psycopg
+
 from warden.approvals.store import ApprovalRepo, ApprovalStore
 from warden.config import StateConfig
 from warden.errors import ConfigError
@@ -33,7 +35,15 @@ from warden.state.migrate import (
 )
 from warden.state.pg_approvals import PgApprovalStore
 from warden.state.pg_sessions import PgSessionStore
-from warden.state.postgres import PgDatabase, PgFeed, PgLinkStore, PgStateStore, PgTarget
+from warden.state.postgres import (
+    PgDatabase,
+    PgFeed,
+    PgLinkStore,
+    PgStateStore,
+    PgTarget,
+    PgTimeouts,
+    pg_reason,
+)
 from warden.state.repos import BudgetRepo, ChangeFeed, KillSwitchRepo
 from warden.state.sessions import SessionRepo, SessionStore
 from warden.state.sqlite import StateStore
@@ -67,8 +77,8 @@ class StateBackend:
     feed: ChangeFeed
     _closers: tuple[Callable[[], Awaitable[None]], ...]
     up: Callable[[], bool] = lambda: True
-    """Whether the backend is reachable now (PostgreSQL: the change feed's connection is
-    up; SQLite: no call failed in the last few seconds)."""
+    """Whether the backend is reachable now: no call failed in the last few seconds (and
+    on PostgreSQL, the change feed's connection is up)."""
     sessions: SessionRepo | None = None
     """Session counters, decided calls and Responses chains (:mod:`warden.state.sessions`)."""
     signed_marks: MarkRepo | None = None
@@ -155,15 +165,19 @@ async def _open_pg(config: StateConfig) -> StateBackend:
             _require_current(await pg_status(conn), target.shown)
     except RuntimeError as exc:
         raise ConfigError(f"state.url: cannot migrate {target.shown}: {exc}") from None
+    except psycopg.Error as exc:
+        why = pg_reason(exc, target.url)
+        raise ConfigError(f"state.url: cannot migrate {target.shown}: {why}") from None
     finally:
         await conn.close()
     db = await PgDatabase.open(
         target,
         min_size=config.pool_min_size,
         max_size=config.pool_max_size,
-        checkout_timeout_s=config.pool_timeout_s,
+        timeouts=PgTimeouts.from_config(config),
     )
-    feed = PgFeed(target)
+    # Back from an outage: the pool connects anew at once, not after its own backoff.
+    feed = PgFeed(target, on_reconnect=db.renew)
     try:
         await feed.start()
     except BaseException:
@@ -178,7 +192,7 @@ async def _open_pg(config: StateConfig) -> StateBackend:
         PgLinkStore(db),
         feed,
         (feed.close, db.close),
-        feed.listening.is_set,
+        lambda: feed.listening.is_set() and db.up,
         sessions=PgSessionStore(db),
         signed_marks=state,
     )

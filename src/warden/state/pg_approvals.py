@@ -235,7 +235,7 @@ class PgApprovalStore:
             )
             return int(cur.rowcount)
 
-        return await self._db.tx(run)
+        return await self._db.tx(run, slow=True)  # whatever aged out: background upkeep
 
     async def consume_grant(self, binding: str, now: float) -> Approval | None:
         """Consume the oldest approved, unexpired deferral with this binding, once."""

@@ -264,7 +264,7 @@ class PgSessionStore:
                 total += cur.rowcount
             return total
 
-        return await self._db.tx(run)
+        return await self._db.tx(run, slow=True)  # whatever aged out: background upkeep
 
     async def erase(self, erased: ErasedSubjects) -> int:
         """Empty the chain links that name an erased data subject; how many (see

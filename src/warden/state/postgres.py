@@ -19,22 +19,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection, AsyncCursor, errors
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolClosed
 
 from warden import tasks
 from warden.audit.record import is_credential_key
 from warden.config import StateConfig
-from warden.errors import ConfigError
+from warden.errors import ConfigError, StateUnavailable, failure_summary
 from warden.password_file import read_password_file
 from warden.policy.bundle.order import SignedMark
+from warden.state.base import DOWN_FOR_S
 from warden.state.feed import CHANNELS, Fanout
 from warden.state.links import (
     MAX_LINKS,
@@ -62,6 +72,8 @@ __all__ = [
     "PgLinkStore",
     "PgStateStore",
     "PgTarget",
+    "PgTimeouts",
+    "StoreTimeout",
     "pg_reason",
     "redact_url",
 ]
@@ -142,12 +154,174 @@ def pg_reason(exc: BaseException, url: str) -> str:
     return scrub(text[-1], url_secrets(url, masked=is_credential_key))
 
 
-class PgDatabase:
-    """The shared pool, and transactions that retry on deadlock or serialization failure."""
+@dataclass(frozen=True, slots=True)
+class PgTimeouts:
+    """How long PostgreSQL work may wait (``state.*_timeout_s``).
 
-    def __init__(self, target: PgTarget, pool: AsyncConnectionPool[AsyncConnection[Any]]) -> None:
+    ``lock_s`` and ``statement_s`` are set on every connection Warden opens for
+    the store, so PostgreSQL itself ends a statement stuck behind another
+    session's lock (an SRE's open transaction on a counter row) and rolls it
+    back; ``call_s`` bounds each call as its caller sees it (a connection the
+    network dropped unheard answers nothing at all); ``checkout_s`` bounds the
+    wait for a pooled connection.
+    """
+
+    lock_s: float = 2.0
+    statement_s: float = 4.0
+    call_s: float = 5.0
+    checkout_s: float = 1.0
+    slow_s: float = 60.0
+    """Statement timeout and deadline of the background upkeep (pruning, expiry): each
+    deletes whatever aged out, however much that is, and no decision waits for it."""
+
+    @classmethod
+    def from_config(cls, config: StateConfig) -> PgTimeouts:
+        """From the ``state`` section."""
+        return cls(
+            lock_s=config.lock_timeout_s,
+            statement_s=config.statement_timeout_s,
+            call_s=config.call_timeout_s,
+            checkout_s=config.pool_timeout_s,
+        )
+
+    async def configure(self, conn: AsyncConnection[Any]) -> None:
+        """Set the lock and statement timeouts on ``conn`` (for its whole session)."""
+        await conn.execute(
+            "SELECT set_config('lock_timeout', %s, false), "
+            "set_config('statement_timeout', %s, false)",
+            (_ms(self.lock_s), _ms(self.statement_s)),
+        )
+
+
+def _ms(seconds: float) -> str:
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+class StoreTimeout(StateUnavailable):
+    """A state store call that did not end within ``state.call_timeout_s``."""
+
+
+async def _check_if_spoken_to(conn: AsyncConnection[Any]) -> None:
+    """Raise for a pooled connection PostgreSQL has dropped, with a round trip only when
+    its socket says something happened.
+
+    An idle pooled connection has nothing to read until the server speaks: a
+    terminated session's last message, or the end of the stream. A round trip
+    on every checkout (``AsyncConnectionPool.check_connection``) cost a third
+    of the reservations a second; a poll of the socket costs a system call.
+    """
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("the connection is closed")
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        readable = [True]
+    if readable:
+        await AsyncConnectionPool.check_connection(conn)
+
+
+def _outage(exc: BaseException) -> bool:
+    """Whether a failed call says the store is not serving (not that the data was refused)."""
+    if isinstance(exc, psycopg.IntegrityError | psycopg.DataError):
+        return False  # an answer: a duplicate key, a value the column refuses
+    return isinstance(exc, psycopg.Error | OSError | TimeoutError | StoreTimeout)
+
+
+class _Aside:
+    """One connection of its own, outside the pool, for the kill switches.
+
+    A pool full of decisions waiting on a locked counter row must not keep a
+    switch thrown on another sidecar from being read here (or one thrown here
+    from being saved). Checked before each use (a restart leaves it stale),
+    and replaced when it breaks.
+    """
+
+    def __init__(self, target: PgTarget, timeouts: PgTimeouts) -> None:
+        self._target = target
+        self._timeouts = timeouts
+        self._conn: AsyncConnection[Any] | None = None
+        self._lock = asyncio.Lock()
+        self._stale = False
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection[Any]]:
+        """The connection, for one caller at a time."""
+        async with self._lock:
+            conn = await self._ready()
+            try:
+                yield conn
+            except BaseException:
+                if conn.broken or conn.closed:
+                    await self._drop()
+                raise
+
+    async def _ready(self) -> AsyncConnection[Any]:
+        if self._stale:
+            self._stale = False
+            await self._drop()
+        conn = self._conn
+        if conn is not None:
+            try:
+                await AsyncConnectionPool.check_connection(conn)
+            except psycopg.Error:
+                await self._drop()
+                conn = None
+        if conn is None:
+            conn = await AsyncConnection.connect(
+                self._target.url, autocommit=True, **self._target.kwargs()
+            )
+            try:
+                await self._timeouts.configure(conn)
+            except BaseException:
+                await conn.close()
+                raise
+            self._conn = conn
+        return conn
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    def reset(self) -> None:
+        """Reconnect at the next use (PostgreSQL came back: this one may be stale)."""
+        self._stale = True
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self._drop()
+
+
+class PgDatabase:
+    """The shared pool, and transactions that retry on deadlock or serialization failure.
+
+    Every call is bounded by ``timeouts.call_s``: past it the caller gets
+    :class:`StoreTimeout` and the call runs on to its own end (bounded by the
+    statement timeout), never abandoned midway; an ``undo`` given for it then
+    runs (a reservation that lands after its caller stopped waiting is
+    released). A call that fails so (or with a driver error that is not a
+    refusal of the data) counts the store as down for
+    :data:`~warden.state.base.DOWN_FOR_S` (:attr:`up`).
+    """
+
+    def __init__(
+        self,
+        target: PgTarget,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeouts: PgTimeouts | None = None,
+    ) -> None:
         self.target = target
-        self.pool = pool
+        self.timeouts = timeouts or PgTimeouts(checkout_s=target.connect_timeout_s)
+        self._sizes = (min_size, max(max_size, min_size, 1))
+        self.pool = self._new_pool()
+        self._aside = _Aside(target, self.timeouts)
+        self._calls = tasks.Tasks("state-calls")
+        self._failed_at: float | None = None
+        self._renewal: asyncio.Task[None] | None = None
+        self._closed = False
 
     @classmethod
     async def open(
@@ -156,67 +330,206 @@ class PgDatabase:
         *,
         min_size: int = 1,
         max_size: int = 10,
-        checkout_timeout_s: float | None = None,
+        timeouts: PgTimeouts | None = None,
     ) -> PgDatabase:
         """Open the pool, waiting until its first connections are up.
 
-        ``checkout_timeout_s`` bounds the wait for a pooled connection (default:
+        ``timeouts.checkout_s`` bounds the wait for a pooled connection (default:
         the connect timeout): on the request path, an unreachable database must
         fail a decision quickly, not after the full connect timeout.
         """
-        pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
-            target.url,
-            kwargs={"autocommit": True, **target.kwargs()},
-            min_size=min_size,
-            max_size=max(max_size, min_size, 1),
-            open=False,
-            name="warden-state",
-            timeout=checkout_timeout_s or target.connect_timeout_s,
-        )
+        db = cls(target, min_size=min_size, max_size=max_size, timeouts=timeouts)
         try:
-            await pool.open(wait=True, timeout=target.connect_timeout_s)
+            await db.pool.open(wait=True, timeout=target.connect_timeout_s)
         except Exception as exc:
-            await pool.close()
+            await db.pool.close()
             raise ConfigError(
                 f"state.url: cannot open a connection pool to {target.shown}: "
                 f"{pg_reason(exc, target.url)}"
             ) from None
-        return cls(target, pool)
+        return db
+
+    def _new_pool(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
+        return AsyncConnectionPool(
+            self.target.url,
+            kwargs={"autocommit": True, **self.target.kwargs()},
+            min_size=self._sizes[0],
+            max_size=self._sizes[1],
+            open=False,
+            name="warden-state",
+            timeout=self.timeouts.checkout_s,
+            configure=self.timeouts.configure,
+            # A connection PostgreSQL dropped (a restart, a failover, a terminated
+            # session) is found and replaced at checkout, not by the call given it.
+            check=_check_if_spoken_to,
+        )
+
+    @property
+    def up(self) -> bool:
+        """False for :data:`~warden.state.base.DOWN_FOR_S` after a call failed (timed out,
+        refused by a read-only server, no connection)."""
+        failed = self._failed_at
+        return failed is None or time.monotonic() - failed > DOWN_FOR_S
+
+    def renew(self) -> None:
+        """PostgreSQL is reachable again: connect anew now.
+
+        The pool's own reconnection backs off (by minutes after a long
+        outage); a fresh pool connects at once. Calls waiting on the old pool
+        move to the new one; connections out of it are closed when returned.
+        """
+        if self._closed or (self._renewal is not None and not self._renewal.done()):
+            return
+        self._renewal = tasks.spawn(self._renew(), name="state-pool-renew")
+
+    async def _renew(self) -> None:
+        old, new = self.pool, self._new_pool()
+        await new.open(wait=False)
+        self.pool = new
+        self._aside.reset()
+        await old.close()
 
     async def close(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection, and the kill switches' own."""
+        self._closed = True
+        if self._renewal is not None:
+            self._renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewal
+        await self._calls.cancel()  # only calls whose callers stopped waiting are left
         await self.pool.close()
+        await self._aside.close()
 
-    async def tx(self, fn: Callable[[AsyncCursor[Any]], Awaitable[T]]) -> T:
-        """Run ``fn`` in one transaction, again (a few times) if PostgreSQL asks to retry."""
-        for attempt in range(_RETRIES):
-            try:
-                async with self.pool.connection() as conn, conn.transaction():
-                    cur = conn.cursor()
-                    return await fn(cur)
-            except (errors.DeadlockDetected, errors.SerializationFailure):
-                if attempt == _RETRIES - 1:
-                    raise
-                await asyncio.sleep(0.002 * 2**attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+    async def tx(
+        self,
+        fn: Callable[[AsyncCursor[Any]], Awaitable[T]],
+        *,
+        aside: bool = False,
+        slow: bool = False,
+    ) -> T:
+        """Run ``fn`` in one transaction, again (a few times) if PostgreSQL asks to retry.
 
-    async def call(self, fn: Callable[[AsyncCursor[Any]], Awaitable[T]]) -> T:
+        ``aside``: on the kill switches' own connection. ``slow``: background upkeep,
+        bounded by ``timeouts.slow_s`` instead.
+        """
+        work = self._tx(fn, aside=aside, transaction=True, slow=slow)
+        return await self._bounded(work, None, self.timeouts.slow_s if slow else None)
+
+    async def call(
+        self,
+        fn: Callable[[AsyncCursor[Any]], Awaitable[T]],
+        *,
+        undo: Callable[[], Awaitable[object]] | None = None,
+    ) -> T:
         """Run ``fn`` (one statement: its own transaction), retrying like :meth:`tx`."""
+        return await self._bounded(self._tx(fn, aside=False, transaction=False), undo)
+
+    async def read(
+        self, query: str, params: Sequence[Any] = (), *, aside: bool = False
+    ) -> list[tuple[Any, ...]]:
+        """Rows of one query, outside any transaction."""
+
+        async def run(cur: AsyncCursor[Any]) -> list[tuple[Any, ...]]:
+            await cur.execute(query.encode(), params)
+            return list(await cur.fetchall())
+
+        return await self._bounded(self._tx(run, aside=aside, transaction=False), None)
+
+    async def _tx(
+        self,
+        fn: Callable[[AsyncCursor[Any]], Awaitable[T]],
+        *,
+        aside: bool,
+        transaction: bool,
+        slow: bool = False,
+    ) -> T:
         for attempt in range(_RETRIES):
             try:
-                async with self.pool.connection() as conn:
-                    return await fn(conn.cursor())
+                async with self._connection(aside) as conn:
+                    if not transaction:
+                        return await fn(conn.cursor())
+                    async with conn.transaction():
+                        cur = conn.cursor()
+                        if slow:
+                            await cur.execute(
+                                "SELECT set_config('statement_timeout', %s, true)",
+                                (_ms(self.timeouts.slow_s),),
+                            )
+                        return await fn(cur)
             except (errors.DeadlockDetected, errors.SerializationFailure):
                 if attempt == _RETRIES - 1:
                     raise
                 await asyncio.sleep(0.002 * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def read(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Rows of one query, outside any transaction."""
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(query.encode(), params)
-            return list(await cur.fetchall())
+    @contextlib.asynccontextmanager
+    async def _connection(self, aside: bool) -> AsyncIterator[AsyncConnection[Any]]:
+        if aside:
+            async with self._aside.connection() as own:
+                yield own
+            return
+        while True:
+            pool = self.pool
+            try:
+                conn = await pool.getconn()
+            except PoolClosed:
+                if pool is self.pool or self._closed:
+                    raise
+                continue  # renewed while this call waited: the new pool serves it
+            break
+        try:
+            async with conn:
+                yield conn
+        finally:
+            await pool.putconn(conn)
+
+    async def _bounded(
+        self,
+        work: Coroutine[Any, Any, T],
+        undo: Callable[[], Awaitable[object]] | None,
+        deadline_s: float | None = None,
+    ) -> T:
+        deadline_s = deadline_s or self.timeouts.call_s
+        call = self._calls.spawn(work, name="call", awaited=True)
+        try:
+            done, _ = await asyncio.wait((call,), timeout=deadline_s)
+        except asyncio.CancelledError:
+            self._abandon(call, undo)  # the caller gave up (its client left, a deadline)
+            raise
+        if not done:
+            self._abandon(call, undo)
+            self._failed_at = time.monotonic()
+            raise StoreTimeout(
+                f"the state store did not answer within {deadline_s:g} s (state.call_timeout_s)"
+            )
+        try:
+            return call.result()
+        except Exception as exc:
+            if _outage(exc):
+                self._failed_at = time.monotonic()
+            raise
+
+    def _abandon(
+        self, call: asyncio.Task[Any], undo: Callable[[], Awaitable[object]] | None
+    ) -> None:
+        """Let ``call`` run to its end (a write may commit), then ``undo`` it if given."""
+
+        def ended(task: asyncio.Task[Any]) -> None:
+            if not task.cancelled():
+                task.exception()  # retrieved: its caller was already answered
+            if undo is not None and not self._closed:
+                tasks.spawn(self._undo(undo), name="state-undo")
+
+        call.add_done_callback(ended)
+
+    async def _undo(self, undo: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await undo()
+        except Exception as exc:
+            log.warning(
+                "could not undo a state store call whose caller stopped waiting: %s",
+                failure_summary(exc),
+            )
 
 
 # -- budgets and kill switches --------------------------------------------------------------
@@ -276,7 +589,10 @@ class PgStateStore:
         """Hold every amount atomically across the fleet, or none if any would pass its limit.
 
         One round trip: ``warden_reserve`` locks the counter rows in key order
-        (``FOR UPDATE``), checks every limit under the locks and holds.
+        (``FOR UPDATE``), checks every limit under the locks and holds. A
+        reservation that lands after its caller stopped waiting (the call timed
+        out, or its client left) is released at once: no decision uses it, and
+        it would count against the caps until it expired.
         """
         held = tuple(holds)
         params = (
@@ -306,7 +622,10 @@ class PgStateStore:
                 over=tuple(h for h, o in zip(held, over, strict=True) if o),
             )
 
-        return await self._db.call(run)
+        async def release() -> None:
+            await self._db.call(_release(reservation_id))
+
+        return await self._db.call(run, undo=release)
 
     async def settle(
         self, reservation_id: str, actual: Mapping[str, float] | None
@@ -345,7 +664,7 @@ class PgStateStore:
                 await _spend(cur, holds, None)
             return len(rows)
 
-        return await self._db.tx(run)
+        return await self._db.tx(run, slow=True)
 
     async def counters(self, keys: Iterable[tuple[str, str, str]]) -> tuple[Counter, ...]:
         """Read counters by ``(counter, window, subject)``; missing ones read as zero."""
@@ -379,7 +698,7 @@ class PgStateStore:
                 deleted += max(cur.rowcount, 0)
             return deleted
 
-        return await self._db.tx(run)
+        return await self._db.tx(run, slow=True)
 
     async def window_counters(
         self, counter: str, window: str, *, limit: int = 50
@@ -404,7 +723,7 @@ class PgStateStore:
                 (row.id, row.scope, row.target, row.reason, row.created_by, row.created_at),
             )
 
-        await self._db.tx(run)
+        await self._db.tx(run, aside=True)
 
     async def clear_killswitch(self, switch_id: str, who: str) -> KillSwitchRow | None:
         """Clear an active switch; ``None`` when there is no active switch with that id."""
@@ -419,13 +738,18 @@ class PgStateStore:
             found = await cur.fetchone()
             return KillSwitchRow(*found) if found else None
 
-        return await self._db.tx(run)
+        return await self._db.tx(run, aside=True)
 
     async def active_killswitches(self) -> tuple[KillSwitchRow, ...]:
-        """Every switch not yet cleared, oldest first."""
+        """Every switch not yet cleared, oldest first.
+
+        Kill switches are read and written on a connection of their own, not the
+        pool's: decisions filling the pool must not keep a switch from this sidecar.
+        """
         rows = await self._db.read(
             f"SELECT {_KS_COLUMNS} FROM killswitches "  # noqa: S608 - constant columns
-            "WHERE cleared_at IS NULL ORDER BY created_at, id"
+            "WHERE cleared_at IS NULL ORDER BY created_at, id",
+            aside=True,
         )
         return tuple(KillSwitchRow(*r) for r in rows)
 
@@ -455,6 +779,17 @@ class PgStateStore:
 
         if marks:
             await self._db.tx(run)
+
+
+def _release(
+    reservation_id: str,
+) -> Callable[[AsyncCursor[Any]], Coroutine[Any, Any, None]]:
+    """Release a reservation, spending nothing (nothing, if there is none)."""
+
+    async def run(cur: AsyncCursor[Any]) -> None:
+        await cur.execute(_SETTLE_CALL, (reservation_id, Jsonb({})))
+
+    return run
 
 
 def _totals(holds: Iterable[Hold], value: Callable[[Hold], float]) -> dict[_Key, float]:
@@ -506,6 +841,7 @@ class PgLinkStore:
         (:class:`~warden.state.sessions.PruneClock`).
         """
         batch = tuple(ops)
+        cutoff_given = prune_before is not None
 
         async def run(cur: AsyncCursor[Any]) -> list[str]:
             clashed: list[str] = []
@@ -552,7 +888,8 @@ class PgLinkStore:
                 )
             return clashed
 
-        return await self._db.tx(run)
+        # Off the request path (the links' writer), and it prunes whatever aged out.
+        return await self._db.tx(run, slow=cutoff_given)
 
     async def take(
         self, call_ids: Sequence[str], *, newer_than: float
@@ -618,14 +955,22 @@ class PgFeed(Fanout):
     """Changes published by the tables' triggers, received with LISTEN on a connection of its own.
 
     When that connection is lost, it reconnects (backing off up to
-    ``max_backoff_s``) and then tells every watcher to re-read
+    ``max_backoff_s``), calls ``on_reconnect`` (the pool connects anew: see
+    :meth:`PgDatabase.renew`) and then tells every watcher to re-read
     (``key`` ``None``): changes made while it was away are not lost.
     """
 
-    def __init__(self, target: PgTarget, *, max_backoff_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        target: PgTarget,
+        *,
+        max_backoff_s: float = 2.0,
+        on_reconnect: Callable[[], object] | None = None,
+    ) -> None:
         super().__init__()
         self._target = target
         self._max_backoff = max_backoff_s
+        self._on_reconnect = on_reconnect
         self._task: asyncio.Task[None] | None = None
         self._conn: AsyncConnection[Any] | None = None
         self.listening = asyncio.Event()
@@ -654,6 +999,8 @@ class PgFeed(Fanout):
             try:
                 if conn is None:
                     conn = await self._listen()
+                    if self._on_reconnect is not None:
+                        self._on_reconnect()
                     self.publish_all()  # whatever happened while away
                     backoff = 0.05
                 async for note in conn.notifies():

@@ -951,7 +951,9 @@ class Pipeline:
         cost: float | None = None
         for guard in self._reserving:
             try:
-                cost = await guard.settle(action, outcome, trusted=trusted) or cost
+                settled = await guard.settle(action, outcome, trusted=trusted)
+                if settled is not None:  # 0.0 is a cost too: a released call's
+                    cost = settled
             except Exception:
                 # The record still matters; an unsettled hold expires later.
                 log.exception("guard %s failed to settle an outcome", guard.name)

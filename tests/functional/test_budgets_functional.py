@@ -204,16 +204,24 @@ async def test_settled_refunds_reach_the_shipped_policy_as_input_budget(
 async def test_llm_spend_is_settled_from_usage_and_then_capped(
     tmp_path: Path, llm: MockLLM
 ) -> None:
-    # The default price (unknown model) is 15 USD per million input tokens and
+    # The operator prices its house model at 15 USD per million input tokens and
     # 75 per million output: a call bounded to 4 output tokens can cost about
     # 0.0007 USD (its input estimated from the body's size), and fits a cap of 0.002.
-    config = make_config(tmp_path, llm.url, budgets={"llm": {"limit_usd": 0.002, "window": "day"}})
+    # (A model the table does not know would be held at its dearest price.)
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("providers: {openai: {models: {house-model: {input: 15, output: 75}}}}\n")
+    config = make_config(
+        tmp_path,
+        llm.url,
+        budgets={"llm": {"limit_usd": 0.002, "window": "day"}},
+        prices={"file": str(prices)},
+    )
     agent = "agent:support-triage"
     async with Warden(config) as warden, client(warden) as c:
         llm.script(Reply(text="one two three"))
         await c.chat.completions.create(model="house-model", messages=MESSAGES, max_tokens=4)
         first = await wait_for(tmp_path, "llm", agent, lambda v: v[0] > 0)
-        # Settled from usage: 4 prompt words and 3 output words at the default price.
+        # Settled from usage: 4 prompt words and 3 output words at its price.
         assert first == pytest.approx(((4 * 15 + 3 * 75) / 1e6, 0.0))
         llm.script(Reply(text="four five six seven"))
         stream = await c.chat.completions.create(

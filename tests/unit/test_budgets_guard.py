@@ -419,12 +419,12 @@ async def test_an_answered_call_whose_usage_never_came_is_spent_at_its_estimate(
 
 
 async def test_model_calls_in_flight_together_hold_what_each_can_cost(store: StateStore) -> None:
-    # Thirty calls at once, each able to cost 3 USD (claude-opus-4-1 at 75 USD per
-    # million output tokens, 40,000 of them), against a cap of 5: held at 0, all
-    # thirty would pass, and 90 USD be spent.
+    # Thirty calls at once, each able to cost 3 USD (o1 at 60 USD per million
+    # output tokens, 50,000 of them), against a cap of 5: held at 0, all thirty
+    # would pass, and 90 USD be spent.
     pipeline, _, _ = build(store, {"llm": {"limit_usd": 5.0}})
-    big = CallSize(input_bytes=0, max_output_tokens=40_000)
-    calls = [llm_call("claude-opus-4-1", big) for _ in range(30)]
+    big = CallSize(input_bytes=0, max_output_tokens=50_000)
+    calls = [llm_call("o1", big) for _ in range(30)]
     decisions = await asyncio.gather(*(pipeline.decide(call) for call in calls))
     assert sum(d.effect is Effect.ALLOW for d in decisions) == 1
     assert await spent(store, "llm", DAY, "agent:bot") == pytest.approx((0.0, 3.0))
@@ -434,26 +434,26 @@ async def test_model_calls_in_flight_together_hold_what_each_can_cost(store: Sta
     allowed = calls[[d.effect for d in decisions].index(Effect.ALLOW)]
     await pipeline.outcome(allowed, "dec", Outcome(status=200, usage=Usage(10, 100)))
     used, held = await spent(store, "llm", DAY, "agent:bot")
-    assert (used, held) == pytest.approx(((10 * 15 + 100 * 75) / 1e6, 0.0))
+    assert (used, held) == pytest.approx(((10 * 15 + 100 * 60) / 1e6, 0.0))
 
 
 async def test_an_answer_cut_short_is_spent_at_its_hold(store: StateStore) -> None:
     # The agent hangs up mid-stream: no final usage reached Warden (the stream rewriters
     # report only final counts), and the provider bills what it generated: the hold stays.
     pipeline, _, _ = build(store, {"llm": {"limit_usd": 100.0}})
-    size = CallSize(input_bytes=0, max_output_tokens=10_000)
-    cut = llm_call("claude-opus-4-1", size)
+    size = CallSize(input_bytes=0, max_output_tokens=12_500)
+    cut = llm_call("o1", size)
     await pipeline.decide(cut)
     seen = Outcome(status=200, error="client_disconnected")
     await pipeline.outcome(cut, "dec", seen, trusted=True)
     assert await spent(store, "llm", DAY, "agent:bot") == pytest.approx((0.75, 0.0))
     # With its final usage (read to its end, whoever hung up after), it costs that.
-    whole = llm_call("claude-opus-4-1", size)
+    whole = llm_call("o1", size)
     await pipeline.decide(whole)
     read = Outcome(status=200, error="client_disconnected", usage=Usage(10, 1))
     await pipeline.outcome(whole, "dec", read, trusted=True)
     assert await spent(store, "llm", DAY, "agent:bot") == pytest.approx(
-        (0.75 + (10 * 15 + 75) / 1e6, 0.0)
+        (0.75 + (10 * 15 + 60) / 1e6, 0.0)
     )
 
 
@@ -462,12 +462,12 @@ async def test_a_model_call_that_may_have_been_billed_stays_spent(store: StateSt
     # generated (and billed) it all. Only an answer's error status, or a connection
     # never made, releases (the doors pass trusted only then).
     pipeline, _, _ = build(store, {"llm": {"limit_usd": 100.0}})
-    size = CallSize(input_bytes=0, max_output_tokens=10_000)
-    timed_out = llm_call("claude-opus-4-1", size)
+    size = CallSize(input_bytes=0, max_output_tokens=12_500)
+    timed_out = llm_call("o1", size)
     await pipeline.decide(timed_out)
     await pipeline.outcome(timed_out, "dec", Outcome(error="upstream_timeout"))
     assert await spent(store, "llm", DAY, "agent:bot") == pytest.approx((0.75, 0.0))
-    refused = llm_call("claude-opus-4-1", size)
+    refused = llm_call("o1", size)
     await pipeline.decide(refused)
     await pipeline.outcome(
         refused, "dec", Outcome(status=529, error="upstream_error"), trusted=True

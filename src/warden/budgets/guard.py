@@ -11,7 +11,11 @@ A tool call let through is delivered to the agent, so its reservation counts
 as spent: its outcome settles it at the held value. Only a trusted outcome
 (from a tool API Warden fronts itself) that says the call failed releases it;
 the agent's own ``is_error`` does not, unless ``budgets.trust_agent_results``
-is set. A model call is settled at its cost from the response's usage.
+is set. A model call is settled at its cost from the response's usage, or
+at what it held when no usage came; the amount settled is what it returns,
+for the outcome record and the spend metric. A request that fetches, updates,
+cancels or lists what a model call made (``GET responses/{id}``) is no model
+call: it holds and settles nothing, so a used-up cap does not refuse it.
 
 A per-customer cap takes the customer from the call's arguments (a JSON
 pointer) or the context; a call naming none gets the cap's ``missing``
@@ -49,6 +53,7 @@ from warden.model import Action, ActionKind, Decision, Effect, Mode, Outcome, Us
 from warden.ops.metrics import BUDGET_LIMIT, bounded, child
 from warden.pipeline import UNCHECKED, GuardContext
 from warden.pointers import pointer_get
+from warden.protocols.registry import match_route
 from warden.state import BudgetRepo, Counter, Hold
 
 __all__ = ["BudgetGuard", "CapSpend"]
@@ -267,9 +272,14 @@ class BudgetGuard:
 
         A delivered tool call is spent at its held value, unless a failure is
         reported by a ``trusted`` outcome (or by the agent, where the operator
-        trusts agents' results): then its value is released. The cost (USD,
-        from usage and the price table) goes into the outcome record.
+        trusts agents' results): then its value is released. The cost (USD)
+        goes into the outcome record and ``warden_llm_spend_usd_total``: from
+        usage and the price table, or, with no usage read, what the call's
+        reservation settled at (its hold, or 0 when released); ``None`` when
+        this guard settled no model spend for it.
         """
+        if action.kind is ActionKind.LLM_CALL and not self._billed(action):
+            return None  # a stored answer fetched again: billed once, when it was made
         cost = (
             self._llm_cost(action, outcome.usage)
             if action.kind is ActionKind.LLM_CALL and outcome.usage is not None
@@ -300,7 +310,19 @@ class BudgetGuard:
             actual = {}  # it did not happen: release
         else:
             actual = None  # delivered: spent as held, whatever the agent says
-        await self._settle(action, actual)
+        after = await self._settle(action, actual)
+        llm = self.config.llm
+        if (
+            cost is None
+            and llm is not None
+            and action.kind is ActionKind.LLM_CALL
+            and any(c.counter == LLM_COUNTER for c in after)
+        ):
+            # Charged without usage (a cut stream, a background request, a timeout):
+            # the record and the metric show the amount the cap was charged.
+            cost = self._llm_hold(action, llm) if actual is None else actual[LLM_COUNTER]
+            model = bounded("model", action.model or "unknown")
+            child(metrics.LLM_SPEND, bounded("agent", action.agent.id), model).inc(cost)
         return cost
 
     # -- internals ---------------------------------------------------------------
@@ -308,7 +330,7 @@ class BudgetGuard:
     def _may_hold(self, action: Action) -> bool:
         """Whether a cap applies to ``action``, so it may hold a reservation."""
         if action.kind is ActionKind.LLM_CALL:
-            return self.config.llm is not None
+            return self.config.llm is not None and self._billed(action)
         # Caps go by tool name whatever kind of call names it, so a capped
         # tool cannot be reached uncounted as a custom or MCP call.
         return bool(self._caps.get(action.tool or ""))
@@ -332,7 +354,7 @@ class BudgetGuard:
                         LLM_COUNTER,
                         window_key(llm.window, now),
                         agent,
-                        max(llm.estimate_usd, self._llm_bound(action, llm)),
+                        self._llm_hold(action, llm),
                         llm.limit_usd,
                     ),
                     currency="USD",
@@ -484,7 +506,9 @@ class BudgetGuard:
             error=STATE_UNAVAILABLE,
         )
 
-    async def _settle(self, action: Action, actual: Mapping[str, float] | None) -> None:
+    async def _settle(
+        self, action: Action, actual: Mapping[str, float] | None
+    ) -> tuple[Counter, ...]:
         after = await self.store.settle(action.action_id, actual)
         agent = bounded("agent", action.agent.id)
         for counter in after:
@@ -492,6 +516,18 @@ class BudgetGuard:
                 window = counter.window.partition(":")[0]
                 metrics.SPENT.labels(counter.counter, window, agent).set(counter.spent)
                 metrics.RESERVED.labels(counter.counter, window, agent).set(counter.reserved)
+        return after
+
+    def _billed(self, action: Action) -> bool:
+        """Whether a model call's route is one the provider bills (a model request,
+        embeddings), or one Warden cannot place (the gRPC door's, a pass-through
+        route): not a fetch, update, cancel or list of what a model call made."""
+        request = action.request
+        family = self._providers.get(request.upstream)
+        if family not in ("openai", "anthropic"):
+            return True
+        route = match_route(family, request.method, request.path.split("/")[1:])
+        return route is None or route.billed
 
     def _gauge(
         self, action: Action, lines: list[_Line], before: tuple[Counter, ...], *, added: bool
@@ -503,6 +539,10 @@ class BudgetGuard:
                 metrics.SPENT.labels(line.cap, line.window, agent).set(counter.spent)
                 metrics.RESERVED.labels(line.cap, line.window, agent).set(counter.reserved + extra)
 
+    def _llm_hold(self, action: Action, llm: LlmBudgetConfig) -> float:
+        """What a model call holds until it settles (USD)."""
+        return max(llm.estimate_usd, self._llm_bound(action, llm))
+
     def _llm_bound(self, action: Action, llm: LlmBudgetConfig) -> float:
         """What a model call can cost as its request states it, in USD (0: unknown).
 
@@ -510,6 +550,7 @@ class BudgetGuard:
         cap that each alone fits: the output at the request's bound (every answer
         it asks for), the input at the body's size, and, for a continuation, the
         stored input the provider bills beside it (``continued_input_tokens``).
+        A model the price table does not know is held at its dearest price.
         """
         size = action.size
         if size is None:
@@ -523,7 +564,7 @@ class BudgetGuard:
             rate=size.rate,
         )
         fees = size.hosted_calls * self.prices.hosted_call_most(provider)
-        return self.prices.cost(provider, action.model, most).usd + fees
+        return self.prices.cost(provider, action.model, most, held=True).usd + fees
 
     def _llm_cost(self, action: Action, usage: Usage) -> float:
         provider = self._providers.get(action.request.upstream, action.request.upstream)
@@ -534,9 +575,10 @@ class BudgetGuard:
         if usage.model is not None and usage.model != action.model:
             # What ran, when the table knows it and it is dearer: an Azure deployment, a
             # stored prompt's model, a provider that swapped models.
-            # A request naming none was priced at the dearest: what ran is known now.
+            # A request naming none, or a name the table does not know, was held at
+            # the dearest price: what ran is known now.
             ran = self.prices.cost(provider, usage.model, usage)
-            if ran.known and (ran.usd > priced.usd or not action.model):
+            if ran.known and (ran.usd > priced.usd or not priced.known):
                 priced = ran
         model = bounded("model", action.model or "unknown")
         if not priced.known:

@@ -187,9 +187,17 @@ class PriceTable:
         price, known = self.lookup(provider, model)
         return min(bound, price.max_output) if known and price.max_output else bound
 
-    def cost(self, provider: str, model: str | None, usage: Usage) -> Priced:
-        """What a response with ``usage`` cost, in USD."""
+    def cost(self, provider: str, model: str | None, usage: Usage, *, held: bool = False) -> Priced:
+        """What a response with ``usage`` cost, in USD.
+
+        ``held``: the most it can cost before it is answered. A model the table does
+        not know is then priced at :attr:`dearest`, not ``default``: an unknown name
+        (a gateway alias, an Azure deployment) may run the dearest model there is,
+        and its answer is settled at that model's price.
+        """
         price, known = self.lookup(provider, model)
+        if held and not known:
+            price = self.dearest
         prov = self._providers.get(provider)
         cached = max(0, usage.cached_input_tokens)
         uncached = max(0, usage.input_tokens)

@@ -83,6 +83,14 @@ class RouteMatch:
     """The route is billed by input tokens (embeddings): the request names the model and
     the answer's ``usage.prompt_tokens`` what it cost, for the LLM spend cap."""
 
+    @property
+    def billed(self) -> bool:
+        """Whether a call on this route may be billed by the provider: a model request,
+        embeddings, or a pass-through route Warden does not read. Fetching, updating,
+        cancelling or listing what a model call made is not: a spend cap neither
+        holds nor charges it (the call that made it was charged)."""
+        return self.parse_request or self.metered or self.passthrough
+
     def __post_init__(self) -> None:
         if self.stored_answer is not None and self.stored_answer >= 0:
             raise ValueError("stored_answer counts from the end of the path: -1 is the last")

@@ -33,14 +33,52 @@ _decided := with_session(verdict(input.action, input.budget), input.action, inpu
 	not input.budget
 }
 
-# A catalogued tool's `redact` list (data.json) rides on every decision about
-# it, whichever branch decided: a denied call is recorded too, with arguments
-# as personal as an approved one's (a phone number sent as a number, an
-# address beside a customer id of the wrong type, a change past the session's
-# limit). Only the audit record is masked: the tool still gets the value.
+# A catalogued tool's redactions ride on every decision about it, whichever
+# branch decided: a denied call is recorded too, with arguments as personal as
+# an approved one's (a phone number sent as a number, an address beside a
+# customer id of the wrong type, a change past the session's limit, answers
+# that carry the new value). Only the audit record is masked: the tool still
+# gets the values. `redact` in data.json lists paths masked on every decision
+# (the contact changes: all of an MCP retry's answers).
+#
+# A tool with `recorded_in_clear` keeps only those arguments in clear, and only
+# of the type `args` gives them: every other argument is masked, whatever it is
+# called (email, new_email). A list of the personal names could never be
+# complete; a list of what may stay in clear is. An argument `args` does not
+# name (Email, a URL, an address as a key) masks all of them: the path to it
+# would spell its name in the record, and its name could be the personal data.
 redacting(d, action) := object.union(d, {"redact": paths}) if {
+	entry := data.warden.tools[action.tool]
+	entry.recorded_in_clear
+	paths := array.concat(_argument_redactions(entry, action), object.get(entry, "redact", []))
+} else := object.union(d, {"redact": paths}) if {
 	paths := data.warden.tools[action.tool].redact
 } else := d
+
+_argument_redactions(entry, action) := [] if {
+	object.get(action, "arguments", null) == null # an MCP tools/list answer: no arguments
+} else := ["action.arguments"] if {
+	not _only_named(entry.args, action.arguments)
+} else := sort([path |
+	some name
+	value := action.arguments[name]
+	not _clear(entry, name, value)
+	path := concat(".", ["action.arguments", name])
+])
+
+_only_named(spec, args) if {
+	is_object(args)
+	count([name | some name; _ = args[name]; not _ = spec[name]]) == 0
+}
+
+_clear(entry, name, value) if {
+	name in entry.recorded_in_clear
+	_typed(entry.args[name], value)
+}
+
+_typed("any", _)
+
+_typed(want, value) if type_name(value) == want
 
 verdict(action, budget) := _deny(concat("", [
 	"the answers to the MCP server's questions carry ", concat(", ", array.slice(fields, 0, 8)), ", which an answer may not decide for ",

@@ -233,22 +233,40 @@ test_personal_data_changes_need_approval_and_are_redacted if {
 	r := warden.decision with input.action as _call("update_email", {"customer_id": "C-42", "email": "new@example.com"})
 	r.effect == "require_approval"
 	r.reason == "changing a customer's email address needs a support lead's approval"
-	r.redact == ["action.arguments.email"]
+	r.redact == ["action.arguments.email", "action.input_responses"]
 	_effect(_call("update_phone", {"customer_id": "C-42", "phone": "+1 555 0100"}), {}) == "require_approval"
 }
 
-# A denied call is recorded too: the new value is masked whatever the verdict.
+# A denied call is recorded too: the new value is masked whatever the verdict,
+# and a customer id of the wrong type (which could hold anything) with it.
 test_personal_data_changes_denied_for_their_types_are_redacted if {
 	phone := warden.decision with input.action as _call("update_phone", {"customer_id": "C-42", "phone": 4915112345678})
 	phone.effect == "deny"
 	contains(phone.reason, "needs phone to be text, but it is a number")
-	phone.redact == ["action.arguments.phone"]
-	email := warden.decision with input.action as _call("update_email", {"customer_id": 1042, "email": "ann@example.com"})
+	phone.redact == ["action.arguments.phone", "action.input_responses"]
+	email := warden.decision with input.action as _call("update_email", {"customer_id": 1042, "email": ["ann@example.com"]})
 	email.effect == "deny"
-	email.redact == ["action.arguments.email"]
+	email.redact == ["action.arguments.customer_id", "action.arguments.email", "action.input_responses"]
 	address := warden.decision with input.action as _call("update_address", {"customer_id": 7, "address": {"street": "1 Main St"}})
 	address.effect == "deny"
-	address.redact == ["action.arguments.address"]
+	address.redact == ["action.arguments.address", "action.arguments.customer_id", "action.input_responses"]
+}
+
+# Only what data.json keeps in clear stays: an argument of another name is
+# masked too, and one `args` does not name masks all of them (its path would
+# spell its name, and a name can be an email address).
+test_only_the_customer_id_of_a_personal_data_change_stays_in_clear if {
+	extra := warden.decision with input.action as _call("update_email", {"customer_id": "C-42", "email": "a@example.com", "new_email": "b@example.com"})
+	extra.effect == "require_approval"
+	extra.redact == ["action.arguments", "action.input_responses"]
+	spelled := warden.decision with input.action as _call("update_email", {"customer_id": "C-42", "Email": "a@example.com"})
+	spelled.effect == "deny"
+	spelled.redact == ["action.arguments", "action.input_responses"]
+	keyed := warden.decision with input.action as _call("update_phone", {"customer_id": "C-42", "phone": "+1 555 0100", "ann@example.com": true})
+	keyed.redact == ["action.arguments", "action.input_responses"]
+	bare := warden.decision with input.action as _call("update_address", {"customer_id": "C-42"})
+	bare.effect == "deny"
+	bare.redact == ["action.input_responses"]
 }
 
 test_every_decision_about_a_redacting_tool_carries_its_list if {
@@ -263,9 +281,13 @@ _redacts_when_denied(tool, entry) if {
 	entry.redact
 	d := warden.decision with input.action as _call(tool, {"customer_id": true})
 	d.effect == "deny"
-	d.redact == entry.redact
+	d.redact == array.concat(["action.arguments.customer_id"], entry.redact)
+	no_args := warden.decision with input.action as {"kind": "tool_call", "tool": tool, "arguments": "text", "stage": "proposed"}
+	no_args.effect == "deny"
+	no_args.redact == array.concat(["action.arguments"], entry.redact)
 }
 
+# The answers may carry the new value itself: they are masked whole.
 test_answers_that_deny_a_personal_data_change_keep_it_redacted if {
 	retry := object.union(
 		_call("update_email", {"customer_id": "C-42", "email": "new@example.com"}),
@@ -274,7 +296,7 @@ test_answers_that_deny_a_personal_data_change_keep_it_redacted if {
 	d := warden.decision with input.action as retry
 	d.effect == "deny"
 	contains(d.reason, "carry email")
-	d.redact == ["action.arguments.email"]
+	d.redact == ["action.arguments.email", "action.input_responses"]
 }
 
 test_a_session_denial_keeps_the_tools_redactions if {
@@ -282,7 +304,13 @@ test_a_session_denial_keeps_the_tools_redactions if {
 	held := {"effect": "require_approval", "reason": "needs a lead"}
 	d := warden.redacting(warden.with_session(held, change, [], _session({"held": {"update_email": 2}})), change)
 	d.effect == "deny"
-	d.redact == ["action.arguments.phone"]
+	d.redact == ["action.arguments.phone", "action.input_responses"]
+}
+
+# An MCP tools/list answer names the tool only: its answers are still masked.
+test_a_listed_personal_data_tool_has_no_arguments_to_mask if {
+	listed := {"kind": "tool_call", "tool": "update_email", "stage": "list", "arguments": null}
+	warden.redacting({"effect": "allow"}, listed).redact == ["action.input_responses"]
 }
 
 test_tools_without_a_redact_list_get_none if {

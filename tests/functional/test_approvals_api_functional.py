@@ -311,11 +311,13 @@ SNEAKY = {
     "note": {"x_credential_hint": {"to_iban": "XX00ATTACKER"}},
 }
 HIDDEN = [
-    "email",  # the shipped policy redacts update_email's email
     "/password_reset_email",
     "/pre_authorization_amount",
     "/note/x_credential_hint",
 ]
+# Held by the shipped policy, which redacts none of its arguments (a contact change's
+# would all be hidden: it names what may stay in clear), so each masked value shows.
+SNEAKY_TOOL = "close_account"
 
 
 async def test_a_held_call_names_every_value_hidden_from_the_approver(
@@ -329,7 +331,7 @@ async def test_a_held_call_names_every_value_hidden_from_the_approver(
         for s, (tok, roles) in TOKENS.items()
     ]
     cfg = make_config(tmp_path, llm.url, admin={"tokens": tokens}, approvals={"mode": "defer"})
-    llm.script(Reply(tool_calls=[Call("update_email", SNEAKY)]))
+    llm.script(Reply(tool_calls=[Call(SNEAKY_TOOL, SNEAKY)]))
     async with (
         Warden(cfg) as warden,
         openai.AsyncOpenAI(
@@ -345,10 +347,10 @@ async def test_a_held_call_names_every_value_hidden_from_the_approver(
             async with http.get(f"{warden.admin_url}/v1/approvals/{pending['id']}") as resp:
                 assert resp.status == 200
                 shown = await resp.json()
-        assert shown["tool"] == "update_email"
+        assert shown["tool"] == SNEAKY_TOOL
         assert shown["arguments"] == {
             "customer_id": "ceo",
-            "email": "[redacted]",
+            "email": "new@example.com",
             "password_reset_email": "[redacted]",
             "pre_authorization_amount": "[redacted]",
             "note": {"x_credential_hint": "[redacted]"},
@@ -361,13 +363,13 @@ async def test_a_held_call_names_every_value_hidden_from_the_approver(
         monkeypatch.setenv("WARDEN_TOKEN", TOKENS["alice"][0])
         assert await asyncio.to_thread(cli.main, ["approvals", "show", pending["id"]]) == 0
         out = capsys.readouterr().out
-        assert "hidden      4 value(s) you cannot see" in out
-        for path in ("/email", *HIDDEN[1:]):
+        assert "hidden      3 value(s) you cannot see" in out
+        for path in HIDDEN:
             assert f"\n              {path}\n" in out
     # The decision record lists them too, and never holds the values.
     records = audit_records(tmp_path / "audit")
     (decided,) = [
-        r for r in records if r["kind"] == "decision" and r["action"]["tool"] == "update_email"
+        r for r in records if r["kind"] == "decision" and r["action"]["tool"] == SNEAKY_TOOL
     ]
     assert decided["action"]["redacted"] == HIDDEN
     assert decided["action"]["arguments"]["note"] == {"x_credential_hint": "[redacted]"}

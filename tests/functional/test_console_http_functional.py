@@ -24,7 +24,7 @@ import pytest
 from multidict import CIMultiDict
 
 from tests.functional.conftest import audit_records, make_config
-from tests.functional.test_approvals_api_functional import SNEAKY
+from tests.functional.test_approvals_api_functional import SNEAKY, SNEAKY_TOOL
 from tests.pg import PgServer
 from warden.audit.index import DecisionIndex, IndexQuery, default_index_path
 from warden.cli_audit import main as audit_main
@@ -573,8 +573,8 @@ async def test_the_approval_card_names_the_values_hidden_from_the_approver(
     warden: Warden, llm: MockLLM
 ) -> None:
     # Values under credential-like names are masked: the card must say so, path by path.
-    llm.script(Reply(tool_calls=[Call("update_email", SNEAKY)]))
-    await agent_asks(warden, "update my email")
+    llm.script(Reply(tool_calls=[Call(SNEAKY_TOOL, SNEAKY)]))
+    await agent_asks(warden, "close my account")
     async with browser_like() as http:
         await sign_in(http, warden, "dana")
         async with http.get(f"{warden.admin_url}/console/approvals") as resp:
@@ -587,7 +587,6 @@ async def test_the_approval_card_names_the_values_hidden_from_the_approver(
     assert "Reject the call if you need to see them" in hidden.group(1)
     listed = re.findall(r"<li><code>([^<]*)</code></li>", hidden.group(1))
     assert listed == [
-        "/email",
         "/password_reset_email",
         "/pre_authorization_amount",
         "/note/x_credential_hint",

@@ -37,6 +37,9 @@ from warden.killswitch import Scope
 from warden.server import Warden
 from warden.testing.mock_tools import MockTools
 
+# What the shipped bundle redacts on update_email: all but customer_id, and the answers.
+CONTACT_REDACTED = ["action.arguments.email", "action.input_responses"]
+
 EMAIL = "victim.secret@example.org"
 GRPC_OK, GRPC_PERMISSION_DENIED = 0, 7
 ROUTES = [
@@ -222,10 +225,10 @@ async def test_ext_authz_records_a_routed_call_with_the_policys_redactions(
     for record in by_id.values():
         action = record["action"]
         assert action["protocol"] == "envoy_authz"
-        assert record["decision"]["obligations"]["redact"] == ["action.arguments.email"]
+        assert record["decision"]["obligations"]["redact"] == CONTACT_REDACTED
         assert action["arguments"] == {"customer_id": "C-1001", "email": "[redacted]"}
         assert action["request"]["path"] == "[redacted]"  # it may spell the arguments
     # As the HTTP route door records the same call.
     routed_record = next(r for r in records.values() if r["action"]["protocol"] == "http")
-    assert routed_record["decision"]["obligations"]["redact"] == ["action.arguments.email"]
+    assert routed_record["decision"]["obligations"]["redact"] == CONTACT_REDACTED
     assert EMAIL not in json.dumps(audit_records(tmp_path / "audit"))

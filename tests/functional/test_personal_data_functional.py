@@ -3,10 +3,14 @@
 * The shipped customer-support bundle masks a personal-data change it denies
   (an argument of the wrong type) as it masks one it holds: driven through
   the real proxy with the openai SDK, the value is nowhere in the audit
-  directory afterwards.
+  directory afterwards. Only the customer id stays in clear: an argument of
+  another name (``new_email``, ``Email``) is masked too, and so are the answers
+  of an MCP retry (one carrying the new email is denied, and recorded masked).
 * Credentials inside argument values (a URL's password, ``?api_key=``) are
   masked in the record only: the policy decides on the URL as sent and the
-  agent gets it whole; a replay counts the masked decision inexact.
+  agent gets it whole; a replay counts the masked decision inexact. So are a
+  token used as a URL's user name, SAS and function-key parameters
+  (``?sig=``, ``?code=``), and a URL used as an argument's name.
 * A baseline pinned by ``warden monitor baseline`` keeps no exact number of a
   customer that ``warden audit erase`` erases afterwards.
 """
@@ -18,9 +22,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
+from aiohttp import web
 
-from tests.functional.conftest import audit_records, make_config
+from tests.functional.conftest import audit_records, make_config, serving
 from warden.audit import AuditLog
 from warden.cli import main as warden_main
 from warden.config import AuditConfig
@@ -75,10 +81,137 @@ async def test_the_shipped_bundle_masks_a_personal_data_change_it_denies(
         name = next(k for k in call.arguments if k != "customer_id")
         assert record["decision"]["effect"] == "deny"
         assert "needs" in record["decision"]["reasons"][0]
-        assert record["decision"]["obligations"]["redact"] == [f"action.arguments.{name}"]
+        # A customer id of the wrong type could hold anything: masked with the value.
+        masked = sorted(
+            {name} | ({"customer_id"} if call.arguments["customer_id"] != "C-1" else set())
+        )
+        assert record["decision"]["obligations"]["redact"] == [
+            *(f"action.arguments.{n}" for n in masked),
+            "action.input_responses",
+        ]
         assert record["action"]["arguments"][name] == "[redacted]"
         assert record["action"]["arguments_sha256"] is not None
         assert files_containing(audit, value) == []
+
+
+async def test_the_shipped_bundle_keeps_only_the_customer_id_of_a_contact_change(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    # The new value under another name than the one data.json types: beside it, or
+    # instead of it. Neither name is one a list of personal names would have had.
+    calls = [
+        Call(
+            "update_email",
+            {
+                "customer_id": "C-1",
+                "email": "ann.new@example.com",
+                "new_email": "ann.alt@example.com",
+            },
+        ),
+        Call("update_email", {"customer_id": "C-1", "Email": "ann.caps@example.com"}),
+        Call(
+            "update_phone", {"customer_id": "C-1", "phone": "+1 555 0100", "mobile": "+1 555 0199"}
+        ),
+    ]
+    async with (
+        Warden(make_config(tmp_path, llm.url)) as warden,
+        openai.AsyncOpenAI(
+            base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
+        ) as agent,
+    ):
+        for call in calls:
+            llm.script(Reply(tool_calls=[call]))
+            await agent.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    audit = tmp_path / "audit"
+    records = tool_decisions(audit)
+    assert [(r["action"]["tool"], r["decision"]["effect"]) for r in records] == [
+        ("update_email", "require_approval"),
+        ("update_email", "deny"),
+        ("update_phone", "require_approval"),
+    ]
+    for record in records:
+        # A name data.json does not type hides every argument: its path would spell it.
+        assert record["decision"]["obligations"]["redact"] == [
+            "action.arguments",
+            "action.input_responses",
+        ]
+        assert record["action"]["arguments"] == "[redacted]"
+        assert record["action"]["arguments_sha256"] is not None
+    for value in ("ann.new@", "ann.alt@", "ann.caps@", "555 0100", "555 0199"):
+        assert files_containing(audit, value) == [], value
+
+
+async def test_an_mcp_retry_answering_with_the_new_email_is_recorded_masked(
+    tmp_path: Path,
+) -> None:
+    # 2026-07-28: the client retries update_email with its answers (inputResponses).
+    # The shipped bundle lets an answer carry only "confirm": this one carries the new
+    # email, so the retry is denied, and its record must not show the email either.
+    received: list[dict[str, Any]] = []
+
+    async def mcp_endpoint(request: web.Request) -> web.StreamResponse:
+        if request.method in ("GET", "DELETE"):
+            return web.Response(status=405 if request.method == "GET" else 200)
+        body = await request.json()
+        received.append(body)
+        if body.get("method") == "initialize":
+            result = {
+                "protocolVersion": body["params"]["protocolVersion"],
+                "capabilities": {"tools": {}},
+                "serverInfo": {"name": "crm", "version": "1"},
+            }
+            answer = {"jsonrpc": "2.0", "id": body["id"], "result": result}
+            return web.json_response(answer, headers={"Mcp-Session-Id": "s-1"})
+        if "id" not in body:
+            return web.Response(status=202)
+        done = {"resultType": "complete", "content": [{"type": "text", "text": "updated"}]}
+        return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": done})
+
+    app = web.Application()
+    app.router.add_route("*", "/mcp", mcp_endpoint)
+    accept = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    async with serving(app) as port:
+        upstream = {"protocol": "mcp", "base_url": f"http://127.0.0.1:{port}/mcp"}
+        config = make_config(tmp_path, "http://127.0.0.1:9", upstreams={"crm": upstream})
+        async with Warden(config) as warden, aiohttp.ClientSession() as http:
+            target = f"{warden.proxy_url}/crm"
+            init = {
+                "jsonrpc": "2.0",
+                "id": 0,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2026-07-28",
+                    "capabilities": {},
+                    "clientInfo": {"name": "raw", "version": "1"},
+                },
+            }
+            async with http.post(target, json=init, headers=accept) as resp:
+                headers = {**accept, "Mcp-Session-Id": resp.headers["Mcp-Session-Id"]}
+            answers = {
+                "new_email": {"action": "accept", "content": {"email": "ann.typed@example.com"}}
+            }
+            params = {
+                "name": "update_email",
+                "arguments": {"customer_id": "C-1", "email": "ann.arg@example.com"},
+                "inputResponses": answers,
+                "requestState": "st",
+            }
+            retry = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
+            async with http.post(target, json=retry, headers=headers) as resp:
+                await resp.read()
+    assert [m.get("method") for m in received if "id" in m] == ["initialize"]  # never ran
+    audit = tmp_path / "audit"
+    (record,) = tool_decisions(audit)
+    assert record["decision"]["effect"] == "deny"
+    assert "carry email" in record["decision"]["reasons"][0]
+    assert record["decision"]["obligations"]["redact"] == [
+        "action.arguments.email",
+        "action.input_responses",
+    ]
+    assert record["action"]["input_responses"] == "[redacted]"
+    assert record["action"]["arguments"] == {"customer_id": "C-1", "email": "[redacted]"}
+    for value in ("ann.typed@", "ann.arg@"):
+        assert files_containing(audit, value) == [], value
 
 
 FETCHED = (
@@ -155,6 +288,65 @@ async def test_credentials_in_argument_urls_are_masked_in_the_record_only(
     assert report.errors == 0
     assert report.inexact == 2
     assert [(c.label, c.count, c.inexact) for c in report.changes] == [("allow→deny", 1, 1)]
+
+
+# Credentials no password rule finds: a token as the user name, Azure SAS and Functions
+# keys, a Google API key, an AWS presigned signature, and a URL used as an argument's name.
+URL_ARGUMENTS = {
+    "repo": "https://ghp_TokAsUser123@github.com/org/repo.git",
+    "blob": "https://acct.blob.core.windows.net/c/b?sv=2022-11-02&sp=rw&sig=SasSig%2B456",
+    "hook": "https://fn.azurewebsites.net/api/x?code=AzFnKey789&name=a",
+    "maps": "https://maps.googleapis.com/maps/api/geocode/json?address=Lyon&key=AIzaGoog012",
+    "s3": "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIAAWS345%2F20260101&X-Amz-Signature=AwsSig678",
+    "https://svc:KeyPass901@api.example.com/": "a URL as an argument's name",
+}
+URL_SECRETS = (
+    "TokAsUser123",
+    "SasSig",
+    "AzFnKey789",
+    "AIzaGoog012",
+    "AKIAAWS345",
+    "AwsSig678",
+    "KeyPass901",
+)
+
+
+async def test_tokens_signatures_and_url_keys_are_masked_in_the_record(
+    tmp_path: Path, llm: MockLLM
+) -> None:
+    llm.script(Reply(tool_calls=[Call("fetch_url", URL_ARGUMENTS)]))
+    async with (
+        Warden(make_config(tmp_path, llm.url)) as warden,
+        openai.AsyncOpenAI(
+            base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
+        ) as agent,
+    ):
+        answer = await agent.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    (got,) = answer.choices[0].message.tool_calls or []
+    assert got.type == "function"
+    assert json.loads(got.function.arguments) == URL_ARGUMENTS  # the agent gets them whole
+    audit = tmp_path / "audit"
+    (record,) = tool_decisions(audit)
+    assert record["decision"]["effect"] == "allow"  # fetch_url is read-only
+    action = record["action"]
+    assert action["arguments"] == {
+        "repo": "https://[redacted]@github.com/org/repo.git",
+        "blob": "https://acct.blob.core.windows.net/c/b?sv=2022-11-02&sp=rw&sig=[redacted]",
+        "hook": "https://fn.azurewebsites.net/api/x?code=[redacted]&name=a",
+        "maps": "https://maps.googleapis.com/maps/api/geocode/json?address=Lyon&key=[redacted]",
+        "s3": "https://b.s3.amazonaws.com/k?X-Amz-Credential=[redacted]&X-Amz-Signature=[redacted]",
+        "https://svc:[redacted]@api.example.com/": "a URL as an argument's name",
+    }
+    assert sorted(action["redacted"]) == [
+        "/blob",
+        "/hook",
+        "/https:~1~1svc:[redacted]@api.example.com~1",
+        "/maps",
+        "/repo",
+        "/s3",
+    ]
+    for secret in URL_SECRETS:
+        assert files_containing(audit, secret) == [], secret
 
 
 async def write_phone_changes(audit: Path) -> dict[str, int]:

@@ -7,8 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
+from warden.audit.record import action_body
 from warden.model import Action, ActionKind, Agent, Effect, Mode, RequestMeta, Stage
 from warden.pipeline import GuardContext, policy_input
 from warden.policy.authoring import (
@@ -169,7 +171,11 @@ def test_quotes_in_what_the_agent_wrote_stay_in_the_reason(
     assert '"effect": "allow' in result.reason
 
 
-def _action(tool: str | None, arguments: dict[str, Any] | None) -> Action:
+def _action(
+    tool: str | None,
+    arguments: dict[str, Any] | None,
+    answers: dict[str, Any] | None = None,
+) -> Action:
     return Action(
         action_id="act_1",
         agent=Agent("support-refunds", "2025-01-15"),
@@ -181,6 +187,7 @@ def _action(tool: str | None, arguments: dict[str, Any] | None) -> Action:
         arguments=arguments,
         model="gpt-4o",
         context={"customer_id": "C-1042"},
+        input_responses=answers,
     )
 
 
@@ -218,32 +225,94 @@ def test_the_input_the_pipeline_builds(
 
 
 REDACTING = sorted(t for t, e in DATA["tools"].items() if e.get("redact"))
+CONTACT_CHANGES = sorted(t for t, e in DATA["tools"].items() if e.get("recorded_in_clear"))
+
+
+def _recorded(
+    evaluator: Evaluator, action: Action, session: dict[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """The policy's result for ``action``, and the action's record body."""
+    ctx = GuardContext(mode=Mode.ENFORCE, risk="high", budget={}, session=session)
+    result = interpret_output(evaluator.evaluate(policy_input(action, ctx)))
+    assert result.error is None, result.detail
+    return result, action_body(action, result.redact)
 
 
 @pytest.mark.parametrize(
-    ("tool", "arguments", "session"),
+    ("tool", "arguments", "session", "value"),
     [
         # The model wrote the phone number as a number: denied for its type.
-        ("update_phone", {"customer_id": "C-1042", "phone": 4915112345678}, {}),
-        ("update_email", {"customer_id": 1042, "email": "ann.smith@example.com"}, {}),
-        ("update_address", {"customer_id": 7, "address": {"street": "1 Main St"}}, {}),
+        ("update_phone", {"customer_id": "C-1042", "phone": 4915112345678}, {}, "4915112345678"),
+        ("update_email", {"customer_id": 1042, "email": "ann.smith@example.com"}, {}, "ann.smith"),
+        ("update_address", {"customer_id": 7, "address": {"street": "1 Main St"}}, {}, "1 Main"),
         # Past the session's limit of account changes.
         (
             "update_email",
             {"customer_id": "C-1042", "email": "ann.smith@example.com"},
             {"conversation": True, "calls": {}, "held": {"update_phone": 2}, "taints": []},
+            "ann.smith",
         ),
+        # The value under another spelling: denied as missing.
+        ("update_email", {"customer_id": "C-1042", "Email": "ann.smith@example.com"}, {}, "ann."),
+        # A customer id holding the value itself: denied for its type.
+        ("update_phone", {"customer_id": {"phone": "+4915112345678"}, "phone": "x"}, {}, "+49"),
     ],
 )
 def test_a_denied_personal_data_change_is_still_redacted(
-    evaluator: Evaluator, tool: str, arguments: dict[str, Any], session: dict[str, Any]
+    evaluator: Evaluator, tool: str, arguments: dict[str, Any], session: dict[str, Any], value: str
 ) -> None:
     # The record of a denial keeps the arguments too: the value must be masked there.
-    ctx = GuardContext(mode=Mode.ENFORCE, risk="high", budget={}, session=session)
-    result = interpret_output(evaluator.evaluate(policy_input(_action(tool, arguments), ctx)))
-    assert result.error is None, result.detail
+    result, body = _recorded(evaluator, _action(tool, arguments), session)
     assert result.effect is Effect.DENY, result.reason
-    assert result.redact == tuple(DATA["tools"][tool]["redact"])
+    assert "action.input_responses" in result.redact
+    assert value.encode() not in orjson.dumps(body)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "answers", "shown"),
+    [
+        # A second name for the value, beside the typed one: held, and masked too.
+        (
+            {
+                "customer_id": "C-1042",
+                "email": "a@example.com",
+                "new_email": "ann.smith@example.com",
+            },
+            None,
+            False,
+        ),
+        # An MCP retry whose answer carries the value: denied, and the answers masked.
+        (
+            {"customer_id": "C-1042", "email": "a@example.com"},
+            {"new_email": {"action": "accept", "content": {"email": "ann.smith@example.com"}}},
+            True,
+        ),
+        # Answered as the bundle allows (confirm): still masked, it could say anything.
+        (
+            {"customer_id": "C-1042", "email": "a@example.com"},
+            {"sure": {"action": "accept", "content": {"confirm": "ann.smith@example.com"}}},
+            True,
+        ),
+    ],
+)
+def test_only_the_customer_id_of_a_contact_change_is_recorded_in_clear(
+    evaluator: Evaluator,
+    arguments: dict[str, Any],
+    answers: dict[str, Any] | None,
+    shown: bool,  # noqa: FBT001 - a parameter of the table
+) -> None:
+    _, body = _recorded(evaluator, _action("update_email", arguments, answers), {})
+    record = orjson.dumps(body)
+    assert b"ann.smith" not in record
+    assert b"a@example.com" not in record
+    # Kept readable when nothing but the typed arguments came: a name data.json does
+    # not type masks them all (the path to it would spell it in the record).
+    if shown:
+        assert body["arguments"] == {"customer_id": "C-1042", "email": "[redacted]"}
+    else:
+        assert body["arguments"] == "[redacted]"
+    if answers is not None:
+        assert body["input_responses"] == "[redacted]"
 
 
 @pytest.mark.parametrize("tool", REDACTING)
@@ -251,7 +320,19 @@ def test_every_verdict_about_a_redacting_tool_carries_its_list(
     evaluator: Evaluator, tool: str
 ) -> None:
     redact = tuple(DATA["tools"][tool]["redact"])
-    for arguments in ({}, {"customer_id": ["C-1"]}):
+    for arguments, masked in (
+        ({}, ()),
+        ({"customer_id": ["C-1"]}, ("action.arguments.customer_id",)),
+        ({"customer_id": "C-1", "other": 1}, ("action.arguments",)),
+    ):
         ctx = GuardContext(mode=Mode.ENFORCE, risk="high")
         doc = policy_input(_action(tool, arguments), ctx)
-        assert interpret_output(evaluator.evaluate(doc)).redact == redact, arguments
+        assert interpret_output(evaluator.evaluate(doc)).redact == (*masked, *redact), arguments
+
+
+def test_the_contact_changes_keep_only_the_customer_id_in_clear() -> None:
+    assert CONTACT_CHANGES == ["update_address", "update_email", "update_phone"]
+    assert REDACTING == CONTACT_CHANGES
+    for tool in CONTACT_CHANGES:
+        assert DATA["tools"][tool]["recorded_in_clear"] == ["customer_id"]
+        assert DATA["tools"][tool]["redact"] == ["action.input_responses"]

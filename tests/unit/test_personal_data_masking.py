@@ -1,9 +1,10 @@
 """Credentials inside argument values, and numbers kept by drift baselines.
 
-* :func:`warden.audit.record.mask_credentials` masks a URL's password and its
-  credential-named parameters wherever a string holds a URL, lists what it
-  changed, and leaves the action's own arguments (what the policy and the
-  tool get) as they were.
+* :func:`warden.audit.record.mask_credentials` masks a URL's password (or its
+  user info when it has none: a token as the user name) and its credential
+  parameters (``api_key``, ``sig``, ``code``, ``key``, ``X-Amz-Signature``)
+  wherever a string or a key holds a URL, lists what it changed, and leaves
+  the action's own arguments (what the policy and the tool get) as they were.
 * :func:`warden.monitor.psi.quantile_edges` cuts bins at round numbers, never
   at a recorded value that has more significant figures.
 """
@@ -58,6 +59,39 @@ EDGE_DIGITS = 3  # docs/monitoring.md: an edge has at most three significant fig
             "https://h.example/users/ann@example.com?refresh_token=rt1",
             "https://h.example/users/ann@example.com?refresh_token=[redacted]",
         ),
+        # A token as the user name, with no password or GitHub's placeholder one.
+        (
+            "git clone https://ghp_abc123@github.com/org/repo.git",
+            "git clone https://[redacted]@github.com/org/repo.git",
+        ),
+        ("https://ghp_abc123:x-oauth-basic@github.com/o", "https://[redacted]@github.com/o"),
+        ("https://ghp_abc123:@github.com/o", "https://[redacted]@github.com/o"),
+        ("https://ann@example.com/", "https://[redacted]@example.com/"),
+        # Parameters named as URLs name credentials: Azure SAS and Functions keys,
+        # Google API keys, presigned S3 and GCS URLs.
+        (
+            "https://a.blob.core.windows.net/c/b?sv=2022-11-02&sp=rw&sig=SAS%2Bsig",
+            "https://a.blob.core.windows.net/c/b?sv=2022-11-02&sp=rw&sig=[redacted]",
+        ),
+        (
+            "https://f.azurewebsites.net/api/x?code=FNKEY",
+            "https://f.azurewebsites.net/api/x?code=[redacted]",
+        ),
+        (
+            "https://api.example.com/v1/items?page=2&max_tokens=5&key=AIza1",
+            "https://api.example.com/v1/items?page=2&max_tokens=5&key=[redacted]",
+        ),
+        (
+            "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA1%2F2026&X-Amz-Date=20260101"
+            "&X-Amz-Signature=abc",
+            "https://b.s3.amazonaws.com/k?X-Amz-Credential=[redacted]&X-Amz-Date=20260101"
+            "&X-Amz-Signature=[redacted]",
+        ),
+        (
+            "https://storage.googleapis.com/b/o?X-Goog-Signature=def&Signature=s2&subscription-key=k",
+            "https://storage.googleapis.com/b/o?X-Goog-Signature=[redacted]&Signature=[redacted]"
+            "&subscription-key=[redacted]",
+        ),
     ],
 )
 def test_credentials_in_urls_are_masked(given_text: str, shown: str) -> None:
@@ -69,12 +103,14 @@ def test_credentials_in_urls_are_masked(given_text: str, shown: str) -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "https://api.example.com/v1/items?page=2&max_tokens=5&key=v",
-        "https://ann@example.com/",  # a user without a password
+        "https://api.example.com/v1/items?page=2&max_tokens=5&codec=h264&signed=1",
+        # An "@" in a query that follows the host is the query's, not user info.
+        "https://h.example?email=ann@example.com",
         "https://example.com:8443/a#frag",
         # Masked already (warden.urls.shown_url's form, or this one): nothing more to hide.
         "https://u:***@h/?token=***",
         "https://u:[redacted]@h/?token=[redacted]",
+        "https://[redacted]@h/?sig=[redacted]",
         "no url here: user:pw@host ?token=abc",
         "://",
         "x:// :@",
@@ -99,6 +135,33 @@ def test_urls_are_masked_at_any_depth_and_listed_by_pointer() -> None:
     }
     assert masked == ["/hooks/0/target", "/hooks/1"]
     assert mask_credentials("https://u:pw@h/") == "https://u:[redacted]@h/"
+
+
+def test_a_url_as_a_key_is_masked_and_keys_stay_unique() -> None:
+    value = {
+        "https://svc:PwOne@api.example.com/": "first",
+        "https://svc:PwTwo@api.example.com/": {"next": "https://tok@h/"},
+        "https://svc:[redacted]@api.example.com/": "sent masked by the agent",
+        "https://h/?api_key=k1": "a credential-named key",
+        "https://h/docs": "no credential",
+    }
+    masked: list[str] = []
+    shown = mask_credentials(value, masked)
+    assert shown == {
+        "https://svc:[redacted]@api.example.com/ (2)": "first",
+        "https://svc:[redacted]@api.example.com/ (3)": {"next": "https://[redacted]@h/"},
+        "https://svc:[redacted]@api.example.com/": "sent masked by the agent",
+        "https://h/?api_key=[redacted]": "[redacted]",
+        "https://h/docs": "no credential",
+    }
+    assert masked == [
+        "/https:~1~1svc:[redacted]@api.example.com~1 (2)",
+        "/https:~1~1svc:[redacted]@api.example.com~1 (3)/next",
+        "/https:~1~1svc:[redacted]@api.example.com~1 (3)",
+        "/https:~1~1h~1?api_key=[redacted]",
+    ]
+    assert "PwOne" not in repr(shown)
+    assert "PwTwo" not in repr(shown)
 
 
 def _action(arguments: dict[str, Any]) -> Action:
@@ -126,6 +189,16 @@ def test_only_the_record_is_masked() -> None:
     assert body["redacted"] == ["/url"]
     assert body["arguments_sha256"] is not None  # binds the arguments as sent
     assert body["context"] == {"referer": "https://kb.example.com/?session_token=[redacted]"}
+
+
+def test_a_url_key_is_masked_in_the_record_and_in_the_hidden_arguments_names() -> None:
+    arguments = {"https://svc:PwKey@api.example.com/": "x", "n": 1}
+    body = action_body(_action(arguments))
+    assert body["arguments"] == {"https://svc:[redacted]@api.example.com/": "x", "n": 1}
+    assert body["redacted"] == ["/https:~1~1svc:[redacted]@api.example.com~1"]
+    hidden = action_body(_action(arguments), ("action.arguments",))
+    assert hidden["arguments"] == REDACTED
+    assert hidden["argument_keys"] == ["https://svc:[redacted]@api.example.com/", "n"]
 
 
 def test_a_url_inside_what_the_policy_redacted_is_not_listed_twice() -> None:

@@ -8,8 +8,9 @@ Two defences run on every body before it is stored:
 
 * provider credentials are dropped from request headers and masked wherever a
   key named like a credential appears (``authorization``, ``x-api-key``...),
-  and inside any string holding a URL: its password and the values of its
-  credential-named query parameters (``?api_key=...``);
+  and inside any string (or key) holding a URL: its password, or its user info
+  when it has no password (a token as user name), and the values of its
+  credential-named query parameters (``?api_key=...``, ``?sig=...``);
 * the policy's redaction obligations (``Decision.obligations.redact``) replace
   the named argument or result paths with ``"[redacted]"``. Arguments or a
   result hidden whole keep only their SHA-256 (and the argument names), and
@@ -112,6 +113,15 @@ _MEMO_KEYS = 4096
 _MEMO_KEY_CHARS = 64
 # Cheap test before a result is parsed to be masked: no credential name without one of these.
 _CREDENTIAL_HINT = re.compile(r"pass|secret|token|key|credential|cookie|auth|bearer|pwd|jwt", re.I)
+# Query parameters that carry a credential under a name no argument key is masked for
+# (an argument named "code" or "key" is no secret; a URL's ?code= or ?key= is): Azure
+# SAS "sig" and Functions "code", OAuth codes, Google API "key", presigned "Signature",
+# "X-Amz-Signature", "X-Goog-Signature", "oauth_signature", session ids. Compared as keys
+# are (lower-cased, without "-" and "_"); "...credential" names are credentials already.
+_PARAM_NAMES = frozenset({"sig", "code", "pass", "pw", "hmac"})
+_PARAM_SUFFIXES = ("signature", "key", "sessionid", "sessid")
+# Cheap test before a URL's parameters are read: no credential parameter without one of these.
+_PARAM_HINT = re.compile(_CREDENTIAL_HINT.pattern + r"|pw|sig|code|hmac|sess", re.I)
 _ENCODE_OPTS = orjson.OPT_SORT_KEYS
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 # Credentials inside URLs: only a string holding this is looked into (one C-speed search).
@@ -124,6 +134,8 @@ _AUTHORITY_END = re.compile(r"[/\s\"'<>`]")
 _URL_PARAM = re.compile(r"([?&;#])([^=&;#?\s\"'<>`]+)=([^&;#?\s\"'<>`]+)")
 _MASKS = frozenset({REDACTED, MASK})
 """Values masked already (here, or by :func:`warden.urls.shown_url`): hiding them hides nothing."""
+# Passwords that say the user name is the secret: GitHub's https://<token>:x-oauth-basic@.
+_NO_PASSWORD = frozenset({"", "x-oauth-basic"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,10 +297,13 @@ def mask_credentials(value: Any, masked: list[str] | None = None, at: str = "") 
 
     The whole value under a credential-named key becomes ``"[redacted]"`` (an
     object's keys may be secrets too). In a string holding a URL
-    (``scheme://``), the password (``https://svc:[redacted]@host/``) and the
-    values of credential-named query and fragment parameters
-    (``?api_key=[redacted]``) are masked, by :func:`is_credential_key`'s rule;
-    the rest of the URL stays readable. The agent names its arguments, so it
+    (``scheme://``), the password (``https://svc:[redacted]@host/``), or the
+    whole user info when there is no password (``https://[redacted]@host/``: a
+    token used as the user name), and the values of credential-named query and
+    fragment parameters (``?api_key=[redacted]``, ``?sig=[redacted]``) are
+    masked; the rest of the URL stays readable. A key holding a URL is masked
+    the same way (with `` (2)``, `` (3)``... added should it then equal another
+    key), and its pointer listed. The agent names its arguments, so it
     could hide any value from an approver that way (an IBAN under
     ``x_credential_hint``): with ``masked``, the JSON pointer (RFC 6901, from
     ``at``) of every value changed is appended to it, for callers to list in
@@ -303,7 +318,9 @@ def mask_credentials(value: Any, masked: list[str] | None = None, at: str = "") 
     if kind is dict or isinstance(value, Mapping):
         out: dict[Any, Any] = {}
         for k, v in value.items():
-            if type(k) is str and is_credential_key(k):
+            if type(k) is str and _URL_MARK in k:
+                _put_url_key(out, value, k, v, masked=masked, at=at)
+            elif type(k) is str and is_credential_key(k):
                 out[k] = _hide(v, masked, _pointer(at, k) if masked is not None else "")
             elif type(v) is str:
                 # The common case, kept cheap: most strings hold no URL.
@@ -327,6 +344,35 @@ def mask_credentials(value: Any, masked: list[str] | None = None, at: str = "") 
     return value
 
 
+def _put_url_key(
+    out: dict[Any, Any],
+    value: Mapping[Any, Any],
+    key: str,
+    item: Any,
+    *,
+    masked: list[str] | None,
+    at: str,
+) -> None:
+    """Set ``out``'s entry for ``key``, a key holding a URL, its credentials masked.
+
+    Two keys may mask alike (``https://u:a@h``, ``https://u:b@h``), or as one the
+    agent sent: a number is added, so no entry overwrites another.
+    """
+    shown = _masked_urls(key)
+    if shown != key:
+        base, n = shown, 2
+        while shown in value or shown in out:
+            shown, n = f"{base} ({n})", n + 1
+    at_key = _pointer(at, shown) if masked is not None else ""
+    before = len(masked) if masked is not None else 0
+    if is_credential_key(key):
+        out[shown] = _hide(item, masked, at_key)
+    else:
+        out[shown] = mask_credentials(item, masked, at_key)
+    if masked is not None and shown != key and at_key not in masked[before:]:
+        masked.append(at_key)
+
+
 def _shown_text(text: str, masked: list[str] | None, at: str) -> str:
     """``text`` with the credentials of the URLs in it masked; its pointer kept if it changed."""
     shown = _masked_urls(text)
@@ -336,25 +382,28 @@ def _shown_text(text: str, masked: list[str] | None, at: str) -> str:
 
 
 def _masked_urls(text: str) -> str:
-    """``text`` with each URL's password and credential-named parameters as ``"[redacted]"``.
+    """``text`` with each URL's credentials (user info, parameters) as ``"[redacted]"``.
 
     Every ``scheme://`` in it is read, so a URL inside other text (a shell
     command, a note) or inside another URL's query is masked too. A password
     is everything between the first ``:`` and the last ``@`` of the authority;
-    a parameter is masked when its name (decoded) is a credential's by
-    :func:`is_credential_key`. Each part of ``text`` is scanned a bounded
+    user info without one (``https://ghp_...@github.com``) is masked whole. A
+    parameter is masked when its name (decoded) is a credential's, by
+    :func:`is_credential_key` or as a URL names one (``sig``, ``code``,
+    ``key``, ``X-Amz-Signature``). Each part of ``text`` is scanned a bounded
     number of times: the cost is linear in its length.
     """
     if "@" in text:
-        text = _masked_passwords(text)
-    # Every credential name holds a hint (api_key, access_token); "%" may spell one.
-    if "%" in text or _CREDENTIAL_HINT.search(text):
+        text = _masked_userinfo(text)
+    # Every credential name holds a hint (api_key, sig, code); "%" may spell one.
+    if "%" in text or _PARAM_HINT.search(text):
         text = _URL_PARAM.sub(_masked_param, text)
     return text
 
 
-def _masked_passwords(text: str) -> str:
-    """``text`` with the password in each URL's authority as ``"[redacted]"``."""
+def _masked_userinfo(text: str) -> str:
+    """``text`` with the password in each URL's authority as ``"[redacted]"``, or the
+    whole user info when it has no password."""
     first = text.find(_URL_MARK)
     parts: list[str] = [text[:first]]
     pos = first
@@ -364,9 +413,17 @@ def _masked_passwords(text: str) -> str:
         end = found.start() if found is not None else len(text)
         at = text.rfind("@", start, end)
         colon = text.find(":", start, at) if at > start else -1
-        if colon >= 0 and colon + 1 < at and text[colon + 1 : at] not in _MASKS:
-            parts += [text[pos : colon + 1], REDACTED]
-            pos = at
+        if colon >= 0 and text[colon + 1 : at] not in _NO_PASSWORD:
+            if text[colon + 1 : at] not in _MASKS:
+                parts += [text[pos : colon + 1], REDACTED]
+                pos = at
+        elif at > start and text[start:at] not in _MASKS:
+            userinfo = text[start:at]
+            # Without a password only RFC 3986's authority counts: an "@" after "?"
+            # or "#" is the query's (https://h?email=ann@example.com).
+            if "?" not in userinfo and "#" not in userinfo:
+                parts += [text[pos:start], REDACTED]
+                pos = at
         nxt = text.find(_URL_MARK, start)
         if nxt < 0:
             break
@@ -377,9 +434,17 @@ def _masked_passwords(text: str) -> str:
 
 def _masked_param(found: re.Match[str]) -> str:
     sep, name, value = found.group(1, 2, 3)
-    if value in _MASKS or not is_credential_key(unquote_plus(name)):
+    if value in _MASKS or not _is_credential_param(unquote_plus(name)):
         return found.group(0)
     return f"{sep}{name}={REDACTED}"
+
+
+def _is_credential_param(name: str) -> bool:
+    """Whether a URL's query or fragment parameter names a credential."""
+    if is_credential_key(name):
+        return True
+    norm = name.lower().replace("-", "").replace("_", "")
+    return norm in _PARAM_NAMES or norm.endswith(_PARAM_SUFFIXES)
 
 
 def _hide(value: Any, masked: list[str] | None, at: str) -> Any:
@@ -396,8 +461,9 @@ def _pointer(at: str, key: Any) -> str:
 
 def _masked_at(value: Any, pointer: str) -> bool:
     """Whether ``pointer`` still leads to a masked value (not inside a redacted whole):
-    ``"[redacted]"``, or a URL with its credentials masked."""
+    ``"[redacted]"``, a URL with its credentials masked, or a value under such a URL."""
     node = value
+    part = ""
     for raw in pointer.split("/")[1:]:
         part = raw.replace("~1", "/").replace("~0", "~")
         if isinstance(node, dict) and part in node:
@@ -406,7 +472,7 @@ def _masked_at(value: Any, pointer: str) -> bool:
             node = node[int(part)]
         else:
             return False
-    return type(node) is str and REDACTED in node
+    return (type(node) is str and REDACTED in node) or REDACTED in part
 
 
 def _redact_path(value: Any, parts: list[str]) -> bool:
@@ -512,7 +578,10 @@ def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
         if whole:
             arguments, redacted = REDACTED, ["arguments"]
             digest = arguments_digest(action.arguments)
-            keys = sorted(str(k) for k in action.arguments)
+            # A key may hold a URL with a credential: masked as in the arguments.
+            keys = sorted(
+                _masked_urls(k) if _URL_MARK in k else k for k in map(str, action.arguments)
+            )
         else:
             masked: list[str] = []
             arguments = mask_credentials(action.arguments, masked)

@@ -14,6 +14,8 @@ from prometheus_client import REGISTRY
 
 from tests.functional.conftest import audit_records, make_config
 from warden.budgets.caps import window_key
+from warden.budgets.prices import Price, PriceTable
+from warden.model import Usage
 from warden.server import Warden
 from warden.state import Hold, StateStore
 from warden.testing import Call, Fault, MockLLM, Reply
@@ -264,3 +266,23 @@ async def test_a_call_charged_at_its_hold_records_and_counts_that_amount(
     assert all(r["outcome"]["tokens"] is None for r in records)  # no usage: the hold
     assert sum(costs) == pytest.approx(spent)
     assert spend_metric("gpt-4.1") - before == pytest.approx(spent)
+
+
+def test_a_fine_tune_of_a_known_model_is_held_at_default_not_the_dearest() -> None:
+    # ft:<base>:... is priced by nobody's table, but runs at up to twice its base's
+    # price: held at the dearest model's, an ordinary call was refused by a small cap.
+    table = PriceTable.shipped()
+    usage = Usage(input_tokens=1000, output_tokens=8192)
+    fine_tune = table.cost("openai", "ft:gpt-4o-mini-2024-07-18:acme::abc123", usage, held=True)
+    alias = table.cost("openai", "reasoning-prod", usage, held=True)
+    at_default = usage_cost(table.default, usage)
+    assert fine_tune.usd == pytest.approx(at_default)
+    assert alias.usd == pytest.approx(usage_cost(table.dearest, usage))
+    assert alias.usd > fine_tune.usd
+    # A fine-tune of a base nobody knows is an unknown name like any other.
+    unknown = table.cost("openai", "ft:house-model:acme::abc123", usage, held=True)
+    assert unknown.usd == pytest.approx(alias.usd)
+
+
+def usage_cost(price: Price, usage: Usage) -> float:
+    return (usage.input_tokens * price.input + usage.output_tokens * price.output) / 1e6

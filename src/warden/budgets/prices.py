@@ -177,6 +177,16 @@ class PriceTable:
                 return prov.models[name], True
         return self.default, False
 
+    def _fine_tune_of_known(self, provider: str, model: str | None) -> bool:
+        """Whether ``model`` is OpenAI's fine-tune (``ft:<base>:<org>::<id>``) of a model
+        the table knows. Such a model runs at up to twice its base's price, under
+        ``default``: it is held at ``default`` (as before), not at the dearest price,
+        which would refuse ordinary calls under a small cap."""
+        if not model or not model.startswith("ft:"):
+            return False
+        base = model.split(":", 2)[1]
+        return bool(base) and self.lookup(provider, base)[1]
+
     def hosted_call_most(self, provider: str) -> float:
         """The dearest fee a ``provider`` bills per call of a tool it runs (USD)."""
         fees = [fee for (name, _), fee in _HOSTED_CALL_USD.items() if name == provider]
@@ -196,7 +206,7 @@ class PriceTable:
         and its answer is settled at that model's price.
         """
         price, known = self.lookup(provider, model)
-        if held and not known:
+        if held and not known and not self._fine_tune_of_known(provider, model):
             price = self.dearest
         prov = self._providers.get(provider)
         cached = max(0, usage.cached_input_tokens)

@@ -125,13 +125,14 @@ _PATH_HEAD = re.compile(r"/[A-Za-z0-9._-]{1,16}(?=/|$)")
 
 
 def _path_head(path: str) -> str:
-    """What a log line may show of a request target: its first segment, never the rest."""
+    """What a log line may show of a request target: its first segment when more
+    follow (``/v1/...``), never the rest, nor a lone segment (a short key or topic)."""
     path = path.partition("?")[0]  # a query can carry a key (?key=...)
     if path in ("", "/"):
         return "/"
     head = _PATH_HEAD.match(path)
-    shown = head.group() if head else ""
-    return shown if len(shown) == len(path) else f"{shown}/..."
+    shown = head.group() if head and len(head.group()) < len(path) else ""
+    return f"{shown}/..."
 
 
 class _ConnectionOptions:

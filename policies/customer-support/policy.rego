@@ -21,7 +21,9 @@ import rego.v1
 # budget that is not an object makes refunds and credits unreadable: denied.)
 # Session rules (input.history, input.session) then make an allowed action
 # stricter, never looser; an input without them gets the plain verdict.
-decision := redacting(_decided, input.action)
+decision := object.union(_decided, {"redact": _redactions}) if {
+	_redactions
+} else := _decided
 
 _decided := with_session(verdict(input.action, input.budget), input.action, input.history, input.session) if {
 	true
@@ -47,33 +49,36 @@ _decided := with_session(verdict(input.action, input.budget), input.action, inpu
 # complete; a list of what may stay in clear is. An argument `args` does not
 # name (Email, a URL, an address as a key) masks all of them: the path to it
 # would spell its name in the record, and its name could be the personal data.
-redacting(d, action) := object.union(d, {"redact": paths}) if {
-	entry := data.warden.tools[action.tool]
-	entry.recorded_in_clear
-	paths := array.concat(_argument_redactions(entry, action), object.get(entry, "redact", []))
-} else := object.union(d, {"redact": paths}) if {
-	paths := data.warden.tools[action.tool].redact
-} else := d
+# Rules of the input, not functions given the action: the decision cache keys
+# on the input paths they read (action.tool, action.arguments), and each is
+# evaluated once per decision.
+_redactions := array.concat(_argument_redactions, object.get(_entry, "redact", [])) if {
+	_entry.recorded_in_clear
+} else := _entry.redact
 
-_argument_redactions(entry, action) := [] if {
-	object.get(action, "arguments", null) == null # an MCP tools/list answer: no arguments
+_entry := data.warden.tools[input.action.tool]
+
+_argument_redactions := [] if {
+	input.action.arguments == null # an MCP tools/list answer: no arguments
 } else := ["action.arguments"] if {
-	not _only_named(entry.args, action.arguments)
+	not _only_named
 } else := sort([path |
 	some name
-	value := action.arguments[name]
-	not _clear(entry, name, value)
+	value := input.action.arguments[name]
+	not _clear(name, value)
 	path := concat(".", ["action.arguments", name])
 ])
 
-_only_named(spec, args) if {
-	is_object(args)
-	count([name | some name; _ = args[name]; not _ = spec[name]]) == 0
+_only_named if {
+	is_object(input.action.arguments)
+	every name, _ in input.action.arguments {
+		_entry.args[name]
+	}
 }
 
-_clear(entry, name, value) if {
-	name in entry.recorded_in_clear
-	_typed(entry.args[name], value)
+_clear(name, value) if {
+	name in _entry.recorded_in_clear
+	_typed(_entry.args[name], value)
 }
 
 _typed("any", _)

@@ -363,6 +363,8 @@ def _verify_central(args: argparse.Namespace) -> int:
         else:
             for damage in report.damage:
                 print(f"DAMAGED {log.log_id}: {damage.describe()}")
+            for warning in report.warnings:  # a downgrade's records, say, beside damage
+                print(f"warning: {log.log_id}: {warning}")
     for warning in found.warnings:
         print(f"warning: {warning}")
     return EXIT_OK if found.ok else EXIT_DAMAGED
@@ -420,6 +422,8 @@ def _verify(args: argparse.Namespace) -> int:
     else:
         for damage in report.damage:
             print(f"DAMAGED {damage.describe()}")
+        for warning in report.warnings:  # a downgrade's records, say, beside damage
+            print(f"warning: {warning}")
         _print_key(root, report)
     return EXIT_OK if report.ok else EXIT_DAMAGED
 

@@ -10,7 +10,8 @@ Both work on SQLite and PostgreSQL (``state.url``); the password comes from
 never printed. ``status --check`` exits 1 while migrations are pending (for a
 deploy pipeline's gate). On PostgreSQL, ``migrate --lock-timeout SECONDS``
 (default 5) bounds each statement's wait for a table another session has
-locked: an ``ALTER`` left waiting would hold up every sidecar's queries on it.
+locked (an ``ALTER`` left waiting would hold up every sidecar's queries on
+it), and the wait for another migration in progress.
 
 Exit status: 0 done (up to date); 1 pending migrations with ``--check``, or
 an applied migration that differs from this release; 2 usage, configuration,
@@ -62,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         metavar="SECONDS",
         help="PostgreSQL: give up (applying nothing) when a statement waits this long for "
-        "a lock another session holds (default 5)",
+        "a lock another session holds, or another migration runs this long (default 5)",
     )
     migrate.set_defaults(func=_migrate)
 
@@ -157,7 +158,9 @@ async def _apply(state: StateConfig, lock_timeout_s: float | None) -> tuple[Migr
     conn = await PgTarget.from_config(state).connect()
     try:
         wait = LOCK_TIMEOUT_S if lock_timeout_s is None else lock_timeout_s
-        return await pg_migrate(conn, lock_timeout_s=wait)
+        # Another migration in progress is waited for as long as a table's lock: a
+        # deploy job must not hang on a sidecar stuck mid-migration.
+        return await pg_migrate(conn, lock_timeout_s=wait, others_timeout_s=wait)
     finally:
         await conn.close()
 

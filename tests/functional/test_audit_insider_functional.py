@@ -152,6 +152,37 @@ async def test_warden_will_not_sign_records_added_after_it_stopped(
     assert code == 0, capsys.readouterr().out
 
 
+async def test_a_checkpoint_file_that_does_not_verify_cannot_get_an_append_signed(
+    tmp_path: Path, llm: MockLLM, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The insider appends after a clean stop and drops a file named after the size that
+    includes the record: Warden judges the log by the newest checkpoint that verifies
+    and refuses to start; verify names the file."""
+    config = _config(tmp_path, llm)
+    audit_dir = tmp_path / "audit"
+    async with Warden(config) as warden:
+        await _email_change(warden, llm)
+    vkey = (audit_dir / "keys" / "checkpoint.vkey").read_text().strip()
+    closed = (audit_dir / "checkpoint").read_bytes()
+    size = len(audit_records(audit_dir))
+    _forge_approval(audit_dir)
+    bogus = audit_dir / "checkpoints" / f"{size + 1:020d}"
+    bogus.write_text("anything\n")
+
+    with pytest.raises(AuditError, match=f"checkpoint file {bogus.name} .*does not verify"):
+        async with Warden(config):
+            pass
+    assert len(audit_records(audit_dir)) == size + 1, "the record is left for the investigation"
+    assert (audit_dir / "checkpoint").read_bytes() == closed, "nothing signed"
+
+    capsys.readouterr()
+    code = await _audit("verify", "--dir", str(audit_dir), "--key", vkey)
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert f"checkpoints/{bogus.name} does not verify with the key" in out
+    assert f"appended: record {size}" in out
+
+
 # `warden audit erase` with a state store slow to answer (a busy database): the eraser
 # waits before it touches the store, long enough to be killed there.
 _SLOW_ERASE = """

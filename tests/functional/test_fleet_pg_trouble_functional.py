@@ -420,3 +420,83 @@ async def test_calls_are_served_once_postgresql_is_back_from_an_outage(
     await until(lambda: rows(pg_server, db, listening) != [(0,)])
     # Before: denied until the pool's next attempt, tens of seconds on after a long outage.
     assert (await ask(warden, "refund please"))[0] == ["issue_refund"]
+
+
+def row_held(switch_id: str) -> str:
+    """An operator's lock on one switch's row: a clearing of it waits (a call stuck on the
+    kill switches' connection, as behind a frozen backend)."""
+    return f"SELECT * FROM killswitches WHERE id = '{switch_id}' FOR UPDATE"
+
+
+async def test_a_switch_call_stuck_on_its_connection_leaves_the_switches_working(
+    fleet: Callable[..., Any], pg_server: PgServer, pg_url: str
+) -> None:
+    a, b = await fleet(2, call_timeout_s=1, lock_timeout_s=60, statement_timeout_s=60)
+    switches = a.killswitches
+    assert switches is not None
+    kill = {"scope": "tool", "target": "issue_refund", "reason": "incident 3"}
+    status, switch = await admin(a, "POST", "/v1/killswitches", kill)
+    assert status == 201
+    with held(pg_server, dbname(pg_url), row_held(switch["id"])):
+        status, _ = await admin(a, "DELETE", f"/v1/killswitches/{switch['id']}")
+        assert status == 503
+        # Before: the clearing kept A's switch connection for as long as it waited, and
+        # every switch read and save on A waited behind it.
+        other = {"scope": "tool", "target": "delete_customer", "reason": "incident 4"}
+        status, _ = await admin(b, "POST", "/v1/killswitches", other)
+        assert status == 201
+        async with asyncio.timeout(10):
+            while switches.is_killed(AGENT, None, "delete_customer") is None:
+                await switches.wait_changed()
+        own = {"scope": "agent", "target": "other-bot", "reason": "drill"}
+        status, _ = await admin(a, "POST", "/v1/killswitches", own)
+        assert status == 201
+
+
+async def test_a_clearing_answered_as_failed_leaves_the_switch_in_force_everywhere(
+    fleet: Callable[..., Any], pg_server: PgServer, pg_url: str
+) -> None:
+    a, b = await fleet(2, call_timeout_s=1, lock_timeout_s=60, statement_timeout_s=60)
+    db = dbname(pg_url)
+    kill = {"scope": "tool", "target": "issue_refund", "reason": "incident 5"}
+    status, switch = await admin(a, "POST", "/v1/killswitches", kill)
+    assert status == 201
+    with held(pg_server, db, row_held(switch["id"])):
+        status, body = await admin(a, "DELETE", f"/v1/killswitches/{switch['id']}")
+        assert status == 503
+        assert "stays in force" in body["error"]["message"]
+    # Before: the clearing given up on went on, and landed once the lock was gone.
+    clearing = (
+        f"SELECT count(*) {SESSIONS} AND query LIKE 'UPDATE killswitches%' AND state <> 'idle'"
+    )
+    await until(lambda: rows(pg_server, db, clearing) == [(0,)])
+    query = f"SELECT cleared_at FROM killswitches WHERE id = '{switch['id']}'"
+    assert rows(pg_server, db, query) == [(None,)]
+    for warden in (a, b):
+        calls, text = await ask(warden, "refund please")
+        assert calls == []
+        assert "incident 5" in text
+
+
+async def test_a_grant_consumed_after_its_call_was_refused_is_put_back(
+    fleet: Callable[..., Any], pg_server: PgServer, pg_url: str
+) -> None:
+    (warden,) = await fleet(call_timeout_s=1, lock_timeout_s=60, statement_timeout_s=60)
+    db = dbname(pg_url)
+    assert (await ask(warden, "close the account"))[0] == []
+    _, body = await admin(warden, "GET", "/v1/approvals?status=pending")
+    (item,) = body["approvals"]
+    status, _ = await admin(warden, "POST", f"/v1/approvals/{item['id']}/approve", {})
+    assert status == 200
+    with held(pg_server, db, "LOCK TABLE approvals IN SHARE MODE"):
+        calls, _ = await ask(warden, "close the account")  # the grant cannot be taken now
+        assert calls == []
+    # The consumption given up on lands once the lock is gone: before, the grant was
+    # used up by a call that never ran, and the retry needed a new approval.
+    consuming = (
+        f"SELECT count(*) {SESSIONS} AND query LIKE '%status = ''consumed''%' AND state <> 'idle'"
+    )
+    approved = f"SELECT status FROM approvals WHERE id = '{item['id']}'"
+    await until(lambda: rows(pg_server, db, consuming) == [(0,)])
+    await until(lambda: rows(pg_server, db, approved) == [("approved",)])
+    assert (await ask(warden, "close the account"))[0] == ["close_account"]

@@ -250,7 +250,7 @@ async def test_a_closed_checkpoint_edited_to_look_unclosed_is_not_trusted(
         text = path.read_text()
         assert f"\n{CLOSED}\n" in text
         path.write_text(text.replace(f"\n{CLOSED}\n", "\n"))  # breaks the signature
-    with pytest.raises(AuditError, match=r"does not verify with the log's key.*records 3\.\.3"):
+    with pytest.raises(AuditError, match=r"does not verify with the log's key.*records 0\.\.3"):
         await AuditLog.open(_config(root))
     assert not any(r["kind"] == "log_recovered" for r in _records(root))
 
@@ -410,3 +410,113 @@ def test_reopened_lines_name_the_closed_checkpoint() -> None:
     # A run resuming it names it, and what it names at its own size (not at 2).
     assert again.resumed_lines() == (f"{REOPENED}3 {again.digest()}", f"{REOPENED}3 {'a' * 64}")
     assert ckpt.digest() != again.digest()
+
+
+@pytest.mark.parametrize("closed_kept", [True, False])
+async def test_a_checkpoint_file_that_does_not_verify_cannot_get_appended_records_signed(
+    tmp_path: Path, closed_kept: bool
+) -> None:
+    """After a clean stop the insider appends a record and drops any file named after
+    the size that includes it (with or without the closed checkpoint): the start
+    judges the log by the newest checkpoint that verifies, and refuses."""
+    root = tmp_path / "audit"
+    log = await AuditLog.open(_config(root))
+    await fill(log, 3)
+    await log.checkpoint()  # at 3
+    await fill(log, 2)
+    verifier = NoteVerifier.from_vkey(log.verifier_key)
+    await log.close()  # closed at 5
+    _forge(root)  # record 5
+    checkpoints = root / "checkpoints"
+    if not closed_kept:
+        (checkpoints / f"{5:020d}").unlink()
+        shutil.copy(checkpoints / f"{3:020d}", root / "checkpoint")
+    bogus = checkpoints / f"{6:020d}"
+    bogus.write_text("anything\n")
+    before = _snapshot(root)
+
+    with pytest.raises(AuditError) as refused:
+        await AuditLog.open(_config(root))
+    said = str(refused.value)
+    assert f"checkpoint file {bogus.name} in {checkpoints} does not verify" in said
+    newest = (
+        f"{5:020d} (5 records, signed when Warden stopped cleanly)"
+        if closed_kept
+        else f"{3:020d} (3 records)"
+    )
+    assert f"the newest that does is {newest}" in said
+    assert ("record 5 after it" if closed_kept else "records 3..5 after it") in said
+    assert "warden audit verify --dir" in said
+    assert _snapshot(root) == before, "a refused start changes nothing, signs nothing"
+
+    report = verify_log(root, verifier=verifier)
+    bad = [d.detail for d in report.damage if d.kind == "checkpoint"]
+    assert bad, report.damage
+    assert f"checkpoints/{bogus.name} does not verify with the key" in bad[0]
+    assert "Warden does not start" in bad[0]
+
+    # Set aside as the refusal says: the closed checkpoint still refuses the record;
+    # without it the record is taken on as a crash's, and the log says so.
+    bogus.rename(tmp_path / bogus.name)
+    if closed_kept:
+        with pytest.raises(AuditError, match="closed cleanly at 5 records"):
+            await AuditLog.open(_config(root))
+        return
+    log = await AuditLog.open(_config(root))
+    await log.close()
+    recovered = [r["body"]["adopted"] for r in _records(root) if r["kind"] == "log_recovered"]
+    assert recovered == [{"first": 3, "last": 5}]
+
+
+async def _older_release_run(root: Path, monkeypatch: pytest.MonkeyPatch, *, start: bool) -> None:
+    """A run of a Warden release from before closed checkpoints: it takes whatever the
+    log holds, signs no ``reopened`` line and no ``closed`` one. ``start``: it writes
+    the ``config_load`` record ``warden serve`` writes first."""
+    with monkeypatch.context() as patched:
+        patched.setattr("warden.audit.log._resume", lambda *_a, **_k: ((), None))
+        log = await AuditLog.open(_config(root))
+        if start:
+            await log.append("config_load", {"source": "warden.yaml"})
+        await fill(log, 2)
+        await log.close()
+    layout = Layout(root)
+    signer = layout.signer(layout.read_meta().origin, None)
+    final = _latest(root, signer.verifier)
+    unclosed = Checkpoint(final.origin, final.size, final.root, final.extensions[:1])
+    layout.write_checkpoint(final.size, signer.sign(unclosed.text()))
+
+
+async def test_records_an_older_release_wrote_after_a_downgrade_are_told_from_an_append(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New release, then the release before it (a rollback), then the new one again:
+    the older release's records start with its start's ``config_load`` and a later
+    checkpoint signed them, so verify warns rather than call them appended. An insider's
+    record ahead of that start is still `appended`."""
+    root = tmp_path / "audit"
+    log = await AuditLog.open(_config(root))
+    await fill(log, 3)
+    verifier = NoteVerifier.from_vkey(log.verifier_key)
+    await log.close()  # closed at 3
+    await _older_release_run(root, monkeypatch, start=True)  # records 3..5
+    log = await AuditLog.open(_config(root))
+    await log.append("config_load", {"source": "warden.yaml"})
+    await fill(log, 1)
+    await log.close()
+
+    report = verify_log(root, verifier=verifier)
+    assert report.ok, report.damage
+    (warning,) = [w for w in report.warnings if "downgrade" in w]
+    assert "records from 3 follow signed checkpoint checkpoints/00000000000000000003" in warning
+    assert "record 3 is a Warden start (config_load)" in warning
+
+    # The insider's record came first, and the older release took it on: appended.
+    other = tmp_path / "other"
+    log = await AuditLog.open(_config(other))
+    await fill(log, 3)
+    await log.close()
+    _forge(other)
+    await _older_release_run(other, monkeypatch, start=True)
+    report = verify_log(other)
+    assert [(d.kind, d.seq) for d in report.damage] == [("appended", 3)], report.damage
+    assert "record 3 is no Warden start" in report.damage[0].detail

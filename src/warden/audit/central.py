@@ -13,6 +13,12 @@ does not verify.
 :func:`export_central` writes the same evidence packages, CSV and OCSF files
 as ``warden audit export`` on a directory: it rebuilds the log from the store
 in a temporary directory and exports that.
+
+The checkpoints signed where a run of Warden stopped cleanly (``closed``) or
+resumed a closed log (``reopened``) are also kept in ``audit_run_checkpoints``
+(``0009``), even at a size ``audit_checkpoints`` already holds: verify finds
+records after a clean stop that no run of Warden resumed (``appended``), as
+``warden audit verify --dir`` does.
 """
 
 from __future__ import annotations
@@ -35,8 +41,18 @@ from warden.audit.export import ExportError, ExportResult, Selection, export_log
 from warden.audit.layout import Layout
 from warden.audit.merkle import CompactRange, leaf_hash
 from warden.audit.record import GENESIS_PREV
-from warden.audit.segments import MAGIC, TreeState, frame, segment_name
-from warden.audit.verify import Damage, VerifyReport, _classify, _parse_seen, _Seen
+from warden.audit.segments import MAGIC, RECOVERED_KIND, TreeState, frame, segment_name
+from warden.audit.verify import (
+    Damage,
+    VerifyReport,
+    _classify,
+    _parse_seen,
+    _Seen,
+    downgrade_warning,
+    restarted_unmarked,
+    unresumed_closed,
+    verify_log,
+)
 from warden.state.postgres import PgTarget, pg_reason, redact_url
 
 __all__ = [
@@ -170,25 +186,47 @@ async def _checkpoints(conn: AsyncConnection[Any], log_id: str) -> list[tuple[in
     return [(int(size), str(note)) for size, note in await cur.fetchall()]
 
 
+async def _run_checkpoints(
+    conn: AsyncConnection[Any], log_id: str
+) -> list[tuple[int, str, str]] | None:
+    """The log's run checkpoints (size, digest, note); ``None`` when the store has none
+    to read (not migrated to 0009, or the role may not read that table)."""
+    try:
+        cur = await conn.execute(
+            "SELECT size, digest, note FROM audit_run_checkpoints WHERE log_id = %s "
+            "ORDER BY size, digest",
+            (log_id,),
+        )
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege):
+        return None
+    return [(int(size), str(digest), str(note)) for size, digest, note in await cur.fetchall()]
+
+
 def _open_checkpoints(
-    log_id: str, notes: Sequence[tuple[int, str]], verifier: NoteVerifier
+    log_id: str,
+    notes: Sequence[tuple[int, str]],
+    verifier: NoteVerifier,
+    *,
+    where: str = "",
+    digests: Sequence[str] = (),
 ) -> tuple[list[Checkpoint], list[Damage]]:
+    """The notes that verify as this log's checkpoints of their stored size, and damage
+    for the others. ``digests``: the digest each is stored under (run checkpoints)."""
     found: list[Checkpoint] = []
     damage: list[Damage] = []
-    for size, note in notes:
+    for i, (size, note) in enumerate(notes):
+        named = f"checkpoint{where} at size {size}"
         try:
             ckpt = Checkpoint.open(note, verifier)
         except ValueError as exc:  # NoteError, or a size int() cannot read
-            damage.append(Damage("checkpoint", f"checkpoint at size {size}: {exc}"))
+            damage.append(Damage("checkpoint", f"{named}: {exc}"))
             continue
         if ckpt.origin != log_id:
-            damage.append(
-                Damage("checkpoint", f"checkpoint at size {size} is for log {ckpt.origin}")
-            )
+            damage.append(Damage("checkpoint", f"{named} is for log {ckpt.origin}"))
         elif ckpt.size != size:
-            damage.append(
-                Damage("checkpoint", f"checkpoint stored at size {size} says {ckpt.size}")
-            )
+            damage.append(Damage("checkpoint", f"{named} says {ckpt.size}"))
+        elif digests and digests[i] != ckpt.digest():
+            damage.append(Damage("checkpoint", f"{named} is stored under another digest"))
         else:
             found.append(ckpt)
     return found, damage
@@ -206,6 +244,11 @@ class _RowWalk:
         self.expected = 0
         self.last = GENESIS_PREV
         self.before_last = GENESIS_PREV
+        self.closed_at = {c.size for c in checkpoints if c.closed}
+        self.kinds: dict[int, str] = {}
+        """The kind of the record after each closed checkpoint."""
+        self.recovered: list[tuple[int, int, int]] = []
+        """The ``log_recovered`` records: seq, and the first and last record taken on."""
 
     def check_root(self) -> Damage | None:
         while self.sizes[self.ck] == self.expected:
@@ -259,6 +302,10 @@ class _RowWalk:
                 self.expected,
                 record_id if isinstance(record_id, str) else None,
             )
+        if seq in self.closed_at:
+            self.kinds[seq] = kind
+        if kind == RECOVERED_KIND:
+            self.recovered.append((seq, *_adopted(doc)))
         h = leaf_hash(payload)
         self.tree.append(h)
         self.before_last, self.last = self.last, h.hex()
@@ -266,14 +313,33 @@ class _RowWalk:
         return self.check_root()
 
 
+async def _load_checkpoints(
+    conn: AsyncConnection[Any], log: CentralLog, verifier: NoteVerifier
+) -> tuple[list[Checkpoint], list[Checkpoint], list[Damage], bool]:
+    """The log's checkpoints (one per size), its run checkpoints, the damage found in
+    either, and whether the store has run checkpoints at all (migration 0009)."""
+    checkpoints, damage = _open_checkpoints(
+        log.log_id, await _checkpoints(conn, log.log_id), verifier
+    )
+    stored = await _run_checkpoints(conn, log.log_id)
+    runs, run_damage = _open_checkpoints(
+        log.log_id,
+        [(size, note) for size, _, note in stored or ()],
+        verifier,
+        where=" of a run",
+        digests=[digest for _, digest, _ in stored or ()],
+    )
+    return checkpoints, runs, damage + run_damage, stored is not None
+
+
 async def _verify_log(
     conn: AsyncConnection[Any], log: CentralLog, verifier: NoteVerifier
 ) -> VerifyReport:
     started = time.perf_counter()
-    checkpoints, damage = _open_checkpoints(
-        log.log_id, await _checkpoints(conn, log.log_id), verifier
-    )
-    walk = _RowWalk(checkpoints)
+    checkpoints, runs, damage, migrated = await _load_checkpoints(conn, log, verifier)
+    # Run checkpoints are checked against the tree too, but how far the log goes is
+    # told by audit_checkpoints alone (rows removed there are found as before).
+    walk = _RowWalk(sorted([*checkpoints, *runs], key=lambda c: c.size))
     found: Damage | None = None
     rows = _rows(conn, log.log_id)
     async for row in rows:
@@ -295,7 +361,7 @@ async def _verify_log(
     await rows.aclose()
     if found is None and walk.expected == 0:
         found = walk.check_root()
-    if found is None and walk.ck < len(checkpoints):
+    if found is None and checkpoints and checkpoints[-1].size > walk.expected:
         last = checkpoints[-1]
         found = Damage(
             "truncated",
@@ -304,9 +370,18 @@ async def _verify_log(
             walk.expected,
         )
     warnings: list[str] = []
+    if not migrated:
+        warnings.append(
+            "audit_run_checkpoints cannot be read (run `warden db migrate` on the store, "
+            "and grant this role SELECT on it): records appended after a clean stop of a "
+            "quiet sidecar, then taken on as a crash's, cannot be told from its own"
+        )
+    appended = _appended([*checkpoints, *runs], walk.expected, walk.kinds, walk.recovered, warnings)
     if found is not None:
         damage.insert(0, found)
-    elif walk.verified_at < walk.expected:
+    if appended is not None:
+        damage.insert(0 if found is None else 1, appended)
+    if found is None and appended is None and walk.verified_at < walk.expected:
         warnings.append(
             f"records {walk.verified_at}..{walk.expected - 1} are not yet covered by a shipped "
             "signed checkpoint"
@@ -321,6 +396,57 @@ async def _verify_log(
         damage=tuple(damage),
         warnings=tuple(warnings),
     )
+
+
+def _adopted(doc: Mapping[str, Any]) -> tuple[int, int]:
+    """The records a ``log_recovered`` record says its start took on (``-1, -1``: unreadable)."""
+    try:
+        adopted = doc["body"]["adopted"]
+        return int(adopted["first"]), int(adopted["last"])
+    except (KeyError, TypeError, ValueError):
+        return -1, -1
+
+
+def _appended(
+    checkpoints: Sequence[Checkpoint],
+    total: int,
+    kinds: Mapping[int, str],
+    recovered: Sequence[tuple[int, int, int]],
+    warnings: list[str],
+) -> Damage | None:
+    """Records after a closed checkpoint that no run of Warden resumed, as
+    :func:`warden.audit.verify.verify_log` finds them: the damage for the first appended;
+    a warning for those no shipped checkpoint covers yet (the one naming the run that
+    resumed the log may still be on its way), and for those a Warden release from
+    before closed checkpoints took on (a downgrade)."""
+    for closed in unresumed_closed(checkpoints, total):
+        first = closed.size
+        at = f"the checkpoint at size {first}, which Warden signed when it stopped cleanly"
+        later = min((c.size for c in checkpoints if c.size > first), default=None)
+        took = next(((s, b) for s, a, b in recovered if a <= first <= b and s > first), None)
+        if took is None and later is None:
+            warnings.append(
+                f"records from {first} follow {at}, and no shipped checkpoint covers them "
+                "yet: the next one tells whether a run of Warden resumed the log there"
+            )
+            continue
+        if took is None and restarted_unmarked(kinds.get(first)):
+            later_at = f"the checkpoint at size {later}"
+            warnings.append(downgrade_warning(first, f"at size {first}", later_at))
+            continue
+        last = total - 1 if took is None else min(took[1], total - 1)
+        span = f"record {first} follows" if first == last else f"records {first}..{last} follow"
+        detail = f"{span} {at} (closed): added after the fact, " + (
+            f"then taken on by a start as a crash's (record {took[0]}, {RECOVERED_KIND}) "
+            "because that checkpoint had been removed or replaced in the sidecar's directory"
+            if took is not None
+            else f"and the checkpoint at size {later}, which does not say it resumed the "
+            "log there, signed them: taken on by a Warden release from before closed "
+            "checkpoints, unless such a release ran on this log other than as `warden serve` "
+            '(docs/audit.md, "Downgrades")'
+        )
+        return Damage("appended", detail, first)
+    return None
 
 
 def _verifier_for(log: CentralLog, given: NoteVerifier | None) -> tuple[NoteVerifier, str | None]:
@@ -388,8 +514,9 @@ async def verify_central(
 # -- export ----------------------------------------------------------------------------------
 
 
-async def _rebuild(conn: AsyncConnection[Any], log: CentralLog, root: Path) -> None:
-    """Write ``log`` as an audit directory at ``root``: one segment, its checkpoints, its key."""
+async def _rebuild(conn: AsyncConnection[Any], log: CentralLog, root: Path) -> int:
+    """Write ``log`` as an audit directory at ``root``: one segment, its checkpoints, its
+    key. Returns how many records it holds."""
     layout = Layout(root)
     layout.segments.mkdir(parents=True)
     layout.checkpoints.mkdir()
@@ -397,15 +524,44 @@ async def _rebuild(conn: AsyncConnection[Any], log: CentralLog, root: Path) -> N
     body = {"origin": log.log_id, "created": log.created, "schema": 1}
     layout.meta.write_bytes(orjson.dumps(body))
     layout.vkey.write_text(log.vkey.strip() + "\n", encoding="utf-8")
+    count = 0
     with (layout.segments / segment_name(0)).open("wb") as seg:
         seg.write(MAGIC + frame(orjson.dumps(TreeState.empty().header())))
         async for row in _rows(conn, log.log_id):
             seg.write(frame(bytes(row[7])))
+            count += 1
     notes = await _checkpoints(conn, log.log_id)
     for size, note in notes:
         (layout.checkpoints / f"{size:020d}").write_text(note, encoding="utf-8")
     if notes:
         layout.latest_checkpoint.write_text(notes[-1][1], encoding="utf-8")
+    return count
+
+
+async def _check_runs(
+    conn: AsyncConnection[Any], log: CentralLog, root: Path, count: int, key: NoteVerifier
+) -> None:
+    """Refuse (:class:`ExportError`) a rebuilt log that its run checkpoints show damaged.
+
+    The directory holds one checkpoint per size; the store's run checkpoints
+    (a clean stop's at the size of a periodic one) are checked with it as
+    checkpoints kept elsewhere, so records appended after a clean stop are
+    refused as ``warden audit verify --url`` names them.
+    """
+    runs = [(s, d, n) for s, d, n in await _run_checkpoints(conn, log.log_id) or () if s <= count]
+    if not runs:
+        return
+    folder = root.parent / "audit_run_checkpoints"  # how the damage found names them
+    folder.mkdir()
+    extra = []
+    for size, digest, note in runs:
+        path = folder / f"{size:020d}.{digest[:16]}"
+        path.write_text(note, encoding="utf-8")
+        extra.append(path)
+    report = verify_log(root, verifier=key, extra_checkpoints=extra)
+    if not report.ok:
+        found = report.damage[0].describe().replace(f"{root.parent}/", "")
+        raise ExportError(f"log {log.log_id}: the log is damaged, export refused: {found}")
 
 
 async def export_central(
@@ -447,7 +603,8 @@ async def export_central(
         key, _ = _verifier_for(log, verifier)
         with tempfile.TemporaryDirectory(prefix="warden-central-") as tmp:
             root = Path(tmp) / "log"
-            await _rebuild(conn, log, root)
+            count = await _rebuild(conn, log, root)
+            await _check_runs(conn, log, root, count, key)
             try:
                 result = export_log(
                     root, out, selection=selection or Selection(), fmt=fmt, verifier=key

@@ -34,7 +34,7 @@ import shlex
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ from warden.audit.segments import (
     RECOVERED_KIND,
     SegmentWriter,
     TreeState,
+    count_records,
     frame,
     list_segments,
     locate,
@@ -104,6 +105,7 @@ _NOT_WRITABLE = (
     "Warden fails closed until it is restarted on a healthy disk"
 )
 _REDACTION_MEMORY = 65_536  # decisions whose redactions outcome records must repeat
+_SHOWN = 5  # bad checkpoint files a refusal names
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,63}")
 UNUSABLE_REF = "unusable"
 """The ``subject`` of a record whose subject value could not be keyed (its fields are redacted)."""
@@ -126,29 +128,80 @@ class _Opened:
     """The body of the record naming the unsigned records this start adopted."""
 
 
-def _latest_checkpoint(layout: Layout, signer: NoteSigner) -> tuple[int, Checkpoint | None]:
-    """The size of the log's latest checkpoint (0 before the first), and the checkpoint
-    when it verifies with the log's key (``None`` when it does not: then whether the log
-    was closed there cannot be told)."""
-    files = layout.checkpoint_files()
-    if not files:
-        return 0, None
-    path = files[-1]
-    size = int(path.name)
-    try:
-        ckpt = Checkpoint.open(path.read_bytes(), signer.verifier)
-        if ckpt.size != size:
-            raise NoteError(f"it says size {ckpt.size}")
-    except (NoteError, ValueError) as exc:
-        log.warning(
-            "audit: the latest checkpoint of the log in %s (%s) does not verify with the "
-            "log's key: %s",
-            layout.root,
-            path.name,
-            exc,
+def _checkpoints_at_start(
+    layout: Layout, signer: NoteSigner
+) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
+    """The newest checkpoint file that verifies with the log's key (``None``: none does),
+    and the files newer than it that do not, each with why (smallest first).
+
+    Each file is a signed note named after the size it covers; one that does
+    not verify, or says another size, proves nothing about the records it is
+    named after (anyone who can write the directory can put it there).
+    """
+    bad: list[tuple[Path, str]] = []
+    for path in reversed(layout.checkpoint_files()):
+        try:
+            ckpt = Checkpoint.open(path.read_bytes(), signer.verifier)
+            if ckpt.size != int(path.name):
+                raise NoteError(f"it says size {ckpt.size}")
+        except (NoteError, ValueError, OSError) as exc:
+            log.warning(
+                "audit: checkpoint file %s of the log in %s does not verify with the log's key: %s",
+                path.name,
+                layout.root,
+                exc,
+            )
+            bad.append((path, str(exc)))
+            continue
+        return ckpt, bad[::-1]
+    return None, bad[::-1]
+
+
+def _unverified(
+    layout: Layout, good: Checkpoint | None, bad: Sequence[tuple[Path, str]], size: int
+) -> AuditError:
+    """The refusal to start a log with checkpoint files newer than its newest good one
+    that do not verify: they may claim records no real checkpoint signed."""
+    after = good.size if good is not None else 0
+    names = ", ".join(path.name for path, _ in bad[:_SHOWN])
+    if len(bad) > _SHOWN:
+        names += f" and {len(bad) - _SHOWN} more"
+    why = "; ".join(f"{path.name}: {reason}" for path, reason in bad[:_SHOWN])
+    files = (
+        f"checkpoint file{'s' if len(bad) > 1 else ''} {names} in {layout.checkpoints} "
+        f"{'do' if len(bad) > 1 else 'does'} not verify with the log's key ({why})"
+    )
+    if good is None:
+        newest = "no checkpoint file of the log does"
+    else:
+        stop = ", signed when Warden stopped cleanly" if good.closed else ""
+        newest = f"the newest that does is {after:020d} ({after} records{stop})"
+    if size > after:
+        one = after == size - 1
+        span, them = (f"record {after}", "it") if one else (f"records {after}..{size - 1}", "them")
+        where = " after it" if good is not None else ""
+        if good is not None and good.closed:
+            why = "added after that clean stop"
+        else:
+            why = "Warden cannot tell whether they were added after a clean stop"
+        found = f"the log holds {span}{where}, which no checkpoint that verifies signed: {why}"
+        found += f", and a file that proves nothing claims {them}. Warden will not take {them} on"
+    else:
+        found = (
+            f"no record follows it, yet {'they claim' if len(bad) > 1 else 'it claims'} more "
+            f"(the log holds {size} records): records were removed, or the files put there. "
+            "Warden will not continue the log"
         )
-        return size, None
-    return size, ckpt
+    return AuditError(
+        f"{files}, and {newest}; {found}. Inspect with `warden audit verify --dir "
+        f"{shlex.quote(str(layout.root))} --key <the log's verifier key>`, which names the "
+        "files and the records. Then restore the checkpoints from a copy, or configure the "
+        "key that signed them (a log keeps one key); or, once satisfied the records are "
+        "Warden's own, move the files that do not verify out of the directory (keep them for "
+        "the investigation) and start again: records no good checkpoint signed are then "
+        "taken on as a crash's and named in a `log_recovered` record, or refused if the "
+        "newest good checkpoint is a clean stop's"
+    )
 
 
 def _appended(layout: Layout, closed: Checkpoint, size: int) -> AuditError:
@@ -185,13 +238,15 @@ def _open_blocking(config: AuditConfig) -> _Opened:
     try:
         signer = layout.signer(meta.origin, config.signing_key_file)
         subjects = SubjectKeys.open(layout.root, max_keys=config.subjects.max_keys)
-        checkpointed, latest = _latest_checkpoint(layout, signer)
+        latest, bad = _checkpoints_at_start(layout, signer)
+        if bad:
+            # Decided before the writer opens: a refused start cuts and signs nothing.
+            raise _unverified(layout, latest, bad, count_records(layout.root))
+        checkpointed = latest.size if latest is not None else 0
         # Given the checkpoint: a bad frame under it is damage, never cut as a torn tail.
         writer, state = open_writer(layout.root, config.segment_max_bytes, covered=checkpointed)
         try:
-            reopened, adopted = _resume(
-                layout, signer, writer, state, checkpointed=checkpointed, latest=latest
-            )
+            reopened, adopted = _resume(layout, signer, writer, state, latest=latest)
         except BaseException:
             writer.abandon()
             raise
@@ -209,18 +264,18 @@ def _resume(
     writer: SegmentWriter,
     state: TreeState,
     *,
-    checkpointed: int,
     latest: Checkpoint | None,
 ) -> tuple[tuple[str, ...], dict[str, Any] | None]:
     """Decide how this start continues the log after its latest checkpoint.
 
-    ``checkpointed`` is that checkpoint's size, ``latest`` the checkpoint if
-    it verifies. Returns the ``reopened`` lines this run signs (naming the
-    clean close it resumes, or those of the run it continues after a crash)
-    and the body of the record naming the unsigned records it adopts (a
-    crash before). Raises :class:`AuditError` when the log must not be
-    continued.
+    ``latest`` is the newest checkpoint, verified (``None``: the log has
+    none; any newer file that does not verify has already refused the
+    start). Returns the ``reopened`` lines this run signs (naming the clean
+    close it resumes, or those of the run it continues after a crash) and
+    the body of the record naming the unsigned records it adopts (a crash
+    before). Raises :class:`AuditError` when the log must not be continued.
     """
+    checkpointed = latest.size if latest is not None else 0
     if checkpointed > state.size:
         # A checkpoint is signed only over records already synced: a crash cannot
         # do this, only removal. Continuing would sign a second history.
@@ -230,17 +285,6 @@ def _resume(
             "not continue a shortened log; run `warden audit verify`, restore the "
             "directory from a copy (or the central store), or move it aside to start a "
             "new log"
-        )
-    if latest is None and checkpointed and state.size > checkpointed:
-        # Its `closed` line may have been taken out (which breaks the signature):
-        # records after it are taken on only when the log was surely not closed there.
-        raise AuditError(
-            f"the latest checkpoint of the audit log in {layout.root} ({checkpointed} "
-            "records) does not verify with the log's key (Warden's log says why), and "
-            f"records {checkpointed}..{state.size - 1} follow it, which no checkpoint "
-            "signed: Warden cannot tell whether they were added after a clean stop, so it "
-            "does not take them on. Run `warden audit verify`; restore the checkpoint from "
-            "a copy, or configure the key that signed it (a log keeps one key)"
         )
     if (
         latest is not None

@@ -50,6 +50,7 @@ __all__ = [
     "LogDamaged",
     "SegmentWriter",
     "TreeState",
+    "count_records",
     "find_next_frame",
     "frame",
     "list_segments",
@@ -548,3 +549,18 @@ def locate(root: Path, seq: int) -> tuple[Path, int] | None:
             at += 1
         return None
     return None
+
+
+def count_records(root: Path) -> int:
+    """How many whole records the log holds, read only: nothing is cut or repaired.
+
+    For what a refused start says: a torn last frame is not counted, and a
+    last segment left half-created by a crash is passed over.
+    """
+    for path in reversed(list_segments(root / "segments")):
+        data = path.read_bytes()
+        parsed = parse_header(data)
+        if parsed is None:
+            continue
+        return parsed[0].size + sum(1 for _ in FrameScanner(data, parsed[1]))
+    return 0

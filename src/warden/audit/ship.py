@@ -16,7 +16,12 @@ it fall behind, and the log keeps every record until it is shipped.
   the store keeps them once.
 - **Checkpoints after their records**: a checkpoint is shipped only once
   every record it covers is, so the store never holds a checkpoint it
-  cannot back.
+  cannot back. The store keeps the first checkpoint of each size; those
+  signed where a run of Warden stops cleanly (``closed``) or resumes a
+  closed log (``reopened``) also go to ``audit_run_checkpoints``, at a size
+  already shipped too: on a quiet log the one of a clean stop has the size
+  of a periodic one, and without it the store could not tell records
+  appended after that stop from Warden's own.
 - **Outages**: a failed connection or insert is retried with exponential
   backoff up to ``max_backoff_s``; on reconnecting it continues from the
   store's position and catches up in full batches.
@@ -41,9 +46,11 @@ from psycopg import AsyncConnection
 
 from warden import tasks
 from warden.audit.central import index_of
+from warden.audit.checkpoint import Checkpoint, NoteError
 from warden.audit.layout import Layout
 from warden.audit.segments import LogDamaged
 from warden.audit.tail import RecordTail, StoredRecord
+from warden.audit.verify_evidence import split_note
 from warden.config import AuditShipConfig
 from warden.errors import ConfigError
 from warden.ops import metrics
@@ -74,6 +81,11 @@ _INSERT = (
     "ON CONFLICT (log_id, idx) DO NOTHING RETURNING idx"
 )
 _HELD = "SELECT idx, line FROM audit_records WHERE log_id = %s AND idx = ANY(%s)"
+_INSERT_RUN = (
+    "INSERT INTO audit_run_checkpoints (log_id, size, digest, note, shipped_at) "
+    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+)
+_RUNS_HELD = "SELECT note FROM audit_run_checkpoints WHERE log_id = %s"
 
 
 class ShipConflict(RuntimeError):
@@ -171,6 +183,11 @@ class Shipper:
         self._log_id = ""
         self._position = 0  # records the store holds (this log's next idx)
         self._checkpointed = 0  # the largest checkpoint size the store holds
+        self._runs_shipped: set[str] = set()
+        """Digests of the run checkpoints (closed, reopened) the store holds."""
+        self._runs_named: set[tuple[int, str]] = set()
+        """The closed checkpoints those name as resumed."""
+        self._runs_refused = False  # the store takes no run checkpoints (warned once)
         self._caught_up_at = time.monotonic()
         self._connected = False
         self._error: str | None = None
@@ -306,11 +323,42 @@ class Shipper:
             )
         try:
             await self._check_tail(conn, meta.origin, int(position))
+            await self._runs_held(conn)
         except BaseException:
             await conn.close()
             raise
         self._position, self._checkpointed = int(position), int(checkpointed)
         return conn
+
+    async def _runs_held(self, conn: AsyncConnection[Any]) -> None:
+        """Read which run checkpoints the store holds for this log (see :meth:`_ship_runs`)."""
+        self._runs_shipped.clear()
+        self._runs_named.clear()
+        try:
+            cur = await conn.execute(_RUNS_HELD, (self._log_id,))
+        except (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege) as exc:
+            self._refuse_runs(exc)
+            return
+        self._runs_refused = False
+        for (note,) in await cur.fetchall():
+            ckpt = _run_checkpoint(str(note))
+            if ckpt is not None:
+                self._runs_shipped.add(ckpt.digest())
+                self._runs_named |= ckpt.reopens
+
+    def _refuse_runs(self, exc: psycopg.Error) -> None:
+        if not self._runs_refused:
+            log.warning(
+                "audit shipping: the store does not take the checkpoints signed where Warden "
+                "stops and starts (%s: %s): run `warden db migrate` on it and grant the role "
+                "INSERT, SELECT on audit_run_checkpoints (docs/audit.md). Until then "
+                "`warden audit verify --url` cannot tell records appended after a clean stop "
+                "of a quiet log from Warden's own; records and the other checkpoints are "
+                "shipped as before",
+                type(exc).__name__,
+                pg_reason(exc, self._target.url),
+            )
+        self._runs_refused = True
 
     async def _check_tail(self, conn: AsyncConnection[Any], origin: str, position: int) -> None:
         """:class:`ShipConflict` unless the store's last record of the log is this log's.
@@ -341,6 +389,9 @@ class Shipper:
     async def _follow(self, conn: AsyncConnection[Any]) -> None:
         tail = RecordTail(self._layout.root, self._position)
         ahead: asyncio.Task[Batch] | None = None  # the next batch, read while one is inserted
+        # The checkpoint a start signs where it resumes a closed log goes ahead of the
+        # run's records, when the store already holds those before it.
+        await self._ship_runs(conn)
         try:
             while True:
                 written = self._size()
@@ -355,6 +406,7 @@ class Shipper:
                     self._position = batch.first + batch.count
                     continue
                 await self._ship_checkpoints(conn)
+                await self._ship_runs(conn)
                 self._caught_up_at = time.monotonic()
                 if self._closing.is_set():
                     return
@@ -395,6 +447,55 @@ class Shipper:
             )
         self._checkpointed = notes[-1][0]
         metrics.child(metrics.AUDIT_SHIPPED, "checkpoint").inc(len(notes))
+
+    async def _ship_runs(self, conn: AsyncConnection[Any]) -> None:
+        """Ship the latest checkpoint to the run checkpoints if it marks a stop or a start.
+
+        That is one signed when Warden stopped cleanly (``closed``), or one
+        whose ``reopened`` lines name a closed checkpoint no run checkpoint
+        shipped names yet (the first a start signs; the refreshes of a quiet
+        run after it say the same and are not shipped again). Only once the
+        store holds every record it covers.
+        """
+        if self._runs_refused:
+            return
+        note = await asyncio.to_thread(_latest_note, self._layout)
+        ckpt = _run_checkpoint(note) if note is not None else None
+        if note is None or ckpt is None or ckpt.size > self._position:
+            return
+        digest = ckpt.digest()
+        if digest in self._runs_shipped:
+            return
+        if not ckpt.closed and ckpt.reopens <= self._runs_named:
+            return
+        try:
+            await conn.execute(_INSERT_RUN, (self._log_id, ckpt.size, digest, note, time.time()))
+        except (psycopg.errors.UndefinedTable, psycopg.errors.InsufficientPrivilege) as exc:
+            self._refuse_runs(exc)
+            return
+        self._runs_shipped.add(digest)
+        self._runs_named |= ckpt.reopens
+        metrics.child(metrics.AUDIT_SHIPPED, "checkpoint").inc()
+
+
+def _run_checkpoint(note: str) -> Checkpoint | None:
+    """The checkpoint in ``note`` when it marks a stop (closed) or a start (reopened)
+    of a run of Warden; ``None`` otherwise, or when it does not parse. The store's
+    verify checks the signature: the shipper only picks what to send."""
+    try:
+        text, _ = split_note(note)
+        ckpt = Checkpoint.parse(text)
+    except (NoteError, ValueError):
+        return None
+    return ckpt if ckpt.closed or ckpt.reopens else None
+
+
+def _latest_note(layout: Layout) -> str | None:
+    """The latest checkpoint's signed note, or ``None``."""
+    try:
+        return layout.latest_checkpoint.read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
 
 
 def _latest_size(layout: Layout) -> int | None:

@@ -47,11 +47,15 @@ from warden.audit.segments import (
 
 __all__ = [
     "DAMAGE_KINDS",
+    "START_KIND",
     "Damage",
     "VerifyReport",
+    "downgrade_warning",
     "iter_placed_records",
     "iter_records",
     "key_fingerprint",
+    "restarted_unmarked",
+    "unresumed_closed",
     "verify_log",
 ]
 
@@ -67,6 +71,8 @@ DAMAGE_KINDS = (
     # given signed none here (deleted checkpoints, another log's directory)
     "checkpoint",
 )
+START_KIND = "config_load"
+"""The record a ``warden serve`` start writes first (``warden.audit.changes.CONFIG_LOAD``)."""
 _LOOKAHEAD = 1024
 _FRAME = FRAME_HEADER.size
 _unpack = FRAME_HEADER.unpack_from
@@ -210,16 +216,22 @@ def _load_checkpoints(
         sources.append(layout.latest_checkpoint)
     for path in sources:
         name = str(path) if path in extra else path.relative_to(layout.root).as_posix()
+        # A stored file that proves nothing still matters: a start refuses while one is
+        # newer than the newest that verifies (it may claim records nothing signed).
+        stored = path.parent == layout.checkpoints
+        refuses = " (Warden does not start while it is newer than every one that does)"
         try:
             ckpt = Checkpoint.open(path.read_bytes(), verifier)
         except (ValueError, OSError) as exc:  # NoteError, or a size int() cannot read
-            damage.append(Damage("checkpoint", f"checkpoint {name}: {exc}"))
+            why = f"checkpoint {name} does not verify with the key: {exc}"
+            damage.append(Damage("checkpoint", why + (refuses if stored else "")))
             continue
         if ckpt.origin != origin:
             damage.append(Damage("checkpoint", f"checkpoint {name} is for log {ckpt.origin}"))
             continue
-        if path.parent == layout.checkpoints and int(path.name) != ckpt.size:
-            damage.append(Damage("checkpoint", f"checkpoint {name} says size {ckpt.size}"))
+        if stored and int(path.name) != ckpt.size:
+            why = f"checkpoint {name} says size {ckpt.size}"
+            damage.append(Damage("checkpoint", why + refuses))
             continue
         found.append((ckpt, name))
     by_size: dict[int, tuple[Checkpoint, str]] = {}
@@ -469,7 +481,8 @@ def verify_log(
         if walk.damage.kind == "truncated" and torn:
             walk.damage = _with_torn(walk.damage, torn)
         damage.insert(0, walk.damage)
-    appended = _appended(every, walk.expected, layout.root, segments)
+    appended, downgrades = _appended(every, walk.expected, layout.root, segments)
+    warnings.extend(downgrades)
     if appended is not None:
         damage.insert(0 if walk.damage is None else 1, appended)
     if not from_directory:
@@ -525,48 +538,115 @@ def _with_torn(damage: Damage, torn: Sequence[str]) -> Damage:
     return Damage(damage.kind, detail, damage.seq, damage.record_id, damage.segment, damage.offset)
 
 
-def _appended(
-    every: Sequence[tuple[Checkpoint, str]], total: int, root: Path, segments: Sequence[Path]
-) -> Damage | None:
-    """Records after a closed checkpoint (a clean stop) that no later run resumed.
+def unresumed_closed(checkpoints: Sequence[Checkpoint], total: int) -> list[Checkpoint]:
+    """The closed checkpoints (a clean stop) with records after them that no checkpoint
+    names as resumed (``reopened``), smallest first, each once.
 
     A run that resumes a closed log signs, at that size and before its first
-    record, a checkpoint naming the closed one (``reopened``), and names it
-    in every checkpoint after. Whoever can write the directory but not sign
-    cannot make one: records after a closed checkpoint no checkpoint names
-    were added by someone else, even when a later start took them on as a
-    crash's (the closed checkpoint having been removed from the directory,
-    and kept elsewhere).
+    record, a checkpoint naming the closed one, and names it in every
+    checkpoint after. Whoever can write the directory but not sign cannot
+    make one: records after a closed checkpoint no checkpoint names were not
+    written by a run of this release of Warden.
     """
     resumed: set[tuple[int, str]] = set()
-    for ckpt, _ in every:
+    for ckpt in checkpoints:
         resumed |= ckpt.reopens
-    unresumed = [
-        (ckpt.size, name)
-        for ckpt, name in every
-        if ckpt.closed and ckpt.size < total and (ckpt.size, ckpt.digest()) not in resumed
-    ]
-    if not unresumed:
-        return None
-    first, name = min(unresumed, key=lambda c: c[0])  # the directory's own first
-    recovery = _recovery_of(segments, first, total)
-    last = total - 1 if recovery is None else recovery[1]
-    span = f"record {first} follows" if first == last else f"records {first}..{last} follow"
-    detail = (
-        f"{span} signed checkpoint {name}, which Warden signed when it stopped cleanly "
-        "(closed): added after the fact, "
+    found: dict[str, Checkpoint] = {}
+    for ckpt in checkpoints:
+        if ckpt.closed and ckpt.size < total:
+            digest = ckpt.digest()
+            if (ckpt.size, digest) not in resumed:
+                found.setdefault(digest, ckpt)
+    return sorted(found.values(), key=lambda c: c.size)
+
+
+def restarted_unmarked(first_kind: object) -> bool:
+    """Whether records after an unresumed closed checkpoint, which a later checkpoint
+    signed and no ``log_recovered`` record took on, read as the run of a Warden
+    release from before closed checkpoints (a downgrade) rather than an append.
+
+    Only a key holder signs, and this release signs past a closed checkpoint
+    only naming it, or (the checkpoint removed) with a ``log_recovered``
+    record. So they do when the first of them is the :data:`START_KIND` record
+    a start of ``warden serve`` writes before anything else (``first_kind``):
+    records appended before that start would come first.
+    """
+    return first_kind == START_KIND
+
+
+def downgrade_warning(first: int, closed: str, later: str) -> str:
+    """The warning for records a release that marks no resumption signed after ``closed``."""
+    return (
+        f"records from {first} follow signed checkpoint {closed}, which Warden signed when "
+        f"it stopped cleanly (closed), and were signed by {later}, which does not say it "
+        f"resumed the log there; record {first} is a Warden start ({START_KIND}): a Warden "
+        "release from before closed checkpoints ran on this log (a downgrade). If none did, "
+        'treat them as appended: see docs/audit.md, "Downgrades"'
     )
-    if recovery is None:
-        detail += "and no later run of Warden resumed the log there"
-    else:
-        detail += (
-            f"then taken on by a start as a crash's (record {recovery[0]}, {RECOVERED_KIND}) "
-            "because that checkpoint had been removed or replaced in the directory"
+
+
+def _appended(
+    every: Sequence[tuple[Checkpoint, str]], total: int, root: Path, segments: Sequence[Path]
+) -> tuple[Damage | None, list[str]]:
+    """Records after a closed checkpoint (a clean stop) that no later run resumed
+    (:func:`unresumed_closed`): the damage for the first that was appended, and a
+    warning for each an older release's start took on (:func:`restarted_unmarked`).
+
+    Records appended and then taken on by a start as a crash's (the closed
+    checkpoint removed from the directory and kept elsewhere) are named with
+    the ``log_recovered`` record that took them on.
+    """
+    names = {id(ckpt): name for ckpt, name in every}
+    warnings: list[str] = []
+    for closed in unresumed_closed([c for c, _ in every], total):
+        first, name = closed.size, names[id(closed)]
+        later = min(((c.size, n) for c, n in every if c.size > first), default=None)
+        recovery = _recovery_of(segments, first, total)
+        if recovery is None and later is not None and restarted_unmarked(_kind_at(root, first)):
+            warnings.append(downgrade_warning(first, name, later[1]))
+            continue
+        last = total - 1 if recovery is None else recovery[1]
+        span = f"record {first} follows" if first == last else f"records {first}..{last} follow"
+        detail = (
+            f"{span} signed checkpoint {name}, which Warden signed when it stopped cleanly "
+            "(closed): "
         )
-    found = locate(root, first)
+        if recovery is not None:
+            detail += (
+                f"added after the fact, then taken on by a start as a crash's (record "
+                f"{recovery[0]}, {RECOVERED_KIND}) because that checkpoint had been removed "
+                "or replaced in the directory"
+            )
+        elif later is not None:
+            detail += (
+                f"signed by {later[1]}, which does not say it resumed the log there, and "
+                f"record {first} is no Warden start ({START_KIND}): added after the fact and "
+                "taken on by a Warden release from before closed checkpoints, unless such a "
+                "release ran on this log other than as `warden serve` (docs/audit.md, "
+                '"Downgrades")'
+            )
+        else:
+            detail += "added after the fact, and no later run of Warden resumed the log there"
+        found = locate(root, first)
+        if found is None:
+            return Damage("appended", detail, first), warnings
+        return Damage("appended", detail, first, None, found[0].name, found[1]), warnings
+    return None, warnings
+
+
+def _kind_at(root: Path, seq: int) -> object:
+    """The ``kind`` of record ``seq`` (``None`` when it cannot be read)."""
+    found = locate(root, seq)
     if found is None:
-        return Damage("appended", detail, first)
-    return Damage("appended", detail, first, None, found[0].name, found[1])
+        return None
+    path, offset = found
+    data = path.read_bytes()
+    for _, payload in FrameScanner(data, offset):
+        try:
+            return orjson.loads(payload).get("kind")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+    return None
 
 
 def _recovery_of(segments: Sequence[Path], first: int, total: int) -> tuple[int, int] | None:

@@ -21,6 +21,7 @@ behind keeps working against a database that a newer one migrated.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import sqlite3
 import time
@@ -48,10 +49,12 @@ __all__ = [
 VERSION_TABLE: Final = "warden_schema_version"
 # pg_advisory_xact_lock key: "warden.migrate" as a 64-bit number, fixed forever.
 _LOCK_KEY: Final = 0x7761726465_6E6D67
+log = logging.getLogger("warden.state.migrate")
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 LOCK_TIMEOUT_S: Final = 5.0
 """How long a PostgreSQL migration's statement waits for a lock before giving up."""
 _READING: Final = f"reading {VERSION_TABLE}"
+_MIGRATION_LOCK: Final = "taking the migration lock"
 
 
 class MigrationError(RuntimeError):
@@ -171,26 +174,30 @@ async def pg_status(
 
 
 async def pg_migrate(
-    conn: AsyncConnection[Any], *, lock_timeout_s: float = LOCK_TIMEOUT_S
+    conn: AsyncConnection[Any],
+    *,
+    lock_timeout_s: float = LOCK_TIMEOUT_S,
+    others_timeout_s: float | None = None,
 ) -> tuple[Migration, ...]:
     """Apply the pending migrations in one transaction; return those applied.
 
     A database with nothing pending is only read. Each statement waits at most
     ``lock_timeout_s`` for a lock another session holds; then nothing is
-    applied. Raises :class:`MigrationError` when the database refuses (no right
-    to create, a lock not granted in time, a half-applied schema), and
-    :class:`RuntimeError` when an applied migration differs from this release's.
+    applied. Another process migrating is waited for at most
+    ``others_timeout_s``; ``None`` (a sidecar starting beside its siblings):
+    for as long as it takes, said in the log. Raises :class:`MigrationError`
+    when the database refuses (no right to create, a lock not granted in time,
+    a half-applied schema), and :class:`RuntimeError` when an applied migration
+    differs from this release's.
     """
     found = await pg_status(conn, lock_timeout_s=lock_timeout_s)
     _refuse_changed(found)
     if not found.pending:
         return ()  # no CREATE right needed, no lock taken
-    step = "taking the migration lock"
+    step = _MIGRATION_LOCK
     try:
         async with conn.transaction():
-            # Unbounded: waiting for another sidecar's migration holds up nobody's
-            # queries, while an ALTER waiting for a table's lock holds up all of them.
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            await _take_migration_lock(conn, others_timeout_s)
             await _bound_lock_waits(conn, lock_timeout_s)
             step = f"creating {VERSION_TABLE}"
             await conn.execute(_PG_TABLE)
@@ -209,7 +216,38 @@ async def pg_migrate(
                 )
             return status.pending
     except psycopg.Error as exc:
+        if step == _MIGRATION_LOCK and isinstance(exc, psycopg.errors.LockNotAvailable):
+            raise MigrationError(
+                f"{step}: another migration of this database is in progress (a sidecar "
+                "starting with state.migrate: auto, or another `warden db migrate`); waited "
+                f"{others_timeout_s:g} s for it, and nothing was applied: try again once it "
+                "has finished, or wait longer with `warden db migrate --lock-timeout SECONDS`"
+            ) from exc
         raise _failure(exc, conn, step, lock_timeout_s, applying=True) from exc
+
+
+async def _take_migration_lock(conn: AsyncConnection[Any], wait_s: float | None) -> None:
+    """Take the migration lock (for the transaction), waiting at most ``wait_s`` for another
+    process's migration; ``None``: as long as that takes (it holds up nobody's queries, while
+    an ALTER waiting for a table's lock holds up all of them), saying so in the log."""
+    cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_LOCK_KEY,))
+    row = await cur.fetchone()
+    if row is not None and row[0]:
+        return
+    if wait_s is not None:
+        await _bound_lock_waits(conn, wait_s)  # advisory locks heed lock_timeout too
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        return
+    log.info(
+        "state store: waiting for another process to finish migrating the schema "
+        "(it holds the migration lock)"
+    )
+    started = time.monotonic()
+    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+    log.info(
+        "state store: the other migration ended after %.1f s; going on",
+        time.monotonic() - started,
+    )
 
 
 async def _bound_lock_waits(conn: AsyncConnection[Any], seconds: float) -> None:

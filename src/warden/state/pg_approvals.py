@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from psycopg import AsyncCursor
@@ -33,7 +34,7 @@ from warden.approvals.store import (
     page_query,
     to_row,
 )
-from warden.state.postgres import PgDatabase
+from warden.state.postgres import ERASE_PAGE, PgDatabase
 from warden.state.repos import ErasedSubjects
 
 __all__ = ["PgApprovalStore"]
@@ -153,13 +154,19 @@ class PgApprovalStore:
 
         return await self._db.tx(run)
 
-    async def _one(self, query: str, params: tuple[Any, ...]) -> Approval | None:
+    async def _one(
+        self,
+        query: str,
+        params: tuple[Any, ...],
+        *,
+        landed: Callable[[Approval | None], Awaitable[object]] | None = None,
+    ) -> Approval | None:
         async def run(cur: AsyncCursor[Any]) -> Approval | None:
             await cur.execute(query.encode(), params)
             row = await cur.fetchone()
             return from_row(row) if row else None
 
-        return await self._db.tx(run)
+        return await self._db.tx(run, landed=landed)
 
     async def _many(self, query: str, params: tuple[Any, ...]) -> builtins.list[Approval]:
         async def run(cur: AsyncCursor[Any]) -> builtins.list[Approval]:
@@ -238,13 +245,32 @@ class PgApprovalStore:
         return await self._db.tx(run, slow=True)  # whatever aged out: background upkeep
 
     async def consume_grant(self, binding: str, now: float) -> Approval | None:
-        """Consume the oldest approved, unexpired deferral with this binding, once."""
+        """Consume the oldest approved, unexpired deferral with this binding, once.
+
+        A grant consumed after its caller stopped waiting (the call timed out, its
+        client left) is put back: no call used it, and the agent's retry may.
+        """
+
+        async def put_back(grant: Approval | None) -> None:
+            if grant is None:
+                return
+
+            async def run(cur: AsyncCursor[Any]) -> None:
+                await cur.execute(
+                    "UPDATE approvals SET status = 'approved', consumed_at = NULL "
+                    "WHERE id = %s AND status = 'consumed' AND consumed_at = %s",
+                    (grant.id, now),
+                )
+
+            await self._db.tx(run)
+
         return await self._one(
             "UPDATE approvals SET status = 'consumed', consumed_at = %s WHERE id = ("  # noqa: S608 - constant columns
             "SELECT id FROM approvals WHERE binding = %s AND status = 'approved' "
             "AND mode = 'defer' AND expires_at > %s ORDER BY decided_at, id LIMIT 1 "
             "FOR UPDATE SKIP LOCKED)" + _RETURNING,
             (now, binding, now),
+            landed=put_back,
         )
 
     async def consume(self, approval_id: str, now: float) -> Approval | None:
@@ -278,11 +304,25 @@ class PgApprovalStore:
 
     async def erase(self, erased: ErasedSubjects, now: float) -> ErasedApprovals:
         """Erase the approvals that name an erased data subject (see
-        :class:`~warden.approvals.store.ApprovalRepo`)."""
-        listed = await self.list()
-        found = await asyncio.to_thread(lambda: [a for a in listed if names_erased(erased, a)])
+        :class:`~warden.approvals.store.ApprovalRepo`).
+
+        Read a page at a time, each read and the changes under the clean-up jobs'
+        limits (``slow``): every approval kept, in one statement, may outlast the
+        statement timeout, and the erasure would never end.
+        """
+        found: builtins.list[Approval] = []
+        after = ""
+        while True:
+            rows = await self._db.read(
+                _SELECT + "WHERE id > %s ORDER BY id LIMIT %s", (after, ERASE_PAGE), slow=True
+            )
+            found += await asyncio.to_thread(_naming, erased, rows)
+            if len(rows) < ERASE_PAGE:
+                break
+            after = str(rows[-1][0])
         if not found:
             return ErasedApprovals(0)
+        found.sort(key=lambda a: (a.created_at, a.id))  # as listed: oldest first
         # Each row is changed only while it keeps the binding read (no sidecar
         # erased it meanwhile); its status is decided by the statement itself.
         statement = erase_statement("%s") + _RETURNING
@@ -300,7 +340,7 @@ class PgApprovalStore:
                     revoked.append(after)  # this statement rejected it
             return ErasedApprovals(erased_now, tuple(revoked))
 
-        return await self._db.tx(run)
+        return await self._db.tx(run, slow=True)
 
     # -- owners of holds -----------------------------------------------------------
 
@@ -378,6 +418,11 @@ class PgApprovalStore:
             "FOR UPDATE SKIP LOCKED)" + _RETURNING,
             (owner, hold_until, binding, now),
         )
+
+
+def _naming(erased: ErasedSubjects, rows: Sequence[tuple[Any, ...]]) -> builtins.list[Approval]:
+    """The approvals among ``rows`` that name an erased data subject."""
+    return [a for a in map(from_row, rows) if names_erased(erased, a)]
 
 
 def _decision(a: Approval) -> tuple[Any, ...]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from psycopg import AsyncCursor
 
-from warden.state.postgres import PgDatabase
+from warden.state.postgres import ERASE_PAGE, PgDatabase
 from warden.state.repos import ErasedSubjects
 from warden.state.sessions import (
     ERASED_CALLS,
@@ -30,7 +30,6 @@ from warden.state.sessions import (
 
 __all__ = ["PgSessionStore"]
 
-_ERASE_PAGE = 1000
 # A link's first record: a later one for the same answer updates it, or leaves it.
 _INSERT_LINK = (
     "INSERT INTO session_responses (response_id, session_id, previous_id, calls, created_at, "
@@ -272,14 +271,17 @@ class PgSessionStore:
         gone: list[str] = []
         after = ""
         while True:  # a page at a time: a week of chains may be large
+            # Each page, and the change, under the clean-up jobs' limits: an erasure is
+            # no decision's, and must not fail for a large store.
             rows = await self._db.read(
                 "SELECT response_id, calls FROM session_responses WHERE response_id > %s "
                 "ORDER BY response_id LIMIT %s",
-                (after, _ERASE_PAGE),
+                (after, ERASE_PAGE),
+                slow=True,
             )
             # Parsing every link's calls is CPU work: not on the event loop.
             gone += await asyncio.to_thread(_named_erased, erased, rows)
-            if len(rows) < _ERASE_PAGE:
+            if len(rows) < ERASE_PAGE:
                 break
             after = str(rows[-1][0])
         if not gone:
@@ -293,7 +295,7 @@ class PgSessionStore:
             )
             return int(cur.rowcount)
 
-        return await self._db.tx(run)
+        return await self._db.tx(run, slow=True)
 
 
 def _named_erased(erased: ErasedSubjects, rows: Sequence[tuple[Any, ...]]) -> list[str]:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import select
+import socket
 import time
 from collections.abc import (
     AsyncIterator,
@@ -67,6 +69,7 @@ from warden.state.sessions import PruneClock
 from warden.urls import scrub, shown_url, url_secrets
 
 __all__ = [
+    "ERASE_PAGE",
     "PgDatabase",
     "PgFeed",
     "PgLinkStore",
@@ -82,6 +85,8 @@ log = logging.getLogger("warden.state.postgres")
 
 T = TypeVar("T")
 _RETRIES: Final = 8
+ERASE_PAGE: Final = 1000
+"""Rows an erasure reads at a time (call links, approvals, Responses chains)."""
 _CHANNEL_PREFIX: Final = "warden_"
 
 
@@ -200,6 +205,10 @@ def _ms(seconds: float) -> str:
 class StoreTimeout(StateUnavailable):
     """A state store call that did not end within ``state.call_timeout_s``."""
 
+    fence: asyncio.Future[bool] | None = None
+    """For a call on the kill switches' connection: true once nothing of it can land any
+    more (its session was ended and is gone); false if the store closed first."""
+
 
 async def _check_if_spoken_to(conn: AsyncConnection[Any]) -> None:
     """Raise for a pooled connection PostgreSQL has dropped, with a round trip only when
@@ -227,13 +236,47 @@ def _outage(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.Error | OSError | TimeoutError | StoreTimeout)
 
 
+@dataclass(slots=True)
+class _Seat:
+    """Where one call on the kill switches' connection stands: the connection it is
+    using, if any, and whether its caller gave up on it (it then sends nothing more)."""
+
+    conn: AsyncConnection[Any] | None = None
+    given_up: bool = False
+
+    def check(self) -> None:
+        """Raise if the caller gave up: a call past its deadline must not start a statement."""
+        if self.given_up:
+            raise StoreTimeout("the state store call was given up on")
+
+
+def _shut(conn: AsyncConnection[Any]) -> None:
+    """End ``conn``'s socket under the call waiting on it: that call fails at once (and
+    closes the connection itself) instead of waiting for a server that stopped answering."""
+    # A duplicate of the descriptor: closing the connection's own under a task that waits
+    # on it would let a new connection reuse its number in the event loop.
+    with (
+        contextlib.suppress(OSError, ValueError, psycopg.Error),
+        socket.socket(fileno=os.dup(conn.fileno())) as sock,
+    ):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+async def _close(conn: AsyncConnection[Any]) -> None:
+    with contextlib.suppress(Exception):
+        await conn.close()
+
+
 class _Aside:
     """One connection of its own, outside the pool, for the kill switches.
 
     A pool full of decisions waiting on a locked counter row must not keep a
     switch thrown on another sidecar from being read here (or one thrown here
     from being saved). Checked before each use (a restart leaves it stale),
-    and replaced when it breaks.
+    and replaced when it breaks, or when a call on it is given up on
+    (:meth:`PgDatabase._give_up`). A caller waits at most ``checkout_s`` for
+    it; past that, another call is stuck on it, and the caller gets a
+    connection of its own for its call.
     """
 
     def __init__(self, target: PgTarget, timeouts: PgTimeouts) -> None:
@@ -244,45 +287,74 @@ class _Aside:
         self._stale = False
 
     @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[AsyncConnection[Any]]:
-        """The connection, for one caller at a time."""
-        async with self._lock:
-            conn = await self._ready()
+    async def connection(self, seat: _Seat) -> AsyncIterator[AsyncConnection[Any]]:
+        """The connection, for one caller at a time (``seat`` says which it is using)."""
+        try:
+            async with asyncio.timeout(self._timeouts.checkout_s):
+                await self._lock.acquire()
+        except TimeoutError:
+            own = await self._connect(seat)
+            try:
+                yield own
+            finally:
+                seat.conn = None
+                await _close(own)
+            return
+        try:
+            seat.check()
+            conn = await self._ready(seat)
             try:
                 yield conn
             except BaseException:
                 if conn.broken or conn.closed:
-                    await self._drop()
+                    self.forget(conn)
                 raise
+            finally:
+                if conn is not self._conn:  # broken, or given up on meanwhile
+                    await _close(conn)
+        finally:
+            seat.conn = None
+            self._lock.release()
 
-    async def _ready(self) -> AsyncConnection[Any]:
+    async def _ready(self, seat: _Seat) -> AsyncConnection[Any]:
         if self._stale:
             self._stale = False
-            await self._drop()
+            if self._conn is not None:
+                await _close(self._conn)
+                self._conn = None
         conn = self._conn
         if conn is not None:
+            seat.conn = conn
             try:
                 await AsyncConnectionPool.check_connection(conn)
             except psycopg.Error:
-                await self._drop()
+                seat.conn = None
+                self.forget(conn)
+                await _close(conn)
                 conn = None
         if conn is None:
-            conn = await AsyncConnection.connect(
-                self._target.url, autocommit=True, **self._target.kwargs()
-            )
-            try:
-                await self._timeouts.configure(conn)
-            except BaseException:
-                await conn.close()
-                raise
-            self._conn = conn
+            conn = self._conn = await self._connect(seat)
         return conn
 
-    async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.close()
+    async def _connect(self, seat: _Seat) -> AsyncConnection[Any]:
+        seat.check()
+        conn = await AsyncConnection.connect(
+            self._target.url, autocommit=True, **self._target.kwargs()
+        )
+        seat.conn = conn
+        try:
+            seat.check()  # given up while connecting: not used
+            await self._timeouts.configure(conn)
+        except BaseException:
+            seat.conn = None
+            await _close(conn)
+            raise
+        return conn
+
+    def forget(self, conn: AsyncConnection[Any]) -> None:
+        """Stop handing out ``conn``: the next caller connects anew."""
+        if self._conn is conn:
+            self._conn = None
 
     def reset(self) -> None:
         """Reconnect at the next use (PostgreSQL came back: this one may be stale)."""
@@ -290,7 +362,9 @@ class _Aside:
 
     async def close(self) -> None:
         """Close the connection."""
-        await self._drop()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await _close(conn)
 
 
 class PgDatabase:
@@ -319,6 +393,7 @@ class PgDatabase:
         self.pool = self._new_pool()
         self._aside = _Aside(target, self.timeouts)
         self._calls = tasks.Tasks("state-calls")
+        self._aftermath = tasks.Tasks("state-aftermath")  # fences, and what waits on them
         self._failed_at: float | None = None
         self._renewal: asyncio.Task[None] | None = None
         self._closed = False
@@ -396,9 +471,17 @@ class PgDatabase:
             self._renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewal
+        await self._aftermath.cancel()
         await self._calls.cancel()  # only calls whose callers stopped waiting are left
         await self.pool.close()
         await self._aside.close()
+
+    def later(self, work: Coroutine[Any, Any, object], name: str) -> None:
+        """Run ``work`` in the background until it ends or the store closes."""
+        if self._closed:
+            work.close()
+            return
+        self._aftermath.spawn(work, name=name)
 
     async def tx(
         self,
@@ -406,14 +489,18 @@ class PgDatabase:
         *,
         aside: bool = False,
         slow: bool = False,
+        landed: Callable[[T], Awaitable[object]] | None = None,
     ) -> T:
         """Run ``fn`` in one transaction, again (a few times) if PostgreSQL asks to retry.
 
         ``aside``: on the kill switches' own connection. ``slow``: background upkeep,
-        bounded by ``timeouts.slow_s`` instead.
+        bounded by ``timeouts.slow_s`` instead. ``landed``: run with the result of a
+        call that ended after its caller stopped waiting (to undo it).
         """
-        work = self._tx(fn, aside=aside, transaction=True, slow=slow)
-        return await self._bounded(work, None, self.timeouts.slow_s if slow else None)
+        seat = _Seat() if aside else None
+        work = self._tx(fn, aside=aside, transaction=True, slow=slow, seat=seat)
+        deadline = self.timeouts.slow_s if slow else None
+        return await self._bounded(work, None, deadline, seat=seat, landed=landed)
 
     async def call(
         self,
@@ -425,15 +512,18 @@ class PgDatabase:
         return await self._bounded(self._tx(fn, aside=False, transaction=False), undo)
 
     async def read(
-        self, query: str, params: Sequence[Any] = (), *, aside: bool = False
+        self, query: str, params: Sequence[Any] = (), *, aside: bool = False, slow: bool = False
     ) -> list[tuple[Any, ...]]:
-        """Rows of one query, outside any transaction."""
+        """Rows of one query, outside any transaction (``slow``: in one, under
+        ``timeouts.slow_s``)."""
 
         async def run(cur: AsyncCursor[Any]) -> list[tuple[Any, ...]]:
             await cur.execute(query.encode(), params)
             return list(await cur.fetchall())
 
-        return await self._bounded(self._tx(run, aside=aside, transaction=False), None)
+        seat = _Seat() if aside else None
+        work = self._tx(run, aside=aside, transaction=slow, slow=slow, seat=seat)
+        return await self._bounded(work, None, self.timeouts.slow_s if slow else None, seat=seat)
 
     async def _tx(
         self,
@@ -442,10 +532,11 @@ class PgDatabase:
         aside: bool,
         transaction: bool,
         slow: bool = False,
+        seat: _Seat | None = None,
     ) -> T:
         for attempt in range(_RETRIES):
             try:
-                async with self._connection(aside) as conn:
+                async with self._connection(aside, seat) as conn:
                     if not transaction:
                         return await fn(conn.cursor())
                     async with conn.transaction():
@@ -463,9 +554,11 @@ class PgDatabase:
         raise AssertionError("unreachable")  # pragma: no cover
 
     @contextlib.asynccontextmanager
-    async def _connection(self, aside: bool) -> AsyncIterator[AsyncConnection[Any]]:
+    async def _connection(
+        self, aside: bool, seat: _Seat | None
+    ) -> AsyncIterator[AsyncConnection[Any]]:
         if aside:
-            async with self._aside.connection() as own:
+            async with self._aside.connection(seat or _Seat()) as own:
                 yield own
             return
         while True:
@@ -488,20 +581,28 @@ class PgDatabase:
         work: Coroutine[Any, Any, T],
         undo: Callable[[], Awaitable[object]] | None,
         deadline_s: float | None = None,
+        *,
+        seat: _Seat | None = None,
+        landed: Callable[[T], Awaitable[object]] | None = None,
     ) -> T:
         deadline_s = deadline_s or self.timeouts.call_s
         call = self._calls.spawn(work, name="call", awaited=True)
         try:
             done, _ = await asyncio.wait((call,), timeout=deadline_s)
         except asyncio.CancelledError:
-            self._abandon(call, undo)  # the caller gave up (its client left, a deadline)
+            # The caller gave up (its client left, a deadline of its own).
+            self._give_up(call, seat)
+            self._abandon(call, undo, landed)
             raise
         if not done:
-            self._abandon(call, undo)
+            fence = self._give_up(call, seat)
+            self._abandon(call, undo, landed)
             self._failed_at = time.monotonic()
-            raise StoreTimeout(
+            timeout = StoreTimeout(
                 f"the state store did not answer within {deadline_s:g} s (state.call_timeout_s)"
             )
+            timeout.fence = fence
+            raise timeout
         try:
             return call.result()
         except Exception as exc:
@@ -509,16 +610,80 @@ class PgDatabase:
                 self._failed_at = time.monotonic()
             raise
 
+    def _give_up(self, call: asyncio.Task[Any], seat: _Seat | None) -> asyncio.Future[bool] | None:
+        """Free the kill switches' connection from a call given up on; ``None`` for a pooled
+        call (it runs on to its end, bounded by the statement timeout).
+
+        A session that stopped answering with its TCP connection up (a frozen backend,
+        a middlebox) would keep the connection, and every switch read and save after
+        it, forever. Its socket is ended here, so the call fails now, and its session
+        is ended on the server (:meth:`_fence`), so a statement it was sent never runs
+        late: a switch cleared after its clearing was answered as failed.
+        """
+        if seat is None:
+            return None
+        seat.given_up = True
+        conn = seat.conn
+        if conn is None or call.done():
+            # Nothing on its way: it sends nothing more (seat.check).
+            settled: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            settled.set_result(True)
+            return settled
+        try:
+            pid = conn.info.backend_pid
+        except psycopg.Error:
+            pid = 0
+        self._aside.forget(conn)
+        _shut(conn)
+        return self._aftermath.spawn(self._fence(pid), name="fence", awaited=True)
+
+    async def _fence(self, pid: int) -> bool:
+        """End the session ``pid`` (on another connection) and wait until it is gone: what
+        it was sent then ran before, or never will. False if the store closed first."""
+        delay = 0.1
+        ended = not pid
+        while not self._closed:
+            try:
+                conn = await AsyncConnection.connect(
+                    self.target.url, autocommit=True, **self.target.kwargs()
+                )
+                async with conn:
+                    await self.timeouts.configure(conn)
+                    if not ended:
+                        ended = True  # once: a role that may not end it waits for it to go
+                        await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    while not self._closed:
+                        cur = await conn.execute(
+                            "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)
+                        )
+                        if await cur.fetchone() is None:
+                            return True
+                        await asyncio.sleep(delay)
+                        delay = min(2 * delay, 2.0)
+            except (psycopg.Error, OSError) as exc:
+                log.debug("ending a state store session given up on: %s", failure_summary(exc))
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
+        return False
+
     def _abandon(
-        self, call: asyncio.Task[Any], undo: Callable[[], Awaitable[object]] | None
+        self,
+        call: asyncio.Task[Any],
+        undo: Callable[[], Awaitable[object]] | None,
+        landed: Callable[[Any], Awaitable[object]] | None = None,
     ) -> None:
-        """Let ``call`` run to its end (a write may commit), then ``undo`` it if given."""
+        """Let ``call`` run to its end (a write may commit), then ``undo`` it if given, and
+        hand what it returned to ``landed`` if it returned."""
 
         def ended(task: asyncio.Task[Any]) -> None:
-            if not task.cancelled():
-                task.exception()  # retrieved: its caller was already answered
-            if undo is not None and not self._closed:
+            answered = not task.cancelled() and task.exception() is None
+            if self._closed:
+                return
+            if undo is not None:
                 tasks.spawn(self._undo(undo), name="state-undo")
+            if landed is not None and answered:
+                result = task.result()
+                tasks.spawn(self._undo(lambda: landed(result)), name="state-undo")
 
         call.add_done_callback(ended)
 
@@ -726,19 +891,86 @@ class PgStateStore:
         await self._db.tx(run, aside=True)
 
     async def clear_killswitch(self, switch_id: str, who: str) -> KillSwitchRow | None:
-        """Clear an active switch; ``None`` when there is no active switch with that id."""
+        """Clear an active switch; ``None`` when there is no active switch with that id.
+
+        A clearing past ``state.call_timeout_s`` may still be on its way: its
+        session is ended, and once it is gone (within another
+        ``call_timeout_s``) the row says whether the clearing landed; if it did,
+        it is answered as done. Else :class:`StoreTimeout`, and the switch stays
+        in force as its caller is told: a clearing whose outcome could not be
+        learnt in time is undone should it turn out to have landed.
+        """
+        at = time.time()  # with ``who``, marks this clearing's row
 
         async def run(cur: AsyncCursor[Any]) -> KillSwitchRow | None:
             await cur.execute(
-                "UPDATE killswitches SET cleared_by = %s, cleared_at = %s "
-                "WHERE id = %s AND cleared_at IS NULL RETURNING id, scope, target, reason, "
-                "created_by, created_at, cleared_by, cleared_at",
-                (who, time.time(), switch_id),
+                "UPDATE killswitches SET cleared_by = %s, cleared_at = %s "  # noqa: S608 - constant columns
+                f"WHERE id = %s AND cleared_at IS NULL RETURNING {_KS_COLUMNS}",
+                (who, at, switch_id),
             )
             found = await cur.fetchone()
             return KillSwitchRow(*found) if found else None
 
-        return await self._db.tx(run, aside=True)
+        try:
+            return await self._db.tx(run, aside=True)
+        except StoreTimeout as exc:
+            if exc.fence is None:
+                raise
+            landed = await self._cleared_late(exc.fence, switch_id, who, at)
+            if landed is None:
+                raise
+            return landed  # it landed as the deadline passed
+
+    async def _cleared_late(
+        self, fence: asyncio.Future[bool], switch_id: str, who: str, at: float
+    ) -> KillSwitchRow | None:
+        """The row a clearing given up on left, if it landed; ``None`` if it did not, or if
+        that cannot be learnt within ``call_timeout_s`` (it is then undone should it land)."""
+        try:
+            async with asyncio.timeout(self._db.timeouts.call_s):
+                if not await asyncio.shield(fence):
+                    return None  # the store is closing
+                rows = await self._db.read(
+                    f"SELECT {_KS_COLUMNS} FROM killswitches "  # noqa: S608 - constant columns
+                    "WHERE id = %s AND cleared_by = %s AND cleared_at = %s",
+                    (switch_id, who, at),
+                    aside=True,
+                )
+                return KillSwitchRow(*rows[0]) if rows else None
+        except (TimeoutError, StateUnavailable, psycopg.Error):
+            self._db.later(self._undo_clear(fence, switch_id, who, at), "undo-clear")
+            return None
+
+    async def _undo_clear(
+        self, fence: asyncio.Future[bool], switch_id: str, who: str, at: float
+    ) -> None:
+        """Put a switch back in force if the clearing marked ``(who, at)``, answered as failed,
+        landed after all; tried until the store takes it."""
+
+        async def run(cur: AsyncCursor[Any]) -> bool:
+            await cur.execute(
+                "UPDATE killswitches SET cleared_by = NULL, cleared_at = NULL "
+                "WHERE id = %s AND cleared_by = %s AND cleared_at = %s",
+                (switch_id, who, at),
+            )
+            return cur.rowcount > 0
+
+        if not await fence:
+            return
+        delay = 1.0
+        while True:
+            try:
+                if await self._db.tx(run, aside=True):
+                    log.warning(
+                        "kill switch %s: its clearing, answered as failed, reached the state "
+                        "store late; it is in force again",
+                        switch_id,
+                    )
+                return
+            except Exception as exc:
+                log.debug("kill switch %s: checking a late clearing: %s", switch_id, exc)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 15.0)
 
     async def active_killswitches(self) -> tuple[KillSwitchRow, ...]:
         """Every switch not yet cleared, oldest first.
@@ -924,14 +1156,26 @@ class PgLinkStore:
         return int(rows[0][0])
 
     async def erase(self, erased: ErasedSubjects) -> list[str]:
-        """Delete the links whose action names an erased data subject; return their call ids."""
-        rows = await self._db.read(
-            "SELECT call_id, action FROM call_links WHERE action IS NOT NULL"
-        )
-        # Parsing and hashing every stored action is CPU work: not on the event loop.
-        found = await asyncio.to_thread(
-            lambda: [(c, bytes(a)) for c, a in rows if names_erased(erased, bytes(a))]
-        )
+        """Delete the links whose action names an erased data subject; return their call ids.
+
+        Read a page at a time, each read and the deletion under the clean-up jobs'
+        limits (``slow``): a full table (:data:`~warden.state.links.MAX_LINKS`) read in
+        one statement outlasts the statement timeout, and the erasure would never end.
+        """
+        found: list[tuple[str, bytes]] = []
+        after = ""
+        while True:
+            rows = await self._db.read(
+                "SELECT call_id, action FROM call_links WHERE call_id > %s "
+                "AND action IS NOT NULL ORDER BY call_id LIMIT %s",
+                (after, ERASE_PAGE),
+                slow=True,
+            )
+            # Parsing and hashing every stored action is CPU work: not on the event loop.
+            found += await asyncio.to_thread(_links_naming, erased, rows)
+            if len(rows) < ERASE_PAGE:
+                break
+            after = str(rows[-1][0])
         if not found:
             return []
 
@@ -945,7 +1189,14 @@ class PgLinkStore:
             )
             return [str(r[0]) for r in await cur.fetchall()]
 
-        return await self._db.tx(run)
+        return await self._db.tx(run, slow=True)
+
+
+def _links_naming(
+    erased: ErasedSubjects, rows: Sequence[tuple[Any, ...]]
+) -> list[tuple[str, bytes]]:
+    """The ``(call_id, action)`` of the links among ``rows`` whose action names ``erased``."""
+    return [(str(c), bytes(a)) for c, a in rows if names_erased(erased, bytes(a))]
 
 
 # -- the change feed -----------------------------------------------------------------------------

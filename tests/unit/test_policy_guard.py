@@ -195,9 +195,7 @@ async def test_undefined_uses_default_effect() -> None:
         ("odd", Effect.DENY),
     ],
 )
-@pytest.mark.parametrize(
-    "code", ["policy_timeout", "policy_crash", "policy_error", "policy_not_ready"]
-)
+@pytest.mark.parametrize("code", ["policy_timeout", "policy_crash", "policy_error"])
 async def test_errors_the_input_did_not_cause_fall_back_by_risk(
     risk: str, effect: Effect, code: str
 ) -> None:
@@ -358,3 +356,19 @@ async def test_what_cannot_be_checked_is_denied_in_observe_mode_too() -> None:
     decision = await pipeline.decide(action_with({"query": "x", "n": 2**70}))
     assert (decision.guard, decision.enforced) == ("validation", Effect.DENY)
     assert engine.seen == []
+
+
+@pytest.mark.parametrize("risk", ["read_only", "write", "high"])
+async def test_no_active_policy_denies_every_risk(risk: str) -> None:
+    # The per-risk fallback is for a policy that failed on one input; with none
+    # active (refused at start), a read-only tool the newest release denies passed.
+    decision, metrics, _ = await decide(
+        PolicyResult(effect=None, error="policy_not_ready", detail="refused: rollback"),
+        GuardContext(mode=Mode.ENFORCE, risk=risk),
+        fallback={"read_only": "allow", "write": "allow", "high": "allow"},
+    )
+    assert decision.effect is Effect.DENY
+    assert decision.guard == "fallback"
+    assert decision.error == "policy_not_ready"
+    assert "rollback" not in decision.reason
+    assert metrics.fallbacks == [("no_policy", risk)]

@@ -1201,6 +1201,9 @@ class PolicyEngine:
                 and bundle.file_hashes is not None
                 and current.bundle.signed_by == bundle.signed_by
             ):
+                # The store is back to what decides: an earlier refusal is over.
+                self.last_error = None
+                self.last_error_at = None
                 return False
             modules = production_modules(bundle)
             try:

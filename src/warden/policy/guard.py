@@ -7,10 +7,15 @@ a final decision:
   if it gave one (so a new rule can run in observe mode), else the configured
   mode;
 * ``policy.default_effect`` when the policy is undefined for the input;
+* deny, whatever the fallback, when no policy is active (``policy_not_ready``:
+  no bundle was activated since start, as when the configured one is refused
+  for its signature, as a rollback, or for not compiling): the fallback is
+  for a policy that exists but could not answer one input, not a policy of
+  its own. ``guard="fallback"``, counted with reason ``no_policy``;
 * the fallback for the tool's risk class (``policy.fallback``; deny when the
-  class is not listed) when the policy could not run the input at all (no
-  bundle is active, no worker was free by the deadline), with
-  ``guard="fallback"`` and the error code;
+  class is not listed) when the active policy could not run the input at all
+  (no worker was running or free by the deadline), with ``guard="fallback"``
+  and the error code;
 * deny, whatever the fallback, when the failure may be the input's own doing
   (it errored, crashed or timed out while running, or is quarantined after
   doing so): an agent must not be able to pick the fallback by crafting
@@ -38,6 +43,17 @@ _WHY = {
     "policy_error": "the policy returned an error",
     "policy_not_ready": "no policy bundle is active",
 }
+_NO_POLICY = "policy_not_ready"
+_NO_POLICY_REASON = (
+    "no policy is active: no bundle could be activated since this sidecar started "
+    "(the configured one was refused or is missing; its operator sees why in /readyz), "
+    "so every action is denied"
+)
+
+
+def _metric_reason(code: str) -> str:
+    """The ``reason`` label of ``warden_policy_fallbacks_total`` for an error code."""
+    return "no_policy" if code == _NO_POLICY else code.removeprefix("policy_")
 
 
 class PolicyGuard:
@@ -132,7 +148,7 @@ class PolicyGuard:
         error: str | None = None
         rendered: Any = None
         if result.error is not None:
-            self.metrics.fallback(result.error.removeprefix("policy_"), ctx.risk)
+            self.metrics.fallback(_metric_reason(result.error), ctx.risk)
             why = _WHY.get(result.error, "the policy could not decide")
             effect, reason, error = Effect.DENY, f"{why}; {view.query} denies", result.error
         elif not result.defined:
@@ -168,9 +184,13 @@ class PolicyGuard:
         """The decision for a policy result in this context."""
         if result.error is not None:
             fallback = self.config.fallback.get(ctx.risk, Effect.DENY)
-            self.metrics.fallback(result.error.removeprefix("policy_"), ctx.risk)
+            self.metrics.fallback(_metric_reason(result.error), ctx.risk)
             why = _WHY.get(result.error, "the policy could not decide")
-            if result.input_fault and fallback is not Effect.DENY:
+            if result.error == _NO_POLICY:
+                # Not a policy failing on one input: there are no rules at all, and an
+                # allow fallback would let through what the newest release denies.
+                effect, reason = Effect.DENY, _NO_POLICY_REASON
+            elif result.input_fault and fallback is not Effect.DENY:
                 effect = Effect.DENY
                 reason = (
                     f"{why} on this input; a failure the input may have caused is denied, "

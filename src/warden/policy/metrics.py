@@ -60,7 +60,7 @@ RELOADS = Counter(
 )
 # Alerts read these with increase(), which takes a series' first sample as its start:
 # created at 0 now, so that the first fallback or failed reload is counted.
-for _reason in ("crash", "error", "not_ready", "timeout"):
+for _reason in ("crash", "error", "no_policy", "timeout"):
     for _risk in ("read_only", "write", "high"):
         FALLBACKS.labels(reason=_reason, risk=_risk)
 for _result in ("success", "failure"):
@@ -92,7 +92,8 @@ class PolicyMetrics:
         """One evaluation finished with ``result`` after ``seconds``."""
 
     def fallback(self, reason: str, risk: str) -> None:
-        """The fallback decided (``reason`` is the error code without ``policy_``)."""
+        """The fallback decided: ``reason`` is the error code without ``policy_``, or
+        ``no_policy`` when no bundle is active (``policy_not_ready``; always a deny)."""
 
     def cache(self, result: str) -> None:
         """A cache lookup: ``hit``, ``miss`` or ``bypass``."""

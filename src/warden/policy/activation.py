@@ -7,7 +7,8 @@ Both sources are polled every ``policy.poll_interval_s``:
   fingerprint changes; the engine then skips the swap if the files' contents
   are the same as the active bundle's.
 * :class:`HttpSource` fetches ``policy.bundle_url`` (an OPA ``.tar.gz``) with
-  ``If-None-Match``, so an unchanged bundle costs one ``304``.
+  ``If-None-Match``, so an unchanged bundle costs one ``304``. An archive that
+  ends early (a download cut short) is fetched again at the next poll.
 
 A new bundle goes to :meth:`PolicyEngine.activate`, which compiles it in new
 workers and swaps it in atomically, or keeps the last good one and reports
@@ -44,6 +45,7 @@ from warden.policy.bundle import (
     merge_bundles,
     read_tarball,
 )
+from warden.policy.bundle.files import BundleCutShort
 from warden.urls import scrub, shown_url, url_secrets
 
 __all__ = ["Activator", "BundleSource", "BundleTarget", "DirectorySource", "HttpSource"]
@@ -199,6 +201,10 @@ class HttpSource:
         name = bundle_name(urlsplit(self.url).path.rstrip("/")) or "bundle"
         try:
             bundle = await asyncio.to_thread(self._build, body, name)
+        except BundleCutShort:
+            # A body that ends at the connection's close may be cut without aiohttp
+            # knowing: its ETag is not kept, so the next poll fetches it whole.
+            raise
         except BundleError:
             self._etag = etag  # broken as served: reported once per change, not every poll
             raise

@@ -14,11 +14,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import sys
 import tarfile
 import zlib
 from collections.abc import Buffer, Mapping
 from pathlib import Path, PurePosixPath
+from typing import Self
 
 from warden.policy.bundle.model import BundleError
 
@@ -29,6 +31,7 @@ __all__ = [
     "MAX_BUNDLE_BYTES",
     "MAX_UNPACKED_BYTES",
     "SIGNATURES_FILE",
+    "BundleCutShort",
     "bundle_name",
     "content_revision",
     "is_policy_file",
@@ -49,6 +52,10 @@ MAX_FILES = 10_000
 MAX_ARCHIVE_ENTRIES = 2 * MAX_FILES
 # The tar stream once decompressed: the files plus headers, padding and skipped files.
 MAX_UNPACKED_BYTES = 2 * MAX_BUNDLE_BYTES
+
+
+class BundleCutShort(BundleError):
+    """An archive that ends before its end: a download cut short, worth fetching again."""
 
 
 def _safe_member_path(name: str) -> str | None:
@@ -109,18 +116,39 @@ def read_bundle_files(path: str | Path) -> dict[str, bytes]:
 
 
 def _read_dir(root: Path) -> dict[str, bytes]:
+    """Read a bundle folder's wanted files, each bounded before it is read.
+
+    Read at every start and reload, before the signature is checked: a file's
+    size is taken from ``stat`` and at most one byte past the bound is read (a
+    sparse file may claim a terabyte), and the folder's entries are counted as
+    an archive's are. Hidden folders (``.git``) are skipped unwalked.
+    """
+    found: list[tuple[str, Path]] = []
+    entries = 0
+    # os.walk does not follow links to folders, as rglob did not.
+    for folder, dirs, names in os.walk(root):
+        base = Path(folder)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        entries += len(dirs) + len(names)
+        if entries > MAX_ARCHIVE_ENTRIES:
+            raise BundleError(f"{root}: folder has over {MAX_ARCHIVE_ENTRIES} entries")
+        for name in names:
+            file = base / name
+            rel = file.relative_to(root).as_posix()
+            if _wanted(rel) and file.is_file():
+                found.append((rel, file))
     files: dict[str, bytes] = {}
     total = 0
-    for file in sorted(root.rglob("*")):
-        if not file.is_file():
-            continue
-        rel = file.relative_to(root).as_posix()
-        if not _wanted(rel):
-            continue
-        if file.is_symlink() and not file.resolve().is_relative_to(root.resolve()):
+    resolved_root = root.resolve()
+    for rel, file in sorted(found):
+        if file.is_symlink() and not file.resolve().is_relative_to(resolved_root):
             raise BundleError(f"{root}/{rel}: symbolic link leaves the bundle")
         try:
-            content = file.read_bytes()
+            size = file.stat().st_size
+            _check_limits(str(root), rel, size, total + size, len(files) + 1)
+            with file.open("rb") as stream:
+                # The file may have grown since stat: one byte past the bound tells.
+                content = stream.read(MAX_FILE_BYTES + 1)
         except OSError as exc:
             raise BundleError(f"{root}/{rel}: cannot read: {exc.strerror}") from exc
         total += len(content)
@@ -180,13 +208,25 @@ _EXTENDED = frozenset(
 _SPARSE = frozenset({tarfile.GNUTYPE_SPARSE})
 
 
-def _bounded_headers() -> type[tarfile.TarInfo]:
+class _Headers(tarfile.TarInfo):
+    ended = False
+    """Whether the archive's end marker (a block of zeros) was read: tarfile stops
+    without a word at the end of the stream too, between members or inside a header."""
+
+
+def _bounded_headers() -> type[_Headers]:
     """A member type whose extended headers are refused, unread, past the bounds above,
     and that refuses sparse members (one type per archive: it counts the archive's
-    headers)."""
+    headers and records whether its end marker was seen)."""
     spent = 0
 
-    class BoundedHeaders(tarfile.TarInfo):
+    class BoundedHeaders(_Headers):
+        @classmethod
+        def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
+            if len(buf) == tarfile.BLOCKSIZE and not buf.strip(tarfile.NUL):
+                cls.ended = True
+            return super().frombuf(buf, encoding, errors)
+
         def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
             nonlocal spent
             if self.size < 0:
@@ -228,11 +268,10 @@ def read_tarball(
 
     A gzipped or plain tar. Refused with :class:`BundleError` past
     ``max_entries`` entries (folders and skipped hidden files included) or
-    ``max_unpacked`` bytes once decompressed, before it is read further.
+    ``max_unpacked`` bytes once decompressed, before it is read further; with
+    :class:`BundleCutShort` when it ends early (no tar end marker, a gzip
+    stream without its end, a member cut), as a download cut short does.
     """
-    files: dict[str, bytes] = {}
-    total = 0
-    entries = 0
     raw: io.BufferedIOBase = io.BytesIO(blob)
     if blob.startswith(b"\x1f\x8b"):
         raw = gzip.GzipFile(fileobj=raw, mode="rb")
@@ -240,41 +279,61 @@ def read_tarball(
         # Read as a stream and walked with next(), each header forgotten once seen:
         # iterating keeps a TarInfo for every entry.
         unpacked = _Unpacked(raw, max_unpacked, label)
-        with tarfile.open(fileobj=unpacked, mode="r|", tarinfo=_bounded_headers()) as tar:
-            while (member := tar.next()) is not None:
-                tar.members.clear()  # type: ignore[attr-defined]  # not in the stubs
-                entries += 1
-                if entries > max_entries:
-                    raise BundleError(f"{label}: archive has over {max_entries} entries")
-                if member.isdir():
-                    continue
-                rel = _safe_member_path(member.name)
-                if rel is None:
-                    raise BundleError(f"{label}: member {member.name!r} escapes the bundle")
-                if not member.isfile():
-                    raise BundleError(f"{label}: {rel}: only regular files are allowed")
-                if not _wanted(rel):
-                    continue
-                total += member.size
-                _check_limits(label, rel, member.size, total, len(files) + 1)
-                extracted = tar.extractfile(member)
-                if extracted is None:  # pragma: no cover - isfile() guarantees a stream
-                    raise BundleError(f"{label}: {rel}: cannot read")
-                if rel in files:
-                    raise BundleError(f"{label}: {rel}: appears twice in the archive")
-                files[rel] = extracted.read()
+        headers = _bounded_headers()
+        with tarfile.open(fileobj=unpacked, mode="r|", tarinfo=headers) as tar:
+            files = _read_members(tar, label, max_entries)
+            if not headers.ended:
+                # Cut between members, a plain tar yields the files before the cut:
+                # a bundle without its last rules.
+                raise BundleCutShort(f"{label}: archive ends before its end marker (cut short?)")
+        # The rest (padding, the gzip trailer): a gzip stream cut past the tar's
+        # end is refused too, and its checksum checked.
+        while unpacked.read(64 * 1024):
+            pass
+    except EOFError as exc:  # gzip: "ended before the end-of-stream marker"
+        raise BundleCutShort(f"{label}: archive cut short: {exc}") from exc
     except (
         tarfile.TarError,
-        EOFError,
         OSError,
         zlib.error,
         ValueError,
         IndexError,
         RecursionError,
     ) as exc:
+        if isinstance(exc, tarfile.ReadError) and str(exc) == "unexpected end of data":
+            raise BundleCutShort(f"{label}: archive cut short: a member ends early") from exc
         # ValueError, IndexError: what tarfile raises on some malformed headers;
         # RecursionError: extended headers for extended headers, nested past the stack.
         raise BundleError(f"{label}: not a readable .tar.gz bundle: {exc}") from exc
+    return files
+
+
+def _read_members(tar: tarfile.TarFile, label: str, max_entries: int) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    total = 0
+    entries = 0
+    while (member := tar.next()) is not None:
+        tar.members.clear()  # type: ignore[attr-defined]  # not in the stubs
+        entries += 1
+        if entries > max_entries:
+            raise BundleError(f"{label}: archive has over {max_entries} entries")
+        if member.isdir():
+            continue
+        rel = _safe_member_path(member.name)
+        if rel is None:
+            raise BundleError(f"{label}: member {member.name!r} escapes the bundle")
+        if not member.isfile():
+            raise BundleError(f"{label}: {rel}: only regular files are allowed")
+        if not _wanted(rel):
+            continue
+        total += member.size
+        _check_limits(label, rel, member.size, total, len(files) + 1)
+        extracted = tar.extractfile(member)
+        if extracted is None:  # pragma: no cover - isfile() guarantees a stream
+            raise BundleError(f"{label}: {rel}: cannot read")
+        if rel in files:
+            raise BundleError(f"{label}: {rel}: appears twice in the archive")
+        files[rel] = extracted.read()
     return files
 
 

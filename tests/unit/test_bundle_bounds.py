@@ -73,14 +73,18 @@ def test_a_data_array_too_long_to_load_in_time_is_refused_with_where_to_split(
     assert "split it" in message
 
 
-def test_a_yaml_data_object_too_long_is_refused_with_its_path(tmp_path: Path) -> None:
+def test_a_yaml_data_object_too_long_is_refused_with_its_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A lower bound, for speed: YAML of 25,001 keys takes seconds to write and read.
+    monkeypatch.setattr("warden.policy.bundle.loader.MAX_DATA_ITEMS", 1_000)
     root = folder(tmp_path / "b")
     (root / "warden" / "tools").mkdir()
-    catalogue = {"catalogue": [{"by id": {f"t{i}": True for i in range(MAX_DATA_ITEMS + 1)}}]}
+    catalogue = {"catalogue": [{"by id": {f"t{i}": True for i in range(1_001)}}]}
     (root / "warden" / "tools" / "data.yaml").write_text(yaml.safe_dump(catalogue))
     with pytest.raises(
         BundleError,
-        match=r'data\.yaml: data\.warden\.tools\.catalogue\[0\]\["by id"\] is an object of 5,001',
+        match=r'data\.yaml: data\.warden\.tools\.catalogue\[0\]\["by id"\] is an object of 1,001',
     ):
         load_bundle(root)
 
@@ -121,3 +125,10 @@ def test_a_gzip_stream_cut_past_the_tar_end_is_refused_as_cut_short() -> None:
     # The gzip trailer (checksum and length) lost: every tar block is there.
     with pytest.raises(BundleCutShort, match="cut short"):
         read_tarball(whole[:-8])
+    # A newline a server added after a whole stream is no cut: read as a next member's
+    # header, it refused the bundle, and its ETag kept it from being fetched again.
+    assert set(read_tarball(whole + b"\n")) == {"policy.rego"}
+    # A checksum that does not match still refuses it.
+    damaged = whole[:-8] + bytes(b ^ 0xFF for b in whole[-8:-4]) + whole[-4:]
+    with pytest.raises(BundleError):
+        read_tarball(damaged)

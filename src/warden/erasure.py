@@ -64,16 +64,33 @@ class StateEraser:
         self._sessions = sessions
 
     async def __call__(self, erased: SubjectMatch) -> dict[str, int]:
-        """Erase whatever the state names ``erased``'s subjects by; counts by what."""
-        links = await self._links.erase(erased)
-        approvals = await self._approvals.erase(erased)
-        counts = {
-            "call_links": links,
-            "approvals": approvals.erased,
-            "approvals_revoked": len(approvals.revoked),
-        }
+        """Erase whatever the state names ``erased``'s subjects by; counts by what.
+
+        Every step is tried, whichever fails: call links failing first left a
+        pending approval holding the subject's data, and able to be approved.
+        The first failure is raised after the others ran, so the erasure stays
+        noted and is done again (each step finds nothing it did already).
+        """
+        counts: dict[str, int] = {}
+        failures: list[Exception] = []
+        try:
+            counts["call_links"] = await self._links.erase(erased)
+        except Exception as exc:
+            failures.append(exc)
+        try:
+            approvals = await self._approvals.erase(erased)
+        except Exception as exc:
+            failures.append(exc)
+        else:
+            counts["approvals"] = approvals.erased
+            counts["approvals_revoked"] = len(approvals.revoked)
         if self._sessions is not None:
-            counts["session_chains"] = await self._sessions.erase(erased)
+            try:
+                counts["session_chains"] = await self._sessions.erase(erased)
+            except Exception as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
         return counts
 
 

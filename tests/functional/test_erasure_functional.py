@@ -29,6 +29,7 @@ from warden.audit.subjects import SubjectKeys
 from warden.cli_audit import main as audit_main
 from warden.config import Config
 from warden.server import Warden
+from warden.state.links import CallLinks
 from warden.state.sessions import ERASED_CALLS
 from warden.testing import Call, MockLLM, Reply
 
@@ -215,8 +216,8 @@ def _assert_ann_erased(state: State, audit_dir: Path) -> dict[str, Any]:
     return erasure
 
 
-async def _console_erase(warden: Warden, subject: str) -> str:
-    """Erase through the console as an admin does; the page's notice."""
+async def _console_erase(warden: Warden, subject: str, done: str = "erased") -> str:
+    """Erase through the console as an admin does; the page's notice (``done``)."""
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
         async with http.get(f"{warden.admin_url}/console/login") as resp:
             nonce = re.search(r'name="nonce" value="([^"]+)"', await resp.text())
@@ -231,7 +232,7 @@ async def _console_erase(warden: Warden, subject: str) -> str:
             data={"csrf": csrf.group(1), "subject": subject},
         ) as resp:
             assert resp.status == 200
-            assert resp.url.query.get("done") == "erased"
+            assert resp.url.query.get("done") == done
             return await resp.text()
 
 
@@ -398,3 +399,35 @@ async def test_an_approval_named_only_by_the_context_header_is_erased_too(
     (erasure,) = [r for r in audit_records(tmp_path / "audit") if r["kind"] == "erasure"]
     assert erasure["body"]["state"]["approvals_revoked"] == 1
     assert ANN not in orjson.dumps(state.rows("SELECT subjects FROM approvals")).decode()
+
+
+async def test_a_failing_erasure_step_does_not_stop_the_others(
+    tmp_path: Path, llm: MockLLM, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The call links failing first (a slow store past its deadline) left the pending
+    # approval holding the subject's email, and able to be approved.
+    state_config, state = backend
+    config = _config(tmp_path, llm, state_config, subjects={"sources": ["context.customer_id"]})
+
+    async def failing(self: CallLinks, erased: object) -> int:
+        raise TimeoutError("the call links did not answer in time")
+
+    monkeypatch.setattr(CallLinks, "erase", failing)
+    async with Warden(config) as warden:
+        async with openai.AsyncOpenAI(
+            base_url=f"{warden.proxy_url}/openai/v1", api_key="sk-test", max_retries=0
+        ) as oai:
+            change = Call("update_email", {"email": f"{ANN}@example.com"}, id="em_ann")
+            llm.script(Reply(tool_calls=[change]))
+            await oai.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "change my email"}],
+                extra_headers={"X-Warden-Context-Customer-Id": ANN},
+            )
+        # The console says the state store's part is still owed.
+        await _console_erase(warden, ANN, done="erase-pending")
+    rows = state.rows("SELECT status, decided_by, arguments FROM approvals")
+    assert rows == [("rejected", "erasure", '{"erased":true}')]
+    # Not all done: the record says the state store's part is owed, and it stays noted.
+    (erasure,) = [r for r in audit_records(tmp_path / "audit") if r["kind"] == "erasure"]
+    assert erasure["body"]["state"] is None

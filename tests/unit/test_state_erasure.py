@@ -22,6 +22,7 @@ from warden.approvals.model import Approval, ApprovalStatus
 from warden.approvals.store import ERASED_BY
 from warden.audit.subjects import SubjectKeys, SubjectMatch
 from warden.model import Action, ActionKind, Agent, RequestMeta, Stage
+from warden.state import postgres
 from warden.state.backend import StateBackend, open_state
 from warden.state.links import CallLinks, Link, LinkOp
 from warden.state.sessions import ERASED_CALLS, ChainLink
@@ -30,7 +31,12 @@ SOURCES = ("action.arguments.customer_id", "context.customer_id", "agent.claims.
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def state(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateBackend]:
+async def state(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[StateBackend]:
+    # PostgreSQL erasures read a page at a time: pages of two make every test below
+    # span several, so a row on a later page is erased too.
+    monkeypatch.setattr(postgres, "ERASE_PAGE", 2)
     backend = await open_state(state_config(request, tmp_path))
     yield backend
     await backend.close()

@@ -11,9 +11,9 @@ published to the fleet by the table's trigger (the change feed).
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, Final
 
 from psycopg import AsyncCursor
@@ -34,7 +34,7 @@ from warden.approvals.store import (
     page_query,
     to_row,
 )
-from warden.state.postgres import ERASE_PAGE, PgDatabase
+from warden.state.postgres import PgDatabase
 from warden.state.repos import ErasedSubjects
 
 __all__ = ["PgApprovalStore"]
@@ -306,20 +306,12 @@ class PgApprovalStore:
         """Erase the approvals that name an erased data subject (see
         :class:`~warden.approvals.store.ApprovalRepo`).
 
-        Read a page at a time, each read and the changes under the clean-up jobs'
-        limits (``slow``): every approval kept, in one statement, may outlast the
-        statement timeout, and the erasure would never end.
+        Read a page at a time (:meth:`~warden.state.postgres.PgDatabase.scan`): every
+        approval kept, in one statement, may outlast the statement timeout.
         """
-        found: builtins.list[Approval] = []
-        after = ""
-        while True:
-            rows = await self._db.read(
-                _SELECT + "WHERE id > %s ORDER BY id LIMIT %s", (after, ERASE_PAGE), slow=True
-            )
-            found += await asyncio.to_thread(_naming, erased, rows)
-            if len(rows) < ERASE_PAGE:
-                break
-            after = str(rows[-1][0])
+        found = await self._db.scan(
+            _SELECT + "WHERE id > %s ORDER BY id LIMIT %s", partial(_naming, erased)
+        )
         if not found:
             return ErasedApprovals(0)
         found.sort(key=lambda a: (a.created_at, a.id))  # as listed: oldest first

@@ -7,14 +7,14 @@ increment and never deadlock. Decided calls and chain links are insert-only.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from psycopg import AsyncCursor
 
-from warden.state.postgres import ERASE_PAGE, PgDatabase
+from warden.state.postgres import PgDatabase
 from warden.state.repos import ErasedSubjects
 from warden.state.sessions import (
     ERASED_CALLS,
@@ -268,22 +268,12 @@ class PgSessionStore:
     async def erase(self, erased: ErasedSubjects) -> int:
         """Empty the chain links that name an erased data subject; how many (see
         :meth:`~warden.state.sessions.SessionRepo.erase`)."""
-        gone: list[str] = []
-        after = ""
-        while True:  # a page at a time: a week of chains may be large
-            # Each page, and the change, under the clean-up jobs' limits: an erasure is
-            # no decision's, and must not fail for a large store.
-            rows = await self._db.read(
-                "SELECT response_id, calls FROM session_responses WHERE response_id > %s "
-                "ORDER BY response_id LIMIT %s",
-                (after, ERASE_PAGE),
-                slow=True,
-            )
-            # Parsing every link's calls is CPU work: not on the event loop.
-            gone += await asyncio.to_thread(_named_erased, erased, rows)
-            if len(rows) < ERASE_PAGE:
-                break
-            after = str(rows[-1][0])
+        # A page at a time (:meth:`PgDatabase.scan`): a week of chains may be large.
+        gone = await self._db.scan(
+            "SELECT response_id, calls FROM session_responses WHERE response_id > %s "
+            "ORDER BY response_id LIMIT %s",
+            partial(_named_erased, erased),
+        )
         if not gone:
             return 0
 

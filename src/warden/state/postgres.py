@@ -33,6 +33,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final, TypeVar
 
 import psycopg
@@ -524,6 +525,26 @@ class PgDatabase:
         seat = _Seat() if aside else None
         work = self._tx(run, aside=aside, transaction=slow, slow=slow, seat=seat)
         return await self._bounded(work, None, self.timeouts.slow_s if slow else None, seat=seat)
+
+    async def scan(
+        self, query: str, pick: Callable[[Sequence[tuple[Any, ...]]], list[T]]
+    ) -> list[T]:
+        """What ``pick`` keeps of the rows ``query`` pages through (an erasure's search).
+
+        ``query`` takes the last page's key (its rows' first column, text) and a
+        limit: ``... WHERE key > %s ORDER BY key LIMIT %s``. Each page is read under
+        the clean-up jobs' limits (``slow``): a whole large table read in one
+        statement outlasts the statement timeout, and the erasure would never end.
+        ``pick`` runs in a thread: parsing stored actions is CPU work.
+        """
+        kept: list[T] = []
+        after = ""
+        while True:
+            rows = await self.read(query, (after, ERASE_PAGE), slow=True)
+            kept += await asyncio.to_thread(pick, rows)
+            if len(rows) < ERASE_PAGE:
+                return kept
+            after = str(rows[-1][0])
 
     async def _tx(
         self,
@@ -1158,24 +1179,14 @@ class PgLinkStore:
     async def erase(self, erased: ErasedSubjects) -> list[str]:
         """Delete the links whose action names an erased data subject; return their call ids.
 
-        Read a page at a time, each read and the deletion under the clean-up jobs'
-        limits (``slow``): a full table (:data:`~warden.state.links.MAX_LINKS`) read in
-        one statement outlasts the statement timeout, and the erasure would never end.
+        Read a page at a time (:meth:`PgDatabase.scan`): a full table
+        (:data:`~warden.state.links.MAX_LINKS`) outlasts one statement's timeout.
         """
-        found: list[tuple[str, bytes]] = []
-        after = ""
-        while True:
-            rows = await self._db.read(
-                "SELECT call_id, action FROM call_links WHERE call_id > %s "
-                "AND action IS NOT NULL ORDER BY call_id LIMIT %s",
-                (after, ERASE_PAGE),
-                slow=True,
-            )
-            # Parsing and hashing every stored action is CPU work: not on the event loop.
-            found += await asyncio.to_thread(_links_naming, erased, rows)
-            if len(rows) < ERASE_PAGE:
-                break
-            after = str(rows[-1][0])
+        found = await self._db.scan(
+            "SELECT call_id, action FROM call_links WHERE call_id > %s "
+            "AND action IS NOT NULL ORDER BY call_id LIMIT %s",
+            partial(_links_naming, erased),
+        )
         if not found:
             return []
 

@@ -465,9 +465,16 @@ class Governor:
         )
 
     @staticmethod
-    def count_usage(agent: Agent, model: str | None, usage: Usage | None) -> None:
-        """Count a response's tokens by agent and model."""
-        if usage is None:
+    def count_usage(
+        agent: Agent, model: str | None, usage: Usage | None, *, billed: bool = True
+    ) -> None:
+        """Count a response's tokens by agent and model.
+
+        ``billed``: the route is one the provider bills (see
+        :attr:`~warden.protocols.registry.RouteMatch.billed`); a stored answer
+        fetched again repeats the usage of the call that made it, counted then.
+        """
+        if usage is None or not billed:
             return
         who = metrics.bounded("agent", agent.id)
         label = metrics.bounded("model", model or "unknown")

@@ -61,6 +61,19 @@ async def overspend(tmp_path: Path, usd: float) -> None:
         await store.close()
 
 
+def input_tokens() -> float:
+    """The agent's input tokens counted by ``warden_tokens_total``, every model together."""
+    return sum(
+        s.value
+        for metric in REGISTRY.collect()
+        if metric.name == "warden_tokens"
+        for s in metric.samples
+        if s.name == "warden_tokens_total"
+        and s.labels.get("agent") == "support-triage"
+        and s.labels.get("direction") == "input"
+    )
+
+
 def spend_metric(model: str) -> float:
     labels = {"agent": "support-triage", "model": model}
     return REGISTRY.get_sample_value("warden_llm_spend_usd_total", labels) or 0.0
@@ -185,9 +198,12 @@ async def test_a_stored_chat_completion_fetched_or_updated_charges_nothing(
             await settled(tmp_path, 1)
             once = await llm_counter(tmp_path)
             assert once[0] == pytest.approx((100_000 * 2 + 1000 * 8) / 1e6)
+            tokens = input_tokens()
             await c.chat.completions.retrieve("chatcmpl-stored1")
             await c.chat.completions.update("chatcmpl-stored1", metadata={"k": "v"})
             records = await settled(tmp_path, 3)
+            # The answer's usage, read again, counts no tokens again either.
+            assert input_tokens() == tokens
     assert await llm_counter(tmp_path) == once
     assert [r["outcome"]["cost"] for r in records] == [pytest.approx(once[0]), None, None]
 

@@ -1027,7 +1027,7 @@ class _Exchange:
                 f"upstream {self._upstream_name!r} answered {self._status} with {problem}"
             )
         usage = adapter.usage(body)
-        self._core.count_usage(turn.agent, turn.model, usage)
+        self._core.count_usage(turn.agent, turn.model, usage, billed=self._billed)
         self._usage = usage
         set_headers: dict[str, str] = {}
         calls = adapter.tool_calls(body)
@@ -1061,7 +1061,7 @@ class _Exchange:
         turn = self._turn
         assert turn is not None
         self._usage = metered.metered_usage(raw)
-        self._core.count_usage(turn.agent, turn.model, self._usage)
+        self._core.count_usage(turn.agent, turn.model, self._usage, billed=self._billed)
         if self._full_duplex(self._modes.response):
             await self._send(_streamed("response_body", raw, eos=not trailers))
         elif chunks == 1:
@@ -1133,7 +1133,9 @@ class _Exchange:
             turn = self._turn
             assert turn is not None
             self._usage = rewriter.usage
-            self._core.count_usage(turn.agent, rewriter.model or turn.model, rewriter.usage)
+            self._core.count_usage(
+                turn.agent, rewriter.model or turn.model, rewriter.usage, billed=self._billed
+            )
             # Cut or not: the answer is the agent's, and its calls decided so far are history.
             self._core.record_response(turn, getattr(rewriter, "response_id", None))
 
@@ -1180,6 +1182,11 @@ class _Exchange:
         self._body += chunk
         if len(self._body) > limit:
             raise error(f"body is over {limit} bytes")
+
+    @property
+    def _billed(self) -> bool:
+        """Whether the provider bills this route (not a stored answer fetched again)."""
+        return self._route is None or self._route.match.billed
 
     @staticmethod
     def _full_duplex(mode: int | None) -> bool:

@@ -688,7 +688,9 @@ class ProxyApp:
                 except BaseException as exc:
                     # The model call ran and is billed: its usage and outcome stand even
                     # when its calls could not be decided (the agent gets none of them).
-                    self._core.count_usage(call.agent, call.turn.model, usage)
+                    self._core.count_usage(
+                        call.agent, call.turn.model, usage, billed=call.route.match.billed
+                    )
                     failed = Outcome(
                         status=upstream_resp.status,
                         error=getattr(exc, "code", None) or "undecided",
@@ -720,7 +722,7 @@ class ProxyApp:
             self._core.record_response(call.turn, response_id(adapter, body))
             raw = _wire.dumps(body).encode()
             headers["Content-Type"] = _JSON
-        self._core.count_usage(call.agent, call.turn.model, usage)
+        self._core.count_usage(call.agent, call.turn.model, usage, billed=call.route.match.billed)
         outcome = Outcome(status=upstream_resp.status, latency_ms=upstream_s * 1e3, usage=usage)
         trusted = action.kind is ActionKind.LLM_CALL  # the provider's answer, seen by Warden
         if call.tool is not None:
@@ -756,7 +758,7 @@ class ProxyApp:
         and the ``undelivered`` calls allowed meanwhile release what they reserved."""
         if undelivered is not None:
             self._release_undelivered(call, *undelivered)
-        self._core.count_usage(call.agent, call.turn.model, usage)
+        self._core.count_usage(call.agent, call.turn.model, usage, billed=call.route.match.billed)
         outcome = Outcome(
             status=status, latency_ms=upstream_s * 1e3, usage=usage, error=_CLIENT_GONE
         )
@@ -867,7 +869,7 @@ class ProxyApp:
         model = (rewriter.model if rewriter is not None else None) or call.turn.model
         # Cut or not: the answer is the agent's, and its calls decided so far are history.
         self._core.record_response(call.turn, getattr(rewriter, "response_id", None))
-        self._core.count_usage(call.agent, model, usage)
+        self._core.count_usage(call.agent, model, usage, billed=call.route.match.billed)
         self._core.outcome(
             action,
             decision,

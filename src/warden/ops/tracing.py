@@ -290,7 +290,9 @@ class _Core(Protocol):
     ) -> Decision: ...
 
     @staticmethod
-    def count_usage(agent: Any, model: str | None, usage: Usage | None) -> None: ...
+    def count_usage(
+        agent: Any, model: str | None, usage: Usage | None, *, billed: bool = True
+    ) -> None: ...
 
 
 def instrument(core: _Core) -> None:
@@ -346,8 +348,8 @@ def _traced_decide(
 
 def _traced_usage(count: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(count)
-    def traced(agent: Any, model: str | None, usage: Usage | None) -> None:
-        count(agent, model, usage)
+    def traced(agent: Any, model: str | None, usage: Usage | None, *, billed: bool = True) -> None:
+        count(agent, model, usage, billed=billed)
         if usage is not None:
             span = trace.get_current_span()
             span.set_attribute("gen_ai.usage.input_tokens", usage.input_tokens)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -78,6 +79,24 @@ def one_line(err: list[str]) -> str:
     assert err[0].startswith("warden: state.url: ")
     assert "Traceback" not in err[0]
     return err[0]
+
+
+def test_a_refused_connection_names_its_cause_not_only_libpqs_hint(
+    tmp_path: Path, pg_server: PgServer
+) -> None:
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    state = {
+        "url": f"postgresql://{APP_USER}@127.0.0.1:{port}/warden",
+        "password_file": str(pg_server.password_file),
+    }
+    code, err = warden_cli(tmp_path, state, "db", "migrate")
+    line = one_line(err)
+    assert code == 2
+    # libpq's cause and its hint are on two lines: the cause was left out.
+    assert "Connection refused" in line
+    assert "Is the server running" in line
 
 
 async def test_a_role_that_may_not_create_gets_one_line_and_exit_2(

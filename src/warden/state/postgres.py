@@ -149,15 +149,17 @@ class PgTarget:
 
 
 def pg_reason(exc: BaseException, url: str) -> str:
-    """The last line of a driver error, with ``url``'s secrets scrubbed.
+    """A driver error on one line, with ``url``'s secrets scrubbed.
 
-    libpq's messages name host, port and user; a URL it cannot parse it
-    quotes ("invalid percent-encoded token"), password and all.
+    Every line is kept: libpq puts the cause on one ("root certificate file
+    \"/.postgresql/root.crt\" does not exist") and its hint on the next. Its
+    messages name host, port and user; a URL it cannot parse it quotes
+    ("invalid percent-encoded token"), password and all.
     """
-    text = str(exc).strip().splitlines()
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     if not text:
         return type(exc).__name__
-    return scrub(text[-1], url_secrets(url, masked=is_credential_key))
+    return scrub(text, url_secrets(url, masked=is_credential_key))
 
 
 @dataclass(frozen=True, slots=True)

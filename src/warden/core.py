@@ -211,6 +211,7 @@ class Governor:
         Raises :class:`warden.errors.AuditError` when the decision cannot be
         recorded: the door must then not let the action through.
         """
+        tracing.DECISION_ID.set(None)  # no line of this decision names the one before
         decision = await self._pipeline.decide(action)
         _count(action, decision)
         gate = self._gate if decision.enforced is Effect.REQUIRE_APPROVAL else None

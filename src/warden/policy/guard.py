@@ -24,18 +24,30 @@ a final decision:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Any
 
+from warden.audit.record import unmaskable_redactions
 from warden.audit.redaction import REDACT_ALL
 from warden.config import PolicyConfig
 from warden.model import Action, Decision, Effect, Obligations, PolicyView, new_id
+from warden.ops import tracing
 from warden.pipeline import GuardContext, policy_input
 from warden.policy.challenger import Challenger
 from warden.policy.engine import PolicyEngine, PolicyResult
 from warden.policy.metrics import PROMETHEUS, PolicyMetrics
 
 __all__ = ["PolicyGuard"]
+
+log = logging.getLogger("warden.policy")
+
+_REDACT_CHECKED: set[tuple[str, tuple[str, ...]]] = set()
+"""(bundle revision, ``redact`` list) pairs read already: a decision cache hit must not
+pay for reading its list again."""
+_REDACT_WARNED: set[tuple[str, str]] = set()
+"""(bundle revision, path) pairs warned of: one line each."""
+_REDACT_MEMO_MAX = 1024
 
 _WHY = {
     "policy_timeout": "the policy took too long",
@@ -83,10 +95,14 @@ class PolicyGuard:
         records hide what they hide at every other door (every field, when the
         policy cannot say).
         """
+        # The decision's id before its evaluation: the engine's log lines (a policy
+        # failing) name the decision they concern, not the request's one before.
+        decision_id = new_id("dec")
+        tracing.DECISION_ID.set(decision_id)
         if action.view is not None:
             view = action.view
             result = await self.engine.evaluate(policy_input(action, ctx), query=view.query)
-            decision = self.decide_view(result, view, ctx)
+            decision = self.decide_view(result, view, ctx, decision_id)
             if action.tool is None or decision.error is not None:
                 return decision  # a failure's record hides everything (warden.audit.redaction)
             redact = await self.redactions(action, ctx)
@@ -98,7 +114,7 @@ class PolicyGuard:
             )
         doc = policy_input(action, ctx)
         result = await self.engine.evaluate(doc)
-        decision = self.decide(result, ctx)
+        decision = self.decide(result, ctx, decision_id)
         if self.challenger is not None:
             self.challenger.offer(doc, decision)  # queued, never awaited
         return decision
@@ -134,9 +150,18 @@ class PolicyGuard:
         if action.view is not None and action.tool is None:
             return None  # a door's own query names no redactions: hide every field
         result = await self.engine.evaluate(policy_input(action, ctx))
-        return None if result.error is not None else result.redact
+        if result.error is not None:
+            return None
+        _warn_unmaskable(result)
+        return result.redact
 
-    def decide_view(self, result: PolicyResult, view: PolicyView, ctx: GuardContext) -> Decision:
+    def decide_view(
+        self,
+        result: PolicyResult,
+        view: PolicyView,
+        ctx: GuardContext,
+        decision_id: str | None = None,
+    ) -> Decision:
         """The decision for a door's own query (:class:`~warden.model.PolicyView`).
 
         Fails closed, whatever ``policy.fallback`` says: a policy that cannot
@@ -169,7 +194,7 @@ class PolicyGuard:
                     else ("the policy allows it" if allowed else "the policy denies it")
                 )
         return Decision(
-            decision_id=new_id("dec"),
+            decision_id=decision_id or new_id("dec"),
             effect=effect,
             reasons=(reason,),
             mode=ctx.mode,
@@ -180,8 +205,11 @@ class PolicyGuard:
             elapsed_us=result.elapsed_us,
         )
 
-    def decide(self, result: PolicyResult, ctx: GuardContext) -> Decision:
-        """The decision for a policy result in this context."""
+    def decide(
+        self, result: PolicyResult, ctx: GuardContext, decision_id: str | None = None
+    ) -> Decision:
+        """The decision for a policy result in this context (``decision_id``: its id,
+        if minted before the evaluation)."""
         if result.error is not None:
             fallback = self.config.fallback.get(ctx.risk, Effect.DENY)
             self.metrics.fallback(_metric_reason(result.error), ctx.risk)
@@ -200,7 +228,7 @@ class PolicyGuard:
                 effect = fallback
                 reason = f"{why}; the fallback for {ctx.risk} actions applies ({effect.value})"
             return Decision(
-                decision_id=new_id("dec"),
+                decision_id=decision_id or new_id("dec"),
                 effect=effect,
                 reasons=(reason,),
                 mode=ctx.mode,
@@ -211,7 +239,7 @@ class PolicyGuard:
             )
         if result.effect is None:
             return Decision(
-                decision_id=new_id("dec"),
+                decision_id=decision_id or new_id("dec"),
                 effect=self.config.default_effect,
                 reasons=("no policy rule decided; the configured default applies",),
                 mode=ctx.mode,
@@ -219,8 +247,9 @@ class PolicyGuard:
                 bundle_revision=result.revision,
                 elapsed_us=result.elapsed_us,
             )
+        _warn_unmaskable(result)
         return Decision(
-            decision_id=new_id("dec"),
+            decision_id=decision_id or new_id("dec"),
             effect=result.effect,
             reasons=result.reasons,
             mode=result.mode if result.mode is not None else ctx.mode,
@@ -235,4 +264,29 @@ class PolicyGuard:
                 required_approvals=result.required_approvals,
             ),
             elapsed_us=result.elapsed_us,
+        )
+
+
+def _warn_unmaskable(result: PolicyResult) -> None:
+    """Warn once per bundle revision of each ``redact`` path Warden cannot mask.
+
+    The records list such paths in ``obligations.redact_not_applied``; the line
+    names the path and the revision only, never a value of the input.
+    """
+    listed = (result.revision, result.redact)
+    if not result.redact or listed in _REDACT_CHECKED:
+        return
+    if len(_REDACT_CHECKED) < _REDACT_MEMO_MAX:
+        _REDACT_CHECKED.add(listed)
+    for path in unmaskable_redactions(result.redact):
+        key = (result.revision, path)
+        if key in _REDACT_WARNED or len(_REDACT_WARNED) >= _REDACT_MEMO_MAX:
+            continue
+        _REDACT_WARNED.add(key)
+        log.warning(
+            "policy revision %s asks to redact %r, which names nothing Warden can mask: "
+            "the records keep that value as it was (docs/policies.md lists what can be "
+            "redacted)",
+            result.revision or "(none)",
+            path[:200],
         )

@@ -629,6 +629,8 @@ def test_an_empty_list_of_network_peers_admits_nobody() -> None:
         "secrets.statePassword=x",
         "--set",
         "networkPolicy.enabled=true",
+        "--set-json",
+        'networkPolicy.stateStore=[{"cidr":"10.0.12.0/24","ports":[5432]}]',
     ]
     for empty, kept in (("admin", "warden-proxy"), ("clients", "warden-admin")):
         docs = helm_template(*base, "--set-json", f"networkPolicy.{empty}=[]")

@@ -31,6 +31,8 @@ CHART_VALUES = {
         "config.state.url=postgresql://warden@postgres.db.svc:5432/warden",
         "--set",
         "secrets.statePassword=x",
+        "--set-json",
+        'networkPolicy.stateStore=[{"cidr":"10.0.0.0/8","ports":[5432]}]',
     ],
 }
 

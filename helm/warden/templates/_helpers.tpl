@@ -92,6 +92,72 @@ app.kubernetes.io/component: {{ ternary "gateway" "agent" (eq .Values.mode "gate
 {{- (.Values.config.state | default dict).url | default "sqlite:///./warden-data/state.db" -}}
 {{- end -}}
 
+{{/* "true" when the gateway may run more than one pod (several replicas or the HPA). */}}
+{{- define "warden.gatewayShared" -}}
+{{- if or (gt (int .Values.gateway.replicaCount) 1) .Values.gateway.autoscaling.enabled }}true{{ end -}}
+{{- end -}}
+
+{{/*
+"true" when Warden's pods keep their data on the claim at one fixed path: a
+sidecar, or a gateway of one pod. Only one Warden may hold that audit log (it
+takes a lock at start), so a rollout must stop the old pod before the new one
+starts (strategy Recreate). A shared gateway gives each pod its own sub-folder.
+*/}}
+{{- define "warden.singleDataPath" -}}
+{{- if and .Values.persistence.enabled (not (and (eq .Values.mode "gateway") (include "warden.gatewayShared" .))) }}true{{ end -}}
+{{- end -}}
+
+{{/* "true" when the chart renders its NetworkPolicy. */}}
+{{- define "warden.hasNetworkPolicy" -}}
+{{- $np := .Values.networkPolicy -}}
+{{- if and $np.enabled (or (eq .Values.mode "gateway") .Values.agent.image $np.podSelector) }}true{{ end -}}
+{{- end -}}
+
+{{/*
+"true" when some egress rule of the NetworkPolicy may open TCP port .port: a
+networkPolicy.upstreams or stateStore entry that lists it, or an extraEgress
+rule without ports, with that port (or a range holding it) or a named port.
+*/}}
+{{- define "warden.egressOpens" -}}
+{{- $np := .np -}}
+{{- $port := int .port -}}
+{{- $open := false -}}
+{{- range (concat ($np.upstreams | default list) ($np.stateStore | default list)) -}}
+{{- range .ports -}}
+{{- if eq (int .) $port }}{{ $open = true }}{{ end -}}
+{{- end -}}
+{{- end -}}
+{{- range ($np.extraEgress | default list) -}}
+{{- if not .ports }}{{ $open = true }}{{ end -}}
+{{- range (.ports | default list) -}}
+{{- if not (hasKey . "port") -}}
+{{- $open = true -}}
+{{- else if not (regexMatch "^[0-9]+$" (toString .port)) -}}
+{{- /* A named port: the chart cannot tell which number it stands for. */ -}}
+{{- $open = true -}}
+{{- else if and (le (int .port) $port) (ge (int (.endPort | default .port)) $port) -}}
+{{- $open = true -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if $open }}true{{ end -}}
+{{- end -}}
+
+{{/*
+The TCP ports of a postgresql:// URL's hosts (5432 when none is given), as a
+JSON list: "postgresql://u@h1:5433,h2/db" gives [5433,5432].
+*/}}
+{{- define "warden.postgresPorts" -}}
+{{- $authority := regexReplaceAll "^[A-Za-z]+://([^/?#]*).*$" . "${1}" -}}
+{{- $hosts := last (splitList "@" $authority) -}}
+{{- $ports := list -}}
+{{- range (splitList "," $hosts) -}}
+{{- $found := regexFind ":[0-9]+$" . -}}
+{{- $ports = append $ports (ternary (trimPrefix ":" $found | int) 5432 (ne $found "")) -}}
+{{- end -}}
+{{- toJson $ports -}}
+{{- end -}}
+
 {{/*
 warden.yaml: the user's config, with listen, policy source and secret file
 paths set by the chart. Secrets never appear here.
@@ -261,10 +327,12 @@ seccompProfile:
 {{- if and (hasKey $identity "require_proof") (not $identity.require_proof) (not .Values.gateway.allowUnprovenDefaultAgent) -}}
 {{- fail "config.identity.require_proof=false in gateway mode: any pod that reaches the gateway is served as config.agent.id without a key or token, and an agent whose kill switch is thrown drops its key and carries on; leave require_proof on (the chart's default here), or set gateway.allowUnprovenDefaultAgent=true to accept that" -}}
 {{- end -}}
-{{- $shared := or (gt (int .Values.gateway.replicaCount) 1) .Values.gateway.autoscaling.enabled -}}
-{{- if and $shared (hasPrefix "sqlite" (include "warden.stateUrl" .)) -}}
-{{- fail "gateway mode with more than one replica needs a shared state store: set config.state.url to postgresql://... (or gateway.replicaCount=1 and gateway.autoscaling.enabled=false)" -}}
+{{- if and (include "warden.gatewayShared" .) (hasPrefix "sqlite" (include "warden.stateUrl" .)) -}}
+{{- fail "gateway mode with more than one replica needs a shared state store: set config.state.url to postgresql://... (or run one pod on SQLite: gateway.replicaCount=1, gateway.autoscaling.enabled=false and persistence.enabled=true, so that kill switches, budgets and approvals outlive the pod)" -}}
 {{- end -}}
+{{- end -}}
+{{- if and (eq .Values.mode "sidecar") .Values.agent.image .Values.persistence.enabled (gt (int .Values.agent.replicaCount) 1) -}}
+{{- fail (printf "agent.replicaCount=%v with persistence.enabled: every replica would mount the same claim at /var/lib/warden, and a Warden holds its audit log's lock while it runs, so only one pod could start; keep agent.replicaCount=1 (the chart replaces the pod with strategy Recreate), or run several replicas with persistence.enabled=false, PostgreSQL state and each pod's audit log shipped to the central store (config.state.url, config.audit.ship.url; docs/state.md, \"Fleet setup\")" .Values.agent.replicaCount) -}}
 {{- end -}}
 {{- if and .Values.policy.bundleUrl (or .Values.policy.files .Values.policy.existingConfigMap) -}}
 {{- fail "policy: set one of files, existingConfigMap and bundleUrl" -}}
@@ -278,6 +346,23 @@ seccompProfile:
 {{- end -}}
 {{- if and .Values.policy.files .Values.policy.existingConfigMap -}}
 {{- fail "policy: set one of files, existingConfigMap and bundleUrl" -}}
+{{- end -}}
+{{- /* The chart's own NetworkPolicy must not cut Warden off from its state store or
+     central audit store without a word. */ -}}
+{{- if include "warden.hasNetworkPolicy" . -}}
+{{- $databases := list -}}
+{{- $state := include "warden.stateUrl" . -}}
+{{- if hasPrefix "postgres" $state }}{{ $databases = append $databases (list "config.state.url" $state) }}{{ end -}}
+{{- $shipUrl := $ship.url | default "" -}}
+{{- if hasPrefix "postgres" $shipUrl }}{{ $databases = append $databases (list "config.audit.ship.url" $shipUrl) }}{{ end -}}
+{{- range $databases -}}
+{{- $key := index . 0 -}}
+{{- range (include "warden.postgresPorts" (index . 1) | fromJsonArray) -}}
+{{- if not (include "warden.egressOpens" (dict "np" $.Values.networkPolicy "port" .)) -}}
+{{- fail (printf "networkPolicy: %s names PostgreSQL on port %v, but no egress rule opens that port, so the chart's NetworkPolicy would block Warden from its database: list the database's addresses in networkPolicy.stateStore (e.g. [{cidr: 10.0.12.0/24, ports: [%v]}]), or allow it in networkPolicy.extraEgress (e.g. by namespaceSelector for an in-cluster database)" $key . .) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- if eq .Values.mode "sidecar" -}}
 {{- $sso := ((.Values.config | default dict).console | default dict).sso | default dict -}}

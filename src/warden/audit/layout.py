@@ -25,14 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from warden.audit.checkpoint import (
-    NoteError,
-    NoteSigner,
-    NoteVerifier,
-    generate_signing_key,
-    load_signing_key,
-)
+from warden.audit.checkpoint import NoteError, NoteSigner, NoteVerifier, load_signing_key
 
 __all__ = [
     "Layout",
@@ -180,7 +176,12 @@ class Layout:
         return False
 
     def signer(self, origin: str, key_file: str | None) -> NoteSigner:
-        """The checkpoint signer: the configured key, else the generated one."""
+        """The checkpoint signer: the configured key, else the one generated for the log.
+
+        Writes nothing: a log with neither gets a new key in memory, which
+        :meth:`keep_signer` stores once the start is accepted. A start refused
+        (another key signed the log) must leave the folder as it found it.
+        """
         if key_file is not None:
             try:
                 key = load_signing_key(Path(key_file))
@@ -196,15 +197,28 @@ class Layout:
         elif self.signing_key.exists():
             key = load_signing_key(self.signing_key)
         else:
-            key = generate_signing_key(self.signing_key)
-            fsync_dir(self.keys)
-        signer = NoteSigner(origin, key)
+            key = Ed25519PrivateKey.generate()
+        return NoteSigner(origin, key)
+
+    def keep_signer(self, signer: NoteSigner, key_file: str | None) -> None:
+        """Store the keys of a start accepted with ``signer``: the key it generated (no
+        ``key_file`` and none stored yet), then its verifier key, note format and PEM.
+
+        Only once the log's checkpoints verify with ``signer`` (or it has none):
+        the verifier key in the folder is what auditors check the log with.
+        """
+        if key_file is None and not self.signing_key.exists():
+            pem = signer.private_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            write_atomic(self.signing_key, pem, 0o600)  # the lock is held: nobody races it
         verifier = signer.verifier
         vkey = (verifier.vkey + "\n").encode()
         if not self.vkey.exists() or self.vkey.read_bytes() != vkey:
             write_atomic(self.vkey, vkey, 0o644)
             write_atomic(self.keys / "checkpoint.pub.pem", verifier.public_pem, 0o644)
-        return signer
 
     def verifier(self) -> NoteVerifier:
         """The verifier key stored with the log; :class:`NoteError` if it is not one."""

@@ -42,7 +42,15 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from warden.audit import metrics
-from warden.audit.checkpoint import CLOSED, REOPENED, Checkpoint, NoteError, NoteSigner
+from warden.audit.checkpoint import (
+    CLOSED,
+    REOPENED,
+    Checkpoint,
+    NoteError,
+    NoteSigner,
+    NoteVerifier,
+    load_signing_key,
+)
 from warden.audit.layout import Layout, LogMeta
 from warden.audit.merkle import CompactRange, leaf_hash
 from warden.audit.record import (
@@ -78,6 +86,7 @@ from warden.audit.subjects import (
     subject_ids,
     subject_value,
 )
+from warden.audit.verify import key_fingerprint
 from warden.audit.verify_evidence import CHECKPOINT_TIME
 from warden.config import AuditConfig
 from warden.errors import AuditError
@@ -157,6 +166,78 @@ def _checkpoints_at_start(
     return None, bad[::-1]
 
 
+def _opens(note: bytes, verifier: NoteVerifier) -> bool:
+    try:
+        Checkpoint.open(note, verifier)
+    except ValueError:  # NoteError, or anything else malformed
+        return False
+    return True
+
+
+def _key_changed(layout: Layout, signer: NoteSigner, key_file: str | None) -> AuditError | None:
+    """The refusal to start a log that another key signed: its newest checkpoint file
+    verifies with the verifier key stored in the folder, not with the key configured
+    now (``audit.signing_key_file`` changed, set or left out, or a generated key lost).
+
+    ``None`` when the keys are the same, or the stored one does not sign that file
+    either: the files are then judged one by one (:func:`_checkpoints_at_start`).
+    """
+    files = layout.checkpoint_files()
+    if not files:
+        return None
+    try:
+        stored = layout.verifier()
+        newest = files[-1].read_bytes()
+    except (OSError, NoteError):
+        return None
+    configured = signer.verifier
+    if stored.vkey == configured.vkey or stored.name != signer.name:
+        return None
+    if not _opens(newest, stored) or _opens(newest, configured):
+        return None
+    now, back = _key_now_and_back(layout, stored, key_file)
+    root = shlex.quote(str(layout.root))
+    return AuditError(
+        f"the audit log in {layout.root} was signed with another key than the one "
+        f"configured: its checkpoints verify with the log's verifier key {layout.vkey} "
+        f"({stored.name}, fingerprint SHA256:{key_fingerprint(stored.vkey)}), not with the "
+        f"key configured now (fingerprint SHA256:{key_fingerprint(configured.vkey)}, {now}). "
+        "A log keeps the key it began with; Warden changed nothing in the folder. To go on "
+        f"with this log, {back}. To sign with the new key, start a new log: set audit.dir "
+        "to a new folder (or move this one aside) and start Warden; keep this folder as it "
+        f"is, still verifiable with its own key (`warden audit verify --dir {root} --key "
+        "<the verifier key published for it>`), and give your auditors the new log's "
+        "keys/checkpoint.vkey"
+    )
+
+
+def _key_now_and_back(
+    layout: Layout, stored: NoteVerifier, key_file: str | None
+) -> tuple[str, str]:
+    """What the key-change refusal calls the key configured now, and how to go back
+    to the one that signed the log."""
+    back = "configure the key that signed it again"
+    if key_file is None:
+        if layout.signing_key.exists():
+            return f"audit.signing_key_file is not set: the key in {layout.signing_key}", back
+        return (
+            f"a new one: audit.signing_key_file is not set and {layout.signing_key}, "
+            "where Warden keeps the key it generates, is missing",
+            f"put the key that signed it back in {layout.signing_key}, or {back}",
+        )
+    now = f"audit.signing_key_file: {key_file}"
+    try:  # the chart's default, a key generated in the folder, then a key supplied
+        kept = NoteSigner(stored.name, load_signing_key(layout.signing_key)).verifier
+    except (OSError, ValueError, TypeError):
+        return now, back
+    if kept.vkey != stored.vkey:
+        return now, back
+    return now, (
+        "leave audit.signing_key_file out: Warden signs with the key it generated for "
+        f"the log, still in {layout.signing_key}"
+    )
+
+
 def _unverified(
     layout: Layout, good: Checkpoint | None, bad: Sequence[tuple[Path, str]], size: int
 ) -> AuditError:
@@ -196,7 +277,8 @@ def _unverified(
         f"{files}, and {newest}; {found}. Inspect with `warden audit verify --dir "
         f"{shlex.quote(str(layout.root))} --key <the log's verifier key>`, which names the "
         "files and the records. Then restore the checkpoints from a copy, or configure the "
-        "key that signed them (a log keeps one key); or, once satisfied the records are "
+        "key that signed them (a log keeps one key: to sign with another, start a new log "
+        "in a new audit.dir and keep this folder); or, once satisfied the records are "
         "Warden's own, move the files that do not verify out of the directory (keep them for "
         "the investigation) and start again: records no good checkpoint signed are then "
         "taken on as a crash's and named in a `log_recovered` record, or refused if the "
@@ -236,8 +318,12 @@ def _open_blocking(config: AuditConfig) -> _Opened:
     meta = layout.init()
     lock_fd = layout.lock()
     try:
+        # Nothing is written to the folder until the start is accepted: a refused
+        # start leaves the verifier key, which is what auditors check the log with.
         signer = layout.signer(meta.origin, config.signing_key_file)
-        subjects = SubjectKeys.open(layout.root, max_keys=config.subjects.max_keys)
+        changed = _key_changed(layout, signer, config.signing_key_file)
+        if changed is not None:
+            raise changed
         latest, bad = _checkpoints_at_start(layout, signer)
         if bad:
             # Decided before the writer opens: a refused start cuts and signs nothing.
@@ -247,6 +333,11 @@ def _open_blocking(config: AuditConfig) -> _Opened:
         writer, state = open_writer(layout.root, config.segment_max_bytes, covered=checkpointed)
         try:
             reopened, adopted = _resume(layout, signer, writer, state, latest=latest)
+            # Accepted: now the keys are stored. A key generated for a new log has signed
+            # nothing yet (_resume signs only with a key the log's checkpoints verified);
+            # the verifier key is put right if an older release's refused start replaced it.
+            layout.keep_signer(signer, config.signing_key_file)
+            subjects = SubjectKeys.open(layout.root, max_keys=config.subjects.max_keys)
         except BaseException:
             writer.abandon()
             raise

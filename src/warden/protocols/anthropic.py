@@ -500,6 +500,11 @@ class AnthropicStreamRewriter(StreamStatus):
     ``ping`` and ``error`` events, passive blocks and their deltas, and
     message events without calls are yielded unchanged (the same object) as
     soon as they are fed. A call block is held until decided.
+
+    An ``error`` event ends the stream, as it does for the SDK, which raises
+    on it and reads nothing after: the call block still held is dropped
+    undecided, :attr:`failed` tells the driver to stop, and any later event
+    but a ping or an error is a violation.
     """
 
     def __init__(self) -> None:
@@ -514,7 +519,13 @@ class AnthropicStreamRewriter(StreamStatus):
         self._pending: dict[str, _Pending] = {}
         self._ordinal = 0
         self._allowed = False
+        self._failed = False
         super().__init__()
+
+    @property
+    def failed(self) -> bool:
+        """True once the upstream sent an ``error`` event: the agent's SDK raised there."""
+        return self._failed
 
     @property
     def usage(self) -> Usage | None:
@@ -559,8 +570,14 @@ class AnthropicStreamRewriter(StreamStatus):
             return  # the SDK never accumulates it into the message: dropped
         event, obj = read
         if name in _PASSED:
+            if name == "error":
+                # The SDK raises here: the block still held never reaches the agent.
+                self._failed = True
+                self._held = None
             yield event  # the SDK skips pings and raises on errors: no call is read
             return
+        if self._failed:
+            raise StreamViolation(f"{name} after an error event")
         if name == "message_start":
             yield from self._message_start(event, obj)
             return

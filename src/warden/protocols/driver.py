@@ -13,7 +13,11 @@ ordering rules are written once:
   and any proxy in between do not time out;
 * a :class:`~warden.errors.StreamViolation` (or any failure) from the
   rewriter, the decision or the writer propagates to the caller, which ends
-  the stream with the provider's error event.
+  the stream with the provider's error event;
+* an upstream error event the agent's SDK raises on (a rewriter's ``failed``
+  turns true) is written, then :class:`~warden.errors.UpstreamError` is
+  raised: the SDK reads nothing after it, so nothing after it is decided, and
+  the answer's outcome records the error the agent got.
 
 I/O comes in as two callables: ``decide(calls)`` returns decisions keyed by
 :attr:`ToolCall.key`, and ``write(data)`` sends bytes to the agent. Tests
@@ -31,7 +35,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Final
 
 from warden import tasks
-from warden.errors import UpstreamProtocol
+from warden.errors import UpstreamError, UpstreamProtocol
 from warden.model import Decision, Effect, ToolCall
 from warden.protocols.base import StreamItem, StreamRewriter
 from warden.protocols.sse import SseEvent, SseParser, encode_comment
@@ -86,6 +90,10 @@ class StreamDriver:
         out = bytearray()
         for event in self._parser.feed(chunk):
             await self._drain(self.rewriter.feed(event), out)
+            if getattr(self.rewriter, "failed", False):
+                if out:
+                    await self._write(bytes(out))  # the provider's error, as the SDK reads it
+                raise UpstreamError("the upstream ended the stream with an error event")
         if out:
             await self._write(bytes(out))
 

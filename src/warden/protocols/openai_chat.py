@@ -597,6 +597,11 @@ class OpenAIChatStreamRewriter(StreamStatus):
     A chunk that cannot be parsed, is not the shape the SDK reads, or touches
     a decided call (or a finished choice) raises :class:`StreamViolation`.
 
+    A chunk with a truthy top-level ``error`` ends the stream, as it does for
+    the SDK, whose iterator raises ``APIError`` on it: it goes on without its
+    choices, the calls still held are dropped undecided, and :attr:`failed`
+    tells the driver to stop. A tool call delta after it is a violation.
+
     Choices must first appear in order 0, 1, 2…: the SDK's accumulator puts
     a choice it has not seen at the end of its list and looks choices up by
     ``index``, so any other order would merge one choice's calls into another's.
@@ -607,7 +612,13 @@ class OpenAIChatStreamRewriter(StreamStatus):
         self._max_choices = max(1, choices)
         self._choices: dict[int, _ChoiceState] = {}
         self._pending: dict[str, tuple[ToolCall, _Open]] = {}
+        self._failed = False
         super().__init__()
+
+    @property
+    def failed(self) -> bool:
+        """True once the upstream sent an error chunk: the agent's SDK raised there."""
+        return self._failed
 
     def feed(self, event: SseEvent) -> Iterator[StreamItem]:
         """Take one upstream event; yield events to send and calls to decide.
@@ -633,10 +644,13 @@ class OpenAIChatStreamRewriter(StreamStatus):
         choices = chunk.get("choices")
         if usage is not None:
             self._usage = usage
-            if self._hide_usage and choices == []:
-                return  # the usage-only chunk Warden asked for; the agent did not
+        if chunk.get("error"):  # the SDK's own test: truthy, whatever the event's name
+            yield self._fail(event, chunk)
+            return
+        if usage is not None and self._hide_usage and choices == []:
+            return  # the usage-only chunk Warden asked for; the agent did not
         if choices is None:
-            yield event  # no choices, so no call (keep-alives, errors, usage)
+            yield event  # no choices, so no call (keep-alives, usage)
             return
         if not isinstance(choices, list):
             raise _violation("choices is not a list")
@@ -671,6 +685,8 @@ class OpenAIChatStreamRewriter(StreamStatus):
                 raise _violation("a chunk's choice carries a message; chunks carry deltas")
             parts, function_call = _call_parts(choice)
             if parts or function_call is not None:
+                if self._failed:
+                    raise _violation("a tool call delta after the stream's error")
                 if self._complete or self._state(index).finished:
                     raise _violation(f"a tool call delta after choice {index} finished")
                 has_calls = True
@@ -731,6 +747,21 @@ class OpenAIChatStreamRewriter(StreamStatus):
                 )
             self._choices[index] = _ChoiceState()
         return index
+
+    def _fail(self, event: SseEvent, chunk: dict[str, Any]) -> SseEvent:
+        """The error chunk that ends the stream, as the agent is to get it.
+
+        The SDK raises on it and reads nothing after: the calls still held never
+        reach the agent, so they are dropped, never decided. Its choices are
+        left out, so that no other client reads a call from them either.
+        """
+        self._failed = True
+        for state in self._choices.values():
+            state.open = None
+        if "choices" not in chunk:
+            return event
+        envelope = {key: value for key, value in chunk.items() if key != "choices"}
+        return SseEvent(data=dumps(envelope), event=event.event, id=event.id)
 
     def _mark_sent(self, choices: list[Any], texts: list[int]) -> None:
         for choice in choices:

@@ -63,6 +63,13 @@ carries is decided before the snapshot goes out.
 
 Sequence numbers are reassigned from one counter, so they stay strictly
 increasing whatever was held, dropped or added.
+
+Errors. An event with a truthy top-level ``error`` (whatever its type: the
+SDK's iterator raises ``APIError`` on any such event, and reads nothing
+after) ends the stream: it goes on with only its type, sequence number and
+error fields, the calls still held are never decided, and every later event
+is dropped. An ``error``-type event without that member is yielded by the
+SDK like any other, and passes as it came.
 """
 
 from __future__ import annotations
@@ -113,6 +120,8 @@ _ITEM_DONE: Final = "response.output_item.done"
 _CREATED: Final = "response.created"
 _TERMINAL: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _LIFECYCLE: Final = frozenset({_CREATED, "response.queued", "response.in_progress"})
+# What of an event that ends the stream in error goes on: an error event's own fields.
+_ERROR_FIELDS: Final = frozenset({"type", "sequence_number", "error", "code", "message", "param"})
 
 PASSIVE_ITEMS: Final = frozenset(
     {
@@ -879,9 +888,15 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
         self._ids: set[tuple[str, str]] = set()  # items' ids and calls' call ids so far
         self._hosted: dict[int, str] = {}  # outputs the provider bills per call, by index
         self._ended = False  # the SDK's ``[DONE]`` was seen: it reads nothing after
+        self._failed = False  # an event the SDK raises on was seen: nor after that
         super().__init__()
         self.response_id: str | None = None
         """The response's id, once an event carrying the response object named it."""
+
+    @property
+    def failed(self) -> bool:
+        """True once the upstream sent an event with an error: the agent's SDK raised there."""
+        return self._failed
 
     # -- feeding ----------------------------------------------------------
 
@@ -899,6 +914,11 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
         except ValueError as exc:
             raise _violation(f"an event that {exc}") from None
         event = as_read(event, data)
+        if data.get("error"):  # the SDK's own test: truthy, whatever the event's type
+            self._ended = self._failed = True
+            error = {key: value for key, value in data.items() if key in _ERROR_FIELDS}
+            yield self._emit(event, error, changed=error != data)
+            return
         kind = data.get("type")
         if not isinstance(kind, str):
             raise _violation("an event without a type")
@@ -1125,8 +1145,10 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
         return [self._new_event(payload) for payload in payloads]
 
     def finish(self) -> Iterator[StreamItem]:
-        """Upstream ended: yield the calls still held, which never closed."""
-        yield from self._flush()
+        """Upstream ended: yield the calls still held, which never closed (unless an
+        error ended the stream first: they never reached the agent)."""
+        if not self._failed:
+            yield from self._flush()
 
     # -- numbering --------------------------------------------------------
 

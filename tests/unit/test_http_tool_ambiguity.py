@@ -26,6 +26,7 @@ from warden.protocols.http_tool import (
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
+MP = "multipart/form-data; boundary=b"
 REFUND = RouteRule.compile(
     "POST",
     "/orders/{order_id}/refunds",
@@ -276,6 +277,82 @@ def test_a_body_key_read_by_pointer_and_named_in_the_query_is_refused() -> None:
         resolve("GET", "/orders/A-1/items", {"status": "open"}, JSON, "status=all")
     with pytest.raises(ToolRequestError, match="top-level key 'status'"):
         resolve("GET", "/orders/A-1/items", {"status": "open"}, JSON)
+
+
+# -- 2b. an unread body that could override a path argument ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "where"),
+    [
+        # ASP.NET MVC model binding and Laravel's $request->order_id read these over the route.
+        (b"note=x&order_id=A-2", FORM, "form body"),
+        (b"ORDER_ID=A-2", FORM, "form body"),
+        (b"order%5Fid=A-2", FORM + "; charset=utf-8", "form body"),
+        (b"order.id=A-2", FORM, "form body"),  # PHP reads "." and " " as "_"
+        (b"order+id=A-2", FORM, "form body"),
+        (b"order[id=A-2", FORM, "form body"),  # and an unclosed "[" too
+        (b"order_id[]=A-2", FORM, "form body"),
+        (b"update[order_id]=A-2", FORM, "form body"),  # ASP.NET's prefixed names
+        (b"x=1;[0].Order_Id=A-2", FORM, "form body"),
+        ("order_\u0131d=A-2".encode(), FORM, "form body"),  # ASP.NET reads a dotless i as I
+        (b"order_id=A-2", "", "form body"),  # Rails reads a body without a type as a form
+        (b'--b\r\nContent-Disposition: form-data; name="order_id"\r\n\r\nA-2\r\n--b--', MP, "form"),
+        (
+            b"--b\r\nContent-Disposition: form-data; name*=utf-8''order%5Fid\r\n\r\nA-2\r\n--b--",
+            MP,
+            "form",
+        ),
+        (b'{"order_id": "A-2"}', JSON, "JSON body's top-level object"),
+        (b'{"Order_ID": "A-2"}', "application/merge-patch+json", "JSON body's"),
+        (b'{"\\u006frder_id": "A-2"}', JSON, "JSON body's"),
+        (b'{"order_id": "A-2"}', "text/json", "JSON body's"),  # Laravel reads it as JSON
+    ],
+)
+def test_an_unread_body_field_named_like_a_path_parameter_is_refused(
+    body: bytes, content_type: str, where: str
+) -> None:
+    # The rule's argument is "id"; the service binds the template's name, order_id.
+    with pytest.raises(ToolRequestError, match=rf"{where}.*path parameter \{{order_id\}}"):
+        resolve("POST", "/orders/A-1", body, content_type)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"note=x&order=A-2&id=A-2", FORM),  # the argument's name is Warden's, not the service's
+        (b'{"note": "x", "order": {"order_id": "A-2"}}', JSON),  # not top level
+        (b'{"order_id": "A-2"', JSON),  # no JSON to a service either: nothing merged
+        (b"order_id=A-2", "application/octet-stream"),  # an upload's bytes carry no field
+        (b"order_id=A-2", "text/plain"),
+        (b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\norder_id\r\n--b--', MP),
+    ],
+)
+def test_an_unread_body_with_no_field_named_like_a_path_parameter_passes(
+    body: bytes, content_type: str
+) -> None:
+    assert resolve("POST", "/orders/A-1", body, content_type) == ToolRequest(
+        "update_order", {"id": "A-1"}
+    )
+
+
+def test_a_rule_that_reads_the_body_already_refuses_a_path_name_it_does_not_name() -> None:
+    # Every body field is an argument: a key no pointer covers is refused, a form too.
+    with pytest.raises(ToolRequestError, match="'/order_id', which no argument"):
+        resolve("POST", "/orders/A-1/refunds", {"amount": 5, "order_id": "A-2"})
+    with pytest.raises(ToolRequestError, match="'/ORDER_ID', which no argument"):
+        resolve("POST", "/orders/A-1/refunds", {"amount": 5, "ORDER_ID": "A-2"})
+    with pytest.raises(ToolRequestError, match="send application/json"):
+        resolve("POST", "/orders/A-1/refunds", b"amount=5&order_id=A-2", FORM)
+    # One the rule names is an argument the policy sees beside the path's.
+    both = RouteRule.compile(
+        "POST",
+        "/orders/{order_id}/refunds",
+        "issue_refund",
+        {"order_id": "{order_id}", "amount": "/amount", "body_order": "/order_id"},
+    )
+    got = both.build({"order_id": "A-1"}, b'{"amount": 5, "order_id": "A-2"}', JSON)
+    assert got == {"order_id": "A-1", "amount": 5, "body_order": "A-2"}
 
 
 # -- 3. rules that fit the same request ------------------------------------------------------

@@ -7,7 +7,8 @@ answer goes back. The policy evaluates ``ext_authz.query`` (default
 (:mod:`warden.protocols.envoy_authz`) merged with Warden's own (``input.agent``,
 ``input.action``, ``input.context``), so OPA-Envoy policies carry over. When
 ``ext_authz.upstream`` names an ``http`` upstream with route rules, a request
-that fits a rule is that tool call (``input.action.tool`` and ``arguments``);
+that fits a rule is that tool call (``input.action.tool`` and ``arguments``),
+the rules tried past ``base_url``'s path as at the base URL;
 a request to it that could make the service run another call than the one
 decided (a method override, an encoded body, a JSON or form body Envoy cut) is
 refused with 400, as the base-URL proxy refuses it; so is one fitting a rule
@@ -25,7 +26,7 @@ observe mode: recorded (``would_deny``), always allowed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote
@@ -62,7 +63,7 @@ from warden.protocols.http_tool import (
     may_carry_fields,
     names_segments,
 )
-from warden.protocols.registry import model_api_at, model_route_refusal
+from warden.protocols.registry import base_segments, model_api_at, model_route_refusal, past_base
 from warden.sessions import door_conversation
 
 if TYPE_CHECKING:
@@ -154,6 +155,8 @@ class ExtAuthzService:
             raise ConfigError(f"ext_authz.max_request_bytes: {exc}") from None
         self._answers = authz.Answers()
         self._upstream = "envoy"
+        self._base: list[str] = []
+        """The path of ``ext_authz.upstream``'s ``base_url``, which route rules are relative to."""
         name = config.ext_authz.upstream
         if name is not None:
             upstream = config.upstreams.get(name)
@@ -162,6 +165,7 @@ class ExtAuthzService:
                     f"ext_authz.upstream: {name!r} is not an upstream with protocol: http"
                 )
             self._upstream = name
+            self._base = base_segments(upstream.base_url)
             if upstream.routes:
                 self._routes = ToolRoutes.compile(upstream.routes, upstream.unmatched)
 
@@ -270,8 +274,12 @@ class ExtAuthzService:
         if found is None:
             return None
         api, at = found
-        if segments is not None and names_segments(self._routes, parsed.method, read, at):
-            return None
+        if segments is not None:
+            # The whole path names the model API; the rules name it past base_url's path.
+            path = self._rule_path(segments)
+            skipped = len(segments) - len(path)
+            if names_segments(self._routes, parsed.method, path, [i - skipped for i in at]):
+                return None
         named = self._settings.upstream
         reason = model_route_refusal("/", named, parsed.method, read, api)
         # A rule of the operator's, which observe mode and dry_run let through as they
@@ -291,6 +299,10 @@ class ExtAuthzService:
                 "control character, so no route rule can be tried on it"
             )
             return None, _Refusal(reason, 400)
+        refusal = self._base_refusal(parsed.method, segments)
+        if refusal is not None:
+            return None, refusal
+        segments = list(self._rule_path(segments))
         content_type = parsed.headers.get("content-type", "")
         found = routes.find(parsed.method, segments)
         if found is not None and authz.partial_body(
@@ -334,6 +346,53 @@ class ExtAuthzService:
             )
             return None, _Refusal(reason, 404, rule=True)
         return tool, None
+
+    def _rule_path(self, segments: list[str]) -> Sequence[str]:
+        """The segments the route rules are tried on: past the upstream's ``base_url`` path
+        when ``segments`` start with it (case-blind), as the base-URL proxy's path never
+        carries it and ext_proc takes it off; the whole path otherwise, as ext_proc reads
+        it (a path Envoy rewrites into base_url's path only after ext_authz)."""
+        return past_base(segments, self._base)
+
+    def _base_refusal(self, method: str, segments: list[str]) -> _Refusal | None:
+        """Why a path that a service may read under base_url's path otherwise than Warden
+        does is refused: one starting with it only read without ``;`` parameters, or one
+        whose whole path fits a rule while the part past base_url's path fits none."""
+        routes = self._routes
+        assert routes is not None
+        tail = self._rule_path(segments)
+        if len(tail) == len(segments):
+            if len(past_base([s.partition(";")[0] for s in segments], self._base)) == len(tail):
+                return None
+            # Tomcat and Spring read "/api;x/v2" as "/api/v2": the service would route
+            # it under base_url's path, where the rules are, while Warden read it outside.
+            reason = (
+                f"the path starts with the path of upstreams.{self._upstream}.base_url only "
+                "when read without ';' parameters, as some services read paths; send it as "
+                "base_url writes it"
+            )
+            return _Refusal(reason, 400)
+        if routes.find(method, tail) is not None:
+            return None
+        whole = next(
+            (
+                rule
+                for rule in routes.rules
+                if rule.match(method, segments) is not None or rule.fits_loosely(method, segments)
+            ),
+            None,
+        )
+        if whole is None:
+            return None
+        # Rules are relative to base_url, as at the base-URL proxy: one written for the
+        # whole path would decide here what the proxy decides as another call, or none.
+        base = "/" + "/".join(self._base)
+        reason = (
+            f"the path fits the route rule {whole.shown} only with the path of "
+            f"upstreams.{self._upstream}.base_url ({base[:80]}) in it, and rules are "
+            f"relative to base_url; write the rule without {base[:80]}"
+        )
+        return _Refusal(reason, 400)
 
     def _answer(
         self, decision: Decision, refusal: _Refusal | None, headers: Mapping[str, str]

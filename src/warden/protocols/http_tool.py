@@ -33,8 +33,9 @@ body refuses a body, unless it says ``body: unread`` (an upload the policy
 decides by path and query alone).
 For the same reason a routed upstream never gets a method override
 (``X-HTTP-Method-Override``, a ``_method`` field), an encoded body
-(``Content-Encoding``), or, on a rule that reads the query, a body that could
-override a query parameter (a form body, or a JSON key named like one).
+(``Content-Encoding``), on a rule that reads the query, a body that could
+override a query parameter (a form body, or a JSON key named like one), or, on a
+``body: unread`` rule, a form field or JSON key named like a path parameter.
 
 Everything here is pure: the ingress reads the request, this module says what
 it is, and renders refusals as RFC 9457 problem documents.
@@ -359,6 +360,11 @@ class RouteRule:
         """The query parameters the rule names; a request may carry no other."""
         return frozenset(s.query for _, s in self.arguments if s.query is not None)
 
+    @property
+    def path_names(self) -> frozenset[str]:
+        """The parameters of the rule's path template (``order_id`` in ``/orders/{order_id}``)."""
+        return _params(self.segments)
+
     def serves(self, method: str) -> bool:
         """Whether a request with ``method`` may fit: its own, and ``HEAD`` for ``GET``.
 
@@ -423,6 +429,10 @@ class RouteRule:
         values = self._query(query) if query else {}
         if self.query_names and body:
             self._no_body_over_query(document, body, content_type)
+        if body and not self.checks_body and self.path_names:
+            # A rule that reads the body refuses a key no pointer names, and one that
+            # names none refuses any body: only an unread body can carry one unseen.
+            self._no_body_over_path(body, content_type)
         if body and not self.needs_body and self.checks_body:
             self._unread_body(body, content_type)
         arguments: dict[str, Any] = {}
@@ -513,6 +523,28 @@ class RouteRule:
                     f"?{query_name[:40]} from the query; services such as Laravel and Rails "
                     "merge the two (the body's value wins), so send the value in one place only"
                 )
+
+    def _no_body_over_path(self, body: bytes, content_type: str) -> None:
+        """Refuse an unread body a service could read a path argument from instead of the path.
+
+        ASP.NET MVC's model binding (without ``[ApiController]``) reads a form field
+        before the route value of the same name, Spring's ``@ModelAttribute`` too, and
+        Laravel's ``$request->ticket_id`` a form field or JSON top-level key before the
+        route parameter. So on ``PUT /tickets/{ticket_id}/draft`` with ``body: unread``
+        the service could act on the body's ``ticket_id`` while the policy saw the
+        path's. Forms are read by field name, as those services spell it
+        (:func:`_form_field_for`); other bodies (an upload's bytes) carry no field.
+        """
+        found = _field_named(self.path_names, body, content_type)
+        if found is None:
+            return
+        where, name = found
+        raise ToolRequestError(
+            f"the {where} has a field named like the path parameter {{{name}}} of the rule "
+            f"{self.shown}; services such as ASP.NET MVC and Laravel read a body field over "
+            "the route value of the same name (the body's value wins), so send the value in "
+            "the path only"
+        )
 
     def _query(self, raw: str) -> dict[str, str]:
         try:
@@ -836,11 +868,62 @@ def _is_method_name(name: str) -> bool:
 
 def _has_method_field(text: str) -> bool:
     """Whether a query or URL-encoded form names ``_method`` (``&`` or ``;`` separated)."""
+    return any(_is_method_name(name) for name in _form_names(text))
+
+
+def _form_names(text: str) -> list[str]:
+    """The field names of a query or URL-encoded form (``&`` or ``;`` separated), decoded once."""
+    names: list[str] = []
     for piece in re.split(r"[&;]", text):
         name = piece.partition("=")[0]
-        if name and _is_method_name(unquote(name.replace("+", " "), errors="replace")):
-            return True
-    return False
+        if name:
+            names.append(unquote(name.replace("+", " "), errors="replace"))
+    return names
+
+
+def _field_named(names: frozenset[str], body: bytes, content_type: str) -> tuple[str, str] | None:
+    """Where ``body`` has a field a service may bind to one of ``names``, and which name.
+
+    Read as :func:`_method_field_in` reads a body: a JSON top-level key when a
+    framework may take it as JSON (Laravel), form fields when its media type is a
+    form's or missing (Rails, PHP), multipart part names. ``None`` for other types.
+    """
+    folded = {_fold(n): n for n in names}
+    if _read_as_json(content_type):
+        for key in _top_level_keys(body):
+            if (name := folded.get(_fold(key))) is not None:
+                return "JSON body's top-level object", name
+    media = _media_type(content_type)
+    if media in ("", "application/x-www-form-urlencoded"):
+        fields = _form_names(body.decode("utf-8", errors="replace"))
+    elif media == "multipart/form-data":
+        fields = _part_names(body)
+    else:
+        return None
+    for field in fields:
+        if (name := _form_field_for(field, folded)) is not None:
+            return "form body", name
+    return None
+
+
+def _form_field_for(field: str, folded: Mapping[str, str]) -> str | None:
+    """The name of ``folded`` (keys folded by :func:`_fold`) a service may bind a form
+    ``field`` to: PHP reads ``ticket.id``, ``ticket id``, ``ticket[id`` and
+    ``ticket_id%00x`` (a C string, cut at the NUL) as ``ticket_id``, and ``ticket_id[]``
+    as an array of it; ASP.NET binds ``x.ticket_id``, ``x[ticket_id]`` and
+    ``[0].ticket_id`` to a property ``ticket_id``, case-blind."""
+    read = _fold(field.lstrip(" "))
+    php = read.translate(_PHP_NAME).partition("\x00")[0]
+    for candidate in (read, php, php.replace("[", "_", 1), *re.split(r"[.\[\]]", read)):
+        if (name := folded.get(candidate)) is not None:
+            return name
+    return None
+
+
+def _fold(name: str) -> str:
+    """``name`` compared case-blind as loosely as any service does: upper-cased first,
+    as ASP.NET's ordinal ignore-case does (U+0131, a dotless i, is ``I``), then folded."""
+    return name.upper().casefold()
 
 
 def _part_names(body: bytes) -> list[str]:

@@ -685,6 +685,9 @@ class McpHttp:
                     return _json(200, answers)
                 return web.Response(status=status, headers=headers)
             out = await self._server_json(exchange, raw)
+            # A body answering some of the calls (a notification, an error with id null, a
+            # part of a batch) answers no more: the others are given up, as when it is empty.
+            self._unanswered(exchange, "no_answer")
             if answers:
                 out = _merge(out, answers)
             if exchange.response is not None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import json
 import logging
 import re
 from collections import Counter, OrderedDict
@@ -990,8 +991,14 @@ def says_whether_it_ran(response: Mapping[str, Any]) -> bool:
 
 
 def result_outcome(response: Mapping[str, Any], latency_ms: float = 0.0) -> Outcome:
-    """The server's answer to a governed request as its outcome (a tool's text content
-    joined; any other result as its JSON)."""
+    """The server's answer to a governed request as its outcome.
+
+    A tool result that is text alone is recorded as its text (joined); one that gives
+    the client more (``structuredContent`` its text does not say, an image, a resource)
+    is recorded whole, as JSON, as any other result is. A task handle (``resultType``
+    other than ``complete``, or a 2025-11-25 ``CreateTaskResult``: a ``task`` object
+    and no ``resultType``) is recorded as accepted (status 202).
+    """
     error = response.get("error")
     if isinstance(error, dict):
         return Outcome(
@@ -1008,19 +1015,63 @@ def result_outcome(response: Mapping[str, Any], latency_ms: float = 0.0) -> Outc
         # The server asks the client for input first (2026-07-28): the request did not
         # complete; its retry, with the answers, is decided as a request of its own.
         return Outcome(latency_ms=latency_ms, error=INPUT_REQUIRED, is_error=True)
-    if shape is not None and shape != "complete":
-        # A shape a client extension claims (a task handle): the call goes on at the
-        # server, and what it does there later does not come back through this answer.
-        # Recorded as accepted (202), not failed: what a cap holds for it stays spent.
+    if shape not in (None, "complete") or (shape is None and isinstance(result.get("task"), dict)):
+        # A task handle: the call goes on at the server, and what it does there later
+        # does not come back through this answer. Recorded as accepted (202), not
+        # failed: what a cap holds for it stays spent.
         return Outcome(status=ACCEPTED, latency_ms=latency_ms, result=dumps(result))
+    return Outcome(
+        latency_ms=latency_ms,
+        result=_recorded_result(result),
+        is_error=result.get("isError") is True,
+    )
+
+
+def _recorded_result(result: Mapping[str, Any]) -> str:
+    """All a client reads of ``result``: its text when that is all, else the whole result.
+
+    A client's code reads ``structuredContent``, and a model is shown images and
+    resources: a record of the text alone could say "no refund made" of a call whose
+    structured content says it refunded 900. SDK servers send structured content beside
+    a text that says it (:func:`_repeats`), so such results keep their readable text.
+    """
     content = result.get("content")
-    texts = [
-        c["text"]
-        for c in (content if isinstance(content, list) else ())
-        if isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
-    ]
-    text = "\n".join(texts) if texts else dumps(result)
-    return Outcome(latency_ms=latency_ms, result=text, is_error=result.get("isError") is True)
+    if not isinstance(content, list) or not content:
+        return dumps(result)
+    texts = []
+    for block in content:
+        if not (
+            isinstance(block, dict)
+            and block.get("type") == "text"
+            and isinstance(text := block.get("text"), str)
+        ):
+            return dumps(result)
+        texts.append(text)
+    joined = "\n".join(texts)
+    structured = result.get("structuredContent")
+    if structured is None or _repeats(joined, structured):
+        return joined
+    return dumps(result)
+
+
+def _repeats(text: str, structured: Any) -> bool:
+    """Whether ``structured`` says what ``text`` says: the same JSON value, or that value
+    (or the text itself) as ``{"result": ...}``, as SDK servers wrap a value that is no
+    object. Compared as JSON text, so ``1``, ``1.0`` and ``true`` differ, as to a reader."""
+    values = [structured]
+    if isinstance(structured, dict) and structured.keys() == {"result"}:
+        if structured["result"] == text:
+            return True  # a tool's string, as it is
+        values.append(structured["result"])
+    try:
+        said = _canonical(loads(text))
+        return any(_canonical(value) == said for value in values)
+    except (RecursionError, TypeError, ValueError):
+        return False  # not JSON, or nested too deeply to compare: recorded whole
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def filter_tools(response: Mapping[str, Any], hide: Callable[[str], bool]) -> Mapping[str, Any]:

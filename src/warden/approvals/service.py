@@ -331,7 +331,8 @@ class Approvals:
         await self._check_room(action.agent.id)
         ob = decision.obligations
         ttl = (ob.hold_timeout_s or self.settings.hold_timeout_s) if mode == "hold" else None
-        shown = action_body(action, ob.redact)
+        # Approvers see no context: its redactions are the records', not this display's.
+        shown = action_body(action, ob.redact, context=False)
         # Only the display is cut to size: the binding and hash above cover the whole call.
         budget = [MAX_CHARS]
         arguments, cut = shorten(

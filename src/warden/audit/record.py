@@ -12,11 +12,14 @@ Two defences run on every body before it is stored:
   when it has no password (a token as user name), and the values of its
   credential-named query parameters (``?api_key=...``, ``?sig=...``);
 * the policy's redaction obligations (``Decision.obligations.redact``) replace
-  the named argument or result paths with ``"[redacted]"``. Arguments or a
-  result hidden whole keep only their SHA-256 (and the argument names), and
-  arguments that are not a JSON object are never written in plaintext: no
-  path inside them can be redacted. :mod:`warden.audit.redaction` makes sure
-  every decision carries its redactions, whoever decided it.
+  the named argument, context, MCP answer or result paths with
+  ``"[redacted]"`` (:func:`redact_target` says which path names what). Arguments
+  or a result hidden whole keep only their SHA-256 (and the argument names),
+  and arguments that are not a JSON object are never written in plaintext: no
+  path inside them can be redacted. A path naming anything else in the input
+  document (``agent.claims.email``) cannot be applied: the decision record
+  says so (``obligations.redact_not_applied``). :mod:`warden.audit.redaction`
+  makes sure every decision carries its redactions, whoever decided it.
 """
 
 from __future__ import annotations
@@ -56,8 +59,10 @@ __all__ = [
     "mask_credentials",
     "outcome_body",
     "path_holds_arguments",
+    "redact_target",
     "scrub_headers",
     "tools_sha256",
+    "unmaskable_redactions",
 ]
 
 SCHEMA_VERSION = 1
@@ -508,31 +513,85 @@ def apply_redactions(value: Any, paths: Iterable[str]) -> list[str]:
     return [p for p in paths if p and _redact_path(value, p.split("."))]
 
 
-def _split_redactions(paths: Iterable[str]) -> tuple[list[str], list[str]]:
-    """Policy paths for arguments and for results.
-
-    ``email``, ``arguments.email``, ``action.arguments.email`` and
-    ``input.action.arguments.email`` all name the same argument.
-    """
-    args: list[str] = []
-    result: list[str] = []
-    for given in paths:
-        # Policies name fields as they see them in their input document.
-        path = given.removeprefix("input.").removeprefix("action.")
-        if path == "result" or path.startswith("result."):
-            result.append(path)
-        elif path == _ANSWERS or path.startswith(f"{_ANSWERS}."):
-            continue  # see _answers_body
-        elif path.startswith("arguments."):
-            args.append(path[len("arguments.") :])
-        elif path != "arguments":
-            args.append(path)
-        else:
-            args.append("")  # the whole arguments object
-    return args, result
-
-
 _ANSWERS: Final = "input_responses"
+_MASKABLE: Final = frozenset({"arguments", "context", _ANSWERS, "result"})
+"""Where a ``redact`` path can point: what the records keep of the action and its result."""
+_INPUT_ROOTS: Final = frozenset(
+    {"agent", "request", "budget", "history", "session", "mode", "risk"}
+)
+"""Keys of the input document besides ``action`` and ``context``: no record field of
+theirs can be masked (the claims, the declared tools, Warden's own counters)."""
+_ACTION_FIELDS: Final = frozenset(
+    {"kind", "type", "tool", "protocol", "stage", "model", "upstream", "method", "path"}
+    | {"labels", "meta"}
+)
+"""``input.action``'s keys other than ``arguments`` and ``input_responses``."""
+
+
+def redact_target(path: str) -> tuple[str, str] | None:
+    """What a policy's ``redact`` path names: ``(where, inner)``, or ``None`` for nothing
+    Warden can mask.
+
+    ``where`` is ``arguments``, ``context``, ``input_responses`` (an MCP retry's
+    answers) or ``result`` (the tool result, in the outcome record); ``inner``
+    is the dotted path inside it, ``""`` for all of it. Policies name fields as
+    they see them in their input document, ``input.`` optional:
+    ``action.arguments.email`` and ``context.customer_email``. The short forms
+    stay: ``arguments.email``, ``input_responses...``, ``result...``, and a path
+    that starts with no key of the input document is an argument's (``email``,
+    ``action.email``). Any other key of the input document (``agent.claims.email``,
+    ``session``, ``action.tool``) and a path with an empty part give ``None``.
+    """
+    parts = path.removeprefix("input.").split(".")
+    if "" in parts:
+        return None
+    head, rest = parts[0], parts[1:]
+    if head == "action":
+        if not rest or rest[0] in _ACTION_FIELDS:
+            return None
+        head, rest = rest[0], rest[1:]
+        if head not in _MASKABLE or head == "context":
+            return "arguments", ".".join(parts[1:])  # action.email: an argument
+        return head, ".".join(rest)
+    if head in _MASKABLE:
+        return head, ".".join(rest)
+    if head in _INPUT_ROOTS:
+        return None
+    return "arguments", ".".join(parts)
+
+
+def unmaskable_redactions(paths: Iterable[str]) -> list[str]:
+    """The ``redact`` paths that name nothing Warden can mask (:func:`redact_target`),
+    once each, in order: their values stay in the records as they are."""
+    return list(dict.fromkeys(p for p in paths if redact_target(p) is None))
+
+
+@dataclass(frozen=True, slots=True)
+class _Split:
+    """A ``redact`` list by where it applies; ``""`` hides all of that place."""
+
+    arguments: tuple[str, ...]
+    context: tuple[str, ...]
+    answers: tuple[str, ...]
+    result: tuple[str, ...]
+    """As the outcome record lists them: ``result`` or ``result.<path>``."""
+
+
+def _split_redactions(paths: Iterable[str]) -> _Split:
+    """Policy paths by the place they redact (see :func:`redact_target`)."""
+    found: dict[str, list[str]] = {name: [] for name in _MASKABLE}
+    for given in paths:
+        target = redact_target(given)
+        if target is not None:
+            found[target[0]].append(target[1])
+    return _Split(
+        tuple(found["arguments"]),
+        tuple(found["context"]),
+        tuple(found[_ANSWERS]),
+        tuple(f"result.{p}" if p else "result" for p in found["result"]),
+    )
+
+
 _PATH_ARGUMENT_PROTOCOLS: Final = frozenset({"http", "envoy_authz"})
 """Doors whose tool calls take arguments from the request path (route rules)."""
 
@@ -543,31 +602,47 @@ def path_holds_arguments(action: Mapping[str, Any]) -> bool:
     return action.get("tool") is not None and action.get("protocol") in _PATH_ARGUMENT_PROTOCOLS
 
 
-def _answers_body(answers: Mapping[str, Any], redact: Iterable[str]) -> tuple[Any, list[str]]:
+def _answers_body(answers: Mapping[str, Any], paths: tuple[str, ...]) -> tuple[Any, list[str]]:
     """An MCP retry's answers as recorded, and the redactions applied to them.
 
     Policies name them as they see them: ``action.input_responses`` (all of
     them) or a path inside (``action.input_responses.email.content.email``).
     """
-    paths = [p.removeprefix("input.").removeprefix("action.") for p in redact]
-    if _ANSWERS in paths:
+    if "" in paths:
         return REDACTED, [_ANSWERS]
-    inside = [p[len(_ANSWERS) + 1 :] for p in paths if p.startswith(f"{_ANSWERS}.")]
     masked: list[str] = []
     shown = mask_credentials(answers, masked)
-    hit = [f"{_ANSWERS}.{p}" for p in apply_redactions(shown, inside)]
+    hit = [f"{_ANSWERS}.{p}" for p in apply_redactions(shown, paths)]
     # Masked answers as input_responses/<pointer>, beside the policy's dotted paths.
     return shown, [*hit, *(f"{_ANSWERS}{m}" for m in masked if _masked_at(shown, m))]
 
 
-def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
+def _context_body(context: Mapping[str, Any], paths: tuple[str, ...]) -> tuple[Any, list[str]]:
+    """The action's context as recorded, and the redactions applied to it.
+
+    ``context`` hidden whole keeps its keys (the header names a deployment
+    chose, ``customer_email``), so readers still find an object.
+    """
+    shown = mask_credentials(context)
+    if not paths or not shown:
+        return shown, []
+    if "" in paths:
+        return {k: REDACTED for k in shown}, ["context"]
+    return shown, [f"context.{p}" for p in apply_redactions(shown, paths)]
+
+
+def action_body(
+    action: Action, redact: Iterable[str] = (), *, context: bool = True
+) -> dict[str, Any]:
     """The ``action`` object of a decision record, redacted and without credentials.
 
     ``input_responses`` and ``meta`` are there only for an action that has
     them (an MCP retry's answers, an MCP request's ``_meta``), so every other
-    record keeps its shape.
+    record keeps its shape. Without ``context`` (an approval, which shows no
+    context) the body's ``context`` is ``None`` and ``redacted`` names no path in it.
     """
-    arg_paths, _ = _split_redactions(redact)
+    split = _split_redactions(redact)
+    arg_paths = split.arguments
     whole = "" in arg_paths
     arguments: Any = None
     raw: str | None = None
@@ -627,10 +702,14 @@ def action_body(action: Action, redact: Iterable[str] = ()) -> dict[str, Any]:
         "model": action.model,
         "call_id": action.call_id,
         "request": request,
-        "context": mask_credentials(action.context),
+        "context": None,
     }
+    if context:
+        # Set from X-Warden-Context-* headers: personal data too (a customer's email).
+        body["context"], hidden = _context_body(action.context, split.context)
+        body["redacted"] = redacted = [*redacted, *hidden]
     if action.input_responses is not None:
-        body[_ANSWERS], hidden = _answers_body(action.input_responses, redact)
+        body[_ANSWERS], hidden = _answers_body(action.input_responses, split.answers)
         body["redacted"] = [*redacted, *hidden]
     if action.meta is not None:
         # MCP's own metadata and a client's keys: what the server got beside the call.
@@ -666,6 +745,11 @@ def decision_body(decision: Decision, *, tools_sha256: str | None = None) -> dic
         "error": decision.error,
         "elapsed_us": decision.elapsed_us,
     }
+    unapplied = unmaskable_redactions(ob.redact)
+    if unapplied:
+        # Listed in obligations.redact, yet their values are in this log as they were:
+        # said here, not left for a reader to believe them masked.
+        body["obligations"]["redact_not_applied"] = unapplied
     facts = decision.input
     if facts is not None:
         # Only what the agent's request shaped can hold a credential-named key.
@@ -721,6 +805,11 @@ def _result_body(result: str | None, paths: list[str]) -> tuple[Any, list[str], 
             # Not JSON: a path inside it cannot be found, so hide all of it.
             return REDACTED, ["result"], _text_sha256(result)
         hit = apply_redactions(parsed, [p[len("result.") :] for p in paths])
+        if not hit:
+            # The policy names personal data in the result, and none of its paths finds
+            # it (a result shaped otherwise than the policy expects: an MCP result kept
+            # whole, its value under structuredContent): hide all of it, as for text.
+            return REDACTED, ["result"], _text_sha256(result)
         redacted = [f"result.{p}" for p in hit]
         result = orjson.dumps(mask_credentials(parsed)).decode()
     elif result.lstrip()[:1] in ("{", "[") and _CREDENTIAL_HINT.search(result):
@@ -744,7 +833,7 @@ def outcome_body(
     outcome: Outcome, redact: Iterable[str] = (), cost: float | None = None
 ) -> dict[str, Any]:
     """The ``outcome`` object of an outcome record."""
-    _, result_paths = _split_redactions(redact)
+    result_paths = list(_split_redactions(redact).result)
     result, redacted, full_hash = _result_body(outcome.result, result_paths)
     if isinstance(result, str) and (mended := _whole(result)) is not result:
         # The text as sent stays bound by its hash (surrogates kept).

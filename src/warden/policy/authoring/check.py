@@ -1,4 +1,8 @@
-"""``warden policy check``: bundle, parse and compile errors with ``file:line``, and lint."""
+"""``warden policy check``: bundle, parse and compile errors with ``file:line``, and lint.
+
+Also the ``redact`` paths Warden cannot mask that a module writes out or a
+decision table expects (``warden policy test`` finds those a rule builds).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from warden.policy.authoring.child import DEFAULT_TEST_TIMEOUT_S, Child, Crash, init_doc
-from warden.policy.authoring.lint import CALL, MISSING_BUILTINS, Finding, lint_module
+from warden.policy.authoring.lint import (
+    CALL,
+    MISSING_BUILTINS,
+    REDACT_HINT,
+    Finding,
+    lint_module,
+    redact_problems,
+)
 from warden.policy.authoring.policy_set import load_policy_set
 from warden.policy.authoring.statements import blank, split_statements
+from warden.policy.authoring.tables import discover_case_files, load_case_file
 from warden.policy.bundle import BundleError, Module, describe_rego_error
 from warden.policy.cache import analyse
 
@@ -61,6 +73,7 @@ def check_policy(
                     )
                 findings.append(finding)
         findings.extend(lint_module(module.path, module.source))
+    findings.extend(_expected_redactions(policy.folders, query))
     if not parse_failed:
         # The loader's rule for what the engine evaluates (print included), so that
         # check, test, eval and serve accept the same calls.
@@ -90,6 +103,30 @@ def check_policy(
     # Keep the report stable and de-duplicated (the engine repeats some errors).
     unique = dict.fromkeys(findings)
     return sorted(unique, key=lambda f: (f.file, f.line, f.col, f.severity != "error", f.message))
+
+
+def _expected_redactions(folders: Sequence[Path], query: str) -> list[Finding]:
+    """Decision-table cases that expect a ``redact`` path Warden cannot mask.
+
+    A table passing with such a path would only confirm a redaction that
+    never happens. Tables that cannot be read are left to ``warden policy test``.
+    """
+    out: list[Finding] = []
+    for path in discover_case_files(folders):
+        try:
+            table = load_case_file(path)
+        except BundleError:
+            continue
+        if table.query not in (None, query):
+            continue
+        for case in table.cases:
+            paths = case.expect.get("redact")
+            if not isinstance(paths, list):
+                continue
+            for message in redact_problems(p for p in paths if isinstance(p, str)):
+                text = f"case {case.name!r} expects it: {message}"
+                out.append(Finding(table.path, case.line, 1, "error", text, REDACT_HINT))
+    return out
 
 
 _SESSION_COUNTERS = (("session",), ("session", "calls"), ("session", "held"))

@@ -1,19 +1,29 @@
 """Flagging v0 syntax, removed or missing builtins and engine pitfalls in one module.
 
 The syntax OPA 1.x rejects although this engine accepts it, found by text
-alone: the lint never runs the engine.
+alone: the lint never runs the engine. Also the ``redact`` paths written out
+in a module that name nothing Warden can mask (:func:`redact_problems`).
 """
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from warden.audit.record import unmaskable_redactions
 from warden.policy.authoring.statements import NAME, TEST_PREFIX, blank, split_statements
 
-__all__ = ["CALL", "MISSING_BUILTINS", "Finding", "lint_module"]
+__all__ = [
+    "CALL",
+    "MISSING_BUILTINS",
+    "REDACT_HINT",
+    "Finding",
+    "lint_module",
+    "redact_problems",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +140,11 @@ def lint_module(path: str, source: str) -> list[Finding]:
             "so a string where a number was meant passes an upper bound",
             "check the type first: is_number(x); x > 500 (docs/policies.md, engine limits)",
         )
+    findings.extend(
+        Finding(path, *at(offset), "error", message, REDACT_HINT)
+        for offset, written in _redact_literals(source, blanked)
+        for message in redact_problems([written])
+    )
     if has_tests and not path.endswith("_test.rego"):
         add(
             0,
@@ -138,6 +153,72 @@ def lint_module(path: str, source: str) -> list[Finding]:
             "move the tests to a file whose name ends in _test.rego",
         )
     return findings
+
+
+REDACT_HINT = (
+    "Warden masks action.arguments, context, action.input_responses and result, "
+    "or a dotted path inside one (action.arguments.email, context.customer_email); "
+    "see docs/policies.md, the result object"
+)
+# A redact list written out: `"redact": [` in an object, `redact := [` as a rule.
+_REDACT_LIST = re.compile(r'"redact"\s*:\s*\[|(?<![\w.])redact\s*:?=\s*\[')
+_REDACT_CONTAINS = re.compile(r"(?<![\w.])redact\s+contains\s+(?=[\"`])")
+_LITERAL = re.compile(r'"(?:[^"\\\n]|\\.)*"|`[^`]*`')
+
+
+def redact_problems(paths: Iterable[str]) -> list[str]:
+    """A sentence for each ``redact`` path that names nothing Warden can mask."""
+    return [
+        f"redact path {json.dumps(p)} names nothing Warden can mask: the proxy records "
+        "that value as it is"
+        for p in unmaskable_redactions(paths)
+    ]
+
+
+def _redact_literals(source: str, blanked: str) -> Iterator[tuple[int, str]]:
+    """The ``redact`` paths a module writes out as strings, with their offsets.
+
+    Only literal elements of a literal list count; a path built at evaluation
+    (``sprintf``, data) is left to the decision tables.
+    """
+    for match in _REDACT_LIST.finditer(source):
+        if blanked[match.start()] != source[match.start()]:
+            continue  # in a comment or a string
+        start = match.end()
+        end = _closing_bracket(blanked, start - 1)
+        for item in _LITERAL.finditer(source, start, end):
+            before = blanked[start : item.start()].rstrip()
+            after = blanked[item.end() : end].lstrip()
+            if (before == "" or before.endswith(",")) and (after == "" or after[0] == ","):
+                yield item.start(), _literal_text(item.group(0))
+    for match in _REDACT_CONTAINS.finditer(source):
+        if blanked[match.start()] == source[match.start()]:
+            single = _LITERAL.match(source, match.end())
+            if single is not None:
+                yield single.start(), _literal_text(single.group(0))
+
+
+def _closing_bracket(blanked: str, at: int) -> int:
+    """The offset of the bracket closing the one at ``at`` (the end of text if none)."""
+    depth = 0
+    for i in range(at, len(blanked)):
+        if blanked[i] in "([{":
+            depth += 1
+        elif blanked[i] in ")]}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return len(blanked)
+
+
+def _literal_text(literal: str) -> str:
+    if literal.startswith("`"):
+        return literal[1:-1]
+    try:
+        text = json.loads(literal)
+    except ValueError:
+        return literal[1:-1]
+    return text if isinstance(text, str) else literal[1:-1]
 
 
 def _unchecked_comparisons(source: str, blanked: str) -> Iterator[int]:

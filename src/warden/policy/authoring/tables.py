@@ -11,7 +11,9 @@ A result of the decision query is read as the proxy reads it
 list) is an error whatever ``expect`` says, and an effect other than
 ``allow`` in observe mode (the rule's own ``"mode": "observe"``, else
 ``input.mode``) lets the call through, so it meets an ``effect`` expectation
-only when ``expect`` says ``mode: observe`` too.
+only when ``expect`` says ``mode: observe`` too. A ``redact`` path that names
+nothing Warden can mask fails the case, even when ``expect`` lists it: the
+proxy records that value as it is.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from typing import Any
 import orjson
 import yaml
 
+from warden.audit.record import unmaskable_redactions
 from warden.model import Effect, Mode
+from warden.policy.authoring.lint import REDACT_HINT
 from warden.policy.bundle import BundleError, Module
 from warden.policy.engine import interpret_output
 
@@ -36,6 +40,7 @@ __all__ = [
     "discover_case_files",
     "enforced",
     "load_case_file",
+    "unmaskable_message",
 ]
 
 _CASE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -171,12 +176,15 @@ class Enforced:
     ``policy.default_effect``) or when the proxy refuses the result: ``invalid``
     then says why (it denies the call as a ``policy_error``, ``guard: fallback``).
     ``mode`` is the rule's own mode, else the input's; ``own_mode`` says which.
+    ``unmaskable``: the ``redact`` paths the proxy cannot apply (their values are
+    recorded as they are).
     """
 
     effect: str | None
     mode: str
     own_mode: bool = False
     invalid: str = ""
+    unmaskable: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -210,9 +218,19 @@ def enforced(
         return Enforced(None, mode, invalid=result.detail or result.error)
     if result.effect is None:
         return Enforced(default or None, mode)
+    unmaskable = tuple(unmaskable_redactions(result.redact))
     if result.mode is None:
-        return Enforced(result.effect.value, mode)
-    return Enforced(result.effect.value, result.mode.value, own_mode=True)
+        return Enforced(result.effect.value, mode, unmaskable=unmaskable)
+    return Enforced(result.effect.value, result.mode.value, own_mode=True, unmaskable=unmaskable)
+
+
+def unmaskable_message(paths: Iterable[str]) -> str:
+    """Why ``redact`` paths that name nothing Warden can mask are a problem."""
+    named = ", ".join(_show(p) for p in paths)
+    return (
+        f"redact names {named}, which Warden cannot mask: the proxy records that value "
+        f"as it is. {REDACT_HINT}"
+    )
 
 
 def invalid_message(proxy: Enforced) -> str:
@@ -239,9 +257,10 @@ def compare_decision(
 
     ``proxy`` (:func:`enforced`, for the decision query) adds what the proxy
     enforces: ``mode`` is compared with the mode the decision is made in (the
-    rule's own, else the input's), and an effect other than ``allow`` in observe
+    rule's own, else the input's), an effect other than ``allow`` in observe
     mode, which the proxy lets through, meets an ``effect`` expectation only
-    when ``expect`` says ``mode: observe`` too.
+    when ``expect`` says ``mode: observe`` too, and a ``redact`` path the proxy
+    cannot apply is a problem whatever ``expect`` says.
     """
     if expect.get("undefined") is True:
         return [] if undefined else [f"expected no decision (undefined), got {_show(result)}"]
@@ -274,7 +293,7 @@ def compare_decision(
 def _enforcement_problems(expect: Mapping[str, Any], proxy: Enforced) -> list[str]:
     """The mode expected against the mode decided in, and an expected effect the proxy
     would not enforce (observe mode lets the call through)."""
-    problems = []
+    problems = [unmaskable_message(proxy.unmaskable)] if proxy.unmaskable else []
     if "mode" in expect and expect["mode"] != proxy.mode:
         source = "the rule's own" if proxy.own_mode else "input.mode; the rule gives none"
         problems.append(

@@ -27,6 +27,8 @@ from typing import Any
 
 import orjson
 
+from warden.terminal import plain
+
 __all__ = [
     "AdminApiError",
     "add_admin_option",
@@ -82,7 +84,7 @@ def _kill(args: argparse.Namespace) -> int:
     body = {"scope": args.scope, "target": args.target or "*", "reason": args.reason}
     return _run(
         lambda: admin_request("POST", "/v1/killswitches", body),
-        lambda out: f"{out['id']}  {out['scope']} {out['target']}: set",
+        lambda out: f"{plain(out['id'])}  {out['scope']} {plain(out['target'])}: set",
     )
 
 
@@ -90,18 +92,21 @@ def _unkill(args: argparse.Namespace) -> int:
     path = "/v1/killswitches/" + urllib.parse.quote(args.id, safe="")
     if args.reason:
         path += "?" + urllib.parse.urlencode({"reason": args.reason})
-    return _run(lambda: admin_request("DELETE", path), lambda out: f"{out['id']}: cleared")
+    return _run(lambda: admin_request("DELETE", path), lambda out: f"{plain(out['id'])}: cleared")
 
 
 def _list(args: argparse.Namespace) -> int:
     def show(out: Any) -> str:
-        if args.json:
-            return orjson.dumps(out, option=orjson.OPT_INDENT_2).decode()
+        # Targets, reasons and names are people's text (a tool name is the agent's):
+        # an escape sequence or bidi override in them must not drive the terminal.
+        if args.json:  # still JSON: plain's escapes are JSON's own
+            return plain(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode(), keep="\n")
         rows = out.get("killswitches", [])
         if not rows:
             return "no kill switches in force"
         return "\n".join(
-            f"{r['id']}  {r['scope']:<8} {r['target']:<24} by {r['created_by']}: {r['reason']}"
+            f"{plain(r['id'])}  {plain(r['scope']):<8} {plain(r['target']):<24} "
+            f"by {plain(r['created_by'])}: {plain(r['reason'])}"
             for r in rows
         )
 

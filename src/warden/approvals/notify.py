@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import orjson
 from warden import __version__, tasks
 from warden.approvals import metrics
 from warden.approvals.model import Approval, ApprovalSettings
+from warden.terminal import plain
 from warden.urls import scrub, url_secrets
 
 __all__ = [
@@ -53,10 +53,9 @@ EVENTS = frozenset(
 )
 _SLACK_ARGS_CHARS = 1500
 _SLACK_HIDDEN = 10
+"""Hidden paths named in a Slack message; the console lists them all."""
 _SLACK_NAME_CHARS = 120
 _SLACK_REASON_CHARS = 600
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-"""Hidden paths named in a Slack message; the console lists them all."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,10 +164,11 @@ def _mrkdwn(text: str) -> dict[str, Any]:
 
 
 def _line(text: str, most: int = _SLACK_NAME_CHARS) -> str:
-    """Agent-reachable text on one line of the message: no line breaks or other control
-    characters (a fake ``*Risk:* none`` line), cut to ``most`` (Slack refuses a section
-    over 3,000 characters, and the request would never be posted)."""
-    escaped = _slack(_CONTROL.sub(" ", text))
+    """Agent-reachable text on one line of the message: line breaks, other control and
+    format characters written as ``\\uXXXX`` (:func:`warden.terminal.plain`: no fake
+    ``*Risk:* none`` line, no bidi override redrawing a name), cut to ``most`` (Slack
+    refuses a section over 3,000 characters, and the request would never be posted)."""
+    escaped = _slack(plain(text))
     if len(escaped) > most:
         escaped = _whole_entities(escaped[: most - 1]) + "…"
     return escaped
@@ -181,8 +181,11 @@ def _inline(text: str) -> str:
 
 
 def _code(text: str) -> str:
-    """``text`` for inside a code block: a backtick cannot close it (the agent wrote it)."""
-    return _slack(text).replace("`", "\u02cb")  # MODIFIER LETTER GRAVE ACCENT
+    """``text`` (pretty JSON) for inside a code block: a backtick cannot close it (the
+    agent wrote it), and what JSON leaves as it is (a bidi override drawing account
+    ``4401-8765`` as ``4401-5678``, a zero-width or tag character) reads ``\\uXXXX``."""
+    # MODIFIER LETTER GRAVE ACCENT for a backtick.
+    return _slack(plain(text, keep="\n")).replace("`", "\u02cb")
 
 
 class Notifier:

@@ -51,6 +51,7 @@ from warden.killswitch import (
     target_problem,
 )
 from warden.model import ActionKind
+from warden.terminal import plain
 
 __all__ = ["COOKIE", "CSP", "LOGIN_COOKIE", "console_app"]
 
@@ -512,11 +513,20 @@ async def decisions(request: web.Request, console: Console, session: Session) ->
 
 @_view("decisions")
 async def decisions_feed(request: web.Request, console: Console, _: Session) -> web.StreamResponse:
-    """The decisions table as JSON, for live updates."""
+    """The decisions table as JSON, for live updates.
+
+    Its texts are as the page shows them (:func:`warden.terminal.plain`): the
+    page's script writes them into the table as they come, and an agent's
+    bidi override in a tool name or reason would reorder the row it is in.
+    """
     await console.refresh()
     q, _since = _query(request.query)
     found = await asyncio.to_thread(console.index.search, q)
-    return _json({"rows": [r.to_json() for r in found.rows], "next_before": found.next_before})
+    rows = [
+        {k: plain(v) if isinstance(v, str) else v for k, v in r.to_json().items()}
+        for r in found.rows
+    ]
+    return _json({"rows": rows, "next_before": found.next_before})
 
 
 def _seq(request: web.Request) -> int | None:

@@ -24,9 +24,10 @@ from warden.approvals.model import Approval
 from warden.audit.index import Bucket, IndexedRecord, IndexQuery, Page, Revision
 from warden.budgets.guard import CapSpend
 from warden.console import charts
-from warden.console.html import Child, Html, join, tag
+from warden.console.html import Child, Html, join, lines, tag
 from warden.killswitch import KillSwitch, Scope
 from warden.policy.challenger import ChallengerStats, result_label
+from warden.terminal import disguised, disguised_paths
 
 __all__ = [
     "LOST",
@@ -83,7 +84,8 @@ def allowed_views(who: Principal) -> list[View]:
 
 
 def pretty(value: Any) -> str:
-    """JSON for people: indented, keys sorted."""
+    """JSON for people: indented, keys sorted (a page shows it through :func:`lines`,
+    which writes the bidi and other format characters JSON leaves as they are)."""
     try:
         return orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
     except TypeError:
@@ -484,7 +486,7 @@ def decision_detail(
         "require_approval"
     )
     outcome_blocks: Child = [
-        tag("pre", {"class": "json", "aria-label": "Outcome"}, pretty(o.get("outcome")))
+        tag("pre", {"class": "json", "aria-label": "Outcome"}, lines(pretty(o.get("outcome"))))
         for o in outcomes
     ]
     if not outcomes:
@@ -509,7 +511,7 @@ def decision_detail(
             _dl(facts),
             tag("h2", None, "Arguments (as recorded, redacted)"),
             tag("p", {"class": "hint"}, f"Redacted: {', '.join(redacted)}") if redacted else None,
-            tag("pre", {"class": "json", "aria-label": "Arguments"}, pretty(shown_args)),
+            tag("pre", {"class": "json", "aria-label": "Arguments"}, lines(pretty(shown_args))),
             tag("h2", None, "Approval"),
             _approval_section(record.get("approval"), approvals, held),
             tag("h2", None, "Follow-up decision") if follow_ups else None,
@@ -547,7 +549,9 @@ def _approval_section(evidence: Any, approvals: Sequence[Linked], held: bool) ->
     if evidence:
         # A follow-up decision: the approval it went ahead (or was refused) under.
         parts.append(
-            tag("pre", {"class": "json", "aria-label": "Approval evidence"}, pretty(evidence))
+            tag(
+                "pre", {"class": "json", "aria-label": "Approval evidence"}, lines(pretty(evidence))
+            )
         )
     if approvals:
         rows = []
@@ -706,31 +710,68 @@ def _approval_card(a: Approval, csrf: str, who: Principal, now: float) -> Html:
         ),
         # Said before the arguments, not left to "[redacted]" in them: an agent can put
         # any value under a credential-like name, and an approver must know to refuse.
-        _hidden_notice(a.hidden),
-        tag("pre", {"class": "json", "aria-label": "Arguments"}, pretty(a.arguments)),
+        _hidden_notice(a.hidden, _disguised(a)),
+        tag("pre", {"class": "json", "aria-label": "Arguments"}, lines(pretty(a.arguments))),
         # An MCP retry's answers to the server's questions: the server acts on them too.
-        tag("pre", {"class": "json", "aria-label": "Answers"}, pretty(a.answers))
+        tag("pre", {"class": "json", "aria-label": "Answers"}, lines(pretty(a.answers)))
         if a.answers is not None
         else None,
         forms,
     )
 
 
-def _hidden_notice(hidden: Sequence[str]) -> Html | None:
-    """Which argument paths the approver cannot see, each on its own (a key may hold ", ")."""
-    if not hidden:
+_DISGUISED_NAMED = 20
+"""Disguised texts a card names; past them, one line says how many more."""
+
+
+def _disguised(a: Approval) -> list[str]:
+    """Where the approval's tool name, arguments or answers hold characters drawn
+    otherwise than they read (:func:`warden.terminal.disguised`)."""
+    found = ["the tool name"] if a.tool and disguised(a.tool) else []
+    found += disguised_paths(a.arguments)
+    if a.answers is not None:
+        found += [f"answers {p}" for p in disguised_paths(a.answers)]
+    return found
+
+
+def _hidden_notice(hidden: Sequence[str], masked: Sequence[str] = ()) -> Html | None:
+    """Which argument paths the approver cannot see, and which hold characters they
+    cannot see (``masked``, shown escaped), each on its own (a key may hold ", ")."""
+    if not hidden and not masked:
         return None
+    named: list[Child] = [tag("code", None, path) for path in masked[:_DISGUISED_NAMED]]
+    if len(masked) > _DISGUISED_NAMED:
+        named.append(f"and {len(masked) - _DISGUISED_NAMED} more")
     return tag(
         "div",
         {"class": "error", "role": "note", "aria-label": "Hidden from you"},
-        tag(
-            "p",
-            None,
-            f"{len(hidden)} value(s) hidden from you (credential-like names, the policy's "
-            "redactions, or too long to show). Reject the call if you need to see them to "
-            "decide:",
-        ),
-        tag("ul", None, [tag("li", None, tag("code", None, path)) for path in hidden]),
+        [
+            tag(
+                "p",
+                None,
+                f"{len(hidden)} value(s) hidden from you (credential-like names, the policy's "
+                "redactions, or too long to show). Reject the call if you need to see them to "
+                "decide:",
+            ),
+            tag("ul", None, [tag("li", None, tag("code", None, path)) for path in hidden]),
+        ]
+        if hidden
+        else None,
+        # The page writes them as \uXXXX, but the service the call goes to may draw them:
+        # "4401-\u202e8765" reads 4401-5678 there. An escape is easy to read past.
+        [
+            tag(
+                "p",
+                None,
+                f"{len(masked)} text(s) hold invisible or text-reordering characters "
+                "(bidi controls, zero-width, tag or control characters), written here as "
+                "\\uXXXX. Read them as written: other screens draw them differently. Reject "
+                "the call if you are unsure what it sends:",
+            ),
+            tag("ul", None, [tag("li", None, item) for item in named]),
+        ]
+        if masked
+        else None,
     )
 
 
@@ -1059,7 +1100,7 @@ def record_view(record_json: str, seq: int) -> Html:
     """One record as stored, and its inclusion proof, verified by the page's script."""
     return join(
         [
-            tag("pre", {"class": "json", "aria-label": "Record"}, record_json),
+            tag("pre", {"class": "json", "aria-label": "Record"}, lines(record_json)),
             tag(
                 "section",
                 {
@@ -1266,7 +1307,7 @@ def _health_section(health: tuple[bool, Mapping[str, Any]]) -> Html:
         {"aria-label": "Engine health"},
         tag("h2", None, "Engine health"),
         tag("p", {"class": level, "role": "status"}, text),
-        tag("pre", {"class": "json"}, pretty(detail)),
+        tag("pre", {"class": "json"}, lines(pretty(detail))),
     )
 
 

@@ -7,24 +7,35 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from warden import __version__
-from warden.config import Config, load_config
 from warden.errors import ConfigError, WardenError
-from warden.model import Mode
 from warden.terminal import reader_left
 
 if TYPE_CHECKING:
+    from warden.config import Config
     from warden.server import Warden
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+"""Ctrl-C before a command handled it (128 + SIGINT), as shells report it."""
 log = logging.getLogger("warden.cli")
+
+
+class _StopAsked(BaseException):
+    """A stop signal arrived before Warden had started. A ``BaseException``, as
+    ``KeyboardInterrupt`` is, so that no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def _make_room_for_connections(config: Config) -> Config:
@@ -54,23 +65,88 @@ def _make_room_for_connections(config: Config) -> Config:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Until Warden has started (imports, the policy's first compile), a stop signal
+    # ends the start-up quietly; once started, Warden stops gracefully on its own.
+    stop_signals = _start_up_signals()
+    # Ctrl-C raises KeyboardInterrupt already; the others end the process unless caught.
+    before = {n: signal.signal(n, _stop_asked) for n in stop_signals if n != signal.SIGINT}
+    started: list[bool] = []
+    try:
+        return _serve_started(args, stop_signals, started)
+    except (KeyboardInterrupt, _StopAsked) as stop:
+        if started:  # Ctrl-C again while the last spans are exported, after a clean stop
+            return EXIT_INTERRUPTED
+        return _stopped_during_start_up(
+            stop.signum if isinstance(stop, _StopAsked) else signal.SIGINT
+        )
+    finally:
+        for signum, handler in before.items():
+            if handler is not None:  # None: not set from Python, nothing to put back
+                signal.signal(signum, handler)
+
+
+def _start_up_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop Warden once started (``Warden.stop_on_signals``)."""
+    ignored = signal.getsignal(signal.SIGHUP) is signal.SIG_IGN  # started under nohup
+    return (signal.SIGTERM, signal.SIGINT, *(() if ignored else (signal.SIGHUP,)))
+
+
+def _stop_asked(signum: int, frame: object) -> None:
+    raise _StopAsked(signum)
+
+
+def _stopped_during_start_up(signum: int) -> int:
+    """One line, and the exit status Warden has when stopped once started (SIGTERM and
+    SIGHUP: 0), except for Ctrl-C: 130, the shell's convention for an interrupted command."""
+    name = signal.Signals(signum).name
+    print(f"warden: {name} during start-up: stopped before serving", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED if signum == signal.SIGINT else 0
+
+
+def _serve_started(
+    args: argparse.Namespace, stop_signals: Sequence[signal.Signals], started: list[bool]
+) -> int:
+    from warden.config import load_config
     from warden.ops import tracing
     from warden.ops.logging import configure_logging
     from warden.ops.runtime import tune_runtime
     from warden.server import Warden
 
     configure_logging(args.log_level, args.log_format)
+    _warn_if_config_left_out(args.config)
     config = load_config(args.config)
     _check_files(config)
     _warn_if_nobody_decides(config)
     config = _make_room_for_connections(config)
     tracing.configure_from_env()  # off unless OTEL_* asks for traces
+    stopped_by: list[int] = []
 
     async def run() -> None:
+        # A signal cancels the start-up; Warden.start stops what it had started.
+        main = asyncio.current_task()
+        assert main is not None
+        loop = asyncio.get_running_loop()
+
+        def stop_start_up(signum: int) -> None:
+            if not stopped_by:  # a second signal must not cut the clean-up short
+                stopped_by.append(signum)
+                main.cancel()
+
+        for signum in stop_signals:
+            loop.add_signal_handler(signum, stop_start_up, signum)
         warden = Warden(config, config_source=args.config)
-        await warden.start()
+        try:
+            await warden.start()
+        except asyncio.CancelledError:
+            if stopped_by:
+                return
+            raise
+        if stopped_by:  # the signal came as the start ended, and did not cut it short
+            await warden.stop()
+            return
+        started.append(True)
         tune_runtime()  # what startup built stays, and more; see warden.ops.runtime
-        warden.stop_on_signals()
+        warden.stop_on_signals()  # in place of the start-up's handlers
         print(_banner(warden), file=sys.stderr, flush=True)
         await warden.wait_stopped()
 
@@ -78,12 +154,26 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(run())
     finally:
         tracing.shutdown()  # exports the spans still buffered
+    if stopped_by:
+        return _stopped_during_start_up(stopped_by[0])
     return 0
+
+
+def _warn_if_config_left_out(given: str | None) -> None:
+    """Warden reads only the file ``--config`` (or ``WARDEN_CONFIG``) names: say so when
+    ``warden init``'s ``./warden.yaml`` is here and would be ignored."""
+    if given is None and Path("warden.yaml").is_file():
+        log.warning(
+            "./warden.yaml is not read: no --config was given, so the defaults apply; "
+            "start with --config warden.yaml to use it"
+        )
 
 
 def _banner(warden: Warden) -> str:
     """What ``warden serve`` prints once started: where it listens, and what a first look
     would miss (nothing is blocked in observe mode; not ready, and why)."""
+    from warden.model import Mode
+
     lines = [f"warden {__version__}: proxy {warden.proxy_url}  admin {warden.admin_url}"]
     if warden.grpc_address:
         lines[0] += f"  grpc {warden.grpc_address}"
@@ -94,12 +184,12 @@ def _banner(warden: Warden) -> str:
     # Agents whose own mode differs from the global one (which agents not named here get).
     apart = sorted(a for a in agents if config.mode_for(a) is not config.mode)
     if config.mode is Mode.OBSERVE:
+        # Validation holds in every mode (docs/policies.md): "nothing" would overstate it.
+        enforced = f" (enforced for {', '.join(apart)})" if apart else ""
         lines.append(
-            "warden: mode observe: decisions are recorded, the policy blocks nothing "
-            "(kill switches still do)"
+            f"warden: mode observe: decisions are recorded, the policy blocks nothing{enforced}; "
+            "kill switches still block, and calls Warden cannot check exactly are denied"
         )
-        if apart:
-            lines[-1] += f" (enforced for {', '.join(apart)})"
     elif apart:
         names = ", ".join(apart)
         lines.append(f"warden: observe mode for {names}: the policy blocks none of theirs")
@@ -156,28 +246,73 @@ def _not_creatable(folder: Path) -> str | None:
 
 
 def _warn_if_nobody_decides(config: Config) -> None:
-    """Say so at start when no one could decide an approval a policy asks for."""
-    approvers = {t.subject for t in config.admin.tokens if "approver" in t.roles}
+    """Say so at start when no one could decide an approval a policy asks for.
+
+    Besides the role, the approver groups the active bundle's data names
+    (``data.warden.approvals.approvers``, as the shipped bundle's rules read them)
+    are checked, from its files alone: bundles from ``policy.bundle_url`` are not
+    fetched for it, and groups a rule names in Rego are not seen.
+    """
+    approvers = [t for t in config.admin.tokens if "approver" in t.roles]
     sso = config.console.sso if config.console.enabled else None
     if sso is not None and any("approver" in roles for roles in sso.roles.values()):
         return  # people signing in through SSO can decide
     needed = config.approvals.required_approvals
-    if len(approvers) >= needed:
+    subjects = {t.subject for t in approvers}
+    if len(subjects) < needed:
+        have = (
+            f"admin.tokens has {len(subjects)} approver(s), approvals.required_approvals "
+            f"asks {needed}"
+            if subjects
+            else "no admin token has the approver role (admin.tokens)"
+        )
+        log.warning(
+            "approvals: nobody can decide the approvals a policy asks for: %s and console.sso "
+            "gives the role to no group; a held action waits out its hold time and is then "
+            "refused. Add an approver token: docs/admin-api.md",
+            have,
+        )
         return
-    have = (
-        f"admin.tokens has {len(approvers)} approver(s), approvals.required_approvals asks {needed}"
-        if approvers
-        else "no admin token has the approver role (admin.tokens)"
-    )
+    if config.policy.bundle_url is not None:
+        return  # the active bundle is the server's, known once fetched
+    from warden.cli_init import approver_groups
+
+    groups = approver_groups(config.policy.bundles)
+    if groups is None:
+        return  # none named in data (or unreadable: the engine says why)
+    # Membership as the approval service counts it: a group, the subject or a role.
+    members = {
+        t.subject
+        for t in approvers
+        if any(g in t.groups or g == t.subject or g in t.roles for g in groups)
+    }
+    if len(members) >= needed:
+        return
+    names = ", ".join(groups)
     log.warning(
-        "approvals: nobody can decide the approvals a policy asks for: %s and console.sso "
-        "gives the role to no group; a held action waits out its hold time and is then "
-        "refused. Add an approver token: docs/admin-api.md",
-        have,
+        "approvals: %s in the approver groups %s, where the policy's data sends held "
+        "actions (warden.approvals.approvers in %s); such an action waits out its hold "
+        "time and is then refused. Add the group to approver tokens "
+        "(admin.tokens: groups: [%s])",
+        f"only {len(members)} approver token(s) of the {needed} approvals.required_approvals "
+        "asks are"
+        if members
+        else "no approver token is",
+        names,
+        ", ".join(config.policy.bundles),
+        names,
     )
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from warden.config import load_config
+
+    if args.config is None and Path("warden.yaml").is_file():
+        print(
+            "warden: ./warden.yaml is not read: no --config was given, so these are the "
+            "defaults; add --config warden.yaml to check it",
+            file=sys.stderr,
+        )
     config = load_config(args.config)  # a ConfigError is main's to print
     from warden.config_shown import shown_config
 
@@ -239,6 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``warden`` console script."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C while the commands load (seconds on a busy machine) or before one
+        # handles it: the shell's status, and no traceback.
+        print("warden: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

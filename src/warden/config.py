@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_POLICY_QUERY",
     "DEFAULT_PROXY_LISTEN",
+    "PROVIDER_UPSTREAMS",
     "AdminConfig",
     "AgentConfig",
     "AgentKeysConfig",
@@ -100,6 +101,11 @@ DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_UPSTREAM_TIMEOUT_S = 300.0
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
+PROVIDER_UPSTREAMS: Mapping[str, str] = types.MappingProxyType(
+    {"openai": "https://api.openai.com", "anthropic": "https://api.anthropic.com"}
+)
+"""The upstreams a config that names none gets. An upstream given one of these names
+takes that protocol, and with it this base URL, unless it says otherwise."""
 DEFAULT_SHUTDOWN_GRACE_S = 20.0
 MAX_OPERATION_S = 86400.0
 """The longest timeout or interval of one operation (a call, a wait, a poll): a day."""
@@ -1347,10 +1353,14 @@ class Config(_Section):
     listen: ListenConfig = ListenConfig()
     upstreams: dict[str, UpstreamConfig] = Field(
         default_factory=lambda: {
-            "openai": UpstreamConfig(protocol="openai", base_url="https://api.openai.com"),
-            "anthropic": UpstreamConfig(protocol="anthropic", base_url="https://api.anthropic.com"),
+            "openai": UpstreamConfig(protocol="openai", base_url=PROVIDER_UPSTREAMS["openai"]),
+            "anthropic": UpstreamConfig(
+                protocol="anthropic", base_url=PROVIDER_UPSTREAMS["anthropic"]
+            ),
         }
     )
+    """The only APIs Warden calls. Naming any replaces both defaults, so only the
+    upstreams listed are reachable (see :data:`PROVIDER_UPSTREAMS` for what a name gives)."""
     tools: dict[str, ToolConfig] = Field(default_factory=dict)
     policy: PolicyConfig = PolicyConfig()
     audit: AuditConfig = AuditConfig()
@@ -1377,6 +1387,23 @@ class Config(_Section):
         for agent_id in value:
             _checked_agent_id(agent_id)
         return value
+
+    @field_validator("upstreams", mode="before")
+    @classmethod
+    def _provider_defaults(cls, value: Any) -> Any:
+        # `openai: {base_url: http://llm:8000}` (or WARDEN_UPSTREAMS__OPENAI__BASE_URL alone)
+        # means the OpenAI protocol; an empty `openai:` means the real provider.
+        if not isinstance(value, Mapping):
+            return value  # pydantic names the error
+        filled = dict(value)
+        for name, url in PROVIDER_UPSTREAMS.items():
+            given = {} if name in value and value[name] is None else value.get(name)
+            if isinstance(given, Mapping):
+                defaults = {"protocol": name}
+                if given.get("protocol", name) == name:
+                    defaults["base_url"] = url  # another protocol's URL is never guessed
+                filled[name] = {**defaults, **given}
+        return filled
 
     @field_validator("upstreams")
     @classmethod

@@ -95,8 +95,10 @@ def test_the_wheel_build_gets_what_setup_py_reads() -> None:
     # build context the image would start with no policy and never be ready.
     build, _ = stages()
     copied = " ".join(args for op, args in build if op == "COPY")
-    for needed in ("pyproject.toml", "setup.py", "README.md", "src", "policies/customer-support"):
-        assert needed in copied.split(), needed
+    needed = ("pyproject.toml", "setup.py", "README.md", "src", "policies/customer-support")
+    # ...and its eval suite, which `warden init` writes beside the bundle.
+    for path in (*needed, "policies/customer-support-evals"):
+        assert path in copied.split(), path
     setup_py = (ROOT / "setup.py").read_text()
     assert '"policies" / "customer-support"' in setup_py
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import hashlib
 import json
@@ -59,7 +60,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -803,8 +804,11 @@ class WorkerPool:
         self._reapers.add(task)
         task.add_done_callback(self._reapers.discard)
 
-    def _track(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        # In a context of its own: a replacement outlives the request whose timeout
+        # started it, and its worker's log lines must not name that request's decision.
+        loop = asyncio.get_running_loop()
+        task: asyncio.Task[None] = loop.create_task(coro, context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -96,7 +96,13 @@ def test_a_sidecar_pod_on_a_claim_stops_before_its_successor_starts() -> None:
     postgresql = helm_template("-f", str(CHART / "ci" / "postgresql-values.yaml"))
     assert strategy(postgresql) == "Recreate"
     # On an emptyDir each pod has its own folder: a rolling update keeps the agent up.
-    assert strategy(helm_template(*SIDECAR)) == "RollingUpdate"
+    rolling = deployment_of(helm_template(*SIDECAR))["spec"]["strategy"]
+    # Written out whole, so the chart owns it: a rollingUpdate block the API server
+    # defaulted (no manager's) would stay beside a later `type: Recreate`, which it refuses.
+    assert rolling == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"},
+    }
 
 
 def test_several_sidecar_replicas_on_one_claim_are_refused() -> None:
@@ -210,8 +216,18 @@ def test_no_disruption_budget_blocks_a_node_drain(
             ],
             "config.audit.ship.url names PostgreSQL on port 6432",
         ),
+        (
+            # libpq's port= in the query is the one it connects to (a pooler's).
+            [
+                *SIDECAR,
+                *STATE_STORE,
+                "--set-json",
+                'config.state.url="postgresql://warden@/w?host=pgbouncer.db&port=6432"',
+            ],
+            "config.state.url names PostgreSQL on port 6432",
+        ),
     ],
-    ids=["state-no-rule", "state-other-port", "audit-ship"],
+    ids=["state-no-rule", "state-other-port", "audit-ship", "query-port"],
 )
 def test_a_network_policy_that_would_block_postgresql_is_refused(
     args: list[str], message: str

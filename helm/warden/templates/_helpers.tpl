@@ -145,7 +145,8 @@ rule without ports, with that port (or a range holding it) or a named port.
 
 {{/*
 The TCP ports of a postgresql:// URL's hosts (5432 when none is given), as a
-JSON list: "postgresql://u@h1:5433,h2/db" gives [5433,5432].
+JSON list: "postgresql://u@h1:5433,h2/db" gives [5433,5432], and a query's port=
+(which libpq takes over the host part's) its ports.
 */}}
 {{- define "warden.postgresPorts" -}}
 {{- $authority := regexReplaceAll "^[A-Za-z]+://([^/?#]*).*$" . "${1}" -}}
@@ -154,6 +155,14 @@ JSON list: "postgresql://u@h1:5433,h2/db" gives [5433,5432].
 {{- range (splitList "," $hosts) -}}
 {{- $found := regexFind ":[0-9]+$" . -}}
 {{- $ports = append $ports (ternary (trimPrefix ":" $found | int) 5432 (ne $found "")) -}}
+{{- end -}}
+{{- /* libpq's port= in the query overrides the URL's ports: "?host=pgbouncer&port=6432". */ -}}
+{{- $query := regexFind "[?&]port=[^&#]*" . -}}
+{{- if $query -}}
+{{- $ports = list -}}
+{{- range (splitList "," (regexReplaceAll "^[?&]port=" $query "")) -}}
+{{- $ports = append $ports (ternary (int .) 5432 (regexMatch "^[0-9]+$" .)) -}}
+{{- end -}}
 {{- end -}}
 {{- toJson $ports -}}
 {{- end -}}

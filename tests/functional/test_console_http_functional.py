@@ -9,10 +9,12 @@ trusted-header sign-on from an auth proxy.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import io
 import re
 import sqlite3
+import tempfile
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +30,7 @@ from tests.functional.test_approvals_api_functional import SNEAKY, SNEAKY_TOOL
 from tests.pg import PgServer
 from warden.audit.index import DecisionIndex, IndexQuery, default_index_path
 from warden.cli_audit import main as audit_main
+from warden.console import routes as console_routes
 from warden.server import Warden
 from warden.testing import Call, MockLLM, Reply
 
@@ -409,6 +412,43 @@ async def test_a_proxy_made_session_holds_only_while_the_proxy_vouches_for_it(
                 assert resp.status == 401
         assert running.killswitches is not None
         assert running.killswitches.active() == ()
+
+
+async def test_an_evidence_package_is_built_beside_the_log_not_in_the_small_tmp(
+    warden: Warden, llm: MockLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pod's /tmp is a small in-memory volume: a month's package (larger than the log)
+    # did not fit there. Here the system's temporary folder is gone altogether.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmp"))
+    llm.script(Reply(tool_calls=[SMALL]))
+    await agent_asks(warden, "refund")
+    form = {"from": "2000-01-01", "to": "2999-12-31", "export_agent": ""}
+    async with browser_like() as http:
+        csrf = await sign_in(http, warden, "aude")
+        url = f"{warden.admin_url}/console/evidence/export"
+        async with http.post(url, data={"csrf": csrf, **form}) as resp:
+            assert resp.status == 200
+            names = zipfile.ZipFile(io.BytesIO(await resp.read())).namelist()
+        assert any(n.endswith("/records.jsonl") for n in names)
+        assert await cleared(tmp_path)  # once sent
+
+        def full(folder: Path, target: Path) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(console_routes, "_zip_dir", full)
+        async with http.post(url, data={"csrf": csrf, **form}) as resp:
+            assert resp.status == 507  # was an unhandled error: 500
+            assert "no room to build the evidence package" in await resp.text()
+    assert await cleared(tmp_path)
+
+
+async def cleared(folder: Path) -> bool:
+    """Whether the package's work folder beside the log is gone (just after the answer)."""
+    for _ in range(250):
+        if not await asyncio.to_thread(lambda: list(folder.glob(".warden-evidence-*"))):
+            return True
+        await asyncio.sleep(0.02)
+    return False
 
 
 async def test_one_evidence_package_is_built_at_a_time(warden: Warden) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import functools
 import re
 import secrets
@@ -862,23 +863,59 @@ async def export(request: web.Request, console: Console, session: Session) -> we
         )
     name = f"evidence-{start[:10]}-{_day(given['to'], end)}"
     empty_ok = form.get("empty") == "ok"
-    async with console.exporting:
-        data = await _export(
-            request, console, start, end, agent=agent, name=name, empty_ok=empty_ok
-        )
-    if isinstance(data, web.StreamResponse):
-        return data
-    if data is None:
-        # Not a zip of nothing without a word: the dates or the agent may be wrong.
-        body = views.evidence_view(
-            IndexQuery(kinds=()), "", None, csrf=session.csrf, who=session.principal, empty=given
-        )
-        return _page(session, "Evidence", body, "evidence")
-    return web.Response(
-        body=data,
-        content_type="application/zip",
-        headers={"Content-Disposition": f'attachment; filename="{name}.zip"'},
+    work = await _work_folder(console)
+    try:
+        async with console.exporting:  # built one at a time; sent at the reader's pace
+            built = await _export(
+                request, console, start, end, work, agent=agent, name=name, empty_ok=empty_ok
+            )
+        if isinstance(built, web.StreamResponse):
+            return built
+        if built is None:
+            # Not a zip of nothing without a word: the dates or the agent may be wrong.
+            body = views.evidence_view(
+                IndexQuery(kinds=()),
+                "",
+                None,
+                csrf=session.csrf,
+                who=session.principal,
+                empty=given,
+            )
+            return _page(session, "Evidence", body, "evidence")
+        return await _send_zip(request, built, f"{name}.zip")
+    finally:
+        await asyncio.to_thread(shutil.rmtree, work, True)
+
+
+async def _work_folder(console: Console) -> Path:
+    """Where a package is built: beside the audit log, on its volume (a month's package
+    is larger than the log, and a pod's /tmp is small and in memory); the system's
+    temporary folder only when that volume takes no new folder."""
+    beside = console.audit.directory.parent
+    try:
+        made = await asyncio.to_thread(tempfile.mkdtemp, prefix=".warden-evidence-", dir=beside)
+    except OSError:
+        made = await asyncio.to_thread(tempfile.mkdtemp, prefix="warden-evidence-")
+    return Path(made)
+
+
+async def _send_zip(request: web.Request, archive: Path, filename: str) -> web.StreamResponse:
+    """``archive`` streamed from its file, a MiB at a time: a package may be larger than
+    the memory the pod has to spare."""
+    response = web.StreamResponse(
+        headers={
+            **_SECURITY_HEADERS,  # sent with the headers, before any middleware sees it
+            "Content-Type": "application/zip",
+            "Content-Disposition": f'attachment; filename="{filename}"',
+        }
     )
+    response.content_length = (await asyncio.to_thread(archive.stat)).st_size
+    await response.prepare(request)
+    with archive.open("rb") as file:
+        while chunk := await asyncio.to_thread(file.read, 1 << 20):
+            await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 async def _export(
@@ -886,39 +923,45 @@ async def _export(
     console: Console,
     start: str,
     end: str,
+    work: Path,
     *,
     agent: str | None,
     name: str,
     empty_ok: bool = False,
-) -> bytes | web.StreamResponse | None:
-    """The zipped package; ``None`` when it would hold no records (unless ``empty_ok``);
-    an error page when it cannot be built."""
+) -> Path | web.StreamResponse | None:
+    """The zipped package, built in ``work``; ``None`` when it would hold no records
+    (unless ``empty_ok``); an error page when it cannot be built."""
     try:
         # Cover everything written so far, signed now: a period running to today's end
         # is then declared (and provable) up to this moment.
         await console.audit.checkpoint(refresh=True)
     except AuditError as exc:
         return _refuse(request, 503, str(exc))
-    work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="warden-evidence-"))
+    out = work / name
     try:
-        out = work / name
-        try:
-            result = await asyncio.to_thread(
-                export_log,
-                console.audit.directory,
-                out,
-                selection=Selection(start=start, end=end, agent=agent),
-                fmt="evidence",
-            )
-        except ExportError as exc:
-            return _refuse(request, 409, str(exc))
+        result = await asyncio.to_thread(
+            export_log,
+            console.audit.directory,
+            out,
+            selection=Selection(start=start, end=end, agent=agent),
+            fmt="evidence",
+        )
         if result.records == 0 and not empty_ok:
             return None
         archive = work / f"{name}.zip"
         await asyncio.to_thread(_zip_dir, out, archive)
-        return await asyncio.to_thread(archive.read_bytes)
-    finally:
-        await asyncio.to_thread(shutil.rmtree, work, True)
+    except ExportError as exc:
+        return _refuse(request, 409, str(exc))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        return _refuse(
+            request,
+            507,
+            f"no room to build the evidence package in {work.parent}: a package takes about "
+            "twice the period's log; free space there, or export a shorter period",
+        )
+    return archive
 
 
 @_view("evidence")

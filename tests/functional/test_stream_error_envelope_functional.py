@@ -18,6 +18,7 @@ from typing import Any
 
 import anthropic
 import openai
+import pytest
 
 from tests.functional.conftest import audit_records, make_config
 from warden.server import Warden
@@ -164,6 +165,49 @@ async def test_a_chat_call_sent_before_the_error_stays_decided_and_held(tmp_path
         assert held(tmp_path) == (100.0, 1, 1)  # until its result comes back
 
 
+@pytest.mark.parametrize(
+    "event",
+    [
+        # An error JavaScript reads as true: the TypeScript SDK throws, Python reads on.
+        (None, chunk({"role": "assistant", "tool_calls": [REFUND_PART]}, "tool_calls", error={})),
+        (None, chunk({"role": "assistant", "tool_calls": [REFUND_PART]}, "tool_calls", error=[])),
+        # A chunk named ``error``: the TypeScript SDK throws on the name alone.
+        ("error", chunk({"role": "assistant", "tool_calls": [REFUND_PART]}, "tool_calls")),
+    ],
+    ids=["error {}", "error []", "event: error"],
+)
+async def test_a_chat_call_in_a_chunk_only_the_typescript_sdk_raises_on_is_not_decided(
+    tmp_path: Path, event: tuple[str | None, Any]
+) -> None:
+    async with RawUpstream() as upstream, Warden(config(tmp_path, upstream)) as warden:
+        upstream.script(RawReply.sse([event], done=True))
+        got, raised = await chat(warden)
+        # The Python SDK reads the chunk, without the call, then raises at Warden's error.
+        assert got == []
+        assert raised is not None
+        records = await model_call_ended(tmp_path)
+        # Was allowed and recorded as delivered, 100 held: the TypeScript agent never got it.
+        assert refund_decisions(records) == []
+        assert held(tmp_path) == (0.0, 0, 0)
+
+
+async def test_a_chat_error_after_done_leaves_the_answer_whole(tmp_path: Path) -> None:
+    events = [
+        (None, chunk({"role": "assistant", "tool_calls": [REFUND_PART]}, "tool_calls")),
+        (None, "[DONE]"),
+        (None, {"error": PROVIDER_ERROR}),  # no SDK reads past [DONE]
+    ]
+    async with RawUpstream() as upstream, Warden(config(tmp_path, upstream)) as warden:
+        upstream.script(RawReply.sse(events))
+        assert await chat(warden) == (["issue_refund"], None)
+        records = await wait_for(tmp_path, lambda rs: bool(outcomes(rs, "llm_call")))
+        (outcome,) = outcomes(records, "llm_call")
+        assert outcome["outcome"]["error"] is None  # was upstream_error
+        (decision,) = refund_decisions(records)
+        assert decision["decision"]["enforced"] == "allow"
+        assert held(tmp_path) == (100.0, 1, 1)
+
+
 # --- responses ----------------------------------------------------------------------
 
 REFUND_ITEM = {
@@ -198,6 +242,46 @@ async def test_a_responses_call_in_an_event_with_an_error_is_neither_decided_nor
                 got.append(f"raised: {exc.message}")
         assert got == [f"raised: {PROVIDER_ERROR['message']}"]
         records = await model_call_ended(tmp_path)
+        assert refund_decisions(records) == []
+        assert held(tmp_path) == (0.0, 0, 0)
+
+
+async def test_openais_named_responses_error_event_reaches_the_agent_and_ends_the_stream(
+    tmp_path: Path,
+) -> None:
+    error = {
+        "type": "error",
+        "code": "server_error",
+        "message": PROVIDER_ERROR["message"],
+        "param": None,
+        "sequence_number": 0,
+    }
+    done = {
+        "type": "response.output_item.done",
+        "output_index": 0,
+        "item": REFUND_ITEM,
+        "sequence_number": 1,
+    }
+    events = [("error", error), ("response.output_item.done", done)]
+    async with RawUpstream() as upstream, Warden(config(tmp_path, upstream)) as warden:
+        upstream.script(RawReply.sse(events))
+        got: list[str] = []
+        async with openai_client(warden) as c:
+            try:
+                stream = await c.responses.create(
+                    model="gpt-4o-mini", input="refund A-1", stream=True
+                )
+                async for event in stream:
+                    got.append(event.type)
+                    if event.type == "error":
+                        got.append(event.message)
+            except openai.APIError:
+                got.append("raised")
+        # The Python SDK hands the error event on, then raises at Warden's; the
+        # TypeScript SDK throws at the error event itself.
+        assert got == ["error", PROVIDER_ERROR["message"], "raised"]
+        records = await model_call_ended(tmp_path)
+        # Was allowed and recorded as delivered, 100 held: the TypeScript agent never got it.
         assert refund_decisions(records) == []
         assert held(tmp_path) == (0.0, 0, 0)
 

@@ -1,11 +1,13 @@
 """Streams that end in an error the agent's SDK raises on, through the stream driver (no sockets).
 
-The openai SDK raises ``APIError`` on any event whose data has a truthy
-top-level ``error`` (``openai._streaming.Stream``), the anthropic SDK on an
-``event: error``; neither reads anything after. A call in that event, or held
-when it came, never reaches the agent: it must never be decided (decided
-calls hold budget and wait for a result). What the rewriter sends is read back
-with the real SDKs over an in-memory transport.
+The openai Python SDK raises ``APIError`` on any event whose data has a
+truthy top-level ``error`` (``openai._streaming.Stream``); the TypeScript SDK
+also on any event named ``error`` and on an ``error`` JavaScript reads as true
+(``{}``, ``[]``; see ``TS_SDK``); the anthropic SDK on an ``event: error``. None
+reads anything after. A call in that event, or held when it came, never
+reaches the agent: it must never be decided (decided calls hold budget and
+wait for a result). What the rewriter sends is read back with the real Python
+SDKs over an in-memory transport.
 """
 
 from __future__ import annotations
@@ -211,25 +213,126 @@ async def test_chat_calls_decided_before_the_error_reach_the_agent_before_it() -
     assert chat_read(run.out) == Read(calls=["lookup"], error=PROVIDER_ERROR["message"])
 
 
-@pytest.mark.parametrize(
-    "error",
-    [None, {}, [], "", 0, 0.0, False, {"message": "x"}, {"code": None}, "x", 1, True, [0]],
-    ids=repr,
-)
-async def test_chat_reads_an_error_member_as_the_sdk_does(error: Any) -> None:
-    upstream = sse(
-        chunk({"role": "assistant", "tool_calls": [part("lookup")]}, error=error),
-        chunk(finish="tool_calls"),
-        "[DONE]",
-    )
-    sdk_raises = chat_read(upstream).error is not None
+# The TypeScript SDK's rule, one event at a time. CI has no node, so it is written
+# down here: npm ``openai`` 7.59, ``core/streaming.js``, ``Stream.fromSSEResponse``
+# (legacy mode, after its ``[DONE]`` test) throws on ``sse.event === 'error'``, then on
+# ``data && data.error`` (JavaScript truthiness), and nothing after is read. Each row
+# was checked by running that function on the event. (event name, the ``error``
+# member's JSON text or None when absent, whether the TypeScript SDK throws.) What
+# the Python SDK does is not written down: each test asks it.
+TS_SDK: list[tuple[str | None, str | None, bool]] = [
+    (None, None, False),
+    (None, "null", False),
+    (None, "false", False),
+    (None, "0", False),
+    (None, "-0", False),
+    (None, "0.0", False),
+    (None, "0e9", False),
+    (None, '""', False),
+    (None, "{}", True),  # Python reads {} and [] as false: it reads on
+    (None, "[]", True),
+    (None, '"0"', True),
+    (None, '" "', True),
+    (None, '"x"', True),
+    (None, "1", True),
+    (None, "true", True),
+    (None, "[0]", True),
+    (None, '{"code":null}', True),
+    (None, '{"message":"x"}', True),
+    (None, "NaN", True),  # JSON.parse refuses it: a SyntaxError, no event read
+    ("error", None, True),  # the name alone, whatever the data
+    ("error", "null", True),
+    ("error", "{}", True),
+    ("Error", None, False),  # names are compared exactly
+    ("error ", None, False),
+    ("errors", None, False),
+    ("message", "{}", True),
+]
+
+
+def with_error(data: dict[str, Any], error: str | None) -> str:
+    """``data`` as JSON text, with an ``error`` member written as given (``-0``, ``NaN``)."""
+    text = compact(data)
+    return text if error is None else f'{text[:-1]},"error":{error}}}'
+
+
+def one(name: str | None, text: str) -> bytes:
+    return SseEvent(text, event=name).encode()
+
+
+@pytest.mark.parametrize(("name", "error", "ts_raises"), TS_SDK, ids=repr)
+async def test_a_chat_chunk_ends_the_stream_where_either_sdk_stops(
+    name: str | None, error: str | None, ts_raises: bool
+) -> None:
+    finished = chunk({"role": "assistant", "tool_calls": [part("lookup")]}, "tool_calls")
+    upstream = one(name, with_error(finished, error)) + sse("[DONE]")
+    python_raises = chat_read(upstream).error is not None
+    ends = python_raises or ts_raises  # both SDKs agree on what Warden decides
 
     rewriter = OpenAIChatStreamRewriter()
     run = await drive(rewriter, upstream)
 
-    assert rewriter.failed is sdk_raises
-    assert run.decided == ([] if sdk_raises else ["lookup"])
-    assert chat_read(run.out).calls == run.decided
+    assert rewriter.failed is ends
+    assert type(run.ended) is (UpstreamError if ends else type(None))
+    assert run.decided == ([] if ends else ["lookup"])
+    assert chat_read(run.out).calls == run.decided  # no SDK reads a call Warden did not decide
+
+
+@pytest.mark.parametrize(("name", "error", "ts_raises"), TS_SDK, ids=repr)
+async def test_a_responses_event_ends_the_stream_where_either_sdk_stops(
+    name: str | None, error: str | None, ts_raises: bool
+) -> None:
+    upstream = one(
+        name, with_error(item_event("response.output_item.done", 1, FUNCTION_CALL), error)
+    )
+    python_raises = responses_read(upstream).error is not None
+    ends = python_raises or ts_raises
+
+    rewriter = OpenAIResponsesStreamRewriter()
+    run = await drive(rewriter, upstream)
+
+    assert rewriter.failed is ends
+    # Else cut short (no terminal event): another error, after the call was decided.
+    assert (type(run.ended) is UpstreamError) is ends
+    assert run.decided == ([] if ends else ["lookup"])
+    read = responses_read(run.out)
+    assert read.calls == run.decided
+    if ends and not python_raises:
+        # The Python SDK reads on past it: it gets an error event, never the item.
+        assert read.types == ["error"]
+
+
+async def test_a_chat_chunk_named_error_goes_on_with_its_choices_emptied() -> None:
+    finished = chunk({"role": "assistant", "tool_calls": [part("lookup")]}, "tool_calls")
+    upstream = named(("error", finished)) + sse(chunk(finish="stop"), "[DONE]")
+    assert chat_read(upstream).calls == ["lookup"]  # the Python SDK reads it as a chunk
+
+    run = await drive(OpenAIChatStreamRewriter(), upstream)
+
+    assert run.decided == []  # was allowed: the TypeScript agent never got it
+    assert type(run.ended) is UpstreamError
+    assert run.out == named(("error", {**finished, "choices": []}))
+    assert chat_read(run.out) == Read()
+
+
+@pytest.mark.parametrize(
+    "late",
+    [sse({"error": PROVIDER_ERROR}), named(("error", {"error": PROVIDER_ERROR}))],
+    ids=["error member", "named error"],
+)
+async def test_a_chat_error_after_done_ends_nothing(late: bytes) -> None:
+    upstream = sse(chunk({"role": "assistant", "tool_calls": [part("lookup")]}, "tool_calls"))
+    upstream += sse("[DONE]") + late
+    assert chat_read(upstream) == Read(calls=["lookup"])  # the SDK stopped at [DONE]
+
+    rewriter = OpenAIChatStreamRewriter()
+    run = await drive(rewriter, upstream)
+
+    assert not rewriter.failed
+    assert run.ended is None  # was UpstreamError: the answer recorded as upstream_error
+    assert rewriter.complete
+    assert run.decided == ["lookup"]
+    assert chat_read(run.out) == Read(calls=["lookup"])
 
 
 def test_a_chat_call_delta_after_the_error_is_a_violation() -> None:
@@ -300,7 +403,28 @@ async def test_a_responses_call_held_when_the_error_comes_is_dropped_undecided()
     assert list(rewriter.finish()) == []  # not decided at the end either
 
 
-async def test_a_responses_error_event_the_sdk_yields_passes_and_the_stream_goes_on() -> None:
+async def test_openais_named_responses_error_event_reaches_the_agent_and_ends_the_stream() -> None:
+    error = {"type": "error", "sequence_number": 1, "code": "x", "message": "m", "param": None}
+    done = item_event("response.output_item.done", 2, FUNCTION_CALL)
+    upstream = named(("error", error), ("response.output_item.done", done))
+    # The Python SDK hands it to its caller and reads on; the TypeScript SDK throws on it.
+    assert responses_read(upstream) == Read(
+        calls=["lookup"], types=["error", "response.output_item.done"]
+    )
+
+    rewriter = OpenAIResponsesStreamRewriter()
+    run = await drive(rewriter, upstream)
+
+    assert rewriter.failed
+    assert run.decided == []  # was allowed: the TypeScript agent never got it
+    assert type(run.ended) is UpstreamError
+    assert run.out == named(("error", error))  # the error event itself, as it came
+    assert responses_read(run.out) == Read(types=["error"])
+    assert list(rewriter.finish()) == []
+
+
+async def test_a_responses_error_event_the_sdks_yield_passes_and_the_stream_goes_on() -> None:
+    # Unnamed and without an ``error`` member: neither SDK raises on it.
     error = {"type": "error", "sequence_number": 1, "code": "x", "message": "m", "param": None}
     upstream = sse(error, item_event("response.output_item.done", 2, FUNCTION_CALL))
     read = responses_read(upstream)

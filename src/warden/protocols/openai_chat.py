@@ -47,6 +47,7 @@ from warden.protocols.sse import SseEvent
 __all__ = [
     "OpenAIChatAdapter",
     "OpenAIChatStreamRewriter",
+    "ends_stream",
     "entry_call",
     "legacy_call",
     "legacy_call_id",
@@ -588,6 +589,23 @@ def _meaningful(choice: Mapping[str, Any]) -> bool:
     return choice.get("finish_reason") is not None or choice.get("logprobs") is not None
 
 
+def ends_stream(event: SseEvent, data: Mapping[str, Any]) -> bool:
+    """True when an official OpenAI SDK raises on this stream event and reads nothing after.
+
+    The union of both SDKs' tests, so that no agent reads a call Warden did not
+    decide (nor is one decided that no agent read): Python's
+    (``openai._streaming.Stream.__stream__``) raises on an ``error`` member
+    Python reads as true; TypeScript's (npm ``openai``, ``core/streaming.js``,
+    ``Stream.fromSSEResponse``, legacy mode) on any event named ``error`` and on
+    an ``error`` member JavaScript reads as true, as it does ``{}`` and ``[]``.
+    So only an ``error`` that is absent, ``null``, ``false``, ``0`` or ``""``
+    ends nothing. ``data`` is the event's parsed object; ``[DONE]`` is the
+    caller's to test first (both SDKs stop there before any other test).
+    """
+    error = data.get("error")
+    return event.event == "error" or bool(error) or isinstance(error, (dict, list))
+
+
 class OpenAIChatStreamRewriter(StreamStatus):
     """Rewrites one chat completion stream (``data: {chunk}`` events, ``data: [DONE]``).
 
@@ -597,10 +615,12 @@ class OpenAIChatStreamRewriter(StreamStatus):
     A chunk that cannot be parsed, is not the shape the SDK reads, or touches
     a decided call (or a finished choice) raises :class:`StreamViolation`.
 
-    A chunk with a truthy top-level ``error`` ends the stream, as it does for
-    the SDK, whose iterator raises ``APIError`` on it: it goes on without its
-    choices, the calls still held are dropped undecided, and :attr:`failed`
-    tells the driver to stop. A tool call delta after it is a violation.
+    A chunk an SDK raises on (see :func:`ends_stream`) ends the stream, as it
+    does for the SDK, which reads nothing after: it goes on with its choices
+    emptied, the calls still held are dropped undecided, and :attr:`failed`
+    tells the driver to stop. A tool call delta after it is a violation. After
+    ``[DONE]`` no SDK reads on, so a chunk there ends nothing: it is read as
+    any chunk after the end (a call in it is a violation).
 
     Choices must first appear in order 0, 1, 2…: the SDK's accumulator puts
     a choice it has not seen at the end of its list and looks choices up by
@@ -617,7 +637,7 @@ class OpenAIChatStreamRewriter(StreamStatus):
 
     @property
     def failed(self) -> bool:
-        """True once the upstream sent an error chunk: the agent's SDK raised there."""
+        """True once the upstream sent a chunk an SDK raises on (:func:`ends_stream`)."""
         return self._failed
 
     def feed(self, event: SseEvent) -> Iterator[StreamItem]:
@@ -644,7 +664,7 @@ class OpenAIChatStreamRewriter(StreamStatus):
         choices = chunk.get("choices")
         if usage is not None:
             self._usage = usage
-        if chunk.get("error"):  # the SDK's own test: truthy, whatever the event's name
+        if not self._complete and ends_stream(event, chunk):
             yield self._fail(event, chunk)
             return
         if usage is not None and self._hide_usage and choices == []:
@@ -753,14 +773,16 @@ class OpenAIChatStreamRewriter(StreamStatus):
 
         The SDK raises on it and reads nothing after: the calls still held never
         reach the agent, so they are dropped, never decided. Its choices are
-        left out, so that no other client reads a call from them either.
+        emptied, so that no other client reads a call from them either.
         """
         self._failed = True
         for state in self._choices.values():
             state.open = None
-        if "choices" not in chunk:
+        if chunk.get("choices", []) == []:
             return event
-        envelope = {key: value for key, value in chunk.items() if key != "choices"}
+        # Emptied, not removed: the Python SDK reads a chunk that is only named
+        # ``error`` as a chunk, and its callers iterate its choices.
+        envelope = {**chunk, "choices": []}
         return SseEvent(data=dumps(envelope), event=event.event, id=event.id)
 
     def _mark_sent(self, choices: list[Any], texts: list[int]) -> None:

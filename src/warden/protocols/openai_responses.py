@@ -64,12 +64,18 @@ carries is decided before the snapshot goes out.
 Sequence numbers are reassigned from one counter, so they stay strictly
 increasing whatever was held, dropped or added.
 
-Errors. An event with a truthy top-level ``error`` (whatever its type: the
-SDK's iterator raises ``APIError`` on any such event, and reads nothing
-after) ends the stream: it goes on with only its type, sequence number and
-error fields, the calls still held are never decided, and every later event
-is dropped. An ``error``-type event without that member is yielded by the
-SDK like any other, and passes as it came.
+Errors. An event an SDK raises on ends the stream (whatever its type; see
+:func:`~warden.protocols.openai_chat.ends_stream`): one named ``error``,
+as OpenAI names its own ``error``-type event, or one with an ``error``
+member that is not absent, ``null``, ``false``, ``0`` or ``""``. It goes
+on with only its type, sequence number and error fields, the calls still
+held are never decided, and every later event is dropped. The Python SDK
+raises only on a member Python reads as true, and hands any other such event
+(OpenAI's own error event, ``"error": {}``) to its caller by its type: that
+event goes on typed ``error``, so its caller reads an error, and Warden's own
+error event after it makes that SDK raise too. An unnamed ``error``-type
+event without the member is yielded by both SDKs like any other, and passes
+as it came.
 """
 
 from __future__ import annotations
@@ -101,6 +107,7 @@ from warden.protocols._wire import (
     token_count,
 )
 from warden.protocols.base import ParsedRequest, StreamItem, blocked_message
+from warden.protocols.openai_chat import ends_stream
 from warden.protocols.sse import SseEvent
 
 __all__ = [
@@ -895,7 +902,7 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
 
     @property
     def failed(self) -> bool:
-        """True once the upstream sent an event with an error: the agent's SDK raised there."""
+        """True once the upstream sent an event an SDK raises on (:func:`ends_stream`)."""
         return self._failed
 
     # -- feeding ----------------------------------------------------------
@@ -914,10 +921,8 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
         except ValueError as exc:
             raise _violation(f"an event that {exc}") from None
         event = as_read(event, data)
-        if data.get("error"):  # the SDK's own test: truthy, whatever the event's type
-            self._ended = self._failed = True
-            error = {key: value for key, value in data.items() if key in _ERROR_FIELDS}
-            yield self._emit(event, error, changed=error != data)
+        if ends_stream(event, data):
+            yield self._fail(event, data)
             return
         kind = data.get("type")
         if not isinstance(kind, str):
@@ -936,6 +941,20 @@ class OpenAIResponsesStreamRewriter(StreamStatus):
             yield self._emit(event, data)
         else:
             yield from self._unknown(event, data)
+
+    def _fail(self, event: SseEvent, data: dict[str, Any]) -> SseEvent:
+        """The event that ends the stream, as the agent is to get it: its error fields.
+
+        The SDK raises on it and reads nothing after: the calls still held never
+        reach the agent, so they are never decided, and later events are dropped.
+        """
+        self._ended = self._failed = True
+        error = {key: value for key, value in data.items() if key in _ERROR_FIELDS}
+        if not data.get("error"):
+            # The Python SDK does not raise on it (its name, or an error of {} or []
+            # ends it): it reads it by its type, as the error it is.
+            error["type"] = "error"
+        return self._emit(event, error, changed=error != data)
 
     def _note_hosted(self, index: int, item: Mapping[str, Any]) -> None:
         kind = _HOSTED_CALLS.get(_item_type(item) or "")

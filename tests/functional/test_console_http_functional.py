@@ -414,12 +414,14 @@ async def test_a_proxy_made_session_holds_only_while_the_proxy_vouches_for_it(
         assert running.killswitches.active() == ()
 
 
-async def test_an_evidence_package_is_built_beside_the_log_not_in_the_small_tmp(
+async def test_an_evidence_package_that_does_not_fit_is_refused_and_leaves_the_log_alone(
     warden: Warden, llm: MockLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A pod's /tmp is a small in-memory volume: a month's package (larger than the log)
-    # did not fit there. Here the system's temporary folder is gone altogether.
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmp"))
+    # Built in the temporary folder (a pod's small volume of its own), never beside the
+    # audit log: a package there filled the log's volume and the next audit write failed.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     llm.script(Reply(tool_calls=[SMALL]))
     await agent_asks(warden, "refund")
     form = {"from": "2000-01-01", "to": "2999-12-31", "export_agent": ""}
@@ -430,7 +432,7 @@ async def test_an_evidence_package_is_built_beside_the_log_not_in_the_small_tmp(
             assert resp.status == 200
             names = zipfile.ZipFile(io.BytesIO(await resp.read())).namelist()
         assert any(n.endswith("/records.jsonl") for n in names)
-        assert await cleared(tmp_path)  # once sent
+        assert await cleared(scratch)  # once sent
 
         def full(folder: Path, target: Path) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -438,14 +440,20 @@ async def test_an_evidence_package_is_built_beside_the_log_not_in_the_small_tmp(
         monkeypatch.setattr(console_routes, "_zip_dir", full)
         async with http.post(url, data={"csrf": csrf, **form}) as resp:
             assert resp.status == 507  # was an unhandled error: 500
-            assert "no room to build the evidence package" in await resp.text()
-    assert await cleared(tmp_path)
+            text = await resp.text()
+            assert "no room to build the evidence package" in text
+            assert "tmpVolume" in text
+    assert await cleared(scratch)
+    assert not await asyncio.to_thread(lambda: list(tmp_path.glob("*evidence*")))
+    # The agent goes on: the log was not touched by the failed package.
+    llm.script(Reply(text="ok"))
+    await agent_asks(warden, "hello")
 
 
 async def cleared(folder: Path) -> bool:
-    """Whether the package's work folder beside the log is gone (just after the answer)."""
+    """Whether the package's work folder is gone (just after the answer)."""
     for _ in range(250):
-        if not await asyncio.to_thread(lambda: list(folder.glob(".warden-evidence-*"))):
+        if not await asyncio.to_thread(lambda: list(folder.glob("warden-evidence-*"))):
             return True
         await asyncio.sleep(0.02)
     return False

@@ -291,3 +291,16 @@ def test_documented_postgresql_urls_that_verify_name_their_ca_file(path: Path) -
 def test_the_gateway_guide_verifies_its_database() -> None:
     urls = PG_URL.findall((ROOT / "docs" / "deploy.md").read_text())
     assert any("sslmode=verify-full" in url for url in urls)
+
+
+def test_the_tmp_volume_where_evidence_packages_are_built_is_sized_by_a_value() -> None:
+    def tmp(*args: str) -> dict[str, Any]:
+        volumes = pod_spec(deployment_of(helm_template(*SIDECAR, *args)))["volumes"]
+        (found,) = [v for v in volumes if v["name"] == "warden-tmp"]
+        return dict(found["emptyDir"])
+
+    assert tmp() == {"medium": "Memory", "sizeLimit": "64Mi"}
+    # On the node's disk, for month-long evidence exports: never the audit log's volume.
+    disk = tmp("--set", "tmpVolume.medium=", "--set", "tmpVolume.sizeLimit=2Gi")
+    assert disk == {"sizeLimit": "2Gi"}
+    assert "tmpVolume" in refused(*SIDECAR, "--set", "tmpVolume.medium=Disk")

@@ -285,8 +285,10 @@ resources, ports and env set from values. Rendered as a one-item list:
 {{- end }}
 - name: warden-tmp
   emptyDir:
-    medium: Memory
-    sizeLimit: 64Mi
+    {{- with .Values.tmpVolume.medium }}
+    medium: {{ . }}
+    {{- end }}
+    sizeLimit: {{ .Values.tmpVolume.sizeLimit }}
 {{- if include "warden.hasPolicyConfigMap" . }}
 - name: warden-policy
   configMap:

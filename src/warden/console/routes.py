@@ -863,7 +863,7 @@ async def export(request: web.Request, console: Console, session: Session) -> we
         )
     name = f"evidence-{start[:10]}-{_day(given['to'], end)}"
     empty_ok = form.get("empty") == "ok"
-    work = await _work_folder(console)
+    work = await _work_folder()
     try:
         async with console.exporting:  # built one at a time; sent at the reader's pace
             built = await _export(
@@ -887,16 +887,12 @@ async def export(request: web.Request, console: Console, session: Session) -> we
         await asyncio.to_thread(shutil.rmtree, work, True)
 
 
-async def _work_folder(console: Console) -> Path:
-    """Where a package is built: beside the audit log, on its volume (a month's package
-    is larger than the log, and a pod's /tmp is small and in memory); the system's
-    temporary folder only when that volume takes no new folder."""
-    beside = console.audit.directory.parent
-    try:
-        made = await asyncio.to_thread(tempfile.mkdtemp, prefix=".warden-evidence-", dir=beside)
-    except OSError:
-        made = await asyncio.to_thread(tempfile.mkdtemp, prefix="warden-evidence-")
-    return Path(made)
+async def _work_folder() -> Path:
+    """Where a package is built: the system's temporary folder, never the audit log's
+    volume (a package about twice the log's size filled it, the log's next write failed,
+    and Warden refused every action until restarted). Its size is the chart's
+    ``tmpVolume``; a package that does not fit is answered 507."""
+    return Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="warden-evidence-"))
 
 
 async def _send_zip(request: web.Request, archive: Path, filename: str) -> web.StreamResponse:
@@ -959,7 +955,8 @@ async def _export(
             request,
             507,
             f"no room to build the evidence package in {work.parent}: a package takes about "
-            "twice the period's log; free space there, or export a shorter period",
+            "twice the period's log; export a shorter period, or give the temporary folder "
+            "more room (the Helm chart's tmpVolume)",
         )
     return archive
 

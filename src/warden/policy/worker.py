@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=int(args[0]))
     try:
         worker_main(sock)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the parent went while starting or stopping: no one is left to answer
     finally:
         sock.close()
     return 0

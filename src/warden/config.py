@@ -1392,7 +1392,9 @@ class Config(_Section):
     @classmethod
     def _provider_defaults(cls, value: Any) -> Any:
         # `openai: {base_url: http://llm:8000}` (or WARDEN_UPSTREAMS__OPENAI__BASE_URL alone)
-        # means the OpenAI protocol; an empty `openai:` means the real provider.
+        # means the OpenAI protocol; an empty `openai:` means the real provider. An entry
+        # with other keys and no base_url (WARDEN_UPSTREAMS__OPENAI__TIMEOUT_S=600 alone)
+        # still needs one: it must not add a route to the public provider unasked.
         if not isinstance(value, Mapping):
             return value  # pydantic names the error
         filled = dict(value)
@@ -1400,7 +1402,7 @@ class Config(_Section):
             given = {} if name in value and value[name] is None else value.get(name)
             if isinstance(given, Mapping):
                 defaults = {"protocol": name}
-                if given.get("protocol", name) == name:
+                if given.get("protocol", name) == name and set(given) <= {"protocol"}:
                     defaults["base_url"] = url  # another protocol's URL is never guessed
                 filled[name] = {**defaults, **given}
         return filled

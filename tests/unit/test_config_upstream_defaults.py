@@ -44,10 +44,19 @@ def test_the_environment_alone_can_point_openai_elsewhere() -> None:
 
 
 def test_a_named_provider_with_nothing_else_is_the_real_provider() -> None:
-    assert upstreams(anthropic=None, openai={"timeout_s": 600}) == {
+    assert upstreams(anthropic=None, openai={"protocol": "openai"}) == {
         "anthropic": ("anthropic", "https://api.anthropic.com"),
         "openai": ("openai", "https://api.openai.com"),
     }
+
+
+def test_a_tuning_alone_adds_no_route_to_the_public_provider() -> None:
+    # WARDEN_UPSTREAMS__OPENAI__TIMEOUT_S=600 beside a YAML naming a local model server:
+    # the public provider became reachable, unasked and unsaid.
+    with pytest.raises(ConfigError, match=r"upstreams\.openai\.base_url: Field required"):
+        upstreams(
+            llm={"protocol": "openai", "base_url": "http://vllm:8000"}, openai={"timeout_s": 600}
+        )
 
 
 def test_naming_upstreams_replaces_the_defaults() -> None:

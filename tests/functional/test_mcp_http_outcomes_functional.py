@@ -8,22 +8,28 @@ Every allowed call gets an outcome record, and the record holds what the agent g
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+import uvicorn
 from mcp import Client
+from mcp.server.mcpserver import MCPServer
 
 from tests.functional import stdio_wrap
-from tests.functional.conftest import audit_records
+from tests.functional.conftest import audit_records, make_config
 from tests.functional.test_mcp_answers_functional import capped_config, settled
 from tests.functional.test_mcp_requests_functional import ALLOW_ALL, either_door, write_bundle
 from tests.functional.test_mcp_stdio_untrusted_functional import call, raw_wrap
+from warden import tasks
 from warden.server import Warden
 from warden.testing.raw_upstream import RawReply, RawRequest, RawUpstream, json_bytes
 
@@ -276,3 +282,64 @@ async def test_an_sdk_servers_structured_result_is_recorded_as_its_text(
     (block,) = result.content
     assert outcome["result"] == getattr(block, "text", None)
     assert orjson.loads(outcome["result"]) == result.structured_content
+
+
+API_TOKEN = "tok-LIVE-9f8e7d6c5b4a"
+
+
+@contextlib.asynccontextmanager
+async def keys_server(count: int) -> AsyncIterator[str]:
+    """An official SDK server on 127.0.0.1:0 whose tool returns a list of ``count`` dicts,
+    each with the token; yields its URL."""
+    app: MCPServer[Any] = MCPServer("keys")
+
+    @app.tool(description="List the account's API keys")
+    async def list_api_keys(account: str) -> list[dict[str, Any]]:
+        return [{"name": f"key-{i}", "api_token": API_TOKEN} for i in range(count)]
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    asgi = app.streamable_http_app(host="127.0.0.1")
+    server = uvicorn.Server(uvicorn.Config(asgi, log_level="warning", lifespan="on"))
+    serving = tasks.spawn(server.serve(sockets=[sock]), name="keys-server")
+    try:
+        while not server.started:
+            assert not serving.done()
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
+
+
+@pytest.mark.parametrize("count", [1, 2])
+async def test_an_sdk_servers_list_keeps_its_token_out_of_the_log(
+    tmp_path: Path, count: int
+) -> None:
+    # The SDK sends a list as one JSON text block per item beside {"result": [...]}:
+    # recorded as its text, whose credential is masked (one item) or which is hidden
+    # whole (items joined: no JSON to find it in), never the escaped text in clear.
+    bundle = write_bundle(tmp_path, ALLOW_ALL)
+    async with keys_server(count) as url:
+        config = make_config(
+            tmp_path,
+            "http://127.0.0.1:9",
+            upstreams={"keys": {"protocol": "mcp", "base_url": url}},
+            policy={"bundles": [str(bundle)]},
+        )
+        async with (
+            Warden(config) as warden,
+            Client(f"{warden.proxy_url}/keys", mode="legacy") as client,
+        ):
+            got = await client.call_tool("list_api_keys", {"account": "A-1"})
+    assert got.structured_content == {
+        "result": [{"name": f"key-{i}", "api_token": API_TOKEN} for i in range(count)]
+    }
+    (outcome,) = outcomes(tmp_path / "audit")
+    if count == 1:
+        assert orjson.loads(outcome["result"]) == {"name": "key-0", "api_token": "[redacted]"}
+    else:
+        assert (outcome["result"], outcome["redacted"]) == ("[redacted]", ["result"])
+    audit = tmp_path / "audit"
+    assert not any(API_TOKEN.encode() in p.read_bytes() for p in audit.rglob("*") if p.is_file())

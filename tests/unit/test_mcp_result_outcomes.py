@@ -154,13 +154,97 @@ def test_credentials_in_structured_content_are_masked_in_the_record() -> None:
     assert "sk-live-123" not in body["result"]
 
 
-def test_a_policy_redacts_structured_content_by_its_path() -> None:
-    outcome = structured({"email": "ann@example.com", "refunded": 900})
-    body = outcome_body(outcome, redact=["result.structuredContent.email"])
-    assert body["redacted"] == ["result.structuredContent.email"]
-    assert orjson.loads(body["result"])["structuredContent"]["email"] == REDACTED
-    hidden = outcome_body(outcome, redact=["result"])
-    assert (hidden["result"], hidden["redacted"]) == (REDACTED, ["result"])
+@pytest.mark.parametrize(
+    "path", ["result.structuredContent.email", "result.email", "result.content.0.text", "result"]
+)
+def test_any_result_path_hides_a_result_recorded_whole(path: str) -> None:
+    # The text block says the value too, where no path reaches it.
+    outcome = mcp.result_outcome(
+        answer(
+            {
+                "content": [text_block("Email changed to ann@example.com")],
+                "structuredContent": {"email": "ann@example.com", "refunded": 900},
+            }
+        )
+    )
+    body = outcome_body(outcome, redact=[path])
+    assert (body["result"], body["redacted"]) == (REDACTED, ["result"])
+    assert body["result_sha256"] is not None
+
+
+# -- an SDK server's list: one text block per item ------------------------------------
+
+KEYS = [{"name": "ci", "api_token": "tok-LIVE-1"}, {"name": "cd", "api_token": "tok-LIVE-2"}]
+
+
+def sdk_list(items: list[Any]) -> dict[str, Any]:
+    """What the official Python SDK sends for a tool returning ``items``."""
+    blocks = [text_block(i if isinstance(i, str) else json.dumps(i, indent=2)) for i in items]
+    return {"content": blocks, "structuredContent": {"result": items}, "isError": False}
+
+
+@pytest.mark.parametrize("items", [KEYS[:1], KEYS, ["a", "b"], [1, {"x": [2]}, "c"]])
+def test_a_list_one_block_per_item_keeps_the_readable_text(items: list[Any]) -> None:
+    result = sdk_list(items)
+    outcome = mcp.result_outcome(answer(result))
+    assert outcome.result == "\n".join(b["text"] for b in result["content"])
+
+
+@pytest.mark.parametrize(
+    ("texts", "items"),
+    [
+        (['{"n": 1}'], [{"n": 1}, {"n": 2}]),  # a block short
+        (['{"n": 1}', '{"n": 3}'], [{"n": 1}, {"n": 2}]),  # a block saying otherwise
+        (['"a"'], ["b"]),
+        (["1"], [True]),
+    ],
+)
+def test_a_list_its_blocks_do_not_say_is_recorded_whole(texts: list[str], items: Any) -> None:
+    result = {"content": [text_block(t) for t in texts], "structuredContent": {"result": items}}
+    outcome = mcp.result_outcome(answer(result))
+    assert outcome.result is not None
+    assert orjson.loads(outcome.result) == result
+
+
+@pytest.mark.parametrize("items", [KEYS[:1], KEYS])
+def test_tokens_in_an_sdk_list_are_in_no_record(items: list[Any]) -> None:
+    body = outcome_body(mcp.result_outcome(answer(sdk_list(items))))
+    assert "tok-LIVE" not in orjson.dumps(body).decode()
+
+
+# -- text blocks of a result recorded whole -------------------------------------------
+
+
+def whole(blocks: list[Any], structured_content: Any = None) -> Outcome:
+    result = {"content": blocks, "structuredContent": structured_content or {"other": 1}}
+    outcome = mcp.result_outcome(answer(result))
+    assert outcome.result is not None
+    assert orjson.loads(outcome.result) == result
+    return outcome
+
+
+def test_credentials_in_a_text_blocks_json_are_masked() -> None:
+    text = json.dumps({"name": "ci", "api_token": "tok-LIVE-1"}, indent=2)
+    body = outcome_body(whole([text_block(text), text_block("done")]))
+    assert "tok-LIVE-1" not in body["result"]
+    recorded = orjson.loads(body["result"])
+    assert orjson.loads(recorded["content"][0]["text"]) == {"name": "ci", "api_token": REDACTED}
+    assert recorded["content"][1] == text_block("done")
+    assert recorded["structuredContent"] == {"other": 1}
+
+
+def test_a_text_block_naming_a_credential_it_cannot_read_hides_the_result() -> None:
+    # JSON cut short (or not JSON at all, yet looking so): its credential cannot be found.
+    body = outcome_body(whole([text_block('{"api_token": "tok-LIVE-1", "n": ')]))
+    assert (body["result"], body["redacted"]) == (REDACTED, ["result"])
+    assert body["result_sha256"] is not None
+
+
+def test_text_blocks_without_credentials_are_kept_as_sent() -> None:
+    text = json.dumps({"token_count": 3}, indent=2)  # "token" in it, no credential
+    outcome = whole([text_block(text), text_block("the key point: done")])
+    body = outcome_body(outcome)
+    assert body["result"] == outcome.result
 
 
 def test_a_result_recorded_whole_is_cut_at_the_cap_with_its_hash() -> None:

@@ -518,9 +518,13 @@ _MASKABLE: Final = frozenset({"arguments", "context", _ANSWERS, "result"})
 """Where a ``redact`` path can point: what the records keep of the action and its result."""
 _INPUT_ROOTS: Final = frozenset(
     {"agent", "request", "budget", "history", "session", "mode", "risk"}
+    # The ext_authz door's OPA-Envoy keys (warden.protocols.envoy_authz.check_input).
+    | {"attributes", "parsed_body", "parsed_path", "parsed_query", "truncated_body"}
+    | {"version", "source_principal"}
 )
 """Keys of the input document besides ``action`` and ``context``: no record field of
-theirs can be masked (the claims, the declared tools, Warden's own counters)."""
+theirs can be masked (the claims, the declared tools, Warden's own counters, the
+request as the ext_authz door shows it)."""
 _ACTION_FIELDS: Final = frozenset(
     {"kind", "type", "tool", "protocol", "stage", "model", "upstream", "method", "path"}
     | {"labels", "meta"}
@@ -804,6 +808,10 @@ def _result_body(result: str | None, paths: list[str]) -> tuple[Any, list[str], 
         except orjson.JSONDecodeError:
             # Not JSON: a path inside it cannot be found, so hide all of it.
             return REDACTED, ["result"], _text_sha256(result)
+        if _is_mcp_whole(parsed):
+            # The value a path names is in its text blocks too (in prose, or as escaped
+            # JSON), where no path reaches: hide all of it.
+            return REDACTED, ["result"], _text_sha256(result)
         hit = apply_redactions(parsed, [p[len("result.") :] for p in paths])
         if not hit:
             # The policy names personal data in the result, and none of its paths finds
@@ -821,12 +829,46 @@ def _result_body(result: str | None, paths: list[str]) -> tuple[Any, list[str], 
             # be found to mask alone, so none of it is kept (its hash is).
             return REDACTED, ["result"], _text_sha256(result)
         masked = mask_credentials(parsed)
+        if _is_mcp_whole(masked):
+            blocks = _masked_blocks(masked["content"])
+            if blocks is None:
+                return REDACTED, ["result"], _text_sha256(result)
+            masked["content"] = blocks
         if masked != parsed:
             result = orjson.dumps(masked).decode()
     if len(result) > MAX_RESULT_CHARS:
         digest = _text_sha256(result)
         return result[:MAX_RESULT_CHARS], redacted, digest
     return result, redacted, None
+
+
+def _is_mcp_whole(parsed: Any) -> bool:
+    """Whether a recorded result is an MCP tool result kept whole (its ``content`` list
+    beside what the text does not say), as :mod:`warden.protocols.mcp` records one."""
+    return isinstance(parsed, dict) and isinstance(parsed.get("content"), list)
+
+
+def _masked_blocks(content: list[Any]) -> list[Any] | None:
+    """MCP content blocks with credentials masked inside the JSON their texts hold
+    (an SDK server's text of a value: ``{"api_token": ...}`` as an escaped string), or
+    ``None`` when a text looks like JSON and names a credential, yet cannot be read."""
+    out: list[Any] = []
+    for block in content:
+        text = block.get("text") if isinstance(block, dict) else None
+        if (
+            not isinstance(text, str)
+            or text.lstrip()[:1] not in ("{", "[")
+            or not _CREDENTIAL_HINT.search(text)
+        ):
+            out.append(block)
+            continue
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return None  # as for a result that is such text
+        masked = mask_credentials(value)
+        out.append(block if masked == value else {**block, "text": orjson.dumps(masked).decode()})
+    return out
 
 
 def outcome_body(

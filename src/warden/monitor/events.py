@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import orjson
 
+from warden.audit.record import REDACTED
 from warden.audit.subjects import SubjectKeys
 from warden.audit.verify import iter_records
 from warden.monitor.windows import Window
@@ -333,6 +334,9 @@ def _conversation(context: Any) -> str | None:
     if isinstance(context, Mapping):
         for key in CONVERSATION_KEYS:
             value = context.get(key)
+            if value == REDACTED:
+                # Hidden by a redaction: every such decision would seem one conversation.
+                return None
             if isinstance(value, str | int) and not isinstance(value, bool) and value != "":
                 return _short(str(value))  # the agent's: kept in every row
     return None

@@ -1049,25 +1049,45 @@ def _recorded_result(result: Mapping[str, Any]) -> str:
         texts.append(text)
     joined = "\n".join(texts)
     structured = result.get("structuredContent")
-    if structured is None or _repeats(joined, structured):
+    if structured is None or _repeats(texts, structured):
         return joined
     return dumps(result)
 
 
-def _repeats(text: str, structured: Any) -> bool:
-    """Whether ``structured`` says what ``text`` says: the same JSON value, or that value
-    (or the text itself) as ``{"result": ...}``, as SDK servers wrap a value that is no
-    object. Compared as JSON text, so ``1``, ``1.0`` and ``true`` differ, as to a reader."""
+def _repeats(texts: list[str], structured: Any) -> bool:
+    """Whether ``structured`` says what the text blocks say: the same JSON value, or that
+    value (or the text itself) as ``{"result": ...}``, as SDK servers wrap a value that is
+    no object; or, for a list in ``{"result": [...]}``, one block per item, each saying it
+    (the official Python SDK's text of a list). Compared as JSON text, so ``1``, ``1.0``
+    and ``true`` differ, as to a reader."""
+    text = "\n".join(texts)
     values = [structured]
     if isinstance(structured, dict) and structured.keys() == {"result"}:
-        if structured["result"] == text:
+        wrapped = structured["result"]
+        if wrapped == text:
             return True  # a tool's string, as it is
-        values.append(structured["result"])
+        if (
+            isinstance(wrapped, list)
+            and len(wrapped) == len(texts)
+            and all(_says(t, item) for t, item in zip(texts, wrapped, strict=True))
+        ):
+            return True  # a list, one block per item
+        values.append(wrapped)
     try:
         said = _canonical(loads(text))
         return any(_canonical(value) == said for value in values)
     except (RecursionError, TypeError, ValueError):
         return False  # not JSON, or nested too deeply to compare: recorded whole
+
+
+def _says(text: str, item: Any) -> bool:
+    """Whether one text block says ``item``: a string as it is, any other value as JSON."""
+    if isinstance(item, str) and item == text:
+        return True
+    try:
+        return _canonical(loads(text)) == _canonical(item)
+    except (RecursionError, TypeError, ValueError):
+        return False
 
 
 def _canonical(value: Any) -> str:

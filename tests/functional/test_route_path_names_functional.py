@@ -2,7 +2,9 @@
 
 1. On a ``body: unread`` rule, a body field named like a path parameter would reach a
    service that reads it over the route value (ASP.NET MVC model binding, Laravel's
-   ``$request->ticket_id``): decided on the path's ticket, run on the body's. Refused.
+   ``$request->ticket_id``): decided on the path's ticket, run on the body's. Refused,
+   and so is a multipart part a service's parser reads so named (PHP's ``name='x'``,
+   RFC 2231 continuations), or naming ``_method``.
 2. Rules are relative to the upstream's ``base_url``, as the proxy reads them: ext_authz,
    which sees Envoy's whole ``:path``, takes ``base_url``'s path off before trying them.
 
@@ -18,10 +20,12 @@ from urllib.parse import parse_qsl
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from tests.functional.conftest import audit_records, make_config
 from tests.functional.test_envoy_authz_functional import _request, _serving
 from warden.server import Warden
+from warden.testing._server import LoopbackServer
 from warden.testing.raw_upstream import RawReply, RawRequest, RawUpstream
 
 TICKETS_POLICY = """package warden
@@ -183,6 +187,115 @@ async def test_ext_authz_refuses_a_body_field_named_like_a_path_parameter(tmp_pa
             headers = {"content-type": content_type}
             answer = await stub.Check(_request("PUT", "/tickets/T-OPEN/draft", headers, body))
             assert answer.status.code == 0, (content_type, body, answer.denied_response.body)
+
+
+# -- 1b. a multipart part's name as the service's parser reads it --------------------------------
+
+
+class _Uploads(LoopbackServer):
+    """A Laravel-like service: ``$request->ticket_id`` takes a form field over the route
+    value, and a ``_method`` field runs that method (Symfony). Part names are read by
+    aiohttp's multipart reader, and single-quoted ones as PHP reads them (``name='x'``
+    is ``x``). Records the method it ran and the ticket it acted on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acted: list[tuple[str, str]] = []
+
+    def _routes(self, app: web.Application) -> None:
+        app.router.add_route("*", "/tickets/{ticket_id}", self._any)
+        app.router.add_route("*", "/tickets/{ticket_id}/{tail}", self._any)
+
+    async def _any(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        fields = {k[1:-1] if k[:1] == k[-1:] == "'" else k: str(v) for k, v in form.items()}
+        ran = fields.get("_method", request.method).upper()
+        self.acted.append((ran, fields.get("ticket_id", request.match_info["ticket_id"])))
+        return web.json_response({"ran": ran})
+
+
+def _named_part(disposition: str, value: str) -> bytes:
+    return f"--b\r\nContent-Disposition: {disposition}\r\n\r\n{value}\r\n".encode()
+
+
+# Parts the service reads as ticket_id or _method, though none says name="ticket_id".
+OPEN = "/tickets/T-OPEN/draft"
+SPELLED = [
+    # PHP (so Laravel) reads a name in single quotes as one in double quotes.
+    ("PUT", OPEN, "form-data; name='ticket_id'", "T-LOCKED", "{ticket_id}"),
+    # aiohttp, Go and Werkzeug join RFC 2231 continuations.
+    ("PUT", OPEN, "form-data; name*0=ticket; name*1=_id", "T-LOCKED", "{ticket_id}"),
+    # No rule fits POST /tickets/T-9 (unmatched: allow), but the service would run a DELETE.
+    ("POST", "/tickets/T-9", "form-data; name='_method'", "DELETE", "'_method' field"),
+]
+
+
+def _spelled_body(disposition: str, value: str) -> bytes:
+    return _part("text", "hi") + _named_part(disposition, value) + b"--b--\r\n"
+
+
+async def test_proxy_refuses_a_part_the_service_reads_as_a_path_parameter_or_method(
+    tmp_path: Path,
+) -> None:
+    async with _Uploads() as service:
+        upstream = {
+            "protocol": "http",
+            "base_url": service.url,
+            "timeout_s": 5,
+            "routes": [DRAFT],
+            "unmatched": "allow",
+        }
+        config = make_config(
+            tmp_path,
+            service.url,
+            upstreams={"tickets": upstream},
+            policy={"bundles": [_bundle(tmp_path, TICKETS_POLICY)]},
+        )
+        async with Warden(config) as w, aiohttp.ClientSession() as http:
+            headers = {"Content-Type": MULTIPART}
+            for method, path, disposition, value, named in SPELLED:
+                body = _spelled_body(disposition, value)
+                url = f"{w.proxy_url}/tickets{path}"
+                async with http.request(method, url, data=body, headers=headers) as r:
+                    problem = await r.json(content_type=None)
+                assert r.status == 400, (disposition, problem)
+                assert problem["code"] == "invalid_tool_request"
+                assert named in problem["detail"]
+            assert service.acted == []  # nothing reached the service
+            # A part named otherwise is forwarded unread, and acted on the path's ticket.
+            body = _spelled_body("form-data; name='note'", "T-LOCKED")
+            async with http.put(f"{w.proxy_url}/tickets{OPEN}", data=body, headers=headers) as r:
+                assert r.status == 200, await r.text()
+    assert service.acted == [("PUT", "T-OPEN")]
+    recorded = [d["action"]["arguments"] for d in _decisions(tmp_path)]
+    assert recorded == [{"ticket_id": "T-OPEN"}]
+
+
+async def test_ext_authz_refuses_a_part_the_service_reads_as_a_path_parameter_or_method(
+    tmp_path: Path,
+) -> None:
+    tickets = {
+        "protocol": "http",
+        "base_url": "http://127.0.0.1:9",
+        "routes": [DRAFT],
+        "unmatched": "allow",
+    }
+    async with _serving(
+        tmp_path,
+        upstreams={"tickets": tickets},
+        ext_authz={"upstream": "tickets", "query": "data.warden.allow"},
+        policy={"bundles": [_bundle(tmp_path, TICKETS_POLICY)]},
+    ) as stub:
+        headers = {"content-type": MULTIPART}
+        for method, path, disposition, value, named in SPELLED:
+            body = _spelled_body(disposition, value)
+            answer = await stub.Check(_request(method, path, headers, body))
+            assert answer.denied_response.status.code == 400, disposition
+            assert named in answer.denied_response.body
+        forwarded = _spelled_body("form-data; name='note'", "T-LOCKED")
+        answer = await stub.Check(_request("PUT", OPEN, headers, forwarded))
+        assert answer.status.code == 0, answer.denied_response.body
+    assert _decisions(tmp_path)[-1]["action"]["arguments"] == {"ticket_id": "T-OPEN"}
 
 
 # -- 2. rules relative to base_url --------------------------------------------------------------

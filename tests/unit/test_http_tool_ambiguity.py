@@ -168,6 +168,9 @@ def test_content_type_given_twice_is_refused() -> None:
         (b'{"_method": "DELETE"}', "text/plain; x=/json", "JSON body"),  # the whole header
         (b"_method=DELETE", FORM + "; v=+json", "form body"),  # a form all the same
         (b"_method%00x=DELETE", FORM, "form body"),  # PHP cuts a name at a NUL
+        # ASP.NET MVC 5 reads the override header's name as a form field too.
+        (b"a=1&X-HTTP-Method-Override=DELETE", FORM, "form body"),
+        (b"x-http-method-override=PUT", "", "form body"),
     ],
 )
 def test_a_method_field_in_a_json_or_form_body_is_refused(
@@ -210,6 +213,8 @@ def test_a_method_query_parameter_is_refused() -> None:
         resolve("POST", "/health", query="_method=DELETE")
     with pytest.raises(ToolRequestError, match="query has a '_method' field"):
         resolve("POST", "/orders/A-1", query="x=1&_Method=PUT")
+    with pytest.raises(ToolRequestError, match="query has a '_method' field"):
+        resolve("POST", "/orders/A-1", query="X-HTTP-Method-Override=DELETE")  # ASP.NET MVC 5
 
 
 @pytest.mark.parametrize(

@@ -112,6 +112,9 @@ _OVERRIDE_HEADERS: Final = frozenset(
 _PATH_OVERRIDE_HEADERS: Final = frozenset({"x-original-url", "x-rewrite-url"})
 # The form, JSON or query field that does the same (Symfony/Laravel, Rails, method-override).
 _OVERRIDE_FIELD: Final = "_method"
+# ASP.NET MVC 5 (System.Web's GetHttpMethodOverride) reads the override header's name
+# as a form field or query parameter too.
+_OVERRIDE_HEADER_FIELDS: Final = frozenset({"x-http-method-override"})
 # What a body spelling "_method" holds: the word, an escape ("%5F", "\u005f") or both.
 _MAY_NAME_METHOD: Final = re.compile(rb"method|%|\\u", re.IGNORECASE)
 # PHP reads "." and " " in a form field's name as "_" (".method" is "_method").
@@ -847,9 +850,9 @@ def refuse_method_field(query: str, body: bytes, content_type: str) -> None:
     if where is None:
         return
     raise ToolRequestError(
-        f"the {where} has a {_OVERRIDE_FIELD!r} field, which makes services (Symfony, Laravel, "
-        "Rails) run the method it names instead of the one Warden decides on; send the "
-        "request with that method instead"
+        f"the {where} has a {_OVERRIDE_FIELD!r} field (or X-HTTP-Method-Override), which makes "
+        "services (Symfony, Laravel, Rails, ASP.NET) run the method it names instead of the "
+        "one Warden decides on; send the request with that method instead"
     )
 
 
@@ -904,7 +907,12 @@ def _is_method_name(name: str) -> bool:
     """``_method`` as PHP and Rails read a form field's name: in any case, ``.method``,
     `` method``, ``_method[]``, ``[method`` and ``_method%00x`` (PHP cuts at a NUL) too."""
     read = name.lstrip(" ").partition("\x00")[0].casefold().translate(_PHP_NAME)
-    return read.partition("[")[0] == _OVERRIDE_FIELD or read.replace("[", "_", 1) == _OVERRIDE_FIELD
+    head = read.partition("[")[0]
+    return (
+        head == _OVERRIDE_FIELD
+        or read.replace("[", "_", 1) == _OVERRIDE_FIELD
+        or head.strip() in _OVERRIDE_HEADER_FIELDS
+    )
 
 
 def _has_method_field(text: str) -> bool:

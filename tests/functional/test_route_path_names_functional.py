@@ -3,8 +3,7 @@
 1. On a ``body: unread`` rule, a body field named like a path parameter would reach a
    service that reads it over the route value (ASP.NET MVC model binding, Laravel's
    ``$request->ticket_id``): decided on the path's ticket, run on the body's. Refused,
-   and so is a multipart part a service's parser reads so named (PHP's ``name='x'``,
-   RFC 2231 continuations), or naming ``_method``.
+   and so is a multipart part PHP reads so named (``name='x'``), or naming ``_method``.
 2. Rules are relative to the upstream's ``base_url``, as the proxy reads them: ext_authz,
    which sees Envoy's whole ``:path``, takes ``base_url``'s path off before trying them.
 
@@ -223,8 +222,6 @@ OPEN = "/tickets/T-OPEN/draft"
 SPELLED = [
     # PHP (so Laravel) reads a name in single quotes as one in double quotes.
     ("PUT", OPEN, "form-data; name='ticket_id'", "T-LOCKED", "{ticket_id}"),
-    # aiohttp, Go and Werkzeug join RFC 2231 continuations.
-    ("PUT", OPEN, "form-data; name*0=ticket; name*1=_id", "T-LOCKED", "{ticket_id}"),
     # No rule fits POST /tickets/T-9 (unmatched: allow), but the service would run a DELETE.
     ("POST", "/tickets/T-9", "form-data; name='_method'", "DELETE", "'_method' field"),
 ]

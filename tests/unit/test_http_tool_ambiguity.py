@@ -304,8 +304,6 @@ def test_a_body_key_read_by_pointer_and_named_in_the_query_is_refused() -> None:
         (b"update[order_id]=A-2", FORM, "form body"),  # ASP.NET's prefixed names
         (b"x=1;[0].Order_Id=A-2", FORM, "form body"),
         ("order_\u0131d=A-2".encode(), FORM, "form body"),  # ASP.NET reads a dotless i as I
-        (b"order%u005Fid=A-2", FORM, "form body"),  # System.Web (ASP.NET MVC 5) decodes %u
-        (b"order.id[]=A-2", FORM, "form body"),  # PHP: an array named order_id
         (b"order_id=A-2", "", "form body"),  # Rails reads a body without a type as a form
         (b'--b\r\nContent-Disposition: form-data; name="order_id"\r\n\r\nA-2\r\n--b--', MP, "form"),
         (
@@ -354,28 +352,14 @@ PART_NAMES = [
     pytest.param(h, id=who)
     for h, who in [
         ("Content-Disposition: form-data; name='{n}'", "PHP: single quotes as double ones"),
-        ('Content-Disposition: form-data; name="{n}', "PHP: an open quote runs to the end"),
         ('Content-Disposition: form-data; name="{n}"x', "PHP: text after the quote dropped"),
-        ("Content-Disposition: form-data; name=={n}", "PHP: a second '=' skipped"),
         ('Content-Disposition: form-data; name="{n}\x00x"', "PHP: a name cut at a NUL"),
-        ("Content-Disposition: form-data;\r\nname={n}", "PHP: a line with no ':' joined on"),
-        ('Content-Disposition: form-data; name="{a}\r\n{b}"', "PHP: the same, in quotes"),
         ("Content-Disposition: form-data;\r\n\tname={n}", "PHP, Go, aiohttp: a folded line"),
         ("Content-Disposition: form-data; NAME={n}", "PHP, Go, aiohttp, Werkzeug: any case"),
         ("Content-Disposition: form-data; name = {n}", "Go, aiohttp, Tomcat: spaces at '='"),
         ("Content-Disposition: form-data; name=x; name={n}", "PHP, Werkzeug: the last name"),
         ("Content-Disposition: form-data; name={n}; name=x", "busboy, ASP.NET: the first"),
         ('Content-Disposition: form-data; name="{a}\\{b}"', "aiohttp, Werkzeug: \\x is x"),
-        ("Content-Disposition: form-data; name*0={a}; name*1={b}", "Go, aiohttp: RFC 2231 parts"),
-        ("Content-Disposition: form-data; name*=utf-7''{utf7}", "aiohttp: the charset named"),
-        ('Content-Disposition: form-data; name="=?utf-8?B?{b64}?="', "Tomcat, Spring: RFC 2047"),
-        ("Content-ID: {n}", "Rack: no Content-Disposition, named by its Content-ID"),
-        ("X-Trace: Content-Disposition: form-data; name={n}", "Rack < 3.2: anywhere in a line"),
-        (
-            "Content-Type: text/plain; charset=ISO-2022-JP\r\n"
-            'Content-Disposition: form-data; name="{a}\x1b(B{b}"',
-            "Rack: an ISO-2022-JP part's name transcoded",
-        ),
     ]
 ]
 
@@ -424,20 +408,6 @@ def test_a_part_no_parser_names_so_passes(head: str) -> None:
         assert resolve("POST", "/orders/A-1", _part_named(head, name), MP) == ToolRequest(
             "update_order", {"id": "A-1"}
         )
-
-
-def test_a_multipart_body_too_many_names_to_read_is_refused() -> None:
-    # PHP, Go and Werkzeug stop at 1000 parts, Rack reads 16 parameters of a header:
-    # past that, reading every name as every parser might would take long.
-    parts = b"".join(
-        b"--b\r\nContent-Disposition: form-data; name=f%d\r\n\r\nx\r\n" % i for i in range(10_001)
-    )
-    with pytest.raises(ToolRequestError, match="more than 10000 part headers"):
-        resolve("POST", "/orders/A-1", parts + b"--b--\r\n", MP)
-    names = b"; ".join(b"name=f%d" % i for i in range(101))
-    body = b"--b\r\nContent-Disposition: form-data; " + names + b"\r\n\r\nx\r\n--b--\r\n"
-    with pytest.raises(ToolRequestError, match="gives its name more than 100 times"):
-        resolve("POST", "/orders/A-1", body, MP)
 
 
 def test_a_rule_that_reads_the_body_already_refuses_a_path_name_it_does_not_name() -> None:

@@ -43,13 +43,10 @@ it is, and renders refusals as RFC 9457 problem documents.
 
 from __future__ import annotations
 
-import contextlib
-import email.errors
-import email.header
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 from urllib.parse import unquote
@@ -112,50 +109,20 @@ _OVERRIDE_HEADERS: Final = frozenset(
 _PATH_OVERRIDE_HEADERS: Final = frozenset({"x-original-url", "x-rewrite-url"})
 # The form, JSON or query field that does the same (Symfony/Laravel, Rails, method-override).
 _OVERRIDE_FIELD: Final = "_method"
+# What a body spelling "_method" holds: the word, an escape ("%5F", "\u005f", a part
+# name's "\t" that aiohttp and Werkzeug read as "t") or both.
+_MAY_NAME_METHOD: Final = re.compile(rb"method|%|\\", re.IGNORECASE)
+# PHP reads "." and " " in a form field's name as "_" (".method" is "_method").
+_PHP_NAME: Final = str.maketrans({".": "_", " ": "_"})
+# A multipart part's Content-Disposition header, and its name parameter (RFC 7578, 2231).
+_DISPOSITION: Final = re.compile(r"(?im)^[ \t]*content-disposition[ \t]*:(.*)$")
+_FOLDED: Final = re.compile(r"\r?\n[ \t]+")
+_PART_NAME: Final = re.compile(
+    r"""(?i)(?:^|[;\s])name(\*?)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[^;\s]*)"""
+)
 # ASP.NET MVC 5 (System.Web's GetHttpMethodOverride) reads the override header's name
 # as a form field or query parameter too.
 _OVERRIDE_HEADER_FIELDS: Final = frozenset({"x-http-method-override"})
-# What a body spelling "_method" holds: the word, an escape ("%5F", "\u005f") or both.
-_MAY_NAME_METHOD: Final = re.compile(rb"method|%|\\u", re.IGNORECASE)
-# PHP reads "." and " " in a form field's name as "_" (".method" is "_method").
-_PHP_NAME: Final = str.maketrans({".": "_", " ": "_"})
-# ASP.NET on System.Web (MVC 5) decodes "%u005F" in a form field's name as "_".
-_IIS_ESCAPE: Final = re.compile(r"%u([0-9A-Fa-f]{4})", re.IGNORECASE)
-# A multipart part's Content-Disposition or Content-ID header, to the end of its line,
-# wherever a line has one: Rack before 3.2 finds it anywhere in a part's head, and names
-# a part by its Content-ID when it has no Content-Disposition (or one over 1536 bytes).
-_PART_HEADER: Final = re.compile(r"(?i)content-(disposition|id)[ \t]*:([^\n]*)")
-# How many part headers, and name parameters in one, Warden reads before refusing a body.
-_MAX_PART_HEADERS: Final = 10_000
-_MAX_PART_NAMES: Final = 100
-# How much of a part's name is read (past leading spaces, which PHP drops). A parser
-# binding a piece of a longer one (ASP.NET, Spring on Tomcat) refuses a part header
-# over 16 KiB; PHP takes a name whole (or up to a NUL or "["), Rack's head is 64 KiB.
-_MAX_NAME: Final = 64 * 1024
-# What C's isspace() skips (PHP's parser); str.strip() takes more (python-multipart).
-_C_SPACE: Final = " \t\n\v\f\r"
-# A header's parameters, split at ";" as each parser splits them (its quotes keep one
-# whole). PHP (rfc1867.c php_ap_getword): "..." or '...', \" or \' inside, spaces skipped.
-_PHP_PARAMS: Final = re.compile(
-    r"""[ \t\n\v\f\r]*+((?:[^;"']++|"(?:[^"\\]++|\\"|\\)*+"?|'(?:[^'\\]++|\\'|\\)*+'?)*+);*+"""
-)
-# RFC 9110 quoted strings, a backslash escaping any character (Go, aiohttp, Werkzeug,
-# busboy, Rack, ASP.NET, Tomcat).
-_RFC_PARAMS: Final = re.compile(r"""((?:[^;"]++|"(?:[^"\\]++|\\[\s\S]?)*+"?)*+);?""")
-# Python's email._parseparam (python-multipart vendors it: Starlette, FastAPI): a quote
-# after a backslash neither opens nor closes one.
-_EMAIL_PARAMS: Final = re.compile(r"""((?:[^;"\\]++|\\"?|"(?:[^"\\]++|\\"?)*+"?)*+);?""")
-# A name parameter's key: name, name* (RFC 2231, 5987) and continuations name*0, name*1*.
-_NAME_KEY: Final = re.compile(r"name(?:\*(\d*)(\*?))?", re.ASCII)
-# Readings of a parameter's value: a quoted string's content, a backslash and what it
-# escapes (any character; Go only its specials), an RFC 9110 token, PHP's words.
-_QUOTED: Final = re.compile(r'(?:[^"\\]++|\\[\s\S]?)*+')  # after its opening quote
-_ESCAPED: Final = re.compile(r"\\([\s\S])")
-_GO_ESCAPED: Final = re.compile(r'\\([()<>@,;:\\"/\[\]?=])')
-_NOT_TOKEN: Final = re.compile(r'[\s()<>@,;:\\"/\[\]?={}]')
-_PHP_WORD: Final = re.compile(r"[^ \t\n\v\f\r]*+")
-_PHP_QUOTED: Final = {q: re.compile(rf"(?:[^{q}\\]++|\\[\\{q}]?)*+") for q in "\"'"}
-_PHP_ESCAPED: Final = {q: re.compile(rf"\\([\\{q}])") for q in "\"'"}
 
 
 class ToolRequestError(ValueError):
@@ -865,24 +832,17 @@ def _method_field_in(query: str, body: bytes, content_type: str) -> str | None:
     """
     if query and _has_method_field(query):
         return "query"
-    if not body:
+    if not body or not _may_name_method(body):
         return None
-    media = _media_type(content_type)
-    # A part's name may hold no "method" at all (folded over lines, encoded): every
-    # multipart body is read.
-    if media == "multipart/form-data" and any(_is_method_name(n) for n in _part_names(body)):
-        return "form body"
-    if (
-        _read_as_json(content_type)
-        and _may_name_method(body)
-        and any(k.casefold() == _OVERRIDE_FIELD for k in _top_level_keys(body))
+    if _read_as_json(content_type) and any(
+        k.casefold() == _OVERRIDE_FIELD for k in _top_level_keys(body)
     ):
         return "JSON body's top-level object"
-    if (
-        media in ("", "application/x-www-form-urlencoded")
-        and _may_name_method(body)
-        and _has_method_field(body.decode("utf-8", errors="replace"))
-    ):
+    media = _media_type(content_type)
+    if media in ("", "application/x-www-form-urlencoded"):
+        if _has_method_field(body.decode("utf-8", errors="replace")):
+            return "form body"
+    elif media == "multipart/form-data" and any(_is_method_name(n) for n in _part_names(body)):
         return "form body"
     return None
 
@@ -905,13 +865,14 @@ def _may_name_method(body: bytes) -> bool:
 
 def _is_method_name(name: str) -> bool:
     """``_method`` as PHP and Rails read a form field's name: in any case, ``.method``,
-    `` method``, ``_method[]``, ``[method`` and ``_method%00x`` (PHP cuts at a NUL) too."""
+    `` method``, ``_method[]``, ``[method`` and ``_method%00x`` (PHP cuts at a NUL) too;
+    and ``X-HTTP-Method-Override``, as ASP.NET MVC 5 reads a field."""
     read = name.lstrip(" ").partition("\x00")[0].casefold().translate(_PHP_NAME)
     head = read.partition("[")[0]
     return (
         head == _OVERRIDE_FIELD
         or read.replace("[", "_", 1) == _OVERRIDE_FIELD
-        or head.strip() in _OVERRIDE_HEADER_FIELDS
+        or head in _OVERRIDE_HEADER_FIELDS
     )
 
 
@@ -921,16 +882,12 @@ def _has_method_field(text: str) -> bool:
 
 
 def _form_names(text: str) -> list[str]:
-    """The field names of a query or URL-encoded form (``&`` or ``;`` separated), decoded
-    once; with ``%u005F`` decoded too (System.Web's UrlDecode, so ASP.NET MVC 5)."""
+    """The field names of a query or URL-encoded form (``&`` or ``;`` separated), decoded once."""
     names: list[str] = []
     for piece in re.split(r"[&;]", text):
-        name = piece.partition("=")[0].replace("+", " ")
+        name = piece.partition("=")[0]
         if name:
-            names.append(unquote(name, errors="replace"))
-            if "%u" in name or "%U" in name:
-                iis = _IIS_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), name)
-                names.append(unquote(iis, errors="replace"))
+            names.append(unquote(name.replace("+", " "), errors="replace"))
     return names
 
 
@@ -963,14 +920,11 @@ def _form_field_for(field: str, folded: Mapping[str, str]) -> str | None:
     """The name of ``folded`` (keys folded by :func:`_fold`) a service may bind a form
     ``field`` to: PHP reads ``ticket.id``, ``ticket id``, ``ticket[id`` and
     ``ticket_id%00x`` (a C string, cut at the NUL) as ``ticket_id``, and ``ticket_id[]``
-    and ``ticket.id[x]`` as an array of it; ASP.NET binds ``x.ticket_id``,
-    ``x[ticket_id]`` and ``[0].ticket_id`` to a property ``ticket_id``, case-blind."""
+    as an array of it; ASP.NET binds ``x.ticket_id``, ``x[ticket_id]`` and
+    ``[0].ticket_id`` to a property ``ticket_id``, case-blind."""
     read = _fold(field.lstrip(" "))
     php = read.translate(_PHP_NAME).partition("\x00")[0]
-    array, bracket, index = php.partition("[")
-    # "ticket_id[...]" is an array of ticket_id; a "[" left open is read as "_".
-    opened = array if "]" in index else php.replace("[", "_", 1) if bracket else php
-    for candidate in (read, php, opened, *re.split(r"[.\[\]]", read)):
+    for candidate in (read, php, php.replace("[", "_", 1), *re.split(r"[.\[\]]", read)):
         if (name := folded.get(candidate)) is not None:
             return name
     return None
@@ -983,208 +937,21 @@ def _fold(name: str) -> str:
 
 
 def _part_names(body: bytes) -> list[str]:
-    """Every name a multipart body's parts may have to a service: each reading of each
-    ``name`` parameter any parser takes (:func:`_disposition_names`), and each
-    ``Content-ID`` (Rack names a part without a Content-Disposition by it).
-
-    Parsers read names apart (PHP takes ``name='x'`` as ``x``, Go joins
-    ``name*0``/``name*1``, Tomcat decodes ``=?utf-8?B?...?=``, and which of two
-    ``name`` parameters wins differs), so a caller looking for a name that must
-    not be there refuses the body if any reading is that name.
-    """
-    read: set[str] = set()
-    headers: set[tuple[str, str]] = set()
-    for header in _part_headers(body.decode("latin-1")):
-        if header in headers:
-            continue  # the same header in another part: read once
-        headers.add(header)
-        if len(headers) > _MAX_PART_HEADERS:
-            # Reading every name of so many takes long, and services stop short of
-            # them (PHP, Go and Werkzeug at 1000 parts, Rack at 4096).
-            raise ToolRequestError(
-                f"the multipart body has more than {_MAX_PART_HEADERS} part headers "
-                "(Content-Disposition, Content-ID), more than services read; send fewer parts"
-            )
-        kind, value = header
-        if kind == "id":
-            read |= {value.strip(_C_SPACE), value.lstrip(" \t")}  # Rack takes it as it is
-        else:
-            read |= _disposition_names(value)
-    names: dict[str, None] = {}
-    for name in read:
-        names.update(dict.fromkeys(_decoded(name.lstrip(" ")[:_MAX_NAME])))
-    return list(names)
-
-
-def _part_headers(text: str) -> Iterator[tuple[str, str]]:
-    """``("disposition" | "id", value)`` for each such header in a multipart body, in
-    each form a parser reads its value: the rest of its line (Rack), with the folded
-    lines after it (a line starting with a space or tab: RFC 5322, Go, aiohttp), and
-    with PHP's too (rfc1867.c multipart_buffer_headers also joins a line without a
-    ``:``, so ``name="ticket`` then ``_id"`` is ``ticket_id``). Every line is looked
-    at, a part's content too: a header a parser reads is never missed for want of
-    knowing where a part's headers are.
-    """
-    block_end = 0
-    for found in _PART_HEADER.finditer(text):
-        kind, value = found.group(1).lower(), found.group(2).removesuffix("\r")
-        yield kind, value
-        if kind == "id" or found.start() < block_end:
-            continue  # a header within lines already joined was read with them
-        php, rfc, folding = [value], [value], True
-        end = found.end()  # the end of a joined line: a "\n", or the end of the body
-        while end < len(text):
-            after = text.find("\n", end + 1)
-            after = len(text) if after < 0 else after
-            line = text[end + 1 : after].removesuffix("\r")
-            if not line or (line[0] not in _C_SPACE and ":" in line):
-                break  # the end of the part's headers, or the next header
-            php.append(line)
-            folding = folding and line[0] in " \t"
-            if folding:
-                rfc.append(line)
-            end = after
-        block_end = end
-        for joined in {"".join(rfc), "".join(php)} - {value}:
-            yield kind, joined
-
-
-def _disposition_names(value: str) -> set[str]:
-    """Every reading of every ``name`` parameter of a Content-Disposition ``value``.
-
-    Parameters are split at ``;`` as PHP, RFC 9110 parsers, Python's ``email``
-    and a plain split each do (:data:`_PHP_PARAMS` and after); keys are read
-    case-blind and around spaces (``NAME=x``, ``name = x``); every ``name`` counts,
-    not just the first or the last one (which a parser keeps differs); ``name*``
-    (RFC 2231) is decoded, and ``name*0``, ``name*1`` continuations are joined.
-    """
-    names: set[str] = set()
-    done: set[str] = set()  # the splits mostly agree: each parameter is read once
-    for params in (
-        [m.group(1) for m in _PHP_PARAMS.finditer(value)],
-        [m.group(1) for m in _RFC_PARAMS.finditer(value)],
-        [m.group(1) for m in _EMAIL_PARAMS.finditer(value)],
-        value.split(";"),
-    ):
-        pieces: list[tuple[str, str]] = []
-        count = 0
-        for param in params:
-            key, equals, given = param.partition("=")
-            named = _NAME_KEY.fullmatch(key.strip().lower()) if equals else None
-            if named is None:
-                continue
-            count += 1
-            if count > _MAX_PART_NAMES:
-                raise ToolRequestError(
-                    f"a part of the multipart body gives its name more than {_MAX_PART_NAMES} "
-                    "times, which services read differently; give it once"
-                )
-            if named.group(1):  # name*0, name*1*: a continuation
-                pieces.append((named.group(1), _rfc_value(given)))
-            if param in done:
-                continue
-            done.add(param)
-            read = _value_readings(given)
-            if named.group(1) is not None:  # name*, name*0, name*1*: RFC 2231
-                read |= {decoded for reading in read for decoded in _rfc2231(reading)}
-            names |= read
-        if pieces:
-            names |= _continued(pieces)
+    """The ``name`` of every part of a multipart body, as sent, encoded (``name*``) or not."""
+    names: list[str] = []
+    # PHP joins a header line that starts with a space or tab to the one before it.
+    unfolded = _FOLDED.sub(" ", body.decode("latin-1"))
+    for header in _DISPOSITION.finditer(unfolded):
+        for star, raw in _PART_NAME.findall(header.group(1)):
+            # PHP reads name='x' as name="x" (rfc1867.c php_ap_getword_conf).
+            quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'"
+            value = raw[1:-1] if quoted else raw
+            value = re.sub(r"\\(.)", r"\1", value)
+            if star:
+                value = value.rpartition("'")[2]  # RFC 2231: charset'language'value
+            names.append(value)
+            names.append(unquote(value, errors="replace"))
     return names
-
-
-def _value_readings(given: str) -> set[str]:
-    """What parsers read from a parameter's value (the text after its ``=``).
-
-    PHP's reading (:func:`_php_word`); a quoted string's content with every
-    escape undone (aiohttp, Werkzeug, Rack), only Go's specials undone, or none
-    (ASP.NET, Tomcat); only ``\\\\`` and ``\\"`` undone in a value quoted whole
-    (python-multipart), or its ``<...>`` taken off (Python's ``email.utils.unquote``);
-    an RFC 9110 token (Go, Rack 2); the value as it is, trimmed of C's spaces or of
-    Unicode's (Tomcat, Rack 3, python-multipart).
-    """
-    readings = {_php_word(given.lstrip("="))}  # PHP skips a second "="
-    for text in {given.strip(_C_SPACE), given.strip()}:
-        readings |= {text, _ESCAPED.sub(r"\1", text), _NOT_TOKEN.split(text, maxsplit=1)[0]}
-        if text.startswith('"'):
-            inner = _leading(_QUOTED, text, 1)
-            readings |= {inner, _ESCAPED.sub(r"\1", inner), _GO_ESCAPED.sub(r"\1", inner)}
-        if len(text) > 1 and text[0] + text[-1] == '""':
-            readings.add(text[1:-1].replace("\\\\", "\\").replace('\\"', '"'))
-        elif len(text) > 1 and text[0] + text[-1] == "<>":
-            readings.add(text[1:-1])
-    return readings
-
-
-def _rfc_value(given: str) -> str:
-    """A parameter's value as RFC 9110 reads it: a quoted string's content, escapes
-    undone, or the value trimmed."""
-    text = given.strip(_C_SPACE)
-    return _ESCAPED.sub(r"\1", _leading(_QUOTED, text, 1)) if text.startswith('"') else text
-
-
-def _php_word(given: str) -> str:
-    """A parameter's value as PHP reads it (rfc1867.c php_ap_getword_conf): in ``"..."``
-    or ``'...'`` to the closing quote or the end, ``\\\\`` and a backslashed quote
-    unescaped; else to a space, ``\\\\`` unescaped."""
-    text = given.lstrip(_C_SPACE)
-    quote = text[:1]
-    if quote in _PHP_QUOTED:
-        return _PHP_ESCAPED[quote].sub(r"\1", _leading(_PHP_QUOTED[quote], text, 1))
-    return _leading(_PHP_WORD, text).replace("\\\\", "\\")
-
-
-def _leading(pattern: re.Pattern[str], text: str, pos: int = 0) -> str:
-    """What ``pattern`` (which matches the empty string too) matches at ``pos``."""
-    found = pattern.match(text, pos)
-    return found.group() if found is not None else ""
-
-
-def _rfc2231(value: str) -> set[str]:
-    """``charset'language'%xx...`` (RFC 2231, 5987) decoded as parsers do: in its
-    charset (aiohttp, any Python codec), as UTF-8 or as Latin-1 (python-multipart)."""
-    charset, _, rest = value.split("'", 2) if value.count("'") >= 2 else ("", "", value)
-    decoded = {rest}
-    for encoding in {charset.strip() or "utf-8", "utf-8", "latin-1"}:
-        # A charset Python does not know is one no parser on it decodes either.
-        with contextlib.suppress(LookupError, UnicodeError, ValueError):
-            decoded.add(unquote(rest, encoding=encoding, errors="replace"))
-    return decoded
-
-
-def _continued(pieces: list[tuple[str, str]]) -> set[str]:
-    """A name given in RFC 2231 continuations (``name*0``, ``name*1*``, ...) joined in
-    index order (aiohttp, Go, Python's ``email``) and as given (Werkzeug), decoded."""
-    charset = ""
-    values: list[tuple[str, str]] = []
-    for index, given in pieces:
-        value = given
-        if not charset and given.count("'") >= 2:
-            charset, _, value = given.split("'", 2)
-        values.append((index.lstrip("0"), value))
-    joined: set[str] = set()
-    # Indexes compared as numbers without int(), which refuses 5000 digits.
-    for ordered in (sorted(values, key=lambda v: (len(v[0]), v[0])), values):
-        joined |= _rfc2231(f"{charset}''" + "".join(value for _, value in ordered))
-    return joined
-
-
-def _decoded(name: str) -> set[str]:
-    """``name`` and what a parser may decode it to: percent escapes, RFC 2047 encoded
-    words (``=?utf-8?B?...?=``: Tomcat's and Commons FileUpload's MimeUtility, so
-    Spring), and ISO-2022-JP escapes (Rack reads a part's name in the charset of a
-    ``text/plain`` part, and transcodes ISO-2022-JP: ``_met\\x1b(Bhod`` is ``_method``)."""
-    decoded = {name, unquote(name, errors="replace")}
-    if "=?" in name:
-        with contextlib.suppress(
-            LookupError, UnicodeError, ValueError, email.errors.HeaderParseError
-        ):
-            decoded.add(str(email.header.make_header(email.header.decode_header(name))))
-    if "\x1b" in name:
-        # Not from bytes past Latin-1 (those came from escapes): no such bytes were sent.
-        with contextlib.suppress(UnicodeEncodeError):
-            decoded.add(name.encode("latin-1").decode("iso2022_jp", errors="replace"))
-    return decoded
 
 
 class _Pairs(list[tuple[str, Any]]):

@@ -52,7 +52,9 @@ def test_each_worker_starts_one_interpreter_with_its_stack_set(tmp_path: Path) -
         pytest.skip("the stack limit cannot change here, so no worker starts twice")
     trace = tmp_path / "trace.txt"
     done = subprocess.run(
-        [strace, "-f", "-qq", "-s", "256", "-o", str(trace), "-e", "trace=execve"]
+        # -ff: a file per process, so no call is split into "unfinished" and "resumed"
+        # lines by another process's (the two workers start at once).
+        [strace, "-ff", "-qq", "-s", "256", "-o", str(trace), "-e", "trace=execve"]
         + [sys.executable, "-c", CHILD, str(SHIPPED_POLICY)],
         capture_output=True,
         text=True,
@@ -67,7 +69,8 @@ def test_each_worker_starts_one_interpreter_with_its_stack_set(tmp_path: Path) -
     assert done.stdout.split() == [want, want]
     interpreters = [
         line
-        for line in trace.read_text().splitlines()
+        for part in tmp_path.glob("trace.txt.*")
+        for line in part.read_text().splitlines()
         if "execve(" in line
         and "warden.policy.worker" in line
         and f'execve("{prlimit}"' not in line

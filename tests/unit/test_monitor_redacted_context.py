@@ -1,8 +1,7 @@
 """A conversation id the records hide is no conversation to the monitor.
 
-A policy's ``redact: ["context"]``, and every fallback or validation decision
-(``REDACT_ALL``), record each context value as ``"[redacted]"``: read as an id, every
-such decision would be one and the same conversation.
+A policy's ``redact: ["context"]`` records each context value as ``"[redacted]"``:
+read as an id, every such decision would be one and the same conversation.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from typing import Any
 import pytest
 
 from warden.audit.record import action_body
-from warden.audit.redaction import REDACT_ALL
 from warden.monitor import quality
 from warden.monitor.events import DecisionEvent, collect
 from warden.testing.audit import sample_action
@@ -48,7 +46,7 @@ def outcome(i: int, cost: float) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("redact", [["context"], ["context.session_id"], REDACT_ALL])
+@pytest.mark.parametrize("redact", [["context"], ["context.session_id"]])
 def test_hidden_conversation_ids_are_not_one_conversation(
     redact: list[str] | tuple[str, ...],
 ) -> None:

@@ -16,8 +16,8 @@ redactions before it is recorded:
   the policy is asked for its redactions anyway (obligations only, its
   effect is ignored); if it cannot answer, :data:`REDACT_ALL`.
 
-With :data:`REDACT_ALL` the record keeps no plaintext arguments, context values,
-answers or tool result: only their SHA-256 and the argument names (see
+With :data:`REDACT_ALL` the record keeps no plaintext arguments, answers or
+tool result: only their SHA-256 and the argument names (see
 :func:`warden.audit.record.action_body`). Fail closed: an unknown list never
 means "hide nothing".
 """
@@ -34,9 +34,10 @@ __all__ = ["POLICY_GUARDS", "REDACT_ALL", "UNANSWERED_GUARDS", "resolve"]
 
 log = logging.getLogger("warden.audit")
 
-REDACT_ALL: tuple[str, ...] = ("arguments", "context", "input_responses", "result")
+REDACT_ALL: tuple[str, ...] = ("arguments", "input_responses", "result")
 """The redactions of an action whose list could not be obtained: every argument, every
-context value (its keys stay), every answer of an MCP retry, and the result."""
+answer of an MCP retry, and the result. Not the context: the deployment sets it
+(``X-Warden-Context-*``), and the records are found by it (a case, a session)."""
 POLICY_GUARDS = frozenset({"policy", "approval"})
 """Guards whose decisions carry the policy's own obligations."""
 UNANSWERED_GUARDS = frozenset({"validation", "fallback"})

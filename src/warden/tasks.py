@@ -22,6 +22,7 @@ not a failure.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -47,14 +48,23 @@ class Tasks:
         return len(self._running)
 
     def spawn[T](
-        self, coro: Coroutine[Any, Any, T], *, name: str, awaited: bool = False
+        self,
+        coro: Coroutine[Any, Any, T],
+        *,
+        name: str,
+        awaited: bool = False,
+        context: contextvars.Context | None = None,
     ) -> asyncio.Task[T]:
         """Start ``coro`` now; the group holds it until it ends.
 
         ``awaited``: the caller awaits the task and handles its failure itself,
-        so it is not logged or counted here a second time.
+        so it is not logged or counted here a second time. ``context``: run it
+        in this context rather than a copy of the caller's (a task that outlives
+        the request that started it must not log as that request).
         """
-        task = asyncio.get_running_loop().create_task(coro, name=f"warden-{self.name}-{name}")
+        task = asyncio.get_running_loop().create_task(
+            coro, name=f"warden-{self.name}-{name}", context=context
+        )
         self._running.add(task)
         task.add_done_callback(self._awaited if awaited else self._done)
         return task
@@ -85,8 +95,9 @@ class Tasks:
             await asyncio.sleep(0)
 
     async def cancel(self) -> None:
-        """Cancel every task and wait for them to end."""
-        running = list(self._running)
+        """Cancel every task (but the one calling) and wait for them to end."""
+        current = asyncio.current_task()
+        running = [task for task in self._running if task is not current]
         for task in running:
             task.cancel()
         if running:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pytest
+import pytest_asyncio
 from aiohttp import web
 
 from warden.audit.verify import iter_records
@@ -16,8 +18,13 @@ from warden.config import Config, load_config
 from warden.server import Warden
 from warden.testing import MockLLM
 
+if TYPE_CHECKING:
+    from playwright.async_api import Browser
+
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_POLICY = ROOT / "policies" / "customer-support"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+HAVE_CHROMIUM = Path(CHROMIUM).exists()
 
 
 def make_config(tmp_path: Path, upstream_url: str, **overrides: Any) -> Config:
@@ -67,6 +74,23 @@ async def llm() -> AsyncIterator[MockLLM]:
 async def warden(tmp_path: Path, llm: MockLLM) -> AsyncIterator[Warden]:
     async with Warden(make_config(tmp_path, llm.url)) as running:
         yield running
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def browser() -> AsyncIterator[Browser]:
+    """One chromium per test process for the console's tests (Debian's, never a download)."""
+    if not HAVE_CHROMIUM:
+        pytest.skip(
+            "chromium is not installed (make test-tools installs it: apt-get install chromium)"
+        )
+    from playwright.async_api import async_playwright  # noqa: PLC0415 - browser tests only
+
+    async with async_playwright() as pw:
+        launched = await pw.chromium.launch(executable_path=CHROMIUM)
+        try:
+            yield launched
+        finally:
+            await launched.close()
 
 
 @pytest.fixture

@@ -18,12 +18,10 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, Locator, async_playwright, expect
+from playwright.async_api import Browser, Locator, expect
 
 from tests.functional.conftest import make_config
 from tests.functional.test_console_browser import (
-    CHROMIUM,
-    HAVE_CHROMIUM,
     MESSAGES,
     admin_tokens,
     agent,
@@ -58,21 +56,6 @@ DRAWN = """(el, digits) => {
   out.sort((a, b) => a[0] - b[0]);
   return out.map(x => x[1]).join('');
 }"""
-
-
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def browser() -> AsyncIterator[Browser]:
-    """One chromium for the tests of this file (Debian's package, never a download)."""
-    if not HAVE_CHROMIUM:
-        pytest.skip(
-            "chromium is not installed (make test-tools installs it: apt-get install chromium)"
-        )
-    async with async_playwright() as pw:
-        launched = await pw.chromium.launch(executable_path=CHROMIUM)
-        try:
-            yield launched
-        finally:
-            await launched.close()
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from playwright.async_api import Browser, Page, Route, async_playwright, expect
+from playwright.async_api import Browser, Page, Route, expect
 
 from tests.functional.conftest import make_config
 from tests.sdk_calls import function_calls
@@ -34,8 +33,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "console"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-HAVE_CHROMIUM = Path(CHROMIUM).exists()
 MESSAGES: Any = [{"role": "user", "content": "refund please"}]
 BIG = Call("issue_refund", {"order_id": "A-1003", "amount": 450, "currency": "USD"})
 SMALL = Call("issue_refund", {"order_id": "A-1001", "amount": 20, "currency": "USD"})
@@ -66,21 +63,6 @@ def admin_tokens() -> list[dict[str, Any]]:
         }
         for who, token in TOKENS.items()
     ]
-
-
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def browser() -> AsyncIterator[Browser]:
-    """One chromium for every test of the session (Debian's package, never a download)."""
-    if not HAVE_CHROMIUM:
-        pytest.skip(
-            "chromium is not installed (make test-tools installs it: apt-get install chromium)"
-        )
-    async with async_playwright() as pw:
-        launched = await pw.chromium.launch(executable_path=CHROMIUM)
-        try:
-            yield launched
-        finally:
-            await launched.close()
 
 
 @pytest_asyncio.fixture(loop_scope="session")

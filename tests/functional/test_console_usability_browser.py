@@ -12,13 +12,11 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, expect
 
 from tests.functional.conftest import make_config
 from tests.functional.test_console_browser import (
     BIG,
-    CHROMIUM,
-    HAVE_CHROMIUM,
     MESSAGES,
     TOKENS,
     admin_tokens,
@@ -29,21 +27,6 @@ from warden.server import Warden
 from warden.testing import MockLLM, Reply
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def browser() -> AsyncIterator[Browser]:
-    """One chromium for the tests of this file (Debian's package, never a download)."""
-    if not HAVE_CHROMIUM:
-        pytest.skip(
-            "chromium is not installed (make test-tools installs it: apt-get install chromium)"
-        )
-    async with async_playwright() as pw:
-        launched = await pw.chromium.launch(executable_path=CHROMIUM)
-        try:
-            yield launched
-        finally:
-            await launched.close()
 
 
 @pytest_asyncio.fixture(loop_scope="session")

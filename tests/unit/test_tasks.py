@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import logging
 import subprocess
@@ -89,6 +90,33 @@ async def test_cancellation_is_not_a_failure() -> None:
     await group.cancel()
     assert len(group) == 0
     assert group.failures == 0
+
+
+async def test_cancel_from_one_of_its_own_tasks_cancels_the_others_and_returns() -> None:
+    group = Tasks("t")
+    sleeper = group.spawn(asyncio.sleep(10), name="sleeper")
+
+    async def closer() -> None:
+        await group.cancel()  # waiting for itself would never end
+
+    await asyncio.wait_for(group.spawn(closer(), name="closer", awaited=True), 5)
+    assert sleeper.cancelled()
+
+
+REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")
+
+
+async def test_a_task_given_a_context_does_not_see_the_callers() -> None:
+    group = Tasks("t")
+    REQUEST.set("req-1")
+
+    async def read() -> str:
+        return REQUEST.get()
+
+    copied = group.spawn(read(), name="copied")
+    own = group.spawn(read(), name="own", context=contextvars.Context())
+    assert await copied == "req-1"
+    assert await own == "none"
 
 
 async def test_drain_waits_for_tasks_started_while_draining() -> None:

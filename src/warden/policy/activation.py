@@ -46,6 +46,7 @@ from warden.policy.bundle import (
     read_tarball,
 )
 from warden.policy.bundle.files import BundleCutShort
+from warden.tasks import spawn
 from warden.urls import scrub, shown_url, url_secrets
 
 __all__ = ["Activator", "BundleSource", "BundleTarget", "DirectorySource", "HttpSource"]
@@ -324,7 +325,7 @@ class Activator:
     def start(self) -> None:
         """Poll in the background every ``interval_s``."""
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="warden-policy-activation")
+            self._task = spawn(self._run(), name="policy-activation")
 
     async def _run(self) -> None:
         while True:

@@ -96,6 +96,7 @@ from warden.policy.worker import (
     stack_command,
 )
 from warden.protocols._wire import reject_constant, unique_keys
+from warden.tasks import Tasks
 
 __all__ = [
     "DEFAULT_QUEUE_TIMEOUT_S",
@@ -556,8 +557,9 @@ class WorkerPool:
         self._workers: set[_Worker] = set()
         self._idle: deque[_Worker] = deque()
         self._waiters: deque[asyncio.Future[_Worker]] = deque()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._reapers: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks("policy-pool")
+        # Reapers are awaited by close(), never cancelled: no zombie is left behind.
+        self._reapers = Tasks("policy-reap")
         # Process starts under way in the executor: close() stops what they start.
         self._spawning: set[asyncio.Future[tuple[subprocess.Popen[bytes], socket.socket]]] = set()
         self._restart_times: deque[float] = deque()
@@ -798,19 +800,13 @@ class WorkerPool:
             await asyncio.to_thread(proc.wait)
 
     def _reap_later(self, worker: _Worker, grace: float) -> None:
-        # Reapers are awaited by close(), never cancelled: no zombie is left behind.
         self._workers.discard(worker)
-        task = asyncio.ensure_future(self._reap(worker.proc, grace))
-        self._reapers.add(task)
-        task.add_done_callback(self._reapers.discard)
+        self._reapers.spawn(self._reap(worker.proc, grace), name="reap")
 
     def _track(self, coro: Coroutine[Any, Any, None]) -> None:
         # In a context of its own: a replacement outlives the request whose timeout
         # started it, and its worker's log lines must not name that request's decision.
-        loop = asyncio.get_running_loop()
-        task: asyncio.Task[None] = loop.create_task(coro, context=contextvars.Context())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro, name="worker", context=contextvars.Context())
 
     def _schedule_replacement(self) -> None:
         now = time.monotonic()
@@ -974,16 +970,12 @@ class WorkerPool:
                 with contextlib.suppress(ProcessLookupError):
                     worker.proc.kill()
                 self._on_dead(worker)
-        current = asyncio.current_task()
-        for task in list(self._tasks):
-            if task is not current and not task.done():
-                task.cancel()
+        await self._tasks.cancel()
         for starting in list(self._spawning):
             self._spawning.discard(starting)
             with contextlib.suppress(Exception):
                 _stop_started(*await starting)
-        if self._reapers:
-            await asyncio.gather(*self._reapers, return_exceptions=True)
+        await self._reapers.drain()
         self._workers.clear()
         self._idle.clear()
         self._changed()
@@ -1078,7 +1070,7 @@ class PolicyEngine:
         self.last_error_at: float | None = None
         self.last_reload_at: float | None = None
         self._activator: Any = None
-        self._retiring: set[asyncio.Future[None]] = set()
+        self._retiring = Tasks("policy-retire")
         self._closed = False
 
     @classmethod
@@ -1280,9 +1272,7 @@ class PolicyEngine:
             )
             if current is not None:
                 # The old pool finishes its in-flight requests in the background.
-                task = asyncio.ensure_future(current.pool.close())
-                self._retiring.add(task)
-                task.add_done_callback(self._retiring.discard)
+                self._retiring.spawn(current.pool.close(), name="close")
             return True
 
     def _pool_changed(self) -> None:
@@ -1704,6 +1694,5 @@ class PolicyEngine:
         if gen is not None:
             await gen.pool.close()
             self.metrics.active_revision(gen.bundle.revision, None)
-        if self._retiring:
-            await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self._retiring.drain()
         self.metrics.workers_alive(0)

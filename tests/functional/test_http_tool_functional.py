@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from tests.functional.conftest import audit_records, make_config
 from warden.admin.auth import Principal
 from warden.cli import main as warden_cli
 from warden.errors import ConfigError
+from warden.ingress import off_loop
 from warden.server import Warden
 from warden.testing._server import LoopbackServer
 
@@ -203,7 +205,8 @@ async def send(
     sent = {name.replace("_", "-"): value for name, value in headers.items()}
     async with (
         aiohttp.ClientSession() as http,
-        http.request(method, url, data=body or None, headers=sent) as resp,
+        # Large bodies as a stream: aiohttp warns that bytes would hold its loop.
+        http.request(method, url, data=io.BytesIO(body) if body else None, headers=sent) as resp,
     ):
         return resp.status, resp.content_type, await resp.read()
 
@@ -606,6 +609,31 @@ async def test_a_method_override_is_refused_unforwarded(
     assert plain[0] == 201
     assert [(m, p) for m, p, _ in refunds.seen] == [("POST", "/orders/A-1/refunds")]
     assert [r["action"].get("tool") for r in decisions(tmp_path)] == ["issue_refund"]
+
+
+async def test_large_bodies_are_read_whole_and_a_form_too_large_to_read_is_refused(
+    tmp_path: Path, refunds: Refunds
+) -> None:
+    form = "application/x-www-form-urlencoded"
+    # Large bodies are read in a thread beside the event loop (warden.ingress.off_loop).
+    padding = "x" * (off_loop.LARGE_BYTES * 2)
+    late_method = orjson.dumps({"note": padding, "_method": "DELETE"})
+    many_fields = b"&".join([b"n=1"] * 300_000) + b"&_method=DELETE"
+    async with Warden(config_for(tmp_path, refunds, unmatched="allow")) as w:
+        json_status, _, json_raw = await send(
+            w, "POST", "/orders/A-1", late_method, Content_Type="application/json"
+        )
+        form_status, _, form_raw = await send(
+            w, "POST", "/orders/A-1", many_fields, Content_Type=form
+        )
+        ok = await send(
+            w, "POST", "/orders/A-1", padding.encode(), Content_Type="application/octet-stream"
+        )
+    assert json_status == form_status == 400
+    assert "JSON body's top-level object has a '_method' field" in orjson.loads(json_raw)["detail"]
+    assert "more than 10,000 fields" in orjson.loads(form_raw)["detail"]
+    assert ok[0] == 201
+    assert [(m, p) for m, p, _ in refunds.seen] == [("POST", "/orders/A-1")]
 
 
 @pytest.mark.parametrize(

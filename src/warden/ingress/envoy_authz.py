@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote
@@ -41,6 +42,7 @@ from warden.credentials import Credentials
 from warden.errors import AuditError, ConfigError, Overloaded, WardenError
 from warden.identity import Identity
 from warden.ingress import headers as hdr
+from warden.ingress import off_loop
 from warden.ingress.grpc import KEYS_REFUSED, told_keys
 from warden.model import (
     Action,
@@ -186,8 +188,15 @@ class ExtAuthzService:
         if not keys and self._credentials.get(self._upstream) is not None:
             CHECKS.labels("error").inc()
             return _refuse(403, "forbidden: " + KEYS_REFUSED.format(upstream=self._upstream))
-        parsed = authz.check_input(
-            request, self._grpc_bodies, max_request_bytes=self._max_request_bytes
+        http = request.attributes.request.http
+        parsed = await off_loop.read(
+            len(http.raw_body) + len(http.body),
+            partial(
+                authz.check_input,
+                request,
+                self._grpc_bodies,
+                max_request_bytes=self._max_request_bytes,
+            ),
         )
         try:
             # Envoy sends names lower-cased; identity looks them up as the proxy does.
@@ -200,7 +209,7 @@ class ExtAuthzService:
         if refusal is None:
             refusal = self._model_route(parsed)
         if refusal is None and self._routes is not None:
-            tool, refusal = self._route(parsed)
+            tool, refusal = await off_loop.read(len(parsed.body), partial(self._route, parsed))
         dry_run = self._settings.dry_run
         action = Action(
             action_id=new_id("act"),
@@ -223,7 +232,10 @@ class ExtAuthzService:
             request_sha256=request_sha256(
                 parsed.method,
                 parsed.path + ("?" + parsed.query if parsed.query else ""),
-                bound_body(parsed.body, parsed.headers.get("content-type", "")),
+                await off_loop.read(
+                    len(parsed.body),
+                    partial(bound_body, parsed.body, parsed.headers.get("content-type", "")),
+                ),
             ),
             context=hdr.context_from(parsed.headers),
             view=PolicyView(

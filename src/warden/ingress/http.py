@@ -31,6 +31,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -58,6 +59,7 @@ from warden.errors import (
 )
 from warden.identity import Identity
 from warden.ingress import headers as hdr
+from warden.ingress import off_loop
 from warden.ingress.door_mark import door_of
 from warden.ingress.listen import TOO_MANY_CONNECTIONS, Listener, listen, refusal_response
 from warden.ingress.mcp_http import McpHttp
@@ -421,7 +423,7 @@ class ProxyApp:
             model, size = metered.metered_request(
                 body, route.deployment, request.headers.get("Content-Type", "")
             )
-        tool, refused = self._tool_request(request, route, body)
+        tool, refused = await self._tool_request(request, route, body)
         if refused is not None:
             return refused
         if conversation is None:
@@ -470,12 +472,7 @@ class ProxyApp:
             size=size if kind is ActionKind.LLM_CALL else None,
             # What an approval covers: the path and query as forwarded, the body as decided on.
             request_sha256=request_sha256(
-                request.method,
-                route.path + _query(request),
-                # A model request goes as Warden encodes it; a tool API's body as sent.
-                body
-                if kind is ActionKind.LLM_CALL
-                else http_tool.bound_body(body, request.headers.get("Content-Type", "")),
+                request.method, route.path + _query(request), await _bound(request, kind, body)
             ),
         )
         decision = await self._core.decide(action, connected=call.connected)
@@ -496,7 +493,7 @@ class ProxyApp:
         pre = time.perf_counter() - started
         return await self._forward(request, call, action, decision, body=body, pre_s=pre)
 
-    def _tool_request(
+    async def _tool_request(
         self, request: web.Request, route: _Route, body: bytes
     ) -> tuple[http_tool.ToolRequest | None, web.Response | None]:
         """The tool call a plain HTTP route rule makes of the request, or the refusal."""
@@ -504,15 +501,19 @@ class ProxyApp:
         if tool_routes is None:
             return None, None
         try:
-            tool = tool_routes.resolve(
-                request.method,
-                route.segments,
-                body,
-                request.headers.get("Content-Type", ""),
-                request.rel_url.raw_query_string,
-                # Method overrides and Content-Encoding: aiohttp has inflated a gzip body,
-                # which would go on labelled gzip (refused, not relabelled: see http_tool).
-                headers=request.headers,
+            tool = await off_loop.read(
+                len(body),
+                partial(
+                    tool_routes.resolve,
+                    request.method,
+                    route.segments,
+                    body,
+                    request.headers.get("Content-Type", ""),
+                    request.rel_url.raw_query_string,
+                    # Method overrides and Content-Encoding: aiohttp has inflated a gzip
+                    # body, which would go on labelled gzip (refused, not relabelled).
+                    headers=request.headers,
+                ),
             )
         except http_tool.ToolRequestError as exc:
             return None, _problem(400, exc.code, "Invalid tool request", str(exc))
@@ -950,6 +951,15 @@ class ProxyApp:
 def _hung_up(call: _Call) -> bool:
     """Whether the agent's connection closed (a transport check: no task, no I/O)."""
     return call.connected is not None and not call.connected()
+
+
+async def _bound(request: web.Request, kind: ActionKind, body: bytes) -> bytes:
+    """The body as an approval binds it: a model request as Warden encodes it, a tool
+    API's as sent (JSON by its content, :func:`~warden.protocols.http_tool.bound_body`)."""
+    if kind is ActionKind.LLM_CALL:
+        return body
+    content_type = request.headers.get("Content-Type", "")
+    return await off_loop.read(len(body), partial(http_tool.bound_body, body, content_type))
 
 
 def _query(request: web.Request) -> str:

@@ -360,6 +360,7 @@ PART_NAMES = [
         ("Content-Disposition: form-data; NAME={n}", "PHP, Go, aiohttp, Werkzeug: any case"),
         ("Content-Disposition: form-data; name = {n}", "Go, aiohttp, Tomcat: spaces at '='"),
         ("Content-Disposition: form-data; name=x; name={n}", "PHP, Werkzeug: the last name"),
+        ("Content-Disposition: form-data; name=x\r name={n}", "PHP: a lone CR as a space"),
         ("Content-Disposition: form-data; name={n}; name=x", "busboy, ASP.NET: the first"),
         ('Content-Disposition: form-data; name="{a}\\{b}"', "aiohttp, Werkzeug: \\x is x"),
     ]

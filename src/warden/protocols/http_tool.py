@@ -114,7 +114,8 @@ _PHP_NAME: Final = str.maketrans({".": "_", " ": "_"})
 # A multipart part's Content-Disposition header, and its name parameter (RFC 7578, 2231).
 _DISPOSITION: Final = b"content-disposition"
 # The rest of a header line, with the lines PHP joins to it (those starting with a space or tab).
-_HEADER_REST: Final = re.compile(rb"[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)")
+# A lone CR stays in the line, as PHP reads it: a space before the next parameter.
+_HEADER_REST: Final = re.compile(rb"[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)")
 _FOLDED: Final = re.compile(r"\r?\n[ \t]+")
 # How many field names a form (query, URL-encoded or multipart body) may have, and how
 # long they may be in all, for Warden to read every one of them in bounded time: PHP
@@ -912,8 +913,8 @@ def _too_many_fields() -> ToolRequestError:
         f"the form has more than {MAX_FORM_FIELDS:,} fields, or field names longer than "
         f"{MAX_FORM_NAME_CHARS // 1024} KiB in all; Warden reads every field name (a "
         "'_method' field or one named like a path argument changes what the service does) "
-        "and refuses a form it cannot read in bounded time; send fewer fields, or the data "
-        "as JSON"
+        "and refuses a form it cannot read in bounded time; send fewer fields, the data as "
+        "JSON, or an upload with its own Content-Type"
     )
 
 
